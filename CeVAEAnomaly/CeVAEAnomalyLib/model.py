@@ -1,0 +1,92 @@
+"""The 2D ceVAE: one encoder shared by the VAE and the context-encoding branch."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from .config import LossConfig, ModelConfig
+
+
+def _encoder(cfg: ModelConfig) -> nn.Sequential:
+    layers = []
+    in_ch = 1
+    for ch in cfg.channels:  # each 4x4 stride-2 conv halves the side: S -> S/2
+        layers += [nn.Conv2d(in_ch, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        in_ch = ch
+    # [B, C, b, b] -> [B, 2z, 1, 1]: mean and log-variance
+    layers.append(nn.Conv2d(in_ch, 2 * cfg.z_dim, cfg.bottleneck_size))
+    return nn.Sequential(*layers)
+
+
+def _decoder(cfg: ModelConfig) -> nn.Sequential:
+    chans = list(cfg.channels[::-1])  # e.g. 256, 64, 32, 16
+    layers = [nn.ConvTranspose2d(cfg.z_dim, chans[0], cfg.bottleneck_size), nn.LeakyReLU(0.2)]
+    for in_ch, out_ch in zip(chans, chans[1:]):
+        layers += [nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+    layers.append(nn.ConvTranspose2d(chans[-1], 1, 4, stride=2, padding=1))  # linear output
+    return nn.Sequential(*layers)
+
+
+class CeVAE(nn.Module):
+    """VAE whose encoder is shared with a context encoder (Zimmerer et al., 2019)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = _encoder(cfg)
+        self.decoder = _decoder(cfg)
+
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x [B,1,S,S] -> (mu, logvar), each [B,z]."""
+        h = self.encoder(x).flatten(1)
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar.clamp(-20.0, 10.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B,z] -> reconstruction [B,1,S,S]."""
+        return self.decoder(z[:, :, None, None])
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampled reconstruction, mu and logvar (the VAE branch)."""
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.decode(z), mu, logvar
+
+
+def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over latents: [B,z] -> [B]."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def rec_error(x: torch.Tensor, y: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Element-wise reconstruction error, same shape as x."""
+    d = x - y
+    return d.abs() if kind == "l1" else d.pow(2)
+
+
+def cevae_loss(
+    model: CeVAE, x: torch.Tensor, x_corrupted: torch.Tensor, cfg: LossConfig
+) -> Tuple[torch.Tensor, dict]:
+    """(1-c)·(β·KL + rec_VAE) + c·rec_CE; KL is a mean over latents, rec a mean over pixels.
+
+    The CE branch encodes the corrupted slice and decodes the latent mean (no sampling); it
+    must restore the clean slice.
+    """
+    c = cfg.ce_weight
+    terms = {}
+    total = x.new_zeros(())
+    if c < 1.0:
+        rec, mu, logvar = model(x)
+        kl = kl_per_sample(mu, logvar).mean() / mu.shape[1]
+        rec_vae = rec_error(rec, x, cfg.rec).mean()
+        total = total + (1.0 - c) * (cfg.beta * kl + rec_vae)
+        terms.update(kl=kl.detach(), rec_vae=rec_vae.detach())
+    if c > 0.0:
+        mu_ce, _ = model.encode(x_corrupted)
+        rec_ce = rec_error(model.decode(mu_ce), x, cfg.rec).mean()
+        total = total + c * rec_ce
+        terms["rec_ce"] = rec_ce.detach()
+    terms["loss"] = total.detach()
+    return total, terms

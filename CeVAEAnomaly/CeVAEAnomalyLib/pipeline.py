@@ -1,0 +1,146 @@
+"""The one detection path: image (+ mask) -> score map, labelmap, slice scores, components.
+
+Every entry point (command line, Slicer module, batch script) ends here.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import Bundle
+from .calibration import DEFAULT_FPR, calibration_key, find_calibration, threshold_for_fpr
+from .errors import CeVAEError
+from .postprocess import Component, PostprocessOptions, components, refine_scores, threshold_labelmap
+from .preprocess import invert, mask_array, prepare
+from .progress import ProgressCallback, report, scaled
+from .scoring import ScoreOptions, score_slices
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SliceScoreRow:
+    """Scores of one input slice (``index`` along the input IJK axis ``axis``)."""
+
+    axis: int
+    index: int
+    kl: float
+    rec: float
+    neg_elbo: float
+
+
+@dataclass
+class DetectionResult:
+    """Everything one detection produces, on the input's exact grid."""
+
+    score: sitk.Image  # float32
+    labelmap: sitk.Image  # uint8 {0,1}
+    brain_mask: sitk.Image  # uint8 {0,1}
+    threshold: float
+    threshold_source: str
+    slices: List[SliceScoreRow]
+    components: List[Component]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def top_slice(self) -> Optional[SliceScoreRow]:
+        """The slice with the highest negative ELBO (the sample score)."""
+        return max(self.slices, key=lambda r: r.neg_elbo) if self.slices else None
+
+    @property
+    def flagged_ml(self) -> float:
+        return sum(c.volume_ml for c in self.components)
+
+
+def default_score_options(bundle: Bundle, score_type: Optional[str] = None) -> ScoreOptions:
+    """The bundle's recommended scoring, optionally with another score type."""
+    opts = dict(bundle.header.get("score_options") or {})
+    if score_type is not None:
+        opts["score_type"] = score_type
+    try:
+        return ScoreOptions(**opts)
+    except TypeError as exc:
+        raise CeVAEError(f"The model's score options are invalid: {exc}") from None
+
+
+def default_postprocess(bundle: Bundle) -> PostprocessOptions:
+    return PostprocessOptions(**(bundle.header.get("postprocess") or {}))
+
+
+def resolve_threshold(
+    bundle: Bundle, opts: ScoreOptions, post: PostprocessOptions, threshold: Optional[float], fpr: Optional[float]
+) -> tuple:
+    """(threshold, description): absolute if given, else from the bundle's calibration."""
+    if threshold is not None:
+        return float(threshold), "absolute"
+    rate = DEFAULT_FPR if fpr is None else float(fpr)
+    entry = find_calibration(bundle.header, calibration_key(opts.to_dict(), post.to_dict()))
+    return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
+
+
+def detect(
+    image: sitk.Image,
+    bundle: Bundle,
+    mask: Optional[sitk.Image] = None,
+    score_options: Optional[ScoreOptions] = None,
+    postprocess: Optional[PostprocessOptions] = None,
+    threshold: Optional[float] = None,
+    fpr: Optional[float] = None,
+    batch_size: int = 64,
+    amp: bool = False,
+    progress: Optional[ProgressCallback] = None,
+) -> DetectionResult:
+    """Score a 3D volume. ``mask``: brain mask (>0 is brain); computed automatically if None.
+
+    The input image is never modified. Raise :class:`CeVAEError` on unusable input and
+    :class:`~.progress.Cancelled` if the progress callback cancels.
+    """
+    opts = score_options or default_score_options(bundle)
+    post = postprocess or default_postprocess(bundle)
+    thr, thr_source = resolve_threshold(bundle, opts, post, threshold, fpr)
+    timings: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    report(progress, 0.0, "Preparing the volume")
+    if mask is None:
+        from .brainmask import compute_brain_mask
+
+        mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
+        timings["brain_mask"] = time.perf_counter() - t0
+    brain = mask_array(mask, image)
+    t1 = time.perf_counter()
+    stack = prepare(image, brain, bundle.preprocess)
+    timings["preprocess"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    beta = float((bundle.header.get("loss") or {}).get("beta", 0.01))
+    maps, sl = score_slices(
+        bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), opts,
+        batch_size=batch_size, beta=beta, amp=amp, progress=scaled(progress, 0.2, 0.85),
+    )
+    timings["network"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    score = invert(stack.record, maps)
+    timings["inverse"] = time.perf_counter() - t1
+    report(progress, 0.9, "Post-processing")
+    t1 = time.perf_counter()
+    brain_img = sitk.GetImageFromArray(brain.astype(np.uint8))
+    brain_img.CopyInformation(image)
+    score = refine_scores(score, brain_img, post)
+    labelmap = threshold_labelmap(score, thr, post.min_volume_mm3)
+    comps = components(labelmap, score)
+    timings["postprocess"] = time.perf_counter() - t1
+
+    axis, idx = stack.record.input_slice_axis()
+    kl, rec, ne = (t.cpu().numpy() for t in (sl.kl, sl.rec, sl.neg_elbo))
+    rows = [SliceScoreRow(axis, int(i), float(a), float(b), float(c)) for i, a, b, c in zip(idx, kl, rec, ne)]
+    rows.sort(key=lambda r: r.index)
+    timings["total"] = time.perf_counter() - t0
+    report(progress, 1.0, "Done")
+    return DetectionResult(score, labelmap, brain_img, thr, thr_source, rows, comps, timings)
