@@ -98,7 +98,7 @@ def _batch_maps(
         mu, logvar = model.encode(x)
         kl = kl_per_sample(mu, logvar)  # [B]
         grad = None
-        if need_grad and opts.grad_target == "kl":
+        if need_grad and opts.grad_target == "kl":  # slices are independent: sum gives per-slice grads
             grad = torch.autograd.grad(kl.sum(), x)[0].abs()
         recon = model.decode(mu if (need_grad and opts.grad_target == "elbo") else mu.detach())
         if need_grad and opts.grad_target == "elbo":

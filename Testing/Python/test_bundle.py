@@ -1,0 +1,105 @@
+"""Model bundles: round trip, fp16, and refusal of damaged or foreign files."""
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+
+from CeVAEAnomalyLib.bundle import FORMAT_VERSION, load_bundle, read_header, save_bundle
+from CeVAEAnomalyLib.config import ModelConfig
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.model import CeVAE
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return CeVAE(ModelConfig(channels=(4, 8, 8, 16), z_dim=8)).eval()
+
+
+HEADER = {"preprocess": {"input_size": 64}, "modality": "T1"}
+
+
+def test_round_trip_gives_the_same_network(tmp_path, model):
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+    b = load_bundle(path)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(b.model.encode(x)[0], model.encode(x)[0])
+    assert b.header["modality"] == "T1" and b.header["format_version"] == FORMAT_VERSION
+    assert b.model_config == model.cfg
+
+
+def test_half_precision_bundle_is_smaller_and_close(tmp_path, model):
+    full = save_bundle(tmp_path / "f.cevae", model, HEADER)
+    half = save_bundle(tmp_path / "h.cevae", model, HEADER, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(load_bundle(half).model.encode(x)[0], model.encode(x)[0], atol=1e-2)
+
+
+def _rewrite_header(path, edit):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def test_tampered_shapes_are_refused(tmp_path, model):
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+    meta = read_header(path)
+    meta["model"]["z_dim"] = 9  # header no longer matches the tensors
+
+    def edit(h):
+        h["__metadata__"]["cevae_anomaly"] = json.dumps(meta)
+
+    _rewrite_header(path, edit)
+    with pytest.raises(CeVAEError, match="shape|architecture"):
+        load_bundle(path)
+
+
+def test_newer_format_version_is_refused(tmp_path, model):
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+    meta = read_header(path)
+    meta["format_version"] = FORMAT_VERSION + 1
+    _rewrite_header(path, lambda h: h["__metadata__"].update(cevae_anomaly=json.dumps(meta)))
+    with pytest.raises(CeVAEError, match="Update CeVAEAnomaly"):
+        load_bundle(path)
+
+
+def test_truncated_bundle_is_refused(tmp_path, model):
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CeVAEError):
+        load_bundle(path)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (open, ("/nonexistent-dir/should-never-run", "w"))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".cevae", ".safetensors"])
+def test_pickles_are_refused_unread(tmp_path, suffix):
+    p = tmp_path / f"evil{suffix}"
+    p.write_bytes(pickle.dumps({"x": _Boom()}))
+    with pytest.raises(CeVAEError, match="pickle"):
+        load_bundle(p)
+    z = tmp_path / f"ckpt{suffix}"
+    torch.save({"w": torch.zeros(2)}, z)  # a PyTorch zip checkpoint
+    with pytest.raises(CeVAEError, match="pickle"):
+        load_bundle(z)
+
+
+def test_foreign_safetensors_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(p))
+    with pytest.raises(CeVAEError, match="not a CeVAEAnomaly model bundle"):
+        load_bundle(p)
