@@ -1,0 +1,240 @@
+"""Tests of the detection metrics in CeVAEAnomalyLib.evaluate."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.evaluate import (
+    CaseMetrics,
+    auprc,
+    auroc,
+    best_dice,
+    dice,
+    evaluate_case,
+    evaluate_files,
+    pooled_metrics,
+    slice_auroc,
+    write_metrics_csv,
+)
+
+
+def brute_force(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float, float]:
+    """AUROC, AP, best Dice and its (highest) threshold by direct enumeration."""
+    positive, negative = scores[labels], scores[~labels]
+    wins = (positive[:, None] > negative[None]).sum() + 0.5 * (positive[:, None] == negative[None]).sum()
+    area = wins / (positive.size * negative.size)
+    precision_sum, recall_before, best, best_t = 0.0, 0.0, -1.0, math.nan
+    for t in np.unique(scores)[::-1]:
+        flagged = scores >= t
+        tp = (flagged & labels).sum()
+        recall = tp / positive.size
+        precision_sum += (recall - recall_before) * tp / flagged.sum()
+        recall_before = recall
+        value = 2 * tp / (flagged.sum() + positive.size)
+        if value > best:
+            best, best_t = value, t
+    return area, precision_sum, best, best_t
+
+
+def test_worked_example() -> None:
+    scores, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+    assert auroc(scores, labels) == pytest.approx(0.75)
+    assert auprc(scores, labels) == pytest.approx(0.5 * 2 / 3 + 0.5 * 1.0)
+    assert best_dice(scores, labels) == pytest.approx((0.8, 0.35))
+
+
+def test_ties_are_grouped_whatever_the_order() -> None:
+    scores, labels = np.array([1.0, 1.0, 1.0, 0.0]), np.array([1, 0, 1, 0])
+    for order in ([0, 1, 2, 3], [1, 0, 2, 3], [3, 2, 1, 0]):
+        assert auroc(scores[order], labels[order]) == pytest.approx(0.75)
+        assert auprc(scores[order], labels[order]) == pytest.approx(2 / 3)
+        assert best_dice(scores[order], labels[order]) == pytest.approx((0.8, 1.0))
+
+
+def test_all_equal_scores() -> None:
+    scores, labels = np.full(8, 0.3), np.array([1, 0, 0, 0, 1, 0, 0, 0])
+    assert auroc(scores, labels) == pytest.approx(0.5)
+    assert auprc(scores, labels) == pytest.approx(0.25)  # the prevalence
+
+
+def test_perfect_and_inverted_separation() -> None:
+    scores, labels = np.array([0.1, 0.2, 0.7, 0.9]), np.array([False, False, True, True])
+    assert auroc(scores, labels) == 1.0
+    assert auprc(scores, labels) == 1.0
+    assert best_dice(scores, labels) == (1.0, 0.7)
+    assert auroc(-scores, labels) == 0.0
+
+
+def test_best_dice_threshold() -> None:
+    scores, labels = np.array([0.9, 0.8, 0.7, 0.1, 0.2]), np.array([1, 1, 0, 1, 0])
+    # thresholds 0.9: 2*1/(1+3); 0.8: 2*2/(2+3); 0.1: 2*3/(5+3)
+    assert best_dice(scores, labels) == pytest.approx((0.8, 0.8))
+
+
+def test_one_class_is_nan() -> None:
+    assert math.isnan(auroc([0.1, 0.2], [0, 0]))
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+    assert math.isnan(auprc([0.1, 0.2], [0, 0]))
+    assert all(math.isnan(v) for v in best_dice([0.1, 0.2], [0, 0]))
+    assert auprc([0.1, 0.2], [1, 1]) == 1.0
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(CeVAEError, match="NaN"):
+        auroc([0.1, math.nan], [0, 1])
+    with pytest.raises(CeVAEError, match="size"):
+        auroc([0.1, 0.2, 0.3], [0, 1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=2, max_size=30))
+def test_matches_brute_force(pairs: list[tuple[int, bool]]) -> None:
+    scores = np.array([s / 5 for s, _ in pairs], dtype=np.float32)
+    labels = np.array([y for _, y in pairs])
+    if labels.all() or not labels.any():
+        return
+    expected = brute_force(scores, labels)
+    assert auroc(scores, labels) == pytest.approx(expected[0])
+    assert auprc(scores, labels) == pytest.approx(expected[1])
+    assert best_dice(scores, labels) == pytest.approx(expected[2:])
+
+
+def test_dice() -> None:
+    assert dice([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
+    assert dice([0, 0], [0, 0]) == 1.0
+    assert dice([1, 0], [0, 0]) == 0.0
+    assert dice(np.ones((2, 3)), np.ones((2, 3))) == 1.0
+    with pytest.raises(CeVAEError, match="shapes"):
+        dice(np.ones(3), np.ones(4))
+
+
+def test_slice_auroc() -> None:
+    assert slice_auroc([0.2, 0.9, 0.8, 0.1], [False, True, True, False]) == 1.0
+
+
+def test_pooled_equals_concatenation() -> None:
+    rng = np.random.default_rng(1)
+    cases = [(rng.random(50).astype(np.float32), rng.random(50) < 0.2) for _ in range(2)]
+    cases.append((rng.random(40).astype(np.float32), np.zeros(40, bool)))  # healthy: negatives only
+    scores = np.concatenate([s for s, _ in cases])
+    labels = np.concatenate([y for _, y in cases])
+    pooled = pooled_metrics(cases)
+    assert pooled["auroc"] == pytest.approx(auroc(scores, labels))
+    assert pooled["auprc"] == pytest.approx(auprc(scores, labels))
+    assert (pooled["best_dice"], pooled["best_threshold"]) == pytest.approx(best_dice(scores, labels))
+    assert (pooled["n_voxels"], pooled["n_positive"], pooled["n_cases"]) == (140, labels.sum(), 3)
+    with pytest.raises(CeVAEError):
+        pooled_metrics([])
+
+
+SHAPE = (8, 8, 8)  # (z, y, x); files must be at least 8 voxels wide to be read
+
+
+def image(array: np.ndarray, spacing=(2.0, 1.0, 1.5), origin=(1.0, 2.0, 3.0)) -> sitk.Image:
+    result = sitk.GetImageFromArray(array)
+    result.SetSpacing(spacing)
+    result.SetOrigin(origin)
+    return result
+
+
+@pytest.fixture
+def small_case() -> dict:
+    """An 8x8x8 case: lesion in slice 1, a bright distractor outside the mask."""
+    score = np.zeros(SHAPE, np.float32)
+    gt = np.zeros(SHAPE, np.uint8)
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[:3, 1:4, 1:5] = 1
+    gt[1, 2, 2:4] = 1
+    score[1, 2, 1:4] = [0.6, 0.9, 0.8]  # one false positive at 0.6 inside the mask
+    score[3, 0, 0] = 5.0  # outside the mask: ignored
+    labelmap = (score >= 0.6).astype(np.uint8)
+    return {key: image(value) for key, value in
+            (("score", score), ("gt", gt), ("mask", mask), ("labelmap", labelmap))}
+
+
+def test_evaluate_case(small_case: dict) -> None:
+    metrics = evaluate_case(**small_case, name="case")
+    assert metrics.name == "case"
+    assert metrics.auroc == 1.0
+    assert metrics.auprc == 1.0
+    assert (metrics.best_dice, metrics.best_threshold) == pytest.approx((1.0, 0.8))
+    assert metrics.dice_at_threshold == pytest.approx(2 * 2 / (3 + 2))
+    assert metrics.slice_auroc == 1.0  # slices 0 and 2 are all zero; slices 3-7 have no mask voxels
+    assert metrics.flagged_ml == pytest.approx(4 * 3.0 / 1000)
+    assert (metrics.n_voxels, metrics.n_positive) == (36, 2)
+
+
+def test_evaluate_healthy_case(small_case: dict) -> None:
+    metrics = evaluate_case(small_case["score"], mask=small_case["mask"], labelmap=small_case["labelmap"])
+    assert math.isnan(metrics.auroc) and math.isnan(metrics.best_dice)
+    assert metrics.slice_auroc is None and metrics.dice_at_threshold is None
+    assert metrics.flagged_ml == pytest.approx(4 * 3.0 / 1000)
+    assert (metrics.n_voxels, metrics.n_positive) == (36, 0)
+
+
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        (lambda im: im.SetSpacing((2.0, 1.0, 1.6)), "spacing"),
+        (lambda im: im.SetOrigin((1.0, 2.0, 3.01)), "origin"),
+        (lambda im: im.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1)), "direction"),
+    ],
+)
+def test_grid_mismatch_raises(small_case: dict, change, what: str) -> None:
+    change(small_case["gt"])
+    with pytest.raises(CeVAEError, match=f"ground truth.*{what}"):
+        evaluate_case(small_case["score"], small_case["gt"])
+
+
+def test_grid_size_mismatch_and_tolerance(small_case: dict) -> None:
+    with pytest.raises(CeVAEError, match="size"):
+        evaluate_case(small_case["score"], mask=image(np.ones((8, 8, 9), np.uint8)))
+    small_case["mask"].SetOrigin((1.0, 2.0, 3.00005))  # within tolerance
+    assert evaluate_case(small_case["score"], mask=small_case["mask"]).n_voxels == 36
+
+
+def test_empty_mask_raises(small_case: dict) -> None:
+    with pytest.raises(CeVAEError, match="empty"):
+        evaluate_case(small_case["score"], mask=image(np.zeros(SHAPE, np.uint8)))
+
+
+def test_evaluate_files_and_csv(small_case: dict, tmp_path: Path) -> None:
+    paths = {}
+    for key, value in small_case.items():
+        paths[key] = tmp_path / f"{key}.nii.gz"
+        sitk.WriteImage(value, str(paths[key]))
+    rows = [
+        {"score": paths["score"], "gt": paths["gt"], "mask": paths["mask"], "name": "lesion"},
+        {"score": str(paths["score"]), "gt": "", "mask": paths["mask"], "labelmap": paths["labelmap"]},
+    ]
+    cases, pooled = evaluate_files(rows)
+    assert [c.name for c in cases] == ["lesion", "score.nii.gz"]
+    assert cases[0].auroc == 1.0 and math.isnan(cases[1].auroc)
+    # The healthy copy adds negatives scoring 0.8 and 0.9: they tie with or beat the positives.
+    assert pooled["n_voxels"] == 72 and pooled["n_positive"] == 2 and pooled["n_cases"] == 2
+    case_scores = np.r_[[0.6, 0.9, 0.8], np.zeros(33)]
+    expected = auroc(np.r_[case_scores, case_scores], np.r_[[0, 1, 1], np.zeros(69)])
+    assert pooled["auroc"] == pytest.approx(expected) and expected < 1
+
+    out = tmp_path / "results" / "metrics.csv"
+    write_metrics_csv(out, cases, pooled)
+    with open(out, newline="") as stream:
+        table = list(csv.DictReader(stream))
+    assert list(table[0]) == list(CaseMetrics.__dataclass_fields__)
+    assert [row["name"] for row in table] == ["lesion", "score.nii.gz", "pooled"]
+    assert table[1]["auroc"] == "nan" and table[1]["flagged_ml"] == "0.012" and table[1]["slice_auroc"] == ""
+    assert float(table[2]["auroc"]) == pytest.approx(pooled["auroc"])
+    assert [p.name for p in out.parent.iterdir()] == ["metrics.csv"]  # no temporary file left
+
+
+def test_evaluate_files_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CeVAEError, match="does not exist"):
+        evaluate_files([{"score": tmp_path / "missing.nii.gz"}])
