@@ -123,6 +123,8 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
 
 
 def _check_file(p: Path) -> Path:
+    if p.is_dir():
+        raise CeVAEError(f"The model bundle {p} is a folder; give the path of a {BUNDLE_SUFFIX} file.")
     if not p.is_file():
         raise CeVAEError(f"The model bundle {p} does not exist.")
     with open(p, "rb") as fh:

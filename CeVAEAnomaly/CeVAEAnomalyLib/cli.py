@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,30 @@ class ConsoleProgress:
 
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
+
+
+def _add_scoring(p: argparse.ArgumentParser) -> None:
+    """Options shared by detect and batch: score, threshold, post-processing, inference."""
+    p.add_argument("--score-type", default=None, help="combi (default), rec or grad")
+    p.add_argument("--mc-samples", type=int, help="average the reconstruction over N samples of z")
+    p.add_argument("--rim-mm", type=float, help="ignore scores within this distance of the brain edge")
+    p.add_argument("--median-radius", type=int, help="3D median filter radius (voxels)")
+    p.add_argument("--min-volume", type=float, help="drop components smaller than this (mm^3)")
+    p.add_argument("--combi", choices=("paper", "weighted", "geometric"),
+                   help="how combi joins rec and grad; 'paper' is rec x normalised |dKL/dx| exactly as published")
+    p.add_argument("--alpha", type=float, help="weight of grad in --combi weighted: rec*(1+alpha*grad)")
+    p.add_argument("--grad-target", choices=("kl", "elbo"), help="gradient of the KL term or of the whole ELBO")
+    p.add_argument("--grad-sigma", type=float, help="Gaussian smoothing of |grad| in model pixels")
+    p.add_argument("--grad-norm", choices=("volume", "slice"), help="min-max normalisation of grad")
+    p.add_argument("--rec-sigma", type=float, help="Gaussian smoothing of the reconstruction error")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--amp", action="store_true", help="mixed precision")
+
+
+def _add_threshold(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fpr", type=float,
+                   help="healthy false-positive rate for the calibrated threshold (default: the model's)")
+    p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,43 +110,92 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labelmap", type=Path, help="output labelmap (uint8 0/1)")
     d.add_argument("--slice-scores", type=Path, help="output CSV of per-slice scores")
     d.add_argument("--components", type=Path, help="output CSV of anomaly components")
-    d.add_argument("--score-type", default=None, help="combi (default), rec or grad")
-    d.add_argument("--mc-samples", type=int, help="average the reconstruction over N samples of z")
-    d.add_argument("--fpr", type=float, help="healthy false-positive rate for the calibrated threshold (default 0.001)")
-    d.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
-    d.add_argument("--rim-mm", type=float, help="ignore scores within this distance of the brain edge")
-    d.add_argument("--median-radius", type=int, help="3D median filter radius (voxels)")
-    d.add_argument("--min-volume", type=float, help="drop components smaller than this (mm^3)")
-    d.add_argument("--batch-size", type=int, default=64)
-    d.add_argument("--amp", action="store_true", help="mixed precision")
+    _add_scoring(d)
+    _add_threshold(d)
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_device(d)
+
+    b = sub.add_parser("batch", help="detect on a cohort: resumable, shardable, parallel",
+                       description="Score every volume of a folder or CSV list. Per volume NAME, writes "
+                       "NAME_score.nii.gz, NAME_labelmap.nii.gz and NAME_slices.csv to --out-dir, plus a "
+                       "summary CSV; volumes whose outputs exist are skipped, failures are recorded.")
+    b.add_argument("inputs", type=Path, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
+                   "masks of NAME.*) or CSV with columns image[,mask][,name] (paths relative to the CSV)")
+    b.add_argument("--out-dir", type=Path, required=True, help="folder for the outputs and the summary")
+    b.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
+    _add_scoring(b)
+    _add_threshold(b)
+    b.add_argument("--shard", help="i/n: only the i-th of n parts of the sorted list (i = 1..n), for array jobs")
+    b.add_argument("--workers", type=int, default=1, help="volumes scored in parallel processes")
+    b.add_argument("--overwrite", action="store_true", help="score again volumes whose outputs exist")
+    _add_device(b)
+
+    c = sub.add_parser("calibrate", help="store healthy-score quantiles (thresholds) in a model bundle",
+                       description="Score healthy volumes with the given options and store the voxel "
+                       "score quantiles, so that labelmap thresholds follow a false-positive rate.")
+    c.add_argument("images", nargs="*", type=Path, help="healthy image files")
+    c.add_argument("--manifest", type=Path, help="CSV with columns image,mask of healthy volumes")
+    c.add_argument("--model", type=Path, help="bundle to calibrate (default: the bundled default model)")
+    c.add_argument("--out", type=Path, required=True, help="calibrated bundle to write")
+    c.add_argument("--default-fpr", type=float, help="false-positive rate used when detect gets none")
+    _add_scoring(c)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_device(c)
+
+    e = sub.add_parser("evaluate", help="metrics of score maps against ground truth",
+                       description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
+                       "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
+    e.add_argument("--cases", type=Path, help="CSV with columns score,gt[,mask][,labelmap][,name]")
+    e.add_argument("--score", type=Path, help="one score map (instead of --cases)")
+    e.add_argument("--gt", type=Path, help="its ground-truth lesion mask (absent: healthy)")
+    e.add_argument("--mask", type=Path, help="its brain mask (metrics inside it)")
+    e.add_argument("--labelmap", type=Path, help="its labelmap (Dice at threshold, flagged ml)")
+    e.add_argument("--out", type=Path, help="write the metrics CSV here")
+
+    m = sub.add_parser("demo", help="insert a synthetic lesion into a healthy scan, detect, write a picture")
+    m.add_argument("--out-dir", type=Path, default=Path("demo-output"))
+    m.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
+    m.add_argument("--seed", type=int, default=7)
+    m.add_argument("--auto-mask", action="store_true", help="compute the brain mask instead of using the given one")
+    _add_device(m)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: say which rank speaks
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(levelname)s: %(message)s")
+                        format=(f"[rank {os.environ.get('RANK', '?')}] " if distributed else "")
+                        + "%(levelname)s: %(message)s")
     try:
-        if args.command == "train":
-            from .commands import run_train
+        from . import commands
 
-            run_train(args)
-        elif args.command == "detect":
-            from .commands import run_detect
-
-            run_detect(args)
+        getattr(commands, f"run_{args.command}")(args)
         return 0
     except CeVAEError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory; close other programs or use a machine with more memory.", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (run again with --debug for "
+              "the traceback and report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

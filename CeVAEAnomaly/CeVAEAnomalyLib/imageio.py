@@ -1,12 +1,18 @@
 """Reading volumes and writing outputs safely (atomic, never over the input)."""
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import re
+import struct
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import SimpleITK as sitk
 
 from .errors import CeVAEError
@@ -25,19 +31,132 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     else:
         if p.stat().st_size == 0:
             raise CeVAEError(f"The {what} file {p} is empty.")
+        layout = _nifti_layout(p)
+        if layout is not None:
+            _check_nifti_complete(p, layout, what)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
             raise CeVAEError(
                 f"The {what} file {p} could not be read as an image "
-                f"(corrupt, truncated or not a medical image format): {_first_line(exc)}"
+                f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
             ) from None
+        if layout is not None and layout.datatype in _NIFTI_FLOATS:
+            image = _restore_non_finite(p, layout, image)
     return check_volume(image, f"{what} {p.name}")
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """Where a NIfTI file's voxels are, read from its header."""
+
+    gz: bool
+    endian: str
+    datatype: int
+    voxels: int
+    offset: int  # first voxel byte (after header and extensions)
+    size: int  # bytes the (decompressed) file must hold
+
+
+def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
+    """The voxel layout of a .nii/.nii.gz file (NIfTI-1 or -2); None if it is not one."""
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    gz = name.endswith(".gz")
+    try:
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as fh:
+            header = fh.read(540)
+    except (EOFError, OSError, zlib.error):
+        return None  # not even a readable header: the image reader says what is wrong
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 348:
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            dims = struct.unpack(endian + "8h", header[40:56])
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        elif size == 540 and len(header) >= 540:
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
+            return None  # malformed: the image reader reports it
+        voxels = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
+        offset = max(offset, size)
+        return _NiftiLayout(gz, endian, datatype, voxels, offset, offset + voxels * bitpix // 8)
+    return None
+
+
+def _check_nifti_complete(p: Path, layout: _NiftiLayout, what: str) -> None:
+    """Refuse a truncated NIfTI file: ITK would silently fill the missing voxels with zeros."""
+    if not layout.gz:
+        have = p.stat().st_size
+    elif _gzip_size_field(p) == layout.size % 2**32:
+        return  # the gzip trailer records the full length
+    else:
+        have = _gunzipped_size(p, layout.size)
+    if have < layout.size:
+        raise CeVAEError(
+            f"The {what} file {p} is truncated or corrupt (it holds {have} of the {layout.size} bytes "
+            "its header announces); copy or export it again."
+        )
+
+
+def _gzip_size_field(p: Path) -> int:
+    """The uncompressed length (mod 2**32) stored in the last 4 bytes of a gzip file."""
+    with open(p, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", fh.read(4))[0]
+
+
+def _gunzipped_size(p: Path, limit: int) -> int:
+    """Decompressed length of a gzip file, counted up to ``limit`` or to where the stream breaks."""
+    have = 0
+    try:
+        with gzip.open(p, "rb") as fh:
+            while have < limit:
+                block = fh.read(1 << 22)
+                if not block:
+                    break
+                have += len(block)
+    except (EOFError, OSError, zlib.error):
+        pass
+    return have
+
+
+def _restore_non_finite(p: Path, layout: _NiftiLayout, image: sitk.Image) -> sitk.Image:
+    """Put back the NaN/Inf voxels that ITK's NIfTI reader turns into 0 (so they can be left out)."""
+    dtype = np.dtype(layout.endian + _NIFTI_FLOATS[layout.datatype])
+    if image.GetNumberOfPixels() != layout.voxels or image.GetNumberOfComponentsPerPixel() != 1:
+        return image
+    with (gzip.open(p, "rb") if layout.gz else open(p, "rb")) as fh:
+        fh.seek(layout.offset)
+        raw = np.frombuffer(fh.read(layout.voxels * dtype.itemsize), dtype)
+    bad = ~np.isfinite(raw)
+    if not bad.any():
+        return image
+    arr = sitk.GetArrayFromImage(image)
+    if arr.dtype.kind != "f":
+        return image
+    arr.reshape(-1)[bad] = raw[bad]
+    restored = sitk.GetImageFromArray(arr, isVector=False)
+    restored.CopyInformation(image)
+    return restored
 
 
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM prints a warning for folders without series
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not series:
         raise CeVAEError(f"The {what} folder {folder} contains no DICOM series.")
     if len(series) > 1:
@@ -47,11 +166,11 @@ def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise CeVAEError(f"The DICOM series in {folder} could not be read: {_first_line(exc)}") from None
+        raise CeVAEError(f"The DICOM series in {folder} could not be read: {error_text(exc)}") from None
 
 
 def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Refuse what the model cannot score: not 3D, several components, too small."""
+    """Refuse what the model cannot score: not 3D, several components, a single slice, too small."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CeVAEError(
             f"The {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
@@ -65,8 +184,11 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
         extra = " (a time series or multi-volume file: extract one volume first)" if dim == 4 else ""
         raise CeVAEError(f"The {what} is {dim}D{extra}; a 3D volume is needed.")
     size = image.GetSize()
-    if sum(s > 1 for s in size) < 2 or min(sorted(size)[1:]) < 8:
-        raise CeVAEError(f"The {what} is too small to analyse ({'x'.join(map(str, size))} voxels).")
+    shape = "x".join(map(str, size))
+    if sorted(size)[1] >= 8 and min(size) == 1:
+        raise CeVAEError(f"The {what} is a single slice ({shape} voxels); a 3D volume of the head is needed.")
+    if min(sorted(size)[1:]) < 8:
+        raise CeVAEError(f"The {what} is too small to analyse ({shape} voxels).")
     return image
 
 
@@ -82,7 +204,7 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False, comp
         sitk.WriteImage(image, tmp, compress)
         os.replace(tmp, target)
     except RuntimeError as exc:
-        raise CeVAEError(f"Could not write {target}: {_first_line(exc)}") from None
+        raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -91,6 +213,8 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False, comp
 
 def check_output_path(target: Path, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse to clobber an input, or an existing file unless ``overwrite``."""
+    if target.is_dir():
+        raise CeVAEError(f"The output {target} is a folder; give a file name.")
     resolved = target.resolve()
     for src in inputs:
         if src is not None and Path(src).resolve() == resolved:
@@ -115,10 +239,14 @@ def atomic_write_text(path: PathLike, text: str, overwrite: bool = True) -> Path
     return target
 
 
-def _first_line(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """The informative line of an ITK/SimpleITK error message, without location prefixes."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # ITK messages put the useful part after a "Description:" tag or at the end
     for ln in lines:
         if ln.startswith("Description:"):
             return ln.split(":", 1)[1].strip()
-    return lines[-1] if lines else type(exc).__name__
+    # "Reason: <errno text>" after an ITK error is a stale system error, not the cause
+    useful = [ln for ln in lines if not ln.startswith(("Exception thrown in", "Reason:"))] or lines
+    if not useful:
+        return type(exc).__name__
+    return re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", useful[-1])

@@ -1,7 +1,7 @@
 """The 2D ceVAE: one encoder shared by the VAE and the context-encoding branch."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -48,11 +48,24 @@ class CeVAE(nn.Module):
         """z [B,z] -> reconstruction [B,1,S,S]."""
         return self.decoder(z[:, :, None, None])
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sampled reconstruction, mu and logvar (the VAE branch)."""
-        mu, logvar = self.encode(x)
+    def forward(self, x: torch.Tensor, x_corrupted: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+        """VAE branch: sampled reconstruction, mu and logvar of ``x``.
+
+        With ``x_corrupted`` the context-encoding branch runs in the same pass (one stacked
+        encoder and decoder call) and its reconstruction from the latent mean comes fourth.
+        Training calls the model once per step this way, so DistributedDataParallel sees
+        every use of the weights.
+        """
+        if x_corrupted is None:
+            mu, logvar = self.encode(x)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            return self.decode(z), mu, logvar
+        n = x.shape[0]
+        mu_all, logvar_all = self.encode(torch.cat([x, x_corrupted]))
+        mu, logvar = mu_all[:n], logvar_all[:n]
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return self.decode(z), mu, logvar
+        rec = self.decode(torch.cat([z, mu_all[n:]]))
+        return rec[:n], mu, logvar, rec[n:]
 
 
 def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -67,9 +80,11 @@ def rec_error(x: torch.Tensor, y: torch.Tensor, kind: str = "l1") -> torch.Tenso
 
 
 def cevae_loss(
-    model: CeVAE, x: torch.Tensor, x_corrupted: torch.Tensor, cfg: LossConfig
+    model: nn.Module, x: torch.Tensor, x_corrupted: torch.Tensor, cfg: LossConfig
 ) -> Tuple[torch.Tensor, dict]:
     """(1-c)·(β·KL + rec_VAE) + c·rec_CE; KL is a mean over latents, rec a mean over pixels.
+
+    ``model`` is a :class:`CeVAE` or a DistributedDataParallel wrapper of one.
 
     The CE branch encodes the corrupted slice and decodes the latent mean (no sampling); it
     must restore the clean slice.
@@ -77,15 +92,17 @@ def cevae_loss(
     c = cfg.ce_weight
     terms = {}
     total = x.new_zeros(())
-    if c < 1.0:
+    if c > 0.0:  # one call computes both branches
+        rec, mu, logvar, rec_ce_img = model(x, x_corrupted)
+    else:
         rec, mu, logvar = model(x)
+    if c < 1.0:
         kl = kl_per_sample(mu, logvar).mean() / mu.shape[1]
         rec_vae = rec_error(rec, x, cfg.rec).mean()
         total = total + (1.0 - c) * (cfg.beta * kl + rec_vae)
         terms.update(kl=kl.detach(), rec_vae=rec_vae.detach())
     if c > 0.0:
-        mu_ce, _ = model.encode(x_corrupted)
-        rec_ce = rec_error(model.decode(mu_ce), x, cfg.rec).mean()
+        rec_ce = rec_error(rec_ce_img, x, cfg.rec).mean()
         total = total + c * rec_ce
         terms["rec_ce"] = rec_ce.detach()
     terms["loss"] = total.detach()

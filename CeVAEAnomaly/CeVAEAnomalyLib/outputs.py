@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import SimpleITK as sitk
 
 from .errors import CeVAEError
-from .imageio import check_output_path
+from .imageio import check_output_path, error_text
 from .pipeline import DetectionResult
 
 
@@ -54,14 +54,17 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
     temps: Dict[Path, str] = {}
     try:
         for target, value in files.items():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temps[target] = _temp_name(target)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                temps[target] = _temp_name(target)
                 _writer_for(value)(temps[target])
             except (RuntimeError, OSError) as exc:
-                raise CeVAEError(f"Could not write {target}: {exc}") from None
+                raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
         for target, tmp in temps.items():
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):

@@ -79,7 +79,7 @@ def resolve_threshold(
     """(threshold, description): absolute if given, else from the bundle's calibration."""
     if threshold is not None:
         return float(threshold), "absolute"
-    rate = DEFAULT_FPR if fpr is None else float(fpr)
+    rate = float(bundle.header.get("default_fpr", DEFAULT_FPR)) if fpr is None else float(fpr)
     entry = find_calibration(bundle.header, calibration_key(opts.to_dict(), post.to_dict()))
     return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
 

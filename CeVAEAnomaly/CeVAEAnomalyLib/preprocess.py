@@ -148,6 +148,8 @@ def prepare(
         if not finite.all():
             log.warning("%d voxels are NaN or infinite; they are left out of the brain and score 0.",
                         finite.size - int(finite.sum()))
+            if not (brain_mask & finite).any() and brain_mask.any():
+                raise CeVAEError("Every voxel inside the brain mask is NaN or infinite; the image holds no data.")
             brain_mask = brain_mask & finite
         del finite
     if not brain_mask.any():
@@ -237,10 +239,20 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image) -> np.ndarray:
         raise CeVAEError("No brain mask given.")
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
         raise CeVAEError("The brain mask must be a single-channel 3D image.")
-    if not same_grid(mask, image):
+    resampled = not same_grid(mask, image)
+    if resampled:
         log.warning("The brain mask is on another grid than the image; resampling it (nearest neighbour).")
         mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayViewFromImage(mask) > 0
+    values = sitk.GetArrayViewFromImage(mask)
+    brain = values > 0
+    if resampled and not brain.any():
+        raise CeVAEError("The brain mask does not overlap the image in space (after resampling it onto the "
+                         "image grid no voxel is brain); check that the mask belongs to this image.")
+    labels = values[values != 0]
+    if labels.size and labels.min() != labels.max():
+        log.warning("The brain mask holds several values (%g to %g); every voxel above 0 is taken as brain.",
+                    labels.min(), labels.max())
+    return brain
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:

@@ -1,7 +1,7 @@
 """Pixel and slice anomaly scores from a trained ceVAE.
 
 - ``rec``: |x - decode(mu)| (or the mean over ``mc_samples`` decodings of z ~ q(z|x)).
-- ``grad``: |dKL/dx| (or of the whole ELBO), back-propagated to the input, smoothed with a
+- ``grad``: |dKL/dx| (or of the whole negative ELBO, Gaussian likelihood), back-propagated to the input, smoothed with a
   Gaussian and normalised (per volume or per slice).
 - ``combi``: the two combined element-wise; ``combi="paper"`` is rec × normalised grad.
 
@@ -102,8 +102,9 @@ def _batch_maps(
             grad = torch.autograd.grad(kl.sum(), x)[0].abs()
         recon = model.decode(mu if (need_grad and opts.grad_target == "elbo") else mu.detach())
         if need_grad and opts.grad_target == "elbo":
-            # the training objective per slice: mean pixel error + beta * KL per latent
-            err = (rec_error(x, recon, opts.rec_kind) * brain).flatten(1).mean(1)
+            # negative ELBO per slice with a Gaussian likelihood (an L1 error would give a
+            # gradient of constant magnitude): mean squared error + beta * KL per latent
+            err = (rec_error(x, recon, "l2") * brain).flatten(1).mean(1)
             grad = torch.autograd.grad((err + beta * kl / mu.shape[1]).sum(), x)[0].abs()
     with torch.no_grad():
         x = x.detach()

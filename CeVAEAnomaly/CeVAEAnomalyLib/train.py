@@ -6,6 +6,8 @@ optimiser, sampler position and RNG states, so ``--resume`` continues the same r
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import logging
 import math
 import os
@@ -16,19 +18,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from .bundle import save_bundle
-from .calibration import calibrate, calibration_key
+from .bundle import load_bundle, save_bundle
 from .config import LossConfig, ModelConfig, PreprocessConfig
 from .data import AugmentConfig, Subject, augment, file_sha256, load_slices, split_subjects
 from .devices import resolve_device
 from .errors import CeVAEError
 from .masking import random_rectangles
 from .model import CeVAE, cevae_loss
+from .modelcalibration import calibrate_model
 from .postprocess import PostprocessOptions
 from .progress import ProgressCallback, report
 from .scoring import ScoreOptions
@@ -72,6 +73,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this process created the process group and destroys it
 
     @property
     def main(self) -> bool:
@@ -79,21 +81,45 @@ class DistInfo:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    if not dist.is_initialized():
+    if device.type not in ("cuda", "cpu"):
+        raise CeVAEError(f"Distributed training runs on CUDA or the CPU, not on {device.type}; "
+                         "pass --device cuda or --device cpu.")
+    owns = not dist.is_initialized()
+    if owns:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    """Leave the process group if this process created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's float32 state, in state-dict order (equal models, equal sums)."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
+    """Save to a temporary file in the same folder, then rename: never a partial file under ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise CeVAEError(f"Could not write the checkpoint {path}: {exc}; the previous one is kept.") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -101,6 +127,21 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint a run resumes from (they are trained again)."""
+    if not path.is_file():
+        return
+    from .imageio import atomic_write_text
+
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(kept) < len(rows):
+        text = io.StringIO()
+        csv.writer(text).writerows(kept)
+        atomic_write_text(path, text.getvalue())
 
 
 class Trainer:
@@ -126,15 +167,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = CeVAE(cfg.model).to(self.device)
         self.net: torch.nn.Module = self.model
-        if self.dist.world > 1:
+        if self.dist.world > 1:  # the wrapper averages gradients over ranks during backward
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            if not self.dist.main:  # own latent-sampling noise per rank
+                torch.manual_seed(cfg.seed * 1000 + self.dist.rank)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.dist.rank)
         self.step = 0
         self.epoch = 0
         self.offset = 0  # batches consumed in the current epoch
         self.batch_size = cfg.batch_size
+        self.saved_step: Optional[int] = None  # step of the last checkpoint written or resumed from
 
     # ---- data -------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -172,12 +216,10 @@ class Trainer:
         autocast = torch.autocast(self.device.type, enabled=self.cfg.amp,
                                   dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16)
         with autocast:
-            loss, terms = cevae_loss(self.net if self.dist.world > 1 else self.model, x, xc, self.cfg.loss)
+            loss, terms = cevae_loss(self.net, x, xc, self.cfg.loss)
         if not torch.isfinite(loss):
-            raise CeVAEError(
-                f"The loss became {loss.item()} at step {self.step}; training stopped. The last good "
-                f"checkpoint is kept at {self.cfg.checkpoint_path}. Try a lower learning rate."
-            )
+            raise CeVAEError(f"The loss became {loss.item()} at step {self.step}; training stopped. "
+                             f"{self._last_good()} Try a lower learning rate.")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -190,8 +232,14 @@ class Trainer:
             try:
                 return step_fn(idx[: self.batch_size])
             except RuntimeError as exc:
-                if not _is_oom(exc) or self.batch_size <= 1:
+                if not _is_oom(exc):
                     raise
+                if self.batch_size <= 1:
+                    raise CeVAEError(f"Out of memory even with batch size 1 on {self.device}; use a smaller "
+                                     "--input-size or --channels, or another device.") from None
+                if self.dist.world > 1:  # ranks cannot shrink their batches independently
+                    raise CeVAEError(f"Out of memory on rank {self.dist.rank} with batch size {self.batch_size} "
+                                     "per rank; rerun with a smaller --batch-size.") from None
                 self.opt.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -213,24 +261,36 @@ class Trainer:
         return sum(losses) / len(self.val)
 
     # ---- checkpoints --------------------------------------------------------------------
+    def _last_good(self) -> str:
+        if self.saved_step is None:
+            return "No checkpoint had been written yet."
+        return f"The last good checkpoint (step {self.saved_step}) is kept at {self.cfg.checkpoint_path}."
+
     def save_checkpoint(self) -> None:
+        """Write the resumable state atomically; refuse weights that are no longer finite."""
         if not self.dist.main:
             return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise CeVAEError(f"The model weights became NaN or infinite by step {self.step}; training "
+                             f"stopped. {self._last_good()} Try a lower learning rate.")
         state = {
             "version": CHECKPOINT_VERSION,
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
             "step": self.step, "epoch": self.epoch, "offset": self.offset,
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size, "world": self.dist.world,
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
             "model_cfg": self.cfg.model.to_dict(),
         }
         _atomic_torch_save(state, self.cfg.checkpoint_path)
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
+        """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
         path = self.cfg.checkpoint_path
         if not path.is_file():
-            raise CeVAEError(f"--resume was given but there is no checkpoint at {path}.")
+            shared = " (with several nodes, --out must be on a filesystem all nodes share)" if self.dist.world > 1 else ""
+            raise CeVAEError(f"--resume was given but there is no checkpoint at {path}{shared}.")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling is restricted to tensors and plain containers
@@ -239,28 +299,50 @@ class Trainer:
             raise CeVAEError(f"The checkpoint {path} belongs to another model configuration.")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
+            if group["lr"] != self.cfg.lr:
+                log.info("Learning rate %g (the checkpoint used %g).", self.cfg.lr, group["lr"])
+                group["lr"] = self.cfg.lr
         self.step, self.epoch, self.offset = state["step"], state["epoch"], state["offset"]
         self.batch_size = state["batch_size"]
+        saved_world = state.get("world", 1)
+        if saved_world != self.dist.world:
+            log.warning("The checkpoint was written by %d rank(s), this run has %d: the effective batch size "
+                        "becomes %d and the current epoch starts over.", saved_world, self.dist.world,
+                        self.batch_size * self.dist.world)
+            self.offset = 0
         if self.dist.main:  # other ranks keep their own streams, offset by rank
             self.gen.set_state(state["gen"])
+            torch.set_rng_state(state["torch_rng"])
         else:
             self.gen.manual_seed(self.cfg.seed * 1000 + self.dist.rank + 7919 * self.step)
-        torch.set_rng_state(state["torch_rng"])
+            torch.manual_seed(self.cfg.seed * 1000 + self.dist.rank + 7919 * self.step)
+        self.saved_step = self.step
         log.info("Resumed from %s at step %d.", path, self.step)
 
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
+        """Train, then (rank 0) write the bundle; leave the process group when done."""
+        path = self._run()
+        shutdown_distributed(self.dist)
+        return path
+
+    def _run(self) -> Optional[Path]:
         cfg = self.cfg
         if self.dist.main:
             cfg.out.parent.mkdir(parents=True, exist_ok=True)
         self._load_data()
         if cfg.resume:
             self.load_checkpoint()
+            if self.dist.main:
+                _truncate_log(cfg.log_path, self.step)
         elif self.dist.main and cfg.log_path.exists():
             cfg.log_path.unlink()
         if self.dist.main:
-            log.info("Device %s, %d rank(s); effective batch size %d, learning rate %g.",
-                     self.device, self.dist.world, self.batch_size * self.dist.world, cfg.lr)
+            log.info("Device %s, %d rank(s)%s; batch size %d per rank, effective batch size %d; learning rate %g "
+                     "(one step per effective batch, gradients averaged over it).", self.device, self.dist.world,
+                     f" ({dist.get_backend()})" if self.dist.world > 1 else "", self.batch_size,
+                     self.batch_size * self.dist.world, cfg.lr)
         self.model.train()
         start = time.perf_counter()
         batches = self._batches()
@@ -276,7 +358,7 @@ class Trainer:
                 self.step += 1
                 steps_since += 1
                 val = ""
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                if (self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps) and self.dist.main:
                     val = self.validate()
                     self.save_checkpoint()
                 if writer and (self.step % 10 == 0 or val != ""):
@@ -291,6 +373,8 @@ class Trainer:
         finally:
             if logf:
                 logf.close()
+        if self.dist.world > 1:
+            self._check_replicas()
         self.save_checkpoint()
         elapsed = time.perf_counter() - start
         if not self.dist.main:
@@ -300,10 +384,24 @@ class Trainer:
     def _time_up(self, deadline: float) -> bool:
         up = time.perf_counter() >= deadline
         if self.dist.world > 1:  # all ranks must stop at the same step
-            flag = torch.tensor([1.0 if up else 0.0])
+            flag = torch.tensor([1.0 if up else 0.0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             up = bool(flag.item())
         return up
+
+    def _check_replicas(self) -> None:
+        """Log every rank's parameter checksum; rank 0 says whether the replicas agree."""
+        mine = parameter_checksum(self.model)
+        log.info("Rank %d of %d: parameter checksum %s.", self.dist.rank, self.dist.world, mine)
+        sums: List[Optional[str]] = [None] * self.dist.world
+        dist.all_gather_object(sums, mine)
+        if not self.dist.main:
+            return
+        if len(set(sums)) == 1:
+            log.info("The model replicas of all %d ranks are identical.", self.dist.world)
+        else:
+            log.error("The model replicas differ between ranks (checksums %s); the bundle holds rank 0's.",
+                      ", ".join(s[:12] for s in sums))
 
     def _write_bundle(self, elapsed: float) -> Path:
         from . import __version__
@@ -331,27 +429,6 @@ class Trainer:
         path = save_bundle(self.cfg.out, self.model, header, half=self.cfg.half_bundle)
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
-        header["calibration"] = calibrate_bundle(path, calib_subjects, source, self.device)
+        bundle = load_bundle(path, self.device)
+        header["calibration"] = calibrate_model(bundle, calib_subjects, source, score_opts, post)
         return save_bundle(self.cfg.out, self.model, header, half=self.cfg.half_bundle)
-
-
-def calibrate_bundle(path: Path, subjects: Sequence[Subject], source: str, device) -> Dict[str, dict]:
-    """Healthy score quantiles for every score type with the bundle's default options."""
-    from .bundle import load_bundle
-    from .imageio import read_image
-    from .pipeline import default_postprocess, default_score_options, detect
-    import SimpleITK as sitk
-
-    bundle = load_bundle(path, device)
-    post = default_postprocess(bundle)
-    values: Dict[str, List[np.ndarray]] = {}
-    opts_by_type = {t: default_score_options(bundle, t) for t in ("combi", "rec", "grad")}
-    for s in subjects:
-        image = read_image(s.image)
-        mask = read_image(s.mask, "brain mask") if s.mask else None
-        for t, opts in opts_by_type.items():
-            res = detect(image, bundle, mask, opts, post, threshold=float("inf"))
-            brain = sitk.GetArrayViewFromImage(res.brain_mask).astype(bool)
-            values.setdefault(t, []).append(sitk.GetArrayViewFromImage(res.score)[brain])
-    return {calibration_key(opts_by_type[t].to_dict(), post.to_dict()): calibrate(v, source)
-            for t, v in values.items()}

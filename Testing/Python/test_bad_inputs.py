@@ -1,0 +1,529 @@
+"""Every bad input to ``cevae-anomaly detect`` ends in a correct result or one clear line.
+
+Each case builds real files in a temporary folder and runs the real command line. A refused
+case must exit non-zero with its message on one stderr line, leave every input byte-identical
+and create no file at all (not even a temporary one). An accepted case must write a finite
+float32 score map on the input's exact grid, with the expected warning.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from CeVAEAnomalyLib.cli import main
+from conftest import make_head
+
+REFUSED = 2
+
+
+class MarkerPayload:
+    """Unpickling this object creates ``marker``: proof that a loader executed pickle code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@dataclass
+class Inputs:
+    """What a case hands to ``detect`` (paths inside the case's own folder)."""
+
+    image: Path
+    mask: Optional[Path]
+    model: Path
+    extra: List[str] = field(default_factory=list)
+    score: Optional[Path] = None  # default: out/score.nii.gz
+    marker: Optional[Path] = None  # must never come into existence
+
+
+@dataclass
+class Case:
+    build: Callable[[Path, "Inputs"], Inputs]  # (folder, good inputs) -> inputs of the case
+    rc: int
+    message: str  # regex searched in stderr (refused) or in the log (accepted)
+
+
+def write(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def head_arrays(good: Inputs):
+    image = sitk.ReadImage(str(good.image))
+    return image, sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(sitk.ReadImage(str(good.mask)))
+
+
+# ---- builders: each returns the inputs of one case ---------------------------------------
+def missing_image(d: Path, g: Inputs) -> Inputs:
+    return Inputs(d / "absent.nii.gz", g.mask, g.model)
+
+
+def text_file(d: Path, g: Inputs) -> Inputs:
+    (d / "notes.nii.gz").write_text("patient notes, not an image\n")
+    return Inputs(d / "notes.nii.gz", g.mask, g.model)
+
+
+def empty_file(d: Path, g: Inputs) -> Inputs:
+    (d / "empty.nii.gz").write_bytes(b"")
+    return Inputs(d / "empty.nii.gz", g.mask, g.model)
+
+
+def truncated_gz(d: Path, g: Inputs) -> Inputs:
+    data = g.image.read_bytes()
+    (d / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    return Inputs(d / "cut.nii.gz", g.mask, g.model)
+
+
+def truncated_nii(d: Path, g: Inputs) -> Inputs:
+    data = gzip.decompress(g.image.read_bytes())
+    (d / "cut.nii").write_bytes(data[: len(data) - 1000])
+    return Inputs(d / "cut.nii", g.mask, g.model)
+
+
+def image_2d(d: Path, g: Inputs) -> Inputs:
+    _, arr, _ = head_arrays(g)
+    return Inputs(write(sitk.GetImageFromArray(arr[18]), d / "slice2d.nii.gz"), g.mask, g.model)
+
+
+def series_4d(d: Path, g: Inputs) -> Inputs:
+    _, arr, _ = head_arrays(g)
+    return Inputs(write(sitk.GetImageFromArray(np.stack([arr, arr, arr]), isVector=False), d / "fmri.nii.gz"), g.mask, g.model)
+
+
+def rgb_volume(d: Path, g: Inputs) -> Inputs:
+    image, arr, _ = head_arrays(g)
+    rgb = sitk.GetImageFromArray(np.repeat(arr[..., None], 3, axis=-1).astype(np.uint8), isVector=True)
+    rgb.CopyInformation(image)
+    return Inputs(write(rgb, d / "rgb.nrrd"), g.mask, g.model)
+
+
+def constant_volume(d: Path, g: Inputs) -> Inputs:
+    image, arr, _ = head_arrays(g)
+    return Inputs(write(like(np.full_like(arr, 42.0), image), d / "flat.nii.gz"), g.mask, g.model)
+
+
+def all_nan(d: Path, g: Inputs) -> Inputs:
+    image, arr, _ = head_arrays(g)
+    return Inputs(write(like(np.full_like(arr, np.nan), image), d / "nan.nii.gz"), g.mask, g.model)
+
+
+def non_finite_at(shape) -> np.ndarray:
+    """Where :func:`nan_voxels` puts NaN and ±Inf (9 voxels, most inside the brain)."""
+    holes = np.zeros(shape, bool)
+    holes[18, 20, 10:16] = holes[18, 22, 10:12] = holes[5, 5, 5] = True
+    return holes
+
+
+def nan_voxels(d: Path, g: Inputs) -> Inputs:
+    image, arr, _ = head_arrays(g)
+    holes = non_finite_at(arr.shape)
+    arr[holes] = np.nan
+    arr[18, 22, 10:12] = np.inf
+    arr[5, 5, 5] = -np.inf
+    return Inputs(write(like(arr, image), d / "holes.nii.gz"), g.mask, g.model)
+
+
+def empty_mask(d: Path, g: Inputs) -> Inputs:
+    image, _, mask = head_arrays(g)
+    return Inputs(g.image, write(like(np.zeros_like(mask), image), d / "mask0.nii.gz"), g.model)
+
+
+def mask_other_grid(d: Path, g: Inputs) -> Inputs:
+    mask = sitk.ReadImage(str(g.mask))
+    coarse = sitk.Resample(mask, [20, 22, 18], sitk.Transform(), sitk.sitkNearestNeighbor, mask.GetOrigin(),
+                           [2 * s for s in mask.GetSpacing()], mask.GetDirection())
+    return Inputs(g.image, write(coarse, d / "mask_coarse.nii.gz"), g.model)
+
+
+def mask_elsewhere(d: Path, g: Inputs) -> Inputs:
+    mask = sitk.ReadImage(str(g.mask))
+    mask.SetOrigin([o + 500.0 for o in mask.GetOrigin()])
+    return Inputs(g.image, write(mask, d / "mask_far.nii.gz"), g.model)
+
+
+def mask_tissue_labels(d: Path, g: Inputs) -> Inputs:
+    image, _, mask = head_arrays(g)
+    labels = mask.copy()
+    labels[:12] *= 2
+    labels[24:] *= 3
+    return Inputs(g.image, write(like(labels, image), d / "tissues.nii.gz"), g.model)
+
+
+def mask_label_255(d: Path, g: Inputs) -> Inputs:
+    image, _, mask = head_arrays(g)
+    return Inputs(g.image, write(like(mask * 255, image), d / "mask255.nii.gz"), g.model)
+
+
+def missing_mask(d: Path, g: Inputs) -> Inputs:
+    return Inputs(g.image, d / "absent_mask.nii.gz", g.model)
+
+
+def tiny_volume(d: Path, g: Inputs) -> Inputs:
+    image = write(sitk.GetImageFromArray(np.random.default_rng(0).random((4, 4, 4), np.float32)), d / "t.nii.gz")
+    return Inputs(image, write(sitk.Image([4, 4, 4], sitk.sitkUInt8) + 1, d / "t_mask.nii.gz"), g.model)
+
+
+def single_slice(d: Path, g: Inputs) -> Inputs:
+    _, arr, mask = head_arrays(g)
+    return Inputs(write(sitk.GetImageFromArray(arr[18:19]), d / "one.nii.gz"),
+                  write(sitk.GetImageFromArray(mask[18:19]), d / "one_mask.nii.gz"), g.model)
+
+
+def ct_like(d: Path, g: Inputs) -> Inputs:
+    image, arr, _ = head_arrays(g)
+    hu = np.where(arr > 1, 20.0 + arr * 0.3, -1000.0).astype(np.int16)
+    return Inputs(write(like(hu, image), d / "ct.nii.gz"), g.mask, g.model)
+
+
+def anisotropic(d: Path, g: Inputs) -> Inputs:
+    image, mask = make_head(size=(80, 80, 14), spacing=(0.5, 0.5, 10.0))
+    return Inputs(write(image, d / "thick.nii.gz"), write(mask, d / "thick_mask.nii.gz"), g.model)
+
+
+def dtype_case(dtype) -> Callable[[Path, Inputs], Inputs]:
+    def build(d: Path, g: Inputs) -> Inputs:
+        image, _ = make_head(dtype=dtype)
+        return Inputs(write(image, d / f"{np.dtype(dtype).name}.nii.gz"), g.mask, g.model)
+
+    return build
+
+
+def no_dicom(d: Path, g: Inputs) -> Inputs:
+    folder = d / "export"
+    folder.mkdir()
+    (folder / "README.txt").write_text("no images here")
+    (folder / "IM0001").write_bytes(b"\x00" * 300)
+    return Inputs(folder, g.mask, g.model)
+
+
+def empty_folder(d: Path, g: Inputs) -> Inputs:
+    (d / "nothing").mkdir()
+    return Inputs(d / "nothing", g.mask, g.model)
+
+
+def model_random_bytes(d: Path, g: Inputs) -> Inputs:
+    (d / "model.cevae").write_bytes(b"\x01" + np.random.default_rng(1).bytes(4095))
+    return Inputs(g.image, g.mask, d / "model.cevae")
+
+
+def model_pickle(suffix: str, protocol: int) -> Callable[[Path, Inputs], Inputs]:
+    def build(d: Path, g: Inputs) -> Inputs:
+        marker = d / "PWNED"
+        (d / f"model{suffix}").write_bytes(pickle.dumps(MarkerPayload(marker), protocol=protocol))
+        return Inputs(g.image, g.mask, d / f"model{suffix}", marker=marker)
+
+    return build
+
+
+def model_torch_payload(d: Path, g: Inputs) -> Inputs:
+    marker = d / "PWNED"
+    torch.save({"state_dict": MarkerPayload(marker)}, d / "model.pt")
+    return Inputs(g.image, g.mask, d / "model.pt", marker=marker)
+
+
+def model_torch_state_dict(d: Path, g: Inputs) -> Inputs:
+    torch.save({"conv1.weight": torch.zeros(8, 1, 3, 3), "fc.bias": torch.ones(10)}, d / "resnet.pth")
+    return Inputs(g.image, g.mask, d / "resnet.pth")
+
+
+def model_other_safetensors(d: Path, g: Inputs) -> Inputs:
+    from safetensors.torch import save_file
+
+    save_file({"embed.weight": torch.zeros(16, 4), "head.bias": torch.ones(3)}, str(d / "llm.safetensors"))
+    return Inputs(g.image, g.mask, d / "llm.safetensors")
+
+
+def model_wrong_tensors(d: Path, g: Inputs) -> Inputs:
+    from CeVAEAnomalyLib.bundle import read_header
+    from safetensors.torch import save_file
+
+    header = json.dumps(read_header(g.model))
+    save_file({"embed.weight": torch.zeros(16, 4)}, str(d / "odd.cevae"), metadata={"cevae_anomaly": header})
+    return Inputs(g.image, g.mask, d / "odd.cevae")
+
+
+def model_truncated(d: Path, g: Inputs) -> Inputs:
+    data = g.model.read_bytes()
+    (d / "half.cevae").write_bytes(data[: len(data) // 2])
+    return Inputs(g.image, g.mask, d / "half.cevae")
+
+
+def model_missing(d: Path, g: Inputs) -> Inputs:
+    return Inputs(g.image, g.mask, d / "absent.cevae")
+
+
+def model_folder(d: Path, g: Inputs) -> Inputs:
+    (d / "models").mkdir()
+    return Inputs(g.image, g.mask, d / "models")
+
+
+def with_args(*extra: str) -> Callable[[Path, Inputs], Inputs]:
+    def build(d: Path, g: Inputs) -> Inputs:
+        return Inputs(g.image, g.mask, g.model, list(extra))
+
+    return build
+
+
+def output_is_input(*extra: str) -> Callable[[Path, Inputs], Inputs]:
+    def build(d: Path, g: Inputs) -> Inputs:
+        return Inputs(g.image, g.mask, g.model, list(extra), score=g.image)
+
+    return build
+
+
+def output_is_mask(d: Path, g: Inputs) -> Inputs:
+    return Inputs(g.image, g.mask, g.model, ["--overwrite"], score=g.mask)
+
+
+def output_exists(d: Path, g: Inputs) -> Inputs:
+    (d / "previous.nii.gz").write_bytes(b"an earlier result")
+    return Inputs(g.image, g.mask, g.model, score=d / "previous.nii.gz")
+
+
+def output_is_folder(d: Path, g: Inputs) -> Inputs:
+    (d / "results").mkdir()
+    return Inputs(g.image, g.mask, g.model, ["--overwrite"], score=d / "results")
+
+
+def output_under_a_file(d: Path, g: Inputs) -> Inputs:
+    (d / "report.txt").write_text("not a folder")
+    return Inputs(g.image, g.mask, g.model, score=d / "report.txt" / "score.nii.gz")
+
+
+def mask_2d(d: Path, g: Inputs) -> Inputs:
+    _, _, mask = head_arrays(g)
+    return Inputs(g.image, write(sitk.GetImageFromArray(mask[18]), d / "mask2d.nii.gz"), g.model)
+
+
+def output_named_twice(d: Path, g: Inputs) -> Inputs:
+    score = d.parent / "out" / "score.nii.gz"
+    return Inputs(g.image, g.mask, g.model, ["--labelmap", str(score)], score=score)
+
+
+CASES: Dict[str, Case] = {
+    "missing path": Case(missing_image, REFUSED, r"image .*absent\.nii\.gz does not exist"),
+    "text file named .nii.gz": Case(text_file, REFUSED, r"could not be read as an image"),
+    "empty file": Case(empty_file, REFUSED, r"empty\.nii\.gz is empty"),
+    "truncated .nii.gz": Case(truncated_gz, REFUSED, r"cut\.nii\.gz is truncated or corrupt"),
+    "truncated .nii": Case(truncated_nii, REFUSED, r"cut\.nii is truncated or corrupt .* of the \d+ bytes"),
+    "2D image": Case(image_2d, REFUSED, r"is 2D; a 3D volume is needed"),
+    "4D series": Case(series_4d, REFUSED, r"is 4D \(a time series"),
+    "RGB volume": Case(rgb_volume, REFUSED, r"has 3 components per voxel"),
+    "constant volume": Case(constant_volume, REFUSED, r"nearly\) constant"),
+    "all voxels NaN": Case(all_nan, REFUSED, r"Every voxel inside the brain mask is NaN or infinite"),
+    "NaN and Inf voxels": Case(nan_voxels, 0, r"9 voxels are NaN or infinite; they are left out"),
+    "empty brain mask": Case(empty_mask, REFUSED, r"brain mask is empty"),
+    "mask on another grid": Case(mask_other_grid, 0, r"another grid .* resampling it \(nearest neighbour\)"),
+    "mask elsewhere in space": Case(mask_elsewhere, REFUSED, r"does not overlap the image in space"),
+    "mask with tissue labels": Case(mask_tissue_labels, 0, r"several values \(1 to 3\); every voxel above 0"),
+    "mask with label 255": Case(mask_label_255, 0, r"Wrote"),
+    "2D mask": Case(mask_2d, REFUSED, r"brain mask mask2d\.nii\.gz is 2D"),
+    "missing mask file": Case(missing_mask, REFUSED, r"brain mask .*absent_mask\.nii\.gz does not exist"),
+    "tiny 4x4x4 volume": Case(tiny_volume, REFUSED, r"too small to analyse \(4x4x4 voxels\)"),
+    "single-slice volume": Case(single_slice, REFUSED, r"single slice \(40x44x1 voxels\)"),
+    "CT-like int16": Case(ct_like, 0, r"like a CT in Hounsfield units; this model is for T1 MRI"),
+    "0.5x0.5x10 mm anisotropy": Case(anisotropic, 0, r"Wrote"),
+    "uint8 data": Case(dtype_case(np.uint8), 0, r"Wrote"),
+    "float64 data": Case(dtype_case(np.float64), 0, r"Wrote"),
+    "folder with no DICOM series": Case(no_dicom, REFUSED, r"export contains no DICOM series"),
+    "empty folder": Case(empty_folder, REFUSED, r"nothing contains no DICOM series"),
+    "random bytes as model": Case(model_random_bytes, REFUSED, r"not a valid safetensors file"),
+    "pickle as .pt": Case(model_pickle(".pt", 2), REFUSED, r"pickle / PyTorch checkpoint.*refused unread"),
+    "pickle as .pth": Case(model_pickle(".pth", 4), REFUSED, r"pickle / PyTorch checkpoint.*refused unread"),
+    "pickle as .cevae": Case(model_pickle(".cevae", 5), REFUSED, r"pickle / PyTorch checkpoint.*refused unread"),
+    "pickle as .safetensors": Case(model_pickle(".safetensors", 3), REFUSED, r"pickle / PyTorch checkpoint"),
+    "protocol-0 pickle as .cevae": Case(model_pickle(".cevae", 0), REFUSED, r"not a valid safetensors file"),
+    "torch.save payload as .pt": Case(model_torch_payload, REFUSED, r"pickle / PyTorch checkpoint"),
+    "torch state dict, other keys": Case(model_torch_state_dict, REFUSED, r"resnet\.pth is a Python pickle"),
+    "safetensors, other tensors": Case(model_other_safetensors, REFUSED, r"not a CeVAEAnomaly model bundle"),
+    "bundle header, other tensors": Case(model_wrong_tensors, REFUSED, r"does not match its declared architecture"),
+    "truncated bundle": Case(model_truncated, REFUSED, r"half\.cevae is not a CeVAEAnomaly model bundle"),
+    "missing model": Case(model_missing, REFUSED, r"model bundle .*absent\.cevae does not exist"),
+    "model path is a folder": Case(model_folder, REFUSED, r"models is a folder"),
+    "unknown --score-type": Case(with_args("--score-type", "entropy"), REFUSED,
+                                 r"Unknown --score-type 'entropy'; choose one of combi, rec, grad"),
+    "--batch-size 0": Case(with_args("--batch-size", "0"), REFUSED, r"--batch-size must be 1 or more"),
+    "--fpr 5": Case(with_args("--fpr", "5"), REFUSED, r"--fpr is a rate between 0 and 1"),
+    "negative --rim-mm": Case(with_args("--rim-mm", "-2"), REFUSED, r"--rim-mm must be 0 or more"),
+    "output = input": Case(output_is_input(), REFUSED, r"same file as an input"),
+    "output = input, --overwrite": Case(output_is_input("--overwrite"), REFUSED, r"same file as an input"),
+    "output = mask, --overwrite": Case(output_is_mask, REFUSED, r"same file as an input"),
+    "existing output": Case(output_exists, REFUSED, r"previous\.nii\.gz already exists; pass --overwrite"),
+    "output is a folder": Case(output_is_folder, REFUSED, r"results is a folder; give a file name"),
+    "output under a file": Case(output_under_a_file, REFUSED, r"Could not write .*report\.txt/score\.nii\.gz"),
+    "output named twice": Case(output_named_twice, REFUSED, r"score\.nii\.gz is named twice"),
+}
+
+
+def sha256_tree(folder: Path) -> Dict[str, str]:
+    """Every file under ``folder`` (hidden temporaries included) with its SHA-256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def good(tmp_path, head, tiny_bundle) -> Inputs:
+    """A valid image, mask and model copied into this test's own input folder."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (tmp_path / "out").mkdir()
+    image, mask = head
+    return Inputs(Path(shutil.copy(image, d)), Path(shutil.copy(mask, d)), Path(shutil.copy(tiny_bundle, d)))
+
+
+def argv_for(case: Inputs, score: Path) -> List[str]:
+    argv = ["detect", str(case.image), "--model", str(case.model), "--score", str(score)]
+    if case.mask is not None:
+        argv += ["--mask", str(case.mask)]
+    return argv + case.extra
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_detect_input(name, good, tmp_path, capsys, caplog):
+    spec = CASES[name]
+    case = spec.build(tmp_path / "in", good)
+    score = case.score or tmp_path / "out" / "score.nii.gz"
+    before = sha256_tree(tmp_path)
+    caplog.set_level(logging.INFO)
+
+    rc = main(argv_for(case, score))
+
+    err = capsys.readouterr().err
+    assert rc == spec.rc, err
+    assert "Traceback" not in err
+    if case.marker is not None:
+        assert not case.marker.exists(), "the model file was unpickled"
+    if spec.rc != 0:
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert re.search(spec.message, lines[0]), lines[0]
+        assert sha256_tree(tmp_path) == before, "a file was created, changed or removed"
+        return
+    assert re.search(spec.message, caplog.text), caplog.text
+    after = sha256_tree(tmp_path)
+    assert {k: v for k, v in after.items() if k != "out/score.nii.gz"} == before
+    check_score_map(score, case.image)
+
+
+def check_score_map(score_path: Path, image_path: Path) -> None:
+    """The score map is finite float32 on the input's exact grid."""
+    score, image = sitk.ReadImage(str(score_path)), sitk.ReadImage(str(image_path))
+    assert score.GetPixelID() == sitk.sitkFloat32
+    assert score.GetSize() == image.GetSize()
+    assert score.GetSpacing() == image.GetSpacing()
+    assert score.GetOrigin() == image.GetOrigin()
+    assert score.GetDirection() == image.GetDirection()
+    values = sitk.GetArrayViewFromImage(score)
+    assert np.isfinite(values).all() and values.max() > 0
+
+
+def test_non_finite_voxels_score_zero(good, tmp_path, capsys):
+    case = nan_voxels(tmp_path / "in", good)
+    score = tmp_path / "out" / "score.nii.gz"
+    assert main(argv_for(case, score)) == 0
+    values = sitk.GetArrayViewFromImage(sitk.ReadImage(str(score)))
+    holes = non_finite_at(values.shape)
+    assert (values[holes] == 0).all()
+    assert (values[~holes] > 0).sum() > 1000  # the rest of the brain is scored
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_non_finite_voxels_survive_reading(tmp_path, suffix):
+    """ITK's NIfTI reader zeroes NaN/Inf; read_image puts them back, on any grid orientation."""
+    from CeVAEAnomalyLib.imageio import read_image
+    from conftest import oblique_direction
+
+    image, _ = make_head(size=(20, 24, 18), direction=oblique_direction(130.0), dtype=np.float64)
+    arr = sitk.GetArrayFromImage(image)
+    holes = np.zeros(arr.shape, bool)
+    holes[3, 4, 5] = holes[10, 0, 7] = holes[17, 23, 19] = True
+    arr[holes] = [np.nan, np.inf, -np.inf]
+    write(like(arr, image), tmp_path / f"v{suffix}")
+    back = sitk.GetArrayFromImage(read_image(tmp_path / f"v{suffix}"))
+    np.testing.assert_array_equal(~np.isfinite(back), holes)
+    np.testing.assert_array_equal(back[holes], [np.nan, np.inf, -np.inf])
+    np.testing.assert_array_equal(back[~holes], arr[~holes])
+
+
+def test_any_positive_label_is_brain(good, tmp_path, capsys, caplog):
+    """A 0/255 mask gives exactly the scores of the 0/1 mask, without a warning."""
+    baseline, relabelled = tmp_path / "out" / "a.nii.gz", tmp_path / "out" / "b.nii.gz"
+    assert main(argv_for(good, baseline)) == 0
+    assert main(argv_for(mask_label_255(tmp_path / "in", good), relabelled)) == 0
+    assert "several values" not in caplog.text
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (baseline, relabelled))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_existing_output_replaced_with_overwrite(good, tmp_path, capsys):
+    case = output_exists(tmp_path / "in", good)
+    assert main(argv_for(case, case.score) + ["--overwrite"]) == 0
+    check_score_map(case.score, case.image)
+    assert not [p for p in (tmp_path / "in").iterdir() if p.name.startswith(".")]
+
+
+def test_payloads_really_execute_when_unpickled(tmp_path):
+    """Control: the payloads used above do run code when a careless loader unpickles them."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(MarkerPayload(marker), protocol=0))
+    assert marker.exists()
+    marker.unlink()
+    torch.save({"state_dict": MarkerPayload(marker)}, tmp_path / "m.pt")
+    torch.load(tmp_path / "m.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_unexpected_error_is_one_line_unless_debug(good, tmp_path, capsys, monkeypatch):
+    import CeVAEAnomalyLib.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise ValueError("shape mismatch\nin the network")
+
+    monkeypatch.setattr(pipeline, "detect", broken)
+    argv = argv_for(good, tmp_path / "out" / "score.nii.gz")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: unexpected ValueError: shape mismatch in the network "
+                           "(run again with --debug for the traceback and report it)")
+    with pytest.raises(ValueError):
+        main(["--debug"] + argv)
+
+
+@pytest.mark.parametrize("name", ["truncated .nii.gz", "pickle as .pt"])
+def test_command_line_prints_no_traceback(name, good, tmp_path):
+    """The installed entry point, in its own process: one stderr line, exit code 2."""
+    case = CASES[name].build(tmp_path / "in", good)
+    before = sha256_tree(tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.cli",
+                           *argv_for(case, tmp_path / "out" / "score.nii.gz")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == REFUSED
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert re.search(CASES[name].message, proc.stderr)
+    assert sha256_tree(tmp_path) == before
+    if case.marker is not None:
+        assert not case.marker.exists()

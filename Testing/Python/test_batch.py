@@ -1,0 +1,168 @@
+"""Batch detection over a folder / CSV: corrupt files, resuming, shards, parallel workers."""
+import csv
+import logging
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_head
+from CeVAEAnomalyLib.batch import (
+    BatchItem, DetectSettings, collect_inputs, output_paths, parse_shard, run_batch, select_shard,
+)
+from CeVAEAnomalyLib.cli import main
+from CeVAEAnomalyLib.errors import CeVAEError
+
+NAMES = ["a1", "b2", "c3", "d4"]
+
+
+def read_summary(path):
+    return {r["name"]: r for r in csv.DictReader(open(path, newline=""))}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Four small heads with their masks beside them, plus a truncated NIfTI 'bad'."""
+    d = tmp_path_factory.mktemp("cohort")
+    for i, name in enumerate(NAMES):
+        image, mask = make_head(size=(36, 40, 30), seed=20 + i)
+        sitk.WriteImage(image, str(d / f"{name}.nii.gz"))
+        sitk.WriteImage(mask, str(d / f"{name}_mask.nii.gz"))
+    whole = (d / "a1.nii.gz").read_bytes()
+    (d / "bad.nii.gz").write_bytes(whole[: len(whole) // 2])
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def batch(cohort, out, bundle, *extra):
+    return main(["batch", str(cohort), "--out-dir", str(out), "--model", str(bundle), "--device", "cpu", *extra])
+
+
+def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    assert batch(cohort, out, tiny_bundle) == 2  # the cohort finishes, the exit status says a volume failed
+    rows = read_summary(out / "summary.csv")
+    assert sorted(rows) == sorted(NAMES + ["bad"])
+    assert rows["bad"]["status"] == "error" and "corrupt" in rows["bad"]["error"]
+    for name in NAMES:
+        row = rows[name]
+        assert row["status"] == "ok" and row["mask"].endswith(f"{name}_mask.nii.gz")
+        paths = output_paths(out, name)
+        score = sitk.ReadImage(str(paths["score"]))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["labelmap"])))
+        assert score.GetSize() == (36, 40, 30)
+        assert float(row["max_score"]) == pytest.approx(sitk.GetArrayViewFromImage(score).max(), rel=1e-5)
+        assert float(row["flagged_ml"]) == pytest.approx(label.sum() * np.prod(score.GetSpacing()) / 1000, abs=1e-4)
+        slices = list(csv.DictReader(open(paths["slices"])))
+        top = max(slices, key=lambda r: float(r["neg_elbo"]))
+        assert row["top_slice"] == top["index"] and row["top_slice_axis"] == "IJK"[int(top["axis"])]
+        assert float(row["seconds"]) > 0
+    assert not list(out.glob("bad_*")) and not list(out.glob(".*"))  # no outputs or temp files for 'bad'
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"}
+    assert batch(cohort, out, tiny_bundle) == 2  # 'bad' is tried again and fails again
+    rerun = read_summary(out / "summary.csv")
+    (out / "summary.csv").unlink()  # without the earlier summary, the values are read back from the outputs
+    assert batch(cohort, out, tiny_bundle) == 2
+    read_again = read_summary(out / "summary.csv")
+    assert sorted(rerun) == sorted(read_again) == sorted(NAMES + ["bad"])
+    assert rerun["bad"]["status"] == read_again["bad"]["status"] == "error"
+    for name in NAMES:  # skipped, with the first run's values; the outputs are untouched
+        assert rerun[name]["status"] == read_again[name]["status"] == "skipped"
+        for key in ("flagged_ml", "max_score", "top_slice", "top_slice_axis"):
+            assert rerun[name][key] == read_again[name][key] == rows[name][key]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"} == mtimes
+
+
+def test_interrupted_run_keeps_its_summary(cohort, tiny_bundle, tmp_path):
+    from CeVAEAnomalyLib.bundle import load_bundle
+    from CeVAEAnomalyLib.pipeline import default_postprocess, default_score_options
+
+    bundle = load_bundle(tiny_bundle)
+    settings = DetectSettings(model=tiny_bundle, device="cpu", score_options=default_score_options(bundle).to_dict(),
+                              postprocess=default_postprocess(bundle).to_dict(), out_dir=tmp_path / "out")
+    items = [it for it in collect_inputs(cohort) if it.name != "bad"]
+    summary_csv = tmp_path / "out" / "summary.csv"
+    on_disk = []
+
+    def stop_after_two(fraction, message):
+        if message.endswith(" ok"):
+            on_disk.append(sorted(read_summary(summary_csv)))  # written while the run goes on
+            if len(on_disk) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(items, settings, summary_csv, progress=stop_after_two)
+    assert on_disk[0] == ["a1"]
+    assert [r["status"] for r in read_summary(summary_csv).values()] == ["ok", "ok"]
+    summary = run_batch(items, settings, summary_csv)
+    assert [summary.rows[n]["status"] for n in NAMES] == ["skipped", "skipped", "ok", "ok"]
+
+
+def test_two_shards_cover_the_list_once(cohort, tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    assert batch(cohort, out, tiny_bundle, "--shard", "1/2") == 2  # holds 'bad' (sorted: a1 b2 bad c3 d4)
+    assert batch(cohort, out, tiny_bundle, "--shard", "2/2") == 0
+    first = read_summary(out / "summary_shard-1-of-2.csv")
+    second = read_summary(out / "summary_shard-2-of-2.csv")
+    assert sorted(first) == ["a1", "bad", "d4"] and sorted(second) == ["b2", "c3"]
+    assert not (out / "summary.csv").exists()
+    assert sorted(p.name for p in out.glob("*_score.nii.gz")) == [f"{n}_score.nii.gz" for n in NAMES]
+
+    items = [BatchItem(f"v{i:02d}", cohort / f"v{i}.nii.gz") for i in range(11)]
+    for n in (1, 2, 3, 4, 11, 12):
+        parts = [select_shard(items, i, n) for i in range(1, n + 1)]
+        assert sorted(it.name for part in parts for it in part) == [it.name for it in items]
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_two_workers_match_one(cohort, tiny_bundle, tmp_path):
+    source = tmp_path / "list.csv"  # a CSV list with a name column
+    source.write_text("image,mask,name\n" + "".join(
+        f"{cohort / n}.nii.gz,{cohort / n}_mask.nii.gz,case_{n}\n" for n in NAMES[:3]))
+    assert batch(source, tmp_path / "one", tiny_bundle, "--mc-samples", "2", "--threshold", "0.6") == 0
+    assert batch(source, tmp_path / "two", tiny_bundle, "--mc-samples", "2", "--threshold", "0.6", "--workers", "2") == 0
+    for n in NAMES[:3]:
+        one, two = output_paths(tmp_path / "one", f"case_{n}"), output_paths(tmp_path / "two", f"case_{n}")
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(p["score"]))) for p in (one, two))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(p["labelmap"]))) for p in (one, two))
+        assert a.sum() > 50 and (a != b).sum() <= 2  # only voxels within float noise of the threshold may differ
+    rows = read_summary(tmp_path / "two" / "summary.csv")
+    assert sorted(rows) == [f"case_{n}" for n in NAMES[:3]] and {r["status"] for r in rows.values()} == {"ok"}
+
+
+def test_inputs_pairing_names_and_errors(tmp_path, caplog):
+    image, mask = make_head(size=(20, 20, 20))
+    for name in ("x.nii.gz", "x_brainmask.nii.gz", "y.nrrd", "z.mha", "z_mask.mha", "orphan_mask.nii.gz",
+                 ".hidden.nii.gz"):
+        sitk.WriteImage(mask if "mask" in name else image, str(tmp_path / name))
+    (tmp_path / "readme.md").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        items = collect_inputs(tmp_path)
+    assert [(it.name, it.image.name, it.mask.name if it.mask else None) for it in items] == [
+        ("x", "x.nii.gz", "x_brainmask.nii.gz"), ("y", "y.nrrd", None), ("z", "z.mha", "z_mask.mha")]
+    assert "orphan_mask.nii.gz has no matching image" in caplog.text
+
+    sitk.WriteImage(image, str(tmp_path / "y.nii.gz"))  # two files for one name
+    with pytest.raises(CeVAEError, match="both the image of 'y'"):
+        collect_inputs(tmp_path)
+
+    lst = tmp_path / "sub" / "list.csv"
+    lst.parent.mkdir()
+    lst.write_text("image,mask\n../x.nii.gz,../x_brainmask.nii.gz\n../z.mha,\n")
+    assert [(it.name, it.image.resolve(), it.mask) for it in collect_inputs(lst)] == [
+        ("x", tmp_path / "x.nii.gz", lst.parent / "../x_brainmask.nii.gz"), ("z", tmp_path / "z.mha", None)]
+    lst.write_text("image\n../a/T1.nii.gz\n../b/T1.nii.gz\n")
+    with pytest.raises(CeVAEError, match="distinct names"):
+        collect_inputs(lst)
+
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(CeVAEError):
+            parse_shard(bad)
+    assert parse_shard("2/2") == (2, 2)
+
+
+def test_out_dir_must_differ_from_input_folder(cohort, tiny_bundle, capsys):
+    assert batch(cohort, cohort, tiny_bundle) == 2
+    assert "--out-dir must differ" in capsys.readouterr().err

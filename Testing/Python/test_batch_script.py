@@ -1,0 +1,93 @@
+"""CeVAEAnomalyBatch.py end to end under plain Python with slicer-core (a subprocess, as users run it)."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPO, make_head, oblique_direction
+
+pytest.importorskip("slicer")
+
+SCRIPT = REPO / "CeVAEAnomaly" / "CeVAEAnomalyBatch.py"
+OUTPUTS = ("head_anomaly_score.nrrd", "head_anomaly_labelmap.nrrd", "head_anomaly.seg.nrrd",
+           "head_anomaly_components.csv", "head_slice_scores.csv")
+
+
+def run_batch(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def oblique_head(tmp_path_factory):
+    d = tmp_path_factory.mktemp("batch_in")
+    image, mask = make_head(direction=oblique_direction(), spacing=(1.1, 0.9, 1.6), seed=11)
+    sitk.WriteImage(image, str(d / "head.nrrd"))
+    sitk.WriteImage(mask, str(d / "head_mask.nii.gz"))
+    return d / "head.nrrd", d / "head_mask.nii.gz"
+
+
+def test_batch_writes_all_results_on_the_input_grid(oblique_head, tiny_bundle, tmp_path):
+    image_path, mask_path = oblique_head
+    out = tmp_path / "results"
+    proc = run_batch("--input", image_path, "--mask", mask_path, "--model", tiny_bundle, "--output-dir", out,
+                     "--device", "cpu", "--threshold", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temporary files left
+
+    image = sitk.ReadImage(str(image_path))
+    score = sitk.ReadImage(str(out / OUTPUTS[0]))
+    labelmap = sitk.ReadImage(str(out / OUTPUTS[1]))
+    for result in (score, labelmap):
+        assert result.GetSize() == image.GetSize()
+        np.testing.assert_allclose(result.GetSpacing(), image.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(result.GetDirection(), image.GetDirection(), atol=1e-6)
+    scores = sitk.GetArrayFromImage(score)
+    labels = sitk.GetArrayFromImage(labelmap)
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))) > 0
+    assert np.isfinite(scores).all() and not scores[~brain].any()
+    assert np.array_equal(labels > 0, scores > 0.3) and labels.any()
+
+    segment = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[2])))
+    assert int((segment > 0).sum()) == int((labels > 0).sum())
+
+    with open(out / OUTPUTS[3], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    n_components = sitk.ConnectedComponentImageFilter()
+    n_components.SetFullyConnected(True)
+    n_components.Execute(labelmap)
+    assert len(rows) == n_components.GetObjectCount() > 0
+    assert sum(int(r["voxels"]) for r in rows) == int((labels > 0).sum())
+    with open(out / OUTPUTS[4], newline="") as fh:
+        assert len(list(csv.DictReader(fh))) > 0
+
+
+def test_batch_reports_a_missing_input_in_one_line(tmp_path):
+    proc = run_batch("--input", tmp_path / "nope.nii.gz", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("CeVAEAnomalyBatch: error: The input volume") and "does not exist" in lines[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_refuses_to_overwrite_without_the_flag(oblique_head, tmp_path):
+    image_path, _ = oblique_head
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / OUTPUTS[3]).write_text("keep me")
+    proc = run_batch("--input", image_path, "--output-dir", out)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr.strip().splitlines()[-1]
+    assert (out / OUTPUTS[3]).read_text() == "keep me"
+
+
+def test_batch_rejects_bad_arguments(tmp_path):
+    proc = run_batch("--output-dir", tmp_path, "--score-type", "best")
+    assert proc.returncode == 2 and "usage:" in proc.stderr

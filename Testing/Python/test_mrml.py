@@ -1,0 +1,280 @@
+"""The MRML adapter on a real vtkMRMLScene (slicer-core): geometry, output nodes, transactions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from conftest import make_head, oblique_direction  # noqa: E402
+
+from CeVAEAnomalyLib import mrml  # noqa: E402
+from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
+from CeVAEAnomalyLib.pipeline import DetectionResult, SliceScoreRow  # noqa: E402
+from CeVAEAnomalyLib.postprocess import components, threshold_labelmap  # noqa: E402
+
+GEOMETRIES = {
+    "axis-aligned": dict(direction=None),
+    "oblique": dict(direction=oblique_direction(), spacing=(0.9, 1.3, 2.0), origin=(12.5, -40.0, 7.25)),
+}
+
+
+def add_volume(scene, image, name="head", class_name="vtkMRMLScalarVolumeNode"):
+    node = scene.AddNewNodeByClass(class_name, name)
+    mrml.update_volume_from_image(node, image)
+    return node
+
+
+def fake_detection(image: sitk.Image, mask: sitk.Image, threshold: float = 1.1) -> DetectionResult:
+    """A detection result on the image grid: score = intensity/100 inside the brain (stripes above 1.1)."""
+    score = sitk.Mask(sitk.Cast(image, sitk.sitkFloat32) / 100.0, mask)
+    labelmap = threshold_labelmap(score, threshold)
+    rows = [SliceScoreRow(2, k, 0.1 * k, 1.0, 2.0 + k) for k in range(image.GetSize()[2])]
+    return DetectionResult(score, labelmap, mask, threshold, "absolute", rows, components(labelmap, score))
+
+
+def array(node) -> np.ndarray:
+    return sitk.GetArrayFromImage(mrml.image_from_volume(node))
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=list(GEOMETRIES))
+def test_volume_round_trip_is_exact(scene, geometry):
+    image, _ = make_head(**GEOMETRIES[geometry])
+    node = add_volume(scene, image)
+    back = mrml.image_from_volume(node)
+    assert back.GetSize() == image.GetSize()
+    assert back.GetSpacing() == image.GetSpacing()
+    assert back.GetOrigin() == image.GetOrigin()
+    assert back.GetDirection() == image.GetDirection()
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=list(GEOMETRIES))
+def test_ijk_to_ras_agrees_with_simpleitk(scene, geometry):
+    """MRML maps each voxel to the RAS point that SimpleITK maps it to in LPS (x, y negated)."""
+    image, _ = make_head(**GEOMETRIES[geometry])
+    matrix = mrml.ijk_to_ras(add_volume(scene, image))
+    for ijk in [(0, 0, 0), (5, 17, 3), tuple(s - 1 for s in image.GetSize())]:
+        lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
+        ras = matrix @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-9)
+
+
+def test_image_from_volume_refuses_empty_and_vector_volumes(scene):
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(CeVAEError, match="no image data"):
+        mrml.image_from_volume(empty)
+    data = vtk.vtkImageData()
+    data.SetDimensions(8, 8, 8)
+    data.AllocateScalars(vtk.VTK_FLOAT, 3)
+    colour = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    colour.SetAndObserveImageData(data)
+    with pytest.raises(CeVAEError, match="3 components"):
+        mrml.image_from_volume(colour)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=list(GEOMETRIES))
+def test_publish_puts_every_output_on_the_input_grid(scene, geometry):
+    image, mask = make_head(**GEOMETRIES[geometry])
+    volume = add_volume(scene, image)
+    result = fake_detection(image, mask)
+    assert len(result.components) > 1  # several stripes
+    out = mrml.publish(scene, volume, result, create_labelmap=True)
+
+    for node in (out.score, out.labelmap):
+        assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+        assert np.array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(volume))
+    assert np.array_equal(array(out.score), sitk.GetArrayFromImage(result.score))
+    assert np.array_equal(array(out.labelmap), sitk.GetArrayFromImage(result.labelmap))
+
+    segmentation = out.segmentation.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment = segmentation.GetNthSegment(0)
+    assert segment.GetName() == mrml.SEGMENT_NAME
+    assert segment.GetColor() == pytest.approx(mrml.SEGMENT_COLOR)
+    exported = mrml.mask_image(out.segmentation, volume, segmentation.GetNthSegmentID(0))
+    assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, sitk.GetArrayFromImage(result.labelmap) > 0)
+
+
+def test_component_and_slice_tables_match_the_result(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    result = fake_detection(image, mask)
+    out = mrml.publish(scene, volume, result)
+    table = out.components
+    assert table.GetNumberOfRows() == len(result.components)
+    np.testing.assert_array_equal(mrml.table_column(table, "Component"), [c.label for c in result.components])
+    np.testing.assert_allclose(mrml.table_column(table, "Volume"), [c.volume_ml for c in result.components])
+    np.testing.assert_allclose(mrml.table_column(table, "Max score"), [c.max_score for c in result.components])
+    np.testing.assert_allclose(mrml.table_column(table, "Mean score"), [c.mean_score for c in result.components])
+    for row, component in enumerate(result.components):
+        assert mrml.component_position(table, row) == pytest.approx(component.centroid_ras)
+    assert table.GetColumnUnitLabel("Volume") == "ml"
+    with pytest.raises(CeVAEError, match="not in the component table"):
+        mrml.component_position(table, len(result.components))
+
+    slices = out.slice_table
+    np.testing.assert_array_equal(mrml.table_column(slices, "Slice"), [r.index for r in result.slices])
+    np.testing.assert_allclose(mrml.table_column(slices, "Sample score"), [r.neg_elbo for r in result.slices])
+    series = scene.GetNodeByID(out.slice_chart.GetPlotSeriesNodeID())
+    assert series.GetTableNodeID() == slices.GetID()
+    assert (series.GetXColumnName(), series.GetYColumnName()) == ("Slice", "Sample score")
+
+
+def test_nothing_above_threshold_gives_an_empty_anomaly_segment(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    out = mrml.publish(scene, volume, fake_detection(image, mask, threshold=1e6))
+    segmentation = out.segmentation.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    assert segmentation.GetNthSegment(0).GetName() == mrml.SEGMENT_NAME
+    assert out.components.GetNumberOfRows() == 0
+
+
+def test_second_publish_updates_the_same_nodes(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    ids = mrml.node_ids(scene)
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1.05))
+    assert mrml.node_ids(scene) == ids
+    for name in ("score", "segmentation", "components", "slice_table", "slice_chart"):
+        assert getattr(second, name).GetID() == getattr(first, name).GetID()
+
+
+def test_publish_fills_the_nodes_it_is_given(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    mine = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my scores")
+    out = mrml.publish(scene, volume, fake_detection(image, mask), mrml.OutputNodes(score=mine))
+    assert out.score is mine and mine.GetName() == "my scores"
+    assert mine.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["new nodes", "reused nodes"])
+def test_failing_publish_leaves_the_node_set_unchanged(scene, monkeypatch, reuse):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    if reuse:
+        mrml.publish(scene, volume, fake_detection(image, mask))
+    before = mrml.node_ids(scene)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mrml, "_fill_slices", broken)  # fails after volumes and segmentation exist
+    with pytest.raises(RuntimeError, match="disk full"):
+        mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
+    assert mrml.node_ids(scene) == before
+
+
+def test_publish_refuses_a_result_on_another_grid(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    small, small_mask = make_head(size=(20, 22, 18))
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError, match="grid"):
+        mrml.publish(scene, volume, fake_detection(small, small_mask))
+    assert mrml.node_ids(scene) == before
+
+
+def test_score_display_uses_inferno_and_hides_low_scores(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    result = fake_detection(image, mask, threshold=0.8)
+    display = mrml.publish(scene, volume, result).score.GetDisplayNode()
+    colors = scene.GetNodeByID(display.GetColorNodeID())
+    assert colors.GetName() == mrml.FALLBACK_COLOR_NAME and colors.GetNumberOfColors() == 256
+    first, last = [0.0] * 4, [0.0] * 4
+    colors.GetColor(0, first)
+    colors.GetColor(255, last)
+    assert sum(first[:3]) < 0.1 and last[0] > 0.95 and last[1] > 0.95  # black to pale yellow
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.4)
+    assert display.GetWindowLevelMin() == pytest.approx(0.4)
+    assert display.GetWindowLevelMax() == pytest.approx(float(sitk.GetArrayFromImage(result.score).max()))
+
+
+def test_score_display_prefers_slicers_inferno_table(scene):
+    inferno = slicer.vtkMRMLColorTableNode()
+    inferno.SetSingletonTag("FileInferno.txt")  # node ID = class name + singleton tag, as Slicer's colour logic does
+    scene.AddNode(inferno)
+    assert inferno.GetID() == mrml.INFERNO_COLOR_NODE_ID
+    image, mask = make_head()
+    out = mrml.publish(scene, add_volume(scene, image), fake_detection(image, mask))
+    assert out.score.GetDisplayNode().GetColorNodeID() == mrml.INFERNO_COLOR_NODE_ID
+
+
+def test_outputs_follow_the_parent_transform_of_the_input(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 10.0)
+    matrix.SetElement(2, 3, -5.0)
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    result = fake_detection(image, mask)
+    out = mrml.publish(scene, volume, result)
+    for node in (out.score, out.segmentation):
+        assert node.GetTransformNodeID() == transform.GetID()
+    r, a, s = result.components[0].centroid_ras
+    assert mrml.component_position(out.components, 0) == pytest.approx((r + 10.0, a, s - 5.0))
+    exported = mrml.mask_image(out.segmentation, volume, out.segmentation.GetSegmentation().GetNthSegmentID(0))
+    assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, sitk.GetArrayFromImage(result.labelmap) > 0)
+    centre = mrml.ijk_to_ras(volume) @ np.array([19.5, 21.5, 7.0, 1.0])
+    assert mrml.slice_center_ras(volume, 2, 7) == pytest.approx((centre[0] + 10.0, centre[1], centre[2] - 5.0))
+
+
+def test_mask_from_labelmap_and_from_a_chosen_segment(scene):
+    image, mask = make_head(direction=oblique_direction())
+    volume = add_volume(scene, image)
+    labelmap = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+    expected = sitk.GetArrayFromImage(mask) > 0
+    assert np.array_equal(sitk.GetArrayFromImage(mrml.mask_image(labelmap, volume)) > 0, expected)
+
+    other = sitk.Cast(sitk.BinaryErode(mask, [3, 3, 3]), sitk.sitkUInt8) * 2
+    two_labels = add_volume(scene, sitk.Maximum(mask, other), "two", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(two_labels, segmentation)
+    ids = [segmentation.GetSegmentation().GetNthSegmentID(i) for i in range(2)]
+    before = mrml.node_ids(scene)
+    union = sitk.GetArrayFromImage(mrml.mask_image(segmentation, volume)) > 0
+    inner = sitk.GetArrayFromImage(mrml.mask_image(segmentation, volume, ids[1])) > 0
+    assert mrml.node_ids(scene) == before  # the temporary export nodes are gone
+    assert np.array_equal(union, expected)
+    assert np.array_equal(inner, sitk.GetArrayFromImage(other) > 0) and inner.sum() < union.sum()
+    with pytest.raises(CeVAEError, match="no segment 'nope'"):
+        mrml.mask_image(segmentation, volume, "nope")
+
+
+def test_mask_errors(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    with pytest.raises(CeVAEError, match="has no segments"):
+        mrml.mask_image(empty, volume)
+    labelmap = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+    labelmap.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    with pytest.raises(CeVAEError, match="different transforms"):
+        mrml.mask_image(labelmap, volume)
+    with pytest.raises(CeVAEError, match="labelmap volume or a segmentation"):
+        mrml.mask_image(scene.AddNewNodeByClass("vtkMRMLTableNode"), volume)
+
+
+def test_show_3d_builds_the_closed_surface(scene):
+    # Slicer registers this converter at start-up; slicer-core does not.
+    slicer.vtkSegmentationConverterFactory.GetInstance().RegisterConverterRule(
+        slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    image, mask = make_head()
+    out = mrml.publish(scene, add_volume(scene, image), fake_detection(image, mask), show_3d=True)
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert out.segmentation.GetSegmentation().ContainsRepresentation(surface)
+    assert out.segmentation.GetDisplayNode().GetVisibility3D()
+    assert out.segmentation.GetDisplayNode().GetVisibility2DOutline()

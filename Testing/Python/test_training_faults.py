@@ -1,0 +1,260 @@
+"""Training survives faults: SIGKILL + resume, atomic checkpoints, NaN loss, out-of-memory."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import CeVAEAnomalyLib.train as train_mod
+import pytest
+import SimpleITK as sitk
+import torch
+from CeVAEAnomalyLib.bundle import load_bundle, read_header
+from CeVAEAnomalyLib.cli import main
+from CeVAEAnomalyLib.config import ModelConfig
+from CeVAEAnomalyLib.data import AugmentConfig, Subject
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.train import TrainConfig, Trainer
+from conftest import make_head
+
+EVERY = 8  # checkpoint interval (steps); the log also gets a row every 10 steps
+SMALL = ["--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--checkpoint-every", str(EVERY),
+         "--device", "cpu", "--val-fraction", "0", "--seed", "3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread, as in the subprocesses: far faster for these tiny models on a shared machine,
+    and the same arithmetic in and out of process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """Two small synthetic heads with masks, listed in a manifest CSV."""
+    d = tmp_path_factory.mktemp("healthy")
+    rows = ["image,mask"]
+    for seed in (4, 5):
+        image, mask = make_head(size=(32, 36, 28), seed=seed)
+        sitk.WriteImage(image, str(d / f"s{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(d / f"s{seed}_mask.nii.gz"))
+        rows.append(f"s{seed}.nii.gz,s{seed}_mask.nii.gz")
+    (d / "train.csv").write_text("\n".join(rows) + "\n")
+    return d / "train.csv"
+
+
+def train_argv(manifest: Path, out: Path, steps: int, *extra: str) -> List[str]:
+    return ["train", "--manifest", str(manifest), "--out", str(out), "--max-steps", str(steps), *SMALL, *extra]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
+def log_rows(path: Path) -> List[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def past_checkpoint(log: Path) -> bool:
+    """The log's last complete row is not a checkpoint step: killing now loses training."""
+    if not log.exists():
+        return False
+    lines = [ln for ln in log.read_text().split("\n")[1:-1] if ln]  # [:-1]: a line being written
+    return bool(lines) and int(lines[-1].split(",")[0]) % EVERY != 0
+
+
+def test_sigkill_then_resume_continues_the_same_run(manifest, tmp_path):
+    """Killed between checkpoints, ``--resume`` continues from the checkpoint as if never stopped."""
+    out = tmp_path / "run" / "model.cevae"
+    ckpt = out.with_name(out.name + ".ckpt")
+    cmd = [sys.executable, "-m", "CeVAEAnomalyLib.cli", *train_argv(manifest, out, 100_000, "--no-augment")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out.with_name(out.name + ".log.csv")
+    try:
+        deadline = time.monotonic() + 120
+        while not past_checkpoint(log) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert ckpt.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint in 120 s"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    killed_at = checkpoint_step(ckpt)  # a complete, loadable file under the final name
+    assert killed_at > 0 and killed_at % EVERY == 0
+
+    final = killed_at + 2 * EVERY
+    resumed = subprocess.run([*cmd[:3], *train_argv(manifest, out, final, "--no-augment", "--resume")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resumed from {ckpt} at step {killed_at}." in resumed.stderr
+    assert read_header(out)["training"]["steps"] == final
+    steps = [int(r["step"]) for r in log_rows(log)]
+    assert steps == sorted(set(steps)), f"log rows repeat or go back after the resume: {steps}"
+    assert steps[-1] == final and killed_at in steps
+
+    # the same run without the interruption gives the same weights: optimiser, sampler and RNG restored
+    ref_out = tmp_path / "ref" / "model.cevae"
+    assert main(train_argv(manifest, ref_out, final, "--no-augment")) == 0
+    got, ref = load_bundle(out).model.state_dict(), load_bundle(ref_out).model.state_dict()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def tiny_trainer(tmp_path: Path, manifest: Path, **kw) -> Trainer:
+    subjects = [Subject(manifest.parent / f"s{s}.nii.gz", manifest.parent / f"s{s}_mask.nii.gz") for s in (4, 5)]
+    cfg = TrainConfig(out=tmp_path / "model.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
+                      augment=AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
+                                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0),
+                      batch_size=8, checkpoint_every=EVERY, device="cpu", val_fraction=0.0, **kw)
+    return Trainer(cfg, subjects)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_checkpoint_write_is_atomic(manifest, tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous checkpoint intact and no stray file."""
+    trainer = tiny_trainer(tmp_path, manifest)
+    trainer.step = 4
+    trainer.save_checkpoint()
+    ckpt = trainer.cfg.checkpoint_path
+    good = sha256(ckpt)
+    real_save = torch.save
+
+    def dies_half_way(obj, f):
+        real_save(obj, f)
+        data = Path(f).read_bytes()
+        Path(f).write_bytes(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    trainer.step = 8
+    with pytest.raises(CeVAEError, match=r"Could not write the checkpoint .*No space left on device; the previous one is kept"):
+        trainer.save_checkpoint()
+    assert sha256(ckpt) == good and checkpoint_step(ckpt) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
+
+
+def nan_from_call(n: int):
+    """A cevae_loss that returns NaN from the n-th training call on."""
+    real = train_mod.cevae_loss
+    calls = {"train": 0}
+
+    def loss(model, x, xc, cfg):
+        value, terms = real(model, x, xc, cfg)
+        if model.training:
+            calls["train"] += 1
+            if calls["train"] >= n:
+                value = value * float("nan")
+        return value, terms
+
+    return loss
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(manifest, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_mod, "cevae_loss", nan_from_call(EVERY + 3))
+    out = tmp_path / "model.cevae"
+    rc = main(train_argv(manifest, out, 50, "--no-augment"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        f"error: The loss became nan at step {EVERY + 2}; training stopped. The last good checkpoint "
+        f"(step {EVERY}) is kept at {out}.ckpt. Try a lower learning rate."]
+    assert checkpoint_step(Path(f"{out}.ckpt")) == EVERY
+    assert not out.exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(manifest, tmp_path):
+    """Weights that blew up while the loss was still finite do not replace the last good checkpoint."""
+    trainer = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY)
+    real_step = trainer.opt.step
+
+    def step():
+        real_step()
+        if trainer.step == 2 * EVERY - 1:  # the update that ends step 2*EVERY poisons the weights
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("inf"))
+
+    trainer.opt.step = step
+    with pytest.raises(CeVAEError, match=rf"weights became NaN or infinite by step {2 * EVERY}.*checkpoint \(step {EVERY}\) is kept"):
+        trainer.run()
+    assert checkpoint_step(trainer.cfg.checkpoint_path) == EVERY
+    state = torch.load(trainer.cfg.checkpoint_path, map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def oom_once(sizes: List[int], message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"):
+    def step_fn(idx: torch.Tensor):
+        sizes.append(len(idx))
+        if len(sizes) == 1:
+            raise RuntimeError(message)
+        return {"loss": 1.0}
+
+    return step_fn
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(manifest, tmp_path, caplog):
+    trainer = tiny_trainer(tmp_path, manifest)
+    trainer.batch_size = 16
+    sizes: List[int] = []
+    with caplog.at_level(logging.WARNING):
+        assert trainer.step_with_oom_retry(torch.arange(16), oom_once(sizes)) == {"loss": 1.0}
+    assert sizes == [16, 8] and trainer.batch_size == 8
+    assert "Out of memory; retrying with batch size 8." in caplog.text
+    trainer.save_checkpoint()  # the smaller batch is what a resumed run uses
+    assert torch.load(trainer.cfg.checkpoint_path, weights_only=True)["batch_size"] == 8
+    assert trainer.step_with_oom_retry(torch.arange(16), lambda idx: {"n": len(idx)}) == {"n": 8}
+
+
+def test_out_of_memory_error_type_is_recognised(manifest, tmp_path):
+    trainer = tiny_trainer(tmp_path, manifest)
+    calls: List[int] = []
+
+    def step_fn(idx):
+        calls.append(len(idx))
+        if len(calls) < 3:
+            raise torch.cuda.OutOfMemoryError("allocation failed")
+        return {"loss": 0.5}
+
+    assert trainer.step_with_oom_retry(torch.arange(8), step_fn) == {"loss": 0.5}
+    assert calls == [8, 4, 2]
+
+
+def test_other_errors_and_oom_at_batch_one(manifest, tmp_path):
+    trainer = tiny_trainer(tmp_path, manifest)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        trainer.step_with_oom_retry(torch.arange(8), oom_once([], "shape mismatch"))
+    assert trainer.batch_size == 8
+    trainer.batch_size = 1
+
+    def always_oom(idx):
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(CeVAEError, match=r"Out of memory even with batch size 1"):
+        trainer.step_with_oom_retry(torch.arange(8), always_oom)
+
+
+def test_resume_uses_the_new_learning_rate(manifest, tmp_path):
+    """After a NaN stop the advice is a lower --lr; a resumed run must actually use it."""
+    first = tiny_trainer(tmp_path, manifest, lr=1e-2)
+    first.step = EVERY
+    first.save_checkpoint()
+    resumed = tiny_trainer(tmp_path, manifest, lr=1e-4, resume=True)
+    resumed.load_checkpoint()
+    assert resumed.step == EVERY
+    assert [g["lr"] for g in resumed.opt.param_groups] == [1e-4]

@@ -1,0 +1,55 @@
+"""Recipe of the bundled default model: train on the healthy sample subjects, calibrate, write the card.
+
+    python scripts/train_default_model.py [--steps N] [--out Resources/Models/cevae_t1_default.cevae]
+
+Trains the MICCAI-19 ceVAE (64 px, axial slices, seed 0, augmentation on) on all three healthy
+T1 subjects, stores fp16 weights, calibrates the scoring chosen by the benchmark on the same
+subjects and sets the default false-positive rate that the leave-one-subject-out benchmark showed
+to hold on unseen healthy scans. Finally writes Resources/Models/MODEL_CARD.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from CeVAEAnomalyLib.bundle import load_bundle
+from CeVAEAnomalyLib.data import Subject
+from CeVAEAnomalyLib.modelcard import write_model_card
+from CeVAEAnomalyLib.modelcalibration import recalibrate
+from CeVAEAnomalyLib.postprocess import PostprocessOptions
+from CeVAEAnomalyLib.scoring import ScoreOptions
+from CeVAEAnomalyLib.train import TrainConfig, Trainer
+
+SUBJECTS = ("colin27", "mni152", "robex")
+# chosen on the leave-one-subject-out benchmark (docs/benchmark.md)
+SCORING = ScoreOptions()
+POSTPROCESS = PostprocessOptions(min_volume_mm3=50.0)
+DEFAULT_FPR = 0.001
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--out", type=Path, default=Path("Resources/Models/cevae_t1_default.cevae"))
+    p.add_argument("--data", type=Path, help="folder with <name>_t1/_brainmask.nii.gz (default: find or fetch)")
+    p.add_argument("--calibrate-only", action="store_true", help="recalibrate an existing --out")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if args.data is None:
+        from CeVAEAnomalyLib.sampledata import ensure_healthy_data
+
+        args.data = ensure_healthy_data()
+    subjects = [Subject(args.data / f"{s}_t1.nii.gz", args.data / f"{s}_brainmask.nii.gz") for s in SUBJECTS]
+    if not args.calibrate_only:
+        cfg = TrainConfig(out=args.out, max_steps=args.steps, checkpoint_every=500, val_fraction=0.0,
+                          seed=0, half_bundle=True)
+        Trainer(cfg, subjects).run()
+    bundle = load_bundle(args.out)
+    recalibrate(bundle, subjects, args.out, SCORING, POSTPROCESS, DEFAULT_FPR,
+                source="the training subjects; default FPR set from the leave-one-subject-out benchmark")
+    write_model_card(load_bundle(args.out), args.out.parent / "MODEL_CARD.md", Path("docs/benchmark.md"))
+
+
+if __name__ == "__main__":
+    main()
