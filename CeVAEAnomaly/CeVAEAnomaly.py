@@ -24,7 +24,7 @@ from slicer import (
 )
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Decimals, Minimum, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Minimum, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleTest,
@@ -109,8 +109,8 @@ class CeVAEAnomalyParameterNode:
     modelPath: str = ""  # bound by hand: ctkPathLineEdit binds only to pathlib types (shown as '.')
     scoreType: Annotated[str, Choice(["combi", "rec", "grad"])] = "combi"
     sensitivity: Annotated[str, Choice([SENSITIVITY_MODEL, SENSITIVITY_FPR, SENSITIVITY_THRESHOLD])] = SENSITIVITY_MODEL
-    falsePositiveRate: Annotated[float, WithinRange(1e-6, 0.5), Decimals(6)] = 0.001
-    threshold: Annotated[float, Minimum(0.0), Decimals(4)] = 0.5
+    falsePositiveRate: Annotated[float, WithinRange(1e-6, 0.5)] = 0.001  # decimals: set in the .ui
+    threshold: Annotated[float, Minimum(0.0)] = 0.5
     overridePostprocess: bool = False
     rimMm: Annotated[float, WithinRange(0.0, 30.0)] = 0.0
     medianRadius: Annotated[int, WithinRange(0, 5)] = 0

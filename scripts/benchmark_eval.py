@@ -35,16 +35,20 @@ SCORINGS: Dict[str, ScoreOptions] = {
     "rec": ScoreOptions(score_type="rec"),
     "rec (smoothed σ=1)": ScoreOptions(score_type="rec", rec_sigma=1.0),
     "rec (MC, 4 samples)": ScoreOptions(score_type="rec", mc_samples=4),
-    "grad: |dKL/dx| σ=3, per volume (paper)": ScoreOptions(score_type="grad", **PAPER),
-    "grad: |dKL/dx| σ=1, per slice": ScoreOptions(score_type="grad", grad_sigma=1.0, grad_norm="slice"),
-    "grad: |dELBO/dx| σ=1, per volume": ScoreOptions(score_type="grad", grad_target="elbo", grad_sigma=1.0),
+    "grad: abs(dKL/dx) σ=3, per volume (paper)": ScoreOptions(score_type="grad", **PAPER),
+    "grad: abs(dKL/dx) σ=1, per slice": ScoreOptions(score_type="grad", grad_sigma=1.0, grad_norm="slice"),
+    "grad: abs(dELBO/dx) σ=1, per volume": ScoreOptions(score_type="grad", grad_target="elbo", grad_sigma=1.0),
     "combi: rec × grad (paper)": ScoreOptions(score_type="combi", combi="paper", **PAPER),
     "combi: rec × grad, per-slice norm": ScoreOptions(score_type="combi", combi="paper", grad_sigma=3.0, grad_norm="slice"),
-    "combi: rec × |dELBO/dx| σ=1": ScoreOptions(score_type="combi", combi="paper", grad_target="elbo", grad_sigma=1.0),
+    "combi: rec × abs(dELBO/dx) σ=1": ScoreOptions(score_type="combi", combi="paper", grad_target="elbo", grad_sigma=1.0),
     "combi: rec σ=1 × (1 + grad)": ScoreOptions(score_type="combi", combi="weighted", alpha=1.0, rec_sigma=1.0, **PAPER),
-    "combi: √(rec σ=1 × |dELBO/dx| σ=1)": ScoreOptions(score_type="combi", combi="geometric", grad_target="elbo", grad_sigma=1.0, rec_sigma=1.0),
+    "combi: √(rec σ=1 × abs(dELBO/dx) σ=1)": ScoreOptions(score_type="combi", combi="geometric", grad_target="elbo", grad_sigma=1.0, rec_sigma=1.0),
+    "combi: rec × grad, no normalisation": ScoreOptions(score_type="combi", combi="paper", grad_sigma=3.0, grad_norm="none"),
+    "combi: attribution (dKL/dx)·(x−x̂) σ=1": ScoreOptions(score_type="combi", combi="attribution", grad_sigma=1.0, grad_norm="none"),
+    "combi: attribution (dKL/dx)·(x−x̂) σ=2": ScoreOptions(score_type="combi", combi="attribution", grad_sigma=2.0, grad_norm="none"),
+    "combi: attribution (dELBO/dx)·(x−x̂) σ=1": ScoreOptions(score_type="combi", combi="attribution", grad_target="elbo", grad_sigma=1.0, grad_norm="none"),
 }
-MODEL_SCORINGS = ("rec", "grad: |dKL/dx| σ=3, per volume (paper)", "combi: rec × grad (paper)")
+MODEL_SCORINGS = ("rec", "grad: abs(dKL/dx) σ=3, per volume (paper)", "combi: rec × grad (paper)")
 FPR = 0.001
 
 
@@ -90,6 +94,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--cases-per-kind", type=int, default=2)
     p.add_argument("--variants", default="cevae,vae,ce,ae")
+    p.add_argument("--scorings", help="only the scorings whose names contain one of these comma-separated words")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.data is None:
@@ -105,7 +110,7 @@ def main() -> None:
         voxel_ml = float(np.prod(mask_img.GetSpacing())) / 1000
         cases = make_cases(args.data, subject, args.cases_per_kind)
         for name, img, gt in cases:
-            pool.add("intensity baseline |z|", zscore_baseline(img, brain), gt, brain)
+            pool.add("intensity baseline abs(z)", zscore_baseline(img, brain), gt, brain)
         healthy_img = read_image(args.data / f"{subject}_t1.nii.gz")
         for variant in variants:
             path = args.runs / variant / f"without-{subject}.cevae"
@@ -113,6 +118,8 @@ def main() -> None:
                 continue
             bundle = load_bundle(path)
             names = SCORINGS if variant == "cevae" else {k: SCORINGS[k] for k in MODEL_SCORINGS}
+            if args.scorings:
+                names = {k: v for k, v in names.items() if any(w in k for w in args.scorings.split(","))}
             for sname, opts in names.items():
                 method = f"{variant} | {sname}"
                 for name, img, gt in cases:

@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import CeVAEError
 from .imageio import atomic_write_text
@@ -338,7 +338,7 @@ def run_batch(
                 try:
                     summary.add(_skipped_row(item, settings.out_dir, earlier, earlier_time))
                     continue
-                except Exception as exc:  # unreadable leftovers are scored again
+                except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:  # unreadable: score again
                     log.warning("The outputs of %s cannot be read back (%s); scoring it again.", item.name, exc)
             todo.append((item, settings.overwrite or any(present)))
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
@@ -352,15 +352,17 @@ def run_batch(
             _run_pool(todo, settings, min(workers, len(todo)), record)
     finally:
         summary.flush()
-    minutes = (time.perf_counter() - t0) / 60
+    seconds = time.perf_counter() - t0
     scored = summary.count("ok") + summary.count("error")
-    log.info("Done: %d ok, %d skipped, %d error(s) in %.1f min%s; summary %s.", summary.count("ok"),
-             summary.count("skipped"), summary.count("error"), minutes,
-             f" ({scored / minutes:.1f} volumes/min)" if scored and minutes > 0 else "", summary_path)
+    log.info("Done: %d ok, %d skipped, %d error(s) in %.0f s%s; summary %s.", summary.count("ok"),
+             summary.count("skipped"), summary.count("error"), seconds,
+             f" ({60 * scored / seconds:.1f} volumes/min)" if scored else "", summary_path)
     return summary
 
 
-def _run_pool(todo, settings: DetectSettings, workers: int, record) -> None:
+def _run_pool(todo: Sequence[Tuple[BatchItem, bool]], settings: DetectSettings, workers: int,
+              record: Callable[[Dict[str, object]], None]) -> None:
+    """Score ``todo`` in ``workers`` spawned processes that share the machine's cores."""
     threads = max(1, usable_cores() // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(settings, threads, logging.getLogger().getEffectiveLevel()))

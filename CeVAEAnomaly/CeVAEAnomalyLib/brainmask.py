@@ -1,27 +1,26 @@
 """Automatic brain mask for a T1 head MRI by affine registration of a bundled template.
 
 The colin27 template (2 mm T1 with skull, plus its brain mask) is registered onto a 4 mm copy
-of the input (Mattes mutual information; similarity, then affine). The template's signed
-distance to its brain boundary is warped onto the input grid and thresholded at a small
-margin. If the input is already skull-stripped (the band just outside the warped brain is
-background), the input's own foreground near the warped brain is used instead. The result is
-hole-filled and reduced to its largest connected component.
+of the input (Mattes mutual information; similarity from a few head pitches, then affine). The
+template's signed distance to its brain boundary is warped onto the input grid and thresholded
+at a small margin. An input that is already skull-stripped (its foreground, everything above a
+near-background level, is no bigger than a brain) is its own mask: no registration. Either way
+the result is hole-filled and reduced to its largest connected component.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import CeVAEError
+from .progress import ProgressCallback, report
+from .resources import resource_dir
 
 logger = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[float, str], None]
 
 TEMPLATE_T1 = "colin27_t1_2mm.nii.gz"
 TEMPLATE_MASK = "colin27_brainmask_2mm.nii.gz"
@@ -29,17 +28,16 @@ TEMPLATE_MASK = "colin27_brainmask_2mm.nii.gz"
 _REGISTRATION_SPACING_MM = 4.0
 _SAMPLING_FRACTION = 0.25
 _SEED = 20240601
+_PITCH_STARTS_DEG = (0.0, 20.0, -20.0)  # head nodding is the largest pose difference in practice
 _MARGIN_MM = 2.0  # the template mask (BET) hugs the cortex; grow it a little
-_SHELL_MM = (3.0, 10.0)  # band outside the warped brain used to detect skull-stripped input
-_STRIPPED_FRACTION = 0.5  # background share of that band above which the input counts as stripped
-_BACKGROUND_LEVEL = 0.01  # of the brain's robust intensity range, above the image minimum
-_SEARCH_MM = 10.0  # how far outside the warped brain a stripped input's foreground may reach
+_BACKGROUND_LEVEL = 0.01  # foreground: above the minimum by this share of the robust range
+_STRIPPED_MAX_ML = 2500.0  # a foreground this small is a brain (adult heads are > 3 L)
 _PLAUSIBLE_ML = (500.0, 3000.0)
 
 
 def default_template_dir() -> Path:
-    """The bundled ``Resources/Templates`` folder of the repository."""
-    return Path(__file__).resolve().parents[2] / "Resources" / "Templates"
+    """The bundled ``Resources/Templates`` (repository root or Slicer module folder)."""
+    return resource_dir() / "Templates"
 
 
 def load_template(template_dir: Path | None = None) -> tuple[sitk.Image, sitk.Image]:
@@ -65,25 +63,24 @@ def compute_brain_mask(
     Works on heads with skull and on skull-stripped brains. ``progress(fraction, message)``
     is called as the steps advance.
     """
-    report = progress or (lambda fraction, message: None)
     _check_input(image)
-    report(0.0, "Loading brain template")
-    template, template_mask = load_template(template_dir)
-    report(0.1, "Registering brain template")
-    transform = _register(_registration_image(image), _normalised(template), report)
-    report(0.8, "Warping brain mask")
-    distance = _warped_distance(template_mask, image, transform)
     intensities = sitk.Cast(image, sitk.sitkFloat32)
-    background = _background_threshold(intensities, distance)
-    if _looks_skull_stripped(intensities, distance, background):
-        logger.info("Input looks skull-stripped: using its foreground near the warped brain")
-        mask = (intensities > background) & (distance <= _SEARCH_MM)
+    small = _downsampled(intensities)
+    background = _background_level(small)
+    if _foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML:
+        logger.info("Input looks skull-stripped: its foreground is the brain mask")
+        mask = intensities > background
     else:
-        mask = distance <= _MARGIN_MM
-    report(0.9, "Cleaning brain mask")
+        report(progress, 0.05, "Loading brain template")
+        template, template_mask = load_template(template_dir)
+        report(progress, 0.1, "Registering brain template")
+        transform = _register(_normalised(small), _normalised(template), progress)
+        report(progress, 0.8, "Warping brain mask")
+        mask = _warped_distance(template_mask, image, transform) <= _MARGIN_MM
+    report(progress, 0.9, "Cleaning brain mask")
     mask = _largest_filled_component(mask)
-    _warn_if_implausible(mask)
-    report(1.0, "Brain mask done")
+    _check_volume(mask)
+    report(progress, 1.0, "Brain mask done")
     return mask
 
 
@@ -99,8 +96,8 @@ def _check_input(image: sitk.Image) -> None:
         raise CeVAEError("Brain masking needs a T1 image with contrast; this image is constant.")
 
 
-def _registration_image(image: sitk.Image) -> sitk.Image:
-    """Smoothed, normalised copy of ``image`` on an isotropic 4 mm grid over the same extent."""
+def _downsampled(image: sitk.Image) -> sitk.Image:
+    """Smoothed float copy of ``image`` on an isotropic 4 mm grid over the same extent."""
     target = _REGISTRATION_SPACING_MM
     spacing = np.array(image.GetSpacing())
     size = np.array(image.GetSize())
@@ -115,27 +112,49 @@ def _registration_image(image: sitk.Image) -> sitk.Image:
     smoothed = sitk.Cast(image, sitk.sitkFloat32)
     if sigmas.max() > 0:
         smoothed = sitk.SmoothingRecursiveGaussian(smoothed, np.maximum(sigmas, 1e-3).tolist())
-    return _normalised(sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    minimum = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, minimum, sitk.sitkFloat32)
 
 
 def _normalised(image: sitk.Image) -> sitk.Image:
-    """Intensities clipped to the 0.5-99.5 percentiles and scaled to [0, 1]."""
-    low, high = np.percentile(sitk.GetArrayViewFromImage(image), [0.5, 99.5])
+    """Intensities clipped to the 0.5-99.5 percentiles (or min-max if those coincide), scaled to [0, 1]."""
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = np.percentile(values, [0.5, 99.5])
     if high <= low:
-        low, high = float(sitk.GetArrayViewFromImage(image).min()), float(sitk.GetArrayViewFromImage(image).max())
+        low, high = values.min(), values.max()
     scaled = (sitk.Cast(image, sitk.sitkFloat32) - float(low)) / float(high - low)
     return sitk.Clamp(scaled, sitk.sitkFloat32, 0.0, 1.0)
 
 
-def _registration_method(shrink: list[int], smoothing_mm: list[float], learning_rate: float) -> sitk.ImageRegistrationMethod:
+def _background_level(image: sitk.Image) -> float:
+    """Intensity just above the minimum: a small share of the robust range of the rest."""
+    values = sitk.GetArrayViewFromImage(image)
+    minimum = float(values.min())
+    high = float(np.percentile(values[values > minimum], 99.5))
+    return minimum + _BACKGROUND_LEVEL * (high - minimum)
+
+
+def _foreground_volume_ml(image: sitk.Image, background: float) -> float:
+    """Volume of the largest hole-filled component above ``background``."""
+    foreground = _largest_filled_component(image > background)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    volume = np.count_nonzero(sitk.GetArrayViewFromImage(foreground)) * voxel_ml
+    logger.debug("Foreground volume %.0f mL", volume)
+    return volume
+
+
+def _registration_method(
+    shrink: list[int], smoothing_mm: list[float], max_step_mm: float, iterations: int
+) -> sitk.ImageRegistrationMethod:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(_SAMPLING_FRACTION, _SEED)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=learning_rate, minStep=0.01, numberOfIterations=100, relaxationFactor=0.5,
-        gradientMagnitudeTolerance=1e-6,
+    method.SetOptimizerAsGradientDescent(
+        learningRate=max_step_mm, numberOfIterations=iterations, convergenceMinimumValue=1e-6,
+        convergenceWindowSize=10, estimateLearningRate=method.EachIteration,
+        maximumStepSizeInPhysicalUnits=max_step_mm,
     )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(shrink)
@@ -143,23 +162,42 @@ def _registration_method(shrink: list[int], smoothing_mm: list[float], learning_
     return method
 
 
-def _register(fixed: sitk.Image, moving: sitk.Image, report: ProgressCallback) -> sitk.AffineTransform:
+def _best_start(
+    fixed: sitk.Image, moving: sitk.Image, centred: sitk.Similarity3DTransform
+) -> sitk.Similarity3DTransform:
+    """Short coarse similarity registrations from a few head pitches; keep the best one."""
+    best, best_value = centred, float("inf")
+    for pitch in _PITCH_STARTS_DEG:
+        start = sitk.Similarity3DTransform(centred)
+        start.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(pitch)))
+        method = _registration_method([2], [4.0], max_step_mm=2.0, iterations=30)
+        method.SetInitialTransform(start, inPlace=True)
+        method.Execute(fixed, moving)
+        logger.debug("Start at pitch %+.0f deg: metric %.4f", pitch, method.GetMetricValue())
+        if method.GetMetricValue() < best_value:
+            best, best_value = start, method.GetMetricValue()
+    return best
+
+
+def _register(
+    fixed: sitk.Image, moving: sitk.Image, progress: ProgressCallback | None
+) -> sitk.AffineTransform:
     """Affine transform mapping input (fixed) points to template (moving) points."""
     try:
-        similarity = sitk.CenteredTransformInitializer(
+        centred = sitk.CenteredTransformInitializer(
             fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
         )
-        method = _registration_method([2, 1], [4.0, 0.0], learning_rate=2.0)
+        similarity = _best_start(fixed, moving, centred)
+        report(progress, 0.3, "Registering brain template (similarity)")
+        method = _registration_method([2, 1], [4.0, 0.0], max_step_mm=2.0, iterations=100)
         method.SetInitialTransform(similarity, inPlace=True)
         method.Execute(fixed, moving)
-        logger.debug("Similarity: metric %.4f after %d iterations", method.GetMetricValue(),
-                     method.GetOptimizerIteration())
-        report(0.45, "Refining registration (affine)")
+        report(progress, 0.55, "Registering brain template (affine)")
         affine = sitk.AffineTransform(3)
         affine.SetCenter(similarity.GetCenter())
         affine.SetMatrix(similarity.GetMatrix())
         affine.SetTranslation(similarity.GetTranslation())
-        method = _registration_method([1], [0.0], learning_rate=0.5)
+        method = _registration_method([1], [0.0], max_step_mm=1.0, iterations=100)
         method.SetInitialTransform(affine, inPlace=True)
         method.Execute(fixed, moving)
         logger.debug("Affine: metric %.4f after %d iterations", method.GetMetricValue(),
@@ -178,32 +216,18 @@ def _warped_distance(template_mask: sitk.Image, image: sitk.Image, transform: si
     return sitk.Resample(distance, image, transform, sitk.sitkLinear, far, sitk.sitkFloat32)
 
 
-def _background_threshold(image: sitk.Image, distance: sitk.Image) -> float:
-    """Intensity just above the image minimum, relative to the brain's robust range."""
-    values = sitk.GetArrayViewFromImage(image)
-    inside = values[sitk.GetArrayViewFromImage(distance) <= 0]
-    minimum = float(values.min())
-    high = float(np.percentile(inside, 99)) if inside.size else float(values.max())
-    return minimum + _BACKGROUND_LEVEL * (high - minimum)
-
-
-def _looks_skull_stripped(image: sitk.Image, distance: sitk.Image, background: float) -> bool:
-    """True when most of the band just outside the warped brain is background."""
-    dist = sitk.GetArrayViewFromImage(distance)
-    shell = (dist > _SHELL_MM[0]) & (dist <= _SHELL_MM[1])
-    if not shell.any():
-        return False
-    fraction = float(np.mean(sitk.GetArrayViewFromImage(image)[shell] <= background))
-    logger.debug("Background share of the band outside the brain: %.3f", fraction)
-    return fraction > _STRIPPED_FRACTION
-
-
 def _largest_filled_component(mask: sitk.Image) -> sitk.Image:
-    components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.Cast(mask, sitk.sitkUInt8)), sortByObjectSize=True)
+    """Largest connected component of ``mask``, holes filled, uint8 {0,1}."""
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.Cast(mask, sitk.sitkUInt8)),
+                                       sortByObjectSize=True)
     return sitk.Cast(sitk.BinaryFillhole(components == 1), sitk.sitkUInt8)
 
 
-def _warn_if_implausible(mask: sitk.Image) -> None:
-    volume_ml = float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * float(np.prod(mask.GetSpacing())) / 1000.0
+def _check_volume(mask: sitk.Image) -> None:
+    """Raise on an empty mask; warn on an implausible brain volume."""
+    voxels = np.count_nonzero(sitk.GetArrayViewFromImage(mask))
+    if voxels == 0:
+        raise CeVAEError("The automatic brain mask is empty; is this a T1 head MRI? Provide a brain mask.")
+    volume_ml = voxels * float(np.prod(mask.GetSpacing())) / 1000.0
     if not _PLAUSIBLE_ML[0] <= volume_ml <= _PLAUSIBLE_ML[1]:
         logger.warning("Brain mask volume %.0f mL is implausible; check the image and the mask.", volume_ml)

@@ -171,7 +171,8 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def run_batch(args: argparse.Namespace) -> None:
     """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
-    from .batch import DetectSettings, collect_inputs, parse_shard, run_batch as process, select_shard, summary_name
+    from .batch import DetectSettings, collect_inputs, parse_shard, select_shard, summary_name
+    from .batch import run_batch as process
     from .bundle import load_bundle
     from .cli import ConsoleProgress
     from .devices import resolve_device
@@ -182,11 +183,10 @@ def run_batch(args: argparse.Namespace) -> None:
     if args.inputs.resolve() == args.out_dir.resolve():
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
     shard = parse_shard(args.shard) if args.shard else None
-    items = collect_inputs(args.inputs)
+    every = collect_inputs(args.inputs)
+    items = select_shard(every, *shard) if shard else every
     if shard:
-        log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1],
-                 len(select_shard(items, *shard)), len(items))
-        items = select_shard(items, *shard)
+        log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
     model = args.model or default_model_path()
     bundle = load_bundle(model, resolve_device(args.device))
     opts, post = detection_options(bundle, args)

@@ -45,7 +45,7 @@ def run_demo(
     from .sampledata import ensure_healthy_data
 
     t0 = time.perf_counter()
-    data = ensure_healthy_data()
+    data = ensure_healthy_data(names=(DEMO_SUBJECT,))
     image = read_image(data / f"{DEMO_SUBJECT}_t1.nii.gz")
     mask = read_image(data / f"{DEMO_SUBJECT}_brainmask.nii.gz", "brain mask")
     lesioned, truth, lesions = insert_lesions(image, mask, seed, n=len(kinds), kinds=tuple(kinds),

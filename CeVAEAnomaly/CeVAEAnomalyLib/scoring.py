@@ -23,9 +23,9 @@ from .model import CeVAE, kl_per_sample, rec_error
 from .progress import ProgressCallback, report
 
 SCORE_TYPES = ("combi", "rec", "grad")
-COMBI_MODES = ("paper", "weighted", "geometric")
+COMBI_MODES = ("paper", "weighted", "geometric", "attribution")
 GRAD_TARGETS = ("kl", "elbo")
-GRAD_NORMS = ("volume", "slice")
+GRAD_NORMS = ("volume", "slice", "none")
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,13 @@ class ScoreOptions:
     """How pixel maps are made; the defaults are the project's best measured variant."""
 
     score_type: str = "combi"
-    combi: str = "paper"  # paper: rec*g; weighted: rec*(1+alpha*g); geometric: sqrt(rec*g)
+    # paper: rec*g; weighted: rec*(1+alpha*g); geometric: sqrt(rec*g);
+    # attribution: max(0, dKL/dx * (x - decode(mu))), each pixel's first-order share of the KL
+    combi: str = "paper"
     alpha: float = 1.0
     grad_target: str = "kl"
     grad_sigma: float = 3.0  # Gaussian smoothing of |grad|, in model pixels (0: none)
-    grad_norm: str = "volume"  # min-max normalisation over the volume or per slice
+    grad_norm: str = "volume"  # min-max normalisation over the volume, per slice, or none
     rec_sigma: float = 0.0  # optional smoothing of the reconstruction error
     mc_samples: int = 0  # 0: decode mu; N: mean error over N samples of z
     rec_kind: str = "l1"
@@ -92,22 +94,28 @@ def _minmax(maps: torch.Tensor, per_slice: bool) -> torch.Tensor:
 def _batch_maps(
     model: CeVAE, x: torch.Tensor, brain: torch.Tensor, opts: ScoreOptions, need_grad: bool, beta: float
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[torch.Tensor, ...]]:
-    """rec [B,1,S,S], raw |grad| [B,1,S,S] or None, and (kl, rec_mean, neg_elbo) per slice."""
+    """rec [B,1,S,S], the raw gradient map [B,1,S,S] or None, and (kl, rec_mean, neg_elbo) per slice.
+
+    The gradient map is |grad|, or for ``combi="attribution"`` max(0, grad * (x - recon)).
+    """
     x = x.detach().requires_grad_(need_grad)
     with torch.enable_grad() if need_grad else torch.no_grad():
         mu, logvar = model.encode(x)
         kl = kl_per_sample(mu, logvar)  # [B]
         grad = None
         if need_grad and opts.grad_target == "kl":  # slices are independent: sum gives per-slice grads
-            grad = torch.autograd.grad(kl.sum(), x)[0].abs()
+            grad = torch.autograd.grad(kl.sum(), x)[0]
         recon = model.decode(mu if (need_grad and opts.grad_target == "elbo") else mu.detach())
         if need_grad and opts.grad_target == "elbo":
             # negative ELBO per slice with a Gaussian likelihood (an L1 error would give a
             # gradient of constant magnitude): mean squared error + beta * KL per latent
             err = (rec_error(x, recon, "l2") * brain).flatten(1).mean(1)
-            grad = torch.autograd.grad((err + beta * kl / mu.shape[1]).sum(), x)[0].abs()
+            grad = torch.autograd.grad((err + beta * kl / mu.shape[1]).sum(), x)[0]
     with torch.no_grad():
         x = x.detach()
+        if grad is not None:
+            attribution = opts.score_type == "combi" and opts.combi == "attribution"
+            grad = (grad * (x - recon.detach())).clamp_min(0) if attribution else grad.abs()
         rec = rec_error(x, recon.detach(), opts.rec_kind)
         if opts.mc_samples > 0:
             std = torch.exp(0.5 * logvar.detach())
@@ -156,8 +164,10 @@ def score_slices(
     rec = gaussian_blur(rec, opts.rec_sigma) if opts.rec_sigma > 0 else rec
     maps = rec
     if need_grad:
-        g = _minmax(gaussian_blur(torch.cat(grads), opts.grad_sigma), opts.grad_norm == "slice")
-        if opts.score_type == "grad":
+        g = gaussian_blur(torch.cat(grads), opts.grad_sigma)
+        if opts.grad_norm != "none":
+            g = _minmax(g, opts.grad_norm == "slice")
+        if opts.score_type == "grad" or opts.combi == "attribution":
             maps = g
         elif opts.combi == "paper":
             maps = rec * g

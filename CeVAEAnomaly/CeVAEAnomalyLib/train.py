@@ -289,7 +289,7 @@ class Trainer:
         """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
         path = self.cfg.checkpoint_path
         if not path.is_file():
-            shared = " (with several nodes, --out must be on a filesystem all nodes share)" if self.dist.world > 1 else ""
+            shared = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
             raise CeVAEError(f"--resume was given but there is no checkpoint at {path}{shared}.")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

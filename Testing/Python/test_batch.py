@@ -17,7 +17,7 @@ NAMES = ["a1", "b2", "c3", "d4"]
 
 
 def read_summary(path):
-    return {r["name"]: r for r in csv.DictReader(open(path, newline=""))}
+    return {r["name"]: r for r in csv.DictReader(path.read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,9 @@ def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, 
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["labelmap"])))
         assert score.GetSize() == (36, 40, 30)
         assert float(row["max_score"]) == pytest.approx(sitk.GetArrayViewFromImage(score).max(), rel=1e-5)
-        assert float(row["flagged_ml"]) == pytest.approx(label.sum() * np.prod(score.GetSpacing()) / 1000, abs=1e-4)
-        slices = list(csv.DictReader(open(paths["slices"])))
+        voxel_ml = np.prod(score.GetSpacing()) / 1000
+        assert float(row["flagged_ml"]) == pytest.approx(label.sum() * voxel_ml, abs=1e-4)
+        slices = list(csv.DictReader(paths["slices"].read_text().splitlines()))
         top = max(slices, key=lambda r: float(r["neg_elbo"]))
         assert row["top_slice"] == top["index"] and row["top_slice_axis"] == "IJK"[int(top["axis"])]
         assert float(row["seconds"]) > 0
@@ -73,13 +74,22 @@ def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, 
             assert rerun[name][key] == read_again[name][key] == rows[name][key]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"} == mtimes
 
+    # a damaged or incomplete output set is scored again and replaced
+    (out / "a1_score.nii.gz").write_bytes(b"garbage")
+    (out / "b2_slices.csv").unlink()
+    assert batch(cohort, out, tiny_bundle) == 2
+    last = read_summary(out / "summary.csv")
+    assert [last[n]["status"] for n in NAMES] == ["ok", "ok", "skipped", "skipped"]
+    assert last["a1"]["max_score"] == rows["a1"]["max_score"] and (out / "b2_slices.csv").is_file()
+
 
 def test_interrupted_run_keeps_its_summary(cohort, tiny_bundle, tmp_path):
     from CeVAEAnomalyLib.bundle import load_bundle
     from CeVAEAnomalyLib.pipeline import default_postprocess, default_score_options
 
     bundle = load_bundle(tiny_bundle)
-    settings = DetectSettings(model=tiny_bundle, device="cpu", score_options=default_score_options(bundle).to_dict(),
+    settings = DetectSettings(model=tiny_bundle, device="cpu",
+                              score_options=default_score_options(bundle).to_dict(),
                               postprocess=default_postprocess(bundle).to_dict(), out_dir=tmp_path / "out")
     items = [it for it in collect_inputs(cohort) if it.name != "bad"]
     summary_csv = tmp_path / "out" / "summary.csv"
@@ -121,7 +131,8 @@ def test_two_workers_match_one(cohort, tiny_bundle, tmp_path):
     source.write_text("image,mask,name\n" + "".join(
         f"{cohort / n}.nii.gz,{cohort / n}_mask.nii.gz,case_{n}\n" for n in NAMES[:3]))
     assert batch(source, tmp_path / "one", tiny_bundle, "--mc-samples", "2", "--threshold", "0.6") == 0
-    assert batch(source, tmp_path / "two", tiny_bundle, "--mc-samples", "2", "--threshold", "0.6", "--workers", "2") == 0
+    assert batch(source, tmp_path / "two", tiny_bundle, "--mc-samples", "2", "--threshold", "0.6",
+                 "--workers", "2") == 0
     for n in NAMES[:3]:
         one, two = output_paths(tmp_path / "one", f"case_{n}"), output_paths(tmp_path / "two", f"case_{n}")
         a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(p["score"]))) for p in (one, two))

@@ -1,0 +1,91 @@
+"""Automatic brain mask: accuracy on a real head, exact output geometry, clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.brainmask import TEMPLATE_MASK, TEMPLATE_T1, compute_brain_mask, default_template_dir
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.sampledata import find_healthy_data, subject_files
+
+from conftest import oblique_direction
+
+
+def dice(a: sitk.Image, b: sitk.Image) -> float:
+    x, y = sitk.GetArrayViewFromImage(a) > 0, sitk.GetArrayViewFromImage(b) > 0
+    return 2.0 * np.count_nonzero(x & y) / (np.count_nonzero(x) + np.count_nonzero(y))
+
+
+def assert_same_grid(mask: sitk.Image, image: sitk.Image) -> None:
+    assert mask.GetSize() == image.GetSize()
+    assert mask.GetSpacing() == image.GetSpacing()
+    assert mask.GetOrigin() == image.GetOrigin()
+    assert mask.GetDirection() == image.GetDirection()
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
+
+
+@pytest.fixture(scope="module")
+def robex():
+    """(T1, reference mask) of the real robex head (with skull), 1.5 mm."""
+    folder = find_healthy_data(("robex",))
+    if folder is None:
+        pytest.skip("healthy sample data not found (../shared/data/healthy or $CEVAE_DATA_DIR); "
+                    "run scripts/fetch_data.py DEST and set CEVAE_DATA_DIR=DEST")
+    t1, mask = subject_files(folder, "robex")
+    return sitk.ReadImage(str(t1)), sitk.ReadImage(str(mask))
+
+
+def test_template_is_bundled():
+    for name in (TEMPLATE_T1, TEMPLATE_MASK):
+        assert (default_template_dir() / name).is_file()
+
+
+def test_real_head_mask_matches_reference(robex):
+    image, reference = robex
+    calls = []
+    mask = compute_brain_mask(image, progress=lambda fraction, message: calls.append(fraction))
+    assert_same_grid(mask, image)
+    assert dice(mask, reference) >= 0.85
+    assert calls[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in calls) and calls == sorted(calls)
+
+
+def test_oblique_grid_keeps_geometry(robex):
+    image, reference = robex
+    grid = sitk.Image([100, 110, 96], sitk.sitkUInt8)
+    grid.SetSpacing((1.9, 1.7, 2.1))
+    grid.SetDirection(oblique_direction(25.0))
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    half = np.array(grid.GetDirection()).reshape(3, 3) @ ((np.array(grid.GetSize()) - 1) / 2 * grid.GetSpacing())
+    grid.SetOrigin(tuple(centre - half + 0.37))
+    oblique = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    mask = compute_brain_mask(oblique)
+    assert_same_grid(mask, oblique)
+    truth = sitk.Resample(reference, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    assert dice(mask, truth) >= 0.85
+
+
+def test_skull_stripped_input_uses_its_foreground(robex):
+    image, reference = robex
+    stripped = sitk.Mask(image, reference)
+    mask = compute_brain_mask(stripped)
+    assert_same_grid(mask, stripped)
+    assert dice(mask, reference) >= 0.97
+
+
+@pytest.mark.parametrize("image", [
+    sitk.Image([8, 8], sitk.sitkFloat32),
+    sitk.Image([8, 8, 8], sitk.sitkVectorFloat32, 3),
+    sitk.Image([8, 8, 8], sitk.sitkFloat32),
+], ids=["2d", "vector", "constant"])
+def test_unusable_input_is_a_clear_error(image):
+    with pytest.raises(CeVAEError):
+        compute_brain_mask(image)
+
+
+def test_missing_template_is_a_clear_error(tmp_path):
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32))
+    image.SetSpacing((5.0, 5.0, 5.0))  # 8 L of noisy foreground: a head, so the template is needed
+    with pytest.raises(CeVAEError, match="make_template"):
+        compute_brain_mask(image, template_dir=tmp_path)

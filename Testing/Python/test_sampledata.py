@@ -1,0 +1,94 @@
+"""Sample-data fetching without the network: checksums, .deb unpacking, mask cleaning, lookup."""
+from __future__ import annotations
+
+import io
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib import sampledata
+from CeVAEAnomalyLib.errors import CeVAEError
+
+
+def _ar_member(name: str, data: bytes) -> bytes:
+    header = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode("ascii")
+    return header + data + (b"\n" if len(data) % 2 else b"")
+
+
+def make_deb(path, files: dict[str, bytes]) -> None:
+    """A minimal Debian package whose data.tar.xz holds ``files`` (paths without ``./``)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(b"!<arch>\n" + _ar_member("debian-binary", b"2.0\n")
+                     + _ar_member("data.tar.xz", buffer.getvalue()))
+
+
+def test_checksum_accepts_the_right_file_and_rejects_a_tampered_one(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"healthy brain")
+    good = sampledata.sha256_of(path)
+    sampledata.verify_checksum(path, good)
+    path.write_bytes(b"healthy brain!")
+    with pytest.raises(CeVAEError, match="Checksum mismatch"):
+        sampledata.verify_checksum(path, good)
+
+
+def test_deb_members_are_extracted(tmp_path):
+    deb = tmp_path / "x.deb"
+    make_deb(deb, {"usr/share/a.txt": b"abc", "usr/share/b.txt": b"odd"})
+    sampledata._extract_deb(deb, ["usr/share/b.txt"], tmp_path / "out")
+    assert (tmp_path / "out" / "usr/share/b.txt").read_bytes() == b"odd"
+    assert not (tmp_path / "out" / "usr/share/a.txt").exists()
+
+
+def test_fetch_rejects_a_tampered_package_and_writes_nothing(tmp_path, monkeypatch):
+    members = sampledata._RECIPES["colin27"]
+    deb = tmp_path / "mricron-data_0_all.deb"
+    make_deb(deb, {member: b"not the real file" for member in (members.t1, *members.mask_sources)})
+    monkeypatch.setattr(sampledata, "_apt_download", lambda package, folder: deb)
+    dest = tmp_path / "dest"
+    with pytest.raises(CeVAEError, match="Checksum mismatch"):
+        sampledata.fetch_healthy_data(dest, names=("colin27",))
+    assert list(dest.iterdir()) == []
+
+
+def test_failing_download_command_is_a_clear_error(tmp_path):
+    with pytest.raises(CeVAEError, match="exit 3.*offline hint"):
+        sampledata._run([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path, "offline hint")
+    with pytest.raises(CeVAEError, match="Cannot run"):
+        sampledata._run(["no-such-downloader-cevae"], tmp_path, "hint")
+
+
+def test_unknown_subject_is_rejected(tmp_path):
+    with pytest.raises(CeVAEError, match="Unknown sample subject"):
+        sampledata.fetch_healthy_data(tmp_path, names=("nobody",))
+
+
+def test_clean_mask_closes_fills_and_keeps_the_largest_component():
+    array = np.zeros((30, 30, 30), np.uint8)
+    array[5:25, 5:25, 5:25] = 1
+    array[12:18, 12:18, 12:18] = 0  # cavity: filled
+    array[15, 5:25, 5] = 0  # one-voxel groove in a face: closed
+    array[1, 1, 1] = 1  # speck: dropped
+    cleaned = sitk.GetArrayFromImage(sampledata.clean_mask(sitk.GetImageFromArray(array)))
+    expected = np.zeros_like(array)
+    expected[5:25, 5:25, 5:25] = 1
+    np.testing.assert_array_equal(cleaned, expected)
+
+
+def test_find_honours_the_environment_variable(tmp_path, monkeypatch):
+    for name in sampledata.NAMES:
+        for path in sampledata.subject_files(tmp_path, name):
+            path.touch()
+    monkeypatch.setenv(sampledata.DATA_ENV_VAR, str(tmp_path))
+    assert sampledata.find_healthy_data() == tmp_path
+    sampledata.subject_files(tmp_path, "robex")[1].unlink()
+    assert sampledata.find_healthy_data(("colin27", "mni152")) == tmp_path
+    assert sampledata.find_healthy_data() != tmp_path
