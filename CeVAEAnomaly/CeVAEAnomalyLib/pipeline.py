@@ -16,10 +16,10 @@ import torch
 from .bundle import Bundle
 from .calibration import DEFAULT_FPR, calibration_key, find_calibration, threshold_for_fpr
 from .errors import CeVAEError
-from .postprocess import Component, PostprocessOptions, components, refine_scores, threshold_labelmap
-from .preprocess import invert, mask_array, prepare
+from .postprocess import Component, PostprocessOptions, components, refine_reach, refine_scores, threshold_labelmap
+from .preprocess import Region, SliceRecord, brain_region, invert_region, mask_array, prepare
 from .progress import ProgressCallback, report, scaled
-from .scoring import ScoreOptions, score_slices
+from .scoring import ScoreOptions, SliceScores, score_slices
 
 log = logging.getLogger(__name__)
 
@@ -117,30 +117,61 @@ def detect(
     stack = prepare(image, brain, bundle.preprocess)
     timings["preprocess"] = time.perf_counter() - t1
 
-    t1 = time.perf_counter()
     beta = float((bundle.header.get("loss") or {}).get("beta", 0.01))
     maps, sl = score_slices(
         bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), opts,
-        batch_size=batch_size, beta=beta, amp=amp, progress=scaled(progress, 0.2, 0.85),
+        batch_size=batch_size, beta=beta, amp=amp, progress=scaled(progress, 0.2, 0.85), timings=timings,
     )
-    timings["network"] = time.perf_counter() - t1
 
+    # Scores are 0 outside the brain, so above a positive threshold nothing happens outside its
+    # bounding box grown by the filters' reach: map back and post-process only there.
     t1 = time.perf_counter()
-    score = invert(stack.record, maps)
+    region = (brain_region(brain, refine_reach(post, image.GetSpacing()) + 1) if thr > 0
+              else tuple(slice(0, n) for n in brain.shape))
+    score = _region_image(invert_region(stack.record, maps, region), image, region)
     timings["inverse"] = time.perf_counter() - t1
     report(progress, 0.9, "Post-processing")
     t1 = time.perf_counter()
-    brain_img = sitk.GetImageFromArray(brain.astype(np.uint8))
-    brain_img.CopyInformation(image)
+    rows = _slice_rows(stack.record, sl)
+    brain_img = _region_image(brain[region].astype(np.uint8), image, region)
+    del stack, brain  # free the full-size mask before the full-size outputs are made
     score = refine_scores(score, brain_img, post)
     labelmap = threshold_labelmap(score, thr, post.min_volume_mm3)
     comps = components(labelmap, score)
+    labelmap, brain_img = (_full_image(im, image, region) for im in (labelmap, brain_img))
     timings["postprocess"] = time.perf_counter() - t1
-
-    axis, idx = stack.record.input_slice_axis()
-    kl, rec, ne = (t.cpu().numpy() for t in (sl.kl, sl.rec, sl.neg_elbo))
-    rows = [SliceScoreRow(axis, int(i), float(a), float(b), float(c)) for i, a, b, c in zip(idx, kl, rec, ne)]
-    rows.sort(key=lambda r: r.index)
+    t1 = time.perf_counter()
+    score = _full_image(score, image, region)
+    timings["inverse"] += time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
     report(progress, 1.0, "Done")
     return DetectionResult(score, labelmap, brain_img, thr, thr_source, rows, comps, timings)
+
+
+def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:
+    """Per-slice scores indexed along the input's slice axis, in index order."""
+    axis, idx = record.input_slice_axis()
+    kl, rec, ne = (t.cpu().numpy() for t in (sl.kl, sl.rec, sl.neg_elbo))
+    rows = [SliceScoreRow(axis, int(i), float(a), float(b), float(c)) for i, a, b, c in zip(idx, kl, rec, ne)]
+    return sorted(rows, key=lambda r: r.index)
+
+
+def _region_image(arr: np.ndarray, ref: sitk.Image, region: Region) -> sitk.Image:
+    """An image of ``arr`` placed on ``region`` of ``ref``'s grid."""
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(ref.GetSpacing())
+    img.SetDirection(ref.GetDirection())
+    img.SetOrigin(ref.TransformIndexToPhysicalPoint([r.start for r in region[::-1]]))
+    return img
+
+
+def _full_image(part: sitk.Image, ref: sitk.Image, region: Region) -> sitk.Image:
+    """``part`` (on ``region``) pasted into zeros on ``ref``'s exact grid."""
+    if all(r.start == 0 and r.stop == n for r, n in zip(region, ref.GetSize()[::-1])):
+        part.CopyInformation(ref)
+        return part
+    full = sitk.Image(ref.GetSize(), part.GetPixelID())
+    full.CopyInformation(ref)
+    k, j, i = region
+    full[i.start : i.stop, j.start : j.stop, k.start : k.stop] = part  # in-place paste
+    return full

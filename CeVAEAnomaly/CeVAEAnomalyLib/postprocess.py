@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,6 +39,13 @@ class Component:
 
 def _radius_vox(image: sitk.Image, mm: float) -> List[int]:
     return [max(0, int(round(mm / s))) for s in image.GetSpacing()]
+
+
+def refine_reach(opts: PostprocessOptions, spacing: Sequence[float]) -> int:
+    """How many voxels beyond a voxel :func:`refine_scores` looks (so a crop this much larger than the brain
+    gives the same scores as the whole volume)."""
+    rim = max(max(0, int(round(opts.rim_mm / s))) for s in spacing) if opts.rim_mm > 0 else 0
+    return max(rim, int(opts.median_radius))
 
 
 def refine_scores(score: sitk.Image, brain: sitk.Image, opts: PostprocessOptions) -> sitk.Image:

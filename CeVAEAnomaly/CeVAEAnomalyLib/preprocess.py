@@ -143,7 +143,7 @@ def prepare(
     arr = sitk.GetArrayViewFromImage(image)
     if brain_mask.shape != arr.shape:
         raise CeVAEError("The brain mask does not match the image grid.")
-    if arr.dtype.kind == "f":
+    if arr.dtype.kind == "f" and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):  # NaN propagates
         finite = np.isfinite(arr)
         if not finite.all():
             log.warning("%d voxels are NaN or infinite; they are left out of the brain and score 0.",
@@ -213,22 +213,54 @@ def iter_inverse_chunks(
         yield slice(k0, k0 + up.shape[0]), up[:, 0].cpu().numpy()
 
 
+Region = Tuple[slice, slice, slice]  # a box of the input array (k,j,i order)
+
+
+def brain_region(brain: np.ndarray, pad: int = 0) -> Region:
+    """The bounding box of a (non-empty) boolean mask [k,j,i], grown by ``pad`` voxels, within the array."""
+    flat = brain.reshape(brain.shape[0], -1).any(axis=1)
+    plane = brain.any(axis=0)
+    region = []
+    for n, hit in zip(brain.shape, (flat, plane.any(axis=1), plane.any(axis=0))):
+        nz = np.flatnonzero(hit)
+        region.append(slice(max(int(nz[0]) - pad, 0), min(int(nz[-1]) + 1 + pad, n)))
+    return tuple(region)
+
+
+def invert_region(record: SliceRecord, maps: torch.Tensor, region: Region, chunk: int = 32) -> np.ndarray:
+    """Map model-space maps [N,S,S] back onto ``region`` of the input grid: float32 array of its shape.
+
+    Voxels outside the brain are 0. Only the region is allocated, so it should hold the whole
+    brain (:func:`brain_region`); brain outside it is left out.
+    """
+    shape = record.reference.GetSize()[::-1]  # k,j,i
+    out = np.zeros(tuple(r.stop - r.start for r in region), np.float32)
+    can = to_canonical(out, record.perm, record.flips)  # writable view into ``out``
+    # canonical index of the view's first element on each canonical axis
+    first = [shape[a] - region[a].stop if f else region[a].start for a, f in zip(record.perm, record.flips)]
+    (r0, r1), (c0, c1) = record.box[1], record.box[2]
+    rs, re = max(r0, first[1]), min(r1, first[1] + can.shape[1])
+    cs, ce = max(c0, first[2]), min(c1, first[2] + can.shape[2])
+    if rs >= re or cs >= ce:
+        return out
+    for ks, up in iter_inverse_chunks(record, maps, chunk):
+        k0, k1 = max(ks.start, first[0]), min(ks.stop, first[0] + can.shape[0])
+        if k0 >= k1:
+            continue
+        part = up[k0 - ks.start : k1 - ks.start, rs - r0 : re - r0, cs - c0 : ce - c0]
+        part *= record.brain[k0:k1, rs:re, cs:ce]
+        can[k0 - first[0] : k1 - first[0], rs - first[1] : re - first[1], cs - first[2] : ce - first[2]] = part
+    return out
+
+
 def invert(record: SliceRecord, maps: torch.Tensor, chunk: int = 32) -> sitk.Image:
     """Map model-space maps [N,S,S] back to a float32 image on the input's exact grid.
 
     Voxels outside the brain, and slices without brain, are 0.
     """
     ref = record.reference
-    out = np.zeros(ref.GetSize()[::-1], np.float32)  # k,j,i
-    can = to_canonical(out, record.perm, record.flips)  # writable view into ``out``
-    (r0, r1), (c0, c1) = record.box[1], record.box[2]
-    rs, re = max(r0, 0), min(r1, can.shape[1])
-    cs, ce = max(c0, 0), min(c1, can.shape[2])
-    for ks, up in iter_inverse_chunks(record, maps, chunk):
-        part = up[:, rs - r0 : re - r0, cs - c0 : ce - c0]
-        part *= record.brain[ks, rs:re, cs:ce]
-        can[ks, rs:re, cs:ce] = part
-    img = sitk.GetImageFromArray(out)
+    full = tuple(slice(0, n) for n in ref.GetSize()[::-1])
+    img = sitk.GetImageFromArray(invert_region(record, maps, full, chunk))
     img.CopyInformation(ref)
     return img
 
@@ -248,7 +280,7 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image) -> np.ndarray:
     if resampled and not brain.any():
         raise CeVAEError("The brain mask does not overlap the image in space (after resampling it onto the "
                          "image grid no voxel is brain); check that the mask belongs to this image.")
-    labels = values[values != 0]
+    labels = values[brain if values.dtype.kind in "ub" else values != 0]  # unsigned: nonzero is brain
     if labels.size and labels.min() != labels.max():
         log.warning("The brain mask holds several values (%g to %g); every voxel above 0 is taken as brain.",
                     labels.min(), labels.max())

@@ -26,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,14 +240,15 @@ def cli_path() -> str:
 # ---- memory, start-up ----------------------------------------------------------------------------
 def peak_rss_mb(cmd: List[str]) -> Tuple[float, float]:
     """(peak RSS in MB of the child process, its wall time in s)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
+    with tempfile.TemporaryFile() as err:  # not a pipe: nobody reads it while the child runs
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.read()[-2000:].decode(errors='replace')}")
     scale = 1024.0 if sys.platform != "darwin" else 1.0  # ru_maxrss: KiB on Linux, bytes on macOS
     return usage.ru_maxrss * scale / 1e6, wall
 
@@ -374,7 +376,10 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench", help="generated inputs and outputs")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: detect,cli,rss,help,train")
     p.add_argument("--json", type=Path, help="also write the raw measurements here")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: the cores)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the same for the command-line runs
     if args.quick:
         args.repeats = 1
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}

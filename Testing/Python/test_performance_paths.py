@@ -1,0 +1,229 @@
+"""The fast paths give the results of the plain ones: cropped post-processing, one-pass float NIfTI
+reading, parallel gzip writing, matrix blurs; mixed precision stays close to fp32; scoring keeps
+its tensors on the model's device and repeats only the decoder for MC samples."""
+import gzip
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from conftest import make_head, oblique_direction
+from CeVAEAnomalyLib.bundle import load_bundle
+from CeVAEAnomalyLib.config import ModelConfig, PreprocessConfig
+from CeVAEAnomalyLib.data import _smooth_field
+from CeVAEAnomalyLib.imageio import read_image, write_image_file
+from CeVAEAnomalyLib.model import CeVAE
+from CeVAEAnomalyLib.pipeline import detect
+from CeVAEAnomalyLib.postprocess import PostprocessOptions, components, refine_scores, threshold_labelmap
+from CeVAEAnomalyLib.preprocess import brain_region, invert, invert_region, mask_array, prepare
+from CeVAEAnomalyLib.scoring import ScoreOptions, gaussian_blur, score_slices
+
+
+def _oblique_head():
+    return make_head(size=(48, 52, 40), spacing=(1.2, 0.9, 1.5), direction=oblique_direction(130.0), seed=5)
+
+
+def _slices():
+    torch.manual_seed(0)
+    x = torch.rand(5, 64, 64)
+    brain = torch.zeros(5, 64, 64, dtype=torch.bool)
+    brain[:, 8:56, 10:54] = True
+    return x, brain
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return CeVAE(ModelConfig(channels=(8, 16, 16, 32), z_dim=16)).eval()
+
+
+@pytest.mark.parametrize("post", [PostprocessOptions(min_volume_mm3=20.0),
+                                  PostprocessOptions(rim_mm=3.0, median_radius=1, min_volume_mm3=5.0),
+                                  PostprocessOptions(median_radius=2)])
+def test_detect_crops_post_processing_without_changing_results(tiny_bundle, post):
+    """detect maps back and post-processes only around the brain; the result equals doing it on the whole
+    volume (same voxels, same grid, same components)."""
+    image, mask = _oblique_head()
+    bundle = load_bundle(tiny_bundle)
+    opts = ScoreOptions()
+    probe = detect(image, bundle, mask, opts, post, threshold=float("inf"))
+    brain = sitk.GetArrayViewFromImage(probe.brain_mask) > 0
+    thr = float(np.percentile(sitk.GetArrayViewFromImage(probe.score)[brain], 98))
+    assert thr > 0
+    result = detect(image, bundle, mask, opts, post, threshold=thr)
+
+    stack = prepare(image, mask_array(mask, image), bundle.preprocess)
+    maps, _ = score_slices(bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), opts)
+    brain_img = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    score = refine_scores(invert(stack.record, maps), brain_img, post)
+    labelmap = threshold_labelmap(score, thr, post.min_volume_mm3)
+    expected = components(labelmap, score)
+
+    for got, want in ((result.score, score), (result.labelmap, labelmap), (result.brain_mask, brain_img)):
+        assert got.GetSize() == want.GetSize() and got.GetPixelID() == want.GetPixelID()
+        assert (got.GetOrigin(), got.GetSpacing(), got.GetDirection()) == (
+            want.GetOrigin(), want.GetSpacing(), want.GetDirection())
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
+    assert len(expected) > 0 and len(result.components) == len(expected)
+    for got, want in zip(result.components, expected):
+        assert (got.label, got.voxels, got.max_score) == (want.label, want.voxels, want.max_score)
+        assert got.mean_score == pytest.approx(want.mean_score, rel=1e-6)
+        assert got.centroid_lps == pytest.approx(want.centroid_lps, abs=1e-9)
+
+
+def test_brain_region_is_the_padded_bounding_box():
+    brain = np.zeros((20, 30, 40), bool)
+    brain[5:9, 0:12, 30:33] = True
+    assert brain_region(brain) == (slice(5, 9), slice(0, 12), slice(30, 33))
+    assert brain_region(brain, pad=3) == (slice(2, 12), slice(0, 15), slice(27, 36))  # clipped to the array
+
+
+def test_invert_region_is_the_matching_part_of_the_full_inverse():
+    image, mask = _oblique_head()
+    brain = mask_array(mask, image)
+    stack = prepare(image, brain, PreprocessConfig())
+    maps = torch.rand(len(stack.slices), 64, 64)
+    full = sitk.GetArrayFromImage(invert(stack.record, maps))
+    region = brain_region(brain, pad=2)
+    assert all(r.start > 0 and r.stop < n for r, n in zip(region, brain.shape))  # a real crop on every axis
+    np.testing.assert_array_equal(invert_region(stack.record, maps, region), full[region])
+    outside = np.ones(full.shape, bool)
+    outside[region] = False
+    assert (full[outside] == 0).all() and (full[region] > 0).sum() == brain.sum()
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_nifti_read_in_one_pass_matches_itk(tmp_path, suffix, dtype):
+    image, _ = make_head(size=(20, 24, 18), direction=oblique_direction(40.0), dtype=dtype)
+    path = tmp_path / f"v{suffix}"
+    sitk.WriteImage(image, str(path))
+    mine, itk = read_image(path), sitk.ReadImage(str(path))
+    assert mine.GetPixelID() == itk.GetPixelID()
+    assert (mine.GetOrigin(), mine.GetSpacing(), mine.GetDirection()) == (
+        itk.GetOrigin(), itk.GetSpacing(), itk.GetDirection())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mine), sitk.GetArrayFromImage(itk))
+
+
+def test_float_nifti_in_several_gzip_members(tmp_path):
+    image, _ = make_head(size=(20, 24, 18))
+    raw = tmp_path / "v.nii"
+    sitk.WriteImage(image, str(raw))
+    data = raw.read_bytes()
+    cut = len(data) // 3
+    (tmp_path / "v.nii.gz").write_bytes(gzip.compress(data[:cut]) + gzip.compress(data[cut:]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "v.nii.gz")),
+                                  sitk.GetArrayFromImage(image))
+
+
+def test_scaled_float_nifti_is_read_by_itk(tmp_path):
+    """Intensity scaling (scl_slope) is left to ITK, which applies it."""
+    image, _ = make_head(size=(20, 24, 18))
+    path = tmp_path / "v.nii"
+    sitk.WriteImage(image, str(path))
+    data = bytearray(path.read_bytes())
+    data[112:116] = struct.pack("<f", 2.0)  # scl_slope
+    path.write_bytes(bytes(data))
+    got = sitk.GetArrayFromImage(read_image(path))
+    np.testing.assert_allclose(got, 2.0 * sitk.GetArrayFromImage(image), rtol=1e-6)
+    np.testing.assert_array_equal(got, sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+
+
+def test_parallel_gzip_is_one_member_with_the_uncompressed_bytes(tmp_path):
+    """A volume spanning several deflate blocks: the same bytes as ITK's .nii, one gzip member, read back."""
+    arr = np.zeros((48, 256, 256), np.float32)  # 12.6 MB: two 8 MiB blocks
+    arr[10:40, 50:200, 60:190] = np.random.default_rng(0).random((30, 150, 130), np.float32)
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((0.9, 0.8, 1.5))
+    image.SetDirection(oblique_direction(20.0))
+    sitk.WriteImage(image, str(tmp_path / "ref.nii"))
+    write_image_file(image, tmp_path / "out.nii.gz")
+    packed = (tmp_path / "out.nii.gz").read_bytes()
+    assert gzip.decompress(packed) == (tmp_path / "ref.nii").read_bytes()
+    d = zlib.decompressobj(31)
+    d.decompress(packed)
+    assert d.eof and d.unused_data == b""  # a single member
+    assert struct.unpack("<I", packed[-4:])[0] == (tmp_path / "ref.nii").stat().st_size
+    back = sitk.ReadImage(str(tmp_path / "out.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), arr)
+    assert back.GetDirection() == pytest.approx(image.GetDirection(), abs=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz", "ref.nii"]  # the temporary is gone
+
+
+def _padded_conv_blur(maps, sigma):
+    """The blur written as reflect padding + convolution, as it was before the matrix form."""
+    radius = max(1, int(np.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = (k / k.sum()).float()
+    pad = min(radius, maps.shape[-1] - 1)
+    k = k[radius - pad : radius + pad + 1]
+    out = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(out, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+@pytest.mark.parametrize("sigma", [0.7, 3.0, 30.0])
+def test_matrix_blur_equals_padded_convolution(sigma):
+    maps = torch.rand(6, 1, 64, 64)
+    np.testing.assert_allclose(gaussian_blur(maps, sigma), _padded_conv_blur(maps, sigma), atol=2e-6)
+
+
+def test_smooth_field_equals_bicubic_interpolation():
+    coarse = torch.rand(4, 2, 5, 5) * 2 - 1
+    expected = F.interpolate(coarse, size=(64, 64), mode="bicubic", align_corners=True)
+    np.testing.assert_allclose(_smooth_field(coarse, 64), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [ScoreOptions(), ScoreOptions(score_type="rec"), ScoreOptions(mc_samples=3),
+                                  ScoreOptions(grad_target="elbo")])
+def test_amp_maps_close_to_fp32(opts):
+    """bf16 autocast on the CPU: maps within a few percent of fp32, slice scores closer still."""
+    model = _small_model()
+    x, brain = _slices()
+    torch.manual_seed(1)
+    full, s_full = score_slices(model, x, brain, opts)
+    torch.manual_seed(1)
+    half, s_half = score_slices(model, x, brain, opts, amp=True)
+    assert half.dtype == torch.float32
+    assert (half - full).abs().max() <= 0.08 * full.abs().max()
+    assert torch.corrcoef(torch.stack([full.flatten(), half.flatten()]))[0, 1] > 0.999
+    np.testing.assert_allclose(s_half.kl, s_full.kl, atol=1e-3)
+    np.testing.assert_allclose(s_half.rec, s_full.rec, rtol=0.02)
+
+
+@pytest.mark.parametrize("opts", [ScoreOptions(), ScoreOptions(score_type="rec", rec_sigma=1.0),
+                                  ScoreOptions(mc_samples=2, grad_target="elbo", grad_norm="slice"),
+                                  ScoreOptions(combi="attribution")])
+def test_scoring_keeps_tensors_on_the_model_device(opts):
+    """On the meta device any operand left on the CPU raises; the maps and slice scores stay there."""
+    x, brain = _slices()
+    maps, slices = score_slices(_small_model().to("meta"), x, brain, opts, batch_size=2)
+    assert maps.device.type == "meta" and maps.shape == (5, 64, 64)
+    assert {t.device.type for t in (slices.kl, slices.rec, slices.neg_elbo)} == {"meta"}
+
+
+def test_mc_sampling_repeats_only_the_decoder(monkeypatch):
+    """N samples: one encoding and one KL gradient per batch, N decodings (none of the mean)."""
+    model = _small_model()
+    x, brain = _slices()
+    calls = {"encode": 0, "decode": 0, "grad": 0}
+    for name in ("encode", "decode"):
+        original = getattr(model, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(model, name, counted)
+    grad = torch.autograd.grad
+
+    def counted_grad(*args, **kwargs):
+        calls["grad"] += 1
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted_grad)
+    score_slices(model, x, brain, ScoreOptions(mc_samples=4), batch_size=3)  # 2 batches
+    assert calls == {"encode": 2, "grad": 2, "decode": 8}
