@@ -27,37 +27,37 @@ from CeVAEAnomalyLib.imageio import atomic_write_text, read_image
 from CeVAEAnomalyLib.lesions import LESION_KINDS, insert_lesions
 from CeVAEAnomalyLib.pipeline import detect
 from CeVAEAnomalyLib.postprocess import PostprocessOptions
-from CeVAEAnomalyLib.scoring import ScoreOptions
+from CeVAEAnomalyLib.scoring import PAPER, ScoreOptions
 
 SUBJECTS = ("colin27", "mni152", "robex")
-PAPER = dict(grad_target="kl", grad_sigma=3.0, grad_norm="volume")
 # scoring variants evaluated on the ceVAE (name -> options)
 SCORINGS: Dict[str, ScoreOptions] = {
     "rec": ScoreOptions(score_type="rec"),
     "rec (smoothed σ=1)": ScoreOptions(score_type="rec", rec_sigma=1.0),
     "rec (MC, 4 samples)": ScoreOptions(score_type="rec", mc_samples=4),
-    "grad: abs(dKL/dx) σ=3, per volume (paper)": ScoreOptions(score_type="grad", **PAPER),
+    "grad: abs(dKL/dx) σ=3, per volume (paper)": ScoreOptions(**dict(PAPER, score_type="grad")),
     "grad: abs(dKL/dx) σ=1, per slice": ScoreOptions(score_type="grad", grad_sigma=1.0, grad_norm="slice"),
-    "grad: abs(dELBO/dx) σ=1, per volume": ScoreOptions(score_type="grad", grad_target="elbo", grad_sigma=1.0),
-    "combi: rec × grad (paper)": ScoreOptions(score_type="combi", combi="paper", **PAPER),
-    "combi: rec × grad, per-slice norm": ScoreOptions(score_type="combi", combi="paper", grad_sigma=3.0, grad_norm="slice"),
-    "combi: rec × abs(dELBO/dx) σ=1": ScoreOptions(score_type="combi", combi="paper", grad_target="elbo", grad_sigma=1.0),
-    "combi: rec σ=1 × (1 + grad)": ScoreOptions(score_type="combi", combi="weighted", alpha=1.0, rec_sigma=1.0, **PAPER),
-    "combi: √(rec σ=1 × abs(dELBO/dx) σ=1)": ScoreOptions(score_type="combi", combi="geometric", grad_target="elbo", grad_sigma=1.0, rec_sigma=1.0),
-    "combi: rec × grad, no normalisation": ScoreOptions(score_type="combi", combi="paper", grad_sigma=3.0, grad_norm="none"),
+    "grad: abs(dELBO/dx) σ=1, per volume": ScoreOptions(score_type="grad", grad_target="elbo", grad_sigma=1.0, grad_norm="volume"),
+    "combi: rec × grad (paper)": ScoreOptions(**PAPER),
+    "combi: rec × grad, per-slice norm": ScoreOptions(combi="product", grad_sigma=3.0, grad_norm="slice"),
+    "combi: rec × abs(dELBO/dx) σ=1": ScoreOptions(combi="product", grad_target="elbo", grad_sigma=1.0, grad_norm="volume"),
+    "combi: rec σ=1 × (1 + grad)": ScoreOptions(**dict(PAPER, combi="weighted", alpha=1.0, rec_sigma=1.0)),
+    "combi: √(rec σ=1 × abs(dELBO/dx) σ=1)": ScoreOptions(combi="geometric", grad_target="elbo", grad_sigma=1.0, grad_norm="volume", rec_sigma=1.0),
+    "combi: rec × grad, no normalisation": ScoreOptions(combi="product", grad_sigma=3.0, grad_norm="none"),
     "combi: attribution (dKL/dx)·(x−x̂) σ=1": ScoreOptions(score_type="combi", combi="attribution", grad_sigma=1.0, grad_norm="none"),
     "combi: attribution (dKL/dx)·(x−x̂) σ=2": ScoreOptions(score_type="combi", combi="attribution", grad_sigma=2.0, grad_norm="none"),
     "combi: attribution (dELBO/dx)·(x−x̂) σ=1": ScoreOptions(score_type="combi", combi="attribution", grad_target="elbo", grad_sigma=1.0, grad_norm="none"),
 }
-# post-processing chains measured on the chosen scoring
-BEST = "rec (smoothed σ=1)"
+# post-processing chains measured on these scorings
+POST_SCORINGS = ("rec (smoothed σ=1)", "combi: rec × grad (paper)", "combi: rec × grad, per-slice norm")
 POSTS = {
     "rim 3 mm": PostprocessOptions(rim_mm=3.0),
     "median r=1": PostprocessOptions(median_radius=1),
     "min 50 mm³": PostprocessOptions(min_volume_mm3=50.0),
     "rim 3 mm + median + min 50 mm³": PostprocessOptions(rim_mm=3.0, median_radius=1, min_volume_mm3=50.0),
 }
-MODEL_SCORINGS = ("rec", "grad: abs(dKL/dx) σ=3, per volume (paper)", "combi: rec × grad (paper)")
+MODEL_SCORINGS = ("rec", "grad: abs(dKL/dx) σ=3, per volume (paper)", "combi: rec × grad (paper)",
+                  "combi: rec × grad, per-slice norm")
 FPR = 0.001
 
 
@@ -169,8 +169,9 @@ def _methods(variant: str, scorings: Optional[str]) -> List[Tuple[str, ScoreOpti
     if scorings:
         names = [k for k in names if any(w in k for w in scorings.split(","))]
     out = [(f"{variant} | {k}", SCORINGS[k], PostprocessOptions()) for k in names]
-    if variant == "cevae" and (not scorings or BEST in names):
-        out += [(f"{variant} | {BEST} + {k}", SCORINGS[BEST], post) for k, post in POSTS.items()]
+    if variant == "cevae":
+        out += [(f"{variant} | {b} + {k}", SCORINGS[b], post)
+                for b in POST_SCORINGS if b in names for k, post in POSTS.items()]
     return out
 
 

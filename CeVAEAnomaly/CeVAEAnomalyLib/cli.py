@@ -52,12 +52,14 @@ def _add_scoring(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rim-mm", type=float, help="ignore scores within this distance of the brain edge")
     p.add_argument("--median-radius", type=int, help="3D median filter radius (voxels)")
     p.add_argument("--min-volume", type=float, help="drop components smaller than this (mm^3)")
-    p.add_argument("--combi", choices=("paper", "weighted", "geometric"),
-                   help="how combi joins rec and grad; 'paper' is rec x normalised |dKL/dx| exactly as published")
+    p.add_argument("--paper", action="store_true",
+                   help="the published score: rec x |dKL/dx| smoothed (3 px) and min-max normalised per volume")
+    p.add_argument("--combi", choices=("product", "weighted", "geometric", "attribution"),
+                   help="how combi joins rec and grad (default: product)")
     p.add_argument("--alpha", type=float, help="weight of grad in --combi weighted: rec*(1+alpha*grad)")
     p.add_argument("--grad-target", choices=("kl", "elbo"), help="gradient of the KL term or of the whole ELBO")
     p.add_argument("--grad-sigma", type=float, help="Gaussian smoothing of |grad| in model pixels")
-    p.add_argument("--grad-norm", choices=("volume", "slice"), help="min-max normalisation of grad")
+    p.add_argument("--grad-norm", choices=("slice", "volume", "none"), help="min-max normalisation of grad")
     p.add_argument("--rec-sigma", type=float, help="Gaussian smoothing of the reconstruction error")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--amp", action="store_true", help="mixed precision")

@@ -87,9 +87,11 @@ def detection_options(bundle, args: argparse.Namespace):
     """(ScoreOptions, PostprocessOptions): the bundle's defaults with the command-line overrides."""
     from .pipeline import default_postprocess, default_score_options
     from .postprocess import PostprocessOptions
-    from .scoring import ScoreOptions
+    from .scoring import PAPER, ScoreOptions
 
     opts = default_score_options(bundle, args.score_type).to_dict()
+    if getattr(args, "paper", False):
+        opts.update(PAPER)
     for key in SCORE_FLAGS:
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
@@ -164,6 +166,8 @@ def run_demo(args: argparse.Namespace) -> None:
                   progress=ConsoleProgress("demo"))
     for key, value in report.metrics.items():
         print(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
+    if report.note:
+        print(report.note)
     print(f"Done in {report.seconds:.1f} s. Outputs in {report.out_dir}/:")
     for f in report.files:
         print(f"  {f}")

@@ -21,6 +21,7 @@ class DemoReport:
     files: list
     metrics: dict
     seconds: float
+    note: str = ""
 
 
 def run_demo(
@@ -71,7 +72,10 @@ def run_demo(
         "lesion ml (truth)": float(sitk.GetArrayViewFromImage(truth).sum() * _voxel_ml(truth)),
         "threshold": result.threshold,
     }
-    return DemoReport(out_dir, [*files, png], metrics, time.perf_counter() - t0)
+    trained_on = {s.get("name") for s in bundle.header.get("training", {}).get("subjects", [])}
+    note = (f"Note: {DEMO_SUBJECT} is one of this model's training subjects, so these figures are optimistic; "
+            "held-out figures are in docs/benchmark.md." if f"{DEMO_SUBJECT}_t1" in trained_on else "")
+    return DemoReport(out_dir, [*files, png], metrics, time.perf_counter() - t0, note)
 
 
 def _voxel_ml(image: sitk.Image) -> float:

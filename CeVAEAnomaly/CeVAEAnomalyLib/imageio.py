@@ -8,11 +8,9 @@ import re
 import struct
 import tempfile
 import zlib
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Deque, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -273,7 +271,7 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False, comp
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     try:
-        write_image_file(image, tmp, compress)
+        sitk.WriteImage(image, tmp, compress)
         os.replace(tmp, target)
     except RuntimeError as exc:
         raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
@@ -281,61 +279,6 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False, comp
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
-
-
-def write_image_file(image: sitk.Image, path: PathLike, compress: bool = True) -> None:
-    """``sitk.WriteImage``, except that a compressed .nii.gz is gzipped here (:func:`_gzip_copy`).
-
-    Score maps and labelmaps are mostly zeros: run-length deflate packs them about as small as
-    ITK's default compression in a third of the time, and its blocks are deflated on all cores.
-    ITK writes the uncompressed .nii next to ``path`` first (same folder, removed afterwards).
-    """
-    path = str(path)
-    if not (compress and path.lower().endswith(".nii.gz")):
-        sitk.WriteImage(image, path, compress)
-        return
-    folder, name = os.path.split(path)
-    fd, raw = tempfile.mkstemp(prefix=f".{name}.", suffix=".nii", dir=folder or ".")
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, raw, False)
-        with open(raw, "rb") as src, open(path, "wb") as dst:
-            _gzip_copy(src, dst, os.fstat(src.fileno()).st_size)
-    finally:
-        os.unlink(raw)
-
-
-_GZIP_BLOCK = 1 << 23  # bytes of input per deflate job
-_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no time, OS unknown
-
-
-def _gzip_copy(src: BinaryIO, dst: BinaryIO, size: int) -> None:
-    """Gzip ``size`` bytes of ``src`` into ``dst`` as one gzip member, deflating blocks in parallel.
-
-    Each block is deflated on its own with run-length matching (so no window is lost between
-    blocks) and ends with a sync flush, the last one with the end of the stream: together they
-    form one valid deflate stream, as pigz writes it.
-    """
-    n_blocks = max(1, -(-size // _GZIP_BLOCK))
-
-    def deflate(index: int, data: bytes) -> bytes:
-        packer = zlib.compressobj(1, zlib.DEFLATED, -15, 8, zlib.Z_RLE)  # -15: raw deflate
-        return packer.compress(data) + packer.flush(zlib.Z_FINISH if index == n_blocks - 1 else zlib.Z_SYNC_FLUSH)
-
-    workers = max(1, min(os.cpu_count() or 1, n_blocks))
-    dst.write(_GZIP_HEADER)
-    crc = 0
-    with ThreadPoolExecutor(workers) as pool:
-        queued: Deque[Future] = deque()
-        for index in range(n_blocks):
-            data = src.read(_GZIP_BLOCK)
-            queued.append(pool.submit(deflate, index, data))
-            crc = zlib.crc32(data, crc)
-            if len(queued) > workers:
-                dst.write(queued.popleft().result())
-        while queued:
-            dst.write(queued.popleft().result())
-    dst.write(struct.pack("<II", crc, size % 2**32))
 
 
 def check_output_path(target: Path, overwrite: bool, inputs: tuple = ()) -> None:

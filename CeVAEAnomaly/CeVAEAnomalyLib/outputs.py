@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import SimpleITK as sitk
 
 from .errors import CeVAEError
-from .imageio import check_output_path, error_text, write_image_file
+from .imageio import check_output_path, error_text
 from .pipeline import DetectionResult
 
 
@@ -36,7 +36,7 @@ def components_csv(result: DetectionResult) -> str:
 
 def _writer_for(value) -> Callable[[str], None]:
     if isinstance(value, sitk.Image):
-        return lambda tmp: write_image_file(value, tmp, True)
+        return lambda tmp: sitk.WriteImage(value, tmp, True)
     return lambda tmp: Path(tmp).write_text(value, newline="")
 
 

@@ -20,6 +20,10 @@ class PostprocessOptions:
         return asdict(self)
 
 
+# The chain the leave-one-subject-out benchmark favoured (docs/benchmark.md); new bundles use it.
+RECOMMENDED = PostprocessOptions(rim_mm=3.0, median_radius=1, min_volume_mm3=50.0)
+
+
 @dataclass
 class Component:
     """One connected anomaly region of the labelmap."""

@@ -30,7 +30,7 @@ from .errors import CeVAEError
 from .masking import random_rectangles
 from .model import CeVAE, cevae_loss
 from .modelcalibration import calibrate_model
-from .postprocess import PostprocessOptions
+from .postprocess import RECOMMENDED
 from .progress import ProgressCallback, report
 from .scoring import ScoreOptions
 
@@ -407,7 +407,7 @@ class Trainer:
         from . import __version__
 
         score_opts = ScoreOptions()
-        post = PostprocessOptions()
+        post = RECOMMENDED
         header = {
             "name": self.cfg.out.stem,
             "modality": "T1",

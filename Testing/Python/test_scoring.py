@@ -47,7 +47,7 @@ def test_score_types_and_options():
     brain[:, 10:50, 12:52] = True
     rec, s = score_slices(model, x, brain, ScoreOptions(score_type="rec"))
     grad, _ = score_slices(model, x, brain, ScoreOptions(score_type="grad"))
-    combi, _ = score_slices(model, x, brain, ScoreOptions(score_type="combi", combi="paper"))
+    combi, _ = score_slices(model, x, brain, ScoreOptions(score_type="combi", combi="product"))
     assert rec.shape == grad.shape == combi.shape == (3, 64, 64)
     assert (rec[~brain] == 0).all() and (grad[~brain] == 0).all()
     assert grad.max() == pytest.approx(1.0) and grad.min() == 0.0  # min-max over the volume

@@ -1,6 +1,7 @@
 """Performance benchmark of detection and training on this machine (issue 5); prints a Markdown table.
 
-    .venv/bin/python Testing/benchmarks/bench_performance.py [--repeats 3] [--quick] [--data T1 --mask MASK]
+    .venv/bin/python Testing/benchmarks/bench_performance.py [--repeats 3] [--quick] [--threads N]
+                                                             [--data T1 --mask MASK] [--model BUNDLE]
 
 Measures, with medians over ``--repeats`` runs:
 
@@ -8,14 +9,16 @@ Measures, with medians over ``--repeats`` runs:
   .nii.gz, unless ``--data`` is given): wall time per stage (read, preprocess, network, scoring, inverse
   mapping, post-processing, write), end to end (read to written files), and the bare network for the same
   slices in the same run (encode, KL gradient to the input, decode of mu; nothing else) and their ratio;
-  the same for ``--score-type rec`` and for MC sampling with N = 1, 4, 16;
+  the same for ``--score-type rec``, for MC sampling with N = 1, 4, 16, and for combi with uncompressed
+  .nii input and outputs (what gzip costs);
 - peak resident memory of ``cevae-anomaly detect`` on a 512x512x400 float32 volume (uncompressed .nii);
 - ``cevae-anomaly --help`` wall time;
 - training throughput (slices/s) of the Trainer on the real data with augmentation against the bare
   train step on a batch already in memory, same batch size.
 
 The model is the bundled default if present, else an untrained bundle with the default architecture
-(same compute; the output says so). Generated inputs are cached in ``--workdir``.
+(same compute; the output says so). Generated inputs are cached in ``--workdir``. ``--threads`` sets the
+torch threads (default: the cores); on a machine loaded by other jobs, 1 gives steadier figures.
 """
 from __future__ import annotations
 
@@ -164,7 +167,7 @@ class DetectRuns:
 
 
 def detect_once(image_path: Path, mask_path: Path, bundle: Bundle, opts: ScoreOptions, post: PostprocessOptions,
-                threshold: Optional[float], out_dir: Path) -> Tuple[Dict[str, float], float, object]:
+                threshold: Optional[float], out_dir: Path, suffix: str = ".nii.gz") -> Tuple[Dict[str, float], float, object]:
     """One detection as ``cevae-anomaly detect`` does it (read, detect, write four outputs)."""
     t0 = time.perf_counter()
     image = read_image(image_path)
@@ -172,7 +175,7 @@ def detect_once(image_path: Path, mask_path: Path, bundle: Bundle, opts: ScoreOp
     t_read = time.perf_counter() - t0
     result = detect(image, bundle, mask, opts, post, threshold=threshold, batch_size=BATCH)
     t1 = time.perf_counter()
-    files = {out_dir / "score.nii.gz": result.score, out_dir / "labelmap.nii.gz": result.labelmap,
+    files = {out_dir / f"score{suffix}": result.score, out_dir / f"labelmap{suffix}": result.labelmap,
              out_dir / "slices.csv": slice_scores_csv(result), out_dir / "components.csv": components_csv(result)}
     write_all(files, overwrite=True, inputs=(image_path, mask_path))
     t_end = time.perf_counter()
@@ -194,7 +197,7 @@ def calibrated_or_fixed_threshold(bundle: Bundle, opts: ScoreOptions, post: Post
 
 
 def run_detect_config(label: str, image_path: Path, mask_path: Path, bundle: Bundle, opts: ScoreOptions,
-                      post: PostprocessOptions, repeats: int, out_dir: Path) -> DetectRuns:
+                      post: PostprocessOptions, repeats: int, out_dir: Path, suffix: str = ".nii.gz") -> DetectRuns:
     runs = DetectRuns(label)
     threshold = calibrated_or_fixed_threshold(bundle, opts, post, image_path, mask_path, out_dir)
     image = read_image(image_path)
@@ -203,7 +206,7 @@ def run_detect_config(label: str, image_path: Path, mask_path: Path, bundle: Bun
     runs.slices = int(slices.shape[0])
     del image, stack
     for _ in range(repeats):
-        stages, total, _ = detect_once(image_path, mask_path, bundle, opts, post, threshold, out_dir)
+        stages, total, _ = detect_once(image_path, mask_path, bundle, opts, post, threshold, out_dir, suffix)
         bare = bare_network(bundle.model, slices, opts)
         for s in STAGES:
             if s in stages:
@@ -278,7 +281,8 @@ def help_wall(repeats: int) -> List[float]:
 # ---- training ------------------------------------------------------------------------------------
 def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[float], List[float], int]:
     """(Trainer slices/s, bare step slices/s, training slices), alternating the two ``repeats`` times."""
-    from CeVAEAnomalyLib.data import Subject
+    from CeVAEAnomalyLib.data import Subject, augment
+    from CeVAEAnomalyLib.masking import random_rectangles
     from CeVAEAnomalyLib.train import TrainConfig, Trainer
 
     subjects = [Subject(p, p.with_name(p.name.replace("_t1.", "_brainmask.")))
@@ -290,10 +294,10 @@ def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[f
     trainer._load_data()
     trainer.model.train()
     batches = trainer._batches()
-    x = trainer.train[:BATCH].clone()
-    from CeVAEAnomalyLib.masking import random_rectangles
-
-    xc, _ = random_rectangles(x, torch.Generator().manual_seed(1), value_range=(0.0, trainer.pre.clip_max))
+    # the bare step's batch: made once the way the Trainer makes every batch
+    gen = torch.Generator().manual_seed(1)
+    x = augment(trainer.train[next(batches)], cfg.augment, gen)
+    xc, _ = random_rectangles(x, gen, value_range=(0.0, trainer.pre.clip_max))
 
     def bare_step() -> None:
         loss, _ = cevae_loss(trainer.net, x, xc, cfg.loss)
@@ -409,6 +413,11 @@ def main() -> None:
     if "detect" not in skip:
         for label, opts in configs:
             detects.append(run_detect_config(label, image_path, mask_path, bundle, opts, post, args.repeats, out_dir))
+        plain = [args.workdir / f"uncompressed_{p.name.split('.')[0]}.nii" for p in (image_path, mask_path)]
+        for src, dst in zip((image_path, mask_path), plain):
+            sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), False)
+        detects.append(run_detect_config("combi, .nii in/out", *plain, bundle, combi, post, args.repeats, out_dir,
+                                         ".nii"))
     threshold = calibrated_or_fixed_threshold(bundle, combi, post, image_path, mask_path, out_dir)
     cli_wall = [] if "cli" in skip else cli_detect_wall(image_path, mask_path, bundle_path, threshold, out_dir,
                                                         args.repeats)
