@@ -6,14 +6,13 @@ pickles or PyTorch zip checkpoints are refused before any parsing.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
 
+from .atomic import atomic_path
 from .config import ModelConfig, PreprocessConfig
 from .errors import CeVAEError
 from .model import CeVAE
@@ -53,15 +52,8 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: Dict[str, Any], ha
     full = dict(header, format=FORMAT, format_version=FORMAT_VERSION, model=model.cfg.to_dict(),
                 weights_dtype="float16" if half else "float32")
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         save_file(tensors, tmp, metadata={_META_KEY: json.dumps(full, sort_keys=True)})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

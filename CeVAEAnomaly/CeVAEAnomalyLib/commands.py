@@ -228,10 +228,14 @@ def check_detect_options(args: argparse.Namespace) -> None:
 
 def _warn_modality(image) -> None:
     """Warn when the intensities look like CT (Hounsfield units) rather than MRI."""
+    import numpy as np
     import SimpleITK as sitk
 
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
-    if stats.GetMinimum() <= -500:
+    arr = sitk.GetArrayViewFromImage(image)
+    low = float(arr.min())
+    if not np.isfinite(low):  # NaN/Inf voxels are handled (and reported) by the pipeline
+        finite = arr[np.isfinite(arr)]
+        low = float(finite.min()) if finite.size else 0.0
+    if low <= -500:
         log.warning("The intensities reach %.0f, like a CT in Hounsfield units; this model is for T1 MRI "
-                    "and its scores will not be meaningful.", stats.GetMinimum())
+                    "and its scores will not be meaningful.", low)

@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path
 from .errors import CeVAEError
 
 log = logging.getLogger(__name__)
@@ -262,25 +262,6 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
     return image
 
 
-def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False, compress: bool = True) -> Path:
-    """Write atomically: to a temporary file in the target folder, then rename into place."""
-    target = Path(path)
-    check_output_path(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        os.replace(tmp, target)
-    except RuntimeError as exc:
-        raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 def check_output_path(target: Path, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse to clobber an input, or an existing file unless ``overwrite``."""
     if target.is_dir():
@@ -297,15 +278,8 @@ def atomic_write_text(path: PathLike, text: str, overwrite: bool = True) -> Path
     """Write a text file atomically (temp file in the same folder + rename)."""
     target = Path(path)
     check_output_path(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text(text, newline="")
     return target
 
 

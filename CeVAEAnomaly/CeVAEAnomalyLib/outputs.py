@@ -4,12 +4,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import SimpleITK as sitk
 
+from .atomic import publish, temp_beside
 from .errors import CeVAEError
 from .imageio import check_output_path, error_text
 from .pipeline import DetectionResult
@@ -40,13 +40,6 @@ def _writer_for(value) -> Callable[[str], None]:
     return lambda tmp: Path(tmp).write_text(value, newline="")
 
 
-def _temp_name(target: Path) -> str:
-    suffix = ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    return tmp
-
-
 def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
     """Write images (sitk.Image) and texts (str); either all land under their names or none."""
     targets = list(files)
@@ -56,13 +49,13 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
         for target, value in files.items():
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                temps[target] = _temp_name(target)
+                temps[target] = temp_beside(target)
                 _writer_for(value)(temps[target])
             except (RuntimeError, OSError) as exc:
                 raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
         for target, tmp in temps.items():
             try:
-                os.replace(tmp, target)
+                publish(tmp, target)
             except OSError as exc:
                 raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
     finally:

@@ -17,7 +17,7 @@ from .bundle import Bundle
 from .calibration import DEFAULT_FPR, calibration_key, find_calibration, threshold_for_fpr
 from .errors import CeVAEError
 from .postprocess import Component, PostprocessOptions, components, refine_reach, refine_scores, threshold_labelmap
-from .preprocess import Region, SliceRecord, brain_region, invert_region, mask_array, prepare
+from .preprocess import Region, SliceRecord, brain_region, finite_brain, invert_region, mask_array, prepare
 from .progress import ProgressCallback, report, scaled
 from .scoring import ScoreOptions, SliceScores, score_slices
 
@@ -112,7 +112,7 @@ def detect(
 
         mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
         timings["brain_mask"] = time.perf_counter() - t0
-    brain = mask_array(mask, image)
+    brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
     t1 = time.perf_counter()
     stack = prepare(image, brain, bundle.preprocess)
     timings["preprocess"] = time.perf_counter() - t1

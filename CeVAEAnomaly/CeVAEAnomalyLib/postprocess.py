@@ -53,18 +53,48 @@ def refine_reach(opts: PostprocessOptions, spacing: Sequence[float]) -> int:
 
 
 def refine_scores(score: sitk.Image, brain: sitk.Image, opts: PostprocessOptions) -> sitk.Image:
-    """Apply the rim mask and median filter; scores outside the brain stay 0."""
-    out = score
-    if opts.median_radius > 0:
-        out = sitk.Median(out, [int(opts.median_radius)] * 3)
+    """Apply the rim mask and median filter; scores outside the brain stay 0.
+
+    The result is ITK's: ``Mask(Median(score), eroded brain)`` with a rim, ``Mask(Median(score), brain)``
+    without. The median (box of side 2r+1, border voxels repeated, as ITK's filter) is computed only
+    where the mask keeps it, which is several times faster than filtering the whole volume.
+    """
+    keep = None  # the voxels whose score survives (None: all)
     if opts.rim_mm > 0:
         radius = _radius_vox(brain, opts.rim_mm)
         if any(radius):
-            inner = sitk.BinaryErode(brain, radius, sitk.sitkBall, 0, 1)
-            out = sitk.Mask(out, inner)
+            keep = sitk.BinaryErode(brain, radius, sitk.sitkBall, 0, 1)
     elif opts.median_radius > 0:
-        out = sitk.Mask(out, brain)
-    return out
+        keep = brain
+    if opts.median_radius <= 0:
+        return score if keep is None else sitk.Mask(score, keep)
+    values = sitk.GetArrayViewFromImage(score)
+    where = np.ones(values.shape, bool) if keep is None else sitk.GetArrayViewFromImage(keep) != 0
+    out = np.zeros(values.shape, values.dtype)
+    out[where] = _box_median_at(values, where, int(opts.median_radius))
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(score)
+    return img
+
+
+def _box_median_at(values: np.ndarray, where: np.ndarray, r: int, slab: int = 8, chunk: int = 1 << 17) -> np.ndarray:
+    """Median of the (2r+1)^3 box around each voxel of ``where`` (C order), array borders repeated."""
+    nz = values.shape[0]
+    d = np.arange(2 * r + 1)
+    out = []
+    for z0 in range(0, nz, slab):
+        zz, yy, xx = np.nonzero(where[z0 : z0 + slab])
+        if not len(zz):
+            continue
+        rows = np.clip(np.arange(z0 - r, min(z0 + slab, nz) + r), 0, nz - 1)  # this slab and r around it
+        block = np.pad(values[rows], ((0, 0), (r, r), (r, r)), mode="edge").ravel()
+        sy, sx = (values.shape[1] + 2 * r) * (values.shape[2] + 2 * r), values.shape[2] + 2 * r
+        offsets = (d[:, None, None] * sy + d[None, :, None] * sx + d[None, None, :]).ravel()
+        first = zz * sy + yy * sx + xx  # the box's first voxel in ``block``
+        for s in range(0, len(first), chunk):
+            box = block[first[s : s + chunk, None] + offsets]
+            out.append(np.partition(box, len(offsets) // 2, axis=1)[:, len(offsets) // 2])
+    return np.concatenate(out) if out else np.zeros(0, values.dtype)
 
 
 def threshold_labelmap(score: sitk.Image, threshold: float, min_volume_mm3: float = 0.0) -> sitk.Image:

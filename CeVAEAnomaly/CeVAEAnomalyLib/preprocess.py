@@ -132,6 +132,19 @@ def robust_range(values: np.ndarray, cfg: PreprocessConfig) -> Tuple[float, floa
     return float(lo), float(hi)
 
 
+def finite_brain(arr: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
+    """The brain mask without NaN/infinite voxels (they score 0), with a warning if there are any."""
+    if arr.dtype.kind != "f" or (np.isfinite(arr.min()) and np.isfinite(arr.max())):  # NaN propagates
+        return brain_mask
+    kept = brain_mask & np.isfinite(arr)
+    removed = int(brain_mask.sum()) - int(kept.sum())
+    if removed:
+        log.warning("%d brain voxels are NaN or infinite; they are left out of the brain and score 0.", removed)
+    if not kept.any() and brain_mask.any():
+        raise CeVAEError("Every voxel inside the brain mask is NaN or infinite; the image holds no data.")
+    return kept
+
+
 def prepare(
     image: sitk.Image,
     brain_mask: np.ndarray,
@@ -143,15 +156,7 @@ def prepare(
     arr = sitk.GetArrayViewFromImage(image)
     if brain_mask.shape != arr.shape:
         raise CeVAEError("The brain mask does not match the image grid.")
-    if arr.dtype.kind == "f" and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):  # NaN propagates
-        finite = np.isfinite(arr)
-        if not finite.all():
-            log.warning("%d voxels are NaN or infinite; they are left out of the brain and score 0.",
-                        finite.size - int(finite.sum()))
-            if not (brain_mask & finite).any() and brain_mask.any():
-                raise CeVAEError("Every voxel inside the brain mask is NaN or infinite; the image holds no data.")
-            brain_mask = brain_mask & finite
-        del finite
+    brain_mask = finite_brain(arr, brain_mask)
     if not brain_mask.any():
         raise CeVAEError("The brain mask is empty: no voxel is inside the brain.")
     perm, flips = canonical_axes(np.array(image.GetDirection()), orientation)

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from .atomic import atomic_path
 from .bundle import load_bundle, save_bundle
 from .config import LossConfig, ModelConfig, PreprocessConfig
 from .data import AugmentConfig, Subject, augment, file_sha256, load_slices, split_subjects
@@ -113,16 +113,11 @@ def parameter_checksum(model: torch.nn.Module) -> str:
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
     """Save to a temporary file in the same folder, then rename: never a partial file under ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
     except OSError as exc:
         raise CeVAEError(f"Could not write the checkpoint {path}: {exc}; the previous one is kept.") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _is_oom(exc: BaseException) -> bool:

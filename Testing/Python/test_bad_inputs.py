@@ -334,7 +334,7 @@ CASES: Dict[str, Case] = {
     "RGB volume": Case(rgb_volume, REFUSED, r"has 3 components per voxel"),
     "constant volume": Case(constant_volume, REFUSED, r"nearly\) constant"),
     "all voxels NaN": Case(all_nan, REFUSED, r"Every voxel inside the brain mask is NaN or infinite"),
-    "NaN and Inf voxels": Case(nan_voxels, 0, r"9 voxels are NaN or infinite; they are left out"),
+    "NaN and Inf voxels": Case(nan_voxels, 0, r"8 brain voxels are NaN or infinite; they are left out"),
     "empty brain mask": Case(empty_mask, REFUSED, r"brain mask is empty"),
     "mask on another grid": Case(mask_other_grid, 0, r"another grid .* resampling it \(nearest neighbour\)"),
     "mask elsewhere in space": Case(mask_elsewhere, REFUSED, r"does not overlap the image in space"),

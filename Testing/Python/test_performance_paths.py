@@ -1,6 +1,6 @@
-"""The fast paths give the results of the plain ones: cropped post-processing, one-pass float NIfTI
-reading, matrix blurs; mixed precision stays close to fp32; scoring keeps its tensors on the
-model's device and repeats only the decoder for MC samples."""
+"""The fast paths give the results of the plain ones: cropped post-processing, the median only where
+it is kept, one-pass float NIfTI reading, matrix blurs; mixed precision stays close to fp32; scoring
+keeps its tensors on the model's device and repeats only the decoder for MC samples."""
 import gzip
 import struct
 
@@ -57,7 +57,7 @@ def test_detect_crops_post_processing_without_changing_results(tiny_bundle, post
     stack = prepare(image, mask_array(mask, image), bundle.preprocess)
     maps, _ = score_slices(bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), opts)
     brain_img = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    score = refine_scores(invert(stack.record, maps), brain_img, post)
+    score = _itk_refine(invert(stack.record, maps), brain_img, post)
     labelmap = threshold_labelmap(score, thr, post.min_volume_mm3)
     expected = components(labelmap, score)
 
@@ -71,6 +71,35 @@ def test_detect_crops_post_processing_without_changing_results(tiny_bundle, post
         assert (got.label, got.voxels, got.max_score) == (want.label, want.voxels, want.max_score)
         assert got.mean_score == pytest.approx(want.mean_score, rel=1e-6)
         assert got.centroid_lps == pytest.approx(want.centroid_lps, abs=1e-9)
+
+
+def _itk_refine(score, brain, post):
+    """refine_scores written with ITK's filters over the whole volume, as it was."""
+    out = sitk.Median(score, [post.median_radius] * 3) if post.median_radius > 0 else score
+    if post.rim_mm > 0:
+        radius = [max(0, int(round(post.rim_mm / s))) for s in brain.GetSpacing()]
+        if any(radius):
+            out = sitk.Mask(out, sitk.BinaryErode(brain, radius, sitk.sitkBall, 0, 1))
+    elif post.median_radius > 0:
+        out = sitk.Mask(out, brain)
+    return out
+
+
+@pytest.mark.parametrize("post", [PostprocessOptions(median_radius=1), PostprocessOptions(median_radius=2, rim_mm=2.0),
+                                  PostprocessOptions(median_radius=1, rim_mm=0.2), PostprocessOptions(rim_mm=2.0)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_refine_scores_equals_itk_median_and_mask(post, seed):
+    """The median computed only where the mask keeps it equals ITK's median filter, borders included
+    (the brain touches the array's faces; a rim thinner than a voxel leaves the median unmasked)."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(9, 24, 3))
+    score = sitk.GetImageFromArray(rng.random(shape).astype(np.float32))
+    score.SetSpacing(tuple(rng.uniform(0.7, 1.6, 3)))
+    brain = sitk.GetImageFromArray((rng.random(shape) > 0.3).astype(np.uint8))
+    brain.CopyInformation(score)
+    got, want = refine_scores(score, brain, post), _itk_refine(score, brain, post)
+    assert got.GetPixelID() == want.GetPixelID() and got.GetSpacing() == want.GetSpacing()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
 
 
 def test_brain_region_is_the_padded_bounding_box():

@@ -1,0 +1,41 @@
+"""Atomic file creation: write beside the target under a hidden name, then rename into place.
+
+An interrupted write never leaves a partial file under the final name. Files get the usual
+permissions (0666 minus the umask), not the private mode of temporary files.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def temp_beside(target: Path) -> str:
+    """An empty hidden file in the target's folder, with the target's extension (for writers)."""
+    suffix = ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    return tmp
+
+
+def publish(tmp: str, target: Path) -> None:
+    """Give ``tmp`` normal permissions and rename it onto ``target``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, target)
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[str]:
+    """Yield a temporary path; if the block succeeds it replaces ``target``, else it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(target)
+    try:
+        yield tmp
+        publish(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
