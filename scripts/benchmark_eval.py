@@ -168,9 +168,9 @@ def _methods(variant: str, scorings: Optional[str]) -> List[Tuple[str, ScoreOpti
     names = list(SCORINGS) if variant == "cevae" else list(MODEL_SCORINGS)
     if scorings:
         names = [k for k in names if any(w in k for w in scorings.split(","))]
-    out = [(f"{variant} | {k}", SCORINGS[k], PostprocessOptions()) for k in names]
+    out = [(f"{variant} · {k}", SCORINGS[k], PostprocessOptions()) for k in names]
     if variant == "cevae":
-        out += [(f"{variant} | {b} + {k}", SCORINGS[b], post)
+        out += [(f"{variant} · {b} + {k}", SCORINGS[b], post)
                 for b in POST_SCORINGS if b in names for k, post in POSTS.items()]
     return out
 

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_figures.py [--out docs/figures]
 
-One PNG per lesion kind, with the ceVAE trained without the pictured subject (leave one subject
+One PNG per lesion kind (of the real single-subject scan by default), with the ceVAE trained without the pictured subject (leave one subject
 out), the default scoring and post-processing, and the threshold calibrated on its training
 subjects (as in docs/benchmark.md).
 """
@@ -29,13 +29,14 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("runs/benchmark"))
     p.add_argument("--data", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs/figures"))
+    p.add_argument("--subjects", default="robex", help="held-out subjects to picture (comma-separated)")
     args = p.parse_args()
     if args.data is None:
         from CeVAEAnomalyLib.sampledata import ensure_healthy_data
 
         args.data = ensure_healthy_data()
     opts = ScoreOptions()
-    for subject in SUBJECTS:
+    for subject in args.subjects.split(","):
         bundle = load_bundle(args.runs / "cevae" / f"without-{subject}.cevae")
         others = [Subject(args.data / f"{s}_t1.nii.gz", args.data / f"{s}_brainmask.nii.gz")
                   for s in SUBJECTS if s != subject]

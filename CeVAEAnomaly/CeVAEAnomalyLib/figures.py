@@ -12,7 +12,8 @@ from .preprocess import canonical_axes, to_canonical
 
 
 def _axial(image: sitk.Image) -> np.ndarray:
-    """The volume as canonical axial slices [slice, row, col], rows anterior at the top."""
+    """Canonical axial slices [slice, row, col]: rows run anterior to posterior (LPS y) and columns
+    patient right to left (LPS x), so ``imshow`` gives the radiological view, anterior at the top."""
     perm, flips = canonical_axes(np.array(image.GetDirection()))
     return to_canonical(sitk.GetArrayViewFromImage(image), perm, flips)
 
@@ -47,17 +48,17 @@ def overlay_png(
     vmax = float(np.percentile(sc[sc > 0], 99.9)) if (sc > 0).any() else 1.0
     fig, axes = plt.subplots(len(slices), 2, figsize=(8, 4 * len(slices)), squeeze=False)
     for row, k in zip(axes, slices):
-        base = np.asarray(img[k], float)[::-1]  # rows: posterior..anterior -> anterior at top
+        base = np.asarray(img[k], float)
         lo, hi = np.percentile(base, [1, 99.5])
         row[0].imshow(base, cmap="gray", vmin=lo, vmax=hi)
         row[0].set_title(f"image, axial slice {k}")
         row[1].imshow(base, cmap="gray", vmin=lo, vmax=hi)
-        heat = np.ma.masked_less_equal(np.asarray(sc[k], float)[::-1], 0.02 * vmax)
+        heat = np.ma.masked_less_equal(np.asarray(sc[k], float), 0.02 * vmax)
         im = row[1].imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=0.75)
         if lab is not None and lab[k].any():
-            row[1].contour(np.asarray(lab[k])[::-1], levels=[0.5], colors="cyan", linewidths=1.2)
+            row[1].contour(np.asarray(lab[k]), levels=[0.5], colors="cyan", linewidths=1.2)
         if gt is not None and gt[k].any():
-            row[1].contour(np.asarray(gt[k])[::-1], levels=[0.5], colors="lime", linewidths=1.2, linestyles="--")
+            row[1].contour(np.asarray(gt[k]), levels=[0.5], colors="lime", linewidths=1.2, linestyles="--")
         row[1].set_title("score (heat), labelmap (cyan), truth (green dashed)", fontsize=9)
         fig.colorbar(im, ax=row[1], fraction=0.046)
         for ax in row:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -63,7 +64,7 @@ def refine_scores(score: sitk.Image, brain: sitk.Image, opts: PostprocessOptions
     if opts.rim_mm > 0:
         radius = _radius_vox(brain, opts.rim_mm)
         if any(radius):
-            keep = sitk.BinaryErode(brain, radius, sitk.sitkBall, 0, 1)
+            keep = _erode_ball(brain, radius)
     elif opts.median_radius > 0:
         keep = brain
     if opts.median_radius <= 0:
@@ -77,24 +78,67 @@ def refine_scores(score: sitk.Image, brain: sitk.Image, opts: PostprocessOptions
     return img
 
 
-def _box_median_at(values: np.ndarray, where: np.ndarray, r: int, slab: int = 8, chunk: int = 1 << 17) -> np.ndarray:
+def _erode_ball(brain: sitk.Image, radius: List[int]) -> sitk.Image:
+    """``sitk.BinaryErode(brain, radius, sitkBall, 0, 1)`` (voxels beyond the border count as brain).
+
+    With an isotropic radius r, ITK's ball is the offsets with squared length <= r^2 + r, so the erosion
+    is a test on the squared distance to the nearest non-brain voxel, found axis by axis: several
+    times faster than ITK's filter. Other radii go to ITK.
+    """
+    r = radius[0]
+    if len(set(radius)) != 1 or not 0 < r <= 15 or not _itk_ball_is_distance(r):
+        return sitk.BinaryErode(brain, radius, sitk.sitkBall, 0, 1)
+    labels = sitk.GetArrayViewFromImage(brain)
+    reach = r * r + r
+    dist = np.where(labels == 1, np.uint16(reach + 1), np.uint16(0))  # squared distance to non-brain, capped
+    for axis in (2, 1, 0):
+        src = dist.copy()
+        for d in range(1, r + 1):
+            lo = tuple(slice(None, -d) if a == axis else slice(None) for a in range(3))
+            hi = tuple(slice(d, None) if a == axis else slice(None) for a in range(3))
+            step = np.uint16(d * d)
+            np.minimum(dist[lo], src[hi] + step, out=dist[lo])
+            np.minimum(dist[hi], src[lo] + step, out=dist[hi])
+    eroded = labels.copy()
+    eroded[(labels == 1) & (dist <= reach)] = 0
+    out = sitk.GetImageFromArray(eroded)
+    out.CopyInformation(brain)
+    return out
+
+
+@lru_cache(maxsize=16)
+def _itk_ball_is_distance(r: int) -> bool:
+    """Whether ITK's ball of radius r is exactly the offsets with squared length <= r^2 + r."""
+    n = 2 * r + 1
+    point = np.zeros((n, n, n), np.uint8)
+    point[r, r, r] = 1
+    ball = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(point), [r] * 3, sitk.sitkBall, 0, 1))
+    d = np.arange(-r, r + 1) ** 2
+    return bool(np.array_equal(ball > 0, d[:, None, None] + d[None, :, None] + d[None, None, :] <= r * r + r))
+
+
+def _box_median_at(values: np.ndarray, where: np.ndarray, r: int, slab: int = 8, chunk: int = 1 << 16) -> np.ndarray:
     """Median of the (2r+1)^3 box around each voxel of ``where`` (C order), array borders repeated."""
     nz = values.shape[0]
     d = np.arange(2 * r + 1)
-    out = []
+    sy, sx = (values.shape[1] + 2 * r) * (values.shape[2] + 2 * r), values.shape[2] + 2 * r
+    offsets = (d[:, None, None] * sy + d[None, :, None] * sx + d[None, None, :]).ravel()
+    mid = len(offsets) // 2
+    out = np.empty(int(np.count_nonzero(where)), values.dtype)
+    done = 0
     for z0 in range(0, nz, slab):
         zz, yy, xx = np.nonzero(where[z0 : z0 + slab])
         if not len(zz):
             continue
         rows = np.clip(np.arange(z0 - r, min(z0 + slab, nz) + r), 0, nz - 1)  # this slab and r around it
         block = np.pad(values[rows], ((0, 0), (r, r), (r, r)), mode="edge").ravel()
-        sy, sx = (values.shape[1] + 2 * r) * (values.shape[2] + 2 * r), values.shape[2] + 2 * r
-        offsets = (d[:, None, None] * sy + d[None, :, None] * sx + d[None, None, :]).ravel()
         first = zz * sy + yy * sx + xx  # the box's first voxel in ``block``
         for s in range(0, len(first), chunk):
             box = block[first[s : s + chunk, None] + offsets]
-            out.append(np.partition(box, len(offsets) // 2, axis=1)[:, len(offsets) // 2])
-    return np.concatenate(out) if out else np.zeros(0, values.dtype)
+            box.partition(mid, axis=1)
+            out[done : done + len(box)] = box[:, mid]
+            done += len(box)
+    return out
 
 
 def threshold_labelmap(score: sitk.Image, threshold: float, min_volume_mm3: float = 0.0) -> sitk.Image:
