@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import traceback
-import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -53,16 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_DOUBLE_SUFFIXES = (".nii.gz", ".seg.nrrd")
-
-
-def _suffix(path: Path) -> str:
-    """The file type suffix that Slicer's writers and readers go by (".seg.nrrd", ".nii.gz", ".nrrd")."""
-    return next((ext for ext in _DOUBLE_SUFFIXES if path.name.endswith(ext)), path.suffix)
-
-
 def _stem(path: Path) -> str:
-    return path.name[: len(path.name) - len(_suffix(path))]
+    from CeVAEAnomalyLib.atomic import full_suffix
+
+    return path.name[: len(path.name) - len(full_suffix(path))]
 
 
 def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) -> slicer.vtkMRMLVolumeNode:
@@ -108,9 +100,8 @@ def _text_writer(text: str) -> Callable[[str], None]:
 
 def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool) -> List[Path]:
     """Write every result to a temporary name beside its target, then rename all into place."""
-    from CeVAEAnomalyLib.outputs import check_paths, components_csv, slice_scores_csv
+    from CeVAEAnomalyLib.outputs import components_csv, slice_scores_csv, write_all
 
-    check_paths(paths.values(), overwrite)
     writers = {
         paths["score"]: _node_writer(result.nodes.score),
         paths["labelmap"]: _node_writer(result.nodes.labelmap),
@@ -118,25 +109,7 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
         paths["components"]: _text_writer(components_csv(result.detection)),
         paths["slices"]: _text_writer(slice_scores_csv(result.detection)),
     }
-    temps: Dict[Path, str] = {}
-    try:
-        for target, write in writers.items():
-            temps[target] = str(target.parent / f".{_stem(target)}-{uuid.uuid4().hex}{_suffix(target)}")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write(temps[target])
-            except OSError as exc:
-                raise CeVAEError(f"Could not write {target}: {exc}") from None
-        for target, temp in temps.items():
-            try:
-                os.replace(temp, target)
-            except OSError as exc:
-                raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
-    finally:
-        for temp in temps.values():
-            if os.path.exists(temp):
-                os.unlink(temp)
-    return list(writers)
+    return write_all(writers, overwrite)
 
 
 def _progress(fraction: float, message: str) -> None:

@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+_MULTI_SUFFIXES = (".seg.nrrd", ".seg.nii.gz", ".nii.gz")
+
+
+def full_suffix(path: Path) -> str:
+    """The file type suffix that writers go by (".seg.nrrd", ".nii.gz", ".nrrd", ...)."""
+    return next((ext for ext in _MULTI_SUFFIXES if path.name.endswith(ext)), path.suffix)
+
+
 def temp_beside(target: Path) -> str:
     """An empty hidden file in the target's folder, with the target's extension (for writers)."""
-    suffix = ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=full_suffix(target), dir=target.parent)
     os.close(fd)
     return tmp
 

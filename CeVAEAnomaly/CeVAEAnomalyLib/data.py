@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,14 +65,6 @@ def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) 
     val = [subjects[i] for i in sorted(order[:n_val])]
     train = [subjects[i] for i in sorted(order[n_val:])]
     return train, val
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def subject_slices(

@@ -35,13 +35,15 @@ def components_csv(result: DetectionResult) -> str:
 
 
 def _writer_for(value) -> Callable[[str], None]:
+    if callable(value):
+        return value
     if isinstance(value, sitk.Image):
         return lambda tmp: sitk.WriteImage(value, tmp, True)
     return lambda tmp: Path(tmp).write_text(value, newline="")
 
 
 def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
-    """Write images (sitk.Image) and texts (str); either all land under their names or none."""
+    """Write images (sitk.Image), texts (str) or anything a callable(temp_path) writes; all or none."""
     targets = list(files)
     check_paths(targets, overwrite, inputs)
     temps: Dict[Path, str] = {}

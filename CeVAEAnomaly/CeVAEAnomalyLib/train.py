@@ -24,7 +24,8 @@ from torch.utils.data import DistributedSampler
 from .atomic import atomic_path
 from .bundle import load_bundle, save_bundle
 from .config import LossConfig, ModelConfig, PreprocessConfig
-from .data import AugmentConfig, Subject, augment, file_sha256, load_slices, split_subjects
+from .data import AugmentConfig, Subject, augment, load_slices, split_subjects
+from .sampledata import sha256_of
 from .devices import resolve_device
 from .errors import CeVAEError
 from .masking import random_rectangles
@@ -411,8 +412,8 @@ class Trainer:
             "score_options": score_opts.to_dict(),
             "postprocess": post.to_dict(),
             "training": {
-                "subjects": [{"name": s.name, "sha256": file_sha256(s.image)} for s in self.train_subjects],
-                "validation_subjects": [{"name": s.name, "sha256": file_sha256(s.image)} for s in self.val_subjects],
+                "subjects": [{"name": s.name, "sha256": sha256_of(s.image)} for s in self.train_subjects],
+                "validation_subjects": [{"name": s.name, "sha256": sha256_of(s.image)} for s in self.val_subjects],
                 "train_slices": len(self.train), "orientations": list(self.cfg.orientations),
                 "steps": self.step, "batch_size": self.batch_size * self.dist.world, "lr": self.cfg.lr,
                 "seed": self.cfg.seed, "seconds": round(elapsed, 1), "ranks": self.dist.world,
