@@ -194,7 +194,7 @@ def _read_voxels_into(p: Path, layout: _NiftiLayout, out: memoryview) -> int:
             start = max(pos, 0)
             n = min(pos + len(block), need) - start
             if n > 0:
-                out[start : start + n] = block[start - pos : start - pos + n]
+                out[start : start + n] = memoryview(block)[start - pos : start - pos + n]
             pos += len(block)
         return max(0, min(pos, need))
 

@@ -46,7 +46,7 @@ from CeVAEAnomalyLib.imageio import read_image
 from CeVAEAnomalyLib.model import CeVAE, cevae_loss, kl_per_sample
 from CeVAEAnomalyLib.outputs import components_csv, slice_scores_csv, write_all
 from CeVAEAnomalyLib.pipeline import default_postprocess, default_score_options, detect, resolve_threshold
-from CeVAEAnomalyLib.postprocess import PostprocessOptions
+from CeVAEAnomalyLib.postprocess import RECOMMENDED, PostprocessOptions
 from CeVAEAnomalyLib.preprocess import mask_array, prepare
 from CeVAEAnomalyLib.scoring import ScoreOptions
 
@@ -93,13 +93,11 @@ def model_bundle(workdir: Path, requested: Optional[Path]) -> Tuple[Path, str]:
     default = resource_dir() / "Models" / DEFAULT_MODEL_NAME
     if default.is_file():
         return default, f"bundled default model {default.name}"
-    path = workdir / "untrained_default_arch.cevae"
-    if not path.is_file():
-        torch.manual_seed(0)
-        header = {"name": "untrained", "modality": "T1", "preprocess": PreprocessConfig().to_dict(),
-                  "score_options": ScoreOptions().to_dict(),
-                  "postprocess": PostprocessOptions(min_volume_mm3=50.0).to_dict()}
-        save_bundle(path, CeVAE(ModelConfig()), header)
+    path = workdir / "untrained_default_arch.cevae"  # made anew each time: option names may change
+    torch.manual_seed(0)
+    header = {"name": "untrained", "modality": "T1", "preprocess": PreprocessConfig().to_dict(),
+              "score_options": ScoreOptions().to_dict(), "postprocess": RECOMMENDED.to_dict()}
+    save_bundle(path, CeVAE(ModelConfig()), header)
     return path, ("UNTRAINED bundle with the default architecture (the bundled default model is absent): "
                   "same compute, meaningless scores")
 
