@@ -319,9 +319,10 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
         """Train, then (rank 0) write the bundle; leave the process group when done."""
-        path = self._run()
-        shutdown_distributed(self.dist)
-        return path
+        try:
+            return self._run()
+        finally:
+            shutdown_distributed(self.dist)
 
     def _run(self) -> Optional[Path]:
         cfg = self.cfg
@@ -372,6 +373,9 @@ class Trainer:
         if self.dist.world > 1:
             self._check_replicas()
         self.save_checkpoint()
+        if self.dist.world > 1:  # all ranks leave the group together, before rank 0's bundle work
+            dist.barrier()
+        shutdown_distributed(self.dist)
         elapsed = time.perf_counter() - start
         if not self.dist.main:
             return None
