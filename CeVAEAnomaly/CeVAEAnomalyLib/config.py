@@ -10,18 +10,24 @@ SUPPORTED_INPUT_SIZES = (64, 128)
 T = TypeVar("T")
 
 
-def _from_dict(cls: Type[T], data: Dict[str, Any]) -> T:
-    """Build a dataclass from a dict, refusing unknown keys by name."""
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CeVAEError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}.")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**kwargs)  # type: ignore[call-arg]
+class _Serialisable:
+    """to_dict / from_dict for the config dataclasses (from_dict refuses unknown keys by name)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: Type[T], data: Dict[str, Any]) -> T:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CeVAEError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}.")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)  # type: ignore[call-arg]
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Serialisable):
     """Architecture of the 2D ceVAE (defaults: the MICCAI-19 layout)."""
 
     input_size: int = 64
@@ -43,16 +49,9 @@ class ModelConfig:
         """Spatial side of the last encoder feature map (4x4 stride-2 convs halve it)."""
         return self.input_size // 2 ** len(self.channels)
 
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Serialisable):
     """Loss = (1-c)·(β·KL + rec_VAE) + c·rec_CE, with means over pixels and latents."""
 
     ce_weight: float = 0.5  # c
@@ -65,16 +64,9 @@ class LossConfig:
         if not 0.0 <= self.ce_weight <= 1.0:
             raise CeVAEError(f"ce_weight must lie in [0, 1], got {self.ce_weight}.")
 
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "LossConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(_Serialisable):
     """How a volume becomes model slices (stored in the bundle so detection matches training)."""
 
     input_size: int = 64
@@ -83,10 +75,3 @@ class PreprocessConfig:
     clip_max: float = 1.5  # values above the high percentile keep contrast up to this
     margin_mm: float = 4.0  # padding around the brain's bounding box
     min_brain_fraction: float = 0.02  # training slices need at least this share of brain pixels
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "PreprocessConfig":
-        return _from_dict(cls, data)
