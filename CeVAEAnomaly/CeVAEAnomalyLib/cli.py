@@ -164,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    rc = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, once the process group is gone, a rank could still abort in C++ static
+        # destructors at interpreter exit ("terminate called without an active exception", seen
+        # with gloo). Every file is closed and renamed by now, so leave without running them.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: say which rank speaks
