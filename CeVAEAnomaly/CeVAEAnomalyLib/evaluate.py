@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CeVAEError
-from .imageio import atomic_write_text, read_image
+from .imageio import atomic_write_text, grid_difference, read_image
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,13 @@ def pooled_metrics(cases: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 def check_same_grid(reference: sitk.Image, other: sitk.Image, reference_name: str, other_name: str) -> None:
     """Raise CeVAEError naming the first difference unless both images share one voxel grid
     (same size; spacing, origin and direction within ``GRID_TOLERANCE``)."""
-    for what in ("Size", "Spacing", "Origin", "Direction"):
+    what = grid_difference(reference, other, atol=GRID_TOLERANCE)
+    if what is not None:
         a, b = getattr(reference, f"Get{what}")(), getattr(other, f"Get{what}")()
-        if len(a) != len(b) or not np.allclose(a, b, rtol=0.0, atol=GRID_TOLERANCE):
-            raise CeVAEError(
-                f"The {other_name} is not on the {reference_name}'s voxel grid: {what.lower()} "
-                f"{_fmt(a)} vs {_fmt(b)}. Resample the {other_name} onto the {reference_name} first."
-            )
+        raise CeVAEError(
+            f"The {other_name} is not on the {reference_name}'s voxel grid: {what.lower()} "
+            f"{_fmt(a)} vs {_fmt(b)}. Resample the {other_name} onto the {reference_name} first."
+        )
 
 
 def evaluate_case(

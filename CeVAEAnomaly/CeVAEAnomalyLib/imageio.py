@@ -262,6 +262,15 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
     return image
 
 
+def grid_difference(a: sitk.Image, b: sitk.Image, atol: float = 1e-4, rtol: float = 0.0) -> Optional[str]:
+    """The first of "Size", "Spacing", "Origin", "Direction" that differs between the grids, or None."""
+    for what in ("Size", "Spacing", "Origin", "Direction"):
+        va, vb = getattr(a, f"Get{what}")(), getattr(b, f"Get{what}")()
+        if len(va) != len(vb) or not np.allclose(va, vb, rtol=rtol, atol=atol):
+            return what
+    return None
+
+
 def check_output_path(target: Path, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse to clobber an input, or an existing file unless ``overwrite``."""
     if target.is_dir():

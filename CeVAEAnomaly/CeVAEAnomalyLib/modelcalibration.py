@@ -23,13 +23,28 @@ log = logging.getLogger(__name__)
 def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions,
                    post: PostprocessOptions) -> List[np.ndarray]:
     """Brain-voxel scores of each healthy subject."""
-    values = []
+    return _scores_by_option(bundle, subjects, [opts], post)[0]
+
+
+def _scores_by_option(bundle: Bundle, subjects: Sequence[Subject], options: Sequence[ScoreOptions],
+                      post: PostprocessOptions) -> List[List[np.ndarray]]:
+    """For every scoring in ``options``, the brain-voxel scores of each subject.
+
+    Each subject is read, and its brain mask computed if it has none, once for all scorings.
+    """
+    values: List[List[np.ndarray]] = [[] for _ in options]
     for s in subjects:
         image = read_image(s.image)
-        mask = read_image(s.mask, "brain mask") if s.mask else None
-        res = detect(image, bundle, mask, opts, post, threshold=float("inf"))
-        brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0
-        values.append(np.asarray(sitk.GetArrayViewFromImage(res.score)[brain], np.float32))
+        if s.mask:
+            mask = read_image(s.mask, "brain mask")
+        else:
+            from .brainmask import compute_brain_mask
+
+            mask = compute_brain_mask(image)
+        for out, opts in zip(values, options):
+            res = detect(image, bundle, mask, opts, post, threshold=float("inf"))
+            brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0
+            out.append(np.asarray(sitk.GetArrayViewFromImage(res.score)[brain], np.float32))
     return values
 
 
@@ -38,12 +53,10 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
     """Calibrations for every score type with otherwise the given options, keyed for lookup."""
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on.")
-    out = {}
-    for score_type in SCORE_TYPES:
-        o = ScoreOptions(**dict(opts.to_dict(), score_type=score_type))
-        out[calibration_key(o.to_dict(), post.to_dict())] = calibrate(healthy_scores(bundle, subjects, o, post), source)
-        log.info("Calibrated %s on %d healthy volume(s).", score_type, len(subjects))
-    return out
+    options = [ScoreOptions(**dict(opts.to_dict(), score_type=t)) for t in SCORE_TYPES]
+    scores = _scores_by_option(bundle, subjects, options, post)
+    log.info("Calibrated %s on %d healthy volume(s).", ", ".join(SCORE_TYPES), len(subjects))
+    return {calibration_key(o.to_dict(), post.to_dict()): calibrate(v, source) for o, v in zip(options, scores)}
 
 
 def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: ScoreOptions,

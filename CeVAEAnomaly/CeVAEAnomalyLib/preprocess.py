@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .config import PreprocessConfig
 from .errors import CeVAEError
+from .imageio import grid_difference
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +294,5 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image) -> np.ndarray:
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
-    """Same size, spacing, origin and direction (within ``tol``)."""
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
-    )
+    """Same size, spacing, origin and direction (within ``tol``, plus numpy's default relative 1e-5)."""
+    return grid_difference(a, b, atol=tol, rtol=1e-5) is None
