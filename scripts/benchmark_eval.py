@@ -19,12 +19,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
-
 from CeVAEAnomalyLib.bundle import load_bundle
 from CeVAEAnomalyLib.calibration import calibrate, threshold_for_fpr
+from CeVAEAnomalyLib.data import Subject
 from CeVAEAnomalyLib.evaluate import dice, pooled_metrics, slice_auroc
 from CeVAEAnomalyLib.imageio import atomic_write_text, read_image
 from CeVAEAnomalyLib.lesions import LESION_KINDS, insert_lesions
+from CeVAEAnomalyLib.modelcalibration import healthy_scores
 from CeVAEAnomalyLib.pipeline import detect
 from CeVAEAnomalyLib.postprocess import PostprocessOptions
 from CeVAEAnomalyLib.scoring import PAPER, ScoreOptions
@@ -179,13 +180,8 @@ def _in_sample_threshold(bundle, opts: ScoreOptions, post: PostprocessOptions, d
     """Threshold at FPR on the model's own training subjects (what a bundle's calibration stores)."""
     key = (str(bundle.path), json.dumps([opts.to_dict(), post.to_dict()], sort_keys=True))
     if key not in _CALIB_CACHE:
-        values = []
-        for s in SUBJECTS:
-            if s == held_out:
-                continue
-            m = read_image(data / f"{s}_brainmask.nii.gz", "brain mask")
-            res = detect(read_image(data / f"{s}_t1.nii.gz"), bundle, m, opts, post, threshold=float("inf"))
-            values.append(sitk.GetArrayViewFromImage(res.score)[sitk.GetArrayViewFromImage(m) > 0])
+        training = [Subject(data / f"{s}_t1.nii.gz", data / f"{s}_brainmask.nii.gz") for s in SUBJECTS if s != held_out]
+        values = healthy_scores(bundle, training, opts, post)
         _CALIB_CACHE[key] = threshold_for_fpr(calibrate(values, "training"), FPR)
     return _CALIB_CACHE[key]
 
