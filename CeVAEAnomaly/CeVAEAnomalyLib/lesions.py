@@ -4,6 +4,13 @@ Each lesion is a randomly oriented ellipsoid whose border may be perturbed by a 
 direction-dependent bump field (irregular but star-shaped, so one connected blob), blended
 into the image with a soft alpha falloff. Intensities are set relative to robust statistics
 of the brain (percentiles inside the mask), so uint8 and float images behave alike.
+
+Kinds: ``hypo``/``hyper`` (CSF-dark or above the brain's 99th percentile, a quarter of the
+anatomy kept), ``ring`` (bright rim, dark core), ``texture`` (own values shuffled plus noise,
+same mean), ``shift`` (the anatomy kept, intensity shifted by ``contrast_sd`` brain standard
+deviations up or down: subtle to strong) and ``moved`` (tissue copied from another place in the
+brain: real texture in the wrong place). Sites: ``any`` place deep enough, next to the ``cortex``
+(the brain's edge) or next to the ``ventricles`` (dark, deep CSF).
 """
 from __future__ import annotations
 
@@ -21,12 +28,15 @@ from .evaluate import check_same_grid
 
 log = logging.getLogger(__name__)
 
-LESION_KINDS = ("hypo", "hyper", "ring", "texture")
+LESION_KINDS = ("hypo", "hyper", "ring", "texture", "shift", "moved")
+SITES = ("any", "cortex", "ventricles")
 
 _MIN_AXIS_RATIO = 0.6  # shortest / longest semi-axis, drawn uniformly in [ratio, 1]
 _N_BUMPS = 4  # cosine terms of the border perturbation
 _TEXTURE_KEEP = 0.25  # fraction of the underlying anatomy kept inside hypo/hyper/ring lesions
 _PLACEMENT_TRIES = 20
+_SITE_REACH_MM = 4.0  # a lesion "next to" the cortex or the ventricles comes this close to it
+_VENTRICLE_DEPTH_MM = 12.0  # CSF deeper than this inside the brain counts as ventricle
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class _BrainStats:
     median: float
     high: float  # 99th percentile inside the brain
     floor: float  # image minimum: no output goes below it
+    sd: float  # standard deviation inside the brain
 
     @property
     def spread(self) -> float:
@@ -69,6 +80,8 @@ def insert_lesions(
     min_separation_mm: float | None = 0.0,
     border_mm: float = 1.5,
     irregularity: float = 0.3,
+    contrast_sd: tuple[float, float] = (0.5, 3.0),
+    sites: Sequence[str] = ("any",),
 ) -> tuple[sitk.Image, sitk.Image, list[Lesion]]:
     """Insert ``n`` lesions inside the brain; return (float32 image, uint8 ground truth, lesions).
 
@@ -78,9 +91,15 @@ def insert_lesions(
     weight is >= 0.5. Lesions, soft borders included, are at least ``min_separation_mm`` apart
     (``None`` lets them overlap). ``irregularity`` is the largest relative inward dent of the border (0: smooth
     ellipsoids). Outputs share the input's geometry; the input is not modified. The result is
-    fully determined by the seed.
+    fully determined by the seed. ``contrast_sd``: range of the ``shift`` kind's contrast in brain
+    standard deviations. ``sites``: where each lesion may go, one drawn per lesion (a site with no
+    room falls back to ``any``).
     """
     _check_arguments(image, n, kinds, radius_mm, min_separation_mm, border_mm, irregularity)
+    if not sites or set(sites) - set(SITES):
+        raise CeVAEError(f"Lesion sites must be a non-empty choice of {SITES}; got {tuple(sites)}.")
+    if not 0 < contrast_sd[0] <= contrast_sd[1]:
+        raise CeVAEError(f"The contrast range must satisfy 0 < min <= max; got {contrast_sd}.")
     check_same_grid(image, brain_mask, "image", "brain mask")
     rng = np.random.default_rng(rng)
 
@@ -93,13 +112,18 @@ def insert_lesions(
     spacing = np.array(image.GetSpacing())
     index_to_mm = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(spacing)
     depth = _depth_in_brain(brain, spacing)
+    near = {"cortex": depth}  # distance (mm) to what each site must be next to
+    if "ventricles" in sites:
+        near["ventricles"] = _distance_to_ventricles(array, brain, depth, spacing, stats)
     truth = np.zeros(array.shape, dtype=np.uint8)
     placed: list[tuple[np.ndarray, float]] = []  # (centre (k, j, i), extent mm)
     lesions = []
     for number in range(n):
         kind = kinds[int(rng.integers(len(kinds)))]
+        site = sites[int(rng.integers(len(sites)))]
         center, radius = _place(
-            depth, placed, radius_mm, border_mm, min_separation_mm, index_to_mm, rng, number, n
+            depth, placed, radius_mm, border_mm, min_separation_mm, index_to_mm, rng, number, n,
+            near.get(site),
         )
         extent = radius + border_mm / 2
         placed.append((center, extent))
@@ -108,7 +132,10 @@ def insert_lesions(
         distance = _surface_distance(offsets_mm, semi_axes, _random_rotation(rng), irregularity, rng)
         alpha = _soft_alpha(distance, border_mm)
         region = array[box]
-        content = _content(kind, region, alpha > 0, distance, radius, stats, rng)
+        content = _moved_tissue(array, depth, center, extent, box, index_to_mm, rng) if kind == "moved" else None
+        if content is None:  # not "moved", or no room to take tissue from: shuffled texture instead
+            content = _content(kind if kind != "moved" else "texture", region, alpha > 0, distance, radius,
+                               stats, rng, contrast_sd)
         array[box] = np.maximum((1 - alpha) * region + alpha * content, stats.floor)
         inside = alpha >= 0.5
         truth[box] |= inside.astype(np.uint8)
@@ -150,10 +177,11 @@ def _check_arguments(
 
 
 def _brain_stats(array: np.ndarray, brain: np.ndarray) -> _BrainStats:
-    low, median, high = np.percentile(array[brain], [1, 50, 99])
+    values = array[brain]
+    low, median, high = np.percentile(values, [1, 50, 99])
     if high <= low:
         raise CeVAEError("Intensities inside the brain mask are (nearly) constant: check the image and mask.")
-    return _BrainStats(float(low), float(median), float(high), float(array.min()))
+    return _BrainStats(float(low), float(median), float(high), float(array.min()), float(values.std()))
 
 
 def _depth_in_brain(brain: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -163,6 +191,16 @@ def _depth_in_brain(brain: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     padded = np.pad(brain[box], 1)
     depth[box] = ndimage.distance_transform_edt(padded, sampling=spacing[::-1])[1:-1, 1:-1, 1:-1]
     return depth
+
+
+def _distance_to_ventricles(
+    array: np.ndarray, brain: np.ndarray, depth: np.ndarray, spacing: np.ndarray, stats: _BrainStats
+) -> np.ndarray:
+    """Distance in mm to the nearest deep CSF voxel (darkest decile, deeper than the ventricle depth)."""
+    dark = brain & (depth > _VENTRICLE_DEPTH_MM) & (array <= np.percentile(array[brain], 10))
+    if not dark.any():
+        return np.full(array.shape, np.inf, np.float32)
+    return ndimage.distance_transform_edt(~dark, sampling=spacing[::-1]).astype(np.float32)
 
 
 def _place(
@@ -175,8 +213,13 @@ def _place(
     rng: np.random.Generator,
     number: int,
     n: int,
+    near: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Draw a radius and a centre (k, j, i) deep enough in the brain and away from other lesions."""
+    """Draw a radius and a centre (k, j, i) deep enough in the brain and away from other lesions.
+
+    ``near``: distance (mm) to a structure the lesion's border must come within ``_SITE_REACH_MM`` of
+    (ignored when nowhere qualifies).
+    """
     largest = float(depth.max()) - border_mm / 2 - 1e-3
     if largest < radius_mm[0]:
         raise CeVAEError(
@@ -187,6 +230,9 @@ def _place(
         radius = float(rng.uniform(radius_mm[0], min(radius_mm[1], largest)))
         extent = radius + border_mm / 2
         allowed = depth > extent
+        if near is not None:
+            site = allowed & (near <= extent + _SITE_REACH_MM)
+            allowed = site if site.any() else allowed
         if min_separation_mm is not None:
             for center, other_extent in placed:
                 reach = extent + other_extent + min_separation_mm
@@ -270,6 +316,7 @@ def _content(
     radius: float,
     stats: _BrainStats,
     rng: np.random.Generator,
+    contrast_sd: tuple[float, float] = (0.5, 3.0),
 ) -> np.ndarray:
     """Lesion intensities over the box ``region`` (only voxels where ``touched`` matter)."""
     dark = stats.low + rng.uniform(0.0, 0.15) * stats.spread  # CSF-like
@@ -279,6 +326,8 @@ def _content(
         return dark + anatomy
     if kind == "hyper":
         return bright + anatomy
+    if kind == "shift":
+        return region + rng.choice((-1.0, 1.0)) * rng.uniform(*contrast_sd) * stats.sd
     if kind == "ring":
         rim_mm = max(1.5, rng.uniform(0.25, 0.4) * radius)
         t = np.clip(rim_mm + 0.5 + distance, 0.0, 1.0)  # 1 within the rim, 0 in the core, 1 mm ramp
@@ -290,6 +339,32 @@ def _content(
     noise = rng.normal(0.0, rng.uniform(0.2, 0.4) * stats.spread, size=values.size)
     content[touched] = rng.permutation(values) + (noise - noise.mean())
     return content
+
+
+def _moved_tissue(
+    array: np.ndarray,
+    depth: np.ndarray,
+    center: np.ndarray,
+    extent: float,
+    box: tuple[slice, ...],
+    index_to_mm: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray | None:
+    """The box's content taken from another brain place at least two extents away (same shape),
+    flipped along the column axis half the time: real tissue texture where it does not belong.
+    None if no such place is found."""
+    shape = tuple(b.stop - b.start for b in box)
+    offset = center - np.array([b.start for b in box])
+    candidates = np.flatnonzero(depth > extent)
+    for _ in range(50):
+        source = np.array(np.unravel_index(candidates[int(rng.integers(candidates.size))], depth.shape))
+        start = source - offset
+        stop = start + np.array(shape)
+        far = np.linalg.norm((source - center)[::-1] @ index_to_mm.T) >= 2 * extent
+        if far and (start >= 0).all() and (stop <= depth.shape).all():
+            patch = array[tuple(slice(a, b) for a, b in zip(start, stop))].copy()
+            return patch[:, :, ::-1].copy() if rng.random() < 0.5 else patch
+    return None
 
 
 def _describe(

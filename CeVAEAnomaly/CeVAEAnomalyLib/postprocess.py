@@ -174,3 +174,35 @@ def components(labelmap: sitk.Image, score: sitk.Image) -> List[Component]:
             )
         )
     return out
+
+
+def robust_normalise(score: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Scores in units of this brain's own score spread: (score - median) / (1.4826 · MAD) over ``brain``.
+
+    Voxels outside ``brain`` become 0. Where more than half the voxels share one value (MAD 0, e.g. a
+    sparse map), the spread is 1.2533 · mean absolute deviation from the median instead (the same for
+    a normal distribution), and 1 for a constant map.
+    """
+    values = score[brain].astype(np.float64)
+    if values.size == 0:
+        return np.zeros(score.shape, np.float32)
+    median = float(np.median(values))
+    deviation = np.abs(values - median)
+    spread = 1.4826 * float(np.median(deviation))
+    if spread <= 0:
+        spread = 1.2533 * float(deviation.mean()) or 1.0
+    out = (score.astype(np.float64) - median) / spread
+    return np.where(brain, out, 0.0).astype(np.float32)
+
+
+def hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
+    """bool map: the 26-connected components of ``score > low`` that hold a voxel with ``score > high``."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(score > low, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros(score.shape, bool)
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(labels[score > high])] = True
+    keep[0] = False
+    return keep[labels]

@@ -1,0 +1,75 @@
+"""Tests of the score normalisation, hysteresis and slice scores against hand-computed or brute-force values."""
+from __future__ import annotations
+
+from collections import deque
+from itertools import product
+
+import numpy as np
+import pytest
+
+from CeVAEAnomalyLib.postprocess import hysteresis, robust_normalise
+from CeVAEAnomalyLib.slicescores import slice_excess, slice_quantile
+
+
+def test_robust_normalise_hand_computed() -> None:
+    score = np.array([1.0, 2.0, 3.0, 4.0, 100.0, 7.0])
+    brain = np.array([True, True, True, True, True, False])
+    # median 3, |deviations| 2, 1, 0, 1, 97 -> MAD 1
+    assert robust_normalise(score, brain) == pytest.approx([-2 / 1.4826, -1 / 1.4826, 0, 1 / 1.4826, 97 / 1.4826, 0],
+                                                           rel=1e-5)
+
+
+def test_robust_normalise_sparse_and_constant_maps() -> None:
+    brain = np.ones(5, bool)
+    # median 0 and MAD 0: the spread is 1.2533 x mean absolute deviation (5 / 5 = 1)
+    assert robust_normalise(np.array([0.0, 0, 0, 0, 5]), brain) == pytest.approx([0, 0, 0, 0, 5 / 1.2533], rel=1e-5)
+    assert (robust_normalise(np.full(5, 3.0), brain) == 0).all()
+    assert (robust_normalise(np.ones(3), np.zeros(3, bool)) == 0).all()
+
+
+def brute_hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Flood fill over 26-neighbours from every voxel above ``high`` through voxels above ``low``."""
+    out = np.zeros(score.shape, bool)
+    queue = deque(tuple(v) for v in np.argwhere(score > high))
+    for v in queue:
+        out[v] = True
+    while queue:
+        v = queue.popleft()
+        for d in product((-1, 0, 1), repeat=3):
+            w = tuple(a + b for a, b in zip(v, d))
+            if all(0 <= a < n for a, n in zip(w, score.shape)) and not out[w] and score[w] > low:
+                out[w] = True
+                queue.append(w)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hysteresis_matches_flood_fill(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    score = rng.random((7, 8, 9))
+    got = hysteresis(score, 0.6, 0.95)
+    assert np.array_equal(got, brute_hysteresis(score, 0.6, 0.95))
+    assert got[score > 0.95].all() and not got[score <= 0.6].any()
+
+
+def test_hysteresis_hand_example() -> None:
+    score = np.zeros((1, 1, 9))
+    score[0, 0] = [0, 0.5, 0.9, 0.5, 0, 0.5, 0.5, 0, 0.95]
+    got = hysteresis(score, 0.4, 0.8)[0, 0]
+    assert got.tolist() == [False, True, True, True, False, False, False, False, True]
+    assert not hysteresis(score, 0.4, 1.0).any()
+
+
+def test_slice_quantile_and_excess_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    score = rng.random((4, 5, 6))
+    brain = rng.random((4, 5, 6)) > 0.4
+    brain[:, :, 2] = False  # one slice along axis 2 without brain
+    for axis in range(3):
+        q = slice_quantile(score, brain, axis, 0.9)
+        e = slice_excess(score, brain, axis, 0.7)
+        for i in range(score.shape[axis]):
+            s = np.take(score, i, axis)[np.take(brain, i, axis)]
+            assert q[i] == pytest.approx(np.quantile(s, 0.9) if s.size else 0.0)
+            assert e[i] == pytest.approx(sum(max(v - 0.7, 0) for v in s))
+    assert slice_quantile(score, brain, 2, 0.9)[2] == 0 and slice_excess(score, brain, 2, 0.1)[2] == 0
