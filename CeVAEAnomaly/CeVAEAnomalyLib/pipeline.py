@@ -16,10 +16,12 @@ import torch
 from .bundle import Bundle
 from .calibration import DEFAULT_FPR, calibration_key, find_calibration, threshold_for_fpr
 from .errors import CeVAEError
-from .postprocess import Component, PostprocessOptions, components, refine_reach, refine_scores, threshold_labelmap
+from .postprocess import (Component, PostprocessOptions, components, normalised, refine_reach, refine_scores,
+                          threshold_labelmap)
 from .preprocess import Region, SliceRecord, brain_region, finite_brain, invert_region, mask_array, prepare
 from .progress import ProgressCallback, report, scaled
 from .scoring import ScoreOptions, SliceScores, score_slices
+from .symmetry import weight_by_asymmetry
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +132,19 @@ def detect(
               else tuple(slice(0, n) for n in brain.shape))
     score = _region_image(invert_region(stack.record, maps, region), image, region)
     timings["inverse"] = time.perf_counter() - t1
+    if post.asymmetry_mm > 0:
+        t1 = time.perf_counter()
+        score = weight_by_asymmetry(score, image, brain, post.asymmetry_mm, post.asymmetry_floor)
+        timings["asymmetry"] = time.perf_counter() - t1
     report(progress, 0.9, "Post-processing")
     t1 = time.perf_counter()
     rows = _slice_rows(stack.record, sl)
     brain_img = _region_image(brain[region].astype(np.uint8), image, region)
     del stack, brain  # free the full-size mask before the full-size outputs are made
     score = refine_scores(score, brain_img, post)
-    labelmap = threshold_labelmap(score, thr, post.min_volume_mm3)
+    if post.normalise:
+        score = normalised(score, brain_img)
+    labelmap = threshold_labelmap(score, thr, post.min_volume_mm3, post.hysteresis)
     comps = components(labelmap, score)
     labelmap, brain_img = (_full_image(im, image, region) for im in (labelmap, brain_img))
     timings["postprocess"] = time.perf_counter() - t1

@@ -8,17 +8,43 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import CeVAEError
+
 
 @dataclass(frozen=True)
 class PostprocessOptions:
-    """Optional steps, all off by default except what the bundle recommends."""
+    """Optional steps, all off by default except what the bundle recommends.
+
+    Order: asymmetry weighting, rim, median, robust normalisation, threshold (with hysteresis),
+    minimum component volume.
+    """
 
     rim_mm: float = 0.0  # zero scores within this distance of the brain's edge
     median_radius: int = 0  # 3D median filter radius in voxels
     min_volume_mm3: float = 0.0  # drop labelled components smaller than this
+    # multiply scores by (asymmetry_floor + left-right intensity asymmetry smoothed with this sigma); 0: off
+    asymmetry_mm: float = 0.0
+    asymmetry_floor: float = 0.0
+    normalise: bool = False  # scores in units of this brain's robust spread (median/MAD), negatives to 0
+    hysteresis: float = 0.0  # grow labelled components down to this fraction of the threshold; 0: off
+
+    def __post_init__(self) -> None:
+        if self.asymmetry_mm < 0 or self.asymmetry_floor < 0:
+            raise CeVAEError("asymmetry_mm and asymmetry_floor must be >= 0.")
+        if not 0 <= self.hysteresis < 1:
+            raise CeVAEError("hysteresis must lie in [0, 1).")
 
     def to_dict(self) -> Dict[str, float]:
-        return asdict(self)
+        """The options; the later levers are left out while off, so calibrations stored before they
+        existed keep their keys."""
+        d = asdict(self)
+        for key in _LEVERS:
+            if not d[key]:
+                del d[key]
+        return d
+
+
+_LEVERS = ("asymmetry_mm", "asymmetry_floor", "normalise", "hysteresis")
 
 
 # The chain the leave-one-subject-out benchmark favoured (docs/benchmark.md); new bundles use it.
@@ -141,10 +167,18 @@ def _box_median_at(values: np.ndarray, where: np.ndarray, r: int, slab: int = 8,
     return out
 
 
-def threshold_labelmap(score: sitk.Image, threshold: float, min_volume_mm3: float = 0.0) -> sitk.Image:
-    """uint8 {0,1}: score > threshold, without components smaller than ``min_volume_mm3``."""
-    label = sitk.BinaryThreshold(score, float(threshold), float("inf"), 1, 0)
-    label = sitk.Cast(label, sitk.sitkUInt8)
+def threshold_labelmap(score: sitk.Image, threshold: float, min_volume_mm3: float = 0.0,
+                       hysteresis_fraction: float = 0.0) -> sitk.Image:
+    """uint8 {0,1}: score > threshold (with ``hysteresis_fraction`` > 0: the components of
+    score > fraction·threshold that reach above the threshold), without components smaller than
+    ``min_volume_mm3``."""
+    if hysteresis_fraction > 0 and np.isfinite(threshold):
+        values = sitk.GetArrayViewFromImage(score)
+        label = sitk.GetImageFromArray(hysteresis(values, hysteresis_fraction * threshold, threshold).astype(np.uint8))
+        label.CopyInformation(score)
+    else:
+        label = sitk.BinaryThreshold(score, float(threshold), float("inf"), 1, 0)
+        label = sitk.Cast(label, sitk.sitkUInt8)
     if min_volume_mm3 > 0:
         voxel_mm3 = float(np.prod(score.GetSpacing()))
         min_voxels = int(np.ceil(min_volume_mm3 / voxel_mm3))
@@ -174,6 +208,14 @@ def components(labelmap: sitk.Image, score: sitk.Image) -> List[Component]:
             )
         )
     return out
+
+
+def normalised(score: sitk.Image, brain: sitk.Image) -> sitk.Image:
+    """:func:`robust_normalise` over ``brain``, negative values set to 0 (at or below this brain's median)."""
+    arr = robust_normalise(sitk.GetArrayViewFromImage(score), sitk.GetArrayViewFromImage(brain) > 0)
+    img = sitk.GetImageFromArray(np.maximum(arr, 0))
+    img.CopyInformation(score)
+    return img
 
 
 def robust_normalise(score: np.ndarray, brain: np.ndarray) -> np.ndarray:

@@ -13,9 +13,9 @@ from typing import Iterable, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-_COARSE_MM = 3.0  # grid spacing used to find the plane
-_SHIFTS_MM = (np.arange(-12.0, 12.01, 1.5), np.arange(-1.5, 1.51, 0.5))  # coarse, then fine
-_TILTS_DEG = (np.arange(-10.0, 10.01, 2.0), np.arange(-1.5, 1.51, 0.5))
+_COARSE_MM = 4.0  # grid spacing used to find the plane
+_SHIFTS_MM = (np.arange(-10.0, 10.01, 2.0), np.arange(-1.0, 1.01, 0.5))  # coarse, then fine
+_TILTS_DEG = (np.arange(-8.0, 8.01, 2.0), np.arange(-1.0, 1.01, 0.5))
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,34 @@ def estimate_midplane(image: sitk.Image, brain: sitk.Image) -> MidPlane:
     """The mid-sagittal plane: the reflection under which the brain best matches itself.
 
     ``brain`` (> 0 inside) shares ``image``'s grid. Coarse-to-fine search over the plane's left-right
-    shift (±12 mm) and its tilts about the vertical and the front-back axes (±10°), maximising the
-    correlation of the 3 mm brain image with its mirror image.
+    shift (±10 mm) and its tilts about the vertical and the front-back axes (±8°), maximising the
+    correlation of the brain's coarse (~4 mm) image with its mirror image over the brain.
     """
-    coarse = _coarse_brain(image, brain)
-    arr = sitk.GetArrayViewFromImage(coarse)
+    arr = sitk.GetArrayViewFromImage(image)
+    inside = sitk.GetArrayViewFromImage(brain) > 0
+    values = arr[inside].astype(np.float32)
+    lo, hi = np.percentile(values, [1, 99])
+    scaled = np.zeros(arr.shape, np.float32)
+    scaled[inside] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
+    img = sitk.GetImageFromArray(scaled)
+    img.CopyInformation(image)
+    return _search(img)
+
+
+def _search(scaled: sitk.Image) -> MidPlane:
+    """:func:`estimate_midplane` on brain intensities scaled to about [0, 1], 0 outside the brain."""
+    factor = [max(1, int(round(_COARSE_MM / s))) for s in scaled.GetSpacing()]
+    coarse = sitk.BinShrink(scaled, factor)
+    arr = sitk.GetArrayFromImage(coarse)
+    where = np.flatnonzero(arr.ravel() > 0)
+    ref = arr.ravel()[where]
     ijk = np.argwhere(arr > 0)[:, ::-1]
     centre = np.asarray(coarse.TransformContinuousIndexToPhysicalPoint(ijk.mean(0).tolist()))
     best = [0.0, 0.0, 0.0]  # shift, tan yaw, tan roll
 
     def score(params) -> float:
-        moved = sitk.GetArrayFromImage(mirror(coarse, plane_from(centre, *params)))
-        both = (arr > 0) | (moved > 0)
-        return float(np.corrcoef(arr[both], moved[both])[0, 1])
+        moved = sitk.GetArrayFromImage(mirror(coarse, plane_from(centre, *params))).ravel()[where]
+        return float(np.corrcoef(ref, moved)[0, 1]) if moved.std() > 0 else -1.0
 
     for shifts, tilts in zip(_SHIFTS_MM, _TILTS_DEG):
         for k, grid in ((0, best[0] + shifts), (1, np.tan(np.radians(tilts)) + best[1]),
@@ -81,18 +96,6 @@ def estimate_midplane(image: sitk.Image, brain: sitk.Image) -> MidPlane:
                 values.append(score(trial))
             best[k] = float(grid[int(np.argmax(values))])
     return plane_from(centre, *best)
-
-
-def _coarse_brain(image: sitk.Image, brain: sitk.Image) -> sitk.Image:
-    """Brain intensities scaled to [0, 1] by their 1st-99th percentiles, on a ~3 mm grid (0 outside)."""
-    arr = sitk.GetArrayViewFromImage(image).astype(np.float32)
-    inside = sitk.GetArrayViewFromImage(brain) > 0
-    lo, hi = np.percentile(arr[inside], [1, 99])
-    scaled = np.where(inside, np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1.5), 0).astype(np.float32)
-    img = sitk.GetImageFromArray(scaled)
-    img.CopyInformation(image)
-    factor = [max(1, int(round(_COARSE_MM / s))) for s in image.GetSpacing()]
-    return sitk.BinShrink(img, factor)
 
 
 def asymmetry(image: np.ndarray, mirrored: np.ndarray, both: np.ndarray, spacing: Tuple[float, float, float],
@@ -115,6 +118,37 @@ def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: floa
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing(tuple(float(s) for s in spacing))
     return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, float(sigma_mm)))
+
+
+def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray, sigma_mm: float,
+                        floor: float = 0.0) -> sitk.Image:
+    """``score`` (on a box of ``image``'s grid) times (floor + the smoothed left-right intensity asymmetry).
+
+    ``brain``: bool (k, j, i) mask on ``image``'s full grid. Intensities are scaled by the brain's
+    1st-99th percentiles (clipped to [0, 1.5], as the model sees them) and mirrored about the
+    estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0.
+    """
+    arr = sitk.GetArrayViewFromImage(image)
+    values = arr[brain].astype(np.float32)
+    lo, hi = np.percentile(values, [1, 99])
+    full = np.zeros(arr.shape, np.float32)
+    full[brain] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
+    norm = sitk.GetImageFromArray(full)
+    norm.CopyInformation(image)
+    mask = sitk.GetImageFromArray(brain.astype(np.uint8))
+    mask.CopyInformation(image)
+    plane = _search(norm)
+    here = sitk.GetArrayViewFromImage(score)  # the box: find it from the score image's origin
+    start = image.TransformPhysicalPointToIndex(score.GetOrigin())
+    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], here.shape))
+    reflection = plane.reflection()
+    mirrored = sitk.GetArrayFromImage(sitk.Resample(norm, score, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    mirrored_brain = sitk.GetArrayFromImage(sitk.Resample(mask, score, reflection, sitk.sitkNearestNeighbor, 0)) > 0
+    both = brain[box] & mirrored_brain
+    a = asymmetry(full[box], mirrored, both, score.GetSpacing(), sigma_mm)
+    out = sitk.GetImageFromArray(fuse(here, a, floor))
+    out.CopyInformation(score)
+    return out
 
 
 def fuse(score: np.ndarray, asym: np.ndarray, floor: float = 0.0) -> np.ndarray:
