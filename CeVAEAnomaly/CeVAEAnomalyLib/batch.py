@@ -166,7 +166,7 @@ def measure(score, labelmap, slices_csv: str) -> Dict[str, object]:
     voxel_ml = float(np.prod(labelmap.GetSpacing())) / 1000.0
     flagged = int(np.count_nonzero(sitk.GetArrayViewFromImage(labelmap)))
     rows = list(csv.DictReader(io.StringIO(slices_csv)))
-    top = max(rows, key=lambda r: float(r["neg_elbo"])) if rows else None
+    top = rows[0] if rows else None  # the table lists the most anomalous slice first
     return {"flagged_ml": f"{flagged * voxel_ml:.4f}",
             "max_score": f"{float(sitk.GetArrayViewFromImage(score).max()):.6g}",
             "top_slice_axis": "IJK"[int(top["axis"])] if top else "", "top_slice": top["index"] if top else ""}

@@ -52,6 +52,15 @@ def _add_scoring(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rim-mm", type=float, help="ignore scores within this distance of the brain edge")
     p.add_argument("--median-radius", type=int, help="3D median filter radius (voxels)")
     p.add_argument("--min-volume", type=float, help="drop components smaller than this (mm^3)")
+    p.add_argument("--asymmetry-mm", type=float,
+                   help="fuse the score with the left-right intensity asymmetry smoothed with this sigma (mm); 0: off")
+    p.add_argument("--asymmetry-floor", type=float,
+                   help="score^power x (floor + asymmetry): a floor > 0 keeps part of midline/bilateral scores")
+    p.add_argument("--score-power", type=float, help="power of the model's score in the asymmetry fusion")
+    p.add_argument("--normalise", action=argparse.BooleanOptionalAction, default=None,
+                   help="express scores in units of this brain's robust spread (median/MAD) before thresholding")
+    p.add_argument("--hysteresis", type=float,
+                   help="grow labelled components down to this fraction of the threshold (0: off)")
     p.add_argument("--paper", action="store_true",
                    help="the published score: rec x |dKL/dx| smoothed (3 px) and min-max normalised per volume")
     p.add_argument("--combi", choices=("product", "weighted", "geometric", "attribution"),

@@ -97,7 +97,9 @@ def detection_options(bundle, args: argparse.Namespace):
             opts[key] = getattr(args, key)
     post = default_postprocess(bundle).to_dict()
     for key, value in (("rim_mm", args.rim_mm), ("median_radius", args.median_radius),
-                       ("min_volume_mm3", args.min_volume)):
+                       ("min_volume_mm3", args.min_volume), ("asymmetry_mm", args.asymmetry_mm),
+                       ("asymmetry_floor", args.asymmetry_floor), ("score_power", args.score_power),
+                       ("normalise", args.normalise), ("hysteresis", args.hysteresis)):
         if value is not None:
             post[key] = value
     return ScoreOptions(**opts), PostprocessOptions(**post)

@@ -45,7 +45,7 @@ class CeVAEAnomalyResult:
 
     @property
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
-        """World RAS of the centre of the most anomalous slice (highest sample score)."""
+        """World RAS of the centre of the most anomalous slice (see DetectionResult.top_slice)."""
         top = self.detection.top_slice
         return None if top is None else mrml.slice_center_ras(self.volume, top.axis, top.index)
 

@@ -27,13 +27,17 @@ def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptio
 
 
 def _scores_by_option(bundle: Bundle, subjects: Sequence[Subject], options: Sequence[ScoreOptions],
-                      post: PostprocessOptions) -> List[List[np.ndarray]]:
-    """For every scoring in ``options``, the brain-voxel scores of each subject.
+                      post: PostprocessOptions, scorers: Optional[Sequence[Bundle]] = None) -> List[List[np.ndarray]]:
+    """For every scoring in ``options``, the brain-voxel scores of each subject (scored by ``bundle``,
+    or by ``scorers[i]`` for subject i).
 
     Each subject is read, and its brain mask computed if it has none, once for all scorings.
     """
     values: List[List[np.ndarray]] = [[] for _ in options]
-    for s in subjects:
+    models = list(scorers) if scorers is not None else [bundle] * len(subjects)
+    if len(models) != len(subjects):
+        raise CeVAEError("Give one scoring model per calibration subject.")
+    for s, model in zip(subjects, models):
         image = read_image(s.image)
         if s.mask:
             mask = read_image(s.mask, "brain mask")
@@ -42,31 +46,37 @@ def _scores_by_option(bundle: Bundle, subjects: Sequence[Subject], options: Sequ
 
             mask = compute_brain_mask(image)
         for out, opts in zip(values, options):
-            res = detect(image, bundle, mask, opts, post, threshold=float("inf"))
+            res = detect(image, model, mask, opts, post, threshold=float("inf"))
             brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0
             out.append(np.asarray(sitk.GetArrayViewFromImage(res.score)[brain], np.float32))
     return values
 
 
 def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, opts: ScoreOptions,
-                    post: PostprocessOptions) -> Dict[str, dict]:
-    """Calibrations for every score type with otherwise the given options, keyed for lookup."""
+                    post: PostprocessOptions, scorers: Optional[Sequence[Bundle]] = None) -> Dict[str, dict]:
+    """Calibrations for every score type with otherwise the given options, keyed for lookup.
+
+    ``scorers``: one model per subject that scores it instead of ``bundle`` (models that never saw
+    their subject give the rates an unseen subject gets; with normalised scores these transfer).
+    """
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on.")
     options = [ScoreOptions(**dict(opts.to_dict(), score_type=t)) for t in SCORE_TYPES]
-    scores = _scores_by_option(bundle, subjects, options, post)
+    scores = _scores_by_option(bundle, subjects, options, post, scorers)
     log.info("Calibrated %s on %d healthy volume(s).", ", ".join(SCORE_TYPES), len(subjects))
     return {calibration_key(o.to_dict(), post.to_dict()): calibrate(v, source) for o, v in zip(options, scores)}
 
 
 def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: ScoreOptions,
                 post: PostprocessOptions, default_fpr: Optional[float] = None,
-                source: str = "healthy volumes given to calibrate") -> Path:
-    """Write ``bundle`` to ``out`` with new default scoring options and their calibration."""
+                source: str = "healthy volumes given to calibrate",
+                scorers: Optional[Sequence[Bundle]] = None) -> Path:
+    """Write ``bundle`` to ``out`` with new default scoring options and their calibration
+    (``scorers``: see :func:`calibrate_model`)."""
     header = dict(bundle.header)
     header["score_options"] = ScoreOptions(**dict(opts.to_dict(), score_type="combi")).to_dict()
     header["postprocess"] = post.to_dict()
-    header["calibration"] = calibrate_model(bundle, subjects, source, opts, post)
+    header["calibration"] = calibrate_model(bundle, subjects, source, opts, post, scorers)
     header["calibration_subjects"] = [s.name for s in subjects]
     if default_fpr is not None:
         header["default_fpr"] = float(default_fpr)

@@ -410,6 +410,7 @@ def _fill_slices(table_node, rows) -> None:
         ("KL", _array(vtk.vtkDoubleArray, [r.kl for r in rows]), ""),
         ("Reconstruction", _array(vtk.vtkDoubleArray, [r.rec for r in rows]), ""),
         ("Sample score", _array(vtk.vtkDoubleArray, [r.neg_elbo for r in rows]), ""),
+        ("Slice anomaly", _array(vtk.vtkDoubleArray, [r.anomaly for r in rows]), ""),
     ])
 
 
@@ -417,15 +418,15 @@ def _slice_chart(scene, table_node, volume_node, existing) -> slicer.vtkMRMLPlot
     series = _output(scene, None, "vtkMRMLPlotSeriesNode", "slice series", volume_node, "slice score series")
     series.SetAndObserveTableNodeID(table_node.GetID())
     series.SetXColumnName("Slice")
-    series.SetYColumnName("Sample score")
+    series.SetYColumnName("Slice anomaly")
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
     series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
     chart = _output(scene, existing, "vtkMRMLPlotChartNode", "slice chart", volume_node, "slice scores chart")
     chart.RemoveAllPlotSeriesNodeIDs()
     chart.AddAndObservePlotSeriesNodeID(series.GetID())
-    chart.SetTitle(f"{volume_node.GetName()}: sample score per slice")
+    chart.SetTitle(f"{volume_node.GetName()}: anomaly per slice")
     chart.SetXAxisTitle(f"Slice index (axis {table_node.GetAttribute('CeVAEAnomaly.SliceAxis')})")
-    chart.SetYAxisTitle("Negative ELBO")
+    chart.SetYAxisTitle("99th percentile of the anomaly score")
     chart.SetLegendVisibility(False)
     return chart
 

@@ -18,9 +18,9 @@ from .pipeline import DetectionResult
 def slice_scores_csv(result: DetectionResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["axis", "index", "kl", "rec", "neg_elbo"])
-    for r in result.slices:
-        w.writerow([r.axis, r.index, f"{r.kl:.6g}", f"{r.rec:.6g}", f"{r.neg_elbo:.6g}"])
+    w.writerow(["axis", "index", "anomaly", "kl", "rec", "neg_elbo"])
+    for r in result.ranked_slices():  # most anomalous first
+        w.writerow([r.axis, r.index, f"{r.anomaly:.6g}", f"{r.kl:.6g}", f"{r.rec:.6g}", f"{r.neg_elbo:.6g}"])
     return buf.getvalue()
 
 

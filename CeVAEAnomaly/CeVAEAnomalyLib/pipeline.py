@@ -21,6 +21,7 @@ from .postprocess import (Component, PostprocessOptions, components, normalised,
 from .preprocess import Region, SliceRecord, brain_region, finite_brain, invert_region, mask_array, prepare
 from .progress import ProgressCallback, report, scaled
 from .scoring import ScoreOptions, SliceScores, score_slices
+from .slicescores import slice_quantile
 from .symmetry import weight_by_asymmetry
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ class SliceScoreRow:
     kl: float
     rec: float
     neg_elbo: float
+    anomaly: float = 0.0  # the slice score that follows lesions: SLICE_QUANTILE of the final map over its brain
+
+
+# Slice score of "most anomalous slice": this quantile of the final score map over the slice's brain
+# voxels (the subject-held-out benchmark's best; docs/benchmark.md).
+SLICE_QUANTILE = 0.99
 
 
 @dataclass
@@ -52,8 +59,14 @@ class DetectionResult:
 
     @property
     def top_slice(self) -> Optional[SliceScoreRow]:
-        """The slice with the highest negative ELBO (the sample score)."""
-        return max(self.slices, key=lambda r: r.neg_elbo) if self.slices else None
+        """The most anomalous slice: the highest ``anomaly`` (ties, and a map without anomaly, by the
+        paper's sample score, the negative ELBO)."""
+        ranked = self.ranked_slices()
+        return ranked[0] if ranked else None
+
+    def ranked_slices(self) -> List[SliceScoreRow]:
+        """Slices from most to least anomalous (``anomaly``, then negative ELBO)."""
+        return sorted(self.slices, key=lambda r: (-r.anomaly, -r.neg_elbo, r.index))
 
     @property
     def flagged_ml(self) -> float:
@@ -134,7 +147,8 @@ def detect(
     timings["inverse"] = time.perf_counter() - t1
     if post.asymmetry_mm > 0:
         t1 = time.perf_counter()
-        score = weight_by_asymmetry(score, image, brain, post.asymmetry_mm, post.asymmetry_floor)
+        score = weight_by_asymmetry(score, image, brain, post.asymmetry_mm, post.asymmetry_floor,
+                                    post.score_power)
         timings["asymmetry"] = time.perf_counter() - t1
     report(progress, 0.9, "Post-processing")
     t1 = time.perf_counter()
@@ -144,6 +158,7 @@ def detect(
     score = refine_scores(score, brain_img, post)
     if post.normalise:
         score = normalised(score, brain_img)
+    _add_slice_anomaly(rows, score, brain_img, region)
     labelmap = threshold_labelmap(score, thr, post.min_volume_mm3, post.hysteresis)
     comps = components(labelmap, score)
     labelmap, brain_img = (_full_image(im, image, region) for im in (labelmap, brain_img))
@@ -162,6 +177,19 @@ def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:
     kl, rec, ne = (t.cpu().numpy() for t in (sl.kl, sl.rec, sl.neg_elbo))
     rows = [SliceScoreRow(axis, int(i), float(a), float(b), float(c)) for i, a, b, c in zip(idx, kl, rec, ne)]
     return sorted(rows, key=lambda r: r.index)
+
+
+def _add_slice_anomaly(rows: List[SliceScoreRow], score: sitk.Image, brain: sitk.Image, region: Region) -> None:
+    """Set each row's ``anomaly`` from the score map on ``region`` (slices outside it keep 0)."""
+    if not rows:
+        return
+    axis = 2 - rows[0].axis  # numpy axis of the input's slice axis
+    values = slice_quantile(sitk.GetArrayViewFromImage(score), sitk.GetArrayViewFromImage(brain) > 0, axis,
+                            SLICE_QUANTILE)
+    start = region[axis].start
+    for r in rows:
+        if 0 <= r.index - start < len(values):
+            r.anomaly = float(values[r.index - start])
 
 
 def _region_image(arr: np.ndarray, ref: sitk.Image, region: Region) -> sitk.Image:

@@ -22,15 +22,16 @@ class PostprocessOptions:
     rim_mm: float = 0.0  # zero scores within this distance of the brain's edge
     median_radius: int = 0  # 3D median filter radius in voxels
     min_volume_mm3: float = 0.0  # drop labelled components smaller than this
-    # multiply scores by (asymmetry_floor + left-right intensity asymmetry smoothed with this sigma); 0: off
+    # score^score_power × (asymmetry_floor + left-right intensity asymmetry smoothed with this sigma); 0: off
     asymmetry_mm: float = 0.0
     asymmetry_floor: float = 0.0
+    score_power: float = 1.0
     normalise: bool = False  # scores in units of this brain's robust spread (median/MAD), negatives to 0
     hysteresis: float = 0.0  # grow labelled components down to this fraction of the threshold; 0: off
 
     def __post_init__(self) -> None:
-        if self.asymmetry_mm < 0 or self.asymmetry_floor < 0:
-            raise CeVAEError("asymmetry_mm and asymmetry_floor must be >= 0.")
+        if self.asymmetry_mm < 0 or self.asymmetry_floor < 0 or self.score_power <= 0:
+            raise CeVAEError("asymmetry_mm and asymmetry_floor must be >= 0 and score_power > 0.")
         if not 0 <= self.hysteresis < 1:
             raise CeVAEError("hysteresis must lie in [0, 1).")
 
@@ -38,13 +39,13 @@ class PostprocessOptions:
         """The options; the later levers are left out while off, so calibrations stored before they
         existed keep their keys."""
         d = asdict(self)
-        for key in _LEVERS:
-            if not d[key]:
+        for key, off in _LEVERS.items():
+            if d[key] == off:
                 del d[key]
         return d
 
 
-_LEVERS = ("asymmetry_mm", "asymmetry_floor", "normalise", "hysteresis")
+_LEVERS = {"asymmetry_mm": 0.0, "asymmetry_floor": 0.0, "score_power": 1.0, "normalise": False, "hysteresis": 0.0}
 
 
 # The chain the leave-one-subject-out benchmark favoured (docs/benchmark.md); new bundles use it.

@@ -121,8 +121,9 @@ def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: floa
 
 
 def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray, sigma_mm: float,
-                        floor: float = 0.0) -> sitk.Image:
-    """``score`` (on a box of ``image``'s grid) times (floor + the smoothed left-right intensity asymmetry).
+                        floor: float = 0.0, power: float = 1.0) -> sitk.Image:
+    """``score`` (on a box of ``image``'s grid) fused with the smoothed left-right intensity asymmetry
+    by :func:`fuse`.
 
     ``brain``: bool (k, j, i) mask on ``image``'s full grid. Intensities are scaled by the brain's
     1st-99th percentiles (clipped to [0, 1.5], as the model sees them) and mirrored about the
@@ -146,12 +147,14 @@ def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray,
     mirrored_brain = sitk.GetArrayFromImage(sitk.Resample(mask, score, reflection, sitk.sitkNearestNeighbor, 0)) > 0
     both = brain[box] & mirrored_brain
     a = asymmetry(full[box], mirrored, both, score.GetSpacing(), sigma_mm)
-    out = sitk.GetImageFromArray(fuse(here, a, floor))
+    out = sitk.GetImageFromArray(fuse(here, a, floor, power))
     out.CopyInformation(score)
     return out
 
 
-def fuse(score: np.ndarray, asym: np.ndarray, floor: float = 0.0) -> np.ndarray:
-    """score × (floor + asymmetry): floor 0 is the plain product; a positive floor keeps part of the
-    score where both sides agree (midline or bilateral anomalies)."""
-    return (score * (floor + asym)).astype(np.float32)
+def fuse(score: np.ndarray, asym: np.ndarray, floor: float = 0.0, power: float = 1.0) -> np.ndarray:
+    """score^power × (floor + asymmetry) for score >= 0: floor 0 is the plain product; a positive floor
+    keeps part of the score where both sides agree (midline or bilateral anomalies); power < 1 gives
+    the asymmetry more say in the ranking."""
+    s = score if power == 1 else np.power(np.maximum(score, 0), power)
+    return (s * (floor + asym)).astype(np.float32)

@@ -55,7 +55,7 @@ def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, 
         voxel_ml = np.prod(score.GetSpacing()) / 1000
         assert float(row["flagged_ml"]) == pytest.approx(label.sum() * voxel_ml, abs=1e-4)
         slices = list(csv.DictReader(paths["slices"].read_text().splitlines()))
-        top = max(slices, key=lambda r: float(r["neg_elbo"]))
+        top = max(slices, key=lambda r: (float(r["anomaly"]), float(r["neg_elbo"]), -int(r["index"])))
         assert row["top_slice"] == top["index"] and row["top_slice_axis"] == "IJK"[int(top["axis"])]
         assert float(row["seconds"]) > 0
     assert not list(out.glob("bad_*")) and not list(out.glob(".*"))  # no outputs or temp files for 'bad'

@@ -73,3 +73,49 @@ def test_slice_quantile_and_excess_brute_force() -> None:
             assert q[i] == pytest.approx(np.quantile(s, 0.9) if s.size else 0.0)
             assert e[i] == pytest.approx(sum(max(v - 0.7, 0) for v in s))
     assert slice_quantile(score, brain, 2, 0.9)[2] == 0 and slice_excess(score, brain, 2, 0.1)[2] == 0
+
+
+def test_postprocess_keys_of_levers_that_are_off() -> None:
+    """Calibrations stored before the levers existed keep matching: levers that are off are not in the key."""
+    from CeVAEAnomalyLib.postprocess import PostprocessOptions
+
+    assert PostprocessOptions(rim_mm=3.0).to_dict() == {"rim_mm": 3.0, "median_radius": 0, "min_volume_mm3": 0.0}
+    on = PostprocessOptions(asymmetry_mm=3.0, score_power=0.5, normalise=True, hysteresis=0.5).to_dict()
+    assert on["asymmetry_mm"] == 3.0 and on["score_power"] == 0.5 and on["normalise"] and on["hysteresis"] == 0.5
+    assert "asymmetry_floor" not in on
+
+
+def test_threshold_labelmap_with_hysteresis() -> None:
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.postprocess import threshold_labelmap
+
+    rng = np.random.default_rng(1)
+    arr = rng.random((6, 7, 8)).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    got = sitk.GetArrayFromImage(threshold_labelmap(img, 0.95, hysteresis_fraction=0.6)) > 0
+    assert np.array_equal(got, brute_hysteresis(arr, 0.57, 0.95))
+
+
+def test_detect_with_levers(tiny_bundle) -> None:
+    """Normalised maps are 0 at or below the brain's median; each slice's anomaly is the 99th percentile
+    of the output map over that slice's brain; the top slice has the highest anomaly."""
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.bundle import load_bundle
+    from CeVAEAnomalyLib.pipeline import SLICE_QUANTILE, detect
+    from CeVAEAnomalyLib.postprocess import PostprocessOptions
+    from conftest import make_head
+
+    image, mask = make_head(seed=5)
+    post = PostprocessOptions(asymmetry_mm=2.0, score_power=0.5, normalise=True, min_volume_mm3=5.0)
+    res = detect(image, load_bundle(tiny_bundle), mask, postprocess=post, threshold=2.0)
+    score = sitk.GetArrayFromImage(res.score)
+    brain = sitk.GetArrayFromImage(res.brain_mask) > 0
+    assert (score >= 0).all() and (score[~brain] == 0).all()
+    assert np.mean(score[brain] == 0) >= 0.5
+    axis = 2 - res.slices[0].axis
+    for r in res.slices:
+        s = np.take(score, r.index, axis)[np.take(brain, r.index, axis)]
+        assert r.anomaly == pytest.approx(np.quantile(s, SLICE_QUANTILE) if s.size else 0.0, rel=1e-5, abs=1e-6)
+    assert res.top_slice.anomaly == max(r.anomaly for r in res.slices)

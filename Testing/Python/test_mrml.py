@@ -123,9 +123,10 @@ def test_component_and_slice_tables_match_the_result(scene):
     slices = out.slice_table
     np.testing.assert_array_equal(mrml.table_column(slices, "Slice"), [r.index for r in result.slices])
     np.testing.assert_allclose(mrml.table_column(slices, "Sample score"), [r.neg_elbo for r in result.slices])
+    np.testing.assert_allclose(mrml.table_column(slices, "Slice anomaly"), [r.anomaly for r in result.slices])
     series = scene.GetNodeByID(out.slice_chart.GetPlotSeriesNodeID())
     assert series.GetTableNodeID() == slices.GetID()
-    assert (series.GetXColumnName(), series.GetYColumnName()) == ("Slice", "Sample score")
+    assert (series.GetXColumnName(), series.GetYColumnName()) == ("Slice", "Slice anomaly")
 
 
 def test_nothing_above_threshold_gives_an_empty_anomaly_segment(scene):

@@ -88,3 +88,4 @@ def test_fuse() -> None:
     a = np.array([3.0, 0.0, 0.5, 0.25])
     assert fuse(s, a) == pytest.approx([0.0, 0.0, 1.0, 1.0])
     assert fuse(s, a, floor=0.5) == pytest.approx([0.0, 0.5, 2.0, 3.0])
+    assert fuse(s, a, power=0.5) == pytest.approx([0.0, 0.0, 0.5 * 2 ** 0.5, 0.5])
