@@ -78,9 +78,11 @@ VARIANTS: Dict[str, Tuple[Callable[[Case], np.ndarray], bool]] = {
     "combi × (0.05 + A) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0), 0.05), True),
     "rec × A (σ 3 mm)": (lambda c: fuse(c["rec"], asym(c, 3.0)), True),
     "√combi × A (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0), 0.0, 0.5), True),
-    "√combi × A (σ 4 mm)": (lambda c: fuse(c["combi"], asym(c, 4.0), 0.0, 0.5), True),
+    "√combi × (0.02 + A) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0), 0.02, 0.5), True),
     "√combi × (0.05 + A) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0), 0.05, 0.5), True),
-    "√rec × A (σ 3 mm)": (lambda c: fuse(c["rec"], asym(c, 3.0), 0.0, 0.5), True),
+    "√combi × (0.1 + A) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0), 0.1, 0.5), True),
+    "√combi × (0.05 + A) (σ 4 mm)": (lambda c: fuse(c["combi"], asym(c, 4.0), 0.05, 0.5), True),
+    "√rec × (0.05 + A) (σ 3 mm)": (lambda c: fuse(c["rec"], asym(c, 3.0), 0.05, 0.5), True),
     "rank fusion (combi, A σ 3 mm)": (lambda c: (ranks(c["combi"], c["brain"]) + ranks(asym(c, 3.0), c["brain"])) / 2, True),
     "combi − mirrored combi (positive part)": (lambda c: np.maximum(c["combi"] - c["combi_m"], 0) * c["both"], True),
 }
@@ -122,6 +124,11 @@ def evaluate(cases: Dict[str, Case], name: str, hyst: Optional[float] = None, me
     normalised = VARIANTS[name][1]
     grid = GRID if normalised else None
     out = dict(pooled, seconds_per_volume=seconds)
+    out["per_subject"] = {}
+    for s in SUBJECTS:
+        m = pooled_metrics([(maps[k][cases[k]["brain"]], cases[k]["gt"][cases[k]["brain"]])
+                            for k in lesion if cases[k]["subject"] == s])
+        out["per_subject"][s] = {"auroc": m["auroc"], "auprc": m["auprc"], "best_dice": m["best_dice"]}
     if grid is not None:
         d = {k: np.array([dice(labelmap(maps[k], cases[k], t, hyst), cases[k]["gt"]) for t in grid]) for k in lesion}
         ml = {k: np.array([labelmap(maps[k], cases[k], t, hyst).sum() * cases[k]["voxel_ml"] for t in grid])

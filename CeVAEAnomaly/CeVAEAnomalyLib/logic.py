@@ -45,7 +45,10 @@ class CeVAEAnomalyResult:
 
     @property
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
-        """World RAS of the centre of the most anomalous slice (see DetectionResult.top_slice)."""
+        """Where "jump to the most anomalous" goes, in world RAS: the top component's centroid when the
+        labelmap has one, else the centre of the most anomalous slice (DetectionResult.top_slice)."""
+        if self.detection.components:
+            return mrml.component_ras(self.volume, self.detection.components[0])
         top = self.detection.top_slice
         return None if top is None else mrml.slice_center_ras(self.volume, top.axis, top.index)
 

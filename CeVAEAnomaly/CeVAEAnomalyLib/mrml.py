@@ -160,6 +160,11 @@ def _to_world(node: slicer.vtkMRMLTransformableNode, point: Sequence[float]) -> 
     return tuple(float(v) for v in transform.TransformPoint([float(v) for v in point]))
 
 
+def component_ras(volume_node: slicer.vtkMRMLVolumeNode, component) -> Tuple[float, float, float]:
+    """World RAS of a component's centroid (given in the volume's RAS)."""
+    return _to_world(volume_node, component.centroid_ras)
+
+
 def slice_center_ras(volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int) -> Tuple[float, float, float]:
     """World RAS of the centre of slice ``index`` along IJK axis ``axis`` of the volume."""
     dims = volume_node.GetImageData().GetDimensions()

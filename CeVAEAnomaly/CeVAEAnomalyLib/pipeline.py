@@ -42,6 +42,8 @@ class SliceScoreRow:
 # Slice score of "most anomalous slice": this quantile of the final score map over the slice's brain
 # voxels (the subject-held-out benchmark's best; docs/benchmark.md).
 SLICE_QUANTILE = 0.99
+# Order of the lesion table (its first row is where "jump" goes when there is a component).
+COMPONENT_ORDER = "summed"
 
 
 @dataclass
@@ -160,7 +162,7 @@ def detect(
         score = normalised(score, brain_img)
     _add_slice_anomaly(rows, score, brain_img, region)
     labelmap = threshold_labelmap(score, thr, post.min_volume_mm3, post.hysteresis)
-    comps = components(labelmap, score)
+    comps = components(labelmap, score, COMPONENT_ORDER)
     labelmap, brain_img = (_full_image(im, image, region) for im in (labelmap, brain_img))
     timings["postprocess"] = time.perf_counter() - t1
     t1 = time.perf_counter()

@@ -64,6 +64,11 @@ class Component:
     centroid_lps: Tuple[float, float, float]
 
     @property
+    def summed_score(self) -> float:
+        """The component's score mass: mean score × voxels."""
+        return self.mean_score * self.voxels
+
+    @property
     def centroid_ras(self) -> Tuple[float, float, float]:
         x, y, z = self.centroid_lps
         return (-x, -y, z)
@@ -189,8 +194,17 @@ def threshold_labelmap(score: sitk.Image, threshold: float, min_volume_mm3: floa
     return label
 
 
-def components(labelmap: sitk.Image, score: sitk.Image) -> List[Component]:
-    """Connected components (26-connectivity), largest first, with size and score statistics."""
+COMPONENT_ORDERS = {
+    "volume": lambda c: c.voxels,
+    "max": lambda c: c.max_score,
+    "mean": lambda c: c.mean_score,
+    "summed": lambda c: c.summed_score,
+}
+
+
+def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -> List[Component]:
+    """Connected components (26-connectivity) with size and score statistics, ranked by ``order``
+    (a key of :data:`COMPONENT_ORDERS`, highest first) and labelled 1, 2, ... in that order."""
     cc = sitk.RelabelComponent(sitk.ConnectedComponent(labelmap, True))
     stats = sitk.LabelIntensityStatisticsImageFilter()
     stats.Execute(cc, score)
@@ -208,6 +222,9 @@ def components(labelmap: sitk.Image, score: sitk.Image) -> List[Component]:
                 centroid_lps=tuple(float(v) for v in stats.GetCentroid(lab)),
             )
         )
+    out.sort(key=lambda c: (-COMPONENT_ORDERS[order](c), -c.voxels, c.label))
+    for rank, c in enumerate(out, 1):
+        c.label = rank
     return out
 
 

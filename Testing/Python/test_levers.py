@@ -119,3 +119,24 @@ def test_detect_with_levers(tiny_bundle) -> None:
         s = np.take(score, r.index, axis)[np.take(brain, r.index, axis)]
         assert r.anomaly == pytest.approx(np.quantile(s, SLICE_QUANTILE) if s.size else 0.0, rel=1e-5, abs=1e-6)
     assert res.top_slice.anomaly == max(r.anomaly for r in res.slices)
+
+
+def test_components_ranked_by_order() -> None:
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.postprocess import components
+
+    lab = np.zeros((5, 5, 20), np.uint8)
+    score = np.zeros((5, 5, 20), np.float32)
+    lab[1:4, 1:4, 0:3] = 1  # 27 voxels of score 1: summed 27
+    score[1:4, 1:4, 0:3] = 1.0
+    lab[2, 2, 8:10] = 1  # 2 voxels of score 9: summed 18, highest max and mean
+    score[2, 2, 8:10] = 9.0
+    lab[1:3, 1:3, 14:16] = 1  # 8 voxels of score 3: summed 24
+    score[1:3, 1:3, 14:16] = 3.0
+    li, si = sitk.GetImageFromArray(lab), sitk.GetImageFromArray(score)
+    by = {o: [c.voxels for c in components(li, si, o)] for o in ("volume", "max", "mean", "summed")}
+    assert by == {"volume": [27, 8, 2], "max": [2, 8, 27], "mean": [2, 8, 27], "summed": [27, 8, 2]}
+    ranked = components(li, si, "summed")
+    assert [c.label for c in ranked] == [1, 2, 3]
+    assert [c.summed_score for c in ranked] == pytest.approx([27.0, 24.0, 18.0])

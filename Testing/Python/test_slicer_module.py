@@ -72,8 +72,11 @@ def test_process_makes_outputs_on_the_input_grid(scene_with_head, tiny_bundle, g
     np.testing.assert_allclose(mrml.table_column(nodes.components, "Volume"),
                                [c.volume_ml for c in result.detection.components])
     assert nodes.slice_table.GetNumberOfRows() == len(result.detection.slices)
-    top = result.detection.top_slice
-    assert result.topSliceRas == pytest.approx(mrml.slice_center_ras(volume, top.axis, top.index))
+    # with components, the jump goes to the top component's centroid
+    assert result.topSliceRas == pytest.approx(result.detection.components[0].centroid_ras)
+    ranked = [c.summed_score for c in result.detection.components]
+    assert ranked == sorted(ranked, reverse=True) and [c.label for c in result.detection.components] == list(
+        range(1, len(ranked) + 1))
 
 
 def test_logic_and_command_line_share_one_detection(scene_with_head, tiny_bundle, tmp_path):
