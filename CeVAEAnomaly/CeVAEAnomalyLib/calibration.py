@@ -47,6 +47,14 @@ def threshold_for_fpr(entry: Mapping[str, Any], fpr: float) -> float:
     return float(np.interp(np.log(fpr), np.log(grid), thr))
 
 
+def fpr_for_threshold(entry: Mapping[str, Any], threshold: float) -> float:
+    """The healthy false-positive rate at ``threshold``: the inverse of :func:`threshold_for_fpr`
+    (log-linear interpolation, clamped to the calibrated range)."""
+    grid = np.log(np.asarray(entry["fpr"], float))
+    thr = np.asarray(entry["threshold"], float)  # decreasing as the rate grows
+    return float(np.exp(np.interp(threshold, thr[::-1], grid[::-1])))
+
+
 def find_calibration(header: Mapping[str, Any], key: str) -> Dict[str, Any]:
     """The calibration stored for ``key``, or an error saying how to get a threshold."""
     entries = header.get("calibration") or {}

@@ -140,3 +140,14 @@ def test_components_ranked_by_order() -> None:
     ranked = components(li, si, "summed")
     assert [c.label for c in ranked] == [1, 2, 3]
     assert [c.summed_score for c in ranked] == pytest.approx([27.0, 24.0, 18.0])
+
+
+def test_fpr_for_threshold_inverts_threshold_for_fpr() -> None:
+    from CeVAEAnomalyLib.calibration import calibrate, fpr_for_threshold, threshold_for_fpr
+
+    entry = calibrate([np.random.default_rng(0).standard_normal(200000)], "test")
+    for fpr in (1e-4, 3e-4, 0.002, 0.05):
+        assert fpr_for_threshold(entry, threshold_for_fpr(entry, fpr)) == pytest.approx(fpr, rel=1e-6)
+    hand = {"fpr": [0.001, 0.01, 0.1], "threshold": [3.0, 2.0, 1.0]}
+    assert fpr_for_threshold(hand, 2.5) == pytest.approx(10 ** -2.5)  # halfway in log rate
+    assert fpr_for_threshold(hand, 9.0) == pytest.approx(0.001)  # clamped to the range
