@@ -28,14 +28,14 @@ from CeVAEAnomalyLib.train import TrainConfig, Trainer
 SUBJECTS = ("colin27", "mni152", "robex")
 FOLD_STEPS = 1500
 # chosen on the subject-held-out quality benchmark (docs/benchmark.md, scripts/benchmark_quality.py):
-# the ceVAE's combi map × (0.05 + left-right intensity asymmetry smoothed with σ = 3 mm), in units
+# √(the ceVAE's combi map) × (0.1 + left-right intensity asymmetry smoothed with σ = 3 mm), in units
 # of the brain's own robust spread, outer 3 mm rim masked, components under 50 mm³ dropped
 SCORING = ScoreOptions()
 POSTPROCESS = PostprocessOptions(rim_mm=RECOMMENDED.rim_mm, min_volume_mm3=RECOMMENDED.min_volume_mm3,
-                                 asymmetry_mm=3.0, asymmetry_floor=0.05, normalise=True)
+                                 asymmetry_mm=3.0, asymmetry_floor=0.1, score_power=0.5, normalise=True)
 # The operating threshold (normalised units) the benchmark tuned over all subjects; stored as the
 # healthy false-positive rate it has in the held-out calibration.
-OPERATING_THRESHOLD = 16.1
+OPERATING_THRESHOLD = 6.694
 
 
 def fold_models(subjects, runs: Path):

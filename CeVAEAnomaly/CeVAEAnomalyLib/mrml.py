@@ -431,7 +431,7 @@ def _slice_chart(scene, table_node, volume_node, existing) -> slicer.vtkMRMLPlot
     chart.AddAndObservePlotSeriesNodeID(series.GetID())
     chart.SetTitle(f"{volume_node.GetName()}: anomaly per slice")
     chart.SetXAxisTitle(f"Slice index (axis {table_node.GetAttribute('CeVAEAnomaly.SliceAxis')})")
-    chart.SetYAxisTitle("99th percentile of the anomaly score")
+    chart.SetYAxisTitle("99.9th percentile of the anomaly score")
     chart.SetLegendVisibility(False)
     return chart
 

@@ -41,7 +41,7 @@ class SliceScoreRow:
 
 # Slice score of "most anomalous slice": this quantile of the final score map over the slice's brain
 # voxels (the subject-held-out benchmark's best; docs/benchmark.md).
-SLICE_QUANTILE = 0.99
+SLICE_QUANTILE = 0.999
 # Order of the lesion table (its first row is where "jump" goes when there is a component).
 COMPONENT_ORDER = "summed"
 
