@@ -1,6 +1,7 @@
-"""Score the leave-one-subject-out synthetic-lesion benchmark and write docs/benchmark.md.
+"""Score the previous leave-one-subject-out benchmark (model and scoring ablation) into docs/benchmark_ablation.md.
 
-Needs the models of ``scripts/benchmark_train.py``. For every held-out subject it inserts
+The current benchmark is scripts/benchmark_quality.py (docs/benchmark.md). This one needs the
+models of ``scripts/benchmark_train.py``. For every held-out subject it inserts
 synthetic lesions of every kind (fixed seeds), runs ``detect`` with each model variant and
 scoring variant, and pools pixel AUROC / AUPRC / best Dice over all cases and folds. It also
 runs every model on the held-out healthy subject to measure the flagged volume at the
@@ -157,7 +158,7 @@ def main() -> None:
         results[method]["healthy_flagged_ml"] = float(np.mean([r["flagged_ml"] for r in rows]))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "benchmark_results.json", json.dumps({"results": results, "healthy": healthy}, indent=1))
-    atomic_write_text(args.out / "benchmark.md", render(results, args))
+    atomic_write_text(args.out / "benchmark_ablation.md", render(results, args))
     print(render(results, args))
 
 

@@ -9,7 +9,8 @@ cases under a flagged-volume limit on their healthy scans.
 
     python scripts/benchmark_quality.py [--maps runs/quality] [--out docs]
 
-Writes docs/benchmark_quality.json (raw figures) and prints the Markdown tables for docs/benchmark.md.
+Writes docs/benchmark_quality.json (raw figures) and docs/benchmark_quality_tables.md (all tables;
+docs/benchmark.md summarises them).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from CeVAEAnomalyLib.calibration import calibration_key, fpr_for_threshold
 from CeVAEAnomalyLib.data import Subject
 from CeVAEAnomalyLib.modelcard import write_model_card
 from CeVAEAnomalyLib.modelcalibration import recalibrate
-from CeVAEAnomalyLib.postprocess import RECOMMENDED, PostprocessOptions
+from CeVAEAnomalyLib.postprocess import RECOMMENDED
 from CeVAEAnomalyLib.scoring import ScoreOptions
 from CeVAEAnomalyLib.train import TrainConfig, Trainer
 
@@ -31,8 +31,7 @@ FOLD_STEPS = 1500
 # √(the ceVAE's combi map) × (0.1 + left-right intensity asymmetry smoothed with σ = 3 mm), in units
 # of the brain's own robust spread, outer 3 mm rim masked, components under 50 mm³ dropped
 SCORING = ScoreOptions()
-POSTPROCESS = PostprocessOptions(rim_mm=RECOMMENDED.rim_mm, min_volume_mm3=RECOMMENDED.min_volume_mm3,
-                                 asymmetry_mm=3.0, asymmetry_floor=0.1, score_power=0.5, normalise=True)
+POSTPROCESS = RECOMMENDED
 # The operating threshold (normalised units) the benchmark tuned over all subjects; stored as the
 # healthy false-positive rate it has in the held-out calibration.
 OPERATING_THRESHOLD = 6.694
