@@ -33,10 +33,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
-from CeVAEAnomalyLib.mrml import OutputNodes, component_position
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
+from CeVAEAnomalyLib.slicer.mrml import OutputNodes, component_position
 from CeVAEAnomalyLib.progress import Cancelled
-from CeVAEAnomalyLib.resources import resource_dir
+from CeVAEAnomalyLib.slicer.resources import resource_dir
 
 __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "CeVAEAnomalyTest",
            "CeVAEAnomalyWidget"]
@@ -455,7 +455,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Detection test passed")
 
     def test_CancelLeavesSceneUnchanged(self):
-        from CeVAEAnomalyLib.mrml import node_ids
+        from CeVAEAnomalyLib.slicer.mrml import node_ids
 
         self.delayDisplay("Cancelling a run")
         volume, mask, _lesion = self._syntheticHead()

@@ -23,8 +23,8 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CeVAEAnomaly"))
 
-from CeVAEAnomalyLib.brainmask import TEMPLATE_MASK, TEMPLATE_T1, default_template_dir  # noqa: E402
-from CeVAEAnomalyLib.sampledata import ensure_healthy_data, subject_files  # noqa: E402
+from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1, default_template_dir  # noqa: E402
+from CeVAEAnomalyResearch.sampledata import ensure_healthy_data, subject_files  # noqa: E402
 
 GREY_LEVELS = 64
 SMOOTHING_MM = 1.0

@@ -1,6 +1,6 @@
 """Recipe of the bundled default model: train on the healthy sample subjects, calibrate, write the card.
 
-    python scripts/train_default_model.py [--steps N] [--out Resources/Models/cevae_t1_default.cevae]
+    python scripts/train_default_model.py [--steps N] [--out CeVAEAnomaly/CeVAEAnomalyLib/data/cevae_t1_default.cevae]
 
 Trains the MICCAI-19 ceVAE (64 px, axial slices, seed 0, augmentation on) on all three healthy
 T1 subjects, stores fp16 weights, calibrates the scoring chosen by the benchmark on the same
@@ -13,13 +13,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from CeVAEAnomalyLib.bundle import load_bundle
-from CeVAEAnomalyLib.data import Subject
-from CeVAEAnomalyLib.modelcard import write_model_card
-from CeVAEAnomalyLib.modelcalibration import recalibrate
-from CeVAEAnomalyLib.postprocess import RECOMMENDED
-from CeVAEAnomalyLib.scoring import ScoreOptions
-from CeVAEAnomalyLib.train import TrainConfig, Trainer
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyResearch.modelcard import write_model_card
+from CeVAEAnomalyLib.engine.calibrate import recalibrate
+from CeVAEAnomalyLib.engine.postprocess import RECOMMENDED
+from CeVAEAnomalyLib.engine.scoring import ScoreOptions
+from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
 
 SUBJECTS = ("colin27", "mni152", "robex")
 # chosen on the leave-one-subject-out benchmark (docs/benchmark.md)
@@ -34,13 +34,13 @@ DEFAULT_FPR = 0.0002
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=5083)  # the shipped model: 5083 steps (a 50-min cap on 2 shared cores)
-    p.add_argument("--out", type=Path, default=Path("Resources/Models/cevae_t1_default.cevae"))
+    p.add_argument("--out", type=Path, default=Path("CeVAEAnomaly/CeVAEAnomalyLib/data/cevae_t1_default.cevae"))
     p.add_argument("--data", type=Path, help="folder with <name>_t1/_brainmask.nii.gz (default: find or fetch)")
     p.add_argument("--calibrate-only", action="store_true", help="recalibrate an existing --out")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if args.data is None:
-        from CeVAEAnomalyLib.sampledata import ensure_healthy_data
+        from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
         args.data = ensure_healthy_data()
     subjects = [Subject(args.data / f"{s}_t1.nii.gz", args.data / f"{s}_brainmask.nii.gz") for s in SUBJECTS]

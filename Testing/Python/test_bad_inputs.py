@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from CeVAEAnomalyLib.cli import main
+from CeVAEAnomalyLib.cli.main import main
 from conftest import make_head
 
 REFUSED = 2
@@ -257,7 +257,7 @@ def model_other_safetensors(d: Path, g: Inputs) -> Inputs:
 
 
 def model_wrong_tensors(d: Path, g: Inputs) -> Inputs:
-    from CeVAEAnomalyLib.bundle import read_header
+    from CeVAEAnomalyLib.engine.bundle import read_header
     from safetensors.torch import save_file
 
     header = json.dumps(read_header(g.model))
@@ -453,7 +453,7 @@ def test_non_finite_voxels_score_zero(good, tmp_path, capsys):
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
 def test_non_finite_voxels_survive_reading(tmp_path, suffix):
     """ITK's NIfTI reader zeroes NaN/Inf; read_image puts them back, on any grid orientation."""
-    from CeVAEAnomalyLib.imageio import read_image
+    from CeVAEAnomalyLib.io.images import read_image
     from conftest import oblique_direction
 
     image, _ = make_head(size=(20, 24, 18), direction=oblique_direction(130.0), dtype=np.float64)
@@ -497,7 +497,7 @@ def test_payloads_really_execute_when_unpickled(tmp_path):
 
 
 def test_unexpected_error_is_one_line_unless_debug(good, tmp_path, capsys, monkeypatch):
-    import CeVAEAnomalyLib.pipeline as pipeline
+    import CeVAEAnomalyLib.engine.detector as pipeline
 
     def broken(*args, **kwargs):
         raise ValueError("shape mismatch\nin the network")

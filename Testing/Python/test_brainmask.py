@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib.brainmask import TEMPLATE_MASK, TEMPLATE_T1, compute_brain_mask, default_template_dir
+from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1, compute_brain_mask, default_template_dir
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.sampledata import find_healthy_data, subject_files
+from CeVAEAnomalyResearch.sampledata import find_healthy_data, subject_files
 
 from conftest import oblique_direction
 

@@ -4,9 +4,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import SHARED_DATA, make_head
-from CeVAEAnomalyLib.bundle import read_header
-from CeVAEAnomalyLib.calibration import calibration_key
-from CeVAEAnomalyLib.cli import main
+from CeVAEAnomalyLib.engine.bundle import read_header
+from CeVAEAnomalyLib.engine.calibration import calibration_key
+from CeVAEAnomalyLib.cli.main import main
 
 
 def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundle):

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, make_head
-from CeVAEAnomalyLib.bundle import load_bundle, read_header
-from CeVAEAnomalyLib.train import parameter_checksum
+from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
+from CeVAEAnomalyLib.training.trainer import parameter_checksum
 
 CHECKSUM = re.compile(r"\[rank (\d)\] INFO: Rank (\d) of 2: parameter checksum ([0-9a-f]{64})\.")
 
@@ -81,8 +81,8 @@ def test_single_forward_computes_both_branches():
     """DDP needs one forward per step: model(x, x_corrupted) must equal the two branches run apart."""
     import torch
 
-    from CeVAEAnomalyLib.config import ModelConfig
-    from CeVAEAnomalyLib.model import CeVAE
+    from CeVAEAnomalyLib.engine.config import ModelConfig
+    from CeVAEAnomalyLib.engine.model import CeVAE
 
     torch.manual_seed(0)
     model = CeVAE(ModelConfig(channels=(8, 16, 16, 32), z_dim=16))

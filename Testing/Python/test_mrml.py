@@ -10,10 +10,10 @@ vtk = pytest.importorskip("vtk")
 
 from conftest import make_head, oblique_direction  # noqa: E402
 
-from CeVAEAnomalyLib import mrml  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
-from CeVAEAnomalyLib.pipeline import DetectionResult, SliceScoreRow  # noqa: E402
-from CeVAEAnomalyLib.postprocess import components, threshold_labelmap  # noqa: E402
+from CeVAEAnomalyLib.engine.detector import DetectionResult, SliceScoreRow  # noqa: E402
+from CeVAEAnomalyLib.engine.postprocess import components, threshold_labelmap  # noqa: E402
 
 GEOMETRIES = {
     "axis-aligned": dict(direction=None),

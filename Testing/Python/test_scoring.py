@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from CeVAEAnomalyLib.config import ModelConfig
+from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.model import CeVAE, kl_per_sample
-from CeVAEAnomalyLib.scoring import ScoreOptions, gaussian_blur, score_slices
+from CeVAEAnomalyLib.engine.model import CeVAE, kl_per_sample
+from CeVAEAnomalyLib.engine.scoring import ScoreOptions, gaussian_blur, score_slices
 
 
 def _model():

@@ -16,14 +16,14 @@ from conftest import REPO, make_head, oblique_direction
 
 slicer = pytest.importorskip("slicer")
 
-from CeVAEAnomalyLib import mrml  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
-from CeVAEAnomalyLib.logic import CeVAEAnomalyLogic  # noqa: E402
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
 from CeVAEAnomalyLib.progress import Cancelled  # noqa: E402
 
 MODULE_DIR = REPO / "CeVAEAnomaly"
 MODULE_FILE = MODULE_DIR / "CeVAEAnomaly.py"
-BATCH_FILE = MODULE_DIR / "CeVAEAnomalyBatch.py"
+BATCH_FILE = MODULE_DIR / "Scripts" / "DetectVolume.py"
 UI_FILE = REPO / "Resources" / "UI" / "CeVAEAnomaly.ui"
 GEOMETRIES = {"axis-aligned": None, "oblique": oblique_direction()}
 
@@ -78,8 +78,8 @@ def test_process_makes_outputs_on_the_input_grid(scene_with_head, tiny_bundle, g
 
 def test_logic_and_command_line_share_one_detection(scene_with_head, tiny_bundle, tmp_path):
     """The node path gives the same scores as the core called on the image file."""
-    from CeVAEAnomalyLib.bundle import load_bundle
-    from CeVAEAnomalyLib.pipeline import default_score_options, detect
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.detector import default_score_options, detect
 
     scene, volume, mask, image, mask_image = scene_with_head()
     result = CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu")
@@ -174,7 +174,7 @@ def test_importing_logic_and_module_dependencies_does_not_import_torch():
     tree = ast.parse(MODULE_FILE.read_text())
     lib_modules = sorted({node.module for node in tree.body if isinstance(node, ast.ImportFrom)
                           and node.module and node.module.startswith("CeVAEAnomalyLib")})
-    assert "CeVAEAnomalyLib.logic" in lib_modules
+    assert "CeVAEAnomalyLib.slicer.logic" in lib_modules
     code = "import sys\n" + "".join(f"import {m}\n" for m in lib_modules) + \
         "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
@@ -185,7 +185,7 @@ def test_importing_logic_and_module_dependencies_does_not_import_torch():
 
 
 def module_sources():
-    return [MODULE_FILE, BATCH_FILE, *sorted((MODULE_DIR / "CeVAEAnomalyLib").glob("*.py"))]
+    return [MODULE_FILE, BATCH_FILE, *sorted((MODULE_DIR / "CeVAEAnomalyLib").rglob("*.py"))]
 
 
 @pytest.mark.parametrize("path", module_sources(), ids=lambda p: p.name)
@@ -247,10 +247,10 @@ def cmake_list(text: str, name: str):
 def test_cmake_lists_every_module_script():
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     listed = set(cmake_list(text, "MODULE_PYTHON_SCRIPTS"))
-    scripts = [MODULE_FILE, *(MODULE_DIR / "CeVAEAnomalyLib").glob("*.py")]
+    scripts = [MODULE_FILE, *(MODULE_DIR / "CeVAEAnomalyLib").rglob("*.py")]
     on_disk = {p.relative_to(MODULE_DIR).as_posix() for p in scripts}
     assert listed == on_disk
-    assert "configure_file(${MODULE_NAME}Batch.py" in text and BATCH_FILE.is_file()
+    assert cmake_list(text, "MODULE_SCRIPTS") == [BATCH_FILE.relative_to(MODULE_DIR).as_posix()]
     assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
@@ -260,14 +260,10 @@ def test_cmake_resources_match_the_files_on_disk():
     explicit = cmake_list(text, "MODULE_PYTHON_RESOURCES")
     assert {"Resources/UI/CeVAEAnomaly.ui", "Resources/Icons/CeVAEAnomaly.png"} <= set(explicit)
     assert all((REPO / item).is_file() for item in explicit)
-    globs = re.search(r"file\(GLOB _cevae_data .*?\n(.*?)\)", text, re.S).group(1).split()
-    assert globs and all(g.startswith("${CEVAE_REPOSITORY_DIR}/Resources/") for g in globs)
-    patterns = [g.replace("${CEVAE_REPOSITORY_DIR}/", "") for g in globs]
-    globbed = {p.relative_to(REPO).as_posix() for pattern in patterns for p in REPO.glob(pattern) if p.is_file()}
-    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "Resources").rglob("*")
-               if p.is_file() and not p.name.startswith(".")}
-    assert on_disk == set(explicit) | globbed
-    assert "Models/cevae_t1_default.cevae" in text  # the build refuses to package without the model
+    data = cmake_list(text, "MODULE_PYTHON_LIBRARY_DATA")
+    packaged = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "CeVAEAnomalyLib" / "data").iterdir()
+                if p.is_file() and p.suffix != ".py"}
+    assert set(data) == packaged and "CeVAEAnomalyLib/data/cevae_t1_default.cevae" in data
 
 
 def test_icon_is_a_128_pixel_png():

@@ -39,16 +39,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from CeVAEAnomalyLib.bundle import Bundle, load_bundle, save_bundle
-from CeVAEAnomalyLib.config import ModelConfig, PreprocessConfig
+from CeVAEAnomalyLib.engine.bundle import Bundle, load_bundle, save_bundle
+from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.imageio import read_image
-from CeVAEAnomalyLib.model import CeVAE, cevae_loss, kl_per_sample
-from CeVAEAnomalyLib.outputs import components_csv, slice_scores_csv, write_all
-from CeVAEAnomalyLib.pipeline import default_postprocess, default_score_options, detect, resolve_threshold
-from CeVAEAnomalyLib.postprocess import RECOMMENDED, PostprocessOptions
-from CeVAEAnomalyLib.preprocess import mask_array, prepare
-from CeVAEAnomalyLib.scoring import ScoreOptions
+from CeVAEAnomalyLib.io.images import read_image
+from CeVAEAnomalyLib.engine.model import CeVAE, cevae_loss, kl_per_sample
+from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv, write_all
+from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options, detect, resolve_threshold
+from CeVAEAnomalyLib.engine.postprocess import RECOMMENDED, PostprocessOptions
+from CeVAEAnomalyLib.engine.preprocess import mask_array, prepare
+from CeVAEAnomalyLib.engine.scoring import ScoreOptions
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTHY = Path(os.environ.get("CEVAE_DATA_DIR", REPO.parent / "shared" / "data" / "healthy"))
@@ -86,11 +86,11 @@ def load_average() -> str:
 
 def model_bundle(workdir: Path, requested: Optional[Path]) -> Tuple[Path, str]:
     """The bundle to benchmark and a note on what it is."""
-    from CeVAEAnomalyLib.resources import DEFAULT_MODEL_NAME, resource_dir
+    from CeVAEAnomalyLib.data import default_model_path
 
     if requested is not None:
         return requested, f"given bundle {requested}"
-    default = resource_dir() / "Models" / DEFAULT_MODEL_NAME
+    default = default_model_path()
     if default.is_file():
         return default, f"bundled default model {default.name}"
     path = workdir / "untrained_default_arch.cevae"  # made anew each time: option names may change
@@ -279,9 +279,9 @@ def help_wall(repeats: int) -> List[float]:
 # ---- training ------------------------------------------------------------------------------------
 def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[float], List[float], int]:
     """(Trainer slices/s, bare step slices/s, training slices), alternating the two ``repeats`` times."""
-    from CeVAEAnomalyLib.data import Subject, augment
-    from CeVAEAnomalyLib.masking import random_rectangles
-    from CeVAEAnomalyLib.train import TrainConfig, Trainer
+    from CeVAEAnomalyLib.training.data import Subject, augment
+    from CeVAEAnomalyLib.engine.corruption import random_rectangles
+    from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
 
     subjects = [Subject(p, p.with_name(p.name.replace("_t1.", "_brainmask.")))
                 for p in sorted(HEALTHY.glob("*_t1.nii.gz"))]

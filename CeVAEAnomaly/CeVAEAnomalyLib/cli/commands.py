@@ -1,0 +1,241 @@
+"""Implementations of the command-line subcommands (imported lazily by cli.py)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from ..errors import CeVAEError
+
+log = logging.getLogger("cevae_anomaly")
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    from .console import ConsoleProgress
+    from ..engine.config import LossConfig, ModelConfig
+    from ..training.data import AugmentConfig, Subject, read_manifest
+    from ..training.trainer import TrainConfig, Trainer
+
+    subjects = list(read_manifest(args.manifest)) if args.manifest else []
+    subjects += [Subject(Path(p)) for p in args.images]
+    if not subjects:
+        raise CeVAEError("No training images: give --manifest CSV and/or image paths.")
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise CeVAEError(f"--channels must be comma-separated integers, got {args.channels!r}.") from None
+    orientations = tuple(o.strip() for o in args.orientations.split(",") if o.strip())
+    for o in orientations:
+        if o not in ("axial", "coronal", "sagittal"):
+            raise CeVAEError(f"Unknown orientation {o!r}; use axial, coronal and/or sagittal.")
+    no_aug = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
+                           intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
+    cfg = TrainConfig(
+        out=args.out,
+        model=ModelConfig(input_size=args.input_size, channels=channels, z_dim=args.z_dim),
+        loss=LossConfig(ce_weight=args.ce_weight, beta=args.beta, rec=args.rec_loss),
+        augment=no_aug if args.no_augment else AugmentConfig(),
+        orientations=orientations, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+        max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction,
+        seed=args.seed, device=args.device, resume=args.resume, half_bundle=args.half, amp=args.amp,
+    )
+    rank0 = os.environ.get("RANK", "0") == "0"
+    trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
+    path = trainer.run()
+    if path is not None:
+        log.info("Model bundle written to %s (log: %s).", path, cfg.log_path)
+    return path
+
+
+def run_detect(args: argparse.Namespace) -> None:
+    from ..engine.bundle import load_bundle
+    from .console import ConsoleProgress
+    from ..engine.devices import resolve_device
+    from ..io.images import read_image
+    from ..io.outputs import check_paths, components_csv, slice_scores_csv, write_all
+    from ..engine.detector import detect
+    from ..data import default_model_path
+
+    outputs = [args.score] + [p for p in (args.labelmap, args.slice_scores, args.components) if p is not None]
+    inputs = (args.image, args.mask)
+    check_detect_options(args)
+    check_paths(outputs, args.overwrite, inputs)
+    image = read_image(args.image)
+    mask = read_image(args.mask, "brain mask") if args.mask else None
+    bundle = load_bundle(args.model or default_model_path(), resolve_device(args.device))
+    opts, post = detection_options(bundle, args)
+    _warn_modality(image)
+    result = detect(image, bundle, mask, opts, post, threshold=args.threshold,
+                    fpr=args.fpr, batch_size=args.batch_size, amp=args.amp, progress=ConsoleProgress("detect"))
+    files = {args.score: result.score}
+    if args.labelmap:
+        files[args.labelmap] = result.labelmap
+    if args.slice_scores:
+        files[args.slice_scores] = slice_scores_csv(result)
+    if args.components:
+        files[args.components] = components_csv(result)
+    write_all(files, args.overwrite, inputs)
+    top = result.top_slice
+    log.info("Threshold %.4g (%s); %d component(s), %.2f ml flagged; most anomalous slice: %s.",
+             result.threshold, result.threshold_source, len(result.components), result.flagged_ml,
+             f"index {top.index} on axis {'IJK'[top.axis]}" if top else "none")
+    log.info("Wrote %s.", ", ".join(str(p) for p in files))
+
+
+def detection_options(bundle, args: argparse.Namespace):
+    """(ScoreOptions, PostprocessOptions): the bundle's defaults with the command-line overrides."""
+    from ..engine.detector import default_postprocess, default_score_options
+    from ..engine.postprocess import PostprocessOptions
+    from ..engine.scoring import PAPER, ScoreOptions
+
+    opts = default_score_options(bundle, args.score_type).to_dict()
+    if getattr(args, "paper", False):
+        opts.update(PAPER)
+    for key in SCORE_FLAGS:
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    post = default_postprocess(bundle).to_dict()
+    for key, value in (("rim_mm", args.rim_mm), ("median_radius", args.median_radius),
+                       ("min_volume_mm3", args.min_volume)):
+        if value is not None:
+            post[key] = value
+    return ScoreOptions(**opts), PostprocessOptions(**post)
+
+
+SCORE_FLAGS = ("mc_samples", "combi", "alpha", "grad_target", "grad_sigma", "grad_norm", "rec_sigma")
+
+
+def run_calibrate(args: argparse.Namespace) -> Path:
+    """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
+    from ..engine.bundle import load_bundle
+    from ..training.data import Subject, read_manifest
+    from ..engine.devices import resolve_device
+    from ..engine.calibrate import recalibrate
+    from ..io.outputs import check_paths
+    from ..data import default_model_path
+
+    subjects = list(read_manifest(args.manifest)) if args.manifest else []
+    subjects += [Subject(Path(p)) for p in args.images]
+    if not subjects:
+        raise CeVAEError("No healthy volumes to calibrate on: give --manifest CSV and/or image paths.")
+    src = Path(args.model or default_model_path())
+    check_paths([args.out], args.overwrite, [src] if args.out.resolve() == src.resolve() else [])
+    bundle = load_bundle(src, resolve_device(args.device))
+    opts, post = detection_options(bundle, args)
+    path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr)
+    log.info("Calibrated bundle written to %s (%d healthy volume(s)).", path, len(subjects))
+    return path
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """Print (and optionally write) metrics of score maps against ground truth."""
+    import csv
+
+    from CeVAEAnomalyResearch.evaluate import evaluate_files, write_metrics_csv
+
+    if args.cases:
+        if not args.cases.is_file():
+            raise CeVAEError(f"The cases CSV {args.cases} does not exist.")
+        with open(args.cases, newline="") as fh:
+            rows = [{k: (str(args.cases.parent / v) if v and k != "name" and not Path(v).is_absolute() else v)
+                     for k, v in r.items()} for r in csv.DictReader(fh)]
+    elif args.score:
+        rows = [{"score": str(args.score), "gt": str(args.gt or ""), "mask": str(args.mask or ""),
+                 "labelmap": str(args.labelmap or ""), "name": args.score.name}]
+    else:
+        raise CeVAEError("Give --cases CSV or --score (with --gt for a lesion case).")
+    cases, pooled = evaluate_files(rows)
+    for c in cases:
+        print(f"{c.name}: AUROC {c.auroc:.4f}  AUPRC {c.auprc:.4f}  best Dice {c.best_dice:.4f}"
+              + (f"  Dice@labelmap {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
+              + (f"  slice AUROC {c.slice_auroc:.4f}" if c.slice_auroc is not None else "")
+              + (f"  flagged {c.flagged_ml:.2f} ml" if c.flagged_ml is not None else ""))
+    print(f"pooled: AUROC {pooled['auroc']:.4f}  AUPRC {pooled['auprc']:.4f}  best Dice {pooled['best_dice']:.4f}")
+    if args.out:
+        write_metrics_csv(args.out, cases, pooled)
+        log.info("Metrics written to %s.", args.out)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """The README's first command: detection on a healthy sample scan with synthetic lesions."""
+    from .console import ConsoleProgress
+    from CeVAEAnomalyResearch.demo import run_demo as demo
+
+    report = demo(args.out_dir, args.model, args.seed, auto_mask=args.auto_mask, device=args.device,
+                  progress=ConsoleProgress("demo"))
+    for key, value in report.metrics.items():
+        print(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
+    if report.note:
+        print(report.note)
+    print(f"Done in {report.seconds:.1f} s. Outputs in {report.out_dir}/:")
+    for f in report.files:
+        print(f"  {f}")
+
+
+def run_batch(args: argparse.Namespace) -> None:
+    """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
+    from .batch import DetectSettings, collect_inputs, parse_shard, select_shard, summary_name
+    from .batch import run_batch as process
+    from ..engine.bundle import load_bundle
+    from .console import ConsoleProgress
+    from ..engine.devices import resolve_device
+    from ..engine.detector import resolve_threshold
+    from ..data import default_model_path
+
+    check_detect_options(args)
+    if args.inputs.resolve() == args.out_dir.resolve():
+        raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
+    shard = parse_shard(args.shard) if args.shard else None
+    every = collect_inputs(args.inputs)
+    items = select_shard(every, *shard) if shard else every
+    if shard:
+        log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
+    model = args.model or default_model_path()
+    bundle = load_bundle(model, resolve_device(args.device))
+    opts, post = detection_options(bundle, args)
+    threshold, source = resolve_threshold(bundle, opts, post, args.threshold, args.fpr)
+    log.info("Score %s; threshold %.4g (%s).", opts.score_type, threshold, source)
+    settings = DetectSettings(model=Path(model), device=args.device, score_options=opts.to_dict(),
+                              postprocess=post.to_dict(), out_dir=args.out_dir, threshold=args.threshold,
+                              fpr=args.fpr, batch_size=args.batch_size, amp=args.amp, overwrite=args.overwrite)
+    summary = process(items, settings, args.out_dir / summary_name(shard), args.workers, ConsoleProgress("batch"))
+    failed = summary.count("error")
+    if failed:
+        raise CeVAEError(f"{failed} of {len(items)} volume(s) failed; the reasons are in the 'error' column of "
+                         f"{summary.path}. The others are done, and a rerun retries only the failed ones.")
+
+
+def check_detect_options(args: argparse.Namespace) -> None:
+    """Refuse impossible option values before any file is read."""
+    import math
+
+    from ..engine.scoring import SCORE_TYPES
+
+    if args.score_type is not None and args.score_type not in SCORE_TYPES:
+        raise CeVAEError(f"Unknown --score-type {args.score_type!r}; choose one of {', '.join(SCORE_TYPES)}.")
+    if args.batch_size < 1:
+        raise CeVAEError(f"--batch-size must be 1 or more, got {args.batch_size}.")
+    if args.fpr is not None and not 0 < args.fpr < 1:
+        raise CeVAEError(f"--fpr is a rate between 0 and 1 (e.g. 0.001), got {args.fpr:g}.")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise CeVAEError("--threshold must be a finite number.")
+    for flag, value in (("--mc-samples", args.mc_samples), ("--rim-mm", args.rim_mm),
+                        ("--median-radius", args.median_radius), ("--min-volume", args.min_volume)):
+        if value is not None and not value >= 0:
+            raise CeVAEError(f"{flag} must be 0 or more, got {value:g}.")
+
+
+def _warn_modality(image) -> None:
+    """Warn when the intensities look like CT (Hounsfield units) rather than MRI."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayViewFromImage(image)
+    low = float(arr.min())
+    if not np.isfinite(low):  # NaN/Inf voxels are handled (and reported) by the pipeline
+        finite = arr[np.isfinite(arr)]
+        low = float(finite.min()) if finite.size else 0.0
+    if low <= -500:
+        log.warning("The intensities reach %.0f, like a CT in Hounsfield units; this model is for T1 MRI "
+                    "and its scores will not be meaningful.", low)

@@ -1,0 +1,58 @@
+"""Calibrated thresholds: healthy voxel score quantiles stored in the bundle.
+
+A labelmap threshold is chosen from a target false-positive rate: the share of healthy brain
+voxels allowed above it. Each calibration is keyed by the scoring and post-processing options
+it was measured with, because a threshold only means something for the same score map.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import CeVAEError
+
+DEFAULT_FPR = 0.001
+FPR_GRID = np.unique(np.concatenate([np.logspace(-6, -1, 26), [0.2, 0.5]]))
+
+
+def calibration_key(score: Mapping[str, Any], post: Mapping[str, Any]) -> str:
+    """A stable key for the options a calibration applies to."""
+    return json.dumps({"score": dict(score), "post": dict(post)}, sort_keys=True)
+
+
+def calibrate(healthy_scores: Iterable[np.ndarray], source: str) -> Dict[str, Any]:
+    """Quantiles of pooled healthy brain-voxel scores on the FPR grid."""
+    values = np.concatenate([np.asarray(v, np.float32).ravel() for v in healthy_scores])
+    if values.size == 0:
+        raise CeVAEError("No healthy brain voxels to calibrate on.")
+    thresholds = np.quantile(values, 1.0 - FPR_GRID)
+    return {
+        "fpr": [float(f) for f in FPR_GRID],
+        "threshold": [float(t) for t in thresholds],
+        "n_voxels": int(values.size),
+        "source": source,
+    }
+
+
+def threshold_for_fpr(entry: Mapping[str, Any], fpr: float) -> float:
+    """Threshold whose healthy false-positive rate is ``fpr`` (log-linear interpolation)."""
+    grid = np.asarray(entry["fpr"], float)
+    thr = np.asarray(entry["threshold"], float)
+    if not grid[0] <= fpr <= grid[-1]:
+        raise CeVAEError(
+            f"False-positive rate {fpr:g} is outside the calibrated range [{grid[0]:g}, {grid[-1]:g}]."
+        )
+    return float(np.interp(np.log(fpr), np.log(grid), thr))
+
+
+def find_calibration(header: Mapping[str, Any], key: str) -> Dict[str, Any]:
+    """The calibration stored for ``key``, or an error saying how to get a threshold."""
+    entries = header.get("calibration") or {}
+    if key not in entries:
+        raise CeVAEError(
+            "The model has no calibration for these scoring/post-processing options; give an "
+            "absolute threshold (--threshold), or use the options the model was calibrated with."
+        )
+    return entries[key]

@@ -1,0 +1,305 @@
+"""Reading volumes and writing outputs safely (atomic, never over the input)."""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_path
+from ..errors import CeVAEError
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def read_image(path: PathLike, what: str = "image") -> sitk.Image:
+    """Read a scalar 3D volume from a file SimpleITK reads or from a DICOM series folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CeVAEError(f"The {what} {p} does not exist.")
+    if p.is_dir():
+        image = _read_dicom_folder(p, what)
+    else:
+        if p.stat().st_size == 0:
+            raise CeVAEError(f"The {what} file {p} is empty.")
+        layout = _nifti_layout(p)
+        if layout is not None:
+            _check_nifti_complete(p, layout, what)
+        floats = layout is not None and layout.datatype in _NIFTI_FLOATS
+        image = _read_float_nifti(p, layout, what) if floats else None
+        if image is None:
+            try:
+                image = sitk.ReadImage(str(p))
+            except RuntimeError as exc:
+                raise CeVAEError(
+                    f"The {what} file {p} could not be read as an image "
+                    f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
+                ) from None
+            if floats:
+                image = _restore_non_finite(p, layout, image)
+    return check_volume(image, f"{what} {p.name}")
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """Where a NIfTI file's voxels are, read from its header."""
+
+    gz: bool
+    endian: str
+    datatype: int
+    voxels: int
+    offset: int  # first voxel byte (after header and extensions)
+    size: int  # bytes the (decompressed) file must hold
+
+
+def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
+    """The voxel layout of a .nii/.nii.gz file (NIfTI-1 or -2); None if it is not one."""
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    gz = name.endswith(".gz")
+    try:
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as fh:
+            header = fh.read(540)
+    except (EOFError, OSError, zlib.error):
+        return None  # not even a readable header: the image reader says what is wrong
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 348:
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            dims = struct.unpack(endian + "8h", header[40:56])
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        elif size == 540 and len(header) >= 540:
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
+            return None  # malformed: the image reader reports it
+        voxels = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
+        offset = max(offset, size)
+        return _NiftiLayout(gz, endian, datatype, voxels, offset, offset + voxels * bitpix // 8)
+    return None
+
+
+def _check_nifti_complete(p: Path, layout: _NiftiLayout, what: str) -> None:
+    """Refuse a truncated NIfTI file: ITK would silently fill the missing voxels with zeros."""
+    if not layout.gz:
+        have = p.stat().st_size
+    elif _gzip_size_field(p) == layout.size % 2**32:
+        return  # the gzip trailer records the full length
+    else:
+        have = _gunzipped_size(p, layout.size)
+    if have < layout.size:
+        raise CeVAEError(
+            f"The {what} file {p} is truncated or corrupt (it holds {have} of the {layout.size} bytes "
+            "its header announces); copy or export it again."
+        )
+
+
+def _gzip_size_field(p: Path) -> int:
+    """The uncompressed length (mod 2**32) stored in the last 4 bytes of a gzip file."""
+    with open(p, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", fh.read(4))[0]
+
+
+def _gunzipped_size(p: Path, limit: int) -> int:
+    """Decompressed length of a gzip file, counted up to ``limit`` or to where the stream breaks."""
+    have = 0
+    try:
+        with gzip.open(p, "rb") as fh:
+            while have < limit:
+                block = fh.read(1 << 22)
+                if not block:
+                    break
+                have += len(block)
+    except (EOFError, OSError, zlib.error):
+        pass
+    return have
+
+
+def _read_float_nifti(p: Path, layout: _NiftiLayout, what: str) -> Optional[sitk.Image]:
+    """A plain 3D float NIfTI read in one pass, NaN/Inf kept; None where ITK must read it.
+
+    ITK's reader zeroes NaN/Inf, so restoring them from the raw voxels would decompress the
+    file twice. Here ITK reads only the header (geometry exactly as it would give it) and the
+    voxels are read once, straight into the array. Files with intensity scaling or more than
+    three dimensions go the general way.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+        slope = float(reader.GetMetaData("scl_slope")) if reader.HasMetaDataKey("scl_slope") else 1.0
+        inter = float(reader.GetMetaData("scl_inter")) if reader.HasMetaDataKey("scl_inter") else 0.0
+    except (RuntimeError, ValueError):
+        return None
+    dtype = np.dtype(layout.endian + _NIFTI_FLOATS[layout.datatype])
+    pixel = sitk.sitkFloat32 if dtype.itemsize == 4 else sitk.sitkFloat64
+    if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or reader.GetPixelID() != pixel
+            or int(np.prod(reader.GetSize(), dtype=np.int64)) != layout.voxels
+            or slope not in (0.0, 1.0) or inter != 0.0):
+        return None
+    arr = np.empty(reader.GetSize()[::-1], dtype)
+    try:
+        got = _read_voxels_into(p, layout, memoryview(arr).cast("B"))
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CeVAEError(f"The {what} file {p} could not be read (corrupt or truncated): {exc}") from None
+    if got < arr.nbytes:
+        raise CeVAEError(
+            f"The {what} file {p} is truncated or corrupt (it holds {layout.offset + got} of the {layout.size} "
+            "bytes its header announces); copy or export it again."
+        )
+    if not dtype.isnative:
+        arr = arr.byteswap().view(dtype.newbyteorder("="))
+    image = sitk.GetImageFromArray(arr, isVector=False)
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(reader.GetSpacing())
+    image.SetDirection(reader.GetDirection())
+    return image
+
+
+def _read_voxels_into(p: Path, layout: _NiftiLayout, out: memoryview) -> int:
+    """Fill ``out`` with the file's bytes from ``layout.offset`` on (gzip: one or more members); bytes read."""
+    with open(p, "rb") as fh:
+        if not layout.gz:
+            fh.seek(layout.offset)
+            return fh.readinto(out) or 0
+        pos, need = -layout.offset, len(out)  # pos: where the next decompressed byte goes in ``out``
+        inflate = zlib.decompressobj(31)
+        pending = b""
+        while pos < need:
+            if not pending:
+                pending = fh.read(1 << 22)
+                if not pending:
+                    break
+            block = inflate.decompress(pending, 1 << 24)
+            pending = inflate.unconsumed_tail
+            if inflate.eof:  # end of one gzip member; another may follow
+                pending, inflate = inflate.unused_data, zlib.decompressobj(31)
+            start = max(pos, 0)
+            n = min(pos + len(block), need) - start
+            if n > 0:
+                out[start : start + n] = memoryview(block)[start - pos : start - pos + n]
+            pos += len(block)
+        return max(0, min(pos, need))
+
+
+def _restore_non_finite(p: Path, layout: _NiftiLayout, image: sitk.Image) -> sitk.Image:
+    """Put back the NaN/Inf voxels that ITK's NIfTI reader turns into 0 (so they can be left out)."""
+    dtype = np.dtype(layout.endian + _NIFTI_FLOATS[layout.datatype])
+    if image.GetNumberOfPixels() != layout.voxels or image.GetNumberOfComponentsPerPixel() != 1:
+        return image
+    with (gzip.open(p, "rb") if layout.gz else open(p, "rb")) as fh:
+        fh.seek(layout.offset)
+        raw = np.frombuffer(fh.read(layout.voxels * dtype.itemsize), dtype)
+    bad = ~np.isfinite(raw)
+    if not bad.any():
+        return image
+    arr = sitk.GetArrayFromImage(image)
+    if arr.dtype.kind != "f":
+        return image
+    arr.reshape(-1)[bad] = raw[bad]
+    restored = sitk.GetImageFromArray(arr, isVector=False)
+    restored.CopyInformation(image)
+    return restored
+
+
+def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM prints a warning for folders without series
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    if not series:
+        raise CeVAEError(f"The {what} folder {folder} contains no DICOM series.")
+    if len(series) > 1:
+        log.warning("%s holds %d DICOM series; reading the first (%s).", folder, len(series), series[0])
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise CeVAEError(f"The DICOM series in {folder} could not be read: {error_text(exc)}") from None
+
+
+def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """Refuse what the model cannot score: not 3D, several components, a single slice, too small."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CeVAEError(
+            f"The {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+            "(colour or vector image); a single-channel MRI volume is needed."
+        )
+    dim = image.GetDimension()
+    if dim == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dim = 3
+    if dim != 3:
+        extra = " (a time series or multi-volume file: extract one volume first)" if dim == 4 else ""
+        raise CeVAEError(f"The {what} is {dim}D{extra}; a 3D volume is needed.")
+    size = image.GetSize()
+    shape = "x".join(map(str, size))
+    if sorted(size)[1] >= 8 and min(size) == 1:
+        raise CeVAEError(f"The {what} is a single slice ({shape} voxels); a 3D volume of the head is needed.")
+    if min(sorted(size)[1:]) < 8:
+        raise CeVAEError(f"The {what} is too small to analyse ({shape} voxels).")
+    return image
+
+
+def grid_difference(a: sitk.Image, b: sitk.Image, atol: float = 1e-4, rtol: float = 0.0) -> Optional[str]:
+    """The first of "Size", "Spacing", "Origin", "Direction" that differs between the grids, or None."""
+    for what in ("Size", "Spacing", "Origin", "Direction"):
+        va, vb = getattr(a, f"Get{what}")(), getattr(b, f"Get{what}")()
+        if len(va) != len(vb) or not np.allclose(va, vb, rtol=rtol, atol=atol):
+            return what
+    return None
+
+
+def check_output_path(target: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse to clobber an input, or an existing file unless ``overwrite``."""
+    if target.is_dir():
+        raise CeVAEError(f"The output {target} is a folder; give a file name.")
+    resolved = target.resolve()
+    for src in inputs:
+        if src is not None and Path(src).resolve() == resolved:
+            raise CeVAEError(f"The output {target} is the same file as an input; choose another path.")
+    if target.exists() and not overwrite:
+        raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
+
+
+def atomic_write_text(path: PathLike, text: str, overwrite: bool = True) -> Path:
+    """Write a text file atomically (temp file in the same folder + rename)."""
+    target = Path(path)
+    check_output_path(target, overwrite)
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text(text, newline="")
+    return target
+
+
+def error_text(exc: BaseException) -> str:
+    """The informative line of an ITK/SimpleITK error message, without location prefixes."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Description:"):
+            return ln.split(":", 1)[1].strip()
+    # "Reason: <errno text>" after an ITK error is a stale system error, not the cause
+    useful = [ln for ln in lines if not ln.startswith(("Exception thrown in", "Reason:"))] or lines
+    if not useful:
+        return type(exc).__name__
+    return re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", useful[-1])
