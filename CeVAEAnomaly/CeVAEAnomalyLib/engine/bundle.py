@@ -15,12 +15,10 @@ import torch
 from ..io.atomic import atomic_path
 from .config import ModelConfig, PreprocessConfig
 from ..errors import CeVAEError
+from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, read_header
 from .model import CeVAE
 
-FORMAT = "cevae-anomaly-bundle"
-FORMAT_VERSION = 1
-BUNDLE_SUFFIX = ".cevae"
-_META_KEY = "cevae_anomaly"
+__all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "load_bundle", "read_header", "save_bundle"]
 
 
 @dataclass
@@ -53,38 +51,8 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: Dict[str, Any], ha
                 weights_dtype="float16" if half else "float32")
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(target) as tmp:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(full, sort_keys=True)})
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True)})
     return target
-
-
-def read_header(path: Union[str, Path]) -> Dict[str, Any]:
-    """The bundle's JSON header, validated, without loading the weights."""
-    from safetensors import safe_open
-
-    p = _check_file(Path(path))
-    try:
-        with safe_open(str(p), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {exc}).") from None
-    if _META_KEY not in meta:
-        raise CeVAEError(f"{p} is a safetensors file but not a CeVAEAnomaly model bundle (no model header).")
-    try:
-        header = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise CeVAEError(f"The header of {p} is not valid JSON ({exc}).") from None
-    if header.get("format") != FORMAT:
-        raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (format {header.get('format')!r}).")
-    version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CeVAEError(
-            f"{p} has bundle format version {version}; this CeVAEAnomaly reads up to version "
-            f"{FORMAT_VERSION}. Update CeVAEAnomaly to use it."
-        )
-    for key in ("model", "preprocess"):
-        if not isinstance(header.get(key), dict):
-            raise CeVAEError(f"The header of {p} lacks its '{key}' section.")
-    return header
 
 
 def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Bundle:
@@ -112,20 +80,3 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     model.eval().to(device)
     return Bundle(model, header, p)
-
-
-def _check_file(p: Path) -> Path:
-    if p.is_dir():
-        raise CeVAEError(f"The model bundle {p} is a folder; give the path of a {BUNDLE_SUFFIX} file.")
-    if not p.is_file():
-        raise CeVAEError(f"The model bundle {p} does not exist.")
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
-        raise CeVAEError(
-            f"{p} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
-            "unread because loading such files can execute arbitrary code."
-        )
-    if len(head) < 8:
-        raise CeVAEError(f"{p} is too short to be a model bundle.")
-    return p
