@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CeVAEError
-from ..progress import ProgressCallback, report
+from ..progress import Cancelled, ProgressCallback, report, scaled
 from ..data import template_dir
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def compute_brain_mask(
         report(progress, 0.05, "Loading brain template")
         template, template_mask = load_template(template_dir)
         report(progress, 0.1, "Registering brain template")
-        transform = _register(_normalised(small), _normalised(template), progress)
+        transform = _register(_normalised(small), _normalised(template), scaled(progress, 0.1, 0.8))
         report(progress, 0.8, "Warping brain mask")
         mask = _warped_distance(template_mask, image, transform) <= _MARGIN_MM
     report(progress, 0.9, "Cleaning brain mask")
@@ -163,16 +163,17 @@ def _registration_method(
 
 
 def _best_start(
-    fixed: sitk.Image, moving: sitk.Image, centred: sitk.Similarity3DTransform
+    fixed: sitk.Image, moving: sitk.Image, centred: sitk.Similarity3DTransform, progress: ProgressCallback | None
 ) -> sitk.Similarity3DTransform:
     """Short coarse similarity registrations from a few head pitches; keep the best one."""
     best, best_value = centred, float("inf")
-    for pitch in _PITCH_STARTS_DEG:
+    for n, pitch in enumerate(_PITCH_STARTS_DEG):
         start = sitk.Similarity3DTransform(centred)
         start.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(pitch)))
         method = _registration_method([2], [4.0], max_step_mm=2.0, iterations=30)
         method.SetInitialTransform(start, inPlace=True)
-        method.Execute(fixed, moving)
+        part = scaled(progress, n / len(_PITCH_STARTS_DEG), (n + 1) / len(_PITCH_STARTS_DEG))
+        _execute(method, fixed, moving, part, 30, "Registering brain template (initial pose)")
         logger.debug("Start at pitch %+.0f deg: metric %.4f", pitch, method.GetMetricValue())
         if method.GetMetricValue() < best_value:
             best, best_value = start, method.GetMetricValue()
@@ -182,29 +183,54 @@ def _best_start(
 def _register(
     fixed: sitk.Image, moving: sitk.Image, progress: ProgressCallback | None
 ) -> sitk.AffineTransform:
-    """Affine transform mapping input (fixed) points to template (moving) points."""
+    """Affine transform mapping input (fixed) points to template (moving) points.
+
+    ``progress`` (fractions of the registration) is called at every optimiser iteration.
+    """
     try:
         centred = sitk.CenteredTransformInitializer(
             fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
         )
-        similarity = _best_start(fixed, moving, centred)
-        report(progress, 0.3, "Registering brain template (similarity)")
+        similarity = _best_start(fixed, moving, centred, scaled(progress, 0.0, 0.3))
         method = _registration_method([2, 1], [4.0, 0.0], max_step_mm=2.0, iterations=100)
         method.SetInitialTransform(similarity, inPlace=True)
-        method.Execute(fixed, moving)
-        report(progress, 0.55, "Registering brain template (affine)")
+        _execute(method, fixed, moving, scaled(progress, 0.3, 0.65), 200, "Registering brain template (similarity)")
         affine = sitk.AffineTransform(3)
         affine.SetCenter(similarity.GetCenter())
         affine.SetMatrix(similarity.GetMatrix())
         affine.SetTranslation(similarity.GetTranslation())
         method = _registration_method([1], [0.0], max_step_mm=1.0, iterations=100)
         method.SetInitialTransform(affine, inPlace=True)
-        method.Execute(fixed, moving)
+        _execute(method, fixed, moving, scaled(progress, 0.65, 1.0), 100, "Registering brain template (affine)")
         logger.debug("Affine: metric %.4f after %d iterations", method.GetMetricValue(),
                      method.GetOptimizerIteration())
     except RuntimeError as exc:
         raise CeVAEError(f"Brain-mask registration failed ({exc}); is this a 3D T1 head MRI?") from exc
     return affine
+
+
+def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,
+             progress: ProgressCallback | None, iterations: int, message: str) -> None:
+    """Run a registration, reporting every optimiser iteration (at most ``iterations`` in all levels).
+
+    A :class:`Cancelled` raised by ``progress`` stops the optimiser at once and is re-raised
+    when it has returned (an exception cannot cross SimpleITK's C++ callback).
+    """
+    state = {"count": 0, "cancelled": None}
+
+    def step() -> None:
+        state["count"] += 1
+        try:
+            report(progress, min(1.0, state["count"] / iterations), message)
+        except Cancelled as exc:
+            state["cancelled"] = exc
+            method.StopRegistration()
+
+    if progress is not None:
+        method.AddCommand(sitk.sitkIterationEvent, step)
+    method.Execute(fixed, moving)
+    if state["cancelled"] is not None:
+        raise state["cancelled"]
 
 
 def _warped_distance(template_mask: sitk.Image, image: sitk.Image, transform: sitk.Transform) -> sitk.Image:

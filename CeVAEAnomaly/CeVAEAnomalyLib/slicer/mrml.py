@@ -21,15 +21,30 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import CeVAEError
+from .nodes import (  # noqa: F401  (re-exported: the module's node helpers in one place)
+    ROLE_ATTRIBUTE,
+    SLICE_AXIS_ATTRIBUTE,
+    SLICE_CHART_ROLE,
+    SLICE_TABLE_ROLE,
+    component_position,
+    find_output,
+    ijk_to_ras,
+    link_output,
+    node_ids,
+    slice_center_ras,
+    table_column,
+    to_numpy,
+    to_world,
+)
 
-if TYPE_CHECKING:  # the detection result type lives in pipeline, which imports torch
+if TYPE_CHECKING:  # the detection result type lives in the detector, which imports torch
     from ..engine.detector import DetectionResult
 
 log = logging.getLogger(__name__)
 
-ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
-SOURCE_ATTRIBUTE = "CeVAEAnomaly.SourceVolumeID"
 SEGMENT_NAME = "Anomaly"
+SEGMENT_TAG = "CeVAEAnomaly.Role"  # tag of this module's segment: only it is replaced on a new run
+DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the brain's scores
 SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map
 INFERNO_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 FALLBACK_COLOR_NAME = "CeVAEAnomaly Inferno"
@@ -55,12 +70,6 @@ class OutputNodes:
 
 
 # --- scene bookkeeping -------------------------------------------------------------------------
-
-
-def node_ids(scene: slicer.vtkMRMLScene) -> List[str]:
-    """IDs of all nodes in the scene, in scene order."""
-    nodes = scene.GetNodes()
-    return [nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())]
 
 
 def _remove_nodes_not_in(scene: slicer.vtkMRMLScene, keep: Set[str]) -> None:
@@ -94,23 +103,12 @@ def scratch_nodes(scene: slicer.vtkMRMLScene) -> Iterator[None]:
 # --- geometry and voxels -----------------------------------------------------------------------
 
 
-def _to_numpy(matrix: vtk.vtkMatrix4x4, n: int = 4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(n)] for r in range(n)])
-
-
 def _to_vtk(array: np.ndarray) -> vtk.vtkMatrix4x4:
     matrix = vtk.vtkMatrix4x4()
     for r in range(array.shape[0]):
         for c in range(array.shape[1]):
             matrix.SetElement(r, c, float(array[r, c]))
     return matrix
-
-
-def ijk_to_ras(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
-    """The node's 4x4 IJK-to-RAS matrix (local coordinates, before any parent transform)."""
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    return _to_numpy(matrix)
 
 
 def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume") -> sitk.Image:
@@ -131,7 +129,7 @@ def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume
     volume_node.GetIJKToRASDirectionMatrix(directions)
     image.SetSpacing(volume_node.GetSpacing())
     image.SetOrigin(tuple(_RAS_FROM_LPS @ np.asarray(volume_node.GetOrigin(), float)))
-    image.SetDirection(tuple((_RAS_FROM_LPS @ _to_numpy(directions, 3)).ravel()))
+    image.SetDirection(tuple((_RAS_FROM_LPS @ to_numpy(directions, 3)).ravel()))
     return image
 
 
@@ -148,25 +146,6 @@ def update_volume_from_image(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.
     volume_node.SetIJKToRASDirectionMatrix(_to_vtk(directions))
     volume_node.SetAndObserveImageData(data)
     volume_node.EndModify(wasModifying)
-
-
-def _to_world(node: slicer.vtkMRMLTransformableNode, point: Sequence[float]) -> Tuple[float, float, float]:
-    """A point in the node's local RAS, mapped through its parent transforms to world RAS."""
-    parent = node.GetParentTransformNode()
-    if parent is None:
-        return tuple(float(v) for v in point)
-    transform = vtk.vtkGeneralTransform()
-    parent.GetTransformToWorld(transform)
-    return tuple(float(v) for v in transform.TransformPoint([float(v) for v in point]))
-
-
-def slice_center_ras(volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int) -> Tuple[float, float, float]:
-    """World RAS of the centre of slice ``index`` along IJK axis ``axis`` of the volume."""
-    dims = volume_node.GetImageData().GetDimensions()
-    ijk = [(d - 1) / 2.0 for d in dims]
-    ijk[axis] = float(index)
-    local = ijk_to_ras(volume_node) @ np.array([*ijk, 1.0])
-    return _to_world(volume_node, local[:3])
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -215,21 +194,11 @@ def _mask_from_segmentation(
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode):
-    """A node made earlier for the same role and source volume, or None."""
-    for i in range(scene.GetNumberOfNodesByClass(class_name)):
-        node = scene.GetNthNodeByClass(i, class_name)
-        if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetAttribute(SOURCE_ATTRIBUTE) == source.GetID():
-            return node
-    return None
-
-
 def _output(scene, existing, class_name: str, role: str, source, suffix: str):
     node = existing or find_output(scene, class_name, role, source)
     if node is None:
         node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}"))
-    node.SetAttribute(ROLE_ATTRIBUTE, role)
-    node.SetAttribute(SOURCE_ATTRIBUTE, source.GetID())
+    link_output(node, role, source)
     return node
 
 
@@ -253,7 +222,7 @@ def publish(
         out = OutputNodes()
         out.score = _output(scene, targets.score, "vtkMRMLScalarVolumeNode", "score", volume_node, "anomaly score")
         _fill_volume(out.score, volume_node, result.score)
-        _show_scores(scene, out.score, result.threshold, result.score)
+        _show_scores(scene, out.score, result.threshold, result.score, result.brain_mask)
         if targets.labelmap is not None or create_labelmap:
             out.labelmap = _output(scene, targets.labelmap, "vtkMRMLLabelMapVolumeNode", "labelmap", volume_node,
                                    "anomaly labelmap")
@@ -265,7 +234,7 @@ def publish(
         out.components = _output(scene, targets.components, "vtkMRMLTableNode", "components", volume_node,
                                  "anomaly components")
         _fill_components(out.components, volume_node, result.components)
-        out.slice_table = _output(scene, targets.slice_table, "vtkMRMLTableNode", "slice scores", volume_node,
+        out.slice_table = _output(scene, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
                                   "slice scores")
         _fill_slices(out.slice_table, result.slices)
         out.slice_chart = _slice_chart(scene, out.slice_table, volume_node, targets.slice_chart)
@@ -298,20 +267,25 @@ def score_color_node_id(scene: slicer.vtkMRMLScene) -> str:
     return table.GetID()
 
 
-def display_range(threshold: float, score: sitk.Image) -> Tuple[float, float]:
-    """(lower, upper) of the heat map: transparent under half the threshold, saturated at the maximum."""
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(score)
-    lower = 0.5 * float(threshold)
-    upper = max(float(stats.GetMaximum()), float(threshold), lower + 1e-6)
+def display_range(threshold: float, score: sitk.Image, brain: sitk.Image) -> Tuple[float, float]:
+    """(lower, upper) of the heat map: from the threshold (lower scores are transparent) to the
+    99th percentile of the brain's scores, or the maximum score if that percentile is lower."""
+    values = sitk.GetArrayViewFromImage(score)[sitk.GetArrayViewFromImage(brain) > 0]
+    lower = float(threshold)
+    upper = float(np.percentile(values, DISPLAY_PERCENTILE)) if values.size else lower
+    if upper <= lower and values.size:
+        upper = float(values.max())
+    if not upper > lower:  # nothing above the threshold: any sensible window
+        upper = lower + max(abs(lower), 1e-3)
     return lower, upper
 
 
-def _show_scores(scene, node: slicer.vtkMRMLScalarVolumeNode, threshold: float, score: sitk.Image) -> None:
+def _show_scores(scene, node: slicer.vtkMRMLScalarVolumeNode, threshold: float, score: sitk.Image,
+                 brain: sitk.Image) -> None:
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
-    lower, upper = display_range(threshold, score)
+    lower, upper = display_range(threshold, score, brain)
     wasModifying = display.StartModify()
     display.SetAndObserveColorNodeID(score_color_node_id(scene))
     display.AutoWindowLevelOff()
@@ -322,11 +296,31 @@ def _show_scores(scene, node: slicer.vtkMRMLScalarVolumeNode, threshold: float, 
     display.EndModify(wasModifying)
 
 
-def _fill_segmentation(scene, node, volume_node, labelmap: sitk.Image, labelmap_node, show_3d: bool) -> None:
+def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
+    """ID of this module's segment in a segmentation, or None."""
     segmentation = node.GetSegmentation()
-    segmentation.RemoveAllSegments()
-    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    for i in range(segmentation.GetNumberOfSegments()):
+        value = vtk.reference("")
+        if segmentation.GetNthSegment(i).GetTag(SEGMENT_TAG, value) and str(value) == "anomaly":
+            return segmentation.GetNthSegmentID(i)
+    return None
+
+
+def _segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def _fill_segmentation(scene, node, volume_node, labelmap: sitk.Image, labelmap_node, show_3d: bool) -> None:
+    """Put the anomalies into ``node`` as this module's segment, replacing only its previous one."""
+    segmentation = node.GetSegmentation()
+    previous = anomaly_segment_id(node)
+    if previous is not None:
+        segmentation.RemoveSegment(previous)
+    if segmentation.GetNumberOfSegments() == 0:  # only then may the node take the input's geometry
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    before = set(_segment_ids(node))
     # Import from a labelmap node in the scene, under the volume's transform like the segmentation,
     # so the import applies no transform (a static method: no logic instance or scene needed).
     importer = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode
@@ -339,11 +333,14 @@ def _fill_segmentation(scene, node, volume_node, labelmap: sitk.Image, labelmap_
             imported = importer(scratch, node)
     if not imported:
         raise CeVAEError(f"The anomaly labelmap could not be imported into '{node.GetName()}'.")
-    if segmentation.GetNumberOfSegments() == 0:  # nothing above the threshold: keep an empty segment
+    added = [i for i in _segment_ids(node) if i not in before]
+    if not added:  # nothing above the threshold: keep an empty segment
         segmentation.AddSegment(_empty_segment(volume_node))
-    segment = segmentation.GetNthSegment(0)
+        added = [i for i in _segment_ids(node) if i not in before]
+    segment = segmentation.GetSegment(added[0])
     segment.SetName(SEGMENT_NAME)
     segment.SetColor(*SEGMENT_COLOR)
+    segment.SetTag(SEGMENT_TAG, "anomaly")
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
@@ -390,7 +387,7 @@ def _array(kind, values: Sequence[float]) -> vtk.vtkDataArray:
 
 
 def _fill_components(table_node, volume_node, components) -> None:
-    centroids = [_to_world(volume_node, c.centroid_ras) for c in components]
+    centroids = [to_world(volume_node, c.centroid_ras) for c in components]
     _set_columns(table_node, [
         ("Component", _array(vtk.vtkIntArray, [c.label for c in components]), ""),
         ("Volume", _array(vtk.vtkDoubleArray, [c.volume_ml for c in components]), "ml"),
@@ -404,7 +401,7 @@ def _fill_components(table_node, volume_node, components) -> None:
 
 def _fill_slices(table_node, rows) -> None:
     axis = "IJK"[rows[0].axis] if rows else "K"
-    table_node.SetAttribute("CeVAEAnomaly.SliceAxis", axis)
+    table_node.SetAttribute(SLICE_AXIS_ATTRIBUTE, axis)
     _set_columns(table_node, [
         ("Slice", _array(vtk.vtkIntArray, [r.index for r in rows]), ""),
         ("KL", _array(vtk.vtkDoubleArray, [r.kl for r in rows]), ""),
@@ -420,26 +417,11 @@ def _slice_chart(scene, table_node, volume_node, existing) -> slicer.vtkMRMLPlot
     series.SetYColumnName("Sample score")
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
     series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
-    chart = _output(scene, existing, "vtkMRMLPlotChartNode", "slice chart", volume_node, "slice scores chart")
+    chart = _output(scene, existing, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume_node, "slice scores chart")
     chart.RemoveAllPlotSeriesNodeIDs()
     chart.AddAndObservePlotSeriesNodeID(series.GetID())
     chart.SetTitle(f"{volume_node.GetName()}: sample score per slice")
-    chart.SetXAxisTitle(f"Slice index (axis {table_node.GetAttribute('CeVAEAnomaly.SliceAxis')})")
+    chart.SetXAxisTitle(f"Slice index (axis {table_node.GetAttribute(SLICE_AXIS_ATTRIBUTE)})")
     chart.SetYAxisTitle("Negative ELBO")
     chart.SetLegendVisibility(False)
     return chart
-
-
-def table_column(table_node: slicer.vtkMRMLTableNode, name: str) -> np.ndarray:
-    """One column of a table node as a numpy array."""
-    array = table_node.GetTable().GetColumnByName(name)
-    if array is None:
-        raise CeVAEError(f"The table '{table_node.GetName()}' has no column '{name}'.")
-    return numpy_support.vtk_to_numpy(array).copy()
-
-
-def component_position(table_node: slicer.vtkMRMLTableNode, row: int) -> Tuple[float, float, float]:
-    """World RAS centroid of the component in ``row`` of a component table."""
-    if not 0 <= row < table_node.GetNumberOfRows():
-        raise CeVAEError(f"Row {row} is not in the component table.")
-    return tuple(float(table_column(table_node, axis)[row]) for axis in ("R", "A", "S"))
