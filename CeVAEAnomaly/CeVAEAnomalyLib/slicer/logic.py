@@ -1,31 +1,41 @@
 """The module logic: MRML nodes in, detection through the core engine, MRML nodes out.
 
 Runs inside Slicer (where it is the module's ``ScriptedLoadableModuleLogic``) and on
-``slicer-core`` without Qt. Importing this file does not import torch; :meth:`process` does.
+``slicer-core`` without Qt. Importing this file imports neither torch nor SimpleITK.
 
-Console use::
+Two ways to run a detection:
 
-    from CeVAEAnomaly import CeVAEAnomalyLogic
-    result = CeVAEAnomalyLogic().process(slicer.util.getNode("MRHead"))
-    print(result.detection.components)
+- :meth:`CeVAEAnomalyLogic.process` runs in this process and returns when done (console, scripts)::
+
+      from CeVAEAnomaly import CeVAEAnomalyLogic
+      result = CeVAEAnomalyLogic().process(slicer.util.getNode("MRHead"))
+      print(result.summary)
+
+- :meth:`CeVAEAnomalyLogic.startDetection` starts a worker process and returns a job at once;
+  poll it (the module does, from a timer), then :meth:`finishDetection` loads its results into
+  the scene. :meth:`startCalibration` recalibrates a model on healthy volumes the same way.
 """
 from __future__ import annotations
 
 import logging
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import slicer
 
-from . import mrml
 from ..errors import CeVAEError
-from ..io.images import check_volume
 from ..progress import ProgressCallback, report, scaled
+from .jobs import Launcher, WorkerJob
 
 if TYPE_CHECKING:
+    import SimpleITK as sitk
+
     from ..engine.bundle import Bundle
     from ..engine.detector import DetectionResult
+    from .mrml import OutputNodes
 
 try:  # inside Slicer; slicer-core has no Qt and no ScriptedLoadableModule
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
@@ -37,23 +47,35 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CeVAEAnomalyResult:
-    """What :meth:`CeVAEAnomalyLogic.process` produced: the nodes and the raw detection."""
+    """What a detection produced: the nodes and the raw detection."""
 
     volume: slicer.vtkMRMLScalarVolumeNode
-    nodes: mrml.OutputNodes
+    nodes: "OutputNodes"
     detection: "DetectionResult"
 
     @property
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
         """World RAS of the centre of the most anomalous slice (highest sample score)."""
+        from .nodes import slice_center_ras
+
         top = self.detection.top_slice
-        return None if top is None else mrml.slice_center_ras(self.volume, top.axis, top.index)
+        return None if top is None else slice_center_ras(self.volume, top.axis, top.index)
 
     @property
     def summary(self) -> str:
         d = self.detection
         return (f"{len(d.components)} component(s), {d.flagged_ml:.2f} ml above threshold "
                 f"{d.threshold:.4g} ({d.threshold_source}).")
+
+
+@dataclass
+class _DetectionTarget:
+    """Where a worker's detection goes when it is loaded back."""
+
+    volume: slicer.vtkMRMLScalarVolumeNode
+    outputs: Optional["OutputNodes"]
+    createLabelmap: bool
+    show3D: bool
 
 
 class CeVAEAnomalyLogic(_LogicBase):
@@ -64,6 +86,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         self.scene = scene
         self._bundle: Optional["Bundle"] = None
         self._bundleKey: Optional[Tuple[str, int, str]] = None
+        self._targets: Dict[int, _DetectionTarget] = {}
 
     def _sceneFor(self, volumeNode) -> slicer.vtkMRMLScene:
         scene = self.scene if self.scene is not None else volumeNode.GetScene()
@@ -75,9 +98,9 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def loadModel(self, modelPath: Union[str, Path, None] = None, device: str = "auto") -> "Bundle":
         """Load a model bundle (the bundled default if no path), reusing the last one if unchanged."""
+        from ..data import default_model_path
         from ..engine.bundle import load_bundle
         from ..engine.devices import resolve_device
-        from ..data import default_model_path
 
         path = Path(modelPath) if modelPath else default_model_path()
         if not path.is_file():
@@ -87,6 +110,25 @@ class CeVAEAnomalyLogic(_LogicBase):
         if key != self._bundleKey:
             self._bundle, self._bundleKey = load_bundle(path, torchDevice), key
         return self._bundle
+
+    def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
+        if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
+            raise CeVAEError("Select a scalar input volume.")
+        scene = self._sceneFor(volumeNode)
+        inputIds = {node.GetID() for node in (volumeNode, maskNode) if node is not None}
+        for node in vars(outputs).values() if outputs is not None else ():
+            if node is not None and node.GetID() in inputIds:
+                raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
+        return scene
+
+    @staticmethod
+    def _inputImages(volumeNode, maskNode, maskSegmentId) -> Tuple["sitk.Image", Optional["sitk.Image"]]:
+        from ..io.images import check_volume
+        from . import mrml
+
+        image = check_volume(mrml.image_from_volume(volumeNode, "input volume"), f"volume '{volumeNode.GetName()}'")
+        mask = mrml.mask_image(maskNode, volumeNode, maskSegmentId) if maskNode is not None else None
+        return image, mask
 
     def process(
         self,
@@ -100,59 +142,183 @@ class CeVAEAnomalyLogic(_LogicBase):
         device: str = "auto",
         batchSize: int = 32,
         maskSegmentId: Optional[str] = None,
-        outputs: Optional[mrml.OutputNodes] = None,
+        outputs: Optional["OutputNodes"] = None,
         createLabelmap: bool = False,
         show3D: bool = False,
         progress: Optional[ProgressCallback] = None,
     ) -> CeVAEAnomalyResult:
-        """Detect anomalies in ``volumeNode`` and create or update the result nodes.
+        """Detect anomalies in ``volumeNode`` in this process and create or update the result nodes.
 
         ``maskNode``: brain mask (labelmap, or segmentation with ``maskSegmentId`` or all its
         segments); computed automatically if None. ``fpr``: healthy false-positive rate for the
-        model's calibrated threshold (default: the model's recommended rate, 0.001);
+        model's calibrated threshold (default: the model's own recommended rate);
         ``threshold`` overrides it with an absolute score. ``postprocess``: overrides of the
         model's post-processing (rim_mm, median_radius, min_volume_mm3). ``outputs``: existing
-        nodes to update. ``progress(fraction, message)``
-        may raise :class:`~CeVAEAnomalyLib.progress.Cancelled`. On any error or cancel, the scene
-        is left as it was.
+        nodes to update. ``progress(fraction, message)`` may raise
+        :class:`~CeVAEAnomalyLib.progress.Cancelled`. On any error or cancel, the scene's node
+        set is left as it was.
         """
-        from ..engine.detector import default_postprocess, default_score_options, detect
-        from ..engine.postprocess import PostprocessOptions
+        from .worker import detect_image
 
-        if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
-            raise CeVAEError("Select a scalar input volume.")
-        scene = self._sceneFor(volumeNode)
-        inputIds = {node.GetID() for node in (volumeNode, maskNode) if node is not None}
-        for node in vars(outputs or mrml.OutputNodes()).values():
-            if node is not None and node.GetID() in inputIds:
-                raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
+        self._checkInputs(volumeNode, maskNode, outputs)
         report(progress, 0.0, "Reading the volume")
-        image = check_volume(mrml.image_from_volume(volumeNode, "input volume"), f"volume '{volumeNode.GetName()}'")
-        mask = mrml.mask_image(maskNode, volumeNode, maskSegmentId) if maskNode is not None else None
+        image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         report(progress, 0.02, "Loading the model")
         bundle = self.loadModel(modelPath, device)
-        options = default_score_options(bundle, scoreType)
-        try:
-            post = PostprocessOptions(**dict(default_postprocess(bundle).to_dict(), **(postprocess or {})))
-        except TypeError as exc:
-            raise CeVAEError(f"Invalid post-processing options: {exc}") from None
-        detection = detect(image, bundle, mask, options, post, threshold=threshold, fpr=fpr,
-                           batch_size=batchSize, progress=scaled(progress, 0.05, 0.95))
+        detection = detect_image(image, mask, bundle, scoreType, fpr, threshold, postprocess, batchSize,
+                                 scaled(progress, 0.05, 0.95))
         report(progress, 0.95, "Creating the result nodes")
-        nodes = mrml.publish(scene, volumeNode, detection, outputs, createLabelmap, show3D)
+        return self.publish(volumeNode, detection, outputs, createLabelmap, show3D)
+
+    def publish(self, volumeNode, detection: "DetectionResult", outputs: Optional["OutputNodes"] = None,
+                createLabelmap: bool = False, show3D: bool = False) -> CeVAEAnomalyResult:
+        """Create or update the result nodes of a detection of ``volumeNode``."""
+        from . import mrml
+
+        if volumeNode.GetScene() is None:
+            raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was removed from the scene; "
+                             "the results are not loaded.")
+        nodes = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D)
         result = CeVAEAnomalyResult(volumeNode, nodes, detection)
         log.info("CeVAEAnomaly: %s", result.summary)
         return result
 
-    def showResults(self, result: CeVAEAnomalyResult, opacity: float = 0.5) -> None:
-        """Show the heat map over the input in the slice views (only inside the Slicer application)."""
+    # --- in a worker process -------------------------------------------------------------------
+
+    def startDetection(
+        self,
+        volumeNode: slicer.vtkMRMLScalarVolumeNode,
+        maskNode: Optional[slicer.vtkMRMLNode] = None,
+        modelPath: Union[str, Path, None] = None,
+        scoreType: Optional[str] = "combi",
+        fpr: Optional[float] = None,
+        threshold: Optional[float] = None,
+        postprocess: Optional[Dict[str, Any]] = None,
+        device: str = "auto",
+        batchSize: int = 32,
+        maskSegmentId: Optional[str] = None,
+        outputs: Optional["OutputNodes"] = None,
+        createLabelmap: bool = False,
+        show3D: bool = False,
+        launch: Optional[Launcher] = None,
+        python: Optional[str] = None,
+    ) -> WorkerJob:
+        """Start the detection :meth:`process` would do in a worker process; returns the running job.
+
+        The input (and mask) are copied into a temporary folder first, so the scene may change
+        while the job runs. ``launch(args)`` starts the process (Slicer: ``launchConsoleProcess``),
+        ``python`` is the interpreter (Slicer: ``PythonSlicer``).
+        """
+        import SimpleITK as sitk
+
+        self._checkInputs(volumeNode, maskNode, outputs)
+        image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
+        folder = Path(tempfile.mkdtemp(prefix="CeVAEAnomaly-"))
+        try:
+            sitk.WriteImage(image, str(folder / "input.nrrd"))
+            if mask is not None:
+                sitk.WriteImage(mask, str(folder / "mask.nrrd"), True)
+            request = dict(task="detect", image=str(folder / "input.nrrd"),
+                           mask=str(folder / "mask.nrrd") if mask is not None else None,
+                           model=str(modelPath) if modelPath else None, device=device, batch_size=int(batchSize),
+                           score_type=scoreType, fpr=fpr, threshold=threshold, postprocess=postprocess,
+                           out_dir=str(folder))
+            job = WorkerJob(request, folder, launch, python)
+        except BaseException:
+            _removeFolder(folder)
+            raise
+        self._targets[id(job)] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D)
+        return job
+
+    def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
+        """Load a finished detection job's results into the scene and remove its temporary folder."""
+        from .worker import read_detection
+
+        target = self._targets.pop(id(job))
+        try:
+            job.raise_for_failure()
+            if job.done is None:
+                raise CeVAEError("The detection did not finish.")
+            return self.publish(target.volume, read_detection(job.folder), target.outputs, target.createLabelmap,
+                                target.show3D)
+        finally:
+            job.cleanup()
+
+    def discardJob(self, job: WorkerJob) -> None:
+        """Stop a job if it still runs and forget it (nothing is loaded)."""
+        job.cancel()
+        self._targets.pop(id(job), None)
+        job.cleanup()
+
+    def startCalibration(
+        self,
+        volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
+        masks: Sequence[Optional[slicer.vtkMRMLNode]],
+        outputPath: Union[str, Path],
+        modelPath: Union[str, Path, None] = None,
+        postprocess: Optional[Dict[str, Any]] = None,
+        device: str = "auto",
+        overwrite: bool = False,
+        launch: Optional[Launcher] = None,
+        python: Optional[str] = None,
+    ) -> WorkerJob:
+        """Recalibrate a model on healthy volumes (``masks[i]``: brain mask of ``volumes[i]`` or None)
+        in a worker process, writing a new bundle to ``outputPath``. ``job.done["model"]`` is its path."""
+        import SimpleITK as sitk
+
+        if not volumes:
+            raise CeVAEError("Choose at least one healthy volume to calibrate on.")
+        if len(masks) != len(volumes):
+            raise CeVAEError("Give one brain mask (or None) per healthy volume.")
+        folder = Path(tempfile.mkdtemp(prefix="CeVAEAnomaly-calibration-"))
+        try:
+            subjects: List[Dict[str, Optional[str]]] = []
+            for n, (volume, mask) in enumerate(zip(volumes, masks)):
+                image, maskImage = self._inputImages(volume, mask, None)
+                stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
+                sitk.WriteImage(image, str(folder / f"{stem}.nrrd"))
+                if maskImage is not None:
+                    sitk.WriteImage(maskImage, str(folder / f"{stem}_mask.nrrd"), True)
+                subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
+                                     mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None))
+            request = dict(task="calibrate", subjects=subjects, model=str(modelPath) if modelPath else None,
+                           device=device, postprocess=postprocess, out=str(outputPath), overwrite=bool(overwrite))
+            return WorkerJob(request, folder, launch, python)
+        except BaseException:
+            _removeFolder(folder)
+            raise
+
+    # --- display (only inside the Slicer application) ------------------------------------------
+
+    def showResults(self, scoreVolume, volume, opacity: float = 0.5) -> None:
+        """The heat map over the input in the slice views, with a colour legend."""
         if getattr(slicer, "app", None) is None:
             return
-        slicer.util.setSliceViewerLayers(background=result.volume, foreground=result.nodes.score,
-                                         foregroundOpacity=opacity)
+        slicer.util.setSliceViewerLayers(background=volume, foreground=scoreVolume, foregroundOpacity=opacity)
+        displays = [scoreVolume.GetNthDisplayNode(i) for i in range(scoreVolume.GetNumberOfDisplayNodes())]
+        if not any(d is not None and d.IsA("vtkMRMLColorLegendDisplayNode") for d in displays):
+            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(scoreVolume)
+
+    def setOverlayOpacity(self, scoreVolume, opacity: float) -> int:
+        """Opacity of the score overlay in the views that show it (other overlays untouched)."""
+        from .nodes import set_overlay_opacity
+
+        return set_overlay_opacity(self._sceneFor(scoreVolume), scoreVolume, opacity)
 
     def jumpToSlice(self, ras: Tuple[float, float, float]) -> None:
-        """Centre all slice views on a world RAS point (only inside the Slicer application)."""
+        """Centre all slice views on a world RAS point."""
         if getattr(slicer, "app", None) is None:
             return
         slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+
+
+def _fileStem(name: str) -> str:
+    """A node name as a safe file name stem."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "volume"
+
+
+def _removeFolder(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
