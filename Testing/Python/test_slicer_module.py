@@ -20,6 +20,7 @@ from CeVAEAnomalyLib.slicer import mrml  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
 from CeVAEAnomalyLib.progress import Cancelled  # noqa: E402
+from CeVAEAnomalyLib.slicer import settings  # noqa: E402
 
 MODULE_DIR = REPO / "CeVAEAnomaly"
 MODULE_FILE = MODULE_DIR / "CeVAEAnomaly.py"
@@ -169,16 +170,17 @@ def test_logic_needs_a_scene():
         CeVAEAnomalyLogic().process(None)
 
 
-def test_importing_logic_and_module_dependencies_does_not_import_torch():
-    """Slicer imports every module at start-up: the module file's library imports must stay light."""
+def test_importing_the_modules_library_imports_is_light():
+    """Slicer imports every module at start-up: no torch, SimpleITK or safetensors at module load."""
     tree = ast.parse(MODULE_FILE.read_text())
     lib_modules = sorted({node.module for node in tree.body if isinstance(node, ast.ImportFrom)
                           and node.module and node.module.startswith("CeVAEAnomalyLib")})
-    assert "CeVAEAnomalyLib.slicer.logic" in lib_modules
+    assert {"CeVAEAnomalyLib.slicer.logic", "CeVAEAnomalyLib.slicer.settings",
+            "CeVAEAnomalyLib.slicer.widget_state"} <= set(lib_modules)
     code = "import sys\n" + "".join(f"import {m}\n" for m in lib_modules) + \
-        "print('torch' in sys.modules)"
+        "print(sorted(m for m in ('torch', 'SimpleITK', 'safetensors') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 # --- static checks of the module that only Slicer can run -------------------------------------
@@ -213,6 +215,9 @@ def parameter_fields():
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
+HAND_BOUND = {"modelPath", "calibratedModelPath", "brainMaskSegmentId", "scoreType", "sensitivity", "device"}
+
+
 def test_ui_parameter_bindings_match_the_parameter_node():
     import xml.etree.ElementTree as ET
 
@@ -223,16 +228,62 @@ def test_ui_parameter_bindings_match_the_parameter_node():
                 bound[prop.findtext("string")] = widget.get("class")
     fields = parameter_fields()
     assert set(bound) <= fields
-    assert fields - set(bound) == {"modelPath"}  # bound by hand: ctkPathLineEdit takes only pathlib types
+    # Bound by hand: ctkPathLineEdit takes only pathlib types, the segment selector has no binding,
+    # and Choice values would be shown as untranslated combo-box texts.
+    assert fields - set(bound) == HAND_BOUND
+    text = MODULE_FILE.read_text()
+    assert all(f'"{name}"' in text or f"p.{name}" in text for name in HAND_BOUND)
     assert bound["inputVolume"] == "qMRMLNodeComboBox" and bound["overlayOpacity"] == "ctkSliderWidget"
+
+
+def display_names(function: str):
+    """The option values a display-name function of the module file maps (its dict literal's keys)."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    mapping = next(n for n in ast.walk(fn) if isinstance(n, ast.Dict))
+    keys = []
+    for key in mapping.keys:
+        keys.append(key.value if isinstance(key, ast.Constant) else getattr(settings, key.id))
+    values_translated = all(isinstance(v, ast.Call) and v.func.id == "_" for v in mapping.values)
+    return keys, values_translated
+
+
+@pytest.mark.parametrize("function, values", [("scoreTypeNames", "SCORE_TYPES"), ("deviceNames", "DEVICES"),
+                                              ("sensitivityNames", "SENSITIVITIES")])
+def test_combo_boxes_show_translatable_names_for_every_option_value(function, values):
+    keys, translated = display_names(function)
+    assert tuple(keys) == getattr(settings, values) and translated
+
+
+def test_module_annotations_evaluate_on_python_3_9():
+    """parameterNodeWrapper evaluates annotations: no 'X | Y' unions, no postponed evaluation."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body)
+    annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.AnnAssign, ast.arg)) and n.annotation]
+    annotations += [n.returns for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.returns]
+    assert annotations and not any(isinstance(b, ast.BinOp) for a in annotations for b in ast.walk(a))
+
+
+def test_threshold_has_a_finite_maximum():
+    text = MODULE_FILE.read_text()
+    assert "Minimum(" not in text  # parameterNodeWrapper's Minimum sets the spin box maximum to infinity
+    assert re.search(r"threshold: Annotated\[float, WithinRange\(0\.0, 1000\.0\)\]", text)
+    import xml.etree.ElementTree as ET
+
+    spin = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "thresholdSpinBox")
+    maximum = next(p for p in spin.findall("property") if p.get("name") == "maximum")
+    assert float(maximum.findtext("double")) == 1000.0
 
 
 def test_module_describes_itself_and_cites_the_method():
     text = MODULE_FILE.read_text()
     for needle in ("self.parent.title", "self.parent.categories", "self.parent.contributors", "helpText",
                    "acknowledgementText", "Zimmerer", "@parameterNodeWrapper", "class CeVAEAnomalyTest(",
-                   "tryWithErrorDisplay", "PyTorchUtils", "testingEnabled()"):
+                   "tryWithErrorDisplay", "PyTorchUtils", "installTorch(", "testingEnabled()", "<a href=",
+                   "launchConsoleProcess", "qt.QTimer()", "addCurrentPathToHistory()", "PythonSlicer"):
         assert needle in text, needle
+    assert "developers" not in text and "0.001)" not in text.split("class CeVAEAnomalyParameterNode")[0]
+    assert "AddDefaultColorLegendDisplayNode" in (MODULE_DIR / "CeVAEAnomalyLib" / "slicer" / "logic.py").read_text()
     top_level_imports = {a.name.split(".")[0] for n in ast.parse(text).body if isinstance(n, ast.Import)
                          for a in n.names}
     assert "torch" not in top_level_imports
@@ -281,16 +332,53 @@ def s4ext_fields():
     return fields
 
 
+def cmake_value(name: str) -> str:
+    return re.search(rf'set\({name} "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+
+
 def test_s4ext_has_every_field_and_agrees_with_cmake():
     fields = s4ext_fields()
     required = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
                 "category", "iconurl", "description", "screenshoturls", "enabled", "status")
     assert [k for k in required if not fields.get(k)] == []
-    cmake = (REPO / "CMakeLists.txt").read_text()
     for key, var in (("category", "EXTENSION_CATEGORY"), ("depends", "EXTENSION_DEPENDS"),
-                     ("homepage", "EXTENSION_HOMEPAGE"), ("recommends", "EXTENSION_RECOMMENDS")):
-        value = re.search(rf'set\({var} "([^"]*)"\)', cmake).group(1)
-        assert fields[key] == value.replace("${CEVAE_REPOSITORY_URL}", re.search(
-            r'set\(CEVAE_REPOSITORY_URL "([^"]*)"\)', cmake).group(1)), key
+                     ("homepage", "EXTENSION_HOMEPAGE"), ("contributors", "EXTENSION_CONTRIBUTORS"),
+                     ("iconurl", "EXTENSION_ICONURL"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS"),
+                     ("description", "EXTENSION_DESCRIPTION")):
+        assert fields[key] == cmake_value(var), key
+    assert "recommends" not in fields and "EXTENSION_RECOMMENDS" not in (REPO / "CMakeLists.txt").read_text()
     assert fields["category"] in MODULE_FILE.read_text()
+    assert f'"{fields["contributors"]}"' in MODULE_FILE.read_text()
+    cmake = (REPO / "CMakeLists.txt").read_text()
     assert "add_subdirectory(CeVAEAnomaly)" in cmake and "Slicer_EXTENSION_CPACK" in cmake
+
+
+RAW_PREFIX = "https://raw.githubusercontent.com/CeVAEAnomaly/SlicerCeVAEAnomaly/main/"
+
+
+def test_extension_index_checks():
+    """The checks the Extensions Index runs: literal https icon and screenshot URLs naming committed
+    files, a licence at the root, PyTorch as a dependency."""
+    for var in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in cmake_value(var).split():
+            assert url.startswith(RAW_PREFIX) and "${" not in url, url
+            assert (REPO / url[len(RAW_PREFIX):]).is_file(), url
+    screenshot = (REPO / "docs" / "screenshot.png").read_bytes()
+    assert screenshot[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", screenshot[16:24])[0] >= 800
+    licence = (REPO / "LICENSE").read_text()
+    assert licence.startswith("BSD 3-Clause License") and 'license = { text = "BSD-3-Clause" }' in \
+        (REPO / "pyproject.toml").read_text()
+    assert cmake_value("EXTENSION_DEPENDS") == "PyTorch"
+
+
+def test_catalogue_entry_is_a_file_and_in_the_readme():
+    import json
+
+    entry = json.loads((REPO / "CeVAEAnomaly.json").read_text())
+    assert entry["$schema"] == ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    fields = s4ext_fields()
+    assert entry["category"] == fields["category"] and entry["scm_url"] == fields["scmurl"]
+    assert entry["scm_revision"] == fields["scmrevision"] and entry["build_dependencies"] == ["PyTorch"]
+    blocks = re.findall(r"```json\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert entry in [json.loads(b) for b in blocks]
