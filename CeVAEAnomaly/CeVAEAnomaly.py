@@ -184,6 +184,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.state = WidgetState()
         self._job = None
         self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
+        self._modelValuesShownFor: Optional[tuple] = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -219,12 +220,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           lambda path: self._setParameter("modelPath", path))
         self.ui.calibratedModelPathLineEdit.connect("currentPathChanged(QString)",
                                                     lambda path: self._setParameter("calibratedModelPath", path))
-        self.ui.scoreTypeComboBox.connect("currentIndexChanged(int)",
-                                          lambda i: self._setParameter("scoreType", self.ui.scoreTypeComboBox.itemData(i)))
-        self.ui.sensitivityComboBox.connect(
-            "currentIndexChanged(int)", lambda i: self._setParameter("sensitivity", self.ui.sensitivityComboBox.itemData(i)))
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)",
-                                       lambda i: self._setParameter("device", self.ui.deviceComboBox.itemData(i)))
+        for combo, name in ((self.ui.scoreTypeComboBox, "scoreType"), (self.ui.sensitivityComboBox, "sensitivity"),
+                            (self.ui.deviceComboBox, "device")):
+            combo.connect("currentIndexChanged(int)",
+                          lambda i, combo=combo, name=name: self._setParameter(name, combo.itemData(i)))
         self.ui.healthyVolumesSelector.connect("checkedNodesChanged()", self._refresh)
 
         self.initializeParameterNode()
@@ -293,9 +292,11 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _modelSettings(self) -> Optional[ModelSettings]:
         """Settings of the chosen model (cached by path and modification time); None if unreadable."""
+        from CeVAEAnomalyLib.data import default_model_path
+
         p = self._parameterNode
         try:
-            path = ModelSettings.read().path if p.useBundledModel else Path(p.modelPath)
+            path = default_model_path() if p.useBundledModel else Path(p.modelPath)
             key = (str(path), path.stat().st_mtime_ns)
         except (CeVAEError, OSError):
             return None
@@ -307,24 +308,33 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._modelSettingsCache = (key, None)
         return self._modelSettingsCache[1]
 
+    def _showModelValues(self, settings: ModelSettings) -> None:
+        """Fields the model decides show the model's values: the post-processing unless overridden,
+        the false-positive rate in the model's-rate mode. Set once per model and mode, so a widget
+        that rounds a value cannot start a ping-pong with the parameter node."""
+        from CeVAEAnomalyLib.slicer.settings import postprocess_fields
+
+        p = self._parameterNode
+        shownFor = (self._modelSettingsCache[0], p.overridePostprocess, p.sensitivity)
+        if shownFor == self._modelValuesShownFor:
+            return
+        self._modelValuesShownFor = shownFor
+        values = {} if p.overridePostprocess else postprocess_fields(settings)
+        if p.sensitivity == SENSITIVITY_MODEL:
+            values["falsePositiveRate"] = settings.default_fpr
+        for name, value in values.items():
+            setattr(p, name, value)
+
     def _updateGui(self, caller=None, event=None) -> None:
         p = self._parameterNode
         if p is None:
             self._refresh()
             return
-        from CeVAEAnomalyLib.slicer.settings import override_postprocess, postprocess_fields
+        from CeVAEAnomalyLib.slicer.settings import override_postprocess
 
         settings = self._modelSettings()
-        if settings is not None:  # fields the model decides unless the user overrides them
-            shown = dict(postprocess_fields(settings), falsePositiveRate=settings.default_fpr)
-            if p.overridePostprocess:
-                shown = {"falsePositiveRate": shown["falsePositiveRate"]}
-            if p.sensitivity != SENSITIVITY_MODEL:
-                shown.pop("falsePositiveRate")
-            for name, value in shown.items():
-                if getattr(p, name) != value:
-                    setattr(p, name, value)  # re-enters _updateGui, which then finds nothing to change
-                    return
+        if settings is not None:
+            self._showModelValues(settings)
         modes = settings.sensitivities(p.scoreType, override_postprocess(p)) if settings else SENSITIVITIES
         if p.sensitivity not in modes:
             p.sensitivity = modes[0]
@@ -580,8 +590,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.modelPath = path
         self.ui.calibratedModelPathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
-        self.ui.statusLabel.text = _("Calibrated model saved as {path}; it is now the model used for detection.").format(
-            path=path)
+        self.ui.statusLabel.text = _("Calibrated model saved as {path}; it is now the model used for detection."
+                                     ).format(path=path)
 
     def _storedResult(self):
         from CeVAEAnomalyLib.slicer.nodes import stored_result

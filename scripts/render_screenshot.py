@@ -2,8 +2,8 @@
 
 A stand-in for a screen capture of Slicer until one is taken: a real detection with the bundled
 model through the module's logic (on a slicer-core MRML scene) on the MNI152 T1 with one inserted
-synthetic lesion (hypointense, seed 3, by default), drawn with matplotlib the way the module shows it: the input as background,
-the score volume as foreground (Inferno, opacity 0.5, transparent under the threshold, window from
+synthetic lesion (hypointense, seed 3, by default), drawn with matplotlib the way the module shows
+it: the input as background, the score volume as foreground (Inferno, opacity 0.5, transparent under the threshold, window from
 the score volume's display node), the "Anomaly" segment outlined in cyan and a colour legend.
 
     PYTHONPATH=CeVAEAnomaly python scripts/render_screenshot.py [--data DIR] [--out docs/screenshot.png]
@@ -77,7 +77,8 @@ def render(volume_node, result, lesion, out: Path) -> None:
     fig = plt.figure(figsize=(12.8, 5.0), dpi=100, facecolor="#1e1e1e")
     grid = fig.add_gridspec(1, 4, width_ratios=[1, 1, 1, 0.06], left=0.01, right=0.94, top=0.9, bottom=0.12,
                             wspace=0.03)
-    for column, (name, (bg, score, labels), position) in enumerate(views(volume_node, result, view_centre(result, lesion))):
+    panels = views(volume_node, result, view_centre(result, lesion))
+    for column, (name, (bg, score, labels), position) in enumerate(panels):
         ax = fig.add_subplot(grid[0, column])
         ax.set_facecolor("black")
         ax.imshow(bg, cmap="gray", vmin=grey_low, vmax=grey_high, origin="lower", interpolation="bilinear")

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the results (created if needed)")
     p.add_argument("--score-type", default="combi", choices=("combi", "rec", "grad"))
     p.add_argument("--fpr", type=float,
-                   help="healthy false-positive rate of the calibrated threshold (default: the model's recommended rate)")
+                   help="healthy false-positive rate of the calibrated threshold (default: the model's own)")
     p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--format", dest="volume_format", default="nrrd", choices=VOLUME_FORMATS,
