@@ -22,7 +22,7 @@ import SimpleITK as sitk  # noqa: E402
 import slicer  # noqa: E402
 from matplotlib import colors  # noqa: E402
 
-from CeVAEAnomalyLib.slicer import mrml  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
 from CeVAEAnomalyResearch.lesions import insert_lesions  # noqa: E402
 
@@ -50,7 +50,7 @@ def views(volume_node, result, centre_index):
     i, j, k = centre_index
     # This volume's IJK axes point to R, A and S (checked below): Slicer shows the patient's right
     # on the left of axial and coronal views and the nose on the left of sagittal views.
-    assert np.allclose(np.sign(np.diag(mrml.ijk_to_ras(volume_node))[:3]), 1.0)
+    assert np.allclose(np.sign(np.diag(nodes.ijk_to_ras(volume_node))[:3]), 1.0)
     return [("Axial", [a[k, :, ::-1] for a in arrays], f"S: {k}"),
             ("Sagittal", [a[:, ::-1, i] for a in arrays], f"R: {i}"),
             ("Coronal", [a[:, j, ::-1] for a in arrays], f"A: {j}")]

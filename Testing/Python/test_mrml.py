@@ -60,7 +60,7 @@ def test_volume_round_trip_is_exact(scene, geometry):
 def test_ijk_to_ras_agrees_with_simpleitk(scene, geometry):
     """MRML maps each voxel to the RAS point that SimpleITK maps it to in LPS (x, y negated)."""
     image, _ = make_head(**GEOMETRIES[geometry])
-    matrix = mrml.ijk_to_ras(add_volume(scene, image))
+    matrix = nodes.ijk_to_ras(add_volume(scene, image))
     for ijk in [(0, 0, 0), (5, 17, 3), tuple(s - 1 for s in image.GetSize())]:
         lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
         ras = matrix @ np.array([*ijk, 1.0])
@@ -90,7 +90,7 @@ def test_publish_puts_every_output_on_the_input_grid(scene, geometry):
 
     for node in (out.score, out.labelmap):
         assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
-        assert np.array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(volume))
+        assert np.array_equal(nodes.ijk_to_ras(node), nodes.ijk_to_ras(volume))
     assert np.array_equal(array(out.score), sitk.GetArrayFromImage(result.score))
     assert np.array_equal(array(out.labelmap), sitk.GetArrayFromImage(result.labelmap))
 
@@ -110,19 +110,19 @@ def test_component_and_slice_tables_match_the_result(scene):
     out = mrml.publish(scene, volume, result)
     table = out.components
     assert table.GetNumberOfRows() == len(result.components)
-    np.testing.assert_array_equal(mrml.table_column(table, "Component"), [c.label for c in result.components])
-    np.testing.assert_allclose(mrml.table_column(table, "Volume"), [c.volume_ml for c in result.components])
-    np.testing.assert_allclose(mrml.table_column(table, "Max score"), [c.max_score for c in result.components])
-    np.testing.assert_allclose(mrml.table_column(table, "Mean score"), [c.mean_score for c in result.components])
+    np.testing.assert_array_equal(nodes.table_column(table, "Component"), [c.label for c in result.components])
+    np.testing.assert_allclose(nodes.table_column(table, "Volume"), [c.volume_ml for c in result.components])
+    np.testing.assert_allclose(nodes.table_column(table, "Max score"), [c.max_score for c in result.components])
+    np.testing.assert_allclose(nodes.table_column(table, "Mean score"), [c.mean_score for c in result.components])
     for row, component in enumerate(result.components):
-        assert mrml.component_position(table, row) == pytest.approx(component.centroid_ras)
+        assert nodes.component_position(table, row) == pytest.approx(component.centroid_ras)
     assert table.GetColumnUnitLabel("Volume") == "ml"
     with pytest.raises(CeVAEError, match="not in the component table"):
-        mrml.component_position(table, len(result.components))
+        nodes.component_position(table, len(result.components))
 
     slices = out.slice_table
-    np.testing.assert_array_equal(mrml.table_column(slices, "Slice"), [r.index for r in result.slices])
-    np.testing.assert_allclose(mrml.table_column(slices, "Sample score"), [r.neg_elbo for r in result.slices])
+    np.testing.assert_array_equal(nodes.table_column(slices, "Slice"), [r.index for r in result.slices])
+    np.testing.assert_allclose(nodes.table_column(slices, "Sample score"), [r.neg_elbo for r in result.slices])
     series = scene.GetNodeByID(out.slice_chart.GetPlotSeriesNodeID())
     assert series.GetTableNodeID() == slices.GetID()
     assert (series.GetXColumnName(), series.GetYColumnName()) == ("Slice", "Sample score")
@@ -237,11 +237,11 @@ def test_outputs_follow_the_parent_transform_of_the_input(scene):
     for node in (out.score, out.segmentation):
         assert node.GetTransformNodeID() == transform.GetID()
     r, a, s = result.components[0].centroid_ras
-    assert mrml.component_position(out.components, 0) == pytest.approx((r + 10.0, a, s - 5.0))
+    assert nodes.component_position(out.components, 0) == pytest.approx((r + 10.0, a, s - 5.0))
     exported = mrml.mask_image(out.segmentation, volume, out.segmentation.GetSegmentation().GetNthSegmentID(0))
     assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, sitk.GetArrayFromImage(result.labelmap) > 0)
-    centre = mrml.ijk_to_ras(volume) @ np.array([19.5, 21.5, 7.0, 1.0])
-    assert mrml.slice_center_ras(volume, 2, 7) == pytest.approx((centre[0] + 10.0, centre[1], centre[2] - 5.0))
+    centre = nodes.ijk_to_ras(volume) @ np.array([19.5, 21.5, 7.0, 1.0])
+    assert nodes.slice_center_ras(volume, 2, 7) == pytest.approx((centre[0] + 10.0, centre[1], centre[2] - 5.0))
 
 
 def test_mask_from_labelmap_and_from_a_chosen_segment(scene):
@@ -352,7 +352,7 @@ def test_results_are_found_from_the_score_volume_alone(scene):
     stored = stored_result(out.score)
     assert stored.volume is volume and stored.slice_table is out.slice_table and stored.slice_chart is out.slice_chart
     top = result.top_slice
-    assert stored.top_slice_ras == pytest.approx(mrml.slice_center_ras(volume, top.axis, top.index))
+    assert stored.top_slice_ras == pytest.approx(nodes.slice_center_ras(volume, top.axis, top.index))
     assert stored_result(volume) is None and stored_result(None) is None
 
 

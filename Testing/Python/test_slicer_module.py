@@ -16,11 +16,10 @@ from conftest import REPO, make_head, oblique_direction
 
 slicer = pytest.importorskip("slicer")
 
-from CeVAEAnomalyLib.slicer import mrml  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml, nodes, settings  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
 from CeVAEAnomalyLib.progress import Cancelled  # noqa: E402
-from CeVAEAnomalyLib.slicer import settings  # noqa: E402
 
 MODULE_DIR = REPO / "CeVAEAnomaly"
 MODULE_FILE = MODULE_DIR / "CeVAEAnomaly.py"
@@ -54,27 +53,27 @@ def test_process_makes_outputs_on_the_input_grid(scene_with_head, tiny_bundle, g
     scene, volume, mask, _, mask_image = scene_with_head(GEOMETRIES[geometry])
     result = CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3,
                                          createLabelmap=True)
-    nodes = result.nodes
-    for node in (nodes.score, nodes.labelmap):
+    out = result.nodes
+    for node in (out.score, out.labelmap):
         assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
-        assert np.array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(volume))
-    score = sitk.GetArrayFromImage(mrml.image_from_volume(nodes.score))
-    labels = sitk.GetArrayFromImage(mrml.image_from_volume(nodes.labelmap))
+        assert np.array_equal(nodes.ijk_to_ras(node), nodes.ijk_to_ras(volume))
+    score = sitk.GetArrayFromImage(mrml.image_from_volume(out.score))
+    labels = sitk.GetArrayFromImage(mrml.image_from_volume(out.labelmap))
     brain = sitk.GetArrayFromImage(mask_image) > 0
     assert np.isfinite(score).all() and not score[~brain].any()
     assert np.array_equal(labels > 0, score > 0.3) and labels.any()
 
-    segmentation = nodes.segmentation.GetSegmentation()
+    segmentation = out.segmentation.GetSegmentation()
     assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == ["Anomaly"]
-    exported = mrml.mask_image(nodes.segmentation, volume, segmentation.GetNthSegmentID(0))
+    exported = mrml.mask_image(out.segmentation, volume, segmentation.GetNthSegmentID(0))
     assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, labels > 0)
 
-    assert nodes.components.GetNumberOfRows() == len(result.detection.components) > 0
-    np.testing.assert_allclose(mrml.table_column(nodes.components, "Volume"),
+    assert out.components.GetNumberOfRows() == len(result.detection.components) > 0
+    np.testing.assert_allclose(nodes.table_column(out.components, "Volume"),
                                [c.volume_ml for c in result.detection.components])
-    assert nodes.slice_table.GetNumberOfRows() == len(result.detection.slices)
+    assert out.slice_table.GetNumberOfRows() == len(result.detection.slices)
     top = result.detection.top_slice
-    assert result.topSliceRas == pytest.approx(mrml.slice_center_ras(volume, top.axis, top.index))
+    assert result.topSliceRas == pytest.approx(nodes.slice_center_ras(volume, top.axis, top.index))
 
 
 def test_logic_and_command_line_share_one_detection(scene_with_head, tiny_bundle, tmp_path):
@@ -293,6 +292,12 @@ def cmake_list(text: str, name: str):
     match = re.search(rf"set\({name}\s+(.*?)\)", text, re.S)
     assert match, name
     return [item.replace("${MODULE_NAME}", "CeVAEAnomaly") for item in match.group(1).split()]
+
+
+def test_only_the_module_file_is_at_the_top_of_the_module_folder():
+    """Slicer loads every .py file at the top of a module folder as a module (no recursion)."""
+    assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["CeVAEAnomaly.py"]
+    assert BATCH_FILE.is_file() and BATCH_FILE.parent.name == "Scripts"
 
 
 def test_cmake_lists_every_module_script():

@@ -17,7 +17,7 @@ slicer = pytest.importorskip("slicer")
 
 from CeVAEAnomalyLib.engine.header import read_header  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
-from CeVAEAnomalyLib.slicer import mrml  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
 from CeVAEAnomalyLib.slicer.jobs import JobState, WorkerJob  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
 from CeVAEAnomalyLib.slicer.settings import ModelSettings  # noqa: E402
@@ -69,7 +69,7 @@ def test_detection_in_a_worker_matches_the_in_process_detection(head_scene, tiny
                                modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
     for name in ("score", "labelmap"):
         node = getattr(result.nodes, name)
-        assert np.array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(volume))
+        assert np.array_equal(nodes.ijk_to_ras(node), nodes.ijk_to_ras(volume))
         np.testing.assert_allclose(sitk.GetArrayFromImage(mrml.image_from_volume(node)),
                                    sitk.GetArrayFromImage(mrml.image_from_volume(getattr(reference.nodes, name))),
                                    rtol=1e-5, atol=1e-6)

@@ -21,18 +21,14 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import CeVAEError
-from .nodes import (  # noqa: F401  (re-exported: the module's node helpers in one place)
+from .nodes import (
     ROLE_ATTRIBUTE,
     SLICE_AXIS_ATTRIBUTE,
     SLICE_CHART_ROLE,
     SLICE_TABLE_ROLE,
-    component_position,
     find_output,
-    ijk_to_ras,
     link_output,
     node_ids,
-    slice_center_ras,
-    table_column,
     to_numpy,
     to_world,
 )
