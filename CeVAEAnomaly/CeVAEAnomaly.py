@@ -222,8 +222,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                     lambda path: self._setParameter("calibratedModelPath", path))
         for combo, name in ((self.ui.scoreTypeComboBox, "scoreType"), (self.ui.sensitivityComboBox, "sensitivity"),
                             (self.ui.deviceComboBox, "device")):
-            combo.connect("currentIndexChanged(int)",
-                          lambda i, combo=combo, name=name: self._setParameter(name, combo.itemData(i)))
+            combo.connect("currentIndexChanged(int)", self._comboHandler(combo, name))
         self.ui.healthyVolumesSelector.connect("checkedNodesChanged()", self._refresh)
 
         self.initializeParameterNode()
@@ -282,6 +281,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._updateGui()
+
+    def _comboHandler(self, combo, name: str):
+        """A one-argument slot that stores the option value behind the chosen display name."""
+        return lambda index: self._setParameter(name, combo.itemData(index))
 
     def _setParameter(self, name: str, value) -> None:
         """A hand-bound widget changed: store its value (None from an empty combo box is ignored)."""
@@ -448,9 +451,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startDetection(self):
         from CeVAEAnomalyLib.slicer.mrml import OutputNodes
-        from CeVAEAnomalyLib.slicer.settings import detection_request
+        from CeVAEAnomalyLib.slicer.settings import detection_request, model_path
 
         p = self._parameterNode
+        model_path(p)  # says to choose a file if none is chosen
         settings = self._modelSettings()
         if settings is None:
             raise CeVAEError(_("The model file cannot be read; choose a .cevae model file."))
@@ -582,9 +586,11 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onJumpToTopSlice()
 
     def _useCalibratedModel(self, job) -> None:
-        job.raise_for_failure()
-        path = job.done["model"]
-        job.cleanup()
+        try:
+            job.raise_for_failure()
+            path = job.done["model"]
+        finally:
+            job.cleanup()
         p = self._parameterNode
         p.useBundledModel = False
         p.modelPath = path
