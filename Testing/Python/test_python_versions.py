@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKED_DIRS = ("CeVAEAnomaly", "scripts", "Testing")
@@ -58,8 +58,9 @@ def minimum_python() -> str:
 
 
 def run_vermin(paths: List[Path]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", f"--target={minimum_python()}-", "--eval-annotations",
-           "--feature", "union-types", "--no-tips", "--violations", "--no-parse-comments", *map(str, paths)]
+    cmd = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())",
+           f"--target={minimum_python()}-", "--eval-annotations", "--feature", "union-types",
+           "--no-tips", "--violations", "--no-parse-comments", *map(str, paths)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -67,41 +68,28 @@ def removed_api_uses(source: str) -> List[str]:
     """Every use of a module or name removed in Python 3.12/3.13, as "line N: name"."""
     tree = ast.parse(source)
     aliases: Dict[str, str] = {}  # local name -> qualified name
-    found: List[str] = []
-
-    def flag(node: ast.AST, name: str) -> None:
-        found.append(f"line {node.lineno}: {name}")
-
-    def check_qualified(node: ast.AST, name: str) -> None:
-        if name.split(".")[0] in REMOVED_MODULES and not isinstance(node, ast.ImportFrom):
-            flag(node, name)
-        elif any(name == n or name.startswith(n + ".") for n in REMOVED_NAMES):
-            flag(node, name)
-
+    found: List[Tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                if a.asname:
-                    aliases[a.asname] = a.name  # import a.b as c: c is a.b
-                else:
-                    aliases[a.name.split(".")[0]] = a.name.split(".")[0]  # import a.b: binds a
-                check_qualified(node, a.name)
+                top = a.name.split(".")[0]
+                aliases[a.asname or top] = a.name if a.asname else top  # "import a.b" binds a
+                if top in REMOVED_MODULES:
+                    found.append((node.lineno, a.name))
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for a in node.names:
-                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            aliases.update((a.asname or a.name, name) for a, name in zip(node.names, names))
             if node.module.split(".")[0] in REMOVED_MODULES:
-                flag(node, node.module)
-            for a in node.names:
-                check_qualified(node, f"{node.module}.{a.name}")
+                found.append((node.lineno, node.module))
+            found += [(node.lineno, name) for name in names if name in REMOVED_NAMES]
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
             if node.attr in REMOVED_METHODS:
-                flag(node, node.attr)
-            dotted = _dotted(node)
-            if dotted and dotted.split(".")[0] in aliases:
-                head, _, rest = dotted.partition(".")
-                check_qualified(node, f"{aliases[head]}.{rest}")
-    return sorted(set(found), key=lambda s: (int(s.split()[1].rstrip(":")), s))
+                found.append((node.lineno, node.attr))
+            head, _, rest = _dotted(node).partition(".")
+            if head in aliases and f"{aliases[head]}.{rest}" in REMOVED_NAMES:
+                found.append((node.lineno, f"{aliases[head]}.{rest}"))
+    return [f"line {line}: {name}" for line, name in sorted(set(found))]
 
 
 def _dotted(node: ast.AST) -> str:
