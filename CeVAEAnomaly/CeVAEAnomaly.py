@@ -35,11 +35,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
 from CeVAEAnomalyLib.slicer.resources import resource_dir
 from CeVAEAnomalyLib.slicer.settings import (
-    DEVICES,
-    SCORE_TYPES,
     SENSITIVITIES,
     SENSITIVITY_FPR,
     SENSITIVITY_MODEL,
@@ -148,7 +147,7 @@ class CeVAEAnomalyParameterNode:
     brainMaskSegmentId: str = ""
     useBundledModel: bool = True
     modelPath: str = ""
-    scoreType: Annotated[str, Choice(list(SCORE_TYPES))] = "combi"
+    scoreType: Annotated[str, Choice(list(SCORE_TYPES))] = ScoreOptions.score_type
     sensitivity: Annotated[str, Choice(list(SENSITIVITIES))] = SENSITIVITY_MODEL
     falsePositiveRate: Annotated[float, WithinRange(1e-6, 0.5)] = 0.001  # the model's rate is shown instead
     threshold: Annotated[float, WithinRange(0.0, 1000.0)] = 0.5
@@ -156,7 +155,7 @@ class CeVAEAnomalyParameterNode:
     rimMm: Annotated[float, WithinRange(0.0, 30.0)] = 0.0
     medianRadius: Annotated[int, WithinRange(0, 5)] = 0
     minVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = RunOptions.device
     batchSize: Annotated[int, WithinRange(1, 512)] = 32
     scoreVolume: vtkMRMLScalarVolumeNode
     anomalySegmentation: vtkMRMLSegmentationNode
@@ -194,7 +193,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Files
         self.ui.modelPathLineEdit.nameFilters = ["*.cevae"]
-        self.ui.calibratedModelPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Writable
+        # Writable files: the browse button opens a save dialog (int(): flags, not a type union)
+        self.ui.calibratedModelPathLineEdit.filters = int(ctk.ctkPathLineEdit.Files) | int(ctk.ctkPathLineEdit.Writable)
         self.ui.calibratedModelPathLineEdit.nameFilters = ["*.cevae"]
         self.ui.progressBar.visible = False
         for combo, names in ((self.ui.scoreTypeComboBox, scoreTypeNames()), (self.ui.deviceComboBox, deviceNames())):

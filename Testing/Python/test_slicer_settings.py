@@ -18,13 +18,6 @@ from CeVAEAnomalyLib.slicer import mrml, settings  # noqa: E402
 from CeVAEAnomalyLib.slicer.settings import ModelSettings  # noqa: E402
 
 
-def test_option_values_are_the_engines():
-    from CeVAEAnomalyLib.engine.devices import DEVICE_CHOICES
-    from CeVAEAnomalyLib.engine.scoring import SCORE_TYPES
-
-    assert settings.SCORE_TYPES == SCORE_TYPES and settings.DEVICES == DEVICE_CHOICES
-
-
 def test_model_settings_are_read_without_torch():
     code = ("import sys; from CeVAEAnomalyLib.slicer.settings import ModelSettings; s = ModelSettings.read(); "
             "print(s.default_fpr, s.calibrated('combi'), 'torch' in sys.modules, 'safetensors' in sys.modules)")

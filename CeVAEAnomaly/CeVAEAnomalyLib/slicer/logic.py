@@ -135,7 +135,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         volumeNode: slicer.vtkMRMLScalarVolumeNode,
         maskNode: Optional[slicer.vtkMRMLNode] = None,
         modelPath: Union[str, Path, None] = None,
-        scoreType: Optional[str] = "combi",
+        scoreType: Optional[str] = None,
         fpr: Optional[float] = None,
         threshold: Optional[float] = None,
         postprocess: Optional[Dict[str, Any]] = None,
@@ -150,7 +150,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         """Detect anomalies in ``volumeNode`` in this process and create or update the result nodes.
 
         ``maskNode``: brain mask (labelmap, or segmentation with ``maskSegmentId`` or all its
-        segments); computed automatically if None. ``fpr``: healthy false-positive rate for the
+        segments); computed automatically if None. ``scoreType``: None for the model's own.
+        ``fpr``: healthy false-positive rate for the
         model's calibrated threshold (default: the model's own recommended rate);
         ``threshold`` overrides it with an absolute score. ``postprocess``: overrides of the
         model's post-processing (rim_mm, median_radius, min_volume_mm3). ``outputs``: existing
@@ -190,7 +191,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         volumeNode: slicer.vtkMRMLScalarVolumeNode,
         maskNode: Optional[slicer.vtkMRMLNode] = None,
         modelPath: Union[str, Path, None] = None,
-        scoreType: Optional[str] = "combi",
+        scoreType: Optional[str] = None,
         fpr: Optional[float] = None,
         threshold: Optional[float] = None,
         postprocess: Optional[Dict[str, Any]] = None,

@@ -9,15 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from ..engine.calibration import DEFAULT_FPR, calibration_key
+from ..engine.calibration import DEFAULT_FPR, find_calibration
 from ..engine.header import read_header
 from ..errors import CeVAEError
+from ..options import DEVICES, SCORE_TYPES, PostprocessOptions, ScoreOptions
 
-# The option values offered in the panel: the one place to switch to CeVAEAnomalyLib.options
-# (SCORE_TYPES, DEVICES) once that module exists. Equal to engine.scoring.SCORE_TYPES and
-# engine.devices.DEVICE_CHOICES (checked by the tests); copied because those modules import torch.
-SCORE_TYPES: Tuple[str, ...] = ("combi", "rec", "grad")
-DEVICES: Tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "detection_request", "model_path",
+           "override_postprocess", "postprocess_fields"]
 
 SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rate
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
@@ -43,9 +41,7 @@ class ModelSettings:
     @property
     def postprocess(self) -> Dict[str, Any]:
         """The model's post-processing (rim_mm, median_radius, min_volume_mm3)."""
-        post = dict(rim_mm=0.0, median_radius=0, min_volume_mm3=0.0)
-        post.update(self.header.get("postprocess") or {})
-        return post
+        return PostprocessOptions.from_dict(self.header.get("postprocess") or {}).to_dict()
 
     @property
     def default_fpr(self) -> float:
@@ -53,9 +49,13 @@ class ModelSettings:
 
     def calibrated(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> bool:
         """Whether the model holds a threshold calibration for this scoring and post-processing."""
-        score = dict(self.header.get("score_options") or {}, score_type=score_type)
-        key = calibration_key(score, self.postprocess if postprocess is None else postprocess)
-        return key in (self.header.get("calibration") or {})
+        score = ScoreOptions.from_dict(self.header.get("score_options") or {}).replace(score_type=score_type)
+        post = PostprocessOptions.from_dict(self.postprocess if postprocess is None else postprocess)
+        try:
+            find_calibration(self.header, score, post)
+        except CeVAEError:
+            return False
+        return True
 
     def sensitivities(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> Tuple[str, ...]:
         """The sensitivity modes this model supports for these options (calibrated ones only if calibrated)."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from ..engine.bundle import Bundle
     from ..engine.detector import DetectionResult
+    from ..options import PostprocessOptions
 
 RESULT_FILES = {"score": "score.nrrd", "labelmap": "labelmap.nrrd", "brain_mask": "brain_mask.nrrd"}
 SUMMARY_FILE = "detection.json"
@@ -50,17 +51,25 @@ def detect_image(
     batch_size: int = 32,
     progress: Optional[ProgressCallback] = None,
 ) -> "DetectionResult":
-    """One detection with the bundle's scoring and post-processing, ``postprocess`` overriding the latter."""
-    from ..engine.detector import default_postprocess, default_score_options, detect
-    from ..engine.postprocess import PostprocessOptions
+    """One detection with the bundle's scoring (``score_type``: None for the bundle's own) and
+    post-processing, ``postprocess`` overriding the latter."""
+    from ..engine.detector import Detector, default_score_options
+    from ..options import ThresholdPolicy
 
-    options = default_score_options(bundle, score_type)
+    options = default_score_options(bundle).replace(score_type=score_type)
+    detector = Detector(bundle, options, _postprocess(bundle, postprocess), ThresholdPolicy(threshold, fpr),
+                        batch_size=batch_size)
+    return detector(image, mask, progress=progress)
+
+
+def _postprocess(bundle: "Bundle", overrides: Optional[Dict[str, Any]]) -> "PostprocessOptions":
+    """The bundle's post-processing with ``overrides`` applied."""
+    from ..engine.detector import default_postprocess
+
     try:
-        post = PostprocessOptions(**dict(default_postprocess(bundle).to_dict(), **(postprocess or {})))
+        return default_postprocess(bundle).replace(**(overrides or {}))
     except TypeError as exc:
         raise CeVAEError(f"Invalid post-processing options: {exc}") from None
-    return detect(image, bundle, mask, options, post, threshold=threshold, fpr=fpr,
-                  batch_size=batch_size, progress=progress)
 
 
 def write_detection(result: "DetectionResult", folder: Path) -> None:
@@ -71,8 +80,7 @@ def write_detection(result: "DetectionResult", folder: Path) -> None:
     for key, name in RESULT_FILES.items():
         sitk.WriteImage(getattr(result, key), str(folder / name), True)
     summary = dict(threshold=result.threshold, threshold_source=result.threshold_source,
-                   slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components],
-                   timings=result.timings)
+                   slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components])
     (folder / SUMMARY_FILE).write_text(json.dumps(summary), encoding="utf-8")
 
 
@@ -91,7 +99,7 @@ def read_detection(folder: Path) -> "DetectionResult":
     components = [Component(**dict(c, centroid_lps=tuple(c["centroid_lps"]))) for c in summary["components"]]
     return DetectionResult(images["score"], images["labelmap"], images["brain_mask"], summary["threshold"],
                            summary["threshold_source"], [SliceScoreRow(**r) for r in summary["slices"]],
-                           components, summary["timings"])
+                           components)
 
 
 def _load_bundle(request: Dict[str, Any]) -> "Bundle":
@@ -120,8 +128,7 @@ def run_detect(request: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
 
 def run_calibrate(request: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
     from ..engine.calibrate import recalibrate
-    from ..engine.detector import default_postprocess, default_score_options
-    from ..engine.postprocess import PostprocessOptions
+    from ..engine.detector import default_score_options
     from ..training.data import Subject
 
     subjects = [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None) for s in request["subjects"]]
@@ -134,8 +141,7 @@ def run_calibrate(request: Dict[str, Any], progress: ProgressCallback) -> Dict[s
     bundle = _load_bundle(request)
     if bundle.path.resolve() == out.resolve():
         raise CeVAEError("Save the calibrated model under a new name; it cannot replace the model it starts from.")
-    post = PostprocessOptions(**dict(default_postprocess(bundle).to_dict(), **(request.get("postprocess") or {})))
-    path = recalibrate(bundle, subjects, out, default_score_options(bundle), post,
+    path = recalibrate(bundle, subjects, out, default_score_options(bundle), _postprocess(bundle, request.get("postprocess")),
                        source=request.get("source", "healthy volumes of the site"),
                        progress=scaled(progress, 0.02, 0.98))
     report(progress, 1.0, "Calibrated model saved")
