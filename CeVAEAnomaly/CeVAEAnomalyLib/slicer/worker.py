@@ -141,7 +141,8 @@ def run_calibrate(request: Dict[str, Any], progress: ProgressCallback) -> Dict[s
     bundle = _load_bundle(request)
     if bundle.path.resolve() == out.resolve():
         raise CeVAEError("Save the calibrated model under a new name; it cannot replace the model it starts from.")
-    path = recalibrate(bundle, subjects, out, default_score_options(bundle), _postprocess(bundle, request.get("postprocess")),
+    post = _postprocess(bundle, request.get("postprocess"))
+    path = recalibrate(bundle, subjects, out, default_score_options(bundle), post,
                        source=request.get("source", "healthy volumes of the site"),
                        progress=scaled(progress, 0.02, 0.98))
     report(progress, 1.0, "Calibrated model saved")
