@@ -368,15 +368,19 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         selector = self.ui.brainMaskSegmentSelector
         segmentation = p.brainMask if isinstance(p.brainMask, vtkMRMLSegmentationNode) else None
+        stored = p.brainMaskSegmentId
+        if segmentation is not None and stored and segmentation.GetSegmentation().GetSegment(stored) is None:
+            stored = ""  # a segment of another segmentation: take the one the selector shows
         wasBlocked = selector.blockSignals(True)
         if selector.currentNode() != segmentation:
             selector.setCurrentNode(segmentation)
-        if segmentation is not None and p.brainMaskSegmentId and selector.currentSegmentID() != p.brainMaskSegmentId:
-            selector.setCurrentSegmentID(p.brainMaskSegmentId)
+        if segmentation is not None and stored and selector.currentSegmentID() != stored:
+            selector.setCurrentSegmentID(stored)
         selector.blockSignals(wasBlocked)
         selector.enabled = segmentation is not None and not self.state.busy
-        if segmentation is not None and not p.brainMaskSegmentId and selector.currentSegmentID():
-            p.brainMaskSegmentId = selector.currentSegmentID()  # store what the selector shows
+        shown = selector.currentSegmentID() if segmentation is not None else ""
+        if shown and shown != p.brainMaskSegmentId:
+            p.brainMaskSegmentId = shown  # store what the selector shows
 
     def onBrainMaskSegmentChanged(self, segmentId: str) -> None:
         self._setParameter("brainMaskSegmentId", segmentId)
