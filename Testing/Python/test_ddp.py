@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from conftest import REPO, make_head
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
-from CeVAEAnomalyLib.training.trainer import parameter_checksum
+from CeVAEAnomalyLib.training.distributed import parameter_checksum
 
 CHECKSUM = re.compile(r"\[rank (\d)\] INFO: Rank (\d) of 2: parameter checksum ([0-9a-f]{64})\.")
 
