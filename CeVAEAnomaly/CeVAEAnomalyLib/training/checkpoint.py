@@ -29,13 +29,10 @@ def write_checkpoint(state: Dict[str, Any], path: Path) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    """The cause of a failed write in words (torch's messages carry C++ locations)."""
+    """The cause of a failed write in words (torch's own messages name C++ source lines)."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    text = " ".join(str(exc).split())
-    if "file write failed" in text or "failed writing" in text:
-        return "the file could not be written (disk full or file-size limit?)"
-    return text or type(exc).__name__
+    return "the file could not be written completely (disk full or a file-size limit?)"
 
 
 def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = "") -> Dict[str, Any]:

@@ -108,7 +108,7 @@ class Trainer:
             cache.prepare([s for s in mine if s in self.train_subjects], self.checksums, self.cfg.orientations)
             cache.prepare([s for s in mine if s in self.val_subjects], self.checksums, ("axial",))
             barrier(self.dist)
-        train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations, self.progress)
+        train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
         val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
         self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size)
         self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size)
