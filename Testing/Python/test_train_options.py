@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import resource
 import shutil
 from pathlib import Path
 from typing import List
@@ -191,6 +190,7 @@ def test_the_bundle_is_calibrated_on_the_weights_it_holds(cohort, tmp_path, half
 def test_a_failed_checkpoint_write_keeps_the_previous_one(cohort, tmp_path):
     """A real write failure (file-size limit, as with a full disk) ends in a clear error; the last
     checkpoint stays complete and no temporary file is left."""
+    resource = pytest.importorskip("resource")  # POSIX
     trainer = Trainer(tiny_config(tmp_path), cohort_subjects(cohort))
     trainer.cfg.out.parent.mkdir(parents=True)
     trainer.step = 4

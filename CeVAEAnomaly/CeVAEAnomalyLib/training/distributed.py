@@ -5,12 +5,15 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..errors import CeVAEError
+from ..io.checksum import sha256_of
+from .data import Subject
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,17 @@ def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def file_checksums(subjects: Sequence[Subject], info: DistInfo) -> Dict[Path, str]:
+    """sha256 of every image and mask; with several ranks each hashes a share and they swap results."""
+    paths = sorted({p for s in subjects for p in (s.image, s.mask) if p is not None})
+    mine = {p: sha256_of(p) for p in paths[info.rank::info.world]}
+    if info.world <= 1:
+        return mine
+    parts: List[Optional[Dict[Path, str]]] = [None] * info.world
+    dist.all_gather_object(parts, mine)
+    return {p: h for part in parts for p, h in (part or {}).items()}
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:

@@ -25,14 +25,13 @@ from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
-from ..io.checksum import sha256_of
 from ..progress import ProgressCallback, report
 from .augment import augment
 from .cache import SliceCache, SliceSet
 from .checkpoint import CHECKPOINT_VERSION, read_checkpoint, truncate_log, write_checkpoint
 from .config import TrainConfig
 from .data import Subject, split_subjects, unique_subjects
-from .distributed import (DistInfo, any_rank, barrier, check_replicas, init_distributed, rank_seed,
+from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
                           shutdown_distributed)
 from .packaging import BundleHeader, TrainingRecord, package, subject_records
 from .sampler import EpochSampler
@@ -70,9 +69,9 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        self.checksums = {p: sha256_of(p) for s in subjects for p in (s.image, s.mask) if p is not None}
-        subjects = unique_subjects(subjects, self.checksums)
         self.dist = init_distributed(self.device)
+        self.checksums = file_checksums(subjects, self.dist)
+        subjects = unique_subjects(subjects, self.checksums)
         self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model = CeVAE(cfg.model).to(self.device)
@@ -103,10 +102,9 @@ class Trainer:
             root = Path(self._temp_cache)
         cache = SliceCache(root, self.pre)
         if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
-            mine = [s for i, s in enumerate(self.train_subjects + self.val_subjects) if i % self.dist.world
-                    == self.dist.rank]
-            cache.prepare([s for s in mine if s in self.train_subjects], self.checksums, self.cfg.orientations)
-            cache.prepare([s for s in mine if s in self.val_subjects], self.checksums, ("axial",))
+            share = slice(self.dist.rank, None, self.dist.world)
+            cache.prepare(self.train_subjects[share], self.checksums, self.cfg.orientations)
+            cache.prepare(self.val_subjects[share], self.checksums, ("axial",))
             barrier(self.dist)
         train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
         val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
