@@ -19,6 +19,7 @@ from CeVAEAnomalyLib.engine.scoring import ScoreOptions
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
 from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyLib.training.packaging import BundleHeader, TrainingRecord, package
 from CeVAEAnomalyLib.training.trainer import Trainer
 from conftest import make_head
 
@@ -185,6 +186,26 @@ def test_the_bundle_is_calibrated_on_the_weights_it_holds(cohort, tmp_path, half
                             "validation subjects", ScoreOptions(**header["score_options"]),
                             PostprocessOptions(**header["postprocess"]))
     assert again == header["calibration"]
+
+
+def test_a_failed_bundle_write_publishes_nothing(cohort, tmp_path):
+    """The bundle write failing (file-size limit) ends in one clear error and leaves no file at all."""
+    resource = pytest.importorskip("resource")  # POSIX
+    trainer = Trainer(tiny_config(tmp_path, max_steps=1), cohort_subjects(cohort))
+    trainer.open_data()
+    out = trainer.cfg.out
+    header = BundleHeader(name="m", preprocess=trainer.pre, loss=trainer.cfg.loss, training=TrainingRecord(
+        subjects=[], validation_subjects=[], train_slices=len(trainer.train), orientations=["axial"], steps=0,
+        batch_size=8, lr=1e-3, seed=0, seconds=0.0, ranks=1, augment={}, val_loss=0.0))
+    out.parent.mkdir(parents=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(CeVAEError, match=rf"Could not write the model bundle {out}: .*File too large"):
+            package(out, trainer.model, header, trainer.val_subjects, "validation subjects", trainer.device, False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(out.parent.iterdir()) == []
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(cohort, tmp_path):

@@ -20,6 +20,7 @@ from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.model import CeVAE
 from ..engine.postprocess import RECOMMENDED, PostprocessOptions
 from ..engine.scoring import ScoreOptions
+from ..errors import CeVAEError
 from .data import Subject
 
 log = logging.getLogger(__name__)
@@ -83,4 +84,10 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     stored.eval().to(device)
     bundle = Bundle(stored, header.to_dict(), out)
     header.calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess)
-    return save_bundle(out, model, header.to_dict(), half=half)
+    from safetensors import SafetensorError
+
+    try:
+        return save_bundle(out, model, header.to_dict(), half=half)
+    except (OSError, SafetensorError) as exc:  # the temporary file is removed, nothing is published
+        raise CeVAEError(f"Could not write the model bundle {out}: {exc}. The last checkpoint is kept; "
+                         "free some space and run again with --resume.") from None
