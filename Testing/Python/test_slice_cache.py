@@ -174,3 +174,18 @@ def test_prepare_then_train_from_the_cache_equals_training_without_it(subjects, 
     for key, value in a.model.state_dict().items():
         torch.testing.assert_close(value, b.model.state_dict()[key], rtol=0, atol=0)
     assert a.header["calibration"] == b.header["calibration"]
+
+
+@pytest.mark.slow
+def test_prepare_with_worker_processes_makes_the_same_entries(subjects, tmp_path):
+    from CeVAEAnomalyLib.training.prepare import prepare_cohort
+
+    one = prepare_cohort(subjects, tmp_path / "one", PRE, ("coronal",), workers=1)
+    two = prepare_cohort(subjects, tmp_path / "two", PRE, ("coronal",), workers=2)
+    assert "3 subject(s), 3 preprocessed now and 0 found ready" in one and "in coronal, axial" in one
+    assert one.split("(")[0].replace("one", "two") == two.split("(")[0]
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(names) == 12 and names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        if name.endswith(".npy"):
+            np.testing.assert_array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name))

@@ -102,10 +102,7 @@ class Trainer:
             root = Path(self._temp_cache)
         cache = SliceCache(root, self.pre)
         if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
-            share = slice(self.dist.rank, None, self.dist.world)
-            cache.prepare(self.train_subjects[share], self.checksums, self.cfg.orientations)
-            cache.prepare(self.val_subjects[share], self.checksums, ("axial",))
-            barrier(self.dist)
+            self._prepare_share(cache)
         train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
         val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
         self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size)
@@ -117,6 +114,19 @@ class Trainer:
         log.info("Loaded %d training slices (%d subjects), %d validation slices (%d subjects) in %.1f s.",
                  len(self.train), len(self.train_subjects), len(self.val), len(self.val_subjects),
                  time.perf_counter() - t)
+
+    def _prepare_share(self, cache: SliceCache) -> None:
+        """Preprocess this rank's share of the subjects; every rank stops if any of them failed."""
+        share = slice(self.dist.rank, None, self.dist.world)
+        error: Optional[CeVAEError] = None
+        try:
+            cache.prepare(self.train_subjects[share], self.checksums, self.cfg.orientations)
+            cache.prepare(self.val_subjects[share], self.checksums, ("axial",))
+        except CeVAEError as exc:
+            error = exc
+        if any_rank(self.dist, error is not None, self.device):  # also waits for all ranks
+            raise error or CeVAEError("Another rank could not preprocess its share of the volumes; see its "
+                                      "error message.")
 
     def batches(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """Endless (epoch, batch number, slices) from the current sampler position; ranks see disjoint
