@@ -7,7 +7,8 @@ import torch
 from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.engine.model import CeVAE, kl_per_sample
-from CeVAEAnomalyLib.engine.scoring import ScoreOptions, gaussian_blur, score_slices
+from CeVAEAnomalyLib.engine.scoring import gaussian_blur, score_slices
+from CeVAEAnomalyLib.options import ScoreOptions
 
 
 def _model():

@@ -14,8 +14,7 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model
 from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.engine.postprocess import PostprocessOptions
-from CeVAEAnomalyLib.engine.scoring import ScoreOptions
+from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
 from CeVAEAnomalyLib.training.data import Subject
@@ -70,8 +69,8 @@ def sha(path: Path) -> str:
     ("--val-fraction", "1", "--val-fraction must lie in [0, 1)"),
     ("--val-fraction", "-0.1", "--val-fraction must lie in [0, 1)"),
     ("--val-fraction", "nan", "--val-fraction must lie in [0, 1)"),
-    ("--orientations", ",", "--orientations names no orientation; use axial, coronal and/or sagittal."),
-    ("--orientations", "axial,top", "Unknown orientation 'top'"),
+    ("--orientations", ",", "Give at least one slice orientation (axial, coronal, sagittal)."),
+    ("--orientations", "axial,top", "Unknown orientation 'top'; choose one of axial, coronal, sagittal."),
     ("--channels", "8,8,8,8,8,8,8", "7 encoder layers (--channels) halve the input 7 times, more than input "
                                     "size 64 allows; use at most 6 channel widths"),
     ("--loader-workers", "-1", "--loader-workers must be 0 or more, got -1."),

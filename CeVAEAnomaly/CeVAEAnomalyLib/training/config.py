@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence
 
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
+from ..options import parse_orientations
 
-ORIENTATIONS = ("axial", "coronal", "sagittal")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:  # also refuses NaN
             raise CeVAEError(f"--val-fraction must lie in [0, 1) (the share of subjects held out for "
                              f"validation and calibration), got {self.val_fraction}.")
-        check_orientations(self.orientations)
+        parse_orientations(",".join(self.orientations))  # refuses none or unknown ones
         if self.model.bottleneck_size < 1:
             layers = len(self.model.channels)
             raise CeVAEError(f"{layers} encoder layers (--channels) halve the input {layers} times, more than "
@@ -108,19 +108,6 @@ class TrainConfig:
                                  "continue the run that wrote it.")
 
 
-def check_orientations(orientations: Sequence[str]) -> None:
-    if not orientations:
-        raise CeVAEError("--orientations names no orientation; use axial, coronal and/or sagittal.")
-    for o in orientations:
-        if o not in ORIENTATIONS:
-            raise CeVAEError(f"Unknown orientation {o!r}; use axial, coronal and/or sagittal.")
-
-
 def _at_least_one(option: str, value: int) -> None:
     if value < 1:
         raise CeVAEError(f"{option} must be at least 1, got {value}.")
-
-
-def parse_orientations(text: str) -> Tuple[str, ...]:
-    """Comma-separated orientation names (validated by TrainConfig.validate)."""
-    return tuple(o.strip() for o in text.split(",") if o.strip())

@@ -18,9 +18,8 @@ from ..engine.bundle import Bundle, save_bundle
 from ..engine.calibrate import calibrate_model
 from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.model import CeVAE
-from ..engine.postprocess import RECOMMENDED, PostprocessOptions
-from ..engine.scoring import ScoreOptions
 from ..errors import CeVAEError
+from ..options import RECOMMENDED_POSTPROCESS, PostprocessOptions, ScoreOptions
 from .data import Subject
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class BundleHeader:
     loss: LossConfig
     training: TrainingRecord
     score_options: ScoreOptions = field(default_factory=ScoreOptions)
-    postprocess: PostprocessOptions = RECOMMENDED
+    postprocess: PostprocessOptions = RECOMMENDED_POSTPROCESS
     modality: str = "T1"
     calibration: Optional[Dict[str, dict]] = None
 
