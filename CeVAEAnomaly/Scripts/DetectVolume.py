@@ -95,10 +95,6 @@ def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
     return write
 
 
-def _text_writer(text: str) -> Callable[[str], None]:
-    return lambda filename: Path(filename).write_text(text, newline="")
-
-
 def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool) -> List[Path]:
     """Write every result to a temporary name beside its target, then rename all into place."""
     from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv, write_all
@@ -107,8 +103,8 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
         paths["score"]: _node_writer(result.nodes.score),
         paths["labelmap"]: _node_writer(result.nodes.labelmap),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
-        paths["components"]: _text_writer(components_csv(result.detection)),
-        paths["slices"]: _text_writer(slice_scores_csv(result.detection)),
+        paths["components"]: components_csv(result.detection),
+        paths["slices"]: slice_scores_csv(result.detection),
     }
     return write_all(writers, overwrite)
 

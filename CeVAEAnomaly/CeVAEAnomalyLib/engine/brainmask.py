@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,7 +41,7 @@ def default_template_dir() -> Path:
     return template_dir()
 
 
-def load_template(template_dir: Path | None = None) -> tuple[sitk.Image, sitk.Image]:
+def load_template(template_dir: Optional[Path] = None) -> tuple[sitk.Image, sitk.Image]:
     """Template T1 (float32) and brain mask (uint8) from ``template_dir``."""
     folder = Path(template_dir) if template_dir is not None else default_template_dir()
     paths = [folder / TEMPLATE_T1, folder / TEMPLATE_MASK]
@@ -55,8 +56,8 @@ def load_template(template_dir: Path | None = None) -> tuple[sitk.Image, sitk.Im
 
 def compute_brain_mask(
     image: sitk.Image,
-    template_dir: Path | None = None,
-    progress: ProgressCallback | None = None,
+    template_dir: Optional[Path] = None,
+    progress: Optional[ProgressCallback] = None,
 ) -> sitk.Image:
     """Brain mask (uint8 {0,1}) of a 3D scalar T1 head MRI, on exactly the input's grid.
 
@@ -180,7 +181,7 @@ def _best_start(
 
 
 def _register(
-    fixed: sitk.Image, moving: sitk.Image, progress: ProgressCallback | None
+    fixed: sitk.Image, moving: sitk.Image, progress: Optional[ProgressCallback]
 ) -> sitk.AffineTransform:
     """Affine transform mapping input (fixed) points to template (moving) points."""
     try:

@@ -9,7 +9,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 
 _MULTI_SUFFIXES = (".seg.nrrd", ".seg.nii.gz", ".nii.gz")
@@ -33,6 +33,15 @@ def publish(tmp: str, target: Path) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, target)
+
+
+def write_text(path: Union[str, Path], text: str) -> None:
+    """Write ``text`` as UTF-8 exactly as given: no newline translation (CSV rows keep their ``\\r\\n``).
+
+    ``open(newline="")`` rather than ``Path.write_text(newline=...)``, which needs Python 3.10.
+    """
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
 
 
 @contextmanager

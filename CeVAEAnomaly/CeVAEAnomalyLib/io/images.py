@@ -14,7 +14,7 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_text
 from ..errors import CeVAEError
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def atomic_write_text(path: PathLike, text: str, overwrite: bool = True) -> Path
     target = Path(path)
     check_output_path(target, overwrite)
     with atomic_path(target) as tmp:
-        Path(tmp).write_text(text, newline="")
+        write_text(tmp, text)
     return target
 
 

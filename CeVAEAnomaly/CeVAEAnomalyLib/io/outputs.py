@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import SimpleITK as sitk
 
-from .atomic import publish, temp_beside
+from .atomic import publish, temp_beside, write_text
 from ..errors import CeVAEError
 from .images import check_output_path, error_text
 from ..engine.detector import DetectionResult
@@ -39,7 +39,7 @@ def _writer_for(value) -> Callable[[str], None]:
         return value
     if isinstance(value, sitk.Image):
         return lambda tmp: sitk.WriteImage(value, tmp, True)
-    return lambda tmp: Path(tmp).write_text(value, newline="")
+    return lambda tmp: write_text(tmp, value)
 
 
 def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
