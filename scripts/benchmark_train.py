@@ -14,7 +14,8 @@ from pathlib import Path
 
 from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
 from CeVAEAnomalyLib.training.data import Subject
-from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
+from CeVAEAnomalyLib.training.config import TrainConfig
+from CeVAEAnomalyLib.training.trainer import Trainer
 
 SUBJECTS = ("colin27", "mni152", "robex")
 # AE: no KL and no CE (the posterior variance collapses, so it acts as a plain autoencoder)

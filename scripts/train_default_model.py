@@ -19,7 +19,8 @@ from CeVAEAnomalyResearch.modelcard import write_model_card
 from CeVAEAnomalyLib.engine.calibrate import recalibrate
 from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED
 from CeVAEAnomalyLib.options import ScoreOptions
-from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
+from CeVAEAnomalyLib.training.config import TrainConfig
+from CeVAEAnomalyLib.training.trainer import Trainer
 
 SUBJECTS = ("colin27", "mni152", "robex")
 # chosen on the leave-one-subject-out benchmark (docs/benchmark.md)

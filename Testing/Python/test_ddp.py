@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from conftest import REPO, make_head
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
-from CeVAEAnomalyLib.training.trainer import parameter_checksum
+from CeVAEAnomalyLib.training.distributed import parameter_checksum
 
 CHECKSUM = re.compile(r"\[rank (\d)\] INFO: Rank (\d) of 2: parameter checksum ([0-9a-f]{64})\.")
 
@@ -67,8 +67,10 @@ def test_two_ranks_train_one_model_and_resume(cohort):
     training = read_header(bundle)["training"]
     assert training["ranks"] == 2 and training["batch_size"] == 16 and training["steps"] == 4
 
-    # --resume: every rank restores the checkpoint and they stay in step
-    out = torchrun_train(cohort, "--max-steps", "6", "--resume")
+    # --resume: every rank restores the checkpoint and they stay in step; with a shared slice cache
+    # the ranks preprocess their share of the subjects, then all read every entry from it
+    out = torchrun_train(cohort, "--max-steps", "6", "--resume", "--cache-dir", str(cohort / "cache"))
+    assert len(list((cohort / "cache").glob("*.npy"))) == 3  # 2 training + 1 validation subject, axial
     assert out.count("at step 4.") == 2  # "Resumed from ... at step 4." on both ranks
     sums2 = rank_checksums(out)
     assert sums2[0] == sums2[1] != sums[0]

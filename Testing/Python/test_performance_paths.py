@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import make_head, oblique_direction
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
-from CeVAEAnomalyLib.training.data import _smooth_field
+from CeVAEAnomalyLib.training.augment import _smooth_field
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.model import CeVAE
 from CeVAEAnomalyLib.engine.detector import detect

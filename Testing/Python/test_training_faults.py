@@ -19,7 +19,8 @@ import torch
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.training.data import AugmentConfig, Subject
+from CeVAEAnomalyLib.training.config import AugmentConfig
+from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
 from conftest import make_head

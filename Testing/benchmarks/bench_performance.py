@@ -299,9 +299,11 @@ def help_wall(repeats: int) -> List[float]:
 # ---- training ------------------------------------------------------------------------------------
 def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[float], List[float], int]:
     """(Trainer slices/s, bare step slices/s, training slices), alternating the two ``repeats`` times."""
-    from CeVAEAnomalyLib.training.data import Subject, augment
     from CeVAEAnomalyLib.engine.corruption import random_rectangles
-    from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
+    from CeVAEAnomalyLib.training.augment import augment
+    from CeVAEAnomalyLib.training.config import TrainConfig
+    from CeVAEAnomalyLib.training.data import Subject
+    from CeVAEAnomalyLib.training.trainer import Trainer
 
     subjects = [Subject(p, p.with_name(p.name.replace("_t1.", "_brainmask.")))
                 for p in sorted(HEALTHY.glob("*_t1.nii.gz"))]
@@ -309,12 +311,12 @@ def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[f
         raise SystemExit(f"No *_t1.nii.gz training volumes in {HEALTHY} (set CEVAE_DATA_DIR).")
     cfg = TrainConfig(out=workdir / "train_bench.cevae", batch_size=BATCH, device="cpu", val_fraction=0.0)
     trainer = Trainer(cfg, subjects)
-    trainer._load_data()
+    trainer.open_data()
     trainer.model.train()
-    batches = trainer._batches()
+    batches = trainer.batches()
     # the bare step's batch: made once the way the Trainer makes every batch
     gen = torch.Generator().manual_seed(1)
-    x = augment(trainer.train[next(batches)], cfg.augment, gen)
+    x = augment(next(batches)[2], cfg.augment, gen)
     xc, _ = random_rectangles(x, gen, value_range=(0.0, trainer.pre.clip_max))
 
     def bare_step() -> None:
@@ -323,8 +325,8 @@ def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[f
         loss.backward()
         trainer.opt.step()
 
-    def real_step() -> None:
-        trainer._train_step(next(batches))
+    def real_step() -> None:  # reads the batch from the slice cache, as training does
+        trainer._train_step(next(batches)[2])
 
     def rate(step: Callable[[], None]) -> float:
         step()  # warm-up

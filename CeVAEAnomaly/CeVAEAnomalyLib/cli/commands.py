@@ -11,41 +11,66 @@ from ..errors import CeVAEError
 log = logging.getLogger("cevae_anomaly")
 
 
-def run_train(args: argparse.Namespace) -> Path:
-    from .console import ConsoleProgress
-    from ..engine.config import LossConfig, ModelConfig
-    from ..training.data import AugmentConfig, Subject, read_manifest
-    from ..training.trainer import TrainConfig, Trainer
+def _training_subjects(args: argparse.Namespace) -> list:
+    from ..training.data import Subject, read_manifest
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     subjects += [Subject(Path(p)) for p in args.images]
     if not subjects:
         raise CeVAEError("No training images: give --manifest CSV and/or image paths.")
+    return subjects
+
+
+def _inputs(args: argparse.Namespace, subjects: list) -> list:
+    """Every file the command reads: no output may replace one."""
+    return [args.manifest] + [p for s in subjects for p in (s.image, s.mask)]
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    from .console import ConsoleProgress
+    from ..engine.config import LossConfig, ModelConfig
+    from ..options import parse_orientations
+    from ..training.config import NO_AUGMENT, AugmentConfig, TrainConfig
+    from ..training.trainer import Trainer
+
+    subjects = _training_subjects(args)
     try:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
         raise CeVAEError(f"--channels must be comma-separated integers, got {args.channels!r}.") from None
-    orientations = tuple(o.strip() for o in args.orientations.split(",") if o.strip())
-    for o in orientations:
-        if o not in ("axial", "coronal", "sagittal"):
-            raise CeVAEError(f"Unknown orientation {o!r}; use axial, coronal and/or sagittal.")
-    no_aug = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
-                           intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
     cfg = TrainConfig(
         out=args.out,
         model=ModelConfig(input_size=args.input_size, channels=channels, z_dim=args.z_dim),
         loss=LossConfig(ce_weight=args.ce_weight, beta=args.beta, rec=args.rec_loss),
-        augment=no_aug if args.no_augment else AugmentConfig(),
-        orientations=orientations, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-        max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction,
-        seed=args.seed, device=args.device, resume=args.resume, half_bundle=args.half, amp=args.amp,
+        augment=NO_AUGMENT if args.no_augment else AugmentConfig(),
+        orientations=parse_orientations(args.orientations), batch_size=args.batch_size, lr=args.lr,
+        max_steps=args.max_steps, max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
+        val_fraction=args.val_fraction, seed=args.seed, device=args.device, resume=args.resume,
+        half_bundle=args.half, amp=args.amp, cache_dir=args.cache_dir, loader_workers=args.loader_workers,
     )
+    cfg.validate()
+    cfg.check_outputs(_inputs(args, subjects), args.overwrite)
     rank0 = os.environ.get("RANK", "0") == "0"
     trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
     path = trainer.run()
     if path is not None:
         log.info("Model bundle written to %s (log: %s).", path, cfg.log_path)
     return path
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from .console import ConsoleProgress
+    from ..engine.config import PreprocessConfig
+    from ..options import parse_orientations
+    from ..training.prepare import prepare_cohort
+
+    if args.workers < 1:
+        raise CeVAEError(f"--workers must be at least 1, got {args.workers}.")
+    orientations = parse_orientations(args.orientations)
+    pre = PreprocessConfig(input_size=args.input_size)
+    summary = prepare_cohort(_training_subjects(args), args.cache_dir, pre, orientations, args.workers,
+                             ConsoleProgress("prepare"))
+    log.info("%s", summary)
 
 
 def run_detect(args: argparse.Namespace) -> None:

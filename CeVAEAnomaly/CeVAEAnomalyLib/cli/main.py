@@ -1,4 +1,4 @@
-"""The ``cevae-anomaly`` command: train, detect, evaluate, demo.
+"""The ``cevae-anomaly`` command: train, prepare, detect, batch, calibrate, evaluate, demo.
 
 Heavy modules (torch, SimpleITK) are imported inside the commands so ``--help`` is instant.
 """
@@ -48,6 +48,67 @@ def _add_threshold(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
 
 
+def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("images", nargs="*", type=Path, help=f"{what} image files (besides or instead of --manifest)")
+    p.add_argument("--manifest", type=Path, help="CSV with columns image,mask (paths relative to the CSV)")
+
+
+def _add_slices(p: argparse.ArgumentParser, cfg, cache_required: bool) -> None:
+    """Options that decide the cached slices (shared by train and prepare)."""
+    p.add_argument("--input-size", type=int, default=cfg.model.input_size, help="64 or 128")
+    p.add_argument("--orientations", default=",".join(cfg.orientations),
+                   help="slice orientations: axial,coronal,sagittal")
+    p.add_argument("--cache-dir", type=Path, required=cache_required,
+                   help="folder of preprocessed slices, kept and reused between runs"
+                   + ("" if cache_required else " (default: a temporary one per run); see `cevae-anomaly prepare`"))
+
+
+def _add_train(sub) -> None:
+    from ..training.config import TrainConfig
+
+    cfg = TrainConfig(out=Path("model.cevae"))  # the defaults, written once there
+    t = sub.add_parser("train", help="train a model on healthy volumes")
+    _add_subjects(t, "healthy")
+    t.add_argument("--out", type=Path, required=True, help="model bundle to write (.cevae)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
+    t.add_argument("--max-steps", type=int, default=cfg.max_steps)
+    t.add_argument("--max-minutes", type=float, help="stop after this many minutes")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (and replace OUT)")
+    t.add_argument("--seed", type=int, default=cfg.seed)
+    _add_slices(t, cfg, cache_required=False)
+    t.add_argument("--channels", default=",".join(str(c) for c in cfg.model.channels),
+                   help="encoder widths, comma-separated")
+    t.add_argument("--z-dim", type=int, default=cfg.model.z_dim)
+    t.add_argument("--batch-size", type=int, default=cfg.batch_size)
+    t.add_argument("--lr", type=float, default=cfg.lr)
+    t.add_argument("--beta", type=float, default=cfg.loss.beta, help="KL weight")
+    t.add_argument("--ce-weight", type=float, default=cfg.loss.ce_weight,
+                   help="weight c of the context-encoding loss")
+    t.add_argument("--rec-loss", choices=("l1", "l2"), default=cfg.loss.rec)
+    t.add_argument("--val-fraction", type=float, default=cfg.val_fraction,
+                   help="share of subjects held out for validation and calibration, in [0, 1)")
+    t.add_argument("--checkpoint-every", type=int, default=cfg.checkpoint_every)
+    t.add_argument("--loader-workers", type=int,
+                   help="processes reading batches from the cache (default: 0 on the CPU, 4 on CUDA)")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--half", action="store_true", help="store fp16 weights in the bundle")
+    t.add_argument("--amp", action="store_true", help="mixed precision")
+    _add_device(t)
+
+
+def _add_prepare(sub) -> None:
+    from ..training.config import TrainConfig
+
+    cfg = TrainConfig(out=Path("model.cevae"))
+    p = sub.add_parser("prepare", help="preprocess healthy volumes once into a slice cache for train",
+                       description="Preprocess every volume into --cache-dir (one .npy per subject and "
+                       "orientation, keyed by the settings and file checksums). `train --cache-dir` with "
+                       "the same settings then reads slices from there; changed files or settings are "
+                       "preprocessed again, nothing stale is used.")
+    _add_subjects(p, "healthy")
+    _add_slices(p, cfg, cache_required=True)
+    p.add_argument("--workers", type=int, default=1, help="volumes preprocessed in parallel processes")
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the command's error convention: one ``error:`` line, exit status 2."""
 
@@ -64,29 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model on healthy volumes")
-    t.add_argument("images", nargs="*", type=Path, help="healthy image files (besides or instead of --manifest)")
-    t.add_argument("--manifest", type=Path, help="CSV with columns image,mask (paths relative to the CSV)")
-    t.add_argument("--out", type=Path, required=True, help="model bundle to write (.cevae)")
-    t.add_argument("--max-steps", type=int, default=2000)
-    t.add_argument("--max-minutes", type=float, help="stop after this many minutes")
-    t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--input-size", type=int, default=64, help="64 or 128")
-    t.add_argument("--channels", default="16,32,64,256", help="encoder widths, comma-separated")
-    t.add_argument("--z-dim", type=int, default=256)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--beta", type=float, default=0.01, help="KL weight")
-    t.add_argument("--ce-weight", type=float, default=0.5, help="weight c of the context-encoding loss")
-    t.add_argument("--rec-loss", choices=("l1", "l2"), default="l1")
-    t.add_argument("--orientations", default="axial", help="slice orientations: axial,coronal,sagittal")
-    t.add_argument("--val-fraction", type=float, default=0.2, help="share of subjects held out")
-    t.add_argument("--checkpoint-every", type=int, default=200)
-    t.add_argument("--no-augment", action="store_true")
-    t.add_argument("--half", action="store_true", help="store fp16 weights in the bundle")
-    t.add_argument("--amp", action="store_true", help="mixed precision")
-    _add_device(t)
+    _add_train(sub)
+    _add_prepare(sub)
 
     d = sub.add_parser("detect", help="score a volume: anomaly map, labelmap, slice scores")
     d.add_argument("image", type=Path, help="image file or DICOM folder")

@@ -1,143 +1,53 @@
-"""Headless training: loop, checkpoints, resume, devices and DDP (under torchrun).
+"""The training loop: data from the slice cache, steps, validation, checkpoints, then the bundle.
 
 Rank 0 alone writes the log, checkpoints and the bundle. Checkpoints hold the model,
-optimiser, sampler position and RNG states, so ``--resume`` continues the same run.
+optimiser, gradient scaler, sampler position and RNG states, so ``--resume`` continues the same run.
+Distributed set-up lives in distributed.py, checkpoint files in checkpoint.py, the bundle in packaging.py.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import logging
 import math
 import os
-import platform
+import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 
-from ..io.atomic import atomic_path
-from ..engine.bundle import load_bundle, save_bundle
-from ..engine.config import LossConfig, ModelConfig, PreprocessConfig
-from .data import AugmentConfig, Subject, augment, load_slices, split_subjects
-from ..io.checksum import sha256_of
-from ..engine.devices import resolve_device
-from ..errors import CeVAEError
+from ..engine.config import PreprocessConfig
 from ..engine.corruption import random_rectangles
+from ..engine.devices import resolve_device
 from ..engine.model import CeVAE, cevae_loss
-from ..engine.calibrate import calibrate_model
-from ..options import RECOMMENDED_POSTPROCESS as RECOMMENDED
+from ..errors import CeVAEError
 from ..progress import ProgressCallback, report
-from ..options import ScoreOptions
+from .augment import augment
+from .cache import SliceCache, SliceSet
+from .checkpoint import CHECKPOINT_VERSION, read_checkpoint, truncate_log, write_checkpoint
+from .config import TrainConfig
+from .data import Subject, split_subjects, unique_subjects
+from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
+                          shutdown_distributed)
+from .packaging import BundleHeader, TrainingRecord, package, subject_records
+from .sampler import EpochSampler
 
 log = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs besides the data."""
-
-    out: Path
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    orientations: Sequence[str] = ("axial",)
-    batch_size: int = 64
-    lr: float = 2e-4
-    max_steps: int = 2000
-    max_minutes: Optional[float] = None
-    checkpoint_every: int = 200
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    half_bundle: bool = False
-    amp: bool = False
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out.with_name(self.out.name + ".ckpt")
-
-    @property
-    def log_path(self) -> Path:
-        return self.out.with_name(self.out.name + ".log.csv")
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # this process created the process group and destroys it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if device.type not in ("cuda", "cpu"):
-        raise CeVAEError(f"Distributed training runs on CUDA or the CPU, not on {device.type}; "
-                         "pass --device cuda or --device cpu.")
-    owns = not dist.is_initialized()
-    if owns:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
-
-
-def shutdown_distributed(info: DistInfo) -> None:
-    """Leave the process group if this process created it."""
-    if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def parameter_checksum(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's float32 state, in state-dict order (equal models, equal sums)."""
-    h = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        h.update(key.encode())
-        h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _atomic_torch_save(obj: dict, path: Path) -> None:
-    """Save to a temporary file in the same folder, then rename: never a partial file under ``path``."""
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
-    except OSError as exc:
-        raise CeVAEError(f"Could not write the checkpoint {path}: {exc}; the previous one is kept.") from None
 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint a run resumes from (they are trained again)."""
-    if not path.is_file():
-        return
-    from ..io.images import atomic_write_text
-
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-    if len(kept) < len(rows):
-        text = io.StringIO()
-        csv.writer(text).writerows(kept)
-        atomic_write_text(path, text.getvalue())
+def _grad_scaler(enabled: bool):
+    """A gradient scaler for fp16 autocast on CUDA (a no-op when disabled)."""
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 class Trainer:
@@ -150,6 +60,7 @@ class Trainer:
         preprocess: Optional[PreprocessConfig] = None,
         progress: Optional[ProgressCallback] = None,
     ) -> None:
+        cfg.validate()
         self.cfg = cfg
         self.progress = progress
         self.pre = preprocess or PreprocessConfig(input_size=cfg.model.input_size)
@@ -159,6 +70,8 @@ class Trainer:
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         self.dist = init_distributed(self.device)
+        self.checksums = file_checksums(subjects, self.dist)
+        subjects = unique_subjects(subjects, self.checksums)
         self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model = CeVAE(cfg.model).to(self.device)
@@ -167,20 +80,33 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             if not self.dist.main:  # own latent-sampling noise per rank
-                torch.manual_seed(cfg.seed * 1000 + self.dist.rank)
+                torch.manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.fp16 = cfg.amp and self.device.type == "cuda"  # bf16 (CPU) needs no loss scaling
+        self.scaler = _grad_scaler(self.fp16)
+        self.gen = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self.step = 0
         self.epoch = 0
         self.offset = 0  # batches consumed in the current epoch
         self.batch_size = cfg.batch_size
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or resumed from
+        self._temp_cache: Optional[str] = None
 
     # ---- data -------------------------------------------------------------------------
-    def _load_data(self) -> None:
+    def open_data(self) -> None:
+        """Preprocess what the cache lacks, then open the training and validation slice sets."""
         t = time.perf_counter()
-        self.train = load_slices(self.train_subjects, self.pre, self.cfg.orientations)
-        self.val = load_slices(self.val_subjects, self.pre, ("axial",))
+        root = self.cfg.cache_dir
+        if root is None:  # a private cache for this run (each rank its own), removed at the end
+            self._temp_cache = tempfile.mkdtemp(prefix="cevae-slices-")
+            root = Path(self._temp_cache)
+        cache = SliceCache(root, self.pre)
+        if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
+            self._prepare_share(cache)
+        train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
+        val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
+        self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size)
+        self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size)
         if len(self.train) < self.cfg.batch_size:
             log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
         if len(self.train) == 0:
@@ -189,25 +115,36 @@ class Trainer:
                  len(self.train), len(self.train_subjects), len(self.val), len(self.val_subjects),
                  time.perf_counter() - t)
 
-    def _batches(self):
-        """Endless batches of slice indices; ranks see disjoint shards of each epoch."""
-        sampler = DistributedSampler(range(len(self.train)), num_replicas=self.dist.world,
-                                     rank=self.dist.rank, shuffle=True, seed=self.cfg.seed)
-        while True:
-            sampler.set_epoch(self.epoch)
-            order = list(sampler)
-            bs = min(self.batch_size, len(order))
-            n_batches = max(1, len(order) // bs)
-            while self.offset < n_batches:
-                idx = order[self.offset * bs : (self.offset + 1) * bs]
-                self.offset += 1
-                yield torch.as_tensor(idx)
-            self.epoch += 1
-            self.offset = 0
+    def _prepare_share(self, cache: SliceCache) -> None:
+        """Preprocess this rank's share of the subjects; every rank stops if any of them failed."""
+        share = slice(self.dist.rank, None, self.dist.world)
+        error: Optional[CeVAEError] = None
+        try:
+            cache.prepare(self.train_subjects[share], self.checksums, self.cfg.orientations)
+            cache.prepare(self.val_subjects[share], self.checksums, ("axial",))
+        except CeVAEError as exc:
+            error = exc
+        if any_rank(self.dist, error is not None, self.device):  # also waits for all ranks
+            raise error or CeVAEError("Another rank could not preprocess its share of the volumes; see its "
+                                      "error message.")
+
+    def batches(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """Endless (epoch, batch number, slices) from the current sampler position; ranks see disjoint
+        shards of each epoch. Worker processes read ahead; the position is what the loop consumed."""
+        workers = self.cfg.loader_workers
+        if workers is None:
+            workers = 4 if self.device.type == "cuda" else 0
+        sampler = EpochSampler(len(self.train), self.dist.world, self.dist.rank, self.cfg.seed,
+                               lambda: self.batch_size, self.epoch, self.offset)
+        loader = torch.utils.data.DataLoader(
+            _Batches(self.train), sampler=sampler, batch_size=None, num_workers=workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+            generator=torch.Generator())  # its seed draw must not advance the global RNG (exact resume)
+        return iter(loader)
 
     # ---- steps --------------------------------------------------------------------------
-    def _train_step(self, idx: torch.Tensor) -> Dict[str, float]:
-        x = augment(self.train[idx].to(self.device), self.cfg.augment, self.gen)
+    def _train_step(self, batch: torch.Tensor) -> Dict[str, float]:
+        x = augment(batch.to(self.device, non_blocking=True), self.cfg.augment, self.gen)
         xc, _ = random_rectangles(x, self.gen, value_range=(0.0, float(self.pre.clip_max)))
         autocast = torch.autocast(self.device.type, enabled=self.cfg.amp,
                                   dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16)
@@ -217,16 +154,17 @@ class Trainer:
             raise CeVAEError(f"The loss became {loss.item()} at step {self.step}; training stopped. "
                              f"{self._last_good()} Try a lower learning rate.")
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         return {k: float(v) for k, v in terms.items()}
 
-    def step_with_oom_retry(self, idx: torch.Tensor, step_fn: Optional[Callable] = None) -> Dict[str, float]:
+    def step_with_oom_retry(self, batch: torch.Tensor, step_fn: Optional[Callable] = None) -> Dict[str, float]:
         """Run a step; on out-of-memory halve the batch size and retry (saying so)."""
         step_fn = step_fn or self._train_step
         while True:
             try:
-                return step_fn(idx[: self.batch_size])
+                return step_fn(batch[: self.batch_size])
             except RuntimeError as exc:
                 if not _is_oom(exc):
                     raise
@@ -250,7 +188,7 @@ class Trainer:
         g = torch.Generator().manual_seed(12345)
         losses = []
         for start in range(0, len(self.val), 128):
-            x = self.val[start : start + 128].to(self.device)
+            x = self.val[range(start, min(start + 128, len(self.val)))].to(self.device)
             xc, _ = random_rectangles(x, g, value_range=(0.0, float(self.pre.clip_max)))
             losses.append(cevae_loss(self.model, x, xc, self.cfg.loss)[0].item() * len(x))
         self.model.train()
@@ -278,27 +216,24 @@ class Trainer:
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
             "model_cfg": self.cfg.model.to_dict(),
         }
-        _atomic_torch_save(state, self.cfg.checkpoint_path)
+        if self.fp16:
+            state["scaler"] = self.scaler.state_dict()
+        write_checkpoint(state, self.cfg.checkpoint_path)
         self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
         """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
         path = self.cfg.checkpoint_path
-        if not path.is_file():
-            shared = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
-            raise CeVAEError(f"--resume was given but there is no checkpoint at {path}{shared}.")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling is restricted to tensors and plain containers
-            raise CeVAEError(f"The checkpoint {path} cannot be read safely: {exc}") from None
-        if state.get("version") != CHECKPOINT_VERSION or state.get("model_cfg") != self.cfg.model.to_dict():
-            raise CeVAEError(f"The checkpoint {path} belongs to another model configuration.")
+        hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
+        state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
             if group["lr"] != self.cfg.lr:
                 log.info("Learning rate %g (the checkpoint used %g).", self.cfg.lr, group["lr"])
                 group["lr"] = self.cfg.lr
+        if self.fp16 and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.offset = state["step"], state["epoch"], state["offset"]
         self.batch_size = state["batch_size"]
         saved_world = state.get("world", 1)
@@ -311,28 +246,30 @@ class Trainer:
             self.gen.set_state(state["gen"])
             torch.set_rng_state(state["torch_rng"])
         else:
-            self.gen.manual_seed(self.cfg.seed * 1000 + self.dist.rank + 7919 * self.step)
-            torch.manual_seed(self.cfg.seed * 1000 + self.dist.rank + 7919 * self.step)
+            self.gen.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
+            torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
         self.saved_step = self.step
         log.info("Resumed from %s at step %d.", path, self.step)
 
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
-        """Train, then (rank 0) write the bundle; leave the process group when done."""
+        """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
         try:
             return self._run()
         finally:
             shutdown_distributed(self.dist)
+            if self._temp_cache is not None:
+                shutil.rmtree(self._temp_cache, ignore_errors=True)
 
     def _run(self) -> Optional[Path]:
         cfg = self.cfg
         if self.dist.main:
             cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        self._load_data()
+        self.open_data()
         if cfg.resume:
             self.load_checkpoint()
             if self.dist.main:
-                _truncate_log(cfg.log_path, self.step)
+                truncate_log(cfg.log_path, self.step)
         elif self.dist.main and cfg.log_path.exists():
             cfg.log_path.unlink()
         if self.dist.main:
@@ -342,7 +279,7 @@ class Trainer:
                      self.batch_size * self.dist.world, cfg.lr)
         self.model.train()
         start = time.perf_counter()
-        batches = self._batches()
+        batches = self.batches()
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         logf = open(cfg.log_path, "a", newline="") if self.dist.main else None
         writer = csv.writer(logf) if logf else None
@@ -350,8 +287,11 @@ class Trainer:
             writer.writerow(["step", "loss", "kl", "rec_vae", "rec_ce", "val_loss", "seconds", "slices_per_s"])
         t_last, steps_since = time.perf_counter(), 0
         try:
-            while self.step < cfg.max_steps and not self._time_up(deadline):
-                terms = self.step_with_oom_retry(next(batches))
+            while self.step < cfg.max_steps and not any_rank(self.dist, time.perf_counter() >= deadline,
+                                                             self.device):
+                epoch, number, batch = next(batches)
+                terms = self.step_with_oom_retry(batch)
+                self.epoch, self.offset = epoch, number + 1
                 self.step += 1
                 steps_since += 1
                 val = ""
@@ -368,67 +308,43 @@ class Trainer:
                 report(self.progress, self.step / cfg.max_steps,
                        f"step {self.step} loss {terms['loss']:.4f}")
         finally:
+            del batches  # stops loader workers
             if logf:
                 logf.close()
         if self.dist.world > 1:
-            self._check_replicas()
+            check_replicas(self.dist, self.model)
         self.save_checkpoint()
         if self.dist.world > 1:  # all ranks leave the group together, before rank 0's bundle work
-            dist.barrier()
+            barrier(self.dist)
         shutdown_distributed(self.dist)
         elapsed = time.perf_counter() - start
         if not self.dist.main:
             return None
         return self._write_bundle(elapsed)
 
-    def _time_up(self, deadline: float) -> bool:
-        up = time.perf_counter() >= deadline
-        if self.dist.world > 1:  # all ranks must stop at the same step
-            flag = torch.tensor([1.0 if up else 0.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            up = bool(flag.item())
-        return up
-
-    def _check_replicas(self) -> None:
-        """Log every rank's parameter checksum; rank 0 says whether the replicas agree."""
-        mine = parameter_checksum(self.model)
-        log.info("Rank %d of %d: parameter checksum %s.", self.dist.rank, self.dist.world, mine)
-        sums: List[Optional[str]] = [None] * self.dist.world
-        dist.all_gather_object(sums, mine)
-        if not self.dist.main:
-            return
-        if len(set(sums)) == 1:
-            log.info("The model replicas of all %d ranks are identical.", self.dist.world)
-        else:
-            log.error("The model replicas differ between ranks (checksums %s); the bundle holds rank 0's.",
-                      ", ".join(s[:12] for s in sums))
-
     def _write_bundle(self, elapsed: float) -> Path:
-        from .. import __version__
-
-        score_opts = ScoreOptions()
-        post = RECOMMENDED
-        header = {
-            "name": self.cfg.out.stem,
-            "modality": "T1",
-            "preprocess": self.pre.to_dict(),
-            "loss": self.cfg.loss.to_dict(),
-            "score_options": score_opts.to_dict(),
-            "postprocess": post.to_dict(),
-            "training": {
-                "subjects": [{"name": s.name, "sha256": sha256_of(s.image)} for s in self.train_subjects],
-                "validation_subjects": [{"name": s.name, "sha256": sha256_of(s.image)} for s in self.val_subjects],
-                "train_slices": len(self.train), "orientations": list(self.cfg.orientations),
-                "steps": self.step, "batch_size": self.batch_size * self.dist.world, "lr": self.cfg.lr,
-                "seed": self.cfg.seed, "seconds": round(elapsed, 1), "ranks": self.dist.world,
-                "augment": asdict(self.cfg.augment), "val_loss": self.validate(),
-            },
-            "versions": {"cevae_anomaly": __version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
-        }
-        path = save_bundle(self.cfg.out, self.model, header, half=self.cfg.half_bundle)
+        record = TrainingRecord(
+            subjects=subject_records(self.train_subjects, self.checksums),
+            validation_subjects=subject_records(self.val_subjects, self.checksums),
+            train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
+            batch_size=self.batch_size * self.dist.world, lr=self.cfg.lr, seed=self.cfg.seed,
+            seconds=round(elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
+            val_loss=self.validate())
+        header = BundleHeader(name=self.cfg.out.stem, preprocess=self.pre, loss=self.cfg.loss, training=record)
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
-        bundle = load_bundle(path, self.device)
-        header["calibration"] = calibrate_model(bundle, calib_subjects, source, score_opts, post)
-        return save_bundle(self.cfg.out, self.model, header, half=self.cfg.half_bundle)
+        return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Maps the sampler's (epoch, batch number, indices) to (epoch, batch number, slices)."""
+
+    def __init__(self, slices: SliceSet) -> None:
+        self.slices = slices
+
+    def __getitem__(self, item: Tuple[int, int, List[int]]) -> Tuple[int, int, torch.Tensor]:
+        epoch, number, indices = item
+        return epoch, number, self.slices[indices]
+
+    def __len__(self) -> int:
+        return len(self.slices)
