@@ -9,7 +9,8 @@ from typing import Optional
 
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv, write_all
+from CeVAEAnomalyLib.io.atomic import write_all
+from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
 
 log = logging.getLogger(__name__)
 DEMO_SUBJECT = "robex"

@@ -373,7 +373,8 @@ CASES: Dict[str, Case] = {
     "output = mask, --overwrite": Case(output_is_mask, REFUSED, r"same file as an input"),
     "existing output": Case(output_exists, REFUSED, r"previous\.nii\.gz already exists; pass --overwrite"),
     "output is a folder": Case(output_is_folder, REFUSED, r"results is a folder; give a file name"),
-    "output under a file": Case(output_under_a_file, REFUSED, r"Could not write .*report\.txt/score\.nii\.gz"),
+    "output under a file": Case(output_under_a_file, REFUSED,
+                                r"report\.txt/score\.nii\.gz would be under .*report\.txt, which is a file"),
     "output named twice": Case(output_named_twice, REFUSED, r"score\.nii\.gz is named twice"),
 }
 

@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mask", type=Path, help="its brain mask (metrics inside it)")
     e.add_argument("--labelmap", type=Path, help="its labelmap (Dice at threshold, flagged ml)")
     e.add_argument("--out", type=Path, help="write the metrics CSV here")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     m = sub.add_parser("demo", help="insert a synthetic lesion into a healthy scan, detect, write a picture")
     m.add_argument("--out-dir", type=Path, default=Path("demo-output"))

@@ -10,7 +10,8 @@ import SimpleITK as sitk
 
 from .bundle import Bundle, save_bundle
 from .calibration import calibrate, calibration_key
-from ..training.data import Subject
+from ..io.manifest import Subject
+from .brainmask import given_or_computed_mask
 from ..errors import CeVAEError
 from ..io.images import read_image
 from .detector import detect
@@ -35,12 +36,7 @@ def _scores_by_option(bundle: Bundle, subjects: Sequence[Subject], options: Sequ
     values: List[List[np.ndarray]] = [[] for _ in options]
     for s in subjects:
         image = read_image(s.image)
-        if s.mask:
-            mask = read_image(s.mask, "brain mask")
-        else:
-            from .brainmask import compute_brain_mask
-
-            mask = compute_brain_mask(image)
+        mask = given_or_computed_mask(image, s.mask, s.name)
         for out, opts in zip(values, options):
             res = detect(image, bundle, mask, opts, post, threshold=float("inf"))
             brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0

@@ -14,7 +14,6 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path
 from ..errors import CeVAEError
 
 log = logging.getLogger(__name__)
@@ -75,6 +74,11 @@ def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
             header = fh.read(540)
     except (EOFError, OSError, zlib.error):
         return None  # not even a readable header: the image reader says what is wrong
+    return nifti_layout_of_header(header, gz)
+
+
+def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
+    """The voxel layout a NIfTI-1/-2 header announces; None if ``header`` is not a valid one."""
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
         if size == 348 and len(header) >= 348:
@@ -262,6 +266,11 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
     return image
 
 
+def voxel_volume_ml(image: sitk.Image) -> float:
+    """The volume of one voxel of ``image`` in millilitres."""
+    return float(np.prod(image.GetSpacing())) / 1000.0
+
+
 def grid_difference(a: sitk.Image, b: sitk.Image, atol: float = 1e-4, rtol: float = 0.0) -> Optional[str]:
     """The first of "Size", "Spacing", "Origin", "Direction" that differs between the grids, or None."""
     for what in ("Size", "Spacing", "Origin", "Direction"):
@@ -269,27 +278,6 @@ def grid_difference(a: sitk.Image, b: sitk.Image, atol: float = 1e-4, rtol: floa
         if len(va) != len(vb) or not np.allclose(va, vb, rtol=rtol, atol=atol):
             return what
     return None
-
-
-def check_output_path(target: Path, overwrite: bool, inputs: tuple = ()) -> None:
-    """Refuse to clobber an input, or an existing file unless ``overwrite``."""
-    if target.is_dir():
-        raise CeVAEError(f"The output {target} is a folder; give a file name.")
-    resolved = target.resolve()
-    for src in inputs:
-        if src is not None and Path(src).resolve() == resolved:
-            raise CeVAEError(f"The output {target} is the same file as an input; choose another path.")
-    if target.exists() and not overwrite:
-        raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
-
-
-def atomic_write_text(path: PathLike, text: str, overwrite: bool = True) -> Path:
-    """Write a text file atomically (temp file in the same folder + rename)."""
-    target = Path(path)
-    check_output_path(target, overwrite)
-    with atomic_path(target) as tmp:
-        Path(tmp).write_text(text, newline="")
-    return target
 
 
 def error_text(exc: BaseException) -> str:
