@@ -7,9 +7,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from .. import __version__
 from ..errors import CeVAEError
@@ -153,6 +156,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     return rc
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every cleanup (temporary files) runs as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM (kill, job schedulers, timeouts) like SIGINT while a command runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -163,13 +187,17 @@ def _main(argv: Optional[List[str]] = None) -> int:
     try:
         from . import commands
 
-        getattr(commands, f"run_{args.command}")(args)
+        with _sigterm_as_interrupt():
+            getattr(commands, f"run_{args.command}")(args)
         return 0
     except CeVAEError as exc:
         if args.debug:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

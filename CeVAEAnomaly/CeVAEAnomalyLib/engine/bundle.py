@@ -6,6 +6,7 @@ pickles or PyTorch zip checkpoints are refused before any parsing.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Union
@@ -13,6 +14,8 @@ from typing import Any, Dict, Union
 import torch
 
 from ..io.atomic import atomic_path
+from ..io.images import special_file_kind
+from .bundle_checks import check_model_section, check_sections, check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from ..errors import CeVAEError
 from .model import CeVAE
@@ -53,7 +56,10 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: Dict[str, Any], ha
                 weights_dtype="float16" if half else "float32")
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(target) as tmp:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(full, sort_keys=True)})
+        try:
+            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(full, sort_keys=True)})
+        except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
+            raise CeVAEError(f"Could not write the model bundle {target}: {exc}") from None
     return target
 
 
@@ -76,7 +82,9 @@ def read_header(path: Union[str, Path]) -> Dict[str, Any]:
     if header.get("format") != FORMAT:
         raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (format {header.get('format')!r}).")
     version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CeVAEError(f"{p} has an invalid bundle format version {version!r}; the file is damaged or was edited.")
+    if version > FORMAT_VERSION:
         raise CeVAEError(
             f"{p} has bundle format version {version}; this CeVAEAnomaly reads up to version "
             f"{FORMAT_VERSION}. Update CeVAEAnomaly to use it."
@@ -84,6 +92,11 @@ def read_header(path: Union[str, Path]) -> Dict[str, Any]:
     for key in ("model", "preprocess"):
         if not isinstance(header.get(key), dict):
             raise CeVAEError(f"The header of {p} lacks its '{key}' section.")
+    try:
+        check_sections(header, check_model_section(header))
+    except CeVAEError as exc:
+        raise CeVAEError(f"The header of {p} is invalid: {exc}. The model file is damaged or was edited; "
+                         "use an original copy.") from None
     return header
 
 
@@ -91,22 +104,20 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
     """Load and check a bundle: format, version, architecture and every tensor's shape."""
     from safetensors.torch import load_file
 
+    from safetensors import safe_open
+
     p = Path(path)
     header = read_header(p)
-    model = CeVAE(ModelConfig.from_dict(header["model"]))
-    expected = model.state_dict()
+    cfg = check_model_section(header)
+    with safe_open(str(p), framework="pt") as fh:
+        declared = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    try:
+        check_tensor_shapes(declared, cfg)  # before anything is built or loaded
+    except CeVAEError as exc:
+        raise CeVAEError(f"{p}: {exc}.") from None
+    model = CeVAE(cfg)
     tensors = load_file(str(p))
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise CeVAEError(
-            f"{p} does not match its declared architecture (missing: {missing[:3]}, unexpected: {extra[:3]})."
-        )
-    for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise CeVAEError(
-                f"{p}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(ref.shape)}."
-            )
+    for key in tensors:
         if not torch.isfinite(tensors[key]).all():
             raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
@@ -117,11 +128,17 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
 def _check_file(p: Path) -> Path:
     if p.is_dir():
         raise CeVAEError(f"The model bundle {p} is a folder; give the path of a {BUNDLE_SUFFIX} file.")
-    if not p.is_file():
+    if not p.exists():
         raise CeVAEError(f"The model bundle {p} does not exist.")
+    kind = special_file_kind(p)
+    if kind is not None:
+        raise CeVAEError(f"The model bundle {p} is {kind}, not a file; give the path of a {BUNDLE_SUFFIX} file.")
     with open(p, "rb") as fh:
-        head = fh.read(8)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; a length whose
+    # lowest byte is 0x80 must not be taken for the start of a pickle
+    safetensors = len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < p.stat().st_size
+    if not safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise CeVAEError(
             f"{p} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
             "unread because loading such files can execute arbitrary code."

@@ -5,6 +5,7 @@ import gzip
 import logging
 import os
 import re
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,11 +21,24 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def special_file_kind(p: Path) -> Optional[str]:
+    """What ``p`` is if it exists but is neither a regular file nor a folder ("a named pipe (FIFO)", ...)."""
+    mode = os.stat(p).st_mode
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
+
+
 def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     """Read a scalar 3D volume from a file SimpleITK reads or from a DICOM series folder."""
     p = Path(path)
     if not p.exists():
         raise CeVAEError(f"The {what} {p} does not exist.")
+    kind = special_file_kind(p)
+    if kind is not None:
+        raise CeVAEError(f"The {what} {p} is {kind}, not a file; give an image file or a DICOM folder.")
     if p.is_dir():
         image = _read_dicom_folder(p, what)
     else:
