@@ -28,7 +28,7 @@ _HERE = Path(__file__).resolve().parent
 if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
     sys.path.insert(0, str(_HERE.parent))
 
-from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402  (after the path set-up above)
+from CeVAEAnomalyLib.errors import CeVAEError, one_line  # noqa: E402  (after the path set-up above)
 from CeVAEAnomalyLib.io import naming  # noqa: E402
 from CeVAEAnomalyLib.io.naming import file_stem  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult  # noqa: E402
@@ -135,11 +135,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run(args, scene)
     except CeVAEError as exc:
-        print(f"DetectVolume: error: {exc}", file=sys.stderr)
+        print(f"DetectVolume: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug, not a user error: keep the traceback for the report
         traceback.print_exc()
-        print(f"DetectVolume: unexpected error ({type(exc).__name__}): {exc}", file=sys.stderr)
+        print(f"DetectVolume: unexpected error ({type(exc).__name__}): {one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import CeVAEError
+from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
 from ..io.manifest import read_rows
 from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
@@ -225,8 +225,8 @@ class VolumeDetector:
             return _row(item, "ok", time.perf_counter() - t0, **measure(result.score, result.labelmap, slices))
         except Exception as exc:  # one bad volume must not stop the cohort
             log.debug("%s failed.", item.name, exc_info=True)
-            message = str(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {exc}"
-            return _row(item, "error", time.perf_counter() - t0, error=" ".join(message.split()))
+            message = one_line(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {one_line(exc)}"
+            return _row(item, "error", time.perf_counter() - t0, error=message)
 
 
 _worker: Optional[VolumeDetector] = None

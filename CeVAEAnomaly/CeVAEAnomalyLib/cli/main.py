@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 from .. import __version__
-from ..errors import CeVAEError
+from ..errors import CeVAEError, one_line
 
 log = logging.getLogger("cevae_anomaly")
 
@@ -193,7 +193,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except CeVAEError as exc:
         if args.debug:
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except Terminated:
         print("terminated", file=sys.stderr)
@@ -209,11 +209,6 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (run again with --debug for "
+        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
               "the traceback and report it)", file=sys.stderr)
         return 1
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import CeVAEError
+from ..errors import CeVAEError, one_line
 from ..progress import ProgressCallback, report
 from ..data import template_dir
 from ..io.images import voxel_volume_ml
@@ -215,7 +215,7 @@ def _register(
         logger.debug("Affine: metric %.4f after %d iterations", method.GetMetricValue(),
                      method.GetOptimizerIteration())
     except RuntimeError as exc:
-        raise CeVAEError(f"Brain-mask registration failed ({exc}); is this a 3D T1 head MRI?") from exc
+        raise CeVAEError(f"Brain-mask registration failed ({one_line(exc)}); is this a 3D T1 head MRI?") from None
     return affine
 
 
