@@ -392,9 +392,9 @@ def dicom_case(skip=()) -> Callable[[Path, Inputs], Inputs]:
     return build
 
 
-def micro_units(d: Path, g: Inputs) -> Inputs:
+def tiny_units(d: Path, g: Inputs) -> Inputs:
     image, arr, _ = head_arrays(g)
-    return Inputs(write(like(arr.astype(np.float32) * 1e-6, image), d / "micro.nii.gz"), g.mask, g.model)
+    return Inputs(write(like(arr.astype(np.float32) * 1e-8, image), d / "tiny_units.nii.gz"), g.mask, g.model)
 
 
 def fifo_image(d: Path, g: Inputs) -> Inputs:
@@ -471,7 +471,7 @@ CASES: Dict[str, Case] = {
     "DICOM series": Case(dicom_case(), 0, r"Wrote"),
     "DICOM series, a slice missing": Case(dicom_case(skip=(17,)), REFUSED,
                                           r"unevenly spaced slices \(a gap of 3 mm after slice 17 of 35"),
-    "intensities in micro-units": Case(micro_units, 0, r"Wrote"),
+    "intensities scaled by 1e-8": Case(tiny_units, 0, r"Wrote"),
     "FIFO as image": Case(fifo_image, REFUSED, r"image .*pipe\.nii\.gz is a named pipe \(FIFO\), not a file"),
     "FIFO as model": Case(fifo_model, REFUSED, r"model bundle .*pipe\.cevae is a named pipe \(FIFO\)"),
     "device as model": Case(device_model, REFUSED, r"model bundle /dev/null is a character device"),
