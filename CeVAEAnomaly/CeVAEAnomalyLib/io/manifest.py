@@ -47,7 +47,7 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
             reader = csv.DictReader(fh)
             if not reader.fieldnames or key not in [f.strip() for f in reader.fieldnames]:
                 extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
-                raise CeVAEError(f"The {what} {path} needs a header with a {key!r} column{extra}.")
+                raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}.")
             rows = []
             for line, raw in enumerate(reader, start=2):
                 row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
