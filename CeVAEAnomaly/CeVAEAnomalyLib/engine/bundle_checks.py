@@ -88,7 +88,9 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
     if "score_options" in header:
         _check_score_options(header)
     if "postprocess" in header:
-        post = _section(header, "postprocess", ("rim_mm", "median_radius", "min_volume_mm3"))
+        from .postprocess import PostprocessOptions
+
+        post = _section(header, "postprocess", _names(PostprocessOptions))
         _number("postprocess.rim_mm", post.get("rim_mm", 0.0), 0, 1000)
         _whole("postprocess.median_radius", post.get("median_radius", 0), 0, 100)
         _number("postprocess.min_volume_mm3", post.get("min_volume_mm3", 0.0), 0, 1e9)
