@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import locale
 import logging
 import os
 import pickle
@@ -364,7 +365,18 @@ def gzip_claims_huge_volume(d: Path, g: Inputs) -> Inputs:
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, skip=()) -> Path:
-    """One int16 DICOM file per slice, with the position and orientation tags scanners write."""
+    """One int16 DICOM file per slice, with the position and orientation tags scanners write.
+
+    GDCM's writer sets the C locale; it is restored so that later reads of UTF-8 text are unaffected.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_slices(image, folder, skip)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(image: sitk.Image, folder: Path, skip) -> Path:
     folder.mkdir()
     image = sitk.Cast(image, sitk.sitkInt16)
     d = image.GetDirection()
