@@ -13,6 +13,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -25,6 +26,7 @@ from ..io.atomic import atomic_write_text
 from ..io.manifest import read_rows
 from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
 from ..progress import ProgressCallback, report
+from .interrupts import raise_terminated
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +239,7 @@ def _init_worker(settings: DetectSettings, threads: int, log_level: int) -> None
     import torch
 
     global _worker
+    signal.signal(signal.SIGTERM, raise_terminated)  # a worker cleans up its temporary files too
     logging.basicConfig(level=log_level, format=f"%(levelname)s: [worker {os.getpid()}] %(message)s")
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

@@ -7,15 +7,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 from .. import __version__
 from ..errors import CeVAEError, one_line
+from .interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
 
@@ -156,27 +154,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     return rc
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that every cleanup (temporary files) runs as on Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Handle SIGTERM (kill, job schedulers, timeouts) like SIGINT while a command runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -187,7 +164,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     try:
         from . import commands
 
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             getattr(commands, f"run_{args.command}")(args)
         return 0
     except CeVAEError as exc:
