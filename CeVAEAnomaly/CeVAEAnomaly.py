@@ -33,6 +33,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
 from CeVAEAnomalyLib.slicer.mrml import OutputNodes, component_position
 from CeVAEAnomalyLib.progress import Cancelled
@@ -107,7 +108,7 @@ class CeVAEAnomalyParameterNode:
     brainMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
     useBundledModel: bool = True
     modelPath: str = ""  # bound by hand: ctkPathLineEdit binds only to pathlib types (shown as '.')
-    scoreType: Annotated[str, Choice(["combi", "rec", "grad"])] = "combi"
+    scoreType: Annotated[str, Choice(list(SCORE_TYPES))] = ScoreOptions.score_type
     sensitivity: Annotated[str, Choice([SENSITIVITY_MODEL, SENSITIVITY_FPR, SENSITIVITY_THRESHOLD])] = SENSITIVITY_MODEL
     falsePositiveRate: Annotated[float, WithinRange(1e-6, 0.5)] = 0.001  # decimals: set in the .ui
     threshold: Annotated[float, Minimum(0.0)] = 0.5
@@ -115,7 +116,7 @@ class CeVAEAnomalyParameterNode:
     rimMm: Annotated[float, WithinRange(0.0, 30.0)] = 0.0
     medianRadius: Annotated[int, WithinRange(0, 5)] = 0
     minVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
-    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = RunOptions.device
     batchSize: Annotated[int, WithinRange(1, 512)] = 32
     scoreVolume: vtkMRMLScalarVolumeNode
     anomalySegmentation: vtkMRMLSegmentationNode

@@ -28,8 +28,8 @@ from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
 from CeVAEAnomalyLib.engine.calibrate import healthy_scores
 from CeVAEAnomalyLib.engine.detector import detect
-from CeVAEAnomalyLib.engine.postprocess import PostprocessOptions
-from CeVAEAnomalyLib.engine.scoring import PAPER, ScoreOptions
+from CeVAEAnomalyLib.options import PostprocessOptions
+from CeVAEAnomalyLib.options import PAPER, ScoreOptions
 
 SUBJECTS = ("colin27", "mni152", "robex")
 # scoring variants evaluated on the ceVAE (name -> options)

@@ -20,8 +20,8 @@ from CeVAEAnomalyResearch.figures import overlay_png
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.calibrate import healthy_scores
 from CeVAEAnomalyLib.engine.detector import detect
-from CeVAEAnomalyLib.engine.postprocess import RECOMMENDED
-from CeVAEAnomalyLib.engine.scoring import ScoreOptions
+from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED
+from CeVAEAnomalyLib.options import ScoreOptions
 
 
 def main() -> None:

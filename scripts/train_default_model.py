@@ -17,8 +17,8 @@ from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyResearch.modelcard import write_model_card
 from CeVAEAnomalyLib.engine.calibrate import recalibrate
-from CeVAEAnomalyLib.engine.postprocess import RECOMMENDED
-from CeVAEAnomalyLib.engine.scoring import ScoreOptions
+from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED
+from CeVAEAnomalyLib.options import ScoreOptions
 from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
 
 SUBJECTS = ("colin27", "mni152", "robex")

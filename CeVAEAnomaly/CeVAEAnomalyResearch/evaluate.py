@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,9 +38,9 @@ class CaseMetrics:
     auprc: float
     best_dice: float
     best_threshold: float
-    dice_at_threshold: float | None  # Dice of the label map vs the ground truth
-    slice_auroc: float | None
-    flagged_ml: float | None  # label map volume
+    dice_at_threshold: Optional[float]  # Dice of the label map vs the ground truth
+    slice_auroc: Optional[float]
+    flagged_ml: Optional[float]  # label map volume
     n_voxels: int  # evaluated voxels (inside the mask if given)
     n_positive: int  # ground-truth voxels among them
 
@@ -122,10 +123,10 @@ def check_same_grid(reference: sitk.Image, other: sitk.Image, reference_name: st
 
 def evaluate_case(
     score: sitk.Image,
-    gt: sitk.Image | None = None,
-    mask: sitk.Image | None = None,
-    labelmap: sitk.Image | None = None,
-    slice_axis: int | None = 0,
+    gt: Optional[sitk.Image] = None,
+    mask: Optional[sitk.Image] = None,
+    labelmap: Optional[sitk.Image] = None,
+    slice_axis: Optional[int] = 0,
     name: str = "",
 ) -> CaseMetrics:
     """Metrics of one score map over the voxels inside ``mask`` (all voxels if None).
@@ -162,7 +163,8 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     return cases, pooled_metrics(arrays)
 
 
-def write_metrics_csv(path: str | os.PathLike, cases: list[CaseMetrics], pooled: dict, overwrite: bool = True) -> None:
+def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict,
+                      overwrite: bool = True) -> None:
     """Write one row per case plus a final ``pooled`` row; atomic (temporary file + rename)."""
     columns = [f.name for f in fields(CaseMetrics)]
     pooled_row = [pooled.get(column) for column in columns]
@@ -225,10 +227,10 @@ def _best_dice(split: _Split) -> tuple[float, float]:
 
 def _evaluate(
     score: sitk.Image,
-    gt: sitk.Image | None,
-    mask: sitk.Image | None,
-    labelmap: sitk.Image | None,
-    slice_axis: int | None,
+    gt: Optional[sitk.Image],
+    mask: Optional[sitk.Image],
+    labelmap: Optional[sitk.Image],
+    slice_axis: Optional[int],
     name: str,
 ) -> tuple[CaseMetrics, np.ndarray, np.ndarray]:
     """The case's metrics, plus its evaluated scores and boolean labels (for pooling)."""

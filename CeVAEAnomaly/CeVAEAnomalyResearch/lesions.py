@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -62,11 +63,11 @@ class _BrainStats:
 def insert_lesions(
     image: sitk.Image,
     brain_mask: sitk.Image,
-    rng: np.random.Generator | int,
+    rng: Union[np.random.Generator, int],
     n: int = 1,
     kinds: Sequence[str] = LESION_KINDS,
     radius_mm: tuple[float, float] = (3.0, 15.0),
-    min_separation_mm: float | None = 0.0,
+    min_separation_mm: Optional[float] = 0.0,
     border_mm: float = 1.5,
     irregularity: float = 0.3,
 ) -> tuple[sitk.Image, sitk.Image, list[Lesion]]:
@@ -127,7 +128,7 @@ def _check_arguments(
     n: int,
     kinds: Sequence[str],
     radius_mm: tuple[float, float],
-    min_separation_mm: float | None,
+    min_separation_mm: Optional[float],
     border_mm: float,
     irregularity: float,
 ) -> None:
@@ -170,7 +171,7 @@ def _place(
     placed: list[tuple[np.ndarray, float]],
     radius_mm: tuple[float, float],
     border_mm: float,
-    min_separation_mm: float | None,
+    min_separation_mm: Optional[float],
     index_to_mm: np.ndarray,
     rng: np.random.Generator,
     number: int,

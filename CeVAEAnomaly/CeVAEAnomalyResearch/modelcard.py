@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 from CeVAEAnomalyLib.engine.bundle import Bundle
-from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR, calibration_key, threshold_for_fpr
+from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 
 KNOWN_SOURCES = {
@@ -58,8 +60,11 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
         f"- Post-processing: {json.dumps(h.get('postprocess'))}.",
     ]
     fpr = float(h.get("default_fpr", DEFAULT_FPR))
-    key = calibration_key(h["score_options"], h["postprocess"])
-    entry = (h.get("calibration") or {}).get(key)
+    try:
+        entry = find_calibration(h, ScoreOptions.from_dict(h["score_options"]),
+                                 PostprocessOptions.from_dict(h["postprocess"]))
+    except CeVAEError:
+        entry = None
     if entry:
         lines.append(f"- Calibrated on {entry['n_voxels']} healthy brain voxels ({entry['source']}); default "
                      f"false-positive rate {fpr:g} → threshold {threshold_for_fpr(entry, fpr):.4g}.")

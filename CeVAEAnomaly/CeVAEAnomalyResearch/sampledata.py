@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import SimpleITK as sitk
 
@@ -104,7 +104,7 @@ def _is_complete(folder: Path, names: Iterable[str]) -> bool:
     return all(p.is_file() for name in names for p in subject_files(folder, name))
 
 
-def find_healthy_data(names: Sequence[str] = NAMES) -> Path | None:
+def find_healthy_data(names: Sequence[str] = NAMES) -> Optional[Path]:
     """Return a folder holding the subjects ``names``, or None.
 
     Looks at ``$CEVAE_DATA_DIR``, the shared copy next to the repository and
@@ -119,7 +119,7 @@ def find_healthy_data(names: Sequence[str] = NAMES) -> Path | None:
     return None
 
 
-def ensure_healthy_data(dest: Path | None = None, names: Sequence[str] = NAMES) -> Path:
+def ensure_healthy_data(dest: Optional[Path] = None, names: Sequence[str] = NAMES) -> Path:
     """Find the healthy subjects ``names``, or fetch them into ``dest`` (default :func:`default_fetch_dir`)."""
     found = find_healthy_data(names)
     if found is not None:

@@ -31,6 +31,7 @@ if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
 from CeVAEAnomalyLib.errors import CeVAEError, one_line  # noqa: E402  (after the path set-up above)
 from CeVAEAnomalyLib.io import naming  # noqa: E402
 from CeVAEAnomalyLib.io.naming import file_stem  # noqa: E402
+from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult  # noqa: E402
 
 log = logging.getLogger("DetectVolume")
@@ -43,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", type=Path, help="brain mask volume file (>0 is brain); automatic if absent")
     p.add_argument("--model", type=Path, help="model bundle (.cevae); the bundled default model if absent")
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the results (created if needed)")
-    p.add_argument("--score-type", default="combi", choices=("combi", "rec", "grad"))
+    p.add_argument("--score-type", default=ScoreOptions.score_type, choices=SCORE_TYPES)
     p.add_argument("--fpr", type=float,
                    help="healthy false-positive rate of the calibrated threshold (default: the model's, 0.001)")
     p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default=RunOptions.device, help=", ".join(DEVICES))
     p.add_argument("--format", dest="volume_format", default="nrrd", choices=VOLUME_FORMATS,
                    help="file format of the score volume and labelmap")
     p.add_argument("--overwrite", action="store_true", help="replace existing result files")

@@ -464,7 +464,7 @@ CASES: Dict[str, Case] = {
     "missing model": Case(model_missing, REFUSED, r"model bundle .*absent\.cevae does not exist"),
     "model path is a folder": Case(model_folder, REFUSED, r"models is a folder"),
     "unknown --score-type": Case(with_args("--score-type", "entropy"), REFUSED,
-                                 r"Unknown --score-type 'entropy'; choose one of combi, rec, grad"),
+                                 r"argument --score-type: invalid choice: 'entropy' \(choose from 'combi', 'rec', 'grad'\)"),
     "--batch-size 0": Case(with_args("--batch-size", "0"), REFUSED, r"--batch-size must be 1 or more"),
     "--fpr 5": Case(with_args("--fpr", "5"), REFUSED, r"--fpr is a rate between 0 and 1"),
     "negative --rim-mm": Case(with_args("--rim-mm", "-2"), REFUSED, r"--rim-mm must be 0 or more"),
@@ -614,12 +614,12 @@ def test_payloads_really_execute_when_unpickled(tmp_path):
 
 
 def test_unexpected_error_is_one_line_unless_debug(good, tmp_path, capsys, monkeypatch):
-    import CeVAEAnomalyLib.engine.detector as pipeline
+    from CeVAEAnomalyLib.engine.detector import Detector
 
     def broken(*args, **kwargs):
         raise ValueError("shape mismatch\nin the network")
 
-    monkeypatch.setattr(pipeline, "detect", broken)
+    monkeypatch.setattr(Detector, "__call__", broken)
     argv = argv_for(good, tmp_path / "out" / "score.nii.gz")
     assert main(argv) == 1
     err = capsys.readouterr().err

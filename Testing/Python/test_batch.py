@@ -126,6 +126,7 @@ def test_two_shards_cover_the_list_once(cohort, tiny_bundle, tmp_path):
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+@pytest.mark.slow
 def test_two_workers_match_one(cohort, tiny_bundle, tmp_path):
     source = tmp_path / "list.csv"  # a CSV list with a name column
     source.write_text("image,mask,name\n" + "".join(

@@ -50,6 +50,7 @@ def cohort(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_two_ranks_train_one_model_and_resume(cohort):
     bundle = cohort / "model" / "m.cevae"
     out = torchrun_train(cohort, "--max-steps", "4")

@@ -17,10 +17,12 @@ from CeVAEAnomalyLib.training.data import _smooth_field
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.model import CeVAE
 from CeVAEAnomalyLib.engine.detector import detect
-from CeVAEAnomalyLib.engine.postprocess import (PostprocessOptions, _erode_ball, components, refine_scores,
+from CeVAEAnomalyLib.options import PostprocessOptions
+from CeVAEAnomalyLib.engine.postprocess import (_erode_ball, components, refine_scores,
                                          threshold_labelmap)
 from CeVAEAnomalyLib.engine.preprocess import brain_region, invert, invert_region, mask_array, prepare
-from CeVAEAnomalyLib.engine.scoring import ScoreOptions, gaussian_blur, score_slices
+from CeVAEAnomalyLib.engine.scoring import gaussian_blur, score_slices
+from CeVAEAnomalyLib.options import ScoreOptions
 
 
 def _oblique_head():

@@ -74,6 +74,7 @@ def past_checkpoint(log: Path) -> bool:
     return bool(lines) and int(lines[-1].split(",")[0]) % EVERY != 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_the_same_run(manifest, tmp_path):
     """Killed between checkpoints, ``--resume`` continues from the checkpoint as if never stopped."""
     out = tmp_path / "run" / "model.cevae"

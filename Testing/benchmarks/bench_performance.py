@@ -47,13 +47,32 @@ from CeVAEAnomalyLib.engine.model import CeVAE, cevae_loss, kl_per_sample
 from CeVAEAnomalyLib.io.atomic import write_all
 from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
 from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options, detect, resolve_threshold
-from CeVAEAnomalyLib.engine.postprocess import RECOMMENDED, PostprocessOptions
+from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED, PostprocessOptions
 from CeVAEAnomalyLib.engine.preprocess import mask_array, prepare
-from CeVAEAnomalyLib.engine.scoring import ScoreOptions
+from CeVAEAnomalyLib.options import ScoreOptions, ThresholdPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTHY = Path(os.environ.get("CEVAE_DATA_DIR", REPO.parent / "shared" / "data" / "healthy"))
-STAGES = ("read", "preprocess", "network", "scoring", "inverse", "postprocess", "write")
+STAGES = ("read", "preprocess", "network", "inverse", "postprocess", "write")
+# The detector's progress messages that open each of its stages (timed from outside the algorithm).
+STAGE_MESSAGES = {"Preparing the volume": "preprocess", "Scoring slices": "network",
+                  "Mapping scores back onto the input grid": "inverse", "Post-processing": "postprocess"}
+
+
+class StageClock:
+    """A progress callback that records when each stage of the detector begins."""
+
+    def __init__(self) -> None:
+        self.starts: Dict[str, float] = {}
+
+    def __call__(self, fraction: float, message: str) -> None:
+        stage = STAGE_MESSAGES.get(message)
+        if stage is not None and stage not in self.starts:
+            self.starts[stage] = time.perf_counter()
+
+    def durations(self, end: float) -> Dict[str, float]:
+        marks = sorted(self.starts.items(), key=lambda kv: kv[1]) + [("", end)]
+        return {name: marks[i + 1][1] - t for i, (name, t) in enumerate(marks[:-1])}
 BATCH = 64
 
 
@@ -172,13 +191,14 @@ def detect_once(image_path: Path, mask_path: Path, bundle: Bundle, opts: ScoreOp
     image = read_image(image_path)
     mask = read_image(mask_path, "brain mask")
     t_read = time.perf_counter() - t0
-    result = detect(image, bundle, mask, opts, post, threshold=threshold, batch_size=BATCH)
+    clock = StageClock()
+    result = detect(image, bundle, mask, opts, post, threshold=threshold, batch_size=BATCH, progress=clock)
     t1 = time.perf_counter()
     files = {out_dir / f"score{suffix}": result.score, out_dir / f"labelmap{suffix}": result.labelmap,
              out_dir / "slices.csv": slice_scores_csv(result), out_dir / "components.csv": components_csv(result)}
     write_all(files, overwrite=True, inputs=(image_path, mask_path))
     t_end = time.perf_counter()
-    stages = dict(result.timings, read=t_read, write=t_end - t1)
+    stages = dict(clock.durations(t1), read=t_read, write=t_end - t1)
     return stages, t_end - t0, result
 
 
@@ -186,7 +206,7 @@ def calibrated_or_fixed_threshold(bundle: Bundle, opts: ScoreOptions, post: Post
                                   mask_path: Path, out_dir: Path) -> Optional[float]:
     """None when the bundle is calibrated for these options; else the 99.9th brain-score percentile."""
     try:
-        resolve_threshold(bundle, opts, post, None, None)
+        resolve_threshold(bundle, opts, post, ThresholdPolicy())
         return None
     except CeVAEError:
         _, _, result = detect_once(image_path, mask_path, bundle, opts, post, float("inf"), out_dir)
@@ -405,7 +425,7 @@ def main() -> None:
 
     post = default_postprocess(bundle)
     combi = default_score_options(bundle)
-    configs = [("combi", combi), ("rec", default_score_options(bundle, "rec"))]
+    configs = [("combi", combi), ("rec", combi.replace(score_type="rec"))]
     for n in (1, 4) if args.quick else (1, 4, 16):
         configs.append((f"MC N={n}", ScoreOptions(**dict(combi.to_dict(), mc_samples=n))))
     detects: List[DetectRuns] = []

@@ -196,14 +196,15 @@ class VolumeDetector:
 
     def __init__(self, settings: DetectSettings) -> None:
         from ..engine.bundle import load_bundle
+        from ..engine.detector import Detector
         from ..engine.devices import resolve_device
-        from ..engine.postprocess import PostprocessOptions
-        from ..engine.scoring import ScoreOptions
+        from ..options import PostprocessOptions, ScoreOptions, ThresholdPolicy
 
         self.s = settings
-        self.bundle = load_bundle(settings.model, resolve_device(settings.device))
-        self.opts = ScoreOptions(**settings.score_options)
-        self.post = PostprocessOptions(**settings.postprocess)
+        bundle = load_bundle(settings.model, resolve_device(settings.device))
+        self.detector = Detector(bundle, ScoreOptions.from_dict(settings.score_options),
+                                 PostprocessOptions.from_dict(settings.postprocess),
+                                 ThresholdPolicy(settings.threshold, settings.fpr), settings.batch_size, settings.amp)
 
     def __call__(self, item: BatchItem, overwrite: bool) -> Dict[str, object]:
         import torch
@@ -211,15 +212,13 @@ class VolumeDetector:
         from ..io.images import read_image
         from ..io.atomic import write_all
         from ..io.outputs import slice_scores_csv
-        from ..engine.detector import detect
 
         t0 = time.perf_counter()
         try:
             image = read_image(item.image)
             mask = read_image(item.mask, "brain mask") if item.mask else None
             torch.manual_seed(0)  # sampled scores do not depend on the order or the worker
-            result = detect(image, self.bundle, mask, self.opts, self.post, threshold=self.s.threshold,
-                            fpr=self.s.fpr, batch_size=self.s.batch_size, amp=self.s.amp)
+            result = self.detector(image, mask)
             slices = slice_scores_csv(result)
             paths = output_paths(self.s.out_dir, item.name)
             write_all({paths["score"]: result.score, paths["labelmap"]: result.labelmap, paths["slices"]: slices},

@@ -57,7 +57,8 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.atomic import write_all
     from ..io.outputs import components_csv, slice_scores_csv
     from ..io.targets import check_paths
-    from ..engine.detector import detect
+    from ..engine.detector import Detector
+    from ..options import ThresholdPolicy
     from ..data import default_model_path
 
     outputs = [args.score] + [p for p in (args.labelmap, args.slice_scores, args.components) if p is not None]
@@ -69,9 +70,9 @@ def run_detect(args: argparse.Namespace) -> None:
     mask = read_image(args.mask, "brain mask") if args.mask else None
     bundle = load_bundle(model, resolve_device(args.device))
     opts, post = detection_options(bundle, args)
+    detector = Detector(bundle, opts, post, ThresholdPolicy(args.threshold, args.fpr), args.batch_size, args.amp)
     _warn_modality(image)
-    result = detect(image, bundle, mask, opts, post, threshold=args.threshold,
-                    fpr=args.fpr, batch_size=args.batch_size, amp=args.amp, progress=ConsoleProgress("detect"))
+    result = detector(image, mask, progress=ConsoleProgress("detect"))
     files = {args.score: result.score}
     if args.labelmap:
         files[args.labelmap] = result.labelmap
@@ -90,21 +91,15 @@ def run_detect(args: argparse.Namespace) -> None:
 def detection_options(bundle, args: argparse.Namespace):
     """(ScoreOptions, PostprocessOptions): the bundle's defaults with the command-line overrides."""
     from ..engine.detector import default_postprocess, default_score_options
-    from ..engine.postprocess import PostprocessOptions
-    from ..engine.scoring import PAPER, ScoreOptions
+    from ..options import PAPER
 
-    opts = default_score_options(bundle, args.score_type).to_dict()
+    opts = default_score_options(bundle)
     if getattr(args, "paper", False):
-        opts.update(PAPER)
-    for key in SCORE_FLAGS:
-        if getattr(args, key) is not None:
-            opts[key] = getattr(args, key)
-    post = default_postprocess(bundle).to_dict()
-    for key, value in (("rim_mm", args.rim_mm), ("median_radius", args.median_radius),
-                       ("min_volume_mm3", args.min_volume)):
-        if value is not None:
-            post[key] = value
-    return ScoreOptions(**opts), PostprocessOptions(**post)
+        opts = opts.replace(**PAPER)
+    opts = opts.replace(score_type=args.score_type, **{key: getattr(args, key) for key in SCORE_FLAGS})
+    post = default_postprocess(bundle).replace(rim_mm=args.rim_mm, median_radius=args.median_radius,
+                                               min_volume_mm3=args.min_volume)
+    return opts, post
 
 
 SCORE_FLAGS = ("mc_samples", "combi", "alpha", "grad_target", "grad_sigma", "grad_norm", "rec_sigma")
@@ -185,6 +180,7 @@ def run_batch(args: argparse.Namespace) -> None:
     from .console import ConsoleProgress
     from ..engine.devices import resolve_device
     from ..engine.detector import resolve_threshold
+    from ..options import ThresholdPolicy
     from ..data import default_model_path
 
     check_detect_options(args)
@@ -199,7 +195,7 @@ def run_batch(args: argparse.Namespace) -> None:
     check_outputs_apart(items, every, args.inputs, Path(model), args.out_dir, args.out_dir / summary_name(shard))
     bundle = load_bundle(model, resolve_device(args.device))
     opts, post = detection_options(bundle, args)
-    threshold, source = resolve_threshold(bundle, opts, post, args.threshold, args.fpr)
+    threshold, source = resolve_threshold(bundle, opts, post, ThresholdPolicy(args.threshold, args.fpr))
     log.info("Score %s; threshold %.4g (%s).", opts.score_type, threshold, source)
     settings = DetectSettings(model=Path(model), device=args.device, score_options=opts.to_dict(),
                               postprocess=post.to_dict(), out_dir=args.out_dir, threshold=args.threshold,
@@ -215,10 +211,6 @@ def check_detect_options(args: argparse.Namespace) -> None:
     """Refuse impossible option values before any file is read."""
     import math
 
-    from ..engine.scoring import SCORE_TYPES
-
-    if args.score_type is not None and args.score_type not in SCORE_TYPES:
-        raise CeVAEError(f"Unknown --score-type {args.score_type!r}; choose one of {', '.join(SCORE_TYPES)}.")
     if args.batch_size < 1:
         raise CeVAEError(f"--batch-size must be 1 or more, got {args.batch_size}.")
     if args.fpr is not None and not 0 < args.fpr < 1:

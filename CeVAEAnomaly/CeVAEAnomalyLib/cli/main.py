@@ -9,36 +9,37 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from .. import __version__
 from ..errors import CeVAEError, one_line
+from ..options import COMBI_MODES, GRAD_NORMS, GRAD_TARGETS, SCORE_TYPES, RunOptions
 from .interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
+    p.add_argument("--device", default=RunOptions.device, help="auto (cuda > mps > cpu), cpu, cuda or mps; "
+                   "cuda:N picks a GPU")
 
 
 def _add_scoring(p: argparse.ArgumentParser) -> None:
     """Options shared by detect and batch: score, threshold, post-processing, inference."""
-    p.add_argument("--score-type", default=None, help="combi (default), rec or grad")
+    p.add_argument("--score-type", choices=SCORE_TYPES, help="pixel score (default: the model's, combi)")
     p.add_argument("--mc-samples", type=int, help="average the reconstruction over N samples of z")
     p.add_argument("--rim-mm", type=float, help="ignore scores within this distance of the brain edge")
     p.add_argument("--median-radius", type=int, help="3D median filter radius (voxels)")
     p.add_argument("--min-volume", type=float, help="drop components smaller than this (mm^3)")
     p.add_argument("--paper", action="store_true",
                    help="the published score: rec x |dKL/dx| smoothed (3 px) and min-max normalised per volume")
-    p.add_argument("--combi", choices=("product", "weighted", "geometric", "attribution"),
-                   help="how combi joins rec and grad (default: product)")
+    p.add_argument("--combi", choices=COMBI_MODES, help="how combi joins rec and grad (default: the model's)")
     p.add_argument("--alpha", type=float, help="weight of grad in --combi weighted: rec*(1+alpha*grad)")
-    p.add_argument("--grad-target", choices=("kl", "elbo"), help="gradient of the KL term or of the whole ELBO")
+    p.add_argument("--grad-target", choices=GRAD_TARGETS, help="gradient of the KL term or of the whole ELBO")
     p.add_argument("--grad-sigma", type=float, help="Gaussian smoothing of |grad| in model pixels")
-    p.add_argument("--grad-norm", choices=("slice", "volume", "none"), help="min-max normalisation of grad")
+    p.add_argument("--grad-norm", choices=GRAD_NORMS, help="min-max normalisation of grad")
     p.add_argument("--rec-sigma", type=float, help="Gaussian smoothing of the reconstruction error")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=RunOptions.batch_size, help="slices per network pass")
     p.add_argument("--amp", action="store_true", help="mixed precision")
 
 
@@ -48,8 +49,15 @@ def _add_threshold(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's error convention: one ``error:`` line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cevae-anomaly",
         description="Unsupervised anomaly localisation in brain MRI with a context-encoding VAE (ceVAE).",
     )
@@ -156,7 +164,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error (already printed)
+        return int(exc.code or 0)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: say which rank speaks
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format=(f"[rank {os.environ.get('RANK', '?')}] " if distributed else "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,7 +42,7 @@ def default_template_dir() -> Path:
     return template_dir()
 
 
-def load_template(template_dir: Path | None = None) -> tuple[sitk.Image, sitk.Image]:
+def load_template(template_dir: Optional[Path] = None) -> tuple[sitk.Image, sitk.Image]:
     """Template T1 (float32) and brain mask (uint8) from ``template_dir``."""
     folder = Path(template_dir) if template_dir is not None else default_template_dir()
     paths = [folder / TEMPLATE_T1, folder / TEMPLATE_MASK]
@@ -67,8 +68,8 @@ def given_or_computed_mask(image: sitk.Image, mask_path: Path | None, name: str 
 
 def compute_brain_mask(
     image: sitk.Image,
-    template_dir: Path | None = None,
-    progress: ProgressCallback | None = None,
+    template_dir: Optional[Path] = None,
+    progress: Optional[ProgressCallback] = None,
 ) -> sitk.Image:
     """Brain mask (uint8 {0,1}) of a 3D scalar T1 head MRI, on exactly the input's grid.
 
@@ -192,7 +193,7 @@ def _best_start(
 
 
 def _register(
-    fixed: sitk.Image, moving: sitk.Image, progress: ProgressCallback | None
+    fixed: sitk.Image, moving: sitk.Image, progress: Optional[ProgressCallback]
 ) -> sitk.AffineTransform:
     """Affine transform mapping input (fixed) points to template (moving) points."""
     try:

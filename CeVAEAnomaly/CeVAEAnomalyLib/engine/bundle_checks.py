@@ -12,6 +12,7 @@ from dataclasses import fields
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
+from ..options import PostprocessOptions, ScoreOptions
 from .config import SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
 
 MAX_CHANNELS = 4096  # widest layer a bundle may declare
@@ -88,8 +89,6 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
     if "score_options" in header:
         _check_score_options(header)
     if "postprocess" in header:
-        from .postprocess import PostprocessOptions
-
         post = _section(header, "postprocess", _names(PostprocessOptions))
         _number("postprocess.rim_mm", post.get("rim_mm", 0.0), 0, 1000)
         _whole("postprocess.median_radius", post.get("median_radius", 0), 0, 100)
@@ -103,8 +102,6 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
 
 
 def _check_score_options(header: Mapping[str, Any]) -> None:
-    from .scoring import ScoreOptions
-
     s = _section(header, "score_options", _names(ScoreOptions))
     for key in ("alpha", "grad_sigma", "rec_sigma"):
         if key in s:

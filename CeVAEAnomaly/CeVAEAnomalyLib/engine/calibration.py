@@ -7,19 +7,32 @@ it was measured with, because a threshold only means something for the same scor
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Iterable, Mapping
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..errors import CeVAEError
+from ..options import PostprocessOptions, ScoreOptions
 
 DEFAULT_FPR = 0.001
 FPR_GRID = np.unique(np.concatenate([np.logspace(-6, -1, 26), [0.2, 0.5]]))
 
 
-def calibration_key(score: Mapping[str, Any], post: Mapping[str, Any]) -> str:
-    """A stable key for the options a calibration applies to."""
-    return json.dumps({"score": dict(score), "post": dict(post)}, sort_keys=True)
+def calibration_key(score: ScoreOptions, post: PostprocessOptions) -> str:
+    """A stable key for the options a calibration applies to (every field written out)."""
+    return json.dumps({"score": score.to_dict(), "post": post.to_dict()}, sort_keys=True)
+
+
+def _key_options(key: str) -> Optional[Tuple[ScoreOptions, PostprocessOptions]]:
+    """The options a stored key names; fields added since it was written take their defaults.
+
+    None for a key this version cannot read (a removed option or an invalid value).
+    """
+    try:
+        data = json.loads(key)
+        return ScoreOptions.from_dict(data["score"]), PostprocessOptions.from_dict(data["post"])
+    except (ValueError, TypeError, KeyError, CeVAEError):
+        return None
 
 
 def calibrate(healthy_scores: Iterable[np.ndarray], source: str) -> Dict[str, Any]:
@@ -47,12 +60,14 @@ def threshold_for_fpr(entry: Mapping[str, Any], fpr: float) -> float:
     return float(np.interp(np.log(fpr), np.log(grid), thr))
 
 
-def find_calibration(header: Mapping[str, Any], key: str) -> Dict[str, Any]:
-    """The calibration stored for ``key``, or an error saying how to get a threshold."""
+def find_calibration(header: Mapping[str, Any], score: ScoreOptions, post: PostprocessOptions) -> Dict[str, Any]:
+    """The calibration stored for these options, or an error saying how to get a threshold."""
     entries = header.get("calibration") or {}
-    if key not in entries:
-        raise CeVAEError(
-            "The model has no calibration for these scoring/post-processing options; give an "
-            "absolute threshold (--threshold), or use the options the model was calibrated with."
-        )
-    return entries[key]
+    wanted = (score, post)
+    for key, entry in entries.items():
+        if _key_options(key) == wanted:
+            return entry
+    raise CeVAEError(
+        "The model has no calibration for these scoring/post-processing options; give an "
+        "absolute threshold, or use the options the model was calibrated with."
+    )

@@ -1,25 +1,25 @@
 """The one detection path: image (+ mask) -> score map, labelmap, slice scores, components.
 
-Every entry point (command line, Slicer module, batch script) ends here.
+Every entry point (command line, batch, Slicer module and script, calibration) builds a
+:class:`Detector` once and calls it per volume.
 """
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from .bundle import Bundle
-from .calibration import DEFAULT_FPR, calibration_key, find_calibration, threshold_for_fpr
-from ..errors import CeVAEError
-from .postprocess import Component, PostprocessOptions, components, refine_reach, refine_scores, threshold_labelmap
-from .preprocess import Region, SliceRecord, brain_region, finite_brain, invert_region, mask_array, prepare
+from .calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
+from ..options import PostprocessOptions, ScoreOptions, ThresholdPolicy
+from .postprocess import Component, components, refine_reach, refine_scores, threshold_labelmap
+from .preprocess import Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, mask_array, prepare
 from ..progress import ProgressCallback, report, scaled
-from .scoring import ScoreOptions, SliceScores, score_slices
+from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ class DetectionResult:
     threshold_source: str
     slices: List[SliceScoreRow]
     components: List[Component]
-    timings: Dict[str, float] = field(default_factory=dict)
 
     @property
     def top_slice(self) -> Optional[SliceScoreRow]:
@@ -58,30 +57,103 @@ class DetectionResult:
         return sum(c.volume_ml for c in self.components)
 
 
-def default_score_options(bundle: Bundle, score_type: Optional[str] = None) -> ScoreOptions:
-    """The bundle's recommended scoring, optionally with another score type."""
-    opts = dict(bundle.header.get("score_options") or {})
-    if score_type is not None:
-        opts["score_type"] = score_type
-    try:
-        return ScoreOptions(**opts)
-    except TypeError as exc:
-        raise CeVAEError(f"The model's score options are invalid: {exc}") from None
+def default_score_options(bundle: Bundle) -> ScoreOptions:
+    """The bundle's recommended scoring."""
+    return ScoreOptions.from_dict(bundle.header.get("score_options") or {}, "score option(s) in the model")
 
 
 def default_postprocess(bundle: Bundle) -> PostprocessOptions:
-    return PostprocessOptions(**(bundle.header.get("postprocess") or {}))
+    """The bundle's recommended post-processing."""
+    return PostprocessOptions.from_dict(bundle.header.get("postprocess") or {}, "post-processing option(s) in the model")
 
 
-def resolve_threshold(
-    bundle: Bundle, opts: ScoreOptions, post: PostprocessOptions, threshold: Optional[float], fpr: Optional[float]
-) -> tuple:
+def resolve_threshold(bundle: Bundle, opts: ScoreOptions, post: PostprocessOptions,
+                      policy: ThresholdPolicy) -> Tuple[float, str]:
     """(threshold, description): absolute if given, else from the bundle's calibration."""
-    if threshold is not None:
-        return float(threshold), "absolute"
-    rate = float(bundle.header.get("default_fpr", DEFAULT_FPR)) if fpr is None else float(fpr)
-    entry = find_calibration(bundle.header, calibration_key(opts.to_dict(), post.to_dict()))
+    if policy.threshold is not None:
+        return float(policy.threshold), "absolute"
+    rate = float(bundle.header.get("default_fpr", DEFAULT_FPR)) if policy.fpr is None else float(policy.fpr)
+    entry = find_calibration(bundle.header, opts, post)
     return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
+
+
+class Detector:
+    """Detection with one model and one set of options, built once and called per volume.
+
+    ``score`` and ``post`` default to the bundle's recommended options; the labelmap threshold is
+    resolved here (from ``policy``), so a missing calibration is reported before any volume is read.
+    """
+
+    def __init__(self, bundle: Bundle, score: Optional[ScoreOptions] = None,
+                 post: Optional[PostprocessOptions] = None, policy: ThresholdPolicy = ThresholdPolicy(),
+                 batch_size: int = 64, amp: bool = False) -> None:
+        self.bundle = bundle
+        self.score = score or default_score_options(bundle)
+        self.post = post or default_postprocess(bundle)
+        self.batch_size, self.amp = batch_size, amp
+        self.threshold, self.threshold_source = resolve_threshold(bundle, self.score, self.post, policy)
+
+    def __call__(self, image: sitk.Image, mask: Optional[sitk.Image] = None,
+                 progress: Optional[ProgressCallback] = None) -> DetectionResult:
+        """Score a 3D volume. ``mask``: brain mask (>0 is brain); computed automatically if None.
+
+        The input image is never modified. Raise :class:`CeVAEError` on unusable input and
+        :class:`~.progress.Cancelled` if the progress callback cancels.
+        """
+        stack, brain = self._prepare(image, mask, progress)
+        raw = self._network(stack, [self.score], progress)
+        maps = pixel_map(raw, self.score)
+        # Scores are 0 outside the brain, so above a positive threshold nothing happens outside its
+        # bounding box grown by the filters' reach: map back and post-process only there.
+        thr = self.threshold
+        region = (brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1) if thr > 0
+                  else tuple(slice(0, n) for n in brain.shape))
+        report(progress, 0.88, "Mapping scores back onto the input grid")
+        score = _region_image(invert_region(stack.record, maps, region), image, region)
+        rows = _slice_rows(stack.record, raw.slices)
+        brain_img = _region_image(brain[region].astype(np.uint8), image, region)
+        del stack, brain, raw, maps  # free the full-size mask before the full-size outputs are made
+        report(progress, 0.9, "Post-processing")
+        score = refine_scores(score, brain_img, self.post)
+        labelmap = threshold_labelmap(score, thr, self.post.min_volume_mm3)
+        comps = components(labelmap, score)
+        labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
+        report(progress, 1.0, "Done")
+        return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
+
+    def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image],
+                     score_types: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Post-processed brain-voxel scores of each score type (one network pass), for calibration."""
+        stack, brain = self._prepare(image, mask, None)
+        options = [self.score.replace(score_type=t) for t in score_types]
+        raw = self._network(stack, options, None)
+        region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
+        inside = brain[region]
+        brain_img = _region_image(inside.astype(np.uint8), image, region)
+        out = {}
+        for opts in options:
+            score = _region_image(invert_region(stack.record, pixel_map(raw, opts), region), image, region)
+            score = refine_scores(score, brain_img, self.post)
+            out[opts.score_type] = np.asarray(sitk.GetArrayViewFromImage(score)[inside], np.float32)
+        return out
+
+    def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image],
+                 progress: Optional[ProgressCallback]) -> Tuple[SliceStack, np.ndarray]:
+        """Model slices of ``image`` and its brain (bool, the input's array order)."""
+        report(progress, 0.0, "Preparing the volume")
+        if mask is None:
+            from .brainmask import compute_brain_mask
+
+            mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
+        brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
+        return prepare(image, brain, self.bundle.preprocess), brain
+
+    def _network(self, stack: SliceStack, options: Sequence[ScoreOptions],
+                 progress: Optional[ProgressCallback]) -> NetworkMaps:
+        beta = float((self.bundle.header.get("loss") or {}).get("beta", 0.01))
+        return network_maps(self.bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain),
+                            options, batch_size=self.batch_size, beta=beta, amp=self.amp,
+                            progress=scaled(progress, 0.2, 0.85))
 
 
 def detect(
@@ -96,56 +168,9 @@ def detect(
     amp: bool = False,
     progress: Optional[ProgressCallback] = None,
 ) -> DetectionResult:
-    """Score a 3D volume. ``mask``: brain mask (>0 is brain); computed automatically if None.
-
-    The input image is never modified. Raise :class:`CeVAEError` on unusable input and
-    :class:`~.progress.Cancelled` if the progress callback cancels.
-    """
-    opts = score_options or default_score_options(bundle)
-    post = postprocess or default_postprocess(bundle)
-    thr, thr_source = resolve_threshold(bundle, opts, post, threshold, fpr)
-    timings: Dict[str, float] = {}
-    t0 = time.perf_counter()
-    report(progress, 0.0, "Preparing the volume")
-    if mask is None:
-        from .brainmask import compute_brain_mask
-
-        mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
-        timings["brain_mask"] = time.perf_counter() - t0
-    brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
-    t1 = time.perf_counter()
-    stack = prepare(image, brain, bundle.preprocess)
-    timings["preprocess"] = time.perf_counter() - t1
-
-    beta = float((bundle.header.get("loss") or {}).get("beta", 0.01))
-    maps, sl = score_slices(
-        bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), opts,
-        batch_size=batch_size, beta=beta, amp=amp, progress=scaled(progress, 0.2, 0.85), timings=timings,
-    )
-
-    # Scores are 0 outside the brain, so above a positive threshold nothing happens outside its
-    # bounding box grown by the filters' reach: map back and post-process only there.
-    t1 = time.perf_counter()
-    region = (brain_region(brain, refine_reach(post, image.GetSpacing()) + 1) if thr > 0
-              else tuple(slice(0, n) for n in brain.shape))
-    score = _region_image(invert_region(stack.record, maps, region), image, region)
-    timings["inverse"] = time.perf_counter() - t1
-    report(progress, 0.9, "Post-processing")
-    t1 = time.perf_counter()
-    rows = _slice_rows(stack.record, sl)
-    brain_img = _region_image(brain[region].astype(np.uint8), image, region)
-    del stack, brain  # free the full-size mask before the full-size outputs are made
-    score = refine_scores(score, brain_img, post)
-    labelmap = threshold_labelmap(score, thr, post.min_volume_mm3)
-    comps = components(labelmap, score)
-    labelmap, brain_img = (_full_image(im, image, region) for im in (labelmap, brain_img))
-    timings["postprocess"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    score = _full_image(score, image, region)
-    timings["inverse"] += time.perf_counter() - t1
-    timings["total"] = time.perf_counter() - t0
-    report(progress, 1.0, "Done")
-    return DetectionResult(score, labelmap, brain_img, thr, thr_source, rows, comps, timings)
+    """One volume with a one-off :class:`Detector` (for scripts and the console)."""
+    detector = Detector(bundle, score_options, postprocess, ThresholdPolicy(threshold, fpr), batch_size, amp)
+    return detector(image, mask, progress)
 
 
 def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:

@@ -6,9 +6,9 @@ import logging
 import torch
 
 from ..errors import CeVAEError
+from ..options import DEVICES
 
 log = logging.getLogger(__name__)
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _mps_available() -> bool:
@@ -18,8 +18,8 @@ def _mps_available() -> bool:
 def resolve_device(name: str = "auto") -> torch.device:
     """auto: cuda > mps > cpu. An unavailable accelerator falls back to the CPU with a warning."""
     base = name.split(":")[0]
-    if base not in DEVICE_CHOICES:
-        raise CeVAEError(f"Unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+    if base not in DEVICES:
+        raise CeVAEError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
     if base == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

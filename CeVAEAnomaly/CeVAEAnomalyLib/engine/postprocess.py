@@ -1,29 +1,15 @@
 """Score refinement, thresholding and connected anomaly components (SimpleITK filters)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..io.images import voxel_volume_ml
-
-@dataclass(frozen=True)
-class PostprocessOptions:
-    """Optional steps, all off by default except what the bundle recommends."""
-
-    rim_mm: float = 0.0  # zero scores within this distance of the brain's edge
-    median_radius: int = 0  # 3D median filter radius in voxels
-    min_volume_mm3: float = 0.0  # drop labelled components smaller than this
-
-    def to_dict(self) -> Dict[str, float]:
-        return asdict(self)
-
-
-# The chain the leave-one-subject-out benchmark favoured (docs/benchmark.md); new bundles use it.
-RECOMMENDED = PostprocessOptions(rim_mm=3.0, median_radius=1, min_volume_mm3=50.0)
+from ..options import PostprocessOptions
 
 
 @dataclass

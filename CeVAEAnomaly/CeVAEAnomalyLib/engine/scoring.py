@@ -13,61 +13,17 @@ Encoding and the gradient are computed once per slice; only decoding repeats for
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import CeVAEError
+from ..options import ScoreOptions
 from .model import CeVAE, kl_per_sample, rec_error
 from ..progress import ProgressCallback, report
-
-SCORE_TYPES = ("combi", "rec", "grad")
-COMBI_MODES = ("product", "weighted", "geometric", "attribution")
-GRAD_TARGETS = ("kl", "elbo")
-GRAD_NORMS = ("volume", "slice", "none")
-
-
-@dataclass(frozen=True)
-class ScoreOptions:
-    """How pixel maps are made; the defaults are the project's best measured variant."""
-
-    score_type: str = "combi"
-    # product: rec*g; weighted: rec*(1+alpha*g); geometric: sqrt(rec*g);
-    # attribution: max(0, dKL/dx * (x - decode(mu))), each pixel's first-order share of the KL
-    combi: str = "product"
-    alpha: float = 1.0
-    grad_target: str = "kl"
-    grad_sigma: float = 3.0  # Gaussian smoothing of |grad|, in model pixels (0: none)
-    grad_norm: str = "slice"  # min-max normalisation per slice, over the volume, or none
-    rec_sigma: float = 0.0  # optional smoothing of the reconstruction error
-    mc_samples: int = 0  # 0: decode mu; N: mean error over N samples of z
-    rec_kind: str = "l1"
-
-    def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("score type", self.score_type, SCORE_TYPES),
-            ("combination", self.combi, COMBI_MODES),
-            ("gradient target", self.grad_target, GRAD_TARGETS),
-            ("gradient normalisation", self.grad_norm, GRAD_NORMS),
-            ("reconstruction error", self.rec_kind, ("l1", "l2")),
-        ):
-            if value not in allowed:
-                raise CeVAEError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
-        if self.mc_samples < 0:
-            raise CeVAEError("mc_samples must be 0 or more.")
-
-    def to_dict(self) -> Dict[str, object]:
-        return asdict(self)
-
-
-# The published ceVAE score (Zimmerer et al., 2019): rec × min-max normalised, smoothed |dKL/dx|.
-PAPER = dict(combi="product", grad_target="kl", grad_sigma=3.0, grad_norm="volume", rec_sigma=0.0, mc_samples=0)
-
 
 @dataclass
 class SliceScores:
@@ -112,31 +68,30 @@ def _minmax(maps: torch.Tensor, per_slice: bool) -> torch.Tensor:
 
 
 def _batch_maps(
-    model: CeVAE, x: torch.Tensor, brain: torch.Tensor, opts: ScoreOptions, need_grad: bool, beta: float
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[torch.Tensor, ...]]:
-    """rec [B,1,S,S], the raw gradient map [B,1,S,S] or None, and (kl, rec_mean, neg_elbo) per slice.
-
-    The gradient map is |grad|, or for ``combi="attribution"`` max(0, grad * (x - recon)).
-    """
-    attribution = need_grad and opts.score_type == "combi" and opts.combi == "attribution"
+    model: CeVAE, x: torch.Tensor, brain: torch.Tensor, opts: ScoreOptions, need_grad: bool,
+    attribution: bool, beta: float,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Tuple[torch.Tensor, ...]]:
+    """For a batch [B,1,S,S]: rec, |grad| (or None), the attribution map max(0, grad * (x - recon))
+    (or None) and (kl, rec_mean, neg_elbo) per slice."""
     x = x.detach().requires_grad_(need_grad)
+    elbo_grad = need_grad and opts.grad_target == "elbo"
     with torch.enable_grad() if need_grad else torch.no_grad():
         mu, logvar = (t.float() for t in model.encode(x))  # KL in float32 under autocast too
         kl = kl_per_sample(mu, logvar)  # [B]
         grad = recon = None
         if need_grad and opts.grad_target == "kl":  # slices are independent: sum gives per-slice grads
             grad = torch.autograd.grad(kl.sum(), x)[0]
-        if opts.mc_samples == 0 or attribution or (need_grad and opts.grad_target == "elbo"):
-            recon = model.decode(mu if (need_grad and opts.grad_target == "elbo") else mu.detach())
-        if need_grad and opts.grad_target == "elbo":
+        if opts.mc_samples == 0 or attribution or elbo_grad:
+            recon = model.decode(mu if elbo_grad else mu.detach())
+        if elbo_grad:
             # negative ELBO per slice with a Gaussian likelihood (an L1 error would give a
             # gradient of constant magnitude): mean squared error + beta * KL per latent
             err = (rec_error(x, recon, "l2") * brain).flatten(1).mean(1)
             grad = torch.autograd.grad((err + beta * kl / mu.shape[1]).sum(), x)[0]
     with torch.no_grad():
         x = x.detach()
-        if grad is not None:
-            grad = (grad * (x - recon.detach())).clamp_min(0) if attribution else grad.abs()
+        attr = (grad * (x - recon.detach())).clamp_min(0) if attribution else None
+        grad = grad.abs() if grad is not None else None
         if opts.mc_samples > 0:  # only decoding repeats
             std = torch.exp(0.5 * logvar.detach())
             rec = torch.zeros_like(x)
@@ -150,7 +105,90 @@ def _batch_maps(
         n_brain = brain.flatten(1).sum(1).clamp_min(1)
         rec_sum = rec.flatten(1).sum(1)
         stats = (kl.detach(), rec_sum / n_brain, rec_sum + kl.detach())
-    return rec, grad, stats
+    return rec, grad, attr, stats
+
+
+@dataclass
+class NetworkMaps:
+    """What one pass of the network gives for a stack of slices (maps [N,1,S,S], 0 outside the brain)."""
+
+    rec: torch.Tensor
+    grad: Optional[torch.Tensor]  # |dKL/dx| (or |dELBO/dx|), unsmoothed; None if not needed
+    attribution: Optional[torch.Tensor]  # max(0, grad * (x - recon)); None if not needed
+    brain: torch.Tensor  # float [N,1,S,S]
+    slices: SliceScores
+
+
+def network_maps(
+    model: CeVAE,
+    slices: torch.Tensor,
+    brain: torch.Tensor,
+    options: Sequence[ScoreOptions],
+    batch_size: int = 64,
+    beta: float = 0.01,
+    amp: bool = False,
+    progress: Optional[ProgressCallback] = None,
+) -> NetworkMaps:
+    """Run the network once over [N,S,S] slices (brain: bool [N,S,S]) for every scoring in ``options``.
+
+    The scorings may differ in score type and combination only: the network-side settings
+    (gradient target, MC samples, reconstruction error) are those of ``options[0]``.
+    """
+    opts = options[0]
+    device = next(model.parameters()).device
+    need_grad = any(o.needs_grad for o in options)
+    attribution = any(o.score_type == "combi" and o.combi == "attribution" for o in options)
+    n = slices.shape[0]
+    recs, grads, attrs, stats, brains = [], [], [], [], []
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+        if amp else nullcontext()
+    )
+    report(progress, 0.0, "Scoring slices")
+    for start in range(0, n, batch_size):
+        x = slices[start : start + batch_size, None].to(device, torch.float32)
+        b = brain[start : start + batch_size, None].to(device, torch.float32)
+        with autocast:
+            rec, grad, attr, st = _batch_maps(model, x, b, opts, need_grad, attribution, beta)
+        recs.append(rec.float())
+        brains.append(b)
+        if grad is not None:
+            grads.append(grad.float() * b)
+        if attr is not None:
+            attrs.append(attr.float() * b)
+        stats.append(torch.stack([s.float() for s in st], 1))
+        report(progress, min(start + batch_size, n) / n, "Scoring slices")
+    st = torch.cat(stats)
+    return NetworkMaps(
+        rec=torch.cat(recs),
+        grad=torch.cat(grads) if grads else None,
+        attribution=torch.cat(attrs) if attrs else None,
+        brain=torch.cat(brains),
+        slices=SliceScores(st[:, 0], st[:, 1], st[:, 2]),
+    )
+
+
+def pixel_map(raw: NetworkMaps, opts: ScoreOptions) -> torch.Tensor:
+    """The [N,S,S] pixel score map of ``opts`` from the network's maps."""
+    rec = gaussian_blur(raw.rec, opts.rec_sigma) if opts.rec_sigma > 0 else raw.rec
+    maps = rec
+    if opts.needs_grad:
+        attribution = opts.score_type == "combi" and opts.combi == "attribution"
+        source = raw.attribution if attribution else raw.grad
+        if source is None:
+            raise ValueError("the network pass was run without the gradient this scoring needs")
+        g = gaussian_blur(source, opts.grad_sigma)
+        if opts.grad_norm != "none":
+            g = _minmax(g, opts.grad_norm == "slice")
+        if opts.score_type == "grad" or attribution:
+            maps = g
+        elif opts.combi == "product":
+            maps = rec * g
+        elif opts.combi == "weighted":
+            maps = rec * (1.0 + opts.alpha * g)
+        else:
+            maps = torch.sqrt(rec * g)
+    return (maps * raw.brain)[:, 0]
 
 
 def score_slices(
@@ -162,58 +200,7 @@ def score_slices(
     beta: float = 0.01,
     amp: bool = False,
     progress: Optional[ProgressCallback] = None,
-    timings: Optional[Dict[str, float]] = None,
 ) -> Tuple[torch.Tensor, SliceScores]:
-    """Score [N,S,S] slices (brain: bool [N,S,S]); returns maps [N,S,S] on the model's device.
-
-    ``timings``, if given, receives the seconds of the network pass ("network") and of making the
-    maps from its outputs ("scoring").
-    """
-    device = next(model.parameters()).device
-    t0 = _clock(device) if timings is not None else 0.0
-    need_grad = opts.score_type in ("grad", "combi")
-    n = slices.shape[0]
-    recs, grads, stats = [], [], []
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
-        if amp else nullcontext()
-    )
-    for start in range(0, n, batch_size):
-        x = slices[start : start + batch_size, None].to(device, torch.float32)
-        b = brain[start : start + batch_size, None].to(device, torch.float32)
-        with autocast:
-            rec, grad, st = _batch_maps(model, x, b, opts, need_grad, beta)
-        recs.append(rec.float())
-        if grad is not None:
-            grads.append(grad.float() * b)
-        stats.append(torch.stack([s.float() for s in st], 1))
-        report(progress, min(start + batch_size, n) / n, "Scoring slices")
-    t1 = _clock(device) if timings is not None else 0.0
-    rec = torch.cat(recs)
-    rec = gaussian_blur(rec, opts.rec_sigma) if opts.rec_sigma > 0 else rec
-    maps = rec
-    if need_grad:
-        g = gaussian_blur(torch.cat(grads), opts.grad_sigma)
-        if opts.grad_norm != "none":
-            g = _minmax(g, opts.grad_norm == "slice")
-        if opts.score_type == "grad" or opts.combi == "attribution":
-            maps = g
-        elif opts.combi == "product":
-            maps = rec * g
-        elif opts.combi == "weighted":
-            maps = rec * (1.0 + opts.alpha * g)
-        else:
-            maps = torch.sqrt(rec * g)
-    maps = maps * brain[:, None].to(device, maps.dtype)
-    st = torch.cat(stats)
-    if timings is not None:
-        timings["network"] = t1 - t0
-        timings["scoring"] = _clock(device) - t1
-    return maps[:, 0], SliceScores(st[:, 0], st[:, 1], st[:, 2])
-
-
-def _clock(device: torch.device) -> float:
-    """perf_counter after the device's queued work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+    """Score [N,S,S] slices (brain: bool [N,S,S]); returns maps [N,S,S] on the model's device."""
+    raw = network_maps(model, slices, brain, [opts], batch_size, beta, amp, progress)
+    return pixel_map(raw, opts), raw.slices

@@ -93,7 +93,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         volumeNode: slicer.vtkMRMLScalarVolumeNode,
         maskNode: Optional[slicer.vtkMRMLNode] = None,
         modelPath: Union[str, Path, None] = None,
-        scoreType: Optional[str] = "combi",
+        scoreType: Optional[str] = None,
         fpr: Optional[float] = None,
         threshold: Optional[float] = None,
         postprocess: Optional[Dict[str, Any]] = None,
@@ -116,8 +116,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         may raise :class:`~CeVAEAnomalyLib.progress.Cancelled`. On any error or cancel, the scene
         is left as it was.
         """
-        from ..engine.detector import default_postprocess, default_score_options, detect
-        from ..engine.postprocess import PostprocessOptions
+        from ..engine.detector import Detector, default_postprocess, default_score_options
+        from ..options import ThresholdPolicy
 
         if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
             raise CeVAEError("Select a scalar input volume.")
@@ -131,13 +131,13 @@ class CeVAEAnomalyLogic(_LogicBase):
         mask = mrml.mask_image(maskNode, volumeNode, maskSegmentId) if maskNode is not None else None
         report(progress, 0.02, "Loading the model")
         bundle = self.loadModel(modelPath, device)
-        options = default_score_options(bundle, scoreType)
+        options = default_score_options(bundle).replace(score_type=scoreType)
         try:
-            post = PostprocessOptions(**dict(default_postprocess(bundle).to_dict(), **(postprocess or {})))
+            post = default_postprocess(bundle).replace(**(postprocess or {}))
         except TypeError as exc:
             raise CeVAEError(f"Invalid post-processing options: {exc}") from None
-        detection = detect(image, bundle, mask, options, post, threshold=threshold, fpr=fpr,
-                           batch_size=batchSize, progress=scaled(progress, 0.05, 0.95))
+        detector = Detector(bundle, options, post, ThresholdPolicy(threshold, fpr), batch_size=batchSize)
+        detection = detector(image, mask, progress=scaled(progress, 0.05, 0.95))
         report(progress, 0.95, "Creating the result nodes")
         nodes = mrml.publish(scene, volumeNode, detection, outputs, createLabelmap, show3D)
         result = CeVAEAnomalyResult(volumeNode, nodes, detection)

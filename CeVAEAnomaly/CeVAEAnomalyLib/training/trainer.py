@@ -31,9 +31,9 @@ from ..errors import CeVAEError
 from ..engine.corruption import random_rectangles
 from ..engine.model import CeVAE, cevae_loss
 from ..engine.calibrate import calibrate_model
-from ..engine.postprocess import RECOMMENDED
+from ..options import RECOMMENDED_POSTPROCESS as RECOMMENDED
 from ..progress import ProgressCallback, report
-from ..engine.scoring import ScoreOptions
+from ..options import ScoreOptions
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
