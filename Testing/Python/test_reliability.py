@@ -236,12 +236,12 @@ def test_itk_errors_lose_their_cpp_locations():
 
 
 def test_unexpected_itk_error_is_one_clean_line(inputs, tmp_path, capsys, monkeypatch):
-    import CeVAEAnomalyLib.engine.detector as detector
+    from CeVAEAnomalyLib.engine.detector import Detector
 
     def broken(*args, **kwargs):
         sitk.Image(4, 4, 4, sitk.sitkFloat32).SetSpacing((-1.0, 1.0, 1.0))
 
-    monkeypatch.setattr(detector, "detect", broken)
+    monkeypatch.setattr(Detector, "__call__", broken)
     image, mask, model = inputs
     assert main(detect_argv(image, mask, model, tmp_path / "s.nii.gz")) == 1
     err = capsys.readouterr().err.strip()
