@@ -55,8 +55,8 @@ def load_template(template_dir: Optional[Path] = None) -> tuple[sitk.Image, sitk
     return sitk.ReadImage(str(paths[0]), sitk.sitkFloat32), sitk.ReadImage(str(paths[1]), sitk.sitkUInt8)
 
 
-def given_or_computed_mask(image: sitk.Image, mask_path: Path | None, name: str = "the image",
-                           progress: ProgressCallback | None = None) -> sitk.Image:
+def given_or_computed_mask(image: sitk.Image, mask_path: Optional[Path], name: str = "the image",
+                           progress: Optional[ProgressCallback] = None) -> sitk.Image:
     """The brain mask read from ``mask_path``, or computed from ``image`` when no mask is given."""
     if mask_path is not None:
         from ..io.images import read_image
