@@ -23,7 +23,8 @@ from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.calibration import calibrate, threshold_for_fpr
 from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics, slice_auroc
-from CeVAEAnomalyLib.io.images import atomic_write_text, read_image
+from CeVAEAnomalyLib.io.atomic import atomic_write_text
+from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
 from CeVAEAnomalyLib.engine.calibrate import healthy_scores
 from CeVAEAnomalyLib.engine.detector import detect

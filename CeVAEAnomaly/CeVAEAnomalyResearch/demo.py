@@ -9,7 +9,8 @@ from typing import Optional
 
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv, write_all
+from CeVAEAnomalyLib.io.atomic import write_all
+from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
 
 log = logging.getLogger(__name__)
 DEMO_SUBJECT = "robex"
@@ -47,8 +48,9 @@ def run_demo(
 
     t0 = time.perf_counter()
     data = ensure_healthy_data(names=(DEMO_SUBJECT,))
-    image = read_image(data / f"{DEMO_SUBJECT}_t1.nii.gz")
-    mask = read_image(data / f"{DEMO_SUBJECT}_brainmask.nii.gz", "brain mask")
+    inputs = (data / f"{DEMO_SUBJECT}_t1.nii.gz", data / f"{DEMO_SUBJECT}_brainmask.nii.gz", model)
+    image = read_image(inputs[0])
+    mask = read_image(inputs[1], "brain mask")
     lesioned, truth, lesions = insert_lesions(image, mask, seed, n=len(kinds), kinds=tuple(kinds),
                                               radius_mm=(6.0, 12.0), min_separation_mm=15.0)
     bundle = load_bundle(model or default_model_path(), resolve_device(device))
@@ -63,7 +65,7 @@ def run_demo(
         out_dir / "slice_scores.csv": slice_scores_csv(result),
         out_dir / "components.csv": components_csv(result),
     }
-    write_all(files, overwrite=overwrite)
+    write_all(files, overwrite=overwrite, inputs=inputs)
     png = overlay_png(out_dir / "overlay.png", lesioned, result.score, result.labelmap, truth,
                       title=f"CeVAEAnomaly demo: {', '.join(l.kind for l in lesions)} lesions")
     metrics = {

@@ -20,7 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.io.images import atomic_write_text, grid_difference, read_image
+from CeVAEAnomalyLib.io.atomic import atomic_write_text
+from CeVAEAnomalyLib.io.images import grid_difference, read_image, voxel_volume_ml
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     return cases, pooled_metrics(arrays)
 
 
-def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict) -> None:
+def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict,
+                      overwrite: bool = True) -> None:
     """Write one row per case plus a final ``pooled`` row; atomic (temporary file + rename)."""
     columns = [f.name for f in fields(CaseMetrics)]
     pooled_row = [pooled.get(column) for column in columns]
@@ -172,10 +174,7 @@ def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], p
     writer.writerow(columns)
     for row in [astuple(case) for case in cases] + [pooled_row]:
         writer.writerow([_cell(value) for value in row])
-    try:
-        atomic_write_text(path, text.getvalue())
-    except OSError as error:
-        raise CeVAEError(f"Cannot write the metrics table {path}: {error}") from error
+    atomic_write_text(path, text.getvalue(), overwrite)
 
 
 def _labelled(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -254,7 +253,7 @@ def _evaluate(
     flagged_ml = dice_at_threshold = None
     if labelmap is not None:
         flagged = sitk.GetArrayViewFromImage(labelmap) != 0
-        flagged_ml = int(flagged.sum()) * float(np.prod(score.GetSpacing())) / 1000
+        flagged_ml = int(flagged.sum()) * voxel_volume_ml(score)
         if gt is not None:
             dice_at_threshold = dice(flagged[inside], labels)
     case_slice_auroc = None

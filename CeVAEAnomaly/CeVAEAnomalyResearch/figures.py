@@ -8,6 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.atomic import atomic_path
 from CeVAEAnomalyLib.engine.preprocess import canonical_axes, to_canonical
 
 
@@ -68,6 +69,7 @@ def overlay_png(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path

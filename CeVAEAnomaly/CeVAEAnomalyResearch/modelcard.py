@@ -9,7 +9,7 @@ from CeVAEAnomalyLib.engine.bundle import Bundle
 from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
-from CeVAEAnomalyLib.io.images import atomic_write_text
+from CeVAEAnomalyLib.io.atomic import atomic_write_text
 
 KNOWN_SOURCES = {
     "colin27_t1": "Colin27 (ch2): one healthy adult scanned 27 times and averaged, MNI space, 1 mm; "

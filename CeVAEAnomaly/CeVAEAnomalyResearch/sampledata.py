@@ -25,6 +25,7 @@ from typing import Iterable, Optional, Sequence
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.atomic import write_all
 from CeVAEAnomalyLib.io.checksum import sha256_of
 
 logger = logging.getLogger(__name__)
@@ -162,8 +163,7 @@ def fetch_healthy_data(dest: Path, names: Sequence[str] = NAMES) -> Path:
             logger.info("Deriving %s", name)
             t1, mask = derive_subject(_RECIPES[name], sources)
             t1_path, mask_path = subject_files(dest, name)
-            _write_atomically(t1, t1_path)
-            _write_atomically(mask, mask_path)
+            write_all({t1_path: t1, mask_path: mask}, overwrite=True)
     logger.info("Healthy data written to %s", dest)
     return dest
 
@@ -290,14 +290,3 @@ def clean_mask(mask: sitk.Image, radius: int = _CLOSING_RADIUS_VOX) -> sitk.Imag
     mask = sitk.BinaryFillhole(mask)
     largest = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True) == 1
     return sitk.Cast(largest, sitk.sitkUInt8)
-
-
-def _write_atomically(image: sitk.Image, path: Path) -> None:
-    """Write next to ``path`` under a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.partial.nii.gz")
-    try:
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-

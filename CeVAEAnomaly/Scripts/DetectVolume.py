@@ -8,8 +8,9 @@ because Slicer loads every ``.py`` file of the module folder itself as a module)
 
 The volume is loaded into an MRML scene through a storage node, processed by
 ``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry:
-``<name>_anomaly_score.<ext>``, ``<name>_anomaly_labelmap.<ext>``, ``<name>_anomaly.seg.nrrd``,
-``<name>_anomaly_components.csv`` and ``<name>_slice_scores.csv``. All files are written or none.
+``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
+``<name>_components.csv`` and ``<name>_slices.csv`` (the names of ``cevae-anomaly batch``).
+All files are written or none.
 Exit status 0 on success; otherwise 1 (2 for bad arguments) with a one-line message.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import slicer
 
@@ -27,7 +28,9 @@ _HERE = Path(__file__).resolve().parent
 if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
     sys.path.insert(0, str(_HERE.parent))
 
-from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402  (after the path set-up above)
+from CeVAEAnomalyLib.errors import CeVAEError, one_line  # noqa: E402  (after the path set-up above)
+from CeVAEAnomalyLib.io import naming  # noqa: E402
+from CeVAEAnomalyLib.io.naming import file_stem  # noqa: E402
 from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult  # noqa: E402
 
@@ -52,19 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stem(path: Path) -> str:
-    from CeVAEAnomalyLib.io.atomic import full_suffix
-
-    return path.name[: len(path.name) - len(full_suffix(path))]
-
-
 def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) -> slicer.vtkMRMLVolumeNode:
     """Read a volume file into a new node through a volume archetype storage node."""
     what = "brain mask" if labelmap else "input volume"
     if not path.is_file():
         raise CeVAEError(f"The {what} {path} does not exist or is not a file.")
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
-                                   _stem(path))
+                                   file_stem(path))
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(path))
     node.SetAndObserveStorageNodeID(storage.GetID())
@@ -74,14 +71,8 @@ def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) 
 
 
 def output_paths(input_path: Path, output_dir: Path, volume_format: str) -> Dict[str, Path]:
-    stem = _stem(input_path)
-    return {
-        "score": output_dir / f"{stem}_anomaly_score.{volume_format}",
-        "labelmap": output_dir / f"{stem}_anomaly_labelmap.{volume_format}",
-        "segmentation": output_dir / f"{stem}_anomaly.seg.nrrd",
-        "components": output_dir / f"{stem}_anomaly_components.csv",
-        "slices": output_dir / f"{stem}_slice_scores.csv",
-    }
+    """The result files, named as ``cevae-anomaly batch`` names them (one table: io/naming.py)."""
+    return naming.output_paths(output_dir, file_stem(input_path), tuple(naming.OUTPUT_NAMES), f".{volume_format}")
 
 
 def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
@@ -95,18 +86,20 @@ def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
     return write
 
 
-def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool) -> List[Path]:
+def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool,
+                  inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
     """Write every result to a temporary name beside its target, then rename all into place."""
-    from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv, write_all
+    from CeVAEAnomalyLib.io.atomic import write_all
+    from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
 
-    writers = {
+    writers: Dict[Path, object] = {
         paths["score"]: _node_writer(result.nodes.score),
         paths["labelmap"]: _node_writer(result.nodes.labelmap),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
         paths["components"]: components_csv(result.detection),
         paths["slices"]: slice_scores_csv(result.detection),
     }
-    return write_all(writers, overwrite)
+    return write_all(writers, overwrite, inputs)
 
 
 def _progress(fraction: float, message: str) -> None:
@@ -115,16 +108,16 @@ def _progress(fraction: float, message: str) -> None:
 
 def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
     paths = output_paths(args.input, args.output_dir, args.volume_format)
-    from CeVAEAnomalyLib.io.outputs import check_paths
+    from CeVAEAnomalyLib.io.targets import check_paths
 
-    check_paths(paths.values(), args.overwrite, (args.input, args.mask))  # fail before the slow part
+    check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
     volume = load_volume(scene, args.input)
     mask = load_volume(scene, args.mask, labelmap=True) if args.mask else None
     result = CeVAEAnomalyLogic(scene).process(
         volume, mask, modelPath=args.model, scoreType=args.score_type, fpr=args.fpr, threshold=args.threshold,
         device=args.device, createLabelmap=True, progress=_progress,
     )
-    written = write_results(result, paths, args.overwrite)
+    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model))
     log.info("Wrote %s.", ", ".join(str(p) for p in written))
     return written
 
@@ -143,11 +136,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run(args, scene)
     except CeVAEError as exc:
-        print(f"DetectVolume: error: {exc}", file=sys.stderr)
+        print(f"DetectVolume: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug, not a user error: keep the traceback for the report
         traceback.print_exc()
-        print(f"DetectVolume: unexpected error ({type(exc).__name__}): {exc}", file=sys.stderr)
+        print(f"DetectVolume: unexpected error ({type(exc).__name__}): {one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

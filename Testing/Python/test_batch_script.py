@@ -15,8 +15,8 @@ from conftest import REPO, make_head, oblique_direction
 pytest.importorskip("slicer")
 
 SCRIPT = REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py"
-OUTPUTS = ("head_anomaly_score.nrrd", "head_anomaly_labelmap.nrrd", "head_anomaly.seg.nrrd",
-           "head_anomaly_components.csv", "head_slice_scores.csv")
+OUTPUTS = ("head_score.nrrd", "head_labelmap.nrrd", "head_segmentation.seg.nrrd",
+           "head_components.csv", "head_slices.csv")
 
 
 def run_batch(*args, timeout=300):

@@ -44,7 +44,8 @@ from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.model import CeVAE, cevae_loss, kl_per_sample
-from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv, write_all
+from CeVAEAnomalyLib.io.atomic import write_all
+from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
 from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options, detect, resolve_threshold
 from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED, PostprocessOptions
 from CeVAEAnomalyLib.engine.preprocess import mask_array, prepare

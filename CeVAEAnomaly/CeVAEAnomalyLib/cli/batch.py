@@ -13,6 +13,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -20,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import CeVAEError
-from ..io.images import atomic_write_text
+from ..errors import CeVAEError, one_line
+from ..io.atomic import atomic_write_text
+from ..io.manifest import read_rows
+from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
 from ..progress import ProgressCallback, report
+from .interrupts import raise_terminated
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of <image>.*
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", "flagged_ml", "max_score",
                   "top_slice_axis", "top_slice", "seconds")
@@ -58,15 +61,6 @@ class DetectSettings:
 
 
 # ---- the list of inputs -------------------------------------------------------------------
-def image_stem(filename: str) -> Optional[str]:
-    """The file name without its image extension; None if it is not an image file."""
-    low = filename.lower()
-    for ext in IMAGE_EXTENSIONS:
-        if low.endswith(ext) and len(filename) > len(ext):
-            return filename[: -len(ext)]
-    return None
-
-
 def collect_folder(folder: Path) -> List[BatchItem]:
     """Images of a folder (not its subfolders), each with its ``_mask``/``_brainmask`` file if any."""
     images: Dict[str, Path] = {}
@@ -93,21 +87,13 @@ def read_list(path: Path) -> List[BatchItem]:
 
     Relative paths are relative to the CSV's folder; ``name`` defaults to the image file's stem.
     """
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "image" not in reader.fieldnames:
-            raise CeVAEError(f"The list {path} needs a header with an 'image' column "
-                             "(and optionally 'mask' and 'name').")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            image = (row.get("image") or "").strip()
-            if not image:
-                continue
-            mask = (row.get("mask") or "").strip()
-            name = (row.get("name") or "").strip() or image_stem(Path(image).name) or Path(image).name
-            if name != Path(name).name or name in ("", ".", ".."):
-                raise CeVAEError(f"{path}, line {line}: the name {name!r} cannot prefix output files.")
-            items.append(BatchItem(name, path.parent / image, (path.parent / mask) if mask else None))
+    items = []
+    for row in read_rows(path, "image", ("image", "mask"), "list", others=("name",)):
+        image = row.files["image"]
+        name = row.cells["name"] or file_stem(image)
+        if name != Path(name).name or name in ("", ".", ".."):
+            raise CeVAEError(f"{path}, line {row.line}: the name {name!r} cannot prefix output files.")
+        items.append(BatchItem(name, image, row.files["mask"]))
     return items
 
 
@@ -148,13 +134,27 @@ def select_shard(items: Sequence[BatchItem], i: int, n: int) -> List[BatchItem]:
     return list(items[i - 1 :: n])
 
 
+def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], source: Path, model: Path,
+                        out_dir: Path, summary: Path) -> None:
+    """Refuse before any work an --out-dir under a file, or an output that would replace an input of the batch."""
+    from ..io.targets import Inputs
+
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise CeVAEError(f"--out-dir {out_dir} is under {folder}, which is a file, not a folder.")
+            break
+    inputs = Inputs([source if source.is_file() else None, model, *(i.image for i in every),
+                     *(i.mask for i in every)])
+    for target in [summary, *(p for item in items for p in output_paths(out_dir, item.name).values())]:
+        src = inputs.which(target)
+        if src is not None:
+            raise CeVAEError(f"The output {target} would replace the input {src}; choose another --out-dir "
+                             "or other names (a 'name' column in the CSV).")
+
+
 def summary_name(shard: Optional[Tuple[int, int]]) -> str:
     return "summary.csv" if shard is None else f"summary_shard-{shard[0]}-of-{shard[1]}.csv"
-
-
-def output_paths(out_dir: Path, name: str) -> Dict[str, Path]:
-    return {"score": out_dir / f"{name}_score.nii.gz", "labelmap": out_dir / f"{name}_labelmap.nii.gz",
-            "slices": out_dir / f"{name}_slices.csv"}
 
 
 # ---- one volume ---------------------------------------------------------------------------
@@ -163,7 +163,9 @@ def measure(score, labelmap, slices_csv: str) -> Dict[str, object]:
     import numpy as np
     import SimpleITK as sitk
 
-    voxel_ml = float(np.prod(labelmap.GetSpacing())) / 1000.0
+    from ..io.images import voxel_volume_ml
+
+    voxel_ml = voxel_volume_ml(labelmap)
     flagged = int(np.count_nonzero(sitk.GetArrayViewFromImage(labelmap)))
     rows = list(csv.DictReader(io.StringIO(slices_csv)))
     top = max(rows, key=lambda r: float(r["neg_elbo"])) if rows else None
@@ -208,7 +210,8 @@ class VolumeDetector:
         import torch
 
         from ..io.images import read_image
-        from ..io.outputs import slice_scores_csv, write_all
+        from ..io.atomic import write_all
+        from ..io.outputs import slice_scores_csv
 
         t0 = time.perf_counter()
         try:
@@ -223,8 +226,8 @@ class VolumeDetector:
             return _row(item, "ok", time.perf_counter() - t0, **measure(result.score, result.labelmap, slices))
         except Exception as exc:  # one bad volume must not stop the cohort
             log.debug("%s failed.", item.name, exc_info=True)
-            message = str(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {exc}"
-            return _row(item, "error", time.perf_counter() - t0, error=" ".join(message.split()))
+            message = one_line(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {one_line(exc)}"
+            return _row(item, "error", time.perf_counter() - t0, error=message)
 
 
 _worker: Optional[VolumeDetector] = None
@@ -235,6 +238,7 @@ def _init_worker(settings: DetectSettings, threads: int, log_level: int) -> None
     import torch
 
     global _worker
+    signal.signal(signal.SIGTERM, raise_terminated)  # a worker cleans up its temporary files too
     logging.basicConfig(level=log_level, format=f"%(levelname)s: [worker {os.getpid()}] %(message)s")
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

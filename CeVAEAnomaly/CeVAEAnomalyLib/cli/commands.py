@@ -12,7 +12,7 @@ log = logging.getLogger("cevae_anomaly")
 
 
 def _training_subjects(args: argparse.Namespace) -> list:
-    from ..training.data import Subject, read_manifest
+    from ..io.manifest import Subject, read_manifest
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     subjects += [Subject(Path(p)) for p in args.images]
@@ -78,18 +78,21 @@ def run_detect(args: argparse.Namespace) -> None:
     from .console import ConsoleProgress
     from ..engine.devices import resolve_device
     from ..io.images import read_image
-    from ..io.outputs import check_paths, components_csv, slice_scores_csv, write_all
+    from ..io.atomic import write_all
+    from ..io.outputs import components_csv, slice_scores_csv
+    from ..io.targets import check_paths
     from ..engine.detector import Detector
     from ..options import ThresholdPolicy
     from ..data import default_model_path
 
     outputs = [args.score] + [p for p in (args.labelmap, args.slice_scores, args.components) if p is not None]
-    inputs = (args.image, args.mask)
+    model = args.model or default_model_path()
+    inputs = (args.image, args.mask, model)
     check_detect_options(args)
     check_paths(outputs, args.overwrite, inputs)
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None
-    bundle = load_bundle(args.model or default_model_path(), resolve_device(args.device))
+    bundle = load_bundle(model, resolve_device(args.device))
     opts, post = detection_options(bundle, args)
     detector = Detector(bundle, opts, post, ThresholdPolicy(args.threshold, args.fpr), args.batch_size, args.amp)
     _warn_modality(image)
@@ -129,10 +132,10 @@ SCORE_FLAGS = ("mc_samples", "combi", "alpha", "grad_target", "grad_sigma", "gra
 def run_calibrate(args: argparse.Namespace) -> Path:
     """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
     from ..engine.bundle import load_bundle
-    from ..training.data import Subject, read_manifest
+    from ..io.manifest import Subject, read_manifest
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
-    from ..io.outputs import check_paths
+    from ..io.targets import check_paths
     from ..data import default_model_path
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
@@ -140,7 +143,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on: give --manifest CSV and/or image paths.")
     src = Path(args.model or default_model_path())
-    check_paths([args.out], args.overwrite, [src] if args.out.resolve() == src.resolve() else [])
+    check_paths([args.out], args.overwrite,
+                [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
     bundle = load_bundle(src, resolve_device(args.device))
     opts, post = detection_options(bundle, args)
     path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr)
@@ -150,21 +154,20 @@ def run_calibrate(args: argparse.Namespace) -> Path:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     """Print (and optionally write) metrics of score maps against ground truth."""
-    import csv
-
-    from CeVAEAnomalyResearch.evaluate import evaluate_files, write_metrics_csv
+    from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, write_metrics_csv
+    from ..io.manifest import read_rows
+    from ..io.targets import check_paths
 
     if args.cases:
-        if not args.cases.is_file():
-            raise CeVAEError(f"The cases CSV {args.cases} does not exist.")
-        with open(args.cases, newline="") as fh:
-            rows = [{k: (str(args.cases.parent / v) if v and k != "name" and not Path(v).is_absolute() else v)
-                     for k, v in r.items()} for r in csv.DictReader(fh)]
+        rows = [dict({k: str(v or "") for k, v in r.files.items()}, name=r.cells["name"])
+                for r in read_rows(args.cases, "score", tuple(ROLES), "cases CSV", others=("name",))]
     elif args.score:
         rows = [{"score": str(args.score), "gt": str(args.gt or ""), "mask": str(args.mask or ""),
                  "labelmap": str(args.labelmap or ""), "name": args.score.name}]
     else:
         raise CeVAEError("Give --cases CSV or --score (with --gt for a lesion case).")
+    if args.out:
+        check_paths([args.out], args.overwrite, [args.cases, *(Path(r[k]) for r in rows for k in ROLES if r[k])])
     cases, pooled = evaluate_files(rows)
     for c in cases:
         print(f"{c.name}: AUROC {c.auroc:.4f}  AUPRC {c.auprc:.4f}  best Dice {c.best_dice:.4f}"
@@ -173,7 +176,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
               + (f"  flagged {c.flagged_ml:.2f} ml" if c.flagged_ml is not None else ""))
     print(f"pooled: AUROC {pooled['auroc']:.4f}  AUPRC {pooled['auprc']:.4f}  best Dice {pooled['best_dice']:.4f}")
     if args.out:
-        write_metrics_csv(args.out, cases, pooled)
+        write_metrics_csv(args.out, cases, pooled, args.overwrite)
         log.info("Metrics written to %s.", args.out)
 
 
@@ -195,7 +198,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def run_batch(args: argparse.Namespace) -> None:
     """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
-    from .batch import DetectSettings, collect_inputs, parse_shard, select_shard, summary_name
+    from .batch import DetectSettings, check_outputs_apart, collect_inputs, parse_shard, select_shard, summary_name
     from .batch import run_batch as process
     from ..engine.bundle import load_bundle
     from .console import ConsoleProgress
@@ -213,6 +216,7 @@ def run_batch(args: argparse.Namespace) -> None:
     if shard:
         log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
     model = args.model or default_model_path()
+    check_outputs_apart(items, every, args.inputs, Path(model), args.out_dir, args.out_dir / summary_name(shard))
     bundle = load_bundle(model, resolve_device(args.device))
     opts, post = detection_options(bundle, args)
     threshold, source = resolve_threshold(bundle, opts, post, ThresholdPolicy(args.threshold, args.fpr))

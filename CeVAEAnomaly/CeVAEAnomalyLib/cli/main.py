@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import List, NoReturn, Optional
 
 from .. import __version__
-from ..errors import CeVAEError
+from ..errors import CeVAEError, one_line
 from ..options import COMBI_MODES, GRAD_NORMS, GRAD_TARGETS, SCORE_TYPES, RunOptions
+from .interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mask", type=Path, help="its brain mask (metrics inside it)")
     e.add_argument("--labelmap", type=Path, help="its labelmap (Dice at threshold, flagged ml)")
     e.add_argument("--out", type=Path, help="write the metrics CSV here")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     m = sub.add_parser("demo", help="insert a synthetic lesion into a healthy scan, detect, write a picture")
     m.add_argument("--out-dir", type=Path, default=Path("demo-output"))
@@ -213,13 +215,17 @@ def _main(argv: Optional[List[str]] = None) -> int:
     try:
         from . import commands
 
-        getattr(commands, f"run_{args.command}")(args)
+        with sigterm_as_interrupt():
+            getattr(commands, f"run_{args.command}")(args)
         return 0
     except CeVAEError as exc:
         if args.debug:
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -231,11 +237,6 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (run again with --debug for "
+        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
               "the traceback and report it)", file=sys.stderr)
         return 1
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-

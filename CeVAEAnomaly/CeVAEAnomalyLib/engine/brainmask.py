@@ -17,9 +17,10 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import CeVAEError
+from ..errors import CeVAEError, one_line
 from ..progress import Cancelled, ProgressCallback, report, scaled
 from ..data import template_dir
+from ..io.images import voxel_volume_ml
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,17 @@ def load_template(template_dir: Optional[Path] = None) -> tuple[sitk.Image, sitk
             "restore them or rebuild them with scripts/make_template.py."
         )
     return sitk.ReadImage(str(paths[0]), sitk.sitkFloat32), sitk.ReadImage(str(paths[1]), sitk.sitkUInt8)
+
+
+def given_or_computed_mask(image: sitk.Image, mask_path: Optional[Path], name: str = "the image",
+                           progress: Optional[ProgressCallback] = None) -> sitk.Image:
+    """The brain mask read from ``mask_path``, or computed from ``image`` when no mask is given."""
+    if mask_path is not None:
+        from ..io.images import read_image
+
+        return read_image(mask_path, "brain mask")
+    logger.info("No brain mask for %s: computing one automatically.", name)
+    return compute_brain_mask(image, progress=progress)
 
 
 def compute_brain_mask(
@@ -138,7 +150,7 @@ def _background_level(image: sitk.Image) -> float:
 def _foreground_volume_ml(image: sitk.Image, background: float) -> float:
     """Volume of the largest hole-filled component above ``background``."""
     foreground = _largest_filled_component(image > background)
-    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    voxel_ml = voxel_volume_ml(image)
     volume = np.count_nonzero(sitk.GetArrayViewFromImage(foreground)) * voxel_ml
     logger.debug("Foreground volume %.0f mL", volume)
     return volume
@@ -206,7 +218,7 @@ def _register(
         logger.debug("Affine: metric %.4f after %d iterations", method.GetMetricValue(),
                      method.GetOptimizerIteration())
     except RuntimeError as exc:
-        raise CeVAEError(f"Brain-mask registration failed ({exc}); is this a 3D T1 head MRI?") from exc
+        raise CeVAEError(f"Brain-mask registration failed ({one_line(exc)}); is this a 3D T1 head MRI?") from None
     return affine
 
 
@@ -255,6 +267,6 @@ def _check_volume(mask: sitk.Image) -> None:
     voxels = np.count_nonzero(sitk.GetArrayViewFromImage(mask))
     if voxels == 0:
         raise CeVAEError("The automatic brain mask is empty; is this a T1 head MRI? Provide a brain mask.")
-    volume_ml = voxels * float(np.prod(mask.GetSpacing())) / 1000.0
+    volume_ml = voxels * voxel_volume_ml(mask)
     if not _PLAUSIBLE_ML[0] <= volume_ml <= _PLAUSIBLE_ML[1]:
         logger.warning("Brain mask volume %.0f mL is implausible; check the image and the mask.", volume_ml)

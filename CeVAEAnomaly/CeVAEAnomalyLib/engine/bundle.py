@@ -13,6 +13,7 @@ from typing import Any, Dict, Union
 import torch
 
 from ..io.atomic import atomic_path
+from .bundle_checks import check_model_section, check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from ..errors import CeVAEError
 from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, read_header
@@ -51,7 +52,10 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: Dict[str, Any], ha
                 weights_dtype="float16" if half else "float32")
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(target) as tmp:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True)})
+        try:
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True)})
+        except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
+            raise CeVAEError(f"Could not write the model bundle {target}: {exc}") from None
     return target
 
 
@@ -59,22 +63,20 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
     """Load and check a bundle: format, version, architecture and every tensor's shape."""
     from safetensors.torch import load_file
 
+    from safetensors import safe_open
+
     p = Path(path)
     header = read_header(p)
-    model = CeVAE(ModelConfig.from_dict(header["model"]))
-    expected = model.state_dict()
+    cfg = check_model_section(header)
+    with safe_open(str(p), framework="pt") as fh:
+        declared = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    try:
+        check_tensor_shapes(declared, cfg)  # before anything is built or loaded
+    except CeVAEError as exc:
+        raise CeVAEError(f"{p}: {exc}.") from None
+    model = CeVAE(cfg)
     tensors = load_file(str(p))
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise CeVAEError(
-            f"{p} does not match its declared architecture (missing: {missing[:3]}, unexpected: {extra[:3]})."
-        )
-    for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise CeVAEError(
-                f"{p}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(ref.shape)}."
-            )
+    for key in tensors:
         if not torch.isfinite(tensors[key]).all():
             raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")
     model.load_state_dict({k: v.float() for k, v in tensors.items()})

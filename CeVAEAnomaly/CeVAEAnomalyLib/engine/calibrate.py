@@ -10,7 +10,8 @@ import numpy as np
 
 from .bundle import Bundle, save_bundle
 from .calibration import calibrate, calibration_key
-from ..training.data import Subject
+from ..io.manifest import Subject
+from .brainmask import given_or_computed_mask
 from ..errors import CeVAEError
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, ScoreOptions, ThresholdPolicy
@@ -41,12 +42,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOpti
                         f"Healthy volume {n + 1}/{len(subjects)} ({s.name})")
         report(part, 0.0, "Reading")
         image = read_image(s.image)
-        if s.mask:
-            mask = read_image(s.mask, "brain mask")
-        else:
-            from .brainmask import compute_brain_mask
-
-            mask = compute_brain_mask(image, progress=scaled(part, 0.0, 0.3))
+        mask = given_or_computed_mask(image, s.mask, s.name, progress=scaled(part, 0.0, 0.3))
         report(part, 0.3, "Scoring")
         out.append(detector.brain_scores(image, mask, score_types))
     report(progress, 1.0, "Scored every healthy volume")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, Union
 
 from ..errors import CeVAEError
+from ..io.targets import special_file_kind
+from .bundle_checks import check_model_section, check_sections
 
 FORMAT = "cevae-anomaly-bundle"
 FORMAT_VERSION = 1
@@ -34,7 +36,9 @@ def read_header(path: Union[str, Path]) -> Dict[str, Any]:
         found = header.get("format") if isinstance(header, dict) else None
         raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (format {found!r}).")
     version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CeVAEError(f"{p} has an invalid bundle format version {version!r}; the file is damaged or was edited.")
+    if version > FORMAT_VERSION:
         raise CeVAEError(
             f"{p} has bundle format version {version}; this CeVAEAnomaly reads up to version "
             f"{FORMAT_VERSION}. Update CeVAEAnomaly to use it."
@@ -42,6 +46,11 @@ def read_header(path: Union[str, Path]) -> Dict[str, Any]:
     for key in ("model", "preprocess"):
         if not isinstance(header.get(key), dict):
             raise CeVAEError(f"The header of {p} lacks its '{key}' section.")
+    try:
+        check_sections(header, check_model_section(header))
+    except CeVAEError as exc:
+        raise CeVAEError(f"The header of {p} is invalid: {exc}. The model file is damaged or was edited; "
+                         "use an original copy.") from None
     return header
 
 
@@ -87,11 +96,17 @@ def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
 def _check_file(p: Path) -> Path:
     if p.is_dir():
         raise CeVAEError(f"The model bundle {p} is a folder; give the path of a {BUNDLE_SUFFIX} file.")
-    if not p.is_file():
+    if not p.exists():
         raise CeVAEError(f"The model bundle {p} does not exist.")
+    kind = special_file_kind(p)
+    if kind is not None:
+        raise CeVAEError(f"The model bundle {p} is {kind}, not a file; give the path of a {BUNDLE_SUFFIX} file.")
     with open(p, "rb") as fh:
-        head = fh.read(8)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; a length whose
+    # lowest byte is 0x80 must not be taken for the start of a pickle
+    safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < p.stat().st_size
+    if not safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise CeVAEError(
             f"{p} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
             "unread because loading such files can execute arbitrary code."

@@ -8,6 +8,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from ..io.images import voxel_volume_ml
 from ..options import PostprocessOptions
 
 
@@ -145,7 +146,7 @@ def components(labelmap: sitk.Image, score: sitk.Image) -> List[Component]:
     cc = sitk.RelabelComponent(sitk.ConnectedComponent(labelmap, True))
     stats = sitk.LabelIntensityStatisticsImageFilter()
     stats.Execute(cc, score)
-    voxel_ml = float(np.prod(score.GetSpacing())) / 1000.0
+    voxel_ml = voxel_volume_ml(score)
     out = []
     for lab in stats.GetLabels():
         n = int(stats.GetNumberOfPixels(lab))

@@ -126,7 +126,7 @@ def robust_range(values: np.ndarray, cfg: PreprocessConfig) -> Tuple[float, floa
     """Low/high percentiles of brain intensities (on a strided subsample for speed)."""
     step = max(1, values.size // _PERCENTILE_SAMPLES)
     lo, hi = np.percentile(values[::step], [cfg.low_percentile, cfg.high_percentile])
-    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 1e-6 * max(1.0, abs(hi)):
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 1e-6 * max(abs(hi), abs(lo)):  # relative: any units
         raise CeVAEError(
             "The intensities inside the brain are (nearly) constant, so there is no image to analyse."
         )

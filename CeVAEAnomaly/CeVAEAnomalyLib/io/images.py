@@ -14,8 +14,8 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path, write_text
 from ..errors import CeVAEError
+from .targets import special_file_kind
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
@@ -26,17 +26,20 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     p = Path(path)
     if not p.exists():
         raise CeVAEError(f"The {what} {p} does not exist.")
+    kind = special_file_kind(p)
+    if kind is not None:
+        raise CeVAEError(f"The {what} {p} is {kind}, not a file; give an image file or a DICOM folder.")
     if p.is_dir():
         image = _read_dicom_folder(p, what)
     else:
         if p.stat().st_size == 0:
             raise CeVAEError(f"The {what} file {p} is empty.")
         layout = _nifti_layout(p)
-        if layout is not None:
-            _check_nifti_complete(p, layout, what)
         floats = layout is not None and layout.datatype in _NIFTI_FLOATS
-        image = _read_float_nifti(p, layout, what) if floats else None
+        image = _read_float_nifti(p, layout, what) if floats else None  # checks its own length
         if image is None:
+            if layout is not None:
+                _check_nifti_complete(p, layout, what)
             try:
                 image = sitk.ReadImage(str(p))
             except RuntimeError as exc:
@@ -75,6 +78,11 @@ def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
             header = fh.read(540)
     except (EOFError, OSError, zlib.error):
         return None  # not even a readable header: the image reader says what is wrong
+    return nifti_layout_of_header(header, gz)
+
+
+def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
+    """The voxel layout a NIfTI-1/-2 header announces; None if ``header`` is not a valid one."""
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
         if size == 348 and len(header) >= 348:
@@ -95,41 +103,54 @@ def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
     return None
 
 
+_MAX_DEFLATE_RATIO = 1032  # deflate cannot compress better than about 1032:1
+
+
 def _check_nifti_complete(p: Path, layout: _NiftiLayout, what: str) -> None:
-    """Refuse a truncated NIfTI file: ITK would silently fill the missing voxels with zeros."""
-    if not layout.gz:
-        have = p.stat().st_size
-    elif _gzip_size_field(p) == layout.size % 2**32:
-        return  # the gzip trailer records the full length
-    else:
-        have = _gunzipped_size(p, layout.size)
+    """Refuse a truncated NIfTI file: ITK would silently fill the missing voxels with zeros.
+
+    A gzip file is decompressed up to the announced length: its size trailer is not trusted
+    (it can be stale, or forged, and it only holds the length modulo 4 GiB).
+    """
+    _check_plausible(p, layout, what)
+    have = _gunzipped_size(p, layout.size) if layout.gz else p.stat().st_size
     if have < layout.size:
-        raise CeVAEError(
-            f"The {what} file {p} is truncated or corrupt (it holds {have} of the {layout.size} bytes "
-            "its header announces); copy or export it again."
-        )
+        _refuse_truncated(p, layout, have, what)
 
 
-def _gzip_size_field(p: Path) -> int:
-    """The uncompressed length (mod 2**32) stored in the last 4 bytes of a gzip file."""
-    with open(p, "rb") as fh:
-        fh.seek(-4, os.SEEK_END)
-        return struct.unpack("<I", fh.read(4))[0]
+def _check_plausible(p: Path, layout: _NiftiLayout, what: str) -> None:
+    """Refuse, without reading, a file too small to hold what its header announces (no huge allocation)."""
+    size = p.stat().st_size
+    most = size * _MAX_DEFLATE_RATIO + 1024 if layout.gz else size
+    if layout.size > most:
+        _refuse_truncated(p, layout, None if layout.gz else size, what)
+
+
+def _refuse_truncated(p: Path, layout: _NiftiLayout, have: Optional[int], what: str) -> None:
+    holds = f"it holds {have} of the {layout.size} bytes" if have is not None else \
+        f"it is far too small for the {layout.size} bytes"
+    raise CeVAEError(f"The {what} file {p} is truncated or corrupt ({holds} its header announces); "
+                     "copy or export it again.")
 
 
 def _gunzipped_size(p: Path, limit: int) -> int:
-    """Decompressed length of a gzip file, counted up to ``limit`` or to where the stream breaks."""
-    have = 0
-    try:
-        with gzip.open(p, "rb") as fh:
-            while have < limit:
-                block = fh.read(1 << 22)
-                if not block:
+    """Decompressed length of a gzip file (one or more members), counted up to ``limit`` or to where it breaks."""
+    have, pending = 0, b""
+    inflate = zlib.decompressobj(31)
+    with open(p, "rb") as fh:
+        while have < limit:
+            if not pending:
+                pending = fh.read(1 << 16)  # small steps: a broken stream loses only the last one's output
+                if not pending:
                     break
-                have += len(block)
-    except (EOFError, OSError, zlib.error):
-        pass
-    return have
+            try:
+                have += len(inflate.decompress(pending, 1 << 24))
+            except zlib.error:
+                break
+            pending = inflate.unconsumed_tail
+            if inflate.eof:  # end of one gzip member; another may follow
+                pending, inflate = inflate.unused_data, zlib.decompressobj(31)
+    return min(have, limit)
 
 
 def _read_float_nifti(p: Path, layout: _NiftiLayout, what: str) -> Optional[sitk.Image]:
@@ -152,18 +173,20 @@ def _read_float_nifti(p: Path, layout: _NiftiLayout, what: str) -> Optional[sitk
     pixel = sitk.sitkFloat32 if dtype.itemsize == 4 else sitk.sitkFloat64
     if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or reader.GetPixelID() != pixel
             or int(np.prod(reader.GetSize(), dtype=np.int64)) != layout.voxels
-            or slope not in (0.0, 1.0) or inter != 0.0):
-        return None
-    arr = np.empty(reader.GetSize()[::-1], dtype)
+            or slope not in (0.0, 1.0) or inter != 0.0 or min(reader.GetSpacing()) <= 0):
+        return None  # ITK's full read knows these (e.g. a negative pixdim becomes a flipped axis)
+    _check_plausible(p, layout, what)
+    try:
+        arr = np.empty(reader.GetSize()[::-1], dtype)
+    except MemoryError:
+        _check_nifti_complete(p, layout, what)  # a short file that claims a huge volume is corrupt
+        raise
     try:
         got = _read_voxels_into(p, layout, memoryview(arr).cast("B"))
     except (EOFError, OSError, zlib.error) as exc:
         raise CeVAEError(f"The {what} file {p} could not be read (corrupt or truncated): {exc}") from None
     if got < arr.nbytes:
-        raise CeVAEError(
-            f"The {what} file {p} is truncated or corrupt (it holds {layout.offset + got} of the {layout.size} "
-            "bytes its header announces); copy or export it again."
-        )
+        _refuse_truncated(p, layout, layout.offset + got, what)
     if not dtype.isnative:
         arr = arr.byteswap().view(dtype.newbyteorder("="))
     image = sitk.GetImageFromArray(arr, isVector=False)
@@ -220,27 +243,70 @@ def _restore_non_finite(p: Path, layout: _NiftiLayout, image: sitk.Image) -> sit
 
 
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
+    # ITK's own warnings are silenced: GDCM's for folders without a series, and the series
+    # reader's for uneven slices, which _check_slice_positions turns into a clear refusal
     warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM prints a warning for folders without series
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
+        return _read_dicom_series(folder, what)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+
+
+def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise CeVAEError(f"The {what} folder {folder} contains no DICOM series.")
     if len(series) > 1:
         log.warning("%s holds %d DICOM series; reading the first (%s).", folder, len(series), series[0])
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, to check the spacing
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise CeVAEError(f"The DICOM series in {folder} could not be read: {error_text(exc)}") from None
+    _check_slice_positions(reader, len(files), folder)
+    return image
+
+
+def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing or doubled slice, mixed acquisitions).
+
+    The reader stacks the slices at their mean spacing, so an uneven series would put voxels
+    in the wrong place. Slices without position tags are left to the reader.
+    """
+    key_pos, key_dir = "0020|0032", "0020|0037"
+    if n < 3 or not all(reader.HasMetaDataKey(i, key_pos) for i in range(n)) or not reader.HasMetaDataKey(0, key_dir):
+        return
+    try:
+        cosines = np.array([float(v) for v in reader.GetMetaData(0, key_dir).split("\\")])
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, key_pos).split("\\")] for i in range(n)])
+    except ValueError:
+        return
+    if cosines.shape != (6,) or positions.shape != (n, 3):
+        return
+    normal = np.cross(cosines[:3], cosines[3:])
+    gaps = np.abs(np.diff(np.sort(positions @ normal)))
+    usual = float(np.median(gaps))
+    if usual <= 0 or np.max(np.abs(gaps - usual)) > 0.1 * usual:
+        odd = int(np.argmax(np.abs(gaps - usual)))
+        raise CeVAEError(
+            f"The DICOM series in {folder} has unevenly spaced slices (a gap of {gaps[odd]:.3g} mm after slice "
+            f"{odd + 1} of {n}, where the others are {usual:.3g} mm apart): a slice is missing or doubled, or "
+            "the folder mixes acquisitions. Export the complete series into a folder of its own."
+        )
+
+
+_COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
 def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Refuse what the model cannot score: not 3D, several components, a single slice, too small."""
+    """Refuse what the model cannot score: complex, not 3D, several components, a single slice, too small."""
+    if image.GetPixelID() in _COMPLEX:
+        raise CeVAEError(f"The {what} has complex-valued voxels (raw or phase data); a magnitude MRI "
+                         "volume is needed.")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CeVAEError(
             f"The {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
@@ -262,6 +328,11 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
     return image
 
 
+def voxel_volume_ml(image: sitk.Image) -> float:
+    """The volume of one voxel of ``image`` in millilitres."""
+    return float(np.prod(image.GetSpacing())) / 1000.0
+
+
 def grid_difference(a: sitk.Image, b: sitk.Image, atol: float = 1e-4, rtol: float = 0.0) -> Optional[str]:
     """The first of "Size", "Spacing", "Origin", "Direction" that differs between the grids, or None."""
     for what in ("Size", "Spacing", "Origin", "Direction"):
@@ -269,27 +340,6 @@ def grid_difference(a: sitk.Image, b: sitk.Image, atol: float = 1e-4, rtol: floa
         if len(va) != len(vb) or not np.allclose(va, vb, rtol=rtol, atol=atol):
             return what
     return None
-
-
-def check_output_path(target: Path, overwrite: bool, inputs: tuple = ()) -> None:
-    """Refuse to clobber an input, or an existing file unless ``overwrite``."""
-    if target.is_dir():
-        raise CeVAEError(f"The output {target} is a folder; give a file name.")
-    resolved = target.resolve()
-    for src in inputs:
-        if src is not None and Path(src).resolve() == resolved:
-            raise CeVAEError(f"The output {target} is the same file as an input; choose another path.")
-    if target.exists() and not overwrite:
-        raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
-
-
-def atomic_write_text(path: PathLike, text: str, overwrite: bool = True) -> Path:
-    """Write a text file atomically (temp file in the same folder + rename)."""
-    target = Path(path)
-    check_output_path(target, overwrite)
-    with atomic_path(target) as tmp:
-        write_text(tmp, text)
-    return target
 
 
 def error_text(exc: BaseException) -> str:

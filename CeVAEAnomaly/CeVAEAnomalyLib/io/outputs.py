@@ -1,17 +1,9 @@
-"""Writing detection outputs all-or-nothing: every file goes to a temporary name first."""
+"""The CSV tables of a detection (per-slice scores, anomaly components)."""
 from __future__ import annotations
 
 import csv
 import io
-import os
-from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
-import SimpleITK as sitk
-
-from .atomic import publish, temp_beside, write_text
-from ..errors import CeVAEError
-from .images import check_output_path, error_text
 from ..engine.detector import DetectionResult
 
 
@@ -32,47 +24,3 @@ def components_csv(result: DetectionResult) -> str:
         w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.max_score:.6g}", f"{c.mean_score:.6g}",
                     *(f"{v:.2f}" for v in c.centroid_ras)])
     return buf.getvalue()
-
-
-def _writer_for(value) -> Callable[[str], None]:
-    if callable(value):
-        return value
-    if isinstance(value, sitk.Image):
-        return lambda tmp: sitk.WriteImage(value, tmp, True)
-    return lambda tmp: write_text(tmp, value)
-
-
-def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
-    """Write images (sitk.Image), texts (str) or anything a callable(temp_path) writes; all or none."""
-    targets = list(files)
-    check_paths(targets, overwrite, inputs)
-    temps: Dict[Path, str] = {}
-    try:
-        for target, value in files.items():
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                temps[target] = temp_beside(target)
-                _writer_for(value)(temps[target])
-            except (RuntimeError, OSError) as exc:
-                raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
-        for target, tmp in temps.items():
-            try:
-                publish(tmp, target)
-            except OSError as exc:
-                raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return targets
-
-
-def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Sequence[Optional[Path]] = ()) -> None:
-    """Refuse outputs that equal an input, repeat each other, or exist (without overwrite)."""
-    seen = set()
-    for t in targets:
-        r = Path(t).resolve()
-        if r in seen:
-            raise CeVAEError(f"The output {t} is named twice.")
-        seen.add(r)
-        check_output_path(Path(t), overwrite, tuple(inputs))

@@ -52,7 +52,7 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log rows written after the checkpoint a run resumes from (they are trained again)."""
     if not path.is_file():
         return
-    from ..io.images import atomic_write_text
+    from ..io.atomic import atomic_write_text
 
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
