@@ -1,15 +1,17 @@
 """CeVAE Anomaly: unsupervised anomaly localisation in brain MRI (3D Slicer scripted module).
 
-The computation lives in ``CeVAEAnomalyLib`` (the same engine as the ``cevae-anomaly`` command);
-this file holds the Slicer module description, its parameter node, the widget and the self-test.
-Loading the module is cheap: torch is imported only when Apply is clicked.
+The computation lives in ``CeVAEAnomalyLib`` (the same engine as the ``cevae-anomaly`` command).
+This file holds the module description, its parameter node, the widget and the self-test. The
+widget binds Qt to Qt-free parts: ``widget_state`` decides what is enabled and what a click does,
+``settings`` what a model offers, the logic runs detection and calibration in a worker process
+polled by a timer. Loading the module imports neither torch nor SimpleITK.
 """
-from __future__ import annotations
-
 import importlib.util
 import logging
+import shutil
 import sys
-from typing import Annotated, Optional, Union
+from pathlib import Path
+from typing import Annotated, Dict, List, Optional, Tuple, Union
 
 import ctk
 import qt
@@ -24,7 +26,7 @@ from slicer import (
 )
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Minimum, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleTest,
@@ -33,19 +35,53 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
-from CeVAEAnomalyLib.mrml import OutputNodes, component_position
-from CeVAEAnomalyLib.progress import Cancelled
-from CeVAEAnomalyLib.resources import resource_dir
+from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
+from CeVAEAnomalyLib.slicer.resources import resource_dir
+from CeVAEAnomalyLib.slicer.settings import (
+    SENSITIVITIES,
+    SENSITIVITY_FPR,
+    SENSITIVITY_MODEL,
+    SENSITIVITY_THRESHOLD,
+    ModelSettings,
+)
+from CeVAEAnomalyLib.slicer.widget_state import CALIBRATE, DETECT, Action, Phase, WidgetState
 
 __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "CeVAEAnomalyTest",
            "CeVAEAnomalyWidget"]
 
-SENSITIVITY_MODEL = "Model's default rate"
-SENSITIVITY_FPR = "False-positive rate"
-SENSITIVITY_THRESHOLD = "Absolute threshold"
-TORCH_REQUIREMENT = "torch>=2.1"
+DOCUMENTATION_URL = "https://github.com/CeVAEAnomaly/SlicerCeVAEAnomaly/blob/main/docs/SLICER.md"
+TORCH_VERSION = ">=2.1"
 PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4"}
+POLL_INTERVAL_MS = 100
+
+
+def scoreTypeNames() -> Dict[str, str]:
+    """Display names of the score types (option values in ``settings.SCORE_TYPES``)."""
+    return {
+        "combi": _("Combined (reconstruction \u00d7 KL gradient)"),
+        "rec": _("Reconstruction error"),
+        "grad": _("KL gradient"),
+    }
+
+
+def sensitivityNames() -> Dict[str, str]:
+    """Display names of the sensitivity modes (``settings.SENSITIVITIES``)."""
+    return {
+        SENSITIVITY_MODEL: _("Model's recommended false-positive rate"),
+        SENSITIVITY_FPR: _("Chosen false-positive rate"),
+        SENSITIVITY_THRESHOLD: _("Absolute threshold"),
+    }
+
+
+def deviceNames() -> Dict[str, str]:
+    """Display names of the compute devices (``settings.DEVICES``)."""
+    return {
+        "auto": _("Automatic"),
+        "cpu": _("CPU"),
+        "cuda": _("NVIDIA GPU (CUDA)"),
+        "mps": _("Apple GPU (MPS)"),
+    }
 
 
 #
@@ -61,22 +97,23 @@ class CeVAEAnomaly(ScriptedLoadableModule):
         self.parent.title = _("CeVAE Anomaly")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["CeVAEAnomaly developers"]
+        self.parent.contributors = ["CeVAEAnomaly maintainers (see CONTRIBUTORS.md)"]
         self.parent.helpText = _("""
 Finds regions of a brain MRI that look unlike healthy brains, without having been shown any lesion:
 a context-encoding variational autoencoder (ceVAE) trained on healthy T1-weighted scans scores every voxel.
 <ol>
 <li>Select the <b>input volume</b> (T1-weighted brain MRI). Optionally select a <b>brain mask</b>
 (labelmap, or a segmentation and one of its segments); otherwise it is computed automatically.</li>
-<li>Keep the bundled model or choose a model bundle (.cevae). Set the sensitivity: the model's
-recommended false-positive rate on healthy brains, another rate (from the model's calibration), or an
-absolute score threshold.</li>
-<li>Click <b>Apply</b> (it becomes <b>Cancel</b> while running).</li>
+<li>Keep the bundled model or choose a model file (.cevae). Set the sensitivity: the model's
+recommended false-positive rate on healthy brains, another rate, or an absolute score threshold.</li>
+<li>Click <b>Apply</b>. Detection runs in a separate process; the button becomes <b>Cancel</b>.</li>
 </ol>
-Results: the score volume as a heat overlay (scores under half the threshold are transparent), the
-segment "Anomaly" outlined in all views, and a table of connected anomalies (volume, scores, centroid);
-click a row to jump there. <b>Research use only; not for diagnosis.</b>
-""")
+Results: the score volume as a heat overlay (scores under the threshold are transparent) with a
+colour legend, the segment "Anomaly" outlined in all views, and a table of connected anomalies
+(volume, scores, centroid); click a row to jump there. <b>Calibrate on healthy scans</b> adapts
+the threshold to your site. See the <a href="{url}">documentation</a>.
+<b>Research use only; not for diagnosis.</b>
+""").format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _("""
 Method: D. Zimmerer, S. A. A. Kohl, J. Petersen, F. Isensee, K. H. Maier-Hein,
 "Context-encoding Variational Autoencoder for Unsupervised Anomaly Detection", MIDL 2019
@@ -100,22 +137,25 @@ This module is an independent implementation built on 3D Slicer and PyTorch.
 class CeVAEAnomalyParameterNode:
     """Everything the user chose; saved with the scene.
 
-    brainMask: optional; a labelmap volume or a segmentation. Outputs left empty are created on Apply.
+    brainMask: optional; a labelmap volume or a segmentation (``brainMaskSegmentId`` picks its
+    segment). Outputs left empty are created on Apply. Fields without a widget binding in the .ui
+    (model paths, segment, the combo boxes with translated names) are bound by hand.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     brainMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    brainMaskSegmentId: str = ""
     useBundledModel: bool = True
-    modelPath: str = ""  # bound by hand: ctkPathLineEdit binds only to pathlib types (shown as '.')
-    scoreType: Annotated[str, Choice(["combi", "rec", "grad"])] = "combi"
-    sensitivity: Annotated[str, Choice([SENSITIVITY_MODEL, SENSITIVITY_FPR, SENSITIVITY_THRESHOLD])] = SENSITIVITY_MODEL
-    falsePositiveRate: Annotated[float, WithinRange(1e-6, 0.5)] = 0.001  # decimals: set in the .ui
-    threshold: Annotated[float, Minimum(0.0)] = 0.5
+    modelPath: str = ""
+    scoreType: Annotated[str, Choice(list(SCORE_TYPES))] = ScoreOptions.score_type
+    sensitivity: Annotated[str, Choice(list(SENSITIVITIES))] = SENSITIVITY_MODEL
+    falsePositiveRate: Annotated[float, WithinRange(1e-6, 0.5)] = 0.001  # the model's rate is shown instead
+    threshold: Annotated[float, WithinRange(0.0, 1000.0)] = 0.5
     overridePostprocess: bool = False
     rimMm: Annotated[float, WithinRange(0.0, 30.0)] = 0.0
     medianRadius: Annotated[int, WithinRange(0, 5)] = 0
     minVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
-    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = RunOptions.device
     batchSize: Annotated[int, WithinRange(1, 512)] = 32
     scoreVolume: vtkMRMLScalarVolumeNode
     anomalySegmentation: vtkMRMLSegmentationNode
@@ -123,6 +163,7 @@ class CeVAEAnomalyParameterNode:
     componentTable: vtkMRMLTableNode
     show3D: bool = False
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    calibratedModelPath: str = ""
 
 
 #
@@ -139,9 +180,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: Optional[CeVAEAnomalyLogic] = None
         self._parameterNode: Optional[CeVAEAnomalyParameterNode] = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
-        self._lastResult: Optional[CeVAEAnomalyResult] = None
+        self.state = WidgetState()
+        self._job = None
+        self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
+        self._modelValuesShownFor: Optional[tuple] = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -151,51 +193,71 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Files
         self.ui.modelPathLineEdit.nameFilters = ["*.cevae"]
+        # Writable files: the browse button opens a save dialog (int(): flags, not a type union)
+        self.ui.calibratedModelPathLineEdit.filters = int(ctk.ctkPathLineEdit.Files) | int(ctk.ctkPathLineEdit.Writable)
+        self.ui.calibratedModelPathLineEdit.nameFilters = ["*.cevae"]
         self.ui.progressBar.visible = False
+        for combo, names in ((self.ui.scoreTypeComboBox, scoreTypeNames()), (self.ui.deviceComboBox, deviceNames())):
+            for value, name in names.items():
+                combo.addItem(name, value)
 
         self.logic = CeVAEAnomalyLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self._onPoll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.applyButton.connect("clicked(bool)", lambda checked: self._onTaskButton(DETECT))
+        self.ui.calibrateButton.connect("clicked(bool)", lambda checked: self._onTaskButton(CALIBRATE))
         self.ui.jumpToTopSliceButton.connect("clicked(bool)", self.onJumpToTopSlice)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.componentTableView.connect("selectionChanged()", self.onComponentSelected)
-        self.ui.brainMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onBrainMaskChanged)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.brainMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onBrainMaskSegmentChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)",
+                                          lambda path: self._setParameter("modelPath", path))
+        self.ui.calibratedModelPathLineEdit.connect("currentPathChanged(QString)",
+                                                    lambda path: self._setParameter("calibratedModelPath", path))
+        for combo, name in ((self.ui.scoreTypeComboBox, "scoreType"), (self.ui.sensitivityComboBox, "sensitivity"),
+                            (self.ui.deviceComboBox, "device")):
+            combo.connect("currentIndexChanged(int)", self._comboHandler(combo, name))
+        self.ui.healthyVolumesSelector.connect("checkedNodesChanged()", self._refresh)
 
         self.initializeParameterNode()
-        self._updateResultsGui()
 
     def resourcePath(self, filename: str) -> str:
         """Path of a file in the module's Resources folder (installed or source layout)."""
         return str(resource_dir() / filename)
 
     def cleanup(self) -> None:
+        """The widget is deleted (reload, application exit): stop a run first."""
+        self._interrupt()
+        self._timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        self._interrupt()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._interrupt()
         self.setParameterNode(None)
-        self._lastResult = None
-        self._updateResultsGui()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def onReload(self) -> None:
-        """Forget the library modules too, so that Reload picks up their changes."""
+        """Stop a run, then forget the library modules too, so that Reload picks up their changes."""
+        self._interrupt()
         for name in [n for n in sys.modules if n == "CeVAEAnomalyLib" or n.startswith("CeVAEAnomalyLib.")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
@@ -206,6 +268,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = firstVolume
+        if not self._parameterNode.calibratedModelPath:
+            folder = Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
+            self._parameterNode.calibratedModelPath = str(folder / "CeVAEAnomaly_site_calibrated.cevae")
 
     def setParameterNode(self, inputParameterNode: Optional[CeVAEAnomalyParameterNode]) -> None:
         if self._parameterNode:
@@ -215,107 +280,262 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-            self._updateGui()
+        self._updateGui()
+
+    def _comboHandler(self, combo, name: str):
+        """A one-argument slot that stores the option value behind the chosen display name."""
+        return lambda index: self._setParameter(name, combo.itemData(index))
+
+    def _setParameter(self, name: str, value) -> None:
+        """A hand-bound widget changed: store its value (None from an empty combo box is ignored)."""
+        if self._parameterNode is not None and value is not None and getattr(self._parameterNode, name) != value:
+            setattr(self._parameterNode, name, value)
+
+    # --- showing the parameter node -------------------------------------------------------------
+
+    def _modelSettings(self) -> Optional[ModelSettings]:
+        """Settings of the chosen model (cached by path and modification time); None if unreadable."""
+        from CeVAEAnomalyLib.data import default_model_path
+
+        p = self._parameterNode
+        try:
+            path = default_model_path() if p.useBundledModel else Path(p.modelPath)
+            key = (str(path), path.stat().st_mtime_ns)
+        except (CeVAEError, OSError):
+            return None
+        if key != self._modelSettingsCache[0]:
+            try:
+                self._modelSettingsCache = (key, ModelSettings.read(path))
+            except CeVAEError as exc:
+                logging.warning("CeVAE Anomaly: %s", exc)
+                self._modelSettingsCache = (key, None)
+        return self._modelSettingsCache[1]
+
+    def _showModelValues(self, settings: ModelSettings) -> None:
+        """Fields the model decides show the model's values: the post-processing unless overridden,
+        the false-positive rate in the model's-rate mode. Set once per model and mode, so a widget
+        that rounds a value cannot start a ping-pong with the parameter node."""
+        from CeVAEAnomalyLib.slicer.settings import postprocess_fields
+
+        p = self._parameterNode
+        shownFor = (self._modelSettingsCache[0], p.overridePostprocess, p.sensitivity)
+        if shownFor == self._modelValuesShownFor:
+            return
+        self._modelValuesShownFor = shownFor
+        values = {} if p.overridePostprocess else postprocess_fields(settings)
+        if p.sensitivity == SENSITIVITY_MODEL:
+            values["falsePositiveRate"] = settings.default_fpr
+        for name, value in values.items():
+            setattr(p, name, value)
 
     def _updateGui(self, caller=None, event=None) -> None:
         p = self._parameterNode
         if p is None:
+            self._refresh()
             return
-        self.ui.modelPathLineEdit.enabled = not p.useBundledModel
+        from CeVAEAnomalyLib.slicer.settings import override_postprocess
+
+        settings = self._modelSettings()
+        if settings is not None:
+            self._showModelValues(settings)
+        modes = settings.sensitivities(p.scoreType, override_postprocess(p)) if settings else SENSITIVITIES
+        if p.sensitivity not in modes:
+            p.sensitivity = modes[0]
+            return
+        self._showChoices(self.ui.sensitivityComboBox, {m: sensitivityNames()[m] for m in modes}, p.sensitivity)
+        self._showChoices(self.ui.scoreTypeComboBox, None, p.scoreType)
+        self._showChoices(self.ui.deviceComboBox, None, p.device)
         if self.ui.modelPathLineEdit.currentPath != p.modelPath:
             self.ui.modelPathLineEdit.currentPath = p.modelPath
-        self.ui.falsePositiveRateSpinBox.enabled = p.sensitivity == SENSITIVITY_FPR
-        self.ui.thresholdSpinBox.enabled = p.sensitivity == SENSITIVITY_THRESHOLD
-        for widget in (self.ui.rimSpinBox, self.ui.medianRadiusSpinBox, self.ui.minVolumeSpinBox):
-            widget.enabled = p.overridePostprocess
-        if self._running:
-            return
-        if p.inputVolume:
-            self.ui.applyButton.toolTip = _("Detect anomalies in the input volume.")
-            self.ui.applyButton.enabled = True
-        else:
-            self.ui.applyButton.toolTip = _("Select an input volume.")
-            self.ui.applyButton.enabled = False
+        if self.ui.calibratedModelPathLineEdit.currentPath != p.calibratedModelPath:
+            self.ui.calibratedModelPathLineEdit.currentPath = p.calibratedModelPath
+        self._showBrainMaskSegment()
+        self._refresh()
 
-    def onBrainMaskChanged(self, node) -> None:
-        """A segmentation as brain mask: offer its segments."""
-        isSegmentation = isinstance(node, vtkMRMLSegmentationNode)
-        self.ui.brainMaskSegmentSelector.enabled = isSegmentation
-        self.ui.brainMaskSegmentSelector.setCurrentNode(node if isSegmentation else None)
+    @staticmethod
+    def _showChoices(combo, names: Optional[Dict[str, str]], value: str) -> None:
+        """Show ``value`` in a hand-bound combo box (``names``: new items, or None to keep them)."""
+        wasBlocked = combo.blockSignals(True)
+        if names is not None and [combo.itemData(i) for i in range(combo.count)] != list(names):
+            combo.clear()
+            for itemValue, name in names.items():
+                combo.addItem(name, itemValue)
+        combo.currentIndex = combo.findData(value)
+        combo.blockSignals(wasBlocked)
 
-    def onModelPathChanged(self, path: str) -> None:
-        if self._parameterNode and self._parameterNode.modelPath != path:
-            self._parameterNode.modelPath = path
-
-    # --- running -------------------------------------------------------------------------------
-
-    def onApplyButton(self) -> None:
-        """Apply starts a run; while running, the same button cancels it."""
-        if self._running:
-            self._cancelRequested = True
-            self.ui.applyButton.enabled = False
-            self.ui.applyButton.text = _("Cancelling...")
-            return
-        with slicer.util.tryWithErrorDisplay(_("Anomaly detection failed."), waitCursor=False):
-            if not self._ensureDependencies():
-                return
-            self._setRunning(True)
-            try:
-                result = self.logic.process(progress=self._onProgress, **self._processArguments())
-            except Cancelled:
-                self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
-                return
-            finally:
-                self._setRunning(False)
-            self._showResult(result)
-
-    def _processArguments(self) -> dict:
+    def _showBrainMaskSegment(self) -> None:
+        """The segment selector follows the parameter node (segmentation and stored segment)."""
         p = self._parameterNode
-        modelPath = None
-        if not p.useBundledModel:
-            if not p.modelPath:
-                raise CeVAEError(_("Choose a model bundle file, or use the bundled model."))
-            modelPath = p.modelPath
-        segmentId = self.ui.brainMaskSegmentSelector.currentSegmentID() if p.brainMask else ""
-        postprocess = None
-        if p.overridePostprocess:
-            postprocess = {"rim_mm": p.rimMm, "median_radius": p.medianRadius, "min_volume_mm3": p.minVolumeMm3}
-        return dict(
-            volumeNode=p.inputVolume, maskNode=p.brainMask, maskSegmentId=segmentId or None, modelPath=modelPath,
-            scoreType=p.scoreType, fpr=p.falsePositiveRate if p.sensitivity == SENSITIVITY_FPR else None,
-            threshold=p.threshold if p.sensitivity == SENSITIVITY_THRESHOLD else None,
-            postprocess=postprocess, device=p.device,
-            batchSize=p.batchSize, createLabelmap=False, show3D=p.show3D,
-            outputs=OutputNodes(score=p.scoreVolume, segmentation=p.anomalySegmentation,
-                                labelmap=p.anomalyLabelmap, components=p.componentTable),
-        )
+        selector = self.ui.brainMaskSegmentSelector
+        segmentation = p.brainMask if isinstance(p.brainMask, vtkMRMLSegmentationNode) else None
+        stored = p.brainMaskSegmentId
+        if segmentation is not None and stored and segmentation.GetSegmentation().GetSegment(stored) is None:
+            stored = ""  # a segment of another segmentation: take the one the selector shows
+        wasBlocked = selector.blockSignals(True)
+        if selector.currentNode() != segmentation:
+            selector.setCurrentNode(segmentation)
+        if segmentation is not None and stored and selector.currentSegmentID() != stored:
+            selector.setCurrentSegmentID(stored)
+        selector.blockSignals(wasBlocked)
+        selector.enabled = segmentation is not None and not self.state.busy
+        shown = selector.currentSegmentID() if segmentation is not None else ""
+        if shown and shown != p.brainMaskSegmentId:
+            p.brainMaskSegmentId = shown  # store what the selector shows
 
-    def _setRunning(self, running: bool) -> None:
-        self._running = running
-        self._cancelRequested = False
+    def onBrainMaskSegmentChanged(self, segmentId: str) -> None:
+        self._setParameter("brainMaskSegmentId", segmentId)
+
+    def _refresh(self) -> None:
+        """Enable and label everything from the state machine and the parameter node."""
+        p = self._parameterNode
+        self.state.set_ready(DETECT, p is not None and p.inputVolume is not None)
+        self.state.set_ready(CALIBRATE, p is not None and bool(p.calibratedModelPath)
+                             and len(self.ui.healthyVolumesSelector.checkedNodes()) > 0)
+        view = self.state.view()
         for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
-                       self.ui.advancedCollapsibleButton, self.ui.resultsCollapsibleButton):
-            widget.enabled = not running
-        self.ui.progressBar.visible = running
-        self.ui.progressBar.value = 0
-        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.enabled = True
-        if running:
-            self.ui.statusLabel.text = ""
-        else:
-            self._updateGui()
+                       self.ui.advancedCollapsibleButton, self.ui.calibrationHelpLabel,
+                       self.ui.healthyVolumesSelector, self.ui.healthyMasksSelector,
+                       self.ui.calibratedModelPathLineEdit):
+            widget.enabled = view.settings_enabled
+        self.ui.resultsCollapsibleButton.enabled = view.results_enabled
+        self.ui.applyButton.enabled = view.detect_enabled
+        self.ui.applyButton.text = self._buttonText(view.detect_cancels, view.cancelling, _("Apply"))
+        self.ui.applyButton.toolTip = (_("Stop the detection.") if view.detect_cancels else
+                                       _("Detect anomalies in the input volume.") if view.detect_enabled else
+                                       _("Select an input volume."))
+        self.ui.calibrateButton.enabled = view.calibrate_enabled
+        self.ui.calibrateButton.text = self._buttonText(view.calibrate_cancels, view.cancelling, _("Calibrate"))
+        self.ui.progressBar.visible = view.progress_visible
+        if p is not None:
+            self.ui.modelPathLineEdit.enabled = view.settings_enabled and not p.useBundledModel
+            self.ui.falsePositiveRateSpinBox.enabled = p.sensitivity == SENSITIVITY_FPR
+            self.ui.thresholdSpinBox.enabled = p.sensitivity == SENSITIVITY_THRESHOLD
+            for widget in (self.ui.rimSpinBox, self.ui.medianRadiusSpinBox, self.ui.minVolumeSpinBox):
+                widget.enabled = p.overridePostprocess
+        self._updateResultsGui()
 
-    def _onProgress(self, fraction: float, message: str) -> None:
-        """Core progress callback: update the bar, keep the GUI alive, honour Cancel."""
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.progressBar.format = f"{message}: %p%"
-        slicer.app.processEvents()
-        if self._cancelRequested:
-            raise Cancelled(_("Cancelled by the user."))
+    @staticmethod
+    def _buttonText(cancels: bool, cancelling: bool, idleText: str) -> str:
+        if not cancels:
+            return idleText
+        return _("Cancelling...") if cancelling else _("Cancel")
 
-    def _ensureDependencies(self) -> bool:
-        """On first Apply: offer to install torch (and other missing packages). False if declined."""
-        missing = [name for name in ["torch", *PIP_REQUIREMENTS] if importlib.util.find_spec(name) is None]
+    # --- running ----------------------------------------------------------------------------------
+
+    def _onTaskButton(self, task: str) -> None:
+        """Apply / Calibrate: start the task, or cancel it if it is the one running."""
+        action = self.state.click(task)
+        if action is Action.CANCEL:
+            self._stopJob(_("Cancelled; the scene is unchanged."))
+        elif action is Action.START:
+            self._start(task)
+        self._refresh()
+
+    def _start(self, task: str) -> None:
+        failure = _("Anomaly detection failed.") if task == DETECT else _("Calibration failed.")
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+            try:
+                if not self._ensureDependencies(task):
+                    return
+                job = self._startDetection() if task == DETECT else self._startCalibration()
+                self.state.started(task)
+                self._job = job
+                self.ui.statusLabel.text = ""
+                self.ui.progressBar.value = 0
+                self.ui.progressBar.format = _("Starting: %p%")
+                self._timer.start()
+            finally:
+                if self.state.phase is Phase.INSTALLING:
+                    self.state.end_install()
+                self._refresh()
+
+    def _workerArguments(self) -> dict:
+        """How the logic starts its worker inside Slicer: Slicer's Python, Slicer's process launcher."""
+        return dict(launch=slicer.util.launchConsoleProcess, python=shutil.which("PythonSlicer") or sys.executable)
+
+    def _startDetection(self):
+        from CeVAEAnomalyLib.slicer.mrml import OutputNodes
+        from CeVAEAnomalyLib.slicer.settings import detection_request, model_path
+
+        p = self._parameterNode
+        model_path(p)  # says to choose a file if none is chosen
+        settings = self._modelSettings()
+        if settings is None:
+            raise CeVAEError(_("The model file cannot be read; choose a .cevae model file."))
+        request = detection_request(p, settings)
+        outputs = OutputNodes(score=p.scoreVolume, segmentation=p.anomalySegmentation,
+                              labelmap=p.anomalyLabelmap, components=p.componentTable)
+        return self.logic.startDetection(**request, outputs=outputs, createLabelmap=False, show3D=p.show3D,
+                                         **self._workerArguments())
+
+    def _startCalibration(self):
+        from CeVAEAnomalyLib.slicer.nodes import pair_masks
+        from CeVAEAnomalyLib.slicer.settings import model_path, override_postprocess
+
+        p = self._parameterNode
+        volumes = list(self.ui.healthyVolumesSelector.checkedNodes())
+        masks = pair_masks(volumes, list(self.ui.healthyMasksSelector.checkedNodes()))
+        outputPath = Path(p.calibratedModelPath)
+        overwrite = False
+        if outputPath.exists():
+            if slicer.app.testingEnabled() or not slicer.util.confirmOkCancelDisplay(
+                    _("{path} exists. Replace it?").format(path=outputPath), windowTitle=_("Calibrate")):
+                raise CeVAEError(_("{path} exists; choose another file name for the calibrated model.").format(
+                    path=outputPath))
+            overwrite = True
+        return self.logic.startCalibration(volumes, masks, outputPath, modelPath=model_path(p),
+                                           postprocess=override_postprocess(p), device=p.device, overwrite=overwrite,
+                                           **self._workerArguments())
+
+    def _onPoll(self) -> None:
+        """Timer: take the worker's progress; when it has ended, load its results."""
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        finished = job.poll()
+        self.ui.progressBar.value = int(round(100 * job.fraction))
+        self.ui.progressBar.format = "{}: %p%".format(job.message)
+        if not finished:
+            return
+        self._timer.stop()
+        self._job = None
+        task = self.state.task
+        wanted = self.state.finished()
+        failure = _("Anomaly detection failed.") if task == DETECT else _("Calibration failed.")
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+            try:
+                if not wanted:
+                    self.logic.discardJob(job)
+                elif task == DETECT:
+                    self._showResult(self.logic.finishDetection(job))
+                else:
+                    self._useCalibratedModel(job)
+            finally:
+                self._refresh()
+
+    def _stopJob(self, message: str) -> None:
+        """Stop the running job now (the state already says it is cancelled)."""
+        self._timer.stop()
+        job, self._job = self._job, None
+        if job is not None:
+            self.logic.discardJob(job)
+        self.state.finished()
+        self.ui.statusLabel.text = message
+
+    def _interrupt(self) -> None:
+        """Scene close, module exit, reload: a running job is stopped and nothing is loaded."""
+        if self.state.interrupt():
+            self._stopJob(_("Stopped: the scene was closed or the module was left; nothing was changed."))
+        if hasattr(self, "ui"):
+            self._refresh()
+
+    def _missingPackages(self) -> List[str]:
+        return [name for name in ["torch", *PIP_REQUIREMENTS] if importlib.util.find_spec(name) is None]
+
+    def _ensureDependencies(self, task: str) -> bool:
+        """Before the first run: offer to install torch (and other missing packages). False if declined."""
+        missing = self._missingPackages()
         if not missing:
             return True
         if slicer.app.testingEnabled():
@@ -327,62 +547,94 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ).format(names=", ".join(missing))
         if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("Install dependencies")):
             return False
-        with slicer.util.WaitCursor():
-            if "torch" in missing:
-                self._installTorch()
-            for name in missing:
-                if name in PIP_REQUIREMENTS:
-                    slicer.util.pip_install(PIP_REQUIREMENTS[name])
+        self.state.begin_install(task)  # pip pumps Qt events: nothing may be clickable meanwhile
+        self._refresh()
+        self.ui.statusLabel.text = _("Installing {names}...").format(names=", ".join(missing))
+        if "torch" in missing:
+            self._installTorch()
+        for name in missing:
+            if name in PIP_REQUIREMENTS:
+                slicer.util.pip_install(PIP_REQUIREMENTS[name])
         importlib.invalidate_caches()
+        self.ui.statusLabel.text = ""
         return True
 
     @staticmethod
     def _installTorch() -> None:
-        """Through the PyTorch extension when present (matches CUDA to the driver), else pip."""
+        """Through the PyTorch extension (matches CUDA to the driver); pip if it is missing."""
         try:
             import PyTorchUtils
         except ImportError:
-            logging.info("PyTorch extension not installed; installing %s from PyPI.", TORCH_REQUIREMENT)
-            slicer.util.pip_install(TORCH_REQUIREMENT)
+            logging.warning("The PyTorch extension is not installed; installing torch%s from PyPI.", TORCH_VERSION)
+            slicer.util.pip_install("torch" + TORCH_VERSION)
             return
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                              torchVersionRequirement=TORCH_REQUIREMENT[5:])
+                                                              torchVersionRequirement=TORCH_VERSION)
         if torch is None:
-            raise CeVAEError(_("PyTorch could not be installed; install it from the PyTorch extension."))
+            raise CeVAEError(_("PyTorch could not be installed; install it from the PyTorch module."))
 
-    # --- results -------------------------------------------------------------------------------
+    # --- results ------------------------------------------------------------------------------
 
     def _showResult(self, result: CeVAEAnomalyResult) -> None:
-        self._lastResult = result
         p = self._parameterNode
         p.scoreVolume = result.nodes.score
         p.anomalySegmentation = result.nodes.segmentation
         p.componentTable = result.nodes.components
-        self.logic.showResults(result, p.overlayOpacity)
+        if result.nodes.labelmap is not None:
+            p.anomalyLabelmap = result.nodes.labelmap
+        if not p.useBundledModel:
+            self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        self.logic.showResults(result.nodes.score, result.volume, p.overlayOpacity)
         self._updateResultsGui()
         self.ui.statusLabel.text = result.summary
         self.onJumpToTopSlice()
 
+    def _useCalibratedModel(self, job) -> None:
+        try:
+            job.raise_for_failure()
+            path = job.done["model"]
+        finally:
+            job.cleanup()
+        p = self._parameterNode
+        p.useBundledModel = False
+        p.modelPath = path
+        self.ui.calibratedModelPathLineEdit.addCurrentPathToHistory()
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        self.ui.statusLabel.text = _("Calibrated model saved as {path}; it is now the model used for detection."
+                                     ).format(path=path)
+
+    def _storedResult(self):
+        from CeVAEAnomalyLib.slicer.nodes import stored_result
+
+        return stored_result(self._parameterNode.scoreVolume) if self._parameterNode else None
+
     def _updateResultsGui(self) -> None:
-        result = self._lastResult
-        self.ui.componentTableView.setMRMLTableNode(result.nodes.components if result else None)
-        self.ui.jumpToTopSliceButton.enabled = bool(result and result.detection.slices)
-        self.ui.showPlotButton.enabled = result is not None
+        """The Results section follows the parameter node's output nodes (also after a scene reload)."""
+        p = self._parameterNode
+        stored = self._storedResult()
+        self.ui.componentTableView.setMRMLTableNode(p.componentTable if p else None)
+        self.ui.jumpToTopSliceButton.enabled = bool(stored and stored.top_slice_ras)
+        self.ui.showPlotButton.enabled = bool(stored and stored.slice_chart)
+        self.ui.opacitySliderWidget.enabled = bool(p and p.scoreVolume)
 
     def onJumpToTopSlice(self) -> None:
-        if self._lastResult and self._lastResult.topSliceRas:
-            self.logic.jumpToSlice(self._lastResult.topSliceRas)
+        stored = self._storedResult()
+        if stored and stored.top_slice_ras:
+            self.logic.jumpToSlice(stored.top_slice_ras)
 
     def onShowPlot(self) -> None:
-        if self._lastResult:
-            slicer.modules.plots.logic().ShowChartInLayout(self._lastResult.nodes.slice_chart)
+        stored = self._storedResult()
+        if stored and stored.slice_chart:
+            slicer.modules.plots.logic().ShowChartInLayout(stored.slice_chart)
 
     def onOpacityChanged(self, value: float) -> None:
-        if self._lastResult:
-            slicer.util.setSliceViewerLayers(foregroundOpacity=value)
+        if self._parameterNode and self._parameterNode.scoreVolume:
+            self.logic.setOverlayOpacity(self._parameterNode.scoreVolume, value)
 
     def onComponentSelected(self) -> None:
         """Jump the slice views to the centroid of the selected component."""
+        from CeVAEAnomalyLib.slicer.nodes import component_position
+
         table = self.ui.componentTableView.mrmlTableNode()
         index = self.ui.componentTableView.currentIndex()
         if table is None or not index.isValid():
@@ -397,18 +649,27 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: the logic end to end on a synthetic head with the bundled model."""
+    """Runs inside Slicer. The panel checks need no torch; detection checks are skipped without it."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_PanelChoicesAndStates()
+        if importlib.util.find_spec("torch") is None:
+            message = ("CeVAEAnomaly self-test: PyTorch is not installed in this Slicer, so the detection tests "
+                       "(test_DetectOnSyntheticHead, test_CancelLeavesSceneUnchanged, test_ApplyRunsAWorker) "
+                       "were SKIPPED. Install the PyTorch extension and torch to run them.")
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
+        self.setUp()
         self.test_DetectOnSyntheticHead()
         self.setUp()
         self.test_CancelLeavesSceneUnchanged()
         self.setUp()
-        self.test_WidgetApplyState()
+        self.test_ApplyRunsAWorker()
 
     @staticmethod
     def _syntheticHead():
@@ -428,6 +689,27 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         mask = slicer.util.addVolumeFromArray(brain.astype(np.uint8), ijkToRas, "CeVAEAnomalyTestMask",
                                               "vtkMRMLLabelMapVolumeNode")
         return volume, mask, lesion
+
+    def test_PanelChoicesAndStates(self):
+        self.delayDisplay("Module panel: choices, Apply state")
+        widget = slicer.util.getModuleWidget("CeVAEAnomaly")
+        widget.initializeParameterNode()
+        p = widget._parameterNode
+        self.assertFalse(widget.ui.applyButton.enabled)
+        volume, _mask, _lesion = self._syntheticHead()
+        p.inputVolume = volume
+        self.assertTrue(widget.ui.applyButton.enabled)
+        self.assertEqual(widget.ui.applyButton.text, "Apply")
+        self.assertEqual(widget.ui.scoreTypeComboBox.currentData, p.scoreType)
+        self.assertEqual(widget.ui.scoreTypeComboBox.currentText, scoreTypeNames()[p.scoreType])
+        widget.ui.scoreTypeComboBox.currentIndex = widget.ui.scoreTypeComboBox.findData("rec")
+        self.assertEqual(p.scoreType, "rec")
+        settings = ModelSettings.read()
+        self.assertEqual(widget.ui.sensitivityComboBox.count, len(settings.sensitivities("rec")))
+        self.assertEqual(p.rimMm, settings.postprocess["rim_mm"])  # override fields start from the model
+        self.assertAlmostEqual(p.falsePositiveRate, settings.default_fpr)
+        self.assertLess(widget.ui.thresholdSpinBox.maximum, float("inf"))
+        self.delayDisplay("Panel test passed")
 
     def test_DetectOnSyntheticHead(self):
         import numpy as np
@@ -455,7 +737,8 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Detection test passed")
 
     def test_CancelLeavesSceneUnchanged(self):
-        from CeVAEAnomalyLib.mrml import node_ids
+        from CeVAEAnomalyLib.progress import Cancelled
+        from CeVAEAnomalyLib.slicer.nodes import node_ids
 
         self.delayDisplay("Cancelling a run")
         volume, mask, _lesion = self._syntheticHead()
@@ -470,13 +753,37 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.assertEqual(node_ids(slicer.mrmlScene), before)
         self.delayDisplay("Cancel test passed")
 
-    def test_WidgetApplyState(self):
-        self.delayDisplay("Module panel: Apply needs an input volume")
+    def _waitForWorker(self, widget, timeoutS: float = 300.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeoutS
+        while widget._job is not None:
+            self.assertLess(time.monotonic(), deadline, "the worker did not finish")
+            slicer.app.processEvents()
+            time.sleep(0.05)
+
+    def test_ApplyRunsAWorker(self):
+        import time
+
+        from CeVAEAnomalyLib.slicer.nodes import node_ids
+
+        self.delayDisplay("Apply runs the detection in a worker process; a second click cancels it")
         widget = slicer.util.getModuleWidget("CeVAEAnomaly")
         widget.initializeParameterNode()
-        self.assertFalse(widget.ui.applyButton.enabled)
-        volume, _mask, _lesion = self._syntheticHead()
-        widget._parameterNode.inputVolume = volume
-        self.assertTrue(widget.ui.applyButton.enabled)
-        self.assertEqual(widget.ui.applyButton.text, "Apply")
-        self.delayDisplay("Widget test passed")
+        p = widget._parameterNode
+        volume, mask, _lesion = self._syntheticHead()
+        p.inputVolume, p.brainMask, p.device = volume, mask, "cpu"
+        before = node_ids(slicer.mrmlScene)
+        widget.ui.applyButton.click()
+        self.assertEqual(widget.ui.applyButton.text, "Cancel")
+        widget.ui.applyButton.click()  # the double click: cancels, starts nothing
+        self.assertIsNone(widget._job)
+        self.assertEqual(node_ids(slicer.mrmlScene), before)
+        widget.ui.applyButton.click()  # a late click just after the end was aimed at Cancel: ignored
+        self.assertIsNone(widget._job)
+        time.sleep(0.6)
+        widget.ui.applyButton.click()
+        self._waitForWorker(widget)
+        self.assertIsNotNone(p.scoreVolume)
+        self.assertTrue(widget.ui.jumpToTopSliceButton.enabled)
+        self.delayDisplay("Worker test passed")

@@ -20,16 +20,17 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
-from CeVAEAnomalyLib.bundle import load_bundle
-from CeVAEAnomalyLib.calibration import calibrate, threshold_for_fpr
-from CeVAEAnomalyLib.data import Subject
-from CeVAEAnomalyLib.evaluate import dice, pooled_metrics, slice_auroc
-from CeVAEAnomalyLib.imageio import atomic_write_text, read_image
-from CeVAEAnomalyLib.lesions import LESION_KINDS, insert_lesions
-from CeVAEAnomalyLib.modelcalibration import healthy_scores
-from CeVAEAnomalyLib.pipeline import detect
-from CeVAEAnomalyLib.postprocess import PostprocessOptions
-from CeVAEAnomalyLib.scoring import PAPER, ScoreOptions
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.calibration import calibrate, threshold_for_fpr
+from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics, slice_auroc
+from CeVAEAnomalyLib.io.atomic import atomic_write_text
+from CeVAEAnomalyLib.io.images import read_image
+from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
+from CeVAEAnomalyLib.engine.calibrate import healthy_scores
+from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyLib.options import PostprocessOptions
+from CeVAEAnomalyLib.options import PAPER, ScoreOptions
 
 SUBJECTS = ("colin27", "mni152", "robex")
 # scoring variants evaluated on the ceVAE (name -> options)
@@ -109,7 +110,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.data is None:
-        from CeVAEAnomalyLib.sampledata import ensure_healthy_data
+        from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
         args.data = ensure_healthy_data()
     variants = [v for v in args.variants.split(",") if (args.runs / v).is_dir()]

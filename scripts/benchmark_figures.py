@@ -13,15 +13,15 @@ from pathlib import Path
 
 import SimpleITK as sitk
 from benchmark_eval import FPR, SUBJECTS, make_cases
-from CeVAEAnomalyLib.bundle import load_bundle
-from CeVAEAnomalyLib.calibration import calibrate, threshold_for_fpr
-from CeVAEAnomalyLib.data import Subject
-from CeVAEAnomalyLib.figures import overlay_png
-from CeVAEAnomalyLib.imageio import read_image
-from CeVAEAnomalyLib.modelcalibration import healthy_scores
-from CeVAEAnomalyLib.pipeline import detect
-from CeVAEAnomalyLib.postprocess import RECOMMENDED
-from CeVAEAnomalyLib.scoring import ScoreOptions
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.calibration import calibrate, threshold_for_fpr
+from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyResearch.figures import overlay_png
+from CeVAEAnomalyLib.io.images import read_image
+from CeVAEAnomalyLib.engine.calibrate import healthy_scores
+from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED
+from CeVAEAnomalyLib.options import ScoreOptions
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--subjects", default="robex", help="held-out subjects to picture (comma-separated)")
     args = p.parse_args()
     if args.data is None:
-        from CeVAEAnomalyLib.sampledata import ensure_healthy_data
+        from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
         args.data = ensure_healthy_data()
     opts = ScoreOptions()

@@ -22,10 +22,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
-from CeVAEAnomalyLib.evaluate import auroc, dice, pooled_metrics
-from CeVAEAnomalyLib.postprocess import hysteresis, robust_normalise
-from CeVAEAnomalyLib.slicescores import slice_excess, slice_quantile
-from CeVAEAnomalyLib.symmetry import asymmetry, fuse
+from CeVAEAnomalyResearch.evaluate import auroc, dice, pooled_metrics
+from CeVAEAnomalyLib.engine.postprocess import hysteresis, robust_normalise
+from CeVAEAnomalyLib.engine.slicescores import slice_excess, slice_quantile
+from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse
 
 SUBJECTS = ("colin27", "mni152", "robex")
 RIM_MM = 3.0
@@ -221,11 +221,11 @@ def slice_study(cases: Dict[str, Case], maps: Dict[str, np.ndarray], thr: Dict[s
         "negative ELBO (paper)": lambda c, z: elbo(c),
         "KL": lambda c, z: elbo(c, "slice_kl"),
         "negative ELBO / healthy ELBO at that position": lambda c, z: elbo_vs_healthy(c),
-        "max of the map": lambda c, z: slice_quantile(z, c["brain"], slice_axis(c), 1.0),
+        "max of the map (the new default)": lambda c, z: slice_quantile(z, c["brain"], slice_axis(c), 1.0),
         "99.9th percentile of the map": lambda c, z: slice_quantile(z, c["brain"], slice_axis(c), 0.999),
         "99th percentile of the map": lambda c, z: slice_quantile(z, c["brain"], slice_axis(c), 0.99),
-        "excess over the threshold": lambda c, z: slice_excess(z, c["brain"], slice_axis(c), thr[c["subject"]]),
-        "excess over half the threshold": lambda c, z: slice_excess(z, c["brain"], slice_axis(c), thr[c["subject"]] / 2),
+        "excess of the map over the threshold": lambda c, z: slice_excess(z, c["brain"], slice_axis(c), thr[c["subject"]]),
+        "excess of the map over half the threshold": lambda c, z: slice_excess(z, c["brain"], slice_axis(c), thr[c["subject"]] / 2),
     }
     results = {}
     for name, fn in scorers.items():
@@ -238,12 +238,12 @@ def slice_study(cases: Dict[str, Case], maps: Dict[str, np.ndarray], thr: Dict[s
             s = np.asarray(fn(c, maps[k]), float)
             has_brain = np.moveaxis(c["brain"], ax, 0).reshape(s.shape[0], -1).any(1) & np.isfinite(s)
             if c["kind"] == "healthy":
-                healthy_flag.append(np.mean(s[has_brain] > thr[c["subject"]]))
+                healthy_flag.append(np.mean(s[has_brain] > thr[c["subject"]]) if "map" in name else np.nan)
                 continue
             lesion = np.moveaxis(c["gt"], ax, 0).reshape(s.shape[0], -1).any(1)
             s, lesion = s[has_brain], lesion[has_brain]
             aurocs.append(auroc(s, lesion))
-            lesion_flag.append(np.mean(s[lesion] > thr[c["subject"]]))
+            lesion_flag.append(np.mean(s[lesion] > thr[c["subject"]]) if "map" in name else np.nan)
             order = np.argsort(-s, kind="stable")
             top.append(bool(lesion[order[0]]))
             first.append(int(np.flatnonzero(lesion[order])[0]) + 1)

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from CeVAEAnomalyLib.bundle import load_bundle
+from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.imageio import read_image
-from CeVAEAnomalyLib.lesions import LESION_KINDS, SITES, insert_lesions
-from CeVAEAnomalyLib.pipeline import detect
-from CeVAEAnomalyLib.postprocess import PostprocessOptions
-from CeVAEAnomalyLib.scoring import ScoreOptions
-from CeVAEAnomalyLib.symmetry import estimate_midplane, mirror
+from CeVAEAnomalyLib.io.images import read_image
+from CeVAEAnomalyResearch.lesions import LESION_KINDS, SITES, insert_lesions
+from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+from CeVAEAnomalyLib.engine.symmetry import estimate_midplane, mirror
 
 SUBJECTS = ("colin27", "mni152", "robex")
 RADIUS_MM = (2.0, 20.0)
@@ -109,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.data is None:
-        from CeVAEAnomalyLib.sampledata import ensure_healthy_data
+        from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
         args.data = ensure_healthy_data()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from CeVAEAnomalyLib.config import LossConfig, ModelConfig
-from CeVAEAnomalyLib.data import Subject
-from CeVAEAnomalyLib.train import TrainConfig, Trainer
+from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
+from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyLib.training.config import TrainConfig
+from CeVAEAnomalyLib.training.trainer import Trainer
 
 SUBJECTS = ("colin27", "mni152", "robex")
 # AE: no KL and no CE (the posterior variance collapses, so it acts as a plain autoencoder)
@@ -37,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if args.data is None:
-        from CeVAEAnomalyLib.sampledata import ensure_healthy_data
+        from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
         args.data = ensure_healthy_data()
     data = args.data

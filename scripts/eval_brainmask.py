@@ -23,8 +23,8 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CeVAEAnomaly"))
 
-from CeVAEAnomalyLib.brainmask import compute_brain_mask  # noqa: E402
-from CeVAEAnomalyLib.sampledata import ensure_healthy_data, subject_files  # noqa: E402
+from CeVAEAnomalyLib.engine.brainmask import compute_brain_mask  # noqa: E402
+from CeVAEAnomalyResearch.sampledata import ensure_healthy_data, subject_files  # noqa: E402
 
 Case = Callable[[], "tuple[sitk.Image, sitk.Image]"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CeVAEAnomaly"))
 
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
-from CeVAEAnomalyLib.sampledata import NAMES, fetch_healthy_data  # noqa: E402
+from CeVAEAnomalyResearch.sampledata import NAMES, fetch_healthy_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

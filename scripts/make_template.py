@@ -2,7 +2,7 @@
 """Build the bundled 2 mm brain-mask template from colin27 (deterministic).
 
 Reads ``colin27_t1.nii.gz`` and ``colin27_brainmask.nii.gz`` from the healthy sample data
-(shared copy, ``$CEVAE_DATA_DIR`` or fetched) and writes to ``Resources/Templates``:
+(shared copy, ``$CEVAE_DATA_DIR`` or fetched) and writes to ``CeVAEAnomaly/CeVAEAnomalyLib/data``:
 
 - ``colin27_t1_2mm.nii.gz``: Gaussian-smoothed (sigma 1 mm), resampled to 2 mm, intensities
   scaled to 0..63 (uint8; 64 grey levels are plenty for mutual information and keep the file small);
@@ -23,8 +23,8 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CeVAEAnomaly"))
 
-from CeVAEAnomalyLib.brainmask import TEMPLATE_MASK, TEMPLATE_T1, default_template_dir  # noqa: E402
-from CeVAEAnomalyLib.sampledata import ensure_healthy_data, subject_files  # noqa: E402
+from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1, default_template_dir  # noqa: E402
+from CeVAEAnomalyResearch.sampledata import ensure_healthy_data, subject_files  # noqa: E402
 
 GREY_LEVELS = 64
 SMOOTHING_MM = 1.0

@@ -1,14 +1,16 @@
 """Recipe of the bundled default model: train on the healthy sample subjects, calibrate on held-out scores, write the card.
 
-    python scripts/train_default_model.py [--steps N] [--out Resources/Models/cevae_t1_default.cevae]
+    python scripts/train_default_model.py [--steps N] [--out CeVAEAnomaly/CeVAEAnomalyLib/data/cevae_t1_default.cevae]
 
 Trains the MICCAI-19 ceVAE (64 px, axial slices, seed 0, augmentation on) on all three healthy
 T1 subjects and stores fp16 weights. The calibration does not use scores of subjects the weights
 saw: each subject is scored by the leave-one-subject-out model trained without it
 (``runs/benchmark/cevae/without-<subject>.cevae``, trained here first if missing, as
-``scripts/benchmark_train.py --variants cevae --steps 1500`` does). The default scoring normalises
-every map by its own brain's robust spread, so these held-out thresholds carry over to the model
-trained on all subjects. Finally writes Resources/Models/MODEL_CARD.md.
+``scripts/benchmark_train.py --variants cevae --steps 1500`` does). The default post-processing
+normalises every map by its own brain's robust spread, so these held-out thresholds carry over to the
+model trained on all subjects. The default operating point is the threshold the subject-held-out
+benchmark tuned (docs/benchmark.md), stored as the false-positive rate it has in this calibration.
+Finally writes Resources/Models/MODEL_CARD.md.
 """
 from __future__ import annotations
 
@@ -16,25 +18,24 @@ import argparse
 import logging
 from pathlib import Path
 
-from CeVAEAnomalyLib.bundle import load_bundle, save_bundle
-from CeVAEAnomalyLib.calibration import calibration_key, fpr_for_threshold
-from CeVAEAnomalyLib.data import Subject
-from CeVAEAnomalyLib.modelcard import write_model_card
-from CeVAEAnomalyLib.modelcalibration import recalibrate
-from CeVAEAnomalyLib.postprocess import RECOMMENDED
-from CeVAEAnomalyLib.scoring import ScoreOptions
-from CeVAEAnomalyLib.train import TrainConfig, Trainer
+from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
+from CeVAEAnomalyLib.engine.calibrate import recalibrate
+from CeVAEAnomalyLib.engine.calibration import find_calibration, fpr_for_threshold
+from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS, ScoreOptions
+from CeVAEAnomalyLib.training.config import TrainConfig
+from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyLib.training.trainer import Trainer
+from CeVAEAnomalyResearch.modelcard import write_model_card
 
 SUBJECTS = ("colin27", "mni152", "robex")
 FOLD_STEPS = 1500
-# chosen on the subject-held-out quality benchmark (docs/benchmark.md, scripts/benchmark_quality.py):
-# √(the ceVAE's combi map) × (0.1 + left-right intensity asymmetry smoothed with σ = 3 mm), in units
-# of the brain's own robust spread, outer 3 mm rim masked, components under 50 mm³ dropped
+# chosen on the subject-held-out benchmark (docs/benchmark.md, scripts/benchmark_quality.py):
+# √(combi) × (0.1 + left-right intensity asymmetry, σ 3 mm), normalised per brain, rim 3 mm, ≥ 50 mm³
 SCORING = ScoreOptions()
-POSTPROCESS = RECOMMENDED
-# The operating threshold (normalised units) the benchmark tuned over all subjects; stored as the
-# healthy false-positive rate it has in the held-out calibration.
+POSTPROCESS = RECOMMENDED_POSTPROCESS
+# The operating threshold (normalised units) the benchmark tuned over all three held-out subjects.
 OPERATING_THRESHOLD = 6.694
+CARD = Path("Resources/Models/MODEL_CARD.md")
 
 
 def fold_models(subjects, runs: Path):
@@ -53,14 +54,14 @@ def fold_models(subjects, runs: Path):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=5083)  # the shipped model: 5083 steps (a 50-min cap on 2 shared cores)
-    p.add_argument("--out", type=Path, default=Path("Resources/Models/cevae_t1_default.cevae"))
+    p.add_argument("--out", type=Path, default=Path("CeVAEAnomaly/CeVAEAnomalyLib/data/cevae_t1_default.cevae"))
     p.add_argument("--runs", type=Path, default=Path("runs/benchmark/cevae"), help="leave-one-subject-out models")
     p.add_argument("--data", type=Path, help="folder with <name>_t1/_brainmask.nii.gz (default: find or fetch)")
     p.add_argument("--calibrate-only", action="store_true", help="recalibrate an existing --out")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if args.data is None:
-        from CeVAEAnomalyLib.sampledata import ensure_healthy_data
+        from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
         args.data = ensure_healthy_data()
     subjects = [Subject(args.data / f"{s}_t1.nii.gz", args.data / f"{s}_brainmask.nii.gz") for s in SUBJECTS]
@@ -68,16 +69,14 @@ def main() -> None:
         cfg = TrainConfig(out=args.out, max_steps=args.steps, checkpoint_every=500, val_fraction=0.0,
                           seed=0, half_bundle=True)
         Trainer(cfg, subjects).run()
-    bundle = load_bundle(args.out)
-    recalibrate(bundle, subjects, args.out, SCORING, POSTPROCESS,
+    recalibrate(load_bundle(args.out), subjects, args.out, SCORING, POSTPROCESS,
                 source="held-out scores: each subject scored by the model trained without it",
                 scorers=fold_models(subjects, args.runs))
     bundle = load_bundle(args.out)
-    entry = bundle.calibration[calibration_key(bundle.header["score_options"], POSTPROCESS.to_dict())]
-    fpr = fpr_for_threshold(entry, OPERATING_THRESHOLD)
+    fpr = fpr_for_threshold(find_calibration(bundle.header, SCORING, POSTPROCESS), OPERATING_THRESHOLD)
     logging.info("Operating threshold %.4g is a held-out healthy false-positive rate of %.3g.", OPERATING_THRESHOLD, fpr)
     save_bundle(args.out, bundle.model, dict(bundle.header, default_fpr=fpr), half=True)
-    write_model_card(load_bundle(args.out), args.out.parent / "MODEL_CARD.md", Path("docs/benchmark.md"))
+    write_model_card(load_bundle(args.out), CARD, Path("docs/benchmark.md"))
 
 
 if __name__ == "__main__":

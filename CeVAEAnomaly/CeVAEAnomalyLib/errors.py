@@ -1,4 +1,5 @@
-"""The one exception type for problems a user can act on."""
+"""The one exception type for problems a user can act on, and how error messages become one line."""
+import re
 
 
 class CeVAEError(Exception):
@@ -7,3 +8,14 @@ class CeVAEError(Exception):
     The command line prints it as one line (no traceback unless ``--debug``); the Slicer
     module shows it in an error dialog.
     """
+
+
+# Where ITK/SimpleITK put their C++ source locations and object addresses into a message
+_ITK_LOCATIONS = re.compile(
+    r"Exception thrown in SimpleITK \S+:|ITK ERROR: \w+\(0x[0-9a-fA-F]+\):|sitk::ERROR:|\S+\.(?:cxx|hxx|txx|cpp|h):\d+:"
+)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line, without the C++ file/line and object-address parts of ITK errors."""
+    return " ".join(_ITK_LOCATIONS.sub(" ", str(exc)).split()) or type(exc).__name__

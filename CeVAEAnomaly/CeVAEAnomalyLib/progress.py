@@ -27,3 +27,10 @@ def scaled(callback: Optional[ProgressCallback], start: float, stop: float) -> O
     if callback is None:
         return None
     return lambda f, msg: callback(start + (stop - start) * f, msg)
+
+
+def labelled(callback: Optional[ProgressCallback], prefix: str) -> Optional[ProgressCallback]:
+    """A callback that prefixes every message with ``prefix: ``."""
+    if callback is None:
+        return None
+    return lambda f, msg: callback(f, f"{prefix}: {msg}")

@@ -66,9 +66,9 @@ def head(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
     """A small ceVAE (input 64, narrow) trained for a few steps on two synthetic heads, calibrated."""
-    from CeVAEAnomalyLib.config import ModelConfig
-    from CeVAEAnomalyLib.data import Subject
-    from CeVAEAnomalyLib.train import TrainConfig, Trainer
+    from CeVAEAnomalyLib.engine.config import ModelConfig
+    from CeVAEAnomalyLib.training.data import Subject
+    from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
 
     d = tmp_path_factory.mktemp("bundle")
     subjects = []

@@ -10,11 +10,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import locale
 import logging
 import os
 import pickle
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from CeVAEAnomalyLib.cli import main
+from CeVAEAnomalyLib.cli.main import main
 from conftest import make_head
 
 REFUSED = 2
@@ -257,7 +259,7 @@ def model_other_safetensors(d: Path, g: Inputs) -> Inputs:
 
 
 def model_wrong_tensors(d: Path, g: Inputs) -> Inputs:
-    from CeVAEAnomalyLib.bundle import read_header
+    from CeVAEAnomalyLib.engine.bundle import read_header
     from safetensors.torch import save_file
 
     header = json.dumps(read_header(g.model))
@@ -323,6 +325,104 @@ def output_named_twice(d: Path, g: Inputs) -> Inputs:
     return Inputs(g.image, g.mask, g.model, ["--labelmap", str(score)], score=score)
 
 
+def complex_voxels(d: Path, g: Inputs) -> Inputs:
+    image, arr, _ = head_arrays(g)
+    return Inputs(write(like(arr.astype(np.complex64), image), d / "kspace.nii.gz"), g.mask, g.model)
+
+
+def negative_pixdim(d: Path, g: Inputs) -> Inputs:
+    """A float NIfTI whose pixdim[1] is negative (ITK's full read turns it into a flipped axis)."""
+    image, arr, _ = head_arrays(g)
+    path = write(like(arr.astype(np.float32), image), d / "negdim.nii")
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<f", raw, 80, -image.GetSpacing()[0])
+    path.write_bytes(bytes(raw))
+    mask = sitk.ReadImage(str(g.mask))
+    mask.CopyInformation(sitk.ReadImage(str(path)))
+    return Inputs(path, write(mask, d / "negdim_mask.nii.gz"), g.model)
+
+
+def gzip_trailer_lies(d: Path, g: Inputs) -> Inputs:
+    """Half an int16 volume's gzip stream, then a size trailer claiming the whole file."""
+    image, arr, _ = head_arrays(g)
+    full = write(like(arr.astype(np.int16), image), d / "full.nii").read_bytes()
+    compressed = gzip.compress(full)
+    (d / "full.nii").unlink()
+    path = d / "half.nii.gz"
+    path.write_bytes(compressed[: len(compressed) // 2] + struct.pack("<I", len(full)))
+    return Inputs(path, g.mask, g.model)
+
+
+def gzip_claims_huge_volume(d: Path, g: Inputs) -> Inputs:
+    """A small gzip file whose NIfTI header announces 30000^3 float voxels (108 TB)."""
+    image, arr, _ = head_arrays(g)
+    raw = bytearray(write(like(arr, image), d / "v.nii").read_bytes()[:4000])
+    (d / "v.nii").unlink()
+    struct.pack_into("<8h", raw, 40, 3, 30000, 30000, 30000, 1, 1, 1, 1)
+    path = d / "huge.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return Inputs(path, g.mask, g.model)
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, skip=()) -> Path:
+    """One int16 DICOM file per slice, with the position and orientation tags scanners write.
+
+    GDCM's writer sets the C locale; it is restored so that later reads of UTF-8 text are unaffected.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_slices(image, folder, skip)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(image: sitk.Image, folder: Path, skip) -> Path:
+    folder.mkdir()
+    image = sitk.Cast(image, sitk.sitkInt16)
+    d = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        if k in skip:
+            continue
+        piece = image[:, :, k]
+        tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+                "0020|000e": "1.2.826.0.1.3680043.2.1125.2", "0020|0013": str(k + 1),
+                "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{k + 1}",
+                "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+                "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))}
+        for key, value in tags.items():
+            piece.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(piece)
+    return folder
+
+
+def dicom_case(skip=()) -> Callable[[Path, Inputs], Inputs]:
+    def build(d: Path, g: Inputs) -> Inputs:
+        return Inputs(write_dicom_series(sitk.ReadImage(str(g.image)), d / "series", skip), g.mask, g.model)
+    return build
+
+
+def tiny_units(d: Path, g: Inputs) -> Inputs:
+    image, arr, _ = head_arrays(g)
+    return Inputs(write(like(arr.astype(np.float32) * 1e-8, image), d / "tiny_units.nii.gz"), g.mask, g.model)
+
+
+def fifo_image(d: Path, g: Inputs) -> Inputs:
+    os.mkfifo(d / "pipe.nii.gz")
+    return Inputs(d / "pipe.nii.gz", g.mask, g.model)
+
+
+def fifo_model(d: Path, g: Inputs) -> Inputs:
+    os.mkfifo(d / "pipe.cevae")
+    return Inputs(g.image, g.mask, d / "pipe.cevae")
+
+
+def device_model(d: Path, g: Inputs) -> Inputs:
+    return Inputs(g.image, g.mask, Path(os.devnull))
+
+
 CASES: Dict[str, Case] = {
     "missing path": Case(missing_image, REFUSED, r"image .*absent\.nii\.gz does not exist"),
     "text file named .nii.gz": Case(text_file, REFUSED, r"could not be read as an image"),
@@ -364,7 +464,7 @@ CASES: Dict[str, Case] = {
     "missing model": Case(model_missing, REFUSED, r"model bundle .*absent\.cevae does not exist"),
     "model path is a folder": Case(model_folder, REFUSED, r"models is a folder"),
     "unknown --score-type": Case(with_args("--score-type", "entropy"), REFUSED,
-                                 r"Unknown --score-type 'entropy'; choose one of combi, rec, grad"),
+                                 r"argument --score-type: invalid choice: 'entropy' \(choose from 'combi', 'rec', 'grad'\)"),
     "--batch-size 0": Case(with_args("--batch-size", "0"), REFUSED, r"--batch-size must be 1 or more"),
     "--fpr 5": Case(with_args("--fpr", "5"), REFUSED, r"--fpr is a rate between 0 and 1"),
     "negative --rim-mm": Case(with_args("--rim-mm", "-2"), REFUSED, r"--rim-mm must be 0 or more"),
@@ -373,8 +473,20 @@ CASES: Dict[str, Case] = {
     "output = mask, --overwrite": Case(output_is_mask, REFUSED, r"same file as an input"),
     "existing output": Case(output_exists, REFUSED, r"previous\.nii\.gz already exists; pass --overwrite"),
     "output is a folder": Case(output_is_folder, REFUSED, r"results is a folder; give a file name"),
-    "output under a file": Case(output_under_a_file, REFUSED, r"Could not write .*report\.txt/score\.nii\.gz"),
+    "output under a file": Case(output_under_a_file, REFUSED,
+                                r"report\.txt/score\.nii\.gz would be under .*report\.txt, which is a file"),
     "output named twice": Case(output_named_twice, REFUSED, r"score\.nii\.gz is named twice"),
+    "complex voxels": Case(complex_voxels, REFUSED, r"kspace\.nii\.gz has complex-valued voxels"),
+    "negative pixdim, float NIfTI": Case(negative_pixdim, 0, r"Wrote"),
+    "gzip size trailer lies": Case(gzip_trailer_lies, REFUSED, r"half\.nii\.gz is truncated or corrupt \(it holds"),
+    "gzip claims 108 TB": Case(gzip_claims_huge_volume, REFUSED, r"huge\.nii\.gz is truncated or corrupt .*far too small"),
+    "DICOM series": Case(dicom_case(), 0, r"Wrote"),
+    "DICOM series, a slice missing": Case(dicom_case(skip=(17,)), REFUSED,
+                                          r"unevenly spaced slices \(a gap of 3 mm after slice 17 of 35"),
+    "intensities scaled by 1e-8": Case(tiny_units, 0, r"Wrote"),
+    "FIFO as image": Case(fifo_image, REFUSED, r"image .*pipe\.nii\.gz is a named pipe \(FIFO\), not a file"),
+    "FIFO as model": Case(fifo_model, REFUSED, r"model bundle .*pipe\.cevae is a named pipe \(FIFO\)"),
+    "device as model": Case(device_model, REFUSED, r"model bundle /dev/null is a character device"),
 }
 
 
@@ -429,13 +541,18 @@ def test_detect_input(name, good, tmp_path, capsys, caplog):
 
 
 def check_score_map(score_path: Path, image_path: Path) -> None:
-    """The score map is finite float32 on the input's exact grid."""
-    score, image = sitk.ReadImage(str(score_path)), sitk.ReadImage(str(image_path))
+    """The score map is finite float32 on the input's exact grid (a file's or a DICOM series')."""
+    from CeVAEAnomalyLib.io.images import read_image
+
+    score, image = sitk.ReadImage(str(score_path)), read_image(image_path)
     assert score.GetPixelID() == sitk.sitkFloat32
     assert score.GetSize() == image.GetSize()
-    assert score.GetSpacing() == image.GetSpacing()
-    assert score.GetOrigin() == image.GetOrigin()
-    assert score.GetDirection() == image.GetDirection()
+    for what in ("Spacing", "Origin", "Direction"):
+        got, want = getattr(score, f"Get{what}")(), getattr(image, f"Get{what}")()
+        if Path(image_path).is_file():
+            assert got == want, what
+        else:  # DICOM geometry is decimal text; the NIfTI output stores it as float32
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5, err_msg=what)
     values = sitk.GetArrayViewFromImage(score)
     assert np.isfinite(values).all() and values.max() > 0
 
@@ -453,7 +570,7 @@ def test_non_finite_voxels_score_zero(good, tmp_path, capsys):
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
 def test_non_finite_voxels_survive_reading(tmp_path, suffix):
     """ITK's NIfTI reader zeroes NaN/Inf; read_image puts them back, on any grid orientation."""
-    from CeVAEAnomalyLib.imageio import read_image
+    from CeVAEAnomalyLib.io.images import read_image
     from conftest import oblique_direction
 
     image, _ = make_head(size=(20, 24, 18), direction=oblique_direction(130.0), dtype=np.float64)
@@ -497,12 +614,12 @@ def test_payloads_really_execute_when_unpickled(tmp_path):
 
 
 def test_unexpected_error_is_one_line_unless_debug(good, tmp_path, capsys, monkeypatch):
-    import CeVAEAnomalyLib.pipeline as pipeline
+    from CeVAEAnomalyLib.engine.detector import Detector
 
     def broken(*args, **kwargs):
         raise ValueError("shape mismatch\nin the network")
 
-    monkeypatch.setattr(pipeline, "detect", broken)
+    monkeypatch.setattr(Detector, "__call__", broken)
     argv = argv_for(good, tmp_path / "out" / "score.nii.gz")
     assert main(argv) == 1
     err = capsys.readouterr().err

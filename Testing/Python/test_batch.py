@@ -7,10 +7,10 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_head
-from CeVAEAnomalyLib.batch import (
+from CeVAEAnomalyLib.cli.batch import (
     BatchItem, DetectSettings, collect_inputs, output_paths, parse_shard, run_batch, select_shard,
 )
-from CeVAEAnomalyLib.cli import main
+from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.errors import CeVAEError
 
 NAMES = ["a1", "b2", "c3", "d4"]
@@ -84,8 +84,8 @@ def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, 
 
 
 def test_interrupted_run_keeps_its_summary(cohort, tiny_bundle, tmp_path):
-    from CeVAEAnomalyLib.bundle import load_bundle
-    from CeVAEAnomalyLib.pipeline import default_postprocess, default_score_options
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options
 
     bundle = load_bundle(tiny_bundle)
     settings = DetectSettings(model=tiny_bundle, device="cpu",
@@ -126,6 +126,7 @@ def test_two_shards_cover_the_list_once(cohort, tiny_bundle, tmp_path):
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+@pytest.mark.slow
 def test_two_workers_match_one(cohort, tiny_bundle, tmp_path):
     source = tmp_path / "list.csv"  # a CSV list with a name column
     source.write_text("image,mask,name\n" + "".join(

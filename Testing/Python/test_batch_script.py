@@ -1,4 +1,4 @@
-"""CeVAEAnomalyBatch.py end to end under plain Python with slicer-core (a subprocess, as users run it)."""
+"""Scripts/DetectVolume.py end to end under plain Python with slicer-core (a subprocess, as users run it)."""
 from __future__ import annotations
 
 import csv
@@ -14,9 +14,9 @@ from conftest import REPO, make_head, oblique_direction
 
 pytest.importorskip("slicer")
 
-SCRIPT = REPO / "CeVAEAnomaly" / "CeVAEAnomalyBatch.py"
-OUTPUTS = ("head_anomaly_score.nrrd", "head_anomaly_labelmap.nrrd", "head_anomaly.seg.nrrd",
-           "head_anomaly_components.csv", "head_slice_scores.csv")
+SCRIPT = REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py"
+OUTPUTS = ("head_score.nrrd", "head_labelmap.nrrd", "head_segmentation.seg.nrrd",
+           "head_components.csv", "head_slices.csv")
 
 
 def run_batch(*args, timeout=300):
@@ -74,7 +74,7 @@ def test_batch_reports_a_missing_input_in_one_line(tmp_path):
     proc = run_batch("--input", tmp_path / "nope.nii.gz", "--output-dir", tmp_path / "out")
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("CeVAEAnomalyBatch: error: The input volume") and "does not exist" in lines[-1]
+    assert lines[-1].startswith("DetectVolume: error: The input volume") and "does not exist" in lines[-1]
     assert not (tmp_path / "out").exists()
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib.brainmask import TEMPLATE_MASK, TEMPLATE_T1, compute_brain_mask, default_template_dir
+from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1, compute_brain_mask, default_template_dir
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.sampledata import find_healthy_data, subject_files
+from CeVAEAnomalyResearch.sampledata import find_healthy_data, subject_files
 
 from conftest import oblique_direction
 
@@ -89,3 +89,28 @@ def test_missing_template_is_a_clear_error(tmp_path):
     image.SetSpacing((5.0, 5.0, 5.0))  # 8 L of noisy foreground: a head, so the template is needed
     with pytest.raises(CeVAEError, match="make_template"):
         compute_brain_mask(image, template_dir=tmp_path)
+
+
+def test_registration_reports_every_iteration_and_cancels_at_once(robex):
+    """Progress keeps moving during the registration (nothing freezes), and a cancel stops it."""
+    import time
+
+    from CeVAEAnomalyLib.progress import Cancelled
+
+    image, _ = robex
+    calls = []
+    compute_brain_mask(image, progress=lambda fraction, message: calls.append((time.monotonic(), fraction)))
+    registering = [t for t, f in calls if 0.1 < f < 0.8]
+    assert len(registering) > 100  # one report per optimiser iteration, not one per stage
+    assert max(b - a for a, b in zip(registering, registering[1:])) < 1.0
+
+    seen = []
+
+    def cancel(fraction, message):
+        seen.append(fraction)
+        if fraction > 0.3:
+            raise Cancelled("Cancelled by the user.")
+
+    with pytest.raises(Cancelled):
+        compute_brain_mask(image, progress=cancel)
+    assert sum(f > 0.3 for f in seen) == 1  # no further iteration reported after the cancel

@@ -6,10 +6,10 @@ import struct
 import pytest
 import torch
 
-from CeVAEAnomalyLib.bundle import FORMAT_VERSION, load_bundle, read_header, save_bundle
-from CeVAEAnomalyLib.config import ModelConfig
+from CeVAEAnomalyLib.engine.bundle import FORMAT_VERSION, load_bundle, read_header, save_bundle
+from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.model import CeVAE
+from CeVAEAnomalyLib.engine.model import CeVAE
 
 
 @pytest.fixture

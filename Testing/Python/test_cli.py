@@ -7,8 +7,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from conftest import make_head, oblique_direction
-from CeVAEAnomalyLib.bundle import read_header
-from CeVAEAnomalyLib.cli import main
+from CeVAEAnomalyLib.engine.bundle import read_header
+from CeVAEAnomalyLib.cli.main import main
 
 
 def test_train_then_detect(tmp_path):
@@ -58,7 +58,7 @@ def test_train_then_detect(tmp_path):
 
 def test_help_imports_no_torch():
     r = subprocess.run([sys.executable, "-c",
-                        "import sys; from CeVAEAnomalyLib.cli import main\n"
+                        "import sys; from CeVAEAnomalyLib.cli.main import main\n"
                         "try:\n main(['--help'])\nexcept SystemExit: pass\n"
                         "print('torch' in sys.modules, 'SimpleITK' in sys.modules)"],
                        capture_output=True, text=True, check=True)

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, make_head
-from CeVAEAnomalyLib.bundle import load_bundle, read_header
-from CeVAEAnomalyLib.train import parameter_checksum
+from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
+from CeVAEAnomalyLib.training.distributed import parameter_checksum
 
 CHECKSUM = re.compile(r"\[rank (\d)\] INFO: Rank (\d) of 2: parameter checksum ([0-9a-f]{64})\.")
 
@@ -50,6 +50,7 @@ def cohort(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_two_ranks_train_one_model_and_resume(cohort):
     bundle = cohort / "model" / "m.cevae"
     out = torchrun_train(cohort, "--max-steps", "4")
@@ -66,8 +67,10 @@ def test_two_ranks_train_one_model_and_resume(cohort):
     training = read_header(bundle)["training"]
     assert training["ranks"] == 2 and training["batch_size"] == 16 and training["steps"] == 4
 
-    # --resume: every rank restores the checkpoint and they stay in step
-    out = torchrun_train(cohort, "--max-steps", "6", "--resume")
+    # --resume: every rank restores the checkpoint and they stay in step; with a shared slice cache
+    # the ranks preprocess their share of the subjects, then all read every entry from it
+    out = torchrun_train(cohort, "--max-steps", "6", "--resume", "--cache-dir", str(cohort / "cache"))
+    assert len(list((cohort / "cache").glob("*.npy"))) == 3  # 2 training + 1 validation subject, axial
     assert out.count("at step 4.") == 2  # "Resumed from ... at step 4." on both ranks
     sums2 = rank_checksums(out)
     assert sums2[0] == sums2[1] != sums[0]
@@ -81,8 +84,8 @@ def test_single_forward_computes_both_branches():
     """DDP needs one forward per step: model(x, x_corrupted) must equal the two branches run apart."""
     import torch
 
-    from CeVAEAnomalyLib.config import ModelConfig
-    from CeVAEAnomalyLib.model import CeVAE
+    from CeVAEAnomalyLib.engine.config import ModelConfig
+    from CeVAEAnomalyLib.engine.model import CeVAE
 
     torch.manual_seed(0)
     model = CeVAE(ModelConfig(channels=(8, 16, 16, 32), z_dim=16))

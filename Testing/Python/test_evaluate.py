@@ -1,4 +1,4 @@
-"""Tests of the detection metrics in CeVAEAnomalyLib.evaluate."""
+"""Tests of the detection metrics in CeVAEAnomalyResearch.evaluate."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.evaluate import (
+from CeVAEAnomalyResearch.evaluate import (
     CaseMetrics,
     auprc,
     auroc,

@@ -1,4 +1,4 @@
-"""Tests of synthetic lesion insertion in CeVAEAnomalyLib.lesions."""
+"""Tests of synthetic lesion insertion in CeVAEAnomalyResearch.lesions."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.lesions import LESION_KINDS, insert_lesions
+from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
 
 HEALTHY = Path(__file__).resolve().parents[3] / "shared" / "data" / "healthy"
 SPACING = (1.0, 1.25, 2.0)

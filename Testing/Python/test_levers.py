@@ -7,8 +7,8 @@ from itertools import product
 import numpy as np
 import pytest
 
-from CeVAEAnomalyLib.postprocess import hysteresis, robust_normalise
-from CeVAEAnomalyLib.slicescores import slice_excess, slice_quantile
+from CeVAEAnomalyLib.engine.postprocess import hysteresis, robust_normalise
+from CeVAEAnomalyLib.engine.slicescores import slice_excess, slice_quantile
 
 
 def test_robust_normalise_hand_computed() -> None:
@@ -75,20 +75,35 @@ def test_slice_quantile_and_excess_brute_force() -> None:
     assert slice_quantile(score, brain, 2, 0.9)[2] == 0 and slice_excess(score, brain, 2, 0.1)[2] == 0
 
 
-def test_postprocess_keys_of_levers_that_are_off() -> None:
-    """Calibrations stored before the levers existed keep matching: levers that are off are not in the key."""
-    from CeVAEAnomalyLib.postprocess import PostprocessOptions
+def test_calibration_stored_before_the_levers_still_matches() -> None:
+    """A calibration keyed without the new post-processing fields matches options with those fields off."""
+    import json
 
-    assert PostprocessOptions(rim_mm=3.0).to_dict() == {"rim_mm": 3.0, "median_radius": 0, "min_volume_mm3": 0.0}
-    on = PostprocessOptions(asymmetry_mm=3.0, score_power=0.5, normalise=True, hysteresis=0.5).to_dict()
-    assert on["asymmetry_mm"] == 3.0 and on["score_power"] == 0.5 and on["normalise"] and on["hysteresis"] == 0.5
-    assert "asymmetry_floor" not in on
+    from CeVAEAnomalyLib.engine.calibration import find_calibration
+    from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+
+    old_key = json.dumps({"score": ScoreOptions().to_dict(), "post": {"rim_mm": 3.0, "median_radius": 1,
+                                                                    "min_volume_mm3": 50.0}}, sort_keys=True)
+    header = {"calibration": {old_key: {"fpr": [0.001, 0.01], "threshold": [2.0, 1.0]}}}
+    post = PostprocessOptions(rim_mm=3.0, median_radius=1, min_volume_mm3=50.0)
+    assert find_calibration(header, ScoreOptions(), post)["threshold"] == [2.0, 1.0]
+    with pytest.raises(Exception):
+        find_calibration(header, ScoreOptions(), post.replace(normalise=True))
+
+
+def test_postprocess_options_refuse_bad_levers() -> None:
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.options import PostprocessOptions
+
+    for bad in ({"asymmetry_mm": -1.0}, {"score_power": 0.0}, {"hysteresis": 1.0}, {"normalise": "yes"}):
+        with pytest.raises(CeVAEError):
+            PostprocessOptions(**bad)
 
 
 def test_threshold_labelmap_with_hysteresis() -> None:
     import SimpleITK as sitk
 
-    from CeVAEAnomalyLib.postprocess import threshold_labelmap
+    from CeVAEAnomalyLib.engine.postprocess import threshold_labelmap
 
     rng = np.random.default_rng(1)
     arr = rng.random((6, 7, 8)).astype(np.float32)
@@ -102,9 +117,9 @@ def test_detect_with_levers(tiny_bundle) -> None:
     of the output map over that slice's brain; the top slice has the highest anomaly."""
     import SimpleITK as sitk
 
-    from CeVAEAnomalyLib.bundle import load_bundle
-    from CeVAEAnomalyLib.pipeline import SLICE_QUANTILE, detect
-    from CeVAEAnomalyLib.postprocess import PostprocessOptions
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.detector import SLICE_QUANTILE, detect
+    from CeVAEAnomalyLib.options import PostprocessOptions
     from conftest import make_head
 
     image, mask = make_head(seed=5)
@@ -124,7 +139,7 @@ def test_detect_with_levers(tiny_bundle) -> None:
 def test_components_ranked_by_order() -> None:
     import SimpleITK as sitk
 
-    from CeVAEAnomalyLib.postprocess import components
+    from CeVAEAnomalyLib.engine.postprocess import components
 
     lab = np.zeros((5, 5, 20), np.uint8)
     score = np.zeros((5, 5, 20), np.float32)
@@ -143,7 +158,7 @@ def test_components_ranked_by_order() -> None:
 
 
 def test_fpr_for_threshold_inverts_threshold_for_fpr() -> None:
-    from CeVAEAnomalyLib.calibration import calibrate, fpr_for_threshold, threshold_for_fpr
+    from CeVAEAnomalyLib.engine.calibration import calibrate, fpr_for_threshold, threshold_for_fpr
 
     entry = calibrate([np.random.default_rng(0).standard_normal(200000)], "test")
     for fpr in (1e-4, 3e-4, 0.002, 0.05):

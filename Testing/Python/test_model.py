@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from CeVAEAnomalyLib.config import LossConfig, ModelConfig
+from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.masking import apply_rectangles, random_rectangles, sample_rectangles
-from CeVAEAnomalyLib.model import CeVAE, cevae_loss
+from CeVAEAnomalyLib.engine.corruption import apply_rectangles, random_rectangles, sample_rectangles
+from CeVAEAnomalyLib.engine.model import CeVAE, cevae_loss
 
 
 @pytest.mark.parametrize("size", [64, 128])

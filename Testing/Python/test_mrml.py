@@ -10,10 +10,10 @@ vtk = pytest.importorskip("vtk")
 
 from conftest import make_head, oblique_direction  # noqa: E402
 
-from CeVAEAnomalyLib import mrml  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
-from CeVAEAnomalyLib.pipeline import DetectionResult, SliceScoreRow  # noqa: E402
-from CeVAEAnomalyLib.postprocess import components, threshold_labelmap  # noqa: E402
+from CeVAEAnomalyLib.engine.detector import DetectionResult, SliceScoreRow  # noqa: E402
+from CeVAEAnomalyLib.engine.postprocess import components, threshold_labelmap  # noqa: E402
 
 GEOMETRIES = {
     "axis-aligned": dict(direction=None),
@@ -60,7 +60,7 @@ def test_volume_round_trip_is_exact(scene, geometry):
 def test_ijk_to_ras_agrees_with_simpleitk(scene, geometry):
     """MRML maps each voxel to the RAS point that SimpleITK maps it to in LPS (x, y negated)."""
     image, _ = make_head(**GEOMETRIES[geometry])
-    matrix = mrml.ijk_to_ras(add_volume(scene, image))
+    matrix = nodes.ijk_to_ras(add_volume(scene, image))
     for ijk in [(0, 0, 0), (5, 17, 3), tuple(s - 1 for s in image.GetSize())]:
         lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
         ras = matrix @ np.array([*ijk, 1.0])
@@ -90,7 +90,7 @@ def test_publish_puts_every_output_on_the_input_grid(scene, geometry):
 
     for node in (out.score, out.labelmap):
         assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
-        assert np.array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(volume))
+        assert np.array_equal(nodes.ijk_to_ras(node), nodes.ijk_to_ras(volume))
     assert np.array_equal(array(out.score), sitk.GetArrayFromImage(result.score))
     assert np.array_equal(array(out.labelmap), sitk.GetArrayFromImage(result.labelmap))
 
@@ -110,20 +110,20 @@ def test_component_and_slice_tables_match_the_result(scene):
     out = mrml.publish(scene, volume, result)
     table = out.components
     assert table.GetNumberOfRows() == len(result.components)
-    np.testing.assert_array_equal(mrml.table_column(table, "Component"), [c.label for c in result.components])
-    np.testing.assert_allclose(mrml.table_column(table, "Volume"), [c.volume_ml for c in result.components])
-    np.testing.assert_allclose(mrml.table_column(table, "Max score"), [c.max_score for c in result.components])
-    np.testing.assert_allclose(mrml.table_column(table, "Mean score"), [c.mean_score for c in result.components])
+    np.testing.assert_array_equal(nodes.table_column(table, "Component"), [c.label for c in result.components])
+    np.testing.assert_allclose(nodes.table_column(table, "Volume"), [c.volume_ml for c in result.components])
+    np.testing.assert_allclose(nodes.table_column(table, "Max score"), [c.max_score for c in result.components])
+    np.testing.assert_allclose(nodes.table_column(table, "Mean score"), [c.mean_score for c in result.components])
     for row, component in enumerate(result.components):
-        assert mrml.component_position(table, row) == pytest.approx(component.centroid_ras)
+        assert nodes.component_position(table, row) == pytest.approx(component.centroid_ras)
     assert table.GetColumnUnitLabel("Volume") == "ml"
     with pytest.raises(CeVAEError, match="not in the component table"):
-        mrml.component_position(table, len(result.components))
+        nodes.component_position(table, len(result.components))
 
     slices = out.slice_table
-    np.testing.assert_array_equal(mrml.table_column(slices, "Slice"), [r.index for r in result.slices])
-    np.testing.assert_allclose(mrml.table_column(slices, "Sample score"), [r.neg_elbo for r in result.slices])
-    np.testing.assert_allclose(mrml.table_column(slices, "Slice anomaly"), [r.anomaly for r in result.slices])
+    np.testing.assert_array_equal(nodes.table_column(slices, "Slice"), [r.index for r in result.slices])
+    np.testing.assert_allclose(nodes.table_column(slices, "Sample score"), [r.neg_elbo for r in result.slices])
+    np.testing.assert_allclose(nodes.table_column(slices, "Slice anomaly"), [r.anomaly for r in result.slices])
     series = scene.GetNodeByID(out.slice_chart.GetPlotSeriesNodeID())
     assert series.GetTableNodeID() == slices.GetID()
     assert (series.GetXColumnName(), series.GetYColumnName()) == ("Slice", "Slice anomaly")
@@ -197,9 +197,21 @@ def test_score_display_uses_inferno_and_hides_low_scores(scene):
     colors.GetColor(0, first)
     colors.GetColor(255, last)
     assert sum(first[:3]) < 0.1 and last[0] > 0.95 and last[1] > 0.95  # black to pale yellow
-    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.4)
-    assert display.GetWindowLevelMin() == pytest.approx(0.4)
-    assert display.GetWindowLevelMax() == pytest.approx(float(sitk.GetArrayFromImage(result.score).max()))
+    brain_scores = sitk.GetArrayFromImage(result.score)[sitk.GetArrayFromImage(mask) > 0]
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.8)  # below: transparent
+    assert display.GetWindowLevelMin() == pytest.approx(0.8)
+    assert display.GetWindowLevelMax() == pytest.approx(float(np.percentile(brain_scores, 99)))
+    assert display.GetWindowLevelMax() < float(brain_scores.max())  # a few hot voxels do not wash the map out
+
+
+def test_display_window_when_the_percentile_is_under_the_threshold():
+    image, mask = make_head()
+    score = sitk.Mask(sitk.Cast(image, sitk.sitkFloat32) / 100.0, mask)
+    values = sitk.GetArrayFromImage(score)[sitk.GetArrayFromImage(mask) > 0]
+    top, p99 = float(values.max()), float(np.percentile(values, 99))
+    between = (top + p99) / 2
+    assert mrml.display_range(between, score, mask) == pytest.approx((between, top))
+    assert mrml.display_range(top + 1.0, score, mask) == pytest.approx((top + 1.0, 2 * (top + 1.0)))
 
 
 def test_score_display_prefers_slicers_inferno_table(scene):
@@ -226,11 +238,11 @@ def test_outputs_follow_the_parent_transform_of_the_input(scene):
     for node in (out.score, out.segmentation):
         assert node.GetTransformNodeID() == transform.GetID()
     r, a, s = result.components[0].centroid_ras
-    assert mrml.component_position(out.components, 0) == pytest.approx((r + 10.0, a, s - 5.0))
+    assert nodes.component_position(out.components, 0) == pytest.approx((r + 10.0, a, s - 5.0))
     exported = mrml.mask_image(out.segmentation, volume, out.segmentation.GetSegmentation().GetNthSegmentID(0))
     assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, sitk.GetArrayFromImage(result.labelmap) > 0)
-    centre = mrml.ijk_to_ras(volume) @ np.array([19.5, 21.5, 7.0, 1.0])
-    assert mrml.slice_center_ras(volume, 2, 7) == pytest.approx((centre[0] + 10.0, centre[1], centre[2] - 5.0))
+    centre = nodes.ijk_to_ras(volume) @ np.array([19.5, 21.5, 7.0, 1.0])
+    assert nodes.slice_center_ras(volume, 2, 7) == pytest.approx((centre[0] + 10.0, centre[1], centre[2] - 5.0))
 
 
 def test_mask_from_labelmap_and_from_a_chosen_segment(scene):
@@ -279,3 +291,101 @@ def test_show_3d_builds_the_closed_surface(scene):
     assert out.segmentation.GetSegmentation().ContainsRepresentation(surface)
     assert out.segmentation.GetDisplayNode().GetVisibility3D()
     assert out.segmentation.GetDisplayNode().GetVisibility2DOutline()
+
+
+def segment_names(node):
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+def test_an_existing_segmentation_keeps_its_other_segments(scene):
+    """Choosing the user's segmentation as output replaces only this module's segment."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    labels = add_volume(scene, mask, "brain", "vtkMRMLLabelMapVolumeNode")
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labels, mine)
+    brain_id = mine.GetSegmentation().GetNthSegmentID(0)
+    for threshold in (1.1, 1.05):  # the second run replaces the first run's segment
+        mrml.publish(scene, volume, fake_detection(image, mask, threshold), mrml.OutputNodes(segmentation=mine))
+        assert sorted(segment_names(mine)) == sorted(["brain", mrml.SEGMENT_NAME])
+    anomaly = mrml.anomaly_segment_id(mine)
+    assert anomaly is not None and anomaly != brain_id
+    exported = mrml.mask_image(mine, volume, brain_id)
+    assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, sitk.GetArrayFromImage(mask) > 0)
+    exported = mrml.mask_image(mine, volume, anomaly)
+    expected = sitk.GetArrayFromImage(fake_detection(image, mask, 1.05).labelmap) > 0
+    assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, expected)
+
+
+def test_outputs_are_linked_to_their_input_by_a_reference_that_survives_scene_import(scene, tmp_path):
+    """Scene import renames clashing node IDs and updates references only (not ID attributes)."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    out = mrml.publish(scene, volume, fake_detection(image, mask))
+    assert out.score.GetNodeReferenceID(nodes.SOURCE_REFERENCE) == volume.GetID()
+    scene.SetURL(str(tmp_path / "saved.mrml"))
+    assert scene.Commit()
+
+    other = slicer.vtkMRMLScene()
+    first = add_volume(other, image, "already loaded")  # takes the ID the saved volume had
+    assert first.GetID() == volume.GetID()
+    other.SetURL(str(tmp_path / "saved.mrml"))
+    other.Import()
+    imported = [other.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                for i in range(other.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    source = next(n for n in imported if n.GetName() == "head")
+    assert source.GetID() != volume.GetID()  # renamed on import
+    score = mrml.find_output(other, "vtkMRMLScalarVolumeNode", "score", source)
+    assert score is not None and score.GetName() == out.score.GetName()
+    assert mrml.find_output(other, "vtkMRMLScalarVolumeNode", "score", first) is None
+    assert nodes.source_volume(score) is source
+
+
+def test_results_are_found_from_the_score_volume_alone(scene):
+    """After a reload the Results section works from the parameter node's score volume."""
+    from CeVAEAnomalyLib.slicer.nodes import stored_result
+
+    image, mask = make_head(direction=oblique_direction())
+    volume = add_volume(scene, image)
+    result = fake_detection(image, mask)
+    out = mrml.publish(scene, volume, result)
+    stored = stored_result(out.score)
+    assert stored.volume is volume and stored.slice_table is out.slice_table and stored.slice_chart is out.slice_chart
+    top = result.top_slice
+    assert stored.top_slice_ras == pytest.approx(nodes.slice_center_ras(volume, top.axis, top.index))
+    assert stored_result(volume) is None and stored_result(None) is None
+
+
+def test_overlay_opacity_acts_only_on_views_showing_the_score_volume(scene):
+    from CeVAEAnomalyLib.slicer.nodes import set_overlay_opacity
+
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    out = mrml.publish(scene, volume, fake_detection(image, mask))
+    other = add_volume(scene, image, "another overlay")
+    views = []
+    for foreground in (out.score, other, None):
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetForegroundVolumeID(foreground.GetID() if foreground else None)
+        composite.SetForegroundOpacity(0.5)
+        views.append(composite)
+    assert set_overlay_opacity(scene, out.score, 0.8) == 1
+    assert [v.GetForegroundOpacity() for v in views] == pytest.approx([0.8, 0.5, 0.5])
+
+
+def test_calibration_masks_are_paired_with_volumes_by_grid(scene):
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    image_a, mask_a = make_head()
+    image_b, mask_b = make_head(size=(36, 40, 30))
+    a, b = add_volume(scene, image_a, "a"), add_volume(scene, image_b, "b")
+    ma = add_volume(scene, mask_a, "mask a", "vtkMRMLLabelMapVolumeNode")
+    mb = add_volume(scene, mask_b, "mask b", "vtkMRMLLabelMapVolumeNode")
+    assert pair_masks([a, b], [mb]) == [None, mb]
+    assert pair_masks([a, b], [mb, ma]) == [ma, mb]
+    with pytest.raises(CeVAEError, match="grid of none of"):
+        pair_masks([b], [ma])
+    twin = add_volume(scene, mask_a, "mask a again", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(CeVAEError, match="two brain masks"):
+        pair_masks([a], [ma, twin])

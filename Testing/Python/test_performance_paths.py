@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_head, oblique_direction
-from CeVAEAnomalyLib.bundle import load_bundle
-from CeVAEAnomalyLib.config import ModelConfig, PreprocessConfig
-from CeVAEAnomalyLib.data import _smooth_field
-from CeVAEAnomalyLib.imageio import read_image
-from CeVAEAnomalyLib.model import CeVAE
-from CeVAEAnomalyLib.pipeline import detect
-from CeVAEAnomalyLib.postprocess import (PostprocessOptions, _erode_ball, components, refine_scores,
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
+from CeVAEAnomalyLib.training.augment import _smooth_field
+from CeVAEAnomalyLib.io.images import read_image
+from CeVAEAnomalyLib.engine.model import CeVAE
+from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyLib.options import PostprocessOptions
+from CeVAEAnomalyLib.engine.postprocess import (_erode_ball, components, refine_scores,
                                          threshold_labelmap)
-from CeVAEAnomalyLib.preprocess import brain_region, invert, invert_region, mask_array, prepare
-from CeVAEAnomalyLib.scoring import ScoreOptions, gaussian_blur, score_slices
+from CeVAEAnomalyLib.engine.preprocess import brain_region, invert, invert_region, mask_array, prepare
+from CeVAEAnomalyLib.engine.scoring import gaussian_blur, score_slices
+from CeVAEAnomalyLib.options import ScoreOptions
 
 
 def _oblique_head():

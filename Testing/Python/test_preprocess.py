@@ -5,9 +5,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import make_head, oblique_direction
-from CeVAEAnomalyLib.config import PreprocessConfig
+from CeVAEAnomalyLib.engine.config import PreprocessConfig
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.preprocess import canonical_axes, invert, mask_array, prepare, to_canonical
+from CeVAEAnomalyLib.engine.preprocess import canonical_axes, invert, mask_array, prepare, to_canonical
 
 GRIDS = {
     "axis-aligned": dict(size=(40, 44, 36), spacing=(1.0, 1.0, 1.0), direction=None),

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
-from CeVAEAnomalyLib.config import PreprocessConfig
-from CeVAEAnomalyLib.preprocess import ORIENTATIONS, invert, prepare
+from CeVAEAnomalyLib.engine.config import PreprocessConfig
+from CeVAEAnomalyLib.engine.preprocess import ORIENTATIONS, invert, prepare
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

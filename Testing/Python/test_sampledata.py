@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib import sampledata
+from CeVAEAnomalyResearch import sampledata
 from CeVAEAnomalyLib.errors import CeVAEError
 
 

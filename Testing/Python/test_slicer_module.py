@@ -16,14 +16,13 @@ from conftest import REPO, make_head, oblique_direction
 
 slicer = pytest.importorskip("slicer")
 
-from CeVAEAnomalyLib import mrml  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml, nodes, settings  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
-from CeVAEAnomalyLib.logic import CeVAEAnomalyLogic  # noqa: E402
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
 from CeVAEAnomalyLib.progress import Cancelled  # noqa: E402
 
 MODULE_DIR = REPO / "CeVAEAnomaly"
 MODULE_FILE = MODULE_DIR / "CeVAEAnomaly.py"
-BATCH_FILE = MODULE_DIR / "CeVAEAnomalyBatch.py"
 UI_FILE = REPO / "Resources" / "UI" / "CeVAEAnomaly.ui"
 GEOMETRIES = {"axis-aligned": None, "oblique": oblique_direction()}
 
@@ -53,43 +52,43 @@ def test_process_makes_outputs_on_the_input_grid(scene_with_head, tiny_bundle, g
     scene, volume, mask, _, mask_image = scene_with_head(GEOMETRIES[geometry])
     result = CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3,
                                          createLabelmap=True)
-    nodes = result.nodes
-    for node in (nodes.score, nodes.labelmap):
+    out = result.nodes
+    for node in (out.score, out.labelmap):
         assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
-        assert np.array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(volume))
-    score = sitk.GetArrayFromImage(mrml.image_from_volume(nodes.score))
-    labels = sitk.GetArrayFromImage(mrml.image_from_volume(nodes.labelmap))
+        assert np.array_equal(nodes.ijk_to_ras(node), nodes.ijk_to_ras(volume))
+    score = sitk.GetArrayFromImage(mrml.image_from_volume(out.score))
+    labels = sitk.GetArrayFromImage(mrml.image_from_volume(out.labelmap))
     brain = sitk.GetArrayFromImage(mask_image) > 0
     assert np.isfinite(score).all() and not score[~brain].any()
     assert np.array_equal(labels > 0, score > 0.3) and labels.any()
 
-    segmentation = nodes.segmentation.GetSegmentation()
+    segmentation = out.segmentation.GetSegmentation()
     assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == ["Anomaly"]
-    exported = mrml.mask_image(nodes.segmentation, volume, segmentation.GetNthSegmentID(0))
+    exported = mrml.mask_image(out.segmentation, volume, segmentation.GetNthSegmentID(0))
     assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, labels > 0)
 
-    assert nodes.components.GetNumberOfRows() == len(result.detection.components) > 0
-    np.testing.assert_allclose(mrml.table_column(nodes.components, "Volume"),
+    assert out.components.GetNumberOfRows() == len(result.detection.components) > 0
+    np.testing.assert_allclose(nodes.table_column(out.components, "Volume"),
                                [c.volume_ml for c in result.detection.components])
-    assert nodes.slice_table.GetNumberOfRows() == len(result.detection.slices)
+    assert out.slice_table.GetNumberOfRows() == len(result.detection.slices)
     # with components, the jump goes to the top component's centroid
     assert result.topSliceRas == pytest.approx(result.detection.components[0].centroid_ras)
     ranked = [c.summed_score for c in result.detection.components]
-    assert ranked == sorted(ranked, reverse=True) and [c.label for c in result.detection.components] == list(
-        range(1, len(ranked) + 1))
+    assert ranked == sorted(ranked, reverse=True)
+    assert [c.label for c in result.detection.components] == list(range(1, len(ranked) + 1))
 
 
 def test_logic_and_command_line_share_one_detection(scene_with_head, tiny_bundle, tmp_path):
     """The node path gives the same scores as the core called on the image file."""
-    from CeVAEAnomalyLib.bundle import load_bundle
-    from CeVAEAnomalyLib.pipeline import default_score_options, detect
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.detector import default_score_options, detect
 
     scene, volume, mask, image, mask_image = scene_with_head()
     result = CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu")
     sitk.WriteImage(image, str(tmp_path / "head.nrrd"))
     bundle = load_bundle(tiny_bundle)
     direct = detect(sitk.ReadImage(str(tmp_path / "head.nrrd")), bundle, mask_image,
-                    default_score_options(bundle, "combi"))
+                    default_score_options(bundle).replace(score_type="combi"))
     np.testing.assert_allclose(sitk.GetArrayFromImage(mrml.image_from_volume(result.nodes.score)),
                                sitk.GetArrayFromImage(direct.score), rtol=1e-5, atol=1e-6)
     assert result.detection.threshold == pytest.approx(direct.threshold)
@@ -172,28 +171,20 @@ def test_logic_needs_a_scene():
         CeVAEAnomalyLogic().process(None)
 
 
-def test_importing_logic_and_module_dependencies_does_not_import_torch():
-    """Slicer imports every module at start-up: the module file's library imports must stay light."""
+def test_importing_the_modules_library_imports_is_light():
+    """Slicer imports every module at start-up: no torch, SimpleITK or safetensors at module load."""
     tree = ast.parse(MODULE_FILE.read_text())
     lib_modules = sorted({node.module for node in tree.body if isinstance(node, ast.ImportFrom)
                           and node.module and node.module.startswith("CeVAEAnomalyLib")})
-    assert "CeVAEAnomalyLib.logic" in lib_modules
+    assert {"CeVAEAnomalyLib.slicer.logic", "CeVAEAnomalyLib.slicer.settings",
+            "CeVAEAnomalyLib.slicer.widget_state"} <= set(lib_modules)
     code = "import sys\n" + "".join(f"import {m}\n" for m in lib_modules) + \
-        "print('torch' in sys.modules)"
+        "print(sorted(m for m in ('torch', 'SimpleITK', 'safetensors') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 # --- static checks of the module that only Slicer can run -------------------------------------
-
-
-def module_sources():
-    return [MODULE_FILE, BATCH_FILE, *sorted((MODULE_DIR / "CeVAEAnomalyLib").glob("*.py"))]
-
-
-@pytest.mark.parametrize("path", module_sources(), ids=lambda p: p.name)
-def test_module_python_parses_with_python_3_9_grammar(path):
-    ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
 
 
 def ui_object_names():
@@ -216,6 +207,9 @@ def parameter_fields():
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
+HAND_BOUND = {"modelPath", "calibratedModelPath", "brainMaskSegmentId", "scoreType", "sensitivity", "device"}
+
+
 def test_ui_parameter_bindings_match_the_parameter_node():
     import xml.etree.ElementTree as ET
 
@@ -226,19 +220,93 @@ def test_ui_parameter_bindings_match_the_parameter_node():
                 bound[prop.findtext("string")] = widget.get("class")
     fields = parameter_fields()
     assert set(bound) <= fields
-    assert fields - set(bound) == {"modelPath"}  # bound by hand: ctkPathLineEdit takes only pathlib types
+    # Bound by hand: ctkPathLineEdit takes only pathlib types, the segment selector has no binding,
+    # and Choice values would be shown as untranslated combo-box texts.
+    assert fields - set(bound) == HAND_BOUND
+    text = MODULE_FILE.read_text()
+    assert all(f'"{name}"' in text or f"p.{name}" in text for name in HAND_BOUND)
     assert bound["inputVolume"] == "qMRMLNodeComboBox" and bound["overlayOpacity"] == "ctkSliderWidget"
 
 
-def test_module_describes_itself_and_cites_the_method():
+def display_names(function: str):
+    """The option values a display-name function of the module file maps (its dict literal's keys)."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    mapping = next(n for n in ast.walk(fn) if isinstance(n, ast.Dict))
+    keys = []
+    for key in mapping.keys:
+        keys.append(key.value if isinstance(key, ast.Constant) else getattr(settings, key.id))
+    values_translated = all(isinstance(v, ast.Call) and v.func.id == "_" for v in mapping.values)
+    return keys, values_translated
+
+
+@pytest.mark.parametrize("function, values", [("scoreTypeNames", "SCORE_TYPES"), ("deviceNames", "DEVICES"),
+                                              ("sensitivityNames", "SENSITIVITIES")])
+def test_combo_boxes_show_translatable_names_for_every_option_value(function, values):
+    keys, translated = display_names(function)
+    assert tuple(keys) == getattr(settings, values) and translated
+
+
+def test_module_annotations_evaluate_on_python_3_9():
+    """parameterNodeWrapper evaluates annotations: no 'X | Y' unions, no postponed evaluation."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body)
+    annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.AnnAssign, ast.arg)) and n.annotation]
+    annotations += [n.returns for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.returns]
+    assert annotations and not any(isinstance(b, ast.BinOp) for a in annotations for b in ast.walk(a))
+
+
+def test_threshold_has_a_finite_maximum():
     text = MODULE_FILE.read_text()
-    for needle in ("self.parent.title", "self.parent.categories", "self.parent.contributors", "helpText",
-                   "acknowledgementText", "Zimmerer", "@parameterNodeWrapper", "class CeVAEAnomalyTest(",
-                   "tryWithErrorDisplay", "PyTorchUtils", "testingEnabled()"):
-        assert needle in text, needle
-    top_level_imports = {a.name.split(".")[0] for n in ast.parse(text).body if isinstance(n, ast.Import)
-                         for a in n.names}
+    assert "Minimum(" not in text  # parameterNodeWrapper's Minimum sets the spin box maximum to infinity
+    assert re.search(r"threshold: Annotated\[float, WithinRange\(0\.0, 1000\.0\)\]", text)
+    import xml.etree.ElementTree as ET
+
+    spin = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "thresholdSpinBox")
+    maximum = next(p for p in spin.findall("property") if p.get("name") == "maximum")
+    assert float(maximum.findtext("double")) == 1000.0
+
+
+def module_classes():
+    return {n.name: n for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ClassDef)}
+
+
+def test_module_file_has_what_slicer_loads():
+    """Slicer instantiates the class named after the file and finds the widget and the self-test by
+    name; its module list shows what the module class sets on its parent. torch is imported lazily."""
+    classes = module_classes()
+    bases = {name: [ast.unparse(b) for b in c.bases] for name, c in classes.items()}
+    assert bases["CeVAEAnomaly"] == ["ScriptedLoadableModule"]
+    assert bases["CeVAEAnomalyWidget"][0] == "ScriptedLoadableModuleWidget"
+    assert bases["CeVAEAnomalyTest"] == ["ScriptedLoadableModuleTest"]
+    assert [ast.unparse(d) for d in classes["CeVAEAnomalyParameterNode"].decorator_list] == ["parameterNodeWrapper"]
+    assert module_description_fields().keys() >= {"title", "categories", "contributors", "helpText", "acknowledgementText"}
+    top_level_imports = {a.name.split(".")[0] for n in ast.parse(MODULE_FILE.read_text()).body
+                         if isinstance(n, ast.Import) for a in n.names}
+    top_level_imports |= {n.module.split(".")[0] for n in ast.parse(MODULE_FILE.read_text()).body
+                          if isinstance(n, ast.ImportFrom) and n.module}
     assert "torch" not in top_level_imports
+
+
+def test_widget_does_long_work_the_slicer_way():
+    """A worker process polled by a QTimer (no processEvents in the widget), torch through
+    PyTorchUtils, no prompt in testing mode, a documentation link, model-path history."""
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    uses = {ast.unparse(n) for n in ast.walk(widget) if isinstance(n, ast.Attribute)}
+    assert {"slicer.util.launchConsoleProcess", "qt.QTimer", "PyTorchUtils.PyTorchUtilsLogic",
+            "slicer.app.testingEnabled", "self.ui.modelPathLineEdit.addCurrentPathToHistory"} <= uses
+    assert "slicer.app.processEvents" not in uses and "slicer.util.pip_install" in uses
+    help_text = module_description_fields()["helpText"]
+    assert "<a href=" in ast.unparse(help_text) and "DOCUMENTATION_URL" in ast.unparse(help_text)
+    logic = ast.parse((MODULE_DIR / "CeVAEAnomalyLib" / "slicer" / "logic.py").read_text())
+    assert "slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode" in {
+        ast.unparse(n) for n in ast.walk(logic) if isinstance(n, ast.Attribute)}
+
+
+def module_description_fields():
+    """{field: value node} of the ``self.parent.<field> = ...`` assignments of the module class."""
+    return {t.attr: n.value for n in ast.walk(module_classes()["CeVAEAnomaly"]) if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Attribute) and ast.unparse(t.value) == "self.parent"}
 
 
 def cmake_list(text: str, name: str):
@@ -247,15 +315,20 @@ def cmake_list(text: str, name: str):
     return [item.replace("${MODULE_NAME}", "CeVAEAnomaly") for item in match.group(1).split()]
 
 
+def test_only_the_module_file_is_at_the_top_of_the_module_folder():
+    """Slicer loads every .py file at the top of a module folder as a module (no recursion)."""
+    assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["CeVAEAnomaly.py"]
+    assert (MODULE_DIR / "Scripts" / "DetectVolume.py").is_file()
+
+
 def test_cmake_lists_every_module_script():
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     listed = set(cmake_list(text, "MODULE_PYTHON_SCRIPTS"))
-    scripts = [MODULE_FILE, *(MODULE_DIR / "CeVAEAnomalyLib").glob("*.py")]
+    scripts = [MODULE_FILE, *(MODULE_DIR / "CeVAEAnomalyLib").rglob("*.py")]
     on_disk = {p.relative_to(MODULE_DIR).as_posix() for p in scripts}
     assert listed == on_disk
-    assert "configure_file(${MODULE_NAME}Batch.py" in text and BATCH_FILE.is_file()
-    assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
-    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert cmake_list(text, "MODULE_SCRIPTS") == [p.relative_to(MODULE_DIR).as_posix()
+                                                  for p in sorted((MODULE_DIR / "Scripts").glob("*.py"))]
 
 
 def test_cmake_resources_match_the_files_on_disk():
@@ -263,14 +336,10 @@ def test_cmake_resources_match_the_files_on_disk():
     explicit = cmake_list(text, "MODULE_PYTHON_RESOURCES")
     assert {"Resources/UI/CeVAEAnomaly.ui", "Resources/Icons/CeVAEAnomaly.png"} <= set(explicit)
     assert all((REPO / item).is_file() for item in explicit)
-    globs = re.search(r"file\(GLOB _cevae_data .*?\n(.*?)\)", text, re.S).group(1).split()
-    assert globs and all(g.startswith("${CEVAE_REPOSITORY_DIR}/Resources/") for g in globs)
-    patterns = [g.replace("${CEVAE_REPOSITORY_DIR}/", "") for g in globs]
-    globbed = {p.relative_to(REPO).as_posix() for pattern in patterns for p in REPO.glob(pattern) if p.is_file()}
-    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "Resources").rglob("*")
-               if p.is_file() and not p.name.startswith(".")}
-    assert on_disk == set(explicit) | globbed
-    assert "Models/cevae_t1_default.cevae" in text  # the build refuses to package without the model
+    data = cmake_list(text, "MODULE_PYTHON_LIBRARY_DATA")
+    packaged = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "CeVAEAnomalyLib" / "data").iterdir()
+                if p.is_file() and p.suffix != ".py"}
+    assert set(data) == packaged and "CeVAEAnomalyLib/data/cevae_t1_default.cevae" in data
 
 
 def test_icon_is_a_128_pixel_png():
@@ -288,16 +357,56 @@ def s4ext_fields():
     return fields
 
 
+def cmake_value(name: str) -> str:
+    return re.search(rf'set\({name} "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+
+
 def test_s4ext_has_every_field_and_agrees_with_cmake():
     fields = s4ext_fields()
     required = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
                 "category", "iconurl", "description", "screenshoturls", "enabled", "status")
     assert [k for k in required if not fields.get(k)] == []
-    cmake = (REPO / "CMakeLists.txt").read_text()
     for key, var in (("category", "EXTENSION_CATEGORY"), ("depends", "EXTENSION_DEPENDS"),
-                     ("homepage", "EXTENSION_HOMEPAGE"), ("recommends", "EXTENSION_RECOMMENDS")):
-        value = re.search(rf'set\({var} "([^"]*)"\)', cmake).group(1)
-        assert fields[key] == value.replace("${CEVAE_REPOSITORY_URL}", re.search(
-            r'set\(CEVAE_REPOSITORY_URL "([^"]*)"\)', cmake).group(1)), key
-    assert fields["category"] in MODULE_FILE.read_text()
-    assert "add_subdirectory(CeVAEAnomaly)" in cmake and "Slicer_EXTENSION_CPACK" in cmake
+                     ("homepage", "EXTENSION_HOMEPAGE"), ("contributors", "EXTENSION_CONTRIBUTORS"),
+                     ("iconurl", "EXTENSION_ICONURL"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS"),
+                     ("description", "EXTENSION_DESCRIPTION")):
+        assert fields[key] == cmake_value(var), key
+    assert "recommends" not in fields and "EXTENSION_RECOMMENDS" not in (REPO / "CMakeLists.txt").read_text()
+    description = module_description_fields()
+    constants = {key: {n.value for n in ast.walk(description[key]) if isinstance(n, ast.Constant)}
+                 for key in ("categories", "contributors")}
+    assert fields["category"] in constants["categories"] and fields["contributors"] in constants["contributors"]
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert re.findall(r"add_subdirectory\((\w+)\)", cmake) == ["CeVAEAnomaly"]
+    assert (MODULE_DIR / "CMakeLists.txt").is_file()
+
+
+RAW_PREFIX = "https://raw.githubusercontent.com/CeVAEAnomaly/SlicerCeVAEAnomaly/main/"
+
+
+def test_extension_index_checks():
+    """The checks the Extensions Index runs: literal https icon and screenshot URLs naming committed
+    files, a licence at the root, PyTorch as a dependency."""
+    for var in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in cmake_value(var).split():
+            assert url.startswith(RAW_PREFIX) and "${" not in url, url
+            assert (REPO / url[len(RAW_PREFIX):]).is_file(), url
+    screenshot = (REPO / "docs" / "screenshot.png").read_bytes()
+    assert screenshot[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", screenshot[16:24])[0] >= 800
+    licence = (REPO / "LICENSE").read_text()
+    assert licence.startswith("BSD 3-Clause License") and 'license = "BSD-3-Clause"' in \
+        (REPO / "pyproject.toml").read_text()
+    assert cmake_value("EXTENSION_DEPENDS") == "PyTorch"
+
+
+def test_catalogue_entry_is_a_file_and_in_the_readme():
+    import json
+
+    entry = json.loads((REPO / "CeVAEAnomaly.json").read_text())
+    assert entry["$schema"] == ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    fields = s4ext_fields()
+    assert entry["category"] == fields["category"] and entry["scm_url"] == fields["scmurl"]
+    assert entry["scm_revision"] == fields["scmrevision"] and entry["build_dependencies"] == ["PyTorch"]
+    blocks = re.findall(r"```json\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert entry in [json.loads(b) for b in blocks]

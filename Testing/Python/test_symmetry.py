@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib.symmetry import MidPlane, asymmetry, estimate_midplane, fuse, mirror, plane_from
+from CeVAEAnomalyLib.engine.symmetry import MidPlane, asymmetry, estimate_midplane, fuse, mirror, plane_from
 
 
 def test_reflection_of_points() -> None:

@@ -12,16 +12,17 @@ import time
 from pathlib import Path
 from typing import List
 
-import CeVAEAnomalyLib.train as train_mod
+import CeVAEAnomalyLib.training.trainer as train_mod
 import pytest
 import SimpleITK as sitk
 import torch
-from CeVAEAnomalyLib.bundle import load_bundle, read_header
-from CeVAEAnomalyLib.cli import main
-from CeVAEAnomalyLib.config import ModelConfig
-from CeVAEAnomalyLib.data import AugmentConfig, Subject
+from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.engine.config import ModelConfig
+from CeVAEAnomalyLib.training.config import AugmentConfig
+from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.train import TrainConfig, Trainer
+from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
 from conftest import make_head
 
 EVERY = 8  # checkpoint interval (steps); the log also gets a row every 10 steps
@@ -74,6 +75,7 @@ def past_checkpoint(log: Path) -> bool:
     return bool(lines) and int(lines[-1].split(",")[0]) % EVERY != 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_the_same_run(manifest, tmp_path):
     """Killed between checkpoints, ``--resume`` continues from the checkpoint as if never stopped."""
     out = tmp_path / "run" / "model.cevae"

@@ -39,20 +39,40 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from CeVAEAnomalyLib.bundle import Bundle, load_bundle, save_bundle
-from CeVAEAnomalyLib.config import ModelConfig, PreprocessConfig
+from CeVAEAnomalyLib.engine.bundle import Bundle, load_bundle, save_bundle
+from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.imageio import read_image
-from CeVAEAnomalyLib.model import CeVAE, cevae_loss, kl_per_sample
-from CeVAEAnomalyLib.outputs import components_csv, slice_scores_csv, write_all
-from CeVAEAnomalyLib.pipeline import default_postprocess, default_score_options, detect, resolve_threshold
-from CeVAEAnomalyLib.postprocess import RECOMMENDED, PostprocessOptions
-from CeVAEAnomalyLib.preprocess import mask_array, prepare
-from CeVAEAnomalyLib.scoring import ScoreOptions
+from CeVAEAnomalyLib.io.images import read_image
+from CeVAEAnomalyLib.engine.model import CeVAE, cevae_loss, kl_per_sample
+from CeVAEAnomalyLib.io.atomic import write_all
+from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
+from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options, detect, resolve_threshold
+from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED, PostprocessOptions
+from CeVAEAnomalyLib.engine.preprocess import mask_array, prepare
+from CeVAEAnomalyLib.options import ScoreOptions, ThresholdPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTHY = Path(os.environ.get("CEVAE_DATA_DIR", REPO.parent / "shared" / "data" / "healthy"))
-STAGES = ("read", "preprocess", "network", "scoring", "inverse", "postprocess", "write")
+STAGES = ("read", "preprocess", "network", "inverse", "postprocess", "write")
+# The detector's progress messages that open each of its stages (timed from outside the algorithm).
+STAGE_MESSAGES = {"Preparing the volume": "preprocess", "Scoring slices": "network",
+                  "Mapping scores back onto the input grid": "inverse", "Post-processing": "postprocess"}
+
+
+class StageClock:
+    """A progress callback that records when each stage of the detector begins."""
+
+    def __init__(self) -> None:
+        self.starts: Dict[str, float] = {}
+
+    def __call__(self, fraction: float, message: str) -> None:
+        stage = STAGE_MESSAGES.get(message)
+        if stage is not None and stage not in self.starts:
+            self.starts[stage] = time.perf_counter()
+
+    def durations(self, end: float) -> Dict[str, float]:
+        marks = sorted(self.starts.items(), key=lambda kv: kv[1]) + [("", end)]
+        return {name: marks[i + 1][1] - t for i, (name, t) in enumerate(marks[:-1])}
 BATCH = 64
 
 
@@ -86,11 +106,11 @@ def load_average() -> str:
 
 def model_bundle(workdir: Path, requested: Optional[Path]) -> Tuple[Path, str]:
     """The bundle to benchmark and a note on what it is."""
-    from CeVAEAnomalyLib.resources import DEFAULT_MODEL_NAME, resource_dir
+    from CeVAEAnomalyLib.data import default_model_path
 
     if requested is not None:
         return requested, f"given bundle {requested}"
-    default = resource_dir() / "Models" / DEFAULT_MODEL_NAME
+    default = default_model_path()
     if default.is_file():
         return default, f"bundled default model {default.name}"
     path = workdir / "untrained_default_arch.cevae"  # made anew each time: option names may change
@@ -171,13 +191,14 @@ def detect_once(image_path: Path, mask_path: Path, bundle: Bundle, opts: ScoreOp
     image = read_image(image_path)
     mask = read_image(mask_path, "brain mask")
     t_read = time.perf_counter() - t0
-    result = detect(image, bundle, mask, opts, post, threshold=threshold, batch_size=BATCH)
+    clock = StageClock()
+    result = detect(image, bundle, mask, opts, post, threshold=threshold, batch_size=BATCH, progress=clock)
     t1 = time.perf_counter()
     files = {out_dir / f"score{suffix}": result.score, out_dir / f"labelmap{suffix}": result.labelmap,
              out_dir / "slices.csv": slice_scores_csv(result), out_dir / "components.csv": components_csv(result)}
     write_all(files, overwrite=True, inputs=(image_path, mask_path))
     t_end = time.perf_counter()
-    stages = dict(result.timings, read=t_read, write=t_end - t1)
+    stages = dict(clock.durations(t1), read=t_read, write=t_end - t1)
     return stages, t_end - t0, result
 
 
@@ -185,7 +206,7 @@ def calibrated_or_fixed_threshold(bundle: Bundle, opts: ScoreOptions, post: Post
                                   mask_path: Path, out_dir: Path) -> Optional[float]:
     """None when the bundle is calibrated for these options; else the 99.9th brain-score percentile."""
     try:
-        resolve_threshold(bundle, opts, post, None, None)
+        resolve_threshold(bundle, opts, post, ThresholdPolicy())
         return None
     except CeVAEError:
         _, _, result = detect_once(image_path, mask_path, bundle, opts, post, float("inf"), out_dir)
@@ -279,9 +300,11 @@ def help_wall(repeats: int) -> List[float]:
 # ---- training ------------------------------------------------------------------------------------
 def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[float], List[float], int]:
     """(Trainer slices/s, bare step slices/s, training slices), alternating the two ``repeats`` times."""
-    from CeVAEAnomalyLib.data import Subject, augment
-    from CeVAEAnomalyLib.masking import random_rectangles
-    from CeVAEAnomalyLib.train import TrainConfig, Trainer
+    from CeVAEAnomalyLib.engine.corruption import random_rectangles
+    from CeVAEAnomalyLib.training.augment import augment
+    from CeVAEAnomalyLib.training.config import TrainConfig
+    from CeVAEAnomalyLib.training.data import Subject
+    from CeVAEAnomalyLib.training.trainer import Trainer
 
     subjects = [Subject(p, p.with_name(p.name.replace("_t1.", "_brainmask.")))
                 for p in sorted(HEALTHY.glob("*_t1.nii.gz"))]
@@ -289,12 +312,12 @@ def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[f
         raise SystemExit(f"No *_t1.nii.gz training volumes in {HEALTHY} (set CEVAE_DATA_DIR).")
     cfg = TrainConfig(out=workdir / "train_bench.cevae", batch_size=BATCH, device="cpu", val_fraction=0.0)
     trainer = Trainer(cfg, subjects)
-    trainer._load_data()
+    trainer.open_data()
     trainer.model.train()
-    batches = trainer._batches()
+    batches = trainer.batches()
     # the bare step's batch: made once the way the Trainer makes every batch
     gen = torch.Generator().manual_seed(1)
-    x = augment(trainer.train[next(batches)], cfg.augment, gen)
+    x = augment(next(batches)[2], cfg.augment, gen)
     xc, _ = random_rectangles(x, gen, value_range=(0.0, trainer.pre.clip_max))
 
     def bare_step() -> None:
@@ -303,8 +326,8 @@ def training_throughput(workdir: Path, steps: int, repeats: int) -> Tuple[List[f
         loss.backward()
         trainer.opt.step()
 
-    def real_step() -> None:
-        trainer._train_step(next(batches))
+    def real_step() -> None:  # reads the batch from the slice cache, as training does
+        trainer._train_step(next(batches)[2])
 
     def rate(step: Callable[[], None]) -> float:
         step()  # warm-up
@@ -404,7 +427,7 @@ def main() -> None:
 
     post = default_postprocess(bundle)
     combi = default_score_options(bundle)
-    configs = [("combi", combi), ("rec", default_score_options(bundle, "rec"))]
+    configs = [("combi", combi), ("rec", combi.replace(score_type="rec"))]
     for n in (1, 4) if args.quick else (1, 4, 16):
         configs.append((f"MC N={n}", ScoreOptions(**dict(combi.to_dict(), mc_samples=n))))
     detects: List[DetectRuns] = []

@@ -1,0 +1,266 @@
+"""Implementations of the command-line subcommands (imported lazily by cli.py)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from ..errors import CeVAEError
+
+log = logging.getLogger("cevae_anomaly")
+
+
+def _training_subjects(args: argparse.Namespace) -> list:
+    from ..io.manifest import Subject, read_manifest
+
+    subjects = list(read_manifest(args.manifest)) if args.manifest else []
+    subjects += [Subject(Path(p)) for p in args.images]
+    if not subjects:
+        raise CeVAEError("No training images: give --manifest CSV and/or image paths.")
+    return subjects
+
+
+def _inputs(args: argparse.Namespace, subjects: list) -> list:
+    """Every file the command reads: no output may replace one."""
+    return [args.manifest] + [p for s in subjects for p in (s.image, s.mask)]
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    from .console import ConsoleProgress
+    from ..engine.config import LossConfig, ModelConfig
+    from ..options import parse_orientations
+    from ..training.config import NO_AUGMENT, AugmentConfig, TrainConfig
+    from ..training.trainer import Trainer
+
+    subjects = _training_subjects(args)
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise CeVAEError(f"--channels must be comma-separated integers, got {args.channels!r}.") from None
+    cfg = TrainConfig(
+        out=args.out,
+        model=ModelConfig(input_size=args.input_size, channels=channels, z_dim=args.z_dim),
+        loss=LossConfig(ce_weight=args.ce_weight, beta=args.beta, rec=args.rec_loss),
+        augment=NO_AUGMENT if args.no_augment else AugmentConfig(),
+        orientations=parse_orientations(args.orientations), batch_size=args.batch_size, lr=args.lr,
+        max_steps=args.max_steps, max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
+        val_fraction=args.val_fraction, seed=args.seed, device=args.device, resume=args.resume,
+        half_bundle=args.half, amp=args.amp, cache_dir=args.cache_dir, loader_workers=args.loader_workers,
+    )
+    cfg.validate()
+    cfg.check_outputs(_inputs(args, subjects), args.overwrite)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
+    path = trainer.run()
+    if path is not None:
+        log.info("Model bundle written to %s (log: %s).", path, cfg.log_path)
+    return path
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from .console import ConsoleProgress
+    from ..engine.config import PreprocessConfig
+    from ..options import parse_orientations
+    from ..training.prepare import prepare_cohort
+
+    if args.workers < 1:
+        raise CeVAEError(f"--workers must be at least 1, got {args.workers}.")
+    orientations = parse_orientations(args.orientations)
+    pre = PreprocessConfig(input_size=args.input_size)
+    summary = prepare_cohort(_training_subjects(args), args.cache_dir, pre, orientations, args.workers,
+                             ConsoleProgress("prepare"))
+    log.info("%s", summary)
+
+
+def run_detect(args: argparse.Namespace) -> None:
+    from ..engine.bundle import load_bundle
+    from .console import ConsoleProgress
+    from ..engine.devices import resolve_device
+    from ..io.images import read_image
+    from ..io.atomic import write_all
+    from ..io.outputs import components_csv, slice_scores_csv
+    from ..io.targets import check_paths
+    from ..engine.detector import Detector
+    from ..options import ThresholdPolicy
+    from ..data import default_model_path
+
+    outputs = [args.score] + [p for p in (args.labelmap, args.slice_scores, args.components) if p is not None]
+    model = args.model or default_model_path()
+    inputs = (args.image, args.mask, model)
+    check_detect_options(args)
+    check_paths(outputs, args.overwrite, inputs)
+    image = read_image(args.image)
+    mask = read_image(args.mask, "brain mask") if args.mask else None
+    bundle = load_bundle(model, resolve_device(args.device))
+    opts, post = detection_options(bundle, args)
+    detector = Detector(bundle, opts, post, ThresholdPolicy(args.threshold, args.fpr), args.batch_size, args.amp)
+    _warn_modality(image)
+    result = detector(image, mask, progress=ConsoleProgress("detect"))
+    files = {args.score: result.score}
+    if args.labelmap:
+        files[args.labelmap] = result.labelmap
+    if args.slice_scores:
+        files[args.slice_scores] = slice_scores_csv(result)
+    if args.components:
+        files[args.components] = components_csv(result)
+    write_all(files, args.overwrite, inputs)
+    top = result.top_slice
+    log.info("Threshold %.4g (%s); %d component(s), %.2f ml flagged; most anomalous slice: %s.",
+             result.threshold, result.threshold_source, len(result.components), result.flagged_ml,
+             f"index {top.index} on axis {'IJK'[top.axis]}" if top else "none")
+    log.info("Wrote %s.", ", ".join(str(p) for p in files))
+
+
+def detection_options(bundle, args: argparse.Namespace):
+    """(ScoreOptions, PostprocessOptions): the bundle's defaults with the command-line overrides."""
+    from ..engine.detector import default_postprocess, default_score_options
+    from ..options import PAPER
+
+    opts = default_score_options(bundle)
+    if getattr(args, "paper", False):
+        opts = opts.replace(**PAPER)
+    opts = opts.replace(score_type=args.score_type, **{key: getattr(args, key) for key in SCORE_FLAGS})
+    post = default_postprocess(bundle).replace(rim_mm=args.rim_mm, median_radius=args.median_radius,
+                                               min_volume_mm3=args.min_volume, asymmetry_mm=args.asymmetry_mm,
+                                               asymmetry_floor=args.asymmetry_floor, score_power=args.score_power,
+                                               normalise=args.normalise, hysteresis=args.hysteresis)
+    return opts, post
+
+
+SCORE_FLAGS = ("mc_samples", "combi", "alpha", "grad_target", "grad_sigma", "grad_norm", "rec_sigma")
+
+
+def run_calibrate(args: argparse.Namespace) -> Path:
+    """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
+    from ..engine.bundle import load_bundle
+    from ..io.manifest import Subject, read_manifest
+    from ..engine.devices import resolve_device
+    from ..engine.calibrate import recalibrate
+    from ..io.targets import check_paths
+    from ..data import default_model_path
+
+    subjects = list(read_manifest(args.manifest)) if args.manifest else []
+    subjects += [Subject(Path(p)) for p in args.images]
+    if not subjects:
+        raise CeVAEError("No healthy volumes to calibrate on: give --manifest CSV and/or image paths.")
+    src = Path(args.model or default_model_path())
+    check_paths([args.out], args.overwrite,
+                [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
+    bundle = load_bundle(src, resolve_device(args.device))
+    opts, post = detection_options(bundle, args)
+    path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr)
+    log.info("Calibrated bundle written to %s (%d healthy volume(s)).", path, len(subjects))
+    return path
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """Print (and optionally write) metrics of score maps against ground truth."""
+    from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, write_metrics_csv
+    from ..io.manifest import read_rows
+    from ..io.targets import check_paths
+
+    if args.cases:
+        rows = [dict({k: str(v or "") for k, v in r.files.items()}, name=r.cells["name"])
+                for r in read_rows(args.cases, "score", tuple(ROLES), "cases CSV", others=("name",))]
+    elif args.score:
+        rows = [{"score": str(args.score), "gt": str(args.gt or ""), "mask": str(args.mask or ""),
+                 "labelmap": str(args.labelmap or ""), "name": args.score.name}]
+    else:
+        raise CeVAEError("Give --cases CSV or --score (with --gt for a lesion case).")
+    if args.out:
+        check_paths([args.out], args.overwrite, [args.cases, *(Path(r[k]) for r in rows for k in ROLES if r[k])])
+    cases, pooled = evaluate_files(rows)
+    for c in cases:
+        print(f"{c.name}: AUROC {c.auroc:.4f}  AUPRC {c.auprc:.4f}  best Dice {c.best_dice:.4f}"
+              + (f"  Dice@labelmap {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
+              + (f"  slice AUROC {c.slice_auroc:.4f}" if c.slice_auroc is not None else "")
+              + (f"  flagged {c.flagged_ml:.2f} ml" if c.flagged_ml is not None else ""))
+    print(f"pooled: AUROC {pooled['auroc']:.4f}  AUPRC {pooled['auprc']:.4f}  best Dice {pooled['best_dice']:.4f}")
+    if args.out:
+        write_metrics_csv(args.out, cases, pooled, args.overwrite)
+        log.info("Metrics written to %s.", args.out)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """The README's first command: detection on a healthy sample scan with synthetic lesions."""
+    from .console import ConsoleProgress
+    from CeVAEAnomalyResearch.demo import run_demo as demo
+
+    report = demo(args.out_dir, args.model, args.seed, auto_mask=args.auto_mask, device=args.device,
+                  progress=ConsoleProgress("demo"))
+    for key, value in report.metrics.items():
+        print(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
+    if report.note:
+        print(report.note)
+    print(f"Done in {report.seconds:.1f} s. Outputs in {report.out_dir}/:")
+    for f in report.files:
+        print(f"  {f}")
+
+
+def run_batch(args: argparse.Namespace) -> None:
+    """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
+    from .batch import DetectSettings, check_outputs_apart, collect_inputs, parse_shard, select_shard, summary_name
+    from .batch import run_batch as process
+    from ..engine.bundle import load_bundle
+    from .console import ConsoleProgress
+    from ..engine.devices import resolve_device
+    from ..engine.detector import resolve_threshold
+    from ..options import ThresholdPolicy
+    from ..data import default_model_path
+
+    check_detect_options(args)
+    if args.inputs.resolve() == args.out_dir.resolve():
+        raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
+    shard = parse_shard(args.shard) if args.shard else None
+    every = collect_inputs(args.inputs)
+    items = select_shard(every, *shard) if shard else every
+    if shard:
+        log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
+    model = args.model or default_model_path()
+    check_outputs_apart(items, every, args.inputs, Path(model), args.out_dir, args.out_dir / summary_name(shard))
+    bundle = load_bundle(model, resolve_device(args.device))
+    opts, post = detection_options(bundle, args)
+    threshold, source = resolve_threshold(bundle, opts, post, ThresholdPolicy(args.threshold, args.fpr))
+    log.info("Score %s; threshold %.4g (%s).", opts.score_type, threshold, source)
+    settings = DetectSettings(model=Path(model), device=args.device, score_options=opts.to_dict(),
+                              postprocess=post.to_dict(), out_dir=args.out_dir, threshold=args.threshold,
+                              fpr=args.fpr, batch_size=args.batch_size, amp=args.amp, overwrite=args.overwrite)
+    summary = process(items, settings, args.out_dir / summary_name(shard), args.workers, ConsoleProgress("batch"))
+    failed = summary.count("error")
+    if failed:
+        raise CeVAEError(f"{failed} of {len(items)} volume(s) failed; the reasons are in the 'error' column of "
+                         f"{summary.path}. The others are done, and a rerun retries only the failed ones.")
+
+
+def check_detect_options(args: argparse.Namespace) -> None:
+    """Refuse impossible option values before any file is read."""
+    import math
+
+    if args.batch_size < 1:
+        raise CeVAEError(f"--batch-size must be 1 or more, got {args.batch_size}.")
+    if args.fpr is not None and not 0 < args.fpr < 1:
+        raise CeVAEError(f"--fpr is a rate between 0 and 1 (e.g. 0.001), got {args.fpr:g}.")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise CeVAEError("--threshold must be a finite number.")
+    for flag, value in (("--mc-samples", args.mc_samples), ("--rim-mm", args.rim_mm),
+                        ("--median-radius", args.median_radius), ("--min-volume", args.min_volume),
+                        ("--asymmetry-mm", args.asymmetry_mm), ("--asymmetry-floor", args.asymmetry_floor),
+                        ("--hysteresis", args.hysteresis)):
+        if value is not None and not value >= 0:
+            raise CeVAEError(f"{flag} must be 0 or more, got {value:g}.")
+
+
+def _warn_modality(image) -> None:
+    """Warn when the intensities look like CT (Hounsfield units) rather than MRI."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayViewFromImage(image)
+    low = float(arr.min())
+    if not np.isfinite(low):  # NaN/Inf voxels are handled (and reported) by the pipeline
+        finite = arr[np.isfinite(arr)]
+        low = float(finite.min()) if finite.size else 0.0
+    if low <= -500:
+        log.warning("The intensities reach %.0f, like a CT in Hounsfield units; this model is for T1 MRI "
+                    "and its scores will not be meaningful.", low)

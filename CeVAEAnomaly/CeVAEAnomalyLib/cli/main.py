@@ -1,0 +1,251 @@
+"""The ``cevae-anomaly`` command: train, prepare, detect, batch, calibrate, evaluate, demo.
+
+Heavy modules (torch, SimpleITK) are imported inside the commands so ``--help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, NoReturn, Optional
+
+from .. import __version__
+from ..errors import CeVAEError, one_line
+from ..options import COMBI_MODES, GRAD_NORMS, GRAD_TARGETS, SCORE_TYPES, RunOptions
+from .interrupts import Terminated, sigterm_as_interrupt
+
+log = logging.getLogger("cevae_anomaly")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=RunOptions.device, help="auto (cuda > mps > cpu), cpu, cuda or mps; "
+                   "cuda:N picks a GPU")
+
+
+def _add_scoring(p: argparse.ArgumentParser) -> None:
+    """Options shared by detect and batch: score, threshold, post-processing, inference."""
+    p.add_argument("--score-type", choices=SCORE_TYPES, help="pixel score (default: the model's, combi)")
+    p.add_argument("--mc-samples", type=int, help="average the reconstruction over N samples of z")
+    p.add_argument("--rim-mm", type=float, help="ignore scores within this distance of the brain edge")
+    p.add_argument("--median-radius", type=int, help="3D median filter radius (voxels)")
+    p.add_argument("--min-volume", type=float, help="drop components smaller than this (mm^3)")
+    p.add_argument("--asymmetry-mm", type=float,
+                   help="fuse the score with the left-right intensity asymmetry smoothed with this sigma (mm); 0: off")
+    p.add_argument("--asymmetry-floor", type=float,
+                   help="score^power x (floor + asymmetry): a floor > 0 keeps part of midline/bilateral scores")
+    p.add_argument("--score-power", type=float, help="power of the model's score in the asymmetry fusion")
+    p.add_argument("--normalise", action=argparse.BooleanOptionalAction, default=None,
+                   help="express scores in units of this brain's robust spread (median/MAD) before thresholding")
+    p.add_argument("--hysteresis", type=float,
+                   help="grow labelled components down to this fraction of the threshold (0: off)")
+    p.add_argument("--paper", action="store_true",
+                   help="the published score: rec x |dKL/dx| smoothed (3 px) and min-max normalised per volume")
+    p.add_argument("--combi", choices=COMBI_MODES, help="how combi joins rec and grad (default: the model's)")
+    p.add_argument("--alpha", type=float, help="weight of grad in --combi weighted: rec*(1+alpha*grad)")
+    p.add_argument("--grad-target", choices=GRAD_TARGETS, help="gradient of the KL term or of the whole ELBO")
+    p.add_argument("--grad-sigma", type=float, help="Gaussian smoothing of |grad| in model pixels")
+    p.add_argument("--grad-norm", choices=GRAD_NORMS, help="min-max normalisation of grad")
+    p.add_argument("--rec-sigma", type=float, help="Gaussian smoothing of the reconstruction error")
+    p.add_argument("--batch-size", type=int, default=RunOptions.batch_size, help="slices per network pass")
+    p.add_argument("--amp", action="store_true", help="mixed precision")
+
+
+def _add_threshold(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fpr", type=float,
+                   help="healthy false-positive rate for the calibrated threshold (default: the model's)")
+    p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
+
+
+def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("images", nargs="*", type=Path, help=f"{what} image files (besides or instead of --manifest)")
+    p.add_argument("--manifest", type=Path, help="CSV with columns image,mask (paths relative to the CSV)")
+
+
+def _add_slices(p: argparse.ArgumentParser, cfg, cache_required: bool) -> None:
+    """Options that decide the cached slices (shared by train and prepare)."""
+    p.add_argument("--input-size", type=int, default=cfg.model.input_size, help="64 or 128")
+    p.add_argument("--orientations", default=",".join(cfg.orientations),
+                   help="slice orientations: axial,coronal,sagittal")
+    p.add_argument("--cache-dir", type=Path, required=cache_required,
+                   help="folder of preprocessed slices, kept and reused between runs"
+                   + ("" if cache_required else " (default: a temporary one per run); see `cevae-anomaly prepare`"))
+
+
+def _add_train(sub) -> None:
+    from ..training.config import TrainConfig
+
+    cfg = TrainConfig(out=Path("model.cevae"))  # the defaults, written once there
+    t = sub.add_parser("train", help="train a model on healthy volumes")
+    _add_subjects(t, "healthy")
+    t.add_argument("--out", type=Path, required=True, help="model bundle to write (.cevae)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
+    t.add_argument("--max-steps", type=int, default=cfg.max_steps)
+    t.add_argument("--max-minutes", type=float, help="stop after this many minutes")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (and replace OUT)")
+    t.add_argument("--seed", type=int, default=cfg.seed)
+    _add_slices(t, cfg, cache_required=False)
+    t.add_argument("--channels", default=",".join(str(c) for c in cfg.model.channels),
+                   help="encoder widths, comma-separated")
+    t.add_argument("--z-dim", type=int, default=cfg.model.z_dim)
+    t.add_argument("--batch-size", type=int, default=cfg.batch_size)
+    t.add_argument("--lr", type=float, default=cfg.lr)
+    t.add_argument("--beta", type=float, default=cfg.loss.beta, help="KL weight")
+    t.add_argument("--ce-weight", type=float, default=cfg.loss.ce_weight,
+                   help="weight c of the context-encoding loss")
+    t.add_argument("--rec-loss", choices=("l1", "l2"), default=cfg.loss.rec)
+    t.add_argument("--val-fraction", type=float, default=cfg.val_fraction,
+                   help="share of subjects held out for validation and calibration, in [0, 1)")
+    t.add_argument("--checkpoint-every", type=int, default=cfg.checkpoint_every)
+    t.add_argument("--loader-workers", type=int,
+                   help="processes reading batches from the cache (default: 0 on the CPU, 4 on CUDA)")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--half", action="store_true", help="store fp16 weights in the bundle")
+    t.add_argument("--amp", action="store_true", help="mixed precision")
+    _add_device(t)
+
+
+def _add_prepare(sub) -> None:
+    from ..training.config import TrainConfig
+
+    cfg = TrainConfig(out=Path("model.cevae"))
+    p = sub.add_parser("prepare", help="preprocess healthy volumes once into a slice cache for train",
+                       description="Preprocess every volume into --cache-dir (one .npy per subject and "
+                       "orientation, keyed by the settings and file checksums). `train --cache-dir` with "
+                       "the same settings then reads slices from there; changed files or settings are "
+                       "preprocessed again, nothing stale is used.")
+    _add_subjects(p, "healthy")
+    _add_slices(p, cfg, cache_required=True)
+    p.add_argument("--workers", type=int, default=1, help="volumes preprocessed in parallel processes")
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's error convention: one ``error:`` line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cevae-anomaly",
+        description="Unsupervised anomaly localisation in brain MRI with a context-encoding VAE (ceVAE).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_train(sub)
+    _add_prepare(sub)
+
+    d = sub.add_parser("detect", help="score a volume: anomaly map, labelmap, slice scores")
+    d.add_argument("image", type=Path, help="image file or DICOM folder")
+    d.add_argument("--mask", type=Path, help="brain mask (>0 is brain); computed automatically if absent")
+    d.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
+    d.add_argument("--score", type=Path, required=True, help="output anomaly map (float32)")
+    d.add_argument("--labelmap", type=Path, help="output labelmap (uint8 0/1)")
+    d.add_argument("--slice-scores", type=Path, help="output CSV of per-slice scores")
+    d.add_argument("--components", type=Path, help="output CSV of anomaly components")
+    _add_scoring(d)
+    _add_threshold(d)
+    d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_device(d)
+
+    b = sub.add_parser("batch", help="detect on a cohort: resumable, shardable, parallel",
+                       description="Score every volume of a folder or CSV list. Per volume NAME, writes "
+                       "NAME_score.nii.gz, NAME_labelmap.nii.gz and NAME_slices.csv to --out-dir, plus a "
+                       "summary CSV; volumes whose outputs exist are skipped, failures are recorded.")
+    b.add_argument("inputs", type=Path, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
+                   "masks of NAME.*) or CSV with columns image[,mask][,name] (paths relative to the CSV)")
+    b.add_argument("--out-dir", type=Path, required=True, help="folder for the outputs and the summary")
+    b.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
+    _add_scoring(b)
+    _add_threshold(b)
+    b.add_argument("--shard", help="i/n: only the i-th of n parts of the sorted list (i = 1..n), for array jobs")
+    b.add_argument("--workers", type=int, default=1, help="volumes scored in parallel processes")
+    b.add_argument("--overwrite", action="store_true", help="score again volumes whose outputs exist")
+    _add_device(b)
+
+    c = sub.add_parser("calibrate", help="store healthy-score quantiles (thresholds) in a model bundle",
+                       description="Score healthy volumes with the given options and store the voxel "
+                       "score quantiles, so that labelmap thresholds follow a false-positive rate.")
+    c.add_argument("images", nargs="*", type=Path, help="healthy image files")
+    c.add_argument("--manifest", type=Path, help="CSV with columns image,mask of healthy volumes")
+    c.add_argument("--model", type=Path, help="bundle to calibrate (default: the bundled default model)")
+    c.add_argument("--out", type=Path, required=True, help="calibrated bundle to write")
+    c.add_argument("--default-fpr", type=float, help="false-positive rate used when detect gets none")
+    _add_scoring(c)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_device(c)
+
+    e = sub.add_parser("evaluate", help="metrics of score maps against ground truth",
+                       description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
+                       "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
+    e.add_argument("--cases", type=Path, help="CSV with columns score,gt[,mask][,labelmap][,name]")
+    e.add_argument("--score", type=Path, help="one score map (instead of --cases)")
+    e.add_argument("--gt", type=Path, help="its ground-truth lesion mask (absent: healthy)")
+    e.add_argument("--mask", type=Path, help="its brain mask (metrics inside it)")
+    e.add_argument("--labelmap", type=Path, help="its labelmap (Dice at threshold, flagged ml)")
+    e.add_argument("--out", type=Path, help="write the metrics CSV here")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    m = sub.add_parser("demo", help="insert a synthetic lesion into a healthy scan, detect, write a picture")
+    m.add_argument("--out-dir", type=Path, default=Path("demo-output"))
+    m.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
+    m.add_argument("--seed", type=int, default=7)
+    m.add_argument("--auto-mask", action="store_true", help="compute the brain mask instead of using the given one")
+    _add_device(m)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    rc = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, once the process group is gone, a rank could still abort in C++ static
+        # destructors at interpreter exit ("terminate called without an active exception", seen
+        # with gloo). Every file is closed and renamed by now, so leave without running them.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error (already printed)
+        return int(exc.code or 0)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: say which rank speaks
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format=(f"[rank {os.environ.get('RANK', '?')}] " if distributed else "")
+                        + "%(levelname)s: %(message)s")
+    try:
+        from . import commands
+
+        with sigterm_as_interrupt():
+            getattr(commands, f"run_{args.command}")(args)
+        return 0
+    except CeVAEError as exc:
+        if args.debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory; close other programs or use a machine with more memory.", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
+              "the traceback and report it)", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""Detection engine: model, preprocessing, scoring, post-processing, bundle, calibration, detector."""

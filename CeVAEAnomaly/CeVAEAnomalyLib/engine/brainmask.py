@@ -1,0 +1,272 @@
+"""Automatic brain mask for a T1 head MRI by affine registration of a bundled template.
+
+The colin27 template (2 mm T1 with skull, plus its brain mask) is registered onto a 4 mm copy
+of the input (Mattes mutual information; similarity from a few head pitches, then affine). The
+template's signed distance to its brain boundary is warped onto the input grid and thresholded
+at a small margin. An input that is already skull-stripped (its foreground, everything above a
+near-background level, is no bigger than a brain) is its own mask: no registration. Either way
+the result is hole-filled and reduced to its largest connected component.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import CeVAEError, one_line
+from ..progress import Cancelled, ProgressCallback, report, scaled
+from ..data import template_dir
+from ..io.images import voxel_volume_ml
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_T1 = "colin27_t1_2mm.nii.gz"
+TEMPLATE_MASK = "colin27_brainmask_2mm.nii.gz"
+
+_REGISTRATION_SPACING_MM = 4.0
+_SAMPLING_FRACTION = 0.25
+_SEED = 20240601
+_PITCH_STARTS_DEG = (0.0, 20.0, -20.0)  # head nodding is the largest pose difference in practice
+_MARGIN_MM = 2.0  # the template mask (BET) hugs the cortex; grow it a little
+_BACKGROUND_LEVEL = 0.01  # foreground: above the minimum by this share of the robust range
+_STRIPPED_MAX_ML = 2500.0  # a foreground this small is a brain (adult heads are > 3 L)
+_PLAUSIBLE_ML = (500.0, 3000.0)
+
+
+def default_template_dir() -> Path:
+    """The packaged brain-mask template folder."""
+    return template_dir()
+
+
+def load_template(template_dir: Optional[Path] = None) -> tuple[sitk.Image, sitk.Image]:
+    """Template T1 (float32) and brain mask (uint8) from ``template_dir``."""
+    folder = Path(template_dir) if template_dir is not None else default_template_dir()
+    paths = [folder / TEMPLATE_T1, folder / TEMPLATE_MASK]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CeVAEError(
+            f"Brain-mask template files {missing} not found in {folder}; "
+            "restore them or rebuild them with scripts/make_template.py."
+        )
+    return sitk.ReadImage(str(paths[0]), sitk.sitkFloat32), sitk.ReadImage(str(paths[1]), sitk.sitkUInt8)
+
+
+def given_or_computed_mask(image: sitk.Image, mask_path: Optional[Path], name: str = "the image",
+                           progress: Optional[ProgressCallback] = None) -> sitk.Image:
+    """The brain mask read from ``mask_path``, or computed from ``image`` when no mask is given."""
+    if mask_path is not None:
+        from ..io.images import read_image
+
+        return read_image(mask_path, "brain mask")
+    logger.info("No brain mask for %s: computing one automatically.", name)
+    return compute_brain_mask(image, progress=progress)
+
+
+def compute_brain_mask(
+    image: sitk.Image,
+    template_dir: Optional[Path] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> sitk.Image:
+    """Brain mask (uint8 {0,1}) of a 3D scalar T1 head MRI, on exactly the input's grid.
+
+    Works on heads with skull and on skull-stripped brains. ``progress(fraction, message)``
+    is called as the steps advance.
+    """
+    _check_input(image)
+    intensities = sitk.Cast(image, sitk.sitkFloat32)
+    small = _downsampled(intensities)
+    background = _background_level(small)
+    if _foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML:
+        logger.info("Input looks skull-stripped: its foreground is the brain mask")
+        mask = intensities > background
+    else:
+        report(progress, 0.05, "Loading brain template")
+        template, template_mask = load_template(template_dir)
+        report(progress, 0.1, "Registering brain template")
+        transform = _register(_normalised(small), _normalised(template), scaled(progress, 0.1, 0.8))
+        report(progress, 0.8, "Warping brain mask")
+        mask = _warped_distance(template_mask, image, transform) <= _MARGIN_MM
+    report(progress, 0.9, "Cleaning brain mask")
+    mask = _largest_filled_component(mask)
+    _check_volume(mask)
+    report(progress, 1.0, "Brain mask done")
+    return mask
+
+
+def _check_input(image: sitk.Image) -> None:
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CeVAEError(
+            f"Brain masking needs a 3D scalar image; got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel."
+        )
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    if not stats.GetMaximum() > stats.GetMinimum():
+        raise CeVAEError("Brain masking needs a T1 image with contrast; this image is constant.")
+
+
+def _downsampled(image: sitk.Image) -> sitk.Image:
+    """Smoothed float copy of ``image`` on an isotropic 4 mm grid over the same extent."""
+    target = _REGISTRATION_SPACING_MM
+    spacing = np.array(image.GetSpacing())
+    size = np.array(image.GetSize())
+    new_size = np.maximum(1, np.round(size * spacing / target)).astype(int)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2.0).tolist()))
+    grid = sitk.Image(new_size.tolist(), sitk.sitkFloat32)
+    grid.SetSpacing([target] * 3)
+    grid.SetDirection(image.GetDirection())
+    grid.SetOrigin((centre - direction @ ((new_size - 1) / 2.0 * target)).tolist())
+    sigmas = 0.5 * np.sqrt(np.maximum(target**2 - spacing**2, 0.0))
+    smoothed = sitk.Cast(image, sitk.sitkFloat32)
+    if sigmas.max() > 0:
+        smoothed = sitk.SmoothingRecursiveGaussian(smoothed, np.maximum(sigmas, 1e-3).tolist())
+    minimum = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, minimum, sitk.sitkFloat32)
+
+
+def _normalised(image: sitk.Image) -> sitk.Image:
+    """Intensities clipped to the 0.5-99.5 percentiles (or min-max if those coincide), scaled to [0, 1]."""
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = np.percentile(values, [0.5, 99.5])
+    if high <= low:
+        low, high = values.min(), values.max()
+    scaled = (sitk.Cast(image, sitk.sitkFloat32) - float(low)) / float(high - low)
+    return sitk.Clamp(scaled, sitk.sitkFloat32, 0.0, 1.0)
+
+
+def _background_level(image: sitk.Image) -> float:
+    """Intensity just above the minimum: a small share of the robust range of the rest."""
+    values = sitk.GetArrayViewFromImage(image)
+    minimum = float(values.min())
+    high = float(np.percentile(values[values > minimum], 99.5))
+    return minimum + _BACKGROUND_LEVEL * (high - minimum)
+
+
+def _foreground_volume_ml(image: sitk.Image, background: float) -> float:
+    """Volume of the largest hole-filled component above ``background``."""
+    foreground = _largest_filled_component(image > background)
+    voxel_ml = voxel_volume_ml(image)
+    volume = np.count_nonzero(sitk.GetArrayViewFromImage(foreground)) * voxel_ml
+    logger.debug("Foreground volume %.0f mL", volume)
+    return volume
+
+
+def _registration_method(
+    shrink: list[int], smoothing_mm: list[float], max_step_mm: float, iterations: int
+) -> sitk.ImageRegistrationMethod:
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(_SAMPLING_FRACTION, _SEED)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsGradientDescent(
+        learningRate=max_step_mm, numberOfIterations=iterations, convergenceMinimumValue=1e-6,
+        convergenceWindowSize=10, estimateLearningRate=method.EachIteration,
+        maximumStepSizeInPhysicalUnits=max_step_mm,
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel(smoothing_mm)
+    return method
+
+
+def _best_start(
+    fixed: sitk.Image, moving: sitk.Image, centred: sitk.Similarity3DTransform, progress: Optional[ProgressCallback]
+) -> sitk.Similarity3DTransform:
+    """Short coarse similarity registrations from a few head pitches; keep the best one."""
+    best, best_value = centred, float("inf")
+    for n, pitch in enumerate(_PITCH_STARTS_DEG):
+        start = sitk.Similarity3DTransform(centred)
+        start.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(pitch)))
+        method = _registration_method([2], [4.0], max_step_mm=2.0, iterations=30)
+        method.SetInitialTransform(start, inPlace=True)
+        part = scaled(progress, n / len(_PITCH_STARTS_DEG), (n + 1) / len(_PITCH_STARTS_DEG))
+        _execute(method, fixed, moving, part, 30, "Registering brain template (initial pose)")
+        logger.debug("Start at pitch %+.0f deg: metric %.4f", pitch, method.GetMetricValue())
+        if method.GetMetricValue() < best_value:
+            best, best_value = start, method.GetMetricValue()
+    return best
+
+
+def _register(
+    fixed: sitk.Image, moving: sitk.Image, progress: Optional[ProgressCallback]
+) -> sitk.AffineTransform:
+    """Affine transform mapping input (fixed) points to template (moving) points.
+
+    ``progress`` (fractions of the registration) is called at every optimiser iteration.
+    """
+    try:
+        centred = sitk.CenteredTransformInitializer(
+            fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+        )
+        similarity = _best_start(fixed, moving, centred, scaled(progress, 0.0, 0.3))
+        method = _registration_method([2, 1], [4.0, 0.0], max_step_mm=2.0, iterations=100)
+        method.SetInitialTransform(similarity, inPlace=True)
+        _execute(method, fixed, moving, scaled(progress, 0.3, 0.65), 200, "Registering brain template (similarity)")
+        affine = sitk.AffineTransform(3)
+        affine.SetCenter(similarity.GetCenter())
+        affine.SetMatrix(similarity.GetMatrix())
+        affine.SetTranslation(similarity.GetTranslation())
+        method = _registration_method([1], [0.0], max_step_mm=1.0, iterations=100)
+        method.SetInitialTransform(affine, inPlace=True)
+        _execute(method, fixed, moving, scaled(progress, 0.65, 1.0), 100, "Registering brain template (affine)")
+        logger.debug("Affine: metric %.4f after %d iterations", method.GetMetricValue(),
+                     method.GetOptimizerIteration())
+    except RuntimeError as exc:
+        raise CeVAEError(f"Brain-mask registration failed ({one_line(exc)}); is this a 3D T1 head MRI?") from None
+    return affine
+
+
+def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,
+             progress: Optional[ProgressCallback], iterations: int, message: str) -> None:
+    """Run a registration, reporting every optimiser iteration (at most ``iterations`` in all levels).
+
+    A :class:`Cancelled` raised by ``progress`` stops the optimiser at once and is re-raised
+    when it has returned (an exception cannot cross SimpleITK's C++ callback).
+    """
+    state = {"count": 0, "cancelled": None}
+
+    def step() -> None:
+        state["count"] += 1
+        try:
+            report(progress, min(1.0, state["count"] / iterations), message)
+        except Cancelled as exc:
+            state["cancelled"] = exc
+            method.StopRegistration()
+
+    if progress is not None:
+        method.AddCommand(sitk.sitkIterationEvent, step)
+    method.Execute(fixed, moving)
+    if state["cancelled"] is not None:
+        raise state["cancelled"]
+
+
+def _warped_distance(template_mask: sitk.Image, image: sitk.Image, transform: sitk.Transform) -> sitk.Image:
+    """Signed distance (mm, negative inside) to the template brain boundary, on the input grid."""
+    distance = sitk.SignedMaurerDistanceMap(
+        template_mask, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    far = float(np.abs(sitk.GetArrayViewFromImage(distance)).max())
+    return sitk.Resample(distance, image, transform, sitk.sitkLinear, far, sitk.sitkFloat32)
+
+
+def _largest_filled_component(mask: sitk.Image) -> sitk.Image:
+    """Largest connected component of ``mask``, holes filled, uint8 {0,1}."""
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.Cast(mask, sitk.sitkUInt8)),
+                                       sortByObjectSize=True)
+    return sitk.Cast(sitk.BinaryFillhole(components == 1), sitk.sitkUInt8)
+
+
+def _check_volume(mask: sitk.Image) -> None:
+    """Raise on an empty mask; warn on an implausible brain volume."""
+    voxels = np.count_nonzero(sitk.GetArrayViewFromImage(mask))
+    if voxels == 0:
+        raise CeVAEError("The automatic brain mask is empty; is this a T1 head MRI? Provide a brain mask.")
+    volume_ml = voxels * voxel_volume_ml(mask)
+    if not _PLAUSIBLE_ML[0] <= volume_ml <= _PLAUSIBLE_ML[1]:
+        logger.warning("Brain mask volume %.0f mL is implausible; check the image and the mask.", volume_ml)

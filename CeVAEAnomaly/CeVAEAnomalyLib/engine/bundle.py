@@ -1,0 +1,84 @@
+"""Model bundles: one safetensors file holding weights and a JSON header.
+
+Loading never unpickles anything: safetensors stores raw tensors, and files that look like
+pickles or PyTorch zip checkpoints are refused before any parsing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+
+from ..io.atomic import atomic_path
+from .bundle_checks import check_model_section, check_tensor_shapes
+from .config import ModelConfig, PreprocessConfig
+from ..errors import CeVAEError
+from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, read_header
+from .model import CeVAE
+
+__all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "load_bundle", "read_header", "save_bundle"]
+
+
+@dataclass
+class Bundle:
+    """A loaded model with its header (architecture, preprocessing, calibration, card)."""
+
+    model: CeVAE
+    header: Dict[str, Any]
+    path: Path
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.header["preprocess"])
+
+    @property
+    def calibration(self) -> Dict[str, Any]:
+        return self.header.get("calibration") or {}
+
+
+def save_bundle(path: Union[str, Path], model: CeVAE, header: Dict[str, Any], half: bool = False) -> Path:
+    """Write the bundle atomically; ``half`` stores fp16 weights (half the size)."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    full = dict(header, format=FORMAT, format_version=FORMAT_VERSION, model=model.cfg.to_dict(),
+                weights_dtype="float16" if half else "float32")
+    tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(target) as tmp:
+        try:
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True)})
+        except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
+            raise CeVAEError(f"Could not write the model bundle {target}: {exc}") from None
+    return target
+
+
+def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Bundle:
+    """Load and check a bundle: format, version, architecture and every tensor's shape."""
+    from safetensors.torch import load_file
+
+    from safetensors import safe_open
+
+    p = Path(path)
+    header = read_header(p)
+    cfg = check_model_section(header)
+    with safe_open(str(p), framework="pt") as fh:
+        declared = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    try:
+        check_tensor_shapes(declared, cfg)  # before anything is built or loaded
+    except CeVAEError as exc:
+        raise CeVAEError(f"{p}: {exc}.") from None
+    model = CeVAE(cfg)
+    tensors = load_file(str(p))
+    for key in tensors:
+        if not torch.isfinite(tensors[key]).all():
+            raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.eval().to(device)
+    return Bundle(model, header, p)

@@ -1,0 +1,164 @@
+"""Model bundles are untrusted input: every header section is checked before anything is built.
+
+A tampered header must end in one clear :class:`CeVAEError`, never in a huge allocation or an
+unexpected error later: types and ranges of the architecture, preprocessing, loss, score and
+post-processing options, calibration tables and default rate; and the architecture against the
+tensor shapes the file holds (read from the safetensors header, before the network is built).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+from ..errors import CeVAEError
+from ..options import PostprocessOptions, ScoreOptions
+from .config import SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
+
+MAX_CHANNELS = 4096  # widest layer a bundle may declare
+MAX_Z = 8192  # largest latent size a bundle may declare
+WEIGHT_DTYPES = ("F32", "F16")
+_OPTIONAL_SECTIONS = ("loss", "score_options", "postprocess", "calibration")
+
+
+def _fail(where: str, problem: str) -> None:
+    raise CeVAEError(f"{where} {problem}")
+
+
+def _whole(where: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        _fail(where, f"must be a whole number in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _number(where: str, value: Any, low: float, high: float, open_low: bool = False, open_high: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        lo, hi = "(" if open_low else "[", ")" if open_high else "]"
+        _fail(where, f"must be a finite number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+    return float(value)
+
+
+def _section(header: Mapping[str, Any], key: str, known: Sequence[str]) -> Dict[str, Any]:
+    section = header.get(key)
+    if not isinstance(section, dict):
+        _fail(f"header section '{key}'", f"must be a JSON object, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(known))  # type: ignore[arg-type]
+    if unknown:
+        _fail(f"header section '{key}'", f"has unknown key(s) {', '.join(map(repr, unknown))}")
+    return section  # type: ignore[return-value]
+
+
+def _names(cls: type) -> Tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def check_model_section(header: Mapping[str, Any]) -> ModelConfig:
+    """The architecture, with types and ranges checked so that building it cannot explode."""
+    m = _section(header, "model", _names(ModelConfig))
+    size = m.get("input_size", ModelConfig.input_size)
+    if size not in SUPPORTED_INPUT_SIZES or isinstance(size, bool):
+        _fail("model.input_size", f"must be one of {SUPPORTED_INPUT_SIZES}, got {size!r}")
+    channels = m.get("channels", list(ModelConfig.channels))
+    if not isinstance(channels, list) or not 1 <= len(channels) <= int(math.log2(size)):
+        _fail("model.channels", f"must be a list of 1 to {int(math.log2(size))} layer widths, got {channels!r}")
+    for i, c in enumerate(channels):
+        _whole(f"model.channels[{i}]", c, 1, MAX_CHANNELS)
+    _whole("model.z_dim", m.get("z_dim", ModelConfig.z_dim), 1, MAX_Z)
+    return ModelConfig.from_dict(m)
+
+
+def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
+    """Every other section the detection path reads."""
+    p = _section(header, "preprocess", _names(PreprocessConfig))
+    if p.get("input_size", PreprocessConfig.input_size) != model.input_size:
+        _fail("preprocess.input_size", f"must equal model.input_size {model.input_size}, got {p.get('input_size')!r}")
+    low = _number("preprocess.low_percentile", p.get("low_percentile", PreprocessConfig.low_percentile), 0, 100)
+    _number("preprocess.high_percentile", p.get("high_percentile", PreprocessConfig.high_percentile), low, 100,
+            open_low=True)
+    _number("preprocess.clip_max", p.get("clip_max", PreprocessConfig.clip_max), 1, 1000)
+    _number("preprocess.margin_mm", p.get("margin_mm", PreprocessConfig.margin_mm), 0, 1000)
+    _number("preprocess.min_brain_fraction", p.get("min_brain_fraction", PreprocessConfig.min_brain_fraction), 0, 1)
+    if "loss" in header:
+        loss = _section(header, "loss", _names(LossConfig))
+        if loss.get("rec", "l1") not in ("l1", "l2"):
+            _fail("loss.rec", f"must be 'l1' or 'l2', got {loss.get('rec')!r}")
+        _number("loss.ce_weight", loss.get("ce_weight", LossConfig.ce_weight), 0, 1)
+        _number("loss.beta", loss.get("beta", LossConfig.beta), 0, 1e6)
+    if "score_options" in header:
+        _check_score_options(header)
+    if "postprocess" in header:
+        post = _section(header, "postprocess", _names(PostprocessOptions))
+        _number("postprocess.rim_mm", post.get("rim_mm", 0.0), 0, 1000)
+        _whole("postprocess.median_radius", post.get("median_radius", 0), 0, 100)
+        _number("postprocess.min_volume_mm3", post.get("min_volume_mm3", 0.0), 0, 1e9)
+        _number("postprocess.asymmetry_mm", post.get("asymmetry_mm", 0.0), 0, 100)
+        _number("postprocess.asymmetry_floor", post.get("asymmetry_floor", 0.0), 0, 1000)
+        _number("postprocess.score_power", post.get("score_power", 1.0), 0, 10, open_low=True)
+        _number("postprocess.hysteresis", post.get("hysteresis", 0.0), 0, 1, open_high=True)
+        if not isinstance(post.get("normalise", False), bool):
+            _fail("postprocess.normalise", f"must be true or false, got {post.get('normalise')!r}")
+    if "calibration" in header:
+        _check_calibration(header.get("calibration"))
+    if "default_fpr" in header:
+        _number("default_fpr", header["default_fpr"], 0, 1, open_low=True, open_high=True)
+    if header.get("weights_dtype", "float32") not in ("float32", "float16"):
+        _fail("weights_dtype", f"must be 'float32' or 'float16', got {header.get('weights_dtype')!r}")
+
+
+def _check_score_options(header: Mapping[str, Any]) -> None:
+    s = _section(header, "score_options", _names(ScoreOptions))
+    for key in ("alpha", "grad_sigma", "rec_sigma"):
+        if key in s:
+            _number(f"score_options.{key}", s[key], 0, 1000)
+    if "mc_samples" in s:
+        _whole("score_options.mc_samples", s["mc_samples"], 0, 10000)
+    try:
+        ScoreOptions(**s)
+    except CeVAEError as exc:
+        _fail("score_options", str(exc).rstrip("."))
+
+
+def _check_calibration(calibration: Any) -> None:
+    if not isinstance(calibration, dict):
+        _fail("header section 'calibration'", f"must be a JSON object, got {type(calibration).__name__}")
+    for n, entry in enumerate(calibration.values(), start=1):  # type: ignore[union-attr]
+        where = f"calibration table {n}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("fpr"), list) \
+                or not isinstance(entry.get("threshold"), list):
+            _fail(where, "must hold the lists 'fpr' and 'threshold'")
+        fpr, thr = entry["fpr"], entry["threshold"]
+        if len(fpr) != len(thr) or len(fpr) < 2:
+            _fail(where, f"needs as many thresholds as rates (at least 2), got {len(thr)} and {len(fpr)}")
+        for i, (f, t) in enumerate(zip(fpr, thr)):
+            _number(f"{where} rate {i}", f, 0, 1, open_low=True, open_high=True)
+            _number(f"{where} threshold {i}", t, -math.inf, math.inf, open_low=True, open_high=True)
+        if any(b <= a for a, b in zip(fpr, fpr[1:])):
+            _fail(where, "has rates that do not increase strictly")
+        if any(b > a for a, b in zip(thr, thr[1:])):
+            _fail(where, "has thresholds that rise with the rate (they must fall)")
+
+
+def check_tensor_shapes(declared: Mapping[str, Tuple[Tuple[int, ...], str]], cfg: ModelConfig) -> None:
+    """Compare the file's tensors (name -> (shape, dtype), from its header) with the declared architecture.
+
+    The expected shapes come from the network built on the ``meta`` device, which allocates nothing.
+    """
+    import torch
+
+    from .model import CeVAE
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in CeVAE(cfg).state_dict().items()}
+    missing = sorted(set(expected) - set(declared))
+    extra = sorted(set(declared) - set(expected))
+    if missing or extra:
+        raise CeVAEError(f"the file does not match its declared architecture (missing: {missing[:3]}, "
+                          f"unexpected: {extra[:3]})")
+    for key, shape in expected.items():
+        got, dtype = declared[key]
+        if tuple(got) != shape:
+            raise CeVAEError(f"tensor {key} has shape {tuple(got)}, expected {shape} for the declared architecture")
+        if dtype not in WEIGHT_DTYPES:
+            raise CeVAEError(f"tensor {key} has type {dtype}; float32 or float16 weights are expected")

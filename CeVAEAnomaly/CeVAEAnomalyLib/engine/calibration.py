@@ -1,0 +1,81 @@
+"""Calibrated thresholds: healthy voxel score quantiles stored in the bundle.
+
+A labelmap threshold is chosen from a target false-positive rate: the share of healthy brain
+voxels allowed above it. Each calibration is keyed by the scoring and post-processing options
+it was measured with, because a threshold only means something for the same score map.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ..errors import CeVAEError
+from ..options import PostprocessOptions, ScoreOptions
+
+DEFAULT_FPR = 0.001
+FPR_GRID = np.unique(np.concatenate([np.logspace(-6, -1, 26), [0.2, 0.5]]))
+
+
+def calibration_key(score: ScoreOptions, post: PostprocessOptions) -> str:
+    """A stable key for the options a calibration applies to (every field written out)."""
+    return json.dumps({"score": score.to_dict(), "post": post.to_dict()}, sort_keys=True)
+
+
+def _key_options(key: str) -> Optional[Tuple[ScoreOptions, PostprocessOptions]]:
+    """The options a stored key names; fields added since it was written take their defaults.
+
+    None for a key this version cannot read (a removed option or an invalid value).
+    """
+    try:
+        data = json.loads(key)
+        return ScoreOptions.from_dict(data["score"]), PostprocessOptions.from_dict(data["post"])
+    except (ValueError, TypeError, KeyError, CeVAEError):
+        return None
+
+
+def calibrate(healthy_scores: Iterable[np.ndarray], source: str) -> Dict[str, Any]:
+    """Quantiles of pooled healthy brain-voxel scores on the FPR grid."""
+    values = np.concatenate([np.asarray(v, np.float32).ravel() for v in healthy_scores])
+    if values.size == 0:
+        raise CeVAEError("No healthy brain voxels to calibrate on.")
+    thresholds = np.quantile(values, 1.0 - FPR_GRID)
+    return {
+        "fpr": [float(f) for f in FPR_GRID],
+        "threshold": [float(t) for t in thresholds],
+        "n_voxels": int(values.size),
+        "source": source,
+    }
+
+
+def threshold_for_fpr(entry: Mapping[str, Any], fpr: float) -> float:
+    """Threshold whose healthy false-positive rate is ``fpr`` (log-linear interpolation)."""
+    grid = np.asarray(entry["fpr"], float)
+    thr = np.asarray(entry["threshold"], float)
+    if not grid[0] <= fpr <= grid[-1]:
+        raise CeVAEError(
+            f"False-positive rate {fpr:g} is outside the calibrated range [{grid[0]:g}, {grid[-1]:g}]."
+        )
+    return float(np.interp(np.log(fpr), np.log(grid), thr))
+
+
+def fpr_for_threshold(entry: Mapping[str, Any], threshold: float) -> float:
+    """The healthy false-positive rate at ``threshold``: the inverse of :func:`threshold_for_fpr`
+    (log-linear interpolation, clamped to the calibrated range)."""
+    grid = np.log(np.asarray(entry["fpr"], float))
+    thr = np.asarray(entry["threshold"], float)  # decreasing as the rate grows
+    return float(np.exp(np.interp(threshold, thr[::-1], grid[::-1])))
+
+
+def find_calibration(header: Mapping[str, Any], score: ScoreOptions, post: PostprocessOptions) -> Dict[str, Any]:
+    """The calibration stored for these options, or an error saying how to get a threshold."""
+    entries = header.get("calibration") or {}
+    wanted = (score, post)
+    for key, entry in entries.items():
+        if _key_options(key) == wanted:
+            return entry
+    raise CeVAEError(
+        "The model has no calibration for these scoring/post-processing options; give an "
+        "absolute threshold, or use the options the model was calibrated with."
+    )

@@ -1,0 +1,77 @@
+"""Configuration dataclasses shared by training, the bundle and detection."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Tuple, Type, TypeVar
+
+from ..errors import CeVAEError
+
+SUPPORTED_INPUT_SIZES = (64, 128)
+T = TypeVar("T")
+
+
+class _Serialisable:
+    """to_dict / from_dict for the config dataclasses (from_dict refuses unknown keys by name)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: Type[T], data: Dict[str, Any]) -> T:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CeVAEError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}.")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Serialisable):
+    """Architecture of the 2D ceVAE (defaults: the MICCAI-19 layout)."""
+
+    input_size: int = 64
+    channels: Tuple[int, ...] = (16, 32, 64, 256)
+    z_dim: int = 256
+
+    def __post_init__(self) -> None:
+        if self.input_size not in SUPPORTED_INPUT_SIZES:
+            raise CeVAEError(
+                f"Input size {self.input_size} is not supported; choose one of {SUPPORTED_INPUT_SIZES}."
+            )
+        if not self.channels or any(int(c) < 1 for c in self.channels):
+            raise CeVAEError(f"Invalid channel widths {self.channels}.")
+        if self.z_dim < 1:
+            raise CeVAEError(f"Invalid latent size {self.z_dim}.")
+
+    @property
+    def bottleneck_size(self) -> int:
+        """Spatial side of the last encoder feature map (4x4 stride-2 convs halve it)."""
+        return self.input_size // 2 ** len(self.channels)
+
+
+@dataclass(frozen=True)
+class LossConfig(_Serialisable):
+    """Loss = (1-c)·(β·KL + rec_VAE) + c·rec_CE, with means over pixels and latents."""
+
+    ce_weight: float = 0.5  # c
+    beta: float = 0.01  # β
+    rec: str = "l1"  # "l1" or "l2"
+
+    def __post_init__(self) -> None:
+        if self.rec not in ("l1", "l2"):
+            raise CeVAEError(f"Unknown reconstruction loss {self.rec!r}; use 'l1' or 'l2'.")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise CeVAEError(f"ce_weight must lie in [0, 1], got {self.ce_weight}.")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig(_Serialisable):
+    """How a volume becomes model slices (stored in the bundle so detection matches training)."""
+
+    input_size: int = 64
+    low_percentile: float = 1.0
+    high_percentile: float = 99.0
+    clip_max: float = 1.5  # values above the high percentile keep contrast up to this
+    margin_mm: float = 4.0  # padding around the brain's bounding box
+    min_brain_fraction: float = 0.02  # training slices need at least this share of brain pixels

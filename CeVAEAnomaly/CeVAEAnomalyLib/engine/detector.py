@@ -1,0 +1,241 @@
+"""The one detection path: image (+ mask) -> score map, labelmap, slice scores, components.
+
+Every entry point (command line, batch, Slicer module and script, calibration) builds a
+:class:`Detector` once and calls it per volume.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import Bundle
+from .calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
+from ..options import PostprocessOptions, ScoreOptions, ThresholdPolicy
+from .postprocess import Component, components, normalised, refine_reach, refine_scores, threshold_labelmap
+from .preprocess import Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, mask_array, prepare
+from ..progress import ProgressCallback, report, scaled
+from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
+from .slicescores import slice_quantile
+from .symmetry import weight_by_asymmetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SliceScoreRow:
+    """Scores of one input slice (``index`` along the input IJK axis ``axis``)."""
+
+    axis: int
+    index: int
+    kl: float
+    rec: float
+    neg_elbo: float
+    anomaly: float = 0.0  # the slice score that follows lesions: SLICE_QUANTILE of the final map over its brain
+
+
+# Slice score of "most anomalous slice": this quantile of the final score map over the slice's brain
+# voxels, 1 = the maximum (the subject-held-out benchmark's choice; docs/benchmark.md).
+SLICE_QUANTILE = 1.0
+# Order of the lesion table (its first row is where "jump" goes when there is a component).
+COMPONENT_ORDER = "summed"
+
+
+@dataclass
+class DetectionResult:
+    """Everything one detection produces, on the input's exact grid."""
+
+    score: sitk.Image  # float32
+    labelmap: sitk.Image  # uint8 {0,1}
+    brain_mask: sitk.Image  # uint8 {0,1}
+    threshold: float
+    threshold_source: str
+    slices: List[SliceScoreRow]
+    components: List[Component]
+
+    @property
+    def top_slice(self) -> Optional[SliceScoreRow]:
+        """The most anomalous slice: the highest ``anomaly`` (ties, and a map without anomaly, by the
+        paper's sample score, the negative ELBO)."""
+        ranked = self.ranked_slices()
+        return ranked[0] if ranked else None
+
+    def ranked_slices(self) -> List[SliceScoreRow]:
+        """Slices from most to least anomalous (``anomaly``, then negative ELBO)."""
+        return sorted(self.slices, key=lambda r: (-r.anomaly, -r.neg_elbo, r.index))
+
+    @property
+    def flagged_ml(self) -> float:
+        return sum(c.volume_ml for c in self.components)
+
+
+def default_score_options(bundle: Bundle) -> ScoreOptions:
+    """The bundle's recommended scoring."""
+    return ScoreOptions.from_dict(bundle.header.get("score_options") or {}, "score option(s) in the model")
+
+
+def default_postprocess(bundle: Bundle) -> PostprocessOptions:
+    """The bundle's recommended post-processing."""
+    return PostprocessOptions.from_dict(bundle.header.get("postprocess") or {}, "post-processing option(s) in the model")
+
+
+def resolve_threshold(bundle: Bundle, opts: ScoreOptions, post: PostprocessOptions,
+                      policy: ThresholdPolicy) -> Tuple[float, str]:
+    """(threshold, description): absolute if given, else from the bundle's calibration."""
+    if policy.threshold is not None:
+        return float(policy.threshold), "absolute"
+    rate = float(bundle.header.get("default_fpr", DEFAULT_FPR)) if policy.fpr is None else float(policy.fpr)
+    entry = find_calibration(bundle.header, opts, post)
+    return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
+
+
+class Detector:
+    """Detection with one model and one set of options, built once and called per volume.
+
+    ``score`` and ``post`` default to the bundle's recommended options; the labelmap threshold is
+    resolved here (from ``policy``), so a missing calibration is reported before any volume is read.
+    """
+
+    def __init__(self, bundle: Bundle, score: Optional[ScoreOptions] = None,
+                 post: Optional[PostprocessOptions] = None, policy: ThresholdPolicy = ThresholdPolicy(),
+                 batch_size: int = 64, amp: bool = False) -> None:
+        self.bundle = bundle
+        self.score = score or default_score_options(bundle)
+        self.post = post or default_postprocess(bundle)
+        self.batch_size, self.amp = batch_size, amp
+        self.threshold, self.threshold_source = resolve_threshold(bundle, self.score, self.post, policy)
+
+    def __call__(self, image: sitk.Image, mask: Optional[sitk.Image] = None,
+                 progress: Optional[ProgressCallback] = None) -> DetectionResult:
+        """Score a 3D volume. ``mask``: brain mask (>0 is brain); computed automatically if None.
+
+        The input image is never modified. Raise :class:`CeVAEError` on unusable input and
+        :class:`~.progress.Cancelled` if the progress callback cancels.
+        """
+        stack, brain = self._prepare(image, mask, progress)
+        raw = self._network(stack, [self.score], progress)
+        maps = pixel_map(raw, self.score)
+        # Scores are 0 outside the brain, so above a positive threshold nothing happens outside its
+        # bounding box grown by the filters' reach: map back and post-process only there.
+        thr = self.threshold
+        region = (brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1) if thr > 0
+                  else tuple(slice(0, n) for n in brain.shape))
+        report(progress, 0.88, "Mapping scores back onto the input grid")
+        score = _region_image(invert_region(stack.record, maps, region), image, region)
+        rows = _slice_rows(stack.record, raw.slices)
+        brain_img = _region_image(brain[region].astype(np.uint8), image, region)
+        del stack, raw, maps
+        report(progress, 0.9, "Post-processing")
+        score = self._refine(score, image, brain, brain_img)
+        del brain  # free the full-size mask before the full-size outputs are made
+        _add_slice_anomaly(rows, score, brain_img, region)
+        labelmap = threshold_labelmap(score, thr, self.post.min_volume_mm3, self.post.hysteresis)
+        comps = components(labelmap, score, COMPONENT_ORDER)
+        labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
+        report(progress, 1.0, "Done")
+        return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
+
+    def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image],
+                     score_types: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Post-processed brain-voxel scores of each score type (one network pass), for calibration."""
+        stack, brain = self._prepare(image, mask, None)
+        options = [self.score.replace(score_type=t) for t in score_types]
+        raw = self._network(stack, options, None)
+        region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
+        inside = brain[region]
+        brain_img = _region_image(inside.astype(np.uint8), image, region)
+        out = {}
+        for opts in options:
+            score = _region_image(invert_region(stack.record, pixel_map(raw, opts), region), image, region)
+            score = self._refine(score, image, brain, brain_img)
+            out[opts.score_type] = np.asarray(sitk.GetArrayViewFromImage(score)[inside], np.float32)
+        return out
+
+    def _refine(self, score: sitk.Image, image: sitk.Image, brain: np.ndarray, brain_img: sitk.Image) -> sitk.Image:
+        """The post-processed map on the region of ``score``: asymmetry fusion, rim and median, normalisation."""
+        post = self.post
+        if post.asymmetry_mm > 0:
+            score = weight_by_asymmetry(score, image, brain, post.asymmetry_mm, post.asymmetry_floor, post.score_power)
+        score = refine_scores(score, brain_img, post)
+        return normalised(score, brain_img) if post.normalise else score
+
+    def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image],
+                 progress: Optional[ProgressCallback]) -> Tuple[SliceStack, np.ndarray]:
+        """Model slices of ``image`` and its brain (bool, the input's array order)."""
+        report(progress, 0.0, "Preparing the volume")
+        if mask is None:
+            from .brainmask import compute_brain_mask
+
+            mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
+        brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
+        return prepare(image, brain, self.bundle.preprocess), brain
+
+    def _network(self, stack: SliceStack, options: Sequence[ScoreOptions],
+                 progress: Optional[ProgressCallback]) -> NetworkMaps:
+        beta = float((self.bundle.header.get("loss") or {}).get("beta", 0.01))
+        return network_maps(self.bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain),
+                            options, batch_size=self.batch_size, beta=beta, amp=self.amp,
+                            progress=scaled(progress, 0.2, 0.85))
+
+
+def detect(
+    image: sitk.Image,
+    bundle: Bundle,
+    mask: Optional[sitk.Image] = None,
+    score_options: Optional[ScoreOptions] = None,
+    postprocess: Optional[PostprocessOptions] = None,
+    threshold: Optional[float] = None,
+    fpr: Optional[float] = None,
+    batch_size: int = 64,
+    amp: bool = False,
+    progress: Optional[ProgressCallback] = None,
+) -> DetectionResult:
+    """One volume with a one-off :class:`Detector` (for scripts and the console)."""
+    detector = Detector(bundle, score_options, postprocess, ThresholdPolicy(threshold, fpr), batch_size, amp)
+    return detector(image, mask, progress)
+
+
+def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:
+    """Per-slice scores indexed along the input's slice axis, in index order."""
+    axis, idx = record.input_slice_axis()
+    kl, rec, ne = (t.cpu().numpy() for t in (sl.kl, sl.rec, sl.neg_elbo))
+    rows = [SliceScoreRow(axis, int(i), float(a), float(b), float(c)) for i, a, b, c in zip(idx, kl, rec, ne)]
+    return sorted(rows, key=lambda r: r.index)
+
+
+def _add_slice_anomaly(rows: List[SliceScoreRow], score: sitk.Image, brain: sitk.Image, region: Region) -> None:
+    """Set each row's ``anomaly`` from the score map on ``region`` (slices outside it keep 0)."""
+    if not rows:
+        return
+    axis = 2 - rows[0].axis  # numpy axis of the input's slice axis
+    values = slice_quantile(sitk.GetArrayViewFromImage(score), sitk.GetArrayViewFromImage(brain) > 0, axis,
+                            SLICE_QUANTILE)
+    start = region[axis].start
+    for r in rows:
+        if 0 <= r.index - start < len(values):
+            r.anomaly = float(values[r.index - start])
+
+
+def _region_image(arr: np.ndarray, ref: sitk.Image, region: Region) -> sitk.Image:
+    """An image of ``arr`` placed on ``region`` of ``ref``'s grid."""
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(ref.GetSpacing())
+    img.SetDirection(ref.GetDirection())
+    img.SetOrigin(ref.TransformIndexToPhysicalPoint([r.start for r in region[::-1]]))
+    return img
+
+
+def _full_image(part: sitk.Image, ref: sitk.Image, region: Region) -> sitk.Image:
+    """``part`` (on ``region``) pasted into zeros on ``ref``'s exact grid."""
+    if all(r.start == 0 and r.stop == n for r, n in zip(region, ref.GetSize()[::-1])):
+        part.CopyInformation(ref)
+        return part
+    full = sitk.Image(ref.GetSize(), part.GetPixelID())
+    full.CopyInformation(ref)
+    k, j, i = region
+    full[i.start : i.stop, j.start : j.stop, k.start : k.stop] = part  # in-place paste
+    return full

@@ -1,0 +1,298 @@
+"""Volume -> normalised square model slices, with a record that maps slice maps back exactly.
+
+Steps: permute/flip the voxel array to a canonical orientation (pure index operations, so
+exactly invertible), mask the brain, scale intensities by robust brain percentiles, crop the
+brain's bounding box padded to a square in millimetres, resize each slice to the model size.
+The inverse resizes slice maps back into the box, zeroes everything outside the brain and
+undoes the permutation, giving an image with the input's size, spacing, origin and direction.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .config import PreprocessConfig
+from ..errors import CeVAEError
+from ..io.images import grid_difference
+
+log = logging.getLogger(__name__)
+
+# Physical (LPS) axis that indexes the slices, then rows, then columns.
+ORIENTATIONS = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
+_PERCENTILE_SAMPLES = 2_000_000
+
+
+def canonical_axes(direction: np.ndarray, orientation: str = "axial") -> Tuple[Tuple[int, ...], Tuple[bool, ...]]:
+    """Permutation of numpy axes (k,j,i) and flips that bring the array to canonical order.
+
+    ``direction`` is the 3x3 direction matrix (columns = i, j, k axes in LPS). Each image
+    axis is matched to the physical axis it is closest to (oblique volumes too); canonical
+    array axis n is the image axis closest to physical axis ORIENTATIONS[orientation][n].
+    """
+    d = np.abs(np.asarray(direction, dtype=float).reshape(3, 3))
+    phys_of_img = [-1, -1, -1]  # image axis (i,j,k) -> physical axis
+    for _ in range(3):  # greedy on the largest cosines gives a proper permutation
+        masked = d.copy()
+        for a in range(3):
+            if phys_of_img[a] >= 0:
+                masked[:, a] = -1
+            for p in phys_of_img:
+                if p >= 0:
+                    masked[p, :] = -1
+        p, a = np.unravel_index(np.argmax(masked), masked.shape)
+        phys_of_img[a] = int(p)
+    img_of_phys = {p: a for a, p in enumerate(phys_of_img)}
+    perm, flips = [], []
+    signed = np.asarray(direction, dtype=float).reshape(3, 3)
+    for phys in ORIENTATIONS[orientation]:
+        img_axis = img_of_phys[phys]  # 0=i, 1=j, 2=k; numpy axis is 2 - img_axis
+        perm.append(2 - img_axis)
+        flips.append(bool(signed[phys, img_axis] < 0))
+    return tuple(perm), tuple(flips)
+
+
+def to_canonical(arr: np.ndarray, perm: Tuple[int, ...], flips: Tuple[bool, ...]) -> np.ndarray:
+    """A view of ``arr`` (k,j,i) in canonical order; flipped so physical coordinates increase."""
+    out = arr.transpose(perm)
+    return out[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+
+
+def from_canonical(arr: np.ndarray, perm: Tuple[int, ...], flips: Tuple[bool, ...]) -> np.ndarray:
+    """Inverse of :func:`to_canonical` (also a view)."""
+    arr = arr[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+    return arr.transpose(np.argsort(perm))
+
+
+@dataclass
+class SliceRecord:
+    """Everything needed to map model-space slice maps back onto the input grid."""
+
+    reference: sitk.Image  # geometry source (pixels not used)
+    perm: Tuple[int, ...]
+    flips: Tuple[bool, ...]
+    box: Tuple[Tuple[int, int], ...]  # canonical [start, stop) per axis; rows/cols may exceed the array
+    slice_index: np.ndarray  # canonical slice index of every model slice
+    brain: np.ndarray  # canonical boolean brain mask (a view into the input-grid mask)
+    input_size: int
+
+    def input_slice_axis(self) -> Tuple[int, np.ndarray]:
+        """The input's IJK axis that the slices step along and each model slice's index on it."""
+        np_axis = self.perm[0]
+        n = self.brain.shape[0]
+        idx = (n - 1 - self.slice_index) if self.flips[0] else self.slice_index
+        return 2 - np_axis, idx
+
+
+@dataclass
+class SliceStack:
+    """Model inputs for one volume: normalised slices [N,S,S] and their brain masks."""
+
+    slices: np.ndarray  # float32 [N,S,S]
+    brain: np.ndarray  # bool [N,S,S]
+    record: SliceRecord
+    intensity_range: Tuple[float, float]
+
+
+def brain_bounds(brain: np.ndarray) -> Tuple[Tuple[int, int], ...]:
+    """[start, stop) of the mask's bounding box per axis."""
+    bounds = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(brain.any(axis=other))
+        bounds.append((int(nz[0]), int(nz[-1]) + 1))
+    return tuple(bounds)
+
+
+def _square_box(bounds, spacing_rc: Tuple[float, float], margin_mm: float) -> Tuple[Tuple[int, int], ...]:
+    """Pad the in-plane bounds to a square of equal physical side, centred on the brain."""
+    (r0, r1), (c0, c1) = bounds[1], bounds[2]
+    sr, sc = spacing_rc
+    side_mm = max((r1 - r0) * sr, (c1 - c0) * sc) + 2 * margin_mm
+    box = [bounds[0]]
+    for (a0, a1), sp in (((r0, r1), sr), ((c0, c1), sc)):
+        n = max(1, int(round(side_mm / sp)))
+        start = int(np.floor((a0 + a1) / 2.0 - n / 2.0))
+        box.append((start, start + n))
+    return tuple(box)
+
+
+def robust_range(values: np.ndarray, cfg: PreprocessConfig) -> Tuple[float, float]:
+    """Low/high percentiles of brain intensities (on a strided subsample for speed)."""
+    step = max(1, values.size // _PERCENTILE_SAMPLES)
+    lo, hi = np.percentile(values[::step], [cfg.low_percentile, cfg.high_percentile])
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 1e-6 * max(abs(hi), abs(lo)):  # relative: any units
+        raise CeVAEError(
+            "The intensities inside the brain are (nearly) constant, so there is no image to analyse."
+        )
+    return float(lo), float(hi)
+
+
+def finite_brain(arr: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
+    """The brain mask without NaN/infinite voxels (they score 0), with a warning if there are any."""
+    if arr.dtype.kind != "f" or (np.isfinite(arr.min()) and np.isfinite(arr.max())):  # NaN propagates
+        return brain_mask
+    kept = brain_mask & np.isfinite(arr)
+    removed = int(brain_mask.sum()) - int(kept.sum())
+    if removed:
+        log.warning("%d brain voxels are NaN or infinite; they are left out of the brain and score 0.", removed)
+    if not kept.any() and brain_mask.any():
+        raise CeVAEError("Every voxel inside the brain mask is NaN or infinite; the image holds no data.")
+    return kept
+
+
+def prepare(
+    image: sitk.Image,
+    brain_mask: np.ndarray,
+    cfg: PreprocessConfig,
+    orientation: str = "axial",
+    chunk: int = 32,
+) -> SliceStack:
+    """Turn a volume and its boolean brain mask (numpy, same grid, k,j,i order) into model slices."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if brain_mask.shape != arr.shape:
+        raise CeVAEError("The brain mask does not match the image grid.")
+    brain_mask = finite_brain(arr, brain_mask)
+    if not brain_mask.any():
+        raise CeVAEError("The brain mask is empty: no voxel is inside the brain.")
+    perm, flips = canonical_axes(np.array(image.GetDirection()), orientation)
+    can = to_canonical(arr, perm, flips)
+    brain = to_canonical(brain_mask, perm, flips)
+    spacing = np.array(image.GetSpacing())[::-1][list(perm)]  # canonical axis spacing
+    bounds = brain_bounds(brain)
+    box = _square_box(bounds, (spacing[1], spacing[2]), cfg.margin_mm)
+    lo, hi = robust_range(_brain_values(can, brain, bounds), cfg)
+    s = cfg.input_size
+    n = bounds[0][1] - bounds[0][0]
+    slices = np.empty((n, s, s), np.float32)
+    brain_s = np.empty((n, s, s), bool)
+    for start in range(0, n, chunk):
+        ks = slice(bounds[0][0] + start, min(bounds[0][0] + start + chunk, bounds[0][1]))
+        img_c = _crop(can[ks], box).astype(np.float32)
+        msk_c = _crop(brain[ks], box)
+        img_c = np.clip((img_c - lo) / (hi - lo), 0.0, cfg.clip_max)
+        img_c[~msk_c] = 0.0
+        out = slice(start, start + img_c.shape[0])
+        slices[out] = _resize(img_c, s)
+        brain_s[out] = _resize(msk_c.astype(np.float32), s) > 0.5
+    record = SliceRecord(image, perm, flips, box, np.arange(bounds[0][0], bounds[0][1]), brain, s)
+    return SliceStack(slices, brain_s, record, (lo, hi))
+
+
+def _brain_values(can: np.ndarray, brain: np.ndarray, bounds) -> np.ndarray:
+    sub = tuple(slice(a, b) for a, b in bounds)
+    return can[sub][brain[sub]]
+
+
+def _crop(vol: np.ndarray, box) -> np.ndarray:
+    """Crop rows/cols of a [n,R,C] array to the box, zero-padding where it leaves the array."""
+    (r0, r1), (c0, c1) = box[1], box[2]
+    out = np.zeros((vol.shape[0], r1 - r0, c1 - c0), vol.dtype)
+    rs, re = max(r0, 0), min(r1, vol.shape[1])
+    cs, ce = max(c0, 0), min(c1, vol.shape[2])
+    out[:, rs - r0 : re - r0, cs - c0 : ce - c0] = vol[:, rs:re, cs:ce]
+    return out
+
+
+def _resize(stack: np.ndarray, size: int) -> np.ndarray:
+    """Resize [n,H,W] float32 slices to [n,size,size] (antialiased bilinear)."""
+    t = torch.from_numpy(np.ascontiguousarray(stack))[:, None]
+    down = t.shape[-1] > size or t.shape[-2] > size
+    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
+    return out[:, 0].numpy()
+
+
+def iter_inverse_chunks(
+    record: SliceRecord, maps: torch.Tensor, chunk: int = 32
+) -> Iterator[Tuple[slice, np.ndarray]]:
+    """Yield (canonical slice range, maps resized into the box rows/cols) chunk by chunk."""
+    (r0, r1), (c0, c1) = record.box[1], record.box[2]
+    for start in range(0, maps.shape[0], chunk):
+        m = maps[start : start + chunk, None].float()
+        up = F.interpolate(m, size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False)
+        k0 = int(record.slice_index[start])
+        yield slice(k0, k0 + up.shape[0]), up[:, 0].cpu().numpy()
+
+
+Region = Tuple[slice, slice, slice]  # a box of the input array (k,j,i order)
+
+
+def brain_region(brain: np.ndarray, pad: int = 0) -> Region:
+    """The bounding box of a (non-empty) boolean mask [k,j,i], grown by ``pad`` voxels, within the array."""
+    flat = brain.reshape(brain.shape[0], -1).any(axis=1)
+    plane = brain.any(axis=0)
+    region = []
+    for n, hit in zip(brain.shape, (flat, plane.any(axis=1), plane.any(axis=0))):
+        nz = np.flatnonzero(hit)
+        region.append(slice(max(int(nz[0]) - pad, 0), min(int(nz[-1]) + 1 + pad, n)))
+    return tuple(region)
+
+
+def invert_region(record: SliceRecord, maps: torch.Tensor, region: Region, chunk: int = 32) -> np.ndarray:
+    """Map model-space maps [N,S,S] back onto ``region`` of the input grid: float32 array of its shape.
+
+    Voxels outside the brain are 0. Only the region is allocated, so it should hold the whole
+    brain (:func:`brain_region`); brain outside it is left out.
+    """
+    shape = record.reference.GetSize()[::-1]  # k,j,i
+    out = np.zeros(tuple(r.stop - r.start for r in region), np.float32)
+    can = to_canonical(out, record.perm, record.flips)  # writable view into ``out``
+    # canonical index of the view's first element on each canonical axis
+    first = [shape[a] - region[a].stop if f else region[a].start for a, f in zip(record.perm, record.flips)]
+    (r0, r1), (c0, c1) = record.box[1], record.box[2]
+    rs, re = max(r0, first[1]), min(r1, first[1] + can.shape[1])
+    cs, ce = max(c0, first[2]), min(c1, first[2] + can.shape[2])
+    if rs >= re or cs >= ce:
+        return out
+    for ks, up in iter_inverse_chunks(record, maps, chunk):
+        k0, k1 = max(ks.start, first[0]), min(ks.stop, first[0] + can.shape[0])
+        if k0 >= k1:
+            continue
+        part = up[k0 - ks.start : k1 - ks.start, rs - r0 : re - r0, cs - c0 : ce - c0]
+        part *= record.brain[k0:k1, rs:re, cs:ce]
+        can[k0 - first[0] : k1 - first[0], rs - first[1] : re - first[1], cs - first[2] : ce - first[2]] = part
+    return out
+
+
+def invert(record: SliceRecord, maps: torch.Tensor, chunk: int = 32) -> sitk.Image:
+    """Map model-space maps [N,S,S] back to a float32 image on the input's exact grid.
+
+    Voxels outside the brain, and slices without brain, are 0.
+    """
+    ref = record.reference
+    full = tuple(slice(0, n) for n in ref.GetSize()[::-1])
+    img = sitk.GetImageFromArray(invert_region(record, maps, full, chunk))
+    img.CopyInformation(ref)
+    return img
+
+
+def mask_array(mask: Optional[sitk.Image], image: sitk.Image) -> np.ndarray:
+    """Boolean brain mask (>0 is brain) on the image grid; a mask on another grid is resampled."""
+    if mask is None:
+        raise CeVAEError("No brain mask given.")
+    if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
+        raise CeVAEError("The brain mask must be a single-channel 3D image.")
+    resampled = not same_grid(mask, image)
+    if resampled:
+        log.warning("The brain mask is on another grid than the image; resampling it (nearest neighbour).")
+        mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    values = sitk.GetArrayViewFromImage(mask)
+    brain = values > 0
+    if resampled and not brain.any():
+        raise CeVAEError("The brain mask does not overlap the image in space (after resampling it onto the "
+                         "image grid no voxel is brain); check that the mask belongs to this image.")
+    labels = values[brain if values.dtype.kind in "ub" else values != 0]  # unsigned: nonzero is brain
+    if labels.size and labels.min() != labels.max():
+        log.warning("The brain mask holds several values (%g to %g); every voxel above 0 is taken as brain.",
+                    labels.min(), labels.max())
+    return brain
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """Same size, spacing, origin and direction (within ``tol``, plus numpy's default relative 1e-5)."""
+    return grid_difference(a, b, atol=tol, rtol=1e-5) is None

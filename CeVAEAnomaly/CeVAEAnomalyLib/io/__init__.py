@@ -1,0 +1,1 @@
+"""Reading and checking images, atomic writes, output naming, manifests."""

@@ -1,0 +1,355 @@
+"""Reading volumes and writing outputs safely (atomic, never over the input)."""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import CeVAEError
+from .targets import special_file_kind
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def read_image(path: PathLike, what: str = "image") -> sitk.Image:
+    """Read a scalar 3D volume from a file SimpleITK reads or from a DICOM series folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CeVAEError(f"The {what} {p} does not exist.")
+    kind = special_file_kind(p)
+    if kind is not None:
+        raise CeVAEError(f"The {what} {p} is {kind}, not a file; give an image file or a DICOM folder.")
+    if p.is_dir():
+        image = _read_dicom_folder(p, what)
+    else:
+        if p.stat().st_size == 0:
+            raise CeVAEError(f"The {what} file {p} is empty.")
+        layout = _nifti_layout(p)
+        floats = layout is not None and layout.datatype in _NIFTI_FLOATS
+        image = _read_float_nifti(p, layout, what) if floats else None  # checks its own length
+        if image is None:
+            if layout is not None:
+                _check_nifti_complete(p, layout, what)
+            try:
+                image = sitk.ReadImage(str(p))
+            except RuntimeError as exc:
+                raise CeVAEError(
+                    f"The {what} file {p} could not be read as an image "
+                    f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
+                ) from None
+            if floats:
+                image = _restore_non_finite(p, layout, image)
+    return check_volume(image, f"{what} {p.name}")
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """Where a NIfTI file's voxels are, read from its header."""
+
+    gz: bool
+    endian: str
+    datatype: int
+    voxels: int
+    offset: int  # first voxel byte (after header and extensions)
+    size: int  # bytes the (decompressed) file must hold
+
+
+def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
+    """The voxel layout of a .nii/.nii.gz file (NIfTI-1 or -2); None if it is not one."""
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    gz = name.endswith(".gz")
+    try:
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as fh:
+            header = fh.read(540)
+    except (EOFError, OSError, zlib.error):
+        return None  # not even a readable header: the image reader says what is wrong
+    return nifti_layout_of_header(header, gz)
+
+
+def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
+    """The voxel layout a NIfTI-1/-2 header announces; None if ``header`` is not a valid one."""
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 348:
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            dims = struct.unpack(endian + "8h", header[40:56])
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        elif size == 540 and len(header) >= 540:
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
+            return None  # malformed: the image reader reports it
+        voxels = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
+        offset = max(offset, size)
+        return _NiftiLayout(gz, endian, datatype, voxels, offset, offset + voxels * bitpix // 8)
+    return None
+
+
+_MAX_DEFLATE_RATIO = 1032  # deflate cannot compress better than about 1032:1
+
+
+def _check_nifti_complete(p: Path, layout: _NiftiLayout, what: str) -> None:
+    """Refuse a truncated NIfTI file: ITK would silently fill the missing voxels with zeros.
+
+    A gzip file is decompressed up to the announced length: its size trailer is not trusted
+    (it can be stale, or forged, and it only holds the length modulo 4 GiB).
+    """
+    _check_plausible(p, layout, what)
+    have = _gunzipped_size(p, layout.size) if layout.gz else p.stat().st_size
+    if have < layout.size:
+        _refuse_truncated(p, layout, have, what)
+
+
+def _check_plausible(p: Path, layout: _NiftiLayout, what: str) -> None:
+    """Refuse, without reading, a file too small to hold what its header announces (no huge allocation)."""
+    size = p.stat().st_size
+    most = size * _MAX_DEFLATE_RATIO + 1024 if layout.gz else size
+    if layout.size > most:
+        _refuse_truncated(p, layout, None if layout.gz else size, what)
+
+
+def _refuse_truncated(p: Path, layout: _NiftiLayout, have: Optional[int], what: str) -> None:
+    holds = f"it holds {have} of the {layout.size} bytes" if have is not None else \
+        f"it is far too small for the {layout.size} bytes"
+    raise CeVAEError(f"The {what} file {p} is truncated or corrupt ({holds} its header announces); "
+                     "copy or export it again.")
+
+
+def _gunzipped_size(p: Path, limit: int) -> int:
+    """Decompressed length of a gzip file (one or more members), counted up to ``limit`` or to where it breaks."""
+    have, pending = 0, b""
+    inflate = zlib.decompressobj(31)
+    with open(p, "rb") as fh:
+        while have < limit:
+            if not pending:
+                pending = fh.read(1 << 16)  # small steps: a broken stream loses only the last one's output
+                if not pending:
+                    break
+            try:
+                have += len(inflate.decompress(pending, 1 << 24))
+            except zlib.error:
+                break
+            pending = inflate.unconsumed_tail
+            if inflate.eof:  # end of one gzip member; another may follow
+                pending, inflate = inflate.unused_data, zlib.decompressobj(31)
+    return min(have, limit)
+
+
+def _read_float_nifti(p: Path, layout: _NiftiLayout, what: str) -> Optional[sitk.Image]:
+    """A plain 3D float NIfTI read in one pass, NaN/Inf kept; None where ITK must read it.
+
+    ITK's reader zeroes NaN/Inf, so restoring them from the raw voxels would decompress the
+    file twice. Here ITK reads only the header (geometry exactly as it would give it) and the
+    voxels are read once, straight into the array. Files with intensity scaling or more than
+    three dimensions go the general way.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+        slope = float(reader.GetMetaData("scl_slope")) if reader.HasMetaDataKey("scl_slope") else 1.0
+        inter = float(reader.GetMetaData("scl_inter")) if reader.HasMetaDataKey("scl_inter") else 0.0
+    except (RuntimeError, ValueError):
+        return None
+    dtype = np.dtype(layout.endian + _NIFTI_FLOATS[layout.datatype])
+    pixel = sitk.sitkFloat32 if dtype.itemsize == 4 else sitk.sitkFloat64
+    if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or reader.GetPixelID() != pixel
+            or int(np.prod(reader.GetSize(), dtype=np.int64)) != layout.voxels
+            or slope not in (0.0, 1.0) or inter != 0.0 or min(reader.GetSpacing()) <= 0):
+        return None  # ITK's full read knows these (e.g. a negative pixdim becomes a flipped axis)
+    _check_plausible(p, layout, what)
+    try:
+        arr = np.empty(reader.GetSize()[::-1], dtype)
+    except MemoryError:
+        _check_nifti_complete(p, layout, what)  # a short file that claims a huge volume is corrupt
+        raise
+    try:
+        got = _read_voxels_into(p, layout, memoryview(arr).cast("B"))
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CeVAEError(f"The {what} file {p} could not be read (corrupt or truncated): {exc}") from None
+    if got < arr.nbytes:
+        _refuse_truncated(p, layout, layout.offset + got, what)
+    if not dtype.isnative:
+        arr = arr.byteswap().view(dtype.newbyteorder("="))
+    image = sitk.GetImageFromArray(arr, isVector=False)
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(reader.GetSpacing())
+    image.SetDirection(reader.GetDirection())
+    return image
+
+
+def _read_voxels_into(p: Path, layout: _NiftiLayout, out: memoryview) -> int:
+    """Fill ``out`` with the file's bytes from ``layout.offset`` on (gzip: one or more members); bytes read."""
+    with open(p, "rb") as fh:
+        if not layout.gz:
+            fh.seek(layout.offset)
+            return fh.readinto(out) or 0
+        pos, need = -layout.offset, len(out)  # pos: where the next decompressed byte goes in ``out``
+        inflate = zlib.decompressobj(31)
+        pending = b""
+        while pos < need:
+            if not pending:
+                pending = fh.read(1 << 22)
+                if not pending:
+                    break
+            block = inflate.decompress(pending, 1 << 24)
+            pending = inflate.unconsumed_tail
+            if inflate.eof:  # end of one gzip member; another may follow
+                pending, inflate = inflate.unused_data, zlib.decompressobj(31)
+            start = max(pos, 0)
+            n = min(pos + len(block), need) - start
+            if n > 0:
+                out[start : start + n] = memoryview(block)[start - pos : start - pos + n]
+            pos += len(block)
+        return max(0, min(pos, need))
+
+
+def _restore_non_finite(p: Path, layout: _NiftiLayout, image: sitk.Image) -> sitk.Image:
+    """Put back the NaN/Inf voxels that ITK's NIfTI reader turns into 0 (so they can be left out)."""
+    dtype = np.dtype(layout.endian + _NIFTI_FLOATS[layout.datatype])
+    if image.GetNumberOfPixels() != layout.voxels or image.GetNumberOfComponentsPerPixel() != 1:
+        return image
+    with (gzip.open(p, "rb") if layout.gz else open(p, "rb")) as fh:
+        fh.seek(layout.offset)
+        raw = np.frombuffer(fh.read(layout.voxels * dtype.itemsize), dtype)
+    bad = ~np.isfinite(raw)
+    if not bad.any():
+        return image
+    arr = sitk.GetArrayFromImage(image)
+    if arr.dtype.kind != "f":
+        return image
+    arr.reshape(-1)[bad] = raw[bad]
+    restored = sitk.GetImageFromArray(arr, isVector=False)
+    restored.CopyInformation(image)
+    return restored
+
+
+def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
+    # ITK's own warnings are silenced: GDCM's for folders without a series, and the series
+    # reader's for uneven slices, which _check_slice_positions turns into a clear refusal
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return _read_dicom_series(folder, what)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+
+
+def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise CeVAEError(f"The {what} folder {folder} contains no DICOM series.")
+    if len(series) > 1:
+        log.warning("%s holds %d DICOM series; reading the first (%s).", folder, len(series), series[0])
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, to check the spacing
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise CeVAEError(f"The DICOM series in {folder} could not be read: {error_text(exc)}") from None
+    _check_slice_positions(reader, len(files), folder)
+    return image
+
+
+def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing or doubled slice, mixed acquisitions).
+
+    The reader stacks the slices at their mean spacing, so an uneven series would put voxels
+    in the wrong place. Slices without position tags are left to the reader.
+    """
+    key_pos, key_dir = "0020|0032", "0020|0037"
+    if n < 3 or not all(reader.HasMetaDataKey(i, key_pos) for i in range(n)) or not reader.HasMetaDataKey(0, key_dir):
+        return
+    try:
+        cosines = np.array([float(v) for v in reader.GetMetaData(0, key_dir).split("\\")])
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, key_pos).split("\\")] for i in range(n)])
+    except ValueError:
+        return
+    if cosines.shape != (6,) or positions.shape != (n, 3):
+        return
+    normal = np.cross(cosines[:3], cosines[3:])
+    gaps = np.abs(np.diff(np.sort(positions @ normal)))
+    usual = float(np.median(gaps))
+    if usual <= 0 or np.max(np.abs(gaps - usual)) > 0.1 * usual:
+        odd = int(np.argmax(np.abs(gaps - usual)))
+        raise CeVAEError(
+            f"The DICOM series in {folder} has unevenly spaced slices (a gap of {gaps[odd]:.3g} mm after slice "
+            f"{odd + 1} of {n}, where the others are {usual:.3g} mm apart): a slice is missing or doubled, or "
+            "the folder mixes acquisitions. Export the complete series into a folder of its own."
+        )
+
+
+_COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+
+
+def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """Refuse what the model cannot score: complex, not 3D, several components, a single slice, too small."""
+    if image.GetPixelID() in _COMPLEX:
+        raise CeVAEError(f"The {what} has complex-valued voxels (raw or phase data); a magnitude MRI "
+                         "volume is needed.")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CeVAEError(
+            f"The {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+            "(colour or vector image); a single-channel MRI volume is needed."
+        )
+    dim = image.GetDimension()
+    if dim == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dim = 3
+    if dim != 3:
+        extra = " (a time series or multi-volume file: extract one volume first)" if dim == 4 else ""
+        raise CeVAEError(f"The {what} is {dim}D{extra}; a 3D volume is needed.")
+    size = image.GetSize()
+    shape = "x".join(map(str, size))
+    if sorted(size)[1] >= 8 and min(size) == 1:
+        raise CeVAEError(f"The {what} is a single slice ({shape} voxels); a 3D volume of the head is needed.")
+    if min(sorted(size)[1:]) < 8:
+        raise CeVAEError(f"The {what} is too small to analyse ({shape} voxels).")
+    return image
+
+
+def voxel_volume_ml(image: sitk.Image) -> float:
+    """The volume of one voxel of ``image`` in millilitres."""
+    return float(np.prod(image.GetSpacing())) / 1000.0
+
+
+def grid_difference(a: sitk.Image, b: sitk.Image, atol: float = 1e-4, rtol: float = 0.0) -> Optional[str]:
+    """The first of "Size", "Spacing", "Origin", "Direction" that differs between the grids, or None."""
+    for what in ("Size", "Spacing", "Origin", "Direction"):
+        va, vb = getattr(a, f"Get{what}")(), getattr(b, f"Get{what}")()
+        if len(va) != len(vb) or not np.allclose(va, vb, rtol=rtol, atol=atol):
+            return what
+    return None
+
+
+def error_text(exc: BaseException) -> str:
+    """The informative line of an ITK/SimpleITK error message, without location prefixes."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Description:"):
+            return ln.split(":", 1)[1].strip()
+    # "Reason: <errno text>" after an ITK error is a stale system error, not the cause
+    useful = [ln for ln in lines if not ln.startswith(("Exception thrown in", "Reason:"))] or lines
+    if not useful:
+        return type(exc).__name__
+    return re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", useful[-1])

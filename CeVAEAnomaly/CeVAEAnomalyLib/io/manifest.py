@@ -1,0 +1,68 @@
+"""The one reader of CSV lists of files (train and calibrate manifests, batch lists, evaluation cases).
+
+A list has a header row; file columns hold paths relative to the CSV's folder (or absolute);
+cells are stripped; rows whose key column is empty are skipped.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from ..errors import CeVAEError
+from .naming import file_stem
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One healthy volume and its optional brain mask."""
+
+    image: Path
+    mask: Optional[Path] = None
+
+    @property
+    def name(self) -> str:
+        return file_stem(self.image)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a list: its line in the CSV, its file columns as paths and its other cells."""
+
+    line: int
+    files: Dict[str, Optional[Path]]
+    cells: Dict[str, str]
+
+
+def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Sequence[str] = ()) -> List[Row]:
+    """The rows of the CSV at ``path`` that have a ``key`` cell; ``files`` are its path columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise CeVAEError(f"The {what} {path} does not exist." if not path.exists()
+                         else f"The {what} {path} is not a file.")
+    optional = [c for c in (*files, *others) if c != key]
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or key not in [f.strip() for f in reader.fieldnames]:
+                extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
+                raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}.")
+            rows = []
+            for line, raw in enumerate(reader, start=2):
+                row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
+                if not row.get(key):
+                    continue
+                rows.append(Row(line, {c: (path.parent / row[c]) if row.get(c) else None for c in files},
+                                {c: row.get(c, "") for c in others}))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CeVAEError(f"The {what} {path} is not a readable CSV file ({exc}).") from None
+    return rows
+
+
+def read_manifest(path: Path) -> List[Subject]:
+    """Subjects from a CSV with columns ``image,mask`` (mask may be empty; paths relative to the CSV)."""
+    rows = read_rows(path, "image", ("image", "mask"), "manifest")
+    if not rows:
+        raise CeVAEError(f"The manifest {path} lists no images.")
+    return [Subject(r.files["image"], r.files["mask"]) for r in rows]  # type: ignore[arg-type]

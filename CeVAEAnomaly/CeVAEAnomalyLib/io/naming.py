@@ -1,0 +1,50 @@
+"""File names: image extensions, the stem of a file, and the names of detection outputs.
+
+The output table is shared by ``cevae-anomaly batch`` and the Slicer script
+``Scripts/DetectVolume.py``, so a volume ``NAME`` gives the same file names everywhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_MULTI_SUFFIXES = (".seg.nrrd", ".seg.nii.gz", ".nii.gz")
+
+# role -> file name after "NAME"; "{ext}" is the volume format (".nii.gz", ".nrrd", ...)
+OUTPUT_NAMES: Dict[str, str] = {
+    "score": "_score{ext}",
+    "labelmap": "_labelmap{ext}",
+    "slices": "_slices.csv",
+    "components": "_components.csv",
+    "segmentation": "_segmentation.seg.nrrd",
+}
+
+
+def full_suffix(path: Path) -> str:
+    """The file type suffix that writers go by (".seg.nrrd", ".nii.gz", ".nrrd", ...)."""
+    return next((ext for ext in _MULTI_SUFFIXES if path.name.lower().endswith(ext)), path.suffix)
+
+
+def image_stem(filename: str) -> Optional[str]:
+    """The file name without its image extension; None if it is not an image file."""
+    low = filename.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if low.endswith(ext) and len(filename) > len(ext):
+            return filename[: -len(ext)]
+    return None
+
+
+def file_stem(path: Path) -> str:
+    """The name that prefixes a file's outputs: its name without the (image) extension."""
+    name = Path(path).name
+    stem = image_stem(name)
+    if stem is not None:
+        return stem
+    return name[: len(name) - len(full_suffix(Path(name)))] or name
+
+
+def output_paths(out_dir: Path, name: str, roles: Sequence[str] = ("score", "labelmap", "slices"),
+                 volume_ext: str = ".nii.gz") -> Dict[str, Path]:
+    """The output files of volume ``name`` in ``out_dir``, by role (see :data:`OUTPUT_NAMES`)."""
+    return {role: Path(out_dir) / (name + OUTPUT_NAMES[role].format(ext=volume_ext)) for role in roles}

@@ -1,0 +1,81 @@
+"""Where outputs may go: never onto an input, never under a file, never over a file without overwrite.
+
+"Onto an input" covers every way to name one file: the same path, a path that resolves to it
+(``..``, symbolic links) and a hard link to it (the same inode).
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple, Union
+
+from ..errors import CeVAEError
+
+
+def special_file_kind(p: Path) -> Optional[str]:
+    """What ``p`` is if it exists but is neither a regular file nor a folder ("a named pipe (FIFO)", ...)."""
+    mode = os.stat(p).st_mode
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
+
+
+class Inputs:
+    """Everything a command reads, to compare outputs against (by resolved path and by inode)."""
+
+    def __init__(self, paths: Iterable[Optional[Path]] = ()) -> None:
+        self.names: Dict[Union[Path, Tuple[int, int]], Path] = {}  # resolved path or (device, inode)
+        for p in paths:
+            if p is not None:
+                self.add(Path(p))
+
+    def add(self, path: Path) -> None:
+        self.names[path.resolve()] = path
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        self.names[(st.st_dev, st.st_ino)] = path
+
+    def which(self, target: Path) -> Optional[Path]:
+        """The input that ``target`` would replace, if any."""
+        if target.resolve() in self.names:
+            return self.names[target.resolve()]
+        try:
+            st = os.stat(target)
+        except OSError:
+            return None
+        return self.names.get((st.st_dev, st.st_ino))
+
+
+def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
+    """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
+    target = Path(target)
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CeVAEError(f"The output {target} would be under {parent}, which is a file, not a folder.")
+            break
+    if target.is_dir():
+        raise CeVAEError(f"The output {target} is a folder; give a file name.")
+    src = inputs.which(target)
+    if src is not None:
+        raise CeVAEError(f"The output {target} is the same file as an input ({src}); choose another path.")
+    if os.path.lexists(target) and not overwrite:
+        raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
+
+
+def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optional[Path]] = ()) -> None:
+    """Refuse outputs that equal an input, repeat each other, or exist (without overwrite)."""
+    known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
+    seen = set()
+    for t in targets:
+        r = Path(t).resolve()
+        if r in seen:
+            raise CeVAEError(f"The output {t} is named twice.")
+        seen.add(r)
+        check_output_path(Path(t), overwrite, known)
+

@@ -1,0 +1,1 @@
+"""The Slicer adapter: the only code that imports slicer (MRML nodes, the module's logic)."""

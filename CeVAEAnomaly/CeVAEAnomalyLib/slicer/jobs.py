@@ -1,0 +1,151 @@
+"""The module's side of the worker: start it in its own process, read its messages, stop it.
+
+A :class:`WorkerJob` never blocks: a reader thread collects the worker's stdout and
+:meth:`WorkerJob.poll` (called from a timer in Slicer) takes what has arrived. Cancel ends the
+process at once. Qt-free, so the same code runs in Slicer and in tests.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence
+
+from ..errors import CeVAEError
+
+log = logging.getLogger(__name__)
+Launcher = Callable[[List[str]], subprocess.Popen]
+STOP_WAIT_S = 0.5  # after terminate(), how long to wait before kill()
+_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
+              "from CeVAEAnomalyLib.slicer.worker import main; sys.exit(main(sys.argv[2:]))")
+
+
+class JobState(enum.Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def worker_command(python: str, request_path: Path) -> List[str]:
+    """The command line that runs the worker on a request with this library, wherever it is installed."""
+    library_parent = Path(__file__).resolve().parents[2]
+    return [python, "-u", "-c", _BOOTSTRAP, str(library_parent), str(request_path)]
+
+
+def launch_process(args: Sequence[str]) -> subprocess.Popen:
+    """Start a console process with its stdout and stderr merged into one text pipe."""
+    return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, bufsize=1)
+
+
+class WorkerJob:
+    """One run of the worker: its request, its temporary folder, its progress and its end."""
+
+    def __init__(self, request: Dict[str, Any], folder: Path, launch: Optional[Launcher] = None,
+                 python: Optional[str] = None) -> None:
+        self.folder = Path(folder)
+        self.request = request
+        self.state = JobState.RUNNING
+        self.fraction, self.message = 0.0, "Starting"
+        self.done: Optional[Dict[str, Any]] = None
+        self.error: Optional[str] = None
+        self.output: List[str] = []  # lines that were not protocol messages (warnings, tracebacks)
+        self._cancelled = False
+        request_path = self.folder / "request.json"
+        request_path.write_text(json.dumps(request), encoding="utf-8")
+        self.process = (launch or launch_process)(worker_command(python or sys.executable, request_path))
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._reader = threading.Thread(target=_read_lines, args=(self.process.stdout, self._lines), daemon=True)
+        self._reader.start()
+        self._eof = False
+
+    @property
+    def finished(self) -> bool:
+        return self.state is not JobState.RUNNING
+
+    def poll(self) -> bool:
+        """Take the messages that arrived; True once the job has ended (see :attr:`state`)."""
+        while not self._eof:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._eof = True
+            else:
+                self._take(line)
+        if self.state is JobState.RUNNING and self._eof and self.process.poll() is not None:
+            self._end(self.process.returncode)
+        return self.finished
+
+    def wait(self, timeout: Optional[float] = None) -> JobState:
+        """Block until the job ends (for scripts and tests; the module polls instead)."""
+        self.process.wait(timeout)
+        self._reader.join(timeout)
+        self.poll()
+        return self.state
+
+    def cancel(self) -> None:
+        """Stop the worker now (terminate, then kill if it has not gone within STOP_WAIT_S)."""
+        if self.finished:
+            return
+        self._cancelled = True
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.state = JobState.CANCELLED
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder (inputs and results)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _take(self, line: str) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            self.output.append(line)
+            log.info("CeVAEAnomaly worker: %s", line)
+        elif "progress" in message:
+            self.fraction, self.message = float(message["progress"]), str(message.get("message", ""))
+        elif "done" in message:
+            self.done = message["done"]
+        elif "error" in message:
+            self.error = str(message["error"])
+
+    def _end(self, returncode: int) -> None:
+        if self._cancelled:
+            self.state = JobState.CANCELLED
+        elif returncode == 0 and self.done is not None:
+            self.state = JobState.DONE
+        else:
+            self.state = JobState.FAILED
+            if self.error is None:
+                tail = "\n".join(self.output[-5:])
+                self.error = f"The worker process stopped unexpectedly (exit status {returncode}).\n{tail}".strip()
+
+    def raise_for_failure(self) -> None:
+        """Raise the worker's error as a CeVAEError if the job failed."""
+        if self.state is JobState.FAILED:
+            raise CeVAEError(self.error or "The worker failed.")
+
+
+def _read_lines(stream: IO, lines: "queue.Queue[Optional[str]]") -> None:
+    """Reader thread: every line of ``stream`` (text or bytes) into ``lines``, then None at its end."""
+    for line in stream:
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        lines.put(text.rstrip("\r\n"))
+    stream.close()
+    lines.put(None)

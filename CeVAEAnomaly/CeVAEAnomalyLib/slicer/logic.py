@@ -1,0 +1,328 @@
+"""The module logic: MRML nodes in, detection through the core engine, MRML nodes out.
+
+Runs inside Slicer (where it is the module's ``ScriptedLoadableModuleLogic``) and on
+``slicer-core`` without Qt. Importing this file imports neither torch nor SimpleITK.
+
+Two ways to run a detection:
+
+- :meth:`CeVAEAnomalyLogic.process` runs in this process and returns when done (console, scripts)::
+
+      from CeVAEAnomaly import CeVAEAnomalyLogic
+      result = CeVAEAnomalyLogic().process(slicer.util.getNode("MRHead"))
+      print(result.summary)
+
+- :meth:`CeVAEAnomalyLogic.startDetection` starts a worker process and returns a job at once;
+  poll it (the module does, from a timer), then :meth:`finishDetection` loads its results into
+  the scene. :meth:`startCalibration` recalibrates a model on healthy volumes the same way.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import slicer
+
+from ..errors import CeVAEError
+from ..progress import ProgressCallback, report, scaled
+from .jobs import Launcher, WorkerJob
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from ..engine.bundle import Bundle
+    from ..engine.detector import DetectionResult
+    from .mrml import OutputNodes
+
+try:  # inside Slicer; slicer-core has no Qt and no ScriptedLoadableModule
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
+except ImportError:
+    _LogicBase = object
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CeVAEAnomalyResult:
+    """What a detection produced: the nodes and the raw detection."""
+
+    volume: slicer.vtkMRMLScalarVolumeNode
+    nodes: "OutputNodes"
+    detection: "DetectionResult"
+
+    @property
+    def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
+        """Where "jump to the most anomalous" goes, in world RAS: the top component's centroid when the
+        labelmap has one, else the centre of the most anomalous slice (DetectionResult.top_slice)."""
+        from .nodes import slice_center_ras, to_world
+
+        if self.detection.components:
+            return to_world(self.volume, self.detection.components[0].centroid_ras)
+        top = self.detection.top_slice
+        return None if top is None else slice_center_ras(self.volume, top.axis, top.index)
+
+    @property
+    def summary(self) -> str:
+        d = self.detection
+        return (f"{len(d.components)} component(s), {d.flagged_ml:.2f} ml above threshold "
+                f"{d.threshold:.4g} ({d.threshold_source}).")
+
+
+@dataclass
+class _DetectionTarget:
+    """Where a worker's detection goes when it is loaded back."""
+
+    volume: slicer.vtkMRMLScalarVolumeNode
+    outputs: Optional["OutputNodes"]
+    createLabelmap: bool
+    show3D: bool
+
+
+class CeVAEAnomalyLogic(_LogicBase):
+    """Anomaly detection on volume nodes. ``scene``: defaults to the input node's scene."""
+
+    def __init__(self, scene: Optional[slicer.vtkMRMLScene] = None) -> None:
+        _LogicBase.__init__(self)
+        self.scene = scene
+        self._bundle: Optional["Bundle"] = None
+        self._bundleKey: Optional[Tuple[str, int, str]] = None
+        self._targets: Dict[int, _DetectionTarget] = {}
+
+    def _sceneFor(self, volumeNode) -> slicer.vtkMRMLScene:
+        scene = self.scene if self.scene is not None else volumeNode.GetScene()
+        if scene is None:
+            scene = getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise CeVAEError("The input volume is not in an MRML scene; add it to one or pass scene= to the logic.")
+        return scene
+
+    def loadModel(self, modelPath: Union[str, Path, None] = None, device: str = "auto") -> "Bundle":
+        """Load a model bundle (the bundled default if no path), reusing the last one if unchanged."""
+        from ..data import default_model_path
+        from ..engine.bundle import load_bundle
+        from ..engine.devices import resolve_device
+
+        path = Path(modelPath) if modelPath else default_model_path()
+        if not path.is_file():
+            raise CeVAEError(f"The model bundle {path} does not exist; choose a .cevae file.")
+        torchDevice = resolve_device(device)
+        key = (str(path.resolve()), path.stat().st_mtime_ns, str(torchDevice))
+        if key != self._bundleKey:
+            self._bundle, self._bundleKey = load_bundle(path, torchDevice), key
+        return self._bundle
+
+    def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
+        if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
+            raise CeVAEError("Select a scalar input volume.")
+        scene = self._sceneFor(volumeNode)
+        inputIds = {node.GetID() for node in (volumeNode, maskNode) if node is not None}
+        for node in vars(outputs).values() if outputs is not None else ():
+            if node is not None and node.GetID() in inputIds:
+                raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
+        return scene
+
+    @staticmethod
+    def _inputImages(volumeNode, maskNode, maskSegmentId) -> Tuple["sitk.Image", Optional["sitk.Image"]]:
+        from ..io.images import check_volume
+        from . import mrml
+
+        image = check_volume(mrml.image_from_volume(volumeNode, "input volume"), f"volume '{volumeNode.GetName()}'")
+        mask = mrml.mask_image(maskNode, volumeNode, maskSegmentId) if maskNode is not None else None
+        return image, mask
+
+    def process(
+        self,
+        volumeNode: slicer.vtkMRMLScalarVolumeNode,
+        maskNode: Optional[slicer.vtkMRMLNode] = None,
+        modelPath: Union[str, Path, None] = None,
+        scoreType: Optional[str] = None,
+        fpr: Optional[float] = None,
+        threshold: Optional[float] = None,
+        postprocess: Optional[Dict[str, Any]] = None,
+        device: str = "auto",
+        batchSize: int = 32,
+        maskSegmentId: Optional[str] = None,
+        outputs: Optional["OutputNodes"] = None,
+        createLabelmap: bool = False,
+        show3D: bool = False,
+        progress: Optional[ProgressCallback] = None,
+    ) -> CeVAEAnomalyResult:
+        """Detect anomalies in ``volumeNode`` in this process and create or update the result nodes.
+
+        ``maskNode``: brain mask (labelmap, or segmentation with ``maskSegmentId`` or all its
+        segments); computed automatically if None. ``scoreType``: None for the model's own.
+        ``fpr``: healthy false-positive rate for the
+        model's calibrated threshold (default: the model's own recommended rate);
+        ``threshold`` overrides it with an absolute score. ``postprocess``: overrides of the
+        model's post-processing (rim_mm, median_radius, min_volume_mm3). ``outputs``: existing
+        nodes to update. ``progress(fraction, message)`` may raise
+        :class:`~CeVAEAnomalyLib.progress.Cancelled`. On any error or cancel, the scene's node
+        set is left as it was.
+        """
+        from .worker import detect_image
+
+        self._checkInputs(volumeNode, maskNode, outputs)
+        report(progress, 0.0, "Reading the volume")
+        image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
+        report(progress, 0.02, "Loading the model")
+        bundle = self.loadModel(modelPath, device)
+        detection = detect_image(image, mask, bundle, scoreType, fpr, threshold, postprocess, batchSize,
+                                 scaled(progress, 0.05, 0.95))
+        report(progress, 0.95, "Creating the result nodes")
+        return self.publish(volumeNode, detection, outputs, createLabelmap, show3D)
+
+    def publish(self, volumeNode, detection: "DetectionResult", outputs: Optional["OutputNodes"] = None,
+                createLabelmap: bool = False, show3D: bool = False) -> CeVAEAnomalyResult:
+        """Create or update the result nodes of a detection of ``volumeNode``."""
+        from . import mrml
+
+        if volumeNode.GetScene() is None:
+            raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was removed from the scene; "
+                             "the results are not loaded.")
+        nodes = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D)
+        result = CeVAEAnomalyResult(volumeNode, nodes, detection)
+        log.info("CeVAEAnomaly: %s", result.summary)
+        return result
+
+    # --- in a worker process -------------------------------------------------------------------
+
+    def startDetection(
+        self,
+        volumeNode: slicer.vtkMRMLScalarVolumeNode,
+        maskNode: Optional[slicer.vtkMRMLNode] = None,
+        modelPath: Union[str, Path, None] = None,
+        scoreType: Optional[str] = None,
+        fpr: Optional[float] = None,
+        threshold: Optional[float] = None,
+        postprocess: Optional[Dict[str, Any]] = None,
+        device: str = "auto",
+        batchSize: int = 32,
+        maskSegmentId: Optional[str] = None,
+        outputs: Optional["OutputNodes"] = None,
+        createLabelmap: bool = False,
+        show3D: bool = False,
+        launch: Optional[Launcher] = None,
+        python: Optional[str] = None,
+    ) -> WorkerJob:
+        """Start the detection :meth:`process` would do in a worker process; returns the running job.
+
+        The input (and mask) are copied into a temporary folder first, so the scene may change
+        while the job runs. ``launch(args)`` starts the process (Slicer: ``launchConsoleProcess``),
+        ``python`` is the interpreter (Slicer: ``PythonSlicer``).
+        """
+        import SimpleITK as sitk
+
+        self._checkInputs(volumeNode, maskNode, outputs)
+        image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
+        folder = Path(tempfile.mkdtemp(prefix="CeVAEAnomaly-"))
+        try:
+            sitk.WriteImage(image, str(folder / "input.nrrd"))
+            if mask is not None:
+                sitk.WriteImage(mask, str(folder / "mask.nrrd"), True)
+            request = dict(task="detect", image=str(folder / "input.nrrd"),
+                           mask=str(folder / "mask.nrrd") if mask is not None else None,
+                           model=str(modelPath) if modelPath else None, device=device, batch_size=int(batchSize),
+                           score_type=scoreType, fpr=fpr, threshold=threshold, postprocess=postprocess,
+                           out_dir=str(folder))
+            job = WorkerJob(request, folder, launch, python)
+        except BaseException:
+            _removeFolder(folder)
+            raise
+        self._targets[id(job)] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D)
+        return job
+
+    def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
+        """Load a finished detection job's results into the scene and remove its temporary folder."""
+        from .worker import read_detection
+
+        target = self._targets.pop(id(job))
+        try:
+            job.raise_for_failure()
+            if job.done is None:
+                raise CeVAEError("The detection did not finish.")
+            return self.publish(target.volume, read_detection(job.folder), target.outputs, target.createLabelmap,
+                                target.show3D)
+        finally:
+            job.cleanup()
+
+    def discardJob(self, job: WorkerJob) -> None:
+        """Stop a job if it still runs and forget it (nothing is loaded)."""
+        job.cancel()
+        self._targets.pop(id(job), None)
+        job.cleanup()
+
+    def startCalibration(
+        self,
+        volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
+        masks: Sequence[Optional[slicer.vtkMRMLNode]],
+        outputPath: Union[str, Path],
+        modelPath: Union[str, Path, None] = None,
+        postprocess: Optional[Dict[str, Any]] = None,
+        device: str = "auto",
+        overwrite: bool = False,
+        launch: Optional[Launcher] = None,
+        python: Optional[str] = None,
+    ) -> WorkerJob:
+        """Recalibrate a model on healthy volumes (``masks[i]``: brain mask of ``volumes[i]`` or None)
+        in a worker process, writing a new bundle to ``outputPath``. ``job.done["model"]`` is its path."""
+        import SimpleITK as sitk
+
+        if not volumes:
+            raise CeVAEError("Choose at least one healthy volume to calibrate on.")
+        if len(masks) != len(volumes):
+            raise CeVAEError("Give one brain mask (or None) per healthy volume.")
+        folder = Path(tempfile.mkdtemp(prefix="CeVAEAnomaly-calibration-"))
+        try:
+            subjects: List[Dict[str, Optional[str]]] = []
+            for n, (volume, mask) in enumerate(zip(volumes, masks)):
+                image, maskImage = self._inputImages(volume, mask, None)
+                stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
+                sitk.WriteImage(image, str(folder / f"{stem}.nrrd"))
+                if maskImage is not None:
+                    sitk.WriteImage(maskImage, str(folder / f"{stem}_mask.nrrd"), True)
+                subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
+                                     mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None))
+            request = dict(task="calibrate", subjects=subjects, model=str(modelPath) if modelPath else None,
+                           device=device, postprocess=postprocess, out=str(outputPath), overwrite=bool(overwrite))
+            return WorkerJob(request, folder, launch, python)
+        except BaseException:
+            _removeFolder(folder)
+            raise
+
+    # --- display (only inside the Slicer application) ------------------------------------------
+
+    def showResults(self, scoreVolume, volume, opacity: float = 0.5) -> None:
+        """The heat map over the input in the slice views, with a colour legend."""
+        if getattr(slicer, "app", None) is None:
+            return
+        slicer.util.setSliceViewerLayers(background=volume, foreground=scoreVolume, foregroundOpacity=opacity)
+        displays = [scoreVolume.GetNthDisplayNode(i) for i in range(scoreVolume.GetNumberOfDisplayNodes())]
+        if not any(d is not None and d.IsA("vtkMRMLColorLegendDisplayNode") for d in displays):
+            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(scoreVolume)
+
+    def setOverlayOpacity(self, scoreVolume, opacity: float) -> int:
+        """Opacity of the score overlay in the views that show it (other overlays untouched)."""
+        from .nodes import set_overlay_opacity
+
+        return set_overlay_opacity(self._sceneFor(scoreVolume), scoreVolume, opacity)
+
+    def jumpToSlice(self, ras: Tuple[float, float, float]) -> None:
+        """Centre all slice views on a world RAS point."""
+        if getattr(slicer, "app", None) is None:
+            return
+        slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+
+
+def _fileStem(name: str) -> str:
+    """A node name as a safe file name stem."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "volume"
+
+
+def _removeFolder(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+

@@ -1,0 +1,424 @@
+"""MRML adapter: the only module that touches a Slicer scene. Never imports torch.
+
+Every function takes the scene (or nodes that live in one) explicitly, so the same code runs
+inside Slicer and on ``slicer-core`` (the Qt-free MRML library from PyPI).
+
+Geometry: a volume node's IJK-to-RAS matrix maps voxel indices to RAS; SimpleITK images are
+LPS. The conversion flips the first two rows of the direction matrix and of the origin, so
+spacing, direction and origin round-trip exactly.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from ..errors import CeVAEError
+from .nodes import (
+    ROLE_ATTRIBUTE,
+    SLICE_AXIS_ATTRIBUTE,
+    SLICE_CHART_ROLE,
+    SLICE_TABLE_ROLE,
+    find_output,
+    link_output,
+    node_ids,
+    to_numpy,
+    to_world,
+)
+
+if TYPE_CHECKING:  # the detection result type lives in the detector, which imports torch
+    from ..engine.detector import DetectionResult
+
+log = logging.getLogger(__name__)
+
+SEGMENT_NAME = "Anomaly"
+SEGMENT_TAG = "CeVAEAnomaly.Role"  # tag of this module's segment: only it is replaced on a new run
+DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the brain's scores
+SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map
+INFERNO_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+FALLBACK_COLOR_NAME = "CeVAEAnomaly Inferno"
+# Samples of the Inferno colour map at 0, 1/8, ..., 1; used when the scene lacks Slicer's table.
+_INFERNO_ANCHORS = np.array([
+    [0.0015, 0.0005, 0.0139], [0.1293, 0.0473, 0.2908], [0.3415, 0.0623, 0.4294],
+    [0.5409, 0.1347, 0.4151], [0.7357, 0.2159, 0.3302], [0.8943, 0.3534, 0.1936],
+    [0.9784, 0.5579, 0.0349], [0.9746, 0.7977, 0.2063], [0.9884, 0.9984, 0.6449],
+])
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class OutputNodes:
+    """The nodes one detection fills; ``None`` entries are created (or found) by :func:`publish`."""
+
+    score: Optional[slicer.vtkMRMLScalarVolumeNode] = None
+    segmentation: Optional[slicer.vtkMRMLSegmentationNode] = None
+    labelmap: Optional[slicer.vtkMRMLLabelMapVolumeNode] = None
+    components: Optional[slicer.vtkMRMLTableNode] = None
+    slice_table: Optional[slicer.vtkMRMLTableNode] = None
+    slice_chart: Optional[slicer.vtkMRMLPlotChartNode] = None
+
+
+# --- scene bookkeeping -------------------------------------------------------------------------
+
+
+def _remove_nodes_not_in(scene: slicer.vtkMRMLScene, keep: Set[str]) -> None:
+    for node_id in reversed(node_ids(scene)):
+        node = scene.GetNodeByID(node_id)
+        if node_id not in keep and node is not None:
+            scene.RemoveNode(node)
+
+
+@contextmanager
+def transaction(scene: slicer.vtkMRMLScene) -> Iterator[None]:
+    """All or nothing: if the block raises, every node it added to the scene is removed."""
+    before = set(node_ids(scene))
+    try:
+        yield
+    except BaseException:
+        _remove_nodes_not_in(scene, before)
+        raise
+
+
+@contextmanager
+def scratch_nodes(scene: slicer.vtkMRMLScene) -> Iterator[None]:
+    """Nodes added inside the block are removed when it ends, whatever happens."""
+    before = set(node_ids(scene))
+    try:
+        yield
+    finally:
+        _remove_nodes_not_in(scene, before)
+
+
+# --- geometry and voxels -----------------------------------------------------------------------
+
+
+def _to_vtk(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(array.shape[0]):
+        for c in range(array.shape[1]):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume") -> sitk.Image:
+    """A SimpleITK copy of a scalar volume node: same voxels, spacing, origin and direction."""
+    data = volume_node.GetImageData() if volume_node is not None else None
+    if data is None or data.GetNumberOfPoints() == 0:
+        name = volume_node.GetName() if volume_node is not None else "(none)"
+        raise CeVAEError(f"The {what} '{name}' holds no image data; load or select a volume first.")
+    if data.GetNumberOfScalarComponents() != 1:
+        raise CeVAEError(
+            f"The {what} '{volume_node.GetName()}' has {data.GetNumberOfScalarComponents()} components per "
+            "voxel (colour or vector image); a single-channel MRI volume is needed."
+        )
+    dims = data.GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(dims[::-1])
+    image = sitk.GetImageFromArray(voxels)  # copies
+    directions = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASDirectionMatrix(directions)
+    image.SetSpacing(volume_node.GetSpacing())
+    image.SetOrigin(tuple(_RAS_FROM_LPS @ np.asarray(volume_node.GetOrigin(), float)))
+    image.SetDirection(tuple((_RAS_FROM_LPS @ to_numpy(directions, 3)).ravel()))
+    return image
+
+
+def update_volume_from_image(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image) -> None:
+    """Replace the node's voxels and geometry with the image's (exact inverse of image_from_volume)."""
+    voxels = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))
+    data = vtk.vtkImageData()
+    data.SetDimensions(*image.GetSize())
+    data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels.ravel(), deep=True))
+    directions = _RAS_FROM_LPS @ np.asarray(image.GetDirection(), float).reshape(3, 3)
+    wasModifying = volume_node.StartModify()
+    volume_node.SetSpacing(image.GetSpacing())
+    volume_node.SetOrigin(tuple(_RAS_FROM_LPS @ np.asarray(image.GetOrigin(), float)))
+    volume_node.SetIJKToRASDirectionMatrix(_to_vtk(directions))
+    volume_node.SetAndObserveImageData(data)
+    volume_node.EndModify(wasModifying)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def mask_image(
+    mask_node: slicer.vtkMRMLNode, volume_node: slicer.vtkMRMLVolumeNode, segment_id: Optional[str] = None
+) -> sitk.Image:
+    """Brain mask (>0 is brain) from a labelmap/scalar volume or a segmentation (one or all segments)."""
+    if isinstance(mask_node, slicer.vtkMRMLSegmentationNode):
+        return _mask_from_segmentation(mask_node, volume_node, segment_id)
+    if isinstance(mask_node, slicer.vtkMRMLScalarVolumeNode):
+        if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
+            raise CeVAEError(
+                f"The brain mask '{mask_node.GetName()}' and the volume '{volume_node.GetName()}' are under "
+                "different transforms; harden the transforms (Transforms module) first."
+            )
+        return image_from_volume(mask_node, "brain mask")
+    raise CeVAEError("The brain mask must be a labelmap volume or a segmentation.")
+
+
+def _mask_from_segmentation(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, volume_node: slicer.vtkMRMLVolumeNode, segment_id: Optional[str]
+) -> sitk.Image:
+    segmentation = segmentation_node.GetSegmentation()
+    ids = vtk.vtkStringArray()
+    if segment_id:
+        if segmentation.GetSegment(segment_id) is None:
+            raise CeVAEError(f"The segmentation '{segmentation_node.GetName()}' has no segment '{segment_id}'.")
+        ids.InsertNextValue(segment_id)
+    else:
+        for i in range(segmentation.GetNumberOfSegments()):
+            ids.InsertNextValue(segmentation.GetNthSegmentID(i))
+    if ids.GetNumberOfValues() == 0:
+        raise CeVAEError(f"The brain mask segmentation '{segmentation_node.GetName()}' has no segments.")
+    scene = segmentation_node.GetScene()
+    with scratch_nodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "CeVAEAnomaly brain mask (temporary)")
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, volume_node
+        ):
+            raise CeVAEError(f"The segmentation '{segmentation_node.GetName()}' could not be exported as a mask.")
+        return image_from_volume(labelmap, "brain mask")
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def _output(scene, existing, class_name: str, role: str, source, suffix: str):
+    node = existing or find_output(scene, class_name, role, source)
+    if node is None:
+        node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}"))
+    link_output(node, role, source)
+    return node
+
+
+def publish(
+    scene: slicer.vtkMRMLScene,
+    volume_node: slicer.vtkMRMLScalarVolumeNode,
+    result: "DetectionResult",
+    targets: Optional[OutputNodes] = None,
+    create_labelmap: bool = False,
+    show_3d: bool = False,
+) -> OutputNodes:
+    """Create or update the score volume, segmentation, optional labelmap and the tables.
+
+    Nodes in ``targets`` are updated; missing ones are reused (same role and source volume) or
+    created. Transactional: on any error the nodes this call added are removed again.
+    """
+    targets = targets or OutputNodes()
+    if tuple(result.score.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
+        raise CeVAEError("The score map does not match the input volume's grid.")
+    with transaction(scene):
+        out = OutputNodes()
+        out.score = _output(scene, targets.score, "vtkMRMLScalarVolumeNode", "score", volume_node, "anomaly score")
+        _fill_volume(out.score, volume_node, result.score)
+        _show_scores(scene, out.score, result.threshold, result.score, result.brain_mask)
+        if targets.labelmap is not None or create_labelmap:
+            out.labelmap = _output(scene, targets.labelmap, "vtkMRMLLabelMapVolumeNode", "labelmap", volume_node,
+                                   "anomaly labelmap")
+            _fill_volume(out.labelmap, volume_node, result.labelmap)
+            out.labelmap.CreateDefaultDisplayNodes()
+        out.segmentation = _output(scene, targets.segmentation, "vtkMRMLSegmentationNode", "segmentation",
+                                   volume_node, "anomaly segmentation")
+        _fill_segmentation(scene, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
+        out.components = _output(scene, targets.components, "vtkMRMLTableNode", "components", volume_node,
+                                 "anomaly components")
+        _fill_components(out.components, volume_node, result.components)
+        out.slice_table = _output(scene, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
+                                  "slice scores")
+        _fill_slices(out.slice_table, result.slices)
+        out.slice_chart = _slice_chart(scene, out.slice_table, volume_node, targets.slice_chart)
+    return out
+
+
+def _fill_volume(node: slicer.vtkMRMLVolumeNode, volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image) -> None:
+    update_volume_from_image(node, image)
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+
+
+def score_color_node_id(scene: slicer.vtkMRMLScene) -> str:
+    """Slicer's Inferno table if the scene has it, else an equivalent table made once per scene."""
+    if scene.GetNodeByID(INFERNO_COLOR_NODE_ID) is not None:
+        return INFERNO_COLOR_NODE_ID
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == "colors":
+            return node.GetID()
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetTypeToUser()
+    table.SetName(FALLBACK_COLOR_NAME)
+    table.SetAttribute(ROLE_ATTRIBUTE, "colors")
+    table.SetNumberOfColors(256)
+    positions = np.linspace(0.0, 1.0, len(_INFERNO_ANCHORS))
+    for i, t in enumerate(np.linspace(0.0, 1.0, 256)):
+        rgb = [np.interp(t, positions, _INFERNO_ANCHORS[:, c]) for c in range(3)]
+        table.SetColor(i, *rgb, 1.0)
+    scene.AddNode(table)
+    return table.GetID()
+
+
+def display_range(threshold: float, score: sitk.Image, brain: sitk.Image) -> Tuple[float, float]:
+    """(lower, upper) of the heat map: from the threshold (lower scores are transparent) to the
+    99th percentile of the brain's scores, or the maximum score if that percentile is lower."""
+    values = sitk.GetArrayViewFromImage(score)[sitk.GetArrayViewFromImage(brain) > 0]
+    lower = float(threshold)
+    upper = float(np.percentile(values, DISPLAY_PERCENTILE)) if values.size else lower
+    if upper <= lower and values.size:
+        upper = float(values.max())
+    if not upper > lower:  # nothing above the threshold: any sensible window
+        upper = lower + max(abs(lower), 1e-3)
+    return lower, upper
+
+
+def _show_scores(scene, node: slicer.vtkMRMLScalarVolumeNode, threshold: float, score: sitk.Image,
+                 brain: sitk.Image) -> None:
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    lower, upper = display_range(threshold, score, brain)
+    wasModifying = display.StartModify()
+    display.SetAndObserveColorNodeID(score_color_node_id(scene))
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(lower, upper)
+    display.AutoThresholdOff()
+    display.SetThreshold(lower, float(np.finfo(np.float32).max))
+    display.ApplyThresholdOn()
+    display.EndModify(wasModifying)
+
+
+def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
+    """ID of this module's segment in a segmentation, or None."""
+    segmentation = node.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        value = vtk.reference("")
+        if segmentation.GetNthSegment(i).GetTag(SEGMENT_TAG, value) and str(value) == "anomaly":
+            return segmentation.GetNthSegmentID(i)
+    return None
+
+
+def _segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def _fill_segmentation(scene, node, volume_node, labelmap: sitk.Image, labelmap_node, show_3d: bool) -> None:
+    """Put the anomalies into ``node`` as this module's segment, replacing only its previous one."""
+    segmentation = node.GetSegmentation()
+    previous = anomaly_segment_id(node)
+    if previous is not None:
+        segmentation.RemoveSegment(previous)
+    if segmentation.GetNumberOfSegments() == 0:  # only then may the node take the input's geometry
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    before = set(_segment_ids(node))
+    # Import from a labelmap node in the scene, under the volume's transform like the segmentation,
+    # so the import applies no transform (a static method: no logic instance or scene needed).
+    importer = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode
+    if labelmap_node is not None:
+        imported = importer(labelmap_node, node)
+    else:
+        with scratch_nodes(scene):
+            scratch = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "CeVAEAnomaly labelmap (temporary)")
+            _fill_volume(scratch, volume_node, labelmap)
+            imported = importer(scratch, node)
+    if not imported:
+        raise CeVAEError(f"The anomaly labelmap could not be imported into '{node.GetName()}'.")
+    added = [i for i in _segment_ids(node) if i not in before]
+    if not added:  # nothing above the threshold: keep an empty segment
+        segmentation.AddSegment(_empty_segment(volume_node))
+        added = [i for i in _segment_ids(node) if i not in before]
+    segment = segmentation.GetSegment(added[0])
+    segment.SetName(SEGMENT_NAME)
+    segment.SetColor(*SEGMENT_COLOR)
+    segment.SetTag(SEGMENT_TAG, "anomaly")
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetVisibility2DFill(False)
+    display.SetVisibility2DOutline(True)
+    display.SetVisibility3D(bool(show_3d))
+    if show_3d and not node.CreateClosedSurfaceRepresentation():
+        log.warning("The 3D surface of '%s' could not be built; it is shown in the slice views only.",
+                    node.GetName())
+
+
+def _empty_segment(volume_node: slicer.vtkMRMLVolumeNode) -> slicer.vtkSegment:
+    """A segment with an empty binary labelmap (AddEmptySegment needs converter rules that
+    only the Slicer application registers)."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    empty = slicer.vtkOrientedImageData()
+    empty.SetGeometryFromImageToWorldMatrix(matrix)
+    empty.SetExtent(0, -1, 0, -1, 0, -1)
+    empty.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    segment = slicer.vtkSegment()
+    segment.SetName(SEGMENT_NAME)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), empty)
+    return segment
+
+
+def _set_columns(table_node: slicer.vtkMRMLTableNode, columns: Sequence[Tuple[str, vtk.vtkDataArray, str]]) -> None:
+    wasModifying = table_node.StartModify()
+    table_node.RemoveAllColumns()
+    for name, array, unit in columns:
+        array.SetName(name)
+        table_node.AddColumn(array)
+        if unit:
+            table_node.SetColumnUnitLabel(name, unit)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.EndModify(wasModifying)
+
+
+def _array(kind, values: Sequence[float]) -> vtk.vtkDataArray:
+    array = kind()
+    for v in values:
+        array.InsertNextValue(v)
+    return array
+
+
+def _fill_components(table_node, volume_node, components) -> None:
+    centroids = [to_world(volume_node, c.centroid_ras) for c in components]
+    _set_columns(table_node, [
+        ("Component", _array(vtk.vtkIntArray, [c.label for c in components]), ""),
+        ("Volume", _array(vtk.vtkDoubleArray, [c.volume_ml for c in components]), "ml"),
+        ("Max score", _array(vtk.vtkDoubleArray, [c.max_score for c in components]), ""),
+        ("Mean score", _array(vtk.vtkDoubleArray, [c.mean_score for c in components]), ""),
+        ("R", _array(vtk.vtkDoubleArray, [p[0] for p in centroids]), "mm"),
+        ("A", _array(vtk.vtkDoubleArray, [p[1] for p in centroids]), "mm"),
+        ("S", _array(vtk.vtkDoubleArray, [p[2] for p in centroids]), "mm"),
+    ])
+
+
+def _fill_slices(table_node, rows) -> None:
+    axis = "IJK"[rows[0].axis] if rows else "K"
+    table_node.SetAttribute(SLICE_AXIS_ATTRIBUTE, axis)
+    _set_columns(table_node, [
+        ("Slice", _array(vtk.vtkIntArray, [r.index for r in rows]), ""),
+        ("KL", _array(vtk.vtkDoubleArray, [r.kl for r in rows]), ""),
+        ("Reconstruction", _array(vtk.vtkDoubleArray, [r.rec for r in rows]), ""),
+        ("Sample score", _array(vtk.vtkDoubleArray, [r.neg_elbo for r in rows]), ""),
+        ("Slice anomaly", _array(vtk.vtkDoubleArray, [r.anomaly for r in rows]), ""),
+    ])
+
+
+def _slice_chart(scene, table_node, volume_node, existing) -> slicer.vtkMRMLPlotChartNode:
+    series = _output(scene, None, "vtkMRMLPlotSeriesNode", "slice series", volume_node, "slice score series")
+    series.SetAndObserveTableNodeID(table_node.GetID())
+    series.SetXColumnName("Slice")
+    series.SetYColumnName("Slice anomaly")
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
+    series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+    chart = _output(scene, existing, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume_node, "slice scores chart")
+    chart.RemoveAllPlotSeriesNodeIDs()
+    chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    chart.SetTitle(f"{volume_node.GetName()}: anomaly per slice")
+    chart.SetXAxisTitle(f"Slice index (axis {table_node.GetAttribute(SLICE_AXIS_ATTRIBUTE)})")
+    chart.SetYAxisTitle("Highest anomaly score in the slice")
+    chart.SetLegendVisibility(False)
+    return chart

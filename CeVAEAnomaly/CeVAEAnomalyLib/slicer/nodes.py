@@ -1,0 +1,176 @@
+"""Finding, linking and steering the module's MRML nodes (no image conversion, no SimpleITK).
+
+Outputs are linked to their input volume by a node reference (role :data:`SOURCE_REFERENCE`),
+which a scene import keeps valid when it renames clashing node IDs; the kind of output is a plain
+attribute (:data:`ROLE_ATTRIBUTE`). Light enough to import while the module panel is set up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from ..errors import CeVAEError
+
+ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
+SOURCE_REFERENCE = "CeVAEAnomalySource"
+SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
+SLICE_TABLE_ROLE = "slice scores"
+SLICE_CHART_ROLE = "slice chart"
+
+
+def node_ids(scene: slicer.vtkMRMLScene) -> List[str]:
+    """IDs of all nodes in the scene, in scene order."""
+    nodes = scene.GetNodes()
+    return [nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())]
+
+
+def to_numpy(matrix: vtk.vtkMatrix4x4, n: int = 4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(n)] for r in range(n)])
+
+
+def ijk_to_ras(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
+    """The node's 4x4 IJK-to-RAS matrix (local coordinates, before any parent transform)."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return to_numpy(matrix)
+
+
+def to_world(node: slicer.vtkMRMLTransformableNode, point: Sequence[float]) -> Tuple[float, float, float]:
+    """A point in the node's local RAS, mapped through its parent transforms to world RAS."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return tuple(float(v) for v in point)
+    transform = vtk.vtkGeneralTransform()
+    parent.GetTransformToWorld(transform)
+    return tuple(float(v) for v in transform.TransformPoint([float(v) for v in point]))
+
+
+def slice_center_ras(volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int) -> Tuple[float, float, float]:
+    """World RAS of the centre of slice ``index`` along IJK axis ``axis`` of the volume."""
+    dims = volume_node.GetImageData().GetDimensions()
+    ijk = [(d - 1) / 2.0 for d in dims]
+    ijk[axis] = float(index)
+    local = ijk_to_ras(volume_node) @ np.array([*ijk, 1.0])
+    return to_world(volume_node, local[:3])
+
+
+# --- outputs and their source ------------------------------------------------------------------
+
+
+def link_output(node: slicer.vtkMRMLNode, role: str, source: slicer.vtkMRMLNode) -> None:
+    """Mark ``node`` as this module's ``role`` output for the input volume ``source``."""
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    node.SetNodeReferenceID(SOURCE_REFERENCE, source.GetID())
+
+
+def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode):
+    """A node made earlier for the same role and source volume, or None."""
+    for i in range(scene.GetNumberOfNodesByClass(class_name)):
+        node = scene.GetNthNodeByClass(i, class_name)
+        if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID():
+            return node
+    return None
+
+
+def source_volume(output: Optional[slicer.vtkMRMLNode]) -> Optional[slicer.vtkMRMLScalarVolumeNode]:
+    """The input volume an output was made from, or None."""
+    return None if output is None else output.GetNodeReference(SOURCE_REFERENCE)
+
+
+@dataclass
+class StoredResult:
+    """The nodes of a detection found in the scene (after a reload, without the in-memory result)."""
+
+    volume: slicer.vtkMRMLScalarVolumeNode
+    score: slicer.vtkMRMLScalarVolumeNode
+    slice_table: Optional[slicer.vtkMRMLTableNode]
+    slice_chart: Optional[slicer.vtkMRMLPlotChartNode]
+
+    @property
+    def top_slice_ras(self) -> Optional[Tuple[float, float, float]]:
+        """World RAS of the centre of the most anomalous slice (highest slice anomaly, then sample score;
+        tables written before the slice anomaly existed: the sample score)."""
+        table = self.slice_table
+        if table is None or table.GetNumberOfRows() == 0 or self.volume.GetImageData() is None:
+            return None
+        sample = table_column(table, "Sample score")
+        anomaly = (table_column(table, "Slice anomaly") if table.GetTable().GetColumnByName("Slice anomaly") is not None
+                   else np.zeros_like(sample))
+        row = int(np.lexsort((-sample, -anomaly))[0])
+        axis = "IJK".index(table.GetAttribute(SLICE_AXIS_ATTRIBUTE) or "K")
+        return slice_center_ras(self.volume, axis, int(table_column(table, "Slice")[row]))
+
+
+def stored_result(score: Optional[slicer.vtkMRMLScalarVolumeNode]) -> Optional[StoredResult]:
+    """The detection whose score volume is ``score``, read from the scene; None if it is not one."""
+    volume = source_volume(score)
+    scene = None if score is None else score.GetScene()
+    if volume is None or scene is None:
+        return None
+    return StoredResult(volume, score, find_output(scene, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume),
+                        find_output(scene, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume))
+
+
+def set_overlay_opacity(scene: slicer.vtkMRMLScene, score: slicer.vtkMRMLVolumeNode, opacity: float) -> int:
+    """Foreground opacity of the slice views whose foreground is ``score`` (others untouched); how many."""
+    changed = 0
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        if score is not None and composite.GetForegroundVolumeID() == score.GetID():
+            composite.SetForegroundOpacity(float(opacity))
+            changed += 1
+    return changed
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def table_column(table_node: slicer.vtkMRMLTableNode, name: str) -> np.ndarray:
+    """One column of a table node as a numpy array."""
+    array = table_node.GetTable().GetColumnByName(name)
+    if array is None:
+        raise CeVAEError(f"The table '{table_node.GetName()}' has no column '{name}'.")
+    return numpy_support.vtk_to_numpy(array).copy()
+
+
+def component_position(table_node: slicer.vtkMRMLTableNode, row: int) -> Tuple[float, float, float]:
+    """World RAS centroid of the component in ``row`` of a component table."""
+    if not 0 <= row < table_node.GetNumberOfRows():
+        raise CeVAEError(f"Row {row} is not in the component table.")
+    return tuple(float(table_column(table_node, axis)[row]) for axis in ("R", "A", "S"))
+
+
+# --- calibration inputs ------------------------------------------------------------------------
+
+
+def same_grid(a: slicer.vtkMRMLVolumeNode, b: slicer.vtkMRMLVolumeNode) -> bool:
+    """Whether two volumes share dimensions, IJK-to-RAS matrix and parent transform."""
+    da, db = a.GetImageData(), b.GetImageData()
+    return (da is not None and db is not None and da.GetDimensions() == db.GetDimensions()
+            and a.GetTransformNodeID() == b.GetTransformNodeID()
+            and np.allclose(ijk_to_ras(a), ijk_to_ras(b), atol=1e-4))
+
+
+def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
+               masks: Sequence[slicer.vtkMRMLLabelMapVolumeNode]) -> List[Optional[slicer.vtkMRMLLabelMapVolumeNode]]:
+    """For each healthy volume, the brain mask on its grid (None: computed automatically).
+
+    Every mask must fit exactly one volume; a volume may have at most one mask.
+    """
+    pairs: List[Optional[slicer.vtkMRMLLabelMapVolumeNode]] = [None] * len(volumes)
+    for mask in masks:
+        fits = [i for i, volume in enumerate(volumes) if same_grid(volume, mask)]
+        if len(fits) != 1:
+            where = "none of" if not fits else "several of"
+            raise CeVAEError(f"The brain mask '{mask.GetName()}' is on the grid of {where} the chosen healthy "
+                             "volumes; choose masks that match one volume each.")
+        if pairs[fits[0]] is not None:
+            raise CeVAEError(f"The healthy volume '{volumes[fits[0]].GetName()}' has two brain masks chosen "
+                             f"('{pairs[fits[0]].GetName()}' and '{mask.GetName()}'); keep one.")
+        pairs[fits[0]] = mask
+    return pairs

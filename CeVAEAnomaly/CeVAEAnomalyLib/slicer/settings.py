@@ -1,0 +1,115 @@
+"""The module panel's option values, what a model offers, and the run request, without Qt or torch.
+
+The widget shows translated display names for these values (the mapping is in the module file)
+and stores the values in its parameter node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from ..engine.calibration import DEFAULT_FPR, find_calibration
+from ..engine.header import read_header
+from ..errors import CeVAEError
+from ..options import DEVICES, SCORE_TYPES, PostprocessOptions, ScoreOptions
+
+__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "detection_request", "model_path",
+           "override_postprocess", "postprocess_fields"]
+
+SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rate
+SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
+SENSITIVITY_THRESHOLD = "threshold"  # an absolute score threshold
+SENSITIVITIES = (SENSITIVITY_MODEL, SENSITIVITY_FPR, SENSITIVITY_THRESHOLD)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What a model bundle's header says about detection with it."""
+
+    path: Path
+    header: Dict[str, Any]
+
+    @classmethod
+    def read(cls, path: Optional[Path] = None) -> "ModelSettings":
+        """Settings of the bundle at ``path`` (the bundled default model if None)."""
+        from ..data import default_model_path
+
+        target = Path(path) if path else default_model_path()
+        return cls(target, read_header(target))
+
+    @property
+    def postprocess(self) -> Dict[str, Any]:
+        """The model's post-processing (rim_mm, median_radius, min_volume_mm3)."""
+        return PostprocessOptions.from_dict(self.header.get("postprocess") or {}).to_dict()
+
+    @property
+    def default_fpr(self) -> float:
+        return float(self.header.get("default_fpr", DEFAULT_FPR))
+
+    def calibrated(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> bool:
+        """Whether the model holds a threshold calibration for this scoring and post-processing."""
+        score = ScoreOptions.from_dict(self.header.get("score_options") or {}).replace(score_type=score_type)
+        post = PostprocessOptions.from_dict(self.postprocess if postprocess is None else postprocess)
+        try:
+            find_calibration(self.header, score, post)
+        except CeVAEError:
+            return False
+        return True
+
+    def sensitivities(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> Tuple[str, ...]:
+        """The sensitivity modes this model supports for these options (calibrated ones only if calibrated)."""
+        if self.calibrated(score_type, postprocess):
+            return SENSITIVITIES
+        return (SENSITIVITY_THRESHOLD,)
+
+
+def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:
+    """The user's post-processing from the panel's parameters, or None to use the model's."""
+    if not parameters.overridePostprocess:
+        return None
+    return dict(rim_mm=float(parameters.rimMm), median_radius=int(parameters.medianRadius),
+                min_volume_mm3=float(parameters.minVolumeMm3))
+
+
+def postprocess_fields(settings: ModelSettings) -> Dict[str, Any]:
+    """Parameter values that start the override fields from the model's post-processing."""
+    post = settings.postprocess
+    return dict(rimMm=float(post["rim_mm"]), medianRadius=int(post["median_radius"]),
+                minVolumeMm3=float(post["min_volume_mm3"]))
+
+
+def model_path(parameters: Any) -> Optional[str]:
+    """The chosen model file, None for the bundled model; an error if none is chosen."""
+    if parameters.useBundledModel:
+        return None
+    if not parameters.modelPath:
+        raise CeVAEError("Choose a model file (.cevae), or use the bundled model.")
+    return parameters.modelPath
+
+
+def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any]:
+    """Keyword arguments of the logic's detection for the panel's parameters (node fields included)."""
+    if parameters.inputVolume is None:
+        raise CeVAEError("Select an input volume.")
+    post = override_postprocess(parameters)
+    if parameters.sensitivity not in settings.sensitivities(parameters.scoreType, post):
+        raise CeVAEError(
+            "The model has no calibrated threshold for this score type and post-processing. Choose "
+            "'Absolute threshold' as sensitivity, or calibrate the model on healthy scans of your site "
+            "(section 'Calibrate on healthy scans')."
+        )
+    mask = parameters.brainMask
+    segment = parameters.brainMaskSegmentId if mask is not None and mask.IsA("vtkMRMLSegmentationNode") else ""
+    return dict(
+        volumeNode=parameters.inputVolume,
+        maskNode=mask,
+        maskSegmentId=segment or None,
+        modelPath=model_path(parameters),
+        scoreType=parameters.scoreType,
+        fpr=parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else None,
+        threshold=parameters.threshold if parameters.sensitivity == SENSITIVITY_THRESHOLD else None,
+        postprocess=post,
+        device=parameters.device,
+        batchSize=int(parameters.batchSize),
+    )

@@ -1,0 +1,133 @@
+"""What the module panel allows and does at each moment: a Qt-free state machine.
+
+The widget only binds this to Qt: it asks :meth:`WidgetState.click` what a button click means,
+reports what happened (install started, run started, run finished) and shows :meth:`view`.
+Nothing that starts work can be clicked while work runs; a run's own button cancels it; a click
+that arrives just after a run ended (meant for the Cancel button it was) does nothing.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+DETECT = "detect"
+CALIBRATE = "calibrate"
+TASKS = (DETECT, CALIBRATE)
+LATE_CLICK_S = 0.5  # clicks this soon after a run ended were aimed at its Cancel button
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    INSTALLING = "installing"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+
+
+class Action(enum.Enum):
+    START = "start"
+    CANCEL = "cancel"
+    IGNORE = "ignore"
+
+
+@dataclass(frozen=True)
+class View:
+    """Enabled states and button roles for the widget to show."""
+
+    settings_enabled: bool  # inputs, outputs, advanced and calibration settings
+    results_enabled: bool
+    detect_enabled: bool
+    detect_cancels: bool  # the Apply button reads "Cancel"
+    calibrate_enabled: bool
+    calibrate_cancels: bool
+    cancelling: bool  # a cancel is under way: the busy button reads "Cancelling..."
+    progress_visible: bool
+
+
+class WidgetState:
+    """Phase of the panel (idle, installing, running, cancelling) and the task that runs."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.phase = Phase.IDLE
+        self.task: Optional[str] = None
+        self.ready = {DETECT: False, CALIBRATE: False}
+        self._ended_at = float("-inf")
+
+    @property
+    def busy(self) -> bool:
+        return self.phase is not Phase.IDLE
+
+    def set_ready(self, task: str, ready: bool) -> None:
+        """Whether the inputs a task needs are chosen."""
+        self.ready[_check(task)] = bool(ready)
+
+    def click(self, task: str) -> Action:
+        """What a click on ``task``'s button means now; a cancel takes effect at once."""
+        _check(task)
+        if self.phase is Phase.IDLE:
+            late = self._clock() - self._ended_at < LATE_CLICK_S
+            return Action.START if self.ready[task] and not late else Action.IGNORE
+        if self.phase is Phase.RUNNING and task == self.task:
+            self.phase = Phase.CANCELLING
+            return Action.CANCEL
+        return Action.IGNORE
+
+    def begin_install(self, task: str) -> None:
+        """Dependencies are being installed before ``task`` can start (nothing is clickable)."""
+        self._expect(Phase.IDLE)
+        self.phase, self.task = Phase.INSTALLING, _check(task)
+
+    def end_install(self) -> None:
+        """The install ended without starting the run (declined or failed)."""
+        self._expect(Phase.INSTALLING)
+        self._end()
+
+    def started(self, task: str) -> None:
+        """The run of ``task`` is under way."""
+        if self.phase not in (Phase.IDLE, Phase.INSTALLING) or (self.phase is Phase.INSTALLING and task != self.task):
+            raise RuntimeError(f"Cannot start {task} while {self.phase.value}.")
+        self.phase, self.task = Phase.RUNNING, _check(task)
+
+    def finished(self) -> bool:
+        """The run ended; True if its results are wanted (it was not cancelled)."""
+        if self.phase not in (Phase.RUNNING, Phase.CANCELLING):
+            raise RuntimeError(f"No run to finish while {self.phase.value}.")
+        wanted = self.phase is Phase.RUNNING
+        self._end()
+        return wanted
+
+    def interrupt(self) -> bool:
+        """The scene closes, the module is left or reloaded: True if a running task must be stopped."""
+        if self.phase is Phase.RUNNING:
+            self.phase = Phase.CANCELLING
+        return self.phase is Phase.CANCELLING
+
+    def view(self) -> View:
+        idle, phase = self.phase is Phase.IDLE, self.phase
+        running = {task: phase is Phase.RUNNING and self.task == task for task in TASKS}
+        mine = {task: phase in (Phase.RUNNING, Phase.CANCELLING) and self.task == task for task in TASKS}
+        return View(
+            settings_enabled=idle,
+            results_enabled=idle,
+            detect_enabled=(idle and self.ready[DETECT]) or running[DETECT],
+            detect_cancels=mine[DETECT],
+            calibrate_enabled=(idle and self.ready[CALIBRATE]) or running[CALIBRATE],
+            calibrate_cancels=mine[CALIBRATE],
+            cancelling=phase is Phase.CANCELLING,
+            progress_visible=phase in (Phase.RUNNING, Phase.CANCELLING),
+        )
+
+    def _expect(self, phase: Phase) -> None:
+        if self.phase is not phase:
+            raise RuntimeError(f"Expected {phase.value}, but the panel is {self.phase.value}.")
+
+    def _end(self) -> None:
+        self.phase, self.task, self._ended_at = Phase.IDLE, None, self._clock()
+
+
+def _check(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}.")
+    return task

@@ -1,0 +1,1 @@
+"""Training on healthy volumes: data, augmentation, the loop, checkpoints, packaging."""

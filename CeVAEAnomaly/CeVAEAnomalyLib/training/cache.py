@@ -1,0 +1,200 @@
+"""The on-disk slice cache: each subject preprocessed once, read back one slice at a time.
+
+An entry is one subject in one orientation: ``<key>.npy`` (float32 [N,S,S], plain NumPy) and
+``<key>.json`` (what it was made from), written in that order, each atomically, so an entry
+whose JSON exists is complete. The key is a hash of the cache format, the preprocessing
+settings, the orientation and the sha256 of the image and mask files: a changed file or setting
+gets a new key, and a stale entry is never read. Entries of several cohorts and settings can
+share one folder.
+
+Batches are read with a seek and a read per slice, not memory-mapped: mapped pages of a random
+walk over the cohort stay in the process's resident memory, reads do not (docs/SCALING.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..engine.config import PreprocessConfig
+from ..errors import CeVAEError
+from ..io.atomic import atomic_path
+from ..progress import ProgressCallback, report
+from .data import Subject, subject_slices
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+_OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One subject's slices in one orientation, complete on disk."""
+
+    path: Path  # the .npy file
+    slices: int
+    offset: int  # byte offset of the first slice in the file
+
+
+def entry_key(pre: PreprocessConfig, orientation: str, image_sha256: str, mask_sha256: Optional[str]) -> str:
+    """Hash of everything the cached slices depend on."""
+    ident = {"format": CACHE_FORMAT, "preprocess": pre.to_dict(), "orientation": orientation,
+             "image_sha256": image_sha256, "mask_sha256": mask_sha256}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class SliceCache:
+    """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order."""
+
+    def __init__(self, root: Path, pre: PreprocessConfig) -> None:
+        if root.exists() and not root.is_dir():
+            raise CeVAEError(f"The cache folder {root} is a file; give a folder for --cache-dir.")
+        self.root = root
+        self.pre = pre
+
+    def lookup(self, key: str) -> Optional[Entry]:
+        """The complete entry stored under ``key``, or None (missing or damaged: it is made again)."""
+        meta_path, npy = self.root / f"{key}.json", self.root / f"{key}.npy"
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            with open(npy, "rb") as fh:
+                shape, offset = _npy_layout(fh)
+            expected = (meta["slices"], self.pre.input_size, self.pre.input_size)
+            complete = os.path.getsize(npy) == offset + 4 * int(np.prod(shape))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("The cache entry %s is damaged (%s); it is made again.", npy, exc)
+            return None
+        if shape != expected or not complete:
+            log.warning("The cache entry %s is incomplete; it is made again.", npy)
+            return None
+        return Entry(npy, shape[0], offset)
+
+    def prepare(self, subjects: Sequence[Subject], checksums: Dict[Path, str], orientations: Sequence[str],
+                progress: Optional[ProgressCallback] = None) -> List[List[Entry]]:
+        """Per subject, its entries in ``orientations`` order; missing ones are preprocessed now."""
+        out: List[List[Entry]] = []
+        made = 0
+        for n, s in enumerate(subjects):
+            entries, new = self.entries_for(s, checksums, orientations)
+            out.append(entries)
+            made += new
+            report(progress, (n + 1) / max(1, len(subjects)), f"prepared {n + 1} of {len(subjects)} subjects")
+        if subjects:
+            log.info("Slice cache %s: %d subject(s) preprocessed now, %d found ready.", self.root, made,
+                     len(subjects) - made)
+        return out
+
+    def entries_for(self, subject: Subject, checksums: Dict[Path, str],
+                    orientations: Sequence[str]) -> Tuple[List[Entry], bool]:
+        """The subject's entries in ``orientations`` order, and whether any had to be made now."""
+        keys = [self.key(subject, checksums, o) for o in orientations]
+        found = [self.lookup(k) for k in keys]
+        missing = [o for o, e in zip(orientations, found) if e is None]
+        if not missing:
+            return [e for e in found if e is not None], False
+        self.root.mkdir(parents=True, exist_ok=True)
+        arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
+        return [e if e is not None else self._store(k, subject, o, arrays[o], checksums)
+                for k, o, e in zip(keys, orientations, found)], True
+
+    def key(self, subject: Subject, checksums: Dict[Path, str], orientation: str) -> str:
+        mask_sha = checksums[subject.mask] if subject.mask is not None else None
+        return entry_key(self.pre, orientation, checksums[subject.image], mask_sha)
+
+    def _store(self, key: str, subject: Subject, orientation: str, slices: np.ndarray,
+               checksums: Dict[Path, str]) -> Entry:
+        npy = self.root / f"{key}.npy"
+        meta = {"format": CACHE_FORMAT, "subject": subject.name, "image": str(subject.image),
+                "mask": str(subject.mask) if subject.mask else None, "orientation": orientation,
+                "image_sha256": checksums[subject.image],
+                "mask_sha256": checksums[subject.mask] if subject.mask else None,
+                "preprocess": self.pre.to_dict(), "slices": int(len(slices))}
+        try:
+            with atomic_path(npy) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, slices)
+            with atomic_path(self.root / f"{key}.json") as tmp:
+                Path(tmp).write_text(json.dumps(meta, indent=1))
+        except OSError as exc:
+            raise CeVAEError(f"Could not write the slice cache entry {npy}: {exc}.") from None
+        entry = self.lookup(key)
+        if entry is None:
+            raise CeVAEError(f"The slice cache entry {npy} could not be read back after writing it.")
+        return entry
+
+
+def _npy_layout(fh: BinaryIO) -> tuple:
+    """(shape, data offset) of a float32 C-order .npy file open at its start."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    if fortran or dtype != np.dtype("<f4"):
+        raise ValueError("not a little-endian float32 C-order array")
+    return tuple(shape), fh.tell()
+
+
+class SliceSet(torch.utils.data.Dataset):
+    """The slices of a list of entries as one indexable set; ``set[indices]`` is a batch [B,1,S,S].
+
+    Holds only the entry list and offsets in memory; files are opened lazily in each process
+    (DataLoader workers included), a bounded number at a time.
+    """
+
+    def __init__(self, entries: Sequence[Entry], size: int) -> None:
+        self.entries = list(entries)
+        self.size = size
+        self.ends = np.cumsum([e.slices for e in self.entries], dtype=np.int64)
+        self._files: "OrderedDict[int, BinaryIO]" = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, indices: Sequence[int]) -> torch.Tensor:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"slice index out of range 0..{len(self) - 1}")
+        which = np.searchsorted(self.ends, idx, side="right")
+        starts = self.ends[which] - np.asarray([self.entries[w].slices for w in which], dtype=np.int64)
+        out = np.empty((len(idx), self.size, self.size), np.float32)
+        nbytes = self.size * self.size * 4
+        for k, (w, local) in enumerate(zip(which.tolist(), (idx - starts).tolist())):
+            fh = self._file(w)
+            fh.seek(self.entries[w].offset + local * nbytes)
+            if fh.readinto(memoryview(out[k]).cast("B")) != nbytes:
+                raise CeVAEError(f"The slice cache file {self.entries[w].path} is truncated; run again to remake it.")
+        return torch.from_numpy(out)[:, None]
+
+    def _file(self, w: int) -> BinaryIO:
+        if self._pid != os.getpid():  # in a forked worker: never share the parent's file offsets
+            self._files = OrderedDict()
+            self._pid = os.getpid()
+        fh = self._files.pop(w, None)
+        if fh is None:
+            fh = open(self.entries[w].path, "rb")
+            if len(self._files) >= _OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
+        self._files[w] = fh
+        return fh
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+    def __getstate__(self) -> dict:  # workers started by spawn open their own files
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()
+        return state

@@ -1,0 +1,52 @@
+"""Training data: the subject split, and one healthy volume to model slices."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from ..engine.config import PreprocessConfig
+from ..io.images import read_image
+from ..io.manifest import Subject
+from ..engine.preprocess import mask_array, prepare
+
+log = logging.getLogger(__name__)
+
+
+def unique_subjects(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> List[Subject]:
+    """The subjects without repeats of an image already listed (same content), in their order.
+
+    A volume listed twice would otherwise land in training and in validation/calibration at once.
+    """
+    seen: Dict[str, Subject] = {}
+    for s in subjects:
+        first = seen.setdefault(checksums[s.image], s)
+        if first is not s:
+            log.warning("%s repeats the image %s (same content); it is used once.", s.image, first.image)
+    return list(seen.values())
+
+
+def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> Tuple[List[Subject], List[Subject]]:
+    """Subject-level split (no subject in both); at least one training subject."""
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    n_val = int(round(len(subjects) * val_fraction))
+    n_val = min(n_val, len(subjects) - 1)
+    val = [subjects[i] for i in sorted(order[:n_val])]
+    train = [subjects[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequence[str]) -> List[np.ndarray]:
+    """Per orientation, the normalised float32 model slices [N,S,S] of one subject with enough brain in them."""
+    from ..engine.brainmask import given_or_computed_mask
+
+    image = read_image(subject.image)
+    brain = mask_array(given_or_computed_mask(image, subject.mask, subject.image.name), image)
+    out = []
+    for orientation in orientations:
+        stack = prepare(image, brain, cfg, orientation)
+        keep = stack.brain.reshape(len(stack.brain), -1).mean(1) >= cfg.min_brain_fraction
+        out.append(np.ascontiguousarray(stack.slices[keep], dtype=np.float32))
+    return out

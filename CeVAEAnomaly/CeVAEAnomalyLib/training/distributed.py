@@ -1,0 +1,106 @@
+"""Distributed set-up under torchrun: the process group, per-rank seeds and replica checks."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CeVAEError
+from ..io.checksum import sha256_of
+from .data import Subject
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this process created the process group and destroys it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a rank's random streams: distinct per rank, and per resumed step on ranks > 0."""
+    return seed * 1000 + rank + 7919 * step
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if device.type not in ("cuda", "cpu"):
+        raise CeVAEError(f"Distributed training runs on CUDA or the CPU, not on {device.type}; "
+                         "pass --device cuda or --device cpu.")
+    owns = not dist.is_initialized()
+    if owns:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    """Leave the process group if this process created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any (so all ranks stop at the same step)."""
+    if info.world <= 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def file_checksums(subjects: Sequence[Subject], info: DistInfo) -> Dict[Path, str]:
+    """sha256 of every image and mask; with several ranks each hashes a share and they swap results."""
+    paths = sorted({p for s in subjects for p in (s.image, s.mask) if p is not None})
+    mine = {p: sha256_of(p) for p in paths[info.rank::info.world]}
+    if info.world <= 1:
+        return mine
+    parts: List[Optional[Dict[Path, str]]] = [None] * info.world
+    dist.all_gather_object(parts, mine)
+    return {p: h for part in parts for p, h in (part or {}).items()}
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's float32 state, in state-dict order (equal models, equal sums)."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(info: DistInfo, model: torch.nn.Module) -> None:
+    """Log every rank's parameter checksum; rank 0 says whether the replicas agree."""
+    mine = parameter_checksum(model)
+    log.info("Rank %d of %d: parameter checksum %s.", info.rank, info.world, mine)
+    sums: List[Optional[str]] = [None] * info.world
+    dist.all_gather_object(sums, mine)
+    if not info.main:
+        return
+    if len(set(sums)) == 1:
+        log.info("The model replicas of all %d ranks are identical.", info.world)
+    else:
+        log.error("The model replicas differ between ranks (checksums %s); the bundle holds rank 0's.",
+                  ", ".join(str(s)[:12] for s in sums))

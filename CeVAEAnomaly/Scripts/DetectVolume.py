@@ -1,0 +1,157 @@
+"""Headless CeVAE anomaly detection through the Slicer module's logic.
+
+Inside Slicer:   Slicer --no-splash --no-main-window --python-script DetectVolume.py --input IN --output-dir DIR
+Plain Python:    python DetectVolume.py --input IN --output-dir DIR      (needs slicer-core)
+
+In an installed extension this file is in ``<module dir>/Scripts/`` (a sub-folder,
+because Slicer loads every ``.py`` file of the module folder itself as a module).
+
+The volume is loaded into an MRML scene through a storage node, processed by
+``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry:
+``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
+``<name>_components.csv`` and ``<name>_slices.csv`` (the names of ``cevae-anomaly batch``).
+All files are written or none.
+Exit status 0 on success; otherwise 1 (2 for bad arguments) with a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import slicer
+
+_HERE = Path(__file__).resolve().parent
+if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
+    sys.path.insert(0, str(_HERE.parent))
+
+from CeVAEAnomalyLib.errors import CeVAEError, one_line  # noqa: E402  (after the path set-up above)
+from CeVAEAnomalyLib.io import naming  # noqa: E402
+from CeVAEAnomalyLib.io.naming import file_stem  # noqa: E402
+from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions  # noqa: E402
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult  # noqa: E402
+
+log = logging.getLogger("DetectVolume")
+VOLUME_FORMATS = ("nrrd", "nii.gz")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="DetectVolume", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", type=Path, required=True, help="input MRI volume file (NRRD, NIfTI, MHA, ...)")
+    p.add_argument("--mask", type=Path, help="brain mask volume file (>0 is brain); automatic if absent")
+    p.add_argument("--model", type=Path, help="model bundle (.cevae); the bundled default model if absent")
+    p.add_argument("--output-dir", type=Path, required=True, help="folder for the results (created if needed)")
+    p.add_argument("--score-type", default=ScoreOptions.score_type, choices=SCORE_TYPES)
+    p.add_argument("--fpr", type=float,
+                   help="healthy false-positive rate of the calibrated threshold (default: the model's own)")
+    p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
+    p.add_argument("--device", default=RunOptions.device, help=", ".join(DEVICES))
+    p.add_argument("--format", dest="volume_format", default="nrrd", choices=VOLUME_FORMATS,
+                   help="file format of the score volume and labelmap")
+    p.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    return p
+
+
+def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) -> slicer.vtkMRMLVolumeNode:
+    """Read a volume file into a new node through a volume archetype storage node."""
+    what = "brain mask" if labelmap else "input volume"
+    if not path.is_file():
+        raise CeVAEError(f"The {what} {path} does not exist or is not a file.")
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
+                                   file_stem(path))
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        raise CeVAEError(f"The {what} {path} could not be read as a volume (corrupt or unsupported format).")
+    return node
+
+
+def output_paths(input_path: Path, output_dir: Path, volume_format: str) -> Dict[str, Path]:
+    """The result files, named as ``cevae-anomaly batch`` names them (one table: io/naming.py)."""
+    return naming.output_paths(output_dir, file_stem(input_path), tuple(naming.OUTPUT_NAMES), f".{volume_format}")
+
+
+def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
+    def write(filename: str) -> None:
+        storage = node.CreateDefaultStorageNode()
+        storage.SetFileName(filename)
+        storage.SetUseCompression(True)
+        if not storage.WriteData(node):
+            raise CeVAEError(f"Could not write {node.GetName()} to {filename}.")
+
+    return write
+
+
+def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool,
+                  inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
+    """Write every result to a temporary name beside its target, then rename all into place."""
+    from CeVAEAnomalyLib.io.atomic import write_all
+    from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
+
+    writers: Dict[Path, object] = {
+        paths["score"]: _node_writer(result.nodes.score),
+        paths["labelmap"]: _node_writer(result.nodes.labelmap),
+        paths["segmentation"]: _node_writer(result.nodes.segmentation),
+        paths["components"]: components_csv(result.detection),
+        paths["slices"]: slice_scores_csv(result.detection),
+    }
+    return write_all(writers, overwrite, inputs)
+
+
+def _progress(fraction: float, message: str) -> None:
+    log.info("%3d%% %s", round(100 * fraction), message)
+
+
+def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
+    paths = output_paths(args.input, args.output_dir, args.volume_format)
+    from CeVAEAnomalyLib.io.targets import check_paths
+
+    check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
+    volume = load_volume(scene, args.input)
+    mask = load_volume(scene, args.mask, labelmap=True) if args.mask else None
+    result = CeVAEAnomalyLogic(scene).process(
+        volume, mask, modelPath=args.model, scoreType=args.score_type, fpr=args.fpr, threshold=args.threshold,
+        device=args.device, createLabelmap=True, progress=_progress,
+    )
+    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model))
+    log.info("Wrote %s.", ", ".join(str(p) for p in written))
+    return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run and return the exit status (errors are reported as one line on stderr)."""
+    inside_slicer = getattr(slicer, "app", None) is not None
+    if not inside_slicer:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage and the problem
+        return int(exc.code or 0)
+    scene = slicer.mrmlScene if inside_slicer else slicer.vtkMRMLScene()
+    try:
+        run(args, scene)
+    except CeVAEError as exc:
+        print(f"DetectVolume: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not a user error: keep the traceback for the report
+        traceback.print_exc()
+        print(f"DetectVolume: unexpected error ({type(exc).__name__}): {one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _exit(status: int) -> None:
+    """Quit Slicer properly when running inside it; otherwise leave the interpreter."""
+    if getattr(slicer, "app", None) is not None:
+        slicer.util.exit(status)
+    else:
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    _exit(main(sys.argv[1:]))

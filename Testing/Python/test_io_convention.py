@@ -1,0 +1,83 @@
+"""The one I/O convention: file stems, the CSV list reader, output names, the brain-mask helper."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.manifest import Subject, read_manifest, read_rows
+from CeVAEAnomalyLib.io.naming import OUTPUT_NAMES, file_stem, output_paths
+
+
+@pytest.mark.parametrize("name, stem", [
+    ("sub-01_T1w.nii.gz", "sub-01_T1w"), ("scan.NII.GZ", "scan"), ("a.b.nrrd", "a.b"), ("head.mha", "head"),
+    ("head.nhdr", "head"), ("notes.txt", "notes"), ("lesion.seg.nrrd", "lesion.seg"), ("DICOM", "DICOM"),
+])
+def test_file_stem(name, stem):
+    assert file_stem(Path("/data") / name) == stem
+
+
+def test_subject_names_use_the_file_stem(tmp_path):
+    assert Subject(tmp_path / "sub-01_T1w.nii.gz").name == "sub-01_T1w"
+
+
+def test_list_reader_resolves_paths_and_skips_rows_without_key(tmp_path):
+    (tmp_path / "list.csv").write_text(" image , mask ,name\n"
+                                       "a.nii.gz,a_mask.nii.gz,first\n"
+                                       ",,blank\n"
+                                       f"{tmp_path}/abs/b.nrrd,,\n")
+    rows = read_rows(tmp_path / "list.csv", "image", ("image", "mask"), "list", others=("name",))
+    assert [r.line for r in rows] == [2, 4]
+    assert rows[0].files == {"image": tmp_path / "a.nii.gz", "mask": tmp_path / "a_mask.nii.gz"}
+    assert rows[0].cells == {"name": "first"}
+    assert rows[1].files == {"image": tmp_path / "abs" / "b.nrrd", "mask": None} and rows[1].cells == {"name": ""}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("path,mask\na.nii.gz,\n", r"needs a header row with the column 'image' \(and optionally 'mask'\)"),
+    ("image,mask\n", r"lists no images"),
+])
+def test_manifest_problems_are_clear(tmp_path, content, message):
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(CeVAEError, match=message):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_manifest_that_is_not_text_is_refused(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"\xff\xfe\x00\x81binary")
+    with pytest.raises(CeVAEError, match="not a readable CSV file"):
+        read_manifest(tmp_path / "m.csv")
+    with pytest.raises(CeVAEError, match="does not exist"):
+        read_manifest(tmp_path / "absent.csv")
+
+
+def test_output_names_are_one_table(tmp_path):
+    """batch's defaults and the Slicer script's five outputs come from the same table."""
+    assert output_paths(tmp_path, "s1") == {"score": tmp_path / "s1_score.nii.gz",
+                                           "labelmap": tmp_path / "s1_labelmap.nii.gz",
+                                           "slices": tmp_path / "s1_slices.csv"}
+    every = output_paths(tmp_path, "s1", tuple(OUTPUT_NAMES), ".nrrd")
+    assert [p.name for p in every.values()] == ["s1_score.nrrd", "s1_labelmap.nrrd", "s1_slices.csv",
+                                                "s1_components.csv", "s1_segmentation.seg.nrrd"]
+
+
+def test_given_mask_is_read_and_missing_mask_is_computed(head):
+    from CeVAEAnomalyLib.engine.brainmask import compute_brain_mask, given_or_computed_mask
+
+    image_path, mask_path = head
+    image = sitk.ReadImage(str(image_path))
+    given = given_or_computed_mask(image, mask_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(given), sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))))
+    computed = given_or_computed_mask(image, None)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(computed), sitk.GetArrayFromImage(compute_brain_mask(image)))
+
+
+def test_voxel_volume_ml():
+    from CeVAEAnomalyLib.io.images import voxel_volume_ml
+
+    image = sitk.Image(8, 8, 8, sitk.sitkUInt8)
+    image.SetSpacing((0.5, 2.0, 4.0))
+    assert voxel_volume_ml(image) == pytest.approx(0.004)

@@ -1,0 +1,248 @@
+"""No silent corruption, no input ever replaced: disk full, SIGTERM, outputs that would land on inputs.
+
+The disk-full cases run the real command in a subprocess with a file-size limit (RLIMIT_FSIZE,
+SIGXFSZ ignored): every write past the limit fails the way a full disk fails it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.cli.main import main
+
+LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+# The writer of every output sleeps after writing its temporary file, so that SIGTERM arrives mid-write.
+SLOW_WRITER = """
+import sys, time
+from CeVAEAnomalyLib.io import atomic
+real = atomic._writer_for
+def slow(value):
+    write = real(value)
+    def run(tmp):
+        write(tmp)
+        print("writing", flush=True)
+        time.sleep(120)
+    return run
+atomic._writer_for = slow
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def python(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def tree(folder: Path) -> Dict[str, str]:
+    """Every file under ``folder`` (hidden temporaries included) with its SHA-256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str, pattern: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("INFO")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def inputs(tmp_path, head, tiny_bundle):
+    d = tmp_path / "in"
+    d.mkdir()
+    image, mask = head
+    return Path(shutil.copy(image, d)), Path(shutil.copy(mask, d)), Path(shutil.copy(tiny_bundle, d))
+
+
+def detect_argv(image: Path, mask: Path, model: Path, score: Path, *extra: str) -> List[str]:
+    return ["detect", str(image), "--mask", str(mask), "--model", str(model), "--score", str(score),
+            "--device", "cpu", *extra]
+
+
+# ---- disk full ------------------------------------------------------------------------------
+def test_detect_on_a_full_disk_keeps_the_previous_output(inputs, tmp_path):
+    image, mask, model = inputs
+    out = tmp_path / "out"
+    score = out / "score.nii.gz"
+    assert main(detect_argv(image, mask, model, score)) == 0
+    before = tree(tmp_path)
+    limit = score.stat().st_size // 2  # ITK's NIfTI writer stops here without raising
+    proc = python("-c", LIMITED, str(limit), *detect_argv(image, mask, model, score, "--overwrite"))
+    assert proc.returncode == 2, proc.stderr
+    one_error_line(proc.stderr, r"Could not write .*score\.nii\.gz completely .*is the disk full")
+    assert tree(tmp_path) == before  # the old output intact, no temporary file
+
+
+def test_batch_on_a_full_disk_publishes_no_fragment(inputs, tmp_path):
+    image, mask, model = inputs
+    (tmp_path / "list.csv").write_text(f"image,mask\n{image},{mask}\n")
+    out = tmp_path / "out"
+    proc = python("-c", LIMITED, "8000", "batch", str(tmp_path / "list.csv"), "--out-dir", str(out),
+                  "--model", str(model), "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    summary = (out / "summary.csv").read_text()
+    assert "error" in summary and "completely" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+
+
+def test_calibrate_on_a_full_disk_is_a_clear_error(inputs, tmp_path):
+    image, mask, model = inputs
+    out = tmp_path / "calibrated.cevae"
+    (tmp_path / "healthy.csv").write_text(f"image,mask\n{image},{mask}\n")
+    proc = python("-c", LIMITED, str(model.stat().st_size // 2), "calibrate", "--manifest",
+                  str(tmp_path / "healthy.csv"), "--model", str(model), "--out", str(out), "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    one_error_line(proc.stderr, r"Could not write the model bundle .*calibrated\.cevae")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".cevae"])
+def test_a_short_file_is_never_published(tmp_path, suffix, tiny_bundle):
+    """The completeness check itself, on files cut after the writer finished."""
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.io.atomic import check_complete
+
+    whole = tmp_path / f"whole{suffix}"
+    if suffix == ".cevae":
+        shutil.copy(tiny_bundle, whole)
+    else:
+        sitk.WriteImage(sitk.ReadImage(str(tiny_bundle.parent / "h1.nii.gz")), str(whole), suffix != ".nrrd")
+    check_complete(str(whole), whole)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    with pytest.raises(CeVAEError, match="completely"):
+        check_complete(str(cut), cut)
+
+
+# ---- SIGTERM --------------------------------------------------------------------------------
+def test_sigterm_during_a_write_leaves_no_temporary_file(inputs, tmp_path):
+    image, mask, model = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, *detect_argv(image, mask, model, out / "s.nii.gz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        assert [p for p in out.iterdir() if p.name.startswith(".")]  # the temporary file is there
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert [ln for ln in err.splitlines() if not ln.startswith("INFO")] == ["terminated"]
+    assert list(out.iterdir()) == []
+
+
+# ---- outputs over inputs --------------------------------------------------------------------
+def test_calibrate_never_writes_over_a_healthy_image(inputs, tmp_path, capsys):
+    image, mask, model = inputs
+    before = tree(tmp_path)
+    rc = main(["calibrate", str(image), "--model", str(model), "--out", str(image), "--overwrite", "--device", "cpu"])
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, r"head\.nii\.gz is the same file as an input")
+    assert tree(tmp_path) == before
+
+
+def test_evaluate_never_writes_over_a_score_map(inputs, tmp_path, capsys):
+    image, mask, _ = inputs
+    before = tree(tmp_path)
+    assert main(["evaluate", "--score", str(image), "--mask", str(mask), "--out", str(image), "--overwrite"]) == 2
+    one_error_line(capsys.readouterr().err, r"head\.nii\.gz is the same file as an input")
+    assert tree(tmp_path) == before
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("keep me")
+    assert main(["evaluate", "--score", str(image), "--mask", str(mask), "--out", str(metrics)]) == 2
+    one_error_line(capsys.readouterr().err, r"metrics\.csv already exists; pass --overwrite")
+    assert metrics.read_text() == "keep me"
+    assert main(["evaluate", "--score", str(image), "--mask", str(mask), "--out", str(metrics), "--overwrite"]) == 0
+    assert metrics.read_text().splitlines()[-1].startswith("pooled")
+
+
+@pytest.mark.parametrize("flag", ["--slice-scores", "--components"])
+def test_detect_never_writes_over_the_model(inputs, tmp_path, capsys, flag):
+    image, mask, model = inputs
+    before = tree(tmp_path)
+    assert main(detect_argv(image, mask, model, tmp_path / "s.nii.gz", flag, str(model), "--overwrite")) == 2
+    one_error_line(capsys.readouterr().err, r"tiny\.cevae is the same file as an input")
+    assert tree(tmp_path) == before
+
+
+def test_hard_link_to_an_input_is_the_input(inputs, tmp_path, capsys):
+    image, mask, model = inputs
+    link = tmp_path / "link.nii.gz"
+    os.link(image, link)
+    before = tree(tmp_path)
+    assert main(detect_argv(image, mask, model, link, "--overwrite")) == 2
+    one_error_line(capsys.readouterr().err, r"link\.nii\.gz is the same file as an input \(.*head\.nii\.gz\)")
+    assert tree(tmp_path) == before
+
+
+def test_batch_outputs_never_replace_other_inputs(inputs, tmp_path, capsys):
+    """``a``'s score map would be named like the input ``a_score``: refused before any work."""
+    image, mask, model = inputs
+    d = image.parent
+    shutil.copy(image, d / "a.nii.gz")
+    shutil.copy(image, d / "a_score.nii.gz")
+    (d / "list.csv").write_text("image,mask\na.nii.gz,head_mask.nii.gz\na_score.nii.gz,head_mask.nii.gz\n")
+    before = tree(tmp_path)
+    rc = main(["batch", str(d / "list.csv"), "--out-dir", str(d), "--model", str(model), "--device", "cpu",
+               "--overwrite"])
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, r"a_score\.nii\.gz would replace the input")
+    assert tree(tmp_path) == before
+
+
+def test_batch_out_dir_under_a_file_is_refused_before_any_work(inputs, tmp_path, capsys):
+    image, mask, model = inputs
+    (tmp_path / "report.txt").write_text("a file")
+    rc = main(["batch", str(image.parent), "--out-dir", str(tmp_path / "report.txt" / "out"), "--model", str(model),
+               "--device", "cpu"])
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, r"report\.txt/out is under .*report\.txt, which is a file")
+
+
+# ---- error lines ----------------------------------------------------------------------------
+def test_itk_errors_lose_their_cpp_locations():
+    from CeVAEAnomalyLib.errors import one_line
+
+    image = sitk.Image(4, 4, 4, sitk.sitkFloat32)
+    with pytest.raises(RuntimeError) as caught:
+        image.SetSpacing((-1.0, 1.0, 1.0))
+    raw = str(caught.value)
+    assert ".hxx:" in raw and "0x" in raw  # what ITK gives
+    line = one_line(caught.value)
+    assert "\n" not in line and ".hxx" not in line and "0x" not in line and "Exception thrown" not in line
+    assert line.startswith("Negative spacing is not supported")
+
+
+def test_unexpected_itk_error_is_one_clean_line(inputs, tmp_path, capsys, monkeypatch):
+    from CeVAEAnomalyLib.engine.detector import Detector
+
+    def broken(*args, **kwargs):
+        sitk.Image(4, 4, 4, sitk.sitkFloat32).SetSpacing((-1.0, 1.0, 1.0))
+
+    monkeypatch.setattr(Detector, "__call__", broken)
+    image, mask, model = inputs
+    assert main(detect_argv(image, mask, model, tmp_path / "s.nii.gz")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unexpected RuntimeError: Negative spacing is not supported")
+    assert ".hxx" not in err and "0x" not in err and "\n" not in err

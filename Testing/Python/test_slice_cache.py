@@ -1,0 +1,191 @@
+"""The slice cache: keyed by settings and file checksums, never stale; streamed batches equal the slices."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.checksum import sha256_of
+from CeVAEAnomalyLib.training.cache import SliceCache, SliceSet
+from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
+from CeVAEAnomalyLib.training.data import Subject, subject_slices
+from CeVAEAnomalyLib.training.sampler import EpochSampler, epoch_order
+from CeVAEAnomalyLib.training.trainer import Trainer
+from conftest import make_head
+
+PRE = PreprocessConfig()
+
+
+def write_subject(d: Path, name: str, seed: int) -> Subject:
+    image, mask = make_head(size=(32, 36, 28), seed=seed)
+    sitk.WriteImage(image, str(d / f"{name}.nii.gz"))
+    sitk.WriteImage(mask, str(d / f"{name}_mask.nii.gz"))
+    return Subject(d / f"{name}.nii.gz", d / f"{name}_mask.nii.gz")
+
+
+def checksums(*subjects: Subject) -> dict:
+    return {p: sha256_of(p) for s in subjects for p in (s.image, s.mask) if p is not None}
+
+
+@pytest.fixture
+def subjects(tmp_path):
+    return [write_subject(tmp_path, f"s{i}", seed=i) for i in (1, 2, 3)]
+
+
+def test_entries_are_made_once_and_hold_the_subject_slices(subjects, tmp_path):
+    cache = SliceCache(tmp_path / "cache", PRE)
+    s = subjects[0]
+    entries, made = cache.entries_for(s, checksums(s), ("axial", "coronal"))
+    assert made and len(entries) == 2
+    expected = subject_slices(s, PRE, ("axial", "coronal"))
+    for entry, ref in zip(entries, expected):
+        np.testing.assert_array_equal(np.load(entry.path), ref)
+    again, made_again = cache.entries_for(s, checksums(s), ("axial", "coronal"))
+    assert not made_again and again == entries
+
+
+@pytest.mark.parametrize("change", ["image", "mask", "settings", "orientation"])
+def test_a_changed_file_or_setting_is_preprocessed_again(subjects, tmp_path, change):
+    s = subjects[0]
+    cache = SliceCache(tmp_path / "cache", PRE)
+    (old,), _ = cache.entries_for(s, checksums(s), ("axial",))
+    pre, orientation = PRE, "axial"
+    if change == "image":  # same name and size, other content
+        image, _ = make_head(size=(32, 36, 28), seed=9)
+        sitk.WriteImage(image, str(s.image))
+    elif change == "mask":
+        mask = sitk.ReadImage(str(s.mask))
+        arr = sitk.GetArrayFromImage(mask)
+        arr[: arr.shape[0] // 2] = 0
+        new_mask = sitk.GetImageFromArray(arr)
+        new_mask.CopyInformation(mask)
+        sitk.WriteImage(new_mask, str(s.mask))
+    elif change == "settings":
+        pre = dataclasses.replace(PRE, clip_max=1.2)
+    else:
+        orientation = "sagittal"
+    cache = SliceCache(tmp_path / "cache", pre)
+    (new,), made = cache.entries_for(s, checksums(s), (orientation,))
+    assert made and new.path != old.path
+    np.testing.assert_array_equal(np.load(new.path), subject_slices(s, pre, (orientation,))[0])
+
+
+def test_a_damaged_entry_is_made_again(subjects, tmp_path):
+    s = subjects[0]
+    cache = SliceCache(tmp_path / "cache", PRE)
+    (entry,), _ = cache.entries_for(s, checksums(s), ("axial",))
+    good = np.load(entry.path)
+    data = entry.path.read_bytes()
+    entry.path.write_bytes(data[: len(data) - 100])  # a write cut short
+    assert cache.lookup(entry.path.stem) is None
+    (again,), made = cache.entries_for(s, checksums(s), ("axial",))
+    assert made and again.path == entry.path
+    np.testing.assert_array_equal(np.load(again.path), good)
+
+
+def test_a_file_as_cache_folder_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CeVAEError, match="is a file; give a folder for --cache-dir"):
+        SliceCache(tmp_path / "file", PRE)
+
+
+def test_streamed_batches_equal_the_slices_in_memory(subjects, tmp_path):
+    """Any batch of indices read from the cache equals the same rows of all slices concatenated."""
+    orientations = ("axial", "sagittal")
+    per_subject = SliceCache(tmp_path / "cache", PRE).prepare(subjects, checksums(*subjects), orientations)
+    stream = SliceSet([e for entries in per_subject for e in entries], PRE.input_size)
+    memory = np.concatenate([a for s in subjects for a in subject_slices(s, PRE, orientations)])
+    assert len(stream) == len(memory)
+    rng = np.random.default_rng(0)
+    for idx in (rng.permutation(len(memory))[:37], [0, len(memory) - 1, 5, 5], range(len(memory))):
+        batch = stream[list(idx)]
+        assert batch.shape == (len(list(idx)), 1, PRE.input_size, PRE.input_size)
+        np.testing.assert_array_equal(batch[:, 0].numpy(), memory[list(idx)])
+    with pytest.raises(IndexError):
+        stream[[len(memory)]]
+
+
+@pytest.mark.parametrize("n,world", [(10, 1), (11, 2), (3, 4), (100, 3)])
+def test_epoch_order_is_the_distributed_sampler_order(n, world):
+    for rank in range(world):
+        for epoch in range(3):
+            ref = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=7)
+            ref.set_epoch(epoch)
+            assert epoch_order(n, world, rank, 7, epoch).tolist() == list(ref)
+
+
+def test_sampler_resumes_at_its_position():
+    def first(sampler, k):
+        it = iter(sampler)
+        return [next(it) for _ in range(k)]
+
+    full = first(EpochSampler(50, 1, 0, 3, lambda: 8), 20)  # 6 batches per epoch, over 3 epochs
+    assert [b[:2] for b in full[:8]] == [(0, i) for i in range(6)] + [(1, 0), (1, 1)]
+    for cut in (4, 6, 13):
+        epoch, number, _ = full[cut - 1]
+        assert first(EpochSampler(50, 1, 0, 3, lambda: 8, epoch, number + 1), 20 - cut) == full[cut:]
+
+
+def small_cfg(tmp_path: Path, **kw) -> TrainConfig:
+    return TrainConfig(out=tmp_path / "out" / "m.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
+                       augment=NO_AUGMENT, batch_size=8, device="cpu", val_fraction=0.34, **kw)
+
+
+@pytest.mark.slow
+def test_loader_workers_give_the_same_batches(subjects, tmp_path):
+    torch.set_num_threads(1)
+    got = []
+    for workers in (0, 2):
+        trainer = Trainer(small_cfg(tmp_path, loader_workers=workers, cache_dir=tmp_path / "cache"), subjects)
+        trainer.open_data()
+        batches = trainer.batches()
+        got.append([next(batches) for _ in range(12)])
+        del batches
+    for (e0, n0, x0), (e1, n1, x1) in zip(*got):
+        assert (e0, n0) == (e1, n1)
+        torch.testing.assert_close(x0, x1, rtol=0, atol=0)
+
+
+def test_prepare_then_train_from_the_cache_equals_training_without_it(subjects, tmp_path, caplog):
+    """`prepare` fills the cache once; `train --cache-dir` preprocesses nothing and trains the same model."""
+    rows = ["image,mask"] + [f"{s.image.name},{s.mask.name}" for s in subjects]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--manifest", str(tmp_path / "train.csv"), "--cache-dir", str(cache)]) == 0
+    assert len(list(cache.glob("*.npy"))) == 3 and len(list(cache.glob("*.json"))) == 3
+    caplog.clear()
+    common = ["train", "--manifest", str(tmp_path / "train.csv"), "--max-steps", "3", "--channels", "8,16,16,32",
+              "--z-dim", "16", "--batch-size", "8", "--device", "cpu", "--val-fraction", "0.34"]
+    with caplog.at_level(logging.INFO):
+        assert main([*common, "--out", str(tmp_path / "a.cevae"), "--cache-dir", str(cache)]) == 0
+    assert "0 subject(s) preprocessed now, 2 found ready" in caplog.text  # training subjects
+    assert "0 subject(s) preprocessed now, 1 found ready" in caplog.text  # the validation subject
+    assert len(list(cache.glob("*.npy"))) == 3  # nothing new, nothing stale
+    assert main([*common, "--out", str(tmp_path / "b.cevae")]) == 0
+    a, b = load_bundle(tmp_path / "a.cevae"), load_bundle(tmp_path / "b.cevae")
+    for key, value in a.model.state_dict().items():
+        torch.testing.assert_close(value, b.model.state_dict()[key], rtol=0, atol=0)
+    assert a.header["calibration"] == b.header["calibration"]
+
+
+@pytest.mark.slow
+def test_prepare_with_worker_processes_makes_the_same_entries(subjects, tmp_path):
+    from CeVAEAnomalyLib.training.prepare import prepare_cohort
+
+    one = prepare_cohort(subjects, tmp_path / "one", PRE, ("coronal",), workers=1)
+    two = prepare_cohort(subjects, tmp_path / "two", PRE, ("coronal",), workers=2)
+    assert "3 subject(s), 3 preprocessed now and 0 found ready" in one and "in coronal, axial" in one
+    assert one.split("(")[0].replace("one", "two") == two.split("(")[0]
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(names) == 12 and names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        if name.endswith(".npy"):
+            np.testing.assert_array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name))

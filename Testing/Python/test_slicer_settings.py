@@ -1,0 +1,92 @@
+"""What the module panel offers for a model and what it asks the logic to do (settings.py),
+with real MRML nodes from slicer-core and real model bundles."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import make_head
+
+slicer = pytest.importorskip("slicer")
+
+from CeVAEAnomalyLib.data import default_model_path  # noqa: E402
+from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml, settings  # noqa: E402
+from CeVAEAnomalyLib.slicer.settings import ModelSettings  # noqa: E402
+
+
+def test_model_settings_are_read_without_torch():
+    code = ("import sys; from CeVAEAnomalyLib.slicer.settings import ModelSettings; s = ModelSettings.read(); "
+            "print(s.default_fpr, s.calibrated('combi'), 'torch' in sys.modules, 'safetensors' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    fpr, calibrated, torch, safetensors = out.stdout.split()
+    assert float(fpr) > 0 and calibrated == "True" and torch == safetensors == "False"
+
+
+def test_override_fields_start_from_the_models_post_processing():
+    model = ModelSettings.read(default_model_path())
+    post = model.header["postprocess"]
+    assert any(post.values())  # the bundled model filters: 0/0/0 would silently drop that
+    assert settings.postprocess_fields(model) == dict(
+        rimMm=post["rim_mm"], medianRadius=post["median_radius"], minVolumeMm3=post["min_volume_mm3"])
+    assert model.default_fpr == model.header["default_fpr"]
+
+
+def test_only_calibrated_sensitivity_modes_are_offered():
+    model = ModelSettings.read()
+    same = dict(model.postprocess)
+    assert model.sensitivities("grad", same) == settings.SENSITIVITIES
+    other = dict(same, rim_mm=same["rim_mm"] + 1.0)
+    assert model.sensitivities("combi", other) == (settings.SENSITIVITY_THRESHOLD,)
+    uncalibrated = ModelSettings(model.path, dict(model.header, calibration={}))
+    assert uncalibrated.sensitivities("combi") == (settings.SENSITIVITY_THRESHOLD,)
+
+
+def parameters(scene, **changes):
+    image, mask = make_head()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "head")
+    mrml.update_volume_from_image(volume, image)
+    values = dict(inputVolume=volume, brainMask=None, brainMaskSegmentId="", useBundledModel=True, modelPath="",
+                  scoreType="combi", sensitivity=settings.SENSITIVITY_MODEL, falsePositiveRate=0.01, threshold=0.7,
+                  overridePostprocess=False, rimMm=0.0, medianRadius=0, minVolumeMm3=0.0, device="cpu", batchSize=8)
+    values.update(changes)
+    return SimpleNamespace(**values)
+
+
+def test_request_uses_the_stored_brain_mask_segment():
+    scene = slicer.vtkMRMLScene()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
+    p = parameters(scene, brainMask=segmentation, brainMaskSegmentId="Segment_2")
+    request = settings.detection_request(p, ModelSettings.read())
+    assert request["maskNode"] is segmentation and request["maskSegmentId"] == "Segment_2"
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mask")
+    p = parameters(scene, brainMask=labelmap, brainMaskSegmentId="Segment_2")  # a stale id is not used
+    assert settings.detection_request(p, ModelSettings.read())["maskSegmentId"] is None
+
+
+def test_request_sensitivity_and_post_processing():
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    request = settings.detection_request(parameters(scene), model)
+    assert request["fpr"] is None and request["threshold"] is None and request["postprocess"] is None
+    request = settings.detection_request(parameters(scene, sensitivity=settings.SENSITIVITY_FPR), model)
+    assert request["fpr"] == 0.01 and request["threshold"] is None
+    p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True,
+                   **settings.postprocess_fields(model))
+    request = settings.detection_request(p, model)
+    # the panel overrides its three fields; the model's other post-processing (asymmetry, normalisation) stays
+    panel = {k: model.postprocess[k] for k in ("rim_mm", "median_radius", "min_volume_mm3")}
+    assert request["threshold"] == 0.7 and request["postprocess"] == panel
+
+
+def test_an_uncalibrated_choice_is_refused_in_words_for_the_panel():
+    scene = slicer.vtkMRMLScene()
+    p = parameters(scene, overridePostprocess=True, rimMm=9.0)
+    with pytest.raises(CeVAEError, match="Absolute threshold") as error:
+        settings.detection_request(p, ModelSettings.read())
+    assert "--" not in str(error.value)  # no command-line flags in the GUI
+    with pytest.raises(CeVAEError, match="Choose a model file"):
+        settings.detection_request(parameters(scene, useBundledModel=False), ModelSettings.read())

@@ -1,0 +1,146 @@
+"""Detection and calibration in a worker process (CeVAEAnomalyLib.slicer.worker/jobs): a real
+subprocess, a real MRML scene (slicer-core), progress lines, cancel, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_head
+
+slicer = pytest.importorskip("slicer")
+
+from CeVAEAnomalyLib.engine.header import read_header  # noqa: E402
+from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
+from CeVAEAnomalyLib.slicer.jobs import JobState, WorkerJob  # noqa: E402
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
+from CeVAEAnomalyLib.slicer.settings import ModelSettings  # noqa: E402
+
+
+def add_volume(scene, image, name, class_name="vtkMRMLScalarVolumeNode"):
+    node = scene.AddNewNodeByClass(class_name, name)
+    mrml.update_volume_from_image(node, image)
+    return node
+
+
+@pytest.fixture
+def head_scene():
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(seed=7)
+    return scene, add_volume(scene, image, "head"), add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+
+
+def run_to_end(job: WorkerJob, timeout: float = 120.0):
+    """Poll like the module's timer does; the (fraction, message) pairs seen."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while not job.poll():
+        assert time.monotonic() < deadline, "the worker did not finish"
+        if not seen or seen[-1] != (job.fraction, job.message):
+            seen.append((job.fraction, job.message))
+        time.sleep(0.02)
+    return seen
+
+
+def test_detection_in_a_worker_matches_the_in_process_detection(head_scene, tiny_bundle):
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
+    before = mrml.node_ids(scene)
+    seen = run_to_end(job)
+    assert job.state is JobState.DONE, job.error
+    assert mrml.node_ids(scene) == before  # nothing touches the scene while the job runs
+    fractions = [f for f, _ in seen]
+    assert len(set(fractions)) >= 3 and fractions == sorted(fractions)
+    result = logic.finishDetection(job)
+    assert not job.folder.exists()  # temporary inputs and results removed
+
+    direct = CeVAEAnomalyLogic(slicer.vtkMRMLScene())
+    other_scene = direct.scene
+    image, mask_image = make_head(seed=7)
+    reference = direct.process(add_volume(other_scene, image, "head"),
+                               add_volume(other_scene, mask_image, "mask", "vtkMRMLLabelMapVolumeNode"),
+                               modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
+    for name in ("score", "labelmap"):
+        node = getattr(result.nodes, name)
+        assert np.array_equal(nodes.ijk_to_ras(node), nodes.ijk_to_ras(volume))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(mrml.image_from_volume(node)),
+                                   sitk.GetArrayFromImage(mrml.image_from_volume(getattr(reference.nodes, name))),
+                                   rtol=1e-5, atol=1e-6)
+    assert result.detection.threshold == reference.detection.threshold == 0.3
+    assert [c.voxels for c in result.detection.components] == [c.voxels for c in reference.detection.components]
+    assert result.topSliceRas == pytest.approx(reference.topSliceRas)
+    assert result.nodes.components.GetNumberOfRows() == len(reference.detection.components)
+
+
+def test_cancel_stops_the_worker_within_a_second(head_scene, tiny_bundle):
+    scene, volume, _ = head_scene
+    before = mrml.node_ids(scene)
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, None, modelPath=tiny_bundle, device="cpu")  # automatic brain mask
+    deadline = time.monotonic() + 60
+    while job.fraction == 0.0 and not job.poll():  # wait until it really works (torch imported)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    start = time.monotonic()
+    logic.discardJob(job)
+    assert time.monotonic() - start < 1.0
+    assert job.process.poll() is not None and job.state is JobState.CANCELLED
+    assert job.poll() and job.state is JobState.CANCELLED  # a late poll changes nothing
+    assert not job.folder.exists() and mrml.node_ids(scene) == before
+
+
+def test_a_worker_error_arrives_as_one_clear_line(head_scene, tmp_path):
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    before = mrml.node_ids(scene)
+    job = logic.startDetection(volume, mask, modelPath=tmp_path / "absent.cevae", device="cpu")
+    run_to_end(job)
+    assert job.state is JobState.FAILED and job.process.returncode == 2
+    assert "absent.cevae does not exist" in job.error and "\n" not in job.error
+    with pytest.raises(CeVAEError, match="does not exist"):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before and not job.folder.exists()
+
+
+def test_the_worker_command_line_reports_bad_requests(tmp_path):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"task": "train"}))
+    out = subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.slicer.worker", str(request)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"error": "Unknown worker task 'train'."}
+
+
+def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volumes, masks = [], []
+    for seed in (11, 12):
+        image, mask = make_head(seed=seed)
+        volumes.append(add_volume(scene, image, f"healthy {seed}"))
+        masks.append(add_volume(scene, mask, f"mask {seed}", "vtkMRMLLabelMapVolumeNode"))
+    out = tmp_path / "site.cevae"
+    post = dict(rim_mm=1.0, median_radius=0, min_volume_mm3=10.0)
+    job = CeVAEAnomalyLogic().startCalibration(volumes, masks, out, modelPath=tiny_bundle, device="cpu",
+                                               postprocess=post)
+    seen = run_to_end(job, timeout=300)
+    assert job.state is JobState.DONE, job.error
+    assert job.done["model"] == str(out) and job.done["subjects"] == 2
+    assert any("Healthy volume 2/2" in message for _, message in seen)
+    header = read_header(out)
+    assert header["calibration_subjects"] == ["01_healthy_11", "02_healthy_12"]
+    settings = ModelSettings(out, header)
+    assert {k: settings.postprocess[k] for k in post} == post  # the model's other fields stay
+    assert all(settings.calibrated(t) for t in ("combi", "rec", "grad"))
+    job.cleanup()
+
+    again = CeVAEAnomalyLogic().startCalibration(volumes[:1], [None], out, modelPath=tiny_bundle, device="cpu")
+    run_to_end(again)
+    assert again.state is JobState.FAILED and "exists already" in again.error
+    again.cleanup()

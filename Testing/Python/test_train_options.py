@@ -1,0 +1,232 @@
+"""`train` refuses unusable options and outputs before training, and publishes its bundle once, complete."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from typing import List
+
+import pytest
+import SimpleITK as sitk
+import torch
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
+from CeVAEAnomalyLib.engine.calibrate import calibrate_model
+from CeVAEAnomalyLib.engine.config import ModelConfig
+from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
+from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyLib.training.packaging import BundleHeader, TrainingRecord, package
+from CeVAEAnomalyLib.training.trainer import Trainer
+from conftest import make_head
+
+SMALL = ["--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """Three small synthetic heads with masks and a manifest listing them."""
+    d = tmp_path_factory.mktemp("cohort")
+    rows = ["image,mask"]
+    for seed in (1, 2, 3):
+        image, mask = make_head(size=(32, 36, 28), seed=seed)
+        sitk.WriteImage(image, str(d / f"h{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(d / f"h{seed}_mask.nii.gz"))
+        rows.append(f"h{seed}.nii.gz,h{seed}_mask.nii.gz")
+    (d / "train.csv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def run_train(capsys, *argv: str) -> tuple:
+    rc = main(["train", *argv])
+    err = capsys.readouterr().err
+    return rc, [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--checkpoint-every", "0", "--checkpoint-every must be at least 1, got 0."),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0."),
+    ("--max-steps", "0", "--max-steps must be at least 1, got 0."),
+    ("--max-steps", "-5", "--max-steps must be at least 1, got -5."),
+    ("--lr", "nan", "--lr must be a positive number, got nan."),
+    ("--lr", "-1", "--lr must be a positive number, got -1.0."),
+    ("--lr", "0", "--lr must be a positive number, got 0.0."),
+    ("--max-minutes", "0", "--max-minutes must be a positive number, got 0.0."),
+    ("--val-fraction", "1", "--val-fraction must lie in [0, 1)"),
+    ("--val-fraction", "-0.1", "--val-fraction must lie in [0, 1)"),
+    ("--val-fraction", "nan", "--val-fraction must lie in [0, 1)"),
+    ("--orientations", ",", "Give at least one slice orientation (axial, coronal, sagittal)."),
+    ("--orientations", "axial,top", "Unknown orientation 'top'; choose one of axial, coronal, sagittal."),
+    ("--channels", "8,8,8,8,8,8,8", "7 encoder layers (--channels) halve the input 7 times, more than input "
+                                    "size 64 allows; use at most 6 channel widths"),
+    ("--loader-workers", "-1", "--loader-workers must be 0 or more, got -1."),
+])
+def test_bad_options_end_in_one_clear_error_before_training(cohort, tmp_path, capsys, option, value, message):
+    out = tmp_path / "m.cevae"
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(out), *SMALL,
+                           option, value)
+    assert rc == 2 and len(errors) == 1 and message in errors[0], errors
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_out_a_folder_is_refused_before_training(cohort, tmp_path, capsys):
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(tmp_path), *SMALL)
+    assert rc == 2 and errors == [f"error: --out {tmp_path} is a folder; give the bundle's file name, e.g. "
+                                  f"{tmp_path / 'model.cevae'}."]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["h1.nii.gz", "h2_mask.nii.gz", "train.csv"])
+def test_out_over_an_input_is_refused_even_with_overwrite(cohort, capsys, target):
+    before = sha(cohort / target)
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(cohort / target),
+                           "--overwrite", *SMALL)
+    assert rc == 2 and errors == [f"error: The output {cohort / target} is the same file as an input of the "
+                                  "training; choose another --out."]
+    assert sha(cohort / target) == before
+
+
+def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
+    """OUT.ckpt and OUT.log.csv are outputs too: an image named like them is never replaced."""
+    image = tmp_path / "m.cevae.ckpt"
+    shutil.copy(cohort / "h1.nii.gz", image)
+    before = sha(image)
+    rc, errors = run_train(capsys, str(image), "--out", str(tmp_path / "m.cevae"), "--overwrite", *SMALL)
+    assert rc == 2 and errors == [f"error: The output {image} is the same file as an input of the training; "
+                                  "choose another --out."]
+    assert sha(image) == before
+
+
+def test_an_existing_output_needs_overwrite(cohort, tmp_path, capsys):
+    out = tmp_path / "m.cevae"
+    out.write_text("an older file")
+    argv = ["--manifest", str(cohort / "train.csv"), "--out", str(out), "--max-steps", "2", *SMALL]
+    rc, errors = run_train(capsys, *argv)
+    assert rc == 2 and errors == [f"error: {out} already exists; pass --overwrite to replace it, or --resume "
+                                  "to continue the run that wrote it."]
+    assert out.read_text() == "an older file"
+    rc, errors = run_train(capsys, *argv, "--overwrite")
+    assert rc == 0 and errors == []
+    assert read_header(out)["training"]["steps"] == 2
+
+
+def test_duplicate_rows_are_used_once_and_never_in_both_splits(cohort, tmp_path, caplog):
+    """The same volume listed twice (and once more under another name) is one subject."""
+    copy = tmp_path / "copy_of_h1.nii.gz"
+    shutil.copy(cohort / "h1.nii.gz", copy)
+    subjects = [Subject(cohort / "h1.nii.gz", cohort / "h1_mask.nii.gz"),
+                Subject(cohort / "h1.nii.gz", cohort / "h1_mask.nii.gz"),
+                Subject(copy, cohort / "h1_mask.nii.gz"),
+                Subject(cohort / "h2.nii.gz", cohort / "h2_mask.nii.gz")]
+    cfg = TrainConfig(out=tmp_path / "m.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
+                      augment=NO_AUGMENT, batch_size=8, device="cpu", val_fraction=0.5, max_steps=1)
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(cfg, subjects)
+    assert caplog.text.count("(same content); it is used once.") == 2
+    train = [s.image for s in trainer.train_subjects]
+    val = [s.image for s in trainer.val_subjects]
+    assert sorted(train + val) == sorted([cohort / "h1.nii.gz", cohort / "h2.nii.gz"])
+    assert len(train) == len(val) == 1
+
+
+def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
+    return TrainConfig(out=tmp_path / "out" / "m.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
+                       augment=NO_AUGMENT, batch_size=8, device="cpu", val_fraction=0.34, **kw)
+
+
+def cohort_subjects(d: Path) -> List[Subject]:
+    return [Subject(d / f"h{s}.nii.gz", d / f"h{s}_mask.nii.gz") for s in (1, 2, 3)]
+
+
+def test_a_failure_while_packaging_leaves_no_bundle(cohort, tmp_path):
+    """The bundle is calibrated before it is written: if calibration fails (here the held-out volume
+    is damaged after training read it), nothing appears under the final name."""
+    d = tmp_path / "data"
+    shutil.copytree(cohort, d)
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3, checkpoint_every=3), cohort_subjects(d))
+    (held_out,) = trainer.val_subjects
+
+    def damage_at_the_end(fraction: float, message: str) -> None:
+        if fraction >= 1.0:
+            held_out.image.write_bytes(b"not an image any more")
+
+    trainer.progress = damage_at_the_end
+    with pytest.raises(CeVAEError):
+        trainer.run()
+    out = trainer.cfg.out
+    assert not out.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.cevae.ckpt", "m.cevae.log.csv"]
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_the_bundle_is_calibrated_on_the_weights_it_holds(cohort, tmp_path, half):
+    """In-memory calibration equals calibrating the written file (fp16-rounded weights with --half)."""
+    cfg = tiny_config(tmp_path, max_steps=2, checkpoint_every=2, half_bundle=half)
+    path = Trainer(cfg, cohort_subjects(cohort)).run()
+    bundle = load_bundle(path)
+    header = bundle.header
+    assert header["weights_dtype"] == ("float16" if half else "float32")
+    (name,) = [s["name"] for s in header["training"]["validation_subjects"]]
+    again = calibrate_model(bundle, [Subject(cohort / f"{name}.nii.gz", cohort / f"{name}_mask.nii.gz")],
+                            "validation subjects", ScoreOptions(**header["score_options"]),
+                            PostprocessOptions(**header["postprocess"]))
+    assert again == header["calibration"]
+
+
+def test_a_failed_bundle_write_publishes_nothing(cohort, tmp_path):
+    """The bundle write failing (file-size limit) ends in one clear error and leaves no file at all."""
+    resource = pytest.importorskip("resource")  # POSIX
+    trainer = Trainer(tiny_config(tmp_path, max_steps=1), cohort_subjects(cohort))
+    trainer.open_data()
+    out = trainer.cfg.out
+    header = BundleHeader(name="m", preprocess=trainer.pre, loss=trainer.cfg.loss, training=TrainingRecord(
+        subjects=[], validation_subjects=[], train_slices=len(trainer.train), orientations=["axial"], steps=0,
+        batch_size=8, lr=1e-3, seed=0, seconds=0.0, ranks=1, augment={}, val_loss=0.0))
+    out.parent.mkdir(parents=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(CeVAEError, match=rf"Could not write the model bundle {out}: .*File too large"):
+            package(out, trainer.model, header, trainer.val_subjects, "validation subjects", trainer.device, False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(cohort, tmp_path):
+    """A real write failure (file-size limit, as with a full disk) ends in a clear error; the last
+    checkpoint stays complete and no temporary file is left."""
+    resource = pytest.importorskip("resource")  # POSIX
+    trainer = Trainer(tiny_config(tmp_path), cohort_subjects(cohort))
+    trainer.cfg.out.parent.mkdir(parents=True)
+    trainer.step = 4
+    trainer.save_checkpoint()
+    ckpt = trainer.cfg.checkpoint_path
+    good = sha(ckpt)
+    trainer.step = 8
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (ckpt.stat().st_size // 2, hard))
+    try:
+        with pytest.raises(CeVAEError) as info:
+            trainer.save_checkpoint()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(info.value) == (f"Could not write the checkpoint {ckpt}: the file could not be written completely "
+                               "(disk full or a file-size limit?); the previous one is kept.")
+    assert sha(ckpt) == good and torch.load(ckpt, weights_only=True)["step"] == 4
+    assert trainer.saved_step == 4
+    assert [p.name for p in ckpt.parent.iterdir()] == [ckpt.name]

@@ -1,0 +1,132 @@
+"""A tampered model bundle is refused with one clear line (exit 2) before anything large is built.
+
+Each case edits one field of a real bundle's header (the JSON metadata or the safetensors
+tensor table) and runs the real ``detect`` command on it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import pytest
+
+from CeVAEAnomalyLib.cli.main import main
+
+Edit = Callable[[Dict[str, Any], Dict[str, Any]], None]  # (bundle header, safetensors tensor table)
+
+
+def rewrite(path: Path, edit: Edit, length_mod_256: Optional[int] = None) -> None:
+    """Apply ``edit`` to the bundle header and tensor table of ``path``, keeping the tensor bytes
+    (``length_mod_256``: pad the safetensors header to a length with this lowest byte)."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    table = json.loads(raw[8 : 8 + n])
+    header = json.loads(table["__metadata__"]["cevae_anomaly"])
+    edit(header, table)
+    table["__metadata__"]["cevae_anomaly"] = json.dumps(header)  # NaN/Infinity allowed, as a writer could
+    new = json.dumps(table).encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    if length_mod_256 is not None:
+        new += b" " * ((length_mod_256 - len(new)) % 256)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def setting(section: str, key: str, value: Any) -> Edit:
+    return lambda h, t: h[section].__setitem__(key, value)
+
+
+def top(key: str, value: Any) -> Edit:
+    return lambda h, t: h.__setitem__(key, value)
+
+
+def calibration(edit: Callable[[Dict[str, Any]], None]) -> Edit:
+    def apply(h, t):
+        for entry in h["calibration"].values():
+            edit(entry)
+    return apply
+
+
+def tensor_dtype(h: Dict[str, Any], t: Dict[str, Any]) -> None:
+    name = next(k for k in t if k != "__metadata__" and t[k]["dtype"] == "F32")
+    t[name]["dtype"] = "I32"  # same byte size: only the declared type is wrong
+
+
+CASES: Dict[str, Tuple[Edit, str]] = {
+    "z of 1e9 (32 TB of weights)": (setting("model", "z_dim", 10**9), r"model\.z_dim must be a whole number in \[1, 8192\]"),
+    "fractional z": (setting("model", "z_dim", 16.5), r"model\.z_dim must be a whole number"),
+    "z as text": (setting("model", "z_dim", "16"), r"model\.z_dim must be a whole number"),
+    "z in range, not the file's": (setting("model", "z_dim", 17), r"tensor \S+ has shape .*expected"),
+    "negative channel width": (setting("model", "channels", [8, 16, -16, 32]), r"model\.channels\[2\] must be"),
+    "no channels": (setting("model", "channels", []), r"model\.channels must be a list of 1 to 6"),
+    "more layers than the input allows": (setting("model", "channels", [8] * 7), r"model\.channels must be a list"),
+    "unsupported input size": (setting("model", "input_size", 96), r"model\.input_size must be one of \(64, 128\)"),
+    "unknown architecture key": (setting("model", "depth", 3), r"section 'model' has unknown key\(s\) 'depth'"),
+    "percentiles reversed": (lambda h, t: h["preprocess"].update(low_percentile=99.0, high_percentile=1.0),
+                             r"preprocess\.high_percentile must be a finite number in \(99, 100\]"),
+    "NaN percentile": (setting("preprocess", "high_percentile", math.nan), r"preprocess\.high_percentile"),
+    "preprocess size differs": (setting("preprocess", "input_size", 128), r"preprocess\.input_size must equal"),
+    "unknown loss": (setting("loss", "rec", "huber"), r"loss\.rec must be 'l1' or 'l2'"),
+    "negative beta": (setting("loss", "beta", -1.0), r"loss\.beta must be a finite number"),
+    "unknown score type": (setting("score_options", "score_type", "entropy"), r"Unknown score type 'entropy'"),
+    "unknown score option": (setting("score_options", "temperature", 2.0),
+                             r"section 'score_options' has unknown key\(s\) 'temperature'"),
+    "unknown post-processing step": (setting("postprocess", "dilate_mm", 2.0),
+                                     r"section 'postprocess' has unknown key\(s\) 'dilate_mm'"),
+    "huge median radius": (setting("postprocess", "median_radius", 10**6), r"postprocess\.median_radius must be"),
+    "thresholds rise with the rate": (calibration(lambda e: e["threshold"].reverse()),
+                                      r"calibration table 1 has thresholds that rise with the rate"),
+    "infinite threshold": (calibration(lambda e: e["threshold"].__setitem__(0, math.inf)),
+                           r"calibration table 1 threshold 0 must be a finite number"),
+    "rates not increasing": (calibration(lambda e: e["fpr"].reverse()), r"rates that do not increase strictly"),
+    "table lengths differ": (calibration(lambda e: e["threshold"].pop()), r"as many thresholds as rates"),
+    "calibration not a table": (top("calibration", [1, 2]), r"section 'calibration' must be a JSON object"),
+    "default rate 2": (top("default_fpr", 2), r"default_fpr must be a finite number in \(0, 1\)"),
+    "default rate as text": (top("default_fpr", "0.001"), r"default_fpr must be a finite number"),
+    "unknown weight type": (top("weights_dtype", "int8"), r"weights_dtype must be 'float32' or 'float16'"),
+    "integer tensor": (tensor_dtype, r"has type I32; float32 or float16 weights are expected"),
+}
+
+
+@pytest.fixture
+def calibrated(tiny_bundle, tmp_path) -> Path:
+    path = Path(shutil.copy(tiny_bundle, tmp_path / "model.cevae"))
+    rewrite(path, lambda h, t: h.update(score_options=h.get("score_options") or {"score_type": "combi"}))
+    return path
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tampered_header_is_refused(name, calibrated, head, tmp_path, capsys):
+    edit, message = CASES[name]
+    rewrite(calibrated, edit)
+    image, mask = head
+    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
+               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "score.nii.gz").exists()
+
+
+def test_untampered_copy_is_accepted(calibrated, head, tmp_path, capsys):
+    """Control: the rewrite itself keeps a valid bundle."""
+    rewrite(calibrated, lambda h, t: None)
+    image, mask = head
+    assert main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
+                 "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"]) == 0
+
+
+def test_header_length_ending_in_0x80_is_not_taken_for_a_pickle(calibrated, head, tmp_path, capsys):
+    """The first byte of a safetensors file is the lowest byte of its header length; 0x80 is also how
+    pickles start. Such a bundle is valid and must load."""
+    rewrite(calibrated, lambda h, t: None, length_mod_256=0x80)
+    assert calibrated.read_bytes()[:1] == b"\x80"
+    image, mask = head
+    assert main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
+                 "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"]) == 0, capsys.readouterr().err

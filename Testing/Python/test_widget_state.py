@@ -1,0 +1,107 @@
+"""The module panel's decisions (CeVAEAnomalyLib.slicer.widget_state), without Qt."""
+from __future__ import annotations
+
+import pytest
+
+from CeVAEAnomalyLib.slicer.widget_state import CALIBRATE, DETECT, LATE_CLICK_S, Action, Phase, WidgetState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def state():
+    s = WidgetState(clock=Clock())
+    s.set_ready(DETECT, True)
+    return s
+
+
+def test_apply_needs_an_input():
+    s = WidgetState(clock=Clock())
+    assert not s.view().detect_enabled and s.click(DETECT) is Action.IGNORE
+    s.set_ready(DETECT, True)
+    assert s.view().detect_enabled and s.click(DETECT) is Action.START
+
+
+def test_while_running_only_the_runs_own_button_is_enabled_and_it_cancels(state):
+    state.set_ready(CALIBRATE, True)
+    state.started(DETECT)
+    view = state.view()
+    assert view.detect_enabled and view.detect_cancels and view.progress_visible
+    assert not (view.settings_enabled or view.results_enabled or view.calibrate_enabled)
+    assert state.click(CALIBRATE) is Action.IGNORE  # cannot start a second task
+    assert state.click(DETECT) is Action.CANCEL
+    assert state.phase is Phase.CANCELLING
+
+
+def test_a_double_click_on_cancel_cannot_start_another_run(state):
+    state.started(DETECT)
+    assert [state.click(DETECT), state.click(DETECT)] == [Action.CANCEL, Action.IGNORE]
+    view = state.view()
+    assert view.cancelling and not view.detect_enabled
+    assert state.finished() is False  # cancelled: results are not wanted
+    assert state.click(DETECT) is Action.IGNORE  # the second click of the pair, delivered after the end
+
+
+def test_a_late_cancel_click_after_the_run_ended_does_nothing(state):
+    state.started(DETECT)
+    assert state.finished() is True
+    assert state.click(DETECT) is Action.IGNORE
+    state._clock.now += LATE_CLICK_S + 0.01
+    assert state.click(DETECT) is Action.START
+
+
+def test_nothing_is_clickable_during_a_dependency_install(state):
+    state.set_ready(CALIBRATE, True)
+    state.begin_install(DETECT)
+    view = state.view()
+    assert not (view.detect_enabled or view.calibrate_enabled or view.settings_enabled or view.results_enabled)
+    assert state.click(DETECT) is Action.IGNORE and state.click(CALIBRATE) is Action.IGNORE
+    with pytest.raises(RuntimeError):
+        state.begin_install(DETECT)  # a second install cannot start
+    with pytest.raises(RuntimeError):
+        state.started(CALIBRATE)
+    state.started(DETECT)
+    assert state.phase is Phase.RUNNING
+
+
+def test_a_declined_install_returns_to_idle(state):
+    state.begin_install(DETECT)
+    state.end_install()
+    assert state.phase is Phase.IDLE and state.task is None
+
+
+@pytest.mark.parametrize("phase", ["running", "cancelling"])
+def test_scene_close_module_exit_or_reload_stops_a_run(state, phase):
+    state.started(DETECT)
+    if phase == "cancelling":
+        state.click(DETECT)
+    assert state.interrupt() is True
+    assert state.finished() is False  # the interrupted run publishes nothing
+
+
+def test_interrupt_when_idle_or_installing_stops_nothing(state):
+    assert state.interrupt() is False
+    state.begin_install(DETECT)
+    assert state.interrupt() is False and state.phase is Phase.INSTALLING
+
+
+def test_calibration_runs_like_detection(state):
+    state.set_ready(CALIBRATE, True)
+    assert state.click(CALIBRATE) is Action.START
+    state.started(CALIBRATE)
+    view = state.view()
+    assert view.calibrate_enabled and view.calibrate_cancels and not view.detect_enabled
+    assert state.click(CALIBRATE) is Action.CANCEL
+
+
+def test_finishing_twice_or_unknown_tasks_are_errors(state):
+    with pytest.raises(RuntimeError):
+        state.finished()
+    with pytest.raises(ValueError):
+        state.click("train")
