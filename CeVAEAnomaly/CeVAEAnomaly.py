@@ -613,14 +613,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         stored = self._storedResult()
         self.ui.componentTableView.setMRMLTableNode(p.componentTable if p else None)
-        self.ui.jumpToTopSliceButton.enabled = bool(stored and stored.top_slice_ras)
+        self.ui.jumpToTopSliceButton.enabled = bool(stored and stored.jump_ras)
         self.ui.showPlotButton.enabled = bool(stored and stored.slice_chart)
         self.ui.opacitySliderWidget.enabled = bool(p and p.scoreVolume)
 
     def onJumpToTopSlice(self) -> None:
         stored = self._storedResult()
-        if stored and stored.top_slice_ras:
-            self.logic.jumpToSlice(stored.top_slice_ras)
+        if stored and stored.jump_ras:
+            self.logic.jumpToSlice(stored.jump_ras)
 
     def onShowPlot(self) -> None:
         stored = self._storedResult()

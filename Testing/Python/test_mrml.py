@@ -354,6 +354,10 @@ def test_results_are_found_from_the_score_volume_alone(scene):
     assert stored.volume is volume and stored.slice_table is out.slice_table and stored.slice_chart is out.slice_chart
     top = result.top_slice
     assert stored.top_slice_ras == pytest.approx(nodes.slice_center_ras(volume, top.axis, top.index))
+    assert stored.components is out.components
+    expected = (nodes.component_position(out.components, 0) if result.components
+                else nodes.slice_center_ras(volume, top.axis, top.index))
+    assert stored.jump_ras == pytest.approx(expected)
     assert stored_result(volume) is None and stored_result(None) is None
 
 

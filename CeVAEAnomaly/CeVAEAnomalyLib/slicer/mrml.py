@@ -22,6 +22,7 @@ from vtk.util import numpy_support
 
 from ..errors import CeVAEError
 from .nodes import (
+    COMPONENT_TABLE_ROLE,
     ROLE_ATTRIBUTE,
     SLICE_AXIS_ATTRIBUTE,
     SLICE_CHART_ROLE,
@@ -227,7 +228,7 @@ def publish(
         out.segmentation = _output(scene, targets.segmentation, "vtkMRMLSegmentationNode", "segmentation",
                                    volume_node, "anomaly segmentation")
         _fill_segmentation(scene, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
-        out.components = _output(scene, targets.components, "vtkMRMLTableNode", "components", volume_node,
+        out.components = _output(scene, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE, volume_node,
                                  "anomaly components")
         _fill_components(out.components, volume_node, result.components)
         out.slice_table = _output(scene, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,

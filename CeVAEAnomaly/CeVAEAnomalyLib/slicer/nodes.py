@@ -21,6 +21,7 @@ SOURCE_REFERENCE = "CeVAEAnomalySource"
 SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
 SLICE_TABLE_ROLE = "slice scores"
 SLICE_CHART_ROLE = "slice chart"
+COMPONENT_TABLE_ROLE = "components"
 
 
 def node_ids(scene: slicer.vtkMRMLScene) -> List[str]:
@@ -90,6 +91,15 @@ class StoredResult:
     score: slicer.vtkMRMLScalarVolumeNode
     slice_table: Optional[slicer.vtkMRMLTableNode]
     slice_chart: Optional[slicer.vtkMRMLPlotChartNode]
+    components: Optional[slicer.vtkMRMLTableNode] = None
+
+    @property
+    def jump_ras(self) -> Optional[Tuple[float, float, float]]:
+        """Where "jump to the most anomalous" goes: the top component (first row of the component
+        table, ranked by summed score) when there is one, else the most anomalous slice."""
+        if self.components is not None and self.components.GetNumberOfRows() > 0:
+            return component_position(self.components, 0)
+        return self.top_slice_ras
 
     @property
     def top_slice_ras(self) -> Optional[Tuple[float, float, float]]:
@@ -113,7 +123,8 @@ def stored_result(score: Optional[slicer.vtkMRMLScalarVolumeNode]) -> Optional[S
     if volume is None or scene is None:
         return None
     return StoredResult(volume, score, find_output(scene, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume),
-                        find_output(scene, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume))
+                        find_output(scene, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume),
+                        find_output(scene, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE, volume))
 
 
 def set_overlay_opacity(scene: slicer.vtkMRMLScene, score: slicer.vtkMRMLVolumeNode, opacity: float) -> int:
