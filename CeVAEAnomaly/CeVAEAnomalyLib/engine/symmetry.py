@@ -122,31 +122,30 @@ def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: floa
 
 def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray, sigma_mm: float,
                         floor: float = 0.0, power: float = 1.0) -> sitk.Image:
-    """``score`` (on a box of ``image``'s grid) fused with the smoothed left-right intensity asymmetry
-    by :func:`fuse`.
+    """``score`` (on a box of ``image``'s grid that holds the whole brain) fused with the smoothed
+    left-right intensity asymmetry by :func:`fuse`.
 
     ``brain``: bool (k, j, i) mask on ``image``'s full grid. Intensities are scaled by the brain's
     1st-99th percentiles (clipped to [0, 1.5], as the model sees them) and mirrored about the
-    estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0.
+    estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0. Everything is
+    computed on the box only (a mirror outside it is outside the brain).
     """
-    arr = sitk.GetArrayViewFromImage(image)
-    values = arr[brain].astype(np.float32)
-    lo, hi = np.percentile(values, [1, 99])
-    full = np.zeros(arr.shape, np.float32)
-    full[brain] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
-    norm = sitk.GetImageFromArray(full)
-    norm.CopyInformation(image)
-    mask = sitk.GetImageFromArray(brain.astype(np.uint8))
-    mask.CopyInformation(image)
-    plane = _search(norm)
-    here = sitk.GetArrayViewFromImage(score)  # the box: find it from the score image's origin
+    here = sitk.GetArrayViewFromImage(score)
     start = image.TransformPhysicalPointToIndex(score.GetOrigin())
     box = tuple(slice(a, a + n) for a, n in zip(start[::-1], here.shape))
-    reflection = plane.reflection()
-    mirrored = sitk.GetArrayFromImage(sitk.Resample(norm, score, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-    mirrored_brain = sitk.GetArrayFromImage(sitk.Resample(mask, score, reflection, sitk.sitkNearestNeighbor, 0)) > 0
-    both = brain[box] & mirrored_brain
-    a = asymmetry(full[box], mirrored, both, score.GetSpacing(), sigma_mm)
+    inside = brain[box]
+    values = sitk.GetArrayViewFromImage(image)[box][inside].astype(np.float32)
+    lo, hi = np.percentile(values, [1, 99])
+    scaled = np.zeros(inside.shape, np.float32)
+    scaled[inside] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
+    norm = sitk.GetImageFromArray(scaled)
+    norm.CopyInformation(score)
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+    mask.CopyInformation(score)
+    reflection = _search(norm).reflection()
+    mirrored = sitk.GetArrayFromImage(sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    mirrored_brain = sitk.GetArrayFromImage(sitk.Resample(mask, mask, reflection, sitk.sitkNearestNeighbor, 0)) > 0
+    a = asymmetry(scaled, mirrored, inside & mirrored_brain, score.GetSpacing(), sigma_mm)
     out = sitk.GetImageFromArray(fuse(here, a, floor, power))
     out.CopyInformation(score)
     return out
