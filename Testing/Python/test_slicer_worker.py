@@ -37,13 +37,23 @@ def head_scene():
 
 
 def run_to_end(job: WorkerJob, timeout: float = 120.0):
-    """Poll like the module's timer does; the (fraction, message) pairs seen."""
+    """Poll like the module's timer does; every (fraction, message) pair the worker sent.
+
+    A poll takes all lines that arrived since the last one, so each is recorded as it is taken
+    (sampling the job's state after each poll would miss messages on a busy machine).
+    """
     seen = []
+    take = job._take
+
+    def recording(line: str) -> None:
+        take(line)
+        if not seen or seen[-1] != (job.fraction, job.message):
+            seen.append((job.fraction, job.message))
+
+    job._take = recording
     deadline = time.monotonic() + timeout
     while not job.poll():
         assert time.monotonic() < deadline, "the worker did not finish"
-        if not seen or seen[-1] != (job.fraction, job.message):
-            seen.append((job.fraction, job.message))
         time.sleep(0.02)
     return seen
 
