@@ -6,8 +6,8 @@
 Measures, with medians over ``--repeats`` runs:
 
 - ``detect`` on a 256^3 1 mm T1 (colin27 from the shared healthy data resampled onto that grid, float32
-  .nii.gz, unless ``--data`` is given): wall time per stage (read, preprocess, network, scoring, inverse
-  mapping, post-processing, write), end to end (read to written files), and the bare network for the same
+  .nii.gz, unless ``--data`` is given): wall time per stage (read, preprocess, network and maps, inverse
+  mapping, post-processing, write; the detector's stages timed through its progress callback), end to end (read to written files), and the bare network for the same
   slices in the same run (encode, KL gradient to the input, decode of mu; nothing else) and their ratio;
   the same for ``--score-type rec``, for MC sampling with N = 1, 4, 16, and for combi with uncompressed
   .nii input and outputs (what gzip costs);
