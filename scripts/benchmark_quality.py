@@ -24,12 +24,13 @@ import numpy as np
 from scipy import ndimage
 from CeVAEAnomalyResearch.evaluate import auroc, dice, pooled_metrics
 from CeVAEAnomalyLib.engine.postprocess import hysteresis, robust_normalise
-from CeVAEAnomalyLib.engine.slicescores import slice_excess, slice_quantile
+from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_excess, slice_flags, slice_quantile
 from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse
 
 SUBJECTS = ("colin27", "mni152", "robex")
 RIM_MM = 3.0
 MIN_VOLUME_MM3 = 50.0
+SLICE_FUSION_WEIGHTS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8)  # rank-fusion weights of the map score tried
 SHIPPED_FPR = 0.0002  # the default operating point of the bundle before this benchmark
 HEALTHY_ML_LIMIT = 1.0  # the tuned operating point keeps the other subjects' healthy scans below this
 GRID = np.geomspace(1.0, 300.0, 40)  # normalised thresholds searched
@@ -217,41 +218,94 @@ def slice_study(cases: Dict[str, Case], maps: Dict[str, np.ndarray], thr: Dict[s
         ref = np.nanmean(refs, 0)
         return elbo(c) / np.maximum(ref, 1e-6)
 
+    def has_brain(c: Case) -> np.ndarray:
+        ax = slice_axis(c)
+        return np.moveaxis(c["brain"], ax, 0).reshape(c["brain"].shape[ax], -1).any(1)
+
+    def lesion_slices(c: Case) -> np.ndarray:
+        ax = slice_axis(c)
+        return np.moveaxis(c["gt"], ax, 0).reshape(c["gt"].shape[ax], -1).any(1)
+
+    def measure(fn: Callable[[Case, np.ndarray], np.ndarray], use: Callable[[Case], bool] = lambda c: True) -> dict:
+        """Slice metrics of one scorer over the lesion cases (and held-out healthy scans) ``use`` keeps."""
+        aurocs, top, first = [], [], []
+        healthy_flag, lesion_flag = [], []  # slices scoring above the subject's operating threshold
+        for k, c in cases.items():
+            if c["kind"] not in ("lesion", "healthy") or not use(c):
+                continue
+            s = np.asarray(fn(c, maps[k]), float)
+            ok = has_brain(c) & np.isfinite(s)
+            on_map = fn in map_scale
+            if c["kind"] == "healthy":
+                healthy_flag.append(np.mean(s[ok] > thr[c["subject"]]) if on_map else np.nan)
+                continue
+            s, lesion = s[ok], lesion_slices(c)[ok]
+            aurocs.append(auroc(s, lesion))
+            lesion_flag.append(np.mean(s[lesion] > thr[c["subject"]]) if on_map else np.nan)
+            order = np.argsort(-s, kind="stable")
+            top.append(bool(lesion[order[0]]))
+            first.append(int(np.flatnonzero(lesion[order])[0]) + 1)
+        return {"slice_auroc": float(np.mean(aurocs)), "top_on_lesion": float(np.mean(top)),
+                "healthy_slices_above_threshold": float(np.mean(healthy_flag)),
+                "lesion_slices_above_threshold": float(np.mean(lesion_flag)),
+                "first_lesion_rank_mean": float(np.mean(first)), "first_lesion_rank_median": float(np.median(first))}
+
+    def map_max(c: Case, z: np.ndarray) -> np.ndarray:
+        return slice_quantile(z, c["brain"], slice_axis(c), 1.0)
+
+    def fusion(c: Case, z: np.ndarray, weight: float) -> np.ndarray:
+        """The detector's rank fusion over the slices the model scored (NaN elsewhere)."""
+        e = elbo(c)
+        ok = np.isfinite(e)
+        out = np.full(e.shape, np.nan)
+        out[ok] = fused_slice_rank(map_max(c, z)[ok], e[ok], weight)
+        return out
+
+    def flags(c: Case, z: np.ndarray) -> np.ndarray:
+        return slice_flags(labelmap(z, c, thr[c["subject"]]), slice_axis(c))
+
+    def labelled_first(c: Case, z: np.ndarray) -> np.ndarray:
+        """Highest labelled score in flagged slices; elsewhere the highest score squashed below the threshold."""
+        t, m = thr[c["subject"]], map_max(c, z)
+        lab = np.moveaxis(np.where(labelmap(z, c, t), z, 0), slice_axis(c), 0)
+        return np.where(flags(c, z), lab.reshape(lab.shape[0], -1).max(1), t * m / (m + t))
+
     scorers = {
         "negative ELBO (paper)": lambda c, z: elbo(c),
         "KL": lambda c, z: elbo(c, "slice_kl"),
         "negative ELBO / healthy ELBO at that position": lambda c, z: elbo_vs_healthy(c),
-        "max of the map (the new default)": lambda c, z: slice_quantile(z, c["brain"], slice_axis(c), 1.0),
+        "max of the map (previous default)": lambda c, z: slice_quantile(z, c["brain"], slice_axis(c), 1.0),
         "99.9th percentile of the map": lambda c, z: slice_quantile(z, c["brain"], slice_axis(c), 0.999),
         "99th percentile of the map": lambda c, z: slice_quantile(z, c["brain"], slice_axis(c), 0.99),
         "excess of the map over the threshold": lambda c, z: slice_excess(z, c["brain"], slice_axis(c), thr[c["subject"]]),
         "excess of the map over half the threshold": lambda c, z: slice_excess(z, c["brain"], slice_axis(c), thr[c["subject"]] / 2),
+        "labelled slices first (highest labelled map score), then the max squashed below the threshold":
+            labelled_first,
+        "max of the map, mean over 5 slices": lambda c, z: ndimage.uniform_filter1d(map_max(c, z), 5, mode="nearest"),
+        "max of the map, median over 5 slices": lambda c, z: ndimage.median_filter(map_max(c, z), 5, mode="nearest"),
+        "product of the ranks of max and negative ELBO": lambda c, z: fusion(c, z, 0.0) * fusion(c, z, 1.0),
+        **{f"rank fusion {w:g} × rank(max) + {1 - w:g} × rank(negative ELBO)": (lambda c, z, w=w: fusion(c, z, w))
+           for w in SLICE_FUSION_WEIGHTS},
     }
-    results = {}
-    for name, fn in scorers.items():
-        aurocs, top, first = [], [], []
-        healthy_flag, lesion_flag = [], []  # slices scoring above the subject's operating threshold
-        for k, c in cases.items():
-            if c["kind"] not in ("lesion", "healthy"):
-                continue
-            ax = slice_axis(c)
-            s = np.asarray(fn(c, maps[k]), float)
-            has_brain = np.moveaxis(c["brain"], ax, 0).reshape(s.shape[0], -1).any(1) & np.isfinite(s)
-            if c["kind"] == "healthy":
-                healthy_flag.append(np.mean(s[has_brain] > thr[c["subject"]]) if "map" in name else np.nan)
-                continue
-            lesion = np.moveaxis(c["gt"], ax, 0).reshape(s.shape[0], -1).any(1)
-            s, lesion = s[has_brain], lesion[has_brain]
-            aurocs.append(auroc(s, lesion))
-            lesion_flag.append(np.mean(s[lesion] > thr[c["subject"]]) if "map" in name else np.nan)
-            order = np.argsort(-s, kind="stable")
-            top.append(bool(lesion[order[0]]))
-            first.append(int(np.flatnonzero(lesion[order])[0]) + 1)
-        results[name] = {"slice_auroc": float(np.mean(aurocs)), "top_on_lesion": float(np.mean(top)),
-                         "healthy_slices_above_threshold": float(np.mean(healthy_flag)),
-                         "lesion_slices_above_threshold": float(np.mean(lesion_flag)),
-                         "first_lesion_rank_mean": float(np.mean(first)),
-                         "first_lesion_rank_median": float(np.median(first))}
+    map_scale = {fn for name, fn in scorers.items() if "map" in name and "rank" not in name}
+    results = {name: measure(fn) for name, fn in scorers.items()}
+    # the fusion weight each subject would get from the other two (slice AUROC + top-slice rate)
+    chosen = {}
+    for s in SUBJECTS:
+        def merit(w: float) -> float:
+            r = measure(lambda c, z: fusion(c, z, w), lambda c: c["subject"] != s)
+            return r["slice_auroc"] + r["top_on_lesion"]
+        chosen[s] = max(SLICE_FUSION_WEIGHTS, key=merit)
+    results["rank fusion, weight chosen on the other two subjects " + str(chosen)] = measure(
+        lambda c, z: fusion(c, z, chosen[c["subject"]]))
+    # the flag rule: a slice is "anomalous" when it holds a labelmap voxel at the operating point
+    healthy = [float(np.mean(flags(c, maps[k])[has_brain(c)])) for k, c in cases.items() if c["kind"] == "healthy"]
+    lesion_cases = [(c, maps[k]) for k, c in cases.items() if c["kind"] == "lesion"]
+    results["_flag_rule"] = {
+        "healthy_slices_flagged": float(np.mean(healthy)), "healthy_slices_flagged_per_volume": healthy,
+        "lesion_slices_flagged": float(np.mean([np.mean(flags(c, z)[has_brain(c) & lesion_slices(c)]) for c, z in lesion_cases])),
+        "other_slices_of_lesion_cases_flagged": float(np.mean([np.mean(flags(c, z)[has_brain(c) & ~lesion_slices(c)])
+                                                               for c, z in lesion_cases]))}
     return results
 
 
@@ -332,9 +386,16 @@ def render(result: dict) -> str:
               "| healthy slices above the threshold | lesion slices above it |",
               "|---|---|---|---|---|---|"]
     for name, r in result["slice_scores"].items():
+        if name.startswith("_"):
+            continue
         lines.append(f"| {name} | {r['slice_auroc']:.3f} | {r['top_on_lesion']:.2f} | "
                      f"{r['first_lesion_rank_mean']:.1f} / {r['first_lesion_rank_median']:.0f} | "
                      f"{r['healthy_slices_above_threshold']:.3f} | {r['lesion_slices_above_threshold']:.2f} |")
+    f = result["slice_scores"]["_flag_rule"]
+    lines += ["", f"Slices holding a labelmap voxel: held-out healthy {f['healthy_slices_flagged']:.3f} "
+              f"(per volume {', '.join(f'{v:.3f}' for v in f['healthy_slices_flagged_per_volume'])}), "
+              f"lesion slices {f['lesion_slices_flagged']:.2f}, "
+              f"other slices of lesion cases {f['other_slices_of_lesion_cases_flagged']:.3f}"]
     lines += ["", "| component order | top component is a lesion | cases with components |", "|---|---|---|"]
     for name, r in result["components"].items():
         lines.append(f"| {name} | {r['top_is_lesion']:.2f} | {r['cases_with_components']} |")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from CeVAEAnomalyLib.engine.postprocess import hysteresis, robust_normalise
-from CeVAEAnomalyLib.engine.slicescores import slice_excess, slice_quantile
+from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_excess, slice_flags, slice_quantile
 
 
 def test_robust_normalise_hand_computed() -> None:
@@ -75,6 +75,22 @@ def test_slice_quantile_and_excess_brute_force() -> None:
     assert slice_quantile(score, brain, 2, 0.9)[2] == 0 and slice_excess(score, brain, 2, 0.1)[2] == 0
 
 
+def test_fused_slice_rank_hand_computed() -> None:
+    map_max = np.array([1.0, 3.0, 2.0, 2.0])  # ranks 0, 1, 0.5, 0.5 (the tie shares its mean rank)
+    neg_elbo = np.array([4.0, 1.0, 3.0, 2.0])  # ranks 1, 0, 2/3, 1/3
+    assert fused_slice_rank(map_max, neg_elbo, 0.7) == pytest.approx([0.3, 0.7, 0.55, 0.45])
+    assert fused_slice_rank(map_max, neg_elbo, 1.0) == pytest.approx([0.0, 1.0, 0.5, 0.5])
+    assert fused_slice_rank(np.array([5.0]), np.array([2.0]), 0.7) == pytest.approx([0.0])
+
+
+def test_slice_flags_hand_computed() -> None:
+    lab = np.zeros((3, 4, 5), np.uint8)
+    lab[1, 2, 3] = 1
+    assert slice_flags(lab, 0).tolist() == [False, True, False]
+    assert slice_flags(lab, 1).tolist() == [False, False, True, False]
+    assert slice_flags(lab, 2).tolist() == [False, False, False, True, False]
+
+
 def test_calibration_stored_before_the_levers_still_matches() -> None:
     """A calibration keyed without the new post-processing fields matches options with those fields off."""
     import json
@@ -113,12 +129,13 @@ def test_threshold_labelmap_with_hysteresis() -> None:
 
 
 def test_detect_with_levers(tiny_bundle) -> None:
-    """Normalised maps are 0 at or below the brain's median; each slice's anomaly is the 99th percentile
-    of the output map over that slice's brain; the top slice has the highest anomaly."""
+    """Normalised maps are 0 at or below the brain's median; each slice's map_max is the SLICE_QUANTILE
+    of the output map over that slice's brain, flagged says whether the labelmap touches it, its anomaly
+    is the rank fusion of map_max and the negative ELBO; the top slice has the highest anomaly."""
     import SimpleITK as sitk
 
     from CeVAEAnomalyLib.engine.bundle import load_bundle
-    from CeVAEAnomalyLib.engine.detector import SLICE_QUANTILE, detect
+    from CeVAEAnomalyLib.engine.detector import SLICE_MAP_WEIGHT, SLICE_QUANTILE, detect
     from CeVAEAnomalyLib.options import PostprocessOptions
     from conftest import make_head
 
@@ -127,12 +144,18 @@ def test_detect_with_levers(tiny_bundle) -> None:
     res = detect(image, load_bundle(tiny_bundle), mask, postprocess=post, threshold=2.0)
     score = sitk.GetArrayFromImage(res.score)
     brain = sitk.GetArrayFromImage(res.brain_mask) > 0
+    labels = sitk.GetArrayFromImage(res.labelmap) > 0
     assert (score >= 0).all() and (score[~brain] == 0).all()
     assert np.mean(score[brain] == 0) >= 0.5
     axis = 2 - res.slices[0].axis
     for r in res.slices:
         s = np.take(score, r.index, axis)[np.take(brain, r.index, axis)]
-        assert r.anomaly == pytest.approx(np.quantile(s, SLICE_QUANTILE) if s.size else 0.0, rel=1e-5, abs=1e-6)
+        assert r.map_max == pytest.approx(np.quantile(s, SLICE_QUANTILE) if s.size else 0.0, rel=1e-5, abs=1e-6)
+        assert r.flagged == bool(np.take(labels, r.index, axis).any())
+    fused = fused_slice_rank(np.array([r.map_max for r in res.slices]), np.array([r.neg_elbo for r in res.slices]),
+                             SLICE_MAP_WEIGHT)
+    assert [r.anomaly for r in res.slices] == pytest.approx(fused.tolist())
+    assert any(r.flagged for r in res.slices) and not all(r.flagged for r in res.slices)
     assert res.top_slice.anomaly == max(r.anomaly for r in res.slices)
 
 

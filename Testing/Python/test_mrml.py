@@ -31,7 +31,7 @@ def fake_detection(image: sitk.Image, mask: sitk.Image, threshold: float = 1.1) 
     """A detection result on the image grid: score = intensity/100 inside the brain (stripes above 1.1)."""
     score = sitk.Mask(sitk.Cast(image, sitk.sitkFloat32) / 100.0, mask)
     labelmap = threshold_labelmap(score, threshold)
-    rows = [SliceScoreRow(2, k, 0.1 * k, 1.0, 2.0 + k) for k in range(image.GetSize()[2])]
+    rows = [SliceScoreRow(2, k, 0.1 * k, 1.0, 2.0 + k, 0.5, 0.2 * k, k % 2 == 1) for k in range(image.GetSize()[2])]
     return DetectionResult(score, labelmap, mask, threshold, "absolute", rows, components(labelmap, score))
 
 
@@ -124,6 +124,8 @@ def test_component_and_slice_tables_match_the_result(scene):
     np.testing.assert_array_equal(nodes.table_column(slices, "Slice"), [r.index for r in result.slices])
     np.testing.assert_allclose(nodes.table_column(slices, "Sample score"), [r.neg_elbo for r in result.slices])
     np.testing.assert_allclose(nodes.table_column(slices, "Slice anomaly"), [r.anomaly for r in result.slices])
+    np.testing.assert_allclose(nodes.table_column(slices, "Highest score"), [r.map_max for r in result.slices])
+    np.testing.assert_array_equal(nodes.table_column(slices, "Flagged"), [int(r.flagged) for r in result.slices])
     series = scene.GetNodeByID(out.slice_chart.GetPlotSeriesNodeID())
     assert series.GetTableNodeID() == slices.GetID()
     assert (series.GetXColumnName(), series.GetYColumnName()) == ("Slice", "Slice anomaly")

@@ -20,7 +20,7 @@ from .postprocess import Component, components, normalised, refine_reach, refine
 from .preprocess import Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, mask_array, prepare
 from ..progress import ProgressCallback, report, scaled
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
-from .slicescores import slice_quantile
+from .slicescores import fused_slice_rank, slice_flags, slice_quantile
 from .symmetry import weight_by_asymmetry
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,17 @@ class SliceScoreRow:
     kl: float
     rec: float
     neg_elbo: float
-    anomaly: float = 0.0  # the slice score that follows lesions: SLICE_QUANTILE of the final map over its brain
+    anomaly: float = 0.0  # the slice score that follows lesions: rank fusion of map_max and neg_elbo, in [0, 1]
+    map_max: float = 0.0  # SLICE_QUANTILE of the final map over the slice's brain (the highest score)
+    flagged: bool = False  # the slice holds a labelmap voxel (after the minimum component volume)
 
 
-# Slice score of "most anomalous slice": this quantile of the final score map over the slice's brain
-# voxels, 1 = the maximum (the subject-held-out benchmark's choice; docs/benchmark.md).
+# Map part of the slice score: this quantile of the final score map over the slice's brain voxels,
+# 1 = the maximum.
 SLICE_QUANTILE = 1.0
+# "Most anomalous slice" = SLICE_MAP_WEIGHT x rank of map_max + the rest x rank of the negative ELBO
+# among the volume's slices (the subject-held-out benchmark's choice; docs/benchmark.md).
+SLICE_MAP_WEIGHT = 0.7
 # Order of the lesion table (its first row is where "jump" goes when there is a component).
 COMPONENT_ORDER = "summed"
 
@@ -59,14 +64,14 @@ class DetectionResult:
 
     @property
     def top_slice(self) -> Optional[SliceScoreRow]:
-        """The most anomalous slice: the highest ``anomaly`` (ties, and a map without anomaly, by the
+        """The most anomalous slice: the highest ``anomaly`` (ties by the highest map score, then by the
         paper's sample score, the negative ELBO)."""
         ranked = self.ranked_slices()
         return ranked[0] if ranked else None
 
     def ranked_slices(self) -> List[SliceScoreRow]:
-        """Slices from most to least anomalous (``anomaly``, then negative ELBO)."""
-        return sorted(self.slices, key=lambda r: (-r.anomaly, -r.neg_elbo, r.index))
+        """Slices from most to least anomalous (``anomaly``, then ``map_max``, then negative ELBO)."""
+        return sorted(self.slices, key=lambda r: (-r.anomaly, -r.map_max, -r.neg_elbo, r.index))
 
     @property
     def flagged_ml(self) -> float:
@@ -132,8 +137,8 @@ class Detector:
         report(progress, 0.9, "Post-processing")
         score = self._refine(score, image, brain, brain_img)
         del brain  # free the full-size mask before the full-size outputs are made
-        _add_slice_anomaly(rows, score, brain_img, region)
         labelmap = threshold_labelmap(score, thr, self.post.min_volume_mm3, self.post.hysteresis)
+        _add_slice_anomaly(rows, score, brain_img, labelmap, region)
         comps = components(labelmap, score, COMPONENT_ORDER)
         labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
         report(progress, 1.0, "Done")
@@ -207,17 +212,24 @@ def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:
     return sorted(rows, key=lambda r: r.index)
 
 
-def _add_slice_anomaly(rows: List[SliceScoreRow], score: sitk.Image, brain: sitk.Image, region: Region) -> None:
-    """Set each row's ``anomaly`` from the score map on ``region`` (slices outside it keep 0)."""
+def _add_slice_anomaly(rows: List[SliceScoreRow], score: sitk.Image, brain: sitk.Image, labelmap: sitk.Image,
+                       region: Region) -> None:
+    """Set each row's ``map_max`` and ``flagged`` from the map and labelmap on ``region`` (slices outside it
+    keep 0 and False), then its ``anomaly`` (rank fusion with the negative ELBO over all rows)."""
     if not rows:
         return
     axis = 2 - rows[0].axis  # numpy axis of the input's slice axis
     values = slice_quantile(sitk.GetArrayViewFromImage(score), sitk.GetArrayViewFromImage(brain) > 0, axis,
                             SLICE_QUANTILE)
+    flags = slice_flags(sitk.GetArrayViewFromImage(labelmap), axis)
     start = region[axis].start
     for r in rows:
         if 0 <= r.index - start < len(values):
-            r.anomaly = float(values[r.index - start])
+            r.map_max, r.flagged = float(values[r.index - start]), bool(flags[r.index - start])
+    fused = fused_slice_rank(np.array([r.map_max for r in rows]), np.array([r.neg_elbo for r in rows]),
+                             SLICE_MAP_WEIGHT)
+    for r, v in zip(rows, fused):
+        r.anomaly = float(v)
 
 
 def _region_image(arr: np.ndarray, ref: sitk.Image, region: Region) -> sitk.Image:

@@ -26,3 +26,29 @@ def slice_excess(score: np.ndarray, brain: np.ndarray, axis: int, threshold: flo
     """Each slice's summed excess of brain-voxel scores over ``threshold``: sum of max(score - threshold, 0)."""
     s, b = _slices(score, brain, axis)
     return np.where(b, np.maximum(s - threshold, 0.0), 0.0).sum(1)
+
+
+def _unit_ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks of ``values`` scaled to [0, 1] (lowest 0, highest 1; ties share their mean rank)."""
+    v = np.asarray(values, float)
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(v.size)
+    ranks[order] = np.arange(v.size)
+    sorted_v = v[order]
+    starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])
+    ends = np.r_[starts[1:], v.size]
+    for a, b in zip(starts, ends):  # ties: their mean rank
+        ranks[order[a:b]] = (a + b - 1) / 2.0
+    return ranks / max(v.size - 1, 1)
+
+
+def fused_slice_rank(map_score: np.ndarray, neg_elbo: np.ndarray, weight: float) -> np.ndarray:
+    """Rank fusion of two slice scores of one volume: ``weight`` x rank of the map score plus
+    (1 - ``weight``) x rank of the negative ELBO, ranks scaled to [0, 1] (ties share their mean rank)."""
+    return weight * _unit_ranks(map_score) + (1.0 - weight) * _unit_ranks(neg_elbo)
+
+
+def slice_flags(labelmap: np.ndarray, axis: int) -> np.ndarray:
+    """Whether each slice along ``axis`` holds a labelled voxel (bool per slice)."""
+    m = np.moveaxis(np.asarray(labelmap) > 0, axis, 0)
+    return m.reshape(m.shape[0], -1).any(1)

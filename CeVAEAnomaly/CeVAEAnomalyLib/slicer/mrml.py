@@ -405,6 +405,8 @@ def _fill_slices(table_node, rows) -> None:
         ("Reconstruction", _array(vtk.vtkDoubleArray, [r.rec for r in rows]), ""),
         ("Sample score", _array(vtk.vtkDoubleArray, [r.neg_elbo for r in rows]), ""),
         ("Slice anomaly", _array(vtk.vtkDoubleArray, [r.anomaly for r in rows]), ""),
+        ("Highest score", _array(vtk.vtkDoubleArray, [r.map_max for r in rows]), ""),
+        ("Flagged", _array(vtk.vtkIntArray, [int(r.flagged) for r in rows]), ""),
     ])
 
 
@@ -420,6 +422,6 @@ def _slice_chart(scene, table_node, volume_node, existing) -> slicer.vtkMRMLPlot
     chart.AddAndObservePlotSeriesNodeID(series.GetID())
     chart.SetTitle(f"{volume_node.GetName()}: anomaly per slice")
     chart.SetXAxisTitle(f"Slice index (axis {table_node.GetAttribute(SLICE_AXIS_ATTRIBUTE)})")
-    chart.SetYAxisTitle("Highest anomaly score in the slice")
+    chart.SetYAxisTitle("Slice anomaly (ranks of highest score and sample score)")
     chart.SetLegendVisibility(False)
     return chart
