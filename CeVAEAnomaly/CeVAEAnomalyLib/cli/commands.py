@@ -1,4 +1,4 @@
-"""Implementations of the command-line subcommands (imported lazily by cli.py)."""
+"""Implementations of the command-line subcommands (imported lazily by main.py, so --help stays instant)."""
 from __future__ import annotations
 
 import argparse
