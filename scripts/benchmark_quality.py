@@ -25,7 +25,7 @@ from scipy import ndimage
 from CeVAEAnomalyResearch.evaluate import auroc, dice, pooled_metrics
 from CeVAEAnomalyLib.engine.postprocess import hysteresis, robust_normalise
 from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_excess, slice_flags, slice_quantile
-from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse
+from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
 
 SUBJECTS = ("colin27", "mni152", "robex")
 RIM_MM = 3.0
@@ -49,7 +49,7 @@ def load(maps: Path) -> Dict[str, Case]:
         depth = ndimage.distance_transform_edt(np.pad(c["brain"], 1), sampling=c["spacing"][::-1])[1:-1, 1:-1, 1:-1]
         c["keep"] = depth > RIM_MM  # the brain without its outer rim
         c["both"] = c["brain"] & c["brain_m"]
-        del c["rec_m"], c["brain_m"]
+        del c["brain_m"]
         c["voxel_ml"] = float(np.prod(c["spacing"])) / 1000.0
         cases[p.stem] = c
     return cases
@@ -88,10 +88,30 @@ VARIANTS: Dict[str, Tuple[Callable[[Case], np.ndarray], bool]] = {
     "√rec × (0.05 + A) (σ 3 mm)": (lambda c: fuse(c["rec"], asym(c, 3.0), 0.05, 0.5), True),
     "rank fusion (combi, A σ 3 mm)": (lambda c: (ranks(c["combi"], c["brain"]) + ranks(asym(c, 3.0), c["brain"])) / 2, True),
     "combi − mirrored combi (positive part)": (lambda c: np.maximum(c["combi"] - c["combi_m"], 0) * c["both"], True),
+    # the asymmetry attributed to the side the ceVAE finds abnormal (no ghost at the lesion's mirror position)
+    "√combi × (0.1 + A·soft side) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0) * side(c, "combi", "soft"), 0.1, 0.5), True),
+    "√combi × (0.1 + A·hard side) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0) * side(c, "combi", "hard"), 0.1, 0.5), True),
+    "√combi × (0.1 + A·clipped side) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0) * side(c, "combi", "clip"), 0.1, 0.5), True),
+    "√combi × (0.1 + A·soft side of rec) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0) * side(c, "rec", "soft"), 0.1, 0.5), True),
+    "√combi × (0.1 + A·lower side damped) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0) * side(c, "combi", "damp"), 0.1, 0.5), True),
+    "√combi × (0.1 + A·lower side damped by rec) (σ 3 mm)": (lambda c: fuse(c["combi"], asym(c, 3.0) * side(c, "rec", "damp"), 0.1, 0.5), True),
 }
 
 
-DEFAULT = "√combi × (0.1 + A) (σ 3 mm)"  # the shipped default
+def side(c: Case, key: str, kind: str) -> np.ndarray:
+    """How much of a voxel's asymmetry belongs to its side: from the map ``key`` here (s) and at the mirror (m):
+    soft s / (s + m), hard 1[s > m], clipped max(0, (s − m) / (s + m)), damped min(1, 2 s / (s + m)) (only the lower side
+    loses weight)."""
+    s, m = np.maximum(c[key], 0), np.maximum(c[key + "_m"], 0)
+    if kind == "hard":
+        return (s > m).astype(np.float32)
+    total = np.maximum(s + m, 1e-12)
+    if kind == "damp":  # what the detector ships
+        return side_weight(c[key], c[key + "_m"])
+    return (s / total if kind == "soft" else np.clip((s - m) / total, 0, 1)).astype(np.float32)
+
+
+DEFAULT = "√combi × (0.1 + A·lower side damped) (σ 3 mm)"  # the shipped default
 
 
 def score_map(c: Case, name: str) -> np.ndarray:

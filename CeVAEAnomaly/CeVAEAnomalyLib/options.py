@@ -107,6 +107,9 @@ class PostprocessOptions(_Options):
     # score^score_power × (asymmetry_floor + left-right intensity asymmetry smoothed with this sigma); 0: off
     asymmetry_mm: float = 0.0
     asymmetry_floor: float = 0.0
+    # weight the asymmetry by min(1, 2 s / (s + s_mirror)) of the score s: the side that scores lower loses it
+    # (no "ghost" at a lesion's healthy mirror position); off here so older bundles' calibrations still match
+    asymmetry_side: bool = False
     score_power: float = 1.0
     normalise: bool = False  # scores in units of this brain's robust spread (median/MAD), negatives to 0
     hysteresis: float = 0.0  # grow labelled components down to this fraction of the threshold; 0: off
@@ -120,6 +123,8 @@ class PostprocessOptions(_Options):
         _number("score_power", self.score_power)
         if self.score_power <= 0:
             raise CeVAEError(f"score_power must be positive, got {self.score_power!r}.")
+        if not isinstance(self.asymmetry_side, bool):
+            raise CeVAEError(f"asymmetry_side must be true or false, got {self.asymmetry_side!r}.")
         if not isinstance(self.normalise, bool):
             raise CeVAEError(f"normalise must be true or false, got {self.normalise!r}.")
         _number("hysteresis", self.hysteresis)
@@ -128,9 +133,10 @@ class PostprocessOptions(_Options):
 
 
 # The chain the subject-held-out benchmark favoured (docs/benchmark.md); new bundles use it:
-# √score × (0.1 + asymmetry, σ 3 mm), normalised per brain, outer 3 mm rim masked, components < 50 mm³ dropped.
+# √score × (0.1 + asymmetry (σ 3 mm) × side weight), normalised per brain, outer 3 mm rim masked, components < 50 mm³
+# dropped.
 RECOMMENDED_POSTPROCESS = PostprocessOptions(rim_mm=3.0, min_volume_mm3=50.0, asymmetry_mm=3.0, asymmetry_floor=0.1,
-                                             score_power=0.5, normalise=True)
+                                             asymmetry_side=True, score_power=0.5, normalise=True)
 
 
 @dataclass(frozen=True)

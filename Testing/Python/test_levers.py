@@ -111,7 +111,8 @@ def test_postprocess_options_refuse_bad_levers() -> None:
     from CeVAEAnomalyLib.errors import CeVAEError
     from CeVAEAnomalyLib.options import PostprocessOptions
 
-    for bad in ({"asymmetry_mm": -1.0}, {"score_power": 0.0}, {"hysteresis": 1.0}, {"normalise": "yes"}):
+    for bad in ({"asymmetry_mm": -1.0}, {"score_power": 0.0}, {"hysteresis": 1.0}, {"normalise": "yes"},
+                {"asymmetry_side": 1}):
         with pytest.raises(CeVAEError):
             PostprocessOptions(**bad)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib.engine.symmetry import MidPlane, asymmetry, estimate_midplane, fuse, mirror, plane_from
+from CeVAEAnomalyLib.engine.symmetry import (MidPlane, asymmetry, estimate_midplane, fuse, mirror, plane_from, side_weight,
+                                             weight_by_asymmetry)
 
 
 def test_reflection_of_points() -> None:
@@ -89,3 +90,34 @@ def test_fuse() -> None:
     assert fuse(s, a) == pytest.approx([0.0, 0.0, 1.0, 1.0])
     assert fuse(s, a, floor=0.5) == pytest.approx([0.0, 0.5, 2.0, 3.0])
     assert fuse(s, a, power=0.5) == pytest.approx([0.0, 0.0, 0.5 * 2 ** 0.5, 0.5])
+
+
+def test_side_weight() -> None:
+    s = np.array([2.0, 1.0, 1.0, 0.0, 0.0, -1.0, 3.0])
+    m = np.array([0.0, 1.0, 3.0, 0.0, 5.0, 1.0, -2.0])
+    assert side_weight(s, m) == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 1.0])
+
+
+def test_side_weighting_removes_the_ghost_at_the_mirror_position() -> None:
+    """A bright blob on one side makes both it and its mirror position asymmetric; with the side weight
+    only the side where the score is high keeps its asymmetry (score 1 + 3 at the blob: the mirror position
+    gets weight 2·1 / (1 + 4) = 0.4 of its asymmetry, the blob keeps all)."""
+    image, mask, plane = symmetric_phantom(shift=0.0, yaw_deg=0.0)
+    arr = sitk.GetArrayFromImage(image)
+    brain = sitk.GetArrayFromImage(mask) > 0
+    idx = np.indices(arr.shape)
+    lesion = np.array([28, 32, 42])  # (k, j, i): 12.5 voxels (19 mm) off the plane, which is the grid's i midplane
+    blob = ((idx - lesion[:, None, None, None]) ** 2).sum(0) <= 9
+    bright = sitk.GetImageFromArray(np.where(blob, arr + 3, arr).astype(np.float32))
+    bright.CopyInformation(image)
+    score = sitk.GetImageFromArray(np.where(brain, 1.0 + 3.0 * blob, 0).astype(np.float32))
+    score.CopyInformation(image)
+    ghost = np.flip(blob, 2)
+    assert not (ghost & blob).any() and brain[ghost].all()
+    plain = sitk.GetArrayFromImage(weight_by_asymmetry(score, bright, brain, 0.0))
+    sided = sitk.GetArrayFromImage(weight_by_asymmetry(score, bright, brain, 0.0, side=True))
+    rest = brain & ~blob & ~ghost
+    assert plain[ghost].mean() > 10 * plain[rest].mean() + 0.1  # without the side weight the mirror lights up
+    assert sided[blob] == pytest.approx(plain[blob], rel=1e-5)
+    assert sided[ghost] == pytest.approx(0.4 * plain[ghost], rel=0.05)
+    assert sided[rest] == pytest.approx(plain[rest], rel=1e-5, abs=1e-5)

@@ -97,8 +97,9 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
         _number("postprocess.asymmetry_floor", post.get("asymmetry_floor", 0.0), 0, 1000)
         _number("postprocess.score_power", post.get("score_power", 1.0), 0, 10, open_low=True)
         _number("postprocess.hysteresis", post.get("hysteresis", 0.0), 0, 1, open_high=True)
-        if not isinstance(post.get("normalise", False), bool):
-            _fail("postprocess.normalise", f"must be true or false, got {post.get('normalise')!r}")
+        for flag in ("normalise", "asymmetry_side"):
+            if not isinstance(post.get(flag, False), bool):
+                _fail(f"postprocess.{flag}", f"must be true or false, got {post.get(flag)!r}")
     if "calibration" in header:
         _check_calibration(header.get("calibration"))
     if "default_fpr" in header:

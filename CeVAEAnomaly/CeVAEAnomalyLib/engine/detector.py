@@ -164,7 +164,8 @@ class Detector:
         """The post-processed map on the region of ``score``: asymmetry fusion, rim and median, normalisation."""
         post = self.post
         if post.asymmetry_mm > 0:
-            score = weight_by_asymmetry(score, image, brain, post.asymmetry_mm, post.asymmetry_floor, post.score_power)
+            score = weight_by_asymmetry(score, image, brain, post.asymmetry_mm, post.asymmetry_floor, post.score_power,
+                                        post.asymmetry_side)
         score = refine_scores(score, brain_img, post)
         return normalised(score, brain_img) if post.normalise else score
 

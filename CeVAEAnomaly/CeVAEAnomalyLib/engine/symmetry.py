@@ -121,14 +121,16 @@ def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: floa
 
 
 def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray, sigma_mm: float,
-                        floor: float = 0.0, power: float = 1.0) -> sitk.Image:
+                        floor: float = 0.0, power: float = 1.0, side: bool = False) -> sitk.Image:
     """``score`` (on a box of ``image``'s grid that holds the whole brain) fused with the smoothed
     left-right intensity asymmetry by :func:`fuse`.
 
     ``brain``: bool (k, j, i) mask on ``image``'s full grid. Intensities are scaled by the brain's
     1st-99th percentiles (clipped to [0, 1.5], as the model sees them) and mirrored about the
     estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0. Everything is
-    computed on the box only (a mirror outside it is outside the brain).
+    computed on the box only (a mirror outside it is outside the brain). ``side``: the asymmetry is
+    weighted by :func:`side_weight` of the score and the score mirrored about the same plane, so a
+    lesion does not light up its healthy mirror position.
     """
     here = sitk.GetArrayViewFromImage(score)
     start = image.TransformPhysicalPointToIndex(score.GetOrigin())
@@ -146,9 +148,20 @@ def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray,
     mirrored = sitk.GetArrayFromImage(sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     mirrored_brain = sitk.GetArrayFromImage(sitk.Resample(mask, mask, reflection, sitk.sitkNearestNeighbor, 0)) > 0
     a = asymmetry(scaled, mirrored, inside & mirrored_brain, score.GetSpacing(), sigma_mm)
+    if side:
+        mirrored_score = sitk.Resample(score, score, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        a *= side_weight(here, sitk.GetArrayViewFromImage(mirrored_score))
     out = sitk.GetImageFromArray(fuse(here, a, floor, power))
     out.CopyInformation(score)
     return out
+
+
+def side_weight(score: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """min(1, 2 s / (s + m)) for the score s here and m at the mirror position (negatives as 0): 1 where
+    this side scores at least as high as its mirror, falling to 0 where only the mirror scores."""
+    s = np.maximum(score, 0).astype(np.float32)
+    total = s + np.maximum(mirrored, 0)
+    return np.where(total > 0, np.minimum(1, 2 * s / np.where(total > 0, total, 1)), 0).astype(np.float32)
 
 
 def fuse(score: np.ndarray, asym: np.ndarray, floor: float = 0.0, power: float = 1.0) -> np.ndarray:
