@@ -130,7 +130,7 @@ def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray,
     estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0. Everything is
     computed on the box only (a mirror outside it is outside the brain). ``side``: the asymmetry is
     weighted by :func:`side_weight` of the score and the score mirrored about the same plane, so a
-    lesion does not light up its healthy mirror position.
+    lesion lights up its healthy mirror position much less (reduced, not removed).
     """
     here = sitk.GetArrayViewFromImage(score)
     start = image.TransformPhysicalPointToIndex(score.GetOrigin())
