@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import TYPE_CHECKING
 
-from ..engine.detector import DetectionResult
+if TYPE_CHECKING:  # io stays torch-free: the tables only read the result's fields
+    from ..engine.detector import DetectionResult
 
 
 def slice_scores_csv(result: DetectionResult) -> str:
