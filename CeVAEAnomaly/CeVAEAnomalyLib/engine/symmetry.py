@@ -106,12 +106,17 @@ def asymmetry(image: np.ndarray, mirrored: np.ndarray, both: np.ndarray, spacing
     difference is smoothed with a Gaussian of ``sigma_mm`` (0: none) normalised by the smoothed
     mask, so voxels next to the mask's edge are not diluted by the zeros beyond it.
     """
-    diff = np.where(both, np.abs(image.astype(np.float32) - mirrored.astype(np.float32)), 0).astype(np.float32)
+    diff = np.abs(image.astype(np.float32) - mirrored.astype(np.float32))
+    diff[~both] = 0
     if sigma_mm <= 0:
         return diff
     num = _smooth(diff, spacing, sigma_mm)
+    del diff  # large volumes: keep few full-size copies alive at once
     den = _smooth(both.astype(np.float32), spacing, sigma_mm)
-    return np.where(both, num / np.maximum(den, 1e-6), 0).astype(np.float32)
+    np.maximum(den, 1e-6, out=den)
+    np.divide(num, den, out=num)
+    num[~both] = 0
+    return num
 
 
 def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: float) -> np.ndarray:
@@ -147,7 +152,9 @@ def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray,
     reflection = _search(norm).reflection()
     mirrored = sitk.GetArrayFromImage(sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     mirrored_brain = sitk.GetArrayFromImage(sitk.Resample(mask, mask, reflection, sitk.sitkNearestNeighbor, 0)) > 0
+    del norm, mask, values
     a = asymmetry(scaled, mirrored, inside & mirrored_brain, score.GetSpacing(), sigma_mm)
+    del scaled, mirrored, mirrored_brain
     if side:
         mirrored_score = sitk.Resample(score, score, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         a *= side_weight(here, sitk.GetArrayViewFromImage(mirrored_score))
