@@ -63,12 +63,6 @@ def to_canonical(arr: np.ndarray, perm: Tuple[int, ...], flips: Tuple[bool, ...]
     return out[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
 
 
-def from_canonical(arr: np.ndarray, perm: Tuple[int, ...], flips: Tuple[bool, ...]) -> np.ndarray:
-    """Inverse of :func:`to_canonical` (also a view)."""
-    arr = arr[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
-    return arr.transpose(np.argsort(perm))
-
-
 @dataclass
 class SliceRecord:
     """Everything needed to map model-space slice maps back onto the input grid."""
