@@ -154,3 +154,24 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
     run_to_end(again)
     assert again.state is JobState.FAILED and "exists already" in again.error
     again.cleanup()
+
+
+def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_bundle, tmp_path):
+    """The calibrated model may not land on the model it starts from, by path, link or inode."""
+    import os
+
+    from CeVAEAnomalyLib.slicer.worker import run_calibrate
+
+    image, mask = make_head(seed=21)
+    sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "h_mask.nii.gz"))
+    model = tmp_path / "model.cevae"
+    model.write_bytes(tiny_bundle.read_bytes())
+    os.link(model, tmp_path / "alias.cevae")
+    before = model.read_bytes()
+    for out in (model, tmp_path / "alias.cevae"):
+        request = dict(subjects=[{"image": str(tmp_path / "h.nii.gz"), "mask": str(tmp_path / "h_mask.nii.gz")}],
+                       model=str(model), device="cpu", out=str(out), overwrite=True)
+        with pytest.raises(CeVAEError, match="under a new name"):
+            run_calibrate(request, lambda fraction, message: None)
+    assert model.read_bytes() == before

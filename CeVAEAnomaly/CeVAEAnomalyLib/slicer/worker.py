@@ -73,15 +73,17 @@ def _postprocess(bundle: "Bundle", overrides: Optional[Dict[str, Any]]) -> "Post
 
 
 def write_detection(result: "DetectionResult", folder: Path) -> None:
-    """The detection as image files and a JSON summary (read back by :func:`read_detection`)."""
-    import SimpleITK as sitk
+    """The detection as image files and a JSON summary (read back by :func:`read_detection`), each
+    checked complete before it is renamed into place."""
     from dataclasses import asdict
 
-    for key, name in RESULT_FILES.items():
-        sitk.WriteImage(getattr(result, key), str(folder / name), True)
+    from ..io.atomic import write_all
+
+    files: Dict[Path, object] = {folder / name: getattr(result, key) for key, name in RESULT_FILES.items()}
     summary = dict(threshold=result.threshold, threshold_source=result.threshold_source,
                    slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components])
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary), encoding="utf-8")
+    files[folder / SUMMARY_FILE] = json.dumps(summary)
+    write_all(files, overwrite=True)
 
 
 def read_detection(folder: Path) -> "DetectionResult":
@@ -129,7 +131,8 @@ def run_detect(request: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
 def run_calibrate(request: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
     from ..engine.calibrate import recalibrate
     from ..engine.detector import default_score_options
-    from ..training.data import Subject
+    from ..io.manifest import Subject
+    from ..io.targets import Inputs
 
     subjects = [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None) for s in request["subjects"]]
     if not subjects:
@@ -139,7 +142,7 @@ def run_calibrate(request: Dict[str, Any], progress: ProgressCallback) -> Dict[s
         raise CeVAEError(f"{out} exists already; choose another file name for the calibrated model.")
     report(progress, 0.0, "Loading the model")
     bundle = _load_bundle(request)
-    if bundle.path.resolve() == out.resolve():
+    if Inputs([bundle.path]).which(out) is not None:  # by path, link or inode
         raise CeVAEError("Save the calibrated model under a new name; it cannot replace the model it starts from.")
     post = _postprocess(bundle, request.get("postprocess"))
     path = recalibrate(bundle, subjects, out, default_score_options(bundle), post,
