@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib.engine.symmetry import (MidPlane, asymmetry, estimate_midplane, fuse, mirror, plane_from, side_weight,
-                                             weight_by_asymmetry)
+from CeVAEAnomalyLib.engine.symmetry import (MidPlane, asymmetry, box_asymmetry, estimate_midplane, fuse,
+                                             fuse_with_asymmetry, mirror, plane_from, side_weight)
 
 
 def test_reflection_of_points() -> None:
@@ -114,8 +114,9 @@ def test_side_weighting_removes_the_ghost_at_the_mirror_position() -> None:
     score.CopyInformation(image)
     ghost = np.flip(blob, 2)
     assert not (ghost & blob).any() and brain[ghost].all()
-    plain = sitk.GetArrayFromImage(weight_by_asymmetry(score, bright, brain, 0.0))
-    sided = sitk.GetArrayFromImage(weight_by_asymmetry(score, bright, brain, 0.0, side=True))
+    asym = box_asymmetry(score, bright, brain, 0.0)  # one asymmetry serves both fusions
+    plain = sitk.GetArrayFromImage(fuse_with_asymmetry(score, asym))
+    sided = sitk.GetArrayFromImage(fuse_with_asymmetry(score, asym, side=True))
     rest = brain & ~blob & ~ghost
     assert plain[ghost].mean() > 10 * plain[rest].mean() + 0.1  # without the side weight the mirror lights up
     assert sided[blob] == pytest.approx(plain[blob], rel=1e-5)

@@ -21,7 +21,7 @@ from .preprocess import Region, SliceRecord, SliceStack, brain_region, finite_br
 from ..progress import ProgressCallback, report, scaled
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
-from .symmetry import weight_by_asymmetry
+from .symmetry import BoxAsymmetry, box_asymmetry, fuse_with_asymmetry
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Detector:
         brain_img = _region_image(brain[region].astype(np.uint8), image, region)
         del stack, raw, maps
         report(progress, 0.9, "Post-processing")
-        score = self._refine(score, image, brain, brain_img)
+        score = self._refine(score, brain_img, self._asymmetry(score, image, brain))
         del brain  # free the full-size mask before the full-size outputs are made
         labelmap = threshold_labelmap(score, thr, self.post.min_volume_mm3, self.post.hysteresis)
         _add_slice_anomaly(rows, score, brain_img, labelmap, region)
@@ -154,18 +154,24 @@ class Detector:
         inside = brain[region]
         brain_img = _region_image(inside.astype(np.uint8), image, region)
         out = {}
+        asym = None  # the same for every score type: computed once per volume
         for opts in options:
             score = _region_image(invert_region(stack.record, pixel_map(raw, opts), region), image, region)
-            score = self._refine(score, image, brain, brain_img)
+            if asym is None:
+                asym = self._asymmetry(score, image, brain)
+            score = self._refine(score, brain_img, asym)
             out[opts.score_type] = np.asarray(sitk.GetArrayViewFromImage(score)[inside], np.float32)
         return out
 
-    def _refine(self, score: sitk.Image, image: sitk.Image, brain: np.ndarray, brain_img: sitk.Image) -> sitk.Image:
+    def _asymmetry(self, score: sitk.Image, image: sitk.Image, brain: np.ndarray) -> Optional[BoxAsymmetry]:
+        """The volume's asymmetry on the region of ``score`` (None when the fusion is off)."""
+        return box_asymmetry(score, image, brain, self.post.asymmetry_mm) if self.post.asymmetry_mm > 0 else None
+
+    def _refine(self, score: sitk.Image, brain_img: sitk.Image, asym: Optional[BoxAsymmetry]) -> sitk.Image:
         """The post-processed map on the region of ``score``: asymmetry fusion, rim and median, normalisation."""
         post = self.post
-        if post.asymmetry_mm > 0:
-            score = weight_by_asymmetry(score, image, brain, post.asymmetry_mm, post.asymmetry_floor, post.score_power,
-                                        post.asymmetry_side)
+        if asym is not None:
+            score = fuse_with_asymmetry(score, asym, post.asymmetry_floor, post.score_power, post.asymmetry_side)
         score = refine_scores(score, brain_img, post)
         return normalised(score, brain_img) if post.normalise else score
 

@@ -125,39 +125,59 @@ def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: floa
     return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, float(sigma_mm)))
 
 
-def weight_by_asymmetry(score: sitk.Image, image: sitk.Image, brain: np.ndarray, sigma_mm: float,
-                        floor: float = 0.0, power: float = 1.0, side: bool = False) -> sitk.Image:
-    """``score`` (on a box of ``image``'s grid that holds the whole brain) fused with the smoothed
-    left-right intensity asymmetry by :func:`fuse`.
+@dataclass(frozen=True)
+class BoxAsymmetry:
+    """The smoothed intensity asymmetry of a volume on a box of its grid, with the reflection it used.
+
+    It depends on the image and its brain only, so one serves every score map of that volume.
+    """
+
+    asymmetry: np.ndarray  # float32 (k, j, i) on the box
+    reflection: sitk.Transform  # about the estimated mid-sagittal plane
+
+
+def box_asymmetry(box_image: sitk.Image, image: sitk.Image, brain: np.ndarray, sigma_mm: float) -> BoxAsymmetry:
+    """The asymmetry of ``image`` on the grid of ``box_image`` (a box of ``image``'s grid that holds
+    the whole brain).
 
     ``brain``: bool (k, j, i) mask on ``image``'s full grid. Intensities are scaled by the brain's
     1st-99th percentiles (clipped to [0, 1.5], as the model sees them) and mirrored about the
     estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0. Everything is
-    computed on the box only (a mirror outside it is outside the brain). ``side``: the asymmetry is
-    weighted by :func:`side_weight` of the score and the score mirrored about the same plane, so a
-    lesion lights up its healthy mirror position much less (reduced, not removed).
+    computed on the box only (a mirror outside it is outside the brain).
     """
-    here = sitk.GetArrayViewFromImage(score)
-    start = image.TransformPhysicalPointToIndex(score.GetOrigin())
-    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], here.shape))
+    shape = sitk.GetArrayViewFromImage(box_image).shape
+    start = image.TransformPhysicalPointToIndex(box_image.GetOrigin())
+    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], shape))
     inside = brain[box]
     values = sitk.GetArrayViewFromImage(image)[box][inside].astype(np.float32)
     lo, hi = np.percentile(values, [1, 99])
     scaled = np.zeros(inside.shape, np.float32)
     scaled[inside] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
     norm = sitk.GetImageFromArray(scaled)
-    norm.CopyInformation(score)
+    norm.CopyInformation(box_image)
     mask = sitk.GetImageFromArray(inside.astype(np.uint8))
-    mask.CopyInformation(score)
+    mask.CopyInformation(box_image)
     reflection = _search(norm).reflection()
     mirrored = sitk.GetArrayFromImage(sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     mirrored_brain = sitk.GetArrayFromImage(sitk.Resample(mask, mask, reflection, sitk.sitkNearestNeighbor, 0)) > 0
     del norm, mask, values
-    a = asymmetry(scaled, mirrored, inside & mirrored_brain, score.GetSpacing(), sigma_mm)
-    del scaled, mirrored, mirrored_brain
+    a = asymmetry(scaled, mirrored, inside & mirrored_brain, box_image.GetSpacing(), sigma_mm)
+    return BoxAsymmetry(a, reflection)
+
+
+def fuse_with_asymmetry(score: sitk.Image, box: BoxAsymmetry, floor: float = 0.0, power: float = 1.0,
+                        side: bool = False) -> sitk.Image:
+    """``score`` (on the grid :func:`box_asymmetry` used) fused with the asymmetry by :func:`fuse`.
+
+    ``side``: the asymmetry is weighted by :func:`side_weight` of the score and the score mirrored
+    about the same plane, so a lesion lights up its healthy mirror position much less (reduced,
+    not removed).
+    """
+    here = sitk.GetArrayViewFromImage(score)
+    a = box.asymmetry
     if side:
-        mirrored_score = sitk.Resample(score, score, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        a *= side_weight(here, sitk.GetArrayViewFromImage(mirrored_score))
+        mirrored_score = sitk.Resample(score, score, box.reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        a = a * side_weight(here, sitk.GetArrayViewFromImage(mirrored_score))
     out = sitk.GetImageFromArray(fuse(here, a, floor, power))
     out.CopyInformation(score)
     return out
