@@ -213,17 +213,13 @@ class CeVAEAnomalyLogic(_LogicBase):
         while the job runs. ``launch(args)`` starts the process (Slicer: ``launchConsoleProcess``),
         ``python`` is the interpreter (Slicer: ``PythonSlicer``).
         """
-        import SimpleITK as sitk
-
         self._checkInputs(volumeNode, maskNode, outputs)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         folder = Path(tempfile.mkdtemp(prefix="CeVAEAnomaly-"))
         try:
-            sitk.WriteImage(image, str(folder / "input.nrrd"))
-            if mask is not None:
-                sitk.WriteImage(mask, str(folder / "mask.nrrd"), True)
+            _writeInputs(folder, "input", image, mask)
             request = dict(task="detect", image=str(folder / "input.nrrd"),
-                           mask=str(folder / "mask.nrrd") if mask is not None else None,
+                           mask=str(folder / "input_mask.nrrd") if mask is not None else None,
                            model=str(modelPath) if modelPath else None, device=device, batch_size=int(batchSize),
                            score_type=scoreType, fpr=fpr, threshold=threshold, postprocess=postprocess,
                            out_dir=str(folder))
@@ -268,8 +264,6 @@ class CeVAEAnomalyLogic(_LogicBase):
     ) -> WorkerJob:
         """Recalibrate a model on healthy volumes (``masks[i]``: brain mask of ``volumes[i]`` or None)
         in a worker process, writing a new bundle to ``outputPath``. ``job.done["model"]`` is its path."""
-        import SimpleITK as sitk
-
         if not volumes:
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
         if len(masks) != len(volumes):
@@ -280,9 +274,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
                 image, maskImage = self._inputImages(volume, mask, None)
                 stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
-                sitk.WriteImage(image, str(folder / f"{stem}.nrrd"))
-                if maskImage is not None:
-                    sitk.WriteImage(maskImage, str(folder / f"{stem}_mask.nrrd"), True)
+                _writeInputs(folder, stem, image, maskImage)
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None))
             request = dict(task="calibrate", subjects=subjects, model=str(modelPath) if modelPath else None,
@@ -319,6 +311,19 @@ class CeVAEAnomalyLogic(_LogicBase):
 def _fileStem(name: str) -> str:
     """A node name as a safe file name stem."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "volume"
+
+
+def _writeInputs(folder: Path, stem: str, image: "sitk.Image", mask: Optional["sitk.Image"]) -> None:
+    """The worker's copies of a volume (``STEM.nrrd``, uncompressed for speed) and its mask
+    (``STEM_mask.nrrd``), each checked complete before it is renamed into place."""
+    import SimpleITK as sitk
+
+    from ..io.atomic import write_all
+
+    files: Dict[Path, object] = {folder / f"{stem}.nrrd": lambda tmp: sitk.WriteImage(image, tmp)}
+    if mask is not None:
+        files[folder / f"{stem}_mask.nrrd"] = mask
+    write_all(files, overwrite=True)
 
 
 def _removeFolder(folder: Path) -> None:
