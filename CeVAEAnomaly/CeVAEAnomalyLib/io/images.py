@@ -35,8 +35,9 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
         if p.stat().st_size == 0:
             raise CeVAEError(f"The {what} file {p} is empty.")
         layout = _nifti_layout(p)
-        floats = layout is not None and layout.datatype in _NIFTI_FLOATS
-        image = _read_float_nifti(p, layout, what) if floats else None  # checks its own length
+        plain = layout is not None and layout.datatype in _NIFTI_TYPES
+        floats = plain and layout.datatype in _NIFTI_FLOATS
+        image = _read_plain_nifti(p, layout, what) if plain else None  # checks its own length
         if image is None:
             if layout is not None:
                 _check_nifti_complete(p, layout, what)
@@ -53,6 +54,12 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
 
 
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+# NIfTI datatype code -> (NumPy type, the pixel type ITK's reader gives): the scalar types read in one pass
+_NIFTI_TYPES = {
+    2: ("u1", sitk.sitkUInt8), 4: ("i2", sitk.sitkInt16), 8: ("i4", sitk.sitkInt32), 16: ("f4", sitk.sitkFloat32),
+    64: ("f8", sitk.sitkFloat64), 256: ("i1", sitk.sitkInt8), 512: ("u2", sitk.sitkUInt16),
+    768: ("u4", sitk.sitkUInt32), 1024: ("i8", sitk.sitkInt64), 1280: ("u8", sitk.sitkUInt64),
+}
 
 
 @dataclass(frozen=True)
@@ -153,13 +160,13 @@ def _gunzipped_size(p: Path, limit: int) -> int:
     return min(have, limit)
 
 
-def _read_float_nifti(p: Path, layout: _NiftiLayout, what: str) -> Optional[sitk.Image]:
-    """A plain 3D float NIfTI read in one pass, NaN/Inf kept; None where ITK must read it.
+def _read_plain_nifti(p: Path, layout: _NiftiLayout, what: str) -> Optional[sitk.Image]:
+    """A plain 3D scalar NIfTI read in one pass (float NaN/Inf kept); None where ITK must read it.
 
-    ITK's reader zeroes NaN/Inf, so restoring them from the raw voxels would decompress the
-    file twice. Here ITK reads only the header (geometry exactly as it would give it) and the
-    voxels are read once, straight into the array. Files with intensity scaling or more than
-    three dimensions go the general way.
+    Checking a gzip file's length and then letting ITK read it would decompress it twice, and
+    ITK's reader zeroes float NaN/Inf. Here ITK reads only the header (geometry exactly as it
+    would give it) and the voxels are read once, straight into the array. Files with intensity
+    scaling or more than three dimensions go the general way.
     """
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
@@ -169,8 +176,8 @@ def _read_float_nifti(p: Path, layout: _NiftiLayout, what: str) -> Optional[sitk
         inter = float(reader.GetMetaData("scl_inter")) if reader.HasMetaDataKey("scl_inter") else 0.0
     except (RuntimeError, ValueError):
         return None
-    dtype = np.dtype(layout.endian + _NIFTI_FLOATS[layout.datatype])
-    pixel = sitk.sitkFloat32 if dtype.itemsize == 4 else sitk.sitkFloat64
+    code, pixel = _NIFTI_TYPES[layout.datatype]
+    dtype = np.dtype(layout.endian + code)
     if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or reader.GetPixelID() != pixel
             or int(np.prod(reader.GetSize(), dtype=np.int64)) != layout.voxels
             or slope not in (0.0, 1.0) or inter != 0.0 or min(reader.GetSpacing()) <= 0):
