@@ -44,6 +44,15 @@ def make_head(
     return image, mask
 
 
+def add_volume(scene, image, name="head", class_name="vtkMRMLScalarVolumeNode"):
+    """A volume node of ``class_name`` in ``scene`` holding ``image`` (voxels and geometry)."""
+    from CeVAEAnomalyLib.slicer import mrml
+
+    node = scene.AddNewNodeByClass(class_name, name)
+    mrml.update_volume_from_image(node, image)
+    return node
+
+
 def oblique_direction(angle_deg: float = 20.0, axis=(0.3, 0.5, 0.8)):
     """A proper rotation matrix (flattened) about ``axis``."""
     a = np.asarray(axis, float) / np.linalg.norm(axis)

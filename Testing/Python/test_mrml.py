@@ -8,7 +8,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from conftest import make_head, oblique_direction  # noqa: E402
+from conftest import add_volume, make_head, oblique_direction  # noqa: E402
 
 from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
@@ -19,12 +19,6 @@ GEOMETRIES = {
     "axis-aligned": dict(direction=None),
     "oblique": dict(direction=oblique_direction(), spacing=(0.9, 1.3, 2.0), origin=(12.5, -40.0, 7.25)),
 }
-
-
-def add_volume(scene, image, name="head", class_name="vtkMRMLScalarVolumeNode"):
-    node = scene.AddNewNodeByClass(class_name, name)
-    mrml.update_volume_from_image(node, image)
-    return node
 
 
 def fake_detection(image: sitk.Image, mask: sitk.Image, threshold: float = 1.1) -> DetectionResult:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, make_head, oblique_direction
+from conftest import REPO, add_volume, make_head, oblique_direction
 
 slicer = pytest.importorskip("slicer")
 
@@ -25,12 +25,6 @@ MODULE_DIR = REPO / "CeVAEAnomaly"
 MODULE_FILE = MODULE_DIR / "CeVAEAnomaly.py"
 UI_FILE = REPO / "Resources" / "UI" / "CeVAEAnomaly.ui"
 GEOMETRIES = {"axis-aligned": None, "oblique": oblique_direction()}
-
-
-def add_volume(scene, image, name, class_name="vtkMRMLScalarVolumeNode"):
-    node = scene.AddNewNodeByClass(class_name, name)
-    mrml.update_volume_from_image(node, image)
-    return node
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_head
+from conftest import add_volume, make_head
 
 slicer = pytest.importorskip("slicer")
 
@@ -21,12 +21,6 @@ from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
 from CeVAEAnomalyLib.slicer.jobs import JobState, WorkerJob  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
 from CeVAEAnomalyLib.slicer.settings import ModelSettings  # noqa: E402
-
-
-def add_volume(scene, image, name, class_name="vtkMRMLScalarVolumeNode"):
-    node = scene.AddNewNodeByClass(class_name, name)
-    mrml.update_volume_from_image(node, image)
-    return node
 
 
 @pytest.fixture
