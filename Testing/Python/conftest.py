@@ -62,6 +62,18 @@ def oblique_direction(angle_deg: float = 20.0, axis=(0.3, 0.5, 0.8)):
     return tuple(rot.ravel())
 
 
+@pytest.fixture
+def one_thread():
+    """One torch CPU thread, as in the subprocesses: far faster for tiny models on a shared machine,
+    and the same arithmetic in and out of process."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def head(tmp_path_factory):
     """(image path, mask path) of a synthetic head written as NIfTI."""

@@ -25,12 +25,7 @@ from conftest import make_head
 SMALL = ["--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

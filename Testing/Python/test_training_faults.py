@@ -30,14 +30,7 @@ SMALL = ["--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--ch
          "--device", "cpu", "--val-fraction", "0", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread, as in the subprocesses: far faster for these tiny models on a shared machine,
-    and the same arithmetic in and out of process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
