@@ -21,7 +21,7 @@ KNOWN_SOURCES = {
 
 
 def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
-    h = bundle.header
+    h = bundle.header.to_dict()
     tr = h.get("training", {})
     pre = h.get("preprocess", {})
     lines = [

@@ -6,7 +6,8 @@ import struct
 import pytest
 import torch
 
-from CeVAEAnomalyLib.engine.bundle import FORMAT_VERSION, load_bundle, read_header, save_bundle
+from CeVAEAnomalyLib.engine.bundle import FORMAT_VERSION, BundleHeader, load_bundle, read_header, save_bundle
+from CeVAEAnomalyLib.engine.config import PreprocessConfig
 from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.engine.model import CeVAE
@@ -18,7 +19,7 @@ def model():
     return CeVAE(ModelConfig(channels=(4, 8, 8, 16), z_dim=8)).eval()
 
 
-HEADER = {"preprocess": {"input_size": 64}, "modality": "T1"}
+HEADER = BundleHeader(preprocess=PreprocessConfig(input_size=64), modality="T1")
 
 
 def test_round_trip_gives_the_same_network(tmp_path, model):
@@ -27,7 +28,7 @@ def test_round_trip_gives_the_same_network(tmp_path, model):
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(b.model.encode(x)[0], model.encode(x)[0])
-    assert b.header["modality"] == "T1" and b.header["format_version"] == FORMAT_VERSION
+    assert b.header.modality == "T1" and b.header.extra["format_version"] == FORMAT_VERSION
     assert b.model_config == model.cfg
 
 
@@ -52,7 +53,7 @@ def _rewrite_header(path, edit):
 
 def test_tampered_shapes_are_refused(tmp_path, model):
     path = save_bundle(tmp_path / "m.cevae", model, HEADER)
-    meta = read_header(path)
+    meta = read_header(path).to_dict()
     meta["model"]["z_dim"] = 9  # header no longer matches the tensors
 
     def edit(h):
@@ -65,7 +66,7 @@ def test_tampered_shapes_are_refused(tmp_path, model):
 
 def test_newer_format_version_is_refused(tmp_path, model):
     path = save_bundle(tmp_path / "m.cevae", model, HEADER)
-    meta = read_header(path)
+    meta = read_header(path).to_dict()
     meta["format_version"] = FORMAT_VERSION + 1
     _rewrite_header(path, lambda h: h["__metadata__"].update(cevae_anomaly=json.dumps(meta)))
     with pytest.raises(CeVAEError, match="Update CeVAEAnomaly"):

@@ -138,7 +138,7 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
     assert job.done["model"] == str(out) and job.done["subjects"] == 2
     assert any("Healthy volume 2/2" in message for _, message in seen)
     header = read_header(out)
-    assert header["calibration_subjects"] == ["01_healthy_11", "02_healthy_12"]
+    assert header.extra["calibration_subjects"] == ["01_healthy_11", "02_healthy_12"]
     settings = ModelSettings(out, header)
     assert {k: settings.postprocess[k] for k in post} == post  # the model's other fields stay
     assert all(settings.calibrated(t) for t in ("combi", "rec", "grad"))

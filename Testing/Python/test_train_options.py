@@ -116,7 +116,7 @@ def test_an_existing_output_needs_overwrite(cohort, tmp_path, capsys):
     assert out.read_text() == "an older file"
     rc, errors = run_train(capsys, *argv, "--overwrite")
     assert rc == 0 and errors == []
-    assert read_header(out)["training"]["steps"] == 2
+    assert read_header(out).training["steps"] == 2
 
 
 def test_duplicate_rows_are_used_once_and_never_in_both_splits(cohort, tmp_path, caplog):
@@ -174,12 +174,11 @@ def test_the_bundle_is_calibrated_on_the_weights_it_holds(cohort, tmp_path, half
     path = Trainer(cfg, cohort_subjects(cohort)).run()
     bundle = load_bundle(path)
     header = bundle.header
-    assert header["weights_dtype"] == ("float16" if half else "float32")
-    (name,) = [s["name"] for s in header["training"]["validation_subjects"]]
+    assert header.weights_dtype == ("float16" if half else "float32")
+    (name,) = [s["name"] for s in header.training["validation_subjects"]]
     again = calibrate_model(bundle, [Subject(cohort / f"{name}.nii.gz", cohort / f"{name}_mask.nii.gz")],
-                            "validation subjects", ScoreOptions(**header["score_options"]),
-                            PostprocessOptions(**header["postprocess"]))
-    assert again == header["calibration"]
+                            "validation subjects", header.score_options, header.postprocess)
+    assert again == header.calibration
 
 
 def test_a_failed_bundle_write_publishes_nothing(cohort, tmp_path):
