@@ -154,6 +154,7 @@ def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_
     """The calibrated model may not land on the model it starts from, by path, link or inode."""
     import os
 
+    from CeVAEAnomalyLib.options import DetectionRequest
     from CeVAEAnomalyLib.slicer.worker import run_calibrate
 
     image, mask = make_head(seed=21)
@@ -165,7 +166,8 @@ def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_
     before = model.read_bytes()
     for out in (model, tmp_path / "alias.cevae"):
         request = dict(subjects=[{"image": str(tmp_path / "h.nii.gz"), "mask": str(tmp_path / "h_mask.nii.gz")}],
-                       model=str(model), device="cpu", out=str(out), overwrite=True)
+                       model=str(model), request=DetectionRequest.of(device="cpu").to_dict(), out=str(out),
+                       overwrite=True)
         with pytest.raises(CeVAEError, match="under a new name"):
             run_calibrate(request, lambda fraction, message: None)
     assert model.read_bytes() == before
