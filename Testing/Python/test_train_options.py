@@ -14,7 +14,6 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model
 from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
 from CeVAEAnomalyLib.training.data import Subject
