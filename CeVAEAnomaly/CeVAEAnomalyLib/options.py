@@ -81,11 +81,11 @@ def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None) -
     if isinstance(f.default, str) and m["choices"] is None:
         return  # free text (the device), checked by its class
     if m["choices"] is not None:
-        if value not in m["choices"] and where:
+        if value in m["choices"]:
+            return
+        if where:
             raise CeVAEError(f"{where} must be one of {', '.join(m['choices'])}, got {value!r}.")
-        if value not in m["choices"]:
-            raise CeVAEError(f"Unknown {m['label'] or f.name} {value!r}; choose one of {', '.join(m['choices'])}.")
-        return
+        raise CeVAEError(f"Unknown {m['label'] or f.name} {value!r}; choose one of {', '.join(m['choices'])}.")
     if isinstance(f.default, bool):
         if not isinstance(value, bool):
             raise CeVAEError(f"{name} must be true or false, got {value!r}.")

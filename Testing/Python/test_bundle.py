@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from CeVAEAnomalyLib.engine.bundle import FORMAT_VERSION, BundleHeader, load_bundle, read_header, save_bundle
-from CeVAEAnomalyLib.engine.config import PreprocessConfig
-from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
+from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.engine.model import CeVAE
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 
 
 @pytest.fixture
@@ -104,3 +105,22 @@ def test_foreign_safetensors_is_refused(tmp_path):
     save_file({"weight": torch.zeros(3)}, str(p))
     with pytest.raises(CeVAEError, match="not a CeVAEAnomaly model bundle"):
         load_bundle(p)
+
+
+def test_header_is_read_typed_and_an_absent_section_takes_its_one_default(tmp_path, model):
+    """An older bundle without scoring, post-processing, loss or default rate: the typed header says what
+    the model recommends, and every reader (detector, Slicer settings) gets that one answer."""
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+
+    def strip(h):
+        meta = json.loads(h["__metadata__"]["cevae_anomaly"])
+        for key in ("score_options", "postprocess", "loss", "default_fpr"):
+            del meta[key]
+        h["__metadata__"]["cevae_anomaly"] = json.dumps(meta)
+
+    _rewrite_header(path, strip)
+    header = read_header(path)
+    assert isinstance(header, BundleHeader) and header.model == model.cfg
+    assert (header.score_options, header.postprocess, header.loss, header.default_fpr) == (
+        ScoreOptions(), PostprocessOptions(), LossConfig(), DEFAULT_FPR)
+    assert BundleHeader.from_dict(header.to_dict()) == header

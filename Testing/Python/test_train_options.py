@@ -17,7 +17,7 @@ from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
 from CeVAEAnomalyLib.training.data import Subject
-from CeVAEAnomalyLib.training.packaging import BundleHeader, TrainingRecord, package
+from CeVAEAnomalyLib.training.packaging import TrainingRecord, package, training_header
 from CeVAEAnomalyLib.training.trainer import Trainer
 from conftest import make_head
 
@@ -186,7 +186,7 @@ def test_a_failed_bundle_write_publishes_nothing(cohort, tmp_path):
     trainer = Trainer(tiny_config(tmp_path, max_steps=1), cohort_subjects(cohort))
     trainer.open_data()
     out = trainer.cfg.out
-    header = BundleHeader(name="m", preprocess=trainer.pre, loss=trainer.cfg.loss, training=TrainingRecord(
+    header = training_header("m", trainer.pre, trainer.cfg.loss, TrainingRecord(
         subjects=[], validation_subjects=[], train_slices=len(trainer.train), orientations=["axial"], steps=0,
         batch_size=8, lr=1e-3, seed=0, seconds=0.0, ranks=1, augment={}, val_loss=0.0))
     out.parent.mkdir(parents=True)
