@@ -30,6 +30,7 @@ from CeVAEAnomalyResearch.acquisition import VARIANTS
 from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
 
 SHIPPED_FPR = 0.00022712597940991678  # the shipped bundle's default_fpr (docs/benchmark.md)
+SHIPPED_THRESHOLD = 6.694  # what that rate gives in the shipped calibration (tuned on all three clean subjects)
 CONN = np.ones((3, 3, 3), bool)
 FUSION_WEIGHTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 Case = Dict[str, object]
@@ -69,7 +70,6 @@ def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, u
 
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "default": lambda c: c["final"],
-    "asymmetry σ 6 mm": lambda c: chain(c, sigma=6.0),
     "asymmetry σ = max(3 mm, slice thickness)": lambda c: chain(c, sigma=max(3.0, c["thickness"])),
     "no asymmetry (√combi only)": lambda c: chain(c, use_asymmetry=False),
     "tail normalisation (spread from the 95th percentile)": lambda c: chain(c, tail=True),
@@ -102,6 +102,31 @@ LABELS: Dict[str, Tuple[Callable[[Case], float], float]] = {
     "min 50 mm³ × slice thickness / 1 mm": (lambda c: 50.0 * c["thickness"], 0.0),
     "min 50 mm³, peak > 1.5 t": (lambda c: 50.0, 1.5),
 }
+
+
+MIN50, SCALED, PEAK = "min 50 mm³ (default)", "min 50 mm³ × slice thickness / 1 mm", "min 50 mm³, peak > 1.5 t"
+# the levers measured: (map, threshold rule, labelmap rule); the first is the shipped default
+LEVERS: List[Tuple[str, str, str]] = [
+    ("default", "clean", MIN50),
+    ("default", "in-sample clean", MIN50),
+    ("default", "shipped", MIN50),
+    ("default", "in-sample class", MIN50),
+    ("default", "in-sample class", SCALED),
+    ("default", "clean", "min 100 mm³"),
+    ("default", "clean", "min 200 mm³"),
+    ("default", "clean", SCALED),
+    ("default", "clean", PEAK),
+    ("default", "class", MIN50),
+    ("default", "variant", MIN50),
+    ("default", "class", SCALED),
+    ("default", "class", PEAK),
+    ("default", "class", "min 200 mm³"),
+    ("asymmetry σ = max(3 mm, slice thickness)", "clean", MIN50),
+    ("asymmetry σ = max(3 mm, slice thickness)", "class", SCALED),
+    ("no asymmetry (√combi only)", "clean", MIN50),
+    ("tail normalisation (spread from the 95th percentile)", "clean", MIN50),
+    ("tail normalisation (spread from the 95th percentile)", "class", SCALED),
+]
 
 
 def label_case(z: np.ndarray, c: Case, t: float, rule: str) -> Tuple[np.ndarray, int, Optional[bool]]:
@@ -147,14 +172,14 @@ def load(path: Path) -> Case:
 
 
 def index(maps: Path) -> Dict[Tuple[str, str], List[Path]]:
-    """(subject, variant) -> case files (healthy first)."""
+    """(subject, variant) -> case files (held-out healthy first, the model's training subjects last)."""
     out: Dict[Tuple[str, str], List[Path]] = defaultdict(list)
     for p in sorted(maps.glob("*--*--*.npz")):
         with np.load(p) as z:
             meta = json.loads(str(z["meta"]))
         out[(meta["subject"], meta["variant"])].append(p)
     for k in out:
-        out[k].sort(key=lambda p: "healthy" not in p.name)
+        out[k].sort(key=lambda p: (0 if "healthy" in p.name else 2 if "--train-" in p.name else 1, p.name))
     return out
 
 
@@ -177,31 +202,38 @@ def main() -> None:
     files = index(args.maps)
     subjects = sorted({s for s, _ in files})
     variants = [v for v in VARIANTS if any((s, v) in files for s in subjects)]
-    map_names = [m for m in MAPS if not args.maps_levers or m == "default"
-                 or any(w in m for w in args.maps_levers.split(","))]
+    levers = [lv for lv in LEVERS if not args.maps_levers or lv[0] == "default"
+              or any(w in lv[0] for w in args.maps_levers.split(","))]
+    map_names = list(dict.fromkeys(m for m, _, _ in levers))
     # pass 1: healthy scans -> top scores (for calibrated thresholds)
     tops: Dict[Tuple[str, str, str], Tuple[np.ndarray, int]] = {}
+    checks: Dict[str, float] = {}
     for (s, v), paths in files.items():
-        c = load(paths[0])
-        assert c["case"] == "healthy", paths[0]
-        for m in map_names:
-            vals = MAPS[m](c)[c["brain"]]
-            k = max(int(0.01 * vals.size), 10)
-            tops[(m, s, v)] = (np.sort(np.partition(vals, vals.size - k)[-k:]), vals.size)
+        for path in paths:
+            c = load(path)
+            if c["case"] != "healthy" and not c["case"].startswith("train-"):
+                continue
+            if c["case"] == "healthy":
+                checks[f"{s} / {v}"] = float(np.abs(chain(c) - c["final"]).max())  # the chain here vs the detector's
+            for m in map_names:
+                vals = MAPS[m](c)[c["brain"]]
+                k = max(int(0.01 * vals.size), 10)
+                tops[(m, s, v, c["case"])] = (np.sort(np.partition(vals, vals.size - k)[-k:]), vals.size)
     print(f"healthy pass {time.time() - t0:.0f} s", flush=True)
 
     def thr(m: str, s: str, v: str, rule: str) -> float:
-        others = [o for o in subjects if o != s]
-        if rule == "clean":
-            pool = [tops[(m, o, "clean")] for o in others if (m, o, "clean") in tops]
-        elif rule == "variant":
-            pool = [tops[(m, o, v)] for o in others if (m, o, v) in tops]
-        else:  # thickness class
-            pool = [tops[(m, o, w)] for o in others for w in variants
-                    if thickness_class(w) == thickness_class(v) and (m, o, w) in tops]
+        """The threshold for subject S: from the other subjects' held-out healthy scans ("clean", "class",
+        "variant"), from the training subjects of S's model scored by it ("in-sample ..."), or the shipped one."""
+        if rule == "shipped":
+            return SHIPPED_THRESHOLD
+        same = {"clean": lambda w: w == "clean", "variant": lambda w: w == v,
+                "class": lambda w: thickness_class(w) == thickness_class(v)}[rule.replace("in-sample ", "")]
+        if rule.startswith("in-sample"):
+            pool = [t for (mm, o, w, case), t in tops.items() if mm == m and o == s and case.startswith("train-") and same(w)]
+        else:
+            pool = [t for (mm, o, w, case), t in tops.items() if mm == m and o != s and case == "healthy" and same(w)]
         return quantile_threshold(pool, SHIPPED_FPR) if pool else float("nan")
 
-    rules = ("clean", "class", "variant")
     rows: Dict[str, Dict[str, dict]] = defaultdict(dict)  # lever -> variant -> figures
     fusion: Dict[str, Dict[float, list]] = defaultdict(lambda: defaultdict(list))  # subject -> w -> top-slice hits
     for v in variants:
@@ -209,6 +241,8 @@ def main() -> None:
         pooled: Dict[str, list] = defaultdict(list)
         for s in subjects:
             for path in files.get((s, v), []):
+                if "--train-" in path.name:
+                    continue
                 c = load(path)
                 for m in map_names:
                     z = MAPS[m](c)
@@ -216,36 +250,34 @@ def main() -> None:
                         if not c["gt"].any():
                             continue  # the lesions were cut off with the part of the brain not covered
                         pooled[m].append((z[c["brain"]], c["gt"][c["brain"]]))
-                    for rule in rules:
-                        if m != "default" and rule != "clean":
+                    for mm, rule, lab in levers:
+                        if mm != m:
                             continue
                         t = thr(m, s, v, rule)
-                        for lab in LABELS:
-                            if (m != "default" or rule != "clean") and lab != "min 50 mm³ (default)":
-                                continue
-                            key = f"{m} | {rule} | {lab}"
-                            labelmap, n, first = label_case(z, c, t, lab)
-                            if c["case"] == "healthy":
-                                per_lever[key]["healthy_ml"].append(float(labelmap.sum()) * c["voxel_ml"])
-                                per_lever[key]["healthy_components"].append(n)
-                            else:
-                                per_lever[key]["dice"].append(dice(labelmap, c["gt"]))
-                                per_lever[key]["first_row_lesion"].append(bool(first))
-                                per_lever[key]["recipe"].append(c["recipe"])
-                            per_lever[key]["thresholds"].append(t)
+                        key = f"{m} | {rule} | {lab}"
+                        labelmap, n, first = label_case(z, c, t, lab)
+                        if c["case"] == "healthy":
+                            per_lever[key]["healthy_ml"].append(float(labelmap.sum()) * c["voxel_ml"])
+                            per_lever[key]["healthy_components"].append(n)
+                        else:
+                            per_lever[key]["dice"].append(dice(labelmap, c["gt"]))
+                            per_lever[key]["first_row_lesion"].append(bool(first))
+                            per_lever[key]["recipe"].append(c["recipe"])
+                            per_lever[key]["subject"].append(s)
+                        per_lever[key]["thresholds"].append(t)
                     if c["case"] != "healthy":
                         per_lever[m]["top_slice"].append(top_slice_on_lesion(c, z, 0.7))
                         if m == "default":
                             for w in FUSION_WEIGHTS:
                                 fusion[s][w].append((v, top_slice_on_lesion(c, z, w)))
         for key, fig in per_lever.items():
-            if " | " not in key:
-                continue
+            if " | " not in key or not np.all(np.isfinite(fig["thresholds"])):
+                continue  # not a lever, or no scans to calibrate it on
             m = key.split(" | ")[0]
             pm = pooled_metrics(pooled[m]) if pooled[m] else {"auprc": float("nan"), "best_dice": float("nan")}
             rows[key][v] = {
                 "auprc": pm["auprc"], "best_dice": pm["best_dice"], "dice": float(np.mean(fig["dice"])),
-                "dice_per_case": fig["dice"], "recipes": fig["recipe"],
+                "dice_per_case": fig["dice"], "recipes": fig["recipe"], "case_subjects": fig["subject"],
                 "healthy_ml": fig["healthy_ml"], "healthy_components": fig["healthy_components"],
                 "first_row_lesion": float(np.mean(fig["first_row_lesion"])),
                 "top_slice": float(np.mean(per_lever[m]["top_slice"])), "thresholds": fig["thresholds"],
@@ -261,7 +293,7 @@ def main() -> None:
         "chosen_on_other_subjects": chosen,
         "held_out_with_chosen": float(np.mean([h for s in subjects for _, h in fusion[s][chosen[s]]])),
     }
-    result = {"subjects": subjects, "variants": variants, "fpr": SHIPPED_FPR, "rows": rows, "slice_weights": slice_weights}
+    result = {"chain_vs_detector_max_abs_difference": checks, "subjects": subjects, "variants": variants, "fpr": SHIPPED_FPR, "rows": rows, "slice_weights": slice_weights}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark_acquisition.json").write_text(json.dumps(result, indent=1))
     text = render(result)
@@ -281,7 +313,7 @@ def render(result: dict) -> str:
               f"{result['fpr']:.6f} on the other subjects' clean scans):", "",
               "| variant | AUPRC | best Dice | Dice @ op | healthy ml (mean / max) | healthy components (mean / max) "
               "| top slice on a lesion | first table row a lesion |", "|---|---|---|---|---|---|---|---|"]
-    for v, r in result["rows"][default].items():
+    for v, r in result["rows"].get(default, {}).items():
         lines.append(f"| {v} | {r['auprc']:.3f} | {r['best_dice']:.3f} | {r['dice']:.3f} | "
                      f"{np.mean(r['healthy_ml']):.2f} / {np.max(r['healthy_ml']):.2f} | "
                      f"{np.mean(r['healthy_components']):.1f} / {np.max(r['healthy_components'])} | "
@@ -300,7 +332,7 @@ def render(result: dict) -> str:
                      f"{np.mean(nc):.1f} / {np.max(nc)} | {ok:.2f} | {np.mean([r['top_slice'] for r in rs]):.2f} | "
                      f"{np.mean([r['first_row_lesion'] for r in rs]):.2f} |")
     by_recipe: Dict[str, list] = defaultdict(list)
-    for r in result["rows"][default].values():
+    for r in result["rows"].get(default, {}).values():
         for rec, d in zip(r["recipes"], r["dice_per_case"]):
             by_recipe[rec].append(d)
     lines += ["", "Default, Dice @ op by lesion recipe (all variants): " +

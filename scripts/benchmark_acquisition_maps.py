@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--variants", help="comma-separated substrings of variant names (default: all)")
     p.add_argument("--subjects", default=",".join(SUBJECTS))
     p.add_argument("--check", action="store_true", help="compare with the full Detector on each variant's first case")
+    p.add_argument("--train-subjects", action="store_true",
+                   help="only the healthy variants of each model's training subjects (for in-sample calibration)")
     args = p.parse_args()
     if args.data is None:
         from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
@@ -150,22 +152,30 @@ def main() -> None:
         image = sitk.Cast(read_image(args.data / f"{subject}_t1.nii.gz"), sitk.sitkFloat32)
         mask = read_image(args.data / f"{subject}_brainmask.nii.gz", "brain mask")
         empty = sitk.Cast(mask * 0, sitk.sitkUInt8)
-        cases: List[Tuple[str, sitk.Image, sitk.Image, dict]] = [("healthy", image, empty, {"recipe": "healthy"})]
-        for ri, recipe in enumerate(RECIPES):
+        cases: List[Tuple[str, sitk.Image, sitk.Image, sitk.Image, dict]] = [
+            ("healthy", image, mask, empty, {"recipe": "healthy"})]
+        if args.train_subjects:
+            cases = []
+            for other in SUBJECTS:
+                if other != subject:
+                    img = sitk.Cast(read_image(args.data / f"{other}_t1.nii.gz"), sitk.sitkFloat32)
+                    m = read_image(args.data / f"{other}_brainmask.nii.gz", "brain mask")
+                    cases.append((f"train-{other}", img, m, sitk.Cast(m * 0, sitk.sitkUInt8), {"recipe": "healthy"}))
+        for ri, recipe in enumerate(RECIPES if not args.train_subjects else ()):
             img, gt, lesions = lesion_case(image, mask, recipe, 100 * si + ri)
-            cases.append((f"lesion-{recipe.replace(' ', '_')}", img, gt,
+            cases.append((f"lesion-{recipe.replace(' ', '_')}", img, mask, gt,
                           {"recipe": recipe, "lesions": [[l.kind, round(l.volume_ml, 3)] for l in lesions]}))
         for variant in variants:
             vi = list(VARIANTS).index(variant)
             tag = variant.split(":")[0].replace(" ", "_").replace("%", "pc").replace(",", "")
-            for ci, (name, img, gt, meta) in enumerate(cases):
+            for ci, (name, img, m, gt, meta) in enumerate(cases):
                 path = args.out / f"{subject}--{tag}--{name}.npz"
                 if path.exists():
                     continue
-                v_img, v_mask, v_gt = derive(VARIANTS[variant], img, mask, gt, seed=1000 * si + 10 * vi + 1)
+                v_img, v_mask, v_gt = derive(VARIANTS[variant], img, m, gt, seed=1000 * si + 10 * vi + 1)
                 cache_case(path, v_img, v_mask, v_gt, raw, default,
                            dict(meta, subject=subject, variant=variant, case=name))
-                if args.check and ci == 1:
+                if args.check and ci == 1 and not args.train_subjects:
                     checks[f"{subject} / {variant}"] = check_case(v_img, v_mask, default, path)
                 print(f"{path.name} ({time.time() - t0:.0f} s)", flush=True)
     if checks:
