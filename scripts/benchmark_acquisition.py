@@ -214,7 +214,7 @@ def main() -> None:
             c = load(path)
             if c["case"] != "healthy" and not c["case"].startswith("train-"):
                 continue
-            if c["case"] == "healthy":
+            if c["case"] == "healthy" and len(map_names) > 1:
                 checks[f"{s} / {v}"] = float(np.abs(chain(c) - c["final"]).max())  # the chain here vs the detector's
             for m in map_names:
                 vals = MAPS[m](c)[c["brain"]]
@@ -327,7 +327,7 @@ def _merit(per_v: Dict[str, dict]) -> Tuple[float, float]:
 def render(result: dict) -> str:
     default = "default | clean | min 50 mm³ (default)"
     rows = result["rows"]
-    lines = _variant_table(f"Default detector ({', '.join(result['subjects'])} held out; threshold: healthy "
+    lines = _variant_table(f"Default detector (subjects {', '.join(result['subjects'])}; threshold: healthy "
                            f"false-positive rate {result['fpr']:.6f} on the other subjects' clean held-out scans):",
                            rows.get(default, {}))
     best = max((k for k in rows if k != default), key=lambda k: _merit(rows[k]), default=None)
