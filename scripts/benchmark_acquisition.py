@@ -359,8 +359,9 @@ def render(result: dict) -> str:
     lines += ["", "Default, Dice @ op by held-out subject (all variants): " +
               ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in by_subject.items())]
     diffs = result["chain_vs_detector_max_abs_difference"].values()
-    lines += ["", f"The levers' post-processing chain with the default parameters vs the detector's map: largest "
-              f"difference {max(diffs, default=float('nan')):.2g} (normalised units; intensities cached as float16)"]
+    if diffs:
+        lines += ["", f"The levers' post-processing chain with the default parameters vs the detector's map: largest "
+                  f"difference {max(diffs):.2g} (normalised units; intensities cached as float16)"]
     sw = result["slice_weights"]
     lines += ["", "Top slice on a lesion by slice-score fusion weight (all variants): " +
               ", ".join(f"w {w}: {v:.3f}" for w, v in sw["by_weight"].items()) +
