@@ -65,3 +65,18 @@ def test_demo_writes_outputs_on_the_sample_grid(tmp_path, tiny_bundle, capsys):
         np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ground_truth.nii.gz"))).sum() > 0
     assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")
+def test_demo_never_replaces_existing_files_without_overwrite(tmp_path, tiny_bundle, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "score.nii.gz").write_text("the user's own file")
+    argv = ["demo", "--out-dir", str(out), "--model", str(tiny_bundle), "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "score.nii.gz already exists; pass --overwrite" in err and "\n" not in err
+    assert [p.name for p in out.iterdir()] == ["score.nii.gz"]  # refused before any work
+    assert (out / "score.nii.gz").read_text() == "the user's own file"
+    assert main(argv + ["--overwrite"]) == 0
+    assert sitk.ReadImage(str(out / "score.nii.gz")).GetDimension() == 3

@@ -188,7 +188,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from CeVAEAnomalyResearch.demo import run_demo as demo
 
     report = demo(args.out_dir, args.model, args.seed, auto_mask=args.auto_mask, device=args.device,
-                  progress=ConsoleProgress("demo"))
+                  overwrite=args.overwrite, progress=ConsoleProgress("demo"))
     for key, value in report.metrics.items():
         print(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
     if report.note:

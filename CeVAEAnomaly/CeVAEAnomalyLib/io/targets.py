@@ -1,4 +1,5 @@
-"""Where outputs may go: never onto an input, never under a file, never over a file without overwrite.
+"""Where outputs may go: never onto an input, under a file, over a device, FIFO or socket, or over a file
+without overwrite; and only under names the file system can hold.
 
 "Onto an input" covers every way to name one file: the same path, a path that resolves to it
 (``..``, symbolic links) and a hard link to it (the same inode).
@@ -21,6 +22,47 @@ def special_file_kind(p: Path) -> Optional[str]:
         if test(mode):
             return kind
     return None
+
+
+def refuse_special_output(target: Path) -> None:
+    """Refuse an output path that is, or links to, a FIFO, device or socket: such a file is never replaced
+    (renaming over ``/dev/null`` would replace the device node) nor written into."""
+    try:
+        kind = special_file_kind(target)  # follows a symbolic link to what it names
+    except OSError:
+        return  # absent, or a dangling link (which is replaced like a file)
+    if kind is not None:
+        raise CeVAEError(f"The output {target} is {kind}, not a regular file; outputs are only written as "
+                         "regular files. Choose a file name.")
+
+
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, XFS, APFS, NTFS)
+PATH_MAX = 4096  # bytes in a whole path on Linux
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system of ``folder`` (or its nearest existing parent) allows."""
+    for f in (folder, *folder.parents):
+        if f.is_dir():
+            try:
+                return min(NAME_MAX, int(os.pathconf(f, "PC_NAME_MAX")))
+            except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
+                return NAME_MAX
+    return NAME_MAX
+
+
+def refuse_overlong_name(target: Path) -> None:
+    """Refuse an output whose file (or folder) name or whole path is longer than the file system allows."""
+    limit = name_max(target.parent)
+    for part in target.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise CeVAEError(f"The output name {part[:40]}... is {size} bytes long; file names may hold at most "
+                             f"{limit} bytes. Choose a shorter name.")
+    size = len(os.fsencode(os.path.abspath(target)))
+    if size >= PATH_MAX:
+        raise CeVAEError(f"The output path {str(target)[:60]}... is {size} bytes long; paths may hold at most "
+                         f"{PATH_MAX - 1} bytes. Choose a shorter path.")
 
 
 class Inputs:
@@ -54,6 +96,7 @@ class Inputs:
 def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
     """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
     target = Path(target)
+    refuse_overlong_name(target)
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -64,6 +107,7 @@ def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
     src = inputs.which(target)
     if src is not None:
         raise CeVAEError(f"The output {target} is the same file as an input ({src}); choose another path.")
+    refuse_special_output(target)
     if os.path.lexists(target) and not overwrite:
         raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
 

@@ -89,14 +89,19 @@ class TrainConfig:
 
 
     def check_outputs(self, inputs: Iterable[Optional[Path]], overwrite: bool) -> None:
-        """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder or an input, and
-        existing ones unless ``overwrite`` (a resumed run continues its own checkpoint, log and bundle)."""
+        """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder, an input, a device,
+        FIFO or socket or too long a name, and existing ones unless ``overwrite`` (a resumed run continues
+        its own checkpoint, log and bundle)."""
+        from ..io.targets import refuse_overlong_name, refuse_special_output
+
         if self.out.is_dir():
             raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")
         read = {Path(p).resolve() for p in inputs if p is not None}
         outputs = (self.out, self.checkpoint_path, self.log_path)
         for path in outputs:
+            refuse_overlong_name(path)
+            refuse_special_output(path)
             if path.resolve() in read:
                 raise CeVAEError(f"The output {path} is the same file as an input of the training; choose "
                                  "another --out.")
