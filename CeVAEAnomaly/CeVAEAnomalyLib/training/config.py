@@ -5,9 +5,9 @@ Torch-free, so ``cevae-anomaly --help`` stays instant.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
@@ -35,6 +35,12 @@ NO_AUGMENT = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0
                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
 
 
+# Options a resumed run may change: where it runs, how long, how often it checkpoints, the learning
+# rate (lowered after a NaN stop), and how the bundle is stored. Every other option defines the run.
+RESUME_MAY_CHANGE = ("out", "lr", "max_steps", "max_minutes", "checkpoint_every", "device", "resume",
+                     "half_bundle", "cache_dir", "loader_workers")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the data; ``validate()`` refuses unusable values."""
@@ -57,6 +63,10 @@ class TrainConfig:
     amp: bool = False
     cache_dir: Optional[Path] = None  # preprocessed-slice cache; None: a temporary one for this run
     loader_workers: Optional[int] = None  # DataLoader worker processes; None: 0 on the CPU, 4 on CUDA
+
+    def run_options(self) -> Dict[str, Any]:
+        """Every option that defines the run (all but :data:`RESUME_MAY_CHANGE`), to store in checkpoints."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_MAY_CHANGE}
 
     @property
     def checkpoint_path(self) -> Path:
