@@ -11,13 +11,16 @@ from ..errors import CeVAEError
 log = logging.getLogger("cevae_anomaly")
 
 
-def _training_subjects(args: argparse.Namespace) -> list:
-    from ..io.manifest import Subject, read_manifest
+def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
+    """The volumes of --manifest and the image arguments, every one checked before any is read."""
+    from ..io.manifest import Subject, check_volume_path, read_manifest
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
-    subjects += [Subject(Path(p)) for p in args.images]
+    for p in args.images:
+        check_volume_path(Path(p), "image")
+        subjects.append(Subject(Path(p)))
     if not subjects:
-        raise CeVAEError("No training images: give --manifest CSV and/or image paths.")
+        raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects
 
 
@@ -33,7 +36,7 @@ def run_train(args: argparse.Namespace) -> Path:
     from ..training.config import NO_AUGMENT, AugmentConfig, TrainConfig
     from ..training.trainer import Trainer
 
-    subjects = _training_subjects(args)
+    subjects = _healthy_subjects(args)
     try:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
@@ -68,7 +71,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         raise CeVAEError(f"--workers must be at least 1, got {args.workers}.")
     orientations = parse_orientations(args.orientations)
     pre = PreprocessConfig(input_size=args.input_size)
-    summary = prepare_cohort(_training_subjects(args), args.cache_dir, pre, orientations, args.workers,
+    summary = prepare_cohort(_healthy_subjects(args), args.cache_dir, pre, orientations, args.workers,
                              ConsoleProgress("prepare"))
     log.info("%s", summary)
 
@@ -134,16 +137,12 @@ SCORE_FLAGS = ("mc_samples", "combi", "alpha", "grad_target", "grad_sigma", "gra
 def run_calibrate(args: argparse.Namespace) -> Path:
     """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
     from ..engine.bundle import load_bundle
-    from ..io.manifest import Subject, read_manifest
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
     from ..io.targets import check_paths
     from ..data import default_model_path
 
-    subjects = list(read_manifest(args.manifest)) if args.manifest else []
-    subjects += [Subject(Path(p)) for p in args.images]
-    if not subjects:
-        raise CeVAEError("No healthy volumes to calibrate on: give --manifest CSV and/or image paths.")
+    subjects = _healthy_subjects(args, "calibration")
     src = Path(args.model or default_model_path())
     check_paths([args.out], args.overwrite,
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
