@@ -19,7 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -146,6 +146,14 @@ def nan_voxels(d: Path, g: Inputs) -> Inputs:
     arr[18, 22, 10:12] = np.inf
     arr[5, 5, 5] = -np.inf
     return Inputs(write(like(arr, image), d / "holes.nii.gz"), g.mask, g.model)
+
+
+def without_mask(build: Callable[[Path, Inputs], Inputs]) -> Callable[[Path, Inputs], Inputs]:
+    """The case ``build`` makes, with the brain mask computed automatically."""
+    def case(d: Path, g: Inputs) -> Inputs:
+        return replace(build(d, g), mask=None)
+
+    return case
 
 
 def empty_mask(d: Path, g: Inputs) -> Inputs:
@@ -435,6 +443,9 @@ CASES: Dict[str, Case] = {
     "constant volume": Case(constant_volume, REFUSED, r"nearly\) constant"),
     "all voxels NaN": Case(all_nan, REFUSED, r"Every voxel inside the brain mask is NaN or infinite"),
     "NaN and Inf voxels": Case(nan_voxels, 0, r"8 brain voxels are NaN or infinite; they are left out"),
+    "NaN and Inf voxels, automatic mask": Case(without_mask(nan_voxels), 0,
+                                               r"\d brain voxels are NaN or infinite; they are left out"),
+    "all voxels NaN, automatic mask": Case(without_mask(all_nan), REFUSED, r"Every voxel of the image is NaN"),
     "empty brain mask": Case(empty_mask, REFUSED, r"brain mask is empty"),
     "mask on another grid": Case(mask_other_grid, 0, r"another grid .* resampling it \(nearest neighbour\)"),
     "mask elsewhere in space": Case(mask_elsewhere, REFUSED, r"does not overlap the image in space"),
