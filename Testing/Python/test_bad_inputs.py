@@ -202,6 +202,17 @@ def single_slice(d: Path, g: Inputs) -> Inputs:
                   write(sitk.GetImageFromArray(mask[18:19]), d / "one_mask.nii.gz"), g.model)
 
 
+def thin_slab(index) -> Callable[[Path, Inputs], Inputs]:
+    """A few slices of the head (``index`` selects them from the (k, j, i) array), with its mask or without."""
+    def case(d: Path, g: Inputs) -> Inputs:
+        _, arr, mask = head_arrays(g)
+        return Inputs(write(sitk.GetImageFromArray(np.ascontiguousarray(arr[index])), d / "slab.nii.gz"),
+                      write(sitk.GetImageFromArray(np.ascontiguousarray(mask[index])), d / "slab_mask.nii.gz"),
+                      g.model)
+
+    return case
+
+
 def ct_like(d: Path, g: Inputs) -> Inputs:
     image, arr, _ = head_arrays(g)
     hu = np.where(arr > 1, 20.0 + arr * 0.3, -1000.0).astype(np.int16)
@@ -455,6 +466,13 @@ CASES: Dict[str, Case] = {
     "missing mask file": Case(missing_mask, REFUSED, r"brain mask .*absent_mask\.nii\.gz does not exist"),
     "tiny 4x4x4 volume": Case(tiny_volume, REFUSED, r"too small to analyse \(4x4x4 voxels\)"),
     "single-slice volume": Case(single_slice, REFUSED, r"single slice \(40x44x1 voxels\)"),
+    "two-slice volume": Case(thin_slab(np.s_[17:19]), REFUSED,
+                             r"only 2 voxels along one axis \(40x44x2 voxels\); at least 4 are needed"),
+    "three-slice volume, sagittal": Case(thin_slab(np.s_[:, :, 18:21]), REFUSED,
+                                         r"only 3 voxels along one axis \(3x44x36 voxels\)"),
+    "3x9x9 volume, automatic mask": Case(without_mask(thin_slab(np.s_[10:19, 16:25, 18:21])), REFUSED,
+                                         r"only 3 voxels along one axis \(3x9x9 voxels\)"),
+    "four-slice volume": Case(thin_slab(np.s_[16:20]), 0, r"Wrote"),
     "CT-like int16": Case(ct_like, 0, r"like a CT in Hounsfield units; this model is for T1 MRI"),
     "0.5x0.5x10 mm anisotropy": Case(anisotropic, 0, r"Wrote"),
     "uint8 data": Case(dtype_case(np.uint8), 0, r"Wrote"),
