@@ -110,3 +110,14 @@ def test_train_refuses_an_out_whose_log_name_is_too_long(tmp_path):
     out = tmp_path / ("m" * 245 + ".cevae")  # 251 bytes fit, but OUT.ckpt (256 bytes) does not
     with pytest.raises(CeVAEError, match=r"is 256 bytes long"):
         TrainConfig(out=out).check_outputs([], overwrite=False)
+
+
+def test_batch_refuses_a_fifo_among_its_outputs_before_any_work(inputs, tmp_path, capsys):
+    image, mask, model = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "head_labelmap.nii.gz")
+    assert main(["batch", str(image.parent), "--out-dir", str(out), "--model", str(model), "--device", "cpu",
+                 "--overwrite"]) == 2
+    one_error_line(capsys.readouterr().err, r"head_labelmap\.nii\.gz is a named pipe \(FIFO\), not a regular file")
+    assert [p.name for p in out.iterdir()] == ["head_labelmap.nii.gz"] and is_fifo(out / "head_labelmap.nii.gz")
