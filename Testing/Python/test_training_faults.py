@@ -307,3 +307,37 @@ def test_resume_accepts_the_same_run_with_the_options_it_may_change(manifest, tm
     resumed = tiny_trainer(tmp_path, manifest, resume=True, max_steps=50, checkpoint_every=5, loader_workers=0)
     resumed.load_checkpoint()
     assert resumed.step == EVERY
+
+
+# The first run pauses once its data are open, so that a second run starts while it holds --out.
+PAUSED_TRAIN = """
+import sys, time
+from CeVAEAnomalyLib.training.trainer import Trainer
+open_data = Trainer.open_data
+def pause(self):
+    open_data(self)
+    print("training", flush=True)
+    time.sleep(120)
+Trainer.open_data = pause
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(manifest, tmp_path, capsys):
+    out = tmp_path / "model.cevae"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAIN, *train_argv(manifest, out, 4)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout.readline().strip() == "training"
+        assert main(train_argv(manifest, out, 4, "--overwrite")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: Another train is writing") and str(out) in err and "\n" not in err
+        assert not out.exists() and not out.with_name(out.name + ".ckpt").exists()
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+    assert main(train_argv(manifest, out, 2, "--overwrite")) == 0  # the lock ends with its holder, even killed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

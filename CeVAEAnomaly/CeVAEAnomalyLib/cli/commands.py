@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -35,6 +36,7 @@ def run_train(args: argparse.Namespace) -> Path:
     from ..options import parse_orientations
     from ..training.config import NO_AUGMENT, AugmentConfig, TrainConfig
     from ..training.trainer import Trainer
+    from ..io.lock import hold_output
 
     subjects = _healthy_subjects(args)
     try:
@@ -54,8 +56,9 @@ def run_train(args: argparse.Namespace) -> Path:
     cfg.validate()
     cfg.check_outputs(_inputs(args, subjects), args.overwrite)
     rank0 = os.environ.get("RANK", "0") == "0"
-    trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
-    path = trainer.run()
+    with hold_output(cfg.out, "train") if rank0 else contextlib.nullcontext():  # one run per --out at a time
+        trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
+        path = trainer.run()
     if path is not None:
         log.info("Model bundle written to %s (log: %s).", path, cfg.log_path)
     return path

@@ -93,15 +93,20 @@ class Inputs:
         return self.names.get((st.st_dev, st.st_ino))
 
 
-def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
-    """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
-    target = Path(target)
-    refuse_overlong_name(target)
+def refuse_under_a_file(target: Path) -> None:
+    """Refuse an output whose folder would have to be made under an existing file."""
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise CeVAEError(f"The output {target} would be under {parent}, which is a file, not a folder.")
             break
+
+
+def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
+    """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
+    target = Path(target)
+    refuse_overlong_name(target)
+    refuse_under_a_file(target)
     if target.is_dir():
         raise CeVAEError(f"The output {target} is a folder; give a file name.")
     src = inputs.which(target)

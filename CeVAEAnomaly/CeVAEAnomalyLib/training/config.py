@@ -102,8 +102,9 @@ class TrainConfig:
         """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder, an input, a device,
         FIFO or socket or too long a name, and existing ones unless ``overwrite`` (a resumed run continues
         its own checkpoint, log and bundle)."""
-        from ..io.targets import refuse_overlong_name, refuse_special_output
+        from ..io.targets import refuse_overlong_name, refuse_special_output, refuse_under_a_file
 
+        refuse_under_a_file(self.out)
         if self.out.is_dir():
             raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")
