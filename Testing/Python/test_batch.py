@@ -184,12 +184,7 @@ def two(cohort, tmp_path):
 
 
 def settings_for(bundle_path, out):
-    from CeVAEAnomalyLib.engine.bundle import load_bundle
-    from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options
-
-    bundle = load_bundle(bundle_path)
-    return DetectSettings(model=bundle_path, device="cpu", score_options=default_score_options(bundle).to_dict(),
-                          postprocess=default_postprocess(bundle).to_dict(), out_dir=out)
+    return DetectSettings(model=bundle_path, request=DetectionRequest.of(device="cpu"), out_dir=out)
 
 
 def test_a_truncated_output_is_scored_again_not_skipped(two, tiny_bundle, tmp_path, caplog):
