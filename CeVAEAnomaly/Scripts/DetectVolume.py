@@ -108,9 +108,12 @@ def _progress(fraction: float, message: str) -> None:
 def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
     request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.header import read_header
     from CeVAEAnomalyLib.io.targets import check_paths
 
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
+    read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
     volume = load_volume(scene, args.input)
     mask = load_volume(scene, args.mask, labelmap=True) if args.mask else None
     result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,

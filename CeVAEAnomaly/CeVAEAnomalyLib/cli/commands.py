@@ -87,6 +87,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.atomic import write_all
     from ..io.targets import check_paths
     from ..engine.detector import Detector
+    from ..engine.header import read_header
     from ..options import DetectionRequest
     from ..result import result_files
     from ..data import default_model_path
@@ -97,6 +98,7 @@ def run_detect(args: argparse.Namespace) -> None:
     model = args.model or default_model_path()
     inputs = (args.image, args.mask, model)
     check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
+    read_header(model).threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None
     detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from ..errors import CeVAEError
 from ..io.targets import special_file_kind
-from ..options import PostprocessOptions, ScoreOptions, ThresholdPolicy
+from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
 from .bundle_checks import check_model_section, check_sections
 from .calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
 from .config import LossConfig, ModelConfig, PreprocessConfig
@@ -96,6 +96,12 @@ class BundleHeader:
         rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
         entry = find_calibration(self.calibration, score, post)
         return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
+
+    def threshold_of(self, request: DetectionRequest) -> Tuple[float, str]:
+        """The threshold ``request`` gets with this model (refused if it has none: e.g. ``--fpr`` for a scoring
+        the model is not calibrated for). Entry points call this before reading a volume."""
+        score, post = request.options(self.score_options, self.postprocess)
+        return self.threshold(score, post, request.policy)
 
 
 def read_header(path: Union[str, Path]) -> BundleHeader:
