@@ -79,3 +79,27 @@ def test_demo_never_replaces_existing_files_without_overwrite(tmp_path, tiny_bun
     assert (out / "score.nii.gz").read_text() == "the user's own file"
     assert main(argv + ["--overwrite"]) == 0
     assert sitk.ReadImage(str(out / "score.nii.gz")).GetDimension() == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prepare", "{h}", "--cache-dir", "{file}/cache"], r"cache folder .*/cache would be under .*, which is a file"),
+    (["prepare", "{h}", "--cache-dir", "{tmp}/cache", "--input-size", "33"], r"Input size 33 is not supported"),
+    (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "2"],
+     r"--default-fpr is a rate between 0 and 1 \(e\.g\. 0\.001\), got 2\."),
+    (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "nan"],
+     r"--default-fpr is a rate between 0 and 1"),
+])
+def test_bad_options_are_refused_in_one_line_before_work(tmp_path, tiny_bundle, capsys, argv, message):
+    """Found by trying odd inputs on every command: these ended in exit 1 "unexpected", or in exit 0 with an
+    output no command could use (a bundle whose default rate is 2 is refused by every loader)."""
+    import re
+
+    image, _ = make_head(size=(32, 36, 28), seed=1)
+    sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
+    (tmp_path / "file").write_text("a file")
+    values = {"h": tmp_path / "h.nii.gz", "file": tmp_path / "file", "tmp": tmp_path, "model": tiny_bundle}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([a.format(**values) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

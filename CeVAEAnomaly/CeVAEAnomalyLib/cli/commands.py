@@ -123,6 +123,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)
+    if args.default_fpr is not None and not 0 < args.default_fpr < 1:  # also refuses NaN
+        raise CeVAEError(f"--default-fpr is a rate between 0 and 1 (e.g. 0.001), got {args.default_fpr:g}.")
     subjects = _healthy_subjects(args, "calibration")
     src = Path(args.model or default_model_path())
     check_paths([args.out], args.overwrite,

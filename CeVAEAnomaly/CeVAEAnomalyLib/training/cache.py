@@ -69,8 +69,11 @@ class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order."""
 
     def __init__(self, root: Path, pre: PreprocessConfig) -> None:
-        if root.exists() and not root.is_dir():
+        file = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+        if file == root:
             raise CeVAEError(f"The cache folder {root} is a file; give a folder for --cache-dir.")
+        if file is not None:
+            raise CeVAEError(f"The cache folder {root} would be under {file}, which is a file, not a folder.")
         self.root = root
         self.pre = pre
         self._verified: Set[str] = set()  # keys whose content this run has checked

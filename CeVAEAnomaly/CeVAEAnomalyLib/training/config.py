@@ -35,6 +35,8 @@ NO_AUGMENT = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0
                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
 
 
+MAX_LOADER_WORKERS = 64  # batch-reading processes per rank (thousands would exhaust the memory)
+
 # Options a resumed run may change: where it runs, how long, how often it checkpoints, the learning
 # rate (lowered after a NaN stop), and how the bundle is stored. Every other option defines the run.
 RESUME_MAY_CHANGE = ("out", "lr", "max_steps", "max_minutes", "checkpoint_every", "device", "resume",
@@ -94,8 +96,11 @@ class TrainConfig:
             raise CeVAEError(f"{layers} encoder layers (--channels) halve the input {layers} times, more than "
                              f"input size {self.model.input_size} allows; use at most "
                              f"{int(math.log2(self.model.input_size))} channel widths or a larger --input-size.")
-        if self.loader_workers is not None and self.loader_workers < 0:
-            raise CeVAEError(f"--loader-workers must be 0 or more, got {self.loader_workers}.")
+        if self.loader_workers is not None and not 0 <= self.loader_workers <= MAX_LOADER_WORKERS:
+            raise CeVAEError(f"--loader-workers must be 0 to {MAX_LOADER_WORKERS}, got {self.loader_workers} "
+                             "(each is a process with its own memory).")
+        if not 0 <= self.seed < 2**32:
+            raise CeVAEError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {self.seed}.")
 
 
     def check_outputs(self, inputs: Iterable[Optional[Path]], overwrite: bool) -> None:
