@@ -202,6 +202,20 @@ def single_slice(d: Path, g: Inputs) -> Inputs:
                   write(sitk.GetImageFromArray(mask[18:19]), d / "one_mask.nii.gz"), g.model)
 
 
+def name_too_long(d: Path, g: Inputs) -> Inputs:
+    return Inputs(d / ("x" * 300 + ".nii.gz"), g.mask, g.model)
+
+
+def link_loop(role: str) -> Callable[[Path, Inputs], Inputs]:
+    """The image, mask or model given as a symbolic link that leads back to itself."""
+    def case(d: Path, g: Inputs) -> Inputs:
+        (d / "loop_a").symlink_to(d / "loop_b")
+        (d / "loop_b").symlink_to(d / "loop_a")
+        return replace(g, **{role: d / "loop_a"})
+
+    return case
+
+
 def thin_slab(index) -> Callable[[Path, Inputs], Inputs]:
     """A few slices of the head (``index`` selects them from the (k, j, i) array), with its mask or without."""
     def case(d: Path, g: Inputs) -> Inputs:
@@ -466,6 +480,11 @@ CASES: Dict[str, Case] = {
     "missing mask file": Case(missing_mask, REFUSED, r"brain mask .*absent_mask\.nii\.gz does not exist"),
     "tiny 4x4x4 volume": Case(tiny_volume, REFUSED, r"too small to analyse \(4x4x4 voxels\)"),
     "single-slice volume": Case(single_slice, REFUSED, r"single slice \(40x44x1 voxels\)"),
+    "image name too long": Case(name_too_long, REFUSED, r"The image .*/x+\.\.\. cannot be opened: file name too long"),
+    "image a symbolic-link loop": Case(link_loop("image"), REFUSED,
+                                       r"The image .*loop_a cannot be opened: too many levels of symbolic links"),
+    "mask a symbolic-link loop": Case(link_loop("mask"), REFUSED, r"The brain mask .*loop_a cannot be opened"),
+    "model a symbolic-link loop": Case(link_loop("model"), REFUSED, r"The model bundle .*loop_a cannot be opened"),
     "two-slice volume": Case(thin_slab(np.s_[17:19]), REFUSED,
                              r"only 2 voxels along one axis \(40x44x2 voxels\); at least 4 are needed"),
     "three-slice volume, sagittal": Case(thin_slab(np.s_[:, :, 18:21]), REFUSED,

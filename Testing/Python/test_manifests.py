@@ -43,6 +43,7 @@ def manifest(folder: Path, *rows: str, bom: bool = False) -> Path:
     ("empty,", r"line 4: the image .*empty is a folder without files"),
     ("blank.nii.gz,", r"line 4: the image .*blank\.nii\.gz is empty"),
     ("pipe.nii.gz,", r"line 4: the image .*pipe\.nii\.gz is a named pipe \(FIFO\), not a file"),
+    ("x" * 300 + ".nii.gz,", r"line 4: the image .*x\.\.\. cannot be opened: file name too long"),
 ])
 @pytest.mark.parametrize("command", ["train", "prepare", "calibrate"])
 def test_every_manifest_row_is_checked_before_any_work(cohort, tmp_path, capsys, bad, message, command, tiny_bundle):

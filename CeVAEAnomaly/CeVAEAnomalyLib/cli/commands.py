@@ -184,13 +184,15 @@ def run_batch(args: argparse.Namespace) -> None:
     """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
     from .batch import DetectSettings, check_outputs_apart, collect_inputs, parse_shard, select_shard, summary_name
     from .batch import run_batch as process
+    from ..io.targets import refuse_unsearchable, resolved
     from .console import ConsoleProgress
     from ..engine.header import read_header
     from ..options import DetectionRequest
     from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)
-    if args.inputs.resolve() == args.out_dir.resolve():
+    refuse_unsearchable(args.inputs, "input")
+    if resolved(args.inputs) == resolved(args.out_dir):
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
     shard = parse_shard(args.shard) if args.shard else None
     every = collect_inputs(args.inputs)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 from ..errors import CeVAEError
-from ..io.targets import special_file_kind
+from ..io.targets import refuse_unsearchable, special_file_kind
 from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
 from .bundle_checks import check_model_section, check_sections
 from .calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
@@ -176,6 +176,7 @@ def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
 
 
 def _check_file(p: Path) -> Path:
+    refuse_unsearchable(p, "model bundle")
     if p.is_dir():
         raise CeVAEError(f"The model bundle {p} is a folder; give the path of a {BUNDLE_SUFFIX} file.")
     if not p.exists():

@@ -38,7 +38,10 @@ class Row:
 
 def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Sequence[str] = ()) -> List[Row]:
     """The rows of the CSV at ``path`` that have a ``key`` cell; ``files`` are its path columns."""
+    from .targets import refuse_unsearchable
+
     path = Path(path)
+    refuse_unsearchable(path, what)
     if not path.is_file():
         raise CeVAEError(f"The {what} {path} does not exist." if not path.exists()
                          else f"The {what} {path} is not a file.")
@@ -78,10 +81,11 @@ def read_manifest(path: Path) -> List[Subject]:
 def check_volume_path(path: Optional[Path], what: str, where: str = "") -> None:
     """Refuse (naming ``where``, e.g. a manifest line) a volume path that is missing, a special file, an
     empty or unreadable file, or a folder without files (a DICOM series folder is accepted)."""
-    from .targets import special_file_kind
+    from .targets import refuse_unsearchable, special_file_kind
 
     if path is None:
         return
+    refuse_unsearchable(path, what, where)
     lead = f"{where}the {what}" if where else f"The {what}"
     if not path.exists():
         raise CeVAEError(f"{lead} {path} does not exist.")

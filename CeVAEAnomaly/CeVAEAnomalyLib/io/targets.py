@@ -6,6 +6,7 @@ without overwrite; and only under names the file system can hold.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -22,6 +23,28 @@ def special_file_kind(p: Path) -> Optional[str]:
         if test(mode):
             return kind
     return None
+
+
+def resolved(path: Path) -> Path:
+    """``path`` with links and ``..`` resolved as far as they can be (a symbolic-link loop stays as it is)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop (Python < 3.13)
+        return Path(os.path.abspath(path))
+
+
+def refuse_unsearchable(path: Path, what: str, where: str = "") -> None:
+    """Refuse a path the system cannot look up at all: a name too long, a loop of symbolic links.
+
+    ``where`` (e.g. "list.csv, line 4: ") leads the message.
+    """
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            lead = f"{where}the {what}" if where else f"The {what}"
+            shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
+            raise CeVAEError(f"{lead} {shown} cannot be opened: {exc.strerror.lower()}.") from None
 
 
 def refuse_special_output(target: Path) -> None:
@@ -75,7 +98,7 @@ class Inputs:
                 self.add(Path(p))
 
     def add(self, path: Path) -> None:
-        self.names[path.resolve()] = path
+        self.names[resolved(path)] = path
         try:
             st = os.stat(path)
         except OSError:
@@ -84,8 +107,8 @@ class Inputs:
 
     def which(self, target: Path) -> Optional[Path]:
         """The input that ``target`` would replace, if any."""
-        if target.resolve() in self.names:
-            return self.names[target.resolve()]
+        if resolved(target) in self.names:
+            return self.names[resolved(target)]
         try:
             st = os.stat(target)
         except OSError:
@@ -122,7 +145,7 @@ def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optio
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     seen = set()
     for t in targets:
-        r = Path(t).resolve()
+        r = resolved(Path(t))
         if r in seen:
             raise CeVAEError(f"The output {t} is named twice.")
         seen.add(r)

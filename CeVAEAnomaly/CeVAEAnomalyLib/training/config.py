@@ -107,18 +107,18 @@ class TrainConfig:
         """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder, an input, a device,
         FIFO or socket or too long a name, and existing ones unless ``overwrite`` (a resumed run continues
         its own checkpoint, log and bundle)."""
-        from ..io.targets import refuse_overlong_name, refuse_special_output, refuse_under_a_file
+        from ..io.targets import refuse_overlong_name, refuse_special_output, refuse_under_a_file, resolved
 
         refuse_under_a_file(self.out)
         if self.out.is_dir():
             raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")
-        read = {Path(p).resolve() for p in inputs if p is not None}
+        read = {resolved(Path(p)) for p in inputs if p is not None}
         outputs = (self.out, self.checkpoint_path, self.log_path)
         for path in outputs:
             refuse_overlong_name(path)
             refuse_special_output(path)
-            if path.resolve() in read:
+            if resolved(path) in read:
                 raise CeVAEError(f"The output {path} is the same file as an input of the training; choose "
                                  "another --out.")
         if overwrite or self.resume:
