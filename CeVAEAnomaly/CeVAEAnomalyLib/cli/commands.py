@@ -44,7 +44,7 @@ def run_train(args: argparse.Namespace) -> Path:
     from .console import ConsoleProgress
     from ..engine.config import LossConfig, ModelConfig
     from ..options import parse_orientations
-    from ..training.config import NO_AUGMENT, AugmentConfig, TrainConfig
+    from ..training.config import NO_AUGMENT, AugmentConfig, SettingError, TrainConfig
     from ..training.trainer import Trainer
 
     subjects = _training_subjects(args)
@@ -62,7 +62,10 @@ def run_train(args: argparse.Namespace) -> Path:
         val_fraction=args.val_fraction, seed=args.seed, device=args.device, resume=args.resume,
         half_bundle=args.half, amp=args.amp, cache_dir=args.cache_dir, loader_workers=args.loader_workers,
     )
-    cfg.validate()
+    try:
+        cfg.validate()
+    except SettingError as exc:  # the library names settings by field; here they are flags
+        raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     cfg.check_outputs(_inputs(args, subjects), args.overwrite)
     rank0 = os.environ.get("RANK", "0") == "0"
     trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
