@@ -450,8 +450,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._refresh()
 
     def _workerArguments(self) -> dict:
-        """How the logic starts its worker inside Slicer: Slicer's Python, Slicer's process launcher."""
-        return dict(launch=slicer.util.launchConsoleProcess, python=shutil.which("PythonSlicer") or sys.executable)
+        """How the logic starts its worker inside Slicer: ``PythonSlicer`` in Slicer's start-up environment
+        (as ``slicer.util.launchConsoleProcess`` does), but in a process group of its own and with a byte
+        pipe (``jobs.launch_process``), so that Cancel ends the launcher and the real interpreter."""
+        from CeVAEAnomalyLib.slicer.jobs import launch_process
+
+        environment = slicer.util.startupEnvironment()
+        return dict(launch=lambda args: launch_process(args, environment),
+                    python=shutil.which("PythonSlicer") or sys.executable)
 
     def _startDetection(self):
         from CeVAEAnomalyLib.slicer.mrml import OutputNodes

@@ -169,3 +169,133 @@ def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_
         with pytest.raises(CeVAEError, match="under a new name"):
             run_calibrate(request, lambda fraction, message: None)
     assert model.read_bytes() == before
+
+
+# --- Cancel ends the whole process tree (PythonSlicer is a launcher that forwards no signal) ----
+
+LAUNCHER = '''#!{python}
+"""Stand-in for Slicer's PythonSlicer (a CTK AppLauncher): runs the real interpreter as a CHILD
+and forwards no signal to it. {sigterm}"""
+import signal, subprocess, sys
+{ignore}
+child = subprocess.Popen([{python!r}] + sys.argv[1:])
+with open({pidfile!r}, "w") as f:
+    f.write(str(child.pid))
+sys.exit(child.wait())
+'''
+
+
+def stand_in_launcher(tmp_path, ignore_sigterm: bool):
+    """(path of a launcher-like interpreter, file where it writes the real worker's pid)."""
+    import os
+
+    pidfile = tmp_path / "worker.pid"
+    script = tmp_path / ("launcher-ignoring" if ignore_sigterm else "launcher")
+    script.write_text(LAUNCHER.format(
+        python=sys.executable, pidfile=str(pidfile),
+        sigterm="It ignores SIGTERM." if ignore_sigterm else "SIGTERM ends it alone.",
+        ignore="signal.signal(signal.SIGTERM, signal.SIG_IGN)" if ignore_sigterm else ""))
+    script.chmod(0o755)
+    if os.name != "posix":
+        pytest.skip("the stand-in launcher is a POSIX script")
+    return script, pidfile
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie that nobody reaped, as in a container without init, does not)."""
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def working(job: WorkerJob, pidfile, timeout: float = 120.0) -> int:
+    """Wait until the real worker reports progress; its pid."""
+    assert wait_until(lambda: job.poll() or job.fraction > 0.0, timeout), "the worker did not start"
+    assert not job.finished, job.error
+    return int(pidfile.read_text())
+
+
+@pytest.mark.parametrize("ignore_sigterm", [False, True], ids=["launcher dies", "launcher ignores SIGTERM"])
+def test_cancel_ends_the_worker_behind_a_launcher(head_scene, tiny_bundle, tmp_path, ignore_sigterm):
+    scene, volume, _ = head_scene
+    launcher, pidfile = stand_in_launcher(tmp_path, ignore_sigterm)
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, None, modelPath=tiny_bundle, device="cpu", python=str(launcher))
+    worker = working(job, pidfile)
+    folder = job.folder
+    start = time.monotonic()
+    logic.discardJob(job)
+    assert time.monotonic() - start < 2.0
+    assert wait_until(lambda: not alive(worker), 2.0), "the real worker outlived Cancel"
+    assert job.process.poll() is not None and job.state is JobState.CANCELLED
+    time.sleep(1.0)
+    assert not folder.exists()  # nothing re-created the temporary folder
+
+
+def test_the_worker_stops_by_itself_when_its_folder_is_removed(head_scene, tiny_bundle, tmp_path):
+    """Slicer gone or unable to kill (the launcher lives on): removing the job's folder stops the worker."""
+    scene, volume, _ = head_scene
+    launcher, pidfile = stand_in_launcher(tmp_path, ignore_sigterm=True)
+    job = CeVAEAnomalyLogic().startDetection(volume, None, modelPath=tiny_bundle, device="cpu",
+                                             python=str(launcher))
+    worker = working(job, pidfile)
+    job.cleanup()  # no cancel: only the folder goes
+    assert wait_until(lambda: not alive(worker), 3.0), "the worker went on without its request"
+    assert wait_until(job.poll, 5.0) and job.process.returncode == 3
+    assert not job.folder.exists()
+
+
+def test_a_cancelled_calibration_never_writes_its_model(tiny_bundle, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = add_volume(scene, make_head(seed=11)[0], "healthy")  # one: read before the cancel
+    launcher, pidfile = stand_in_launcher(tmp_path, ignore_sigterm=False)
+    out = tmp_path / "models" / "site.cevae"
+    out.parent.mkdir()
+    logic = CeVAEAnomalyLogic()
+    job = logic.startCalibration([volume], [None], out, modelPath=tiny_bundle, device="cpu", python=str(launcher))
+    worker = working(job, pidfile)
+    logic.discardJob(job)
+    assert wait_until(lambda: not alive(worker), 300.0)  # today's bug: it finishes and writes the model
+    assert list(out.parent.iterdir()) == []  # no model, no temporary file
+
+
+# --- the pipe: any byte is read, the end always arrives --------------------------------------
+
+BAD_BYTES_WORKER = '''#!{python}
+import sys
+sys.stdout.buffer.write(b"warning from a library: caf\\xe9 \\x81\\xff\\n")
+sys.stdout.buffer.write(b'{{"progress": 0.5, "message": "half"}}\\n')
+sys.stdout.buffer.write(b'{{"done": {{"answer": 42}}}}\\n')
+'''
+
+
+def slicer_like_text_launcher(args):
+    """As ``slicer.util.launchConsoleProcess`` opens the pipe: text in the locale's encoding (Windows: cp1252)."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                            encoding="cp1252")
+
+
+@pytest.mark.parametrize("launch", [None, slicer_like_text_launcher], ids=["module's launcher", "text pipe"])
+def test_an_undecodable_byte_does_not_hang_the_job(tmp_path, launch):
+    worker = tmp_path / "worker"
+    worker.write_text(BAD_BYTES_WORKER.format(python=sys.executable))
+    worker.chmod(0o755)
+    folder = tmp_path / "job"
+    folder.mkdir()
+    job = WorkerJob({"task": "detect"}, folder, launch=launch, python=str(worker))
+    assert wait_until(job.poll, 20.0), "the job never ended"
+    assert job.state is JobState.DONE and job.done == {"answer": 42} and job.fraction == 0.5
+    assert job.output[0].startswith("warning from a library: caf") and "\ufffd" in job.output[0]
