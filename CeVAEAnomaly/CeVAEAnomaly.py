@@ -184,6 +184,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
         self._modelValuesShownFor: Optional[tuple] = None
+        self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -239,9 +240,12 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self.state.entered() and self._pendingDisplay is not None:
+            self._display(*self._pendingDisplay)  # a run that finished while another module was shown
 
     def exit(self) -> None:
-        self._interrupt()
+        """Another module is shown: a run goes on (see WidgetState.left)."""
+        self.state.left()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -530,9 +534,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message
 
     def _interrupt(self) -> None:
-        """Scene close, module exit, reload: a running job is stopped and nothing is loaded."""
+        """Scene close, reload, application exit: a running job is stopped and nothing is loaded."""
+        self._pendingDisplay = None
         if self.state.interrupt():
-            self._stopJob(_("Stopped: the scene was closed or the module was left; nothing was changed."))
+            self._stopJob(_("Stopped: the scene was closed or the module reloaded; nothing was changed."))
         if hasattr(self, "ui"):
             self._refresh()
 
@@ -590,9 +595,20 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.anomalyLabelmap = result.nodes.labelmap
         if not p.useBundledModel:
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
-        self.logic.showResults(result.nodes.score, result.volume, p.overlayOpacity)
         self._updateResultsGui()
         self.ui.statusLabel.text = result.summary
+        self._pendingDisplay = None
+        if self.state.show_result():
+            self._display(result.nodes.score, result.volume)
+        else:
+            self._pendingDisplay = (result.nodes.score, result.volume)
+
+    def _display(self, scoreVolume, volume) -> None:
+        """The score overlay in the slice views, which jump to the most anomalous place."""
+        self._pendingDisplay = None
+        if scoreVolume.GetScene() is None or volume.GetScene() is None:
+            return  # deleted meanwhile
+        self.logic.showResults(scoreVolume, volume, self._parameterNode.overlayOpacity)
         self.onJumpToTopSlice()
 
     def _useCalibratedModel(self, job) -> None:
@@ -789,7 +805,10 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.assertIsNone(widget._job)
         time.sleep(0.6)
         widget.ui.applyButton.click()
+        widget.exit()  # switching to another module keeps the run going
+        self.assertIsNotNone(widget._job)
         self._waitForWorker(widget)
+        widget.enter()
         self.assertIsNotNone(p.scoreVolume)
         self.assertTrue(widget.ui.jumpToTopSliceButton.enabled)
         self.delayDisplay("Worker test passed")

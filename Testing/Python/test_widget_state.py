@@ -77,7 +77,7 @@ def test_a_declined_install_returns_to_idle(state):
 
 
 @pytest.mark.parametrize("phase", ["running", "cancelling"])
-def test_scene_close_module_exit_or_reload_stops_a_run(state, phase):
+def test_scene_close_reload_or_application_exit_stops_a_run(state, phase):
     state.started(DETECT)
     if phase == "cancelling":
         state.click(DETECT)
@@ -105,3 +105,22 @@ def test_finishing_twice_or_unknown_tasks_are_errors(state):
         state.finished()
     with pytest.raises(ValueError):
         state.click("train")
+
+
+def test_leaving_the_module_keeps_the_run_and_shows_its_result_on_return(state):
+    state.started(DETECT)
+    state.left()
+    assert state.phase is Phase.RUNNING and state.view().detect_cancels  # still running, still cancellable
+    assert state.finished() is True  # its results are wanted
+    assert state.show_result() is False  # loaded, but the views the user looks at stay as they are
+    assert state.entered() is True  # shown on return, once
+    assert state.entered() is False
+
+
+def test_a_result_that_arrives_while_the_panel_is_shown_is_shown_at_once(state):
+    state.left()
+    state.entered()
+    state.started(DETECT)
+    assert state.finished() is True and state.show_result() is True
+    state.left()
+    assert state.entered() is False  # nothing left to show
