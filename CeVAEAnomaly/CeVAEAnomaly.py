@@ -6,12 +6,11 @@ widget binds Qt to Qt-free parts: ``widget_state`` decides what is enabled and w
 ``settings`` what a model offers, the logic runs detection and calibration in a worker process
 polled by a timer. Loading the module imports neither torch nor SimpleITK.
 """
-import importlib.util
 import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Dict, List, Optional, Tuple, Union
+from typing import Annotated, Dict, Optional, Tuple, Union
 
 import ctk
 import qt
@@ -51,8 +50,6 @@ __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "Ce
            "CeVAEAnomalyWidget"]
 
 DOCUMENTATION_URL = "https://github.com/CeVAEAnomaly/SlicerCeVAEAnomaly/blob/main/docs/SLICER.md"
-TORCH_VERSION = ">=2.1"
-PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4"}
 POLL_INTERVAL_MS = 100
 
 
@@ -541,48 +538,26 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if hasattr(self, "ui"):
             self._refresh()
 
-    def _missingPackages(self) -> List[str]:
-        return [name for name in ["torch", *PIP_REQUIREMENTS] if importlib.util.find_spec(name) is None]
-
     def _ensureDependencies(self, task: str) -> bool:
-        """Before the first run: offer to install torch (and other missing packages). False if declined."""
-        missing = self._missingPackages()
-        if not missing:
+        """Before a run: offer to install torch and safetensors if they are missing or too old (the
+        logic installs them). False if declined."""
+        from CeVAEAnomalyLib.slicer.dependencies import unmet_message
+
+        unmet = self.logic.unmetDependencies()
+        if not unmet:
             return True
         if slicer.app.testingEnabled():
-            raise CeVAEError(_("Missing Python packages: {names}. Install them before testing.").format(
-                names=", ".join(missing)))
-        message = _(
-            "CeVAE Anomaly needs these Python packages, which are not installed yet: {names}.\n\n"
-            "Install them now? PyTorch is a large download and may take several minutes."
-        ).format(names=", ".join(missing))
+            raise CeVAEError(unmet_message(unmet) + " " + _("Install them before testing."))
+        message = unmet_message(unmet) + "\n\n" + _(
+            "Install them now? PyTorch is a large download and may take several minutes.")
         if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("Install dependencies")):
             return False
         self.state.begin_install(task)  # pip pumps Qt events: nothing may be clickable meanwhile
         self._refresh()
-        self.ui.statusLabel.text = _("Installing {names}...").format(names=", ".join(missing))
-        if "torch" in missing:
-            self._installTorch()
-        for name in missing:
-            if name in PIP_REQUIREMENTS:
-                slicer.util.pip_install(PIP_REQUIREMENTS[name])
-        importlib.invalidate_caches()
+        self.ui.statusLabel.text = _("Installing {names}...").format(names=", ".join(u.spec for u in unmet))
+        self.logic.installDependencies()
         self.ui.statusLabel.text = ""
         return True
-
-    @staticmethod
-    def _installTorch() -> None:
-        """Through the PyTorch extension (matches CUDA to the driver); pip if it is missing."""
-        try:
-            import PyTorchUtils
-        except ImportError:
-            logging.warning("The PyTorch extension is not installed; installing torch%s from PyPI.", TORCH_VERSION)
-            slicer.util.pip_install("torch" + TORCH_VERSION)
-            return
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                              torchVersionRequirement=TORCH_VERSION)
-        if torch is None:
-            raise CeVAEError(_("PyTorch could not be installed; install it from the PyTorch module."))
 
     # --- results ------------------------------------------------------------------------------
 
@@ -671,27 +646,43 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer. The panel checks need no torch; detection checks are skipped without it."""
+    """Runs inside Slicer. The panel checks need no torch; each detection check skips itself without
+    torch or safetensors (factory builds collect the ``test_*`` methods directly, not ``runTest``)."""
+
+    DETECTION_TESTS = ("test_DetectOnSyntheticHead", "test_CancelLeavesSceneUnchanged", "test_ApplyRunsAWorker")
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
+    @staticmethod
+    def _missingDependenciesMessage() -> Optional[str]:
+        """Why the detection tests cannot run here (what to install), or None if they can."""
+        from CeVAEAnomalyLib.slicer.dependencies import unmet_message
+
+        unmet = CeVAEAnomalyLogic.unmetDependencies()
+        if not unmet:
+            return None
+        return ("CeVAEAnomaly self-test SKIPPED: " + unmet_message(unmet) + " Install the PyTorch extension "
+                "(Extensions Manager), then torch from its PyTorch Utils module, and run "
+                "slicer.util.pip_install('safetensors>=0.4') in the Python console.")
+
+    def _skipWithoutDependencies(self) -> None:
+        message = self._missingDependenciesMessage()
+        if message:
+            logging.warning(message)
+            self.skipTest(message)
+
     def runTest(self):
         self.setUp()
         self.test_PanelChoicesAndStates()
-        if importlib.util.find_spec("torch") is None:
-            message = ("CeVAEAnomaly self-test: PyTorch is not installed in this Slicer, so the detection tests "
-                       "(test_DetectOnSyntheticHead, test_CancelLeavesSceneUnchanged, test_ApplyRunsAWorker) "
-                       "were SKIPPED. Install the PyTorch extension and torch to run them.")
+        message = self._missingDependenciesMessage()
+        if message:
             logging.warning(message)
             self.delayDisplay(message)
             return
-        self.setUp()
-        self.test_DetectOnSyntheticHead()
-        self.setUp()
-        self.test_CancelLeavesSceneUnchanged()
-        self.setUp()
-        self.test_ApplyRunsAWorker()
+        for name in self.DETECTION_TESTS:
+            self.setUp()
+            getattr(self, name)()
 
     @staticmethod
     def _syntheticHead():
@@ -734,6 +725,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Panel test passed")
 
     def test_DetectOnSyntheticHead(self):
+        self._skipWithoutDependencies()
         import numpy as np
 
         self.delayDisplay("Detecting anomalies in a synthetic head with the bundled model")
@@ -759,6 +751,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Detection test passed")
 
     def test_CancelLeavesSceneUnchanged(self):
+        self._skipWithoutDependencies()
         from CeVAEAnomalyLib.progress import Cancelled
         from CeVAEAnomalyLib.slicer.nodes import node_ids
 
@@ -785,6 +778,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
             time.sleep(0.05)
 
     def test_ApplyRunsAWorker(self):
+        self._skipWithoutDependencies()
         import time
 
         from CeVAEAnomalyLib.slicer.nodes import node_ids

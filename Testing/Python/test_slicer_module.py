@@ -284,13 +284,13 @@ def test_module_file_has_what_slicer_loads():
 
 def test_widget_does_long_work_the_slicer_way():
     """A worker process (started in Slicer's start-up environment like launchConsoleProcess does, but in
-    its own process group) polled by a QTimer (no processEvents in the widget), torch through
-    PyTorchUtils, no prompt in testing mode, a documentation link, model-path history."""
+    its own process group) polled by a QTimer (no processEvents in the widget), dependencies
+    installed through the logic, no prompt in testing mode, a documentation link, model-path history."""
     widget = module_classes()["CeVAEAnomalyWidget"]
     uses = {ast.unparse(n) for n in ast.walk(widget) if isinstance(n, ast.Attribute)}
-    assert {"slicer.util.startupEnvironment", "qt.QTimer", "PyTorchUtils.PyTorchUtilsLogic",
+    assert {"slicer.util.startupEnvironment", "qt.QTimer", "self.logic.installDependencies",
             "slicer.app.testingEnabled", "self.ui.modelPathLineEdit.addCurrentPathToHistory"} <= uses
-    assert "slicer.app.processEvents" not in uses and "slicer.util.pip_install" in uses
+    assert "slicer.app.processEvents" not in uses
     help_text = module_description_fields()["helpText"]
     assert "<a href=" in ast.unparse(help_text) and "DOCUMENTATION_URL" in ast.unparse(help_text)
     logic = ast.parse((MODULE_DIR / "CeVAEAnomalyLib" / "slicer" / "logic.py").read_text())

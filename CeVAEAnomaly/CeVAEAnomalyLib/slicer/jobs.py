@@ -53,7 +53,7 @@ def launch_process(args: Sequence[str], env: Optional[Mapping[str, str]] = None)
     environment = dict(os.environ if env is None else env, PYTHONIOENCODING="utf-8")
     if os.name == "nt":
         info = subprocess.STARTUPINFO()
-        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.dwFlags = subprocess.STARTF_USESHOWWINDOW
         info.wShowWindow = 0  # SW_HIDE
         return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment,
                                 startupinfo=info)
