@@ -35,6 +35,7 @@ from slicer.util import VTKObservationMixin
 
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions
+from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
 from CeVAEAnomalyLib.slicer.resources import resource_dir
 from CeVAEAnomalyLib.slicer.settings import (
@@ -176,7 +177,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic: Optional[CeVAEAnomalyLogic] = None
         self._parameterNode: Optional[CeVAEAnomalyParameterNode] = None
-        self._parameterNodeGuiTag = None
+        self._binding = GuiBinding()  # one connectGui per parameter node, also in Slicer 5.6/5.8
         self.state = WidgetState()
         self._job = None
         self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
@@ -241,11 +242,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._display(*self._pendingDisplay)  # a run that finished while another module was shown
 
     def exit(self) -> None:
-        """Another module is shown: a run goes on (see WidgetState.left)."""
+        """Another module is shown: a run goes on (see WidgetState.left); the GUI binding stays (GuiBinding)."""
         self.state.left()
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -275,11 +274,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode: Optional[CeVAEAnomalyParameterNode]) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-        self._parameterNode = inputParameterNode
+        self._parameterNode = self._binding.bind(inputParameterNode, self.ui)
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._updateGui()
 
