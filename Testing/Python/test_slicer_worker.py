@@ -299,3 +299,23 @@ def test_an_undecodable_byte_does_not_hang_the_job(tmp_path, launch):
     assert wait_until(job.poll, 20.0), "the job never ended"
     assert job.state is JobState.DONE and job.done == {"answer": 42} and job.fraction == 0.5
     assert job.output[0].startswith("warning from a library: caf") and "\ufffd" in job.output[0]
+
+
+def test_an_output_node_deleted_during_a_run_is_made_again(head_scene, tiny_bundle):
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    outputs = mrml.OutputNodes(score=first.nodes.score, segmentation=first.nodes.segmentation,
+                               components=first.nodes.components)
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, outputs=outputs)
+    scene.RemoveNode(first.nodes.score)  # the user deletes the score volume and the table meanwhile
+    scene.RemoveNode(first.nodes.components)
+    run_to_end(job)
+    result = logic.finishDetection(job)  # the result is kept
+    for name in ("score", "components"):
+        node = getattr(result.nodes, name)
+        assert node is not getattr(first.nodes, name) and node.GetScene() is scene
+        assert nodes.source_volume(node) is volume
+    assert result.nodes.segmentation is first.nodes.segmentation  # the one still there is updated
+    np.testing.assert_allclose(sitk.GetArrayFromImage(mrml.image_from_volume(result.nodes.score)),
+                               sitk.GetArrayFromImage(result.detection.score))

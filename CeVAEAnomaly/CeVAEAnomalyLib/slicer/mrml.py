@@ -199,6 +199,18 @@ def _output(scene, existing, class_name: str, role: str, source, suffix: str):
     return node
 
 
+def _in_scene(scene: slicer.vtkMRMLScene, targets: OutputNodes) -> OutputNodes:
+    """The targets that are still nodes of ``scene`` (one deleted during a run is made again)."""
+    kept = {}
+    for name, node in vars(targets).items():
+        if node is not None and node.GetScene() is not scene:
+            log.warning("The output '%s' was deleted from the scene during the run; a new node is made.",
+                        node.GetName())
+            node = None
+        kept[name] = node
+    return OutputNodes(**kept)
+
+
 def publish(
     scene: slicer.vtkMRMLScene,
     volume_node: slicer.vtkMRMLScalarVolumeNode,
@@ -209,10 +221,11 @@ def publish(
 ) -> OutputNodes:
     """Create or update the score volume, segmentation, optional labelmap and the tables.
 
-    Nodes in ``targets`` are updated; missing ones are reused (same role and source volume) or
-    created. Transactional: on any error the nodes this call added are removed again.
+    Nodes in ``targets`` are updated; missing ones, and ones deleted from the scene meanwhile, are
+    reused (same role and source volume) or created. Transactional: on any error the nodes this
+    call added are removed again.
     """
-    targets = targets or OutputNodes()
+    targets = _in_scene(scene, targets or OutputNodes())
     if tuple(result.score.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
         raise CeVAEError("The score map does not match the input volume's grid.")
     with transaction(scene):
