@@ -52,6 +52,7 @@ __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "Ce
 
 DOCUMENTATION_URL = "https://github.com/CeVAEAnomaly/SlicerCeVAEAnomaly/blob/main/docs/SLICER.md"
 POLL_INTERVAL_MS = 100
+INPUT_SELECTORS = ("inputVolumeSelector", "brainMaskSelector", "healthyVolumesSelector", "healthyMasksSelector")
 
 
 def scoreTypeNames() -> Dict[str, str]:
@@ -207,6 +208,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._hideModuleVolumes)
 
         self.ui.applyButton.connect("clicked(bool)", lambda checked: self._onTaskButton(DETECT))
         self.ui.calibrateButton.connect("clicked(bool)", lambda checked: self._onTaskButton(CALIBRATE))
@@ -263,10 +265,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def initializeParameterNode(self) -> None:
+        self._hideModuleVolumes()  # also those of a scene loaded meanwhile
         self.setParameterNode(CeVAEAnomalyParameterNode(self.logic.getParameterNode()))
         if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+            from CeVAEAnomalyLib.slicer.nodes import first_input_volume
+
+            firstVolume = first_input_volume(slicer.mrmlScene)
+            if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
         if not self._parameterNode.calibratedModelPath:
             folder = Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
@@ -279,6 +284,15 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._updateGui()
+
+    def _hideModuleVolumes(self, caller=None, event=None) -> None:
+        """Keep this module's score volumes and labelmaps out of the input and healthy-volume selectors
+        (attribute filters of a node selector only include, so by node ID)."""
+        from CeVAEAnomalyLib.slicer.nodes import module_volume_ids
+
+        hidden = module_volume_ids(slicer.mrmlScene)
+        for name in INPUT_SELECTORS:
+            getattr(self.ui, name).sortFilterProxyModel().hiddenNodeIDs = hidden
 
     def _comboHandler(self, combo, name: str):
         """A one-argument slot that stores the option value behind the chosen display name."""
@@ -568,6 +582,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not p.useBundledModel:
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
         self._updateResultsGui()
+        self._hideModuleVolumes()
         self.ui.statusLabel.text = result.summary
         self._pendingDisplay = None
         if self.state.show_result():

@@ -405,3 +405,17 @@ def test_catalogue_entry_is_a_file_and_in_the_readme():
     assert entry["scm_revision"] == fields["scmrevision"] and entry["build_dependencies"] == ["PyTorch"]
     blocks = re.findall(r"```json\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     assert entry in [json.loads(b) for b in blocks]
+
+
+def test_the_input_selectors_hide_the_modules_own_volumes():
+    """Node selectors' attribute filters only include, so the module hides its volumes by ID
+    (qMRMLSortFilterProxyModel.hiddenNodeIDs) in every selector of an input."""
+    text = MODULE_FILE.read_text()
+    assign = next(n for n in ast.parse(text).body if isinstance(n, ast.Assign)
+                  and ast.unparse(n.targets[0]) == "INPUT_SELECTORS")
+    selectors = set(ast.literal_eval(assign.value))
+    assert selectors == {"inputVolumeSelector", "brainMaskSelector", "healthyVolumesSelector", "healthyMasksSelector"}
+    assert selectors <= ui_object_names()
+    widget = ast.unparse(module_classes()["CeVAEAnomalyWidget"])
+    assert "sortFilterProxyModel().hiddenNodeIDs = hidden" in widget and "module_volume_ids(slicer.mrmlScene)" in widget
+    assert "first_input_volume(slicer.mrmlScene)" in widget and "NodeAddedEvent, self._hideModuleVolumes" in widget

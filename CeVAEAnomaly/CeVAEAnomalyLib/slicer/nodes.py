@@ -78,6 +78,27 @@ def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: 
     return None
 
 
+def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
+    """IDs of the volumes this module made (score volumes, labelmaps): the selectors of inputs and
+    healthy volumes hide them."""
+    found = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE):
+            found.append(node.GetID())
+    return found
+
+
+def first_input_volume(scene: slicer.vtkMRMLScene) -> Optional[slicer.vtkMRMLScalarVolumeNode]:
+    """The first scalar volume that is neither a labelmap nor made by this module (the panel's default input)."""
+    own = set(module_volume_ids(scene))
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode") and node.GetID() not in own:
+            return node
+    return None
+
+
 def source_volume(output: Optional[slicer.vtkMRMLNode]) -> Optional[slicer.vtkMRMLScalarVolumeNode]:
     """The input volume an output was made from, or None."""
     return None if output is None else output.GetNodeReference(SOURCE_REFERENCE)
