@@ -353,10 +353,11 @@ def _fill_segmentation(scene, node, volume_node, labelmap: sitk.Image, labelmap_
     segment.SetTag(SEGMENT_TAG, "anomaly")
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
-    display = node.GetDisplayNode()
-    display.SetVisibility2DFill(False)
-    display.SetVisibility2DOutline(True)
-    display.SetVisibility3D(bool(show_3d))
+    display = node.GetDisplayNode()  # per segment: the other segments of a user's segmentation keep their look
+    display.SetSegmentVisibility(added[0], True)
+    display.SetSegmentVisibility2DFill(added[0], False)
+    display.SetSegmentVisibility2DOutline(added[0], True)
+    display.SetSegmentVisibility3D(added[0], bool(show_3d))
     if show_3d and not node.CreateClosedSurfaceRepresentation():
         log.warning("The 3D surface of '%s' could not be built; it is shown in the slice views only.",
                     node.GetName())
