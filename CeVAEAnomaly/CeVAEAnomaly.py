@@ -345,15 +345,20 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             self._refresh()
             return
-        from CeVAEAnomalyLib.slicer.settings import override_postprocess
+        from CeVAEAnomalyLib.slicer.settings import override_postprocess, sensitivity_change
 
         settings = self._modelSettings()
         if settings is not None:
             self._showModelValues(settings)
+            change = sensitivity_change(p, settings)
+            if change is not None:  # the override left the calibration: say which threshold is used now
+                self.ui.statusLabel.text = change.message
+                with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for both fields
+                    if change.threshold is not None:
+                        p.threshold = min(max(change.threshold, 0.0), 1000.0)
+                    p.sensitivity = change.sensitivity
+                return
         modes = settings.sensitivities(p.scoreType, override_postprocess(p)) if settings else SENSITIVITIES
-        if p.sensitivity not in modes:
-            p.sensitivity = modes[0]
-            return
         self._showChoices(self.ui.sensitivityComboBox, {m: sensitivityNames()[m] for m in modes}, p.sensitivity)
         self._showChoices(self.ui.scoreTypeComboBox, None, p.scoreType)
         self._showChoices(self.ui.deviceComboBox, None, p.device)
