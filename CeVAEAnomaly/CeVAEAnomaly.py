@@ -285,6 +285,22 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._updateGui()
 
+    def _followInput(self) -> bool:
+        """The output fields show the input's own nodes (its earlier results, or none: made on Apply),
+        never another input's, so a run never replaces another scan's results. True if they changed."""
+        from CeVAEAnomalyLib.slicer.nodes import PANEL_OUTPUTS, outputs_for_input
+
+        p = self._parameterNode
+        if p.inputVolume is None:
+            return False
+        shown = outputs_for_input(slicer.mrmlScene, p.inputVolume, {f: getattr(p, f) for f in PANEL_OUTPUTS})
+        changed = {f: node for f, node in shown.items() if getattr(p, f) is not node}
+        if changed:
+            with slicer.util.NodeModify(p.parameterNode):
+                for field, node in changed.items():
+                    setattr(p, field, node)
+        return bool(changed)
+
     def _hideModuleVolumes(self, caller=None, event=None) -> None:
         """Keep this module's score volumes and labelmaps out of the input and healthy-volume selectors
         (attribute filters of a node selector only include, so by node ID)."""
@@ -347,6 +363,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from CeVAEAnomalyLib.slicer.settings import override_postprocess, sensitivity_change
 
+        if self._followInput():
+            return  # the output fields changed: this runs again
         settings = self._modelSettings()
         if settings is not None:
             self._showModelValues(settings)

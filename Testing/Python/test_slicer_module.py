@@ -419,3 +419,17 @@ def test_the_input_selectors_hide_the_modules_own_volumes():
     widget = ast.unparse(module_classes()["CeVAEAnomalyWidget"])
     assert "sortFilterProxyModel().hiddenNodeIDs = hidden" in widget and "module_volume_ids(slicer.mrmlScene)" in widget
     assert "first_input_volume(slicer.mrmlScene)" in widget and "NodeAddedEvent, self._hideModuleVolumes" in widget
+
+
+def test_the_panel_follows_the_input_with_its_outputs():
+    """The output fields are re-chosen for the input on every panel update (nodes.outputs_for_input)
+    for exactly the output fields of the parameter node."""
+    from CeVAEAnomalyLib.slicer.nodes import PANEL_OUTPUTS
+
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "outputs_for_input(slicer.mrmlScene, p.inputVolume" in methods["_followInput"]
+    assert "self._followInput()" in methods["_updateGui"]
+    fields = {n.target.id: ast.unparse(n.annotation) for n in module_classes()["CeVAEAnomalyParameterNode"].body
+              if isinstance(n, ast.AnnAssign)}
+    assert {f: fields[f] for f in PANEL_OUTPUTS} == {f: c for f, (c, _) in PANEL_OUTPUTS.items()}

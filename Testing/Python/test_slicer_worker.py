@@ -319,3 +319,58 @@ def test_an_output_node_deleted_during_a_run_is_made_again(head_scene, tiny_bund
     assert result.nodes.segmentation is first.nodes.segmentation  # the one still there is updated
     np.testing.assert_allclose(sitk.GetArrayFromImage(mrml.image_from_volume(result.nodes.score)),
                                sitk.GetArrayFromImage(result.detection.score))
+
+
+# --- outputs belong to their input: a second scan never lands on the first scan's nodes -----------
+
+
+def two_heads():
+    scene = slicer.vtkMRMLScene()
+    heads = []
+    for name, seed in (("patient A", 7), ("patient B", 8)):
+        image, mask = make_head(seed=seed)
+        heads.append((add_volume(scene, image, name), add_volume(scene, mask, f"{name} mask",
+                                                                  "vtkMRMLLabelMapVolumeNode")))
+    return scene, heads
+
+
+def test_a_second_scan_never_replaces_the_first_scans_results(tiny_bundle):
+    scene, ((a, a_mask), (b, b_mask)) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
+    kept = {name: mrml.image_from_volume(getattr(first.nodes, name)) for name in ("score", "labelmap")}
+    rows = first.nodes.components.GetNumberOfRows()
+    # what the panel used to do: run B with the output nodes it showed for A
+    job = logic.startDetection(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, outputs=first.nodes)
+    run_to_end(job)
+    second = logic.finishDetection(job)
+    for name in ("score", "labelmap", "segmentation", "components", "slice_table", "slice_chart"):
+        mine, theirs = getattr(second.nodes, name), getattr(first.nodes, name)
+        assert mine is not theirs, name
+        assert nodes.source_volume(mine) is b and nodes.source_volume(theirs) is a, name
+    for name, image in kept.items():  # A's results are untouched
+        assert np.array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(getattr(first.nodes, name))),
+                              sitk.GetArrayFromImage(image))
+    assert first.nodes.components.GetNumberOfRows() == rows
+    assert "patient A" in first.nodes.score.GetName() and "patient B" in second.nodes.score.GetName()
+
+    # a new run on B updates B's own nodes
+    again = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.2, outputs=second.nodes)
+    assert again.nodes.score is second.nodes.score and again.nodes.components is second.nodes.components
+
+
+def test_the_panel_shows_each_inputs_own_outputs(tiny_bundle):
+    scene, ((a, a_mask), (b, b_mask)) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    panel = {"scoreVolume": first.nodes.score, "anomalySegmentation": first.nodes.segmentation,
+             "anomalyLabelmap": None, "componentTable": first.nodes.components}
+    assert nodes.outputs_for_input(scene, a, panel) == panel
+    assert nodes.outputs_for_input(scene, b, panel) == dict.fromkeys(panel)  # B has none yet: made on Apply
+    second = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    assert nodes.outputs_for_input(scene, b, panel) == {
+        "scoreVolume": second.nodes.score, "anomalySegmentation": second.nodes.segmentation,
+        "anomalyLabelmap": None, "componentTable": second.nodes.components}
+    assert nodes.outputs_for_input(scene, a, dict.fromkeys(panel)) == panel  # back to A: its own results
+    picked = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")  # linked to no input yet
+    assert nodes.outputs_for_input(scene, b, dict(panel, anomalySegmentation=picked))["anomalySegmentation"] is picked

@@ -371,7 +371,8 @@ def _installTorch(spec: str) -> None:
         slicer.util.pip_install(spec)
         return
     requirement = spec[len("torch"):]
-    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement) is None:
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
+    if torch is None:
         raise CeVAEError("PyTorch could not be installed; install it from the PyTorch module.")
 
 

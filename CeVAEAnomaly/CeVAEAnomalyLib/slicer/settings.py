@@ -54,7 +54,8 @@ class ModelSettings:
     def _calibration(self, score_type: str, postprocess: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         score = ScoreOptions.from_dict(self.header.get("score_options") or {}).replace(score_type=score_type)
         try:
-            return find_calibration(self.header, score, PostprocessOptions.from_dict(self.merged_postprocess(postprocess)))
+            post = PostprocessOptions.from_dict(self.merged_postprocess(postprocess))
+            return find_calibration(self.header, score, post)
         except CeVAEError:
             return None
 
