@@ -433,3 +433,22 @@ def test_the_panel_follows_the_input_with_its_outputs():
     fields = {n.target.id: ast.unparse(n.annotation) for n in module_classes()["CeVAEAnomalyParameterNode"].body
               if isinstance(n, ast.AnnAssign)}
     assert {f: fields[f] for f in PANEL_OUTPUTS} == {f: c for f, (c, _) in PANEL_OUTPUTS.items()}
+
+
+def test_the_maintainers_checklist_names_every_step_left_before_submission():
+    """docs/SLICER.md holds one checklist of what only the maintainers can do, and says what was
+    checked only against Slicer's source."""
+    import json
+
+    text = (REPO / "docs" / "SLICER.md").read_text()
+    checklist = text[text.index("**Checklist for the maintainers before submitting**"):]
+    checklist = checklist[:checklist.index("\n## ")]
+    items = re.findall(r"^- \[ \] (.*?)(?=^- \[ \]|\Z)", checklist, re.S | re.M)
+    assert len(items) >= 4
+    entry = json.loads((REPO / "CeVAEAnomaly.json").read_text())
+    public = next(i for i in items if "Publish the repository" in i)
+    assert entry["scm_url"].removesuffix(".git") in public and cmake_value("EXTENSION_HOMEPAGE") in public
+    assert any("`3d-slicer-extension`" in i and "topic" in i for i in items)
+    assert any("docs/screenshot.png" in i and "screen capture" in i for i in items)
+    assert any("Firstname Lastname (Organisation)" in i and "CONTRIBUTORS.md" in i for i in items)
+    assert "### Checked only against Slicer's source" in text
