@@ -443,7 +443,7 @@ def test_the_maintainers_checklist_names_every_step_left_before_submission():
     text = (REPO / "docs" / "SLICER.md").read_text()
     checklist = text[text.index("**Checklist for the maintainers before submitting**"):]
     checklist = checklist[:checklist.index("\n## ")]
-    items = re.findall(r"^- \[ \] (.*?)(?=^- \[ \]|\Z)", checklist, re.S | re.M)
+    items = re.findall(r"(?sm)^- \[ \] (.*?)(?=^- \[ \]|\Z)", checklist)
     assert len(items) >= 4
     entry = json.loads((REPO / "CeVAEAnomaly.json").read_text())
     public = next(i for i in items if "Publish the repository" in i)
