@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ slicer = pytest.importorskip("slicer")
 
 from CeVAEAnomalyLib.data import default_model_path  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
+from CeVAEAnomalyLib.options import DetectionRequest, ThresholdPolicy  # noqa: E402
 from CeVAEAnomalyLib.slicer import mrml, settings  # noqa: E402
 from CeVAEAnomalyLib.slicer.settings import ModelSettings  # noqa: E402
 
@@ -28,11 +30,11 @@ def test_model_settings_are_read_without_torch():
 
 def test_override_fields_start_from_the_models_post_processing():
     model = ModelSettings.read(default_model_path())
-    post = model.header["postprocess"]
+    post = model.postprocess
     assert any(post.values())  # the bundled model filters: 0/0/0 would silently drop that
     assert settings.postprocess_fields(model) == dict(
         rimMm=post["rim_mm"], medianRadius=post["median_radius"], minVolumeMm3=post["min_volume_mm3"])
-    assert model.default_fpr == model.header["default_fpr"]
+    assert model.default_fpr == model.header.default_fpr
 
 
 def test_only_calibrated_sensitivity_modes_are_offered():
@@ -41,7 +43,7 @@ def test_only_calibrated_sensitivity_modes_are_offered():
     assert model.sensitivities("grad", same) == settings.SENSITIVITIES
     other = dict(same, rim_mm=same["rim_mm"] + 1.0)
     assert model.sensitivities("combi", other) == (settings.SENSITIVITY_THRESHOLD,)
-    uncalibrated = ModelSettings(model.path, dict(model.header, calibration={}))
+    uncalibrated = ModelSettings(model.path, replace(model.header, calibration={}))
     assert uncalibrated.sensitivities("combi") == (settings.SENSITIVITY_THRESHOLD,)
 
 
@@ -71,15 +73,15 @@ def test_request_sensitivity_and_post_processing():
     scene = slicer.vtkMRMLScene()
     model = ModelSettings.read()
     request = settings.detection_request(parameters(scene), model)
-    assert request["fpr"] is None and request["threshold"] is None and request["postprocess"] is None
+    assert request["request"] == DetectionRequest.of(score_type="combi", device="cpu", batch_size=8)
     request = settings.detection_request(parameters(scene, sensitivity=settings.SENSITIVITY_FPR), model)
-    assert request["fpr"] == 0.01 and request["threshold"] is None
+    assert request["request"].policy == ThresholdPolicy(fpr=0.01)
     p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True,
                    **settings.postprocess_fields(model))
     request = settings.detection_request(p, model)
     # the panel overrides its three fields; the model's other post-processing (asymmetry, normalisation) stays
     panel = {k: model.postprocess[k] for k in ("rim_mm", "median_radius", "min_volume_mm3")}
-    assert request["threshold"] == 0.7 and request["postprocess"] == panel
+    assert request["request"].policy == ThresholdPolicy(threshold=0.7) and request["request"].post == panel
 
 
 def test_an_uncalibrated_choice_is_refused_in_words_for_the_panel():
@@ -100,15 +102,14 @@ def test_an_override_with_the_models_own_values_keeps_the_calibration():
     p = parameters(scene, overridePostprocess=True, **settings.postprocess_fields(model))
     assert model.sensitivities("combi", settings.override_postprocess(p)) == settings.SENSITIVITIES
     assert settings.sensitivity_change(p, model) is None
-    request = settings.detection_request(p, model)
-    assert request["fpr"] is None and request["threshold"] is None
-    assert model.merged_postprocess(request["postprocess"]) == model.postprocess
+    request = settings.detection_request(p, model)["request"]
+    assert request.policy == ThresholdPolicy()  # the model's own calibrated rate
+    assert request.options(model.header.score_options, model.header.postprocess)[1] == model.header.postprocess
 
 
 @pytest.mark.parametrize("mode", [settings.SENSITIVITY_MODEL, settings.SENSITIVITY_FPR])
 def test_leaving_the_calibration_prefills_the_calibrated_threshold_and_says_so(mode):
     from CeVAEAnomalyLib.engine.calibration import find_calibration, threshold_for_fpr
-    from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 
     scene = slicer.vtkMRMLScene()
     model = ModelSettings.read()
@@ -116,8 +117,8 @@ def test_leaving_the_calibration_prefills_the_calibrated_threshold_and_says_so(m
     p = parameters(scene, overridePostprocess=True, sensitivity=mode, falsePositiveRate=0.01, **fields)
     change = settings.sensitivity_change(p, model)
     fpr = 0.01 if mode == settings.SENSITIVITY_FPR else model.default_fpr
-    entry = find_calibration(model.header, ScoreOptions.from_dict(model.header["score_options"]).replace(
-        score_type="combi"), PostprocessOptions.from_dict(model.postprocess))
+    entry = find_calibration(model.header.calibration, model.header.score_options.replace(score_type="combi"),
+                             model.header.postprocess)
     assert change.sensitivity == settings.SENSITIVITY_THRESHOLD
     assert change.threshold == pytest.approx(threshold_for_fpr(entry, fpr)) and change.threshold > 1.0  # not 0.5
     assert f"{change.threshold:.4g}" in change.message and "calibrated threshold" in change.message

@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .data import Subject, split_subjects, unique_subjects
 from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
                           shutdown_distributed)
-from .packaging import BundleHeader, TrainingRecord, package, subject_records
+from .packaging import TrainingRecord, package, subject_records, training_header
 from .sampler import EpochSampler
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ class Trainer:
             batch_size=self.batch_size * self.dist.world, lr=self.cfg.lr, seed=self.cfg.seed,
             seconds=round(elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
             val_loss=self.validate())
-        header = BundleHeader(name=self.cfg.out.stem, preprocess=self.pre, loss=self.cfg.loss, training=record)
+        header = training_header(self.cfg.out.stem, self.pre, self.cfg.loss, record)
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
