@@ -255,7 +255,7 @@ def test_the_worker_stops_by_itself_when_its_folder_is_removed(head_scene, tiny_
                                              python=str(launcher))
     worker = working(job, pidfile)
     job.cleanup()  # no cancel: only the folder goes
-    assert wait_until(lambda: not alive(worker), 3.0), "the worker went on without its request"
+    assert wait_until(lambda: not alive(worker), 8.0), "the worker went on without its request"  # 0.25 s poll + at most 5 s grace
     assert wait_until(job.poll, 5.0) and job.process.returncode == 3
     assert not job.folder.exists()
 
