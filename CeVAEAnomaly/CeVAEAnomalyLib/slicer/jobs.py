@@ -46,10 +46,11 @@ def worker_command(python: str, request_path: Path) -> List[str]:
 
 
 def launch_process(args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
-    """Start a console process with stdout and stderr merged into one byte pipe, in a process group
-    of its own that :func:`stop_process_tree` can end (POSIX: a new session; Windows: no console
-    window, as ``slicer.util.launchConsoleProcess`` does). ``env``: its environment (Slicer:
-    ``slicer.util.startupEnvironment()``); Python in it writes UTF-8."""
+    """Start a console process with stdout and stderr merged into one byte pipe, so that
+    :func:`stop_process_tree` can end it with everything it starts: on POSIX in a new session (its
+    own process group); on Windows without a console window, as ``slicer.util.launchConsoleProcess``
+    does. ``env``: its environment (Slicer: ``slicer.util.startupEnvironment()``); Python in it
+    writes UTF-8."""
     environment = dict(os.environ if env is None else env, PYTHONIOENCODING="utf-8")
     if os.name == "nt":
         info = subprocess.STARTUPINFO()
