@@ -381,15 +381,15 @@ def _fileStem(name: str) -> str:
 
 
 def _writeInputs(folder: Path, stem: str, image: "sitk.Image", mask: Optional["sitk.Image"]) -> None:
-    """The worker's copies of a volume (``STEM.nrrd``, uncompressed for speed) and its mask
-    (``STEM_mask.nrrd``), each checked complete before it is renamed into place."""
+    """The worker's copies of a volume (``STEM.nrrd``) and its mask (``STEM_mask.nrrd``), uncompressed for
+    speed, each checked complete (from its header and size) before it is renamed into place."""
     import SimpleITK as sitk
 
     from ..io.atomic import write_all
 
     files: Dict[Path, object] = {folder / f"{stem}.nrrd": lambda tmp: sitk.WriteImage(image, tmp)}
     if mask is not None:
-        files[folder / f"{stem}_mask.nrrd"] = mask
+        files[folder / f"{stem}_mask.nrrd"] = lambda tmp: sitk.WriteImage(mask, tmp)
     write_all(files, overwrite=True)
 
 
