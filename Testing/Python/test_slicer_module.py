@@ -261,6 +261,24 @@ def test_threshold_has_a_finite_maximum():
     assert float(maximum.findtext("double")) == 1000.0
 
 
+@pytest.mark.parametrize("parameter, owner, field", [
+    ("rimMm", "PostprocessOptions", "rim_mm"), ("medianRadius", "PostprocessOptions", "median_radius"),
+    ("minVolumeMm3", "PostprocessOptions", "min_volume_mm3"), ("batchSize", "RunOptions", "batch_size")])
+def test_ui_spin_box_ranges_are_the_declared_option_ranges(parameter, owner, field):
+    """The .ui's minimum and maximum of a bound spin box agree with the option's declared range."""
+    import xml.etree.ElementTree as ET
+
+    from CeVAEAnomalyLib import options
+
+    spin = next(w for w in ET.parse(UI_FILE).iter("widget")
+                if any(p.get("name") == "SlicerParameterName" and p.findtext("string") == parameter
+                       for p in w.findall("property")))
+    limits = {p.get("name"): float(p.findtext("double") or p.findtext("number"))
+              for p in spin.findall("property") if p.get("name") in ("minimum", "maximum")}
+    assert (limits["minimum"], limits["maximum"]) == options.option_range(getattr(options, owner), field)
+    assert f"{parameter}: Annotated[" in MODULE_FILE.read_text()
+
+
 def module_classes():
     return {n.name: n for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ClassDef)}
 
