@@ -1,4 +1,6 @@
 """The calibrate, evaluate and demo commands end to end."""
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -103,3 +105,23 @@ def test_bad_options_are_refused_in_one_line_before_work(tmp_path, tiny_bundle, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+
+@pytest.mark.parametrize("missing", ["CeVAEAnomalyResearch", "scipy"])
+def test_demo_without_the_research_code_says_what_to_install(tmp_path, capsys, monkeypatch, missing):
+    """Where the research package (the Slicer extension ships the runtime only) or a research dependency is
+    missing, ``demo`` refuses in one line naming the extra, before it writes anything."""
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: the import machinery finds nothing
+    out = tmp_path / "demo"
+    assert main(["demo", "--out-dir", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and missing in err and "cevae-anomaly[research]" in err
+    assert not out.exists()
+
+
+def test_evaluate_without_the_research_code_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "CeVAEAnomalyResearch", None)
+    assert main(["evaluate", "--score", str(tmp_path / "s.nrrd")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cevae-anomaly[research]" in err
