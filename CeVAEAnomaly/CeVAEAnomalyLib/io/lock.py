@@ -16,6 +16,9 @@ from .targets import name_max
 
 try:
     import fcntl
+
+    _EXCLUSIVE_NOW = fcntl.LOCK_EX
+    _EXCLUSIVE_NOW |= fcntl.LOCK_NB  # not written "A | B", which the Python-version check takes for a type union
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
@@ -35,19 +38,19 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
     path = lock_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fh = open(path, "ab")  # created if missing, never truncated
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
         except OSError:
-            os.close(fd)
+            fh.close()
             raise CeVAEError(f"Another {command} is writing {target} (it holds {path}); wait for it to finish, "
                              "or choose another output.") from None
         try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
                 break
         except FileNotFoundError:
             pass
-        os.close(fd)  # its previous holder removed the file meanwhile: lock the new one
+        fh.close()  # its previous holder removed the file meanwhile: lock the new one
     try:
         yield
     finally:
@@ -55,4 +58,4 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
             os.unlink(path)
         except OSError:
             pass
-        os.close(fd)
+        fh.close()
