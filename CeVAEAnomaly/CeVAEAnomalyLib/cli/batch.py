@@ -269,7 +269,6 @@ class VolumeDetector:
             message = one_line(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {one_line(exc)}"
             return _row(item, "error", time.perf_counter() - t0, error=message)
 
-
     def done_by_another_run(self, item: BatchItem) -> Optional[Dict[str, object]]:
         """The "skipped" row of a volume whose complete outputs appeared since this run started (another
         batch on the same --out-dir finished it); None if they are not all there and complete."""
@@ -347,11 +346,11 @@ def _skipped_row(item: BatchItem, out_dir: Path, earlier: Dict[str, Dict[str, st
     """The row of a finished volume: from the earlier summary if it is newer than the outputs, else read back."""
     row = earlier.get(item.name)
     paths = output_paths(out_dir, item.name)
-    problem = incomplete_outputs(paths)
-    if problem:
-        raise ValueError(problem)
     outputs_time = max(p.stat().st_mtime for p in paths.values())
     if row is not None and earlier_time >= outputs_time and all(row.get(k) is not None for k in SUMMARY_FIELDS):
+        problem = incomplete_outputs(paths)  # (read_back checks them itself)
+        if problem:
+            raise ValueError(problem)
         skipped = _row(item, "skipped", None, **{k: row[k] for k in ("flagged_ml", "max_score", "top_slice_axis",
                                                                      "top_slice")})
         skipped["seconds"] = row["seconds"]  # the time the earlier run took
