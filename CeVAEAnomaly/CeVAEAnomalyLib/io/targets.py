@@ -116,13 +116,20 @@ class Inputs:
         return self.names.get((st.st_dev, st.st_ino))
 
 
+def file_in_the_way(folder: Path) -> Optional[Path]:
+    """The existing file (not a folder) at ``folder`` or above it, which keeps ``folder`` from being made;
+    None if the nearest existing one is a folder."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def refuse_under_a_file(target: Path) -> None:
     """Refuse an output whose folder would have to be made under an existing file."""
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CeVAEError(f"The output {target} would be under {parent}, which is a file, not a folder.")
-            break
+    blocker = file_in_the_way(target.parent)
+    if blocker is not None:
+        raise CeVAEError(f"The output {target} would be under {blocker}, which is a file, not a folder.")
 
 
 def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
