@@ -47,6 +47,18 @@ def refuse_unsearchable(path: Path, what: str, where: str = "") -> None:
             raise CeVAEError(f"{lead} {shown} cannot be opened: {exc.strerror.lower()}.") from None
 
 
+def refuse_missing_volume(path: Path, what: str, where: str = "") -> None:
+    """Refuse a volume path that the system cannot look up, that does not exist, or that is a FIFO,
+    device or socket (``where``, e.g. "list.csv, line 4: ", leads the message)."""
+    refuse_unsearchable(path, what, where)
+    lead = f"{where}the {what}" if where else f"The {what}"
+    if not path.exists():
+        raise CeVAEError(f"{lead} {path} does not exist.")
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise CeVAEError(f"{lead} {path} is {kind}, not a file; give an image file or a DICOM folder.")
+
+
 def refuse_special_output(target: Path) -> None:
     """Refuse an output path that is, or links to, a FIFO, device or socket: such a file is never replaced
     (renaming over ``/dev/null`` would replace the device node) nor written into."""
