@@ -31,6 +31,18 @@ def test_missing_calibration_is_reported_when_the_detector_is_built(tiny_bundle)
     assert Detector(bundle, uncalibrated, policy=ThresholdPolicy(threshold=0.5)).threshold == 0.5
 
 
+def test_the_library_api_refuses_a_bad_batch_size_as_every_entry_point_does(tiny_bundle, head):
+    from CeVAEAnomalyLib.engine.detector import detect
+
+    bundle = load_bundle(tiny_bundle)
+    image, mask = (sitk.ReadImage(str(p)) for p in head)
+    message = r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0\."
+    with pytest.raises(CeVAEError, match=message):
+        Detector(bundle, batch_size=0)
+    with pytest.raises(CeVAEError, match=message):
+        detect(image, bundle, mask, batch_size=0)
+
+
 def test_detector_is_reusable_and_matches_a_fresh_one(tiny_bundle, head):
     bundle = load_bundle(tiny_bundle)
     image, mask = (sitk.ReadImage(str(p)) for p in head)
