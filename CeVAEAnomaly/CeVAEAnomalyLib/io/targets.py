@@ -86,6 +86,13 @@ def name_max(folder: Path) -> int:
     return NAME_MAX
 
 
+def name_leaving_room(target: Path, reserved: int) -> str:
+    """``target``'s name, cut after a whole character where needed so that ``reserved`` more bytes still fit
+    in one file name of its folder (for the hidden names made beside an output)."""
+    room = max(name_max(target.parent) - reserved, 0)
+    return os.fsencode(target.name)[:room].decode("utf-8", "ignore")
+
+
 def refuse_overlong_name(target: Path) -> None:
     """Refuse an output whose file (or folder) name or whole path is longer than the file system allows."""
     limit = name_max(target.parent)
