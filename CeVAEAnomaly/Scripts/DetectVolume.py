@@ -2,6 +2,7 @@
 
 Inside Slicer:   Slicer --no-splash --no-main-window --python-script DetectVolume.py --input IN --output-dir DIR
 Plain Python:    python DetectVolume.py --input IN --output-dir DIR      (needs slicer-core)
+Options:         DetectVolume.py --usage   (Slicer takes ``--help`` for itself; ``-h`` works in plain Python)
 
 In an installed extension this file is in ``<module dir>/Scripts/`` (a sub-folder,
 because Slicer loads every ``.py`` file of the module folder itself as a module).
@@ -11,7 +12,8 @@ The volume is loaded into an MRML scene through a storage node, processed by
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the names of ``cevae-anomaly batch``).
 All files are written or none.
-Exit status 0 on success; otherwise 1 (2 for bad arguments) with a one-line message.
+Exit status 0 on success; otherwise 1 (2 for bad arguments) with a one-line message; also when the
+library cannot be imported, so that a headless Slicer always quits.
 """
 from __future__ import annotations
 
@@ -28,12 +30,16 @@ _HERE = Path(__file__).resolve().parent
 if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
     sys.path.insert(0, str(_HERE.parent))
 
-from CeVAEAnomalyLib.errors import CeVAEError, one_line  # noqa: E402  (after the path set-up above)
-from CeVAEAnomalyLib.io import naming  # noqa: E402
-from CeVAEAnomalyLib.io.naming import file_stem  # noqa: E402
-from CeVAEAnomalyLib.options import (DetectionRequest, RunOptions, ScoreOptions, ThresholdPolicy,  # noqa: E402
-                                     add_flags)
-from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult  # noqa: E402
+try:  # after the path set-up above; a failure must still end in an exit status (see the end)
+    from CeVAEAnomalyLib.errors import CeVAEError, one_line
+    from CeVAEAnomalyLib.io import naming
+    from CeVAEAnomalyLib.io.naming import file_stem
+    from CeVAEAnomalyLib.options import DetectionRequest, RunOptions, ScoreOptions, ThresholdPolicy, add_flags
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
+except Exception as exc:  # noqa: BLE001 - missing or broken library, a dependency that fails to import
+    _IMPORT_ERROR: Optional[BaseException] = exc
+else:
+    _IMPORT_ERROR = None
 
 log = logging.getLogger("DetectVolume")
 VOLUME_FORMATS = ("nrrd", "nii.gz")
@@ -41,6 +47,7 @@ VOLUME_FORMATS = ("nrrd", "nii.gz")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="DetectVolume", description=__doc__.split("\n\n")[0])
+    p.add_argument("--usage", action="help", help="show this help and exit (inside Slicer, which takes --help)")
     p.add_argument("--input", type=Path, required=True, help="input MRI volume file (NRRD, NIfTI, MHA, ...)")
     p.add_argument("--mask", type=Path, help="brain mask volume file (>0 is brain); automatic if absent")
     p.add_argument("--model", type=Path, help="model bundle (.cevae); the bundled default model if absent")
@@ -85,15 +92,41 @@ def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
     return write
 
 
+def on_file_grid(image: "sitk.Image", path: Path) -> "sitk.Image":
+    """``image`` on the voxel grid of the volume file at ``path``.
+
+    Slicer stores a left-handed volume (e.g. FSL's LAS NIfTI) with its slice axis reversed: the
+    same voxels in the other order, which ``evaluate`` and other tools would not take for the
+    input's grid. The voxel centres coincide, so nearest-neighbour resampling only reorders them.
+    """
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.io.images import grid_difference
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if reader.GetDimension() != 3 or sorted(reader.GetSize()) != sorted(image.GetSize()):
+        return image  # not a plain 3D file grid (e.g. a 4D file holding one volume): keep Slicer's
+    grid = sitk.Image(list(reader.GetSize()), image.GetPixelID())
+    grid.SetSpacing(reader.GetSpacing())
+    grid.SetOrigin(reader.GetOrigin())
+    grid.SetDirection(reader.GetDirection())
+    if grid_difference(grid, image) is None:
+        return image
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
+
+
 def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool,
-                  inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
-    """Write every result to a temporary name beside its target, then rename all into place."""
+                  inputs: Sequence[Optional[Path]] = (), source: Optional[Path] = None) -> List[Path]:
+    """Write every result to a temporary name beside its target, then rename all into place; the score
+    and labelmap on the voxel grid of the ``source`` volume file, if given."""
     from CeVAEAnomalyLib.io.atomic import write_all
     from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
 
     writers: Dict[Path, object] = {
-        paths["score"]: _node_writer(result.nodes.score),
-        paths["labelmap"]: _node_writer(result.nodes.labelmap),
+        paths["score"]: on_file_grid(result.detection.score, source) if source else _node_writer(result.nodes.score),
+        paths["labelmap"]: (on_file_grid(result.detection.labelmap, source) if source
+                            else _node_writer(result.nodes.labelmap)),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
         paths["components"]: components_csv(result.detection),
         paths["slices"]: slice_scores_csv(result.detection),
@@ -108,14 +141,17 @@ def _progress(fraction: float, message: str) -> None:
 def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
     request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.header import read_header
     from CeVAEAnomalyLib.io.targets import check_paths
 
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
+    read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
     volume = load_volume(scene, args.input)
     mask = load_volume(scene, args.mask, labelmap=True) if args.mask else None
     result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
                                               progress=_progress)
-    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model))
+    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model), source=args.input)
     log.info("Wrote %s.", ", ".join(str(p) for p in written))
     return written
 
@@ -125,10 +161,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     inside_slicer = getattr(slicer, "app", None) is not None
     if not inside_slicer:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if _IMPORT_ERROR is not None:
+        print(f"DetectVolume: error: the CeVAEAnomaly library could not be imported "
+              f"({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}); run the script from the installed "
+              "module's Scripts folder or install the package.", file=sys.stderr)
+        return 1
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse printed the usage and the problem
+    except SystemExit as exc:  # argparse printed the usage (and the problem)
         return int(exc.code or 0)
     scene = slicer.mrmlScene if inside_slicer else slicer.vtkMRMLScene()
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import List
@@ -67,7 +68,13 @@ def sha(path: Path) -> str:
     ("--orientations", "axial,top", "Unknown orientation 'top'; choose one of axial, coronal, sagittal."),
     ("--channels", "8,8,8,8,8,8,8", "7 encoder layers (--channels) halve the input 7 times, more than input "
                                     "size 64 allows; use at most 6 channel widths"),
-    ("--loader-workers", "-1", "--loader-workers must be 0 or more, got -1."),
+    ("--loader-workers", "-1", "--loader-workers must be 0 to 64, got -1"),
+    ("--loader-workers", "10000", "--loader-workers must be 0 to 64, got 10000"),
+    ("--seed", "-1", "--seed must be a whole number from 0 to 4294967295, got -1."),
+    ("--beta", "-1", "beta (the KL weight) must be a number of 0 or more, got -1.0."),
+    ("--beta", "nan", "beta (the KL weight) must be a number of 0 or more, got nan."),
+    ("--z-dim", "100000000", "Invalid latent size 100000000; it must be 1 to 8192."),
+    ("--channels", "100000", "Invalid channel widths (100000,); each must be 1 to 4096."),
 ])
 def test_bad_options_end_in_one_clear_error_before_training(cohort, tmp_path, capsys, option, value, message):
     out = tmp_path / "m.cevae"
@@ -89,9 +96,31 @@ def test_out_over_an_input_is_refused_even_with_overwrite(cohort, capsys, target
     before = sha(cohort / target)
     rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(cohort / target),
                            "--overwrite", *SMALL)
-    assert rc == 2 and errors == [f"error: The output {cohort / target} is the same file as an input of the "
-                                  "training; choose another --out."]
+    assert rc == 2 and errors == [f"error: The output {cohort / target} is the same file as an input "
+                                  f"({cohort / target}); choose another path."]
     assert sha(cohort / target) == before
+
+
+def test_out_a_hard_link_to_an_input_is_refused_even_with_overwrite(cohort, tmp_path, capsys):
+    """Another name for an input's inode is that input (the refusal the output checks of every command share)."""
+    link = tmp_path / "m.cevae"
+    os.link(cohort / "h1.nii.gz", link)
+    before = sha(cohort / "h1.nii.gz")
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(link), "--overwrite", *SMALL)
+    assert rc == 2 and len(errors) == 1 and "is the same file as an input" in errors[0], errors
+    assert sha(cohort / "h1.nii.gz") == before
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(batch_size=0), "batch_size must be at least 1, got 0."),
+    (dict(val_fraction=1.0), "val_fraction must lie in [0, 1)"),
+    (dict(model=ModelConfig(channels=(8,) * 7)), "7 encoder layers (channels) halve the input 7 times"),
+])
+def test_library_refusals_name_settings_not_flags(tmp_path, change, message):
+    """The library names the setting (the command line turns it into its flag, tested above)."""
+    with pytest.raises(CeVAEError) as err:
+        TrainConfig(out=tmp_path / "m.cevae", **change).validate()
+    assert message in str(err.value) and "--" not in str(err.value)
 
 
 def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
@@ -100,8 +129,8 @@ def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
     shutil.copy(cohort / "h1.nii.gz", image)
     before = sha(image)
     rc, errors = run_train(capsys, str(image), "--out", str(tmp_path / "m.cevae"), "--overwrite", *SMALL)
-    assert rc == 2 and errors == [f"error: The output {image} is the same file as an input of the training; "
-                                  "choose another --out."]
+    assert rc == 2 and errors == [f"error: The output {image} is the same file as an input ({image}); "
+                                  "choose another path."]
     assert sha(image) == before
 
 

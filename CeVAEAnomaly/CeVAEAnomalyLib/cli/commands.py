@@ -2,22 +2,40 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import CeVAEError
 
 log = logging.getLogger("cevae_anomaly")
 
+RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
 
-def _training_subjects(args: argparse.Namespace) -> list:
-    from ..io.manifest import Subject, read_manifest
+
+def _require_research(command: str, modules: Sequence[str]) -> None:
+    """Refuse ``command`` in one line, before any work, where the research code or what it needs is missing
+    (the Slicer extension ships the runtime library only; a plain ``pip install`` lacks the research extra)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CeVAEError(f"`cevae-anomaly {command}` needs {', '.join(missing)}, which this installation lacks "
+                         f"(research code, not part of the runtime): {RESEARCH_EXTRA} in a Python environment "
+                         "of its own, or run it from a source checkout set up with scripts/setup.sh.")
+
+
+def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
+    """The volumes of --manifest and the image arguments, every one checked before any is read."""
+    from ..io.manifest import Subject, check_volume_path, read_manifest
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
-    subjects += [Subject(Path(p)) for p in args.images]
+    for p in args.images:
+        check_volume_path(Path(p), "image")
+        subjects.append(Subject(Path(p)))
     if not subjects:
-        raise CeVAEError("No training images: give --manifest CSV and/or image paths.")
+        raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects
 
 
@@ -30,10 +48,11 @@ def run_train(args: argparse.Namespace) -> Path:
     from .console import ConsoleProgress
     from ..engine.config import LossConfig, ModelConfig
     from ..options import parse_orientations
-    from ..training.config import NO_AUGMENT, AugmentConfig, TrainConfig
+    from ..training.config import NO_AUGMENT, AugmentConfig, SettingError, TrainConfig
     from ..training.trainer import Trainer
+    from ..io.lock import hold_output
 
-    subjects = _training_subjects(args)
+    subjects = _healthy_subjects(args)
     try:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
@@ -48,11 +67,15 @@ def run_train(args: argparse.Namespace) -> Path:
         val_fraction=args.val_fraction, seed=args.seed, device=args.device, resume=args.resume,
         half_bundle=args.half, amp=args.amp, cache_dir=args.cache_dir, loader_workers=args.loader_workers,
     )
-    cfg.validate()
+    try:
+        cfg.validate()
+    except SettingError as exc:  # the library names settings by field; here they are flags
+        raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     cfg.check_outputs(_inputs(args, subjects), args.overwrite)
     rank0 = os.environ.get("RANK", "0") == "0"
-    trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
-    path = trainer.run()
+    with hold_output(cfg.out, "train") if rank0 else contextlib.nullcontext():  # one run per --out at a time
+        trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
+        path = trainer.run()
     if path is not None:
         log.info("Model bundle written to %s (log: %s).", path, cfg.log_path)
     return path
@@ -68,7 +91,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         raise CeVAEError(f"--workers must be at least 1, got {args.workers}.")
     orientations = parse_orientations(args.orientations)
     pre = PreprocessConfig(input_size=args.input_size)
-    summary = prepare_cohort(_training_subjects(args), args.cache_dir, pre, orientations, args.workers,
+    summary = prepare_cohort(_healthy_subjects(args), args.cache_dir, pre, orientations, args.workers,
                              ConsoleProgress("prepare"))
     log.info("%s", summary)
 
@@ -81,6 +104,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.atomic import write_all
     from ..io.targets import check_paths
     from ..engine.detector import Detector
+    from ..engine.header import read_header
     from ..options import DetectionRequest
     from ..result import result_files
     from ..data import default_model_path
@@ -91,6 +115,7 @@ def run_detect(args: argparse.Namespace) -> None:
     model = args.model or default_model_path()
     inputs = (args.image, args.mask, model)
     check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
+    read_header(model).threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None
     detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
@@ -108,30 +133,29 @@ def run_detect(args: argparse.Namespace) -> None:
 def run_calibrate(args: argparse.Namespace) -> Path:
     """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
     from ..engine.bundle import load_bundle
-    from ..io.manifest import Subject, read_manifest
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
     from ..io.targets import check_paths
     from ..options import DetectionRequest
     from ..data import default_model_path
 
-    subjects = list(read_manifest(args.manifest)) if args.manifest else []
-    subjects += [Subject(Path(p)) for p in args.images]
-    if not subjects:
-        raise CeVAEError("No healthy volumes to calibrate on: give --manifest CSV and/or image paths.")
     request = DetectionRequest.from_args(args)
+    if args.default_fpr is not None and not 0 < args.default_fpr < 1:  # also refuses NaN
+        raise CeVAEError(f"--default-fpr is a rate between 0 and 1 (e.g. 0.001), got {args.default_fpr:g}.")
+    subjects = _healthy_subjects(args, "calibration")
     src = Path(args.model or default_model_path())
     check_paths([args.out], args.overwrite,
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
     bundle = load_bundle(src, resolve_device(request.run.device))
     opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
-    path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr)
+    path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr, run=request.run)
     log.info("Calibrated bundle written to %s (%d healthy volume(s)).", path, len(subjects))
     return path
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     """Print (and optionally write) metrics of score maps against ground truth."""
+    _require_research("evaluate", ("CeVAEAnomalyResearch",))
     from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, write_metrics_csv
     from ..io.manifest import read_rows
     from ..io.targets import check_paths
@@ -160,11 +184,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     """The README's first command: detection on a healthy sample scan with synthetic lesions."""
+    _require_research("demo", ("CeVAEAnomalyResearch", "scipy", "matplotlib"))
     from .console import ConsoleProgress
     from CeVAEAnomalyResearch.demo import run_demo as demo
 
     report = demo(args.out_dir, args.model, args.seed, auto_mask=args.auto_mask, device=args.device,
-                  progress=ConsoleProgress("demo"))
+                  overwrite=args.overwrite, progress=ConsoleProgress("demo"))
     for key, value in report.metrics.items():
         print(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
     if report.note:
@@ -178,13 +203,15 @@ def run_batch(args: argparse.Namespace) -> None:
     """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
     from .batch import DetectSettings, check_outputs_apart, collect_inputs, parse_shard, select_shard, summary_name
     from .batch import run_batch as process
+    from ..io.targets import refuse_unsearchable, resolved
     from .console import ConsoleProgress
     from ..engine.header import read_header
     from ..options import DetectionRequest
     from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)
-    if args.inputs.resolve() == args.out_dir.resolve():
+    refuse_unsearchable(args.inputs, "input")
+    if resolved(args.inputs) == resolved(args.out_dir):
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
     shard = parse_shard(args.shard) if args.shard else None
     every = collect_inputs(args.inputs)
