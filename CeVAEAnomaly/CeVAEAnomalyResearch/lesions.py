@@ -10,7 +10,9 @@ anatomy kept), ``ring`` (bright rim, dark core), ``texture`` (own values shuffle
 same mean), ``shift`` (the anatomy kept, intensity shifted by ``contrast_sd`` brain standard
 deviations up or down: subtle to strong) and ``moved`` (tissue copied from another place in the
 brain: real texture in the wrong place). Sites: ``any`` place deep enough, next to the ``cortex``
-(the brain's edge) or next to the ``ventricles`` (dark, deep CSF).
+(the brain's edge), next to the ``ventricles`` (dark, deep CSF) or across the ``midline`` (the
+estimated mid-sagittal plane runs through the lesion: both hemispheres). ``strength`` < 1 blends a
+lesion only partly into the anatomy (low contrast; the ground truth keeps its shape).
 """
 from __future__ import annotations
 
@@ -24,19 +26,23 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from CeVAEAnomalyLib.engine.symmetry import estimate_midplane, plane_distance_mm
 from CeVAEAnomalyLib.errors import CeVAEError
 from .evaluate import check_same_grid
 
 log = logging.getLogger(__name__)
 
 LESION_KINDS = ("hypo", "hyper", "ring", "texture", "shift", "moved")
-SITES = ("any", "cortex", "ventricles")
+SITES = ("any", "cortex", "ventricles", "midline")
 
 _MIN_AXIS_RATIO = 0.6  # shortest / longest semi-axis, drawn uniformly in [ratio, 1]
 _N_BUMPS = 4  # cosine terms of the border perturbation
 _TEXTURE_KEEP = 0.25  # fraction of the underlying anatomy kept inside hypo/hyper/ring lesions
 _PLACEMENT_TRIES = 20
 _SITE_REACH_MM = 4.0  # a lesion "next to" the cortex or the ventricles comes this close to it
+# a lesion "across" the midline has its centre this close to the plane, as a fraction of its extent (its shortest
+# semi-axis, dented, is at least 0.42 of it: the plane runs through the lesion)
+_MIDLINE_CENTRE_FRACTION = 0.2
 _VENTRICLE_DEPTH_MM = 12.0  # CSF deeper than this inside the brain counts as ventricle
 
 
@@ -83,6 +89,7 @@ def insert_lesions(
     irregularity: float = 0.3,
     contrast_sd: tuple[float, float] = (0.5, 3.0),
     sites: Sequence[str] = ("any",),
+    strength: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[sitk.Image, sitk.Image, list[Lesion]]:
     """Insert ``n`` lesions inside the brain; return (float32 image, uint8 ground truth, lesions).
 
@@ -94,13 +101,16 @@ def insert_lesions(
     ellipsoids). Outputs share the input's geometry; the input is not modified. The result is
     fully determined by the seed. ``contrast_sd``: range of the ``shift`` kind's contrast in brain
     standard deviations. ``sites``: where each lesion may go, one drawn per lesion (a site with no
-    room falls back to ``any``).
+    room falls back to ``any``). ``strength``: range of each lesion's blend weight (1: the lesion replaces
+    the anatomy; 0.3: 30 % lesion, 70 % anatomy).
     """
     _check_arguments(image, n, kinds, radius_mm, min_separation_mm, border_mm, irregularity)
     if not sites or set(sites) - set(SITES):
         raise CeVAEError(f"Lesion sites must be a non-empty choice of {SITES}; got {tuple(sites)}.")
     if not 0 < contrast_sd[0] <= contrast_sd[1]:
         raise CeVAEError(f"The contrast range must satisfy 0 < min <= max; got {contrast_sd}.")
+    if not 0 < strength[0] <= strength[1] <= 1:
+        raise CeVAEError(f"The strength range must satisfy 0 < min <= max <= 1; got {strength}.")
     check_same_grid(image, brain_mask, "image", "brain mask")
     rng = np.random.default_rng(rng)
 
@@ -116,6 +126,8 @@ def insert_lesions(
     near = {"cortex": depth}  # distance (mm) to what each site must be next to
     if "ventricles" in sites:
         near["ventricles"] = _distance_to_ventricles(array, brain, depth, spacing, stats)
+    if "midline" in sites:
+        near["midline"] = np.abs(plane_distance_mm(image, estimate_midplane(image, brain_mask)))
     truth = np.zeros(array.shape, dtype=np.uint8)
     placed: list[tuple[np.ndarray, float]] = []  # (centre (k, j, i), extent mm)
     lesions = []
@@ -124,7 +136,7 @@ def insert_lesions(
         site = sites[int(rng.integers(len(sites)))]
         center, radius = _place(
             depth, placed, radius_mm, border_mm, min_separation_mm, index_to_mm, rng, number, n,
-            near.get(site),
+            near.get(site), site == "midline",
         )
         extent = radius + border_mm / 2
         placed.append((center, extent))
@@ -137,7 +149,8 @@ def insert_lesions(
         if content is None:  # not "moved", or no room to take tissue from: shuffled texture instead
             content = _content(kind if kind != "moved" else "texture", region, alpha > 0, distance, radius,
                                stats, rng, contrast_sd)
-        array[box] = np.maximum((1 - alpha) * region + alpha * content, stats.floor)
+        weight = alpha * float(rng.uniform(*strength)) if strength != (1.0, 1.0) else alpha
+        array[box] = np.maximum((1 - weight) * region + weight * content, stats.floor)
         inside = alpha >= 0.5
         truth[box] |= inside.astype(np.uint8)
         lesions.append(_describe(image, kind, center, radius, semi_axes, int(inside.sum()), spacing))
@@ -215,11 +228,12 @@ def _place(
     number: int,
     n: int,
     near: Optional[np.ndarray] = None,
+    through: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Draw a radius and a centre (k, j, i) deep enough in the brain and away from other lesions.
 
-    ``near``: distance (mm) to a structure the lesion's border must come within ``_SITE_REACH_MM`` of
-    (ignored when nowhere qualifies).
+    ``near``: distance (mm) to a structure the lesion's border must come within ``_SITE_REACH_MM`` of, or
+    with ``through`` that must run through the lesion near its centre (ignored when nowhere qualifies).
     """
     largest = float(depth.max()) - border_mm / 2 - 1e-3
     if largest < radius_mm[0]:
@@ -232,7 +246,8 @@ def _place(
         extent = radius + border_mm / 2
         allowed = depth > extent
         if near is not None:
-            site = allowed & (near <= extent + _SITE_REACH_MM)
+            limit = _MIDLINE_CENTRE_FRACTION * extent if through else extent + _SITE_REACH_MM
+            site = allowed & (near <= limit)
             allowed = site if site.any() else allowed
         if min_separation_mm is not None:
             for center, other_extent in placed:

@@ -198,3 +198,29 @@ def test_real_subject(name: str) -> None:
     assert all(3.0 <= le.radius_mm <= 15.0 and le.n_voxels > 0 for le in lesions)
     original, after = arrays(head, lesioned)
     assert not (original.astype(np.float32) != after)[~brain].any()
+
+
+def test_strength_blends_the_lesion_partly(phantom) -> None:
+    head, mask = phantom
+    original = sitk.GetArrayFromImage(head).astype(np.float32)
+    full_img, full_gt, _ = insert_lesions(head, mask, 11, n=1, kinds=("hypo",), radius_mm=(6.0, 6.0))
+    weak_img, weak_gt, _ = insert_lesions(head, mask, 11, n=1, kinds=("hypo",), radius_mm=(6.0, 6.0),
+                                          strength=(0.3, 0.3))
+    assert np.array_equal(*arrays(full_gt, weak_gt))  # same lesion, same ground truth
+    full_change = sitk.GetArrayFromImage(full_img) - original
+    weak_change = sitk.GetArrayFromImage(weak_img) - original
+    inside = sitk.GetArrayFromImage(full_gt) > 0
+    assert np.allclose(weak_change[inside], 0.3 * full_change[inside], atol=1e-3)
+    with pytest.raises(CeVAEError, match="strength"):
+        insert_lesions(head, mask, 1, strength=(0.5, 1.5))
+
+
+def test_midline_lesions_cross_the_mid_sagittal_plane(phantom) -> None:
+    from CeVAEAnomalyLib.engine.symmetry import estimate_midplane, plane_distance_mm
+
+    head, mask = phantom
+    distance = plane_distance_mm(head, estimate_midplane(head, mask))
+    for seed in range(3):
+        _, gt, _ = insert_lesions(head, mask, seed, n=1, radius_mm=(5.0, 8.0), sites=("midline",))
+        side = distance[sitk.GetArrayViewFromImage(gt) > 0]
+        assert side.min() < -1.0 and side.max() > 1.0  # both hemispheres

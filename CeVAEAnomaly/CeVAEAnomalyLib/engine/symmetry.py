@@ -55,6 +55,15 @@ def mirror(image: sitk.Image, plane: MidPlane, interpolator: int = sitk.sitkLine
     return sitk.Resample(image, image, plane.reflection(), interpolator, default, image.GetPixelID())
 
 
+def plane_distance_mm(image: sitk.Image, plane: MidPlane) -> np.ndarray:
+    """Signed distance (mm) of every voxel centre of ``image`` to ``plane``, float32 (k, j, i)."""
+    normal = np.asarray(plane.normal, float)
+    ci, cj, ck = normal @ (np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing()))
+    k, j, i = (np.arange(n, dtype=np.float32) for n in image.GetSize()[::-1])
+    base = float(normal @ np.asarray(image.GetOrigin(), float) - plane.offset)
+    return (base + ck * k[:, None, None] + cj * j[None, :, None] + ci * i[None, None, :]).astype(np.float32)
+
+
 def estimate_midplane(image: sitk.Image, brain: sitk.Image) -> MidPlane:
     """The mid-sagittal plane: the reflection under which the brain best matches itself.
 

@@ -1,0 +1,373 @@
+"""Acquisition benchmark: what the default detector and its post-processing levers give on each acquisition variant.
+
+Needs ``scripts/benchmark_acquisition_maps.py`` (cached maps; each held-out subject scored by the model that
+never saw it). Every threshold used on subject S comes from the other subjects' held-out healthy scans
+(the default: the shipped healthy false-positive rate on their clean scans, as a held-out bundle calibration
+stores it; levers: the same rate on their scans of the same acquisition class). Per variant it reports
+pooled AUPRC and best Dice, mean Dice at the operating point, the healthy scan's flagged ml and number of
+components, the top slice on a lesion and the lesion table's first row being a lesion.
+
+    python scripts/benchmark_acquisition.py [--maps runs/acquisition] [--out docs] [--prefix benchmark_acquisition]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
+from CeVAEAnomalyLib.engine.postprocess import normalised, refine_scores
+from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_quantile
+from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
+from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS, PostprocessOptions
+from CeVAEAnomalyResearch.acquisition import VARIANTS
+from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
+
+SHIPPED_FPR = 0.00022712597940991678  # the shipped bundle's default_fpr (docs/benchmark.md)
+SHIPPED_THRESHOLD = 6.694  # what that rate gives in the shipped calibration (tuned on all three clean subjects)
+CONN = np.ones((3, 3, 3), bool)
+FUSION_WEIGHTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+Case = Dict[str, object]
+
+
+def thickness_class(variant: str) -> str:
+    """The acquisition class a per-class calibration would store: by slice thickness."""
+    t = VARIANTS[variant].thickness_mm
+    return "thin (≤ 1.5 mm)" if t <= 1.5 else ("medium (2-3 mm)" if t <= 3.5 else "thick (≥ 5 mm)")
+
+
+# ---- score maps: the default chain and its variations, from a cached case ----
+
+def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, use_asymmetry: bool = True,
+          tail: bool = False) -> np.ndarray:
+    """The detector's post-processing (asymmetry fusion, rim, normalisation) with other parameters."""
+    combi = c["combi"]
+    if use_asymmetry:
+        both = c["brain"] & c["brain_m"]
+        a = asymmetry(c["image"], c["image_m"], both, tuple(c["spacing"]), sigma) * side_weight(combi, c["combi_m"])
+        s = fuse(combi, a, floor, power)
+    else:
+        s = np.power(np.maximum(combi, 0), power).astype(np.float32)
+    img = sitk.GetImageFromArray(s)
+    img.SetSpacing(tuple(float(v) for v in c["spacing"]))
+    brain = sitk.GetImageFromArray(c["brain"].astype(np.uint8))
+    brain.CopyInformation(img)
+    s = sitk.GetArrayFromImage(refine_scores(img, brain, PostprocessOptions(rim_mm=RECOMMENDED_POSTPROCESS.rim_mm)))
+    if not tail:
+        out = sitk.GetArrayFromImage(normalised(sitk.GetImageFromArray(s), sitk.GetImageFromArray(c["brain"].astype(np.uint8))))
+        return out
+    v = s[c["brain"]]
+    med, q = np.percentile(v, [50, 95])
+    spread = max((q - med) / 1.645, 1e-12)  # the spread a normal upper tail would have
+    return np.where(c["brain"], np.maximum((s - med) / spread, 0), 0).astype(np.float32)
+
+
+MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
+    "default": lambda c: c["final"],
+    "asymmetry σ = max(3 mm, slice thickness)": lambda c: chain(c, sigma=max(3.0, c["thickness"])),
+    "no asymmetry (√combi only)": lambda c: chain(c, use_asymmetry=False),
+    "tail normalisation (spread from the 95th percentile)": lambda c: chain(c, tail=True),
+}
+
+
+# ---- labelmaps ----
+
+def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0.0
+               ) -> Tuple[List[Tuple[int, float]], np.ndarray]:
+    """Components (26-connected) of z > t with at least ``min_mm3`` and a maximum above ``peak``·t:
+    ([(label, summed score)], largest summed score first; the label array)."""
+    labels, n = ndimage.label(z > t, structure=CONN)
+    if n == 0:
+        return [], labels
+    min_voxels = int(np.ceil(min_mm3 / float(np.prod(c["spacing"])))) if min_mm3 > 0 else 0
+    idx = np.arange(1, n + 1)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    sums = ndimage.sum_labels(z, labels, idx)
+    peaks = ndimage.maximum(z, labels, idx) if peak > 0 else np.full(n, np.inf)
+    keep = [(int(i), float(s)) for i, n_vox, s, p in zip(idx, sizes, sums, peaks) if n_vox >= min_voxels and p > peak * t]
+    return sorted(keep, key=lambda k: -k[1]), labels
+
+
+# name -> (map, minimum component volume (case -> mm³), peak factor)
+LABELS: Dict[str, Tuple[Callable[[Case], float], float]] = {
+    "min 50 mm³ (default)": (lambda c: 50.0, 0.0),
+    "min 100 mm³": (lambda c: 100.0, 0.0),
+    "min 200 mm³": (lambda c: 200.0, 0.0),
+    "min 50 mm³ × slice thickness / 1 mm": (lambda c: 50.0 * c["thickness"], 0.0),
+    "min 50 mm³, peak > 1.5 t": (lambda c: 50.0, 1.5),
+}
+
+
+MIN50, SCALED, PEAK = "min 50 mm³ (default)", "min 50 mm³ × slice thickness / 1 mm", "min 50 mm³, peak > 1.5 t"
+# the levers measured: (map, threshold rule, labelmap rule); the first is the shipped default
+LEVERS: List[Tuple[str, str, str]] = [
+    ("default", "clean", MIN50),
+    ("default", "in-sample clean", MIN50),
+    ("default", "shipped", MIN50),
+    ("default", "in-sample class", MIN50),
+    ("default", "in-sample class", SCALED),
+    ("default", "clean", "min 100 mm³"),
+    ("default", "clean", "min 200 mm³"),
+    ("default", "clean", SCALED),
+    ("default", "clean", PEAK),
+    ("default", "class", MIN50),
+    ("default", "variant", MIN50),
+    ("default", "class", SCALED),
+    ("default", "class", PEAK),
+    ("default", "class", "min 200 mm³"),
+    ("asymmetry σ = max(3 mm, slice thickness)", "clean", MIN50),
+    ("asymmetry σ = max(3 mm, slice thickness)", "class", SCALED),
+    ("no asymmetry (√combi only)", "clean", MIN50),
+    ("tail normalisation (spread from the 95th percentile)", "clean", MIN50),
+    ("tail normalisation (spread from the 95th percentile)", "class", SCALED),
+]
+
+
+def label_case(z: np.ndarray, c: Case, t: float, rule: str) -> Tuple[np.ndarray, int, Optional[bool]]:
+    """(labelmap, number of components, whether the lesion table's first row is a lesion (None: no row))."""
+    min_fn, peak = LABELS[rule]
+    comps, labels = components(z, c, t, min_fn(c), peak)
+    if not comps:
+        return np.zeros(z.shape, bool), 0, None
+    keep = np.zeros(int(labels.max()) + 1, bool)
+    keep[[k for k, _ in comps]] = True
+    return keep[labels], len(comps), bool(c["gt"][labels == comps[0][0]].any())
+
+
+# ---- slices ----
+
+def top_slice_on_lesion(c: Case, z: np.ndarray, weight: float) -> bool:
+    """Whether the detector's most anomalous slice (rank fusion of map_max and negative ELBO) holds lesion."""
+    axis = 2 - int(c["slice_axis"])
+    values = slice_quantile(z, c["brain"], axis, 1.0)
+    start = int(c["box_start"][axis])
+    rel = c["slice_index"] - start
+    inside = (rel >= 0) & (rel < len(values))
+    map_max = np.where(inside, values[np.clip(rel, 0, len(values) - 1)], 0.0)
+    anomaly = fused_slice_rank(map_max, c["slice_neg_elbo"], weight)
+    order = sorted(range(len(rel)), key=lambda r: (-anomaly[r], -map_max[r], -c["slice_neg_elbo"][r], rel[r]))
+    top = rel[order[0]]
+    lesion = np.moveaxis(c["gt"], axis, 0).reshape(c["gt"].shape[axis], -1).any(1)
+    return bool(0 <= top < len(lesion) and lesion[top])
+
+
+# ---- loading ----
+
+def load(path: Path) -> Case:
+    with np.load(path) as z:
+        c = {k: z[k] for k in z.files}
+    c.update(json.loads(str(c.pop("meta"))))
+    c["image"] = c["image"].astype(np.float32)
+    c["image_m"] = c["image_m"].astype(np.float32)
+    c["combi_m"] = c["combi_m"].astype(np.float32)
+    c["thickness"] = float(c["spacing"][int(c["slice_axis"])])
+    c["voxel_ml"] = float(np.prod(c["spacing"])) / 1000.0
+    return c
+
+
+def index(maps: Path) -> Dict[Tuple[str, str], List[Path]]:
+    """(subject, variant) -> case files (held-out healthy first, the model's training subjects last)."""
+    out: Dict[Tuple[str, str], List[Path]] = defaultdict(list)
+    for p in sorted(maps.glob("*--*--*.npz")):
+        with np.load(p) as z:
+            meta = json.loads(str(z["meta"]))
+        out[(meta["subject"], meta["variant"])].append(p)
+    for k in out:
+        out[k].sort(key=lambda p: (0 if "healthy" in p.name else 2 if "--train-" in p.name else 1, p.name))
+    return out
+
+
+def quantile_threshold(tops: List[Tuple[np.ndarray, int]], rate: float) -> float:
+    """The (1 - rate) quantile of pooled healthy scores, from each scan's top values and its voxel count."""
+    n = sum(k for _, k in tops)
+    values = np.sort(np.concatenate([v for v, _ in tops]))[::-1]
+    rank = rate * n
+    i = int(np.floor(rank))
+    return float(values[min(i, len(values) - 1)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--maps", type=Path, default=Path("runs/acquisition"))
+    p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--prefix", default="benchmark_acquisition", help="output names: <prefix>.json, <prefix>_tables.md")
+    p.add_argument("--maps-levers", help="comma-separated substrings of MAPS names (default: all)")
+    args = p.parse_args()
+    t0 = time.time()
+    files = index(args.maps)
+    subjects = sorted({s for s, _ in files})
+    variants = [v for v in VARIANTS if any((s, v) in files for s in subjects)]
+    levers = [lv for lv in LEVERS if not args.maps_levers or lv[0] == "default"
+              or any(w in lv[0] for w in args.maps_levers.split(","))]
+    map_names = list(dict.fromkeys(m for m, _, _ in levers))
+    # pass 1: healthy scans -> top scores (for calibrated thresholds)
+    tops: Dict[Tuple[str, str, str], Tuple[np.ndarray, int]] = {}
+    checks: Dict[str, float] = {}
+    for (s, v), paths in files.items():
+        for path in paths:
+            c = load(path)
+            if c["case"] != "healthy" and not c["case"].startswith("train-"):
+                continue
+            if c["case"] == "healthy" and len(map_names) > 1:
+                checks[f"{s} / {v}"] = float(np.abs(chain(c) - c["final"]).max())  # the chain here vs the detector's
+            for m in map_names:
+                vals = MAPS[m](c)[c["brain"]]
+                k = max(int(0.01 * vals.size), 10)
+                tops[(m, s, v, c["case"])] = (np.sort(np.partition(vals, vals.size - k)[-k:]), vals.size)
+    print(f"healthy pass {time.time() - t0:.0f} s", flush=True)
+
+    def thr(m: str, s: str, v: str, rule: str) -> float:
+        """The threshold for subject S: from the other subjects' held-out healthy scans ("clean", "class",
+        "variant"), from the training subjects of S's model scored by it ("in-sample ..."), or the shipped one."""
+        if rule == "shipped":
+            return SHIPPED_THRESHOLD
+        same = {"clean": lambda w: w == "clean", "variant": lambda w: w == v,
+                "class": lambda w: thickness_class(w) == thickness_class(v)}[rule.replace("in-sample ", "")]
+        if rule.startswith("in-sample"):
+            pool = [t for (mm, o, w, case), t in tops.items() if mm == m and o == s and case.startswith("train-") and same(w)]
+        else:
+            pool = [t for (mm, o, w, case), t in tops.items() if mm == m and o != s and case == "healthy" and same(w)]
+        return quantile_threshold(pool, SHIPPED_FPR) if pool else float("nan")
+
+    rows: Dict[str, Dict[str, dict]] = defaultdict(dict)  # lever -> variant -> figures
+    fusion: Dict[str, Dict[float, list]] = defaultdict(lambda: defaultdict(list))  # subject -> w -> top-slice hits
+    for v in variants:
+        per_lever: Dict[str, dict] = defaultdict(lambda: defaultdict(list))
+        pooled: Dict[str, list] = defaultdict(list)
+        for s in subjects:
+            for path in files.get((s, v), []):
+                if "--train-" in path.name:
+                    continue
+                c = load(path)
+                for m in map_names:
+                    z = MAPS[m](c)
+                    if c["case"] != "healthy":
+                        if not c["gt"].any():
+                            continue  # the lesions were cut off with the part of the brain not covered
+                        pooled[m].append((z[c["brain"]], c["gt"][c["brain"]]))
+                    for mm, rule, lab in levers:
+                        if mm != m:
+                            continue
+                        t = thr(m, s, v, rule)
+                        key = f"{m} | {rule} | {lab}"
+                        labelmap, n, first = label_case(z, c, t, lab)
+                        if c["case"] == "healthy":
+                            per_lever[key]["healthy_ml"].append(float(labelmap.sum()) * c["voxel_ml"])
+                            per_lever[key]["healthy_components"].append(n)
+                        else:
+                            per_lever[key]["dice"].append(dice(labelmap, c["gt"]))
+                            per_lever[key]["first_row_lesion"].append(bool(first))
+                            per_lever[key]["recipe"].append(c["recipe"])
+                            per_lever[key]["subject"].append(s)
+                        per_lever[key]["thresholds"].append(t)
+                    if c["case"] != "healthy":
+                        per_lever[m]["top_slice"].append(top_slice_on_lesion(c, z, 0.7))
+                        if m == "default":
+                            for w in FUSION_WEIGHTS:
+                                fusion[s][w].append((v, top_slice_on_lesion(c, z, w)))
+        for key, fig in per_lever.items():
+            if " | " not in key or not np.all(np.isfinite(fig["thresholds"])):
+                continue  # not a lever, or no scans to calibrate it on
+            m = key.split(" | ")[0]
+            pm = pooled_metrics(pooled[m]) if pooled[m] else {"auprc": float("nan"), "best_dice": float("nan")}
+            rows[key][v] = {
+                "auprc": pm["auprc"], "best_dice": pm["best_dice"], "dice": float(np.mean(fig["dice"])),
+                "dice_per_case": fig["dice"], "recipes": fig["recipe"], "case_subjects": fig["subject"],
+                "healthy_ml": fig["healthy_ml"], "healthy_components": fig["healthy_components"],
+                "first_row_lesion": float(np.mean(fig["first_row_lesion"])),
+                "top_slice": float(np.mean(per_lever[m]["top_slice"])), "thresholds": fig["thresholds"],
+            }
+        print(f"{v} ({time.time() - t0:.0f} s)", flush=True)
+    # the slice fusion weight chosen for each subject on the other subjects' cases (top-slice rate)
+    chosen = {}
+    for s in subjects:
+        merit = {w: np.mean([h for o in subjects if o != s for _, h in fusion[o][w]]) for w in FUSION_WEIGHTS}
+        chosen[s] = max(FUSION_WEIGHTS, key=lambda w: (merit[w], -abs(w - 0.7)))
+    slice_weights = {
+        "by_weight": {str(w): float(np.mean([h for s in subjects for _, h in fusion[s][w]])) for w in FUSION_WEIGHTS},
+        "chosen_on_other_subjects": chosen,
+        "held_out_with_chosen": float(np.mean([h for s in subjects for _, h in fusion[s][chosen[s]]])),
+    }
+    result = {"chain_vs_detector_max_abs_difference": checks, "subjects": subjects, "variants": variants, "fpr": SHIPPED_FPR, "rows": rows, "slice_weights": slice_weights}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.prefix}.json").write_text(json.dumps(result, indent=1))
+    text = render(result)
+    (args.out / f"{args.prefix}_tables.md").write_text(text)
+    print(text)
+
+
+def _targets(r: dict) -> Tuple[bool, bool]:
+    ok_h = all(ml <= 1.0 and n <= 2 for ml, n in zip(r["healthy_ml"], r["healthy_components"]))
+    return ok_h, r["dice"] >= 0.35
+
+
+def _variant_table(title: str, per_v: Dict[str, dict]) -> List[str]:
+    lines = [title, "", "| variant | AUPRC | best Dice | Dice @ op | healthy ml (mean / max) | healthy components "
+             "(mean / max) | top slice on a lesion | first table row a lesion |", "|---|---|---|---|---|---|---|---|"]
+    for v, r in per_v.items():
+        lines.append(f"| {v} | {r['auprc']:.3f} | {r['best_dice']:.3f} | {r['dice']:.3f} | "
+                     f"{np.mean(r['healthy_ml']):.2f} / {np.max(r['healthy_ml']):.2f} | "
+                     f"{np.mean(r['healthy_components']):.1f} / {np.max(r['healthy_components'])} | "
+                     f"{r['top_slice']:.2f} | {r['first_row_lesion']:.2f} |")
+    return lines
+
+
+def _merit(per_v: Dict[str, dict]) -> Tuple[float, float]:
+    """(share of held-out healthy scans within the targets, mean Dice at the operating point)."""
+    ok = [m <= 1.0 and n <= 2 for r in per_v.values() for m, n in zip(r["healthy_ml"], r["healthy_components"])]
+    return float(np.mean(ok)), float(np.mean([r["dice"] for r in per_v.values()]))
+
+
+def render(result: dict) -> str:
+    default = "default | clean | min 50 mm³ (default)"
+    rows = result["rows"]
+    lines = _variant_table(f"Default detector (subjects {', '.join(result['subjects'])}; threshold: healthy "
+                           f"false-positive rate {result['fpr']:.6f} on the other subjects' clean held-out scans):",
+                           rows.get(default, {}))
+    best = max((k for k in rows if k != default), key=lambda k: _merit(rows[k]), default=None)
+    if best:
+        lines += [""] + _variant_table(f"Best lever by (healthy scans within target, mean Dice): {best}", rows[best])
+    lines += ["", "Levers, averaged over variants (healthy targets: every held-out healthy scan ≤ 1 ml and ≤ 2 components):",
+              "", "| lever (map · threshold rule · labelmap rule) | mean AUPRC | mean best Dice | mean Dice @ op "
+              "| healthy ml (mean / max) | healthy components (mean / max) | healthy scans within target "
+              "| top slice | first row a lesion |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, per_v in result["rows"].items():
+        rs = list(per_v.values())
+        ml = [x for r in rs for x in r["healthy_ml"]]
+        nc = [x for r in rs for x in r["healthy_components"]]
+        ok = np.mean([m <= 1.0 and n <= 2 for m, n in zip(ml, nc)])
+        lines.append(f"| {key} | {np.nanmean([r['auprc'] for r in rs]):.3f} | {np.nanmean([r['best_dice'] for r in rs]):.3f} "
+                     f"| {np.mean([r['dice'] for r in rs]):.3f} | {np.mean(ml):.2f} / {np.max(ml):.2f} | "
+                     f"{np.mean(nc):.1f} / {np.max(nc)} | {ok:.2f} | {np.mean([r['top_slice'] for r in rs]):.2f} | "
+                     f"{np.mean([r['first_row_lesion'] for r in rs]):.2f} |")
+    by_recipe: Dict[str, list] = defaultdict(list)
+    for r in result["rows"].get(default, {}).values():
+        for rec, d in zip(r["recipes"], r["dice_per_case"]):
+            by_recipe[rec].append(d)
+    lines += ["", "Default, Dice @ op by lesion recipe (all variants): " +
+              ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in by_recipe.items())]
+    by_subject: Dict[str, list] = defaultdict(list)
+    for r in result["rows"].get(default, {}).values():
+        for sub, d in zip(r["case_subjects"], r["dice_per_case"]):
+            by_subject[sub].append(d)
+    lines += ["", "Default, Dice @ op by held-out subject (all variants): " +
+              ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in by_subject.items())]
+    diffs = result["chain_vs_detector_max_abs_difference"].values()
+    if diffs:
+        lines += ["", f"The levers' post-processing chain with the default parameters vs the detector's map: largest "
+                  f"difference {max(diffs):.2g} (normalised units; intensities cached as float16)"]
+    sw = result["slice_weights"]
+    lines += ["", "Top slice on a lesion by slice-score fusion weight (all variants): " +
+              ", ".join(f"w {w}: {v:.3f}" for w, v in sw["by_weight"].items()) +
+              f"; chosen on the other subjects {sw['chosen_on_other_subjects']}: {sw['held_out_with_chosen']:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

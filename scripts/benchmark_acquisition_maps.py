@@ -1,0 +1,187 @@
+"""Stage 1 of the acquisition benchmark: cache the maps of every held-out case in every acquisition variant.
+
+For each healthy subject S (held out in turn) and the model trained without S
+(``runs/benchmark/cevae/without-S.cevae`` from ``scripts/benchmark_train.py``): S itself and one case per
+lesion recipe (mixed, low contrast, across the midline, several small; fixed seeds), inserted into the
+clean scan, then degraded with its mask and ground truth into each acquisition variant
+(``CeVAEAnomalyResearch.acquisition.VARIANTS``). Each variant volume goes through the model's
+:class:`Detector` once without post-processing (the raw map and the slice ELBOs); the default
+post-processing chain is then applied with the detector's own steps on the detector's region. Cached per
+case, on that region: the default final map, the raw map and its mirror image about the detector's
+mid-sagittal plane, the scaled intensities and their mirror image, the brain and its mirror, the ground
+truth and the slice scores; so the post-processing levers can be re-evaluated without the network.
+
+    python scripts/benchmark_acquisition_maps.py [--out runs/acquisition] [--variants clean,thick]
+    [--check]   # also run the full default Detector on each variant's first case and record the agreement
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.detector import Detector
+from CeVAEAnomalyLib.engine.postprocess import refine_reach
+from CeVAEAnomalyLib.engine.preprocess import brain_region
+from CeVAEAnomalyLib.engine.symmetry import box_asymmetry
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.images import read_image
+from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
+from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
+from CeVAEAnomalyResearch.lesions import insert_lesions
+
+SUBJECTS = ("colin27", "mni152", "robex")
+NON_MOVED = ("hypo", "hyper", "ring", "texture", "shift")
+# name -> (lesion count range, insert_lesions keyword arguments)
+RECIPES: Dict[str, Tuple[Tuple[int, int], dict]] = {
+    "mixed": ((1, 3), dict(kinds=NON_MOVED, radius_mm=(4.0, 15.0), sites=("any", "cortex", "ventricles"))),
+    "low contrast": ((1, 3), dict(kinds=("hypo", "hyper", "ring", "shift"), radius_mm=(5.0, 15.0), strength=(0.3, 0.6),
+                                  contrast_sd=(0.5, 1.0))),
+    "midline": ((1, 2), dict(kinds=NON_MOVED, radius_mm=(5.0, 15.0), sites=("midline",))),
+    "several small": ((5, 8), dict(kinds=("hypo", "hyper", "ring", "shift"), radius_mm=(2.5, 5.0))),
+}
+
+
+def lesion_case(image: sitk.Image, mask: sitk.Image, recipe: str, seed: int):
+    """One lesion case of ``recipe`` (fewer lesions when the brain has no room for that many)."""
+    (low, high), kwargs = RECIPES[recipe]
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(low, high + 1))
+    while True:
+        try:
+            return insert_lesions(image, mask, rng, n=n, min_separation_mm=5.0, **kwargs)
+        except CeVAEError:
+            n -= 1
+
+
+def _box_image(image: sitk.Image, region) -> sitk.Image:
+    k, j, i = region
+    return image[i.start:i.stop, j.start:j.stop, k.start:k.stop]
+
+
+def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, raw_detector: Detector,
+               default: Detector, meta: dict) -> None:
+    t0 = time.perf_counter()
+    res = raw_detector(image, mask)
+    t_net = time.perf_counter() - t0
+    brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0
+    region = brain_region(brain, refine_reach(default.post, image.GetSpacing()) + 1)
+    score = _box_image(res.score, region)
+    brain_img = _box_image(res.brain_mask, region)
+    asym = box_asymmetry(score, image, brain, default.post.asymmetry_mm)
+    final = default._refine(score, brain_img, asym)  # the detector's own post-processing chain
+    inside = brain[region]
+    values = sitk.GetArrayViewFromImage(image)[region][inside].astype(np.float32)
+    lo, hi = np.percentile(values, [1, 99])
+    scaled = np.zeros(inside.shape, np.float32)
+    scaled[inside] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
+
+    def mirrored(arr: np.ndarray, nearest: bool = False) -> np.ndarray:
+        img = sitk.GetImageFromArray(arr)
+        img.CopyInformation(score)
+        interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+        return sitk.GetArrayFromImage(sitk.Resample(img, img, asym.reflection, interp, 0.0, img.GetPixelID()))
+
+    combi = sitk.GetArrayFromImage(score)
+    rows = res.slices
+    np.savez(
+        path,
+        final=sitk.GetArrayFromImage(final).astype(np.float32),
+        combi=combi.astype(np.float32),
+        combi_m=mirrored(combi).astype(np.float16),
+        image=scaled.astype(np.float16),
+        image_m=mirrored(scaled).astype(np.float16),
+        brain=inside,
+        brain_m=mirrored(inside.astype(np.uint8), nearest=True) > 0,
+        gt=sitk.GetArrayViewFromImage(gt)[region] > 0,
+        spacing=np.array(image.GetSpacing()),
+        box_start=np.array([r.start for r in region]),
+        slice_axis=np.array(rows[0].axis),
+        slice_index=np.array([r.index for r in rows]),
+        slice_neg_elbo=np.array([r.neg_elbo for r in rows]),
+        seconds=np.array([t_net, time.perf_counter() - t0 - t_net]),
+        meta=np.array(json.dumps(meta)),
+    )
+
+
+def check_case(image: sitk.Image, mask: sitk.Image, full: Detector, path: Path) -> dict:
+    """The full default Detector on the same volume vs the cached chain: largest map difference."""
+    res = full(image, mask)
+    with np.load(path) as z:
+        start, final = z["box_start"], z["final"]
+    region = tuple(slice(int(a), int(a) + n) for a, n in zip(start, final.shape))
+    detector_map = sitk.GetArrayViewFromImage(res.score)[region]
+    return {"max_abs_difference": float(np.abs(detector_map - final).max()),
+            "map_max": float(detector_map.max()), "components": len(res.components)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, default=Path("runs/benchmark/cevae"))
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=Path("runs/acquisition"))
+    p.add_argument("--variants", help="comma-separated substrings of variant names (default: all)")
+    p.add_argument("--subjects", default=",".join(SUBJECTS))
+    p.add_argument("--check", action="store_true", help="compare with the full Detector on each variant's first case")
+    p.add_argument("--train-subjects", action="store_true",
+                   help="only the healthy variants of each model's training subjects (for in-sample calibration)")
+    args = p.parse_args()
+    if args.data is None:
+        from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
+
+        args.data = ensure_healthy_data()
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = [v for v in VARIANTS if not args.variants or any(w in v for w in args.variants.split(","))]
+    checks = {}
+    t0 = time.time()
+    for subject in args.subjects.split(","):
+        si = SUBJECTS.index(subject)
+        model = args.runs / f"without-{subject}.cevae"
+        if not model.exists():
+            print(f"skip {subject}: no {model}", flush=True)
+            continue
+        bundle = load_bundle(model)
+        raw = Detector(bundle, post=PostprocessOptions(), policy=ThresholdPolicy(threshold=math.inf))
+        default = Detector(bundle, policy=ThresholdPolicy(threshold=math.inf))
+        image = sitk.Cast(read_image(args.data / f"{subject}_t1.nii.gz"), sitk.sitkFloat32)
+        mask = read_image(args.data / f"{subject}_brainmask.nii.gz", "brain mask")
+        empty = sitk.Cast(mask * 0, sitk.sitkUInt8)
+        cases: List[Tuple[str, sitk.Image, sitk.Image, sitk.Image, dict]] = [
+            ("healthy", image, mask, empty, {"recipe": "healthy"})]
+        if args.train_subjects:
+            cases = []
+            for other in SUBJECTS:
+                if other != subject:
+                    img = sitk.Cast(read_image(args.data / f"{other}_t1.nii.gz"), sitk.sitkFloat32)
+                    m = read_image(args.data / f"{other}_brainmask.nii.gz", "brain mask")
+                    cases.append((f"train-{other}", img, m, sitk.Cast(m * 0, sitk.sitkUInt8), {"recipe": "healthy"}))
+        for ri, recipe in enumerate(RECIPES if not args.train_subjects else ()):
+            img, gt, lesions = lesion_case(image, mask, recipe, 100 * si + ri)
+            cases.append((f"lesion-{recipe.replace(' ', '_')}", img, mask, gt,
+                          {"recipe": recipe, "lesions": [[l.kind, round(l.volume_ml, 3)] for l in lesions]}))
+        for variant in variants:
+            vi = list(VARIANTS).index(variant)
+            tag = variant.split(":")[0].replace(" ", "_").replace("%", "pc").replace(",", "")
+            for ci, (name, img, m, gt, meta) in enumerate(cases):
+                path = args.out / f"{subject}--{tag}--{name}.npz"
+                if path.exists():
+                    continue
+                v_img, v_mask, v_gt = derive(VARIANTS[variant], img, m, gt, seed=1000 * si + 10 * vi + 1)
+                cache_case(path, v_img, v_mask, v_gt, raw, default,
+                           dict(meta, subject=subject, variant=variant, case=name))
+                if args.check and ci == 1 and not args.train_subjects:
+                    checks[f"{subject} / {variant}"] = check_case(v_img, v_mask, default, path)
+                print(f"{path.name} ({time.time() - t0:.0f} s)", flush=True)
+    if checks:
+        (args.out / f"check-{int(time.time())}.json").write_text(json.dumps(checks, indent=1))
+        print(json.dumps(checks, indent=1))
+
+
+if __name__ == "__main__":
+    main()
