@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
 from CeVAEAnomalyLib.engine.postprocess import normalised, refine_scores
@@ -54,14 +53,10 @@ def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, u
         s = fuse(combi, a, floor, power)
     else:
         s = np.power(np.maximum(combi, 0), power).astype(np.float32)
-    img = sitk.GetImageFromArray(s)
-    img.SetSpacing(tuple(float(v) for v in c["spacing"]))
-    brain = sitk.GetImageFromArray(c["brain"].astype(np.uint8))
-    brain.CopyInformation(img)
-    s = sitk.GetArrayFromImage(refine_scores(img, brain, PostprocessOptions(rim_mm=RECOMMENDED_POSTPROCESS.rim_mm)))
+    s = refine_scores(s, c["brain"], tuple(float(v) for v in c["spacing"]),
+                      PostprocessOptions(rim_mm=RECOMMENDED_POSTPROCESS.rim_mm))
     if not tail:
-        out = sitk.GetArrayFromImage(normalised(sitk.GetImageFromArray(s), sitk.GetImageFromArray(c["brain"].astype(np.uint8))))
-        return out
+        return normalised(s, c["brain"])
     v = s[c["brain"]]
     med, q = np.percentile(v, [50, 95])
     spread = max((q - med) / 1.645, 1e-12)  # the spread a normal upper tail would have
