@@ -20,6 +20,7 @@ from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..options import RECOMMENDED_POSTPROCESS, PostprocessOptions, ScoreOptions
+from ..progress import ProgressCallback
 from .data import Subject
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class BundleHeader:
     postprocess: PostprocessOptions = RECOMMENDED_POSTPROCESS
     modality: str = "T1"
     calibration: Optional[Dict[str, dict]] = None
+    default_fpr: Optional[float] = None  # the rate detection uses when given none (else DEFAULT_FPR)
+    adaptation: Optional[Dict[str, Any]] = None  # parent model, site scans, folds (training/adapt.py)
 
     def to_dict(self) -> Dict[str, Any]:
         from .. import __version__
@@ -66,8 +69,9 @@ class BundleHeader:
             "versions": {"cevae_anomaly": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
         }
-        if self.calibration is not None:
-            out["calibration"] = self.calibration
+        for key in ("calibration", "default_fpr", "adaptation"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -76,13 +80,16 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> 
 
 
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
-            device: torch.device, half: bool) -> Path:
-    """Calibrate the weights as stored, then write the bundle once."""
+            device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
+            progress: Optional[ProgressCallback] = None) -> Path:
+    """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i: see
+    engine.calibrate.calibrate_model), then write the bundle once."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
     bundle = Bundle(stored, header.to_dict(), out)
-    header.calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess)
+    header.calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
+                                         progress, scorers)
     from safetensors import SafetensorError
 
     try:
