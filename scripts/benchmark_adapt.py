@@ -114,6 +114,49 @@ def profiles(data: Path) -> dict:
     return {"depth_contrast": rows, "t1_reference": reference}
 
 
+def variant_scan(data: Path, work: Path, subject: str, variant: str) -> Subject:
+    """The healthy scan of ``subject`` in ``variant`` (written once under ``work``)."""
+    image_path, mask_path = work / f"{subject}-{variant}.nii.gz", work / f"{subject}-{variant}_mask.nii.gz"
+    if not mask_path.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        image = read_image(data / f"{subject}_t1.nii.gz")
+        mask = read_image(data / f"{subject}_brainmask.nii.gz", "brain mask")
+        img, msk = make_variant(image, mask, variant)
+        sitk.WriteImage(img, str(image_path))
+        sitk.WriteImage(msk, str(mask_path))
+    return Subject(image_path, mask_path)
+
+
+def sweep(data: Path, work: Path, base: Path, variant: str, train: str, val: str, lrs: List[float],
+          steps: int) -> dict:
+    """Validation loss on ``val``'s scan of ``variant`` while fine-tuning ``base`` on ``train``'s (per learning rate)."""
+    import csv
+
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.config import LossConfig
+    from CeVAEAnomalyLib.training.config import TrainConfig
+    from CeVAEAnomalyLib.training.trainer import Trainer
+
+    bundle = load_bundle(base)
+    scans = [variant_scan(data, work, s, variant) for s in (val, train)]  # seed 0 holds out the first
+    curves = {}
+    for lr in lrs:
+        out = work / f"sweep-{variant}-lr{lr:g}.cevae"
+        cfg = TrainConfig(out=out, model=bundle.model_config, loss=LossConfig.from_dict(bundle.header["loss"]),
+                          lr=lr, max_steps=steps, checkpoint_every=max(1, steps // 12), val_fraction=0.5,
+                          seed=0, device="cpu", init_from=base)
+        trainer = Trainer(cfg, scans, bundle.preprocess)
+        assert [s.image for s in trainer.val_subjects] == [scans[0].image], "the split must validate on --val"
+        t = time.perf_counter()
+        trainer.fit()
+        with open(cfg.log_path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["val_loss"]]
+        curves[f"{lr:g}"] = {"steps": [int(r["step"]) for r in rows], "val_loss": [float(r["val_loss"]) for r in rows],
+                             "seconds": time.perf_counter() - t}
+        print(f"lr {lr:g}: " + " ".join(f"{r['step']}:{float(r['val_loss']):.4f}" for r in rows), flush=True)
+    return curves
+
+
 def rate(seconds: float = 60.0) -> dict:
     """Training steps/s of the default architecture (batch 64, 64 px, augmentation on) on the CPU."""
     import torch
@@ -149,6 +192,11 @@ def main() -> None:
     p.add_argument("--profiles", action="store_true")
     p.add_argument("--rate", action="store_true")
     p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--work", type=Path, default=Path("runs/adapt"), help="variant scans and adapted models")
+    p.add_argument("--sweep", help="VARIANT:TRAIN:VAL: validation curves of fine-tuning --base (learning rates --lrs)")
+    p.add_argument("--base", type=Path, help="the model to adapt in --sweep")
+    p.add_argument("--lrs", default="1e-4,3e-4")
+    p.add_argument("--steps", type=int, default=300)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.profiles:
@@ -156,6 +204,11 @@ def main() -> None:
         atomic_write_text(args.out / "benchmark_adapt_profiles.json", json.dumps(result, indent=1))
     if args.rate:
         rate()
+    if args.sweep:
+        variant, train, val = args.sweep.split(":")
+        curves = sweep(args.data, args.work, args.base, variant, train, val,
+                       [float(x) for x in args.lrs.split(",")], args.steps)
+        atomic_write_text(args.out / f"benchmark_adapt_sweep_{variant}.json", json.dumps(curves, indent=1))
 
 
 if __name__ == "__main__":
