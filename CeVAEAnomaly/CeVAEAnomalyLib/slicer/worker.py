@@ -1,4 +1,4 @@
-"""The detection and calibration worker: runs in its own process, started by the Slicer module.
+"""The detection, calibration and adaptation worker: runs in its own process, started by the Slicer module.
 
 ``python -m CeVAEAnomalyLib.slicer.worker REQUEST.json`` reads a request, runs the task and
 reports on stdout, one JSON object per line (see :mod:`.jobs` for the reading side)::
@@ -14,6 +14,10 @@ Tasks (``request["task"]``):
   writes the detection into ``out_dir`` (:func:`write_detection`).
 - ``calibrate``: ``subjects`` (``[{"image": ..., "mask": ...}]``), ``model``, ``device``,
   ``postprocess``, ``out`` (the new bundle), ``overwrite``.
+- ``adapt``: ``subjects``, ``model``, ``device``, ``out``, ``overwrite`` and ``options`` (fields of
+  ``training.adapt_plan.AdaptOptions``): fine-tunes and calibrates (``training.adapt.adapt``).
+
+SIGTERM (the module's Cancel) ends a task like Ctrl-C, so its temporary files are removed.
 
 Nothing here imports Qt; torch is imported only when a task runs.
 """
@@ -26,6 +30,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
+from ..cli.interrupts import sigterm_as_interrupt
 from ..errors import CeVAEError
 from ..progress import ProgressCallback, report, scaled
 
@@ -152,8 +157,24 @@ def run_calibrate(request: Dict[str, Any], progress: ProgressCallback) -> Dict[s
     return {"model": str(path), "subjects": len(subjects)}
 
 
+def run_adapt(request: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
+    from ..data import default_model_path
+    from ..io.manifest import Subject
+    from ..training.adapt import adapt
+    from ..training.adapt_plan import AdaptOptions
+
+    subjects = [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None) for s in request["subjects"]]
+    try:
+        options = AdaptOptions(**dict(request.get("options") or {}, device=request.get("device", "auto"),
+                                      overwrite=bool(request.get("overwrite"))))
+    except TypeError as exc:
+        raise CeVAEError(f"Invalid adaptation options: {exc}") from None
+    path = adapt(Path(request.get("model") or default_model_path()), subjects, Path(request["out"]), options, progress)
+    return {"model": str(path), "subjects": len(subjects)}
+
+
 TASKS: Dict[str, Callable[[Dict[str, Any], ProgressCallback], Dict[str, Any]]] = {
-    "detect": run_detect, "calibrate": run_calibrate}
+    "detect": run_detect, "calibrate": run_calibrate, "adapt": run_adapt}
 
 
 def _emit(message: Dict[str, Any]) -> None:
@@ -172,7 +193,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         task = TASKS.get(request.get("task"))
         if task is None:
             raise CeVAEError(f"Unknown worker task {request.get('task')!r}.")
-        done = task(request, lambda f, m: _emit({"progress": round(f, 4), "message": m}))
+        with sigterm_as_interrupt():
+            done = task(request, lambda f, m: _emit({"progress": round(f, 4), "message": m}))
+    except KeyboardInterrupt:  # Terminated included: cancelled, cleaned up
+        _emit({"error": "Stopped."})
+        return 143
     except CeVAEError as exc:
         _emit({"error": str(exc)})
         return 2

@@ -25,8 +25,9 @@ from ..engine.header import read_header
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
 from ..io.manifest import Subject
+from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
-from .adapt_plan import AdaptOptions, fold_plan, run_names
+from .adapt_plan import AdaptOptions, fold_plan, output_paths, run_names
 from .cache import SliceCache
 from .config import AugmentConfig
 from .data import unique_subjects
@@ -54,9 +55,12 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     plan = fold_plan(len(subjects), options.folds)
     runs = run_names(len(subjects), options.folds)
     configs = {run: options.run_config(out, run, init_from=base) for run in runs}
-    read = [base, *inputs, *checksums]
+    read = Inputs([base, *inputs, *checksums])
+    for path in output_paths(out, len(subjects), options):
+        if read.which(path) is not None:  # by path, link or inode
+            raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another --out.")
     for cfg in configs.values():
-        cfg.check_outputs(read, options.overwrite)
+        cfg.check_outputs((), options.overwrite)
     if options.resume and not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
         raise CeVAEError(f"--resume was given but there is no checkpoint of an adaptation to {out} "
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 from ..errors import CeVAEError
 from .config import TrainConfig
@@ -86,6 +86,8 @@ def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOp
             f"about {minutes} min {where}.")
 
 
-def checkpoint_paths(out: Path, n_scans: int, options: AdaptOptions) -> Sequence[Path]:
-    """Every checkpoint an adaptation of ``n_scans`` scans writes (one per run)."""
-    return [options.run_config(out, run).checkpoint_path for run in run_names(n_scans, options.folds)]
+def output_paths(out: Path, n_scans: int, options: AdaptOptions) -> List[Path]:
+    """Every file an adaptation of ``n_scans`` scans to ``out`` writes: the bundle, and each run's
+    checkpoint and loss log."""
+    configs = [options.run_config(out, run) for run in run_names(max(n_scans, MIN_SCANS), options.folds)]
+    return [out] + [p for cfg in configs for p in (cfg.checkpoint_path, cfg.log_path)]
