@@ -157,6 +157,71 @@ def sweep(data: Path, work: Path, base: Path, variant: str, train: str, val: str
     return curves
 
 
+def lesion_cases(data: Path, subject: str, variant: str) -> List[Tuple[str, sitk.Image, sitk.Image, np.ndarray]]:
+    """(name, image, brain mask, ground truth) of ``subject``'s lesion cases in ``variant``: two lesions of one
+    kind per case, one case per kind, inserted in the 1 mm scan, then the variant made of image and truth."""
+    from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
+
+    image = read_image(data / f"{subject}_t1.nii.gz")
+    mask = read_image(data / f"{subject}_brainmask.nii.gz", "brain mask")
+    _, brain = make_variant(image, mask, variant)
+    cases = []
+    for k, kind in enumerate(LESION_KINDS):
+        img, gt, _ = insert_lesions(image, mask, 1000 * SUBJECTS.index(subject) + 10 * k, n=2, kinds=(kind,),
+                                    min_separation_mm=10.0)
+        var_img, var_gt = make_variant(img, gt, variant, seed=k)
+        cases.append((f"{subject}-{variant}-{kind}", var_img, brain, sitk.GetArrayFromImage(var_gt) > 0))
+    return cases
+
+
+def evaluate_model(bundle, cases, healthy: Tuple[sitk.Image, sitk.Image], fpr: float) -> dict:
+    """Pooled AUPRC, mean Dice at the threshold of rate ``fpr``, and flagged ml on the healthy scan."""
+    from CeVAEAnomalyLib.engine.detector import detect
+    from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
+
+    pooled, dices = [], []
+    for _, image, mask, gt in cases:
+        result = detect(image, bundle, mask, fpr=fpr)
+        brain = sitk.GetArrayViewFromImage(mask) > 0
+        pooled.append((sitk.GetArrayViewFromImage(result.score)[brain].astype(np.float32), gt[brain]))
+        dices.append(dice(sitk.GetArrayViewFromImage(result.labelmap)[brain] > 0, gt[brain]))
+    metrics = pooled_metrics(pooled)
+    result = detect(healthy[0], bundle, healthy[1], fpr=fpr)
+    return {"auprc": metrics["auprc"], "auroc": metrics["auroc"], "dice_at_threshold": float(np.mean(dices)),
+            "healthy_ml": result.flagged_ml, "threshold": result.threshold}
+
+
+def compare(data: Path, work: Path, runs: Path, held_out: str, variant: str, options, fpr: float) -> dict:
+    """Base, base recalibrated on the site scans, and adapted model on ``held_out``'s scans of ``variant``."""
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+    from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options
+    from CeVAEAnomalyLib.training.adapt import adapt
+
+    base_path = runs / f"without-{held_out}.cevae"
+    base = load_bundle(base_path)
+    site = [variant_scan(data, work, s, variant) for s in SUBJECTS if s != held_out]
+    recal_path = work / f"recalibrated-{held_out}-{variant}.cevae"
+    if not recal_path.exists():
+        recalibrate(base, site, recal_path, default_score_options(base), default_postprocess(base),
+                    source="site scans (benchmark_adapt)")
+    adapted_path = work / f"adapted-{held_out}-{variant}.cevae"
+    minutes = None
+    if not adapted_path.exists():
+        t = time.perf_counter()
+        adapt(base_path, site, adapted_path, options, inputs=())
+        minutes = (time.perf_counter() - t) / 60
+    cases = lesion_cases(data, held_out, variant)
+    healthy = make_variant(read_image(data / f"{held_out}_t1.nii.gz"),
+                           read_image(data / f"{held_out}_brainmask.nii.gz", "brain mask"), variant)
+    out = {"adapt_minutes": minutes, "steps": options.steps, "lr": options.lr}
+    for name, path in (("base", base_path), ("base recalibrated on the site", recal_path), ("adapted", adapted_path)):
+        out[name] = evaluate_model(load_bundle(path), cases, healthy, fpr)
+        print(f"{held_out} {variant:7s} {name:32s} " + " ".join(f"{k} {v:.4f}" for k, v in out[name].items()),
+              flush=True)
+    return out
+
+
 def rate(seconds: float = 60.0) -> dict:
     """Training steps/s of the default architecture (batch 64, 64 px, augmentation on) on the CPU."""
     import torch
@@ -196,7 +261,12 @@ def main() -> None:
     p.add_argument("--sweep", help="VARIANT:TRAIN:VAL: validation curves of fine-tuning --base (learning rates --lrs)")
     p.add_argument("--base", type=Path, help="the model to adapt in --sweep")
     p.add_argument("--lrs", default="1e-4,3e-4")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, help="fine-tuning steps per run (default: AdaptOptions')")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: AdaptOptions')")
+    p.add_argument("--runs", type=Path, default=Path("/work/runs/benchmark/cevae"), help="fold models without-S.cevae")
+    p.add_argument("--held-out", help="comma-separated held-out subjects to compare base and adapted models on")
+    p.add_argument("--variants", default="clean,thick6,noisy")
+    p.add_argument("--fpr", type=float, help="operating point (default: the bundled model's default rate)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.profiles:
@@ -207,8 +277,24 @@ def main() -> None:
     if args.sweep:
         variant, train, val = args.sweep.split(":")
         curves = sweep(args.data, args.work, args.base, variant, train, val,
-                       [float(x) for x in args.lrs.split(",")], args.steps)
+                       [float(x) for x in args.lrs.split(",")], args.steps or 300)
         atomic_write_text(args.out / f"benchmark_adapt_sweep_{variant}.json", json.dumps(curves, indent=1))
+    if args.held_out:
+        from dataclasses import replace
+
+        from CeVAEAnomalyLib.data import default_model_path
+        from CeVAEAnomalyLib.engine.header import read_header
+        from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+
+        options = AdaptOptions(device="cpu")
+        options = replace(options, steps=args.steps or options.steps, lr=args.lr or options.lr)
+        fpr = args.fpr or read_header(default_model_path())["default_fpr"]
+        results_path = args.out / "benchmark_adapt.json"
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        for subject in args.held_out.split(","):
+            for variant in args.variants.split(","):
+                results[f"{subject} {variant}"] = compare(args.data, args.work, args.runs, subject, variant, options, fpr)
+                atomic_write_text(results_path, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

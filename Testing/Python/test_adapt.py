@@ -209,5 +209,35 @@ def test_the_command_refuses_too_few_scans_another_contrast_and_models_it_cannot
     assert "no training loss" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), "--model", str(no_loss),
                                                    "--out", out, *QUICK_ARGS])
     assert "--folds" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), *common, "--folds", "1"])
+    assert "--steps" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), *common, "--steps", "0"])
     assert "does not exist" in _refusal(capsys, ["adapt", str(site["a"]), str(tmp_path / "missing.nii.gz"), *common])
     assert not Path(out).exists() and not list(tmp_path.glob("site.cevae*"))
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_bundle, site, tmp_path):
+    """A scheduler's SIGTERM mid-adaptation: exit 143, no bundle, checkpoints kept; --resume completes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "site.cevae"
+    cmd = [sys.executable, "-m", "CeVAEAnomalyLib.cli", "adapt", str(site["a"]), str(site["b"]), "--model",
+           str(tiny_bundle), "--out", str(out), "--steps", "400", "--batch-size", "8", "--checkpoint-every", "2",
+           "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    fold1 = tmp_path / "site.cevae.fold1.ckpt"
+    deadline = time.monotonic() + 120
+    while not fold1.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().endswith("terminated"), err
+    assert fold1.is_file() and not out.exists()
+    resumed = subprocess.run([*cmd[:-8], "--steps", "6", "--batch-size", "8", "--checkpoint-every", "2",
+                              "--device", "cpu", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from" in resumed.stderr and read_header(out)["adaptation"]["steps_per_run"] == 6

@@ -41,6 +41,8 @@ class AdaptOptions:
 
     def validate(self) -> None:
         """Raise CeVAEError naming the option for a value adapting cannot run with."""
+        if self.steps < 1:
+            raise CeVAEError(f"--steps must be at least 1, got {self.steps}.")
         if self.folds < 2:
             raise CeVAEError(f"--folds must be at least 2 (one fold held out while the others train), got {self.folds}.")
         self.run_config(Path("site.cevae"), "final").validate()
