@@ -27,7 +27,7 @@ SECONDS_PER_SCAN_CPU = 25.0  # preprocessing one 1 mm scan and scoring it for ca
 class AdaptOptions:
     """How to fine-tune and calibrate (defaults: docs/adapt.md, measured on a handful of scans)."""
 
-    steps: int = 300  # per fine-tuning run
+    steps: int = 100  # per fine-tuning run
     lr: float = 1e-4
     batch_size: int = 64
     folds: int = 5  # at most; never more than the scans
