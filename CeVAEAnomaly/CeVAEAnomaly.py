@@ -35,7 +35,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions
+from CeVAEAnomalyLib.options import (DEVICES, SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions,
+                                     option_range)
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
 from CeVAEAnomalyLib.slicer.resources import resource_dir
 from CeVAEAnomalyLib.slicer.settings import (
@@ -153,11 +154,11 @@ class CeVAEAnomalyParameterNode:
     falsePositiveRate: Annotated[float, WithinRange(1e-6, 0.5)] = 0.001  # the model's rate is shown instead
     threshold: Annotated[float, WithinRange(0.0, 1000.0)] = 0.5
     overridePostprocess: bool = False
-    rimMm: Annotated[float, WithinRange(0.0, 30.0)] = 0.0
-    medianRadius: Annotated[int, WithinRange(0, 5)] = 0
-    minVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
+    rimMm: Annotated[float, WithinRange(*option_range(PostprocessOptions, "rim_mm"))] = 0.0
+    medianRadius: Annotated[int, WithinRange(*option_range(PostprocessOptions, "median_radius"))] = 0
+    minVolumeMm3: Annotated[float, WithinRange(*option_range(PostprocessOptions, "min_volume_mm3"))] = 0.0
     device: Annotated[str, Choice(list(DEVICES))] = RunOptions.device
-    batchSize: Annotated[int, WithinRange(1, 512)] = 32
+    batchSize: Annotated[int, WithinRange(*option_range(RunOptions, "batch_size"))] = RunOptions.batch_size
     scoreVolume: vtkMRMLScalarVolumeNode
     anomalySegmentation: vtkMRMLSegmentationNode
     anomalyLabelmap: vtkMRMLLabelMapVolumeNode

@@ -133,7 +133,6 @@ def sweep(data: Path, work: Path, base: Path, variant: str, train: str, val: str
     import csv
 
     from CeVAEAnomalyLib.engine.bundle import load_bundle
-    from CeVAEAnomalyLib.engine.config import LossConfig
     from CeVAEAnomalyLib.training.config import TrainConfig
     from CeVAEAnomalyLib.training.trainer import Trainer
 
@@ -142,7 +141,7 @@ def sweep(data: Path, work: Path, base: Path, variant: str, train: str, val: str
     curves = {}
     for lr in lrs:
         out = work / f"sweep-{variant}-lr{lr:g}.cevae"
-        cfg = TrainConfig(out=out, model=bundle.model_config, loss=LossConfig.from_dict(bundle.header["loss"]),
+        cfg = TrainConfig(out=out, model=bundle.model_config, loss=bundle.header.loss,
                           lr=lr, max_steps=steps, checkpoint_every=max(1, steps // 12), val_fraction=0.5,
                           seed=0, device="cpu", init_from=base)
         trainer = Trainer(cfg, scans, bundle.preprocess)
@@ -195,7 +194,6 @@ def compare(data: Path, work: Path, runs: Path, held_out: str, variant: str, opt
     """Base, base recalibrated on the site scans, and adapted model on ``held_out``'s scans of ``variant``."""
     from CeVAEAnomalyLib.engine.bundle import load_bundle
     from CeVAEAnomalyLib.engine.calibrate import recalibrate
-    from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options
     from CeVAEAnomalyLib.training.adapt import adapt
 
     base_path = runs / f"without-{held_out}.cevae"
@@ -203,7 +201,7 @@ def compare(data: Path, work: Path, runs: Path, held_out: str, variant: str, opt
     site = [variant_scan(data, work, s, variant) for s in SUBJECTS if s != held_out]
     recal_path = work / f"recalibrated-{held_out}-{variant}.cevae"
     if not recal_path.exists():
-        recalibrate(base, site, recal_path, default_score_options(base), default_postprocess(base),
+        recalibrate(base, site, recal_path, base.header.score_options, base.header.postprocess,
                     source="site scans (benchmark_adapt)")
     adapted_path = work / f"adapted-{held_out}-{variant}.cevae"
     minutes = None
@@ -288,7 +286,7 @@ def main() -> None:
 
         options = AdaptOptions(device="cpu")
         options = replace(options, steps=args.steps or options.steps, lr=args.lr or options.lr)
-        fpr = args.fpr or read_header(default_model_path())["default_fpr"]
+        fpr = args.fpr or read_header(default_model_path()).default_fpr
         results_path = args.out / "benchmark_adapt.json"
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         for subject in args.held_out.split(","):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
@@ -73,9 +74,9 @@ def main() -> None:
                 source="held-out scores: each subject scored by the model trained without it",
                 scorers=fold_models(subjects, args.runs))
     bundle = load_bundle(args.out)
-    fpr = fpr_for_threshold(find_calibration(bundle.header, SCORING, POSTPROCESS), OPERATING_THRESHOLD)
+    fpr = fpr_for_threshold(find_calibration(bundle.header.calibration, SCORING, POSTPROCESS), OPERATING_THRESHOLD)
     logging.info("Operating threshold %.4g is a held-out healthy false-positive rate of %.3g.", OPERATING_THRESHOLD, fpr)
-    save_bundle(args.out, bundle.model, dict(bundle.header, default_fpr=fpr), half=True)
+    save_bundle(args.out, bundle.model, replace(bundle.header, default_fpr=fpr), half=True)
     write_model_card(load_bundle(args.out), CARD, Path("docs/benchmark.md"))
 
 

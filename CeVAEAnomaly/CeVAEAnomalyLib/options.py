@@ -1,14 +1,20 @@
-"""Every user-facing detection option, once: its choices, default and validation (torch-free).
+"""Every user-facing detection option, once: its range, command-line flag, help and default (torch-free).
 
-The command line (argparse choices and help), the Slicer module (parameter node and combo boxes),
-the Slicer script, batch and calibration all take their choices and defaults from here. Options
-are frozen dataclasses that validate themselves; change one field with :meth:`replace`.
+Each option is a dataclass field whose metadata (:func:`option`) declares its range or choices,
+its flag and its help. From that one declaration come the checks (the same refusal from every
+entry point), the command line's flags (:func:`add_flags`), the bundle checks of
+``engine/bundle_checks.py`` and the ranges of the Slicer panel (:func:`option_range`).
+
+A detection is asked for with one :class:`DetectionRequest` (scoring and post-processing
+overrides of the model's recommendation, threshold policy, run options); the command line,
+batch, the Slicer logic, its worker and its script all build or read that object.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
 from .errors import CeVAEError
@@ -21,67 +27,112 @@ REC_KINDS = ("l1", "l2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 
-O = TypeVar("O", bound="_Options")
+S = TypeVar("S", bound="Serialisable")
 
 
-class _Options:
-    """Shared behaviour of the option dataclasses."""
+class Serialisable:
+    """to_dict / from_dict / replace for the frozen option and configuration dataclasses."""
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls: Type[O], data: Mapping[str, Any], what: str = "options") -> O:
-        """Build from a mapping; a missing field takes its default, an unknown one is refused by name."""
+    def from_dict(cls: Type[S], data: Mapping[str, Any], what: Optional[str] = None) -> S:
+        """Build from a mapping (lists become tuples); a missing field takes its default, an unknown
+        one is refused by name."""
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
-            raise CeVAEError(f"Unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}.")
-        return cls(**data)
+            raise CeVAEError(f"Unknown {what or cls.__name__ + ' field(s)'} {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(sorted(known))}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # type: ignore[call-arg]
 
-    def replace(self: O, **changes: Any) -> O:
+    def replace(self: S, **changes: Any) -> S:
         """A copy with ``changes`` applied (validated again); None values are ignored."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore
 
 
-def _choice(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise CeVAEError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+# ---- one declaration per option ------------------------------------------------------------------
+def option(default: Any, help: str, *, low: float = 0.0, high: float = math.inf, open_low: bool = False,
+           open_high: bool = False, whole: bool = False, choices: Optional[Tuple[str, ...]] = None,
+           label: Optional[str] = None, flag: Optional[str] = None) -> Any:
+    """A dataclass field with its range ([low, high]; ``open_*`` excludes a bound), or its ``choices``
+    (``label`` names them in errors), its command-line ``flag`` (default ``--name-with-dashes``) and help."""
+    return field(default=default, metadata=dict(help=help, low=low, high=high, open_low=open_low,
+                                                open_high=open_high, whole=whole, choices=choices, label=label,
+                                                flag=flag))
 
 
-def _number(name: str, value: Any, low: float = 0.0, integer: bool = False) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or value < low:
-        kind = "a whole number" if integer else "a finite number"
-        raise CeVAEError(f"{name} must be {kind} of at least {low:g}, got {value!r}.")
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def _range_text(m: Mapping[str, Any]) -> str:
+    return f"{'(' if m['open_low'] else '['}{m['low']:g}, {m['high']:g}{')' if m['open_high'] else ']'}"
+
+
+def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None) -> None:
+    """Refuse ``value`` for field ``f`` with one message naming the option (``where``: e.g. the header
+    section) and its command-line flag."""
+    m = f.metadata
+    if value is None and f.default is None:
+        return
+    name = where or f"{f.name} ({flag_of(f)})"
+    if isinstance(f.default, str) and m["choices"] is None:
+        return  # free text (the device), checked by its class
+    if m["choices"] is not None:
+        if value in m["choices"]:
+            return
+        if where:
+            raise CeVAEError(f"{where} must be one of {', '.join(m['choices'])}, got {value!r}.")
+        raise CeVAEError(f"Unknown {m['label'] or f.name} {value!r}; choose one of {', '.join(m['choices'])}.")
+    if isinstance(f.default, bool):
+        if not isinstance(value, bool):
+            raise CeVAEError(f"{name} must be true or false, got {value!r}.")
+        return
+    number = not isinstance(value, bool) and isinstance(value, int if m["whole"] else (int, float))
+    inside = number and not math.isnan(value) and (
+        (value > m["low"]) or (value == m["low"] and not m["open_low"])) and (
+        (value < m["high"]) or (value == m["high"] and not m["open_high"]))
+    if not inside:
+        kind = "a whole number" if m["whole"] else "a number"
+        raise CeVAEError(f"{name} must be {kind} in {_range_text(m)}, got {value!r}.")
+
+
+def _check_fields(obj: Any) -> None:
+    for f in fields(obj):
+        if "help" in f.metadata:
+            check_value(f, getattr(obj, f.name))
+
+
+def option_range(cls: type, name: str) -> Tuple[float, float]:
+    """(low, high) of a numeric option, e.g. for a panel's spin box."""
+    m = next(f for f in fields(cls) if f.name == name).metadata
+    return m["low"], m["high"]
+
+
+# ---- the options -------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ScoreOptions(_Options):
+class ScoreOptions(Serialisable):
     """How pixel maps are made; the defaults are the project's best measured variant."""
 
-    score_type: str = "combi"
-    # product: rec*g; weighted: rec*(1+alpha*g); geometric: sqrt(rec*g);
-    # attribution: max(0, dKL/dx * (x - decode(mu))), each pixel's first-order share of the KL
-    combi: str = "product"
-    alpha: float = 1.0
-    grad_target: str = "kl"
-    grad_sigma: float = 3.0  # Gaussian smoothing of |grad|, in model pixels (0: none)
-    grad_norm: str = "slice"  # min-max normalisation per slice, over the volume, or none
-    rec_sigma: float = 0.0  # optional smoothing of the reconstruction error
-    mc_samples: int = 0  # 0: decode mu; N: mean error over N samples of z
-    rec_kind: str = "l1"
+    score_type: str = option("combi", "pixel score", choices=SCORE_TYPES, label="score type")
+    combi: str = option("product", "how combi joins rec and grad: product rec*g, weighted rec*(1+alpha*g), "
+                        "geometric sqrt(rec*g), attribution max(0, dKL/dx * (x - decode(mu)))",
+                        choices=COMBI_MODES, label="combination")
+    alpha: float = option(1.0, "weight of grad in --combi weighted: rec*(1+alpha*grad)", high=1000)
+    grad_target: str = option("kl", "gradient of the KL term or of the whole ELBO", choices=GRAD_TARGETS,
+                              label="gradient target")
+    grad_sigma: float = option(3.0, "Gaussian smoothing of |grad| in model pixels (0: none)", high=1000)
+    grad_norm: str = option("slice", "min-max normalisation of grad per slice, over the volume, or none",
+                            choices=GRAD_NORMS, label="gradient normalisation")
+    rec_sigma: float = option(0.0, "Gaussian smoothing of the reconstruction error", high=1000)
+    mc_samples: int = option(0, "average the reconstruction over N samples of z (0: decode mu)", whole=True,
+                             high=10000)
+    rec_kind: str = option("l1", "reconstruction error", choices=REC_KINDS, label="reconstruction error")
 
     def __post_init__(self) -> None:
-        _choice("score type", self.score_type, SCORE_TYPES)
-        _choice("combination", self.combi, COMBI_MODES)
-        _choice("gradient target", self.grad_target, GRAD_TARGETS)
-        _choice("gradient normalisation", self.grad_norm, GRAD_NORMS)
-        _choice("reconstruction error", self.rec_kind, REC_KINDS)
-        _number("alpha", self.alpha)
-        _number("grad_sigma", self.grad_sigma)
-        _number("rec_sigma", self.rec_sigma)
-        _number("mc_samples", self.mc_samples, integer=True)
+        _check_fields(self)
 
     @property
     def needs_grad(self) -> bool:
@@ -94,42 +145,31 @@ PAPER = dict(combi="product", grad_target="kl", grad_sigma=3.0, grad_norm="volum
 
 
 @dataclass(frozen=True)
-class PostprocessOptions(_Options):
+class PostprocessOptions(Serialisable):
     """Optional steps, all off by default except what the bundle recommends.
 
     Order: asymmetry fusion, rim, median, robust normalisation, threshold (with hysteresis),
     minimum component volume.
     """
 
-    rim_mm: float = 0.0  # zero scores within this distance of the brain's edge
-    median_radius: int = 0  # 3D median filter radius in voxels
-    min_volume_mm3: float = 0.0  # drop labelled components smaller than this
-    # score^score_power × (asymmetry_floor + left-right intensity asymmetry smoothed with this sigma); 0: off
-    asymmetry_mm: float = 0.0
-    asymmetry_floor: float = 0.0
-    # weight the asymmetry by min(1, 2 s / (s + s_mirror)) of the score s: the side that scores lower loses it
-    # (no "ghost" at a lesion's healthy mirror position); off here so older bundles' calibrations still match
-    asymmetry_side: bool = False
-    score_power: float = 1.0
-    normalise: bool = False  # scores in units of this brain's robust spread (median/MAD), negatives to 0
-    hysteresis: float = 0.0  # grow labelled components down to this fraction of the threshold; 0: off
+    rim_mm: float = option(0.0, "ignore scores within this distance of the brain edge (mm)", high=50)
+    median_radius: int = option(0, "3D median filter radius (voxels)", whole=True, high=10)
+    min_volume_mm3: float = option(0.0, "drop components smaller than this (mm^3)", high=1e6, flag="--min-volume")
+    asymmetry_mm: float = option(0.0, "fuse the score with the left-right intensity asymmetry smoothed with "
+                                 "this sigma (mm): score^power x (floor + asymmetry); 0: off", high=100)
+    asymmetry_floor: float = option(0.0, "score^power x (floor + asymmetry): a floor > 0 keeps part of "
+                                    "midline/bilateral scores", high=1000)
+    # off here so older bundles' calibrations still match
+    asymmetry_side: bool = option(False, "weight the asymmetry by min(1, 2 s / (s + s_mirror)) of the score s: "
+                                  "the side that scores lower loses it (no ghost at a lesion's mirror position)")
+    score_power: float = option(1.0, "power of the model's score in the asymmetry fusion", high=10, open_low=True)
+    normalise: bool = option(False, "express scores in units of this brain's robust spread (median/MAD) "
+                             "before thresholding")
+    hysteresis: float = option(0.0, "grow labelled components down to this fraction of the threshold (0: off)",
+                               high=1, open_high=True)
 
     def __post_init__(self) -> None:
-        _number("rim_mm", self.rim_mm)
-        _number("median_radius", self.median_radius, integer=True)
-        _number("min_volume_mm3", self.min_volume_mm3)
-        _number("asymmetry_mm", self.asymmetry_mm)
-        _number("asymmetry_floor", self.asymmetry_floor)
-        _number("score_power", self.score_power)
-        if self.score_power <= 0:
-            raise CeVAEError(f"score_power must be positive, got {self.score_power!r}.")
-        if not isinstance(self.asymmetry_side, bool):
-            raise CeVAEError(f"asymmetry_side must be true or false, got {self.asymmetry_side!r}.")
-        if not isinstance(self.normalise, bool):
-            raise CeVAEError(f"normalise must be true or false, got {self.normalise!r}.")
-        _number("hysteresis", self.hysteresis)
-        if self.hysteresis >= 1:
-            raise CeVAEError(f"hysteresis is a fraction of the threshold below 1, got {self.hysteresis!r}.")
+        _check_fields(self)
 
 
 # The chain the subject-held-out benchmark favoured (docs/benchmark.md); new bundles use it:
@@ -140,33 +180,134 @@ RECOMMENDED_POSTPROCESS = PostprocessOptions(rim_mm=3.0, min_volume_mm3=50.0, as
 
 
 @dataclass(frozen=True)
-class ThresholdPolicy(_Options):
+class ThresholdPolicy(Serialisable):
     """How the labelmap threshold is chosen: an absolute score, else a calibrated healthy
     false-positive rate (None: the model's default rate). ``threshold=inf`` makes no labelmap."""
 
-    threshold: Optional[float] = None
-    fpr: Optional[float] = None
+    threshold: Optional[float] = option(None, "absolute score threshold (overrides --fpr; inf: no labelmap)",
+                                        low=-math.inf, open_low=True)
+    fpr: Optional[float] = option(None, "healthy false-positive rate for the calibrated threshold "
+                                  "(default: the model's)", high=1, open_low=True, open_high=True)
 
     def __post_init__(self) -> None:
-        thr = self.threshold
-        if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or math.isnan(thr)
-                                or thr == -math.inf):
-            raise CeVAEError(f"The threshold must be a number, got {thr!r}.")
-        if self.fpr is not None and not 0 < self.fpr < 1:
-            raise CeVAEError(f"The false-positive rate is a rate between 0 and 1 (e.g. 0.001), got {self.fpr!r}.")
+        _check_fields(self)
+
+
+DEFAULT_BATCH_SIZE = 64  # slices per network pass, everywhere
 
 
 @dataclass(frozen=True)
-class RunOptions(_Options):
+class RunOptions(Serialisable):
     """Where and how the network runs."""
 
-    device: str = "auto"
-    batch_size: int = 64
-    amp: bool = False
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda or mps; cuda:N picks a GPU")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "slices per network pass", whole=True, low=1, high=4096)
+    amp: bool = option(False, "mixed precision")
 
     def __post_init__(self) -> None:
-        _choice("device", self.device.split(":")[0], DEVICES)
-        _number("batch_size", self.batch_size, low=1, integer=True)
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
+            raise CeVAEError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)} (cuda:N picks a GPU).")
+        _check_fields(self)
+
+
+# ---- one detection request ---------------------------------------------------------------------
+_PARTS: Tuple[type, ...] = (ScoreOptions, PostprocessOptions, ThresholdPolicy, RunOptions)
+_OWNER: Dict[str, type] = {f.name: cls for cls in _PARTS for f in fields(cls)}
+
+
+def _checked_overrides(cls: type, values: Mapping[str, Any], what: str) -> Dict[str, Any]:
+    by_name = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(by_name))
+    if unknown:
+        raise CeVAEError(f"Unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(sorted(by_name))}.")
+    out = {k: v for k, v in values.items() if v is not None}
+    for k, v in out.items():
+        check_value(by_name[k], v)
+    return out
+
+
+@dataclass(frozen=True)
+class DetectionRequest(Serialisable):
+    """What one detection is asked to do, from any entry point.
+
+    ``score`` and ``post`` override the model's recommended scoring and post-processing (only the
+    options given; ``paper`` first switches to the published score); ``policy`` chooses the
+    labelmap threshold; ``run`` says where the network runs. Build one from keyword options with
+    :meth:`of` (``DetectionRequest.of(score_type="rec", rim_mm=2.0, fpr=0.01, batch_size=8)``).
+    """
+
+    score: Dict[str, Any] = field(default_factory=dict)
+    post: Dict[str, Any] = field(default_factory=dict)
+    paper: bool = False
+    policy: ThresholdPolicy = ThresholdPolicy()
+    run: RunOptions = RunOptions()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "score", _checked_overrides(ScoreOptions, self.score, "score option(s)"))
+        object.__setattr__(self, "post", _checked_overrides(PostprocessOptions, self.post,
+                                                            "post-processing option(s)"))
+        if not isinstance(self.paper, bool):
+            raise CeVAEError(f"paper must be true or false, got {self.paper!r}.")
+        for name, cls in (("policy", ThresholdPolicy), ("run", RunOptions)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):  # from JSON
+                object.__setattr__(self, name, cls.from_dict(value))
+            elif not isinstance(value, cls):
+                raise CeVAEError(f"The request's {name} must be a {cls.__name__}, got {value!r}.")
+
+    @classmethod
+    def of(cls, paper: bool = False, **options: Any) -> "DetectionRequest":
+        """A request from option names (None: the model's or the default), each routed to its part."""
+        unknown = sorted(set(options) - set(_OWNER))
+        if unknown:
+            raise CeVAEError(f"Unknown detection option(s) {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(sorted(_OWNER))}.")
+        parts: Dict[type, Dict[str, Any]] = {c: {} for c in _PARTS}
+        for name, value in options.items():
+            if value is not None:
+                parts[_OWNER[name]][name] = value
+        return cls(score=parts[ScoreOptions], post=parts[PostprocessOptions], paper=paper,
+                   policy=ThresholdPolicy(**parts[ThresholdPolicy]), run=RunOptions(**parts[RunOptions]))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DetectionRequest":
+        """The request the command-line flags of :func:`add_flags` ask for."""
+        return cls.of(paper=bool(getattr(args, "paper", False)),
+                      **{name: getattr(args, name, None) for name in _OWNER})
+
+    def with_options(self, **options: Any) -> "DetectionRequest":
+        """A copy with more options (None values are ignored)."""
+        given = dict(self.score, **self.post, **{k: v for k, v in self.policy.to_dict().items() if v is not None},
+                     **self.run.to_dict())
+        return DetectionRequest.of(paper=self.paper, **dict(given, **{k: v for k, v in options.items()
+                                                                      if v is not None}))
+
+    def options(self, score: ScoreOptions, post: PostprocessOptions) -> Tuple[ScoreOptions, PostprocessOptions]:
+        """The scoring and post-processing to use, starting from the model's recommended ``score`` and ``post``."""
+        if self.paper:
+            score = score.replace(**PAPER)
+        return score.replace(**self.score), post.replace(**self.post)
+
+
+# ---- the command line --------------------------------------------------------------------------
+def add_flags(parser: argparse.ArgumentParser, cls: type, model_default: bool = False,
+              only: Optional[Tuple[str, ...]] = None) -> None:
+    """One flag per option of ``cls`` (or those named in ``only``); ``model_default``: the flags default
+    to None (the model's own). The values are checked when the request is built (one message everywhere)."""
+    for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        m = f.metadata
+        default = None if model_default or f.default is None else f.default
+        help_text = m["help"] + (" (default: the model's)" if model_default else "")
+        kwargs: Dict[str, Any] = dict(dest=f.name, default=default, help=help_text)
+        if m["choices"] is not None:
+            kwargs["choices"] = m["choices"]
+        elif isinstance(f.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif not isinstance(f.default, str):  # numbers (the device is free text)
+            kwargs["type"] = int if m["whole"] else float
+        parser.add_argument(flag_of(f), **kwargs)
 
 
 def parse_orientations(text: str) -> Tuple[str, ...]:
@@ -175,5 +316,6 @@ def parse_orientations(text: str) -> Tuple[str, ...]:
     if not names:
         raise CeVAEError(f"Give at least one slice orientation ({', '.join(ORIENTATIONS)}).")
     for name in names:
-        _choice("orientation", name, ORIENTATIONS)
+        if name not in ORIENTATIONS:
+            raise CeVAEError(f"Unknown orientation {name!r}; choose one of {', '.join(ORIENTATIONS)}.")
     return names

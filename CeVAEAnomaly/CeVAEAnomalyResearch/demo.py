@@ -10,7 +10,7 @@ from typing import Optional
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.io.atomic import write_all
-from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
+from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
 
 log = logging.getLogger(__name__)
 DEMO_SUBJECT = "robex"
@@ -74,7 +74,7 @@ def run_demo(
         "lesion ml (truth)": float(sitk.GetArrayViewFromImage(truth).sum() * _voxel_ml(truth)),
         "threshold": result.threshold,
     }
-    trained_on = {s.get("name") for s in bundle.header.get("training", {}).get("subjects", [])}
+    trained_on = {s.get("name") for s in (bundle.header.training or {}).get("subjects", [])}
     note = (f"Note: {DEMO_SUBJECT} is one of this model's training subjects, so these figures are optimistic; "
             "held-out figures are in docs/benchmark.md." if f"{DEMO_SUBJECT}_t1" in trained_on else "")
     return DemoReport(out_dir, [*files, png], metrics, time.perf_counter() - t0, note)

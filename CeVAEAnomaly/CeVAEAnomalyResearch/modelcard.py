@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 from CeVAEAnomalyLib.engine.bundle import Bundle
-from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
+from CeVAEAnomalyLib.engine.calibration import find_calibration, threshold_for_fpr
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 
 KNOWN_SOURCES = {
@@ -21,7 +20,7 @@ KNOWN_SOURCES = {
 
 
 def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
-    h = bundle.header
+    h = bundle.header.to_dict()
     tr = h.get("training", {})
     pre = h.get("preprocess", {})
     lines = [
@@ -59,10 +58,10 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
         f"- Default scoring: {json.dumps(h.get('score_options'))}.",
         f"- Post-processing: {json.dumps(h.get('postprocess'))}.",
     ]
-    fpr = float(h.get("default_fpr", DEFAULT_FPR))
+    typed = bundle.header
+    fpr = typed.default_fpr
     try:
-        entry = find_calibration(h, ScoreOptions.from_dict(h["score_options"]),
-                                 PostprocessOptions.from_dict(h["postprocess"]))
+        entry = find_calibration(typed.calibration, typed.score_options, typed.postprocess)
     except CeVAEError:
         entry = None
     if entry:

@@ -31,7 +31,8 @@ if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
 from CeVAEAnomalyLib.errors import CeVAEError, one_line  # noqa: E402  (after the path set-up above)
 from CeVAEAnomalyLib.io import naming  # noqa: E402
 from CeVAEAnomalyLib.io.naming import file_stem  # noqa: E402
-from CeVAEAnomalyLib.options import DEVICES, SCORE_TYPES, RunOptions, ScoreOptions  # noqa: E402
+from CeVAEAnomalyLib.options import (DetectionRequest, RunOptions, ScoreOptions, ThresholdPolicy,  # noqa: E402
+                                     add_flags)
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult  # noqa: E402
 
 log = logging.getLogger("DetectVolume")
@@ -44,11 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", type=Path, help="brain mask volume file (>0 is brain); automatic if absent")
     p.add_argument("--model", type=Path, help="model bundle (.cevae); the bundled default model if absent")
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the results (created if needed)")
-    p.add_argument("--score-type", default=ScoreOptions.score_type, choices=SCORE_TYPES)
-    p.add_argument("--fpr", type=float,
-                   help="healthy false-positive rate of the calibrated threshold (default: the model's own)")
-    p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
-    p.add_argument("--device", default=RunOptions.device, help=", ".join(DEVICES))
+    add_flags(p, ScoreOptions, model_default=True, only=("score_type",))
+    add_flags(p, ThresholdPolicy)
+    add_flags(p, RunOptions, only=("device", "batch_size"))
     p.add_argument("--format", dest="volume_format", default="nrrd", choices=VOLUME_FORMATS,
                    help="file format of the score volume and labelmap")
     p.add_argument("--overwrite", action="store_true", help="replace existing result files")
@@ -90,7 +89,7 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
                   inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
     """Write every result to a temporary name beside its target, then rename all into place."""
     from CeVAEAnomalyLib.io.atomic import write_all
-    from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
+    from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
 
     writers: Dict[Path, object] = {
         paths["score"]: _node_writer(result.nodes.score),
@@ -107,16 +106,15 @@ def _progress(fraction: float, message: str) -> None:
 
 
 def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
+    request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
     from CeVAEAnomalyLib.io.targets import check_paths
 
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
     volume = load_volume(scene, args.input)
     mask = load_volume(scene, args.mask, labelmap=True) if args.mask else None
-    result = CeVAEAnomalyLogic(scene).process(
-        volume, mask, modelPath=args.model, scoreType=args.score_type, fpr=args.fpr, threshold=args.threshold,
-        device=args.device, createLabelmap=True, progress=_progress,
-    )
+    result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
+                                              progress=_progress)
     written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model))
     log.info("Wrote %s.", ", ".join(str(p) for p in written))
     return written

@@ -4,6 +4,7 @@ model without a training objective)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
 
@@ -17,7 +18,7 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import data_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.engine.header import read_header
+from CeVAEAnomalyLib.engine.header import BundleHeader, read_header
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.manifest import Subject
@@ -85,10 +86,15 @@ def test_depth_contrast_tells_a_t1_from_the_same_brain_with_reversed_contrast(si
     t1 = depth_contrast(subject_slices(Subject(site["a"], site["mask"]), pre, ("axial",))[0])
     reversed_ = depth_contrast(subject_slices(Subject(site["reversed"], site["mask"]), pre, ("axial",))[0])
     assert abs(t1 - T1_DEPTH_CONTRAST) < TOLERANCE < abs(reversed_ - T1_DEPTH_CONTRAST)
-    check_modality(["scan_a"], [t1], {"modality": "T1"})
+    t1_model = BundleHeader(preprocess=pre, modality="T1")
+    check_modality(["scan_a"], [t1], t1_model)
     with pytest.raises(CeVAEError, match="reversed"):
-        check_modality(["scan_a", "reversed"], [t1, reversed_], {"modality": "T1"})
-    check_modality(["reversed"], [reversed_], {"modality": "T2"})  # no reference for T2: nothing to compare
+        check_modality(["scan_a", "reversed"], [t1, reversed_], t1_model)
+    check_modality(["reversed"], [reversed_], replace(t1_model, modality="T2"))  # no T2 reference: not compared
+    adapted = replace(t1_model, extra={"adaptation": {"depth_contrast": reversed_}})  # a site's own reference wins
+    check_modality(["reversed"], [reversed_], adapted)
+    with pytest.raises(CeVAEError, match="adapted to"):
+        check_modality(["scan_a"], [t1], adapted)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mni152_t1.nii.gz").exists(), reason="needs the healthy sample volumes")
@@ -137,14 +143,17 @@ def test_adapt_records_parent_site_and_folds_and_no_scan_calibrates_a_model_trai
         owner = next(t for t in runs if t.model is scorer.model)
         assert owner is not runs[-1] and subject.image not in [s.image for s in owner.train_subjects]
     header = read_header(out)
-    record = header["adaptation"]
+    record = header.extra["adaptation"]
     assert record["parent"]["sha256"] == sha256_of(tiny_bundle)
     assert [s["sha256"] for s in record["site_scans"]] == [sha256_of(s.image) for s in scans]
     held = [n for fold in record["folds"] for n in fold["held_out"]]
     assert sorted(held) == ["scan_a", "scan_b", "scan_c"]
     assert all(not set(f["held_out"]) & set(f["trained_on"]) for f in record["folds"])
-    assert [s["name"] for s in header["training"]["subjects"]] == ["scan_a", "scan_b", "scan_c"]
-    assert {json.loads(k)["score"]["score_type"] for k in header["calibration"]} == set(SCORE_TYPES)
+    assert [s["name"] for s in header.training["subjects"]] == ["scan_a", "scan_b", "scan_c"]
+    assert {json.loads(k)["score"]["score_type"] for k in header.calibration} == set(SCORE_TYPES)
+    base_header = read_header(tiny_bundle)
+    assert (header.score_options, header.postprocess, header.preprocess) == \
+        (base_header.score_options, base_header.postprocess, base_header.preprocess)
     adapted, base = load_bundle(out).model.state_dict(), load_bundle(tiny_bundle).model.state_dict()
     assert any(not torch.equal(adapted[k], base[k]) for k in base)
     assert out.with_name("site.cevae.ckpt").is_file()
@@ -180,7 +189,7 @@ def test_an_interrupted_adaptation_resumes_without_training_finished_folds_again
     got, want = load_bundle(out).model.state_dict(), load_bundle(ref).model.state_dict()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=key)
-    got_cal, want_cal = read_header(out)["calibration"], read_header(ref)["calibration"]
+    got_cal, want_cal = read_header(out).calibration, read_header(ref).calibration
     assert got_cal.keys() == want_cal.keys()
     for key in want_cal:
         np.testing.assert_allclose(got_cal[key]["threshold"], want_cal[key]["threshold"], rtol=1e-4)
@@ -203,11 +212,10 @@ def test_the_command_refuses_too_few_scans_another_contrast_and_models_it_cannot
     assert "at least 2" in _refusal(capsys, ["adapt", str(site["a"]), str(copy), *common])
     err = _refusal(capsys, ["adapt", str(site["a"]), str(site["reversed"]), *common])
     assert "another contrast" in err and "reversed" in err and "scan_a" not in err.split("T1 scans:")[1].split(";")[0]
-    header = read_header(tiny_bundle)
-    del header["loss"]
-    no_loss = save_bundle(tmp_path / "no_loss.cevae", load_bundle(tiny_bundle).model, header)
-    assert "no training loss" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), "--model", str(no_loss),
-                                                   "--out", out, *QUICK_ARGS])
+    untrained = replace(read_header(tiny_bundle), training=None)  # e.g. converted from elsewhere
+    no_record = save_bundle(tmp_path / "no_record.cevae", load_bundle(tiny_bundle).model, untrained)
+    assert "no training run" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), "--model",
+                                                  str(no_record), "--out", out, *QUICK_ARGS])
     assert "--folds" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), *common, "--folds", "1"])
     assert "--steps" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), *common, "--steps", "0"])
     assert "does not exist" in _refusal(capsys, ["adapt", str(site["a"]), str(tmp_path / "missing.nii.gz"), *common])
@@ -240,4 +248,4 @@ def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_b
     resumed = subprocess.run([*cmd[:-8], "--steps", "6", "--batch-size", "8", "--checkpoint-every", "2",
                               "--device", "cpu", "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resumed from" in resumed.stderr and read_header(out)["adaptation"]["steps_per_run"] == 6
+    assert "Resumed from" in resumed.stderr and read_header(out).extra["adaptation"]["steps_per_run"] == 6

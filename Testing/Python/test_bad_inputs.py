@@ -262,7 +262,7 @@ def model_wrong_tensors(d: Path, g: Inputs) -> Inputs:
     from CeVAEAnomalyLib.engine.bundle import read_header
     from safetensors.torch import save_file
 
-    header = json.dumps(read_header(g.model))
+    header = json.dumps(read_header(g.model).to_dict())
     save_file({"embed.weight": torch.zeros(16, 4)}, str(d / "odd.cevae"), metadata={"cevae_anomaly": header})
     return Inputs(g.image, g.mask, d / "odd.cevae")
 
@@ -465,9 +465,9 @@ CASES: Dict[str, Case] = {
     "model path is a folder": Case(model_folder, REFUSED, r"models is a folder"),
     "unknown --score-type": Case(with_args("--score-type", "entropy"), REFUSED,
                                  r"argument --score-type: invalid choice: 'entropy' \(choose from 'combi', 'rec', 'grad'\)"),
-    "--batch-size 0": Case(with_args("--batch-size", "0"), REFUSED, r"--batch-size must be 1 or more"),
-    "--fpr 5": Case(with_args("--fpr", "5"), REFUSED, r"--fpr is a rate between 0 and 1"),
-    "negative --rim-mm": Case(with_args("--rim-mm", "-2"), REFUSED, r"--rim-mm must be 0 or more"),
+    "--batch-size 0": Case(with_args("--batch-size", "0"), REFUSED, r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0"),
+    "--fpr 5": Case(with_args("--fpr", "5"), REFUSED, r"fpr \(--fpr\) must be a number in \(0, 1\), got 5"),
+    "negative --rim-mm": Case(with_args("--rim-mm", "-2"), REFUSED, r"rim_mm \(--rim-mm\) must be a number in \[0, 50\], got -2"),
     "output = input": Case(output_is_input(), REFUSED, r"same file as an input"),
     "output = input, --overwrite": Case(output_is_input("--overwrite"), REFUSED, r"same file as an input"),
     "output = mask, --overwrite": Case(output_is_mask, REFUSED, r"same file as an input"),

@@ -11,6 +11,7 @@ from CeVAEAnomalyLib.cli.batch import (
     BatchItem, DetectSettings, collect_inputs, output_paths, parse_shard, run_batch, select_shard,
 )
 from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.options import DetectionRequest
 from CeVAEAnomalyLib.errors import CeVAEError
 
 NAMES = ["a1", "b2", "c3", "d4"]
@@ -84,13 +85,7 @@ def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, 
 
 
 def test_interrupted_run_keeps_its_summary(cohort, tiny_bundle, tmp_path):
-    from CeVAEAnomalyLib.engine.bundle import load_bundle
-    from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options
-
-    bundle = load_bundle(tiny_bundle)
-    settings = DetectSettings(model=tiny_bundle, device="cpu",
-                              score_options=default_score_options(bundle).to_dict(),
-                              postprocess=default_postprocess(bundle).to_dict(), out_dir=tmp_path / "out")
+    settings = DetectSettings(model=tiny_bundle, request=DetectionRequest.of(device="cpu"), out_dir=tmp_path / "out")
     items = [it for it in collect_inputs(cohort) if it.name != "bad"]
     summary_csv = tmp_path / "out" / "summary.csv"
     on_disk = []

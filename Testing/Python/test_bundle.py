@@ -6,10 +6,12 @@ import struct
 import pytest
 import torch
 
-from CeVAEAnomalyLib.engine.bundle import FORMAT_VERSION, load_bundle, read_header, save_bundle
-from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.engine.bundle import FORMAT_VERSION, BundleHeader, load_bundle, read_header, save_bundle
+from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
+from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.engine.model import CeVAE
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 
 
 @pytest.fixture
@@ -18,7 +20,7 @@ def model():
     return CeVAE(ModelConfig(channels=(4, 8, 8, 16), z_dim=8)).eval()
 
 
-HEADER = {"preprocess": {"input_size": 64}, "modality": "T1"}
+HEADER = BundleHeader(preprocess=PreprocessConfig(input_size=64), modality="T1")
 
 
 def test_round_trip_gives_the_same_network(tmp_path, model):
@@ -27,7 +29,7 @@ def test_round_trip_gives_the_same_network(tmp_path, model):
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(b.model.encode(x)[0], model.encode(x)[0])
-    assert b.header["modality"] == "T1" and b.header["format_version"] == FORMAT_VERSION
+    assert b.header.modality == "T1" and b.header.extra["format_version"] == FORMAT_VERSION
     assert b.model_config == model.cfg
 
 
@@ -52,7 +54,7 @@ def _rewrite_header(path, edit):
 
 def test_tampered_shapes_are_refused(tmp_path, model):
     path = save_bundle(tmp_path / "m.cevae", model, HEADER)
-    meta = read_header(path)
+    meta = read_header(path).to_dict()
     meta["model"]["z_dim"] = 9  # header no longer matches the tensors
 
     def edit(h):
@@ -65,7 +67,7 @@ def test_tampered_shapes_are_refused(tmp_path, model):
 
 def test_newer_format_version_is_refused(tmp_path, model):
     path = save_bundle(tmp_path / "m.cevae", model, HEADER)
-    meta = read_header(path)
+    meta = read_header(path).to_dict()
     meta["format_version"] = FORMAT_VERSION + 1
     _rewrite_header(path, lambda h: h["__metadata__"].update(cevae_anomaly=json.dumps(meta)))
     with pytest.raises(CeVAEError, match="Update CeVAEAnomaly"):
@@ -103,3 +105,22 @@ def test_foreign_safetensors_is_refused(tmp_path):
     save_file({"weight": torch.zeros(3)}, str(p))
     with pytest.raises(CeVAEError, match="not a CeVAEAnomaly model bundle"):
         load_bundle(p)
+
+
+def test_header_is_read_typed_and_an_absent_section_takes_its_one_default(tmp_path, model):
+    """An older bundle without scoring, post-processing, loss or default rate: the typed header says what
+    the model recommends, and every reader (detector, Slicer settings) gets that one answer."""
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+
+    def strip(h):
+        meta = json.loads(h["__metadata__"]["cevae_anomaly"])
+        for key in ("score_options", "postprocess", "loss", "default_fpr"):
+            del meta[key]
+        h["__metadata__"]["cevae_anomaly"] = json.dumps(meta)
+
+    _rewrite_header(path, strip)
+    header = read_header(path)
+    assert isinstance(header, BundleHeader) and header.model == model.cfg
+    assert (header.score_options, header.postprocess, header.loss, header.default_fpr) == (
+        ScoreOptions(), PostprocessOptions(), LossConfig(), DEFAULT_FPR)
+    assert BundleHeader.from_dict(header.to_dict()) == header

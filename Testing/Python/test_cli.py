@@ -24,7 +24,7 @@ def test_train_then_detect(tmp_path):
                  "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8",
                  "--channels", "8,8,16,16", "--z-dim", "8", "--device", "cpu", "--seed", "3"]) == 0
     header = read_header(bundle)
-    assert header["training"]["steps"] == 4 and len(header["calibration"]) == 3
+    assert header.training["steps"] == 4 and len(header.calibration) == 3
     log_rows = list(csv.DictReader(open(tmp_path / "model.cevae.log.csv")))
     assert [int(r["step"]) for r in log_rows] == [2, 4]
 

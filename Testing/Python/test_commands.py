@@ -6,7 +6,6 @@ import SimpleITK as sitk
 from conftest import SHARED_DATA, make_head
 from CeVAEAnomalyLib.engine.bundle import read_header
 from CeVAEAnomalyLib.engine.calibration import calibration_key
-from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 from CeVAEAnomalyLib.cli.main import main
 
 
@@ -20,9 +19,9 @@ def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundl
                  "--out", str(out), "--paper", "--rim-mm", "0", "--median-radius", "0",
                  "--min-volume", "0", "--default-fpr", "0.01", "--device", "cpu"]) == 0
     h = read_header(out)
-    assert h["score_options"]["grad_norm"] == "volume" and h["default_fpr"] == 0.01
-    key = calibration_key(ScoreOptions.from_dict(h["score_options"]), PostprocessOptions.from_dict(h["postprocess"]))
-    assert key in h["calibration"] and h["calibration"][key]["n_voxels"] > 1000
+    assert h.score_options.grad_norm == "volume" and h.default_fpr == 0.01
+    key = calibration_key(h.score_options, h.postprocess)
+    assert key in h.calibration and h.calibration[key]["n_voxels"] > 1000
     # detect with the calibrated bundle flags about 1% of this same healthy brain
     assert main(["detect", str(tmp_path / "h.nii.gz"), "--mask", str(tmp_path / "h_mask.nii.gz"),
                  "--model", str(out), "--score", str(tmp_path / "s.nii.gz"),

@@ -64,7 +64,7 @@ def test_two_ranks_train_one_model_and_resume(cohort):
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["m.cevae", "m.cevae.ckpt", "m.cevae.log.csv"]
     assert out.count("Model bundle written") == 1
     assert logged_steps(bundle) == [2, 4]
-    training = read_header(bundle)["training"]
+    training = read_header(bundle).training
     assert training["ranks"] == 2 and training["batch_size"] == 16 and training["steps"] == 4
 
     # --resume: every rank restores the checkpoint and they stay in step; with a shared slice cache
@@ -76,7 +76,7 @@ def test_two_ranks_train_one_model_and_resume(cohort):
     assert sums2[0] == sums2[1] != sums[0]
     assert parameter_checksum(load_bundle(bundle).model) == sums2[0]
     assert logged_steps(bundle) == [2, 4, 6]
-    assert read_header(bundle)["training"]["steps"] == 6
+    assert read_header(bundle).training["steps"] == 6
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["m.cevae", "m.cevae.ckpt", "m.cevae.log.csv"]
 
 

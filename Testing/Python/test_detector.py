@@ -5,7 +5,7 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model, healthy_scores
-from CeVAEAnomalyLib.engine.detector import Detector, default_postprocess, default_score_options
+from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import SCORE_TYPES, ThresholdPolicy
 from CeVAEAnomalyLib.training.data import Subject
@@ -25,7 +25,7 @@ def _count_encodes(model, monkeypatch):
 
 def test_missing_calibration_is_reported_when_the_detector_is_built(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
-    uncalibrated = default_score_options(bundle).replace(grad_sigma=1.25)
+    uncalibrated = bundle.header.score_options.replace(grad_sigma=1.25)
     with pytest.raises(CeVAEError, match="no calibration"):
         Detector(bundle, uncalibrated)
     assert Detector(bundle, uncalibrated, policy=ThresholdPolicy(threshold=0.5)).threshold == 0.5
@@ -44,7 +44,7 @@ def test_detector_is_reusable_and_matches_a_fresh_one(tiny_bundle, head):
 
 def test_calibration_runs_the_network_once_per_volume_for_all_score_types(tiny_bundle, head, monkeypatch):
     bundle = load_bundle(tiny_bundle)
-    opts, post = default_score_options(bundle), default_postprocess(bundle)
+    opts, post = bundle.header.score_options, bundle.header.postprocess
     subject = Subject(*head)
     calls = _count_encodes(bundle.model, monkeypatch)
     calibrations = calibrate_model(bundle, [subject], "test", opts, post)

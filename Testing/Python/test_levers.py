@@ -102,9 +102,9 @@ def test_calibration_stored_before_the_levers_still_matches() -> None:
                                                                     "min_volume_mm3": 50.0}}, sort_keys=True)
     header = {"calibration": {old_key: {"fpr": [0.001, 0.01], "threshold": [2.0, 1.0]}}}
     post = PostprocessOptions(rim_mm=3.0, median_radius=1, min_volume_mm3=50.0)
-    assert find_calibration(header, ScoreOptions(), post)["threshold"] == [2.0, 1.0]
+    assert find_calibration(header["calibration"], ScoreOptions(), post)["threshold"] == [2.0, 1.0]
     with pytest.raises(Exception):
-        find_calibration(header, ScoreOptions(), post.replace(normalise=True))
+        find_calibration(header["calibration"], ScoreOptions(), post.replace(normalise=True))
 
 
 def test_postprocess_options_refuse_bad_levers() -> None:

@@ -1,6 +1,7 @@
 """The option dataclasses: validation, overrides, and calibration lookup across option versions."""
 import json
 import math
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -9,10 +10,13 @@ from CeVAEAnomalyLib.engine.calibration import calibrate, calibration_key, find_
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import (
     PAPER,
+    DetectionRequest,
     PostprocessOptions,
     RunOptions,
     ScoreOptions,
     ThresholdPolicy,
+    flag_of,
+    option_range,
     parse_orientations,
 )
 
@@ -21,10 +25,10 @@ from CeVAEAnomalyLib.options import (
     ({"score_type": "magic"}, "Unknown score type 'magic'"),
     ({"combi": "sum"}, "Unknown combination 'sum'"),
     ({"grad_norm": "global"}, "Unknown gradient normalisation"),
-    ({"grad_sigma": -1.0}, "grad_sigma must be a finite number of at least 0"),
-    ({"rec_sigma": math.nan}, "rec_sigma must be"),
-    ({"mc_samples": 1.5}, "mc_samples must be a whole number"),
-    ({"alpha": math.inf}, "alpha must be"),
+    ({"grad_sigma": -1.0}, r"grad_sigma \(--grad-sigma\) must be a number in \[0, 1000\], got -1.0"),
+    ({"rec_sigma": math.nan}, r"rec_sigma \(--rec-sigma\) must be"),
+    ({"mc_samples": 1.5}, r"mc_samples \(--mc-samples\) must be a whole number"),
+    ({"alpha": math.inf}, r"alpha \(--alpha\) must be"),
 ])
 def test_score_options_refuse_bad_values_by_name(kwargs, message):
     with pytest.raises(CeVAEError, match=message):
@@ -83,12 +87,12 @@ def test_calibration_written_before_a_field_existed_is_still_found():
     old = json.loads(calibration_key(score, post))
     del old["score"]["rec_kind"]  # as if the bundle predates this option
     header = _header_with(json.dumps(old, sort_keys=True))
-    assert find_calibration(header, score, post)["source"] == "test"
+    assert find_calibration(header["calibration"], score, post)["source"] == "test"
     # ...but not for options that differ, nor when the new field is not at its default
     with pytest.raises(CeVAEError, match="no calibration"):
-        find_calibration(header, score.replace(rec_kind="l2"), post)
+        find_calibration(header["calibration"], score.replace(rec_kind="l2"), post)
     with pytest.raises(CeVAEError, match="no calibration"):
-        find_calibration(header, score, post.replace(rim_mm=2.0))
+        find_calibration(header["calibration"], score, post.replace(rim_mm=2.0))
 
 
 def test_calibration_keys_this_version_cannot_read_are_skipped():
@@ -98,4 +102,74 @@ def test_calibration_keys_this_version_cannot_read_are_skipped():
     header = _header_with(json.dumps(stale))
     header["calibration"]["not json"] = header["calibration"][json.dumps(stale)]
     with pytest.raises(CeVAEError, match="no calibration"):
-        find_calibration(header, score, post)
+        find_calibration(header["calibration"], score, post)
+
+
+# --- one detection request ---------------------------------------------------------------------
+def test_request_routes_each_option_to_its_part_and_round_trips():
+    request = DetectionRequest.of(score_type="rec", rim_mm=2.0, asymmetry_side=False, fpr=0.01, batch_size=8,
+                                  device="cpu", mc_samples=None)
+    assert request.score == {"score_type": "rec"} and request.post == {"rim_mm": 2.0, "asymmetry_side": False}
+    assert request.policy == ThresholdPolicy(fpr=0.01) and request.run == RunOptions(device="cpu", batch_size=8)
+    assert DetectionRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+    assert request.with_options(threshold=0.5).policy == ThresholdPolicy(threshold=0.5, fpr=0.01)
+    model_score, model_post = ScoreOptions(grad_norm="volume"), PostprocessOptions(rim_mm=3.0, normalise=True)
+    score, post = request.options(model_score, model_post)
+    assert score == ScoreOptions(score_type="rec", grad_norm="volume")  # the model's, with the overrides
+    assert post == PostprocessOptions(rim_mm=2.0, normalise=True)
+    assert DetectionRequest(paper=True).options(ScoreOptions(), model_post)[0] == ScoreOptions().replace(**PAPER)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0\."),
+    ({"rim_mm": -1.0}, r"rim_mm \(--rim-mm\) must be a number in \[0, 50\], got -1\.0\."),
+    ({"min_volume_mm3": math.nan}, r"min_volume_mm3 \(--min-volume\) must be"),
+    ({"threshold": -math.inf}, r"threshold \(--threshold\) must be"),
+    ({"score_type": "best"}, r"Unknown score type 'best'"),
+    ({"colour": "red"}, r"Unknown detection option\(s\) 'colour'"),
+])
+def test_request_refuses_bad_values_with_the_options_message(options, message):
+    with pytest.raises(CeVAEError, match=message):
+        DetectionRequest.of(**options)
+
+
+def test_a_request_read_from_json_is_checked_the_same_way():
+    """The worker's request file is untrusted in the same way as keyword options."""
+    with pytest.raises(CeVAEError, match=r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0\."):
+        DetectionRequest.from_dict({"run": {"batch_size": 0}})
+    with pytest.raises(CeVAEError, match=r"rim_mm \(--rim-mm\) must be a number in \[0, 50\], got -1\."):
+        DetectionRequest.from_dict({"post": {"rim_mm": -1}})
+    with pytest.raises(CeVAEError, match=r"Unknown post-processing option\(s\) 'colour'"):
+        DetectionRequest.from_dict({"post": {"colour": 1}})
+
+
+def test_command_line_flags_come_from_the_option_declarations():
+    """Every option has its flag (today's names kept), and the flags build the same request."""
+    from CeVAEAnomalyLib.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["detect", "in.nii.gz", "--score", "s.nii.gz", "--min-volume", "20", "--asymmetry-side",
+                              "--threshold", "inf", "--batch-size", "4", "--device", "cpu", "--grad-norm", "volume"])
+    request = DetectionRequest.from_args(args)
+    assert request.post == {"min_volume_mm3": 20.0, "asymmetry_side": True}
+    assert request.score == {"grad_norm": "volume"}
+    assert request.policy.threshold == math.inf and request.run == RunOptions(device="cpu", batch_size=4)
+    assert DetectionRequest.from_args(parser.parse_args(["detect", "in.nii.gz", "--score", "s.nii.gz"])) == \
+        DetectionRequest()
+    flags = {a for action in parser._subparsers._group_actions[0].choices["detect"]._actions
+             for a in action.option_strings}
+    for cls in (ScoreOptions, PostprocessOptions, ThresholdPolicy, RunOptions):
+        for f in fields(cls):
+            assert flag_of(f) in flags, f.name
+
+
+def test_bundle_checks_use_the_declared_ranges():
+    from CeVAEAnomalyLib.engine.bundle_checks import _check_options
+
+    low, high = option_range(PostprocessOptions, "rim_mm")
+    _check_options({"postprocess": {"rim_mm": high}}, "postprocess", PostprocessOptions)
+    for bad in (low - 1, high + 1):
+        with pytest.raises(CeVAEError, match=r"postprocess\.rim_mm must be a number in \[0, 50\]"):
+            _check_options({"postprocess": {"rim_mm": bad}}, "postprocess", PostprocessOptions)
+        with pytest.raises(CeVAEError, match=r"rim_mm \(--rim-mm\) must be a number in \[0, 50\]"):
+            PostprocessOptions(rim_mm=bad)

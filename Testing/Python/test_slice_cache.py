@@ -173,7 +173,7 @@ def test_prepare_then_train_from_the_cache_equals_training_without_it(subjects, 
     a, b = load_bundle(tmp_path / "a.cevae"), load_bundle(tmp_path / "b.cevae")
     for key, value in a.model.state_dict().items():
         torch.testing.assert_close(value, b.model.state_dict()[key], rtol=0, atol=0)
-    assert a.header["calibration"] == b.header["calibration"]
+    assert a.header.calibration == b.header.calibration
 
 
 @pytest.mark.slow

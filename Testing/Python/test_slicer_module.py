@@ -75,14 +75,14 @@ def test_process_makes_outputs_on_the_input_grid(scene_with_head, tiny_bundle, g
 def test_logic_and_command_line_share_one_detection(scene_with_head, tiny_bundle, tmp_path):
     """The node path gives the same scores as the core called on the image file."""
     from CeVAEAnomalyLib.engine.bundle import load_bundle
-    from CeVAEAnomalyLib.engine.detector import default_score_options, detect
+    from CeVAEAnomalyLib.engine.detector import detect
 
     scene, volume, mask, image, mask_image = scene_with_head()
     result = CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu")
     sitk.WriteImage(image, str(tmp_path / "head.nrrd"))
     bundle = load_bundle(tiny_bundle)
     direct = detect(sitk.ReadImage(str(tmp_path / "head.nrrd")), bundle, mask_image,
-                    default_score_options(bundle).replace(score_type="combi"))
+                    bundle.header.score_options.replace(score_type="combi"))
     np.testing.assert_allclose(sitk.GetArrayFromImage(mrml.image_from_volume(result.nodes.score)),
                                sitk.GetArrayFromImage(direct.score), rtol=1e-5, atol=1e-6)
     assert result.detection.threshold == pytest.approx(direct.threshold)
@@ -93,7 +93,7 @@ def test_second_run_updates_the_same_nodes(scene_with_head, tiny_bundle):
     logic = CeVAEAnomalyLogic(scene)
     first = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu")
     ids = mrml.node_ids(scene)
-    second = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", scoreType="rec", threshold=0.2)
+    second = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", score_type="rec", threshold=0.2)
     assert mrml.node_ids(scene) == ids
     assert second.nodes.score is first.nodes.score
     assert logic.loadModel(tiny_bundle, "cpu") is logic.loadModel(tiny_bundle, "cpu")  # cached
@@ -124,7 +124,7 @@ FAILURES = {
                       "does not exist"),
     "output is input": (lambda scene, volume, mask: dict(maskNode=mask, outputs=mrml.OutputNodes(score=volume)),
                         "also an input"),
-    "unknown score type": (lambda scene, volume, mask: dict(maskNode=mask, scoreType="best"), "Unknown score type"),
+    "unknown score type": (lambda scene, volume, mask: dict(maskNode=mask, score_type="best"), "Unknown score type"),
 }
 
 
@@ -404,3 +404,28 @@ def test_catalogue_entry_is_a_file_and_in_the_readme():
     assert entry["scm_revision"] == fields["scmrevision"] and entry["build_dependencies"] == ["PyTorch"]
     blocks = re.findall(r"```json\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     assert entry in [json.loads(b) for b in blocks]
+
+
+def test_every_entry_point_refuses_a_bad_option_with_one_message(scene_with_head, tiny_bundle, tmp_path, capsys):
+    """The logic (in process and in a worker), the command line and the Slicer script build one request:
+    batch_size=0 is refused by each in the same words, before anything runs or is written."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    scene, volume, mask, image, _ = scene_with_head()
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError) as in_process:
+        CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu", batch_size=0)
+    with pytest.raises(CeVAEError) as in_worker:
+        CeVAEAnomalyLogic().startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", batch_size=0)
+    assert mrml.node_ids(scene) == before
+    message = str(in_process.value)
+    assert message == str(in_worker.value) == "batch_size (--batch-size) must be a whole number in [1, 4096], got 0."
+    sitk.WriteImage(image, str(tmp_path / "head.nrrd"))
+    out = tmp_path / "out"
+    assert main(["detect", str(tmp_path / "head.nrrd"), "--score", str(out / "s.nrrd"), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    script = subprocess.run([sys.executable, str(REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py"), "--input",
+                             str(tmp_path / "head.nrrd"), "--output-dir", str(out), "--batch-size", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert script.returncode == 1 and script.stderr.strip().splitlines()[-1] == f"DetectVolume: error: {message}"
+    assert not out.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ slicer = pytest.importorskip("slicer")
 
 from CeVAEAnomalyLib.data import default_model_path  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
+from CeVAEAnomalyLib.options import DetectionRequest, ThresholdPolicy  # noqa: E402
 from CeVAEAnomalyLib.slicer import mrml, settings  # noqa: E402
 from CeVAEAnomalyLib.slicer.settings import ModelSettings  # noqa: E402
 
@@ -28,11 +30,11 @@ def test_model_settings_are_read_without_torch():
 
 def test_override_fields_start_from_the_models_post_processing():
     model = ModelSettings.read(default_model_path())
-    post = model.header["postprocess"]
+    post = model.postprocess
     assert any(post.values())  # the bundled model filters: 0/0/0 would silently drop that
     assert settings.postprocess_fields(model) == dict(
         rimMm=post["rim_mm"], medianRadius=post["median_radius"], minVolumeMm3=post["min_volume_mm3"])
-    assert model.default_fpr == model.header["default_fpr"]
+    assert model.default_fpr == model.header.default_fpr
 
 
 def test_only_calibrated_sensitivity_modes_are_offered():
@@ -41,7 +43,7 @@ def test_only_calibrated_sensitivity_modes_are_offered():
     assert model.sensitivities("grad", same) == settings.SENSITIVITIES
     other = dict(same, rim_mm=same["rim_mm"] + 1.0)
     assert model.sensitivities("combi", other) == (settings.SENSITIVITY_THRESHOLD,)
-    uncalibrated = ModelSettings(model.path, dict(model.header, calibration={}))
+    uncalibrated = ModelSettings(model.path, replace(model.header, calibration={}))
     assert uncalibrated.sensitivities("combi") == (settings.SENSITIVITY_THRESHOLD,)
 
 
@@ -71,15 +73,15 @@ def test_request_sensitivity_and_post_processing():
     scene = slicer.vtkMRMLScene()
     model = ModelSettings.read()
     request = settings.detection_request(parameters(scene), model)
-    assert request["fpr"] is None and request["threshold"] is None and request["postprocess"] is None
+    assert request["request"] == DetectionRequest.of(score_type="combi", device="cpu", batch_size=8)
     request = settings.detection_request(parameters(scene, sensitivity=settings.SENSITIVITY_FPR), model)
-    assert request["fpr"] == 0.01 and request["threshold"] is None
+    assert request["request"].policy == ThresholdPolicy(fpr=0.01)
     p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True,
                    **settings.postprocess_fields(model))
     request = settings.detection_request(p, model)
     # the panel overrides its three fields; the model's other post-processing (asymmetry, normalisation) stays
     panel = {k: model.postprocess[k] for k in ("rim_mm", "median_radius", "min_volume_mm3")}
-    assert request["threshold"] == 0.7 and request["postprocess"] == panel
+    assert request["request"].policy == ThresholdPolicy(threshold=0.7) and request["request"].post == panel
 
 
 def test_an_uncalibrated_choice_is_refused_in_words_for_the_panel():

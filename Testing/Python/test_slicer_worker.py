@@ -138,7 +138,7 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
     assert job.done["model"] == str(out) and job.done["subjects"] == 2
     assert any("Healthy volume 2/2" in message for _, message in seen)
     header = read_header(out)
-    assert header["calibration_subjects"] == ["01_healthy_11", "02_healthy_12"]
+    assert header.extra["calibration_subjects"] == ["01_healthy_11", "02_healthy_12"]
     settings = ModelSettings(out, header)
     assert {k: settings.postprocess[k] for k in post} == post  # the model's other fields stay
     assert all(settings.calibrated(t) for t in ("combi", "rec", "grad"))
@@ -154,6 +154,7 @@ def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_
     """The calibrated model may not land on the model it starts from, by path, link or inode."""
     import os
 
+    from CeVAEAnomalyLib.options import DetectionRequest
     from CeVAEAnomalyLib.slicer.worker import run_calibrate
 
     image, mask = make_head(seed=21)
@@ -165,7 +166,8 @@ def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_
     before = model.read_bytes()
     for out in (model, tmp_path / "alias.cevae"):
         request = dict(subjects=[{"image": str(tmp_path / "h.nii.gz"), "mask": str(tmp_path / "h_mask.nii.gz")}],
-                       model=str(model), device="cpu", out=str(out), overwrite=True)
+                       model=str(model), request=DetectionRequest.of(device="cpu").to_dict(), out=str(out),
+                       overwrite=True)
         with pytest.raises(CeVAEError, match="under a new name"):
             run_calibrate(request, lambda fraction, message: None)
     assert model.read_bytes() == before
@@ -203,7 +205,7 @@ def test_adaptation_in_a_worker_writes_an_adapted_model(tiny_bundle, tmp_path):
     assert fractions == sorted(fractions)
     assert any(m.startswith("Fine-tuning 3/3 (final model") for _, m in seen)
     header = read_header(out)
-    assert [s["name"] for s in header["adaptation"]["site_scans"]] == ["01_site_a", "02_site_b"]
+    assert [s["name"] for s in header.extra["adaptation"]["site_scans"]] == ["01_site_a", "02_site_b"]
     assert ModelSettings(out, header).calibrated("combi")
     job.cleanup()
     assert not job.folder.exists()

@@ -14,11 +14,10 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model
 from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
 from CeVAEAnomalyLib.training.data import Subject
-from CeVAEAnomalyLib.training.packaging import BundleHeader, TrainingRecord, package
+from CeVAEAnomalyLib.training.packaging import TrainingRecord, package, training_header
 from CeVAEAnomalyLib.training.trainer import Trainer
 from conftest import make_head
 
@@ -116,7 +115,7 @@ def test_an_existing_output_needs_overwrite(cohort, tmp_path, capsys):
     assert out.read_text() == "an older file"
     rc, errors = run_train(capsys, *argv, "--overwrite")
     assert rc == 0 and errors == []
-    assert read_header(out)["training"]["steps"] == 2
+    assert read_header(out).training["steps"] == 2
 
 
 def test_duplicate_rows_are_used_once_and_never_in_both_splits(cohort, tmp_path, caplog):
@@ -174,12 +173,11 @@ def test_the_bundle_is_calibrated_on_the_weights_it_holds(cohort, tmp_path, half
     path = Trainer(cfg, cohort_subjects(cohort)).run()
     bundle = load_bundle(path)
     header = bundle.header
-    assert header["weights_dtype"] == ("float16" if half else "float32")
-    (name,) = [s["name"] for s in header["training"]["validation_subjects"]]
+    assert header.weights_dtype == ("float16" if half else "float32")
+    (name,) = [s["name"] for s in header.training["validation_subjects"]]
     again = calibrate_model(bundle, [Subject(cohort / f"{name}.nii.gz", cohort / f"{name}_mask.nii.gz")],
-                            "validation subjects", ScoreOptions(**header["score_options"]),
-                            PostprocessOptions(**header["postprocess"]))
-    assert again == header["calibration"]
+                            "validation subjects", header.score_options, header.postprocess)
+    assert again == header.calibration
 
 
 def test_a_failed_bundle_write_publishes_nothing(cohort, tmp_path):
@@ -188,7 +186,7 @@ def test_a_failed_bundle_write_publishes_nothing(cohort, tmp_path):
     trainer = Trainer(tiny_config(tmp_path, max_steps=1), cohort_subjects(cohort))
     trainer.open_data()
     out = trainer.cfg.out
-    header = BundleHeader(name="m", preprocess=trainer.pre, loss=trainer.cfg.loss, training=TrainingRecord(
+    header = training_header("m", trainer.pre, trainer.cfg.loss, TrainingRecord(
         subjects=[], validation_subjects=[], train_slices=len(trainer.train), orientations=["axial"], steps=0,
         batch_size=8, lr=1e-3, seed=0, seconds=0.0, ranks=1, augment={}, val_loss=0.0))
     out.parent.mkdir(parents=True)

@@ -96,7 +96,7 @@ def test_sigkill_then_resume_continues_the_same_run(manifest, tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resumed from {ckpt} at step {killed_at}." in resumed.stderr
-    assert read_header(out)["training"]["steps"] == final
+    assert read_header(out).training["steps"] == final
     steps = [int(r["step"]) for r in log_rows(log)]
     assert steps == sorted(set(steps)), f"log rows repeat or go back after the resume: {steps}"
     assert steps[-1] == final and killed_at in steps

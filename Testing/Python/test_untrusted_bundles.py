@@ -72,7 +72,7 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "preprocess size differs": (setting("preprocess", "input_size", 128), r"preprocess\.input_size must equal"),
     "unknown loss": (setting("loss", "rec", "huber"), r"loss\.rec must be 'l1' or 'l2'"),
     "negative beta": (setting("loss", "beta", -1.0), r"loss\.beta must be a finite number"),
-    "unknown score type": (setting("score_options", "score_type", "entropy"), r"Unknown score type 'entropy'"),
+    "unknown score type": (setting("score_options", "score_type", "entropy"), r"score_options\.score_type must be one of combi, rec, grad, got 'entropy'"),
     "unknown score option": (setting("score_options", "temperature", 2.0),
                              r"section 'score_options' has unknown key\(s\) 'temperature'"),
     "unknown post-processing step": (setting("postprocess", "dilate_mm", 2.0),

@@ -39,14 +39,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from CeVAEAnomalyLib.engine.bundle import Bundle, load_bundle, save_bundle
+from CeVAEAnomalyLib.engine.bundle import Bundle, BundleHeader, load_bundle, save_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.model import CeVAE, cevae_loss, kl_per_sample
 from CeVAEAnomalyLib.io.atomic import write_all
-from CeVAEAnomalyLib.io.outputs import components_csv, slice_scores_csv
-from CeVAEAnomalyLib.engine.detector import default_postprocess, default_score_options, detect, resolve_threshold
+from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
+from CeVAEAnomalyLib.engine.detector import detect
 from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED, PostprocessOptions
 from CeVAEAnomalyLib.engine.preprocess import mask_array, prepare
 from CeVAEAnomalyLib.options import ScoreOptions, ThresholdPolicy
@@ -115,8 +115,7 @@ def model_bundle(workdir: Path, requested: Optional[Path]) -> Tuple[Path, str]:
         return default, f"bundled default model {default.name}"
     path = workdir / "untrained_default_arch.cevae"  # made anew each time: option names may change
     torch.manual_seed(0)
-    header = {"name": "untrained", "modality": "T1", "preprocess": PreprocessConfig().to_dict(),
-              "score_options": ScoreOptions().to_dict(), "postprocess": RECOMMENDED.to_dict()}
+    header = BundleHeader(preprocess=PreprocessConfig(), name="untrained", postprocess=RECOMMENDED)
     save_bundle(path, CeVAE(ModelConfig()), header)
     return path, ("UNTRAINED bundle with the default architecture (the bundled default model is absent): "
                   "same compute, meaningless scores")
@@ -206,7 +205,7 @@ def calibrated_or_fixed_threshold(bundle: Bundle, opts: ScoreOptions, post: Post
                                   mask_path: Path, out_dir: Path) -> Optional[float]:
     """None when the bundle is calibrated for these options; else the 99.9th brain-score percentile."""
     try:
-        resolve_threshold(bundle, opts, post, ThresholdPolicy())
+        bundle.header.threshold(opts, post, ThresholdPolicy())
         return None
     except CeVAEError:
         _, _, result = detect_once(image_path, mask_path, bundle, opts, post, float("inf"), out_dir)
@@ -425,8 +424,8 @@ def main() -> None:
             resampled_subject(image_path, mask_path, (256, 256, 256), 1.0, compress=True)
         input_note = "colin27 T1 resampled to 256³ 1 mm, float32 .nii.gz, with its brain mask (uint8 .nii.gz)"
 
-    post = default_postprocess(bundle)
-    combi = default_score_options(bundle)
+    post = bundle.header.postprocess
+    combi = bundle.header.score_options
     configs = [("combi", combi), ("rec", combi.replace(score_type="rec"))]
     for n in (1, 4) if args.quick else (1, 4, 16):
         configs.append((f"MC N={n}", ScoreOptions(**dict(combi.to_dict(), mc_samples=n))))

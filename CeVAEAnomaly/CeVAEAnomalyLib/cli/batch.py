@@ -25,6 +25,7 @@ from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
 from ..io.manifest import read_rows
 from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
+from ..options import DetectionRequest
 from ..progress import ProgressCallback, report
 from .interrupts import raise_terminated
 
@@ -49,14 +50,8 @@ class DetectSettings:
     """What every worker needs to score volumes the same way (plain data, so it pickles)."""
 
     model: Path
-    device: str
-    score_options: Dict[str, object]
-    postprocess: Dict[str, object]
+    request: DetectionRequest
     out_dir: Path
-    threshold: Optional[float] = None
-    fpr: Optional[float] = None
-    batch_size: int = 64
-    amp: bool = False
     overwrite: bool = False
 
 
@@ -198,20 +193,17 @@ class VolumeDetector:
         from ..engine.bundle import load_bundle
         from ..engine.detector import Detector
         from ..engine.devices import resolve_device
-        from ..options import PostprocessOptions, ScoreOptions, ThresholdPolicy
 
         self.s = settings
-        bundle = load_bundle(settings.model, resolve_device(settings.device))
-        self.detector = Detector(bundle, ScoreOptions.from_dict(settings.score_options),
-                                 PostprocessOptions.from_dict(settings.postprocess),
-                                 ThresholdPolicy(settings.threshold, settings.fpr), settings.batch_size, settings.amp)
+        bundle = load_bundle(settings.model, resolve_device(settings.request.run.device))
+        self.detector = Detector.from_request(bundle, settings.request)
 
     def __call__(self, item: BatchItem, overwrite: bool) -> Dict[str, object]:
         import torch
 
         from ..io.images import read_image
         from ..io.atomic import write_all
-        from ..io.outputs import slice_scores_csv
+        from ..result import result_files, slice_scores_csv
 
         t0 = time.perf_counter()
         try:
@@ -219,11 +211,10 @@ class VolumeDetector:
             mask = read_image(item.mask, "brain mask") if item.mask else None
             torch.manual_seed(0)  # sampled scores do not depend on the order or the worker
             result = self.detector(image, mask)
-            slices = slice_scores_csv(result)
-            paths = output_paths(self.s.out_dir, item.name)
-            write_all({paths["score"]: result.score, paths["labelmap"]: result.labelmap, paths["slices"]: slices},
-                      overwrite, (item.image, item.mask))
-            return _row(item, "ok", time.perf_counter() - t0, **measure(result.score, result.labelmap, slices))
+            write_all(result_files(result, output_paths(self.s.out_dir, item.name)), overwrite,
+                      (item.image, item.mask))
+            return _row(item, "ok", time.perf_counter() - t0,
+                        **measure(result.score, result.labelmap, slice_scores_csv(result)))
         except Exception as exc:  # one bad volume must not stop the cohort
             log.debug("%s failed.", item.name, exc_info=True)
             message = one_line(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {one_line(exc)}"

@@ -96,56 +96,30 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..engine.devices import resolve_device
     from ..io.images import read_image
     from ..io.atomic import write_all
-    from ..io.outputs import components_csv, slice_scores_csv
     from ..io.targets import check_paths
     from ..engine.detector import Detector
-    from ..options import ThresholdPolicy
+    from ..options import DetectionRequest
+    from ..result import result_files
     from ..data import default_model_path
 
-    outputs = [args.score] + [p for p in (args.labelmap, args.slice_scores, args.components) if p is not None]
+    request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
+    targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
+               "components": args.components}
     model = args.model or default_model_path()
     inputs = (args.image, args.mask, model)
-    check_detect_options(args)
-    check_paths(outputs, args.overwrite, inputs)
+    check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None
-    bundle = load_bundle(model, resolve_device(args.device))
-    opts, post = detection_options(bundle, args)
-    detector = Detector(bundle, opts, post, ThresholdPolicy(args.threshold, args.fpr), args.batch_size, args.amp)
+    detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
     _warn_modality(image)
     result = detector(image, mask, progress=ConsoleProgress("detect"))
-    files = {args.score: result.score}
-    if args.labelmap:
-        files[args.labelmap] = result.labelmap
-    if args.slice_scores:
-        files[args.slice_scores] = slice_scores_csv(result)
-    if args.components:
-        files[args.components] = components_csv(result)
+    files = result_files(result, targets)
     write_all(files, args.overwrite, inputs)
     top = result.top_slice
     log.info("Threshold %.4g (%s); %d component(s), %.2f ml flagged; most anomalous slice: %s.",
              result.threshold, result.threshold_source, len(result.components), result.flagged_ml,
              f"index {top.index} on axis {'IJK'[top.axis]}" if top else "none")
     log.info("Wrote %s.", ", ".join(str(p) for p in files))
-
-
-def detection_options(bundle, args: argparse.Namespace):
-    """(ScoreOptions, PostprocessOptions): the bundle's defaults with the command-line overrides."""
-    from ..engine.detector import default_postprocess, default_score_options
-    from ..options import PAPER
-
-    opts = default_score_options(bundle)
-    if getattr(args, "paper", False):
-        opts = opts.replace(**PAPER)
-    opts = opts.replace(score_type=args.score_type, **{key: getattr(args, key) for key in SCORE_FLAGS})
-    post = default_postprocess(bundle).replace(rim_mm=args.rim_mm, median_radius=args.median_radius,
-                                               min_volume_mm3=args.min_volume, asymmetry_mm=args.asymmetry_mm,
-                                               asymmetry_floor=args.asymmetry_floor, score_power=args.score_power,
-                                               normalise=args.normalise, hysteresis=args.hysteresis)
-    return opts, post
-
-
-SCORE_FLAGS = ("mc_samples", "combi", "alpha", "grad_target", "grad_sigma", "grad_norm", "rec_sigma")
 
 
 def run_calibrate(args: argparse.Namespace) -> Path:
@@ -155,17 +129,19 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
     from ..io.targets import check_paths
+    from ..options import DetectionRequest
     from ..data import default_model_path
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     subjects += [Subject(Path(p)) for p in args.images]
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on: give --manifest CSV and/or image paths.")
+    request = DetectionRequest.from_args(args)
     src = Path(args.model or default_model_path())
     check_paths([args.out], args.overwrite,
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
-    bundle = load_bundle(src, resolve_device(args.device))
-    opts, post = detection_options(bundle, args)
+    bundle = load_bundle(src, resolve_device(request.run.device))
+    opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
     path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr)
     log.info("Calibrated bundle written to %s (%d healthy volume(s)).", path, len(subjects))
     return path
@@ -219,14 +195,12 @@ def run_batch(args: argparse.Namespace) -> None:
     """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
     from .batch import DetectSettings, check_outputs_apart, collect_inputs, parse_shard, select_shard, summary_name
     from .batch import run_batch as process
-    from ..engine.bundle import load_bundle
     from .console import ConsoleProgress
-    from ..engine.devices import resolve_device
-    from ..engine.detector import resolve_threshold
-    from ..options import ThresholdPolicy
+    from ..engine.header import read_header
+    from ..options import DetectionRequest
     from ..data import default_model_path
 
-    check_detect_options(args)
+    request = DetectionRequest.from_args(args)
     if args.inputs.resolve() == args.out_dir.resolve():
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
     shard = parse_shard(args.shard) if args.shard else None
@@ -236,36 +210,16 @@ def run_batch(args: argparse.Namespace) -> None:
         log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
     model = args.model or default_model_path()
     check_outputs_apart(items, every, args.inputs, Path(model), args.out_dir, args.out_dir / summary_name(shard))
-    bundle = load_bundle(model, resolve_device(args.device))
-    opts, post = detection_options(bundle, args)
-    threshold, source = resolve_threshold(bundle, opts, post, ThresholdPolicy(args.threshold, args.fpr))
-    log.info("Score %s; threshold %.4g (%s).", opts.score_type, threshold, source)
-    settings = DetectSettings(model=Path(model), device=args.device, score_options=opts.to_dict(),
-                              postprocess=post.to_dict(), out_dir=args.out_dir, threshold=args.threshold,
-                              fpr=args.fpr, batch_size=args.batch_size, amp=args.amp, overwrite=args.overwrite)
+    header = read_header(model)  # torch-free: a missing calibration is refused before any volume
+    score, post = request.options(header.score_options, header.postprocess)
+    threshold, source = header.threshold(score, post, request.policy)
+    log.info("Score %s; threshold %.4g (%s).", score.score_type, threshold, source)
+    settings = DetectSettings(model=Path(model), request=request, out_dir=args.out_dir, overwrite=args.overwrite)
     summary = process(items, settings, args.out_dir / summary_name(shard), args.workers, ConsoleProgress("batch"))
     failed = summary.count("error")
     if failed:
         raise CeVAEError(f"{failed} of {len(items)} volume(s) failed; the reasons are in the 'error' column of "
                          f"{summary.path}. The others are done, and a rerun retries only the failed ones.")
-
-
-def check_detect_options(args: argparse.Namespace) -> None:
-    """Refuse impossible option values before any file is read."""
-    import math
-
-    if args.batch_size < 1:
-        raise CeVAEError(f"--batch-size must be 1 or more, got {args.batch_size}.")
-    if args.fpr is not None and not 0 < args.fpr < 1:
-        raise CeVAEError(f"--fpr is a rate between 0 and 1 (e.g. 0.001), got {args.fpr:g}.")
-    if args.threshold is not None and not math.isfinite(args.threshold):
-        raise CeVAEError("--threshold must be a finite number.")
-    for flag, value in (("--mc-samples", args.mc_samples), ("--rim-mm", args.rim_mm),
-                        ("--median-radius", args.median_radius), ("--min-volume", args.min_volume),
-                        ("--asymmetry-mm", args.asymmetry_mm), ("--asymmetry-floor", args.asymmetry_floor),
-                        ("--hysteresis", args.hysteresis)):
-        if value is not None and not value >= 0:
-            raise CeVAEError(f"{flag} must be 0 or more, got {value:g}.")
 
 
 def _warn_modality(image) -> None:

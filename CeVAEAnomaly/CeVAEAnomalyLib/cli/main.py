@@ -13,49 +13,27 @@ from typing import List, NoReturn, Optional
 
 from .. import __version__
 from ..errors import CeVAEError, one_line
-from ..options import COMBI_MODES, GRAD_NORMS, GRAD_TARGETS, SCORE_TYPES, RunOptions
+from ..options import PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags
 from .interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=RunOptions.device, help="auto (cuda > mps > cpu), cpu, cuda or mps; "
-                   "cuda:N picks a GPU")
+    add_flags(p, RunOptions, only=("device",))
 
 
 def _add_scoring(p: argparse.ArgumentParser) -> None:
-    """Options shared by detect and batch: score, threshold, post-processing, inference."""
-    p.add_argument("--score-type", choices=SCORE_TYPES, help="pixel score (default: the model's, combi)")
-    p.add_argument("--mc-samples", type=int, help="average the reconstruction over N samples of z")
-    p.add_argument("--rim-mm", type=float, help="ignore scores within this distance of the brain edge")
-    p.add_argument("--median-radius", type=int, help="3D median filter radius (voxels)")
-    p.add_argument("--min-volume", type=float, help="drop components smaller than this (mm^3)")
-    p.add_argument("--asymmetry-mm", type=float,
-                   help="fuse the score with the left-right intensity asymmetry smoothed with this sigma (mm); 0: off")
-    p.add_argument("--asymmetry-floor", type=float,
-                   help="score^power x (floor + asymmetry): a floor > 0 keeps part of midline/bilateral scores")
-    p.add_argument("--score-power", type=float, help="power of the model's score in the asymmetry fusion")
-    p.add_argument("--normalise", action=argparse.BooleanOptionalAction, default=None,
-                   help="express scores in units of this brain's robust spread (median/MAD) before thresholding")
-    p.add_argument("--hysteresis", type=float,
-                   help="grow labelled components down to this fraction of the threshold (0: off)")
+    """Options shared by detect, batch and calibrate: score, post-processing, inference (options.py declares them)."""
+    add_flags(p, ScoreOptions, model_default=True)
+    add_flags(p, PostprocessOptions, model_default=True)
     p.add_argument("--paper", action="store_true",
                    help="the published score: rec x |dKL/dx| smoothed (3 px) and min-max normalised per volume")
-    p.add_argument("--combi", choices=COMBI_MODES, help="how combi joins rec and grad (default: the model's)")
-    p.add_argument("--alpha", type=float, help="weight of grad in --combi weighted: rec*(1+alpha*grad)")
-    p.add_argument("--grad-target", choices=GRAD_TARGETS, help="gradient of the KL term or of the whole ELBO")
-    p.add_argument("--grad-sigma", type=float, help="Gaussian smoothing of |grad| in model pixels")
-    p.add_argument("--grad-norm", choices=GRAD_NORMS, help="min-max normalisation of grad")
-    p.add_argument("--rec-sigma", type=float, help="Gaussian smoothing of the reconstruction error")
-    p.add_argument("--batch-size", type=int, default=RunOptions.batch_size, help="slices per network pass")
-    p.add_argument("--amp", action="store_true", help="mixed precision")
+    add_flags(p, RunOptions, only=("batch_size", "amp"))
 
 
 def _add_threshold(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fpr", type=float,
-                   help="healthy false-positive rate for the calibrated threshold (default: the model's)")
-    p.add_argument("--threshold", type=float, help="absolute score threshold (overrides --fpr)")
+    add_flags(p, ThresholdPolicy)
 
 
 def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:

@@ -6,20 +6,21 @@ pickles or PyTorch zip checkpoints are refused before any parsing.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Union
 
 import torch
 
 from ..io.atomic import atomic_path
-from .bundle_checks import check_model_section, check_tensor_shapes
+from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from ..errors import CeVAEError
-from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, read_header
+from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, BundleHeader, read_header
 from .model import CeVAE
 
-__all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "load_bundle", "read_header", "save_bundle"]
+__all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "BundleHeader", "load_bundle", "read_header",
+           "save_bundle"]
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Bundle:
     """A loaded model with its header (architecture, preprocessing, calibration, card)."""
 
     model: CeVAE
-    header: Dict[str, Any]
+    header: BundleHeader
     path: Path
 
     @property
@@ -36,20 +37,16 @@ class Bundle:
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict(self.header["preprocess"])
-
-    @property
-    def calibration(self) -> Dict[str, Any]:
-        return self.header.get("calibration") or {}
+        return self.header.preprocess
 
 
-def save_bundle(path: Union[str, Path], model: CeVAE, header: Dict[str, Any], half: bool = False) -> Path:
+def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half: bool = False) -> Path:
     """Write the bundle atomically; ``half`` stores fp16 weights (half the size)."""
     from safetensors.torch import save_file
 
     target = Path(path)
-    full = dict(header, format=FORMAT, format_version=FORMAT_VERSION, model=model.cfg.to_dict(),
-                weights_dtype="float16" if half else "float32")
+    typed = replace(header, model=model.cfg, weights_dtype="float16" if half else "float32")
+    full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION)
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(target) as tmp:
         try:
@@ -67,7 +64,7 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
 
     p = Path(path)
     header = read_header(p)
-    cfg = check_model_section(header)
+    cfg = header.model
     with safe_open(str(p), framework="pt") as fh:
         declared = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
     try:

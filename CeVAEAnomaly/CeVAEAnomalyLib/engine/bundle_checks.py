@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
-from ..options import PostprocessOptions, ScoreOptions
+from ..options import PostprocessOptions, ScoreOptions, check_value
 from .config import SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
 
 MAX_CHANNELS = 4096  # widest layer a bundle may declare
@@ -86,20 +86,9 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
             _fail("loss.rec", f"must be 'l1' or 'l2', got {loss.get('rec')!r}")
         _number("loss.ce_weight", loss.get("ce_weight", LossConfig.ce_weight), 0, 1)
         _number("loss.beta", loss.get("beta", LossConfig.beta), 0, 1e6)
-    if "score_options" in header:
-        _check_score_options(header)
-    if "postprocess" in header:
-        post = _section(header, "postprocess", _names(PostprocessOptions))
-        _number("postprocess.rim_mm", post.get("rim_mm", 0.0), 0, 1000)
-        _whole("postprocess.median_radius", post.get("median_radius", 0), 0, 100)
-        _number("postprocess.min_volume_mm3", post.get("min_volume_mm3", 0.0), 0, 1e9)
-        _number("postprocess.asymmetry_mm", post.get("asymmetry_mm", 0.0), 0, 100)
-        _number("postprocess.asymmetry_floor", post.get("asymmetry_floor", 0.0), 0, 1000)
-        _number("postprocess.score_power", post.get("score_power", 1.0), 0, 10, open_low=True)
-        _number("postprocess.hysteresis", post.get("hysteresis", 0.0), 0, 1, open_high=True)
-        for flag in ("normalise", "asymmetry_side"):
-            if not isinstance(post.get(flag, False), bool):
-                _fail(f"postprocess.{flag}", f"must be true or false, got {post.get(flag)!r}")
+    for key, cls in (("score_options", ScoreOptions), ("postprocess", PostprocessOptions)):
+        if key in header:
+            _check_options(header, key, cls)
     if "calibration" in header:
         _check_calibration(header.get("calibration"))
     if "default_fpr" in header:
@@ -108,17 +97,15 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
         _fail("weights_dtype", f"must be 'float32' or 'float16', got {header.get('weights_dtype')!r}")
 
 
-def _check_score_options(header: Mapping[str, Any]) -> None:
-    s = _section(header, "score_options", _names(ScoreOptions))
-    for key in ("alpha", "grad_sigma", "rec_sigma"):
-        if key in s:
-            _number(f"score_options.{key}", s[key], 0, 1000)
-    if "mc_samples" in s:
-        _whole("score_options.mc_samples", s["mc_samples"], 0, 10000)
-    try:
-        ScoreOptions(**s)
-    except CeVAEError as exc:
-        _fail("score_options", str(exc).rstrip("."))
+def _check_options(header: Mapping[str, Any], key: str, cls: type) -> None:
+    """A section of detection options, each value against its declared range (options.py)."""
+    section = _section(header, key, _names(cls))
+    for f in fields(cls):
+        if f.name in section:
+            try:
+                check_value(f, section[f.name], where=f"{key}.{f.name}")
+            except CeVAEError as exc:
+                raise CeVAEError(str(exc).rstrip(".")) from None
 
 
 def _check_calibration(calibration: Any) -> None:

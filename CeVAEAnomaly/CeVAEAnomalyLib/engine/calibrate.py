@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -76,12 +77,9 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                 progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
     (``scorers``: see :func:`calibrate_model`)."""
-    header = dict(bundle.header)
-    header["score_options"] = opts.replace(score_type="combi").to_dict()
-    header["postprocess"] = post.to_dict()
-    header["calibration"] = calibrate_model(bundle, subjects, source, opts, post, progress, scorers)
-    header["calibration_subjects"] = [s.name for s in subjects]
-    if default_fpr is not None:
-        header["default_fpr"] = float(default_fpr)
-    half = header.get("weights_dtype") == "float16"
-    return save_bundle(out, bundle.model, header, half=half)
+    old = bundle.header
+    header = replace(old, score_options=opts.replace(score_type="combi"), postprocess=post,
+                     calibration=calibrate_model(bundle, subjects, source, opts, post, progress, scorers),
+                     default_fpr=old.default_fpr if default_fpr is None else float(default_fpr),
+                     extra=dict(old.extra, calibration_subjects=[s.name for s in subjects]))
+    return save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")

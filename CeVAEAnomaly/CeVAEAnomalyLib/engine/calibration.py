@@ -68,11 +68,12 @@ def fpr_for_threshold(entry: Mapping[str, Any], threshold: float) -> float:
     return float(np.exp(np.interp(threshold, thr[::-1], grid[::-1])))
 
 
-def find_calibration(header: Mapping[str, Any], score: ScoreOptions, post: PostprocessOptions) -> Dict[str, Any]:
-    """The calibration stored for these options, or an error saying how to get a threshold."""
-    entries = header.get("calibration") or {}
+def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOptions,
+                     post: PostprocessOptions) -> Dict[str, Any]:
+    """The table of ``calibration`` (a header's section) stored for these options, or an error saying how
+    to get a threshold."""
     wanted = (score, post)
-    for key, entry in entries.items():
+    for key, entry in calibration.items():
         if _key_options(key) == wanted:
             return entry
     raise CeVAEError(

@@ -1,33 +1,17 @@
 """Configuration dataclasses shared by training, the bundle and detection."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Tuple, Type, TypeVar
+from dataclasses import dataclass
+from typing import Tuple
 
 from ..errors import CeVAEError
+from ..options import Serialisable
 
 SUPPORTED_INPUT_SIZES = (64, 128)
-T = TypeVar("T")
-
-
-class _Serialisable:
-    """to_dict / from_dict for the config dataclasses (from_dict refuses unknown keys by name)."""
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls: Type[T], data: Dict[str, Any]) -> T:
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CeVAEError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}.")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**kwargs)  # type: ignore[call-arg]
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Serialisable):
+class ModelConfig(Serialisable):
     """Architecture of the 2D ceVAE (defaults: the MICCAI-19 layout)."""
 
     input_size: int = 64
@@ -51,7 +35,7 @@ class ModelConfig(_Serialisable):
 
 
 @dataclass(frozen=True)
-class LossConfig(_Serialisable):
+class LossConfig(Serialisable):
     """Loss = (1-c)·(β·KL + rec_VAE) + c·rec_CE, with means over pixels and latents."""
 
     ce_weight: float = 0.5  # c
@@ -66,7 +50,7 @@ class LossConfig(_Serialisable):
 
 
 @dataclass(frozen=True)
-class PreprocessConfig(_Serialisable):
+class PreprocessConfig(Serialisable):
     """How a volume becomes model slices (stored in the bundle so detection matches training)."""
 
     input_size: int = 64

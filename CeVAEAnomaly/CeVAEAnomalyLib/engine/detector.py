@@ -6,7 +6,6 @@ Every entry point (command line, batch, Slicer module and script, calibration) b
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -14,30 +13,16 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import Bundle
-from .calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
-from ..options import PostprocessOptions, ScoreOptions, ThresholdPolicy
-from .postprocess import Component, components, normalised, refine_reach, refine_scores, threshold_labelmap
+from ..options import DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
+from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
 from .preprocess import Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, mask_array, prepare
 from ..progress import ProgressCallback, report, scaled
+from ..result import DetectionResult, SliceScoreRow
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
 from .symmetry import BoxAsymmetry, box_asymmetry, fuse_with_asymmetry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SliceScoreRow:
-    """Scores of one input slice (``index`` along the input IJK axis ``axis``)."""
-
-    axis: int
-    index: int
-    kl: float
-    rec: float
-    neg_elbo: float
-    anomaly: float = 0.0  # the slice score that follows lesions: rank fusion of map_max and neg_elbo, in [0, 1]
-    map_max: float = 0.0  # SLICE_QUANTILE of the final map over the slice's brain (the highest score)
-    flagged: bool = False  # the slice holds a labelmap voxel (after the minimum component volume)
 
 
 # Map part of the slice score: this quantile of the final score map over the slice's brain voxels,
@@ -50,54 +35,6 @@ SLICE_MAP_WEIGHT = 0.7
 COMPONENT_ORDER = "summed"
 
 
-@dataclass
-class DetectionResult:
-    """Everything one detection produces, on the input's exact grid."""
-
-    score: sitk.Image  # float32
-    labelmap: sitk.Image  # uint8 {0,1}
-    brain_mask: sitk.Image  # uint8 {0,1}
-    threshold: float
-    threshold_source: str
-    slices: List[SliceScoreRow]
-    components: List[Component]
-
-    @property
-    def top_slice(self) -> Optional[SliceScoreRow]:
-        """The most anomalous slice: the highest ``anomaly`` (ties by the highest map score, then by the
-        paper's sample score, the negative ELBO)."""
-        ranked = self.ranked_slices()
-        return ranked[0] if ranked else None
-
-    def ranked_slices(self) -> List[SliceScoreRow]:
-        """Slices from most to least anomalous (``anomaly``, then ``map_max``, then negative ELBO)."""
-        return sorted(self.slices, key=lambda r: (-r.anomaly, -r.map_max, -r.neg_elbo, r.index))
-
-    @property
-    def flagged_ml(self) -> float:
-        return sum(c.volume_ml for c in self.components)
-
-
-def default_score_options(bundle: Bundle) -> ScoreOptions:
-    """The bundle's recommended scoring."""
-    return ScoreOptions.from_dict(bundle.header.get("score_options") or {}, "score option(s) in the model")
-
-
-def default_postprocess(bundle: Bundle) -> PostprocessOptions:
-    """The bundle's recommended post-processing."""
-    return PostprocessOptions.from_dict(bundle.header.get("postprocess") or {}, "post-processing option(s) in the model")
-
-
-def resolve_threshold(bundle: Bundle, opts: ScoreOptions, post: PostprocessOptions,
-                      policy: ThresholdPolicy) -> Tuple[float, str]:
-    """(threshold, description): absolute if given, else from the bundle's calibration."""
-    if policy.threshold is not None:
-        return float(policy.threshold), "absolute"
-    rate = float(bundle.header.get("default_fpr", DEFAULT_FPR)) if policy.fpr is None else float(policy.fpr)
-    entry = find_calibration(bundle.header, opts, post)
-    return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
-
-
 class Detector:
     """Detection with one model and one set of options, built once and called per volume.
 
@@ -107,12 +44,18 @@ class Detector:
 
     def __init__(self, bundle: Bundle, score: Optional[ScoreOptions] = None,
                  post: Optional[PostprocessOptions] = None, policy: ThresholdPolicy = ThresholdPolicy(),
-                 batch_size: int = 64, amp: bool = False) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, amp: bool = False) -> None:
         self.bundle = bundle
-        self.score = score or default_score_options(bundle)
-        self.post = post or default_postprocess(bundle)
+        self.score = score or bundle.header.score_options
+        self.post = post or bundle.header.postprocess
         self.batch_size, self.amp = batch_size, amp
-        self.threshold, self.threshold_source = resolve_threshold(bundle, self.score, self.post, policy)
+        self.threshold, self.threshold_source = bundle.header.threshold(self.score, self.post, policy)
+
+    @classmethod
+    def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":
+        """The detector a :class:`~..options.DetectionRequest` asks for, with this model."""
+        score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
+        return cls(bundle, score, post, request.policy, request.run.batch_size, request.run.amp)
 
     def __call__(self, image: sitk.Image, mask: Optional[sitk.Image] = None,
                  progress: Optional[ProgressCallback] = None) -> DetectionResult:
@@ -188,9 +131,8 @@ class Detector:
 
     def _network(self, stack: SliceStack, options: Sequence[ScoreOptions],
                  progress: Optional[ProgressCallback]) -> NetworkMaps:
-        beta = float((self.bundle.header.get("loss") or {}).get("beta", 0.01))
         return network_maps(self.bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain),
-                            options, batch_size=self.batch_size, beta=beta, amp=self.amp,
+                            options, batch_size=self.batch_size, beta=self.bundle.header.loss.beta, amp=self.amp,
                             progress=scaled(progress, 0.2, 0.85))
 
 
@@ -202,7 +144,7 @@ def detect(
     postprocess: Optional[PostprocessOptions] = None,
     threshold: Optional[float] = None,
     fpr: Optional[float] = None,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     amp: bool = False,
     progress: Optional[ProgressCallback] = None,
 ) -> DetectionResult:

@@ -1,4 +1,4 @@
-"""The JSON header of a model bundle, read without torch or safetensors.
+"""The JSON header of a model bundle, typed (:class:`BundleHeader`), read without torch or safetensors.
 
 A bundle is a safetensors file: an 8-byte little-endian header length, a JSON header (tensor
 table plus ``__metadata__``) and the raw tensor bytes. The model's own header is the JSON string
@@ -8,12 +8,16 @@ the Slicer module can show a model's settings before PyTorch is installed.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from ..errors import CeVAEError
 from ..io.targets import special_file_kind
+from ..options import PostprocessOptions, ScoreOptions, ThresholdPolicy
 from .bundle_checks import check_model_section, check_sections
+from .calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
+from .config import LossConfig, ModelConfig, PreprocessConfig
 
 FORMAT = "cevae-anomaly-bundle"
 FORMAT_VERSION = 1
@@ -22,8 +26,80 @@ META_KEY = "cevae_anomaly"
 _MAX_TABLE_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the header size
 
 
-def read_header(path: Union[str, Path]) -> Dict[str, Any]:
-    """The bundle's JSON header, validated, without loading the weights."""
+@dataclass
+class BundleHeader:
+    """What a model is and what it recommends: the one typed reading of a bundle's header.
+
+    A section absent from an older bundle takes its default here, and nowhere else. ``extra`` keeps
+    the keys that are only carried along (format, versions, calibration subjects, the model card's).
+    """
+
+    preprocess: PreprocessConfig
+    name: str = ""
+    modality: str = "T1"
+    model: Optional[ModelConfig] = None  # set by save_bundle from the network it writes
+    loss: LossConfig = LossConfig()
+    score_options: ScoreOptions = ScoreOptions()
+    postprocess: PostprocessOptions = PostprocessOptions()
+    calibration: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    default_fpr: float = DEFAULT_FPR
+    training: Optional[Dict[str, Any]] = None
+    weights_dtype: str = "float32"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "BundleHeader":
+        """The typed header of a JSON header that :func:`check_model_section` and :func:`check_sections` accepted."""
+        typed = {"preprocess", "name", "modality", "model", "loss", "score_options", "postprocess", "calibration",
+                 "default_fpr", "training", "weights_dtype"}
+        return cls(
+            preprocess=PreprocessConfig.from_dict(data["preprocess"]), name=str(data.get("name", "")),
+            modality=str(data.get("modality", "T1")),
+            model=ModelConfig.from_dict(data["model"]) if "model" in data else None,
+            loss=LossConfig.from_dict(data.get("loss") or {}),
+            score_options=ScoreOptions.from_dict(data.get("score_options") or {}, "score option(s) in the model"),
+            postprocess=PostprocessOptions.from_dict(data.get("postprocess") or {},
+                                                     "post-processing option(s) in the model"),
+            calibration=dict(data.get("calibration") or {}), default_fpr=float(data.get("default_fpr", DEFAULT_FPR)),
+            training=data.get("training"), weights_dtype=str(data.get("weights_dtype", "float32")),
+            extra={k: v for k, v in data.items() if k not in typed},
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON header (``extra`` first, the typed sections over it)."""
+        out: Dict[str, Any] = dict(self.extra)
+        out.update(name=self.name, modality=self.modality, preprocess=self.preprocess.to_dict(),
+                   loss=self.loss.to_dict(), score_options=self.score_options.to_dict(),
+                   postprocess=self.postprocess.to_dict(), default_fpr=self.default_fpr,
+                   weights_dtype=self.weights_dtype)
+        if self.model is not None:
+            out["model"] = self.model.to_dict()
+        if self.training is not None:
+            out["training"] = self.training
+        if self.calibration:
+            out["calibration"] = self.calibration
+        return out
+
+    def is_calibrated(self, score: ScoreOptions, post: PostprocessOptions) -> bool:
+        """Whether the model holds a threshold calibration for this scoring and post-processing."""
+        try:
+            find_calibration(self.calibration, score, post)
+        except CeVAEError:
+            return False
+        return True
+
+    def threshold(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy) -> Tuple[float, str]:
+        """(threshold, description): absolute if the policy gives one, else from the calibration at the
+        policy's false-positive rate (the model's default rate if none)."""
+        if policy.threshold is not None:
+            return float(policy.threshold), "absolute"
+        rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
+        entry = find_calibration(self.calibration, score, post)
+        return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
+
+
+def read_header(path: Union[str, Path]) -> BundleHeader:
+    """The bundle's header, validated and typed, without loading the weights."""
     p = _check_file(Path(path))
     meta = _safetensors_metadata(p)
     if META_KEY not in meta:
@@ -51,7 +127,7 @@ def read_header(path: Union[str, Path]) -> Dict[str, Any]:
     except CeVAEError as exc:
         raise CeVAEError(f"The header of {p} is invalid: {exc}. The model file is damaged or was edited; "
                          "use an original copy.") from None
-    return header
+    return BundleHeader.from_dict(header)
 
 
 def _safetensors_metadata(p: Path) -> Dict[str, str]:

@@ -1,37 +1,15 @@
 """Score refinement, thresholding and connected anomaly components (SimpleITK filters)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..io.images import voxel_volume_ml
 from ..options import PostprocessOptions
-
-
-@dataclass
-class Component:
-    """One connected anomaly region of the labelmap."""
-
-    label: int
-    voxels: int
-    volume_ml: float
-    max_score: float
-    mean_score: float
-    centroid_lps: Tuple[float, float, float]
-
-    @property
-    def summed_score(self) -> float:
-        """The component's score mass: mean score × voxels."""
-        return self.mean_score * self.voxels
-
-    @property
-    def centroid_ras(self) -> Tuple[float, float, float]:
-        x, y, z = self.centroid_lps
-        return (-x, -y, z)
+from ..result import Component
 
 
 def _radius_vox(image: sitk.Image, mm: float) -> List[int]:

@@ -21,7 +21,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..options import ScoreOptions
+from ..options import DEFAULT_BATCH_SIZE, ScoreOptions
+from .config import LossConfig
 from .model import CeVAE, kl_per_sample, rec_error
 from ..progress import ProgressCallback, report
 
@@ -124,8 +125,8 @@ def network_maps(
     slices: torch.Tensor,
     brain: torch.Tensor,
     options: Sequence[ScoreOptions],
-    batch_size: int = 64,
-    beta: float = 0.01,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    beta: float = LossConfig.beta,
     amp: bool = False,
     progress: Optional[ProgressCallback] = None,
 ) -> NetworkMaps:
@@ -196,8 +197,8 @@ def score_slices(
     slices: torch.Tensor,
     brain: torch.Tensor,
     opts: ScoreOptions,
-    batch_size: int = 64,
-    beta: float = 0.01,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    beta: float = LossConfig.beta,
     amp: bool = False,
     progress: Optional[ProgressCallback] = None,
 ) -> Tuple[torch.Tensor, SliceScores]:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import slicer
 
 from ..errors import CeVAEError
+from ..options import DetectionRequest
 from ..progress import ProgressCallback, report, scaled
 from .jobs import Launcher, WorkerJob
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
     from ..engine.bundle import Bundle
-    from ..engine.detector import DetectionResult
+    from ..result import DetectionResult
     from .mrml import OutputNodes
 
 try:  # inside Slicer; slicer-core has no Qt and no ScriptedLoadableModule
@@ -138,40 +139,36 @@ class CeVAEAnomalyLogic(_LogicBase):
         self,
         volumeNode: slicer.vtkMRMLScalarVolumeNode,
         maskNode: Optional[slicer.vtkMRMLNode] = None,
+        request: Optional[DetectionRequest] = None,
         modelPath: Union[str, Path, None] = None,
-        scoreType: Optional[str] = None,
-        fpr: Optional[float] = None,
-        threshold: Optional[float] = None,
-        postprocess: Optional[Dict[str, Any]] = None,
-        device: str = "auto",
-        batchSize: int = 32,
         maskSegmentId: Optional[str] = None,
         outputs: Optional["OutputNodes"] = None,
         createLabelmap: bool = False,
         show3D: bool = False,
         progress: Optional[ProgressCallback] = None,
+        **options: Any,
     ) -> CeVAEAnomalyResult:
         """Detect anomalies in ``volumeNode`` in this process and create or update the result nodes.
 
         ``maskNode``: brain mask (labelmap, or segmentation with ``maskSegmentId`` or all its
-        segments); computed automatically if None. ``scoreType``: None for the model's own.
-        ``fpr``: healthy false-positive rate for the
-        model's calibrated threshold (default: the model's own recommended rate);
-        ``threshold`` overrides it with an absolute score. ``postprocess``: overrides of the
-        model's post-processing (rim_mm, median_radius, min_volume_mm3). ``outputs``: existing
-        nodes to update. ``progress(fraction, message)`` may raise
+        segments); computed automatically if None. ``request``: the detection's options (a
+        :class:`~CeVAEAnomalyLib.options.DetectionRequest`; None: the model's own), with any
+        detection option given by name in ``options`` on top, e.g. ``score_type="rec"``,
+        ``fpr=0.01`` (healthy false-positive rate of the calibrated threshold), ``threshold=0.5``
+        (an absolute one), ``rim_mm=2.0``, ``device="cpu"``, ``batch_size=16``. ``outputs``:
+        existing nodes to update. ``progress(fraction, message)`` may raise
         :class:`~CeVAEAnomalyLib.progress.Cancelled`. On any error or cancel, the scene's node
         set is left as it was.
         """
-        from .worker import detect_image
+        from ..engine.detector import Detector
 
+        request = _request(request, options)
         self._checkInputs(volumeNode, maskNode, outputs)
         report(progress, 0.0, "Reading the volume")
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         report(progress, 0.02, "Loading the model")
-        bundle = self.loadModel(modelPath, device)
-        detection = detect_image(image, mask, bundle, scoreType, fpr, threshold, postprocess, batchSize,
-                                 scaled(progress, 0.05, 0.95))
+        detector = Detector.from_request(self.loadModel(modelPath, request.run.device), request)
+        detection = detector(image, mask, progress=scaled(progress, 0.05, 0.95))
         report(progress, 0.95, "Creating the result nodes")
         return self.publish(volumeNode, detection, outputs, createLabelmap, show3D)
 
@@ -194,19 +191,15 @@ class CeVAEAnomalyLogic(_LogicBase):
         self,
         volumeNode: slicer.vtkMRMLScalarVolumeNode,
         maskNode: Optional[slicer.vtkMRMLNode] = None,
+        request: Optional[DetectionRequest] = None,
         modelPath: Union[str, Path, None] = None,
-        scoreType: Optional[str] = None,
-        fpr: Optional[float] = None,
-        threshold: Optional[float] = None,
-        postprocess: Optional[Dict[str, Any]] = None,
-        device: str = "auto",
-        batchSize: int = 32,
         maskSegmentId: Optional[str] = None,
         outputs: Optional["OutputNodes"] = None,
         createLabelmap: bool = False,
         show3D: bool = False,
         launch: Optional[Launcher] = None,
         python: Optional[str] = None,
+        **options: Any,
     ) -> WorkerJob:
         """Start the detection :meth:`process` would do in a worker process; returns the running job.
 
@@ -214,17 +207,16 @@ class CeVAEAnomalyLogic(_LogicBase):
         while the job runs. ``launch(args)`` starts the process (Slicer: ``launchConsoleProcess``),
         ``python`` is the interpreter (Slicer: ``PythonSlicer``).
         """
+        request = _request(request, options)
         self._checkInputs(volumeNode, maskNode, outputs)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         folder = Path(tempfile.mkdtemp(prefix="CeVAEAnomaly-"))
         try:
             _writeInputs(folder, "input", image, mask)
-            request = dict(task="detect", image=str(folder / "input.nrrd"),
-                           mask=str(folder / "input_mask.nrrd") if mask is not None else None,
-                           model=str(modelPath) if modelPath else None, device=device, batch_size=int(batchSize),
-                           score_type=scoreType, fpr=fpr, threshold=threshold, postprocess=postprocess,
-                           out_dir=str(folder))
-            job = WorkerJob(request, folder, launch, python)
+            task = dict(task="detect", image=str(folder / "input.nrrd"),
+                        mask=str(folder / "input_mask.nrrd") if mask is not None else None,
+                        model=str(modelPath) if modelPath else None, request=request.to_dict(), out_dir=str(folder))
+            job = WorkerJob(task, folder, launch, python)
         except BaseException:
             _removeFolder(folder)
             raise
@@ -233,14 +225,14 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
         """Load a finished detection job's results into the scene and remove its temporary folder."""
-        from .worker import read_detection
+        from ..result import load_result
 
         target = self._targets.pop(id(job))
         try:
             job.raise_for_failure()
             if job.done is None:
                 raise CeVAEError("The detection did not finish.")
-            return self.publish(target.volume, read_detection(job.folder), target.outputs, target.createLabelmap,
+            return self.publish(target.volume, load_result(job.folder), target.outputs, target.createLabelmap,
                                 target.show3D)
         finally:
             job.cleanup()
@@ -267,9 +259,10 @@ class CeVAEAnomalyLogic(_LogicBase):
         in a worker process, writing a new bundle to ``outputPath``. ``job.done["model"]`` is its path."""
         if not volumes:
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
+        request = DetectionRequest.of(device=device, **(postprocess or {}))  # refused before any copy
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,
-                                    model=str(modelPath) if modelPath else None, device=device,
-                                    postprocess=postprocess, out=str(outputPath), overwrite=bool(overwrite))
+                                    model=str(modelPath) if modelPath else None, request=request.to_dict(),
+                                    out=str(outputPath), overwrite=bool(overwrite))
 
     def startAdaptation(
         self,
@@ -335,6 +328,11 @@ class CeVAEAnomalyLogic(_LogicBase):
         if getattr(slicer, "app", None) is None:
             return
         slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+
+
+def _request(request: Optional[DetectionRequest], options: Dict[str, Any]) -> DetectionRequest:
+    """``request`` (None: the model's options) with the named ``options`` on top, checked."""
+    return (request or DetectionRequest()).with_options(**options)
 
 
 def _fileStem(name: str) -> str:

@@ -35,7 +35,7 @@ from .nodes import (
 )
 
 if TYPE_CHECKING:  # the detection result type lives in the detector, which imports torch
-    from ..engine.detector import DetectionResult
+    from ..result import DetectionResult
 
 log = logging.getLogger(__name__)
 

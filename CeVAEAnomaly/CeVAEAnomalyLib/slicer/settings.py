@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from ..engine.calibration import DEFAULT_FPR, find_calibration
-from ..engine.header import read_header
+from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
-from ..options import DEVICES, SCORE_TYPES, PostprocessOptions, ScoreOptions
+from ..options import DEVICES, SCORE_TYPES, DetectionRequest
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "detection_request", "model_path",
            "override_postprocess", "postprocess_fields"]
@@ -28,7 +27,7 @@ class ModelSettings:
     """What a model bundle's header says about detection with it."""
 
     path: Path
-    header: Dict[str, Any]
+    header: BundleHeader
 
     @classmethod
     def read(cls, path: Optional[Path] = None) -> "ModelSettings":
@@ -40,22 +39,19 @@ class ModelSettings:
 
     @property
     def postprocess(self) -> Dict[str, Any]:
-        """The model's post-processing (rim_mm, median_radius, min_volume_mm3)."""
-        return PostprocessOptions.from_dict(self.header.get("postprocess") or {}).to_dict()
+        """The model's post-processing (rim_mm, median_radius, min_volume_mm3, ...)."""
+        return self.header.postprocess.to_dict()
 
     @property
     def default_fpr(self) -> float:
-        return float(self.header.get("default_fpr", DEFAULT_FPR))
+        return self.header.default_fpr
 
     def calibrated(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> bool:
-        """Whether the model holds a threshold calibration for this scoring and post-processing."""
-        score = ScoreOptions.from_dict(self.header.get("score_options") or {}).replace(score_type=score_type)
-        post = PostprocessOptions.from_dict(self.postprocess if postprocess is None else postprocess)
-        try:
-            find_calibration(self.header, score, post)
-        except CeVAEError:
-            return False
-        return True
+        """Whether the model holds a threshold calibration for this scoring and post-processing
+        (``postprocess``: overrides of the model's, as the detection applies them)."""
+        score, post = DetectionRequest(score=dict(score_type=score_type), post=dict(postprocess or {})).options(
+            self.header.score_options, self.header.postprocess)
+        return self.header.is_calibrated(score, post)
 
     def sensitivities(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> Tuple[str, ...]:
         """The sensitivity modes this model supports for these options (calibrated ones only if calibrated)."""
@@ -89,7 +85,8 @@ def model_path(parameters: Any) -> Optional[str]:
 
 
 def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any]:
-    """Keyword arguments of the logic's detection for the panel's parameters (node fields included)."""
+    """Keyword arguments of the logic's detection for the panel's parameters: the nodes, the model and
+    one :class:`~..options.DetectionRequest`."""
     if parameters.inputVolume is None:
         raise CeVAEError("Select an input volume.")
     post = override_postprocess(parameters)
@@ -106,10 +103,9 @@ def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any
         maskNode=mask,
         maskSegmentId=segment or None,
         modelPath=model_path(parameters),
-        scoreType=parameters.scoreType,
-        fpr=parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else None,
-        threshold=parameters.threshold if parameters.sensitivity == SENSITIVITY_THRESHOLD else None,
-        postprocess=post,
-        device=parameters.device,
-        batchSize=int(parameters.batchSize),
+        request=DetectionRequest.of(
+            score_type=parameters.scoreType,
+            fpr=parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else None,
+            threshold=parameters.threshold if parameters.sensitivity == SENSITIVITY_THRESHOLD else None,
+            device=parameters.device, batch_size=int(parameters.batchSize), **(post or {})),
     )

@@ -14,14 +14,12 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from ..engine.bundle import Bundle, load_bundle
-from ..engine.config import LossConfig
-from ..engine.detector import default_postprocess, default_score_options
-from ..engine.header import read_header
+from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
 from ..io.manifest import Subject
@@ -32,7 +30,7 @@ from .cache import SliceCache
 from .config import AugmentConfig
 from .data import unique_subjects
 from .modality import check_modality, depth_contrast
-from .packaging import BundleHeader, package, subject_records
+from .packaging import package, subject_records, training_header
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -65,8 +63,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         raise CeVAEError(f"--resume was given but there is no checkpoint of an adaptation to {out} "
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
-    training = header.get("training") or {}
-    orientations = tuple(training.get("orientations") or ("axial",))
+    orientations = tuple(header.training.get("orientations") or ("axial",))
     with _cache_folder(options.cache_dir) as root:
         cache = SliceCache(root, bundle.preprocess)
         entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(progress, 0.0, PREPARE_SHARE),
@@ -78,7 +75,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         share = (1.0 - PREPARE_SHARE - CALIBRATE_SHARE) / len(runs)
         for n, run in enumerate(runs):
             held = plan[n] if run != "final" else []
-            cfg = replace(configs[run], model=bundle.model_config, loss=LossConfig.from_dict(header["loss"]),
+            cfg = replace(configs[run], model=bundle.model_config, loss=header.loss,
                           augment=AugmentConfig(), orientations=orientations, cache_dir=root,
                           resume=options.resume and configs[run].checkpoint_path.is_file())
             title = (f"Fine-tuning {n + 1}/{len(runs)} (without {', '.join(subjects[j].name for j in held)})"
@@ -92,12 +89,11 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         final = trainers["final"]
         scorers = [Bundle(trainers[runs[f]].model, header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
-        record = final.record(seconds)
-        adapted = BundleHeader(
-            name=out.stem, preprocess=bundle.preprocess, loss=final.cfg.loss, training=record,
-            score_options=default_score_options(bundle), postprocess=default_postprocess(bundle),
-            modality=str(header.get("modality", "T1")), default_fpr=header.get("default_fpr"),
-            adaptation=_record(header, base, subjects, checksums, plan, contrasts, options))
+        new = training_header(out.stem, bundle.preprocess, header.loss, final.record(seconds))
+        adapted = replace(new, score_options=header.score_options, postprocess=header.postprocess,
+                          modality=header.modality, default_fpr=header.default_fpr,
+                          extra=dict(new.extra, adaptation=_record(header, base, subjects, checksums, plan,
+                                                                   contrasts, options)))
         path = package(out, final.model, adapted, subjects, "site scans, each scored by the fold model fine-tuned "
                        "without it", final.device, half=False, scorers=scorers,
                        progress=labelled(scaled(progress, 1.0 - CALIBRATE_SHARE, 1.0), "Calibrating"))
@@ -108,11 +104,12 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     return path
 
 
-def _check_adaptable(header: Mapping[str, Any], path: Path) -> None:
-    """Refuse a base model that records no training objective (nothing to fine-tune it with)."""
-    if not isinstance(header.get("loss"), dict):
-        raise CeVAEError(f"The model {path} records no training loss (its header has no 'loss' section), so it "
-                         "cannot be fine-tuned with the objective it was trained with; adapt a model written by "
+def _check_adaptable(header: BundleHeader, path: Path) -> None:
+    """Refuse a base model that records no training run: how it was trained (objective, slice orientations)
+    is then unknown, and fine-tuning it with guessed settings would silently change what it models."""
+    if not isinstance(header.training, dict):
+        raise CeVAEError(f"The model {path} records no training run (its header has no 'training' section), so "
+                         "it cannot be fine-tuned the way it was trained; adapt a model written by "
                          "`cevae-anomaly train` or `adapt`.")
 
 
@@ -129,12 +126,12 @@ def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
     return sums
 
 
-def _record(header: Mapping[str, Any], base: Path, subjects: Sequence[Subject], checksums: Dict[Path, str],
+def _record(header: BundleHeader, base: Path, subjects: Sequence[Subject], checksums: Dict[Path, str],
             plan: List[List[int]], contrasts: Sequence[float], options: AdaptOptions) -> Dict[str, Any]:
     """The ``adaptation`` section of the adapted bundle's header."""
     names = [s.name for s in subjects]
     return {
-        "parent": {"name": header.get("name"), "file": base.name, "sha256": sha256_of(base)},
+        "parent": {"name": header.name, "file": base.name, "sha256": sha256_of(base)},
         "site_scans": subject_records(subjects, checksums),
         "folds": [{"held_out": [names[j] for j in held], "trained_on": [n for j, n in enumerate(names) if j not in held]}
                   for held in plan],

@@ -13,11 +13,12 @@ the value recorded by an adapted model, or for a T1 model without one, :data:`T1
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 
+from ..engine.header import BundleHeader
 from ..errors import CeVAEError
 
 DEEP_PX = 6  # about 15 mm at the default 64 px model size
@@ -41,17 +42,17 @@ def depth_contrast(slices: np.ndarray) -> float:
     return round(float(np.median(deep_px) - np.median(rim_px)), 4)
 
 
-def reference_contrast(header: Mapping[str, Any]) -> Optional[Tuple[float, str]]:
+def reference_contrast(header: BundleHeader) -> Optional[Tuple[float, str]]:
     """(depth contrast, what it describes) to compare a model's new scans with; None when the model offers none."""
-    adaptation = header.get("adaptation")
+    adaptation = header.extra.get("adaptation")
     if isinstance(adaptation, dict) and isinstance(adaptation.get("depth_contrast"), (int, float)):
         return float(adaptation["depth_contrast"]), "the site scans this model was adapted to"
-    if str(header.get("modality", "")).upper() == "T1":
+    if header.modality.upper() == "T1":
         return T1_DEPTH_CONTRAST, "T1-weighted brains"
     return None
 
 
-def check_modality(names: Sequence[str], contrasts: Sequence[float], header: Mapping[str, Any]) -> None:
+def check_modality(names: Sequence[str], contrasts: Sequence[float], header: BundleHeader) -> None:
     """Refuse scans whose depth contrast is not the model's (names them, with their values)."""
     reference = reference_contrast(header)
     if reference is None:
@@ -60,6 +61,6 @@ def check_modality(names: Sequence[str], contrasts: Sequence[float], header: Map
     far = [(n, c) for n, c in zip(names, contrasts) if abs(c - value) > TOLERANCE]
     if far:
         listed = ", ".join(f"{n} ({c:+.2f})" for n, c in far)
-        raise CeVAEError(f"Scan(s) of another contrast than the model's {header.get('modality', '')} scans: {listed}; "
+        raise CeVAEError(f"Scan(s) of another contrast than the model's {header.modality} scans: {listed}; "
                          f"{what} have a depth contrast of {value:+.2f} (deep brain minus brain rim, on the 1st-99th "
                          f"percentile scale; accepted within {TOLERANCE}). Adapt a model of their own modality.")

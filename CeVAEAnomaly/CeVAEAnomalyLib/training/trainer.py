@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .data import Subject, split_subjects, unique_subjects
 from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
                           shutdown_distributed)
-from .packaging import BundleHeader, TrainingRecord, package, subject_records
+from .packaging import TrainingRecord, package, subject_records, training_header
 from .sampler import EpochSampler
 
 log = logging.getLogger(__name__)
@@ -344,8 +344,7 @@ class Trainer:
             val_loss=self.validate())
 
     def _write_bundle(self, elapsed: float) -> Path:
-        header = BundleHeader(name=self.cfg.out.stem, preprocess=self.pre, loss=self.cfg.loss,
-                              training=self.record(elapsed))
+        header = training_header(self.cfg.out.stem, self.pre, self.cfg.loss, self.record(elapsed))
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)

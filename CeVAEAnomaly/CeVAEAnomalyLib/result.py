@@ -1,0 +1,147 @@
+"""What a detection produces, and its files: the result types, their tables, save and load (torch-free).
+
+The engine makes a :class:`DetectionResult`; the command line, batch, the Slicer worker and the
+Slicer script write it with the functions here, and the Slicer module reads a worker's result
+back (:func:`load_result`) without importing torch.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import SimpleITK as sitk
+
+from .errors import CeVAEError
+
+
+@dataclass
+class SliceScoreRow:
+    """Scores of one input slice (``index`` along the input IJK axis ``axis``)."""
+
+    axis: int
+    index: int
+    kl: float
+    rec: float
+    neg_elbo: float
+    anomaly: float = 0.0  # the slice score that follows lesions: rank fusion of map_max and neg_elbo, in [0, 1]
+    map_max: float = 0.0  # a high quantile of the final map over the slice's brain (the highest score)
+    flagged: bool = False  # the slice holds a labelmap voxel (after the minimum component volume)
+
+
+@dataclass
+class Component:
+    """One connected anomaly region of the labelmap."""
+
+    label: int
+    voxels: int
+    volume_ml: float
+    max_score: float
+    mean_score: float
+    centroid_lps: Tuple[float, float, float]
+
+    @property
+    def summed_score(self) -> float:
+        """The component's score mass: mean score × voxels."""
+        return self.mean_score * self.voxels
+
+    @property
+    def centroid_ras(self) -> Tuple[float, float, float]:
+        x, y, z = self.centroid_lps
+        return (-x, -y, z)
+
+
+@dataclass
+class DetectionResult:
+    """Everything one detection produces, on the input's exact grid."""
+
+    score: sitk.Image  # float32
+    labelmap: sitk.Image  # uint8 {0,1}
+    brain_mask: sitk.Image  # uint8 {0,1}
+    threshold: float
+    threshold_source: str
+    slices: List[SliceScoreRow]
+    components: List[Component]
+
+    @property
+    def top_slice(self) -> Optional[SliceScoreRow]:
+        """The most anomalous slice: the highest ``anomaly`` (ties by the highest map score, then by the
+        paper's sample score, the negative ELBO)."""
+        ranked = self.ranked_slices()
+        return ranked[0] if ranked else None
+
+    def ranked_slices(self) -> List[SliceScoreRow]:
+        """Slices from most to least anomalous (``anomaly``, then ``map_max``, then negative ELBO)."""
+        return sorted(self.slices, key=lambda r: (-r.anomaly, -r.map_max, -r.neg_elbo, r.index))
+
+    @property
+    def flagged_ml(self) -> float:
+        return sum(c.volume_ml for c in self.components)
+
+
+# ---- the tables ----------------------------------------------------------------------------------
+def slice_scores_csv(result: DetectionResult) -> str:
+    """Per-slice scores, the most anomalous slice first."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["axis", "index", "anomaly", "kl", "rec", "neg_elbo", "map_max", "flagged"])
+    for r in result.ranked_slices():
+        w.writerow([r.axis, r.index, f"{r.anomaly:.6g}", f"{r.kl:.6g}", f"{r.rec:.6g}", f"{r.neg_elbo:.6g}",
+                    f"{r.map_max:.6g}", int(r.flagged)])
+    return buf.getvalue()
+
+
+def components_csv(result: DetectionResult) -> str:
+    """The anomaly components, in the result's order, with centroids in RAS."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["label", "voxels", "volume_ml", "max_score", "mean_score", "r", "a", "s"])
+    for c in result.components:
+        w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.max_score:.6g}", f"{c.mean_score:.6g}",
+                    *(f"{v:.2f}" for v in c.centroid_ras)])
+    return buf.getvalue()
+
+
+def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]]) -> Dict[Path, object]:
+    """What :func:`~.io.atomic.write_all` writes for each wanted output (a None target is not wanted):
+    ``score``, ``labelmap``, ``brain_mask`` (images), ``slices``, ``components`` (CSV tables)."""
+    content = {"score": lambda: result.score, "labelmap": lambda: result.labelmap,
+               "brain_mask": lambda: result.brain_mask, "slices": lambda: slice_scores_csv(result),
+               "components": lambda: components_csv(result)}
+    unknown = sorted(set(targets) - set(content))
+    if unknown:
+        raise ValueError(f"unknown result output(s) {unknown}")
+    return {Path(path): content[role]() for role, path in targets.items() if path is not None}
+
+
+# ---- a whole result in a folder (the Slicer worker's hand-over) ---------------------------------------
+RESULT_FILES = {"score": "score.nrrd", "labelmap": "labelmap.nrrd", "brain_mask": "brain_mask.nrrd"}
+SUMMARY_FILE = "detection.json"
+
+
+def save_result(result: DetectionResult, folder: Path) -> None:
+    """The result as image files and a JSON summary (read back by :func:`load_result`), each checked
+    complete before it is renamed into place."""
+    from .io.atomic import write_all
+
+    files = result_files(result, {key: folder / name for key, name in RESULT_FILES.items()})
+    summary = dict(threshold=result.threshold, threshold_source=result.threshold_source,
+                   slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components])
+    files[folder / SUMMARY_FILE] = json.dumps(summary)
+    write_all(files, overwrite=True)
+
+
+def load_result(folder: Path) -> DetectionResult:
+    """The result :func:`save_result` wrote into ``folder``."""
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+        images = {key: sitk.ReadImage(str(folder / name)) for key, name in RESULT_FILES.items()}
+        components = [Component(**dict(c, centroid_lps=tuple(c["centroid_lps"]))) for c in summary["components"]]
+        rows = [SliceScoreRow(**r) for r in summary["slices"]]
+        return DetectionResult(images["score"], images["labelmap"], images["brain_mask"], summary["threshold"],
+                               summary["threshold_source"], rows, components)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CeVAEError(f"The detection results in {folder} could not be read ({exc}).") from None

@@ -1,0 +1,62 @@
+"""The result module: a detection's types, tables and hand-over folder, without torch."""
+import subprocess
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.result import (
+    Component,
+    DetectionResult,
+    SliceScoreRow,
+    components_csv,
+    load_result,
+    result_files,
+    save_result,
+    slice_scores_csv,
+)
+
+
+def small_result() -> DetectionResult:
+    score = sitk.GetImageFromArray(np.linspace(0, 2, 4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6))
+    score.SetSpacing((1.0, 1.5, 2.0))
+    score.SetOrigin((-3.0, 4.0, 5.0))
+    labelmap = sitk.Cast(score > 1.5, sitk.sitkUInt8)
+    brain = sitk.Cast(score >= 0, sitk.sitkUInt8)
+    rows = [SliceScoreRow(2, k, 0.1 * k, 1.0, 2.0 + k, anomaly=k / 3, map_max=0.5 * k, flagged=k == 3)
+            for k in range(4)]
+    comps = [Component(1, 20, 0.06, 2.0, 1.75, (1.0, -2.0, 3.5))]
+    return DetectionResult(score, labelmap, brain, 1.5, "absolute", rows, comps)
+
+
+def test_saved_result_reads_back_equal(tmp_path):
+    result = small_result()
+    save_result(result, tmp_path)
+    back = load_result(tmp_path)
+    for name in ("score", "labelmap", "brain_mask"):
+        a, b = getattr(result, name), getattr(back, name)
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+        assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
+    assert (back.threshold, back.threshold_source) == (1.5, "absolute")
+    assert back.slices == result.slices and back.components == result.components
+    assert back.top_slice.index == 3 and back.components[0].centroid_ras == (-1.0, 2.0, 3.5)
+
+
+def test_tables_list_the_most_anomalous_slice_first(tmp_path):
+    result = small_result()
+    table = slice_scores_csv(result)
+    rows = table.splitlines()
+    assert rows[0] == "axis,index,anomaly,kl,rec,neg_elbo,map_max,flagged" and rows[1].startswith("2,3,1,")
+    assert components_csv(result).splitlines()[1] == "1,20,0.0600,2,1.75,-1.00,2.00,3.50"
+    files = result_files(result, {"slices": tmp_path / "s.csv", "components": None, "score": tmp_path / "a.nrrd"})
+    assert set(files) == {tmp_path / "s.csv", tmp_path / "a.nrrd"} and files[tmp_path / "s.csv"] == table
+
+
+def test_reading_a_workers_result_leaves_torch_unloaded(tmp_path):
+    """The Slicer GUI process reads a worker's result: that must not import torch (about 1.4 s)."""
+    save_result(small_result(), tmp_path)
+    code = ("import sys; from CeVAEAnomalyLib.result import load_result; "
+            f"r = load_result(__import__('pathlib').Path({str(tmp_path)!r})); "
+            "print(len(r.components), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["1", "False"]
