@@ -14,12 +14,14 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..engine.bundle import Bundle, load_bundle
+from ..engine.config import PreprocessConfig
 from ..engine.header import BundleHeader, read_header
+from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
 from ..io.manifest import Subject
@@ -27,7 +29,7 @@ from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
 from .adapt_plan import AdaptOptions, fold_plan, output_paths, run_names
 from .cache import SliceCache
-from .config import AugmentConfig
+from .config import AugmentConfig, TrainConfig
 from .data import unique_subjects
 from .modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
@@ -63,31 +65,15 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         raise CeVAEError(f"--resume was given but there is no checkpoint of an adaptation to {out} "
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
-    orientations = tuple(header.training.get("orientations") or ("axial",))
     with _cache_folder(options.cache_dir) as root:
         cache = SliceCache(root, bundle.preprocess)
         entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(progress, 0.0, PREPARE_SHARE),
                                                                            "Preparing the scans"))
         contrasts = [depth_contrast(np.load(e[0].path)) for e in entries]
         check_modality([s.name for s in subjects], contrasts, header)
-        trainers: Dict[str, Trainer] = {}
-        seconds = 0.0
-        share = (1.0 - PREPARE_SHARE - CALIBRATE_SHARE) / len(runs)
-        for n, run in enumerate(runs):
-            held = plan[n] if run != "final" else []
-            cfg = replace(configs[run], model=bundle.model_config, loss=header.loss,
-                          augment=AugmentConfig(), orientations=orientations, cache_dir=root,
-                          resume=options.resume and configs[run].checkpoint_path.is_file())
-            title = (f"Fine-tuning {n + 1}/{len(runs)} (without {', '.join(subjects[j].name for j in held)})"
-                     if held else f"Fine-tuning {n + 1}/{len(runs)} (final model, all scans)")
-            start = PREPARE_SHARE + n * share
-            trainer = Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], bundle.preprocess,
-                              labelled(scaled(progress, start, start + share), title))
-            seconds += trainer.fit()
-            trainer.model.eval()
-            trainers[run] = trainer
-        final = trainers["final"]
-        scorers = [Bundle(trainers[runs[f]].model, header, base) for j in range(len(subjects))
+        models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle.preprocess, root,
+                                            options.resume, progress)
+        scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
         new = training_header(out.stem, bundle.preprocess, header.loss, final.record(seconds))
         adapted = replace(new, score_options=header.score_options, postprocess=header.postprocess,
@@ -102,6 +88,30 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     report(progress, 1.0, "Adapted model written")
     log.info("Adapted model written to %s (%d site scans, %d folds).", path, len(subjects), len(plan))
     return path
+
+
+def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
+               header: BundleHeader, pre: PreprocessConfig, cache: Path, resume: bool,
+               progress: Optional[ProgressCallback]) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+    """Each run in turn (fold N without its held-out scans, then the final one on all): the models by run,
+    the final run's trainer and the seconds spent training. A run whose checkpoint exists resumes from it."""
+    models: Dict[str, CeVAE] = {}
+    seconds = 0.0
+    share = (1.0 - PREPARE_SHARE - CALIBRATE_SHARE) / len(runs)
+    orientations = tuple((header.training or {}).get("orientations") or ("axial",))
+    for n, run in enumerate(runs):
+        held = plan[n] if run != "final" else []
+        cfg = replace(configs[run], model=header.model, loss=header.loss, augment=AugmentConfig(),
+                      orientations=orientations, cache_dir=cache,
+                      resume=resume and configs[run].checkpoint_path.is_file())
+        title = (f"Fine-tuning {n + 1}/{len(runs)} (without {', '.join(subjects[j].name for j in held)})"
+                 if held else f"Fine-tuning {n + 1}/{len(runs)} (final model, all scans)")
+        start = PREPARE_SHARE + n * share
+        trainer = Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], pre,
+                          labelled(scaled(progress, start, start + share), title))
+        seconds += trainer.fit()
+        models[run] = trainer.model.eval()
+    return models, trainer, seconds
 
 
 def _check_adaptable(header: BundleHeader, path: Path) -> None:
