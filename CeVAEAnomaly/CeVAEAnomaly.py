@@ -6,12 +6,11 @@ widget binds Qt to Qt-free parts: ``widget_state`` decides what is enabled and w
 ``settings`` what a model offers, the logic runs detection and calibration in a worker process
 polled by a timer. Loading the module imports neither torch nor SimpleITK.
 """
-import importlib.util
 import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Dict, List, Optional, Tuple, Union
+from typing import Annotated, Dict, Optional, Tuple, Union
 
 import ctk
 import qt
@@ -37,6 +36,7 @@ from slicer.util import VTKObservationMixin
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import (DEVICES, SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions,
                                      option_range)
+from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
 from CeVAEAnomalyLib.slicer.resources import resource_dir
 from CeVAEAnomalyLib.slicer.settings import (
@@ -52,9 +52,8 @@ __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "Ce
            "CeVAEAnomalyWidget"]
 
 DOCUMENTATION_URL = "https://github.com/CeVAEAnomaly/SlicerCeVAEAnomaly/blob/main/docs/SLICER.md"
-TORCH_VERSION = ">=2.1"
-PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4"}
 POLL_INTERVAL_MS = 100
+INPUT_SELECTORS = ("inputVolumeSelector", "brainMaskSelector", "healthyVolumesSelector", "healthyMasksSelector")
 
 
 def scoreTypeNames() -> Dict[str, str]:
@@ -182,11 +181,12 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic: Optional[CeVAEAnomalyLogic] = None
         self._parameterNode: Optional[CeVAEAnomalyParameterNode] = None
-        self._parameterNodeGuiTag = None
+        self._binding = GuiBinding()  # one connectGui per parameter node, also in Slicer 5.6/5.8
         self.state = WidgetState()
         self._job = None
         self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
         self._modelValuesShownFor: Optional[tuple] = None
+        self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -213,6 +213,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._hideModuleVolumes)
 
         self.ui.applyButton.connect("clicked(bool)", lambda checked: self._onTaskButton(DETECT))
         self.ui.calibrateButton.connect("clicked(bool)", lambda checked: self._onTaskButton(CALIBRATE))
@@ -248,12 +249,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self.state.entered() and self._pendingDisplay is not None:
+            self._display(*self._pendingDisplay)  # a run that finished while another module was shown
 
     def exit(self) -> None:
-        self._interrupt()
+        """Another module is shown: a run goes on (see WidgetState.left); the GUI binding stays (GuiBinding)."""
+        self.state.left()
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -272,10 +274,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def initializeParameterNode(self) -> None:
+        self._hideModuleVolumes()  # also those of a scene loaded meanwhile
         self.setParameterNode(CeVAEAnomalyParameterNode(self.logic.getParameterNode()))
         if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+            from CeVAEAnomalyLib.slicer.nodes import first_input_volume
+
+            firstVolume = first_input_volume(slicer.mrmlScene)
+            if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
         if not self._parameterNode.calibratedModelPath:
             folder = Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
@@ -286,13 +291,36 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode: Optional[CeVAEAnomalyParameterNode]) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-        self._parameterNode = inputParameterNode
+        self._parameterNode = self._binding.bind(inputParameterNode, self.ui)
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._updateGui()
+
+    def _followInput(self) -> bool:
+        """The output fields show the input's own nodes (its earlier results, or none: made on Apply),
+        never another input's, so a run never replaces another scan's results. True if they changed."""
+        from CeVAEAnomalyLib.slicer.nodes import PANEL_OUTPUTS, outputs_for_input
+
+        p = self._parameterNode
+        if p.inputVolume is None:
+            return False
+        shown = outputs_for_input(slicer.mrmlScene, p.inputVolume, {f: getattr(p, f) for f in PANEL_OUTPUTS})
+        changed = {f: node for f, node in shown.items() if getattr(p, f) is not node}
+        if changed:
+            with slicer.util.NodeModify(p.parameterNode):
+                for field, node in changed.items():
+                    setattr(p, field, node)
+        return bool(changed)
+
+    def _hideModuleVolumes(self, caller=None, event=None) -> None:
+        """Keep this module's score volumes and labelmaps out of the input and healthy-volume selectors
+        (attribute filters of a node selector only include, so by node ID)."""
+        from CeVAEAnomalyLib.slicer.nodes import module_volume_ids
+
+        hidden = module_volume_ids(slicer.mrmlScene)
+        for name in INPUT_SELECTORS:
+            getattr(self.ui, name).sortFilterProxyModel().hiddenNodeIDs = hidden
 
     def _comboHandler(self, combo, name: str):
         """A one-argument slot that stores the option value behind the chosen display name."""
@@ -345,15 +373,22 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             self._refresh()
             return
-        from CeVAEAnomalyLib.slicer.settings import override_postprocess
+        from CeVAEAnomalyLib.slicer.settings import override_postprocess, sensitivity_change
 
+        if self._followInput():
+            return  # the output fields changed: this runs again
         settings = self._modelSettings()
         if settings is not None:
             self._showModelValues(settings)
+            change = sensitivity_change(p, settings)
+            if change is not None:  # the override left the calibration: say which threshold is used now
+                self.ui.statusLabel.text = change.message
+                with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for both fields
+                    if change.threshold is not None:
+                        p.threshold = min(max(change.threshold, 0.0), 1000.0)
+                    p.sensitivity = change.sensitivity
+                return
         modes = settings.sensitivities(p.scoreType, override_postprocess(p)) if settings else SENSITIVITIES
-        if p.sensitivity not in modes:
-            p.sensitivity = modes[0]
-            return
         self._showChoices(self.ui.sensitivityComboBox, {m: sensitivityNames()[m] for m in modes}, p.sensitivity)
         self._showChoices(self.ui.scoreTypeComboBox, None, p.scoreType)
         self._showChoices(self.ui.deviceComboBox, None, p.device)
@@ -476,8 +511,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._refresh()
 
     def _workerArguments(self) -> dict:
-        """How the logic starts its worker inside Slicer: Slicer's Python, Slicer's process launcher."""
-        return dict(launch=slicer.util.launchConsoleProcess, python=shutil.which("PythonSlicer") or sys.executable)
+        """How the logic starts its worker inside Slicer: ``PythonSlicer`` in Slicer's start-up environment
+        (as ``slicer.util.launchConsoleProcess`` does), but in a process group of its own and with a byte
+        pipe (``jobs.launch_process``), so that Cancel ends the launcher and the real interpreter."""
+        from CeVAEAnomalyLib.slicer.jobs import launch_process
+
+        environment = slicer.util.startupEnvironment()
+        return dict(launch=lambda args: launch_process(args, environment),
+                    python=shutil.which("PythonSlicer") or sys.executable)
 
     def _startDetection(self):
         from CeVAEAnomalyLib.slicer.mrml import OutputNodes
@@ -584,54 +625,33 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message
 
     def _interrupt(self) -> None:
-        """Scene close, module exit, reload: a running job is stopped and nothing is loaded."""
+        """Scene close, reload, application exit: a running job is stopped and nothing is loaded."""
+        self._pendingDisplay = None
         if self.state.interrupt():
-            self._stopJob(_("Stopped: the scene was closed or the module was left; nothing was changed."))
+            self._stopJob(_("Stopped: the scene was closed or the module reloaded; nothing was changed."))
         if hasattr(self, "ui"):
             self._refresh()
 
-    def _missingPackages(self) -> List[str]:
-        return [name for name in ["torch", *PIP_REQUIREMENTS] if importlib.util.find_spec(name) is None]
-
     def _ensureDependencies(self, task: str) -> bool:
-        """Before the first run: offer to install torch (and other missing packages). False if declined."""
-        missing = self._missingPackages()
-        if not missing:
+        """Before a run: offer to install torch and safetensors if they are missing or too old (the
+        logic installs them). False if declined."""
+        from CeVAEAnomalyLib.slicer.dependencies import unmet_message
+
+        unmet = self.logic.unmetDependencies()
+        if not unmet:
             return True
         if slicer.app.testingEnabled():
-            raise CeVAEError(_("Missing Python packages: {names}. Install them before testing.").format(
-                names=", ".join(missing)))
-        message = _(
-            "CeVAE Anomaly needs these Python packages, which are not installed yet: {names}.\n\n"
-            "Install them now? PyTorch is a large download and may take several minutes."
-        ).format(names=", ".join(missing))
+            raise CeVAEError(unmet_message(unmet) + " " + _("Install them before testing."))
+        message = unmet_message(unmet) + "\n\n" + _(
+            "Install them now? PyTorch is a large download and may take several minutes.")
         if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("Install dependencies")):
             return False
         self.state.begin_install(task)  # pip pumps Qt events: nothing may be clickable meanwhile
         self._refresh()
-        self.ui.statusLabel.text = _("Installing {names}...").format(names=", ".join(missing))
-        if "torch" in missing:
-            self._installTorch()
-        for name in missing:
-            if name in PIP_REQUIREMENTS:
-                slicer.util.pip_install(PIP_REQUIREMENTS[name])
-        importlib.invalidate_caches()
+        self.ui.statusLabel.text = _("Installing {names}...").format(names=", ".join(u.spec for u in unmet))
+        self.logic.installDependencies()
         self.ui.statusLabel.text = ""
         return True
-
-    @staticmethod
-    def _installTorch() -> None:
-        """Through the PyTorch extension (matches CUDA to the driver); pip if it is missing."""
-        try:
-            import PyTorchUtils
-        except ImportError:
-            logging.warning("The PyTorch extension is not installed; installing torch%s from PyPI.", TORCH_VERSION)
-            slicer.util.pip_install("torch" + TORCH_VERSION)
-            return
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                              torchVersionRequirement=TORCH_VERSION)
-        if torch is None:
-            raise CeVAEError(_("PyTorch could not be installed; install it from the PyTorch module."))
 
     # --- results ------------------------------------------------------------------------------
 
@@ -644,9 +664,21 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.anomalyLabelmap = result.nodes.labelmap
         if not p.useBundledModel:
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
-        self.logic.showResults(result.nodes.score, result.volume, p.overlayOpacity)
         self._updateResultsGui()
+        self._hideModuleVolumes()
         self.ui.statusLabel.text = result.summary
+        self._pendingDisplay = None
+        if self.state.show_result():
+            self._display(result.nodes.score, result.volume)
+        else:
+            self._pendingDisplay = (result.nodes.score, result.volume)
+
+    def _display(self, scoreVolume, volume) -> None:
+        """The score overlay in the slice views, which jump to the most anomalous place."""
+        self._pendingDisplay = None
+        if scoreVolume.GetScene() is None or volume.GetScene() is None:
+            return  # deleted meanwhile
+        self.logic.showResults(scoreVolume, volume, self._parameterNode.overlayOpacity)
         self.onJumpToTopSlice()
 
     def _useNewModel(self, job, pathLineEdit, message: str) -> None:
@@ -709,27 +741,43 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer. The panel checks need no torch; detection checks are skipped without it."""
+    """Runs inside Slicer. The panel checks need no torch; each detection check skips itself without
+    torch or safetensors (factory builds collect the ``test_*`` methods directly, not ``runTest``)."""
+
+    DETECTION_TESTS = ("test_DetectOnSyntheticHead", "test_CancelLeavesSceneUnchanged", "test_ApplyRunsAWorker")
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
+    @staticmethod
+    def _missingDependenciesMessage() -> Optional[str]:
+        """Why the detection tests cannot run here (what to install), or None if they can."""
+        from CeVAEAnomalyLib.slicer.dependencies import unmet_message
+
+        unmet = CeVAEAnomalyLogic.unmetDependencies()
+        if not unmet:
+            return None
+        return ("CeVAEAnomaly self-test SKIPPED: " + unmet_message(unmet) + " Install the PyTorch extension "
+                "(Extensions Manager), then torch from its PyTorch Utils module, and run "
+                "slicer.util.pip_install('safetensors>=0.4') in the Python console.")
+
+    def _skipWithoutDependencies(self) -> None:
+        message = self._missingDependenciesMessage()
+        if message:
+            logging.warning(message)
+            self.skipTest(message)
+
     def runTest(self):
         self.setUp()
         self.test_PanelChoicesAndStates()
-        if importlib.util.find_spec("torch") is None:
-            message = ("CeVAEAnomaly self-test: PyTorch is not installed in this Slicer, so the detection tests "
-                       "(test_DetectOnSyntheticHead, test_CancelLeavesSceneUnchanged, test_ApplyRunsAWorker) "
-                       "were SKIPPED. Install the PyTorch extension and torch to run them.")
+        message = self._missingDependenciesMessage()
+        if message:
             logging.warning(message)
             self.delayDisplay(message)
             return
-        self.setUp()
-        self.test_DetectOnSyntheticHead()
-        self.setUp()
-        self.test_CancelLeavesSceneUnchanged()
-        self.setUp()
-        self.test_ApplyRunsAWorker()
+        for name in self.DETECTION_TESTS:
+            self.setUp()
+            getattr(self, name)()
 
     @staticmethod
     def _syntheticHead():
@@ -774,6 +822,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Panel test passed")
 
     def test_DetectOnSyntheticHead(self):
+        self._skipWithoutDependencies()
         import numpy as np
 
         self.delayDisplay("Detecting anomalies in a synthetic head with the bundled model")
@@ -799,6 +848,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Detection test passed")
 
     def test_CancelLeavesSceneUnchanged(self):
+        self._skipWithoutDependencies()
         from CeVAEAnomalyLib.progress import Cancelled
         from CeVAEAnomalyLib.slicer.nodes import node_ids
 
@@ -825,6 +875,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
             time.sleep(0.05)
 
     def test_ApplyRunsAWorker(self):
+        self._skipWithoutDependencies()
         import time
 
         from CeVAEAnomalyLib.slicer.nodes import node_ids
@@ -845,7 +896,10 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.assertIsNone(widget._job)
         time.sleep(0.6)
         widget.ui.applyButton.click()
+        widget.exit()  # switching to another module keeps the run going
+        self.assertIsNotNone(widget._job)
         self._waitForWorker(widget)
+        widget.enter()
         self.assertIsNotNone(p.scoreVolume)
         self.assertTrue(widget.ui.jumpToTopSliceButton.enabled)
         self.delayDisplay("Worker test passed")

@@ -190,20 +190,20 @@ def evaluate_model(bundle, cases, healthy: Tuple[sitk.Image, sitk.Image], fpr: f
             "healthy_ml": result.flagged_ml, "threshold": result.threshold}
 
 
-def compare(data: Path, work: Path, runs: Path, held_out: str, variant: str, options, fpr: float) -> dict:
+def compare(data: Path, work: Path, base_path: Path, held_out: str, variant: str, options, fpr: float) -> dict:
     """Base, base recalibrated on the site scans, and adapted model on ``held_out``'s scans of ``variant``."""
     from CeVAEAnomalyLib.engine.bundle import load_bundle
     from CeVAEAnomalyLib.engine.calibrate import recalibrate
     from CeVAEAnomalyLib.training.adapt import adapt
 
-    base_path = runs / f"without-{held_out}.cevae"
     base = load_bundle(base_path)
+    tag = f"{base_path.stem}-{held_out}-{variant}"
     site = [variant_scan(data, work, s, variant) for s in SUBJECTS if s != held_out]
-    recal_path = work / f"recalibrated-{held_out}-{variant}.cevae"
+    recal_path = work / f"recalibrated-{tag}.cevae"
     if not recal_path.exists():
         recalibrate(base, site, recal_path, base.header.score_options, base.header.postprocess,
                     source="site scans (benchmark_adapt)")
-    adapted_path = work / f"adapted-{held_out}-{variant}.cevae"
+    adapted_path = work / f"adapted-{tag}.cevae"
     minutes = None
     if not adapted_path.exists():
         t = time.perf_counter()
@@ -212,8 +212,8 @@ def compare(data: Path, work: Path, runs: Path, held_out: str, variant: str, opt
     cases = lesion_cases(data, held_out, variant)
     healthy = make_variant(read_image(data / f"{held_out}_t1.nii.gz"),
                            read_image(data / f"{held_out}_brainmask.nii.gz", "brain mask"), variant)
-    out = {"adapt_minutes": minutes, "steps": options.steps, "lr": options.lr}
-    for name, path in (("base", base_path), ("base recalibrated on the site", recal_path), ("adapted", adapted_path)):
+    out = {"base": str(base_path), "adapt_minutes": minutes, "steps": options.steps, "lr": options.lr}
+    for name, path in (("base model", base_path), ("base recalibrated on the site", recal_path), ("adapted", adapted_path)):
         out[name] = evaluate_model(load_bundle(path), cases, healthy, fpr)
         print(f"{held_out} {variant:7s} {name:32s} " + " ".join(f"{k} {v:.4f}" for k, v in out[name].items()),
               flush=True)
@@ -257,7 +257,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--work", type=Path, default=Path("runs/adapt"), help="variant scans and adapted models")
     p.add_argument("--sweep", help="VARIANT:TRAIN:VAL: validation curves of fine-tuning --base (learning rates --lrs)")
-    p.add_argument("--base", type=Path, help="the model to adapt in --sweep")
+    p.add_argument("--base", type=Path, help="the model to adapt in --sweep; with --held-out, instead of the fold "
+                   "model without the subject (say so: it saw the held-out subject)")
     p.add_argument("--lrs", default="1e-4,3e-4")
     p.add_argument("--steps", type=int, help="fine-tuning steps per run (default: AdaptOptions')")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: AdaptOptions')")
@@ -291,7 +292,9 @@ def main() -> None:
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         for subject in args.held_out.split(","):
             for variant in args.variants.split(","):
-                results[f"{subject} {variant}"] = compare(args.data, args.work, args.runs, subject, variant, options, fpr)
+                base = args.base or args.runs / f"without-{subject}.cevae"
+                results[f"{base.stem} {subject} {variant} {options.steps}"] = compare(
+                    args.data, args.work, base, subject, variant, options, fpr)
                 atomic_write_text(results_path, json.dumps(results, indent=1))
 
 

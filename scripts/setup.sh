@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv in the repository root and install CeVAEAnomaly (editable) with its test tools.
+# Create .venv in the repository root and install CeVAEAnomaly (editable) with its test tools and
+# the research extra (demo, evaluate, scripts).
 # TORCH_SPEC pins PyTorch for this install (default torch==2.13.0, the CPU build used in CI);
 # set e.g. TORCH_SPEC="torch>=2.1" to let pip choose a build for your machine (CUDA, MPS).
 set -euo pipefail
@@ -11,5 +12,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet -e ".[test]" "$TORCH_SPEC"
+.venv/bin/python -m pip install --quiet -e ".[test,research]" "$TORCH_SPEC"
 echo "CeVAEAnomaly is installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

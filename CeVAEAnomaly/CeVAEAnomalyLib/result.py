@@ -124,10 +124,13 @@ SUMMARY_FILE = "detection.json"
 
 def save_result(result: DetectionResult, folder: Path) -> None:
     """The result as image files and a JSON summary (read back by :func:`load_result`), each checked
-    complete before it is renamed into place."""
+    complete before it is renamed into place. The images are not compressed (they only pass from the
+    worker to the Slicer module), so that check reads their headers, not their voxels."""
     from .io.atomic import write_all
 
-    files = result_files(result, {key: folder / name for key, name in RESULT_FILES.items()})
+    files: Dict[Path, object] = {
+        path: (lambda tmp, image=image: sitk.WriteImage(image, tmp))
+        for path, image in result_files(result, {key: folder / name for key, name in RESULT_FILES.items()}).items()}
     summary = dict(threshold=result.threshold, threshold_source=result.threshold_source,
                    slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components])
     files[folder / SUMMARY_FILE] = json.dumps(summary)

@@ -40,7 +40,7 @@ def overlay_png(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise CeVAEError("Figures need matplotlib: pip install matplotlib.") from None
+        raise CeVAEError("Figures need matplotlib: pip install 'cevae-anomaly[research]'.") from None
     img, sc = _axial(image), _axial(score)
     lab = _axial(labelmap) if labelmap is not None else None
     gt = _axial(truth) if truth is not None else None

@@ -2,6 +2,7 @@
 
 Inside Slicer:   Slicer --no-splash --no-main-window --python-script DetectVolume.py --input IN --output-dir DIR
 Plain Python:    python DetectVolume.py --input IN --output-dir DIR      (needs slicer-core)
+Options:         DetectVolume.py --usage   (Slicer takes ``--help`` for itself; ``-h`` works in plain Python)
 
 In an installed extension this file is in ``<module dir>/Scripts/`` (a sub-folder,
 because Slicer loads every ``.py`` file of the module folder itself as a module).
@@ -11,7 +12,8 @@ The volume is loaded into an MRML scene through a storage node, processed by
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the names of ``cevae-anomaly batch``).
 All files are written or none.
-Exit status 0 on success; otherwise 1 (2 for bad arguments) with a one-line message.
+Exit status 0 on success; otherwise 1 (2 for bad arguments) with a one-line message; also when the
+library cannot be imported, so that a headless Slicer always quits.
 """
 from __future__ import annotations
 
@@ -28,12 +30,16 @@ _HERE = Path(__file__).resolve().parent
 if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
     sys.path.insert(0, str(_HERE.parent))
 
-from CeVAEAnomalyLib.errors import CeVAEError, one_line  # noqa: E402  (after the path set-up above)
-from CeVAEAnomalyLib.io import naming  # noqa: E402
-from CeVAEAnomalyLib.io.naming import file_stem  # noqa: E402
-from CeVAEAnomalyLib.options import (DetectionRequest, RunOptions, ScoreOptions, ThresholdPolicy,  # noqa: E402
-                                     add_flags)
-from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult  # noqa: E402
+try:  # after the path set-up above; a failure must still end in an exit status (see the end)
+    from CeVAEAnomalyLib.errors import CeVAEError, one_line
+    from CeVAEAnomalyLib.io import naming
+    from CeVAEAnomalyLib.io.naming import file_stem
+    from CeVAEAnomalyLib.options import DetectionRequest, RunOptions, ScoreOptions, ThresholdPolicy, add_flags
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
+except Exception as exc:  # noqa: BLE001 - missing or broken library, a dependency that fails to import
+    _IMPORT_ERROR: Optional[BaseException] = exc
+else:
+    _IMPORT_ERROR = None
 
 log = logging.getLogger("DetectVolume")
 VOLUME_FORMATS = ("nrrd", "nii.gz")
@@ -41,6 +47,7 @@ VOLUME_FORMATS = ("nrrd", "nii.gz")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="DetectVolume", description=__doc__.split("\n\n")[0])
+    p.add_argument("--usage", action="help", help="show this help and exit (inside Slicer, which takes --help)")
     p.add_argument("--input", type=Path, required=True, help="input MRI volume file (NRRD, NIfTI, MHA, ...)")
     p.add_argument("--mask", type=Path, help="brain mask volume file (>0 is brain); automatic if absent")
     p.add_argument("--model", type=Path, help="model bundle (.cevae); the bundled default model if absent")
@@ -125,10 +132,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     inside_slicer = getattr(slicer, "app", None) is not None
     if not inside_slicer:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if _IMPORT_ERROR is not None:
+        print(f"DetectVolume: error: the CeVAEAnomaly library could not be imported "
+              f"({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}); run the script from the installed "
+              "module's Scripts folder or install the package.", file=sys.stderr)
+        return 1
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse printed the usage and the problem
+    except SystemExit as exc:  # argparse printed the usage (and the problem)
         return int(exc.code or 0)
     scene = slicer.mrmlScene if inside_slicer else slicer.vtkMRMLScene()
     try:

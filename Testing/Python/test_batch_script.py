@@ -91,3 +91,50 @@ def test_batch_refuses_to_overwrite_without_the_flag(oblique_head, tmp_path):
 def test_batch_rejects_bad_arguments(tmp_path):
     proc = run_batch("--output-dir", tmp_path, "--score-type", "best")
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+# --- inside a headless Slicer: every ending quits the application --------------------------------
+
+HEADLESS_SLICER = '''
+"""Stand-in for `Slicer --no-main-window --python-script SCRIPT ARGS`: the script runs as __main__
+with sys.argv == [SCRIPT, *ARGS]; an exception is only logged, and the application (no window to
+close) ends only when slicer.util.exit() is called."""
+import runpy, sys, types
+import slicer
+
+class App:
+    status = None
+    def commandOptions(self):
+        return types.SimpleNamespace(runPythonAndExit=True)
+    def exit(self, status):
+        App.status = status
+
+{setup}
+slicer.app = App()
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except BaseException as exc:
+    print("SCRIPT RAISED", type(exc).__name__, file=sys.stderr)
+print("APPLICATION EXIT STATUS", App.status)
+'''
+
+
+def run_in_headless_slicer(tmp_path, *args, setup=""):
+    runner = tmp_path / "headless_slicer.py"
+    runner.write_text(HEADLESS_SLICER.format(setup=setup))
+    return subprocess.run([sys.executable, str(runner), str(SCRIPT), *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_library_that_fails_to_import_quits_headless_slicer_with_an_error(tmp_path):
+    proc = run_in_headless_slicer(tmp_path, "--input", "x.nii.gz", "--output-dir", tmp_path,
+                                  setup='sys.modules["CeVAEAnomalyLib"] = None  # a missing or broken library')
+    assert proc.stdout.strip() == "APPLICATION EXIT STATUS 1", proc.stderr  # today: the script raises, Slicer hangs
+    assert proc.stderr.strip().splitlines()[-1].startswith("DetectVolume: error: the CeVAEAnomaly library could not")
+
+
+def test_usage_inside_slicer_which_takes_help_for_itself(tmp_path):
+    proc = run_in_headless_slicer(tmp_path, "--usage")
+    assert proc.stdout.strip().splitlines()[-1] == "APPLICATION EXIT STATUS 0", proc.stderr
+    assert proc.stdout.startswith("usage: DetectVolume") and "--output-dir" in proc.stdout

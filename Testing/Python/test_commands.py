@@ -1,4 +1,6 @@
 """The calibrate, evaluate and demo commands end to end."""
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -64,3 +66,22 @@ def test_demo_writes_outputs_on_the_sample_grid(tmp_path, tiny_bundle, capsys):
         np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ground_truth.nii.gz"))).sum() > 0
     assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("missing", ["CeVAEAnomalyResearch", "scipy"])
+def test_demo_without_the_research_code_says_what_to_install(tmp_path, capsys, monkeypatch, missing):
+    """Where the research package (the Slicer extension ships the runtime only) or a research dependency is
+    missing, ``demo`` refuses in one line naming the extra, before it writes anything."""
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: the import machinery finds nothing
+    out = tmp_path / "demo"
+    assert main(["demo", "--out-dir", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and missing in err and "cevae-anomaly[research]" in err
+    assert not out.exists()
+
+
+def test_evaluate_without_the_research_code_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "CeVAEAnomalyResearch", None)
+    assert main(["evaluate", "--score", str(tmp_path / "s.nrrd")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cevae-anomaly[research]" in err

@@ -24,7 +24,8 @@ GEOMETRIES = {
 def fake_detection(image: sitk.Image, mask: sitk.Image, threshold: float = 1.1) -> DetectionResult:
     """A detection result on the image grid: score = intensity/100 inside the brain (stripes above 1.1)."""
     score = sitk.Mask(sitk.Cast(image, sitk.sitkFloat32) / 100.0, mask)
-    labelmap = threshold_labelmap(score, threshold)
+    labelmap = sitk.GetImageFromArray(threshold_labelmap(sitk.GetArrayViewFromImage(score), score.GetSpacing(), threshold))
+    labelmap.CopyInformation(score)
     rows = [SliceScoreRow(2, k, 0.1 * k, 1.0, 2.0 + k, 0.5, 0.2 * k, k % 2 == 1) for k in range(image.GetSize()[2])]
     return DetectionResult(score, labelmap, mask, threshold, "absolute", rows, components(labelmap, score))
 
@@ -389,3 +390,39 @@ def test_calibration_masks_are_paired_with_volumes_by_grid(scene):
     twin = add_volume(scene, mask_a, "mask a again", "vtkMRMLLabelMapVolumeNode")
     with pytest.raises(CeVAEError, match="two brain masks"):
         pair_masks([a], [ma, twin])
+
+
+def test_the_modules_own_volumes_are_kept_out_of_the_input_selectors(scene):
+    """A score volume or labelmap of this module is not offered as an input, brain mask or healthy volume."""
+    image, mask = make_head()
+    labelmap_input = add_volume(scene, mask, "brain", "vtkMRMLLabelMapVolumeNode")
+    volume = add_volume(scene, image, "head")
+    assert nodes.first_input_volume(scene) is volume and nodes.module_volume_ids(scene) == []
+    out = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
+    assert sorted(nodes.module_volume_ids(scene)) == sorted([out.score.GetID(), out.labelmap.GetID()])
+    assert labelmap_input.GetID() not in nodes.module_volume_ids(scene)
+    scene.RemoveNode(volume)  # the score volume is now the first scalar volume: not the default input
+    assert nodes.first_input_volume(scene) is None
+    other = add_volume(scene, image, "another head")
+    assert nodes.first_input_volume(scene) is other
+
+
+@pytest.mark.parametrize("show_3d", [False, True], ids=["2D", "3D"])
+def test_only_the_modules_segment_changes_its_look(scene, show_3d):
+    """Outline without fill (and 3D or not) is set on the "Anomaly" segment, not on the user's others."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    labels = add_volume(scene, mask, "brain", "vtkMRMLLabelMapVolumeNode")
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labels, mine)
+    mine.CreateDefaultDisplayNodes()
+    display = mine.GetDisplayNode()
+    brain = mine.GetSegmentation().GetNthSegmentID(0)
+    display.SetSegmentVisibility3D(brain, not show_3d)
+    before = (display.GetVisibility2DFill(), display.GetVisibility2DOutline(), display.GetVisibility3D())
+    mrml.publish(scene, volume, fake_detection(image, mask), mrml.OutputNodes(segmentation=mine), show_3d=show_3d)
+    anomaly = mrml.anomaly_segment_id(mine)
+    assert (display.GetVisibility2DFill(), display.GetVisibility2DOutline(), display.GetVisibility3D()) == before
+    assert display.GetSegmentVisibility2DFill(brain) and display.GetSegmentVisibility3D(brain) is not show_3d
+    assert not display.GetSegmentVisibility2DFill(anomaly) and display.GetSegmentVisibility2DOutline(anomaly)
+    assert display.GetSegmentVisibility3D(anomaly) is show_3d

@@ -61,7 +61,7 @@ def test_detect_crops_post_processing_without_changing_results(tiny_bundle, post
     maps, _ = score_slices(bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), opts)
     brain_img = sitk.Cast(mask > 0, sitk.sitkUInt8)
     score = _itk_refine(invert(stack.record, maps), brain_img, post)
-    labelmap = threshold_labelmap(score, thr, post.min_volume_mm3)
+    labelmap = _itk_threshold(score, thr, post.min_volume_mm3)
     expected = components(labelmap, score)
 
     for got, want in ((result.score, score), (result.labelmap, labelmap), (result.brain_mask, brain_img)):
@@ -74,6 +74,33 @@ def test_detect_crops_post_processing_without_changing_results(tiny_bundle, post
         assert (got.label, got.voxels, got.max_score) == (want.label, want.voxels, want.max_score)
         assert got.mean_score == pytest.approx(want.mean_score, rel=1e-6)
         assert got.centroid_lps == pytest.approx(want.centroid_lps, abs=1e-9)
+
+
+def _itk_threshold(score, threshold, min_volume_mm3):
+    """threshold_labelmap written with ITK's filters, as it was."""
+    label = sitk.Cast(sitk.BinaryThreshold(score, threshold, float("inf"), 1, 0), sitk.sitkUInt8)
+    if min_volume_mm3 > 0:
+        min_voxels = int(np.ceil(min_volume_mm3 / float(np.prod(score.GetSpacing()))))
+        label = sitk.Cast(sitk.RelabelComponent(sitk.ConnectedComponent(label, True), minimumObjectSize=min_voxels) > 0,
+                          sitk.sitkUInt8)
+    return label
+
+
+@pytest.mark.parametrize("min_volume", [0.0, 3.0, 40.0])
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 1.1, 1.6)])
+def test_threshold_labelmap_equals_itk(min_volume, spacing):
+    """The numpy threshold (in the score's precision) and size filter equal ITK's BinaryThreshold and
+    RelabelComponent, at a threshold that float32 rounds (voxels equal to it count as above)."""
+    rng = np.random.default_rng(3)
+    arr = rng.random((20, 22, 18)).astype(np.float32)
+    thr = float(np.float32(0.8)) + 1e-9  # rounds to the float32 0.8 in ITK's float comparison
+    arr[5, 5, 5] = np.float32(0.8)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    got = threshold_labelmap(arr, spacing, thr, min_volume)
+    want = sitk.GetArrayFromImage(_itk_threshold(img, thr, min_volume))
+    assert got.dtype == np.uint8 and want.any() and (min_volume == 0 or not want.all())
+    np.testing.assert_array_equal(got, want)
 
 
 def _itk_refine(score, brain, post):
@@ -99,27 +126,27 @@ def test_refine_scores_equals_itk_median_and_mask(post, spacing, seed):
     median unmasked; anisotropic radii go to ITK)."""
     rng = np.random.default_rng(seed)
     shape = tuple(int(n) for n in rng.integers(9, 24, 3))
-    score = sitk.GetImageFromArray(rng.random(shape).astype(np.float32))
+    values, inside = rng.random(shape).astype(np.float32), rng.random(shape) > 0.3
+    score = sitk.GetImageFromArray(values)
     score.SetSpacing(spacing)
-    brain = sitk.GetImageFromArray((rng.random(shape) > 0.3).astype(np.uint8))
+    brain = sitk.GetImageFromArray(inside.astype(np.uint8))
     brain.CopyInformation(score)
-    got, want = refine_scores(score, brain, post), _itk_refine(score, brain, post)
-    assert got.GetPixelID() == want.GetPixelID() and got.GetSpacing() == want.GetSpacing()
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
+    got, want = refine_scores(values, inside, spacing, post), sitk.GetArrayFromImage(_itk_refine(score, brain, post))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("radius", [1, 3, 6])
 def test_ball_erosion_equals_itk(radius):
-    """Blobs with holes, touching the faces, with a label other than 1 (left as it is, as ITK does)."""
+    """Blobs with holes, touching the faces."""
     rng = np.random.default_rng(radius)
-    labels = (rng.random((30, 34, 28)) > 0.15).astype(np.uint8)
-    labels[5:25, 6:28, 4:24] = 1
-    labels[0, 0, :3] = 7
-    brain = sitk.GetImageFromArray(labels)
+    brain = rng.random((30, 34, 28)) > 0.15
+    brain[5:25, 6:28, 4:24] = True
     got = _erode_ball(brain, [radius] * 3)
-    want = sitk.BinaryErode(brain, [radius] * 3, sitk.sitkBall, 0, 1)
-    assert sitk.GetArrayFromImage(want).any()
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
+    want = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(brain.astype(np.uint8)), [radius] * 3,
+                                                   sitk.sitkBall, 0, 1)) > 0
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_brain_region_is_the_padded_bounding_box():

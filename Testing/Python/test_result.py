@@ -60,3 +60,23 @@ def test_reading_a_workers_result_leaves_torch_unloaded(tmp_path):
             "print(len(r.components), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["1", "False"]
+
+
+def test_hand_over_images_are_checked_from_their_headers(tmp_path, monkeypatch):
+    """The worker's images are raw NRRD, checked complete by their size against the header (no voxel read);
+    a file cut short is refused, a compressed NRRD is still read back in full."""
+    from CeVAEAnomalyLib.io.verify import incomplete_reason
+
+    save_result(small_result(), tmp_path)
+    score = tmp_path / "score.nrrd"
+    assert b"encoding: raw" in score.read_bytes()[:400]
+    reads = []
+    real_read = sitk.ReadImage
+    monkeypatch.setattr(sitk, "ReadImage", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    assert incomplete_reason(score, score) is None and reads == []
+    short = tmp_path / "short.nrrd"
+    short.write_bytes(score.read_bytes()[:-4])
+    assert "bytes its header announces" in incomplete_reason(short, short) and reads == []
+    packed = tmp_path / "packed.nrrd"
+    sitk.WriteImage(small_result().score, str(packed), True)
+    assert incomplete_reason(packed, packed) is None and len(reads) == 1

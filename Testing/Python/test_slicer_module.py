@@ -261,6 +261,24 @@ def test_threshold_has_a_finite_maximum():
     assert float(maximum.findtext("double")) == 1000.0
 
 
+@pytest.mark.parametrize("parameter, owner, field", [
+    ("rimMm", "PostprocessOptions", "rim_mm"), ("medianRadius", "PostprocessOptions", "median_radius"),
+    ("minVolumeMm3", "PostprocessOptions", "min_volume_mm3"), ("batchSize", "RunOptions", "batch_size")])
+def test_ui_spin_box_ranges_are_the_declared_option_ranges(parameter, owner, field):
+    """The .ui's minimum and maximum of a bound spin box agree with the option's declared range."""
+    import xml.etree.ElementTree as ET
+
+    from CeVAEAnomalyLib import options
+
+    spin = next(w for w in ET.parse(UI_FILE).iter("widget")
+                if any(p.get("name") == "SlicerParameterName" and p.findtext("string") == parameter
+                       for p in w.findall("property")))
+    limits = {p.get("name"): float(p.findtext("double") or p.findtext("number"))
+              for p in spin.findall("property") if p.get("name") in ("minimum", "maximum")}
+    assert (limits["minimum"], limits["maximum"]) == options.option_range(getattr(options, owner), field)
+    assert f"{parameter}: Annotated[" in MODULE_FILE.read_text()
+
+
 def module_classes():
     return {n.name: n for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ClassDef)}
 
@@ -283,13 +301,14 @@ def test_module_file_has_what_slicer_loads():
 
 
 def test_widget_does_long_work_the_slicer_way():
-    """A worker process polled by a QTimer (no processEvents in the widget), torch through
-    PyTorchUtils, no prompt in testing mode, a documentation link, model-path history."""
+    """A worker process (started in Slicer's start-up environment like launchConsoleProcess does, but in
+    its own process group) polled by a QTimer (no processEvents in the widget), dependencies
+    installed through the logic, no prompt in testing mode, a documentation link, model-path history."""
     widget = module_classes()["CeVAEAnomalyWidget"]
     uses = {ast.unparse(n) for n in ast.walk(widget) if isinstance(n, ast.Attribute)}
-    assert {"slicer.util.launchConsoleProcess", "qt.QTimer", "PyTorchUtils.PyTorchUtilsLogic",
+    assert {"slicer.util.startupEnvironment", "qt.QTimer", "self.logic.installDependencies",
             "slicer.app.testingEnabled", "self.ui.modelPathLineEdit.addCurrentPathToHistory"} <= uses
-    assert "slicer.app.processEvents" not in uses and "slicer.util.pip_install" in uses
+    assert "slicer.app.processEvents" not in uses
     help_text = module_description_fields()["helpText"]
     assert "<a href=" in ast.unparse(help_text) and "DOCUMENTATION_URL" in ast.unparse(help_text)
     logic = ast.parse((MODULE_DIR / "CeVAEAnomalyLib" / "slicer" / "logic.py").read_text())
@@ -404,6 +423,53 @@ def test_catalogue_entry_is_a_file_and_in_the_readme():
     assert entry["scm_revision"] == fields["scmrevision"] and entry["build_dependencies"] == ["PyTorch"]
     blocks = re.findall(r"```json\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     assert entry in [json.loads(b) for b in blocks]
+
+
+def test_the_input_selectors_hide_the_modules_own_volumes():
+    """Node selectors' attribute filters only include, so the module hides its volumes by ID
+    (qMRMLSortFilterProxyModel.hiddenNodeIDs) in every selector of an input."""
+    text = MODULE_FILE.read_text()
+    assign = next(n for n in ast.parse(text).body if isinstance(n, ast.Assign)
+                  and ast.unparse(n.targets[0]) == "INPUT_SELECTORS")
+    selectors = set(ast.literal_eval(assign.value))
+    assert selectors == {"inputVolumeSelector", "brainMaskSelector", "healthyVolumesSelector", "healthyMasksSelector"}
+    assert selectors <= ui_object_names()
+    widget = ast.unparse(module_classes()["CeVAEAnomalyWidget"])
+    assert "sortFilterProxyModel().hiddenNodeIDs = hidden" in widget and "module_volume_ids(slicer.mrmlScene)" in widget
+    assert "first_input_volume(slicer.mrmlScene)" in widget and "NodeAddedEvent, self._hideModuleVolumes" in widget
+
+
+def test_the_panel_follows_the_input_with_its_outputs():
+    """The output fields are re-chosen for the input on every panel update (nodes.outputs_for_input)
+    for exactly the output fields of the parameter node."""
+    from CeVAEAnomalyLib.slicer.nodes import PANEL_OUTPUTS
+
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "outputs_for_input(slicer.mrmlScene, p.inputVolume" in methods["_followInput"]
+    assert "self._followInput()" in methods["_updateGui"]
+    fields = {n.target.id: ast.unparse(n.annotation) for n in module_classes()["CeVAEAnomalyParameterNode"].body
+              if isinstance(n, ast.AnnAssign)}
+    assert {f: fields[f] for f in PANEL_OUTPUTS} == {f: c for f, (c, _) in PANEL_OUTPUTS.items()}
+
+
+def test_the_maintainers_checklist_names_every_step_left_before_submission():
+    """docs/SLICER.md holds one checklist of what only the maintainers can do, and says what was
+    checked only against Slicer's source."""
+    import json
+
+    text = (REPO / "docs" / "SLICER.md").read_text()
+    checklist = text[text.index("**Checklist for the maintainers before submitting**"):]
+    checklist = checklist[:checklist.index("\n## ")]
+    items = re.findall(r"(?sm)^- \[ \] (.*?)(?=^- \[ \]|\Z)", checklist)
+    assert len(items) >= 4
+    entry = json.loads((REPO / "CeVAEAnomaly.json").read_text())
+    public = next(i for i in items if "Publish the repository" in i)
+    assert entry["scm_url"].removesuffix(".git") in public and cmake_value("EXTENSION_HOMEPAGE") in public
+    assert any("`3d-slicer-extension`" in i and "topic" in i for i in items)
+    assert any("docs/screenshot.png" in i and "screen capture" in i for i in items)
+    assert any("Firstname Lastname (Organisation)" in i and "CONTRIBUTORS.md" in i for i in items)
+    assert "### Checked only against Slicer's source" in text
 
 
 def test_every_entry_point_refuses_a_bad_option_with_one_message(scene_with_head, tiny_bundle, tmp_path, capsys):

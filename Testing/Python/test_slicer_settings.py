@@ -92,3 +92,34 @@ def test_an_uncalibrated_choice_is_refused_in_words_for_the_panel():
     assert "--" not in str(error.value)  # no command-line flags in the GUI
     with pytest.raises(CeVAEError, match="Choose a model file"):
         settings.detection_request(parameters(scene, useBundledModel=False), ModelSettings.read())
+
+
+def test_an_override_with_the_models_own_values_keeps_the_calibration():
+    """The panel shows three post-processing fields; the others stay the model's, so overriding with the
+    model's values still matches its calibration (no switch to an absolute threshold)."""
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    p = parameters(scene, overridePostprocess=True, **settings.postprocess_fields(model))
+    assert model.sensitivities("combi", settings.override_postprocess(p)) == settings.SENSITIVITIES
+    assert settings.sensitivity_change(p, model) is None
+    request = settings.detection_request(p, model)["request"]
+    assert request.policy == ThresholdPolicy()  # the model's own calibrated rate
+    assert request.options(model.header.score_options, model.header.postprocess)[1] == model.header.postprocess
+
+
+@pytest.mark.parametrize("mode", [settings.SENSITIVITY_MODEL, settings.SENSITIVITY_FPR])
+def test_leaving_the_calibration_prefills_the_calibrated_threshold_and_says_so(mode):
+    from CeVAEAnomalyLib.engine.calibration import find_calibration, threshold_for_fpr
+
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    fields = dict(settings.postprocess_fields(model), rimMm=model.postprocess["rim_mm"] + 1.0)
+    p = parameters(scene, overridePostprocess=True, sensitivity=mode, falsePositiveRate=0.01, **fields)
+    change = settings.sensitivity_change(p, model)
+    fpr = 0.01 if mode == settings.SENSITIVITY_FPR else model.default_fpr
+    entry = find_calibration(model.header.calibration, model.header.score_options.replace(score_type="combi"),
+                             model.header.postprocess)
+    assert change.sensitivity == settings.SENSITIVITY_THRESHOLD
+    assert change.threshold == pytest.approx(threshold_for_fpr(entry, fpr)) and change.threshold > 1.0  # not 0.5
+    assert f"{change.threshold:.4g}" in change.message and "calibrated threshold" in change.message
+    assert "--" not in change.message

@@ -230,3 +230,208 @@ def test_cancel_stops_an_adaptation_and_writes_no_model(tiny_bundle, tmp_path):
     assert job.state is JobState.CANCELLED and not out.exists()
     assert set(Path(tempfile.gettempdir()).glob("cevae-adapt-*")) == caches  # its slice cache removed on SIGTERM
     job.cleanup()
+
+
+# --- Cancel ends the whole process tree (PythonSlicer is a launcher that forwards no signal) ----
+
+LAUNCHER = '''#!{python}
+"""Stand-in for Slicer's PythonSlicer (a CTK AppLauncher): runs the real interpreter as a CHILD
+and forwards no signal to it. {sigterm}"""
+import signal, subprocess, sys
+{ignore}
+child = subprocess.Popen([{python!r}] + sys.argv[1:])
+with open({pidfile!r}, "w") as f:
+    f.write(str(child.pid))
+sys.exit(child.wait())
+'''
+
+
+def stand_in_launcher(tmp_path, ignore_sigterm: bool):
+    """(path of a launcher-like interpreter, file where it writes the real worker's pid)."""
+    import os
+
+    pidfile = tmp_path / "worker.pid"
+    script = tmp_path / ("launcher-ignoring" if ignore_sigterm else "launcher")
+    script.write_text(LAUNCHER.format(
+        python=sys.executable, pidfile=str(pidfile),
+        sigterm="It ignores SIGTERM." if ignore_sigterm else "SIGTERM ends it alone.",
+        ignore="signal.signal(signal.SIGTERM, signal.SIG_IGN)" if ignore_sigterm else ""))
+    script.chmod(0o755)
+    if os.name != "posix":
+        pytest.skip("the stand-in launcher is a POSIX script")
+    return script, pidfile
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie that nobody reaped, as in a container without init, does not)."""
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def working(job: WorkerJob, pidfile, timeout: float = 120.0) -> int:
+    """Wait until the real worker reports progress; its pid."""
+    assert wait_until(lambda: job.poll() or job.fraction > 0.0, timeout), "the worker did not start"
+    assert not job.finished, job.error
+    return int(pidfile.read_text())
+
+
+@pytest.mark.parametrize("ignore_sigterm", [False, True], ids=["launcher dies", "launcher ignores SIGTERM"])
+def test_cancel_ends_the_worker_behind_a_launcher(head_scene, tiny_bundle, tmp_path, ignore_sigterm):
+    scene, volume, _ = head_scene
+    launcher, pidfile = stand_in_launcher(tmp_path, ignore_sigterm)
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, None, modelPath=tiny_bundle, device="cpu", python=str(launcher))
+    worker = working(job, pidfile)
+    folder = job.folder
+    start = time.monotonic()
+    logic.discardJob(job)
+    assert time.monotonic() - start < 2.0
+    assert wait_until(lambda: not alive(worker), 2.0), "the real worker outlived Cancel"
+    assert job.process.poll() is not None and job.state is JobState.CANCELLED
+    time.sleep(1.0)
+    assert not folder.exists()  # nothing re-created the temporary folder
+
+
+def test_the_worker_stops_by_itself_when_its_folder_is_removed(head_scene, tiny_bundle, tmp_path):
+    """Slicer gone or unable to kill (the launcher lives on): removing the job's folder stops the worker."""
+    scene, volume, _ = head_scene
+    launcher, pidfile = stand_in_launcher(tmp_path, ignore_sigterm=True)
+    job = CeVAEAnomalyLogic().startDetection(volume, None, modelPath=tiny_bundle, device="cpu",
+                                             python=str(launcher))
+    worker = working(job, pidfile)
+    job.cleanup()  # no cancel: only the folder goes
+    assert wait_until(lambda: not alive(worker), 8.0), "the worker went on without its request"  # 0.25 s poll + at most 5 s grace
+    assert wait_until(job.poll, 5.0) and job.process.returncode == 3
+    assert not job.folder.exists()
+
+
+def test_a_cancelled_calibration_never_writes_its_model(tiny_bundle, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = add_volume(scene, make_head(seed=11)[0], "healthy")  # one: read before the cancel
+    launcher, pidfile = stand_in_launcher(tmp_path, ignore_sigterm=False)
+    out = tmp_path / "models" / "site.cevae"
+    out.parent.mkdir()
+    logic = CeVAEAnomalyLogic()
+    job = logic.startCalibration([volume], [None], out, modelPath=tiny_bundle, device="cpu", python=str(launcher))
+    worker = working(job, pidfile)
+    logic.discardJob(job)
+    assert wait_until(lambda: not alive(worker), 300.0)  # today's bug: it finishes and writes the model
+    assert list(out.parent.iterdir()) == []  # no model, no temporary file
+
+
+# --- the pipe: any byte is read, the end always arrives --------------------------------------
+
+BAD_BYTES_WORKER = '''#!{python}
+import sys
+sys.stdout.buffer.write(b"warning from a library: caf\\xe9 \\x81\\xff\\n")
+sys.stdout.buffer.write(b'{{"progress": 0.5, "message": "half"}}\\n')
+sys.stdout.buffer.write(b'{{"done": {{"answer": 42}}}}\\n')
+'''
+
+
+def slicer_like_text_launcher(args):
+    """As ``slicer.util.launchConsoleProcess`` opens the pipe: text in the locale's encoding (Windows: cp1252)."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                            encoding="cp1252")
+
+
+@pytest.mark.parametrize("launch", [None, slicer_like_text_launcher], ids=["module's launcher", "text pipe"])
+def test_an_undecodable_byte_does_not_hang_the_job(tmp_path, launch):
+    worker = tmp_path / "worker"
+    worker.write_text(BAD_BYTES_WORKER.format(python=sys.executable))
+    worker.chmod(0o755)
+    folder = tmp_path / "job"
+    folder.mkdir()
+    job = WorkerJob({"task": "detect"}, folder, launch=launch, python=str(worker))
+    assert wait_until(job.poll, 20.0), "the job never ended"
+    assert job.state is JobState.DONE and job.done == {"answer": 42} and job.fraction == 0.5
+    assert job.output[0].startswith("warning from a library: caf") and "\ufffd" in job.output[0]
+
+
+def test_an_output_node_deleted_during_a_run_is_made_again(head_scene, tiny_bundle):
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    outputs = mrml.OutputNodes(score=first.nodes.score, segmentation=first.nodes.segmentation,
+                               components=first.nodes.components)
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, outputs=outputs)
+    scene.RemoveNode(first.nodes.score)  # the user deletes the score volume and the table meanwhile
+    scene.RemoveNode(first.nodes.components)
+    run_to_end(job)
+    result = logic.finishDetection(job)  # the result is kept
+    for name in ("score", "components"):
+        node = getattr(result.nodes, name)
+        assert node is not getattr(first.nodes, name) and node.GetScene() is scene
+        assert nodes.source_volume(node) is volume
+    assert result.nodes.segmentation is first.nodes.segmentation  # the one still there is updated
+    np.testing.assert_allclose(sitk.GetArrayFromImage(mrml.image_from_volume(result.nodes.score)),
+                               sitk.GetArrayFromImage(result.detection.score))
+
+
+# --- outputs belong to their input: a second scan never lands on the first scan's nodes -----------
+
+
+def two_heads():
+    scene = slicer.vtkMRMLScene()
+    heads = []
+    for name, seed in (("patient A", 7), ("patient B", 8)):
+        image, mask = make_head(seed=seed)
+        heads.append((add_volume(scene, image, name), add_volume(scene, mask, f"{name} mask",
+                                                                  "vtkMRMLLabelMapVolumeNode")))
+    return scene, heads
+
+
+def test_a_second_scan_never_replaces_the_first_scans_results(tiny_bundle):
+    scene, ((a, a_mask), (b, b_mask)) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
+    kept = {name: mrml.image_from_volume(getattr(first.nodes, name)) for name in ("score", "labelmap")}
+    rows = first.nodes.components.GetNumberOfRows()
+    # what the panel used to do: run B with the output nodes it showed for A
+    job = logic.startDetection(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, outputs=first.nodes)
+    run_to_end(job)
+    second = logic.finishDetection(job)
+    for name in ("score", "labelmap", "segmentation", "components", "slice_table", "slice_chart"):
+        mine, theirs = getattr(second.nodes, name), getattr(first.nodes, name)
+        assert mine is not theirs, name
+        assert nodes.source_volume(mine) is b and nodes.source_volume(theirs) is a, name
+    for name, image in kept.items():  # A's results are untouched
+        assert np.array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(getattr(first.nodes, name))),
+                              sitk.GetArrayFromImage(image))
+    assert first.nodes.components.GetNumberOfRows() == rows
+    assert "patient A" in first.nodes.score.GetName() and "patient B" in second.nodes.score.GetName()
+
+    # a new run on B updates B's own nodes
+    again = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.2, outputs=second.nodes)
+    assert again.nodes.score is second.nodes.score and again.nodes.components is second.nodes.components
+
+
+def test_the_panel_shows_each_inputs_own_outputs(tiny_bundle):
+    scene, ((a, a_mask), (b, b_mask)) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    panel = {"scoreVolume": first.nodes.score, "anomalySegmentation": first.nodes.segmentation,
+             "anomalyLabelmap": None, "componentTable": first.nodes.components}
+    assert nodes.outputs_for_input(scene, a, panel) == panel
+    assert nodes.outputs_for_input(scene, b, panel) == dict.fromkeys(panel)  # B has none yet: made on Apply
+    second = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    assert nodes.outputs_for_input(scene, b, panel) == {
+        "scoreVolume": second.nodes.score, "anomalySegmentation": second.nodes.segmentation,
+        "anomalyLabelmap": None, "componentTable": second.nodes.components}
+    assert nodes.outputs_for_input(scene, a, dict.fromkeys(panel)) == panel  # back to A: its own results
+    picked = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")  # linked to no input yet
+    assert nodes.outputs_for_input(scene, b, dict(panel, anomalySegmentation=picked))["anomalySegmentation"] is picked

@@ -114,9 +114,11 @@ def test_side_weighting_removes_the_ghost_at_the_mirror_position() -> None:
     score.CopyInformation(image)
     ghost = np.flip(blob, 2)
     assert not (ghost & blob).any() and brain[ghost].all()
-    asym = box_asymmetry(score, bright, brain, 0.0)  # one asymmetry serves both fusions
-    plain = sitk.GetArrayFromImage(fuse_with_asymmetry(score, asym))
-    sided = sitk.GetArrayFromImage(fuse_with_asymmetry(score, asym, side=True))
+    whole = tuple(slice(0, n) for n in brain.shape)
+    asym = box_asymmetry(bright, brain, whole, 0.0)  # one asymmetry serves both fusions
+    values = sitk.GetArrayFromImage(score)
+    plain = fuse_with_asymmetry(values, asym)
+    sided = fuse_with_asymmetry(values, asym, side=True)
     rest = brain & ~blob & ~ghost
     assert plain[ghost].mean() > 10 * plain[rest].mean() + 0.1  # without the side weight the mirror lights up
     assert sided[blob] == pytest.approx(plain[blob], rel=1e-5)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import List
@@ -89,9 +90,31 @@ def test_out_over_an_input_is_refused_even_with_overwrite(cohort, capsys, target
     before = sha(cohort / target)
     rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(cohort / target),
                            "--overwrite", *SMALL)
-    assert rc == 2 and errors == [f"error: The output {cohort / target} is the same file as an input of the "
-                                  "training; choose another --out."]
+    assert rc == 2 and errors == [f"error: The output {cohort / target} is the same file as an input "
+                                  f"({cohort / target}); choose another path."]
     assert sha(cohort / target) == before
+
+
+def test_out_a_hard_link_to_an_input_is_refused_even_with_overwrite(cohort, tmp_path, capsys):
+    """Another name for an input's inode is that input (the refusal the output checks of every command share)."""
+    link = tmp_path / "m.cevae"
+    os.link(cohort / "h1.nii.gz", link)
+    before = sha(cohort / "h1.nii.gz")
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(link), "--overwrite", *SMALL)
+    assert rc == 2 and len(errors) == 1 and "is the same file as an input" in errors[0], errors
+    assert sha(cohort / "h1.nii.gz") == before
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(batch_size=0), "batch_size must be at least 1, got 0."),
+    (dict(val_fraction=1.0), "val_fraction must lie in [0, 1)"),
+    (dict(model=ModelConfig(channels=(8,) * 7)), "7 encoder layers (channels) halve the input 7 times"),
+])
+def test_library_refusals_name_settings_not_flags(tmp_path, change, message):
+    """The library names the setting (the command line turns it into its flag, tested above)."""
+    with pytest.raises(CeVAEError) as err:
+        TrainConfig(out=tmp_path / "m.cevae", **change).validate()
+    assert message in str(err.value) and "--" not in str(err.value)
 
 
 def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
@@ -100,8 +123,8 @@ def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
     shutil.copy(cohort / "h1.nii.gz", image)
     before = sha(image)
     rc, errors = run_train(capsys, str(image), "--out", str(tmp_path / "m.cevae"), "--overwrite", *SMALL)
-    assert rc == 2 and errors == [f"error: The output {image} is the same file as an input of the training; "
-                                  "choose another --out."]
+    assert rc == 2 and errors == [f"error: The output {image} is the same file as an input ({image}); "
+                                  "choose another path."]
     assert sha(image) == before
 
 

@@ -2,7 +2,7 @@
 
 The wheel is built from a copy of the sources and installed with ``--no-deps`` into a fresh
 virtual environment made without ``--system-site-packages``. Its dependencies (torch, numpy,
-SimpleITK, scipy, safetensors) are made visible by a ``.pth`` line naming this interpreter's
+SimpleITK, safetensors) are made visible by a ``.pth`` line naming this interpreter's
 site-packages, which is appended after the new environment's own: Python does not run the ``.pth``
 files of such a directory, so the editable install of the repository there stays inert, and
 ``CeVAEAnomalyLib`` (with its data) can only come from the wheel. This proves what the wheel
@@ -90,8 +90,10 @@ def test_wheel_holds_the_model_and_templates_and_no_tests(wheel):
     assert not [n for n in names if n.startswith("Testing/") or "/test_" in n or n.startswith("test_")
                 or n.endswith("conftest.py")]
     assert not [n for n in names if n.endswith("CeVAEAnomaly.py") or n.startswith("Scripts/")]
-    for dependency in ("torch", "numpy", "SimpleITK", "scipy", "safetensors"):
-        assert f"Requires-Dist: {dependency}" in metadata
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    core = {r.split(">")[0].split(";")[0].strip() for r in requires if "extra ==" not in r}
+    assert core == {"torch", "numpy", "SimpleITK", "safetensors"}, requires  # the runtime; research code is an extra
+    assert any(r.startswith("scipy") and 'extra == "research"' in r for r in requires), requires
     assert "Requires-Python: >=3.9" in metadata
     assert "cevae-anomaly = CeVAEAnomalyLib.cli:main" in entry_points
 

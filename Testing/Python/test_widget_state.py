@@ -77,7 +77,7 @@ def test_a_declined_install_returns_to_idle(state):
 
 
 @pytest.mark.parametrize("phase", ["running", "cancelling"])
-def test_scene_close_module_exit_or_reload_stops_a_run(state, phase):
+def test_scene_close_reload_or_application_exit_stops_a_run(state, phase):
     state.started(DETECT)
     if phase == "cancelling":
         state.click(DETECT)
@@ -118,3 +118,69 @@ def test_adaptation_runs_like_calibration_and_blocks_the_other_tasks(state):
     assert not view.detect_enabled and not view.calibrate_enabled and not view.settings_enabled
     assert state.click(DETECT) is Action.IGNORE
     assert state.click(ADAPT) is Action.CANCEL and state.view().cancelling
+
+
+def test_leaving_the_module_keeps_the_run_and_shows_its_result_on_return(state):
+    state.started(DETECT)
+    state.left()
+    assert state.phase is Phase.RUNNING and state.view().detect_cancels  # still running, still cancellable
+    assert state.finished() is True  # its results are wanted
+    assert state.show_result() is False  # loaded, but the views the user looks at stay as they are
+    assert state.entered() is True  # shown on return, once
+    assert state.entered() is False
+
+
+def test_a_result_that_arrives_while_the_panel_is_shown_is_shown_at_once(state):
+    state.left()
+    state.entered()
+    state.started(DETECT)
+    assert state.finished() is True and state.show_result() is True
+    state.left()
+    assert state.entered() is False  # nothing left to show
+
+
+# --- one parameter-node binding across enter(), exit() and scene close (gui_binding.py) ---------
+
+
+class StandInWrapper:
+    """Like a parameterNodeWrapper instance: one per call around the same MRML node; ``connectGui``
+    adds a live binding and returns its tag (Slicer 5.10) or None (5.6 and 5.8, where it cannot be
+    undone); ``disconnectGui(tag)`` removes the binding with that tag."""
+
+    def __init__(self, node, gui, returns_tag: bool) -> None:
+        self.parameterNode, self._gui, self._returns_tag = node, gui, returns_tag
+
+    def connectGui(self, gui):
+        tag = object()
+        gui.append((self.parameterNode, tag))
+        return tag if self._returns_tag else None
+
+    def disconnectGui(self, tag) -> None:
+        self._gui[:] = [(node, t) for node, t in self._gui if t is not tag]
+
+
+@pytest.mark.parametrize("returns_tag", [False, True], ids=["Slicer 5.6/5.8", "Slicer 5.10"])
+def test_one_live_binding_across_enter_exit_and_scene_close(returns_tag):
+    slicer = pytest.importorskip("slicer")
+    from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "CeVAEAnomaly")
+    gui: list = []  # the live bindings
+    binding = GuiBinding()
+
+    def enter():  # the widget makes a new wrapper of the module's parameter node on every enter()
+        return binding.bind(StandInWrapper(node, gui, returns_tag), gui)
+
+    first = enter()
+    assert enter() is first and enter() is first  # module left and entered again, twice
+    assert [n for n, _ in gui] == [node]
+    assert binding.bind(None, gui) is None  # scene start close
+    assert len(gui) == (1 if not returns_tag else 0)  # 5.6/5.8 cannot undo it
+    enter()  # scene end close: the singleton parameter node is the same node
+    assert [n for n, _ in gui] == [node]
+
+    other = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "CeVAEAnomaly 2")
+    assert binding.bind(StandInWrapper(other, gui, returns_tag), gui).parameterNode is other
+    assert [n for n, _ in gui].count(other) == 1
+    assert len(gui) == (2 if not returns_tag else 1)  # only the old node's undoable binding stays

@@ -153,8 +153,8 @@ def summary_name(shard: Optional[Tuple[int, int]]) -> str:
 
 
 # ---- one volume ---------------------------------------------------------------------------
-def measure(score, labelmap, slices_csv: str) -> Dict[str, object]:
-    """Summary values of one volume's outputs: flagged volume, highest score, top slice."""
+def measure(score, labelmap, top: Optional[Tuple[int, int]]) -> Dict[str, object]:
+    """Summary values of one volume's outputs: flagged volume, highest score, top slice (IJK axis, index)."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -162,11 +162,15 @@ def measure(score, labelmap, slices_csv: str) -> Dict[str, object]:
 
     voxel_ml = voxel_volume_ml(labelmap)
     flagged = int(np.count_nonzero(sitk.GetArrayViewFromImage(labelmap)))
-    rows = list(csv.DictReader(io.StringIO(slices_csv)))
-    top = rows[0] if rows else None  # the table lists the most anomalous slice first
     return {"flagged_ml": f"{flagged * voxel_ml:.4f}",
             "max_score": f"{float(sitk.GetArrayViewFromImage(score).max()):.6g}",
-            "top_slice_axis": "IJK"[int(top["axis"])] if top else "", "top_slice": top["index"] if top else ""}
+            "top_slice_axis": "IJK"[top[0]] if top else "", "top_slice": top[1] if top else ""}
+
+
+def top_of_table(slices_csv: str) -> Optional[Tuple[int, int]]:
+    """(axis, index) of the first row of a slice table (which lists the most anomalous slice first)."""
+    top = next(csv.DictReader(io.StringIO(slices_csv)), None)
+    return (int(top["axis"]), int(top["index"])) if top else None
 
 
 def _row(item: BatchItem, status: str, seconds: Optional[float], error: str = "", **values) -> Dict[str, object]:
@@ -182,7 +186,7 @@ def read_back(item: BatchItem, out_dir: Path) -> Dict[str, object]:
 
     paths = output_paths(out_dir, item.name)
     values = measure(sitk.ReadImage(str(paths["score"])), sitk.ReadImage(str(paths["labelmap"])),
-                     paths["slices"].read_text())
+                     top_of_table(paths["slices"].read_text()))
     return _row(item, "skipped", None, **values)
 
 
@@ -203,7 +207,7 @@ class VolumeDetector:
 
         from ..io.images import read_image
         from ..io.atomic import write_all
-        from ..result import result_files, slice_scores_csv
+        from ..result import result_files
 
         t0 = time.perf_counter()
         try:
@@ -213,8 +217,9 @@ class VolumeDetector:
             result = self.detector(image, mask)
             write_all(result_files(result, output_paths(self.s.out_dir, item.name)), overwrite,
                       (item.image, item.mask))
+            top = result.top_slice
             return _row(item, "ok", time.perf_counter() - t0,
-                        **measure(result.score, result.labelmap, slice_scores_csv(result)))
+                        **measure(result.score, result.labelmap, (top.axis, top.index) if top else None))
         except Exception as exc:  # one bad volume must not stop the cohort
             log.debug("%s failed.", item.name, exc_info=True)
             message = one_line(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {one_line(exc)}"

@@ -2,13 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import CeVAEError
 
 log = logging.getLogger("cevae_anomaly")
+
+RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
+
+
+def _require_research(command: str, modules: Sequence[str]) -> None:
+    """Refuse ``command`` in one line, before any work, where the research code or what it needs is missing
+    (the Slicer extension ships the runtime library only; a plain ``pip install`` lacks the research extra)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CeVAEError(f"`cevae-anomaly {command}` needs {', '.join(missing)}, which this installation lacks "
+                         f"(research code, not part of the runtime): {RESEARCH_EXTRA} in a Python environment "
+                         "of its own, or run it from a source checkout set up with scripts/setup.sh.")
 
 
 def _training_subjects(args: argparse.Namespace) -> list:
@@ -30,7 +44,7 @@ def run_train(args: argparse.Namespace) -> Path:
     from .console import ConsoleProgress
     from ..engine.config import LossConfig, ModelConfig
     from ..options import parse_orientations
-    from ..training.config import NO_AUGMENT, AugmentConfig, TrainConfig
+    from ..training.config import NO_AUGMENT, AugmentConfig, SettingError, TrainConfig
     from ..training.trainer import Trainer
 
     subjects = _training_subjects(args)
@@ -48,7 +62,10 @@ def run_train(args: argparse.Namespace) -> Path:
         val_fraction=args.val_fraction, seed=args.seed, device=args.device, resume=args.resume,
         half_bundle=args.half, amp=args.amp, cache_dir=args.cache_dir, loader_workers=args.loader_workers,
     )
-    cfg.validate()
+    try:
+        cfg.validate()
+    except SettingError as exc:  # the library names settings by field; here they are flags
+        raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     cfg.check_outputs(_inputs(args, subjects), args.overwrite)
     rank0 = os.environ.get("RANK", "0") == "0"
     trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
@@ -149,6 +166,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     """Print (and optionally write) metrics of score maps against ground truth."""
+    _require_research("evaluate", ("CeVAEAnomalyResearch",))
     from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, write_metrics_csv
     from ..io.manifest import read_rows
     from ..io.targets import check_paths
@@ -177,6 +195,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     """The README's first command: detection on a healthy sample scan with synthetic lesions."""
+    _require_research("demo", ("CeVAEAnomalyResearch", "scipy", "matplotlib"))
     from .console import ConsoleProgress
     from CeVAEAnomalyResearch.demo import run_demo as demo
 

@@ -200,6 +200,11 @@ def _register(
 
     ``progress`` (fractions of the registration) is called at every optimiser iteration.
     """
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    # One thread: ITK's metric sums per thread, and how the samples fall to the threads of its pool
+    # varies from run to run, so with more threads one input gave slightly different masks. (The
+    # method's own SetNumberOfThreads does not reach the metric.) The registration is on a 4 mm grid.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
         centred = sitk.CenteredTransformInitializer(
             fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
@@ -219,6 +224,8 @@ def _register(
                      method.GetOptimizerIteration())
     except RuntimeError as exc:
         raise CeVAEError(f"Brain-mask registration failed ({one_line(exc)}); is this a 3D T1 head MRI?") from None
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     return affine
 
 

@@ -15,7 +15,8 @@ import torch
 from .bundle import Bundle
 from ..options import DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
-from .preprocess import Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, mask_array, prepare
+from .preprocess import (Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, mask_array, prepare,
+                         region_image)
 from ..progress import ProgressCallback, report, scaled
 from ..result import DetectionResult, SliceScoreRow
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
@@ -69,20 +70,21 @@ class Detector:
         maps = pixel_map(raw, self.score)
         # Scores are 0 outside the brain, so above a positive threshold nothing happens outside its
         # bounding box grown by the filters' reach: map back and post-process only there.
-        thr = self.threshold
-        region = (brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1) if thr > 0
+        thr, spacing = self.threshold, image.GetSpacing()
+        region = (brain_region(brain, refine_reach(self.post, spacing) + 1) if thr > 0
                   else tuple(slice(0, n) for n in brain.shape))
         report(progress, 0.88, "Mapping scores back onto the input grid")
-        score = _region_image(invert_region(stack.record, maps, region), image, region)
+        score = invert_region(stack.record, maps, region)
         rows = _slice_rows(stack.record, raw.slices)
-        brain_img = _region_image(brain[region].astype(np.uint8), image, region)
-        del stack, raw, maps
+        inside = brain[region].copy()
+        del stack, raw, maps, brain  # the full-size mask is freed before the full-size outputs are made
         report(progress, 0.9, "Post-processing")
-        score = self._refine(score, brain_img, self._asymmetry(score, image, brain))
-        del brain  # free the full-size mask before the full-size outputs are made
-        labelmap = threshold_labelmap(score, thr, self.post.min_volume_mm3, self.post.hysteresis)
-        _add_slice_anomaly(rows, score, brain_img, labelmap, region)
+        score = self._refine(score, inside, image, region, self._asymmetry(image, inside, region))
+        labelmap = threshold_labelmap(score, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis)
+        _add_slice_anomaly(rows, score, inside, labelmap, region)
+        score, labelmap = region_image(score, image, region), region_image(labelmap, image, region)
         comps = components(labelmap, score, COMPONENT_ORDER)
+        brain_img = region_image(inside.view(np.uint8), image, region)
         labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
         report(progress, 1.0, "Done")
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
@@ -95,28 +97,26 @@ class Detector:
         raw = self._network(stack, options, None)
         region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
         inside = brain[region]
-        brain_img = _region_image(inside.astype(np.uint8), image, region)
+        asym = self._asymmetry(image, inside, region)  # the same for every score type: computed once
         out = {}
-        asym = None  # the same for every score type: computed once per volume
         for opts in options:
-            score = _region_image(invert_region(stack.record, pixel_map(raw, opts), region), image, region)
-            if asym is None:
-                asym = self._asymmetry(score, image, brain)
-            score = self._refine(score, brain_img, asym)
-            out[opts.score_type] = np.asarray(sitk.GetArrayViewFromImage(score)[inside], np.float32)
+            score = self._refine(invert_region(stack.record, pixel_map(raw, opts), region), inside, image, region, asym)
+            out[opts.score_type] = np.asarray(score[inside], np.float32)
         return out
 
-    def _asymmetry(self, score: sitk.Image, image: sitk.Image, brain: np.ndarray) -> Optional[BoxAsymmetry]:
-        """The volume's asymmetry on the region of ``score`` (None when the fusion is off)."""
-        return box_asymmetry(score, image, brain, self.post.asymmetry_mm) if self.post.asymmetry_mm > 0 else None
+    def _asymmetry(self, image: sitk.Image, inside: np.ndarray, region: Region) -> Optional[BoxAsymmetry]:
+        """The volume's asymmetry on ``region`` (None when the fusion is off)."""
+        return box_asymmetry(image, inside, region, self.post.asymmetry_mm) if self.post.asymmetry_mm > 0 else None
 
-    def _refine(self, score: sitk.Image, brain_img: sitk.Image, asym: Optional[BoxAsymmetry]) -> sitk.Image:
-        """The post-processed map on the region of ``score``: asymmetry fusion, rim and median, normalisation."""
+    def _refine(self, score: np.ndarray, inside: np.ndarray, image: sitk.Image, region: Region,
+                asym: Optional[BoxAsymmetry]) -> np.ndarray:
+        """The post-processed map on ``region`` of ``image``'s grid (``inside``: its brain): asymmetry
+        fusion, rim and median, normalisation."""
         post = self.post
         if asym is not None:
             score = fuse_with_asymmetry(score, asym, post.asymmetry_floor, post.score_power, post.asymmetry_side)
-        score = refine_scores(score, brain_img, post)
-        return normalised(score, brain_img) if post.normalise else score
+        score = refine_scores(score, inside, image.GetSpacing(), post)
+        return normalised(score, inside) if post.normalise else score
 
     def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image],
                  progress: Optional[ProgressCallback]) -> Tuple[SliceStack, np.ndarray]:
@@ -161,16 +161,15 @@ def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:
     return sorted(rows, key=lambda r: r.index)
 
 
-def _add_slice_anomaly(rows: List[SliceScoreRow], score: sitk.Image, brain: sitk.Image, labelmap: sitk.Image,
+def _add_slice_anomaly(rows: List[SliceScoreRow], score: np.ndarray, brain: np.ndarray, labelmap: np.ndarray,
                        region: Region) -> None:
     """Set each row's ``map_max`` and ``flagged`` from the map and labelmap on ``region`` (slices outside it
     keep 0 and False), then its ``anomaly`` (rank fusion with the negative ELBO over all rows)."""
     if not rows:
         return
     axis = 2 - rows[0].axis  # numpy axis of the input's slice axis
-    values = slice_quantile(sitk.GetArrayViewFromImage(score), sitk.GetArrayViewFromImage(brain) > 0, axis,
-                            SLICE_QUANTILE)
-    flags = slice_flags(sitk.GetArrayViewFromImage(labelmap), axis)
+    values = slice_quantile(score, brain, axis, SLICE_QUANTILE)
+    flags = slice_flags(labelmap, axis)
     start = region[axis].start
     for r in rows:
         if 0 <= r.index - start < len(values):
@@ -179,15 +178,6 @@ def _add_slice_anomaly(rows: List[SliceScoreRow], score: sitk.Image, brain: sitk
                              SLICE_MAP_WEIGHT)
     for r, v in zip(rows, fused):
         r.anomaly = float(v)
-
-
-def _region_image(arr: np.ndarray, ref: sitk.Image, region: Region) -> sitk.Image:
-    """An image of ``arr`` placed on ``region`` of ``ref``'s grid."""
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(ref.GetSpacing())
-    img.SetDirection(ref.GetDirection())
-    img.SetOrigin(ref.TransformIndexToPhysicalPoint([r.start for r in region[::-1]]))
-    return img
 
 
 def _full_image(part: sitk.Image, ref: sitk.Image, region: Region) -> sitk.Image:

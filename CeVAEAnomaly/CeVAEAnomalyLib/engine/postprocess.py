@@ -1,4 +1,8 @@
-"""Score refinement, thresholding and connected anomaly components (SimpleITK filters)."""
+"""Score refinement, thresholding and connected anomaly components.
+
+Maps are numpy (k, j, i) arrays with their SimpleITK spacing (i, j, k) given explicitly; SimpleITK
+images appear only where ITK computes (connected components, the statistics of :func:`components`).
+"""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -12,44 +16,47 @@ from ..options import PostprocessOptions
 from ..result import Component
 
 
-def _radius_vox(image: sitk.Image, mm: float) -> List[int]:
-    return [max(0, int(round(mm / s))) for s in image.GetSpacing()]
+def _radius_vox(spacing: Sequence[float], mm: float) -> List[int]:
+    """The radius of ``mm`` in voxels along each SimpleITK axis (i, j, k) of ``spacing``."""
+    return [max(0, int(round(mm / s))) for s in spacing]
 
 
 def refine_reach(opts: PostprocessOptions, spacing: Sequence[float]) -> int:
     """How many voxels beyond a voxel :func:`refine_scores` looks (so a crop this much larger than the brain
     gives the same scores as the whole volume)."""
-    rim = max(max(0, int(round(opts.rim_mm / s))) for s in spacing) if opts.rim_mm > 0 else 0
-    return max(rim, int(opts.median_radius))
+    return max(max(_radius_vox(spacing, opts.rim_mm)) if opts.rim_mm > 0 else 0, int(opts.median_radius))
 
 
-def refine_scores(score: sitk.Image, brain: sitk.Image, opts: PostprocessOptions) -> sitk.Image:
-    """Apply the rim mask and median filter; scores outside the brain stay 0.
+def refine_scores(score: np.ndarray, brain: np.ndarray, spacing: Sequence[float],
+                  opts: PostprocessOptions) -> np.ndarray:
+    """Apply the rim mask and median filter; scores outside the brain become 0.
 
-    The result is ITK's: ``Mask(Median(score), eroded brain)`` with a rim, ``Mask(Median(score), brain)``
+    ``score`` and ``brain`` (bool) are (k, j, i) arrays on one grid of SimpleITK ``spacing`` (i, j, k).
+    The result is ITK's ``Mask(Median(score), eroded brain)`` with a rim, ``Mask(Median(score), brain)``
     without. The median (box of side 2r+1, border voxels repeated, as ITK's filter) is computed only
     where the mask keeps it, which is several times faster than filtering the whole volume.
     """
     keep = None  # the voxels whose score survives (None: all)
     if opts.rim_mm > 0:
-        radius = _radius_vox(brain, opts.rim_mm)
+        radius = _radius_vox(spacing, opts.rim_mm)
         if any(radius):
             keep = _erode_ball(brain, radius)
     elif opts.median_radius > 0:
         keep = brain
+    out = np.zeros(score.shape, score.dtype)
     if opts.median_radius <= 0:
-        return score if keep is None else sitk.Mask(score, keep)
-    values = sitk.GetArrayViewFromImage(score)
-    where = np.ones(values.shape, bool) if keep is None else sitk.GetArrayViewFromImage(keep) != 0
-    out = np.zeros(values.shape, values.dtype)
-    out[where] = _box_median_at(values, where, int(opts.median_radius))
-    img = sitk.GetImageFromArray(out)
-    img.CopyInformation(score)
-    return img
+        if keep is None:
+            return score
+        np.copyto(out, score, where=keep)
+        return out
+    where = np.ones(score.shape, bool) if keep is None else keep
+    out[where] = _box_median_at(score, where, int(opts.median_radius))
+    return out
 
 
-def _erode_ball(brain: sitk.Image, radius: List[int]) -> sitk.Image:
-    """``sitk.BinaryErode(brain, radius, sitkBall, 0, 1)`` (voxels beyond the border count as brain).
+def _erode_ball(brain: np.ndarray, radius: List[int]) -> np.ndarray:
+    """``sitk.BinaryErode(brain, radius, sitkBall, 0, 1)`` of a bool (k, j, i) mask (voxels beyond the
+    border count as brain); ``radius`` in voxels along (i, j, k).
 
     With an isotropic radius r, ITK's ball is the offsets with squared length <= r^2 + r, so the erosion
     is a test on the squared distance to the nearest non-brain voxel, found axis by axis: several
@@ -57,10 +64,10 @@ def _erode_ball(brain: sitk.Image, radius: List[int]) -> sitk.Image:
     """
     r = radius[0]
     if len(set(radius)) != 1 or not 0 < r <= 15 or not _itk_ball_is_distance(r):
-        return sitk.BinaryErode(brain, radius, sitk.sitkBall, 0, 1)
-    labels = sitk.GetArrayViewFromImage(brain)
+        eroded = sitk.BinaryErode(sitk.GetImageFromArray(brain.astype(np.uint8)), radius, sitk.sitkBall, 0, 1)
+        return sitk.GetArrayViewFromImage(eroded) != 0
     reach = r * r + r
-    dist = np.where(labels == 1, np.uint16(reach + 1), np.uint16(0))  # squared distance to non-brain, capped
+    dist = np.where(brain, np.uint16(reach + 1), np.uint16(0))  # squared distance to non-brain, capped
     for axis in (2, 1, 0):
         src = dist.copy()
         for d in range(1, r + 1):
@@ -69,11 +76,8 @@ def _erode_ball(brain: sitk.Image, radius: List[int]) -> sitk.Image:
             step = np.uint16(d * d)
             np.minimum(dist[lo], src[hi] + step, out=dist[lo])
             np.minimum(dist[hi], src[lo] + step, out=dist[hi])
-    eroded = labels.copy()
-    eroded[(labels == 1) & (dist <= reach)] = 0
-    out = sitk.GetImageFromArray(eroded)
-    out.CopyInformation(brain)
-    return out
+    del src
+    return dist > reach
 
 
 @lru_cache(maxsize=16)
@@ -111,25 +115,24 @@ def _box_median_at(values: np.ndarray, where: np.ndarray, r: int, slab: int = 8,
     return out
 
 
-def threshold_labelmap(score: sitk.Image, threshold: float, min_volume_mm3: float = 0.0,
-                       hysteresis_fraction: float = 0.0) -> sitk.Image:
-    """uint8 {0,1}: score > threshold (with ``hysteresis_fraction`` > 0: the components of
+def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: float, min_volume_mm3: float = 0.0,
+                       hysteresis_fraction: float = 0.0) -> np.ndarray:
+    """uint8 {0,1} (k, j, i): score >= threshold (with ``hysteresis_fraction`` > 0: the components of
     score > fraction·threshold that reach above the threshold), without components smaller than
-    ``min_volume_mm3``."""
+    ``min_volume_mm3`` (26-connected, on a grid of SimpleITK ``spacing``)."""
     if hysteresis_fraction > 0 and np.isfinite(threshold):
-        values = sitk.GetArrayViewFromImage(score)
-        label = sitk.GetImageFromArray(hysteresis(values, hysteresis_fraction * threshold, threshold).astype(np.uint8))
-        label.CopyInformation(score)
+        label = hysteresis(score, hysteresis_fraction * threshold, threshold)
     else:
-        label = sitk.BinaryThreshold(score, float(threshold), float("inf"), 1, 0)
-        label = sitk.Cast(label, sitk.sitkUInt8)
+        label = score >= score.dtype.type(threshold)  # in the score's precision, as ITK's BinaryThreshold
     if min_volume_mm3 > 0:
-        voxel_mm3 = float(np.prod(score.GetSpacing()))
-        min_voxels = int(np.ceil(min_volume_mm3 / voxel_mm3))
-        cc = sitk.ConnectedComponent(label, True)
-        cc = sitk.RelabelComponent(cc, minimumObjectSize=min_voxels)
-        label = sitk.Cast(cc > 0, sitk.sitkUInt8)
-    return label
+        min_voxels = int(np.ceil(min_volume_mm3 / float(np.prod(spacing))))
+        cc_image = sitk.ConnectedComponent(sitk.GetImageFromArray(label.view(np.uint8)), True)
+        cc = sitk.GetArrayViewFromImage(cc_image)
+        keep = np.bincount(cc.ravel()) >= min_voxels
+        keep[0] = False
+        label = keep[cc]
+        del cc, cc_image
+    return label.view(np.uint8)
 
 
 COMPONENT_ORDERS = {
@@ -166,31 +169,35 @@ def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -
     return out
 
 
-def normalised(score: sitk.Image, brain: sitk.Image) -> sitk.Image:
+def normalised(score: np.ndarray, brain: np.ndarray) -> np.ndarray:
     """:func:`robust_normalise` over ``brain``, negative values set to 0 (at or below this brain's median)."""
-    arr = robust_normalise(sitk.GetArrayViewFromImage(score), sitk.GetArrayViewFromImage(brain) > 0)
-    img = sitk.GetImageFromArray(np.maximum(arr, 0))
-    img.CopyInformation(score)
-    return img
+    out = robust_normalise(score, brain)
+    return np.maximum(out, 0, out=out)
 
 
-def robust_normalise(score: np.ndarray, brain: np.ndarray) -> np.ndarray:
+def robust_normalise(score: np.ndarray, brain: np.ndarray, slab: int = 8) -> np.ndarray:
     """Scores in units of this brain's own score spread: (score - median) / (1.4826 · MAD) over ``brain``.
 
     Voxels outside ``brain`` become 0. Where more than half the voxels share one value (MAD 0, e.g. a
     sparse map), the spread is 1.2533 · mean absolute deviation from the median instead (the same for
-    a normal distribution), and 1 for a constant map.
+    a normal distribution), and 1 for a constant map. Computed in float64 ``slab`` planes at a time
+    into a float32 result, so a large volume needs no full-size float64 copy.
     """
     values = score[brain].astype(np.float64)
+    out = np.zeros(score.shape, np.float32)
     if values.size == 0:
-        return np.zeros(score.shape, np.float32)
+        return out
     median = float(np.median(values))
-    deviation = np.abs(values - median)
+    deviation = np.subtract(values, median, out=values)
+    np.abs(deviation, out=deviation)
     spread = 1.4826 * float(np.median(deviation))
     if spread <= 0:
         spread = 1.2533 * float(deviation.mean()) or 1.0
-    out = (score.astype(np.float64) - median) / spread
-    return np.where(brain, out, 0.0).astype(np.float32)
+    del values, deviation
+    for k in range(0, score.shape[0], slab):
+        part = (score[k : k + slab].astype(np.float64) - median) / spread
+        out[k : k + slab] = np.where(brain[k : k + slab], part, 0.0)
+    return out
 
 
 def hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:

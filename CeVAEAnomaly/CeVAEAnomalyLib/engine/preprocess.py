@@ -227,6 +227,15 @@ def brain_region(brain: np.ndarray, pad: int = 0) -> Region:
     return tuple(region)
 
 
+def region_image(arr: np.ndarray, ref: sitk.Image, region: Region) -> sitk.Image:
+    """An image of ``arr`` (a copy) placed on ``region`` of ``ref``'s grid."""
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(ref.GetSpacing())
+    img.SetDirection(ref.GetDirection())
+    img.SetOrigin(ref.TransformIndexToPhysicalPoint([r.start for r in region[::-1]]))
+    return img
+
+
 def invert_region(record: SliceRecord, maps: torch.Tensor, region: Region, chunk: int = 32) -> np.ndarray:
     """Map model-space maps [N,S,S] back onto ``region`` of the input grid: float32 array of its shape.
 

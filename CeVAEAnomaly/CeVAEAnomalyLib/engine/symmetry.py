@@ -13,6 +13,8 @@ from typing import Iterable, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .preprocess import Region, region_image
+
 _COARSE_MM = 4.0  # grid spacing used to find the plane
 _SHIFTS_MM = (np.arange(-10.0, 10.01, 2.0), np.arange(-1.0, 1.01, 0.5))  # coarse, then fine
 _TILTS_DEG = (np.arange(-8.0, 8.01, 2.0), np.arange(-1.0, 1.01, 0.5))
@@ -107,22 +109,31 @@ def asymmetry(image: np.ndarray, mirrored: np.ndarray, both: np.ndarray, spacing
     mask, so voxels next to the mask's edge are not diluted by the zeros beyond it.
     """
     diff = np.abs(image.astype(np.float32) - mirrored.astype(np.float32))
+    return _smooth_within(diff, both, spacing, sigma_mm)
+
+
+def _smooth_within(diff: np.ndarray, both: np.ndarray, spacing: Tuple[float, float, float],
+                   sigma_mm: float) -> np.ndarray:
+    """:func:`asymmetry` of the float32 absolute difference ``diff``, which it overwrites and returns
+    (large volumes: few full-size copies alive at once)."""
     diff[~both] = 0
     if sigma_mm <= 0:
         return diff
     num = _smooth(diff, spacing, sigma_mm)
-    del diff  # large volumes: keep few full-size copies alive at once
-    den = _smooth(both.astype(np.float32), spacing, sigma_mm)
-    np.maximum(den, 1e-6, out=den)
-    np.divide(num, den, out=num)
-    num[~both] = 0
-    return num
+    diff[...] = both  # from here ``diff`` is scratch: the mask, then the result
+    den = _smooth(diff, spacing, sigma_mm)
+    np.maximum(sitk.GetArrayViewFromImage(den), 1e-6, out=diff)
+    del den
+    np.divide(sitk.GetArrayViewFromImage(num), diff, out=diff)
+    del num
+    diff[~both] = 0
+    return diff
 
 
-def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: float) -> np.ndarray:
+def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: float) -> sitk.Image:
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing(tuple(float(s) for s in spacing))
-    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, float(sigma_mm)))
+    return sitk.SmoothingRecursiveGaussian(img, float(sigma_mm))
 
 
 @dataclass(frozen=True)
@@ -134,61 +145,72 @@ class BoxAsymmetry:
 
     asymmetry: np.ndarray  # float32 (k, j, i) on the box
     reflection: sitk.Transform  # about the estimated mid-sagittal plane
+    image: sitk.Image  # the volume whose grid holds the box (its voxels are not used)
+    region: Region  # the box
 
 
-def box_asymmetry(box_image: sitk.Image, image: sitk.Image, brain: np.ndarray, sigma_mm: float) -> BoxAsymmetry:
-    """The asymmetry of ``image`` on the grid of ``box_image`` (a box of ``image``'s grid that holds
-    the whole brain).
+def box_asymmetry(image: sitk.Image, brain: np.ndarray, region: Region, sigma_mm: float) -> BoxAsymmetry:
+    """The asymmetry of ``image`` on ``region`` of its grid (a box that holds the whole brain).
 
-    ``brain``: bool (k, j, i) mask on ``image``'s full grid. Intensities are scaled by the brain's
+    ``brain``: bool (k, j, i) mask on the region. Intensities are scaled by the brain's
     1st-99th percentiles (clipped to [0, 1.5], as the model sees them) and mirrored about the
     estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0. Everything is
     computed on the box only (a mirror outside it is outside the brain).
     """
-    shape = sitk.GetArrayViewFromImage(box_image).shape
-    start = image.TransformPhysicalPointToIndex(box_image.GetOrigin())
-    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], shape))
-    inside = brain[box]
-    values = sitk.GetArrayViewFromImage(image)[box][inside].astype(np.float32)
+    values = sitk.GetArrayViewFromImage(image)[region][brain].astype(np.float32)
     lo, hi = np.percentile(values, [1, 99])
-    scaled = np.zeros(inside.shape, np.float32)
-    scaled[inside] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
-    norm = sitk.GetImageFromArray(scaled)
-    norm.CopyInformation(box_image)
-    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
-    mask.CopyInformation(box_image)
+    scaled = np.zeros(brain.shape, np.float32)
+    scaled[brain] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
+    del values
+    norm = region_image(scaled, image, region)
     reflection = _search(norm).reflection()
-    mirrored = sitk.GetArrayFromImage(sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-    mirrored_brain = sitk.GetArrayFromImage(sitk.Resample(mask, mask, reflection, sitk.sitkNearestNeighbor, 0)) > 0
-    del norm, mask, values
-    a = asymmetry(scaled, mirrored, inside & mirrored_brain, box_image.GetSpacing(), sigma_mm)
-    return BoxAsymmetry(a, reflection)
+    mirrored = sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    del norm
+    mask = region_image(brain.view(np.uint8), image, region)
+    mask = sitk.Resample(mask, mask, reflection, sitk.sitkNearestNeighbor, 0)
+    both = brain & (sitk.GetArrayViewFromImage(mask) > 0)  # brain here and at the mirror position
+    del mask
+    diff = np.subtract(scaled, sitk.GetArrayViewFromImage(mirrored), out=scaled)  # |image - mirrored|, in place
+    del mirrored
+    np.abs(diff, out=diff)
+    a = _smooth_within(diff, both, image.GetSpacing(), sigma_mm)
+    return BoxAsymmetry(a, reflection, image, region)
 
 
-def fuse_with_asymmetry(score: sitk.Image, box: BoxAsymmetry, floor: float = 0.0, power: float = 1.0,
-                        side: bool = False) -> sitk.Image:
-    """``score`` (on the grid :func:`box_asymmetry` used) fused with the asymmetry by :func:`fuse`.
+def fuse_with_asymmetry(score: np.ndarray, box: BoxAsymmetry, floor: float = 0.0, power: float = 1.0,
+                        side: bool = False) -> np.ndarray:
+    """``score`` (float32 on the box :func:`box_asymmetry` used) fused with the asymmetry by :func:`fuse`.
 
     ``side``: the asymmetry is weighted by :func:`side_weight` of the score and the score mirrored
     about the same plane, so a lesion lights up its healthy mirror position much less (reduced,
     not removed).
     """
-    here = sitk.GetArrayViewFromImage(score)
     a = box.asymmetry
     if side:
-        mirrored_score = sitk.Resample(score, score, box.reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        a = a * side_weight(here, sitk.GetArrayViewFromImage(mirrored_score))
-    out = sitk.GetImageFromArray(fuse(here, a, floor, power))
-    out.CopyInformation(score)
-    return out
+        here = region_image(score, box.image, box.region)
+        mirrored = sitk.Resample(here, here, box.reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        del here
+        a = side_weight(score, sitk.GetArrayViewFromImage(mirrored))
+        del mirrored
+        np.multiply(box.asymmetry, a, out=a)
+    return fuse(score, a, floor, power)
 
 
 def side_weight(score: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
     """min(1, 2 s / (s + m)) for the score s here and m at the mirror position (negatives as 0): 1 where
     this side scores at least as high as its mirror, falling to 0 where only the mirror scores."""
-    s = np.maximum(score, 0).astype(np.float32)
-    total = s + np.maximum(mirrored, 0)
-    return np.where(total > 0, np.minimum(1, 2 * s / np.where(total > 0, total, 1)), 0).astype(np.float32)
+    dtype = np.result_type(score, mirrored)
+    s = np.maximum(score, 0, dtype=dtype)
+    total = np.maximum(mirrored, 0, dtype=dtype)
+    total += s
+    scored = total > 0
+    total[~scored] = 1
+    s *= 2
+    np.divide(s, total, out=s)
+    del total
+    np.minimum(s, 1, out=s)
+    s[~scored] = 0
+    return s.astype(np.float32, copy=False)
 
 
 def fuse(score: np.ndarray, asym: np.ndarray, floor: float = 0.0, power: float = 1.0) -> np.ndarray:
@@ -196,4 +218,6 @@ def fuse(score: np.ndarray, asym: np.ndarray, floor: float = 0.0, power: float =
     keeps part of the score where both sides agree (midline or bilateral anomalies); power < 1 gives
     the asymmetry more say in the ranking."""
     s = score if power == 1 else np.power(np.maximum(score, 0), power)
-    return (s * (floor + asym)).astype(np.float32)
+    factor = floor + asym
+    out = np.multiply(s, factor, out=factor if factor.dtype == np.result_type(s, factor) else None)
+    return out.astype(np.float32, copy=False)

@@ -2,13 +2,14 @@
 
 Some writers do not report a short write: ITK's NIfTI writer prints an error and returns when the
 disk is full or a file-size limit is reached, leaving a truncated file. Each check below reads
-back what a reader would need (NIfTI: the header's byte count; gzip: the whole stream with its
-CRC; other images: a full read; bundles: the safetensors header's data extent).
+back what a reader would need (NIfTI and raw NRRD: the header's byte count; gzip: the whole stream
+with its CRC; other images: a full read; bundles: the safetensors header's data extent).
 """
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -16,7 +17,11 @@ from typing import Optional
 
 from .naming import full_suffix
 
-_IMAGE_READBACK = (".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd")
+_IMAGE_READBACK = (".nhdr", ".mha", ".mhd")
+_NRRD = (".nrrd", ".seg.nrrd")
+_NRRD_BYTES = {"float": 4, "double": 8, "uchar": 1, "unsigned char": 1, "uint8": 1, "signed char": 1, "int8": 1,
+               "short": 2, "int16": 2, "ushort": 2, "unsigned short": 2, "uint16": 2, "int": 4, "int32": 4,
+               "uint": 4, "unsigned int": 4, "uint32": 4, "longlong": 8, "int64": 8, "ulonglong": 8, "uint64": 8}
 _SAFETENSORS = (".cevae", ".safetensors")
 
 
@@ -30,6 +35,8 @@ def incomplete_reason(path: Path, kind: Path, expected_bytes: Optional[int] = No
         return _gzip_reason(path, suffix)
     if suffix == ".nii":
         return _nifti_reason(path, size)
+    if suffix in _NRRD:
+        return _nrrd_reason(path, size)
     if suffix in _IMAGE_READBACK:
         return _readback_reason(path)
     if suffix in _SAFETENSORS:
@@ -75,6 +82,27 @@ def _nifti_bytes(header: bytes) -> Optional[int]:
 
     layout = nifti_layout_of_header(header, gz=False)
     return None if layout is None else layout.size
+
+
+def _nrrd_reason(path: Path, size: int) -> Optional[str]:
+    """A raw NRRD (its voxels attached, uncompressed: the Slicer worker's hand-over files) is complete when
+    it holds the bytes its header announces, checked without reading the voxels; other NRRDs are read back."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    end = head.find(b"\n\n")
+    if not head.startswith(b"NRRD") or end < 0:
+        return "no valid NRRD header"
+    fields = {}
+    for line in head[:end].decode("latin-1").splitlines()[1:]:
+        key, sep, value = line.partition(": ")
+        if sep and not line.startswith("#"):
+            fields[key.strip().lower()] = value.strip().lower()
+    itemsize = _NRRD_BYTES.get(fields.get("type", ""))
+    plain = fields.get("encoding") == "raw" and not {"data file", "datafile", "line skip", "byte skip"} & set(fields)
+    if not plain or itemsize is None or "sizes" not in fields:
+        return _readback_reason(path)
+    need = end + 2 + itemsize * math.prod(int(n) for n in fields["sizes"].split())
+    return f"{size} of the {need} bytes its header announces" if size < need else None
 
 
 def _readback_reason(path: Path) -> Optional[str]:

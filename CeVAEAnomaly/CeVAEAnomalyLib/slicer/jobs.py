@@ -1,21 +1,27 @@
 """The module's side of the worker: start it in its own process, read its messages, stop it.
 
-A :class:`WorkerJob` never blocks: a reader thread collects the worker's stdout and
-:meth:`WorkerJob.poll` (called from a timer in Slicer) takes what has arrived. Cancel ends the
-process at once. Qt-free, so the same code runs in Slicer and in tests.
+A :class:`WorkerJob` never blocks: a reader thread collects the worker's stdout (as bytes, decoded
+with replacement, so no byte can stop it) and :meth:`WorkerJob.poll` (called from a timer in
+Slicer) takes what has arrived. Cancel ends the whole process tree at once: inside Slicer the
+interpreter is ``PythonSlicer``, a launcher that runs the real Python as a child and forwards no
+signal, so the worker is started in its own session (POSIX) and ended with its process group, or
+with ``taskkill /T`` (Windows). Qt-free, so the same code runs in Slicer and in tests.
 """
 from __future__ import annotations
 
 import enum
 import json
 import logging
+import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence
+from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..errors import CeVAEError
 
@@ -39,10 +45,64 @@ def worker_command(python: str, request_path: Path) -> List[str]:
     return [python, "-u", "-c", _BOOTSTRAP, str(library_parent), str(request_path)]
 
 
-def launch_process(args: Sequence[str]) -> subprocess.Popen:
-    """Start a console process with its stdout and stderr merged into one text pipe."""
-    return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, bufsize=1)
+def launch_process(args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
+    """Start a console process with stdout and stderr merged into one byte pipe, so that
+    :func:`stop_process_tree` can end it with everything it starts: on POSIX in a new session (its
+    own process group); on Windows without a console window, as ``slicer.util.launchConsoleProcess``
+    does. ``env``: its environment (Slicer: ``slicer.util.startupEnvironment()``); Python in it
+    writes UTF-8."""
+    environment = dict(os.environ if env is None else env, PYTHONIOENCODING="utf-8")
+    if os.name == "nt":
+        info = subprocess.STARTUPINFO()
+        info.dwFlags = subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment,
+                                startupinfo=info)
+    return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment,
+                            start_new_session=True)
+
+
+def leads_own_group(process: subprocess.Popen) -> bool:
+    """Whether a running POSIX process leads its own process group (so the group is its tree)."""
+    if os.name != "posix":
+        return False
+    try:
+        return os.getpgid(process.pid) == process.pid
+    except OSError:
+        return False
+
+
+def stop_process_tree(process: subprocess.Popen, own_group: bool) -> None:
+    """End ``process`` and every process it started: the process group (``own_group``, POSIX:
+    SIGTERM, then SIGKILL after STOP_WAIT_S), ``taskkill /T /F`` (Windows), else the process alone."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    elif own_group:
+        _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < deadline and _signal_group(process.pid, 0):
+            process.poll()  # reap the leader, so that only live members keep the group
+            time.sleep(0.01)
+        _signal_group(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
+
+
+def _signal_group(group: int, signum: int) -> bool:
+    """Send ``signum`` to a process group; False if the group no longer exists."""
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # only zombies or foreign processes left
+        return False
+    return True
 
 
 class WorkerJob:
@@ -61,6 +121,7 @@ class WorkerJob:
         request_path = self.folder / "request.json"
         request_path.write_text(json.dumps(request), encoding="utf-8")
         self.process = (launch or launch_process)(worker_command(python or sys.executable, request_path))
+        self._own_group = leads_own_group(self.process)
         self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self._reader = threading.Thread(target=_read_lines, args=(self.process.stdout, self._lines), daemon=True)
         self._reader.start()
@@ -93,21 +154,15 @@ class WorkerJob:
         return self.state
 
     def cancel(self) -> None:
-        """Stop the worker now (terminate, then kill if it has not gone within STOP_WAIT_S)."""
+        """Stop the worker and every process it started now (see :func:`stop_process_tree`)."""
         if self.finished:
             return
         self._cancelled = True
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process_tree(self.process, self._own_group)
         self.state = JobState.CANCELLED
 
     def cleanup(self) -> None:
-        """Remove the temporary folder (inputs and results)."""
+        """Remove the temporary folder (inputs and results); a worker still running then stops by itself."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _take(self, line: str) -> None:
@@ -143,9 +198,18 @@ class WorkerJob:
 
 
 def _read_lines(stream: IO, lines: "queue.Queue[Optional[str]]") -> None:
-    """Reader thread: every line of ``stream`` (text or bytes) into ``lines``, then None at its end."""
-    for line in stream:
-        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-        lines.put(text.rstrip("\r\n"))
-    stream.close()
-    lines.put(None)
+    """Reader thread: every line of ``stream`` into ``lines``, then None at its end, whatever happens.
+
+    A text stream (``slicer.util.launchConsoleProcess`` opens one in the locale's encoding) is read
+    through its byte buffer: bytes that are not UTF-8 become U+FFFD instead of stopping the reader.
+    """
+    source = getattr(stream, "buffer", stream)
+    try:
+        for line in source:
+            text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+            lines.put(text.rstrip("\r\n"))
+    except Exception:  # noqa: BLE001 - the end marker below must still be sent
+        log.exception("CeVAEAnomaly: reading the worker's output failed")
+    finally:
+        lines.put(None)
+        stream.close()

@@ -15,6 +15,10 @@ Two ways to run a detection:
   poll it (the module does, from a timer), then :meth:`finishDetection` loads its results into
   the scene. :meth:`startCalibration` recalibrates a model on healthy volumes the same way, and
   :meth:`startAdaptation` fine-tunes one on them (adapting it to a scanner).
+
+Each checks first that torch and safetensors are installed and recent enough
+(:meth:`CeVAEAnomalyLogic.checkDependencies`); :meth:`CeVAEAnomalyLogic.installDependencies`
+installs them (the module's Apply offers it).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import slicer
 from ..errors import CeVAEError
 from ..options import DetectionRequest
 from ..progress import ProgressCallback, report, scaled
+from . import dependencies
 from .jobs import Launcher, WorkerJob
 
 if TYPE_CHECKING:
@@ -101,6 +106,44 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError("The input volume is not in an MRML scene; add it to one or pass scene= to the logic.")
         return scene
 
+    # --- dependencies ---------------------------------------------------------------------------
+
+    @staticmethod
+    def unmetDependencies() -> List[dependencies.Unmet]:
+        """The Python packages (torch, safetensors) that are missing or too old; checked without importing them."""
+        return dependencies.unmet()
+
+    def checkDependencies(self) -> None:
+        """Raise a CeVAEError that names what is missing or too old and how to install it."""
+        unmet = self.unmetDependencies()
+        if unmet:
+            raise CeVAEError(dependencies.unmet_message(unmet) + " " + _installAdvice(unmet))
+
+    def installDependencies(self) -> None:
+        """Install or upgrade what :meth:`unmetDependencies` lists, in the Slicer application: torch
+        through the PyTorch extension (``PyTorchUtils``, which picks the CUDA build that matches the
+        driver), or with pip if that extension is missing; the others with pip. Asks nothing: the
+        caller confirms first. A CeVAEError if something is still unmet afterwards."""
+        import importlib
+
+        unmet = self.unmetDependencies()
+        if not unmet:
+            return
+        if getattr(slicer, "app", None) is None:
+            raise CeVAEError(dependencies.unmet_message(unmet) + " " + _installAdvice(unmet))
+        for item in unmet:
+            if item.name == "torch":
+                _installTorch(item.spec)
+            else:
+                slicer.util.pip_install(item.spec)
+        importlib.invalidate_caches()
+        still = self.unmetDependencies()
+        if still:
+            raise CeVAEError(dependencies.unmet_message(still) + " The installation did not provide them; "
+                             "restart Slicer and try again (a package imported already is replaced only then).")
+
+    # --- models ---------------------------------------------------------------------------------
+
     def loadModel(self, modelPath: Union[str, Path, None] = None, device: str = "auto") -> "Bundle":
         """Load a model bundle (the bundled default if no path), reusing the last one if unchanged."""
         from ..data import default_model_path
@@ -160,6 +203,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         :class:`~CeVAEAnomalyLib.progress.Cancelled`. On any error or cancel, the scene's node
         set is left as it was.
         """
+        self.checkDependencies()  # before anything imports torch
         from ..engine.detector import Detector
 
         request = _request(request, options)
@@ -204,9 +248,11 @@ class CeVAEAnomalyLogic(_LogicBase):
         """Start the detection :meth:`process` would do in a worker process; returns the running job.
 
         The input (and mask) are copied into a temporary folder first, so the scene may change
-        while the job runs. ``launch(args)`` starts the process (Slicer: ``launchConsoleProcess``),
-        ``python`` is the interpreter (Slicer: ``PythonSlicer``).
+        while the job runs. ``launch(args)`` starts the process (default: ``jobs.launch_process``, in a
+        process group of its own so that Cancel ends the whole tree), ``python`` is the interpreter
+        (Slicer: ``PythonSlicer``).
         """
+        self.checkDependencies()
         request = _request(request, options)
         self._checkInputs(volumeNode, maskNode, outputs)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
@@ -257,6 +303,7 @@ class CeVAEAnomalyLogic(_LogicBase):
     ) -> WorkerJob:
         """Recalibrate a model on healthy volumes (``masks[i]``: brain mask of ``volumes[i]`` or None)
         in a worker process, writing a new bundle to ``outputPath``. ``job.done["model"]`` is its path."""
+        self.checkDependencies()
         if not volumes:
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
         request = DetectionRequest.of(device=device, **(postprocess or {}))  # refused before any copy
@@ -281,6 +328,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         ``options``: AdaptOptions fields (steps, lr, ...). ``job.done["model"]`` is the bundle's path."""
         from ..training.adapt_plan import MIN_SCANS
 
+        self.checkDependencies()
         if len(volumes) < MIN_SCANS:
             raise CeVAEError(f"Choose at least {MIN_SCANS} healthy volumes to adapt the model to.")
         return self._startOnHealthy("adapt", volumes, masks, launch, python,
@@ -330,6 +378,28 @@ class CeVAEAnomalyLogic(_LogicBase):
         slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
 
 
+def _installAdvice(unmet: Sequence[dependencies.Unmet]) -> str:
+    specs = " ".join(f'"{item.spec}"' for item in unmet)
+    if getattr(slicer, "app", None) is None:
+        return f"Install them with: python -m pip install {specs}"
+    return ("Click Apply in the CeVAE Anomaly module to install them, or run "
+            "CeVAEAnomalyLogic().installDependencies() in the Python console.")
+
+
+def _installTorch(spec: str) -> None:
+    """torch through the PyTorch extension (it matches the CUDA build to the driver); pip if it is missing."""
+    try:
+        import PyTorchUtils
+    except ImportError:
+        log.warning("The PyTorch extension is not installed; installing %s from PyPI.", spec)
+        slicer.util.pip_install(spec)
+        return
+    requirement = spec[len("torch"):]
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
+    if torch is None:
+        raise CeVAEError("PyTorch could not be installed; install it from the PyTorch module.")
+
+
 def _request(request: Optional[DetectionRequest], options: Dict[str, Any]) -> DetectionRequest:
     """``request`` (None: the model's options) with the named ``options`` on top, checked."""
     return (request or DetectionRequest()).with_options(**options)
@@ -341,15 +411,15 @@ def _fileStem(name: str) -> str:
 
 
 def _writeInputs(folder: Path, stem: str, image: "sitk.Image", mask: Optional["sitk.Image"]) -> None:
-    """The worker's copies of a volume (``STEM.nrrd``, uncompressed for speed) and its mask
-    (``STEM_mask.nrrd``), each checked complete before it is renamed into place."""
+    """The worker's copies of a volume (``STEM.nrrd``) and its mask (``STEM_mask.nrrd``), uncompressed for
+    speed, each checked complete (from its header and size) before it is renamed into place."""
     import SimpleITK as sitk
 
     from ..io.atomic import write_all
 
     files: Dict[Path, object] = {folder / f"{stem}.nrrd": lambda tmp: sitk.WriteImage(image, tmp)}
     if mask is not None:
-        files[folder / f"{stem}_mask.nrrd"] = mask
+        files[folder / f"{stem}_mask.nrrd"] = lambda tmp: sitk.WriteImage(mask, tmp)
     write_all(files, overwrite=True)
 
 

@@ -23,10 +23,14 @@ from vtk.util import numpy_support
 from ..errors import CeVAEError
 from .nodes import (
     COMPONENT_TABLE_ROLE,
+    LABELMAP_ROLE,
     ROLE_ATTRIBUTE,
+    SCORE_ROLE,
+    SEGMENTATION_ROLE,
     SLICE_AXIS_ATTRIBUTE,
     SLICE_CHART_ROLE,
     SLICE_TABLE_ROLE,
+    belongs_to,
     find_output,
     link_output,
     node_ids,
@@ -192,11 +196,27 @@ def _mask_from_segmentation(
 
 
 def _output(scene, existing, class_name: str, role: str, source, suffix: str):
+    if existing is not None and not belongs_to(existing, source):
+        log.info("'%s' holds the results of another volume; the results of '%s' go elsewhere.",
+                 existing.GetName(), source.GetName())
+        existing = None
     node = existing or find_output(scene, class_name, role, source)
     if node is None:
         node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}"))
     link_output(node, role, source)
     return node
+
+
+def _in_scene(scene: slicer.vtkMRMLScene, targets: OutputNodes) -> OutputNodes:
+    """The targets that are still nodes of ``scene`` (one deleted during a run is made again)."""
+    kept = {}
+    for name, node in vars(targets).items():
+        if node is not None and node.GetScene() is not scene:
+            log.warning("The output '%s' was deleted from the scene during the run; a new node is made.",
+                        node.GetName())
+            node = None
+        kept[name] = node
+    return OutputNodes(**kept)
 
 
 def publish(
@@ -209,23 +229,25 @@ def publish(
 ) -> OutputNodes:
     """Create or update the score volume, segmentation, optional labelmap and the tables.
 
-    Nodes in ``targets`` are updated; missing ones are reused (same role and source volume) or
-    created. Transactional: on any error the nodes this call added are removed again.
+    Nodes in ``targets`` are updated if they belong to ``volume_node`` or to no input yet; missing
+    ones, ones deleted from the scene meanwhile and ones holding another volume's results (never
+    replaced) are found again (same role and source volume) or created. Transactional: on any
+    error the nodes this call added are removed again.
     """
-    targets = targets or OutputNodes()
+    targets = _in_scene(scene, targets or OutputNodes())
     if tuple(result.score.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
         raise CeVAEError("The score map does not match the input volume's grid.")
     with transaction(scene):
         out = OutputNodes()
-        out.score = _output(scene, targets.score, "vtkMRMLScalarVolumeNode", "score", volume_node, "anomaly score")
+        out.score = _output(scene, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node, "anomaly score")
         _fill_volume(out.score, volume_node, result.score)
         _show_scores(scene, out.score, result.threshold, result.score, result.brain_mask)
         if targets.labelmap is not None or create_labelmap:
-            out.labelmap = _output(scene, targets.labelmap, "vtkMRMLLabelMapVolumeNode", "labelmap", volume_node,
+            out.labelmap = _output(scene, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
                                    "anomaly labelmap")
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.CreateDefaultDisplayNodes()
-        out.segmentation = _output(scene, targets.segmentation, "vtkMRMLSegmentationNode", "segmentation",
+        out.segmentation = _output(scene, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
                                    volume_node, "anomaly segmentation")
         _fill_segmentation(scene, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
         out.components = _output(scene, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE, volume_node,
@@ -340,10 +362,11 @@ def _fill_segmentation(scene, node, volume_node, labelmap: sitk.Image, labelmap_
     segment.SetTag(SEGMENT_TAG, "anomaly")
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
-    display = node.GetDisplayNode()
-    display.SetVisibility2DFill(False)
-    display.SetVisibility2DOutline(True)
-    display.SetVisibility3D(bool(show_3d))
+    display = node.GetDisplayNode()  # per segment: the other segments of a user's segmentation keep their look
+    display.SetSegmentVisibility(added[0], True)
+    display.SetSegmentVisibility2DFill(added[0], False)
+    display.SetSegmentVisibility2DOutline(added[0], True)
+    display.SetSegmentVisibility3D(added[0], bool(show_3d))
     if show_3d and not node.CreateClosedSurfaceRepresentation():
         log.warning("The 3D surface of '%s' could not be built; it is shown in the slice views only.",
                     node.GetName())

@@ -7,7 +7,7 @@ attribute (:data:`ROLE_ATTRIBUTE`). Light enough to import while the module pane
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import slicer
@@ -19,9 +19,19 @@ from ..errors import CeVAEError
 ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
 SOURCE_REFERENCE = "CeVAEAnomalySource"
 SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
+SCORE_ROLE = "score"
+SEGMENTATION_ROLE = "segmentation"
+LABELMAP_ROLE = "labelmap"
 SLICE_TABLE_ROLE = "slice scores"
 SLICE_CHART_ROLE = "slice chart"
 COMPONENT_TABLE_ROLE = "components"
+# The outputs the panel shows: parameter-node field -> (node class, role)
+PANEL_OUTPUTS = {
+    "scoreVolume": ("vtkMRMLScalarVolumeNode", SCORE_ROLE),
+    "anomalySegmentation": ("vtkMRMLSegmentationNode", SEGMENTATION_ROLE),
+    "anomalyLabelmap": ("vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE),
+    "componentTable": ("vtkMRMLTableNode", COMPONENT_TABLE_ROLE),
+}
 
 
 def node_ids(scene: slicer.vtkMRMLScene) -> List[str]:
@@ -69,6 +79,12 @@ def link_output(node: slicer.vtkMRMLNode, role: str, source: slicer.vtkMRMLNode)
     node.SetNodeReferenceID(SOURCE_REFERENCE, source.GetID())
 
 
+def belongs_to(node: slicer.vtkMRMLNode, source: slicer.vtkMRMLNode) -> bool:
+    """Whether ``node`` may hold results of ``source``: it is linked to it, or to no input yet."""
+    linked = node.GetNodeReferenceID(SOURCE_REFERENCE)
+    return linked is None or linked == source.GetID()
+
+
 def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode):
     """A node made earlier for the same role and source volume, or None."""
     for i in range(scene.GetNumberOfNodesByClass(class_name)):
@@ -76,6 +92,41 @@ def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: 
         if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID():
             return node
     return None
+
+
+def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
+    """IDs of the volumes this module made (score volumes, labelmaps): the selectors of inputs and
+    healthy volumes hide them."""
+    found = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE):
+            found.append(node.GetID())
+    return found
+
+
+def first_input_volume(scene: slicer.vtkMRMLScene) -> Optional[slicer.vtkMRMLScalarVolumeNode]:
+    """The first scalar volume that is neither a labelmap nor made by this module (the panel's default input)."""
+    own = set(module_volume_ids(scene))
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode") and node.GetID() not in own:
+            return node
+    return None
+
+
+def outputs_for_input(scene: slicer.vtkMRMLScene, volume: slicer.vtkMRMLScalarVolumeNode,
+                      chosen: Dict[str, Optional[slicer.vtkMRMLNode]]) -> Dict[str, Optional[slicer.vtkMRMLNode]]:
+    """The output nodes the panel shows for the input ``volume`` (keys of :data:`PANEL_OUTPUTS`): a
+    chosen node that belongs to it (or to no input yet), else its own earlier output, else None (made
+    on Apply). So another input's results are never offered as this one's outputs."""
+    shown = {}
+    for field, (class_name, role) in PANEL_OUTPUTS.items():
+        node = chosen.get(field)
+        if node is None or node.GetScene() is not scene or not belongs_to(node, volume):
+            node = find_output(scene, class_name, role, volume)
+        shown[field] = node
+    return shown
 
 
 def source_volume(output: Optional[slicer.vtkMRMLNode]) -> Optional[slicer.vtkMRMLScalarVolumeNode]:

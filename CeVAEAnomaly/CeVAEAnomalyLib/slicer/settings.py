@@ -11,10 +11,10 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
-from ..options import DEVICES, SCORE_TYPES, DetectionRequest
+from ..options import DEVICES, SCORE_TYPES, DetectionRequest, ThresholdPolicy
 
-__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "detection_request", "model_path",
-           "override_postprocess", "postprocess_fields"]
+__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "detection_request",
+           "model_path", "override_postprocess", "postprocess_fields", "sensitivity_change"]
 
 SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rate
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
@@ -53,11 +53,48 @@ class ModelSettings:
             self.header.score_options, self.header.postprocess)
         return self.header.is_calibrated(score, post)
 
+    def calibrated_threshold(self, score_type: str, fpr: Optional[float] = None) -> Optional[float]:
+        """The model's calibrated threshold at ``fpr`` (default: its own rate) with its own post-processing;
+        None if it has none for this score type or rate."""
+        score = self.header.score_options.replace(score_type=score_type)
+        try:
+            return self.header.threshold(score, self.header.postprocess, ThresholdPolicy(fpr=fpr))[0]
+        except CeVAEError:
+            return None
+
     def sensitivities(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> Tuple[str, ...]:
         """The sensitivity modes this model supports for these options (calibrated ones only if calibrated)."""
         if self.calibrated(score_type, postprocess):
             return SENSITIVITIES
         return (SENSITIVITY_THRESHOLD,)
+
+
+@dataclass(frozen=True)
+class SensitivityChange:
+    """How the panel leaves a calibrated sensitivity mode that the chosen options no longer allow."""
+
+    sensitivity: str
+    threshold: Optional[float]  # the absolute threshold to prefill; None: keep the field as it is
+    message: str
+
+
+def sensitivity_change(parameters: Any, settings: ModelSettings) -> Optional[SensitivityChange]:
+    """None while the chosen sensitivity mode is offered for the chosen options. Otherwise (the
+    post-processing override left the model's calibration) the absolute threshold, prefilled with the
+    model's calibrated threshold at the rate that was in use, and a sentence that says so."""
+    modes = settings.sensitivities(parameters.scoreType, override_postprocess(parameters))
+    if parameters.sensitivity in modes:
+        return None
+    fpr = parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else settings.default_fpr
+    threshold = settings.calibrated_threshold(parameters.scoreType, fpr)
+    if threshold is None:
+        return SensitivityChange(SENSITIVITY_THRESHOLD, None, "The model has no calibration for these options; "
+                                 "set an absolute threshold, or calibrate it on healthy scans.")
+    return SensitivityChange(
+        SENSITIVITY_THRESHOLD, threshold,
+        f"The model is not calibrated for this post-processing, so an absolute threshold is used. It starts "
+        f"at {threshold:.4g}: the model's calibrated threshold at a false-positive rate of {fpr:g} with its "
+        "own post-processing (the rate differs with yours). Calibrate on healthy scans to get rates for it.")
 
 
 def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:

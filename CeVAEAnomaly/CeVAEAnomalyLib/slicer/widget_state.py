@@ -3,7 +3,9 @@
 The widget only binds this to Qt: it asks :meth:`WidgetState.click` what a button click means,
 reports what happened (install started, run started, run finished) and shows :meth:`view`.
 Nothing that starts work can be clicked while work runs; a run's own button cancels it; a click
-that arrives just after a run ended (meant for the Cancel button it was) does nothing.
+that arrives just after a run ended (meant for the Cancel button it was) does nothing. Leaving the
+module keeps a run going (its result is shown on return); closing the scene, reloading the module
+and quitting the application stop it.
 """
 from __future__ import annotations
 
@@ -56,7 +58,9 @@ class WidgetState:
         self.phase = Phase.IDLE
         self.task: Optional[str] = None
         self.ready = {task: False for task in TASKS}
+        self.visible = True  # the module panel is the one shown
         self._ended_at = float("-inf")
+        self._result_pending = False
 
     @property
     def busy(self) -> bool:
@@ -102,10 +106,27 @@ class WidgetState:
         return wanted
 
     def interrupt(self) -> bool:
-        """The scene closes, the module is left or reloaded: True if a running task must be stopped."""
+        """The scene closes, the module is reloaded or the application quits: True if a running task
+        must be stopped (its results are not wanted)."""
         if self.phase is Phase.RUNNING:
             self.phase = Phase.CANCELLING
         return self.phase is Phase.CANCELLING
+
+    def left(self) -> None:
+        """The user switched to another module: a run goes on, and its result is shown on return."""
+        self.visible = False
+
+    def entered(self) -> bool:
+        """The panel is shown again: True if a result that arrived meanwhile is to be shown now."""
+        self.visible = True
+        pending, self._result_pending = self._result_pending, False
+        return pending
+
+    def show_result(self) -> bool:
+        """A wanted result was loaded into the scene: True to show it in the views now; False while
+        the panel is hidden (kept for :meth:`entered`, so the views the user looks at stay as they are)."""
+        self._result_pending = not self.visible
+        return self.visible
 
     def view(self) -> View:
         idle, phase = self.phase is Phase.IDLE, self.phase

@@ -7,6 +7,12 @@ reports on stdout, one JSON object per line (see :mod:`.jobs` for the reading si
     {"done": {...}}            # last line on success (exit status 0)
     {"error": "one line"}      # last line on failure (exit status 2: a problem the user can fix)
 
+The worker stops by itself (exit status 3, nothing written) when its request file disappears
+(the module cancelled the job, or closed, and removed the job's folder) or, on POSIX, when its
+parent process changes (the launcher or Slicer ended): it checks at every progress report and,
+between them, in a watch thread every REQUEST_POLL_S seconds. SIGTERM stops it like Ctrl-C, so
+files being written are removed.
+
 Tasks (``request["task"]``):
 
 - ``detect``: ``image`` and optional ``mask`` (image files), ``model`` (None: the bundled one),
@@ -17,26 +23,30 @@ Tasks (``request["task"]``):
 - ``adapt``: ``subjects``, ``model``, ``device``, ``out``, ``overwrite`` and ``options`` (fields of
   ``training.adapt_plan.AdaptOptions``): fine-tunes and calibrates (``training.adapt.adapt``).
 
-SIGTERM (the module's Cancel) ends a task like Ctrl-C, so its temporary files are removed.
-
 Nothing here imports Qt; torch is imported only when a task runs.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from ..cli.interrupts import sigterm_as_interrupt
 from ..errors import CeVAEError
 from ..options import DetectionRequest
-from ..progress import ProgressCallback, report, scaled
+from ..progress import Cancelled, ProgressCallback, report, scaled
 
 if TYPE_CHECKING:
     from ..engine.bundle import Bundle
+
+REQUEST_POLL_S = 0.25
+EXIT_ABANDONED = 3
+ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":
@@ -108,26 +118,74 @@ TASKS: Dict[str, Callable[[Dict[str, Any], ProgressCallback], Dict[str, Any]]] =
 
 
 def _emit(message: Dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):  # nobody reads any more (Slicer ended): the watch stops the worker
+        pass
+
+
+class RequestWatch:
+    """Whether the job is still wanted: its request file exists and (POSIX) the parent is the same."""
+
+    def __init__(self, request_path: Path) -> None:
+        self.path = request_path
+        self._parent = os.getppid() if os.name == "posix" else None
+
+    @property
+    def abandoned(self) -> bool:
+        return not self.path.exists() or (self._parent is not None and os.getppid() != self._parent)
+
+    def check(self) -> None:
+        """Raise Cancelled if the job is no longer wanted (called at every progress report)."""
+        if self.abandoned:
+            raise Cancelled("The job was withdrawn.")
+
+    def start(self) -> None:
+        """Watch in a thread: once abandoned, interrupt the main thread (so files being written
+        are removed); if it has not ended after ABANDON_GRACE_S, leave at once."""
+        def watch() -> None:
+            while not self.abandoned:
+                time.sleep(REQUEST_POLL_S)
+            import _thread
+
+            _thread.interrupt_main()
+            time.sleep(ABANDON_GRACE_S)
+            os._exit(EXIT_ABANDONED)
+
+        threading.Thread(target=watch, name="CeVAEAnomaly request watch", daemon=True).start()
+
+
+def _progress(watch: RequestWatch) -> ProgressCallback:
+    def progress(fraction: float, message: str) -> None:
+        watch.check()
+        _emit({"progress": round(fraction, 4), "message": message})
+
+    return progress
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the request file named in ``argv``; the exit status says how it ended."""
+    from ..cli.interrupts import sigterm_as_interrupt
+
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        if len(args) != 1:
-            raise CeVAEError("usage: python -m CeVAEAnomalyLib.slicer.worker REQUEST.json")
-        request = json.loads(Path(args[0]).read_text(encoding="utf-8"))
-        task = TASKS.get(request.get("task"))
-        if task is None:
-            raise CeVAEError(f"Unknown worker task {request.get('task')!r}.")
         with sigterm_as_interrupt():
-            done = task(request, lambda f, m: _emit({"progress": round(f, 4), "message": m}))
-    except KeyboardInterrupt:  # Terminated included: cancelled, cleaned up
-        _emit({"error": "Stopped."})
-        return 143
+            if len(args) != 1:
+                raise CeVAEError("usage: python -m CeVAEAnomalyLib.slicer.worker REQUEST.json")
+            task = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+            run = TASKS.get(task.get("task"))
+            if run is None:
+                raise CeVAEError(f"Unknown worker task {task.get('task')!r}.")
+            watch = RequestWatch(Path(args[0]))
+            watch.start()
+            done = run(task, _progress(watch))
+            watch.check()
+    except (Cancelled, KeyboardInterrupt):  # withdrawn, SIGTERM (Cancel) or the watch: nothing more to say
+        # Files being written were removed on the way here; skip the interpreter's teardown (about a
+        # second with torch loaded), so that Cancel ends the process at once.
+        os._exit(EXIT_ABANDONED)
     except CeVAEError as exc:
         _emit({"error": str(exc)})
         return 2

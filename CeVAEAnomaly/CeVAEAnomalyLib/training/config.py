@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
+from ..io.targets import check_paths
 from ..options import parse_orientations
-
 
 
 @dataclass(frozen=True)
@@ -68,39 +68,37 @@ class TrainConfig:
         return self.out.with_name(self.out.name + ".log.csv")
 
     def validate(self) -> None:
-        """Raise CeVAEError naming the option for any value training cannot run with."""
-        _at_least_one("--batch-size", self.batch_size)
-        _at_least_one("--max-steps", self.max_steps)
-        _at_least_one("--checkpoint-every", self.checkpoint_every)
+        """Raise :class:`SettingError` naming the setting for any value training cannot run with."""
+        _at_least_one("batch_size", self.batch_size)
+        _at_least_one("max_steps", self.max_steps)
+        _at_least_one("checkpoint_every", self.checkpoint_every)
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise CeVAEError(f"--lr must be a positive number, got {self.lr}.")
+            raise SettingError("{lr} must be a positive number, got %s." % self.lr, "lr")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
-            raise CeVAEError(f"--max-minutes must be a positive number, got {self.max_minutes}.")
+            raise SettingError("{max_minutes} must be a positive number, got %s." % self.max_minutes, "max_minutes")
         if not 0.0 <= self.val_fraction < 1.0:  # also refuses NaN
-            raise CeVAEError(f"--val-fraction must lie in [0, 1) (the share of subjects held out for "
-                             f"validation and calibration), got {self.val_fraction}.")
+            raise SettingError("{val_fraction} must lie in [0, 1) (the share of subjects held out for validation "
+                               "and calibration), got %s." % self.val_fraction, "val_fraction")
         parse_orientations(",".join(self.orientations))  # refuses none or unknown ones
         if self.model.bottleneck_size < 1:
             layers = len(self.model.channels)
-            raise CeVAEError(f"{layers} encoder layers (--channels) halve the input {layers} times, more than "
-                             f"input size {self.model.input_size} allows; use at most "
-                             f"{int(math.log2(self.model.input_size))} channel widths or a larger --input-size.")
+            raise SettingError(
+                "%d encoder layers ({channels}) halve the input %d times, more than input size %d allows; use at "
+                "most %d channel widths or a larger {input_size}." % (
+                    layers, layers, self.model.input_size, int(math.log2(self.model.input_size))),
+                "channels", "input_size")
         if self.loader_workers is not None and self.loader_workers < 0:
-            raise CeVAEError(f"--loader-workers must be 0 or more, got {self.loader_workers}.")
-
+            raise SettingError("{loader_workers} must be 0 or more, got %s." % self.loader_workers, "loader_workers")
 
     def check_outputs(self, inputs: Iterable[Optional[Path]], overwrite: bool) -> None:
-        """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder or an input, and
-        existing ones unless ``overwrite`` (a resumed run continues its own checkpoint, log and bundle)."""
+        """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder, under a file or an
+        input (by path or hard link), and existing ones unless ``overwrite`` (a resumed run continues its own
+        checkpoint, log and bundle)."""
         if self.out.is_dir():
             raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")
-        read = {Path(p).resolve() for p in inputs if p is not None}
         outputs = (self.out, self.checkpoint_path, self.log_path)
-        for path in outputs:
-            if path.resolve() in read:
-                raise CeVAEError(f"The output {path} is the same file as an input of the training; choose "
-                                 "another --out.")
+        check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
         if overwrite or self.resume:
             return
         for path in outputs:
@@ -109,6 +107,19 @@ class TrainConfig:
                                  "continue the run that wrote it.")
 
 
-def _at_least_one(option: str, value: int) -> None:
+class SettingError(CeVAEError):
+    """An unusable training setting. The message names settings by :class:`TrainConfig`'s field names;
+    :meth:`naming` says it with other names (the command line's flags)."""
+
+    def __init__(self, template: str, *settings: str) -> None:
+        self.template, self.settings = template, settings
+        super().__init__(self.naming(lambda name: name))
+
+    def naming(self, name_of: Callable[[str], str]) -> str:
+        """The message with each setting called ``name_of(field name)``."""
+        return self.template.format(**{name: name_of(name) for name in self.settings})
+
+
+def _at_least_one(setting: str, value: int) -> None:
     if value < 1:
-        raise CeVAEError(f"{option} must be at least 1, got {value}.")
+        raise SettingError("{%s} must be at least 1, got %s." % (setting, value), setting)

@@ -1,0 +1,69 @@
+"""The Python packages a detection needs in Slicer's Python, checked without importing them.
+
+Slicer ships numpy, SimpleITK and VTK; torch and safetensors may be missing or too old. The
+minimum versions are those of ``pyproject.toml``. Installing is the logic's job
+(:meth:`~CeVAEAnomalyLib.slicer.logic.CeVAEAnomalyLogic.installDependencies`), in the Slicer application.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+REQUIREMENTS: Dict[str, str] = {"torch": "2.1", "safetensors": "0.4"}  # package: minimum version
+NOT_INSTALLED = None
+
+
+@dataclass(frozen=True)
+class Unmet:
+    """A required package that is missing (``installed`` None) or older than ``minimum``."""
+
+    name: str
+    minimum: str
+    installed: Optional[str]
+
+    @property
+    def spec(self) -> str:
+        """The pip requirement that meets it."""
+        return f"{self.name}>={self.minimum}"
+
+    def __str__(self) -> str:
+        found = "not installed" if self.installed is None else f"{self.installed} installed"
+        return f"{self.spec} ({found})"
+
+
+def installed_version(name: str) -> Optional[str]:
+    """The version of an importable package ("" if its metadata is missing); None if it is not importable."""
+    try:
+        if importlib.util.find_spec(name) is None:
+            return NOT_INSTALLED
+    except (ImportError, ValueError):
+        return NOT_INSTALLED
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def release(version: str) -> Tuple[int, ...]:
+    """The numeric release part of a version ("2.13.0+cpu" -> (2, 13, 0); "2.1.0a0" -> (2, 1, 0))."""
+    match = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def unmet(requirements: Optional[Dict[str, str]] = None,
+          version_of: Callable[[str], Optional[str]] = installed_version) -> List[Unmet]:
+    """The requirements that are not met. A package whose version cannot be read counts as met."""
+    found = []
+    for name, minimum in (REQUIREMENTS if requirements is None else requirements).items():
+        version = version_of(name)
+        if version is NOT_INSTALLED or (release(version) and release(version) < release(minimum)):
+            found.append(Unmet(name, minimum, version))
+    return found
+
+
+def unmet_message(items: List[Unmet]) -> str:
+    """One sentence naming what is missing or too old."""
+    return "CeVAE Anomaly needs these Python packages: " + ", ".join(str(item) for item in items) + "."

@@ -1,0 +1,121 @@
+"""The packages a detection needs in Slicer's Python (slicer/dependencies.py), the logic's check
+and the self-test's skips: real interpreters where torch is hidden or reports an old version."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+slicer = pytest.importorskip("slicer")
+
+from CeVAEAnomalyLib.slicer import dependencies  # noqa: E402
+from CeVAEAnomalyLib.slicer.dependencies import REQUIREMENTS, Unmet, release, unmet  # noqa: E402
+
+MODULE_FILE = REPO / "CeVAEAnomaly" / "CeVAEAnomaly.py"
+
+
+def test_minimum_versions_are_the_packages():
+    text = (REPO / "pyproject.toml").read_text()
+    for name, minimum in REQUIREMENTS.items():
+        assert f'"{name}>={minimum}"' in text
+
+
+def test_this_environment_meets_them():
+    assert unmet() == []
+    assert release(dependencies.installed_version("torch")) >= release(REQUIREMENTS["torch"])
+
+
+@pytest.mark.parametrize("versions, expected", [
+    ({"torch": "2.0.1", "safetensors": "0.4.5"}, ["torch>=2.1 (2.0.1 installed)"]),
+    ({"torch": "2.13.0+cpu", "safetensors": None}, ["safetensors>=0.4 (not installed)"]),
+    ({"torch": "2.1.0a0+git1234", "safetensors": "0.10.0"}, []),  # 0.10 is newer than 0.4
+    ({"torch": "", "safetensors": "0.3.3"}, ["safetensors>=0.4 (0.3.3 installed)"]),  # no metadata: not judged
+], ids=["old torch", "missing", "pre-release and two-digit minor", "unknown version"])
+def test_missing_and_too_old_packages_are_named(versions, expected):
+    found = unmet(version_of=versions.get)
+    assert [str(u) for u in found] == expected
+    assert all(isinstance(u, Unmet) and u.spec.startswith(u.name + ">=") for u in found)
+
+
+def run_python(code: str, tmp_path, extra_path=None) -> subprocess.CompletedProcess:
+    prelude = f"import sys; sys.path.insert(0, {str(extra_path)!r})\n" if extra_path else ""
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+
+
+def test_process_without_torch_says_what_to_install(tmp_path):
+    """A console user of logic.process() in a Python without torch gets the requirement, not an ImportError."""
+    out = run_python("""
+        import sys
+        sys.modules["torch"] = None  # not importable, as in a fresh Slicer
+        import slicer
+        from CeVAEAnomalyLib.errors import CeVAEError
+        from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+        scene = slicer.vtkMRMLScene()
+        volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "head")
+        logic = CeVAEAnomalyLogic()
+        for call in (lambda: logic.process(volume), lambda: logic.startDetection(volume),
+                     lambda: logic.installDependencies()):
+            try:
+                call()
+            except CeVAEError as exc:
+                print("ERROR", exc)
+    """, tmp_path)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stderr
+    for line in lines:
+        assert "torch>=2.1 (not installed)" in line and 'pip install "torch>=2.1"' in line
+
+
+def test_an_old_torch_is_refused_with_its_version(tmp_path):
+    """torch importable but older than the minimum (its installed metadata says 2.0.1)."""
+    site = tmp_path / "site"
+    info = site / "torch-2.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.0.1\n")
+    out = run_python("""
+        from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+        from CeVAEAnomalyLib.errors import CeVAEError
+        try:
+            CeVAEAnomalyLogic().checkDependencies()
+        except CeVAEError as exc:
+            print(exc)
+    """, tmp_path, extra_path=site)
+    assert "torch>=2.1 (2.0.1 installed)" in out.stdout, out.stderr
+
+
+# --- the module: its widget installs through the logic; its self-test skips per test ----------
+
+
+def module_class(name: str) -> ast.ClassDef:
+    return next(n for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def test_the_widget_checks_and_installs_through_the_logic():
+    uses = {ast.unparse(n) for n in ast.walk(module_class("CeVAEAnomalyWidget")) if isinstance(n, ast.Attribute)}
+    assert {"self.logic.unmetDependencies", "self.logic.installDependencies"} <= uses
+    assert not any("pip_install" in u or "PyTorchUtils" in u or "find_spec" in u for u in uses)
+    logic = (REPO / "CeVAEAnomaly" / "CeVAEAnomalyLib" / "slicer" / "logic.py").read_text()
+    assert "PyTorchUtils.PyTorchUtilsLogic().installTorch(" in logic and "slicer.util.pip_install(" in logic
+
+
+def test_each_self_test_that_needs_torch_skips_itself():
+    """slicer_add_python_unittest collects the test_* methods directly: a skip only in runTest never runs."""
+    cls = module_class("CeVAEAnomalyTest")
+    tests = {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    needs_torch = {name for name, fn in tests.items()
+                   if re.search(r"process\(|applyButton\.click", ast.unparse(fn))}
+    assert needs_torch == {"test_DetectOnSyntheticHead", "test_CancelLeavesSceneUnchanged", "test_ApplyRunsAWorker"}
+    for name in needs_torch:
+        assert ast.unparse(tests[name].body[0]) == "self._skipWithoutDependencies()", name
+    helper = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "_skipWithoutDependencies")
+    assert "self.skipTest" in ast.unparse(helper)
+    message = ast.unparse(next(n for n in cls.body if isinstance(n, ast.FunctionDef)
+                               and n.name == "_missingDependenciesMessage"))
+    assert "PyTorch extension" in message and "safetensors" in message  # says what to install
