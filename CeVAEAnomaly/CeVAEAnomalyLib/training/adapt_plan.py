@@ -17,10 +17,12 @@ from ..errors import CeVAEError
 from .config import TrainConfig
 
 MIN_SCANS = 2  # one to train on and one held out, in each direction
-# Measured on the development machine (2 shared CPU cores, torch 2.13, default architecture,
-# batch 64 at 64 px): scripts/benchmark_adapt.py --rate and the adapt runs it times (docs/adapt.md).
-CPU_STEPS_PER_S = 1.0
-SECONDS_PER_SCAN_CPU = 25.0  # preprocessing one 1 mm scan and scoring it for calibration (every score type)
+# Measured on the development machine while other jobs shared its 2 CPU cores (torch 2.13, default
+# architecture, batch 64 at 64 px): 300 fine-tuning steps of 2 site scans took 685 s, and preparing and
+# calibrating them about 5 s per 1 mm scan with its mask given; an automatic brain mask adds about 10 s
+# (docs/adapt.md). Unshared, the same machine trains about 1.7 steps/s.
+CPU_STEPS_PER_S = 0.45
+SECONDS_PER_SCAN_CPU = 15.0  # preparing a scan (automatic mask included) and scoring it for calibration
 
 
 @dataclass(frozen=True)
