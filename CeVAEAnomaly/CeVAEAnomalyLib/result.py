@@ -83,11 +83,14 @@ class DetectionResult:
 
 
 # ---- the tables ----------------------------------------------------------------------------------
+SLICE_FIELDS = ["axis", "index", "anomaly", "kl", "rec", "neg_elbo", "map_max", "flagged"]
+
+
 def slice_scores_csv(result: DetectionResult) -> str:
     """Per-slice scores, the most anomalous slice first."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["axis", "index", "anomaly", "kl", "rec", "neg_elbo", "map_max", "flagged"])
+    w.writerow(SLICE_FIELDS)
     for r in result.ranked_slices():
         w.writerow([r.axis, r.index, f"{r.anomaly:.6g}", f"{r.kl:.6g}", f"{r.rec:.6g}", f"{r.neg_elbo:.6g}",
                     f"{r.map_max:.6g}", int(r.flagged)])

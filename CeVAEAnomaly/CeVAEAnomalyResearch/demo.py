@@ -10,10 +10,13 @@ from typing import Optional
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.io.atomic import write_all
+from CeVAEAnomalyLib.io.targets import check_paths
 from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
 
 log = logging.getLogger(__name__)
 DEMO_SUBJECT = "robex"
+OUTPUT_FILES = ("image_with_lesions.nii.gz", "ground_truth.nii.gz", "score.nii.gz", "labelmap.nii.gz",
+                "slice_scores.csv", "components.csv", "overlay.png")
 
 
 @dataclass
@@ -32,10 +35,13 @@ def run_demo(
     kinds=("hyper", "ring"),
     auto_mask: bool = False,
     device: str = "auto",
-    overwrite: bool = True,
+    overwrite: bool = False,
     progress=None,
 ) -> DemoReport:
-    """Insert lesions into the healthy sample subject, detect with the default model, write outputs."""
+    """Insert lesions into the healthy sample subject, detect with the default model, write outputs.
+
+    Existing outputs in ``out_dir`` are refused before any work unless ``overwrite``.
+    """
     from CeVAEAnomalyLib.engine.bundle import load_bundle
     from CeVAEAnomalyLib.engine.devices import resolve_device
     from .evaluate import evaluate_case
@@ -47,6 +53,8 @@ def run_demo(
     from .sampledata import ensure_healthy_data
 
     t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_paths([out_dir / name for name in OUTPUT_FILES], overwrite, (model,))
     data = ensure_healthy_data(names=(DEMO_SUBJECT,))
     inputs = (data / f"{DEMO_SUBJECT}_t1.nii.gz", data / f"{DEMO_SUBJECT}_brainmask.nii.gz", model)
     image = read_image(inputs[0])
@@ -56,17 +64,10 @@ def run_demo(
     bundle = load_bundle(model or default_model_path(), resolve_device(device))
     result = detect(lesioned, bundle, None if auto_mask else mask, progress=progress)
     m = evaluate_case(result.score, truth, result.brain_mask, result.labelmap, name="demo")
-    out_dir = Path(out_dir)
-    files = {
-        out_dir / "image_with_lesions.nii.gz": lesioned,
-        out_dir / "ground_truth.nii.gz": truth,
-        out_dir / "score.nii.gz": result.score,
-        out_dir / "labelmap.nii.gz": result.labelmap,
-        out_dir / "slice_scores.csv": slice_scores_csv(result),
-        out_dir / "components.csv": components_csv(result),
-    }
+    values = (lesioned, truth, result.score, result.labelmap, slice_scores_csv(result), components_csv(result))
+    files = {out_dir / name: value for name, value in zip(OUTPUT_FILES, values)}
     write_all(files, overwrite=overwrite, inputs=inputs)
-    png = overlay_png(out_dir / "overlay.png", lesioned, result.score, result.labelmap, truth,
+    png = overlay_png(out_dir / OUTPUT_FILES[-1], lesioned, result.score, result.labelmap, truth,
                       title=f"CeVAEAnomaly demo: {', '.join(l.kind for l in lesions)} lesions")
     metrics = {
         "pixel AUROC": m.auroc, "pixel AUPRC": m.auprc, "best Dice": m.best_dice,

@@ -92,15 +92,41 @@ def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
     return write
 
 
+def on_file_grid(image: "sitk.Image", path: Path) -> "sitk.Image":
+    """``image`` on the voxel grid of the volume file at ``path``.
+
+    Slicer stores a left-handed volume (e.g. FSL's LAS NIfTI) with its slice axis reversed: the
+    same voxels in the other order, which ``evaluate`` and other tools would not take for the
+    input's grid. The voxel centres coincide, so nearest-neighbour resampling only reorders them.
+    """
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.io.images import grid_difference
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if reader.GetDimension() != 3 or sorted(reader.GetSize()) != sorted(image.GetSize()):
+        return image  # not a plain 3D file grid (e.g. a 4D file holding one volume): keep Slicer's
+    grid = sitk.Image(list(reader.GetSize()), image.GetPixelID())
+    grid.SetSpacing(reader.GetSpacing())
+    grid.SetOrigin(reader.GetOrigin())
+    grid.SetDirection(reader.GetDirection())
+    if grid_difference(grid, image) is None:
+        return image
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
+
+
 def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool,
-                  inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
-    """Write every result to a temporary name beside its target, then rename all into place."""
+                  inputs: Sequence[Optional[Path]] = (), source: Optional[Path] = None) -> List[Path]:
+    """Write every result to a temporary name beside its target, then rename all into place; the score
+    and labelmap on the voxel grid of the ``source`` volume file, if given."""
     from CeVAEAnomalyLib.io.atomic import write_all
     from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
 
     writers: Dict[Path, object] = {
-        paths["score"]: _node_writer(result.nodes.score),
-        paths["labelmap"]: _node_writer(result.nodes.labelmap),
+        paths["score"]: on_file_grid(result.detection.score, source) if source else _node_writer(result.nodes.score),
+        paths["labelmap"]: (on_file_grid(result.detection.labelmap, source) if source
+                            else _node_writer(result.nodes.labelmap)),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
         paths["components"]: components_csv(result.detection),
         paths["slices"]: slice_scores_csv(result.detection),
@@ -115,14 +141,17 @@ def _progress(fraction: float, message: str) -> None:
 def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
     request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.header import read_header
     from CeVAEAnomalyLib.io.targets import check_paths
 
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
+    read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
     volume = load_volume(scene, args.input)
     mask = load_volume(scene, args.mask, labelmap=True) if args.mask else None
     result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
                                               progress=_progress)
-    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model))
+    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model), source=args.input)
     log.info("Wrote %s.", ", ".join(str(p) for p in written))
     return written
 

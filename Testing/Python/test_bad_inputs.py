@@ -19,7 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -148,6 +148,14 @@ def nan_voxels(d: Path, g: Inputs) -> Inputs:
     return Inputs(write(like(arr, image), d / "holes.nii.gz"), g.mask, g.model)
 
 
+def without_mask(build: Callable[[Path, Inputs], Inputs]) -> Callable[[Path, Inputs], Inputs]:
+    """The case ``build`` makes, with the brain mask computed automatically."""
+    def case(d: Path, g: Inputs) -> Inputs:
+        return replace(build(d, g), mask=None)
+
+    return case
+
+
 def empty_mask(d: Path, g: Inputs) -> Inputs:
     image, _, mask = head_arrays(g)
     return Inputs(g.image, write(like(np.zeros_like(mask), image), d / "mask0.nii.gz"), g.model)
@@ -192,6 +200,31 @@ def single_slice(d: Path, g: Inputs) -> Inputs:
     _, arr, mask = head_arrays(g)
     return Inputs(write(sitk.GetImageFromArray(arr[18:19]), d / "one.nii.gz"),
                   write(sitk.GetImageFromArray(mask[18:19]), d / "one_mask.nii.gz"), g.model)
+
+
+def name_too_long(d: Path, g: Inputs) -> Inputs:
+    return Inputs(d / ("x" * 300 + ".nii.gz"), g.mask, g.model)
+
+
+def link_loop(role: str) -> Callable[[Path, Inputs], Inputs]:
+    """The image, mask or model given as a symbolic link that leads back to itself."""
+    def case(d: Path, g: Inputs) -> Inputs:
+        (d / "loop_a").symlink_to(d / "loop_b")
+        (d / "loop_b").symlink_to(d / "loop_a")
+        return replace(g, **{role: d / "loop_a"})
+
+    return case
+
+
+def thin_slab(index) -> Callable[[Path, Inputs], Inputs]:
+    """A few slices of the head (``index`` selects them from the (k, j, i) array), with its mask or without."""
+    def case(d: Path, g: Inputs) -> Inputs:
+        _, arr, mask = head_arrays(g)
+        return Inputs(write(sitk.GetImageFromArray(np.ascontiguousarray(arr[index])), d / "slab.nii.gz"),
+                      write(sitk.GetImageFromArray(np.ascontiguousarray(mask[index])), d / "slab_mask.nii.gz"),
+                      g.model)
+
+    return case
 
 
 def ct_like(d: Path, g: Inputs) -> Inputs:
@@ -435,6 +468,9 @@ CASES: Dict[str, Case] = {
     "constant volume": Case(constant_volume, REFUSED, r"nearly\) constant"),
     "all voxels NaN": Case(all_nan, REFUSED, r"Every voxel inside the brain mask is NaN or infinite"),
     "NaN and Inf voxels": Case(nan_voxels, 0, r"8 brain voxels are NaN or infinite; they are left out"),
+    "NaN and Inf voxels, automatic mask": Case(without_mask(nan_voxels), 0,
+                                               r"\d brain voxels are NaN or infinite; they are left out"),
+    "all voxels NaN, automatic mask": Case(without_mask(all_nan), REFUSED, r"Every voxel of the image is NaN"),
     "empty brain mask": Case(empty_mask, REFUSED, r"brain mask is empty"),
     "mask on another grid": Case(mask_other_grid, 0, r"another grid .* resampling it \(nearest neighbour\)"),
     "mask elsewhere in space": Case(mask_elsewhere, REFUSED, r"does not overlap the image in space"),
@@ -444,6 +480,18 @@ CASES: Dict[str, Case] = {
     "missing mask file": Case(missing_mask, REFUSED, r"brain mask .*absent_mask\.nii\.gz does not exist"),
     "tiny 4x4x4 volume": Case(tiny_volume, REFUSED, r"too small to analyse \(4x4x4 voxels\)"),
     "single-slice volume": Case(single_slice, REFUSED, r"single slice \(40x44x1 voxels\)"),
+    "image name too long": Case(name_too_long, REFUSED, r"The image .*/x+\.\.\. cannot be opened: file name too long"),
+    "image a symbolic-link loop": Case(link_loop("image"), REFUSED,
+                                       r"The image .*loop_a cannot be opened: too many levels of symbolic links"),
+    "mask a symbolic-link loop": Case(link_loop("mask"), REFUSED, r"The brain mask .*loop_a cannot be opened"),
+    "model a symbolic-link loop": Case(link_loop("model"), REFUSED, r"The model bundle .*loop_a cannot be opened"),
+    "two-slice volume": Case(thin_slab(np.s_[17:19]), REFUSED,
+                             r"only 2 voxels along one axis \(40x44x2 voxels\); at least 4 are needed"),
+    "three-slice volume, sagittal": Case(thin_slab(np.s_[:, :, 18:21]), REFUSED,
+                                         r"only 3 voxels along one axis \(3x44x36 voxels\)"),
+    "3x9x9 volume, automatic mask": Case(without_mask(thin_slab(np.s_[10:19, 16:25, 18:21])), REFUSED,
+                                         r"only 3 voxels along one axis \(3x9x9 voxels\)"),
+    "four-slice volume": Case(thin_slab(np.s_[16:20]), 0, r"Wrote"),
     "CT-like int16": Case(ct_like, 0, r"like a CT in Hounsfield units; this model is for T1 MRI"),
     "0.5x0.5x10 mm anisotropy": Case(anisotropic, 0, r"Wrote"),
     "uint8 data": Case(dtype_case(np.uint8), 0, r"Wrote"),

@@ -173,3 +173,76 @@ def test_inputs_pairing_names_and_errors(tmp_path, caplog):
 def test_out_dir_must_differ_from_input_folder(cohort, tiny_bundle, capsys):
     assert batch(cohort, cohort, tiny_bundle) == 2
     assert "--out-dir must differ" in capsys.readouterr().err
+
+
+@pytest.fixture
+def two(cohort, tmp_path):
+    """A CSV list of two volumes of the cohort (a1, b2)."""
+    (tmp_path / "list.csv").write_text("image,mask\n" + "".join(
+        f"{cohort / n}.nii.gz,{cohort / n}_mask.nii.gz\n" for n in NAMES[:2]))
+    return tmp_path / "list.csv"
+
+
+def settings_for(bundle_path, out):
+    return DetectSettings(model=bundle_path, request=DetectionRequest.of(device="cpu"), out_dir=out)
+
+
+def test_a_truncated_output_is_scored_again_not_skipped(two, tiny_bundle, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle) == 0
+    score = out / "a1_score.nii.gz"
+    whole = score.read_bytes()
+    score.write_bytes(whole[: len(whole) - 200])  # an earlier run's output cut short
+    table = out / "b2_slices.csv"
+    text = table.read_text()
+    table.write_text(text[: len(text) - 30])  # a slice table cut mid-row
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle) == 0
+    rows = read_summary(out / "summary.csv")
+    assert rows["a1"]["status"] == rows["b2"]["status"] == "ok"
+    assert "a1_score.nii.gz is incomplete" in caplog.text and "b2_slices.csv is incomplete" in caplog.text
+    assert score.read_bytes() == whole and table.read_text() == text
+
+
+def test_a_damaged_summary_is_rebuilt_from_the_outputs(two, tiny_bundle, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle) == 0
+    first = read_summary(out / "summary.csv")
+    (out / "summary.csv").write_bytes(bytes(range(256)) * 4)  # binary junk
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle) == 0
+    assert "summary.csv cannot be read" in caplog.text
+    rows = read_summary(out / "summary.csv")
+    assert [rows[n]["status"] for n in NAMES[:2]] == ["skipped", "skipped"]
+    assert [rows[n]["max_score"] for n in NAMES[:2]] == [first[n]["max_score"] for n in NAMES[:2]]
+
+
+def test_a_folder_as_summary_is_refused_before_any_work(two, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "summary.csv").mkdir(parents=True)
+    assert batch(two, out, tiny_bundle) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "summary.csv is a folder" in err and "\n" not in err
+    assert [p.name for p in out.iterdir()] == ["summary.csv"]  # no volume was scored
+
+
+def test_a_volume_finished_by_a_concurrent_run_counts_as_done(two, tiny_bundle, tmp_path):
+    """Two batches on one --out-dir: what the other run completed is neither an error nor replaced."""
+    from CeVAEAnomalyLib.cli.batch import VolumeDetector
+
+    out = tmp_path / "out"
+    item = collect_inputs(two)[0]
+    ours, theirs = VolumeDetector(settings_for(tiny_bundle, out)), VolumeDetector(settings_for(tiny_bundle, out))
+    score_volume = ours.detector
+
+    def racing(image, mask, **kw):  # the other run publishes this volume while we are scoring it
+        assert theirs(item, False)["status"] == "ok"
+        return score_volume(image, mask, **kw)
+
+    ours.detector = racing
+    row = ours(item, False)
+    assert row["status"] == "skipped" and row["error"] == ""
+    published = {p: p.read_bytes() for p in output_paths(out, item.name).values()}
+    ours.detector = lambda *a, **k: pytest.fail("a volume finished by another run was scored again")
+    assert ours(item, False)["status"] == "skipped"  # found done before any work
+    assert {p: p.read_bytes() for p in published} == published

@@ -138,3 +138,26 @@ def test_usage_inside_slicer_which_takes_help_for_itself(tmp_path):
     proc = run_in_headless_slicer(tmp_path, "--usage")
     assert proc.stdout.strip().splitlines()[-1] == "APPLICATION EXIT STATUS 0", proc.stderr
     assert proc.stdout.startswith("usage: DetectVolume") and "--output-dir" in proc.stdout
+
+
+def test_a_left_handed_input_gets_outputs_on_its_own_grid(tiny_bundle, tmp_path):
+    """FSL stores NIfTI as LAS (a left-handed index order). Slicer keeps such a volume with its slice axis
+    reversed; the script still writes the score and labelmap on the input file's grid, as detect does."""
+    image, mask = make_head(direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1), seed=12)
+    sitk.WriteImage(image, str(tmp_path / "head.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "head_mask.nii.gz"))
+    out = tmp_path / "results"
+    proc = run_batch("--input", tmp_path / "head.nii.gz", "--mask", tmp_path / "head_mask.nii.gz", "--model",
+                     tiny_bundle, "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    brain = sitk.GetArrayFromImage(mask) > 0
+    for name in OUTPUTS[:2]:
+        result = sitk.ReadImage(str(out / name))
+        assert result.GetSize() == image.GetSize()
+        np.testing.assert_allclose(result.GetDirection(), image.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin(), atol=1e-5)
+        values = sitk.GetArrayFromImage(result)
+        assert values[brain].any() and not values[~brain].any()  # the voxels sit where the brain is
+    from CeVAEAnomalyLib.cli.main import main
+
+    assert main(["evaluate", "--score", str(out / OUTPUTS[0]), "--mask", str(tmp_path / "head_mask.nii.gz")]) == 0

@@ -68,6 +68,46 @@ def test_demo_writes_outputs_on_the_sample_grid(tmp_path, tiny_bundle, capsys):
     assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")
+def test_demo_never_replaces_existing_files_without_overwrite(tmp_path, tiny_bundle, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "score.nii.gz").write_text("the user's own file")
+    argv = ["demo", "--out-dir", str(out), "--model", str(tiny_bundle), "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "score.nii.gz already exists; pass --overwrite" in err and "\n" not in err
+    assert [p.name for p in out.iterdir()] == ["score.nii.gz"]  # refused before any work
+    assert (out / "score.nii.gz").read_text() == "the user's own file"
+    assert main(argv + ["--overwrite"]) == 0
+    assert sitk.ReadImage(str(out / "score.nii.gz")).GetDimension() == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prepare", "{h}", "--cache-dir", "{file}/cache"], r"cache folder .*/cache would be under .*, which is a file"),
+    (["prepare", "{h}", "--cache-dir", "{tmp}/cache", "--input-size", "33"], r"Input size 33 is not supported"),
+    (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "2"],
+     r"--default-fpr is a rate between 0 and 1 \(e\.g\. 0\.001\), got 2\."),
+    (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "nan"],
+     r"--default-fpr is a rate between 0 and 1"),
+])
+def test_bad_options_are_refused_in_one_line_before_work(tmp_path, tiny_bundle, capsys, argv, message):
+    """Found by trying odd inputs on every command: these ended in exit 1 "unexpected", or in exit 0 with an
+    output no command could use (a bundle whose default rate is 2 is refused by every loader)."""
+    import re
+
+    image, _ = make_head(size=(32, 36, 28), seed=1)
+    sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
+    (tmp_path / "file").write_text("a file")
+    values = {"h": tmp_path / "h.nii.gz", "file": tmp_path / "file", "tmp": tmp_path, "model": tiny_bundle}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([a.format(**values) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+
 @pytest.mark.parametrize("missing", ["CeVAEAnomalyResearch", "scipy"])
 def test_demo_without_the_research_code_says_what_to_install(tmp_path, capsys, monkeypatch, missing):
     """Where the research package (the Slicer extension ships the runtime only) or a research dependency is

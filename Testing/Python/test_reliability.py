@@ -246,3 +246,14 @@ def test_unexpected_itk_error_is_one_clean_line(inputs, tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unexpected RuntimeError: Negative spacing is not supported")
     assert ".hxx" not in err and "0x" not in err and "\n" not in err
+
+
+def test_detect_resolves_the_threshold_before_reading_the_volume(inputs, tmp_path, capsys, monkeypatch):
+    """--fpr for a scoring the model holds no calibration for: refused without reading the image."""
+    from CeVAEAnomalyLib.io import images
+
+    monkeypatch.setattr(images, "read_image", lambda *a, **k: pytest.fail("the image was read"))
+    image, mask, model = inputs
+    assert main(detect_argv(image, mask, model, tmp_path / "s.nii.gz", "--grad-sigma", "1.25", "--fpr", "0.01")) == 2
+    one_error_line(capsys.readouterr().err, r"no calibration")
+    assert not (tmp_path / "s.nii.gz").exists()

@@ -91,6 +91,41 @@ def test_a_damaged_entry_is_made_again(subjects, tmp_path):
     np.testing.assert_array_equal(np.load(again.path), good)
 
 
+def test_an_entry_damaged_in_place_is_made_again(subjects, tmp_path, caplog):
+    """Same size, other bytes: only the content checksum can tell (checked at a run's first use)."""
+    s = subjects[0]
+    (entry,), _ = SliceCache(tmp_path / "cache", PRE).entries_for(s, checksums(s), ("axial",))
+    good = np.load(entry.path)
+    data = bytearray(entry.path.read_bytes())
+    data[-4 * good[0].size:] = np.random.default_rng(0).random(good[0].size, np.float32).tobytes()
+    entry.path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        (again,), made = SliceCache(tmp_path / "cache", PRE).entries_for(s, checksums(s), ("axial",))
+    assert made and "does not match its checksum" in caplog.text
+    np.testing.assert_array_equal(np.load(again.path), good)
+
+
+@pytest.mark.parametrize("what", [("npy",), ("npy", "json")])
+def test_entries_swapped_between_subjects_are_made_again(subjects, tmp_path, what):
+    a, b = subjects[:2]
+    cache = SliceCache(tmp_path / "cache", PRE)
+    sums = checksums(a, b)
+    (ea,), _ = cache.entries_for(a, sums, ("axial",))
+    (eb,), _ = cache.entries_for(b, sums, ("axial",))
+    good_a, good_b = np.load(ea.path), np.load(eb.path)
+    for ext in what:
+        pa, pb = ea.path.with_suffix("." + ext), eb.path.with_suffix("." + ext)
+        pa_bytes = pa.read_bytes()
+        pa.write_bytes(pb.read_bytes())
+        pb.write_bytes(pa_bytes)
+    rerun = SliceCache(tmp_path / "cache", PRE)
+    (ra,), made_a = rerun.entries_for(a, sums, ("axial",))
+    (rb,), made_b = rerun.entries_for(b, sums, ("axial",))
+    assert made_a and made_b
+    np.testing.assert_array_equal(np.load(ra.path), good_a)
+    np.testing.assert_array_equal(np.load(rb.path), good_b)
+
+
 def test_a_file_as_cache_folder_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CeVAEError, match="is a file; give a folder for --cache-dir"):

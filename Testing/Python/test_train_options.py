@@ -68,7 +68,13 @@ def sha(path: Path) -> str:
     ("--orientations", "axial,top", "Unknown orientation 'top'; choose one of axial, coronal, sagittal."),
     ("--channels", "8,8,8,8,8,8,8", "7 encoder layers (--channels) halve the input 7 times, more than input "
                                     "size 64 allows; use at most 6 channel widths"),
-    ("--loader-workers", "-1", "--loader-workers must be 0 or more, got -1."),
+    ("--loader-workers", "-1", "--loader-workers must be 0 to 64, got -1"),
+    ("--loader-workers", "10000", "--loader-workers must be 0 to 64, got 10000"),
+    ("--seed", "-1", "--seed must be a whole number from 0 to 4294967295, got -1."),
+    ("--beta", "-1", "beta (the KL weight) must be a number of 0 or more, got -1.0."),
+    ("--beta", "nan", "beta (the KL weight) must be a number of 0 or more, got nan."),
+    ("--z-dim", "100000000", "Invalid latent size 100000000; it must be 1 to 8192."),
+    ("--channels", "100000", "Invalid channel widths (100000,); each must be 1 to 4096."),
 ])
 def test_bad_options_end_in_one_clear_error_before_training(cohort, tmp_path, capsys, option, value, message):
     out = tmp_path / "m.cevae"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import logging
 import os
@@ -18,7 +19,7 @@ import SimpleITK as sitk
 import torch
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.cli.main import main
-from CeVAEAnomalyLib.engine.config import ModelConfig
+from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
 from CeVAEAnomalyLib.training.config import AugmentConfig
 from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.errors import CeVAEError
@@ -111,10 +112,11 @@ def test_sigkill_then_resume_continues_the_same_run(manifest, tmp_path):
 
 def tiny_trainer(tmp_path: Path, manifest: Path, **kw) -> Trainer:
     subjects = [Subject(manifest.parent / f"s{s}.nii.gz", manifest.parent / f"s{s}_mask.nii.gz") for s in (4, 5)]
+    options = dict(batch_size=8, checkpoint_every=EVERY, device="cpu", val_fraction=0.0)
     cfg = TrainConfig(out=tmp_path / "model.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
                       augment=AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
                                             intensity_scale=0, intensity_shift=0, bias_field=0, noise=0),
-                      batch_size=8, checkpoint_every=EVERY, device="cpu", val_fraction=0.0, **kw)
+                      **dict(options, **kw))
     return Trainer(cfg, subjects)
 
 
@@ -253,3 +255,89 @@ def test_resume_uses_the_new_learning_rate(manifest, tmp_path):
     resumed.load_checkpoint()
     assert resumed.step == EVERY
     assert [g["lr"] for g in resumed.opt.param_groups] == [1e-4]
+
+
+def saved_trainer(tmp_path: Path, manifest: Path, **kw) -> Trainer:
+    first = tiny_trainer(tmp_path, manifest, **kw)
+    first.step = EVERY
+    first.save_checkpoint()
+    return first
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"seed": 4}, r"seed \(0 in the checkpoint, 4 now\)"),
+    ({"batch_size": 4}, r"batch_size \(8 in the checkpoint, 4 now\)"),
+    ({"val_fraction": 0.5}, r"val_fraction \(0\.0 in the checkpoint, 0\.5 now\).*training volume\(s\) in the "
+                            r"checkpoint's run, not in this one: .*s[45]\.nii\.gz.*validation volume\(s\) in this run"),
+    ({"orientations": ("axial", "coronal")}, r"orientations \(\['axial'\] in the checkpoint, \['axial', 'coronal'\] now"),
+    ({"loss": LossConfig(rec="l2")}, r"loss\.rec \('l1' in the checkpoint, 'l2' now\)"),
+])
+def test_resume_refuses_other_options_and_names_them(manifest, tmp_path, change, named):
+    saved_trainer(tmp_path, manifest)
+    resumed = tiny_trainer(tmp_path, manifest, resume=True, **change)
+    with pytest.raises(CeVAEError, match=r"--resume refused: the checkpoint .*model\.cevae\.ckpt belongs to another "
+                                         r"run: " + named):
+        resumed.load_checkpoint()
+    assert resumed.step == 0
+
+
+def test_resume_refuses_other_or_changed_volumes(manifest, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    subjects = []
+    for seed in (4, 5, 6):
+        image, mask = make_head(size=(32, 36, 28), seed=seed)
+        sitk.WriteImage(image, str(d / f"s{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(d / f"s{seed}_mask.nii.gz"))
+        subjects.append(Subject(d / f"s{seed}.nii.gz", d / f"s{seed}_mask.nii.gz"))
+    cfg = tiny_trainer(tmp_path, manifest).cfg
+    first = Trainer(cfg, subjects[:2])
+    first.step = EVERY
+    first.save_checkpoint()
+    resume = dataclasses.replace(cfg, resume=True)
+    with pytest.raises(CeVAEError, match=r"training volume\(s\) in this run, not in the checkpoint's: .*s6\.nii\.gz"):
+        Trainer(resume, subjects).load_checkpoint()
+    sitk.WriteImage(make_head(size=(32, 36, 28), seed=9)[0], str(subjects[1].image))  # changed in place
+    with pytest.raises(CeVAEError, match=r"training volume\(s\) changed since the checkpoint: .*s5\.nii\.gz"):
+        Trainer(resume, subjects[:2]).load_checkpoint()
+
+
+def test_resume_accepts_the_same_run_with_the_options_it_may_change(manifest, tmp_path):
+    saved_trainer(tmp_path, manifest)
+    resumed = tiny_trainer(tmp_path, manifest, resume=True, max_steps=50, checkpoint_every=5, loader_workers=0)
+    resumed.load_checkpoint()
+    assert resumed.step == EVERY
+
+
+# The first run pauses once its data are open, so that a second run starts while it holds --out.
+PAUSED_TRAIN = """
+import sys, time
+from CeVAEAnomalyLib.training.trainer import Trainer
+open_data = Trainer.open_data
+def pause(self):
+    open_data(self)
+    print("training", flush=True)
+    time.sleep(120)
+Trainer.open_data = pause
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(manifest, tmp_path, capsys):
+    out = tmp_path / "model.cevae"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAIN, *train_argv(manifest, out, 4)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout.readline().strip() == "training"
+        assert main(train_argv(manifest, out, 4, "--overwrite")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: Another train is writing") and str(out) in err and "\n" not in err
+        assert not out.exists() and not out.with_name(out.name + ".ckpt").exists()
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+    assert main(train_argv(manifest, out, 2, "--overwrite")) == 0  # the lock ends with its holder, even killed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

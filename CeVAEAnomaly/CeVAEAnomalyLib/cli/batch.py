@@ -131,8 +131,9 @@ def select_shard(items: Sequence[BatchItem], i: int, n: int) -> List[BatchItem]:
 
 def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], source: Path, model: Path,
                         out_dir: Path, summary: Path) -> None:
-    """Refuse before any work an --out-dir under a file, or an output that would replace an input of the batch."""
-    from ..io.targets import Inputs
+    """Refuse before any work an --out-dir under a file, or an output (summary included) that would replace an
+    input of the batch, is a folder, a device, FIFO or socket, or too long a name."""
+    from ..io.targets import Inputs, refuse_overlong_name, refuse_special_output
 
     for folder in (out_dir, *out_dir.parents):
         if folder.exists():
@@ -146,6 +147,10 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
         if src is not None:
             raise CeVAEError(f"The output {target} would replace the input {src}; choose another --out-dir "
                              "or other names (a 'name' column in the CSV).")
+        refuse_overlong_name(target)
+        refuse_special_output(target)
+        if target.is_dir():
+            raise CeVAEError(f"The output {target} is a folder; remove it or choose another --out-dir.")
 
 
 def summary_name(shard: Optional[Tuple[int, int]]) -> str:
@@ -181,13 +186,43 @@ def _row(item: BatchItem, status: str, seconds: Optional[float], error: str = ""
 
 
 def read_back(item: BatchItem, out_dir: Path) -> Dict[str, object]:
-    """The summary row of a volume whose outputs exist from an earlier run."""
+    """The summary row of a volume whose outputs exist from an earlier run (checked complete first)."""
     import SimpleITK as sitk
 
     paths = output_paths(out_dir, item.name)
+    problem = incomplete_outputs(paths)
+    if problem:
+        raise ValueError(problem)
     values = measure(sitk.ReadImage(str(paths["score"])), sitk.ReadImage(str(paths["labelmap"])),
                      top_of_table(paths["slices"].read_text()))
     return _row(item, "skipped", None, **values)
+
+
+def incomplete_outputs(paths: Dict[str, Path]) -> str:
+    """Why a volume's outputs on disk are not a complete set ("" if they are): the checks of a fresh write
+    (:mod:`..io.verify`), and for the slice table its header, row lengths and final line end."""
+    from ..io.verify import incomplete_reason
+
+    for role, path in paths.items():
+        if not path.is_file():
+            return f"{path.name} is missing"
+        reason = incomplete_reason(path, path)
+        if reason is None and role == "slices":
+            reason = _slice_table_reason(path.read_text())
+        if reason:
+            return f"{path.name} is incomplete ({reason})"
+    return ""
+
+
+def _slice_table_reason(text: str) -> Optional[str]:
+    from ..result import SLICE_FIELDS
+
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or rows[0] != SLICE_FIELDS:
+        return "no slice-score header"
+    if not text.endswith("\n") or any(len(r) != len(SLICE_FIELDS) for r in rows):
+        return "a row is cut short"
+    return None
 
 
 class VolumeDetector:
@@ -211,12 +246,21 @@ class VolumeDetector:
 
         t0 = time.perf_counter()
         try:
+            done = None if overwrite else self.done_by_another_run(item)
+            if done is not None:
+                return done
             image = read_image(item.image)
             mask = read_image(item.mask, "brain mask") if item.mask else None
             torch.manual_seed(0)  # sampled scores do not depend on the order or the worker
             result = self.detector(image, mask)
-            write_all(result_files(result, output_paths(self.s.out_dir, item.name)), overwrite,
-                      (item.image, item.mask))
+            try:
+                write_all(result_files(result, output_paths(self.s.out_dir, item.name)), overwrite,
+                          (item.image, item.mask))
+            except CeVAEError:
+                done = None if overwrite else self.done_by_another_run(item)
+                if done is None:
+                    raise
+                return done
             top = result.top_slice
             return _row(item, "ok", time.perf_counter() - t0,
                         **measure(result.score, result.labelmap, (top.axis, top.index) if top else None))
@@ -224,6 +268,16 @@ class VolumeDetector:
             log.debug("%s failed.", item.name, exc_info=True)
             message = one_line(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {one_line(exc)}"
             return _row(item, "error", time.perf_counter() - t0, error=message)
+
+    def done_by_another_run(self, item: BatchItem) -> Optional[Dict[str, object]]:
+        """The "skipped" row of a volume whose complete outputs appeared since this run started (another
+        batch on the same --out-dir finished it); None if they are not all there and complete."""
+        try:
+            row = read_back(item, self.s.out_dir)
+        except (RuntimeError, OSError, ValueError, KeyError, csv.Error):
+            return None
+        log.info("%s was finished by another run meanwhile; its outputs are kept.", item.name)
+        return row
 
 
 _worker: Optional[VolumeDetector] = None
@@ -276,19 +330,27 @@ class Summary:
 
 def _earlier_rows(summary_path: Path) -> Tuple[Dict[str, Dict[str, str]], float]:
     """Finished rows of the summary an earlier run left at this path, and its modification time."""
+    if not summary_path.exists():
+        return {}, -math.inf
     try:
-        with open(summary_path, newline="") as fh:
+        with open(summary_path, newline="", encoding="utf-8") as fh:
             rows = {r["name"]: r for r in csv.DictReader(fh) if r.get("status") in ("ok", "skipped")}
         return rows, summary_path.stat().st_mtime
-    except (OSError, csv.Error, KeyError):
+    except (OSError, csv.Error, KeyError, ValueError) as exc:  # ValueError: not UTF-8 text
+        log.warning("The summary %s cannot be read (%s); it is rebuilt from the outputs on disk.", summary_path,
+                    one_line(exc))
         return {}, -math.inf
 
 
 def _skipped_row(item: BatchItem, out_dir: Path, earlier: Dict[str, Dict[str, str]], earlier_time: float):
     """The row of a finished volume: from the earlier summary if it is newer than the outputs, else read back."""
     row = earlier.get(item.name)
-    outputs_time = max(p.stat().st_mtime for p in output_paths(out_dir, item.name).values())
+    paths = output_paths(out_dir, item.name)
+    outputs_time = max(p.stat().st_mtime for p in paths.values())
     if row is not None and earlier_time >= outputs_time and all(row.get(k) is not None for k in SUMMARY_FIELDS):
+        problem = incomplete_outputs(paths)  # (read_back checks them itself)
+        if problem:
+            raise ValueError(problem)
         skipped = _row(item, "skipped", None, **{k: row[k] for k in ("flagged_ml", "max_score", "top_slice_axis",
                                                                      "top_slice")})
         skipped["seconds"] = row["seconds"]  # the time the earlier run took
@@ -337,8 +399,9 @@ def run_batch(
                 try:
                     summary.add(_skipped_row(item, settings.out_dir, earlier, earlier_time))
                     continue
-                except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:  # unreadable: score again
-                    log.warning("The outputs of %s cannot be read back (%s); scoring it again.", item.name, exc)
+                except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:  # incomplete: score again
+                    log.warning("The outputs of %s are incomplete or unreadable (%s); scoring it again.", item.name,
+                                one_line(exc))
             todo.append((item, settings.overwrite or any(present)))
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
                  len(todo), total - len(todo), min(workers, max(1, len(todo))))

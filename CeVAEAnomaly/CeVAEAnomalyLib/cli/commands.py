@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
@@ -25,13 +26,16 @@ def _require_research(command: str, modules: Sequence[str]) -> None:
                          "of its own, or run it from a source checkout set up with scripts/setup.sh.")
 
 
-def _training_subjects(args: argparse.Namespace) -> list:
-    from ..io.manifest import Subject, read_manifest
+def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
+    """The volumes of --manifest and the image arguments, every one checked before any is read."""
+    from ..io.manifest import Subject, check_volume_path, read_manifest
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
-    subjects += [Subject(Path(p)) for p in args.images]
+    for p in args.images:
+        check_volume_path(Path(p), "image")
+        subjects.append(Subject(Path(p)))
     if not subjects:
-        raise CeVAEError("No training images: give --manifest CSV and/or image paths.")
+        raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects
 
 
@@ -46,8 +50,9 @@ def run_train(args: argparse.Namespace) -> Path:
     from ..options import parse_orientations
     from ..training.config import NO_AUGMENT, AugmentConfig, SettingError, TrainConfig
     from ..training.trainer import Trainer
+    from ..io.lock import hold_output
 
-    subjects = _training_subjects(args)
+    subjects = _healthy_subjects(args)
     try:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
@@ -68,8 +73,9 @@ def run_train(args: argparse.Namespace) -> Path:
         raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     cfg.check_outputs(_inputs(args, subjects), args.overwrite)
     rank0 = os.environ.get("RANK", "0") == "0"
-    trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
-    path = trainer.run()
+    with hold_output(cfg.out, "train") if rank0 else contextlib.nullcontext():  # one run per --out at a time
+        trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
+        path = trainer.run()
     if path is not None:
         log.info("Model bundle written to %s (log: %s).", path, cfg.log_path)
     return path
@@ -102,7 +108,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         raise CeVAEError(f"--workers must be at least 1, got {args.workers}.")
     orientations = parse_orientations(args.orientations)
     pre = PreprocessConfig(input_size=args.input_size)
-    summary = prepare_cohort(_training_subjects(args), args.cache_dir, pre, orientations, args.workers,
+    summary = prepare_cohort(_healthy_subjects(args), args.cache_dir, pre, orientations, args.workers,
                              ConsoleProgress("prepare"))
     log.info("%s", summary)
 
@@ -115,6 +121,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.atomic import write_all
     from ..io.targets import check_paths
     from ..engine.detector import Detector
+    from ..engine.header import read_header
     from ..options import DetectionRequest
     from ..result import result_files
     from ..data import default_model_path
@@ -125,6 +132,7 @@ def run_detect(args: argparse.Namespace) -> None:
     model = args.model or default_model_path()
     inputs = (args.image, args.mask, model)
     check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
+    read_header(model).threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None
     detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
@@ -142,18 +150,16 @@ def run_detect(args: argparse.Namespace) -> None:
 def run_calibrate(args: argparse.Namespace) -> Path:
     """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
     from ..engine.bundle import load_bundle
-    from ..io.manifest import Subject, read_manifest
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
     from ..io.targets import check_paths
     from ..options import DetectionRequest
     from ..data import default_model_path
 
-    subjects = list(read_manifest(args.manifest)) if args.manifest else []
-    subjects += [Subject(Path(p)) for p in args.images]
-    if not subjects:
-        raise CeVAEError("No healthy volumes to calibrate on: give --manifest CSV and/or image paths.")
     request = DetectionRequest.from_args(args)
+    if args.default_fpr is not None and not 0 < args.default_fpr < 1:  # also refuses NaN
+        raise CeVAEError(f"--default-fpr is a rate between 0 and 1 (e.g. 0.001), got {args.default_fpr:g}.")
+    subjects = _healthy_subjects(args, "calibration")
     src = Path(args.model or default_model_path())
     check_paths([args.out], args.overwrite,
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
@@ -200,7 +206,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from CeVAEAnomalyResearch.demo import run_demo as demo
 
     report = demo(args.out_dir, args.model, args.seed, auto_mask=args.auto_mask, device=args.device,
-                  progress=ConsoleProgress("demo"))
+                  overwrite=args.overwrite, progress=ConsoleProgress("demo"))
     for key, value in report.metrics.items():
         print(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
     if report.note:
@@ -214,13 +220,15 @@ def run_batch(args: argparse.Namespace) -> None:
     """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
     from .batch import DetectSettings, check_outputs_apart, collect_inputs, parse_shard, select_shard, summary_name
     from .batch import run_batch as process
+    from ..io.targets import refuse_unsearchable, resolved
     from .console import ConsoleProgress
     from ..engine.header import read_header
     from ..options import DetectionRequest
     from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)
-    if args.inputs.resolve() == args.out_dir.resolve():
+    refuse_unsearchable(args.inputs, "input")
+    if resolved(args.inputs) == resolved(args.out_dir):
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
     shard = parse_shard(args.shard) if args.shard else None
     every = collect_inputs(args.inputs)

@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
     m.add_argument("--seed", type=int, default=7)
     m.add_argument("--auto-mask", action="store_true", help="compute the brain mask instead of using the given one")
+    m.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out-dir")
     _add_device(m)
     return parser
 

@@ -76,8 +76,7 @@ def compute_brain_mask(
     Works on heads with skull and on skull-stripped brains. ``progress(fraction, message)``
     is called as the steps advance.
     """
-    _check_input(image)
-    intensities = sitk.Cast(image, sitk.sitkFloat32)
+    intensities = _check_input(image)
     small = _downsampled(intensities)
     background = _background_level(small)
     if _foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML:
@@ -97,16 +96,31 @@ def compute_brain_mask(
     return mask
 
 
-def _check_input(image: sitk.Image) -> None:
+def _check_input(image: sitk.Image) -> sitk.Image:
+    """The float32 intensities to mask, NaN/Inf voxels set to the lowest finite value (background).
+
+    Non-finite voxels would spread through smoothing and resampling and break the percentiles;
+    the pipeline leaves them out of the brain afterwards (with a warning), as with a given mask.
+    """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CeVAEError(
             f"Brain masking needs a 3D scalar image; got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel."
         )
+    intensities = sitk.Cast(image, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(intensities)
+    finite = np.isfinite(values)
+    if not finite.all():
+        if not finite.any():
+            raise CeVAEError("Every voxel of the image is NaN or infinite; the image holds no data.")
+        arr = np.where(finite, values, values[finite].min())
+        intensities = sitk.GetImageFromArray(arr)
+        intensities.CopyInformation(image)
     stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
+    stats.Execute(intensities)
     if not stats.GetMaximum() > stats.GetMinimum():
         raise CeVAEError("Brain masking needs a T1 image with contrast; this image is constant.")
+    return intensities
 
 
 def _downsampled(image: sitk.Image) -> sitk.Image:

@@ -13,10 +13,7 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..options import PostprocessOptions, ScoreOptions, check_value
-from .config import SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
-
-MAX_CHANNELS = 4096  # widest layer a bundle may declare
-MAX_Z = 8192  # largest latent size a bundle may declare
+from .config import MAX_CHANNELS, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
 WEIGHT_DTYPES = ("F32", "F16")
 _OPTIONAL_SECTIONS = ("loss", "score_options", "postprocess", "calibration")
 

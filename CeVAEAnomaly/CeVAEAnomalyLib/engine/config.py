@@ -8,6 +8,13 @@ from ..errors import CeVAEError
 from ..options import Serialisable
 
 SUPPORTED_INPUT_SIZES = (64, 128)
+MAX_CHANNELS = 4096  # widest layer a model (and so a bundle) may have
+MAX_Z = 8192  # largest latent size a model (and so a bundle) may have
+
+
+def _check_input_size(size: int) -> None:
+    if size not in SUPPORTED_INPUT_SIZES:
+        raise CeVAEError(f"Input size {size} is not supported; choose one of {SUPPORTED_INPUT_SIZES}.")
 
 
 @dataclass(frozen=True)
@@ -19,14 +26,11 @@ class ModelConfig(Serialisable):
     z_dim: int = 256
 
     def __post_init__(self) -> None:
-        if self.input_size not in SUPPORTED_INPUT_SIZES:
-            raise CeVAEError(
-                f"Input size {self.input_size} is not supported; choose one of {SUPPORTED_INPUT_SIZES}."
-            )
-        if not self.channels or any(int(c) < 1 for c in self.channels):
-            raise CeVAEError(f"Invalid channel widths {self.channels}.")
-        if self.z_dim < 1:
-            raise CeVAEError(f"Invalid latent size {self.z_dim}.")
+        _check_input_size(self.input_size)
+        if not self.channels or any(not 1 <= int(c) <= MAX_CHANNELS for c in self.channels):
+            raise CeVAEError(f"Invalid channel widths {self.channels}; each must be 1 to {MAX_CHANNELS}.")
+        if not 1 <= self.z_dim <= MAX_Z:
+            raise CeVAEError(f"Invalid latent size {self.z_dim}; it must be 1 to {MAX_Z}.")
 
     @property
     def bottleneck_size(self) -> int:
@@ -47,6 +51,8 @@ class LossConfig(Serialisable):
             raise CeVAEError(f"Unknown reconstruction loss {self.rec!r}; use 'l1' or 'l2'.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise CeVAEError(f"ce_weight must lie in [0, 1], got {self.ce_weight}.")
+        if not 0.0 <= self.beta < float("inf"):  # also refuses NaN
+            raise CeVAEError(f"beta (the KL weight) must be a number of 0 or more, got {self.beta}.")
 
 
 @dataclass(frozen=True)
@@ -59,3 +65,6 @@ class PreprocessConfig(Serialisable):
     clip_max: float = 1.5  # values above the high percentile keep contrast up to this
     margin_mm: float = 4.0  # padding around the brain's bounding box
     min_brain_fraction: float = 0.02  # training slices need at least this share of brain pixels
+
+    def __post_init__(self) -> None:
+        _check_input_size(self.input_size)

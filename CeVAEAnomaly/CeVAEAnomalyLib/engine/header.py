@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 from ..errors import CeVAEError
-from ..io.targets import special_file_kind
-from ..options import PostprocessOptions, ScoreOptions, ThresholdPolicy
+from ..io.targets import refuse_unsearchable, special_file_kind
+from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
 from .bundle_checks import check_model_section, check_sections
 from .calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
 from .config import LossConfig, ModelConfig, PreprocessConfig
@@ -97,6 +97,12 @@ class BundleHeader:
         entry = find_calibration(self.calibration, score, post)
         return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
 
+    def threshold_of(self, request: DetectionRequest) -> Tuple[float, str]:
+        """The threshold ``request`` gets with this model (refused if it has none: e.g. ``--fpr`` for a scoring
+        the model is not calibrated for). Entry points call this before reading a volume."""
+        score, post = request.options(self.score_options, self.postprocess)
+        return self.threshold(score, post, request.policy)
+
 
 def read_header(path: Union[str, Path]) -> BundleHeader:
     """The bundle's header, validated and typed, without loading the weights."""
@@ -170,6 +176,7 @@ def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
 
 
 def _check_file(p: Path) -> Path:
+    refuse_unsearchable(p, "model bundle")
     if p.is_dir():
         raise CeVAEError(f"The model bundle {p} is a folder; give the path of a {BUNDLE_SUFFIX} file.")
     if not p.exists():

@@ -14,21 +14,29 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..errors import CeVAEError
 from .naming import full_suffix
-from .targets import check_paths
+from .targets import check_paths, name_max, refuse_special_output
 from .verify import incomplete_reason
 
 Writer = Callable[[str], None]
 
 
 def temp_beside(target: Path) -> str:
-    """An empty hidden file in the target's folder, with the target's extension (for writers)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=full_suffix(target), dir=target.parent)
+    """An empty hidden file in the target's folder, with the target's extension (for writers).
+
+    Its name is ``.NAME.xxxxxxxx.EXT``, with ``NAME`` shortened where needed so that it fits
+    whenever the target's own name does.
+    """
+    suffix = full_suffix(target)
+    room = name_max(target.parent) - len(os.fsencode(suffix)) - 10  # the dots and mkstemp's 8 random characters
+    name = os.fsencode(target.name)[: max(room, 0)].decode("utf-8", "ignore")  # whole characters only
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     return tmp
 
 
 def publish(tmp: str, target: Path) -> None:
-    """Give ``tmp`` normal permissions and rename it onto ``target``."""
+    """Give ``tmp`` normal permissions and rename it onto ``target`` (never onto a device, FIFO or socket)."""
+    refuse_special_output(target)  # checked again here: the path may have changed since the first check
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CeVAEError
-from .targets import special_file_kind
+from .targets import refuse_unsearchable, special_file_kind
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
@@ -24,6 +24,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     """Read a scalar 3D volume from a file SimpleITK reads or from a DICOM series folder."""
     p = Path(path)
+    refuse_unsearchable(p, what)
     if not p.exists():
         raise CeVAEError(f"The {what} {p} does not exist.")
     kind = special_file_kind(p)
@@ -310,7 +311,8 @@ _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
 def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Refuse what the model cannot score: complex, not 3D, several components, a single slice, too small."""
+    """Refuse what the model cannot score: complex, not 3D, several components, a single slice, too small,
+    fewer than 4 slices."""
     if image.GetPixelID() in _COMPLEX:
         raise CeVAEError(f"The {what} has complex-valued voxels (raw or phase data); a magnitude MRI "
                          "volume is needed.")
@@ -332,7 +334,13 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
         raise CeVAEError(f"The {what} is a single slice ({shape} voxels); a 3D volume of the head is needed.")
     if min(sorted(size)[1:]) < 8:
         raise CeVAEError(f"The {what} is too small to analyse ({shape} voxels).")
+    if min(size) < _MIN_SLICES:
+        raise CeVAEError(f"The {what} has only {min(size)} voxels along one axis ({shape} voxels); at least "
+                         f"{_MIN_SLICES} are needed to analyse it (the brain mask and the filters need them).")
     return image
+
+
+_MIN_SLICES = 4  # fewer slices break ITK's shrink and recursive Gaussian filters
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:

@@ -1,7 +1,8 @@
 """The one reader of CSV lists of files (train and calibrate manifests, batch lists, evaluation cases).
 
-A list has a header row; file columns hold paths relative to the CSV's folder (or absolute);
-cells are stripped; rows whose key column is empty are skipped.
+A list is UTF-8 (with or without the byte-order mark Excel writes) and has a header row; file
+columns hold paths relative to the CSV's folder (or absolute); cells are stripped; rows whose key
+column is empty are skipped.
 """
 from __future__ import annotations
 
@@ -37,13 +38,16 @@ class Row:
 
 def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Sequence[str] = ()) -> List[Row]:
     """The rows of the CSV at ``path`` that have a ``key`` cell; ``files`` are its path columns."""
+    from .targets import refuse_unsearchable
+
     path = Path(path)
+    refuse_unsearchable(path, what)
     if not path.is_file():
         raise CeVAEError(f"The {what} {path} does not exist." if not path.exists()
                          else f"The {what} {path} is not a file.")
     optional = [c for c in (*files, *others) if c != key]
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Excel) is dropped
             reader = csv.DictReader(fh)
             if not reader.fieldnames or key not in [f.strip() for f in reader.fieldnames]:
                 extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
@@ -61,8 +65,41 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
 
 
 def read_manifest(path: Path) -> List[Subject]:
-    """Subjects from a CSV with columns ``image,mask`` (mask may be empty; paths relative to the CSV)."""
+    """Subjects from a CSV with columns ``image,mask`` (mask may be empty; paths relative to the CSV).
+
+    Every row's files are checked (:func:`check_volume_path`) before any is used; a problem names its line.
+    """
     rows = read_rows(path, "image", ("image", "mask"), "manifest")
     if not rows:
         raise CeVAEError(f"The manifest {path} lists no images.")
+    for r in rows:
+        for column, what in (("image", "image"), ("mask", "brain mask")):
+            check_volume_path(r.files[column], what, f"{path}, line {r.line}: ")
     return [Subject(r.files["image"], r.files["mask"]) for r in rows]  # type: ignore[arg-type]
+
+
+def check_volume_path(path: Optional[Path], what: str, where: str = "") -> None:
+    """Refuse (naming ``where``, e.g. a manifest line) a volume path that is missing, a special file, an
+    empty or unreadable file, or a folder without files (a DICOM series folder is accepted)."""
+    from .targets import refuse_unsearchable, special_file_kind
+
+    if path is None:
+        return
+    refuse_unsearchable(path, what, where)
+    lead = f"{where}the {what}" if where else f"The {what}"
+    if not path.exists():
+        raise CeVAEError(f"{lead} {path} does not exist.")
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise CeVAEError(f"{lead} {path} is {kind}, not a file; give an image file or a DICOM folder.")
+    try:
+        if path.is_dir():
+            if not any(p.is_file() for p in path.iterdir()):
+                raise CeVAEError(f"{lead} {path} is a folder without files; give an image file or a folder "
+                                 "holding one DICOM series.")
+        elif path.stat().st_size == 0:
+            raise CeVAEError(f"{lead} {path} is empty.")
+        else:
+            open(path, "rb").close()
+    except OSError as exc:
+        raise CeVAEError(f"{lead} {path} cannot be read ({exc.strerror or exc}).") from None

@@ -1,10 +1,12 @@
-"""Where outputs may go: never onto an input, never under a file, never over a file without overwrite.
+"""Where outputs may go: never onto an input, under a file, over a device, FIFO or socket, or over a file
+without overwrite; and only under names the file system can hold.
 
 "Onto an input" covers every way to name one file: the same path, a path that resolves to it
 (``..``, symbolic links) and a hard link to it (the same inode).
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -23,6 +25,69 @@ def special_file_kind(p: Path) -> Optional[str]:
     return None
 
 
+def resolved(path: Path) -> Path:
+    """``path`` with links and ``..`` resolved as far as they can be (a symbolic-link loop stays as it is)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop (Python < 3.13)
+        return Path(os.path.abspath(path))
+
+
+def refuse_unsearchable(path: Path, what: str, where: str = "") -> None:
+    """Refuse a path the system cannot look up at all: a name too long, a loop of symbolic links.
+
+    ``where`` (e.g. "list.csv, line 4: ") leads the message.
+    """
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            lead = f"{where}the {what}" if where else f"The {what}"
+            shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
+            raise CeVAEError(f"{lead} {shown} cannot be opened: {exc.strerror.lower()}.") from None
+
+
+def refuse_special_output(target: Path) -> None:
+    """Refuse an output path that is, or links to, a FIFO, device or socket: such a file is never replaced
+    (renaming over ``/dev/null`` would replace the device node) nor written into."""
+    try:
+        kind = special_file_kind(target)  # follows a symbolic link to what it names
+    except OSError:
+        return  # absent, or a dangling link (which is replaced like a file)
+    if kind is not None:
+        raise CeVAEError(f"The output {target} is {kind}, not a regular file; outputs are only written as "
+                         "regular files. Choose a file name.")
+
+
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, XFS, APFS, NTFS)
+PATH_MAX = 4096  # bytes in a whole path on Linux
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system of ``folder`` (or its nearest existing parent) allows."""
+    for f in (folder, *folder.parents):
+        if f.is_dir():
+            try:
+                return min(NAME_MAX, int(os.pathconf(f, "PC_NAME_MAX")))
+            except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
+                return NAME_MAX
+    return NAME_MAX
+
+
+def refuse_overlong_name(target: Path) -> None:
+    """Refuse an output whose file (or folder) name or whole path is longer than the file system allows."""
+    limit = name_max(target.parent)
+    for part in target.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise CeVAEError(f"The output name {part[:40]}... is {size} bytes long; file names may hold at most "
+                             f"{limit} bytes. Choose a shorter name.")
+    size = len(os.fsencode(os.path.abspath(target)))
+    if size >= PATH_MAX:
+        raise CeVAEError(f"The output path {str(target)[:60]}... is {size} bytes long; paths may hold at most "
+                         f"{PATH_MAX - 1} bytes. Choose a shorter path.")
+
+
 class Inputs:
     """Everything a command reads, to compare outputs against (by resolved path and by inode)."""
 
@@ -33,7 +98,7 @@ class Inputs:
                 self.add(Path(p))
 
     def add(self, path: Path) -> None:
-        self.names[path.resolve()] = path
+        self.names[resolved(path)] = path
         try:
             st = os.stat(path)
         except OSError:
@@ -42,8 +107,8 @@ class Inputs:
 
     def which(self, target: Path) -> Optional[Path]:
         """The input that ``target`` would replace, if any."""
-        if target.resolve() in self.names:
-            return self.names[target.resolve()]
+        if resolved(target) in self.names:
+            return self.names[resolved(target)]
         try:
             st = os.stat(target)
         except OSError:
@@ -51,19 +116,26 @@ class Inputs:
         return self.names.get((st.st_dev, st.st_ino))
 
 
-def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
-    """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
-    target = Path(target)
+def refuse_under_a_file(target: Path) -> None:
+    """Refuse an output whose folder would have to be made under an existing file."""
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise CeVAEError(f"The output {target} would be under {parent}, which is a file, not a folder.")
             break
+
+
+def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
+    """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
+    target = Path(target)
+    refuse_overlong_name(target)
+    refuse_under_a_file(target)
     if target.is_dir():
         raise CeVAEError(f"The output {target} is a folder; give a file name.")
     src = inputs.which(target)
     if src is not None:
         raise CeVAEError(f"The output {target} is the same file as an input ({src}); choose another path.")
+    refuse_special_output(target)
     if os.path.lexists(target) and not overwrite:
         raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
 
@@ -73,7 +145,7 @@ def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optio
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     seen = set()
     for t in targets:
-        r = Path(t).resolve()
+        r = resolved(Path(t))
         if r in seen:
             raise CeVAEError(f"The output {t} is named twice.")
         seen.add(r)

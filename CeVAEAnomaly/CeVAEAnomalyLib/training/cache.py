@@ -1,11 +1,13 @@
 """The on-disk slice cache: each subject preprocessed once, read back one slice at a time.
 
 An entry is one subject in one orientation: ``<key>.npy`` (float32 [N,S,S], plain NumPy) and
-``<key>.json`` (what it was made from), written in that order, each atomically, so an entry
-whose JSON exists is complete. The key is a hash of the cache format, the preprocessing
-settings, the orientation and the sha256 of the image and mask files: a changed file or setting
-gets a new key, and a stale entry is never read. Entries of several cohorts and settings can
-share one folder.
+``<key>.json`` (what it was made from, and the sha256 of the slices), written in that order,
+each atomically, so an entry whose JSON exists is complete. The key is a hash of the cache
+format, the preprocessing settings, the orientation and the sha256 of the image and mask files:
+a changed file or setting gets a new key, and a stale entry is never read. The first time a run
+uses an entry, its JSON must describe that key and its slices must match their checksum, so an
+entry damaged in place (same size, other bytes) or swapped with another subject's is made again.
+Entries of several cohorts and settings can share one folder.
 
 Batches are read with a seek and a read per slice, not memory-mapped: mapped pages of a random
 walk over the cohort stay in the process's resident memory, reads do not (docs/SCALING.md).
@@ -19,7 +21,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from ..progress import ProgressCallback, report
 from .data import Subject, subject_slices
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
 
 
@@ -46,22 +48,41 @@ class Entry:
 
 def entry_key(pre: PreprocessConfig, orientation: str, image_sha256: str, mask_sha256: Optional[str]) -> str:
     """Hash of everything the cached slices depend on."""
-    ident = {"format": CACHE_FORMAT, "preprocess": pre.to_dict(), "orientation": orientation,
-             "image_sha256": image_sha256, "mask_sha256": mask_sha256}
+    return _key_of({"format": CACHE_FORMAT, "preprocess": pre.to_dict(), "orientation": orientation,
+                    "image_sha256": image_sha256, "mask_sha256": mask_sha256})
+
+
+def _key_of(ident: Dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _data_sha256(fh: BinaryIO, offset: int) -> str:
+    """sha256 of the bytes of an open file from ``offset`` to its end (the slices of a .npy file)."""
+    digest = hashlib.sha256()
+    fh.seek(offset)
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order."""
 
     def __init__(self, root: Path, pre: PreprocessConfig) -> None:
-        if root.exists() and not root.is_dir():
+        file = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+        if file == root:
             raise CeVAEError(f"The cache folder {root} is a file; give a folder for --cache-dir.")
+        if file is not None:
+            raise CeVAEError(f"The cache folder {root} would be under {file}, which is a file, not a folder.")
         self.root = root
         self.pre = pre
+        self._verified: Set[str] = set()  # keys whose content this run has checked
 
     def lookup(self, key: str) -> Optional[Entry]:
-        """The complete entry stored under ``key``, or None (missing or damaged: it is made again)."""
+        """The complete entry stored under ``key``, or None (missing or damaged: it is made again).
+
+        The first lookup of a key checks the entry's content against the checksum in its JSON.
+        """
         meta_path, npy = self.root / f"{key}.json", self.root / f"{key}.npy"
         if not meta_path.is_file():
             return None
@@ -69,15 +90,32 @@ class SliceCache:
             meta = json.loads(meta_path.read_text())
             with open(npy, "rb") as fh:
                 shape, offset = _npy_layout(fh)
-            expected = (meta["slices"], self.pre.input_size, self.pre.input_size)
-            complete = os.path.getsize(npy) == offset + 4 * int(np.prod(shape))
+                expected = (meta["slices"], self.pre.input_size, self.pre.input_size)
+                complete = os.path.getsize(npy) == offset + 4 * int(np.prod(shape))
+                if shape != expected or not complete:
+                    log.warning("The cache entry %s is incomplete; it is made again.", npy)
+                    return None
+                if key not in self._verified:
+                    problem = self._mismatch(key, meta, fh, offset)
+                    if problem:
+                        log.warning("The cache entry %s %s (damaged or replaced); it is made again.", npy, problem)
+                        return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("The cache entry %s is damaged (%s); it is made again.", npy, exc)
             return None
-        if shape != expected or not complete:
-            log.warning("The cache entry %s is incomplete; it is made again.", npy)
-            return None
+        self._verified.add(key)
         return Entry(npy, shape[0], offset)
+
+    @staticmethod
+    def _mismatch(key: str, meta: Dict[str, object], fh: BinaryIO, offset: int) -> str:
+        """What is wrong with an entry's content ("" if nothing): its JSON must describe ``key`` and its
+        slices must match the checksum the JSON holds."""
+        ident = {k: meta[k] for k in ("format", "preprocess", "orientation", "image_sha256", "mask_sha256")}
+        if _key_of(ident) != key:
+            return "describes another subject or setting"
+        if _data_sha256(fh, offset) != meta["slices_sha256"]:
+            return "does not match its checksum"
+        return ""
 
     def prepare(self, subjects: Sequence[Subject], checksums: Dict[Path, str], orientations: Sequence[str],
                 progress: Optional[ProgressCallback] = None) -> List[List[Entry]]:
@@ -118,7 +156,8 @@ class SliceCache:
                 "mask": str(subject.mask) if subject.mask else None, "orientation": orientation,
                 "image_sha256": checksums[subject.image],
                 "mask_sha256": checksums[subject.mask] if subject.mask else None,
-                "preprocess": self.pre.to_dict(), "slices": int(len(slices))}
+                "preprocess": self.pre.to_dict(), "slices": int(len(slices)),
+                "slices_sha256": hashlib.sha256(np.ascontiguousarray(slices, "<f4").tobytes()).hexdigest()}
         try:
             with atomic_path(npy) as tmp:
                 with open(tmp, "wb") as fh:

@@ -1,20 +1,23 @@
 """Checkpoints: the resumable state of a run, written atomically and verified before it replaces the last.
 
-The training log is trimmed back to a checkpoint on resume.
+A checkpoint also holds the run's identity (:func:`run_identity`: its options and the checksums
+of its training and validation volumes); a resume that differs from it is refused
+(:func:`check_same_run`). The training log is trimmed back to a checkpoint on resume.
 """
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import CeVAEError
 from ..io.atomic import atomic_path
+from ..io.manifest import Subject
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the run's identity is stored and checked on resume
 
 
 def write_checkpoint(state: Dict[str, Any], path: Path) -> None:
@@ -43,9 +46,89 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling is restricted to tensors and plain containers
         raise CeVAEError(f"The checkpoint {path} cannot be read safely: {exc}") from None
-    if state.get("version") != CHECKPOINT_VERSION or state.get("model_cfg") != model_cfg:
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CeVAEError(f"The checkpoint {path} was written by another version of CeVAEAnomaly, which does not "
+                         "record what defines its run; start anew with --overwrite instead of --resume.")
+    if state.get("model_cfg") != model_cfg:
         raise CeVAEError(f"The checkpoint {path} belongs to another model configuration.")
     return state
+
+
+def run_identity(options: Mapping[str, Any], train: Sequence[Subject], validation: Sequence[Subject],
+                 checksums: Mapping[Path, str]) -> Dict[str, Any]:
+    """What defines a run, as plain data for a checkpoint: ``options`` (every setting a resume may not
+    change) and each training and validation volume's path and checksums (so, also the split)."""
+    def volumes(subjects: Sequence[Subject]) -> List[Dict[str, Optional[str]]]:
+        return [{"image": str(s.image), "image_sha256": checksums[s.image],
+                 "mask_sha256": checksums[s.mask] if s.mask is not None else None} for s in subjects]
+
+    return {"options": _plain(dict(options)), "train": volumes(train), "validation": volumes(validation)}
+
+
+def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], path: Path) -> None:
+    """Refuse to resume from the checkpoint at ``path`` a run whose identity differs; name what differs."""
+    if saved is None:
+        raise CeVAEError(f"The checkpoint {path} does not record what defines its run; start anew with "
+                         "--overwrite instead of --resume.")
+    differences = [f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)"
+                   for key, was, now in _changed_options(saved["options"], current["options"])]
+    for role in ("train", "validation"):
+        differences += _changed_volumes(role, saved[role], current[role])
+    if differences:
+        raise CeVAEError(f"--resume refused: the checkpoint {path} belongs to another run: "
+                         f"{'; '.join(differences)}. Resume with the same volumes and options, or start "
+                         "anew with --overwrite.")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-like data (lists, dicts, str, numbers, None) that ``weights_only`` loading accepts."""
+    if hasattr(value, "__dataclass_fields__"):
+        value = {k: getattr(value, k) for k in value.__dataclass_fields__}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _changed_options(saved: Mapping[str, Any], current: Mapping[str, Any],
+                     prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """(dotted name, saved value, current value) of every option that differs (nested dicts compared by key)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        was, now = saved.get(key), current.get(key)
+        if isinstance(was, Mapping) and isinstance(now, Mapping):
+            out += _changed_options(was, now, f"{prefix}{key}.")
+        elif was != now:
+            out.append((prefix + key, was, now))
+    return out
+
+
+def _changed_volumes(role: str, saved: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]) -> List[str]:
+    """How the ``role`` volumes (training or validation) differ, in words: changed, missing, added."""
+    def content(v: Mapping[str, Any]) -> Tuple[Any, Any]:
+        return v["image_sha256"], v["mask_sha256"]
+
+    kept = {content(v) for v in saved} & {content(v) for v in current}
+    gone = [v for v in saved if content(v) not in kept]
+    new = [v for v in current if content(v) not in kept]
+    changed = sorted({v["image"] for v in gone} & {v["image"] for v in new})
+    gone = [v["image"] for v in gone if v["image"] not in changed]
+    new = [v["image"] for v in new if v["image"] not in changed]
+    what = "training" if role == "train" else "validation"
+    out = []
+    for files, words in ((changed, "changed since the checkpoint"), (gone, "in the checkpoint's run, not in this one"),
+                         (new, "in this run, not in the checkpoint's")):
+        if files:
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            out.append(f"{what} volume(s) {words}: {shown}")
+    return out
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else repr(value)
 
 
 def truncate_log(path: Path, step: int) -> None:

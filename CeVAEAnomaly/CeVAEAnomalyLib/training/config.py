@@ -5,9 +5,9 @@ Torch-free, so ``cevae-anomaly --help`` stays instant.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
@@ -35,6 +35,14 @@ NO_AUGMENT = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0
                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
 
 
+MAX_LOADER_WORKERS = 64  # batch-reading processes per rank (thousands would exhaust the memory)
+
+# Options a resumed run may change: where it runs, how long, how often it checkpoints, the learning
+# rate (lowered after a NaN stop), and how the bundle is stored. Every other option defines the run.
+RESUME_MAY_CHANGE = ("out", "lr", "max_steps", "max_minutes", "checkpoint_every", "device", "resume",
+                     "half_bundle", "cache_dir", "loader_workers")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the data; ``validate()`` refuses unusable values."""
@@ -58,6 +66,10 @@ class TrainConfig:
     cache_dir: Optional[Path] = None  # preprocessed-slice cache; None: a temporary one for this run
     loader_workers: Optional[int] = None  # DataLoader worker processes; None: 0 on the CPU, 4 on CUDA
     init_from: Optional[Path] = None  # a bundle whose weights the run starts from (fine-tuning)
+
+    def run_options(self) -> Dict[str, Any]:
+        """Every option that defines the run (all but :data:`RESUME_MAY_CHANGE`), to store in checkpoints."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_MAY_CHANGE}
 
     @property
     def checkpoint_path(self) -> Path:
@@ -87,13 +99,16 @@ class TrainConfig:
                 "most %d channel widths or a larger {input_size}." % (
                     layers, layers, self.model.input_size, int(math.log2(self.model.input_size))),
                 "channels", "input_size")
-        if self.loader_workers is not None and self.loader_workers < 0:
-            raise SettingError("{loader_workers} must be 0 or more, got %s." % self.loader_workers, "loader_workers")
+        if self.loader_workers is not None and not 0 <= self.loader_workers <= MAX_LOADER_WORKERS:
+            raise SettingError("{loader_workers} must be 0 to %d, got %s (each is a process with its own memory)."
+                               % (MAX_LOADER_WORKERS, self.loader_workers), "loader_workers")
+        if not 0 <= self.seed < 2**32:
+            raise SettingError("{seed} must be a whole number from 0 to %d, got %s." % (2**32 - 1, self.seed), "seed")
 
     def check_outputs(self, inputs: Iterable[Optional[Path]], overwrite: bool) -> None:
-        """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder, under a file or an
-        input (by path or hard link), and existing ones unless ``overwrite`` (a resumed run continues its own
-        checkpoint, log and bundle)."""
+        """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder, under a file, an input
+        (by path or hard link), a device, FIFO or socket, or too long a name, and existing ones unless
+        ``overwrite`` (a resumed run continues its own checkpoint, log and bundle)."""
         if self.out.is_dir():
             raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")

@@ -29,7 +29,8 @@ from ..errors import CeVAEError
 from ..progress import ProgressCallback, report
 from .augment import augment
 from .cache import SliceCache, SliceSet
-from .checkpoint import CHECKPOINT_VERSION, read_checkpoint, truncate_log, write_checkpoint
+from .checkpoint import (CHECKPOINT_VERSION, check_same_run, read_checkpoint, run_identity, truncate_log,
+                         write_checkpoint)
 from .config import TrainConfig
 from .data import Subject, split_subjects, unique_subjects
 from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
@@ -217,18 +218,24 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "offset": self.offset,
             "batch_size": self.batch_size, "world": self.dist.world,
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "model_cfg": self.cfg.model.to_dict(),
+            "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(),
         }
         if self.fp16:
             state["scaler"] = self.scaler.state_dict()
         write_checkpoint(state, self.cfg.checkpoint_path)
         self.saved_step = self.step
 
+    def run_identity(self) -> Dict[str, object]:
+        """This run's options (preprocessing included), volumes and split, as checkpoints record them."""
+        options = dict(self.cfg.run_options(), preprocess=self.pre.to_dict())
+        return run_identity(options, self.train_subjects, self.val_subjects, self.checksums)
+
     def load_checkpoint(self) -> None:
         """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
         path = self.cfg.checkpoint_path
         hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
         state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
+        check_same_run(state.get("run"), self.run_identity(), path)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)

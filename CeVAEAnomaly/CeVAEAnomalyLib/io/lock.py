@@ -1,0 +1,61 @@
+"""An exclusive lock on an output for as long as a command writes it (two `train` runs with one --out).
+
+The lock is ``flock`` on a hidden file beside the output, so it is released when its holder ends,
+however it ends (even SIGKILL); the file is removed by the holder when it finishes. Where ``flock``
+does not exist (Windows), nothing is locked.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import CeVAEError
+from .targets import name_max
+
+try:
+    import fcntl
+
+    _EXCLUSIVE_NOW = fcntl.LOCK_EX
+    _EXCLUSIVE_NOW |= fcntl.LOCK_NB  # not written "A | B", which the Python-version check takes for a type union
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+def lock_path(target: Path) -> Path:
+    """The hidden lock file of ``target``: ``.NAME.lock`` beside it (NAME shortened to fit if needed)."""
+    room = name_max(target.parent) - len(".") - len(".lock")
+    return target.with_name("." + os.fsencode(target.name)[:room].decode("utf-8", "ignore") + ".lock")
+
+
+@contextmanager
+def hold_output(target: Path, command: str) -> Iterator[None]:
+    """Hold ``target``'s lock for the block; refuse at once if another process holds it."""
+    if fcntl is None:
+        yield
+        return
+    path = lock_path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fh = open(path, "ab")  # created if missing, never truncated
+        try:
+            fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
+        except OSError:
+            fh.close()
+            raise CeVAEError(f"Another {command} is writing {target} (it holds {path}); wait for it to finish, "
+                             "or choose another output.") from None
+        try:
+            if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()  # its previous holder removed the file meanwhile: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        fh.close()

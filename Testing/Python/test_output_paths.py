@@ -1,0 +1,123 @@
+"""Hostile output paths: devices, FIFOs and links to them are never replaced; names too long are refused
+before any work, and names that fit are written (their hidden temporary name fits too)."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.atomic import atomic_path, write_all
+from CeVAEAnomalyLib.training.config import TrainConfig
+
+from test_reliability import detect_argv, one_error_line, tree
+
+
+@pytest.fixture
+def inputs(tmp_path, head, tiny_bundle):
+    d = tmp_path / "in"
+    d.mkdir()
+    image, mask = head
+    return Path(shutil.copy(image, d)), Path(shutil.copy(mask, d)), Path(shutil.copy(tiny_bundle, d))
+
+
+@pytest.fixture
+def fifo(tmp_path) -> Path:
+    path = tmp_path / "pipe.nii.gz"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.fixture
+def null_link(tmp_path) -> Path:
+    """A link to the character device /dev/null, named like an output."""
+    link = tmp_path / "null.nii.gz"
+    link.symlink_to(os.devnull)
+    return link
+
+
+def is_fifo(path: Path) -> bool:
+    return stat.S_ISFIFO(os.lstat(path).st_mode)
+
+
+def test_detect_never_replaces_a_fifo_even_with_overwrite(inputs, fifo, capsys):
+    assert main(detect_argv(*inputs, fifo, "--overwrite")) == 2
+    one_error_line(capsys.readouterr().err, r"pipe\.nii\.gz is a named pipe \(FIFO\), not a regular file")
+    assert is_fifo(fifo)
+
+
+def test_detect_never_writes_through_a_link_to_a_device(inputs, null_link, tmp_path, capsys):
+    labelmap = tmp_path / "labels.nii.gz"
+    assert main(detect_argv(*inputs, tmp_path / "score.nii.gz", "--labelmap", str(null_link), "--overwrite")) == 2
+    one_error_line(capsys.readouterr().err, r"null\.nii\.gz is a character device, not a regular file")
+    assert null_link.is_symlink() and os.readlink(null_link) == os.devnull
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert not labelmap.exists() and not (tmp_path / "score.nii.gz").exists()
+
+
+def test_a_fifo_that_appears_during_the_write_is_not_replaced(tmp_path):
+    """The check is made again at the rename (checkpoints and cache entries go through atomic_path)."""
+    target = tmp_path / "model.ckpt"
+    with pytest.raises(CeVAEError, match="named pipe"):
+        with atomic_path(target) as tmp:
+            Path(tmp).write_bytes(b"x")
+            os.mkfifo(target)
+    assert is_fifo(target)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary file left
+
+
+def test_train_refuses_a_device_as_checkpoint_before_training(tmp_path):
+    out = tmp_path / "model.cevae"
+    (tmp_path / "model.cevae.ckpt").symlink_to(os.devnull)
+    with pytest.raises(CeVAEError, match=r"model\.cevae\.ckpt is a character device"):
+        TrainConfig(out=out).check_outputs([], overwrite=True)
+
+
+def test_a_name_that_fits_is_written_although_its_temporary_name_is_longer(inputs, tmp_path):
+    score = tmp_path / ("s" * 238 + ".nii.gz")  # 245 bytes: the limit is 255
+    assert main(detect_argv(*inputs, score)) == 0
+    assert score.is_file() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_write_all_fits_every_temporary_name_of_multibyte_names(tmp_path):
+    target = tmp_path / ("é" * 120 + ".csv")  # 244 bytes of two-byte characters
+    write_all({target: "a,b\n"})
+    assert target.read_text() == "a,b\n"
+
+
+@pytest.mark.parametrize("flag", ["--score", "--slice-scores"])
+def test_a_name_too_long_is_refused_before_any_work(inputs, tmp_path, capsys, monkeypatch, flag):
+    from CeVAEAnomalyLib.io import images
+
+    monkeypatch.setattr(images, "read_image", lambda *a, **k: pytest.fail("the image was read"))
+    long = tmp_path / ("s" * 293 + ".nii.gz")  # 300 bytes
+    argv = detect_argv(*inputs, tmp_path / "score.nii.gz")
+    argv[argv.index("--score")] = flag
+    argv[argv.index(flag) + 1] = str(long)
+    if flag != "--score":
+        argv += ["--score", str(tmp_path / "score.nii.gz")]
+    before = tree(tmp_path)
+    assert main(argv) == 2
+    one_error_line(capsys.readouterr().err, r"is 300 bytes long; file names may hold at most 255 bytes")
+    assert tree(tmp_path) == before
+
+
+def test_train_refuses_an_out_whose_log_name_is_too_long(tmp_path):
+    out = tmp_path / ("m" * 245 + ".cevae")  # 251 bytes fit, but OUT.ckpt (256 bytes) does not
+    with pytest.raises(CeVAEError, match=r"is 256 bytes long"):
+        TrainConfig(out=out).check_outputs([], overwrite=False)
+
+
+def test_batch_refuses_a_fifo_among_its_outputs_before_any_work(inputs, tmp_path, capsys):
+    image, mask, model = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "head_labelmap.nii.gz")
+    assert main(["batch", str(image.parent), "--out-dir", str(out), "--model", str(model), "--device", "cpu",
+                 "--overwrite"]) == 2
+    one_error_line(capsys.readouterr().err, r"head_labelmap\.nii\.gz is a named pipe \(FIFO\), not a regular file")
+    assert [p.name for p in out.iterdir()] == ["head_labelmap.nii.gz"] and is_fifo(out / "head_labelmap.nii.gz")
