@@ -249,3 +249,13 @@ def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_b
                               "--device", "cpu", "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed from" in resumed.stderr and read_header(out).extra["adaptation"]["steps_per_run"] == 6
+
+
+def test_a_second_adaptation_to_the_same_output_is_refused_while_one_runs(tiny_bundle, site, tmp_path):
+    from CeVAEAnomalyLib.io.lock import hold_output
+
+    out = tmp_path / "site.cevae"
+    with hold_output(out, "adapt"):  # as another process running the same adaptation would
+        with pytest.raises(CeVAEError) as refused:
+            adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), out, QUICK)
+    assert str(out.name) in str(refused.value) and not out.exists()

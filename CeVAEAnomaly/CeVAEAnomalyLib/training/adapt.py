@@ -24,6 +24,7 @@ from ..engine.header import BundleHeader, read_header
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
+from ..io.lock import hold_output
 from ..io.manifest import Subject
 from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
@@ -65,7 +66,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         raise CeVAEError(f"--resume was given but there is no checkpoint of an adaptation to {out} "
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
-    with _cache_folder(options.cache_dir) as root:
+    with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
         cache = SliceCache(root, bundle.preprocess)
         entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(progress, 0.0, PREPARE_SHARE),
                                                                            "Preparing the scans"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import CeVAEError
-from .config import TrainConfig
+from .config import SettingError, TrainConfig
 
 MIN_SCANS = 2  # one to train on and one held out, in each direction
 # Measured on the development machine while other jobs shared its 2 CPU cores (torch 2.13, default
@@ -42,11 +42,12 @@ class AdaptOptions:
     cache_dir: Optional[Path] = None  # preprocessed-slice cache kept between runs; None: a temporary one
 
     def validate(self) -> None:
-        """Raise CeVAEError naming the option for a value adapting cannot run with."""
+        """Raise :class:`~.config.SettingError` naming the setting (by field name) adapting cannot run with."""
         if self.steps < 1:
-            raise CeVAEError(f"--steps must be at least 1, got {self.steps}.")
+            raise SettingError("{steps} must be at least 1, got %s." % self.steps, "steps")
         if self.folds < 2:
-            raise CeVAEError(f"--folds must be at least 2 (one fold held out while the others train), got {self.folds}.")
+            raise SettingError("{folds} must be at least 2 (one fold held out while the others train), got %s."
+                               % self.folds, "folds")
         self.run_config(Path("site.cevae"), "final").validate()
 
     def run_config(self, out: Path, run: str, init_from: Optional[Path] = None) -> TrainConfig:
