@@ -220,6 +220,33 @@ def compare(data: Path, work: Path, base_path: Path, held_out: str, variant: str
     return out
 
 
+def bundle_from_checkpoint(checkpoint: Path, held_out: str, data: Path, out: Path) -> Path:
+    """A fold base model from a checkpoint of ``scripts/benchmark_train.py``'s run without ``held_out`` (read only),
+    packaged as that run would (calibrated on its training subjects), for when the run has not finished."""
+    import torch
+
+    from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig, PreprocessConfig
+    from CeVAEAnomalyLib.engine.model import CeVAE
+    from CeVAEAnomalyLib.training.packaging import TrainingRecord, package, training_header
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = CeVAE(ModelConfig.from_dict(state["model_cfg"]))
+    model.load_state_dict(state["model"])
+    train = [Subject(data / f"{s}_t1.nii.gz", data / f"{s}_brainmask.nii.gz") for s in SUBJECTS if s != held_out]
+    record = TrainingRecord(subjects=[{"name": s.name, "sha256": ""} for s in train], validation_subjects=[],
+                            train_slices=0, orientations=["axial"], steps=int(state["step"]), batch_size=64,
+                            lr=2e-4, seed=0, seconds=0.0, ranks=1, augment={}, val_loss=float("nan"))
+    header = training_header(out.stem, PreprocessConfig(), LossConfig(), record)
+    return package(out, model.eval(), header, train, "training subjects (no held-out subject)",
+                   torch.device("cpu"), half=False)
+
+
+def torch_step(checkpoint: Path) -> int:
+    import torch
+
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+
+
 def rate(seconds: float = 60.0) -> dict:
     """Training steps/s of the default architecture (batch 64, 64 px, augmentation on) on the CPU."""
     import torch
@@ -265,6 +292,8 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("/work/runs/benchmark/cevae"), help="fold models without-S.cevae")
     p.add_argument("--held-out", help="comma-separated held-out subjects to compare base and adapted models on")
     p.add_argument("--variants", default="clean,thick6,noisy")
+    p.add_argument("--base-from-checkpoint", type=Path,
+                   help="with --held-out S: package this checkpoint of the run without S as the base first")
     p.add_argument("--fpr", type=float, help="operating point (default: the bundled model's default rate)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -291,6 +320,10 @@ def main() -> None:
         results_path = args.out / "benchmark_adapt.json"
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         for subject in args.held_out.split(","):
+            if args.base_from_checkpoint:
+                args.base = args.work / f"without-{subject}-step{torch_step(args.base_from_checkpoint)}.cevae"
+                if not args.base.exists():
+                    bundle_from_checkpoint(args.base_from_checkpoint, subject, args.data, args.base)
             for variant in args.variants.split(","):
                 base = args.base or args.runs / f"without-{subject}.cevae"
                 results[f"{base.stem} {subject} {variant} {options.steps}"] = compare(
