@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
 from .errors import CeVAEError
 
@@ -41,15 +41,20 @@ class Serialisable:
         """Build from a mapping (lists become tuples); a missing field takes its default, an unknown
         one is refused by name."""
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CeVAEError(f"Unknown {what or cls.__name__ + ' field(s)'} {', '.join(map(repr, unknown))}; "
-                             f"known: {', '.join(sorted(known))}.")
+        refuse_unknown(data, known, what or cls.__name__ + " field(s)")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # type: ignore[call-arg]
 
     def replace(self: S, **changes: Any) -> S:
         """A copy with ``changes`` applied (validated again); None values are ignored."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore
+
+
+def refuse_unknown(given: Iterable[str], known: Iterable[str], what: str) -> None:
+    """Refuse names in ``given`` that are not ``known``, naming them and the known ones."""
+    names = set(known)
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise CeVAEError(f"Unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(sorted(names))}.")
 
 
 # ---- one declaration per option ------------------------------------------------------------------
@@ -217,9 +222,7 @@ _OWNER: Dict[str, type] = {f.name: cls for cls in _PARTS for f in fields(cls)}
 
 def _checked_overrides(cls: type, values: Mapping[str, Any], what: str) -> Dict[str, Any]:
     by_name = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(by_name))
-    if unknown:
-        raise CeVAEError(f"Unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(sorted(by_name))}.")
+    refuse_unknown(values, by_name, what)
     out = {k: v for k, v in values.items() if v is not None}
     for k, v in out.items():
         check_value(by_name[k], v)
@@ -258,10 +261,7 @@ class DetectionRequest(Serialisable):
     @classmethod
     def of(cls, paper: bool = False, **options: Any) -> "DetectionRequest":
         """A request from option names (None: the model's or the default), each routed to its part."""
-        unknown = sorted(set(options) - set(_OWNER))
-        if unknown:
-            raise CeVAEError(f"Unknown detection option(s) {', '.join(map(repr, unknown))}; known: "
-                             f"{', '.join(sorted(_OWNER))}.")
+        refuse_unknown(options, _OWNER, "detection option(s)")
         parts: Dict[type, Dict[str, Any]] = {c: {} for c in _PARTS}
         for name, value in options.items():
             if value is not None:

@@ -31,6 +31,18 @@ def test_missing_calibration_is_reported_when_the_detector_is_built(tiny_bundle)
     assert Detector(bundle, uncalibrated, policy=ThresholdPolicy(threshold=0.5)).threshold == 0.5
 
 
+def test_the_library_api_refuses_a_bad_batch_size_as_every_entry_point_does(tiny_bundle, head):
+    from CeVAEAnomalyLib.engine.detector import detect
+
+    bundle = load_bundle(tiny_bundle)
+    image, mask = (sitk.ReadImage(str(p)) for p in head)
+    message = r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0\."
+    with pytest.raises(CeVAEError, match=message):
+        Detector(bundle, batch_size=0)
+    with pytest.raises(CeVAEError, match=message):
+        detect(image, bundle, mask, batch_size=0)
+
+
 def test_detector_is_reusable_and_matches_a_fresh_one(tiny_bundle, head):
     bundle = load_bundle(tiny_bundle)
     image, mask = (sitk.ReadImage(str(p)) for p in head)
@@ -40,6 +52,26 @@ def test_detector_is_reusable_and_matches_a_fresh_one(tiny_bundle, head):
     for r in (second, fresh):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(first.score), sitk.GetArrayFromImage(r.score))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(first.labelmap), sitk.GetArrayFromImage(r.labelmap))
+
+
+def test_calibrate_runs_the_network_in_batches_of_its_batch_size(tiny_bundle, head, tmp_path, monkeypatch):
+    """`calibrate --batch-size` (part of its detection request) reaches the network; it was ignored."""
+    from CeVAEAnomalyLib.cli.main import main
+    from CeVAEAnomalyLib.engine.model import CeVAE
+
+    calls = []
+    original = CeVAE.encode
+
+    def counting(self, x):
+        calls.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(CeVAE, "encode", counting)
+    manifest = tmp_path / "healthy.csv"
+    manifest.write_text(f"image,mask\n{head[0]},{head[1]}\n")
+    assert main(["calibrate", "--manifest", str(manifest), "--model", str(tiny_bundle), "--out",
+                 str(tmp_path / "calibrated.cevae"), "--device", "cpu", "--batch-size", "5"]) == 0
+    assert calls and max(calls) == 5
 
 
 def test_calibration_runs_the_network_once_per_volume_for_all_score_types(tiny_bundle, head, monkeypatch):

@@ -3,7 +3,6 @@ before any work, and names that fit are written (their hidden temporary name fit
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -14,15 +13,7 @@ from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_path, write_all
 from CeVAEAnomalyLib.training.config import TrainConfig
 
-from test_reliability import detect_argv, one_error_line, tree
-
-
-@pytest.fixture
-def inputs(tmp_path, head, tiny_bundle):
-    d = tmp_path / "in"
-    d.mkdir()
-    image, mask = head
-    return Path(shutil.copy(image, d)), Path(shutil.copy(mask, d)), Path(shutil.copy(tiny_bundle, d))
+from test_reliability import detect_argv, inputs, one_error_line, tree  # noqa: F401 (inputs: a fixture)
 
 
 @pytest.fixture

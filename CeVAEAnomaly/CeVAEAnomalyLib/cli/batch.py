@@ -133,13 +133,11 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
                         out_dir: Path, summary: Path) -> None:
     """Refuse before any work an --out-dir under a file, or an output (summary included) that would replace an
     input of the batch, is a folder, a device, FIFO or socket, or too long a name."""
-    from ..io.targets import Inputs, refuse_overlong_name, refuse_special_output
+    from ..io.targets import Inputs, file_in_the_way, refuse_overlong_name, refuse_special_output
 
-    for folder in (out_dir, *out_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise CeVAEError(f"--out-dir {out_dir} is under {folder}, which is a file, not a folder.")
-            break
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:
+        raise CeVAEError(f"--out-dir {out_dir} is under {blocker}, which is a file, not a folder.")
     inputs = Inputs([source if source.is_file() else None, model, *(i.image for i in every),
                      *(i.mask for i in every)])
     for target in [summary, *(p for item in items for p in output_paths(out_dir, item.name).values())]:

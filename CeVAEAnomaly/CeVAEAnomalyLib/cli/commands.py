@@ -169,7 +169,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
     bundle = load_bundle(src, resolve_device(request.run.device))
     opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
-    path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr)
+    path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr, run=request.run)
     log.info("Calibrated bundle written to %s (%d healthy volume(s)).", path, len(subjects))
     return path
 

@@ -14,8 +14,8 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 from ..errors import CeVAEError
 from ..options import PostprocessOptions, ScoreOptions, check_value
 from .config import MAX_CHANNELS, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
+
 WEIGHT_DTYPES = ("F32", "F16")
-_OPTIONAL_SECTIONS = ("loss", "score_options", "postprocess", "calibration")
 
 
 def _fail(where: str, problem: str) -> None:

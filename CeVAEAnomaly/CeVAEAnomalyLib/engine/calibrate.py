@@ -15,7 +15,7 @@ from ..io.manifest import Subject
 from .brainmask import given_or_computed_mask
 from ..errors import CeVAEError
 from ..io.images import read_image
-from ..options import SCORE_TYPES, PostprocessOptions, ScoreOptions, ThresholdPolicy
+from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
 from .detector import Detector
 from ..progress import ProgressCallback, labelled, report, scaled
 
@@ -30,9 +30,10 @@ def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptio
 
 def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions, post: PostprocessOptions,
                     score_types: Sequence[str], progress: Optional[ProgressCallback] = None,
-                    scorers: Optional[Sequence[Bundle]] = None) -> List[Dict[str, np.ndarray]]:
-    """For each subject, the brain-voxel scores of every score type (one read, one network pass),
-    scored by ``bundle`` or, if given, by ``scorers[i]`` for subject i.
+                    scorers: Optional[Sequence[Bundle]] = None,
+                    run: RunOptions = RunOptions()) -> List[Dict[str, np.ndarray]]:
+    """For each subject, the brain-voxel scores of every score type (one read, one network pass in
+    batches of ``run``), scored by ``bundle`` or, if given, by ``scorers[i]`` for subject i.
 
     ``progress`` is called per subject and during an automatic brain mask; it may raise
     :class:`~..progress.Cancelled`.
@@ -40,7 +41,8 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOpti
     models = list(scorers) if scorers is not None else [bundle] * len(subjects)
     if len(models) != len(subjects):
         raise CeVAEError("Give one scoring model per calibration subject.")
-    detectors = {id(m): Detector(m, opts, post, ThresholdPolicy(threshold=math.inf)) for m in models}
+    detectors = {id(m): Detector(m, opts, post, ThresholdPolicy(threshold=math.inf), run.batch_size, run.amp)
+                 for m in models}
     out = []
     for n, (s, model) in enumerate(zip(subjects, models)):
         detector = detectors[id(model)]
@@ -57,15 +59,16 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOpti
 
 def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, opts: ScoreOptions,
                     post: PostprocessOptions, progress: Optional[ProgressCallback] = None,
-                    scorers: Optional[Sequence[Bundle]] = None) -> Dict[str, dict]:
-    """Calibrations for every score type with otherwise the given options, keyed for lookup.
+                    scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions()) -> Dict[str, dict]:
+    """Calibrations for every score type with otherwise the given options, keyed for lookup (the network
+    runs as ``run`` says: batch size, mixed precision).
 
     ``scorers``: one model per subject that scores it instead of ``bundle`` (models that never saw
     their subject give the rates an unseen subject gets; with normalised scores these transfer).
     """
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on.")
-    scores = _subject_scores(bundle, subjects, opts, post, SCORE_TYPES, progress, scorers)
+    scores = _subject_scores(bundle, subjects, opts, post, SCORE_TYPES, progress, scorers, run)
     log.info("Calibrated %s on %d healthy volume(s).", ", ".join(SCORE_TYPES), len(subjects))
     return {calibration_key(opts.replace(score_type=t), post): calibrate([s[t] for s in scores], source)
             for t in SCORE_TYPES}
@@ -74,12 +77,13 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
 def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: ScoreOptions,
                 post: PostprocessOptions, default_fpr: Optional[float] = None,
                 source: str = "healthy volumes given to calibrate",
-                progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None) -> Path:
+                progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None,
+                run: RunOptions = RunOptions()) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
-    (``scorers``: see :func:`calibrate_model`)."""
+    (``scorers``, ``run``: see :func:`calibrate_model`)."""
     old = bundle.header
     header = replace(old, score_options=opts.replace(score_type="combi"), postprocess=post,
-                     calibration=calibrate_model(bundle, subjects, source, opts, post, progress, scorers),
+                     calibration=calibrate_model(bundle, subjects, source, opts, post, progress, scorers, run),
                      default_fpr=old.default_fpr if default_fpr is None else float(default_fpr),
                      extra=dict(old.extra, calibration_subjects=[s.name for s in subjects]))
     return save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")

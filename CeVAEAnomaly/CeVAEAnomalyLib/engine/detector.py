@@ -13,7 +13,8 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import Bundle
-from ..options import DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
+from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
+                       ThresholdPolicy)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
 from .preprocess import (Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, mask_array, prepare,
                          region_image)
@@ -49,7 +50,8 @@ class Detector:
         self.bundle = bundle
         self.score = score or bundle.header.score_options
         self.post = post or bundle.header.postprocess
-        self.batch_size, self.amp = batch_size, amp
+        run = RunOptions(batch_size=batch_size, amp=amp)  # refused as from every entry point (e.g. 0 slices)
+        self.batch_size, self.amp = run.batch_size, run.amp
         self.threshold, self.threshold_source = bundle.header.threshold(self.score, self.post, policy)
 
     @classmethod

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..errors import CeVAEError
 from .naming import full_suffix
-from .targets import check_paths, name_max, refuse_special_output
+from .targets import check_paths, name_leaving_room, refuse_special_output
 from .verify import incomplete_reason
 
 Writer = Callable[[str], None]
@@ -27,8 +27,7 @@ def temp_beside(target: Path) -> str:
     whenever the target's own name does.
     """
     suffix = full_suffix(target)
-    room = name_max(target.parent) - len(os.fsencode(suffix)) - 10  # the dots and mkstemp's 8 random characters
-    name = os.fsencode(target.name)[: max(room, 0)].decode("utf-8", "ignore")  # whole characters only
+    name = name_leaving_room(target, len(os.fsencode(suffix)) + 10)  # the dots and mkstemp's 8 random characters
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     return tmp

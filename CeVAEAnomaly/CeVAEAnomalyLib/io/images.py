@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CeVAEError
-from .targets import refuse_unsearchable, special_file_kind
+from .targets import refuse_missing_volume
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
@@ -24,12 +24,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     """Read a scalar 3D volume from a file SimpleITK reads or from a DICOM series folder."""
     p = Path(path)
-    refuse_unsearchable(p, what)
-    if not p.exists():
-        raise CeVAEError(f"The {what} {p} does not exist.")
-    kind = special_file_kind(p)
-    if kind is not None:
-        raise CeVAEError(f"The {what} {p} is {kind}, not a file; give an image file or a DICOM folder.")
+    refuse_missing_volume(p, what)
     if p.is_dir():
         image = _read_dicom_folder(p, what)
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CeVAEError
-from .targets import name_max
+from .targets import name_leaving_room
 
 try:
     import fcntl
@@ -25,8 +25,7 @@ except ImportError:  # Windows
 
 def lock_path(target: Path) -> Path:
     """The hidden lock file of ``target``: ``.NAME.lock`` beside it (NAME shortened to fit if needed)."""
-    room = name_max(target.parent) - len(".") - len(".lock")
-    return target.with_name("." + os.fsencode(target.name)[:room].decode("utf-8", "ignore") + ".lock")
+    return target.with_name("." + name_leaving_room(target, len(".") + len(".lock")) + ".lock")
 
 
 @contextmanager

@@ -81,17 +81,12 @@ def read_manifest(path: Path) -> List[Subject]:
 def check_volume_path(path: Optional[Path], what: str, where: str = "") -> None:
     """Refuse (naming ``where``, e.g. a manifest line) a volume path that is missing, a special file, an
     empty or unreadable file, or a folder without files (a DICOM series folder is accepted)."""
-    from .targets import refuse_unsearchable, special_file_kind
+    from .targets import refuse_missing_volume
 
     if path is None:
         return
-    refuse_unsearchable(path, what, where)
+    refuse_missing_volume(path, what, where)
     lead = f"{where}the {what}" if where else f"The {what}"
-    if not path.exists():
-        raise CeVAEError(f"{lead} {path} does not exist.")
-    kind = special_file_kind(path)
-    if kind is not None:
-        raise CeVAEError(f"{lead} {path} is {kind}, not a file; give an image file or a DICOM folder.")
     try:
         if path.is_dir():
             if not any(p.is_file() for p in path.iterdir()):

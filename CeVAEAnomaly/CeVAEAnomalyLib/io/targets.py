@@ -47,6 +47,18 @@ def refuse_unsearchable(path: Path, what: str, where: str = "") -> None:
             raise CeVAEError(f"{lead} {shown} cannot be opened: {exc.strerror.lower()}.") from None
 
 
+def refuse_missing_volume(path: Path, what: str, where: str = "") -> None:
+    """Refuse a volume path that the system cannot look up, that does not exist, or that is a FIFO,
+    device or socket (``where``, e.g. "list.csv, line 4: ", leads the message)."""
+    refuse_unsearchable(path, what, where)
+    lead = f"{where}the {what}" if where else f"The {what}"
+    if not path.exists():
+        raise CeVAEError(f"{lead} {path} does not exist.")
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise CeVAEError(f"{lead} {path} is {kind}, not a file; give an image file or a DICOM folder.")
+
+
 def refuse_special_output(target: Path) -> None:
     """Refuse an output path that is, or links to, a FIFO, device or socket: such a file is never replaced
     (renaming over ``/dev/null`` would replace the device node) nor written into."""
@@ -72,6 +84,13 @@ def name_max(folder: Path) -> int:
             except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
                 return NAME_MAX
     return NAME_MAX
+
+
+def name_leaving_room(target: Path, reserved: int) -> str:
+    """``target``'s name, cut after a whole character where needed so that ``reserved`` more bytes still fit
+    in one file name of its folder (for the hidden names made beside an output)."""
+    room = max(name_max(target.parent) - reserved, 0)
+    return os.fsencode(target.name)[:room].decode("utf-8", "ignore")
 
 
 def refuse_overlong_name(target: Path) -> None:
@@ -116,13 +135,20 @@ class Inputs:
         return self.names.get((st.st_dev, st.st_ino))
 
 
+def file_in_the_way(folder: Path) -> Optional[Path]:
+    """The existing file (not a folder) at ``folder`` or above it, which keeps ``folder`` from being made;
+    None if the nearest existing one is a folder."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def refuse_under_a_file(target: Path) -> None:
     """Refuse an output whose folder would have to be made under an existing file."""
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CeVAEError(f"The output {target} would be under {parent}, which is a file, not a folder.")
-            break
+    blocker = file_in_the_way(target.parent)
+    if blocker is not None:
+        raise CeVAEError(f"The output {target} would be under {blocker}, which is a file, not a folder.")
 
 
 def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:

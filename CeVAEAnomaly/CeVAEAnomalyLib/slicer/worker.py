@@ -92,7 +92,7 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
         raise CeVAEError("Save the calibrated model under a new name; it cannot replace the model it starts from.")
     score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
     path = recalibrate(bundle, subjects, out, score, post, source=task.get("source", "healthy volumes of the site"),
-                       progress=scaled(progress, 0.02, 0.98))
+                       progress=scaled(progress, 0.02, 0.98), run=request.run)
     report(progress, 1.0, "Calibrated model saved")
     return {"model": str(path), "subjects": len(subjects)}
 

@@ -29,6 +29,7 @@ import torch
 from ..engine.config import PreprocessConfig
 from ..errors import CeVAEError
 from ..io.atomic import atomic_path
+from ..io.targets import file_in_the_way
 from ..progress import ProgressCallback, report
 from .data import Subject, subject_slices
 
@@ -69,7 +70,7 @@ class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order."""
 
     def __init__(self, root: Path, pre: PreprocessConfig) -> None:
-        file = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+        file = file_in_the_way(root)
         if file == root:
             raise CeVAEError(f"The cache folder {root} is a file; give a folder for --cache-dir.")
         if file is not None:
