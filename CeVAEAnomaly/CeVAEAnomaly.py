@@ -46,7 +46,7 @@ from CeVAEAnomalyLib.slicer.settings import (
     SENSITIVITY_THRESHOLD,
     ModelSettings,
 )
-from CeVAEAnomalyLib.slicer.widget_state import CALIBRATE, DETECT, Action, Phase, WidgetState
+from CeVAEAnomalyLib.slicer.widget_state import ADAPT, CALIBRATE, DETECT, Action, Phase, WidgetState
 
 __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "CeVAEAnomalyTest",
            "CeVAEAnomalyWidget"]
@@ -111,7 +111,8 @@ recommended false-positive rate on healthy brains, another rate, or an absolute 
 Results: the score volume as a heat overlay (scores under the threshold are transparent) with a
 colour legend, the segment "Anomaly" outlined in all views, and a table of connected anomalies
 (volume, scores, centroid); click a row to jump there. <b>Calibrate on healthy scans</b> adapts
-the threshold to your site. See the <a href="{url}">documentation</a>.
+the threshold to your site; <b>Adapt to this scanner</b> fine-tunes the model itself on them.
+See the <a href="{url}">documentation</a>.
 <b>Research use only; not for diagnosis.</b>
 """).format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _("""
@@ -164,6 +165,7 @@ class CeVAEAnomalyParameterNode:
     show3D: bool = False
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     calibratedModelPath: str = ""
+    adaptedModelPath: str = ""
 
 
 #
@@ -197,6 +199,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Writable files: the browse button opens a save dialog (int(): flags, not a type union)
         self.ui.calibratedModelPathLineEdit.filters = int(ctk.ctkPathLineEdit.Files) | int(ctk.ctkPathLineEdit.Writable)
         self.ui.calibratedModelPathLineEdit.nameFilters = ["*.cevae"]
+        self.ui.adaptedModelPathLineEdit.filters = int(ctk.ctkPathLineEdit.Files) | int(ctk.ctkPathLineEdit.Writable)
+        self.ui.adaptedModelPathLineEdit.nameFilters = ["*.cevae"]
         self.ui.progressBar.visible = False
         for combo, names in ((self.ui.scoreTypeComboBox, scoreTypeNames()), (self.ui.deviceComboBox, deviceNames())):
             for value, name in names.items():
@@ -213,6 +217,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.applyButton.connect("clicked(bool)", lambda checked: self._onTaskButton(DETECT))
         self.ui.calibrateButton.connect("clicked(bool)", lambda checked: self._onTaskButton(CALIBRATE))
+        self.ui.adaptButton.connect("clicked(bool)", lambda checked: self._onTaskButton(ADAPT))
         self.ui.jumpToTopSliceButton.connect("clicked(bool)", self.onJumpToTopSlice)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
@@ -222,10 +227,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           lambda path: self._setParameter("modelPath", path))
         self.ui.calibratedModelPathLineEdit.connect("currentPathChanged(QString)",
                                                     lambda path: self._setParameter("calibratedModelPath", path))
+        self.ui.adaptedModelPathLineEdit.connect("currentPathChanged(QString)",
+                                                 lambda path: self._setParameter("adaptedModelPath", path))
         for combo, name in ((self.ui.scoreTypeComboBox, "scoreType"), (self.ui.sensitivityComboBox, "sensitivity"),
                             (self.ui.deviceComboBox, "device")):
             combo.connect("currentIndexChanged(int)", self._comboHandler(combo, name))
         self.ui.healthyVolumesSelector.connect("checkedNodesChanged()", self._refresh)
+        self.ui.adaptVolumesSelector.connect("checkedNodesChanged()", self._refresh)
 
         self.initializeParameterNode()
 
@@ -277,6 +285,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode.calibratedModelPath:
             folder = Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
             self._parameterNode.calibratedModelPath = str(folder / "CeVAEAnomaly_site_calibrated.cevae")
+        if not self._parameterNode.adaptedModelPath:
+            folder = Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
+            self._parameterNode.adaptedModelPath = str(folder / "CeVAEAnomaly_scanner_adapted.cevae")
 
     def setParameterNode(self, inputParameterNode: Optional[CeVAEAnomalyParameterNode]) -> None:
         if self._parameterNode:
@@ -385,6 +396,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.currentPath = p.modelPath
         if self.ui.calibratedModelPathLineEdit.currentPath != p.calibratedModelPath:
             self.ui.calibratedModelPathLineEdit.currentPath = p.calibratedModelPath
+        if self.ui.adaptedModelPathLineEdit.currentPath != p.adaptedModelPath:
+            self.ui.adaptedModelPathLineEdit.currentPath = p.adaptedModelPath
         self._showBrainMaskSegment()
         self._refresh()
 
@@ -427,11 +440,15 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.state.set_ready(DETECT, p is not None and p.inputVolume is not None)
         self.state.set_ready(CALIBRATE, p is not None and bool(p.calibratedModelPath)
                              and len(self.ui.healthyVolumesSelector.checkedNodes()) > 0)
+        adaptChoice = self._adaptChoice()
+        self.state.set_ready(ADAPT, adaptChoice is not None and adaptChoice.ready)
+        self.ui.adaptEstimateLabel.text = adaptChoice.message if adaptChoice is not None else ""
         view = self.state.view()
         for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
                        self.ui.advancedCollapsibleButton, self.ui.calibrationHelpLabel,
                        self.ui.healthyVolumesSelector, self.ui.healthyMasksSelector,
-                       self.ui.calibratedModelPathLineEdit):
+                       self.ui.calibratedModelPathLineEdit, self.ui.adaptHelpLabel, self.ui.adaptVolumesSelector,
+                       self.ui.adaptMasksSelector, self.ui.adaptedModelPathLineEdit):
             widget.enabled = view.settings_enabled
         self.ui.resultsCollapsibleButton.enabled = view.results_enabled
         self.ui.applyButton.enabled = view.detect_enabled
@@ -441,6 +458,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        _("Select an input volume."))
         self.ui.calibrateButton.enabled = view.calibrate_enabled
         self.ui.calibrateButton.text = self._buttonText(view.calibrate_cancels, view.cancelling, _("Calibrate"))
+        self.ui.adaptButton.enabled = view.adapt_enabled
+        self.ui.adaptButton.text = self._buttonText(view.adapt_cancels, view.cancelling, _("Adapt"))
         self.ui.progressBar.visible = view.progress_visible
         if p is not None:
             self.ui.modelPathLineEdit.enabled = view.settings_enabled and not p.useBundledModel
@@ -467,13 +486,19 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._start(task)
         self._refresh()
 
+    @staticmethod
+    def _failureText(task: str) -> str:
+        return {DETECT: _("Anomaly detection failed."), CALIBRATE: _("Calibration failed."),
+                ADAPT: _("Adapting the model failed.")}[task]
+
     def _start(self, task: str) -> None:
-        failure = _("Anomaly detection failed.") if task == DETECT else _("Calibration failed.")
-        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(self._failureText(task), waitCursor=True):
             try:
                 if not self._ensureDependencies(task):
                     return
-                job = self._startDetection() if task == DETECT else self._startCalibration()
+                starts = {DETECT: self._startDetection, CALIBRATE: self._startCalibration,
+                          ADAPT: self._startAdaptation}
+                job = starts[task]()
                 self.state.started(task)
                 self._job = job
                 self.ui.statusLabel.text = ""
@@ -529,6 +554,37 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            postprocess=override_postprocess(p), device=p.device, overwrite=overwrite,
                                            **self._workerArguments())
 
+    def _adaptChoice(self):
+        """The adapt section's state (ready, estimate or what is missing) from the panel; None without a parameter node."""
+        from CeVAEAnomalyLib.data import default_model_path
+        from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice
+
+        p = self._parameterNode
+        if p is None:
+            return None
+        model = default_model_path() if p.useBundledModel else (Path(p.modelPath) if p.modelPath else None)
+        return adapt_choice(len(self.ui.adaptVolumesSelector.checkedNodes()), p.adaptedModelPath, model, p.device)
+
+    def _startAdaptation(self):
+        from CeVAEAnomalyLib.slicer.nodes import pair_masks
+        from CeVAEAnomalyLib.slicer.settings import model_path
+
+        p = self._parameterNode
+        volumes = list(self.ui.adaptVolumesSelector.checkedNodes())
+        masks = pair_masks(volumes, list(self.ui.adaptMasksSelector.checkedNodes()))
+        choice = self._adaptChoice()
+        if not choice.ready:
+            raise CeVAEError(choice.message)
+        overwrite = False
+        if choice.existing:
+            names = ", ".join(path.name for path in choice.existing)
+            if slicer.app.testingEnabled() or not slicer.util.confirmOkCancelDisplay(
+                    _("An earlier run left {names}. Replace them?").format(names=names), windowTitle=_("Adapt")):
+                raise CeVAEError(_("{names} exist; choose another file name for the adapted model.").format(names=names))
+            overwrite = True
+        return self.logic.startAdaptation(volumes, masks, Path(p.adaptedModelPath), modelPath=model_path(p),
+                                          device=p.device, overwrite=overwrite, **self._workerArguments())
+
     def _onPoll(self) -> None:
         """Timer: take the worker's progress; when it has ended, load its results."""
         job = self._job
@@ -544,15 +600,18 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         task = self.state.task
         wanted = self.state.finished()
-        failure = _("Anomaly detection failed.") if task == DETECT else _("Calibration failed.")
-        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(self._failureText(task), waitCursor=True):
             try:
                 if not wanted:
                     self.logic.discardJob(job)
                 elif task == DETECT:
                     self._showResult(self.logic.finishDetection(job))
+                elif task == CALIBRATE:
+                    self._useNewModel(job, self.ui.calibratedModelPathLineEdit,
+                                      _("Calibrated model saved as {path}; it is now the model used for detection."))
                 else:
-                    self._useCalibratedModel(job)
+                    self._useNewModel(job, self.ui.adaptedModelPathLineEdit,
+                                      _("Adapted model saved as {path}; it is now the model used for detection."))
             finally:
                 self._refresh()
 
@@ -622,7 +681,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.showResults(scoreVolume, volume, self._parameterNode.overlayOpacity)
         self.onJumpToTopSlice()
 
-    def _useCalibratedModel(self, job) -> None:
+    def _useNewModel(self, job, pathLineEdit, message: str) -> None:
+        """A calibration or adaptation finished: its model becomes the one used for detection."""
         try:
             job.raise_for_failure()
             path = job.done["model"]
@@ -631,10 +691,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         p.useBundledModel = False
         p.modelPath = path
-        self.ui.calibratedModelPathLineEdit.addCurrentPathToHistory()
+        pathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
-        self.ui.statusLabel.text = _("Calibrated model saved as {path}; it is now the model used for detection."
-                                     ).format(path=path)
+        self.ui.statusLabel.text = message.format(path=path)
 
     def _storedResult(self):
         from CeVAEAnomalyLib.slicer.nodes import stored_result
@@ -758,6 +817,8 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         self.assertEqual(p.rimMm, settings.postprocess["rim_mm"])  # override fields start from the model
         self.assertAlmostEqual(p.falsePositiveRate, settings.default_fpr)
         self.assertLess(widget.ui.thresholdSpinBox.maximum, float("inf"))
+        self.assertFalse(widget.ui.adaptButton.enabled)  # no healthy volumes chosen: it says what is missing
+        self.assertIn("at least 2", widget.ui.adaptEstimateLabel.text)
         self.delayDisplay("Panel test passed")
 
     def test_DetectOnSyntheticHead(self):

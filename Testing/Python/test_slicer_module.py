@@ -201,7 +201,7 @@ def parameter_fields():
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
-HAND_BOUND = {"modelPath", "calibratedModelPath", "brainMaskSegmentId", "scoreType", "sensitivity", "device"}
+HAND_BOUND = {"modelPath", "calibratedModelPath", "adaptedModelPath", "brainMaskSegmentId", "scoreType", "sensitivity", "device"}
 
 
 def test_ui_parameter_bindings_match_the_parameter_node():

@@ -173,6 +173,65 @@ def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_
     assert model.read_bytes() == before
 
 
+def _site_scene():
+    """A scene with a real T1 (Colin27 at 2 mm, shipped with the package) and a noisier copy, with masks."""
+    from CeVAEAnomalyLib.data import data_path
+
+    scene = slicer.vtkMRMLScene()
+    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
+    a = sitk.GetArrayFromImage(t1)
+    noisy = sitk.GetImageFromArray(a + np.random.default_rng(1).normal(0, 0.03 * a.max(), a.shape).astype(np.float32))
+    noisy.CopyInformation(t1)
+    volumes = [add_volume(scene, t1, "site a"), add_volume(scene, noisy, "site b")]
+    masks = [add_volume(scene, mask, f"mask {n}", "vtkMRMLLabelMapVolumeNode") for n in "ab"]
+    return scene, volumes, masks
+
+
+QUICK_ADAPT = dict(steps=4, batch_size=8, checkpoint_every=2)
+
+
+def test_adaptation_in_a_worker_writes_an_adapted_model(tiny_bundle, tmp_path):
+    scene, volumes, masks = _site_scene()
+    out = tmp_path / "scanner.cevae"
+    before = mrml.node_ids(scene)
+    job = CeVAEAnomalyLogic().startAdaptation(volumes, masks, out, modelPath=tiny_bundle, device="cpu",
+                                              options=QUICK_ADAPT)
+    seen = run_to_end(job, timeout=300)
+    assert job.state is JobState.DONE, job.error
+    assert job.done == {"model": str(out), "subjects": 2}
+    assert mrml.node_ids(scene) == before
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions)
+    assert any(m.startswith("Fine-tuning 3/3 (final model") for _, m in seen)
+    header = read_header(out)
+    assert [s["name"] for s in header.extra["adaptation"]["site_scans"]] == ["01_site_a", "02_site_b"]
+    assert ModelSettings(out, header).calibrated("combi")
+    job.cleanup()
+    assert not job.folder.exists()
+
+
+def test_cancel_stops_an_adaptation_and_writes_no_model(tiny_bundle, tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    scene, volumes, masks = _site_scene()
+    out = tmp_path / "scanner.cevae"
+    caches = set(Path(tempfile.gettempdir()).glob("cevae-adapt-*"))
+    job = CeVAEAnomalyLogic().startAdaptation(volumes, masks, out, modelPath=tiny_bundle, device="cpu",
+                                              options=dict(QUICK_ADAPT, steps=100_000))
+    deadline = time.monotonic() + 120
+    while not job.message.startswith("Fine-tuning"):
+        assert not job.poll() and time.monotonic() < deadline, job.error or "no fine-tuning step in 120 s"
+        time.sleep(0.02)
+    start = time.monotonic()
+    job.cancel()
+    assert time.monotonic() - start < 1.0
+    assert job.state is JobState.CANCELLED and not out.exists()
+    assert set(Path(tempfile.gettempdir()).glob("cevae-adapt-*")) == caches  # its slice cache removed on SIGTERM
+    job.cleanup()
+
+
 # --- Cancel ends the whole process tree (PythonSlicer is a launcher that forwards no signal) ----
 
 LAUNCHER = '''#!{python}

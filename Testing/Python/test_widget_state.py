@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from CeVAEAnomalyLib.slicer.widget_state import CALIBRATE, DETECT, LATE_CLICK_S, Action, Phase, WidgetState
+from CeVAEAnomalyLib.slicer.widget_state import ADAPT, CALIBRATE, DETECT, LATE_CLICK_S, Action, Phase, WidgetState
 
 
 class Clock:
@@ -105,6 +105,19 @@ def test_finishing_twice_or_unknown_tasks_are_errors(state):
         state.finished()
     with pytest.raises(ValueError):
         state.click("train")
+
+
+def test_adaptation_runs_like_calibration_and_blocks_the_other_tasks(state):
+    state.set_ready(ADAPT, True)
+    state.set_ready(DETECT, True)
+    assert state.view().adapt_enabled and not state.view().adapt_cancels
+    assert state.click(ADAPT) is Action.START
+    state.started(ADAPT)
+    view = state.view()
+    assert view.adapt_enabled and view.adapt_cancels
+    assert not view.detect_enabled and not view.calibrate_enabled and not view.settings_enabled
+    assert state.click(DETECT) is Action.IGNORE
+    assert state.click(ADAPT) is Action.CANCEL and state.view().cancelling
 
 
 def test_leaving_the_module_keeps_the_run_and_shows_its_result_on_return(state):

@@ -81,6 +81,27 @@ def run_train(args: argparse.Namespace) -> Path:
     return path
 
 
+def run_adapt(args: argparse.Namespace) -> Path:
+    """Fine-tune a model on a site's healthy scans and calibrate it (training/adapt.py)."""
+    from .console import ConsoleProgress
+    from ..data import default_model_path
+    from ..training.adapt import adapt
+    from ..training.adapt_plan import AdaptOptions, describe_estimate
+    from ..training.config import SettingError
+
+    options = AdaptOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, folds=args.folds,
+                           checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+                           resume=args.resume, overwrite=args.overwrite, amp=args.amp, cache_dir=args.cache_dir)
+    try:
+        options.validate()
+    except SettingError as exc:  # the library names settings by field; here they are flags
+        raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
+    subjects = _healthy_subjects(args, "adapting")
+    log.info("%s", describe_estimate(len(subjects), args.device, options))
+    return adapt(Path(args.model or default_model_path()), subjects, args.out, options, ConsoleProgress("adapt"),
+                 inputs=[args.manifest])
+
+
 def run_prepare(args: argparse.Namespace) -> None:
     from .console import ConsoleProgress
     from ..engine.config import PreprocessConfig

@@ -1,4 +1,4 @@
-"""The ``cevae-anomaly`` command: train, prepare, detect, batch, calibrate, evaluate, demo.
+"""The ``cevae-anomaly`` command: train, prepare, adapt, detect, batch, calibrate, evaluate, demo.
 
 Heavy modules (torch, SimpleITK) are imported inside the commands so ``--help`` is instant.
 """
@@ -97,6 +97,32 @@ def _add_prepare(sub) -> None:
     _add_slices(p, cfg, cache_required=True)
     p.add_argument("--workers", type=int, default=1, help="volumes preprocessed in parallel processes")
 
+def _add_adapt(sub) -> None:
+    from ..training.adapt_plan import AdaptOptions
+
+    o = AdaptOptions()  # the defaults, written once there
+    a = sub.add_parser("adapt", help="fine-tune a model on a site's healthy scans and calibrate it",
+                       description="Fine-tune a trained model on healthy scans of one site (scanner, protocol), "
+                       "keeping its architecture and preprocessing, and calibrate it without letting a scan "
+                       "calibrate a model trained on it: k fold models, each fine-tuned without one fold, score "
+                       "the held-out scans; the final model is fine-tuned on all of them. Needs at least 2 scans "
+                       "of the model's modality. Checkpoints OUT.ckpt and OUT.foldN.ckpt; --resume continues.")
+    _add_subjects(a, "healthy site")
+    a.add_argument("--model", type=Path, help="model to adapt (default: the bundled default model)")
+    a.add_argument("--out", type=Path, required=True, help="adapted model bundle to write (.cevae)")
+    a.add_argument("--steps", type=int, default=o.steps, help="fine-tuning steps per run")
+    a.add_argument("--lr", type=float, default=o.lr)
+    a.add_argument("--folds", type=int, default=o.folds, help="at most this many calibration folds")
+    a.add_argument("--batch-size", type=int, default=o.batch_size)
+    a.add_argument("--checkpoint-every", type=int, default=o.checkpoint_every)
+    a.add_argument("--seed", type=int, default=o.seed)
+    a.add_argument("--cache-dir", type=Path, help="folder of preprocessed slices kept between runs")
+    a.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out, its checkpoints and logs")
+    a.add_argument("--amp", action="store_true", help="mixed precision")
+    _add_device(a)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the command's error convention: one ``error:`` line, exit status 2."""
 
@@ -115,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train(sub)
     _add_prepare(sub)
+    _add_adapt(sub)
 
     d = sub.add_parser("detect", help="score a volume: anomaly map, labelmap, slice scores")
     d.add_argument("image", type=Path, help="image file or DICOM folder")

@@ -13,7 +13,8 @@ Two ways to run a detection:
 
 - :meth:`CeVAEAnomalyLogic.startDetection` starts a worker process and returns a job at once;
   poll it (the module does, from a timer), then :meth:`finishDetection` loads its results into
-  the scene. :meth:`startCalibration` recalibrates a model on healthy volumes the same way.
+  the scene. :meth:`startCalibration` recalibrates a model on healthy volumes the same way, and
+  :meth:`startAdaptation` fine-tunes one on them (adapting it to a scanner).
 
 Each checks first that torch and safetensors are installed and recent enough
 (:meth:`CeVAEAnomalyLogic.checkDependencies`); :meth:`CeVAEAnomalyLogic.installDependencies`
@@ -305,10 +306,41 @@ class CeVAEAnomalyLogic(_LogicBase):
         self.checkDependencies()
         if not volumes:
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
+        request = DetectionRequest.of(device=device, **(postprocess or {}))  # refused before any copy
+        return self._startOnHealthy("calibrate", volumes, masks, launch, python,
+                                    model=str(modelPath) if modelPath else None, request=request.to_dict(),
+                                    out=str(outputPath), overwrite=bool(overwrite))
+
+    def startAdaptation(
+        self,
+        volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
+        masks: Sequence[Optional[slicer.vtkMRMLNode]],
+        outputPath: Union[str, Path],
+        modelPath: Union[str, Path, None] = None,
+        device: str = "auto",
+        overwrite: bool = False,
+        options: Optional[Dict[str, Any]] = None,
+        launch: Optional[Launcher] = None,
+        python: Optional[str] = None,
+    ) -> WorkerJob:
+        """Fine-tune and calibrate a model on a site's healthy volumes (training/adapt.py) in a worker
+        process, writing the adapted bundle to ``outputPath`` (its checkpoints and logs beside it).
+        ``options``: AdaptOptions fields (steps, lr, ...). ``job.done["model"]`` is the bundle's path."""
+        from ..training.adapt_plan import MIN_SCANS
+
+        self.checkDependencies()
+        if len(volumes) < MIN_SCANS:
+            raise CeVAEError(f"Choose at least {MIN_SCANS} healthy volumes to adapt the model to.")
+        return self._startOnHealthy("adapt", volumes, masks, launch, python,
+                                    model=str(modelPath) if modelPath else None, device=device,
+                                    out=str(outputPath), overwrite=bool(overwrite), options=dict(options or {}))
+
+    def _startOnHealthy(self, task: str, volumes, masks, launch: Optional[Launcher], python: Optional[str],
+                        **request: Any) -> WorkerJob:
+        """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``)."""
         if len(masks) != len(volumes):
             raise CeVAEError("Give one brain mask (or None) per healthy volume.")
-        request = DetectionRequest.of(device=device, **(postprocess or {}))  # refused before any copy
-        folder = Path(tempfile.mkdtemp(prefix="CeVAEAnomaly-calibration-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"CeVAEAnomaly-{task}-"))
         try:
             subjects: List[Dict[str, Optional[str]]] = []
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
@@ -317,9 +349,7 @@ class CeVAEAnomalyLogic(_LogicBase):
                 _writeInputs(folder, stem, image, maskImage)
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None))
-            task = dict(task="calibrate", subjects=subjects, model=str(modelPath) if modelPath else None,
-                        request=request.to_dict(), out=str(outputPath), overwrite=bool(overwrite))
-            return WorkerJob(task, folder, launch, python)
+            return WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python)
         except BaseException:
             _removeFolder(folder)
             raise

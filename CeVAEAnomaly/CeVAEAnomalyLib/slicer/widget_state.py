@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 DETECT = "detect"
 CALIBRATE = "calibrate"
-TASKS = (DETECT, CALIBRATE)
+ADAPT = "adapt"
+TASKS = (DETECT, CALIBRATE, ADAPT)
 LATE_CLICK_S = 0.5  # clicks this soon after a run ended were aimed at its Cancel button
 
 
@@ -37,12 +38,14 @@ class Action(enum.Enum):
 class View:
     """Enabled states and button roles for the widget to show."""
 
-    settings_enabled: bool  # inputs, outputs, advanced and calibration settings
+    settings_enabled: bool  # inputs, outputs, advanced, calibration and adaptation settings
     results_enabled: bool
     detect_enabled: bool
     detect_cancels: bool  # the Apply button reads "Cancel"
     calibrate_enabled: bool
     calibrate_cancels: bool
+    adapt_enabled: bool
+    adapt_cancels: bool
     cancelling: bool  # a cancel is under way: the busy button reads "Cancelling..."
     progress_visible: bool
 
@@ -54,7 +57,7 @@ class WidgetState:
         self._clock = clock
         self.phase = Phase.IDLE
         self.task: Optional[str] = None
-        self.ready = {DETECT: False, CALIBRATE: False}
+        self.ready = {task: False for task in TASKS}
         self.visible = True  # the module panel is the one shown
         self._ended_at = float("-inf")
         self._result_pending = False
@@ -136,6 +139,8 @@ class WidgetState:
             detect_cancels=mine[DETECT],
             calibrate_enabled=(idle and self.ready[CALIBRATE]) or running[CALIBRATE],
             calibrate_cancels=mine[CALIBRATE],
+            adapt_enabled=(idle and self.ready[ADAPT]) or running[ADAPT],
+            adapt_cancels=mine[ADAPT],
             cancelling=phase is Phase.CANCELLING,
             progress_visible=phase in (Phase.RUNNING, Phase.CANCELLING),
         )

@@ -1,4 +1,4 @@
-"""The detection and calibration worker: runs in its own process, started by the Slicer module.
+"""The detection, calibration and adaptation worker: runs in its own process, started by the Slicer module.
 
 ``python -m CeVAEAnomalyLib.slicer.worker REQUEST.json`` reads a request, runs the task and
 reports on stdout, one JSON object per line (see :mod:`.jobs` for the reading side)::
@@ -20,6 +20,8 @@ Tasks (``request["task"]``):
   ``out_dir`` (:func:`~..result.save_result`).
 - ``calibrate``: ``subjects`` (``[{"image": ..., "mask": ...}]``), ``model``, ``request`` (its
   post-processing overrides and device), ``out`` (the new bundle), ``overwrite``.
+- ``adapt``: ``subjects``, ``model``, ``device``, ``out``, ``overwrite`` and ``options`` (fields of
+  ``training.adapt_plan.AdaptOptions``): fine-tunes and calibrates (``training.adapt.adapt``).
 
 Nothing here imports Qt; torch is imported only when a task runs.
 """
@@ -95,8 +97,24 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
     return {"model": str(path), "subjects": len(subjects)}
 
 
+def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
+    from ..data import default_model_path
+    from ..io.manifest import Subject
+    from ..training.adapt import adapt
+    from ..training.adapt_plan import AdaptOptions
+
+    subjects = [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None) for s in task["subjects"]]
+    try:
+        options = AdaptOptions(**dict(task.get("options") or {}, device=task.get("device", "auto"),
+                                      overwrite=bool(task.get("overwrite"))))
+    except TypeError as exc:
+        raise CeVAEError(f"Invalid adaptation options: {exc}") from None
+    path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress)
+    return {"model": str(path), "subjects": len(subjects)}
+
+
 TASKS: Dict[str, Callable[[Dict[str, Any], ProgressCallback], Dict[str, Any]]] = {
-    "detect": run_detect, "calibrate": run_calibrate}
+    "detect": run_detect, "calibrate": run_calibrate, "adapt": run_adapt}
 
 
 def _emit(message: Dict[str, Any]) -> None:

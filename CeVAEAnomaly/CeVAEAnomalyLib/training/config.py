@@ -65,6 +65,7 @@ class TrainConfig:
     amp: bool = False
     cache_dir: Optional[Path] = None  # preprocessed-slice cache; None: a temporary one for this run
     loader_workers: Optional[int] = None  # DataLoader worker processes; None: 0 on the CPU, 4 on CUDA
+    init_from: Optional[Path] = None  # a bundle whose weights the run starts from (fine-tuning)
 
     def run_options(self) -> Dict[str, Any]:
         """Every option that defines the run (all but :data:`RESUME_MAY_CHANGE`), to store in checkpoints."""

@@ -10,7 +10,7 @@ import logging
 import platform
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from ..engine.header import BundleHeader
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..options import RECOMMENDED_POSTPROCESS
+from ..progress import ProgressCallback
 from .data import Subject
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,16 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> 
 
 
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
-            device: torch.device, half: bool) -> Path:
-    """Calibrate the weights as stored, then write the bundle once."""
+            device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
+            progress: Optional[ProgressCallback] = None) -> Path:
+    """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i: see
+    engine.calibrate.calibrate_model), then write the bundle once."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
     bundle = Bundle(stored, header, out)
-    calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess)
+    calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
+                                  progress, scorers)
     from safetensors import SafetensorError
 
     try:

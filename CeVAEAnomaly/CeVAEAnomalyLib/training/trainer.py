@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -20,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..engine.config import PreprocessConfig
+from ..engine.config import ModelConfig, PreprocessConfig
 from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
 from ..engine.model import CeVAE, cevae_loss
@@ -76,6 +77,8 @@ class Trainer:
         self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model = CeVAE(cfg.model).to(self.device)
+        if cfg.init_from is not None:  # fine-tuning: start from a trained model's weights
+            self.model.load_state_dict(initial_weights(cfg.init_from, cfg.model))
         self.net: torch.nn.Module = self.model
         if self.dist.world > 1:  # the wrapper averages gradients over ranks during backward
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -261,14 +264,25 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
         """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
+        with self._session():
+            elapsed = self._train()
+            return self._write_bundle(elapsed) if self.dist.main else None
+
+    def fit(self) -> float:
+        """Train without writing a bundle (the caller packages ``self.model``); the seconds it took."""
+        with self._session():
+            return self._train()
+
+    @contextmanager
+    def _session(self) -> Iterator[None]:
         try:
-            return self._run()
+            yield
         finally:
             shutdown_distributed(self.dist)
             if self._temp_cache is not None:
                 shutil.rmtree(self._temp_cache, ignore_errors=True)
 
-    def _run(self) -> Optional[Path]:
+    def _train(self) -> float:
         cfg = self.cfg
         if self.dist.main:
             cfg.out.parent.mkdir(parents=True, exist_ok=True)
@@ -324,23 +338,34 @@ class Trainer:
         if self.dist.world > 1:  # all ranks leave the group together, before rank 0's bundle work
             barrier(self.dist)
         shutdown_distributed(self.dist)
-        elapsed = time.perf_counter() - start
-        if not self.dist.main:
-            return None
-        return self._write_bundle(elapsed)
+        return time.perf_counter() - start
 
-    def _write_bundle(self, elapsed: float) -> Path:
-        record = TrainingRecord(
+    def record(self, elapsed: float) -> TrainingRecord:
+        """How this run trained (the bundle header's ``training`` section)."""
+        return TrainingRecord(
             subjects=subject_records(self.train_subjects, self.checksums),
             validation_subjects=subject_records(self.val_subjects, self.checksums),
             train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
             batch_size=self.batch_size * self.dist.world, lr=self.cfg.lr, seed=self.cfg.seed,
             seconds=round(elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
             val_loss=self.validate())
-        header = training_header(self.cfg.out.stem, self.pre, self.cfg.loss, record)
+
+    def _write_bundle(self, elapsed: float) -> Path:
+        header = training_header(self.cfg.out.stem, self.pre, self.cfg.loss, self.record(elapsed))
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
+
+
+def initial_weights(path: Path, model_cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """The weights of the bundle at ``path`` (checked like any bundle), which must have architecture ``model_cfg``."""
+    from ..engine.bundle import load_bundle
+
+    bundle = load_bundle(path, "cpu")
+    if bundle.model_config != model_cfg:
+        raise CeVAEError(f"The model {path} has another architecture ({bundle.model_config.to_dict()}) than this "
+                         f"training run ({model_cfg.to_dict()}); its weights cannot be the starting point.")
+    return bundle.model.state_dict()
 
 
 class _Batches(torch.utils.data.Dataset):

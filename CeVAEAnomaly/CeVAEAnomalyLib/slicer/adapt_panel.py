@@ -1,0 +1,37 @@
+"""What the "Adapt to this scanner" section offers before a run: ready or not, the time it will take,
+and which files it would replace (Qt-free; the widget shows it and asks before replacing)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from ..io.targets import Inputs
+from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, output_paths
+
+
+@dataclass(frozen=True)
+class AdaptChoice:
+    """``ready``: the Adapt button may start a run; ``message``: the estimate, or what is missing;
+    ``existing``: files of an earlier run the new one would replace."""
+
+    ready: bool
+    message: str
+    existing: List[Path] = field(default_factory=list)
+
+
+def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
+                 options: AdaptOptions = AdaptOptions()) -> AdaptChoice:
+    """The section's state for ``volumes`` chosen healthy volumes, the output path typed and the current model."""
+    if volumes < MIN_SCANS:
+        return AdaptChoice(False, f"Choose at least {MIN_SCANS} healthy volumes: each is held out once to calibrate "
+                                  "the model fine-tuned on the others.")
+    if not output:
+        return AdaptChoice(False, "Choose where to save the adapted model.")
+    out = Path(output)
+    if out.is_dir():
+        return AdaptChoice(False, "The adapted model needs a file name, not a folder.")
+    if model is not None and Inputs([model]).which(out) is not None:
+        return AdaptChoice(False, "Save the adapted model under a new name; it cannot replace the model it starts from.")
+    existing = [p for p in output_paths(out, volumes, options) if p.exists()]
+    return AdaptChoice(True, describe_estimate(volumes, device, options), existing)

@@ -1,0 +1,167 @@
+"""Adapting a trained model to a site: fine-tune it on the site's healthy scans, calibrate on held-out folds.
+
+The scheme (k fold runs and a final run) is described in :mod:`.adapt_plan`. Every run is a
+:class:`~.trainer.Trainer` run that starts from the base model's weights, with the base's
+architecture, preprocessing and loss, so checkpoints, ``resume``, interrupts and the checks of
+``train`` hold for each; a resumed adaptation skips the runs whose checkpoints are complete. The
+bundle records its parent model (sha256), the site scans (sha256) and which scans each fold held out.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..engine.bundle import Bundle, load_bundle
+from ..engine.config import PreprocessConfig
+from ..engine.header import BundleHeader, read_header
+from ..engine.model import CeVAE
+from ..errors import CeVAEError
+from ..io.checksum import sha256_of
+from ..io.lock import hold_output
+from ..io.manifest import Subject
+from ..io.targets import Inputs
+from ..progress import ProgressCallback, labelled, report, scaled
+from .adapt_plan import AdaptOptions, fold_plan, output_paths, run_names
+from .cache import SliceCache
+from .config import AugmentConfig, TrainConfig
+from .data import unique_subjects
+from .modality import check_modality, depth_contrast
+from .packaging import package, subject_records, training_header
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+PREPARE_SHARE, CALIBRATE_SHARE = 0.05, 0.15  # of the progress bar; the runs share the rest
+
+
+def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOptions = AdaptOptions(),
+          progress: Optional[ProgressCallback] = None, inputs: Sequence[Optional[Path]] = ()) -> Path:
+    """Fine-tune the bundle ``base`` on the healthy ``subjects`` of a site and write the calibrated bundle ``out``.
+
+    ``inputs``: other files the caller read (a manifest), which no output may replace. ``progress``
+    may raise :class:`~..progress.Cancelled`; the checkpoints written so far are kept for ``resume``.
+    """
+    options.validate()
+    base, out = Path(base), Path(out)
+    header = read_header(base)
+    _check_adaptable(header, base)
+    checksums = _checksums(subjects)
+    subjects = unique_subjects(subjects, checksums)
+    plan = fold_plan(len(subjects), options.folds)
+    runs = run_names(len(subjects), options.folds)
+    configs = {run: options.run_config(out, run, init_from=base) for run in runs}
+    read = Inputs([base, *inputs, *checksums])
+    for path in output_paths(out, len(subjects), options):
+        if read.which(path) is not None:  # by path, link or inode
+            raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another --out.")
+    for cfg in configs.values():
+        cfg.check_outputs((), options.overwrite)
+    if options.resume and not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
+        raise CeVAEError(f"--resume was given but there is no checkpoint of an adaptation to {out} "
+                         f"(expected {configs['final'].checkpoint_path} or a fold's).")
+    bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
+    with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
+        cache = SliceCache(root, bundle.preprocess)
+        entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(progress, 0.0, PREPARE_SHARE),
+                                                                           "Preparing the scans"))
+        contrasts = [depth_contrast(np.load(e[0].path)) for e in entries]
+        check_modality([s.name for s in subjects], contrasts, header)
+        models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle.preprocess, root,
+                                            options.resume, progress)
+        scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
+                   for f, held in enumerate(plan) if j in held]
+        new = training_header(out.stem, bundle.preprocess, header.loss, final.record(seconds))
+        adapted = replace(new, score_options=header.score_options, postprocess=header.postprocess,
+                          modality=header.modality, default_fpr=header.default_fpr,
+                          extra=dict(new.extra, adaptation=_record(header, base, subjects, checksums, plan,
+                                                                   contrasts, options)))
+        path = package(out, final.model, adapted, subjects, "site scans, each scored by the fold model fine-tuned "
+                       "without it", final.device, half=False, scorers=scorers,
+                       progress=labelled(scaled(progress, 1.0 - CALIBRATE_SHARE, 1.0), "Calibrating"))
+    for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
+        configs[run].checkpoint_path.unlink(missing_ok=True)
+    report(progress, 1.0, "Adapted model written")
+    log.info("Adapted model written to %s (%d site scans, %d folds).", path, len(subjects), len(plan))
+    return path
+
+
+def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
+               header: BundleHeader, pre: PreprocessConfig, cache: Path, resume: bool,
+               progress: Optional[ProgressCallback]) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+    """Each run in turn (fold N without its held-out scans, then the final one on all): the models by run,
+    the final run's trainer and the seconds spent training. A run whose checkpoint exists resumes from it."""
+    models: Dict[str, CeVAE] = {}
+    seconds = 0.0
+    share = (1.0 - PREPARE_SHARE - CALIBRATE_SHARE) / len(runs)
+    orientations = tuple((header.training or {}).get("orientations") or ("axial",))
+    for n, run in enumerate(runs):
+        held = plan[n] if run != "final" else []
+        cfg = replace(configs[run], model=header.model, loss=header.loss, augment=AugmentConfig(),
+                      orientations=orientations, cache_dir=cache,
+                      resume=resume and configs[run].checkpoint_path.is_file())
+        title = (f"Fine-tuning {n + 1}/{len(runs)} (without {', '.join(subjects[j].name for j in held)})"
+                 if held else f"Fine-tuning {n + 1}/{len(runs)} (final model, all scans)")
+        start = PREPARE_SHARE + n * share
+        trainer = Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], pre,
+                          labelled(scaled(progress, start, start + share), title))
+        seconds += trainer.fit()
+        models[run] = trainer.model.eval()
+    return models, trainer, seconds
+
+
+def _check_adaptable(header: BundleHeader, path: Path) -> None:
+    """Refuse a base model that records no training run: how it was trained (objective, slice orientations)
+    is then unknown, and fine-tuning it with guessed settings would silently change what it models."""
+    if not isinstance(header.training, dict):
+        raise CeVAEError(f"The model {path} records no training run (its header has no 'training' section), so "
+                         "it cannot be fine-tuned the way it was trained; adapt a model written by "
+                         "`cevae-anomaly train` or `adapt`.")
+
+
+def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
+    """sha256 of every image and mask, refusing missing files by name."""
+    sums: Dict[Path, str] = {}
+    for s in subjects:
+        for path, what in ((s.image, "scan"), (s.mask, "brain mask")):
+            if path is None or path in sums:
+                continue
+            if not Path(path).is_file():
+                raise CeVAEError(f"The {what} {path} does not exist or is not a file.")
+            sums[path] = sha256_of(path)
+    return sums
+
+
+def _record(header: BundleHeader, base: Path, subjects: Sequence[Subject], checksums: Dict[Path, str],
+            plan: List[List[int]], contrasts: Sequence[float], options: AdaptOptions) -> Dict[str, Any]:
+    """The ``adaptation`` section of the adapted bundle's header."""
+    names = [s.name for s in subjects]
+    return {
+        "parent": {"name": header.name, "file": base.name, "sha256": sha256_of(base)},
+        "site_scans": subject_records(subjects, checksums),
+        "folds": [{"held_out": [names[j] for j in held], "trained_on": [n for j, n in enumerate(names) if j not in held]}
+                  for held in plan],
+        "calibration": "each site scan scored by the fold model fine-tuned without it; the final model is "
+                       "fine-tuned on all site scans",
+        "steps_per_run": options.steps, "lr": options.lr,
+        "depth_contrast": round(float(np.mean(contrasts)), 4),
+        "scan_depth_contrast": dict(zip(names, contrasts)),
+    }
+
+
+@contextmanager
+def _cache_folder(folder: Optional[Path]) -> Iterator[Path]:
+    """The slice cache shared by every run: ``folder``, or a temporary one removed at the end."""
+    if folder is not None:
+        yield Path(folder)
+        return
+    temp = tempfile.mkdtemp(prefix="cevae-adapt-")
+    try:
+        yield Path(temp)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

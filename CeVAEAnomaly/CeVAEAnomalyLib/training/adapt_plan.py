@@ -1,0 +1,98 @@
+"""What adapting a model to a site will do, decided before anything runs (torch-free).
+
+Adapting fine-tunes a trained model on a site's healthy scans and calibrates it without letting a
+scan calibrate a model that was trained on it: the scans are split into k folds (k = the number
+of scans, at most :attr:`AdaptOptions.folds`); for each fold a model is fine-tuned on the other
+folds and scores the fold's scans, and those held-out scores calibrate the final model, which is
+fine-tuned on all the scans. That is k + 1 fine-tuning runs of :attr:`AdaptOptions.steps` steps each.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import CeVAEError
+from .config import SettingError, TrainConfig
+
+MIN_SCANS = 2  # one to train on and one held out, in each direction
+# Measured on the development machine while other jobs shared its 2 CPU cores (torch 2.13, default
+# architecture, batch 64 at 64 px): 300 fine-tuning steps of 2 site scans took 685 s, and preparing and
+# calibrating them about 5 s per 1 mm scan with its mask given; an automatic brain mask adds about 10 s
+# (docs/adapt.md). Unshared, the same machine trains about 1.7 steps/s.
+CPU_STEPS_PER_S = 0.45
+SECONDS_PER_SCAN_CPU = 15.0  # preparing a scan (automatic mask included) and scoring it for calibration
+
+
+@dataclass(frozen=True)
+class AdaptOptions:
+    """How to fine-tune and calibrate (defaults: docs/adapt.md, measured on a handful of scans)."""
+
+    steps: int = 100  # per fine-tuning run
+    lr: float = 1e-4
+    batch_size: int = 64
+    folds: int = 5  # at most; never more than the scans
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    amp: bool = False
+    cache_dir: Optional[Path] = None  # preprocessed-slice cache kept between runs; None: a temporary one
+
+    def validate(self) -> None:
+        """Raise :class:`~.config.SettingError` naming the setting (by field name) adapting cannot run with."""
+        if self.steps < 1:
+            raise SettingError("{steps} must be at least 1, got %s." % self.steps, "steps")
+        if self.folds < 2:
+            raise SettingError("{folds} must be at least 2 (one fold held out while the others train), got %s."
+                               % self.folds, "folds")
+        self.run_config(Path("site.cevae"), "final").validate()
+
+    def run_config(self, out: Path, run: str, init_from: Optional[Path] = None) -> TrainConfig:
+        """The training settings of one fine-tuning run (``run``: "final" or "fold<N>") writing next to ``out``."""
+        target = out if run == "final" else out.with_name(f"{out.name}.{run}")
+        return TrainConfig(out=target, batch_size=self.batch_size, lr=self.lr, max_steps=self.steps,
+                           checkpoint_every=min(self.checkpoint_every, self.steps), val_fraction=0.0, seed=self.seed,
+                           device=self.device, resume=self.resume, amp=self.amp, cache_dir=self.cache_dir,
+                           init_from=init_from)
+
+
+def fold_plan(n_scans: int, max_folds: int) -> List[List[int]]:
+    """The scan indices each fold holds out: scan i goes to fold i mod k, k = min(n_scans, max_folds)."""
+    if n_scans < MIN_SCANS:
+        raise CeVAEError(f"Adapting needs at least {MIN_SCANS} different healthy scans (each is held out from the "
+                         f"model that calibrates it), got {n_scans}.")
+    k = min(n_scans, max_folds)
+    return [list(range(i, n_scans, k)) for i in range(k)]
+
+
+def run_names(n_scans: int, max_folds: int) -> List[str]:
+    """The fine-tuning runs in order: one per fold, then the final one."""
+    return [f"fold{i + 1}" for i in range(len(fold_plan(n_scans, max_folds)))] + ["final"]
+
+
+def estimate_seconds(n_scans: int, options: AdaptOptions = AdaptOptions(), steps_per_s: float = CPU_STEPS_PER_S,
+                     seconds_per_scan: float = SECONDS_PER_SCAN_CPU) -> float:
+    """How long adapting ``n_scans`` scans takes at ``steps_per_s`` (default: the measured CPU rate)."""
+    runs = min(max(n_scans, MIN_SCANS), options.folds) + 1
+    return runs * options.steps / steps_per_s + n_scans * seconds_per_scan
+
+
+def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOptions()) -> str:
+    """The estimate in words, for the command line and the Slicer panel, before a run starts."""
+    runs = min(max(n_scans, MIN_SCANS), options.folds) + 1
+    minutes = max(1, int(math.ceil(estimate_seconds(n_scans, options) / 60)))
+    where = "on a CPU like the 2-core machine it was measured on"
+    if device not in ("cpu", "auto"):
+        where += f"; on {device} expect much less"
+    return (f"{runs} fine-tuning runs of {options.steps} steps on {n_scans} scan(s), then calibration: "
+            f"about {minutes} min {where}.")
+
+
+def output_paths(out: Path, n_scans: int, options: AdaptOptions) -> List[Path]:
+    """Every file an adaptation of ``n_scans`` scans to ``out`` writes: the bundle, and each run's
+    checkpoint and loss log."""
+    configs = [options.run_config(out, run) for run in run_names(max(n_scans, MIN_SCANS), options.folds)]
+    return [out] + [p for cfg in configs for p in (cfg.checkpoint_path, cfg.log_path)]

@@ -1,0 +1,66 @@
+"""Does a scan have the contrast a model was trained on? A check of where the brain is bright.
+
+The model sees each brain scaled by its own 1st and 99th intensity percentiles (engine/preprocess),
+so the overall brightness tells nothing; the order of the tissues does. In a T1-weighted brain the
+deep brain (white matter) is bright and the rim (cortex, sulcal CSF) dark; in a T2-weighted brain
+it is the other way round. The *depth contrast* of a scan is the median of its model-slice pixels
+more than :data:`DEEP_PX` pixels inside the brain's edge minus the median of those within
+:data:`RIM_PX` of it, on that scale. Resolution, slice thickness, noise and contrast changes of one
+modality move it little; reversing the contrast moves it a lot (docs/adapt.md has the measurements).
+
+A scan is refused when its depth contrast lies further than :data:`TOLERANCE` from the model's:
+the value recorded by an adapted model, or for a T1 model without one, :data:`T1_DEPTH_CONTRAST`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from ..engine.header import BundleHeader
+from ..errors import CeVAEError
+
+DEEP_PX = 6  # about 15 mm at the default 64 px model size
+RIM_PX = 2
+# The three healthy T1 volumes' axial model slices pooled (Colin27, MNI152 2009a, ROBEX reference
+# subject; default preprocessing): scripts/benchmark_adapt.py --profiles.
+T1_DEPTH_CONTRAST = 0.595
+TOLERANCE = 0.3  # T1 variants lie within 0.18 of it, the same brains with reversed contrast 0.49 or more away
+
+
+def depth_contrast(slices: np.ndarray) -> float:
+    """Median of the deep brain minus median of the brain's rim, over model slices [N, S, S] (brain: > 0)."""
+    deep, rim = [], []
+    for s in np.asarray(slices, np.float32):
+        depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(s > 0))
+        deep.append(s[depth > DEEP_PX])
+        rim.append(s[(depth > 0) & (depth <= RIM_PX)])
+    deep_px, rim_px = np.concatenate(deep), np.concatenate(rim)
+    if deep_px.size == 0 or rim_px.size == 0:
+        raise CeVAEError("The scan's brain is too small in its model slices to tell its contrast.")
+    return round(float(np.median(deep_px) - np.median(rim_px)), 4)
+
+
+def reference_contrast(header: BundleHeader) -> Optional[Tuple[float, str]]:
+    """(depth contrast, what it describes) to compare a model's new scans with; None when the model offers none."""
+    adaptation = header.extra.get("adaptation")
+    if isinstance(adaptation, dict) and isinstance(adaptation.get("depth_contrast"), (int, float)):
+        return float(adaptation["depth_contrast"]), "the site scans this model was adapted to"
+    if header.modality.upper() == "T1":
+        return T1_DEPTH_CONTRAST, "T1-weighted brains"
+    return None
+
+
+def check_modality(names: Sequence[str], contrasts: Sequence[float], header: BundleHeader) -> None:
+    """Refuse scans whose depth contrast is not the model's (names them, with their values)."""
+    reference = reference_contrast(header)
+    if reference is None:
+        return
+    value, what = reference
+    far = [(n, c) for n, c in zip(names, contrasts) if abs(c - value) > TOLERANCE]
+    if far:
+        listed = ", ".join(f"{n} ({c:+.2f})" for n, c in far)
+        raise CeVAEError(f"Scan(s) of another contrast than the model's {header.modality} scans: {listed}; "
+                         f"{what} have a depth contrast of {value:+.2f} (deep brain minus brain rim, on the 1st-99th "
+                         f"percentile scale; accepted within {TOLERANCE}). Adapt a model of their own modality.")

@@ -1,0 +1,261 @@
+"""Adapting a model to a site (training/adapt.py, `cevae-anomaly adapt`): what the bundle records, that no
+scan calibrates a model trained on it, resuming, and the refusals (too few scans, another contrast, a
+model without a training objective)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import CeVAEAnomalyLib.training.adapt as adapt_mod
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
+from CeVAEAnomalyLib.engine.config import ModelConfig
+from CeVAEAnomalyLib.engine.header import BundleHeader, read_header
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.checksum import sha256_of
+from CeVAEAnomalyLib.io.manifest import Subject
+from CeVAEAnomalyLib.options import SCORE_TYPES
+from CeVAEAnomalyLib.progress import Cancelled
+from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions, describe_estimate, estimate_seconds, fold_plan
+from CeVAEAnomalyLib.training.config import TrainConfig
+from CeVAEAnomalyLib.training.data import subject_slices
+from CeVAEAnomalyLib.engine.config import PreprocessConfig
+from CeVAEAnomalyLib.training.modality import T1_DEPTH_CONTRAST, TOLERANCE, check_modality, depth_contrast
+from CeVAEAnomalyLib.training.trainer import Trainer
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUICK = AdaptOptions(steps=4, batch_size=8, checkpoint_every=2, device="cpu")
+QUICK_ARGS = ["--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu"]
+
+
+def _write(array: np.ndarray, like: sitk.Image, path: Path) -> Path:
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.CopyInformation(like)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Dict[str, Path]:
+    """A real T1 (Colin27 at 2 mm, shipped with the package) as three site scans, its brain mask, and the
+    same brain with its contrast reversed inside the brain (a T2-like scan)."""
+    d = tmp_path_factory.mktemp("site")
+    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
+    a, brain = sitk.GetArrayFromImage(t1), sitk.GetArrayFromImage(mask) > 0
+    sitk.WriteImage(mask, str(d / "mask.nii.gz"))
+    noise = np.random.default_rng(0).normal(0, 0.03 * a[brain].max(), a.shape)
+    top = np.percentile(a[brain], 99)
+    return {"a": _write(a, t1, d / "scan_a.nii.gz"), "b": _write(a + noise, t1, d / "scan_b.nii.gz"),
+            "c": _write(a[:, :, ::-1], t1, d / "scan_c.nii.gz"), "mask": d / "mask.nii.gz",
+            "reversed": _write(np.where(brain, np.clip(top - a, 0, None), a), t1, d / "reversed.nii.gz")}
+
+
+def subjects(site: Dict[str, Path], *names: str) -> List[Subject]:
+    return [Subject(site[n], site["mask"] if n != "c" else None) for n in names]
+
+
+def test_fold_plan_holds_out_every_scan_exactly_once():
+    for n, k in ((2, 5), (5, 5), (12, 5), (7, 3)):
+        plan = fold_plan(n, k)
+        assert len(plan) == min(n, k)
+        assert sorted(j for held in plan for j in held) == list(range(n))
+        assert all(held for held in plan)
+    with pytest.raises(CeVAEError, match="at least 2"):
+        fold_plan(1, 5)
+
+
+def test_the_estimate_grows_with_the_scans_and_steps_and_is_said_in_minutes():
+    assert estimate_seconds(3) < estimate_seconds(8)
+    assert estimate_seconds(3, AdaptOptions(steps=100)) < estimate_seconds(3, AdaptOptions(steps=400))
+    text = describe_estimate(3, "cpu")
+    assert "4 fine-tuning runs" in text and "min" in text
+
+
+def test_depth_contrast_tells_a_t1_from_the_same_brain_with_reversed_contrast(site):
+    pre = PreprocessConfig()
+    t1 = depth_contrast(subject_slices(Subject(site["a"], site["mask"]), pre, ("axial",))[0])
+    reversed_ = depth_contrast(subject_slices(Subject(site["reversed"], site["mask"]), pre, ("axial",))[0])
+    assert abs(t1 - T1_DEPTH_CONTRAST) < TOLERANCE < abs(reversed_ - T1_DEPTH_CONTRAST)
+    t1_model = BundleHeader(preprocess=pre, modality="T1")
+    check_modality(["scan_a"], [t1], t1_model)
+    with pytest.raises(CeVAEError, match="reversed"):
+        check_modality(["scan_a", "reversed"], [t1, reversed_], t1_model)
+    check_modality(["reversed"], [reversed_], replace(t1_model, modality="T2"))  # no T2 reference: not compared
+    adapted = replace(t1_model, extra={"adaptation": {"depth_contrast": reversed_}})  # a site's own reference wins
+    check_modality(["reversed"], [reversed_], adapted)
+    with pytest.raises(CeVAEError, match="adapted to"):
+        check_modality(["scan_a"], [t1], adapted)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mni152_t1.nii.gz").exists(), reason="needs the healthy sample volumes")
+def test_the_t1_reference_is_the_three_healthy_volumes_pooled(tmp_path):
+    pre = PreprocessConfig()
+    slices = [subject_slices(Subject(SHARED_DATA / f"{s}_t1.nii.gz", SHARED_DATA / f"{s}_brainmask.nii.gz"), pre,
+                             ("axial",))[0] for s in ("colin27", "mni152", "robex")]
+    assert depth_contrast(np.concatenate(slices)) == pytest.approx(T1_DEPTH_CONTRAST, abs=1e-3)
+
+
+def test_a_trainer_can_start_from_a_bundle_s_weights(tiny_bundle, site, tmp_path):
+    base = load_bundle(tiny_bundle)
+    cfg = TrainConfig(out=tmp_path / "m.cevae", model=base.model_config, max_steps=1, device="cpu",
+                      val_fraction=0.0, init_from=tiny_bundle)
+    trainer = Trainer(cfg, subjects(site, "a"), base.preprocess)
+    for key, value in base.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    other = TrainConfig(out=tmp_path / "o.cevae", model=ModelConfig(channels=(8, 16), z_dim=8), device="cpu",
+                        init_from=tiny_bundle)
+    with pytest.raises(CeVAEError, match="another architecture"):
+        Trainer(other, subjects(site, "a"))
+
+
+def test_adapt_records_parent_site_and_folds_and_no_scan_calibrates_a_model_trained_on_it(
+        tiny_bundle, site, tmp_path, monkeypatch):
+    runs, packaged = [], {}
+    real_trainer, real_package = adapt_mod.Trainer, adapt_mod.package
+
+    def trainer(cfg, train_subjects, *args, **kw):
+        t = real_trainer(cfg, train_subjects, *args, **kw)
+        runs.append(t)
+        return t
+
+    def package(*args, **kw):
+        packaged.update(subjects=args[3], scorers=kw["scorers"])
+        return real_package(*args, **kw)
+
+    monkeypatch.setattr(adapt_mod, "Trainer", trainer)
+    monkeypatch.setattr(adapt_mod, "package", package)
+    scans = subjects(site, "a", "b", "c")
+    out = tmp_path / "site.cevae"
+    assert adapt_mod.adapt(tiny_bundle, scans, out, QUICK) == out
+
+    assert len(runs) == 4  # three folds, then the final model on all scans
+    for subject, scorer in zip(packaged["subjects"], packaged["scorers"]):
+        owner = next(t for t in runs if t.model is scorer.model)
+        assert owner is not runs[-1] and subject.image not in [s.image for s in owner.train_subjects]
+    header = read_header(out)
+    record = header.extra["adaptation"]
+    assert record["parent"]["sha256"] == sha256_of(tiny_bundle)
+    assert [s["sha256"] for s in record["site_scans"]] == [sha256_of(s.image) for s in scans]
+    held = [n for fold in record["folds"] for n in fold["held_out"]]
+    assert sorted(held) == ["scan_a", "scan_b", "scan_c"]
+    assert all(not set(f["held_out"]) & set(f["trained_on"]) for f in record["folds"])
+    assert [s["name"] for s in header.training["subjects"]] == ["scan_a", "scan_b", "scan_c"]
+    assert {json.loads(k)["score"]["score_type"] for k in header.calibration} == set(SCORE_TYPES)
+    base_header = read_header(tiny_bundle)
+    assert (header.score_options, header.postprocess, header.preprocess) == \
+        (base_header.score_options, base_header.postprocess, base_header.preprocess)
+    adapted, base = load_bundle(out).model.state_dict(), load_bundle(tiny_bundle).model.state_dict()
+    assert any(not torch.equal(adapted[k], base[k]) for k in base)
+    assert out.with_name("site.cevae.ckpt").is_file()
+    assert not list(tmp_path.glob("*.fold*.ckpt"))  # only needed to resume an unfinished adaptation
+
+
+def test_an_interrupted_adaptation_resumes_without_training_finished_folds_again(tiny_bundle, site, tmp_path):
+    scans = subjects(site, "a", "b")
+    out = tmp_path / "cut" / "site.cevae"
+    out.parent.mkdir()
+
+    def cancel_in_final_run(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 3/3") and "step 3 " in message:
+            raise Cancelled("stopped by the test")
+
+    with pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, scans, out, QUICK, cancel_in_final_run)
+    assert not out.exists()
+    fold_ckpts = sorted(out.parent.glob("site.cevae.fold*.ckpt"))
+    assert len(fold_ckpts) == 2 and out.with_name("site.cevae.ckpt").is_file()
+    with pytest.raises(CeVAEError, match="already exists"):
+        adapt_mod.adapt(tiny_bundle, scans, out, QUICK)
+    messages = []
+    adapt_mod.adapt(tiny_bundle, scans, out, AdaptOptions(**{**QUICK.__dict__, "resume": True}),
+                    lambda f, m: messages.append(m))
+    # the finished folds are read back from their checkpoints, not trained again: no step reported for them
+    assert not any(m.startswith(("Fine-tuning 1/3", "Fine-tuning 2/3")) and "step" in m for m in messages)
+    assert any(m.startswith("Fine-tuning 3/3") and "step 4 " in m for m in messages)
+
+    ref = tmp_path / "ref" / "site.cevae"
+    ref.parent.mkdir()
+    adapt_mod.adapt(tiny_bundle, scans, ref, QUICK)
+    got, want = load_bundle(out).model.state_dict(), load_bundle(ref).model.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=key)
+    got_cal, want_cal = read_header(out).calibration, read_header(ref).calibration
+    assert got_cal.keys() == want_cal.keys()
+    for key in want_cal:
+        np.testing.assert_allclose(got_cal[key]["threshold"], want_cal[key]["threshold"], rtol=1e-4)
+
+
+def _refusal(capsys, argv: List[str]) -> str:
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: ")  # other lines: progress of the work before it
+    return errors[0]
+
+
+def test_the_command_refuses_too_few_scans_another_contrast_and_models_it_cannot_fine_tune(
+        tiny_bundle, site, tmp_path, capsys):
+    out = str(tmp_path / "site.cevae")
+    common = ["--model", str(tiny_bundle), "--out", out, *QUICK_ARGS]
+    assert "at least 2" in _refusal(capsys, ["adapt", str(site["a"]), *common])
+    copy = tmp_path / "copy_of_a.nii.gz"
+    copy.write_bytes(site["a"].read_bytes())  # the same scan under another name counts once
+    assert "at least 2" in _refusal(capsys, ["adapt", str(site["a"]), str(copy), *common])
+    err = _refusal(capsys, ["adapt", str(site["a"]), str(site["reversed"]), *common])
+    assert "another contrast" in err and "reversed" in err and "scan_a" not in err.split("T1 scans:")[1].split(";")[0]
+    untrained = replace(read_header(tiny_bundle), training=None)  # e.g. converted from elsewhere
+    no_record = save_bundle(tmp_path / "no_record.cevae", load_bundle(tiny_bundle).model, untrained)
+    assert "no training run" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), "--model",
+                                                  str(no_record), "--out", out, *QUICK_ARGS])
+    assert "--folds" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), *common, "--folds", "1"])
+    assert "--steps" in _refusal(capsys, ["adapt", str(site["a"]), str(site["b"]), *common, "--steps", "0"])
+    assert "does not exist" in _refusal(capsys, ["adapt", str(site["a"]), str(tmp_path / "missing.nii.gz"), *common])
+    assert not Path(out).exists() and not list(tmp_path.glob("site.cevae*"))
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_bundle, site, tmp_path):
+    """A scheduler's SIGTERM mid-adaptation: exit 143, no bundle, checkpoints kept; --resume completes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "site.cevae"
+    cmd = [sys.executable, "-m", "CeVAEAnomalyLib.cli", "adapt", str(site["a"]), str(site["b"]), "--model",
+           str(tiny_bundle), "--out", str(out), "--steps", "400", "--batch-size", "8", "--checkpoint-every", "2",
+           "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    fold1 = tmp_path / "site.cevae.fold1.ckpt"
+    deadline = time.monotonic() + 120
+    while not fold1.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().endswith("terminated"), err
+    assert fold1.is_file() and not out.exists()
+    resumed = subprocess.run([*cmd[:-8], "--steps", "6", "--batch-size", "8", "--checkpoint-every", "2",
+                              "--device", "cpu", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from" in resumed.stderr and read_header(out).extra["adaptation"]["steps_per_run"] == 6
+
+
+def test_a_second_adaptation_to_the_same_output_is_refused_while_one_runs(tiny_bundle, site, tmp_path):
+    from CeVAEAnomalyLib.io.lock import hold_output
+
+    out = tmp_path / "site.cevae"
+    with hold_output(out, "adapt"):  # as another process running the same adaptation would
+        with pytest.raises(CeVAEError) as refused:
+            adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), out, QUICK)
+    assert str(out.name) in str(refused.value) and not out.exists()

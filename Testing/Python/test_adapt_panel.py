@@ -1,0 +1,42 @@
+"""The "Adapt to this scanner" section's decisions before a run (CeVAEAnomalyLib.slicer.adapt_panel), without Qt."""
+from __future__ import annotations
+
+import os
+
+from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice
+from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions, describe_estimate
+
+
+def test_it_needs_two_volumes_and_an_output_file(tmp_path):
+    out = str(tmp_path / "scanner.cevae")
+    one = adapt_choice(1, out, None, "cpu")
+    assert not one.ready and "at least 2" in one.message
+    assert not adapt_choice(3, "", None, "cpu").ready
+    folder = adapt_choice(3, str(tmp_path), None, "cpu")
+    assert not folder.ready and "file name" in folder.message
+
+
+def test_ready_it_shows_the_estimate_for_the_scans_and_device(tmp_path):
+    choice = adapt_choice(4, str(tmp_path / "scanner.cevae"), None, "cpu")
+    assert choice.ready and choice.existing == []
+    assert choice.message == describe_estimate(4, "cpu") and "5 fine-tuning runs" in choice.message
+    assert "expect much less" in adapt_choice(4, str(tmp_path / "s.cevae"), None, "cuda").message
+
+
+def test_it_refuses_to_write_over_the_model_it_starts_from_even_through_a_link(tmp_path):
+    model = tmp_path / "model.cevae"
+    model.write_bytes(b"weights")
+    os.link(model, tmp_path / "alias.cevae")
+    for target in (model, tmp_path / "alias.cevae"):
+        choice = adapt_choice(3, str(target), model, "cpu")
+        assert not choice.ready and "new name" in choice.message
+
+
+def test_it_lists_the_files_of_an_earlier_run_that_would_be_replaced(tmp_path):
+    out = tmp_path / "scanner.cevae"
+    (tmp_path / "scanner.cevae.ckpt").write_bytes(b"")
+    (tmp_path / "scanner.cevae.fold2.log.csv").write_text("step\n")
+    (tmp_path / "other.cevae.ckpt").write_bytes(b"")
+    choice = adapt_choice(3, str(out), None, "cpu", AdaptOptions())
+    assert choice.ready
+    assert sorted(p.name for p in choice.existing) == ["scanner.cevae.ckpt", "scanner.cevae.fold2.log.csv"]
