@@ -289,7 +289,7 @@ def main() -> None:
     p.add_argument("--lrs", default="1e-4,3e-4")
     p.add_argument("--steps", type=int, help="fine-tuning steps per run (default: AdaptOptions')")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: AdaptOptions')")
-    p.add_argument("--runs", type=Path, default=Path("/work/runs/benchmark/cevae"), help="fold models without-S.cevae")
+    p.add_argument("--runs", type=Path, default=Path("runs/benchmark/cevae"), help="fold models without-S.cevae")
     p.add_argument("--held-out", help="comma-separated held-out subjects to compare base and adapted models on")
     p.add_argument("--variants", default="clean,thick6,noisy")
     p.add_argument("--base-from-checkpoint", type=Path,

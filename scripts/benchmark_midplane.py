@@ -21,9 +21,13 @@ SUBJECTS = ("colin27", "mni152", "robex")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=str, default="/work/shared/data/healthy")
+    p.add_argument("--data", type=str, help="folder with <name>_t1/_brainmask.nii.gz (default: find or fetch)")
     p.add_argument("--variants", help="comma-separated substrings of variant names (default: all)")
     args = p.parse_args()
+    if args.data is None:
+        from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
+
+        args.data = str(ensure_healthy_data())
     variants = [v for v in VARIANTS if not args.variants or any(w in v for w in args.variants.split(","))]
     print("| variant | " + " | ".join(f"{s}: angle ° / shift mm" for s in SUBJECTS) + " |")
     print("|---|" + "---|" * len(SUBJECTS))
