@@ -259,3 +259,14 @@ def test_a_second_adaptation_to_the_same_output_is_refused_while_one_runs(tiny_b
         with pytest.raises(CeVAEError) as refused:
             adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), out, QUICK)
     assert str(out.name) in str(refused.value) and not out.exists()
+
+
+def test_a_dicom_series_folder_is_a_site_scan_like_in_train(tmp_path):
+    """Site scans are checked and hashed as train does: a series folder is hashed, a missing scan refused."""
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "001.dcm").write_bytes(b"slice one")
+    (series / "002.dcm").write_bytes(b"slice two")
+    assert adapt_mod._checksums([Subject(series)]) == {series: sha256_of(series)}
+    with pytest.raises(CeVAEError, match="does not exist"):
+        adapt_mod._checksums([Subject(tmp_path / "missing.nii.gz")])

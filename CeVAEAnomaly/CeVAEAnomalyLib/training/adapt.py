@@ -25,13 +25,14 @@ from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output
-from ..io.manifest import Subject
+from ..io.manifest import Subject, check_volume_path
 from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
 from .adapt_plan import AdaptOptions, fold_plan, output_paths, run_names
 from .cache import SliceCache
 from .config import AugmentConfig, TrainConfig
 from .data import unique_subjects
+from .distributed import DistInfo, file_checksums
 from .modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
 from .trainer import Trainer
@@ -125,16 +126,11 @@ def _check_adaptable(header: BundleHeader, path: Path) -> None:
 
 
 def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
-    """sha256 of every image and mask, refusing missing files by name."""
-    sums: Dict[Path, str] = {}
+    """sha256 of every image and mask (a DICOM series folder too), each volume checked first and refused by name."""
     for s in subjects:
-        for path, what in ((s.image, "scan"), (s.mask, "brain mask")):
-            if path is None or path in sums:
-                continue
-            if not Path(path).is_file():
-                raise CeVAEError(f"The {what} {path} does not exist or is not a file.")
-            sums[path] = sha256_of(path)
-    return sums
+        check_volume_path(s.image, "scan")
+        check_volume_path(s.mask, "brain mask")
+    return file_checksums(subjects, DistInfo())
 
 
 def _record(header: BundleHeader, base: Path, subjects: Sequence[Subject], checksums: Dict[Path, str],
