@@ -2,14 +2,15 @@
 
 For each healthy subject S (held out in turn) and the model trained without S
 (``runs/benchmark/cevae/without-S.cevae`` from ``scripts/benchmark_train.py``): S itself and one case per
-lesion recipe (mixed, low contrast, across the midline, several small; fixed seeds), inserted into the
+lesion recipe (mixed, low contrast, across the midline, several small, moved tissue; fixed seeds), inserted into the
 clean scan, then degraded with its mask and ground truth into each acquisition variant
 (``CeVAEAnomalyResearch.acquisition.VARIANTS``). Each variant volume goes through the model's
 :class:`Detector` once without post-processing (the raw map and the slice ELBOs); the default
 post-processing chain is then applied with the detector's own steps on the detector's region. Cached per
 case, on that region: the default final map, the raw map and its mirror image about the detector's
 mid-sagittal plane, the scaled intensities and their mirror image, the brain and its mirror, the ground
-truth and the slice scores; so the post-processing levers can be re-evaluated without the network.
+truth and the slice scores; so the post-processing levers can be re-evaluated without the network. Moved-tissue
+cases also keep the ceVAE's reconstruction error and KL gradient maps on their own (``rec``, ``grad``).
 
     python scripts/benchmark_acquisition_maps.py [--out runs/acquisition] [--variants clean,thick]
     [--check]   # also run the full default Detector on each variant's first case and record the agreement
@@ -28,8 +29,7 @@ import SimpleITK as sitk
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.engine.postprocess import refine_reach
-from CeVAEAnomalyLib.engine.preprocess import brain_region
-from CeVAEAnomalyLib.engine.symmetry import box_asymmetry
+from CeVAEAnomalyLib.engine.preprocess import brain_region, region_image
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
@@ -45,7 +45,10 @@ RECIPES: Dict[str, Tuple[Tuple[int, int], dict]] = {
                                   contrast_sd=(0.5, 1.0))),
     "midline": ((1, 2), dict(kinds=NON_MOVED, radius_mm=(5.0, 15.0), sites=("midline",))),
     "several small": ((5, 8), dict(kinds=("hypo", "hyper", "ring", "shift"), radius_mm=(2.5, 5.0))),
+    # normal intensities, wrong structure: what intensity and symmetry cannot see (rec and grad cached too)
+    "moved tissue": ((1, 2), dict(kinds=("moved",), radius_mm=(8.0, 15.0))),
 }
+TERMS_RECIPES = ("moved tissue",)
 
 
 def lesion_case(image: sitk.Image, mask: sitk.Image, recipe: str, seed: int):
@@ -60,40 +63,39 @@ def lesion_case(image: sitk.Image, mask: sitk.Image, recipe: str, seed: int):
             n -= 1
 
 
-def _box_image(image: sitk.Image, region) -> sitk.Image:
-    k, j, i = region
-    return image[i.start:i.stop, j.start:j.stop, k.start:k.stop]
-
-
 def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, raw_detector: Detector,
-               default: Detector, meta: dict) -> None:
+               default: Detector, meta: dict, terms: bool = False) -> None:
+    """Cache one case on the default detector's region (``terms``: also the rec and grad maps)."""
     t0 = time.perf_counter()
     res = raw_detector(image, mask)
     t_net = time.perf_counter() - t0
     brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0
     region = brain_region(brain, refine_reach(default.post, image.GetSpacing()) + 1)
-    score = _box_image(res.score, region)
-    brain_img = _box_image(res.brain_mask, region)
-    asym = box_asymmetry(score, image, brain, default.post.asymmetry_mm)
-    final = default._refine(score, brain_img, asym)  # the detector's own post-processing chain
-    inside = brain[region]
+    inside = brain[region].copy()
+    combi = sitk.GetArrayFromImage(res.score)[region].astype(np.float32)
+    asym = default._asymmetry(image, inside, region)
+    final = default._refine(combi.copy(), inside, image, region, asym)  # the detector's own post-processing chain
     values = sitk.GetArrayViewFromImage(image)[region][inside].astype(np.float32)
     lo, hi = np.percentile(values, [1, 99])
     scaled = np.zeros(inside.shape, np.float32)
     scaled[inside] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
 
     def mirrored(arr: np.ndarray, nearest: bool = False) -> np.ndarray:
-        img = sitk.GetImageFromArray(arr)
-        img.CopyInformation(score)
+        img = region_image(arr, image, region)
         interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
         return sitk.GetArrayFromImage(sitk.Resample(img, img, asym.reflection, interp, 0.0, img.GetPixelID()))
 
-    combi = sitk.GetArrayFromImage(score)
+    extra = {}
+    if terms:  # the ceVAE's two terms on their own (one more network pass), scattered onto the region's brain
+        for name, vals in raw_detector.brain_scores(image, mask, ("rec", "grad")).items():
+            arr = np.zeros(inside.shape, np.float32)
+            arr[inside] = vals
+            extra[name] = arr
     rows = res.slices
     np.savez(
         path,
-        final=sitk.GetArrayFromImage(final).astype(np.float32),
-        combi=combi.astype(np.float32),
+        final=np.asarray(final, np.float32),
+        combi=combi,
         combi_m=mirrored(combi).astype(np.float16),
         image=scaled.astype(np.float16),
         image_m=mirrored(scaled).astype(np.float16),
@@ -107,6 +109,7 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
         slice_neg_elbo=np.array([r.neg_elbo for r in rows]),
         seconds=np.array([t_net, time.perf_counter() - t0 - t_net]),
         meta=np.array(json.dumps(meta)),
+        **extra,
     )
 
 
@@ -174,7 +177,8 @@ def main() -> None:
                     continue
                 v_img, v_mask, v_gt = derive(VARIANTS[variant], img, m, gt, seed=1000 * si + 10 * vi + 1)
                 cache_case(path, v_img, v_mask, v_gt, raw, default,
-                           dict(meta, subject=subject, variant=variant, case=name))
+                           dict(meta, subject=subject, variant=variant, case=name),
+                           terms=meta["recipe"] in TERMS_RECIPES)
                 if args.check and ci == 1 and not args.train_subjects:
                     checks[f"{subject} / {variant}"] = check_case(v_img, v_mask, default, path)
                 print(f"{path.name} ({time.time() - t0:.0f} s)", flush=True)
