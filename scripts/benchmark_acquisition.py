@@ -56,12 +56,7 @@ def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, u
         s = np.power(np.maximum(combi, 0), power).astype(np.float32)
     s = refine_scores(s, c["brain"], tuple(float(v) for v in c["spacing"]),
                       PostprocessOptions(rim_mm=RECOMMENDED_POSTPROCESS.rim_mm))
-    if not tail:
-        return normalised(s, c["brain"])
-    v = s[c["brain"]]
-    med, q = np.percentile(v, [50, 95])
-    spread = max((q - med) / 1.645, 1e-12)  # the spread a normal upper tail would have
-    return np.where(c["brain"], np.maximum((s - med) / spread, 0), 0).astype(np.float32)
+    return normalised(s, c["brain"], "tail" if tail else "mad")
 
 
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {

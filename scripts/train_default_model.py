@@ -31,7 +31,8 @@ from CeVAEAnomalyResearch.modelcard import write_model_card
 SUBJECTS = ("colin27", "mni152", "robex")
 FOLD_STEPS = 1500
 # chosen on the subject-held-out benchmark (docs/benchmark.md, scripts/benchmark_quality.py):
-# √(combi) × (0.1 + left-right intensity asymmetry (σ 3 mm) × side weight), normalised per brain, rim 3 mm, ≥ 50 mm³
+# √(combi) × (0.1 + left-right intensity asymmetry (σ 3 mm) × side weight), rim 3 mm, normalised per brain by the
+# upper tail's spread (scripts/benchmark_acquisition.py), ≥ 50 mm³
 SCORING = ScoreOptions()
 POSTPROCESS = RECOMMENDED_POSTPROCESS
 # The operating threshold (normalised units) the benchmark tuned over all three held-out subjects.

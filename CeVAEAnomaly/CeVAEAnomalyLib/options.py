@@ -26,6 +26,10 @@ GRAD_NORMS = ("slice", "volume", "none")
 REC_KINDS = ("l1", "l2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ORIENTATIONS = ("axial", "coronal", "sagittal")
+# How ``normalise`` measures a brain's score spread (engine/postprocess.py); for normally distributed
+# scores both are the standard deviation.
+SPREADS = {"mad": "1.4826 x the median absolute deviation from the median",
+           "tail": "(95th percentile - median) / 1.645, the upper tail's width"}
 
 S = TypeVar("S", bound="Serialisable")
 
@@ -153,8 +157,9 @@ PAPER = dict(combi="product", grad_target="kl", grad_sigma=3.0, grad_norm="volum
 class PostprocessOptions(Serialisable):
     """Optional steps, all off by default except what the bundle recommends.
 
-    Order: asymmetry fusion, rim, median, robust normalisation, threshold (with hysteresis),
-    minimum component volume.
+    Order: asymmetry fusion, rim, median, robust normalisation (its ``spread``), threshold (with
+    hysteresis), minimum component volume. A step's parameters are ignored while the step is off
+    (e.g. ``spread`` without ``normalise``, ``asymmetry_floor`` with ``asymmetry_mm`` 0).
     """
 
     rim_mm: float = option(0.0, "ignore scores within this distance of the brain edge (mm)", high=50)
@@ -168,8 +173,12 @@ class PostprocessOptions(Serialisable):
     asymmetry_side: bool = option(False, "weight the asymmetry by min(1, 2 s / (s + s_mirror)) of the score s: "
                                   "the side that scores lower loses it (no ghost at a lesion's mirror position)")
     score_power: float = option(1.0, "power of the model's score in the asymmetry fusion", high=10, open_low=True)
-    normalise: bool = option(False, "express scores in units of this brain's robust spread (median/MAD) "
-                             "before thresholding")
+    normalise: bool = option(False, "express scores in units of this brain's robust spread, (score - median) / "
+                             "spread, negatives set to 0, before thresholding")
+    # mad here so older bundles' headers and calibrations (written without it) still match
+    spread: str = option("mad", "how --normalise measures this brain's spread: "
+                         + "; ".join(f"{k}: {v}" for k, v in SPREADS.items()) + " (ignored without --normalise)",
+                         choices=tuple(SPREADS), label="spread")
     hysteresis: float = option(0.0, "grow labelled components down to this fraction of the threshold (0: off)",
                                high=1, open_high=True)
 
@@ -177,11 +186,11 @@ class PostprocessOptions(Serialisable):
         _check_fields(self)
 
 
-# The chain the subject-held-out benchmark favoured (docs/benchmark.md); new bundles use it:
-# √score × (0.1 + asymmetry (σ 3 mm) × side weight), normalised per brain, outer 3 mm rim masked, components < 50 mm³
-# dropped.
+# The chain the subject-held-out benchmarks favoured (docs/benchmark.md); new bundles use it:
+# √score × (0.1 + asymmetry (σ 3 mm) × side weight), outer 3 mm rim masked, normalised per brain by the upper
+# tail's spread (the acquisition benchmark's lever), components < 50 mm³ dropped.
 RECOMMENDED_POSTPROCESS = PostprocessOptions(rim_mm=3.0, min_volume_mm3=50.0, asymmetry_mm=3.0, asymmetry_floor=0.1,
-                                             asymmetry_side=True, score_power=0.5, normalise=True)
+                                             asymmetry_side=True, score_power=0.5, normalise=True, spread="tail")
 
 
 @dataclass(frozen=True)

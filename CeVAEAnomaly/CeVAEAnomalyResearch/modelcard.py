@@ -8,6 +8,7 @@ from typing import Optional
 from CeVAEAnomalyLib.engine.bundle import Bundle
 from CeVAEAnomalyLib.engine.calibration import find_calibration, threshold_for_fpr
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.options import SPREADS
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 
 KNOWN_SOURCES = {
@@ -59,6 +60,9 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
         f"- Post-processing: {json.dumps(h.get('postprocess'))}.",
     ]
     typed = bundle.header
+    if typed.postprocess.normalise:
+        lines.append(f"- Each brain's map is normalised to (s − median) / spread, negatives set to 0, with spread "
+                     f"`{typed.postprocess.spread}`: {SPREADS[typed.postprocess.spread]}.")
     fpr = typed.default_fpr
     try:
         entry = find_calibration(typed.calibration, typed.score_options, typed.postprocess)

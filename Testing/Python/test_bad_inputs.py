@@ -513,6 +513,8 @@ CASES: Dict[str, Case] = {
     "model path is a folder": Case(model_folder, REFUSED, r"models is a folder"),
     "unknown --score-type": Case(with_args("--score-type", "entropy"), REFUSED,
                                  r"argument --score-type: invalid choice: 'entropy' \(choose from 'combi', 'rec', 'grad'\)"),
+    "unknown --spread": Case(with_args("--spread", "iqr"), REFUSED,
+                             r"argument --spread: invalid choice: 'iqr' \(choose from 'mad', 'tail'\)"),
     "--batch-size 0": Case(with_args("--batch-size", "0"), REFUSED, r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0"),
     "--fpr 5": Case(with_args("--fpr", "5"), REFUSED, r"fpr \(--fpr\) must be a number in \(0, 1\), got 5"),
     "negative --rim-mm": Case(with_args("--rim-mm", "-2"), REFUSED, r"rim_mm \(--rim-mm\) must be a number in \[0, 50\], got -2"),

@@ -77,6 +77,8 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                              r"section 'score_options' has unknown key\(s\) 'temperature'"),
     "unknown post-processing step": (setting("postprocess", "dilate_mm", 2.0),
                                      r"section 'postprocess' has unknown key\(s\) 'dilate_mm'"),
+    "unknown normalisation spread": (setting("postprocess", "spread", "iqr"),
+                                     r"postprocess\.spread must be one of mad, tail, got 'iqr'"),
     "huge median radius": (setting("postprocess", "median_radius", 10**6), r"postprocess\.median_radius must be"),
     "thresholds rise with the rate": (calibration(lambda e: e["threshold"].reverse()),
                                       r"calibration table 1 has thresholds that rise with the rate"),

@@ -113,12 +113,12 @@ class Detector:
     def _refine(self, score: np.ndarray, inside: np.ndarray, image: sitk.Image, region: Region,
                 asym: Optional[BoxAsymmetry]) -> np.ndarray:
         """The post-processed map on ``region`` of ``image``'s grid (``inside``: its brain): asymmetry
-        fusion, rim and median, normalisation."""
+        fusion, rim and median, normalisation (by ``post.spread``)."""
         post = self.post
         if asym is not None:
             score = fuse_with_asymmetry(score, asym, post.asymmetry_floor, post.score_power, post.asymmetry_side)
         score = refine_scores(score, inside, image.GetSpacing(), post)
-        return normalised(score, inside) if post.normalise else score
+        return normalised(score, inside, post.spread) if post.normalise else score
 
     def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image],
                  progress: Optional[ProgressCallback]) -> Tuple[SliceStack, np.ndarray]:

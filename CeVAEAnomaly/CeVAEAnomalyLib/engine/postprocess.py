@@ -6,13 +6,14 @@ images appear only where ITK computes (connected components, the statistics of :
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import CeVAEError
 from ..io.images import voxel_volume_ml
-from ..options import PostprocessOptions
+from ..options import SPREADS, PostprocessOptions
 from ..result import Component
 
 
@@ -169,35 +170,52 @@ def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -
     return out
 
 
-def normalised(score: np.ndarray, brain: np.ndarray) -> np.ndarray:
+def normalised(score: np.ndarray, brain: np.ndarray, spread: str = "mad") -> np.ndarray:
     """:func:`robust_normalise` over ``brain``, negative values set to 0 (at or below this brain's median)."""
-    out = robust_normalise(score, brain)
+    out = robust_normalise(score, brain, spread)
     return np.maximum(out, 0, out=out)
 
 
-def robust_normalise(score: np.ndarray, brain: np.ndarray, slab: int = 8) -> np.ndarray:
-    """Scores in units of this brain's own score spread: (score - median) / (1.4826 · MAD) over ``brain``.
+TAIL_Z = 1.645  # the 95th percentile of a standard normal distribution
 
-    Voxels outside ``brain`` become 0. Where more than half the voxels share one value (MAD 0, e.g. a
-    sparse map), the spread is 1.2533 · mean absolute deviation from the median instead (the same for
-    a normal distribution), and 1 for a constant map. Computed in float64 ``slab`` planes at a time
-    into a float32 result, so a large volume needs no full-size float64 copy.
+
+def robust_normalise(score: np.ndarray, brain: np.ndarray, spread: str = "mad", slab: int = 8) -> np.ndarray:
+    """Scores in units of this brain's own score spread: (score - median) / spread over ``brain``.
+
+    ``spread`` (:data:`~..options.SPREADS`): ``mad``, 1.4826 · the median absolute deviation from the
+    median; ``tail``, (95th percentile − median) / 1.645, the width of the upper tail alone (linearly
+    interpolated percentiles, as ``np.percentile``). Both are the standard deviation of normally distributed
+    scores. Voxels outside ``brain`` become 0. Where a spread is 0 because many voxels share one
+    value (a sparse map), the next is used: tail, then MAD, then 1.2533 · the mean absolute deviation
+    from the median (again the standard deviation of a normal distribution), then 1 (a constant map).
+    Computed in float64 ``slab`` planes at a time into a float32 result, so a large volume needs no
+    full-size float64 copy.
     """
     values = score[brain].astype(np.float64)
     out = np.zeros(score.shape, np.float32)
     if values.size == 0:
         return out
-    median = float(np.median(values))
-    deviation = np.subtract(values, median, out=values)
-    np.abs(deviation, out=deviation)
-    spread = 1.4826 * float(np.median(deviation))
-    if spread <= 0:
-        spread = 1.2533 * float(deviation.mean()) or 1.0
-    del values, deviation
+    median, width = _median_and_spread(values, spread)
+    del values
     for k in range(0, score.shape[0], slab):
-        part = (score[k : k + slab].astype(np.float64) - median) / spread
+        part = (score[k : k + slab].astype(np.float64) - median) / width
         out[k : k + slab] = np.where(brain[k : k + slab], part, 0.0)
     return out
+
+
+def _median_and_spread(values: np.ndarray, spread: str) -> Tuple[float, float]:
+    """(median, spread) of a float64 array of brain scores, which this reorders and overwrites."""
+    if spread not in SPREADS:
+        raise CeVAEError(f"Unknown spread {spread!r}; choose one of {', '.join(SPREADS)}.")
+    if spread == "tail":
+        median, p95 = (float(v) for v in np.percentile(values, [50, 95], overwrite_input=True))
+        width = (p95 - median) / TAIL_Z
+    else:
+        median, width = float(np.median(values, overwrite_input=True)), 0.0
+    if width <= 0:
+        deviation = np.abs(np.subtract(values, median, out=values), out=values)
+        width = 1.4826 * float(np.median(deviation)) or 1.2533 * float(deviation.mean()) or 1.0
+    return median, width
 
 
 def hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
