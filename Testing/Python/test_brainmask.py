@@ -123,3 +123,32 @@ def test_registration_reports_every_iteration_and_cancels_at_once(robex):
     with pytest.raises(Cancelled):
         compute_brain_mask(image, progress=cancel)
     assert sum(f > 0.3 for f in seen) == 1  # no further iteration reported after the cancel
+
+
+def _acquisition(name: str, variant: str, seed: int):
+    """(image, reference mask) of the real ``name`` volume turned into an acquisition ``variant`` (mask degraded alike)."""
+    from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
+
+    folder = find_healthy_data((name,))
+    if folder is None:
+        pytest.skip("healthy sample data not found (../shared/data/healthy or $CEVAE_DATA_DIR)")
+    t1, mask = (sitk.ReadImage(str(p)) for p in subject_files(folder, name))
+    image, reference, _ = derive(VARIANTS[variant], t1, mask, sitk.Image(mask.GetSize(), sitk.sitkUInt8), seed)
+    return image, reference
+
+
+def test_skull_stripped_input_with_a_noisy_background_is_masked_above_the_noise():
+    """mni152 (skull-stripped) with 3 % Rician noise everywhere: its foreground is brain-sized, so it is its own
+    mask, thresholded above the noise (a level just above the minimum let the noise speckle join the brain: 4 L)."""
+    image, reference = _acquisition("mni152", "noise 3 %", seed=7)
+    mask = compute_brain_mask(image)
+    assert_same_grid(mask, image)
+    assert dice(mask, reference) >= 0.9
+
+
+def test_clinical_thick_post_contrast_head_keeps_its_mask():
+    """robex (with skull) as a clinical scan: simulated post-contrast, 6.5 mm axial slabs, 3 % noise."""
+    image, reference = _acquisition("robex", "clinical: post-contrast, 6.5 mm, noise 3 %", seed=13)
+    mask = compute_brain_mask(image)
+    assert_same_grid(mask, image)
+    assert dice(mask, reference) >= 0.9
