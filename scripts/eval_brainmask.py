@@ -10,7 +10,8 @@ With ``--acquisitions``: every acquisition variant of CeVAEAnomalyResearch/acqui
 partial coverage, noise, bias, gamma, simulated post-contrast, their clinical combinations) of each
 subject, against the reference mask degraded the same way by ``derive``. Prints Dice, the volume
 difference (automatic - reference, ml), the automatic mask outside the reference ("leak", ml), the
-reference outside the automatic mask ("miss", ml) and CPU seconds.
+reference outside the automatic mask ("miss", ml) and CPU seconds. Two deeper cuts than the benchmark's
+(``EXTRA_CROPS``) probe the rule that takes a brain-sized foreground for a skull-stripped brain.
 
 Usage: python scripts/eval_brainmask.py [--data-dir DIR] [--acquisitions [--subjects S,..] [--variants V,..]] [-v]
 """
@@ -31,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CeVAEAnomaly"))
 
 from CeVAEAnomalyLib.engine.brainmask import compute_brain_mask  # noqa: E402
 from CeVAEAnomalyLib.io.images import voxel_volume_ml  # noqa: E402
-from CeVAEAnomalyResearch.acquisition import VARIANTS, derive  # noqa: E402
+from CeVAEAnomalyResearch.acquisition import VARIANTS, Recipe, derive  # noqa: E402
 from CeVAEAnomalyResearch.sampledata import ensure_healthy_data, subject_files  # noqa: E402
 
 Case = Callable[[], "tuple[sitk.Image, sitk.Image]"]
+EXTRA_CROPS = {"bottom 40 % cut off": Recipe(crop=("bottom", 0.4)), "top 50 % cut off": Recipe(crop=("top", 0.5))}
 
 
 def dice(a: sitk.Image, b: sitk.Image) -> float:
@@ -134,7 +136,7 @@ def acquisitions(folder: Path, subjects: list[str], variants: list[str]) -> None
         truth = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
         truth.CopyInformation(reference)
         for seed, variant in enumerate(variants):
-            image, brain, _ = derive(VARIANTS[variant], t1, reference, truth, seed)
+            image, brain, _ = derive({**VARIANTS, **EXTRA_CROPS}[variant], t1, reference, truth, seed)
             cpu_start = time.process_time()
             mask = compute_brain_mask(image)
             cpu = time.process_time() - cpu_start
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     folder = args.data_dir or ensure_healthy_data()
     if args.acquisitions:
-        variants = _selected(args.variants, list(VARIANTS)) if args.variants else list(VARIANTS)
+        names = list(VARIANTS) + list(EXTRA_CROPS)
+        variants = _selected(args.variants, names) if args.variants else names
         acquisitions(folder, [s.strip() for s in args.subjects.split(",")], variants)
         return 0
     print(f"{'subject':20s} {'size':>16s} {'Dice':>6s} {'seconds':>8s} {'cpu_s':>6s}")
