@@ -37,6 +37,7 @@ from CeVAEAnomalyResearch.sampledata import ensure_healthy_data, subject_files  
 
 Case = Callable[[], "tuple[sitk.Image, sitk.Image]"]
 EXTRA_CROPS = {"bottom 40 % cut off": Recipe(crop=("bottom", 0.4)), "top 50 % cut off": Recipe(crop=("top", 0.5))}
+RECIPES = {**VARIANTS, **EXTRA_CROPS}
 
 
 def dice(a: sitk.Image, b: sitk.Image) -> float:
@@ -135,8 +136,9 @@ def acquisitions(folder: Path, subjects: list[str], variants: list[str]) -> None
         t1, reference = sitk.ReadImage(str(t1_path)), sitk.ReadImage(str(mask_path))
         truth = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
         truth.CopyInformation(reference)
-        for seed, variant in enumerate(variants):
-            image, brain, _ = derive({**VARIANTS, **EXTRA_CROPS}[variant], t1, reference, truth, seed)
+        for variant in variants:
+            seed = list(RECIPES).index(variant)  # the same degradation whichever variants are selected
+            image, brain, _ = derive(RECIPES[variant], t1, reference, truth, seed)
             cpu_start = time.process_time()
             mask = compute_brain_mask(image)
             cpu = time.process_time() - cpu_start
@@ -166,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     folder = args.data_dir or ensure_healthy_data()
     if args.acquisitions:
-        names = list(VARIANTS) + list(EXTRA_CROPS)
-        variants = _selected(args.variants, names) if args.variants else names
+        variants = _selected(args.variants, list(RECIPES)) if args.variants else list(RECIPES)
         acquisitions(folder, [s.strip() for s in args.subjects.split(",")], variants)
         return 0
     print(f"{'subject':20s} {'size':>16s} {'Dice':>6s} {'seconds':>8s} {'cpu_s':>6s}")
