@@ -354,9 +354,12 @@ def render(result: dict) -> str:
     lines = _variant_table(f"Default detector (subjects {', '.join(result['subjects'])}; threshold: healthy "
                            f"false-positive rate {result['fpr']:.6f} on the other subjects' clean held-out scans):",
                            rows.get(default, {}))
-    best = max((k for k in rows if k != default), key=lambda k: _merit(rows[k]), default=None)
+    floor = _merit(rows[default])[0] if default in rows else 0.0
+    best = max((k for k in rows if k != default and _merit(rows[k])[0] >= floor), key=lambda k: _merit(rows[k])[1],
+               default=None)
     if best:
-        lines += [""] + _variant_table(f"Best lever by (healthy scans within target, mean Dice): {best}", rows[best])
+        lines += [""] + _variant_table(f"Best lever by mean Dice among those with at least the default's share of healthy "
+                                       f"scans within target: {best}", rows[best])
     lines += ["", "Levers, averaged over variants (healthy targets: every held-out healthy scan ≤ 1 ml and ≤ 2 components):",
               "", "| lever (map · threshold rule · labelmap rule) | mean AUPRC | mean best Dice | mean Dice @ op "
               "| healthy ml (mean / max) | healthy components (mean / max) | healthy scans within target "
