@@ -26,12 +26,13 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 from CeVAEAnomalyResearch.evaluate import auroc, dice, pooled_metrics
-from CeVAEAnomalyLib.engine.postprocess import hysteresis, normalised
+from CeVAEAnomalyLib.engine.postprocess import hysteresis, normalised, refine_scores
 from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_excess, slice_flags, slice_quantile
 from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
+from CeVAEAnomalyLib.options import PostprocessOptions
 
 SUBJECTS = ("colin27", "mni152", "robex")
-RIM_MM = 3.0
+RIM = PostprocessOptions(rim_mm=3.0)  # the shipped rim (only this step of the options is used here)
 MIN_VOLUME_MM3 = 50.0
 SLICE_FUSION_WEIGHTS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8)  # rank-fusion weights of the map score tried
 SHIPPED_FPR = 0.0002  # the default operating point of the bundle before this benchmark
@@ -54,8 +55,8 @@ def load(maps: Path) -> Dict[str, Case]:
             c = {k: z[k] for k in z.files}
         c["subject"] = p.stem.split("-")[0]
         c["kind"] = "train" if "-train-" in p.stem else ("healthy" if p.stem.endswith("healthy") else "lesion")
-        depth = ndimage.distance_transform_edt(np.pad(c["brain"], 1), sampling=c["spacing"][::-1])[1:-1, 1:-1, 1:-1]
-        c["keep"] = depth > RIM_MM  # the brain without its outer rim
+        # the brain without its outer rim, as the detector masks it
+        c["keep"] = refine_scores(c["brain"].astype(np.float32), c["brain"], tuple(c["spacing"]), RIM) > 0
         c["both"] = c["brain"] & c["brain_m"]
         del c["brain_m"]
         c["voxel_ml"] = float(np.prod(c["spacing"])) / 1000.0
