@@ -2,8 +2,10 @@
 
 Needs ``scripts/benchmark_acquisition_maps.py`` (cached maps; each held-out subject scored by the model that
 never saw it). Every threshold used on subject S comes from the other subjects' held-out healthy scans
-(the default: the shipped healthy false-positive rate on their clean scans, as a held-out bundle calibration
-stores it; levers: the same rate on their scans of the same acquisition class). Per variant it reports
+(the default: the bundled model's healthy false-positive rate on their clean scans, as a held-out bundle
+calibration stores it; levers: the same rate on their scans of the same acquisition class, or of the same
+variant: a site calibration on two healthy scans). "default" is the shipped chain (tail normalisation); the
+cached detector maps of the fold models are the chain as it was before (MAD normalisation). Per variant it reports
 pooled AUPRC and best Dice, mean Dice at the operating point (moved-tissue lesions apart: for them the
 ceVAE's own terms are compared with the fused maps), the healthy scan's flagged ml and number of
 components, the top slice on a lesion and the lesion table's first row being a lesion.
@@ -21,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
-from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
+from CeVAEAnomalyLib.data import default_model_path
+from CeVAEAnomalyLib.engine.header import read_header
 from CeVAEAnomalyLib.engine.postprocess import normalised, refine_scores
 from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_quantile
 from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
@@ -29,8 +32,7 @@ from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS, PostprocessOptions
 from CeVAEAnomalyResearch.acquisition import VARIANTS
 from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
 
-SHIPPED_FPR = 0.00022712597940991678  # the shipped bundle's default_fpr (docs/benchmark.md)
-SHIPPED_THRESHOLD = 6.694  # what that rate gives in the shipped calibration (tuned on all three clean subjects)
+SHIPPED_FPR = read_header(default_model_path()).default_fpr  # the bundled model's operating point
 CONN = np.ones((3, 3, 3), bool)
 FUSION_WEIGHTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 Case = Dict[str, object]
@@ -45,8 +47,9 @@ def thickness_class(variant: str) -> str:
 # ---- score maps: the default chain and its variations, from a cached case ----
 
 def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, use_asymmetry: bool = True,
-          tail: bool = False) -> np.ndarray:
-    """The detector's post-processing (asymmetry fusion, rim, normalisation) with other parameters."""
+          tail: bool = True) -> np.ndarray:
+    """The detector's post-processing (asymmetry fusion, rim, normalisation) with other parameters
+    (``tail``: the default spread; False: the median absolute deviation, the cached ``final`` map's)."""
     combi = c["combi"]
     if use_asymmetry:
         both = c["brain"] & c["brain_m"]
@@ -59,19 +62,20 @@ def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, u
     return normalised(s, c["brain"], "tail" if tail else "mad")
 
 
+MAD = "mad normalisation (the default before)"
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
-    "default": lambda c: c["final"],
+    "default": chain,  # tail normalisation
+    MAD: lambda c: c["final"],  # the fold models' own detector map (their headers predate the tail default)
     "asymmetry σ = max(3 mm, slice thickness)": lambda c: chain(c, sigma=max(3.0, c["thickness"])),
     "no asymmetry (√combi only)": lambda c: chain(c, use_asymmetry=False),
-    "tail normalisation (spread from the 95th percentile)": lambda c: chain(c, tail=True),
-    "tail, asymmetry floor 0.3 (more weight to the ceVAE score)": lambda c: chain(c, floor=0.3, tail=True),
-    "tail, asymmetry floor 1.0": lambda c: chain(c, floor=1.0, tail=True),
+    "asymmetry floor 0.3 (more weight to the ceVAE score)": lambda c: chain(c, floor=0.3),
+    "asymmetry floor 1.0": lambda c: chain(c, floor=1.0),
 }
 # maps compared on the moved-tissue cases only (normal intensities, wrong structure)
 TERMS: Dict[str, Callable[[Case], np.ndarray]] = {
-    "default": lambda c: c["final"],
-    "tail normalisation": lambda c: chain(c, tail=True),
-    "tail, asymmetry floor 1.0": lambda c: chain(c, floor=1.0, tail=True),
+    "default (tail normalisation)": chain,
+    MAD: lambda c: c["final"],
+    "asymmetry floor 1.0": lambda c: chain(c, floor=1.0),
     "ceVAE combi (rec × grad) alone": lambda c: c["combi"],
     "ceVAE reconstruction error alone": lambda c: c["rec"],
     "ceVAE KL gradient alone": lambda c: c["grad"],
@@ -118,34 +122,26 @@ LABELS: Dict[str, Tuple[Callable[[Case], float], float, bool]] = {
 }
 
 
-MIN50, SCALED, PEAK = "min 50 mm³ (default)", "min 50 mm³ × slice thickness / 1 mm", "min 50 mm³, peak > 1.5 t"
+MIN50, SCALED, PEAK, OPEN = ("min 50 mm³ (default)", "min 50 mm³ × slice thickness / 1 mm", "min 50 mm³, peak > 1.5 t",
+                              "min 50 mm³, in-plane opening")
 # the levers measured: (map, threshold rule, labelmap rule); the first is the shipped default
 LEVERS: List[Tuple[str, str, str]] = [
     ("default", "clean", MIN50),
-    ("default", "in-sample clean", MIN50),
-    ("default", "shipped", MIN50),
-    ("default", "in-sample class", MIN50),
-    ("default", "in-sample class", SCALED),
+    ("default", "variant", MIN50),
+    ("default", "class", MIN50),
+    ("default", "class", SCALED),
     ("default", "clean", "min 100 mm³"),
     ("default", "clean", "min 200 mm³"),
     ("default", "clean", SCALED),
     ("default", "clean", PEAK),
-    ("default", "class", MIN50),
-    ("default", "variant", MIN50),
-    ("default", "class", SCALED),
-    ("default", "class", PEAK),
-    ("default", "class", "min 200 mm³"),
+    ("default", "clean", OPEN),
+    (MAD, "clean", MIN50),
+    (MAD, "variant", MIN50),
+    (MAD, "class", SCALED),
     ("asymmetry σ = max(3 mm, slice thickness)", "clean", MIN50),
-    ("asymmetry σ = max(3 mm, slice thickness)", "class", SCALED),
     ("no asymmetry (√combi only)", "clean", MIN50),
-    ("tail normalisation (spread from the 95th percentile)", "clean", MIN50),
-    ("tail normalisation (spread from the 95th percentile)", "class", SCALED),
-    ("tail normalisation (spread from the 95th percentile)", "clean", "min 50 mm³, in-plane opening"),
-    ("tail normalisation (spread from the 95th percentile)", "variant", MIN50),
-    ("tail normalisation (spread from the 95th percentile)", "clean", "min 100 mm³"),
-    ("tail, asymmetry floor 0.3 (more weight to the ceVAE score)", "clean", MIN50),
-    ("tail, asymmetry floor 1.0", "clean", MIN50),
-    ("default", "clean", "min 50 mm³, in-plane opening"),
+    ("asymmetry floor 0.3 (more weight to the ceVAE score)", "clean", MIN50),
+    ("asymmetry floor 1.0", "clean", MIN50),
 ]
 
 
@@ -235,7 +231,7 @@ def main() -> None:
             if c["case"] != "healthy" and not c["case"].startswith("train-"):
                 continue
             if c["case"] == "healthy" and len(map_names) > 1:
-                checks[f"{s} / {v}"] = float(np.abs(chain(c) - c["final"]).max())  # the chain here vs the detector's
+                checks[f"{s} / {v}"] = float(np.abs(chain(c, tail=False) - c["final"]).max())  # the chain here vs the detector's
             for m in map_names:
                 vals = MAPS[m](c)[c["brain"]]
                 k = max(int(0.01 * vals.size), 10)
@@ -244,9 +240,8 @@ def main() -> None:
 
     def thr(m: str, s: str, v: str, rule: str) -> float:
         """The threshold for subject S: from the other subjects' held-out healthy scans ("clean", "class",
-        "variant"), from the training subjects of S's model scored by it ("in-sample ..."), or the shipped one."""
-        if rule == "shipped":
-            return SHIPPED_THRESHOLD
+        "variant": a site calibration on two healthy scans of the same acquisition), or from the training
+        subjects of S's model scored by it ("in-sample ...")."""
         same = {"clean": lambda w: w == "clean", "variant": lambda w: w == v,
                 "class": lambda w: thickness_class(w) == thickness_class(v)}[rule.replace("in-sample ", "")]
         if rule.startswith("in-sample"):
