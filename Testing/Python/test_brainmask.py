@@ -123,3 +123,46 @@ def test_registration_reports_every_iteration_and_cancels_at_once(robex):
     with pytest.raises(Cancelled):
         compute_brain_mask(image, progress=cancel)
     assert sum(f > 0.3 for f in seen) == 1  # no further iteration reported after the cancel
+
+
+def _acquisition(name: str, recipe, seed: int):
+    """(image, reference mask) of the real ``name`` volume turned into an acquisition (a variant name of
+    ``VARIANTS`` or a ``Recipe``), the reference mask degraded alike."""
+    from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
+
+    folder = find_healthy_data((name,))
+    if folder is None:
+        pytest.skip("healthy sample data not found (../shared/data/healthy or $CEVAE_DATA_DIR)")
+    t1, mask = (sitk.ReadImage(str(p)) for p in subject_files(folder, name))
+    recipe = VARIANTS[recipe] if isinstance(recipe, str) else recipe
+    image, reference, _ = derive(recipe, t1, mask, sitk.Image(mask.GetSize(), sitk.sitkUInt8), seed)
+    return image, reference
+
+
+def test_head_with_partial_coverage_is_not_taken_for_a_skull_stripped_brain():
+    """robex (with skull) with the lower 40 % of its brain cut off: its foreground (2.5 L) is brain-sized, but
+    its air is noise, not a stripped image's constant background, so the template is registered (taking it for
+    a stripped brain made the whole head the mask: Dice 0.53)."""
+    from CeVAEAnomalyResearch.acquisition import Recipe
+
+    image, reference = _acquisition("robex", Recipe(crop=("bottom", 0.4)), seed=15)
+    mask = compute_brain_mask(image)
+    assert_same_grid(mask, image)
+    assert dice(mask, reference) >= 0.9
+
+
+def test_skull_stripped_brain_with_noise_added_everywhere_is_registered():
+    """mni152 (skull-stripped) with 3 % Rician noise over the whole volume: its background is noise, so it is
+    masked like a head (taking it for a stripped brain let the noise join the foreground: a 4 L mask)."""
+    image, reference = _acquisition("mni152", "noise 3 %", seed=7)
+    mask = compute_brain_mask(image)
+    assert_same_grid(mask, image)
+    assert dice(mask, reference) >= 0.9
+
+
+def test_clinical_thick_post_contrast_head_keeps_its_mask():
+    """robex (with skull) as a clinical scan: simulated post-contrast, 6.5 mm axial slabs, 3 % noise."""
+    image, reference = _acquisition("robex", "clinical: post-contrast, 6.5 mm, noise 3 %", seed=13)
+    mask = compute_brain_mask(image)
+    assert_same_grid(mask, image)
+    assert dice(mask, reference) >= 0.9

@@ -3,9 +3,11 @@
 The colin27 template (2 mm T1 with skull, plus its brain mask) is registered onto a 4 mm copy
 of the input (Mattes mutual information; similarity from a few head pitches, then affine). The
 template's signed distance to its brain boundary is warped onto the input grid and thresholded
-at a small margin. An input that is already skull-stripped (its foreground, everything above a
-near-background level, is no bigger than a brain) is its own mask: no registration. Either way
-the result is hole-filled and reduced to its largest connected component.
+at a small margin. An input that is already skull-stripped is its own mask (no registration):
+its foreground, everything above a near-background level, is no bigger than a brain, and its
+background is one constant value (a head's air is noise, even where the coverage is partial and
+the head's foreground is brain-sized). Either way the result is hole-filled and reduced to its
+largest connected component.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _PITCH_STARTS_DEG = (0.0, 20.0, -20.0)  # head nodding is the largest pose diffe
 _MARGIN_MM = 2.0  # the template mask (BET) hugs the cortex; grow it a little
 _BACKGROUND_LEVEL = 0.01  # foreground: above the minimum by this share of the robust range
 _STRIPPED_MAX_ML = 2500.0  # a foreground this small is a brain (adult heads are > 3 L)
+_STRIPPED_MIN_CONSTANT = 0.1  # a skull-stripped image has at least this share of voxels at its minimum
 _PLAUSIBLE_ML = (500.0, 3000.0)
 
 
@@ -79,7 +82,7 @@ def compute_brain_mask(
     intensities = _check_input(image)
     small = _downsampled(intensities)
     background = _background_level(small)
-    if _foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML:
+    if _foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML and _constant_background(intensities):
         logger.info("Input looks skull-stripped: its foreground is the brain mask")
         mask = intensities > background
     else:
@@ -159,6 +162,13 @@ def _background_level(image: sitk.Image) -> float:
     minimum = float(values.min())
     high = float(np.percentile(values[values > minimum], 99.5))
     return minimum + _BACKGROUND_LEVEL * (high - minimum)
+
+
+def _constant_background(image: sitk.Image) -> bool:
+    """Whether at least a tenth of the voxels hold exactly the minimum: the background a skull-stripping
+    tool leaves (noise-free), unlike the magnitude noise of a scanner's air around a head."""
+    values = sitk.GetArrayViewFromImage(image)
+    return np.count_nonzero(values == values.min()) >= _STRIPPED_MIN_CONSTANT * values.size
 
 
 def _foreground_volume_ml(image: sitk.Image, background: float) -> float:
