@@ -238,7 +238,7 @@ def compare(data: Path, work: Path, base_path: Path, held_out: str, variant: str
 
 
 MODELS = ("base model", "base recalibrated on the site", "adapted")
-FIGURES = (("auprc", "{:.3f}"), ("dice_at_threshold", "{:.3f}"), ("healthy_ml", "{:.2f}"), ("healthy_components", "{:.0f}"))
+FIGURES = (("auprc", "{:.3f}"), ("dice_at_threshold", "{:.3f}"), ("healthy_ml", "{:.2f}"), ("healthy_components", "{:.3g}"))
 
 
 def table(results: dict, base_suffix: str) -> str:
