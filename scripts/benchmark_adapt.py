@@ -1,22 +1,28 @@
 """Adapting to a site, measured: each acquisition variant of the healthy volumes is a "site".
 
-For a held-out subject S and a variant V: the fold model that never saw S (``--runs``, from
-``scripts/benchmark_train.py``) is adapted (``training.adapt.adapt``) on the OTHER subjects'
-healthy scans of V, and three models are compared on S's lesion cases and healthy scan of V:
-the base as it is, the base recalibrated on the site scans (what ``calibrate`` offers), and the
+For a held-out subject S and a variant V (``CeVAEAnomalyResearch.acquisition.VARIANTS``): the fold model
+that never saw S (``--runs``, from ``scripts/benchmark_train.py``) is adapted (``training.adapt.adapt``) on
+the OTHER subjects' healthy scans of V, and three models are compared on S's lesion cases and healthy scan
+of V: the base as it is, the base recalibrated on the site scans (what ``calibrate`` offers), and the
 adapted model. S's scans are never used to adapt or calibrate. Figures: pooled AUPRC, Dice at the
-model's default false-positive rate, flagged ml on S's healthy scan there, and the minutes adapting took.
+operating point (the bundled model's default false-positive rate on each model's own calibration),
+flagged ml and components (26-connected, after the minimum-volume rule) on S's healthy scan there, and
+the minutes adapting took.
 
-    python scripts/benchmark_adapt.py --profiles            # modality check: profiles of variants
+Scans and lesion cases are those of the acquisition benchmark (``scripts/benchmark_acquisition_maps.py``:
+its lesion recipes and seeds, inserted into the 1 mm scan, then degraded with ``derive`` and that
+script's variant seed), so the base rows can be compared with ``docs/benchmark.md``.
+
+``--postprocess recommended`` first writes a copy of each fold model (under ``--work``) whose header chain
+is ``RECOMMENDED_POSTPROCESS``, calibrated on its training subjects' clean scans; that copy is the base,
+so recalibration and adaptation calibrate for the same chain.
+
+    python scripts/benchmark_adapt.py --profiles [--variants "clean;thick 6.5 mm"]   # modality check
     python scripts/benchmark_adapt.py --rate                # training steps/s on this machine
-    python scripts/benchmark_adapt.py --held-out colin27 --variants clean,thick6,noisy [--steps N]
+    python scripts/benchmark_adapt.py --held-out colin27 --variants "post-contrast;noise 7 %" [--steps N]
 
-Variants are made here (the acquisition-variant module of the quality benchmark was not on main
-when this was written): ``clean`` (as acquired, 1 mm), ``2mm`` (resampled to 2 mm isotropic),
-``thick6`` (6 mm axial slabs: 6 slices averaged, 1 x 1 x 6 mm voxels), ``noisy`` (Rician noise of
-5 % of the brain's 99th percentile and a gamma 0.7 contrast change); ``inverted`` (brain intensities
-reversed: a T2-like contrast) only for --profiles. Lesions are inserted in the 1 mm scan before the
-variant is made, as a scan of that site would show them.
+``--variants`` takes exact names of ``VARIANTS`` separated by ";" (their names hold commas). ``--profiles``
+adds ``inverted`` (brain intensities reversed: a T2-like contrast) to the variants asked for.
 """
 from __future__ import annotations
 
@@ -26,10 +32,11 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+from benchmark_acquisition_maps import RECIPES, SUBJECTS, lesion_case
 
 from CeVAEAnomalyLib.engine.config import PreprocessConfig
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
@@ -37,91 +44,88 @@ from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.training.data import subject_slices
 from CeVAEAnomalyLib.training.modality import T1_DEPTH_CONTRAST, depth_contrast
+from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
 
-SUBJECTS = ("colin27", "mni152", "robex")
-VARIANTS = ("clean", "2mm", "thick6", "noisy")
-
-
-def _brain_p99(a: np.ndarray, brain: np.ndarray) -> float:
-    return float(np.percentile(a[brain], 99))
+DEFAULT_VARIANTS = "clinical: post-contrast, 6.5 mm, noise 3 %;post-contrast"
 
 
-def make_variant(image: sitk.Image, mask: sitk.Image, variant: str, seed: int = 0) -> Tuple[sitk.Image, sitk.Image]:
-    """(image, mask) of ``variant`` (see the module docstring); the inputs are not modified."""
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    if variant == "clean":
-        return image, mask
-    if variant == "2mm":
-        return _resample(image, (2.0, 2.0, 2.0), sitk.sitkLinear), _resample(mask, (2.0, 2.0, 2.0), sitk.sitkNearestNeighbor)
+def variant_names(arg: str) -> List[str]:
+    """The ``;``-separated variant names of ``arg``, each checked against ``VARIANTS``."""
+    names = [v.strip() for v in arg.split(";") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    return names
+
+
+def variant_seed(subject: str, variant: str) -> int:
+    """The acquisition benchmark's seed for ``subject``'s scans of ``variant``."""
+    return 1000 * SUBJECTS.index(subject) + 10 * list(VARIANTS).index(variant) + 1
+
+
+def clean_scan(data: Path, subject: str) -> Tuple[sitk.Image, sitk.Image]:
+    """``subject``'s 1 mm healthy image (float32) and brain mask."""
+    return (sitk.Cast(read_image(data / f"{subject}_t1.nii.gz"), sitk.sitkFloat32),
+            read_image(data / f"{subject}_brainmask.nii.gz", "brain mask"))
+
+
+def healthy_variant(data: Path, subject: str, variant: str) -> Tuple[sitk.Image, sitk.Image]:
+    """(image, mask) of ``subject``'s healthy scan in ``variant`` (as the acquisition benchmark makes it)."""
+    image, mask = clean_scan(data, subject)
+    img, msk, _ = derive(VARIANTS[variant], image, mask, sitk.Cast(mask * 0, sitk.sitkUInt8),
+                         variant_seed(subject, variant))
+    return img, msk
+
+
+def _inverted(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
+    """Brain intensities reversed about their 99th percentile (a T2-like contrast; for --profiles only)."""
     a = sitk.GetArrayFromImage(image)
-    brain = sitk.GetArrayFromImage(mask) > 0
-    if variant == "thick6":
-        n = max(1, int(round(6.0 / image.GetSpacing()[2])))
-        depth = (a.shape[0] // n) * n
-        slabs = a[:depth].reshape(depth // n, n, *a.shape[1:]).mean(1)
-        masks = brain[:depth].reshape(depth // n, n, *a.shape[1:]).mean(1) >= 0.5
-        spacing = (*image.GetSpacing()[:2], image.GetSpacing()[2] * n)
-        return _like(slabs, image, spacing), _like(masks.astype(np.uint8), mask, spacing)
-    if variant in ("noisy", "inverted"):
-        p99 = _brain_p99(a, brain)
-        if variant == "inverted":
-            out = np.where(brain, np.clip(p99 - a, 0, None), a)
-        else:
-            rng = np.random.default_rng(seed)
-            g = p99 * (np.clip(a, 0, None) / p99) ** 0.7
-            sd = 0.05 * p99
-            out = np.sqrt((g + rng.normal(0, sd, a.shape)) ** 2 + rng.normal(0, sd, a.shape) ** 2)
-        return _like(out.astype(np.float32), image, image.GetSpacing()), mask
-    raise ValueError(f"unknown variant {variant!r}")
-
-
-def _resample(image: sitk.Image, spacing, interpolator) -> sitk.Image:
-    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
-                         image.GetDirection(), 0.0, image.GetPixelID())
-
-
-def _like(array: np.ndarray, reference: sitk.Image, spacing) -> sitk.Image:
-    out = sitk.GetImageFromArray(array)
-    out.SetOrigin(reference.GetOrigin())
-    out.SetDirection(reference.GetDirection())
-    out.SetSpacing(tuple(float(s) for s in spacing))
+    brain = sitk.GetArrayViewFromImage(mask) > 0
+    p99 = float(np.percentile(a[brain], 99))
+    out = sitk.GetImageFromArray(np.where(brain, np.clip(p99 - a, 0, None), a).astype(np.float32))
+    out.CopyInformation(image)
     return out
 
 
-def profiles(data: Path) -> dict:
+def profiles(data: Path, variants: Sequence[str]) -> dict:
     """Each subject's and variant's depth contrast (training/modality.py), and the pooled clean T1 value."""
     pre = PreprocessConfig()
     rows: Dict[str, float] = {}
     pooled: List[np.ndarray] = []
     with tempfile.TemporaryDirectory() as tmp:
         for subject in SUBJECTS:
-            image = read_image(data / f"{subject}_t1.nii.gz")
-            mask = read_image(data / f"{subject}_brainmask.nii.gz", "brain mask")
-            for variant in (*VARIANTS, "inverted"):
-                img, msk = make_variant(image, mask, variant)
-                paths = [Path(tmp) / f"{subject}-{variant}.nii.gz", Path(tmp) / f"{subject}-{variant}_mask.nii.gz"]
+            for variant in (*dict.fromkeys(("clean", *variants)), "inverted"):
+                if variant == "inverted":
+                    img, msk = clean_scan(data, subject)
+                    img = _inverted(img, msk)
+                else:
+                    img, msk = healthy_variant(data, subject, variant)
+                paths = [Path(tmp) / f"{subject}.nii.gz", Path(tmp) / f"{subject}_mask.nii.gz"]
                 sitk.WriteImage(img, str(paths[0]))
                 sitk.WriteImage(msk, str(paths[1]))
                 slices = subject_slices(Subject(*paths), pre, ("axial",))[0]
                 if variant == "clean":
                     pooled.append(slices)
                 rows[f"{subject} {variant}"] = depth_contrast(slices)
-                print(f"{subject:8s} {variant:9s} depth contrast {rows[f'{subject} {variant}']:+.3f} "
+                print(f"{subject:8s} {variant:44s} depth contrast {rows[f'{subject} {variant}']:+.3f} "
                       f"(T1 reference {T1_DEPTH_CONTRAST:+.3f})", flush=True)
     reference = depth_contrast(np.concatenate(pooled))
     print(f"pooled clean T1 depth contrast (T1_DEPTH_CONTRAST): {reference:+.4f}")
     return {"depth_contrast": rows, "t1_reference": reference}
 
 
+def _tag(variant: str) -> str:
+    """``variant`` as a file-name part."""
+    return variant.split(":")[0].replace(" ", "_").replace("%", "pc").replace(",", "").replace(".", "p")
+
+
 def variant_scan(data: Path, work: Path, subject: str, variant: str) -> Subject:
     """The healthy scan of ``subject`` in ``variant`` (written once under ``work``)."""
-    image_path, mask_path = work / f"{subject}-{variant}.nii.gz", work / f"{subject}-{variant}_mask.nii.gz"
+    image_path = work / f"{subject}-{_tag(variant)}.nii.gz"
+    mask_path = work / f"{subject}-{_tag(variant)}_mask.nii.gz"
     if not mask_path.exists():
         work.mkdir(parents=True, exist_ok=True)
-        image = read_image(data / f"{subject}_t1.nii.gz")
-        mask = read_image(data / f"{subject}_brainmask.nii.gz", "brain mask")
-        img, msk = make_variant(image, mask, variant)
+        img, msk = healthy_variant(data, subject, variant)
         sitk.WriteImage(img, str(image_path))
         sitk.WriteImage(msk, str(mask_path))
     return Subject(image_path, mask_path)
@@ -157,24 +161,19 @@ def sweep(data: Path, work: Path, base: Path, variant: str, train: str, val: str
 
 
 def lesion_cases(data: Path, subject: str, variant: str) -> List[Tuple[str, sitk.Image, sitk.Image, np.ndarray]]:
-    """(name, image, brain mask, ground truth) of ``subject``'s lesion cases in ``variant``: two lesions of one
-    kind per case, one case per kind, inserted in the 1 mm scan, then the variant made of image and truth."""
-    from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
-
-    image = read_image(data / f"{subject}_t1.nii.gz")
-    mask = read_image(data / f"{subject}_brainmask.nii.gz", "brain mask")
-    _, brain = make_variant(image, mask, variant)
+    """(name, image, brain mask, ground truth) of ``subject``'s lesion cases in ``variant``: one per recipe of
+    the acquisition benchmark, inserted in the 1 mm scan with its seeds, then degraded with image and truth."""
+    image, mask = clean_scan(data, subject)
     cases = []
-    for k, kind in enumerate(LESION_KINDS):
-        img, gt, _ = insert_lesions(image, mask, 1000 * SUBJECTS.index(subject) + 10 * k, n=2, kinds=(kind,),
-                                    min_separation_mm=10.0)
-        var_img, var_gt = make_variant(img, gt, variant, seed=k)
-        cases.append((f"{subject}-{variant}-{kind}", var_img, brain, sitk.GetArrayFromImage(var_gt) > 0))
+    for r, recipe in enumerate(RECIPES):
+        img, gt, _ = lesion_case(image, mask, recipe, 100 * SUBJECTS.index(subject) + r)
+        v_img, v_mask, v_gt = derive(VARIANTS[variant], img, mask, gt, variant_seed(subject, variant))
+        cases.append((f"{subject}-{_tag(variant)}-{recipe}", v_img, v_mask, sitk.GetArrayFromImage(v_gt) > 0))
     return cases
 
 
 def evaluate_model(bundle, cases, healthy: Tuple[sitk.Image, sitk.Image], fpr: float) -> dict:
-    """Pooled AUPRC, mean Dice at the threshold of rate ``fpr``, and flagged ml on the healthy scan."""
+    """Pooled AUPRC, mean Dice at the threshold of rate ``fpr``, and flagged ml and components on the healthy scan."""
     from CeVAEAnomalyLib.engine.detector import detect
     from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
 
@@ -187,7 +186,25 @@ def evaluate_model(bundle, cases, healthy: Tuple[sitk.Image, sitk.Image], fpr: f
     metrics = pooled_metrics(pooled)
     result = detect(healthy[0], bundle, healthy[1], fpr=fpr)
     return {"auprc": metrics["auprc"], "auroc": metrics["auroc"], "dice_at_threshold": float(np.mean(dices)),
-            "healthy_ml": result.flagged_ml, "threshold": result.threshold}
+            "healthy_ml": result.flagged_ml, "healthy_components": len(result.components),
+            "threshold": result.threshold}
+
+
+def recommended_base(data: Path, work: Path, fold: Path, held_out: str) -> Path:
+    """A copy of the fold model ``fold`` under ``work`` whose header chain is ``RECOMMENDED_POSTPROCESS``,
+    calibrated on its training subjects' clean scans (``fold`` itself is only read)."""
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+    from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS
+
+    out = work / f"{fold.stem}-recommended.cevae"
+    if not out.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        bundle = load_bundle(fold)
+        train = [Subject(data / f"{s}_t1.nii.gz", data / f"{s}_brainmask.nii.gz") for s in SUBJECTS if s != held_out]
+        recalibrate(bundle, train, out, bundle.header.score_options, RECOMMENDED_POSTPROCESS,
+                    source="training subjects' clean scans (benchmark_adapt, recommended chain)")
+    return out
 
 
 def compare(data: Path, work: Path, base_path: Path, held_out: str, variant: str, options, fpr: float) -> dict:
@@ -197,27 +214,54 @@ def compare(data: Path, work: Path, base_path: Path, held_out: str, variant: str
     from CeVAEAnomalyLib.training.adapt import adapt
 
     base = load_bundle(base_path)
-    tag = f"{base_path.stem}-{held_out}-{variant}"
+    tag = f"{base_path.stem}-{held_out}-{_tag(variant)}"
     site = [variant_scan(data, work, s, variant) for s in SUBJECTS if s != held_out]
     recal_path = work / f"recalibrated-{tag}.cevae"
     if not recal_path.exists():
         recalibrate(base, site, recal_path, base.header.score_options, base.header.postprocess,
                     source="site scans (benchmark_adapt)")
-    adapted_path = work / f"adapted-{tag}.cevae"
+    adapted_path = work / f"adapted-{tag}-{options.steps}.cevae"
     minutes = None
     if not adapted_path.exists():
         t = time.perf_counter()
         adapt(base_path, site, adapted_path, options, inputs=())
         minutes = (time.perf_counter() - t) / 60
     cases = lesion_cases(data, held_out, variant)
-    healthy = make_variant(read_image(data / f"{held_out}_t1.nii.gz"),
-                           read_image(data / f"{held_out}_brainmask.nii.gz", "brain mask"), variant)
-    out = {"base": str(base_path), "adapt_minutes": minutes, "steps": options.steps, "lr": options.lr}
+    healthy = healthy_variant(data, held_out, variant)
+    out = {"base": str(base_path), "postprocess": base.header.postprocess.to_dict(), "adapt_minutes": minutes,
+           "steps": options.steps, "lr": options.lr, "fpr": fpr, "cases": [c[0] for c in cases]}
     for name, path in (("base model", base_path), ("base recalibrated on the site", recal_path), ("adapted", adapted_path)):
         out[name] = evaluate_model(load_bundle(path), cases, healthy, fpr)
-        print(f"{held_out} {variant:7s} {name:32s} " + " ".join(f"{k} {v:.4f}" for k, v in out[name].items()),
+        print(f"{held_out} {variant} | {name:30s} " + " ".join(f"{k} {v:.4f}" for k, v in out[name].items()),
               flush=True)
     return out
+
+
+MODELS = ("base model", "base recalibrated on the site", "adapted")
+FIGURES = (("auprc", "{:.3f}"), ("dice_at_threshold", "{:.3f}"), ("healthy_ml", "{:.2f}"), ("healthy_components", "{:.3g}"))
+
+
+def table(results: dict, base_suffix: str) -> str:
+    """A markdown table of the runs whose base name ends with ``base_suffix``: per variant and held-out subject,
+    then the mean over the subjects of each variant; each cell base / recalibrated / adapted."""
+    runs = [(k, v) for k, v in results.items() if k.split(" ")[0].endswith(base_suffix)]
+    by_variant: Dict[str, list] = {}
+    for key, run in runs:
+        subject = key.split(" ")[1]
+        variant = key[len(key.split(" ")[0]) + len(subject) + 2:].rsplit(" ", 1)[0]
+        by_variant.setdefault(variant, []).append((subject, run))
+    lines = ["| Variant | Held out | AUPRC | Dice at the operating point | Healthy ml | Healthy components | "
+             "Minutes to adapt |", "|---|---|---|---|---|---|---|"]
+    for variant, rows in by_variant.items():
+        for subject, run in [*rows, ("mean", None)] if len(rows) > 1 else rows:
+            group = [r for _, r in rows] if run is None else [run]
+            cells = [" / ".join(fmt.format(np.mean([r[m][f] for r in group])) if all(f in r[m] for r in group)
+                                else "–" for m in MODELS) for f, fmt in FIGURES]
+            minutes = [r["adapt_minutes"] for r in group if r.get("adapt_minutes")]
+            label = f"**mean of {len(group)}**" if run is None else subject
+            spent = f"{np.mean(minutes):.1f}" if minutes else ""
+            lines.append(f"| {variant} | {label} | " + " | ".join(cells) + f" | {spent} |")
+    return "\n".join(lines)
 
 
 def bundle_from_checkpoint(checkpoint: Path, held_out: str, data: Path, out: Path) -> Path:
@@ -283,7 +327,9 @@ def main() -> None:
     p.add_argument("--rate", action="store_true")
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--work", type=Path, default=Path("runs/adapt"), help="variant scans and adapted models")
-    p.add_argument("--sweep", help="VARIANT:TRAIN:VAL: validation curves of fine-tuning --base (learning rates --lrs)")
+    p.add_argument("--postprocess", choices=("header", "recommended"), default="header",
+                   help="the fold models' own chain, or copies calibrated for RECOMMENDED_POSTPROCESS (see above)")
+    p.add_argument("--sweep", help="VARIANT;TRAIN;VAL: validation curves of fine-tuning --base (learning rates --lrs)")
     p.add_argument("--base", type=Path, help="the model to adapt in --sweep; with --held-out, instead of the fold "
                    "model without the subject (say so: it saw the held-out subject)")
     p.add_argument("--lrs", default="1e-4,3e-4")
@@ -291,22 +337,27 @@ def main() -> None:
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: AdaptOptions')")
     p.add_argument("--runs", type=Path, default=Path("runs/benchmark/cevae"), help="fold models without-S.cevae")
     p.add_argument("--held-out", help="comma-separated held-out subjects to compare base and adapted models on")
-    p.add_argument("--variants", default="clean,thick6,noisy")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="names of VARIANTS separated by ';'")
     p.add_argument("--base-from-checkpoint", type=Path,
                    help="with --held-out S: package this checkpoint of the run without S as the base first")
+    p.add_argument("--table", metavar="SUFFIX", help="print the markdown table of the results whose base name ends "
+                   "with SUFFIX (e.g. --table=-recommended) from --out's benchmark_adapt.json")
     p.add_argument("--fpr", type=float, help="operating point (default: the bundled model's default rate)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.profiles:
-        result = profiles(args.data)
+        result = profiles(args.data, variant_names(args.variants))
         atomic_write_text(args.out / "benchmark_adapt_profiles.json", json.dumps(result, indent=1))
     if args.rate:
         rate()
+    if args.table:
+        print(table(json.loads((args.out / "benchmark_adapt.json").read_text()), args.table))
     if args.sweep:
-        variant, train, val = args.sweep.split(":")
+        variant, train, val = args.sweep.split(";")
+        variant_names(variant)
         curves = sweep(args.data, args.work, args.base, variant, train, val,
                        [float(x) for x in args.lrs.split(",")], args.steps or 300)
-        atomic_write_text(args.out / f"benchmark_adapt_sweep_{variant}.json", json.dumps(curves, indent=1))
+        atomic_write_text(args.out / f"benchmark_adapt_sweep_{_tag(variant)}.json", json.dumps(curves, indent=1))
     if args.held_out:
         from dataclasses import replace
 
@@ -324,8 +375,10 @@ def main() -> None:
                 args.base = args.work / f"without-{subject}-step{torch_step(args.base_from_checkpoint)}.cevae"
                 if not args.base.exists():
                     bundle_from_checkpoint(args.base_from_checkpoint, subject, args.data, args.base)
-            for variant in args.variants.split(","):
+            for variant in variant_names(args.variants):
                 base = args.base or args.runs / f"without-{subject}.cevae"
+                if args.postprocess == "recommended":
+                    base = recommended_base(args.data, args.work, base, subject)
                 results[f"{base.stem} {subject} {variant} {options.steps}"] = compare(
                     args.data, args.work, base, subject, variant, options, fpr)
                 atomic_write_text(results_path, json.dumps(results, indent=1))
