@@ -52,14 +52,23 @@ def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, u
     (``tail``: the default spread; False: the median absolute deviation, the cached ``final`` map's)."""
     combi = c["combi"]
     if use_asymmetry:
-        both = c["brain"] & c["brain_m"]
-        a = asymmetry(c["image"], c["image_m"], both, tuple(c["spacing"]), sigma) * side_weight(combi, c["combi_m"])
-        s = fuse(combi, a, floor, power)
+        s = fuse(combi, case_asymmetry(c, sigma, sided=True), floor, power)
     else:
         s = np.power(np.maximum(combi, 0), power).astype(np.float32)
-    s = refine_scores(s, c["brain"], tuple(float(v) for v in c["spacing"]),
+    return rimmed(c, s, "tail" if tail else "mad")
+
+
+def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False) -> np.ndarray:
+    """The case's smoothed left-right intensity asymmetry (``sided``: weighted by the combi map's side weight)."""
+    a = asymmetry(c["image"], c["image_m"], c["brain"] & c["brain_m"], tuple(c["spacing"]), sigma)
+    return a * side_weight(c["combi"], c["combi_m"]) if sided else a
+
+
+def rimmed(c: Case, arr: np.ndarray, spread: str = "tail") -> np.ndarray:
+    """``arr`` with the default chain's outer rim masked, normalised per brain (as every fused map is)."""
+    s = refine_scores(arr.astype(np.float32), c["brain"], tuple(float(v) for v in c["spacing"]),
                       PostprocessOptions(rim_mm=RECOMMENDED_POSTPROCESS.rim_mm))
-    return normalised(s, c["brain"], "tail" if tail else "mad")
+    return normalised(s, c["brain"], spread)
 
 
 MAD = "mad normalisation (the default before)"
@@ -71,12 +80,6 @@ MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "asymmetry floor 0.3 (more weight to the ceVAE score)": lambda c: chain(c, floor=0.3),
     "asymmetry floor 1.0": lambda c: chain(c, floor=1.0),
 }
-def rimmed(c: Case, arr: np.ndarray) -> np.ndarray:
-    """``arr`` with the default chain's outer rim masked and normalised per brain (as every fused map is)."""
-    s = refine_scores(arr.astype(np.float32), c["brain"], tuple(float(v) for v in c["spacing"]),
-                      PostprocessOptions(rim_mm=RECOMMENDED_POSTPROCESS.rim_mm))
-    return normalised(s, c["brain"], "tail")
-
 
 # maps compared on the moved-tissue cases only (normal intensities, wrong structure); the single terms
 # with the same rim and normalisation as the fused maps, so that only the terms differ
@@ -87,10 +90,8 @@ TERMS: Dict[str, Callable[[Case], np.ndarray]] = {
     "ceVAE combi (rec × grad) alone": lambda c: rimmed(c, c["combi"]),
     "ceVAE reconstruction error alone": lambda c: rimmed(c, c["rec"]),
     "ceVAE KL gradient alone": lambda c: rimmed(c, c["grad"]),
-    "intensity asymmetry alone": lambda c: rimmed(c, asymmetry(c["image"], c["image_m"], c["brain"] & c["brain_m"],
-                                                               tuple(c["spacing"]), 3.0)),
-    "side-weighted asymmetry alone": lambda c: rimmed(c, asymmetry(
-        c["image"], c["image_m"], c["brain"] & c["brain_m"], tuple(c["spacing"]), 3.0) * side_weight(c["combi"], c["combi_m"])),
+    "intensity asymmetry alone": lambda c: rimmed(c, case_asymmetry(c)),
+    "side-weighted asymmetry alone": lambda c: rimmed(c, case_asymmetry(c, sided=True)),
 }
 TERMS_RECIPE = "moved tissue"
 
@@ -383,18 +384,13 @@ def render(result: dict) -> str:
                      f"| {np.mean([r['dice'] for r in rs]):.3f} | {np.mean(ml):.2f} / {np.max(ml):.2f} | "
                      f"{np.mean(nc):.1f} / {np.max(nc)} | {ok:.2f} | {np.mean([r['top_slice'] for r in rs]):.2f} | "
                      f"{np.mean([r['first_row_lesion'] for r in rs]):.2f} |")
-    by_recipe: Dict[str, list] = defaultdict(list)
-    for r in result["rows"].get(default, {}).values():
-        for rec, d in zip(r["recipes"], r["dice_per_case"]):
-            by_recipe[rec].append(d)
-    lines += ["", "Default, Dice @ op by lesion recipe (all variants): " +
-              ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in by_recipe.items())]
-    by_subject: Dict[str, list] = defaultdict(list)
-    for r in result["rows"].get(default, {}).values():
-        for sub, d in zip(r["case_subjects"], r["dice_per_case"]):
-            by_subject[sub].append(d)
-    lines += ["", "Default, Dice @ op by held-out subject (all variants): " +
-              ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in by_subject.items())]
+    for field, what in (("recipes", "lesion recipe"), ("case_subjects", "held-out subject")):
+        groups: Dict[str, list] = defaultdict(list)
+        for r in result["rows"].get(default, {}).values():
+            for k, d in zip(r[field], r["dice_per_case"]):
+                groups[k].append(d)
+        lines += ["", f"Default, Dice @ op by {what} (all variants): " +
+                  ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in groups.items())]
     diffs = result["chain_vs_detector_max_abs_difference"].values()
     if diffs:
         lines += ["", f"The levers' post-processing chain with the default parameters vs the detector's map: largest "
