@@ -224,3 +224,16 @@ def test_prepare_with_worker_processes_makes_the_same_entries(subjects, tmp_path
     for name in names:
         if name.endswith(".npy"):
             np.testing.assert_array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name))
+
+
+@pytest.mark.slow
+def test_prepare_never_starts_more_processes_than_subjects_or_cores(subjects, tmp_path, caplog):
+    """--workers 10000 once filled the machine's memory with idle processes; now it is capped and said so."""
+    from CeVAEAnomalyLib.system import usable_cores
+    from CeVAEAnomalyLib.training.prepare import prepare_cohort
+
+    with caplog.at_level(logging.INFO):
+        summary = prepare_cohort(subjects, tmp_path / "c", PRE, ("axial",), workers=10000)
+    used = min(len(subjects), usable_cores())
+    assert f"Preprocessing with {used} process(es) (10000 asked; 3 subject(s)" in caplog.text
+    assert "3 subject(s), 3 preprocessed now" in summary

@@ -27,6 +27,7 @@ from ..io.manifest import read_rows
 from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
 from ..options import DetectionRequest
 from ..progress import ProgressCallback, report
+from ..system import usable_cores
 from .interrupts import raise_terminated
 
 log = logging.getLogger(__name__)
@@ -354,13 +355,6 @@ def _skipped_row(item: BatchItem, out_dir: Path, earlier: Dict[str, Dict[str, st
         skipped["seconds"] = row["seconds"]  # the time the earlier run took
         return skipped
     return read_back(item, out_dir)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks such as Slurm's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def run_batch(

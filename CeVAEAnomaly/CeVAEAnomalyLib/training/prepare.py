@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Tuple
 from ..engine.config import PreprocessConfig
 from ..io.checksum import sha256_of
 from ..progress import ProgressCallback, report
+from ..system import usable_cores
 from .cache import SliceCache
 from .data import Subject
 
@@ -28,6 +29,11 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
     root.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     jobs = [(s, root, pre, wanted) for s in subjects]
+    usable = max(1, min(workers, len(jobs), usable_cores()))  # preprocessing is CPU-bound: no more than the cores
+    if usable < workers:
+        log.info("Preprocessing with %d process(es) (%d asked; %d subject(s), %d usable core(s)).", usable, workers,
+                 len(jobs), usable_cores())
+    workers = usable
     results = []
     if workers == 1:
         for n, job in enumerate(jobs):
