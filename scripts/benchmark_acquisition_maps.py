@@ -14,6 +14,7 @@ cases also keep the ceVAE's reconstruction error and KL gradient maps on their o
 
     python scripts/benchmark_acquisition_maps.py [--out runs/acquisition] [--variants clean,thick]
     [--check]   # also run the full default Detector on each variant's first case and record the agreement
+    [--test-time-steps 100]   # the thorough mode (each volume scored by a copy of the model adapted to it)
 """
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ def main() -> None:
     p.add_argument("--variants", help="comma-separated substrings of variant names (default: all)")
     p.add_argument("--subjects", default=",".join(SUBJECTS))
     p.add_argument("--check", action="store_true", help="compare with the full Detector on each variant's first case")
+    p.add_argument("--test-time-steps", type=int, default=0,
+                   help="score with test-time adaptation (the thorough mode) of this many steps")
     p.add_argument("--train-subjects", action="store_true",
                    help="only the healthy variants of each model's training subjects (for in-sample calibration)")
     args = p.parse_args()
@@ -150,8 +153,9 @@ def main() -> None:
             print(f"skip {subject}: no {model}", flush=True)
             continue
         bundle = load_bundle(model)
-        raw = Detector(bundle, post=PostprocessOptions(), policy=ThresholdPolicy(threshold=math.inf))
-        default = Detector(bundle, policy=ThresholdPolicy(threshold=math.inf))
+        score = bundle.header.score_options.replace(test_time_steps=args.test_time_steps)
+        raw = Detector(bundle, score, post=PostprocessOptions(), policy=ThresholdPolicy(threshold=math.inf))
+        default = Detector(bundle, score, policy=ThresholdPolicy(threshold=math.inf))
         image = sitk.Cast(read_image(args.data / f"{subject}_t1.nii.gz"), sitk.sitkFloat32)
         mask = read_image(args.data / f"{subject}_brainmask.nii.gz", "brain mask")
         empty = sitk.Cast(mask * 0, sitk.sitkUInt8)

@@ -139,6 +139,9 @@ class ScoreOptions(Serialisable):
     mc_samples: int = option(0, "average the reconstruction over N samples of z (0: decode mu)", whole=True,
                              high=10000)
     rec_kind: str = option("l1", "reconstruction error", choices=REC_KINDS, label="reconstruction error")
+    test_time_steps: int = option(0, "thorough mode: score with a copy of the model fine-tuned on this scan's own "
+                                  "slices for N steps (0: off; 100 adds about 20 s on 2 CPU cores)", whole=True,
+                                  high=100000)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -23,6 +23,7 @@ from ..result import DetectionResult, SliceScoreRow
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
 from .symmetry import BoxAsymmetry, box_asymmetry, fuse_with_asymmetry
+from .test_time import adapted_copy
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,16 @@ class Detector:
 
     def _network(self, stack: SliceStack, options: Sequence[ScoreOptions],
                  progress: Optional[ProgressCallback]) -> NetworkMaps:
-        return network_maps(self.bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain),
-                            options, batch_size=self.batch_size, beta=self.bundle.header.loss.beta, amp=self.amp,
-                            progress=scaled(progress, 0.2, 0.85))
+        """The network's maps of the stack (after the test-time adaptation the options ask for)."""
+        slices, brain = torch.from_numpy(stack.slices), torch.from_numpy(stack.brain)
+        model, start, steps = self.bundle.model, 0.2, options[0].test_time_steps
+        if steps > 0:
+            pre = self.bundle.preprocess
+            model = adapted_copy(model, slices, brain, steps, self.bundle.header.loss, pre.clip_max,
+                                 pre.min_brain_fraction, scaled(progress, start, 0.7))
+            start = 0.7
+        return network_maps(model, slices, brain, options, batch_size=self.batch_size,
+                            beta=self.bundle.header.loss.beta, amp=self.amp, progress=scaled(progress, start, 0.85))
 
 
 def detect(
