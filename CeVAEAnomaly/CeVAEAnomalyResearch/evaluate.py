@@ -247,6 +247,10 @@ def _evaluate(
     if (truth & ~inside).any():
         log.warning("%s: ground-truth voxels outside the mask are not evaluated.", name or "case")
     scores, labels = score_array[inside], truth[inside]
+    if labels.all():
+        log.warning("%s: the ground truth covers every evaluated voxel, so there are no healthy voxels to rank "
+                    "against: AUROC is undefined (n/a); give the brain mask so the healthy brain counts.",
+                    name or "case")
     split = _split(scores, labels)
     dice_value, threshold = _best_dice(split)
 

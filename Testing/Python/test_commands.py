@@ -1,4 +1,5 @@
 """The calibrate, evaluate and demo commands end to end."""
+import logging
 import sys
 
 import numpy as np
@@ -50,6 +51,21 @@ def test_evaluate_prints_hand_checked_metrics(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "AUROC 0.7500" in out and "AUPRC 0.8333" in out
     assert (tmp_path / "metrics.csv").read_text().splitlines()[-1].startswith("pooled")
+
+
+def test_evaluate_says_n_a_and_why_when_the_truth_covers_the_whole_mask(tmp_path, capsys, caplog):
+    score = np.zeros((4, 8, 8), np.float32)
+    score[0, 0, :4] = [0.1, 0.4, 0.35, 0.8]
+    mask = np.zeros((4, 8, 8), np.uint8)
+    mask[0, 0, :4] = 1
+    for name, arr in (("s", score), ("g", mask), ("m", mask)):  # every evaluated voxel is lesion
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"{name}.nrrd"))
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--gt", str(tmp_path / "g.nrrd"),
+                     "--mask", str(tmp_path / "m.nrrd")]) == 0
+    out = capsys.readouterr().out
+    assert "AUROC n/a" in out and "nan" not in out and "AUPRC 1.0000" in out
+    assert "no healthy voxels" in caplog.text
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import importlib.util
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -193,14 +194,20 @@ def run_evaluate(args: argparse.Namespace) -> None:
         check_paths([args.out], args.overwrite, [args.cases, *(Path(r[k]) for r in rows for k in ROLES if r[k])])
     cases, pooled = evaluate_files(rows)
     for c in cases:
-        print(f"{c.name}: AUROC {c.auroc:.4f}  AUPRC {c.auprc:.4f}  best Dice {c.best_dice:.4f}"
+        print(f"{c.name}: AUROC {_figure(c.auroc)}  AUPRC {_figure(c.auprc)}  best Dice {_figure(c.best_dice)}"
               + (f"  Dice@labelmap {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
-              + (f"  slice AUROC {c.slice_auroc:.4f}" if c.slice_auroc is not None else "")
+              + (f"  slice AUROC {_figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
               + (f"  flagged {c.flagged_ml:.2f} ml" if c.flagged_ml is not None else ""))
-    print(f"pooled: AUROC {pooled['auroc']:.4f}  AUPRC {pooled['auprc']:.4f}  best Dice {pooled['best_dice']:.4f}")
+    print(f"pooled: AUROC {_figure(pooled['auroc'])}  AUPRC {_figure(pooled['auprc'])}  "
+          f"best Dice {_figure(pooled['best_dice'])}")
     if args.out:
         write_metrics_csv(args.out, cases, pooled, args.overwrite)
         log.info("Metrics written to %s.", args.out)
+
+
+def _figure(value: float) -> str:
+    """A metric for the console: 4 decimals, or n/a where it is undefined (no lesion, or no healthy voxel)."""
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
 def run_demo(args: argparse.Namespace) -> None:
