@@ -111,7 +111,8 @@ recommended false-positive rate on healthy brains, another rate, or an absolute 
 Results: the score volume as a heat overlay (scores under the threshold are transparent) with a
 colour legend, the segment "Anomaly" outlined in all views, and a table of connected anomalies
 (volume, scores, centroid); click a row to jump there. <b>Calibrate on healthy scans</b> adapts
-the threshold to your site; <b>Adapt to this scanner</b> fine-tunes the model itself on them.
+the threshold to your site; <b>Adapt to this scanner</b> fine-tunes the model itself on them;
+<b>Thorough</b> (Advanced) adapts a copy of the model to the one scan before scoring it (slower).
 See the <a href="{url}">documentation</a>.
 <b>Research use only; not for diagnosis.</b>
 """).format(url=DOCUMENTATION_URL)
@@ -158,6 +159,7 @@ class CeVAEAnomalyParameterNode:
     minVolumeMm3: Annotated[float, WithinRange(*option_range(PostprocessOptions, "min_volume_mm3"))] = 0.0
     device: Annotated[str, Choice(list(DEVICES))] = RunOptions.device
     batchSize: Annotated[int, WithinRange(*option_range(RunOptions, "batch_size"))] = RunOptions.batch_size
+    thorough: bool = False  # test-time adaptation (settings: the request's test_time_steps)
     scoreVolume: vtkMRMLScalarVolumeNode
     anomalySegmentation: vtkMRMLSegmentationNode
     anomalyLabelmap: vtkMRMLLabelMapVolumeNode
@@ -388,7 +390,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         p.threshold = min(max(change.threshold, 0.0), 1000.0)
                     p.sensitivity = change.sensitivity
                 return
-        modes = settings.sensitivities(p.scoreType, override_postprocess(p)) if settings else SENSITIVITIES
+        modes = settings.sensitivities(p.scoreType, override_postprocess(p), p.thorough) if settings else SENSITIVITIES
         self._showChoices(self.ui.sensitivityComboBox, {m: sensitivityNames()[m] for m in modes}, p.sensitivity)
         self._showChoices(self.ui.scoreTypeComboBox, None, p.scoreType)
         self._showChoices(self.ui.deviceComboBox, None, p.device)

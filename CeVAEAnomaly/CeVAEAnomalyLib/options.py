@@ -152,6 +152,9 @@ class ScoreOptions(Serialisable):
         return self.score_type in ("grad", "combi")
 
 
+# The thorough mode's test-time adaptation steps (about 20 s on 2 CPU cores; docs/benchmark.md measures it).
+THOROUGH_STEPS = 100
+
 # The published ceVAE score (Zimmerer et al., 2019): rec × min-max normalised, smoothed |dKL/dx|.
 PAPER = dict(combi="product", grad_target="kl", grad_sigma=3.0, grad_norm="volume", rec_sigma=0.0, mc_samples=0)
 

@@ -8,7 +8,7 @@ from typing import Optional
 from CeVAEAnomalyLib.engine.bundle import Bundle
 from CeVAEAnomalyLib.engine.calibration import find_calibration, threshold_for_fpr
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.options import SPREADS
+from CeVAEAnomalyLib.options import SPREADS, THOROUGH_STEPS
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 
 KNOWN_SOURCES = {
@@ -71,6 +71,14 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
     if entry:
         lines.append(f"- Calibrated on {entry['n_voxels']} healthy brain voxels ({entry['source']}); default "
                      f"false-positive rate {fpr:g} → threshold {threshold_for_fpr(entry, fpr):.4g}.")
+    try:
+        thorough = find_calibration(typed.calibration, typed.score_options.replace(test_time_steps=THOROUGH_STEPS),
+                                    typed.postprocess)
+        lines.append(f"- Thorough mode (`--test-time-steps {THOROUGH_STEPS}`: each scan scored by a copy of the model "
+                     f"adapted to it) calibrated the same way: threshold {threshold_for_fpr(thorough, fpr):.4g} at "
+                     "that rate.")
+    except CeVAEError:
+        pass  # not calibrated for it: detection in that mode needs an absolute threshold
     if benchmark:
         lines += ["", "## Benchmark", "", benchmark.replace("# ", "### ", 1)]
     return "\n".join(lines) + "\n"

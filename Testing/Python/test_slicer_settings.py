@@ -53,7 +53,8 @@ def parameters(scene, **changes):
     mrml.update_volume_from_image(volume, image)
     values = dict(inputVolume=volume, brainMask=None, brainMaskSegmentId="", useBundledModel=True, modelPath="",
                   scoreType="combi", sensitivity=settings.SENSITIVITY_MODEL, falsePositiveRate=0.01, threshold=0.7,
-                  overridePostprocess=False, rimMm=0.0, medianRadius=0, minVolumeMm3=0.0, device="cpu", batchSize=8)
+                  overridePostprocess=False, rimMm=0.0, medianRadius=0, minVolumeMm3=0.0, device="cpu", batchSize=8,
+                  thorough=False)
     values.update(changes)
     return SimpleNamespace(**values)
 
@@ -123,3 +124,26 @@ def test_leaving_the_calibration_prefills_the_calibrated_threshold_and_says_so(m
     assert change.threshold == pytest.approx(threshold_for_fpr(entry, fpr)) and change.threshold > 1.0  # not 0.5
     assert f"{change.threshold:.4g}" in change.message and "calibrated threshold" in change.message
     assert "--" not in change.message
+
+
+def test_the_thorough_mode_asks_for_test_time_adaptation_at_its_own_calibration():
+    from CeVAEAnomalyLib.options import THOROUGH_STEPS
+
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    p = parameters(scene, thorough=True)
+    request = settings.detection_request(p, model)["request"]
+    assert request.score == dict(score_type="combi", test_time_steps=THOROUGH_STEPS)
+    score, post = request.options(model.header.score_options, model.header.postprocess)
+    assert model.header.is_calibrated(score, post)  # the bundled model is calibrated for it
+    assert model.sensitivities("combi", None, thorough=True) == settings.SENSITIVITIES
+    assert model.calibrated_threshold("combi", thorough=True) != model.calibrated_threshold("combi")
+    # a model calibrated without it: an absolute threshold, prefilled from the plain calibration, and said so
+    plain = {k: v for k, v in model.header.calibration.items() if '"test_time_steps": 0' in k}
+    older = ModelSettings(model.path, replace(model.header, calibration=plain))
+    assert older.sensitivities("combi", None, thorough=True) == (settings.SENSITIVITY_THRESHOLD,)
+    change = settings.sensitivity_change(p, older)
+    assert change.sensitivity == settings.SENSITIVITY_THRESHOLD and "thorough mode" in change.message
+    assert change.threshold == pytest.approx(model.calibrated_threshold("combi"))
+    with pytest.raises(CeVAEError, match="Absolute threshold"):
+        settings.detection_request(p, older)

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
-from ..options import DEVICES, SCORE_TYPES, DetectionRequest, ThresholdPolicy
+from ..options import DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, ThresholdPolicy
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "detection_request",
            "model_path", "override_postprocess", "postprocess_fields", "sensitivity_change"]
@@ -46,27 +46,35 @@ class ModelSettings:
     def default_fpr(self) -> float:
         return self.header.default_fpr
 
-    def calibrated(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> bool:
+    def calibrated(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None, thorough: bool = False) -> bool:
         """Whether the model holds a threshold calibration for this scoring and post-processing
-        (``postprocess``: overrides of the model's, as the detection applies them)."""
-        score, post = DetectionRequest(score=dict(score_type=score_type), post=dict(postprocess or {})).options(
+        (``postprocess``: overrides of the model's, as the detection applies them; ``thorough``: with
+        the thorough mode's test-time adaptation)."""
+        score, post = DetectionRequest(score=_score(score_type, thorough), post=dict(postprocess or {})).options(
             self.header.score_options, self.header.postprocess)
         return self.header.is_calibrated(score, post)
 
-    def calibrated_threshold(self, score_type: str, fpr: Optional[float] = None) -> Optional[float]:
+    def calibrated_threshold(self, score_type: str, fpr: Optional[float] = None,
+                             thorough: bool = False) -> Optional[float]:
         """The model's calibrated threshold at ``fpr`` (default: its own rate) with its own post-processing;
         None if it has none for this score type or rate."""
-        score = self.header.score_options.replace(score_type=score_type)
+        score = self.header.score_options.replace(**_score(score_type, thorough))
         try:
             return self.header.threshold(score, self.header.postprocess, ThresholdPolicy(fpr=fpr))[0]
         except CeVAEError:
             return None
 
-    def sensitivities(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None) -> Tuple[str, ...]:
+    def sensitivities(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None,
+                      thorough: bool = False) -> Tuple[str, ...]:
         """The sensitivity modes this model supports for these options (calibrated ones only if calibrated)."""
-        if self.calibrated(score_type, postprocess):
+        if self.calibrated(score_type, postprocess, thorough):
             return SENSITIVITIES
         return (SENSITIVITY_THRESHOLD,)
+
+
+def _score(score_type: str, thorough: bool) -> Dict[str, Any]:
+    """The scoring overrides of the panel: the score type, and the thorough mode's test-time adaptation."""
+    return dict(score_type=score_type, **(dict(test_time_steps=THOROUGH_STEPS) if thorough else {}))
 
 
 @dataclass(frozen=True)
@@ -80,21 +88,28 @@ class SensitivityChange:
 
 def sensitivity_change(parameters: Any, settings: ModelSettings) -> Optional[SensitivityChange]:
     """None while the chosen sensitivity mode is offered for the chosen options. Otherwise (the
-    post-processing override left the model's calibration) the absolute threshold, prefilled with the
-    model's calibrated threshold at the rate that was in use, and a sentence that says so."""
-    modes = settings.sensitivities(parameters.scoreType, override_postprocess(parameters))
+    post-processing override or the thorough mode left the model's calibration) the absolute threshold,
+    prefilled with the model's closest calibrated threshold at the rate that was in use, and a sentence
+    that says so."""
+    thorough = bool(parameters.thorough)
+    modes = settings.sensitivities(parameters.scoreType, override_postprocess(parameters), thorough)
     if parameters.sensitivity in modes:
         return None
     fpr = parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else settings.default_fpr
-    threshold = settings.calibrated_threshold(parameters.scoreType, fpr)
+    missing = "the thorough mode" if thorough and not settings.calibrated(parameters.scoreType, None, True) \
+        else "this post-processing"
+    threshold = settings.calibrated_threshold(parameters.scoreType, fpr, thorough)
+    source = "with its own post-processing"
+    if threshold is None and thorough:
+        threshold, source = settings.calibrated_threshold(parameters.scoreType, fpr), f"{source}, not thorough"
     if threshold is None:
         return SensitivityChange(SENSITIVITY_THRESHOLD, None, "The model has no calibration for these options; "
                                  "set an absolute threshold, or calibrate it on healthy scans.")
     return SensitivityChange(
         SENSITIVITY_THRESHOLD, threshold,
-        f"The model is not calibrated for this post-processing, so an absolute threshold is used. It starts "
-        f"at {threshold:.4g}: the model's calibrated threshold at a false-positive rate of {fpr:g} with its "
-        "own post-processing (the rate differs with yours). Calibrate on healthy scans to get rates for it.")
+        f"The model is not calibrated for {missing}, so an absolute threshold is used. It starts at "
+        f"{threshold:.4g}: the model's calibrated threshold at a false-positive rate of {fpr:g} {source} (the "
+        "rate differs with yours). Calibrate on healthy scans to get rates for it.")
 
 
 def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:
@@ -127,7 +142,8 @@ def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any
     if parameters.inputVolume is None:
         raise CeVAEError("Select an input volume.")
     post = override_postprocess(parameters)
-    if parameters.sensitivity not in settings.sensitivities(parameters.scoreType, post):
+    thorough = bool(parameters.thorough)
+    if parameters.sensitivity not in settings.sensitivities(parameters.scoreType, post, thorough):
         raise CeVAEError(
             "The model has no calibrated threshold for this score type and post-processing. Choose "
             "'Absolute threshold' as sensitivity, or calibrate the model on healthy scans of your site "
@@ -141,7 +157,7 @@ def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any
         maskSegmentId=segment or None,
         modelPath=model_path(parameters),
         request=DetectionRequest.of(
-            score_type=parameters.scoreType,
+            **_score(parameters.scoreType, thorough),
             fpr=parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else None,
             threshold=parameters.threshold if parameters.sensitivity == SENSITIVITY_THRESHOLD else None,
             device=parameters.device, batch_size=int(parameters.batchSize), **(post or {})),
