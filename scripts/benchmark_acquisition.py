@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 from CeVAEAnomalyLib.data import default_model_path
 from CeVAEAnomalyLib.engine.header import read_header
@@ -47,21 +48,59 @@ def thickness_class(variant: str) -> str:
 # ---- score maps: the default chain and its variations, from a cached case ----
 
 def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, use_asymmetry: bool = True,
-          tail: bool = True) -> np.ndarray:
+          tail: bool = True, mirror: str = "plane") -> np.ndarray:
     """The detector's post-processing (asymmetry fusion, rim, normalisation) with other parameters
-    (``tail``: the default spread; False: the median absolute deviation, the cached ``final`` map's)."""
+    (``tail``: the default spread; False: the median absolute deviation, the cached ``final`` map's;
+    ``mirror``: see :func:`case_asymmetry`)."""
     combi = c["combi"]
     if use_asymmetry:
-        s = fuse(combi, case_asymmetry(c, sigma, sided=True), floor, power)
+        s = fuse(combi, case_asymmetry(c, sigma, sided=True, mirror=mirror), floor, power)
     else:
         s = np.power(np.maximum(combi, 0), power).astype(np.float32)
     return rimmed(c, s, "tail" if tail else "mad")
 
 
-def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False) -> np.ndarray:
-    """The case's smoothed left-right intensity asymmetry (``sided``: weighted by the combi map's side weight)."""
-    a = asymmetry(c["image"], c["image_m"], c["brain"] & c["brain_m"], tuple(c["spacing"]), sigma)
-    return a * side_weight(c["combi"], c["combi_m"]) if sided else a
+def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False, mirror: str = "plane") -> np.ndarray:
+    """The case's smoothed left-right intensity asymmetry (``sided``: weighted by the combi map's side weight).
+
+    ``mirror``: "plane", the image mirrored about the detector's mid-sagittal plane (the default);
+    "demons", that mirror image deformably aligned to the image first (smooth demons field, σ 3 mm, on a
+    2× coarser grid), so that the shape differences of two healthy hemispheres drop out; "tolerant", the
+    distance of each intensity to the range of the mirror image's 3 × 3 × 3 neighbourhood (a lesion stands
+    out, a fold shifted by a voxel does not)."""
+    image_m, combi_m = c["image_m"], c["combi_m"]
+    both, spacing = c["brain"] & c["brain_m"], tuple(float(v) for v in c["spacing"])
+    if mirror == "demons":
+        image_m, combi_m = demons_aligned(c, (image_m, combi_m))
+    if mirror == "tolerant":
+        m = np.where(c["brain_m"], image_m, np.nan).astype(np.float32)
+        hi = ndimage.maximum_filter(np.nan_to_num(m, nan=-np.inf), size=3)
+        lo = ndimage.minimum_filter(np.nan_to_num(m, nan=np.inf), size=3)
+        x = c["image"].astype(np.float32)
+        d = np.nan_to_num(np.maximum(0, np.maximum(x - hi, lo - x)), nan=0.0, posinf=0.0, neginf=0.0)
+        a = asymmetry(d, np.zeros_like(d), both, spacing, sigma)
+    else:
+        a = asymmetry(c["image"], image_m, both, spacing, sigma)
+    return a * side_weight(c["combi"], combi_m) if sided else a
+
+
+def demons_aligned(c: Case, arrays: Tuple[np.ndarray, ...]) -> List[np.ndarray]:
+    """``arrays`` (on the mirror image's grid) warped by the demons field that aligns the mirror image to the image."""
+    spacing = tuple(float(v) for v in c["spacing"])
+
+    def img(a: np.ndarray) -> sitk.Image:
+        out = sitk.GetImageFromArray(np.ascontiguousarray(a, np.float32))
+        out.SetSpacing(spacing)
+        return out
+
+    fixed, moving = img(c["image"] * c["brain"]), img(c["image_m"] * c["brain_m"])
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(30)
+    demons.SetStandardDeviations(3.0 / (2 * min(spacing)))  # in voxels of the coarser grid
+    field = demons.Execute(sitk.Shrink(fixed, [2, 2, 2]), sitk.Shrink(moving, [2, 2, 2]))
+    field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+    warp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return [sitk.GetArrayFromImage(sitk.Resample(img(a), fixed, warp, sitk.sitkLinear, 0.0)) for a in arrays]
 
 
 def rimmed(c: Case, arr: np.ndarray, spread: str = "tail") -> np.ndarray:
@@ -79,6 +118,8 @@ MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "no asymmetry (√combi only)": lambda c: chain(c, use_asymmetry=False),
     "asymmetry floor 0.3 (more weight to the ceVAE score)": lambda c: chain(c, floor=0.3),
     "asymmetry floor 1.0": lambda c: chain(c, floor=1.0),
+    "asymmetry against a demons-aligned mirror": lambda c: chain(c, mirror="demons"),
+    "tolerant asymmetry (mirror's 3 × 3 × 3 range)": lambda c: chain(c, mirror="tolerant"),
 }
 
 # maps compared on the moved-tissue cases only (normal intensities, wrong structure); the single terms
@@ -153,6 +194,8 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("no asymmetry (√combi only)", "clean", MIN50),
     ("asymmetry floor 0.3 (more weight to the ceVAE score)", "clean", MIN50),
     ("asymmetry floor 1.0", "clean", MIN50),
+    ("asymmetry against a demons-aligned mirror", "clean", MIN50),
+    ("tolerant asymmetry (mirror's 3 × 3 × 3 range)", "clean", MIN50),
 ]
 
 
