@@ -145,7 +145,7 @@ def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any
     thorough = bool(parameters.thorough)
     if parameters.sensitivity not in settings.sensitivities(parameters.scoreType, post, thorough):
         raise CeVAEError(
-            "The model has no calibrated threshold for this score type and post-processing. Choose "
+            "The model has no calibrated threshold for this score type, post-processing and thorough setting. Choose "
             "'Absolute threshold' as sensitivity, or calibrate the model on healthy scans of your site "
             "(section 'Calibrate on healthy scans')."
         )
