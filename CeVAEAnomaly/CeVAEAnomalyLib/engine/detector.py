@@ -20,10 +20,10 @@ from .preprocess import (Region, SliceRecord, SliceStack, brain_region, finite_b
                          region_image)
 from ..progress import ProgressCallback, report, scaled
 from ..result import DetectionResult, SliceScoreRow
+from .scan_adaptation import adapted_copy
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
 from .symmetry import BoxAsymmetry, box_asymmetry, fuse_with_asymmetry
-from .test_time import adapted_copy
 
 log = logging.getLogger(__name__)
 

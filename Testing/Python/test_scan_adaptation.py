@@ -14,7 +14,7 @@ from CeVAEAnomalyLib.engine.corruption import random_rectangles
 from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.engine.model import cevae_loss
 from CeVAEAnomalyLib.engine.preprocess import finite_brain, mask_array, prepare
-from CeVAEAnomalyLib.engine.test_time import adapted_copy
+from CeVAEAnomalyLib.engine.scan_adaptation import adapted_copy
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import DetectionRequest, ThresholdPolicy
 from CeVAEAnomalyLib.progress import Cancelled
