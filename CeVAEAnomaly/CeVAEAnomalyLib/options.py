@@ -140,7 +140,7 @@ class ScoreOptions(Serialisable):
                              high=10000)
     rec_kind: str = option("l1", "reconstruction error", choices=REC_KINDS, label="reconstruction error")
     test_time_steps: int = option(0, "thorough mode: score with a copy of the model fine-tuned on this scan's own "
-                                  "slices for N steps (0: off; 100 adds about 20 s on 2 CPU cores)", whole=True,
+                                  "slices for N steps (0: off; 100 adds about 10 s on 2 CPU cores)", whole=True,
                                   high=100000)
 
     def __post_init__(self) -> None:
@@ -152,7 +152,7 @@ class ScoreOptions(Serialisable):
         return self.score_type in ("grad", "combi")
 
 
-# The thorough mode's test-time adaptation steps (about 20 s on 2 CPU cores; docs/benchmark.md measures it).
+# The thorough mode's test-time adaptation steps (about 10 s more on 2 CPU cores; docs/benchmark.md measures it).
 THOROUGH_STEPS = 100
 
 # The published ceVAE score (Zimmerer et al., 2019): rec × min-max normalised, smoothed |dKL/dx|.
