@@ -29,10 +29,11 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
     root.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     jobs = [(s, root, pre, wanted) for s in subjects]
-    usable = max(1, min(workers, len(jobs), usable_cores()))  # preprocessing is CPU-bound: no more than the cores
+    cores = usable_cores()
+    usable = max(1, min(workers, len(jobs), cores))  # preprocessing is CPU-bound: no more than the cores
     if usable < workers:
         log.info("Preprocessing with %d process(es) (%d asked; %d subject(s), %d usable core(s)).", usable, workers,
-                 len(jobs), usable_cores())
+                 len(jobs), cores)
     workers = usable
     results = []
     if workers == 1:
