@@ -56,8 +56,8 @@ class ModelSettings:
 
     def calibrated_threshold(self, score_type: str, fpr: Optional[float] = None,
                              thorough: bool = False) -> Optional[float]:
-        """The model's calibrated threshold at ``fpr`` (default: its own rate) with its own post-processing;
-        None if it has none for this score type or rate."""
+        """The model's calibrated threshold at ``fpr`` (default: its own rate) with its own post-processing
+        (``thorough``: in the thorough mode); None if it has none for this score type, mode or rate."""
         score = self.header.score_options.replace(**_score(score_type, thorough))
         try:
             return self.header.threshold(score, self.header.postprocess, ThresholdPolicy(fpr=fpr))[0]
