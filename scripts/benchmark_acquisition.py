@@ -48,11 +48,12 @@ def thickness_class(variant: str) -> str:
 # ---- score maps: the default chain and its variations, from a cached case ----
 
 def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, use_asymmetry: bool = True,
-          tail: bool = True, mirror: str = "plane") -> np.ndarray:
+          tail: bool = True, mirror: str = "plane", term: str = "combi") -> np.ndarray:
     """The detector's post-processing (asymmetry fusion, rim, normalisation) with other parameters
     (``tail``: the default spread; False: the median absolute deviation, the cached ``final`` map's;
-    ``mirror``: see :func:`case_asymmetry`)."""
-    combi = c["combi"]
+    ``mirror``: see :func:`case_asymmetry`; ``term``: the network map fused, the ceVAE's ``combi`` or the
+    restoration error ``restore``)."""
+    combi = c[term]
     if use_asymmetry:
         s = fuse(combi, case_asymmetry(c, sigma, sided=True, mirror=mirror), floor, power)
     else:
@@ -111,6 +112,8 @@ def rimmed(c: Case, arr: np.ndarray, spread: str = "tail") -> np.ndarray:
 
 
 MAD = "mad normalisation (the default before)"
+RESTORE = "restoration error instead of rec × grad"
+NEEDS = {RESTORE: "restore"}  # maps made from a term only some caches hold (--restoration)
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "default": chain,  # tail normalisation
     MAD: lambda c: c["final"],  # the fold models' own detector map (their headers predate the tail default)
@@ -120,6 +123,7 @@ MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "asymmetry floor 1.0": lambda c: chain(c, floor=1.0),
     "asymmetry against a demons-aligned mirror": lambda c: chain(c, mirror="demons"),
     "tolerant asymmetry (mirror's 3 × 3 × 3 range)": lambda c: chain(c, mirror="tolerant"),
+    RESTORE: lambda c: chain(c, term="restore"),
 }
 
 # maps compared on the moved-tissue cases only (normal intensities, wrong structure); the single terms
@@ -131,10 +135,13 @@ TERMS: Dict[str, Callable[[Case], np.ndarray]] = {
     "ceVAE combi (rec × grad) alone": lambda c: rimmed(c, c["combi"]),
     "ceVAE reconstruction error alone": lambda c: rimmed(c, c["rec"]),
     "ceVAE KL gradient alone": lambda c: rimmed(c, c["grad"]),
+    "restoration error alone": lambda c: rimmed(c, c["restore"]),
+    RESTORE: MAPS[RESTORE],
     "intensity asymmetry alone": lambda c: rimmed(c, case_asymmetry(c)),
     "side-weighted asymmetry alone": lambda c: rimmed(c, case_asymmetry(c, sided=True)),
 }
 TERMS_RECIPE = "moved tissue"
+NEEDS.update({"restoration error alone": "restore"})
 
 
 # ---- labelmaps ----
@@ -196,6 +203,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("asymmetry floor 1.0", "clean", MIN50),
     ("asymmetry against a demons-aligned mirror", "clean", MIN50),
     ("tolerant asymmetry (mirror's 3 × 3 × 3 range)", "clean", MIN50),
+    (RESTORE, "clean", MIN50),
 ]
 
 
@@ -273,8 +281,12 @@ def main() -> None:
     files = index(args.maps)
     subjects = sorted({s for s, _ in files})
     variants = [v for v in VARIANTS if any((s, v) in files for s in subjects)]
-    levers = [lv for lv in LEVERS if not args.maps_levers or lv[0] == "default"
-              or any(w in lv[0] for w in args.maps_levers.split(","))]
+    with np.load(next(iter(files.values()))[0]) as z:
+        cached = set(z.files)
+    levers = [lv for lv in LEVERS if (not args.maps_levers or lv[0] == "default"
+                                      or any(w in lv[0] for w in args.maps_levers.split(",")))
+              and NEEDS.get(lv[0], "combi") in cached]
+    terms_maps = {name: fn for name, fn in TERMS.items() if NEEDS.get(name, "combi") in cached}
     map_names = list(dict.fromkeys(m for m, _, _ in levers))
     # pass 1: healthy scans -> top scores (for calibrated thresholds)
     tops: Dict[Tuple[str, str, str], Tuple[np.ndarray, int]] = {}
@@ -317,7 +329,7 @@ def main() -> None:
                 c = load(path)
                 if c["recipe"] == TERMS_RECIPE:
                     if c["gt"].any():
-                        for name, fn in TERMS.items():
+                        for name, fn in terms_maps.items():
                             terms[v][name].append((fn(c)[c["brain"]], c["gt"][c["brain"]]))
                     continue
                 for m in map_names:

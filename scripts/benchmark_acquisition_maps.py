@@ -10,11 +10,13 @@ post-processing chain is then applied with the detector's own steps on the detec
 case, on that region: the default final map, the raw map and its mirror image about the detector's
 mid-sagittal plane, the scaled intensities and their mirror image, the brain and its mirror, the ground
 truth and the slice scores; so the post-processing levers can be re-evaluated without the network. Moved-tissue
-cases also keep the ceVAE's reconstruction error and KL gradient maps on their own (``rec``, ``grad``).
+cases also keep the ceVAE's reconstruction error and KL gradient maps on their own (``rec``, ``grad``); with
+``--restoration`` every case keeps the restoration error (``restore``, ``CeVAEAnomalyResearch.restoration``).
 
     python scripts/benchmark_acquisition_maps.py [--out runs/acquisition] [--variants clean,thick]
     [--check]   # also run the full default Detector on each variant's first case and record the agreement
     [--test-time-steps 100]   # the thorough mode (each volume scored by a copy of the model adapted to it)
+    [--restoration 0.1]   # also cache the restoration error with this L1 weight
 """
 from __future__ import annotations
 
@@ -23,19 +25,22 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.engine.postprocess import refine_reach
-from CeVAEAnomalyLib.engine.preprocess import brain_region, region_image
+from CeVAEAnomalyLib.engine.preprocess import brain_region, invert_region, region_image
+from CeVAEAnomalyLib.engine.scoring import gaussian_blur
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
 from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
 from CeVAEAnomalyResearch.lesions import insert_lesions
+from CeVAEAnomalyResearch.restoration import restoration_error
 
 SUBJECTS = ("colin27", "mni152", "robex")
 NON_MOVED = ("hypo", "hyper", "ring", "texture", "shift")
@@ -65,8 +70,9 @@ def lesion_case(image: sitk.Image, mask: sitk.Image, recipe: str, seed: int):
 
 
 def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, raw_detector: Detector,
-               default: Detector, meta: dict, terms: bool = False) -> None:
-    """Cache one case on the default detector's region (``terms``: also the rec and grad maps)."""
+               default: Detector, meta: dict, terms: bool = False, restoration: Optional[float] = None) -> None:
+    """Cache one case on the default detector's region (``terms``: also the rec and grad maps;
+    ``restoration``: also the restoration error with this L1 weight, blurred as the reconstruction error is)."""
     t0 = time.perf_counter()
     res = raw_detector(image, mask)
     t_net = time.perf_counter() - t0
@@ -92,6 +98,12 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
             arr = np.zeros(inside.shape, np.float32)
             arr[inside] = vals
             extra[name] = arr
+    if restoration is not None:
+        stack, _ = raw_detector._prepare(image, mask, None)
+        bundle = raw_detector.bundle
+        err = restoration_error(bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain),
+                                bundle.header.loss.beta, weight=restoration)
+        extra["restore"] = invert_region(stack.record, gaussian_blur(err, raw_detector.score.rec_sigma)[:, 0], region)
     rows = res.slices
     np.savez(
         path,
@@ -137,6 +149,8 @@ def main() -> None:
                    help="score with test-time adaptation (the thorough mode) of this many steps")
     p.add_argument("--train-subjects", action="store_true",
                    help="only the healthy variants of each model's training subjects (for in-sample calibration)")
+    p.add_argument("--restoration", type=float, default=None, metavar="WEIGHT",
+                   help="also cache the restoration error with this L1 weight")
     args = p.parse_args()
     if args.data is None:
         from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
@@ -182,7 +196,7 @@ def main() -> None:
                 v_img, v_mask, v_gt = derive(VARIANTS[variant], img, m, gt, seed=1000 * si + 10 * vi + 1)
                 cache_case(path, v_img, v_mask, v_gt, raw, default,
                            dict(meta, subject=subject, variant=variant, case=name),
-                           terms=meta["recipe"] in TERMS_RECIPES)
+                           terms=meta["recipe"] in TERMS_RECIPES, restoration=args.restoration)
                 if args.check and ci == 1 and not args.train_subjects:
                     checks[f"{subject} / {variant}"] = check_case(v_img, v_mask, default, path)
                 print(f"{path.name} ({time.time() - t0:.0f} s)", flush=True)

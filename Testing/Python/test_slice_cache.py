@@ -148,6 +148,44 @@ def test_streamed_batches_equal_the_slices_in_memory(subjects, tmp_path):
         stream[[len(memory)]]
 
 
+def test_slab_reads_average_the_neighbours_within_each_subject(subjects, tmp_path):
+    """A slab is the mean of the slice and its neighbours in the same subject's stack, cut at its ends."""
+    per_subject = SliceCache(tmp_path / "cache", PRE).prepare(subjects, checksums(*subjects), ("axial",))
+    stream = SliceSet([e for entries in per_subject for e in entries], PRE.input_size)
+    stacks = [subject_slices(s, PRE, ("axial",))[0] for s in subjects]
+    n0, n1 = len(stacks[0]), len(stacks[1])
+    idx = [5, 0, n0 - 1, n0, n0 + 3, n0 + n1 - 1, 7]
+    half = [2, 3, 2, 1, 0, 4, 0]
+    batch = stream.read(idx, half)[:, 0].numpy()
+    expected = [stacks[0][3:8].mean(0), stacks[0][0:4].mean(0), stacks[0][n0 - 3:].mean(0), stacks[1][0:2].mean(0),
+                stacks[1][3], stacks[1][n1 - 5:].mean(0), stacks[0][7]]
+    for got, want in zip(batch, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(batch[0], stacks[0][5])  # the slab is not the slice itself
+    np.testing.assert_array_equal(stream.read(idx, [0] * len(idx)).numpy(), stream[idx].numpy())
+
+
+def test_slab_batches_repeat_for_the_same_position_and_are_not_the_plain_slices(subjects, tmp_path):
+    cfg = small_cfg(tmp_path, cache_dir=tmp_path / "cache",
+                    augment=dataclasses.replace(NO_AUGMENT, slab=3))
+    trainer = Trainer(cfg, subjects)
+    trainer.open_data()
+    first = next(trainer.batches())
+    again = next(trainer.batches())
+    torch.testing.assert_close(first[2], again[2], rtol=0, atol=0)  # a resumed run reads the same slabs
+    plain = Trainer(small_cfg(tmp_path, cache_dir=tmp_path / "cache"), subjects)
+    plain.open_data()
+    single = next(plain.batches())
+    assert single[:2] == first[:2]
+    assert not torch.equal(single[2], first[2])  # same slices, averaged with their neighbours
+
+
+@pytest.mark.parametrize("slab", [-1, 17])
+def test_an_unusable_slab_is_refused(slab):
+    with pytest.raises(CeVAEError, match="slab augmentation must average 0 to 16 neighbours"):
+        dataclasses.replace(NO_AUGMENT, slab=slab)
+
+
 @pytest.mark.parametrize("n,world", [(10, 1), (11, 2), (3, 4), (100, 3)])
 def test_epoch_order_is_the_distributed_sampler_order(n, world):
     for rank in range(world):
@@ -170,8 +208,9 @@ def test_sampler_resumes_at_its_position():
 
 
 def small_cfg(tmp_path: Path, **kw) -> TrainConfig:
+    kw.setdefault("augment", NO_AUGMENT)
     return TrainConfig(out=tmp_path / "out" / "m.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
-                       augment=NO_AUGMENT, batch_size=8, device="cpu", val_fraction=0.34, **kw)
+                       batch_size=8, device="cpu", val_fraction=0.34, **kw)
 
 
 @pytest.mark.slow

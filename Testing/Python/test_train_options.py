@@ -195,6 +195,18 @@ def test_a_failure_while_packaging_leaves_no_bundle(cohort, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.cevae.ckpt", "m.cevae.log.csv"]
 
 
+def test_acquisition_augment_trains_with_slabs_and_records_it(cohort, tmp_path, capsys):
+    out = tmp_path / "m.cevae"
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(out), "--max-steps", "2",
+                           "--acquisition-augment", *SMALL)
+    assert rc == 0 and not errors
+    augment = read_header(out).training["augment"]
+    assert augment["slab"] == 3 and augment["noise"] == 0.07 and augment["bias_field"] == 0.3
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(tmp_path / "b.cevae"),
+                           "--no-augment", "--acquisition-augment", *SMALL)
+    assert rc != 0 and not (tmp_path / "b.cevae").exists()
+
+
 @pytest.mark.parametrize("half", [False, True])
 def test_the_bundle_is_calibrated_on_the_weights_it_holds(cohort, tmp_path, half):
     """In-memory calibration equals calibrating the written file (fp16-rounded weights with --half)."""

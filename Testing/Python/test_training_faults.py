@@ -20,7 +20,8 @@ import torch
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
-from CeVAEAnomalyLib.training.config import AugmentConfig
+from CeVAEAnomalyLib.training.checkpoint import check_same_run
+from CeVAEAnomalyLib.training.config import NO_AUGMENT
 from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
@@ -112,10 +113,8 @@ def test_sigkill_then_resume_continues_the_same_run(manifest, tmp_path):
 
 def tiny_trainer(tmp_path: Path, manifest: Path, **kw) -> Trainer:
     subjects = [Subject(manifest.parent / f"s{s}.nii.gz", manifest.parent / f"s{s}_mask.nii.gz") for s in (4, 5)]
-    options = dict(batch_size=8, checkpoint_every=EVERY, device="cpu", val_fraction=0.0)
+    options = dict(batch_size=8, checkpoint_every=EVERY, device="cpu", val_fraction=0.0, augment=NO_AUGMENT)
     cfg = TrainConfig(out=tmp_path / "model.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
-                      augment=AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
-                                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0),
                       **dict(options, **kw))
     return Trainer(cfg, subjects)
 
@@ -279,6 +278,20 @@ def test_resume_refuses_other_options_and_names_them(manifest, tmp_path, change,
                                          r"run: " + named):
         resumed.load_checkpoint()
     assert resumed.step == 0
+
+
+@pytest.mark.parametrize("slab", [0, 3])
+def test_a_checkpoint_older_than_an_option_resumes_only_with_that_option_off(manifest, tmp_path, slab):
+    """A checkpoint written before ``augment.slab`` existed behaved as slab 0: that resumes, slab 3 does not."""
+    first = saved_trainer(tmp_path, manifest)
+    older = first.run_identity()
+    del older["options"]["augment"]["slab"]
+    resumed = tiny_trainer(tmp_path, manifest, resume=True, augment=dataclasses.replace(first.cfg.augment, slab=slab))
+    if slab == 0:
+        check_same_run(older, resumed.run_identity(), first.cfg.checkpoint_path)
+    else:
+        with pytest.raises(CeVAEError, match=r"augment\.slab \(none in the checkpoint, 3 now\)"):
+            check_same_run(older, resumed.run_identity(), first.cfg.checkpoint_path)
 
 
 def test_resume_refuses_other_or_changed_volumes(manifest, tmp_path):

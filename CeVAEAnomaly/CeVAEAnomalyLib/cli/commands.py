@@ -49,7 +49,7 @@ def run_train(args: argparse.Namespace) -> Path:
     from .console import ConsoleProgress
     from ..engine.config import LossConfig, ModelConfig
     from ..options import parse_orientations
-    from ..training.config import NO_AUGMENT, AugmentConfig, SettingError, TrainConfig
+    from ..training.config import ACQUISITION_AUGMENT, NO_AUGMENT, AugmentConfig, SettingError, TrainConfig
     from ..training.trainer import Trainer
     from ..io.lock import hold_output
 
@@ -62,7 +62,7 @@ def run_train(args: argparse.Namespace) -> Path:
         out=args.out,
         model=ModelConfig(input_size=args.input_size, channels=channels, z_dim=args.z_dim),
         loss=LossConfig(ce_weight=args.ce_weight, beta=args.beta, rec=args.rec_loss),
-        augment=NO_AUGMENT if args.no_augment else AugmentConfig(),
+        augment=NO_AUGMENT if args.no_augment else ACQUISITION_AUGMENT if args.acquisition_augment else AugmentConfig(),
         orientations=parse_orientations(args.orientations), batch_size=args.batch_size, lr=args.lr,
         max_steps=args.max_steps, max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
         val_fraction=args.val_fraction, seed=args.seed, device=args.device, resume=args.resume,

@@ -78,7 +78,11 @@ def _add_train(sub) -> None:
     t.add_argument("--checkpoint-every", type=int, default=cfg.checkpoint_every)
     t.add_argument("--loader-workers", type=int,
                    help="processes reading batches from the cache (default: 0 on the CPU, 4 on CUDA)")
-    t.add_argument("--no-augment", action="store_true")
+    aug = t.add_mutually_exclusive_group()
+    aug.add_argument("--no-augment", action="store_true")
+    aug.add_argument("--acquisition-augment", action="store_true",
+                     help="also what other scanners and protocols give: thick slabs (each slice averaged with up "
+                          "to 3 neighbours on each side), noise up to 7 %%, a stronger bias field")
     t.add_argument("--half", action="store_true", help="store fp16 weights in the bundle")
     t.add_argument("--amp", action="store_true", help="mixed precision")
     _add_device(t)

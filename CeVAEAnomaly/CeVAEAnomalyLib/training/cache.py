@@ -203,18 +203,29 @@ class SliceSet(torch.utils.data.Dataset):
         return int(self.ends[-1]) if len(self.ends) else 0
 
     def __getitem__(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.read(indices)
+
+    def read(self, indices: Sequence[int], half_widths: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Slices ``indices`` as a batch [B,1,S,S]; with ``half_widths``, slice i is the mean of its entry's
+        slices within ``half_widths[i]`` of it (a thick slab; cut at the ends of the subject's stack)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"slice index out of range 0..{len(self) - 1}")
+        half = np.zeros(len(idx), np.int64) if half_widths is None else np.asarray(half_widths, np.int64).reshape(-1)
         which = np.searchsorted(self.ends, idx, side="right")
-        starts = self.ends[which] - np.asarray([self.entries[w].slices for w in which], dtype=np.int64)
+        counts = np.asarray([self.entries[w].slices for w in which], dtype=np.int64)
+        local = idx - (self.ends[which] - counts)
+        first, last = np.maximum(local - half, 0), np.minimum(local + half, counts - 1)
         out = np.empty((len(idx), self.size, self.size), np.float32)
         nbytes = self.size * self.size * 4
-        for k, (w, local) in enumerate(zip(which.tolist(), (idx - starts).tolist())):
+        for k, (w, a, b) in enumerate(zip(which.tolist(), first.tolist(), last.tolist())):
+            slab = out[k] if a == b else np.empty((b - a + 1, self.size, self.size), np.float32)
             fh = self._file(w)
-            fh.seek(self.entries[w].offset + local * nbytes)
-            if fh.readinto(memoryview(out[k]).cast("B")) != nbytes:
+            fh.seek(self.entries[w].offset + a * nbytes)
+            if fh.readinto(memoryview(slab).cast("B")) != slab.nbytes:
                 raise CeVAEError(f"The slice cache file {self.entries[w].path} is truncated; run again to remake it.")
+            if a != b:
+                slab.mean(axis=0, out=out[k])
         return torch.from_numpy(out)[:, None]
 
     def _file(self, w: int) -> BinaryIO:

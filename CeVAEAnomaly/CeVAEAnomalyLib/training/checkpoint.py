@@ -95,10 +95,15 @@ def _plain(value: Any) -> Any:
 
 def _changed_options(saved: Mapping[str, Any], current: Mapping[str, Any],
                      prefix: str = "") -> List[Tuple[str, Any, Any]]:
-    """(dotted name, saved value, current value) of every option that differs (nested dicts compared by key)."""
+    """(dotted name, saved value, current value) of every option that differs (nested dicts compared by key).
+
+    An option the checkpoint lacks was added since it was written; it matches when it is off (0, False or
+    None), which is how the older run behaved."""
     out = []
     for key in sorted(set(saved) | set(current)):
         was, now = saved.get(key), current.get(key)
+        if key not in saved and now in (0, False, None):
+            continue
         if isinstance(was, Mapping) and isinstance(now, Mapping):
             out += _changed_options(was, now, f"{prefix}{key}.")
         elif was != now:

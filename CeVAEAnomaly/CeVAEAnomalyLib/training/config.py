@@ -29,10 +29,20 @@ class AugmentConfig:
     intensity_shift: float = 0.05
     bias_field: float = 0.2  # amplitude of a smooth multiplicative field (coil inhomogeneity)
     noise: float = 0.03  # max std of Gaussian noise (scanner noise levels)
+    slab: int = 0  # thick slices: each slice averaged with 0..slab neighbours on each side (0: off)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.slab <= MAX_SLAB:
+            raise CeVAEError(f"The slab augmentation must average 0 to {MAX_SLAB} neighbours on each side, "
+                             f"got {self.slab}.")
 
 
+MAX_SLAB = 16  # neighbours on each side; 1 mm slices averaged over 33 mm are no acquisition
 NO_AUGMENT = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
+# What scans of other scanners and protocols add (docs/benchmark.md, "Acquisition-augmented training"):
+# slabs of up to 7 slices (7 mm from 1 mm scans), noise up to 7 %, a stronger bias field.
+ACQUISITION_AUGMENT = AugmentConfig(slab=3, noise=0.07, bias_field=0.3)
 
 
 MAX_LOADER_WORKERS = 64  # batch-reading processes per rank (thousands would exhaust the memory)

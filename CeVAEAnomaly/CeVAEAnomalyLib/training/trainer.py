@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -141,7 +142,7 @@ class Trainer:
         sampler = EpochSampler(len(self.train), self.dist.world, self.dist.rank, self.cfg.seed,
                                lambda: self.batch_size, self.epoch, self.offset)
         loader = torch.utils.data.DataLoader(
-            _Batches(self.train), sampler=sampler, batch_size=None, num_workers=workers,
+            _Batches(self.train, self.cfg.augment.slab, self.cfg.seed), sampler=sampler, batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
             generator=torch.Generator())  # its seed draw must not advance the global RNG (exact resume)
         return iter(loader)
@@ -369,14 +370,19 @@ def initial_weights(path: Path, model_cfg: ModelConfig) -> Dict[str, torch.Tenso
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Maps the sampler's (epoch, batch number, indices) to (epoch, batch number, slices)."""
+    """Maps the sampler's (epoch, batch number, indices) to (epoch, batch number, slices); with ``slab`` > 0
+    each slice is a slab of 0..slab neighbours on each side, drawn from (seed, epoch, batch number), so a
+    resumed run and any loader worker read the same batch."""
 
-    def __init__(self, slices: SliceSet) -> None:
-        self.slices = slices
+    def __init__(self, slices: SliceSet, slab: int = 0, seed: int = 0) -> None:
+        self.slices, self.slab, self.seed = slices, slab, seed
 
     def __getitem__(self, item: Tuple[int, int, List[int]]) -> Tuple[int, int, torch.Tensor]:
         epoch, number, indices = item
-        return epoch, number, self.slices[indices]
+        if self.slab == 0:
+            return epoch, number, self.slices.read(indices)
+        half = np.random.default_rng([self.seed, epoch, number]).integers(0, self.slab + 1, len(indices))
+        return epoch, number, self.slices.read(indices, half)
 
     def __len__(self) -> int:
         return len(self.slices)
