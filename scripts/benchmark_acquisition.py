@@ -113,6 +113,7 @@ def rimmed(c: Case, arr: np.ndarray, spread: str = "tail") -> np.ndarray:
 
 MAD = "mad normalisation (the default before)"
 RESTORE = "restoration error instead of rec × grad"
+NO_CEVAE = "side-weighted asymmetry alone (no ceVAE term)"
 NEEDS = {RESTORE: "restore"}  # maps made from a term only some caches hold (--restoration)
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "default": chain,  # tail normalisation
@@ -124,6 +125,7 @@ MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "asymmetry against a demons-aligned mirror": lambda c: chain(c, mirror="demons"),
     "tolerant asymmetry (mirror's 3 × 3 × 3 range)": lambda c: chain(c, mirror="tolerant"),
     RESTORE: lambda c: chain(c, term="restore"),
+    NO_CEVAE: lambda c: rimmed(c, case_asymmetry(c, sided=True)),
 }
 
 # maps compared on the moved-tissue cases only (normal intensities, wrong structure); the single terms
@@ -204,6 +206,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("asymmetry against a demons-aligned mirror", "clean", MIN50),
     ("tolerant asymmetry (mirror's 3 × 3 × 3 range)", "clean", MIN50),
     (RESTORE, "clean", MIN50),
+    (NO_CEVAE, "clean", MIN50),
 ]
 
 
@@ -252,7 +255,7 @@ def load(path: Path) -> Case:
 def index(maps: Path) -> Dict[Tuple[str, str], List[Path]]:
     """(subject, variant) -> case files (held-out healthy first, the model's training subjects last)."""
     out: Dict[Tuple[str, str], List[Path]] = defaultdict(list)
-    for p in sorted(maps.glob("*--*--*.npz")):
+    for p in sorted(q for q in maps.glob("*--*--*.npz") if not q.name.endswith(".part.npz")):
         with np.load(p) as z:
             meta = json.loads(str(z["meta"]))
         out[(meta["subject"], meta["variant"])].append(p)

@@ -105,8 +105,9 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
                                 bundle.header.loss.beta, weight=restoration)
         extra["restore"] = invert_region(stack.record, gaussian_blur(err, raw_detector.score.rec_sigma)[:, 0], region)
     rows = res.slices
+    part = path.with_name(path.stem + ".part.npz")  # renamed when complete: a full disk leaves no damaged case
     np.savez(
-        path,
+        part,
         final=np.asarray(final, np.float32),
         combi=combi,
         combi_m=mirrored(combi).astype(np.float16),
@@ -124,6 +125,7 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
         meta=np.array(json.dumps(meta)),
         **extra,
     )
+    part.replace(path)
 
 
 def check_case(image: sitk.Image, mask: sitk.Image, full: Detector, path: Path) -> dict:
