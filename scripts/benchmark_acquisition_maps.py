@@ -40,7 +40,7 @@ from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
 from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
 from CeVAEAnomalyResearch.lesions import insert_lesions
-from CeVAEAnomalyResearch.restoration import restoration_error
+from CeVAEAnomalyResearch.restoration import restoration_change
 
 SUBJECTS = ("colin27", "mni152", "robex")
 NON_MOVED = ("hypo", "hyper", "ring", "texture", "shift")
@@ -101,8 +101,8 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
     if restoration is not None:
         stack, _ = raw_detector._prepare(image, mask, None)
         bundle = raw_detector.bundle
-        err = restoration_error(bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain),
-                                bundle.header.loss.beta, weight=restoration)
+        err = restoration_change(bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain),
+                                 bundle.header.loss.beta, weight=restoration).abs()
         extra["restore"] = invert_region(stack.record, gaussian_blur(err, raw_detector.score.rec_sigma)[:, 0], region)
     rows = res.slices
     part = path.with_name(path.stem + ".part.npz")  # renamed when complete: a full disk leaves no damaged case

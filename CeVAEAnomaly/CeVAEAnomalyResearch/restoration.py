@@ -3,7 +3,8 @@
 Each slice y is restored to the nearest image the model finds healthy: x = y + d minimises
 ``sum over brain pixels (x - decode(mu(x)))^2 + beta_sum * KL(x) + weight * |d|_1`` by proximal
 gradient steps (a gradient step on the first two terms, then soft-thresholding of d, which keeps the
-change sparse: only pixels the model keeps refusing to reconstruct move). The score is |d|. The KL
+change sparse: only pixels the model keeps refusing to reconstruct move). The score is |d|, the size of
+the change. The KL
 weight is the training loss's beta rescaled from means over pixels and latents to the sums used here.
 """
 from __future__ import annotations
@@ -13,9 +14,10 @@ import torch
 from CeVAEAnomalyLib.engine.model import CeVAE, kl_per_sample
 
 
-def restoration_error(model: CeVAE, slices: torch.Tensor, brain: torch.Tensor, beta: float, steps: int = 30,
-                      step: float = 0.25, weight: float = 0.1, batch_size: int = 64) -> torch.Tensor:
-    """|y - restored y| for [N,S,S] slices (``brain``: bool [N,S,S]) as [N,1,S,S], 0 outside the brain."""
+def restoration_change(model: CeVAE, slices: torch.Tensor, brain: torch.Tensor, beta: float, steps: int = 30,
+                       step: float = 0.25, weight: float = 0.1, batch_size: int = 64) -> torch.Tensor:
+    """The change d (restored = slices + d) for [N,S,S] slices (``brain``: bool [N,S,S]) as [N,1,S,S], 0
+    outside the brain."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, slices.shape[0], batch_size):
@@ -33,5 +35,5 @@ def restoration_error(model: CeVAE, slices: torch.Tensor, brain: torch.Tensor, b
             with torch.no_grad():
                 d = d - step * g
                 d = torch.sign(d) * (d.abs() - step * weight).clamp_min(0) * b
-        out.append(d.abs())
+        out.append(d)
     return torch.cat(out)
