@@ -116,7 +116,6 @@ MAD = "mad normalisation (the default before)"
 RESTORE = "restoration error instead of rec × grad"
 NO_CEVAE = "intensity asymmetry alone (no ceVAE term)"
 SIDED = "side-weighted asymmetry alone (the ceVAE term only picks the side)"
-NEEDS = {RESTORE: "restore"}  # maps made from a term only some caches hold (--restoration)
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "default": chain,  # tail normalisation
     MAD: lambda c: c["final"],  # the fold models' own detector map (their headers predate the tail default)
@@ -144,11 +143,12 @@ TERMS: Dict[str, Callable[[Case], np.ndarray]] = {
     "restoration error alone": lambda c: rimmed(c, c["restore"]),
     "score power 0.25": MAPS["score power 0.25 (the asymmetry has more say)"],
     RESTORE: MAPS[RESTORE],
-    "intensity asymmetry alone": lambda c: rimmed(c, case_asymmetry(c)),
-    "side-weighted asymmetry alone": lambda c: rimmed(c, case_asymmetry(c, sided=True)),
+    "intensity asymmetry alone": MAPS[NO_CEVAE],
+    "side-weighted asymmetry alone": MAPS[SIDED],
 }
 TERMS_RECIPE = "moved tissue"
-NEEDS.update({"restoration error alone": "restore"})
+# maps made from a term only some caches hold (benchmark_acquisition_maps.py --restoration)
+NEEDS = {RESTORE: "restore", "restoration error alone": "restore"}
 
 
 # ---- labelmaps ----

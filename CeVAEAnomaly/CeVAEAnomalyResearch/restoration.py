@@ -4,8 +4,8 @@ Each slice y is restored to the nearest image the model finds healthy: x = y + d
 ``sum over brain pixels (x - decode(mu(x)))^2 + beta_sum * KL(x) + weight * |d|_1`` by proximal
 gradient steps (a gradient step on the first two terms, then soft-thresholding of d, which keeps the
 change sparse: only pixels the model keeps refusing to reconstruct move). The score is |d|, the size of
-the change. The KL
-weight is the training loss's beta rescaled from means over pixels and latents to the sums used here.
+the change. The KL weight is the training loss's beta rescaled from means over pixels and latents to the
+sums used here.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class AugmentConfig:
 MAX_SLAB = 16  # neighbours on each side; 1 mm slices averaged over 33 mm are no acquisition
 NO_AUGMENT = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
-# What scans of other scanners and protocols add (docs/benchmark.md, "Acquisition-augmented training"):
+# What scans of other scanners and protocols add (docs/benchmark.md, "The model's own levers": neutral there):
 # slabs of up to 7 slices (7 mm from 1 mm scans), noise up to 7 %, a stronger bias field.
 ACQUISITION_AUGMENT = AugmentConfig(slab=3, noise=0.07, bias_field=0.3)
 

@@ -142,8 +142,8 @@ class Trainer:
         sampler = EpochSampler(len(self.train), self.dist.world, self.dist.rank, self.cfg.seed,
                                lambda: self.batch_size, self.epoch, self.offset)
         loader = torch.utils.data.DataLoader(
-            _Batches(self.train, self.cfg.augment.slab, self.cfg.seed), sampler=sampler, batch_size=None, num_workers=workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+            _Batches(self.train, self.cfg.augment.slab, self.cfg.seed), sampler=sampler, batch_size=None,
+            num_workers=workers, pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
             generator=torch.Generator())  # its seed draw must not advance the global RNG (exact resume)
         return iter(loader)
 
