@@ -101,3 +101,17 @@ def tiny_bundle(tmp_path_factory):
     cfg = TrainConfig(out=d / "tiny.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
                       batch_size=16, max_steps=6, checkpoint_every=3, device="cpu", val_fraction=0.34)
     return Trainer(cfg, subjects).run()
+
+
+@pytest.fixture
+def scan_slices(tiny_bundle):
+    """The tiny model, the model slices and brain of a synthetic head it never saw (another seed), and the head."""
+    import torch
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.preprocess import finite_brain, mask_array, prepare
+
+    bundle = load_bundle(tiny_bundle, "cpu")
+    image, mask = make_head(seed=7)
+    brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
+    stack = prepare(image, brain, bundle.preprocess)
+    return bundle, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), image, mask

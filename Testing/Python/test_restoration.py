@@ -4,25 +4,12 @@ gradient."""
 from __future__ import annotations
 
 import pytest
-import SimpleITK as sitk
 import torch
 
-from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.model import kl_per_sample
-from CeVAEAnomalyLib.engine.preprocess import finite_brain, mask_array, prepare
 from CeVAEAnomalyResearch.restoration import restoration_change
-from conftest import make_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def stack(tiny_bundle):
-    bundle = load_bundle(tiny_bundle, "cpu")
-    image, mask = make_head(seed=7)
-    brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
-    s = prepare(image, brain, bundle.preprocess)
-    return bundle, torch.from_numpy(s.slices), torch.from_numpy(s.brain)
 
 
 def _objective(model, x: torch.Tensor, brain: torch.Tensor, beta: float) -> float:
@@ -33,8 +20,8 @@ def _objective(model, x: torch.Tensor, brain: torch.Tensor, beta: float) -> floa
         return float((err + beta * x[0].numel() / mu.shape[1] * kl_per_sample(mu, logvar)).sum())
 
 
-def test_the_restored_slices_are_more_healthy_to_the_model(stack):
-    bundle, slices, brain = stack
+def test_the_restored_slices_are_more_healthy_to_the_model(scan_slices):
+    bundle, slices, brain, _, _ = scan_slices
     beta = bundle.header.loss.beta
     d = restoration_change(bundle.model, slices, brain, beta, steps=10, weight=0.0)
     assert d.shape == (len(slices), 1) + slices.shape[1:]
@@ -43,8 +30,8 @@ def test_the_restored_slices_are_more_healthy_to_the_model(stack):
     assert _objective(bundle.model, x + d, b, beta) < _objective(bundle.model, x, b, beta)
 
 
-def test_a_larger_l1_weight_changes_fewer_pixels_and_a_heavy_one_none(stack):
-    bundle, slices, brain = stack
+def test_a_larger_l1_weight_changes_fewer_pixels_and_a_heavy_one_none(scan_slices):
+    bundle, slices, brain, _, _ = scan_slices
     beta = bundle.header.loss.beta
     changed = [int((restoration_change(bundle.model, slices, brain, beta, steps=10, weight=w) != 0).sum())
                for w in (0.0, 0.1, 1e6)]

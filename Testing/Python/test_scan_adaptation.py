@@ -9,26 +9,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.corruption import random_rectangles
 from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.engine.model import cevae_loss
-from CeVAEAnomalyLib.engine.preprocess import finite_brain, mask_array, prepare
 from CeVAEAnomalyLib.engine.scan_adaptation import adapted_copy
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import DetectionRequest, ThresholdPolicy
 from CeVAEAnomalyLib.progress import Cancelled
-from conftest import make_head
-
-
-@pytest.fixture
-def scan_slices(tiny_bundle):
-    """The tiny model and the model slices of a synthetic head it never saw (another seed)."""
-    bundle = load_bundle(tiny_bundle, "cpu")
-    image, mask = make_head(seed=7)
-    brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
-    stack = prepare(image, brain, bundle.preprocess)
-    return bundle, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), image, mask
 
 
 def _adapt(bundle, slices, brain, steps, progress=None):
