@@ -33,6 +33,7 @@ from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
 from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS, PostprocessOptions
 from CeVAEAnomalyResearch.acquisition import VARIANTS
 from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
+from benchmark_acquisition_maps import case_files
 
 SHIPPED_FPR = read_header(default_model_path()).default_fpr  # the bundled model's operating point
 CONN = np.ones((3, 3, 3), bool)
@@ -262,7 +263,7 @@ def load(path: Path) -> Case:
 def index(maps: Path) -> Dict[Tuple[str, str], List[Path]]:
     """(subject, variant) -> case files (held-out healthy first, the model's training subjects last)."""
     out: Dict[Tuple[str, str], List[Path]] = defaultdict(list)
-    for p in sorted(q for q in maps.glob("*--*--*.npz") if not q.name.endswith(".part.npz")):
+    for p in case_files(maps):
         with np.load(p) as z:
             meta = json.loads(str(z["meta"]))
         out[(meta["subject"], meta["variant"])].append(p)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
+from benchmark_acquisition_maps import case_files
+from CeVAEAnomalyLib.io.atomic import atomic_path
 
 AVERAGED = ("final", "combi", "combi_m", "rec", "grad", "slice_neg_elbo")
 SAME = ("image", "brain", "gt", "box_start", "slice_index")  # must agree: the same case on the same region
@@ -38,9 +40,8 @@ def ensemble_case(paths: List[Path], out: Path) -> None:
         if k in first:
             merged[k] = np.mean([c[k].astype(np.float64) for c in cases], axis=0).astype(first[k].dtype)
     merged["seconds"] = np.sum([c["seconds"] for c in cases], axis=0)
-    tmp = out.with_name(out.name + ".part.npz")
-    np.savez(tmp, **merged)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        np.savez(tmp, **merged)
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
     if len(args.maps) < 2:
         p.error("give at least two --maps folders")
     args.out.mkdir(parents=True, exist_ok=True)
-    names = sorted(q.name for q in args.maps[0].glob("*--*--*.npz") if not q.name.endswith(".part.npz"))
+    names = [q.name for q in case_files(args.maps[0])]
     missing = [(m, n) for m in args.maps[1:] for n in names if not (m / n).exists()]
     if missing:
         raise SystemExit(f"{len(missing)} case(s) missing, e.g. {missing[0][0] / missing[0][1]}")

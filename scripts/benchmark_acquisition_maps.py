@@ -36,6 +36,7 @@ from CeVAEAnomalyLib.engine.postprocess import refine_reach
 from CeVAEAnomalyLib.engine.preprocess import brain_region, invert_region, region_image
 from CeVAEAnomalyLib.engine.scoring import gaussian_blur
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.atomic import atomic_path
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
 from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
@@ -105,27 +106,31 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
                                  bundle.header.loss.beta, weight=restoration).abs()
         extra["restore"] = invert_region(stack.record, gaussian_blur(err, raw_detector.score.rec_sigma)[:, 0], region)
     rows = res.slices
-    part = path.with_name(path.stem + ".part.npz")  # renamed when complete: a full disk leaves no damaged case
-    np.savez(
-        part,
-        final=np.asarray(final, np.float32),
-        combi=combi,
-        combi_m=mirrored(combi).astype(np.float16),
-        image=scaled.astype(np.float16),
-        image_m=mirrored(scaled).astype(np.float16),
-        brain=inside,
-        brain_m=mirrored(inside.astype(np.uint8), nearest=True) > 0,
-        gt=sitk.GetArrayViewFromImage(gt)[region] > 0,
-        spacing=np.array(image.GetSpacing()),
-        box_start=np.array([r.start for r in region]),
-        slice_axis=np.array(rows[0].axis),
-        slice_index=np.array([r.index for r in rows]),
-        slice_neg_elbo=np.array([r.neg_elbo for r in rows]),
-        seconds=np.array([t_net, time.perf_counter() - t0 - t_net]),
-        meta=np.array(json.dumps(meta)),
-        **extra,
-    )
-    part.replace(path)
+    with atomic_path(path) as part:  # a full disk leaves no damaged case under the final name
+        np.savez(
+            part,
+            final=np.asarray(final, np.float32),
+            combi=combi,
+            combi_m=mirrored(combi).astype(np.float16),
+            image=scaled.astype(np.float16),
+            image_m=mirrored(scaled).astype(np.float16),
+            brain=inside,
+            brain_m=mirrored(inside.astype(np.uint8), nearest=True) > 0,
+            gt=sitk.GetArrayViewFromImage(gt)[region] > 0,
+            spacing=np.array(image.GetSpacing()),
+            box_start=np.array([r.start for r in region]),
+            slice_axis=np.array(rows[0].axis),
+            slice_index=np.array([r.index for r in rows]),
+            slice_neg_elbo=np.array([r.neg_elbo for r in rows]),
+            seconds=np.array([t_net, time.perf_counter() - t0 - t_net]),
+            meta=np.array(json.dumps(meta)),
+            **extra,
+        )
+
+
+def case_files(folder: Path) -> List[Path]:
+    """The complete cached cases in ``folder`` (a write in progress is hidden until it is renamed into place)."""
+    return sorted(q for q in folder.glob("*--*--*.npz") if not q.name.startswith("."))
 
 
 def check_case(image: sitk.Image, mask: sitk.Image, full: Detector, path: Path) -> dict:

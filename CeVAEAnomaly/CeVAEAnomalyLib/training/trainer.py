@@ -379,9 +379,8 @@ class _Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, item: Tuple[int, int, List[int]]) -> Tuple[int, int, torch.Tensor]:
         epoch, number, indices = item
-        if self.slab == 0:
-            return epoch, number, self.slices.read(indices)
-        half = np.random.default_rng([self.seed, epoch, number]).integers(0, self.slab + 1, len(indices))
+        half = (np.random.default_rng([self.seed, epoch, number]).integers(0, self.slab + 1, len(indices))
+                if self.slab else None)
         return epoch, number, self.slices.read(indices, half)
 
     def __len__(self) -> int:
