@@ -553,8 +553,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     path=outputPath))
             overwrite = True
         return self.logic.startCalibration(volumes, masks, outputPath, modelPath=model_path(p),
-                                           postprocess=override_postprocess(p), device=p.device, overwrite=overwrite,
-                                           **self._workerArguments())
+                                           postprocess=override_postprocess(p), device=p.device,
+                                           overwrite=overwrite, thorough=p.thorough, **self._workerArguments())
 
     def _adaptChoice(self):
         """The adapt section's state (ready, estimate or what is missing) from the panel; None without a parameter node."""

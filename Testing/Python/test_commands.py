@@ -37,6 +37,29 @@ def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundl
                  "--out", str(out), "--device", "cpu"]) == 2
 
 
+def test_calibrating_a_thorough_mode_keeps_the_default_mode_calibrated_and_default(tmp_path, tiny_bundle):
+    """``calibrate --test-time-steps N`` calibrates that mode beside the default one; the default stays the
+    plain mode (a site calibration used to make the thorough mode the default and drop the plain one)."""
+    image, mask = make_head(seed=11)
+    sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "h_mask.nii.gz"))
+    (tmp_path / "healthy.csv").write_text("image,mask\nh.nii.gz,h_mask.nii.gz\n")
+    out = tmp_path / "calibrated.cevae"
+    assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
+                 "--out", str(out), "--test-time-steps", "3", "--device", "cpu"]) == 0
+    h = read_header(out)
+    assert h.score_options.test_time_steps == read_header(tiny_bundle).score_options.test_time_steps == 0
+    plain = h.calibration[calibration_key(h.score_options, h.postprocess)]
+    thorough = h.calibration[calibration_key(h.score_options.replace(test_time_steps=3), h.postprocess)]
+    assert plain["threshold"] != thorough["threshold"]  # scored by another model: the adapted copy
+    assert len(h.calibration) == 6  # three score types in each mode, nothing of the old calibration kept
+    for steps in ("0", "3"):
+        assert main(["detect", str(tmp_path / "h.nii.gz"), "--mask", str(tmp_path / "h_mask.nii.gz"),
+                     "--model", str(out), "--test-time-steps", steps, "--score", str(tmp_path / f"s{steps}.nii.gz"),
+                     "--labelmap", str(tmp_path / f"l{steps}.nii.gz"),
+                     "--device", "cpu"]) == 0
+
+
 def test_evaluate_prints_hand_checked_metrics(tmp_path, capsys):
     score = np.zeros((4, 8, 8), np.float32)  # the smallest volume the reader accepts
     gt = np.zeros((4, 8, 8), np.uint8)

@@ -150,6 +150,24 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
     again.cleanup()
 
 
+def test_calibration_with_thorough_ticked_calibrates_both_modes(tiny_bundle, tmp_path):
+    """The panel's Calibrate with Thorough ticked: the site model offers calibrated sensitivities in both
+    modes, and its default mode stays the plain one."""
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(seed=11)
+    volume, brain = add_volume(scene, image, "healthy"), add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+    out = tmp_path / "site.cevae"
+    job = CeVAEAnomalyLogic().startCalibration([volume], [brain], out, modelPath=tiny_bundle, device="cpu",
+                                               thorough=True)
+    run_to_end(job, timeout=300)
+    assert job.state is JobState.DONE, job.error
+    header = read_header(out)
+    settings = ModelSettings(out, header)
+    assert settings.calibrated("combi") and settings.calibrated("combi", thorough=True)
+    assert header.score_options.test_time_steps == 0
+    job.cleanup()
+
+
 def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_bundle, tmp_path):
     """The calibrated model may not land on the model it starts from, by path, link or inode."""
     import os

@@ -25,15 +25,16 @@ log = logging.getLogger(__name__)
 def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions,
                    post: PostprocessOptions) -> List[np.ndarray]:
     """Brain-voxel scores of each healthy subject."""
-    return [s[opts.score_type] for s in _subject_scores(bundle, subjects, opts, post, [opts.score_type])]
+    return [s[0][opts.score_type] for s in _subject_scores(bundle, subjects, [opts], post, [opts.score_type])]
 
 
-def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions, post: PostprocessOptions,
-                    score_types: Sequence[str], progress: Optional[ProgressCallback] = None,
+def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence[ScoreOptions],
+                    post: PostprocessOptions, score_types: Sequence[str], progress: Optional[ProgressCallback] = None,
                     scorers: Optional[Sequence[Bundle]] = None,
-                    run: RunOptions = RunOptions()) -> List[Dict[str, np.ndarray]]:
-    """For each subject, the brain-voxel scores of every score type (one read, one network pass in
-    batches of ``run``), scored by ``bundle`` or, if given, by ``scorers[i]`` for subject i.
+                    run: RunOptions = RunOptions()) -> List[List[Dict[str, np.ndarray]]]:
+    """For each subject and each scoring mode of ``modes``, the brain-voxel scores of every score type
+    (one read per subject, one network pass per mode in batches of ``run``), scored by ``bundle`` or, if
+    given, by ``scorers[i]`` for subject i.
 
     ``progress`` is called per subject and during an automatic brain mask; it may raise
     :class:`~..progress.Cancelled`.
@@ -41,37 +42,44 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOpti
     models = list(scorers) if scorers is not None else [bundle] * len(subjects)
     if len(models) != len(subjects):
         raise CeVAEError("Give one scoring model per calibration subject.")
-    detectors = {id(m): Detector(m, opts, post, ThresholdPolicy(threshold=math.inf), run.batch_size, run.amp)
-                 for m in models}
+    detectors = {id(m): [Detector(m, opts, post, ThresholdPolicy(threshold=math.inf), run.batch_size, run.amp)
+                         for opts in modes] for m in models}
     out = []
     for n, (s, model) in enumerate(zip(subjects, models)):
-        detector = detectors[id(model)]
         part = labelled(scaled(progress, n / len(subjects), (n + 1) / len(subjects)),
                         f"Healthy volume {n + 1}/{len(subjects)} ({s.name})")
         report(part, 0.0, "Reading")
         image = read_image(s.image)
         mask = given_or_computed_mask(image, s.mask, s.name, progress=scaled(part, 0.0, 0.3))
-        report(part, 0.3, "Scoring")
-        out.append(detector.brain_scores(image, mask, score_types))
+        scores = []
+        for k, detector in enumerate(detectors[id(model)]):
+            mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
+            report(part, 0.3 + 0.7 * k / len(modes), f"Scoring{mode}")
+            scores.append(detector.brain_scores(image, mask, score_types))
+        out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")
     return out
 
 
 def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, opts: ScoreOptions,
                     post: PostprocessOptions, progress: Optional[ProgressCallback] = None,
-                    scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions()) -> Dict[str, dict]:
+                    scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions(),
+                    test_time_steps: Sequence[int] = ()) -> Dict[str, dict]:
     """Calibrations for every score type with otherwise the given options, keyed for lookup (the network
     runs as ``run`` says: batch size, mixed precision).
 
     ``scorers``: one model per subject that scores it instead of ``bundle`` (models that never saw
     their subject give the rates an unseen subject gets; with normalised scores these transfer).
+    ``test_time_steps``: thorough modes (test-time adaptation steps) calibrated as well, on the same reads.
     """
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on.")
-    scores = _subject_scores(bundle, subjects, opts, post, SCORE_TYPES, progress, scorers, run)
-    log.info("Calibrated %s on %d healthy volume(s).", ", ".join(SCORE_TYPES), len(subjects))
-    return {calibration_key(opts.replace(score_type=t), post): calibrate([s[t] for s in scores], source)
-            for t in SCORE_TYPES}
+    modes = [opts.replace(test_time_steps=n) for n in dict.fromkeys([opts.test_time_steps, *test_time_steps])]
+    scores = _subject_scores(bundle, subjects, modes, post, SCORE_TYPES, progress, scorers, run)
+    log.info("Calibrated %s on %d healthy volume(s)%s.", ", ".join(SCORE_TYPES), len(subjects),
+             "".join(f", {m.test_time_steps} test-time steps" for m in modes if m.test_time_steps))
+    return {calibration_key(mode.replace(score_type=t), post): calibrate([s[k][t] for s in scores], source)
+            for k, mode in enumerate(modes) for t in SCORE_TYPES}
 
 
 def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: ScoreOptions,
@@ -80,10 +88,17 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                 progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None,
                 run: RunOptions = RunOptions()) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
-    (``scorers``, ``run``: see :func:`calibrate_model`)."""
+    (``scorers``, ``run``: see :func:`calibrate_model`).
+
+    The bundle's default mode stays the one it had (``opts`` with the old default's test-time steps) and is
+    always calibrated; ``opts.test_time_steps`` other than that (a thorough mode) is calibrated beside it,
+    so that a site calibration keeps every mode the user asked for calibrated and changes no default.
+    """
     old = bundle.header
-    header = replace(old, score_options=opts.replace(score_type="combi"), postprocess=post,
-                     calibration=calibrate_model(bundle, subjects, source, opts, post, progress, scorers, run),
+    default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
+    header = replace(old, score_options=default, postprocess=post,
+                     calibration=calibrate_model(bundle, subjects, source, default, post, progress, scorers, run,
+                                                 test_time_steps=[opts.test_time_steps]),
                      default_fpr=old.default_fpr if default_fpr is None else float(default_fpr),
                      extra=dict(old.extra, calibration_subjects=[s.name for s in subjects]))
     return save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import slicer
 
 from ..errors import CeVAEError
-from ..options import DetectionRequest
+from ..options import THOROUGH_STEPS, DetectionRequest
 from ..progress import ProgressCallback, report, scaled
 from . import dependencies
 from .jobs import Launcher, WorkerJob
@@ -298,15 +298,19 @@ class CeVAEAnomalyLogic(_LogicBase):
         postprocess: Optional[Dict[str, Any]] = None,
         device: str = "auto",
         overwrite: bool = False,
+        thorough: bool = False,
         launch: Optional[Launcher] = None,
         python: Optional[str] = None,
     ) -> WorkerJob:
         """Recalibrate a model on healthy volumes (``masks[i]``: brain mask of ``volumes[i]`` or None)
-        in a worker process, writing a new bundle to ``outputPath``. ``job.done["model"]`` is its path."""
+        in a worker process, writing a new bundle to ``outputPath``. ``job.done["model"]`` is its path.
+        The model's default mode is calibrated, and with ``thorough`` the thorough mode too (each healthy
+        volume is then scored a second time, with test-time adaptation)."""
         self.checkDependencies()
         if not volumes:
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
-        request = DetectionRequest.of(device=device, **(postprocess or {}))  # refused before any copy
+        request = DetectionRequest.of(device=device, test_time_steps=THOROUGH_STEPS if thorough else None,
+                                      **(postprocess or {}))  # refused before any copy
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, request=request.to_dict(),
                                     out=str(outputPath), overwrite=bool(overwrite))
