@@ -8,7 +8,9 @@ variant: a site calibration on two healthy scans). "default" is the shipped chai
 cached detector maps of the fold models are the chain as it was before (MAD normalisation). Per variant it reports
 pooled AUPRC and best Dice, mean Dice at the operating point (moved-tissue lesions apart: for them the
 ceVAE's own terms are compared with the fused maps), the healthy scan's flagged ml and number of
-components, the top slice on a lesion and the lesion table's first row being a lesion. Map levers whose term
+components, the top slice on a lesion, the lesion table's first row being a lesion, and where the panel's
+"jump to the most anomalous" lands (the first row when the labelmap has one, else the top slice) being a
+lesion. Map levers whose term
 a cache lacks (the restoration error of ``benchmark_acquisition_maps.py --restoration``) are left out.
 
     python scripts/benchmark_acquisition.py [--maps runs/acquisition] [--out docs] [--prefix benchmark_acquisition]
@@ -154,13 +156,15 @@ NEEDS = {RESTORE: "restore", "restoration error alone": "restore"}
 
 # ---- labelmaps ----
 
-def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0.0, opening: bool = False
-               ) -> Tuple[List[Tuple[int, float]], np.ndarray]:
-    """Components (26-connected) of z > t with at least ``min_mm3`` and a maximum above ``peak``·t
-    (``opening``: z > t first opened in each slice plane by a 3 × 3 cross, which removes structures
-    one or two voxels wide such as enhancing vessels): ([(label, summed score)], largest summed score
-    first; the label array)."""
-    above = z > t
+def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0.0, opening: bool = False,
+               grow: float = 1.0) -> Tuple[List[Tuple[int, float]], np.ndarray]:
+    """Components (26-connected) of z > ``grow``·t with at least ``min_mm3`` and a maximum above ``peak``·t
+    (``grow`` < 1: hysteresis, the components of z > grow·t that reach above t, as the detector's
+    ``--hysteresis grow``; ``opening``: the thresholded map first opened in each slice plane by a 3 × 3
+    cross, which removes structures one or two voxels wide such as enhancing vessels): ([(label, summed
+    score)], largest summed score first; the label array)."""
+    peak = max(peak, 1.0) if grow < 1 else peak
+    above = z > grow * t
     if opening:
         cross = np.zeros((3, 3, 3), bool)
         cross[1] = ndimage.generate_binary_structure(2, 1)
@@ -178,14 +182,14 @@ def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0
     return sorted(keep, key=lambda k: -k[1]), labels
 
 
-# name -> (minimum component volume (case -> mm³), peak factor, in-plane opening)
-LABELS: Dict[str, Tuple[Callable[[Case], float], float, bool]] = {
-    "min 50 mm³ (default)": (lambda c: 50.0, 0.0, False),
-    "min 100 mm³": (lambda c: 100.0, 0.0, False),
-    "min 200 mm³": (lambda c: 200.0, 0.0, False),
-    "min 50 mm³ × slice thickness / 1 mm": (lambda c: 50.0 * c["thickness"], 0.0, False),
-    "min 50 mm³, peak > 1.5 t": (lambda c: 50.0, 1.5, False),
-    "min 50 mm³, in-plane opening": (lambda c: 50.0, 0.0, True),
+# name -> (minimum component volume (case -> mm³), peak factor, in-plane opening, hysteresis grow fraction)
+LABELS: Dict[str, Tuple[Callable[[Case], float], float, bool, float]] = {
+    "min 50 mm³ (default)": (lambda c: 50.0, 0.0, False, 1.0),
+    "min 100 mm³": (lambda c: 100.0, 0.0, False, 1.0),
+    "min 200 mm³": (lambda c: 200.0, 0.0, False, 1.0),
+    "min 50 mm³ × slice thickness / 1 mm": (lambda c: 50.0 * c["thickness"], 0.0, False, 1.0),
+    "min 50 mm³, peak > 1.5 t": (lambda c: 50.0, 1.5, False, 1.0),
+    "min 50 mm³, in-plane opening": (lambda c: 50.0, 0.0, True, 1.0),
 }
 
 
@@ -220,8 +224,8 @@ LEVERS: List[Tuple[str, str, str]] = [
 
 def label_case(z: np.ndarray, c: Case, t: float, rule: str) -> Tuple[np.ndarray, int, Optional[bool]]:
     """(labelmap, number of components, whether the lesion table's first row is a lesion (None: no row))."""
-    min_fn, peak, opening = LABELS[rule]
-    comps, labels = components(z, c, t, min_fn(c), peak, opening)
+    min_fn, peak, opening, grow = LABELS[rule]
+    comps, labels = components(z, c, t, min_fn(c), peak, opening, grow)
     if not comps:
         return np.zeros(z.shape, bool), 0, None
     keep = np.zeros(int(labels.max()) + 1, bool)
@@ -349,6 +353,7 @@ def main() -> None:
                         if not c["gt"].any():
                             continue  # the lesions were cut off with the part of the brain not covered
                         pooled[m].append((z[c["brain"]], c["gt"][c["brain"]]))
+                        top = top_slice_on_lesion(c, z, 0.7)
                     for mm, rule, lab in levers:
                         if mm != m:
                             continue
@@ -361,11 +366,12 @@ def main() -> None:
                         else:
                             per_lever[key]["dice"].append(dice(labelmap, c["gt"]))
                             per_lever[key]["first_row_lesion"].append(bool(first))
+                            per_lever[key]["jump_lesion"].append(top if first is None else first)
                             per_lever[key]["recipe"].append(c["recipe"])
                             per_lever[key]["subject"].append(s)
                         per_lever[key]["thresholds"].append(t)
                     if c["case"] != "healthy":
-                        per_lever[m]["top_slice"].append(top_slice_on_lesion(c, z, 0.7))
+                        per_lever[m]["top_slice"].append(top)
                         if m == "default":
                             for w in FUSION_WEIGHTS:
                                 fusion[s][w].append((v, top_slice_on_lesion(c, z, w)))
@@ -379,6 +385,7 @@ def main() -> None:
                 "dice_per_case": fig["dice"], "recipes": fig["recipe"], "case_subjects": fig["subject"],
                 "healthy_ml": fig["healthy_ml"], "healthy_components": fig["healthy_components"],
                 "first_row_lesion": float(np.mean(fig["first_row_lesion"])),
+                "jump_lesion": float(np.mean(fig["jump_lesion"])),
                 "top_slice": float(np.mean(per_lever[m]["top_slice"])), "thresholds": fig["thresholds"],
             }
         print(f"{v} ({time.time() - t0:.0f} s)", flush=True)
@@ -410,12 +417,13 @@ def _targets(r: dict) -> Tuple[bool, bool]:
 
 def _variant_table(title: str, per_v: Dict[str, dict]) -> List[str]:
     lines = [title, "", "| variant | AUPRC | best Dice | Dice @ op | healthy ml (mean / max) | healthy components "
-             "(mean / max) | top slice on a lesion | first table row a lesion |", "|---|---|---|---|---|---|---|---|"]
+             "(mean / max) | top slice on a lesion | first table row a lesion | jump on a lesion |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v, r in per_v.items():
         lines.append(f"| {v} | {r['auprc']:.3f} | {r['best_dice']:.3f} | {r['dice']:.3f} | "
                      f"{np.mean(r['healthy_ml']):.2f} / {np.max(r['healthy_ml']):.2f} | "
                      f"{np.mean(r['healthy_components']):.1f} / {np.max(r['healthy_components'])} | "
-                     f"{r['top_slice']:.2f} | {r['first_row_lesion']:.2f} |")
+                     f"{r['top_slice']:.2f} | {r['first_row_lesion']:.2f} | {r['jump_lesion']:.2f} |")
     return lines
 
 
@@ -440,7 +448,7 @@ def render(result: dict) -> str:
     lines += ["", "Levers, averaged over variants (healthy targets: every held-out healthy scan ≤ 1 ml and ≤ 2 components):",
               "", "| lever (map · threshold rule · labelmap rule) | mean AUPRC | mean best Dice | mean Dice @ op "
               "| healthy ml (mean / max) | healthy components (mean / max) | healthy scans within target "
-              "| top slice | first row a lesion |", "|---|---|---|---|---|---|---|---|---|"]
+              "| top slice | first row a lesion | jump on a lesion |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, per_v in result["rows"].items():
         rs = list(per_v.values())
         ml = [x for r in rs for x in r["healthy_ml"]]
@@ -449,7 +457,8 @@ def render(result: dict) -> str:
         lines.append(f"| {key} | {np.nanmean([r['auprc'] for r in rs]):.3f} | {np.nanmean([r['best_dice'] for r in rs]):.3f} "
                      f"| {np.mean([r['dice'] for r in rs]):.3f} | {np.mean(ml):.2f} / {np.max(ml):.2f} | "
                      f"{np.mean(nc):.1f} / {np.max(nc)} | {ok:.2f} | {np.mean([r['top_slice'] for r in rs]):.2f} | "
-                     f"{np.mean([r['first_row_lesion'] for r in rs]):.2f} |")
+                     f"{np.mean([r['first_row_lesion'] for r in rs]):.2f} | "
+                     f"{np.mean([r['jump_lesion'] for r in rs]):.2f} |")
     for field, what in (("recipes", "lesion recipe"), ("case_subjects", "held-out subject")):
         groups: Dict[str, list] = defaultdict(list)
         for r in result["rows"].get(default, {}).values():

@@ -107,6 +107,23 @@ def test_calibration_stored_before_the_levers_still_matches() -> None:
         find_calibration(header["calibration"], ScoreOptions(), post.replace(normalise=True))
 
 
+def test_a_calibration_serves_every_labelmap_only_option() -> None:
+    """The minimum component volume and the hysteresis act on the labelmap after the threshold, not on the
+    map the threshold was calibrated on: changing them keeps the calibration (it used to be lost, and with it
+    the calibrated threshold); changing the map (the rim) does not."""
+    from CeVAEAnomalyLib.engine.calibration import calibration_key, find_calibration
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+
+    post = PostprocessOptions(rim_mm=3.0, min_volume_mm3=50.0)
+    calibration = {calibration_key(ScoreOptions(), post): {"fpr": [0.001, 0.01], "threshold": [2.0, 1.0]}}
+    for labelmap_only in ({"min_volume_mm3": 0.0}, {"min_volume_mm3": 200.0}, {"hysteresis": 0.7},
+                          {"min_volume_mm3": 10.0, "hysteresis": 0.5}):
+        assert find_calibration(calibration, ScoreOptions(), post.replace(**labelmap_only))["threshold"] == [2.0, 1.0]
+    with pytest.raises(CeVAEError, match="no calibration"):
+        find_calibration(calibration, ScoreOptions(), post.replace(rim_mm=5.0))
+
+
 def test_postprocess_options_refuse_bad_levers() -> None:
     from CeVAEAnomalyLib.errors import CeVAEError
     from CeVAEAnomalyLib.options import PostprocessOptions

@@ -43,6 +43,9 @@ def test_only_calibrated_sensitivity_modes_are_offered():
     assert model.sensitivities("grad", same) == settings.SENSITIVITIES
     other = dict(same, rim_mm=same["rim_mm"] + 1.0)
     assert model.sensitivities("combi", other) == (settings.SENSITIVITY_THRESHOLD,)
+    # the minimum volume acts on the labelmap only: another value keeps the calibrated modes
+    larger = dict(same, min_volume_mm3=same["min_volume_mm3"] + 150.0)
+    assert model.sensitivities("combi", larger) == settings.SENSITIVITIES
     uncalibrated = ModelSettings(model.path, replace(model.header, calibration={}))
     assert uncalibrated.sensitivities("combi") == (settings.SENSITIVITY_THRESHOLD,)
 

@@ -2,7 +2,9 @@
 
 A labelmap threshold is chosen from a target false-positive rate: the share of healthy brain
 voxels allowed above it. Each calibration is keyed by the scoring and post-processing options
-it was measured with, because a threshold only means something for the same score map.
+it was measured with, because a threshold only means something for the same score map. Options
+that only decide which voxels above the threshold the labelmap keeps (:data:`LABELMAP_ONLY`) do not
+change that map: a calibration serves every value of them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,11 @@ from ..options import PostprocessOptions, ScoreOptions
 
 DEFAULT_FPR = 0.001
 FPR_GRID = np.unique(np.concatenate([np.logspace(-6, -1, 26), [0.2, 0.5]]))
+
+
+# post-processing applied to the labelmap after the threshold (minimum component volume; hysteresis grows
+# components from voxels above the threshold), not to the score map that is calibrated
+LABELMAP_ONLY = ("min_volume_mm3", "hysteresis")
 
 
 def calibration_key(score: ScoreOptions, post: PostprocessOptions) -> str:
@@ -72,11 +79,17 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
                      post: PostprocessOptions) -> Dict[str, Any]:
     """The table of ``calibration`` (a header's section) stored for these options, or an error saying how
     to get a threshold."""
-    wanted = (score, post)
+    wanted = (score, _score_map_options(post))
     for key, entry in calibration.items():
-        if _key_options(key) == wanted:
+        stored = _key_options(key)
+        if stored is not None and (stored[0], _score_map_options(stored[1])) == wanted:
             return entry
     raise CeVAEError(
         "The model has no calibration for these scoring/post-processing options; give an "
         "absolute threshold, or use the options the model was calibrated with."
     )
+
+
+def _score_map_options(post: PostprocessOptions) -> PostprocessOptions:
+    """``post`` with the :data:`LABELMAP_ONLY` options at their defaults: the options the score map depends on."""
+    return post.replace(**{name: PostprocessOptions.__dataclass_fields__[name].default for name in LABELMAP_ONLY})

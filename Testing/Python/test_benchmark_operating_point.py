@@ -1,0 +1,85 @@
+"""The acquisition benchmark's labelmap rules and the held-out choice of an operating point."""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    return importlib.import_module("benchmark_acquisition"), importlib.import_module("benchmark_operating_point")
+
+
+def blobs_case() -> dict:
+    """A 1 mm case with two blobs: A peaks at 10 (core 4 voxels wide in x, rim at 4), B stays at 4; lesion = A."""
+    z = np.zeros((12, 12, 30), np.float32)
+    z[4:8, 4:8, 2:11] = 4.0  # A's rim
+    z[4:8, 4:8, 5:9] = 10.0  # A's core
+    z[4:8, 4:8, 18:27] = 4.0  # B
+    gt = np.zeros(z.shape, bool)
+    gt[4:8, 4:8, 2:11] = True
+    slices = np.arange(12)
+    return dict(subject="s", variant="clean", case="lesion-mixed", recipe="mixed", spacing=np.ones(3), gt=gt,
+                brain=np.ones(z.shape, bool), voxel_ml=0.001, slice_axis=2, box_start=np.zeros(3, int),
+                slice_index=slices, slice_neg_elbo=np.zeros(12), z=z)
+
+
+def test_hysteresis_grows_components_that_reach_the_threshold_and_only_those(scripts):
+    ba, _ = scripts
+    c = blobs_case()
+    plain, labels = ba.components(c["z"], c, 5.0, 0.0)
+    assert len(plain) == 1 and (labels == plain[0][0]).sum() == 4 * 4 * 4  # A's core only
+    grown, labels = ba.components(c["z"], c, 5.0, 0.0, grow=0.7)
+    assert len(grown) == 1 and (labels == grown[0][0]).sum() == 4 * 4 * 9  # A with its rim; B never reaches 5
+    low, _ = ba.components(c["z"], c, 3.5, 0.0)
+    assert len(low) == 2  # the same low threshold without seeds keeps B too
+
+
+def test_case_records_score_each_setting_and_jump_to_the_top_slice_without_components(scripts):
+    _, op = scripts
+    c = blobs_case()
+    recs = op.case_records(c, c["z"], "default", {1e-4: 5.0, 1e-5: 20.0})
+    assert len(recs) == 2 * len(op.GROWS)
+    by = {(r["rate"], r["grow"]): r for r in recs}
+    assert by[(1e-4, 1.0)]["components"] == 1 and by[(1e-4, 1.0)]["first"]
+    assert by[(1e-4, 0.7)]["dice"] == pytest.approx(1.0)  # the grown component is the whole lesion
+    assert by[(1e-4, 1.0)]["dice"] == pytest.approx(2 * 64 / (64 + 144))
+    nothing = by[(1e-5, 1.0)]  # nothing reaches 20: no row, and the jump goes to the top slice
+    assert nothing["components"] == 0 and not nothing["first"]
+    assert nothing["jump"] == op.ba.top_slice_on_lesion(c, c["z"], 0.7)
+
+
+def record(subject: str, setting: tuple, dice: float, ml: float) -> list:
+    m, rate, grow = setting
+    base = dict(subject=subject, variant="clean", map=m, rate=rate, grow=grow, threshold=1.0)
+    return [dict(base, case="healthy", components=1, ml=ml),
+            dict(base, case="lesion-mixed", components=1, ml=0.5, dice=dice, first=True, jump=True)]
+
+
+def test_each_subject_gets_the_setting_chosen_on_the_other_subjects(scripts):
+    _, op = scripts
+    default, grown = op.DEFAULT, ("default", op.RATES[0], 0.7)
+    recs = []
+    for s in ("a", "b"):  # growing helps a and b ...
+        recs += record(s, default, 0.2, 0.1) + record(s, grown, 0.4, 0.1)
+    recs += record("c", default, 0.3, 0.1) + record("c", grown, 0.2, 0.1)  # ... and hurts c
+    for name, h in op.held_out(recs).items():
+        assert h["chosen"]["c"] == list(grown), name  # chosen on a and b, although worse on c
+        assert h["chosen"]["a"] == list(grown), name  # on b and c: 0.3 against 0.25
+        assert h["figures"]["dice"] == pytest.approx((0.4 + 0.4 + 0.2) / 3)
+
+
+def test_a_setting_that_flags_more_healthy_scans_than_the_default_is_not_chosen_by_the_strict_merit(scripts):
+    _, op = scripts
+    default, grown = op.DEFAULT, ("default", op.RATES[0], 0.5)
+    recs = []
+    for s in ("a", "b", "c"):
+        recs += record(s, default, 0.2, 0.5) + record(s, grown, 0.5, 3.0)  # more Dice, healthy scans over 1 ml
+    strict = op.held_out(recs)["mean Dice, at least the default's share of healthy scans within target"]
+    assert all(k == list(default) for k in strict["chosen"].values())
+    assert strict["figures"]["within"] == 1.0
