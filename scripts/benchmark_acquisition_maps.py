@@ -12,11 +12,14 @@ mid-sagittal plane, the scaled intensities and their mirror image, the brain and
 truth and the slice scores; so the post-processing levers can be re-evaluated without the network. Moved-tissue
 cases also keep the ceVAE's reconstruction error and KL gradient maps on their own (``rec``, ``grad``); with
 ``--restoration`` every case keeps the restoration error (``restore``, ``CeVAEAnomalyResearch.restoration``).
+With ``--orientations`` the raw map is the mean of the maps of the volume sliced in each orientation (for
+fold models trained on those orientations: ``train --orientations``); the slice scores stay axial.
 
     python scripts/benchmark_acquisition_maps.py [--out runs/acquisition] [--variants clean,thick]
     [--check]   # also run the full default Detector on each variant's first case and record the agreement
     [--test-time-steps 100]   # the thorough mode (each volume scored by a copy of the model adapted to it)
     [--restoration 0.1]   # also cache the restoration error with this L1 weight
+    [--orientations axial,coronal,sagittal]   # three-orientation fusion of the raw map
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,12 +36,12 @@ import torch
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.engine.postprocess import refine_reach
-from CeVAEAnomalyLib.engine.preprocess import brain_region, invert_region, region_image
-from CeVAEAnomalyLib.engine.scoring import gaussian_blur
+from CeVAEAnomalyLib.engine.preprocess import Region, brain_region, invert_region, prepare, region_image
+from CeVAEAnomalyLib.engine.scoring import gaussian_blur, pixel_map
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_path
 from CeVAEAnomalyLib.io.images import read_image
-from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
+from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy, parse_orientations
 from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
 from CeVAEAnomalyResearch.lesions import insert_lesions
 from CeVAEAnomalyResearch.restoration import restoration_change
@@ -70,17 +73,34 @@ def lesion_case(image: sitk.Image, mask: sitk.Image, recipe: str, seed: int):
             n -= 1
 
 
+def orientation_mean(detector: Detector, image: sitk.Image, brain: np.ndarray, region: Region,
+                     orientations: Sequence[str]) -> np.ndarray:
+    """The detector's raw map (its scoring, no post-processing) on ``region``, averaged over the volume sliced
+    in each of ``orientations``."""
+    total = np.zeros(tuple(r.stop - r.start for r in region), np.float32)
+    for orientation in orientations:
+        stack = prepare(image, brain, detector.bundle.preprocess, orientation)
+        raw = detector._network(stack, [detector.score], None)
+        total += invert_region(stack.record, pixel_map(raw, detector.score), region)
+    return total / len(orientations)
+
+
 def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, raw_detector: Detector,
-               default: Detector, meta: dict, terms: bool = False, restoration: Optional[float] = None) -> None:
+               default: Detector, meta: dict, terms: bool = False, restoration: Optional[float] = None,
+               orientations: Sequence[str] = ("axial",)) -> None:
     """Cache one case on the default detector's region (``terms``: also the rec and grad maps;
-    ``restoration``: also the restoration error with this L1 weight, blurred as the reconstruction error is)."""
+    ``restoration``: also the restoration error with this L1 weight, blurred as the reconstruction error is;
+    ``orientations``: the raw map averaged over these slice orientations)."""
     t0 = time.perf_counter()
     res = raw_detector(image, mask)
-    t_net = time.perf_counter() - t0
     brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0
     region = brain_region(brain, refine_reach(default.post, image.GetSpacing()) + 1)
     inside = brain[region].copy()
-    combi = sitk.GetArrayFromImage(res.score)[region].astype(np.float32)
+    if tuple(orientations) == ("axial",):
+        combi = sitk.GetArrayFromImage(res.score)[region].astype(np.float32)
+    else:
+        combi = orientation_mean(raw_detector, image, brain, region, orientations)
+    t_net = time.perf_counter() - t0
     asym = default._asymmetry(image, inside, region)
     final = default._refine(combi.copy(), inside, image, region, asym)  # the detector's own post-processing chain
     values = sitk.GetArrayViewFromImage(image)[region][inside].astype(np.float32)
@@ -158,7 +178,12 @@ def main() -> None:
                    help="only the healthy variants of each model's training subjects (for in-sample calibration)")
     p.add_argument("--restoration", type=float, default=None, metavar="WEIGHT",
                    help="also cache the restoration error with this L1 weight")
+    p.add_argument("--orientations", default="axial",
+                   help="comma-separated slice orientations whose raw maps are averaged (default: axial)")
     args = p.parse_args()
+    orientations = parse_orientations(args.orientations)
+    if args.check and orientations != ("axial",):
+        p.error("--check compares with the detector, which slices axially: leave it out with --orientations")
     if args.data is None:
         from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
@@ -203,7 +228,8 @@ def main() -> None:
                 v_img, v_mask, v_gt = derive(VARIANTS[variant], img, m, gt, seed=1000 * si + 10 * vi + 1)
                 cache_case(path, v_img, v_mask, v_gt, raw, default,
                            dict(meta, subject=subject, variant=variant, case=name),
-                           terms=meta["recipe"] in TERMS_RECIPES, restoration=args.restoration)
+                           terms=meta["recipe"] in TERMS_RECIPES, restoration=args.restoration,
+                           orientations=orientations)
                 if args.check and ci == 1 and not args.train_subjects:
                     checks[f"{subject} / {variant}"] = check_case(v_img, v_mask, default, path)
                 print(f"{path.name} ({time.time() - t0:.0f} s)", flush=True)

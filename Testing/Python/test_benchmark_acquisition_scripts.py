@@ -1,4 +1,5 @@
-"""The acquisition benchmark's labelmap rules and the held-out choice of an operating point."""
+"""The acquisition benchmark scripts: labelmap rules, the held-out choice of an operating point, the maps
+script's orientation fusion."""
 from __future__ import annotations
 
 import importlib
@@ -83,3 +84,30 @@ def test_a_setting_that_flags_more_healthy_scans_than_the_default_is_not_chosen_
     strict = op.held_out(recs)["mean Dice, at least the default's share of healthy scans within target"]
     assert all(k == list(default) for k in strict["chosen"].values())
     assert strict["figures"]["within"] == 1.0
+
+
+def test_orientation_mean_of_the_axial_slicing_alone_is_the_detectors_raw_map(monkeypatch, tiny_bundle):
+    """The maps script's three-orientation fusion: axial alone reproduces the detector's own raw map on the
+    region; the mean over two orientations is another map, still 0 outside the brain."""
+    import math
+
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.detector import Detector
+    from CeVAEAnomalyLib.engine.preprocess import brain_region
+    from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
+    from conftest import make_head
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    maps = importlib.import_module("benchmark_acquisition_maps")
+    image, mask = make_head(seed=4)
+    raw = Detector(load_bundle(tiny_bundle), post=PostprocessOptions(), policy=ThresholdPolicy(threshold=math.inf))
+    res = raw(image, mask)
+    brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0
+    region = brain_region(brain, 2)
+    axial = maps.orientation_mean(raw, image, brain, region, ("axial",))
+    np.testing.assert_allclose(axial, sitk.GetArrayViewFromImage(res.score)[region], rtol=1e-5, atol=1e-6)
+    both = maps.orientation_mean(raw, image, brain, region, ("axial", "coronal"))
+    assert np.isfinite(both).all() and not np.allclose(both, axial)
+    assert (both[~brain[region]] == 0).all()
