@@ -52,21 +52,24 @@ def thickness_class(variant: str) -> str:
 # ---- score maps: the default chain and its variations, from a cached case ----
 
 def chain(c: Case, sigma: float = 3.0, floor: float = 0.1, power: float = 0.5, use_asymmetry: bool = True,
-          tail: bool = True, mirror: str = "plane", term: str = "combi") -> np.ndarray:
+          tail: bool = True, mirror: str = "plane", term: str = "combi", background_mm: float = 0.0) -> np.ndarray:
     """The detector's post-processing (asymmetry fusion, rim, normalisation) with other parameters
     (``tail``: the default spread; False: the median absolute deviation, the cached ``final`` map's;
-    ``mirror``: see :func:`case_asymmetry`; ``term``: the network map fused, the ceVAE's ``combi`` or the
-    restoration error ``restore``)."""
+    ``mirror``, ``background_mm``: see :func:`case_asymmetry`; ``term``: the network map fused, the ceVAE's
+    ``combi`` or the restoration error ``restore``)."""
     combi = c[term]
     if use_asymmetry:
-        s = fuse(combi, case_asymmetry(c, sigma, sided=True, mirror=mirror), floor, power)
+        s = fuse(combi, case_asymmetry(c, sigma, sided=True, mirror=mirror, background_mm=background_mm), floor, power)
     else:
         s = np.power(np.maximum(combi, 0), power).astype(np.float32)
     return rimmed(c, s, "tail" if tail else "mad")
 
 
-def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False, mirror: str = "plane") -> np.ndarray:
-    """The case's smoothed left-right intensity asymmetry (``sided``: weighted by the combi map's side weight).
+def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False, mirror: str = "plane",
+                   background_mm: float = 0.0) -> np.ndarray:
+    """The case's smoothed left-right intensity asymmetry (``sided``: weighted by the combi map's side weight;
+    ``background_mm`` > 0: relative to its regional level, the asymmetry smoothed with that σ, a × median
+    level / (0.05 + level), so that focal asymmetry counts more where the brain is symmetric around it).
 
     ``mirror``: "plane", the image mirrored about the detector's mid-sagittal plane (the default);
     "demons", that mirror image deformably aligned to the image first (smooth demons field, σ 3 mm, on a
@@ -86,6 +89,9 @@ def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False, mirror: str
         a = asymmetry(d, np.zeros_like(d), both, spacing, sigma)
     else:
         a = asymmetry(c["image"], image_m, both, spacing, sigma)
+    if background_mm > 0:
+        level = asymmetry(c["image"], image_m, both, spacing, background_mm)
+        a = a * (float(np.median(level[both])) / (0.05 + level))
     return a * side_weight(c["combi"], combi_m) if sided else a
 
 
@@ -119,6 +125,7 @@ MAD = "mad normalisation (the default before)"
 RESTORE = "restoration error instead of rec × grad"
 NO_CEVAE = "intensity asymmetry alone (no ceVAE term)"
 SIDED = "side-weighted asymmetry alone (the ceVAE term only picks the side)"
+BACKGROUND = "asymmetry relative to its regional level (σ 20 mm)"
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "default": chain,  # tail normalisation
     MAD: lambda c: c["final"],  # the fold models' own detector map (their headers predate the tail default)
@@ -130,6 +137,7 @@ MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "tolerant asymmetry (mirror's 3 × 3 × 3 range)": lambda c: chain(c, mirror="tolerant"),
     RESTORE: lambda c: chain(c, term="restore"),
     "score power 0.25 (the asymmetry has more say)": lambda c: chain(c, power=0.25),
+    BACKGROUND: lambda c: chain(c, background_mm=20.0),
     NO_CEVAE: lambda c: rimmed(c, case_asymmetry(c)),
     SIDED: lambda c: rimmed(c, case_asymmetry(c, sided=True)),
 }
@@ -219,6 +227,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("score power 0.25 (the asymmetry has more say)", "clean", MIN50),
     (NO_CEVAE, "clean", MIN50),
     (SIDED, "clean", MIN50),
+    (BACKGROUND, "clean", MIN50),
 ]
 
 

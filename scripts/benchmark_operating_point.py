@@ -28,7 +28,8 @@ from CeVAEAnomalyResearch.evaluate import dice
 
 RATES = (ba.SHIPPED_FPR, 1e-4, 5e-5, 2e-5, 1e-5)
 GROWS = (1.0, 0.85, 0.7, 0.6, 0.5)
-MAPS: Dict[str, Callable[[ba.Case], np.ndarray]] = {"default": ba.chain, "score power 0.25": lambda c: ba.chain(c, power=0.25)}
+MAPS: Dict[str, Callable[[ba.Case], np.ndarray]] = {"default": ba.chain,
+                                                    "score power 0.25": lambda c: ba.chain(c, power=0.25)}
 Setting = Tuple[str, float, float]  # (map, rate, grow)
 Record = Dict[str, object]
 
@@ -77,8 +78,8 @@ def records(maps: Path, subjects: Optional[Sequence[str]]) -> List[Record]:
             if c["recipe"] == ba.TERMS_RECIPE or (c["case"] != "healthy" and not c["gt"].any()):
                 continue
             for m, fn in MAPS.items():
-                thresholds = {rate: ba.quantile_threshold([t for (mm, o), t in tops.items() if mm == m and o != s], rate)
-                              for rate in RATES}
+                others = [t for (mm, o), t in tops.items() if mm == m and o != s]
+                thresholds = {rate: ba.quantile_threshold(others, rate) for rate in RATES}
                 out.extend(case_records(c, fn(c), m, thresholds))
             print(f"{path.name} ({time.time() - t0:.0f} s)", flush=True)
     return out
@@ -102,7 +103,8 @@ MERITS: Dict[str, Callable[[Dict[Setting, Dict[str, float]]], Setting]] = {
     "mean Dice + share of healthy scans within target":
         lambda f: max(f, key=lambda k: (f[k]["dice"] + f[k]["within"], k == DEFAULT)),
     "mean Dice, at least the default's share of healthy scans within target":
-        lambda f: max((k for k in f if f[k]["within"] >= f[DEFAULT]["within"]), key=lambda k: (f[k]["dice"], k == DEFAULT)),
+        lambda f: max((k for k in f if f[k]["within"] >= f[DEFAULT]["within"]),
+                      key=lambda k: (f[k]["dice"], k == DEFAULT)),
 }
 
 

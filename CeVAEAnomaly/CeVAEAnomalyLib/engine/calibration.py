@@ -92,4 +92,5 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
 
 def _score_map_options(post: PostprocessOptions) -> PostprocessOptions:
     """``post`` with the :data:`LABELMAP_ONLY` options at their defaults: the options the score map depends on."""
-    return post.replace(**{name: PostprocessOptions.__dataclass_fields__[name].default for name in LABELMAP_ONLY})
+    defaults = PostprocessOptions()
+    return post.replace(**{name: getattr(defaults, name) for name in LABELMAP_ONLY})
