@@ -12,11 +12,18 @@ from CeVAEAnomalyLib.engine.calibration import calibration_key
 from CeVAEAnomalyLib.cli.main import main
 
 
-def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundle):
+@pytest.fixture
+def healthy_manifest(tmp_path):
+    """A synthetic healthy head and its mask in tmp_path, listed in healthy.csv; returns the mask."""
     image, mask = make_head(seed=11)
     sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
     sitk.WriteImage(mask, str(tmp_path / "h_mask.nii.gz"))
     (tmp_path / "healthy.csv").write_text("image,mask\nh.nii.gz,h_mask.nii.gz\n")
+    return mask
+
+
+def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundle, healthy_manifest):
+    mask = healthy_manifest
     out = tmp_path / "calibrated.cevae"
     assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
                  "--out", str(out), "--paper", "--rim-mm", "0", "--median-radius", "0",
@@ -37,13 +44,10 @@ def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundl
                  "--out", str(out), "--device", "cpu"]) == 2
 
 
-def test_calibrating_a_thorough_mode_keeps_the_default_mode_calibrated_and_default(tmp_path, tiny_bundle):
+def test_calibrating_a_thorough_mode_keeps_the_default_mode_calibrated_and_default(tmp_path, tiny_bundle,
+                                                                                    healthy_manifest):
     """``calibrate --test-time-steps N`` calibrates that mode beside the default one; the default stays the
     plain mode (a site calibration used to make the thorough mode the default and drop the plain one)."""
-    image, mask = make_head(seed=11)
-    sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
-    sitk.WriteImage(mask, str(tmp_path / "h_mask.nii.gz"))
-    (tmp_path / "healthy.csv").write_text("image,mask\nh.nii.gz,h_mask.nii.gz\n")
     out = tmp_path / "calibrated.cevae"
     assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
                  "--out", str(out), "--test-time-steps", "3", "--device", "cpu"]) == 0
