@@ -160,6 +160,26 @@ def test_adapt_records_parent_site_and_folds_and_no_scan_calibrates_a_model_trai
     assert not list(tmp_path.glob("*.fold*.ckpt"))  # only needed to resume an unfinished adaptation
 
 
+def test_an_adapted_model_keeps_the_modes_its_parent_is_calibrated_for(tiny_bundle, site, tmp_path):
+    """A parent calibrated for a thorough mode too (as the bundled model is) gives an adapted model calibrated
+    for both modes on the site's held-out scans, so the panel's Thorough keeps a calibrated threshold."""
+    from CeVAEAnomalyLib.engine.calibration import calibrated_test_time_steps, calibration_key
+
+    parent = load_bundle(tiny_bundle)
+    h = parent.header
+    table = next(iter(h.calibration.values()))  # any table: the adapted model is calibrated anew
+    thorough = {calibration_key(h.score_options.replace(score_type=t, test_time_steps=2), h.postprocess): table
+                for t in SCORE_TYPES}
+    base = save_bundle(tmp_path / "parent.cevae", parent.model, replace(h, calibration={**h.calibration, **thorough}))
+    assert calibrated_test_time_steps(read_header(base).calibration) == [0, 2]
+    out = adapt_mod.adapt(base, subjects(site, "a", "b", "c"), tmp_path / "site.cevae", QUICK)
+    adapted = read_header(out)
+    assert calibrated_test_time_steps(adapted.calibration) == [0, 2] and len(adapted.calibration) == 6
+    assert adapted.score_options.test_time_steps == 0
+    assert adapted.calibration[calibration_key(adapted.score_options.replace(test_time_steps=2), adapted.postprocess)][
+        "source"].startswith("site scans")
+
+
 def test_an_interrupted_adaptation_resumes_without_training_finished_folds_again(tiny_bundle, site, tmp_path):
     scans = subjects(site, "a", "b")
     out = tmp_path / "cut" / "site.cevae"

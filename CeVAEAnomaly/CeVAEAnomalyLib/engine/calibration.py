@@ -9,7 +9,7 @@ change that map: a calibration serves every value of them.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -88,6 +88,11 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
         "The model has no calibration for these scoring/post-processing options; give an "
         "absolute threshold, or use the options the model was calibrated with."
     )
+
+
+def calibrated_test_time_steps(calibration: Mapping[str, Dict[str, Any]]) -> List[int]:
+    """The test-time adaptation step counts (0: the plain mode) that a header's calibrations are for."""
+    return sorted({opts[0].test_time_steps for opts in map(_key_options, calibration) if opts is not None})
 
 
 def _score_map_options(post: PostprocessOptions) -> PostprocessOptions:

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..engine.bundle import Bundle, load_bundle
+from ..engine.calibration import calibrated_test_time_steps
 from ..engine.config import PreprocessConfig
 from ..engine.header import BundleHeader, read_header
 from ..engine.model import CeVAE
@@ -84,7 +85,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                                                                    contrasts, options)))
         path = package(out, final.model, adapted, subjects, "site scans, each scored by the fold model fine-tuned "
                        "without it", final.device, half=False, scorers=scorers,
-                       progress=labelled(scaled(progress, 1.0 - CALIBRATE_SHARE, 1.0), "Calibrating"))
+                       progress=labelled(scaled(progress, 1.0 - CALIBRATE_SHARE, 1.0), "Calibrating"),
+                       test_time_steps=calibrated_test_time_steps(header.calibration))  # the parent's modes
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")

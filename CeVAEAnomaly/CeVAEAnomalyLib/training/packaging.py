@@ -63,15 +63,15 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> 
 
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
             device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
-            progress: Optional[ProgressCallback] = None) -> Path:
-    """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i: see
-    engine.calibrate.calibrate_model), then write the bundle once."""
+            progress: Optional[ProgressCallback] = None, test_time_steps: Sequence[int] = ()) -> Path:
+    """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i; ``test_time_steps``:
+    thorough modes calibrated too: see engine.calibrate.calibrate_model), then write the bundle once."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
     bundle = Bundle(stored, header, out)
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
-                                  progress, scorers)
+                                  progress, scorers, test_time_steps=test_time_steps)
     from safetensors import SafetensorError
 
     try:
