@@ -198,6 +198,7 @@ LABELS: Dict[str, Tuple[Callable[[Case], float], float, bool, float]] = {
     "min 50 mm³ × slice thickness / 1 mm": (lambda c: 50.0 * c["thickness"], 0.0, False, 1.0),
     "min 50 mm³, peak > 1.5 t": (lambda c: 50.0, 1.5, False, 1.0),
     "min 50 mm³, in-plane opening": (lambda c: 50.0, 0.0, True, 1.0),
+    "min 50 mm³, grown to 0.7 t (hysteresis)": (lambda c: 50.0, 0.0, False, 0.7),
 }
 
 
@@ -214,6 +215,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("default", "clean", SCALED),
     ("default", "clean", PEAK),
     ("default", "clean", OPEN),
+    ("default", "clean", "min 50 mm³, grown to 0.7 t (hysteresis)"),
     (MAD, "clean", MIN50),
     (MAD, "variant", MIN50),
     (MAD, "class", SCALED),
