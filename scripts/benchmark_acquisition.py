@@ -10,8 +10,8 @@ pooled AUPRC and best Dice, mean Dice at the operating point (moved-tissue lesio
 ceVAE's own terms are compared with the fused maps), the healthy scan's flagged ml and number of
 components, the top slice on a lesion, the lesion table's first row being a lesion, and where the panel's
 "jump to the most anomalous" lands (the first row when the labelmap has one, else the top slice) being a
-lesion. Map levers whose term
-a cache lacks (the restoration error of ``benchmark_acquisition_maps.py --restoration``) are left out.
+lesion. Map levers whose term a cache lacks (the restoration error of ``benchmark_acquisition_maps.py
+--restoration``) are left out.
 
     python scripts/benchmark_acquisition.py [--maps runs/acquisition] [--out docs] [--prefix benchmark_acquisition]
 """
