@@ -234,11 +234,16 @@ LEVERS: List[Tuple[str, str, str]] = [
 
 
 def label_case(z: np.ndarray, c: Case, t: float, rule: str) -> Tuple[np.ndarray, int, Optional[bool]]:
-    """(labelmap, number of components, whether the lesion table's first row is a lesion (None: no row))."""
+    """:func:`labelled` by the labelmap rule ``rule`` of :data:`LABELS` at threshold ``t``."""
     min_fn, peak, opening, grow = LABELS[rule]
-    comps, labels = components(z, c, t, min_fn(c), peak, opening, grow)
+    return labelled(c, *components(z, c, t, min_fn(c), peak, opening, grow))
+
+
+def labelled(c: Case, comps: List[Tuple[int, float]], labels: np.ndarray) -> Tuple[np.ndarray, int, Optional[bool]]:
+    """(labelmap of the kept ``comps``, their number, whether the lesion table's first row is a lesion (None: no
+    row)), from :func:`components`' output."""
     if not comps:
-        return np.zeros(z.shape, bool), 0, None
+        return np.zeros(labels.shape, bool), 0, None
     keep = np.zeros(int(labels.max()) + 1, bool)
     keep[[k for k, _ in comps]] = True
     return keep[labels], len(comps), bool(c["gt"][labels == comps[0][0]].any())
@@ -287,6 +292,13 @@ def index(maps: Path) -> Dict[Tuple[str, str], List[Path]]:
     return out
 
 
+def healthy_top(values: np.ndarray) -> Tuple[np.ndarray, int]:
+    """A healthy scan's brain scores as :func:`quantile_threshold` needs them: its top 1 % (at least 10),
+    sorted, and its voxel count."""
+    k = max(int(0.01 * values.size), 10)
+    return np.sort(np.partition(values, values.size - k)[-k:]), values.size
+
+
 def quantile_threshold(tops: List[Tuple[np.ndarray, int]], rate: float) -> float:
     """The (1 - rate) quantile of pooled healthy scores, from each scan's top values and its voxel count."""
     n = sum(k for _, k in tops)
@@ -325,9 +337,7 @@ def main() -> None:
             if c["case"] == "healthy" and len(map_names) > 1:
                 checks[f"{s} / {v}"] = float(np.abs(chain(c, tail=False) - c["final"]).max())  # the chain here vs the detector's
             for m in map_names:
-                vals = MAPS[m](c)[c["brain"]]
-                k = max(int(0.01 * vals.size), 10)
-                tops[(m, s, v, c["case"])] = (np.sort(np.partition(vals, vals.size - k)[-k:]), vals.size)
+                tops[(m, s, v, c["case"])] = healthy_top(MAPS[m](c)[c["brain"]])
     print(f"healthy pass {time.time() - t0:.0f} s", flush=True)
 
     def thr(m: str, s: str, v: str, rule: str) -> float:

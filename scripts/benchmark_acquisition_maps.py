@@ -74,11 +74,14 @@ def lesion_case(image: sitk.Image, mask: sitk.Image, recipe: str, seed: int):
 
 
 def orientation_mean(detector: Detector, image: sitk.Image, brain: np.ndarray, region: Region,
-                     orientations: Sequence[str]) -> np.ndarray:
+                     orientations: Sequence[str], axial: Optional[np.ndarray] = None) -> np.ndarray:
     """The detector's raw map (its scoring, no post-processing) on ``region``, averaged over the volume sliced
-    in each of ``orientations``."""
+    in each of ``orientations`` (``axial``: that map of the axial slicing, when the detector made it already)."""
     total = np.zeros(tuple(r.stop - r.start for r in region), np.float32)
     for orientation in orientations:
+        if orientation == "axial" and axial is not None:
+            total += axial
+            continue
         stack = prepare(image, brain, detector.bundle.preprocess, orientation)
         raw = detector._network(stack, [detector.score], None)
         total += invert_region(stack.record, pixel_map(raw, detector.score), region)
@@ -96,10 +99,9 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
     brain = sitk.GetArrayViewFromImage(res.brain_mask) > 0
     region = brain_region(brain, refine_reach(default.post, image.GetSpacing()) + 1)
     inside = brain[region].copy()
-    if tuple(orientations) == ("axial",):
-        combi = sitk.GetArrayFromImage(res.score)[region].astype(np.float32)
-    else:
-        combi = orientation_mean(raw_detector, image, brain, region, orientations)
+    combi = sitk.GetArrayFromImage(res.score)[region].astype(np.float32)  # the detector slices axially
+    if tuple(orientations) != ("axial",):
+        combi = orientation_mean(raw_detector, image, brain, region, orientations, axial=combi)
     t_net = time.perf_counter() - t0
     asym = default._asymmetry(image, inside, region)
     final = default._refine(combi.copy(), inside, image, region, asym)  # the detector's own post-processing chain

@@ -41,14 +41,10 @@ def case_records(c: ba.Case, z: np.ndarray, m: str, thresholds: Dict[float, floa
     out = []
     for rate, t in thresholds.items():
         for grow in GROWS:
-            comps, labels = ba.components(z, c, t, 50.0, grow=grow)
-            keep = np.zeros(int(labels.max()) + 1, bool)
-            keep[[k for k, _ in comps]] = True
-            labelmap = keep[labels]
+            labelmap, n, first = ba.labelled(c, *ba.components(z, c, t, 50.0, grow=grow))
             r: Record = dict(subject=c["subject"], variant=c["variant"], case=c["case"], map=m, rate=rate, grow=grow,
-                             threshold=t, components=len(comps), ml=float(labelmap.sum()) * c["voxel_ml"])
+                             threshold=t, components=n, ml=float(labelmap.sum()) * c["voxel_ml"])
             if lesion:
-                first = bool(c["gt"][labels == comps[0][0]].any()) if comps else None
                 r.update(dice=dice(labelmap, c["gt"]), first=bool(first), jump=top if first is None else first)
             out.append(r)
     return out
@@ -63,9 +59,7 @@ def records(maps: Path, subjects: Optional[Sequence[str]]) -> List[Record]:
             continue
         c = ba.load(next(p for p in paths if "--healthy" in p.name))
         for m, fn in MAPS.items():
-            vals = fn(c)[c["brain"]]
-            k = max(int(0.01 * vals.size), 10)
-            tops[(m, s)] = (np.sort(np.partition(vals, vals.size - k)[-k:]), vals.size)
+            tops[(m, s)] = ba.healthy_top(fn(c)[c["brain"]])
     out: List[Record] = []
     t0 = time.time()
     for (s, v), paths in files.items():
@@ -108,12 +102,22 @@ MERITS: Dict[str, Callable[[Dict[Setting, Dict[str, float]]], Setting]] = {
 }
 
 
-def held_out(recs: Sequence[Record]) -> Dict[str, dict]:
-    """Per merit: the setting chosen for each subject on the other subjects' cases, and the chosen settings'
-    figures on their own subjects together."""
+def by_setting(recs: Sequence[Record]) -> Dict[Setting, List[Record]]:
     groups: Dict[Setting, List[Record]] = defaultdict(list)
     for r in recs:
         groups[(r["map"], r["rate"], r["grow"])].append(r)
+    return groups
+
+
+def setting_name(setting: Setting) -> str:
+    m, rate, grow = setting
+    return f"{m} · {rate:.2g} · {'off' if grow == 1 else f'{grow:g} t'}"
+
+
+def held_out(recs: Sequence[Record]) -> Dict[str, dict]:
+    """Per merit: the setting chosen for each subject on the other subjects' cases, and the chosen settings'
+    figures on their own subjects together."""
+    groups = by_setting(recs)
     subjects = sorted({r["subject"] for r in recs})
     out = {}
     for name, choose in MERITS.items():
@@ -125,9 +129,7 @@ def held_out(recs: Sequence[Record]) -> Dict[str, dict]:
 
 
 def render(recs: Sequence[Record]) -> str:
-    groups: Dict[Setting, List[Record]] = defaultdict(list)
-    for r in recs:
-        groups[(r["map"], r["rate"], r["grow"])].append(r)
+    groups = by_setting(recs)
     head = ("| {0} | mean Dice @ op | healthy ml (mean / max) | healthy components (mean / max) | healthy scans "
             "within target | first row a lesion | jump on a lesion |")
     cells = ("{dice:.3f} | {ml:.2f} / {ml_max:.2f} | {components:.1f} / {components_max} | {within:.2f} | "
@@ -136,13 +138,12 @@ def render(recs: Sequence[Record]) -> str:
     lines = [f"Every setting on every subject ({n['lesion_cases'] // len(groups)} lesion cases, "
              f"{n['healthy_scans'] // len(groups)} healthy scans each; not held out):", "",
              head.format("map · seed rate · grow to"), "|---|---|---|---|---|---|---|"]
-    for (m, rate, grow), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2])):
-        lines.append(f"| {m} · {rate:.2g} · {'off' if grow == 1 else f'{grow:g} t'} | " + cells.format(**figures(rs)))
+    for setting, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2])):
+        lines.append(f"| {setting_name(setting)} | " + cells.format(**figures(rs)))
     lines += ["", "Chosen on the other subjects, applied to each held-out subject:", "",
               head.format("merit (settings chosen per subject)"), "|---|---|---|---|---|---|---|"]
     for name, h in held_out(recs).items():
-        chosen = "; ".join(f"{s}: {m} · {rate:.2g} · {'off' if grow == 1 else f'{grow:g} t'}"
-                           for s, (m, rate, grow) in h["chosen"].items())
+        chosen = "; ".join(f"{s}: {setting_name(tuple(k))}" for s, k in h["chosen"].items())
         lines.append(f"| {name} ({chosen}) | " + cells.format(**h["figures"]))
     return "\n".join(lines) + "\n"
 

@@ -111,3 +111,5 @@ def test_orientation_mean_of_the_axial_slicing_alone_is_the_detectors_raw_map(mo
     both = maps.orientation_mean(raw, image, brain, region, ("axial", "coronal"))
     assert np.isfinite(both).all() and not np.allclose(both, axial)
     assert (both[~brain[region]] == 0).all()
+    reused = maps.orientation_mean(raw, image, brain, region, ("axial", "coronal"), axial=axial)
+    np.testing.assert_allclose(reused, both, rtol=1e-5, atol=1e-6)  # the axial map the detector made, not redone
