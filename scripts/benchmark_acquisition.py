@@ -125,6 +125,7 @@ MAD = "mad normalisation (the default before)"
 RESTORE = "restoration error instead of rec × grad"
 NO_CEVAE = "intensity asymmetry alone (no ceVAE term)"
 SIDED = "side-weighted asymmetry alone (the ceVAE term only picks the side)"
+AXIAL = "axial map alone (of a three-orientation model)"
 BACKGROUND = "asymmetry relative to its regional level (σ 20 mm)"
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "default": chain,  # tail normalisation
@@ -138,6 +139,7 @@ MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     RESTORE: lambda c: chain(c, term="restore"),
     "score power 0.25 (the asymmetry has more say)": lambda c: chain(c, power=0.25),
     BACKGROUND: lambda c: chain(c, background_mm=20.0),
+    AXIAL: lambda c: chain({**c, "combi": c["combi_axial"], "combi_m": c["combi_axial_m"]}),
     NO_CEVAE: lambda c: rimmed(c, case_asymmetry(c)),
     SIDED: lambda c: rimmed(c, case_asymmetry(c, sided=True)),
 }
@@ -159,18 +161,18 @@ TERMS: Dict[str, Callable[[Case], np.ndarray]] = {
 }
 TERMS_RECIPE = "moved tissue"
 # maps made from a term only some caches hold (benchmark_acquisition_maps.py --restoration)
-NEEDS = {RESTORE: "restore", "restoration error alone": "restore"}
+NEEDS = {RESTORE: "restore", "restoration error alone": "restore", AXIAL: "combi_axial"}
 
 
 # ---- labelmaps ----
 
 def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0.0, opening: bool = False,
-               grow: float = 1.0) -> Tuple[List[Tuple[int, float]], np.ndarray]:
+               grow: float = 1.0, mass: Optional[float] = None) -> Tuple[List[Tuple[int, float]], np.ndarray]:
     """Components (26-connected) of z > ``grow``·t with at least ``min_mm3`` and a maximum above ``peak``·t
     (``grow`` < 1: hysteresis, the components of z > grow·t that reach above t, as the detector's
     ``--hysteresis grow``; ``opening``: the thresholded map first opened in each slice plane by a 3 × 3
-    cross, which removes structures one or two voxels wide such as enhancing vessels): ([(label, summed
-    score)], largest summed score first; the label array)."""
+    cross, which removes structures one or two voxels wide such as enhancing vessels; ``mass``: only those
+    whose excess Σ(z − t) exceeds it): ([(label, summed score)], largest summed score first; the label array)."""
     peak = max(peak, 1.0) if grow < 1 else peak
     above = z > grow * t
     if opening:
@@ -186,7 +188,9 @@ def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     sums = ndimage.sum_labels(z, labels, idx)
     peaks = ndimage.maximum(z, labels, idx) if peak > 0 else np.full(n, np.inf)
-    keep = [(int(i), float(s)) for i, n_vox, s, p in zip(idx, sizes, sums, peaks) if n_vox >= min_voxels and p > peak * t]
+    excess = sums - t * sizes if mass is not None else np.full(n, np.inf)
+    keep = [(int(i), float(s)) for i, n_vox, s, p, e in zip(idx, sizes, sums, peaks, excess)
+            if n_vox >= min_voxels and p > peak * t and (mass is None or e > mass)]
     return sorted(keep, key=lambda k: -k[1]), labels
 
 
@@ -200,6 +204,10 @@ LABELS: Dict[str, Tuple[Callable[[Case], float], float, bool, float]] = {
     "min 50 mm³, in-plane opening": (lambda c: 50.0, 0.0, True, 1.0),
     "min 50 mm³, grown to 0.7 t (hysteresis)": (lambda c: 50.0, 0.0, False, 0.7),
 }
+# cluster-level calibration: keep a component only if its excess mass Σ(z − t) exceeds that of every component
+# (≥ 50 mm³) the same map and threshold give on the calibration scans (the other subjects' clean healthy scans)
+MASS = "min 50 mm³, heavier than every component of the healthy calibration scans"
+LABELS[MASS] = (lambda c: 50.0, 0.0, False, 1.0)
 
 
 MIN50, SCALED, PEAK, OPEN = ("min 50 mm³ (default)", "min 50 mm³ × slice thickness / 1 mm", "min 50 mm³, peak > 1.5 t",
@@ -216,6 +224,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("default", "clean", PEAK),
     ("default", "clean", OPEN),
     ("default", "clean", "min 50 mm³, grown to 0.7 t (hysteresis)"),
+    ("default", "clean", MASS),
     (MAD, "clean", MIN50),
     (MAD, "variant", MIN50),
     (MAD, "class", SCALED),
@@ -227,16 +236,36 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("tolerant asymmetry (mirror's 3 × 3 × 3 range)", "clean", MIN50),
     (RESTORE, "clean", MIN50),
     ("score power 0.25 (the asymmetry has more say)", "clean", MIN50),
+    ("score power 0.25 (the asymmetry has more say)", "clean", PEAK),
+    ("score power 0.25 (the asymmetry has more say)", "clean", MASS),
+    (AXIAL, "clean", MIN50),
+    (AXIAL, "clean", PEAK),
+    (AXIAL, "clean", MASS),
     (NO_CEVAE, "clean", MIN50),
     (SIDED, "clean", MIN50),
     (BACKGROUND, "clean", MIN50),
 ]
 
 
-def label_case(z: np.ndarray, c: Case, t: float, rule: str) -> Tuple[np.ndarray, int, Optional[bool]]:
-    """:func:`labelled` by the labelmap rule ``rule`` of :data:`LABELS` at threshold ``t``."""
+def label_case(z: np.ndarray, c: Case, t: float, rule: str, mass: Optional[float] = None
+               ) -> Tuple[np.ndarray, int, Optional[bool]]:
+    """:func:`labelled` by the labelmap rule ``rule`` of :data:`LABELS` at threshold ``t`` (``mass``: see
+    :func:`components`)."""
     min_fn, peak, opening, grow = LABELS[rule]
-    return labelled(c, *components(z, c, t, min_fn(c), peak, opening, grow))
+    return labelled(c, *components(z, c, t, min_fn(c), peak, opening, grow, mass))
+
+
+def largest_excess(scans: List[Tuple[np.ndarray, Case]], t: float) -> float:
+    """The largest excess mass Σ(z − t) of any component (≥ 50 mm³) of the maps ``scans`` at threshold ``t``
+    (0 when they have none): the null a component must exceed under the calibrated-mass rule."""
+    out = 0.0
+    for z, c in scans:
+        comps, labels = components(z, c, t, 50.0)
+        if comps:
+            idx = [k for k, _ in comps]
+            sizes = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)[idx]
+            out = max(out, float(np.max(np.array([s for _, s in comps]) - t * sizes)))
+    return out
 
 
 def labelled(c: Case, comps: List[Tuple[int, float]], labels: np.ndarray) -> Tuple[np.ndarray, int, Optional[bool]]:
@@ -329,6 +358,7 @@ def main() -> None:
     # pass 1: healthy scans -> top scores (for calibrated thresholds)
     tops: Dict[Tuple[str, str, str], Tuple[np.ndarray, int]] = {}
     checks: Dict[str, float] = {}
+    calibration_maps: Dict[Tuple[str, str], Tuple[np.ndarray, Case]] = {}  # (map, subject) -> clean healthy map
     for (s, v), paths in files.items():
         for path in paths:
             c = load(path)
@@ -337,7 +367,10 @@ def main() -> None:
             if c["case"] == "healthy" and len(map_names) > 1:
                 checks[f"{s} / {v}"] = float(np.abs(chain(c, tail=False) - c["final"]).max())  # the chain here vs the detector's
             for m in map_names:
-                tops[(m, s, v, c["case"])] = healthy_top(MAPS[m](c)[c["brain"]])
+                z = MAPS[m](c)
+                tops[(m, s, v, c["case"])] = healthy_top(z[c["brain"]])
+                if v == "clean" and c["case"] == "healthy" and (m, "clean", MASS) in levers:
+                    calibration_maps[(m, s)] = (z, {k: c[k] for k in ("spacing", "slice_axis")})
     print(f"healthy pass {time.time() - t0:.0f} s", flush=True)
 
     def thr(m: str, s: str, v: str, rule: str) -> float:
@@ -352,6 +385,7 @@ def main() -> None:
             pool = [t for (mm, o, w, case), t in tops.items() if mm == m and o != s and case == "healthy" and same(w)]
         return quantile_threshold(pool, SHIPPED_FPR) if pool else float("nan")
 
+    null_mass: Dict[Tuple[str, str, float], float] = {}  # (map, subject, threshold) -> largest healthy excess mass
     rows: Dict[str, Dict[str, dict]] = defaultdict(dict)  # lever -> variant -> figures
     fusion: Dict[str, Dict[float, list]] = defaultdict(lambda: defaultdict(list))  # subject -> w -> top-slice hits
     terms: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))  # variant -> map -> cases
@@ -380,7 +414,13 @@ def main() -> None:
                             continue
                         t = thr(m, s, v, rule)
                         key = f"{m} | {rule} | {lab}"
-                        labelmap, n, first = label_case(z, c, t, lab)
+                        mass = None
+                        if lab == MASS:  # the calibration scans of rule "clean": the other subjects' clean healthy scans
+                            if (m, s, t) not in null_mass:
+                                null_mass[(m, s, t)] = largest_excess(
+                                    [z_c for (mc, o), z_c in calibration_maps.items() if mc == m and o != s], t)
+                            mass = null_mass[(m, s, t)]
+                        labelmap, n, first = label_case(z, c, t, lab, mass)
                         if c["case"] == "healthy":
                             per_lever[key]["healthy_ml"].append(float(labelmap.sum()) * c["voxel_ml"])
                             per_lever[key]["healthy_components"].append(n)

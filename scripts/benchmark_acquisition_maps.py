@@ -13,7 +13,8 @@ truth and the slice scores; so the post-processing levers can be re-evaluated wi
 cases also keep the ceVAE's reconstruction error and KL gradient maps on their own (``rec``, ``grad``); with
 ``--restoration`` every case keeps the restoration error (``restore``, ``CeVAEAnomalyResearch.restoration``).
 With ``--orientations`` the raw map is the mean of the maps of the volume sliced in each orientation (for
-fold models trained on those orientations: ``train --orientations``); the slice scores stay axial.
+fold models trained on those orientations: ``train --orientations``); the slice scores stay axial, and the
+axial map alone is kept too (``combi_axial``, with its mirror image).
 
     python scripts/benchmark_acquisition_maps.py [--out runs/acquisition] [--variants clean,thick]
     [--check]   # also run the full default Detector on each variant's first case and record the agreement
@@ -100,7 +101,9 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
     region = brain_region(brain, refine_reach(default.post, image.GetSpacing()) + 1)
     inside = brain[region].copy()
     combi = sitk.GetArrayFromImage(res.score)[region].astype(np.float32)  # the detector slices axially
+    axial = None
     if tuple(orientations) != ("axial",):
+        axial = combi  # kept on its own: the same model's single-orientation map, as the detector makes it
         combi = orientation_mean(raw_detector, image, brain, region, orientations, axial=combi)
     t_net = time.perf_counter() - t0
     asym = default._asymmetry(image, inside, region)
@@ -115,7 +118,7 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
         interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
         return sitk.GetArrayFromImage(sitk.Resample(img, img, asym.reflection, interp, 0.0, img.GetPixelID()))
 
-    extra = {}
+    extra = {} if axial is None else {"combi_axial": axial, "combi_axial_m": mirrored(axial).astype(np.float16)}
     if terms:  # the ceVAE's two terms on their own (one more network pass), scattered onto the region's brain
         for name, vals in raw_detector.brain_scores(image, mask, ("rec", "grad")).items():
             arr = np.zeros(inside.shape, np.float32)

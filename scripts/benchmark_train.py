@@ -5,6 +5,7 @@ subjects; bundles land in ``runs/benchmark/<variant>/without-<subject>.cevae``. 
 are kept, so the script can be rerun to finish an interrupted benchmark.
 
     python scripts/benchmark_train.py [--steps 1000] [--variants cevae,vae,ce,ae]
+        [--orientations axial,coronal,sagittal]   # fold models for the three-orientation fusion
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--orientations", default="axial", help="slice orientations to train on (comma-separated)")
     p.add_argument("--held-out", default=",".join(SUBJECTS), help="folds to train (held-out subjects)")
     p.add_argument("--data", type=Path, help="folder with <name>_t1/_brainmask.nii.gz (default: find or fetch)")
     args = p.parse_args()
@@ -50,7 +52,8 @@ def main() -> None:
                 continue
             train = [subjects[s] for s in SUBJECTS if s != held_out]
             cfg = TrainConfig(out=out, model=ModelConfig(), loss=VARIANTS[variant], max_steps=args.steps,
-                              checkpoint_every=args.steps, val_fraction=0.0, seed=args.seed, device="auto")
+                              checkpoint_every=args.steps, val_fraction=0.0, seed=args.seed, device="auto",
+                              orientations=tuple(args.orientations.split(",")))
             logging.info("Training %s without %s.", variant, held_out)
             Trainer(cfg, train).run()
 

@@ -41,6 +41,19 @@ def test_hysteresis_grows_components_that_reach_the_threshold_and_only_those(scr
     assert len(low) == 2  # the same low threshold without seeds keeps B too
 
 
+def test_the_calibrated_mass_rule_keeps_only_components_heavier_than_every_healthy_one(scripts):
+    ba, _ = scripts
+    c = blobs_case()
+    healthy = blobs_case()
+    healthy["z"][:, :, :15] = 0.0  # a healthy scan with B alone: 144 voxels, 0.5 above a threshold of 3.5
+    null = ba.largest_excess([(healthy["z"], healthy)], 3.5)
+    assert null == pytest.approx(144 * 0.5)
+    kept, labels = ba.components(c["z"], c, 3.5, 50.0, mass=null)
+    assert len(kept) == 1 and c["gt"][labels == kept[0][0]].all()  # A (excess 64·6.5 + 80·0.5) stays, B goes
+    assert len(ba.components(c["z"], c, 3.5, 50.0)[0]) == 2  # without the rule both are kept
+    assert ba.largest_excess([(np.zeros_like(c["z"]), c)], 3.5) == 0.0  # no healthy component: nothing to exceed
+
+
 def test_case_records_score_each_setting_and_jump_to_the_top_slice_without_components(scripts):
     _, op = scripts
     c = blobs_case()
