@@ -1,9 +1,10 @@
-"""Operating point on the acquisition benchmark: seed rate × hysteresis grow fraction, chosen held out.
+"""Operating point on the acquisition benchmark: seed rate × hysteresis grow fraction, or a peak filter, chosen held out.
 
 The labelmap is the components of the map above ``grow`` × t that reach above t (hysteresis; grow 1: the plain
 threshold), at least 50 mm³, where t is the healthy false-positive ``rate`` threshold pooled over the other
 subjects' clean held-out healthy scans (as ``benchmark_acquisition.py``'s *clean* rule; the shipped rate is
-the first). Per setting, over every subject and variant: mean Dice at the operating point, the healthy
+the first). The peak filters keep, at the shipped rate's t, only the components whose maximum exceeds
+``peak`` × t (the detector's ``--hysteresis 1/peak`` at the threshold peak × t). Per setting, over every subject and variant: mean Dice at the operating point, the healthy
 scans' flagged ml and components, the share of healthy scans within the issue's targets (≤ 1 ml, ≤ 2
 components), the lesion table's first row and the panel's jump (the first row, else the top slice) on a
 lesion. Then, for each subject, the setting that is best on the other two subjects' cases (by two merits,
@@ -28,25 +29,28 @@ from CeVAEAnomalyResearch.evaluate import dice
 
 RATES = (ba.SHIPPED_FPR, 1e-4, 5e-5, 2e-5, 1e-5)
 GROWS = (1.0, 0.85, 0.7, 0.6, 0.5)
+PEAKS = (1.25, 1.5, 2.0, 3.0)  # at the shipped rate only
 MAPS: Dict[str, Callable[[ba.Case], np.ndarray]] = {"default": ba.chain,
                                                     "score power 0.25": lambda c: ba.chain(c, power=0.25)}
-Setting = Tuple[str, float, float]  # (map, rate, grow)
+Setting = Tuple[str, float, float, float]  # (map, rate, grow, peak factor; 1: no peak filter)
 Record = Dict[str, object]
 
 
 def case_records(c: ba.Case, z: np.ndarray, m: str, thresholds: Dict[float, float]) -> List[Record]:
-    """One record per (rate, grow) of map ``m``'s labelmap on case ``c``."""
+    """One record per (rate, grow) and per peak factor (at the first rate) of map ``m``'s labelmap on case ``c``."""
     lesion = c["case"] != "healthy"
     top = ba.top_slice_on_lesion(c, z, 0.7) if lesion else None
     out = []
-    for rate, t in thresholds.items():
-        for grow in GROWS:
-            labelmap, n, first = ba.labelled(c, *ba.components(z, c, t, 50.0, grow=grow))
-            r: Record = dict(subject=c["subject"], variant=c["variant"], case=c["case"], map=m, rate=rate, grow=grow,
-                             threshold=t, components=n, ml=float(labelmap.sum()) * c["voxel_ml"])
-            if lesion:
-                r.update(dice=dice(labelmap, c["gt"]), first=bool(first), jump=top if first is None else first)
-            out.append(r)
+    first_rate = next(iter(thresholds))
+    settings = [(rate, grow, 1.0) for rate in thresholds for grow in GROWS] + [(first_rate, 1.0, p) for p in PEAKS]
+    for rate, grow, peak in settings:
+        t = thresholds[rate]
+        labelmap, n, first = ba.labelled(c, *ba.components(z, c, t, 50.0, peak=peak if peak > 1 else 0.0, grow=grow))
+        r: Record = dict(subject=c["subject"], variant=c["variant"], case=c["case"], map=m, rate=rate, grow=grow,
+                         peak=peak, threshold=t, components=n, ml=float(labelmap.sum()) * c["voxel_ml"])
+        if lesion:
+            r.update(dice=dice(labelmap, c["gt"]), first=bool(first), jump=top if first is None else first)
+        out.append(r)
     return out
 
 
@@ -92,7 +96,7 @@ def figures(rs: Sequence[Record]) -> Dict[str, float]:
         healthy_scans=len(healthy), lesion_cases=len(lesion))
 
 
-DEFAULT: Setting = ("default", RATES[0], 1.0)
+DEFAULT: Setting = ("default", RATES[0], 1.0, 1.0)
 MERITS: Dict[str, Callable[[Dict[Setting, Dict[str, float]]], Setting]] = {
     "mean Dice + share of healthy scans within target":
         lambda f: max(f, key=lambda k: (f[k]["dice"] + f[k]["within"], k == DEFAULT)),
@@ -105,13 +109,13 @@ MERITS: Dict[str, Callable[[Dict[Setting, Dict[str, float]]], Setting]] = {
 def by_setting(recs: Sequence[Record]) -> Dict[Setting, List[Record]]:
     groups: Dict[Setting, List[Record]] = defaultdict(list)
     for r in recs:
-        groups[(r["map"], r["rate"], r["grow"])].append(r)
+        groups[(r["map"], r["rate"], r["grow"], r.get("peak", 1.0))].append(r)
     return groups
 
 
 def setting_name(setting: Setting) -> str:
-    m, rate, grow = setting
-    return f"{m} · {rate:.2g} · {'off' if grow == 1 else f'{grow:g} t'}"
+    m, rate, grow, peak = setting
+    return f"{m} · {rate:.2g} · {'off' if grow == 1 else f'{grow:g} t'}" + (f" · peak > {peak:g} t" if peak > 1 else "")
 
 
 def held_out(recs: Sequence[Record]) -> Dict[str, dict]:
@@ -137,8 +141,8 @@ def render(recs: Sequence[Record]) -> str:
     n = figures(recs)
     lines = [f"Every setting on every subject ({n['lesion_cases'] // len(groups)} lesion cases, "
              f"{n['healthy_scans'] // len(groups)} healthy scans each; not held out):", "",
-             head.format("map · seed rate · grow to"), "|---|---|---|---|---|---|---|"]
-    for setting, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2])):
+             head.format("map · seed rate · grow to · peak filter"), "|---|---|---|---|---|---|---|"]
+    for setting, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][3], -kv[0][2])):
         lines.append(f"| {setting_name(setting)} | " + cells.format(**figures(rs)))
     lines += ["", "Chosen on the other subjects, applied to each held-out subject:", "",
               head.format("merit (settings chosen per subject)"), "|---|---|---|---|---|---|---|"]

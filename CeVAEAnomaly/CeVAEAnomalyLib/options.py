@@ -164,7 +164,7 @@ class PostprocessOptions(Serialisable):
     """Optional steps, all off by default except what the bundle recommends.
 
     Order: asymmetry fusion, rim, median, robust normalisation (its ``spread``), threshold (with
-    hysteresis), minimum component volume. A step's parameters are ignored while the step is off
+    hysteresis), minimum component volume and peak. A step's parameters are ignored while the step is off
     (e.g. ``spread`` without ``normalise``, ``asymmetry_floor`` with ``asymmetry_mm`` 0).
     """
 
@@ -187,6 +187,8 @@ class PostprocessOptions(Serialisable):
                          choices=tuple(SPREADS), label="spread")
     hysteresis: float = option(0.0, "grow labelled components down to this fraction of the threshold (0: off)",
                                high=1, open_high=True)
+    min_peak: float = option(1.0, "keep only components whose highest score reaches this multiple of the threshold "
+                             "(1: every component)", low=1.0, high=100)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -58,8 +58,12 @@ def test_case_records_score_each_setting_and_jump_to_the_top_slice_without_compo
     _, op = scripts
     c = blobs_case()
     recs = op.case_records(c, c["z"], "default", {1e-4: 5.0, 1e-5: 20.0})
-    assert len(recs) == 2 * len(op.GROWS)
-    by = {(r["rate"], r["grow"]): r for r in recs}
+    assert len(recs) == 2 * len(op.GROWS) + len(op.PEAKS)
+    by = {(r["rate"], r["grow"]): r for r in recs if r["peak"] == 1.0}
+    peaks = {r["peak"]: r for r in recs if r["peak"] > 1}
+    assert set(peaks) == set(op.PEAKS) and all(r["rate"] == 1e-4 for r in peaks.values())  # at the first rate
+    assert peaks[1.5]["components"] == 1 and peaks[1.5]["first"]  # A peaks at 10 > 1.5 × 5
+    assert peaks[3.0]["components"] == 0 and peaks[3.0]["jump"] == by[(1e-5, 1.0)]["jump"]  # 10 < 3 × 5: the top slice
     assert by[(1e-4, 1.0)]["components"] == 1 and by[(1e-4, 1.0)]["first"]
     assert by[(1e-4, 0.7)]["dice"] == pytest.approx(1.0)  # the grown component is the whole lesion
     assert by[(1e-4, 1.0)]["dice"] == pytest.approx(2 * 64 / (64 + 144))
@@ -69,15 +73,15 @@ def test_case_records_score_each_setting_and_jump_to_the_top_slice_without_compo
 
 
 def record(subject: str, setting: tuple, dice: float, ml: float) -> list:
-    m, rate, grow = setting
-    base = dict(subject=subject, variant="clean", map=m, rate=rate, grow=grow, threshold=1.0)
+    m, rate, grow, peak = setting
+    base = dict(subject=subject, variant="clean", map=m, rate=rate, grow=grow, peak=peak, threshold=1.0)
     return [dict(base, case="healthy", components=1, ml=ml),
             dict(base, case="lesion-mixed", components=1, ml=0.5, dice=dice, first=True, jump=True)]
 
 
 def test_each_subject_gets_the_setting_chosen_on_the_other_subjects(scripts):
     _, op = scripts
-    default, grown = op.DEFAULT, ("default", op.RATES[0], 0.7)
+    default, grown = op.DEFAULT, ("default", op.RATES[0], 0.7, 1.0)
     recs = []
     for s in ("a", "b"):  # growing helps a and b ...
         recs += record(s, default, 0.2, 0.1) + record(s, grown, 0.4, 0.1)
@@ -90,7 +94,7 @@ def test_each_subject_gets_the_setting_chosen_on_the_other_subjects(scripts):
 
 def test_a_setting_that_flags_more_healthy_scans_than_the_default_is_not_chosen_by_the_strict_merit(scripts):
     _, op = scripts
-    default, grown = op.DEFAULT, ("default", op.RATES[0], 0.5)
+    default, grown = op.DEFAULT, ("default", op.RATES[0], 0.5, 1.0)
     recs = []
     for s in ("a", "b", "c"):
         recs += record(s, default, 0.2, 0.5) + record(s, grown, 0.5, 3.0)  # more Dice, healthy scans over 1 ml

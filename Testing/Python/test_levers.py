@@ -108,7 +108,7 @@ def test_calibration_stored_before_the_levers_still_matches() -> None:
 
 
 def test_a_calibration_serves_every_labelmap_only_option() -> None:
-    """The minimum component volume and the hysteresis act on the labelmap after the threshold, not on the
+    """The minimum component volume and peak and the hysteresis act on the labelmap after the threshold, not on the
     map the threshold was calibrated on: changing them keeps the calibration (it used to be lost, and with it
     the calibrated threshold); changing the map (the rim) does not."""
     from CeVAEAnomalyLib.engine.calibration import calibration_key, find_calibration
@@ -118,7 +118,7 @@ def test_a_calibration_serves_every_labelmap_only_option() -> None:
     post = PostprocessOptions(rim_mm=3.0, min_volume_mm3=50.0)
     calibration = {calibration_key(ScoreOptions(), post): {"fpr": [0.001, 0.01], "threshold": [2.0, 1.0]}}
     for labelmap_only in ({"min_volume_mm3": 0.0}, {"min_volume_mm3": 200.0}, {"hysteresis": 0.7},
-                          {"min_volume_mm3": 10.0, "hysteresis": 0.5}):
+                          {"min_volume_mm3": 10.0, "hysteresis": 0.5}, {"min_peak": 1.5}):
         assert find_calibration(calibration, ScoreOptions(), post.replace(**labelmap_only))["threshold"] == [2.0, 1.0]
     with pytest.raises(CeVAEError, match="no calibration"):
         find_calibration(calibration, ScoreOptions(), post.replace(rim_mm=5.0))
@@ -129,7 +129,7 @@ def test_postprocess_options_refuse_bad_levers() -> None:
     from CeVAEAnomalyLib.options import PostprocessOptions
 
     for bad in ({"asymmetry_mm": -1.0}, {"score_power": 0.0}, {"hysteresis": 1.0}, {"normalise": "yes"},
-                {"asymmetry_side": 1}):
+                {"asymmetry_side": 1}, {"min_peak": 0.5}):
         with pytest.raises(CeVAEError):
             PostprocessOptions(**bad)
 
@@ -141,6 +141,30 @@ def test_threshold_labelmap_with_hysteresis() -> None:
     arr = rng.random((6, 7, 8)).astype(np.float32)
     got = threshold_labelmap(arr, (1.0, 1.0, 1.0), 0.95, hysteresis_fraction=0.6) > 0
     assert np.array_equal(got, brute_hysteresis(arr, 0.57, 0.95))
+
+
+@pytest.mark.parametrize("min_volume", [0.0, 10.0])
+def test_threshold_labelmap_keeps_only_components_that_reach_the_peak(min_volume: float) -> None:
+    """min_peak 1.3 at threshold 0.6: the components above 0.6 that hold a voxel above 0.78 (a flood fill
+    from those voxels), then those of at least ``min_volume`` voxels; with hysteresis the components grow
+    first and must still peak above 1.3 × the threshold."""
+    from scipy import ndimage
+
+    from CeVAEAnomalyLib.engine.postprocess import threshold_labelmap
+
+    rng = np.random.default_rng(2)
+    arr = ndimage.gaussian_filter(rng.random((10, 11, 12)), 1.0)  # blobs of a few to a few hundred voxels
+    arr = ((arr - arr.min()) / (arr.max() - arr.min())).astype(np.float32)
+    want = brute_hysteresis(arr, 0.6, 0.78)
+    labels, n = ndimage.label(want, structure=np.ones((3, 3, 3)))
+    want &= np.bincount(labels.ravel(), minlength=n + 1)[labels] >= min_volume
+    got = threshold_labelmap(arr, (1.0, 1.0, 1.0), 0.6, min_volume, min_peak=1.3) > 0
+    plain = threshold_labelmap(arr, (1.0, 1.0, 1.0), 0.6, min_volume) > 0
+    assert want.any() and ndimage.label(plain, np.ones((3, 3, 3)))[1] > ndimage.label(got, np.ones((3, 3, 3)))[1]
+    assert np.array_equal(got, want)
+    assert np.array_equal(plain, threshold_labelmap(arr, (1.0, 1.0, 1.0), 0.6, min_volume, min_peak=1.0) > 0)
+    grown = threshold_labelmap(arr, (1.0, 1.0, 1.0), 0.6, hysteresis_fraction=0.9, min_peak=1.3) > 0
+    assert np.array_equal(grown, brute_hysteresis(arr, 0.54, 0.78))
 
 
 def test_detect_with_levers(tiny_bundle) -> None:
@@ -172,6 +196,31 @@ def test_detect_with_levers(tiny_bundle) -> None:
     assert [r.anomaly for r in res.slices] == pytest.approx(fused.tolist())
     assert any(r.flagged for r in res.slices) and not all(r.flagged for r in res.slices)
     assert res.top_slice.anomaly == max(r.anomaly for r in res.slices)
+
+
+def test_detect_with_a_peak_filter_drops_the_components_that_stay_low(tiny_bundle) -> None:
+    """The detector's labelmap with min_peak: the same threshold, only the components whose maximum reaches
+    the peak, and nothing else changed."""
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.detector import detect
+    from CeVAEAnomalyLib.options import PostprocessOptions
+    from conftest import make_head
+
+    image, mask = make_head(seed=5)
+    bundle = load_bundle(tiny_bundle)
+    post = PostprocessOptions(asymmetry_mm=2.0, score_power=0.5, normalise=True)
+    plain = detect(image, bundle, mask, postprocess=post, threshold=0.5)
+    peaks = sorted({c.max_score for c in plain.components})
+    assert len(peaks) >= 2
+    factor = (peaks[0] + peaks[1]) / 2 / 0.5  # between the two lowest peaks: one component at least goes
+    peaked = detect(image, bundle, mask, postprocess=post.replace(min_peak=factor), threshold=0.5)
+    assert peaked.threshold == plain.threshold
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(peaked.score), sitk.GetArrayViewFromImage(plain.score))
+    high = [c for c in plain.components if c.max_score >= factor * 0.5]
+    assert 0 < len(high) < len(plain.components)
+    assert sorted(c.voxels for c in peaked.components) == sorted(c.voxels for c in high)
 
 
 def test_components_ranked_by_order() -> None:

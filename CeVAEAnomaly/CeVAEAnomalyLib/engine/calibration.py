@@ -20,9 +20,9 @@ DEFAULT_FPR = 0.001
 FPR_GRID = np.unique(np.concatenate([np.logspace(-6, -1, 26), [0.2, 0.5]]))
 
 
-# post-processing applied to the labelmap after the threshold (minimum component volume; hysteresis grows
-# components from voxels above the threshold), not to the score map that is calibrated
-LABELMAP_ONLY = ("min_volume_mm3", "hysteresis")
+# post-processing applied to the labelmap after the threshold (minimum component volume and peak; hysteresis
+# grows components from voxels above the threshold), not to the score map that is calibrated
+LABELMAP_ONLY = ("min_volume_mm3", "hysteresis", "min_peak")
 
 
 def calibration_key(score: ScoreOptions, post: PostprocessOptions) -> str:

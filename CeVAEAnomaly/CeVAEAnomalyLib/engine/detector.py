@@ -83,7 +83,8 @@ class Detector:
         del stack, raw, maps, brain  # the full-size mask is freed before the full-size outputs are made
         report(progress, 0.9, "Post-processing")
         score = self._refine(score, inside, image, region, self._asymmetry(image, inside, region))
-        labelmap = threshold_labelmap(score, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis)
+        labelmap = threshold_labelmap(score, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis,
+                                      self.post.min_peak)
         _add_slice_anomaly(rows, score, inside, labelmap, region)
         score, labelmap = region_image(score, image, region), region_image(labelmap, image, region)
         comps = components(labelmap, score, COMPONENT_ORDER)

@@ -117,19 +117,26 @@ def _box_median_at(values: np.ndarray, where: np.ndarray, r: int, slab: int = 8,
 
 
 def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: float, min_volume_mm3: float = 0.0,
-                       hysteresis_fraction: float = 0.0) -> np.ndarray:
+                       hysteresis_fraction: float = 0.0, min_peak: float = 1.0) -> np.ndarray:
     """uint8 {0,1} (k, j, i): score >= threshold (with ``hysteresis_fraction`` > 0: the components of
     score > fraction·threshold that reach above the threshold), without components smaller than
-    ``min_volume_mm3`` (26-connected, on a grid of SimpleITK ``spacing``)."""
+    ``min_volume_mm3`` or whose highest score stays below ``min_peak``·threshold (26-connected, on a grid of
+    SimpleITK ``spacing``)."""
     if hysteresis_fraction > 0 and np.isfinite(threshold):
         label = hysteresis(score, hysteresis_fraction * threshold, threshold)
     else:
         label = score >= score.dtype.type(threshold)  # in the score's precision, as ITK's BinaryThreshold
-    if min_volume_mm3 > 0:
-        min_voxels = int(np.ceil(min_volume_mm3 / float(np.prod(spacing))))
+    peaked = min_peak > 1 and np.isfinite(threshold)
+    if min_volume_mm3 > 0 or peaked:
         cc_image = sitk.ConnectedComponent(sitk.GetImageFromArray(label.view(np.uint8)), True)
         cc = sitk.GetArrayViewFromImage(cc_image)
-        keep = np.bincount(cc.ravel()) >= min_voxels
+        keep = np.ones(int(cc.max()) + 1, bool)
+        if min_volume_mm3 > 0:
+            keep &= np.bincount(cc.ravel(), minlength=len(keep)) >= int(np.ceil(min_volume_mm3 / float(np.prod(spacing))))
+        if peaked:
+            reached = np.zeros(len(keep), bool)
+            reached[np.unique(cc[score >= score.dtype.type(min_peak * threshold)])] = True
+            keep &= reached
         keep[0] = False
         label = keep[cc]
         del cc, cc_image
