@@ -157,6 +157,7 @@ class CeVAEAnomalyParameterNode:
     rimMm: Annotated[float, WithinRange(*option_range(PostprocessOptions, "rim_mm"))] = 0.0
     medianRadius: Annotated[int, WithinRange(*option_range(PostprocessOptions, "median_radius"))] = 0
     minVolumeMm3: Annotated[float, WithinRange(*option_range(PostprocessOptions, "min_volume_mm3"))] = 0.0
+    minPeak: Annotated[float, WithinRange(*option_range(PostprocessOptions, "min_peak"))] = 1.0
     device: Annotated[str, Choice(list(DEVICES))] = RunOptions.device
     batchSize: Annotated[int, WithinRange(*option_range(RunOptions, "batch_size"))] = RunOptions.batch_size
     thorough: bool = False  # test-time adaptation (settings: the request's test_time_steps)
@@ -467,7 +468,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.enabled = view.settings_enabled and not p.useBundledModel
             self.ui.falsePositiveRateSpinBox.enabled = p.sensitivity == SENSITIVITY_FPR
             self.ui.thresholdSpinBox.enabled = p.sensitivity == SENSITIVITY_THRESHOLD
-            for widget in (self.ui.rimSpinBox, self.ui.medianRadiusSpinBox, self.ui.minVolumeSpinBox):
+            for widget in (self.ui.rimSpinBox, self.ui.medianRadiusSpinBox, self.ui.minVolumeSpinBox,
+                           self.ui.minPeakSpinBox):
                 widget.enabled = p.overridePostprocess
         self._updateResultsGui()
 

@@ -267,7 +267,8 @@ def test_threshold_has_a_finite_maximum():
 
 @pytest.mark.parametrize("parameter, owner, field", [
     ("rimMm", "PostprocessOptions", "rim_mm"), ("medianRadius", "PostprocessOptions", "median_radius"),
-    ("minVolumeMm3", "PostprocessOptions", "min_volume_mm3"), ("batchSize", "RunOptions", "batch_size")])
+    ("minVolumeMm3", "PostprocessOptions", "min_volume_mm3"), ("minPeak", "PostprocessOptions", "min_peak"),
+    ("batchSize", "RunOptions", "batch_size")])
 def test_ui_spin_box_ranges_are_the_declared_option_ranges(parameter, owner, field):
     """The .ui's minimum and maximum of a bound spin box agree with the option's declared range."""
     import xml.etree.ElementTree as ET

@@ -33,7 +33,8 @@ def test_override_fields_start_from_the_models_post_processing():
     post = model.postprocess
     assert any(post.values())  # the bundled model filters: 0/0/0 would silently drop that
     assert settings.postprocess_fields(model) == dict(
-        rimMm=post["rim_mm"], medianRadius=post["median_radius"], minVolumeMm3=post["min_volume_mm3"])
+        rimMm=post["rim_mm"], medianRadius=post["median_radius"], minVolumeMm3=post["min_volume_mm3"],
+        minPeak=post["min_peak"])
     assert model.default_fpr == model.header.default_fpr
 
 
@@ -43,8 +44,8 @@ def test_only_calibrated_sensitivity_modes_are_offered():
     assert model.sensitivities("grad", same) == settings.SENSITIVITIES
     other = dict(same, rim_mm=same["rim_mm"] + 1.0)
     assert model.sensitivities("combi", other) == (settings.SENSITIVITY_THRESHOLD,)
-    # the minimum volume acts on the labelmap only: another value keeps the calibrated modes
-    larger = dict(same, min_volume_mm3=same["min_volume_mm3"] + 150.0)
+    # the minimum volume and peak act on the labelmap only: other values keep the calibrated modes
+    larger = dict(same, min_volume_mm3=same["min_volume_mm3"] + 150.0, min_peak=same["min_peak"] + 1.0)
     assert model.sensitivities("combi", larger) == settings.SENSITIVITIES
     uncalibrated = ModelSettings(model.path, replace(model.header, calibration={}))
     assert uncalibrated.sensitivities("combi") == (settings.SENSITIVITY_THRESHOLD,)
@@ -56,7 +57,8 @@ def parameters(scene, **changes):
     mrml.update_volume_from_image(volume, image)
     values = dict(inputVolume=volume, brainMask=None, brainMaskSegmentId="", useBundledModel=True, modelPath="",
                   scoreType="combi", sensitivity=settings.SENSITIVITY_MODEL, falsePositiveRate=0.01, threshold=0.7,
-                  overridePostprocess=False, rimMm=0.0, medianRadius=0, minVolumeMm3=0.0, device="cpu", batchSize=8,
+                  overridePostprocess=False, rimMm=0.0, medianRadius=0, minVolumeMm3=0.0, minPeak=1.0, device="cpu",
+                  batchSize=8,
                   thorough=False)
     values.update(changes)
     return SimpleNamespace(**values)
@@ -83,8 +85,8 @@ def test_request_sensitivity_and_post_processing():
     p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True,
                    **settings.postprocess_fields(model))
     request = settings.detection_request(p, model)
-    # the panel overrides its three fields; the model's other post-processing (asymmetry, normalisation) stays
-    panel = {k: model.postprocess[k] for k in ("rim_mm", "median_radius", "min_volume_mm3")}
+    # the panel overrides its four fields; the model's other post-processing (asymmetry, normalisation) stays
+    panel = {k: model.postprocess[k] for k in ("rim_mm", "median_radius", "min_volume_mm3", "min_peak")}
     assert request["request"].policy == ThresholdPolicy(threshold=0.7) and request["request"].post == panel
 
 

@@ -117,14 +117,14 @@ def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:
     if not parameters.overridePostprocess:
         return None
     return dict(rim_mm=float(parameters.rimMm), median_radius=int(parameters.medianRadius),
-                min_volume_mm3=float(parameters.minVolumeMm3))
+                min_volume_mm3=float(parameters.minVolumeMm3), min_peak=float(parameters.minPeak))
 
 
 def postprocess_fields(settings: ModelSettings) -> Dict[str, Any]:
     """Parameter values that start the override fields from the model's post-processing."""
     post = settings.postprocess
     return dict(rimMm=float(post["rim_mm"]), medianRadius=int(post["median_radius"]),
-                minVolumeMm3=float(post["min_volume_mm3"]))
+                minVolumeMm3=float(post["min_volume_mm3"]), minPeak=float(post["min_peak"]))
 
 
 def model_path(parameters: Any) -> Optional[str]:
