@@ -37,7 +37,9 @@ from CeVAEAnomalyResearch.acquisition import VARIANTS
 from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
 from benchmark_acquisition_maps import case_files
 
-SHIPPED_FPR = read_header(default_model_path()).default_fpr  # the bundled model's operating point
+SHIPPED = read_header(default_model_path())
+SHIPPED_FPR = SHIPPED.default_fpr  # the bundled model's operating point
+SHIPPED_PEAK = SHIPPED.postprocess.min_peak  # and its labelmap's peak filter
 CONN = np.ones((3, 3, 3), bool)
 FUSION_WEIGHTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 Case = Dict[str, object]
@@ -195,8 +197,10 @@ def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0
 
 
 # name -> (minimum component volume (case -> mm³), peak factor, in-plane opening, hysteresis grow fraction)
+DEFAULT_LABELS = f"min 50 mm³, peak > {SHIPPED_PEAK:g} t (default)"  # the bundled model's labelmap
 LABELS: Dict[str, Tuple[Callable[[Case], float], float, bool, float]] = {
-    "min 50 mm³ (default)": (lambda c: 50.0, 0.0, False, 1.0),
+    DEFAULT_LABELS: (lambda c: 50.0, SHIPPED_PEAK if SHIPPED_PEAK > 1 else 0.0, False, 1.0),
+    "min 50 mm³ (the default before)": (lambda c: 50.0, 0.0, False, 1.0),
     "min 100 mm³": (lambda c: 100.0, 0.0, False, 1.0),
     "min 200 mm³": (lambda c: 200.0, 0.0, False, 1.0),
     "min 50 mm³ × slice thickness / 1 mm": (lambda c: 50.0 * c["thickness"], 0.0, False, 1.0),
@@ -210,10 +214,13 @@ MASS = "min 50 mm³, heavier than every component of the healthy calibration sca
 LABELS[MASS] = (lambda c: 50.0, 0.0, False, 1.0)
 
 
-MIN50, SCALED, PEAK, OPEN = ("min 50 mm³ (default)", "min 50 mm³ × slice thickness / 1 mm", "min 50 mm³, peak > 1.5 t",
-                              "min 50 mm³, in-plane opening")
+MIN50, SCALED, PEAK, OPEN = ("min 50 mm³ (the default before)", "min 50 mm³ × slice thickness / 1 mm",
+                              "min 50 mm³, peak > 1.5 t", "min 50 mm³, in-plane opening")
 # the levers measured: (map, threshold rule, labelmap rule); the first is the shipped default
 LEVERS: List[Tuple[str, str, str]] = [
+    ("default", "clean", DEFAULT_LABELS),
+    ("default", "variant", DEFAULT_LABELS),
+    ("default", "class", DEFAULT_LABELS),
     ("default", "clean", MIN50),
     ("default", "variant", MIN50),
     ("default", "class", MIN50),
@@ -238,9 +245,9 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("score power 0.25 (the asymmetry has more say)", "clean", MIN50),
     ("score power 0.25 (the asymmetry has more say)", "clean", PEAK),
     ("score power 0.25 (the asymmetry has more say)", "clean", MASS),
+    ("score power 0.25 (the asymmetry has more say)", "clean", DEFAULT_LABELS),
     (AXIAL, "clean", MIN50),
-    (AXIAL, "clean", PEAK),
-    (AXIAL, "clean", MASS),
+    (AXIAL, "clean", DEFAULT_LABELS),
     (NO_CEVAE, "clean", MIN50),
     (SIDED, "clean", MIN50),
     (BACKGROUND, "clean", MIN50),
@@ -496,7 +503,7 @@ def _merit(per_v: Dict[str, dict]) -> Tuple[float, float]:
 
 
 def render(result: dict) -> str:
-    default = "default | clean | min 50 mm³ (default)"
+    default = f"default | clean | {DEFAULT_LABELS}"
     rows = result["rows"]
     lines = _variant_table(f"Default detector (subjects {', '.join(result['subjects'])}; threshold: healthy "
                            f"false-positive rate {result['fpr']:.6f} on the other subjects' clean held-out scans):",

@@ -96,6 +96,7 @@ def figures(rs: Sequence[Record]) -> Dict[str, float]:
         healthy_scans=len(healthy), lesion_cases=len(lesion))
 
 
+# the baseline of the merits: the labelmap as it was when this grid chose the peak filter (no filter)
 DEFAULT: Setting = ("default", RATES[0], 1.0, 1.0)
 MERITS: Dict[str, Callable[[Dict[Setting, Dict[str, float]]], Setting]] = {
     "mean Dice + share of healthy scans within target":

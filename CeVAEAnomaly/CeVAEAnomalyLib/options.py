@@ -196,9 +196,11 @@ class PostprocessOptions(Serialisable):
 
 # The chain the subject-held-out benchmarks favoured (docs/benchmark.md); new bundles use it:
 # √score × (0.1 + asymmetry (σ 3 mm) × side weight), outer 3 mm rim masked, normalised per brain by the upper
-# tail's spread (the acquisition benchmark's lever), components < 50 mm³ dropped.
+# tail's spread (the acquisition benchmark's lever), components < 50 mm³ or peaking below 2 × the threshold
+# dropped (the peak filter the acquisition benchmark chose held out).
 RECOMMENDED_POSTPROCESS = PostprocessOptions(rim_mm=3.0, min_volume_mm3=50.0, asymmetry_mm=3.0, asymmetry_floor=0.1,
-                                             asymmetry_side=True, score_power=0.5, normalise=True, spread="tail")
+                                             asymmetry_side=True, score_power=0.5, normalise=True, spread="tail",
+                                             min_peak=2.0)
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundl
     out = tmp_path / "calibrated.cevae"
     assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
                  "--out", str(out), "--paper", "--rim-mm", "0", "--median-radius", "0",
-                 "--min-volume", "0", "--default-fpr", "0.01", "--device", "cpu"]) == 0
+                 "--min-volume", "0", "--min-peak", "1", "--default-fpr", "0.01", "--device", "cpu"]) == 0
     h = read_header(out)
-    assert h.score_options.grad_norm == "volume" and h.default_fpr == 0.01
+    assert h.score_options.grad_norm == "volume" and h.default_fpr == 0.01 and h.postprocess.min_peak == 1.0
     key = calibration_key(h.score_options, h.postprocess)
     assert key in h.calibration and h.calibration[key]["n_voxels"] > 1000
     # detect with the calibrated bundle flags about 1% of this same healthy brain
