@@ -142,9 +142,25 @@ class ScoreOptions(Serialisable):
     test_time_steps: int = option(0, "thorough mode: score with a copy of the model fine-tuned on this scan's own "
                                   "slices for N steps (0: off; 100 adds about 10 s on 2 CPU cores)", whole=True,
                                   high=100000)
+    orientations: str = option("axial", "average the maps of the volume sliced in these orientations, axial first "
+                               "(e.g. axial,coronal,sagittal; the model must have been trained on each, and each "
+                               "adds a network pass)")
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        names = parse_orientations(self.orientations) if isinstance(self.orientations, str) else ()
+        if not names or names[0] != "axial" or len(set(names)) != len(names):
+            raise CeVAEError(f"Orientations must start with axial (the slice scores are axial's) and name each "
+                             f"orientation once, got {self.orientations!r}.")
+        if len(names) > 1 and self.test_time_steps:
+            raise CeVAEError("The thorough mode (test-time adaptation) scores axial slices only; use it with the "
+                             "axial orientation alone.")
+        object.__setattr__(self, "orientations", ",".join(names))  # one spelling, so calibrations match
+
+    @property
+    def orientation_list(self) -> Tuple[str, ...]:
+        """The slice orientations whose maps are averaged (axial first)."""
+        return tuple(self.orientations.split(","))
 
     @property
     def needs_grad(self) -> bool:

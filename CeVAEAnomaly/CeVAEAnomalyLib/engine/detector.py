@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import Bundle
+from ..errors import CeVAEError
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
@@ -54,6 +55,12 @@ class Detector:
         run = RunOptions(batch_size=batch_size, amp=amp)  # refused as from every entry point (e.g. 0 slices)
         self.batch_size, self.amp = run.batch_size, run.amp
         self.threshold, self.threshold_source = bundle.header.threshold(self.score, self.post, policy)
+        trained = tuple((bundle.header.training or {}).get("orientations") or ("axial",))
+        untrained = [o for o in self.score.orientation_list if o not in trained]
+        if untrained:
+            raise CeVAEError(f"The model was trained on {', '.join(trained)} slices only, so it cannot score "
+                             f"{', '.join(untrained)} slices; train a model with --orientations "
+                             f"{','.join(self.score.orientation_list)} for that.")
 
     @classmethod
     def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":
@@ -70,17 +77,17 @@ class Detector:
         """
         stack, brain = self._prepare(image, mask, progress)
         raw = self._network(stack, [self.score], progress)
-        maps = pixel_map(raw, self.score)
+        others = self._other_orientations(image, brain, [self.score])
         # Scores are 0 outside the brain, so above a positive threshold nothing happens outside its
         # bounding box grown by the filters' reach: map back and post-process only there.
         thr, spacing = self.threshold, image.GetSpacing()
         region = (brain_region(brain, refine_reach(self.post, spacing) + 1) if thr > 0
                   else tuple(slice(0, n) for n in brain.shape))
         report(progress, 0.88, "Mapping scores back onto the input grid")
-        score = invert_region(stack.record, maps, region)
+        score = _mean_map([(stack.record, raw), *others], self.score, region)
         rows = _slice_rows(stack.record, raw.slices)
         inside = brain[region].copy()
-        del stack, raw, maps, brain  # the full-size mask is freed before the full-size outputs are made
+        del stack, raw, others, brain  # the full-size mask is freed before the full-size outputs are made
         report(progress, 0.9, "Post-processing")
         score = self._refine(score, inside, image, region, self._asymmetry(image, inside, region))
         labelmap = threshold_labelmap(score, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis,
@@ -98,13 +105,13 @@ class Detector:
         """Post-processed brain-voxel scores of each score type (one network pass), for calibration."""
         stack, brain = self._prepare(image, mask, None)
         options = [self.score.replace(score_type=t) for t in score_types]
-        raw = self._network(stack, options, None)
+        passes = [(stack.record, self._network(stack, options, None)), *self._other_orientations(image, brain, options)]
         region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
         inside = brain[region]
         asym = self._asymmetry(image, inside, region)  # the same for every score type: computed once
         out = {}
         for opts in options:
-            score = self._refine(invert_region(stack.record, pixel_map(raw, opts), region), inside, image, region, asym)
+            score = self._refine(_mean_map(passes, opts, region), inside, image, region, asym)
             out[opts.score_type] = np.asarray(score[inside], np.float32)
         return out
 
@@ -132,6 +139,15 @@ class Detector:
             mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
         brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
         return prepare(image, brain, self.bundle.preprocess), brain
+
+    def _other_orientations(self, image: sitk.Image, brain: np.ndarray, options: Sequence[ScoreOptions]
+                            ) -> List[Tuple[SliceRecord, NetworkMaps]]:
+        """The network's maps of the volume sliced in each orientation the options name after axial."""
+        out = []
+        for orientation in self.score.orientation_list[1:]:
+            stack = prepare(image, brain, self.bundle.preprocess, orientation)
+            out.append((stack.record, self._network(stack, options, None)))
+        return out
 
     def _network(self, stack: SliceStack, options: Sequence[ScoreOptions],
                  progress: Optional[ProgressCallback]) -> NetworkMaps:
@@ -162,6 +178,14 @@ def detect(
     """One volume with a one-off :class:`Detector` (for scripts and the console)."""
     detector = Detector(bundle, score_options, postprocess, ThresholdPolicy(threshold, fpr), batch_size, amp)
     return detector(image, mask, progress)
+
+
+def _mean_map(passes: Sequence[Tuple[SliceRecord, NetworkMaps]], opts: ScoreOptions, region: Region) -> np.ndarray:
+    """The pixel maps of ``opts`` from each (slicing, network maps) pass, mapped onto ``region`` and averaged."""
+    score = invert_region(passes[0][0], pixel_map(passes[0][1], opts), region)
+    for record, raw in passes[1:]:
+        score += invert_region(record, pixel_map(raw, opts), region)
+    return score / len(passes) if len(passes) > 1 else score
 
 
 def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:
