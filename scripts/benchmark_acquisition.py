@@ -373,7 +373,8 @@ def main() -> None:
                 continue
             if c["case"] == "healthy" and len(map_names) > 1:
                 # the chain here vs the detector's map, with the spread the fold model's header names (older folds: mad)
-                checks[f"{s} / {v}"] = min(float(np.abs(chain(c, tail=t) - c["final"]).max()) for t in (True, False))
+                checks[f"{s} / {v}"] = min(float(np.abs(chain(c, tail=t) - c["final"]).max())
+                                           for t in (True, False))
             for m in map_names:
                 z = MAPS[m](c)
                 tops[(m, s, v, c["case"])] = healthy_top(z[c["brain"]])

@@ -1,11 +1,11 @@
-"""Operating point on the acquisition benchmark: seed rate × hysteresis grow fraction, or a peak filter, chosen held out.
+"""Operating point on the acquisition benchmark: seed rate × hysteresis growth, or a peak filter, chosen held out.
 
 The labelmap is the components of the map above ``grow`` × t that reach above t (hysteresis; grow 1: the plain
 threshold), at least 50 mm³, where t is the healthy false-positive ``rate`` threshold pooled over the other
 subjects' clean held-out healthy scans (as ``benchmark_acquisition.py``'s *clean* rule; the shipped rate is
 the first). The peak filters keep, at the shipped rate's t, only the components whose maximum exceeds
-``peak`` × t (the detector's ``--hysteresis 1/peak`` at the threshold peak × t). Per setting, over every subject and variant: mean Dice at the operating point, the healthy
-scans' flagged ml and components, the share of healthy scans within the issue's targets (≤ 1 ml, ≤ 2
+``peak`` × t (the detector's ``--min-peak``). Per setting, over every subject and variant: mean Dice at the
+operating point, the healthy scans' flagged ml and components, the share of healthy scans within the issue's targets (≤ 1 ml, ≤ 2
 components), the lesion table's first row and the panel's jump (the first row, else the top slice) on a
 lesion. Then, for each subject, the setting that is best on the other two subjects' cases (by two merits,
 both reported) is applied to it: the held-out figure of choosing the operating point this way.
@@ -116,7 +116,8 @@ def by_setting(recs: Sequence[Record]) -> Dict[Setting, List[Record]]:
 
 def setting_name(setting: Setting) -> str:
     m, rate, grow, peak = setting
-    return f"{m} · {rate:.2g} · {'off' if grow == 1 else f'{grow:g} t'}" + (f" · peak > {peak:g} t" if peak > 1 else "")
+    peak_filter = f" · peak > {peak:g} t" if peak > 1 else ""
+    return f"{m} · {rate:.2g} · {'off' if grow == 1 else f'{grow:g} t'}{peak_filter}"
 
 
 def held_out(recs: Sequence[Record]) -> Dict[str, dict]:

@@ -54,13 +54,13 @@ class Detector:
         self.post = post or bundle.header.postprocess
         run = RunOptions(batch_size=batch_size, amp=amp)  # refused as from every entry point (e.g. 0 slices)
         self.batch_size, self.amp = run.batch_size, run.amp
-        self.threshold, self.threshold_source = bundle.header.threshold(self.score, self.post, policy)
         trained = tuple((bundle.header.training or {}).get("orientations") or ("axial",))
         untrained = [o for o in self.score.orientation_list if o not in trained]
         if untrained:
             raise CeVAEError(f"The model was trained on {', '.join(trained)} slices only, so it cannot score "
                              f"{', '.join(untrained)} slices; train a model with --orientations "
                              f"{','.join(self.score.orientation_list)} for that.")
+        self.threshold, self.threshold_source = bundle.header.threshold(self.score, self.post, policy)
 
     @classmethod
     def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":
@@ -102,7 +102,7 @@ class Detector:
 
     def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image],
                      score_types: Sequence[str]) -> Dict[str, np.ndarray]:
-        """Post-processed brain-voxel scores of each score type (one network pass), for calibration."""
+        """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration."""
         stack, brain = self._prepare(image, mask, None)
         options = [self.score.replace(score_type=t) for t in score_types]
         passes = [(stack.record, self._network(stack, options, None)), *self._other_orientations(image, brain, options)]

@@ -132,7 +132,8 @@ def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: f
         cc = sitk.GetArrayViewFromImage(cc_image)
         keep = np.ones(int(cc.max()) + 1, bool)
         if min_volume_mm3 > 0:
-            keep &= np.bincount(cc.ravel(), minlength=len(keep)) >= int(np.ceil(min_volume_mm3 / float(np.prod(spacing))))
+            min_voxels = int(np.ceil(min_volume_mm3 / float(np.prod(spacing))))
+            keep &= np.bincount(cc.ravel(), minlength=len(keep)) >= min_voxels
         if peaked:
             reached = np.zeros(len(keep), bool)
             reached[np.unique(cc[score >= score.dtype.type(min_peak * threshold)])] = True
