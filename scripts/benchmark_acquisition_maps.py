@@ -84,7 +84,7 @@ def orientation_mean(detector: Detector, image: sitk.Image, brain: np.ndarray, r
             total += axial
             continue
         stack = prepare(image, brain, detector.bundle.preprocess, orientation)
-        raw = detector._network(stack, [detector.score], None)
+        raw = detector._network(detector.bundle.model, stack, [detector.score], None)
         total += invert_region(stack.record, pixel_map(raw, detector.score), region)
     return total / len(orientations)
 

@@ -152,9 +152,6 @@ class ScoreOptions(Serialisable):
         if not names or names[0] != "axial" or len(set(names)) != len(names):
             raise CeVAEError(f"Orientations must start with axial (the slice scores are axial's) and name each "
                              f"orientation once, got {self.orientations!r}.")
-        if len(names) > 1 and self.test_time_steps:
-            raise CeVAEError("The thorough mode (test-time adaptation) scores axial slices only; use it with the "
-                             "axial orientation alone.")
         object.__setattr__(self, "orientations", ",".join(names))  # one spelling, so calibrations match
 
     @property

@@ -45,8 +45,7 @@ def test_options_name_each_orientation_once_axial_first():
     for bad in ("coronal,axial", "axial,axial", "axial,oblique", ""):
         with pytest.raises(CeVAEError):
             ScoreOptions(orientations=bad)
-    with pytest.raises(CeVAEError, match="thorough"):
-        ScoreOptions(orientations="axial,coronal", test_time_steps=10)
+    assert ScoreOptions(orientations="axial,coronal", test_time_steps=10).test_time_steps == 10  # thorough too
 
 
 def test_the_map_is_the_mean_of_the_orientations_maps(two_orientation_bundle):
@@ -61,12 +60,37 @@ def test_the_map_is_the_mean_of_the_orientations_maps(two_orientation_bundle):
     a, f = axial(image, mask), fused(image, mask)
     brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
     stack = prepare(image, brain, bundle.preprocess, "coronal")
-    coronal = invert_region(stack.record, pixel_map(axial._network(stack, [axial.score], None), axial.score),
-                            tuple(slice(0, n) for n in brain.shape))
+    coronal = invert_region(stack.record, pixel_map(axial._network(bundle.model, stack, [axial.score], None),
+                                                    axial.score), tuple(slice(0, n) for n in brain.shape))
     want = (sitk.GetArrayViewFromImage(a.score) + coronal) / 2
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(f.score), want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(coronal, sitk.GetArrayViewFromImage(a.score))  # the coronal pass is another map
     assert [(r.index, r.neg_elbo) for r in f.slices] == [(r.index, r.neg_elbo) for r in a.slices]
+
+
+def test_the_thorough_mode_adapts_once_on_every_orientations_slices(two_orientation_bundle, monkeypatch):
+    """Test-time adaptation with two orientations: one adapted copy, fitted on the axial and coronal slices
+    together, scores both."""
+    from CeVAEAnomalyLib.engine import detector as detector_module
+
+    bundle = load_bundle(two_orientation_bundle)
+    image, mask = make_head(seed=9)
+    calls = []
+    real = detector_module.adapted_copy
+
+    def recording(model, slices, *args, **kwargs):
+        calls.append(len(slices))
+        return real(model, slices, *args, **kwargs)
+
+    monkeypatch.setattr(detector_module, "adapted_copy", recording)
+    score = bundle.header.score_options.replace(orientations="axial,coronal", test_time_steps=2)
+    thorough = Detector(bundle, score, PostprocessOptions(), ThresholdPolicy(threshold=math.inf))
+    res = thorough(image, mask)
+    brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
+    n = [len(prepare(image, brain, bundle.preprocess, o).slices) for o in ("axial", "coronal")]
+    assert calls == [sum(n)]
+    plain = Detector(bundle, score.replace(test_time_steps=0), PostprocessOptions(), ThresholdPolicy(threshold=math.inf))
+    assert not np.allclose(sitk.GetArrayViewFromImage(res.score), sitk.GetArrayViewFromImage(plain(image, mask).score))
 
 
 def test_a_model_refuses_orientations_it_was_not_trained_on(tiny_bundle):

@@ -76,18 +76,18 @@ class Detector:
         :class:`~.progress.Cancelled` if the progress callback cancels.
         """
         stack, brain = self._prepare(image, mask, progress)
-        raw = self._network(stack, [self.score], progress)
-        others = self._other_orientations(image, brain, [self.score])
+        passes = self._passes([stack, *self._other_stacks(image, brain)], [self.score], progress)
+        raw = passes[0][1]
         # Scores are 0 outside the brain, so above a positive threshold nothing happens outside its
         # bounding box grown by the filters' reach: map back and post-process only there.
         thr, spacing = self.threshold, image.GetSpacing()
         region = (brain_region(brain, refine_reach(self.post, spacing) + 1) if thr > 0
                   else tuple(slice(0, n) for n in brain.shape))
         report(progress, 0.88, "Mapping scores back onto the input grid")
-        score = _mean_map([(stack.record, raw), *others], self.score, region)
+        score = _mean_map(passes, self.score, region)
         rows = _slice_rows(stack.record, raw.slices)
         inside = brain[region].copy()
-        del stack, raw, others, brain  # the full-size mask is freed before the full-size outputs are made
+        del stack, raw, passes, brain  # the full-size mask is freed before the full-size outputs are made
         report(progress, 0.9, "Post-processing")
         score = self._refine(score, inside, image, region, self._asymmetry(image, inside, region))
         labelmap = threshold_labelmap(score, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis,
@@ -105,7 +105,7 @@ class Detector:
         """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration."""
         stack, brain = self._prepare(image, mask, None)
         options = [self.score.replace(score_type=t) for t in score_types]
-        passes = [(stack.record, self._network(stack, options, None)), *self._other_orientations(image, brain, options)]
+        passes = self._passes([stack, *self._other_stacks(image, brain)], options, None)
         region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
         inside = brain[region]
         asym = self._asymmetry(image, inside, region)  # the same for every score type: computed once
@@ -140,27 +140,31 @@ class Detector:
         brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
         return prepare(image, brain, self.bundle.preprocess), brain
 
-    def _other_orientations(self, image: sitk.Image, brain: np.ndarray, options: Sequence[ScoreOptions]
-                            ) -> List[Tuple[SliceRecord, NetworkMaps]]:
-        """The network's maps of the volume sliced in each orientation the options name after axial."""
-        out = []
-        for orientation in self.score.orientation_list[1:]:
-            stack = prepare(image, brain, self.bundle.preprocess, orientation)
-            out.append((stack.record, self._network(stack, options, None)))
-        return out
+    def _other_stacks(self, image: sitk.Image, brain: np.ndarray) -> List[SliceStack]:
+        """The model slices of the volume in each orientation the options name after axial."""
+        return [prepare(image, brain, self.bundle.preprocess, o) for o in self.score.orientation_list[1:]]
 
-    def _network(self, stack: SliceStack, options: Sequence[ScoreOptions],
-                 progress: Optional[ProgressCallback]) -> NetworkMaps:
-        """The network's maps of the stack (after the test-time adaptation the options ask for)."""
-        slices, brain = torch.from_numpy(stack.slices), torch.from_numpy(stack.brain)
+    def _passes(self, stacks: Sequence[SliceStack], options: Sequence[ScoreOptions],
+                progress: Optional[ProgressCallback]) -> List[Tuple[SliceRecord, NetworkMaps]]:
+        """(slicing, network maps) of each stack, the first one's reported to ``progress``; in the thorough mode
+        all are scored by one copy of the model adapted to the slices of every stack."""
         model, start, steps = self.bundle.model, 0.2, options[0].test_time_steps
         if steps > 0:
             pre = self.bundle.preprocess
-            model = adapted_copy(model, slices, brain, steps, self.bundle.header.loss, pre.clip_max,
-                                 pre.min_brain_fraction, scaled(progress, start, 0.7))
+            model = adapted_copy(model, torch.from_numpy(np.concatenate([s.slices for s in stacks])),
+                                 torch.from_numpy(np.concatenate([s.brain for s in stacks])), steps,
+                                 self.bundle.header.loss, pre.clip_max, pre.min_brain_fraction,
+                                 scaled(progress, start, 0.7))
             start = 0.7
-        return network_maps(model, slices, brain, options, batch_size=self.batch_size,
-                            beta=self.bundle.header.loss.beta, amp=self.amp, progress=scaled(progress, start, 0.85))
+        return [(s.record, self._network(model, s, options, scaled(progress, start, 0.85) if i == 0 else None))
+                for i, s in enumerate(stacks)]
+
+    def _network(self, model: torch.nn.Module, stack: SliceStack, options: Sequence[ScoreOptions],
+                 progress: Optional[ProgressCallback]) -> NetworkMaps:
+        """``model``'s maps of the stack."""
+        return network_maps(model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), options,
+                            batch_size=self.batch_size, beta=self.bundle.header.loss.beta, amp=self.amp,
+                            progress=progress)
 
 
 def detect(
