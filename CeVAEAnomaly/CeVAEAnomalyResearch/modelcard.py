@@ -79,6 +79,15 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
                      "that rate.")
     except CeVAEError:
         pass  # not calibrated for it: detection in that mode needs an absolute threshold
+    if len(typed.score_options.orientation_list) > 1:
+        try:
+            axial = find_calibration(typed.calibration, typed.score_options.replace(orientations="axial"),
+                                     typed.postprocess)
+            lines.append(f"- Default scoring averages the maps of the {', '.join(typed.score_options.orientation_list)} "
+                         f"slicings; the axial map alone (`--orientations axial`, one network pass) is calibrated the "
+                         f"same way: threshold {threshold_for_fpr(axial, fpr):.4g} at that rate.")
+        except CeVAEError:
+            pass
     if benchmark:
         lines += ["", "## Benchmark", "", benchmark.replace("# ", "### ", 1)]
     return "\n".join(lines) + "\n"

@@ -116,3 +116,24 @@ def test_calibrate_and_detect_with_two_orientations(tmp_path, two_orientation_bu
     assert main(["detect", str(tmp_path / "h.nii.gz"), "--mask", str(tmp_path / "h_mask.nii.gz"), "--model", str(out),
                  "--score", str(tmp_path / "s.nii.gz"), "--device", "cpu"]) == 0
     assert sitk.ReadImage(str(tmp_path / "s.nii.gz")).GetSize() == image.GetSize()
+
+
+def test_the_model_card_names_the_axial_calibration_of_a_several_orientation_model(tmp_path, two_orientation_bundle):
+    from dataclasses import replace
+
+    from CeVAEAnomalyLib.engine.calibrate import calibrate_model
+    from CeVAEAnomalyLib.io.manifest import Subject
+    from CeVAEAnomalyResearch.modelcard import render_model_card
+
+    image, mask = make_head(seed=11)
+    sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "h_mask.nii.gz"))
+    bundle = load_bundle(two_orientation_bundle)
+    score, post = bundle.header.score_options.replace(orientations="axial,coronal"), bundle.header.postprocess
+    healthy = [Subject(tmp_path / "h.nii.gz", tmp_path / "h_mask.nii.gz")]
+    fused = replace(bundle, header=replace(bundle.header, score_options=score,
+                                           calibration=calibrate_model(bundle, healthy, "test", score, post)))
+    assert "axial map alone" not in render_model_card(fused)  # not calibrated for it
+    axial = calibrate_model(bundle, healthy, "test", score.replace(orientations="axial"), post)
+    both = replace(fused, header=replace(fused.header, calibration={**fused.header.calibration, **axial}))
+    assert "the axial map alone (`--orientations axial`, one network pass) is calibrated" in render_model_card(both)
