@@ -44,7 +44,7 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
         f"- ceVAE, input {h['model']['input_size']} px, encoder widths {h['model']['channels']}, "
         f"z = {h['model']['z_dim']}; weights stored as {h.get('weights_dtype')}.",
         f"- Loss: {json.dumps(h.get('loss'))}.",
-        f"- Axial slices (orientations trained: {', '.join(tr.get('orientations', ['axial']))}); intensities "
+        f"- Slice orientations trained: {', '.join(tr.get('orientations', ['axial']))}; intensities "
         f"scaled by the {pre.get('low_percentile')}th–{pre.get('high_percentile')}th brain percentiles, clipped "
         f"to [0, {pre.get('clip_max')}], brain box padded by {pre.get('margin_mm')} mm to a square.",
         "",
