@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 from CeVAEAnomalyLib.data import default_model_path
+from CeVAEAnomalyLib.engine.detector import slice_map_weight
 from CeVAEAnomalyLib.engine.header import read_header
 from CeVAEAnomalyLib.engine.postprocess import normalised, refine_scores
 from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_quantile
@@ -287,6 +288,12 @@ def labelled(c: Case, comps: List[Tuple[int, float]], labels: np.ndarray) -> Tup
 
 # ---- slices ----
 
+def detector_slice_weight(c: Case, m: str) -> float:
+    """The slice-score weight the detector gives map ``m`` of case ``c`` (a cache of several orientations keeps
+    its single-orientation map as ``combi_axial``)."""
+    return slice_map_weight(1 if m == AXIAL or "combi_axial" not in c else 3)
+
+
 def top_slice_on_lesion(c: Case, z: np.ndarray, weight: float) -> bool:
     """Whether the detector's most anomalous slice (rank fusion of map_max and negative ELBO) holds lesion."""
     axis = 2 - int(c["slice_axis"])
@@ -417,7 +424,7 @@ def main() -> None:
                         if not c["gt"].any():
                             continue  # the lesions were cut off with the part of the brain not covered
                         pooled[m].append((z[c["brain"]], c["gt"][c["brain"]]))
-                        top = top_slice_on_lesion(c, z, 0.7)
+                        top = top_slice_on_lesion(c, z, detector_slice_weight(c, m))
                     for mm, rule, lab in levers:
                         if mm != m:
                             continue
@@ -436,6 +443,8 @@ def main() -> None:
                         else:
                             per_lever[key]["dice"].append(dice(labelmap, c["gt"]))
                             per_lever[key]["first_row_lesion"].append(bool(first))
+                            if first is not None:
+                                per_lever[key]["first_row_when_marked"].append(bool(first))
                             per_lever[key]["jump_lesion"].append(top if first is None else first)
                             per_lever[key]["recipe"].append(c["recipe"])
                             per_lever[key]["subject"].append(s)
@@ -455,6 +464,7 @@ def main() -> None:
                 "dice_per_case": fig["dice"], "recipes": fig["recipe"], "case_subjects": fig["subject"],
                 "healthy_ml": fig["healthy_ml"], "healthy_components": fig["healthy_components"],
                 "first_row_lesion": float(np.mean(fig["first_row_lesion"])),
+                "first_row_when_marked": fig["first_row_when_marked"],
                 "jump_lesion": float(np.mean(fig["jump_lesion"])),
                 "top_slice": float(np.mean(per_lever[m]["top_slice"])), "thresholds": fig["thresholds"],
             }
@@ -487,14 +497,22 @@ def _targets(r: dict) -> Tuple[bool, bool]:
 
 def _variant_table(title: str, per_v: Dict[str, dict]) -> List[str]:
     lines = [title, "", "| variant | AUPRC | best Dice | Dice @ op | healthy ml (mean / max) | healthy components "
-             "(mean / max) | top slice on a lesion | first table row a lesion | jump on a lesion |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(mean / max) | top slice on a lesion | first table row a lesion (all cases; cases with a row) "
+             "| jump on a lesion |", "|---|---|---|---|---|---|---|---|---|"]
     for v, r in per_v.items():
         lines.append(f"| {v} | {r['auprc']:.3f} | {r['best_dice']:.3f} | {r['dice']:.3f} | "
                      f"{np.mean(r['healthy_ml']):.2f} / {np.max(r['healthy_ml']):.2f} | "
                      f"{np.mean(r['healthy_components']):.1f} / {np.max(r['healthy_components'])} | "
-                     f"{r['top_slice']:.2f} | {r['first_row_lesion']:.2f} | {r['jump_lesion']:.2f} |")
+                     f"{r['top_slice']:.2f} | {r['first_row_lesion']:.2f}; {_when_marked([r])} | "
+                     f"{r['jump_lesion']:.2f} |")
     return lines
+
+
+def _when_marked(rs: List[dict]) -> str:
+    """Share of first rows that are a lesion among the lesion cases whose labelmap has a row, and their number
+    (rows of results written before this figure have none: "–")."""
+    hits = [h for r in rs for h in r.get("first_row_when_marked", [])]
+    return f"{np.mean(hits):.2f} (n={len(hits)})" if hits else "–"
 
 
 def _merit(per_v: Dict[str, dict]) -> Tuple[float, float]:
@@ -518,7 +536,8 @@ def render(result: dict) -> str:
     lines += ["", "Levers, averaged over variants (healthy targets: every held-out healthy scan ≤ 1 ml and ≤ 2 components):",
               "", "| lever (map · threshold rule · labelmap rule) | mean AUPRC | mean best Dice | mean Dice @ op "
               "| healthy ml (mean / max) | healthy components (mean / max) | healthy scans within target "
-              "| top slice | first row a lesion | jump on a lesion |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| top slice | first row a lesion (all cases; cases with a row) | jump on a lesion |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, per_v in result["rows"].items():
         rs = list(per_v.values())
         ml = [x for r in rs for x in r["healthy_ml"]]
@@ -527,7 +546,7 @@ def render(result: dict) -> str:
         lines.append(f"| {key} | {np.nanmean([r['auprc'] for r in rs]):.3f} | {np.nanmean([r['best_dice'] for r in rs]):.3f} "
                      f"| {np.mean([r['dice'] for r in rs]):.3f} | {np.mean(ml):.2f} / {np.max(ml):.2f} | "
                      f"{np.mean(nc):.1f} / {np.max(nc)} | {ok:.2f} | {np.mean([r['top_slice'] for r in rs]):.2f} | "
-                     f"{np.mean([r['first_row_lesion'] for r in rs]):.2f} | "
+                     f"{np.mean([r['first_row_lesion'] for r in rs]):.2f}; {_when_marked(rs)} | "
                      f"{np.mean([r['jump_lesion'] for r in rs]):.2f} |")
     for field, what in (("recipes", "lesion recipe"), ("case_subjects", "held-out subject")):
         groups: Dict[str, list] = defaultdict(list)

@@ -39,7 +39,7 @@ Record = Dict[str, object]
 def case_records(c: ba.Case, z: np.ndarray, m: str, thresholds: Dict[float, float]) -> List[Record]:
     """One record per (rate, grow) and per peak factor (at the first rate) of map ``m``'s labelmap on case ``c``."""
     lesion = c["case"] != "healthy"
-    top = ba.top_slice_on_lesion(c, z, 0.7) if lesion else None
+    top = ba.top_slice_on_lesion(c, z, ba.detector_slice_weight(c, m)) if lesion else None
     out = []
     first_rate = next(iter(thresholds))
     settings = [(rate, grow, 1.0) for rate in thresholds for grow in GROWS] + [(first_rate, 1.0, p) for p in PEAKS]

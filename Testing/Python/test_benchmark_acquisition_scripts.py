@@ -130,3 +130,16 @@ def test_orientation_mean_of_the_axial_slicing_alone_is_the_detectors_raw_map(mo
     assert (both[~brain[region]] == 0).all()
     reused = maps.orientation_mean(raw, image, brain, region, ("axial", "coronal"), axial=axial)
     np.testing.assert_allclose(reused, both, rtol=1e-5, atol=1e-6)  # the axial map the detector made, not redone
+
+
+def test_the_benchmark_ranks_slices_with_the_detectors_weight_for_each_map(scripts):
+    """A cache of several orientations (it keeps the axial map beside the fused one) gets the fused weight,
+    except for its axial map alone; a single-orientation cache the plain weight."""
+    from CeVAEAnomalyLib.engine.detector import SLICE_MAP_WEIGHT, SLICE_MAP_WEIGHT_FUSED
+
+    ba, _ = scripts
+    single = blobs_case()
+    fused = dict(single, combi_axial=single["z"])
+    assert ba.detector_slice_weight(single, "default") == SLICE_MAP_WEIGHT
+    assert ba.detector_slice_weight(fused, "default") == SLICE_MAP_WEIGHT_FUSED
+    assert ba.detector_slice_weight(fused, ba.AXIAL) == SLICE_MAP_WEIGHT

@@ -174,7 +174,7 @@ def test_detect_with_levers(tiny_bundle) -> None:
     import SimpleITK as sitk
 
     from CeVAEAnomalyLib.engine.bundle import load_bundle
-    from CeVAEAnomalyLib.engine.detector import SLICE_MAP_WEIGHT, SLICE_QUANTILE, detect
+    from CeVAEAnomalyLib.engine.detector import SLICE_MAP_WEIGHT, SLICE_QUANTILE, detect, slice_map_weight
     from CeVAEAnomalyLib.options import PostprocessOptions
     from conftest import make_head
 
@@ -191,6 +191,7 @@ def test_detect_with_levers(tiny_bundle) -> None:
         s = np.take(score, r.index, axis)[np.take(brain, r.index, axis)]
         assert r.map_max == pytest.approx(np.quantile(s, SLICE_QUANTILE) if s.size else 0.0, rel=1e-5, abs=1e-6)
         assert r.flagged == bool(np.take(labels, r.index, axis).any())
+    assert slice_map_weight(1) == SLICE_MAP_WEIGHT  # one orientation
     fused = fused_slice_rank(np.array([r.map_max for r in res.slices]), np.array([r.neg_elbo for r in res.slices]),
                              SLICE_MAP_WEIGHT)
     assert [r.anomaly for r in res.slices] == pytest.approx(fused.tolist())

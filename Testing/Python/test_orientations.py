@@ -10,10 +10,11 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import load_bundle
-from CeVAEAnomalyLib.engine.detector import Detector
+from CeVAEAnomalyLib.engine.detector import SLICE_MAP_WEIGHT, SLICE_MAP_WEIGHT_FUSED, Detector
 from CeVAEAnomalyLib.engine.header import read_header
 from CeVAEAnomalyLib.engine.preprocess import finite_brain, invert_region, mask_array, prepare
 from CeVAEAnomalyLib.engine.scoring import pixel_map
+from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions, ThresholdPolicy
 from conftest import make_head
@@ -66,6 +67,24 @@ def test_the_map_is_the_mean_of_the_orientations_maps(two_orientation_bundle):
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(f.score), want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(coronal, sitk.GetArrayViewFromImage(a.score))  # the coronal pass is another map
     assert [(r.index, r.neg_elbo) for r in f.slices] == [(r.index, r.neg_elbo) for r in a.slices]
+
+
+def test_the_slice_score_weighs_a_fused_map_more(two_orientation_bundle):
+    """The most anomalous slice of a map averaged over orientations gives the map's rank the fused weight, a
+    single orientation's map the plain one; both rank over the same axial slices."""
+    bundle = load_bundle(two_orientation_bundle)
+    image, mask = make_head(seed=9)
+    axial = Detector(bundle, policy=ThresholdPolicy(threshold=math.inf))
+    fused = Detector(bundle, bundle.header.score_options.replace(orientations="axial,coronal"),
+                     policy=ThresholdPolicy(threshold=math.inf))
+    assert SLICE_MAP_WEIGHT_FUSED > SLICE_MAP_WEIGHT
+    for detector, weight in ((axial, SLICE_MAP_WEIGHT), (fused, SLICE_MAP_WEIGHT_FUSED)):
+        rows = detector(image, mask).slices
+        want = fused_slice_rank(np.array([r.map_max for r in rows]), np.array([r.neg_elbo for r in rows]), weight)
+        assert [r.anomaly for r in rows] == pytest.approx(want.tolist())
+        other = SLICE_MAP_WEIGHT + SLICE_MAP_WEIGHT_FUSED - weight
+        assert [r.anomaly for r in rows] != pytest.approx(
+            fused_slice_rank(np.array([r.map_max for r in rows]), np.array([r.neg_elbo for r in rows]), other).tolist())
 
 
 def test_the_thorough_mode_adapts_once_on_every_orientations_slices(two_orientation_bundle, monkeypatch):

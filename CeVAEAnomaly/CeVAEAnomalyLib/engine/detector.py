@@ -32,11 +32,18 @@ log = logging.getLogger(__name__)
 # Map part of the slice score: this quantile of the final score map over the slice's brain voxels,
 # 1 = the maximum.
 SLICE_QUANTILE = 1.0
-# "Most anomalous slice" = SLICE_MAP_WEIGHT x rank of map_max + the rest x rank of the negative ELBO
-# among the volume's slices (the subject-held-out benchmark's choice; docs/benchmark.md).
+# "Most anomalous slice" = a weight x rank of map_max + the rest x rank of the negative ELBO among the
+# volume's slices. A map averaged over several orientations earns more weight than a single one (each
+# chosen on held-out subjects of the acquisition benchmark; docs/benchmark.md).
 SLICE_MAP_WEIGHT = 0.7
+SLICE_MAP_WEIGHT_FUSED = 0.8
 # Order of the lesion table (its first row is where "jump" goes when there is a component).
 COMPONENT_ORDER = "summed"
+
+
+def slice_map_weight(orientations: int) -> float:
+    """Rank-fusion weight of the map part of the slice score, for a map averaged over ``orientations`` slicings."""
+    return SLICE_MAP_WEIGHT if orientations <= 1 else SLICE_MAP_WEIGHT_FUSED
 
 
 class Detector:
@@ -92,7 +99,7 @@ class Detector:
         score = self._refine(score, inside, image, region, self._asymmetry(image, inside, region))
         labelmap = threshold_labelmap(score, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis,
                                       self.post.min_peak)
-        _add_slice_anomaly(rows, score, inside, labelmap, region)
+        _add_slice_anomaly(rows, score, inside, labelmap, region, slice_map_weight(len(self.score.orientation_list)))
         score, labelmap = region_image(score, image, region), region_image(labelmap, image, region)
         comps = components(labelmap, score, COMPONENT_ORDER)
         brain_img = region_image(inside.view(np.uint8), image, region)
@@ -201,9 +208,10 @@ def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:
 
 
 def _add_slice_anomaly(rows: List[SliceScoreRow], score: np.ndarray, brain: np.ndarray, labelmap: np.ndarray,
-                       region: Region) -> None:
+                       region: Region, weight: float) -> None:
     """Set each row's ``map_max`` and ``flagged`` from the map and labelmap on ``region`` (slices outside it
-    keep 0 and False), then its ``anomaly`` (rank fusion with the negative ELBO over all rows)."""
+    keep 0 and False), then its ``anomaly`` (rank fusion with the negative ELBO over all rows, ``weight`` on
+    the map)."""
     if not rows:
         return
     axis = 2 - rows[0].axis  # numpy axis of the input's slice axis
@@ -213,8 +221,7 @@ def _add_slice_anomaly(rows: List[SliceScoreRow], score: np.ndarray, brain: np.n
     for r in rows:
         if 0 <= r.index - start < len(values):
             r.map_max, r.flagged = float(values[r.index - start]), bool(flags[r.index - start])
-    fused = fused_slice_rank(np.array([r.map_max for r in rows]), np.array([r.neg_elbo for r in rows]),
-                             SLICE_MAP_WEIGHT)
+    fused = fused_slice_rank(np.array([r.map_max for r in rows]), np.array([r.neg_elbo for r in rows]), weight)
     for r, v in zip(rows, fused):
         r.anomaly = float(v)
 
