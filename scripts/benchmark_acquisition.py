@@ -466,7 +466,8 @@ def main() -> None:
                 "first_row_lesion": float(np.mean(fig["first_row_lesion"])),
                 "first_row_when_marked": fig["first_row_when_marked"],
                 "jump_lesion": float(np.mean(fig["jump_lesion"])),
-                "top_slice": float(np.mean(per_lever[m]["top_slice"])), "thresholds": fig["thresholds"],
+                "top_slice": float(np.mean(per_lever[m]["top_slice"])), "top_slice_per_case": per_lever[m]["top_slice"],
+                "thresholds": fig["thresholds"],
             }
         print(f"{v} ({time.time() - t0:.0f} s)", flush=True)
     # the slice fusion weight chosen for each subject on the other subjects' cases (top-slice rate)
@@ -548,13 +549,15 @@ def render(result: dict) -> str:
                      f"{np.mean(nc):.1f} / {np.max(nc)} | {ok:.2f} | {np.mean([r['top_slice'] for r in rs]):.2f} | "
                      f"{np.mean([r['first_row_lesion'] for r in rs]):.2f}; {_when_marked(rs)} | "
                      f"{np.mean([r['jump_lesion'] for r in rs]):.2f} |")
-    for field, what in (("recipes", "lesion recipe"), ("case_subjects", "held-out subject")):
-        groups: Dict[str, list] = defaultdict(list)
-        for r in result["rows"].get(default, {}).values():
-            for k, d in zip(r[field], r["dice_per_case"]):
-                groups[k].append(d)
-        lines += ["", f"Default, Dice @ op by {what} (all variants): " +
-                  ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in groups.items())]
+    for figure, name in (("dice_per_case", "Dice @ op"), ("top_slice_per_case", "top slice on a lesion")):
+        for field, what in (("recipes", "lesion recipe"), ("case_subjects", "held-out subject")):
+            groups: Dict[str, list] = defaultdict(list)
+            for r in result["rows"].get(default, {}).values():
+                for k, d in zip(r[field], r.get(figure, [])):
+                    groups[k].append(d)
+            if groups:
+                lines += ["", f"Default, {name} by {what} (all variants): " +
+                          ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in groups.items())]
     diffs = result["chain_vs_detector_max_abs_difference"].values()
     if diffs:
         lines += ["", f"The levers' post-processing chain with the default parameters vs the detector's map: largest "
