@@ -34,6 +34,7 @@ from CeVAEAnomalyLib.options import PostprocessOptions
 SUBJECTS = ("colin27", "mni152", "robex")
 RIM = PostprocessOptions(rim_mm=3.0)  # the shipped rim (only this step of the options is used here)
 MIN_VOLUME_MM3 = 50.0
+MIN_PEAK = 0.0  # `--min-peak`: keep only components whose highest score exceeds this × t (0: all)
 SLICE_FUSION_WEIGHTS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8)  # rank-fusion weights of the map score tried
 SHIPPED_FPR = 0.0002  # the default operating point of the bundle before this benchmark
 HEALTHY_ML_LIMIT = 1.0  # the tuned operating point keeps the other subjects' healthy scans below this
@@ -132,7 +133,8 @@ def score_map(c: Case, name: str) -> np.ndarray:
 
 
 def labelmap(z: np.ndarray, c: Case, t: float, hyst: Optional[float] = None) -> np.ndarray:
-    """score > t (or hysteresis from t down to hyst·t) without components below MIN_VOLUME_MM3."""
+    """score > t (or hysteresis from t down to hyst·t) without components below MIN_VOLUME_MM3 or peaking at
+    MIN_PEAK × t or below."""
     lab = hysteresis(z, hyst * t, t) if hyst else z > t
     if not lab.any():
         return lab
@@ -141,6 +143,8 @@ def labelmap(z: np.ndarray, c: Case, t: float, hyst: Optional[float] = None) -> 
         return lab
     sizes = np.bincount(labels.ravel())
     small = sizes * c["voxel_ml"] * 1000.0 < MIN_VOLUME_MM3
+    if MIN_PEAK > 0:
+        small[1:] |= np.asarray(ndimage.maximum(z, labels, np.arange(1, n + 1))) <= MIN_PEAK * t
     small[0] = True
     return ~small[labels]
 
@@ -377,9 +381,12 @@ def main() -> None:
     p.add_argument("--study", action="append",
                    help="a variant whose maps the slice-score and component studies use (repeatable; the first also "
                         "gets the hysteresis rows); default: the shipped chain with each spread")
+    p.add_argument("--min-peak", type=float, default=0.0,
+                   help="labelmaps keep only components peaking above this × the threshold (the detector's --min-peak)")
     args = p.parse_args()
     cases = load(args.maps)
-    global SUBJECTS
+    global SUBJECTS, MIN_PEAK
+    MIN_PEAK = args.min_peak
     SUBJECTS = tuple(s for s in SUBJECTS if any(c["subject"] == s for c in cases.values()))
     print(f"{sum(c['kind'] == 'lesion' for c in cases.values())} lesion cases, "
           f"{sum(c['kind'] == 'healthy' for c in cases.values())} healthy held-out volumes", flush=True)
@@ -405,6 +412,7 @@ def main() -> None:
         r.pop("_maps", None)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"variants": rows, "studies": studies}
+    result["min_peak"] = MIN_PEAK
     (args.out / "benchmark_quality.json").write_text(json.dumps(result, indent=1))
     (args.out / "benchmark_quality_tables.md").write_text(render(result))
     print(render(result))

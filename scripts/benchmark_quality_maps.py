@@ -10,7 +10,7 @@ Per volume it stores, cropped to the brain's box: scaled intensities and their m
 estimated mid-sagittal plane, the brain mask and its mirror, the ground truth, the raw (not
 post-processed) combi and rec maps and the combi map's mirror, and the slice scores (KL, negative ELBO).
 
-    python scripts/benchmark_quality_maps.py [--cases 10] [--out runs/quality]
+    python scripts/benchmark_quality_maps.py [--cases 10] [--out runs/quality] [--orientations axial,coronal,sagittal]
 """
 from __future__ import annotations
 
@@ -55,12 +55,15 @@ def scaled(arr: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1.5).astype(np.float32)
 
 
-def cache_volume(path: Path, image: sitk.Image, mask: sitk.Image, gt: np.ndarray, bundle) -> None:
+def cache_volume(path: Path, image: sitk.Image, mask: sitk.Image, gt: np.ndarray, bundle,
+                 orientations: str = "axial") -> None:
+    """Cache one volume's maps (``orientations``: each map the mean over these slicings, as the detector's)."""
     t0 = time.perf_counter()
     image = sitk.Cast(image, sitk.sitkFloat32)
     none = PostprocessOptions()
     maps, slices = {}, None
-    for name, opts in (("combi", ScoreOptions()), ("rec", ScoreOptions(score_type="rec"))):
+    for name, opts in (("combi", ScoreOptions(orientations=orientations)),
+                       ("rec", ScoreOptions(score_type="rec", orientations=orientations))):
         res = detect(image, bundle, mask, opts, none, threshold=float("inf"))
         maps[name] = res.score
         if slices is None:
@@ -108,6 +111,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--orientations", default="axial",
+                   help="comma-separated slice orientations whose maps are averaged (models trained on them)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.data is None:
@@ -143,7 +148,7 @@ def main() -> None:
                 continue
             img, gt = make()
             m = mask if "-train-" not in name else read_image(args.data / f"{name.split('-train-')[1]}_brainmask.nii.gz", "brain mask")
-            cache_volume(path, img, m, gt, bundle)
+            cache_volume(path, img, m, gt, bundle, args.orientations)
             print(f"{name} ({time.time() - t0:.0f} s)", flush=True)
 
 
