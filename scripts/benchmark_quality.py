@@ -425,7 +425,9 @@ def render(result: dict) -> str:
     lines = ["Threshold rules: tuned = maximises mean Dice on the other subjects' lesion cases with their healthy "
              f"scans ≤ {HEALTHY_ML_LIMIT:g} ml; held-out FPR = the 1 − {SHIPPED_FPR:g} quantile of the other subjects' "
              "held-out healthy scores; in-sample FPR = the same on the model's own training subjects; all three = "
-             "tuned over all three subjects (not held out: the operating threshold a shipped bundle uses).", "",
+             "tuned over all three subjects (not held out: the operating threshold a shipped bundle uses)." +
+             (f" Labelmaps keep only components peaking above {result['min_peak']:g} × the threshold."
+              if result.get("min_peak") else ""), "",
              "| variant | spread | AUROC | AUPRC | best Dice | Dice @ tuned | healthy ml @ tuned (mean / max) "
              "| healthy components @ tuned (mean / max) | Dice @ held-out FPR | healthy ml @ held-out FPR "
              "| Dice @ in-sample FPR | healthy ml @ in-sample FPR | threshold tuned on all three | Dice @ it "
