@@ -411,8 +411,7 @@ def main() -> None:
     for r in rows.values():
         r.pop("_maps", None)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"variants": rows, "studies": studies}
-    result["min_peak"] = MIN_PEAK
+    result = {"variants": rows, "studies": studies, "min_peak": MIN_PEAK}
     (args.out / "benchmark_quality.json").write_text(json.dumps(result, indent=1))
     (args.out / "benchmark_quality_tables.md").write_text(render(result))
     print(render(result))
