@@ -6,6 +6,7 @@ are kept, so the script can be rerun to finish an interrupted benchmark.
 
     python scripts/benchmark_train.py [--steps 1000] [--variants cevae,vae,ce,ae]
         [--orientations axial,coronal,sagittal]   # fold models for the three-orientation fusion
+        [--input-size 128]                          # slices resampled to 128 px instead of 64
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--orientations", default="axial", help="slice orientations to train on (comma-separated)")
+    p.add_argument("--input-size", type=int, default=ModelConfig().input_size, help="slice side in pixels (64 or 128)")
     p.add_argument("--held-out", default=",".join(SUBJECTS), help="folds to train (held-out subjects)")
     p.add_argument("--data", type=Path, help="folder with <name>_t1/_brainmask.nii.gz (default: find or fetch)")
     args = p.parse_args()
@@ -51,7 +53,7 @@ def main() -> None:
             if out.exists():
                 continue
             train = [subjects[s] for s in SUBJECTS if s != held_out]
-            cfg = TrainConfig(out=out, model=ModelConfig(), loss=VARIANTS[variant], max_steps=args.steps,
+            cfg = TrainConfig(out=out, model=ModelConfig(input_size=args.input_size), loss=VARIANTS[variant], max_steps=args.steps,
                               checkpoint_every=args.steps, val_fraction=0.0, seed=args.seed, device="auto",
                               orientations=tuple(args.orientations.split(",")))
             logging.info("Training %s without %s.", variant, held_out)

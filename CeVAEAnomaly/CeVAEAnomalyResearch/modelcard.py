@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -93,6 +95,21 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+_RELATIVE_LINK = re.compile(r"\]\((?![a-zA-Z][a-zA-Z0-9+.-]*:|#|/)([^)\s#]+)")
+
+
+def rebase_links(markdown: str, source_dir: Path, target_dir: Path) -> str:
+    """Rewrite the relative links of Markdown written in ``source_dir`` so they resolve from ``target_dir``
+    (anchors, absolute paths and URLs are kept)."""
+    def rebased(m: "re.Match[str]") -> str:
+        target = os.path.relpath(os.path.abspath(os.path.join(source_dir, m.group(1))), os.path.abspath(target_dir))
+        return "](" + Path(target).as_posix()
+    return _RELATIVE_LINK.sub(rebased, markdown)
+
+
 def write_model_card(bundle: Bundle, path: Path, benchmark_md: Optional[Path] = None) -> Path:
-    text = benchmark_md.read_text() if benchmark_md is not None and benchmark_md.is_file() else None
+    """Write the card to ``path``; the benchmark report's links are rebased so they resolve from the card."""
+    text = None
+    if benchmark_md is not None and benchmark_md.is_file():
+        text = rebase_links(benchmark_md.read_text(), benchmark_md.parent, path.parent)
     return atomic_write_text(path, render_model_card(bundle, text))

@@ -1,0 +1,52 @@
+"""The model card: the benchmark report it embeds keeps working links wherever the card is written."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyResearch.modelcard import rebase_links, write_model_card
+
+ROOT = Path(__file__).resolve().parents[2]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def relative_targets(markdown: str) -> list:
+    """Link targets that are neither URLs nor anchors, without their fragment."""
+    return [t.split("#")[0] for t in LINK.findall(markdown) if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:|#", t)]
+
+
+def test_links_are_rebased_and_urls_and_anchors_kept() -> None:
+    text = ("see [t](tables.md), [f](figures/a.png#x), [up](../README.md), [a](#the-peak-filter), "
+            "[u](https://example.org/a.md), [m](mailto:x@y.org) and [abs](/etc/hosts)")
+    out = rebase_links(text, Path("/p/docs"), Path("/p/Resources/Models"))
+    assert out == ("see [t](../../docs/tables.md), [f](../../docs/figures/a.png#x), [up](../../README.md), "
+                   "[a](#the-peak-filter), [u](https://example.org/a.md), [m](mailto:x@y.org) and [abs](/etc/hosts)")
+
+
+def test_a_written_card_links_to_the_benchmark_files(tiny_bundle, tmp_path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "tables.md").write_text("| a |\n")
+    (docs / "benchmark.md").write_text("# Benchmark\n\nThe [tables](tables.md) and [below](#benchmark).\n")
+    card = write_model_card(load_bundle(tiny_bundle), tmp_path / "Resources" / "Models" / "CARD.md",
+                            docs / "benchmark.md")
+    targets = relative_targets(card.read_text())
+    assert targets == ["../../docs/tables.md"]
+    assert all((card.parent / t).is_file() for t in targets)
+
+
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "Resources").rglob("*.md"))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_of_the_shipped_documents_resolves(document: Path) -> None:
+    missing = sorted({t for t in relative_targets(document.read_text()) if not (document.parent / t).exists()})
+    assert not missing, f"links in {document.name} that do not resolve: {missing}"
+
+
+def test_the_shipped_model_card_links_to_the_benchmark_tables() -> None:
+    card = ROOT / "Resources" / "Models" / "MODEL_CARD.md"
+    assert "../../docs/benchmark_acquisition_fused_tables.md" in relative_targets(card.read_text())
