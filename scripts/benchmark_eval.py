@@ -28,8 +28,8 @@ from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
 from CeVAEAnomalyLib.engine.calibrate import healthy_scores
-from CeVAEAnomalyLib.engine.detector import detect
-from CeVAEAnomalyLib.options import PostprocessOptions
+from CeVAEAnomalyLib.engine.detector import Detector
+from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
 from CeVAEAnomalyLib.options import PAPER, ScoreOptions
 
 SUBJECTS = ("colin27", "mni152", "robex")
@@ -130,8 +130,9 @@ def main() -> None:
             bundle = load_bundle(path)
             for method, opts, post in _methods(variant, args.scorings):
                 thr = _in_sample_threshold(bundle, opts, post, args.data, subject)
+                detect = Detector(bundle, opts, post, ThresholdPolicy(threshold=thr))
                 for name, img, gt in cases:
-                    res = detect(img, bundle, mask_img, opts, post, threshold=thr)
+                    res = detect(img, mask_img)
                     pool.add(method, sitk.GetArrayViewFromImage(res.score), gt, brain)
                     lab = sitk.GetArrayViewFromImage(res.labelmap) > 0
                     dices.setdefault(method, []).append(dice(lab & brain, gt & brain))
@@ -141,7 +142,7 @@ def main() -> None:
                         ne[r.index] = r.neg_elbo
                     slice_rows.setdefault(method, []).append((ne, lesion_slices))
                 # the held-out healthy subject at the in-sample calibrated threshold
-                res = detect(healthy_img, bundle, mask_img, opts, post, threshold=thr)
+                res = detect(healthy_img, mask_img)
                 sc = sitk.GetArrayViewFromImage(res.score)[brain]
                 healthy.setdefault(method, []).append(
                     {"subject": subject, "fpr": float((sc > thr).mean()), "flagged_ml": res.flagged_ml,

@@ -19,9 +19,9 @@ from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyResearch.figures import overlay_png
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.calibrate import healthy_scores
-from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED
-from CeVAEAnomalyLib.options import ScoreOptions
+from CeVAEAnomalyLib.options import ScoreOptions, ThresholdPolicy
 
 
 def main() -> None:
@@ -42,8 +42,9 @@ def main() -> None:
                   for s in SUBJECTS if s != subject]
         thr = threshold_for_fpr(calibrate(healthy_scores(bundle, others, opts, RECOMMENDED), "training"), FPR)
         mask = read_image(args.data / f"{subject}_brainmask.nii.gz", "brain mask")
+        detect = Detector(bundle, opts, RECOMMENDED, ThresholdPolicy(threshold=thr))
         for name, image, gt in make_cases(args.data, subject, 1):
-            res = detect(image, bundle, mask, opts, RECOMMENDED, threshold=thr)
+            res = detect(image, mask)
             truth = read_like(gt, image)
             overlay_png(args.out / f"{name}.png", image, res.score, res.labelmap, truth,
                         title=f"{name} (model trained without {subject})")

@@ -25,8 +25,8 @@ from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
-from CeVAEAnomalyLib.engine.detector import detect
-from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+from CeVAEAnomalyLib.engine.detector import Detector
+from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions, ThresholdPolicy
 from CeVAEAnomalyLib.engine.symmetry import estimate_midplane, mirror
 
 SUBJECTS = ("colin27", "mni152", "robex")
@@ -64,7 +64,7 @@ def cache_volume(path: Path, image: sitk.Image, mask: sitk.Image, gt: np.ndarray
     maps, slices = {}, None
     for name, opts in (("combi", ScoreOptions(orientations=orientations)),
                        ("rec", ScoreOptions(score_type="rec", orientations=orientations))):
-        res = detect(image, bundle, mask, opts, none, threshold=float("inf"))
+        res = Detector(bundle, opts, none, ThresholdPolicy(threshold=float("inf")))(image, mask)
         maps[name] = res.score
         if slices is None:
             slices = res.slices

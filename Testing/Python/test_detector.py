@@ -5,9 +5,9 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model, healthy_scores
-from CeVAEAnomalyLib.engine.detector import Detector
+from CeVAEAnomalyLib.engine.detector import Detector, detect
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.options import SCORE_TYPES, ThresholdPolicy
+from CeVAEAnomalyLib.options import SCORE_TYPES, DetectionRequest, ThresholdPolicy
 from CeVAEAnomalyLib.training.data import Subject
 
 
@@ -32,8 +32,6 @@ def test_missing_calibration_is_reported_when_the_detector_is_built(tiny_bundle)
 
 
 def test_the_library_api_refuses_a_bad_batch_size_as_every_entry_point_does(tiny_bundle, head):
-    from CeVAEAnomalyLib.engine.detector import detect
-
     bundle = load_bundle(tiny_bundle)
     image, mask = (sitk.ReadImage(str(p)) for p in head)
     message = r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0\."
@@ -94,3 +92,25 @@ def test_calibration_runs_the_network_once_per_volume_for_all_score_types(tiny_b
         np.testing.assert_allclose(entry["threshold"], np.quantile(alone, 1.0 - np.asarray(entry["fpr"])),
                                    rtol=1e-6)
     assert single[0].size == alone.size
+
+
+def test_detect_takes_the_request_and_the_options_of_every_entry_point(tiny_bundle, head):
+    """detect(image, bundle, mask, request, **options) is the Detector the request asks for; keyword options
+    win over the request's, and a misspelt option is refused by name."""
+    bundle = load_bundle(tiny_bundle)
+    image, mask = (sitk.ReadImage(str(p)) for p in head)
+    request = DetectionRequest.of(score_type="rec", min_volume_mm3=5.0, threshold=0.5)
+    asked = detect(image, bundle, mask, request)
+    h = bundle.header
+    direct = Detector(bundle, h.score_options.replace(score_type="rec"), h.postprocess.replace(min_volume_mm3=5.0),
+                      ThresholdPolicy(threshold=0.5))(image, mask)
+    assert asked.threshold == direct.threshold == 0.5
+    for name in ("score", "labelmap"):
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(getattr(asked, name)),
+                                      sitk.GetArrayViewFromImage(getattr(direct, name)))
+    lower = detect(image, bundle, mask, request, threshold=0.25)
+    assert lower.threshold == 0.25
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(lower.score), sitk.GetArrayViewFromImage(asked.score))
+    assert lower.flagged_ml >= asked.flagged_ml
+    with pytest.raises(CeVAEError, match="Unknown detection option.*'scoretype'"):
+        detect(image, bundle, mask, scoretype="rec")

@@ -174,13 +174,13 @@ def test_detect_with_levers(tiny_bundle) -> None:
     import SimpleITK as sitk
 
     from CeVAEAnomalyLib.engine.bundle import load_bundle
-    from CeVAEAnomalyLib.engine.detector import SLICE_MAP_WEIGHT, SLICE_QUANTILE, detect, slice_map_weight
-    from CeVAEAnomalyLib.options import PostprocessOptions
+    from CeVAEAnomalyLib.engine.detector import SLICE_MAP_WEIGHT, SLICE_QUANTILE, Detector, slice_map_weight
+    from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
     from conftest import make_head
 
     image, mask = make_head(seed=5)
     post = PostprocessOptions(asymmetry_mm=2.0, score_power=0.5, normalise=True, min_volume_mm3=5.0)
-    res = detect(image, load_bundle(tiny_bundle), mask, postprocess=post, threshold=2.0)
+    res = Detector(load_bundle(tiny_bundle), post=post, policy=ThresholdPolicy(threshold=2.0))(image, mask)
     score = sitk.GetArrayFromImage(res.score)
     brain = sitk.GetArrayFromImage(res.brain_mask) > 0
     labels = sitk.GetArrayFromImage(res.labelmap) > 0
@@ -211,12 +211,12 @@ def test_detect_with_a_peak_filter_drops_the_components_that_stay_low(tiny_bundl
 
     image, mask = make_head(seed=5)
     bundle = load_bundle(tiny_bundle)
-    post = PostprocessOptions(asymmetry_mm=2.0, score_power=0.5, normalise=True)
-    plain = detect(image, bundle, mask, postprocess=post, threshold=0.5)
+    post = PostprocessOptions(asymmetry_mm=2.0, score_power=0.5, normalise=True).to_dict()  # every option given
+    plain = detect(image, bundle, mask, threshold=0.5, **post)
     peaks = sorted({c.max_score for c in plain.components})
     assert len(peaks) >= 2
     factor = (peaks[0] + peaks[1]) / 2 / 0.5  # between the two lowest peaks: one component at least goes
-    peaked = detect(image, bundle, mask, postprocess=post.replace(min_peak=factor), threshold=0.5)
+    peaked = detect(image, bundle, mask, threshold=0.5, **dict(post, min_peak=factor))
     assert peaked.threshold == plain.threshold
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(peaked.score), sitk.GetArrayViewFromImage(plain.score))
     high = [c for c in plain.components if c.max_score >= factor * 0.5]

@@ -16,8 +16,8 @@ from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.training.augment import _smooth_field
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.model import CeVAE
-from CeVAEAnomalyLib.engine.detector import detect
-from CeVAEAnomalyLib.options import PostprocessOptions
+from CeVAEAnomalyLib.engine.detector import Detector
+from CeVAEAnomalyLib.options import PostprocessOptions, ThresholdPolicy
 from CeVAEAnomalyLib.engine.postprocess import (_erode_ball, components, refine_scores,
                                          threshold_labelmap)
 from CeVAEAnomalyLib.engine.preprocess import brain_region, invert, invert_region, mask_array, prepare
@@ -51,11 +51,11 @@ def test_detect_crops_post_processing_without_changing_results(tiny_bundle, post
     image, mask = _oblique_head()
     bundle = load_bundle(tiny_bundle)
     opts = ScoreOptions()
-    probe = detect(image, bundle, mask, opts, post, threshold=float("inf"))
+    probe = Detector(bundle, opts, post, ThresholdPolicy(threshold=float("inf")))(image, mask)
     brain = sitk.GetArrayViewFromImage(probe.brain_mask) > 0
     thr = float(np.percentile(sitk.GetArrayViewFromImage(probe.score)[brain], 98))
     assert thr > 0
-    result = detect(image, bundle, mask, opts, post, threshold=thr)
+    result = Detector(bundle, opts, post, ThresholdPolicy(threshold=thr))(image, mask)
 
     stack = prepare(image, mask_array(mask, image), bundle.preprocess)
     maps, _ = score_slices(bundle.model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), opts)

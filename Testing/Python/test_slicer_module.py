@@ -85,8 +85,7 @@ def test_logic_and_command_line_share_one_detection(scene_with_head, tiny_bundle
     result = CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu")
     sitk.WriteImage(image, str(tmp_path / "head.nrrd"))
     bundle = load_bundle(tiny_bundle)
-    direct = detect(sitk.ReadImage(str(tmp_path / "head.nrrd")), bundle, mask_image,
-                    bundle.header.score_options.replace(score_type="combi"))
+    direct = detect(sitk.ReadImage(str(tmp_path / "head.nrrd")), bundle, mask_image, score_type="combi")
     np.testing.assert_allclose(sitk.GetArrayFromImage(mrml.image_from_volume(result.nodes.score)),
                                sitk.GetArrayFromImage(direct.score), rtol=1e-5, atol=1e-6)
     assert result.detection.threshold == pytest.approx(direct.threshold)

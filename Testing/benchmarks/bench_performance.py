@@ -46,7 +46,7 @@ from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.model import CeVAE, cevae_loss, kl_per_sample
 from CeVAEAnomalyLib.io.atomic import write_all
 from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
-from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS as RECOMMENDED, PostprocessOptions
 from CeVAEAnomalyLib.engine.preprocess import mask_array, prepare
 from CeVAEAnomalyLib.options import ScoreOptions, ThresholdPolicy
@@ -191,7 +191,7 @@ def detect_once(image_path: Path, mask_path: Path, bundle: Bundle, opts: ScoreOp
     mask = read_image(mask_path, "brain mask")
     t_read = time.perf_counter() - t0
     clock = StageClock()
-    result = detect(image, bundle, mask, opts, post, threshold=threshold, batch_size=BATCH, progress=clock)
+    result = Detector(bundle, opts, post, ThresholdPolicy(threshold=threshold), BATCH)(image, mask, clock)
     t1 = time.perf_counter()
     files = {out_dir / f"score{suffix}": result.score, out_dir / f"labelmap{suffix}": result.labelmap,
              out_dir / "slices.csv": slice_scores_csv(result), out_dir / "components.csv": components_csv(result)}

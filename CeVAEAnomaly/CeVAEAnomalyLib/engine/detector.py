@@ -6,7 +6,7 @@ Every entry point (command line, batch, Slicer module and script, calibration) b
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -174,21 +174,17 @@ class Detector:
                             progress=progress)
 
 
-def detect(
-    image: sitk.Image,
-    bundle: Bundle,
-    mask: Optional[sitk.Image] = None,
-    score_options: Optional[ScoreOptions] = None,
-    postprocess: Optional[PostprocessOptions] = None,
-    threshold: Optional[float] = None,
-    fpr: Optional[float] = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    amp: bool = False,
-    progress: Optional[ProgressCallback] = None,
-) -> DetectionResult:
-    """One volume with a one-off :class:`Detector` (for scripts and the console)."""
-    detector = Detector(bundle, score_options, postprocess, ThresholdPolicy(threshold, fpr), batch_size, amp)
-    return detector(image, mask, progress)
+def detect(image: sitk.Image, bundle: Bundle, mask: Optional[sitk.Image] = None,
+           request: Optional[DetectionRequest] = None, progress: Optional[ProgressCallback] = None,
+           **options: Any) -> DetectionResult:
+    """One volume with a one-off :class:`Detector` (for scripts and the console).
+
+    ``request`` and the keyword ``options`` (the names of :meth:`DetectionRequest.of`, e.g. ``score_type="rec"``,
+    ``fpr=0.01``, ``min_peak=1``, ``batch_size=8``; they win over the request's) ask for the same things as every
+    other entry point; what they leave out is the model's recommended setting.
+    """
+    chosen = (request or DetectionRequest()).with_options(**options)
+    return Detector.from_request(bundle, chosen)(image, mask, progress)
 
 
 def _mean_map(passes: Sequence[Tuple[SliceRecord, NetworkMaps]], opts: ScoreOptions, region: Region) -> np.ndarray:
