@@ -143,3 +143,29 @@ def test_the_benchmark_ranks_slices_with_the_detectors_weight_for_each_map(scrip
     assert ba.detector_slice_weight(single, "default") == SLICE_MAP_WEIGHT
     assert ba.detector_slice_weight(fused, "default") == SLICE_MAP_WEIGHT_FUSED
     assert ba.detector_slice_weight(fused, ba.AXIAL) == SLICE_MAP_WEIGHT
+
+
+def test_an_area_corrected_slice_summary_lets_a_small_lesion_slice_outrank_a_large_healthy_one(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    bs = importlib.import_module("benchmark_slice_summaries")
+    z = np.zeros((4, 20, 20), np.float32)
+    brain = np.zeros(z.shape, bool)
+    brain[0] = True  # a full slice: 400 brain voxels, healthy, one voxel at 5
+    z[0, 3, 3] = 5.0
+    brain[1:, 8:12, 8:12] = True  # small slices: 16 brain voxels; slice 1 holds a lesion peaking at 4.5
+    z[1, 8:12, 8:12] = 4.5
+    gt = np.zeros(z.shape, bool)
+    gt[1, 8:12, 8:12] = True
+    c = dict(slice_axis=2, brain=brain, gt=gt, box_start=np.zeros(3, int), slice_index=np.arange(4),
+             slice_neg_elbo=np.zeros(4))
+    f = bs.slice_features(c, z)
+    assert f["voxels"].tolist() == [400, 16, 16, 16] and f["lesion"].tolist() == [False, True, False, False]
+    assert f["maximum"].tolist() == pytest.approx([5.0, 4.5, 0.0, 0.0])
+    assert f["mean of the 10 highest"][0] == pytest.approx(0.5) and f["mean of the 10 highest"][1] == pytest.approx(4.5)
+    assert not bs.top_slice_hit(f, ("maximum", 0.0, 0.9))  # the full slice's maximum wins
+    assert bs.top_slice_hit(f, ("maximum", 0.5, 0.9))  # 5 - 0.5 ln 400 = 2.0 < 4.5 - 0.5 ln 16 = 3.1
+    assert bs.top_slice_hit(f, ("mean of the 10 highest", 0.0, 0.9))
+    hits = {("maximum", 0.0, 0.8): [True, True, False, False], ("maximum", 0.5, 0.8): [False, False, True, True]}
+    subjects = ["a", "a", "b", "b"]
+    assert bs.held_out_choice(hits, subjects, "a") == ("maximum", 0.5, 0.8)  # chosen on b's cases only
+    assert bs.held_out_choice(hits, subjects, "b") == ("maximum", 0.0, 0.8)
