@@ -1,6 +1,6 @@
 """End-to-end `cevae-anomaly detect` time on a 256³ 1 mm T1 (colin27 resampled), default model and options.
 
-    python scripts/bench_detect_256.py [--repeats 3] [--threads 2] [--model other.cevae --threshold 5]
+    python scripts/bench_detect_256.py [--repeats 3] [--threads 2] [-- --model other.cevae --threshold 5 ...]
 
 Runs the command line as a user would (read, brain mask given, score, post-process, write) and prints
 the median wall time and the machine's load average, which on a shared machine inflates the figure.
@@ -36,9 +36,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, help="folder with colin27_t1/_brainmask.nii.gz (default: find or fetch)")
-    p.add_argument("--model", type=Path, help="another model (default: the bundled one)")
-    p.add_argument("--threshold", type=float, help="an absolute threshold, for a model without a calibration")
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="after --: more flags for detect (another --model, ...)")
     args = p.parse_args()
+    flags = [f for f in args.flags if f != "--"]
     if args.data is None:
         from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
@@ -51,12 +51,12 @@ def main() -> None:
             cmd = [sys.executable, "-m", "CeVAEAnomalyLib.cli", "detect", str(image), "--mask", str(mask),
                    "--score", str(Path(tmp) / f"score{i}.nii.gz"), "--labelmap", str(Path(tmp) / f"label{i}.nii.gz"),
                    "--device", "cpu"]
-            cmd += ["--model", str(args.model)] if args.model else []
-            cmd += ["--threshold", str(args.threshold)] if args.threshold is not None else []
+            cmd += flags
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, env=env, capture_output=True)
             walls.append(time.perf_counter() - t0)
-    print(f"detect 256³, {args.model or 'default model'} and default options: median {statistics.median(walls):.2f} s over {args.repeats} runs "
+    what = f"with {' '.join(flags)}" if flags else "default model and options"
+    print(f"detect 256³, {what}: median {statistics.median(walls):.2f} s over {args.repeats} runs "
           f"({', '.join(f'{w:.2f}' for w in walls)}); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
