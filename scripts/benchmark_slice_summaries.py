@@ -6,7 +6,7 @@ the map part: the maximum or the mean of the k highest voxels, minus b x ln(brai
 expected rise of a maximum with the number of voxels under an exponential tail of scale b), at weights w. Each
 subject gets the setting that puts the top slice on a lesion most often on the other two subjects' cases.
 
-    python scripts/benchmark_slice_summaries.py --maps runs/acquisition [--out docs/benchmark_slice_summaries.json]
+    python scripts/benchmark_slice_summaries.py --maps runs/acquisition [--out hits.json]   # prints a Markdown table
 """
 from __future__ import annotations
 
