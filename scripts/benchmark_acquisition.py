@@ -294,19 +294,31 @@ def detector_slice_weight(c: Case, m: str) -> float:
     return slice_map_weight(1 if m == AXIAL or "combi_axial" not in c else 3)
 
 
+def on_rows(c: Case, per_slice: np.ndarray) -> np.ndarray:
+    """Values of the cached box's slices (along the case's slice axis) on the rows of its slice scores; 0 for
+    rows outside the box."""
+    rel = c["slice_index"] - int(c["box_start"][2 - int(c["slice_axis"])])
+    inside = (rel >= 0) & (rel < len(per_slice))
+    return np.where(inside, per_slice[np.clip(rel, 0, len(per_slice) - 1)], 0)
+
+
+def lesion_rows(c: Case) -> np.ndarray:
+    """Whether each row of the case's slice scores holds lesion."""
+    axis = 2 - int(c["slice_axis"])
+    return on_rows(c, np.moveaxis(c["gt"], axis, 0).reshape(c["gt"].shape[axis], -1).any(1)).astype(bool)
+
+
+def top_row(anomaly: np.ndarray, part: np.ndarray, neg_elbo: np.ndarray, c: Case) -> int:
+    """The row the detector's slice table puts first: highest ``anomaly``, ties broken by the map part, the
+    negative ELBO, then the lower slice index."""
+    return min(range(len(anomaly)), key=lambda r: (-anomaly[r], -part[r], -neg_elbo[r], c["slice_index"][r]))
+
+
 def top_slice_on_lesion(c: Case, z: np.ndarray, weight: float) -> bool:
     """Whether the detector's most anomalous slice (rank fusion of map_max and negative ELBO) holds lesion."""
-    axis = 2 - int(c["slice_axis"])
-    values = slice_quantile(z, c["brain"], axis, 1.0)
-    start = int(c["box_start"][axis])
-    rel = c["slice_index"] - start
-    inside = (rel >= 0) & (rel < len(values))
-    map_max = np.where(inside, values[np.clip(rel, 0, len(values) - 1)], 0.0)
+    map_max = on_rows(c, slice_quantile(z, c["brain"], 2 - int(c["slice_axis"]), 1.0))
     anomaly = fused_slice_rank(map_max, c["slice_neg_elbo"], weight)
-    order = sorted(range(len(rel)), key=lambda r: (-anomaly[r], -map_max[r], -c["slice_neg_elbo"][r], rel[r]))
-    top = rel[order[0]]
-    lesion = np.moveaxis(c["gt"], axis, 0).reshape(c["gt"].shape[axis], -1).any(1)
-    return bool(0 <= top < len(lesion) and lesion[top])
+    return bool(lesion_rows(c)[top_row(anomaly, map_max, c["slice_neg_elbo"], c)])
 
 
 # ---- loading ----

@@ -39,22 +39,17 @@ def slice_features(c: ba.Case, z: np.ndarray) -> Dict[str, np.ndarray]:
         values = -np.sort(-zs[i][bs[i]])
         for name, k in SUMMARIES.items():
             per_slice[name][i] = values[:k].mean()
-    rel = c["slice_index"] - int(c["box_start"][axis])
-    inside = (rel >= 0) & (rel < len(n))
-    at = np.clip(rel, 0, len(n) - 1)
-    lesion = np.moveaxis(c["gt"], axis, 0).reshape(z.shape[axis], -1).any(1)
-    out = {name: np.where(inside, v[at], 0.0) for name, v in per_slice.items()}
-    out.update(voxels=np.where(inside, n[at], 0), lesion=inside & lesion[at], rel=rel, neg_elbo=c["slice_neg_elbo"])
+    out = {name: ba.on_rows(c, v) for name, v in per_slice.items()}
+    out.update(voxels=ba.on_rows(c, n), lesion=ba.lesion_rows(c))
     return out
 
 
-def top_slice_hit(f: Dict[str, np.ndarray], setting: Setting) -> bool:
+def top_slice_hit(c: ba.Case, f: Dict[str, np.ndarray], setting: Setting) -> bool:
     """Whether the top slice under ``setting`` holds lesion (ties broken as the detector's table does)."""
     name, b, w = setting
     part = np.where(f["voxels"] > 0, f[name] - b * np.log(np.maximum(f["voxels"], 1)), 0.0)
-    anomaly = fused_slice_rank(part, f["neg_elbo"], w)
-    top = min(range(len(anomaly)), key=lambda r: (-anomaly[r], -part[r], -f["neg_elbo"][r], f["rel"][r]))
-    return bool(f["lesion"][top])
+    anomaly = fused_slice_rank(part, c["slice_neg_elbo"], w)
+    return bool(f["lesion"][ba.top_row(anomaly, part, c["slice_neg_elbo"], c)])
 
 
 def held_out_choice(hits: Dict[Setting, List[bool]], subjects: Sequence[str], subject: str) -> Setting:
@@ -80,7 +75,7 @@ def main() -> None:
             f = slice_features(c, ba.MAPS["default"](c))
             subjects.append(s)
             for k in settings:
-                hits[k].append(top_slice_hit(f, k))
+                hits[k].append(top_slice_hit(c, f, k))
     names = sorted(set(subjects))
     print("| summary | area scale b | weight w | top slice on a lesion | " + " | ".join(names) + " |")
     print("|---|---|---|---|" + "---|" * len(names))

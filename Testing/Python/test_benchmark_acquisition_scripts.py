@@ -162,9 +162,9 @@ def test_an_area_corrected_slice_summary_lets_a_small_lesion_slice_outrank_a_lar
     assert f["voxels"].tolist() == [400, 16, 16, 16] and f["lesion"].tolist() == [False, True, False, False]
     assert f["maximum"].tolist() == pytest.approx([5.0, 4.5, 0.0, 0.0])
     assert f["mean of the 10 highest"][0] == pytest.approx(0.5) and f["mean of the 10 highest"][1] == pytest.approx(4.5)
-    assert not bs.top_slice_hit(f, ("maximum", 0.0, 0.9))  # the full slice's maximum wins
-    assert bs.top_slice_hit(f, ("maximum", 0.5, 0.9))  # 5 - 0.5 ln 400 = 2.0 < 4.5 - 0.5 ln 16 = 3.1
-    assert bs.top_slice_hit(f, ("mean of the 10 highest", 0.0, 0.9))
+    assert not bs.top_slice_hit(c, f, ("maximum", 0.0, 0.9))  # the full slice's maximum wins
+    assert bs.top_slice_hit(c, f, ("maximum", 0.5, 0.9))  # 5 - 0.5 ln 400 = 2.0 < 4.5 - 0.5 ln 16 = 3.1
+    assert bs.top_slice_hit(c, f, ("mean of the 10 highest", 0.0, 0.9))
     hits = {("maximum", 0.0, 0.8): [True, True, False, False], ("maximum", 0.5, 0.8): [False, False, True, True]}
     subjects = ["a", "a", "b", "b"]
     assert bs.held_out_choice(hits, subjects, "a") == ("maximum", 0.5, 0.8)  # chosen on b's cases only
