@@ -577,8 +577,8 @@ def render(result: dict) -> str:
     moved = result.get("moved_tissue", {})
     if moved:
         names = list(next(iter(moved.values())))
-        lines += ["", f"Moved-tissue lesions (normal intensities, wrong structure; not in the figures above), pooled AUPRC "
-                  f"/ best Dice per variant:", "", "| map | " + " | ".join(moved) + " | mean AUPRC |",
+        lines += ["", "Moved-tissue lesions (normal intensities, wrong structure; not in the figures above), pooled AUPRC "
+                  "/ best Dice per variant:", "", "| map | " + " | ".join(moved) + " | mean AUPRC |",
                   "|---|" + "---|" * (len(moved) + 1)]
         for name in names:
             cells = [f"{moved[v][name]['auprc']:.3f} / {moved[v][name]['best_dice']:.3f}" for v in moved]

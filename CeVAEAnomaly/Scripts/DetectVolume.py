@@ -22,9 +22,12 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import slicer
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 _HERE = Path(__file__).resolve().parent
 if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library

@@ -196,6 +196,33 @@ def test_hard_link_to_an_input_is_the_input(inputs, tmp_path, capsys):
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("header, data", [("head.mhd", "head.raw"), ("head.nhdr", "head.raw"), ("head.hdr", "head.img")])
+def test_detect_never_writes_over_the_data_file_of_a_detached_header(inputs, tmp_path, capsys, header, data):
+    image, mask, model = inputs
+    sitk.WriteImage(sitk.ReadImage(str(image)), str(tmp_path / header))
+    assert (tmp_path / data).is_file()
+    before = tree(tmp_path)
+    argv = detect_argv(tmp_path / header, mask, model, tmp_path / "s.nii.gz", "--slice-scores", str(tmp_path / data))
+    assert main([*argv, "--overwrite"]) == 2
+    one_error_line(capsys.readouterr().err, rf"{re.escape(data)} is a file that reading the input .*{re.escape(header)} opens")
+    assert tree(tmp_path) == before
+
+
+def test_detect_never_writes_into_a_dicom_input_folder(inputs, tmp_path, capsys):
+    """Any file written into the series' folder would replace a slice or join the series read next time."""
+    image, mask, model = inputs
+    series = tmp_path / "series"
+    series.mkdir()
+    reference = sitk.Cast(sitk.ReadImage(str(image)), sitk.sitkInt16)
+    for k in range(3):  # the check needs no readable series: it comes before any file is read
+        sitk.WriteImage(reference[:, :, k], str(series / f"IM{k:04d}.dcm"))
+    before = tree(tmp_path)
+    for target in (series / "IM0001.dcm", series / "new.nii.gz"):
+        assert main([*detect_argv(series, mask, model, target), "--overwrite"]) == 2
+        one_error_line(capsys.readouterr().err, rf"{target.name} is inside the input folder .*series")
+    assert tree(tmp_path) == before
+
+
 def test_batch_outputs_never_replace_other_inputs(inputs, tmp_path, capsys):
     """``a``'s score map would be named like the input ``a_score``: refused before any work."""
     image, mask, model = inputs

@@ -2,7 +2,9 @@
 without overwrite; and only under names the file system can hold.
 
 "Onto an input" covers every way to name one file: the same path, a path that resolves to it
-(``..``, symbolic links) and a hard link to it (the same inode).
+(``..``, symbolic links) and a hard link to it (the same inode); it also covers the files an input
+reads besides itself (the data file of a detached header) and anything inside an input folder (a
+DICOM series).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from ..errors import CeVAEError
 
@@ -107,27 +109,88 @@ def refuse_overlong_name(target: Path) -> None:
                          f"{PATH_MAX - 1} bytes. Choose a shorter path.")
 
 
+_HEADER_SIZE = 65536  # bytes of a detached header read to find its data file
+
+
+def _header_data_names(path: Path) -> List[str]:
+    """The data file names a detached header announces: MetaImage ``ElementDataFile`` and NRRD ``data file``
+    (one name, ``LIST`` followed by one name a line, or a ``printf`` pattern with first, last and step)."""
+    key = {".mhd": "elementdatafile", ".mha": "elementdatafile", ".nhdr": "data file", ".nrrd": "data file"}
+    want = key.get(path.suffix.lower())
+    if want is None:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read(_HEADER_SIZE).decode("latin-1").splitlines()
+    except OSError:
+        return []
+    sep = "=" if want == "elementdatafile" else ":"
+    for i, line in enumerate(lines):
+        name, found, value = line.partition(sep)
+        if not found or name.strip().lower() not in (want, "datafile"):
+            continue
+        words = value.split()
+        if not words or words[0].upper() == "LOCAL":
+            return []
+        if words[0].upper() == "LIST":
+            return [w.strip() for w in lines[i + 1:] if w.strip()]
+        if "%" in words[0] and len(words) >= 3:
+            try:
+                first, last = int(words[1]), int(words[2])
+                step = int(words[3]) if len(words) > 3 else 1
+                return [words[0] % k for k in range(first, last + (1 if step > 0 else -1), step or 1)]
+            except (ValueError, TypeError):
+                return []
+        return [value.strip()]
+    return []
+
+
+def read_alongside(path: Path) -> List[Path]:
+    """The files that reading the volume file ``path`` also opens: the data file(s) its detached header names
+    (MetaImage, NRRD) and the other half of an Analyze/NIfTI ``.hdr``/``.img`` pair."""
+    out = [path.parent / name for name in _header_data_names(path)]
+    name = path.name.lower()
+    for a, b in ((".hdr", ".img"), (".img", ".hdr"), (".hdr.gz", ".img.gz"), (".img.gz", ".hdr.gz")):
+        if name.endswith(a):
+            stem = path.name[: -len(a)]
+            out += [path.parent / (stem + b), path.parent / (stem + b.upper())]
+    return out
+
+
 class Inputs:
-    """Everything a command reads, to compare outputs against (by resolved path and by inode)."""
+    """Everything a command reads, to compare outputs against (by resolved path and by inode): the files
+    named, the data files their headers name, and everything inside an input folder."""
 
     def __init__(self, paths: Iterable[Optional[Path]] = ()) -> None:
         self.names: Dict[Union[Path, Tuple[int, int]], Path] = {}  # resolved path or (device, inode)
+        self.folders: Dict[Path, Path] = {}  # resolved input folder -> as given
         for p in paths:
             if p is not None:
                 self.add(Path(p))
 
-    def add(self, path: Path) -> None:
-        self.names[resolved(path)] = path
+    def add(self, path: Path, named: Optional[Path] = None) -> None:
+        """Record ``path`` (read for the input ``named``, by default itself) and what reading it also opens."""
+        named = path if named is None else named
+        self.names[resolved(path)] = named
+        if os.path.isdir(path):
+            self.folders[resolved(path)] = named
         try:
             st = os.stat(path)
         except OSError:
             return
-        self.names[(st.st_dev, st.st_ino)] = path
+        self.names[(st.st_dev, st.st_ino)] = named
+        if named is path:
+            for other in read_alongside(path):
+                self.add(other, path)
 
     def which(self, target: Path) -> Optional[Path]:
-        """The input that ``target`` would replace, if any."""
-        if resolved(target) in self.names:
-            return self.names[resolved(target)]
+        """The input that ``target`` would replace or write into, if any."""
+        where = resolved(target)
+        if where in self.names:
+            return self.names[where]
+        for folder in where.parents:
+            if folder in self.folders:
+                return self.folders[folder]
         try:
             st = os.stat(target)
         except OSError:
@@ -151,6 +214,13 @@ def refuse_under_a_file(target: Path) -> None:
         raise CeVAEError(f"The output {target} would be under {blocker}, which is a file, not a folder.")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return resolved(a) == resolved(b) or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
     """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
     target = Path(target)
@@ -160,7 +230,12 @@ def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
         raise CeVAEError(f"The output {target} is a folder; give a file name.")
     src = inputs.which(target)
     if src is not None:
-        raise CeVAEError(f"The output {target} is the same file as an input ({src}); choose another path.")
+        if os.path.isdir(src):
+            raise CeVAEError(f"The output {target} is inside the input folder {src}; choose a path outside it.")
+        if _same_file(target, src):
+            raise CeVAEError(f"The output {target} is the same file as an input ({src}); choose another path.")
+        raise CeVAEError(f"The output {target} is a file that reading the input {src} opens (its data); "
+                         "choose another path.")
     refuse_special_output(target)
     if os.path.lexists(target) and not overwrite:
         raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
