@@ -105,6 +105,19 @@ def truncated_nii(d: Path, g: Inputs) -> Inputs:
     return Inputs(d / "cut.nii", g.mask, g.model)
 
 
+def truncated_plain_named_gz(d: Path, g: Inputs) -> Inputs:
+    """Uncompressed NIfTI bytes under a .nii.gz name (ITK reads them, filling the missing voxels with zeros)."""
+    data = gzip.decompress(g.image.read_bytes())
+    (d / "plain.nii.gz").write_bytes(data[: len(data) // 2])
+    return Inputs(d / "plain.nii.gz", g.mask, g.model)
+
+
+def nan_voxels_plain_named_gz(d: Path, g: Inputs) -> Inputs:
+    holes = nan_voxels(d, g).image
+    (d / "plain.nii.gz").write_bytes(gzip.decompress(holes.read_bytes()))
+    return Inputs(d / "plain.nii.gz", g.mask, g.model)
+
+
 def image_2d(d: Path, g: Inputs) -> Inputs:
     _, arr, _ = head_arrays(g)
     return Inputs(write(sitk.GetImageFromArray(arr[18]), d / "slice2d.nii.gz"), g.mask, g.model)
@@ -462,12 +475,16 @@ CASES: Dict[str, Case] = {
     "empty file": Case(empty_file, REFUSED, r"empty\.nii\.gz is empty"),
     "truncated .nii.gz": Case(truncated_gz, REFUSED, r"cut\.nii\.gz is truncated or corrupt"),
     "truncated .nii": Case(truncated_nii, REFUSED, r"cut\.nii is truncated or corrupt .* of the \d+ bytes"),
+    "truncated, uncompressed but named .nii.gz": Case(truncated_plain_named_gz, REFUSED,
+                                                      r"plain\.nii\.gz is truncated or corrupt .* of the \d+ bytes"),
     "2D image": Case(image_2d, REFUSED, r"is 2D; a 3D volume is needed"),
     "4D series": Case(series_4d, REFUSED, r"is 4D \(a time series"),
     "RGB volume": Case(rgb_volume, REFUSED, r"has 3 components per voxel"),
     "constant volume": Case(constant_volume, REFUSED, r"nearly\) constant"),
     "all voxels NaN": Case(all_nan, REFUSED, r"Every voxel inside the brain mask is NaN or infinite"),
     "NaN and Inf voxels": Case(nan_voxels, 0, r"8 brain voxels are NaN or infinite; they are left out"),
+    "NaN and Inf voxels, uncompressed but named .nii.gz": Case(nan_voxels_plain_named_gz, 0,
+                                                               r"8 brain voxels are NaN or infinite; they are left out"),
     "NaN and Inf voxels, automatic mask": Case(without_mask(nan_voxels), 0,
                                                r"\d brain voxels are NaN or infinite; they are left out"),
     "all voxels NaN, automatic mask": Case(without_mask(all_nan), REFUSED, r"Every voxel of the image is NaN"),

@@ -70,13 +70,21 @@ class _NiftiLayout:
     size: int  # bytes the (decompressed) file must hold
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
-    """The voxel layout of a .nii/.nii.gz file (NIfTI-1 or -2); None if it is not one."""
+    """The voxel layout of a .nii/.nii.gz file (NIfTI-1 or -2); None if it is not one.
+
+    Whether it is compressed is read from its first bytes, not its name: ITK reads an uncompressed
+    file named .nii.gz too, and would fill a truncated one with zeros unchecked.
+    """
     name = p.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
-    gz = name.endswith(".gz")
     try:
+        with open(p, "rb") as fh:
+            gz = fh.read(2) == _GZIP_MAGIC
         with (gzip.open(p, "rb") if gz else open(p, "rb")) as fh:
             header = fh.read(540)
     except (EOFError, OSError, zlib.error):
