@@ -204,6 +204,20 @@ def test_a_truncated_output_is_scored_again_not_skipped(two, tiny_bundle, tmp_pa
     assert score.read_bytes() == whole and table.read_text() == text
 
 
+def test_a_volume_with_some_outputs_missing_is_scored_again_with_a_warning(two, tiny_bundle, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle) == 0
+    fresh = (out / "a1_slices.csv").read_text()
+    (out / "a1_score.nii.gz").unlink()
+    (out / "a1_slices.csv").write_text("not this run's table")
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle) == 0
+    assert "The outputs of a1 are incomplete (a1_score.nii.gz missing); scoring it again, replacing " in caplog.text
+    assert "a1_slices.csv" in caplog.text.split("replacing ", 1)[1].splitlines()[0]
+    assert read_summary(out / "summary.csv")["a1"]["status"] == "ok"
+    assert (out / "a1_slices.csv").read_text() == fresh and (out / "a1_score.nii.gz").is_file()
+
+
 def test_a_damaged_summary_is_rebuilt_from_the_outputs(two, tiny_bundle, tmp_path, caplog):
     out = tmp_path / "out"
     assert batch(two, out, tiny_bundle) == 0

@@ -386,7 +386,12 @@ def run_batch(
     try:
         todo: List[Tuple[BatchItem, bool]] = []
         for item in items:
-            present = [p.exists() for p in output_paths(settings.out_dir, item.name).values()]
+            paths = list(output_paths(settings.out_dir, item.name).values())
+            present = [p.exists() for p in paths]
+            if any(present) and not all(present) and not settings.overwrite:
+                log.warning("The outputs of %s are incomplete (%s missing); scoring it again, replacing %s.", item.name,
+                            ", ".join(p.name for p, there in zip(paths, present) if not there),
+                            ", ".join(p.name for p, there in zip(paths, present) if there))
             if all(present) and not settings.overwrite:
                 try:
                     summary.add(_skipped_row(item, settings.out_dir, earlier, earlier_time))
