@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -106,6 +107,27 @@ def components_csv(result: DetectionResult) -> str:
         w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.max_score:.6g}", f"{c.mean_score:.6g}",
                     *(f"{v:.2f}" for v in c.centroid_ras)])
     return buf.getvalue()
+
+
+IMAGE_OUTPUTS = {"score": "score map", "labelmap": "labelmap", "brain_mask": "brain mask"}
+TABLE_OUTPUTS = {"slices": "slice table", "components": "component table"}
+
+
+def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
+    """Refuse, before any work, an output whose name does not say the format it gets: an image output
+    without an image extension, or a CSV table under an image or compressed name."""
+    from .io.naming import IMAGE_EXTENSIONS
+
+    for role, path in targets.items():
+        if path is None or os.path.isdir(path):  # a folder: refused with its own message by the path checks
+            continue
+        name = Path(path).name.lower()
+        if role in IMAGE_OUTPUTS and not name.endswith(IMAGE_EXTENSIONS):
+            raise CeVAEError(f"The {IMAGE_OUTPUTS[role]} output {path} needs an image file name ending in "
+                             f"{', '.join(IMAGE_EXTENSIONS)}.")
+        if role in TABLE_OUTPUTS and name.endswith((*IMAGE_EXTENSIONS, ".gz")):
+            raise CeVAEError(f"The {TABLE_OUTPUTS[role]} output {path} is written as CSV text; give it a name "
+                             "ending in .csv.")
 
 
 def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]]) -> Dict[Path, object]:

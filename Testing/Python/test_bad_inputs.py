@@ -342,6 +342,13 @@ def output_is_input(*extra: str) -> Callable[[Path, Inputs], Inputs]:
     return build
 
 
+def score_named(name: str) -> Callable[[Path, Inputs], Inputs]:
+    def build(d: Path, g: Inputs) -> Inputs:
+        return Inputs(g.image, g.mask, g.model, [], score=d.parent / "out" / name)
+
+    return build
+
+
 def output_is_mask(d: Path, g: Inputs) -> Inputs:
     return Inputs(g.image, g.mask, g.model, ["--overwrite"], score=g.mask)
 
@@ -538,6 +545,10 @@ CASES: Dict[str, Case] = {
     "output = input": Case(output_is_input(), REFUSED, r"same file as an input"),
     "output = input, --overwrite": Case(output_is_input("--overwrite"), REFUSED, r"same file as an input"),
     "output = mask, --overwrite": Case(output_is_mask, REFUSED, r"same file as an input"),
+    "score map named .txt": Case(score_named("score.txt"), REFUSED,
+                                 r"score map output .*score\.txt needs an image file name ending in \.nii\.gz"),
+    "slice table named .nii.gz": Case(with_args("--slice-scores", "slices.nii.gz"), REFUSED,
+                                      r"slice table output slices\.nii\.gz is written as CSV text"),
     "existing output": Case(output_exists, REFUSED, r"previous\.nii\.gz already exists; pass --overwrite"),
     "output is a folder": Case(output_is_folder, REFUSED, r"results is a folder; give a file name"),
     "output under a file": Case(output_under_a_file, REFUSED,

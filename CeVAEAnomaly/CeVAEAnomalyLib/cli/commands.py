@@ -128,12 +128,13 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..engine.detector import Detector
     from ..engine.header import read_header
     from ..options import DetectionRequest
-    from ..result import result_files
+    from ..result import refuse_unwritable_names, result_files
     from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
                "components": args.components}
+    refuse_unwritable_names(targets)
     model = args.model or default_model_path()
     inputs = (args.image, args.mask, model)
     check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
