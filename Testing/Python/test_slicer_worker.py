@@ -453,3 +453,35 @@ def test_the_panel_shows_each_inputs_own_outputs(tiny_bundle):
     assert nodes.outputs_for_input(scene, a, dict.fromkeys(panel)) == panel  # back to A: its own results
     picked = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")  # linked to no input yet
     assert nodes.outputs_for_input(scene, b, dict(panel, anomalySegmentation=picked))["anomalySegmentation"] is picked
+
+
+def test_the_outputs_of_a_deleted_scan_are_not_offered_to_the_next(tiny_bundle):
+    """MRML drops an output's reference when its input is deleted; the output still holds that input's results."""
+    scene, ((a, a_mask), (b, b_mask)) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    panel = {"scoreVolume": first.nodes.score, "anomalySegmentation": first.nodes.segmentation,
+             "anomalyLabelmap": None, "componentTable": first.nodes.components}
+    scene.RemoveNode(a)
+    assert nodes.source_volume(first.nodes.score) is None  # the orphan keeps its role, not its source
+    assert nodes.outputs_for_input(scene, b, panel) == dict.fromkeys(panel)
+    kept = sitk.GetArrayFromImage(mrml.image_from_volume(first.nodes.score))
+    second = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3,
+                           outputs=mrml.OutputNodes(score=first.nodes.score, components=first.nodes.components))
+    assert second.nodes.score is not first.nodes.score and second.nodes.components is not first.nodes.components
+    assert np.array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(first.nodes.score)), kept)
+
+
+def test_a_processed_scan_picked_as_an_output_is_not_overwritten(tiny_bundle):
+    scene, ((a, a_mask), (b, b_mask)) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    scan_b = sitk.GetArrayFromImage(mrml.image_from_volume(b))
+    assert nodes.outputs_for_input(scene, a, {"scoreVolume": b})["scoreVolume"] is None
+    result = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3,
+                           outputs=mrml.OutputNodes(score=b))
+    assert result.nodes.score is not b and nodes.source_volume(result.nodes.score) is a
+    assert np.array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(b)), scan_b)
+    assert not b.GetAttribute(nodes.ROLE_ATTRIBUTE)
+    # a score volume of A's own is not taken for its labelmap or segmentation role
+    assert not nodes.belongs_to(result.nodes.score, a, nodes.LABELMAP_ROLE)

@@ -196,8 +196,8 @@ def _mask_from_segmentation(
 
 
 def _output(scene, existing, class_name: str, role: str, source, suffix: str):
-    if existing is not None and not belongs_to(existing, source):
-        log.info("'%s' holds the results of another volume; the results of '%s' go elsewhere.",
+    if existing is not None and not belongs_to(existing, source, role):
+        log.info("'%s' holds other results or is a processed input; the results of '%s' go elsewhere.",
                  existing.GetName(), source.GetName())
         existing = None
     node = existing or find_output(scene, class_name, role, source)

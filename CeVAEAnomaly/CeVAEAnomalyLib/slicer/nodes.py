@@ -79,10 +79,29 @@ def link_output(node: slicer.vtkMRMLNode, role: str, source: slicer.vtkMRMLNode)
     node.SetNodeReferenceID(SOURCE_REFERENCE, source.GetID())
 
 
-def belongs_to(node: slicer.vtkMRMLNode, source: slicer.vtkMRMLNode) -> bool:
-    """Whether ``node`` may hold results of ``source``: it is linked to it, or to no input yet."""
-    linked = node.GetNodeReferenceID(SOURCE_REFERENCE)
-    return linked is None or linked == source.GetID()
+def belongs_to(node: slicer.vtkMRMLNode, source: slicer.vtkMRMLNode, role: str) -> bool:
+    """Whether ``node`` may hold the ``role`` results of ``source``: it is this module's ``role`` output
+    of ``source``, or a node that is neither a module output nor an input with results of its own.
+
+    An output whose input was deleted (MRML drops the reference, the role stays) belongs to no one: it
+    holds that input's results, not the next one's.
+    """
+    own_role = node.GetAttribute(ROLE_ATTRIBUTE)
+    if own_role:
+        return own_role == role and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID()
+    return not has_outputs(node)
+
+
+def has_outputs(node: slicer.vtkMRMLNode) -> bool:
+    """Whether any node of ``node``'s scene is this module's output of it (``node`` is a processed input)."""
+    scene = node.GetScene()
+    if scene is None:
+        return False
+    for i in range(scene.GetNumberOfNodes()):
+        other = scene.GetNthNode(i)
+        if other.GetAttribute(ROLE_ATTRIBUTE) and other.GetNodeReferenceID(SOURCE_REFERENCE) == node.GetID():
+            return True
+    return False
 
 
 def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode):
@@ -123,7 +142,7 @@ def outputs_for_input(scene: slicer.vtkMRMLScene, volume: slicer.vtkMRMLScalarVo
     shown = {}
     for field, (class_name, role) in PANEL_OUTPUTS.items():
         node = chosen.get(field)
-        if node is None or node.GetScene() is not scene or not belongs_to(node, volume):
+        if node is None or node.GetScene() is not scene or not belongs_to(node, volume, role):
             node = find_output(scene, class_name, role, volume)
         shown[field] = node
     return shown
