@@ -53,7 +53,8 @@ __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "Ce
 
 DOCUMENTATION_URL = "https://github.com/CeVAEAnomaly/SlicerCeVAEAnomaly/blob/main/docs/SLICER.md"
 POLL_INTERVAL_MS = 100
-INPUT_SELECTORS = ("inputVolumeSelector", "brainMaskSelector", "healthyVolumesSelector", "healthyMasksSelector")
+INPUT_SELECTORS = ("inputVolumeSelector", "brainMaskSelector", "healthyVolumesSelector", "healthyMasksSelector",
+                   "adaptVolumesSelector", "adaptMasksSelector")
 
 
 def scoreTypeNames() -> Dict[str, str]:
@@ -306,6 +307,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from CeVAEAnomalyLib.slicer.nodes import PANEL_OUTPUTS, outputs_for_input
 
         p = self._parameterNode
+        if self.state.summary_is_stale(p.inputVolume.GetID() if p.inputVolume is not None else None):
+            self.ui.statusLabel.text = ""
         if p.inputVolume is None:
             return False
         shown = outputs_for_input(slicer.mrmlScene, p.inputVolume, {f: getattr(p, f) for f in PANEL_OUTPUTS})
@@ -671,6 +674,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateResultsGui()
         self._hideModuleVolumes()
         self.ui.statusLabel.text = result.summary
+        self.state.summary_shown(result.volume.GetID())
         self._pendingDisplay = None
         if self.state.show_result():
             self._display(result.nodes.score, result.volume)

@@ -160,6 +160,22 @@ def test_a_cancelled_run_leaves_the_scene_unchanged(scene_with_head, tiny_bundle
     assert seen[-1] >= at and mrml.node_ids(scene) == before
 
 
+def test_the_modules_own_results_are_refused_as_scans(scene_with_head, tiny_bundle, tmp_path):
+    scene, volume, mask, _, _ = scene_with_head()
+    logic = CeVAEAnomalyLogic()
+    result = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu")
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError, match=r"holds results of this module \(score\), not a scan; it cannot be an input"):
+        logic.process(result.nodes.score, mask, modelPath=tiny_bundle, device="cpu")
+    with pytest.raises(CeVAEError, match=r"anomaly score' holds results of this module \(score\), not a scan"):
+        logic.startAdaptation([volume, result.nodes.score], [None, None], tmp_path / "site.cevae",
+                              modelPath=tiny_bundle, device="cpu")
+    with pytest.raises(CeVAEError, match=r"it cannot be a healthy scan or its mask"):
+        logic.startCalibration([volume], [result.nodes.labelmap or result.nodes.score], tmp_path / "cal.cevae",
+                               modelPath=tiny_bundle, device="cpu")
+    assert mrml.node_ids(scene) == before and list(tmp_path.iterdir()) == []
+
+
 def test_logic_needs_a_scene():
     volume = slicer.vtkMRMLScalarVolumeNode()
     with pytest.raises(CeVAEError, match="not in an MRML scene"):
@@ -436,8 +452,13 @@ def test_the_input_selectors_hide_the_modules_own_volumes():
     assign = next(n for n in ast.parse(text).body if isinstance(n, ast.Assign)
                   and ast.unparse(n.targets[0]) == "INPUT_SELECTORS")
     selectors = set(ast.literal_eval(assign.value))
-    assert selectors == {"inputVolumeSelector", "brainMaskSelector", "healthyVolumesSelector", "healthyMasksSelector"}
-    assert selectors <= ui_object_names()
+    import xml.etree.ElementTree as ET
+
+    outputs = {"scoreVolumeSelector", "segmentationSelector", "labelmapSelector", "componentTableSelector"}
+    node_selectors = {w.get("name") for w in ET.parse(UI_FILE).iter("widget")
+                      if w.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")}
+    assert {"adaptVolumesSelector", "adaptMasksSelector", "healthyVolumesSelector"} <= node_selectors
+    assert selectors == node_selectors - outputs  # every selector of scans or masks, the adapt section's too
     widget = ast.unparse(module_classes()["CeVAEAnomalyWidget"])
     assert "sortFilterProxyModel().hiddenNodeIDs = hidden" in widget and "module_volume_ids(slicer.mrmlScene)" in widget
     assert "first_input_volume(slicer.mrmlScene)" in widget and "NodeAddedEvent, self._hideModuleVolumes" in widget
@@ -452,6 +473,9 @@ def test_the_panel_follows_the_input_with_its_outputs():
     methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
     assert "outputs_for_input(slicer.mrmlScene, p.inputVolume" in methods["_followInput"]
     assert "self._followInput()" in methods["_updateGui"]
+    # the status line's result summary goes with its input (WidgetState.summary_is_stale)
+    assert "self.state.summary_is_stale(" in methods["_followInput"]
+    assert "self.state.summary_shown(result.volume.GetID())" in methods["_showResult"]
     fields = {n.target.id: ast.unparse(n.annotation) for n in module_classes()["CeVAEAnomalyParameterNode"].body
               if isinstance(n, ast.AnnAssign)}
     assert {f: fields[f] for f in PANEL_OUTPUTS} == {f: c for f, (c, _) in PANEL_OUTPUTS.items()}

@@ -184,3 +184,14 @@ def test_one_live_binding_across_enter_exit_and_scene_close(returns_tag):
     assert binding.bind(StandInWrapper(other, gui, returns_tag), gui).parameterNode is other
     assert [n for n, _ in gui].count(other) == 1
     assert len(gui) == (2 if not returns_tag else 1)  # only the old node's undoable binding stays
+
+
+def test_a_result_summary_is_cleared_when_another_input_is_chosen():
+    state = WidgetState()
+    assert not state.summary_is_stale("vtkMRMLScalarVolumeNode1")  # nothing shown yet
+    state.summary_shown("vtkMRMLScalarVolumeNode1")
+    assert not state.summary_is_stale("vtkMRMLScalarVolumeNode1")  # the same input: the summary stays
+    assert state.summary_is_stale("vtkMRMLScalarVolumeNode2")  # another scan: cleared once
+    assert not state.summary_is_stale("vtkMRMLScalarVolumeNode1")  # back to the first: already cleared
+    state.summary_shown("vtkMRMLScalarVolumeNode2")
+    assert state.summary_is_stale(None)  # no input at all

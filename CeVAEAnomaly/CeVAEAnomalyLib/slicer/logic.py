@@ -162,6 +162,7 @@ class CeVAEAnomalyLogic(_LogicBase):
     def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
         if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
             raise CeVAEError("Select a scalar input volume.")
+        _refuseModuleOutputs([volumeNode, maskNode], "an input")
         scene = self._sceneFor(volumeNode)
         inputIds = {node.GetID() for node in (volumeNode, maskNode) if node is not None}
         for node in vars(outputs).values() if outputs is not None else ():
@@ -344,6 +345,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``)."""
         if len(masks) != len(volumes):
             raise CeVAEError("Give one brain mask (or None) per healthy volume.")
+        _refuseModuleOutputs([*volumes, *masks], "a healthy scan or its mask")
         folder = Path(tempfile.mkdtemp(prefix=f"CeVAEAnomaly-{task}-"))
         try:
             subjects: List[Dict[str, Optional[str]]] = []
@@ -412,6 +414,16 @@ def _request(request: Optional[DetectionRequest], options: Dict[str, Any]) -> De
 def _fileStem(name: str) -> str:
     """A node name as a safe file name stem."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "volume"
+
+
+def _refuseModuleOutputs(candidates, what: str) -> None:
+    """Refuse a node this module made (a score volume, an anomaly labelmap or segmentation) as ``what``."""
+    from .nodes import ROLE_ATTRIBUTE
+
+    for node in candidates:
+        if node is not None and node.GetAttribute(ROLE_ATTRIBUTE):
+            raise CeVAEError(f"'{node.GetName()}' holds results of this module ({node.GetAttribute(ROLE_ATTRIBUTE)}), "
+                             f"not a scan; it cannot be {what}.")
 
 
 def _writeInputs(folder: Path, stem: str, image: "sitk.Image", mask: Optional["sitk.Image"]) -> None:

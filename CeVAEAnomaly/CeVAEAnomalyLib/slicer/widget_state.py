@@ -58,6 +58,7 @@ class WidgetState:
         self.phase = Phase.IDLE
         self.task: Optional[str] = None
         self.ready = {task: False for task in TASKS}
+        self._summary_for: Optional[str] = None  # the input whose result summary the status line shows
         self.visible = True  # the module panel is the one shown
         self._ended_at = float("-inf")
         self._result_pending = False
@@ -127,6 +128,18 @@ class WidgetState:
         the panel is hidden (kept for :meth:`entered`, so the views the user looks at stay as they are)."""
         self._result_pending = not self.visible
         return self.visible
+
+    def summary_shown(self, input_id: str) -> None:
+        """The status line now shows the result summary of the input volume ``input_id``."""
+        self._summary_for = input_id
+
+    def summary_is_stale(self, input_id: Optional[str]) -> bool:
+        """Whether the status line must be cleared now that ``input_id`` is the input: it shows the summary of
+        another input's result (which is then forgotten)."""
+        stale = self._summary_for is not None and input_id != self._summary_for
+        if stale:
+            self._summary_for = None
+        return stale
 
     def view(self) -> View:
         idle, phase = self.phase is Phase.IDLE, self.phase
