@@ -337,6 +337,28 @@ def test_the_worker_stops_by_itself_when_its_folder_is_removed(head_scene, tiny_
     assert not job.folder.exists()
 
 
+def test_the_worker_behind_a_launcher_stops_and_cleans_up_when_slicer_dies(head_scene, tiny_bundle, tmp_path,
+                                                                          monkeypatch):
+    """Slicer killed: the launcher lives on as the worker's parent, so the worker watches Slicer's pid (given
+    in the request) and removes the job's folder, which holds a copy of the scan, as nobody else will."""
+    import os
+
+    scene, volume, _ = head_scene
+    launcher, pidfile = stand_in_launcher(tmp_path, ignore_sigterm=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs: the "Slicer" of this job
+    with monkeypatch.context() as m:
+        m.setattr(os, "getpid", lambda: gone.pid)
+        job = CeVAEAnomalyLogic().startDetection(volume, None, modelPath=tiny_bundle, device="cpu",
+                                                 python=str(launcher))
+    assert json.loads((job.folder / "request.json").read_text())["owner_pid"] == gone.pid
+    assert wait_until(job.poll, 60.0), "the worker went on after its owner ended"
+    assert job.process.returncode == 3 and job.done is None
+    assert not job.folder.exists()  # removed by the worker itself: no job.cleanup() here
+    worker = int(pidfile.read_text())
+    assert not alive(worker)
+
+
 def test_a_cancelled_calibration_never_writes_its_model(tiny_bundle, tmp_path):
     scene = slicer.vtkMRMLScene()
     volume = add_volume(scene, make_head(seed=11)[0], "healthy")  # one: read before the cancel

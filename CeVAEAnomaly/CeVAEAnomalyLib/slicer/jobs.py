@@ -28,6 +28,7 @@ from ..errors import CeVAEError
 log = logging.getLogger(__name__)
 Launcher = Callable[[List[str]], subprocess.Popen]
 STOP_WAIT_S = 0.5  # after terminate(), how long to wait before kill()
+JOB_FOLDER_PREFIX = "CeVAEAnomaly-"  # a job's temporary folder (inputs, request, results)
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
               "from CeVAEAnomalyLib.slicer.worker import main; sys.exit(main(sys.argv[2:]))")
 
@@ -119,7 +120,8 @@ class WorkerJob:
         self.output: List[str] = []  # lines that were not protocol messages (warnings, tracebacks)
         self._cancelled = False
         request_path = self.folder / "request.json"
-        request_path.write_text(json.dumps(request), encoding="utf-8")
+        # the worker watches this process (Slicer) itself: behind a launcher its parent is the launcher
+        request_path.write_text(json.dumps(dict(request, owner_pid=os.getpid())), encoding="utf-8")
         self.process = (launch or launch_process)(worker_command(python or sys.executable, request_path))
         self._own_group = leads_own_group(self.process)
         self._lines: "queue.Queue[Optional[str]]" = queue.Queue()

@@ -35,7 +35,7 @@ from ..errors import CeVAEError
 from ..options import THOROUGH_STEPS, DetectionRequest
 from ..progress import ProgressCallback, report, scaled
 from . import dependencies
-from .jobs import Launcher, WorkerJob
+from .jobs import JOB_FOLDER_PREFIX, Launcher, WorkerJob
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -257,7 +257,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         request = _request(request, options)
         self._checkInputs(volumeNode, maskNode, outputs)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
-        folder = Path(tempfile.mkdtemp(prefix="CeVAEAnomaly-"))
+        folder = Path(tempfile.mkdtemp(prefix=JOB_FOLDER_PREFIX))
         try:
             _writeInputs(folder, "input", image, mask)
             task = dict(task="detect", image=str(folder / "input.nrrd"),
@@ -346,7 +346,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         if len(masks) != len(volumes):
             raise CeVAEError("Give one brain mask (or None) per healthy volume.")
         _refuseModuleOutputs([*volumes, *masks], "a healthy scan or its mask")
-        folder = Path(tempfile.mkdtemp(prefix=f"CeVAEAnomaly-{task}-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"{JOB_FOLDER_PREFIX}{task}-"))
         try:
             subjects: List[Dict[str, Optional[str]]] = []
             for n, (volume, mask) in enumerate(zip(volumes, masks)):

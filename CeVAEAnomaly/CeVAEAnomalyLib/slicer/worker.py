@@ -9,7 +9,9 @@ reports on stdout, one JSON object per line (see :mod:`.jobs` for the reading si
 
 The worker stops by itself (exit status 3, nothing written) when its request file disappears
 (the module cancelled the job, or closed, and removed the job's folder) or, on POSIX, when its
-parent process changes (the launcher or Slicer ended): it checks at every progress report and,
+parent process changes (the launcher ended) or the process that made the request (``owner_pid``:
+Slicer, which a launcher may stand between) is gone; then it also removes the job's folder, which
+holds a copy of the scan and nobody else will remove. It checks at every progress report and,
 between them, in a watch thread every REQUEST_POLL_S seconds. SIGTERM stops it like Ctrl-C, so
 files being written are removed.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from ..errors import CeVAEError
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
+from .jobs import JOB_FOLDER_PREFIX
 
 if TYPE_CHECKING:
     from ..engine.bundle import Bundle
@@ -125,16 +129,43 @@ def _emit(message: Dict[str, Any]) -> None:
         pass
 
 
-class RequestWatch:
-    """Whether the job is still wanted: its request file exists and (POSIX) the parent is the same."""
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (POSIX; elsewhere assumed alive: ``os.kill`` would end it)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
 
-    def __init__(self, request_path: Path) -> None:
+
+class RequestWatch:
+    """Whether the job is still wanted: its request file exists and (POSIX) the parent is the same and
+    the owner (the process that made the request) is alive."""
+
+    def __init__(self, request_path: Path, owner_pid: Optional[int] = None) -> None:
         self.path = request_path
         self._parent = os.getppid() if os.name == "posix" else None
+        self._owner = owner_pid
+
+    @property
+    def orphaned(self) -> bool:
+        """The launcher or the owner ended: nobody will read the result or remove the job's folder."""
+        return ((self._parent is not None and os.getppid() != self._parent)
+                or (self._owner is not None and not process_alive(self._owner)))
 
     @property
     def abandoned(self) -> bool:
-        return not self.path.exists() or (self._parent is not None and os.getppid() != self._parent)
+        return not self.path.exists() or self.orphaned
+
+    def leave(self) -> None:
+        """End the process now; an orphaned job first removes its folder (the copy of the scan in it)."""
+        if self.orphaned and self.path.parent.name.startswith(JOB_FOLDER_PREFIX):
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+        os._exit(EXIT_ABANDONED)
 
     def check(self) -> None:
         """Raise Cancelled if the job is no longer wanted (called at every progress report)."""
@@ -151,7 +182,7 @@ class RequestWatch:
 
             _thread.interrupt_main()
             time.sleep(ABANDON_GRACE_S)
-            os._exit(EXIT_ABANDONED)
+            self.leave()
 
         threading.Thread(target=watch, name="CeVAEAnomaly request watch", daemon=True).start()
 
@@ -169,6 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..cli.interrupts import sigterm_as_interrupt
 
     args = sys.argv[1:] if argv is None else argv
+    watch: Optional[RequestWatch] = None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
         with sigterm_as_interrupt():
@@ -178,14 +210,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             run = TASKS.get(task.get("task"))
             if run is None:
                 raise CeVAEError(f"Unknown worker task {task.get('task')!r}.")
-            watch = RequestWatch(Path(args[0]))
+            watch = RequestWatch(Path(args[0]), task.get("owner_pid"))
             watch.start()
             done = run(task, _progress(watch))
             watch.check()
     except (Cancelled, KeyboardInterrupt):  # withdrawn, SIGTERM (Cancel) or the watch: nothing more to say
         # Files being written were removed on the way here; skip the interpreter's teardown (about a
         # second with torch loaded), so that Cancel ends the process at once.
-        os._exit(EXIT_ABANDONED)
+        if watch is None:
+            os._exit(EXIT_ABANDONED)
+        watch.leave()
     except CeVAEError as exc:
         _emit({"error": str(exc)})
         return 2
