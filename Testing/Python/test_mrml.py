@@ -339,6 +339,24 @@ def test_outputs_are_linked_to_their_input_by_a_reference_that_survives_scene_im
     assert nodes.source_volume(score) is source
 
 
+def test_the_panels_jump_and_the_result_agree_on_tied_slices(scene):
+    """Slices tied on the slice anomaly: the stored table's top slice is the result's (the highest map score
+    first, then the sample score), so the panel, the command line and ``topSliceRas`` name one slice."""
+    from CeVAEAnomalyLib.result import SliceScoreRow
+    from CeVAEAnomalyLib.slicer.nodes import stored_result
+
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    result = fake_detection(image, mask)
+    n = image.GetSize()[2]
+    result.slices = [SliceScoreRow(2, k, 1.0, 1.0, 9.0 if k == 4 else 1.0, 0.9 if k in (4, 9) else 0.1,
+                                   5.0 if k == 9 else 1.0, False) for k in range(n)]
+    top = result.top_slice
+    assert top.index == 9  # tied with slice 4 on the anomaly; slice 4 has the higher sample score
+    out = mrml.publish(scene, volume, result)
+    assert stored_result(out.score).top_slice_ras == pytest.approx(nodes.slice_center_ras(volume, 2, 9))
+
+
 def test_results_are_found_from_the_score_volume_alone(scene):
     """After a reload the Results section works from the parameter node's score volume."""
     from CeVAEAnomalyLib.slicer.nodes import stored_result

@@ -173,17 +173,21 @@ class StoredResult:
 
     @property
     def top_slice_ras(self) -> Optional[Tuple[float, float, float]]:
-        """World RAS of the centre of the most anomalous slice (highest slice anomaly, then sample score;
-        tables written before the slice anomaly existed: the sample score)."""
+        """World RAS of the centre of the most anomalous slice, ranked as the result ranks them
+        (``DetectionResult.ranked_slices``: slice anomaly, then highest score, then sample score, then the
+        lower index; a column that tables written before it lack counts as equal)."""
         table = self.slice_table
         if table is None or table.GetNumberOfRows() == 0 or self.volume.GetImageData() is None:
             return None
-        sample = table_column(table, "Sample score")
-        anomaly = (table_column(table, "Slice anomaly") if table.GetTable().GetColumnByName("Slice anomaly") is not None
-                   else np.zeros_like(sample))
-        row = int(np.lexsort((-sample, -anomaly))[0])
+        index = table_column(table, "Slice")
+
+        def column(name: str) -> np.ndarray:
+            present = table.GetTable().GetColumnByName(name) is not None
+            return table_column(table, name) if present else np.zeros(len(index))
+
+        row = int(np.lexsort((index, -column("Sample score"), -column("Highest score"), -column("Slice anomaly")))[0])
         axis = "IJK".index(table.GetAttribute(SLICE_AXIS_ATTRIBUTE) or "K")
-        return slice_center_ras(self.volume, axis, int(table_column(table, "Slice")[row]))
+        return slice_center_ras(self.volume, axis, int(index[row]))
 
 
 def stored_result(score: Optional[slicer.vtkMRMLScalarVolumeNode]) -> Optional[StoredResult]:
