@@ -231,6 +231,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format=(f"[rank {os.environ.get('RANK', '?')}] " if distributed else "")
                         + "%(levelname)s: %(message)s")
+    if not args.debug:  # the command's own INFO lines only: torch logs its internals (e.g. cache stats at exit)
+        logging.getLogger("torch").setLevel(logging.WARNING)
     try:
         from . import commands
 
