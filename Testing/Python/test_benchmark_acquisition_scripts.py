@@ -169,3 +169,20 @@ def test_an_area_corrected_slice_summary_lets_a_small_lesion_slice_outrank_a_lar
     subjects = ["a", "a", "b", "b"]
     assert bs.held_out_choice(hits, subjects, "a") == ("maximum", 0.5, 0.8)  # chosen on b's cases only
     assert bs.held_out_choice(hits, subjects, "b") == ("maximum", 0.0, 0.8)
+
+
+def test_the_ceilings_bound_the_shipped_labelmap_with_oracle_thresholds_and_components(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    ceiling = importlib.import_module("benchmark_ceiling")
+    c = blobs_case()  # lesion A: core 10 (64 voxels), rim 4 (144 voxels in all); B at 4 is healthy
+    figures = ceiling.case_figures(c, c["z"], 4.5)
+    assert ceiling.MIN_MM3 == 50.0 and figures["brain maximum in a lesion"] == 1.0
+    core = 2 * 64 / (64 + 144)
+    if ceiling.ba.SHIPPED_PEAK < 10 / 4.5:  # the bundled peak filter keeps A's core at t = 4.5
+        assert figures["shipped"] == pytest.approx(core)
+    assert figures["shipped t, oracle components"] == pytest.approx(core)  # B never reaches 4.5
+    assert figures["oracle threshold"] == pytest.approx(2 * 144 / (288 + 144))  # a threshold under 4 keeps A and B
+    assert figures["oracle threshold and components"] == pytest.approx(1.0)  # ... and dropping B gives A exactly
+    z = c["z"].copy()
+    z[5, 5, 20] = 11.0  # the brain's maximum now lies in B
+    assert ceiling.case_figures(c, z, 4.5)["brain maximum in a lesion"] == 0.0
