@@ -71,8 +71,10 @@ def sha(path: Path) -> str:
     ("--loader-workers", "-1", "--loader-workers must be 0 to 64, got -1"),
     ("--loader-workers", "10000", "--loader-workers must be 0 to 64, got 10000"),
     ("--seed", "-1", "--seed must be a whole number from 0 to 4294967295, got -1."),
-    ("--beta", "-1", "beta (the KL weight) must be a number of 0 or more, got -1.0."),
-    ("--beta", "nan", "beta (the KL weight) must be a number of 0 or more, got nan."),
+    ("--beta", "-1", "beta (--beta, the KL weight) must be a number from 0 to 1e+06, got -1.0."),
+    ("--beta", "nan", "beta (--beta, the KL weight) must be a number from 0 to 1e+06, got nan."),
+    ("--beta", "2e6", "beta (--beta, the KL weight) must be a number from 0 to 1e+06, got 2000000.0."),
+    ("--ce-weight", "2", "ce_weight (--ce-weight) must lie in [0, 1], got 2.0."),
     ("--z-dim", "100000000", "Invalid latent size 100000000; it must be 1 to 8192."),
     ("--channels", "100000", "Invalid channel widths (100000,); each must be 1 to 4096."),
 ])

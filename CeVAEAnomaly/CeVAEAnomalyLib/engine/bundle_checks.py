@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..options import PostprocessOptions, ScoreOptions, check_value
-from .config import MAX_CHANNELS, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
+from .config import MAX_BETA, MAX_CHANNELS, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
 
 WEIGHT_DTYPES = ("F32", "F16")
 
@@ -82,7 +82,7 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
         if loss.get("rec", "l1") not in ("l1", "l2"):
             _fail("loss.rec", f"must be 'l1' or 'l2', got {loss.get('rec')!r}")
         _number("loss.ce_weight", loss.get("ce_weight", LossConfig.ce_weight), 0, 1)
-        _number("loss.beta", loss.get("beta", LossConfig.beta), 0, 1e6)
+        _number("loss.beta", loss.get("beta", LossConfig.beta), 0, MAX_BETA)
     for key, cls in (("score_options", ScoreOptions), ("postprocess", PostprocessOptions)):
         if key in header:
             _check_options(header, key, cls)

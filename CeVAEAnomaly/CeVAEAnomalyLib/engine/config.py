@@ -38,6 +38,9 @@ class ModelConfig(Serialisable):
         return self.input_size // 2 ** len(self.channels)
 
 
+MAX_BETA = 1e6  # the largest KL weight a bundle may declare
+
+
 @dataclass(frozen=True)
 class LossConfig(Serialisable):
     """Loss = (1-c)·(β·KL + rec_VAE) + c·rec_CE, with means over pixels and latents."""
@@ -50,9 +53,9 @@ class LossConfig(Serialisable):
         if self.rec not in ("l1", "l2"):
             raise CeVAEError(f"Unknown reconstruction loss {self.rec!r}; use 'l1' or 'l2'.")
         if not 0.0 <= self.ce_weight <= 1.0:
-            raise CeVAEError(f"ce_weight must lie in [0, 1], got {self.ce_weight}.")
-        if not 0.0 <= self.beta < float("inf"):  # also refuses NaN
-            raise CeVAEError(f"beta (the KL weight) must be a number of 0 or more, got {self.beta}.")
+            raise CeVAEError(f"ce_weight (--ce-weight) must lie in [0, 1], got {self.ce_weight}.")
+        if not 0.0 <= self.beta <= MAX_BETA:  # also refuses NaN; a bundle may declare no more (bundle_checks)
+            raise CeVAEError(f"beta (--beta, the KL weight) must be a number from 0 to {MAX_BETA:g}, got {self.beta}.")
 
 
 @dataclass(frozen=True)
