@@ -52,7 +52,7 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
         try:
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True)})
         except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
-            raise CeVAEError(f"Could not write the model bundle {target}: {exc}") from None
+            raise CeVAEError(f"Could not write the model bundle {target}: {str(exc).rstrip('.')}.") from None
     return target
 
 
