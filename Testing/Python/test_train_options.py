@@ -266,3 +266,21 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(cohort, tmp_path):
     assert sha(ckpt) == good and torch.load(ckpt, weights_only=True)["step"] == 4
     assert trainer.saved_step == 4
     assert [p.name for p in ckpt.parent.iterdir()] == [ckpt.name]
+
+
+def test_a_volume_that_cannot_be_prepared_is_named(cohort, tmp_path, capsys, caplog):
+    """In a cohort, "the brain mask is empty" alone cannot be acted on: the error and the warnings name the scan."""
+    image, mask = make_head(size=(32, 36, 28), seed=9)
+    sitk.WriteImage(image, str(tmp_path / "odd.nii.gz"))
+    far = sitk.Image(mask)
+    far.SetOrigin((5000.0, 5000.0, 5000.0))  # another grid, nowhere near the head
+    sitk.WriteImage(far, str(tmp_path / "odd_mask.nii.gz"))
+    rows = (cohort / "train.csv").read_text().splitlines()
+    (tmp_path / "train.csv").write_text("\n".join([rows[0], *[f"{cohort}/{r}".replace(",", f",{cohort}/") for r in rows[1:]],
+                                                   "odd.nii.gz,odd_mask.nii.gz"]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        rc, errors = run_train(capsys, "--manifest", str(tmp_path / "train.csv"), "--out", str(tmp_path / "m.cevae"),
+                               "--max-steps", "1", *SMALL)
+    odd = tmp_path / "odd.nii.gz"
+    assert rc == 2 and len(errors) == 1 and errors[0].startswith(f"error: {odd}: The brain mask does not overlap"), errors
+    assert f"{odd}: The brain mask is on another grid than the image" in caplog.text

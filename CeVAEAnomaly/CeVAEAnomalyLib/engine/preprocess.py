@@ -274,15 +274,16 @@ def invert(record: SliceRecord, maps: torch.Tensor, chunk: int = 32) -> sitk.Ima
     return img
 
 
-def mask_array(mask: Optional[sitk.Image], image: sitk.Image) -> np.ndarray:
-    """Boolean brain mask (>0 is brain) on the image grid; a mask on another grid is resampled."""
+def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -> np.ndarray:
+    """Boolean brain mask (>0 is brain) on the image grid; a mask on another grid is resampled.
+    ``where`` (e.g. "scan.nii.gz: ") leads the warnings, so that a cohort's says which volume."""
     if mask is None:
         raise CeVAEError("No brain mask given.")
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
         raise CeVAEError("The brain mask must be a single-channel 3D image.")
     resampled = not same_grid(mask, image)
     if resampled:
-        log.warning("The brain mask is on another grid than the image; resampling it (nearest neighbour).")
+        log.warning("%sThe brain mask is on another grid than the image; resampling it (nearest neighbour).", where)
         mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     values = sitk.GetArrayViewFromImage(mask)
     brain = values > 0
@@ -291,8 +292,8 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image) -> np.ndarray:
                          "image grid no voxel is brain); check that the mask belongs to this image.")
     labels = values[brain if values.dtype.kind in "ub" else values != 0]  # unsigned: nonzero is brain
     if labels.size and labels.min() != labels.max():
-        log.warning("The brain mask holds several values (%g to %g); every voxel above 0 is taken as brain.",
-                    labels.min(), labels.max())
+        log.warning("%sThe brain mask holds several values (%g to %g); every voxel above 0 is taken as brain.",
+                    where, labels.min(), labels.max())
     return brain
 
 

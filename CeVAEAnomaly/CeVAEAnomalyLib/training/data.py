@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..engine.config import PreprocessConfig
+from ..errors import CeVAEError
 from ..io.images import read_image
 from ..io.manifest import Subject
 from ..engine.preprocess import mask_array, prepare
@@ -39,14 +40,21 @@ def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) 
 
 
 def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequence[str]) -> List[np.ndarray]:
-    """Per orientation, the normalised float32 model slices [N,S,S] of one subject with enough brain in them."""
+    """Per orientation, the normalised float32 model slices [N,S,S] of one subject with enough brain in them.
+    A problem of the subject's image or mask is reported naming its image (in a cohort, which one)."""
     from ..engine.brainmask import given_or_computed_mask
 
     image = read_image(subject.image)
-    brain = mask_array(given_or_computed_mask(image, subject.mask, subject.image.name), image)
-    out = []
-    for orientation in orientations:
-        stack = prepare(image, brain, cfg, orientation)
-        keep = stack.brain.reshape(len(stack.brain), -1).mean(1) >= cfg.min_brain_fraction
-        out.append(np.ascontiguousarray(stack.slices[keep], dtype=np.float32))
+    try:
+        brain = mask_array(given_or_computed_mask(image, subject.mask, subject.image.name), image,
+                           f"{subject.image}: ")
+        out = []
+        for orientation in orientations:
+            stack = prepare(image, brain, cfg, orientation)
+            keep = stack.brain.reshape(len(stack.brain), -1).mean(1) >= cfg.min_brain_fraction
+            out.append(np.ascontiguousarray(stack.slices[keep], dtype=np.float32))
+    except CeVAEError as exc:
+        if str(subject.image) in str(exc) or (subject.mask is not None and str(subject.mask) in str(exc)):
+            raise
+        raise CeVAEError(f"{subject.image}: {exc}") from None
     return out
