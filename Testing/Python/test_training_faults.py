@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -371,3 +372,54 @@ def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(manifest
         first.stdout.close()
     assert main(train_argv(manifest, out, 2, "--overwrite")) == 0  # the lock ends with its holder, even killed
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+class Exploit:
+    """Unpickling this would run code: a checkpoint holding it must be refused without running it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch EXPLOITED",))
+
+
+def tampered(change):
+    def write(good: Path, bad: Path) -> None:
+        state = torch.load(good, map_location="cpu", weights_only=True)
+        change(state)
+        torch.save(state, bad)
+
+    return write
+
+
+BAD_CHECKPOINTS = {
+    "empty": (lambda good, bad: bad.write_bytes(b""), r"\(the file is empty\)"),
+    "random bytes": (lambda good, bad: bad.write_bytes(os.urandom(4096)), r"cannot be read as a checkpoint"),
+    "cut short": (lambda good, bad: bad.write_bytes(good.read_bytes()[:5000]), r"cannot be read as a checkpoint"),
+    "code to run": (lambda good, bad: torch.save({"version": 2, "x": Exploit()}, bad),
+                    r"holds objects other than tensors and plain data, which are never unpickled"),
+    "no optimiser state": (tampered(lambda s: s.pop("opt")), r"its field 'opt' is not the optimiser state"),
+    "a step that is text": (tampered(lambda s: s.update(step="x")), r"its field 'step' is not a step count"),
+    "batch size 0": (tampered(lambda s: s.update(batch_size=0)), r"its field 'batch_size' is 0"),
+    "a weight of another shape": (tampered(lambda s: s["model"].update(
+        {k: torch.zeros(3) for k in list(s["model"])[:1]})), r"its weights or states do not fit this run"),
+    "another random state": (tampered(lambda s: s.update(gen=torch.zeros(3, dtype=torch.uint8))),
+                             r"its weights or states do not fit this run"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS, ids=list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_is_refused_in_one_line_and_never_unpickled(manifest, tmp_path, capsys, monkeypatch, case):
+    good = tmp_path / "good.cevae"
+    assert main(train_argv(manifest, good, EVERY, "--no-augment")) == 0
+    out = tmp_path / "bad.cevae"
+    make, message = BAD_CHECKPOINTS[case]
+    make(Path(f"{good}.ckpt"), Path(f"{out}.ckpt"))
+    before = Path(f"{out}.ckpt").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    rc = main(train_argv(manifest, out, 2 * EVERY, "--no-augment", "--resume"))
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("INFO", "WARNING"))]
+    assert rc == 2 and len(errors) == 1, err
+    assert errors[0].startswith(f"error: The checkpoint {out}.ckpt is damaged or not a CeVAEAnomaly checkpoint")
+    assert re.search(message, errors[0]) and errors[0].endswith("start anew with --overwrite instead of --resume.")
+    assert not (tmp_path / "EXPLOITED").exists() and Path(f"{out}.ckpt").read_bytes() == before and not out.exists()

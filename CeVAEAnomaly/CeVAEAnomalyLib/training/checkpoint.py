@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import io
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -38,19 +40,51 @@ def _reason(exc: BaseException) -> str:
     return "the file could not be written completely (disk full or a file-size limit?)"
 
 
+START_ANEW = "start anew with --overwrite instead of --resume"
+# what a checkpoint holds besides its version, configuration and identity: key -> (type, what it must be)
+_FIELDS: Dict[str, Tuple[type, str]] = {
+    "model": (dict, "the weights"), "opt": (dict, "the optimiser state"), "step": (int, "a step count"),
+    "epoch": (int, "an epoch count"), "offset": (int, "a position in the epoch"), "batch_size": (int, "a batch size"),
+    "world": (int, "a number of ranks"), "gen": (torch.Tensor, "a random state"),
+    "torch_rng": (torch.Tensor, "a random state"),
+}
+
+
+def damaged(path: Path, why: str) -> CeVAEError:
+    """The error for a checkpoint that is not one this program wrote, or no longer whole."""
+    return CeVAEError(f"The checkpoint {path} is damaged or not a CeVAEAnomaly checkpoint ({why}); it was not "
+                      f"loaded. Remove it, or {START_ANEW}.")
+
+
 def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = "") -> Dict[str, Any]:
-    """The state saved at ``path`` for a model of configuration ``model_cfg``."""
+    """The state saved at ``path`` for a model of configuration ``model_cfg``, its fields checked."""
     if not path.is_file():
         raise CeVAEError(f"--resume was given but there is no checkpoint at {path}{shared_hint}.")
+    if path.stat().st_size == 0:
+        raise damaged(path, "the file is empty")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling is restricted to tensors and plain containers
-        raise CeVAEError(f"The checkpoint {path} cannot be read safely: {exc}") from None
+        with warnings.catch_warnings():  # torch's warnings about what it refuses to unpickle
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():  # weights_only refused to import a name: an object, not tensors or data
+            raise damaged(path, "it holds objects other than tensors and plain data, which are never unpickled") from None
+        raise damaged(path, "it cannot be read as a checkpoint: UnpicklingError") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zip, random bytes, a bundle renamed: torch's many types
+        raise damaged(path, f"it cannot be read as a checkpoint: {type(exc).__name__}") from None
+    if not isinstance(state, dict):
+        raise damaged(path, f"it holds a {type(state).__name__}, not a checkpoint's fields")
     if state.get("version") != CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by another version of CeVAEAnomaly, which does not "
                          "record what defines its run; start anew with --overwrite instead of --resume.")
     if state.get("model_cfg") != model_cfg:
         raise CeVAEError(f"The checkpoint {path} belongs to another model configuration.")
+    for key, (kind, what) in _FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise damaged(path, f"its field {key!r} is not {what}")
+        if kind is int and value < (1 if key in ("batch_size", "world") else 0):
+            raise damaged(path, f"its field {key!r} is {value}")
     return state
 
 

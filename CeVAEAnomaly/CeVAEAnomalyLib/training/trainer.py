@@ -30,8 +30,8 @@ from ..errors import CeVAEError
 from ..progress import ProgressCallback, report
 from .augment import augment
 from .cache import SliceCache, SliceSet
-from .checkpoint import (CHECKPOINT_VERSION, check_same_run, read_checkpoint, run_identity, truncate_log,
-                         write_checkpoint)
+from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_checkpoint, run_identity,
+                         truncate_log, write_checkpoint)
 from .config import TrainConfig
 from .data import Subject, split_subjects, unique_subjects
 from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
@@ -237,8 +237,14 @@ class Trainer:
         hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
         state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
         check_same_run(state.get("run"), self.run_identity(), path)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            if self.dist.main:
+                self.gen.set_state(state["gen"])
+                torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise damaged(path, f"its weights or states do not fit this run: {type(exc).__name__}") from None
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
             if group["lr"] != self.cfg.lr:
                 log.info("Learning rate %g (the checkpoint used %g).", self.cfg.lr, group["lr"])
@@ -253,10 +259,7 @@ class Trainer:
                         "becomes %d and the current epoch starts over.", saved_world, self.dist.world,
                         self.batch_size * self.dist.world)
             self.offset = 0
-        if self.dist.main:  # other ranks keep their own streams, offset by rank
-            self.gen.set_state(state["gen"])
-            torch.set_rng_state(state["torch_rng"])
-        else:
+        if not self.dist.main:  # other ranks keep their own streams, offset by rank (rank 0's are restored above)
             self.gen.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
         self.saved_step = self.step
