@@ -215,6 +215,35 @@ def test_an_interrupted_adaptation_resumes_without_training_finished_folds_again
         np.testing.assert_allclose(got_cal[key]["threshold"], want_cal[key]["threshold"], rtol=1e-4)
 
 
+def test_resume_knows_the_base_model_by_its_content_not_its_path(tiny_bundle, site, tmp_path):
+    import shutil
+
+    scans = subjects(site, "a", "b")
+    out = tmp_path / "site.cevae"
+    base = Path(shutil.copy(tiny_bundle, tmp_path / "base.cevae"))
+
+    def cancel_in_final_run(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 3/3") and "step 3 " in message:
+            raise Cancelled("stopped by the test")
+
+    with pytest.raises(Cancelled):
+        adapt_mod.adapt(base, scans, out, QUICK, cancel_in_final_run)
+    checkpoints = {p: p.read_bytes() for p in tmp_path.glob("site.cevae*.ckpt")}
+    other = load_bundle(base)  # another model of the same architecture, saved under the base's name
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)
+    save_bundle(base, other.model, other.header)
+    resume = AdaptOptions(**{**QUICK.__dict__, "resume": True})
+    with pytest.raises(CeVAEError, match=r"--resume refused: .* init_from\.sha256 \('[0-9a-f]{64}' in the checkpoint"):
+        adapt_mod.adapt(base, scans, out, resume)
+    assert {p: p.read_bytes() for p in tmp_path.glob("site.cevae*.ckpt")} == checkpoints and not out.exists()
+    elsewhere = tmp_path / "models" / "the-same-base.cevae"
+    elsewhere.parent.mkdir()
+    shutil.copy(tiny_bundle, elsewhere)  # the base the run started from, under another path
+    adapt_mod.adapt(elsewhere, scans, out, resume)
+    assert read_header(out).extra["adaptation"]["parent"]["sha256"] == sha256_of(tiny_bundle)
+
+
 def _refusal(capsys, argv: List[str]) -> str:
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]

@@ -78,8 +78,14 @@ class TrainConfig:
     init_from: Optional[Path] = None  # a bundle whose weights the run starts from (fine-tuning)
 
     def run_options(self) -> Dict[str, Any]:
-        """Every option that defines the run (all but :data:`RESUME_MAY_CHANGE`), to store in checkpoints."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_MAY_CHANGE}
+        """Every option that defines the run (all but :data:`RESUME_MAY_CHANGE`), to store in checkpoints; the
+        bundle a fine-tuning starts from by its content (its SHA-256), whatever path names it."""
+        from ..io.checksum import sha256_of
+
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_MAY_CHANGE}
+        if self.init_from is not None:
+            options["init_from"] = {"sha256": sha256_of(Path(self.init_from))}
+        return options
 
     @property
     def checkpoint_path(self) -> Path:
