@@ -221,7 +221,7 @@ class ThresholdPolicy(Serialisable):
     """How the labelmap threshold is chosen: an absolute score, else a calibrated healthy
     false-positive rate (None: the model's default rate). ``threshold=inf`` makes no labelmap."""
 
-    threshold: Optional[float] = option(None, "absolute score threshold (overrides --fpr; inf: no labelmap)",
+    threshold: Optional[float] = option(None, "absolute score threshold (overrides --fpr; inf: an empty labelmap)",
                                         low=-math.inf, open_low=True)
     fpr: Optional[float] = option(None, "healthy false-positive rate for the calibrated threshold "
                                   "(default: the model's)", high=1, open_low=True, open_high=True)

@@ -63,3 +63,26 @@ def test_help_imports_no_torch():
                         "print('torch' in sys.modules, 'SimpleITK' in sys.modules)"],
                        capture_output=True, text=True, check=True)
     assert "detect" in r.stdout and r.stdout.strip().endswith("False False")
+
+
+def test_every_option_of_every_command_is_explained_with_its_default():
+    from CeVAEAnomalyLib.cli.main import build_parser
+
+    parser = build_parser()
+    for name, command in parser.commands.items():
+        assert command.description, name
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        text = command.format_help()
+        for action in command._actions:
+            if action.option_strings and isinstance(action.default, (int, float, str)) \
+                    and not isinstance(action.default, bool) and action.default != "==SUPPRESS==" \
+                    and "default" not in action.help:  # (a help that words its default itself)
+                shown = f"(default: {action.default})"
+                assert shown in " ".join(text.split()).replace("- ", "-"), f"{name} {action.option_strings}: {shown}"
+
+
+def test_an_unknown_option_points_to_its_commands_help(capsys):
+    assert main(["detect", "scan.nii.gz", "--score", "s.nii.gz", "--foo"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: unrecognized arguments: --foo (see cevae-anomaly detect --help)\n"

@@ -87,7 +87,7 @@ def run_adapt(args: argparse.Namespace) -> Path:
     from .console import ConsoleProgress
     from ..data import default_model_path
     from ..training.adapt import adapt
-    from ..training.adapt_plan import AdaptOptions, describe_estimate
+    from ..training.adapt_plan import AdaptOptions
     from ..training.config import SettingError
 
     options = AdaptOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, folds=args.folds,
@@ -98,7 +98,6 @@ def run_adapt(args: argparse.Namespace) -> Path:
     except SettingError as exc:  # the library names settings by field; here they are flags
         raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     subjects = _healthy_subjects(args, "adapting")
-    log.info("%s", describe_estimate(len(subjects), args.device, options))
     return adapt(Path(args.model or default_model_path()), subjects, args.out, options, ConsoleProgress("adapt"),
                  inputs=[args.manifest])
 

@@ -55,31 +55,32 @@ def _add_train(sub) -> None:
     from ..training.config import TrainConfig
 
     cfg = TrainConfig(out=Path("model.cevae"))  # the defaults, written once there
-    t = sub.add_parser("train", help="train a model on healthy volumes")
+    t = _command(sub, "train", help="train a model on healthy volumes")
     _add_subjects(t, "healthy")
     t.add_argument("--out", type=Path, required=True, help="model bundle to write (.cevae)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
-    t.add_argument("--max-steps", type=int, default=cfg.max_steps)
+    t.add_argument("--max-steps", type=int, default=cfg.max_steps, help="training steps (batches)")
     t.add_argument("--max-minutes", type=float, help="stop after this many minutes")
     t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (and replace OUT)")
-    t.add_argument("--seed", type=int, default=cfg.seed)
+    t.add_argument("--seed", type=int, default=cfg.seed, help="random seed (split, initialisation, augmentation)")
     _add_slices(t, cfg, cache_required=False)
     t.add_argument("--channels", default=",".join(str(c) for c in cfg.model.channels),
                    help="encoder widths, comma-separated")
-    t.add_argument("--z-dim", type=int, default=cfg.model.z_dim)
-    t.add_argument("--batch-size", type=int, default=cfg.batch_size)
-    t.add_argument("--lr", type=float, default=cfg.lr)
+    t.add_argument("--z-dim", type=int, default=cfg.model.z_dim, help="size of the latent code")
+    t.add_argument("--batch-size", type=int, default=cfg.batch_size, help="slices per step (per rank)")
+    t.add_argument("--lr", type=float, default=cfg.lr, help="learning rate (Adam)")
     t.add_argument("--beta", type=float, default=cfg.loss.beta, help="KL weight")
     t.add_argument("--ce-weight", type=float, default=cfg.loss.ce_weight,
                    help="weight c of the context-encoding loss")
-    t.add_argument("--rec-loss", choices=("l1", "l2"), default=cfg.loss.rec)
+    t.add_argument("--rec-loss", choices=("l1", "l2"), default=cfg.loss.rec, help="reconstruction loss")
     t.add_argument("--val-fraction", type=float, default=cfg.val_fraction,
                    help="share of subjects held out for validation and calibration, in [0, 1)")
-    t.add_argument("--checkpoint-every", type=int, default=cfg.checkpoint_every)
+    t.add_argument("--checkpoint-every", type=int, default=cfg.checkpoint_every,
+                   help="steps between checkpoints (OUT.ckpt)")
     t.add_argument("--loader-workers", type=int,
                    help="processes reading batches from the cache (default: 0 on the CPU, 4 on CUDA)")
     aug = t.add_mutually_exclusive_group()
-    aug.add_argument("--no-augment", action="store_true")
+    aug.add_argument("--no-augment", action="store_true", help="train on the slices as they are")
     aug.add_argument("--acquisition-augment", action="store_true",
                      help="also what other scanners and protocols give: thick slabs (each slice averaged with up "
                           "to 3 neighbours on each side), noise up to 7 %%, a stronger bias field")
@@ -92,7 +93,7 @@ def _add_prepare(sub) -> None:
     from ..training.config import TrainConfig
 
     cfg = TrainConfig(out=Path("model.cevae"))
-    p = sub.add_parser("prepare", help="preprocess healthy volumes once into a slice cache for train",
+    p = _command(sub, "prepare", help="preprocess healthy volumes once into a slice cache for train",
                        description="Preprocess every volume into --cache-dir (one .npy per subject and "
                        "orientation, keyed by the settings and file checksums). `train --cache-dir` with "
                        "the same settings then reads slices from there; changed files or settings are "
@@ -105,7 +106,7 @@ def _add_adapt(sub) -> None:
     from ..training.adapt_plan import AdaptOptions
 
     o = AdaptOptions()  # the defaults, written once there
-    a = sub.add_parser("adapt", help="fine-tune a model on a site's healthy scans and calibrate it",
+    a = _command(sub, "adapt", help="fine-tune a model on a site's healthy scans and calibrate it",
                        description="Fine-tune a trained model on healthy scans of one site (scanner, protocol), "
                        "keeping its architecture and preprocessing, and calibrate it without letting a scan "
                        "calibrate a model trained on it: k fold models, each fine-tuned without one fold, score "
@@ -115,11 +116,12 @@ def _add_adapt(sub) -> None:
     a.add_argument("--model", type=Path, help="model to adapt (default: the bundled default model)")
     a.add_argument("--out", type=Path, required=True, help="adapted model bundle to write (.cevae)")
     a.add_argument("--steps", type=int, default=o.steps, help="fine-tuning steps per run")
-    a.add_argument("--lr", type=float, default=o.lr)
+    a.add_argument("--lr", type=float, default=o.lr, help="learning rate (Adam)")
     a.add_argument("--folds", type=int, default=o.folds, help="at most this many calibration folds")
-    a.add_argument("--batch-size", type=int, default=o.batch_size)
-    a.add_argument("--checkpoint-every", type=int, default=o.checkpoint_every)
-    a.add_argument("--seed", type=int, default=o.seed)
+    a.add_argument("--batch-size", type=int, default=o.batch_size, help="slices per step")
+    a.add_argument("--checkpoint-every", type=int, default=o.checkpoint_every,
+                   help="steps between checkpoints")
+    a.add_argument("--seed", type=int, default=o.seed, help="random seed (folds' fine-tuning)")
     a.add_argument("--cache-dir", type=Path, help="folder of preprocessed slices kept between runs")
     a.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out, its checkpoints and logs")
@@ -127,11 +129,32 @@ def _add_adapt(sub) -> None:
     _add_device(a)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows each option's default (when it has a value to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "%(default)" not in text and "default" not in text
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the command's error convention: one ``error:`` line, exit status 2."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` opens with its one-line summary unless it has a longer description."""
+    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+    return sub.add_parser(name, help=help, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,12 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # name -> the command's parser
 
     _add_train(sub)
     _add_prepare(sub)
     _add_adapt(sub)
 
-    d = sub.add_parser("detect", help="score a volume: anomaly map, labelmap, slice scores")
+    d = _command(sub, "detect", help="score a volume: anomaly map, labelmap, slice scores")
     d.add_argument("image", type=Path, help="image file or DICOM folder")
     d.add_argument("--mask", type=Path, help="brain mask (>0 is brain); computed automatically if absent")
     d.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
@@ -160,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_device(d)
 
-    b = sub.add_parser("batch", help="detect on a cohort: resumable, shardable, parallel",
+    b = _command(sub, "batch", help="detect on a cohort: resumable, shardable, parallel",
                        description="Score every volume of a folder or CSV list. Per volume NAME, writes "
                        "NAME_score.nii.gz, NAME_labelmap.nii.gz and NAME_slices.csv to --out-dir, plus a "
                        "summary CSV; volumes whose outputs exist are skipped, failures are recorded.")
@@ -175,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="score again volumes whose outputs exist")
     _add_device(b)
 
-    c = sub.add_parser("calibrate", help="store healthy-score quantiles (thresholds) in a model bundle",
+    c = _command(sub, "calibrate", help="store healthy-score quantiles (thresholds) in a model bundle",
                        description="Score healthy volumes with the given options and store the voxel "
                        "score quantiles, so that labelmap thresholds follow a false-positive rate.")
     c.add_argument("images", nargs="*", type=Path, help="healthy image files")
@@ -187,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_device(c)
 
-    e = sub.add_parser("evaluate", help="metrics of score maps against ground truth",
+    e = _command(sub, "evaluate", help="metrics of score maps against ground truth",
                        description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
                        "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
     e.add_argument("--cases", type=Path, help="CSV with columns score,gt[,mask][,labelmap][,name]")
@@ -198,10 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, help="write the metrics CSV here")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    m = sub.add_parser("demo", help="insert a synthetic lesion into a healthy scan, detect, write a picture")
-    m.add_argument("--out-dir", type=Path, default=Path("demo-output"))
+    m = _command(sub, "demo", help="insert a synthetic lesion into a healthy scan, detect, write a picture")
+    m.add_argument("--out-dir", type=Path, default=Path("demo-output"), help="folder for the outputs and the picture")
     m.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
-    m.add_argument("--seed", type=int, default=7)
+    m.add_argument("--seed", type=int, default=7, help="random seed of the synthetic lesion")
     m.add_argument("--auto-mask", action="store_true", help="compute the brain mask instead of using the given one")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out-dir")
     _add_device(m)
@@ -224,7 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's own parser, so that the hint names its --help
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version or a usage error (already printed)
         return int(exc.code or 0)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: say which rank speaks

@@ -29,7 +29,7 @@ from ..io.lock import hold_output
 from ..io.manifest import Subject, check_volume_path
 from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
-from .adapt_plan import AdaptOptions, fold_plan, output_paths, run_names
+from .adapt_plan import AdaptOptions, describe_estimate, fold_plan, output_paths, run_names
 from .cache import SliceCache
 from .config import AugmentConfig, TrainConfig
 from .data import unique_subjects
@@ -55,7 +55,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     _check_adaptable(header, base)
     checksums = _checksums(subjects)
     subjects = unique_subjects(subjects, checksums)
-    plan = fold_plan(len(subjects), options.folds)
+    plan = fold_plan(len(subjects), options.folds)  # refuses too few different scans
+    log.info("%s", describe_estimate(len(subjects), options.device, options))
     runs = run_names(len(subjects), options.folds)
     configs = {run: options.run_config(out, run, init_from=base) for run in runs}
     read = Inputs([base, *inputs, *checksums])
