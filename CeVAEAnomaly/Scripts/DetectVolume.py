@@ -48,8 +48,15 @@ log = logging.getLogger("DetectVolume")
 VOLUME_FORMATS = ("nrrd", "nii.gz")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other error of the script."""
+
+    def error(self, message: str):
+        self.exit(2, f"DetectVolume: error: {message} (see DetectVolume.py --usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="DetectVolume", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="DetectVolume", description=__doc__.split("\n\n")[0])
     p.add_argument("--usage", action="help", help="show this help and exit (inside Slicer, which takes --help)")
     p.add_argument("--input", type=Path, required=True, help="input MRI volume file (NRRD, NIfTI, MHA, ...)")
     p.add_argument("--mask", type=Path, help="brain mask volume file (>0 is brain); automatic if absent")
@@ -159,6 +166,16 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
     return written
 
 
+def plain_scene() -> slicer.vtkMRMLScene:
+    """A scene outside Slicer, with the default color tables Slicer's scene has (the labelmap's display
+    looks its table up; without it VTK prints a warning)."""
+    scene = slicer.vtkMRMLScene()
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(scene)  # adds the default color nodes
+    colors.SetMRMLScene(None)
+    return scene
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run and return the exit status (errors are reported as one line on stderr)."""
     inside_slicer = getattr(slicer, "app", None) is not None
@@ -174,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse printed the usage (and the problem)
         return int(exc.code or 0)
-    scene = slicer.mrmlScene if inside_slicer else slicer.vtkMRMLScene()
+    scene = slicer.mrmlScene if inside_slicer else plain_scene()
     try:
         run(args, scene)
     except CeVAEError as exc:

@@ -68,6 +68,8 @@ def test_batch_writes_all_results_on_the_input_grid(oblique_head, tiny_bundle, t
     assert sum(int(r["voxels"]) for r in rows) == int((labels > 0).sum())
     with open(out / OUTPUTS[4], newline="") as fh:
         assert len(list(csv.DictReader(fh))) > 0
+    assert "100% Done" in proc.stderr  # the progress ends
+    assert "Warning" not in proc.stderr  # e.g. VTK's about a color table a scene outside Slicer lacked
 
 
 def test_batch_reports_a_missing_input_in_one_line(tmp_path):
@@ -88,9 +90,14 @@ def test_batch_refuses_to_overwrite_without_the_flag(oblique_head, tmp_path):
     assert (out / OUTPUTS[3]).read_text() == "keep me"
 
 
-def test_batch_rejects_bad_arguments(tmp_path):
-    proc = run_batch("--output-dir", tmp_path, "--score-type", "best")
-    assert proc.returncode == 2 and "usage:" in proc.stderr
+def test_batch_rejects_bad_arguments_in_one_line(tmp_path):
+    for args, problem in [(("--output-dir", tmp_path, "--score-type", "best"), "--score-type"),
+                          (("--input", tmp_path / "x.nii.gz"), "--output-dir")]:
+        proc = run_batch(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("DetectVolume: error: ") and problem in lines[0]
+        assert lines[0].endswith("(see DetectVolume.py --usage)")
 
 
 # --- inside a headless Slicer: every ending quits the application --------------------------------

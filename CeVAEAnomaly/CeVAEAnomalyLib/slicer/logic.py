@@ -33,7 +33,7 @@ import slicer
 
 from ..errors import CeVAEError
 from ..options import THOROUGH_STEPS, DetectionRequest
-from ..progress import ProgressCallback, report, scaled
+from ..progress import Cancelled, ProgressCallback, report, scaled
 from . import dependencies
 from .jobs import JOB_FOLDER_PREFIX, Launcher, WorkerJob
 
@@ -215,7 +215,12 @@ class CeVAEAnomalyLogic(_LogicBase):
         detector = Detector.from_request(self.loadModel(modelPath, request.run.device), request)
         detection = detector(image, mask, progress=scaled(progress, 0.05, 0.95))
         report(progress, 0.95, "Creating the result nodes")
-        return self.publish(volumeNode, detection, outputs, createLabelmap, show3D)
+        result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D)
+        try:
+            report(progress, 1.0, "Done")
+        except Cancelled:  # too late to cancel: the results are in the scene, whole
+            pass
+        return result
 
     def publish(self, volumeNode, detection: "DetectionResult", outputs: Optional["OutputNodes"] = None,
                 createLabelmap: bool = False, show3D: bool = False) -> CeVAEAnomalyResult:
