@@ -148,7 +148,7 @@ def run_detect(args: argparse.Namespace) -> None:
     top = result.top_slice
     log.info("Threshold %.4g (%s); %d component(s), %.2f ml flagged; most anomalous slice: %s.",
              result.threshold, result.threshold_source, len(result.components), result.flagged_ml,
-             f"index {top.index} on axis {'IJK'[top.axis]}" if top else "none")
+             f"index {top.index} on axis {top.axis} ({'IJK'[top.axis]})" if top else "none")
     log.info("Wrote %s.", ", ".join(str(p) for p in files))
 
 

@@ -116,7 +116,7 @@ class Trainer:
             log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
         if len(self.train) == 0:
             raise CeVAEError("No training slices: the images have no brain voxels.")
-        log.info("Loaded %d training slices (%d subjects), %d validation slices (%d subjects) in %.1f s.",
+        log.info("Loaded %d training slices (%d subject(s)), %d validation slices (%d subject(s)) in %.1f s.",
                  len(self.train), len(self.train_subjects), len(self.val), len(self.val_subjects),
                  time.perf_counter() - t)
 
