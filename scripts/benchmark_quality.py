@@ -388,6 +388,9 @@ def main() -> None:
     global SUBJECTS, MIN_PEAK
     MIN_PEAK = args.min_peak
     SUBJECTS = tuple(s for s in SUBJECTS if any(c["subject"] == s for c in cases.values()))
+    if len(SUBJECTS) < 2:  # every threshold of a subject comes from the others' healthy scans
+        p.error(f"{args.maps} holds the maps of {len(SUBJECTS)} held-out subject(s) ({', '.join(SUBJECTS) or 'none'}); "
+                "the held-out thresholds need at least two: train and map the folds of the other subjects too.")
     print(f"{sum(c['kind'] == 'lesion' for c in cases.values())} lesion cases, "
           f"{sum(c['kind'] == 'healthy' for c in cases.values())} healthy held-out volumes", flush=True)
     rows: Dict[str, dict] = {}
