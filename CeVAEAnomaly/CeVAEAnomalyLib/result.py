@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -119,7 +118,7 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
     from .io.naming import IMAGE_EXTENSIONS
 
     for role, path in targets.items():
-        if path is None or os.path.isdir(path):  # a folder: refused with its own message by the path checks
+        if path is None:
             continue
         name = Path(path).name.lower()
         if role in IMAGE_OUTPUTS and not name.endswith(IMAGE_EXTENSIONS):

@@ -133,10 +133,10 @@ def run_detect(args: argparse.Namespace) -> None:
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
                "components": args.components}
-    refuse_unwritable_names(targets)
     model = args.model or default_model_path()
     inputs = (args.image, args.mask, model)
     check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
+    refuse_unwritable_names(targets)
     read_header(model).threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None
