@@ -507,3 +507,21 @@ def test_a_processed_scan_picked_as_an_output_is_not_overwritten(tiny_bundle):
     assert not b.GetAttribute(nodes.ROLE_ATTRIBUTE)
     # a score volume of A's own is not taken for its labelmap or segmentation role
     assert not nodes.belongs_to(result.nodes.score, a, nodes.LABELMAP_ROLE)
+
+
+def test_a_run_sent_to_new_nodes_is_the_one_the_panel_and_the_jump_use(tiny_bundle):
+    """A later run into new output nodes ("Create new ..."): the earlier nodes keep their link to the scan, but the
+    jump, the stored tables and the outputs offered for the scan are the later run's."""
+    scene, ((a, a_mask), _) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    fresh = mrml.OutputNodes(score=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "new score"),
+                             components=scene.AddNewNodeByClass("vtkMRMLTableNode", "new table"))
+    second = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.5, outputs=fresh)
+    assert second.nodes.score is fresh.score and second.nodes.components is fresh.components
+    assert nodes.source_volume(first.nodes.components) is a  # the earlier run's table is still A's
+    stored = nodes.stored_result(second.nodes.score)
+    assert stored.components is fresh.components and stored.slice_table is second.nodes.slice_table
+    assert nodes.stored_result(first.nodes.score).components is first.nodes.components  # each score its own run
+    shown = nodes.outputs_for_input(scene, a, dict.fromkeys(nodes.PANEL_OUTPUTS))
+    assert shown["scoreVolume"] is fresh.score and shown["componentTable"] is fresh.components

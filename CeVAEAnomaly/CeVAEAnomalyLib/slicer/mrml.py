@@ -34,6 +34,7 @@ from .nodes import (
     find_output,
     link_output,
     node_ids,
+    stamp_run,
     to_numpy,
     to_world,
 )
@@ -257,6 +258,7 @@ def publish(
                                   "slice scores")
         _fill_slices(out.slice_table, result.slices)
         out.slice_chart = _slice_chart(scene, out.slice_table, volume_node, targets.slice_chart)
+        stamp_run(vars(out).values())
     return out
 
 

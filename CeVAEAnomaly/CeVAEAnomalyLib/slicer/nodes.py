@@ -2,12 +2,14 @@
 
 Outputs are linked to their input volume by a node reference (role :data:`SOURCE_REFERENCE`),
 which a scene import keeps valid when it renames clashing node IDs; the kind of output is a plain
-attribute (:data:`ROLE_ATTRIBUTE`). Light enough to import while the module panel is set up.
+attribute (:data:`ROLE_ATTRIBUTE`); the nodes one run filled share a run stamp (:data:`RUN_ATTRIBUTE`).
+Light enough to import while the module panel is set up.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import slicer
@@ -19,6 +21,7 @@ from ..errors import CeVAEError
 ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
 SOURCE_REFERENCE = "CeVAEAnomalySource"
 SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
+RUN_ATTRIBUTE = "CeVAEAnomaly.Run"  # when the run that filled the node published it (ns since the epoch)
 SCORE_ROLE = "score"
 SEGMENTATION_ROLE = "segmentation"
 LABELMAP_ROLE = "labelmap"
@@ -104,13 +107,30 @@ def has_outputs(node: slicer.vtkMRMLNode) -> bool:
     return False
 
 
-def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode):
-    """A node made earlier for the same role and source volume, or None."""
+def stamp_run(nodes: Iterable[Optional[slicer.vtkMRMLNode]]) -> None:
+    """Mark ``nodes`` as the outputs of one run, newer than every earlier run's (see :func:`find_output`)."""
+    run = str(time.time_ns())
+    for node in nodes:
+        if node is not None:
+            node.SetAttribute(RUN_ATTRIBUTE, run)
+
+
+def _run_of(node: slicer.vtkMRMLNode) -> int:
+    value = node.GetAttribute(RUN_ATTRIBUTE)
+    return int(value) if value and value.isdigit() else 0
+
+
+def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode,
+                run: Optional[str] = None):
+    """The node made for ``role`` of the source volume by the run ``run`` if there is one, else by its latest
+    run (a user may have sent a later run to new nodes: the earlier ones keep their link), or None."""
+    found = []
     for i in range(scene.GetNumberOfNodesByClass(class_name)):
         node = scene.GetNthNodeByClass(i, class_name)
         if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID():
-            return node
-    return None
+            found.append(node)
+    same_run = [node for node in found if run and node.GetAttribute(RUN_ATTRIBUTE) == run]
+    return (same_run or sorted(found, key=_run_of) or [None])[-1]
 
 
 def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
@@ -196,9 +216,10 @@ def stored_result(score: Optional[slicer.vtkMRMLScalarVolumeNode]) -> Optional[S
     scene = None if score is None else score.GetScene()
     if volume is None or scene is None:
         return None
-    return StoredResult(volume, score, find_output(scene, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume),
-                        find_output(scene, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume),
-                        find_output(scene, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE, volume))
+    run = score.GetAttribute(RUN_ATTRIBUTE)  # the tables of the run that filled this score volume
+    return StoredResult(volume, score, find_output(scene, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume, run),
+                        find_output(scene, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume, run),
+                        find_output(scene, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE, volume, run))
 
 
 def set_overlay_opacity(scene: slicer.vtkMRMLScene, score: slicer.vtkMRMLVolumeNode, opacity: float) -> int:
