@@ -225,7 +225,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpToTopSliceButton.connect("clicked(bool)", self.onJumpToTopSlice)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
-        self.ui.componentTableView.connect("selectionChanged()", self.onComponentSelected)
+        self.ui.componentTableView.connect("clicked(QModelIndex)", self.onComponentClicked)
         self.ui.brainMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onBrainMaskSegmentChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)",
                                           lambda path: self._setParameter("modelPath", path))
@@ -294,6 +294,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.adaptedModelPath = str(folder / "CeVAEAnomaly_scanner_adapted.cevae")
 
     def setParameterNode(self, inputParameterNode: Optional[CeVAEAnomalyParameterNode]) -> None:
+        self._modelValuesShownFor = None  # a new or reset node (scene closed) holds no model values yet
         if self._parameterNode:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._parameterNode = self._binding.bind(inputParameterNode, self.ui)
@@ -442,10 +443,12 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _refresh(self) -> None:
         """Enable and label everything from the state machine and the parameter node."""
+        from CeVAEAnomalyLib.slicer.adapt_panel import output_problem
+
         p = self._parameterNode
         self.state.set_ready(DETECT, p is not None and p.inputVolume is not None)
-        self.state.set_ready(CALIBRATE, p is not None and bool(p.calibratedModelPath)
-                             and len(self.ui.healthyVolumesSelector.checkedNodes()) > 0)
+        self.state.set_ready(CALIBRATE, p is not None and len(self.ui.healthyVolumesSelector.checkedNodes()) > 0
+                             and output_problem(p.calibratedModelPath, self._currentModel(), "calibrated") is None)
         adaptChoice = self._adaptChoice()
         self.state.set_ready(ADAPT, adaptChoice is not None and adaptChoice.ready)
         self.ui.adaptEstimateLabel.text = adaptChoice.message if adaptChoice is not None else ""
@@ -552,7 +555,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         outputPath = Path(p.calibratedModelPath)
         overwrite = False
         if outputPath.exists():
-            if slicer.app.testingEnabled() or not slicer.util.confirmOkCancelDisplay(
+            if slicer.app.testingEnabled() or not self._confirm(
                     _("{path} exists. Replace it?").format(path=outputPath), windowTitle=_("Calibrate")):
                 raise CeVAEError(_("{path} exists; choose another file name for the calibrated model.").format(
                     path=outputPath))
@@ -561,16 +564,28 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            postprocess=override_postprocess(p), device=p.device,
                                            overwrite=overwrite, thorough=p.thorough, **self._workerArguments())
 
+    def _currentModel(self) -> Optional[Path]:
+        """The model file detection uses now; None when none is chosen or the bundled one is missing (its own
+        message comes from the model settings)."""
+        from CeVAEAnomalyLib.data import default_model_path
+
+        p = self._parameterNode
+        if not p.useBundledModel:
+            return Path(p.modelPath) if p.modelPath else None
+        try:
+            return default_model_path()
+        except CeVAEError:
+            return None
+
     def _adaptChoice(self):
         """The adapt section's state (ready, estimate or what is missing) from the panel; None without a parameter node."""
-        from CeVAEAnomalyLib.data import default_model_path
         from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice
 
         p = self._parameterNode
         if p is None:
             return None
-        model = default_model_path() if p.useBundledModel else (Path(p.modelPath) if p.modelPath else None)
-        return adapt_choice(len(self.ui.adaptVolumesSelector.checkedNodes()), p.adaptedModelPath, model, p.device)
+        return adapt_choice(len(self.ui.adaptVolumesSelector.checkedNodes()), p.adaptedModelPath,
+                            self._currentModel(), p.device)
 
     def _startAdaptation(self):
         from CeVAEAnomalyLib.slicer.nodes import pair_masks
@@ -585,7 +600,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         overwrite = False
         if choice.existing:
             names = ", ".join(path.name for path in choice.existing)
-            if slicer.app.testingEnabled() or not slicer.util.confirmOkCancelDisplay(
+            if slicer.app.testingEnabled() or not self._confirm(
                     _("An earlier run left {names}. Replace them?").format(names=names), windowTitle=_("Adapt")):
                 raise CeVAEError(_("{names} exist; choose another file name for the adapted model.").format(names=names))
             overwrite = True
@@ -639,6 +654,18 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if hasattr(self, "ui"):
             self._refresh()
 
+    @staticmethod
+    def _confirm(text: str, windowTitle: str) -> bool:
+        """OK/Cancel with the normal cursor: a run is started under a wait cursor, which would cover the dialog."""
+        waiting = qt.QApplication.overrideCursor() is not None
+        if waiting:
+            qt.QApplication.restoreOverrideCursor()
+        try:
+            return slicer.util.confirmOkCancelDisplay(text, windowTitle=windowTitle)
+        finally:
+            if waiting:
+                qt.QApplication.setOverrideCursor(qt.QCursor(qt.Qt.WaitCursor))
+
     def _ensureDependencies(self, task: str) -> bool:
         """Before a run: offer to install torch and safetensors if they are missing or too old (the
         logic installs them). False if declined."""
@@ -651,7 +678,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise CeVAEError(unmet_message(unmet) + " " + _("Install them before testing."))
         message = unmet_message(unmet) + "\n\n" + _(
             "Install them now? PyTorch is a large download and may take several minutes.")
-        if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("Install dependencies")):
+        if not self._confirm(message, windowTitle=_("Install dependencies")):
             return False
         self.state.begin_install(task)  # pip pumps Qt events: nothing may be clickable meanwhile
         self._refresh()
@@ -672,6 +699,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not p.useBundledModel:
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
         self._updateResultsGui()
+        self.ui.componentTableView.clearSelection()  # the rows are this result's now
         self._hideModuleVolumes()
         self.ui.statusLabel.text = result.summary
         self.state.summary_shown(result.volume.GetID())
@@ -699,6 +727,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         p.useBundledModel = False
         p.modelPath = path
+        self.ui.modelPathLineEdit.currentPath = path  # also when the panel was not shown (no GUI update then)
         pathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
         self.ui.statusLabel.text = message.format(path=path)
@@ -712,7 +741,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The Results section follows the parameter node's output nodes (also after a scene reload)."""
         p = self._parameterNode
         stored = self._storedResult()
-        self.ui.componentTableView.setMRMLTableNode(p.componentTable if p else None)
+        table = p.componentTable if p else None
+        shown = self.ui.componentTableView.mrmlTableNode()
+        if (shown.GetID() if shown else None) != (table.GetID() if table else None):
+            self.ui.componentTableView.setMRMLTableNode(table)  # (it emits selectionChanged even for the same node)
         self.ui.jumpToTopSliceButton.enabled = bool(stored and stored.jump_ras)
         self.ui.showPlotButton.enabled = bool(stored and stored.slice_chart)
         self.ui.opacitySliderWidget.enabled = bool(p and p.scoreVolume)
@@ -731,14 +763,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and self._parameterNode.scoreVolume:
             self.logic.setOverlayOpacity(self._parameterNode.scoreVolume, value)
 
-    def onComponentSelected(self) -> None:
-        """Jump the slice views to the centroid of the selected component."""
-        from CeVAEAnomalyLib.slicer.nodes import component_position
+    def onComponentClicked(self, index) -> None:
+        """Jump the slice views to the centroid of the component whose row was clicked (again: jump again)."""
+        from CeVAEAnomalyLib.slicer.nodes import COMPONENT_TABLE_ROLE, ROLE_ATTRIBUTE, component_position
 
         table = self.ui.componentTableView.mrmlTableNode()
-        index = self.ui.componentTableView.currentIndex()
-        if table is None or not index.isValid():
-            return
+        if table is None or not index.isValid() or table.GetAttribute(ROLE_ATTRIBUTE) != COMPONENT_TABLE_ROLE:
+            return  # no table, or a table of something else picked as the output
         row = self.ui.componentTableView.sortFilterProxyModel().mapToSource(index).row()
         self.logic.jumpToSlice(component_position(table, row))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice
+from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice, output_problem
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions, describe_estimate
 
 
@@ -40,3 +40,13 @@ def test_it_lists_the_files_of_an_earlier_run_that_would_be_replaced(tmp_path):
     choice = adapt_choice(3, str(out), None, "cpu", AdaptOptions())
     assert choice.ready
     assert sorted(p.name for p in choice.existing) == ["scanner.cevae.ckpt", "scanner.cevae.fold2.log.csv"]
+
+
+def test_the_calibration_output_is_checked_the_same_way(tmp_path):
+    """Calibrate is ready only for a path its worker will accept: not empty, no folder, not the model it calibrates."""
+    model = tmp_path / "model.cevae"
+    model.write_bytes(b"weights")
+    assert output_problem("", model, "calibrated") == "Choose where to save the calibrated model."
+    assert "file name, not a folder" in output_problem(str(tmp_path), model, "calibrated")
+    assert "cannot replace the model it starts from" in output_problem(str(model), model, "calibrated")
+    assert output_problem(str(tmp_path / "site.cevae"), model, "calibrated") is None

@@ -411,13 +411,15 @@ def test_calibration_masks_are_paired_with_volumes_by_grid(scene):
 
 
 def test_the_modules_own_volumes_are_kept_out_of_the_input_selectors(scene):
-    """A score volume or labelmap of this module is not offered as an input, brain mask or healthy volume."""
+    """A score volume, labelmap or anomaly segmentation of this module is not offered as an input, brain mask or
+    healthy volume (the brain-mask selector takes segmentations too)."""
     image, mask = make_head()
     labelmap_input = add_volume(scene, mask, "brain", "vtkMRMLLabelMapVolumeNode")
     volume = add_volume(scene, image, "head")
     assert nodes.first_input_volume(scene) is volume and nodes.module_volume_ids(scene) == []
     out = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
-    assert sorted(nodes.module_volume_ids(scene)) == sorted([out.score.GetID(), out.labelmap.GetID()])
+    assert sorted(nodes.module_volume_ids(scene)) == sorted([out.score.GetID(), out.labelmap.GetID(),
+                                                             out.segmentation.GetID()])
     assert labelmap_input.GetID() not in nodes.module_volume_ids(scene)
     scene.RemoveNode(volume)  # the score volume is now the first scalar volume: not the default input
     assert nodes.first_input_volume(scene) is None

@@ -523,3 +523,19 @@ def test_every_entry_point_refuses_a_bad_option_with_one_message(scene_with_head
                             capture_output=True, text=True, timeout=300)
     assert script.returncode == 1 and script.stderr.strip().splitlines()[-1] == f"DetectVolume: error: {message}"
     assert not out.exists()
+
+
+def test_the_widget_keeps_the_views_and_fields_where_the_user_left_them():
+    """Read from the source (Qt runs only inside Slicer): qMRMLTableView.setMRMLTableNode emits selectionChanged
+    even for the node it shows, so the jump follows a click instead, and the table is set only when it changes;
+    a reset parameter node gets the model's values again; a missing bundled model leaves the panel usable."""
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "componentTableView.connect('clicked(QModelIndex)', self.onComponentClicked)" in methods["setup"]
+    assert "selectionChanged()" not in "".join(methods.values())
+    assert "!= (table.GetID() if table else None)" in methods["_updateResultsGui"]
+    assert "COMPONENT_TABLE_ROLE" in methods["onComponentClicked"]
+    assert methods["setParameterNode"].index("self._modelValuesShownFor = None") < \
+        methods["setParameterNode"].index("self._binding.bind")
+    assert "except CeVAEError" in methods["_currentModel"] and "default_model_path()" not in methods["_adaptChoice"]
+    assert "slicer.util.confirmOkCancelDisplay" not in "".join(v for k, v in methods.items() if k != "_confirm")

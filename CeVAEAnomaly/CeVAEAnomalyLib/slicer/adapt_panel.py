@@ -1,5 +1,5 @@
-"""What the "Adapt to this scanner" section offers before a run: ready or not, the time it will take,
-and which files it would replace (Qt-free; the widget shows it and asks before replacing)."""
+"""What the "Adapt to this scanner" and calibration sections offer before a run: ready or not, the time it
+will take, and which files it would replace (Qt-free; the widget shows it and asks before replacing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,18 +20,28 @@ class AdaptChoice:
     existing: List[Path] = field(default_factory=list)
 
 
+def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[str]:
+    """Why the ``kind`` ("adapted", "calibrated") model cannot be saved at ``output``, or None: no path, a
+    folder, or the model it starts from (which a run never replaces)."""
+    if not output:
+        return f"Choose where to save the {kind} model."
+    out = Path(output)
+    if out.is_dir():
+        return f"The {kind} model needs a file name, not a folder."
+    if model is not None and Inputs([model]).which(out) is not None:
+        return f"Save the {kind} model under a new name; it cannot replace the model it starts from."
+    return None
+
+
 def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
                  options: AdaptOptions = AdaptOptions()) -> AdaptChoice:
     """The section's state for ``volumes`` chosen healthy volumes, the output path typed and the current model."""
     if volumes < MIN_SCANS:
         return AdaptChoice(False, f"Choose at least {MIN_SCANS} healthy volumes: each is held out once to calibrate "
                                   "the model fine-tuned on the others.")
-    if not output:
-        return AdaptChoice(False, "Choose where to save the adapted model.")
+    problem = output_problem(output, model, "adapted")
+    if problem is not None:
+        return AdaptChoice(False, problem)
     out = Path(output)
-    if out.is_dir():
-        return AdaptChoice(False, "The adapted model needs a file name, not a folder.")
-    if model is not None and Inputs([model]).which(out) is not None:
-        return AdaptChoice(False, "Save the adapted model under a new name; it cannot replace the model it starts from.")
     existing = [p for p in output_paths(out, volumes, options) if p.exists()]
     return AdaptChoice(True, describe_estimate(volumes, device, options), existing)

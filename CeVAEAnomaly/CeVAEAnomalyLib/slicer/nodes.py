@@ -134,13 +134,14 @@ def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: 
 
 
 def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
-    """IDs of the volumes this module made (score volumes, labelmaps): the selectors of inputs and
-    healthy volumes hide them."""
+    """IDs of the volumes and segmentations this module made (score volumes, labelmaps, anomaly
+    segmentations): the selectors of inputs, masks and healthy volumes hide them."""
     found = []
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
-        if node.GetAttribute(ROLE_ATTRIBUTE):
-            found.append(node.GetID())
+    for class_name in ("vtkMRMLVolumeNode", "vtkMRMLSegmentationNode"):
+        for i in range(scene.GetNumberOfNodesByClass(class_name)):
+            node = scene.GetNthNodeByClass(i, class_name)
+            if node.GetAttribute(ROLE_ATTRIBUTE):
+                found.append(node.GetID())
     return found
 
 
