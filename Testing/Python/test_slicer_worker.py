@@ -460,12 +460,18 @@ def test_a_second_scan_never_replaces_the_first_scans_results(tiny_bundle):
     assert again.nodes.score is second.nodes.score and again.nodes.components is second.nodes.components
 
 
-def test_the_panel_shows_each_inputs_own_outputs(tiny_bundle):
+def first_scan_processed(tiny_bundle):
+    """Two heads, A processed; the output fields the panel then shows for A."""
     scene, ((a, a_mask), (b, b_mask)) = two_heads()
     logic = CeVAEAnomalyLogic()
     first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
     panel = {"scoreVolume": first.nodes.score, "anomalySegmentation": first.nodes.segmentation,
              "anomalyLabelmap": None, "componentTable": first.nodes.components}
+    return scene, logic, (a, b, b_mask), first, panel
+
+
+def test_the_panel_shows_each_inputs_own_outputs(tiny_bundle):
+    scene, logic, (a, b, b_mask), first, panel = first_scan_processed(tiny_bundle)
     assert nodes.outputs_for_input(scene, a, panel) == panel
     assert nodes.outputs_for_input(scene, b, panel) == dict.fromkeys(panel)  # B has none yet: made on Apply
     second = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
@@ -479,11 +485,7 @@ def test_the_panel_shows_each_inputs_own_outputs(tiny_bundle):
 
 def test_the_outputs_of_a_deleted_scan_are_not_offered_to_the_next(tiny_bundle):
     """MRML drops an output's reference when its input is deleted; the output still holds that input's results."""
-    scene, ((a, a_mask), (b, b_mask)) = two_heads()
-    logic = CeVAEAnomalyLogic()
-    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
-    panel = {"scoreVolume": first.nodes.score, "anomalySegmentation": first.nodes.segmentation,
-             "anomalyLabelmap": None, "componentTable": first.nodes.components}
+    scene, logic, (a, b, b_mask), first, panel = first_scan_processed(tiny_bundle)
     scene.RemoveNode(a)
     assert nodes.source_volume(first.nodes.score) is None  # the orphan keeps its role, not its source
     assert nodes.outputs_for_input(scene, b, panel) == dict.fromkeys(panel)
