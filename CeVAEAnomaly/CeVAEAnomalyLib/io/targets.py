@@ -11,10 +11,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from ..errors import CeVAEError
+from .detached import NumberedFiles, read_alongside
 
 
 def special_file_kind(p: Path) -> Optional[str]:
@@ -109,54 +111,6 @@ def refuse_overlong_name(target: Path) -> None:
                          f"{PATH_MAX - 1} bytes. Choose a shorter path.")
 
 
-_HEADER_SIZE = 65536  # bytes of a detached header read to find its data file
-
-
-def _header_data_names(path: Path) -> List[str]:
-    """The data file names a detached header announces: MetaImage ``ElementDataFile`` and NRRD ``data file``
-    (one name, ``LIST`` followed by one name a line, or a ``printf`` pattern with first, last and step)."""
-    key = {".mhd": "elementdatafile", ".mha": "elementdatafile", ".nhdr": "data file", ".nrrd": "data file"}
-    want = key.get(path.suffix.lower())
-    if want is None:
-        return []
-    try:
-        with open(path, "rb") as fh:
-            lines = fh.read(_HEADER_SIZE).decode("latin-1").splitlines()
-    except OSError:
-        return []
-    sep = "=" if want == "elementdatafile" else ":"
-    for i, line in enumerate(lines):
-        name, found, value = line.partition(sep)
-        if not found or name.strip().lower() not in (want, "datafile"):
-            continue
-        words = value.split()
-        if not words or words[0].upper() == "LOCAL":
-            return []
-        if words[0].upper() == "LIST":
-            return [w.strip() for w in lines[i + 1:] if w.strip()]
-        if "%" in words[0] and len(words) >= 3:
-            try:
-                first, last = int(words[1]), int(words[2])
-                step = int(words[3]) if len(words) > 3 else 1
-                return [words[0] % k for k in range(first, last + (1 if step > 0 else -1), step or 1)]
-            except (ValueError, TypeError):
-                return []
-        return [value.strip()]
-    return []
-
-
-def read_alongside(path: Path) -> List[Path]:
-    """The files that reading the volume file ``path`` also opens: the data file(s) its detached header names
-    (MetaImage, NRRD) and the other half of an Analyze/NIfTI ``.hdr``/``.img`` pair."""
-    out = [path.parent / name for name in _header_data_names(path)]
-    name = path.name.lower()
-    for a, b in ((".hdr", ".img"), (".img", ".hdr"), (".hdr.gz", ".img.gz"), (".img.gz", ".hdr.gz")):
-        if name.endswith(a):
-            stem = path.name[: -len(a)]
-            out += [path.parent / (stem + b), path.parent / (stem + b.upper())]
-    return out
-
-
 class Inputs:
     """Everything a command reads, to compare outputs against (by resolved path and by inode): the files
     named, the data files their headers name, and everything inside an input folder."""
@@ -164,6 +118,7 @@ class Inputs:
     def __init__(self, paths: Iterable[Optional[Path]] = ()) -> None:
         self.names: Dict[Union[Path, Tuple[int, int]], Path] = {}  # resolved path or (device, inode)
         self.folders: Dict[Path, Path] = {}  # resolved input folder -> as given
+        self.numbered: List[Tuple[NumberedFiles, Path]] = []  # a header's numbered data files (resolved folder)
         for p in paths:
             if p is not None:
                 self.add(Path(p))
@@ -180,8 +135,12 @@ class Inputs:
             return
         self.names[(st.st_dev, st.st_ino)] = named
         if named is path:
-            for other in read_alongside(path):
+            alongside = read_alongside(path)
+            for other in alongside.files:
                 self.add(other, path)
+            self.numbered += [(replace(n, folder=resolved(n.folder)), path) for n in alongside.numbered]
+            if alongside.folder is not None:
+                self.folders[resolved(alongside.folder)] = path
 
     def which(self, target: Path) -> Optional[Path]:
         """The input that ``target`` would replace or write into, if any."""
@@ -191,6 +150,9 @@ class Inputs:
         for folder in where.parents:
             if folder in self.folders:
                 return self.folders[folder]
+        for files, named in self.numbered:
+            if files.holds(where):
+                return named
         try:
             st = os.stat(target)
         except OSError:
