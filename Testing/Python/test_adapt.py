@@ -321,3 +321,17 @@ def test_a_dicom_series_folder_is_a_site_scan_like_in_train(tmp_path):
     assert adapt_mod._checksums([Subject(series)]) == {series: sha256_of(series)}
     with pytest.raises(CeVAEError, match="does not exist"):
         adapt_mod._checksums([Subject(tmp_path / "missing.nii.gz")])
+
+
+def test_a_checkpoint_that_recorded_its_base_by_path_resumes_with_the_same_content(tiny_bundle, tmp_path):
+    """Checkpoints written before the base model was recorded by its SHA-256 named it by path."""
+    from CeVAEAnomalyLib.training.checkpoint import check_same_run
+
+    base = tmp_path / "base.cevae"
+    base.write_bytes(tiny_bundle.read_bytes())
+    current = {"options": {"init_from": {"sha256": sha256_of(base)}, "seed": 0}, "train": [], "validation": []}
+    older = {"options": {"init_from": str(base), "seed": 0}, "train": [], "validation": []}
+    check_same_run(older, current, tmp_path / "site.cevae.ckpt")  # the same file, the same content: resumes
+    base.write_bytes(tiny_bundle.read_bytes() + b"\0")  # replaced since
+    with pytest.raises(CeVAEError, match=r"init_from \("):
+        check_same_run(older, current, tmp_path / "site.cevae.ckpt")

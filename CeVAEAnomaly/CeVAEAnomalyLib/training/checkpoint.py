@@ -105,13 +105,29 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
         raise CeVAEError(f"The checkpoint {path} does not record what defines its run; start anew with "
                          "--overwrite instead of --resume.")
     differences = [f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)"
-                   for key, was, now in _changed_options(saved["options"], current["options"])]
+                   for key, was, now in _changed_options(_base_by_content(saved["options"], current["options"]),
+                                                         current["options"])]
     for role in ("train", "validation"):
         differences += _changed_volumes(role, saved[role], current[role])
     if differences:
         raise CeVAEError(f"--resume refused: the checkpoint {path} belongs to another run: "
                          f"{'; '.join(differences)}. Resume with the same volumes and options, or start "
                          "anew with --overwrite.")
+
+
+def _base_by_content(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``saved`` with a base model recorded by its path (checkpoints written before the base was recorded by its
+    SHA-256) taken as the current one when that file still holds the same content."""
+    was, now = saved.get("init_from"), current.get("init_from")
+    if not (isinstance(was, str) and isinstance(now, Mapping)):
+        return saved
+    from ..io.checksum import sha256_of
+
+    try:
+        same = sha256_of(Path(was)) == now.get("sha256")
+    except OSError:
+        return saved
+    return dict(saved, init_from=now) if same else saved
 
 
 def _plain(value: Any) -> Any:

@@ -74,6 +74,7 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         self.dist = init_distributed(self.device)
         self.checksums = file_checksums(subjects, self.dist)
+        self._identity: Optional[Dict[str, object]] = None
         subjects = unique_subjects(subjects, self.checksums)
         self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -227,9 +228,12 @@ class Trainer:
         self.saved_step = self.step
 
     def run_identity(self) -> Dict[str, object]:
-        """This run's options (preprocessing included), volumes and split, as checkpoints record them."""
-        options = dict(self.cfg.run_options(), preprocess=self.pre.to_dict())
-        return run_identity(options, self.train_subjects, self.val_subjects, self.checksums)
+        """This run's options (preprocessing included), volumes and split, as checkpoints record them; made once
+        (the base model of a fine-tuning is read for its checksum once, not at every checkpoint)."""
+        if self._identity is None:
+            options = dict(self.cfg.run_options(), preprocess=self.pre.to_dict())
+            self._identity = run_identity(options, self.train_subjects, self.val_subjects, self.checksums)
+        return self._identity
 
     def load_checkpoint(self) -> None:
         """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
