@@ -524,6 +524,10 @@ def test_a_run_sent_to_new_nodes_is_the_one_the_panel_and_the_jump_use(tiny_bund
     assert nodes.source_volume(first.nodes.components) is a  # the earlier run's table is still A's
     stored = nodes.stored_result(second.nodes.score)
     assert stored.components is fresh.components and stored.slice_table is second.nodes.slice_table
-    assert nodes.stored_result(first.nodes.score).components is first.nodes.components  # each score its own run
+    for name in ("slice_table", "slice_chart", "segmentation"):  # the earlier run's nodes are left as they were
+        assert getattr(second.nodes, name) is not getattr(first.nodes, name), name
+    earlier = nodes.stored_result(first.nodes.score)  # each score volume with its own run's tables and chart
+    assert (earlier.components, earlier.slice_table, earlier.slice_chart) == (
+        first.nodes.components, first.nodes.slice_table, first.nodes.slice_chart)
     shown = nodes.outputs_for_input(scene, a, dict.fromkeys(nodes.PANEL_OUTPUTS))
     assert shown["scoreVolume"] is fresh.score and shown["componentTable"] is fresh.components

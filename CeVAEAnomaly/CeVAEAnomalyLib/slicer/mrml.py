@@ -25,6 +25,7 @@ from .nodes import (
     COMPONENT_TABLE_ROLE,
     LABELMAP_ROLE,
     ROLE_ATTRIBUTE,
+    RUN_ATTRIBUTE,
     SCORE_ROLE,
     SEGMENTATION_ROLE,
     SLICE_AXIS_ATTRIBUTE,
@@ -34,6 +35,7 @@ from .nodes import (
     find_output,
     link_output,
     node_ids,
+    source_volume,
     stamp_run,
     to_numpy,
     to_world,
@@ -196,16 +198,34 @@ def _mask_from_segmentation(
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def _output(scene, existing, class_name: str, role: str, source, suffix: str):
+NEWEST = "newest"  # _output's ``group``: reuse the source's latest node of the role
+
+
+def _output(scene, existing, class_name: str, role: str, source, suffix: str, group: Optional[str] = NEWEST):
+    """``existing`` if it may hold these results, else the node of the same role and source to reuse: of the run
+    ``group`` (the run whose nodes this one updates), of the latest run (:data:`NEWEST`), or none (None: new)."""
     if existing is not None and not belongs_to(existing, source, role):
         log.info("'%s' holds other results or is a processed input; the results of '%s' go elsewhere.",
                  existing.GetName(), source.GetName())
         existing = None
-    node = existing or find_output(scene, class_name, role, source)
+    if existing is None and group is not None:
+        existing = (find_output(scene, class_name, role, source) if group == NEWEST
+                    else find_output(scene, class_name, role, source, group, exact=True))
+    node = existing
     if node is None:
         node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}"))
     link_output(node, role, source)
     return node
+
+
+def _group_of(score: slicer.vtkMRMLNode, source) -> Optional[str]:
+    """Which earlier nodes a run into the score volume ``score`` updates: those of the run that last filled it
+    (its run stamp), :data:`NEWEST` for one filled before runs were stamped, none (None) for a new score volume,
+    so that a run sent to a new score volume leaves the earlier run's tables and chart as they were."""
+    run = score.GetAttribute(RUN_ATTRIBUTE)
+    if run:
+        return run
+    return NEWEST if source_volume(score) is source and score.GetImageData() is not None else None
 
 
 def _in_scene(scene: slicer.vtkMRMLScene, targets: OutputNodes) -> OutputNodes:
@@ -241,24 +261,25 @@ def publish(
     with transaction(scene):
         out = OutputNodes()
         out.score = _output(scene, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node, "anomaly score")
+        group = _group_of(out.score, volume_node)
         _fill_volume(out.score, volume_node, result.score)
         _show_scores(scene, out.score, result.threshold, result.score, result.brain_mask)
         if targets.labelmap is not None or create_labelmap:
             out.labelmap = _output(scene, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
-                                   "anomaly labelmap")
+                                   "anomaly labelmap", group)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.CreateDefaultDisplayNodes()
         out.segmentation = _output(scene, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
-                                   volume_node, "anomaly segmentation")
+                                   volume_node, "anomaly segmentation", group)
         _fill_segmentation(scene, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
         out.components = _output(scene, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE, volume_node,
-                                 "anomaly components")
+                                 "anomaly components", group)
         _fill_components(out.components, volume_node, result.components)
         out.slice_table = _output(scene, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
-                                  "slice scores")
+                                  "slice scores", group)
         _fill_slices(out.slice_table, result.slices)
-        out.slice_chart = _slice_chart(scene, out.slice_table, volume_node, targets.slice_chart)
-        stamp_run(vars(out).values())
+        out.slice_chart = _slice_chart(scene, out.slice_table, volume_node, targets.slice_chart, group)
+        stamp_run([*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)])  # the chart's series too
     return out
 
 
@@ -435,14 +456,15 @@ def _fill_slices(table_node, rows) -> None:
     ])
 
 
-def _slice_chart(scene, table_node, volume_node, existing) -> slicer.vtkMRMLPlotChartNode:
-    series = _output(scene, None, "vtkMRMLPlotSeriesNode", "slice series", volume_node, "slice score series")
+def _slice_chart(scene, table_node, volume_node, existing, group: Optional[str]) -> slicer.vtkMRMLPlotChartNode:
+    series = _output(scene, None, "vtkMRMLPlotSeriesNode", "slice series", volume_node, "slice score series", group)
     series.SetAndObserveTableNodeID(table_node.GetID())
     series.SetXColumnName("Slice")
     series.SetYColumnName("Slice anomaly")
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
     series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
-    chart = _output(scene, existing, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume_node, "slice scores chart")
+    chart = _output(scene, existing, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume_node, "slice scores chart",
+                    group)
     chart.RemoveAllPlotSeriesNodeIDs()
     chart.AddAndObservePlotSeriesNodeID(series.GetID())
     chart.SetTitle(f"{volume_node.GetName()}: anomaly per slice")

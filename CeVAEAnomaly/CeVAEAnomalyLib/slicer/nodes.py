@@ -121,15 +121,18 @@ def _run_of(node: slicer.vtkMRMLNode) -> int:
 
 
 def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode,
-                run: Optional[str] = None):
-    """The node made for ``role`` of the source volume by the run ``run`` if there is one, else by its latest
-    run (a user may have sent a later run to new nodes: the earlier ones keep their link), or None."""
+                run: Optional[str] = None, exact: bool = False):
+    """The node made for ``role`` of the source volume by the run ``run`` if there is one, else (unless
+    ``exact``) by its latest run (a user may have sent a later run to new nodes: the earlier ones keep their
+    link), or None."""
     found = []
     for i in range(scene.GetNumberOfNodesByClass(class_name)):
         node = scene.GetNthNodeByClass(i, class_name)
         if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID():
             found.append(node)
     same_run = [node for node in found if run and node.GetAttribute(RUN_ATTRIBUTE) == run]
+    if exact:
+        return same_run[-1] if same_run else None
     return (same_run or sorted(found, key=_run_of) or [None])[-1]
 
 
