@@ -66,6 +66,8 @@ def held_out_thresholds(files: Dict[Tuple[str, str], List[Path]]) -> Dict[str, f
             if v == "clean" and p.name.endswith("--healthy.npz"):
                 c = ba.load(p)
                 tops[s] = ba.healthy_top(ba.MAPS["default"](c)[c["brain"]])
+    if len(tops) < 2:
+        return {}
     return {s: ba.quantile_threshold([t for o, t in tops.items() if o != s], ba.SHIPPED_FPR) for s in tops}
 
 
@@ -86,14 +88,17 @@ def main() -> None:
     args = p.parse_args()
     files = ba.index(args.maps)
     thresholds = held_out_thresholds(files)
+    if len(thresholds) < 2:  # each subject's threshold comes from the others' clean healthy maps
+        p.error(f"{args.maps} holds the clean healthy maps of {len(thresholds)} subject(s); the held-out "
+                "thresholds need at least two (run benchmark_acquisition_maps.py for every subject).")
     cases: List[Tuple[str, str, Dict[str, float]]] = []
     for (s, v), paths in sorted(files.items()):
         for path in paths:
             if path.name.endswith("--healthy.npz") or "--train-" in path.name:
                 continue
             c = ba.load(path)
-            if c["recipe"] == ba.TERMS_RECIPE or not c["gt"].any():
-                continue
+            if c["recipe"] == ba.TERMS_RECIPE or not c["gt"].any() or s not in thresholds:
+                continue  # moved tissue, lesions cut off, or a subject without its clean healthy map
             cases.append((v, str(c["recipe"]), case_figures(c, ba.MAPS["default"](c), thresholds[s])))
     groups: Dict[str, List[Dict[str, float]]] = defaultdict(list)
     for v, recipe, figs in cases:
