@@ -89,8 +89,8 @@ def main() -> None:
     files = ba.index(args.maps)
     thresholds = held_out_thresholds(files)
     if len(thresholds) < 2:  # each subject's threshold comes from the others' clean healthy maps
-        p.error(f"{args.maps} holds the clean healthy maps of {len(thresholds)} subject(s); the held-out "
-                "thresholds need at least two (run benchmark_acquisition_maps.py for every subject).")
+        p.error(f"{args.maps} holds the clean healthy maps of fewer than two subjects; the held-out thresholds "
+                "need at least two (run benchmark_acquisition_maps.py for every subject).")
     cases: List[Tuple[str, str, Dict[str, float]]] = []
     for (s, v), paths in sorted(files.items()):
         for path in paths:
