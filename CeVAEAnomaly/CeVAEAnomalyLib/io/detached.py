@@ -18,7 +18,8 @@ _HEAD_BYTES = 65536  # where the data file's field is looked for
 _LIST_BYTES = 64 << 20  # a LIST header longer than this protects its whole folder instead
 _KEYS = {".mhd": ("elementdatafile", "="), ".mha": ("elementdatafile", "="),
          ".nhdr": ("data file", ":"), ".nrrd": ("data file", ":")}
-_PAIRS = ((".hdr", (".img", ".img.gz")), (".img", (".hdr",)), (".hdr.gz", (".img.gz",)), (".img.gz", (".hdr.gz", ".hdr")))
+_PAIRS = ((".hdr", (".img", ".img.gz")), (".img", (".hdr",)), (".hdr.gz", (".img.gz",)),
+          (".img.gz", (".hdr.gz", ".hdr")))  # an Analyze/NIfTI pair: name ending -> the other half's
 _INTEGER_FIELD = re.compile(r"%0?\d*d")
 
 
@@ -31,6 +32,7 @@ class NumberedFiles:
     numbers: range
 
     def holds(self, path: Path) -> bool:
+        """Whether ``path`` (resolved) is one of these files."""
         if path.parent != self.folder:
             return False
         head, tail = _INTEGER_FIELD.split(self.fmt)

@@ -68,7 +68,8 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():  # weights_only refused to import a name: an object, not tensors or data
-            raise damaged(path, "it holds objects other than tensors and plain data, which are never unpickled") from None
+            raise damaged(path, "it holds objects other than tensors and plain data, which are never "
+                                "unpickled") from None
         raise damaged(path, "it cannot be read as a checkpoint: UnpicklingError") from None
     except Exception as exc:  # noqa: BLE001 - truncated zip, random bytes, a bundle renamed: torch's many types
         raise damaged(path, f"it cannot be read as a checkpoint: {type(exc).__name__}") from None
