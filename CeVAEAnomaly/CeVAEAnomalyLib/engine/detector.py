@@ -104,7 +104,7 @@ class Detector:
         comps = components(labelmap, score, COMPONENT_ORDER)
         brain_img = region_image(inside.view(np.uint8), image, region)
         labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
-        report(progress, 1.0, "Done")
+        report(progress, 1.0, "Detection done")
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
 
     def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image],
