@@ -170,3 +170,27 @@ def test_clinical_thick_post_contrast_head_keeps_its_mask():
     mask = compute_brain_mask(image)
     assert_same_grid(mask, image)
     assert dice(mask, reference) >= 0.9
+
+
+def test_a_mask_that_cannot_be_trusted_is_said_so(caplog):
+    """The bundled colin27 head (with skull, air exactly 0): whole, it is masked without a word; one hemisphere
+    passes for a skull-stripped brain and its mask reaches the image's edge; two heads side by side get a mask
+    half outside them. Both are warned about (a user then checks the mask or gives one)."""
+    import logging
+
+    head = sitk.ReadImage(str(default_template_dir() / TEMPLATE_T1))
+    with caplog.at_level(logging.WARNING):
+        compute_brain_mask(head)
+    assert "automatic brain mask" not in caplog.text
+    size = head.GetSize()
+    hemisphere = head[: size[0] // 2, :, :]
+    with caplog.at_level(logging.WARNING):
+        compute_brain_mask(hemisphere)
+    assert "The automatic brain mask reaches the edge of the image" in caplog.text
+    caplog.clear()
+    arr = sitk.GetArrayFromImage(head)
+    two = sitk.GetImageFromArray(np.concatenate([arr, arr], axis=2))
+    two.SetSpacing(head.GetSpacing())
+    with caplog.at_level(logging.WARNING):
+        compute_brain_mask(two)
+    assert "The automatic brain mask fits the image poorly" in caplog.text

@@ -38,6 +38,8 @@ _BACKGROUND_LEVEL = 0.01  # foreground: above the minimum by this share of the r
 _STRIPPED_MAX_ML = 2500.0  # a foreground this small is a brain (adult heads are > 3 L)
 _STRIPPED_MIN_CONSTANT = 0.1  # a skull-stripped image has at least this share of voxels at its minimum
 _PLAUSIBLE_ML = (500.0, 3000.0)
+_MAX_MASK_OUTSIDE_HEAD = 0.05  # share of a fitting mask in the background (whole heads: 0 %; two heads: 22 %)
+_MAX_MASK_ON_EDGE = 0.01  # share of the image's border in a fitting mask (whole heads: 0.03 % at most)
 
 
 def default_template_dir() -> Path:
@@ -95,6 +97,7 @@ def compute_brain_mask(
     report(progress, 0.9, "Cleaning brain mask")
     mask = _largest_filled_component(mask)
     _check_volume(mask)
+    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, sitk.GetArrayViewFromImage(intensities) > background)
     report(progress, 1.0, "Brain mask done")
     return mask
 
@@ -291,6 +294,22 @@ def _largest_filled_component(mask: sitk.Image) -> sitk.Image:
     components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.Cast(mask, sitk.sitkUInt8)),
                                        sortByObjectSize=True)
     return sitk.Cast(sitk.BinaryFillhole(components == 1), sitk.sitkUInt8)
+
+
+def _check_fit(mask: np.ndarray, foreground: np.ndarray) -> None:
+    """Warn where the automatic mask cannot be trusted: much of it outside the head (the template did not
+    register: an unusual pose or header, two heads), or reaching the image's edge (a partial field of view, where
+    a cut-off head with noise-free air also passes for a skull-stripped brain and keeps its skull)."""
+    outside = float(np.mean(~foreground[mask]))
+    if outside > _MAX_MASK_OUTSIDE_HEAD:
+        logger.warning("The automatic brain mask fits the image poorly: %.0f %% of it lies outside the head (an "
+                       "unusual head position or header?); check it, or give a brain mask.", 100 * outside)
+    faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
+    edge = sum(int(np.count_nonzero(f)) for f in faces) / sum(f.size for f in faces)
+    if edge > _MAX_MASK_ON_EDGE:
+        logger.warning("The automatic brain mask reaches the edge of the image (%.0f %% of its border): the scan "
+                       "covers part of the head, and the mask may hold more than the brain; check it, or give a "
+                       "brain mask.", 100 * edge)
 
 
 def _check_volume(mask: sitk.Image) -> None:
