@@ -28,6 +28,7 @@ from ..errors import CeVAEError
 log = logging.getLogger(__name__)
 Launcher = Callable[[List[str]], subprocess.Popen]
 STOP_WAIT_S = 0.5  # after terminate(), how long to wait before kill()
+KILL_WAIT_S = 5.0  # after kill(), how long Cancel may wait for the process to go (the GUI waits meanwhile)
 JOB_FOLDER_PREFIX = "CeVAEAnomaly-"  # a job's temporary folder (inputs, request, results)
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
               "from CeVAEAnomalyLib.slicer.worker import main; sys.exit(main(sys.argv[2:]))")
@@ -92,7 +93,11 @@ def stop_process_tree(process: subprocess.Popen, own_group: bool) -> None:
             process.wait(STOP_WAIT_S)
         except subprocess.TimeoutExpired:
             process.kill()
-    process.wait()
+    try:
+        process.wait(KILL_WAIT_S)
+    except subprocess.TimeoutExpired:  # killed, but in uninterruptible I/O (a hung disk or GPU driver)
+        log.warning("The worker (pid %d) has not ended yet after SIGKILL; it ends when its I/O returns.",
+                    process.pid)
 
 
 def _signal_group(group: int, signum: int) -> bool:
