@@ -130,9 +130,11 @@ def test_demo_never_replaces_existing_files_without_overwrite(tmp_path, tiny_bun
     (["prepare", "{h}", "--cache-dir", "{file}/cache"], r"cache folder .*/cache would be under .*, which is a file"),
     (["prepare", "{h}", "--cache-dir", "{tmp}/cache", "--input-size", "33"], r"Input size 33 is not supported"),
     (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "2"],
-     r"--default-fpr is a rate between 0 and 1 \(e\.g\. 0\.001\), got 2\."),
+     r"--default-fpr must be a rate the calibration covers, from 1e-06 to 0\.5 \(e\.g\. 0\.001\), got 2\."),
     (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "nan"],
-     r"--default-fpr is a rate between 0 and 1"),
+     r"--default-fpr must be a rate the calibration covers"),
+    (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "1e-12"],
+     r"--default-fpr must be a rate the calibration covers, from 1e-06 to 0\.5 \(e\.g\. 0\.001\), got 1e-12\."),
 ])
 def test_bad_options_are_refused_in_one_line_before_work(tmp_path, tiny_bundle, capsys, argv, message):
     """Found by trying odd inputs on every command: these ended in exit 1 "unexpected", or in exit 0 with an

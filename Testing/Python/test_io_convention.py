@@ -24,16 +24,33 @@ def test_subject_names_use_the_file_stem(tmp_path):
     assert Subject(tmp_path / "sub-01_T1w.nii.gz").name == "sub-01_T1w"
 
 
-def test_list_reader_resolves_paths_and_skips_rows_without_key(tmp_path):
+def test_list_reader_resolves_paths_and_skips_empty_rows(tmp_path):
     (tmp_path / "list.csv").write_text(" image , mask ,name\n"
                                        "a.nii.gz,a_mask.nii.gz,first\n"
-                                       ",,blank\n"
+                                       ",,\n"
                                        f"{tmp_path}/abs/b.nrrd,,\n")
     rows = read_rows(tmp_path / "list.csv", "image", ("image", "mask"), "list", others=("name",))
     assert [r.line for r in rows] == [2, 4]
     assert rows[0].files == {"image": tmp_path / "a.nii.gz", "mask": tmp_path / "a_mask.nii.gz"}
     assert rows[0].cells == {"name": "first"}
     assert rows[1].files == {"image": tmp_path / "abs" / "b.nrrd", "mask": None} and rows[1].cells == {"name": ""}
+
+
+def test_a_row_without_its_key_or_a_column_in_other_case_is_refused_and_unread_columns_are_said(tmp_path, caplog):
+    """An evaluation case whose score cell is empty, or a 'GT' column, would silently lose lesions."""
+    import logging
+
+    cases = tmp_path / "cases.csv"
+    cases.write_text("score,gt,name\na.nii.gz,a_gt.nii.gz,a\n,b_gt.nii.gz,b\n")
+    with pytest.raises(CeVAEError, match=r"cases\.csv, line 3: the row has no 'score'; fill it in or remove the row"):
+        read_rows(cases, "score", ("score", "gt"), "cases CSV", others=("name",))
+    cases.write_text("score,GT\na.nii.gz,a_gt.nii.gz\n")
+    with pytest.raises(CeVAEError, match=r"has a column 'GT'; column names are lower case: 'gt'"):
+        read_rows(cases, "score", ("score", "gt"), "cases CSV")
+    cases.write_text("score,ground_truth\na.nii.gz,a_gt.nii.gz\n")
+    with caplog.at_level(logging.WARNING):
+        assert len(read_rows(cases, "score", ("score", "gt"), "cases CSV")) == 1
+    assert "has column(s) 'ground_truth' that are not read (it reads 'score', 'gt')" in caplog.text
 
 
 @pytest.mark.parametrize("content, message", [

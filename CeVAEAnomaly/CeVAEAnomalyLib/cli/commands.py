@@ -157,13 +157,16 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..engine.bundle import load_bundle
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
+    from ..engine.calibration import FPR_GRID
     from ..io.targets import check_paths
     from ..options import DetectionRequest
     from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)
-    if args.default_fpr is not None and not 0 < args.default_fpr < 1:  # also refuses NaN
-        raise CeVAEError(f"--default-fpr is a rate between 0 and 1 (e.g. 0.001), got {args.default_fpr:g}.")
+    low, high = float(FPR_GRID[0]), float(FPR_GRID[-1])  # the rates a calibration holds thresholds for
+    if args.default_fpr is not None and not low <= args.default_fpr <= high:  # also refuses NaN
+        raise CeVAEError(f"--default-fpr must be a rate the calibration covers, from {low:g} to {high:g} (e.g. "
+                         f"0.001), got {args.default_fpr:g}.")
     subjects = _healthy_subjects(args, "calibration")
     src = Path(args.model or default_model_path())
     check_paths([args.out], args.overwrite,

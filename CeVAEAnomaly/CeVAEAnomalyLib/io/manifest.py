@@ -1,18 +1,22 @@
 """The one reader of CSV lists of files (train and calibrate manifests, batch lists, evaluation cases).
 
 A list is UTF-8 (with or without the byte-order mark Excel writes) and has a header row; file
-columns hold paths relative to the CSV's folder (or absolute); cells are stripped; rows whose key
-column is empty are skipped.
+columns hold paths relative to the CSV's folder (or absolute); cells are stripped; empty rows are
+skipped, a row with cells but no key cell is refused; a known column in other case is refused, other
+columns are reported as not read.
 """
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import CeVAEError
 from .naming import file_stem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,16 +56,32 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
             if not reader.fieldnames or key not in [f.strip() for f in reader.fieldnames]:
                 extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
                 raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}.")
+            _check_columns([f.strip() for f in reader.fieldnames], (*files, *others), path, what)
             rows = []
             for line, raw in enumerate(reader, start=2):
                 row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
                 if not row.get(key):
+                    if any(row.values()):  # not an empty line: a row that lost its key cell
+                        raise CeVAEError(f"{path}, line {line}: the row has no {key!r}; fill it in or remove the row.")
                     continue
                 rows.append(Row(line, {c: (path.parent / row[c]) if row.get(c) else None for c in files},
                                 {c: row.get(c, "") for c in others}))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CeVAEError(f"The {what} {path} is not a readable CSV file ({exc}).") from None
     return rows
+
+
+def _check_columns(header: Sequence[str], known: Sequence[str], path: Path, what: str) -> None:
+    """Refuse a known column spelt in other case (``GT`` for ``gt``: its cells would be lost); warn about
+    columns that are not read."""
+    by_lower = {c.lower(): c for c in known}
+    unread = [c for c in header if c and c not in known]
+    for c in unread:
+        if c.lower() in by_lower:
+            raise CeVAEError(f"The {what} {path} has a column {c!r}; column names are lower case: {by_lower[c.lower()]!r}.")
+    if unread:
+        log.warning("The %s %s has column(s) %s that are not read (it reads %s).", what, path,
+                    ", ".join(repr(c) for c in unread), ", ".join(repr(c) for c in known))
 
 
 def read_manifest(path: Path) -> List[Subject]:
