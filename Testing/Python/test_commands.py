@@ -44,6 +44,22 @@ def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundl
                  "--out", str(out), "--device", "cpu"]) == 2
 
 
+def test_a_scan_listed_twice_calibrates_once(tmp_path, tiny_bundle, healthy_manifest, caplog):
+    """The same content under two names (a copy) would weigh one brain twice in the healthy quantiles."""
+    import logging
+    import shutil
+
+    shutil.copy(tmp_path / "h.nii.gz", tmp_path / "copy.nii.gz")
+    once, twice = tmp_path / "once.cevae", tmp_path / "twice.cevae"
+    common = ["--model", str(tiny_bundle), "--device", "cpu"]
+    assert main(["calibrate", str(tmp_path / "h.nii.gz"), "--out", str(once), *common]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(["calibrate", str(tmp_path / "h.nii.gz"), str(tmp_path / "copy.nii.gz"), "--out", str(twice),
+                     *common]) == 0
+    assert "repeats the image" in caplog.text and "(1 healthy volume(s))" in caplog.text
+    assert read_header(twice).calibration == read_header(once).calibration
+
+
 def test_calibrating_a_thorough_mode_keeps_the_default_mode_calibrated_and_default(tmp_path, tiny_bundle,
                                                                                     healthy_manifest):
     """``calibrate --test-time-steps N`` calibrates that mode beside the default one; the default stays the

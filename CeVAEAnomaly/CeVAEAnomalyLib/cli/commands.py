@@ -158,6 +158,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
     from ..engine.calibration import FPR_GRID
+    from ..io.checksum import sha256_of
+    from ..training.data import unique_subjects
     from ..io.targets import check_paths
     from ..options import DetectionRequest
     from ..data import default_model_path
@@ -168,6 +170,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         raise CeVAEError(f"--default-fpr must be a rate the calibration covers, from {low:g} to {high:g} (e.g. "
                          f"0.001), got {args.default_fpr:g}.")
     subjects = _healthy_subjects(args, "calibration")
+    subjects = unique_subjects(subjects, {s.image: sha256_of(s.image) for s in subjects})  # a repeat counts once
     src = Path(args.model or default_model_path())
     check_paths([args.out], args.overwrite,
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
