@@ -211,9 +211,8 @@ def _output(scene, existing, class_name: str, role: str, source, suffix: str, gr
     if existing is None and group is not None:
         existing = (find_output(scene, class_name, role, source) if group == NEWEST
                     else find_output(scene, class_name, role, source, group, exact=True))
-    node = existing
-    if node is None:
-        node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}"))
+    node = (existing if existing is not None
+            else scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}")))
     link_output(node, role, source)
     return node
 

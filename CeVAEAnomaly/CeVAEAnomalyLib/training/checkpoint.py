@@ -40,7 +40,7 @@ def _reason(exc: BaseException) -> str:
     return "the file could not be written completely (disk full or a file-size limit?)"
 
 
-START_ANEW = "start anew with --overwrite instead of --resume"
+_START_ANEW = "start anew with --overwrite instead of --resume"
 # what a checkpoint holds besides its version, configuration and identity: key -> (type, what it must be)
 _FIELDS: Dict[str, Tuple[type, str]] = {
     "model": (dict, "the weights"), "opt": (dict, "the optimiser state"), "step": (int, "a step count"),
@@ -53,7 +53,7 @@ _FIELDS: Dict[str, Tuple[type, str]] = {
 def damaged(path: Path, why: str) -> CeVAEError:
     """The error for a checkpoint that is not one this program wrote, or no longer whole."""
     return CeVAEError(f"The checkpoint {path} is damaged or not a CeVAEAnomaly checkpoint ({why}); it was not "
-                      f"loaded. Remove it, or {START_ANEW}.")
+                      f"loaded. Remove it, or {_START_ANEW}.")
 
 
 def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = "") -> Dict[str, Any]:
@@ -77,7 +77,7 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         raise damaged(path, f"it holds a {type(state).__name__}, not a checkpoint's fields")
     if state.get("version") != CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by another version of CeVAEAnomaly, which does not "
-                         "record what defines its run; start anew with --overwrite instead of --resume.")
+                         f"record what defines its run; {_START_ANEW}.")
     if state.get("model_cfg") != model_cfg:
         raise CeVAEError(f"The checkpoint {path} belongs to another model configuration.")
     for key, (kind, what) in _FIELDS.items():
@@ -103,8 +103,7 @@ def run_identity(options: Mapping[str, Any], train: Sequence[Subject], validatio
 def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], path: Path) -> None:
     """Refuse to resume from the checkpoint at ``path`` a run whose identity differs; name what differs."""
     if saved is None:
-        raise CeVAEError(f"The checkpoint {path} does not record what defines its run; start anew with "
-                         "--overwrite instead of --resume.")
+        raise CeVAEError(f"The checkpoint {path} does not record what defines its run; {_START_ANEW}.")
     differences = [f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)"
                    for key, was, now in _changed_options(_base_by_content(saved["options"], current["options"]),
                                                          current["options"])]

@@ -72,10 +72,10 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     bundle = Bundle(stored, header, out)
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
                                   progress, scorers, test_time_steps=test_time_steps)
+    then = "The last checkpoint is kept; free some space and run again with --resume."
     try:
         return save_bundle(out, model, replace(header, calibration=calibration), half=half)
     except CeVAEError as exc:  # could not write (disk full): the temporary file is removed, nothing is published
-        raise CeVAEError(f"{exc} The last checkpoint is kept; free some space and run again with --resume.") from None
+        raise CeVAEError(f"{exc} {then}") from None
     except OSError as exc:  # e.g. the folder vanished
-        raise CeVAEError(f"Could not write the model bundle {out}: {exc}. The last checkpoint is kept; "
-                         "free some space and run again with --resume.") from None
+        raise CeVAEError(f"Could not write the model bundle {out}: {exc}. {then}") from None
