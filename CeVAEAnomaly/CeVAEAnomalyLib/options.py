@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
 from .errors import CeVAEError
@@ -340,6 +341,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, model_default: bool = 
         elif not isinstance(f.default, str):  # numbers (the device is free text)
             kwargs["type"] = int if m["whole"] else float
         parser.add_argument(flag_of(f), **kwargs)
+
+
+def path_value(text: str) -> Path:
+    """A path option's value (argparse ``type``); an empty one (``--cache-dir ""``) would mean the current
+    folder, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
 
 
 def parse_orientations(text: str) -> Tuple[str, ...]:

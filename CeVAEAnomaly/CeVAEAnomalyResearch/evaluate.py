@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
+from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.images import grid_difference, read_image, voxel_volume_ml
 
 log = logging.getLogger(__name__)
@@ -143,12 +144,12 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     """Evaluate each row's files and pool all voxels; return (per-case metrics, pooled metrics).
 
     Row keys: ``score`` (required), ``gt`` (missing or empty: healthy case), ``mask``,
-    ``labelmap``, ``name`` (default: the score file name).
+    ``labelmap``, ``name`` (default: the score file name). A case listed again (files of the same
+    content in every role) is evaluated once, with a warning, so that it does not weigh twice in the
+    pooled metrics.
     """
     cases, arrays = [], []
-    for row in rows:
-        if not row.get("score"):
-            raise CeVAEError(f"A row of the evaluation list has no score file: {row}.")
+    for row in _unique_cases(rows):
         images = {
             key: read_image(row[key], role) if row.get(key) else None
             for key, role in ROLES.items()
@@ -161,6 +162,21 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
         arrays.append((scores, labels))
         log.info("Evaluated %s: AUROC %.4f, AUPRC %.4f", name, metrics.auroc, metrics.auprc)
     return cases, pooled_metrics(arrays)
+
+
+def _unique_cases(rows: list[dict]) -> list[dict]:
+    """The rows without repeats of a case already listed (same content in every role), in their order."""
+    seen: dict[tuple, dict] = {}
+    for row in rows:
+        if not row.get("score"):
+            raise CeVAEError(f"A row of the evaluation list has no score file: {row}.")
+        key = tuple(sha256_of(Path(row[role])) if row.get(role) and Path(row[role]).exists()
+                    else str(row.get(role) or "") for role in ROLES)
+        first = seen.setdefault(key, row)
+        if first is not row:
+            log.warning("%s repeats the case of %s (the same files); it is evaluated once.",
+                        row.get("name") or row["score"], first.get("name") or first["score"])
+    return list(seen.values())
 
 
 def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict,
@@ -247,10 +263,14 @@ def _evaluate(
     if (truth & ~inside).any():
         log.warning("%s: ground-truth voxels outside the mask are not evaluated.", name or "case")
     scores, labels = score_array[inside], truth[inside]
+    if np.isnan(scores).any():
+        raise CeVAEError(f"The score map of {name or 'the case'} contains NaN values inside the evaluated "
+                         "voxels; it is not a map written by detect.")
     if labels.all():
         log.warning("%s: the ground truth covers every evaluated voxel, so there are no healthy voxels to rank "
-                    "against: AUROC is undefined (n/a); give the brain mask so the healthy brain counts.",
-                    name or "case")
+                    "against: AUROC is undefined (n/a); %s", name or "case",
+                    "give the brain mask so the healthy brain counts." if mask is None
+                    else "the mask lies inside the lesion; give the brain mask.")
     split = _split(scores, labels)
     dice_value, threshold = _best_dice(split)
 

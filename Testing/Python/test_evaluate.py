@@ -238,3 +238,34 @@ def test_evaluate_files_and_csv(small_case: dict, tmp_path: Path) -> None:
 def test_evaluate_files_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CeVAEError, match="does not exist"):
         evaluate_files([{"score": tmp_path / "missing.nii.gz"}])
+
+
+def test_evaluate_files_counts_a_repeated_case_once(small_case: dict, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    paths = {}
+    for key, value in small_case.items():
+        paths[key] = tmp_path / f"{key}.nii.gz"
+        sitk.WriteImage(value, str(paths[key]))
+    copy = tmp_path / "copy.nii.gz"
+    copy.write_bytes(paths["score"].read_bytes())
+    lesion = {"score": paths["score"], "gt": paths["gt"], "mask": paths["mask"], "name": "first"}
+    once, pooled_once = evaluate_files([lesion])
+    cases, pooled = evaluate_files([lesion, dict(lesion, score=copy, name="again"),
+                                    {"score": copy, "mask": paths["mask"], "name": "healthy"}])
+    assert [c.name for c in cases] == ["first", "healthy"]  # the same files with another gt are another case
+    assert "again repeats the case of first" in caplog.text
+    assert pooled["n_cases"] == 2 and pooled["n_positive"] == pooled_once["n_positive"] == 2
+
+
+def test_evaluate_names_nan_scores_and_fits_advice_to_the_mask(small_case: dict,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    array = sitk.GetArrayFromImage(small_case["score"])
+    array[1, 2, 1] = np.nan
+    with pytest.raises(CeVAEError, match="score map of case7 contains NaN"):
+        evaluate_case(image(array), small_case["gt"], small_case["mask"], name="case7")
+    everywhere = image(np.ones(SHAPE, np.uint8))
+    evaluate_case(small_case["score"], everywhere, name="nomask")
+    evaluate_case(small_case["score"], everywhere, small_case["mask"], name="masked")
+    assert "nomask: the ground truth covers every evaluated voxel" in caplog.text
+    assert "masked: the ground truth covers" in caplog.text and "the mask lies inside the lesion" in caplog.text
+    assert caplog.text.count("give the brain mask so") == 1

@@ -132,6 +132,22 @@ def test_a_file_as_cache_folder_is_refused(tmp_path):
         SliceCache(tmp_path / "file", PRE)
 
 
+def test_a_failed_write_names_the_file_that_failed(subjects, tmp_path):
+    s = subjects[0]
+    cache = SliceCache(tmp_path / "cache", PRE)
+    key = cache.key(s, checksums(s), "axial")
+    (tmp_path / "cache" / f"{key}.json").mkdir(parents=True)  # the metadata cannot replace a folder; the slices can be written
+    with pytest.raises(CeVAEError, match=rf"entry \S+{key}\.json: "):
+        cache.entries_for(s, checksums(s), ("axial",))
+
+
+def test_an_empty_cache_folder_is_refused_not_the_current_one(subjects, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", str(subjects[0].image), "--cache-dir", ""]) == 2
+    assert "argument --cache-dir: an empty path" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.npy"))
+
+
 def test_streamed_batches_equal_the_slices_in_memory(subjects, tmp_path):
     """Any batch of indices read from the cache equals the same rows of all slices concatenated."""
     orientations = ("axial", "sagittal")

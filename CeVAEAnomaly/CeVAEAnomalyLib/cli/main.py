@@ -13,7 +13,7 @@ from typing import List, NoReturn, Optional
 
 from .. import __version__
 from ..errors import CeVAEError, one_line
-from ..options import PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags
+from ..options import PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags, path_value
 from .interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
@@ -37,8 +37,8 @@ def _add_threshold(p: argparse.ArgumentParser) -> None:
 
 
 def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("images", nargs="*", type=Path, help=f"{what} image files (besides or instead of --manifest)")
-    p.add_argument("--manifest", type=Path, help="CSV with columns image,mask (paths relative to the CSV)")
+    p.add_argument("images", nargs="*", type=path_value, help=f"{what} image files (besides or instead of --manifest)")
+    p.add_argument("--manifest", type=path_value, help="CSV with columns image,mask (paths relative to the CSV)")
 
 
 def _add_slices(p: argparse.ArgumentParser, cfg, cache_required: bool) -> None:
@@ -46,7 +46,7 @@ def _add_slices(p: argparse.ArgumentParser, cfg, cache_required: bool) -> None:
     p.add_argument("--input-size", type=int, default=cfg.model.input_size, help="64 or 128")
     p.add_argument("--orientations", default=",".join(cfg.orientations),
                    help="slice orientations: axial,coronal,sagittal")
-    p.add_argument("--cache-dir", type=Path, required=cache_required,
+    p.add_argument("--cache-dir", type=path_value, required=cache_required,
                    help="folder of preprocessed slices, kept and reused between runs"
                    + ("" if cache_required else " (default: a temporary one per run); see `cevae-anomaly prepare`"))
 
@@ -57,7 +57,7 @@ def _add_train(sub) -> None:
     cfg = TrainConfig(out=Path("model.cevae"))  # the defaults, written once there
     t = _command(sub, "train", help="train a model on healthy volumes")
     _add_subjects(t, "healthy")
-    t.add_argument("--out", type=Path, required=True, help="model bundle to write (.cevae)")
+    t.add_argument("--out", type=path_value, required=True, help="model bundle to write (.cevae)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
     t.add_argument("--max-steps", type=int, default=cfg.max_steps, help="training steps (batches)")
     t.add_argument("--max-minutes", type=float, help="stop after this many minutes")
@@ -113,8 +113,8 @@ def _add_adapt(sub) -> None:
                        "the held-out scans; the final model is fine-tuned on all of them. Needs at least 2 scans "
                        "of the model's modality. Checkpoints OUT.ckpt and OUT.foldN.ckpt; --resume continues.")
     _add_subjects(a, "healthy site")
-    a.add_argument("--model", type=Path, help="model to adapt (default: the bundled default model)")
-    a.add_argument("--out", type=Path, required=True, help="adapted model bundle to write (.cevae)")
+    a.add_argument("--model", type=path_value, help="model to adapt (default: the bundled default model)")
+    a.add_argument("--out", type=path_value, required=True, help="adapted model bundle to write (.cevae)")
     a.add_argument("--steps", type=int, default=o.steps, help="fine-tuning steps per run")
     a.add_argument("--lr", type=float, default=o.lr, help="learning rate (Adam)")
     a.add_argument("--folds", type=int, default=o.folds, help="at most this many calibration folds")
@@ -122,7 +122,7 @@ def _add_adapt(sub) -> None:
     a.add_argument("--checkpoint-every", type=int, default=o.checkpoint_every,
                    help="steps between checkpoints")
     a.add_argument("--seed", type=int, default=o.seed, help="random seed (folds' fine-tuning)")
-    a.add_argument("--cache-dir", type=Path, help="folder of preprocessed slices kept between runs")
+    a.add_argument("--cache-dir", type=path_value, help="folder of preprocessed slices kept between runs")
     a.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out, its checkpoints and logs")
     a.add_argument("--amp", action="store_true", help="mixed precision")
@@ -172,13 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapt(sub)
 
     d = _command(sub, "detect", help="score a volume: anomaly map, labelmap, slice scores")
-    d.add_argument("image", type=Path, help="image file or DICOM folder")
-    d.add_argument("--mask", type=Path, help="brain mask (>0 is brain); computed automatically if absent")
-    d.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
-    d.add_argument("--score", type=Path, required=True, help="output anomaly map (float32)")
-    d.add_argument("--labelmap", type=Path, help="output labelmap (uint8 0/1)")
-    d.add_argument("--slice-scores", type=Path, help="output CSV of per-slice scores")
-    d.add_argument("--components", type=Path, help="output CSV of anomaly components")
+    d.add_argument("image", type=path_value, help="image file or DICOM folder")
+    d.add_argument("--mask", type=path_value, help="brain mask (>0 is brain); computed automatically if absent")
+    d.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
+    d.add_argument("--score", type=path_value, required=True, help="output anomaly map (float32)")
+    d.add_argument("--labelmap", type=path_value, help="output labelmap (uint8 0/1)")
+    d.add_argument("--slice-scores", type=path_value, help="output CSV of per-slice scores")
+    d.add_argument("--components", type=path_value, help="output CSV of anomaly components")
     _add_scoring(d)
     _add_threshold(d)
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -188,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score every volume of a folder or CSV list. Per volume NAME, writes "
                        "NAME_score.nii.gz, NAME_labelmap.nii.gz and NAME_slices.csv to --out-dir, plus a "
                        "summary CSV; volumes whose outputs exist are skipped, failures are recorded.")
-    b.add_argument("inputs", type=Path, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
+    b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
                    "masks of NAME.*) or CSV with columns image[,mask][,name] (paths relative to the CSV)")
-    b.add_argument("--out-dir", type=Path, required=True, help="folder for the outputs and the summary")
-    b.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
+    b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")
+    b.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     _add_scoring(b)
     _add_threshold(b)
     b.add_argument("--shard", help="i/n: only the i-th of n parts of the sorted list (i = 1..n), for array jobs")
@@ -202,10 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = _command(sub, "calibrate", help="store healthy-score quantiles (thresholds) in a model bundle",
                        description="Score healthy volumes with the given options and store the voxel "
                        "score quantiles, so that labelmap thresholds follow a false-positive rate.")
-    c.add_argument("images", nargs="*", type=Path, help="healthy image files")
-    c.add_argument("--manifest", type=Path, help="CSV with columns image,mask of healthy volumes")
-    c.add_argument("--model", type=Path, help="bundle to calibrate (default: the bundled default model)")
-    c.add_argument("--out", type=Path, required=True, help="calibrated bundle to write")
+    c.add_argument("images", nargs="*", type=path_value, help="healthy image files")
+    c.add_argument("--manifest", type=path_value, help="CSV with columns image,mask of healthy volumes")
+    c.add_argument("--model", type=path_value, help="bundle to calibrate (default: the bundled default model)")
+    c.add_argument("--out", type=path_value, required=True, help="calibrated bundle to write")
     c.add_argument("--default-fpr", type=float, help="false-positive rate used when detect gets none")
     _add_scoring(c)
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -214,17 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = _command(sub, "evaluate", help="metrics of score maps against ground truth",
                        description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
                        "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
-    e.add_argument("--cases", type=Path, help="CSV with columns score,gt[,mask][,labelmap][,name]")
-    e.add_argument("--score", type=Path, help="one score map (instead of --cases)")
-    e.add_argument("--gt", type=Path, help="its ground-truth lesion mask (absent: healthy)")
-    e.add_argument("--mask", type=Path, help="its brain mask (metrics inside it)")
-    e.add_argument("--labelmap", type=Path, help="its labelmap (Dice at threshold, flagged ml)")
-    e.add_argument("--out", type=Path, help="write the metrics CSV here")
+    e.add_argument("--cases", type=path_value, help="CSV with columns score,gt[,mask][,labelmap][,name]")
+    e.add_argument("--score", type=path_value, help="one score map (instead of --cases)")
+    e.add_argument("--gt", type=path_value, help="its ground-truth lesion mask (absent: healthy)")
+    e.add_argument("--mask", type=path_value, help="its brain mask (metrics inside it)")
+    e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml)")
+    e.add_argument("--out", type=path_value, help="write the metrics CSV here")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     m = _command(sub, "demo", help="insert a synthetic lesion into a healthy scan, detect, write a picture")
-    m.add_argument("--out-dir", type=Path, default=Path("demo-output"), help="folder for the outputs and the picture")
-    m.add_argument("--model", type=Path, help="model bundle (default: the bundled default model)")
+    m.add_argument("--out-dir", type=path_value, default=Path("demo-output"), help="folder for the outputs and the picture")
+    m.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     m.add_argument("--seed", type=int, default=7, help="random seed of the synthetic lesion")
     m.add_argument("--auto-mask", action="store_true", help="compute the brain mask instead of using the given one")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out-dir")

@@ -159,14 +159,16 @@ class SliceCache:
                 "mask_sha256": checksums[subject.mask] if subject.mask else None,
                 "preprocess": self.pre.to_dict(), "slices": int(len(slices)),
                 "slices_sha256": hashlib.sha256(np.ascontiguousarray(slices, "<f4").tobytes()).hexdigest()}
+        target = npy
         try:
             with atomic_path(npy) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, slices)
-            with atomic_path(self.root / f"{key}.json") as tmp:
+            target = self.root / f"{key}.json"
+            with atomic_path(target) as tmp:
                 Path(tmp).write_text(json.dumps(meta, indent=1))
         except OSError as exc:
-            raise CeVAEError(f"Could not write the slice cache entry {npy}: {exc}.") from None
+            raise CeVAEError(f"Could not write the slice cache entry {target}: {exc}.") from None
         entry = self.lookup(key)
         if entry is None:
             raise CeVAEError(f"The slice cache entry {npy} could not be read back after writing it.")
