@@ -194,3 +194,33 @@ def test_a_mask_that_cannot_be_trusted_is_said_so(caplog):
     with caplog.at_level(logging.WARNING):
         compute_brain_mask(two)
     assert "The automatic brain mask fits the image poorly" in caplog.text
+
+
+def test_cut_off_head_whose_air_is_zero_is_registered_and_a_cut_stripped_brain_is_not(caplog):
+    """The bundled colin27 head (with skull, air exactly 0) with the lower half of its brain cut off is brain-sized
+    with a constant background, like a skull-stripped brain; the dark skull under its scalp tells it apart, so the
+    template is registered (taking it for a stripped brain made head and skull the mask). The same cut of the
+    stripped brain (head x brain mask) is still its own mask, without a registration."""
+    import logging
+
+    from CeVAEAnomalyResearch.acquisition import Recipe, derive
+
+    head = sitk.ReadImage(str(default_template_dir() / TEMPLATE_T1))
+    brain = sitk.ReadImage(str(default_template_dir() / TEMPLATE_MASK))
+    nothing = sitk.Image(brain.GetSize(), sitk.sitkUInt8)
+    nothing.CopyInformation(brain)
+    cut = Recipe(crop=("bottom", 0.5))
+    image, reference, _ = derive(cut, head, brain, nothing, 0)
+    with caplog.at_level(logging.INFO):
+        mask = compute_brain_mask(image)
+    assert "looks skull-stripped" not in caplog.text
+    assert_same_grid(mask, image)
+    assert dice(mask, reference) >= 0.9
+
+    stripped = sitk.Mask(sitk.Cast(head, sitk.sitkFloat32), sitk.Cast(brain > 0, sitk.sitkUInt8))
+    image, reference, _ = derive(cut, stripped, brain, nothing, 0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        mask = compute_brain_mask(image)
+    assert "looks skull-stripped" in caplog.text
+    assert dice(mask, reference) >= 0.95

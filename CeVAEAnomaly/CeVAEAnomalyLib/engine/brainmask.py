@@ -4,9 +4,10 @@ The colin27 template (2 mm T1 with skull, plus its brain mask) is registered ont
 of the input (Mattes mutual information; similarity from a few head pitches, then affine). The
 template's signed distance to its brain boundary is warped onto the input grid and thresholded
 at a small margin. An input that is already skull-stripped is its own mask (no registration):
-its foreground, everything above a near-background level, is no bigger than a brain, and its
+its foreground, everything above a near-background level, is no bigger than a brain, its
 background is one constant value (a head's air is noise, even where the coverage is partial and
-the head's foreground is brain-sized). Either way the result is hole-filled and reduced to its
+the head's foreground is brain-sized), and no dark band (skull) lies under its surface (a cut-off
+head whose air was set to zero). Either way the result is hole-filled and reduced to its
 largest connected component.
 """
 
@@ -37,6 +38,9 @@ _MARGIN_MM = 2.0  # the template mask (BET) hugs the cortex; grow it a little
 _BACKGROUND_LEVEL = 0.01  # foreground: above the minimum by this share of the robust range
 _STRIPPED_MAX_ML = 2500.0  # a foreground this small is a brain (adult heads are > 3 L)
 _STRIPPED_MIN_CONSTANT = 0.1  # a skull-stripped image has at least this share of voxels at its minimum
+_SHELL_MM = 4.0  # depth profile: median intensity in shells this thick, from the air inwards ...
+_PROFILE_DEPTH_MM = 24.0  # ... down to this depth (scalp, skull and CSF of a head lie within it)
+_SKULL_DIP = 0.12  # a head's profile falls by at least this share of its range after the scalp; a brain's rises
 _PLAUSIBLE_ML = (500.0, 3000.0)
 _MAX_MASK_OUTSIDE_HEAD = 0.05  # share of a fitting mask in the background (whole heads: 0 %; two heads: 22 %)
 _MAX_MASK_ON_EDGE = 0.01  # share of the image's border in a fitting mask (whole heads: 0.03 % at most)
@@ -84,7 +88,8 @@ def compute_brain_mask(
     intensities = _check_input(image)
     small = _downsampled(intensities)
     background = _background_level(small)
-    if _foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML and _constant_background(intensities):
+    if (_foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML and _constant_background(intensities)
+            and not _skull_under_surface(small, background)):
         logger.info("Input looks skull-stripped: its foreground is the brain mask")
         mask = intensities > background
     else:
@@ -172,6 +177,26 @@ def _constant_background(image: sitk.Image) -> bool:
     tool leaves (noise-free), unlike the magnitude noise of a scanner's air around a head."""
     values = sitk.GetArrayViewFromImage(image)
     return np.count_nonzero(values == values.min()) >= _STRIPPED_MIN_CONSTANT * values.size
+
+
+def _skull_under_surface(image: sitk.Image, background: float) -> bool:
+    """Whether the foreground's intensity, going inwards from the air, falls again after its first rise: the dark
+    skull and CSF under a head's scalp. A skull-stripped brain only grows brighter (cortex, then white matter).
+    Depth is measured from the air alone, so the cut face of a partial field of view does not count as surface;
+    this tells a cut-off head whose air is exactly zero (as brain-sized as a brain) from a stripped brain."""
+    values = sitk.GetArrayViewFromImage(image)
+    foreground = values > background
+    depth = sitk.GetArrayViewFromImage(sitk.SignedMaurerDistanceMap(
+        image <= background, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+    top = float(np.percentile(values[foreground], 99))
+    profile = []
+    for start in np.arange(0.0, _PROFILE_DEPTH_MM, _SHELL_MM):
+        shell = foreground & (depth > start) & (depth <= start + _SHELL_MM)
+        if shell.any():
+            profile.append(float(np.median(values[shell])))
+    dip = max((a - min(profile[i + 1:]) for i, a in enumerate(profile[:-1])), default=0.0)
+    logger.debug("Depth profile %s, dip %.2f", np.round(profile, 1), dip / max(top - background, 1e-12))
+    return dip > _SKULL_DIP * (top - background)
 
 
 def _foreground_volume_ml(image: sitk.Image, background: float) -> float:
@@ -299,7 +324,7 @@ def _largest_filled_component(mask: sitk.Image) -> sitk.Image:
 def _check_fit(mask: np.ndarray, foreground: np.ndarray) -> None:
     """Warn where the automatic mask cannot be trusted: much of it outside the head (the template did not
     register: an unusual pose or header, two heads), or reaching the image's edge (a partial field of view, where
-    a cut-off head with noise-free air also passes for a skull-stripped brain and keeps its skull)."""
+    a registered template may hold more than the brain)."""
     outside = float(np.mean(~foreground[mask]))
     if outside > _MAX_MASK_OUTSIDE_HEAD:
         logger.warning("The automatic brain mask fits the image poorly: %.0f %% of it lies outside the head (an "
