@@ -446,3 +446,28 @@ def test_only_the_modules_segment_changes_its_look(scene, show_3d):
     assert display.GetSegmentVisibility2DFill(brain) and display.GetSegmentVisibility3D(brain) is not show_3d
     assert not display.GetSegmentVisibility2DFill(anomaly) and display.GetSegmentVisibility2DOutline(anomaly)
     assert display.GetSegmentVisibility3D(anomaly) is show_3d
+
+
+def test_a_volume_whose_voxels_start_at_another_index_is_read_where_it_lies(scene):
+    """Image data whose extent starts at (10, 0, 3) instead of 0: the first voxel lies at IJK (10, 0, 3); the
+    image (and so every output made from it) keeps it there in the world."""
+    image, _ = make_head(**GEOMETRIES["oblique"])
+    node = add_volume(scene, image)
+    data = vtk.vtkImageData()
+    data.DeepCopy(node.GetImageData())
+    size = image.GetSize()
+    data.SetExtent(10, 10 + size[0] - 1, 0, size[1] - 1, 3, 3 + size[2] - 1)
+    node.SetAndObserveImageData(data)
+    back = mrml.image_from_volume(node)
+    ras = nodes.ijk_to_ras(node) @ np.array([10.0, 0.0, 3.0, 1.0])
+    np.testing.assert_allclose(back.TransformIndexToPhysicalPoint((0, 0, 0)), ras[:3] * [-1, -1, 1], atol=1e-9)
+    out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "copy")
+    mrml.update_volume_from_image(out, back)
+    np.testing.assert_allclose(nodes.ijk_to_ras(out) @ np.array([0.0, 0.0, 0.0, 1.0]), ras, atol=1e-9)
+
+
+def test_display_window_of_an_infinite_threshold_is_finite():
+    image, mask = make_head()
+    score = sitk.Cast(image, sitk.sitkFloat32) / 100.0
+    lower, upper = mrml.display_range(float("inf"), score, mask)
+    assert np.isfinite(lower) and np.isfinite(upper) and upper > lower

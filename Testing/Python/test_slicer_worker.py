@@ -531,3 +531,89 @@ def test_a_run_sent_to_new_nodes_is_the_one_the_panel_and_the_jump_use(tiny_bund
         first.nodes.components, first.nodes.slice_table, first.nodes.slice_chart)
     shown = nodes.outputs_for_input(scene, a, dict.fromkeys(nodes.PANEL_OUTPUTS))
     assert shown["scoreVolume"] is fresh.score and shown["componentTable"] is fresh.components
+
+
+def test_a_run_into_a_users_volume_that_holds_voxels_gets_its_own_tables(tiny_bundle):
+    """A scratch volume of the user's (with voxels) picked as the score output is a new score volume: the earlier
+    run's tables, segmentation and chart are left as they were, not taken over."""
+    scene, ((a, a_mask), _) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    rows = first.nodes.components.GetNumberOfRows()
+    assert rows > 0
+    scratch = add_volume(scene, make_head(seed=3)[0], "scratch")
+    second = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=1e6,
+                           outputs=mrml.OutputNodes(score=scratch))
+    assert second.nodes.score is scratch
+    for name in ("components", "slice_table", "slice_chart", "segmentation"):
+        assert getattr(second.nodes, name) is not getattr(first.nodes, name), name
+    assert first.nodes.components.GetNumberOfRows() == rows and second.nodes.components.GetNumberOfRows() == 0
+    assert nodes.stored_result(first.nodes.score).components is first.nodes.components
+
+
+@pytest.mark.parametrize("name, class_name", [("score", "vtkMRMLLabelMapVolumeNode"),
+                                              ("labelmap", "vtkMRMLScalarVolumeNode"),
+                                              ("segmentation", "vtkMRMLTableNode"),
+                                              ("components", "vtkMRMLPlotChartNode")])
+def test_an_output_of_the_wrong_kind_is_refused_before_anything_is_written(tiny_bundle, name, class_name):
+    scene, ((a, a_mask), _) = two_heads()
+    wrong = scene.AddNewNodeByClass(class_name, "picked")
+    if wrong.IsA("vtkMRMLVolumeNode"):
+        mrml.update_volume_from_image(wrong, make_head(seed=3)[1])
+    kept = sitk.GetArrayFromImage(mrml.image_from_volume(wrong)) if wrong.IsA("vtkMRMLVolumeNode") else None
+    before = mrml.node_ids(scene)
+    for start in (CeVAEAnomalyLogic().process, CeVAEAnomalyLogic().startDetection):
+        with pytest.raises(CeVAEError, match=f"'picked' .*cannot be the {name} output"):
+            start(a, a_mask, modelPath=tiny_bundle, device="cpu", outputs=mrml.OutputNodes(**{name: wrong}))
+    assert mrml.node_ids(scene) == before and not wrong.GetAttribute(nodes.ROLE_ATTRIBUTE)
+    if kept is not None:
+        assert np.array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(wrong)), kept)
+
+
+def test_a_volume_of_another_scene_or_of_none_is_refused_at_once(tiny_bundle):
+    scene_a, ((a, a_mask), _) = two_heads()
+    scene_b, _ = two_heads()  # its nodes have the same IDs as scene A's
+    with pytest.raises(CeVAEError, match="'patient A' is in another scene"):
+        CeVAEAnomalyLogic(scene_b).process(a, a_mask, modelPath=tiny_bundle, device="cpu")
+    loose = slicer.vtkMRMLScalarVolumeNode()
+    loose.SetName("loose")
+    mrml.update_volume_from_image(loose, make_head()[0])
+    with pytest.raises(CeVAEError, match="'loose' is not in an MRML scene; add it to the scene first"):
+        CeVAEAnomalyLogic(scene_a).process(loose, modelPath=tiny_bundle, device="cpu")
+    with pytest.raises(CeVAEError, match="mask 'patient A mask' is not in the input volume's scene"):
+        CeVAEAnomalyLogic().process(scene_b.GetFirstNodeByName("patient A"), a_mask, modelPath=tiny_bundle)
+    assert not any(scene_b.GetNthNode(i).GetAttribute(nodes.ROLE_ATTRIBUTE) for i in range(scene_b.GetNumberOfNodes()))
+
+
+def test_results_are_not_loaded_onto_a_volume_moved_while_the_job_ran(head_scene, tiny_bundle):
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    before = mrml.node_ids(scene)
+    volume.SetSpacing(2.0, 2.0, 2.0)  # e.g. a transform hardened or the volume resampled meanwhile
+    run_to_end(job)
+    assert job.state is JobState.DONE, job.error
+    with pytest.raises(CeVAEError, match="'head' was resampled, moved or transformed while the detection ran"):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before and not job.folder.exists()
+    with pytest.raises(CeVAEError, match="loaded or discarded already"):
+        logic.finishDetection(job)
+
+
+def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
+    """A line that is not the worker's own (NaN, a string, out of range) neither breaks the poll nor the panel's
+    percentage; a fraction beyond [0, 1] is clamped."""
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    lines = ['{"progress": 0.25, "message": "a"}', '{"progress": NaN}', '{"progress": 1e999}',
+             '{"progress": "half"}', '{"progress": null}', '{"progress": true}', '{"progress": 0.5, "message": "b"}',
+             '{"progress": 7}', '{"done": {}}']
+    script = tmp_path / "worker"
+    script.write_text("#!/bin/sh\n" + "".join(f"echo '{line}'\n" for line in lines))
+    script.chmod(0o755)
+    job = WorkerJob({"task": "detect"}, tmp_path, python=str(script))
+    seen = run_to_end(job, timeout=30)
+    assert job.state is JobState.DONE
+    assert seen == [(0.25, "a"), (0.5, "b"), (1.0, "")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -181,7 +182,11 @@ class WorkerJob:
             self.output.append(line)
             log.info("CeVAEAnomaly worker: %s", line)
         elif "progress" in message:
-            self.fraction, self.message = float(message["progress"]), str(message.get("message", ""))
+            fraction = message["progress"]
+            if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction):
+                self.fraction, self.message = min(max(float(fraction), 0.0), 1.0), str(message.get("message", ""))
+            else:  # not the worker's own line (it reports numbers in [0, 1]): the panel must not break on it
+                log.info("CeVAEAnomaly worker: a progress line without a usable fraction: %s", line)
         elif "done" in message:
             self.done = message["done"]
         elif "error" in message:

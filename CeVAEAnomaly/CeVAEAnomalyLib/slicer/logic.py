@@ -86,10 +86,22 @@ class _DetectionTarget:
     outputs: Optional["OutputNodes"]
     createLabelmap: bool
     show3D: bool
+    geometry: Tuple  # the volume's grid and transform when the job started (_geometry)
+
+
+def _geometry(volumeNode) -> Tuple:
+    """What places a volume's voxels in the world: its dimensions, IJK-to-RAS matrix and parent transform."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    data = volumeNode.GetImageData()
+    return (None if data is None else tuple(data.GetDimensions()),
+            tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), volumeNode.GetTransformNodeID())
 
 
 class CeVAEAnomalyLogic(_LogicBase):
-    """Anomaly detection on volume nodes. ``scene``: defaults to the input node's scene."""
+    """Anomaly detection on volume nodes. Results go to the input node's scene; ``scene``, if given, must be it."""
 
     def __init__(self, scene: Optional[slicer.vtkMRMLScene] = None) -> None:
         _LogicBase.__init__(self)
@@ -99,11 +111,14 @@ class CeVAEAnomalyLogic(_LogicBase):
         self._targets: Dict[int, _DetectionTarget] = {}
 
     def _sceneFor(self, volumeNode) -> slicer.vtkMRMLScene:
-        scene = self.scene if self.scene is not None else volumeNode.GetScene()
+        """The input's scene, where the results go; the logic's own ``scene`` must be that one."""
+        scene = volumeNode.GetScene()
         if scene is None:
-            scene = getattr(slicer, "mrmlScene", None)
-        if scene is None:
-            raise CeVAEError("The input volume is not in an MRML scene; add it to one or pass scene= to the logic.")
+            raise CeVAEError(f"The input volume '{volumeNode.GetName()}' is not in an MRML scene; add it to the "
+                             "scene first (scene.AddNode).")
+        if self.scene is not None and scene is not self.scene:
+            raise CeVAEError(f"The input volume '{volumeNode.GetName()}' is in another scene than the one this "
+                             "logic was made for; make the logic without scene= or with the volume's scene.")
         return scene
 
     # --- dependencies ---------------------------------------------------------------------------
@@ -162,12 +177,18 @@ class CeVAEAnomalyLogic(_LogicBase):
     def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
         if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
             raise CeVAEError("Select a scalar input volume.")
+        from .mrml import check_output_classes
+
         _refuseModuleOutputs([volumeNode, maskNode], "an input")
         scene = self._sceneFor(volumeNode)
+        if maskNode is not None and maskNode.GetScene() is not scene:
+            raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is not in the input volume's scene.")
         inputIds = {node.GetID() for node in (volumeNode, maskNode) if node is not None}
         for node in vars(outputs).values() if outputs is not None else ():
             if node is not None and node.GetID() in inputIds:
                 raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
+        if outputs is not None:
+            check_output_classes(outputs)
         return scene
 
     @staticmethod
@@ -272,18 +293,25 @@ class CeVAEAnomalyLogic(_LogicBase):
         except BaseException:
             _removeFolder(folder)
             raise
-        self._targets[id(job)] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D)
+        self._targets[id(job)] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, _geometry(volumeNode))
         return job
 
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
-        """Load a finished detection job's results into the scene and remove its temporary folder."""
+        """Load a finished detection job's results into the scene and remove its temporary folder. Refused
+        (nothing loaded) if the input volume was resampled, moved or transformed while the job ran: the
+        results lie on the grid the job started from."""
         from ..result import load_result
 
-        target = self._targets.pop(id(job))
+        target = self._targets.pop(id(job), None)
+        if target is None:
+            raise CeVAEError("This detection's results were loaded or discarded already.")
         try:
             job.raise_for_failure()
             if job.done is None:
                 raise CeVAEError("The detection did not finish.")
+            if target.volume.GetScene() is not None and _geometry(target.volume) != target.geometry:
+                raise CeVAEError(f"The input volume '{target.volume.GetName()}' was resampled, moved or transformed "
+                                 "while the detection ran; its results would not lie on it. Run the detection again.")
             return self.publish(target.volume, load_result(job.folder), target.outputs, target.createLabelmap,
                                 target.show3D)
         finally:

@@ -131,8 +131,11 @@ def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume
     image = sitk.GetImageFromArray(voxels)  # copies
     directions = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASDirectionMatrix(directions)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    first = data.GetExtent()[::2]  # the first voxel's IJK: 0 but for image data whose extent starts elsewhere
     image.SetSpacing(volume_node.GetSpacing())
-    image.SetOrigin(tuple(_RAS_FROM_LPS @ np.asarray(volume_node.GetOrigin(), float)))
+    image.SetOrigin(tuple(_RAS_FROM_LPS @ (to_numpy(ijk_to_ras, 4) @ np.array([*first, 1.0]))[:3]))
     image.SetDirection(tuple((_RAS_FROM_LPS @ to_numpy(directions, 3)).ravel()))
     return image
 
@@ -201,9 +204,11 @@ def _mask_from_segmentation(
 NEWEST = "newest"  # _output's ``group``: reuse the source's latest node of the role
 
 
-def _output(scene, existing, class_name: str, role: str, source, suffix: str, group: Optional[str] = NEWEST):
+def _output(scene, existing, class_name: str, role: str, source, suffix: str, group: Optional[str] = NEWEST,
+            link: bool = True):
     """``existing`` if it may hold these results, else the node of the same role and source to reuse: of the run
-    ``group`` (the run whose nodes this one updates), of the latest run (:data:`NEWEST`), or none (None: new)."""
+    ``group`` (the run whose nodes this one updates), of the latest run (:data:`NEWEST`), or none (None: new);
+    marked as ``source``'s ``role`` output unless ``link`` is False."""
     if existing is not None and not belongs_to(existing, source, role):
         log.info("'%s' holds other results or is a processed input; the results of '%s' go elsewhere.",
                  existing.GetName(), source.GetName())
@@ -213,18 +218,35 @@ def _output(scene, existing, class_name: str, role: str, source, suffix: str, gr
                     else find_output(scene, class_name, role, source, group, exact=True))
     node = (existing if existing is not None
             else scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}")))
-    link_output(node, role, source)
+    if link:
+        link_output(node, role, source)
     return node
 
 
 def _group_of(score: slicer.vtkMRMLNode, source) -> Optional[str]:
-    """Which earlier nodes a run into the score volume ``score`` updates: those of the run that last filled it
-    (its run stamp), :data:`NEWEST` for one filled before runs were stamped, none (None) for a new score volume,
-    so that a run sent to a new score volume leaves the earlier run's tables and chart as they were."""
+    """Which earlier nodes a run into the score volume ``score`` (not yet linked to ``source``) updates: those of
+    the run that last filled it (its run stamp), :data:`NEWEST` for one filled before runs were stamped, none
+    (None) for a node that was never a score volume of ``source`` (new, or a user's own), so that a run sent to a
+    new score volume leaves the earlier run's tables and chart as they were."""
     run = score.GetAttribute(RUN_ATTRIBUTE)
     if run:
         return run
-    return NEWEST if source_volume(score) is source and score.GetImageData() is not None else None
+    return NEWEST if score.GetAttribute(ROLE_ATTRIBUTE) == SCORE_ROLE and source_volume(score) is source else None
+
+
+_OUTPUT_CLASSES = {"score": "vtkMRMLScalarVolumeNode", "segmentation": "vtkMRMLSegmentationNode",
+                   "labelmap": "vtkMRMLLabelMapVolumeNode", "components": "vtkMRMLTableNode",
+                   "slice_table": "vtkMRMLTableNode", "slice_chart": "vtkMRMLPlotChartNode"}
+
+
+def check_output_classes(targets: OutputNodes) -> None:
+    """Refuse, before anything is written, an output node of the wrong kind (a labelmap as the score volume)."""
+    for name, node in vars(targets).items():
+        wrong = node is not None and (not node.IsA(_OUTPUT_CLASSES[name])
+                                      or (name == "score" and node.IsA("vtkMRMLLabelMapVolumeNode")))
+        if wrong:
+            raise CeVAEError(f"The node '{node.GetName()}' ({node.GetClassName()}) cannot be the {name.replace('_', ' ')} "
+                             f"output; choose a {_OUTPUT_CLASSES[name][7:-4]} node.")
 
 
 def _in_scene(scene: slicer.vtkMRMLScene, targets: OutputNodes) -> OutputNodes:
@@ -255,12 +277,18 @@ def publish(
     error the nodes this call added are removed again.
     """
     targets = _in_scene(scene, targets or OutputNodes())
+    check_output_classes(targets)
+    if volume_node.GetImageData() is None:
+        raise CeVAEError(f"The input volume '{volume_node.GetName()}' no longer holds image data; the results "
+                         "are not loaded.")
     if tuple(result.score.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
         raise CeVAEError("The score map does not match the input volume's grid.")
     with transaction(scene):
         out = OutputNodes()
-        out.score = _output(scene, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node, "anomaly score")
+        out.score = _output(scene, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node, "anomaly score",
+                            link=False)
         group = _group_of(out.score, volume_node)
+        link_output(out.score, SCORE_ROLE, volume_node)
         _fill_volume(out.score, volume_node, result.score)
         _show_scores(scene, out.score, result.threshold, result.score, result.brain_mask)
         if targets.labelmap is not None or create_labelmap:
@@ -313,6 +341,8 @@ def display_range(threshold: float, score: sitk.Image, brain: sitk.Image) -> Tup
     99th percentile of the brain's scores, or the maximum score if that percentile is lower."""
     values = sitk.GetArrayViewFromImage(score)[sitk.GetArrayViewFromImage(brain) > 0]
     lower = float(threshold)
+    if not np.isfinite(lower):  # threshold inf (nothing flagged): the map still shows its highest scores
+        lower = float(values.max()) if values.size else 0.0
     upper = float(np.percentile(values, DISPLAY_PERCENTILE)) if values.size else lower
     if upper <= lower and values.size:
         upper = float(values.max())

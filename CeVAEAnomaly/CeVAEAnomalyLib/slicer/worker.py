@@ -220,11 +220,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if watch is None:
             os._exit(EXIT_ABANDONED)
         watch.leave()
-    except CeVAEError as exc:
-        _emit({"error": str(exc)})
-        return 2
-    except Exception as exc:  # a bug: keep the traceback for the log, one line for the user
-        traceback.print_exc()
+    except Exception as exc:
+        if watch is not None and watch.abandoned:  # failed because its folder went (e.g. its input): withdrawn
+            watch.leave()
+        if isinstance(exc, CeVAEError):
+            _emit({"error": str(exc)})
+            return 2
+        traceback.print_exc()  # a bug: keep the traceback for the log, one line for the user
         _emit({"error": f"Unexpected error: {exc!r} (details in the log)."})
         return 1
     _emit({"done": done})
