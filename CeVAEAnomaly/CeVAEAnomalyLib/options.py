@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
@@ -253,6 +254,13 @@ _PARTS: Tuple[type, ...] = (ScoreOptions, PostprocessOptions, ThresholdPolicy, R
 _OWNER: Dict[str, type] = {f.name: cls for cls in _PARTS for f in fields(cls)}
 
 
+def _plain(value: Any) -> Any:
+    """A number as a plain Python int or float (a NumPy scalar such as ``np.int64(8)`` from a script)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _checked_overrides(cls: type, values: Mapping[str, Any], what: str) -> Dict[str, Any]:
     by_name = {f.name: f for f in fields(cls)}
     refuse_unknown(values, by_name, what)
@@ -298,7 +306,7 @@ class DetectionRequest(Serialisable):
         parts: Dict[type, Dict[str, Any]] = {c: {} for c in _PARTS}
         for name, value in options.items():
             if value is not None:
-                parts[_OWNER[name]][name] = value
+                parts[_OWNER[name]][name] = _plain(value)
         return cls(score=parts[ScoreOptions], post=parts[PostprocessOptions], paper=paper,
                    policy=ThresholdPolicy(**parts[ThresholdPolicy]), run=RunOptions(**parts[RunOptions]))
 
@@ -309,11 +317,12 @@ class DetectionRequest(Serialisable):
                       **{name: getattr(args, name, None) for name in _OWNER})
 
     def with_options(self, **options: Any) -> "DetectionRequest":
-        """A copy with more options (None values are ignored)."""
+        """A copy with more options (None values are ignored; ``paper`` among them switches the published score)."""
+        paper = options.pop("paper", None)
         given = dict(self.score, **self.post, **{k: v for k, v in self.policy.to_dict().items() if v is not None},
                      **self.run.to_dict())
-        return DetectionRequest.of(paper=self.paper, **dict(given, **{k: v for k, v in options.items()
-                                                                      if v is not None}))
+        return DetectionRequest.of(paper=self.paper if paper is None else paper,
+                                   **dict(given, **{k: v for k, v in options.items() if v is not None}))
 
     def options(self, score: ScoreOptions, post: PostprocessOptions) -> Tuple[ScoreOptions, PostprocessOptions]:
         """The scoring and post-processing to use, starting from the model's recommended ``score`` and ``post``."""

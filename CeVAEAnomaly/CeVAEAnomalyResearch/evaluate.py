@@ -155,9 +155,13 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
             for key, role in ROLES.items()
         }
         name = row.get("name") or Path(row["score"]).name
-        metrics, scores, labels = _evaluate(
-            images["score"], images["gt"], images["mask"], images["labelmap"], 0, name
-        )
+        try:
+            metrics, scores, labels = _evaluate(
+                images["score"], images["gt"], images["mask"], images["labelmap"], 0, name
+            )
+        except CeVAEError as exc:  # say which files: the message names roles, not paths
+            files = ", ".join(f"{ROLES[key]} {row[key]}" for key in ROLES if row.get(key))
+            raise CeVAEError(f"Case {name} ({files}): {exc}") from None
         cases.append(metrics)
         arrays.append((scores, labels))
         log.info("Evaluated %s: AUROC %.4f, AUPRC %.4f", name, metrics.auroc, metrics.auprc)

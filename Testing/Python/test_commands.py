@@ -111,6 +111,33 @@ def test_evaluate_says_n_a_and_why_when_the_truth_covers_the_whole_mask(tmp_path
     assert "no healthy voxels" in caplog.text
 
 
+def test_evaluate_names_the_case_files_and_refuses_cases_with_single_case_options(tmp_path, capsys):
+    score = np.zeros((4, 8, 8), np.float32)
+    score[0, 0, :4] = [0.1, 0.4, 0.35, 0.8]
+    for name, arr in (("s", score), ("m", np.ones((4, 8, 8), np.uint8)), ("small", np.ones((4, 8, 9), np.uint8))):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"{name}.nrrd"))
+    cases = tmp_path / "cases.csv"
+    cases.write_text("score,mask,name\ns.nrrd,m.nrrd,fine\ns.nrrd,small.nrrd,case7\n")
+    assert main(["evaluate", "--cases", str(cases)]) == 2
+    err = capsys.readouterr().err
+    assert f"Case case7 (score map {tmp_path / 's.nrrd'}, mask {tmp_path / 'small.nrrd'}): The mask is not on" in err
+    assert main(["evaluate", "--cases", str(cases), "--mask", str(tmp_path / "m.nrrd")]) == 2
+    assert "Give either --cases CSV or --score" in capsys.readouterr().err
+
+
+def test_calibrate_names_the_healthy_volume_that_cannot_be_scored(tmp_path, tiny_bundle, healthy_manifest, capsys):
+    empty = sitk.Image(healthy_manifest.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(healthy_manifest)
+    sitk.WriteImage(empty, str(tmp_path / "empty_mask.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "h.nii.gz")) * 2, str(tmp_path / "other.nii.gz"))
+    (tmp_path / "two.csv").write_text("image,mask\nh.nii.gz,h_mask.nii.gz\nother.nii.gz,empty_mask.nii.gz\n")
+    assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "two.csv"),
+                 "--out", str(tmp_path / "c.cevae"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'other.nii.gz'}: " in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c.cevae").exists()
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")
 def test_demo_writes_outputs_on_the_sample_grid(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "demo"

@@ -54,6 +54,18 @@ def test_a_row_without_its_key_or_a_column_in_other_case_is_refused_and_unread_c
 
 
 @pytest.mark.parametrize("content, message", [
+    ("score,gt\ns.nii.gz,gt.nii.gz,m.nii.gz\n", r"line 2: the row has more cells than the header has columns"),
+    ("score,gt,score\na.nii.gz,,b.nii.gz\n", r"names the column\(s\) 'score' more than once"),
+    ("score,gt\na.nii.gz\0,\n", r"line 2: a cell holds a NUL byte"),
+])
+def test_cells_beyond_the_header_a_repeated_column_or_a_nul_byte_are_refused(tmp_path, content, message):
+    """A mask cell without a column, or two 'score' columns, would silently change what is evaluated."""
+    (tmp_path / "cases.csv").write_text(content)
+    with pytest.raises(CeVAEError, match=message):
+        read_rows(tmp_path / "cases.csv", "score", ("score", "gt", "mask"), "cases CSV")
+
+
+@pytest.mark.parametrize("content, message", [
     ("path,mask\na.nii.gz,\n", r"needs a header row with the column 'image' \(and optionally 'mask'\)"),
     ("image,mask\n", r"lists no images"),
 ])

@@ -173,3 +173,18 @@ def test_bundle_checks_use_the_declared_ranges():
             _check_options({"postprocess": {"rim_mm": bad}}, "postprocess", PostprocessOptions)
         with pytest.raises(CeVAEError, match=r"rim_mm \(--rim-mm\) must be a number in \[0, 50\]"):
             PostprocessOptions(rim_mm=bad)
+
+
+def test_numpy_numbers_from_a_script_are_taken_as_plain_numbers():
+    request = DetectionRequest.of(batch_size=np.int64(8), fpr=np.float32(0.001), rim_mm=np.float64(2.0))
+    assert request.run.batch_size == 8 and type(request.run.batch_size) is int
+    assert request.policy.fpr == pytest.approx(0.001) and type(request.policy.fpr) is float
+    assert json.loads(json.dumps(request.to_dict()))["post"]["rim_mm"] == 2.0  # serialisable as it is
+    with pytest.raises(CeVAEError, match="batch_size .* must be a whole number"):
+        DetectionRequest.of(batch_size=np.float64(2.5))
+
+
+def test_paper_given_with_the_other_options_switches_the_published_score():
+    assert DetectionRequest.of(fpr=0.01).with_options(paper=True, batch_size=4).paper
+    assert not DetectionRequest.of(paper=True).with_options(paper=False).paper
+    assert DetectionRequest.of(paper=True).with_options(batch_size=4).paper  # kept when not given

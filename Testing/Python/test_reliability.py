@@ -91,6 +91,22 @@ def test_detect_on_a_full_disk_keeps_the_previous_output(inputs, tmp_path):
     assert tree(tmp_path) == before  # the old output intact, no temporary file
 
 
+def test_overwrite_keeps_a_private_files_permissions(inputs, tmp_path):
+    """A patient-derived output the user made private stays private when --overwrite replaces it."""
+    image, mask, model = inputs
+    score, fresh = tmp_path / "score.nii.gz", tmp_path / "fresh.nii.gz"
+    assert main(detect_argv(image, mask, model, score)) == 0
+    score.chmod(0o600)
+    assert main(detect_argv(image, mask, model, score, "--overwrite")) == 0
+    assert score.stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0o022)
+    try:
+        assert main(detect_argv(image, mask, model, fresh)) == 0
+    finally:
+        os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o644  # a new file: 0666 minus the umask
+
+
 def test_batch_on_a_full_disk_publishes_no_fragment(inputs, tmp_path):
     image, mask, model = inputs
     (tmp_path / "list.csv").write_text(f"image,mask\n{image},{mask}\n")

@@ -188,6 +188,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from ..io.manifest import read_rows
     from ..io.targets import check_paths
 
+    if args.cases and any((args.score, args.gt, args.mask, args.labelmap)):
+        raise CeVAEError("Give either --cases CSV or --score (with --gt, --mask, --labelmap) for one case, not both.")
     if args.cases:
         rows = [dict({k: str(v or "") for k, v in r.files.items()}, name=r.cells["name"])
                 for r in read_rows(args.cases, "score", tuple(ROLES), "cases CSV", others=("name",))]

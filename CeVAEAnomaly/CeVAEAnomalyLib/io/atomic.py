@@ -2,11 +2,13 @@
 
 An interrupted or failed write (error, disk full, file-size limit, Ctrl-C, SIGTERM) never leaves a
 partial file under the final name, nor a temporary file. Every file is checked to be complete
-(:mod:`.verify`) before the rename. Files get the usual permissions (0666 minus the umask).
+(:mod:`.verify`) before the rename. A replaced file's permissions are kept; a new file gets the usual ones
+(0666 minus the umask).
 """
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +36,16 @@ def temp_beside(target: Path) -> str:
 
 
 def publish(tmp: str, target: Path) -> None:
-    """Give ``tmp`` normal permissions and rename it onto ``target`` (never onto a device, FIFO or socket)."""
+    """Give ``tmp`` the permissions of the file it replaces (a private file stays private), or normal ones for a
+    new file, and rename it onto ``target`` (never onto a device, FIFO or socket)."""
     refuse_special_output(target)  # checked again here: the path may have changed since the first check
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:  # a new file (or one that cannot be read): 0666 minus the umask
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
     os.replace(tmp, target)
 
 

@@ -2,8 +2,8 @@
 
 A list is UTF-8 (with or without the byte-order mark Excel writes) and has a header row; file
 columns hold paths relative to the CSV's folder (or absolute); cells are stripped; empty rows are
-skipped, a row with cells but no key cell is refused; a known column in other case is refused, other
-columns are reported as not read.
+skipped; a row with cells but no key cell, or with more cells than the header, is refused; a column
+named twice or a known column in other case is refused, other columns are reported as not read.
 """
 from __future__ import annotations
 
@@ -59,7 +59,12 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
             _check_columns([f.strip() for f in reader.fieldnames], (*files, *others), path, what)
             rows = []
             for line, raw in enumerate(reader, start=2):
+                if any(v.strip() for v in raw.get(None) or ()):  # DictReader puts cells beyond the header there
+                    raise CeVAEError(f"{path}, line {line}: the row has more cells than the header has columns; "
+                                     "quote paths that hold commas, or add the missing column name.")
                 row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
+                if any("\0" in v for v in row.values()):
+                    raise CeVAEError(f"{path}, line {line}: a cell holds a NUL byte; is this a CSV text file?")
                 if not row.get(key):
                     if any(row.values()):  # not an empty line: a row that lost its key cell
                         raise CeVAEError(f"{path}, line {line}: the row has no {key!r}; fill it in or remove the row.")
@@ -72,9 +77,13 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
 
 
 def _check_columns(header: Sequence[str], known: Sequence[str], path: Path, what: str) -> None:
-    """Refuse a known column spelt in other case (``GT`` for ``gt``: its cells would be lost); warn about
-    columns that are not read."""
+    """Refuse a column named twice, or a known column spelt in other case (``GT`` for ``gt``: its cells would be
+    lost); warn about columns that are not read."""
     by_lower = {c.lower(): c for c in known}
+    repeated = sorted({c for c in header if c and header.count(c) > 1})
+    if repeated:
+        raise CeVAEError(f"The {what} {path} names the column(s) {', '.join(repr(c) for c in repeated)} more than "
+                         "once; which one counts would be a guess.")
     unread = [c for c in header if c and c not in known]
     for c in unread:
         if c.lower() in by_lower:
