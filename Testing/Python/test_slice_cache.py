@@ -292,3 +292,34 @@ def test_prepare_never_starts_more_processes_than_subjects_or_cores(subjects, tm
     used = min(len(subjects), usable_cores())
     assert f"Preprocessing with {used} process(es) (10000 asked; 3 subject(s)" in caplog.text
     assert "3 subject(s), 3 preprocessed now" in summary
+
+
+def test_a_fifo_or_a_deeply_nested_json_in_the_cache_is_made_again_not_a_hang_or_a_crash(subjects, tmp_path, caplog):
+    import os
+
+    s = subjects[0]
+    cache = SliceCache(tmp_path / "cache", PRE)
+    key = cache.key(s, checksums(s), "axial")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / f"{key}.json").write_text("[" * 100000 + "]" * 100000)
+    np.save(tmp_path / "cache" / f"{key}.npy", np.zeros((1, 64, 64), np.float32))
+    with caplog.at_level(logging.WARNING):
+        (entry,), made = cache.entries_for(s, checksums(s), ("axial",))
+    assert made and "is damaged (RecursionError)" in caplog.text
+    if os.name == "posix":
+        other = subjects[1]
+        fifo = tmp_path / "cache" / f"{cache.key(other, checksums(other), 'axial')}.npy"
+        os.mkfifo(fifo)
+        (tmp_path / "cache" / f"{fifo.stem}.json").write_text("{}")
+        assert cache.lookup(fifo.stem) is None  # never opened (opening a FIFO waits for a writer)
+
+
+def test_a_cache_folder_in_an_input_series_folder_is_refused(subjects, tmp_path):
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "IM0001.dcm").write_bytes(b"x")
+    subject = Subject(series)
+    with pytest.raises(CeVAEError, match="lies in the input series folder"):
+        SliceCache(series / "cache", PRE).prepare([subject], {series: "0"}, ("axial",))
+    assert main(["prepare", str(series), "--cache-dir", str(series)]) == 2
+    assert [p.name for p in series.iterdir()] == ["IM0001.dcm"]  # nothing written into the series

@@ -423,3 +423,19 @@ def test_a_bad_checkpoint_is_refused_in_one_line_and_never_unpickled(manifest, t
     assert errors[0].startswith(f"error: The checkpoint {out}.ckpt is damaged or not a CeVAEAnomaly checkpoint")
     assert re.search(message, errors[0]) and errors[0].endswith("start anew with --overwrite instead of --resume.")
     assert not (tmp_path / "EXPLOITED").exists() and Path(f"{out}.ckpt").read_bytes() == before and not out.exists()
+
+
+def test_resume_without_a_checkpoint_is_refused_before_any_preprocessing(manifest, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run" / "model.cevae"
+    assert main(train_argv(manifest, out, EVERY, "--resume", "--cache-dir", str(cache))) == 2
+    assert "--resume was given but there is no checkpoint" in capsys.readouterr().err
+    assert not cache.exists() and not list(out.parent.iterdir())  # no volume preprocessed, nothing written
+
+
+def test_a_damaged_training_log_is_named_when_resuming(manifest, tmp_path, capsys):
+    trainer = saved_trainer(tmp_path, manifest)
+    log = trainer.cfg.log_path
+    log.write_bytes(b"step,loss\n4,0.5\n" + bytes(range(128, 256)))
+    resumed = tiny_trainer(tmp_path, manifest, resume=True)
+    with pytest.raises(CeVAEError, match=rf"training log {re.escape(str(log))} is damaged .*move it away"):
+        resumed.run()

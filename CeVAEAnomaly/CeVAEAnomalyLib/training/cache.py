@@ -79,13 +79,23 @@ class SliceCache:
         self.pre = pre
         self._verified: Set[str] = set()  # keys whose content this run has checked
 
+    def refuse_inside_inputs(self, subjects: Sequence[Subject]) -> None:
+        """Refuse a cache folder in an input DICOM series folder: its entries would change the series' checksum,
+        so they would never be found again (and a resumed training would see another volume)."""
+        root = self.root.resolve()
+        for s in subjects:
+            for path in (s.image, s.mask):
+                if path is not None and path.is_dir() and (root == path.resolve() or path.resolve() in root.parents):
+                    raise CeVAEError(f"The cache folder {self.root} lies in the input series folder {path}; "
+                                     "choose a --cache-dir outside it.")
+
     def lookup(self, key: str) -> Optional[Entry]:
         """The complete entry stored under ``key``, or None (missing or damaged: it is made again).
 
         The first lookup of a key checks the entry's content against the checksum in its JSON.
         """
         meta_path, npy = self.root / f"{key}.json", self.root / f"{key}.npy"
-        if not meta_path.is_file():
+        if not meta_path.is_file() or not npy.is_file():  # missing, or not a plain file (a FIFO is never opened)
             return None
         try:
             meta = json.loads(meta_path.read_text())
@@ -101,8 +111,9 @@ class SliceCache:
                     if problem:
                         log.warning("The cache entry %s %s (damaged or replaced); it is made again.", npy, problem)
                         return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("The cache entry %s is damaged (%s); it is made again.", npy, exc)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            log.warning("The cache entry %s is damaged (%s); it is made again.", npy, type(exc).__name__
+                        if isinstance(exc, RecursionError) else exc)
             return None
         self._verified.add(key)
         return Entry(npy, shape[0], offset)
@@ -121,6 +132,7 @@ class SliceCache:
     def prepare(self, subjects: Sequence[Subject], checksums: Dict[Path, str], orientations: Sequence[str],
                 progress: Optional[ProgressCallback] = None) -> List[List[Entry]]:
         """Per subject, its entries in ``orientations`` order; missing ones are preprocessed now."""
+        self.refuse_inside_inputs(subjects)
         out: List[List[Entry]] = []
         made = 0
         for n, s in enumerate(subjects):

@@ -192,8 +192,12 @@ def truncate_log(path: Path, step: int) -> None:
         return
     from ..io.atomic import atomic_write_text
 
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CeVAEError(f"The training log {path} is damaged ({type(exc).__name__}); move it away to resume "
+                         "(the checkpoint is intact).") from None
     kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     if len(kept) < len(rows):
         text = io.StringIO()

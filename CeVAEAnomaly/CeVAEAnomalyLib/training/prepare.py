@@ -25,7 +25,7 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
     Axial slices are always prepared too: validation and calibration use them.
     """
     wanted = tuple(orientations) + (() if "axial" in orientations else ("axial",))
-    SliceCache(root, pre)  # refuses a file given as the folder
+    SliceCache(root, pre).refuse_inside_inputs(subjects)  # and a file given as the folder
     root.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     jobs = [(s, root, pre, wanted) for s in subjects]

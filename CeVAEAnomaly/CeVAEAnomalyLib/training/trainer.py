@@ -292,15 +292,15 @@ class Trainer:
 
     def _train(self) -> float:
         cfg = self.cfg
-        if self.dist.main:
-            cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        self.open_data()
-        if cfg.resume:
+        if cfg.resume:  # before the data: a missing or foreign checkpoint is refused before hours of preprocessing
             self.load_checkpoint()
             if self.dist.main:
                 truncate_log(cfg.log_path, self.step)
         elif self.dist.main and cfg.log_path.exists():
             cfg.log_path.unlink()
+        if self.dist.main:
+            cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        self.open_data()
         if self.dist.main:
             log.info("Device %s, %d rank(s)%s; batch size %d per rank, effective batch size %d; learning rate %g "
                      "(one step per effective batch, gradients averaged over it).", self.device, self.dist.world,
