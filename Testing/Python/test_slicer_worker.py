@@ -617,3 +617,16 @@ def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
     seen = run_to_end(job, timeout=30)
     assert job.state is JobState.DONE
     assert seen == [(0.25, "a"), (0.5, "b"), (1.0, "")]
+
+
+def test_a_job_ends_when_its_worker_does_even_if_a_process_it_started_holds_its_output(tmp_path):
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    script = tmp_path / "worker"
+    script.write_text("#!/bin/sh\nsleep 20 &\necho '{\"done\": {\"n\": 1}}'\n")  # the sleep keeps stdout open
+    script.chmod(0o755)
+    job = WorkerJob({"task": "detect"}, tmp_path, python=str(script))
+    run_to_end(job, timeout=10)  # fails if the job waits for the sleep
+    assert job.state is JobState.DONE and job.done == {"n": 1}

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 Launcher = Callable[[List[str]], subprocess.Popen]
 STOP_WAIT_S = 0.5  # after terminate(), how long to wait before kill()
 KILL_WAIT_S = 5.0  # after kill(), how long Cancel may wait for the process to go (the GUI waits meanwhile)
+OUTPUT_GRACE_S = 2.0  # after the worker exits, how long its output may stay open (held by a process it started)
 JOB_FOLDER_PREFIX = "CeVAEAnomaly-"  # a job's temporary folder (inputs, request, results)
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
               "from CeVAEAnomalyLib.slicer.worker import main; sys.exit(main(sys.argv[2:]))")
@@ -134,6 +135,7 @@ class WorkerJob:
         self._reader = threading.Thread(target=_read_lines, args=(self.process.stdout, self._lines), daemon=True)
         self._reader.start()
         self._eof = False
+        self._exited_at: Optional[float] = None
 
     @property
     def finished(self) -> bool:
@@ -150,8 +152,12 @@ class WorkerJob:
                 self._eof = True
             else:
                 self._take(line)
-        if self.state is JobState.RUNNING and self._eof and self.process.poll() is not None:
-            self._end(self.process.returncode)
+        if self.state is JobState.RUNNING and self.process.poll() is not None:
+            if self._exited_at is None:
+                self._exited_at = time.monotonic()
+            # a process the worker started may keep its output open: the job still ends once the worker has
+            if self._eof or time.monotonic() - self._exited_at > OUTPUT_GRACE_S:
+                self._end(self.process.returncode)
         return self.finished
 
     def wait(self, timeout: Optional[float] = None) -> JobState:
