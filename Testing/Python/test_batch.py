@@ -39,7 +39,7 @@ def batch(cohort, out, bundle, *extra):
     return main(["batch", str(cohort), "--out-dir", str(out), "--model", str(bundle), "--device", "cpu", *extra])
 
 
-def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, tmp_path):
+def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, tmp_path, caplog):
     out = tmp_path / "out"
     assert batch(cohort, out, tiny_bundle) == 2  # the cohort finishes, the exit status says a volume failed
     rows = read_summary(out / "summary.csv")
@@ -64,16 +64,22 @@ def test_corrupt_file_is_recorded_and_rerun_skips_finished(cohort, tiny_bundle, 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"}
     assert batch(cohort, out, tiny_bundle) == 2  # 'bad' is tried again and fails again
     rerun = read_summary(out / "summary.csv")
-    (out / "summary.csv").unlink()  # without the earlier summary, the values are read back from the outputs
-    assert batch(cohort, out, tiny_bundle) == 2
-    read_again = read_summary(out / "summary.csv")
-    assert sorted(rerun) == sorted(read_again) == sorted(NAMES + ["bad"])
-    assert rerun["bad"]["status"] == read_again["bad"]["status"] == "error"
-    for name in NAMES:  # skipped, with the first run's values; the outputs are untouched
-        assert rerun[name]["status"] == read_again[name]["status"] == "skipped"
-        for key in ("flagged_ml", "max_score", "top_slice", "top_slice_axis"):
-            assert rerun[name][key] == read_again[name][key] == rows[name][key]
+    assert sorted(rerun) == sorted(NAMES + ["bad"]) and rerun["bad"]["status"] == "error"
+    for name in NAMES:  # skipped, with the first run's values and checksums; the outputs are untouched
+        assert rerun[name]["status"] == "skipped"
+        for key in ("flagged_ml", "max_score", "top_slice", "top_slice_axis", "seconds", "image_sha256", "mask_sha256"):
+            assert rerun[name][key] == rows[name][key]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"} == mtimes
+
+    (out / "summary.csv").unlink()  # nothing says what the outputs were made from: scored again, to be safe
+    with caplog.at_level(logging.WARNING):
+        assert batch(cohort, out, tiny_bundle) == 2
+    assert "scoring them again to be safe: a1, b2, c3, d4." in caplog.text
+    read_again = read_summary(out / "summary.csv")
+    for name in NAMES:
+        assert read_again[name]["status"] == "ok"
+        for key in ("flagged_ml", "max_score", "top_slice", "top_slice_axis", "image_sha256", "mask_sha256"):
+            assert read_again[name][key] == rows[name][key]
 
     # a damaged or incomplete output set is scored again and replaced
     (out / "a1_score.nii.gz").write_bytes(b"garbage")
@@ -218,17 +224,18 @@ def test_a_volume_with_some_outputs_missing_is_scored_again_with_a_warning(two, 
     assert (out / "a1_slices.csv").read_text() == fresh and (out / "a1_score.nii.gz").is_file()
 
 
-def test_a_damaged_summary_is_rebuilt_from_the_outputs(two, tiny_bundle, tmp_path, caplog):
+@pytest.mark.parametrize("content", [b"subject,age\n1,30\n", bytes(range(256)) * 4], ids=["a CSV", "binary"])
+def test_a_summary_path_holding_another_file_is_refused(two, tiny_bundle, tmp_path, capsys, content):
+    """summary.csv that batch did not write (a user's table, junk) is never replaced without --overwrite."""
     out = tmp_path / "out"
-    assert batch(two, out, tiny_bundle) == 0
-    first = read_summary(out / "summary.csv")
-    (out / "summary.csv").write_bytes(bytes(range(256)) * 4)  # binary junk
-    with caplog.at_level(logging.WARNING):
-        assert batch(two, out, tiny_bundle) == 0
-    assert "summary.csv cannot be read" in caplog.text
-    rows = read_summary(out / "summary.csv")
-    assert [rows[n]["status"] for n in NAMES[:2]] == ["skipped", "skipped"]
-    assert [rows[n]["max_score"] for n in NAMES[:2]] == [first[n]["max_score"] for n in NAMES[:2]]
+    out.mkdir()
+    (out / "summary.csv").write_bytes(content)
+    assert batch(two, out, tiny_bundle) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out / 'summary.csv'} is not a batch summary; choose another --out-dir or pass --overwrite."
+    assert [p.name for p in out.iterdir()] == ["summary.csv"] and (out / "summary.csv").read_bytes() == content
+    assert batch(two, out, tiny_bundle, "--overwrite") == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["ok", "ok"]
 
 
 def test_a_folder_as_summary_is_refused_before_any_work(two, tiny_bundle, tmp_path, capsys):
@@ -260,3 +267,114 @@ def test_a_volume_finished_by_a_concurrent_run_counts_as_done(two, tiny_bundle, 
     ours.detector = lambda *a, **k: pytest.fail("a volume finished by another run was scored again")
     assert ours(item, False)["status"] == "skipped"  # found done before any work
     assert {p: p.read_bytes() for p in published} == published
+
+
+@pytest.fixture
+def own_two(cohort, tmp_path):
+    """A folder with copies of a1 and b2 (and their masks) that a test may replace."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for n in NAMES[:2]:
+        for suffix in ("", "_mask"):
+            (d / f"{n}{suffix}.nii.gz").write_bytes((cohort / f"{n}{suffix}.nii.gz").read_bytes())
+    return d
+
+
+def test_a_replaced_input_is_scored_again_and_the_others_skipped(own_two, tiny_bundle, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert batch(own_two, out, tiny_bundle) == 0
+    image, mask = make_head(size=(30, 34, 28), seed=99)  # another scan, on another grid
+    sitk.WriteImage(image, str(own_two / "a1.nii.gz"))
+    sitk.WriteImage(mask, str(own_two / "a1_mask.nii.gz"))
+    with caplog.at_level(logging.WARNING):
+        assert batch(own_two, out, tiny_bundle) == 0
+    assert (f"The input of a1 changed since its outputs were made (image {own_two / 'a1.nii.gz'}, brain mask "
+            f"{own_two / 'a1_mask.nii.gz'}); scoring it again.") in caplog.text and "b2" not in caplog.text
+    rows = read_summary(out / "summary.csv")
+    assert [rows[n]["status"] for n in NAMES[:2]] == ["ok", "skipped"]
+    assert sitk.ReadImage(str(output_paths(out, "a1")["score"])).GetSize() == (30, 34, 28)
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+    assert rows["a1"]["image_sha256"] == sha256_of(own_two / "a1.nii.gz")
+
+    eroded = sitk.BinaryErode(sitk.ReadImage(str(own_two / "b2_mask.nii.gz")) > 0, [2, 2, 2])
+    sitk.WriteImage(sitk.Cast(eroded, sitk.sitkUInt8), str(own_two / "b2_mask.nii.gz"))  # only the mask changes
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert batch(own_two, out, tiny_bundle) == 0
+    assert f"The input of b2 changed since its outputs were made (brain mask {own_two / 'b2_mask.nii.gz'})" \
+        in caplog.text
+    rows = read_summary(out / "summary.csv")
+    assert [rows[n]["status"] for n in NAMES[:2]] == ["skipped", "ok"]
+
+
+def test_a_summary_without_checksums_means_scoring_again(two, tiny_bundle, tmp_path, caplog):
+    """An older version's summary says nothing of what the outputs were made from: they are scored again."""
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle) == 0
+    rows = read_summary(out / "summary.csv")
+    old_fields = ["name", "image", "mask", "status", "error", "flagged_ml", "max_score", "top_slice_axis",
+                  "top_slice", "seconds"]
+    with open(out / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, old_fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows.values())
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle) == 0
+    assert "outputs of 2 volume(s)" in caplog.text and "scoring them again to be safe: a1, b2." in caplog.text
+    again = read_summary(out / "summary.csv")
+    assert [again[n]["status"] for n in NAMES[:2]] == ["ok", "ok"]
+    assert [again[n]["max_score"] for n in NAMES[:2]] == [rows[n]["max_score"] for n in NAMES[:2]]
+    assert batch(two, out, tiny_bundle) == 0  # now recorded: skipped
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
+
+
+def test_a_rerun_with_other_settings_is_refused_unless_overwrite(two, tiny_bundle, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle) == 0
+    recorded = json.loads((out / "batch_settings.json").read_text())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for extra, named in ((["--threshold", "0.5"], f"threshold {recorded['threshold']!r} -> 0.5"),
+                         (["--score-type", "rec"], "score_type 'combi' -> 'rec'"),
+                         (["--batch-size", "8"], "batch_size 64 -> 8")):
+        assert batch(two, out, tiny_bundle, *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # (INFO lines before it)
+        assert err.startswith(f"error: The outputs in {out} were made with other settings ({named}")
+        assert err.endswith(f"; see {out / 'batch_settings.json'}); pass --overwrite to score every volume again "
+                            "with these, or choose another --out-dir.")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    assert batch(two, out, tiny_bundle, "--threshold", "0.5", "--overwrite") == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["ok", "ok"]
+    assert json.loads((out / "batch_settings.json").read_text())["threshold"] == 0.5
+    assert batch(two, out, tiny_bundle, "--threshold", "0.5") == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
+
+    (out / "batch_settings.json").write_text("my notes")  # a file batch did not write is not replaced either
+    assert batch(two, out, tiny_bundle, "--threshold", "0.5") == 2
+    assert (f"{out / 'batch_settings.json'} is not a batch settings record; choose another --out-dir or pass "
+            "--overwrite.") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_interrupted_pool_lists_every_volume_it_wrote(cohort, tiny_bundle, tmp_path):
+    """Ctrl-C with --workers: no volume is written after the run ends, and each one written is in the summary."""
+    out = tmp_path / "out"
+    settings = settings_for(tiny_bundle, out)
+    items = [it for it in collect_inputs(cohort) if it.name != "bad"]
+
+    def stop_at_the_first(fraction, message):
+        if message.endswith(" ok"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(items, settings, out / "summary.csv", workers=2, progress=stop_at_the_first)
+    written = sorted(n for n in NAMES if all(p.exists() for p in output_paths(out, n).values()))
+    listed = read_summary(out / "summary.csv")
+    assert sorted(listed) == written and {r["status"] for r in listed.values()} == {"ok"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".") or
+                (p.name.split("_")[0] in NAMES and p.name.split("_")[0] not in written)]  # no temp file or part set
+    summary = run_batch(items, settings, out / "summary.csv")
+    assert [summary.rows[n]["status"] for n in NAMES] == ["skipped" if n in written else "ok" for n in NAMES]

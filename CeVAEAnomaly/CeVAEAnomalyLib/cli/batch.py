@@ -1,6 +1,8 @@
 """Batch detection over a cohort: a folder or a CSV list in, one set of outputs per volume out.
 
-Resumable (volumes whose outputs exist are skipped), shardable (``--shard i/n`` takes every n-th
+Resumable (a volume is skipped when its outputs exist and the summary records that they were made from its
+current image and mask; ``batch_settings.json`` records the model and options the outputs were made with, and a
+rerun with others is refused unless ``--overwrite``), shardable (``--shard i/n`` takes every n-th
 volume of the sorted list, starting at the i-th, i = 1..n) and parallel (``--workers K``
 processes, each with its own copy of the model). A bad volume is recorded in the summary CSV,
 which is rewritten atomically as the run goes (at most every 2 s and at the end), and the run goes on.
@@ -9,32 +11,39 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import multiprocessing
 import os
 import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
+from ..io.checksum import sha256_of
 from ..io.manifest import read_rows
 from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
 from ..options import DetectionRequest
-from ..progress import ProgressCallback, report
+from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
 from .interrupts import raise_terminated
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event
 
 log = logging.getLogger(__name__)
 
 MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of <image>.*
-SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", "flagged_ml", "max_score",
-                  "top_slice_axis", "top_slice", "seconds")
+MEASURES = ("flagged_ml", "max_score", "top_slice_axis", "top_slice")
+SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
+SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS)
+SETTINGS_FILE = "batch_settings.json"  # in --out-dir: the model and options its outputs were made with
 
 
 @dataclass(frozen=True)
@@ -132,8 +141,8 @@ def select_shard(items: Sequence[BatchItem], i: int, n: int) -> List[BatchItem]:
 
 def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], source: Path, model: Path,
                         out_dir: Path, summary: Path) -> None:
-    """Refuse before any work an --out-dir under a file, or an output (summary included) that would replace an
-    input of the batch, is a folder, a device, FIFO or socket, or too long a name."""
+    """Refuse before any work an --out-dir under a file, or an output (summary and settings file included) that
+    would replace an input of the batch, is a folder, a device, FIFO or socket, or too long a name."""
     from ..io.targets import Inputs, file_in_the_way, refuse_overlong_name, refuse_special_output
 
     blocker = file_in_the_way(out_dir)
@@ -141,7 +150,8 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
         raise CeVAEError(f"--out-dir {out_dir} is under {blocker}, which is a file, not a folder.")
     inputs = Inputs([source if source.is_file() else None, model, *(i.image for i in every),
                      *(i.mask for i in every)])
-    for target in [summary, *(p for item in items for p in output_paths(out_dir, item.name).values())]:
+    outputs = (p for item in items for p in output_paths(out_dir, item.name).values())
+    for target in [summary, out_dir / SETTINGS_FILE, *outputs]:
         src = inputs.which(target)
         if src is not None:
             raise CeVAEError(f"The output {target} would replace the input {src}; choose another --out-dir "
@@ -154,6 +164,49 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
 
 def summary_name(shard: Optional[Tuple[int, int]]) -> str:
     return "summary.csv" if shard is None else f"summary_shard-{shard[0]}-of-{shard[1]}.csv"
+
+
+# ---- what outputs are made from -----------------------------------------------------------
+def made_from(item: BatchItem) -> Dict[str, str]:
+    """The sha256 of the volume's image and brain mask ("" without one): what its outputs are made from."""
+    return {"image_sha256": sha256_of(item.image), "mask_sha256": sha256_of(item.mask) if item.mask else ""}
+
+
+def settings_record(settings: DetectSettings) -> Dict[str, object]:
+    """What makes every volume's outputs besides its input: the model file's sha256, the scoring and
+    post-processing options and threshold the request resolves to with it, mixed precision and the batch size
+    (sampled scores draw per batch). Not the device: it changes a map by float noise at most."""
+    from ..engine.header import read_header
+
+    header = read_header(settings.model)
+    score, post = settings.request.options(header.score_options, header.postprocess)
+    threshold, _ = header.threshold(score, post, settings.request.policy)
+    run = settings.request.run
+    record = {"model_sha256": sha256_of(settings.model), **score.to_dict(), **post.to_dict(), "threshold": threshold,
+              "amp": run.amp, "batch_size": run.batch_size}
+    return json.loads(json.dumps(record))  # as the file reads back
+
+
+def _settings_known(path: Path, record: Dict[str, object], overwrite: bool) -> bool:
+    """Whether the settings file ``path`` records ``record`` (False if there is none). Other settings, or a
+    file that is not a settings record, are refused unless ``overwrite``."""
+    if not path.exists():
+        return False
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        earlier = None
+    if not isinstance(earlier, dict) or set(earlier) != set(record):
+        if overwrite:
+            return False
+        raise CeVAEError(f"{path} is not a batch settings record; choose another --out-dir or pass --overwrite.")
+    changed = [k for k in record if earlier[k] != record[k]]
+    if changed and not overwrite:
+        what = "; ".join(f"model sha256 {str(earlier[k])[:12]} -> {str(record[k])[:12]}" if k == "model_sha256"
+                         else f"{k} {earlier[k]!r} -> {record[k]!r}" for k in changed)
+        raise CeVAEError(f"The outputs in {path.parent} were made with other settings ({what}; see {path}); pass "
+                         "--overwrite to score every volume again with these, or choose another --out-dir.")
+    return not changed
 
 
 # ---- one volume ---------------------------------------------------------------------------
@@ -184,8 +237,8 @@ def _row(item: BatchItem, status: str, seconds: Optional[float], error: str = ""
     return row
 
 
-def read_back(item: BatchItem, out_dir: Path) -> Dict[str, object]:
-    """The summary row of a volume whose outputs exist from an earlier run (checked complete first)."""
+def read_back(item: BatchItem, out_dir: Path, source: Dict[str, str]) -> Dict[str, object]:
+    """The "skipped" row of a volume whose outputs exist (checked complete first), made from ``source``."""
     import SimpleITK as sitk
 
     paths = output_paths(out_dir, item.name)
@@ -194,7 +247,7 @@ def read_back(item: BatchItem, out_dir: Path) -> Dict[str, object]:
         raise ValueError(problem)
     values = measure(sitk.ReadImage(str(paths["score"])), sitk.ReadImage(str(paths["labelmap"])),
                      top_of_table(paths["slices"].read_text()))
-    return _row(item, "skipped", None, **values)
+    return _row(item, "skipped", None, **values, **source)
 
 
 def incomplete_outputs(paths: Dict[str, Path]) -> str:
@@ -225,14 +278,15 @@ def _slice_table_reason(text: str) -> Optional[str]:
 
 
 class VolumeDetector:
-    """Loads the model once and scores volumes, turning any failure into an error row."""
+    """Loads the model once and scores volumes, turning any failure into an error row. Once ``stopping()`` is
+    true it raises :class:`Cancelled` at the next step of a volume, up to the start of its writing."""
 
-    def __init__(self, settings: DetectSettings) -> None:
+    def __init__(self, settings: DetectSettings, stopping: Callable[[], bool] = lambda: False) -> None:
         from ..engine.bundle import load_bundle
         from ..engine.detector import Detector
         from ..engine.devices import resolve_device
 
-        self.s = settings
+        self.s, self.stopping = settings, stopping
         bundle = load_bundle(settings.model, resolve_device(settings.request.run.device))
         self.detector = Detector.from_request(bundle, settings.request)
 
@@ -245,34 +299,47 @@ class VolumeDetector:
 
         t0 = time.perf_counter()
         try:
-            done = None if overwrite else self.done_by_another_run(item)
+            self.go_on()
+            try:  # hashed before reading: an input replaced meanwhile gets scored again by a rerun
+                source = made_from(item)
+            except OSError:
+                source = {}  # read_image says what is wrong with the file
+            done = None if overwrite else self.done_by_another_run(item, source)
             if done is not None:
                 return done
             image = read_image(item.image)
             mask = read_image(item.mask, "brain mask") if item.mask else None
             torch.manual_seed(0)  # sampled scores do not depend on the order or the worker
-            result = self.detector(image, mask)
+            result = self.detector(image, mask, progress=self.go_on)
+            self.go_on()  # past here the outputs are written and their row returned
             try:
                 write_all(result_files(result, output_paths(self.s.out_dir, item.name)), overwrite,
                           (item.image, item.mask))
             except CeVAEError:
-                done = None if overwrite else self.done_by_another_run(item)
+                done = None if overwrite else self.done_by_another_run(item, source)
                 if done is None:
                     raise
                 return done
             top = result.top_slice
             return _row(item, "ok", time.perf_counter() - t0,
-                        **measure(result.score, result.labelmap, (top.axis, top.index) if top else None))
+                        **measure(result.score, result.labelmap, (top.axis, top.index) if top else None), **source)
+        except Cancelled:
+            raise
         except Exception as exc:  # one bad volume must not stop the cohort
             log.debug("%s failed.", item.name, exc_info=True)
             message = one_line(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {one_line(exc)}"
             return _row(item, "error", time.perf_counter() - t0, error=message)
 
-    def done_by_another_run(self, item: BatchItem) -> Optional[Dict[str, object]]:
+    def go_on(self, fraction: float = 0.0, message: str = "") -> None:
+        """Raise :class:`Cancelled` once the batch is stopping (also the detector's progress callback)."""
+        if self.stopping():
+            raise Cancelled("The batch was interrupted.")
+
+    def done_by_another_run(self, item: BatchItem, source: Dict[str, str]) -> Optional[Dict[str, object]]:
         """The "skipped" row of a volume whose complete outputs appeared since this run started (another
         batch on the same --out-dir finished it); None if they are not all there and complete."""
         try:
-            row = read_back(item, self.s.out_dir)
+            row = read_back(item, self.s.out_dir, source)
         except (RuntimeError, OSError, ValueError, KeyError, csv.Error):
             return None
         log.info("%s was finished by another run meanwhile; its outputs are kept.", item.name)
@@ -282,16 +349,17 @@ class VolumeDetector:
 _worker: Optional[VolumeDetector] = None
 
 
-def _init_worker(settings: DetectSettings, threads: int, log_level: int) -> None:
+def _init_worker(settings: DetectSettings, threads: int, log_level: int, stop: Event) -> None:
     import SimpleITK as sitk
     import torch
 
     global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process stops us
     signal.signal(signal.SIGTERM, raise_terminated)  # a worker cleans up its temporary files too
     logging.basicConfig(level=log_level, format=f"%(levelname)s: [worker {os.getpid()}] %(message)s")
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    _worker = VolumeDetector(settings)
+    _worker = VolumeDetector(settings, stop.is_set)
 
 
 def _work(item: BatchItem, overwrite: bool) -> Dict[str, object]:
@@ -328,33 +396,52 @@ class Summary:
 
 
 def _earlier_rows(summary_path: Path) -> Tuple[Dict[str, Dict[str, str]], float]:
-    """Finished rows of the summary an earlier run left at this path, and its modification time."""
+    """Finished rows of the summary an earlier run left at this path, and its modification time. Another file
+    there (without the summary's columns, or not UTF-8 text) is refused: the run would replace it."""
     if not summary_path.exists():
         return {}, -math.inf
     try:
         with open(summary_path, newline="", encoding="utf-8") as fh:
-            rows = {r["name"]: r for r in csv.DictReader(fh) if r.get("status") in ("ok", "skipped")}
-        return rows, summary_path.stat().st_mtime
-    except (OSError, csv.Error, KeyError, ValueError) as exc:  # ValueError: not UTF-8 text
-        log.warning("The summary %s cannot be read (%s); it is rebuilt from the outputs on disk.", summary_path,
-                    one_line(exc))
-        return {}, -math.inf
+            reader = csv.DictReader(fh)
+            if set(SUMMARY_FIELDS) - set(SOURCE_FIELDS) <= set(reader.fieldnames or ()):
+                rows = {r["name"]: r for r in reader if r.get("status") in ("ok", "skipped")}
+                return rows, summary_path.stat().st_mtime
+    except (OSError, csv.Error, ValueError):  # ValueError: not UTF-8 text
+        pass
+    raise CeVAEError(f"{summary_path} is not a batch summary; choose another --out-dir or pass --overwrite.")
 
 
-def _skipped_row(item: BatchItem, out_dir: Path, earlier: Dict[str, Dict[str, str]], earlier_time: float):
-    """The row of a finished volume: from the earlier summary if it is newer than the outputs, else read back."""
-    row = earlier.get(item.name)
-    paths = output_paths(out_dir, item.name)
-    outputs_time = max(p.stat().st_mtime for p in paths.values())
-    if row is not None and earlier_time >= outputs_time and all(row.get(k) is not None for k in SUMMARY_FIELDS):
-        problem = incomplete_outputs(paths)  # (read_back checks them itself)
+def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict[str, str]], earlier_time: float,
+                 unknown: List[str]) -> Optional[Dict[str, object]]:
+    """The "skipped" row of a volume whose outputs are complete and, says the earlier summary (newer than them),
+    were made from its current image and mask. None if it is to be scored again: its outputs are incomplete or
+    its input changed (both logged here), or nothing records what they were made from (its name goes to
+    ``unknown``)."""
+    try:
+        problem = incomplete_outputs(paths)
         if problem:
             raise ValueError(problem)
-        skipped = _row(item, "skipped", None, **{k: row[k] for k in ("flagged_ml", "max_score", "top_slice_axis",
-                                                                     "top_slice")})
-        skipped["seconds"] = row["seconds"]  # the time the earlier run took
-        return skipped
-    return read_back(item, out_dir)
+        outputs_time = max(p.stat().st_mtime for p in paths.values())
+    except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
+        log.warning("The outputs of %s are incomplete or unreadable (%s); scoring it again.", item.name, one_line(exc))
+        return None
+    if (earlier is None or earlier_time < outputs_time or any(earlier.get(k) is None for k in SUMMARY_FIELDS)
+            or not earlier["image_sha256"]):
+        unknown.append(item.name)
+        return None
+    try:
+        source = made_from(item)
+    except OSError:
+        return None  # scoring it says what is wrong with the file
+    changed = [f"{what} {path or '(none)'}" for what, path, key in (
+        ("image", item.image, "image_sha256"), ("brain mask", item.mask, "mask_sha256")) if earlier[key] != source[key]]
+    if changed:
+        log.warning("The input of %s changed since its outputs were made (%s); scoring it again.", item.name,
+                    ", ".join(changed))
+        return None
+    skipped = _row(item, "skipped", None, **{k: earlier[k] for k in MEASURES}, **source)
+    skipped["seconds"] = earlier["seconds"]  # the time the earlier run took
+    return skipped
 
 
 def run_batch(
@@ -364,17 +451,31 @@ def run_batch(
     workers: int = 1,
     progress: Optional[ProgressCallback] = None,
 ) -> Summary:
-    """Score every item (skipping those with all outputs present unless ``overwrite``)."""
+    """Score every item, skipping those whose complete outputs the earlier summary records as made from their
+    current image and mask with these settings; ``overwrite`` scores every item. Without it, a file at the summary
+    path that is not a batch summary, and outputs made with other settings, are refused before any work."""
     if workers < 1:
         raise CeVAEError(f"--workers must be 1 or more, got {workers}.")
+    settings_path = settings.out_dir / SETTINGS_FILE
+    made_with = settings_record(settings)
+    earlier, earlier_time = ({}, -math.inf) if settings.overwrite else _earlier_rows(summary_path)
+    known = _settings_known(settings_path, made_with, settings.overwrite)
+    if not known:
+        earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    earlier, earlier_time = _earlier_rows(summary_path)
     summary = Summary(summary_path)
     total = len(items)
     t0 = time.perf_counter()
 
-    def record(row: Dict[str, object]) -> None:
+    def keep(row: Dict[str, object]) -> None:
+        nonlocal known
+        if row["status"] == "ok" and not known:  # before the summary lists outputs made with these settings
+            atomic_write_text(settings_path, json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
+            known = True
         summary.add(row)
+
+    def record(row: Dict[str, object]) -> None:
+        keep(row)
         done = len(summary.rows)
         if row["status"] == "ok":
             detail = f"{row['flagged_ml']} ml flagged, max score {row['max_score']}, {row['seconds']} s"
@@ -385,21 +486,25 @@ def run_batch(
 
     try:
         todo: List[Tuple[BatchItem, bool]] = []
+        unknown: List[str] = []
         for item in items:
-            paths = list(output_paths(settings.out_dir, item.name).values())
-            present = [p.exists() for p in paths]
-            if any(present) and not all(present) and not settings.overwrite:
-                log.warning("The outputs of %s are incomplete (%s missing); scoring it again, replacing %s.", item.name,
-                            ", ".join(p.name for p, there in zip(paths, present) if not there),
-                            ", ".join(p.name for p, there in zip(paths, present) if there))
+            paths = output_paths(settings.out_dir, item.name)
+            present = [p.exists() for p in paths.values()]
             if all(present) and not settings.overwrite:
-                try:
-                    summary.add(_skipped_row(item, settings.out_dir, earlier, earlier_time))
+                row = _skipped_row(item, paths, earlier.get(item.name), earlier_time, unknown)
+                if row is not None:
+                    summary.add(row)
                     continue
-                except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:  # incomplete: score again
-                    log.warning("The outputs of %s are incomplete or unreadable (%s); scoring it again.", item.name,
-                                one_line(exc))
+            elif any(present) and not settings.overwrite:
+                log.warning("The outputs of %s are incomplete (%s missing); scoring it again, replacing %s.", item.name,
+                            ", ".join(p.name for p, there in zip(paths.values(), present) if not there),
+                            ", ".join(p.name for p, there in zip(paths.values(), present) if there))
             todo.append((item, settings.overwrite or any(present)))
+        if unknown:
+            log.warning("Nothing records the input and settings that made the outputs of %d volume(s) (no row with "
+                        "input checksums in %s written after them, or no %s); scoring them again to be safe: %s.",
+                        len(unknown), summary_path, SETTINGS_FILE,
+                        ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
                  len(todo), total - len(todo), min(workers, max(1, len(todo))))
         report(progress, (total - len(todo)) / max(total, 1), "finished volumes skipped")
@@ -408,7 +513,7 @@ def run_batch(
             for item, overwrite in todo:
                 record(detector(item, overwrite))
         else:
-            _run_pool(todo, settings, min(workers, len(todo)), record)
+            _run_pool(todo, settings, min(workers, len(todo)), record, keep)
     finally:
         summary.flush()
     seconds = time.perf_counter() - t0
@@ -420,13 +525,19 @@ def run_batch(
 
 
 def _run_pool(todo: Sequence[Tuple[BatchItem, bool]], settings: DetectSettings, workers: int,
-              record: Callable[[Dict[str, object]], None]) -> None:
-    """Score ``todo`` in ``workers`` spawned processes that share the machine's cores."""
+              record: Callable[[Dict[str, object]], None], keep: Callable[[Dict[str, object]], None]) -> None:
+    """Score ``todo`` in ``workers`` spawned processes that share the machine's cores, passing each row to
+    ``record``. Interrupted (or a worker lost), it hands out no more volumes, the workers give up theirs at their
+    next step unless already writing, and ``keep`` gets the row of every volume that finished meanwhile."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
     threads = max(1, usable_cores() // workers)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(settings, threads, logging.getLogger().getEffectiveLevel()))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(settings, threads, logging.getLogger().getEffectiveLevel(), stop))
+    futures: List[Future] = []
     try:
-        futures = [pool.submit(_work, item, overwrite) for item, overwrite in todo]
+        for item, overwrite in todo:
+            futures.append(pool.submit(_work, item, overwrite))
         for fut in as_completed(futures):
             try:
                 row = fut.result()
@@ -434,5 +545,11 @@ def _run_pool(todo: Sequence[Tuple[BatchItem, bool]], settings: DetectSettings, 
                 raise CeVAEError("A worker process died (out of memory, or killed). Finished volumes are in the "
                                  "summary and a rerun skips them; try fewer --workers.") from None
             record(row)
-    finally:
+    except BaseException:
+        stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
+        for fut in futures:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                keep(fut.result())
+        raise
+    pool.shutdown(wait=True)
