@@ -6,9 +6,11 @@ import SimpleITK as sitk
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model, healthy_scores
 from CeVAEAnomalyLib.engine.detector import Detector, detect
+from CeVAEAnomalyLib.engine.symmetry import estimate_midplane
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import SCORE_TYPES, DetectionRequest, ThresholdPolicy
 from CeVAEAnomalyLib.training.data import Subject
+from conftest import make_head
 
 
 def _count_encodes(model, monkeypatch):
@@ -114,3 +116,50 @@ def test_detect_takes_the_request_and_the_options_of_every_entry_point(tiny_bund
     assert lower.flagged_ml >= asked.flagged_ml
     with pytest.raises(CeVAEError, match="Unknown detection option.*'scoretype'"):
         detect(image, bundle, mask, scoretype="rec")
+
+
+@pytest.mark.parametrize("threshold", [0.0, -1.0])
+def test_a_threshold_at_or_below_zero_labels_the_brain_only_and_leaves_the_map_alone(tiny_bundle, threshold):
+    """threshold <= 0 labelled the whole image, air included, and post-processed (so scored) a larger box."""
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(seed=5)
+    low, usual = detect(image, bundle, mask, threshold=threshold), detect(image, bundle, mask, threshold=1.0)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(low.score), sitk.GetArrayViewFromImage(usual.score))
+    labelled = sitk.GetArrayViewFromImage(low.labelmap) > 0
+    brain = sitk.GetArrayViewFromImage(low.brain_mask) > 0
+    assert labelled.any() and not (labelled & ~brain).any()
+
+
+def _flipped(image, axes, perm=(0, 1, 2)):
+    """The same physical image stored in another voxel order."""
+    return sitk.Flip(sitk.PermuteAxes(image, list(perm)), list(axes))
+
+
+@pytest.mark.parametrize("axes, perm", [((True, False, False), (0, 1, 2)), ((False, True, True), (0, 1, 2)),
+                                        ((False, False, False), (2, 0, 1))])
+def test_the_midplane_does_not_depend_on_the_voxel_order(axes, perm):
+    """The ~4 mm bins of the plane search started at index 0: a flipped copy moved the plane by millimetres."""
+    image, mask = make_head(spacing=(1.5, 1.5, 1.5))
+    plane = estimate_midplane(image, mask)
+    other = estimate_midplane(_flipped(image, axes, perm), _flipped(mask, axes, perm))
+    np.testing.assert_allclose(other.normal, plane.normal, atol=1e-6)
+    assert other.offset == pytest.approx(plane.offset, abs=1e-4)
+
+
+def test_the_score_map_does_not_depend_on_the_voxel_order(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(spacing=(1.5, 1.5, 1.5), seed=5)
+    assert bundle.header.postprocess.asymmetry_mm > 0  # the mid-plane is used
+    base = sitk.GetArrayFromImage(detect(image, bundle, mask, threshold=1.0).score)
+    for axes in ((True, False, False), (False, True, False), (False, False, True)):
+        flipped = detect(_flipped(image, axes), bundle, _flipped(mask, axes), threshold=1.0).score
+        back = sitk.Resample(flipped, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(back), base, atol=1e-4)
+
+
+@pytest.mark.parametrize("spacing", [(1.2, 1.0, 0.5), (0.02, 0.02, 0.02)])
+def test_thin_slabs_and_tiny_voxels_are_scored(tiny_bundle, spacing):
+    """A ~4 mm bin of the plane search larger than the volume raised a raw ITK BinShrink error."""
+    image, mask = make_head(size=(40, 44, 6) if spacing[2] == 0.5 else (40, 44, 36), spacing=spacing)
+    result = detect(image, load_bundle(tiny_bundle), mask, threshold=1.0)
+    assert np.isfinite(sitk.GetArrayViewFromImage(result.score)).all()

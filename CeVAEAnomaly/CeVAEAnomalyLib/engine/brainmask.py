@@ -118,7 +118,7 @@ def _check_input(image: sitk.Image) -> sitk.Image:
             f"Brain masking needs a 3D scalar image; got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel."
         )
-    intensities = sitk.Cast(image, sitk.sitkFloat32)
+    intensities = sitk.Cast(_in_float32_range(image), sitk.sitkFloat32)
     values = sitk.GetArrayViewFromImage(intensities)
     finite = np.isfinite(values)
     if not finite.all():
@@ -132,6 +132,21 @@ def _check_input(image: sitk.Image) -> sitk.Image:
     if not stats.GetMaximum() > stats.GetMinimum():
         raise CeVAEError("Brain masking needs a T1 image with contrast; this image is constant.")
     return intensities
+
+
+def _in_float32_range(image: sitk.Image) -> sitk.Image:
+    """``image``, or, where its finite float64 values exceed float32's range, a copy scaled into it by a power
+    of two (exact; the mask does not depend on the intensity scale)."""
+    if image.GetPixelID() != sitk.sitkFloat64:
+        return image
+    arr = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(arr)
+    big = max(-float(np.min(arr, where=finite, initial=0.0)), float(np.max(arr, where=finite, initial=0.0)))
+    if big <= float(np.finfo(np.float32).max):
+        return image
+    scaled = sitk.GetImageFromArray(np.ldexp(arr, -int(np.frexp(big)[1])))
+    scaled.CopyInformation(image)
+    return scaled
 
 
 def _downsampled(image: sitk.Image) -> sitk.Image:

@@ -15,6 +15,7 @@ import torch
 from ..io.atomic import atomic_path
 from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
+from .devices import resolve_device
 from ..errors import CeVAEError
 from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, BundleHeader, read_header
 from .model import CeVAE
@@ -57,7 +58,10 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
 
 
 def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Bundle:
-    """Load and check a bundle: format, version, architecture and every tensor's shape."""
+    """Load and check a bundle: format, version, architecture and every tensor's shape.
+
+    ``device``: a torch device, or a name as everywhere else (auto, cpu, cuda[:N], mps; an unavailable
+    accelerator falls back to the CPU with a warning)."""
     from safetensors.torch import load_file
 
     from safetensors import safe_open
@@ -77,5 +81,5 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
         if not torch.isfinite(tensors[key]).all():
             raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    model.eval().to(device)
+    model.eval().to(resolve_device(device) if isinstance(device, str) else device)
     return Bundle(model, header, p)

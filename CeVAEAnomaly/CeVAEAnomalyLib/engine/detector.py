@@ -6,19 +6,22 @@ Every entry point (command line, batch, Slicer module and script, calibration) b
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import Bundle
+from .bundle import Bundle, load_bundle
+from .devices import resolve_device
 from ..errors import CeVAEError
+from ..io.images import check_volume
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
-from .preprocess import (Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, mask_array, prepare,
-                         region_image)
+from .preprocess import (Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, label_image,
+                         mask_array, prepare, region_image)
 from ..progress import ProgressCallback, report, scaled
 from ..result import DetectionResult, SliceScoreRow
 from .scan_adaptation import adapted_copy
@@ -82,14 +85,14 @@ class Detector:
         The input image is never modified. Raise :class:`CeVAEError` on unusable input and
         :class:`~.progress.Cancelled` if the progress callback cancels.
         """
+        image = checked_image(image, mask)
         stack, brain = self._prepare(image, mask, progress)
         passes = self._passes([stack, *self._other_stacks(image, brain)], [self.score], progress)
         raw = passes[0][1]
-        # Scores are 0 outside the brain, so above a positive threshold nothing happens outside its
+        # Scores are 0 outside the brain and only brain voxels are labelled, so nothing happens outside its
         # bounding box grown by the filters' reach: map back and post-process only there.
         thr, spacing = self.threshold, image.GetSpacing()
-        region = (brain_region(brain, refine_reach(self.post, spacing) + 1) if thr > 0
-                  else tuple(slice(0, n) for n in brain.shape))
+        region = brain_region(brain, refine_reach(self.post, spacing) + 1)
         report(progress, 0.88, "Mapping scores back onto the input grid")
         score = _mean_map(passes, self.score, region)
         rows = _slice_rows(stack.record, raw.slices)
@@ -97,8 +100,10 @@ class Detector:
         del stack, raw, passes, brain  # the full-size mask is freed before the full-size outputs are made
         report(progress, 0.9, "Post-processing")
         score = self._refine(score, inside, image, region, self._asymmetry(image, inside, region))
-        labelmap = threshold_labelmap(score, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis,
+        labelled = score if thr > 0 else np.where(inside, score, np.float32(np.nan))  # a threshold <= 0: brain only
+        labelmap = threshold_labelmap(labelled, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis,
                                       self.post.min_peak)
+        del labelled
         _add_slice_anomaly(rows, score, inside, labelmap, region, slice_map_weight(len(self.score.orientation_list)))
         score, labelmap = region_image(score, image, region), region_image(labelmap, image, region)
         comps = components(labelmap, score, COMPONENT_ORDER)
@@ -110,6 +115,7 @@ class Detector:
     def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image],
                      score_types: Sequence[str]) -> Dict[str, np.ndarray]:
         """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration."""
+        image = checked_image(image, mask)
         stack, brain = self._prepare(image, mask, None)
         options = [self.score.replace(score_type=t) for t in score_types]
         passes = self._passes([stack, *self._other_stacks(image, brain)], options, None)
@@ -174,17 +180,43 @@ class Detector:
                             progress=progress)
 
 
-def detect(image: sitk.Image, bundle: Bundle, mask: Optional[sitk.Image] = None,
-           request: Optional[DetectionRequest] = None, progress: Optional[ProgressCallback] = None,
-           **options: Any) -> DetectionResult:
+def detect(image: sitk.Image, bundle: Union[Bundle, str, Path], mask: Optional[sitk.Image] = None,
+           request: Union[DetectionRequest, Mapping[str, Any], None] = None,
+           progress: Optional[ProgressCallback] = None, **options: Any) -> DetectionResult:
     """One volume with a one-off :class:`Detector` (for scripts and the console).
 
-    ``request`` and the keyword ``options`` (the names of :meth:`DetectionRequest.of`, e.g. ``score_type="rec"``,
-    ``fpr=0.01``, ``min_peak=1``, ``batch_size=8``; they win over the request's) ask for the same things as every
-    other entry point; what they leave out is the model's recommended setting.
+    ``request`` (or its :meth:`~DetectionRequest.to_dict` form) and the keyword ``options`` (the names of
+    :meth:`DetectionRequest.of`, e.g. ``score_type="rec"``, ``fpr=0.01``, ``min_peak=1``, ``batch_size=8``,
+    ``device="cuda"``; they win over the request's) ask for the same things as every other entry point; what
+    they leave out is the model's recommended setting. ``bundle`` may be a path, loaded onto the request's device
+    (default auto: a GPU where there is one); a loaded bundle's model stays where it is unless a device is asked
+    for, then it is moved there.
     """
+    if isinstance(request, Mapping):
+        request = DetectionRequest.from_dict(request)
+    elif request is not None and not isinstance(request, DetectionRequest):
+        raise CeVAEError(f"The request must be a DetectionRequest or a dict, got {type(request).__name__}.")
     chosen = (request or DetectionRequest()).with_options(**options)
+    device = resolve_device(chosen.run.device)
+    if isinstance(bundle, (str, Path)):
+        bundle = load_bundle(bundle, device)
+    elif isinstance(bundle, Bundle):
+        if chosen.run.device != RunOptions().device:
+            bundle.model.to(device)
+    else:
+        raise CeVAEError(f"The bundle must be a Bundle (from load_bundle) or a model file path, "
+                         f"got {type(bundle).__name__}.")
     return Detector.from_request(bundle, chosen)(image, mask, progress)
+
+
+def checked_image(image: sitk.Image, mask: Optional[sitk.Image]) -> sitk.Image:
+    """The image as detection takes it (a LabelMap made a label image) after the command line's
+    :func:`~..io.images.check_volume`; a one-line :class:`CeVAEError` for what is not a SimpleITK image."""
+    for name, value in (("image", image), ("mask", mask)):
+        if not isinstance(value, sitk.Image) and (name == "image" or value is not None):
+            raise CeVAEError(f"The {name} must be a SimpleITK Image (e.g. sitk.ReadImage(path)), "
+                             f"got {type(value).__name__}.")
+    return check_volume(label_image(image))
 
 
 def _mean_map(passes: Sequence[Tuple[SliceRecord, NetworkMaps]], opts: ScoreOptions, region: Region) -> np.ndarray:

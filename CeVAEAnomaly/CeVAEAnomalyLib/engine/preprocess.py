@@ -119,12 +119,15 @@ def _square_box(bounds, spacing_rc: Tuple[float, float], margin_mm: float) -> Tu
 def robust_range(values: np.ndarray, cfg: PreprocessConfig) -> Tuple[float, float]:
     """Low/high percentiles of brain intensities (on a strided subsample for speed)."""
     step = max(1, values.size // _PERCENTILE_SAMPLES)
-    lo, hi = np.percentile(values[::step], [cfg.low_percentile, cfg.high_percentile])
+    lo, hi = (float(v) for v in np.percentile(values[::step], [cfg.low_percentile, cfg.high_percentile]))
     if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 1e-6 * max(abs(hi), abs(lo)):  # relative: any units
         raise CeVAEError(
             "The intensities inside the brain are (nearly) constant, so there is no image to analyse."
         )
-    return float(lo), float(hi)
+    if not np.isfinite(hi - lo):
+        raise CeVAEError(f"The intensities inside the brain span more than floating point holds ({lo:g} to {hi:g}); "
+                         "rescale the image.")
+    return lo, hi
 
 
 def finite_brain(arr: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
@@ -165,11 +168,12 @@ def prepare(
     n = bounds[0][1] - bounds[0][0]
     slices = np.empty((n, s, s), np.float32)
     brain_s = np.empty((n, s, s), bool)
+    work = np.float64 if arr.dtype == np.float64 else np.float32  # huge float64 values would overflow float32
     for start in range(0, n, chunk):
         ks = slice(bounds[0][0] + start, min(bounds[0][0] + start + chunk, bounds[0][1]))
-        img_c = _crop(can[ks], box).astype(np.float32)
+        img_c = _crop(can[ks], box).astype(work, copy=False)
         msk_c = _crop(brain[ks], box)
-        img_c = np.clip((img_c - lo) / (hi - lo), 0.0, cfg.clip_max)
+        img_c = np.clip((img_c - lo) / (hi - lo), 0.0, cfg.clip_max).astype(np.float32, copy=False)
         img_c[~msk_c] = 0.0
         out = slice(start, start + img_c.shape[0])
         slices[out] = _resize(img_c, s)
@@ -279,6 +283,7 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
     ``where`` (e.g. "scan.nii.gz: ") leads the warnings, so that a cohort's says which volume."""
     if mask is None:
         raise CeVAEError("No brain mask given.")
+    mask = label_image(mask)
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
         raise CeVAEError("The brain mask must be a single-channel 3D image.")
     resampled = not same_grid(mask, image)
@@ -295,6 +300,14 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
         log.warning("%sThe brain mask holds several values (%g to %g); every voxel above 0 is taken as brain.",
                     where, labels.min(), labels.max())
     return brain
+
+
+_LABEL_MAPS = (sitk.sitkLabelUInt8, sitk.sitkLabelUInt16, sitk.sitkLabelUInt32, sitk.sitkLabelUInt64)
+
+
+def label_image(image: sitk.Image) -> sitk.Image:
+    """``image``, or, if it is a SimpleITK LabelMap (label objects, which numpy cannot view), its plain label image."""
+    return sitk.LabelMapToLabel(image) if image.GetPixelID() in _LABEL_MAPS else image
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:

@@ -73,18 +73,30 @@ def estimate_midplane(image: sitk.Image, brain: sitk.Image) -> MidPlane:
     """
     arr = sitk.GetArrayViewFromImage(image)
     inside = sitk.GetArrayViewFromImage(brain) > 0
-    values = arr[inside].astype(np.float32)
-    lo, hi = np.percentile(values, [1, 99])
     scaled = np.zeros(arr.shape, np.float32)
-    scaled[inside] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
+    scaled[inside] = _unit_scaled(arr[inside])
     img = sitk.GetImageFromArray(scaled)
     img.CopyInformation(image)
     return _search(img)
 
 
+def _unit_scaled(values: np.ndarray) -> np.ndarray:
+    """Brain intensities scaled by their 1st-99th percentiles and clipped to [0, 1.5], as float32; float64
+    input is scaled in float64 first (huge values would overflow float32)."""
+    values = values.astype(np.float64 if values.dtype == np.float64 else np.float32, copy=False)
+    lo, hi = np.percentile(values, [1, 99])
+    return np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5).astype(np.float32, copy=False)
+
+
 def _search(scaled: sitk.Image) -> MidPlane:
-    """:func:`estimate_midplane` on brain intensities scaled to about [0, 1], 0 outside the brain."""
-    factor = [max(1, int(round(_COARSE_MM / s))) for s in scaled.GetSpacing()]
+    """:func:`estimate_midplane` on brain intensities scaled to about [0, 1], 0 outside the brain.
+
+    The image is first brought to one voxel order (LPS; a pure index operation), so that the ~4 mm bins,
+    which start at index 0 and drop the remainder, and hence the plane, do not depend on how the same
+    physical image is stored. A bin factor is at most the axis' size (thin slabs).
+    """
+    scaled = sitk.DICOMOrient(scaled, "LPS")
+    factor = [min(n, max(1, int(round(_COARSE_MM / s)))) for n, s in zip(scaled.GetSize(), scaled.GetSpacing())]
     coarse = sitk.BinShrink(scaled, factor)
     arr = sitk.GetArrayFromImage(coarse)
     where = np.flatnonzero(arr.ravel() > 0)
@@ -166,11 +178,8 @@ def box_asymmetry(image: sitk.Image, brain: np.ndarray, region: Region, sigma_mm
     estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0. Everything is
     computed on the box only (a mirror outside it is outside the brain).
     """
-    values = sitk.GetArrayViewFromImage(image)[region][brain].astype(np.float32)
-    lo, hi = np.percentile(values, [1, 99])
     scaled = np.zeros(brain.shape, np.float32)
-    scaled[brain] = np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5)
-    del values
+    scaled[brain] = _unit_scaled(sitk.GetArrayViewFromImage(image)[region][brain])
     norm = region_image(scaled, image, region)
     reflection = _search(norm).reflection()
     mirrored = sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)

@@ -1,0 +1,156 @@
+"""detect() and Detector take what the command line takes, refuse the rest with one line, and never crash."""
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.detector import Detector, detect
+from CeVAEAnomalyLib.engine.devices import resolve_device
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.options import DetectionRequest
+from conftest import make_head
+
+
+def _score(result):
+    return sitk.GetArrayFromImage(result.score)
+
+
+def _like(arr, ref):
+    image = sitk.GetImageFromArray(arr)
+    image.CopyInformation(ref)
+    return image
+
+
+def test_huge_float64_intensities_score_as_the_unscaled_image(tiny_bundle):
+    """Normalisation is scale-invariant; float64 values beyond float32's range became an all-NaN map."""
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(seed=5, dtype=np.float64)
+    huge = _like(sitk.GetArrayFromImage(image) * 1e300, image)
+    plain, scaled = detect(image, bundle, mask, threshold=1.0), detect(huge, bundle, mask, threshold=1.0)
+    assert np.isfinite(_score(scaled)).all()
+    np.testing.assert_allclose(_score(scaled), _score(plain), atol=1e-4)
+
+
+def test_intensities_spanning_more_than_floating_point_are_refused(tiny_bundle):
+    image, mask = make_head(seed=5, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    arr = np.where(rng.random(sitk.GetArrayFromImage(image).shape) < 0.5, -1.7e308, 1.7e308)
+    with pytest.raises(CeVAEError, match="span more than floating point holds"):
+        detect(_like(arr, image), load_bundle(tiny_bundle), mask, threshold=1.0)
+
+
+def test_a_labelmap_typed_mask_or_image_does_not_abort_the_interpreter():
+    """A SimpleITK LabelMap (sitk.LabelImageToLabelMap) has no array view: viewing it killed the process."""
+    code = (
+        "import numpy as np, SimpleITK as sitk\n"
+        "from CeVAEAnomalyLib.engine.preprocess import mask_array\n"
+        "from CeVAEAnomalyLib.engine.detector import checked_image\n"
+        "arr = np.zeros((20, 20, 20), np.uint8); arr[5:15, 5:15, 5:15] = 1\n"
+        "mask = sitk.GetImageFromArray(arr); image = sitk.Cast(mask, sitk.sitkFloat32)\n"
+        "lm = sitk.LabelImageToLabelMap(mask)\n"
+        "assert np.array_equal(mask_array(lm, image), arr > 0)\n"
+        "assert checked_image(lm, lm).GetPixelID() == sitk.sitkUInt8\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda im: sitk.JoinSeries([im, im]), "is 4D"),
+    (lambda im: sitk.RealAndImaginaryToComplex(im, im), "complex-valued"),
+    (lambda im: sitk.Compose(im, im), "2 components per voxel"),
+    (lambda im: im[:, :, 10:13], "only 3 voxels along one axis"),
+    (lambda im: im[:, :, 10:11], "single slice"),
+    (lambda im: im[10:15, 10:15, 10:15], "too small to analyse"),
+])
+def test_the_api_refuses_what_the_command_line_refuses(tiny_bundle, make, message):
+    bundle = load_bundle(tiny_bundle)
+    image, _ = make_head(seed=5)
+    for call in (lambda im: detect(im, bundle, threshold=1.0), lambda im: Detector(bundle)(im)):
+        with pytest.raises(CeVAEError, match=message):
+            call(make(image))
+
+
+def test_a_4d_image_holding_one_volume_is_scored_as_that_volume(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(seed=5)
+    result = detect(sitk.JoinSeries([image]), bundle, mask, threshold=1.0)
+    assert result.score.GetDimension() == 3
+    np.testing.assert_array_equal(_score(result), _score(detect(image, bundle, mask, threshold=1.0)))
+
+
+def test_load_bundle_takes_the_device_names_of_every_entry_point(tiny_bundle, caplog):
+    auto = load_bundle(tiny_bundle, "auto")
+    assert next(auto.model.parameters()).device.type == resolve_device("auto").type
+    with pytest.raises(CeVAEError, match="Unknown device 'tpu'"):
+        load_bundle(tiny_bundle, "tpu")
+    expected = resolve_device("cuda")  # the CPU where CUDA is missing
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        cuda = load_bundle(tiny_bundle, "cuda")
+    assert next(cuda.model.parameters()).device.type == expected.type
+    assert expected.type == "cuda" or "CUDA was requested but is not available" in caplog.text
+
+
+def test_detect_runs_where_the_request_says(tiny_bundle, caplog):
+    """detect(..., device=...) was ignored: the model stayed where it was loaded, with no word."""
+    bundle = load_bundle(tiny_bundle, "cpu")
+    image, mask = make_head(seed=5)
+    expected = resolve_device("cuda")  # the CPU where CUDA is missing
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        detect(image, bundle, mask, threshold=1.0, device="cuda")
+    assert next(bundle.model.parameters()).device.type == expected.type
+    assert expected.type == "cuda" or "CUDA was requested but is not available" in caplog.text
+    detect(image, bundle, mask, threshold=1.0, device="cpu")
+    assert next(bundle.model.parameters()).device.type == "cpu"
+
+
+def test_paper_is_taken_with_other_keyword_options(tiny_bundle):
+    """detect(..., paper=True, threshold=...) raised TypeError (paper given twice inside with_options)."""
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(seed=5)
+    by_keyword = detect(image, bundle, mask, paper=True, threshold=1.0)
+    by_request = detect(image, bundle, mask, request=DetectionRequest.of(paper=True, threshold=1.0))
+    np.testing.assert_array_equal(_score(by_keyword), _score(by_request))
+
+
+def test_wrong_argument_types_get_one_line_errors(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(seed=5)
+    cases = [
+        (lambda: detect(sitk.GetArrayFromImage(image), bundle, mask), "The image must be a SimpleITK Image.*ndarray"),
+        (lambda: detect(image, bundle, sitk.GetArrayFromImage(mask)), "The mask must be a SimpleITK Image.*ndarray"),
+        (lambda: Detector(bundle)(None, mask), "The image must be a SimpleITK Image.*NoneType"),
+        (lambda: detect(image, 3, mask), "The bundle must be a Bundle.*got int"),
+        (lambda: detect(image, bundle, mask, request=["rec"]), "The request must be a DetectionRequest.*got list"),
+    ]
+    for call, message in cases:
+        with pytest.raises(CeVAEError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_a_bundle_path_and_a_request_dict_are_accepted(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(seed=5)
+    request = DetectionRequest.of(score_type="rec", threshold=1.0)
+    expected = _score(detect(image, bundle, mask, request))
+    for model in (tiny_bundle, str(tiny_bundle)):
+        np.testing.assert_array_equal(_score(detect(image, model, mask, request.to_dict())), expected)
+
+
+def test_the_automatic_brain_mask_of_huge_float64_intensities_is_that_of_the_unscaled_image():
+    """The float32 cast made them infinite: the image was refused as constant."""
+    from CeVAEAnomalyLib.data import template_dir
+    from CeVAEAnomalyLib.engine.brainmask import compute_brain_mask
+
+    image = sitk.Cast(sitk.ReadImage(str(template_dir() / "colin27_t1_2mm.nii.gz")), sitk.sitkFloat64)
+    huge = _like(sitk.GetArrayFromImage(image) * 1e300, image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(compute_brain_mask(huge)),
+                                  sitk.GetArrayFromImage(compute_brain_mask(image)))
