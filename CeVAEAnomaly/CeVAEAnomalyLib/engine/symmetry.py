@@ -16,8 +16,10 @@ import SimpleITK as sitk
 from .preprocess import Region, region_image
 
 _COARSE_MM = 4.0  # grid spacing used to find the plane
-_SHIFTS_MM = (np.arange(-10.0, 10.01, 2.0), np.arange(-1.0, 1.01, 0.5))  # coarse, then fine
-_TILTS_DEG = (np.arange(-8.0, 8.01, 2.0), np.arange(-1.0, 1.01, 0.5))
+# Coordinate search, coarse to fine: the tilts reach ±20° (a patient's head rolled or turned in the scanner;
+# with ±8° a 10° roll left the plane 5° off), the middle stage corrects what one axis at a time missed.
+_SHIFTS_MM = (np.arange(-10.0, 10.01, 2.0), np.arange(-10.0, 10.01, 2.0), np.arange(-1.0, 1.01, 0.5))
+_TILTS_DEG = (np.arange(-20.0, 20.01, 2.0), np.arange(-4.0, 4.01, 1.0), np.arange(-1.0, 1.01, 0.5))
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def estimate_midplane(image: sitk.Image, brain: sitk.Image) -> MidPlane:
     """The mid-sagittal plane: the reflection under which the brain best matches itself.
 
     ``brain`` (> 0 inside) shares ``image``'s grid. Coarse-to-fine search over the plane's left-right
-    shift (±10 mm) and its tilts about the vertical and the front-back axes (±8°), maximising the
+    shift (±10 mm) and its tilts about the vertical and the front-back axes (±20°), maximising the
     correlation of the brain's coarse (~4 mm) image with its mirror image over the brain.
     """
     arr = sitk.GetArrayViewFromImage(image)
