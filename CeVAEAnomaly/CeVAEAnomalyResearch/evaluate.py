@@ -174,13 +174,21 @@ def _unique_cases(rows: list[dict]) -> list[dict]:
     for row in rows:
         if not row.get("score"):
             raise CeVAEError(f"A row of the evaluation list has no score file: {row}.")
-        key = tuple(sha256_of(Path(row[role])) if row.get(role) and Path(row[role]).exists()
-                    else str(row.get(role) or "") for role in ROLES)
+        key = tuple(_content(row.get(role)) for role in ROLES)
         first = seen.setdefault(key, row)
         if first is not row:
             log.warning("%s repeats the case of %s (the same files); it is evaluated once.",
                         row.get("name") or row["score"], first.get("name") or first["score"])
     return list(seen.values())
+
+
+def _content(path: Union[str, os.PathLike, None]) -> str:
+    """What identifies a case's file: its sha256, or its name where it is not a plain file or folder (missing,
+    a FIFO: never opened here; reading it says what is wrong)."""
+    try:
+        return sha256_of(Path(path)) if path else ""
+    except OSError:
+        return str(path)
 
 
 def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict,

@@ -358,6 +358,19 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(two, tiny_bundl
             "--overwrite.") in capsys.readouterr().err
 
 
+def test_shards_sharing_an_out_dir_each_check_their_own_settings(two, tiny_bundle, tmp_path, capsys):
+    """Shard 1 redone with another threshold must not make shard 2's outputs pass for made with it."""
+    out = tmp_path / "out"
+    for shard in ("1/2", "2/2"):
+        assert batch(two, out, tiny_bundle, "--shard", shard) == 0
+    assert batch(two, out, tiny_bundle, "--shard", "1/2", "--threshold", "0.5", "--overwrite") == 0
+    capsys.readouterr()
+    assert batch(two, out, tiny_bundle, "--shard", "2/2", "--threshold", "0.5") == 2
+    assert "were made with other settings (threshold" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("batch_settings*")) == ["batch_settings_shard-1-of-2.json",
+                                                                    "batch_settings_shard-2-of-2.json"]
+
+
 @pytest.mark.slow
 def test_an_interrupted_pool_lists_every_volume_it_wrote(cohort, tiny_bundle, tmp_path):
     """Ctrl-C with --workers: no volume is written after the run ends, and each one written is in the summary."""

@@ -138,6 +138,26 @@ def test_calibrate_names_the_healthy_volume_that_cannot_be_scored(tmp_path, tiny
     assert not (tmp_path / "c.cevae").exists()
 
 
+def test_a_cancelled_calibration_stays_cancelled(tmp_path, tiny_bundle, healthy_manifest):
+    """Naming the volume that failed must not turn a cancel into an error (the panel and adapt tell them apart)."""
+    from pathlib import Path
+
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.calibrate import calibrate_model
+    from CeVAEAnomalyLib.progress import Cancelled
+    from CeVAEAnomalyLib.training.data import Subject
+
+    def cancel_when_scoring(fraction: float, message: str) -> None:
+        if "Scoring" in message:
+            raise Cancelled("Cancelled by the user.")
+
+    bundle = load_bundle(tiny_bundle, "cpu")
+    subject = Subject(Path(tmp_path / "h.nii.gz"), Path(tmp_path / "h_mask.nii.gz"))
+    with pytest.raises(Cancelled, match="^Cancelled by the user.$"):
+        calibrate_model(bundle, [subject], "test", bundle.header.score_options, bundle.header.postprocess,
+                        cancel_when_scoring)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")
 def test_demo_writes_outputs_on_the_sample_grid(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "demo"

@@ -300,3 +300,20 @@ def test_detect_resolves_the_threshold_before_reading_the_volume(inputs, tmp_pat
     assert main(detect_argv(image, mask, model, tmp_path / "s.nii.gz", "--grad-sigma", "1.25", "--fpr", "0.01")) == 2
     one_error_line(capsys.readouterr().err, r"no calibration")
     assert not (tmp_path / "s.nii.gz").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="named pipes are POSIX")
+def test_a_named_pipe_as_an_input_is_refused_not_waited_on(inputs, tmp_path):
+    """Hashing an input (batch's and evaluate's records of what they scored) must never open a FIFO: it waits
+    for a writer forever."""
+    image, mask, model = inputs
+    pipe = tmp_path / "in" / "pipe.nii.gz"
+    os.mkfifo(pipe)
+    listed = tmp_path / "list.csv"
+    listed.write_text(f"image,mask\n{image},{mask}\n{pipe},\n")
+    proc = python("-m", "CeVAEAnomalyLib.cli", "batch", str(listed), "--out-dir", str(tmp_path / "out"),
+                  "--model", str(model), "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    assert "named pipe" in (tmp_path / "out" / "summary.csv").read_text()
+    proc = python("-m", "CeVAEAnomalyLib.cli", "evaluate", "--score", str(pipe))
+    assert proc.returncode == 2 and "named pipe" in proc.stderr, proc.stderr

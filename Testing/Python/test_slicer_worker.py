@@ -552,6 +552,7 @@ def test_a_run_into_a_users_volume_that_holds_voxels_gets_its_own_tables(tiny_bu
 
 
 @pytest.mark.parametrize("name, class_name", [("score", "vtkMRMLLabelMapVolumeNode"),
+                                              ("score", "vtkMRMLVectorVolumeNode"),
                                               ("labelmap", "vtkMRMLScalarVolumeNode"),
                                               ("segmentation", "vtkMRMLTableNode"),
                                               ("components", "vtkMRMLPlotChartNode")])
@@ -593,11 +594,20 @@ def test_results_are_not_loaded_onto_a_volume_moved_while_the_job_ran(head_scene
     volume.SetSpacing(2.0, 2.0, 2.0)  # e.g. a transform hardened or the volume resampled meanwhile
     run_to_end(job)
     assert job.state is JobState.DONE, job.error
-    with pytest.raises(CeVAEError, match="'head' was resampled, moved or transformed while the detection ran"):
+    with pytest.raises(CeVAEError, match="'head' was resampled or moved .* while the detection ran"):
         logic.finishDetection(job)
     assert mrml.node_ids(scene) == before and not job.folder.exists()
     with pytest.raises(CeVAEError, match="loaded or discarded already"):
         logic.finishDetection(job)
+
+    # a transform set on the input meanwhile (not hardened) leaves its grid: the outputs follow the transform
+    volume.SetSpacing(*make_head(seed=7)[0].GetSpacing())
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    volume.SetAndObserveTransformNodeID(moved.GetID())
+    run_to_end(job)
+    result = logic.finishDetection(job)
+    assert result.nodes.score.GetTransformNodeID() == moved.GetID()
 
 
 def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
@@ -630,3 +640,7 @@ def test_a_job_ends_when_its_worker_does_even_if_a_process_it_started_holds_its_
     job = WorkerJob({"task": "detect"}, tmp_path, python=str(script))
     run_to_end(job, timeout=10)  # fails if the job waits for the sleep
     assert job.state is JobState.DONE and job.done == {"n": 1}
+    job = WorkerJob({"task": "detect"}, tmp_path, python=str(script))
+    start = time.monotonic()
+    assert job.wait(timeout=10) is JobState.DONE and job.done == {"n": 1}
+    assert time.monotonic() - start < 10

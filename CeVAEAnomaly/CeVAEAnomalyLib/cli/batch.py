@@ -43,7 +43,6 @@ MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of 
 MEASURES = ("flagged_ml", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS)
-SETTINGS_FILE = "batch_settings.json"  # in --out-dir: the model and options its outputs were made with
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
     inputs = Inputs([source if source.is_file() else None, model, *(i.image for i in every),
                      *(i.mask for i in every)])
     outputs = (p for item in items for p in output_paths(out_dir, item.name).values())
-    for target in [summary, out_dir / SETTINGS_FILE, *outputs]:
+    for target in [summary, settings_path(summary), *outputs]:
         src = inputs.which(target)
         if src is not None:
             raise CeVAEError(f"The output {target} would replace the input {src}; choose another --out-dir "
@@ -164,6 +163,13 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
 
 def summary_name(shard: Optional[Tuple[int, int]]) -> str:
     return "summary.csv" if shard is None else f"summary_shard-{shard[0]}-of-{shard[1]}.csv"
+
+
+def settings_path(summary: Path) -> Path:
+    """Beside a summary, the record of the model and options its rows' outputs were made with, one per summary so
+    that shards sharing an --out-dir each check their own (``batch_settings.json``,
+    ``batch_settings_shard-i-of-n.json``)."""
+    return summary.with_name(summary.stem.replace("summary", "batch_settings", 1) + ".json")
 
 
 # ---- what outputs are made from -----------------------------------------------------------
@@ -456,10 +462,10 @@ def run_batch(
     path that is not a batch summary, and outputs made with other settings, are refused before any work."""
     if workers < 1:
         raise CeVAEError(f"--workers must be 1 or more, got {workers}.")
-    settings_path = settings.out_dir / SETTINGS_FILE
+    record_path = settings_path(summary_path)
     made_with = settings_record(settings)
     earlier, earlier_time = ({}, -math.inf) if settings.overwrite else _earlier_rows(summary_path)
-    known = _settings_known(settings_path, made_with, settings.overwrite)
+    known = _settings_known(record_path, made_with, settings.overwrite)
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)
@@ -470,7 +476,7 @@ def run_batch(
     def keep(row: Dict[str, object]) -> None:
         nonlocal known
         if row["status"] == "ok" and not known:  # before the summary lists outputs made with these settings
-            atomic_write_text(settings_path, json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
+            atomic_write_text(record_path, json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
             known = True
         summary.add(row)
 
@@ -503,7 +509,7 @@ def run_batch(
         if unknown:
             log.warning("Nothing records the input and settings that made the outputs of %d volume(s) (no row with "
                         "input checksums in %s written after them, or no %s); scoring them again to be safe: %s.",
-                        len(unknown), summary_path, SETTINGS_FILE,
+                        len(unknown), summary_path, record_path.name,
                         ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
                  len(todo), total - len(todo), min(workers, max(1, len(todo))))

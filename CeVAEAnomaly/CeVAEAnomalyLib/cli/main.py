@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = _command(sub, "batch", help="detect on a cohort: resumable, shardable, parallel",
                        description="Score every volume of a folder or CSV list. Per volume NAME, writes "
                        "NAME_score.nii.gz, NAME_labelmap.nii.gz and NAME_slices.csv to --out-dir, plus a "
-                       "summary CSV; volumes whose outputs exist are skipped, failures are recorded.")
+                       "summary CSV; a rerun skips volumes whose outputs were made from the same input and settings, "
+                       "failures are recorded.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
                    "masks of NAME.*) or CSV with columns image[,mask][,name] (paths relative to the CSV)")
     b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")

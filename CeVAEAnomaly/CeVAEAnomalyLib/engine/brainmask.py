@@ -6,8 +6,8 @@ template's signed distance to its brain boundary is warped onto the input grid a
 at a small margin. An input that is already skull-stripped is its own mask (no registration):
 its foreground, everything above a near-background level, is no bigger than a brain, its
 background is one constant value (a head's air is noise, even where the coverage is partial and
-the head's foreground is brain-sized), and no dark band (skull) lies under its surface (a cut-off
-head whose air was set to zero). Either way the result is hole-filled and reduced to its
+the head's foreground is brain-sized), and, where it reaches the image's edge, no dark band (skull)
+lies under its surface (a cut-off head whose air was set to zero). Either way the result is hole-filled and reduced to its
 largest connected component.
 """
 
@@ -89,7 +89,7 @@ def compute_brain_mask(
     small = _downsampled(intensities)
     background = _background_level(small)
     if (_foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML and _constant_background(intensities)
-            and not _skull_under_surface(small, background)):
+            and not (_reaches_edge(intensities, background) and _skull_under_surface(small, background))):
         logger.info("Input looks skull-stripped: its foreground is the brain mask")
         mask = intensities > background
     else:
@@ -192,6 +192,20 @@ def _constant_background(image: sitk.Image) -> bool:
     tool leaves (noise-free), unlike the magnitude noise of a scanner's air around a head."""
     values = sitk.GetArrayViewFromImage(image)
     return np.count_nonzero(values == values.min()) >= _STRIPPED_MIN_CONSTANT * values.size
+
+
+def _reaches_edge(image: sitk.Image, background: float) -> bool:
+    """Whether the foreground covers more than 1 % of the image's border: a partial field of view (a head cut off
+    by it can be as small as a brain; whole stripped brains, thick slabs included, cover at most 0.4 %). The skull
+    test is kept to those images: a whole skull-stripped brain of another contrast (T2: bright CSF at its
+    surface, darker tissue inside) would look like a dark band under a surface."""
+    return _edge_share(sitk.GetArrayViewFromImage(image) > background) > _MAX_MASK_ON_EDGE
+
+
+def _edge_share(mask: np.ndarray) -> float:
+    """The share of the array's border voxels (its six faces) that are in ``mask``."""
+    faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
+    return sum(int(np.count_nonzero(f)) for f in faces) / sum(f.size for f in faces)
 
 
 def _skull_under_surface(image: sitk.Image, background: float) -> bool:
@@ -344,8 +358,7 @@ def _check_fit(mask: np.ndarray, foreground: np.ndarray) -> None:
     if outside > _MAX_MASK_OUTSIDE_HEAD:
         logger.warning("The automatic brain mask fits the image poorly: %.0f %% of it lies outside the head (an "
                        "unusual head position or header?); check it, or give a brain mask.", 100 * outside)
-    faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
-    edge = sum(int(np.count_nonzero(f)) for f in faces) / sum(f.size for f in faces)
+    edge = _edge_share(mask)
     if edge > _MAX_MASK_ON_EDGE:
         logger.warning("The automatic brain mask reaches the edge of the image (%.0f %% of its border): the scan "
                        "covers part of the head, and the mask may hold more than the brain; check it, or give a "

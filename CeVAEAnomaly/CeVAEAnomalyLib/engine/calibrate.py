@@ -17,7 +17,7 @@ from ..errors import CeVAEError
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
 from .detector import Detector
-from ..progress import ProgressCallback, labelled, report, scaled
+from ..progress import Cancelled, ProgressCallback, labelled, report, scaled
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
                 report(part, 0.3 + 0.7 * k / len(modes), f"Scoring{mode}")
                 scores.append(detector.brain_scores(image, mask, score_types))
+        except Cancelled:
+            raise
         except CeVAEError as exc:  # in a list of healthy volumes: say which one
             if str(s.image) in str(exc) or (s.mask is not None and str(s.mask) in str(exc)):
                 raise

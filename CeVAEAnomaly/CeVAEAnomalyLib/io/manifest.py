@@ -8,6 +8,7 @@ named twice or a known column in other case is refused, other columns are report
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,25 +53,27 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
     optional = [c for c in (*files, *others) if c != key]
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Excel) is dropped
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or key not in [f.strip() for f in reader.fieldnames]:
-                extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
-                raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}.")
-            _check_columns([f.strip() for f in reader.fieldnames], (*files, *others), path, what)
-            rows = []
-            for line, raw in enumerate(reader, start=2):
-                if any(v.strip() for v in raw.get(None) or ()):  # DictReader puts cells beyond the header there
-                    raise CeVAEError(f"{path}, line {line}: the row has more cells than the header has columns; "
-                                     "quote paths that hold commas, or add the missing column name.")
-                row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
-                if any("\0" in v for v in row.values()):
-                    raise CeVAEError(f"{path}, line {line}: a cell holds a NUL byte; is this a CSV text file?")
-                if not row.get(key):
-                    if any(row.values()):  # not an empty line: a row that lost its key cell
-                        raise CeVAEError(f"{path}, line {line}: the row has no {key!r}; fill it in or remove the row.")
-                    continue
-                rows.append(Row(line, {c: (path.parent / row[c]) if row.get(c) else None for c in files},
-                                {c: row.get(c, "") for c in others}))
+            text = fh.read()
+        if "\0" in text:  # (Python < 3.11's csv stops at it with its own words)
+            raise CeVAEError(f"{path}, line {text.count(chr(10), 0, text.index(chr(0))) + 1}: a cell holds a NUL "
+                             "byte; is this a CSV text file?")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or key not in [f.strip() for f in reader.fieldnames]:
+            extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
+            raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}.")
+        _check_columns([f.strip() for f in reader.fieldnames], (*files, *others), path, what)
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            if any(v.strip() for v in raw.get(None) or ()):  # DictReader puts cells beyond the header there
+                raise CeVAEError(f"{path}, line {line}: the row has more cells than the header has columns; "
+                                 "quote paths that hold commas, or add the missing column name.")
+            row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
+            if not row.get(key):
+                if any(row.values()):  # not an empty line: a row that lost its key cell
+                    raise CeVAEError(f"{path}, line {line}: the row has no {key!r}; fill it in or remove the row.")
+                continue
+            rows.append(Row(line, {c: (path.parent / row[c]) if row.get(c) else None for c in files},
+                            {c: row.get(c, "") for c in others}))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CeVAEError(f"The {what} {path} is not a readable CSV file ({exc}).") from None
     return rows

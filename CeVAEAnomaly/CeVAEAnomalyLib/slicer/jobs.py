@@ -161,10 +161,13 @@ class WorkerJob:
         return self.finished
 
     def wait(self, timeout: Optional[float] = None) -> JobState:
-        """Block until the job ends (for scripts and tests; the module polls instead)."""
+        """Block until the job ends (for scripts and tests; the module polls instead): the worker's exit, then its
+        output's end, for at most :data:`OUTPUT_GRACE_S` more (a process it started may hold the output open)."""
         self.process.wait(timeout)
-        self._reader.join(timeout)
+        self._reader.join(OUTPUT_GRACE_S)
         self.poll()
+        if self.state is JobState.RUNNING:  # the output is still open: the worker itself has ended
+            self._end(self.process.returncode)
         return self.state
 
     def cancel(self) -> None:

@@ -90,14 +90,15 @@ class _DetectionTarget:
 
 
 def _geometry(volumeNode) -> Tuple:
-    """What places a volume's voxels in the world: its dimensions, IJK-to-RAS matrix and parent transform."""
+    """The volume's voxel grid: its dimensions and IJK-to-RAS matrix (a parent transform set meanwhile is fine: the
+    outputs are put under the input's transform when they are loaded; hardening one changes the matrix)."""
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
     data = volumeNode.GetImageData()
     return (None if data is None else tuple(data.GetDimensions()),
-            tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), volumeNode.GetTransformNodeID())
+            tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)))
 
 
 class CeVAEAnomalyLogic(_LogicBase):
@@ -298,8 +299,8 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
         """Load a finished detection job's results into the scene and remove its temporary folder. Refused
-        (nothing loaded) if the input volume was resampled, moved or transformed while the job ran: the
-        results lie on the grid the job started from."""
+        (nothing loaded) if the input volume's voxel grid changed while the job ran (resampled, a transform
+        hardened): the results lie on the grid the job started from."""
         from ..result import load_result
 
         target = self._targets.pop(id(job), None)
@@ -310,8 +311,9 @@ class CeVAEAnomalyLogic(_LogicBase):
             if job.done is None:
                 raise CeVAEError("The detection did not finish.")
             if target.volume.GetScene() is not None and _geometry(target.volume) != target.geometry:
-                raise CeVAEError(f"The input volume '{target.volume.GetName()}' was resampled, moved or transformed "
-                                 "while the detection ran; its results would not lie on it. Run the detection again.")
+                raise CeVAEError(f"The input volume '{target.volume.GetName()}' was resampled or moved (a transform "
+                                 "hardened) while the detection ran; its results would not lie on it. Run the "
+                                 "detection again.")
             return self.publish(target.volume, load_result(job.folder), target.outputs, target.createLabelmap,
                                 target.show3D)
         finally:

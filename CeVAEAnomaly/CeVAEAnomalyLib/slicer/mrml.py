@@ -242,8 +242,8 @@ _OUTPUT_CLASSES = {"score": "vtkMRMLScalarVolumeNode", "segmentation": "vtkMRMLS
 def check_output_classes(targets: OutputNodes) -> None:
     """Refuse, before anything is written, an output node of the wrong kind (a labelmap as the score volume)."""
     for name, node in vars(targets).items():
-        wrong = node is not None and (not node.IsA(_OUTPUT_CLASSES[name])
-                                      or (name == "score" and node.IsA("vtkMRMLLabelMapVolumeNode")))
+        wrong = node is not None and (node.GetClassName() != _OUTPUT_CLASSES[name] if name == "score"
+                                      else not node.IsA(_OUTPUT_CLASSES[name]))  # score: no labelmap, vector, DWI
         if wrong:
             raise CeVAEError(f"The node '{node.GetName()}' ({node.GetClassName()}) cannot be the {name.replace('_', ' ')} "
                              f"output; choose a {_OUTPUT_CLASSES[name][7:-4]} node.")
@@ -341,8 +341,8 @@ def display_range(threshold: float, score: sitk.Image, brain: sitk.Image) -> Tup
     99th percentile of the brain's scores, or the maximum score if that percentile is lower."""
     values = sitk.GetArrayViewFromImage(score)[sitk.GetArrayViewFromImage(brain) > 0]
     lower = float(threshold)
-    if not np.isfinite(lower):  # threshold inf (nothing flagged): the map still shows its highest scores
-        lower = float(values.max()) if values.size else 0.0
+    if not np.isfinite(lower):  # threshold inf (nothing flagged): the map still shows the brain's highest 1 %
+        lower = float(np.percentile(values, DISPLAY_PERCENTILE)) if values.size else 0.0
     upper = float(np.percentile(values, DISPLAY_PERCENTILE)) if values.size else lower
     if upper <= lower and values.size:
         upper = float(values.max())
