@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = _command(sub, "batch", help="detect on a cohort: resumable, shardable, parallel",
                        description="Score every volume of a folder or CSV list. Per volume NAME, writes "
                        "NAME_score.nii.gz, NAME_labelmap.nii.gz and NAME_slices.csv to --out-dir, plus a "
-                       "summary CSV; a rerun skips volumes whose outputs were made from the same input and settings, "
-                       "failures are recorded.")
+                       "summary CSV; a rerun skips volumes whose outputs were made from the same input and refuses other "
+                       "settings (--overwrite scores every volume again); failures are recorded.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
                    "masks of NAME.*) or CSV with columns image[,mask][,name] (paths relative to the CSV)")
     b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threshold(b)
     b.add_argument("--shard", help="i/n: only the i-th of n parts of the sorted list (i = 1..n), for array jobs")
     b.add_argument("--workers", type=int, default=1, help="volumes scored in parallel processes")
-    b.add_argument("--overwrite", action="store_true", help="score again volumes whose outputs exist")
+    b.add_argument("--overwrite", action="store_true",
+                   help="score every volume again, also with settings other than those of the outputs there")
     _add_device(b)
 
     c = _command(sub, "calibrate", help="store healthy-score quantiles (thresholds) in a model bundle",
