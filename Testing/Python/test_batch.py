@@ -1,6 +1,7 @@
 """Batch detection over a folder / CSV: corrupt files, resuming, shards, parallel workers."""
 import csv
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import SimpleITK as sitk
 
 from conftest import make_head
 from CeVAEAnomalyLib.cli.batch import (
-    BatchItem, DetectSettings, collect_inputs, output_paths, parse_shard, run_batch, select_shard,
+    BatchItem, DetectSettings, collect_folder, collect_inputs, output_paths, parse_shard, run_batch, select_shard,
 )
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.options import DetectionRequest
@@ -336,7 +337,7 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(two, tiny_bundl
     recorded = json.loads((out / "batch_settings.json").read_text())
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
-    for extra, named in ((["--threshold", "0.5"], f"threshold {recorded['threshold']!r} -> 0.5"),
+    for extra, named in ((["--threshold", "0.5"], f"threshold {recorded['threshold']:.6g} -> 0.5"),
                          (["--score-type", "rec"], "score_type 'combi' -> 'rec'"),
                          (["--batch-size", "8"], "batch_size 64 -> 8")):
         assert batch(two, out, tiny_bundle, *extra) == 2
@@ -391,3 +392,19 @@ def test_an_interrupted_pool_lists_every_volume_it_wrote(cohort, tiny_bundle, tm
                 (p.name.split("_")[0] in NAMES and p.name.split("_")[0] not in written)]  # no temp file or part set
     summary = run_batch(items, settings, out / "summary.csv")
     assert [summary.rows[n]["status"] for n in NAMES] == ["skipped" if n in written else "ok" for n in NAMES]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="named pipes are POSIX")
+def test_a_named_pipe_in_the_folder_is_said_and_left_out(cohort, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a1.nii.gz", "a1_mask.nii.gz"):
+        shutil.copy(cohort / name, folder / name)
+    os.mkfifo(folder / "p9.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        items = collect_folder(folder)
+    assert [i.name for i in items] == ["a1"]
+    assert "p9.nii.gz in" in caplog.text and "is not a regular file (a named pipe, device or socket); ignored" \
+        in caplog.text

@@ -72,6 +72,9 @@ def collect_folder(folder: Path) -> List[BatchItem]:
     for p in sorted(folder.iterdir()):
         stem = image_stem(p.name)
         if stem is None or p.name.startswith(".") or not p.is_file():
+            if stem is not None and not p.name.startswith(".") and p.exists() and not p.is_dir():
+                log.warning("%s in %s is not a regular file (a named pipe, device or socket); ignored.", p.name,
+                            folder)
             continue  # hidden files include the temporary files of unfinished writes
         tag = next((t for t in MASK_TAGS if stem.endswith(t)), "")
         key = stem[: len(stem) - len(tag)]
@@ -209,10 +212,17 @@ def _settings_known(path: Path, record: Dict[str, object], overwrite: bool) -> b
     changed = [k for k in record if earlier[k] != record[k]]
     if changed and not overwrite:
         what = "; ".join(f"model sha256 {str(earlier[k])[:12]} -> {str(record[k])[:12]}" if k == "model_sha256"
-                         else f"{k} {earlier[k]!r} -> {record[k]!r}" for k in changed)
+                         else f"{k} {_change(earlier[k], record[k])}" for k in changed)
         raise CeVAEError(f"The outputs in {path.parent} were made with other settings ({what}; see {path}); pass "
                          "--overwrite to score every volume again with these, or choose another --out-dir.")
     return not changed
+
+
+def _change(before: object, now: object) -> str:
+    """``before -> now``, numbers to 6 significant digits where that still tells them apart."""
+    if all(isinstance(v, float) for v in (before, now)) and f"{before:.6g}" != f"{now:.6g}":
+        return f"{before:.6g} -> {now:.6g}"
+    return f"{before!r} -> {now!r}"
 
 
 # ---- one volume ---------------------------------------------------------------------------
