@@ -2,6 +2,7 @@
 import json
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,10 @@ def test_header_is_read_typed_and_an_absent_section_takes_its_one_default(tmp_pa
     assert (header.score_options, header.postprocess, header.loss, header.default_fpr) == (
         ScoreOptions(), PostprocessOptions(), LossConfig(), DEFAULT_FPR)
     assert BundleHeader.from_dict(header.to_dict()) == header
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")
+def test_a_model_file_that_cannot_be_read_is_one_clear_error():
+    """An I/O or permission error (the panel's model field, the command line) is named, not a raw OSError."""
+    with pytest.raises(CeVAEError, match=r"The model bundle /proc/self/mem cannot be read \(Input/output error\)"):
+        read_header("/proc/self/mem")

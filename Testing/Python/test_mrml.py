@@ -415,8 +415,10 @@ def test_the_modules_own_volumes_are_kept_out_of_the_input_selectors(scene):
     healthy volume (the brain-mask selector takes segmentations too)."""
     image, mask = make_head()
     labelmap_input = add_volume(scene, mask, "brain", "vtkMRMLLabelMapVolumeNode")
+    colour = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "a colour series")  # the selector cannot show it
     volume = add_volume(scene, image, "head")
     assert nodes.first_input_volume(scene) is volume and nodes.module_volume_ids(scene) == []
+    assert colour.GetID() not in nodes.module_volume_ids(scene)
     out = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
     assert sorted(nodes.module_volume_ids(scene)) == sorted([out.score.GetID(), out.labelmap.GetID(),
                                                              out.segmentation.GetID()])

@@ -184,8 +184,11 @@ def _check_file(p: Path) -> Path:
     kind = special_file_kind(p)
     if kind is not None:
         raise CeVAEError(f"The model bundle {p} is {kind}, not a file; give the path of a {BUNDLE_SUFFIX} file.")
-    with open(p, "rb") as fh:
-        head = fh.read(9)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:  # no permission, an I/O error: one line, as for any other unusable model file
+        raise CeVAEError(f"The model bundle {p} cannot be read ({exc.strerror or exc}).") from None
     # safetensors: an 8-byte little-endian header length, then the JSON header; a length whose
     # lowest byte is 0x80 must not be taken for the start of a pickle
     safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < p.stat().st_size

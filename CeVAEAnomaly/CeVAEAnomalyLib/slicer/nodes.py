@@ -149,11 +149,12 @@ def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
 
 
 def first_input_volume(scene: slicer.vtkMRMLScene) -> Optional[slicer.vtkMRMLScalarVolumeNode]:
-    """The first scalar volume that is neither a labelmap nor made by this module (the panel's default input)."""
+    """The first plain scalar volume not made by this module (the panel's default input): not a labelmap, nor a
+    colour, vector or diffusion volume, which the input selector (exact class) could not even show."""
     own = set(module_volume_ids(scene))
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-        if not node.IsA("vtkMRMLLabelMapVolumeNode") and node.GetID() not in own:
+        if node.GetClassName() == "vtkMRMLScalarVolumeNode" and node.GetID() not in own:
             return node
     return None
 
