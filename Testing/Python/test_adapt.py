@@ -300,6 +300,11 @@ def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_b
                               "--device", "cpu", "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed from" in resumed.stderr and read_header(out).extra["adaptation"]["steps_per_run"] == 6
+    written = out.read_bytes()
+    again = subprocess.run(resumed.args, env=env, capture_output=True, text=True, timeout=300)  # complete now
+    assert again.returncode == 2 and "is complete (its model file is written); there is nothing to resume" \
+        in again.stderr and "Resumed" not in again.stderr, again.stderr
+    assert out.read_bytes() == written and not list(tmp_path.glob("site.cevae.fold*.ckpt"))
 
 
 def test_a_second_adaptation_to_the_same_output_is_refused_while_one_runs(tiny_bundle, site, tmp_path):

@@ -68,6 +68,10 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     if options.resume and not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
         raise CeVAEError(f"--resume was given but there is no checkpoint of an adaptation to {out} "
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")
+    if options.resume and out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
+                                                    if run != "final"):  # fold checkpoints go once it is published
+        raise CeVAEError(f"The adaptation to {out} is complete (its model file is written); there is nothing to "
+                         "resume. Pass --overwrite to adapt again.")
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
         cache = SliceCache(root, bundle.preprocess)

@@ -4,7 +4,6 @@ Torch-free, so ``cevae-anomaly --help`` stays instant.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,8 +13,6 @@ from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
 from ..io.targets import check_paths
 from ..options import parse_orientations
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,10 +132,8 @@ class TrainConfig:
         check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
         if overwrite or self.resume:
             return
-        if self.log_path.exists() and not self.out.exists() and not self.checkpoint_path.exists():
-            log.info("%s is the log of a run stopped before its first checkpoint (nothing to resume); it is "
-                     "started anew.", self.log_path)
-            outputs = (self.out, self.checkpoint_path)
+        if not self.out.exists() and not self.checkpoint_path.exists():
+            outputs = (self.out, self.checkpoint_path)  # a lone log: a run stopped before its first checkpoint
         for path in outputs:
             if path.exists():
                 raise CeVAEError(f"{path} already exists; pass --overwrite to replace it, or --resume to "
