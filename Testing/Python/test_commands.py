@@ -138,6 +138,17 @@ def test_calibrate_names_the_healthy_volume_that_cannot_be_scored(tmp_path, tiny
     assert not (tmp_path / "c.cevae").exists()
 
 
+def test_calibrate_names_the_volume_in_its_mask_warnings(tmp_path, tiny_bundle, healthy_manifest, caplog):
+    shifted = sitk.ReadImage(str(tmp_path / "h_mask.nii.gz"))
+    shifted.SetOrigin(tuple(o + 0.5 for o in shifted.GetOrigin()))  # another grid: resampled, with a warning
+    sitk.WriteImage(shifted, str(tmp_path / "shifted_mask.nii.gz"))
+    (tmp_path / "shifted.csv").write_text("image,mask\nh.nii.gz,shifted_mask.nii.gz\n")
+    with caplog.at_level(logging.WARNING):
+        assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "shifted.csv"),
+                     "--out", str(tmp_path / "c.cevae"), "--device", "cpu"]) == 0
+    assert f"{tmp_path / 'h.nii.gz'}: The brain mask is on another grid" in caplog.text
+
+
 def test_a_cancelled_calibration_stays_cancelled(tmp_path, tiny_bundle, healthy_manifest):
     """Naming the volume that failed must not turn a cancel into an error (the panel and adapt tell them apart)."""
     from pathlib import Path

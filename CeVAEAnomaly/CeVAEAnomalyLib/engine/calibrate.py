@@ -56,7 +56,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
             for k, detector in enumerate(detectors[id(model)]):
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
                 report(part, 0.3 + 0.7 * k / len(modes), f"Scoring{mode}")
-                scores.append(detector.brain_scores(image, mask, score_types))
+                scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: "))
         except Cancelled:
             raise
         except CeVAEError as exc:  # in a list of healthy volumes: say which one

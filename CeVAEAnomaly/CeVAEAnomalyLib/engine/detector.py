@@ -113,10 +113,11 @@ class Detector:
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
 
     def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image],
-                     score_types: Sequence[str]) -> Dict[str, np.ndarray]:
-        """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration."""
+                     score_types: Sequence[str], where: str = "") -> Dict[str, np.ndarray]:
+        """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration;
+        ``where`` (e.g. "scan.nii.gz: ") leads the mask's warnings, so that a list of volumes says which one."""
         image = checked_image(image, mask)
-        stack, brain = self._prepare(image, mask, None)
+        stack, brain = self._prepare(image, mask, None, where)
         options = [self.score.replace(score_type=t) for t in score_types]
         passes = self._passes([stack, *self._other_stacks(image, brain)], options, None)
         region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
@@ -143,14 +144,14 @@ class Detector:
         return normalised(score, inside, post.spread) if post.normalise else score
 
     def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image],
-                 progress: Optional[ProgressCallback]) -> Tuple[SliceStack, np.ndarray]:
+                 progress: Optional[ProgressCallback], where: str = "") -> Tuple[SliceStack, np.ndarray]:
         """Model slices of ``image`` and its brain (bool, the input's array order)."""
         report(progress, 0.0, "Preparing the volume")
         if mask is None:
             from .brainmask import compute_brain_mask
 
             mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
-        brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
+        brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image, where))
         return prepare(image, brain, self.bundle.preprocess), brain
 
     def _other_stacks(self, image: sitk.Image, brain: np.ndarray) -> List[SliceStack]:

@@ -63,4 +63,5 @@ def check_modality(names: Sequence[str], contrasts: Sequence[float], header: Bun
         listed = ", ".join(f"{n} ({c:+.2f})" for n, c in far)
         raise CeVAEError(f"Scan(s) of another contrast than the model's {header.modality} scans: {listed}; "
                          f"{what} have a depth contrast of {value:+.2f} (deep brain minus brain rim, on the 1st-99th "
-                         f"percentile scale; accepted within {TOLERANCE}). Adapt a model of their own modality.")
+                         f"percentile scale; accepted within {TOLERANCE}). Adapt a model of their own modality, or "
+                         "check their brain masks: a mask that holds the head, not the brain, changes this too.")
