@@ -17,7 +17,7 @@ from ..errors import CeVAEError
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
 from .detector import Detector
-from ..progress import Cancelled, ProgressCallback, labelled, report, scaled
+from ..progress import ProgressCallback, labelled, report, scaled
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         part = labelled(scaled(progress, n / len(subjects), (n + 1) / len(subjects)),
                         f"Healthy volume {n + 1}/{len(subjects)} ({s.name})")
         report(part, 0.0, "Reading")
-        try:
+        with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
             mask = given_or_computed_mask(image, s.mask, s.name, progress=scaled(part, 0.0, 0.3))
             scores = []
@@ -57,12 +57,6 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
                 report(part, 0.3 + 0.7 * k / len(modes), f"Scoring{mode}")
                 scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: "))
-        except Cancelled:
-            raise
-        except CeVAEError as exc:  # in a list of healthy volumes: say which one
-            if str(s.image) in str(exc) or (s.mask is not None and str(s.mask) in str(exc)):
-                raise
-            raise CeVAEError(f"{s.image}: {exc}") from None
         out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")
     return out

@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from ..errors import CeVAEError
+from ..progress import Cancelled
 from .naming import file_stem
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,19 @@ class Subject:
     @property
     def name(self) -> str:
         return file_stem(self.image)
+
+    @contextmanager
+    def named_errors(self) -> Iterator[None]:
+        """A CeVAEError in the block says which volume of a list it concerns: led by the image's path unless it
+        names the image or mask already. A cancel passes unchanged."""
+        try:
+            yield
+        except Cancelled:
+            raise
+        except CeVAEError as exc:
+            if str(self.image) in str(exc) or (self.mask is not None and str(self.mask) in str(exc)):
+                raise
+            raise CeVAEError(f"{self.image}: {exc}") from None
 
 
 @dataclass(frozen=True)

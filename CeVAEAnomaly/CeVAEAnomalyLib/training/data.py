@@ -8,7 +8,6 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..engine.config import PreprocessConfig
-from ..errors import CeVAEError
 from ..io.images import read_image
 from ..io.manifest import Subject
 from ..engine.preprocess import mask_array, prepare
@@ -45,7 +44,7 @@ def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequen
     from ..engine.brainmask import given_or_computed_mask
 
     image = read_image(subject.image)
-    try:
+    with subject.named_errors():
         brain = mask_array(given_or_computed_mask(image, subject.mask, subject.image.name), image,
                            f"{subject.image}: ")
         out = []
@@ -53,8 +52,4 @@ def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequen
             stack = prepare(image, brain, cfg, orientation)
             keep = stack.brain.reshape(len(stack.brain), -1).mean(1) >= cfg.min_brain_fraction
             out.append(np.ascontiguousarray(stack.slices[keep], dtype=np.float32))
-    except CeVAEError as exc:
-        if str(subject.image) in str(exc) or (subject.mask is not None and str(subject.mask) in str(exc)):
-            raise
-        raise CeVAEError(f"{subject.image}: {exc}") from None
     return out
