@@ -46,7 +46,8 @@ from CeVAEAnomalyLib.slicer.settings import (
     SENSITIVITY_THRESHOLD,
     ModelSettings,
 )
-from CeVAEAnomalyLib.slicer.widget_state import ADAPT, CALIBRATE, DETECT, Action, Phase, WidgetState
+from CeVAEAnomalyLib.slicer.widget_state import (ADAPT, CALIBRATE, DETECT, Action, Phase, WidgetState,
+                                                  progress_format)
 
 __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "CeVAEAnomalyTest",
            "CeVAEAnomalyWidget"]
@@ -615,7 +616,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         finished = job.poll()
         self.ui.progressBar.value = int(round(100 * job.fraction))
-        self.ui.progressBar.format = "{}: %p%".format(job.message)
+        self.ui.progressBar.format = progress_format(job.message)
         if not finished:
             return
         self._timer.stop()
@@ -638,11 +639,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._refresh()
 
     def _stopJob(self, message: str) -> None:
-        """Stop the running job now (the state already says it is cancelled)."""
+        """Stop the running job now (the state already says it is cancelled); stopping the worker's processes
+        can take seconds, under a wait cursor."""
         self._timer.stop()
         job, self._job = self._job, None
         if job is not None:
-            self.logic.discardJob(job)
+            with slicer.util.WaitCursor():
+                self.logic.discardJob(job)
         self.state.finished()
         self.ui.statusLabel.text = message
 

@@ -43,7 +43,7 @@ from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.training.data import subject_slices
-from CeVAEAnomalyLib.training.modality import T1_DEPTH_CONTRAST, depth_contrast
+from CeVAEAnomalyLib.engine.modality import T1_DEPTH_CONTRAST, depth_contrast
 from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
 
 DEFAULT_VARIANTS = "clinical: post-contrast, 6.5 mm, noise 3 %;post-contrast"
@@ -88,7 +88,7 @@ def _inverted(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
 
 
 def profiles(data: Path, variants: Sequence[str]) -> dict:
-    """Each subject's and variant's depth contrast (training/modality.py), and the pooled clean T1 value."""
+    """Each subject's and variant's depth contrast (engine/modality.py), and the pooled clean T1 value."""
     pre = PreprocessConfig()
     rows: Dict[str, float] = {}
     pooled: List[np.ndarray] = []

@@ -137,7 +137,7 @@ def zero_air(head: sitk.Image) -> sitk.Image:
     values = sitk.GetArrayFromImage(head).astype(np.float32)
     outline = sitk.BinaryDilate(sitk.Cast(head > 0.1 * float(np.percentile(values, 99.5)), sitk.sitkUInt8), [3] * 3)
     largest = sitk.RelabelComponent(sitk.ConnectedComponent(outline), sortByObjectSize=True) == 1
-    inside = sitk.GetArrayViewFromImage(sitk.BinaryFillhole(largest)) > 0
+    inside = sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)) > 0
     result = sitk.GetImageFromArray(np.where(inside, values, 0.0).astype(np.float32))
     result.CopyInformation(head)
     return result

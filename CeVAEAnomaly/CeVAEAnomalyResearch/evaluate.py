@@ -19,6 +19,7 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
+from CeVAEAnomalyLib.engine.axes import canonical_axes
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.checksum import sha256_of
@@ -140,8 +141,15 @@ def evaluate_case(
     return _evaluate(score, gt, mask, labelmap, slice_axis, name)[0]
 
 
+def axial_axis(image: sitk.Image) -> int:
+    """The numpy axis of ``image``'s axial slices (the image axis closest to superior-inferior), as ``detect``'s
+    slice table counts them, whatever the voxel order."""
+    return canonical_axes(np.array(image.GetDirection()))[0][0]
+
+
 def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
-    """Evaluate each row's files and pool all voxels; return (per-case metrics, pooled metrics).
+    """Evaluate each row's files and pool all voxels; return (per-case metrics, pooled metrics). Slice AUROC
+    is over axial slices (:func:`axial_axis`).
 
     Row keys: ``score`` (required), ``gt`` (missing or empty: healthy case), ``mask``,
     ``labelmap``, ``name`` (default: the score file name). A case listed again (files of the same
@@ -157,7 +165,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
         name = row.get("name") or Path(row["score"]).name
         try:
             metrics, scores, labels = _evaluate(
-                images["score"], images["gt"], images["mask"], images["labelmap"], 0, name
+                images["score"], images["gt"], images["mask"], images["labelmap"], axial_axis(images["score"]), name
             )
         except CeVAEError as exc:  # say which files: the message names roles, not paths
             files = ", ".join(f"{ROLES[key]} {row[key]}" for key in ROLES if row.get(key))

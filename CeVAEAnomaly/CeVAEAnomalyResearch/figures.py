@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_path
-from CeVAEAnomalyLib.engine.preprocess import canonical_axes, to_canonical
+from CeVAEAnomalyLib.engine.axes import canonical_axes, to_canonical
 
 
 def _axial(image: sitk.Image) -> np.ndarray:

@@ -21,6 +21,7 @@ import argparse
 import logging
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
@@ -28,6 +29,7 @@ import slicer
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+    from CeVAEAnomalyLib.result import DetectionResult
 
 _HERE = Path(__file__).resolve().parent
 if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
@@ -103,12 +105,13 @@ def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
     return write
 
 
-def on_file_grid(image: "sitk.Image", path: Path) -> "sitk.Image":
-    """``image`` on the voxel grid of the volume file at ``path``.
+def file_grid(image: "sitk.Image", path: Path) -> Optional["sitk.Image"]:
+    """The voxel grid of the volume file at ``path`` when ``image`` holds the same voxels in another order;
+    None when they are stored alike (or the file is not a plain 3D grid, e.g. a 4D file holding one volume).
 
     Slicer stores a left-handed volume (e.g. FSL's LAS NIfTI) with its slice axis reversed: the
     same voxels in the other order, which ``evaluate`` and other tools would not take for the
-    input's grid. The voxel centres coincide, so nearest-neighbour resampling only reorders them.
+    input's grid.
     """
     import SimpleITK as sitk
     from CeVAEAnomalyLib.io.images import grid_difference
@@ -117,30 +120,60 @@ def on_file_grid(image: "sitk.Image", path: Path) -> "sitk.Image":
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     if reader.GetDimension() != 3 or sorted(reader.GetSize()) != sorted(image.GetSize()):
-        return image  # not a plain 3D file grid (e.g. a 4D file holding one volume): keep Slicer's
-    grid = sitk.Image(list(reader.GetSize()), image.GetPixelID())
+        return None
+    grid = sitk.Image(list(reader.GetSize()), sitk.sitkUInt8)
     grid.SetSpacing(reader.GetSpacing())
     grid.SetOrigin(reader.GetOrigin())
     grid.SetDirection(reader.GetDirection())
-    if grid_difference(grid, image) is None:
-        return image
-    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
+    return None if grid_difference(grid, image) is None else grid
+
+
+def on_grid(image: "sitk.Image", grid: "sitk.Image") -> "sitk.Image":
+    """``image``'s voxels on ``grid``: the voxel centres coincide, so nearest-neighbour resampling only reorders
+    them."""
+    import SimpleITK as sitk
+
+    target = sitk.Image(grid.GetSize(), image.GetPixelID())
+    target.CopyInformation(grid)
+    return sitk.Resample(image, target, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
+
+
+def slices_on_grid(detection: "DetectionResult", grid: "sitk.Image") -> "DetectionResult":
+    """``detection`` with its slice table's axis and indices counted on ``grid`` (the same voxels reordered)."""
+    image, rows = detection.score, []
+    for row in detection.slices:
+        along = _axis_on(grid, image, row.axis)
+        voxel = [0, 0, 0]
+        voxel[row.axis] = row.index
+        index = grid.TransformPhysicalPointToContinuousIndex(image.TransformIndexToPhysicalPoint(voxel))[along]
+        rows.append(replace(row, axis=along, index=int(round(index))))
+    return replace(detection, slices=rows)
+
+
+def _axis_on(grid: "sitk.Image", image: "sitk.Image", axis: int) -> int:
+    """The axis of ``grid`` that runs along ``image``'s ``axis``."""
+    import numpy as np
+
+    directions = np.array(grid.GetDirection()).reshape(3, 3)
+    along = np.array(image.GetDirection()).reshape(3, 3)[:, axis]
+    return int(np.argmax(np.abs(directions.T @ along)))
 
 
 def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool,
                   inputs: Sequence[Optional[Path]] = (), source: Optional[Path] = None) -> List[Path]:
-    """Write every result to a temporary name beside its target, then rename all into place; the score
-    and labelmap on the voxel grid of the ``source`` volume file, if given."""
+    """Write every result to a temporary name beside its target, then rename all into place; the score,
+    the labelmap and the slice table on the voxel grid of the ``source`` volume file, if given."""
     from CeVAEAnomalyLib.io.atomic import write_all
     from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
 
+    detection = result.detection
+    grid = file_grid(detection.score, source) if source else None
     writers: Dict[Path, object] = {
-        paths["score"]: on_file_grid(result.detection.score, source) if source else _node_writer(result.nodes.score),
-        paths["labelmap"]: (on_file_grid(result.detection.labelmap, source) if source
-                            else _node_writer(result.nodes.labelmap)),
+        paths["score"]: on_grid(detection.score, grid) if grid else _node_writer(result.nodes.score),
+        paths["labelmap"]: on_grid(detection.labelmap, grid) if grid else _node_writer(result.nodes.labelmap),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
-        paths["components"]: components_csv(result.detection),
-        paths["slices"]: slice_scores_csv(result.detection),
+        paths["components"]: components_csv(detection),  # centroids in RAS: the same on either grid
+        paths["slices"]: slice_scores_csv(slices_on_grid(detection, grid) if grid else detection),
     }
     return write_all(writers, overwrite, inputs)
 

@@ -28,7 +28,7 @@ from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions, describe_estimate,
 from CeVAEAnomalyLib.training.config import TrainConfig
 from CeVAEAnomalyLib.training.data import subject_slices
 from CeVAEAnomalyLib.engine.config import PreprocessConfig
-from CeVAEAnomalyLib.training.modality import T1_DEPTH_CONTRAST, TOLERANCE, check_modality, depth_contrast
+from CeVAEAnomalyLib.engine.modality import T1_DEPTH_CONTRAST, TOLERANCE, check_modality, depth_contrast
 from CeVAEAnomalyLib.training.trainer import Trainer
 from conftest import SHARED_DATA
 
@@ -249,6 +249,17 @@ def _refusal(capsys, argv: List[str]) -> str:
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: ")  # other lines: progress of the work before it
     return errors[0]
+
+
+def test_calibrate_refuses_a_scan_of_another_contrast_like_adapt(tiny_bundle, site, tmp_path, capsys):
+    """A T1 model's thresholds taken on a T2-like scan would mean nothing; calibrate names the scan."""
+    out, manifest = tmp_path / "calibrated.cevae", tmp_path / "healthy.csv"
+    common = ["--manifest", str(manifest), "--model", str(tiny_bundle), "--out", str(out), "--device", "cpu"]
+    manifest.write_text(f"image,mask\n{site['a']},{site['mask']}\n{site['reversed']},{site['mask']}\n")
+    err = _refusal(capsys, ["calibrate", *common])
+    assert "another contrast" in err and "reversed" in err and not out.exists()
+    manifest.write_text(f"image,mask\n{site['a']},{site['mask']}\n{site['b']},{site['mask']}\n")
+    assert main(["calibrate", *common]) == 0 and out.is_file()
 
 
 def test_the_command_refuses_too_few_scans_another_contrast_and_models_it_cannot_fine_tune(

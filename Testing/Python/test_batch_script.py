@@ -165,6 +165,14 @@ def test_a_left_handed_input_gets_outputs_on_its_own_grid(tiny_bundle, tmp_path)
         np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin(), atol=1e-5)
         values = sitk.GetArrayFromImage(result)
         assert values[brain].any() and not values[~brain].any()  # the voxels sit where the brain is
+    scores = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[0])))  # [k, j, i]
+    with open(out / OUTPUTS[4], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["axis"] == "2" for r in rows)  # the superior-inferior axis
+    for r in rows:  # the table counts slices on the file's grid: its highest score is the written map's there
+        k = int(r["index"])
+        highest = float(scores[k][brain[k]].max()) if brain[k].any() else 0.0
+        assert float(r["map_max"]) == pytest.approx(highest, rel=1e-4, abs=1e-4)
     from CeVAEAnomalyLib.cli.main import main
 
     assert main(["evaluate", "--score", str(out / OUTPUTS[0]), "--mask", str(tmp_path / "head_mask.nii.gz")]) == 0

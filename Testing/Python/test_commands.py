@@ -44,18 +44,32 @@ def test_calibrate_stores_thresholds_for_the_chosen_scoring(tmp_path, tiny_bundl
                  "--out", str(out), "--device", "cpu"]) == 2
 
 
+def test_calibrate_refuses_an_existing_out_before_reading_any_volume(tmp_path, tiny_bundle, healthy_manifest,
+                                                                     monkeypatch, capsys):
+    """Hashing a large cohort takes minutes: an existing --out is refused first."""
+    import CeVAEAnomalyLib.io.checksum as checksum
+
+    (tmp_path / "taken.cevae").write_bytes(b"keep")
+    hashed = []
+    monkeypatch.setattr(checksum, "sha256_of", lambda path: hashed.append(path) or "x")
+    assert main(["calibrate", str(tmp_path / "h.nii.gz"), "--out", str(tmp_path / "taken.cevae"),
+                 "--model", str(tiny_bundle), "--device", "cpu"]) == 2
+    assert "taken.cevae already exists" in capsys.readouterr().err and hashed == []
+    assert (tmp_path / "taken.cevae").read_bytes() == b"keep"
+
+
 def test_a_scan_listed_twice_calibrates_once(tmp_path, tiny_bundle, healthy_manifest, caplog):
     """The same content under two names (a copy) would weigh one brain twice in the healthy quantiles."""
     import logging
     import shutil
 
     shutil.copy(tmp_path / "h.nii.gz", tmp_path / "copy.nii.gz")
+    (tmp_path / "twice.csv").write_text("image,mask\nh.nii.gz,h_mask.nii.gz\ncopy.nii.gz,h_mask.nii.gz\n")
     once, twice = tmp_path / "once.cevae", tmp_path / "twice.cevae"
     common = ["--model", str(tiny_bundle), "--device", "cpu"]
-    assert main(["calibrate", str(tmp_path / "h.nii.gz"), "--out", str(once), *common]) == 0
+    assert main(["calibrate", "--manifest", str(tmp_path / "healthy.csv"), "--out", str(once), *common]) == 0
     with caplog.at_level(logging.INFO):
-        assert main(["calibrate", str(tmp_path / "h.nii.gz"), str(tmp_path / "copy.nii.gz"), "--out", str(twice),
-                     *common]) == 0
+        assert main(["calibrate", "--manifest", str(tmp_path / "twice.csv"), "--out", str(twice), *common]) == 0
     assert "repeats the image" in caplog.text and "(1 healthy volume(s))" in caplog.text
     assert read_header(twice).calibration == read_header(once).calibration
 

@@ -269,3 +269,30 @@ def test_evaluate_names_nan_scores_and_fits_advice_to_the_mask(small_case: dict,
     assert "nomask: the ground truth covers every evaluated voxel" in caplog.text
     assert "masked: the ground truth covers" in caplog.text and "the mask lies inside the lesion" in caplog.text
     assert caplog.text.count("give the brain mask so") == 1
+
+
+def test_slice_auroc_is_over_axial_slices_whatever_the_voxel_order(tmp_path: Path) -> None:
+    """detect's slice table counts axial slices in any voxel order; evaluate's slice AUROC must mean the same."""
+    rng = np.random.default_rng(3)
+    score = rng.standard_normal((20, 24, 28)).astype(np.float32)  # [k=S, j=P, i=L] on an LPS grid
+    gt = np.zeros(score.shape, np.uint8)
+    gt[8:12, 5:20, 3:6] = 1  # a lesion on axial slices 8-11
+    score[gt > 0] += 0.5  # ranked imperfectly, differently along each axis
+    images = {}
+    for role, array in (("score", score), ("gt", gt)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((1.0, 1.0, 2.0))
+        images[role] = image
+    rows = []
+    for order in ("LPS", "PIL", "ASL"):  # PIL and ASL: stored sagittally, the axial axis is j
+        row = {}
+        for role, image in images.items():
+            path = tmp_path / f"{order}_{role}.nii.gz"
+            sitk.WriteImage(sitk.DICOMOrient(image, order), str(path))
+            row[role] = str(path)
+        rows.append(row)
+    aurocs = [evaluate_files([row])[0][0].slice_auroc for row in rows]
+    axial = slice_auroc(score.max(axis=(1, 2)), gt.any(axis=(1, 2)))
+    assert aurocs == pytest.approx([axial] * 3)
+    assert axial == pytest.approx(0.78125)
+    assert slice_auroc(score.max(axis=(0, 1)), gt.any(axis=(0, 1))) == pytest.approx(0.7733, abs=1e-4)  # sagittal

@@ -13,7 +13,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from CeVAEAnomalyLib.engine.config import PreprocessConfig
-from CeVAEAnomalyLib.engine.preprocess import ORIENTATIONS, invert, prepare
+from CeVAEAnomalyLib.engine.axes import ORIENTATIONS
+from CeVAEAnomalyLib.engine.preprocess import invert, prepare
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

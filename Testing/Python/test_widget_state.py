@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from CeVAEAnomalyLib.slicer.widget_state import ADAPT, CALIBRATE, DETECT, LATE_CLICK_S, Action, Phase, WidgetState
+from CeVAEAnomalyLib.slicer.widget_state import (ADAPT, CALIBRATE, DETECT, LATE_CLICK_S, Action, Phase, WidgetState,
+                                                  progress_format)
 
 
 class Clock:
@@ -195,3 +196,15 @@ def test_a_result_summary_is_cleared_when_another_input_is_chosen():
     assert not state.summary_is_stale("vtkMRMLScalarVolumeNode1")  # back to the first: already cleared
     state.summary_shown("vtkMRMLScalarVolumeNode2")
     assert state.summary_is_stale(None)  # no input at all
+
+
+def _qt_progress_text(fmt: str, value: int, maximum: int = 100) -> str:
+    """What QProgressBar::text() shows for a format: it replaces "%m", "%v" and "%p" wherever they stand."""
+    return fmt.replace("%m", str(maximum)).replace("%v", str(value)).replace("%p", str(value))
+
+
+@pytest.mark.parametrize("message", ["Scoring slices", "Reading /data/%patient/t1.nii", "Training 50% done",
+                                     "Calibrating %v %m"])
+def test_the_progress_bar_shows_the_message_as_written(message):
+    shown = _qt_progress_text(progress_format(message), 42)
+    assert shown == message.replace("%", "\uff05") + ": 42%"

@@ -170,10 +170,10 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         raise CeVAEError(f"--default-fpr must be a rate the calibration covers, from {low:g} to {high:g} (e.g. "
                          f"0.001), got {args.default_fpr:g}.")
     subjects = _healthy_subjects(args, "calibration")
-    subjects = unique_subjects(subjects, {s.image: sha256_of(s.image) for s in subjects})  # a repeat counts once
     src = Path(args.model or default_model_path())
-    check_paths([args.out], args.overwrite,
+    check_paths([args.out], args.overwrite,  # before hashing the volumes: an existing --out is refused at once
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
+    subjects = unique_subjects(subjects, {s.image: sha256_of(s.image) for s in subjects})  # a repeat counts once
     bundle = load_bundle(src, resolve_device(request.run.device))
     opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
     path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr, run=request.run)

@@ -215,8 +215,9 @@ def _skull_under_surface(image: sitk.Image, background: float) -> bool:
     this tells a cut-off head whose air is exactly zero (as brain-sized as a brain) from a stripped brain."""
     values = sitk.GetArrayViewFromImage(image)
     foreground = values > background
-    depth = sitk.GetArrayViewFromImage(sitk.SignedMaurerDistanceMap(
-        image <= background, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+    distance = sitk.SignedMaurerDistanceMap(image <= background, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    depth = sitk.GetArrayViewFromImage(distance)  # a view into `distance`'s buffer: it lives as long as this name
     top = float(np.percentile(values[foreground], 99))
     profile = []
     for start in np.arange(0.0, _PROFILE_DEPTH_MM, _SHELL_MM):

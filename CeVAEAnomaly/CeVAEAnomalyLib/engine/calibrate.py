@@ -17,6 +17,7 @@ from ..errors import CeVAEError
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
 from .detector import Detector
+from .modality import check_modality, scan_depth_contrast
 from ..progress import ProgressCallback, labelled, report, scaled
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,15 @@ def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptio
 
 def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence[ScoreOptions],
                     post: PostprocessOptions, score_types: Sequence[str], progress: Optional[ProgressCallback] = None,
-                    scorers: Optional[Sequence[Bundle]] = None,
-                    run: RunOptions = RunOptions()) -> List[List[Dict[str, np.ndarray]]]:
+                    scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions(),
+                    check_contrast: bool = False) -> List[List[Dict[str, np.ndarray]]]:
     """For each subject and each scoring mode of ``modes``, the brain-voxel scores of every score type
     (one read per subject, one network pass per mode in batches of ``run``), scored by ``bundle`` or, if
     given, by ``scorers[i]`` for subject i.
 
     ``progress`` is called per subject and during an automatic brain mask; it may raise
-    :class:`~..progress.Cancelled`.
+    :class:`~..progress.Cancelled`. ``check_contrast``: refuse a volume whose contrast is not the model's
+    (engine/modality.py) before it is scored.
     """
     models = list(scorers) if scorers is not None else [bundle] * len(subjects)
     if len(models) != len(subjects):
@@ -52,6 +54,8 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
             mask = given_or_computed_mask(image, s.mask, s.name, progress=scaled(part, 0.0, 0.3))
+            if check_contrast:
+                check_modality([s.name], [scan_depth_contrast(image, mask, model.preprocess)], model.header)
             scores = []
             for k, detector in enumerate(detectors[id(model)]):
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
@@ -65,18 +69,19 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
 def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, opts: ScoreOptions,
                     post: PostprocessOptions, progress: Optional[ProgressCallback] = None,
                     scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions(),
-                    test_time_steps: Sequence[int] = ()) -> Dict[str, dict]:
+                    test_time_steps: Sequence[int] = (), check_contrast: bool = False) -> Dict[str, dict]:
     """Calibrations for every score type with otherwise the given options, keyed for lookup (the network
     runs as ``run`` says: batch size, mixed precision).
 
     ``scorers``: one model per subject that scores it instead of ``bundle`` (models that never saw
     their subject give the rates an unseen subject gets; with normalised scores these transfer).
     ``test_time_steps``: thorough modes (test-time adaptation steps) calibrated as well, on the same reads.
+    ``check_contrast``: see :func:`_subject_scores`.
     """
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on.")
     modes = [opts.replace(test_time_steps=n) for n in dict.fromkeys([opts.test_time_steps, *test_time_steps])]
-    scores = _subject_scores(bundle, subjects, modes, post, SCORE_TYPES, progress, scorers, run)
+    scores = _subject_scores(bundle, subjects, modes, post, SCORE_TYPES, progress, scorers, run, check_contrast)
     log.info("Calibrated %s on %d healthy volume(s)%s.", ", ".join(SCORE_TYPES), len(subjects),
              "".join(f", {m.test_time_steps} test-time steps" for m in modes if m.test_time_steps))
     return {calibration_key(mode.replace(score_type=t), post): calibrate([s[k][t] for s in scores], source)
@@ -94,12 +99,13 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     The bundle's default mode stays the one it had (``opts`` with the old default's test-time steps) and is
     always calibrated; ``opts.test_time_steps`` other than that (a thorough mode) is calibrated beside it,
     so that a site calibration keeps every mode the user asked for calibrated and changes no default.
+    A volume of another contrast than the model's scans (a T2 for a T1 model) is refused, as ``adapt`` does.
     """
     old = bundle.header
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
     header = replace(old, score_options=default, postprocess=post,
                      calibration=calibrate_model(bundle, subjects, source, default, post, progress, scorers, run,
-                                                 test_time_steps=[opts.test_time_steps]),
+                                                 test_time_steps=[opts.test_time_steps], check_contrast=True),
                      default_fpr=old.default_fpr if default_fpr is None else float(default_fpr),
                      extra=dict(old.extra, calibration_subjects=[s.name for s in subjects]))
     return save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")

@@ -75,7 +75,8 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames or key not in [f.strip() for f in reader.fieldnames]:
             extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
-            raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}.")
+            raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}."
+                             + _separator_hint(reader.fieldnames or []))
         _check_columns([f.strip() for f in reader.fieldnames], (*files, *others), path, what)
         rows = []
         for line, raw in enumerate(reader, start=2):
@@ -92,6 +93,15 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CeVAEError(f"The {what} {path} is not a readable CSV file ({exc}).") from None
     return rows
+
+
+def _separator_hint(header: Sequence[str]) -> str:
+    """A hint when a one-column header holds another separator (a spreadsheet saved with ';' or tabs)."""
+    if len(header) == 1:
+        for name, sep in (("semicolons", ";"), ("tabs", "\t")):
+            if sep in header[0]:
+                return f" Its columns are separated by {name}; separate them with commas."
+    return ""
 
 
 def _check_columns(header: Sequence[str], known: Sequence[str], path: Path, what: str) -> None:

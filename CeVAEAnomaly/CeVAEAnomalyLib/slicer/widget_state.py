@@ -166,6 +166,13 @@ class WidgetState:
         self.phase, self.task, self._ended_at = Phase.IDLE, None, self._clock()
 
 
+def progress_format(message: str) -> str:
+    """The progress bar's format: the worker's message, then the percentage. QProgressBar reads "%p", "%v"
+    and "%m" anywhere in its format (with no escape), so a "%" of the message (a path, "50% done") is shown as
+    the full-width sign, which Qt leaves alone."""
+    return message.replace("%", "\uff05") + ": %p%"
+
+
 def _check(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}.")

@@ -34,7 +34,7 @@ from .cache import SliceCache
 from .config import AugmentConfig, TrainConfig
 from .data import unique_subjects
 from .distributed import DistInfo, file_checksums
-from .modality import check_modality, depth_contrast
+from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
 from .trainer import Trainer
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
+import SimpleITK as sitk
 
-from ..engine.header import BundleHeader
+from .config import PreprocessConfig
+from .header import BundleHeader
 from ..errors import CeVAEError
 
 DEEP_PX = 6  # about 15 mm at the default 64 px model size
@@ -33,13 +34,29 @@ def depth_contrast(slices: np.ndarray) -> float:
     """Median of the deep brain minus median of the brain's rim, over model slices [N, S, S] (brain: > 0)."""
     deep, rim = [], []
     for s in np.asarray(slices, np.float32):
-        depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(s > 0))
+        depth = _depth_px(s > 0)
         deep.append(s[depth > DEEP_PX])
         rim.append(s[(depth > 0) & (depth <= RIM_PX)])
     deep_px, rim_px = np.concatenate(deep), np.concatenate(rim)
     if deep_px.size == 0 or rim_px.size == 0:
         raise CeVAEError("The scan's brain is too small in its model slices to tell its contrast.")
     return round(float(np.median(deep_px) - np.median(rim_px)), 4)
+
+
+def scan_depth_contrast(image: sitk.Image, mask: sitk.Image, preprocess: PreprocessConfig) -> float:
+    """:func:`depth_contrast` of a volume's axial model slices (as training and adaptation prepare them)."""
+    from .preprocess import mask_array, prepare
+
+    return depth_contrast(prepare(image, mask_array(mask, image), preprocess, "axial").slices)
+
+
+def _depth_px(brain: np.ndarray) -> np.ndarray:
+    """Each pixel of the hole-filled 2D ``brain``: its distance in pixels to the nearest pixel outside (0 outside).
+    SimpleITK, not SciPy: this runs in Slicer's and a plain install's Python, which need not have SciPy."""
+    filled = sitk.BinaryFillhole(sitk.GetImageFromArray(brain.astype(np.uint8)), fullyConnected=False)
+    distance = sitk.SignedMaurerDistanceMap(filled == 0, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=False)
+    return np.maximum(sitk.GetArrayFromImage(distance), 0.0)
 
 
 def reference_contrast(header: BundleHeader) -> Optional[Tuple[float, str]]:
