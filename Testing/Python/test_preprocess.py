@@ -92,3 +92,24 @@ def test_empty_and_constant_inputs_are_refused():
     flat.CopyInformation(image)
     with pytest.raises(CeVAEError, match="constant"):
         prepare(flat, mask_array(mask, flat), PreprocessConfig())
+
+
+@pytest.mark.parametrize("values, said", [
+    ((1.0, 1.0), None),
+    ((1.0, 3.0), "several values (1 to 3)"),
+    ((1.0, np.nan), "several values (1, and NaN in 1 voxel(s), taken as outside the brain)"),
+    ((np.nan, np.nan), "several values (1, and NaN in 2 voxel(s), taken as outside the brain)"),
+    ((-1.0, 0.5), "several values (-1 to 1)"),
+])
+def test_a_float_mask_of_several_values_is_described_as_it_is(values, said, caplog):
+    image = sitk.Image([6, 6, 6], sitk.sitkFloat32)
+    arr = np.zeros((6, 6, 6), np.float32)
+    arr[2, 2, 2], arr[3, 3, 3] = values
+    arr[2:4, 1, 1] = 1.0
+    mask = sitk.GetImageFromArray(arr)
+    brain = mask_array(mask, image)
+    assert brain.sum() == 2 + sum(v > 0 for v in values)  # NaN and negative values are not brain
+    if said is None:
+        assert "several values" not in caplog.text
+    else:
+        assert said in caplog.text

@@ -260,10 +260,22 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
         raise CeVAEError("The brain mask does not overlap the image in space (after resampling it onto the "
                          "image grid no voxel is brain); check that the mask belongs to this image.")
     labels = values[brain if values.dtype.kind in "ub" else values != 0]  # unsigned: nonzero is brain
-    if labels.size and labels.min() != labels.max():
-        log.warning("%sThe brain mask holds several values (%g to %g); every voxel above 0 is taken as brain.",
-                    where, labels.min(), labels.max())
+    several = _several_values(labels)
+    if several:
+        log.warning("%sThe brain mask holds several values (%s); every voxel above 0 is taken as brain.",
+                    where, several)
     return brain
+
+
+def _several_values(labels: np.ndarray) -> str:
+    """The nonzero mask values described ("1 to 3", "1, and NaN") when they are not all one number; else ""."""
+    nan = int(np.count_nonzero(np.isnan(labels))) if labels.dtype.kind == "f" else 0
+    numbers = labels[~np.isnan(labels)] if nan else labels
+    if not nan and (not numbers.size or numbers.min() == numbers.max()):
+        return ""
+    spans = [f"{numbers.min():g}" + (f" to {numbers.max():g}" if numbers.max() != numbers.min() else "")] \
+        if numbers.size else []
+    return ", and ".join(spans + ([f"NaN in {nan} voxel(s), taken as outside the brain"] if nan else []))
 
 
 _LABEL_MAPS = (sitk.sitkLabelUInt8, sitk.sitkLabelUInt16, sitk.sitkLabelUInt32, sitk.sitkLabelUInt64)
