@@ -22,6 +22,14 @@ KNOWN_SOURCES = {
 }
 
 
+def _recipe(training: dict) -> str:
+    """How to train the model again: the bundled recipe for the bundled subjects, else the user's own command."""
+    names = [s["name"] for s in training.get("subjects", [])]
+    if names and all(n in KNOWN_SOURCES for n in names):
+        return "- Recipe: `python scripts/train_default_model.py` (fetches the same data if absent)."
+    return "- Recipe: `cevae-anomaly train` on the subjects above, with the settings of this section."
+
+
 def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
     h = bundle.header.to_dict()
     tr = h.get("training", {})
@@ -55,7 +63,7 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
         f"{tr.get('train_slices')} training slices, seed {tr.get('seed')}, {tr.get('seconds')} s on "
         f"{tr.get('ranks', 1)} process(es); torch {h.get('versions', {}).get('torch')}.",
         f"- Augmentation: {json.dumps(tr.get('augment'))}.",
-        "- Recipe: `python scripts/train_default_model.py` (fetches the same data if absent).",
+        _recipe(tr),
         "",
         "## Scoring and calibration",
         f"- Default scoring: {json.dumps(h.get('score_options'))}.",

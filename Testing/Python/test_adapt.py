@@ -262,6 +262,36 @@ def test_calibrate_refuses_a_scan_of_another_contrast_like_adapt(tiny_bundle, si
     assert main(["calibrate", *common]) == 0 and out.is_file()
 
 
+def test_a_model_trained_on_another_contrast_records_it_and_calibrates_on_it(site, tmp_path, capsys):
+    """train takes any contrast; the model then records its volumes' depth contrast (modality "other" when it is
+    not a T1's), so that calibrate and adapt accept scans like them and refuse T1 scans."""
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(site["mask"]))) > 0
+    like = sitk.ReadImage(str(site["a"]))
+    rows = ["image,mask"]
+    for n in ("a", "b", "c"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(site[n])))
+        inside = mask[:, :, ::-1] if n == "c" else mask  # scan c is scan a mirrored
+        top = np.percentile(a[inside], 99)
+        rows.append(f"{_write(np.where(inside, np.clip(top - a, 0, None), a), like, tmp_path / f'rev_{n}.nii.gz')},"
+                    + (str(_write(mask[:, :, ::-1].astype(np.uint8), like, tmp_path / 'mask_c.nii.gz')) if n == "c"
+                       else str(site["mask"])))
+    (tmp_path / "train.csv").write_text("\n".join(rows[:3]) + "\n")
+    (tmp_path / "held_out.csv").write_text("\n".join([rows[0], rows[3]]) + "\n")
+    model, calibrated = tmp_path / "t2like.cevae", tmp_path / "t2like_calibrated.cevae"
+    assert main(["train", "--manifest", str(tmp_path / "train.csv"), "--out", str(model), "--max-steps", "2",
+                 "--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--val-fraction", "0",
+                 "--device", "cpu"]) == 0
+    header = read_header(model)
+    recorded = header.extra["training_contrast"]
+    assert header.modality == "other" and recorded["depth_contrast"] < T1_DEPTH_CONTRAST - TOLERANCE
+    assert sorted(recorded["scan_depth_contrast"]) == ["rev_a", "rev_b"]
+    assert main(["calibrate", "--manifest", str(tmp_path / "held_out.csv"), "--model", str(model),
+                 "--out", str(calibrated), "--device", "cpu"]) == 0
+    err = _refusal(capsys, ["calibrate", str(site["a"]), "--model", str(model), "--out", str(tmp_path / "x.cevae"),
+                            "--device", "cpu"])
+    assert "another contrast" in err and "the volumes this model was trained on" in err
+
+
 def test_the_command_refuses_too_few_scans_another_contrast_and_models_it_cannot_fine_tune(
         tiny_bundle, site, tmp_path, capsys):
     out = str(tmp_path / "site.cevae")

@@ -50,3 +50,12 @@ def test_every_relative_link_of_the_shipped_documents_resolves(document: Path) -
 def test_the_shipped_model_card_links_to_the_benchmark_tables() -> None:
     card = ROOT / "Resources" / "Models" / "MODEL_CARD.md"
     assert "../../docs/benchmark_acquisition_fused_tables.md" in relative_targets(card.read_text())
+
+
+def test_the_recipe_is_the_bundled_one_only_for_the_bundled_model(tiny_bundle) -> None:
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyResearch.modelcard import render_model_card
+
+    assert "scripts/train_default_model.py" in render_model_card(load_bundle(default_model_path()))
+    own = render_model_card(load_bundle(tiny_bundle))  # trained on synthetic heads: a user's own data
+    assert "scripts/train_default_model.py" not in own and "`cevae-anomaly train` on the subjects above" in own

@@ -449,3 +449,83 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_run_again(manifest, tm
     assert main(train_argv(manifest, out, 2)) == 0
     assert out.is_file() and "1,0.5" not in log.read_text()
     assert main(train_argv(manifest, out, 2)) == 2  # a finished run is still refused without --overwrite
+
+
+def test_how_often_the_run_validates_does_not_change_the_training(manifest, tmp_path):
+    """Validation draws its own rectangles and latent samples: the checkpoint cadence (a validation each) and a
+    stop on a validated step leave the training's random streams, hence its weights, as they were."""
+    weights = []
+    for every in (2, 3):
+        trainer = tiny_trainer(tmp_path / str(every), manifest, max_steps=6, checkpoint_every=every, val_fraction=0.5)
+        trainer.fit()
+        assert trainer.val_subjects  # there is something to validate
+        weights.append(trainer.model.state_dict())
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0, msg=key)
+
+
+def test_the_last_checkpoint_is_written_once(manifest, tmp_path, monkeypatch):
+    written = []
+    real = train_mod.write_checkpoint
+    monkeypatch.setattr(train_mod, "write_checkpoint", lambda state, path: written.append(state["step"]) or
+                        real(state, path))
+    tiny_trainer(tmp_path, manifest, max_steps=4, checkpoint_every=2).fit()
+    assert written == [2, 4]
+
+
+def test_a_run_out_of_time_before_its_first_step_writes_nothing(manifest, tmp_path, capsys):
+    out = tmp_path / "model.cevae"
+    assert main(train_argv(manifest, out, 4, "--max-minutes", "1e-9")) == 2
+    assert "No training step was completed: --max-minutes 1e-09" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name(out.name + ".ckpt").exists()
+
+
+def test_no_held_out_volume_is_said_before_training(manifest, tmp_path, caplog):
+    """Two volumes at the default --val-fraction 0.2: none held out, so the model calibrates on its training
+    volumes; the user hears it at the start, and the header holds no NaN validation loss."""
+    out = tmp_path / "model.cevae"
+    argv = [a for a in train_argv(manifest, out, 2) if a not in ("--val-fraction", "0")]
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    assert "No volume is held out for validation (2 different volume(s), --val-fraction 0.2)" in caplog.text
+    assert "at least 3 volumes" in caplog.text
+    assert read_header(out).training["val_loss"] is None
+
+
+@pytest.mark.parametrize("suffix", ["", ".ckpt", ".log.csv"])
+def test_a_cache_folder_on_an_output_is_refused_before_any_volume_is_read(manifest, tmp_path, capsys, suffix):
+    out = tmp_path / "model.cevae"
+    cache = out.with_name(out.name + suffix)
+    assert main(train_argv(manifest, out, 2, "--cache-dir", str(cache))) == 2
+    assert f"--cache-dir {cache} is the run's output" in capsys.readouterr().err
+    assert not cache.exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_error(manifest, tmp_path, capsys, monkeypatch):
+    import CeVAEAnomalyLib.io.lock as lock
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(lock, "open", read_only, raising=False)
+    assert main(train_argv(manifest, tmp_path / "model.cevae", 2)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot write into") and "Read-only file system" in err and "unexpected" not in err
+
+
+def test_nan_voxels_of_a_cohort_volume_are_said_with_its_name(tmp_path, caplog):
+    from CeVAEAnomalyLib.engine.config import PreprocessConfig
+    from CeVAEAnomalyLib.training.data import subject_slices
+
+    image, mask = make_head(size=(32, 36, 28), seed=6)
+    arr = sitk.GetArrayFromImage(image)
+    arr[14, 18, 10:14] = float("nan")
+    holed = sitk.GetImageFromArray(arr)
+    holed.CopyInformation(image)
+    sitk.WriteImage(holed, str(tmp_path / "holed.nrrd"))
+    sitk.WriteImage(mask, str(tmp_path / "holed_mask.nii.gz"))
+    with caplog.at_level(logging.WARNING):
+        subject_slices(Subject(tmp_path / "holed.nrrd", tmp_path / "holed_mask.nii.gz"),
+                       PreprocessConfig(), ("axial", "coronal"))
+    said = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert said == [f"{tmp_path / 'holed.nrrd'}: 4 brain voxels are NaN or infinite; they are left out of the brain."]

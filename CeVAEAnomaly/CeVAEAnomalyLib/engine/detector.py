@@ -151,7 +151,7 @@ class Detector:
             from .brainmask import compute_brain_mask
 
             mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
-        brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image, where))
+        brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image, where), where)
         return prepare(image, brain, self.bundle.preprocess), brain
 
     def _other_stacks(self, image: sitk.Image, brain: np.ndarray) -> List[SliceStack]:

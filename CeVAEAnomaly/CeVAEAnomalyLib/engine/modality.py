@@ -9,7 +9,8 @@ more than :data:`DEEP_PX` pixels inside the brain's edge minus the median of tho
 modality move it little; reversing the contrast moves it a lot (docs/adapt.md has the measurements).
 
 A scan is refused when its depth contrast lies further than :data:`TOLERANCE` from the model's:
-the value recorded by an adapted model, or for a T1 model without one, :data:`T1_DEPTH_CONTRAST`.
+the value recorded by an adapted model (its site scans') or a trained one (its training volumes'), or for
+a T1 model without either, :data:`T1_DEPTH_CONTRAST`.
 """
 from __future__ import annotations
 
@@ -61,9 +62,11 @@ def _depth_px(brain: np.ndarray) -> np.ndarray:
 
 def reference_contrast(header: BundleHeader) -> Optional[Tuple[float, str]]:
     """(depth contrast, what it describes) to compare a model's new scans with; None when the model offers none."""
-    adaptation = header.extra.get("adaptation")
-    if isinstance(adaptation, dict) and isinstance(adaptation.get("depth_contrast"), (int, float)):
-        return float(adaptation["depth_contrast"]), "the site scans this model was adapted to"
+    for key, what in (("adaptation", "the site scans this model was adapted to"),
+                      ("training_contrast", "the volumes this model was trained on")):
+        record = header.extra.get(key)
+        if isinstance(record, dict) and isinstance(record.get("depth_contrast"), (int, float)):
+            return float(record["depth_contrast"]), what
     if header.modality.upper() == "T1":
         return T1_DEPTH_CONTRAST, "T1-weighted brains"
     return None

@@ -94,14 +94,15 @@ def robust_range(values: np.ndarray, cfg: PreprocessConfig) -> Tuple[float, floa
     return lo, hi
 
 
-def finite_brain(arr: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
-    """The brain mask without NaN/infinite voxels (they score 0), with a warning if there are any."""
+def finite_brain(arr: np.ndarray, brain_mask: np.ndarray, where: str = "") -> np.ndarray:
+    """The brain mask without NaN/infinite voxels (they score 0), with a warning if there are any (led by
+    ``where``, e.g. "scan.nii.gz: ", so that a cohort's says which volume)."""
     if arr.dtype.kind != "f" or (np.isfinite(arr.min()) and np.isfinite(arr.max())):  # NaN propagates
         return brain_mask
     kept = brain_mask & np.isfinite(arr)
     removed = int(brain_mask.sum()) - int(kept.sum())
     if removed:
-        log.warning("%d brain voxels are NaN or infinite; they are left out of the brain and score 0.", removed)
+        log.warning("%s%d brain voxels are NaN or infinite; they are left out of the brain.", where, removed)
     if not kept.any() and brain_mask.any():
         raise CeVAEError("Every voxel inside the brain mask is NaN or infinite; the image holds no data.")
     return kept

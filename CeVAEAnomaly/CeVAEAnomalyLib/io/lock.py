@@ -35,9 +35,13 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
         yield
         return
     path = lock_path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fh = open(path, "ab")  # created if missing, never truncated
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "ab")  # created if missing, never truncated
+        except OSError as exc:
+            raise CeVAEError(f"Cannot write into {target.parent} ({exc.strerror or exc}); choose a folder you can "
+                             "write to.") from None
         try:
             fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
         except OSError:

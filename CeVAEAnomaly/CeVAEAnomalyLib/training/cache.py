@@ -153,7 +153,11 @@ class SliceCache:
         missing = [o for o, e in zip(orientations, found) if e is None]
         if not missing:
             return [e for e in found if e is not None], False
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CeVAEError(f"Cannot make the slice cache folder {self.root} ({exc.strerror or exc}); choose a "
+                             "--cache-dir you can write to.") from None
         arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
         return [e if e is not None else self._store(k, subject, o, arrays[o], checksums)
                 for k, o, e in zip(keys, orientations, found)], True

@@ -5,12 +5,14 @@ Torch-free, so ``cevae-anomaly --help`` stays instant.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
+from ..io.lock import lock_path
 from ..io.targets import check_paths
 from ..options import parse_orientations
 
@@ -130,6 +132,12 @@ class TrainConfig:
                              f"{self.out / 'model.cevae'}.")
         outputs = (self.out, self.checkpoint_path, self.log_path)
         check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
+        if self.cache_dir is not None:
+            cache = Path(os.path.abspath(self.cache_dir))
+            for path in (*outputs, lock_path(self.out)):
+                if cache == Path(os.path.abspath(path)):
+                    raise CeVAEError(f"--cache-dir {self.cache_dir} is the run's output {path}; give the slice "
+                                     "cache a folder of its own.")
         if overwrite or self.resume:
             return
         if not self.out.exists() and not self.checkpoint_path.exists():

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 
 from ..engine.config import PreprocessConfig
 from ..io.images import read_image
 from ..io.manifest import Subject
-from ..engine.preprocess import mask_array, prepare
+from ..engine.preprocess import finite_brain, mask_array, prepare
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,10 @@ def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequen
 
     image = read_image(subject.image)
     with subject.named_errors():
-        brain = mask_array(given_or_computed_mask(image, subject.mask, subject.image.name), image,
-                           f"{subject.image}: ")
+        where = f"{subject.image}: "
+        brain = finite_brain(sitk.GetArrayViewFromImage(image),
+                             mask_array(given_or_computed_mask(image, subject.mask, subject.image.name), image, where),
+                             where)
         out = []
         for orientation in orientations:
             stack = prepare(image, brain, cfg, orientation)

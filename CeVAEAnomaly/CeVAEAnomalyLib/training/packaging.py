@@ -18,6 +18,7 @@ from ..engine.bundle import Bundle, save_bundle
 from ..engine.calibrate import calibrate_model
 from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.header import BundleHeader
+from ..engine.modality import T1_DEPTH_CONTRAST, TOLERANCE
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..options import RECOMMENDED_POSTPROCESS
@@ -42,7 +43,7 @@ class TrainingRecord:
     seconds: float
     ranks: int
     augment: Dict[str, float]
-    val_loss: float
+    val_loss: Optional[float]  # None: no volume was held out
 
 
 def training_header(name: str, preprocess: PreprocessConfig, loss: LossConfig,
@@ -55,6 +56,22 @@ def training_header(name: str, preprocess: PreprocessConfig, loss: LossConfig,
                         training=asdict(training),
                         extra={"versions": {"cevae_anomaly": __version__, "torch": torch.__version__,
                                             "python": platform.python_version()}})
+
+
+def with_contrast(header: BundleHeader, contrasts: Dict[str, float]) -> BundleHeader:
+    """``header`` recording its training volumes' depth contrast, which ``calibrate`` and ``adapt`` check new scans
+    against; a model trained on volumes that do not look T1-weighted is recorded as modality "other"."""
+    if not contrasts:
+        return header
+    mean = round(float(sum(contrasts.values()) / len(contrasts)), 4)
+    modality = header.modality
+    if abs(mean - T1_DEPTH_CONTRAST) > TOLERANCE:
+        modality = "other"
+        log.warning("The training volumes' depth contrast (%+.2f) is not a T1's (%+.2f): the model is recorded as "
+                    "modality 'other', and calibrate and adapt accept scans like its training volumes.", mean,
+                    T1_DEPTH_CONTRAST)
+    return replace(header, modality=modality,
+                   extra=dict(header.extra, training_contrast={"depth_contrast": mean, "scan_depth_contrast": contrasts}))
 
 
 def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> List[Dict[str, str]]:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..engine.config import ModelConfig, PreprocessConfig
 from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
+from ..engine.modality import depth_contrast
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
 from ..progress import ProgressCallback, report
@@ -36,10 +37,29 @@ from .config import TrainConfig
 from .data import Subject, split_subjects, unique_subjects
 from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
                           shutdown_distributed)
-from .packaging import TrainingRecord, package, subject_records, training_header
+from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
 from .sampler import EpochSampler
 
 log = logging.getLogger(__name__)
+VALIDATION_SEED = 12345
+
+
+@contextmanager
+def _own_randomness(device: torch.device, seed: int) -> Iterator[None]:
+    """Run the block with torch's global random streams (the CPU's and ``device``'s) seeded with ``seed``, then
+    put them back as they were."""
+    cpu = torch.get_rng_state()
+    accelerator = (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                   else torch.mps.get_rng_state() if device.type == "mps" else None)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(accelerator, device)
+        elif device.type == "mps":
+            torch.mps.set_rng_state(accelerator)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -96,7 +116,9 @@ class Trainer:
         self.offset = 0  # batches consumed in the current epoch
         self.batch_size = cfg.batch_size
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or resumed from
+        self._validated: Optional[Tuple[int, float]] = None  # (step, validation loss) of the last validation
         self._temp_cache: Optional[str] = None
+        self.contrasts: Dict[str, float] = {}  # depth contrast of each training volume (engine/modality.py)
 
     # ---- data -------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -112,6 +134,9 @@ class Trainer:
         train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
         val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
         self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size)
+        axial = cache.prepare(self.train_subjects, self.checksums, ("axial",))  # (read from the cache if trained on)
+        self.contrasts = {s.name: depth_contrast(np.load(entries[0].path)) for s, entries in
+                          zip(self.train_subjects, axial)}
         self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size)
         if len(self.train) < self.cfg.batch_size:
             log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
@@ -188,17 +213,24 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
+        """The mean loss on the validation slices (NaN without any), with randomness of its own: it leaves the
+        training's random streams as they were, so how often it runs (every checkpoint) does not change the
+        training, and a resumed run continues exactly."""
         if len(self.val) == 0:
             return float("nan")
+        if self._validated is not None and self._validated[0] == self.step:
+            return self._validated[1]
         self.model.eval()
-        g = torch.Generator().manual_seed(12345)
+        g = torch.Generator().manual_seed(VALIDATION_SEED)
         losses = []
-        for start in range(0, len(self.val), 128):
-            x = self.val[range(start, min(start + 128, len(self.val)))].to(self.device)
-            xc, _ = random_rectangles(x, g, value_range=(0.0, float(self.pre.clip_max)))
-            losses.append(cevae_loss(self.model, x, xc, self.cfg.loss)[0].item() * len(x))
+        with _own_randomness(self.device, VALIDATION_SEED):  # the latent samples of the loss
+            for start in range(0, len(self.val), 128):
+                x = self.val[range(start, min(start + 128, len(self.val)))].to(self.device)
+                xc, _ = random_rectangles(x, g, value_range=(0.0, float(self.pre.clip_max)))
+                losses.append(cevae_loss(self.model, x, xc, self.cfg.loss)[0].item() * len(x))
         self.model.train()
-        return sum(losses) / len(self.val)
+        self._validated = (self.step, sum(losses) / len(self.val))
+        return self._validated[1]
 
     # ---- checkpoints --------------------------------------------------------------------
     def _last_good(self) -> str:
@@ -272,6 +304,13 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
         """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
+        if not self.val_subjects and self.dist.main:
+            log.warning("No volume is held out for validation (%d different volume(s), --val-fraction %g): the "
+                        "model is calibrated on the volumes it was trained on, and its threshold will flag more of a "
+                        "new healthy scan than the rate says. Hold out more (at least %d volumes at this fraction) "
+                        "or calibrate it afterwards on other healthy scans (cevae-anomaly calibrate).",
+                        len(self.train_subjects), self.cfg.val_fraction,
+                        math.ceil(0.5 / self.cfg.val_fraction) if self.cfg.val_fraction > 0 else 2)
         with self._session():
             elapsed = self._train()
             return self._write_bundle(elapsed) if self.dist.main else None
@@ -340,9 +379,13 @@ class Trainer:
             del batches  # stops loader workers
             if logf:
                 logf.close()
+        if self.step == 0:
+            raise CeVAEError(f"No training step was completed: --max-minutes {cfg.max_minutes:g} ran out before the "
+                             "first one (preprocessing included). Nothing was written; allow more minutes.")
         if self.dist.world > 1:
             check_replicas(self.dist, self.model)
-        self.save_checkpoint()
+        if self.saved_step != self.step:  # (a run that reached --max-steps checkpointed its last step already)
+            self.save_checkpoint()
         if self.dist.world > 1:  # all ranks leave the group together, before rank 0's bundle work
             barrier(self.dist)
         shutdown_distributed(self.dist)
@@ -350,16 +393,18 @@ class Trainer:
 
     def record(self, elapsed: float) -> TrainingRecord:
         """How this run trained (the bundle header's ``training`` section)."""
+        loss = self.validate()
         return TrainingRecord(
             subjects=subject_records(self.train_subjects, self.checksums),
             validation_subjects=subject_records(self.val_subjects, self.checksums),
             train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
             batch_size=self.batch_size * self.dist.world, lr=self.cfg.lr, seed=self.cfg.seed,
             seconds=round(elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
-            val_loss=self.validate())
+            val_loss=None if math.isnan(loss) else loss)
 
     def _write_bundle(self, elapsed: float) -> Path:
-        header = training_header(self.cfg.out.stem, self.pre, self.cfg.loss, self.record(elapsed))
+        header = with_contrast(training_header(self.cfg.out.stem, self.pre, self.cfg.loss, self.record(elapsed)),
+                               self.contrasts)
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
