@@ -114,16 +114,18 @@ TABLE_OUTPUTS = {"slices": "slice table", "components": "component table"}
 
 def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
     """Refuse, before any work, an output whose name does not say the format it gets: an image output
-    without an image extension, or a CSV table under an image or compressed name."""
-    from .io.naming import IMAGE_EXTENSIONS
+    without a single-file image extension as ITK's writers know it (lower case; a detached header, .nhdr or
+    .mhd, would point at a data file of a temporary name), or a CSV table under an image or compressed name."""
+    from .io.naming import IMAGE_EXTENSIONS, OUTPUT_IMAGE_EXTENSIONS
 
     for role, path in targets.items():
         if path is None:
             continue
         name = Path(path).name.lower()
-        if role in IMAGE_OUTPUTS and not name.endswith(IMAGE_EXTENSIONS):
+        if role in IMAGE_OUTPUTS and not Path(path).name.endswith(OUTPUT_IMAGE_EXTENSIONS):
+            detached = " (a single file: not a detached header)" if name.endswith(IMAGE_EXTENSIONS) else ""
             raise CeVAEError(f"The {IMAGE_OUTPUTS[role]} output {path} needs an image file name ending in "
-                             f"{', '.join(IMAGE_EXTENSIONS)}.")
+                             f"{', '.join(OUTPUT_IMAGE_EXTENSIONS)}{detached}, in lower case.")
         if role in TABLE_OUTPUTS and name.endswith((*IMAGE_EXTENSIONS, ".gz")):
             raise CeVAEError(f"The {TABLE_OUTPUTS[role]} output {path} is written as CSV text; give it a name "
                              "ending in .csv.")

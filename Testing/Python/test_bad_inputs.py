@@ -417,44 +417,74 @@ def gzip_claims_huge_volume(d: Path, g: Inputs) -> Inputs:
     return Inputs(path, g.mask, g.model)
 
 
-def write_dicom_series(image: sitk.Image, folder: Path, skip=()) -> Path:
-    """One int16 DICOM file per slice, with the position and orientation tags scanners write.
+def write_dicom_series(image: sitk.Image, folder: Path, skip=(), shift_mm: float = 0.0, turned_from: int = -1,
+                       series: int = 2) -> Path:
+    """One int16 DICOM file per slice, with the position and orientation tags scanners write. ``shift_mm``: each
+    slice's position moves this far along the rows per slice (a gantry tilt); slices from ``turned_from`` on
+    get an orientation turned by 15 degrees; ``series`` is the last number of the series UID.
 
     GDCM's writer sets the C locale; it is restored so that later reads of UTF-8 text are unaffected.
     """
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_slices(image, folder, skip)
+        return _write_dicom_slices(image, folder, skip, shift_mm, turned_from, series)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _write_dicom_slices(image: sitk.Image, folder: Path, skip) -> Path:
-    folder.mkdir()
+def _write_dicom_slices(image: sitk.Image, folder: Path, skip, shift_mm: float, turned_from: int,
+                        series: int) -> Path:
+    folder.mkdir(exist_ok=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     d = image.GetDirection()
+    c, s = np.cos(np.radians(15)), np.sin(np.radians(15))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetDepth()):
         if k in skip:
             continue
         piece = image[:, :, k]
+        rows, cols = (d[0], d[3], d[6]), (d[1], d[4], d[7])
+        if 0 <= turned_from <= k:
+            rows = (c * d[0] + s * d[1], c * d[3] + s * d[4], c * d[6] + s * d[7])
+            cols = (-s * d[0] + c * d[1], -s * d[3] + c * d[4], -s * d[6] + c * d[7])
+        origin = np.array(image.TransformIndexToPhysicalPoint((0, 0, k))) + k * shift_mm * np.array(rows)
         tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-                "0020|000e": "1.2.826.0.1.3680043.2.1125.2", "0020|0013": str(k + 1),
-                "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{k + 1}",
-                "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-                "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))}
+                "0020|000e": f"1.2.826.0.1.3680043.2.1125.{series}", "0020|0013": str(k + 1),
+                "0008|0018": f"1.2.826.0.1.3680043.2.1125.{series}.{k + 1}", "0008|103e": f"series {series}",
+                "0020|0037": "\\".join(str(v) for v in (*rows, *cols)),
+                "0020|0032": "\\".join(str(v) for v in origin)}
         for key, value in tags.items():
             piece.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{series}_{k:03d}.dcm"))
         writer.Execute(piece)
     return folder
 
 
-def dicom_case(skip=()) -> Callable[[Path, Inputs], Inputs]:
+def dicom_case(skip=(), **geometry) -> Callable[[Path, Inputs], Inputs]:
     def build(d: Path, g: Inputs) -> Inputs:
-        return Inputs(write_dicom_series(sitk.ReadImage(str(g.image)), d / "series", skip), g.mask, g.model)
+        return Inputs(write_dicom_series(sitk.ReadImage(str(g.image)), d / "series", skip, **geometry), g.mask,
+                      g.model)
     return build
+
+
+def two_dicom_series(d: Path, g: Inputs) -> Inputs:
+    image = sitk.ReadImage(str(g.image))
+    write_dicom_series(image, d / "series", series=2)
+    return Inputs(write_dicom_series(image[:, :, ::2], d / "series", series=3), g.mask, g.model)
+
+
+def sheared_grid(d: Path, g: Inputs) -> Inputs:
+    image = sitk.ReadImage(str(g.image))
+    image.SetDirection((1.0, 0.5, 0.0, 0.0, -0.866, 0.0, 0.0, 0.0, 1.0))
+    return Inputs(write(image, d / "sheared.nrrd"), g.mask, g.model)
+
+
+def truncated_pair(d: Path, g: Inputs) -> Inputs:
+    sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "pair.hdr"))
+    with open(d / "pair.img", "r+b") as fh:
+        fh.truncate((d / "pair.img").stat().st_size // 2)
+    return Inputs(d / "pair.hdr", g.mask, g.model)
 
 
 def tiny_units(d: Path, g: Inputs) -> Inputs:
@@ -547,6 +577,9 @@ CASES: Dict[str, Case] = {
     "output = mask, --overwrite": Case(output_is_mask, REFUSED, r"same file as an input"),
     "score map named .txt": Case(score_named("score.txt"), REFUSED,
                                  r"score map output .*score\.txt needs an image file name ending in \.nii\.gz"),
+    "score map named .MHA": Case(score_named("score.MHA"), REFUSED, r"score\.MHA needs an image file name .*in lower case"),
+    "score map named .mhd (detached)": Case(score_named("score.mhd"), REFUSED,
+                                            r"score\.mhd needs .*\.mha \(a single file: not a detached header\)"),
     "slice table named .nii.gz": Case(with_args("--slice-scores", "slices.nii.gz"), REFUSED,
                                       r"slice table output slices\.nii\.gz is written as CSV text"),
     "existing output": Case(output_exists, REFUSED, r"previous\.nii\.gz already exists; pass --overwrite"),
@@ -561,6 +594,14 @@ CASES: Dict[str, Case] = {
     "DICOM series": Case(dicom_case(), 0, r"Wrote"),
     "DICOM series, a slice missing": Case(dicom_case(skip=(17,)), REFUSED,
                                           r"unevenly spaced slices \(a gap of 3 mm after slice 17 of 35"),
+    "DICOM series, gantry tilt": Case(dicom_case(shift_mm=0.5), REFUSED,
+                                      r"not a stack along its slices' normal: slice 36 of 36 lies 17\.5 mm off"),
+    "DICOM series, the last slices turned": Case(dicom_case(turned_from=30), REFUSED,
+                                                 r"slices of different orientations \(slice 31 of 36 is turned"),
+    "two DICOM series in one folder": Case(two_dicom_series, REFUSED,
+                                           r"holds 2 DICOM series \('series 2', 36 file\(s\).*'series 3', 18 file"),
+    "sheared grid (NRRD)": Case(sheared_grid, REFUSED, r"axes i and j meet at 60\.0 degrees: a sheared grid"),
+    "truncated .hdr/.img pair": Case(truncated_pair, REFUSED, r"pair\.img is truncated or corrupt \(it holds"),
     "intensities scaled by 1e-8": Case(tiny_units, 0, r"Wrote"),
     "FIFO as image": Case(fifo_image, REFUSED, r"image .*pipe\.nii\.gz is a named pipe \(FIFO\), not a file"),
     "FIFO as model": Case(fifo_model, REFUSED, r"model bundle .*pipe\.cevae is a named pipe \(FIFO\)"),

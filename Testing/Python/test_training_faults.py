@@ -529,3 +529,18 @@ def test_nan_voxels_of_a_cohort_volume_are_said_with_its_name(tmp_path, caplog):
                        PreprocessConfig(), ("axial", "coronal"))
     said = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
     assert said == [f"{tmp_path / 'holed.nrrd'}: 4 brain voxels are NaN or infinite; they are left out of the brain."]
+
+
+def test_the_header_counts_every_part_of_a_resumed_run_and_names_the_masks(manifest, tmp_path):
+    out = tmp_path / "model.cevae"
+    ckpt = out.with_name(out.name + ".ckpt")
+    assert main(train_argv(manifest, out, EVERY)) == 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["seconds"] > 0
+    state["seconds"] = 1000.0  # as if the first part had trained for 1000 s
+    torch.save(state, ckpt)
+    assert main(train_argv(manifest, out, 2 * EVERY, "--resume")) == 0
+    training = read_header(out).training
+    assert training["steps"] == 2 * EVERY and 1000.0 < training["seconds"] < 1100.0
+    masks = {s["name"]: s["mask_sha256"] for s in training["subjects"]}
+    assert masks == {f"s{n}": sha256(manifest.parent / f"s{n}_mask.nii.gz") for n in (4, 5)}

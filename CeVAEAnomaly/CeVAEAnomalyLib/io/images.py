@@ -37,6 +37,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
         if image is None:
             if layout is not None:
                 _check_nifti_complete(p, layout, what)
+            _check_pair_complete(p, what)
             try:
                 image = sitk.ReadImage(str(p))
             except RuntimeError as exc:
@@ -127,6 +128,28 @@ def _check_nifti_complete(p: Path, layout: _NiftiLayout, what: str) -> None:
     have = _gunzipped_size(p, layout.size) if layout.gz else p.stat().st_size
     if have < layout.size:
         _refuse_truncated(p, layout, have, what)
+
+
+def _check_pair_complete(p: Path, what: str) -> None:
+    """Refuse an .hdr/.img pair (NIfTI-1 or Analyze 7.5) whose .img holds fewer voxels than its .hdr announces:
+    ITK would fill the missing ones with zeros. (Compressed pairs are left to the reader.)"""
+    if p.suffix not in (".hdr", ".img"):
+        return
+    header_path, data_path = p.with_suffix(".hdr"), p.with_suffix(".img")
+    try:
+        with open(header_path, "rb") as fh:
+            layout = nifti_layout_of_header(fh.read(348), gz=False)
+        with open(data_path, "rb") as fh:
+            compressed = fh.read(2) == _GZIP_MAGIC
+        have = data_path.stat().st_size
+    except OSError:
+        return  # a missing half: the image reader names it
+    if layout is None or compressed:
+        return
+    need = layout.size - layout.offset  # the voxels' bytes (the pair's .img starts with them)
+    if have < need:
+        raise CeVAEError(f"The {what} file {data_path} is truncated or corrupt (it holds {have} of the {need} bytes "
+                         f"its header {header_path.name} announces); copy or export the pair again.")
 
 
 def _check_plausible(p: Path, layout: _NiftiLayout, what: str) -> None:
@@ -270,7 +293,9 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     if not series:
         raise CeVAEError(f"The {what} folder {folder} contains no DICOM series.")
     if len(series) > 1:
-        log.warning("%s holds %d DICOM series; reading the first (%s).", folder, len(series), series[0])
+        listed = "; ".join(_series_summary(reader, folder, uid) for uid in series)
+        raise CeVAEError(f"The {what} folder {folder} holds {len(series)} DICOM series ({listed}); which one to analyse "
+                         "would be a guess. Put that series in a folder of its own.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, to check the spacing
@@ -282,11 +307,27 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     return image
 
 
-def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path) -> None:
-    """Refuse a series whose slices are not evenly spaced (a missing or doubled slice, mixed acquisitions).
+def _series_summary(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> str:
+    """A series as a reader can tell it: its description (if its first file has one), files and UID."""
+    files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+    description = ""
+    try:
+        first = sitk.ImageFileReader()
+        first.SetFileName(files[0])
+        first.ReadImageInformation()
+        if first.HasMetaDataKey("0008|103e"):
+            description = f"'{first.GetMetaData('0008|103e').strip()}', "
+    except (RuntimeError, IndexError):
+        pass
+    return f"{description}{len(files)} file(s), UID {uid}"
 
-    The reader stacks the slices at their mean spacing, so an uneven series would put voxels
-    in the wrong place. Slices without position tags are left to the reader.
+
+def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path) -> None:
+    """Refuse a series whose slices are not a regular stack: not evenly spaced (a missing or doubled slice, mixed
+    acquisitions), of different orientations, or shifted within their planes (a gantry tilt).
+
+    The reader stacks the slices at their mean spacing along the first slice's normal, so such a series would put
+    voxels in the wrong place. Slices without position tags are left to the reader.
     """
     key_pos, key_dir = "0020|0032", "0020|0037"
     if n < 3 or not all(reader.HasMetaDataKey(i, key_pos) for i in range(n)) or not reader.HasMetaDataKey(0, key_dir):
@@ -294,11 +335,26 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path)
     try:
         cosines = np.array([float(v) for v in reader.GetMetaData(0, key_dir).split("\\")])
         positions = np.array([[float(v) for v in reader.GetMetaData(i, key_pos).split("\\")] for i in range(n)])
+        orientations = [np.array([float(v) for v in reader.GetMetaData(i, key_dir).split("\\")])
+                        if reader.HasMetaDataKey(i, key_dir) else cosines for i in range(n)]
     except ValueError:
         return
     if cosines.shape != (6,) or positions.shape != (n, 3):
         return
+    turned = [i for i, c in enumerate(orientations) if c.shape != (6,) or np.max(np.abs(c - cosines)) > 1e-3]
+    if turned:
+        raise CeVAEError(f"The DICOM series in {folder} has slices of different orientations (slice {turned[0] + 1} "
+                         f"of {n} is turned against slice 1): the folder mixes acquisitions. Export the series "
+                         "into a folder of its own.")
     normal = np.cross(cosines[:3], cosines[3:])
+    in_plane = (positions - positions[0]) @ np.stack([cosines[:3], cosines[3:]]).T
+    shift = np.hypot(in_plane[:, 0], in_plane[:, 1])
+    if np.max(shift) > _MAX_IN_PLANE_SHIFT_MM:
+        worst = int(np.argmax(shift))
+        raise CeVAEError(f"The DICOM series in {folder} is not a stack along its slices' normal: slice {worst + 1} of "
+                         f"{n} lies {shift[worst]:.3g} mm off it within its plane (a gantry tilt or a sheared "
+                         "acquisition), which a regular voxel grid cannot hold. Resample it onto a regular grid "
+                         "first (e.g. in 3D Slicer, Harden transform or Resample Scalar Volume).")
     gaps = np.abs(np.diff(np.sort(positions @ normal)))
     usual = float(np.median(gaps))
     if usual <= 0 or np.max(np.abs(gaps - usual)) > 0.1 * usual:
@@ -310,6 +366,7 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path)
         )
 
 
+_MAX_IN_PLANE_SHIFT_MM = 0.05  # slice positions are decimal strings: exact to far less than this
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
@@ -331,6 +388,15 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
     if dim != 3:
         extra = " (a time series or multi-volume file: extract one volume first)" if dim == 4 else ""
         raise CeVAEError(f"The {what} is {dim}D{extra}; a 3D volume is needed.")
+    axes = np.array(image.GetDirection()).reshape(3, 3)  # columns: the unit vectors of the voxel axes
+    cosines = np.abs(axes.T @ axes)
+    np.fill_diagonal(cosines, 0.0)
+    if cosines.max() > 1e-3:
+        i, j = np.unravel_index(int(np.argmax(cosines)), cosines.shape)
+        angle = float(np.degrees(np.arccos(min(cosines[i, j], 1.0))))
+        raise CeVAEError(f"The {what} has voxel axes that are not perpendicular (axes {'ijk'[i]} and {'ijk'[j]} meet "
+                         f"at {angle:.1f} degrees: a sheared grid), which the outputs could not keep. Resample it "
+                         "onto a regular grid first.")
     size = image.GetSize()
     shape = "x".join(map(str, size))
     if sorted(size)[1] >= 8 and min(size) == 1:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+OUTPUT_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # one file each, as ITK's writers name them
 _MULTI_SUFFIXES = (".seg.nrrd", ".seg.nii.gz", ".nii.gz")
 
 # role -> file name after "NAME"; "{ext}" is the volume format (".nii.gz", ".nrrd", ...)

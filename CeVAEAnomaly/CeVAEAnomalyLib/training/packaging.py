@@ -32,15 +32,15 @@ log = logging.getLogger(__name__)
 class TrainingRecord:
     """How the model was trained (the bundle header's ``training`` section)."""
 
-    subjects: List[Dict[str, str]]  # name and sha256 of each training image
-    validation_subjects: List[Dict[str, str]]
+    subjects: List[Dict[str, Optional[str]]]  # name, sha256 of each training image and of its mask
+    validation_subjects: List[Dict[str, Optional[str]]]
     train_slices: int
     orientations: List[str]
     steps: int
     batch_size: int  # effective: per rank times ranks
     lr: float
     seed: int
-    seconds: float
+    seconds: float  # training time in all, over every resumed part of the run
     ranks: int
     augment: Dict[str, float]
     val_loss: Optional[float]  # None: no volume was held out
@@ -74,8 +74,10 @@ def with_contrast(header: BundleHeader, contrasts: Dict[str, float]) -> BundleHe
                    extra=dict(header.extra, training_contrast={"depth_contrast": mean, "scan_depth_contrast": contrasts}))
 
 
-def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> List[Dict[str, str]]:
-    return [{"name": s.name, "sha256": checksums[s.image]} for s in subjects]
+def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> List[Dict[str, Optional[str]]]:
+    """Name and sha256 of each volume, and of its brain mask (None: the mask was computed automatically)."""
+    return [{"name": s.name, "sha256": checksums[s.image],
+             "mask_sha256": checksums[s.mask] if s.mask is not None else None} for s in subjects]
 
 
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,

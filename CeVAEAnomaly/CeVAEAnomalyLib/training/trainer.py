@@ -117,6 +117,8 @@ class Trainer:
         self.batch_size = cfg.batch_size
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or resumed from
         self._validated: Optional[Tuple[int, float]] = None  # (step, validation loss) of the last validation
+        self.seconds_before = 0.0  # training seconds of the parts of this run before a resume
+        self._started: Optional[float] = None  # when this part's training loop started
         self._temp_cache: Optional[str] = None
         self.contrasts: Dict[str, float] = {}  # depth contrast of each training volume (engine/modality.py)
 
@@ -252,6 +254,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "offset": self.offset,
             "batch_size": self.batch_size, "world": self.dist.world,
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "seconds": self.seconds_before + (time.perf_counter() - self._started if self._started else 0.0),
             "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(),
         }
         if self.fp16:
@@ -288,6 +291,8 @@ class Trainer:
         if self.fp16 and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.offset = state["step"], state["epoch"], state["offset"]
+        seconds = state.get("seconds", 0.0)  # (older checkpoints of this version did not record it)
+        self.seconds_before = float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else 0.0
         self.batch_size = state["batch_size"]
         saved_world = state.get("world", 1)
         if saved_world != self.dist.world:
@@ -346,7 +351,7 @@ class Trainer:
                      f" ({dist.get_backend()})" if self.dist.world > 1 else "", self.batch_size,
                      self.batch_size * self.dist.world, cfg.lr)
         self.model.train()
-        start = time.perf_counter()
+        start = self._started = time.perf_counter()
         batches = self.batches()
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         logf = open(cfg.log_path, "a", newline="") if self.dist.main else None
@@ -399,7 +404,7 @@ class Trainer:
             validation_subjects=subject_records(self.val_subjects, self.checksums),
             train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
             batch_size=self.batch_size * self.dist.world, lr=self.cfg.lr, seed=self.cfg.seed,
-            seconds=round(elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
+            seconds=round(self.seconds_before + elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
             val_loss=None if math.isnan(loss) else loss)
 
     def _write_bundle(self, elapsed: float) -> Path:
