@@ -542,5 +542,16 @@ def test_the_header_counts_every_part_of_a_resumed_run_and_names_the_masks(manif
     assert main(train_argv(manifest, out, 2 * EVERY, "--resume")) == 0
     training = read_header(out).training
     assert training["steps"] == 2 * EVERY and 1000.0 < training["seconds"] < 1100.0
+    assert training["batch_size"] == 8  # the batch it used (SMALL's --batch-size: fewer than its slices)
     masks = {s["name"]: s["mask_sha256"] for s in training["subjects"]}
     assert masks == {f"s{n}": sha256(manifest.parent / f"s{n}_mask.nii.gz") for n in (4, 5)}
+
+
+def test_the_recorded_batch_size_is_the_one_used(manifest, tmp_path):
+    """A --batch-size above the number of slices trains on all of them at once; the header says that many."""
+    out = tmp_path / "model.cevae"
+    argv = train_argv(manifest, out, 2)
+    argv[argv.index("--batch-size") + 1] = "100000"
+    assert main(argv) == 0
+    training = read_header(out).training
+    assert training["batch_size"] == training["train_slices"] < 100000

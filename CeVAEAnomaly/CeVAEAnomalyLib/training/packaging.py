@@ -37,7 +37,7 @@ class TrainingRecord:
     train_slices: int
     orientations: List[str]
     steps: int
-    batch_size: int  # effective: per rank times ranks
+    batch_size: int  # effective: per rank (at most the slices each rank has) times ranks
     lr: float
     seed: int
     seconds: float  # training time in all, over every resumed part of the run

@@ -403,7 +403,8 @@ class Trainer:
             subjects=subject_records(self.train_subjects, self.checksums),
             validation_subjects=subject_records(self.val_subjects, self.checksums),
             train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
-            batch_size=self.batch_size * self.dist.world, lr=self.cfg.lr, seed=self.cfg.seed,
+            batch_size=min(self.batch_size, math.ceil(len(self.train) / self.dist.world)) * self.dist.world,
+            lr=self.cfg.lr, seed=self.cfg.seed,
             seconds=round(self.seconds_before + elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
             val_loss=None if math.isnan(loss) else loss)
 
