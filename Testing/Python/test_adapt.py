@@ -77,6 +77,8 @@ def test_fold_plan_holds_out_every_scan_exactly_once():
 def test_the_estimate_grows_with_the_scans_and_steps_and_is_said_in_minutes():
     assert estimate_seconds(3) < estimate_seconds(8)
     assert estimate_seconds(3, AdaptOptions(steps=100)) < estimate_seconds(3, AdaptOptions(steps=400))
+    assert estimate_seconds(3, AdaptOptions(batch_size=16)) < estimate_seconds(3) < estimate_seconds(
+        3, AdaptOptions(batch_size=128))
     text = describe_estimate(3, "cpu")
     assert "4 fine-tuning runs" in text and "min" in text
 

@@ -22,6 +22,7 @@ MIN_SCANS = 2  # one to train on and one held out, in each direction
 # calibrating them about 5 s per 1 mm scan with its mask given; an automatic brain mask adds about 10 s
 # (docs/adapt.md). Unshared, the same machine trains about 1.7 steps/s.
 CPU_STEPS_PER_S = 0.45
+MEASURED_BATCH = 64  # the batch size CPU_STEPS_PER_S was measured with; a step's time grows with the batch
 SECONDS_PER_SCAN_CPU = 15.0  # preparing a scan (automatic mask included) and scoring it for calibration
 
 
@@ -75,9 +76,11 @@ def run_names(n_scans: int, max_folds: int) -> List[str]:
 
 def estimate_seconds(n_scans: int, options: AdaptOptions = AdaptOptions(), steps_per_s: float = CPU_STEPS_PER_S,
                      seconds_per_scan: float = SECONDS_PER_SCAN_CPU) -> float:
-    """How long adapting ``n_scans`` scans takes at ``steps_per_s`` (default: the measured CPU rate)."""
+    """How long adapting ``n_scans`` scans takes at ``steps_per_s`` (default: the measured CPU rate at batch
+    :data:`MEASURED_BATCH`, scaled to the options' batch size)."""
     runs = min(max(n_scans, MIN_SCANS), options.folds) + 1
-    return runs * options.steps / steps_per_s + n_scans * seconds_per_scan
+    step_s = options.batch_size / MEASURED_BATCH / steps_per_s
+    return runs * options.steps * step_s + n_scans * seconds_per_scan
 
 
 def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOptions()) -> str:
