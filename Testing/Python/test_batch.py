@@ -408,3 +408,17 @@ def test_a_named_pipe_in_the_folder_is_said_and_left_out(cohort, tmp_path, caplo
     assert [i.name for i in items] == ["a1"]
     assert "p9.nii.gz in" in caplog.text and "is not a regular file (a named pipe, device or socket); ignored" \
         in caplog.text
+
+
+def test_a_second_run_on_the_same_summary_is_refused_while_the_first_runs(two, tiny_bundle, tmp_path, capsys):
+    """Two runs writing one summary (the same --out-dir, no shards) would race on it and on the settings record;
+    another shard's summary is its own."""
+    from CeVAEAnomalyLib.io.lock import hold_output
+
+    out = tmp_path / "out"
+    with hold_output(out / "summary.csv", "batch"):  # as a first run holds it
+        assert batch(two, out, tiny_bundle) == 2
+        assert "Another batch is writing" in capsys.readouterr().err
+        assert not list(out.glob("*.nii.gz"))
+        assert batch(two, out, tiny_bundle, "--shard", "1/2") == 0
+    assert batch(two, out, tiny_bundle, "--shard", "2/2") == 0

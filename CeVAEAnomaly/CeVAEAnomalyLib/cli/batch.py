@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
 from ..io.checksum import sha256_of
+from ..io.lock import hold_output
 from ..io.manifest import read_rows
 from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
 from ..options import DetectionRequest
@@ -469,9 +470,16 @@ def run_batch(
 ) -> Summary:
     """Score every item, skipping those whose complete outputs the earlier summary records as made from their
     current image and mask with these settings; ``overwrite`` scores every item. Without it, a file at the summary
-    path that is not a batch summary, and outputs made with other settings, are refused before any work."""
+    path that is not a batch summary, and outputs made with other settings, are refused before any work. Another
+    run writing the same summary (the same --out-dir and shard) is refused at once."""
     if workers < 1:
         raise CeVAEError(f"--workers must be 1 or more, got {workers}.")
+    with hold_output(summary_path, "batch"):
+        return _run_batch(items, settings, summary_path, workers, progress)
+
+
+def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_path: Path, workers: int,
+               progress: Optional[ProgressCallback]) -> Summary:
     record_path = settings_path(summary_path)
     made_with = settings_record(settings)
     earlier, earlier_time = ({}, -math.inf) if settings.overwrite else _earlier_rows(summary_path)
