@@ -128,6 +128,8 @@ FAILURES = {
     "output is input": (lambda scene, volume, mask: dict(maskNode=mask, outputs=mrml.OutputNodes(score=volume)),
                         "also an input"),
     "unknown score type": (lambda scene, volume, mask: dict(maskNode=mask, score_type="best"), "Unknown score type"),
+    "the input as its own mask": (lambda scene, volume, mask: dict(maskNode=volume),
+                                  "brain mask 'head' is the input volume itself"),
 }
 
 

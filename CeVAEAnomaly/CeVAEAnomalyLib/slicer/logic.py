@@ -184,6 +184,9 @@ class CeVAEAnomalyLogic(_LogicBase):
         scene = self._sceneFor(volumeNode)
         if maskNode is not None and maskNode.GetScene() is not scene:
             raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is not in the input volume's scene.")
+        if maskNode is volumeNode:  # its every voxel above 0 would be "brain": the head, the neck, the noise
+            raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is the input volume itself; choose a brain mask "
+                             "(a labelmap or a segmentation), or none for the automatic one.")
         inputIds = {node.GetID() for node in (volumeNode, maskNode) if node is not None}
         for node in vars(outputs).values() if outputs is not None else ():
             if node is not None and node.GetID() in inputIds:
