@@ -687,6 +687,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._refresh()
         self.ui.statusLabel.text = _("Installing {names}...").format(names=", ".join(u.spec for u in unmet))
         self.logic.installDependencies()
+        if self.state.install_interrupted:  # the scene closed while pip ran: its inputs are gone
+            self.ui.statusLabel.text = _("Dependencies installed; the scene was closed meanwhile, so nothing was "
+                                         "started.")
+            return False
         self.ui.statusLabel.text = ""
         return True
 

@@ -208,3 +208,18 @@ def _qt_progress_text(fmt: str, value: int, maximum: int = 100) -> str:
 def test_the_progress_bar_shows_the_message_as_written(message):
     shown = _qt_progress_text(progress_format(message), 42)
     assert shown == message.replace("%", "\uff05") + ": 42%"
+
+
+def test_a_scene_closed_during_an_install_starts_nothing_afterwards():
+    state = WidgetState()
+    state.set_ready(DETECT, True)
+    assert state.click(DETECT) is Action.START
+    state.begin_install(DETECT)
+    assert state.interrupt() is False  # nothing runs yet: nothing to cancel
+    assert state.install_interrupted and state.phase is Phase.INSTALLING  # still nothing clickable
+    with pytest.raises(RuntimeError, match="closed during the install"):
+        state.started(DETECT)
+    state.end_install()
+    assert state.phase is Phase.IDLE
+    state.begin_install(DETECT)  # a later install starts clean
+    assert not state.install_interrupted

@@ -62,6 +62,7 @@ class WidgetState:
         self.visible = True  # the module panel is the one shown
         self._ended_at = float("-inf")
         self._result_pending = False
+        self.install_interrupted = False  # the scene closed (or the module reloaded) during an install
 
     @property
     def busy(self) -> bool:
@@ -85,7 +86,7 @@ class WidgetState:
     def begin_install(self, task: str) -> None:
         """Dependencies are being installed before ``task`` can start (nothing is clickable)."""
         self._expect(Phase.IDLE)
-        self.phase, self.task = Phase.INSTALLING, _check(task)
+        self.phase, self.task, self.install_interrupted = Phase.INSTALLING, _check(task), False
 
     def end_install(self) -> None:
         """The install ended without starting the run (declined or failed)."""
@@ -96,6 +97,8 @@ class WidgetState:
         """The run of ``task`` is under way."""
         if self.phase not in (Phase.IDLE, Phase.INSTALLING) or (self.phase is Phase.INSTALLING and task != self.task):
             raise RuntimeError(f"Cannot start {task} while {self.phase.value}.")
+        if self.install_interrupted:
+            raise RuntimeError(f"Cannot start {task}: the scene it was asked for closed during the install.")
         self.phase, self.task = Phase.RUNNING, _check(task)
 
     def finished(self) -> bool:
@@ -108,9 +111,12 @@ class WidgetState:
 
     def interrupt(self) -> bool:
         """The scene closes, the module is reloaded or the application quits: True if a running task
-        must be stopped (its results are not wanted)."""
+        must be stopped (its results are not wanted). During an install (which cannot be stopped) the task it
+        was for must not start afterwards: :attr:`install_interrupted`."""
         if self.phase is Phase.RUNNING:
             self.phase = Phase.CANCELLING
+        elif self.phase is Phase.INSTALLING:
+            self.install_interrupted = True
         return self.phase is Phase.CANCELLING
 
     def left(self) -> None:
