@@ -488,7 +488,7 @@ def test_no_held_out_volume_is_said_before_training(manifest, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert main(argv) == 0
     assert "No volume is held out for validation (2 different volume(s), --val-fraction 0.2)" in caplog.text
-    assert "at least 3 volumes" in caplog.text
+    assert "Give at least 3 volumes at this fraction" in caplog.text
     assert read_header(out).training["val_loss"] is None
 
 

@@ -312,7 +312,7 @@ class Trainer:
         if not self.val_subjects and self.dist.main:
             log.warning("No volume is held out for validation (%d different volume(s), --val-fraction %g): the "
                         "model is calibrated on the volumes it was trained on, and its threshold will flag more of a "
-                        "new healthy scan than the rate says. Hold out more (at least %d volumes at this fraction) "
+                        "new healthy scan than the rate says. Give at least %d volumes at this fraction, "
                         "or calibrate it afterwards on other healthy scans (cevae-anomaly calibrate).",
                         len(self.train_subjects), self.cfg.val_fraction,
                         math.ceil(0.5 / self.cfg.val_fraction) if self.cfg.val_fraction > 0 else 2)
@@ -386,7 +386,7 @@ class Trainer:
                 logf.close()
         if self.step == 0:
             raise CeVAEError(f"No training step was completed: --max-minutes {cfg.max_minutes:g} ran out before the "
-                             "first one (preprocessing included). Nothing was written; allow more minutes.")
+                             "first one. Nothing was written; allow more minutes.")
         if self.dist.world > 1:
             check_replicas(self.dist, self.model)
         if self.saved_step != self.step:  # (a run that reached --max-steps checkpointed its last step already)
