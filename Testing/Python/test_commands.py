@@ -161,6 +161,7 @@ def test_calibrate_names_the_volume_in_its_mask_warnings(tmp_path, tiny_bundle, 
         assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "shifted.csv"),
                      "--out", str(tmp_path / "c.cevae"), "--device", "cpu"]) == 0
     assert f"{tmp_path / 'h.nii.gz'}: The brain mask is on another grid" in caplog.text
+    assert caplog.text.count("The brain mask is on another grid") == 1  # the contrast check does not repeat it
 
 
 def test_a_cancelled_calibration_stays_cancelled(tmp_path, tiny_bundle, healthy_manifest):

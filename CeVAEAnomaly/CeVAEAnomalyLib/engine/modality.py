@@ -45,10 +45,15 @@ def depth_contrast(slices: np.ndarray) -> float:
 
 
 def scan_depth_contrast(image: sitk.Image, mask: sitk.Image, preprocess: PreprocessConfig) -> float:
-    """:func:`depth_contrast` of a volume's axial model slices (as training and adaptation prepare them)."""
-    from .preprocess import mask_array, prepare
+    """:func:`depth_contrast` of a volume's axial model slices (as training and adaptation prepare them). Its
+    warnings about the mask or the voxels are left to the scoring of the same volume, which gives them once."""
+    from . import preprocess as prep
 
-    return depth_contrast(prepare(image, mask_array(mask, image), preprocess, "axial").slices)
+    quiet, prep.log.disabled = prep.log.disabled, True
+    try:
+        return depth_contrast(prep.prepare(image, prep.mask_array(mask, image), preprocess, "axial").slices)
+    finally:
+        prep.log.disabled = quiet
 
 
 def _depth_px(brain: np.ndarray) -> np.ndarray:
