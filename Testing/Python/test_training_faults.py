@@ -555,3 +555,14 @@ def test_the_recorded_batch_size_is_the_one_used(manifest, tmp_path):
     assert main(argv) == 0
     training = read_header(out).training
     assert training["batch_size"] == training["train_slices"] < 100000
+
+
+def test_resume_with_another_architecture_names_what_differs(manifest, tmp_path, capsys):
+    out = tmp_path / "model.cevae"
+    assert main(train_argv(manifest, out, EVERY)) == 0
+    argv = train_argv(manifest, out, 2 * EVERY, "--resume")
+    argv[argv.index("--z-dim") + 1] = "32"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a model of another architecture: z_dim (16 in the checkpoint, 32 now)" in err
+    assert "--overwrite" in err

@@ -79,7 +79,12 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         raise CeVAEError(f"The checkpoint {path} was written by another version of CeVAEAnomaly, which does not "
                          f"record what defines its run; {_START_ANEW}.")
     if state.get("model_cfg") != model_cfg:
-        raise CeVAEError(f"The checkpoint {path} belongs to another model configuration.")
+        saved = state.get("model_cfg") if isinstance(state.get("model_cfg"), Mapping) else {}
+        differences = "; ".join(f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)"
+                                for key, was, now in _changed_options(saved, model_cfg)) or "unreadable"
+        raise CeVAEError(f"--resume refused: the checkpoint {path} holds a model of another architecture: "
+                         f"{differences}. Resume with the same --channels, --z-dim and --input-size, or "
+                         f"{_START_ANEW}.")
     for key, (kind, what) in _FIELDS.items():
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
