@@ -28,7 +28,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from CeVAEAnomalyLib.cli.main import main
-from conftest import make_head
+from conftest import make_head, oblique_direction
 
 REFUSED = 2
 
@@ -418,22 +418,23 @@ def gzip_claims_huge_volume(d: Path, g: Inputs) -> Inputs:
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, skip=(), shift_mm: float = 0.0, turned_from: int = -1,
-                       series: int = 2) -> Path:
+                       series: int = 2, decimals: int = 6) -> Path:
     """One int16 DICOM file per slice, with the position and orientation tags scanners write. ``shift_mm``: each
     slice's position moves this far along the rows per slice (a gantry tilt); slices from ``turned_from`` on
-    get an orientation turned by 15 degrees; ``series`` is the last number of the series UID.
+    get an orientation turned by 15 degrees; ``series`` is the last number of the series UID; positions are
+    written with ``decimals`` decimals (some scanners write one).
 
     GDCM's writer sets the C locale; it is restored so that later reads of UTF-8 text are unaffected.
     """
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_slices(image, folder, skip, shift_mm, turned_from, series)
+        return _write_dicom_slices(image, folder, skip, shift_mm, turned_from, series, decimals)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
 def _write_dicom_slices(image: sitk.Image, folder: Path, skip, shift_mm: float, turned_from: int,
-                        series: int) -> Path:
+                        series: int, decimals: int) -> Path:
     folder.mkdir(exist_ok=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     d = image.GetDirection()
@@ -453,7 +454,7 @@ def _write_dicom_slices(image: sitk.Image, folder: Path, skip, shift_mm: float, 
                 "0020|000e": f"1.2.826.0.1.3680043.2.1125.{series}", "0020|0013": str(k + 1),
                 "0008|0018": f"1.2.826.0.1.3680043.2.1125.{series}.{k + 1}", "0008|103e": f"series {series}",
                 "0020|0037": "\\".join(str(v) for v in (*rows, *cols)),
-                "0020|0032": "\\".join(str(v) for v in origin)}
+                "0020|0032": "\\".join(str(round(float(v), decimals)) for v in origin)}
         for key, value in tags.items():
             piece.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{series}_{k:03d}.dcm"))
@@ -466,6 +467,15 @@ def dicom_case(skip=(), **geometry) -> Callable[[Path, Inputs], Inputs]:
         return Inputs(write_dicom_series(sitk.ReadImage(str(g.image)), d / "series", skip, **geometry), g.mask,
                       g.model)
     return build
+
+
+def oblique_dicom_rounded(d: Path, g: Inputs) -> Inputs:
+    """An oblique series whose positions are written to 0.1 mm, as some scanners do: still a regular stack."""
+    image = sitk.ReadImage(str(g.image))
+    image.SetDirection(oblique_direction())
+    mask = sitk.ReadImage(str(g.mask))
+    mask.SetDirection(oblique_direction())
+    return Inputs(write_dicom_series(image, d / "series", decimals=1), write(mask, d / "mask.nii.gz"), g.model)
 
 
 def two_dicom_series(d: Path, g: Inputs) -> Inputs:
@@ -594,6 +604,7 @@ CASES: Dict[str, Case] = {
     "DICOM series": Case(dicom_case(), 0, r"Wrote"),
     "DICOM series, a slice missing": Case(dicom_case(skip=(17,)), REFUSED,
                                           r"unevenly spaced slices \(a gap of 3 mm after slice 17 of 35"),
+    "DICOM series, oblique, positions to 0.1 mm": Case(oblique_dicom_rounded, 0, r"Wrote"),
     "DICOM series, gantry tilt": Case(dicom_case(shift_mm=0.5), REFUSED,
                                       r"not a stack along its slices' normal: slice 36 of 36 lies 17\.5 mm off"),
     "DICOM series, the last slices turned": Case(dicom_case(turned_from=30), REFUSED,

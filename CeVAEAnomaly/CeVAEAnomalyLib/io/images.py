@@ -303,7 +303,7 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
         image = reader.Execute()
     except RuntimeError as exc:
         raise CeVAEError(f"The DICOM series in {folder} could not be read: {error_text(exc)}") from None
-    _check_slice_positions(reader, len(files), folder)
+    _check_slice_positions(reader, len(files), folder, min(image.GetSpacing()[:2]))
     return image
 
 
@@ -322,12 +322,14 @@ def _series_summary(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> s
     return f"{description}{len(files)} file(s), UID {uid}"
 
 
-def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path) -> None:
+def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path, pixel_mm: float) -> None:
     """Refuse a series whose slices are not a regular stack: not evenly spaced (a missing or doubled slice, mixed
     acquisitions), of different orientations, or shifted within their planes (a gantry tilt).
 
     The reader stacks the slices at their mean spacing along the first slice's normal, so such a series would put
-    voxels in the wrong place. Slices without position tags are left to the reader.
+    voxels in the wrong place. A shift within the plane of less than half a pixel (``pixel_mm``: the smallest
+    in-plane spacing) is tolerated: scanners round the positions they write. Slices without position tags are
+    left to the reader.
     """
     key_pos, key_dir = "0020|0032", "0020|0037"
     if n < 3 or not all(reader.HasMetaDataKey(i, key_pos) for i in range(n)) or not reader.HasMetaDataKey(0, key_dir):
@@ -349,7 +351,7 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path)
     normal = np.cross(cosines[:3], cosines[3:])
     in_plane = (positions - positions[0]) @ np.stack([cosines[:3], cosines[3:]]).T
     shift = np.hypot(in_plane[:, 0], in_plane[:, 1])
-    if np.max(shift) > _MAX_IN_PLANE_SHIFT_MM:
+    if np.max(shift) > 0.5 * pixel_mm:
         worst = int(np.argmax(shift))
         raise CeVAEError(f"The DICOM series in {folder} is not a stack along its slices' normal: slice {worst + 1} of "
                          f"{n} lies {shift[worst]:.3g} mm off it within its plane (a gantry tilt or a sheared "
@@ -366,7 +368,6 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path)
         )
 
 
-_MAX_IN_PLANE_SHIFT_MM = 0.05  # slice positions are decimal strings: exact to far less than this
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
