@@ -470,11 +470,12 @@ def dicom_case(skip=(), **geometry) -> Callable[[Path, Inputs], Inputs]:
 
 
 def oblique_dicom_rounded(d: Path, g: Inputs) -> Inputs:
-    """An oblique series whose positions are written to 0.1 mm, as some scanners do: still a regular stack."""
-    image = sitk.ReadImage(str(g.image))
-    image.SetDirection(oblique_direction())
-    mask = sitk.ReadImage(str(g.mask))
-    mask.SetDirection(oblique_direction())
+    """An oblique series of 0.6 mm slices whose positions are written to 0.1 mm, as some scanners do: still a
+    regular stack."""
+    image, mask = sitk.ReadImage(str(g.image)), sitk.ReadImage(str(g.mask))
+    for volume in (image, mask):
+        volume.SetDirection(oblique_direction())
+        volume.SetSpacing((*volume.GetSpacing()[:2], 0.6))
     return Inputs(write_dicom_series(image, d / "series", decimals=1), write(mask, d / "mask.nii.gz"), g.model)
 
 

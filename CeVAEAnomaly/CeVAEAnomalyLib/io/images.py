@@ -359,7 +359,7 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path,
                          "first (e.g. in 3D Slicer, Harden transform or Resample Scalar Volume).")
     gaps = np.abs(np.diff(np.sort(positions @ normal)))
     usual = float(np.median(gaps))
-    if usual <= 0 or np.max(np.abs(gaps - usual)) > 0.1 * usual:
+    if usual <= 0 or np.max(np.abs(gaps - usual)) > max(0.1 * usual, _ROUNDING_MM):
         odd = int(np.argmax(np.abs(gaps - usual)))
         raise CeVAEError(
             f"The DICOM series in {folder} has unevenly spaced slices (a gap of {gaps[odd]:.3g} mm after slice "
@@ -368,6 +368,7 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path,
         )
 
 
+_ROUNDING_MM = 0.2  # slice gaps may differ by this much: positions written to 0.1 mm (a missing slice: a whole gap)
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
