@@ -491,6 +491,12 @@ def sheared_grid(d: Path, g: Inputs) -> Inputs:
     return Inputs(write(image, d / "sheared.nrrd"), g.mask, g.model)
 
 
+def header_without_data(d: Path, g: Inputs) -> Inputs:
+    sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "head.mhd"))
+    (d / "head.raw").unlink()
+    return Inputs(d / "head.mhd", g.mask, g.model)
+
+
 def truncated_pair(d: Path, g: Inputs) -> Inputs:
     sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "pair.hdr"))
     with open(d / "pair.img", "r+b") as fh:
@@ -613,6 +619,8 @@ CASES: Dict[str, Case] = {
     "two DICOM series in one folder": Case(two_dicom_series, REFUSED,
                                            r"holds 2 DICOM series \('series 2', 36 file\(s\).*'series 3', 18 file"),
     "sheared grid (NRRD)": Case(sheared_grid, REFUSED, r"axes i and j meet at 60\.0 degrees: a sheared grid"),
+    ".mhd without its data file": Case(header_without_data, REFUSED,
+                                       r"header .*head\.mhd names the data file .*head\.raw, which does not exist"),
     "truncated .hdr/.img pair": Case(truncated_pair, REFUSED, r"pair\.img is truncated or corrupt \(it holds"),
     "intensities scaled by 1e-8": Case(tiny_units, 0, r"Wrote"),
     "FIFO as image": Case(fifo_image, REFUSED, r"image .*pipe\.nii\.gz is a named pipe \(FIFO\), not a file"),

@@ -38,6 +38,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
             if layout is not None:
                 _check_nifti_complete(p, layout, what)
             _check_pair_complete(p, what)
+            _refuse_missing_data_file(p, what)
             try:
                 image = sitk.ReadImage(str(p))
             except RuntimeError as exc:
@@ -150,6 +151,19 @@ def _check_pair_complete(p: Path, what: str) -> None:
     if have < need:
         raise CeVAEError(f"The {what} file {data_path} is truncated or corrupt (it holds {have} of the {need} bytes "
                          f"its header {header_path.name} announces); copy or export the pair again.")
+
+
+def _refuse_missing_data_file(p: Path, what: str) -> None:
+    """Refuse a detached header (MetaImage .mhd, NRRD .nhdr) whose data file is not beside it, naming that file
+    (ITK's reader names only the header)."""
+    from .detached import read_alongside
+
+    if p.suffix.lower() not in (".mhd", ".nhdr"):
+        return
+    files = read_alongside(p).files
+    if files and not any(f.exists() for f in files):
+        raise CeVAEError(f"The {what} header {p} names the data file {files[0]}, which does not exist; copy it "
+                         "beside the header.")
 
 
 def _check_plausible(p: Path, layout: _NiftiLayout, what: str) -> None:
