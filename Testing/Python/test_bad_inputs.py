@@ -418,23 +418,23 @@ def gzip_claims_huge_volume(d: Path, g: Inputs) -> Inputs:
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, skip=(), shift_mm: float = 0.0, turned_from: int = -1,
-                       series: int = 2, decimals: int = 6) -> Path:
+                       series: int = 2, decimals: int = 6, narrow: int = -1) -> Path:
     """One int16 DICOM file per slice, with the position and orientation tags scanners write. ``shift_mm``: each
     slice's position moves this far along the rows per slice (a gantry tilt); slices from ``turned_from`` on
     get an orientation turned by 15 degrees; ``series`` is the last number of the series UID; positions are
-    written with ``decimals`` decimals (some scanners write one).
+    written with ``decimals`` decimals (some scanners write one); slice ``narrow`` loses 4 columns.
 
     GDCM's writer sets the C locale; it is restored so that later reads of UTF-8 text are unaffected.
     """
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_slices(image, folder, skip, shift_mm, turned_from, series, decimals)
+        return _write_dicom_slices(image, folder, skip, shift_mm, turned_from, series, decimals, narrow)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
 def _write_dicom_slices(image: sitk.Image, folder: Path, skip, shift_mm: float, turned_from: int,
-                        series: int, decimals: int) -> Path:
+                        series: int, decimals: int, narrow: int) -> Path:
     folder.mkdir(exist_ok=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     d = image.GetDirection()
@@ -444,7 +444,7 @@ def _write_dicom_slices(image: sitk.Image, folder: Path, skip, shift_mm: float, 
     for k in range(image.GetDepth()):
         if k in skip:
             continue
-        piece = image[:, :, k]
+        piece = image[:-4, :, k] if k == narrow else image[:, :, k]
         rows, cols = (d[0], d[3], d[6]), (d[1], d[4], d[7])
         if 0 <= turned_from <= k:
             rows = (c * d[0] + s * d[1], c * d[3] + s * d[4], c * d[6] + s * d[7])
@@ -619,6 +619,9 @@ CASES: Dict[str, Case] = {
     "two DICOM series in one folder": Case(two_dicom_series, REFUSED,
                                            r"holds 2 DICOM series \('series 2', 36 file\(s\).*'series 3', 18 file"),
     "sheared grid (NRRD)": Case(sheared_grid, REFUSED, r"axes i and j meet at 60\.0 degrees: a sheared grid"),
+    "DICOM slice of another size": Case(dicom_case(narrow=10), REFUSED,
+                                        r"its slices differ in size: 2_010\.dcm is \d+x\d+ pixels, the usual \d+x\d+ "
+                                        r"\(1 of 36 files differ\)"),
     ".mhd without its data file": Case(header_without_data, REFUSED,
                                        r"header .*head\.mhd names the data file .*head\.raw, which does not exist"),
     "truncated .hdr/.img pair": Case(truncated_pair, REFUSED, r"pair\.img is truncated or corrupt \(it holds"),

@@ -9,7 +9,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -316,9 +316,29 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise CeVAEError(f"The DICOM series in {folder} could not be read: {error_text(exc)}") from None
+        raise CeVAEError(f"The DICOM series in {folder} could not be read: {_odd_slice(files) or error_text(exc)}") \
+            from None
     _check_slice_positions(reader, len(files), folder, min(image.GetSpacing()[:2]))
     return image
+
+
+def _odd_slice(files: Sequence[str]) -> str:
+    """Which file of a series has another size than most (the reader's own error only gives a size); "" if none."""
+    sizes = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return f"{name} cannot be read"
+        sizes.append(tuple(reader.GetSize()[:2]))
+    usual = max(set(sizes), key=sizes.count)
+    odd = [(name, size) for name, size in zip(files, sizes) if size != usual]
+    if not odd:
+        return ""
+    return (f"its slices differ in size: {Path(odd[0][0]).name} is {odd[0][1][0]}x{odd[0][1][1]} pixels, the usual "
+            f"{usual[0]}x{usual[1]} ({len(odd)} of {len(files)} files differ)")
 
 
 def _series_summary(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> str:
