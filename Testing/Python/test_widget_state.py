@@ -220,6 +220,7 @@ def test_a_scene_closed_during_an_install_starts_nothing_afterwards():
     with pytest.raises(RuntimeError, match="closed during the install"):
         state.started(DETECT)
     state.end_install()
-    assert state.phase is Phase.IDLE
-    state.begin_install(DETECT)  # a later install starts clean
-    assert not state.install_interrupted
+    assert state.phase is Phase.IDLE and not state.install_interrupted
+    assert state.click(DETECT) is Action.START  # the next click (dependencies now present) starts a run
+    state.started(DETECT)
+    assert state.phase is Phase.RUNNING

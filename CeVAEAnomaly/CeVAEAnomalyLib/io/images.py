@@ -361,9 +361,9 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path,
     acquisitions), of different orientations, or shifted within their planes (a gantry tilt).
 
     The reader stacks the slices at their mean spacing along the first slice's normal, so such a series would put
-    voxels in the wrong place. A shift within the plane of less than half a pixel (``pixel_mm``: the smallest
-    in-plane spacing) is tolerated: scanners round the positions they write. Slices without position tags are
-    left to the reader.
+    voxels in the wrong place. Scanners round the positions they write, so gaps within 10 % or
+    :data:`_ROUNDING_MM`, and shifts within the plane of less than half a pixel (``pixel_mm``: the smallest
+    in-plane spacing) or :data:`_ROUNDING_MM`, pass. Slices without position tags are left to the reader.
     """
     key_pos, key_dir = "0020|0032", "0020|0037"
     if n < 3 or not all(reader.HasMetaDataKey(i, key_pos) for i in range(n)) or not reader.HasMetaDataKey(0, key_dir):
@@ -385,7 +385,7 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path,
     normal = np.cross(cosines[:3], cosines[3:])
     in_plane = (positions - positions[0]) @ np.stack([cosines[:3], cosines[3:]]).T
     shift = np.hypot(in_plane[:, 0], in_plane[:, 1])
-    if np.max(shift) > 0.5 * pixel_mm:
+    if np.max(shift) > max(0.5 * pixel_mm, _ROUNDING_MM):
         worst = int(np.argmax(shift))
         raise CeVAEError(f"The DICOM series in {folder} is not a stack along its slices' normal: slice {worst + 1} of "
                          f"{n} lies {shift[worst]:.3g} mm off it within its plane (a gantry tilt or a sheared "
@@ -402,7 +402,7 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path,
         )
 
 
-_ROUNDING_MM = 0.2  # slice gaps may differ by this much: positions written to 0.1 mm (a missing slice: a whole gap)
+_ROUNDING_MM = 0.2  # how far positions written to 0.1 mm may stray (a missing slice: a whole gap; a tilt: mm)
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 

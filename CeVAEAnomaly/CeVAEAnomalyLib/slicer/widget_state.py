@@ -170,6 +170,7 @@ class WidgetState:
 
     def _end(self) -> None:
         self.phase, self.task, self._ended_at = Phase.IDLE, None, self._clock()
+        self.install_interrupted = False
 
 
 def progress_format(message: str) -> str:

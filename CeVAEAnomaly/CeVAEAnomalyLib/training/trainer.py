@@ -386,7 +386,7 @@ class Trainer:
                 logf.close()
         if self.step == 0:
             raise CeVAEError(f"No training step was completed: --max-minutes {cfg.max_minutes:g} ran out before the "
-                             "first one. Nothing was written; allow more minutes.")
+                             "first one. No model or checkpoint was written; allow more minutes.")
         if self.dist.world > 1:
             check_replicas(self.dist, self.model)
         if self.saved_step != self.step:  # (a run that reached --max-steps checkpointed its last step already)
