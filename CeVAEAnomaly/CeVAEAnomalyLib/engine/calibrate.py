@@ -17,7 +17,7 @@ from ..errors import CeVAEError
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
 from .detector import Detector
-from .modality import check_modality, scan_depth_contrast
+from .modality import contrast_problem, scan_depth_contrast
 from ..progress import ProgressCallback, labelled, report, scaled
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
     given, by ``scorers[i]`` for subject i.
 
     ``progress`` is called per subject and during an automatic brain mask; it may raise
-    :class:`~..progress.Cancelled`. ``check_contrast``: refuse a volume whose contrast is not the model's
-    (engine/modality.py) before it is scored.
+    :class:`~..progress.Cancelled`. ``check_contrast``: warn about a volume whose contrast is not the model's
+    (engine/modality.py).
     """
     models = list(scorers) if scorers is not None else [bundle] * len(subjects)
     if len(models) != len(subjects):
@@ -55,7 +55,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
             image = read_image(s.image)
             mask = given_or_computed_mask(image, s.mask, s.name, progress=scaled(part, 0.0, 0.3))
             if check_contrast:
-                check_modality([s.name], [scan_depth_contrast(image, mask, model.preprocess)], model.header)
+                _warn_of_contrast(s, image, mask, model)
             scores = []
             for k, detector in enumerate(detectors[id(model)]):
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
@@ -64,6 +64,19 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")
     return out
+
+
+def _warn_of_contrast(subject: Subject, image, mask, model: Bundle) -> None:
+    """A warning, naming the volume, when its contrast is not the model's (a T2 for a T1 model), or when it cannot
+    be told. Not a refusal: a thin slab of a T1 also measures lower (``adapt``, which trains on the scans, refuses)."""
+    try:
+        problem = contrast_problem([subject.name], [scan_depth_contrast(image, mask, model.preprocess)], model.header)
+    except CeVAEError as exc:
+        problem = f"{exc}"
+    if problem:
+        log.warning("%s: %s The thresholds taken on it may not fit the model's scans; check the scan and its brain "
+                    "mask (a partial slab, or a mask that holds the head, measures differently).", subject.image,
+                    problem)
 
 
 def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, opts: ScoreOptions,
@@ -99,7 +112,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     The bundle's default mode stays the one it had (``opts`` with the old default's test-time steps) and is
     always calibrated; ``opts.test_time_steps`` other than that (a thorough mode) is calibrated beside it,
     so that a site calibration keeps every mode the user asked for calibrated and changes no default.
-    A volume of another contrast than the model's scans (a T2 for a T1 model) is refused, as ``adapt`` does.
+    A volume of another contrast than the model's scans (a T2 for a T1 model) is warned about, naming it.
     """
     old = bundle.header
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)

@@ -33,6 +33,8 @@ TOLERANCE = 0.3  # T1 variants lie within 0.18 of it, the same brains with rever
 
 def depth_contrast(slices: np.ndarray) -> float:
     """Median of the deep brain minus median of the brain's rim, over model slices [N, S, S] (brain: > 0)."""
+    if len(slices) == 0:
+        raise CeVAEError("The scan has no model slices with brain to tell its contrast.")
     deep, rim = [], []
     for s in np.asarray(slices, np.float32):
         depth = _depth_px(s > 0)
@@ -77,16 +79,24 @@ def reference_contrast(header: BundleHeader) -> Optional[Tuple[float, str]]:
     return None
 
 
-def check_modality(names: Sequence[str], contrasts: Sequence[float], header: BundleHeader) -> None:
-    """Refuse scans whose depth contrast is not the model's (names them, with their values)."""
+def contrast_problem(names: Sequence[str], contrasts: Sequence[float], header: BundleHeader) -> str:
+    """What is wrong with scans whose depth contrast is not the model's (names them, with their values); ""."""
     reference = reference_contrast(header)
     if reference is None:
-        return
+        return ""
     value, what = reference
     far = [(n, c) for n, c in zip(names, contrasts) if abs(c - value) > TOLERANCE]
-    if far:
-        listed = ", ".join(f"{n} ({c:+.2f})" for n, c in far)
-        raise CeVAEError(f"Scan(s) of another contrast than the model's {header.modality} scans: {listed}; "
-                         f"{what} have a depth contrast of {value:+.2f} (deep brain minus brain rim, on the 1st-99th "
-                         f"percentile scale; accepted within {TOLERANCE}). Adapt a model of their own modality, or "
-                         "check their brain masks: a mask that holds the head, not the brain, changes this too.")
+    if not far:
+        return ""
+    listed = ", ".join(f"{n} ({c:+.2f})" for n, c in far)
+    return (f"Scan(s) of another contrast than the model's {header.modality} scans: {listed}; {what} have a depth "
+            f"contrast of {value:+.2f} (deep brain minus brain rim, on the 1st-99th percentile scale; accepted within "
+            f"{TOLERANCE}).")
+
+
+def check_modality(names: Sequence[str], contrasts: Sequence[float], header: BundleHeader) -> None:
+    """Refuse scans whose depth contrast is not the model's (``adapt``: it would train on them)."""
+    problem = contrast_problem(names, contrasts, header)
+    if problem:
+        raise CeVAEError(f"{problem} Adapt a model of their own modality, or check their brain masks: a mask that "
+                         "holds the head, not the brain, changes this too.")

@@ -58,12 +58,14 @@ def training_header(name: str, preprocess: PreprocessConfig, loss: LossConfig,
                                             "python": platform.python_version()}})
 
 
-def with_contrast(header: BundleHeader, contrasts: Dict[str, float]) -> BundleHeader:
-    """``header`` recording its training volumes' depth contrast, which ``calibrate`` and ``adapt`` check new scans
-    against; a model trained on volumes that do not look T1-weighted is recorded as modality "other"."""
-    if not contrasts:
+def with_contrast(header: BundleHeader, contrasts: Sequence[Optional[float]]) -> BundleHeader:
+    """``header`` recording its training volumes' depth contrast (in the order of its training subjects; None
+    where a volume's could not be told), which ``calibrate`` and ``adapt`` check new scans against; a model
+    trained on volumes that do not look T1-weighted is recorded as modality "other"."""
+    known = [c for c in contrasts if c is not None]
+    if not known:
         return header
-    mean = round(float(sum(contrasts.values()) / len(contrasts)), 4)
+    mean = round(float(sum(known) / len(known)), 4)
     modality = header.modality
     if abs(mean - T1_DEPTH_CONTRAST) > TOLERANCE:
         modality = "other"
@@ -71,7 +73,8 @@ def with_contrast(header: BundleHeader, contrasts: Dict[str, float]) -> BundleHe
                     "modality 'other', and calibrate and adapt accept scans like its training volumes.", mean,
                     T1_DEPTH_CONTRAST)
     return replace(header, modality=modality,
-                   extra=dict(header.extra, training_contrast={"depth_contrast": mean, "scan_depth_contrast": contrasts}))
+                   extra=dict(header.extra, training_contrast={"depth_contrast": mean,
+                                                               "scan_depth_contrast": list(contrasts)}))
 
 
 def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> List[Dict[str, Optional[str]]]:

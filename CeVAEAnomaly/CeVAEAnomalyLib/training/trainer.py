@@ -120,7 +120,7 @@ class Trainer:
         self.seconds_before = 0.0  # training seconds of the parts of this run before a resume
         self._started: Optional[float] = None  # when this part's training loop started
         self._temp_cache: Optional[str] = None
-        self.contrasts: Dict[str, float] = {}  # depth contrast of each training volume (engine/modality.py)
+        self.contrasts: List[Optional[float]] = []  # each training volume's depth contrast (engine/modality.py)
 
     # ---- data -------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -136,9 +136,7 @@ class Trainer:
         train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
         val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
         self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size)
-        axial = cache.prepare(self.train_subjects, self.checksums, ("axial",))  # (read from the cache if trained on)
-        self.contrasts = {s.name: depth_contrast(np.load(entries[0].path)) for s, entries in
-                          zip(self.train_subjects, axial)}
+        self.contrasts = [_contrast(s, entries[0]) for s, entries in zip(self.train_subjects, train)]
         self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size)
         if len(self.train) < self.cfg.batch_size:
             log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
@@ -414,6 +412,16 @@ class Trainer:
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
+
+
+def _contrast(subject: Subject, entry) -> Optional[float]:
+    """The depth contrast of a training volume's slices in its first orientation (within 0.08 of the axial one on
+    the three healthy brains); None, with a warning naming it, where its brain is too small to tell."""
+    try:
+        return depth_contrast(np.load(entry.path))
+    except CeVAEError as exc:
+        log.warning("%s: %s It is left out of the model's contrast record.", subject.image, exc)
+        return None
 
 
 def initial_weights(path: Path, model_cfg: ModelConfig) -> Dict[str, torch.Tensor]:
