@@ -122,8 +122,9 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
         if path is None:
             continue
         name = Path(path).name.lower()
-        if role in IMAGE_OUTPUTS and not Path(path).name.endswith(OUTPUT_IMAGE_EXTENSIONS):
-            detached = " (a single file: not a detached header)" if name.endswith(IMAGE_EXTENSIONS) else ""
+        writable = Path(path).name.endswith(OUTPUT_IMAGE_EXTENSIONS) or name.endswith(".nrrd")  # (NRRD: any case)
+        if role in IMAGE_OUTPUTS and not writable:
+            detached = " (a single file, not a detached header)" if name.endswith((".nhdr", ".mhd")) else ""
             raise CeVAEError(f"The {IMAGE_OUTPUTS[role]} output {path} needs an image file name ending in "
                              f"{', '.join(OUTPUT_IMAGE_EXTENSIONS)}{detached}, in lower case.")
         if role in TABLE_OUTPUTS and name.endswith((*IMAGE_EXTENSIONS, ".gz")):

@@ -596,7 +596,7 @@ CASES: Dict[str, Case] = {
                                  r"score map output .*score\.txt needs an image file name ending in \.nii\.gz"),
     "score map named .MHA": Case(score_named("score.MHA"), REFUSED, r"score\.MHA needs an image file name .*in lower case"),
     "score map named .mhd (detached)": Case(score_named("score.mhd"), REFUSED,
-                                            r"score\.mhd needs .*\.mha \(a single file: not a detached header\)"),
+                                            r"score\.mhd needs .*\.mha \(a single file, not a detached header\)"),
     "slice table named .nii.gz": Case(with_args("--slice-scores", "slices.nii.gz"), REFUSED,
                                       r"slice table output slices\.nii\.gz is written as CSV text"),
     "existing output": Case(output_exists, REFUSED, r"previous\.nii\.gz already exists; pass --overwrite"),
@@ -801,3 +801,19 @@ def test_an_oblique_fine_series_with_rounded_positions_is_a_regular_stack(tmp_pa
     read = read_image(folder)
     assert read.GetSize() == image.GetSize()
     np.testing.assert_allclose(read.GetSpacing(), image.GetSpacing(), atol=0.02)
+
+
+@pytest.mark.parametrize("name, writable", [("s.nrrd", True), ("s.NRRD", True), ("s.nii.gz", True), ("s.mha", True),
+                                            ("s.MHA", False), ("s.Nii", False), ("s.NII.GZ", False),
+                                            ("s.mhd", False), ("s.nhdr", False)])
+def test_image_output_names_are_those_itk_writes_as_one_file(tmp_path, name, writable):
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.result import refuse_unwritable_names
+
+    if writable:
+        refuse_unwritable_names({"score": tmp_path / name})
+        sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkFloat32), str(tmp_path / name))  # ITK agrees: one file
+        assert [p.name for p in tmp_path.iterdir()] == [name]
+    else:
+        with pytest.raises(CeVAEError, match="needs an image file name ending in"):
+            refuse_unwritable_names({"score": tmp_path / name})

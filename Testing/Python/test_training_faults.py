@@ -566,3 +566,14 @@ def test_resume_with_another_architecture_names_what_differs(manifest, tmp_path,
     err = capsys.readouterr().err
     assert "holds a model of another architecture: z_dim (16 in the checkpoint, 32 now)" in err
     assert "--overwrite" in err
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.34, 0.5, 0.9])
+def test_the_advised_number_of_volumes_does_hold_one_out(fraction):
+    from CeVAEAnomalyLib.training.data import split_subjects, volumes_to_hold_out
+
+    n = volumes_to_hold_out(fraction)
+    subjects = [Subject(Path(f"s{i}.nii.gz")) for i in range(n)]
+    assert split_subjects(subjects, fraction, seed=0)[1]  # n volumes hold one out ...
+    assert not split_subjects(subjects[:-1], fraction, seed=0)[1]  # ... and n - 1 do not
+    assert volumes_to_hold_out(0.0) is None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,6 +37,14 @@ def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) 
     val = [subjects[i] for i in sorted(order[:n_val])]
     train = [subjects[i] for i in sorted(order[n_val:])]
     return train, val
+
+
+def volumes_to_hold_out(val_fraction: float) -> Optional[int]:
+    """The fewest volumes with which :func:`split_subjects` holds one out at ``val_fraction``; None if none do."""
+    for n in range(2, 100_000):
+        if min(int(round(n * val_fraction)), n - 1) >= 1:
+            return n
+    return None
 
 
 def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequence[str]) -> List[np.ndarray]:
