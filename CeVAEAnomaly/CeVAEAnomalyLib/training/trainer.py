@@ -62,6 +62,26 @@ def _own_randomness(device: torch.device, seed: int) -> Iterator[None]:
             torch.mps.set_rng_state(accelerator)
 
 
+def _device_rng(device: torch.device) -> Dict[str, object]:
+    """The random state of ``device``'s own generator (CUDA, MPS: the latent samples drawn there), for a checkpoint;
+    empty on the CPU, whose state is saved on its own."""
+    if device.type == "cuda":
+        return {"type": "cuda", "state": torch.cuda.get_rng_state(device)}
+    if device.type == "mps":
+        return {"type": "mps", "state": torch.mps.get_rng_state()}
+    return {}
+
+
+def _set_device_rng(device: torch.device, saved: object) -> None:
+    """Restore what :func:`_device_rng` saved, when the run resumes on the same kind of device."""
+    if not isinstance(saved, dict) or saved.get("type") != device.type:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved["state"], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(saved["state"])
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -251,7 +271,7 @@ class Trainer:
             "opt": self.opt.state_dict(),
             "step": self.step, "epoch": self.epoch, "offset": self.offset,
             "batch_size": self.batch_size, "world": self.dist.world,
-            "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "device_rng": _device_rng(self.device),
             "seconds": self.seconds_before + (time.perf_counter() - self._started if self._started else 0.0),
             "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(),
         }
@@ -280,6 +300,7 @@ class Trainer:
             if self.dist.main:
                 self.gen.set_state(state["gen"])
                 torch.set_rng_state(state["torch_rng"])
+                _set_device_rng(self.device, state.get("device_rng"))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             raise damaged(path, f"its weights or states do not fit this run: {type(exc).__name__}") from None
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
