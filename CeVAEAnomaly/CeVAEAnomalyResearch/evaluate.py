@@ -128,17 +128,19 @@ def evaluate_case(
     gt: Optional[sitk.Image] = None,
     mask: Optional[sitk.Image] = None,
     labelmap: Optional[sitk.Image] = None,
-    slice_axis: Optional[int] = 0,
+    slice_axis: Union[int, str, None] = "axial",
     name: str = "",
 ) -> CaseMetrics:
     """Metrics of one score map over the voxels inside ``mask`` (all voxels if None).
 
     ``gt`` None means a healthy case: ranking metrics are NaN. ``labelmap`` (the thresholded
     detection) gives ``flagged_ml`` (all its nonzero voxels) and, with ``gt``, ``dice_at_threshold``
-    (inside the mask). Slice AUROC uses slices along numpy axis ``slice_axis`` (0 = SimpleITK k,
-    usually axial; None skips it), slice score = max score in the slice's mask voxels.
+    (inside the mask). Slice AUROC uses slices along numpy axis ``slice_axis`` ("axial": the axis of the
+    axial slices, :func:`axial_axis`, in any voxel order; None skips it), slice score = max score in the
+    slice's mask voxels.
     """
-    return _evaluate(score, gt, mask, labelmap, slice_axis, name)[0]
+    axis = axial_axis(score) if slice_axis == "axial" else slice_axis
+    return _evaluate(score, gt, mask, labelmap, axis, name)[0]
 
 
 def axial_axis(image: sitk.Image) -> int:

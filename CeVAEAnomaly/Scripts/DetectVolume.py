@@ -168,9 +168,16 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
 
     detection = result.detection
     grid = file_grid(detection.score, source) if source else None
+
+    def image(volume: "sitk.Image", node) -> object:
+        """The volume as the file's grid holds it (the detection's image when no voxel moves), else the node."""
+        if source is None:
+            return _node_writer(node)
+        return on_grid(volume, grid) if grid is not None else volume
+
     writers: Dict[Path, object] = {
-        paths["score"]: on_grid(detection.score, grid) if grid else _node_writer(result.nodes.score),
-        paths["labelmap"]: on_grid(detection.labelmap, grid) if grid else _node_writer(result.nodes.labelmap),
+        paths["score"]: image(detection.score, result.nodes.score),
+        paths["labelmap"]: image(detection.labelmap, result.nodes.labelmap),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
         paths["components"]: components_csv(detection),  # centroids in RAS: the same on either grid
         paths["slices"]: slice_scores_csv(slices_on_grid(detection, grid) if grid else detection),

@@ -10,12 +10,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for folder in ("CeVAEAnomaly", "scripts", "Testing") for p in (ROOT / folder).rglob("*.py"))
 
 
+def _named(node: ast.AST) -> bool:
+    """Whether ``node`` is a name or an attribute of one (``image``, ``result.score``): an object that outlives
+    the expression. Anything else makes a new one (``f(x)``, ``mask > 0``, ``image[:, :, 3]``)."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return isinstance(node, ast.Name)
+
+
 def temporary_views(source: str) -> list:
-    """Line numbers of ``GetArrayViewFromImage`` calls whose argument creates an object (``f(x)``, ``f(x).a``)."""
+    """Line numbers of ``GetArrayViewFromImage`` calls whose argument is not a named image."""
     return [node.lineno for node in ast.walk(ast.parse(source))
             if isinstance(node, ast.Call)
             and getattr(node.func, "attr", getattr(node.func, "id", None)) == "GetArrayViewFromImage"
-            and node.args and any(isinstance(n, ast.Call) for n in ast.walk(node.args[0]))]
+            and node.args and not _named(node.args[0])]
 
 
 @pytest.mark.parametrize("source, lines", [
@@ -23,6 +31,8 @@ def temporary_views(source: str) -> list:
     ("v = sitk.GetArrayViewFromImage(result.score) > 0\n", []),
     ("v = sitk.GetArrayViewFromImage(sitk.SignedMaurerDistanceMap(m))\n", [1]),
     ("x = 1\nv = GetArrayViewFromImage(detect(image).score) > 0\n", [2]),
+    ("v = sitk.GetArrayViewFromImage(mask > 0)\n", [1]),
+    ("v = sitk.GetArrayViewFromImage(image[:, :, 3])\n", [1]),
 ])
 def test_views_of_temporary_images_are_found(source, lines):
     assert temporary_views(source) == lines

@@ -294,5 +294,8 @@ def test_slice_auroc_is_over_axial_slices_whatever_the_voxel_order(tmp_path: Pat
     aurocs = [evaluate_files([row])[0][0].slice_auroc for row in rows]
     axial = slice_auroc(score.max(axis=(1, 2)), gt.any(axis=(1, 2)))
     assert aurocs == pytest.approx([axial] * 3)
+    for row in rows:  # the Python entry point counts the same slices
+        case = evaluate_case(sitk.ReadImage(row["score"]), sitk.ReadImage(row["gt"]))
+        assert case.slice_auroc == pytest.approx(axial)
     assert axial == pytest.approx(0.78125)
     assert slice_auroc(score.max(axis=(0, 1)), gt.any(axis=(0, 1))) == pytest.approx(0.7733, abs=1e-4)  # sagittal
