@@ -149,6 +149,7 @@ def test_adapt_records_parent_site_and_folds_and_no_scan_calibrates_a_model_trai
     record = header.extra["adaptation"]
     assert record["parent"]["sha256"] == sha256_of(tiny_bundle)
     assert [s["sha256"] for s in record["site_scans"]] == [sha256_of(s.image) for s in scans]
+    assert len(record["scan_depth_contrast"]) == 3  # one per site scan, in their order
     held = [n for fold in record["folds"] for n in fold["held_out"]]
     assert sorted(held) == ["scan_a", "scan_b", "scan_c"]
     assert all(not set(f["held_out"]) & set(f["trained_on"]) for f in record["folds"])

@@ -153,7 +153,7 @@ def _record(header: BundleHeader, base: Path, subjects: Sequence[Subject], check
                        "fine-tuned on all site scans",
         "steps_per_run": options.steps, "lr": options.lr,
         "depth_contrast": round(float(np.mean(contrasts)), 4),
-        "scan_depth_contrast": dict(zip(names, contrasts)),
+        "scan_depth_contrast": list(contrasts),  # in the order of site_scans (names may repeat)
     }
 
 
