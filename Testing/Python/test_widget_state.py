@@ -211,7 +211,7 @@ def test_the_progress_bar_shows_the_message_as_written(message):
 
 
 def test_a_scene_closed_during_an_install_starts_nothing_afterwards():
-    state = WidgetState()
+    state = WidgetState(clock=Clock())
     state.set_ready(DETECT, True)
     assert state.click(DETECT) is Action.START
     state.begin_install(DETECT)
@@ -221,6 +221,7 @@ def test_a_scene_closed_during_an_install_starts_nothing_afterwards():
         state.started(DETECT)
     state.end_install()
     assert state.phase is Phase.IDLE and not state.install_interrupted
+    state._clock.now += LATE_CLICK_S + 0.01  # not a late click meant for a Cancel button
     assert state.click(DETECT) is Action.START  # the next click (dependencies now present) starts a run
     state.started(DETECT)
     assert state.phase is Phase.RUNNING
