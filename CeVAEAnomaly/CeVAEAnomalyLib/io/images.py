@@ -390,7 +390,8 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path,
         raise CeVAEError(f"The DICOM series in {folder} is not a stack along its slices' normal: slice {worst + 1} of "
                          f"{n} lies {shift[worst]:.3g} mm off it within its plane (a gantry tilt or a sheared "
                          "acquisition), which a regular voxel grid cannot hold. Resample it onto a regular grid "
-                         "first (e.g. in 3D Slicer, Harden transform or Resample Scalar Volume).")
+                         "first (3D Slicer's DICOM module does, with acquisition geometry regularization on in its "
+                         "DICOM settings).")
     gaps = np.abs(np.diff(np.sort(positions @ normal)))
     usual = float(np.median(gaps))
     if usual <= 0 or np.max(np.abs(gaps - usual)) > max(0.1 * usual, _ROUNDING_MM):
