@@ -422,3 +422,43 @@ def test_a_second_run_on_the_same_summary_is_refused_while_the_first_runs(two, t
         assert not list(out.glob("*.nii.gz"))
         assert batch(two, out, tiny_bundle, "--shard", "1/2") == 0
     assert batch(two, out, tiny_bundle, "--shard", "2/2") == 0
+
+
+def test_a_rerun_stopped_while_it_checks_what_is_done_keeps_the_earlier_rows(cohort, tiny_bundle, tmp_path,
+                                                                             monkeypatch):
+    """Ctrl-C while a resumed run walks the finished volumes must not shrink the summary to the ones it reached:
+    the next run would score all the others again."""
+    import CeVAEAnomalyLib.cli.batch as batch_mod
+
+    settings = DetectSettings(model=tiny_bundle, request=DetectionRequest.of(device="cpu"), out_dir=tmp_path / "out")
+    items = [it for it in collect_inputs(cohort) if it.name != "bad"]
+    summary_csv = tmp_path / "out" / "summary.csv"
+    run_batch(items, settings, summary_csv)
+    before = read_summary(summary_csv)
+    checked = []
+    real = batch_mod._skipped_row
+
+    def interrupted_at_the_second(*args, **kwargs):
+        checked.append(args[0].name)
+        if len(checked) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_mod, "_skipped_row", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(items, settings, summary_csv)
+    assert sorted(read_summary(summary_csv)) == sorted(before)  # every earlier row is still there
+    monkeypatch.undo()
+    summary = run_batch(items, settings, summary_csv)
+    assert {summary.rows[n]["status"] for n in NAMES} == {"skipped"}  # nothing scored again
+
+    overwrite = DetectSettings(model=tiny_bundle, request=DetectionRequest.of(device="cpu"), out_dir=tmp_path / "out",
+                               overwrite=True)
+    kept = summary_csv.read_bytes()
+
+    def stop_at_once(fraction, message):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # --overwrite, stopped before any volume was scored again
+        run_batch(items, overwrite, summary_csv, progress=stop_at_once)
+    assert summary_csv.read_bytes() == kept

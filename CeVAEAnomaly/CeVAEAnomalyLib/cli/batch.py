@@ -387,24 +387,37 @@ def _work(item: BatchItem, overwrite: bool) -> Dict[str, object]:
 
 # ---- the batch ----------------------------------------------------------------------------
 class Summary:
-    """Rows by volume name, written to the CSV atomically: at most every ``interval`` s, and on flush."""
+    """Rows by volume name, written to the CSV atomically: at most every ``interval`` s, and on flush.
 
-    def __init__(self, path: Path, interval: float = 2.0) -> None:
+    ``carried``: an earlier run's rows of volumes this run has not reached yet. They stay in the file until this
+    run gives the volume a row of its own, so a run stopped early (Ctrl-C while it checks what is done) never
+    loses what the earlier one recorded; :meth:`finish` drops those of volumes no longer listed."""
+
+    def __init__(self, path: Path, interval: float = 2.0, carried: Optional[Dict[str, Dict[str, str]]] = None) -> None:
         self.path, self.interval = path, interval
         self.rows: Dict[str, Dict[str, object]] = {}
+        self.carried: Dict[str, Dict[str, str]] = dict(carried or {})
         self._written = -math.inf
 
     def add(self, row: Dict[str, object]) -> None:
         self.rows[str(row["name"])] = row
+        self.carried.pop(str(row["name"]), None)
         if time.monotonic() - self._written >= self.interval:
             self.flush()
 
+    def finish(self) -> None:
+        """Every listed volume has its row: the earlier run's rows of other volumes are not carried on."""
+        self.carried.clear()
+
     def flush(self) -> None:
+        if not self.rows and not self.carried and self.path.exists():
+            return  # stopped before anything was recorded: the summary there stays as it was
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for name in sorted(self.rows):
-            writer.writerow(self.rows[name])
+        rows = {**self.carried, **self.rows}
+        for name in sorted(rows):
+            writer.writerow(rows[name])
         atomic_write_text(self.path, buf.getvalue())
         self._written = time.monotonic()
 
@@ -487,7 +500,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    summary = Summary(summary_path)
+    summary = Summary(summary_path, carried=earlier)
     total = len(items)
     t0 = time.perf_counter()
 
@@ -538,6 +551,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                 record(detector(item, overwrite))
         else:
             _run_pool(todo, settings, min(workers, len(todo)), record, keep)
+        summary.finish()
     finally:
         summary.flush()
     seconds = time.perf_counter() - t0
