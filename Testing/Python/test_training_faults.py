@@ -577,3 +577,26 @@ def test_the_advised_number_of_volumes_does_hold_one_out(fraction):
     assert split_subjects(subjects, fraction, seed=0)[1]  # n volumes hold one out ...
     assert not split_subjects(subjects[:-1], fraction, seed=0)[1]  # ... and n - 1 do not
     assert volumes_to_hold_out(0.0) is None
+
+
+def test_a_fresh_run_stopped_before_its_first_checkpoint_keeps_the_earlier_runs_log(manifest, tmp_path):
+    """--overwrite over a finished run: until the new run has a checkpoint, the earlier bundle, checkpoint and log
+    stay together (the log was deleted at the start)."""
+    out = tmp_path / "model.cevae"
+    assert main(train_argv(manifest, out, EVERY)) == 0
+    files = {p: p.read_bytes() for p in (out, out.with_name(out.name + ".ckpt"), out.with_name(out.name + ".log.csv"))}
+    again = tiny_trainer(tmp_path, manifest, max_steps=2 * EVERY)  # (the command checked --overwrite)
+    real_step = again.opt.step
+
+    def interrupted_before_the_first_checkpoint():
+        real_step()
+        if again.step == EVERY - 2:
+            raise KeyboardInterrupt
+
+    again.opt.step = interrupted_before_the_first_checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        again.run()
+    assert {p: p.read_bytes() for p in files} == files
+    assert main(train_argv(manifest, out, EVERY, "--overwrite")) == 0  # a finished fresh run replaces the log
+    rows = log_rows(out.with_name(out.name + ".log.csv"))
+    assert [int(r["step"]) for r in rows] == [EVERY]

@@ -7,6 +7,7 @@ Distributed set-up lives in distributed.py, checkpoint files in checkpoint.py, t
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -60,6 +61,40 @@ def _own_randomness(device: torch.device, seed: int) -> Iterator[None]:
             torch.cuda.set_rng_state(accelerator, device)
         elif device.type == "mps":
             torch.mps.set_rng_state(accelerator)
+
+
+class _RunLog:
+    """The loss log, ``OUT.log.csv``. A fresh run over an earlier run's log holds its rows in memory until its first
+    checkpoint replaces the earlier run's, so that a run stopped before that leaves the earlier run's files (bundle,
+    checkpoint, log) together."""
+
+    HEADER = ["step", "loss", "kl", "rec_vae", "rec_ce", "val_loss", "seconds", "slices_per_s"]
+
+    def __init__(self, path: Path, fresh: bool) -> None:
+        self.path = path
+        self._held: Optional[io.StringIO] = io.StringIO() if fresh and path.exists() else None
+        self._file = self._held if self._held is not None else open(path, "a", newline="")
+        self._writer = csv.writer(self._file)
+        if self._file.tell() == 0:
+            self._writer.writerow(self.HEADER)
+
+    def row(self, values: List[object]) -> None:
+        self._writer.writerow(values)
+        self._file.flush()
+
+    def publish(self) -> None:
+        """This run has a checkpoint now: its rows replace the earlier run's log."""
+        if self._held is not None:
+            rows, self._held = self._held.getvalue(), None
+            self._file = open(self.path, "w", newline="")
+            self._file.write(rows)
+            self._file.flush()
+            self._writer = csv.writer(self._file)
+
+    def close(self) -> None:
+        """Close the file (rows still held are dropped with this run: the earlier log stays)."""
+        if self._held is None:
+            self._file.close()
 
 
 def _device_rng(device: torch.device) -> Dict[str, object]:
@@ -359,8 +394,6 @@ class Trainer:
             self.load_checkpoint()
             if self.dist.main:
                 truncate_log(cfg.log_path, self.step)
-        elif self.dist.main and cfg.log_path.exists():
-            cfg.log_path.unlink()
         if self.dist.main:
             cfg.out.parent.mkdir(parents=True, exist_ok=True)
         self.open_data()
@@ -373,10 +406,7 @@ class Trainer:
         start = self._started = time.perf_counter()
         batches = self.batches()
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        logf = open(cfg.log_path, "a", newline="") if self.dist.main else None
-        writer = csv.writer(logf) if logf else None
-        if writer and logf.tell() == 0:
-            writer.writerow(["step", "loss", "kl", "rec_vae", "rec_ce", "val_loss", "seconds", "slices_per_s"])
+        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume) if self.dist.main else None
         t_last, steps_since = time.perf_counter(), 0
         try:
             while self.step < cfg.max_steps and not any_rank(self.dist, time.perf_counter() >= deadline,
@@ -390,26 +420,28 @@ class Trainer:
                 if (self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps) and self.dist.main:
                     val = self.validate()
                     self.save_checkpoint()
-                if writer and (self.step % 10 == 0 or val != ""):
+                    run_log.publish()
+                if run_log and (self.step % 10 == 0 or val != ""):
                     now = time.perf_counter()
                     rate = steps_since * self.batch_size * self.dist.world / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
-                    writer.writerow([self.step, terms["loss"], terms.get("kl", ""), terms.get("rec_vae", ""),
-                                     terms.get("rec_ce", ""), val, round(now - start, 2), round(rate, 1)])
-                    logf.flush()
+                    run_log.row([self.step, terms["loss"], terms.get("kl", ""), terms.get("rec_vae", ""),
+                                 terms.get("rec_ce", ""), val, round(now - start, 2), round(rate, 1)])
                 report(self.progress, self.step / cfg.max_steps,
                        f"step {self.step} loss {terms['loss']:.4f}")
+            if self.step == 0:
+                raise CeVAEError(f"No training step was completed: --max-minutes {cfg.max_minutes:g} ran out before "
+                                 "the first one. No model or checkpoint was written; allow more minutes.")
+            if self.dist.world > 1:
+                check_replicas(self.dist, self.model)
+            if self.saved_step != self.step:  # (a run that reached --max-steps checkpointed its last step already)
+                self.save_checkpoint()
+            if run_log:
+                run_log.publish()
         finally:
             del batches  # stops loader workers
-            if logf:
-                logf.close()
-        if self.step == 0:
-            raise CeVAEError(f"No training step was completed: --max-minutes {cfg.max_minutes:g} ran out before the "
-                             "first one. No model or checkpoint was written; allow more minutes.")
-        if self.dist.world > 1:
-            check_replicas(self.dist, self.model)
-        if self.saved_step != self.step:  # (a run that reached --max-steps checkpointed its last step already)
-            self.save_checkpoint()
+            if run_log:
+                run_log.close()
         if self.dist.world > 1:  # all ranks leave the group together, before rank 0's bundle work
             barrier(self.dist)
         shutdown_distributed(self.dist)
