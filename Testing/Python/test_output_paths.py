@@ -112,3 +112,47 @@ def test_batch_refuses_a_fifo_among_its_outputs_before_any_work(inputs, tmp_path
                  "--overwrite"]) == 2
     one_error_line(capsys.readouterr().err, r"head_labelmap\.nii\.gz is a named pipe \(FIFO\), not a regular file")
     assert [p.name for p in out.iterdir()] == ["head_labelmap.nii.gz"] and is_fifo(out / "head_labelmap.nii.gz")
+
+
+def test_a_stop_during_the_renames_comes_after_the_last(tmp_path, monkeypatch):
+    """Ctrl-C between two renames of one write would leave new and old outputs mixed: it is held until the last."""
+    import signal
+
+    import CeVAEAnomalyLib.io.atomic as atomic
+
+    targets = [tmp_path / "s.csv", tmp_path / "l.csv", tmp_path / "t.csv"]
+    for t in targets:
+        t.write_text("old\n")
+    real = os.replace
+    renamed = []
+
+    def replace_then_stop(src, dst):
+        real(src, dst)
+        renamed.append(dst)
+        if len(renamed) == 1:
+            signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C after the first rename
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_all({t: "new\n" for t in targets}, overwrite=True)
+    assert [t.read_text() for t in targets] == ["new\n"] * 3  # all new, and the stop still came
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.csv", "s.csv", "t.csv"]
+
+
+def test_a_temporary_made_just_before_a_stop_is_removed(tmp_path, monkeypatch):
+    import CeVAEAnomalyLib.io.atomic as atomic
+
+    real_open = os.open
+
+    def open_then_stop(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        os.close(fd)
+        raise KeyboardInterrupt  # the stop arrives once the temporary file exists
+
+    monkeypatch.setattr(atomic.os, "open", open_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_all({tmp_path / "s.csv": "new\n"})
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_path(tmp_path / "t.csv"):
+            pass
+    assert list(tmp_path.iterdir()) == []

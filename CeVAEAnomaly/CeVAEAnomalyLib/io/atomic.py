@@ -1,15 +1,18 @@
 """The one way files are written: beside the target under a hidden name, checked, then renamed into place.
 
 An interrupted or failed write (error, disk full, file-size limit, Ctrl-C, SIGTERM) never leaves a
-partial file under the final name, nor a temporary file. Every file is checked to be complete
+partial file under the final name, nor a temporary file; the files of one write are renamed with Ctrl-C and
+SIGTERM held, so a stop leaves them all new or all old. Every file is checked to be complete
 (:mod:`.verify`) before the rename. A replaced file's permissions are kept; a new file gets the usual ones
 (0666 minus the umask).
 """
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import stat
-import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -22,17 +25,46 @@ from .verify import incomplete_reason
 Writer = Callable[[str], None]
 
 
-def temp_beside(target: Path) -> str:
+def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> str:
     """An empty hidden file in the target's folder, with the target's extension (for writers).
 
     Its name is ``.NAME.xxxxxxxx.EXT``, with ``NAME`` shortened where needed so that it fits
-    whenever the target's own name does.
+    whenever the target's own name does. ``claim`` is given each name before the file is made, so that a
+    caller that removes its temporaries also removes one made just before a Ctrl-C.
     """
     suffix = full_suffix(target)
-    name = name_leaving_room(target, len(os.fsencode(suffix)) + 10)  # the dots and mkstemp's 8 random characters
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    return tmp
+    name = name_leaving_room(target, len(os.fsencode(suffix)) + 10)  # the dots and 8 random characters
+    while True:
+        tmp = str(target.parent / f".{name}.{secrets.token_hex(4)}{suffix}")
+        if claim is not None:
+            claim(tmp)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+
+
+@contextmanager
+def _stops_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while finished files are renamed into place (microseconds), so that a stop comes
+    after the last rename: the outputs are then all new or all old. Only the main thread can do this."""
+    stops = [signal.SIGINT, signal.SIGTERM]
+    previous = {s: signal.getsignal(s) for s in stops}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    caught: List[int] = []
+    for s in stops:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            signal.raise_signal(s)
 
 
 def publish(tmp: str, target: Path) -> None:
@@ -62,14 +94,16 @@ def atomic_path(target: Path) -> Iterator[str]:
     """Yield a temporary path; if the block succeeds and the file is complete it replaces ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(target)
+    claimed: List[str] = []
     try:
+        tmp = temp_beside(target, claimed.append)
         yield tmp
         check_complete(tmp, target)
         publish(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for name in claimed:
+            if os.path.exists(name):
+                os.unlink(name)
 
 
 def _text_writer(text: str) -> Writer:
@@ -105,16 +139,17 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
         for target, value in zip(targets, files.values()):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                temps[target] = temp_beside(target)
+                temp_beside(target, lambda name, target=target: temps.__setitem__(target, name))
                 _writer_for(value)(temps[target])
             except (RuntimeError, OSError) as exc:
                 raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
             check_complete(temps[target], target, len(value.encode("utf-8")) if isinstance(value, str) else None)
-        for target, tmp in temps.items():
-            try:
-                publish(tmp, target)
-            except OSError as exc:
-                raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
+        with _stops_held():
+            for target, tmp in temps.items():
+                try:
+                    publish(tmp, target)
+                except OSError as exc:
+                    raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):
