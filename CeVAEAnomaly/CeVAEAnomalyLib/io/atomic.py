@@ -23,6 +23,9 @@ from .targets import check_paths, name_leaving_room, refuse_special_output
 from .verify import incomplete_reason
 
 Writer = Callable[[str], None]
+_NEW_PRIVATE_FILE = os.O_WRONLY
+_NEW_PRIVATE_FILE |= os.O_CREAT  # (augmented: vermin takes a chain of "|" for a 3.10 type union)
+_NEW_PRIVATE_FILE |= os.O_EXCL
 
 
 def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> str:
@@ -39,7 +42,7 @@ def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> 
         if claim is not None:
             claim(tmp)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(tmp, _NEW_PRIVATE_FILE, 0o600)
         except FileExistsError:
             continue
         os.close(fd)
