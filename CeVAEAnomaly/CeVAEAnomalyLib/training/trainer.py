@@ -49,18 +49,13 @@ VALIDATION_SEED = 12345
 def _own_randomness(device: torch.device, seed: int) -> Iterator[None]:
     """Run the block with torch's global random streams (the CPU's and ``device``'s) seeded with ``seed``, then
     put them back as they were."""
-    cpu = torch.get_rng_state()
-    accelerator = (torch.cuda.get_rng_state(device) if device.type == "cuda"
-                   else torch.mps.get_rng_state() if device.type == "mps" else None)
+    cpu, accelerator = torch.get_rng_state(), _device_rng(device)
     torch.manual_seed(seed)
     try:
         yield
     finally:
         torch.set_rng_state(cpu)
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(accelerator, device)
-        elif device.type == "mps":
-            torch.mps.set_rng_state(accelerator)
+        _set_device_rng(device, accelerator)
 
 
 class _RunLog:
