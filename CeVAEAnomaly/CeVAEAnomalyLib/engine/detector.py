@@ -20,8 +20,8 @@ from ..io.images import check_volume
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
-from .preprocess import (Region, SliceRecord, SliceStack, brain_region, finite_brain, invert_region, label_image,
-                         mask_array, prepare, region_image)
+from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
+                         prepare, region_image)
 from ..progress import ProgressCallback, report, scaled
 from ..result import DetectionResult, SliceScoreRow
 from .scan_adaptation import adapted_copy
@@ -151,7 +151,7 @@ class Detector:
             from .brainmask import compute_brain_mask
 
             mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
-        brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image, where), where)
+        brain = brain_array(image, mask, where)
         return prepare(image, brain, self.bundle.preprocess), brain
 
     def _other_stacks(self, image: sitk.Image, brain: np.ndarray) -> List[SliceStack]:

@@ -108,6 +108,12 @@ def finite_brain(arr: np.ndarray, brain_mask: np.ndarray, where: str = "") -> np
     return kept
 
 
+def brain_array(image: sitk.Image, mask: sitk.Image, where: str = "") -> np.ndarray:
+    """:func:`mask_array` without the image's non-finite voxels (:func:`finite_brain`); ``where`` leads the
+    warnings of both."""
+    return finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image, where), where)
+
+
 def prepare(
     image: sitk.Image,
     brain_mask: np.ndarray,

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..engine.config import PreprocessConfig
 from ..io.images import read_image
 from ..io.manifest import Subject
-from ..engine.preprocess import finite_brain, mask_array, prepare
+from ..engine.preprocess import brain_array, prepare
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +31,21 @@ def unique_subjects(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> 
 def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> Tuple[List[Subject], List[Subject]]:
     """Subject-level split (no subject in both); at least one training subject."""
     order = np.random.default_rng(seed).permutation(len(subjects))
-    n_val = int(round(len(subjects) * val_fraction))
-    n_val = min(n_val, len(subjects) - 1)
+    n_val = _held_out(len(subjects), val_fraction)
     val = [subjects[i] for i in sorted(order[:n_val])]
     train = [subjects[i] for i in sorted(order[n_val:])]
     return train, val
 
 
+def _held_out(n: int, val_fraction: float) -> int:
+    """How many of ``n`` volumes :func:`split_subjects` holds out: the share, rounded, leaving one to train on."""
+    return min(int(round(n * val_fraction)), n - 1)
+
+
 def volumes_to_hold_out(val_fraction: float) -> Optional[int]:
     """The fewest volumes with which :func:`split_subjects` holds one out at ``val_fraction``; None if none do."""
     for n in range(2, 100_000):
-        if min(int(round(n * val_fraction)), n - 1) >= 1:
+        if _held_out(n, val_fraction) >= 1:
             return n
     return None
 
@@ -54,10 +57,8 @@ def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequen
 
     image = read_image(subject.image)
     with subject.named_errors():
-        where = f"{subject.image}: "
-        brain = finite_brain(sitk.GetArrayViewFromImage(image),
-                             mask_array(given_or_computed_mask(image, subject.mask, subject.image.name), image, where),
-                             where)
+        brain = brain_array(image, given_or_computed_mask(image, subject.mask, subject.image.name),
+                            f"{subject.image}: ")
         out = []
         for orientation in orientations:
             stack = prepare(image, brain, cfg, orientation)
