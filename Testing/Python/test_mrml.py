@@ -147,6 +147,23 @@ def test_second_publish_updates_the_same_nodes(scene):
         assert getattr(second, name).GetID() == getattr(first, name).GetID()
 
 
+
+def test_a_rerun_without_the_labelmap_option_keeps_the_earlier_labelmap_current(scene):
+    """A labelmap left from a run with the option would otherwise show that run's anomalies beside the new map."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1), create_labelmap=True)
+    ids = mrml.node_ids(scene)
+    lower = fake_detection(image, mask, 1.05)
+    second = mrml.publish(scene, volume, lower)
+    assert mrml.node_ids(scene) == ids and second.labelmap is first.labelmap
+    assert np.array_equal(array(second.labelmap), sitk.GetArrayFromImage(lower.labelmap))
+    assert second.labelmap.GetAttribute(nodes.RUN_ATTRIBUTE) == second.score.GetAttribute(nodes.RUN_ATTRIBUTE)
+    mine = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my scores")  # a run into new nodes makes none
+    third = mrml.publish(scene, volume, fake_detection(image, mask, 1.1), mrml.OutputNodes(score=mine))
+    assert third.labelmap is None
+
+
 def test_publish_fills_the_nodes_it_is_given(scene):
     image, mask = make_head()
     volume = add_volume(scene, image)

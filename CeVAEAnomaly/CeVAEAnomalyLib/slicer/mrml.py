@@ -213,14 +213,21 @@ def _output(scene, existing, class_name: str, role: str, source, suffix: str, gr
         log.info("'%s' holds other results or is a processed input; the results of '%s' go elsewhere.",
                  existing.GetName(), source.GetName())
         existing = None
-    if existing is None and group is not None:
-        existing = (find_output(scene, class_name, role, source) if group == NEWEST
-                    else find_output(scene, class_name, role, source, group, exact=True))
+    if existing is None:
+        existing = _of_group(scene, class_name, role, source, group)
     node = (existing if existing is not None
             else scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}")))
     if link:
         link_output(node, role, source)
     return node
+
+
+def _of_group(scene, class_name: str, role: str, source, group: Optional[str]):
+    """The ``role`` node of ``source`` that the run ``group`` filled (see :func:`_output`), or None."""
+    if group is None:
+        return None
+    return (find_output(scene, class_name, role, source) if group == NEWEST
+            else find_output(scene, class_name, role, source, group, exact=True))
 
 
 def _group_of(score: slicer.vtkMRMLNode, source) -> Optional[str]:
@@ -291,7 +298,10 @@ def publish(
         link_output(out.score, SCORE_ROLE, volume_node)
         _fill_volume(out.score, volume_node, result.score)
         _show_scores(scene, out.score, result.threshold, result.score, result.brain_mask)
-        if targets.labelmap is not None or create_labelmap:
+        # A labelmap of the run this one updates is kept current even when none is asked for (not stale beside
+        # the new score volume).
+        earlier_labelmap = _of_group(scene, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node, group)
+        if targets.labelmap is not None or create_labelmap or earlier_labelmap is not None:
             out.labelmap = _output(scene, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
                                    "anomaly labelmap", group)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
