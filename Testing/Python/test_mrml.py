@@ -190,6 +190,87 @@ def test_failing_publish_leaves_the_node_set_unchanged(scene, monkeypatch, reuse
     assert mrml.node_ids(scene) == before
 
 
+def test_a_failing_publish_gives_the_nodes_it_reused_their_earlier_content(scene, monkeypatch):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    scores, rows = array(first.score), first.components.GetNumberOfRows()
+    window = first.score.GetVolumeDisplayNode().GetWindowLevelMax()
+    segment = anomaly_voxels(first.segmentation, volume)
+    assert segment.any()
+    run = first.score.GetAttribute(nodes.RUN_ATTRIBUTE)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mrml, "_fill_slices", broken)
+    doubled = fake_detection(image, mask, 2.0)
+    doubled.score = doubled.score * 2.0
+    with pytest.raises(RuntimeError, match="disk full"):
+        mrml.publish(scene, volume, doubled)
+    assert np.array_equal(array(first.score), scores) and first.components.GetNumberOfRows() == rows
+    assert first.score.GetVolumeDisplayNode().GetWindowLevelMax() == window
+    assert np.array_equal(anomaly_voxels(first.segmentation, volume), segment)
+    assert first.score.GetAttribute(nodes.RUN_ATTRIBUTE) == run == first.components.GetAttribute(nodes.RUN_ATTRIBUTE)
+
+
+def anomaly_voxels(segmentation, volume) -> np.ndarray:
+    return sitk.GetArrayFromImage(mrml.mask_image(segmentation, volume, nodes.anomaly_segment_id(segmentation)))
+
+
+def class_counts(scene):
+    counts = {}
+    for i in range(scene.GetNumberOfNodes()):
+        name = scene.GetNthNode(i).GetClassName()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_a_rerun_after_the_score_volume_was_deleted_updates_the_other_results(scene):
+    """The score volume is made again; the segmentation, tables and chart are not doubled."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask))
+    counts = class_counts(scene)
+    for node in (first.score.GetDisplayNode(), first.score):  # as the Data module deletes it
+        scene.RemoveNode(node)
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1.05))
+    assert class_counts(scene) == counts
+    for name in ("segmentation", "components", "slice_table", "slice_chart"):
+        assert getattr(second, name) is getattr(first, name)
+
+
+def test_a_run_sent_to_a_new_score_volume_leaves_the_earlier_results_whole(scene):
+    """As the panel sends it: the earlier run's segmentation and component table are still chosen."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    rows, segment = first.components.GetNumberOfRows(), anomaly_voxels(first.segmentation, volume)
+    fresh = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "new scores")
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1e6),
+                          mrml.OutputNodes(score=fresh, segmentation=first.segmentation, components=first.components))
+    assert second.score is fresh and second.components is not first.components
+    assert second.segmentation is not first.segmentation and second.components.GetNumberOfRows() == 0
+    assert first.components.GetNumberOfRows() == rows > 0
+    assert np.array_equal(anomaly_voxels(first.segmentation, volume), segment)
+    assert nodes.stored_result(first.score).components is first.components
+
+
+def test_a_score_volume_whose_display_node_was_deleted_behind_its_legend_is_shown_again(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask))
+    colors = slicer.vtkSlicerColorLogic()  # what CeVAEAnomalyLogic.showResults calls in Slicer
+    colors.SetMRMLScene(scene)
+    legend = colors.AddDefaultColorLegendDisplayNode(first.score)
+    scene.RemoveNode(first.score.GetDisplayNode())
+    assert first.score.GetDisplayNode() is legend
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1.05))
+    display = second.score.GetVolumeDisplayNode()
+    assert display is not None and display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(1.05)
+    assert legend.GetPrimaryDisplayNode() is display
+
+
 def test_publish_refuses_a_result_on_another_grid(scene):
     image, mask = make_head()
     volume = add_volume(scene, image)
@@ -323,7 +404,7 @@ def test_an_existing_segmentation_keeps_its_other_segments(scene):
     for threshold in (1.1, 1.05):  # the second run replaces the first run's segment
         mrml.publish(scene, volume, fake_detection(image, mask, threshold), mrml.OutputNodes(segmentation=mine))
         assert sorted(segment_names(mine)) == sorted(["brain", mrml.SEGMENT_NAME])
-    anomaly = mrml.anomaly_segment_id(mine)
+    anomaly = nodes.anomaly_segment_id(mine)
     assert anomaly is not None and anomaly != brain_id
     exported = mrml.mask_image(mine, volume, brain_id)
     assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, sitk.GetArrayFromImage(mask) > 0)
@@ -354,6 +435,42 @@ def test_outputs_are_linked_to_their_input_by_a_reference_that_survives_scene_im
     assert score is not None and score.GetName() == out.score.GetName()
     assert mrml.find_output(other, "vtkMRMLScalarVolumeNode", "score", first) is None
     assert nodes.source_volume(score) is source
+
+
+def test_the_top_slice_of_a_left_handed_volume_survives_a_saved_scene(scene, tmp_path):
+    """A scene save stores a left-handed volume with its slice axis reversed: the table's indices are read on the
+    grid they were written on."""
+    image, mask = make_head(direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))
+    volume = add_volume(scene, image)
+    out = mrml.publish(scene, volume, fake_detection(image, mask, 1e6))  # no component: the jump is the top slice
+    jump = nodes.stored_result(out.score).jump_ras
+    application = slicer.vtkMRMLApplicationLogic()
+    application.SetMRMLScene(scene)
+    assert application.SaveSceneToSlicerDataBundleDirectory(str(tmp_path))
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(next(tmp_path.glob("*.mrml"))))
+    assert reloaded.Import()
+    source = next(reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                  for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
+                  if reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName() == "head")
+    assert np.linalg.det(nodes.ijk_to_ras(source)[:3, :3]) > 0  # stored the other way round
+    score = mrml.find_output(reloaded, "vtkMRMLScalarVolumeNode", "score", source)
+    assert nodes.stored_result(score).jump_ras == pytest.approx(jump, abs=1e-6)
+
+
+def test_a_renamed_anomaly_segment_is_kept_by_the_next_run(scene):
+    """A radiologist who corrects the segment and names it owns it; the next run adds its own."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    corrected = first.segmentation.GetSegmentation().GetSegment(nodes.anomaly_segment_id(first.segmentation))
+    corrected.SetName("Lesion (corrected)")
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1.05))
+    assert second.segmentation is first.segmentation
+    assert sorted(segment_names(second.segmentation)) == sorted(["Lesion (corrected)", mrml.SEGMENT_NAME])
+    assert nodes.user_segment_ids(second.segmentation) != []  # the kept one is the user's now
+    mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    assert sorted(segment_names(second.segmentation)) == sorted(["Lesion (corrected)", mrml.SEGMENT_NAME])
 
 
 def test_the_panels_jump_and_the_result_agree_on_tied_slices(scene):
@@ -460,7 +577,7 @@ def test_only_the_modules_segment_changes_its_look(scene, show_3d):
     display.SetSegmentVisibility3D(brain, not show_3d)
     before = (display.GetVisibility2DFill(), display.GetVisibility2DOutline(), display.GetVisibility3D())
     mrml.publish(scene, volume, fake_detection(image, mask), mrml.OutputNodes(segmentation=mine), show_3d=show_3d)
-    anomaly = mrml.anomaly_segment_id(mine)
+    anomaly = nodes.anomaly_segment_id(mine)
     assert (display.GetVisibility2DFill(), display.GetVisibility2DOutline(), display.GetVisibility3D()) == before
     assert display.GetSegmentVisibility2DFill(brain) and display.GetSegmentVisibility3D(brain) is not show_3d
     assert not display.GetSegmentVisibility2DFill(anomaly) and display.GetSegmentVisibility2DOutline(anomaly)

@@ -178,6 +178,30 @@ def test_the_modules_own_results_are_refused_as_scans(scene_with_head, tiny_bund
     assert mrml.node_ids(scene) == before and list(tmp_path.iterdir()) == []
 
 
+def test_a_labelmap_volume_is_refused_as_the_input(scene_with_head, tiny_bundle):
+    """As the panel's input selector: an MRI loaded as a labelmap by mistake is named, not scored."""
+    scene, volume, _, image, _ = scene_with_head()
+    loaded_as_labels = add_volume(scene, sitk.Cast(image, sitk.sitkInt16), "scan", "vtkMRMLLabelMapVolumeNode")
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError, match="'scan' is a labelmap volume .*Convert to scalar volume"):
+        CeVAEAnomalyLogic().process(loaded_as_labels, modelPath=tiny_bundle, device="cpu")
+    assert mrml.node_ids(scene) == before
+
+
+def test_a_users_segmentation_that_received_the_anomalies_stays_a_brain_mask(scene_with_head, tiny_bundle):
+    scene, volume, mask, _, mask_image = scene_with_head()
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(mask, mine)
+    logic = CeVAEAnomalyLogic()
+    logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3,
+                  outputs=mrml.OutputNodes(segmentation=mine))
+    assert nodes.anomaly_segment_id(mine) is not None and mine.GetID() not in nodes.module_volume_ids(scene)
+    brain = sitk.GetArrayFromImage(mrml.mask_image(mine, volume)) > 0  # its own segments, not the anomalies
+    assert np.array_equal(brain, sitk.GetArrayFromImage(mask_image) > 0)
+    again = logic.process(volume, mine, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    assert np.array_equal(sitk.GetArrayFromImage(again.detection.brain_mask) > 0, brain)
+
+
 def test_logic_needs_a_scene():
     volume = slicer.vtkMRMLScalarVolumeNode()
     with pytest.raises(CeVAEError, match="not in an MRML scene"):

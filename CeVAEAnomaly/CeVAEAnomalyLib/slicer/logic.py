@@ -178,6 +178,10 @@ class CeVAEAnomalyLogic(_LogicBase):
     def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
         if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
             raise CeVAEError("Select a scalar input volume.")
+        if isinstance(volumeNode, slicer.vtkMRMLLabelMapVolumeNode):  # as the panel's input selector: no labelmaps
+            raise CeVAEError(f"'{volumeNode.GetName()}' is a labelmap volume (labels, not intensities); choose a "
+                             "scalar volume. A scan loaded as a labelmap by mistake can be converted in the "
+                             "Volumes module (Volume Information, Convert to scalar volume).")
         from .mrml import check_output_classes
 
         _refuseModuleOutputs([volumeNode, maskNode], "an input")
@@ -456,10 +460,10 @@ def _fileStem(name: str) -> str:
 
 def _refuseModuleOutputs(candidates, what: str) -> None:
     """Refuse a node this module made (a score volume, an anomaly labelmap or segmentation) as ``what``."""
-    from .nodes import ROLE_ATTRIBUTE
+    from .nodes import ROLE_ATTRIBUTE, is_module_output
 
     for node in candidates:
-        if node is not None and node.GetAttribute(ROLE_ATTRIBUTE):
+        if node is not None and is_module_output(node):
             raise CeVAEError(f"'{node.GetName()}' holds results of this module ({node.GetAttribute(ROLE_ATTRIBUTE)}), "
                              f"not a scan; it cannot be {what}.")
 

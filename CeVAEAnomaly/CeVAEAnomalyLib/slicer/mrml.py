@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,18 +27,23 @@ from .nodes import (
     ROLE_ATTRIBUTE,
     RUN_ATTRIBUTE,
     SCORE_ROLE,
+    SEGMENT_TAG,
     SEGMENTATION_ROLE,
     SLICE_AXIS_ATTRIBUTE,
     SLICE_CHART_ROLE,
+    SLICE_GRID_ATTRIBUTE,
     SLICE_TABLE_ROLE,
+    anomaly_segment_id,
     belongs_to,
     find_output,
+    ijk_to_ras,
     link_output,
     node_ids,
     source_volume,
     stamp_run,
     to_numpy,
     to_world,
+    user_segment_ids,
 )
 
 if TYPE_CHECKING:  # the detection result type lives in the detector, which imports torch
@@ -47,7 +52,6 @@ if TYPE_CHECKING:  # the detection result type lives in the detector, which impo
 log = logging.getLogger(__name__)
 
 SEGMENT_NAME = "Anomaly"
-SEGMENT_TAG = "CeVAEAnomaly.Role"  # tag of this module's segment: only it is replaced on a new run
 DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the brain's scores
 SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map
 INFERNO_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
@@ -83,14 +87,43 @@ def _remove_nodes_not_in(scene: slicer.vtkMRMLScene, keep: Set[str]) -> None:
             scene.RemoveNode(node)
 
 
+class Undo:
+    """How to give the existing nodes a transaction changes their earlier content (see :func:`transaction`)."""
+
+    def __init__(self) -> None:
+        self._steps: List[Callable[[], None]] = []
+        self._kept: Set[str] = set()
+
+    def keep(self, node: Optional[slicer.vtkMRMLNode]) -> None:
+        """Remember ``node``'s content (voxels, table, display properties, attributes) before it changes. A
+        segmentation's segments are not copied (a segment copy needs converters only the application has): the
+        step that changes them says how to undo it (:meth:`on_failure`)."""
+        if node is None or node.GetID() in self._kept or isinstance(node, slicer.vtkMRMLSegmentationNode):
+            return
+        copy = node.CreateNodeInstance()
+        copy.CopyContent(node, True)
+        self._kept.add(node.GetID())
+        self.on_failure(lambda: node.CopyContent(copy, True))
+
+    def on_failure(self, step: Callable[[], None]) -> None:
+        self._steps.append(step)
+
+    def restore(self) -> None:
+        for step in reversed(self._steps):
+            step()
+
+
 @contextmanager
-def transaction(scene: slicer.vtkMRMLScene) -> Iterator[None]:
-    """All or nothing: if the block raises, every node it added to the scene is removed."""
+def transaction(scene: slicer.vtkMRMLScene) -> Iterator[Undo]:
+    """All or nothing: if the block raises, every node it added to the scene is removed and every node it
+    passed to the yielded :class:`Undo` gets its earlier content back."""
     before = set(node_ids(scene))
+    undo = Undo()
     try:
-        yield
+        yield undo
     except BaseException:
         _remove_nodes_not_in(scene, before)
+        undo.restore()
         raise
 
 
@@ -183,11 +216,12 @@ def _mask_from_segmentation(
         if segmentation.GetSegment(segment_id) is None:
             raise CeVAEError(f"The segmentation '{segmentation_node.GetName()}' has no segment '{segment_id}'.")
         ids.InsertNextValue(segment_id)
-    else:
-        for i in range(segmentation.GetNumberOfSegments()):
-            ids.InsertNextValue(segmentation.GetNthSegmentID(i))
+    else:  # every segment but this module's anomaly segment
+        for user_segment in user_segment_ids(segmentation_node):
+            ids.InsertNextValue(user_segment)
     if ids.GetNumberOfValues() == 0:
-        raise CeVAEError(f"The brain mask segmentation '{segmentation_node.GetName()}' has no segments.")
+        raise CeVAEError(f"The brain mask segmentation '{segmentation_node.GetName()}' has no segments"
+                         f"{' but the anomalies' if anomaly_segment_id(segmentation_node) else ''}.")
     scene = segmentation_node.GetScene()
     with scratch_nodes(scene):
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "CeVAEAnomaly brain mask (temporary)")
@@ -204,17 +238,22 @@ def _mask_from_segmentation(
 NEWEST = "newest"  # _output's ``group``: reuse the source's latest node of the role
 
 
-def _output(scene, existing, class_name: str, role: str, source, suffix: str, group: Optional[str] = NEWEST,
-            link: bool = True):
+def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suffix: str,
+            group: Optional[str] = NEWEST, link: bool = True):
     """``existing`` if it may hold these results, else the node of the same role and source to reuse: of the run
     ``group`` (the run whose nodes this one updates), of the latest run (:data:`NEWEST`), or none (None: new);
-    marked as ``source``'s ``role`` output unless ``link`` is False."""
+    marked as ``source``'s ``role`` output unless ``link`` is False. A node reused is kept in ``undo``."""
     if existing is not None and not belongs_to(existing, source, role):
         log.info("'%s' holds other results or is a processed input; the results of '%s' go elsewhere.",
                  existing.GetName(), source.GetName())
         existing = None
+    if existing is not None and group is None and existing.GetAttribute(RUN_ATTRIBUTE):
+        log.info("'%s' keeps the results of an earlier run of '%s'; this run, sent to a new score volume, gets "
+                 "its own.", existing.GetName(), source.GetName())
+        existing = None
     if existing is None:
         existing = _of_group(scene, class_name, role, source, group)
+    undo.keep(existing)
     node = (existing if existing is not None
             else scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}")))
     if link:
@@ -230,15 +269,18 @@ def _of_group(scene, class_name: str, role: str, source, group: Optional[str]):
             else find_output(scene, class_name, role, source, group, exact=True))
 
 
-def _group_of(score: slicer.vtkMRMLNode, source) -> Optional[str]:
+def _group_of(score: slicer.vtkMRMLNode, source, chosen: bool) -> Optional[str]:
     """Which earlier nodes a run into the score volume ``score`` (not yet linked to ``source``) updates: those of
-    the run that last filled it (its run stamp), :data:`NEWEST` for one filled before runs were stamped, none
-    (None) for a node that was never a score volume of ``source`` (new, or a user's own), so that a run sent to a
-    new score volume leaves the earlier run's tables and chart as they were."""
+    the run that last filled it (its run stamp), :data:`NEWEST` for one filled before runs were stamped or made
+    because ``source`` had none (its score volume was deleted: the rest of its results are updated, not
+    doubled), none (None) for a node ``chosen`` by the caller that was never a score volume of ``source`` (new,
+    or a user's own), so that a run sent to a new score volume leaves the earlier run's results as they were."""
     run = score.GetAttribute(RUN_ATTRIBUTE)
     if run:
         return run
-    return NEWEST if score.GetAttribute(ROLE_ATTRIBUTE) == SCORE_ROLE and source_volume(score) is source else None
+    if score.GetAttribute(ROLE_ATTRIBUTE) == SCORE_ROLE and source_volume(score) is source:
+        return NEWEST
+    return None if chosen else NEWEST
 
 
 _OUTPUT_CLASSES = {"score": "vtkMRMLScalarVolumeNode", "segmentation": "vtkMRMLSegmentationNode",
@@ -290,32 +332,32 @@ def publish(
                          "are not loaded.")
     if tuple(result.score.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
         raise CeVAEError("The score map does not match the input volume's grid.")
-    with transaction(scene):
+    with transaction(scene) as undo:
         out = OutputNodes()
-        out.score = _output(scene, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node, "anomaly score",
-                            link=False)
-        group = _group_of(out.score, volume_node)
+        out.score = _output(scene, undo, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node,
+                            "anomaly score", link=False)
+        group = _group_of(out.score, volume_node, chosen=out.score is targets.score)
         link_output(out.score, SCORE_ROLE, volume_node)
         _fill_volume(out.score, volume_node, result.score)
-        _show_scores(scene, out.score, result.threshold, result.score, result.brain_mask)
+        _show_scores(scene, undo, out.score, result.threshold, result.score, result.brain_mask)
         # A labelmap of the run this one updates is kept current even when none is asked for (not stale beside
         # the new score volume).
         earlier_labelmap = _of_group(scene, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node, group)
         if targets.labelmap is not None or create_labelmap or earlier_labelmap is not None:
-            out.labelmap = _output(scene, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
+            out.labelmap = _output(scene, undo, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
                                    "anomaly labelmap", group)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.CreateDefaultDisplayNodes()
-        out.segmentation = _output(scene, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
+        out.segmentation = _output(scene, undo, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
                                    volume_node, "anomaly segmentation", group)
-        _fill_segmentation(scene, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
-        out.components = _output(scene, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE, volume_node,
-                                 "anomaly components", group)
+        _fill_segmentation(scene, undo, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
+        out.components = _output(scene, undo, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE,
+                                 volume_node, "anomaly components", group)
         _fill_components(out.components, volume_node, result.components)
-        out.slice_table = _output(scene, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
+        out.slice_table = _output(scene, undo, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
                                   "slice scores", group)
-        _fill_slices(out.slice_table, result.slices)
-        out.slice_chart = _slice_chart(scene, out.slice_table, volume_node, targets.slice_chart, group)
+        _fill_slices(out.slice_table, volume_node, result.slices)
+        out.slice_chart = _slice_chart(scene, undo, out.slice_table, volume_node, targets.slice_chart, group)
         stamp_run([*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)])  # the chart's series too
     return out
 
@@ -361,11 +403,18 @@ def display_range(threshold: float, score: sitk.Image, brain: sitk.Image) -> Tup
     return lower, upper
 
 
-def _show_scores(scene, node: slicer.vtkMRMLScalarVolumeNode, threshold: float, score: sitk.Image,
+def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, threshold: float, score: sitk.Image,
                  brain: sitk.Image) -> None:
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
-    display = node.GetDisplayNode()
+    display = node.GetVolumeDisplayNode()  # not the colour legend, which may come first
+    if display is None:
+        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        node.AddAndObserveDisplayNodeID(display.GetID())
+    undo.keep(display)
+    for i in range(node.GetNumberOfDisplayNodes()):  # a legend of a display node deleted meanwhile shows this one
+        legend = node.GetNthDisplayNode(i)
+        if legend is not None and legend.IsA("vtkMRMLColorLegendDisplayNode") and \
+                legend.GetPrimaryDisplayNode() is not display:
+            legend.SetAndObservePrimaryDisplayNode(display)
     lower, upper = display_range(threshold, score, brain)
     wasModifying = display.StartModify()
     display.SetAndObserveColorNodeID(score_color_node_id(scene))
@@ -377,31 +426,33 @@ def _show_scores(scene, node: slicer.vtkMRMLScalarVolumeNode, threshold: float, 
     display.EndModify(wasModifying)
 
 
-def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
-    """ID of this module's segment in a segmentation, or None."""
-    segmentation = node.GetSegmentation()
-    for i in range(segmentation.GetNumberOfSegments()):
-        value = vtk.reference("")
-        if segmentation.GetNthSegment(i).GetTag(SEGMENT_TAG, value) and str(value) == "anomaly":
-            return segmentation.GetNthSegmentID(i)
-    return None
-
-
 def _segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
     segmentation = node.GetSegmentation()
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
 
-def _fill_segmentation(scene, node, volume_node, labelmap: sitk.Image, labelmap_node, show_3d: bool) -> None:
-    """Put the anomalies into ``node`` as this module's segment, replacing only its previous one."""
+def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Image, labelmap_node,
+                       show_3d: bool) -> None:
+    """Put the anomalies into ``node`` as this module's segment, replacing only its previous one; a previous one
+    the user renamed (e.g. corrected and named as a finding) is theirs now and kept."""
     segmentation = node.GetSegmentation()
     previous = anomaly_segment_id(node)
-    if previous is not None:
+    old = None if previous is None else segmentation.GetSegment(previous)
+    if old is not None and old.GetName() != SEGMENT_NAME:
+        old.RemoveTag(SEGMENT_TAG)
+        undo.on_failure(lambda: old.SetTag(SEGMENT_TAG, "anomaly"))
+        log.info("The segment '%s' of '%s' was renamed; it is kept, and the new anomalies get a segment of their own.",
+                 old.GetName(), node.GetName())
+    elif old is not None:
+        ids = _segment_ids(node)
+        following = ids[ids.index(previous) + 1] if ids.index(previous) + 1 < len(ids) else ""
         segmentation.RemoveSegment(previous)
+        undo.on_failure(lambda: segmentation.AddSegment(old, previous, following))
     if segmentation.GetNumberOfSegments() == 0:  # only then may the node take the input's geometry
         node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     before = set(_segment_ids(node))
+    undo.on_failure(lambda: [segmentation.RemoveSegment(i) for i in _segment_ids(node) if i not in before])
     # Import from a labelmap node in the scene, under the volume's transform like the segmentation,
     # so the import applies no transform (a static method: no logic instance or scene needed).
     importer = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode
@@ -422,6 +473,7 @@ def _fill_segmentation(scene, node, volume_node, labelmap: sitk.Image, labelmap_
     segment.SetName(SEGMENT_NAME)
     segment.SetColor(*SEGMENT_COLOR)
     segment.SetTag(SEGMENT_TAG, "anomaly")
+    undo.keep(node.GetDisplayNode())
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()  # per segment: the other segments of a user's segmentation keep their look
@@ -481,9 +533,10 @@ def _fill_components(table_node, volume_node, components) -> None:
     ])
 
 
-def _fill_slices(table_node, rows) -> None:
+def _fill_slices(table_node, volume_node, rows) -> None:
     axis = "IJK"[rows[0].axis] if rows else "K"
     table_node.SetAttribute(SLICE_AXIS_ATTRIBUTE, axis)
+    table_node.SetAttribute(SLICE_GRID_ATTRIBUTE, " ".join(repr(float(v)) for v in ijk_to_ras(volume_node).ravel()))
     _set_columns(table_node, [
         ("Slice", _array(vtk.vtkIntArray, [r.index for r in rows]), ""),
         ("KL", _array(vtk.vtkDoubleArray, [r.kl for r in rows]), ""),
@@ -495,15 +548,17 @@ def _fill_slices(table_node, rows) -> None:
     ])
 
 
-def _slice_chart(scene, table_node, volume_node, existing, group: Optional[str]) -> slicer.vtkMRMLPlotChartNode:
-    series = _output(scene, None, "vtkMRMLPlotSeriesNode", "slice series", volume_node, "slice score series", group)
+def _slice_chart(scene, undo: Undo, table_node, volume_node, existing,
+                 group: Optional[str]) -> slicer.vtkMRMLPlotChartNode:
+    series = _output(scene, undo, None, "vtkMRMLPlotSeriesNode", "slice series", volume_node, "slice score series",
+                     group)
     series.SetAndObserveTableNodeID(table_node.GetID())
     series.SetXColumnName("Slice")
     series.SetYColumnName("Slice anomaly")
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
     series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
-    chart = _output(scene, existing, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume_node, "slice scores chart",
-                    group)
+    chart = _output(scene, undo, existing, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume_node,
+                    "slice scores chart", group)
     chart.RemoveAllPlotSeriesNodeIDs()
     chart.AddAndObservePlotSeriesNodeID(series.GetID())
     chart.SetTitle(f"{volume_node.GetName()}: anomaly per slice")

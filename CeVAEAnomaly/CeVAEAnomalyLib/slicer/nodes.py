@@ -22,6 +22,10 @@ ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
 SOURCE_REFERENCE = "CeVAEAnomalySource"
 SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
 RUN_ATTRIBUTE = "CeVAEAnomaly.Run"  # when the run that filled the node published it (ns since the epoch)
+# The slice table's grid: the input's IJK-to-RAS (16 numbers) when its indices were written. A scene save stores a
+# left-handed volume with its slice axis reversed, so the indices are read back through this matrix.
+SLICE_GRID_ATTRIBUTE = "CeVAEAnomaly.SliceGrid"
+SEGMENT_TAG = "CeVAEAnomaly.Role"  # tag of this module's segment: only it is replaced on a new run
 SCORE_ROLE = "score"
 SEGMENTATION_ROLE = "segmentation"
 LABELMAP_ROLE = "labelmap"
@@ -64,13 +68,25 @@ def to_world(node: slicer.vtkMRMLTransformableNode, point: Sequence[float]) -> T
     return tuple(float(v) for v in transform.TransformPoint([float(v) for v in point]))
 
 
-def slice_center_ras(volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int) -> Tuple[float, float, float]:
-    """World RAS of the centre of slice ``index`` along IJK axis ``axis`` of the volume."""
+def slice_center_ras(volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: int,
+                     grid: Optional[np.ndarray] = None) -> Tuple[float, float, float]:
+    """World RAS of the centre of slice ``index`` along IJK axis ``axis`` of the volume, its indices read on
+    ``grid`` (an IJK-to-RAS matrix of the same voxels; default: the volume's own)."""
     dims = volume_node.GetImageData().GetDimensions()
     ijk = [(d - 1) / 2.0 for d in dims]
     ijk[axis] = float(index)
-    local = ijk_to_ras(volume_node) @ np.array([*ijk, 1.0])
+    local = (ijk_to_ras(volume_node) if grid is None else grid) @ np.array([*ijk, 1.0])
     return to_world(volume_node, local[:3])
+
+
+def slice_grid(table_node: slicer.vtkMRMLTableNode) -> Optional[np.ndarray]:
+    """The IJK-to-RAS matrix a slice table's indices were written on (None: written before it was recorded)."""
+    value = table_node.GetAttribute(SLICE_GRID_ATTRIBUTE)
+    try:
+        numbers = [float(v) for v in value.split()] if value else []
+    except ValueError:
+        numbers = []
+    return np.array(numbers).reshape(4, 4) if len(numbers) == 16 else None
 
 
 # --- outputs and their source ------------------------------------------------------------------
@@ -136,14 +152,41 @@ def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: 
     return (same_run or sorted(found, key=_run_of) or [None])[-1]
 
 
+def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
+    """ID of this module's segment in a segmentation, or None."""
+    segmentation = node.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        value = vtk.reference("")
+        if segmentation.GetNthSegment(i).GetTag(SEGMENT_TAG, value) and str(value) == "anomaly":
+            return segmentation.GetNthSegmentID(i)
+    return None
+
+
+def user_segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
+    """IDs of a segmentation's segments that are not this module's anomaly segment."""
+    segmentation = node.GetSegmentation()
+    anomaly = anomaly_segment_id(node)
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+            if segmentation.GetNthSegmentID(i) != anomaly]
+
+
+def is_module_output(node: slicer.vtkMRMLNode) -> bool:
+    """Whether ``node`` holds only this module's results: a score volume, an anomaly labelmap, or an anomaly
+    segmentation without segments of a user's own (a user's segmentation that also receives the anomaly
+    segment stays theirs, e.g. as a brain mask)."""
+    if not node.GetAttribute(ROLE_ATTRIBUTE):
+        return False
+    return not (isinstance(node, slicer.vtkMRMLSegmentationNode) and user_segment_ids(node))
+
+
 def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
-    """IDs of the volumes and segmentations this module made (score volumes, labelmaps, anomaly
-    segmentations): the selectors of inputs, masks and healthy volumes hide them."""
+    """IDs of the volumes and segmentations that hold only this module's results (:func:`is_module_output`): the
+    selectors of inputs, masks and healthy volumes hide them."""
     found = []
     for class_name in ("vtkMRMLVolumeNode", "vtkMRMLSegmentationNode"):
         for i in range(scene.GetNumberOfNodesByClass(class_name)):
             node = scene.GetNthNodeByClass(i, class_name)
-            if node.GetAttribute(ROLE_ATTRIBUTE):
+            if is_module_output(node):
                 found.append(node.GetID())
     return found
 
@@ -212,7 +255,7 @@ class StoredResult:
 
         row = int(np.lexsort((index, -column("Sample score"), -column("Highest score"), -column("Slice anomaly")))[0])
         axis = "IJK".index(table.GetAttribute(SLICE_AXIS_ATTRIBUTE) or "K")
-        return slice_center_ras(self.volume, axis, int(index[row]))
+        return slice_center_ras(self.volume, axis, int(index[row]), slice_grid(table))
 
 
 def stored_result(score: Optional[slicer.vtkMRMLScalarVolumeNode]) -> Optional[StoredResult]:
