@@ -14,6 +14,12 @@ lesion. Map levers whose term a cache lacks (the restoration error of ``benchmar
 --restoration``) are left out.
 
     python scripts/benchmark_acquisition.py [--maps runs/acquisition] [--out docs] [--prefix benchmark_acquisition]
+
+Heads the models never saw, scored by the shipped model (``benchmark_acquisition_maps.py --subjects cortex_s1,...``
+into a folder of their own) are evaluated beside the folds' caches, each calibrated only on the bundled subjects:
+
+    python scripts/benchmark_acquisition.py --maps runs/acquisition runs/acquisition-new --subjects cortex_s1,brainbrowser1
+        --calibration-subjects colin27,mni152,robex --maps-levers NONE --prefix benchmark_acquisition_new_subjects
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -335,10 +341,10 @@ def load(path: Path) -> Case:
     return c
 
 
-def index(maps: Path) -> Dict[Tuple[str, str], List[Path]]:
+def index(folders: Sequence[Path]) -> Dict[Tuple[str, str], List[Path]]:
     """(subject, variant) -> case files (held-out healthy first, the model's training subjects last)."""
     out: Dict[Tuple[str, str], List[Path]] = defaultdict(list)
-    for p in case_files(maps):
+    for p in (case for folder in folders for case in case_files(folder)):
         with np.load(p) as z:
             meta = json.loads(str(z["meta"]))
         out[(meta["subject"], meta["variant"])].append(p)
@@ -363,16 +369,40 @@ def quantile_threshold(tops: List[Tuple[np.ndarray, int]], rate: float) -> float
     return float(values[min(i, len(values) - 1)])
 
 
+def threshold_for(tops: Dict[Tuple[str, str, str, str], Tuple[np.ndarray, int]], m: str, s: str, v: str, rule: str,
+                  calibration: Sequence[str]) -> float:
+    """The threshold of map ``m`` for subject S in variant ``v``: the bundled rate on the held-out healthy scans
+    (``tops``: (map, subject, variant, case) -> :func:`healthy_top`) of the ``calibration`` subjects other than S
+    ("clean", "class", "variant": a site calibration on two healthy scans of the same acquisition), or on the
+    training subjects of S's model scored by it ("in-sample ...")."""
+    same = {"clean": lambda w: w == "clean", "variant": lambda w: w == v,
+            "class": lambda w: thickness_class(w) == thickness_class(v)}[rule.replace("in-sample ", "")]
+    if rule.startswith("in-sample"):
+        pool = [t for (mm, o, w, case), t in tops.items() if mm == m and o == s and case.startswith("train-") and same(w)]
+    else:
+        pool = [t for (mm, o, w, case), t in tops.items()
+                if mm == m and o != s and o in calibration and case == "healthy" and same(w)]
+    return quantile_threshold(pool, SHIPPED_FPR) if pool else float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--maps", type=Path, default=Path("runs/acquisition"))
+    p.add_argument("--maps", type=Path, nargs="+", default=[Path("runs/acquisition")], help="cache folder(s)")
+    p.add_argument("--subjects", help="comma-separated subjects to evaluate (default: all of the caches)")
+    p.add_argument("--calibration-subjects",
+                   help="comma-separated subjects whose healthy scans set the thresholds (default: all; never S itself)")
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--prefix", default="benchmark_acquisition", help="output names: <prefix>.json, <prefix>_tables.md")
     p.add_argument("--maps-levers", help="comma-separated substrings of MAPS names (default: all)")
     args = p.parse_args()
     t0 = time.time()
     files = index(args.maps)
-    subjects = sorted({s for s, _ in files})
+    subjects = sorted(args.subjects.split(",") if args.subjects else {s for s, _ in files})
+    calibration = sorted(args.calibration_subjects.split(",") if args.calibration_subjects else {s for s, _ in files})
+    missing = sorted(set(subjects + calibration) - {s for s, _ in files})
+    if missing:
+        p.error(f"no cached cases of {missing} in {[str(f) for f in args.maps]}")
+    files = {(s, v): paths for (s, v), paths in files.items() if s in subjects or s in calibration}
     variants = [v for v in VARIANTS if any((s, v) in files for s in subjects)]
     with np.load(next(iter(files.values()))[0]) as z:
         cached = set(z.files)
@@ -402,16 +432,7 @@ def main() -> None:
     print(f"healthy pass {time.time() - t0:.0f} s", flush=True)
 
     def thr(m: str, s: str, v: str, rule: str) -> float:
-        """The threshold for subject S: from the other subjects' held-out healthy scans ("clean", "class",
-        "variant": a site calibration on two healthy scans of the same acquisition), or from the training
-        subjects of S's model scored by it ("in-sample ...")."""
-        same = {"clean": lambda w: w == "clean", "variant": lambda w: w == v,
-                "class": lambda w: thickness_class(w) == thickness_class(v)}[rule.replace("in-sample ", "")]
-        if rule.startswith("in-sample"):
-            pool = [t for (mm, o, w, case), t in tops.items() if mm == m and o == s and case.startswith("train-") and same(w)]
-        else:
-            pool = [t for (mm, o, w, case), t in tops.items() if mm == m and o != s and case == "healthy" and same(w)]
-        return quantile_threshold(pool, SHIPPED_FPR) if pool else float("nan")
+        return threshold_for(tops, m, s, v, rule, calibration)
 
     null_mass: Dict[Tuple[str, str, float], float] = {}  # (map, subject, threshold) -> largest healthy excess mass
     rows: Dict[str, Dict[str, dict]] = defaultdict(dict)  # lever -> variant -> figures
@@ -446,7 +467,8 @@ def main() -> None:
                         if lab == MASS:  # the calibration scans of rule "clean": the other subjects' clean healthy scans
                             if (m, s, t) not in null_mass:
                                 null_mass[(m, s, t)] = largest_excess(
-                                    [z_c for (mc, o), z_c in calibration_maps.items() if mc == m and o != s], t)
+                                    [z_c for (mc, o), z_c in calibration_maps.items()
+                                     if mc == m and o != s and o in calibration], t)
                             mass = null_mass[(m, s, t)]
                         labelmap, n, first = label_case(z, c, t, lab, mass)
                         if c["case"] == "healthy":
@@ -495,7 +517,8 @@ def main() -> None:
     moved = {v: {name: {k: pm[k] for k in ("auprc", "best_dice", "n_cases")}
                      for name, cases in per_map.items() for pm in [pooled_metrics(cases)]}
              for v, per_map in terms.items()}
-    result = {"moved_tissue": moved, "chain_vs_detector_max_abs_difference": checks, "subjects": subjects, "variants": variants, "fpr": SHIPPED_FPR, "rows": rows, "slice_weights": slice_weights}
+    result = {"moved_tissue": moved, "chain_vs_detector_max_abs_difference": checks, "subjects": subjects,
+              "calibration_subjects": calibration, "variants": variants, "fpr": SHIPPED_FPR, "rows": rows, "slice_weights": slice_weights}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.prefix}.json").write_text(json.dumps(result, indent=1))
     text = render(result)
@@ -537,8 +560,10 @@ def _merit(per_v: Dict[str, dict]) -> Tuple[float, float]:
 def render(result: dict) -> str:
     default = f"default | clean | {DEFAULT_LABELS}"
     rows = result["rows"]
+    others = ("the other subjects'" if result.get("calibration_subjects", result["subjects"]) == result["subjects"]
+              else f"{', '.join(result['calibration_subjects'])}'s (never the subject's own)")
     lines = _variant_table(f"Default detector (subjects {', '.join(result['subjects'])}; threshold: healthy "
-                           f"false-positive rate {result['fpr']:.6f} on the other subjects' clean held-out scans):",
+                           f"false-positive rate {result['fpr']:.6f} on {others} clean held-out scans):",
                            rows.get(default, {}))
     floor = _merit(rows[default])[0] if default in rows else 0.0
     best = max((k for k in rows if k != default and _merit(rows[k])[0] >= floor), key=lambda k: _merit(rows[k])[1],

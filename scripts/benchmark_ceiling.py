@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--prefix", default="benchmark_acquisition_ceiling")
     args = p.parse_args()
-    files = ba.index(args.maps)
+    files = ba.index([args.maps])
     thresholds = held_out_thresholds(files)
     if len(thresholds) < 2:  # each subject's threshold comes from the others' clean healthy maps
         p.error(f"{args.maps} holds the clean healthy maps of fewer than two subjects; the held-out thresholds "

