@@ -100,10 +100,12 @@ class Undo:
         step that changes them says how to undo it (:meth:`on_failure`)."""
         if node is None or node.GetID() in self._kept or isinstance(node, slicer.vtkMRMLSegmentationNode):
             return
+        # A volume's voxels are replaced, never changed in place (update_volume_from_image): the copy shares them.
+        deep = not isinstance(node, slicer.vtkMRMLVolumeNode)
         copy = node.CreateNodeInstance()
-        copy.CopyContent(node, True)
+        copy.CopyContent(node, deep)
         self._kept.add(node.GetID())
-        self.on_failure(lambda: node.CopyContent(copy, True))
+        self.on_failure(lambda: node.CopyContent(copy, deep))
 
     def on_failure(self, step: Callable[[], None]) -> None:
         self._steps.append(step)
