@@ -646,6 +646,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is not None:
             with slicer.util.WaitCursor():
                 self.logic.discardJob(job)
+            if job.wrote_output:  # the cancel came after the worker's last write
+                message = _("Cancelled after the run had written {path}: the model is complete but not in use; "
+                            "choose it as the model to use it.").format(path=job.request["out"])
         self.state.finished()
         self.ui.statusLabel.text = message
 

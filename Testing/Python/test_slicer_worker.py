@@ -644,3 +644,29 @@ def test_a_job_ends_when_its_worker_does_even_if_a_process_it_started_holds_its_
     start = time.monotonic()
     assert job.wait(timeout=10) is JobState.DONE and job.done == {"n": 1}
     assert time.monotonic() - start < 10
+
+
+def test_a_job_knows_whether_its_output_was_written_before_a_cancel(tmp_path):
+    """A cancel just after a calibration or adaptation wrote its model: the panel says the model is there."""
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    out = tmp_path / "site.cevae"
+    out.write_bytes(b"an earlier run's model")
+    script = tmp_path / "worker"
+    script.write_text(f"#!/bin/sh\nprintf 'a new model' > {out}.part && mv {out}.part {out}\nsleep 20\n")
+    script.chmod(0o755)
+    job = WorkerJob({"task": "adapt", "out": str(out)}, tmp_path, python=str(script))
+    deadline = time.monotonic() + 10
+    while out.read_bytes() != b"a new model" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    assert job.state is JobState.CANCELLED and job.wrote_output
+    script.write_text("#!/bin/sh\nsleep 20\n")
+    job = WorkerJob({"task": "adapt", "out": str(out)}, tmp_path, python=str(script))
+    job.cancel()
+    assert not job.wrote_output
+    detection = WorkerJob({"task": "detect"}, tmp_path, python=str(script))
+    detection.cancel()
+    assert not detection.wrote_output

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 
@@ -126,6 +126,7 @@ class WorkerJob:
         self.error: Optional[str] = None
         self.output: List[str] = []  # lines that were not protocol messages (warnings, tracebacks)
         self._cancelled = False
+        self._output_before = _file_stamp(request.get("out"))
         request_path = self.folder / "request.json"
         # the worker watches this process (Slicer) itself: behind a launcher its parent is the launcher
         request_path.write_text(json.dumps(dict(request, owner_pid=os.getpid())), encoding="utf-8")
@@ -136,6 +137,13 @@ class WorkerJob:
         self._reader.start()
         self._eof = False
         self._exited_at: Optional[float] = None
+
+    @property
+    def wrote_output(self) -> bool:
+        """Whether the job's output file (a calibrated or adapted model) was written since the job started: a
+        cancel can come after the worker's last write."""
+        out = self.request.get("out")
+        return out is not None and _file_stamp(out) not in (None, self._output_before)
 
     @property
     def finished(self) -> bool:
@@ -216,6 +224,15 @@ class WorkerJob:
         """Raise the worker's error as a CeVAEError if the job failed."""
         if self.state is JobState.FAILED:
             raise CeVAEError(self.error or "The worker failed.")
+
+
+def _file_stamp(path: Optional[str]) -> Optional[Tuple[int, int, int]]:
+    """(inode, size, modification time in ns) of a file, or None if there is none."""
+    try:
+        status = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if status is None else (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 def _read_lines(stream: IO, lines: "queue.Queue[Optional[str]]") -> None:
