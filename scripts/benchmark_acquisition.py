@@ -176,12 +176,14 @@ NEEDS = {RESTORE: "restore", "restoration error alone": "restore", AXIAL: "combi
 # ---- labelmaps ----
 
 def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0.0, opening: bool = False,
-               grow: float = 1.0, mass: Optional[float] = None) -> Tuple[List[Tuple[int, float]], np.ndarray]:
+               grow: float = 1.0, mass: Optional[float] = None, big_ml: float = np.inf
+               ) -> Tuple[List[Tuple[int, float]], np.ndarray]:
     """Components (26-connected) of z > ``grow``·t with at least ``min_mm3`` and a maximum above ``peak``·t
     (``grow`` < 1: hysteresis, the components of z > grow·t that reach above t, as the detector's
     ``--hysteresis grow``; ``opening``: the thresholded map first opened in each slice plane by a 3 × 3
     cross, which removes structures one or two voxels wide such as enhancing vessels; ``mass``: only those
-    whose excess Σ(z − t) exceeds it): ([(label, summed score)], largest summed score first; the label array)."""
+    whose excess Σ(z − t) exceeds it; ``big_ml``: a component at least this large is kept whatever its peak):
+    ([(label, summed score)], largest summed score first; the label array)."""
     peak = max(peak, 1.0) if grow < 1 else peak
     above = z > grow * t
     if opening:
@@ -198,8 +200,9 @@ def components(z: np.ndarray, c: Case, t: float, min_mm3: float, peak: float = 0
     sums = ndimage.sum_labels(z, labels, idx)
     peaks = ndimage.maximum(z, labels, idx) if peak > 0 else np.full(n, np.inf)
     excess = sums - t * sizes if mass is not None else np.full(n, np.inf)
+    big_voxels = big_ml * 1000.0 / float(np.prod(c["spacing"]))
     keep = [(int(i), float(s)) for i, n_vox, s, p, e in zip(idx, sizes, sums, peaks, excess)
-            if n_vox >= min_voxels and p > peak * t and (mass is None or e > mass)]
+            if n_vox >= min_voxels and (p > peak * t or n_vox >= big_voxels) and (mass is None or e > mass)]
     return sorted(keep, key=lambda k: -k[1]), labels
 
 
@@ -219,6 +222,10 @@ LABELS: Dict[str, Tuple[Callable[[Case], float], float, bool, float]] = {
 # (≥ 50 mm³) the same map and threshold give on the calibration scans (the other subjects' clean healthy scans)
 MASS = "min 50 mm³, heavier than every component of the healthy calibration scans"
 LABELS[MASS] = (lambda c: 50.0, 0.0, False, 1.0)
+# the peak filter with an escape for large components (a lesion whose peak lies just under 2 t, as at 0.5 mm)
+BIG: Dict[str, float] = {f"{DEFAULT_LABELS[:-len(' (default)')]}, or ≥ {ml:g} ml": ml for ml in (0.5, 1.0, 2.0)}
+for _rule in BIG:
+    LABELS[_rule] = LABELS[DEFAULT_LABELS]
 
 
 MIN50, SCALED, PEAK, OPEN = ("min 50 mm³ (the default before)", "min 50 mm³ × slice thickness / 1 mm",
@@ -239,6 +246,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("default", "clean", OPEN),
     ("default", "clean", "min 50 mm³, grown to 0.7 t (hysteresis)"),
     ("default", "clean", MASS),
+    *[("default", "clean", rule) for rule in BIG],
     (MAD, "clean", MIN50),
     (MAD, "variant", MIN50),
     (MAD, "class", SCALED),
@@ -266,7 +274,7 @@ def label_case(z: np.ndarray, c: Case, t: float, rule: str, mass: Optional[float
     """:func:`labelled` by the labelmap rule ``rule`` of :data:`LABELS` at threshold ``t`` (``mass``: see
     :func:`components`)."""
     min_fn, peak, opening, grow = LABELS[rule]
-    return labelled(c, *components(z, c, t, min_fn(c), peak, opening, grow, mass))
+    return labelled(c, *components(z, c, t, min_fn(c), peak, opening, grow, mass, BIG.get(rule, np.inf)))
 
 
 def largest_excess(scans: List[Tuple[np.ndarray, Case]], t: float) -> float:

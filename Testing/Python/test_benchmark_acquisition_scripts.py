@@ -41,6 +41,16 @@ def test_hysteresis_grows_components_that_reach_the_threshold_and_only_those(scr
     assert len(low) == 2  # the same low threshold without seeds keeps B too
 
 
+def test_the_peak_filter_keeps_a_large_component_just_under_its_peak_when_asked(scripts):
+    ba, _ = scripts
+    c = blobs_case()  # at t = 3.5 with peak > 2 t: A (peak 10) stays, B (peak 4, 144 voxels = 0.144 ml) goes
+    assert len(ba.components(c["z"], c, 3.5, 50.0, peak=2.0)[0]) == 1
+    assert len(ba.components(c["z"], c, 3.5, 50.0, peak=2.0, big_ml=0.1)[0]) == 2
+    assert len(ba.components(c["z"], c, 3.5, 50.0, peak=2.0, big_ml=0.2)[0]) == 1
+    rule = next(r for r, ml in ba.BIG.items() if ml == 1.0)
+    assert ba.LABELS[rule] == ba.LABELS[ba.DEFAULT_LABELS] and rule.endswith("or ≥ 1 ml")
+
+
 def test_the_calibrated_mass_rule_keeps_only_components_heavier_than_every_healthy_one(scripts):
     ba, _ = scripts
     c = blobs_case()
