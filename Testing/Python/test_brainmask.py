@@ -270,3 +270,14 @@ def test_a_fine_scan_is_averaged_in_blocks_before_its_registration_copy_is_smoot
                            (1.0, 1.0, 1.0), image.GetDirection(), 0.0, image.GetPixelID())
     np.testing.assert_array_equal(sitk.GetArrayFromImage(_downsampled(coarse)),  # 1 mm voxels: smoothed as they are
                                   every_voxel_smoothed(coarse, _downsampled(coarse)))
+
+
+
+def test_a_thin_stack_of_fine_slices_keeps_enough_voxels_to_smooth():
+    """Block averaging never leaves an axis with fewer voxels than the volume checks allow (4)."""
+    from CeVAEAnomalyLib.engine.brainmask import _downsampled
+
+    for slices, spacing in ((6, 0.5), (5, 0.3), (11, 0.3)):
+        image = sitk.GetImageFromArray(np.random.default_rng(0).random((slices, 60, 60), dtype=np.float32))
+        image.SetSpacing((1.0, 1.0, spacing))
+        assert _downsampled(image).GetSize()[:2] == (15, 15)

@@ -159,7 +159,7 @@ def test_a_rerun_without_the_labelmap_option_keeps_the_earlier_labelmap_current(
     assert mrml.node_ids(scene) == ids and second.labelmap is first.labelmap
     assert np.array_equal(array(second.labelmap), sitk.GetArrayFromImage(lower.labelmap))
     assert second.labelmap.GetAttribute(nodes.RUN_ATTRIBUTE) == second.score.GetAttribute(nodes.RUN_ATTRIBUTE)
-    mine = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my scores")  # a run into new nodes makes none
+    mine = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my scores")  # new nodes, no labelmap asked: none
     third = mrml.publish(scene, volume, fake_detection(image, mask, 1.1), mrml.OutputNodes(score=mine))
     assert third.labelmap is None
 
@@ -254,6 +254,60 @@ def test_a_run_sent_to_a_new_score_volume_leaves_the_earlier_results_whole(scene
     assert first.components.GetNumberOfRows() == rows > 0
     assert np.array_equal(anomaly_voxels(first.segmentation, volume), segment)
     assert nodes.stored_result(first.score).components is first.components
+
+
+def test_a_rerun_into_an_earlier_runs_score_volume_leaves_a_later_runs_results_whole(scene):
+    """Run 1, run 2 into a new score volume, then a run into run 1's score volume with run 2's segmentation and
+    table still chosen (as the panel keeps them): run 1's nodes are updated, run 2's stay as they were."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    fresh = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "new scores")
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1.05), mrml.OutputNodes(score=fresh))
+    rows, segment = second.components.GetNumberOfRows(), anomaly_voxels(second.segmentation, volume)
+    third = mrml.publish(scene, volume, fake_detection(image, mask, 1e6),
+                         mrml.OutputNodes(score=first.score, segmentation=second.segmentation,
+                                          components=second.components))
+    assert third.segmentation is first.segmentation and third.components is first.components
+    assert second.components.GetNumberOfRows() == rows > 0 and third.components.GetNumberOfRows() == 0
+    assert np.array_equal(anomaly_voxels(second.segmentation, volume), segment)
+
+
+def test_a_run_to_a_new_score_volume_leaves_the_results_of_a_scene_saved_before_run_stamps_whole(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    for node in vars(first).values():
+        if node is not None:
+            node.RemoveAttribute(nodes.RUN_ATTRIBUTE)
+    rows, segment = first.components.GetNumberOfRows(), anomaly_voxels(first.segmentation, volume)
+    fresh = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "new scores")
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1e6),
+                          mrml.OutputNodes(score=fresh, segmentation=first.segmentation, components=first.components))
+    assert second.components is not first.components and first.components.GetNumberOfRows() == rows > 0
+    assert np.array_equal(anomaly_voxels(first.segmentation, volume), segment)
+
+
+def test_a_failing_publish_keeps_the_segments_look_and_the_outputs_transforms(scene, monkeypatch):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    anomaly = nodes.anomaly_segment_id(first.segmentation)
+    display = first.segmentation.GetDisplayNode()
+    assert display.GetSegmentVisibility2DOutline(anomaly) and not display.GetSegmentVisibility2DFill(anomaly)
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    volume.SetAndObserveTransformNodeID(moved.GetID())  # the user moves the input before the rerun
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mrml, "_fill_slices", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        mrml.publish(scene, volume, fake_detection(image, mask, 1.05))
+    anomaly = nodes.anomaly_segment_id(first.segmentation)
+    display = first.segmentation.GetDisplayNode()
+    assert display.GetSegmentVisibility2DOutline(anomaly) and not display.GetSegmentVisibility2DFill(anomaly)
+    assert first.score.GetTransformNodeID() is None and first.segmentation.GetTransformNodeID() is None
 
 
 def test_a_score_volume_whose_display_node_was_deleted_behind_its_legend_is_shown_again(scene):

@@ -31,6 +31,7 @@ TEMPLATE_T1 = "colin27_t1_2mm.nii.gz"
 TEMPLATE_MASK = "colin27_brainmask_2mm.nii.gz"
 
 _REGISTRATION_SPACING_MM = 4.0
+_MIN_AXIS_VOXELS = 4  # the fewest voxels an axis keeps when fine voxels are averaged in blocks
 _SAMPLING_FRACTION = 0.25
 _SEED = 20240601
 _PITCH_STARTS_DEG = (0.0, 20.0, -20.0)  # head nodding is the largest pose difference in practice
@@ -154,10 +155,9 @@ def _downsampled(image: sitk.Image) -> sitk.Image:
     are first averaged in blocks of about 1 mm (a 0.5 mm scan is smoothed on an eighth of its voxels)."""
     target = _REGISTRATION_SPACING_MM
     minimum = float(sitk.GetArrayViewFromImage(image).min())
-    blocks = [max(1, int(np.floor(1.0 / s))) for s in image.GetSpacing()]
-    block_grid = image
-    if max(blocks) > 1 and all(n >= b for n, b in zip(image.GetSize(), blocks)):
-        block_grid = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), blocks)
+    blocks = [b if n // b >= _MIN_AXIS_VOXELS else 1  # the smoothing needs a few voxels on each axis
+              for n, b in zip(image.GetSize(), (max(1, int(np.floor(1.0 / s))) for s in image.GetSpacing()))]
+    block_grid = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), blocks) if max(blocks) > 1 else image
     spacing = np.array(image.GetSpacing())
     size = np.array(image.GetSize())
     new_size = np.maximum(1, np.round(size * spacing / target)).astype(int)

@@ -98,13 +98,21 @@ class Undo:
         """Remember ``node``'s content (voxels, table, display properties, attributes) before it changes. A
         segmentation's segments are not copied (a segment copy needs converters only the application has): the
         step that changes them says how to undo it (:meth:`on_failure`)."""
-        if node is None or node.GetID() in self._kept or isinstance(node, slicer.vtkMRMLSegmentationNode):
+        if node is None or node.GetID() in self._kept:
+            return
+        self._kept.add(node.GetID())
+        if isinstance(node, slicer.vtkMRMLTransformableNode):  # a reference: not part of the content
+            transform = node.GetTransformNodeID()
+            self.on_failure(lambda: node.SetAndObserveTransformNodeID(transform))
+        if isinstance(node, slicer.vtkMRMLSegmentationNode):
+            name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+            geometry = node.GetSegmentation().GetConversionParameter(name)
+            self.on_failure(lambda: node.GetSegmentation().SetConversionParameter(name, geometry))
             return
         # A volume's voxels are replaced, never changed in place (update_volume_from_image): the copy shares them.
         deep = not isinstance(node, slicer.vtkMRMLVolumeNode)
         copy = node.CreateNodeInstance()
         copy.CopyContent(node, deep)
-        self._kept.add(node.GetID())
         self.on_failure(lambda: node.CopyContent(copy, deep))
 
     def on_failure(self, step: Callable[[], None]) -> None:
@@ -249,9 +257,11 @@ def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suf
         log.info("'%s' holds other results or is a processed input; the results of '%s' go elsewhere.",
                  existing.GetName(), source.GetName())
         existing = None
-    if existing is not None and group is None and existing.GetAttribute(RUN_ATTRIBUTE):
-        log.info("'%s' keeps the results of an earlier run of '%s'; this run, sent to a new score volume, gets "
-                 "its own.", existing.GetName(), source.GetName())
+    stamp = None if existing is None else existing.GetAttribute(RUN_ATTRIBUTE)
+    if existing is not None and ((group is None and existing.GetAttribute(ROLE_ATTRIBUTE))
+                                 or (group not in (None, NEWEST) and stamp and stamp != group)):
+        log.info("'%s' keeps the results of another run of '%s'; this run's go with its score volume.",
+                 existing.GetName(), source.GetName())
         existing = None
     if existing is None:
         existing = _of_group(scene, class_name, role, source, group)
@@ -437,6 +447,7 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
                        show_3d: bool) -> None:
     """Put the anomalies into ``node`` as this module's segment, replacing only its previous one; a previous one
     the user renamed (e.g. corrected and named as a finding) is theirs now and kept."""
+    undo.keep(node.GetDisplayNode())  # first: putting a removed segment back resets its display properties
     segmentation = node.GetSegmentation()
     previous = anomaly_segment_id(node)
     old = None if previous is None else segmentation.GetSegment(previous)
@@ -475,7 +486,6 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     segment.SetName(SEGMENT_NAME)
     segment.SetColor(*SEGMENT_COLOR)
     segment.SetTag(SEGMENT_TAG, "anomaly")
-    undo.keep(node.GetDisplayNode())
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()  # per segment: the other segments of a user's segmentation keep their look
