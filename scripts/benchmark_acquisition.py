@@ -256,6 +256,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     ("asymmetry floor 1.0", "clean", MIN50),
     ("asymmetry against a demons-aligned mirror", "clean", MIN50),
     ("tolerant asymmetry (mirror's 3 × 3 × 3 range)", "clean", MIN50),
+    ("tolerant asymmetry (mirror's 3 × 3 × 3 range)", "clean", DEFAULT_LABELS),
     (RESTORE, "clean", MIN50),
     ("score power 0.25 (the asymmetry has more say)", "clean", MIN50),
     ("score power 0.25 (the asymmetry has more say)", "clean", PEAK),
