@@ -18,8 +18,9 @@ lesion. Map levers whose term a cache lacks (the restoration error of ``benchmar
 Heads the models never saw, scored by the shipped model (``benchmark_acquisition_maps.py --subjects cortex_s1,...``
 into a folder of their own) are evaluated beside the folds' caches, each calibrated only on the bundled subjects:
 
-    python scripts/benchmark_acquisition.py --maps runs/acquisition runs/acquisition-new --subjects cortex_s1,brainbrowser1
-        --calibration-subjects colin27,mni152,robex --maps-levers NONE --prefix benchmark_acquisition_new_subjects
+    python scripts/benchmark_acquisition.py --maps runs/acquisition runs/acquisition-new \
+        --subjects cortex_s1,brainbrowser1 --calibration-subjects colin27,mni152,robex --maps-levers NONE \
+        --prefix benchmark_acquisition_new_subjects
 """
 from __future__ import annotations
 

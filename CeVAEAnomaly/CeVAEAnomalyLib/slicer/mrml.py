@@ -356,8 +356,8 @@ def publish(
         # the new score volume).
         earlier_labelmap = _of_group(scene, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node, group)
         if targets.labelmap is not None or create_labelmap or earlier_labelmap is not None:
-            out.labelmap = _output(scene, undo, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
-                                   "anomaly labelmap", group)
+            out.labelmap = _output(scene, undo, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE,
+                                   volume_node, "anomaly labelmap", group)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.CreateDefaultDisplayNodes()
         out.segmentation = _output(scene, undo, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
