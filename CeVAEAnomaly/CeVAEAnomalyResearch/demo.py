@@ -45,7 +45,7 @@ def run_demo(
     from CeVAEAnomalyLib.engine.bundle import load_bundle
     from CeVAEAnomalyLib.engine.devices import resolve_device
     from .evaluate import evaluate_case
-    from .figures import overlay_png
+    from .figures import overlay_png_bytes
     from CeVAEAnomalyLib.io.images import read_image
     from .lesions import insert_lesions
     from CeVAEAnomalyLib.engine.detector import detect
@@ -64,11 +64,11 @@ def run_demo(
     bundle = load_bundle(model or default_model_path(), resolve_device(device))
     result = detect(lesioned, bundle, None if auto_mask else mask, progress=progress)
     m = evaluate_case(result.score, truth, result.brain_mask, result.labelmap, name="demo")
-    values = (lesioned, truth, result.score, result.labelmap, slice_scores_csv(result), components_csv(result))
+    png = overlay_png_bytes(lesioned, result.score, result.labelmap, truth,
+                            title=f"CeVAEAnomaly demo: {', '.join(l.kind for l in lesions)} lesions")
+    values = (lesioned, truth, result.score, result.labelmap, slice_scores_csv(result), components_csv(result), png)
     files = {out_dir / name: value for name, value in zip(OUTPUT_FILES, values)}
-    write_all(files, overwrite=overwrite, inputs=inputs)
-    png = overlay_png(out_dir / OUTPUT_FILES[-1], lesioned, result.score, result.labelmap, truth,
-                      title=f"CeVAEAnomaly demo: {', '.join(l.kind for l in lesions)} lesions")
+    write_all(files, overwrite=overwrite, inputs=inputs)  # the picture with the rest: all seven or none
     metrics = {
         "pixel AUROC": m.auroc, "pixel AUPRC": m.auprc, "best Dice": m.best_dice,
         "Dice at calibrated threshold": m.dice_at_threshold, "flagged ml": result.flagged_ml,
@@ -78,7 +78,7 @@ def run_demo(
     trained_on = {s.get("name") for s in (bundle.header.training or {}).get("subjects", [])}
     note = (f"Note: {DEMO_SUBJECT} is one of this model's training subjects, so these figures are optimistic; "
             "held-out figures are in docs/benchmark.md." if f"{DEMO_SUBJECT}_t1" in trained_on else "")
-    return DemoReport(out_dir, [*files, png], metrics, time.perf_counter() - t0, note)
+    return DemoReport(out_dir, list(files), metrics, time.perf_counter() - t0, note)
 
 
 def _voxel_ml(image: sitk.Image) -> float:

@@ -1,6 +1,7 @@
 """PNG overlays: image, anomaly heat map, labelmap contour and (optionally) ground truth."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,7 +34,24 @@ def overlay_png(
     slices: Optional[Sequence[int]] = None,
     title: str = "",
 ) -> Path:
-    """Write a PNG: per chosen axial slice, the image and the score overlay with contours."""
+    """Write :func:`overlay_png_bytes` to ``path`` (atomically)."""
+    png = overlay_png_bytes(image, score, labelmap, truth, slices, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(png)
+    return path
+
+
+def overlay_png_bytes(
+    image: sitk.Image,
+    score: sitk.Image,
+    labelmap: Optional[sitk.Image] = None,
+    truth: Optional[sitk.Image] = None,
+    slices: Optional[Sequence[int]] = None,
+    title: str = "",
+) -> bytes:
+    """A PNG: per chosen axial slice, the image and the score overlay with contours."""
     try:
         import matplotlib
 
@@ -67,9 +85,7 @@ def overlay_png(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
-    return path
+    return buffer.getvalue()

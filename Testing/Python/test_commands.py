@@ -1,6 +1,7 @@
 """The calibrate, evaluate and demo commands end to end."""
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +214,28 @@ def test_demo_never_replaces_existing_files_without_overwrite(tmp_path, tiny_bun
     assert (out / "score.nii.gz").read_text() == "the user's own file"
     assert main(argv + ["--overwrite"]) == 0
     assert sitk.ReadImage(str(out / "score.nii.gz")).GetDimension() == 3
+
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")
+def test_demo_publishes_its_picture_with_the_other_outputs_or_nothing(tmp_path, tiny_bundle, capsys, monkeypatch):
+    """A short write of overlay.png (a full disk) leaves no output at all: the picture is one of the set, not a
+    step after it (a stop between them left six files, or a new set beside the previous run's picture)."""
+    from CeVAEAnomalyLib.io import atomic
+
+    real = atomic.check_complete
+
+    def short_picture(tmp, target, expected_bytes=None):
+        if Path(target).name == "overlay.png":
+            assert expected_bytes == Path(tmp).stat().st_size > 0  # the picture's size is checked
+            raise atomic.CeVAEError(f"Could not write {target} completely (disk full); Nothing was replaced.")
+        real(tmp, target, expected_bytes)
+
+    monkeypatch.setattr(atomic, "check_complete", short_picture)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out-dir", str(out), "--model", str(tiny_bundle), "--device", "cpu"]) == 2
+    assert "overlay.png completely" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv,message", [

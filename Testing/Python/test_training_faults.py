@@ -600,3 +600,22 @@ def test_a_fresh_run_stopped_before_its_first_checkpoint_keeps_the_earlier_runs_
     assert main(train_argv(manifest, out, EVERY, "--overwrite")) == 0  # a finished fresh run replaces the log
     rows = log_rows(out.with_name(out.name + ".log.csv"))
     assert [int(r["step"]) for r in rows] == [EVERY]
+
+
+
+def _worker_signal_handlers() -> tuple:
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM).__name__
+
+
+def test_pool_workers_leave_ctrl_c_to_the_main_process_and_clean_up_on_sigterm():
+    """The initializer of ``prepare --workers N``'s and ``batch --workers N``'s pools: without it Ctrl-C printed a
+    traceback per worker, and SIGTERM to the group (a scheduler's time limit) killed a worker mid-write, leaving
+    its temporary file in the slice cache."""
+    import concurrent.futures
+    import multiprocessing
+
+    from CeVAEAnomalyLib.cli.interrupts import pool_worker_signals
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=pool_worker_signals) as pool:
+        assert pool.submit(_worker_signal_handlers).result(timeout=120) == (True, "raise_terminated")

@@ -16,7 +16,6 @@ import logging
 import math
 import multiprocessing
 import os
-import signal
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +32,7 @@ from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
-from .interrupts import raise_terminated
+from .interrupts import pool_worker_signals
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
@@ -371,8 +370,7 @@ def _init_worker(settings: DetectSettings, threads: int, log_level: int, stop: E
     import torch
 
     global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process stops us
-    signal.signal(signal.SIGTERM, raise_terminated)  # a worker cleans up its temporary files too
+    pool_worker_signals()
     logging.basicConfig(level=log_level, format=f"%(levelname)s: [worker {os.getpid()}] %(message)s")
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

@@ -15,6 +15,14 @@ def raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def pool_worker_signals() -> None:
+    """In a pool's worker process: Ctrl-C, which reaches the whole process group, is left to the main process
+    (it stops the pool), and SIGTERM (a scheduler stopping the group) raises :class:`Terminated`, so that the
+    worker's temporary files are removed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` (main thread only; elsewhere nothing changes)."""

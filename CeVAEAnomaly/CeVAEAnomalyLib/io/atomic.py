@@ -128,11 +128,13 @@ def _writer_for(value: object) -> Writer:
         return lambda tmp: sitk.WriteImage(value, tmp, True)
     if isinstance(value, str):
         return _text_writer(value)
+    if isinstance(value, bytes):
+        return lambda tmp: Path(tmp).write_bytes(value)
     raise TypeError(f"cannot write a {type(value).__name__}")
 
 
 def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
-    """Write images (sitk.Image), texts (str) or anything a callable(temp_path) writes; all or none."""
+    """Write images (sitk.Image), texts (str), bytes or anything a callable(temp_path) writes; all or none."""
     from .images import error_text
 
     targets = [Path(t) for t in files]
@@ -146,7 +148,9 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
                 _writer_for(value)(temps[target])
             except (RuntimeError, OSError) as exc:
                 raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
-            check_complete(temps[target], target, len(value.encode("utf-8")) if isinstance(value, str) else None)
+            size = len(value.encode("utf-8")) if isinstance(value, str) else len(value) if isinstance(value, bytes) \
+                else None
+            check_complete(temps[target], target, size)
         with _stops_held():
             for target, tmp in temps.items():
                 try:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
+from ..cli.interrupts import pool_worker_signals
 from ..engine.config import PreprocessConfig
 from ..io.checksum import sha256_of
 from ..progress import ProgressCallback, report
@@ -42,7 +43,7 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
             report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
     else:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=pool_worker_signals) as pool:
             for n, result in enumerate(pool.map(_prepare_one, jobs)):
                 results.append(result)
                 report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
