@@ -16,7 +16,8 @@ from benchmark_eval import FPR, SUBJECTS, make_cases
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.calibration import calibrate, threshold_for_fpr
 from CeVAEAnomalyLib.training.data import Subject
-from CeVAEAnomalyResearch.figures import overlay_png
+from CeVAEAnomalyResearch.figures import overlay_png_bytes
+from CeVAEAnomalyLib.io.atomic import write_all
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.engine.calibrate import healthy_scores
 from CeVAEAnomalyLib.engine.detector import Detector
@@ -46,8 +47,9 @@ def main() -> None:
         for name, image, gt in make_cases(args.data, subject, 1):
             res = detect(image, mask)
             truth = read_like(gt, image)
-            overlay_png(args.out / f"{name}.png", image, res.score, res.labelmap, truth,
-                        title=f"{name} (model trained without {subject})")
+            write_all({args.out / f"{name}.png": overlay_png_bytes(
+                image, res.score, res.labelmap, truth, title=f"{name} (model trained without {subject})")},
+                overwrite=True)
             print(args.out / f"{name}.png")
 
 

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.io.atomic import atomic_path
 from CeVAEAnomalyLib.engine.axes import canonical_axes, to_canonical
 
 
@@ -23,24 +21,6 @@ def _axial(image: sitk.Image) -> np.ndarray:
 def best_slice(volume: sitk.Image) -> int:
     """Canonical axial slice with the largest sum of ``volume``."""
     return int(np.argmax(_axial(volume).reshape(_axial(volume).shape[0], -1).sum(1)))
-
-
-def overlay_png(
-    path: Path,
-    image: sitk.Image,
-    score: sitk.Image,
-    labelmap: Optional[sitk.Image] = None,
-    truth: Optional[sitk.Image] = None,
-    slices: Optional[Sequence[int]] = None,
-    title: str = "",
-) -> Path:
-    """Write :func:`overlay_png_bytes` to ``path`` (atomically)."""
-    png = overlay_png_bytes(image, score, labelmap, truth, slices, title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(png)
-    return path
 
 
 def overlay_png_bytes(
