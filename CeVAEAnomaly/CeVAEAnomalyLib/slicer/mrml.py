@@ -39,6 +39,7 @@ from .nodes import (
     ijk_to_ras,
     link_output,
     node_ids,
+    segment_ids,
     source_volume,
     stamp_run,
     to_numpy,
@@ -438,11 +439,6 @@ def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, thresh
     display.EndModify(wasModifying)
 
 
-def _segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
-    segmentation = node.GetSegmentation()
-    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-
-
 def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Image, labelmap_node,
                        show_3d: bool) -> None:
     """Put the anomalies into ``node`` as this module's segment, replacing only its previous one; a previous one
@@ -457,15 +453,16 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
         log.info("The segment '%s' of '%s' was renamed; it is kept, and the new anomalies get a segment of their own.",
                  old.GetName(), node.GetName())
     elif old is not None:
-        ids = _segment_ids(node)
-        following = ids[ids.index(previous) + 1] if ids.index(previous) + 1 < len(ids) else ""
+        ids = segment_ids(node)
+        later = ids[ids.index(previous) + 1:]
+        following = later[0] if later else ""  # where the segment goes back on failure
         segmentation.RemoveSegment(previous)
         undo.on_failure(lambda: segmentation.AddSegment(old, previous, following))
     if segmentation.GetNumberOfSegments() == 0:  # only then may the node take the input's geometry
         node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    before = set(_segment_ids(node))
-    undo.on_failure(lambda: [segmentation.RemoveSegment(i) for i in _segment_ids(node) if i not in before])
+    before = set(segment_ids(node))
+    undo.on_failure(lambda: [segmentation.RemoveSegment(i) for i in segment_ids(node) if i not in before])
     # Import from a labelmap node in the scene, under the volume's transform like the segmentation,
     # so the import applies no transform (a static method: no logic instance or scene needed).
     importer = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode
@@ -478,10 +475,10 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
             imported = importer(scratch, node)
     if not imported:
         raise CeVAEError(f"The anomaly labelmap could not be imported into '{node.GetName()}'.")
-    added = [i for i in _segment_ids(node) if i not in before]
+    added = [i for i in segment_ids(node) if i not in before]
     if not added:  # nothing above the threshold: keep an empty segment
         segmentation.AddSegment(_empty_segment(volume_node))
-        added = [i for i in _segment_ids(node) if i not in before]
+        added = [i for i in segment_ids(node) if i not in before]
     segment = segmentation.GetSegment(added[0])
     segment.SetName(SEGMENT_NAME)
     segment.SetColor(*SEGMENT_COLOR)

@@ -162,12 +162,16 @@ def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
     return None
 
 
+def segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
+    """IDs of a segmentation's segments, in order."""
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
 def user_segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
     """IDs of a segmentation's segments that are not this module's anomaly segment."""
-    segmentation = node.GetSegmentation()
     anomaly = anomaly_segment_id(node)
-    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
-            if segmentation.GetNthSegmentID(i) != anomaly]
+    return [i for i in segment_ids(node) if i != anomaly]
 
 
 def is_module_output(node: slicer.vtkMRMLNode) -> bool:
