@@ -407,9 +407,10 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.time()
     files = index(args.maps)
-    subjects = sorted(args.subjects.split(",") if args.subjects else {s for s, _ in files})
-    calibration = sorted(args.calibration_subjects.split(",") if args.calibration_subjects else {s for s, _ in files})
-    missing = sorted(set(subjects + calibration) - {s for s, _ in files})
+    cached_subjects = {s for s, _ in files}
+    subjects = sorted(args.subjects.split(",") if args.subjects else cached_subjects)
+    calibration = sorted(args.calibration_subjects.split(",") if args.calibration_subjects else cached_subjects)
+    missing = sorted(set(subjects + calibration) - cached_subjects)
     if missing:
         p.error(f"no cached cases of {missing} in {[str(f) for f in args.maps]}")
     files = {(s, v): paths for (s, v), paths in files.items() if s in subjects or s in calibration}
@@ -441,9 +442,6 @@ def main() -> None:
                     calibration_maps[(m, s)] = (z, {k: c[k] for k in ("spacing", "slice_axis")})
     print(f"healthy pass {time.time() - t0:.0f} s", flush=True)
 
-    def thr(m: str, s: str, v: str, rule: str) -> float:
-        return threshold_for(tops, m, s, v, rule, calibration)
-
     null_mass: Dict[Tuple[str, str, float], float] = {}  # (map, subject, threshold) -> largest healthy excess mass
     rows: Dict[str, Dict[str, dict]] = defaultdict(dict)  # lever -> variant -> figures
     fusion: Dict[str, Dict[float, list]] = defaultdict(lambda: defaultdict(list))  # subject -> w -> top-slice hits
@@ -471,7 +469,7 @@ def main() -> None:
                     for mm, rule, lab in levers:
                         if mm != m:
                             continue
-                        t = thr(m, s, v, rule)
+                        t = threshold_for(tops, m, s, v, rule, calibration)
                         key = f"{m} | {rule} | {lab}"
                         mass = None
                         if lab == MASS:  # the calibration scans of rule "clean": the other subjects' clean healthy scans

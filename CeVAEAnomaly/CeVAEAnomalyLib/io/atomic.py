@@ -133,6 +133,13 @@ def _writer_for(value: object) -> Writer:
     raise TypeError(f"cannot write a {type(value).__name__}")
 
 
+def _size_of(value: object) -> Optional[int]:
+    """The bytes a text or bytes value writes (None: the writer's own format, checked otherwise)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    return len(value) if isinstance(value, bytes) else None
+
+
 def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
     """Write images (sitk.Image), texts (str), bytes or anything a callable(temp_path) writes; all or none."""
     from .images import error_text
@@ -148,9 +155,7 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
                 _writer_for(value)(temps[target])
             except (RuntimeError, OSError) as exc:
                 raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
-            size = len(value.encode("utf-8")) if isinstance(value, str) else len(value) if isinstance(value, bytes) \
-                else None
-            check_complete(temps[target], target, size)
+            check_complete(temps[target], target, _size_of(value))
         with _stops_held():
             for target, tmp in temps.items():
                 try:
