@@ -7,6 +7,7 @@ are kept, so the script can be rerun to finish an interrupted benchmark.
     python scripts/benchmark_train.py [--steps 1000] [--variants cevae,vae,ce,ae]
         [--orientations axial,coronal,sagittal]   # fold models for the three-orientation fusion
         [--input-size 128]                          # slices resampled to 128 px instead of 64
+        [--subjects colin27,mni152,robex,cortex_s1 --held-out cortex_s1 --data DIR]   # a larger pool of training heads
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--orientations", default="axial", help="slice orientations to train on (comma-separated)")
     p.add_argument("--input-size", type=int, default=ModelConfig().input_size, help="slice side in pixels (64 or 128)")
-    p.add_argument("--held-out", default=",".join(SUBJECTS), help="folds to train (held-out subjects)")
+    p.add_argument("--subjects", default=",".join(SUBJECTS), help="the pool of healthy heads the folds come from")
+    p.add_argument("--held-out", help="folds to train (held-out subjects; default: every subject of the pool)")
     p.add_argument("--data", type=Path, help="folder with <name>_t1/_brainmask.nii.gz (default: find or fetch)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -45,14 +47,14 @@ def main() -> None:
         from CeVAEAnomalyResearch.sampledata import ensure_healthy_data
 
         args.data = ensure_healthy_data()
-    data = args.data
-    subjects = {s: Subject(data / f"{s}_t1.nii.gz", data / f"{s}_brainmask.nii.gz") for s in SUBJECTS}
+    pool = args.subjects.split(",")
+    subjects = {s: Subject(args.data / f"{s}_t1.nii.gz", args.data / f"{s}_brainmask.nii.gz") for s in pool}
     for variant in args.variants.split(","):
-        for held_out in args.held_out.split(","):
+        for held_out in (args.held_out or args.subjects).split(","):
             out = args.out / variant / f"without-{held_out}.cevae"
             if out.exists():
                 continue
-            train = [subjects[s] for s in SUBJECTS if s != held_out]
+            train = [subjects[s] for s in pool if s != held_out]
             cfg = TrainConfig(out=out, model=ModelConfig(input_size=args.input_size), loss=VARIANTS[variant], max_steps=args.steps,
                               checkpoint_every=args.steps, val_fraction=0.0, seed=args.seed, device="auto",
                               orientations=tuple(args.orientations.split(",")))

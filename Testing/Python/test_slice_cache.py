@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +325,23 @@ def test_a_cache_folder_in_an_input_series_folder_is_refused(subjects, tmp_path)
         SliceCache(series / "cache", PRE).prepare([subject], {series: "0"}, ("axial",))
     assert main(["prepare", str(series), "--cache-dir", str(series)]) == 2
     assert [p.name for p in series.iterdir()] == ["IM0001.dcm"]  # nothing written into the series
+
+
+def test_temporaries_of_killed_writes_are_removed_when_an_hour_old(subjects, tmp_path, caplog):
+    cache = SliceCache(tmp_path / "cache", PRE)
+    s = subjects[0]
+    cache.entries_for(s, checksums(s), ("axial",))
+    root = cache.root
+    old = [root / f".{'a' * 32}.0123abcd.npy", root / f".{'b' * 32}.89abcdef.json"]
+    recent = root / f".{'c' * 32}.00000000.npy"  # a write in progress elsewhere
+    other = root / ".notes.0123abcd.npy"  # not an entry's temporary
+    for path in old + [recent, other]:
+        path.write_bytes(b"x" * 100)
+    for path in old + [other]:
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    with caplog.at_level(logging.INFO):
+        cache.prepare([s], checksums(s), ("axial",))
+    assert not any(p.exists() for p in old)
+    assert recent.exists() and other.exists()
+    assert "removed 2 temporary file(s)" in caplog.text
+    assert len(list(root.glob("[!.]*.npy"))) == 1  # the entry itself is kept

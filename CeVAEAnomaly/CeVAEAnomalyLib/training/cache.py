@@ -7,7 +7,9 @@ format, the preprocessing settings, the orientation and the sha256 of the image 
 a changed file or setting gets a new key, and a stale entry is never read. The first time a run
 uses an entry, its JSON must describe that key and its slices must match their checksum, so an
 entry damaged in place (same size, other bytes) or swapped with another subject's is made again.
-Entries of several cohorts and settings can share one folder.
+Entries of several cohorts and settings can share one folder. A write killed outright (SIGKILL, the
+out-of-memory killer, a power cut) leaves a hidden temporary beside its entry; temporaries untouched for
+an hour are removed when a run next prepares the folder (an entry is written in seconds).
 
 Batches are read with a seek and a read per slice, not memory-mapped: mapped pages of a random
 walk over the cohort stay in the process's resident memory, reads do not (docs/SCALING.md).
@@ -18,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,8 @@ from .data import Subject, subject_slices
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
+_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.[0-9a-f]{8}\.(npy|json)")  # an entry's temporary (io.atomic.temp_beside)
+_ORPHAN_AGE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,27 @@ class SliceCache:
                     raise CeVAEError(f"The cache folder {self.root} lies in the input series folder {path}; "
                                      "choose a --cache-dir outside it.")
 
+    def remove_orphans(self) -> int:
+        """Remove the temporaries of entry writes that were killed (untouched for an hour); return how many."""
+        removed, freed, cutoff = 0, 0, time.time() - _ORPHAN_AGE_S
+        try:
+            with os.scandir(self.root) as listing:
+                candidates = [e for e in listing if _ORPHAN.fullmatch(e.name)]
+        except OSError:  # no folder yet, or unreadable: nothing to tidy
+            return 0
+        for entry in candidates:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_file(follow_symlinks=False) and st.st_mtime < cutoff:
+                    os.remove(entry.path)
+                    removed, freed = removed + 1, freed + st.st_size
+            except OSError:  # removed by another run meanwhile, or not ours to remove
+                continue
+        if removed:
+            log.info("Slice cache %s: removed %d temporary file(s) of interrupted writes (%.1f MiB).", self.root,
+                     removed, freed / 2**20)
+        return removed
+
     def lookup(self, key: str) -> Optional[Entry]:
         """The complete entry stored under ``key``, or None (missing or damaged: it is made again).
 
@@ -133,6 +160,7 @@ class SliceCache:
                 progress: Optional[ProgressCallback] = None) -> List[List[Entry]]:
         """Per subject, its entries in ``orientations`` order; missing ones are preprocessed now."""
         self.refuse_inside_inputs(subjects)
+        self.remove_orphans()
         out: List[List[Entry]] = []
         made = 0
         for n, s in enumerate(subjects):

@@ -26,8 +26,10 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
     Axial slices are always prepared too: validation and calibration use them.
     """
     wanted = tuple(orientations) + (() if "axial" in orientations else ("axial",))
-    SliceCache(root, pre).refuse_inside_inputs(subjects)  # and a file given as the folder
+    cache = SliceCache(root, pre)
+    cache.refuse_inside_inputs(subjects)  # and a file given as the folder
     root.mkdir(parents=True, exist_ok=True)
+    cache.remove_orphans()
     t = time.perf_counter()
     jobs = [(s, root, pre, wanted) for s in subjects]
     cores = usable_cores()
