@@ -1,6 +1,10 @@
 """Automatic brain mask: accuracy on a real head, exact output geometry, clear errors."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -127,6 +131,40 @@ def test_registration_reports_every_iteration_and_cancels_at_once(robex):
     with pytest.raises(Cancelled):
         compute_brain_mask(image, progress=cancel)
     assert sum(f > 0.3 for f in seen) == 1  # no further iteration reported after the cancel
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sender", ["callback", "thread"])
+def test_a_stop_signal_during_the_registration_is_raised_as_itself(signum, sender):
+    """Ctrl-C or SIGTERM arriving while ITK registers stops the registration at once and comes out as the stop,
+    not as a failed registration (which made `detect` exit 2 with a traceback and `batch` carry on to the next
+    volume). ``callback``: sent from the progress callback; ``thread``: sent from another thread, so that it
+    mostly arrives while ITK's C++ runs and its handler runs on entry to the next Python callback."""
+    from CeVAEAnomalyLib.interrupts import Terminated, sigterm_as_interrupt
+    from CeVAEAnomalyLib.engine.brainmask import load_template
+
+    head, _ = load_template()  # a real head: the bundled template
+    after: list = []  # reports after the signal was sent
+    sent = threading.Event()
+
+    def send() -> None:
+        sent.set()
+        os.kill(os.getpid(), signum)
+
+    def progress(fraction, message):
+        if sent.is_set():
+            after.append(message)
+        elif message.startswith("Registering brain template (") and not hasattr(progress, "started"):
+            progress.started = True
+            if sender == "callback":
+                send()
+            else:
+                threading.Timer(0.05, send).start()
+
+    expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    with sigterm_as_interrupt(), pytest.raises(expected):
+        compute_brain_mask(head, progress=progress)
+    assert sent.is_set() and len(after) <= 1  # at most the iteration under way is reported
 
 
 def _acquisition(name: str, recipe, seed: int):

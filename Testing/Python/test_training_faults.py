@@ -614,7 +614,7 @@ def test_pool_workers_leave_ctrl_c_to_the_main_process_and_clean_up_on_sigterm()
     import concurrent.futures
     import multiprocessing
 
-    from CeVAEAnomalyLib.cli.interrupts import pool_worker_signals
+    from CeVAEAnomalyLib.interrupts import pool_worker_signals
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=pool_worker_signals) as pool:

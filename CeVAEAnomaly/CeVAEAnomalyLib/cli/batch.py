@@ -32,7 +32,7 @@ from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
-from .interrupts import pool_worker_signals
+from ..interrupts import pool_worker_signals
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event

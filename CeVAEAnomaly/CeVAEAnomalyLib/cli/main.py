@@ -14,7 +14,7 @@ from typing import List, NoReturn, Optional
 from .. import __version__
 from ..errors import CeVAEError, one_line
 from ..options import PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags, path_value
-from .interrupts import Terminated, sigterm_as_interrupt
+from ..interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
 

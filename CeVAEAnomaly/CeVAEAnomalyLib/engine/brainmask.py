@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CeVAEError, one_line
+from ..interrupts import stops_held
 from ..progress import Cancelled, ProgressCallback, report, scaled
 from ..data import template_dir
 from ..io.images import voxel_volume_ml
@@ -320,10 +321,12 @@ def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: si
              progress: Optional[ProgressCallback], iterations: int, message: str) -> None:
     """Run a registration, reporting every optimiser iteration (at most ``iterations`` in all levels).
 
-    A :class:`Cancelled` raised by ``progress`` stops the optimiser at once and is re-raised
-    when it has returned (an exception cannot cross SimpleITK's C++ callback).
+    An exception cannot cross SimpleITK's C++ callback: it would come out as a failed registration. So a
+    :class:`Cancelled` raised by ``progress`` stops the optimiser and is re-raised when it has returned, and
+    Ctrl-C and SIGTERM are held during the registration: they stop the optimiser at its next iteration and
+    act when it has returned.
     """
-    state = {"count": 0, "cancelled": None}
+    state: dict = {"count": 0, "cancelled": None}
 
     def step() -> None:
         state["count"] += 1
@@ -333,9 +336,9 @@ def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: si
             state["cancelled"] = exc
             method.StopRegistration()
 
-    if progress is not None:
-        method.AddCommand(sitk.sitkIterationEvent, step)
-    method.Execute(fixed, moving)
+    method.AddCommand(sitk.sitkIterationEvent, step)  # also where a held stop ends the registration
+    with stops_held(on_stop=method.StopRegistration):
+        method.Execute(fixed, moving)
     if state["cancelled"] is not None:
         raise state["cancelled"]
 

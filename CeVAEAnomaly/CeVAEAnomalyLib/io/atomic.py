@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import stat
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..errors import CeVAEError
+from ..interrupts import stops_held
 from .naming import full_suffix
 from .targets import check_paths, name_leaving_room, refuse_special_output
 from .verify import incomplete_reason
@@ -47,27 +46,6 @@ def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> 
             continue
         os.close(fd)
         return tmp
-
-
-@contextmanager
-def _stops_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM while finished files are renamed into place (microseconds), so that a stop comes
-    after the last rename: the outputs are then all new or all old. Only the main thread can do this."""
-    stops = [signal.SIGINT, signal.SIGTERM]
-    previous = {s: signal.getsignal(s) for s in stops}
-    if threading.current_thread() is not threading.main_thread() or None in previous.values():
-        yield
-        return
-    caught: List[int] = []
-    for s in stops:
-        signal.signal(s, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in caught:
-            signal.raise_signal(s)
 
 
 def publish(tmp: str, target: Path) -> None:
@@ -156,7 +134,7 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
             except (RuntimeError, OSError) as exc:
                 raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
             check_complete(temps[target], target, _size_of(value))
-        with _stops_held():
+        with stops_held():  # a stop comes after the last rename: all new or all old
             for target, tmp in temps.items():
                 try:
                     publish(tmp, target)

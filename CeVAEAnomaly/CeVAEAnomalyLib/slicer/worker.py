@@ -197,7 +197,7 @@ def _progress(watch: RequestWatch) -> ProgressCallback:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the request file named in ``argv``; the exit status says how it ended."""
-    from ..cli.interrupts import sigterm_as_interrupt
+    from ..interrupts import sigterm_as_interrupt
 
     args = sys.argv[1:] if argv is None else argv
     watch: Optional[RequestWatch] = None

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from ..cli.interrupts import pool_worker_signals
+from ..interrupts import pool_worker_signals
 from ..engine.config import PreprocessConfig
 from ..io.checksum import sha256_of
 from ..progress import ProgressCallback, report

@@ -1,0 +1,66 @@
+"""Stop signals: SIGTERM handled like Ctrl-C (raised where the program is, so every cleanup runs), and both held
+where raising would do harm (between the renames of one set of outputs; inside a C++ loop with Python callbacks,
+which would turn the stop into an error)."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (kill, a job scheduler's time limit, a container stop)."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def pool_worker_signals() -> None:
+    """In a pool's worker process: Ctrl-C, which reaches the whole process group, is left to the main process
+    (it stops the pool), and SIGTERM (a scheduler stopping the group) raises :class:`Terminated`, so that the
+    worker's temporary files are removed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def stops_held(on_stop: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM are recorded instead of raised (``on_stop`` is called when one comes,
+    to end the work early) and delivered again when the block ends, so that they act after it. Only the main
+    thread receives signals; elsewhere nothing changes."""
+    stops = [signal.SIGINT, signal.SIGTERM]
+    previous = {s: signal.getsignal(s) for s in stops}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    caught: List[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        caught.append(signum)
+        if on_stop is not None:
+            on_stop()
+
+    for s in stops:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            signal.raise_signal(s)
