@@ -1,4 +1,5 @@
 """Model bundles: round trip, fp16, and refusal of damaged or foreign files."""
+import dataclasses
 import json
 import pickle
 import struct
@@ -132,3 +133,26 @@ def test_a_model_file_that_cannot_be_read_is_one_clear_error():
     """An I/O or permission error (the panel's model field, the command line) is named, not a raw OSError."""
     with pytest.raises(CeVAEError, match=r"The model bundle /proc/self/mem cannot be read \(Input/output error\)"):
         read_header("/proc/self/mem")
+
+
+def _strict_header(path: Path) -> dict:
+    """The bundle's JSON header parsed as standard JSON (NaN and Infinity refused, as outside Python)."""
+    from safetensors import safe_open
+
+    from CeVAEAnomalyLib.engine.header import META_KEY
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    with safe_open(str(path), "pt") as fh:
+        return json.loads(fh.metadata()[META_KEY], parse_constant=refuse)
+
+
+def test_headers_are_standard_json_the_shipped_one_too(tmp_path, model):
+    from CeVAEAnomalyLib.data import default_model_path
+
+    assert _strict_header(default_model_path())["training"]["val_loss"] is None  # nothing was held out
+    with pytest.raises(CeVAEError, match="Could not write the model bundle"):  # a NaN is refused, not written
+        save_bundle(tmp_path / "nan.cevae", model, dataclasses.replace(HEADER, training={"val_loss": float("nan")}))
+    assert not (tmp_path / "nan.cevae").exists()
+    assert _strict_header(save_bundle(tmp_path / "m.cevae", model, HEADER))["modality"] == "T1"

@@ -51,7 +51,7 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(target) as tmp:
         try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True)})
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True, allow_nan=False)})
         except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
             raise CeVAEError(f"Could not write the model bundle {target}: {str(exc).rstrip('.')}.") from None
     return target
