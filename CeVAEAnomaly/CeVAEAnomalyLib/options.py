@@ -332,6 +332,17 @@ class DetectionRequest(Serialisable):
 
 
 # ---- the command line --------------------------------------------------------------------------
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Help that shows each option's default (when it has a value to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "%(default)" not in text and "default" not in text
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, model_default: bool = False,
               only: Optional[Tuple[str, ...]] = None) -> None:
     """One flag per option of ``cls`` (or those named in ``only``); ``model_default``: the flags default

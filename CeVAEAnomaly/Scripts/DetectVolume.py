@@ -39,8 +39,8 @@ try:  # after the path set-up above; a failure must still end in an exit status 
     from CeVAEAnomalyLib.errors import CeVAEError, one_line
     from CeVAEAnomalyLib.io import naming
     from CeVAEAnomalyLib.io.naming import file_stem
-    from CeVAEAnomalyLib.options import (DetectionRequest, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
-                                         path_value)
+    from CeVAEAnomalyLib.options import (DetectionRequest, HelpWithDefaults, RunOptions, ScoreOptions,
+                                         ThresholdPolicy, add_flags, path_value)
     from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
 except Exception as exc:  # noqa: BLE001 - missing or broken library, a dependency that fails to import
     _IMPORT_ERROR: Optional[BaseException] = exc
@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="DetectVolume", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="DetectVolume", description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     p.add_argument("--usage", action="help", help="show this help and exit (inside Slicer, which takes --help)")
     p.add_argument("--input", type=path_value, required=True, help="input MRI volume file (NRRD, NIfTI, MHA, ...)")
     p.add_argument("--mask", type=path_value, help="brain mask volume file (>0 is brain); automatic if absent")

@@ -4,11 +4,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from conftest import make_head, oblique_direction
 from CeVAEAnomalyLib.engine.bundle import read_header
 from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.errors import CeVAEError
 
 
 def test_train_then_detect(tmp_path):
@@ -86,3 +88,13 @@ def test_an_unknown_option_points_to_its_commands_help(capsys):
     assert main(["detect", "scan.nii.gz", "--score", "s.nii.gz", "--foo"]) == 2
     err = capsys.readouterr().err
     assert err == "error: unrecognized arguments: --foo (see cevae-anomaly detect --help)\n"
+
+
+def test_debug_is_taken_before_or_after_the_command(capsys):
+    """The advice of an error ("run again with --debug") works wherever the user adds it."""
+    missing = ["detect", "missing.nii.gz", "--score", "s.nii.gz"]
+    assert main(missing) == 2
+    assert capsys.readouterr().err == "error: The image missing.nii.gz does not exist.\n"
+    for argv in (["--debug", *missing], [*missing, "--debug"]):
+        with pytest.raises(CeVAEError, match="missing.nii.gz does not exist"):  # raised: the traceback is shown
+            main(argv)

@@ -95,6 +95,16 @@ def test_calibration_written_before_a_field_existed_is_still_found():
         find_calibration(header["calibration"], score, post.replace(rim_mm=2.0))
 
 
+def test_a_missing_calibration_names_the_options_that_differ_and_the_ways_out():
+    score, post = ScoreOptions(), PostprocessOptions(rim_mm=3.0)
+    header = _header_with(calibration_key(score, post))
+    with pytest.raises(CeVAEError) as err:
+        find_calibration(header["calibration"], score.replace(rec_kind="l2"), post.replace(rim_mm=2.0))
+    message = str(err.value)
+    assert "the nearest calibrated setting differs in --rec-kind l2, --rim-mm 2)" in message
+    assert "--threshold" in message and "cevae-anomaly calibrate" in message
+
+
 def test_calibration_keys_this_version_cannot_read_are_skipped():
     score, post = ScoreOptions(), PostprocessOptions()
     stale = json.loads(calibration_key(score, post))

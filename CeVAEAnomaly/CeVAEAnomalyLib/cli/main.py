@@ -13,7 +13,8 @@ from typing import List, NoReturn, Optional
 
 from .. import __version__
 from ..errors import CeVAEError, one_line
-from ..options import PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags, path_value
+from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
+                       path_value)
 from ..interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
@@ -60,7 +61,8 @@ def _add_train(sub) -> None:
     t.add_argument("--out", type=path_value, required=True, help="model bundle to write (.cevae)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
     t.add_argument("--max-steps", type=int, default=cfg.max_steps, help="training steps (batches)")
-    t.add_argument("--max-minutes", type=float, help="stop after this many minutes")
+    t.add_argument("--max-minutes", type=float,
+                   help="stop after this many minutes of training, counted once the slices are loaded (default: no limit)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (and replace OUT)")
     t.add_argument("--seed", type=int, default=cfg.seed, help="random seed (split, initialisation, augmentation)")
     _add_slices(t, cfg, cache_required=False)
@@ -129,32 +131,27 @@ def _add_adapt(sub) -> None:
     _add_device(a)
 
 
-class _Formatter(argparse.HelpFormatter):
-    """Help that shows each option's default (when it has a value to show)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (action.option_strings and "%(default)" not in text and "default" not in text
-                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
-            text += " (default: %(default)s)"
-        return text
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with the command's error convention: one ``error:`` line, exit status 2."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+_DEBUG_HELP = "show tracebacks and debug logging"
+
+
 def _command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` opens with its one-line summary unless it has a longer description."""
+    """A subcommand whose ``--help`` opens with its one-line summary unless it has a longer description, and
+    which takes ``--debug`` after its name too (where an error message's advice to add it leads)."""
     kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
-    return sub.add_parser(name, help=help, **kwargs)
+    command = sub.add_parser(name, help=help, **kwargs)
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    return command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Unsupervised anomaly localisation in brain MRI with a context-encoding VAE (ceVAE).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = sub.choices  # name -> the command's parser
 
@@ -208,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--manifest", type=path_value, help="CSV with columns image,mask of healthy volumes")
     c.add_argument("--model", type=path_value, help="bundle to calibrate (default: the bundled default model)")
     c.add_argument("--out", type=path_value, required=True, help="calibrated bundle to write")
-    c.add_argument("--default-fpr", type=float, help="false-positive rate used when detect gets none")
+    c.add_argument("--default-fpr", type=float, help="false-positive rate used when detect gets none, from 1e-06 to 0.5 "
+                   "(default: the model's)")
     _add_scoring(c)
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_device(c)
@@ -224,10 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=path_value, help="write the metrics CSV here")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    m = _command(sub, "demo", help="insert a synthetic lesion into a healthy scan, detect, write a picture")
+    m = _command(sub, "demo", help="insert synthetic lesions into a healthy scan, detect, write a picture")
     m.add_argument("--out-dir", type=path_value, default=Path("demo-output"), help="folder for the outputs and the picture")
     m.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
-    m.add_argument("--seed", type=int, default=7, help="random seed of the synthetic lesion")
+    m.add_argument("--seed", type=int, default=7, help="random seed of the synthetic lesions")
     m.add_argument("--auto-mask", action="store_true", help="compute the brain mask instead of using the given one")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out-dir")
     _add_device(m)

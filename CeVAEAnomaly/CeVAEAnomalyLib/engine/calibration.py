@@ -9,12 +9,13 @@ change that map: a calibration serves every value of them.
 from __future__ import annotations
 
 import json
+from dataclasses import Field, fields
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..errors import CeVAEError
-from ..options import PostprocessOptions, ScoreOptions
+from ..options import PostprocessOptions, ScoreOptions, flag_of
 
 DEFAULT_FPR = 0.001
 FPR_GRID = np.unique(np.concatenate([np.logspace(-6, -1, 26), [0.2, 0.5]]))
@@ -77,17 +78,40 @@ def fpr_for_threshold(entry: Mapping[str, Any], threshold: float) -> float:
 
 def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOptions,
                      post: PostprocessOptions) -> Dict[str, Any]:
-    """The table of ``calibration`` (a header's section) stored for these options, or an error saying how
-    to get a threshold."""
+    """The table of ``calibration`` (a header's section) stored for these options, or an error that names the
+    options no calibration has and says how to get a threshold."""
     wanted = (score, _score_map_options(post))
+    differences = []
     for key, entry in calibration.items():
         stored = _key_options(key)
-        if stored is not None and (stored[0], _score_map_options(stored[1])) == wanted:
+        if stored is None:
+            continue
+        differing = _differing_flags(wanted, (stored[0], _score_map_options(stored[1])))
+        if not differing:
             return entry
+        differences.append(differing)
+    nearest = f" (the nearest calibrated setting differs in {', '.join(min(differences, key=len))})" \
+        if differences else ""
     raise CeVAEError(
-        "The model has no calibration for these scoring/post-processing options; give an "
-        "absolute threshold, or use the options the model was calibrated with."
+        f"The model has no calibration for these scoring/post-processing options{nearest}; give an absolute "
+        "threshold (--threshold), calibrate a copy of the model with the same options on healthy scans "
+        "(cevae-anomaly calibrate), or use the options the model was calibrated with."
     )
+
+
+def _differing_flags(options: Tuple[ScoreOptions, PostprocessOptions],
+                     other: Tuple[ScoreOptions, PostprocessOptions]) -> List[str]:
+    """The flags (with the values of ``options``) in which two (scoring, score-map post-processing) settings
+    differ."""
+    return [_as_flag(f, getattr(mine, f.name)) for mine, theirs in zip(options, other) for f in fields(mine)
+            if getattr(mine, f.name) != getattr(theirs, f.name)]
+
+
+def _as_flag(f: Field, value: Any) -> str:
+    flag = flag_of(f)
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
 def calibrated_test_time_steps(calibration: Mapping[str, Dict[str, Any]]) -> List[int]:
