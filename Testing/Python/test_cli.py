@@ -1,5 +1,6 @@
 """The command line end to end: train a few steps on synthetic volumes, then detect."""
 import csv
+from pathlib import Path
 import subprocess
 import sys
 
@@ -98,3 +99,19 @@ def test_debug_is_taken_before_or_after_the_command(capsys):
     for argv in (["--debug", *missing], [*missing, "--debug"]):
         with pytest.raises(CeVAEError, match="missing.nii.gz does not exist"):  # raised: the traceback is shown
             main(argv)
+
+
+@pytest.mark.parametrize("command", ["detect", "batch", "calibrate", "adapt"])
+def test_a_folder_given_as_the_model_is_said_so(tmp_path, monkeypatch, capsys, command):
+    """Not taken for an input folder that the outputs must stay out of ("is inside the input folder .")."""
+    monkeypatch.chdir(tmp_path)
+    image, _ = make_head(size=(24, 24, 20))
+    Path("in").mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "in/a.nii.gz"):
+        sitk.WriteImage(image, name)
+    argv = {"detect": ["detect", "a.nii.gz", "--score", "s.nii.gz"],
+            "batch": ["batch", "in", "--out-dir", "out"],
+            "calibrate": ["calibrate", "a.nii.gz", "b.nii.gz", "--out", "c.cevae"],
+            "adapt": ["adapt", "a.nii.gz", "b.nii.gz", "--out", "c.cevae"]}[command]
+    assert main([*argv, "--model", "."]) == 2
+    assert capsys.readouterr().err == "error: The model bundle . is a folder; give the path of a .cevae file.\n"

@@ -47,6 +47,9 @@ def test_a_row_without_its_key_or_a_column_in_other_case_is_refused_and_unread_c
     cases.write_text("score,GT\na.nii.gz,a_gt.nii.gz\n")
     with pytest.raises(CeVAEError, match=r"has a column 'GT'; column names are lower case: 'gt'"):
         read_rows(cases, "score", ("score", "gt"), "cases CSV")
+    cases.write_text("Score,gt\na.nii.gz,a_gt.nii.gz\n")  # the key column too, not "needs a column 'score'"
+    with pytest.raises(CeVAEError, match=r"has a column 'Score'; column names are lower case: 'score'"):
+        read_rows(cases, "score", ("score", "gt"), "cases CSV")
     cases.write_text("score,ground_truth\na.nii.gz,a_gt.nii.gz\n")
     with caplog.at_level(logging.WARNING):
         assert len(read_rows(cases, "score", ("score", "gt"), "cases CSV")) == 1

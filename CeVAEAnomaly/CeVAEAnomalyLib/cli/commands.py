@@ -8,9 +8,12 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, Tuple
 
 from ..errors import CeVAEError
+
+if TYPE_CHECKING:
+    from ..engine.header import BundleHeader
 
 log = logging.getLogger("cevae_anomaly")
 
@@ -82,10 +85,19 @@ def run_train(args: argparse.Namespace) -> Path:
     return path
 
 
+def _model(args: argparse.Namespace) -> Tuple[Path, "BundleHeader"]:
+    """The --model bundle (default: the bundled one) and its header, read first: a folder or another file given
+    as the model is said so at once, not taken for an input folder by the output checks."""
+    from ..data import default_model_path
+    from ..engine.header import read_header
+
+    path = Path(args.model or default_model_path())
+    return path, read_header(path)
+
+
 def run_adapt(args: argparse.Namespace) -> Path:
     """Fine-tune a model on a site's healthy scans and calibrate it (training/adapt.py)."""
     from .console import ConsoleProgress
-    from ..data import default_model_path
     from ..training.adapt import adapt
     from ..training.adapt_plan import AdaptOptions
     from ..training.config import SettingError
@@ -98,7 +110,7 @@ def run_adapt(args: argparse.Namespace) -> Path:
     except SettingError as exc:  # the library names settings by field; here they are flags
         raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     subjects = _healthy_subjects(args, "adapting")
-    return adapt(Path(args.model or default_model_path()), subjects, args.out, options, ConsoleProgress("adapt"),
+    return adapt(_model(args)[0], subjects, args.out, options, ConsoleProgress("adapt"),
                  inputs=[args.manifest])
 
 
@@ -125,19 +137,17 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.atomic import write_all
     from ..io.targets import check_paths
     from ..engine.detector import Detector
-    from ..engine.header import read_header
     from ..options import DetectionRequest
     from ..result import refuse_unwritable_names, result_files
-    from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
                "components": args.components}
-    model = args.model or default_model_path()
+    model, header = _model(args)
     inputs = (args.image, args.mask, model)
     check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
     refuse_unwritable_names(targets)
-    read_header(model).threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
+    header.threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None
     detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
@@ -162,7 +172,6 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..training.data import unique_subjects
     from ..io.targets import check_paths
     from ..options import DetectionRequest
-    from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)
     low, high = float(FPR_GRID[0]), float(FPR_GRID[-1])  # the rates a calibration holds thresholds for
@@ -170,7 +179,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         raise CeVAEError(f"--default-fpr must be a rate the calibration covers, from {low:g} to {high:g} (e.g. "
                          f"0.001), got {args.default_fpr:g}.")
     subjects = _healthy_subjects(args, "calibration")
-    src = Path(args.model or default_model_path())
+    src = _model(args)[0]
     check_paths([args.out], args.overwrite,  # before hashing the volumes: an existing --out is refused at once
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
     subjects = unique_subjects(subjects, {s.image: sha256_of(s.image) for s in subjects})  # a repeat counts once
@@ -241,9 +250,7 @@ def run_batch(args: argparse.Namespace) -> None:
     from .batch import run_batch as process
     from ..io.targets import refuse_unsearchable, resolved
     from .console import ConsoleProgress
-    from ..engine.header import read_header
     from ..options import DetectionRequest
-    from ..data import default_model_path
 
     request = DetectionRequest.from_args(args)
     refuse_unsearchable(args.inputs, "input")
@@ -254,13 +261,12 @@ def run_batch(args: argparse.Namespace) -> None:
     items = select_shard(every, *shard) if shard else every
     if shard:
         log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
-    model = args.model or default_model_path()
-    check_outputs_apart(items, every, args.inputs, Path(model), args.out_dir, args.out_dir / summary_name(shard))
-    header = read_header(model)  # torch-free: a missing calibration is refused before any volume
+    model, header = _model(args)  # torch-free: a missing calibration is refused before any volume
+    check_outputs_apart(items, every, args.inputs, model, args.out_dir, args.out_dir / summary_name(shard))
     score, post = request.options(header.score_options, header.postprocess)
     threshold, source = header.threshold(score, post, request.policy)
     log.info("Score %s; threshold %.4g (%s).", score.score_type, threshold, source)
-    settings = DetectSettings(model=Path(model), request=request, out_dir=args.out_dir, overwrite=args.overwrite)
+    settings = DetectSettings(model=model, request=request, out_dir=args.out_dir, overwrite=args.overwrite)
     summary = process(items, settings, args.out_dir / summary_name(shard), args.workers, ConsoleProgress("batch"))
     failed = summary.count("error")
     if failed:

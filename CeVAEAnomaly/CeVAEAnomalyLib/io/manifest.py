@@ -73,11 +73,15 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
             raise CeVAEError(f"{path}, line {text.count(chr(10), 0, text.index(chr(0))) + 1}: a cell holds a NUL "
                              "byte; is this a CSV text file?")
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames or key not in [f.strip() for f in reader.fieldnames]:
+        header = [f.strip() for f in reader.fieldnames or []]
+        if key not in header:
+            spelt = [c for c in header if c.lower() == key]
+            if spelt:
+                raise CeVAEError(f"The {what} {path} has a column {spelt[0]!r}; column names are lower case: {key!r}.")
             extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
             raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}."
-                             + _separator_hint(reader.fieldnames or []))
-        _check_columns([f.strip() for f in reader.fieldnames], (*files, *others), path, what)
+                             + _separator_hint(header))
+        _check_columns(header, (*files, *others), path, what)
         rows = []
         for line, raw in enumerate(reader, start=2):
             if any(v.strip() for v in raw.get(None) or ()):  # DictReader puts cells beyond the header there
