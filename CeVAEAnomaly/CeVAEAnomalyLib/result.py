@@ -128,8 +128,8 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
             raise CeVAEError(f"The {IMAGE_OUTPUTS[role]} output {path} needs an image file name ending in "
                              f"{', '.join(OUTPUT_IMAGE_EXTENSIONS)}{detached}, in lower case.")
         if role in TABLE_OUTPUTS and name.endswith((*IMAGE_EXTENSIONS, ".gz")):
-            raise CeVAEError(f"The {TABLE_OUTPUTS[role]} output {path} is written as CSV text; give it a name "
-                             "ending in .csv.")
+            raise CeVAEError(f"The {TABLE_OUTPUTS[role]} output {path} is written as CSV text; give it a plain text "
+                             "name, such as one ending in .csv (not compressed, not an image name).")
 
 
 def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]]) -> Dict[Path, object]:
