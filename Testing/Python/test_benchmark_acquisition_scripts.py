@@ -206,3 +206,23 @@ def test_a_subject_is_calibrated_only_on_the_calibration_subjects_and_never_on_i
     assert ba.threshold_for(tops, "default", "new", "clean", "clean", calibration) == 2.0  # not its own, not "rescan"
     assert ba.threshold_for(tops, "default", "b", "clean", "clean", calibration) == 1.0
     assert np.isnan(ba.threshold_for(tops, "default", "new", "thick 3 mm", "variant", calibration))
+
+
+def test_a_heads_slice_weight_is_chosen_on_other_people_only(monkeypatch):
+    """Each head gets the weight best on the other people's cases, never on its own or its rescan's."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    sw = importlib.import_module("benchmark_slice_weight")
+    weights = sw.FUSION_WEIGHTS
+
+    def rates(best: float) -> dict:  # 4 cases: all hit at `best`, none elsewhere
+        return {w: [w == best] * 4 for w in weights}
+
+    hits = {"a": rates(0.5), "b": rates(1.0), "b_rescan": rates(0.5), "c": rates(1.0)}
+    result = sw.held_out_choice(hits, {"b_rescan": "b"})
+    assert result["a"]["chosen_on_others"] == 1.0 and result["a"]["held_out_top_slice"] == 0.0  # b and c agree
+    # b: a and c disagree (tie), its rescan does not count: the tie goes to the shipped weight's side
+    assert result["b"]["chosen_on_others"] in (0.5, 1.0)
+    assert abs(result["b"]["chosen_on_others"] - sw.SLICE_MAP_WEIGHT_FUSED) == min(
+        abs(w - sw.SLICE_MAP_WEIGHT_FUSED) for w in (0.5, 1.0))
+    assert result["c"]["chosen_on_others"] == 0.5  # a and b's rescan outweigh b
+    assert result["c"]["shipped_weight_top_slice"] == float(sw.SLICE_MAP_WEIGHT_FUSED == 1.0)
