@@ -345,3 +345,18 @@ def test_temporaries_of_killed_writes_are_removed_when_an_hour_old(subjects, tmp
     assert recent.exists() and other.exists()
     assert "removed 2 temporary file(s)" in caplog.text
     assert len(list(root.glob("[!.]*.npy"))) == 1  # the entry itself is kept
+
+
+def test_prepare_says_when_a_volume_repeats_another(subjects, tmp_path, caplog):
+    import shutil
+
+    from CeVAEAnomalyLib.training.prepare import prepare_cohort
+
+    s = subjects[0]
+    copy = Subject(tmp_path / "copy.nii.gz", s.mask)
+    shutil.copy(s.image, copy.image)
+    with caplog.at_level(logging.WARNING):
+        prepare_cohort([s, copy, subjects[1]], tmp_path / "cache", PRE, ("axial",))
+    repeats = [r.getMessage() for r in caplog.records if "repeats the image" in r.getMessage()]
+    assert repeats == [f"{copy.image} repeats the image {s.image} (same content); they share one cache entry, "
+                       "and training uses it once."]

@@ -49,15 +49,21 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
             for n, result in enumerate(pool.map(_prepare_one, jobs)):
                 results.append(result)
                 report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
+    first_of: dict = {}
+    for s, r in zip(subjects, results):  # the same content gives the same entries (their key is its checksum)
+        first = first_of.setdefault(r[3], s)
+        if first is not s:
+            log.warning("%s repeats the image %s (same content); they share one cache entry, and training uses it "
+                        "once.", s.image, first.image)
     made = sum(r[1] for r in results)
     return (f"Slice cache {root}: {len(subjects)} subject(s), {made} preprocessed now and "
             f"{len(subjects) - made} found ready, {sum(r[0] for r in results)} slices in {', '.join(wanted)} "
             f"({sum(r[2] for r in results) / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f} s.")
 
 
-def _prepare_one(job: Tuple[Subject, Path, PreprocessConfig, Tuple[str, ...]]) -> Tuple[int, bool, int]:
-    """(slices, made now, bytes) of one subject's entries."""
+def _prepare_one(job: Tuple[Subject, Path, PreprocessConfig, Tuple[str, ...]]) -> Tuple[int, bool, int, str]:
+    """(slices, made now, bytes, the first entry's file name) of one subject's entries."""
     subject, root, pre, orientations = job
     checksums = {p: sha256_of(p) for p in (subject.image, subject.mask) if p is not None}
     entries, made = SliceCache(root, pre).entries_for(subject, checksums, orientations)
-    return sum(e.slices for e in entries), made, sum(e.path.stat().st_size for e in entries)
+    return sum(e.slices for e in entries), made, sum(e.path.stat().st_size for e in entries), entries[0].path.name
