@@ -534,7 +534,7 @@ CASES: Dict[str, Case] = {
     "2D image": Case(image_2d, REFUSED, r"is 2D; a 3D volume is needed"),
     "4D series": Case(series_4d, REFUSED, r"is 4D \(a time series"),
     "RGB volume": Case(rgb_volume, REFUSED, r"has 3 components per voxel"),
-    "constant volume": Case(constant_volume, REFUSED, r"nearly\) constant"),
+    "constant volume": Case(constant_volume, REFUSED, r"nearly\) constant.*brain mask covers the brain"),
     "all voxels NaN": Case(all_nan, REFUSED, r"Every voxel inside the brain mask is NaN or infinite"),
     "NaN and Inf voxels": Case(nan_voxels, 0, r"8 brain voxels are NaN or infinite; they are left out"),
     "NaN and Inf voxels, uncompressed but named .nii.gz": Case(nan_voxels_plain_named_gz, 0,

@@ -130,7 +130,28 @@ FAILURES = {
     "unknown score type": (lambda scene, volume, mask: dict(maskNode=mask, score_type="best"), "Unknown score type"),
     "the input as its own mask": (lambda scene, volume, mask: dict(maskNode=volume),
                                   "brain mask 'head' is the input volume itself"),
+    # a console user's slips: each named, not an AttributeError or a wrong reason
+    "a mask given by name": (lambda scene, volume, mask: dict(maskNode="mask"),
+                             "brain mask must be a labelmap volume or segmentation node, not a str"),
+    "options as a dict": (lambda scene, volume, mask: dict(maskNode=mask, request={"fpr": 0.01}),
+                          r"request must be a DetectionRequest, not a dict; .*process\(volume, fpr=0.01\)"),
+    "outputs as a dict": (lambda scene, volume, mask: dict(maskNode=mask, outputs={"score": None}),
+                          "outputs must be an OutputNodes"),
+    "a folder as the model": (lambda scene, volume, mask: dict(maskNode=mask, modelPath=str(REPO)), "is a folder"),
+    "an output of another scene": (lambda scene, volume, mask: dict(maskNode=mask, outputs=mrml.OutputNodes(
+        score=foreign_volume())), "is not in the input volume's scene"),
 }
+
+
+_KEEP_SCENES = []  # scenes of the foreign nodes, alive until the test ends
+
+
+def foreign_volume():
+    """A volume node of another scene, whose ID (the first volume's) equals the input's in its own scene."""
+    other = slicer.vtkMRMLScene()
+    _KEEP_SCENES.append(other)
+    return other.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "foreign")
+
 
 
 @pytest.mark.parametrize("case", FAILURES, ids=list(FAILURES))
@@ -142,6 +163,20 @@ def test_a_failing_run_leaves_the_scene_unchanged(scene_with_head, tiny_bundle, 
     with pytest.raises(CeVAEError, match=message):
         CeVAEAnomalyLogic().process(volume, **arguments)
     assert mrml.node_ids(scene) == before
+
+
+def test_a_progress_callback_failing_at_the_end_does_not_fail_a_run_whose_results_are_in_the_scene(
+        scene_with_head, tiny_bundle, caplog):
+    scene, volume, mask, _, _ = scene_with_head()
+
+    def buggy(fraction, message):
+        if fraction >= 1.0:
+            raise ValueError("a bug in the caller's callback")
+
+    result = CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu", progress=buggy)
+    assert result.nodes.score.GetScene() is scene
+    assert repr(result) == f"<CeVAEAnomalyResult of 'head': {result.summary}>"  # one line at the console
+    assert "the progress callback failed at the end; the results are in the scene" in caplog.text
 
 
 @pytest.mark.parametrize("at", [0.0, 0.5, 0.95], ids=["start", "network", "before node creation"])

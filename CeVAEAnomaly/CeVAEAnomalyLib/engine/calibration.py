@@ -94,8 +94,9 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
         if differences else ""
     raise CeVAEError(
         f"The model has no calibration for these scoring/post-processing options{nearest}; give an absolute "
-        "threshold (--threshold), calibrate a copy of the model with the same options on healthy scans "
-        "(cevae-anomaly calibrate), or use the options the model was calibrated with."
+        "threshold (--threshold; threshold= in Python), calibrate a copy of the model with the same options on "
+        "healthy scans (cevae-anomaly calibrate; in Slicer, Calibrate on healthy scans), or use the options the "
+        "model was calibrated with."
     )
 
 

@@ -86,7 +86,8 @@ def robust_range(values: np.ndarray, cfg: PreprocessConfig) -> Tuple[float, floa
     lo, hi = (float(v) for v in np.percentile(values[::step], [cfg.low_percentile, cfg.high_percentile]))
     if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 1e-6 * max(abs(hi), abs(lo)):  # relative: any units
         raise CeVAEError(
-            "The intensities inside the brain are (nearly) constant, so there is no image to analyse."
+            "The intensities inside the brain are (nearly) constant, so there is no image to analyse; check that the "
+            "image is not blank and that its brain mask covers the brain."
         )
     if not np.isfinite(hi - lo):
         raise CeVAEError(f"The intensities inside the brain span more than floating point holds ({lo:g} to {hi:g}); "

@@ -52,7 +52,7 @@ except ImportError:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(repr=False)
 class CeVAEAnomalyResult:
     """What a detection produced: the nodes and the raw detection."""
 
@@ -73,9 +73,13 @@ class CeVAEAnomalyResult:
 
     @property
     def summary(self) -> str:
+        """One line: components, flagged volume and the threshold with its source."""
         d = self.detection
         return (f"{len(d.components)} component(s), {d.flagged_ml:.2f} ml above threshold "
                 f"{d.threshold:.4g} ({d.threshold_source}).")
+
+    def __repr__(self) -> str:  # at the console: one line, not every slice row of the detection
+        return f"<CeVAEAnomalyResult of '{self.volume.GetName()}': {self.summary}>"
 
 
 @dataclass
@@ -168,7 +172,8 @@ class CeVAEAnomalyLogic(_LogicBase):
 
         path = Path(modelPath) if modelPath else default_model_path()
         if not path.is_file():
-            raise CeVAEError(f"The model bundle {path} does not exist; choose a .cevae file.")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise CeVAEError(f"The model bundle {path} {what}; choose a .cevae file.")
         torchDevice = resolve_device(device)
         key = (str(path.resolve()), path.stat().st_mtime_ns, str(torchDevice))
         if key != self._bundleKey:
@@ -177,13 +182,18 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
         if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
-            raise CeVAEError("Select a scalar input volume.")
+            raise CeVAEError(f"Select a scalar input volume (got {_described(volumeNode)}).")
+        if maskNode is not None and not isinstance(maskNode, slicer.vtkMRMLNode):
+            raise CeVAEError(f"The brain mask must be a labelmap volume or segmentation node, not {_described(maskNode)} "
+                             "(a node by name: slicer.util.getNode(name)).")
+        from .mrml import OutputNodes, check_output_classes
+
+        if outputs is not None and not isinstance(outputs, OutputNodes):
+            raise CeVAEError(f"outputs must be an OutputNodes (CeVAEAnomalyLib.slicer.mrml), not {_described(outputs)}.")
         if isinstance(volumeNode, slicer.vtkMRMLLabelMapVolumeNode):  # as the panel's input selector: no labelmaps
             raise CeVAEError(f"'{volumeNode.GetName()}' is a labelmap volume (labels, not intensities); choose a "
                              "scalar volume. A scan loaded as a labelmap by mistake can be converted in the "
                              "Volumes module (Volume Information, Convert to scalar volume).")
-        from .mrml import check_output_classes
-
         _refuseModuleOutputs([volumeNode, maskNode], "an input")
         scene = self._sceneFor(volumeNode)
         if maskNode is not None and maskNode.GetScene() is not scene:
@@ -191,10 +201,12 @@ class CeVAEAnomalyLogic(_LogicBase):
         if maskNode is volumeNode:  # its every voxel above 0 would be "brain": the head, the neck, the noise
             raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is the input volume itself; choose a brain mask "
                              "(a labelmap or a segmentation), or none for the automatic one.")
-        inputIds = {node.GetID() for node in (volumeNode, maskNode) if node is not None}
         for node in vars(outputs).values() if outputs is not None else ():
-            if node is not None and node.GetID() in inputIds:
+            if node is not None and (node is volumeNode or node is maskNode):
                 raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
+            if node is not None and node.GetScene() is not scene:
+                raise CeVAEError(f"The output '{node.GetName()}' is not in the input volume's scene; choose a node "
+                                 "of that scene, or none for a new one.")
         if outputs is not None:
             check_output_classes(outputs)
         return scene
@@ -228,10 +240,16 @@ class CeVAEAnomalyLogic(_LogicBase):
         :class:`~CeVAEAnomalyLib.options.DetectionRequest`; None: the model's own), with any
         detection option given by name in ``options`` on top, e.g. ``score_type="rec"``,
         ``fpr=0.01`` (healthy false-positive rate of the calibrated threshold), ``threshold=0.5``
-        (an absolute one), ``rim_mm=2.0``, ``device="cpu"``, ``batch_size=16``. ``outputs``:
-        existing nodes to update. ``progress(fraction, message)`` may raise
-        :class:`~CeVAEAnomalyLib.progress.Cancelled`. On any error or cancel, the scene's node
-        set is left as it was.
+        (an absolute one, which takes precedence over ``fpr``), ``rim_mm=2.0``, ``device="cpu"``,
+        ``batch_size=16``. ``modelPath``: a ``.cevae`` bundle (None: the bundled default model).
+        ``outputs``: existing nodes to update (a :class:`~CeVAEAnomalyLib.slicer.mrml.OutputNodes`).
+        ``createLabelmap``: also make a labelmap volume; ``show3D``: show the segment in 3D.
+        ``progress(fraction, message)`` may raise :class:`~CeVAEAnomalyLib.progress.Cancelled`.
+        On any error or cancel, the scene's node set is left as it was.
+
+        Returns a :class:`CeVAEAnomalyResult`: ``.nodes`` (``score``, ``segmentation``, ``labelmap``,
+        ``components``, ``slice_table``, ``slice_chart``), ``.detection`` (the engine's result: threshold,
+        components, slices, brain_mask), ``.summary`` (one line) and ``.topSliceRas``.
         """
         self.checkDependencies()  # before anything imports torch
         from ..engine.detector import Detector
@@ -249,6 +267,8 @@ class CeVAEAnomalyLogic(_LogicBase):
             report(progress, 1.0, "Done")
         except Cancelled:  # too late to cancel: the results are in the scene, whole
             pass
+        except Exception:  # a failing callback must not report a run whose results are in the scene as failed
+            log.exception("CeVAEAnomaly: the progress callback failed at the end; the results are in the scene.")
         return result
 
     def publish(self, volumeNode, detection: "DetectionResult", outputs: Optional["OutputNodes"] = None,
@@ -354,6 +374,9 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
         request = DetectionRequest.of(device=device, test_time_steps=THOROUGH_STEPS if thorough else None,
                                       **(postprocess or {}))  # refused before any copy
+        if Path(outputPath).exists() and not overwrite:  # said now, not by the worker after the copies
+            raise CeVAEError(f"The model file {outputPath} exists; choose another file, or pass overwrite=True to "
+                             "replace it.")
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, request=request.to_dict(),
                                     out=str(outputPath), overwrite=bool(overwrite))
@@ -450,7 +473,16 @@ def _installTorch(spec: str) -> None:
 
 def _request(request: Optional[DetectionRequest], options: Dict[str, Any]) -> DetectionRequest:
     """``request`` (None: the model's options) with the named ``options`` on top, checked."""
+    if request is not None and not isinstance(request, DetectionRequest):
+        raise CeVAEError(f"request must be a DetectionRequest, not {_described(request)}; detection options can also "
+                         "be given by name, e.g. process(volume, fpr=0.01).")
     return (request or DetectionRequest()).with_options(**options)
+
+
+def _described(value: Any) -> str:
+    """What a wrong argument is, for an error message: its class and, for a node, its name."""
+    name = value.GetName() if hasattr(value, "GetName") else None
+    return f"{type(value).__name__} '{name}'" if name else ("None" if value is None else f"a {type(value).__name__}")
 
 
 def _fileStem(name: str) -> str:
