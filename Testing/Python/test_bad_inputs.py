@@ -195,6 +195,19 @@ def mask_tissue_labels(d: Path, g: Inputs) -> Inputs:
     return Inputs(g.image, write(like(labels, image), d / "tissues.nii.gz"), g.model)
 
 
+def the_image_as_mask(d: Path, g: Inputs) -> Inputs:
+    """A copy of the scan given as its brain mask (arguments swapped, or the wrong file picked)."""
+    return Inputs(g.image, write(sitk.ReadImage(str(g.image)), d / "copy_of_scan.nii.gz"), g.model)
+
+
+def mask_with_fractions(d: Path, g: Inputs) -> Inputs:
+    """A binary mask resampled with linear interpolation: thousands of fractions at its edge, a mask still."""
+    image, _, mask = head_arrays(g)
+    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(like(mask.astype(np.float32), image), 1.5))
+    return Inputs(g.image, write(like(np.clip(smooth, 0, 1).astype(np.float32), image), d / "fractions.nii.gz"),
+                  g.model)
+
+
 def mask_label_255(d: Path, g: Inputs) -> Inputs:
     image, _, mask = head_arrays(g)
     return Inputs(g.image, write(like(mask * 255, image), d / "mask255.nii.gz"), g.model)
@@ -547,6 +560,9 @@ CASES: Dict[str, Case] = {
     "mask elsewhere in space": Case(mask_elsewhere, REFUSED, r"does not overlap the image in space"),
     "mask with tissue labels": Case(mask_tissue_labels, 0, r"several values \(1 to 3\); every voxel above 0"),
     "mask with label 255": Case(mask_label_255, 0, r"Wrote"),
+    "mask of fractions (resampled linearly)": Case(mask_with_fractions, 0, r"several values \(.* to 1\); every voxel"),
+    "a copy of the scan as mask": Case(the_image_as_mask, REFUSED,
+                                       r"brain mask holds more than 1000 different values .*: it looks like an image"),
     "2D mask": Case(mask_2d, REFUSED, r"brain mask mask2d\.nii\.gz is 2D"),
     "missing mask file": Case(missing_mask, REFUSED, r"brain mask .*absent_mask\.nii\.gz does not exist"),
     "tiny 4x4x4 volume": Case(tiny_volume, REFUSED, r"too small to analyse \(4x4x4 voxels\)"),

@@ -133,6 +133,8 @@ FAILURES = {
     # a console user's slips: each named, not an AttributeError or a wrong reason
     "a mask given by name": (lambda scene, volume, mask: dict(maskNode="mask"),
                              "brain mask must be a labelmap volume or segmentation node, not a str"),
+    "a copy of the scan as its mask": (lambda scene, volume, mask: dict(maskNode=add_volume(
+        scene, mrml.image_from_volume(volume, "input"), "copy of head")), "it looks like an image, not a mask"),
     "options as a dict": (lambda scene, volume, mask: dict(maskNode=mask, request={"fpr": 0.01}),
                           r"request must be a DetectionRequest, not a dict; .*process\(volume, fpr=0.01\)"),
     "outputs as a dict": (lambda scene, volume, mask: dict(maskNode=mask, outputs={"score": None}),

@@ -268,6 +268,13 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
         raise CeVAEError("The brain mask does not overlap the image in space (after resampling it onto the "
                          "image grid no voxel is brain); check that the mask belongs to this image.")
     labels = values[brain if values.dtype.kind in "ub" else values != 0]  # unsigned: nonzero is brain
+    sample = labels[::max(1, labels.size // _DISTINCT_SAMPLES)]
+    if sample.dtype.kind != "b" and len(np.unique(sample)) > _MAX_MASK_VALUES and np.nanmax(sample) > 1:
+        # an intensity image given as the mask: "> 0" would take the whole head (fractions up to 1 are a mask
+        # resampled with linear interpolation, or a probability map: kept, with the warning below)
+        raise CeVAEError(f"{where}The brain mask holds more than {_MAX_MASK_VALUES} different values "
+                         f"({_several_values(labels)}): it looks like an image, not a mask. Give a labelmap or "
+                         "segmentation of the brain (> 0 is brain), or no mask for the automatic one.")
     several = _several_values(labels)
     if several:
         log.warning("%sThe brain mask holds several values (%s); every voxel above 0 is taken as brain.",
@@ -286,6 +293,8 @@ def _several_values(labels: np.ndarray) -> str:
     return ", and ".join(spans + ([f"NaN in {nan} voxel(s), taken as outside the brain"] if nan else []))
 
 
+_MAX_MASK_VALUES = 1000  # label images hold tens to hundreds of labels; an MRI thousands of grey values
+_DISTINCT_SAMPLES = 2_000_000  # voxels sampled to count them (a strided sample keeps the count fast on big masks)
 _LABEL_MAPS = (sitk.sitkLabelUInt8, sitk.sitkLabelUInt16, sitk.sitkLabelUInt32, sitk.sitkLabelUInt64)
 
 
