@@ -268,14 +268,14 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
         raise CeVAEError("The brain mask does not overlap the image in space (after resampling it onto the "
                          "image grid no voxel is brain); check that the mask belongs to this image.")
     labels = values[brain if values.dtype.kind in "ub" else values != 0]  # unsigned: nonzero is brain
-    sample = labels[::max(1, labels.size // _DISTINCT_SAMPLES)]
-    if sample.dtype.kind != "b" and len(np.unique(sample)) > _MAX_MASK_VALUES and np.nanmax(sample) > 1:
+    several = _several_values(labels)  # "" for a mask of one label (the usual case: nothing more to check)
+    sample = labels[::max(1, labels.size // _DISTINCT_SAMPLES)] if several else labels[:0]
+    if sample.size and np.nanmax(sample) > 1 and len(np.unique(sample)) > _MAX_MASK_VALUES:
         # an intensity image given as the mask: "> 0" would take the whole head (fractions up to 1 are a mask
         # resampled with linear interpolation, or a probability map: kept, with the warning below)
-        raise CeVAEError(f"{where}The brain mask holds more than {_MAX_MASK_VALUES} different values "
-                         f"({_several_values(labels)}): it looks like an image, not a mask. Give a labelmap or "
-                         "segmentation of the brain (> 0 is brain), or no mask for the automatic one.")
-    several = _several_values(labels)
+        raise CeVAEError(f"{where}The brain mask holds more than {_MAX_MASK_VALUES} different values ({several}): "
+                         "it looks like an image, not a mask. Give a labelmap or segmentation of the brain (> 0 is "
+                         "brain), or no mask for the automatic one.")
     if several:
         log.warning("%sThe brain mask holds several values (%s); every voxel above 0 is taken as brain.",
                     where, several)
