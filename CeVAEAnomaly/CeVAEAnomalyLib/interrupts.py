@@ -41,13 +41,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
 @contextmanager
 def stops_held(on_stop: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """Within the block, Ctrl-C and SIGTERM are recorded instead of raised (``on_stop`` is called when one comes,
-    to end the work early) and delivered again when the block ends, so that they act after it. Only the main
-    thread receives signals; elsewhere nothing changes."""
-    stops = [signal.SIGINT, signal.SIGTERM]
-    previous = {s: signal.getsignal(s) for s in stops}
+    to end the work early) and delivered again when the block ends, so that they act after it. A signal the
+    process ignores stays ignored. Only the main thread receives signals; elsewhere nothing changes."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if threading.current_thread() is not threading.main_thread() or None in previous.values():
         yield
         return
+    previous = {s: handler for s, handler in previous.items() if handler is not signal.SIG_IGN}
+    stops = list(previous)
     caught: List[int] = []
 
     def hold(signum: int, frame: object) -> None:

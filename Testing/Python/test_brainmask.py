@@ -135,7 +135,8 @@ def test_registration_reports_every_iteration_and_cancels_at_once(robex):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("sender", ["callback", "thread"])
-def test_a_stop_signal_during_the_registration_is_raised_as_itself(signum, sender):
+@pytest.mark.parametrize("stage", ["initial pose", "similarity"])  # one level; two (a stop must end both)
+def test_a_stop_signal_during_the_registration_is_raised_as_itself(signum, sender, stage):
     """Ctrl-C or SIGTERM arriving while ITK registers stops the registration at once and comes out as the stop,
     not as a failed registration (which made `detect` exit 2 with a traceback and `batch` carry on to the next
     volume). ``callback``: sent from the progress callback; ``thread``: sent from another thread, so that it
@@ -154,7 +155,7 @@ def test_a_stop_signal_during_the_registration_is_raised_as_itself(signum, sende
     def progress(fraction, message):
         if sent.is_set():
             after.append(message)
-        elif message.startswith("Registering brain template (") and not hasattr(progress, "started"):
+        elif message == f"Registering brain template ({stage})" and not hasattr(progress, "started"):
             progress.started = True
             if sender == "callback":
                 send()
@@ -165,6 +166,27 @@ def test_a_stop_signal_during_the_registration_is_raised_as_itself(signum, sende
     with sigterm_as_interrupt(), pytest.raises(expected):
         compute_brain_mask(head, progress=progress)
     assert sent.is_set() and len(after) <= 1  # at most the iteration under way is reported
+
+
+def test_an_ignored_ctrl_c_leaves_the_registration_alone():
+    """A process that ignores Ctrl-C (a pool worker, a job started with `&` from a script) gets the mask of an
+    undisturbed run, not one cut short by the stop it ignores."""
+    from CeVAEAnomalyLib.engine.brainmask import load_template
+
+    head, _ = load_template()
+    undisturbed = compute_brain_mask(head)
+
+    def ctrl_c_once(fraction, message):
+        if message.startswith("Registering brain template (") and not hasattr(ctrl_c_once, "sent"):
+            ctrl_c_once.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        mask = compute_brain_mask(head, progress=ctrl_c_once)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ctrl_c_once.sent and np.array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(undisturbed))
 
 
 def _acquisition(name: str, recipe, seed: int):

@@ -15,6 +15,7 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.atomic import temp_beside
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.training.cache import SliceCache, SliceSet
 from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
@@ -332,9 +333,10 @@ def test_temporaries_of_killed_writes_are_removed_when_an_hour_old(subjects, tmp
     s = subjects[0]
     cache.entries_for(s, checksums(s), ("axial",))
     root = cache.root
-    old = [root / f".{'a' * 32}.0123abcd.npy", root / f".{'b' * 32}.89abcdef.json"]
-    recent = root / f".{'c' * 32}.00000000.npy"  # a write in progress elsewhere
-    other = root / ".notes.0123abcd.npy"  # not an entry's temporary
+    # named as the cache's writes name them (io.atomic.temp_beside), as a killed write leaves them
+    old = [Path(temp_beside(root / f"{'a' * 32}.npy")), Path(temp_beside(root / f"{'b' * 32}.json"))]
+    recent = Path(temp_beside(root / f"{'c' * 32}.npy"))  # a write in progress elsewhere
+    other = Path(temp_beside(root / "notes.npy"))  # not an entry's temporary
     for path in old + [recent, other]:
         path.write_bytes(b"x" * 100)
     for path in old + [other]:

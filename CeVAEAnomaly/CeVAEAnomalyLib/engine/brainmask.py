@@ -326,9 +326,12 @@ def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: si
     Ctrl-C and SIGTERM are held during the registration: they stop the optimiser at its next iteration and
     act when it has returned.
     """
-    state: dict = {"count": 0, "cancelled": None}
+    state: dict = {"count": 0, "cancelled": None, "stopped": False}
 
     def step() -> None:
+        if state["stopped"] or state["cancelled"] is not None:  # StopRegistration ends one level: end each
+            method.StopRegistration()
+            return
         state["count"] += 1
         try:
             report(progress, min(1.0, state["count"] / iterations), message)
@@ -336,8 +339,12 @@ def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: si
             state["cancelled"] = exc
             method.StopRegistration()
 
-    method.AddCommand(sitk.sitkIterationEvent, step)  # also where a held stop ends the registration
-    with stops_held(on_stop=method.StopRegistration):
+    def stop() -> None:
+        state["stopped"] = True
+        method.StopRegistration()
+
+    method.AddCommand(sitk.sitkIterationEvent, step)
+    with stops_held(on_stop=stop):
         method.Execute(fixed, moving)
     if state["cancelled"] is not None:
         raise state["cancelled"]

@@ -40,7 +40,8 @@ from .data import Subject, subject_slices
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
-_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.[0-9a-f]{8}\.(npy|json)")  # an entry's temporary (io.atomic.temp_beside)
+# an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx.npy (or .json)
+_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.(npy|json)\.[0-9a-f]{8}\.\1")
 _ORPHAN_AGE_S = 3600.0
 
 
