@@ -200,12 +200,16 @@ def the_image_as_mask(d: Path, g: Inputs) -> Inputs:
     return Inputs(g.image, write(sitk.ReadImage(str(g.image)), d / "copy_of_scan.nii.gz"), g.model)
 
 
-def mask_with_fractions(d: Path, g: Inputs) -> Inputs:
-    """A binary mask resampled with linear interpolation: thousands of fractions at its edge, a mask still."""
-    image, _, mask = head_arrays(g)
-    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(like(mask.astype(np.float32), image), 1.5))
-    return Inputs(g.image, write(like(np.clip(smooth, 0, 1).astype(np.float32), image), d / "fractions.nii.gz"),
-                  g.model)
+def mask_with_fractions(top: float):
+    def build(d: Path, g: Inputs) -> Inputs:
+        """A 0/``top`` mask resampled with linear interpolation: thousands of values at its edge, a mask still."""
+        image, _, mask = head_arrays(g)
+        centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+        turn = sitk.Euler3DTransform(centre, *np.deg2rad([3.0, 5.0, 4.0]), [0.37, 0.21, 0.13])  # from another grid
+        moved = sitk.Resample(like(mask.astype(np.float32) * top, image), image, turn, sitk.sitkLinear, 0.0)
+        assert len(np.unique(sitk.GetArrayViewFromImage(moved))) > 1000  # as many values as an image
+        return Inputs(g.image, write(moved, d / "fractions.nii.gz"), g.model)
+    return build
 
 
 def mask_label_255(d: Path, g: Inputs) -> Inputs:
@@ -560,9 +564,10 @@ CASES: Dict[str, Case] = {
     "mask elsewhere in space": Case(mask_elsewhere, REFUSED, r"does not overlap the image in space"),
     "mask with tissue labels": Case(mask_tissue_labels, 0, r"several values \(1 to 3\); every voxel above 0"),
     "mask with label 255": Case(mask_label_255, 0, r"Wrote"),
-    "mask of fractions (resampled linearly)": Case(mask_with_fractions, 0, r"several values \(.* to 1\); every voxel"),
+    "mask of fractions (resampled linearly)": Case(mask_with_fractions(1.0), 0, r"several values \(.* to 1\); every "),
+    "0/255 mask resampled linearly": Case(mask_with_fractions(255.0), 0, r"several values \(.* to 255\); every "),
     "a copy of the scan as mask": Case(the_image_as_mask, REFUSED,
-                                       r"brain mask holds more than 1000 different values .*: it looks like an image"),
+                                       r"brain mask holds more than 1000 different values .* and no plateau: it looks like an image"),
     "2D mask": Case(mask_2d, REFUSED, r"brain mask mask2d\.nii\.gz is 2D"),
     "missing mask file": Case(missing_mask, REFUSED, r"brain mask .*absent_mask\.nii\.gz does not exist"),
     "tiny 4x4x4 volume": Case(tiny_volume, REFUSED, r"too small to analyse \(4x4x4 voxels\)"),

@@ -156,3 +156,19 @@ def test_headers_are_standard_json_the_shipped_one_too(tmp_path, model):
         save_bundle(tmp_path / "nan.cevae", model, dataclasses.replace(HEADER, training={"val_loss": float("nan")}))
     assert not (tmp_path / "nan.cevae").exists()
     assert _strict_header(save_bundle(tmp_path / "m.cevae", model, HEADER))["modality"] == "T1"
+
+
+
+def test_a_bundle_with_the_old_nan_validation_loss_reads_as_none_and_its_copies_save(tmp_path, model):
+    """Bundles written before headers were strict JSON hold "val_loss": NaN; calibrate and adapt copy headers."""
+    from safetensors.torch import save_file
+
+    from CeVAEAnomalyLib.engine.header import META_KEY
+
+    path = save_bundle(tmp_path / "m.cevae", model, dataclasses.replace(HEADER, training={"val_loss": None}))
+    meta = json.loads(json.dumps(_strict_header(path)).replace('"val_loss": null', '"val_loss": NaN'))
+    tensors = {k: v.float() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp_path / "old.cevae"), metadata={META_KEY: json.dumps(meta)})
+    old = load_bundle(tmp_path / "old.cevae")
+    assert old.header.training == {"val_loss": None}
+    assert _strict_header(save_bundle(tmp_path / "copy.cevae", old.model, old.header))["training"]["val_loss"] is None

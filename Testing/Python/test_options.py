@@ -101,7 +101,8 @@ def test_a_missing_calibration_names_the_options_that_differ_and_the_ways_out():
     with pytest.raises(CeVAEError) as err:
         find_calibration(header["calibration"], score.replace(rec_kind="l2"), post.replace(rim_mm=2.0))
     message = str(err.value)
-    assert "the nearest calibrated setting differs in --rec-kind l2, --rim-mm 2)" in message
+    assert ("(these differ from the nearest calibrated setting: --rec-kind l2 (calibrated: --rec-kind l1), "
+            "--rim-mm 2 (calibrated: --rim-mm 3))") in message
     assert "--threshold" in message and "cevae-anomaly calibrate" in message
 
 

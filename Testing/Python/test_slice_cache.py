@@ -356,9 +356,14 @@ def test_prepare_says_when_a_volume_repeats_another(subjects, tmp_path, caplog):
 
     s = subjects[0]
     copy = Subject(tmp_path / "copy.nii.gz", s.mask)
-    shutil.copy(s.image, copy.image)
+    other_mask = Subject(tmp_path / "copy2.nii.gz", tmp_path / "eroded_mask.nii.gz")  # the same image, another mask
+    sitk.WriteImage(sitk.BinaryErode(sitk.ReadImage(str(s.mask)) > 0, [1, 1, 1]), str(other_mask.mask))
+    for c in (copy, other_mask):
+        shutil.copy(s.image, c.image)
     with caplog.at_level(logging.WARNING):
-        prepare_cohort([s, copy, subjects[1]], tmp_path / "cache", PRE, ("axial",))
+        summary = prepare_cohort([s, copy, other_mask], tmp_path / "cache", PRE, ("axial",))
     repeats = [r.getMessage() for r in caplog.records if "repeats the image" in r.getMessage()]
-    assert repeats == [f"{copy.image} repeats the image {s.image} (same content); they share one cache entry, "
-                       "and training uses it once."]
+    assert repeats == [f"{c.image} repeats the image {s.image} (same content); training uses it once."
+                       for c in (copy, other_mask)]  # as train's unique_subjects
+    entries = list((tmp_path / "cache").glob("[!.]*.npy"))  # two: the masks differ; the copy shares the first
+    assert len(entries) == 2 and f" {sum(len(np.load(e)) for e in entries)} slices" in summary  # each counted once

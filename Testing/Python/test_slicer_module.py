@@ -141,7 +141,7 @@ FAILURES = {
                           "outputs must be an OutputNodes"),
     "a folder as the model": (lambda scene, volume, mask: dict(maskNode=mask, modelPath=str(REPO)), "is a folder"),
     "an output of another scene": (lambda scene, volume, mask: dict(maskNode=mask, outputs=mrml.OutputNodes(
-        score=foreign_volume())), "is not in the input volume's scene"),
+        score=foreign_volume())), "is in another scene than the input volume"),
 }
 
 
@@ -165,6 +165,17 @@ def test_a_failing_run_leaves_the_scene_unchanged(scene_with_head, tiny_bundle, 
     with pytest.raises(CeVAEError, match=message):
         CeVAEAnomalyLogic().process(volume, **arguments)
     assert mrml.node_ids(scene) == before
+
+
+def test_outputs_of_which_one_was_deleted_are_used_and_the_deleted_one_is_made_again(scene_with_head, tiny_bundle):
+    """As the panel passes its selected nodes: one deleted from the scene since (the Data module) is not an
+    error."""
+    scene, volume, mask, _, _ = scene_with_head()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu")
+    scene.RemoveNode(first.nodes.score)
+    second = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", outputs=first.nodes)
+    assert second.nodes.score.GetScene() is scene and second.nodes.segmentation is first.nodes.segmentation
 
 
 def test_a_progress_callback_failing_at_the_end_does_not_fail_a_run_whose_results_are_in_the_scene(

@@ -90,7 +90,7 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
         if not differing:
             return entry
         differences.append(differing)
-    nearest = f" (the nearest calibrated setting differs in {', '.join(min(differences, key=len))})" \
+    nearest = f" (these differ from the nearest calibrated setting: {', '.join(min(differences, key=len))})" \
         if differences else ""
     raise CeVAEError(
         f"The model has no calibration for these scoring/post-processing options{nearest}; give an absolute "
@@ -102,9 +102,10 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
 
 def _differing_flags(options: Tuple[ScoreOptions, PostprocessOptions],
                      other: Tuple[ScoreOptions, PostprocessOptions]) -> List[str]:
-    """The flags (with the values of ``options``) in which two (scoring, score-map post-processing) settings
-    differ."""
-    return [_as_flag(f, getattr(mine, f.name)) for mine, theirs in zip(options, other) for f in fields(mine)
+    """Where two (scoring, score-map post-processing) settings differ: each flag with the value of ``options``
+    and, in brackets, the value of ``other`` (the calibrated one)."""
+    return [f"{_as_flag(f, getattr(mine, f.name))} (calibrated: {_as_flag(f, getattr(theirs, f.name))})"
+            for mine, theirs in zip(options, other) for f in fields(mine)
             if getattr(mine, f.name) != getattr(theirs, f.name)]
 
 

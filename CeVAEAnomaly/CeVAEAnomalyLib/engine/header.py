@@ -8,6 +8,7 @@ the Slicer module can show a model's settings before PyTorch is installed.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -61,7 +62,7 @@ class BundleHeader:
             postprocess=PostprocessOptions.from_dict(data.get("postprocess") or {},
                                                      "post-processing option(s) in the model"),
             calibration=dict(data.get("calibration") or {}), default_fpr=float(data.get("default_fpr", DEFAULT_FPR)),
-            training=data.get("training"), weights_dtype=str(data.get("weights_dtype", "float32")),
+            training=_finite_record(data.get("training")), weights_dtype=str(data.get("weights_dtype", "float32")),
             extra={k: v for k, v in data.items() if k not in typed},
         )
 
@@ -200,3 +201,11 @@ def _check_file(p: Path) -> Path:
     if len(head) < 8:
         raise CeVAEError(f"{p} is too short to be a model bundle.")
     return p
+
+
+def _finite_record(record: Any) -> Any:
+    """A training record with its non-finite numbers as None: bundles written before headers were strict JSON
+    hold ``"val_loss": NaN``, which a calibrated or adapted copy would otherwise fail to write."""
+    if not isinstance(record, dict):
+        return record
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}

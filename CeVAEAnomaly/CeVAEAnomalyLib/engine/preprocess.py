@@ -269,17 +269,24 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
                          "image grid no voxel is brain); check that the mask belongs to this image.")
     labels = values[brain if values.dtype.kind in "ub" else values != 0]  # unsigned: nonzero is brain
     several = _several_values(labels)  # "" for a mask of one label (the usual case: nothing more to check)
-    sample = labels[::max(1, labels.size // _DISTINCT_SAMPLES)] if several else labels[:0]
-    if sample.size and np.nanmax(sample) > 1 and len(np.unique(sample)) > _MAX_MASK_VALUES:
-        # an intensity image given as the mask: "> 0" would take the whole head (fractions up to 1 are a mask
-        # resampled with linear interpolation, or a probability map: kept, with the warning below)
-        raise CeVAEError(f"{where}The brain mask holds more than {_MAX_MASK_VALUES} different values ({several}): "
-                         "it looks like an image, not a mask. Give a labelmap or segmentation of the brain (> 0 is "
-                         "brain), or no mask for the automatic one.")
+    if several and _looks_like_an_image(labels[::max(1, labels.size // _DISTINCT_SAMPLES)]):
+        raise CeVAEError(f"{where}The brain mask holds more than {_MAX_MASK_VALUES} different values ({several}) "
+                         "and no plateau: it looks like an image, not a mask. Give a labelmap or segmentation of the "
+                         "brain (> 0 is brain), or no mask for the automatic one.")
     if several:
         log.warning("%sThe brain mask holds several values (%s); every voxel above 0 is taken as brain.",
                     where, several)
     return brain
+
+
+def _looks_like_an_image(labels: np.ndarray) -> bool:
+    """Whether a mask's nonzero values are an intensity image's (a copy of the scan, swapped arguments), where
+    "> 0" would take the whole head: thousands of values and no plateau. A mask resampled with linear
+    interpolation has thousands of values too, at its edge, but most of its voxels hold (about) its top value."""
+    values = labels[~np.isnan(labels)] if labels.dtype.kind == "f" else labels
+    if values.size == 0 or len(np.unique(values)) <= _MAX_MASK_VALUES:
+        return False
+    return np.count_nonzero(values >= 0.95 * values.max()) < values.size / 2  # no plateau near the top
 
 
 def _several_values(labels: np.ndarray) -> str:

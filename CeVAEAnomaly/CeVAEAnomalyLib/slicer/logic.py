@@ -204,9 +204,9 @@ class CeVAEAnomalyLogic(_LogicBase):
         for node in vars(outputs).values() if outputs is not None else ():
             if node is not None and (node is volumeNode or node is maskNode):
                 raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
-            if node is not None and node.GetScene() is not scene:
-                raise CeVAEError(f"The output '{node.GetName()}' is not in the input volume's scene; choose a node "
-                                 "of that scene, or none for a new one.")
+            if node is not None and node.GetScene() not in (scene, None):  # (a deleted one is made again)
+                raise CeVAEError(f"The output '{node.GetName()}' is in another scene than the input volume; choose "
+                                 "a node of its scene, or none for a new one.")
         if outputs is not None:
             check_output_classes(outputs)
         return scene
@@ -374,7 +374,9 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
         request = DetectionRequest.of(device=device, test_time_steps=THOROUGH_STEPS if thorough else None,
                                       **(postprocess or {}))  # refused before any copy
-        if Path(outputPath).exists() and not overwrite:  # said now, not by the worker after the copies
+        if Path(outputPath).is_dir():  # said now, not by the worker after the copies
+            raise CeVAEError(f"The model file {outputPath} is a folder; give the path of a .cevae file.")
+        if Path(outputPath).exists() and not overwrite:
             raise CeVAEError(f"The model file {outputPath} exists; choose another file, or pass overwrite=True to "
                              "replace it.")
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,

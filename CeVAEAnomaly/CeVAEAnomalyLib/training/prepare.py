@@ -6,7 +6,7 @@ import logging
 import multiprocessing
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from ..interrupts import pool_worker_signals
 from ..engine.config import PreprocessConfig
@@ -49,21 +49,22 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
             for n, result in enumerate(pool.map(_prepare_one, jobs)):
                 results.append(result)
                 report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
-    first_of: dict = {}
-    for s, r in zip(subjects, results):  # the same content gives the same entries (their key is its checksum)
-        first = first_of.setdefault(r[3], s)
+    first_of: Dict[str, Subject] = {}
+    for s, (_, image_sha, _) in zip(subjects, results):  # as train's unique_subjects: by the image's content
+        first = first_of.setdefault(image_sha, s)
         if first is not s:
-            log.warning("%s repeats the image %s (same content); they share one cache entry, and training uses it "
-                        "once.", s.image, first.image)
-    made = sum(r[1] for r in results)
+            log.warning("%s repeats the image %s (same content); training uses it once.", s.image, first.image)
+    entries = {name: size for r in results for name, size in r[2].items()}  # a shared entry counted once
+    made = sum(r[0] for r in results)
     return (f"Slice cache {root}: {len(subjects)} subject(s), {made} preprocessed now and "
-            f"{len(subjects) - made} found ready, {sum(r[0] for r in results)} slices in {', '.join(wanted)} "
-            f"({sum(r[2] for r in results) / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f} s.")
+            f"{len(subjects) - made} found ready, {sum(n for n, _ in entries.values())} slices in {', '.join(wanted)} "
+            f"({sum(b for _, b in entries.values()) / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f} s.")
 
 
-def _prepare_one(job: Tuple[Subject, Path, PreprocessConfig, Tuple[str, ...]]) -> Tuple[int, bool, int, str]:
-    """(slices, made now, bytes, the first entry's file name) of one subject's entries."""
+def _prepare_one(job: Tuple[Subject, Path, PreprocessConfig, Tuple[str, ...]]
+                 ) -> Tuple[bool, str, Dict[str, Tuple[int, int]]]:
+    """(made now, the image's sha256, {entry file name: (slices, bytes)}) of one subject."""
     subject, root, pre, orientations = job
     checksums = {p: sha256_of(p) for p in (subject.image, subject.mask) if p is not None}
     entries, made = SliceCache(root, pre).entries_for(subject, checksums, orientations)
-    return sum(e.slices for e in entries), made, sum(e.path.stat().st_size for e in entries), entries[0].path.name
+    return made, checksums[subject.image], {e.path.name: (e.slices, e.path.stat().st_size) for e in entries}
