@@ -147,6 +147,13 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
     with pytest.raises(CeVAEError, match=r"site\.cevae exists; choose another file, or pass overwrite=True"):
         CeVAEAnomalyLogic().startCalibration(volumes[:1], [None], out, modelPath=tiny_bundle, device="cpu")
 
+    # a file made after the start (another job, the user): the worker refuses it too, before loading anything
+    from CeVAEAnomalyLib.slicer.worker import run_calibrate
+
+    task = {"request": {}, "subjects": [{"image": str(out)}], "out": str(out), "model": str(tiny_bundle)}
+    with pytest.raises(CeVAEError, match=r"site\.cevae exists already"):
+        run_calibrate(task, None)
+
 
 def test_calibration_with_thorough_ticked_calibrates_both_modes(tiny_bundle, tmp_path):
     """The panel's Calibrate with Thorough ticked: the site model offers calibrated sensitivities in both
