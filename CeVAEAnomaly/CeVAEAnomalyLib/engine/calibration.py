@@ -81,15 +81,15 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
     """The table of ``calibration`` (a header's section) stored for these options, or an error that names the
     options no calibration has and says how to get a threshold."""
     wanted = (score, _score_map_options(post))
-    differences = []
+    calibrated = []
     for key, entry in calibration.items():
         stored = _key_options(key)
-        if stored is None:
-            continue
-        differing = _differing_flags(wanted, (stored[0], _score_map_options(stored[1])))
-        if not differing:
-            return entry
-        differences.append(differing)
+        if stored is not None:
+            setting = (stored[0], _score_map_options(stored[1]))
+            if setting == wanted:
+                return entry
+            calibrated.append(setting)
+    differences = [_differing_flags(wanted, setting) for setting in calibrated]  # only for the message
     nearest = f" (these differ from the nearest calibrated setting: {', '.join(min(differences, key=len))})" \
         if differences else ""
     raise CeVAEError(
