@@ -14,7 +14,7 @@ from ..io.checksum import sha256_of
 from ..progress import ProgressCallback, report
 from ..system import usable_cores
 from .cache import SliceCache
-from .data import Subject
+from .data import Subject, unique_subjects
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,7 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
             for n, result in enumerate(pool.map(_prepare_one, jobs)):
                 results.append(result)
                 report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
-    first_of: Dict[str, Subject] = {}
-    for s, (_, image_sha, _) in zip(subjects, results):  # as train's unique_subjects: by the image's content
-        first = first_of.setdefault(image_sha, s)
-        if first is not s:
-            log.warning("%s repeats the image %s (same content); training uses it once.", s.image, first.image)
+    unique_subjects(subjects, {s.image: r[1] for s, r in zip(subjects, results)})  # warns of repeats, as train does
     entries = {name: size for r in results for name, size in r[2].items()}  # a shared entry counted once
     made = sum(r[0] for r in results)
     return (f"Slice cache {root}: {len(subjects)} subject(s), {made} preprocessed now and "
