@@ -17,7 +17,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 from .errors import CeVAEError
 
@@ -315,6 +315,22 @@ class DetectionRequest(Serialisable):
         """The request the command-line flags of :func:`add_flags` ask for."""
         return cls.of(paper=bool(getattr(args, "paper", False)),
                       **{name: getattr(args, name, None) for name in _OWNER})
+
+    @classmethod
+    def given(cls, request: Union["DetectionRequest", Mapping[str, Any], None], **options: Any) -> "DetectionRequest":
+        """What an entry point's ``request`` argument asks for: a request, its :meth:`to_dict` form or None (the
+        model's options), with the named ``options`` on top (:meth:`with_options`)."""
+        if isinstance(request, Mapping):
+            flat = sorted(set(request) & set(_OWNER))
+            if flat:
+                raise CeVAEError(f"The request dict holds option names ({', '.join(flat)}): give them by name "
+                                 "(fpr=0.01) or as DetectionRequest.of(...); a request dict is DetectionRequest.to_dict()'s "
+                                 "form (score, post, paper, policy, run).")
+            request = cls.from_dict(request, "request field(s)")
+        elif request is not None and not isinstance(request, DetectionRequest):
+            raise CeVAEError(f"The request must be a DetectionRequest or its dict form, not a {type(request).__name__}; "
+                             "detection options can also be given by name, e.g. fpr=0.01.")
+        return (request or cls()).with_options(**options)
 
     def with_options(self, **options: Any) -> "DetectionRequest":
         """A copy with more options (None values are ignored; ``paper`` among them switches the published score)."""

@@ -102,6 +102,21 @@ def test_second_run_updates_the_same_nodes(scene_with_head, tiny_bundle):
     assert logic.loadModel(tiny_bundle, "cpu") is logic.loadModel(tiny_bundle, "cpu")  # cached
 
 
+def test_a_request_its_dict_form_and_options_by_name_ask_for_the_same(scene_with_head, tiny_bundle):
+    from CeVAEAnomalyLib.options import DetectionRequest
+
+    scene, volume, mask, _, _ = scene_with_head()
+    logic = CeVAEAnomalyLogic(scene)
+    request = DetectionRequest.of(score_type="rec", threshold=0.2, device="cpu")
+    runs = [logic.process(volume, mask, modelPath=tiny_bundle, score_type="rec", threshold=0.2, device="cpu"),
+            logic.process(volume, mask, request, modelPath=tiny_bundle),
+            logic.process(volume, mask, request.to_dict(), modelPath=tiny_bundle)]
+    scores = [sitk.GetArrayFromImage(mrml.image_from_volume(r.nodes.score)) for r in runs]
+    for run, score in zip(runs[1:], scores[1:]):
+        np.testing.assert_array_equal(score, scores[0])
+        assert run.detection.threshold == runs[0].detection.threshold == 0.2
+
+
 def test_mask_can_be_a_segment(scene_with_head, tiny_bundle):
     scene, volume, mask, _, _ = scene_with_head()
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
@@ -135,10 +150,16 @@ FAILURES = {
                              "brain mask must be a labelmap volume or segmentation node, not a str"),
     "a copy of the scan as its mask": (lambda scene, volume, mask: dict(maskNode=add_volume(
         scene, mrml.image_from_volume(volume, "input"), "copy of head")), "it looks like an image, not a mask"),
-    "options as a dict": (lambda scene, volume, mask: dict(maskNode=mask, request={"fpr": 0.01}),
-                          r"request must be a DetectionRequest, not a dict; .*process\(volume, fpr=0.01\)"),
+    "options as a flat dict": (lambda scene, volume, mask: dict(maskNode=mask, request={"fpr": 0.01}),
+                               r"request dict holds option names \(fpr\): give them by name"),
+    "a request of another type": (lambda scene, volume, mask: dict(maskNode=mask, request="rec"),
+                                  "request must be a DetectionRequest or its dict form, not a str"),
     "outputs as a dict": (lambda scene, volume, mask: dict(maskNode=mask, outputs={"score": None}),
                           "outputs must be an OutputNodes"),
+    "a yes/no flag given as a word": (lambda scene, volume, mask: dict(maskNode=mask, createLabelmap="no"),
+                                     "createLabelmap must be True or False, not a str"),
+    "a segment ID with a labelmap mask": (lambda scene, volume, mask: dict(maskNode=mask, maskSegmentId="Segment_1"),
+                                          "is a volume, which has no segment 'Segment_1'"),
     "a folder as the model": (lambda scene, volume, mask: dict(maskNode=mask, modelPath=str(REPO)), "is a folder"),
     "an output of another scene": (lambda scene, volume, mask: dict(maskNode=mask, outputs=mrml.OutputNodes(
         score=foreign_volume())), "is in another scene than the input volume"),

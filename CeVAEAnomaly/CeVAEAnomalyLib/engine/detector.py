@@ -193,11 +193,7 @@ def detect(image: sitk.Image, bundle: Union[Bundle, str, Path], mask: Optional[s
     (default auto: a GPU where there is one); a loaded bundle's model stays where it is unless a device is asked
     for, then it is moved there.
     """
-    if isinstance(request, Mapping):
-        request = DetectionRequest.from_dict(request)
-    elif request is not None and not isinstance(request, DetectionRequest):
-        raise CeVAEError(f"The request must be a DetectionRequest or a dict, got {type(request).__name__}.")
-    chosen = (request or DetectionRequest()).with_options(**options)
+    chosen = DetectionRequest.given(request, **options)
     device = resolve_device(chosen.run.device)
     if isinstance(bundle, (str, Path)):
         bundle = load_bundle(bundle, device)

@@ -224,7 +224,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         self,
         volumeNode: slicer.vtkMRMLScalarVolumeNode,
         maskNode: Optional[slicer.vtkMRMLNode] = None,
-        request: Optional[DetectionRequest] = None,
+        request: Union[DetectionRequest, Mapping[str, Any], None] = None,
         modelPath: Union[str, Path, None] = None,
         maskSegmentId: Optional[str] = None,
         outputs: Optional["OutputNodes"] = None,
@@ -237,7 +237,7 @@ class CeVAEAnomalyLogic(_LogicBase):
 
         ``maskNode``: brain mask (labelmap, or segmentation with ``maskSegmentId`` or all its
         segments); computed automatically if None. ``request``: the detection's options (a
-        :class:`~CeVAEAnomalyLib.options.DetectionRequest`; None: the model's own), with any
+        :class:`~CeVAEAnomalyLib.options.DetectionRequest` or its ``to_dict()`` form; None: the model's own), with any
         detection option given by name in ``options`` on top, e.g. ``score_type="rec"``,
         ``fpr=0.01`` (healthy false-positive rate of the calibrated threshold), ``threshold=0.5``
         (an absolute one, which takes precedence over ``fpr``), ``rim_mm=2.0``, ``device="cpu"``,
@@ -254,7 +254,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         self.checkDependencies()  # before anything imports torch
         from ..engine.detector import Detector
 
-        request = _request(request, options)
+        request = DetectionRequest.given(request, **options)
+        _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
         self._checkInputs(volumeNode, maskNode, outputs)
         report(progress, 0.0, "Reading the volume")
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
@@ -290,7 +291,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         self,
         volumeNode: slicer.vtkMRMLScalarVolumeNode,
         maskNode: Optional[slicer.vtkMRMLNode] = None,
-        request: Optional[DetectionRequest] = None,
+        request: Union[DetectionRequest, Mapping[str, Any], None] = None,
         modelPath: Union[str, Path, None] = None,
         maskSegmentId: Optional[str] = None,
         outputs: Optional["OutputNodes"] = None,
@@ -308,7 +309,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         (Slicer: ``PythonSlicer``).
         """
         self.checkDependencies()
-        request = _request(request, options)
+        request = DetectionRequest.given(request, **options)
+        _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
         self._checkInputs(volumeNode, maskNode, outputs)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         folder = Path(tempfile.mkdtemp(prefix=JOB_FOLDER_PREFIX))
@@ -473,12 +475,11 @@ def _installTorch(spec: str) -> None:
         raise CeVAEError("PyTorch could not be installed; install it from the PyTorch module.")
 
 
-def _request(request: Optional[DetectionRequest], options: Dict[str, Any]) -> DetectionRequest:
-    """``request`` (None: the model's options) with the named ``options`` on top, checked."""
-    if request is not None and not isinstance(request, DetectionRequest):
-        raise CeVAEError(f"request must be a DetectionRequest, not {_described(request)}; detection options can also "
-                         "be given by name, e.g. process(volume, fpr=0.01).")
-    return (request or DetectionRequest()).with_options(**options)
+def _refuseNonBoolean(**flags: Any) -> None:
+    """Refuse a flag that is not True or False (``createLabelmap="no"`` would count as True)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise CeVAEError(f"{name} must be True or False, not {_described(value)}.")
 
 
 def _described(value: Any) -> str:

@@ -209,6 +209,9 @@ def mask_image(
     if isinstance(mask_node, slicer.vtkMRMLSegmentationNode):
         return _mask_from_segmentation(mask_node, volume_node, segment_id)
     if isinstance(mask_node, slicer.vtkMRMLScalarVolumeNode):
+        if segment_id:
+            raise CeVAEError(f"The brain mask '{mask_node.GetName()}' is a volume, which has no segment "
+                             f"'{segment_id}'; give a segment ID only with a segmentation.")
         if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
             raise CeVAEError(
                 f"The brain mask '{mask_node.GetName()}' and the volume '{volume_node.GetName()}' are under "
