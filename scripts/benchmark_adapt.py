@@ -22,7 +22,9 @@ so recalibration and adaptation calibrate for the same chain.
     python scripts/benchmark_adapt.py --held-out colin27 --variants "post-contrast;noise 7 %" [--steps N]
 
 ``--variants`` takes exact names of ``VARIANTS`` separated by ";" (their names hold commas). ``--profiles``
-adds ``inverted`` (brain intensities reversed: a T2-like contrast) to the variants asked for.
+adds other resolutions (integrated as a scanner acquires, and point-sampled as a plain resampling makes them)
+and ``inverted`` (brain intensities reversed: a T2-like contrast) to the variants asked for; ``--heads`` picks
+the heads of ``--data`` (default: the three subjects, whose clean scans pooled give the T1 reference).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.training.data import subject_slices
 from CeVAEAnomalyLib.engine.modality import T1_DEPTH_CONTRAST, depth_contrast
-from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
+from CeVAEAnomalyResearch.acquisition import VARIANTS, Recipe, derive
 
 DEFAULT_VARIANTS = "clinical: post-contrast, 6.5 mm, noise 3 %;post-contrast"
 
@@ -87,30 +89,65 @@ def _inverted(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
     return out
 
 
-def profiles(data: Path, variants: Sequence[str]) -> dict:
-    """Each subject's and variant's depth contrast (engine/modality.py), and the pooled clean T1 value."""
+# Resolutions beyond the acquisition benchmark's, for the modality check only: integrated (as a scanner
+# acquires) and point-sampled (a plain linear resampling, as a script might make a copy), in mm.
+PROFILE_ISOTROPIC_MM = (2.5, 3.0, 4.0)
+PROFILE_RESAMPLED_MM = (2.0, 2.5, 3.0, 3.5, 4.0)
+
+
+def _resampled(image: sitk.Image, mask: sitk.Image, mm: float) -> Tuple[sitk.Image, sitk.Image]:
+    """``image`` point-sampled (linear, no integration) and ``mask`` (nearest) on an ``mm`` isotropic grid."""
+    size = [int(round(n * s / mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing([mm] * 3)
+    grid.SetOrigin(image.GetOrigin())
+    grid.SetDirection(image.GetDirection())
+    return (sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear),
+            sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+
+
+def _profile_scans(data: Path, subject: str, variants: Sequence[str]):
+    """(name, image, mask) of each scan of ``subject`` whose depth contrast --profiles reports."""
+    image, mask = clean_scan(data, subject)
+    blank = sitk.Cast(mask * 0, sitk.sitkUInt8)
+    for variant in dict.fromkeys(("clean", *variants)):
+        img, msk, _ = derive(VARIANTS[variant], image, mask, blank, 7)
+        yield variant, img, msk
+    for mm in PROFILE_ISOTROPIC_MM:
+        img, msk, _ = derive(Recipe(iso_mm=mm), image, mask, blank, 7)
+        yield f"{mm:g} mm isotropic", img, msk
+    for mm in PROFILE_RESAMPLED_MM:
+        yield (f"{mm:g} mm resampled", *_resampled(image, mask, mm))
+    inverted = _inverted(image, mask)
+    yield "inverted", inverted, mask
+    for mm in (3.0,):
+        img, msk, _ = derive(Recipe(iso_mm=mm), inverted, mask, blank, 7)
+        yield f"inverted, {mm:g} mm isotropic", img, msk
+        yield (f"inverted, {mm:g} mm resampled", *_resampled(inverted, mask, mm))
+
+
+def profiles(data: Path, variants: Sequence[str], heads: Sequence[str]) -> dict:
+    """The depth contrast (engine/modality.py) of each head's scans (:func:`_profile_scans`; ``heads``: the
+    subjects of ``data``, each NAME_t1.nii.gz with NAME_brainmask.nii.gz), and the three SUBJECTS' clean scans
+    pooled (the T1 reference)."""
     pre = PreprocessConfig()
     rows: Dict[str, float] = {}
     pooled: List[np.ndarray] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for subject in SUBJECTS:
-            for variant in (*dict.fromkeys(("clean", *variants)), "inverted"):
-                if variant == "inverted":
-                    img, msk = clean_scan(data, subject)
-                    img = _inverted(img, msk)
-                else:
-                    img, msk = healthy_variant(data, subject, variant)
+        for subject in heads:
+            for variant, img, msk in _profile_scans(data, subject, variants):
                 paths = [Path(tmp) / f"{subject}.nii.gz", Path(tmp) / f"{subject}_mask.nii.gz"]
                 sitk.WriteImage(img, str(paths[0]))
                 sitk.WriteImage(msk, str(paths[1]))
                 slices = subject_slices(Subject(*paths), pre, ("axial",))[0]
-                if variant == "clean":
+                if variant == "clean" and subject in SUBJECTS:
                     pooled.append(slices)
                 rows[f"{subject} {variant}"] = depth_contrast(slices)
-                print(f"{subject:8s} {variant:44s} depth contrast {rows[f'{subject} {variant}']:+.3f} "
+                print(f"{subject:14s} {variant:44s} depth contrast {rows[f'{subject} {variant}']:+.3f} "
                       f"(T1 reference {T1_DEPTH_CONTRAST:+.3f})", flush=True)
-    reference = depth_contrast(np.concatenate(pooled))
-    print(f"pooled clean T1 depth contrast (T1_DEPTH_CONTRAST): {reference:+.4f}")
+    reference = depth_contrast(np.concatenate(pooled)) if len(pooled) == len(SUBJECTS) else None
+    if reference is not None:
+        print(f"pooled clean T1 depth contrast (T1_DEPTH_CONTRAST): {reference:+.4f}")
     return {"depth_contrast": rows, "t1_reference": reference}
 
 
@@ -324,6 +361,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data/healthy"))
     p.add_argument("--profiles", action="store_true")
+    p.add_argument("--heads", default=",".join(SUBJECTS), help="--profiles: the heads of --data to measure")
     p.add_argument("--rate", action="store_true")
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--work", type=Path, default=Path("runs/adapt"), help="variant scans and adapted models")
@@ -346,7 +384,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.profiles:
-        result = profiles(args.data, variant_names(args.variants))
+        result = profiles(args.data, variant_names(args.variants), args.heads.split(","))
         atomic_write_text(args.out / "benchmark_adapt_profiles.json", json.dumps(result, indent=1))
     if args.rate:
         rate()
