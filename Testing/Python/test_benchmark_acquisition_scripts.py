@@ -6,6 +6,7 @@ import importlib
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from conftest import REPO
 
@@ -226,3 +227,20 @@ def test_a_heads_slice_weight_is_chosen_on_other_people_only(monkeypatch):
         abs(w - sw.SLICE_MAP_WEIGHT_FUSED) for w in (0.5, 1.0))
     assert result["c"]["chosen_on_others"] == 0.5  # a and b's rescan outweigh b
     assert result["c"]["shipped_weight_top_slice"] == float(sw.SLICE_MAP_WEIGHT_FUSED == 1.0)
+
+
+def test_the_modality_profiles_resample_without_integrating_and_keep_the_mask_binary(monkeypatch):
+    """benchmark_adapt --profiles: a point-sampled copy lies on an isotropic grid over the same extent, its
+    voxels are the input's at the grid points (no slab averaging), and its mask stays 0/1."""
+    from conftest import make_head
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    ba = importlib.import_module("benchmark_adapt")
+    image, mask = make_head(spacing=(1.0, 1.0, 1.0), seed=3)
+    mm = 3.0
+    img, msk = ba._resampled(image, mask, mm)
+    assert img.GetSpacing() == pytest.approx((mm,) * 3) and img.GetOrigin() == image.GetOrigin()
+    assert img.GetSize() == tuple(int(round(n / 3)) for n in image.GetSize())
+    a, b = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(img)
+    np.testing.assert_allclose(b, a[::3, ::3, ::3][tuple(slice(0, n) for n in b.shape)], rtol=1e-5, atol=1e-5)
+    assert set(np.unique(sitk.GetArrayFromImage(msk))) <= {0, 1}
