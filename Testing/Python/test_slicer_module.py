@@ -199,6 +199,26 @@ def test_outputs_of_which_one_was_deleted_are_used_and_the_deleted_one_is_made_a
     assert second.nodes.score.GetScene() is scene and second.nodes.segmentation is first.nodes.segmentation
 
 
+def test_another_scan_and_its_mask_picked_as_outputs_are_never_written_into(scene_with_head, tiny_bundle):
+    """Patient B's scan as the score volume and B's brain mask as the labelmap (the panel's selectors offer them):
+    the results go to nodes of their own, B keeps its voxels and stays an input, and the panel does not keep
+    them in A's output fields."""
+    scene, volume, mask, _, _ = scene_with_head()
+    other, other_mask = make_head(seed=11)
+    scan_b = add_volume(scene, other, "patient B")
+    mask_b = add_volume(scene, other_mask, "patient B mask", "vtkMRMLLabelMapVolumeNode")
+    before = [sitk.GetArrayFromImage(mrml.image_from_volume(n)) for n in (scan_b, mask_b)]
+    picked = mrml.OutputNodes(score=scan_b, labelmap=mask_b)
+    assert nodes.outputs_for_input(scene, volume, {"scoreVolume": scan_b, "anomalyLabelmap": mask_b}) == {
+        "scoreVolume": None, "anomalySegmentation": None, "anomalyLabelmap": None, "componentTable": None}
+    result = CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu", outputs=picked)
+    assert result.nodes.score not in (scan_b, mask_b) and result.nodes.labelmap not in (scan_b, mask_b)
+    for node, voxels in zip((scan_b, mask_b), before):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(node)), voxels)
+        assert not nodes.is_module_output(node)
+    CeVAEAnomalyLogic().process(scan_b, mask_b, modelPath=tiny_bundle, device="cpu")  # still an input
+
+
 def test_a_progress_callback_failing_at_the_end_does_not_fail_a_run_whose_results_are_in_the_scene(
         scene_with_head, tiny_bundle, caplog):
     scene, volume, mask, _, _ = scene_with_head()

@@ -538,18 +538,20 @@ def test_a_run_sent_to_new_nodes_is_the_one_the_panel_and_the_jump_use(tiny_bund
     assert shown["scoreVolume"] is fresh.score and shown["componentTable"] is fresh.components
 
 
-def test_a_run_into_a_users_volume_that_holds_voxels_gets_its_own_tables(tiny_bundle):
-    """A scratch volume of the user's (with voxels) picked as the score output is a new score volume: the earlier
-    run's tables, segmentation and chart are left as they were, not taken over."""
+def test_a_run_into_a_users_volume_that_holds_voxels_keeps_it_and_gets_nodes_of_its_own(tiny_bundle):
+    """A volume of the user's (with voxels) picked as the score output keeps its voxels; the run goes to a new score
+    volume with tables, segmentation and chart of its own, and the earlier run's are left as they were."""
     scene, ((a, a_mask), _) = two_heads()
     logic = CeVAEAnomalyLogic()
     first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
     rows = first.nodes.components.GetNumberOfRows()
     assert rows > 0
     scratch = add_volume(scene, make_head(seed=3)[0], "scratch")
+    voxels = sitk.GetArrayFromImage(mrml.image_from_volume(scratch))
     second = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=1e6,
                            outputs=mrml.OutputNodes(score=scratch))
-    assert second.nodes.score is scratch
+    assert second.nodes.score is not scratch and second.nodes.score is not first.nodes.score
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(scratch)), voxels)
     for name in ("components", "slice_table", "slice_chart", "segmentation"):
         assert getattr(second.nodes, name) is not getattr(first.nodes, name), name
     assert first.nodes.components.GetNumberOfRows() == rows and second.nodes.components.GetNumberOfRows() == 0

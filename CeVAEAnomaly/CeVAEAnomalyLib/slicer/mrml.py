@@ -258,8 +258,8 @@ def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suf
     ``group`` (the run whose nodes this one updates), of the latest run (:data:`NEWEST`), or none (None: new);
     marked as ``source``'s ``role`` output unless ``link`` is False. A node reused is kept in ``undo``."""
     if existing is not None and not belongs_to(existing, source, role):
-        log.info("'%s' holds other results or is a processed input; the results of '%s' go elsewhere.",
-                 existing.GetName(), source.GetName())
+        log.warning("'%s' holds other results, a processed input or data of yours, which are kept; the results of "
+                    "'%s' go to a node of their own.", existing.GetName(), source.GetName())
         existing = None
     stamp = None if existing is None else existing.GetAttribute(RUN_ATTRIBUTE)
     if existing is not None and ((group is None and existing.GetAttribute(ROLE_ATTRIBUTE))
@@ -285,18 +285,19 @@ def _of_group(scene, class_name: str, role: str, source, group: Optional[str]):
             else find_output(scene, class_name, role, source, group, exact=True))
 
 
-def _group_of(score: slicer.vtkMRMLNode, source, chosen: bool) -> Optional[str]:
+def _group_of(score: slicer.vtkMRMLNode, source, chose: bool) -> Optional[str]:
     """Which earlier nodes a run into the score volume ``score`` (not yet linked to ``source``) updates: those of
     the run that last filled it (its run stamp), :data:`NEWEST` for one filled before runs were stamped or made
     because ``source`` had none (its score volume was deleted: the rest of its results are updated, not
-    doubled), none (None) for a node ``chosen`` by the caller that was never a score volume of ``source`` (new,
-    or a user's own), so that a run sent to a new score volume leaves the earlier run's results as they were."""
+    doubled), none (None) when the caller ``chose`` a score volume that was never one of ``source``'s (new, or one
+    that holds other data and was replaced by a new node), so that a run sent to another score volume leaves the
+    earlier run's results as they were."""
     run = score.GetAttribute(RUN_ATTRIBUTE)
     if run:
         return run
     if score.GetAttribute(ROLE_ATTRIBUTE) == SCORE_ROLE and source_volume(score) is source:
         return NEWEST
-    return None if chosen else NEWEST
+    return None if chose else NEWEST
 
 
 _OUTPUT_CLASSES = {"score": "vtkMRMLScalarVolumeNode", "segmentation": "vtkMRMLSegmentationNode",
@@ -350,9 +351,10 @@ def publish(
         raise CeVAEError("The score map does not match the input volume's grid.")
     with transaction(scene) as undo:
         out = OutputNodes()
+        refused = targets.score is not None and not belongs_to(targets.score, volume_node, SCORE_ROLE)
         out.score = _output(scene, undo, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node,
-                            "anomaly score", link=False)
-        group = _group_of(out.score, volume_node, chosen=out.score is targets.score)
+                            "anomaly score", group=None if refused else NEWEST, link=False)  # refused: a new one
+        group = _group_of(out.score, volume_node, chose=targets.score is not None)
         link_output(out.score, SCORE_ROLE, volume_node)
         _fill_volume(out.score, volume_node, result.score)
         _show_scores(scene, undo, out.score, result.threshold, result.score, result.brain_mask)

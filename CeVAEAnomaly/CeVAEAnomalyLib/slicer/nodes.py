@@ -100,7 +100,8 @@ def link_output(node: slicer.vtkMRMLNode, role: str, source: slicer.vtkMRMLNode)
 
 def belongs_to(node: slicer.vtkMRMLNode, source: slicer.vtkMRMLNode, role: str) -> bool:
     """Whether ``node`` may hold the ``role`` results of ``source``: it is this module's ``role`` output
-    of ``source``, or a node that is neither a module output nor an input with results of its own.
+    of ``source``, or a node that is not a module output, holds none of the user's data (:func:`holds_data`)
+    and is not an input with results of its own.
 
     An output whose input was deleted (MRML drops the reference, the role stays) belongs to no one: it
     holds that input's results, not the next one's.
@@ -108,7 +109,19 @@ def belongs_to(node: slicer.vtkMRMLNode, source: slicer.vtkMRMLNode, role: str) 
     own_role = node.GetAttribute(ROLE_ATTRIBUTE)
     if own_role:
         return own_role == role and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID()
-    return not has_outputs(node)
+    return not holds_data(node) and not has_outputs(node)
+
+
+def holds_data(node: slicer.vtkMRMLNode) -> bool:
+    """Whether ``node``, not made by this module, holds data that results written into it would replace: a
+    volume with voxels (another scan, its mask) or a table with rows. (A segmentation keeps its segments: the
+    module only adds its own.)"""
+    if isinstance(node, slicer.vtkMRMLVolumeNode):
+        data = node.GetImageData()
+        return data is not None and data.GetNumberOfPoints() > 0
+    if isinstance(node, slicer.vtkMRMLTableNode):
+        return node.GetNumberOfRows() > 0
+    return False
 
 
 def has_outputs(node: slicer.vtkMRMLNode) -> bool:
