@@ -192,6 +192,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
         self._modelValuesShownFor: Optional[tuple] = None
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
+        self._maskChosenFor: Optional[str] = None  # the input volume whose brain mask the mask field shows
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -305,8 +306,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _followInput(self) -> bool:
         """The output fields show the input's own nodes (its earlier results, or none: made on Apply),
-        never another input's, so a run never replaces another scan's results. True if they changed."""
-        from CeVAEAnomalyLib.slicer.nodes import PANEL_OUTPUTS, outputs_for_input
+        never another input's, so a run never replaces another scan's results; when the input changes, the
+        mask field shows a mask that can be its own (nodes.mask_for_input), never another scan's. True if
+        they changed."""
+        from CeVAEAnomalyLib.slicer.nodes import PANEL_OUTPUTS, mask_for_input, outputs_for_input
 
         p = self._parameterNode
         if self.state.summary_is_stale(p.inputVolume.GetID() if p.inputVolume is not None else None):
@@ -314,6 +317,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.inputVolume is None:
             return False
         shown = outputs_for_input(slicer.mrmlScene, p.inputVolume, {f: getattr(p, f) for f in PANEL_OUTPUTS})
+        if p.inputVolume.GetID() != self._maskChosenFor:
+            self._maskChosenFor = p.inputVolume.GetID()
+            shown["brainMask"] = mask_for_input(p.inputVolume, p.brainMask)
         changed = {f: node for f, node in shown.items() if getattr(p, f) is not node}
         if changed:
             with slicer.util.NodeModify(p.parameterNode):
@@ -711,7 +717,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateResultsGui()
         self.ui.componentTableView.clearSelection()  # the rows are this result's now
         self._hideModuleVolumes()
-        self.ui.statusLabel.text = result.summary
+        self.ui.statusLabel.text = result.message  # the summary and the run's warnings
         self.state.summary_shown(result.volume.GetID())
         self._pendingDisplay = None
         if self.state.show_result():
@@ -740,7 +746,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.currentPath = path  # also when the panel was not shown (no GUI update then)
         pathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
-        self.ui.statusLabel.text = message.format(path=path)
+        self.ui.statusLabel.text = " ".join([message.format(path=path),
+                                             *(_("Warning: {text}").format(text=w) for w in job.warnings)])
 
     def _storedResult(self):
         from CeVAEAnomalyLib.slicer.nodes import stored_result

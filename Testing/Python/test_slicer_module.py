@@ -591,6 +591,10 @@ def test_the_panel_follows_the_input_with_its_outputs():
     # the status line's result summary goes with its input (WidgetState.summary_is_stale)
     assert "self.state.summary_is_stale(" in methods["_followInput"]
     assert "self.state.summary_shown(result.volume.GetID())" in methods["_showResult"]
+    # when the input changes, the mask field is re-chosen for it; the status line shows the run's warnings
+    assert "shown['brainMask'] = mask_for_input(p.inputVolume, p.brainMask)" in methods["_followInput"]
+    assert "self.ui.statusLabel.text = result.message" in methods["_showResult"]
+    assert "job.warnings" in methods["_useNewModel"]
     fields = {n.target.id: ast.unparse(n.annotation) for n in module_classes()["CeVAEAnomalyParameterNode"].body
               if isinstance(n, ast.AnnAssign)}
     assert {f: fields[f] for f in PANEL_OUTPUTS} == {f: c for f, (c, _) in PANEL_OUTPUTS.items()}

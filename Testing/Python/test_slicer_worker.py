@@ -677,3 +677,41 @@ def test_a_job_knows_whether_its_output_was_written_before_a_cancel(tmp_path):
     detection = WorkerJob({"task": "detect"}, tmp_path, python=str(script))
     detection.cancel()
     assert not detection.wrote_output
+
+
+def test_the_mask_field_never_carries_another_scans_mask_to_a_new_input(tiny_bundle):
+    """nodes.mask_for_input, which the panel asks when the input changes: A's mask, used in A's run, is not offered
+    for B (even on the same grid), nor a mask or segmentation of another grid; B's own run's mask comes back."""
+    scene, ((a, a_mask), (b, b_mask)) = two_heads()
+    assert nodes.mask_for_input(b, a_mask) is a_mask  # never used yet, and on B's grid: it may be B's
+    logic = CeVAEAnomalyLogic()
+    logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu")
+    assert nodes.mask_for_input(b, a_mask) is None  # A's run used it
+    assert nodes.mask_for_input(a, None) is a_mask  # back to A: its run's mask
+    elsewhere = add_volume(scene, make_head(size=(30, 30, 30), seed=2)[1], "other grid", "vtkMRMLLabelMapVolumeNode")
+    assert nodes.mask_for_input(b, elsewhere) is None
+    drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn on the other grid")
+    drawn.SetReferenceImageGeometryParameterFromVolumeNode(elsewhere)
+    assert nodes.mask_for_input(b, drawn) is None
+    drawn.SetReferenceImageGeometryParameterFromVolumeNode(b)
+    assert nodes.mask_for_input(b, drawn) is drawn
+    job = logic.startDetection(b, b_mask, modelPath=tiny_bundle, device="cpu")
+    run_to_end(job)
+    logic.finishDetection(job)
+    assert nodes.mask_for_input(b, None) is b_mask and nodes.mask_for_input(a, b_mask) is a_mask
+
+
+def test_the_runs_warnings_reach_the_result_in_the_worker_and_in_process(tiny_bundle):
+    """A warning of the detection (here: CUDA asked for on a machine without it, so the CPU runs it) is in the
+    result the panel shows (``message``), from the worker as from an in-process run."""
+    scene, ((a, a_mask), _) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(a, a_mask, modelPath=tiny_bundle, device="cuda")
+    run_to_end(job)
+    from_worker = logic.finishDetection(job)
+    in_process = logic.process(a, a_mask, modelPath=tiny_bundle, device="cuda")
+    for result in (from_worker, in_process):
+        assert any("CUDA was requested but is not available" in w for w in result.warnings), result.warnings
+        assert result.message.startswith(result.summary) and "Warning: CUDA was requested" in result.message
+    quiet = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu")
+    assert quiet.warnings == () and quiet.message == quiet.summary

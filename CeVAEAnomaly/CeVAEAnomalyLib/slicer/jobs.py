@@ -32,6 +32,7 @@ STOP_WAIT_S = 0.5  # after terminate(), how long to wait before kill()
 KILL_WAIT_S = 5.0  # after kill(), how long Cancel may wait for the process to go (the GUI waits meanwhile)
 OUTPUT_GRACE_S = 2.0  # after the worker exits, how long its output may stay open (held by a process it started)
 JOB_FOLDER_PREFIX = "CeVAEAnomaly-"  # a job's temporary folder (inputs, request, results)
+WARNING_PREFIX = "WARNING: "  # a warning line of the worker's log (worker.LOG_FORMAT)
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
               "from CeVAEAnomalyLib.slicer.worker import main; sys.exit(main(sys.argv[2:]))")
 
@@ -125,6 +126,7 @@ class WorkerJob:
         self.done: Optional[Dict[str, Any]] = None
         self.error: Optional[str] = None
         self.output: List[str] = []  # lines that were not protocol messages (warnings, tracebacks)
+        self.warnings: List[str] = []  # the worker's logged warnings (also in output), for the user to see
         self._cancelled = False
         self._output_before = _file_stamp(request.get("out"))
         request_path = self.folder / "request.json"
@@ -197,7 +199,11 @@ class WorkerJob:
             message = None
         if not isinstance(message, dict):
             self.output.append(line)
-            log.info("CeVAEAnomaly worker: %s", line)
+            if line.startswith(WARNING_PREFIX):  # the worker logs "LEVEL: message"
+                self.warnings.append(line[len(WARNING_PREFIX):])
+                log.warning("CeVAEAnomaly worker: %s", line[len(WARNING_PREFIX):])
+            else:
+                log.info("CeVAEAnomaly worker: %s", line)
         elif "progress" in message:
             fraction = message["progress"]
             if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction):

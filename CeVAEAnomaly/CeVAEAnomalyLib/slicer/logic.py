@@ -22,12 +22,14 @@ installs them (the module's Apply offers it).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import slicer
 
@@ -59,6 +61,7 @@ class CeVAEAnomalyResult:
     volume: slicer.vtkMRMLScalarVolumeNode
     nodes: "OutputNodes"
     detection: "DetectionResult"
+    warnings: Tuple[str, ...] = ()  # what the detection warned of (a poor automatic mask, a CPU fallback, ...)
 
     @property
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
@@ -75,8 +78,13 @@ class CeVAEAnomalyResult:
     def summary(self) -> str:
         """One line: components, flagged volume and the threshold with its source."""
         d = self.detection
-        return (f"{len(d.components)} component(s), {d.flagged_ml:.2f} ml above threshold "
+        return (f"{len(d.components)} component(s), {d.flagged_ml:.2f} ml flagged; threshold "
                 f"{d.threshold:.4g} ({d.threshold_source}).")
+
+    @property
+    def message(self) -> str:
+        """What the panel's status line shows: the summary, then each warning of the run."""
+        return " ".join([self.summary, *(f"Warning: {w}" for w in self.warnings)])
 
     def __repr__(self) -> str:  # at the console: one line, not every slice row of the detection
         return f"<CeVAEAnomalyResult of '{self.volume.GetName()}': {self.summary}>"
@@ -91,6 +99,7 @@ class _DetectionTarget:
     createLabelmap: bool
     show3D: bool
     geometry: Tuple  # the volume's grid and transform when the job started (_geometry)
+    mask: Optional[slicer.vtkMRMLNode] = None  # the brain mask node it used (None: the automatic one)
 
 
 def _geometry(volumeNode) -> Tuple:
@@ -257,13 +266,15 @@ class CeVAEAnomalyLogic(_LogicBase):
         request = DetectionRequest.given(request, **options)
         _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
         self._checkInputs(volumeNode, maskNode, outputs)
-        report(progress, 0.0, "Reading the volume")
-        image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
-        report(progress, 0.02, "Loading the model")
-        detector = Detector.from_request(self.loadModel(modelPath, request.run.device), request)
-        detection = detector(image, mask, progress=scaled(progress, 0.05, 0.95))
-        report(progress, 0.95, "Creating the result nodes")
-        result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D)
+        with _warningsLogged() as warnings:
+            report(progress, 0.0, "Reading the volume")
+            image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
+            report(progress, 0.02, "Loading the model")
+            detector = Detector.from_request(self.loadModel(modelPath, request.run.device), request)
+            detection = detector(image, mask, progress=scaled(progress, 0.05, 0.95))
+            report(progress, 0.95, "Creating the result nodes")
+            result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode)
+        result = dataclasses.replace(result, warnings=tuple(warnings))
         try:
             report(progress, 1.0, "Done")
         except Cancelled:  # too late to cancel: the results are in the scene, whole
@@ -273,14 +284,17 @@ class CeVAEAnomalyLogic(_LogicBase):
         return result
 
     def publish(self, volumeNode, detection: "DetectionResult", outputs: Optional["OutputNodes"] = None,
-                createLabelmap: bool = False, show3D: bool = False) -> CeVAEAnomalyResult:
-        """Create or update the result nodes of a detection of ``volumeNode``."""
+                createLabelmap: bool = False, show3D: bool = False,
+                maskNode: Optional[slicer.vtkMRMLNode] = None) -> CeVAEAnomalyResult:
+        """Create or update the result nodes of a detection of ``volumeNode`` (made with the brain mask ``maskNode``;
+        None: the automatic one)."""
         from . import mrml
 
         if volumeNode.GetScene() is None:
             raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was removed from the scene; "
                              "the results are not loaded.")
-        nodes = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D)
+        nodes = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D,
+                             maskNode)
         result = CeVAEAnomalyResult(volumeNode, nodes, detection)
         log.info("CeVAEAnomaly: %s", result.summary)
         return result
@@ -323,7 +337,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         except BaseException:
             _removeFolder(folder)
             raise
-        self._targets[id(job)] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, _geometry(volumeNode))
+        self._targets[id(job)] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, _geometry(volumeNode),
+                                                  maskNode)
         return job
 
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
@@ -343,8 +358,10 @@ class CeVAEAnomalyLogic(_LogicBase):
                 raise CeVAEError(f"The input volume '{target.volume.GetName()}' was resampled or moved (a transform "
                                  "hardened) while the detection ran; its results would not lie on it. Run the "
                                  "detection again.")
-            return self.publish(target.volume, load_result(job.folder), target.outputs, target.createLabelmap,
-                                target.show3D)
+            with _warningsLogged() as warnings:
+                result = self.publish(target.volume, load_result(job.folder), target.outputs, target.createLabelmap,
+                                      target.show3D, target.mask)
+            return dataclasses.replace(result, warnings=(*job.warnings, *warnings))
         finally:
             job.cleanup()
 
@@ -473,6 +490,29 @@ def _installTorch(spec: str) -> None:
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
     if torch is None:
         raise CeVAEError("PyTorch could not be installed; install it from the PyTorch module.")
+
+
+class _Collected(logging.Handler):
+    """Keeps the messages of the records it is given."""
+
+    def __init__(self, messages: List[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warningsLogged() -> Iterator[List[str]]:
+    """The messages of the library's warnings logged in the block (still logged as usual), for the result."""
+    messages: List[str] = []
+    handler, library = _Collected(messages), logging.getLogger("CeVAEAnomalyLib")
+    library.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        library.removeHandler(handler)
 
 
 def _refuseNonBoolean(**flags: Any) -> None:

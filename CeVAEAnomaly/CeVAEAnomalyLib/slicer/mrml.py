@@ -24,6 +24,7 @@ from ..errors import CeVAEError
 from .nodes import (
     COMPONENT_TABLE_ROLE,
     LABELMAP_ROLE,
+    MASK_REFERENCE,
     ROLE_ATTRIBUTE,
     RUN_ATTRIBUTE,
     SCORE_ROLE,
@@ -334,8 +335,10 @@ def publish(
     targets: Optional[OutputNodes] = None,
     create_labelmap: bool = False,
     show_3d: bool = False,
+    mask_node: Optional[slicer.vtkMRMLNode] = None,
 ) -> OutputNodes:
-    """Create or update the score volume, segmentation, optional labelmap and the tables.
+    """Create or update the score volume, segmentation, optional labelmap and the tables; the score volume
+    remembers the brain mask node the run used (``mask_node``; None: the automatic one).
 
     Nodes in ``targets`` are updated if they belong to ``volume_node`` or to no input yet; missing
     ones, ones deleted from the scene meanwhile and ones holding another volume's results (never
@@ -356,6 +359,10 @@ def publish(
                             "anomaly score", group=None if refused else NEWEST, link=False)  # refused: a new one
         group = _group_of(out.score, volume_node, chose=targets.score is not None)
         link_output(out.score, SCORE_ROLE, volume_node)
+        used = out.score.GetNodeReferenceID(MASK_REFERENCE)
+        undo.on_failure(lambda: out.score.SetNodeReferenceID(MASK_REFERENCE, used))
+        out.score.SetNodeReferenceID(MASK_REFERENCE, mask_node.GetID() if mask_node is not None
+                                     and mask_node.GetScene() is scene else None)
         _fill_volume(out.score, volume_node, result.score)
         _show_scores(scene, undo, out.score, result.threshold, result.score, result.brain_mask)
         # A labelmap of the run this one updates is kept current even when none is asked for (not stale beside

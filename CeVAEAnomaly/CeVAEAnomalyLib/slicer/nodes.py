@@ -20,6 +20,7 @@ from ..errors import CeVAEError
 
 ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
 SOURCE_REFERENCE = "CeVAEAnomalySource"
+MASK_REFERENCE = "CeVAEAnomalyBrainMask"  # on a score volume: the brain mask its run used (none: the automatic one)
 SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
 RUN_ATTRIBUTE = "CeVAEAnomaly.Run"  # when the run that filled the node published it (ns since the epoch)
 # The slice table's grid: the input's IJK-to-RAS (16 numbers) when its indices were written. A scene save stores a
@@ -231,6 +232,36 @@ def outputs_for_input(scene: slicer.vtkMRMLScene, volume: slicer.vtkMRMLScalarVo
             node = find_output(scene, class_name, role, volume)
         shown[field] = node
     return shown
+
+
+def mask_for_input(volume: slicer.vtkMRMLScalarVolumeNode, current: Optional[slicer.vtkMRMLNode]
+                   ) -> Optional[slicer.vtkMRMLNode]:
+    """The brain mask the panel shows when ``volume`` becomes the input: the one its latest run used (still in the
+    scene), else ``current`` if it can be this volume's, else None (the automatic mask). ``current`` cannot be when
+    another input's run used it; a labelmap can be when it lies on the volume's grid, a segmentation when the
+    volume it was drawn on (if any) does. So another scan's mask is not carried over to this one."""
+    scene = volume.GetScene()
+    score = find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume) if scene is not None else None
+    used = score.GetNodeReference(MASK_REFERENCE) if score is not None else None
+    if used is not None and used.GetScene() is scene:
+        return used
+    if current is None or current.GetScene() is not scene or _used_for_another(current, volume):
+        return None
+    if isinstance(current, slicer.vtkMRMLSegmentationNode):
+        drawn_on = current.GetNodeReference(current.GetReferenceImageGeometryReferenceRole())
+        return current if drawn_on is None or same_grid(drawn_on, volume) else None
+    return current if isinstance(current, slicer.vtkMRMLVolumeNode) and same_grid(current, volume) else None
+
+
+def _used_for_another(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolumeNode) -> bool:
+    """Whether a run of an input other than ``volume`` used ``mask`` as its brain mask."""
+    scene = mask.GetScene()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        score = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if (score.GetAttribute(ROLE_ATTRIBUTE) == SCORE_ROLE and score.GetNodeReferenceID(MASK_REFERENCE) == mask.GetID()
+                and score.GetNodeReferenceID(SOURCE_REFERENCE) != volume.GetID()):
+            return True
+    return False
 
 
 def source_volume(output: Optional[slicer.vtkMRMLNode]) -> Optional[slicer.vtkMRMLScalarVolumeNode]:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..engine.bundle import Bundle
 
 REQUEST_POLL_S = 0.25
+LOG_FORMAT = "%(levelname)s: %(message)s"  # its warnings start with jobs.WARNING_PREFIX: the panel shows them
 EXIT_ABANDONED = 3
 ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
 
@@ -201,7 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     watch: Optional[RequestWatch] = None
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     try:
         with sigterm_as_interrupt():
             if len(args) != 1:
