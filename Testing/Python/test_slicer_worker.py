@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from conftest import add_volume, make_head
 
 slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")  # slicer-core's
 
 from CeVAEAnomalyLib.engine.header import read_header  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
@@ -715,3 +716,24 @@ def test_the_runs_warnings_reach_the_result_in_the_worker_and_in_process(tiny_bu
         assert result.message.startswith(result.summary) and "Warning: CUDA was requested" in result.message
     quiet = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu")
     assert quiet.warnings == () and quiet.message == quiet.summary
+
+
+def test_the_jump_and_the_component_rows_follow_a_transform_set_after_the_run(tiny_bundle):
+    """The component table holds the input's own RAS (as the command line's CSV); the jump and a row's position
+    map it through the transform the input is under now, as the overlay moves with it."""
+    scene, ((a, a_mask), _) = two_heads()
+    result = CeVAEAnomalyLogic().process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    table = result.nodes.components
+    assert table.GetNumberOfRows() > 0
+    local = result.detection.components[0].centroid_ras
+    assert nodes.component_position(table, 0) == pytest.approx(local)
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 50.0)
+    moved.SetMatrixTransformToParent(shift)
+    a.SetAndObserveTransformNodeID(moved.GetID())
+    expected = (local[0] + 50.0, local[1], local[2])
+    assert [nodes.table_column(table, c)[0] for c in "RAS"] == pytest.approx(local)
+    assert nodes.component_position(table, 0) == pytest.approx(expected)
+    assert nodes.stored_result(result.nodes.score).jump_ras == pytest.approx(expected)
+    assert result.topSliceRas == pytest.approx(expected)

@@ -23,6 +23,7 @@ from vtk.util import numpy_support
 from ..errors import CeVAEError
 from .nodes import (
     COMPONENT_TABLE_ROLE,
+    COORDINATES_ATTRIBUTE,
     LABELMAP_ROLE,
     MASK_REFERENCE,
     ROLE_ATTRIBUTE,
@@ -44,7 +45,6 @@ from .nodes import (
     source_volume,
     stamp_run,
     to_numpy,
-    to_world,
     user_segment_ids,
 )
 
@@ -542,7 +542,10 @@ def _array(kind, values: Sequence[float]) -> vtk.vtkDataArray:
 
 
 def _fill_components(table_node, volume_node, components) -> None:
-    centroids = [to_world(volume_node, c.centroid_ras) for c in components]
+    """One row per component; its centroid in the input's own RAS, as the command line writes it (the jump maps
+    it through the transform the input is under then: nodes.component_position)."""
+    centroids = [c.centroid_ras for c in components]
+    table_node.SetAttribute(COORDINATES_ATTRIBUTE, "local")
     _set_columns(table_node, [
         ("Component", _array(vtk.vtkIntArray, [c.label for c in components]), ""),
         ("Volume", _array(vtk.vtkDoubleArray, [c.volume_ml for c in components]), "ml"),

@@ -22,6 +22,7 @@ ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
 SOURCE_REFERENCE = "CeVAEAnomalySource"
 MASK_REFERENCE = "CeVAEAnomalyBrainMask"  # on a score volume: the brain mask its run used (none: the automatic one)
 SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
+COORDINATES_ATTRIBUTE = "CeVAEAnomaly.Coordinates"  # "local": a component table's R, A, S are the input's own RAS
 RUN_ATTRIBUTE = "CeVAEAnomaly.Run"  # when the run that filled the node published it (ns since the epoch)
 # The slice table's grid: the input's IJK-to-RAS (16 numbers) when its indices were written. A scene save stores a
 # left-handed volume with its slice axis reversed, so the indices are read back through this matrix.
@@ -341,10 +342,15 @@ def table_column(table_node: slicer.vtkMRMLTableNode, name: str) -> np.ndarray:
 
 
 def component_position(table_node: slicer.vtkMRMLTableNode, row: int) -> Tuple[float, float, float]:
-    """World RAS centroid of the component in ``row`` of a component table."""
+    """World RAS centroid of the component in ``row`` of a component table: its R, A, S are the input volume's own
+    RAS, mapped through the transform the input is under now (a table written before they were, in world RAS then,
+    is read as it is)."""
     if not 0 <= row < table_node.GetNumberOfRows():
         raise CeVAEError(f"Row {row} is not in the component table.")
-    return tuple(float(table_column(table_node, axis)[row]) for axis in ("R", "A", "S"))
+    point = tuple(float(table_column(table_node, axis)[row]) for axis in ("R", "A", "S"))
+    volume = source_volume(table_node)
+    local = table_node.GetAttribute(COORDINATES_ATTRIBUTE) == "local"
+    return to_world(volume, point) if local and volume is not None else point
 
 
 # --- calibration inputs ------------------------------------------------------------------------
