@@ -450,12 +450,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _refresh(self) -> None:
         """Enable and label everything from the state machine and the parameter node."""
-        from CeVAEAnomalyLib.slicer.adapt_panel import output_problem
+        from CeVAEAnomalyLib.slicer.adapt_panel import calibrate_problem
 
         p = self._parameterNode
         self.state.set_ready(DETECT, p is not None and p.inputVolume is not None)
-        self.state.set_ready(CALIBRATE, p is not None and len(self.ui.healthyVolumesSelector.checkedNodes()) > 0
-                             and output_problem(p.calibratedModelPath, self._currentModel(), "calibrated") is None)
+        calibrateProblem = (calibrate_problem(len(self.ui.healthyVolumesSelector.checkedNodes()),
+                                              p.calibratedModelPath, self._currentModel()) if p is not None else "")
+        self.state.set_ready(CALIBRATE, calibrateProblem is None)
         adaptChoice = self._adaptChoice()
         self.state.set_ready(ADAPT, adaptChoice is not None and adaptChoice.ready)
         self.ui.adaptEstimateLabel.text = adaptChoice.message if adaptChoice is not None else ""
@@ -469,9 +470,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsCollapsibleButton.enabled = view.results_enabled
         self.ui.applyButton.enabled = view.detect_enabled
         self.ui.applyButton.text = self._buttonText(view.detect_cancels, view.cancelling, _("Apply"))
+        busy = _("Another task is running; wait for it to end, or cancel it.")
         self.ui.applyButton.toolTip = (_("Stop the detection.") if view.detect_cancels else
                                        _("Detect anomalies in the input volume.") if view.detect_enabled else
-                                       _("Select an input volume."))
+                                       busy if view.busy_with else _("Select an input volume."))
+        self.ui.calibrateButton.toolTip = (_("Stop the calibration.") if view.calibrate_cancels else
+                                           busy if view.busy_with else calibrateProblem or
+                                           _("Recalibrate the current model on the chosen healthy volumes."))
         self.ui.calibrateButton.enabled = view.calibrate_enabled
         self.ui.calibrateButton.text = self._buttonText(view.calibrate_cancels, view.cancelling, _("Calibrate"))
         self.ui.adaptButton.enabled = view.adapt_enabled
@@ -936,7 +941,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
 
         from CeVAEAnomalyLib.slicer.nodes import node_ids
 
-        self.delayDisplay("Apply runs the detection in a worker process; a second click cancels it")
+        self.delayDisplay("Apply runs the detection in a worker process; a later click cancels it")
         widget = slicer.util.getModuleWidget("CeVAEAnomaly")
         widget.initializeParameterNode()
         p = widget._parameterNode
@@ -945,7 +950,10 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         before = node_ids(slicer.mrmlScene)
         widget.ui.applyButton.click()
         self.assertEqual(widget.ui.applyButton.text, "Cancel")
-        widget.ui.applyButton.click()  # the double click: cancels, starts nothing
+        widget.ui.applyButton.click()  # the second click of a double click: the run goes on
+        self.assertIsNotNone(widget._job)
+        time.sleep(0.6)
+        widget.ui.applyButton.click()  # Cancel: stops it, starts nothing
         self.assertIsNone(widget._job)
         self.assertEqual(node_ids(slicer.mrmlScene), before)
         widget.ui.applyButton.click()  # a late click just after the end was aimed at Cancel: ignored

@@ -658,3 +658,13 @@ def test_the_widget_keeps_the_views_and_fields_where_the_user_left_them():
         methods["setParameterNode"].index("self._binding.bind")
     assert "except CeVAEError" in methods["_currentModel"] and "default_model_path()" not in methods["_adaptChoice"]
     assert "slicer.util.confirmOkCancelDisplay" not in "".join(v for k, v in methods.items() if k != "_confirm")
+
+
+def test_a_disabled_button_says_why():
+    """The Qt-free reasons reach the tooltips: Calibrate's problem (adapt_panel.calibrate_problem, also its
+    readiness), and another task running (View.busy_with) for Apply and Calibrate."""
+    refresh = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                               if isinstance(n, ast.FunctionDef) and n.name == "_refresh"))
+    assert "self.state.set_ready(CALIBRATE, calibrateProblem is None)" in refresh
+    assert "calibrateProblem or _('Recalibrate" in refresh
+    assert refresh.count("busy if view.busy_with else") == 2

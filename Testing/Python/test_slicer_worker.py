@@ -2,9 +2,11 @@
 subprocess, a real MRML scene (slicer-core), progress lines, cancel, errors."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -143,9 +145,9 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
     settings = ModelSettings(out, header)
     assert {k: settings.postprocess[k] for k in post} == post  # the model's other fields stay
     assert all(settings.calibrated(t) for t in ("combi", "rec", "grad"))
-    job.cleanup()
+    assert not job.folder.exists()  # the copies of the scans go as the job ends (the documented console flow)
 
-    with pytest.raises(CeVAEError, match=r"site\.cevae exists; choose another file, or pass overwrite=True"):
+    with pytest.raises(CeVAEError, match=r"site\.cevae exist\(s\); choose another file, or pass overwrite=True"):
         CeVAEAnomalyLogic().startCalibration(volumes[:1], [None], out, modelPath=tiny_bundle, device="cpu")
 
     # a file made after the start (another job, the user): the worker refuses it too, before loading anything
@@ -231,8 +233,30 @@ def test_adaptation_in_a_worker_writes_an_adapted_model(tiny_bundle, tmp_path):
     header = read_header(out)
     assert [s["name"] for s in header.extra["adaptation"]["site_scans"]] == ["01_site_a", "02_site_b"]
     assert ModelSettings(out, header).calibrated("combi")
-    job.cleanup()
-    assert not job.folder.exists()
+    assert not job.folder.exists()  # the copies of the scans go as the job ends, without job.cleanup()
+
+
+def test_an_adaptation_is_refused_before_any_copy_in_the_consoles_words(tiny_bundle, tmp_path, monkeypatch):
+    """A typo in the options, a folder or an earlier run's files as the output, a device name: refused at the
+    start (no job, no copy of a scan), naming the API's arguments, not the command line's flags."""
+    scene, volumes, masks = _site_scene()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "scanner.cevae"
+    logic = CeVAEAnomalyLogic()
+    start = functools.partial(logic.startAdaptation, volumes, masks, modelPath=tiny_bundle, device="cpu")
+    cases = [(dict(outputPath=out, options={"stepz": 5}), r"Unknown adaptation option\(s\) 'stepz'; known: .*steps"),
+             (dict(outputPath=out, options={"steps": 0}), "steps must be at least 1"),
+             (dict(outputPath=tmp_path), "is a folder"),
+             (dict(outputPath=out, device="gpu"), "device"),
+             (dict(outputPath=tmp_path / "old.cevae"),
+              r"old\.cevae exist\(s\); .*overwrite=True .*options=\{'resume': True\}")]
+    (tmp_path / "old.cevae").write_bytes(b"an earlier run's model")
+    for arguments, message in cases:
+        with pytest.raises(CeVAEError, match=message) as err:
+            start(**arguments)
+        assert "--" not in str(err.value), err.value
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_cancel_stops_an_adaptation_and_writes_no_model(tiny_bundle, tmp_path, monkeypatch):
@@ -737,3 +761,26 @@ def test_the_jump_and_the_component_rows_follow_a_transform_set_after_the_run(ti
     assert nodes.component_position(table, 0) == pytest.approx(expected)
     assert nodes.stored_result(result.nodes.score).jump_ras == pytest.approx(expected)
     assert result.topSliceRas == pytest.approx(expected)
+
+
+def test_finishing_a_detection_too_early_or_with_another_logic_says_so_and_keeps_the_job(tiny_bundle, tmp_path,
+                                                                                         head_scene):
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the slow launcher is a POSIX script")
+    slow = tmp_path / "slow-python"  # the worker, started 2 s late
+    slow.write_text(f"#!/bin/sh\nsleep 2\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", python=str(slow))
+    with pytest.raises(CeVAEError, match=r"still running; call job.poll\(\) until it returns True"):
+        logic.finishDetection(job)
+    with pytest.raises(CeVAEError, match="not started by this CeVAEAnomalyLogic"):
+        CeVAEAnomalyLogic().finishDetection(job)
+    assert job.folder.exists()
+    run_to_end(job)
+    assert logic.finishDetection(job).nodes.score is not None
+    with pytest.raises(CeVAEError, match="loaded or discarded already"):
+        logic.finishDetection(job)

@@ -36,12 +36,14 @@ def test_while_running_only_the_runs_own_button_is_enabled_and_it_cancels(state)
     assert view.detect_enabled and view.detect_cancels and view.progress_visible
     assert not (view.settings_enabled or view.results_enabled or view.calibrate_enabled)
     assert state.click(CALIBRATE) is Action.IGNORE  # cannot start a second task
+    state._clock.now += LATE_CLICK_S
     assert state.click(DETECT) is Action.CANCEL
     assert state.phase is Phase.CANCELLING
 
 
 def test_a_double_click_on_cancel_cannot_start_another_run(state):
     state.started(DETECT)
+    state._clock.now += 5.0
     assert [state.click(DETECT), state.click(DETECT)] == [Action.CANCEL, Action.IGNORE]
     view = state.view()
     assert view.cancelling and not view.detect_enabled
@@ -55,6 +57,24 @@ def test_a_late_cancel_click_after_the_run_ended_does_nothing(state):
     assert state.click(DETECT) is Action.IGNORE
     state._clock.now += LATE_CLICK_S + 0.01
     assert state.click(DETECT) is Action.START
+
+
+def test_the_second_click_of_a_double_click_on_apply_does_not_cancel_the_run_it_started(state):
+    assert state.click(DETECT) is Action.START
+    state.started(DETECT)
+    state._clock.now += LATE_CLICK_S / 2
+    assert state.click(DETECT) is Action.IGNORE and state.phase is Phase.RUNNING
+    state._clock.now += LATE_CLICK_S / 2
+    assert state.click(DETECT) is Action.CANCEL  # a click of its own: Cancel
+
+
+def test_just_after_a_run_ended_only_its_own_button_ignores_clicks(state):
+    state.set_ready(CALIBRATE, True)
+    state.started(DETECT)
+    assert state.finished() is True
+    assert state.view().busy_with is None
+    assert state.click(DETECT) is Action.IGNORE  # aimed at its Cancel button
+    assert state.click(CALIBRATE) is Action.START  # another button: meant
 
 
 def test_nothing_is_clickable_during_a_dependency_install(state):
@@ -98,6 +118,8 @@ def test_calibration_runs_like_detection(state):
     state.started(CALIBRATE)
     view = state.view()
     assert view.calibrate_enabled and view.calibrate_cancels and not view.detect_enabled
+    assert view.busy_with == CALIBRATE
+    state._clock.now += LATE_CLICK_S
     assert state.click(CALIBRATE) is Action.CANCEL
 
 
@@ -118,6 +140,7 @@ def test_adaptation_runs_like_calibration_and_blocks_the_other_tasks(state):
     assert view.adapt_enabled and view.adapt_cancels
     assert not view.detect_enabled and not view.calibrate_enabled and not view.settings_enabled
     assert state.click(DETECT) is Action.IGNORE
+    state._clock.now += LATE_CLICK_S
     assert state.click(ADAPT) is Action.CANCEL and state.view().cancelling
 
 

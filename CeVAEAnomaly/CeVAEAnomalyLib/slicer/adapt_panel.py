@@ -33,6 +33,13 @@ def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[st
     return None
 
 
+def calibrate_problem(volumes: int, output: str, model: Optional[Path]) -> Optional[str]:
+    """Why Calibrate cannot start with ``volumes`` checked healthy volumes and the output path typed, or None."""
+    if volumes < 1:
+        return "Check at least one healthy volume to calibrate on."
+    return output_problem(output, model, "calibrated")
+
+
 def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
                  options: AdaptOptions = AdaptOptions()) -> AdaptChoice:
     """The section's state for ``volumes`` chosen healthy volumes, the output path typed and the current model."""

@@ -118,8 +118,11 @@ class WorkerJob:
     """One run of the worker: its request, its temporary folder, its progress and its end."""
 
     def __init__(self, request: Dict[str, Any], folder: Path, launch: Optional[Launcher] = None,
-                 python: Optional[str] = None) -> None:
+                 python: Optional[str] = None, remove_folder_at_end: bool = False) -> None:
+        """``remove_folder_at_end``: the folder holds nothing to read after the job (a calibration's or
+        adaptation's copies of the scans; its model is written elsewhere), so it goes as soon as the job ends."""
         self.folder = Path(folder)
+        self._remove_folder_at_end = remove_folder_at_end
         self.request = request
         self.state = JobState.RUNNING
         self.fraction, self.message = 0.0, "Starting"
@@ -216,6 +219,8 @@ class WorkerJob:
             self.error = str(message["error"])
 
     def _end(self, returncode: int) -> None:
+        if self._remove_folder_at_end:
+            self.cleanup()
         if self._cancelled:
             self.state = JobState.CANCELLED
         elif returncode == 0 and self.done is not None:

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import re
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -122,7 +123,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         self.scene = scene
         self._bundle: Optional["Bundle"] = None
         self._bundleKey: Optional[Tuple[str, int, str]] = None
-        self._targets: Dict[int, _DetectionTarget] = {}
+        self._targets: "weakref.WeakKeyDictionary[WorkerJob, _DetectionTarget]" = weakref.WeakKeyDictionary()
+        self._closed: "weakref.WeakSet[WorkerJob]" = weakref.WeakSet()  # detections loaded or discarded
 
     def _sceneFor(self, volumeNode) -> slicer.vtkMRMLScene:
         """The input's scene, where the results go; the logic's own ``scene`` must be that one."""
@@ -337,7 +339,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         except BaseException:
             _removeFolder(folder)
             raise
-        self._targets[id(job)] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, _geometry(volumeNode),
+        self._targets[job] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, _geometry(volumeNode),
                                                   maskNode)
         return job
 
@@ -347,9 +349,17 @@ class CeVAEAnomalyLogic(_LogicBase):
         hardened): the results lie on the grid the job started from."""
         from ..result import load_result
 
-        target = self._targets.pop(id(job), None)
+        target = self._targets.get(job)
         if target is None:
-            raise CeVAEError("This detection's results were loaded or discarded already.")
+            if job in self._closed:
+                raise CeVAEError("This detection's results were loaded or discarded already.")
+            raise CeVAEError("This detection was not started by this CeVAEAnomalyLogic; finish it with the logic "
+                             "whose startDetection returned it.")
+        if not job.poll():
+            raise CeVAEError("The detection is still running; call job.poll() until it returns True, then "
+                             "finishDetection(job) (or discardJob(job) to stop it).")
+        del self._targets[job]
+        self._closed.add(job)
         try:
             job.raise_for_failure()
             if job.done is None:
@@ -368,7 +378,8 @@ class CeVAEAnomalyLogic(_LogicBase):
     def discardJob(self, job: WorkerJob) -> None:
         """Stop a job if it still runs and forget it (nothing is loaded)."""
         job.cancel()
-        self._targets.pop(id(job), None)
+        self._targets.pop(job, None)
+        self._closed.add(job)
         job.cleanup()
 
     def startCalibration(
@@ -393,11 +404,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
         request = DetectionRequest.of(device=device, test_time_steps=THOROUGH_STEPS if thorough else None,
                                       **(postprocess or {}))  # refused before any copy
-        if Path(outputPath).is_dir():  # said now, not by the worker after the copies
-            raise CeVAEError(f"The model file {outputPath} is a folder; give the path of a .cevae file.")
-        if Path(outputPath).exists() and not overwrite:
-            raise CeVAEError(f"The model file {outputPath} exists; choose another file, or pass overwrite=True to "
-                             "replace it.")
+        _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite)  # said now, not by the worker after the copies
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, request=request.to_dict(),
                                     out=str(outputPath), overwrite=bool(overwrite))
@@ -417,11 +424,16 @@ class CeVAEAnomalyLogic(_LogicBase):
         """Fine-tune and calibrate a model on a site's healthy volumes (training/adapt.py) in a worker
         process, writing the adapted bundle to ``outputPath`` (its checkpoints and logs beside it).
         ``options``: AdaptOptions fields (steps, lr, ...). ``job.done["model"]`` is the bundle's path."""
-        from ..training.adapt_plan import MIN_SCANS
+        from ..training.adapt_plan import MIN_SCANS, adapt_options, output_paths
 
         self.checkDependencies()
         if len(volumes) < MIN_SCANS:
             raise CeVAEError(f"Choose at least {MIN_SCANS} healthy volumes to adapt the model to.")
+        DetectionRequest.of(device=device)  # the device's name, checked as everywhere
+        checked = adapt_options(options or {}, device=device, overwrite=bool(overwrite))  # before any copy
+        if not checked.resume:
+            _refuseOutput(Path(outputPath), output_paths(Path(outputPath), len(volumes), checked), overwrite,
+                          " (or options={'resume': True} to continue the adaptation that wrote them)")
         return self._startOnHealthy("adapt", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, device=device,
                                     out=str(outputPath), overwrite=bool(overwrite), options=dict(options or {}))
@@ -441,7 +453,8 @@ class CeVAEAnomalyLogic(_LogicBase):
                 _writeInputs(folder, stem, image, maskImage)
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None))
-            return WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python)
+            return WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python,
+                             remove_folder_at_end=True)
         except BaseException:
             _removeFolder(folder)
             raise
@@ -513,6 +526,17 @@ def _warningsLogged() -> Iterator[List[str]]:
         yield messages
     finally:
         library.removeHandler(handler)
+
+
+def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, resume: str = "") -> None:
+    """Refuse a model output ``path`` that is a folder, or files a run would write (``written``) that exist
+    without ``overwrite``; ``resume`` says how to continue instead."""
+    if path.is_dir():
+        raise CeVAEError(f"The model file {path} is a folder; give the path of a .cevae file.")
+    existing = [p for p in written if p.exists()]
+    if existing and not overwrite:
+        raise CeVAEError(f"{', '.join(str(p) for p in existing)} exist(s); choose another file, or pass "
+                         f"overwrite=True to replace them{resume}.")
 
 
 def _refuseNonBoolean(**flags: Any) -> None:

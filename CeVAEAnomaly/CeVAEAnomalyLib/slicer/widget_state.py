@@ -2,8 +2,9 @@
 
 The widget only binds this to Qt: it asks :meth:`WidgetState.click` what a button click means,
 reports what happened (install started, run started, run finished) and shows :meth:`view`.
-Nothing that starts work can be clicked while work runs; a run's own button cancels it; a click
-that arrives just after a run ended (meant for the Cancel button it was) does nothing. Leaving the
+Nothing that starts work can be clicked while work runs; a run's own button cancels it; a click on
+that button just after it started the run (the second click of a double-click) or just after the run
+ended (meant for the Cancel button it was) does nothing. Leaving the
 module keeps a run going (its result is shown on return); closing the scene, reloading the module
 and quitting the application stop it.
 """
@@ -18,7 +19,7 @@ DETECT = "detect"
 CALIBRATE = "calibrate"
 ADAPT = "adapt"
 TASKS = (DETECT, CALIBRATE, ADAPT)
-LATE_CLICK_S = 0.5  # clicks this soon after a run ended were aimed at its Cancel button
+LATE_CLICK_S = 0.5  # a click on a run's button this soon after the run started or ended belongs to a double-click
 
 
 class Phase(enum.Enum):
@@ -48,6 +49,7 @@ class View:
     adapt_cancels: bool
     cancelling: bool  # a cancel is under way: the busy button reads "Cancelling..."
     progress_visible: bool
+    busy_with: Optional[str] = None  # the task that runs (or installs): why the other buttons are disabled
 
 
 class WidgetState:
@@ -60,7 +62,8 @@ class WidgetState:
         self.ready = {task: False for task in TASKS}
         self._summary_for: Optional[str] = None  # the input whose result summary the status line shows
         self.visible = True  # the module panel is the one shown
-        self._ended_at = float("-inf")
+        self._ended_at = self._started_at = float("-inf")
+        self._ended_task: Optional[str] = None
         self._result_pending = False
         self.install_interrupted = False  # the scene closed (or the module reloaded) during an install
 
@@ -75,10 +78,11 @@ class WidgetState:
     def click(self, task: str) -> Action:
         """What a click on ``task``'s button means now; a cancel takes effect at once."""
         _check(task)
+        now = self._clock()
         if self.phase is Phase.IDLE:
-            late = self._clock() - self._ended_at < LATE_CLICK_S
+            late = task == self._ended_task and now - self._ended_at < LATE_CLICK_S
             return Action.START if self.ready[task] and not late else Action.IGNORE
-        if self.phase is Phase.RUNNING and task == self.task:
+        if self.phase is Phase.RUNNING and task == self.task and now - self._started_at >= LATE_CLICK_S:
             self.phase = Phase.CANCELLING
             return Action.CANCEL
         return Action.IGNORE
@@ -99,7 +103,7 @@ class WidgetState:
             raise RuntimeError(f"Cannot start {task} while {self.phase.value}.")
         if self.install_interrupted:
             raise RuntimeError(f"Cannot start {task}: the scene it was asked for closed during the install.")
-        self.phase, self.task = Phase.RUNNING, _check(task)
+        self.phase, self.task, self._started_at = Phase.RUNNING, _check(task), self._clock()
 
     def finished(self) -> bool:
         """The run ended; True if its results are wanted (it was not cancelled)."""
@@ -162,6 +166,7 @@ class WidgetState:
             adapt_cancels=mine[ADAPT],
             cancelling=phase is Phase.CANCELLING,
             progress_visible=phase in (Phase.RUNNING, Phase.CANCELLING),
+            busy_with=self.task,
         )
 
     def _expect(self, phase: Phase) -> None:
@@ -169,6 +174,7 @@ class WidgetState:
             raise RuntimeError(f"Expected {phase.value}, but the panel is {self.phase.value}.")
 
     def _end(self) -> None:
+        self._ended_task = self.task
         self.phase, self.task, self._ended_at = Phase.IDLE, None, self._clock()
         self.install_interrupted = False
 

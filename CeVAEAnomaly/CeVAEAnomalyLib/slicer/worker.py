@@ -106,14 +106,11 @@ def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any
     from ..data import default_model_path
     from ..io.manifest import Subject
     from ..training.adapt import adapt
-    from ..training.adapt_plan import AdaptOptions
+    from ..training.adapt_plan import adapt_options
 
     subjects = [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None) for s in task["subjects"]]
-    try:
-        options = AdaptOptions(**dict(task.get("options") or {}, device=task.get("device", "auto"),
-                                      overwrite=bool(task.get("overwrite"))))
-    except TypeError as exc:
-        raise CeVAEError(f"Invalid adaptation options: {exc}") from None
+    options = adapt_options(task.get("options") or {}, device=task.get("device", "auto"),
+                            overwrite=bool(task.get("overwrite")))
     path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress)
     return {"model": str(path), "subjects": len(subjects)}
 

@@ -9,9 +9,9 @@ fine-tuned on all the scans. That is k + 1 fine-tuning runs of :attr:`AdaptOptio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Mapping, Optional
 
 from ..errors import CeVAEError
 from .config import SettingError, TrainConfig
@@ -92,6 +92,17 @@ def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOp
         where += f"; on {device} expect much less"
     return (f"{runs} fine-tuning runs of {options.steps} steps on {n_scans} scan(s), then calibration: "
             f"about {minutes} min {where}.")
+
+
+def adapt_options(given: Mapping[str, Any], **fixed: Any) -> AdaptOptions:
+    """:class:`AdaptOptions` from the fields ``given`` by name (an unknown one refused by name) and ``fixed`` (the
+    caller's own: device, overwrite), checked (:meth:`AdaptOptions.validate`)."""
+    from ..options import refuse_unknown
+
+    refuse_unknown(given, {f.name for f in fields(AdaptOptions)} - set(fixed), "adaptation option(s)")
+    options = AdaptOptions(**dict(given, **fixed))
+    options.validate()
+    return options
 
 
 def output_paths(out: Path, n_scans: int, options: AdaptOptions) -> List[Path]:
