@@ -308,6 +308,29 @@ def test_a_replaced_input_is_scored_again_and_the_others_skipped(own_two, tiny_b
     assert [rows[n]["status"] for n in NAMES[:2]] == ["skipped", "ok"]
 
 
+def test_a_scan_whose_data_file_alone_was_replaced_is_scored_again(cohort, tiny_bundle, tmp_path, caplog):
+    """A MetaImage header with its .raw data: replacing the data (the header's text unchanged) is a new scan. The
+    checksum held the header alone, so the rerun kept the old scan's outputs."""
+    d = tmp_path / "in"
+    d.mkdir()
+    image, mask = sitk.ReadImage(str(cohort / "a1.nii.gz")), sitk.ReadImage(str(cohort / "a1_mask.nii.gz"))
+    for key in image.GetMetaDataKeys():  # the NIfTI fields, which MetaImage writes in part: the same each time
+        image.EraseMetaData(key)
+    sitk.WriteImage(image, str(d / "a1.mhd"))
+    sitk.WriteImage(mask, str(d / "a1_mask.mhd"))
+    out = tmp_path / "out"
+    assert batch(d, out, tiny_bundle) == 0
+    header = (d / "a1.mhd").read_bytes()
+    brighter = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * 1.5)
+    brighter.CopyInformation(image)
+    sitk.WriteImage(brighter, str(d / "a1.mhd"))
+    assert (d / "a1.mhd").read_bytes() == header  # only a1.raw changed
+    with caplog.at_level(logging.WARNING):
+        assert batch(d, out, tiny_bundle) == 0
+    assert f"The input of a1 changed since its outputs were made (image {d / 'a1.mhd'})" in caplog.text
+    assert read_summary(out / "summary.csv")["a1"]["status"] == "ok"
+
+
 def test_a_summary_without_checksums_means_scoring_again(two, tiny_bundle, tmp_path, caplog):
     """An older version's summary says nothing of what the outputs were made from: they are scored again."""
     out = tmp_path / "out"

@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Iterator, List
+
+from .detached import read_alongside
 
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 digest of a file, read in 1 MiB blocks; of a folder (a DICOM series), of its files' names
-    and contents in name order (the files directly in it, as the series reader sees them). OSError for
-    anything else (never opened)."""
+    and contents in name order (the files directly in it, as the series reader sees them). A detached header
+    (MetaImage ``.mhd``, NRRD ``.nhdr``, an Analyze/NIfTI ``.hdr``/``.img`` pair) is hashed with the data files
+    reading it opens (io/detached.py), each after its name: the checksum identifies the volume, not the header
+    alone. OSError for anything else (never opened)."""
     digest = hashlib.sha256()
     path = Path(path)
     if not path.is_dir() and not path.is_file():  # missing, or a FIFO/device/socket: opening one may block forever
         raise OSError(f"{path} is not a regular file or a folder")
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path, *_data_files(path)]
     for f in files:
         if f is not path:
             digest.update(f.name.encode("utf-8", "surrogateescape") + b"\0")
@@ -21,3 +26,22 @@ def sha256_of(path: Path) -> str:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _data_files(path: Path) -> List[Path]:
+    """The existing regular files that reading the volume file ``path`` also opens, once each, in a fixed order."""
+    seen, out = {path.resolve()}, []
+    for f in _alongside(path):
+        if f.is_file() and f.resolve() not in seen:
+            seen.add(f.resolve())
+            out.append(f)
+    return out
+
+
+def _alongside(path: Path) -> Iterator[Path]:
+    found = read_alongside(path)
+    yield from found.files
+    for numbered in found.numbered:
+        yield from (numbered.folder / (numbered.fmt % k) for k in numbered.numbers)
+    if found.folder is not None:  # a header naming more than can be told: every file beside it
+        yield from sorted(p for p in found.folder.iterdir() if p.is_file())

@@ -1,0 +1,42 @@
+"""io/checksum.sha256_of: what identifies a volume file."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.io.checksum import sha256_of
+
+
+def _write(path, value: float) -> None:
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 5, 6), value, np.float32)), str(path))
+
+
+def test_a_single_file_is_its_plain_sha256(tmp_path):
+    _write(tmp_path / "scan.nii.gz", 1.0)
+    assert sha256_of(tmp_path / "scan.nii.gz") == hashlib.sha256((tmp_path / "scan.nii.gz").read_bytes()).hexdigest()
+
+
+def test_a_detached_header_is_identified_with_its_data(tmp_path):
+    """Two subjects' .mhd headers of the same text, and one header whose .raw was replaced: all differ."""
+    for site, value in (("site1", 1.0), ("site2", 2.0)):
+        (tmp_path / site).mkdir()
+        _write(tmp_path / site / "scan.mhd", value)
+    one, two = tmp_path / "site1" / "scan.mhd", tmp_path / "site2" / "scan.mhd"
+    assert one.read_bytes() == two.read_bytes()
+    assert sha256_of(one) != sha256_of(two)
+    before = sha256_of(one)
+    _write(one, 3.0)
+    assert one.read_bytes() == two.read_bytes() and sha256_of(one) != before
+    _write(one, 1.0)
+    assert sha256_of(one) == before  # the same content again: the same checksum
+
+
+def test_an_analyze_pair_is_identified_by_both_halves(tmp_path):
+    _write(tmp_path / "scan.hdr", 1.0)
+    assert (tmp_path / "scan.img").is_file()
+    before = sha256_of(tmp_path / "scan.hdr")
+    _write(tmp_path / "other.hdr", 2.0)
+    (tmp_path / "scan.img").write_bytes((tmp_path / "other.img").read_bytes())
+    assert sha256_of(tmp_path / "scan.hdr") != before
