@@ -116,7 +116,7 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
     """Refuse, before any work, an output whose name does not say the format it gets: an image output
     without a single-file image extension as ITK's writers know it (lower case; a detached header, .nhdr or
     .mhd, would point at a data file of a temporary name), or a CSV table under an image or compressed name."""
-    from .io.naming import IMAGE_EXTENSIONS, OUTPUT_IMAGE_EXTENSIONS
+    from .io.naming import OUTPUT_IMAGE_EXTENSIONS, refuse_misnamed
 
     for role, path in targets.items():
         if path is None:
@@ -127,9 +127,8 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
             detached = " (a single file, not a detached header)" if name.endswith((".nhdr", ".mhd")) else ""
             raise CeVAEError(f"The {IMAGE_OUTPUTS[role]} output {path} needs an image file name ending in "
                              f"{', '.join(OUTPUT_IMAGE_EXTENSIONS)}{detached}, in lower case.")
-        if role in TABLE_OUTPUTS and name.endswith((*IMAGE_EXTENSIONS, ".gz")):
-            raise CeVAEError(f"The {TABLE_OUTPUTS[role]} output {path} is written as CSV text; give it a plain text "
-                             "name, such as one ending in .csv (not compressed, not an image name).")
+        if role in TABLE_OUTPUTS:
+            refuse_misnamed(Path(path), f"{TABLE_OUTPUTS[role]} output", "CSV text", ".csv")
 
 
 def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]]) -> Dict[Path, object]:

@@ -48,6 +48,7 @@ def test_the_calibration_output_is_checked_the_same_way(tmp_path):
     model.write_bytes(b"weights")
     assert output_problem("", model, "calibrated") == "Choose where to save the calibrated model."
     assert "file name, not a folder" in output_problem(str(tmp_path), model, "calibrated")
+    assert "needs a .cevae file name" in output_problem(str(tmp_path / "site.nii.gz"), model, "calibrated")
     assert "cannot replace the model it starts from" in output_problem(str(model), model, "calibrated")
     assert output_problem(str(tmp_path / "site.cevae"), model, "calibrated") is None
     # what the Calibrate button's tooltip says when it is disabled (after a first calibration, the new model is the

@@ -59,6 +59,25 @@ def test_calibrate_refuses_an_existing_out_before_reading_any_volume(tmp_path, t
     assert (tmp_path / "taken.cevae").read_bytes() == b"keep"
 
 
+def test_outputs_named_like_images_or_compressed_are_refused_before_any_work(tmp_path, tiny_bundle, healthy_manifest,
+                                                                                capsys, monkeypatch):
+    """calibrate's model and evaluate's table: the completeness check of the written file goes by its name, so
+    these failed after all the work as a 'disk full'."""
+    import CeVAEAnomalyLib.io.checksum as checksum
+
+    hashed = []
+    monkeypatch.setattr(checksum, "sha256_of", lambda path: hashed.append(path) or "x")
+    assert main(["calibrate", str(tmp_path / "h.nii.gz"), "--out", str(tmp_path / "cal.nrrd"),
+                 "--model", str(tiny_bundle), "--device", "cpu"]) == 2
+    assert "The model " + str(tmp_path / "cal.nrrd") + " is written as a .cevae bundle" in capsys.readouterr().err
+    assert hashed == []
+    monkeypatch.undo()  # (evaluate's module, imported below for the first time, must bind the real function)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.float32)), str(tmp_path / "s.nrrd"))
+    assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--out", str(tmp_path / "m.csv.gz")]) == 2
+    assert "The metrics table " + str(tmp_path / "m.csv.gz") + " is written as CSV text" in capsys.readouterr().err
+    assert not (tmp_path / "cal.nrrd").exists() and not (tmp_path / "m.csv.gz").exists()
+
+
 def test_a_scan_listed_twice_calibrates_once(tmp_path, tiny_bundle, healthy_manifest, caplog):
     """The same content under two names (a copy) would weigh one brain twice in the healthy quantiles."""
     import logging

@@ -149,6 +149,35 @@ def test_an_existing_output_needs_overwrite(cohort, tmp_path, capsys):
     assert read_header(out).training["steps"] == 2
 
 
+def test_a_file_of_the_users_under_the_log_name_needs_overwrite_but_a_lone_run_log_does_not(cohort, tmp_path,
+                                                                                          capsys):
+    """OUT.log.csv without OUT or OUT.ckpt: a run's own log (its header) is what a run stopped before its first
+    checkpoint leaves, and a new run replaces it; anything else there is the user's and is kept."""
+    out = tmp_path / "m.cevae"
+    log = out.with_name(out.name + ".log.csv")
+    log.write_text("my lab notebook: run 17\n")
+    argv = ["--manifest", str(cohort / "train.csv"), "--out", str(out), "--max-steps", "2", *SMALL]
+    rc, errors = run_train(capsys, *argv)
+    assert rc == 2 and errors == [f"error: {log} already exists; pass --overwrite to replace it, or --resume "
+                                  "to continue the run that wrote it."]
+    assert log.read_text() == "my lab notebook: run 17\n"
+    log.write_text("step,loss,kl,rec_vae,rec_ce,val_loss,seconds,slices_per_s\n1,0.5,0.1,0.2,0.2,,1.0,10\n")
+    rc, errors = run_train(capsys, *argv)
+    assert rc == 0 and errors == [] and out.exists()
+
+
+@pytest.mark.parametrize("name", ["model.nii.gz", "model.cevae.gz", "model.nrrd"])
+def test_a_model_named_like_an_image_or_compressed_is_refused_before_training(cohort, tmp_path, capsys, name):
+    """The check that the written bundle is whole goes by its name: such a name failed after the training, as a
+    'disk full', and again on every --resume."""
+    out = tmp_path / name
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(out), "--max-steps", "2",
+                           *SMALL)
+    assert rc == 2 and errors == [f"error: The model {out} is written as a .cevae bundle; give it a name such as "
+                                  "one ending in .cevae (not compressed, not an image name)."]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_duplicate_rows_are_used_once_and_never_in_both_splits(cohort, tmp_path, caplog):
     """The same volume listed twice (and once more under another name) is one subject."""
     copy = tmp_path / "copy_of_h1.nii.gz"

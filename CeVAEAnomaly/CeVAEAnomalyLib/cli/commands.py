@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Tuple
 
 from ..errors import CeVAEError
+from ..io.naming import refuse_misnamed
 
 if TYPE_CHECKING:
     from ..engine.header import BundleHeader
@@ -180,6 +181,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
                          f"0.001), got {args.default_fpr:g}.")
     subjects = _healthy_subjects(args, "calibration")
     src = _model(args)[0]
+    refuse_misnamed(args.out, "model", "a .cevae bundle", ".cevae")
     check_paths([args.out], args.overwrite,  # before hashing the volumes: an existing --out is refused at once
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
     subjects = unique_subjects(subjects, {s.image: sha256_of(s.image) for s in subjects})  # a repeat counts once
@@ -208,6 +210,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     else:
         raise CeVAEError("Give --cases CSV or --score (with --gt for a lesion case).")
     if args.out:
+        refuse_misnamed(args.out, "metrics table", "CSV text", ".csv")
         check_paths([args.out], args.overwrite, [args.cases, *(Path(r[k]) for r in rows for k in ROLES if r[k])])
     cases, pooled = evaluate_files(rows)
     for c in cases:

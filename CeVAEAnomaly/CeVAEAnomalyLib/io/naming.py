@@ -22,6 +22,22 @@ OUTPUT_NAMES: Dict[str, str] = {
 }
 
 
+def misnamed(path: Path) -> bool:
+    """Whether a file written as text or as a model bundle has an image or compressed (.gz) name."""
+    return Path(path).name.lower().endswith((*IMAGE_EXTENSIONS, ".hdr", ".img", ".gz"))
+
+
+def refuse_misnamed(path: Path, what: str, written_as: str, example: str) -> None:
+    """Refuse, before any work, an output whose name says another format than the one it is written in: an image
+    or compressed (.gz) name for ``what`` written as ``written_as`` (CSV text, a model bundle). The check that a
+    written file is whole goes by its name, so such a file would be taken for a damaged one after the work."""
+    if misnamed(path):
+        from ..errors import CeVAEError
+
+        raise CeVAEError(f"The {what} {path} is written as {written_as}; give it a name such as one ending in "
+                         f"{example} (not compressed, not an image name).")
+
+
 def full_suffix(path: Path) -> str:
     """The file type suffix that writers go by (".seg.nrrd", ".nii.gz", ".nrrd", ...)."""
     return next((ext for ext in _MULTI_SUFFIXES if path.name.lower().endswith(ext)), path.suffix)

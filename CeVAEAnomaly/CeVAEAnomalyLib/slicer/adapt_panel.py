@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from ..io.naming import misnamed
 from ..io.targets import Inputs
 from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, output_paths
 
@@ -28,6 +29,8 @@ def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[st
     out = Path(output)
     if out.is_dir():
         return f"The {kind} model needs a file name, not a folder."
+    if misnamed(out):
+        return f"The {kind} model needs a .cevae file name, not an image or compressed one."
     if model is not None and Inputs([model]).which(out) is not None:
         return f"Save the {kind} model under a new name; it cannot replace the model it starts from."
     return None

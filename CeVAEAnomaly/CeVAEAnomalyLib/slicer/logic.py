@@ -533,6 +533,9 @@ def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, resume: 
     without ``overwrite``; ``resume`` says how to continue instead."""
     if path.is_dir():
         raise CeVAEError(f"The model file {path} is a folder; give the path of a .cevae file.")
+    from ..io.naming import refuse_misnamed
+
+    refuse_misnamed(path, "model file", "a .cevae bundle", ".cevae")
     existing = [p for p in written if p.exists()]
     if existing and not overwrite:
         raise CeVAEError(f"{', '.join(str(p) for p in existing)} exist(s); choose another file, or pass "

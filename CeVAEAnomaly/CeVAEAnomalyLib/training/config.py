@@ -13,8 +13,11 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
 from ..io.lock import lock_path
+from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
 from ..options import parse_orientations
+
+LOG_HEADER = ("step", "loss", "kl", "rec_vae", "rec_ce", "val_loss", "seconds", "slices_per_s")  # OUT.log.csv
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class TrainConfig:
         if self.out.is_dir():
             raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")
+        refuse_misnamed(self.out, "model", "a .cevae bundle", ".cevae")
         outputs = (self.out, self.checkpoint_path, self.log_path)
         check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
         if self.cache_dir is not None:
@@ -140,7 +144,7 @@ class TrainConfig:
                                      "cache a folder of its own.")
         if overwrite or self.resume:
             return
-        if not self.out.exists() and not self.checkpoint_path.exists():
+        if not self.out.exists() and not self.checkpoint_path.exists() and _is_run_log(self.log_path):
             outputs = (self.out, self.checkpoint_path)  # a lone log: a run stopped before its first checkpoint
         for path in outputs:
             if path.exists():
@@ -159,6 +163,17 @@ class SettingError(CeVAEError):
     def naming(self, name_of: Callable[[str], str]) -> str:
         """The message with each setting called ``name_of(field name)``."""
         return self.template.format(**{name: name_of(name) for name in self.settings})
+
+
+def _is_run_log(path: Path) -> bool:
+    """Whether ``path`` starts as a training run's loss log (:data:`LOG_HEADER`); a file of another kind under
+    its name is never replaced without ``--overwrite``."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(4096)
+    except OSError:
+        return False
+    return first.rstrip(b"\r\n") == ",".join(LOG_HEADER).encode()
 
 
 def _at_least_one(setting: str, value: int) -> None:

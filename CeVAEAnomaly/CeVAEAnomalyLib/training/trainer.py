@@ -34,7 +34,7 @@ from .augment import augment
 from .cache import SliceCache, SliceSet
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_checkpoint, run_identity,
                          truncate_log, write_checkpoint)
-from .config import TrainConfig
+from .config import LOG_HEADER, TrainConfig
 from .data import Subject, split_subjects, unique_subjects, volumes_to_hold_out
 from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
                           shutdown_distributed)
@@ -63,7 +63,6 @@ class _RunLog:
     checkpoint replaces the earlier run's, so that a run stopped before that leaves the earlier run's files (bundle,
     checkpoint, log) together."""
 
-    HEADER = ["step", "loss", "kl", "rec_vae", "rec_ce", "val_loss", "seconds", "slices_per_s"]
 
     def __init__(self, path: Path, fresh: bool) -> None:
         self.path = path
@@ -71,7 +70,7 @@ class _RunLog:
         self._file = self._held if self._held is not None else open(path, "a", newline="")
         self._writer = csv.writer(self._file)
         if self._file.tell() == 0:
-            self._writer.writerow(self.HEADER)
+            self._writer.writerow(LOG_HEADER)
 
     def row(self, values: List[object]) -> None:
         self._writer.writerow(values)
