@@ -89,8 +89,10 @@ def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None) -
     if value is None and f.default is None:
         return
     name = where or f"{f.name} ({flag_of(f)})"
-    if isinstance(f.default, str) and m["choices"] is None:
-        return  # free text (the device), checked by its class
+    if isinstance(f.default, str) and m["choices"] is None:  # free text (the device), checked by its class
+        if not isinstance(value, str):
+            raise CeVAEError(f"{name} must be text, got {value!r}.")
+        return
     if m["choices"] is not None:
         if value in m["choices"]:
             return
@@ -149,8 +151,8 @@ class ScoreOptions(Serialisable):
                                "adds a network pass)")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
-        names = parse_orientations(self.orientations) if isinstance(self.orientations, str) else ()
+        _check_fields(self)  # (orientations: text)
+        names = parse_orientations(self.orientations)
         if not names or names[0] != "axial" or len(set(names)) != len(names):
             raise CeVAEError(f"Orientations must start with axial (the slice scores are axial's) and name each "
                              f"orientation once, got {self.orientations!r}.")

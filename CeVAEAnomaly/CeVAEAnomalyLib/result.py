@@ -172,5 +172,5 @@ def load_result(folder: Path) -> DetectionResult:
         rows = [SliceScoreRow(**r) for r in summary["slices"]]
         return DetectionResult(images["score"], images["labelmap"], images["brain_mask"], summary["threshold"],
                                summary["threshold_source"], rows, components)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # (RecursionError is a RuntimeError)
         raise CeVAEError(f"The detection results in {folder} could not be read ({exc}).") from None

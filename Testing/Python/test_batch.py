@@ -376,10 +376,11 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(two, tiny_bundl
     assert batch(two, out, tiny_bundle, "--threshold", "0.5") == 0
     assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
 
-    (out / "batch_settings.json").write_text("my notes")  # a file batch did not write is not replaced either
-    assert batch(two, out, tiny_bundle, "--threshold", "0.5") == 2
-    assert (f"{out / 'batch_settings.json'} is not a batch settings record; choose another --out-dir or pass "
-            "--overwrite.") in capsys.readouterr().err
+    for foreign in ("my notes", "[" * 100_000 + "]" * 100_000):  # a file batch did not write is not replaced either
+        (out / "batch_settings.json").write_text(foreign)
+        assert batch(two, out, tiny_bundle, "--threshold", "0.5") == 2
+        assert (f"{out / 'batch_settings.json'} is not a batch settings record; choose another --out-dir or pass "
+                "--overwrite.") in capsys.readouterr().err
 
 
 def test_shards_sharing_an_out_dir_each_check_their_own_settings(two, tiny_bundle, tmp_path, capsys):

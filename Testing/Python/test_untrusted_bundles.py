@@ -91,6 +91,14 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "default rate as text": (top("default_fpr", "0.001"), r"default_fpr must be a finite number"),
     "unknown weight type": (top("weights_dtype", "int8"), r"weights_dtype must be 'float32' or 'float16'"),
     "integer tensor": (tensor_dtype, r"has type I32; float32 or float16 weights are expected"),
+    "input size as a fraction": (setting("model", "input_size", 64.0), r"model\.input_size must be one of"),
+    "preprocess size as a fraction": (setting("preprocess", "input_size", 64.0), r"preprocess\.input_size must equal"),
+    "training record as text": (top("training", "x"), r"section 'training' must be a JSON object or null"),
+    "modality as a number": (top("modality", 5), r"modality must be text, got 5"),
+    "orientations as a list": (setting("score_options", "orientations", ["axial"]),
+                               r"score_options\.orientations must be text, got \['axial'\]"),
+    "tensor type and size disagree": (lambda h, t: t[next(k for k in t if k != "__metadata__")].update(dtype="F16"),
+                                      r"does not fill its data offsets \(type F16"),
 }
 
 
@@ -114,6 +122,23 @@ def test_tampered_header_is_refused(name, calibrated, head, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "score.nii.gz").exists()
+
+
+def test_a_header_nested_too_deeply_is_refused_in_one_line(calibrated, head, tmp_path, capsys):
+    """JSON nested 100000 deep (the parser's recursion limit) in the bundle header."""
+    raw = calibrated.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    table = json.loads(raw[8 : 8 + n])
+    meta = table["__metadata__"]["cevae_anomaly"]
+    table["__metadata__"]["cevae_anomaly"] = meta[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    new = json.dumps(table).encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    calibrated.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+    image, mask = head
+    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
+               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "is not valid JSON (nested too deeply)" in lines[0], lines
 
 
 def test_untampered_copy_is_accepted(calibrated, head, tmp_path, capsys):

@@ -203,7 +203,7 @@ def _settings_known(path: Path, record: Dict[str, object], overwrite: bool) -> b
         return False
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError):  # ValueError: not JSON, or not UTF-8; RecursionError: too deep
         earlier = None
     if not isinstance(earlier, dict) or set(earlier) != set(record):
         if overwrite:

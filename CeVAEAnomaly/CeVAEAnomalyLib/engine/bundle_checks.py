@@ -55,7 +55,7 @@ def check_model_section(header: Mapping[str, Any]) -> ModelConfig:
     """The architecture, with types and ranges checked so that building it cannot explode."""
     m = _section(header, "model", _names(ModelConfig))
     size = m.get("input_size", ModelConfig.input_size)
-    if size not in SUPPORTED_INPUT_SIZES or isinstance(size, bool):
+    if not isinstance(size, int) or isinstance(size, bool) or size not in SUPPORTED_INPUT_SIZES:
         _fail("model.input_size", f"must be one of {SUPPORTED_INPUT_SIZES}, got {size!r}")
     channels = m.get("channels", list(ModelConfig.channels))
     if not isinstance(channels, list) or not 1 <= len(channels) <= int(math.log2(size)):
@@ -69,7 +69,8 @@ def check_model_section(header: Mapping[str, Any]) -> ModelConfig:
 def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
     """Every other section the detection path reads."""
     p = _section(header, "preprocess", _names(PreprocessConfig))
-    if p.get("input_size", PreprocessConfig.input_size) != model.input_size:
+    size = p.get("input_size", PreprocessConfig.input_size)
+    if not isinstance(size, int) or isinstance(size, bool) or size != model.input_size:
         _fail("preprocess.input_size", f"must equal model.input_size {model.input_size}, got {p.get('input_size')!r}")
     low = _number("preprocess.low_percentile", p.get("low_percentile", PreprocessConfig.low_percentile), 0, 100)
     _number("preprocess.high_percentile", p.get("high_percentile", PreprocessConfig.high_percentile), low, 100,
@@ -90,6 +91,11 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
         _check_calibration(header.get("calibration"))
     if "default_fpr" in header:
         _number("default_fpr", header["default_fpr"], 0, 1, open_low=True, open_high=True)
+    for key in ("name", "modality"):
+        if not isinstance(header.get(key, ""), str):
+            _fail(key, f"must be text, got {header.get(key)!r}")
+    if header.get("training") is not None and not isinstance(header.get("training"), dict):
+        _fail("header section 'training'", f"must be a JSON object or null, got {type(header['training']).__name__}")
     if header.get("weights_dtype", "float32") not in ("float32", "float16"):
         _fail("weights_dtype", f"must be 'float32' or 'float16', got {header.get('weights_dtype')!r}")
 

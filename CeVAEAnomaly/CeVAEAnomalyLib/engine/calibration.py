@@ -39,7 +39,7 @@ def _key_options(key: str) -> Optional[Tuple[ScoreOptions, PostprocessOptions]]:
     try:
         data = json.loads(key)
         return ScoreOptions.from_dict(data["score"]), PostprocessOptions.from_dict(data["post"])
-    except (ValueError, TypeError, KeyError, CeVAEError):
+    except (ValueError, TypeError, KeyError, RecursionError, CeVAEError):
         return None
 
 

@@ -113,8 +113,9 @@ def read_header(path: Union[str, Path]) -> BundleHeader:
         raise CeVAEError(f"{p} is a safetensors file but not a CeVAEAnomaly model bundle (no model header).")
     try:
         header = json.loads(meta[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise CeVAEError(f"The header of {p} is not valid JSON ({exc}).") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise CeVAEError(f"The header of {p} is not valid JSON ({reason}).") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
         raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (format {found!r}).")
@@ -148,14 +149,18 @@ def _safetensors_metadata(p: Path) -> Dict[str, str]:
         else:
             try:
                 table = json.loads(fh.read(length).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                table, problem = None, f"unreadable header: {exc}"
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                table, problem = None, f"unreadable header: {'nested too deeply' if isinstance(exc, RecursionError) else exc}"
     if problem is None:
         problem = _table_problem(table, size - 8 - length)
     if problem is not None:
         raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
     meta = table.get("__metadata__") or {}
     return {str(k): v for k, v in meta.items() if isinstance(v, str)}
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors dtypes: bytes per element
 
 
 def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
@@ -170,6 +175,11 @@ def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             return f"tensor {name!r} has no valid data offsets"
+        shape, itemsize = entry.get("shape"), _DTYPE_BYTES.get(entry.get("dtype"))
+        if itemsize is None or not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            return f"tensor {name!r} has no valid type and shape"
+        if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+            return f"tensor {name!r} does not fill its data offsets (type {entry.get('dtype')}, shape {shape})"
         end = max(end, offsets[1])
     if end != data_bytes:
         return f"the tensors need {end} bytes of data but the file holds {data_bytes} (truncated or padded)"

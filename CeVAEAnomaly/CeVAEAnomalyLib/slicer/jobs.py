@@ -198,7 +198,7 @@ class WorkerJob:
     def _take(self, line: str) -> None:
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not the worker's own line
             message = None
         if not isinstance(message, dict):
             self.output.append(line)
