@@ -412,6 +412,28 @@ def negative_pixdim(d: Path, g: Inputs) -> Inputs:
     return Inputs(path, write(mask, d / "negdim_mask.nii.gz"), g.model)
 
 
+def pixdim(value: float):
+    """A float NIfTI whose pixdim[1] is ``value`` (0, NaN: ITK reads 1 mm whatever the sform says)."""
+    def build(d: Path, g: Inputs) -> Inputs:
+        image, arr, _ = head_arrays(g)
+        path = write(like(arr.astype(np.float32), image), d / "pixdim.nii")
+        raw = bytearray(path.read_bytes())
+        struct.pack_into("<f", raw, 80, value)
+        path.write_bytes(bytes(raw))
+        return Inputs(path, g.mask, g.model)
+    return build
+
+
+def voxel_size(mm: float):
+    """The image with voxels of ``mm`` along its first axis (a header in other units, or damaged)."""
+    def build(d: Path, g: Inputs) -> Inputs:
+        image, arr, _ = head_arrays(g)
+        odd = like(arr, image)
+        odd.SetSpacing((mm, *image.GetSpacing()[1:]))
+        return Inputs(write(odd, d / "odd.nii.gz"), None, g.model)
+    return build
+
+
 def gzip_trailer_lies(d: Path, g: Inputs) -> Inputs:
     """Half an int16 volume's gzip stream, then a size trailer claiming the whole file."""
     image, arr, _ = head_arrays(g)
@@ -627,6 +649,13 @@ CASES: Dict[str, Case] = {
     "output named twice": Case(output_named_twice, REFUSED, r"score\.nii\.gz is named twice"),
     "complex voxels": Case(complex_voxels, REFUSED, r"kspace\.nii\.gz has complex-valued voxels"),
     "negative pixdim, float NIfTI": Case(negative_pixdim, 0, r"Wrote"),
+    "pixdim 0 (a 1 mm grid by default)": Case(pixdim(0.0), REFUSED,
+                                              r"pixdim\.nii gives a voxel size \(pixdim\) of 0 along axis i"),
+    "pixdim NaN": Case(pixdim(float("nan")), REFUSED, r"voxel size \(pixdim\) of nan along axis i"),
+    "voxels of a micrometre (748 GiB of slices)": Case(voxel_size(1e-6), REFUSED,
+                                                       r"has voxels of 1e-06 x .* mm; an MRI of a head has voxels of "
+                                                       r"0\.05 to 50 mm"),
+    "voxels of a kilometre": Case(voxel_size(1e6), REFUSED, r"has voxels of 1e\+06 x"),
     "gzip size trailer lies": Case(gzip_trailer_lies, REFUSED, r"half\.nii\.gz is truncated or corrupt \(it holds"),
     "gzip claims 108 TB": Case(gzip_claims_huge_volume, REFUSED, r"huge\.nii\.gz is truncated or corrupt .*far too small"),
     "DICOM series": Case(dicom_case(), 0, r"Wrote"),

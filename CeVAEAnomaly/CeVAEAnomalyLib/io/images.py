@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import re
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,6 +32,8 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
         if p.stat().st_size == 0:
             raise CeVAEError(f"The {what} file {p} is empty.")
         layout = _nifti_layout(p)
+        if layout is not None:
+            _refuse_sizeless_voxels(p, layout, what)
         plain = layout is not None and layout.datatype in _NIFTI_TYPES
         floats = plain and layout.datatype in _NIFTI_FLOATS
         image = _read_plain_nifti(p, layout, what) if plain else None  # checks its own length
@@ -70,6 +73,7 @@ class _NiftiLayout:
     voxels: int
     offset: int  # first voxel byte (after header and extensions)
     size: int  # bytes the (decompressed) file must hold
+    pixdim: Tuple[float, ...] = ()  # the voxel size of each axis the header gives (pixdim[1:dim+1])
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -101,10 +105,12 @@ def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
         if size == 348 and len(header) >= 348:
             datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             dims = struct.unpack(endian + "8h", header[40:56])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
         elif size == 540 and len(header) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
         else:
             continue
@@ -112,8 +118,19 @@ def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
             return None  # malformed: the image reader reports it
         voxels = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
         offset = max(offset, size)
-        return _NiftiLayout(gz, endian, datatype, voxels, offset, offset + voxels * bitpix // 8)
+        return _NiftiLayout(gz, endian, datatype, voxels, offset, offset + voxels * bitpix // 8,
+                            tuple(float(v) for v in pixdim[1 : min(dims[0], 3) + 1]))
     return None
+
+
+def _refuse_sizeless_voxels(p: Path, layout: _NiftiLayout, what: str) -> None:
+    """Refuse a NIfTI header whose voxel size (pixdim) is 0 or not a number along an axis: ITK reads it as 1 mm,
+    whatever the header's sform says, so the outputs would not lie where the scan does in other software."""
+    for axis, size in enumerate(layout.pixdim):
+        if size == 0 or not math.isfinite(size):
+            raise CeVAEError(f"The {what} file {p} gives a voxel size (pixdim) of {size:g} along axis {'ijk'[axis]}, "
+                             "which is no size; it would be read as 1 mm and the outputs would not lie where the scan "
+                             "does. Fix the header's voxel size first.")
 
 
 _MAX_DEFLATE_RATIO = 1032  # deflate cannot compress better than about 1032:1
@@ -434,6 +451,11 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
         raise CeVAEError(f"The {what} has voxel axes that are not perpendicular (axes {'ijk'[i]} and {'ijk'[j]} meet "
                          f"at {angle:.1f} degrees: a sheared grid), which the outputs could not keep. Resample it "
                          "onto a regular grid first.")
+    spacing = image.GetSpacing()
+    if not all(_VOXEL_MM[0] <= s <= _VOXEL_MM[1] for s in spacing):
+        raise CeVAEError(f"The {what} has voxels of {' x '.join(f'{s:g}' for s in spacing)} mm; an MRI of a head has "
+                         f"voxels of {_VOXEL_MM[0]:g} to {_VOXEL_MM[1]:g} mm, so its header's voxel size is wrong "
+                         "(or in other units). Fix the header first.")
     size = image.GetSize()
     shape = "x".join(map(str, size))
     if sorted(size)[1] >= 8 and min(size) == 1:
@@ -447,6 +469,7 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
 
 
 _MIN_SLICES = 4  # fewer slices break ITK's shrink and recursive Gaussian filters
+_VOXEL_MM = (0.05, 50.0)  # voxel sizes a head MRI can have (beyond them the margins in mm take gigabytes)
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:
