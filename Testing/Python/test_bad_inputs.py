@@ -434,6 +434,22 @@ def voxel_size(mm: float):
     return build
 
 
+def mask_of(kind: str):
+    """A brain mask of every voxel (a head mask at most) or of 216 voxels: scored, with a warning."""
+    def build(d: Path, g: Inputs) -> Inputs:
+        image, arr, mask = head_arrays(g)
+        odd = np.ones_like(mask)
+        if kind == "few":
+            odd[:] = 0
+            odd[14:20, 16:22, 14:20] = 1  # 216 voxels of 1.8 mm3
+        big = like(arr, image)
+        big.SetSpacing((5.0, 5.0, 5.0))  # 40 x 44 x 36 voxels of 125 mm3: 7.9 L
+        path = d / f"{kind}.nii.gz"
+        return Inputs(write(big if kind == "all" else image, d / "image.nii.gz"),
+                      write(like(odd, big if kind == "all" else image), path), g.model)
+    return build
+
+
 def gzip_trailer_lies(d: Path, g: Inputs) -> Inputs:
     """Half an int16 volume's gzip stream, then a size trailer claiming the whole file."""
     image, arr, _ = head_arrays(g)
@@ -651,6 +667,7 @@ CASES: Dict[str, Case] = {
     "negative pixdim, float NIfTI": Case(negative_pixdim, 0, r"Wrote"),
     "pixdim 0 (a 1 mm grid by default)": Case(pixdim(0.0), REFUSED,
                                               r"pixdim\.nii gives a voxel size \(pixdim\) of 0 along axis i"),
+    "a mask of every voxel (7.9 L)": Case(mask_of("all"), 0, r"The brain mask covers 7\.9 L, more than a brain"),
     "pixdim NaN": Case(pixdim(float("nan")), REFUSED, r"voxel size \(pixdim\) of nan along axis i"),
     "voxels of a micrometre (748 GiB of slices)": Case(voxel_size(1e-6), REFUSED,
                                                        r"has voxels of 1e-06 x .* mm; an MRI of a head has voxels of "
@@ -747,6 +764,14 @@ def check_score_map(score_path: Path, image_path: Path) -> None:
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5, err_msg=what)
     values = sitk.GetArrayViewFromImage(score)
     assert np.isfinite(values).all() and values.max() > 0
+
+
+def test_a_brain_mask_of_a_few_voxels_is_warned_of(good, tmp_path, caplog):
+    """Its scores are all 0 (no slice holds enough brain): the run says why rather than reporting a clean scan."""
+    inputs = mask_of("few")(tmp_path, good)
+    with caplog.at_level(logging.WARNING):
+        assert main(argv_for(inputs, tmp_path / "score.nii.gz")) == 0
+    assert "The brain mask covers only 0.4 ml: too little of a brain" in caplog.text
 
 
 def test_non_finite_voxels_score_zero(good, tmp_path, capsys):

@@ -21,7 +21,7 @@ from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions,
                        ThresholdPolicy)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
-                         prepare, region_image)
+                         prepare, region_image, warn_unlike_a_brain)
 from ..progress import ProgressCallback, report, scaled
 from ..result import DetectionResult, SliceScoreRow
 from .scan_adaptation import adapted_copy
@@ -147,11 +147,14 @@ class Detector:
                  progress: Optional[ProgressCallback], where: str = "") -> Tuple[SliceStack, np.ndarray]:
         """Model slices of ``image`` and its brain (bool, the input's array order)."""
         report(progress, 0.0, "Preparing the volume")
-        if mask is None:
+        given = mask is not None
+        if not given:
             from .brainmask import compute_brain_mask
 
             mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
         brain = brain_array(image, mask, where)
+        if given:
+            warn_unlike_a_brain(brain, image, where)
         return prepare(image, brain, self.bundle.preprocess), brain
 
     def _other_stacks(self, image: sitk.Image, brain: np.ndarray) -> List[SliceStack]:

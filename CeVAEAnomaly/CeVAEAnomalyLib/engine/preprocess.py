@@ -279,6 +279,22 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
     return brain
 
 
+def warn_unlike_a_brain(brain: np.ndarray, image: sitk.Image, where: str = "") -> None:
+    """Warn when a given brain mask holds far more than a brain (a head mask, a mask of every voxel) or far less (a
+    few voxels): the brain's statistics, and so every score, would come from what is not a brain. (The automatic
+    mask has a check of its own.)"""
+    ml = float(np.count_nonzero(brain)) * float(np.prod(image.GetSpacing())) / 1000.0
+    if ml > BRAIN_ML[1]:
+        log.warning("%sThe brain mask covers %.1f L, more than a brain (at most about %g L): is it a head mask? "
+                    "Every score is relative to what it holds.", where, ml / 1000.0, BRAIN_ML[1] / 1000.0)
+    elif ml < BRAIN_ML[0]:
+        log.warning("%sThe brain mask covers only %.1f ml: too little of a brain for its scores to mean much; "
+                    "check that it is the brain mask of this scan.", where, ml)
+
+
+BRAIN_ML = (1.0, 3000.0)  # ml: a given brain mask outside this is no brain mask (a thin partial scan holds little)
+
+
 def _looks_like_an_image(labels: np.ndarray) -> bool:
     """Whether a mask's nonzero values are an intensity image's (a copy of the scan, swapped arguments), where
     "> 0" would take the whole head: thousands of values and no plateau. A mask resampled with linear
