@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import SimpleITK as sitk
 
 from .errors import CeVAEError
+from .io import strict_json
 
 
 @dataclass
@@ -159,14 +160,14 @@ def save_result(result: DetectionResult, folder: Path) -> None:
         for path, image in result_files(result, {key: folder / name for key, name in RESULT_FILES.items()}).items()}
     summary = dict(threshold=result.threshold, threshold_source=result.threshold_source,
                    slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components])
-    files[folder / SUMMARY_FILE] = json.dumps(summary)
+    files[folder / SUMMARY_FILE] = strict_json.dumps(summary)
     write_all(files, overwrite=True)
 
 
 def load_result(folder: Path) -> DetectionResult:
     """The result :func:`save_result` wrote into ``folder``."""
     try:
-        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+        summary = strict_json.numbers(json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8")))
         images = {key: sitk.ReadImage(str(folder / name)) for key, name in RESULT_FILES.items()}
         components = [Component(**dict(c, centroid_lps=tuple(c["centroid_lps"]))) for c in summary["components"]]
         rows = [SliceScoreRow(**r) for r in summary["slices"]]

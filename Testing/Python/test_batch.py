@@ -383,6 +383,21 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(two, tiny_bundl
                 "--overwrite.") in capsys.readouterr().err
 
 
+def test_a_threshold_of_inf_is_recorded_as_standard_json_and_a_rerun_skips(two, tiny_bundle, tmp_path):
+    """--threshold inf (nothing labelled): batch_settings.json holds "inf", not the Infinity token other parsers
+    refuse, and a rerun with the same settings finds its outputs made with them."""
+    import json
+
+    def refuse(token):
+        raise ValueError(f"non-standard token {token}")
+
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle, "--threshold", "inf") == 0
+    assert json.loads((out / "batch_settings.json").read_text(), parse_constant=refuse)["threshold"] == "inf"
+    assert batch(two, out, tiny_bundle, "--threshold", "inf") == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
+
+
 def test_shards_sharing_an_out_dir_each_check_their_own_settings(two, tiny_bundle, tmp_path, capsys):
     """Shard 1 redone with another threshold must not make shard 2's outputs pass for made with it."""
     out = tmp_path / "out"

@@ -42,6 +42,26 @@ def test_saved_result_reads_back_equal(tmp_path):
     assert back.top_slice.index == 3 and back.components[0].centroid_ras == (-1.0, 2.0, 3.5)
 
 
+def test_a_result_with_non_finite_numbers_is_standard_json_and_reads_back(tmp_path):
+    """A threshold of inf (nothing labelled) and a NaN slice score: no Infinity or NaN tokens in the file, which
+    parsers other than Python's refuse; read back as the numbers they were."""
+    import dataclasses
+    import json
+    import math
+
+    result = small_result()
+    result = dataclasses.replace(result, threshold=math.inf, slices=[dataclasses.replace(result.slices[0], kl=math.nan),
+                                                                     *result.slices[1:]])
+    save_result(result, tmp_path)
+
+    def refuse(token):
+        raise ValueError(f"non-standard token {token}")
+
+    json.loads((tmp_path / "detection.json").read_text(), parse_constant=refuse)
+    back = load_result(tmp_path)
+    assert back.threshold == math.inf and math.isnan(back.slices[0].kl) and back.slices[1:] == result.slices[1:]
+
+
 def test_tables_list_the_most_anomalous_slice_first(tmp_path):
     result = small_result()
     table = slice_scores_csv(result)
@@ -80,3 +100,19 @@ def test_hand_over_images_are_checked_from_their_headers(tmp_path, monkeypatch):
     packed = tmp_path / "packed.nrrd"
     sitk.WriteImage(small_result().score, str(packed), True)
     assert incomplete_reason(packed, packed) is None and len(reads) == 1
+
+
+def test_the_workers_protocol_lines_are_standard_json(capsys):
+    """The worker's "done" line of a detection with a threshold of inf: one JSON object per line, as documented,
+    with no Infinity token."""
+    import json
+    import math
+
+    from CeVAEAnomalyLib.slicer.worker import _emit
+
+    def refuse(token):
+        raise ValueError(f"non-standard token {token}")
+
+    _emit({"done": {"components": 0, "threshold": math.inf}})
+    line = capsys.readouterr().out
+    assert json.loads(line, parse_constant=refuse) == {"done": {"components": 0, "threshold": "inf"}}

@@ -28,6 +28,7 @@ from ..io.atomic import atomic_write_text
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output
 from ..io.manifest import read_rows
+from ..io import strict_json
 from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
@@ -193,7 +194,7 @@ def settings_record(settings: DetectSettings) -> Dict[str, object]:
     run = settings.request.run
     record = {"model_sha256": sha256_of(settings.model), **score.to_dict(), **post.to_dict(), "threshold": threshold,
               "amp": run.amp, "batch_size": run.batch_size}
-    return json.loads(json.dumps(record))  # as the file reads back
+    return json.loads(strict_json.dumps(record))  # as the file reads back (a threshold of inf as "inf")
 
 
 def _settings_known(path: Path, record: Dict[str, object], overwrite: bool) -> bool:
@@ -505,7 +506,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     def keep(row: Dict[str, object]) -> None:
         nonlocal known
         if row["status"] == "ok" and not known:  # before the summary lists outputs made with these settings
-            atomic_write_text(record_path, json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
+            atomic_write_text(record_path, strict_json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
             known = True
         summary.add(row)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..errors import CeVAEError
+from ..io import strict_json
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
 from .jobs import JOB_FOLDER_PREFIX
@@ -121,7 +122,7 @@ TASKS: Dict[str, Callable[[Dict[str, Any], ProgressCallback], Dict[str, Any]]] =
 
 def _emit(message: Dict[str, Any]) -> None:
     try:
-        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.write(strict_json.dumps(message) + "\n")
         sys.stdout.flush()
     except (OSError, ValueError):  # nobody reads any more (Slicer ended): the watch stops the worker
         pass
