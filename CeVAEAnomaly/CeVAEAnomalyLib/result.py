@@ -11,8 +11,9 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, get_type_hints
 
+import numpy as np
 import SimpleITK as sitk
 
 from .errors import CeVAEError
@@ -80,7 +81,7 @@ class DetectionResult:
 
     @property
     def flagged_ml(self) -> float:
-        return sum(c.volume_ml for c in self.components)
+        return sum((c.volume_ml for c in self.components), 0.0)
 
 
 # ---- the tables ----------------------------------------------------------------------------------
@@ -146,7 +147,8 @@ def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]])
 
 # ---- a whole result in a folder (the Slicer worker's hand-over) ---------------------------------------
 RESULT_FILES = {"score": "score.nrrd", "labelmap": "labelmap.nrrd", "brain_mask": "brain_mask.nrrd"}
-SUMMARY_FILE = "detection.json"
+SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_source", "slices", "components"}
+SUMMARY_VERSION = 1
 
 
 def save_result(result: DetectionResult, folder: Path) -> None:
@@ -158,20 +160,68 @@ def save_result(result: DetectionResult, folder: Path) -> None:
     files: Dict[Path, object] = {
         path: (lambda tmp, image=image: sitk.WriteImage(image, tmp))
         for path, image in result_files(result, {key: folder / name for key, name in RESULT_FILES.items()}).items()}
-    summary = dict(threshold=result.threshold, threshold_source=result.threshold_source,
+    summary = dict(format_version=SUMMARY_VERSION, threshold=result.threshold, threshold_source=result.threshold_source,
                    slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components])
     files[folder / SUMMARY_FILE] = strict_json.dumps(summary)
     write_all(files, overwrite=True)
 
 
 def load_result(folder: Path) -> DetectionResult:
-    """The result :func:`save_result` wrote into ``folder``."""
+    """The result :func:`save_result` wrote into ``folder``, every field's type and the images' common grid
+    checked (a damaged or foreign folder is refused in one line, before anything uses it)."""
     try:
         summary = strict_json.numbers(json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8")))
+        if not isinstance(summary, dict) or summary.get("format_version") != SUMMARY_VERSION:
+            found = summary.get("format_version") if isinstance(summary, dict) else None
+            raise ValueError(f"format version {found!r}, not {SUMMARY_VERSION}")
+        threshold, source = summary.get("threshold"), summary.get("threshold_source")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not isinstance(source, str):
+            raise ValueError(f"threshold {threshold!r} ({source!r}) is not a number with its source")
+        components = [_typed(Component, c, f"component {n}") for n, c in enumerate(_listed(summary, "components"), 1)]
+        rows = [_typed(SliceScoreRow, r, f"slice row {n}") for n, r in enumerate(_listed(summary, "slices"), 1)]
         images = {key: sitk.ReadImage(str(folder / name)) for key, name in RESULT_FILES.items()}
-        components = [Component(**dict(c, centroid_lps=tuple(c["centroid_lps"]))) for c in summary["components"]]
-        rows = [SliceScoreRow(**r) for r in summary["slices"]]
-        return DetectionResult(images["score"], images["labelmap"], images["brain_mask"], summary["threshold"],
-                               summary["threshold_source"], rows, components)
+        _same_grid(images)
+        return DetectionResult(images["score"], images["labelmap"], images["brain_mask"], float(threshold), source,
+                               rows, components)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # (RecursionError is a RuntimeError)
         raise CeVAEError(f"The detection results in {folder} could not be read ({exc}).") from None
+
+
+def _listed(summary: dict, key: str) -> list:
+    value = summary.get(key)
+    if not isinstance(value, list):
+        raise ValueError(f"'{key}' is not a list")
+    return value
+
+
+def _typed(cls: type, data: object, where: str):
+    """``cls`` (SliceScoreRow, Component) from a JSON object holding exactly its fields, each of its type."""
+    hints = get_type_hints(cls)
+    if not isinstance(data, dict) or set(data) != set(hints):
+        raise ValueError(f"{where} does not hold the fields {sorted(hints)}")
+    for name, kind in hints.items():
+        value = data[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {int: isinstance(value, int) and not isinstance(value, bool), float: number,
+              bool: isinstance(value, bool)}.get(kind)
+        if ok is None:  # the centroid: three numbers
+            ok = isinstance(value, list) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            value = tuple(value) if ok else value
+        if not ok:
+            raise ValueError(f"{where}: {name} {value!r} is not of its type")
+        data = dict(data, **{name: value})
+    return cls(**data)
+
+
+def _same_grid(images: Mapping[str, sitk.Image]) -> None:
+    """The hand-over's images lie on one grid, the labelmap and brain mask holding labels."""
+    score = images["score"]
+    for key in ("labelmap", "brain_mask"):
+        image = images[key]
+        if (image.GetSize() != score.GetSize() or not np.allclose(image.GetSpacing(), score.GetSpacing())
+                or not np.allclose(image.GetOrigin(), score.GetOrigin())
+                or not np.allclose(image.GetDirection(), score.GetDirection())):
+            raise ValueError(f"the {key} is not on the score map's grid")
+        if image.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16):
+            raise ValueError(f"the {key} holds {image.GetPixelIDTypeAsString()}, not labels")

@@ -116,3 +116,55 @@ def test_the_workers_protocol_lines_are_standard_json(capsys):
     _emit({"done": {"components": 0, "threshold": math.inf}})
     line = capsys.readouterr().out
     assert json.loads(line, parse_constant=refuse) == {"done": {"components": 0, "threshold": "inf"}}
+
+
+def test_a_damaged_hand_over_is_refused_in_one_line(tmp_path):
+    """detection.json of another version, a field of the wrong type or missing, images off the score map's grid:
+    refused by load_result, before the scene (or a summary line) uses them."""
+    import json
+
+    import pytest
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    def component(**change):
+        return lambda s: s["components"][0].update(change)
+
+    def slice_row(drop):
+        return lambda s: s["slices"][0].pop(drop)
+
+    edits = {
+        "format_version 99": (lambda s: s.update(format_version=99), "format version 99"),
+        "no format version": (lambda s: s.pop("format_version"), "format version None"),
+        "threshold null": (lambda s: s.update(threshold=None), "threshold None"),
+        "threshold as text": (lambda s: s.update(threshold="4.2"), "threshold '4.2'"),
+        "volume as text": (component(volume_ml="big"), "component 1: volume_ml 'big' is not of its type"),
+        "a fraction of a voxel": (component(voxels=5.5), "component 1: voxels 5.5"),
+        "two-number centroid": (component(centroid_lps=[1.0, 2.0]), "component 1: centroid_lps"),
+        "flagged as text": (lambda s: s["slices"][0].update(flagged="no"), "slice row 1: flagged 'no'"),
+        "a slice field missing": (slice_row("map_max"), "slice row 1 does not hold the fields"),
+        "components not a list": (lambda s: s.update(components={}), "'components' is not a list"),
+    }
+    for name, (edit, message) in edits.items():
+        folder = tmp_path / name.replace(" ", "_")
+        save_result(small_result(), folder)
+        summary = json.loads((folder / "detection.json").read_text())
+        edit(summary)
+        (folder / "detection.json").write_text(json.dumps(summary))
+        with pytest.raises(CeVAEError, match="could not be read") as err:
+            load_result(folder)
+        assert message in str(err.value) and "\n" not in str(err.value), (name, err.value)
+
+    def moved(labelmap):
+        labelmap.SetOrigin((40.0, 0.0, 0.0))
+        return labelmap
+
+    for name, image, message in (
+            ("moved", moved, "the labelmap is not on the score map's grid"),
+            ("float", lambda lm: sitk.Cast(lm, sitk.sitkFloat32), "the labelmap holds 32-bit float, not labels")):
+        folder = tmp_path / name
+        save_result(small_result(), folder)
+        labelmap = sitk.ReadImage(str(folder / "labelmap.nrrd"))
+        sitk.WriteImage(image(labelmap), str(folder / "labelmap.nrrd"))
+        with pytest.raises(CeVAEError, match=message):
+            load_result(folder)
