@@ -383,6 +383,23 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(two, tiny_bundl
                 "--overwrite.") in capsys.readouterr().err
 
 
+def test_the_summary_counts_each_volumes_components_as_detect_lists_them(cohort, two, tiny_bundle, tmp_path):
+    """A cohort's healthy scans are judged by flagged ml and components: the summary has both, the count equal to
+    the component table's rows, also for a volume whose outputs were found and read back."""
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
+    table = tmp_path / "a1_components.csv"
+    assert main(["detect", str(cohort / "a1.nii.gz"), "--mask", str(cohort / "a1_mask.nii.gz"), "--model",
+                 str(tiny_bundle), "--device", "cpu", "--threshold", "0.3", "--score", str(tmp_path / "s.nii.gz"),
+                 "--components", str(table)]) == 0
+    listed = len(table.read_text().splitlines()) - 1
+    assert listed >= 1 and read_summary(out / "summary.csv")["a1"]["components"] == str(listed)
+    from CeVAEAnomalyLib.cli.batch import read_back
+
+    row = read_back(BatchItem("a1", cohort / "a1.nii.gz", cohort / "a1_mask.nii.gz"), out, {})  # (another run's)
+    assert row["status"] == "skipped" and row["components"] == listed
+
+
 def test_a_threshold_of_inf_is_recorded_as_standard_json_and_a_rerun_skips(two, tiny_bundle, tmp_path):
     """--threshold inf (nothing labelled): batch_settings.json holds "inf", not the Infinity token other parsers
     refuse, and a rerun with the same settings finds its outputs made with them."""

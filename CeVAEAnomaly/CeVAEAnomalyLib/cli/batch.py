@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of <image>.*
-MEASURES = ("flagged_ml", "max_score", "top_slice_axis", "top_slice")
+MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS)
+LATER_FIELDS = ("components", *SOURCE_FIELDS)  # columns older summaries lack (a row without components keeps "")
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,8 @@ def _change(before: object, now: object) -> str:
 
 # ---- one volume ---------------------------------------------------------------------------
 def measure(score, labelmap, top: Optional[Tuple[int, int]]) -> Dict[str, object]:
-    """Summary values of one volume's outputs: flagged volume, highest score, top slice (IJK axis, index)."""
+    """Summary values of one volume's outputs: flagged volume, number of components (26-connected, as the
+    component table counts them), highest score, top slice (IJK axis, index)."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -236,7 +238,9 @@ def measure(score, labelmap, top: Optional[Tuple[int, int]]) -> Dict[str, object
 
     voxel_ml = voxel_volume_ml(labelmap)
     flagged = int(np.count_nonzero(sitk.GetArrayViewFromImage(labelmap)))
-    return {"flagged_ml": f"{flagged * voxel_ml:.4f}",
+    parts = sitk.LabelShapeStatisticsImageFilter()
+    parts.Execute(sitk.ConnectedComponent(sitk.Cast(labelmap > 0, sitk.sitkUInt8), True))
+    return {"flagged_ml": f"{flagged * voxel_ml:.4f}", "components": parts.GetNumberOfLabels(),
             "max_score": f"{float(sitk.GetArrayViewFromImage(score).max()):.6g}",
             "top_slice_axis": "IJK"[top[0]] if top else "", "top_slice": top[1] if top else ""}
 
@@ -432,7 +436,7 @@ def _earlier_rows(summary_path: Path) -> Tuple[Dict[str, Dict[str, str]], float]
     try:
         with open(summary_path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            if set(SUMMARY_FIELDS) - set(SOURCE_FIELDS) <= set(reader.fieldnames or ()):
+            if set(SUMMARY_FIELDS) - set(LATER_FIELDS) <= set(reader.fieldnames or ()):
                 rows = {r["name"]: r for r in reader if r.get("status") in ("ok", "skipped")}
                 return rows, summary_path.stat().st_mtime
     except (OSError, csv.Error, ValueError):  # ValueError: not UTF-8 text
@@ -454,8 +458,8 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
     except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
         log.warning("The outputs of %s are incomplete or unreadable (%s); scoring it again.", item.name, one_line(exc))
         return None
-    if (earlier is None or earlier_time < outputs_time or any(earlier.get(k) is None for k in SUMMARY_FIELDS)
-            or not earlier["image_sha256"]):
+    if (earlier is None or earlier_time < outputs_time
+            or any(earlier.get(k) is None for k in set(SUMMARY_FIELDS) - {"components"}) or not earlier["image_sha256"]):
         unknown.append(item.name)
         return None
     try:
@@ -468,7 +472,7 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
         log.warning("The input of %s changed since its outputs were made (%s); scoring it again.", item.name,
                     ", ".join(changed))
         return None
-    skipped = _row(item, "skipped", None, **{k: earlier[k] for k in MEASURES}, **source)
+    skipped = _row(item, "skipped", None, **{k: earlier.get(k) or "" for k in MEASURES}, **source)
     skipped["seconds"] = earlier["seconds"]  # the time the earlier run took
     return skipped
 
@@ -514,7 +518,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         keep(row)
         done = len(summary.rows)
         if row["status"] == "ok":
-            detail = f"{row['flagged_ml']} ml flagged, max score {row['max_score']}, {row['seconds']} s"
+            detail = (f"{row['flagged_ml']} ml flagged in {row['components']} component(s), max score "
+                      f"{row['max_score']}, {row['seconds']} s")
         else:
             detail = str(row["error"])
         log.info("[%d/%d] %s: %s (%s).", done, total, row["name"], row["status"], detail)
