@@ -99,14 +99,18 @@ def slice_scores_csv(result: DetectionResult) -> str:
     return buf.getvalue()
 
 
+COMPONENT_FIELDS = ["component", "voxels", "volume_ml", "summed_score", "max_score", "mean_score", "r", "a", "s"]
+
+
 def components_csv(result: DetectionResult) -> str:
-    """The anomaly components, in the result's order, with centroids in RAS."""
+    """The anomaly components in the result's order (``component`` 1 first: the highest summed score), with
+    centroids in the input's RAS (mm). The labelmap marks every component 1; ``component`` is their rank."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["label", "voxels", "volume_ml", "max_score", "mean_score", "r", "a", "s"])
+    w.writerow(COMPONENT_FIELDS)
     for c in result.components:
-        w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.max_score:.6g}", f"{c.mean_score:.6g}",
-                    *(f"{v:.2f}" for v in c.centroid_ras)])
+        w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.summed_score:.6g}", f"{c.max_score:.6g}",
+                    f"{c.mean_score:.6g}", *(f"{v:.2f}" for v in c.centroid_ras)])
     return buf.getvalue()
 
 

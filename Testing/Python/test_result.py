@@ -67,7 +67,9 @@ def test_tables_list_the_most_anomalous_slice_first(tmp_path):
     table = slice_scores_csv(result)
     rows = table.splitlines()
     assert rows[0] == "axis,index,anomaly,kl,rec,neg_elbo,map_max,flagged" and rows[1].startswith("2,3,1,")
-    assert components_csv(result).splitlines()[1] == "1,20,0.0600,2,1.75,-1.00,2.00,3.50"
+    header, first = components_csv(result).splitlines()[:2]
+    assert header == "component,voxels,volume_ml,summed_score,max_score,mean_score,r,a,s"
+    assert first == "1,20,0.0600,35,2,1.75,-1.00,2.00,3.50"  # summed score: mean 1.75 x 20 voxels
     files = result_files(result, {"slices": tmp_path / "s.csv", "components": None, "score": tmp_path / "a.nrrd"})
     assert set(files) == {tmp_path / "s.csv", tmp_path / "a.nrrd"} and files[tmp_path / "s.csv"] == table
 

@@ -3,6 +3,8 @@ module file, the .ui, the CMake lists and the .s4ext that need no Slicer applica
 from __future__ import annotations
 
 import ast
+import csv
+import io
 import re
 import struct
 import subprocess
@@ -69,6 +71,14 @@ def test_process_makes_outputs_on_the_input_grid(scene_with_head, tiny_bundle, g
     assert out.components.GetNumberOfRows() == len(result.detection.components) > 0
     np.testing.assert_allclose(nodes.table_column(out.components, "Volume"),
                                [c.volume_ml for c in result.detection.components])
+    # the columns of the command line's component table, under the same names in words
+    from CeVAEAnomalyLib.result import components_csv
+
+    rows = list(csv.DictReader(io.StringIO(components_csv(result.detection))))
+    for column, field in (("Component", "component"), ("Voxels", "voxels"), ("Summed score", "summed_score"),
+                          ("Max score", "max_score"), ("R", "r"), ("A", "a"), ("S", "s")):
+        np.testing.assert_allclose(nodes.table_column(out.components, column), [float(r[field]) for r in rows],
+                                   rtol=1e-5, atol=0.006, err_msg=column)
     assert out.slice_table.GetNumberOfRows() == len(result.detection.slices)
     # with components, the jump goes to the top component's centroid
     assert result.topSliceRas == pytest.approx(result.detection.components[0].centroid_ras)

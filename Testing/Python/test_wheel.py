@@ -130,4 +130,4 @@ def test_installed_wheel_detects_with_default_model_and_automatic_mask(venv, tmp
     assert dice > 0.8, dice
     slices = (out / "slices.csv").read_text().splitlines()
     assert slices[0] == "axis,index,anomaly,kl,rec,neg_elbo,map_max,flagged" and len(slices) > 50
-    assert (out / "components.csv").read_text().splitlines()[0].startswith("label,voxels,volume_ml")
+    assert (out / "components.csv").read_text().splitlines()[0].startswith("component,voxels,volume_ml,summed_score")

@@ -548,7 +548,9 @@ def _fill_components(table_node, volume_node, components) -> None:
     table_node.SetAttribute(COORDINATES_ATTRIBUTE, "local")
     _set_columns(table_node, [
         ("Component", _array(vtk.vtkIntArray, [c.label for c in components]), ""),
+        ("Voxels", _array(vtk.vtkIntArray, [c.voxels for c in components]), ""),
         ("Volume", _array(vtk.vtkDoubleArray, [c.volume_ml for c in components]), "ml"),
+        ("Summed score", _array(vtk.vtkDoubleArray, [c.summed_score for c in components]), ""),
         ("Max score", _array(vtk.vtkDoubleArray, [c.max_score for c in components]), ""),
         ("Mean score", _array(vtk.vtkDoubleArray, [c.mean_score for c in components]), ""),
         ("R", _array(vtk.vtkDoubleArray, [p[0] for p in centroids]), "mm"),
