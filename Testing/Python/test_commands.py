@@ -145,6 +145,21 @@ def test_evaluate_says_n_a_and_why_when_the_truth_covers_the_whole_mask(tmp_path
     assert "no healthy voxels" in caplog.text
 
 
+def test_evaluate_refuses_a_score_map_given_as_the_ground_truth(tmp_path, capsys):
+    """Swapped --score and --gt: a map of thousands of values as the truth would make every voxel above 0 a
+    lesion and print a meaningless AUROC; a lesion mask resampled linearly (a plateau at its top) is kept."""
+    rng = np.random.default_rng(0)
+    score = rng.random((12, 32, 32)).astype(np.float32)
+    lesion = np.zeros((12, 32, 32), np.float32)
+    lesion[2:10, 4:28, 4:28] = 1.0
+    lesion[[1, 11]] = rng.random((2, 32, 32)) * 0.9  # a blurred edge of some 2000 values
+    for name, arr in (("s", score), ("resampled", lesion)):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"{name}.nrrd"))
+    assert main(["evaluate", "--score", str(tmp_path / "resampled.nrrd"), "--gt", str(tmp_path / "s.nrrd")]) == 2
+    assert "looks like a score map or an image, not a mask of the lesions" in capsys.readouterr().err
+    assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--gt", str(tmp_path / "resampled.nrrd")]) == 0
+
+
 def test_evaluate_names_the_case_files_and_refuses_cases_with_single_case_options(tmp_path, capsys):
     score = np.zeros((4, 8, 8), np.float32)
     score[0, 0, :4] = [0.1, 0.4, 0.35, 0.8]
