@@ -174,11 +174,11 @@ def load_result(folder: Path) -> DetectionResult:
     """The result :func:`save_result` wrote into ``folder``, every field's type and the images' common grid
     checked (a damaged or foreign folder is refused in one line, before anything uses it)."""
     try:
-        summary = strict_json.numbers(json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8")))
+        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
         if not isinstance(summary, dict) or summary.get("format_version") != SUMMARY_VERSION:
             found = summary.get("format_version") if isinstance(summary, dict) else None
             raise ValueError(f"format version {found!r}, not {SUMMARY_VERSION}")
-        threshold, source = summary.get("threshold"), summary.get("threshold_source")
+        threshold, source = strict_json.number(summary.get("threshold")), summary.get("threshold_source")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not isinstance(source, str):
             raise ValueError(f"threshold {threshold!r} ({source!r}) is not a number with its source")
         components = [_typed(Component, c, f"component {n}") for n, c in enumerate(_listed(summary, "components"), 1)]
@@ -204,11 +204,12 @@ def _typed(cls: type, data: object, where: str):
     if not isinstance(data, dict) or set(data) != set(hints):
         raise ValueError(f"{where} does not hold the fields {sorted(hints)}")
     for name, kind in hints.items():
-        value = data[name]
+        value = strict_json.number(data[name]) if kind is float else data[name]
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = {int: isinstance(value, int) and not isinstance(value, bool), float: number,
               bool: isinstance(value, bool)}.get(kind)
         if ok is None:  # the centroid: three numbers
+            value = [strict_json.number(v) for v in value] if isinstance(value, list) else value
             ok = isinstance(value, list) and len(value) == 3 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
             value = tuple(value) if ok else value

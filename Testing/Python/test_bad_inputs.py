@@ -671,7 +671,7 @@ CASES: Dict[str, Case] = {
     "pixdim NaN": Case(pixdim(float("nan")), REFUSED, r"voxel size \(pixdim\) of nan along axis i"),
     "voxels of a micrometre (748 GiB of slices)": Case(voxel_size(1e-6), REFUSED,
                                                        r"has voxels of 1e-06 x .* mm; an MRI of a head has voxels of "
-                                                       r"0\.05 to 50 mm"),
+                                                       r"0\.01 to 50 mm"),
     "voxels of a kilometre": Case(voxel_size(1e6), REFUSED, r"has voxels of 1e\+06 x"),
     "gzip size trailer lies": Case(gzip_trailer_lies, REFUSED, r"half\.nii\.gz is truncated or corrupt \(it holds"),
     "gzip claims 108 TB": Case(gzip_claims_huge_volume, REFUSED, r"huge\.nii\.gz is truncated or corrupt .*far too small"),

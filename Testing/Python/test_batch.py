@@ -413,6 +413,11 @@ def test_a_threshold_of_inf_is_recorded_as_standard_json_and_a_rerun_skips(two, 
     assert json.loads((out / "batch_settings.json").read_text(), parse_constant=refuse)["threshold"] == "inf"
     assert batch(two, out, tiny_bundle, "--threshold", "inf") == 0
     assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
+    record = (out / "batch_settings.json").read_text()  # as an earlier version wrote it: the Infinity token
+    assert '"threshold": "inf"' in record
+    (out / "batch_settings.json").write_text(record.replace('"threshold": "inf"', '"threshold": Infinity'))
+    assert batch(two, out, tiny_bundle, "--threshold", "inf") == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
 
 
 def test_shards_sharing_an_out_dir_each_check_their_own_settings(two, tiny_bundle, tmp_path, capsys):

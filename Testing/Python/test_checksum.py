@@ -40,3 +40,19 @@ def test_an_analyze_pair_is_identified_by_both_halves(tmp_path):
     _write(tmp_path / "other.hdr", 2.0)
     (tmp_path / "scan.img").write_bytes((tmp_path / "other.img").read_bytes())
     assert sha256_of(tmp_path / "scan.hdr") != before
+
+
+def test_a_numbered_data_file_pattern_is_hashed_by_the_files_that_exist_in_one_listing(tmp_path):
+    """``slice%03d.raw 1 1000000 1``: the slices present are hashed (a changed one changes the checksum) without
+    asking for each of a million names."""
+    header = tmp_path / "scan.mhd"
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 3\nElementType = MET_UCHAR\n"
+                      "ElementDataFile = slice%03d.raw 1 1000000 1\n")
+    for k in (1, 2, 3):
+        (tmp_path / f"slice{k:03d}.raw").write_bytes(bytes([k] * 4))
+    (tmp_path / "notes.txt").write_text("not a slice")
+    before = sha256_of(header)
+    (tmp_path / "notes.txt").write_text("still not a slice")
+    assert sha256_of(header) == before
+    (tmp_path / "slice002.raw").write_bytes(bytes([9] * 4))
+    assert sha256_of(header) != before

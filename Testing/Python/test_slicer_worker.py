@@ -277,7 +277,7 @@ def test_cancel_stops_an_adaptation_and_writes_no_model(tiny_bundle, tmp_path, m
     assert time.monotonic() - start < 1.0
     assert job.state is JobState.CANCELLED and not out.exists()
     assert list(worker_tmp.glob("cevae-adapt-*")) == []  # its slice cache removed on SIGTERM
-    job.cleanup()
+    assert not job.folder.exists()  # and the copies of the scans, without job.cleanup()
 
 
 # --- Cancel ends the whole process tree (PythonSlicer is a launcher that forwards no signal) ----
@@ -715,6 +715,10 @@ def test_the_mask_field_never_carries_another_scans_mask_to_a_new_input(tiny_bun
     assert nodes.mask_for_input(a, None) is a_mask  # back to A: its run's mask
     elsewhere = add_volume(scene, make_head(size=(30, 30, 30), seed=2)[1], "other grid", "vtkMRMLLabelMapVolumeNode")
     assert nodes.mask_for_input(b, elsewhere) is None
+    scalar = add_volume(scene, sitk.ReadImage(str(_written(a_mask))), "a mask as a scalar volume")
+    logic.process(a, scalar, modelPath=tiny_bundle, device="cpu")  # the console takes it; the panel's field cannot
+    assert nodes.mask_for_input(a, None) is None and nodes.mask_for_input(a, a_mask) is a_mask
+    logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu")
     drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn on the other grid")
     drawn.SetReferenceImageGeometryParameterFromVolumeNode(elsewhere)
     assert nodes.mask_for_input(b, drawn) is None
@@ -726,9 +730,13 @@ def test_the_mask_field_never_carries_another_scans_mask_to_a_new_input(tiny_bun
     assert nodes.mask_for_input(b, None) is b_mask and nodes.mask_for_input(a, b_mask) is a_mask
 
 
-def test_the_runs_warnings_reach_the_result_in_the_worker_and_in_process(tiny_bundle):
-    """A warning of the detection (here: CUDA asked for on a machine without it, so the CPU runs it) is in the
+def test_the_runs_warnings_reach_the_result_in_the_worker_and_in_process(tiny_bundle, monkeypatch):
+    """A warning of the detection (here: CUDA asked for where none is visible, so the CPU runs it) is in the
     result the panel shows (``message``), from the worker as from an in-process run."""
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the worker sees no GPU, also on a machine with one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     scene, ((a, a_mask), _) = two_heads()
     logic = CeVAEAnomalyLogic()
     job = logic.startDetection(a, a_mask, modelPath=tiny_bundle, device="cuda")
@@ -784,3 +792,26 @@ def test_finishing_a_detection_too_early_or_with_another_logic_says_so_and_keeps
     assert logic.finishDetection(job).nodes.score is not None
     with pytest.raises(CeVAEError, match="loaded or discarded already"):
         logic.finishDetection(job)
+
+
+def _written(node) -> "Path":
+    """A volume node's image in a temporary file (to add it again as another kind of node)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "node.nrrd"
+    sitk.WriteImage(mrml.image_from_volume(node), str(path))
+    return path
+
+
+def test_a_run_given_another_inputs_score_volume_updates_its_own_latest_nodes(tiny_bundle):
+    """B's score volume picked for A (from the console) is never written into; A's run updates A's latest results,
+    as any rerun does (only a volume of the user's that holds data gets a new set of nodes)."""
+    scene, ((a, a_mask), (b, b_mask)) = two_heads()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu")
+    other = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu")
+    before = mrml.node_ids(scene)
+    again = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", outputs=mrml.OutputNodes(score=other.nodes.score))
+    assert again.nodes.score is first.nodes.score and again.nodes.segmentation is first.nodes.segmentation
+    assert mrml.node_ids(scene) == before

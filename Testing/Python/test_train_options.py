@@ -164,6 +164,11 @@ def test_a_file_of_the_users_under_the_log_name_needs_overwrite_but_a_lone_run_l
     log.write_text("step,loss,kl,rec_vae,rec_ce,val_loss,seconds,slices_per_s\n1,0.5,0.1,0.2,0.2,,1.0,10\n")
     rc, errors = run_train(capsys, *argv)
     assert rc == 0 and errors == [] and out.exists()
+    out.unlink()
+    out.with_name(out.name + ".ckpt").unlink()
+    log.write_bytes(b"")  # a run killed before it wrote anything
+    rc, errors = run_train(capsys, *argv)
+    assert rc == 0 and errors == [] and out.exists()
 
 
 @pytest.mark.parametrize("name", ["model.nii.gz", "model.cevae.gz", "model.nrrd"])

@@ -211,7 +211,8 @@ def _settings_known(path: Path, record: Dict[str, object], overwrite: bool) -> b
         if overwrite:
             return False
         raise CeVAEError(f"{path} is not a batch settings record; choose another --out-dir or pass --overwrite.")
-    changed = [k for k in record if earlier[k] != record[k]]
+    # (an older version wrote a threshold of inf as the Infinity token, which reads back as the number)
+    changed = [k for k in record if strict_json.number(earlier[k]) != strict_json.number(record[k])]
     if changed and not overwrite:
         what = "; ".join(f"model sha256 {str(earlier[k])[:12]} -> {str(record[k])[:12]}" if k == "model_sha256"
                          else f"{k} {_change(earlier[k], record[k])}" for k in changed)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 from .detached import read_alongside
 
@@ -29,19 +29,28 @@ def sha256_of(path: Path) -> str:
 
 
 def _data_files(path: Path) -> List[Path]:
-    """The existing regular files that reading the volume file ``path`` also opens, once each, in a fixed order."""
-    seen, out = {path.resolve()}, []
+    """The existing regular files that reading the volume file ``path`` also opens, once each (by file identity:
+    on a case-insensitive file system ``x.img`` and ``x.IMG`` are one file), in a fixed order."""
+    seen, out = {_identity(path)}, []
     for f in _alongside(path):
-        if f.is_file() and f.resolve() not in seen:
-            seen.add(f.resolve())
+        if f.is_file() and _identity(f) not in seen:
+            seen.add(_identity(f))
             out.append(f)
     return out
+
+
+def _identity(path: Path) -> Tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 def _alongside(path: Path) -> Iterator[Path]:
     found = read_alongside(path)
     yield from found.files
-    for numbered in found.numbered:
-        yield from (numbered.folder / (numbered.fmt % k) for k in numbered.numbers)
+    for numbered in found.numbered:  # the files of the pattern that exist (one listing, whatever its range)
+        try:
+            yield from sorted(p for p in numbered.folder.iterdir() if numbered.holds(p))
+        except OSError:
+            continue
     if found.folder is not None:  # a header naming more than can be told: every file beside it
         yield from sorted(p for p in found.folder.iterdir() if p.is_file())

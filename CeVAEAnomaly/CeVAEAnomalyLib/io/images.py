@@ -469,7 +469,7 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
 
 
 _MIN_SLICES = 4  # fewer slices break ITK's shrink and recursive Gaussian filters
-_VOXEL_MM = (0.05, 50.0)  # voxel sizes a head MRI can have (beyond them the margins in mm take gigabytes)
+_VOXEL_MM = (0.01, 50.0)  # voxel sizes a head MRI can have, generously (beyond them the margins in mm take gigabytes)
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:

@@ -14,15 +14,11 @@ def dumps(value: Any, **options: Any) -> str:
     return json.dumps(_plain(value), allow_nan=False, **options)
 
 
-def numbers(value: Any) -> Any:
-    """``value`` read back from :func:`dumps`: the texts "inf", "-inf" and "nan" as the numbers they stand for."""
-    if isinstance(value, str):
-        return _WORDS.get(value, value)
-    if isinstance(value, dict):
-        return {k: numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [numbers(v) for v in value]
-    return value
+def number(value: Any) -> Any:
+    """A number field read back from :func:`dumps`: the text "inf", "-inf" or "nan" as the number it stands for
+    (anything else as it is, for the caller's type check). Only for fields that hold numbers: a text field may
+    hold these words."""
+    return _WORDS.get(value, value) if isinstance(value, str) else value
 
 
 def _plain(value: Any) -> Any:

@@ -190,6 +190,8 @@ class WorkerJob:
         self._cancelled = True
         stop_process_tree(self.process, self._own_group)
         self.state = JobState.CANCELLED
+        if self._remove_folder_at_end:
+            self.cleanup()
 
     def cleanup(self) -> None:
         """Remove the temporary folder (inputs and results); a worker still running then stops by itself."""

@@ -37,6 +37,7 @@ from .nodes import (
     SLICE_TABLE_ROLE,
     anomaly_segment_id,
     belongs_to,
+    holds_data,
     find_output,
     ijk_to_ras,
     link_output,
@@ -342,7 +343,9 @@ def publish(
 
     Nodes in ``targets`` are updated if they belong to ``volume_node`` or to no input yet; missing
     ones, ones deleted from the scene meanwhile and ones holding another volume's results (never
-    replaced) are found again (same role and source volume) or created. Transactional: on any
+    replaced) are found again (same role and source volume) or created. A score volume of the user's that
+    holds data (another scan) is never written into either: the run goes to a new score volume with nodes of
+    its own. Transactional: on any
     error the nodes this call added are removed again.
     """
     targets = _in_scene(scene, targets or OutputNodes())
@@ -354,9 +357,10 @@ def publish(
         raise CeVAEError("The score map does not match the input volume's grid.")
     with transaction(scene) as undo:
         out = OutputNodes()
-        refused = targets.score is not None and not belongs_to(targets.score, volume_node, SCORE_ROLE)
+        users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
+                 and holds_data(targets.score))  # a volume of the user's: kept, and this run gets nodes of its own
         out.score = _output(scene, undo, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node,
-                            "anomaly score", group=None if refused else NEWEST, link=False)  # refused: a new one
+                            "anomaly score", group=None if users else NEWEST, link=False)
         group = _group_of(out.score, volume_node, chose=targets.score is not None)
         link_output(out.score, SCORE_ROLE, volume_node)
         used = out.score.GetNodeReferenceID(MASK_REFERENCE)

@@ -20,6 +20,7 @@ from ..errors import CeVAEError
 
 ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
 SOURCE_REFERENCE = "CeVAEAnomalySource"
+PANEL_MASKS = (slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode)  # what the mask field holds
 MASK_REFERENCE = "CeVAEAnomalyBrainMask"  # on a score volume: the brain mask its run used (none: the automatic one)
 SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
 COORDINATES_ATTRIBUTE = "CeVAEAnomaly.Coordinates"  # "local": a component table's R, A, S are the input's own RAS
@@ -237,21 +238,23 @@ def outputs_for_input(scene: slicer.vtkMRMLScene, volume: slicer.vtkMRMLScalarVo
 
 def mask_for_input(volume: slicer.vtkMRMLScalarVolumeNode, current: Optional[slicer.vtkMRMLNode]
                    ) -> Optional[slicer.vtkMRMLNode]:
-    """The brain mask the panel shows when ``volume`` becomes the input: the one its latest run used (still in the
-    scene), else ``current`` if it can be this volume's, else None (the automatic mask). ``current`` cannot be when
+    """The brain mask the panel shows when ``volume`` becomes the input (a labelmap or segmentation: the panel's
+    mask field holds no other kind): the one its latest run used (still in the scene), else ``current`` if it can
+    be this volume's, else None (the automatic mask). ``current`` cannot be when
     another input's run used it; a labelmap can be when it lies on the volume's grid, a segmentation when the
     volume it was drawn on (if any) does. So another scan's mask is not carried over to this one."""
     scene = volume.GetScene()
     score = find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume) if scene is not None else None
     used = score.GetNodeReference(MASK_REFERENCE) if score is not None else None
-    if used is not None and used.GetScene() is scene:
+    if used is not None and used.GetScene() is scene and isinstance(used, PANEL_MASKS):
         return used
-    if current is None or current.GetScene() is not scene or _used_for_another(current, volume):
+    if (current is None or current.GetScene() is not scene or not isinstance(current, PANEL_MASKS)
+            or _used_for_another(current, volume)):
         return None
     if isinstance(current, slicer.vtkMRMLSegmentationNode):
         drawn_on = current.GetNodeReference(current.GetReferenceImageGeometryReferenceRole())
         return current if drawn_on is None or same_grid(drawn_on, volume) else None
-    return current if isinstance(current, slicer.vtkMRMLVolumeNode) and same_grid(current, volume) else None
+    return current if same_grid(current, volume) else None
 
 
 def _used_for_another(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolumeNode) -> bool:

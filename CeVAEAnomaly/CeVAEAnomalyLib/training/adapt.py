@@ -27,6 +27,7 @@ from ..errors import CeVAEError
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output
 from ..io.manifest import Subject, check_volume_path
+from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
 from .adapt_plan import AdaptOptions, describe_estimate, fold_plan, output_paths, run_names
@@ -51,6 +52,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     """
     options.validate()
     base, out = Path(base), Path(out)
+    refuse_misnamed(out, "model", "a .cevae bundle", ".cevae")  # before the scans are hashed
     header = read_header(base)
     _check_adaptable(header, base)
     checksums = _checksums(subjects)

@@ -166,14 +166,14 @@ class SettingError(CeVAEError):
 
 
 def _is_run_log(path: Path) -> bool:
-    """Whether ``path`` starts as a training run's loss log (:data:`LOG_HEADER`); a file of another kind under
-    its name is never replaced without ``--overwrite``."""
+    """Whether ``path`` starts as a training run's loss log (:data:`LOG_HEADER`), or is empty (a run killed before
+    it wrote its header); a file of another kind under its name is never replaced without ``--overwrite``."""
     try:
         with open(path, "rb") as fh:
             first = fh.readline(4096)
     except OSError:
         return False
-    return first.rstrip(b"\r\n") == ",".join(LOG_HEADER).encode()
+    return first in (b"",) or first.rstrip(b"\r\n") == ",".join(LOG_HEADER).encode()
 
 
 def _at_least_one(setting: str, value: int) -> None:

@@ -71,6 +71,7 @@ class _RunLog:
         self._writer = csv.writer(self._file)
         if self._file.tell() == 0:
             self._writer.writerow(LOG_HEADER)
+            self._file.flush()  # a run killed before its first row leaves a log that says what it is
 
     def row(self, values: List[object]) -> None:
         self._writer.writerow(values)
