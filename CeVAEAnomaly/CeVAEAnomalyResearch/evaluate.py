@@ -263,22 +263,27 @@ def _best_dice(split: _Split) -> tuple[float, float]:
     return float(dices[best]), float(values[best])
 
 
-def _truth(gt: sitk.Image, name: str) -> np.ndarray:
-    """The lesion voxels of a ground truth (> 0). One of more than a thousand values without a plateau is a score
-    map or an image (swapped arguments), refused: every voxel above 0 would count as lesion. (A mask resampled
-    linearly has many values at its edge, but most of its voxels at its top value.)"""
+def _truth(gt: sitk.Image, inside: np.ndarray, name: str) -> np.ndarray:
+    """The lesion voxels of a ground truth (> 0). A score map or an image given as the truth (swapped arguments)
+    is refused, for every voxel above 0 would count as lesion: more than a thousand values, no plateau, and above
+    0 in over a tenth of the evaluated voxels (``inside``; a detection map is above 0 in half the brain). Lesion
+    masks resampled linearly have many values at their edges but cover a few per cent of the brain."""
     values = sitk.GetArrayViewFromImage(gt)
+    truth = values != 0
+    if np.count_nonzero(truth & inside) <= _MAX_TRUTH_SHARE * np.count_nonzero(inside):
+        return truth
     sample = values.ravel()[:: max(1, values.size // 2_000_000)]
     sample = sample[(sample != 0) & ~np.isnan(sample)] if sample.dtype.kind == "f" else sample[sample != 0]
     plateau = sample.size and np.count_nonzero(sample >= 0.95 * sample.max()) >= sample.size / 2
     if len(np.unique(sample)) > _MAX_TRUTH_VALUES and not plateau:
         raise CeVAEError(f"The ground truth of {name or 'the case'} holds more than {_MAX_TRUTH_VALUES} different "
-                         "values: it looks like a score map or an image, not a mask of the lesions (> 0 is lesion). "
-                         "Check the order of --score and --gt.")
-    return values != 0
+                         "values over much of the evaluated voxels: it looks like a score map or an image, not a mask "
+                         "of the lesions (> 0 is lesion). Check the order of --score and --gt.")
+    return truth
 
 
 _MAX_TRUTH_VALUES = 1000  # a lesion mask holds one or a few labels; a score map or image thousands of values
+_MAX_TRUTH_SHARE = 0.1  # of the evaluated voxels
 
 
 def _evaluate(
@@ -299,7 +304,7 @@ def _evaluate(
     inside = np.ones(score_array.shape, bool) if mask is None else sitk.GetArrayViewFromImage(mask) != 0
     if not inside.any():
         raise CeVAEError(f"The mask of {name or 'the case'} is empty: nothing to evaluate.")
-    truth = np.zeros(score_array.shape, bool) if gt is None else _truth(gt, name)
+    truth = np.zeros(score_array.shape, bool) if gt is None else _truth(gt, inside, name)
     if (truth & ~inside).any():
         log.warning("%s: ground-truth voxels outside the mask are not evaluated.", name or "case")
     scores, labels = score_array[inside], truth[inside]

@@ -153,11 +153,14 @@ def test_evaluate_refuses_a_score_map_given_as_the_ground_truth(tmp_path, capsys
     lesion = np.zeros((12, 32, 32), np.float32)
     lesion[2:10, 4:28, 4:28] = 1.0
     lesion[[1, 11]] = rng.random((2, 32, 32)) * 0.9  # a blurred edge of some 2000 values
-    for name, arr in (("s", score), ("resampled", lesion)):
+    many = np.zeros((12, 32, 32), np.float32)  # many small lesions resampled: 1100 values, no plateau, 9 %
+    many.ravel()[rng.choice(many.size, 1100, replace=False)] = rng.random(1100) * 0.9 + 0.05
+    for name, arr in (("s", score), ("resampled", lesion), ("many", many)):
         sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"{name}.nrrd"))
     assert main(["evaluate", "--score", str(tmp_path / "resampled.nrrd"), "--gt", str(tmp_path / "s.nrrd")]) == 2
     assert "looks like a score map or an image, not a mask of the lesions" in capsys.readouterr().err
-    assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--gt", str(tmp_path / "resampled.nrrd")]) == 0
+    for truth in ("resampled", "many"):
+        assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--gt", str(tmp_path / f"{truth}.nrrd")]) == 0
 
 
 def test_evaluate_names_the_case_files_and_refuses_cases_with_single_case_options(tmp_path, capsys):
