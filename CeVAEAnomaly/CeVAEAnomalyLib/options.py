@@ -326,12 +326,12 @@ class DetectionRequest(Serialisable):
             flat = sorted(set(request) & set(_OWNER))
             if flat:
                 raise CeVAEError(f"The request dict holds option names ({', '.join(flat)}): give them by name "
-                                 "(fpr=0.01) or as DetectionRequest.of(...); a request dict is DetectionRequest.to_dict()'s "
-                                 "form (score, post, paper, policy, run).")
+                                 "(fpr=0.01) or as DetectionRequest.of(...); a request dict is "
+                                 "DetectionRequest.to_dict()'s form (score, post, paper, policy, run).")
             request = cls.from_dict(request, "request field(s)")
         elif request is not None and not isinstance(request, DetectionRequest):
-            raise CeVAEError(f"The request must be a DetectionRequest or its dict form, not a {type(request).__name__}; "
-                             "detection options can also be given by name, e.g. fpr=0.01.")
+            raise CeVAEError(f"The request must be a DetectionRequest or its dict form, not a "
+                             f"{type(request).__name__}; detection options can also be given by name, e.g. fpr=0.01.")
         return (request or cls()).with_options(**options)
 
     def with_options(self, **options: Any) -> "DetectionRequest":

@@ -53,6 +53,7 @@ def test_the_calibration_output_is_checked_the_same_way(tmp_path):
     assert output_problem(str(tmp_path / "site.cevae"), model, "calibrated") is None
     # what the Calibrate button's tooltip says when it is disabled (after a first calibration, the new model is the
     # one in use and the default output name is its own)
-    assert calibrate_problem(0, str(tmp_path / "site.cevae"), model) == "Check at least one healthy volume to calibrate on."
+    assert calibrate_problem(0, str(tmp_path / "site.cevae"), model) == \
+        "Check at least one healthy volume to calibrate on."
     assert "cannot replace the model it starts from" in calibrate_problem(2, str(model), model)
     assert calibrate_problem(1, str(tmp_path / "site.cevae"), model) is None

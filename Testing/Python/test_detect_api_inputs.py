@@ -128,7 +128,8 @@ def test_wrong_argument_types_get_one_line_errors(tiny_bundle):
         (lambda: detect(image, bundle, sitk.GetArrayFromImage(mask)), "The mask must be a SimpleITK Image.*ndarray"),
         (lambda: Detector(bundle)(None, mask), "The image must be a SimpleITK Image.*NoneType"),
         (lambda: detect(image, 3, mask), "The bundle must be a Bundle.*got int"),
-        (lambda: detect(image, bundle, mask, request=["rec"]), "The request must be a DetectionRequest or its dict form, not a list"),
+        (lambda: detect(image, bundle, mask, request=["rec"]),
+         "The request must be a DetectionRequest or its dict form, not a list"),
     ]
     for call, message in cases:
         with pytest.raises(CeVAEError, match=message) as err:

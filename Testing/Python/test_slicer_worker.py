@@ -715,7 +715,7 @@ def test_the_mask_field_never_carries_another_scans_mask_to_a_new_input(tiny_bun
     assert nodes.mask_for_input(a, None) is a_mask  # back to A: its run's mask
     elsewhere = add_volume(scene, make_head(size=(30, 30, 30), seed=2)[1], "other grid", "vtkMRMLLabelMapVolumeNode")
     assert nodes.mask_for_input(b, elsewhere) is None
-    scalar = add_volume(scene, sitk.ReadImage(str(_written(a_mask))), "a mask as a scalar volume")
+    scalar = add_volume(scene, mrml.image_from_volume(a_mask), "a mask as a scalar volume")
     logic.process(a, scalar, modelPath=tiny_bundle, device="cpu")  # the console takes it; the panel's field cannot
     assert nodes.mask_for_input(a, None) is None and nodes.mask_for_input(a, a_mask) is a_mask
     logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu")
@@ -794,16 +794,6 @@ def test_finishing_a_detection_too_early_or_with_another_logic_says_so_and_keeps
         logic.finishDetection(job)
 
 
-def _written(node) -> "Path":
-    """A volume node's image in a temporary file (to add it again as another kind of node)."""
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp()) / "node.nrrd"
-    sitk.WriteImage(mrml.image_from_volume(node), str(path))
-    return path
-
-
 def test_a_run_given_another_inputs_score_volume_updates_its_own_latest_nodes(tiny_bundle):
     """B's score volume picked for A (from the console) is never written into; A's run updates A's latest results,
     as any rerun does (only a volume of the user's that holds data gets a new set of nodes)."""
@@ -812,6 +802,7 @@ def test_a_run_given_another_inputs_score_volume_updates_its_own_latest_nodes(ti
     first = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu")
     other = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu")
     before = mrml.node_ids(scene)
-    again = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu", outputs=mrml.OutputNodes(score=other.nodes.score))
+    again = logic.process(a, a_mask, modelPath=tiny_bundle, device="cpu",
+                          outputs=mrml.OutputNodes(score=other.nodes.score))
     assert again.nodes.score is first.nodes.score and again.nodes.segmentation is first.nodes.segmentation
     assert mrml.node_ids(scene) == before

@@ -459,8 +459,8 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
     except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
         log.warning("The outputs of %s are incomplete or unreadable (%s); scoring it again.", item.name, one_line(exc))
         return None
-    if (earlier is None or earlier_time < outputs_time
-            or any(earlier.get(k) is None for k in set(SUMMARY_FIELDS) - {"components"}) or not earlier["image_sha256"]):
+    if (earlier is None or earlier_time < outputs_time or not earlier.get("image_sha256")
+            or any(earlier.get(k) is None for k in set(SUMMARY_FIELDS) - {"components"})):
         unknown.append(item.name)
         return None
     try:

@@ -150,7 +150,8 @@ def _safetensors_metadata(p: Path) -> Dict[str, str]:
             try:
                 table = json.loads(fh.read(length).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                table, problem = None, f"unreadable header: {'nested too deeply' if isinstance(exc, RecursionError) else exc}"
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+                table, problem = None, f"unreadable header: {reason}"
     if problem is None:
         problem = _table_problem(table, size - 8 - length)
     if problem is not None:

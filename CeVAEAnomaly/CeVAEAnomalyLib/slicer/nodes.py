@@ -262,8 +262,9 @@ def _used_for_another(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolu
     scene = mask.GetScene()
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
         score = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-        if (score.GetAttribute(ROLE_ATTRIBUTE) == SCORE_ROLE and score.GetNodeReferenceID(MASK_REFERENCE) == mask.GetID()
-                and score.GetNodeReferenceID(SOURCE_REFERENCE) != volume.GetID()):
+        of_another = score.GetNodeReferenceID(SOURCE_REFERENCE) != volume.GetID()
+        if of_another and score.GetAttribute(ROLE_ATTRIBUTE) == SCORE_ROLE \
+                and score.GetNodeReferenceID(MASK_REFERENCE) == mask.GetID():
             return True
     return False
 
