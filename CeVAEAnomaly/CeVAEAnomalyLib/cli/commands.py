@@ -181,9 +181,9 @@ def run_calibrate(args: argparse.Namespace) -> Path:
                          f"0.001), got {args.default_fpr:g}.")
     subjects = _healthy_subjects(args, "calibration")
     src = _model(args)[0]
-    refuse_misnamed(args.out, "model", "a .cevae bundle", ".cevae")
     check_paths([args.out], args.overwrite,  # before hashing the volumes: an existing --out is refused at once
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
+    refuse_misnamed(args.out, "model", "a .cevae bundle", ".cevae")
     subjects = unique_subjects(subjects, {s.image: sha256_of(s.image) for s in subjects})  # a repeat counts once
     bundle = load_bundle(src, resolve_device(request.run.device))
     opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
@@ -210,8 +210,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     else:
         raise CeVAEError("Give --cases CSV or --score (with --gt for a lesion case).")
     if args.out:
-        refuse_misnamed(args.out, "metrics table", "CSV text", ".csv")
         check_paths([args.out], args.overwrite, [args.cases, *(Path(r[k]) for r in rows for k in ROLES if r[k])])
+        refuse_misnamed(args.out, "metrics table", "CSV text", ".csv")
     cases, pooled = evaluate_files(rows)
     for c in cases:
         print(f"{c.name}: AUROC {_figure(c.auroc)}  AUPRC {_figure(c.auprc)}  best Dice {_figure(c.best_dice)}"

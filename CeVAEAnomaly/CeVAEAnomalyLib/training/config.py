@@ -133,9 +133,9 @@ class TrainConfig:
         if self.out.is_dir():
             raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")
-        refuse_misnamed(self.out, "model", "a .cevae bundle", ".cevae")
         outputs = (self.out, self.checkpoint_path, self.log_path)
         check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
+        refuse_misnamed(self.out, "model", "a .cevae bundle", ".cevae")
         if self.cache_dir is not None:
             cache = Path(os.path.abspath(self.cache_dir))
             for path in (*outputs, lock_path(self.out)):
@@ -166,14 +166,15 @@ class SettingError(CeVAEError):
 
 
 def _is_run_log(path: Path) -> bool:
-    """Whether ``path`` starts as a training run's loss log (:data:`LOG_HEADER`), or is empty (a run killed before
-    it wrote its header); a file of another kind under its name is never replaced without ``--overwrite``."""
+    """Whether ``path`` starts as a training run's loss log (its header's first columns, :data:`LOG_HEADER`; earlier
+    versions had fewer after them), or is empty (a run killed before it wrote its header); a file of another kind
+    under its name is never replaced without ``--overwrite``."""
     try:
         with open(path, "rb") as fh:
             first = fh.readline(4096)
     except OSError:
         return False
-    return first in (b"",) or first.rstrip(b"\r\n") == ",".join(LOG_HEADER).encode()
+    return first == b"" or first.rstrip(b"\r\n").split(b",")[:2] == [name.encode() for name in LOG_HEADER[:2]]
 
 
 def _at_least_one(setting: str, value: int) -> None:
