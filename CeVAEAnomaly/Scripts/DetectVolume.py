@@ -10,15 +10,17 @@ because Slicer loads every ``.py`` file of the module folder itself as a module)
 The volume is loaded into an MRML scene through a storage node, processed by
 ``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry:
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
-``<name>_components.csv`` and ``<name>_slices.csv`` (the names of ``cevae-anomaly batch``).
-All files are written or none.
-Exit status 0 on success; otherwise 1 (2 for bad arguments) with a one-line message; also when the
-library cannot be imported, so that a headless Slicer always quits.
+``<name>_components.csv`` and ``<name>_slices.csv`` (the ``NAME_<role>`` names of ``cevae-anomaly batch``,
+which writes the first, second and last of them). All files are written or none. Relative paths are taken
+from the working directory (Slicer itself would read them from its scene folder).
+Exit status 0 on success; otherwise 1 (2 for bad arguments or option values, 130 when interrupted) with a
+one-line message; also when the library cannot be imported, so that a headless Slicer always quits.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from dataclasses import replace
@@ -189,7 +191,17 @@ def _progress(fraction: float, message: str) -> None:
     log.info("%3d%% %s", round(100 * fraction), message)
 
 
+def absolute_paths(args: argparse.Namespace) -> None:
+    """The path arguments made absolute from the working directory: a storage node in Slicer's scene reads a
+    relative file name from the scene's root folder (Documents by default), not from where the command ran.
+    (``abspath``, not ``resolve``: a link's own name still names the outputs.)"""
+    for name in ("input", "mask", "model", "output_dir"):
+        if getattr(args, name) is not None:
+            setattr(args, name, Path(os.path.abspath(getattr(args, name))))
+
+
 def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
+    absolute_paths(args)
     request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
     from CeVAEAnomalyLib.data import default_model_path
@@ -230,14 +242,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        DetectionRequest.from_args(args)  # a bad option value is a bad argument too
     except SystemExit as exc:  # argparse printed the usage (and the problem)
         return int(exc.code or 0)
+    except CeVAEError as exc:
+        print(f"DetectVolume: error: {one_line(exc)} (see DetectVolume.py --usage)", file=sys.stderr)
+        return 2
     scene = slicer.mrmlScene if inside_slicer else plain_scene()
     try:
         run(args, scene)
     except CeVAEError as exc:
         print(f"DetectVolume: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: still an exit status, so that a headless Slicer quits
+        print("DetectVolume: interrupted; nothing was written.", file=sys.stderr)
+        return 130
     except Exception as exc:  # a bug, not a user error: keep the traceback for the report
         traceback.print_exc()
         print(f"DetectVolume: unexpected error ({type(exc).__name__}): {one_line(exc)}", file=sys.stderr)
@@ -254,4 +273,9 @@ def _exit(status: int) -> None:
 
 
 if __name__ == "__main__":
-    _exit(main(sys.argv[1:]))
+    try:
+        status = main(sys.argv[1:])
+    except BaseException:  # noqa: BLE001 - whatever ends the script, a headless Slicer must quit with a status
+        traceback.print_exc()
+        status = 1
+    _exit(status)

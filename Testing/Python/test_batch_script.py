@@ -92,7 +92,8 @@ def test_batch_refuses_to_overwrite_without_the_flag(oblique_head, tmp_path):
 
 def test_batch_rejects_bad_arguments_in_one_line(tmp_path):
     for args, problem in [(("--output-dir", tmp_path, "--score-type", "best"), "--score-type"),
-                          (("--input", tmp_path / "x.nii.gz"), "--output-dir")]:
+                          (("--input", tmp_path / "x.nii.gz"), "--output-dir"),
+                          (("--input", tmp_path / "x.nii.gz", "--output-dir", tmp_path, "--fpr", "2"), "--fpr")]:
         proc = run_batch(*args)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
@@ -127,11 +128,42 @@ print("APPLICATION EXIT STATUS", App.status)
 '''
 
 
-def run_in_headless_slicer(tmp_path, *args, setup=""):
+def run_in_headless_slicer(tmp_path, *args, setup="", cwd=None):
     runner = tmp_path / "headless_slicer.py"
     runner.write_text(HEADLESS_SLICER.format(setup=setup))
     return subprocess.run([sys.executable, str(runner), str(SCRIPT), *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="2"))
+
+
+def test_relative_paths_are_read_from_where_the_command_ran_not_from_slicers_scene_folder(
+        oblique_head, tiny_bundle, tmp_path):
+    """Slicer's scene reads a relative file name from its root folder (Documents by default): there the input
+    would be missing (a misleading "could not be read") or another file of that name."""
+    image_path, mask_path = oblique_head
+    work = tmp_path / "work"
+    work.mkdir()
+    for path in (image_path, mask_path):
+        (work / path.name).write_bytes(path.read_bytes())
+    elsewhere = tmp_path / "Documents"
+    elsewhere.mkdir()
+    setup = (f"scene = slicer.vtkMRMLScene()\nscene.SetRootDirectory({str(elsewhere)!r})\n"
+             "slicer.mrmlScene = scene")
+    proc = run_in_headless_slicer(tmp_path, "--input", image_path.name, "--mask", mask_path.name, "--model",
+                                  tiny_bundle, "--output-dir", "results", "--device", "cpu", setup=setup, cwd=work)
+    assert proc.stdout.strip().splitlines()[-1] == "APPLICATION EXIT STATUS 0", proc.stderr
+    assert sorted(p.name for p in (work / "results").iterdir()) == sorted(OUTPUTS)
+
+
+def test_an_interrupted_run_quits_headless_slicer(tmp_path):
+    setup = ("slicer.mrmlScene = slicer.vtkMRMLScene()\nimport CeVAEAnomalyLib.slicer.logic as logic\n"
+             "def interrupted(*args, **kwargs):\n    raise KeyboardInterrupt\n"
+             "logic.CeVAEAnomalyLogic.process = interrupted")
+    image, _ = make_head(seed=3)
+    sitk.WriteImage(image, str(tmp_path / "head.nrrd"))
+    proc = run_in_headless_slicer(tmp_path, "--input", tmp_path / "head.nrrd", "--output-dir", tmp_path / "out",
+                                  setup=setup)
+    assert proc.stdout.strip().splitlines()[-1] == "APPLICATION EXIT STATUS 130", proc.stderr
+    assert "DetectVolume: interrupted; nothing was written." in proc.stderr
 
 
 def test_a_library_that_fails_to_import_quits_headless_slicer_with_an_error(tmp_path):
