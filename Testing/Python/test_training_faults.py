@@ -602,6 +602,25 @@ def test_a_fresh_run_stopped_before_its_first_checkpoint_keeps_the_earlier_runs_
     assert [int(r["step"]) for r in rows] == [EVERY]
 
 
+def test_a_fresh_run_stopped_after_its_first_checkpoint_leaves_no_earlier_bundle_beside_its_files(manifest, tmp_path):
+    """--overwrite over a finished run, stopped after the new run's first checkpoint: its checkpoint and log replace
+    the earlier run's, and the earlier bundle goes too (a detect --model would have used it silently)."""
+    out = tmp_path / "model.cevae"
+    assert main(train_argv(manifest, out, EVERY)) == 0
+    again = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY, seed=5)  # (the command checked --overwrite)
+    real_step = again.opt.step
+
+    def interrupted_after_the_first_checkpoint():
+        real_step()
+        if again.step == EVERY + 2:
+            raise KeyboardInterrupt
+
+    again.opt.step = interrupted_after_the_first_checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        again.run()
+    assert not out.exists() and checkpoint_step(out.with_name(out.name + ".ckpt")) == EVERY
+
+
 
 def _worker_signal_handlers() -> tuple:
     return signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM).__name__

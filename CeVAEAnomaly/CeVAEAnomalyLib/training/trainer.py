@@ -61,11 +61,11 @@ def _own_randomness(device: torch.device, seed: int) -> Iterator[None]:
 class _RunLog:
     """The loss log, ``OUT.log.csv``. A fresh run over an earlier run's log holds its rows in memory until its first
     checkpoint replaces the earlier run's, so that a run stopped before that leaves the earlier run's files (bundle,
-    checkpoint, log) together."""
+    checkpoint, log) together; from then on the earlier bundle is removed (``bundle``), so that no model sits beside
+    a checkpoint and log of another run."""
 
-
-    def __init__(self, path: Path, fresh: bool) -> None:
-        self.path = path
+    def __init__(self, path: Path, fresh: bool, bundle: Path) -> None:
+        self.path, self._bundle = path, bundle
         self._held: Optional[io.StringIO] = io.StringIO() if fresh and path.exists() else None
         self._file = self._held if self._held is not None else open(path, "a", newline="")
         self._writer = csv.writer(self._file)
@@ -81,6 +81,7 @@ class _RunLog:
         """This run has a checkpoint now: its rows replace the earlier run's log."""
         if self._held is not None:
             rows, self._held = self._held.getvalue(), None
+            self._bundle.unlink(missing_ok=True)  # the earlier run's: this run's replaces it at the end
             self._file = open(self.path, "w", newline="")
             self._file.write(rows)
             self._file.flush()
@@ -401,7 +402,7 @@ class Trainer:
         start = self._started = time.perf_counter()
         batches = self.batches()
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume) if self.dist.main else None
+        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume, bundle=cfg.out) if self.dist.main else None
         t_last, steps_since = time.perf_counter(), 0
         try:
             while self.step < cfg.max_steps and not any_rank(self.dist, time.perf_counter() >= deadline,
