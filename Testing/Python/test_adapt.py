@@ -315,6 +315,9 @@ def test_the_command_refuses_too_few_scans_another_contrast_and_models_it_cannot
     copy = tmp_path / "copy_of_a.nii.gz"
     copy.write_bytes(site["a"].read_bytes())  # the same scan under another name counts once
     assert "at least 2" in _refusal(capsys, ["adapt", str(site["a"]), str(copy), *common])
+    saved_again = tmp_path / "a_saved_again.nrrd"  # the same voxels in another format: other bytes, one scan
+    sitk.WriteImage(sitk.ReadImage(str(site["a"])), str(saved_again))
+    assert "at least 2" in _refusal(capsys, ["adapt", str(site["a"]), str(saved_again), *common])
     err = _refusal(capsys, ["adapt", str(site["a"]), str(site["reversed"]), *common])
     assert "another contrast" in err and "reversed" in err and "scan_a" not in err.split("T1 scans:")[1].split(";")[0]
     untrained = replace(read_header(tiny_bundle), training=None)  # e.g. converted from elsewhere

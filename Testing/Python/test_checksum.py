@@ -56,3 +56,17 @@ def test_a_numbered_data_file_pattern_is_hashed_by_the_files_that_exist_in_one_l
     assert sha256_of(header) == before
     (tmp_path / "slice002.raw").write_bytes(bytes([9] * 4))
     assert sha256_of(header) != before
+
+
+def test_the_same_voxels_in_two_formats_have_one_voxel_digest_and_two_file_digests(tmp_path):
+    from CeVAEAnomalyLib.io.checksum import voxel_sha256
+
+    image = sitk.GetImageFromArray(np.arange(8 * 9 * 10, dtype=np.float32).reshape(8, 9, 10))
+    image.SetSpacing((1.0, 1.5, 2.0))
+    for name in ("scan.nii.gz", "scan.nrrd"):
+        sitk.WriteImage(image, str(tmp_path / name))
+    a, b = tmp_path / "scan.nii.gz", tmp_path / "scan.nrrd"
+    assert sha256_of(a) != sha256_of(b) and voxel_sha256(a) == voxel_sha256(b)
+    image.SetSpacing((1.0, 1.5, 2.5))  # the same values on another grid: another scan
+    sitk.WriteImage(image, str(b))
+    assert voxel_sha256(a) != voxel_sha256(b)

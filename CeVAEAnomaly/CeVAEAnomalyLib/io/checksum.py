@@ -28,6 +28,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def voxel_sha256(path: Path) -> str:
+    """Hex sha256 of the volume ``path`` holds: its voxels (type and values) and grid, whatever the file format or
+    compression (the same scan saved as .nii.gz and .nrrd gives one digest; its files' :func:`sha256_of` differ)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .images import read_image
+
+    image = read_image(path)
+    digest = hashlib.sha256()
+    digest.update(repr((image.GetSize(), image.GetPixelIDTypeAsString())).encode())
+    digest.update(np.round(np.array([*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection()]), 4).tobytes())
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+    return digest.hexdigest()
+
+
 def _data_files(path: Path) -> List[Path]:
     """The existing regular files that reading the volume file ``path`` also opens, once each (by file identity:
     on a case-insensitive file system ``x.img`` and ``x.IMG`` are one file), in a fixed order."""

@@ -24,7 +24,7 @@ from ..engine.config import PreprocessConfig
 from ..engine.header import BundleHeader, read_header
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
-from ..io.checksum import sha256_of
+from ..io.checksum import sha256_of, voxel_sha256
 from ..io.lock import hold_output
 from ..io.manifest import Subject, check_volume_path
 from ..io.naming import refuse_misnamed
@@ -56,7 +56,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     header = read_header(base)
     _check_adaptable(header, base)
     checksums = _checksums(subjects)
-    subjects = unique_subjects(subjects, checksums)
+    # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
+    subjects = unique_subjects(subjects, {s.image: voxel_sha256(s.image) for s in subjects})
     plan = fold_plan(len(subjects), options.folds)  # refuses too few different scans
     log.info("%s", describe_estimate(len(subjects), options.device, options))
     runs = run_names(len(subjects), options.folds)
