@@ -174,7 +174,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
             raise CeVAEError(f"Case {name} ({files}): {exc}") from None
         cases.append(metrics)
         arrays.append((scores, labels))
-        log.info("Evaluated %s: AUROC %.4f, AUPRC %.4f", name, metrics.auroc, metrics.auprc)
+        log.info("Evaluated %s: AUROC %s, AUPRC %s", name, *(_shown(v) for v in (metrics.auroc, metrics.auprc)))
     return cases, pooled_metrics(arrays)
 
 
@@ -353,6 +353,11 @@ def _slice_arrays(
     has_lesion = (truth & inside).any(axis=others)
     keep = inside.any(axis=others)
     return slice_max[keep], has_lesion[keep]
+
+
+def _shown(value: float) -> str:
+    """A figure for the log: 4 decimals, or n/a where it is undefined (as the console prints it)."""
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
 def _cell(value: object) -> str:
