@@ -174,7 +174,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
             raise CeVAEError(f"Case {name} ({files}): {exc}") from None
         cases.append(metrics)
         arrays.append((scores, labels))
-        log.info("Evaluated %s: AUROC %s, AUPRC %s", name, *(_shown(v) for v in (metrics.auroc, metrics.auprc)))
+        log.info("Evaluated %s: AUROC %s, AUPRC %s", name, *(figure(v) for v in (metrics.auroc, metrics.auprc)))
     return cases, pooled_metrics(arrays)
 
 
@@ -355,8 +355,9 @@ def _slice_arrays(
     return slice_max[keep], has_lesion[keep]
 
 
-def _shown(value: float) -> str:
-    """A figure for the log: 4 decimals, or n/a where it is undefined (as the console prints it)."""
+def figure(value: float) -> str:
+    """A metric as the console and the log show it: 4 decimals, or n/a where it is undefined (no lesion, or no
+    healthy voxel)."""
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 

@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import importlib.util
 import logging
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Tuple
@@ -195,7 +194,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
 def run_evaluate(args: argparse.Namespace) -> None:
     """Print (and optionally write) metrics of score maps against ground truth."""
     _require_research("evaluate", ("CeVAEAnomalyResearch",))
-    from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, write_metrics_csv
+    from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, figure, write_metrics_csv
     from ..io.manifest import read_rows
     from ..io.targets import check_paths
 
@@ -214,20 +213,15 @@ def run_evaluate(args: argparse.Namespace) -> None:
         refuse_misnamed(args.out, "metrics table", "CSV text", ".csv")
     cases, pooled = evaluate_files(rows)
     for c in cases:
-        print(f"{c.name}: AUROC {_figure(c.auroc)}  AUPRC {_figure(c.auprc)}  best Dice {_figure(c.best_dice)}"
+        print(f"{c.name}: AUROC {figure(c.auroc)}  AUPRC {figure(c.auprc)}  best Dice {figure(c.best_dice)}"
               + (f"  Dice@labelmap {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
-              + (f"  slice AUROC {_figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
+              + (f"  slice AUROC {figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
               + (f"  flagged {c.flagged_ml:.2f} ml" if c.flagged_ml is not None else ""))
-    print(f"pooled: AUROC {_figure(pooled['auroc'])}  AUPRC {_figure(pooled['auprc'])}  "
-          f"best Dice {_figure(pooled['best_dice'])}")
+    print(f"pooled: AUROC {figure(pooled['auroc'])}  AUPRC {figure(pooled['auprc'])}  "
+          f"best Dice {figure(pooled['best_dice'])}")
     if args.out:
         write_metrics_csv(args.out, cases, pooled, args.overwrite)
         log.info("Metrics written to %s.", args.out)
-
-
-def _figure(value: float) -> str:
-    """A metric for the console: 4 decimals, or n/a where it is undefined (no lesion, or no healthy voxel)."""
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
 def run_demo(args: argparse.Namespace) -> None:
