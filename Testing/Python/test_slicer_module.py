@@ -650,7 +650,8 @@ def test_every_entry_point_refuses_a_bad_option_with_one_message(scene_with_head
     script = subprocess.run([sys.executable, str(REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py"), "--input",
                              str(tmp_path / "head.nrrd"), "--output-dir", str(out), "--batch-size", "0"],
                             capture_output=True, text=True, timeout=300)
-    assert script.returncode == 1 and script.stderr.strip().splitlines()[-1] == f"DetectVolume: error: {message}"
+    assert script.returncode == 2  # a bad argument, as the command line's
+    assert script.stderr.strip().splitlines()[-1] == f"DetectVolume: error: {message} (see DetectVolume.py --usage)"
     assert not out.exists()
 
 
