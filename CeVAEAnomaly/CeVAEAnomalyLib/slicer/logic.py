@@ -340,7 +340,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             _removeFolder(folder)
             raise
         self._targets[job] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, _geometry(volumeNode),
-                                                  maskNode)
+                                              maskNode)
         return job
 
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:

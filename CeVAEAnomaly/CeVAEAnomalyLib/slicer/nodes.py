@@ -240,9 +240,9 @@ def mask_for_input(volume: slicer.vtkMRMLScalarVolumeNode, current: Optional[sli
                    ) -> Optional[slicer.vtkMRMLNode]:
     """The brain mask the panel shows when ``volume`` becomes the input (a labelmap or segmentation: the panel's
     mask field holds no other kind): the one its latest run used (still in the scene), else ``current`` if it can
-    be this volume's, else None (the automatic mask). ``current`` cannot be when
-    another input's run used it; a labelmap can be when it lies on the volume's grid, a segmentation when the
-    volume it was drawn on (if any) does. So another scan's mask is not carried over to this one."""
+    be this volume's, else None (the automatic mask). ``current`` cannot be when another input's run used it; a
+    labelmap can be when it lies on the volume's grid, a segmentation when the volume it was drawn on (if any)
+    does. So another scan's mask is not carried over to this one."""
     scene = volume.GetScene()
     score = find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume) if scene is not None else None
     used = score.GetNodeReference(MASK_REFERENCE) if score is not None else None
