@@ -79,6 +79,16 @@ def test_two_ranks_train_one_model_and_resume(cohort):
     assert read_header(bundle).training["steps"] == 6
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["m.cevae", "m.cevae.ckpt", "m.cevae.log.csv"]
 
+    # the resumed run is the uninterrupted one, bit for bit: every rank's random streams were checkpointed (rank
+    # 1's used to be drawn anew, so the weights parted from step 5 on)
+    straight = cohort / "straight"
+    straight.mkdir()
+    for f in cohort.glob("h*.nii.gz"):
+        (straight / f.name).write_bytes(f.read_bytes())
+    (straight / "train.csv").write_text((cohort / "train.csv").read_text())
+    out = torchrun_train(straight, "--max-steps", "6")
+    assert rank_checksums(out)[0] == sums2[0]
+
 
 def test_single_forward_computes_both_branches():
     """DDP needs one forward per step: model(x, x_corrupted) must equal the two branches run apart."""

@@ -62,6 +62,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def gather_objects(info: DistInfo, value: object) -> List[object]:
+    """Every rank's ``value``, in rank order, on every rank (a collective: all ranks call it together)."""
+    if info.world <= 1:
+        return [value]
+    out: List[object] = [None] * info.world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any (so all ranks stop at the same step)."""
     if info.world <= 1:

@@ -36,8 +36,8 @@ from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_check
                          truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, split_subjects, unique_subjects, volumes_to_hold_out
-from .distributed import (any_rank, barrier, check_replicas, file_checksums, init_distributed, rank_seed,
-                          shutdown_distributed)
+from .distributed import (any_rank, barrier, check_replicas, file_checksums, gather_objects, init_distributed,
+                          rank_seed, shutdown_distributed)
 from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
 from .sampler import EpochSampler
 
@@ -290,7 +290,15 @@ class Trainer:
         return f"The last good checkpoint (step {self.saved_step}) is kept at {self.cfg.checkpoint_path}."
 
     def save_checkpoint(self) -> None:
-        """Write the resumable state atomically; refuse weights that are no longer finite."""
+        """Every rank: gather the ranks' random streams (a collective), then rank 0 writes the resumable state."""
+        streams = gather_objects(self.dist, {"gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                             "device_rng": _device_rng(self.device)})
+        self._write_checkpoint(streams)
+        self.saved_step = self.step
+
+    def _write_checkpoint(self, streams: List[Dict[str, object]]) -> None:
+        """(Rank 0) write the resumable state atomically, with every rank's random ``streams``; refuse weights that
+        are no longer finite."""
         if not self.dist.main:
             return
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
@@ -303,13 +311,13 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "offset": self.offset,
             "batch_size": self.batch_size, "world": self.dist.world,
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "device_rng": _device_rng(self.device),
+            "rank_streams": streams[1:],  # the other ranks' (rank 1 first)
             "seconds": self.seconds_before + (time.perf_counter() - self._started if self._started else 0.0),
             "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(),
         }
         if self.fp16:
             state["scaler"] = self.scaler.state_dict()
         write_checkpoint(state, self.cfg.checkpoint_path)
-        self.saved_step = self.step
 
     def run_identity(self) -> Dict[str, object]:
         """This run's options (preprocessing included), volumes and split, as checkpoints record them; made once
@@ -328,10 +336,13 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["opt"])
-            if self.dist.main:
-                self.gen.set_state(state["gen"])
-                torch.set_rng_state(state["torch_rng"])
-                _set_device_rng(self.device, state.get("device_rng"))
+            others = state.get("rank_streams")  # (earlier checkpoints held rank 0's alone)
+            fits = isinstance(others, list) and len(others) == self.dist.world - 1
+            own = state if self.dist.main else others[self.dist.rank - 1] if fits else None
+            if own is not None:
+                self.gen.set_state(own["gen"])
+                torch.set_rng_state(own["torch_rng"])
+                _set_device_rng(self.device, own.get("device_rng"))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             raise damaged(path, f"its weights or states do not fit this run: {type(exc).__name__}") from None
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
@@ -350,7 +361,7 @@ class Trainer:
                         "becomes %d and the current epoch starts over.", saved_world, self.dist.world,
                         self.batch_size * self.dist.world)
             self.offset = 0
-        if not self.dist.main:  # other ranks keep their own streams, offset by rank (rank 0's are restored above)
+        if own is None:  # a rank whose streams the checkpoint lacks draws new ones, offset by rank and step
             self.gen.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
         self.saved_step = self.step
@@ -413,10 +424,12 @@ class Trainer:
                 self.step += 1
                 steps_since += 1
                 val = ""
-                if (self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps) and self.dist.main:
-                    val = self.validate()
-                    self.save_checkpoint()
-                    run_log.publish()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    if self.dist.main:
+                        val = self.validate()
+                    self.save_checkpoint()  # (every rank: their random streams are gathered)
+                    if run_log:
+                        run_log.publish()
                 if run_log and (self.step % 10 == 0 or val != ""):
                     now = time.perf_counter()
                     rate = steps_since * self.batch_size * self.dist.world / max(now - t_last, 1e-9)
