@@ -78,6 +78,27 @@ def test_outputs_named_like_images_or_compressed_are_refused_before_any_work(tmp
     assert not (tmp_path / "cal.nrrd").exists() and not (tmp_path / "m.csv.gz").exists()
 
 
+def test_calibrate_warns_of_scans_the_model_was_trained_on(tmp_path, tiny_bundle, healthy_manifest, caplog):
+    from dataclasses import replace
+
+    from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+
+    scan = tmp_path / "h.nii.gz"
+    header = read_header(tiny_bundle)
+    trained = replace(header, training=dict(header.training or {}, subjects=[{"name": "h", "sha256": sha256_of(scan)}]))
+    model = save_bundle(tmp_path / "trained_on_h.cevae", load_bundle(tiny_bundle).model, trained)
+    with caplog.at_level(logging.WARNING):
+        assert main(["calibrate", "--manifest", str(tmp_path / "healthy.csv"), "--model", str(model),
+                     "--out", str(tmp_path / "cal.cevae"), "--device", "cpu"]) == 0
+    assert f"{scan} is among the model's training volumes" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["calibrate", "--manifest", str(tmp_path / "healthy.csv"), "--model", str(tiny_bundle),
+                     "--out", str(tmp_path / "cal2.cevae"), "--device", "cpu"]) == 0
+    assert "training volumes" not in caplog.text
+
+
 def test_a_scan_listed_twice_calibrates_once(tmp_path, tiny_bundle, healthy_manifest, caplog):
     """The same content under two names (a copy) would weigh one brain twice in the healthy quantiles."""
     import logging

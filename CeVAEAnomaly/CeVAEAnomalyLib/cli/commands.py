@@ -183,8 +183,10 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     check_paths([args.out], args.overwrite,  # before hashing the volumes: an existing --out is refused at once
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
     refuse_misnamed(args.out, "model", "a .cevae bundle", ".cevae")
-    subjects = unique_subjects(subjects, {s.image: sha256_of(s.image) for s in subjects})  # a repeat counts once
+    checksums = {s.image: sha256_of(s.image) for s in subjects}
+    subjects = unique_subjects(subjects, checksums)  # a repeat counts once
     bundle = load_bundle(src, resolve_device(request.run.device))
+    _warn_training_scans(bundle.header, subjects, checksums)
     opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
     path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr, run=request.run)
     log.info("Calibrated bundle written to %s (%d healthy volume(s)).", path, len(subjects))
@@ -269,6 +271,18 @@ def run_batch(args: argparse.Namespace) -> None:
     if failed:
         raise CeVAEError(f"{failed} of {len(items)} volume(s) failed; the reasons are in the 'error' column of "
                          f"{summary.path}. The others are done, and a rerun retries only the failed ones.")
+
+
+def _warn_training_scans(header, subjects, checksums) -> None:
+    """Warn of healthy scans the model was trained on (the same file content as a training volume its header
+    records): they score lower than new scans, so thresholds calibrated on them flag more of a new scan."""
+    training = header.training if isinstance(header.training, dict) else {}
+    trained = {r.get("sha256") for r in training.get("subjects") or () if isinstance(r, dict)}
+    seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
+    if seen:
+        log.warning("%s %s among the model's training volumes: scans a model learned from score lower than new ones, "
+                    "so a calibration on them flags more of a new scan. Calibrate on healthy scans it did not see.",
+                    ", ".join(seen), "is" if len(seen) == 1 else "are")
 
 
 def _warn_modality(image) -> None:
