@@ -115,3 +115,16 @@ def test_voxel_volume_ml():
     image = sitk.Image(8, 8, 8, sitk.sitkUInt8)
     image.SetSpacing((0.5, 2.0, 4.0))
     assert voxel_volume_ml(image) == pytest.approx(0.004)
+
+
+def test_distinct_names_lead_repeated_stems_with_their_folders():
+    """The names a bundle records for its volumes (training subjects, an adaptation's site scans and folds): a
+    BIDS layout's T1w.nii.gz files were all 'T1w'."""
+    from CeVAEAnomalyLib.io.manifest import distinct_names
+
+    bids = [Path("/d/sub-01/anat/T1w.nii.gz"), Path("/d/sub-02/anat/T1w.nii.gz"), Path("/d/other/colin.nii.gz")]
+    assert list(distinct_names(bids).values()) == ["sub-01/anat/T1w", "sub-02/anat/T1w", "colin"]
+    sessions = [Path("/a/s1/ses-1/T1w.nii.gz"), Path("/a/s1/ses-2/T1w.nii.gz"), Path("/a/s2/ses-1/T1w.nii.gz")]
+    names = distinct_names(sessions)
+    assert len(set(names.values())) == 3 and all(n.endswith("T1w") for n in names.values())
+    assert distinct_names([Path("/x/a.nii.gz"), Path("/y/b.nrrd")]) == {Path("/x/a.nii.gz"): "a", Path("/y/b.nrrd"): "b"}

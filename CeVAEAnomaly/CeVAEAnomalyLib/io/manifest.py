@@ -22,6 +22,24 @@ from .naming import file_stem
 log = logging.getLogger(__name__)
 
 
+def distinct_names(images: Sequence[Path]) -> Dict[Path, str]:
+    """A name for each volume that tells it from the others: its file stem, led by as many of its folders as it
+    takes where stems repeat (a BIDS layout's ``sub-01/anat/T1w.nii.gz`` and ``sub-02/anat/T1w.nii.gz`` give
+    ``sub-01/anat/T1w`` and ``sub-02/anat/T1w``)."""
+    names: Dict[Path, str] = {}
+    for image in dict.fromkeys(images):
+        names[image] = file_stem(image)
+    for depth in range(1, 1 + max((len(Path(p).parts) for p in names), default=0)):
+        repeated = {n for n in names.values() if list(names.values()).count(n) > 1}
+        if not repeated:
+            break
+        for image, name in names.items():
+            if name in repeated:
+                parts = Path(image).parent.parts[-depth:]
+                names[image] = "/".join([*parts, file_stem(image)])
+    return names
+
+
 @dataclass(frozen=True)
 class Subject:
     """One healthy volume and its optional brain mask."""

@@ -26,7 +26,7 @@ from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of, voxel_sha256
 from ..io.lock import hold_output
-from ..io.manifest import Subject, check_volume_path
+from ..io.manifest import Subject, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
@@ -146,10 +146,11 @@ def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
 def _record(header: BundleHeader, base: Path, subjects: Sequence[Subject], checksums: Dict[Path, str],
             plan: List[List[int]], contrasts: Sequence[float], options: AdaptOptions) -> Dict[str, Any]:
     """The ``adaptation`` section of the adapted bundle's header."""
-    names = [s.name for s in subjects]
+    distinct = distinct_names([s.image for s in subjects])
+    names = [distinct[s.image] for s in subjects]
     return {
         "parent": {"name": header.name, "file": base.name, "sha256": sha256_of(base)},
-        "site_scans": subject_records(subjects, checksums),
+        "site_scans": subject_records(subjects, checksums, distinct),
         "folds": [{"held_out": [names[j] for j in held], "trained_on": [n for j, n in enumerate(names) if j not in held]}
                   for held in plan],
         "calibration": "each site scan scored by the fold model fine-tuned without it; the final model is "

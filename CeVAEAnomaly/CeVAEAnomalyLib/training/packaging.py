@@ -77,9 +77,11 @@ def with_contrast(header: BundleHeader, contrasts: Sequence[Optional[float]]) ->
                                                                "scan_depth_contrast": list(contrasts)}))
 
 
-def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> List[Dict[str, Optional[str]]]:
-    """Name and sha256 of each volume, and of its brain mask (None: the mask was computed automatically)."""
-    return [{"name": s.name, "sha256": checksums[s.image],
+def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
+                    names: Optional[Dict[Path, str]] = None) -> List[Dict[str, Optional[str]]]:
+    """Name (``names``, e.g. :func:`~..io.manifest.distinct_names`; else the file stem) and sha256 of each volume,
+    and of its brain mask (None: the mask was computed automatically)."""
+    return [{"name": (names or {}).get(s.image, s.name), "sha256": checksums[s.image],
              "mask_sha256": checksums[s.mask] if s.mask is not None else None} for s in subjects]
 
 

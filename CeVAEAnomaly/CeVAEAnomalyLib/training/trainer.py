@@ -29,6 +29,7 @@ from ..engine.devices import resolve_device
 from ..engine.modality import depth_contrast
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
+from ..io.manifest import distinct_names
 from ..progress import ProgressCallback, report
 from .augment import augment
 from .cache import SliceCache, SliceSet
@@ -459,9 +460,10 @@ class Trainer:
     def record(self, elapsed: float) -> TrainingRecord:
         """How this run trained (the bundle header's ``training`` section)."""
         loss = self.validate()
+        names = distinct_names([s.image for s in (*self.train_subjects, *self.val_subjects)])
         return TrainingRecord(
-            subjects=subject_records(self.train_subjects, self.checksums),
-            validation_subjects=subject_records(self.val_subjects, self.checksums),
+            subjects=subject_records(self.train_subjects, self.checksums, names),
+            validation_subjects=subject_records(self.val_subjects, self.checksums, names),
             train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
             batch_size=min(self.batch_size, math.ceil(len(self.train) / self.dist.world)) * self.dist.world,
             lr=self.cfg.lr, seed=self.cfg.seed,
