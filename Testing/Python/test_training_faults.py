@@ -638,3 +638,21 @@ def test_pool_workers_leave_ctrl_c_to_the_main_process_and_clean_up_on_sigterm()
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=pool_worker_signals) as pool:
         assert pool.submit(_worker_signal_handlers).result(timeout=120) == (True, "raise_terminated")
+
+
+def test_a_run_resumed_with_another_learning_rate_records_its_parts_and_its_time(manifest, tmp_path):
+    """The header said lr 1e-4 for a run that trained most of its steps at 2e-4, and the log's seconds started
+    again from 0 after the resume."""
+    out = tmp_path / "model.cevae"
+    assert main(train_argv(manifest, out, EVERY, "--lr", "0.0002")) == 0
+    first = log_rows(out.with_name(out.name + ".log.csv"))
+    assert "parts" not in read_header(out).training  # one learning rate, one process: nothing more to say
+    assert main(train_argv(manifest, out, 2 * EVERY, "--lr", "0.0001", "--resume")) == 0
+    training = read_header(out).training
+    assert training["lr"] == 0.0001 and training["parts"] == [{"from_step": 0, "lr": 0.0002, "ranks": 1},
+                                                              {"from_step": EVERY, "lr": 0.0001, "ranks": 1}]
+    rows = log_rows(out.with_name(out.name + ".log.csv"))
+    seconds = [float(r["seconds"]) for r in rows]
+    assert seconds == sorted(seconds) and seconds[-1] > float(first[-1]["seconds"])
+    assert main(train_argv(manifest, out, 3 * EVERY, "--lr", "0.0001", "--resume")) == 0  # the same lr: no new part
+    assert len(read_header(out).training["parts"]) == 2

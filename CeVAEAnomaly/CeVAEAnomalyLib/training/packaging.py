@@ -44,6 +44,9 @@ class TrainingRecord:
     ranks: int
     augment: Dict[str, float]
     val_loss: Optional[float]  # None: no volume was held out
+    # a run resumed with another learning rate or number of ranks: from which step each held (lr, ranks above:
+    # the last part's); None when the whole run had one
+    parts: Optional[List[Dict[str, object]]] = None
 
 
 def training_header(name: str, preprocess: PreprocessConfig, loss: LossConfig,
@@ -53,7 +56,7 @@ def training_header(name: str, preprocess: PreprocessConfig, loss: LossConfig,
     from .. import __version__
 
     return BundleHeader(preprocess=preprocess, name=name, loss=loss, postprocess=RECOMMENDED_POSTPROCESS,
-                        training=asdict(training),
+                        training={k: v for k, v in asdict(training).items() if k != "parts" or v is not None},
                         extra={"versions": {"cevae_anomaly": __version__, "torch": torch.__version__,
                                             "python": platform.python_version()}})
 

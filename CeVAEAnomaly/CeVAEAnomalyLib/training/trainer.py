@@ -170,6 +170,7 @@ class Trainer:
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or resumed from
         self._validated: Optional[Tuple[int, float]] = None  # (step, validation loss) of the last validation
         self.seconds_before = 0.0  # training seconds of the parts of this run before a resume
+        self.parts: List[Dict[str, object]] = []  # from which step the run trained with which lr and ranks
         self._started: Optional[float] = None  # when this part's training loop started
         self._temp_cache: Optional[str] = None
         self.contrasts: List[Optional[float]] = []  # each training volume's depth contrast (engine/modality.py)
@@ -313,12 +314,17 @@ class Trainer:
             "batch_size": self.batch_size, "world": self.dist.world,
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "device_rng": _device_rng(self.device),
             "rank_streams": streams[1:],  # the other ranks' (rank 1 first)
+            "parts": self.parts or [self._part(0)],
             "seconds": self.seconds_before + (time.perf_counter() - self._started if self._started else 0.0),
             "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(),
         }
         if self.fp16:
             state["scaler"] = self.scaler.state_dict()
         write_checkpoint(state, self.cfg.checkpoint_path)
+
+    def _part(self, step: int) -> Dict[str, object]:
+        """This session's settings that a resume may change, from ``step`` on (the training record's ``parts``)."""
+        return {"from_step": step, "lr": self.cfg.lr, "ranks": self.dist.world}
 
     def run_identity(self) -> Dict[str, object]:
         """This run's options (preprocessing included), volumes and split, as checkpoints record them; made once
@@ -346,6 +352,12 @@ class Trainer:
                 _set_device_rng(self.device, own.get("device_rng"))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             raise damaged(path, f"its weights or states do not fit this run: {type(exc).__name__}") from None
+        parts = state.get("parts")
+        self.parts = list(parts) if isinstance(parts, list) and all(isinstance(p, dict) for p in parts) else [
+            {"from_step": 0, "lr": self.opt.param_groups[0]["lr"], "ranks": state.get("world", 1)}]  # (earlier)
+        now, last = self._part(state["step"]), self.parts[-1]
+        if (now["lr"], now["ranks"]) != (last.get("lr"), last.get("ranks")):
+            self.parts.append(now)  # resumed with another lr or number of ranks
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
             if group["lr"] != self.cfg.lr:
                 log.info("Learning rate %g (the checkpoint used %g).", self.cfg.lr, group["lr"])
@@ -436,7 +448,8 @@ class Trainer:
                     rate = steps_since * self.batch_size * self.dist.world / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
                     run_log.row([self.step, terms["loss"], terms.get("kl", ""), terms.get("rec_vae", ""),
-                                 terms.get("rec_ce", ""), val, round(now - start, 2), round(rate, 1)])
+                                 terms.get("rec_ce", ""), val, round(self.seconds_before + now - start, 2),
+                                 round(rate, 1)])
                 report(self.progress, self.step / cfg.max_steps,
                        f"step {self.step} loss {terms['loss']:.4f}")
             if self.step == 0:
@@ -468,7 +481,7 @@ class Trainer:
             batch_size=min(self.batch_size, math.ceil(len(self.train) / self.dist.world)) * self.dist.world,
             lr=self.cfg.lr, seed=self.cfg.seed,
             seconds=round(self.seconds_before + elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
-            val_loss=None if math.isnan(loss) else loss)
+            val_loss=None if math.isnan(loss) else loss, parts=self.parts if len(self.parts) > 1 else None)
 
     def _write_bundle(self, elapsed: float) -> Path:
         header = with_contrast(training_header(self.cfg.out.stem, self.pre, self.cfg.loss, self.record(elapsed)),
