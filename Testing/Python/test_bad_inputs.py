@@ -400,16 +400,21 @@ def complex_voxels(d: Path, g: Inputs) -> Inputs:
     return Inputs(write(like(arr.astype(np.complex64), image), d / "kspace.nii.gz"), g.mask, g.model)
 
 
-def negative_pixdim(d: Path, g: Inputs) -> Inputs:
-    """A float NIfTI whose pixdim[1] is negative (ITK's full read turns it into a flipped axis)."""
-    image, arr, _ = head_arrays(g)
-    path = write(like(arr.astype(np.float32), image), d / "negdim.nii")
-    raw = bytearray(path.read_bytes())
-    struct.pack_into("<f", raw, 80, -image.GetSpacing()[0])
-    path.write_bytes(bytes(raw))
-    mask = sitk.ReadImage(str(g.mask))
-    mask.CopyInformation(sitk.ReadImage(str(path)))
-    return Inputs(path, write(mask, d / "negdim_mask.nii.gz"), g.model)
+def negative_pixdim(sform: bool):
+    """A float NIfTI whose pixdim[1] is negative: ITK's full read turns it into a flipped axis, which other software
+    agrees with only without an sform (sform_code 0)."""
+    def build(d: Path, g: Inputs) -> Inputs:
+        image, arr, _ = head_arrays(g)
+        path = write(like(arr.astype(np.float32), image), d / "negdim.nii")
+        raw = bytearray(path.read_bytes())
+        struct.pack_into("<f", raw, 80, -image.GetSpacing()[0])
+        if not sform:
+            struct.pack_into("<h", raw, 254, 0)
+        path.write_bytes(bytes(raw))
+        mask = sitk.ReadImage(str(g.mask))
+        mask.CopyInformation(sitk.ReadImage(str(path)))
+        return Inputs(path, write(mask, d / "negdim_mask.nii.gz"), g.model)
+    return build
 
 
 def pixdim(value: float):
@@ -664,7 +669,10 @@ CASES: Dict[str, Case] = {
                                 r"report\.txt/score\.nii\.gz would be under .*report\.txt, which is a file"),
     "output named twice": Case(output_named_twice, REFUSED, r"score\.nii\.gz is named twice"),
     "complex voxels": Case(complex_voxels, REFUSED, r"kspace\.nii\.gz has complex-valued voxels"),
-    "negative pixdim, float NIfTI": Case(negative_pixdim, 0, r"Wrote"),
+    "negative pixdim, float NIfTI without an sform": Case(negative_pixdim(sform=False), 0, r"Wrote"),
+    "negative pixdim beside an sform (mirrored elsewhere)": Case(negative_pixdim(sform=True), REFUSED,
+                                                                 r"negdim\.nii gives a negative voxel size \(pixdim "
+                                                                 r"-1\.2\) along axis i beside an sform"),
     "pixdim 0 (a 1 mm grid by default)": Case(pixdim(0.0), REFUSED,
                                               r"pixdim\.nii gives a voxel size \(pixdim\) of 0 along axis i"),
     "a mask of every voxel (7.9 L)": Case(mask_of("all"), 0, r"The brain mask covers 7\.9 L, more than a brain"),

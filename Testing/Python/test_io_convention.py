@@ -127,4 +127,5 @@ def test_distinct_names_lead_repeated_stems_with_their_folders():
     sessions = [Path("/a/s1/ses-1/T1w.nii.gz"), Path("/a/s1/ses-2/T1w.nii.gz"), Path("/a/s2/ses-1/T1w.nii.gz")]
     names = distinct_names(sessions)
     assert len(set(names.values())) == 3 and all(n.endswith("T1w") for n in names.values())
-    assert distinct_names([Path("/x/a.nii.gz"), Path("/y/b.nrrd")]) == {Path("/x/a.nii.gz"): "a", Path("/y/b.nrrd"): "b"}
+    plain = [Path("/x/a.nii.gz"), Path("/y/b.nrrd")]
+    assert distinct_names(plain) == {plain[0]: "a", plain[1]: "b"}

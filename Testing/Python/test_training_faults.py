@@ -620,6 +620,16 @@ def test_a_fresh_run_stopped_after_its_first_checkpoint_leaves_no_earlier_bundle
         again.run()
     assert not out.exists() and checkpoint_step(out.with_name(out.name + ".ckpt")) == EVERY
 
+    out.write_bytes(b"a model written by calibrate or adapt: no log beside it")
+    out.with_name(out.name + ".log.csv").unlink()
+    out.with_name(out.name + ".ckpt").unlink()
+    again = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY, seed=6)
+    real_step = again.opt.step
+    again.opt.step = interrupted_after_the_first_checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        again.run()
+    assert not out.exists()
+
 
 
 def _worker_signal_handlers() -> tuple:

@@ -76,7 +76,7 @@ def _add_train(sub) -> None:
                    help="weight c of the context-encoding loss")
     t.add_argument("--rec-loss", choices=("l1", "l2"), default=cfg.loss.rec, help="reconstruction loss")
     t.add_argument("--val-fraction", type=float, default=cfg.val_fraction,
-                   help="share of subjects held out for validation and calibration, in [0, 1)")
+                   help="share of the volumes (manifest rows) held out for validation and calibration, in [0, 1)")
     t.add_argument("--checkpoint-every", type=int, default=cfg.checkpoint_every,
                    help="steps between checkpoints (OUT.ckpt)")
     t.add_argument("--loader-workers", type=int,

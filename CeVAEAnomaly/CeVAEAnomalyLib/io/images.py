@@ -74,6 +74,7 @@ class _NiftiLayout:
     offset: int  # first voxel byte (after header and extensions)
     size: int  # bytes the (decompressed) file must hold
     pixdim: Tuple[float, ...] = ()  # the voxel size of each axis the header gives (pixdim[1:dim+1])
+    sform: bool = False  # the header holds an sform (sform_code > 0), which other software reads the grid from
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -107,11 +108,13 @@ def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
             dims = struct.unpack(endian + "8h", header[40:56])
             pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            sform = struct.unpack(endian + "h", header[254:256])[0] > 0
         elif size == 540 and len(header) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
+            sform = struct.unpack(endian + "i", header[348:352])[0] > 0
         else:
             continue
         if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
@@ -119,18 +122,25 @@ def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
         voxels = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
         offset = max(offset, size)
         return _NiftiLayout(gz, endian, datatype, voxels, offset, offset + voxels * bitpix // 8,
-                            tuple(float(v) for v in pixdim[1 : min(dims[0], 3) + 1]))
+                            tuple(float(v) for v in pixdim[1 : min(dims[0], 3) + 1]), sform)
     return None
 
 
 def _refuse_sizeless_voxels(p: Path, layout: _NiftiLayout, what: str) -> None:
-    """Refuse a NIfTI header whose voxel size (pixdim) is 0 or not a number along an axis: ITK reads it as 1 mm,
-    whatever the header's sform says, so the outputs would not lie where the scan does in other software."""
+    """Refuse a NIfTI header whose voxel size (pixdim) is 0 or not a number along an axis (ITK reads it as 1 mm),
+    or negative beside an sform (ITK flips the axis, other software follows the sform and does not): either way
+    the outputs would not lie where the scan does in other software. (A negative pixdim without an sform is a
+    flipped axis to every reader.)"""
     for axis, size in enumerate(layout.pixdim):
         if size == 0 or not math.isfinite(size):
             raise CeVAEError(f"The {what} file {p} gives a voxel size (pixdim) of {size:g} along axis {'ijk'[axis]}, "
                              "which is no size; it would be read as 1 mm and the outputs would not lie where the scan "
                              "does. Fix the header's voxel size first.")
+        if size < 0 and layout.sform:
+            raise CeVAEError(f"The {what} file {p} gives a negative voxel size (pixdim {size:g}) along axis "
+                             f"{'ijk'[axis]} beside an sform: it would be read with that axis flipped, and other "
+                             "software, which follows the sform, would not flip it (the outputs would be mirrored "
+                             "there). Fix the header's voxel size (positive) first.")
 
 
 _MAX_DEFLATE_RATIO = 1032  # deflate cannot compress better than about 1032:1

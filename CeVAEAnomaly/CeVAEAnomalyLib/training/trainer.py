@@ -67,6 +67,7 @@ class _RunLog:
 
     def __init__(self, path: Path, fresh: bool, bundle: Path) -> None:
         self.path, self._bundle = path, bundle
+        self._earlier_bundle = fresh and bundle.exists()  # (also one without a log: written by calibrate or adapt)
         self._held: Optional[io.StringIO] = io.StringIO() if fresh and path.exists() else None
         self._file = self._held if self._held is not None else open(path, "a", newline="")
         self._writer = csv.writer(self._file)
@@ -79,10 +80,13 @@ class _RunLog:
         self._file.flush()
 
     def publish(self) -> None:
-        """This run has a checkpoint now: its rows replace the earlier run's log."""
+        """This run has a checkpoint now: its rows replace the earlier run's log, and the earlier bundle goes (this
+        run's replaces it at the end)."""
+        if self._earlier_bundle:
+            self._bundle.unlink(missing_ok=True)
+            self._earlier_bundle = False
         if self._held is not None:
             rows, self._held = self._held.getvalue(), None
-            self._bundle.unlink(missing_ok=True)  # the earlier run's: this run's replaces it at the end
             self._file = open(self.path, "w", newline="")
             self._file.write(rows)
             self._file.flush()
@@ -195,7 +199,7 @@ class Trainer:
             log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
         if len(self.train) == 0:
             raise CeVAEError("No training slices: the images have no brain voxels.")
-        log.info("Loaded %d training slices (%d subject(s)), %d validation slices (%d subject(s)) in %.1f s.",
+        log.info("Loaded %d training slices (%d volume(s)), %d validation slices (%d volume(s)) in %.1f s.",
                  len(self.train), len(self.train_subjects), len(self.val), len(self.val_subjects),
                  time.perf_counter() - t)
 
