@@ -23,7 +23,7 @@ from CeVAEAnomalyLib.engine.axes import canonical_axes
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.checksum import sha256_of
-from CeVAEAnomalyLib.io.images import grid_difference, read_image, voxel_volume_ml
+from CeVAEAnomalyLib.io.images import MAX_LABELS, grid_difference, looks_like_an_image, read_image, voxel_volume_ml
 
 log = logging.getLogger(__name__)
 
@@ -265,24 +265,21 @@ def _best_dice(split: _Split) -> tuple[float, float]:
 
 def _truth(gt: sitk.Image, inside: np.ndarray, name: str) -> np.ndarray:
     """The lesion voxels of a ground truth (> 0). A score map or an image given as the truth (swapped arguments)
-    is refused, for every voxel above 0 would count as lesion: more than a thousand values, no plateau, and above
-    0 in over a tenth of the evaluated voxels (``inside``; a detection map is above 0 in half the brain). Lesion
-    masks resampled linearly have many values at their edges but cover a few per cent of the brain."""
+    is refused, for every voxel above 0 would count as lesion: non-zero in over a tenth of the evaluated voxels
+    (``inside``; a detection map is above 0 in half the brain), and like an image there (io.images.
+    looks_like_an_image: many values, no plateau). Lesion masks resampled linearly have many values at their edges
+    but cover a few per cent of the brain."""
     values = sitk.GetArrayViewFromImage(gt)
     truth = values != 0
     if np.count_nonzero(truth & inside) <= _MAX_TRUTH_SHARE * np.count_nonzero(inside):
         return truth
-    sample = values.ravel()[:: max(1, values.size // 2_000_000)]
-    sample = sample[(sample != 0) & ~np.isnan(sample)] if sample.dtype.kind == "f" else sample[sample != 0]
-    plateau = sample.size and np.count_nonzero(sample >= 0.95 * sample.max()) >= sample.size / 2
-    if len(np.unique(sample)) > _MAX_TRUTH_VALUES and not plateau:
-        raise CeVAEError(f"The ground truth of {name or 'the case'} holds more than {_MAX_TRUTH_VALUES} different "
+    if looks_like_an_image(values):
+        raise CeVAEError(f"The ground truth of {name or 'the case'} holds more than {MAX_LABELS} different "
                          "values over much of the evaluated voxels: it looks like a score map or an image, not a mask "
                          "of the lesions (> 0 is lesion). Check the order of --score and --gt.")
     return truth
 
 
-_MAX_TRUTH_VALUES = 1000  # a lesion mask holds one or a few labels; a score map or image thousands of values
 _MAX_TRUTH_SHARE = 0.1  # of the evaluated voxels
 
 

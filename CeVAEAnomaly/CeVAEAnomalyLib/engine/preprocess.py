@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .axes import canonical_axes, to_canonical
 from .config import PreprocessConfig
 from ..errors import CeVAEError
-from ..io.images import grid_difference
+from ..io.images import MAX_LABELS, grid_difference, looks_like_an_image
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +269,8 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
                          "image grid no voxel is brain); check that the mask belongs to this image.")
     labels = values[brain if values.dtype.kind in "ub" else values != 0]  # unsigned: nonzero is brain
     several = _several_values(labels)  # "" for a mask of one label (the usual case: nothing more to check)
-    if several and _looks_like_an_image(labels[::max(1, labels.size // _DISTINCT_SAMPLES)]):
-        raise CeVAEError(f"{where}The brain mask holds more than {_MAX_MASK_VALUES} different values ({several}) "
+    if several and looks_like_an_image(labels):
+        raise CeVAEError(f"{where}The brain mask holds more than {MAX_LABELS} different values ({several}) "
                          "and no plateau: it looks like an image, not a mask. Give a labelmap or segmentation of the "
                          "brain (> 0 is brain), or no mask for the automatic one.")
     if several:
@@ -295,16 +295,6 @@ def warn_unlike_a_brain(brain: np.ndarray, image: sitk.Image, where: str = "") -
 BRAIN_ML = (1.0, 3000.0)  # ml: a given brain mask outside this is no brain mask (a thin partial scan holds little)
 
 
-def _looks_like_an_image(labels: np.ndarray) -> bool:
-    """Whether a mask's nonzero values are an intensity image's (a copy of the scan, swapped arguments), where
-    "> 0" would take the whole head: thousands of values and no plateau. A mask resampled with linear
-    interpolation has thousands of values too, at its edge, but most of its voxels hold (about) its top value."""
-    values = labels[~np.isnan(labels)] if labels.dtype.kind == "f" else labels
-    if values.size == 0 or len(np.unique(values)) <= _MAX_MASK_VALUES:
-        return False
-    return np.count_nonzero(values >= 0.95 * values.max()) < values.size / 2  # no plateau near the top
-
-
 def _several_values(labels: np.ndarray) -> str:
     """The nonzero mask values described ("1 to 3", "1, and NaN") when they are not all one number; else ""."""
     nan = int(np.count_nonzero(np.isnan(labels))) if labels.dtype.kind == "f" else 0
@@ -316,8 +306,6 @@ def _several_values(labels: np.ndarray) -> str:
     return ", and ".join(spans + ([f"NaN in {nan} voxel(s), taken as outside the brain"] if nan else []))
 
 
-_MAX_MASK_VALUES = 1000  # label images hold tens to hundreds of labels; an MRI thousands of grey values
-_DISTINCT_SAMPLES = 2_000_000  # voxels sampled to count them (a strided sample keeps the count fast on big masks)
 _LABEL_MAPS = (sitk.sitkLabelUInt8, sitk.sitkLabelUInt16, sitk.sitkLabelUInt32, sitk.sitkLabelUInt64)
 
 

@@ -482,6 +482,24 @@ _MIN_SLICES = 4  # fewer slices break ITK's shrink and recursive Gaussian filter
 _VOXEL_MM = (0.01, 50.0)  # voxel sizes a head MRI can have, generously (beyond them the margins in mm take gigabytes)
 
 
+def looks_like_an_image(values: np.ndarray) -> bool:
+    """Whether the nonzero values of what should be a label image (a brain mask, a lesion mask) are an intensity
+    image's or a score map's (a copy of the scan, swapped arguments), where "> 0" would take far more than the
+    labels: more than :data:`MAX_LABELS` different values (counted on a strided sample) and no plateau. A mask
+    resampled with linear interpolation has thousands of values too, at its edge, but most of its voxels hold
+    (about) its top value."""
+    values = np.asarray(values).ravel()
+    values = values[(values != 0) & ~np.isnan(values)] if values.dtype.kind == "f" else values[values != 0]
+    values = values[:: max(1, values.size // _DISTINCT_SAMPLES)]
+    if values.size == 0 or len(np.unique(values)) <= MAX_LABELS:
+        return False
+    return np.count_nonzero(values >= 0.95 * values.max()) < values.size / 2  # no plateau near the top
+
+
+MAX_LABELS = 1000  # label images hold one to hundreds of labels; an MRI or a score map thousands of values
+_DISTINCT_SAMPLES = 2_000_000  # values sampled to count them (a strided sample keeps the count fast on big volumes)
+
+
 def voxel_volume_ml(image: sitk.Image) -> float:
     """The volume of one voxel of ``image`` in millilitres."""
     return float(np.prod(image.GetSpacing())) / 1000.0
