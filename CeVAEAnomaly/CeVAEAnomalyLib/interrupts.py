@@ -48,7 +48,6 @@ def stops_held(on_stop: Optional[Callable[[], None]] = None) -> Iterator[None]:
         yield
         return
     previous = {s: handler for s, handler in previous.items() if handler is not signal.SIG_IGN}
-    stops = list(previous)
     caught: List[int] = []
 
     def hold(signum: int, frame: object) -> None:
@@ -56,7 +55,7 @@ def stops_held(on_stop: Optional[Callable[[], None]] = None) -> Iterator[None]:
         if on_stop is not None:
             on_stop()
 
-    for s in stops:
+    for s in previous:
         signal.signal(s, hold)
     try:
         yield

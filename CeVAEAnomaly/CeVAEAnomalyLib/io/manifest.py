@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ def distinct_names(images: Sequence[Path]) -> Dict[Path, str]:
     for image in dict.fromkeys(images):
         names[image] = file_stem(image)
     for depth in range(1, 1 + max((len(Path(p).parts) for p in names), default=0)):
-        repeated = {n for n in names.values() if list(names.values()).count(n) > 1}
+        repeated = {n for n, count in Counter(names.values()).items() if count > 1}
         if not repeated:
             break
         for image, name in names.items():
