@@ -136,13 +136,18 @@ def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
     assert sha(image) == before
 
 
+def exists_error(path) -> str:
+    """The one line a run prints for an existing output without --overwrite or --resume."""
+    return (f"error: {path} already exists; pass --overwrite to replace it, or --resume to continue the run that "
+            "wrote it.")
+
+
 def test_an_existing_output_needs_overwrite(cohort, tmp_path, capsys):
     out = tmp_path / "m.cevae"
     out.write_text("an older file")
     argv = ["--manifest", str(cohort / "train.csv"), "--out", str(out), "--max-steps", "2", *SMALL]
     rc, errors = run_train(capsys, *argv)
-    assert rc == 2 and errors == [f"error: {out} already exists; pass --overwrite to replace it, or --resume "
-                                  "to continue the run that wrote it."]
+    assert rc == 2 and errors == [exists_error(out)]
     assert out.read_text() == "an older file"
     rc, errors = run_train(capsys, *argv, "--overwrite")
     assert rc == 0 and errors == []
@@ -158,8 +163,7 @@ def test_a_file_of_the_users_under_the_log_name_needs_overwrite_but_a_lone_run_l
     log.write_text("my lab notebook: run 17\n")
     argv = ["--manifest", str(cohort / "train.csv"), "--out", str(out), "--max-steps", "2", *SMALL]
     rc, errors = run_train(capsys, *argv)
-    assert rc == 2 and errors == [f"error: {log} already exists; pass --overwrite to replace it, or --resume "
-                                  "to continue the run that wrote it."]
+    assert rc == 2 and errors == [exists_error(log)]
     assert log.read_text() == "my lab notebook: run 17\n"
     log.write_text("step,loss,kl,rec_vae,rec_ce,val_loss,seconds,slices_per_s\n1,0.5,0.1,0.2,0.2,,1.0,10\n")
     rc, errors = run_train(capsys, *argv)
