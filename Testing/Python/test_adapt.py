@@ -65,14 +65,20 @@ def subjects(site: Dict[str, Path], *names: str) -> List[Subject]:
     return [Subject(site[n], site["mask"] if n != "c" else None) for n in names]
 
 
-def test_fold_plan_holds_out_every_scan_exactly_once():
+def test_fold_plan_holds_out_every_scan_exactly_once_and_a_person_s_scans_together():
     for n, k in ((2, 5), (5, 5), (12, 5), (7, 3)):
-        plan = fold_plan(n, k)
+        plan = fold_plan([[i] for i in range(n)], k)
         assert len(plan) == min(n, k)
         assert sorted(j for held in plan for j in held) == list(range(n))
         assert all(held for held in plan)
+    persons = [[0, 3], [1], [2, 4, 5]]
+    plan = fold_plan(persons, 2)
+    assert sorted(j for held in plan for j in held) == list(range(6))
+    assert all(any(set(p) <= set(held) for held in plan) for p in persons)  # no person split between folds
     with pytest.raises(CeVAEError, match="at least 2"):
-        fold_plan(1, 5)
+        fold_plan([[0]], 5)
+    with pytest.raises(CeVAEError, match="got 2 scan.s. of 1 person"):
+        fold_plan([[0, 1]], 5)
 
 
 def test_the_estimate_grows_with_the_scans_and_steps_and_is_said_in_minutes():
@@ -82,6 +88,9 @@ def test_the_estimate_grows_with_the_scans_and_steps_and_is_said_in_minutes():
         3, AdaptOptions(batch_size=128))
     text = describe_estimate(3, "cpu")
     assert "4 fine-tuning runs" in text and "min" in text
+    assert "3 fine-tuning runs on 4 scan(s) of 2 persons" in describe_estimate(4, "cpu", n_persons=2).replace(
+        " of 100 steps", "")
+    assert estimate_seconds(4, n_persons=2) < estimate_seconds(4)
 
 
 def test_depth_contrast_tells_a_t1_from_the_same_brain_with_reversed_contrast(site):
@@ -200,9 +209,11 @@ def test_an_interrupted_adaptation_resumes_without_training_finished_folds_again
     assert len(fold_ckpts) == 2 and out.with_name("site.cevae.ckpt").is_file()
     with pytest.raises(CeVAEError, match="already exists"):
         adapt_mod.adapt(tiny_bundle, scans, out, QUICK)
+    trained = sum(torch.load(p, weights_only=True)["seconds"] for p in [*fold_ckpts, out.with_name("site.cevae.ckpt")])
     messages = []
     adapt_mod.adapt(tiny_bundle, scans, out, AdaptOptions(**{**QUICK.__dict__, "resume": True}),
                     lambda f, m: messages.append(m))
+    assert read_header(out).training["seconds"] >= round(trained, 1) > 0  # the time before the resume counts
     # the finished folds are read back from their checkpoints, not trained again: no step reported for them
     assert not any(m.startswith(("Fine-tuning 1/3", "Fine-tuning 2/3")) and "step" in m for m in messages)
     assert any(m.startswith("Fine-tuning 3/3") and "step 4 " in m for m in messages)
@@ -318,6 +329,10 @@ def test_the_command_refuses_too_few_scans_another_contrast_and_models_it_cannot
     saved_again = tmp_path / "a_saved_again.nrrd"  # the same voxels in another format: other bytes, one scan
     sitk.WriteImage(sitk.ReadImage(str(site["a"])), str(saved_again))
     assert "at least 2" in _refusal(capsys, ["adapt", str(site["a"]), str(saved_again), *common])
+    one_person = [tmp_path / "sub-01_ses-1_T1w.nii.gz", tmp_path / "sub-01_ses-2_T1w.nii.gz"]  # BIDS: one person
+    for scan, source in zip(one_person, (site["a"], site["b"])):
+        scan.write_bytes(source.read_bytes())
+    assert "of 1 person" in _refusal(capsys, ["adapt", *map(str, one_person), *common])
     err = _refusal(capsys, ["adapt", str(site["a"]), str(site["reversed"]), *common])
     assert "another contrast" in err and "reversed" in err and "scan_a" not in err.split("T1 scans:")[1].split(";")[0]
     untrained = replace(read_header(tiny_bundle), training=None)  # e.g. converted from elsewhere

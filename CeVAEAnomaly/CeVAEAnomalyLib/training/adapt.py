@@ -33,7 +33,7 @@ from ..progress import ProgressCallback, labelled, report, scaled
 from .adapt_plan import AdaptOptions, describe_estimate, fold_plan, output_paths, run_names
 from .cache import SliceCache
 from .config import AugmentConfig, TrainConfig
-from .data import unique_subjects
+from .data import person_groups, unique_subjects
 from .distributed import DistInfo, file_checksums
 from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
@@ -58,12 +58,13 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     checksums = _checksums(subjects)
     # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
     subjects = unique_subjects(subjects, {s.image: voxel_sha256(s.image) for s in subjects})
-    plan = fold_plan(len(subjects), options.folds)  # refuses too few different scans
-    log.info("%s", describe_estimate(len(subjects), options.device, options))
-    runs = run_names(len(subjects), options.folds)
+    persons = person_groups(subjects)  # a person's scans are held out together
+    plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
+    log.info("%s", describe_estimate(len(subjects), options.device, options, len(persons)))
+    runs = run_names(len(persons), options.folds)
     configs = {run: options.run_config(out, run, init_from=base) for run in runs}
     read = Inputs([base, *inputs, *checksums])
-    for path in output_paths(out, len(subjects), options):
+    for path in output_paths(out, len(persons), options):
         if read.which(path) is not None:  # by path, link or inode
             raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another --out.")
     for cfg in configs.values():
@@ -106,7 +107,8 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
                header: BundleHeader, pre: PreprocessConfig, cache: Path, resume: bool,
                progress: Optional[ProgressCallback]) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all): the models by run,
-    the final run's trainer and the seconds spent training. A run whose checkpoint exists resumes from it."""
+    the final run's trainer and the seconds the folds spent training, in this session and before a resume, and
+    the final run in this session. A run whose checkpoint exists resumes from it."""
     models: Dict[str, CeVAE] = {}
     seconds = 0.0
     share = (1.0 - PREPARE_SHARE - CALIBRATE_SHARE) / len(runs)
@@ -122,6 +124,8 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         trainer = Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], pre,
                           labelled(scaled(progress, start, start + share), title))
         seconds += trainer.fit()
+        if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
+            seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
 
