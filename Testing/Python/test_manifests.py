@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.cli.batch import read_list
 from CeVAEAnomalyLib.cli.main import main
-from CeVAEAnomalyLib.io.manifest import read_manifest
+from CeVAEAnomalyLib.io.manifest import Subject, read_manifest
 from conftest import make_head
 from test_bad_inputs import write_dicom_series
 from test_reliability import one_error_line
@@ -84,3 +84,38 @@ def test_a_byte_order_mark_is_read_like_any_csv(cohort, tiny_bundle, tmp_path):
     cases = tmp_path / "cases.csv"
     cases.write_bytes(b"\xef\xbb\xbfscore,gt,mask\n" + f"{cohort / 'h1.nii.gz'},,{cohort / 'h1_mask.nii.gz'}\n".encode())
     assert main(["evaluate", "--cases", str(cases)]) == 0
+
+
+def test_train_holds_out_persons_not_volumes(tmp_path):
+    """Two scans of one person never land on both sides of the split: by a manifest's ``subject`` column, or by a
+    BIDS file name's ``sub-<label>`` where the column is absent."""
+    from CeVAEAnomalyLib.engine.bundle import read_header
+
+    for seed in range(1, 7):
+        image, mask = make_head(size=(32, 36, 28), seed=seed)
+        sitk.WriteImage(image, str(tmp_path / f"sub-p{(seed + 1) // 2}_ses-{seed % 2}_T1w.nii.gz"))
+        sitk.WriteImage(image, str(tmp_path / f"scan{seed}.nii.gz"))
+    person = {f"scan{seed}": f"p{(seed + 1) // 2}" for seed in range(1, 7)}
+    csv = tmp_path / "train.csv"
+    csv.write_text("image,mask,subject\n" + "".join(f"{n}.nii.gz,,{p}\n" for n, p in person.items()))
+    bids = sorted(str(p) for p in tmp_path.glob("sub-*_T1w.nii.gz"))
+    for out, args in ((tmp_path / "by_column.cevae", ["--manifest", str(csv)]), (tmp_path / "by_bids.cevae", bids)):
+        assert main(["train", *args, "--out", str(out), *SMALL[:-1], "0.34"]) == 0
+        training = read_header(out).training
+        sides = [{person.get(s["name"], s["name"].split("_")[0]) for s in training[role]}
+                 for role in ("subjects", "validation_subjects")]
+        assert len(sides[1]) == 1 and not sides[0] & sides[1], sides  # one person of three held out, whole
+        assert sum(len(training[role]) for role in ("subjects", "validation_subjects")) == 6
+
+
+def test_a_manifest_names_the_person_and_a_bids_file_name_tells_it(cohort):
+    subjects = read_manifest(manifest(cohort, "h1.nii.gz,,", "h2.nii.gz,,").parent / "train.csv")
+    assert [s.person for s in subjects] == [None, None] and subjects[0].group != subjects[1].group
+    csv = cohort / "persons.csv"
+    csv.write_text("image,subject\nh1.nii.gz,anna\nh2.nii.gz,anna\n")
+    one, two = read_manifest(csv)
+    assert one.person == "anna" and one.group == two.group
+    assert Subject(Path("d/sub-07_ses-2_T1w.nii.gz")).group == Subject(Path("e/sub-07_T1w.nii.gz")).group
+    assert Subject(Path("sub-07_T1w.nii.gz")).group != Subject(Path("sub-70_T1w.nii.gz")).group
+    assert Subject(Path("sub-cortical.nii.gz")).person is None  # not a BIDS name: a person of its own
+    assert Subject(Path("sub-cortical.nii.gz")).group == ("image", "sub-cortical.nii.gz")

@@ -487,8 +487,9 @@ def test_no_held_out_volume_is_said_before_training(manifest, tmp_path, caplog):
     argv = [a for a in train_argv(manifest, out, 2) if a not in ("--val-fraction", "0")]
     with caplog.at_level(logging.WARNING):
         assert main(argv) == 0
-    assert "No volume is held out for validation (2 different volume(s), --val-fraction 0.2)" in caplog.text
-    assert "Give at least 3 volumes at this fraction" in caplog.text
+    assert "No volume is held out for validation (2 different volume(s) of 2 person(s), --val-fraction 0.2)" \
+        in caplog.text
+    assert "Give volumes of at least 3 persons at this fraction" in caplog.text
     assert read_header(out).training["val_loss"] is None
 
 
@@ -570,13 +571,13 @@ def test_resume_with_another_architecture_names_what_differs(manifest, tmp_path,
 
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.34, 0.5, 0.9])
 def test_the_advised_number_of_volumes_does_hold_one_out(fraction):
-    from CeVAEAnomalyLib.training.data import split_subjects, volumes_to_hold_out
+    from CeVAEAnomalyLib.training.data import split_subjects, persons_to_hold_out
 
-    n = volumes_to_hold_out(fraction)
+    n = persons_to_hold_out(fraction)
     subjects = [Subject(Path(f"s{i}.nii.gz")) for i in range(n)]
     assert split_subjects(subjects, fraction, seed=0)[1]  # n volumes hold one out ...
     assert not split_subjects(subjects[:-1], fraction, seed=0)[1]  # ... and n - 1 do not
-    assert volumes_to_hold_out(0.0) is None
+    assert persons_to_hold_out(0.0) is None
 
 
 def test_a_fresh_run_stopped_before_its_first_checkpoint_keeps_the_earlier_runs_log(manifest, tmp_path):

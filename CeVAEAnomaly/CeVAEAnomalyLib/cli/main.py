@@ -39,7 +39,8 @@ def _add_threshold(p: argparse.ArgumentParser) -> None:
 
 def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("images", nargs="*", type=path_value, help=f"{what} image files (besides or instead of --manifest)")
-    p.add_argument("--manifest", type=path_value, help="CSV with columns image,mask (paths relative to the CSV)")
+    p.add_argument("--manifest", type=path_value, help="CSV with columns image,mask and optionally subject (the "
+                   "person scanned; paths relative to the CSV)")
 
 
 def _add_slices(p: argparse.ArgumentParser, cfg, cache_required: bool) -> None:
@@ -76,7 +77,8 @@ def _add_train(sub) -> None:
                    help="weight c of the context-encoding loss")
     t.add_argument("--rec-loss", choices=("l1", "l2"), default=cfg.loss.rec, help="reconstruction loss")
     t.add_argument("--val-fraction", type=float, default=cfg.val_fraction,
-                   help="share of the volumes (manifest rows) held out for validation and calibration, in [0, 1)")
+                   help="share of the persons (manifest subject column, BIDS sub-<label>; else each volume) held "
+                   "out for validation and calibration, in [0, 1)")
     t.add_argument("--checkpoint-every", type=int, default=cfg.checkpoint_every,
                    help="steps between checkpoints (OUT.ckpt)")
     t.add_argument("--loader-workers", type=int,

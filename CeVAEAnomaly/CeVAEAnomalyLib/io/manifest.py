@@ -10,17 +10,19 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..progress import Cancelled
 from .naming import file_stem
 
 log = logging.getLogger(__name__)
+_BIDS_FILE = re.compile(r"sub-([A-Za-z0-9]+)_")  # a BIDS file name starts with its subject: sub-01_ses-2_T1w.nii.gz
 
 
 def distinct_names(images: Sequence[Path]) -> Dict[Path, str]:
@@ -41,16 +43,30 @@ def distinct_names(images: Sequence[Path]) -> Dict[Path, str]:
     return names
 
 
+def bids_person(image: Path) -> Optional[str]:
+    """The person a BIDS file name says was scanned (``sub-01_ses-2_T1w.nii.gz``: ``01``); None for other names."""
+    match = _BIDS_FILE.match(Path(image).name)
+    return match.group(1) if match else None
+
+
 @dataclass(frozen=True)
 class Subject:
-    """One healthy volume and its optional brain mask."""
+    """One healthy volume, its optional brain mask and, if known, the person scanned (``person``: a manifest's
+    ``subject`` column; else a BIDS file name's ``sub-<label>``)."""
 
     image: Path
     mask: Optional[Path] = None
+    person: Optional[str] = None
 
     @property
     def name(self) -> str:
         return file_stem(self.image)
+
+    @property
+    def group(self) -> Tuple[str, str]:
+        """What a split keeps on one side: the person scanned, where known; else this volume alone."""
+        person = self.person or bids_person(self.image)
+        return ("person", person) if person else ("image", str(self.image))
 
     @contextmanager
     def named_errors(self) -> Iterator[None]:
@@ -145,17 +161,19 @@ def _check_columns(header: Sequence[str], known: Sequence[str], path: Path, what
 
 
 def read_manifest(path: Path) -> List[Subject]:
-    """Subjects from a CSV with columns ``image,mask`` (mask may be empty; paths relative to the CSV).
+    """Subjects from a CSV with columns ``image,mask`` and optionally ``subject`` (mask may be empty; paths relative
+    to the CSV; ``subject`` names the person scanned, so that a split keeps a person's scans on one side).
 
     Every row's files are checked (:func:`check_volume_path`) before any is used; a problem names its line.
     """
-    rows = read_rows(path, "image", ("image", "mask"), "manifest")
+    rows = read_rows(path, "image", ("image", "mask"), "manifest", others=("subject",))
     if not rows:
         raise CeVAEError(f"The manifest {path} lists no images.")
     for r in rows:
         for column, what in (("image", "image"), ("mask", "brain mask")):
             check_volume_path(r.files[column], what, f"{path}, line {r.line}: ")
-    return [Subject(r.files["image"], r.files["mask"]) for r in rows]  # type: ignore[arg-type]
+    return [Subject(r.files["image"], r.files["mask"], r.cells["subject"] or None)  # type: ignore[arg-type]
+            for r in rows]
 
 
 def check_volume_path(path: Optional[Path], what: str, where: str = "") -> None:

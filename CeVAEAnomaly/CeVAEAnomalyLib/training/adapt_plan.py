@@ -1,8 +1,9 @@
 """What adapting a model to a site will do, decided before anything runs (torch-free).
 
 Adapting fine-tunes a trained model on a site's healthy scans and calibrates it without letting a
-scan calibrate a model that was trained on it: the scans are split into k folds (k = the number
-of scans, at most :attr:`AdaptOptions.folds`); for each fold a model is fine-tuned on the other
+scan calibrate a model that was trained on it (nor on another scan of the same person): the scans
+are split into k folds by person (k = the number of persons, at most :attr:`AdaptOptions.folds`; a
+scan of unknown person counts as a person of its own); for each fold a model is fine-tuned on the other
 folds and scores the fold's scans, and those held-out scores calibrate the final model, which is
 fine-tuned on all the scans. That is k + 1 fine-tuning runs of :attr:`AdaptOptions.steps` steps each.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Sequence
 
 from ..errors import CeVAEError
 from .config import SettingError, TrainConfig
@@ -60,37 +61,42 @@ class AdaptOptions:
                            init_from=init_from)
 
 
-def fold_plan(n_scans: int, max_folds: int) -> List[List[int]]:
-    """The scan indices each fold holds out: scan i goes to fold i mod k, k = min(n_scans, max_folds)."""
-    if n_scans < MIN_SCANS:
-        raise CeVAEError(f"Adapting needs at least {MIN_SCANS} different healthy scans (each is held out from the "
-                         f"model that calibrates it), got {n_scans}.")
-    k = min(n_scans, max_folds)
-    return [list(range(i, n_scans, k)) for i in range(k)]
+def fold_plan(persons: Sequence[Sequence[int]], max_folds: int) -> List[List[int]]:
+    """The scan indices each fold holds out, given the scans of each person (``persons``, e.g.
+    :func:`~.data.person_groups`): person i's scans go to fold i mod k, k = min(persons, max_folds)."""
+    if len(persons) < MIN_SCANS:
+        scans = sum(len(p) for p in persons)
+        raise CeVAEError(f"Adapting needs at least {MIN_SCANS} different healthy scans of {MIN_SCANS} persons (each "
+                         f"person's scans are held out from the model that calibrates them), got {scans} scan(s)"
+                         + (f" of {len(persons)} person" if scans > len(persons) else "") + ".")
+    k = min(len(persons), max_folds)
+    return [sorted(j for i in range(f, len(persons), k) for j in persons[i]) for f in range(k)]
 
 
-def run_names(n_scans: int, max_folds: int) -> List[str]:
+def run_names(n_persons: int, max_folds: int) -> List[str]:
     """The fine-tuning runs in order: one per fold, then the final one."""
-    return [f"fold{i + 1}" for i in range(len(fold_plan(n_scans, max_folds)))] + ["final"]
+    return [f"fold{i + 1}" for i in range(min(max(n_persons, MIN_SCANS), max_folds))] + ["final"]
 
 
 def estimate_seconds(n_scans: int, options: AdaptOptions = AdaptOptions(), steps_per_s: float = CPU_STEPS_PER_S,
-                     seconds_per_scan: float = SECONDS_PER_SCAN_CPU) -> float:
-    """How long adapting ``n_scans`` scans takes at ``steps_per_s`` (default: the measured CPU rate at batch
-    :data:`MEASURED_BATCH`, scaled to the options' batch size)."""
-    runs = min(max(n_scans, MIN_SCANS), options.folds) + 1
+                     seconds_per_scan: float = SECONDS_PER_SCAN_CPU, n_persons: Optional[int] = None) -> float:
+    """How long adapting ``n_scans`` scans (of ``n_persons`` persons; default: one each) takes at ``steps_per_s``
+    (default: the measured CPU rate at batch :data:`MEASURED_BATCH`, scaled to the options' batch size)."""
+    runs = len(run_names(n_scans if n_persons is None else n_persons, options.folds))
     step_s = options.batch_size / MEASURED_BATCH / steps_per_s
     return runs * options.steps * step_s + n_scans * seconds_per_scan
 
 
-def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOptions()) -> str:
+def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOptions(),
+                      n_persons: Optional[int] = None) -> str:
     """The estimate in words, for the command line and the Slicer panel, before a run starts."""
-    runs = min(max(n_scans, MIN_SCANS), options.folds) + 1
-    minutes = max(1, int(math.ceil(estimate_seconds(n_scans, options) / 60)))
+    runs = len(run_names(n_scans if n_persons is None else n_persons, options.folds))
+    minutes = max(1, int(math.ceil(estimate_seconds(n_scans, options, n_persons=n_persons) / 60)))
     where = "on a CPU like the 2-core machine it was measured on"
     if device not in ("cpu", "auto"):
         where += f"; on {device} expect much less"
-    return (f"{runs} fine-tuning runs of {options.steps} steps on {n_scans} scan(s), then calibration: "
+    of = f" of {n_persons} persons" if n_persons is not None and n_persons < n_scans else ""
+    return (f"{runs} fine-tuning runs of {options.steps} steps on {n_scans} scan(s){of}, then calibration: "
             f"about {minutes} min {where}.")
 
 
@@ -105,8 +111,8 @@ def adapt_options(given: Mapping[str, Any], **fixed: Any) -> AdaptOptions:
     return options
 
 
-def output_paths(out: Path, n_scans: int, options: AdaptOptions) -> List[Path]:
-    """Every file an adaptation of ``n_scans`` scans to ``out`` writes: the bundle, and each run's
-    checkpoint and loss log."""
-    configs = [options.run_config(out, run) for run in run_names(max(n_scans, MIN_SCANS), options.folds)]
+def output_paths(out: Path, n_persons: int, options: AdaptOptions) -> List[Path]:
+    """Every file an adaptation of the scans of ``n_persons`` persons to ``out`` writes: the bundle, and each
+    run's checkpoint and loss log."""
+    configs = [options.run_config(out, run) for run in run_names(n_persons, options.folds)]
     return [out] + [p for cfg in configs for p in (cfg.checkpoint_path, cfg.log_path)]

@@ -28,22 +28,32 @@ def unique_subjects(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> 
     return list(seen.values())
 
 
+def person_groups(subjects: Sequence[Subject]) -> List[List[int]]:
+    """The indices of ``subjects`` by person scanned (:attr:`Subject.group`), in order of first appearance."""
+    groups: Dict[Tuple[str, str], List[int]] = {}
+    for i, s in enumerate(subjects):
+        groups.setdefault(s.group, []).append(i)
+    return list(groups.values())
+
+
 def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> Tuple[List[Subject], List[Subject]]:
-    """Subject-level split (no subject in both); at least one training subject."""
-    order = np.random.default_rng(seed).permutation(len(subjects))
-    n_val = _held_out(len(subjects), val_fraction)
-    val = [subjects[i] for i in sorted(order[:n_val])]
-    train = [subjects[i] for i in sorted(order[n_val:])]
+    """Split by person (no person's scans on both sides; a volume of unknown person is a person of its own): the
+    share ``val_fraction`` of the persons is held out, at least one is trained on."""
+    groups = person_groups(subjects)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    held = {i for g in order[:_held_out(len(groups), val_fraction)] for i in groups[g]}
+    val = [s for i, s in enumerate(subjects) if i in held]
+    train = [s for i, s in enumerate(subjects) if i not in held]
     return train, val
 
 
 def _held_out(n: int, val_fraction: float) -> int:
-    """How many of ``n`` volumes :func:`split_subjects` holds out: the share, rounded, leaving one to train on."""
+    """How many of ``n`` persons :func:`split_subjects` holds out: the share, rounded, leaving one to train on."""
     return min(int(round(n * val_fraction)), n - 1)
 
 
-def volumes_to_hold_out(val_fraction: float) -> Optional[int]:
-    """The fewest volumes with which :func:`split_subjects` holds one out at ``val_fraction``; None if none do."""
+def persons_to_hold_out(val_fraction: float) -> Optional[int]:
+    """The fewest persons with which :func:`split_subjects` holds one out at ``val_fraction``; None if none do."""
     for n in range(2, 100_000):
         if _held_out(n, val_fraction) >= 1:
             return n

@@ -36,7 +36,7 @@ from .cache import SliceCache, SliceSet
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_checkpoint, run_identity,
                          truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
-from .data import Subject, split_subjects, unique_subjects, volumes_to_hold_out
+from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects
 from .distributed import (any_rank, barrier, check_replicas, file_checksums, gather_objects, init_distributed,
                           rank_seed, shutdown_distributed)
 from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
@@ -388,12 +388,14 @@ class Trainer:
     def run(self) -> Optional[Path]:
         """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
         if not self.val_subjects and self.dist.main:
-            enough = volumes_to_hold_out(self.cfg.val_fraction)
-            remedy = (f"Give at least {enough} volumes at this fraction" if enough else "Raise --val-fraction above 0")
-            log.warning("No volume is held out for validation (%d different volume(s), --val-fraction %g): the "
-                        "model is calibrated on the volumes it was trained on, and its threshold will flag more of a "
-                        "new healthy scan than the rate says. %s, or calibrate it afterwards on other healthy scans "
-                        "(cevae-anomaly calibrate).", len(self.train_subjects), self.cfg.val_fraction, remedy)
+            enough = persons_to_hold_out(self.cfg.val_fraction)
+            remedy = (f"Give volumes of at least {enough} persons at this fraction" if enough
+                      else "Raise --val-fraction above 0")
+            log.warning("No volume is held out for validation (%d different volume(s) of %d person(s), "
+                        "--val-fraction %g): the model is calibrated on the volumes it was trained on, and its "
+                        "threshold will flag more of a new healthy scan than the rate says. %s, or calibrate it "
+                        "afterwards on other healthy scans (cevae-anomaly calibrate).", len(self.train_subjects),
+                        len(person_groups(self.train_subjects)), self.cfg.val_fraction, remedy)
         with self._session():
             elapsed = self._train()
             return self._write_bundle(elapsed) if self.dist.main else None
