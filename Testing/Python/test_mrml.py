@@ -1,12 +1,15 @@
 """The MRML adapter on a real vtkMRMLScene (slicer-core): geometry, output nodes, transactions."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
+from vtk.util import numpy_support  # noqa: E402
 
 from conftest import add_volume, make_head, oblique_direction  # noqa: E402
 
@@ -348,7 +351,11 @@ def test_score_display_uses_inferno_and_hides_low_scores(scene):
     assert sum(first[:3]) < 0.1 and last[0] > 0.95 and last[1] > 0.95  # black to pale yellow
     brain_scores = sitk.GetArrayFromImage(result.score)[sitk.GetArrayFromImage(mask) > 0]
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.8)  # below: transparent
-    assert display.GetWindowLevelMin() == pytest.approx(0.8)
+    low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+    assert (0.8 - low) / (high - low) == pytest.approx(mrml.THRESHOLD_COLOUR)  # the weakest shown are not black
+    shown = [0.0] * 4
+    colors.GetColor(int(round(mrml.THRESHOLD_COLOUR * 255)), shown)
+    assert 0.2126 * shown[0] + 0.7152 * shown[1] + 0.0722 * shown[2] > 0.15
     assert display.GetWindowLevelMax() == pytest.approx(float(np.percentile(brain_scores, 99)))
     assert display.GetWindowLevelMax() < float(brain_scores.max())  # a few hot voxels do not wash the map out
 
@@ -525,6 +532,86 @@ def test_a_renamed_anomaly_segment_is_kept_by_the_next_run(scene):
     assert nodes.user_segment_ids(second.segmentation) != []  # the kept one is the user's now
     mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
     assert sorted(segment_names(second.segmentation)) == sorted(["Lesion (corrected)", mrml.SEGMENT_NAME])
+
+
+def test_a_labelmap_or_segment_edited_since_its_run_is_kept_by_the_next_run(scene, caplog):
+    """Corrections painted into the anomaly labelmap or segment are not overwritten: the next run keeps them, named
+    "... (edited)", says so, and writes its own; unedited ones are updated in place, also after a scene save."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1), create_labelmap=True)
+    again = mrml.publish(scene, volume, fake_detection(image, mask, 1.05))  # nothing edited: updated in place
+    assert (again.labelmap, again.segmentation) == (first.labelmap, first.segmentation)
+    assert segment_names(again.segmentation) == [mrml.SEGMENT_NAME]
+
+    painted = slicer.util.arrayFromVolume(first.labelmap)
+    painted[2:4, 2:4, 2:4] = 1  # the radiologist adds a region
+    slicer.util.arrayFromVolumeModified(first.labelmap)
+    kept = painted.copy()
+    segment = first.segmentation.GetSegmentation().GetSegment(nodes.anomaly_segment_id(first.segmentation))
+    binary = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    scalars = binary.GetPointData().GetScalars()
+    erased = int(np.count_nonzero(numpy_support.vtk_to_numpy(scalars) == segment.GetLabelValue()))
+    numpy_support.vtk_to_numpy(scalars)[:] = 0  # ... and erases the segment
+    binary.Modified()
+    with caplog.at_level(logging.WARNING):
+        third = mrml.publish(scene, volume, fake_detection(image, mask, 1.05))
+    assert third.labelmap is not first.labelmap and first.labelmap.GetScene() is scene
+    assert first.labelmap.GetName().endswith(" (edited)") and not first.labelmap.GetAttribute(nodes.ROLE_ATTRIBUTE)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(first.labelmap), kept)
+    assert third.segmentation is first.segmentation
+    assert sorted(segment_names(third.segmentation)) == sorted([mrml.SEGMENT_NAME, mrml.SEGMENT_NAME + " (edited)"])
+    assert erased > 0 and caplog.text.count("was edited since the run that wrote it") == 2
+
+
+def test_a_saved_and_reloaded_scene_s_results_are_not_taken_for_edited(scene, tmp_path, caplog):
+    image, mask = make_head(direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))  # left-handed: a save stores it the other way
+    volume = add_volume(scene, image)
+    mrml.publish(scene, volume, fake_detection(image, mask, 1.1), create_labelmap=True)
+    application = slicer.vtkMRMLApplicationLogic()
+    application.SetMRMLScene(scene)
+    assert application.SaveSceneToSlicerDataBundleDirectory(str(tmp_path))
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(next(tmp_path.glob("*.mrml"))))
+    assert reloaded.Import()
+    source = next(n for n in (reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                              for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
+                  if n.GetName() == "head")
+    labelmap = mrml.find_output(reloaded, "vtkMRMLLabelMapVolumeNode", "labelmap", source)
+    segmentation = mrml.find_output(reloaded, "vtkMRMLSegmentationNode", "segmentation", source)
+    again = mrml.image_from_volume(source)
+    brain = sitk.Resample(mask, again, sitk.Transform(), sitk.sitkNearestNeighbor)
+    with caplog.at_level(logging.WARNING):
+        out = mrml.publish(reloaded, source, fake_detection(again, brain, 1.05))
+    assert "edited" not in caplog.text
+    assert (out.labelmap, out.segmentation) == (labelmap, segmentation)
+    assert segment_names(out.segmentation) == [mrml.SEGMENT_NAME]
+
+
+def test_outputs_follow_a_renamed_input_unless_the_user_named_them(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image, "T1")
+    first = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
+    assert first.score.GetName() == "T1 anomaly score"
+    first.components.SetName("findings of patient A")  # a name the user gave
+    volume.SetName("Patient A T1")
+    again = mrml.publish(scene, volume, fake_detection(image, mask))
+    assert again.score is first.score and again.score.GetName() == "Patient A T1 anomaly score"
+    assert again.labelmap.GetName() == "Patient A T1 anomaly labelmap"
+    assert again.segmentation.GetName() == "Patient A T1 anomaly segmentation"
+    assert again.components.GetName() == "findings of patient A"
+
+
+def test_the_labelmap_names_its_label_as_the_segment_and_in_its_colour(scene):
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    out = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
+    colors = out.labelmap.GetDisplayNode().GetColorNode()
+    rgba = [0.0] * 4
+    assert colors.GetColor(1, rgba)
+    assert colors.GetColorName(1) == mrml.SEGMENT_NAME and rgba[:3] == pytest.approx(mrml.SEGMENT_COLOR, abs=1 / 255)
+    again = mrml.publish(scene, add_volume(scene, image, "other"), fake_detection(image, mask), create_labelmap=True)
+    assert again.labelmap.GetDisplayNode().GetColorNode() is colors  # one table per scene
 
 
 def test_the_panels_jump_and_the_result_agree_on_tied_slices(scene):

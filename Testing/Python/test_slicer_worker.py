@@ -642,6 +642,38 @@ def test_results_are_not_loaded_onto_a_volume_moved_while_the_job_ran(head_scene
     assert result.nodes.score.GetTransformNodeID() == moved.GetID()
 
 
+def test_results_are_not_loaded_onto_voxels_that_changed_while_the_detection_ran(head_scene, tiny_bundle):
+    """Another frame of a sequence shown, or an edit, on the same grid: the results belong to the voxels read,
+    in the worker and in process (where a progress callback that runs the GUI lets the user change the scene)."""
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    before = mrml.node_ids(scene)
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    voxels = slicer.util.arrayFromVolume(volume)
+    voxels[voxels.shape[0] // 2] += 10.0  # e.g. the sequence browser steps to the next frame
+    slicer.util.arrayFromVolumeModified(volume)
+    run_to_end(job)
+    with pytest.raises(CeVAEError, match="The voxels of the input volume 'head' changed while the detection ran"):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before and not job.folder.exists()
+
+    def edit_voxels() -> None:
+        slicer.util.arrayFromVolume(volume)[0] += 1.0
+        slicer.util.arrayFromVolumeModified(volume)
+
+    for edit, message in ((edit_voxels, "voxels of the input volume 'head' changed"),
+                          (lambda: volume.SetSpacing(3.0, 3.0, 3.0), "'head' was resampled or moved")):
+        done: list = []
+
+        def halfway(fraction: float, text: str) -> None:
+            if 0.5 < fraction < 0.9 and not done:
+                done.append(edit())
+
+        with pytest.raises(CeVAEError, match=message):
+            logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, progress=halfway)
+        assert done and mrml.node_ids(scene) == before
+
+
 def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
     """A line that is not the worker's own (NaN, a string, out of range) neither breaks the poll nor the panel's
     percentage; a fraction beyond [0, 1] is clamped."""
@@ -750,24 +782,33 @@ def test_the_runs_warnings_reach_the_result_in_the_worker_and_in_process(tiny_bu
     assert quiet.warnings == () and quiet.message == quiet.summary
 
 
-def test_the_jump_and_the_component_rows_follow_a_transform_set_after_the_run(tiny_bundle):
-    """The component table holds the input's own RAS (as the command line's CSV); the jump and a row's position
-    map it through the transform the input is under now, as the overlay moves with it."""
+def test_the_jump_and_the_component_rows_go_where_the_overlay_lies_after_a_transform_changes(tiny_bundle):
+    """The component table holds the input's own RAS at the run (as the command line's CSV); the jump and a row's
+    position map it to the world as the run's score volume lies now: moved with the transform the run was under,
+    and still on the lesion after that transform is hardened into the input (which changes the input's own RAS)."""
     scene, ((a, a_mask), _) = two_heads()
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    a.SetAndObserveTransformNodeID(moved.GetID())
+    a_mask.SetAndObserveTransformNodeID(moved.GetID())
     result = CeVAEAnomalyLogic().process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
     table = result.nodes.components
     assert table.GetNumberOfRows() > 0
     local = result.detection.components[0].centroid_ras
     assert nodes.component_position(table, 0) == pytest.approx(local)
-    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
     shift = vtk.vtkMatrix4x4()
     shift.SetElement(0, 3, 50.0)
-    moved.SetMatrixTransformToParent(shift)
-    a.SetAndObserveTransformNodeID(moved.GetID())
+    moved.SetMatrixTransformToParent(shift)  # e.g. a registration updated: input and overlay move together
     expected = (local[0] + 50.0, local[1], local[2])
     assert [nodes.table_column(table, c)[0] for c in "RAS"] == pytest.approx(local)
     assert nodes.component_position(table, 0) == pytest.approx(expected)
     assert nodes.stored_result(result.nodes.score).jump_ras == pytest.approx(expected)
+    assert result.topSliceRas == pytest.approx(expected)
+    top_slice = nodes.stored_result(result.nodes.score).top_slice_ras
+    slicer.vtkSlicerTransformLogic.hardenTransform(a)  # the lesion stays where it is in the world
+    assert a.GetParentTransformNode() is None and nodes.ijk_to_ras(a)[0, 3] != pytest.approx(local[0])
+    assert nodes.component_position(table, 0) == pytest.approx(expected)
+    assert nodes.stored_result(result.nodes.score).jump_ras == pytest.approx(expected)
+    assert nodes.stored_result(result.nodes.score).top_slice_ras == pytest.approx(top_slice)
     assert result.topSliceRas == pytest.approx(expected)
 
 
@@ -806,3 +847,66 @@ def test_a_run_given_another_inputs_score_volume_updates_its_own_latest_nodes(ti
                           outputs=mrml.OutputNodes(score=other.nodes.score))
     assert again.nodes.score is first.nodes.score and again.nodes.segmentation is first.nodes.segmentation
     assert mrml.node_ids(scene) == before
+
+
+def test_a_job_finishing_after_a_later_run_leaves_that_run_s_nodes_alone(head_scene, tiny_bundle):
+    """A console job loads into the results that were the input's latest when it started, not into nodes another
+    run filled or made meanwhile; with none at its start, it gets nodes of its own."""
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+
+    def lower_threshold(score) -> float:
+        return score.GetVolumeDisplayNode().GetLowerThreshold()
+
+    first = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.4)
+    comparison = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "comparison score")
+    later = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.5,
+                          outputs=mrml.OutputNodes(score=comparison))
+    run_to_end(job)
+    loaded = logic.finishDetection(job)
+    assert loaded.nodes.score is first.nodes.score and loaded.nodes.components is first.nodes.components
+    assert lower_threshold(comparison) == pytest.approx(0.5) and lower_threshold(first.nodes.score) == pytest.approx(0.4)
+    assert later.nodes.components is not first.nodes.components
+
+    image, brain = make_head(seed=8)  # an input without results yet
+    other, other_mask = add_volume(scene, image, "fresh"), add_volume(scene, brain, "fresh mask",
+                                                                      "vtkMRMLLabelMapVolumeNode")
+    job = logic.startDetection(other, other_mask, modelPath=tiny_bundle, device="cpu", threshold=0.4)
+    meanwhile = logic.process(other, other_mask, modelPath=tiny_bundle, device="cpu", threshold=0.5)
+    run_to_end(job)
+    loaded = logic.finishDetection(job)
+    assert loaded.nodes.score is not meanwhile.nodes.score
+    assert loaded.nodes.segmentation is not meanwhile.nodes.segmentation
+    assert lower_threshold(meanwhile.nodes.score) == pytest.approx(0.5)
+    assert lower_threshold(loaded.nodes.score) == pytest.approx(0.4)
+
+
+def test_a_detection_job_dropped_unloaded_stops_its_worker_and_removes_its_copy_of_the_scan(head_scene, tiny_bundle):
+    import gc
+
+    scene, volume, mask = head_scene
+    job = CeVAEAnomalyLogic().startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
+    folder, process = job.folder, job.process
+    assert (folder / "input.nrrd").is_file()
+    del job
+    gc.collect()
+    assert process.poll() is not None and not folder.exists()
+
+
+def test_a_calibration_nobody_polls_still_removes_its_copies_of_the_scans(tiny_bundle, tmp_path):
+    """Started from the console and never polled: the worker itself removes its folder as it ends, and still says
+    it is done; a failing one says why."""
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(seed=11)
+    volumes = [add_volume(scene, image, "healthy 11"), add_volume(scene, make_head(seed=12)[0], "healthy 12")]
+    masks = [add_volume(scene, mask, "mask 11", "vtkMRMLLabelMapVolumeNode"), None]
+    job = CeVAEAnomalyLogic().startCalibration(volumes, masks, tmp_path / "site.cevae", modelPath=tiny_bundle,
+                                               device="cpu")
+    job.process.wait(300)
+    assert not job.folder.exists()
+    assert job.wait(10) is JobState.DONE and (tmp_path / "site.cevae").is_file()
+    broken = CeVAEAnomalyLogic().startCalibration(volumes, masks, tmp_path / "other.cevae",
+                                                  modelPath=tmp_path / "none.cevae", device="cpu")
+    assert broken.wait(300) is JobState.FAILED and "none.cevae" in (broken.error or "")
+    assert not broken.folder.exists()

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -142,6 +143,10 @@ class WorkerJob:
         self._reader.start()
         self._eof = False
         self._exited_at: Optional[float] = None
+        if not remove_folder_at_end:  # a detection dropped unloaded, or still held when Python exits: nobody can
+            # load its results, so its worker is stopped and its copy of the scan removed (a calibration or an
+            # adaptation writes its model elsewhere, and its worker removes its copies as it ends)
+            weakref.finalize(self, _abandon, self.process, self._own_group, self.folder)
 
     @property
     def wrote_output(self) -> bool:
@@ -237,6 +242,15 @@ class WorkerJob:
         """Raise the worker's error as a CeVAEError if the job failed."""
         if self.state is JobState.FAILED:
             raise CeVAEError(self.error or "The worker failed.")
+
+
+def _abandon(process: subprocess.Popen, own_group: bool, folder: Path) -> None:
+    """What is left of a detection job no one holds any more: stop its worker if it still runs, remove its
+    folder (one the module made: its name says so)."""
+    if process.poll() is None:
+        stop_process_tree(process, own_group)
+    if folder.name.startswith(JOB_FOLDER_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _file_stamp(path: Optional[str]) -> Optional[Tuple[int, int, int]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import re
 import tempfile
@@ -67,13 +68,16 @@ class CeVAEAnomalyResult:
     @property
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
         """Where "jump to the most anomalous" goes, in world RAS: the top component's centroid when the
-        labelmap has one, else the centre of the most anomalous slice (DetectionResult.top_slice)."""
+        labelmap has one, else the centre of the most anomalous slice (DetectionResult.top_slice); read where the
+        score volume lies now (nodes.run_frame)."""
         from .nodes import slice_center_ras, to_world
 
+        score = self.nodes.score
+        frame = score if score is not None and score.GetImageData() is not None else self.volume
         if self.detection.components:
-            return to_world(self.volume, self.detection.components[0].centroid_ras)
+            return to_world(frame, self.detection.components[0].centroid_ras)
         top = self.detection.top_slice
-        return None if top is None else slice_center_ras(self.volume, top.axis, top.index)
+        return None if top is None else slice_center_ras(frame, top.axis, top.index)
 
     @property
     def summary(self) -> str:
@@ -99,20 +103,56 @@ class _DetectionTarget:
     outputs: Optional["OutputNodes"]
     createLabelmap: bool
     show3D: bool
-    geometry: Tuple  # the volume's grid and transform when the job started (_geometry)
+    state: Tuple  # the volume's grid and voxels when the job started (_state)
     mask: Optional[slicer.vtkMRMLNode] = None  # the brain mask node it used (None: the automatic one)
+    latest: Optional[str] = None  # the run stamp of the input's latest score volume when the job started
+
+    def outputs_now(self) -> Tuple[Optional["OutputNodes"], bool]:
+        """The nodes to load into, and whether to make new ones: without a chosen score volume, a job updates the
+        results that were the input's latest when it started; if another run has filled or made the latest ones
+        since, those are left alone (the job updates its start's, or gets nodes of its own)."""
+        from .mrml import OutputNodes
+        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output
+
+        if self.outputs is not None and self.outputs.score is not None:
+            return self.outputs, False
+        scene = self.volume.GetScene()
+        newest = find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, self.volume)
+        if newest is None or newest.GetAttribute(RUN_ATTRIBUTE) == self.latest:
+            return self.outputs, False
+        started = None if self.latest is None else find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE,
+                                                                self.volume, self.latest, exact=True)
+        return dataclasses.replace(self.outputs or OutputNodes(), score=started), started is None
 
 
-def _geometry(volumeNode) -> Tuple:
-    """The volume's voxel grid: its dimensions and IJK-to-RAS matrix (a parent transform set meanwhile is fine: the
-    outputs are put under the input's transform when they are loaded; hardening one changes the matrix)."""
+def _state(volumeNode) -> Tuple:
+    """The volume's voxel grid (dimensions and IJK-to-RAS matrix) and a digest of its voxels. A parent transform
+    set meanwhile is fine: the outputs are put under the input's transform when they are loaded; hardening one
+    changes the matrix, showing another frame of a sequence or editing the voxels changes the digest."""
+    import numpy as np
     import vtk
+    from vtk.util import numpy_support
 
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
     data = volumeNode.GetImageData()
+    scalars = None if data is None else data.GetPointData().GetScalars()
+    digest = None if scalars is None else hashlib.blake2b(
+        memoryview(np.ascontiguousarray(numpy_support.vtk_to_numpy(scalars))), digest_size=16).hexdigest()
     return (None if data is None else tuple(data.GetDimensions()),
-            tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)))
+            tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), digest)
+
+
+def _refuseChanged(volumeNode, before: Tuple) -> None:
+    """Refuse to load results onto an input whose grid or voxels are no longer those the detection read."""
+    now = _state(volumeNode)
+    if now[:2] != before[:2]:
+        raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was resampled or moved (a transform hardened) "
+                         "while the detection ran; its results would not lie on it. Run the detection again.")
+    if now[2] != before[2]:
+        raise CeVAEError(f"The voxels of the input volume '{volumeNode.GetName()}' changed while the detection ran "
+                         "(another frame of a sequence shown, or an edit); its results belong to the voxels it "
+                         "read. Run the detection again.")
 
 
 class CeVAEAnomalyLogic(_LogicBase):
@@ -270,11 +310,14 @@ class CeVAEAnomalyLogic(_LogicBase):
         self._checkInputs(volumeNode, maskNode, outputs)
         with _warningsLogged() as warnings:
             report(progress, 0.0, "Reading the volume")
+            state = _state(volumeNode)
             image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
             report(progress, 0.02, "Loading the model")
             detector = Detector.from_request(self.loadModel(modelPath, request.run.device), request)
             detection = detector(image, mask, progress=scaled(progress, 0.05, 0.95))
             report(progress, 0.95, "Creating the result nodes")
+            if volumeNode.GetScene() is not None:  # (a removed input is refused by publish)
+                _refuseChanged(volumeNode, state)  # a progress callback that runs the GUI lets the user change it
             result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode)
         result = dataclasses.replace(result, warnings=tuple(warnings))
         try:
@@ -287,17 +330,18 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def publish(self, volumeNode, detection: "DetectionResult", outputs: Optional["OutputNodes"] = None,
                 createLabelmap: bool = False, show3D: bool = False,
-                maskNode: Optional[slicer.vtkMRMLNode] = None) -> CeVAEAnomalyResult:
+                maskNode: Optional[slicer.vtkMRMLNode] = None, newNodes: bool = False) -> CeVAEAnomalyResult:
         """Create or update the result nodes of a detection of ``volumeNode`` (made with the brain mask ``maskNode``;
-        None: the automatic one)."""
+        None: the automatic one); ``newNodes``: make new ones, not update the latest run's, where ``outputs`` names
+        no score volume."""
         from . import mrml
 
         if volumeNode.GetScene() is None:
             raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was removed from the scene; "
                              "the results are not loaded.")
-        nodes = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D,
-                             maskNode)
-        result = CeVAEAnomalyResult(volumeNode, nodes, detection)
+        made = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D,
+                            maskNode, newNodes)
+        result = CeVAEAnomalyResult(volumeNode, made, detection)
         log.info("CeVAEAnomaly: %s", result.summary)
         return result
 
@@ -324,10 +368,13 @@ class CeVAEAnomalyLogic(_LogicBase):
         process group of its own so that Cancel ends the whole tree), ``python`` is the interpreter
         (Slicer: ``PythonSlicer``).
         """
+        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output
+
         self.checkDependencies()
         request = DetectionRequest.given(request, **options)
         _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
         self._checkInputs(volumeNode, maskNode, outputs)
+        state = _state(volumeNode)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         folder = Path(tempfile.mkdtemp(prefix=JOB_FOLDER_PREFIX))
         try:
@@ -339,8 +386,9 @@ class CeVAEAnomalyLogic(_LogicBase):
         except BaseException:
             _removeFolder(folder)
             raise
-        self._targets[job] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, _geometry(volumeNode),
-                                              maskNode)
+        latest = find_output(volumeNode.GetScene(), "vtkMRMLScalarVolumeNode", SCORE_ROLE, volumeNode)
+        self._targets[job] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, state, maskNode,
+                                              None if latest is None else latest.GetAttribute(RUN_ATTRIBUTE))
         return job
 
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
@@ -364,13 +412,12 @@ class CeVAEAnomalyLogic(_LogicBase):
             job.raise_for_failure()
             if job.done is None:
                 raise CeVAEError("The detection did not finish.")
-            if target.volume.GetScene() is not None and _geometry(target.volume) != target.geometry:
-                raise CeVAEError(f"The input volume '{target.volume.GetName()}' was resampled or moved (a transform "
-                                 "hardened) while the detection ran; its results would not lie on it. Run the "
-                                 "detection again.")
+            if target.volume.GetScene() is not None:
+                _refuseChanged(target.volume, target.state)
+            outputs, new_nodes = target.outputs_now()
             with _warningsLogged() as warnings:
-                result = self.publish(target.volume, load_result(job.folder), target.outputs, target.createLabelmap,
-                                      target.show3D, target.mask)
+                result = self.publish(target.volume, load_result(job.folder), outputs, target.createLabelmap,
+                                      target.show3D, target.mask, new_nodes)
             return dataclasses.replace(result, warnings=(*job.warnings, *warnings))
         finally:
             job.cleanup()

@@ -26,6 +26,7 @@ from .nodes import (
     COORDINATES_ATTRIBUTE,
     LABELMAP_ROLE,
     MASK_REFERENCE,
+    NAME_ATTRIBUTE,
     ROLE_ATTRIBUTE,
     RUN_ATTRIBUTE,
     SCORE_ROLE,
@@ -35,14 +36,19 @@ from .nodes import (
     SLICE_CHART_ROLE,
     SLICE_GRID_ATTRIBUTE,
     SLICE_TABLE_ROLE,
+    SOURCE_REFERENCE,
+    WRITTEN_KEY,
     anomaly_segment_id,
     belongs_to,
+    edited_since_written,
     find_output,
     holds_data,
     ijk_to_ras,
+    labelmap_signature,
     link_output,
     node_ids,
     segment_ids,
+    segment_signature,
     source_volume,
     stamp_run,
     to_numpy,
@@ -56,6 +62,9 @@ log = logging.getLogger(__name__)
 
 SEGMENT_NAME = "Anomaly"
 DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the brain's scores
+# Where the threshold lies on the colour map: the weakest shown voxels are dark red, not the map's black (which
+# reads as a hole in the scan beneath).
+THRESHOLD_COLOUR = 0.35
 SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map
 INFERNO_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 FALLBACK_COLOR_NAME = "CeVAEAnomaly Inferno"
@@ -272,8 +281,17 @@ def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suf
     if existing is None:
         existing = _of_group(scene, class_name, role, source, group)
     undo.keep(existing)
-    node = (existing if existing is not None
-            else scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(f"{source.GetName()} {suffix}")))
+    name = f"{source.GetName()} {suffix}"
+    if existing is None:
+        node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+        node.SetAttribute(NAME_ATTRIBUTE, node.GetName())
+    else:
+        node = existing
+        given = node.GetName()
+        if node.GetAttribute(NAME_ATTRIBUTE) == given and not given.startswith(name):  # the input was renamed
+            node.SetName(scene.GenerateUniqueName(name))  # (a name the user gave the output stays)
+            node.SetAttribute(NAME_ATTRIBUTE, node.GetName())
+            undo.on_failure(lambda: (node.SetName(given), node.SetAttribute(NAME_ATTRIBUTE, given)))
     if link:
         link_output(node, role, source)
     return node
@@ -337,6 +355,7 @@ def publish(
     create_labelmap: bool = False,
     show_3d: bool = False,
     mask_node: Optional[slicer.vtkMRMLNode] = None,
+    new_nodes: bool = False,
 ) -> OutputNodes:
     """Create or update the score volume, segmentation, optional labelmap and the tables; the score volume
     remembers the brain mask node the run used (``mask_node``; None: the automatic one).
@@ -345,8 +364,8 @@ def publish(
     ones, ones deleted from the scene meanwhile and ones holding another volume's results (never
     replaced) are found again (same role and source volume) or created. A score volume of the user's that
     holds data (another scan) is never written into either: the run goes to a new score volume with nodes of
-    its own. Transactional: on any
-    error the nodes this call added are removed again.
+    its own, as it does with ``new_nodes`` and no score volume in ``targets`` (instead of updating the latest
+    run's). Transactional: on any error the nodes this call added are removed again.
     """
     targets = _in_scene(scene, targets or OutputNodes())
     check_output_classes(targets)
@@ -360,8 +379,8 @@ def publish(
         users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
                  and holds_data(targets.score))  # a volume of the user's: kept, and this run gets nodes of its own
         out.score = _output(scene, undo, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node,
-                            "anomaly score", group=None if users else NEWEST, link=False)
-        group = _group_of(out.score, volume_node, chose=targets.score is not None)
+                            "anomaly score", group=None if users or new_nodes else NEWEST, link=False)
+        group = _group_of(out.score, volume_node, chose=targets.score is not None or new_nodes)
         link_output(out.score, SCORE_ROLE, volume_node)
         used = out.score.GetNodeReferenceID(MASK_REFERENCE)
         undo.on_failure(lambda: out.score.SetNodeReferenceID(MASK_REFERENCE, used))
@@ -375,8 +394,15 @@ def publish(
         if targets.labelmap is not None or create_labelmap or earlier_labelmap is not None:
             out.labelmap = _output(scene, undo, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE,
                                    volume_node, "anomaly labelmap", group)
+            if edited_since_written(out.labelmap.GetAttribute(WRITTEN_KEY), labelmap_signature(out.labelmap)):
+                _hand_over(undo, out.labelmap)
+                out.labelmap = _output(scene, undo, None, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
+                                       "anomaly labelmap", group)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
+            out.labelmap.SetAttribute(WRITTEN_KEY, labelmap_signature(out.labelmap))
             out.labelmap.CreateDefaultDisplayNodes()
+            undo.keep(out.labelmap.GetDisplayNode())
+            out.labelmap.GetDisplayNode().SetAndObserveColorNodeID(label_color_node_id(scene))
         out.segmentation = _output(scene, undo, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
                                    volume_node, "anomaly segmentation", group)
         _fill_segmentation(scene, undo, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
@@ -389,6 +415,20 @@ def publish(
         out.slice_chart = _slice_chart(scene, undo, out.slice_table, volume_node, targets.slice_chart, group)
         stamp_run([*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)])  # the chart's series too
     return out
+
+
+def _hand_over(undo: Undo, node: slicer.vtkMRMLNode) -> None:
+    """A labelmap of this module's that the user has edited since its run wrote it is theirs now: no longer an
+    output of its input (so no run writes into it again), named "... (edited)", kept as it is."""
+    name, source = node.GetName(), node.GetNodeReferenceID(SOURCE_REFERENCE)
+    log.warning("'%s' was edited since the run that wrote it; it is kept as '%s (edited)', and this run's labelmap "
+                "goes to a new node.", name, name)
+    undo.keep(node)
+    undo.on_failure(lambda: (node.SetName(name), node.SetNodeReferenceID(SOURCE_REFERENCE, source)))
+    for key in (ROLE_ATTRIBUTE, RUN_ATTRIBUTE, WRITTEN_KEY, NAME_ATTRIBUTE):
+        node.RemoveAttribute(key)
+    node.RemoveNodeReferenceIDs(SOURCE_REFERENCE)
+    node.SetName(f"{name} (edited)")
 
 
 def _fill_volume(node: slicer.vtkMRMLVolumeNode, volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image) -> None:
@@ -417,9 +457,27 @@ def score_color_node_id(scene: slicer.vtkMRMLScene) -> str:
     return table.GetID()
 
 
+def label_color_node_id(scene: slicer.vtkMRMLScene) -> str:
+    """The anomaly labelmap's colours, made once per scene: label 1 is "Anomaly", in the segment's colour."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == "label colors":
+            return node.GetID()
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetTypeToUser()
+    table.SetName("CeVAEAnomaly labels")
+    table.SetAttribute(ROLE_ATTRIBUTE, "label colors")
+    table.SetNumberOfColors(2)
+    table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
+    table.SetColor(1, SEGMENT_NAME, *SEGMENT_COLOR, 1.0)
+    scene.AddNode(table)
+    return table.GetID()
+
+
 def display_range(threshold: float, score: sitk.Image, brain: sitk.Image) -> Tuple[float, float]:
-    """(lower, upper) of the heat map: from the threshold (lower scores are transparent) to the
-    99th percentile of the brain's scores, or the maximum score if that percentile is lower."""
+    """(lower, upper) of the heat map: from the threshold (lower scores are transparent; it is shown in the colour
+    at :data:`THRESHOLD_COLOUR`) to the 99th percentile of the brain's scores, or the maximum score if that
+    percentile is lower (there the colour map saturates)."""
     values = sitk.GetArrayViewFromImage(score)[sitk.GetArrayViewFromImage(brain) > 0]
     lower = float(threshold)
     if not np.isfinite(lower):  # threshold inf (nothing flagged): the map still shows the brain's highest 1 %
@@ -448,7 +506,7 @@ def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, thresh
     wasModifying = display.StartModify()
     display.SetAndObserveColorNodeID(score_color_node_id(scene))
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(lower, upper)
+    display.SetWindowLevelMinMax(lower - THRESHOLD_COLOUR / (1.0 - THRESHOLD_COLOUR) * (upper - lower), upper)
     display.AutoThresholdOff()
     display.SetThreshold(lower, float(np.finfo(np.float32).max))
     display.ApplyThresholdOn()
@@ -463,11 +521,21 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     segmentation = node.GetSegmentation()
     previous = anomaly_segment_id(node)
     old = None if previous is None else segmentation.GetSegment(previous)
-    if old is not None and old.GetName() != SEGMENT_NAME:
+    written = vtk.reference("")
+    edited = old is not None and old.GetName() == SEGMENT_NAME and old.GetTag(WRITTEN_KEY, written) and \
+        edited_since_written(str(written), segment_signature(old))
+    if old is not None and (old.GetName() != SEGMENT_NAME or edited):
         old.RemoveTag(SEGMENT_TAG)
         undo.on_failure(lambda: old.SetTag(SEGMENT_TAG, "anomaly"))
-        log.info("The segment '%s' of '%s' was renamed; it is kept, and the new anomalies get a segment of their own.",
-                 old.GetName(), node.GetName())
+        if edited:
+            old.SetName(f"{SEGMENT_NAME} (edited)")
+            undo.on_failure(lambda: old.SetName(SEGMENT_NAME))
+            log.warning("The segment '%s' of '%s' was edited since the run that wrote it; it is kept as '%s (edited)', "
+                        "and the new anomalies get a segment of their own.", SEGMENT_NAME, node.GetName(),
+                        SEGMENT_NAME)
+        else:
+            log.info("The segment '%s' of '%s' was renamed; it is kept, and the new anomalies get a segment of their "
+                     "own.", old.GetName(), node.GetName())
     elif old is not None:
         ids = segment_ids(node)
         later = ids[ids.index(previous) + 1:]
@@ -499,6 +567,7 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     segment.SetName(SEGMENT_NAME)
     segment.SetColor(*SEGMENT_COLOR)
     segment.SetTag(SEGMENT_TAG, "anomaly")
+    segment.SetTag(WRITTEN_KEY, segment_signature(segment))
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()  # per segment: the other segments of a user's segmentation keep their look

@@ -24,11 +24,15 @@ PANEL_MASKS = (slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode)
 MASK_REFERENCE = "CeVAEAnomalyBrainMask"  # on a score volume: the brain mask its run used (none: the automatic one)
 SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
 COORDINATES_ATTRIBUTE = "CeVAEAnomaly.Coordinates"  # "local": a component table's R, A, S are the input's own RAS
+NAME_ATTRIBUTE = "CeVAEAnomaly.Name"  # the name the module gave an output: while it has it, it follows its input's
 RUN_ATTRIBUTE = "CeVAEAnomaly.Run"  # when the run that filled the node published it (ns since the epoch)
 # The slice table's grid: the input's IJK-to-RAS (16 numbers) when its indices were written. A scene save stores a
 # left-handed volume with its slice axis reversed, so the indices are read back through this matrix.
 SLICE_GRID_ATTRIBUTE = "CeVAEAnomaly.SliceGrid"
 SEGMENT_TAG = "CeVAEAnomaly.Role"  # tag of this module's segment: only it is replaced on a new run
+# On a labelmap (attribute) and on the module's segment (tag): what the run wrote (content_signature), so that a
+# later run can tell a labelmap or segment the user has edited since, and keep it.
+WRITTEN_KEY = "CeVAEAnomaly.Written"
 SCORE_ROLE = "score"
 SEGMENTATION_ROLE = "segmentation"
 LABELMAP_ROLE = "labelmap"
@@ -178,6 +182,42 @@ def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
     return None
 
 
+def content_signature(ijk: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> str:
+    """The number of labelled voxels (``ijk``: their indices, [N, 3]) and their centroid in local RAS to 0.1 mm:
+    any paint or erase changes it, how a scene save stores the voxels (extent, axis order) does not."""
+    if len(ijk) == 0:
+        return "0"
+    centre = ijk_to_ras_matrix[:3, :3] @ ijk.mean(axis=0) + ijk_to_ras_matrix[:3, 3]
+    return f"{len(ijk)}:" + ",".join(f"{v:.1f}" for v in centre + 0.0)  # (+ 0.0: no "-0.0")
+
+
+def labelmap_signature(node: slicer.vtkMRMLVolumeNode) -> str:
+    """:func:`content_signature` of a labelmap volume's non-zero voxels."""
+    data = node.GetImageData()
+    if data is None or data.GetPointData().GetScalars() is None:
+        return "0"
+    voxels = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(data.GetDimensions()[::-1])
+    return content_signature(np.argwhere(voxels)[:, ::-1], ijk_to_ras(node))
+
+
+def segment_signature(segment: slicer.vtkSegment) -> str:
+    """:func:`content_signature` of a segment's binary labelmap (its own label in a shared one)."""
+    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if image is None or image.GetPointData().GetScalars() is None:
+        return "0"
+    extent = image.GetExtent()
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(image.GetDimensions()[::-1])
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    ijk = np.argwhere(voxels == segment.GetLabelValue())[:, ::-1] + np.array(extent[::2])
+    return content_signature(ijk, to_numpy(matrix))
+
+
+def edited_since_written(written: Optional[str], now: str) -> bool:
+    """Whether content the run recorded as ``written`` (None: recorded by no run) is ``now`` something else."""
+    return bool(written) and written != now
+
+
 def segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
     """IDs of a segmentation's segments, in order."""
     segmentation = node.GetSegmentation()
@@ -308,7 +348,8 @@ class StoredResult:
 
         row = int(np.lexsort((index, -column("Sample score"), -column("Highest score"), -column("Slice anomaly")))[0])
         axis = "IJK".index(table.GetAttribute(SLICE_AXIS_ATTRIBUTE) or "K")
-        return slice_center_ras(self.volume, axis, int(index[row]), slice_grid(table))
+        frame = self.score if self.score.GetImageData() is not None else self.volume  # see run_frame
+        return slice_center_ras(frame, axis, int(index[row]), slice_grid(table))
 
 
 def stored_result(score: Optional[slicer.vtkMRMLScalarVolumeNode]) -> Optional[StoredResult]:
@@ -347,14 +388,27 @@ def table_column(table_node: slicer.vtkMRMLTableNode, name: str) -> np.ndarray:
 
 def component_position(table_node: slicer.vtkMRMLTableNode, row: int) -> Tuple[float, float, float]:
     """World RAS centroid of the component in ``row`` of a component table: its R, A, S are the input volume's own
-    RAS, mapped through the transform the input is under now (a table written before they were, in world RAS then,
-    is read as it is)."""
+    RAS at the run, mapped to the world as the run's score volume lies now (:func:`run_frame`; a table written
+    before they were local, in world RAS then, is read as it is)."""
     if not 0 <= row < table_node.GetNumberOfRows():
         raise CeVAEError(f"Row {row} is not in the component table.")
     point = tuple(float(table_column(table_node, axis)[row]) for axis in ("R", "A", "S"))
-    volume = source_volume(table_node)
+    frame = run_frame(table_node)
     local = table_node.GetAttribute(COORDINATES_ATTRIBUTE) == "local"
-    return to_world(volume, point) if local and volume is not None else point
+    return to_world(frame, point) if local and frame is not None else point
+
+
+def run_frame(output: slicer.vtkMRMLNode) -> Optional[slicer.vtkMRMLVolumeNode]:
+    """The node whose local RAS and transform a run's positions are read in: the run's score volume, which keeps
+    the input's grid and transform of that run (a transform hardened into the input since changes the input's own
+    RAS, not the score's) and is what the overlay shows; the input volume if the score volume is gone."""
+    volume = source_volume(output)
+    scene = output.GetScene()
+    if volume is None or scene is None:
+        return volume
+    score = find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume, output.GetAttribute(RUN_ATTRIBUTE),
+                        exact=True)
+    return score if score is not None and score.GetImageData() is not None else volume
 
 
 # --- calibration inputs ------------------------------------------------------------------------

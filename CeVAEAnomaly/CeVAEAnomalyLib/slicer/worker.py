@@ -11,7 +11,8 @@ The worker stops by itself (exit status 3, nothing written) when its request fil
 (the module cancelled the job, or closed, and removed the job's folder) or, on POSIX, when its
 parent process changes (the launcher ended) or the process that made the request (``owner_pid``:
 Slicer, which a launcher may stand between) is gone; then it also removes the job's folder, which
-holds a copy of the scan and nobody else will remove. It checks at every progress report and,
+holds a copy of the scan and nobody else will remove. A calibration or an adaptation removes it as
+it ends in any case (its model is written elsewhere). It checks at every progress report and,
 between them, in a watch thread every REQUEST_POLL_S seconds. SIGTERM stops it like Ctrl-C, so
 files being written are removed.
 
@@ -116,6 +117,7 @@ def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any
     return {"model": str(path), "subjects": len(subjects)}
 
 
+SCRATCH_TASKS = ("calibrate", "adapt")  # tasks whose folder holds nothing to read afterwards (their model is elsewhere)
 TASKS: Dict[str, Callable[[Dict[str, Any], ProgressCallback], Dict[str, Any]]] = {
     "detect": run_detect, "calibrate": run_calibrate, "adapt": run_adapt}
 
@@ -149,6 +151,7 @@ class RequestWatch:
         self.path = request_path
         self._parent = os.getppid() if os.name == "posix" else None
         self._owner = owner_pid
+        self._over = False  # the task has ended: nothing more to watch
 
     @property
     def orphaned(self) -> bool:
@@ -158,12 +161,13 @@ class RequestWatch:
 
     @property
     def abandoned(self) -> bool:
-        return not self.path.exists() or self.orphaned
+        """Withdrawn while the task runs (after :meth:`stop`, its folder may go: that is no withdrawal)."""
+        return not self._over and (not self.path.exists() or self.orphaned)
 
     def leave(self) -> None:
         """End the process now; an orphaned job first removes its folder (the copy of the scan in it)."""
-        if self.orphaned and self.path.parent.name.startswith(JOB_FOLDER_PREFIX):
-            shutil.rmtree(self.path.parent, ignore_errors=True)
+        if self.orphaned:
+            _remove_job_folder(self.path.parent)
         os._exit(EXIT_ABANDONED)
 
     def check(self) -> None:
@@ -175,8 +179,10 @@ class RequestWatch:
         """Watch in a thread: once abandoned, interrupt the main thread (so files being written
         are removed); if it has not ended after ABANDON_GRACE_S, leave at once."""
         def watch() -> None:
-            while not self.abandoned:
+            while not (self._over or self.abandoned):
                 time.sleep(REQUEST_POLL_S)
+            if self._over:  # (read after the folder check: a folder the ended task removed is no withdrawal)
+                return
             import _thread
 
             _thread.interrupt_main()
@@ -184,6 +190,16 @@ class RequestWatch:
             self.leave()
 
         threading.Thread(target=watch, name="CeVAEAnomaly request watch", daemon=True).start()
+
+    def stop(self) -> None:
+        """The task has ended: stop watching (its folder may go now)."""
+        self._over = True
+
+
+def _remove_job_folder(folder: Path) -> None:
+    """Remove a job's temporary folder (one the module made: its name says so)."""
+    if folder.name.startswith(JOB_FOLDER_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _progress(watch: RequestWatch) -> ProgressCallback:
@@ -211,8 +227,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise CeVAEError(f"Unknown worker task {task.get('task')!r}.")
             watch = RequestWatch(Path(args[0]), task.get("owner_pid"))
             watch.start()
-            done = run(task, _progress(watch))
-            watch.check()
+            try:
+                done = run(task, _progress(watch))
+                watch.check()
+            finally:
+                if task.get("task") in SCRATCH_TASKS:  # its folder held copies of the scans only
+                    watch.stop()
+                    _remove_job_folder(Path(args[0]).parent)
     except (Cancelled, KeyboardInterrupt):  # withdrawn, SIGTERM (Cancel) or the watch: nothing more to say
         # Files being written were removed on the way here; skip the interpreter's teardown (about a
         # second with torch loaded), so that Cancel ends the process at once.
