@@ -866,7 +866,8 @@ def test_a_job_finishing_after_a_later_run_leaves_that_run_s_nodes_alone(head_sc
     run_to_end(job)
     loaded = logic.finishDetection(job)
     assert loaded.nodes.score is first.nodes.score and loaded.nodes.components is first.nodes.components
-    assert lower_threshold(comparison) == pytest.approx(0.5) and lower_threshold(first.nodes.score) == pytest.approx(0.4)
+    assert lower_threshold(comparison) == pytest.approx(0.5)
+    assert lower_threshold(first.nodes.score) == pytest.approx(0.4)
     assert later.nodes.components is not first.nodes.components
 
     image, brain = make_head(seed=8)  # an input without results yet
