@@ -527,7 +527,7 @@ def test_s4ext_has_every_field_and_agrees_with_cmake():
     for key, var in (("category", "EXTENSION_CATEGORY"), ("depends", "EXTENSION_DEPENDS"),
                      ("homepage", "EXTENSION_HOMEPAGE"), ("contributors", "EXTENSION_CONTRIBUTORS"),
                      ("iconurl", "EXTENSION_ICONURL"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS"),
-                     ("description", "EXTENSION_DESCRIPTION")):
+                     ("description", "EXTENSION_DESCRIPTION"), ("keywords", "EXTENSION_KEYWORDS")):
         assert fields[key] == cmake_value(var), key
     assert "recommends" not in fields and "EXTENSION_RECOMMENDS" not in (REPO / "CMakeLists.txt").read_text()
     description = module_description_fields()
@@ -536,6 +536,9 @@ def test_s4ext_has_every_field_and_agrees_with_cmake():
     assert fields["category"] in constants["categories"] and fields["contributors"] in constants["contributors"]
     cmake = (REPO / "CMakeLists.txt").read_text()
     assert re.findall(r"add_subdirectory\((\w+)\)", cmake) == ["CeVAEAnomaly"]
+    assert "," not in fields["keywords"]  # a space-separated list
+    for kind, name in (("LICENSE", "LICENSE"), ("README", "README.md")):  # ours, not Slicer's (its default)
+        assert f"set(EXTENSION_{kind}_FILE ${{CMAKE_CURRENT_SOURCE_DIR}}/{name})" in cmake and (REPO / name).is_file()
     assert (MODULE_DIR / "CMakeLists.txt").is_file()
 
 
