@@ -50,8 +50,26 @@ def test_adaptation_is_repeatable(scan_slices, one_thread) -> None:
     torch.manual_seed(123)  # the global generator's state must not matter
     a = _adapt(bundle, slices, brain, 5).state_dict()
     torch.manual_seed(456)
+    caller = torch.get_rng_state()
     b = _adapt(bundle, slices, brain, 5).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.get_rng_state(), caller)  # the caller's random state is left as it was
+
+
+def test_two_adaptations_at_once_give_what_each_gives_alone(scan_slices) -> None:
+    """Thorough detections in two threads (a console user's, a server's): no random state is shared."""
+    import threading
+
+    bundle, slices, brain, _, _ = scan_slices
+    alone = _adapt(bundle, slices, brain, 4).state_dict()
+    together: list = []
+    threads = [threading.Thread(target=lambda: together.append(_adapt(bundle, slices, brain, 4).state_dict()))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(together) == 2 and all(torch.equal(w[k], alone[k]) for w in together for k in alone)
 
 
 def test_adaptation_can_be_cancelled_between_steps(scan_slices, one_thread) -> None:

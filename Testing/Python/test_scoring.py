@@ -83,10 +83,15 @@ def test_mc_sampling_is_the_mean_error_over_sampled_decodings():
     brain = torch.ones(2, 64, 64, dtype=torch.bool)
     brain[1, :, :20] = False
     torch.manual_seed(7)
+    caller = torch.get_rng_state()
     mc, s = score_slices(model, x, brain, ScoreOptions(score_type="rec", mc_samples=3))
+    assert torch.equal(torch.get_rng_state(), caller)  # the draws come from a generator of their own, seeded 0
+    torch.manual_seed(8)
+    again, _ = score_slices(model, x, brain, ScoreOptions(score_type="rec", mc_samples=3))
+    assert torch.equal(again, mc)  # the same map in every run, whatever ran before
 
-    torch.manual_seed(7)  # the same draws, one [slices, z] block of eps per sample, decoded one slice at a time
-    eps = [torch.randn(2, 4) for _ in range(3)]
+    draws = torch.Generator().manual_seed(0)  # one [slices, z] block of eps per sample, decoded one slice at a time
+    eps = [torch.randn(2, 4, generator=draws) for _ in range(3)]
     with torch.no_grad():
         expected, std_squared = torch.zeros(2, 64, 64), torch.zeros(2, 64, 64)
         for k in range(2):

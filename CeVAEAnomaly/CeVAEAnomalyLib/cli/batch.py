@@ -313,8 +313,6 @@ class VolumeDetector:
         self.detector = Detector.from_request(bundle, settings.request)
 
     def __call__(self, item: BatchItem, overwrite: bool) -> Dict[str, object]:
-        import torch
-
         from ..io.images import read_image
         from ..io.atomic import write_all
         from ..result import result_files
@@ -331,7 +329,6 @@ class VolumeDetector:
                 return done
             image = read_image(item.image)
             mask = read_image(item.mask, "brain mask") if item.mask else None
-            torch.manual_seed(0)  # sampled scores do not depend on the order or the worker
             result = self.detector(image, mask, progress=self.go_on)
             self.go_on()  # past here the outputs are written and their row returned
             try:

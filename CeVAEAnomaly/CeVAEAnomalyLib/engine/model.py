@@ -48,8 +48,10 @@ class CeVAE(nn.Module):
         """z [B,z] -> reconstruction [B,1,S,S]."""
         return self.decoder(z[:, :, None, None])
 
-    def forward(self, x: torch.Tensor, x_corrupted: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
-        """VAE branch: sampled reconstruction, mu and logvar of ``x``.
+    def forward(self, x: torch.Tensor, x_corrupted: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
+        """VAE branch: sampled reconstruction, mu and logvar of ``x`` (the latent noise from ``generator``, a CPU
+        generator, if given; else from torch's global one).
 
         With ``x_corrupted`` the context-encoding branch runs in the same pass (one stacked
         encoder and decoder call) and its reconstruction from the latent mean comes fourth.
@@ -58,14 +60,22 @@ class CeVAE(nn.Module):
         """
         if x_corrupted is None:
             mu, logvar = self.encode(x)
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            z = mu + latent_noise(mu, generator) * torch.exp(0.5 * logvar)
             return self.decode(z), mu, logvar
         n = x.shape[0]
         mu_all, logvar_all = self.encode(torch.cat([x, x_corrupted]))
         mu, logvar = mu_all[:n], logvar_all[:n]
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        z = mu + latent_noise(mu, generator) * torch.exp(0.5 * logvar)
         rec = self.decode(torch.cat([z, mu_all[n:]]))
         return rec[:n], mu, logvar, rec[n:]
+
+
+def latent_noise(like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``: from ``generator`` (a CPU generator, so that a seeded draw is the
+    same on every device; it leaves torch's global random state alone), else from the global generator."""
+    if generator is None:
+        return torch.randn_like(like)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
 def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -80,11 +90,13 @@ def rec_error(x: torch.Tensor, y: torch.Tensor, kind: str = "l1") -> torch.Tenso
 
 
 def cevae_loss(
-    model: nn.Module, x: torch.Tensor, x_corrupted: torch.Tensor, cfg: LossConfig
+    model: nn.Module, x: torch.Tensor, x_corrupted: torch.Tensor, cfg: LossConfig,
+    generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, dict]:
     """(1-c)·(β·KL + rec_VAE) + c·rec_CE; KL is a mean over latents, rec a mean over pixels.
 
-    ``model`` is a :class:`CeVAE` or a DistributedDataParallel wrapper of one.
+    ``model`` is a :class:`CeVAE` or a DistributedDataParallel wrapper of one; ``generator``: where the latent
+    samples come from (:func:`latent_noise`).
 
     The CE branch encodes the corrupted slice and decodes the latent mean (no sampling); it
     must restore the clean slice.
@@ -93,9 +105,9 @@ def cevae_loss(
     terms = {}
     total = x.new_zeros(())
     if c > 0.0:  # one call computes both branches
-        rec, mu, logvar, rec_ce_img = model(x, x_corrupted)
+        rec, mu, logvar, rec_ce_img = model(x, x_corrupted, generator)
     else:
-        rec, mu, logvar = model(x)
+        rec, mu, logvar = model(x, generator=generator)
     if c < 1.0:
         kl = kl_per_sample(mu, logvar).mean() / mu.shape[1]
         rec_vae = rec_error(rec, x, cfg.rec).mean()

@@ -38,16 +38,16 @@ def adapted_copy(model: CeVAE, slices: torch.Tensor, brain: torch.Tensor, steps:
     if len(train) == 0:
         train = slices[share > 0] if bool((share > 0).any()) else slices
     net = copy.deepcopy(model).train()
-    generator = torch.Generator().manual_seed(TEST_TIME_SEED)
+    generator = torch.Generator().manual_seed(TEST_TIME_SEED)  # batches and rectangles
+    latents = torch.Generator().manual_seed(TEST_TIME_SEED)  # latent samples: no global random state is used
     optimiser = torch.optim.Adam(net.parameters(), lr=TEST_TIME_LR)
     report(progress, 0.0, "Adapting the model to this scan")
-    with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # latent samples seeded too (on the CPU)
-        torch.manual_seed(TEST_TIME_SEED)
+    with torch.enable_grad():
         for step in range(steps):
             pick = torch.randint(len(train), (min(TEST_TIME_BATCH, len(train)),), generator=generator)
             x = train[pick, None].to(torch.float32)
             corrupted, _ = random_rectangles(x, generator, value_range=(0.0, float(clip_max)))
-            value, _ = cevae_loss(net, x.to(device), corrupted.to(device), loss)
+            value, _ = cevae_loss(net, x.to(device), corrupted.to(device), loss, latents)
             optimiser.zero_grad(set_to_none=True)
             value.backward()
             optimiser.step()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..options import DEFAULT_BATCH_SIZE, ScoreOptions
 from .config import LossConfig
-from .model import CeVAE, kl_per_sample, rec_error
+from .model import CeVAE, kl_per_sample, latent_noise, rec_error
 from ..progress import ProgressCallback, report
 
 @dataclass
@@ -70,10 +70,11 @@ def _minmax(maps: torch.Tensor, per_slice: bool) -> torch.Tensor:
 
 def _batch_maps(
     model: CeVAE, x: torch.Tensor, brain: torch.Tensor, opts: ScoreOptions, need_grad: bool,
-    attribution: bool, beta: float,
+    attribution: bool, beta: float, samples: torch.Generator,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Tuple[torch.Tensor, ...]]:
     """For a batch [B,1,S,S]: rec, |grad| (or None), the attribution map max(0, grad * (x - recon))
-    (or None) and (kl, rec_mean, neg_elbo) per slice."""
+    (or None) and (kl, rec_mean, neg_elbo) per slice; ``samples``: where latent samples (``mc_samples``) come
+    from."""
     x = x.detach().requires_grad_(need_grad)
     elbo_grad = need_grad and opts.grad_target == "elbo"
     with torch.enable_grad() if need_grad else torch.no_grad():
@@ -97,7 +98,7 @@ def _batch_maps(
             std = torch.exp(0.5 * logvar.detach())
             rec = torch.zeros_like(x)
             for _ in range(opts.mc_samples):
-                z = mu.detach() + torch.randn_like(std) * std
+                z = mu.detach() + latent_noise(std, samples) * std
                 rec += rec_error(x, model.decode(z), opts.rec_kind)
             rec /= opts.mc_samples
         else:
@@ -145,12 +146,13 @@ def network_maps(
         torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
         if amp else nullcontext()
     )
+    samples = torch.Generator().manual_seed(0)  # sampled scores: the same in every run, whatever ran before
     report(progress, 0.0, "Scoring slices")
     for start in range(0, n, batch_size):
         x = slices[start : start + batch_size, None].to(device, torch.float32)
         b = brain[start : start + batch_size, None].to(device, torch.float32)
         with autocast:
-            rec, grad, attr, st = _batch_maps(model, x, b, opts, need_grad, attribution, beta)
+            rec, grad, attr, st = _batch_maps(model, x, b, opts, need_grad, attribution, beta, samples)
         recs.append(rec.float())
         brains.append(b)
         if grad is not None:
