@@ -71,6 +71,22 @@ def test_estimate_midplane_recovers_a_shifted_tilted_plane() -> None:
     assert abs(np.dot(found.normal, centre) - found.offset) < 1.0
 
 
+def test_the_asymmetry_is_the_same_in_any_intensity_units() -> None:
+    """A volume in tiny units (scaled by 1e-8) gives the map of the original (WHAT_HAPPENS_WHEN.md)."""
+    image, mask, _ = symmetric_phantom(shift=4.0, yaw_deg=5.0)
+    arr = sitk.GetArrayFromImage(image)
+    arr[10:20, 20:30, 30:40] += 1.5  # something asymmetric
+    region = tuple(slice(0, n) for n in arr.shape)
+    brain = sitk.GetArrayFromImage(mask) > 0
+    maps = []
+    for factor in (1.0, 1e-8):
+        scaled = sitk.GetImageFromArray(arr * np.float32(factor))
+        scaled.CopyInformation(image)
+        maps.append(box_asymmetry(scaled, brain, region, sigma_mm=2.0))
+    assert np.abs(maps[0].asymmetry).max() > 0.1
+    np.testing.assert_allclose(maps[1].asymmetry, maps[0].asymmetry, atol=1e-4)
+
+
 @pytest.mark.parametrize("yaw, roll", [(0.0, 15.0), (-12.0, 12.0), (18.0, 0.0)])
 def test_the_plane_of_a_head_turned_or_rolled_in_the_scanner_is_found(yaw, roll) -> None:
     """The bundled colin27 head turned (about the vertical axis) or rolled (about the front-back axis) by up to

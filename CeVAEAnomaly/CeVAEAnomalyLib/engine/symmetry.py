@@ -84,10 +84,12 @@ def estimate_midplane(image: sitk.Image, brain: sitk.Image) -> MidPlane:
 
 def _unit_scaled(values: np.ndarray) -> np.ndarray:
     """Brain intensities scaled by their 1st-99th percentiles and clipped to [0, 1.5], as float32; float64
-    input is scaled in float64 first (huge values would overflow float32)."""
+    input is scaled in float64 first (huge values would overflow float32). Scaled alike in any units (a volume
+    in units 10⁻⁸ as large gives the same values); equal percentiles scale by 1."""
     values = values.astype(np.float64 if values.dtype == np.float64 else np.float32, copy=False)
     lo, hi = np.percentile(values, [1, 99])
-    return np.clip((values - lo) / max(float(hi - lo), 1e-6), 0, 1.5).astype(np.float32, copy=False)
+    span = float(hi - lo)
+    return np.clip((values - lo) / (span if span > 0 else 1.0), 0, 1.5).astype(np.float32, copy=False)
 
 
 def _search(scaled: sitk.Image) -> MidPlane:
