@@ -341,3 +341,39 @@ def test_a_thin_stack_of_fine_slices_keeps_enough_voxels_to_smooth():
         image = sitk.GetImageFromArray(np.random.default_rng(0).random((slices, 60, 60), dtype=np.float32))
         image.SetSpacing((1.0, 1.0, spacing))
         assert _downsampled(image).GetSize()[:2] == (15, 15)
+
+
+def test_registrations_in_two_threads_leave_itk_s_thread_count_as_it_was():
+    """ITK runs on one thread while any registration runs; overlapping ones (two threads) restore the caller's
+    count once the last has ended, not the 1 the first had set."""
+    import threading
+
+    from CeVAEAnomalyLib.engine.brainmask import _single_threaded_itk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
+    try:
+        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+        seen = []
+
+        def first() -> None:
+            with _single_threaded_itk():
+                first_in.set()
+                second_in.wait(10)
+            first_out.set()
+
+        def second() -> None:
+            first_in.wait(10)
+            with _single_threaded_itk():
+                second_in.set()
+                first_out.wait(10)
+                seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())  # the other one has ended
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == [1] and sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)

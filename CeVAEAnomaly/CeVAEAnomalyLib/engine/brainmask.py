@@ -14,8 +14,10 @@ largest connected component.
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -288,11 +290,39 @@ def _register(
 
     ``progress`` (fractions of the registration) is called at every optimiser iteration.
     """
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     # One thread: ITK's metric sums per thread, and how the samples fall to the threads of its pool
     # varies from run to run, so with more threads one input gave slightly different masks. (The
     # method's own SetNumberOfThreads does not reach the metric.) The registration is on a 4 mm grid.
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    with _single_threaded_itk():
+        return _register_single_threaded(fixed, moving, progress)
+
+
+_ITK_THREADS = threading.Lock()
+_itk_single = {"users": 0, "saved": 1}  # registrations under way, and ITK's thread count before the first
+
+
+@contextmanager
+def _single_threaded_itk() -> Iterator[None]:
+    """ITK's default thread count set to 1 while any registration (of any thread) runs, and restored when the last
+    one ends: registrations that overlap in two threads neither restore it too early nor leave it at 1."""
+    with _ITK_THREADS:
+        if _itk_single["users"] == 0:
+            _itk_single["saved"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _itk_single["users"] += 1
+    try:
+        yield
+    finally:
+        with _ITK_THREADS:
+            _itk_single["users"] -= 1
+            if _itk_single["users"] == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_itk_single["saved"])
+
+
+def _register_single_threaded(
+    fixed: sitk.Image, moving: sitk.Image, progress: Optional[ProgressCallback]
+) -> sitk.AffineTransform:
+    """:func:`_register`'s work, with ITK on one thread."""
     try:
         centred = sitk.CenteredTransformInitializer(
             fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
@@ -312,8 +342,6 @@ def _register(
                      method.GetOptimizerIteration())
     except RuntimeError as exc:
         raise CeVAEError(f"Brain-mask registration failed ({one_line(exc)}); is this a 3D T1 head MRI?") from None
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     return affine
 
 
