@@ -246,7 +246,8 @@ class RunOptions(Serialisable):
     amp: bool = option(False, "mixed precision")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
+        name, colon, index = self.device.partition(":") if isinstance(self.device, str) else ("", "", "")
+        if name not in DEVICES or (colon and (name == "auto" or not index.isdigit())):
             raise CeVAEError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)} (cuda:N picks a GPU).")
         _check_fields(self)
 
@@ -335,10 +336,13 @@ class DetectionRequest(Serialisable):
         return (request or cls()).with_options(**options)
 
     def with_options(self, **options: Any) -> "DetectionRequest":
-        """A copy with more options (None values are ignored; ``paper`` among them switches the published score)."""
+        """A copy with more options (None values are ignored; ``paper`` among them switches the published score).
+        A false-positive rate given here replaces the request's absolute threshold (which would otherwise win)."""
         paper = options.pop("paper", None)
-        given = dict(self.score, **self.post, **{k: v for k, v in self.policy.to_dict().items() if v is not None},
-                     **self.run.to_dict())
+        policy = {k: v for k, v in self.policy.to_dict().items() if v is not None}
+        if options.get("fpr") is not None and options.get("threshold") is None:
+            policy.pop("threshold", None)
+        given = dict(self.score, **self.post, **policy, **self.run.to_dict())
         return DetectionRequest.of(paper=self.paper if paper is None else paper,
                                    **dict(given, **{k: v for k, v in options.items() if v is not None}))
 

@@ -65,6 +65,10 @@ def test_threshold_policy_and_run_options():
     assert RunOptions(device="cuda:1").device == "cuda:1"
     with pytest.raises(CeVAEError, match="device"):
         RunOptions(device="tpu")
+    assert RunOptions(device="cpu:0").device == "cpu:0"
+    for bad in ("cpu:abc", "cuda:x", "auto:7", "cuda:", "cuda:-1"):  # torch would raise its own error, or ignore it
+        with pytest.raises(CeVAEError, match=f"Unknown device '{bad}'"):
+            RunOptions(device=bad)
     with pytest.raises(CeVAEError, match="batch_size"):
         RunOptions(batch_size=0)
 
@@ -124,6 +128,8 @@ def test_request_routes_each_option_to_its_part_and_round_trips():
     assert request.policy == ThresholdPolicy(fpr=0.01) and request.run == RunOptions(device="cpu", batch_size=8)
     assert DetectionRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
     assert request.with_options(threshold=0.5).policy == ThresholdPolicy(threshold=0.5, fpr=0.01)
+    # a rate given on top replaces a threshold given before (which would otherwise win without a word)
+    assert request.with_options(threshold=0.5).with_options(fpr=0.02).policy == ThresholdPolicy(fpr=0.02)
     model_score, model_post = ScoreOptions(grad_norm="volume"), PostprocessOptions(rim_mm=3.0, normalise=True)
     score, post = request.options(model_score, model_post)
     assert score == ScoreOptions(score_type="rec", grad_norm="volume")  # the model's, with the overrides
@@ -199,3 +205,19 @@ def test_paper_given_with_the_other_options_switches_the_published_score():
     assert DetectionRequest.of(fpr=0.01).with_options(paper=True, batch_size=4).paper
     assert not DetectionRequest.of(paper=True).with_options(paper=False).paper
     assert DetectionRequest.of(paper=True).with_options(batch_size=4).paper  # kept when not given
+
+
+def test_a_device_name_is_checked_where_the_device_is_chosen_too():
+    """train and calibrate choose their device by name without a request: the same words, and a GPU index this
+    machine lacks is refused (where CUDA is missing, cuda:N falls back to the CPU, as cuda does)."""
+    import torch
+
+    from CeVAEAnomalyLib.engine.devices import resolve_device
+
+    with pytest.raises(CeVAEError, match="Unknown device 'cpu:abc'"):
+        resolve_device("cpu:abc")
+    if torch.cuda.is_available():
+        with pytest.raises(CeVAEError, match="There is no GPU 'cuda:99'"):
+            resolve_device("cuda:99")
+    else:
+        assert resolve_device("cuda:99").type == "cpu"

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from ..errors import CeVAEError
-from ..options import DEVICES
+from ..options import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -16,10 +16,10 @@ def _mps_available() -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """auto: cuda > mps > cpu. An unavailable accelerator falls back to the CPU with a warning."""
-    base = name.split(":")[0]
-    if base not in DEVICES:
-        raise CeVAEError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
+    """auto: cuda > mps > cpu. An unavailable accelerator falls back to the CPU with a warning; a GPU index the
+    machine lacks is refused."""
+    RunOptions(device=name)  # the name checked as everywhere (cuda:N, no other suffix)
+    base, _, index = name.partition(":")
     if base == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -30,4 +30,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if base == "mps" and not _mps_available():
         log.warning("MPS was requested but is not available; using the CPU.")
         return torch.device("cpu")
+    if base == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise CeVAEError(f"There is no GPU {name!r}: this machine has {torch.cuda.device_count()} (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}).")
     return torch.device(name)
