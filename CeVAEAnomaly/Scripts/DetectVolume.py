@@ -91,6 +91,27 @@ def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) 
     return node
 
 
+def restore_non_finite(node: slicer.vtkMRMLVolumeNode, path: Path) -> None:
+    """Put back the NaN/Inf voxels of a float NIfTI that the storage node's reader (ITK) turned into 0, as the
+    command line keeps them: they are left out of the brain, with a warning, instead of scoring as dark tissue."""
+    import numpy as np
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.io.images import read_image
+    from CeVAEAnomalyLib.io.naming import full_suffix
+    from CeVAEAnomalyLib.slicer import mrml
+
+    voxels = slicer.util.arrayFromVolume(node)
+    if voxels.dtype.kind != "f" or full_suffix(path).lower() not in (".nii", ".nii.gz"):
+        return
+    image = read_image(path)  # NaN kept
+    if np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        return
+    values = sitk.GetArrayViewFromImage(on_grid(image, mrml.image_from_volume(node)))  # a reversed axis, reordered
+    lost = ~np.isfinite(values)
+    voxels[lost] = values[lost]
+    slicer.util.arrayFromVolumeModified(node)
+
+
 def output_paths(input_path: Path, output_dir: Path, volume_format: str) -> Dict[str, Path]:
     """The result files, named as ``cevae-anomaly batch`` names them (one table: io/naming.py)."""
     return naming.output_paths(output_dir, file_stem(input_path), tuple(naming.OUTPUT_NAMES), f".{volume_format}")
@@ -211,6 +232,7 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
     read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
     volume = load_volume(scene, args.input)
+    restore_non_finite(volume, args.input)
     mask = load_volume(scene, args.mask, labelmap=True) if args.mask else None
     result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
                                               progress=_progress)

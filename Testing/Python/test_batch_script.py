@@ -208,3 +208,28 @@ def test_a_left_handed_input_gets_outputs_on_its_own_grid(tiny_bundle, tmp_path)
     from CeVAEAnomalyLib.cli.main import main
 
     assert main(["evaluate", "--score", str(out / OUTPUTS[0]), "--mask", str(tmp_path / "head_mask.nii.gz")]) == 0
+
+
+def test_nan_voxels_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path):
+    """Slicer's reader turns a float NIfTI's NaN voxels into 0 (dark tissue, scored as a lesion); the script puts
+    them back, so they are left out of the brain with a warning, as `cevae-anomaly detect` does, also where the
+    volume is kept with an axis reversed (left-handed)."""
+    image, mask = make_head(direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1), seed=12)
+    voxels = sitk.GetArrayFromImage(image).astype(np.float32)
+    brain = sitk.GetArrayFromImage(mask) > 0
+    centre = [int(np.mean(axis)) for axis in np.nonzero(brain)]
+    hole = tuple(slice(c - 3, c + 3) for c in centre)
+    voxels[hole] = np.nan
+    with_nan = sitk.GetImageFromArray(voxels)
+    with_nan.CopyInformation(image)
+    sitk.WriteImage(with_nan, str(tmp_path / "head.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "head_mask.nii.gz"))
+    out = tmp_path / "results"
+    proc = run_batch("--input", tmp_path / "head.nii.gz", "--mask", tmp_path / "head_mask.nii.gz", "--model",
+                     tiny_bundle, "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    assert "NaN" in proc.stderr  # the warning the command line gives
+    scores = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[0])))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[1])))
+    assert not scores[hole].any() and not labels[hole].any()  # left out, not a lesion
+    assert scores[brain].any()

@@ -111,6 +111,20 @@ def test_detect_runs_where_the_request_says(tiny_bundle, caplog):
     assert next(bundle.model.parameters()).device.type == "cpu"
 
 
+def test_a_ct_like_range_is_warned_of_on_every_path(tiny_bundle, caplog):
+    """The command line warned of Hounsfield-like intensities; detect() (and so batch and Slicer) did not."""
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(seed=5)
+    ct = _like(sitk.GetArrayFromImage(image).astype(np.int16) * 20 - 1000, image)
+    with caplog.at_level(logging.WARNING):
+        detect(ct, bundle, mask, threshold=1.0)
+    assert "like a CT in Hounsfield units" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        detect(image, bundle, mask, threshold=1.0)
+    assert "Hounsfield" not in caplog.text
+
+
 def test_paper_is_taken_with_other_keyword_options(tiny_bundle):
     """detect(..., paper=True, threshold=...) raised TypeError (paper given twice inside with_options)."""
     bundle = load_bundle(tiny_bundle)

@@ -151,7 +151,6 @@ def run_detect(args: argparse.Namespace) -> None:
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None
     detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
-    _warn_modality(image)
     result = detector(image, mask, progress=ConsoleProgress("detect"))
     files = result_files(result, targets)
     write_all(files, args.overwrite, inputs)
@@ -283,18 +282,3 @@ def _warn_training_scans(header, subjects, checksums) -> None:
         log.warning("%s %s among the model's training volumes: scans a model learned from score lower than new ones, "
                     "so a calibration on them flags more of a new scan. Calibrate on healthy scans it did not see.",
                     ", ".join(seen), "is" if len(seen) == 1 else "are")
-
-
-def _warn_modality(image) -> None:
-    """Warn when the intensities look like CT (Hounsfield units) rather than MRI."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    arr = sitk.GetArrayViewFromImage(image)
-    low = float(arr.min())
-    if not np.isfinite(low):  # NaN/Inf voxels are handled (and reported) by the pipeline
-        finite = arr[np.isfinite(arr)]
-        low = float(finite.min()) if finite.size else 0.0
-    if low <= -500:
-        log.warning("The intensities reach %.0f, like a CT in Hounsfield units; this model is for T1 MRI "
-                    "and its scores will not be meaningful.", low)

@@ -16,7 +16,7 @@ import torch
 from .bundle import Bundle, load_bundle
 from .devices import resolve_device
 from ..errors import CeVAEError
-from ..io.images import check_volume
+from ..io.images import check_volume, warn_if_ct_range
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
@@ -214,9 +214,12 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image]) -> sitk.Image:
     :func:`~..io.images.check_volume`; a one-line :class:`CeVAEError` for what is not a SimpleITK image."""
     for name, value in (("image", image), ("mask", mask)):
         if not isinstance(value, sitk.Image) and (name == "image" or value is not None):
-            raise CeVAEError(f"The {name} must be a SimpleITK Image (e.g. sitk.ReadImage(path)), "
+            raise CeVAEError(f"The {name} must be a SimpleITK Image (e.g. CeVAEAnomalyLib.io.images.read_image"
+                             "(path), which also keeps the NaN voxels that sitk.ReadImage turns into 0), "
                              f"got {type(value).__name__}.")
-    return check_volume(label_image(image))
+    image = check_volume(label_image(image))
+    warn_if_ct_range(image)  # every path: the command line, batch, the API and Slicer
+    return image
 
 
 def _mean_map(passes: Sequence[Tuple[SliceRecord, NetworkMaps]], opts: ScoreOptions, region: Region) -> np.ndarray:
