@@ -127,7 +127,10 @@ def option_range(cls: type, name: str) -> Tuple[float, float]:
 # ---- the options -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ScoreOptions(Serialisable):
-    """How pixel maps are made; the defaults are the project's best measured variant."""
+    """How pixel maps are made. The defaults are those of a model that recommends none: a model's own
+    recommendation (``bundle.header.score_options``; the bundled model's fuses three orientations) differs, so to
+    change one option start from it (``.replace(score_type="rec")``) or name the option in a request
+    (:meth:`DetectionRequest.of`, ``detect(..., score_type="rec")``), which keeps the rest of the model's."""
 
     score_type: str = option("combi", "pixel score", choices=SCORE_TYPES, label="score type")
     combi: str = option("product", "how combi joins rec and grad: product rec*g, weighted rec*(1+alpha*g), "

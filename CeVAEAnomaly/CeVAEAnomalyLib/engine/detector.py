@@ -52,8 +52,10 @@ def slice_map_weight(orientations: int) -> float:
 class Detector:
     """Detection with one model and one set of options, built once and called per volume.
 
-    ``score`` and ``post`` default to the bundle's recommended options; the labelmap threshold is
-    resolved here (from ``policy``), so a missing calibration is reported before any volume is read.
+    ``score`` and ``post`` default to the bundle's recommended options, and are taken whole when given (a
+    ``ScoreOptions(score_type="rec")`` is axial-only; ``bundle.header.score_options.replace(score_type="rec")``, or
+    :meth:`from_request`, changes one option of the model's); the labelmap threshold is resolved here (from
+    ``policy``), so a missing calibration is reported before any volume is read.
     """
 
     def __init__(self, bundle: Bundle, score: Optional[ScoreOptions] = None,
