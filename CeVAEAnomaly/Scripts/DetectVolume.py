@@ -106,7 +106,8 @@ def restore_non_finite(node: slicer.vtkMRMLVolumeNode, path: Path) -> None:
     image = read_image(path)  # NaN kept
     if np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         return
-    values = sitk.GetArrayViewFromImage(on_grid(image, mrml.image_from_volume(node)))  # a reversed axis, reordered
+    placed = on_grid(image, mrml.image_from_volume(node))  # a reversed axis reordered
+    values = sitk.GetArrayViewFromImage(placed)
     lost = ~np.isfinite(values)
     voxels[lost] = values[lost]
     slicer.util.arrayFromVolumeModified(node)
