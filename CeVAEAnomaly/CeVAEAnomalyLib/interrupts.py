@@ -3,8 +3,10 @@ where raising would do harm (between the renames of one set of outputs; inside a
 which would turn the stop into an error)."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional
 
@@ -17,12 +19,27 @@ def raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+ORPHAN_POLL_S = 0.5  # how often a pool worker looks whether its main process is still there
+ORPHAN_GRACE_S = 5.0  # after stopping itself like SIGTERM, how long an orphaned worker may take to clean up
+
+
 def pool_worker_signals() -> None:
     """In a pool's worker process: Ctrl-C, which reaches the whole process group, is left to the main process
     (it stops the pool), and SIGTERM (a scheduler stopping the group) raises :class:`Terminated`, so that the
-    worker's temporary files are removed."""
+    worker's temporary files are removed. A worker whose main process is gone (killed with SIGKILL) stops the
+    same way instead of writing on and then waiting forever for work."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, raise_terminated)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)  # raised where the worker is: its temporary files are removed
+        time.sleep(ORPHAN_GRACE_S)
+        os._exit(1)  # blocked where no signal is taken (e.g. waiting for work that will never come)
+
+    threading.Thread(target=watch, name="CeVAEAnomaly orphan watch", daemon=True).start()
 
 
 @contextmanager

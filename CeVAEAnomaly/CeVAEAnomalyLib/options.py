@@ -390,10 +390,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, model_default: bool = 
 
 def path_value(text: str) -> Path:
     """A path option's value (argparse ``type``); an empty one (``--cache-dir ""``) would mean the current
-    folder, so it is refused."""
+    folder, so it is refused. A leading ``~`` is the home folder, also where the shell left it (``--out=~/m.cevae``),
+    not a folder named "~"."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
-    return Path(text)
+    return Path(text).expanduser()
 
 
 def parse_orientations(text: str) -> Tuple[str, ...]:

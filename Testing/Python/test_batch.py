@@ -479,7 +479,7 @@ def test_a_second_run_on_the_same_summary_is_refused_while_the_first_runs(two, t
     out = tmp_path / "out"
     with hold_output(out / "summary.csv", "batch"):  # as a first run holds it
         assert batch(two, out, tiny_bundle) == 2
-        assert "Another batch is writing" in capsys.readouterr().err
+        assert f"A batch (process {os.getpid()}) is writing" in capsys.readouterr().err
         assert not list(out.glob("*.nii.gz"))
         assert batch(two, out, tiny_bundle, "--shard", "1/2") == 0
     assert batch(two, out, tiny_bundle, "--shard", "2/2") == 0
@@ -523,3 +523,25 @@ def test_a_rerun_stopped_while_it_checks_what_is_done_keeps_the_earlier_rows(coh
     with pytest.raises(KeyboardInterrupt):  # --overwrite, stopped before any volume was scored again
         run_batch(items, overwrite, summary_csv, progress=stop_at_once)
     assert summary_csv.read_bytes() == kept
+
+
+def test_outputs_of_a_run_with_other_settings_are_never_taken_for_this_runs(cohort, two, tiny_bundle, tmp_path,
+                                                                           capsys):
+    """A shard run with --threshold 1.0 and a plain run on one --out-dir: the plain run marked the shard's outputs
+    "skipped", as if made with its own settings, and kept them for good."""
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle, "--shard", "1/1", "--threshold", "1.0") == 0
+    made = {p: p.read_bytes() for p in out.glob("*.nii.gz")}
+    assert made and batch(two, out, tiny_bundle, "--threshold", "0.9") == 2
+    err = capsys.readouterr().err
+    assert "with other settings (batch_settings_shard-1-of-1.json: threshold 1 -> 0.9)" in err
+    assert {p: p.read_bytes() for p in out.glob("*.nii.gz")} == made
+    assert batch(two, out, tiny_bundle, "--shard", "1/1", "--threshold", "1.0") == 0  # the same settings: fine
+
+    from CeVAEAnomalyLib.cli.batch import VolumeDetector, collect_inputs, made_from, settings_record
+
+    detector = VolumeDetector(settings_for(tiny_bundle, out))  # adopting outputs that appeared meanwhile
+    item = collect_inputs(two)[0]
+    assert settings_record(detector.s)["threshold"] != 1.0
+    with pytest.raises(CeVAEError, match="written meanwhile by a run with other settings"):
+        detector.done_by_another_run(item, made_from(item))

@@ -1,5 +1,6 @@
 """The calibrate, evaluate and demo commands end to end."""
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -340,3 +341,43 @@ def test_evaluate_without_the_research_code_says_what_to_install(tmp_path, capsy
     assert main(["evaluate", "--score", str(tmp_path / "s.nrrd")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cevae-anomaly[research]" in err
+
+
+def test_calibrate_waits_for_no_one_and_replaces_nothing_another_command_is_writing(tmp_path, tiny_bundle,
+                                                                                   healthy_manifest, capsys):
+    """A train (or adapt, or calibrate) writing the same --out holds its lock: calibrate is refused at once,
+    instead of both reporting success and one model being lost."""
+    from CeVAEAnomalyLib.io.lock import hold_output
+
+    out = tmp_path / "site.cevae"
+    with hold_output(out, "train"):
+        assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
+                     "--out", str(out), "--device", "cpu"]) == 2
+    assert f"A train (process {os.getpid()}) is writing" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_file_system_without_locks_is_said_so_not_taken_for_another_run(tmp_path, monkeypatch, caplog):
+    """flock failing with ENOLCK (NFS without a lock daemon) blamed a run that did not exist, every time."""
+    import errno
+    import fcntl
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.io import lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    out = tmp_path / "m.cevae"
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        with lock.hold_output(out, "train"):
+            pass
+    assert "the file system offers no locks" in caplog.text and not lock.lock_path(out).exists()
+
+    def held(fd, operation):
+        raise OSError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(CeVAEError, match="Another train is writing"):
+        with lock.hold_output(out, "train"):
+            pass

@@ -1,5 +1,6 @@
 """The option dataclasses: validation, overrides, and calibration lookup across option versions."""
 import json
+from pathlib import Path
 import math
 from dataclasses import fields
 
@@ -221,3 +222,12 @@ def test_a_device_name_is_checked_where_the_device_is_chosen_too():
             resolve_device("cuda:99")
     else:
         assert resolve_device("cuda:99").type == "cpu"
+
+
+def test_a_path_option_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    """`--score=~/x.nii.gz`: the shell does not expand ~ after "=", and the output went to a folder named "~"."""
+    from CeVAEAnomalyLib.options import path_value
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert path_value("~/x.nii.gz") == tmp_path / "x.nii.gz"
+    assert path_value("a/~b") == Path("a/~b")

@@ -317,3 +317,51 @@ def test_a_named_pipe_as_an_input_is_refused_not_waited_on(inputs, tmp_path):
     assert "named pipe" in (tmp_path / "out" / "summary.csv").read_text()
     proc = python("-m", "CeVAEAnomalyLib.cli", "evaluate", "--score", str(pipe))
     assert proc.returncode == 2 and "named pipe" in proc.stderr, proc.stderr
+
+
+POOL_MAIN = """
+import concurrent.futures, multiprocessing, os, sys, time
+from CeVAEAnomalyLib.interrupts import pool_worker_signals
+
+def work(_):
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=pool_worker_signals) as pool:
+        pool.submit(work, 0).result()
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL and reparenting are POSIX")
+def test_a_pool_worker_whose_main_process_is_killed_stops_too(tmp_path):
+    """batch --workers and prepare --workers: after a SIGKILL of the main process its workers wrote on for
+    seconds, then waited forever (reparented to init, holding memory)."""
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "pool_main.py"
+    script.write_text(POOL_MAIN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        worker = int(main.stdout.readline())
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _alive(worker):
+            time.sleep(0.2)
+        assert not _alive(worker)
+    finally:
+        main.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split()[2] == "Z")  # a zombie has ended

@@ -364,7 +364,8 @@ def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(manifest
         assert first.stdout.readline().strip() == "training"
         assert main(train_argv(manifest, out, 4, "--overwrite")) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("error: Another train is writing") and str(out) in err and "\n" not in err
+        assert err.startswith(f"error: A train (process {first.pid}) is writing") and str(out) in err
+        assert "\n" not in err
         assert not out.exists() and not out.with_name(out.name + ".ckpt").exists()
     finally:
         first.kill()

@@ -221,6 +221,21 @@ def _settings_known(path: Path, record: Dict[str, object], overwrite: bool) -> b
     return not changed
 
 
+def other_settings(out_dir: Path, record: Dict[str, object]) -> Optional[str]:
+    """A settings record in ``out_dir`` (of this run, another shard or another run) that differs from ``record``,
+    described ("batch_settings_shard-1-of-2.json: threshold 1 -> 4.88"); None if every one agrees."""
+    for path in sorted(out_dir.glob("batch_settings*.json")):
+        try:
+            other = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue  # not a record (refused where it is this run's own)
+        if isinstance(other, dict) and set(other) == set(record):
+            changed = [k for k in record if strict_json.number(other[k]) != strict_json.number(record[k])]
+            if changed:
+                return f"{path.name}: " + "; ".join(f"{k} {_change(other[k], record[k])}" for k in changed)
+    return None
+
+
 def _change(before: object, now: object) -> str:
     """``before -> now``, numbers to 6 significant digits where that still tells them apart."""
     if all(isinstance(v, float) for v in (before, now)) and f"{before:.6g}" != f"{now:.6g}":
@@ -356,11 +371,16 @@ class VolumeDetector:
 
     def done_by_another_run(self, item: BatchItem, source: Dict[str, str]) -> Optional[Dict[str, object]]:
         """The "skipped" row of a volume whose complete outputs appeared since this run started (another
-        batch on the same --out-dir finished it); None if they are not all there and complete."""
+        batch on the same --out-dir, with the same settings, finished it); None if they are not all there and
+        complete. Refused if a run with other settings writes there."""
         try:
             row = read_back(item, self.s.out_dir, source)
         except (RuntimeError, OSError, ValueError, KeyError, csv.Error):
             return None
+        other = other_settings(self.s.out_dir, settings_record(self.s))
+        if other:
+            raise CeVAEError(f"Its outputs were written meanwhile by a run with other settings ({other}); they are "
+                             "not taken for this run's. Give each set of settings its own --out-dir.")
         log.info("%s was finished by another run meanwhile; its outputs are kept.", item.name)
         return row
 
@@ -498,6 +518,10 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     made_with = settings_record(settings)
     earlier, earlier_time = ({}, -math.inf) if settings.overwrite else _earlier_rows(summary_path)
     known = _settings_known(record_path, made_with, settings.overwrite)
+    other = None if settings.overwrite else other_settings(settings.out_dir, made_with)
+    if other:  # a shard or another run with other settings: their outputs would be taken for this run's
+        raise CeVAEError(f"Another run wrote outputs in {settings.out_dir} with other settings ({other}); give each "
+                         "set of settings its own --out-dir, or pass --overwrite to score every volume with these.")
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)

@@ -169,6 +169,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..engine.calibration import FPR_GRID
     from ..io.checksum import sha256_of
     from ..training.data import unique_subjects
+    from ..io.lock import hold_output
     from ..io.targets import check_paths
     from ..options import DetectionRequest
 
@@ -184,10 +185,12 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     refuse_misnamed(args.out, "model", "a .cevae bundle", ".cevae")
     checksums = {s.image: sha256_of(s.image) for s in subjects}
     subjects = unique_subjects(subjects, checksums)  # a repeat counts once
-    bundle = load_bundle(src, resolve_device(request.run.device))
-    _warn_training_scans(bundle.header, subjects, checksums)
-    opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
-    path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr, run=request.run)
+    with hold_output(args.out, "calibrate"):  # against a train, adapt or calibrate writing the same --out
+        check_paths([args.out], args.overwrite, [src])  # again: one of them may have written it since
+        bundle = load_bundle(src, resolve_device(request.run.device))
+        _warn_training_scans(bundle.header, subjects, checksums)
+        opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
+        path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr, run=request.run)
     log.info("Calibrated bundle written to %s (%d healthy volume(s)).", path, len(subjects))
     return path
 

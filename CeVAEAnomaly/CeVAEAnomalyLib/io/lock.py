@@ -6,6 +6,8 @@ does not exist (Windows), nothing is locked.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Iterator
 
 from ..errors import CeVAEError
 from .targets import name_leaving_room
+
+log = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -44,12 +48,19 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
                              "write to.") from None
         try:
             fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: no locks there
+                log.warning("%s cannot be locked (%s): the file system offers no locks. Make sure no other command "
+                            "writes %s meanwhile.", path, exc.strerror or exc, target)
+                break
             fh.close()
-            raise CeVAEError(f"Another {command} is writing {target} (it holds {path}); wait for it to finish, "
-                             "or choose another output.") from None
+            raise CeVAEError(f"{_holder(path, command)} is writing {target} (it holds {path}); wait for it to "
+                             "finish, or choose another output.") from None
         try:
             if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                os.ftruncate(fh.fileno(), 0)
+                fh.write(f"{command} {os.getpid()}\n".encode())  # who holds it, for the message of the refused
+                fh.flush()
                 break
         except FileNotFoundError:
             pass
@@ -62,3 +73,14 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
         except OSError:
             pass
         fh.close()
+
+
+def _holder(path: Path, command: str) -> str:
+    """Who holds the lock at ``path``, as its holder wrote it ("A train (process 123)"), else "Another <command>"."""
+    try:
+        words = path.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        words = []
+    if len(words) == 2 and words[1].isdigit():
+        return f"{'An' if words[0][:1] in 'aeiou' else 'A'} {words[0]} (process {words[1]})"
+    return f"Another {command}"

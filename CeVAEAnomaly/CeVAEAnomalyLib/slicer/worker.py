@@ -45,6 +45,7 @@ from ..errors import CeVAEError
 from ..io import strict_json
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
+from ..system import process_exists
 from .jobs import JOB_FOLDER_PREFIX
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ def run_detect(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, An
 
 def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
     from ..engine.calibrate import recalibrate
+    from ..io.lock import hold_output
     from ..io.manifest import Subject
     from ..io.targets import Inputs
 
@@ -91,15 +93,18 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
     if not subjects:
         raise CeVAEError("Choose at least one healthy volume to calibrate on.")
     out = Path(task["out"])
-    if out.exists() and not task.get("overwrite"):
-        raise CeVAEError(f"{out} exists already; choose another file name for the calibrated model.")
-    report(progress, 0.0, "Loading the model")
-    bundle = _load_bundle(task, request)
-    if Inputs([bundle.path]).which(out) is not None:  # by path, link or inode
-        raise CeVAEError("Save the calibrated model under a new name; it cannot replace the model it starts from.")
-    score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
-    path = recalibrate(bundle, subjects, out, score, post, source=task.get("source", "healthy volumes of the site"),
-                       progress=scaled(progress, 0.02, 0.98), run=request.run)
+    with hold_output(out, "calibration"):  # against a train, adapt or calibrate writing the same file
+        if out.exists() and not task.get("overwrite"):
+            raise CeVAEError(f"{out} exists already; choose another file name for the calibrated model.")
+        report(progress, 0.0, "Loading the model")
+        bundle = _load_bundle(task, request)
+        if Inputs([bundle.path]).which(out) is not None:  # by path, link or inode
+            raise CeVAEError("Save the calibrated model under a new name; it cannot replace the model it starts "
+                             "from.")
+        score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
+        path = recalibrate(bundle, subjects, out, score, post,
+                           source=task.get("source", "healthy volumes of the site"),
+                           progress=scaled(progress, 0.02, 0.98), run=request.run)
     report(progress, 1.0, "Calibrated model saved")
     return {"model": str(path), "subjects": len(subjects)}
 
@@ -130,19 +135,6 @@ def _emit(message: Dict[str, Any]) -> None:
         pass
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (POSIX; elsewhere assumed alive: ``os.kill`` would end it)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, under another user
-        return True
-    return True
-
-
 class RequestWatch:
     """Whether the job is still wanted: its request file exists and (POSIX) the parent is the same and
     the owner (the process that made the request) is alive."""
@@ -157,7 +149,7 @@ class RequestWatch:
     def orphaned(self) -> bool:
         """The launcher or the owner ended: nobody will read the result or remove the job's folder."""
         return ((self._parent is not None and os.getppid() != self._parent)
-                or (self._owner is not None and not process_alive(self._owner)))
+                or (self._owner is not None and not process_exists(self._owner)))
 
     @property
     def abandoned(self) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
 from .adapt_plan import AdaptOptions, describe_estimate, fold_plan, output_paths, run_names
-from .cache import SliceCache
+from .cache import SliceCache, temporary_cache
 from .config import AugmentConfig, TrainConfig
 from .data import person_groups, unique_subjects
 from .distributed import DistInfo, file_checksums
@@ -171,7 +170,7 @@ def _cache_folder(folder: Optional[Path]) -> Iterator[Path]:
     if folder is not None:
         yield Path(folder)
         return
-    temp = tempfile.mkdtemp(prefix="cevae-adapt-")
+    temp = temporary_cache("cevae-adapt-")
     try:
         yield Path(temp)
     finally:

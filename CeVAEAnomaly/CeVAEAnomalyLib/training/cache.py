@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,10 +37,16 @@ from ..errors import CeVAEError
 from ..io.atomic import atomic_path
 from ..io.targets import file_in_the_way
 from ..progress import ProgressCallback, report
+from ..system import process_exists
 from .data import Subject, subject_slices
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
+# The version of what slices a volume gives (engine/preprocess.py, engine/brainmask.py): part of every entry's key,
+# so an upgrade that changes them never reuses slices made before. Raise it with any such change; the recorded
+# digest of those files (Testing/Python/slicing_sources.json) makes the tests ask. 2: the automatic brain mask's
+# rules for skull-stripped brains and partial head coverage.
+SLICING_VERSION = 2
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
 # an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx.npy (or .json)
 _ORPHAN = re.compile(r"\.[0-9a-f]{32}\.(npy|json)\.[0-9a-f]{8}\.\1")
@@ -56,8 +64,8 @@ class Entry:
 
 def entry_key(pre: PreprocessConfig, orientation: str, image_sha256: str, mask_sha256: Optional[str]) -> str:
     """Hash of everything the cached slices depend on."""
-    return _key_of({"format": CACHE_FORMAT, "preprocess": pre.to_dict(), "orientation": orientation,
-                    "image_sha256": image_sha256, "mask_sha256": mask_sha256})
+    return _key_of({"format": CACHE_FORMAT, "slicing": SLICING_VERSION, "preprocess": pre.to_dict(),
+                    "orientation": orientation, "image_sha256": image_sha256, "mask_sha256": mask_sha256})
 
 
 def _key_of(ident: Dict[str, object]) -> str:
@@ -71,6 +79,19 @@ def _data_sha256(fh: BinaryIO, offset: int) -> str:
     for block in iter(lambda: fh.read(1 << 20), b""):
         digest.update(block)
     return digest.hexdigest()
+
+
+def temporary_cache(prefix: str) -> Path:
+    """A new private cache folder in the system's temporary folder, named after this process
+    (``<prefix><pid>-xxxx``); folders of that prefix whose process is gone (killed before it could remove
+    its own) are removed first, so that killed runs do not fill the disk with copies of their slices."""
+    temp = Path(tempfile.gettempdir())
+    for folder in temp.glob(f"{prefix}*-*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)) and folder.is_dir():
+            log.info("Removing %s, the slice cache of a run that ended without removing it.", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
 class SliceCache:
@@ -150,7 +171,8 @@ class SliceCache:
     def _mismatch(key: str, meta: Dict[str, object], fh: BinaryIO, offset: int) -> str:
         """What is wrong with an entry's content ("" if nothing): its JSON must describe ``key`` and its
         slices must match the checksum the JSON holds."""
-        ident = {k: meta[k] for k in ("format", "preprocess", "orientation", "image_sha256", "mask_sha256")}
+        ident = {k: meta[k] for k in ("format", "slicing", "preprocess", "orientation", "image_sha256",
+                                      "mask_sha256")}
         if _key_of(ident) != key:
             return "describes another subject or setting"
         if _data_sha256(fh, offset) != meta["slices_sha256"]:
@@ -198,7 +220,7 @@ class SliceCache:
     def _store(self, key: str, subject: Subject, orientation: str, slices: np.ndarray,
                checksums: Dict[Path, str]) -> Entry:
         npy = self.root / f"{key}.npy"
-        meta = {"format": CACHE_FORMAT, "subject": subject.name, "image": str(subject.image),
+        meta = {"format": CACHE_FORMAT, "slicing": SLICING_VERSION, "subject": subject.name, "image": str(subject.image),
                 "mask": str(subject.mask) if subject.mask else None, "orientation": orientation,
                 "image_sha256": checksums[subject.image],
                 "mask_sha256": checksums[subject.mask] if subject.mask else None,

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -32,7 +31,7 @@ from ..errors import CeVAEError
 from ..io.manifest import distinct_names
 from ..progress import ProgressCallback, report
 from .augment import augment
-from .cache import SliceCache, SliceSet
+from .cache import SliceCache, SliceSet, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_checkpoint, run_identity,
                          truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
@@ -185,8 +184,8 @@ class Trainer:
         t = time.perf_counter()
         root = self.cfg.cache_dir
         if root is None:  # a private cache for this run (each rank its own), removed at the end
-            self._temp_cache = tempfile.mkdtemp(prefix="cevae-slices-")
-            root = Path(self._temp_cache)
+            root = temporary_cache("cevae-slices-")
+            self._temp_cache = str(root)
         cache = SliceCache(root, self.pre)
         if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
             self._prepare_share(cache)
