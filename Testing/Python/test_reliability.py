@@ -365,3 +365,24 @@ def _alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/stat")
     return not (status.exists() and status.read_text().split()[2] == "Z")  # a zombie has ended
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names the synced files through /proc")
+def test_checkpoints_and_bundles_reach_the_disk_before_they_replace_the_previous_one(tmp_path, monkeypatch):
+    """--resume after a power cut needs the checkpoint's data, then its rename, on the disk: both are synced
+    (outputs of detect are not: a rerun makes them again)."""
+    import torch
+
+    from CeVAEAnomalyLib.io import atomic
+    from CeVAEAnomalyLib.training.checkpoint import write_checkpoint
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    path = tmp_path / "m.cevae.ckpt"
+    write_checkpoint({"step": 3, "weights": torch.zeros(2)}, path)
+    assert len(synced) == 2 and synced[0] != str(path) and Path(synced[0]).parent == tmp_path  # the temporary file
+    assert synced[1] == str(tmp_path)  # then the folder, after the rename
+    synced.clear()
+    atomic.write_all({tmp_path / "out.csv": "a,b\n"}, False, ())
+    assert synced == []

@@ -408,3 +408,16 @@ def test_a_killed_runs_temporary_cache_is_removed_by_the_next_run(tmp_path, monk
     made = temporary_cache("cevae-slices-")
     assert made.is_dir() and made.name.startswith(f"cevae-slices-{os.getpid()}-")
     assert not dead.exists() and alive.is_dir() and other.is_dir()
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """prepare --cache-dir on a read-only file system ended in "unexpected OSError" (tried as root here, so the
+    folder is made impossible by a file in the way of its parent)."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    image, mask = make_head(size=(32, 36, 28), seed=1)
+    sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    code = main(["prepare", str(tmp_path / "h.nii.gz"), "--cache-dir", str(tmp_path / "blocked" / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unexpected" not in err and "blocked" in err

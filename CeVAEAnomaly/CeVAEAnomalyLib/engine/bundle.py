@@ -49,7 +49,7 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
     typed = replace(header, model=model.cfg, weights_dtype="float16" if half else "float32")
     full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION)
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(target) as tmp:
+    with atomic_path(target, durable=True) as tmp:
         try:
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True, allow_nan=False)})
         except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)

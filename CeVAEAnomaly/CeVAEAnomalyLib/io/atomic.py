@@ -48,9 +48,10 @@ def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> 
         return tmp
 
 
-def publish(tmp: str, target: Path) -> None:
+def publish(tmp: str, target: Path, durable: bool = False) -> None:
     """Give ``tmp`` the permissions of the file it replaces (a private file stays private), or normal ones for a
-    new file, and rename it onto ``target`` (never onto a device, FIFO or socket)."""
+    new file, and rename it onto ``target`` (never onto a device, FIFO or socket). ``durable``: the data, then the
+    rename, are on the disk before this returns (what a resume after a power cut relies on)."""
     refuse_special_output(target)  # checked again here: the path may have changed since the first check
     try:
         mode = stat.S_IMODE(os.stat(target).st_mode)
@@ -59,7 +60,20 @@ def publish(tmp: str, target: Path) -> None:
         os.umask(umask)
         mode = 0o666 & ~umask
     os.chmod(tmp, mode)
+    if durable:
+        _sync(tmp)
     os.replace(tmp, target)
+    if durable and os.name == "posix":
+        _sync(str(target.parent))  # the rename itself
+
+
+def _sync(path: str) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_complete(tmp: str, target: Path, expected_bytes: Optional[int] = None) -> None:
@@ -71,8 +85,9 @@ def check_complete(tmp: str, target: Path, expected_bytes: Optional[int] = None)
 
 
 @contextmanager
-def atomic_path(target: Path) -> Iterator[str]:
-    """Yield a temporary path; if the block succeeds and the file is complete it replaces ``target``."""
+def atomic_path(target: Path, durable: bool = False) -> Iterator[str]:
+    """Yield a temporary path; if the block succeeds and the file is complete it replaces ``target`` (``durable``:
+    see :func:`publish`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     claimed: List[str] = []
@@ -80,7 +95,7 @@ def atomic_path(target: Path) -> Iterator[str]:
         tmp = temp_beside(target, claimed.append)
         yield tmp
         check_complete(tmp, target)
-        publish(tmp, target)
+        publish(tmp, target, durable)
     finally:
         for name in claimed:
             if os.path.exists(name):

@@ -25,7 +25,7 @@ CHECKPOINT_VERSION = 2  # 2: the run's identity is stored and checked on resume
 def write_checkpoint(state: Dict[str, Any], path: Path) -> None:
     """Write ``state`` beside ``path``, read it back, then rename: a failed write keeps the previous one."""
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, durable=True) as tmp:  # a resume after a power cut finds it whole
             torch.save(state, tmp)
             if torch.load(tmp, map_location="cpu", weights_only=True).get("step") != state["step"]:
                 raise OSError("the file read back differs from what was written")

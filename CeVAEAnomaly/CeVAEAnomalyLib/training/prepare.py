@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+from ..errors import CeVAEError
 from ..interrupts import pool_worker_signals
 from ..engine.config import PreprocessConfig
 from ..io.checksum import sha256_of
@@ -28,7 +29,11 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
     wanted = tuple(orientations) + (() if "axial" in orientations else ("axial",))
     cache = SliceCache(root, pre)
     cache.refuse_inside_inputs(subjects)  # and a file given as the folder
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CeVAEError(f"Cannot make the slice cache folder {root} ({exc.strerror or exc}); choose a --cache-dir "
+                         "you can write to.") from None
     cache.remove_orphans()
     t = time.perf_counter()
     jobs = [(s, root, pre, wanted) for s in subjects]
