@@ -412,3 +412,31 @@ def test_a_checkpoint_that_recorded_its_base_by_path_resumes_with_the_same_conte
     base.write_bytes(tiny_bundle.read_bytes() + b"\0")  # replaced since
     with pytest.raises(CeVAEError, match=r"init_from \("):
         check_same_run(older, current, tmp_path / "site.cevae.ckpt")
+
+
+def test_overwrite_removes_the_earlier_adaptation_before_the_new_one_starts(tiny_bundle, site, tmp_path, caplog):
+    """An interrupted --overwrite left the earlier model beside the new run's checkpoints (detect took it for the
+    new one), and the earlier final checkpoint made the --resume fail after the folds were trained again. An
+    adapted model adapted again on its own site scans is warned of."""
+    out = tmp_path / "site.cevae"
+    adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), out, QUICK)
+    earlier = {p.name for p in tmp_path.glob("site.cevae*")}
+    assert {"site.cevae", "site.cevae.ckpt", "site.cevae.log.csv"} <= earlier
+
+    def stop_in_second_fold(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 2/4") and "step 2 " in message:
+            raise Cancelled("stopped by the test")
+
+    again = AdaptOptions(**{**QUICK.__dict__, "overwrite": True})
+    with pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, again, stop_in_second_fold)
+    left = {p.name for p in tmp_path.glob("site.cevae*")}
+    assert "site.cevae" not in left and "site.cevae.ckpt" not in left  # nothing of the earlier one is left
+    assert "site.cevae.fold1.ckpt" in left
+    adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, AdaptOptions(**{**QUICK.__dict__,
+                                                                                       "resume": True}))
+    assert len(read_header(out).extra["adaptation"]["site_scans"]) == 3
+
+    with caplog.at_level(logging.WARNING):
+        adapt_mod.adapt(out, subjects(site, "a", "b"), tmp_path / "again.cevae", QUICK)
+    assert "2 of the site scans are among the training volumes of site.cevae" in caplog.text

@@ -278,8 +278,7 @@ def run_batch(args: argparse.Namespace) -> None:
 def _warn_training_scans(header, subjects, checksums) -> None:
     """Warn of healthy scans the model was trained on (the same file content as a training volume its header
     records): they score lower than new scans, so thresholds calibrated on them flag more of a new scan."""
-    training = header.training if isinstance(header.training, dict) else {}
-    trained = {r.get("sha256") for r in training.get("subjects") or () if isinstance(r, dict)}
+    trained = set(header.trained_on([checksums[s.image] for s in subjects]))
     seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
     if seen:
         log.warning("%s %s among the model's training volumes: scans a model learned from score lower than new ones, "

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import CeVAEError
 from ..io.targets import refuse_unsearchable, special_file_kind
@@ -80,6 +80,13 @@ class BundleHeader:
         if self.calibration:
             out["calibration"] = self.calibration
         return out
+
+    def trained_on(self, checksums: Sequence[str]) -> List[str]:
+        """Those of the file checksums ``checksums`` that the training record names as a training volume (a volume
+        the model learned from: it scores lower than a new scan)."""
+        training = self.training if isinstance(self.training, dict) else {}
+        trained = {r.get("sha256") for r in training.get("subjects") or () if isinstance(r, dict)}
+        return [c for c in checksums if c in trained]
 
     def is_calibrated(self, score: ScoreOptions, post: PostprocessOptions) -> bool:
         """Whether the model holds a threshold calibration for this scoring and post-processing."""

@@ -8,6 +8,7 @@ bundle records its parent model (sha256), the site scans (sha256) and which scan
 """
 from __future__ import annotations
 
+import glob
 import logging
 import shutil
 from contextlib import contextmanager
@@ -55,6 +56,12 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     header = read_header(base)
     _check_adaptable(header, base)
     checksums = _checksums(subjects)
+    seen = header.trained_on([checksums[s.image] for s in subjects])
+    if seen:  # e.g. an adapted model adapted again on its own site scans
+        log.warning("%s of the site scans %s among the training volumes of %s: a fold model fine-tuned from it has "
+                    "seen them already, so they score lower than new scans and the calibration flags more of a new "
+                    "scan. Adapt the model it came from, or use other scans.", len(seen),
+                    "is" if len(seen) == 1 else "are", base.name)
     # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
     subjects = unique_subjects(subjects, {s.image: voxel_sha256(s.image) for s in subjects})
     persons = person_groups(subjects)  # a person's scans are held out together
@@ -77,6 +84,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                          "resume. Pass --overwrite to adapt again.")
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
+        if options.overwrite and not options.resume:
+            _remove_earlier_adaptation(out)
         cache = SliceCache(root, bundle.preprocess)
         entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(progress, 0.0, PREPARE_SHARE),
                                                                            "Preparing the scans"))
@@ -127,6 +136,20 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
             seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
+
+
+def _remove_earlier_adaptation(out: Path) -> None:
+    """--overwrite: the model, checkpoints and logs of an earlier adaptation to ``out`` go before the new one starts
+    (of any number of folds), so that none of them sits beside the new run's files: not the old model, which
+    detect would take for the new one, nor an old checkpoint, which a --resume would take for the new run's."""
+    earlier = [out, *(out.with_name(out.name + suffix) for suffix in (".ckpt", ".log.csv"))]
+    earlier += [*out.parent.glob(f"{glob.escape(out.name)}.fold*.ckpt"),
+                *out.parent.glob(f"{glob.escape(out.name)}.fold*.log.csv")]
+    removed = [p for p in earlier if p.is_file()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        log.info("--overwrite: removed the earlier adaptation's %s.", ", ".join(p.name for p in removed))
 
 
 def _check_adaptable(header: BundleHeader, path: Path) -> None:
