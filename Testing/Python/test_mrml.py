@@ -683,6 +683,13 @@ def test_calibration_masks_are_paired_with_volumes_by_grid(scene):
     twin = add_volume(scene, mask_a, "mask a again", "vtkMRMLLabelMapVolumeNode")
     with pytest.raises(CeVAEError, match="two brain masks"):
         pair_masks([a], [ma, twin])
+    # scans in one template space share a grid: a mask goes to the volume whose name leads its own
+    c1, c10 = add_volume(scene, image_a, "c1"), add_volume(scene, image_a, "c10")
+    m1 = add_volume(scene, mask_a, "c1 mask", "vtkMRMLLabelMapVolumeNode")
+    m10 = add_volume(scene, mask_a, "c10-label", "vtkMRMLLabelMapVolumeNode")
+    assert pair_masks([c1, c10], [m10, m1]) == [m1, m10]
+    with pytest.raises(CeVAEError, match="grid of several of .* name each mask after its volume, e.g. 'c1 mask'"):
+        pair_masks([c1, c10], [ma])
 
 
 def test_the_modules_own_volumes_are_kept_out_of_the_input_selectors(scene):

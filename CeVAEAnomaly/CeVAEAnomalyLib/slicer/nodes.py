@@ -426,15 +426,22 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
                masks: Sequence[slicer.vtkMRMLLabelMapVolumeNode]) -> List[Optional[slicer.vtkMRMLLabelMapVolumeNode]]:
     """For each healthy volume, the brain mask on its grid (None: computed automatically).
 
-    Every mask must fit exactly one volume; a volume may have at most one mask.
+    Every mask must fit exactly one volume; where several volumes share its grid (scans in one template space),
+    the one whose name leads the mask's ("c1" for "c1 mask", "c1-label") is it. A volume may have at most one mask.
     """
     pairs: List[Optional[slicer.vtkMRMLLabelMapVolumeNode]] = [None] * len(volumes)
     for mask in masks:
         fits = [i for i, volume in enumerate(volumes) if same_grid(volume, mask)]
+        if len(fits) > 1:  # the longest volume name that leads the mask's ("c1" and "c10": "c10 mask" is c10's)
+            named = [i for i in fits if mask.GetName().startswith(volumes[i].GetName())]
+            longest = max((len(volumes[i].GetName()) for i in named), default=0)
+            fits = [i for i in named if len(volumes[i].GetName()) == longest] or fits
         if len(fits) != 1:
             where = "none of" if not fits else "several of"
+            hint = (" (they share one grid: name each mask after its volume, e.g. "
+                    f"'{volumes[fits[0]].GetName()} mask')" if fits else "")
             raise CeVAEError(f"The brain mask '{mask.GetName()}' is on the grid of {where} the chosen healthy "
-                             "volumes; choose masks that match one volume each.")
+                             f"volumes{hint}; choose masks that match one volume each.")
         if pairs[fits[0]] is not None:
             raise CeVAEError(f"The healthy volume '{volumes[fits[0]].GetName()}' has two brain masks chosen "
                              f"('{pairs[fits[0]].GetName()}' and '{mask.GetName()}'); keep one.")
