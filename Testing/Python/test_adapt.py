@@ -23,7 +23,7 @@ from CeVAEAnomalyLib.engine.header import BundleHeader, read_header
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.manifest import Subject
-from CeVAEAnomalyLib.options import SCORE_TYPES
+from CeVAEAnomalyLib.options import SCORE_TYPES, ThresholdPolicy
 from CeVAEAnomalyLib.progress import Cancelled
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions, describe_estimate, estimate_seconds, fold_plan
 from CeVAEAnomalyLib.training.config import TrainConfig
@@ -419,7 +419,13 @@ def test_overwrite_removes_the_earlier_adaptation_before_the_new_one_starts(tiny
     new one), and the earlier final checkpoint made the --resume fail after the folds were trained again. An
     adapted model adapted again on its own site scans is warned of."""
     out = tmp_path / "site.cevae"
-    adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), out, QUICK)
+    with caplog.at_level(logging.INFO):
+        adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), out, QUICK)
+    assert "Its threshold at the default healthy false-positive rate is" in caplog.text  # and how to use it
+    assert f"cevae-anomaly detect SCAN --model {out}" in caplog.text
+    header = read_header(out)
+    source = header.threshold(header.score_options, header.postprocess, ThresholdPolicy())[1]
+    assert source.startswith("calibrated on site scans, healthy false-positive rate")  # not the parent's words
     earlier = {p.name for p in tmp_path.glob("site.cevae*")}
     assert {"site.cevae", "site.cevae.ckpt", "site.cevae.log.csv"} <= earlier
 

@@ -23,6 +23,23 @@ def test_ready_it_shows_the_estimate_for_the_scans_and_device(tmp_path):
     assert "expect much less" in adapt_choice(4, str(tmp_path / "s.cevae"), None, "cuda").message
 
 
+def test_the_estimate_counts_the_thorough_modes_the_model_is_calibrated_for(tmp_path):
+    """Calibrating an adaptation scores each scan again in every thorough mode of its parent (the bundled model has
+    one): that took most of an adaptation's time, which the estimate left out."""
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.calibration import calibrated_test_time_steps
+    from CeVAEAnomalyLib.engine.header import read_header
+    from CeVAEAnomalyLib.training.adapt_plan import THOROUGH_SECONDS_PER_SCAN_CPU, estimate_seconds
+
+    model = default_model_path()
+    modes = len(calibrated_test_time_steps(read_header(model).calibration))
+    assert modes >= 1
+    choice = adapt_choice(4, str(tmp_path / "scanner.cevae"), model, "cpu")
+    assert choice.message == describe_estimate(4, "cpu", thorough_modes=modes) != describe_estimate(4, "cpu")
+    assert "thorough mode" in choice.message
+    assert estimate_seconds(4, thorough_modes=modes) == estimate_seconds(4) + 4 * modes * THOROUGH_SECONDS_PER_SCAN_CPU
+
+
 def test_it_refuses_to_write_over_the_model_it_starts_from_even_through_a_link(tmp_path):
     model = tmp_path / "model.cevae"
     model.write_bytes(b"weights")

@@ -59,8 +59,10 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
             scores = []
             for k, detector in enumerate(detectors[id(model)]):
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
-                report(part, 0.3 + 0.7 * k / len(modes), f"Scoring{mode}")
-                scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: "))
+                step = labelled(scaled(part, 0.3 + 0.7 * k / len(modes), 0.3 + 0.7 * (k + 1) / len(modes)),
+                                f"Scoring{mode}")
+                report(step, 0.0, "starting")
+                scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: ", step))
         out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")
     return out

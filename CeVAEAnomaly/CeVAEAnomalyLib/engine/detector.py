@@ -114,14 +114,15 @@ class Detector:
         report(progress, 1.0, "Detection done")
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
 
-    def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image],
-                     score_types: Sequence[str], where: str = "") -> Dict[str, np.ndarray]:
+    def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image], score_types: Sequence[str],
+                     where: str = "", progress: Optional[ProgressCallback] = None) -> Dict[str, np.ndarray]:
         """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration;
-        ``where`` (e.g. "scan.nii.gz: ") leads the mask's warnings, so that a list of volumes says which one."""
+        ``where`` (e.g. "scan.nii.gz: ") leads the mask's warnings, so that a list of volumes says which one;
+        ``progress`` hears the network's steps (the thorough mode's adaptation takes most of the time)."""
         image = checked_image(image, mask)
         stack, brain = self._prepare(image, mask, None, where)
         options = [self.score.replace(score_type=t) for t in score_types]
-        passes = self._passes([stack, *self._other_stacks(image, brain)], options, None)
+        passes = self._passes([stack, *self._other_stacks(image, brain)], options, progress)
         region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
         inside = brain[region]
         asym = self._asymmetry(image, inside, region)  # the same for every score type: computed once

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -103,7 +104,9 @@ class BundleHeader:
             return float(policy.threshold), "absolute"
         rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
         entry = find_calibration(self.calibration, score, post)
-        return threshold_for_fpr(entry, rate), f"calibrated, healthy false-positive rate {rate:g}"
+        source = entry.get("source")  # e.g. "site scans, each scored by ...": its first words say which calibration
+        on = " on " + re.split("[:,;(]", source, 1)[0].strip() if isinstance(source, str) and source.strip() else ""
+        return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}"
 
     def threshold_of(self, request: DetectionRequest) -> Tuple[float, str]:
         """The threshold ``request`` gets with this model (refused if it has none: e.g. ``--fpr`` for a scoring

@@ -54,4 +54,18 @@ def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
         return AdaptChoice(False, problem)
     out = Path(output)
     existing = [p for p in output_paths(out, volumes, options) if p.exists()]
-    return AdaptChoice(True, describe_estimate(volumes, device, options), existing)
+    return AdaptChoice(True, describe_estimate(volumes, device, options, thorough_modes=_thorough_modes(model)),
+                       existing)
+
+
+def _thorough_modes(model: Optional[Path]) -> int:
+    """How many thorough modes ``model`` is calibrated for (an adaptation calibrates them again); 0 where it cannot
+    be read (its problem is said where the model is chosen)."""
+    from ..engine.calibration import calibrated_test_time_steps
+    from ..engine.header import read_header
+    from ..errors import CeVAEError
+
+    try:
+        return len(calibrated_test_time_steps(read_header(model).calibration)) if model is not None else 0
+    except (CeVAEError, OSError):
+        return 0

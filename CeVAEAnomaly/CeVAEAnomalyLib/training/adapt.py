@@ -29,8 +29,10 @@ from ..io.lock import hold_output
 from ..io.manifest import Subject, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
+from ..options import ThresholdPolicy
 from ..progress import ProgressCallback, labelled, report, scaled
-from .adapt_plan import AdaptOptions, describe_estimate, fold_plan, output_paths, run_names
+from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_plan, output_paths, run_names,
+                         training_seconds)
 from .cache import SliceCache, temporary_cache
 from .config import AugmentConfig, TrainConfig
 from .data import person_groups, unique_subjects
@@ -40,7 +42,7 @@ from .packaging import package, subject_records, training_header
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
-PREPARE_SHARE, CALIBRATE_SHARE = 0.05, 0.15  # of the progress bar; the runs share the rest
+PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated share, the runs the rest
 
 
 def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOptions = AdaptOptions(),
@@ -66,7 +68,11 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     subjects = unique_subjects(subjects, {s.image: voxel_sha256(s.image) for s in subjects})
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
-    log.info("%s", describe_estimate(len(subjects), options.device, options, len(persons)))
+    thorough = calibrated_test_time_steps(header.calibration)  # the parent's thorough modes are calibrated again
+    log.info("%s", describe_estimate(len(subjects), options.device, options, len(persons), len(thorough)))
+    calibrating = calibration_seconds(len(subjects), thorough_modes=len(thorough))
+    calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
+                                                                             n_persons=len(persons))))
     runs = run_names(len(persons), options.folds)
     configs = {run: options.run_config(out, run, init_from=base) for run in runs}
     read = Inputs([base, *inputs, *checksums])
@@ -87,12 +93,13 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         if options.overwrite and not options.resume:
             _remove_earlier_adaptation(out)
         cache = SliceCache(root, bundle.preprocess)
-        entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(progress, 0.0, PREPARE_SHARE),
+        training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
+        entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(training_part, 0.0, PREPARE_SHARE),
                                                                            "Preparing the scans"))
         contrasts = [depth_contrast(np.load(e[0].path)) for e in entries]
         check_modality([s.name for s in subjects], contrasts, header)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle.preprocess, root,
-                                            options.resume, progress)
+                                            options.resume, training_part)
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
         new = training_header(out.stem, bundle.preprocess, header.loss, final.record(seconds))
@@ -102,13 +109,25 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                                                                    contrasts, options)))
         path = package(out, final.model, adapted, subjects, "site scans, each scored by the fold model fine-tuned "
                        "without it", final.device, half=False, scorers=scorers,
-                       progress=labelled(scaled(progress, 1.0 - CALIBRATE_SHARE, 1.0), "Calibrating"),
-                       test_time_steps=calibrated_test_time_steps(header.calibration))  # the parent's modes
+                       progress=labelled(scaled(progress, 1.0 - calibrate_share, 1.0), "Calibrating"),
+                       test_time_steps=thorough)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
-    log.info("Adapted model written to %s (%d site scans, %d folds).", path, len(subjects), len(plan))
+    now, before = _default_threshold(read_header(path)), _default_threshold(header)
+    log.info("Adapted model written to %s (%d site scans, %d folds). Its threshold at the default healthy "
+             "false-positive rate is %.3g, calibrated on the site's scans (%s: %s). Detect with it: "
+             "cevae-anomaly detect SCAN --model %s", path, len(subjects), len(plan), now, base.name,
+             "not calibrated" if before is None else f"{before:.3g}", path)
     return path
+
+
+def _default_threshold(header: BundleHeader) -> Optional[float]:
+    """The model's threshold for its default scoring at its default rate; None if it is not calibrated for it."""
+    try:
+        return header.threshold(header.score_options, header.postprocess, ThresholdPolicy())[0]
+    except CeVAEError:
+        return None
 
 
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
@@ -119,7 +138,7 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     the final run in this session. A run whose checkpoint exists resumes from it."""
     models: Dict[str, CeVAE] = {}
     seconds = 0.0
-    share = (1.0 - PREPARE_SHARE - CALIBRATE_SHARE) / len(runs)
+    share = (1.0 - PREPARE_SHARE) / len(runs)
     orientations = tuple((header.training or {}).get("orientations") or ("axial",))
     for n, run in enumerate(runs):
         held = plan[n] if run != "final" else []

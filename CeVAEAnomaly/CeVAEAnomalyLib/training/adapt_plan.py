@@ -25,6 +25,9 @@ MIN_SCANS = 2  # one to train on and one held out, in each direction
 CPU_STEPS_PER_S = 0.45
 MEASURED_BATCH = 64  # the batch size CPU_STEPS_PER_S was measured with; a step's time grows with the batch
 SECONDS_PER_SCAN_CPU = 15.0  # preparing a scan (automatic mask included) and scoring it for calibration
+# Scoring a scan once more in a thorough mode for calibration: its test-time fine-tuning makes it ~6 times a plain
+# scoring (an audit of the adaptation flow measured 56 s against 9.5 s per scan on this machine, lightly loaded).
+THOROUGH_SECONDS_PER_SCAN_CPU = 50.0
 
 
 @dataclass(frozen=True)
@@ -79,24 +82,39 @@ def run_names(n_persons: int, max_folds: int) -> List[str]:
 
 
 def estimate_seconds(n_scans: int, options: AdaptOptions = AdaptOptions(), steps_per_s: float = CPU_STEPS_PER_S,
-                     seconds_per_scan: float = SECONDS_PER_SCAN_CPU, n_persons: Optional[int] = None) -> float:
+                     seconds_per_scan: float = SECONDS_PER_SCAN_CPU, n_persons: Optional[int] = None,
+                     thorough_modes: int = 0) -> float:
     """How long adapting ``n_scans`` scans (of ``n_persons`` persons; default: one each) takes at ``steps_per_s``
-    (default: the measured CPU rate at batch :data:`MEASURED_BATCH`, scaled to the options' batch size)."""
+    (default: the measured CPU rate at batch :data:`MEASURED_BATCH`, scaled to the options' batch size), with the
+    calibration of ``thorough_modes`` thorough modes (those the base model is calibrated for)."""
+    return training_seconds(n_scans, options, steps_per_s, n_persons) + calibration_seconds(
+        n_scans, seconds_per_scan, thorough_modes)
+
+
+def training_seconds(n_scans: int, options: AdaptOptions = AdaptOptions(), steps_per_s: float = CPU_STEPS_PER_S,
+                     n_persons: Optional[int] = None) -> float:
+    """The fine-tuning runs' part of :func:`estimate_seconds`."""
     runs = len(run_names(n_scans if n_persons is None else n_persons, options.folds))
-    step_s = options.batch_size / MEASURED_BATCH / steps_per_s
-    return runs * options.steps * step_s + n_scans * seconds_per_scan
+    return runs * options.steps * options.batch_size / MEASURED_BATCH / steps_per_s
+
+
+def calibration_seconds(n_scans: int, seconds_per_scan: float = SECONDS_PER_SCAN_CPU, thorough_modes: int = 0) -> float:
+    """Preparing and calibrating's part of :func:`estimate_seconds`."""
+    return n_scans * (seconds_per_scan + thorough_modes * THOROUGH_SECONDS_PER_SCAN_CPU)
 
 
 def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOptions(),
-                      n_persons: Optional[int] = None) -> str:
+                      n_persons: Optional[int] = None, thorough_modes: int = 0) -> str:
     """The estimate in words, for the command line and the Slicer panel, before a run starts."""
     runs = len(run_names(n_scans if n_persons is None else n_persons, options.folds))
-    minutes = max(1, int(math.ceil(estimate_seconds(n_scans, options, n_persons=n_persons) / 60)))
+    seconds = estimate_seconds(n_scans, options, n_persons=n_persons, thorough_modes=thorough_modes)
+    minutes = max(1, int(math.ceil(seconds / 60)))
     where = "on a CPU like the 2-core machine it was measured on"
     if device not in ("cpu", "auto"):
         where += f"; on {device} expect much less"
     of = f" of {n_persons} persons" if n_persons is not None and n_persons < n_scans else ""
-    return (f"{runs} fine-tuning runs of {options.steps} steps on {n_scans} scan(s){of}, then calibration: "
+    modes = f" (plain and {thorough_modes} thorough mode{'s' if thorough_modes > 1 else ''})" if thorough_modes else ""
+    return (f"{runs} fine-tuning runs of {options.steps} steps on {n_scans} scan(s){of}, then calibration{modes}: "
             f"about {minutes} min {where}.")
 
 
