@@ -609,15 +609,39 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         choice = self._adaptChoice()
         if not choice.ready:
             raise CeVAEError(choice.message)
-        overwrite = False
+        overwrite = resume = False
         if choice.existing:
             names = ", ".join(path.name for path in choice.existing)
-            if slicer.app.testingEnabled() or not self._confirm(
-                    _("An earlier run left {names}. Replace them?").format(names=names), windowTitle=_("Adapt")):
-                raise CeVAEError(_("{names} exist; choose another file name for the adapted model.").format(names=names))
-            overwrite = True
+            refused = CeVAEError(_("{names} exist; choose another file name for the adapted model.").format(
+                names=names))
+            if slicer.app.testingEnabled():
+                raise refused
+            if choice.resumable:  # an interrupted adaptation: go on from its checkpoints, or start anew
+                answer = self._resumeOrReplace(names)
+                if answer is None:
+                    raise refused
+                resume, overwrite = answer, not answer
+            elif self._confirm(_("An earlier run left {names}. Replace them?").format(names=names),
+                               windowTitle=_("Adapt")):
+                overwrite = True
+            else:
+                raise refused
         return self.logic.startAdaptation(volumes, masks, Path(p.adaptedModelPath), modelPath=model_path(p),
-                                          device=p.device, overwrite=overwrite, **self._workerArguments())
+                                          device=p.device, overwrite=overwrite,
+                                          options={"resume": True} if resume else None, **self._workerArguments())
+
+    @staticmethod
+    def _resumeOrReplace(names: str) -> Optional[bool]:
+        """Ask about an interrupted adaptation: True to resume it, False to start anew replacing its files, None to
+        cancel."""
+        buttons = qt.QMessageBox.Yes
+        buttons |= qt.QMessageBox.No
+        buttons |= qt.QMessageBox.Cancel
+        answer = slicer.util.messageBox(
+            _("An earlier adaptation to this file was interrupted ({names}). Resume it from its checkpoints (Yes), "
+              "or start anew and replace them (No)?").format(names=names),
+            windowTitle=_("Adapt"), standardButtons=buttons)
+        return {qt.QMessageBox.Yes: True, qt.QMessageBox.No: False}.get(answer)
 
     def _onPoll(self) -> None:
         """Timer: take the worker's progress; when it has ended, load its results."""

@@ -35,7 +35,7 @@ def test_the_estimate_counts_the_thorough_modes_the_model_is_calibrated_for(tmp_
     modes = len(calibrated_test_time_steps(read_header(model).calibration))
     assert modes >= 1
     choice = adapt_choice(4, str(tmp_path / "scanner.cevae"), model, "cpu")
-    assert choice.message == describe_estimate(4, "cpu", thorough_modes=modes) != describe_estimate(4, "cpu")
+    assert choice.message == f"Starting from {model.name}: " + describe_estimate(4, "cpu", thorough_modes=modes)
     assert "thorough mode" in choice.message
     assert estimate_seconds(4, thorough_modes=modes) == estimate_seconds(4) + 4 * modes * THOROUGH_SECONDS_PER_SCAN_CPU
 
@@ -74,3 +74,17 @@ def test_the_calibration_output_is_checked_the_same_way(tmp_path):
         "Check at least one healthy volume to calibrate on."
     assert "cannot replace the model it starts from" in calibrate_problem(2, str(model), model)
     assert calibrate_problem(1, str(tmp_path / "site.cevae"), model) is None
+
+
+def test_an_interrupted_adaptation_can_be_resumed_a_finished_one_only_replaced(tmp_path):
+    """The panel offered only "Replace" after a Cancel: an interrupted run (checkpoints, no finished model) is
+    resumable; a finished one (its model written, fold checkpoints gone) is not."""
+    out = tmp_path / "scanner.cevae"
+    (tmp_path / "scanner.cevae.fold1.ckpt").write_bytes(b"")
+    (tmp_path / "scanner.cevae.fold1.log.csv").write_text("step\n")
+    assert adapt_choice(3, str(out), None, "cpu").resumable
+    (tmp_path / "scanner.cevae.fold1.ckpt").unlink()
+    (tmp_path / "scanner.cevae.ckpt").write_bytes(b"")
+    out.write_bytes(b"a finished model")
+    assert not adapt_choice(3, str(out), None, "cpu").resumable
+    assert not adapt_choice(3, str(tmp_path / "new.cevae"), None, "cpu").resumable

@@ -20,6 +20,14 @@ class AdaptChoice:
     message: str
     existing: List[Path] = field(default_factory=list)
 
+    @property
+    def resumable(self) -> bool:
+        """Whether the files of the earlier run are an interrupted adaptation that can be resumed: a checkpoint,
+        and not a finished model (whose fold checkpoints are gone once it is written)."""
+        checkpoints = [p for p in self.existing if p.name.endswith(".ckpt")]
+        finished = any(not p.name.endswith((".ckpt", ".log.csv")) for p in self.existing)
+        return bool(checkpoints) and (not finished or any(".fold" in p.name for p in checkpoints))
+
 
 def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[str]:
     """Why the ``kind`` ("adapted", "calibrated") model cannot be saved at ``output``, or None: no path, a
@@ -54,7 +62,8 @@ def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
         return AdaptChoice(False, problem)
     out = Path(output)
     existing = [p for p in output_paths(out, volumes, options) if p.exists()]
-    return AdaptChoice(True, describe_estimate(volumes, device, options, thorough_modes=_thorough_modes(model)),
+    start = f"Starting from {model.name}: " if model is not None else ""  # (after an adaptation: the adapted one)
+    return AdaptChoice(True, start + describe_estimate(volumes, device, options, thorough_modes=_thorough_modes(model)),
                        existing)
 
 
