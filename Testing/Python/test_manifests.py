@@ -119,3 +119,22 @@ def test_a_manifest_names_the_person_and_a_bids_file_name_tells_it(cohort):
     assert Subject(Path("sub-07_T1w.nii.gz")).group != Subject(Path("sub-70_T1w.nii.gz")).group
     assert Subject(Path("sub-cortical.nii.gz")).person is None  # not a BIDS name: a person of its own
     assert Subject(Path("sub-cortical.nii.gz")).group == ("image", "sub-cortical.nii.gz")
+
+
+def test_a_folder_or_a_glob_of_scans_and_their_masks_is_read_as_batch_reads_a_folder(cohort, tmp_path):
+    """`adapt site/` said "contains no DICOM series"; `adapt site/*.nii.gz` took each NAME_mask file for a scan."""
+    import argparse
+
+    from CeVAEAnomalyLib.cli.commands import _healthy_subjects
+
+    def read(*images):
+        return sorted((s.image.name, s.mask.name if s.mask else None)
+                      for s in _healthy_subjects(argparse.Namespace(manifest=None, images=list(images))))
+
+    expected = [("h1.nii.gz", "h1_mask.nii.gz"), ("h2.nii.gz", "h2_mask.nii.gz")]
+    assert read(cohort) == expected
+    assert read(*sorted(cohort.glob("*.nii.gz"))) == expected
+    assert read(cohort / "h1.nii.gz") == [("h1.nii.gz", None)]
+    image, _ = make_head(size=(32, 36, 28), seed=3)
+    write_dicom_series(image, tmp_path / "series")
+    assert read(tmp_path / "series") == [("series", None)]  # a folder without image files: one DICOM series

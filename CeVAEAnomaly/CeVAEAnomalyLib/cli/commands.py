@@ -7,10 +7,10 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
-from ..io.naming import refuse_misnamed
+from ..io.naming import file_stem, refuse_misnamed
 
 if TYPE_CHECKING:
     from ..engine.header import BundleHeader
@@ -31,16 +31,35 @@ def _require_research(command: str, modules: Sequence[str]) -> None:
 
 
 def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
-    """The volumes of --manifest and the image arguments, every one checked before any is read."""
+    """The volumes of --manifest and the image arguments, every one checked before any is read. As ``batch``
+    reads a folder: a folder of image files gives its images, and ``NAME_mask.*`` (or ``NAME_brainmask.*``)
+    beside ``NAME.*`` is NAME's brain mask, in a folder or among the files given (``site/*.nii.gz``); a folder
+    without image files is one DICOM series."""
     from ..io.manifest import Subject, check_volume_path, read_manifest
+    from .batch import MASK_TAGS, collect_folder
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
-    for p in args.images:
-        check_volume_path(Path(p), "image")
-        subjects.append(Subject(Path(p)))
+    files: List[Path] = []
+    for p in map(Path, args.images):
+        check_volume_path(p, "image")
+        items = collect_folder(p) if p.is_dir() else []
+        subjects += [Subject(item.image, item.mask) for item in items]
+        if not items:  # a file, or a DICOM series folder
+            files.append(p)
+    by_stem = {(p.parent, file_stem(p)): p for p in files}
+    owners = {p: (p.parent, _mask_of(p, MASK_TAGS)) for p in files}
+    masks = {by_stem[owner]: p for p, owner in owners.items() if owner in by_stem}  # image -> its mask file
+    subjects += [Subject(p, masks.get(p)) for p in files if p not in masks.values()]
     if not subjects:
         raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects
+
+
+def _mask_of(path: Path, tags: Sequence[str]) -> Optional[str]:
+    """The stem of the image whose brain mask ``path`` is by its name (``a_mask.nii.gz``: "a"), else None."""
+    stem = file_stem(path)
+    tag = next((t for t in tags if stem.endswith(t) and len(stem) > len(t)), None)
+    return stem[: -len(tag)] if tag else None
 
 
 def _inputs(args: argparse.Namespace, subjects: list) -> list:
