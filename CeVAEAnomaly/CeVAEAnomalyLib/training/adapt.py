@@ -79,13 +79,17 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     for path in output_paths(out, len(persons), options):
         if read.which(path) is not None:  # by path, link or inode
             raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another --out.")
+    finished = out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
+                                         if run != "final")  # fold checkpoints go once the model is written
+    if finished and not (options.overwrite or options.resume):
+        raise CeVAEError(f"{out} already exists (a finished adaptation leaves no checkpoint to resume); pass "
+                         "--overwrite to adapt again and replace it, or choose another --out.")
     for cfg in configs.values():
         cfg.check_outputs((), options.overwrite)
     if options.resume and not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
         raise CeVAEError(f"--resume was given but there is no checkpoint of an adaptation to {out} "
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")
-    if options.resume and out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
-                                                    if run != "final"):  # fold checkpoints go once it is published
+    if options.resume and finished:
         raise CeVAEError(f"The adaptation to {out} is complete (its model file is written); there is nothing to "
                          "resume. Pass --overwrite to adapt again.")
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
