@@ -69,7 +69,7 @@ def test_cells_beyond_the_header_a_repeated_column_or_a_nul_byte_are_refused(tmp
 
 
 @pytest.mark.parametrize("content, message", [
-    ("path,mask\na.nii.gz,\n", r"needs a header row with the column 'image' \(and optionally 'mask'\)"),
+    ("path,mask\na.nii.gz,\n", r"needs a header row with the column 'image' \(and optionally 'mask', 'subject'\)"),
     ("image,mask\n", r"lists no images"),
     ("image;mask\na.nii.gz;m.nii.gz\n", r"column 'image'.*separated by semicolons; separate them with commas"),
     ("image\tmask\na.nii.gz\tm.nii.gz\n", r"separated by tabs; separate them with commas"),
