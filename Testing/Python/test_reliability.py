@@ -386,3 +386,25 @@ def test_checkpoints_and_bundles_reach_the_disk_before_they_replace_the_previous
     synced.clear()
     atomic.write_all({tmp_path / "out.csv": "a,b\n"}, False, ())
     assert synced == []
+
+
+def test_a_killed_checkpoint_writes_temporary_is_removed_by_a_later_write(tmp_path):
+    """SIGKILL during a checkpoint or bundle write left a hidden temporary of its full size, for good (also after
+    a successful --resume); a later durable write of the same file removes those an hour old, and no others."""
+    import time
+
+    import torch
+
+    from CeVAEAnomalyLib.training.checkpoint import write_checkpoint
+
+    path = tmp_path / "m.cevae.ckpt"
+    old = tmp_path / ".m.cevae.ckpt.0123abcd.ckpt"
+    fresh = tmp_path / ".m.cevae.ckpt.89abcdef.ckpt"  # another write under way
+    other = tmp_path / ".other.ckpt.0123abcd.ckpt"
+    for leftover in (old, fresh, other):
+        leftover.write_bytes(b"x" * 100)
+    hour_ago = time.time() - 2 * 3600
+    for leftover in (old, other):
+        os.utime(leftover, (hour_ago, hour_ago))
+    write_checkpoint({"step": 1, "weights": torch.zeros(2)}, path)
+    assert path.is_file() and not old.exists() and fresh.exists() and other.exists()

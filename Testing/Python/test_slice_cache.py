@@ -421,3 +421,25 @@ def test_a_cache_folder_that_cannot_be_made_is_one_clear_line(tmp_path, monkeypa
     code = main(["prepare", str(tmp_path / "h.nii.gz"), "--cache-dir", str(tmp_path / "blocked" / "cache")])
     err = capsys.readouterr().err
     assert code == 2 and "unexpected" not in err and "blocked" in err
+
+
+def test_a_file_replaced_between_its_hash_and_its_read_is_not_cached_under_the_old_hash(subjects, tmp_path,
+                                                                                       monkeypatch):
+    """The cache key is the file's checksum taken before the volume is read: a file replaced in between had
+    another subject's slices cached under it, used by every later run."""
+    from CeVAEAnomalyLib.training import cache as cache_module
+
+    s, other = subjects[0], subjects[1]
+    known = checksums(s)
+    real = cache_module.subject_slices
+
+    def replaced_while_read(subject, pre, orientations):
+        out = real(subject, pre, orientations)
+        s.image.write_bytes(other.image.read_bytes())  # e.g. a copy still being written
+        return out
+
+    monkeypatch.setattr(cache_module, "subject_slices", replaced_while_read)
+    cache = SliceCache(tmp_path / "cache", PRE)
+    with pytest.raises(CeVAEError, match="changed while it was being read"):
+        cache.entries_for(s, known, ("axial",))
+    assert cache.lookup(cache.key(s, known, "axial")) is None

@@ -9,8 +9,10 @@ SIGTERM held, so a stop leaves them all new or all old. Every file is checked to
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -46,6 +48,31 @@ def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> 
             continue
         os.close(fd)
         return tmp
+
+
+STALE_AGE_S = 3600.0  # a temporary untouched this long belongs to a write that was killed
+
+
+def remove_stale_temporaries(target: Path) -> int:
+    """Remove the temporaries (:func:`temp_beside`) of writes of ``target`` that were killed (SIGKILL, a power cut)
+    and left them: untouched for :data:`STALE_AGE_S`; how many."""
+    suffix = full_suffix(target)
+    name = name_leaving_room(target, len(os.fsencode(suffix)) + 10)
+    pattern = re.compile(re.escape(f".{name}.") + "[0-9a-f]{8}" + re.escape(suffix))
+    cutoff, removed = time.time() - STALE_AGE_S, 0
+    try:
+        with os.scandir(target.parent) as listing:
+            stale = [e.path for e in listing if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+                     and e.stat(follow_symlinks=False).st_mtime < cutoff]
+    except OSError:
+        return 0
+    for path in stale:
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def publish(tmp: str, target: Path, durable: bool = False) -> None:
@@ -87,9 +114,12 @@ def check_complete(tmp: str, target: Path, expected_bytes: Optional[int] = None)
 @contextmanager
 def atomic_path(target: Path, durable: bool = False) -> Iterator[str]:
     """Yield a temporary path; if the block succeeds and the file is complete it replaces ``target`` (``durable``:
-    see :func:`publish`)."""
+    see :func:`publish`; such a write, of a model or checkpoint, first removes the temporaries of earlier writes of
+    ``target`` that were killed)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if durable:
+        remove_stale_temporaries(target)
     claimed: List[str] = []
     try:
         tmp = temp_beside(target, claimed.append)
