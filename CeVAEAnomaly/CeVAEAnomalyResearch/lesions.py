@@ -51,7 +51,8 @@ class Lesion:
     """One inserted lesion.
 
     ``center_index`` is the SimpleITK (i, j, k) index of the centre voxel, ``center_mm`` its
-    physical point. ``radius_mm`` is the longest semi-axis: no ground-truth voxel lies farther
+    physical point in SimpleITK's LPS coordinates (Slicer and the component tables use RAS: negate x and y).
+    ``radius_mm`` is the longest semi-axis: no ground-truth voxel lies farther
     than this from the centre. ``n_voxels`` counts its ground-truth voxels.
     """
 

@@ -21,6 +21,7 @@ import numpy as np
 from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibration import calibrated_test_time_steps
 from ..engine.config import PreprocessConfig
+from ..engine.devices import resolve_device
 from ..engine.header import BundleHeader, read_header
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
@@ -69,7 +70,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
     thorough = calibrated_test_time_steps(header.calibration)  # the parent's thorough modes are calibrated again
-    log.info("%s", describe_estimate(len(subjects), options.device, options, len(persons), len(thorough)))
+    device = resolve_device(options.device).type if options.device == "auto" else options.device  # auto: the GPU?
+    log.info("%s", describe_estimate(len(subjects), device, options, len(persons), len(thorough)))
     calibrating = calibration_seconds(len(subjects), thorough_modes=len(thorough))
     calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
                                                                              n_persons=len(persons))))
