@@ -5,6 +5,7 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,15 +180,20 @@ def test_usage_inside_slicer_which_takes_help_for_itself(tmp_path):
     assert proc.stdout.startswith("usage: DetectVolume") and "--output-dir" in proc.stdout
 
 
+def run_on_nifti(image, mask, bundle, folder: Path):
+    """The script on ``image`` and ``mask`` written as NIfTI files into ``folder``: (its output folder, the run)."""
+    sitk.WriteImage(image, str(folder / "head.nii.gz"))
+    sitk.WriteImage(mask, str(folder / "head_mask.nii.gz"))
+    out = folder / "results"
+    return out, run_batch("--input", folder / "head.nii.gz", "--mask", folder / "head_mask.nii.gz", "--model", bundle,
+                          "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
+
+
 def test_a_left_handed_input_gets_outputs_on_its_own_grid(tiny_bundle, tmp_path):
     """FSL stores NIfTI as LAS (a left-handed index order). Slicer keeps such a volume with its slice axis
     reversed; the script still writes the score and labelmap on the input file's grid, as detect does."""
     image, mask = make_head(direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1), seed=12)
-    sitk.WriteImage(image, str(tmp_path / "head.nii.gz"))
-    sitk.WriteImage(mask, str(tmp_path / "head_mask.nii.gz"))
-    out = tmp_path / "results"
-    proc = run_batch("--input", tmp_path / "head.nii.gz", "--mask", tmp_path / "head_mask.nii.gz", "--model",
-                     tiny_bundle, "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
+    out, proc = run_on_nifti(image, mask, tiny_bundle, tmp_path)
     assert proc.returncode == 0, proc.stderr
     brain = sitk.GetArrayFromImage(mask) > 0
     for name in OUTPUTS[:2]:
@@ -222,11 +228,7 @@ def test_nan_voxels_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path):
     voxels[hole] = np.nan
     with_nan = sitk.GetImageFromArray(voxels)
     with_nan.CopyInformation(image)
-    sitk.WriteImage(with_nan, str(tmp_path / "head.nii.gz"))
-    sitk.WriteImage(mask, str(tmp_path / "head_mask.nii.gz"))
-    out = tmp_path / "results"
-    proc = run_batch("--input", tmp_path / "head.nii.gz", "--mask", tmp_path / "head_mask.nii.gz", "--model",
-                     tiny_bundle, "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
+    out, proc = run_on_nifti(with_nan, mask, tiny_bundle, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "NaN" in proc.stderr  # the warning the command line gives
     scores = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[0])))

@@ -498,6 +498,19 @@ def test_outputs_are_linked_to_their_input_by_a_reference_that_survives_scene_im
     assert nodes.source_volume(score) is source
 
 
+def saved_and_reloaded(scene, folder):
+    """The scene saved as a data bundle in ``folder`` and imported into a new scene, and its volume "head"."""
+    application = slicer.vtkMRMLApplicationLogic()
+    application.SetMRMLScene(scene)
+    assert application.SaveSceneToSlicerDataBundleDirectory(str(folder))
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(next(folder.glob("*.mrml"))))
+    assert reloaded.Import()
+    volumes = [reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+               for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    return reloaded, next(v for v in volumes if v.GetName() == "head")
+
+
 def test_the_top_slice_of_a_left_handed_volume_survives_a_saved_scene(scene, tmp_path):
     """A scene save stores a left-handed volume with its slice axis reversed: the table's indices are read on the
     grid they were written on."""
@@ -505,15 +518,7 @@ def test_the_top_slice_of_a_left_handed_volume_survives_a_saved_scene(scene, tmp
     volume = add_volume(scene, image)
     out = mrml.publish(scene, volume, fake_detection(image, mask, 1e6))  # no component: the jump is the top slice
     jump = nodes.stored_result(out.score).jump_ras
-    application = slicer.vtkMRMLApplicationLogic()
-    application.SetMRMLScene(scene)
-    assert application.SaveSceneToSlicerDataBundleDirectory(str(tmp_path))
-    reloaded = slicer.vtkMRMLScene()
-    reloaded.SetURL(str(next(tmp_path.glob("*.mrml"))))
-    assert reloaded.Import()
-    source = next(reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-                  for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
-                  if reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName() == "head")
+    reloaded, source = saved_and_reloaded(scene, tmp_path)
     assert np.linalg.det(nodes.ijk_to_ras(source)[:3, :3]) > 0  # stored the other way round
     score = mrml.find_output(reloaded, "vtkMRMLScalarVolumeNode", "score", source)
     assert nodes.stored_result(score).jump_ras == pytest.approx(jump, abs=1e-6)
@@ -568,15 +573,7 @@ def test_a_saved_and_reloaded_scene_s_results_are_not_taken_for_edited(scene, tm
     image, mask = make_head(direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))  # left-handed: a save stores it the other way
     volume = add_volume(scene, image)
     mrml.publish(scene, volume, fake_detection(image, mask, 1.1), create_labelmap=True)
-    application = slicer.vtkMRMLApplicationLogic()
-    application.SetMRMLScene(scene)
-    assert application.SaveSceneToSlicerDataBundleDirectory(str(tmp_path))
-    reloaded = slicer.vtkMRMLScene()
-    reloaded.SetURL(str(next(tmp_path.glob("*.mrml"))))
-    assert reloaded.Import()
-    source = next(n for n in (reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-                              for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
-                  if n.GetName() == "head")
+    reloaded, source = saved_and_reloaded(scene, tmp_path)
     labelmap = mrml.find_output(reloaded, "vtkMRMLLabelMapVolumeNode", "labelmap", source)
     segmentation = mrml.find_output(reloaded, "vtkMRMLSegmentationNode", "segmentation", source)
     again = mrml.image_from_volume(source)

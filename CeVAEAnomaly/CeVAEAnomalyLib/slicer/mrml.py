@@ -440,36 +440,36 @@ def score_color_node_id(scene: slicer.vtkMRMLScene) -> str:
     """Slicer's Inferno table if the scene has it, else an equivalent table made once per scene."""
     if scene.GetNodeByID(INFERNO_COLOR_NODE_ID) is not None:
         return INFERNO_COLOR_NODE_ID
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
-        if node.GetAttribute(ROLE_ATTRIBUTE) == "colors":
-            return node.GetID()
-    table = slicer.vtkMRMLColorTableNode()
-    table.SetTypeToUser()
-    table.SetName(FALLBACK_COLOR_NAME)
-    table.SetAttribute(ROLE_ATTRIBUTE, "colors")
-    table.SetNumberOfColors(256)
     positions = np.linspace(0.0, 1.0, len(_INFERNO_ANCHORS))
-    for i, t in enumerate(np.linspace(0.0, 1.0, 256)):
-        rgb = [np.interp(t, positions, _INFERNO_ANCHORS[:, c]) for c in range(3)]
-        table.SetColor(i, *rgb, 1.0)
-    scene.AddNode(table)
-    return table.GetID()
+    return _color_table(scene, "colors", FALLBACK_COLOR_NAME,
+                        [("", *(np.interp(t, positions, _INFERNO_ANCHORS[:, c]) for c in range(3)), 1.0)
+                         for t in np.linspace(0.0, 1.0, 256)])
 
 
 def label_color_node_id(scene: slicer.vtkMRMLScene) -> str:
     """The anomaly labelmap's colours, made once per scene: label 1 is "Anomaly", in the segment's colour."""
+    return _color_table(scene, "label colors", "CeVAEAnomaly labels",
+                        [("Background", 0.0, 0.0, 0.0, 0.0), (SEGMENT_NAME, *SEGMENT_COLOR, 1.0)])
+
+
+def _color_table(scene: slicer.vtkMRMLScene, role: str, name: str,
+                 colors: Sequence[Tuple[str, float, float, float, float]]) -> str:
+    """The ID of this module's colour table of ``role`` in the scene, made from ``colors`` (name, r, g, b, a per
+    entry) if there is none yet."""
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
-        if node.GetAttribute(ROLE_ATTRIBUTE) == "label colors":
+        if node.GetAttribute(ROLE_ATTRIBUTE) == role:
             return node.GetID()
     table = slicer.vtkMRMLColorTableNode()
     table.SetTypeToUser()
-    table.SetName("CeVAEAnomaly labels")
-    table.SetAttribute(ROLE_ATTRIBUTE, "label colors")
-    table.SetNumberOfColors(2)
-    table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
-    table.SetColor(1, SEGMENT_NAME, *SEGMENT_COLOR, 1.0)
+    table.SetName(name)
+    table.SetAttribute(ROLE_ATTRIBUTE, role)
+    table.SetNumberOfColors(len(colors))
+    for index, (label, *rgba) in enumerate(colors):
+        if label:
+            table.SetColor(index, label, *rgba)
+        else:
+            table.SetColor(index, *rgba)
     scene.AddNode(table)
     return table.GetID()
 
