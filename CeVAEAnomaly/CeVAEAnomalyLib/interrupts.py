@@ -27,9 +27,12 @@ def pool_worker_signals() -> None:
     """In a pool's worker process: Ctrl-C, which reaches the whole process group, is left to the main process
     (it stops the pool), and SIGTERM (a scheduler stopping the group) raises :class:`Terminated`, so that the
     worker's temporary files are removed. A worker whose main process is gone (killed with SIGKILL) stops the
-    same way instead of writing on and then waiting forever for work."""
+    same way instead of writing on and then waiting forever for work (POSIX, where the worker then gets another
+    parent; on Windows its parent id stays, and nothing is watched)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, raise_terminated)
+    if os.name != "posix":
+        return
     parent = os.getppid()
 
     def watch() -> None:

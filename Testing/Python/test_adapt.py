@@ -436,6 +436,9 @@ def test_overwrite_removes_the_earlier_adaptation_before_the_new_one_starts(tiny
             raise Cancelled("stopped by the test")
 
     again = AdaptOptions(**{**QUICK.__dict__, "overwrite": True})
+    with pytest.raises(CeVAEError, match="another contrast"):  # refused before it begins: the earlier one stays
+        adapt_mod.adapt(tiny_bundle, subjects(site, "a", "reversed"), out, again)
+    assert {p.name for p in tmp_path.glob("site.cevae*")} == earlier
     with pytest.raises(Cancelled):
         adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, again, stop_in_second_fold)
     left = {p.name for p in tmp_path.glob("site.cevae*")}

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.cli.batch import read_list
 from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.manifest import Subject, read_manifest
 from conftest import make_head
 from test_bad_inputs import write_dicom_series
@@ -138,3 +139,9 @@ def test_a_folder_or_a_glob_of_scans_and_their_masks_is_read_as_batch_reads_a_fo
     image, _ = make_head(size=(32, 36, 28), seed=3)
     write_dicom_series(image, tmp_path / "series")
     assert read(tmp_path / "series") == [("series", None)]  # a folder without image files: one DICOM series
+    lone = cohort / "h3_mask.nii.gz"  # a mask whose image is not given (e.g. a BIDS *_desc-brain_mask)
+    lone.write_bytes((cohort / "h1_mask.nii.gz").read_bytes())
+    assert read(cohort / "h1.nii.gz", lone) == [("h1.nii.gz", None)]
+    sitk.WriteImage(sitk.ReadImage(str(cohort / "h1.nii.gz")), str(cohort / "h1.nrrd"))
+    with pytest.raises(CeVAEError, match="both the image of 'h1'"):
+        read(cohort / "h1.nii.gz", cohort / "h1.nrrd", cohort / "h1_mask.nii.gz")

@@ -371,7 +371,8 @@ def test_prepare_says_when_a_volume_repeats_another(subjects, tmp_path, caplog):
 
 def test_a_change_to_the_slicing_code_is_a_decision_about_the_cache_version():
     """Cached slices are keyed by SLICING_VERSION, not by the code that made them: an upgrade that changed what
-    slices a volume gives reused stale slices. Changing engine/preprocess.py or engine/brainmask.py fails here
+    slices a volume gives reused stale slices. Changing engine/preprocess.py, engine/brainmask.py or
+    training/data.py (what slices of a volume are kept) fails here
     until someone decides: raise SLICING_VERSION if slices change, then record the files' new digest."""
     import hashlib
     import json
@@ -379,8 +380,9 @@ def test_a_change_to_the_slicing_code_is_a_decision_about_the_cache_version():
     from CeVAEAnomalyLib.training.cache import SLICING_VERSION
 
     recorded = json.loads((Path(__file__).parent / "slicing_sources.json").read_text())
-    engine = Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomalyLib" / "engine"
-    now = {name: hashlib.sha256((engine / name).read_bytes()).hexdigest() for name in recorded["sha256"]}
+    library = Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomalyLib"
+    now = {name: hashlib.sha256((library / name).read_bytes().replace(b"\r\n", b"\n")).hexdigest()  # any checkout
+           for name in recorded["sha256"]}
     assert (now, SLICING_VERSION) == (recorded["sha256"], recorded["slicing_version"]), (
         "the slicing code or SLICING_VERSION changed: raise training.cache.SLICING_VERSION if the slices of a "
         "volume change, then record the digests and version in Testing/Python/slicing_sources.json")
@@ -390,6 +392,7 @@ def test_a_change_to_the_slicing_code_is_a_decision_about_the_cache_version():
 def test_a_killed_runs_temporary_cache_is_removed_by_the_next_run(tmp_path, monkeypatch):
     """train and adapt without --cache-dir keep their slices in a temporary folder they remove at the end; one
     killed with SIGKILL left it behind for good (about 1 MB per volume and orientation)."""
+    import socket
     import subprocess
     import tempfile
 
@@ -398,16 +401,18 @@ def test_a_killed_runs_temporary_cache_is_removed_by_the_next_run(tmp_path, monk
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ended = subprocess.Popen(["true"])
     ended.wait()  # its process id is now no process's
-    dead = tmp_path / f"cevae-slices-{ended.pid}-abcd"
+    host = socket.gethostname()
+    dead = tmp_path / f"cevae-slices-{ended.pid}@{host}@abcd"
     dead.mkdir()
     (dead / "slices.npy").write_bytes(b"x" * 10)
-    alive = tmp_path / f"cevae-slices-{os.getppid()}-efgh"  # a run still going (here: this test's parent)
-    alive.mkdir()
+    alive = tmp_path / f"cevae-slices-{os.getppid()}@{host}@efgh"  # a run still going (here: this test's parent)
+    elsewhere = tmp_path / f"cevae-slices-{ended.pid}@another-node@ijkl"  # a shared temporary folder's
     other = tmp_path / "cevae-slicesXYZ"  # not one of ours
-    other.mkdir()
+    for folder in (alive, elsewhere, other):
+        folder.mkdir()
     made = temporary_cache("cevae-slices-")
-    assert made.is_dir() and made.name.startswith(f"cevae-slices-{os.getpid()}-")
-    assert not dead.exists() and alive.is_dir() and other.is_dir()
+    assert made.is_dir() and made.name.startswith(f"cevae-slices-{os.getpid()}@{host}@")
+    assert not dead.exists() and alive.is_dir() and elsewhere.is_dir() and other.is_dir()
 
 
 def test_a_cache_folder_that_cannot_be_made_is_one_clear_line(tmp_path, monkeypatch, capsys):

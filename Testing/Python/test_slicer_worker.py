@@ -673,6 +673,12 @@ def test_results_are_not_loaded_onto_voxels_that_changed_while_the_detection_ran
             logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, progress=halfway)
         assert done and mrml.node_ids(scene) == before
 
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    scene.RemoveNode(volume)  # deleted while the job runs: refused in words, not with an AttributeError
+    run_to_end(job)
+    with pytest.raises(CeVAEError, match="'head' was removed from the scene; the results are not loaded"):
+        logic.finishDetection(job)
+
 
 def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
     """A line that is not the worker's own (NaN, a string, out of range) neither breaks the poll nor the panel's
@@ -911,3 +917,21 @@ def test_a_calibration_nobody_polls_still_removes_its_copies_of_the_scans(tiny_b
                                                   modelPath=tmp_path / "none.cevae", device="cpu")
     assert broken.wait(300) is JobState.FAILED and "none.cevae" in (broken.error or "")
     assert not broken.folder.exists()
+
+
+def test_an_adaptation_from_the_panel_knows_who_was_scanned_from_bids_node_names(tiny_bundle, tmp_path):
+    """The panel's copies are named 01_..., 02_...: a BIDS node name's sub-<label> is passed on, so that two
+    sessions of one person share a fold, as on the command line."""
+    scene, volumes, masks = _site_scene()
+    for volume, name in zip(volumes, ("sub-07_ses-1_T1w", "sub-07_ses-2_T1w")):
+        volume.SetName(name)
+    logic = CeVAEAnomalyLogic()
+    job = logic.startAdaptation(volumes, masks, tmp_path / "scanner.cevae", modelPath=tiny_bundle, device="cpu",
+                                options=QUICK_ADAPT)
+    try:
+        assert [s["person"] for s in job.request["subjects"]] == ["07", "07"]
+    finally:
+        logic.discardJob(job)
+    from CeVAEAnomalyLib.slicer.worker import _subjects
+
+    assert {s.group for s in _subjects(job.request)} == {("person", "07")}

@@ -221,9 +221,10 @@ def _settings_known(path: Path, record: Dict[str, object], overwrite: bool) -> b
     return not changed
 
 
-def other_settings(out_dir: Path, record: Dict[str, object]) -> Optional[str]:
+def other_settings(out_dir: Path, record: Dict[str, object], remove: bool = False) -> Optional[str]:
     """A settings record in ``out_dir`` (of this run, another shard or another run) that differs from ``record``,
-    described ("batch_settings_shard-1-of-2.json: threshold 1 -> 4.88"); None if every one agrees."""
+    described ("batch_settings_shard-1-of-2.json: threshold 1 -> 4.88"); None if every one agrees. ``remove``
+    (--overwrite): such records are removed instead (what they describe is scored again), and None returned."""
     for path in sorted(out_dir.glob("batch_settings*.json")):
         try:
             other = json.loads(path.read_text(encoding="utf-8"))
@@ -231,7 +232,11 @@ def other_settings(out_dir: Path, record: Dict[str, object]) -> Optional[str]:
             continue  # not a record (refused where it is this run's own)
         if isinstance(other, dict) and set(other) == set(record):
             changed = [k for k in record if strict_json.number(other[k]) != strict_json.number(record[k])]
-            if changed:
+            if changed and remove:
+                log.info("--overwrite: %s recorded other settings; removed (the outputs it describes are made "
+                         "again by the runs that score them).", path.name)
+                path.unlink(missing_ok=True)
+            elif changed:
                 return f"{path.name}: " + "; ".join(f"{k} {_change(other[k], record[k])}" for k in changed)
     return None
 
@@ -518,7 +523,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     made_with = settings_record(settings)
     earlier, earlier_time = ({}, -math.inf) if settings.overwrite else _earlier_rows(summary_path)
     known = _settings_known(record_path, made_with, settings.overwrite)
-    other = None if settings.overwrite else other_settings(settings.out_dir, made_with)
+    other = other_settings(settings.out_dir, made_with, remove=settings.overwrite)
     if other:  # a shard or another run with other settings: their outputs would be taken for this run's
         raise CeVAEError(f"Another run wrote outputs in {settings.out_dir} with other settings ({other}); give each "
                          "set of settings its own --out-dir, or pass --overwrite to score every volume with these.")

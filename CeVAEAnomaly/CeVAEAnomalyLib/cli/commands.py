@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..io.naming import file_stem, refuse_misnamed
@@ -46,10 +46,22 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
         subjects += [Subject(item.image, item.mask) for item in items]
         if not items:  # a file, or a DICOM series folder
             files.append(p)
-    by_stem = {(p.parent, file_stem(p)): p for p in files}
-    owners = {p: (p.parent, _mask_of(p, MASK_TAGS)) for p in files}
-    masks = {by_stem[owner]: p for p, owner in owners.items() if owner in by_stem}  # image -> its mask file
-    subjects += [Subject(p, masks.get(p)) for p in files if p not in masks.values()]
+    images: Dict[Tuple[Path, str], Path] = {}
+    for p in files:
+        key = (p.parent, file_stem(p))
+        if _mask_of(p, MASK_TAGS) is None and images.setdefault(key, p) is not p:
+            raise CeVAEError(f"{images[key]} and {p} are both the image of '{key[1]}'; give one of them.")
+    masks: Dict[Path, Path] = {}  # image -> its mask file
+    for p in files:
+        of = _mask_of(p, MASK_TAGS)
+        if of is None:
+            continue
+        owner = images.get((p.parent, of))
+        if owner is None:
+            log.warning("%s is named as a brain mask but no image it belongs to was given; it is left out.", p)
+        elif masks.setdefault(owner, p) is not p:
+            raise CeVAEError(f"{masks[owner]} and {p} are both the brain mask of {owner.name}; give one of them.")
+    subjects += [Subject(p, masks.get(p)) for p in images.values()]
     if not subjects:
         raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects

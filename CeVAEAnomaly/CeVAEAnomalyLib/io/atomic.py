@@ -88,15 +88,15 @@ def publish(tmp: str, target: Path, durable: bool = False) -> None:
         mode = 0o666 & ~umask
     os.chmod(tmp, mode)
     if durable:
-        _sync(tmp)
+        _sync(tmp, os.O_RDWR)  # (Windows flushes only through a handle open for writing)
     os.replace(tmp, target)
     if durable and os.name == "posix":
-        _sync(str(target.parent))  # the rename itself
+        _sync(str(target.parent), os.O_RDONLY)  # the rename itself (a folder opens read-only, on POSIX only)
 
 
-def _sync(path: str) -> None:
+def _sync(path: str, mode: int) -> None:
     """Flush a file's (or a folder's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, mode)
     try:
         os.fsync(fd)
     finally:

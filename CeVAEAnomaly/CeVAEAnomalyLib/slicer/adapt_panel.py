@@ -75,6 +75,7 @@ def _thorough_modes(model: Optional[Path]) -> int:
     from ..errors import CeVAEError
 
     try:
-        return len(calibrated_test_time_steps(read_header(model).calibration)) if model is not None else 0
+        steps = calibrated_test_time_steps(read_header(model).calibration) if model is not None else []
+        return len([s for s in steps if s > 0])  # (0 is the plain mode)
     except (CeVAEError, OSError):
         return 0

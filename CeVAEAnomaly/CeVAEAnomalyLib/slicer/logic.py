@@ -114,9 +114,9 @@ class _DetectionTarget:
         from .mrml import OutputNodes
         from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output
 
-        if self.outputs is not None and self.outputs.score is not None:
-            return self.outputs, False
         scene = self.volume.GetScene()
+        if (self.outputs is not None and self.outputs.score is not None) or scene is None:  # (removed: refused later)
+            return self.outputs, False
         newest = find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, self.volume)
         if newest is None or newest.GetAttribute(RUN_ATTRIBUTE) == self.latest:
             return self.outputs, False
@@ -487,7 +487,10 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def _startOnHealthy(self, task: str, volumes, masks, launch: Optional[Launcher], python: Optional[str],
                         **request: Any) -> WorkerJob:
-        """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``)."""
+        """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``), each
+        with the person its node's name says was scanned (a BIDS name's ``sub-<label>``), which adapting splits by."""
+        from ..io.manifest import bids_person
+
         if len(masks) != len(volumes):
             raise CeVAEError("Give one brain mask (or None) per healthy volume.")
         _refuseModuleOutputs([*volumes, *masks], "a healthy scan or its mask")
@@ -499,7 +502,8 @@ class CeVAEAnomalyLogic(_LogicBase):
                 stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
                 _writeInputs(folder, stem, image, maskImage)
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
-                                     mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None))
+                                     mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None,
+                                     person=bids_person(Path(volume.GetName() + ".nrrd"))))
             return WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python,
                              remove_folder_at_end=True)
         except BaseException:

@@ -49,6 +49,7 @@ from ..system import process_exists
 from .jobs import JOB_FOLDER_PREFIX
 
 if TYPE_CHECKING:
+    from ..io.manifest import Subject
     from ..engine.bundle import Bundle
 
 REQUEST_POLL_S = 0.25
@@ -82,14 +83,21 @@ def run_detect(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, An
     return {"components": len(result.components), "threshold": result.threshold}
 
 
+def _subjects(task: Dict[str, Any]) -> List["Subject"]:
+    """The healthy volumes of a calibration or adaptation request (image, mask and person scanned, if known)."""
+    from ..io.manifest import Subject
+
+    return [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None, s.get("person") or None)
+            for s in task["subjects"]]
+
+
 def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
     from ..engine.calibrate import recalibrate
     from ..io.lock import hold_output
-    from ..io.manifest import Subject
     from ..io.targets import Inputs
 
     request = DetectionRequest.from_dict(task["request"], "detection request field(s)")
-    subjects = [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None) for s in task["subjects"]]
+    subjects = _subjects(task)
     if not subjects:
         raise CeVAEError("Choose at least one healthy volume to calibrate on.")
     out = Path(task["out"])
@@ -111,11 +119,10 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
 
 def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
     from ..data import default_model_path
-    from ..io.manifest import Subject
     from ..training.adapt import adapt
     from ..training.adapt_plan import adapt_options
 
-    subjects = [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None) for s in task["subjects"]]
+    subjects = _subjects(task)
     options = adapt_options(task.get("options") or {}, device=task.get("device", "auto"),
                             overwrite=bool(task.get("overwrite")))
     path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress)

@@ -69,10 +69,11 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     subjects = unique_subjects(subjects, {s.image: voxel_sha256(s.image) for s in subjects})
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
-    thorough = calibrated_test_time_steps(header.calibration)  # the parent's thorough modes are calibrated again
+    modes = calibrated_test_time_steps(header.calibration)  # the parent's modes (0: plain) are calibrated again
+    thorough = len([steps for steps in modes if steps > 0])
     device = resolve_device(options.device).type if options.device == "auto" else options.device  # auto: the GPU?
-    log.info("%s", describe_estimate(len(subjects), device, options, len(persons), len(thorough)))
-    calibrating = calibration_seconds(len(subjects), thorough_modes=len(thorough))
+    log.info("%s", describe_estimate(len(subjects), device, options, len(persons), thorough))
+    calibrating = calibration_seconds(len(subjects), thorough_modes=thorough)
     calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
                                                                              n_persons=len(persons))))
     runs = run_names(len(persons), options.folds)
@@ -96,14 +97,14 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                          "resume. Pass --overwrite to adapt again.")
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
-        if options.overwrite and not options.resume:
-            _remove_earlier_adaptation(out)
         cache = SliceCache(root, bundle.preprocess)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
         entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(training_part, 0.0, PREPARE_SHARE),
                                                                            "Preparing the scans"))
         contrasts = [depth_contrast(np.load(e[0].path)) for e in entries]
         check_modality([s.name for s in subjects], contrasts, header)
+        if options.overwrite and not options.resume:  # the scans are usable: the earlier adaptation goes now
+            _remove_earlier_adaptation(out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle.preprocess, root,
                                             options.resume, training_part)
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
@@ -116,7 +117,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         path = package(out, final.model, adapted, subjects, "site scans, each scored by the fold model fine-tuned "
                        "without it", final.device, half=False, scorers=scorers,
                        progress=labelled(scaled(progress, 1.0 - calibrate_share, 1.0), "Calibrating"),
-                       test_time_steps=thorough)
+                       test_time_steps=modes)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
@@ -164,9 +165,10 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
 
 
 def _remove_earlier_adaptation(out: Path) -> None:
-    """--overwrite: the model, checkpoints and logs of an earlier adaptation to ``out`` go before the new one starts
-    (of any number of folds), so that none of them sits beside the new run's files: not the old model, which
-    detect would take for the new one, nor an old checkpoint, which a --resume would take for the new run's."""
+    """--overwrite: the model, checkpoints and logs of an earlier adaptation to ``out`` go once the new one's scans
+    are prepared and checked, before its first run (of any number of folds), so that none of them sits beside the
+    new run's files: not the old model, which detect would take for the new one, nor an old checkpoint, which a
+    --resume would take for the new run's."""
     earlier = [out, *(out.with_name(out.name + suffix) for suffix in (".ckpt", ".log.csv"))]
     earlier += [*out.parent.glob(f"{glob.escape(out.name)}.fold*.ckpt"),
                 *out.parent.glob(f"{glob.escape(out.name)}.fold*.log.csv")]

@@ -16,12 +16,14 @@ walk over the cohort stay in the process's resident memory, reads do not (docs/S
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections import OrderedDict
@@ -43,10 +45,10 @@ from .data import Subject, subject_slices
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
-# The version of what slices a volume gives (engine/preprocess.py, engine/brainmask.py): part of every entry's key,
-# so an upgrade that changes them never reuses slices made before. Raise it with any such change; the recorded
-# digest of those files (Testing/Python/slicing_sources.json) makes the tests ask. 2: the automatic brain mask's
-# rules for skull-stripped brains and partial head coverage.
+# The version of what slices a volume gives (engine/preprocess.py, engine/brainmask.py, training/data.py): part of
+# every entry's key, so an upgrade that changes them never reuses slices made before. Raise it with any such
+# change; the recorded digest of those files (Testing/Python/slicing_sources.json) makes the tests ask.
+# 2: the automatic brain mask's rules for skull-stripped brains and partial head coverage.
 SLICING_VERSION = 2
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
 # an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx.npy (or .json)
@@ -83,16 +85,18 @@ def _data_sha256(fh: BinaryIO, offset: int) -> str:
 
 
 def temporary_cache(prefix: str) -> Path:
-    """A new private cache folder in the system's temporary folder, named after this process
-    (``<prefix><pid>-xxxx``); folders of that prefix whose process is gone (killed before it could remove
-    its own) are removed first, so that killed runs do not fill the disk with copies of their slices."""
-    temp = Path(tempfile.gettempdir())
-    for folder in temp.glob(f"{prefix}*-*"):
-        pid = folder.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)) and folder.is_dir():
+    """A new private cache folder in the system's temporary folder, named after this process and machine
+    (``<prefix><pid>@<host>@xxxx``); folders of that prefix of this machine whose process is gone (killed before it
+    could remove its own) are removed first, so that killed runs do not fill the disk with copies of their slices.
+    Another machine's (a temporary folder shared by the nodes of a cluster) are never touched."""
+    host = socket.gethostname().replace("@", "_").replace(os.sep, "_") or "host"
+    for folder in Path(tempfile.gettempdir()).glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@*"):
+        pid, owner, _ = (folder.name[len(prefix):].split("@", 2) + ["", ""])[:3]
+        if owner == host and pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)) \
+                and folder.is_dir():
             log.info("Removing %s, the slice cache of a run that ended without removing it.", folder)
             shutil.rmtree(folder, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@"))
 
 
 class SliceCache:
