@@ -105,7 +105,8 @@ class BundleHeader:
         rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
         entry = find_calibration(self.calibration, score, post)
         source = entry.get("source")  # e.g. "site scans, each scored by ...": its first words say which calibration
-        on = " on " + re.split("[:,;(]", source, maxsplit=1)[0].strip() if isinstance(source, str) and source.strip() else ""
+        first = re.split("[:,;(]", source, maxsplit=1)[0].strip() if isinstance(source, str) else ""
+        on = f" on {first}" if first else ""
         return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}"
 
     def threshold_of(self, request: DetectionRequest) -> Tuple[float, str]:
