@@ -537,7 +537,7 @@ def test_outputs_of_a_run_with_other_settings_are_never_taken_for_this_runs(coho
     assert "with other settings (batch_settings_shard-1-of-1.json: threshold 1 -> 0.9)" in err
     assert {p: p.read_bytes() for p in out.glob("*.nii.gz")} == made
     assert batch(two, out, tiny_bundle, "--shard", "1/1", "--threshold", "1.0") == 0  # the same settings: fine
-    assert batch(two, out, tiny_bundle, "--threshold", "0.9", "--overwrite") == 0  # supersedes the other record
+    assert batch(two, out, tiny_bundle, "--threshold", "0.9", "--overwrite") == 0  # all scored: supersedes it
     assert batch(two, out, tiny_bundle, "--threshold", "0.9") == 0  # ... so the remedy the message gives works
     assert batch(two, out, tiny_bundle, "--shard", "1/1", "--threshold", "1.0", "--overwrite") == 0
 

@@ -38,7 +38,9 @@ def _add_threshold(p: argparse.ArgumentParser) -> None:
 
 
 def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("images", nargs="*", type=path_value, help=f"{what} image files (besides or instead of --manifest)")
+    p.add_argument("images", nargs="*", type=path_value,
+                   help=f"{what} image files or folders (besides or instead of --manifest); NAME_mask.* beside "
+                   "NAME.* is its brain mask")
     p.add_argument("--manifest", type=path_value, help="CSV with columns image,mask and optionally subject (the "
                    "person scanned; paths relative to the CSV)")
 
@@ -114,8 +116,8 @@ def _add_adapt(sub) -> None:
                        description="Fine-tune a trained model on healthy scans of one site (scanner, protocol), "
                        "keeping its architecture and preprocessing, and calibrate it without letting a scan "
                        "calibrate a model trained on it: k fold models, each fine-tuned without one fold, score "
-                       "the held-out scans; the final model is fine-tuned on all of them. Needs at least 2 scans "
-                       "of the model's modality. Checkpoints OUT.ckpt and OUT.foldN.ckpt; --resume continues.")
+                       "the held-out scans; the final model is fine-tuned on all of them. Needs scans of at least 2 "
+                       "persons in the model's modality. Checkpoints OUT.ckpt and OUT.foldN.ckpt; --resume continues.")
     _add_subjects(a, "healthy site")
     a.add_argument("--model", type=path_value, help="model to adapt (default: the bundled default model)")
     a.add_argument("--out", type=path_value, required=True, help="adapted model bundle to write (.cevae)")

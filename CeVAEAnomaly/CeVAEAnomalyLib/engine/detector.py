@@ -218,8 +218,8 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image]) -> sitk.Image:
     for name, value in (("image", image), ("mask", mask)):
         if not isinstance(value, sitk.Image) and (name == "image" or value is not None):
             raise CeVAEError(f"The {name} must be a SimpleITK Image (e.g. CeVAEAnomalyLib.io.images.read_image"
-                             "(path), which also keeps the NaN voxels that sitk.ReadImage turns into 0), "
-                             f"got {type(value).__name__}.")
+                             "(path), which also keeps the NaN voxels that sitk.ReadImage turns into 0 in a NIfTI "
+                             f"file), got {type(value).__name__}.")
     image = check_volume(label_image(image))
     warn_if_ct_range(image)  # every path: the command line, batch, the API and Slicer
     return image
