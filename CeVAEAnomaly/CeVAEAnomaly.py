@@ -596,8 +596,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return None
-        return adapt_choice(len(self.ui.adaptVolumesSelector.checkedNodes()), p.adaptedModelPath,
-                            self._currentModel(), p.device)
+        volumes = self.ui.adaptVolumesSelector.checkedNodes()
+        return adapt_choice(len(volumes), p.adaptedModelPath, self._currentModel(), p.device,
+                            names=[volume.GetName() for volume in volumes])
 
     def _startAdaptation(self):
         from CeVAEAnomalyLib.slicer.nodes import pair_masks

@@ -88,3 +88,14 @@ def test_an_interrupted_adaptation_can_be_resumed_a_finished_one_only_replaced(t
     out.write_bytes(b"a finished model")
     assert not adapt_choice(3, str(out), None, "cpu").resumable
     assert not adapt_choice(3, str(tmp_path / "new.cevae"), None, "cpu").resumable
+
+
+def test_scans_of_one_person_are_not_ready_to_adapt(tmp_path):
+    """Volumes named by BIDS say who was scanned: two sessions of one person cannot calibrate each other (the job
+    failed after copying the scans), and persons, not volumes, make the folds of the estimate."""
+    out = str(tmp_path / "scanner.cevae")
+    one = adapt_choice(2, out, None, "cpu", names=["sub-07_ses-1_T1w", "sub-07_ses-2_T1w"])
+    assert not one.ready and "scans of 1 person" in one.message
+    two = adapt_choice(3, out, None, "cpu", names=["sub-07_ses-1_T1w", "sub-07_ses-2_T1w", "site b"])
+    assert two.ready and "3 fine-tuning runs" in two.message and "3 scan(s) of 2 persons" in two.message
+    assert adapt_choice(2, out, None, "cpu", names=["site a", "site b"]).ready  # names that say nothing

@@ -537,11 +537,21 @@ def test_outputs_of_a_run_with_other_settings_are_never_taken_for_this_runs(coho
     assert "with other settings (batch_settings_shard-1-of-1.json: threshold 1 -> 0.9)" in err
     assert {p: p.read_bytes() for p in out.glob("*.nii.gz")} == made
     assert batch(two, out, tiny_bundle, "--shard", "1/1", "--threshold", "1.0") == 0  # the same settings: fine
+
+    def stop_after_the_first(fraction, message):
+        if message.endswith(" ok"):
+            raise KeyboardInterrupt
+
+    stopped = DetectSettings(model=tiny_bundle, request=DetectionRequest.of(device="cpu", threshold=0.9),
+                             out_dir=out, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):  # an unsharded --overwrite that does not finish supersedes nothing
+        run_batch(collect_inputs(two), stopped, out / "summary.csv", progress=stop_after_the_first)
+    assert (out / "batch_settings_shard-1-of-1.json").is_file()
     assert batch(two, out, tiny_bundle, "--threshold", "0.9", "--overwrite") == 0  # all scored: supersedes it
     assert batch(two, out, tiny_bundle, "--threshold", "0.9") == 0  # ... so the remedy the message gives works
     assert batch(two, out, tiny_bundle, "--shard", "1/1", "--threshold", "1.0", "--overwrite") == 0
 
-    from CeVAEAnomalyLib.cli.batch import VolumeDetector, collect_inputs, made_from, settings_record
+    from CeVAEAnomalyLib.cli.batch import VolumeDetector, made_from, settings_record
 
     detector = VolumeDetector(settings_for(tiny_bundle, out))  # adopting outputs that appeared meanwhile
     item = collect_inputs(two)[0]

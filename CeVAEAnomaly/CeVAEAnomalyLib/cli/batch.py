@@ -523,15 +523,13 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     made_with = settings_record(settings)
     earlier, earlier_time = ({}, -math.inf) if settings.overwrite else _earlier_rows(summary_path)
     known = _settings_known(record_path, made_with, settings.overwrite)
+    unsharded = summary_path.name == summary_name(None)
     if not settings.overwrite:
         other = other_settings(settings.out_dir, made_with)
         if other:  # a shard or another run with other settings: their outputs would be taken for this run's
             raise CeVAEError(f"Another run wrote outputs in {settings.out_dir} with other settings ({other}); give "
-                             "each set of settings its own --out-dir, or pass --overwrite to score every volume "
-                             "with these.")
-    elif summary_path.name == summary_name(None):  # an unsharded run scores its whole list
-        other_settings(settings.out_dir, made_with, remove=True)  # again: other runs' records are superseded (a
-        # shard's --overwrite replaces its own only: the other shards' outputs are still what theirs describe)
+                             "each set of settings its own --out-dir, or score every volume again with these in one "
+                             "run without --shard and with --overwrite.")
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)
@@ -588,6 +586,9 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         else:
             _run_pool(todo, settings, min(workers, len(todo)), record, keep)
         summary.finish()
+        if settings.overwrite and unsharded and not summary.count("error"):  # every volume scored again: other
+            other_settings(settings.out_dir, made_with, remove=True)  # runs' records are superseded (a shard's
+            # --overwrite replaces its own only: the other shards' outputs are still what theirs describe)
     finally:
         summary.flush()
     seconds = time.perf_counter() - t0

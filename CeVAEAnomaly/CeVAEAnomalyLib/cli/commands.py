@@ -48,23 +48,28 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
             files.append(p)
     images: Dict[Tuple[Path, str], Path] = {}
     for p in files:
-        key = (p.parent, file_stem(p))
-        if _mask_of(p, MASK_TAGS) is None and images.setdefault(key, p) is not p:
+        key = (p.parent.resolve(), file_stem(p))
+        if _mask_of(p, MASK_TAGS) is None and not _same(images.setdefault(key, p), p):
             raise CeVAEError(f"{images[key]} and {p} are both the image of '{key[1]}'; give one of them.")
     masks: Dict[Path, Path] = {}  # image -> its mask file
     for p in files:
         of = _mask_of(p, MASK_TAGS)
         if of is None:
             continue
-        owner = images.get((p.parent, of))
+        owner = images.get((p.parent.resolve(), of))
         if owner is None:
             log.warning("%s is named as a brain mask but no image it belongs to was given; it is left out.", p)
-        elif masks.setdefault(owner, p) is not p:
+        elif not _same(masks.setdefault(owner, p), p):
             raise CeVAEError(f"{masks[owner]} and {p} are both the brain mask of {owner.name}; give one of them.")
     subjects += [Subject(p, masks.get(p)) for p in images.values()]
     if not subjects:
         raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two given paths name one file (the same file given twice is dropped later, with a warning)."""
+    return a.resolve() == b.resolve()
 
 
 def _mask_of(path: Path, tags: Sequence[str]) -> Optional[str]:

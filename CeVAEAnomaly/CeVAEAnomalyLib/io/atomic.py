@@ -86,9 +86,9 @@ def publish(tmp: str, target: Path, durable: bool = False) -> None:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    os.chmod(tmp, mode)
-    if durable:
+    if durable:  # before its mode is the target's, which may not allow writing
         _sync(tmp, os.O_RDWR)  # (Windows flushes only through a handle open for writing)
+    os.chmod(tmp, mode)
     os.replace(tmp, target)
     if durable and os.name == "posix":
         _sync(str(target.parent), os.O_RDONLY)  # the rename itself (a folder opens read-only, on POSIX only)

@@ -81,6 +81,6 @@ def _holder(path: Path, command: str) -> str:
         words = path.read_text(encoding="utf-8", errors="replace").split()
     except OSError:
         words = []
-    if len(words) == 2 and words[1].isdigit():
+    if len(words) == 2 and words[1].isascii() and words[1].isdigit():
         return f"{'An' if words[0][:1] in 'aeiou' else 'A'} {words[0]} (process {words[1]})"
     return f"Another {command}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
+from ..io.manifest import bids_person
 from ..io.naming import misnamed
 from ..io.targets import Inputs
 from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, output_paths
@@ -52,19 +53,26 @@ def calibrate_problem(volumes: int, output: str, model: Optional[Path]) -> Optio
 
 
 def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
-                 options: AdaptOptions = AdaptOptions()) -> AdaptChoice:
-    """The section's state for ``volumes`` chosen healthy volumes, the output path typed and the current model."""
+                 options: AdaptOptions = AdaptOptions(), names: Sequence[str] = ()) -> AdaptChoice:
+    """The section's state for ``volumes`` chosen healthy volumes (``names``: their node names, which may say who
+    was scanned, as a BIDS name's ``sub-<label>``), the output path typed and the current model."""
     if volumes < MIN_SCANS:
         return AdaptChoice(False, f"Choose at least {MIN_SCANS} healthy volumes: each is held out once to calibrate "
                                   "the model fine-tuned on the others.")
+    persons = len({bids_person(Path(f"{name}.nrrd")) or f"volume {i}" for i, name in enumerate(names)}) or volumes
+    if persons < MIN_SCANS:
+        return AdaptChoice(False, f"The chosen volumes are scans of {persons} person (their names' sub-<label>); "
+                                  f"choose scans of at least {MIN_SCANS} persons: a person's scans are held out "
+                                  "together.")
     problem = output_problem(output, model, "adapted")
     if problem is not None:
         return AdaptChoice(False, problem)
     out = Path(output)
-    existing = [p for p in output_paths(out, volumes, options) if p.exists()]
+    existing = [p for p in output_paths(out, persons, options) if p.exists()]
     start = f"Starting from {model.name}: " if model is not None else ""  # (after an adaptation: the adapted one)
-    return AdaptChoice(True, start + describe_estimate(volumes, device, options, thorough_modes=_thorough_modes(model)),
-                       existing)
+    estimate = describe_estimate(volumes, device, options, persons if persons < volumes else None,
+                                 _thorough_modes(model))
+    return AdaptChoice(True, start + estimate, existing)
 
 
 def _thorough_modes(model: Optional[Path]) -> int:

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT_NAME = "Anomaly"
 DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the brain's scores
-# Where the threshold lies on the colour map: the weakest shown voxels are dark red, not the map's black (which
+# Where the threshold lies on the colour map: the weakest shown voxels are dark magenta, not the map's black (which
 # reads as a hole in the scan beneath).
 THRESHOLD_COLOUR = 0.35
 SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map

@@ -153,7 +153,7 @@ def stamp_run(nodes: Iterable[Optional[slicer.vtkMRMLNode]]) -> None:
 
 def _run_of(node: slicer.vtkMRMLNode) -> int:
     value = node.GetAttribute(RUN_ATTRIBUTE)
-    return int(value) if value and value.isdigit() else 0
+    return int(value) if value and value.isascii() and value.isdigit() else 0
 
 
 def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode,

@@ -92,8 +92,8 @@ def temporary_cache(prefix: str) -> Path:
     host = socket.gethostname().replace("@", "_").replace(os.sep, "_") or "host"
     for folder in Path(tempfile.gettempdir()).glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@*"):
         pid, owner, _ = (folder.name[len(prefix):].split("@", 2) + ["", ""])[:3]
-        if owner == host and pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)) \
-                and folder.is_dir():
+        ours = owner == host and pid.isascii() and pid.isdigit()
+        if ours and int(pid) != os.getpid() and not process_exists(int(pid)) and folder.is_dir():
             log.info("Removing %s, the slice cache of a run that ended without removing it.", folder)
             shutil.rmtree(folder, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@"))
