@@ -366,20 +366,17 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._modelSettingsCache[1]
 
     def _showModelValues(self, settings: ModelSettings) -> None:
-        """Fields the model decides show the model's values: the post-processing unless overridden,
-        the false-positive rate in the model's-rate mode. Set once per model and mode, so a widget
-        that rounds a value cannot start a ping-pong with the parameter node."""
-        from CeVAEAnomalyLib.slicer.settings import postprocess_fields
+        """Fields the model decides show the model's values (``settings.model_values``). Set once per model and
+        mode, so a widget that rounds a value cannot start a ping-pong with the parameter node."""
+        from CeVAEAnomalyLib.slicer.settings import model_values
 
         p = self._parameterNode
         shownFor = (self._modelSettingsCache[0], p.overridePostprocess, p.sensitivity)
         if shownFor == self._modelValuesShownFor:
             return
-        self._modelValuesShownFor = shownFor
-        values = {} if p.overridePostprocess else postprocess_fields(settings)
-        if p.sensitivity == SENSITIVITY_MODEL:
-            values["falsePositiveRate"] = settings.default_fpr
-        for name, value in values.items():
+        shownBefore, self._modelValuesShownFor = self._modelValuesShownFor, shownFor
+        previous = shownBefore[2] if shownBefore is not None and shownBefore[0] == shownFor[0] else None
+        for name, value in model_values(p, settings, previous).items():
             setattr(p, name, value)
 
     def _updateGui(self, caller=None, event=None) -> None:

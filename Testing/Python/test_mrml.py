@@ -328,6 +328,35 @@ def test_a_score_volume_whose_display_node_was_deleted_behind_its_legend_is_show
     assert legend.GetPrimaryDisplayNode() is display
 
 
+def test_a_threshold_of_zero_shows_heat_in_the_brain_only(scene):
+    """Scores are 0 outside the brain: a threshold of 0 (an absolute one, or a calibrated one at a high rate)
+    must not draw the whole field of view over the scan."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    result = fake_detection(image, mask, threshold=0.0)
+    display = mrml.publish(scene, volume, result).score.GetVolumeDisplayNode()
+    scores = sitk.GetArrayFromImage(result.score)
+    drawn = scores >= display.GetLowerThreshold()
+    assert drawn[scores > 0].all() and not drawn[sitk.GetArrayFromImage(mask) == 0].any()
+
+
+def test_a_new_score_volume_deleted_during_the_run_leaves_the_earlier_run_alone(scene):
+    """A run sent to a new score volume that is deleted before its results load gets nodes of its own; it does
+    not fall back to the input's latest results."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    earlier = mrml.publish(scene, volume, fake_detection(image, mask, threshold=1.05))
+    voxels, rows = array(earlier.score), earlier.components.GetNumberOfRows()
+    chosen = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my new score")
+    scene.RemoveNode(chosen)
+    later = mrml.publish(scene, volume, fake_detection(image, mask, threshold=1.5),
+                         mrml.OutputNodes(score=chosen, segmentation=earlier.segmentation,
+                                          components=earlier.components))
+    assert later.score is not earlier.score and later.components is not earlier.components
+    assert np.array_equal(array(earlier.score), voxels) and earlier.components.GetNumberOfRows() == rows
+    assert earlier.score.GetDisplayNode().GetLowerThreshold() == pytest.approx(1.05)
+
+
 def test_publish_refuses_a_result_on_another_grid(scene):
     image, mask = make_head()
     volume = add_volume(scene, image)
@@ -740,11 +769,20 @@ def test_a_volume_whose_voxels_start_at_another_index_is_read_where_it_lies(scen
     data.SetExtent(10, 10 + size[0] - 1, 0, size[1] - 1, 3, 3 + size[2] - 1)
     node.SetAndObserveImageData(data)
     back = mrml.image_from_volume(node)
-    ras = nodes.ijk_to_ras(node) @ np.array([10.0, 0.0, 3.0, 1.0])
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    ras = nodes.to_numpy(matrix) @ np.array([10.0, 0.0, 3.0, 1.0])
+    np.testing.assert_allclose(nodes.ijk_to_ras(node) @ np.array([0.0, 0.0, 0.0, 1.0]), ras, atol=1e-9)
     np.testing.assert_allclose(back.TransformIndexToPhysicalPoint((0, 0, 0)), ras[:3] * [-1, -1, 1], atol=1e-9)
     out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "copy")
     mrml.update_volume_from_image(out, back)
     np.testing.assert_allclose(nodes.ijk_to_ras(out) @ np.array([0.0, 0.0, 0.0, 1.0]), ras, atol=1e-9)
+    # slice k of the results is the data's k-th slice: the jump without components goes to its centre
+    result = fake_detection(back, sitk.Cast(back > 0, sitk.sitkUInt8), threshold=1e6)
+    top = result.top_slice
+    published = mrml.publish(scene, node, result)
+    centre = [(size[0] - 1) / 2 + 10, (size[1] - 1) / 2, top.index + 3.0, 1.0]
+    assert nodes.stored_result(published.score).jump_ras == pytest.approx((nodes.to_numpy(matrix) @ centre)[:3])
 
 
 def test_display_window_of_an_infinite_threshold_is_finite():
@@ -752,3 +790,19 @@ def test_display_window_of_an_infinite_threshold_is_finite():
     score = sitk.Cast(image, sitk.sitkFloat32) / 100.0
     lower, upper = mrml.display_range(float("inf"), score, mask)
     assert np.isfinite(lower) and np.isfinite(upper) and upper > lower
+
+
+def test_table_columns_use_the_header_setting_slicer_5_6_0_has():
+    """Slicer 5.6.0's table node has only SetUseColumnNameAsColumnHeader (5.6.1 renamed it): the columns are
+    written there too, with their names as headers."""
+
+    class Table560(slicer.vtkMRMLTableNode):
+        def __getattribute__(self, name):
+            if "UseColumnTitleAsColumnHeader" in name:
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    table = Table560()
+    mrml._set_columns(table, [("Slice", mrml._array(vtk.vtkIntArray, [4, 7]), "")])
+    assert table.GetNumberOfRows() == 2 and table.GetColumnName(0) == "Slice"
+    assert slicer.vtkMRMLTableNode.GetUseColumnTitleAsColumnHeader(table)

@@ -131,6 +131,23 @@ def test_leaving_the_calibration_prefills_the_calibrated_threshold_and_says_so(m
     assert "--" not in change.message
 
 
+@pytest.mark.parametrize("previous", [settings.SENSITIVITY_MODEL, settings.SENSITIVITY_FPR])
+def test_switching_to_an_absolute_threshold_starts_at_the_rate_in_use(previous):
+    """Choosing Absolute threshold by hand starts the field at the calibrated threshold of the rate that was in use
+    (the field's default, 0.5, flags a quarter of a healthy brain); a threshold loaded with a scene stays."""
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, falsePositiveRate=0.01, threshold=0.5)
+    values = settings.model_values(p, model, previous)
+    rate = 0.01 if previous == settings.SENSITIVITY_FPR else None
+    assert values["threshold"] == pytest.approx(model.calibrated_threshold("combi", rate)) and values["threshold"] > 1
+    assert settings.postprocess_fields(model).items() <= values.items()
+    assert "threshold" not in settings.model_values(p, model, None)  # not a switch: the stored value is kept
+    assert "threshold" not in settings.model_values(p, model, settings.SENSITIVITY_THRESHOLD)
+    model_rate = settings.model_values(parameters(scene), model, settings.SENSITIVITY_THRESHOLD)
+    assert model_rate["falsePositiveRate"] == model.default_fpr and "threshold" not in model_rate
+
+
 def test_the_thorough_mode_asks_for_test_time_adaptation_at_its_own_calibration():
     from CeVAEAnomalyLib.options import THOROUGH_STEPS
 

@@ -186,11 +186,8 @@ def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume
     image = sitk.GetImageFromArray(voxels)  # copies
     directions = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASDirectionMatrix(directions)
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    first = data.GetExtent()[::2]  # the first voxel's IJK: 0 but for image data whose extent starts elsewhere
     image.SetSpacing(volume_node.GetSpacing())
-    image.SetOrigin(tuple(_RAS_FROM_LPS @ (to_numpy(ijk_to_ras, 4) @ np.array([*first, 1.0]))[:3]))
+    image.SetOrigin(tuple(_RAS_FROM_LPS @ ijk_to_ras(volume_node)[:3, 3]))  # the array's first voxel
     image.SetDirection(tuple((_RAS_FROM_LPS @ to_numpy(directions, 3)).ravel()))
     return image
 
@@ -367,7 +364,10 @@ def publish(
     its own, as it does with ``new_nodes`` and no score volume in ``targets`` (instead of updating the latest
     run's). Transactional: on any error the nodes this call added are removed again.
     """
+    chosen = targets.score if targets is not None else None
     targets = _in_scene(scene, targets or OutputNodes())
+    # a new score volume chosen for this run and deleted meanwhile: the run still gets nodes of its own
+    new_nodes = new_nodes or (chosen is not None and targets.score is None and not chosen.GetAttribute(ROLE_ATTRIBUTE))
     check_output_classes(targets)
     if volume_node.GetImageData() is None:
         raise CeVAEError(f"The input volume '{volume_node.GetName()}' no longer holds image data; the results "
@@ -508,7 +508,8 @@ def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, thresh
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(lower - THRESHOLD_COLOUR / (1.0 - THRESHOLD_COLOUR) * (upper - lower), upper)
     display.AutoThresholdOff()
-    display.SetThreshold(lower, float(np.finfo(np.float32).max))
+    # scores are >= 0 and exactly 0 outside the brain: at a threshold <= 0 the heat map still shows the brain only
+    display.SetThreshold(max(lower, float(np.finfo(np.float32).tiny)), float(np.finfo(np.float32).max))
     display.ApplyThresholdOn()
     display.EndModify(wasModifying)
 
@@ -603,7 +604,9 @@ def _set_columns(table_node: slicer.vtkMRMLTableNode, columns: Sequence[Tuple[st
         table_node.AddColumn(array)
         if unit:
             table_node.SetColumnUnitLabel(name, unit)
-    table_node.SetUseColumnTitleAsColumnHeader(True)
+    # Slicer 5.6.0 has only the name that 5.6.1 deprecated
+    header = getattr(table_node, "SetUseColumnTitleAsColumnHeader", None) or table_node.SetUseColumnNameAsColumnHeader
+    header(True)
     table_node.EndModify(wasModifying)
 
 

@@ -59,10 +59,15 @@ def to_numpy(matrix: vtk.vtkMatrix4x4, n: int = 4) -> np.ndarray:
 
 
 def ijk_to_ras(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
-    """The node's 4x4 IJK-to-RAS matrix (local coordinates, before any parent transform)."""
+    """The 4x4 matrix from an index into the node's voxel array to local RAS (before any parent transform):
+    the node's IJK-to-RAS matrix, shifted where the image data's extent does not start at index 0."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return to_numpy(matrix)
+    grid = to_numpy(matrix)
+    data = volume_node.GetImageData()
+    if data is not None:
+        grid[:3, 3] = (grid @ np.array([*data.GetExtent()[::2], 1.0]))[:3]
+    return grid
 
 
 def to_world(node: slicer.vtkMRMLTransformableNode, point: Sequence[float]) -> Tuple[float, float, float]:

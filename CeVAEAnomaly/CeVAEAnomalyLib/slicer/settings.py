@@ -120,6 +120,22 @@ def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:
                 min_volume_mm3=float(parameters.minVolumeMm3), min_peak=float(parameters.minPeak))
 
 
+def model_values(parameters: Any, settings: ModelSettings, previous: Optional[str]) -> Dict[str, Any]:
+    """Parameter values the model decides now: the post-processing fields unless overridden, the model's rate in
+    the model's-rate mode, and, when the user has just switched from a calibrated mode (``previous``) to the
+    absolute threshold, the model's calibrated threshold at the rate that was in use (a value that flags what
+    that mode flagged, not the field's last one)."""
+    values = {} if parameters.overridePostprocess else postprocess_fields(settings)
+    if parameters.sensitivity == SENSITIVITY_MODEL:
+        values["falsePositiveRate"] = settings.default_fpr
+    elif parameters.sensitivity == SENSITIVITY_THRESHOLD and previous in (SENSITIVITY_MODEL, SENSITIVITY_FPR):
+        rate = parameters.falsePositiveRate if previous == SENSITIVITY_FPR else settings.default_fpr
+        threshold = settings.calibrated_threshold(parameters.scoreType, rate, bool(parameters.thorough))
+        if threshold is not None:
+            values["threshold"] = min(max(threshold, 0.0), 1000.0)
+    return values
+
+
 def postprocess_fields(settings: ModelSettings) -> Dict[str, Any]:
     """Parameter values that start the override fields from the model's post-processing."""
     post = settings.postprocess
