@@ -172,3 +172,51 @@ def test_a_bundle_with_the_old_nan_validation_loss_reads_as_none_and_its_copies_
     old = load_bundle(tmp_path / "old.cevae")
     assert old.header.training == {"val_loss": None}
     assert _strict_header(save_bundle(tmp_path / "copy.cevae", old.model, old.header))["training"]["val_loss"] is None
+
+
+def _tensor_table(path):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8: 8 + n]), 8 + n
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_one_flipped_bit_in_the_weights_is_refused(tmp_path, model, half):
+    """A bit flipped in a weight (still finite) gave a model that scored nothing; the header's checksum of the
+    weights refuses it."""
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER, half=half)
+    load_bundle(path)
+    table, start = _tensor_table(path)
+    raw = bytearray(path.read_bytes())
+    raw[start + table["encoder.0.weight"]["data_offsets"][0] + 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CeVAEError, match="damaged or was edited"):
+        load_bundle(path)
+    read_header(path)  # the header alone is still readable (the panel shows the model's settings)
+
+
+def test_the_shipped_model_records_the_checksum_of_its_weights():
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.header import WEIGHTS_DIGEST_KEY, file_weights_digest
+
+    path = default_model_path()
+    assert read_header(path).extra[WEIGHTS_DIGEST_KEY] == file_weights_digest(path)
+
+
+def test_a_bundle_without_a_weights_checksum_still_loads(tmp_path, model):
+    """Bundles written before the checksum was recorded load as before."""
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+    meta = read_header(path).to_dict()
+    meta.pop("weights_sha256")
+    _rewrite_header(path, lambda h: h["__metadata__"].update(cevae_anomaly=json.dumps(meta)))
+    assert load_bundle(path).model_config == model.cfg
+
+
+def test_tensors_sharing_bytes_are_refused_as_invalid_safetensors(tmp_path, model):
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+    table, _ = _tensor_table(path)
+    names = [k for k in table if k != "__metadata__" and table[k]["shape"] == table["decoder.0.bias"]["shape"]]
+    other = next(k for k in names if k != "decoder.0.bias")
+    _rewrite_header(path, lambda h: h[other].update(data_offsets=h["decoder.0.bias"]["data_offsets"]))
+    with pytest.raises(CeVAEError, match="not a valid safetensors file: tensor .* (overlaps|gap)"):
+        read_header(path)

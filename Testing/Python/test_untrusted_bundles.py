@@ -56,6 +56,13 @@ def tensor_dtype(h: Dict[str, Any], t: Dict[str, Any]) -> None:
     t[name]["dtype"] = "I32"  # same byte size: only the declared type is wrong
 
 
+def shared_bytes(h: Dict[str, Any], t: Dict[str, Any]) -> None:
+    """Two tensors of one shape declared on the same bytes (safetensors itself refuses the file, late)."""
+    names = [k for k in t if k != "__metadata__"]
+    a, b = next((a, b) for a in names for b in names if a < b and t[a]["shape"] == t[b]["shape"])
+    t[b]["data_offsets"] = list(t[a]["data_offsets"])
+
+
 CASES: Dict[str, Tuple[Edit, str]] = {
     "z of 1e9 (32 TB of weights)": (setting("model", "z_dim", 10**9), r"model\.z_dim must be a whole number in \[1, 8192\]"),
     "fractional z": (setting("model", "z_dim", 16.5), r"model\.z_dim must be a whole number"),
@@ -99,6 +106,15 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                                r"score_options\.orientations must be text, got \['axial'\]"),
     "tensor type and size disagree": (lambda h, t: t[next(k for k in t if k != "__metadata__")].update(dtype="F16"),
                                       r"does not fill its data offsets \(type F16"),
+    "two tensors on the same bytes": (shared_bytes, r"not a valid safetensors file: tensor \S+ (overlaps|leaves a gap)"),
+    "weights other than recorded": (top("weights_sha256", "0" * 64), r"weights are not those its header records"),
+    "training volumes as a number": (top("training", {"subjects": 5}), r"training\.subjects must be a list of volumes"),
+    "a training checksum as a list": (top("training", {"subjects": [{"name": "a", "sha256": [1]}]}),
+                                      r"training\.subjects must be a list of volumes"),
+    "unknown training orientation": (top("training", {"orientations": [5]}),
+                                     r"training\.orientations must be a list of axial, coronal, sagittal, got \[5\]"),
+    "NaN training contrast": (top("training_contrast", {"depth_contrast": math.nan}),
+                              r"training_contrast\.depth_contrast must be a finite number"),
 }
 
 

@@ -17,7 +17,8 @@ from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
 from ..errors import CeVAEError
-from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, BundleHeader, read_header
+from .header import (BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader,
+                     file_weights_digest, read_header, weights_digest)
 from .model import CeVAE
 
 __all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "BundleHeader", "load_bundle", "read_header",
@@ -49,6 +50,8 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
     typed = replace(header, model=model.cfg, weights_dtype="float16" if half else "float32")
     full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION)
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
+    full[WEIGHTS_DIGEST_KEY] = weights_digest([(k, "F16" if half else "F32", list(v.shape), _le_bytes(v))
+                                               for k, v in tensors.items()])
     with atomic_path(target, durable=True) as tmp:
         try:
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True, allow_nan=False)})
@@ -57,8 +60,14 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
     return target
 
 
+def _le_bytes(tensor: torch.Tensor) -> bytes:
+    """A CPU tensor's raw bytes, little-endian as safetensors stores them."""
+    array = tensor.numpy()
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Bundle:
-    """Load and check a bundle: format, version, architecture and every tensor's shape.
+    """Load and check a bundle: format, version, architecture, every tensor's shape and the weights' checksum.
 
     ``device``: a torch device, or a name as everywhere else (auto, cpu, cuda[:N], mps; an unavailable
     accelerator falls back to the CPU with a warning)."""
@@ -75,6 +84,10 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
         check_tensor_shapes(declared, cfg)  # before anything is built or loaded
     except CeVAEError as exc:
         raise CeVAEError(f"{p}: {exc}.") from None
+    recorded = header.extra.get(WEIGHTS_DIGEST_KEY)  # None: written before bundles recorded it
+    if recorded is not None and recorded != file_weights_digest(p):
+        raise CeVAEError(f"{p}: its weights are not those its header records (a checksum differs); the model file "
+                         "is damaged or was edited. Use an original copy.")
     model = CeVAE(cfg)
     tensors = load_file(str(p))
     for key in tensors:

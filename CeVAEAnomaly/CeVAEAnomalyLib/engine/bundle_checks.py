@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
-from ..options import PostprocessOptions, ScoreOptions, check_value
+from ..options import ORIENTATIONS, PostprocessOptions, ScoreOptions, check_value
 from .config import MAX_BETA, MAX_CHANNELS, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
 
 WEIGHT_DTYPES = ("F32", "F16")
@@ -94,10 +94,33 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
     for key in ("name", "modality"):
         if not isinstance(header.get(key, ""), str):
             _fail(key, f"must be text, got {header.get(key)!r}")
-    if header.get("training") is not None and not isinstance(header.get("training"), dict):
-        _fail("header section 'training'", f"must be a JSON object or null, got {type(header['training']).__name__}")
+    _check_training(header)
     if header.get("weights_dtype", "float32") not in ("float32", "float16"):
         _fail("weights_dtype", f"must be 'float32' or 'float16', got {header.get('weights_dtype')!r}")
+
+
+def _check_training(header: Mapping[str, Any]) -> None:
+    """The records of how the model was trained that detection, calibration and adaptation read: the training
+    run's orientations and volumes, and the depth contrast of its training or site scans."""
+    training = header.get("training")
+    if training is not None and not isinstance(training, dict):
+        _fail("header section 'training'", f"must be a JSON object or null, got {type(training).__name__}")
+    training = training or {}
+    orientations = training.get("orientations", ["axial"])
+    if not (isinstance(orientations, list) and orientations and all(o in ORIENTATIONS for o in orientations)):
+        _fail("training.orientations", f"must be a list of {', '.join(ORIENTATIONS)}, got {orientations!r}")
+    for key in ("subjects", "validation_subjects"):
+        volumes = training.get(key, [])
+        if not (isinstance(volumes, list) and all(
+                isinstance(v, dict) and all(isinstance(v.get(k, ""), str) for k in ("name", "sha256"))
+                for v in volumes)):
+            _fail(f"training.{key}", "must be a list of volumes, each with a text name and sha256")
+    for key in ("training_contrast", "adaptation"):
+        record = header.get(key, {})
+        if not isinstance(record, dict):
+            _fail(f"header section '{key}'", f"must be a JSON object, got {type(record).__name__}")
+        if "depth_contrast" in record:
+            _number(f"{key}.depth_contrast", record["depth_contrast"], -1000, 1000)  # clip_max bounds the scale
 
 
 def _check_options(header: Mapping[str, Any], key: str, cls: type) -> None:
