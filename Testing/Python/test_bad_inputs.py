@@ -551,6 +551,13 @@ def sheared_grid(d: Path, g: Inputs) -> Inputs:
     return Inputs(write(image, d / "sheared.nrrd"), g.mask, g.model)
 
 
+def slightly_sheared_grid(d: Path, g: Inputs) -> Inputs:
+    """Axes 0.03 degrees off perpendicular: a NIfTI output of it could not keep the grid (ITK makes it orthogonal)."""
+    image = sitk.ReadImage(str(g.image))
+    image.SetDirection((1.0, 5e-4, 0.0, 0.0, float(np.sqrt(1 - 2.5e-7)), 0.0, 0.0, 0.0, 1.0))
+    return Inputs(write(image, d / "sheared.nrrd"), g.mask, g.model)
+
+
 def header_without_data(d: Path, g: Inputs) -> Inputs:
     sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "head.mhd"))
     (d / "head.raw").unlink()
@@ -694,6 +701,8 @@ CASES: Dict[str, Case] = {
     "two DICOM series in one folder": Case(two_dicom_series, REFUSED,
                                            r"holds 2 DICOM series \('series 2', 36 file\(s\).*'series 3', 18 file"),
     "sheared grid (NRRD)": Case(sheared_grid, REFUSED, r"axes i and j meet at 60\.0 degrees: a sheared grid"),
+    "slightly sheared grid (NRRD)": Case(slightly_sheared_grid, REFUSED,
+                                         r"axes i and j meet at 89\.971 degrees: a sheared grid"),
     "DICOM slice of another size": Case(dicom_case(narrow=10), REFUSED,
                                         r"its slices differ in size: 2_010\.dcm is \d+x\d+ pixels, the usual \d+x\d+ "
                                         r"\(1 of 36 files differ\)"),

@@ -446,6 +446,11 @@ def warn_if_ct_range(image: sitk.Image) -> None:
                     "and its scores will not be meaningful.", low)
 
 
+# the largest cosine between two voxel axes of a volume that is scored: ITK's NIfTI writer makes the directions
+# orthogonal, by more than rounding beyond this (and says so), so outputs of a more sheared grid would not lie on it
+_MAX_AXIS_COSINE = 1e-4
+
+
 def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
     """Refuse what the model cannot score: complex, not 3D, several components, a single slice, too small,
     fewer than 4 slices."""
@@ -467,12 +472,12 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
     axes = np.array(image.GetDirection()).reshape(3, 3)  # columns: the unit vectors of the voxel axes
     cosines = np.abs(axes.T @ axes)
     np.fill_diagonal(cosines, 0.0)
-    if cosines.max() > 1e-3:
+    if cosines.max() > _MAX_AXIS_COSINE:
         i, j = np.unravel_index(int(np.argmax(cosines)), cosines.shape)
         angle = float(np.degrees(np.arccos(min(cosines[i, j], 1.0))))
         raise CeVAEError(f"The {what} has voxel axes that are not perpendicular (axes {'ijk'[i]} and {'ijk'[j]} meet "
-                         f"at {angle:.1f} degrees: a sheared grid), which the outputs could not keep. Resample it "
-                         "onto a regular grid first.")
+                         f"at {angle:.{1 if angle < 89.9 else 3}f} degrees: a sheared grid), which the outputs could "
+                         "not keep. Resample it onto a regular grid first.")
     spacing = image.GetSpacing()
     if not all(_VOXEL_MM[0] <= s <= _VOXEL_MM[1] for s in spacing):
         raise CeVAEError(f"The {what} has voxels of {' x '.join(f'{s:g}' for s in spacing)} mm; an MRI of a head has "
