@@ -133,8 +133,9 @@ def evaluate_case(
 ) -> CaseMetrics:
     """Metrics of one score map over the voxels inside ``mask`` (all voxels if None).
 
+    ``mask``, ``gt`` and ``labelmap`` count their voxels above 0 (NaN and negative values are background).
     ``gt`` None means a healthy case: ranking metrics are NaN. ``labelmap`` (the thresholded
-    detection) gives ``flagged_ml`` (all its nonzero voxels) and, with ``gt``, ``dice_at_threshold``
+    detection) gives ``flagged_ml`` (all its voxels above 0) and, with ``gt``, ``dice_at_threshold``
     (inside the mask). Slice AUROC uses slices along numpy axis ``slice_axis`` ("axial": the axis of the
     axial slices, :func:`axial_axis`, in any voxel order; None skips it), slice score = max score in the
     slice's mask voxels.
@@ -270,7 +271,7 @@ def _truth(gt: sitk.Image, inside: np.ndarray, name: str) -> np.ndarray:
     looks_like_an_image: many values, no plateau). Lesion masks resampled linearly have many values at their edges
     but cover a few per cent of the brain."""
     values = sitk.GetArrayViewFromImage(gt)
-    truth = values != 0
+    truth = _above_zero(gt)  # a background of -1 or NaN is no lesion
     if np.count_nonzero(truth & inside) <= _MAX_TRUTH_SHARE * np.count_nonzero(inside):
         return truth
     if looks_like_an_image(values):
@@ -281,6 +282,13 @@ def _truth(gt: sitk.Image, inside: np.ndarray, name: str) -> np.ndarray:
 
 
 _MAX_TRUTH_SHARE = 0.1  # of the evaluated voxels
+
+
+def _above_zero(image: sitk.Image) -> np.ndarray:
+    """The voxels of a mask, ground truth or label map above 0, as ``detect`` reads a brain mask (NaN and negative
+    values are background: a mask with NaN or -1 outside is not all foreground)."""
+    values = sitk.GetArrayViewFromImage(image)
+    return values > 0 if values.dtype.kind != "c" else values.real > 0
 
 
 def _evaluate(
@@ -298,7 +306,7 @@ def _evaluate(
         if image is not None:
             check_same_grid(score, image, ROLES["score"], ROLES[key])
     score_array = sitk.GetArrayViewFromImage(score)
-    inside = np.ones(score_array.shape, bool) if mask is None else sitk.GetArrayViewFromImage(mask) != 0
+    inside = np.ones(score_array.shape, bool) if mask is None else _above_zero(mask)  # as detect: > 0 is brain
     if not inside.any():
         raise CeVAEError(f"The mask of {name or 'the case'} is empty: nothing to evaluate.")
     truth = np.zeros(score_array.shape, bool) if gt is None else _truth(gt, inside, name)
@@ -318,7 +326,7 @@ def _evaluate(
 
     flagged_ml = dice_at_threshold = None
     if labelmap is not None:
-        flagged = sitk.GetArrayViewFromImage(labelmap) != 0
+        flagged = _above_zero(labelmap)
         flagged_ml = int(flagged.sum()) * voxel_volume_ml(score)
         if gt is not None:
             dice_at_threshold = dice(flagged[inside], labels)

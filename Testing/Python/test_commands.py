@@ -381,3 +381,32 @@ def test_a_file_system_without_locks_is_said_so_not_taken_for_another_run(tmp_pa
     with pytest.raises(CeVAEError, match="Another train is writing"):
         with lock.hold_output(out, "train"):
             pass
+
+
+def test_detection_says_when_a_scan_is_thicker_than_the_calibration_scans(tmp_path, tiny_bundle, healthy_manifest,
+                                                                          caplog):
+    """A calibration records the largest voxel side of its healthy scans; a scan of 4 times thicker slices is told
+    that the threshold's false-positive rate on its acquisition is not known, and how to measure it."""
+    out = tmp_path / "calibrated.cevae"
+    assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    header = read_header(out)
+    assert all(entry["largest_voxel_mm"] == [1.5, 1.5] for entry in header.calibration.values())
+    image, mask = make_head(seed=12)
+    thick, thick_mask = make_head(seed=12, size=(40, 44, 9), spacing=(1.2, 1.0, 6.0))
+    for name, volume, brain in (("same", image, mask), ("thick", thick, thick_mask)):
+        sitk.WriteImage(volume, str(tmp_path / f"{name}.nii.gz"))
+        sitk.WriteImage(brain, str(tmp_path / f"{name}_mask.nii.gz"))
+
+    def warnings(name, *options):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["detect", str(tmp_path / f"{name}.nii.gz"), "--mask", str(tmp_path / f"{name}_mask.nii.gz"),
+                         "--model", str(out), "--score", str(tmp_path / f"{name}{len(options)}.nii.gz"),
+                         "--device", "cpu", *options]) == 0
+        return [r.getMessage() for r in caplog.records if "calibrated on" in r.getMessage()]
+
+    assert warnings("same") == []
+    told = warnings("thick")
+    assert len(told) == 1 and "up to 6 mm" in told[0] and "1.5 mm" in told[0] and "cevae-anomaly calibrate" in told[0]
+    assert warnings("thick", "--threshold", "3") == []  # an absolute threshold claims no rate

@@ -113,6 +113,8 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                                       r"training\.subjects must be a list of volumes"),
     "unknown training orientation": (top("training", {"orientations": [5]}),
                                      r"training\.orientations must be a list of axial, coronal, sagittal, got \[5\]"),
+    "calibrated voxel sizes reversed": (calibration(lambda e: e.update(largest_voxel_mm=[2.0, 1.0])),
+                                        r"largest_voxel_mm\[1\] must be a finite number in \[2, 100\]"),
     "NaN training contrast": (top("training_contrast", {"depth_contrast": math.nan}),
                               r"training_contrast\.depth_contrast must be a finite number"),
 }

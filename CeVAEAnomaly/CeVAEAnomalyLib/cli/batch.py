@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
@@ -349,7 +349,7 @@ class VolumeDetector:
                 return done
             image = read_image(item.image)
             mask = read_image(item.mask, "brain mask") if item.mask else None
-            result = self.detector(image, mask, progress=self.go_on)
+            result = self.detector(image, mask, progress=self.go_on, where=f"{item.name}: ")  # warnings name it
             self.go_on()  # past here the outputs are written and their row returned
             try:
                 write_all(result_files(result, output_paths(self.s.out_dir, item.name)), overwrite,
@@ -467,6 +467,58 @@ def _earlier_rows(summary_path: Path) -> Tuple[Dict[str, Dict[str, str]], float]
     raise CeVAEError(f"{summary_path} is not a batch summary; choose another --out-dir or pass --overwrite.")
 
 
+def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record: Dict[str, object]) -> None:
+    """Refuse, before any work, outputs of ``items`` already in ``out_dir`` that no batch record there accounts for:
+    of a volume that no batch summary there lists (any shard's, any status), in a folder without a batch settings
+    record like ``record`` (a batch writes one with its first outputs, and its summary may lag behind them: a run
+    killed, or another run still going). Such files are not a batch's (the user's, or ``detect``'s), and scoring
+    would replace them."""
+    listed: Optional[Set[str]] = None
+    found: List[Path] = []
+    for item in items:
+        there = [p for p in output_paths(out_dir, item.name).values() if p.exists()]
+        if there:
+            if listed is None:
+                if _holds_a_settings_record(out_dir, record):
+                    return
+                listed = _listed_names(out_dir)
+            if item.name not in listed:
+                found += there
+    if found:
+        shown = ", ".join(p.name for p in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise CeVAEError(f"{out_dir} already holds {shown}, which no batch wrote there (no batch summary lists their "
+                         "volume, and there is no batch_settings.json); they are kept. Pass --overwrite to replace "
+                         "them, or choose another --out-dir.")
+
+
+def _holds_a_settings_record(out_dir: Path, record: Dict[str, object]) -> bool:
+    """Whether ``out_dir`` holds a batch settings record (of this run, a shard or another run) with the fields of
+    ``record``."""
+    for path in out_dir.glob("batch_settings*.json"):
+        try:
+            other = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(other, dict) and set(other) == set(record):
+            return True
+    return False
+
+
+def _listed_names(out_dir: Path) -> Set[str]:
+    """The volume names of every batch summary in ``out_dir`` (each shard's and run's; other files count for
+    nothing)."""
+    names: Set[str] = set()
+    for path in sorted(out_dir.glob("summary*.csv")):
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                if set(SUMMARY_FIELDS) - set(LATER_FIELDS) <= set(reader.fieldnames or ()):
+                    names.update(row["name"] for row in reader)
+        except (OSError, csv.Error, ValueError):  # ValueError: not UTF-8 text
+            continue
+    return names
+
+
 def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict[str, str]], earlier_time: float,
                  unknown: List[str]) -> Optional[Dict[str, object]]:
     """The "skipped" row of a volume whose outputs are complete and, says the earlier summary (newer than them),
@@ -530,6 +582,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             raise CeVAEError(f"Another run wrote outputs in {settings.out_dir} with other settings ({other}); give "
                              "each set of settings its own --out-dir, or score every volume again with these in one "
                              "run without --shard and with --overwrite.")
+        refuse_unrecorded_outputs(items, settings.out_dir, made_with)
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)

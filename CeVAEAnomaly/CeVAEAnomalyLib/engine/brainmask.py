@@ -34,7 +34,8 @@ TEMPLATE_T1 = "colin27_t1_2mm.nii.gz"
 TEMPLATE_MASK = "colin27_brainmask_2mm.nii.gz"
 
 _REGISTRATION_SPACING_MM = 4.0
-_MIN_AXIS_VOXELS = 4  # the fewest voxels an axis keeps when fine voxels are averaged in blocks
+_MIN_AXIS_VOXELS = 4  # the fewest voxels an axis keeps when fine voxels are averaged in blocks, and the fewest
+# the registration's smoothing (ITK's recursive Gaussian) takes along each axis of the 4 mm grid
 _SAMPLING_FRACTION = 0.25
 _SEED = 20240601
 _PITCH_STARTS_DEG = (0.0, 20.0, -20.0)  # head nodding is the largest pose difference in practice
@@ -83,11 +84,13 @@ def compute_brain_mask(
     image: sitk.Image,
     template_dir: Optional[Path] = None,
     progress: Optional[ProgressCallback] = None,
+    where: str = "",
 ) -> sitk.Image:
     """Brain mask (uint8 {0,1}) of a 3D scalar T1 head MRI, on exactly the input's grid.
 
     Works on heads with skull and on skull-stripped brains. ``progress(fraction, message)``
-    is called as the steps advance.
+    is called as the steps advance; ``where`` (e.g. "scan.nii.gz: ") leads the warnings, so that a cohort's
+    say which volume.
     """
     intensities = _check_input(image)
     small = _downsampled(intensities)
@@ -97,6 +100,7 @@ def compute_brain_mask(
         logger.info("Input looks skull-stripped: its foreground is the brain mask")
         mask = intensities > background
     else:
+        _check_extent(image)
         report(progress, 0.05, "Loading brain template")
         template, template_mask = load_template(template_dir)
         report(progress, 0.1, "Registering brain template")
@@ -105,8 +109,8 @@ def compute_brain_mask(
         mask = _warped_distance(template_mask, image, transform) <= _MARGIN_MM
     report(progress, 0.9, "Cleaning brain mask")
     mask = _largest_filled_component(mask)
-    _check_volume(mask)
-    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, sitk.GetArrayViewFromImage(intensities) > background)
+    _check_volume(mask, where)
+    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, sitk.GetArrayViewFromImage(intensities) > background, where)
     report(progress, 1.0, "Brain mask done")
     return mask
 
@@ -161,9 +165,8 @@ def _downsampled(image: sitk.Image) -> sitk.Image:
     blocks = [b if n // b >= _MIN_AXIS_VOXELS else 1  # the smoothing needs a few voxels on each axis
               for n, b in zip(image.GetSize(), (max(1, int(np.floor(1.0 / s))) for s in image.GetSpacing()))]
     block_grid = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), blocks) if max(blocks) > 1 else image
-    spacing = np.array(image.GetSpacing())
     size = np.array(image.GetSize())
-    new_size = np.maximum(1, np.round(size * spacing / target)).astype(int)
+    new_size = _registration_size(image)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2.0).tolist()))
     grid = sitk.Image(new_size.tolist(), sitk.sitkFloat32)
@@ -175,6 +178,30 @@ def _downsampled(image: sitk.Image) -> sitk.Image:
     if sigmas.max() > 0:
         smoothed = sitk.SmoothingRecursiveGaussian(smoothed, np.maximum(sigmas, 1e-3).tolist())
     return sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, minimum, sitk.sitkFloat32)
+
+
+def _registration_size(image: sitk.Image) -> np.ndarray:
+    """The voxels along each axis of :func:`_downsampled`'s 4 mm grid over ``image``'s extent."""
+    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    return np.maximum(1, np.round(extent / _REGISTRATION_SPACING_MM)).astype(int)
+
+
+def _check_extent(image: sitk.Image) -> None:
+    """Refuse, before registering, a scan too thin along an axis for the registration's 4 mm grid: its smoothing
+    needs :data:`_MIN_AXIS_VOXELS` voxels along each axis (ITK failed with "The number of pixels along dimension 2
+    is less than 4")."""
+    short = [axis for axis, n in enumerate(_registration_size(image)) if n < _MIN_AXIS_VOXELS]
+    if not short:
+        return
+    axis = short[0]
+    need = (_MIN_AXIS_VOXELS - 0.5) * _REGISTRATION_SPACING_MM  # rounded to the grid, this gives the fewest voxels
+    covered = image.GetSize()[axis] * image.GetSpacing()[axis]
+    raise CeVAEError(
+        f"The scan covers only {covered:g} mm along its {'ijk'[axis]} axis ({image.GetSize()[axis]} voxels of "
+        f"{image.GetSpacing()[axis]:g} mm): too little for the automatic brain mask, which registers a template on "
+        f"a {_REGISTRATION_SPACING_MM:g} mm grid and needs {_MIN_AXIS_VOXELS} of its voxels along each axis (at least "
+        f"{need:g} mm). Give a brain mask with --mask (in Slicer: choose a brain mask)."
+    )
 
 
 def _normalised(image: sitk.Image) -> sitk.Image:
@@ -394,26 +421,26 @@ def _largest_filled_component(mask: sitk.Image) -> sitk.Image:
     return sitk.Cast(sitk.BinaryFillhole(components == 1), sitk.sitkUInt8)
 
 
-def _check_fit(mask: np.ndarray, foreground: np.ndarray) -> None:
-    """Warn where the automatic mask cannot be trusted: much of it outside the head (the template did not
-    register: an unusual pose or header, two heads), or reaching the image's edge (a partial field of view, where
-    a registered template may hold more than the brain)."""
+def _check_fit(mask: np.ndarray, foreground: np.ndarray, where: str = "") -> None:
+    """Warn (led by ``where``) where the automatic mask cannot be trusted: much of it outside the head (the template
+    did not register: an unusual pose or header, two heads), or reaching the image's edge (a partial field of view,
+    where a registered template may hold more than the brain)."""
     outside = float(np.mean(~foreground[mask]))
     if outside > _MAX_MASK_OUTSIDE_HEAD:
-        logger.warning("The automatic brain mask fits the image poorly: %.0f %% of it lies outside the head (an "
-                       "unusual head position or header?); check it, or give a brain mask.", 100 * outside)
+        logger.warning("%sThe automatic brain mask fits the image poorly: %.0f %% of it lies outside the head (an "
+                       "unusual head position or header?); check it, or give a brain mask.", where, 100 * outside)
     edge = _edge_share(mask)
     if edge > _MAX_MASK_ON_EDGE:
-        logger.warning("The automatic brain mask reaches the edge of the image (%.0f %% of its border): the scan "
+        logger.warning("%sThe automatic brain mask reaches the edge of the image (%.0f %% of its border): the scan "
                        "covers part of the head, and the mask may hold more than the brain; check it, or give a "
-                       "brain mask.", 100 * edge)
+                       "brain mask.", where, 100 * edge)
 
 
-def _check_volume(mask: sitk.Image) -> None:
-    """Raise on an empty mask; warn on an implausible brain volume."""
+def _check_volume(mask: sitk.Image, where: str = "") -> None:
+    """Raise on an empty mask; warn (led by ``where``) on an implausible brain volume."""
     voxels = np.count_nonzero(sitk.GetArrayViewFromImage(mask))
     if voxels == 0:
         raise CeVAEError("The automatic brain mask is empty; is this a T1 head MRI? Provide a brain mask.")
     volume_ml = voxels * voxel_volume_ml(mask)
     if not _PLAUSIBLE_ML[0] <= volume_ml <= _PLAUSIBLE_ML[1]:
-        logger.warning("Brain mask volume %.0f mL is implausible; check the image and the mask.", volume_ml)
+        logger.warning("%sBrain mask volume %.0f mL is implausible; check the image and the mask.", where, volume_ml)

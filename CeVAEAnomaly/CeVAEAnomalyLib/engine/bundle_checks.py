@@ -152,6 +152,12 @@ def _check_calibration(calibration: Any) -> None:
             _fail(where, "has rates that do not increase strictly")
         if any(b > a for a, b in zip(thr, thr[1:])):
             _fail(where, "has thresholds that rise with the rate (they must fall)")
+        if "largest_voxel_mm" in entry:
+            sides = entry["largest_voxel_mm"]
+            if not isinstance(sides, list) or len(sides) != 2:
+                _fail(f"{where} largest_voxel_mm", f"must be a list of two sizes, got {sides!r}")
+            low = _number(f"{where} largest_voxel_mm[0]", sides[0], 0, 100, open_low=True)
+            _number(f"{where} largest_voxel_mm[1]", sides[1], low, 100)
 
 
 def check_tensor_shapes(declared: Mapping[str, Tuple[Tuple[int, ...], str]], cfg: ModelConfig) -> None:

@@ -5,7 +5,7 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,16 +26,16 @@ log = logging.getLogger(__name__)
 def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions,
                    post: PostprocessOptions) -> List[np.ndarray]:
     """Brain-voxel scores of each healthy subject."""
-    return [s[0][opts.score_type] for s in _subject_scores(bundle, subjects, [opts], post, [opts.score_type])]
+    return [s[0][opts.score_type] for s in _subject_scores(bundle, subjects, [opts], post, [opts.score_type])[0]]
 
 
 def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence[ScoreOptions],
                     post: PostprocessOptions, score_types: Sequence[str], progress: Optional[ProgressCallback] = None,
                     scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions(),
-                    check_contrast: bool = False) -> List[List[Dict[str, np.ndarray]]]:
+                    check_contrast: bool = False) -> Tuple[List[List[Dict[str, np.ndarray]]], List[float]]:
     """For each subject and each scoring mode of ``modes``, the brain-voxel scores of every score type
     (one read per subject, one network pass per mode in batches of ``run``), scored by ``bundle`` or, if
-    given, by ``scorers[i]`` for subject i.
+    given, by ``scorers[i]`` for subject i; and each subject's largest voxel side (mm).
 
     ``progress`` is called per subject and during an automatic brain mask; it may raise
     :class:`~..progress.Cancelled`. ``check_contrast``: warn about a volume whose contrast is not the model's
@@ -46,13 +46,14 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         raise CeVAEError("Give one scoring model per calibration subject.")
     detectors = {id(m): [Detector(m, opts, post, ThresholdPolicy(threshold=math.inf), run.batch_size, run.amp)
                          for opts in modes] for m in models}
-    out = []
+    out, largest = [], []
     for n, (s, model) in enumerate(zip(subjects, models)):
         part = labelled(scaled(progress, n / len(subjects), (n + 1) / len(subjects)),
                         f"Healthy volume {n + 1}/{len(subjects)} ({s.name})")
         report(part, 0.0, "Reading")
         with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
+            largest.append(max(image.GetSpacing()))
             mask = given_or_computed_mask(image, s.mask, s.name, progress=scaled(part, 0.0, 0.3))
             if check_contrast:
                 _warn_of_contrast(s, image, mask, model)
@@ -65,7 +66,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
                 scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: ", step))
         out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")
-    return out
+    return out, largest
 
 
 def _warn_of_contrast(subject: Subject, image, mask, model: Bundle) -> None:
@@ -96,10 +97,11 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on.")
     modes = [opts.replace(test_time_steps=n) for n in dict.fromkeys([opts.test_time_steps, *test_time_steps])]
-    scores = _subject_scores(bundle, subjects, modes, post, SCORE_TYPES, progress, scorers, run, check_contrast)
+    scores, largest = _subject_scores(bundle, subjects, modes, post, SCORE_TYPES, progress, scorers, run,
+                                      check_contrast)
     log.info("Calibrated %s on %d healthy volume(s)%s.", ", ".join(SCORE_TYPES), len(subjects),
              "".join(f", {m.test_time_steps} test-time steps" for m in modes if m.test_time_steps))
-    return {calibration_key(mode.replace(score_type=t), post): calibrate([s[k][t] for s in scores], source)
+    return {calibration_key(mode.replace(score_type=t), post): calibrate([s[k][t] for s in scores], source, largest)
             for k, mode in enumerate(modes) for t in SCORE_TYPES}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import Field, fields
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,18 +43,43 @@ def _key_options(key: str) -> Optional[Tuple[ScoreOptions, PostprocessOptions]]:
         return None
 
 
-def calibrate(healthy_scores: Iterable[np.ndarray], source: str) -> Dict[str, Any]:
-    """Quantiles of pooled healthy brain-voxel scores on the FPR grid."""
+# a scan whose largest voxel side is more than this factor from those of the scans a threshold was calibrated on is
+# another acquisition: the threshold's false-positive rate on it is not known (docs/benchmark.md, Acquisitions)
+ACQUISITION_FACTOR = 1.5
+
+
+def calibrate(healthy_scores: Iterable[np.ndarray], source: str,
+              largest_voxel_mm: Sequence[float] = ()) -> Dict[str, Any]:
+    """Quantiles of pooled healthy brain-voxel scores on the FPR grid; ``largest_voxel_mm``: each healthy
+    volume's largest voxel side (its slice thickness, for thick slices), recorded as their range."""
     values = np.concatenate([np.asarray(v, np.float32).ravel() for v in healthy_scores])
     if values.size == 0:
         raise CeVAEError("No healthy brain voxels to calibrate on.")
     thresholds = np.quantile(values, 1.0 - FPR_GRID)
-    return {
+    entry = {
         "fpr": [float(f) for f in FPR_GRID],
         "threshold": [float(t) for t in thresholds],
         "n_voxels": int(values.size),
         "source": source,
     }
+    if len(largest_voxel_mm):
+        entry["largest_voxel_mm"] = [round(float(min(largest_voxel_mm)), 3), round(float(max(largest_voxel_mm)), 3)]
+    return entry
+
+
+def acquisition_difference(entry: Mapping[str, Any], spacing: Sequence[float]) -> Optional[str]:
+    """How a scan of voxel ``spacing`` (mm) differs from the healthy volumes ``entry`` was calibrated on, in words,
+    or None: alike, or the calibration does not record them."""
+    recorded = entry.get("largest_voxel_mm")
+    if not recorded:
+        return None
+    low, high = recorded
+    largest = max(spacing)
+    if low / ACQUISITION_FACTOR <= largest <= high * ACQUISITION_FACTOR:
+        return None
+    calibrated = f"{low:g} mm" if low == high else f"{low:g} to {high:g} mm"
+    return (f"its voxels are up to {largest:.3g} mm (slice thickness), those of the healthy scans it was calibrated "
+            f"on {calibrated}")
 
 
 def threshold_for_fpr(entry: Mapping[str, Any], fpr: float) -> float:

@@ -73,6 +73,7 @@ class Detector:
                              f"{', '.join(untrained)} slices; train a model with --orientations "
                              f"{','.join(self.score.orientation_list)} for that.")
         self.threshold, self.threshold_source = bundle.header.threshold(self.score, self.post, policy)
+        self.policy = policy
 
     @classmethod
     def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":
@@ -81,14 +82,16 @@ class Detector:
         return cls(bundle, score, post, request.policy, request.run.batch_size, request.run.amp)
 
     def __call__(self, image: sitk.Image, mask: Optional[sitk.Image] = None,
-                 progress: Optional[ProgressCallback] = None) -> DetectionResult:
-        """Score a 3D volume. ``mask``: brain mask (>0 is brain); computed automatically if None.
+                 progress: Optional[ProgressCallback] = None, where: str = "") -> DetectionResult:
+        """Score a 3D volume. ``mask``: brain mask (>0 is brain); computed automatically if None. ``where`` (e.g.
+        "scan: ") leads the warnings about the mask and the image's NaN voxels, so that a cohort's say which volume.
 
         The input image is never modified. Raise :class:`CeVAEError` on unusable input and
         :class:`~.progress.Cancelled` if the progress callback cancels.
         """
-        image = checked_image(image, mask)
-        stack, brain = self._prepare(image, mask, progress)
+        image = checked_image(image, mask, where)
+        self._warn_of_acquisition(image, where)
+        stack, brain = self._prepare(image, mask, progress, where)
         passes = self._passes([stack, *self._other_stacks(image, brain)], [self.score], progress)
         raw = passes[0][1]
         # Scores are 0 outside the brain and only brain voxels are labelled, so nothing happens outside its
@@ -114,12 +117,22 @@ class Detector:
         report(progress, 1.0, "Detection done")
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
 
+    def _warn_of_acquisition(self, image: sitk.Image, where: str) -> None:
+        """Say so when the scan is another acquisition than the healthy scans its calibrated threshold was taken on
+        (thicker slices): that threshold's false-positive rate on it is not known."""
+        difference = self.bundle.header.acquisition_difference(self.score, self.post, self.policy, image.GetSpacing())
+        if difference:
+            log.warning("%sThe threshold's false-positive rate on this scan is not known: %s. Thick, noisy or "
+                        "post-contrast slices can get scattered false components; calibrating the model on 2 or more "
+                        "healthy scans of this protocol measures it (cevae-anomaly calibrate or adapt; in Slicer, "
+                        "Calibrate on healthy scans).", where, difference)
+
     def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image], score_types: Sequence[str],
                      where: str = "", progress: Optional[ProgressCallback] = None) -> Dict[str, np.ndarray]:
         """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration;
         ``where`` (e.g. "scan.nii.gz: ") leads the mask's warnings, so that a list of volumes says which one;
         ``progress`` hears the network's steps (the thorough mode's adaptation takes most of the time)."""
-        image = checked_image(image, mask)
+        image = checked_image(image, mask, where)
         stack, brain = self._prepare(image, mask, None, where)
         options = [self.score.replace(score_type=t) for t in score_types]
         passes = self._passes([stack, *self._other_stacks(image, brain)], options, progress)
@@ -148,14 +161,17 @@ class Detector:
 
     def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image],
                  progress: Optional[ProgressCallback], where: str = "") -> Tuple[SliceStack, np.ndarray]:
-        """Model slices of ``image`` and its brain (bool, the input's array order)."""
+        """Model slices of ``image`` and its brain (bool, the input's array order); ``where`` leads the warnings."""
         report(progress, 0.0, "Preparing the volume")
         given = mask is not None
         if not given:
             from .brainmask import compute_brain_mask
 
-            mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2))
+            mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2), where=where)
         brain = brain_array(image, mask, where)
+        if not brain.any():  # refused before the warning that it covers too little
+            raise CeVAEError("The brain mask is empty: no voxel is inside the brain (> 0). Give the brain mask of "
+                             "this scan, or none for the automatic one.")
         if given:
             warn_unlike_a_brain(brain, image, where)
         return prepare(image, brain, self.bundle.preprocess), brain
@@ -212,16 +228,17 @@ def detect(image: sitk.Image, bundle: Union[Bundle, str, Path], mask: Optional[s
     return Detector.from_request(bundle, chosen)(image, mask, progress)
 
 
-def checked_image(image: sitk.Image, mask: Optional[sitk.Image]) -> sitk.Image:
+def checked_image(image: sitk.Image, mask: Optional[sitk.Image], where: str = "") -> sitk.Image:
     """The image as detection takes it (a LabelMap made a label image) after the command line's
-    :func:`~..io.images.check_volume`; a one-line :class:`CeVAEError` for what is not a SimpleITK image."""
+    :func:`~..io.images.check_volume`; a one-line :class:`CeVAEError` for what is not a SimpleITK image.
+    ``where`` leads the CT-range warning."""
     for name, value in (("image", image), ("mask", mask)):
         if not isinstance(value, sitk.Image) and (name == "image" or value is not None):
             raise CeVAEError(f"The {name} must be a SimpleITK Image (e.g. CeVAEAnomalyLib.io.images.read_image"
                              "(path), which also keeps the NaN voxels that sitk.ReadImage turns into 0 in a NIfTI "
                              f"file), got {type(value).__name__}.")
     image = check_volume(label_image(image))
-    warn_if_ct_range(image)  # every path: the command line, batch, the API and Slicer
+    warn_if_ct_range(image, where)  # every path: the command line, batch, the API and Slicer
     return image
 
 

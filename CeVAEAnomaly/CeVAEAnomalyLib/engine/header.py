@@ -19,7 +19,7 @@ from ..errors import CeVAEError
 from ..io.targets import refuse_unsearchable, special_file_kind
 from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
 from .bundle_checks import check_model_section, check_sections
-from .calibration import DEFAULT_FPR, find_calibration, threshold_for_fpr
+from .calibration import DEFAULT_FPR, acquisition_difference, find_calibration, threshold_for_fpr
 from .config import LossConfig, ModelConfig, PreprocessConfig
 
 FORMAT = "cevae-anomaly-bundle"
@@ -111,6 +111,15 @@ class BundleHeader:
         on = f" on {first}" if first else ""
         return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}"
 
+    def acquisition_difference(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy,
+                               spacing: Sequence[float]) -> Optional[str]:
+        """How a scan of voxel ``spacing`` differs from the healthy scans that the calibrated threshold ``policy``
+        gets was taken on, in words; None when alike, for an absolute threshold, or when the calibration does not
+        record them (calibrated before it did)."""
+        if policy.threshold is not None:
+            return None
+        return acquisition_difference(find_calibration(self.calibration, score, post), spacing)
+
     def threshold_of(self, request: DetectionRequest) -> Tuple[float, str]:
         """The threshold ``request`` gets with this model (refused if it has none: e.g. ``--fpr`` for a scoring
         the model is not calibrated for). Entry points call this before reading a volume."""
@@ -121,14 +130,7 @@ class BundleHeader:
 def read_header(path: Union[str, Path]) -> BundleHeader:
     """The bundle's header, validated and typed, without loading the weights."""
     p = _check_file(Path(path))
-    meta = _safetensors_metadata(p)
-    if META_KEY not in meta:
-        raise CeVAEError(f"{p} is a safetensors file but not a CeVAEAnomaly model bundle (no model header).")
-    try:
-        header = json.loads(meta[META_KEY])
-    except (json.JSONDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise CeVAEError(f"The header of {p} is not valid JSON ({reason}).") from None
+    header = _written_header(p)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
         raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (format {found!r}).")
@@ -149,6 +151,24 @@ def read_header(path: Union[str, Path]) -> BundleHeader:
         raise CeVAEError(f"The header of {p} is invalid: {exc}. The model file is damaged or was edited; "
                          "use an original copy.") from None
     return BundleHeader.from_dict(header)
+
+
+def written_sections(path: Union[str, Path]) -> List[str]:
+    """The sections a bundle's header holds as written (the typed header fills in defaults for missing ones)."""
+    header = _written_header(_check_file(Path(path)))
+    return list(header) if isinstance(header, dict) else []
+
+
+def _written_header(p: Path) -> Any:
+    """The model header's JSON as the file holds it, unchecked."""
+    meta = _safetensors_metadata(p)
+    if META_KEY not in meta:
+        raise CeVAEError(f"{p} is a safetensors file but not a CeVAEAnomaly model bundle (no model header).")
+    try:
+        return json.loads(meta[META_KEY])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise CeVAEError(f"The header of {p} is not valid JSON ({reason}).") from None
 
 
 def weights_digest(tensors: Sequence[Tuple[str, str, Sequence[int], bytes]]) -> str:

@@ -6,7 +6,7 @@ images appear only where ITK computes (connected components, the statistics of :
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -125,7 +125,7 @@ def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: f
     if hysteresis_fraction > 0 and np.isfinite(threshold):
         label = hysteresis(score, hysteresis_fraction * threshold, threshold)
     else:
-        label = score >= score.dtype.type(threshold)  # in the score's precision, as ITK's BinaryThreshold
+        label = _at_least(score, threshold)
     peaked = min_peak > 1 and np.isfinite(threshold)
     if min_volume_mm3 > 0 or peaked:
         cc_image = sitk.ConnectedComponent(sitk.GetImageFromArray(label.view(np.uint8)), True)
@@ -136,12 +136,35 @@ def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: f
             keep &= np.bincount(cc.ravel(), minlength=len(keep)) >= min_voxels
         if peaked:
             reached = np.zeros(len(keep), bool)
-            reached[np.unique(cc[score >= score.dtype.type(min_peak * threshold)])] = True
+            reached[np.unique(cc[_at_least(score, min_peak * threshold)])] = True
             keep &= reached
         keep[0] = False
         label = keep[cc]
         del cc, cc_image
     return label.view(np.uint8)
+
+
+def _at_least(score: np.ndarray, threshold: float) -> np.ndarray:
+    """``score >= threshold`` in the score's precision, as ITK's BinaryThreshold compares (:func:`_compared`)."""
+    return _compared(score, threshold, np.greater_equal)
+
+
+def _above(score: np.ndarray, cut: float) -> np.ndarray:
+    """``score > cut`` in the score's precision (:func:`_compared`)."""
+    return _compared(score, cut, np.greater)
+
+
+def _compared(score: np.ndarray, value: float, compare: Callable[..., np.ndarray]) -> np.ndarray:
+    """``compare(score, value)`` with ``value`` rounded to a float score's precision; a finite value beyond that
+    precision's range (e.g. --threshold 1e308 on a float32 map) is above every score or below every one but NaN,
+    without NumPy's overflow warning."""
+    if score.dtype.kind != "f":
+        return compare(score, value)
+    with np.errstate(over="ignore"):
+        cut = score.dtype.type(value)
+    if np.isinf(cut) and np.isfinite(value):
+        return np.zeros(score.shape, bool) if value > 0 else ~np.isnan(score)
+    return compare(score, cut)
 
 
 COMPONENT_ORDERS = {
@@ -228,12 +251,12 @@ def _median_and_spread(values: np.ndarray, spread: str) -> Tuple[float, float]:
 
 def hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
     """bool map: the 26-connected components of ``score > low`` that hold a voxel with ``score > high``."""
-    above = sitk.GetImageFromArray((score > low).astype(np.uint8))
+    above = sitk.GetImageFromArray(_above(score, low).astype(np.uint8))
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(above, True))
     n = int(labels.max())
     if n == 0:
         return np.zeros(score.shape, bool)
     keep = np.zeros(n + 1, bool)
-    keep[np.unique(labels[score > high])] = True
+    keep[np.unique(labels[_above(score, high)])] = True
     keep[0] = False
     return keep[labels]

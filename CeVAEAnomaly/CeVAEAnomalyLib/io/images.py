@@ -434,16 +434,16 @@ _ROUNDING_MM = 0.2  # how far positions written to 0.1 mm may stray (a missing s
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
-def warn_if_ct_range(image: sitk.Image) -> None:
-    """Warn when the intensities look like CT (Hounsfield units) rather than MRI."""
+def warn_if_ct_range(image: sitk.Image, where: str = "") -> None:
+    """Warn when the intensities look like CT (Hounsfield units) rather than MRI; ``where`` leads the warning."""
     arr = sitk.GetArrayViewFromImage(image)
     low = float(arr.min())
     if not np.isfinite(low):  # NaN/Inf voxels are handled (and reported) by the pipeline
         finite = arr[np.isfinite(arr)]
         low = float(finite.min()) if finite.size else 0.0
     if low <= -500:
-        log.warning("The intensities reach %.0f, like a CT in Hounsfield units; this model is for T1 MRI "
-                    "and its scores will not be meaningful.", low)
+        log.warning("%sThe intensities reach %.0f, like a CT in Hounsfield units; this model is for T1 MRI "
+                    "and its scores will not be meaningful.", where, low)
 
 
 # the largest cosine between two voxel axes of a volume that is scored: ITK's NIfTI writer makes the directions

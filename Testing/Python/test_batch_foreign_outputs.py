@@ -1,0 +1,79 @@
+"""batch never replaces, without --overwrite, files in --out-dir that no batch record there accounts for."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_head
+from CeVAEAnomalyLib.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A cohort folder of one head, a, with its brain mask a_mask."""
+    d = tmp_path_factory.mktemp("cohort")
+    image, mask = make_head(size=(36, 40, 30), seed=20)
+    sitk.WriteImage(image, str(d / "a.nii.gz"))
+    sitk.WriteImage(mask, str(d / "a_mask.nii.gz"))
+    return d
+
+
+def batch(folder: Path, out: Path, bundle: Path, *extra: str) -> int:
+    return main(["batch", str(folder), "--out-dir", str(out), "--model", str(bundle), "--device", "cpu", *extra])
+
+
+def statuses(out: Path) -> list:
+    with open(out / "summary.csv", newline="") as fh:
+        return [row["status"] for row in csv.DictReader(fh)]
+
+
+def contents(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("which", ["some", "all"])
+def test_outputs_that_no_batch_wrote_are_refused_and_kept(folder, tiny_bundle, tmp_path, capsys, which):
+    """A fresh --out-dir (no summary, no batch_settings.json) holding a user's a_labelmap.nii.gz and a_slices.csv,
+    or detect's three outputs of a: batch replaced them ("scoring it again, replacing ...") and exited 0."""
+    out = tmp_path / "res"
+    out.mkdir()
+    if which == "some":
+        sitk.WriteImage(sitk.ReadImage(str(folder / "a_mask.nii.gz")), str(out / "a_labelmap.nii.gz"))
+        (out / "a_slices.csv").write_text("my notes\n")
+        names = "a_labelmap.nii.gz, a_slices.csv"
+    else:
+        assert main(["detect", str(folder / "a.nii.gz"), "--mask", str(folder / "a_mask.nii.gz"), "--model",
+                     str(tiny_bundle), "--device", "cpu", "--threshold", "0.5", "--score", str(out / "a_score.nii.gz"),
+                     "--labelmap", str(out / "a_labelmap.nii.gz"), "--slice-scores", str(out / "a_slices.csv")]) == 0
+        names = "a_score.nii.gz, a_labelmap.nii.gz, a_slices.csv"
+    before = contents(out)
+    capsys.readouterr()
+    assert batch(folder, out, tiny_bundle) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {out} already holds {names}, which no batch wrote there (no batch summary lists their "
+                   "volume, and there is no batch_settings.json); they are kept. Pass --overwrite to replace them, or "
+                   "choose another --out-dir.")
+    assert contents(out) == before  # nothing scored or written: no summary, no settings record
+    assert batch(folder, out, tiny_bundle, "--overwrite") == 0
+    assert statuses(out) == ["ok"] and (out / "a_slices.csv").read_text().startswith("axis,")
+
+
+def test_a_rerun_over_a_batchs_own_outputs_still_resumes(folder, tiny_bundle, tmp_path, caplog):
+    """What a batch record accounts for is scored again or skipped as before: its summary deleted (the settings
+    record is there), or its settings record deleted (the summary lists the volume)."""
+    out = tmp_path / "res"
+    assert batch(folder, out, tiny_bundle) == 0
+    (out / "summary.csv").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert batch(folder, out, tiny_bundle) == 0
+    assert "scoring them again to be safe: a." in caplog.text and statuses(out) == ["ok"]
+    (out / "batch_settings.json").unlink()
+    (out / "a_slices.csv").unlink()
+    assert batch(folder, out, tiny_bundle) == 0
+    assert statuses(out) == ["ok"] and (out / "a_slices.csv").is_file()
+    assert batch(folder, out, tiny_bundle) == 0
+    assert statuses(out) == ["skipped"]

@@ -1,0 +1,53 @@
+"""Thresholds beyond a float32 score map's range: the right labelmap, without NumPy's overflow warning."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_head
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.engine.postprocess import threshold_labelmap
+
+BIGGEST = float(np.finfo(np.float32).max)
+
+
+@pytest.fixture
+def score() -> np.ndarray:
+    values = np.linspace(-3.0, 3.0, 4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    values[0, 0, 0] = np.nan  # outside the brain
+    values[3, 4, 5] = BIGGEST
+    return values
+
+
+@pytest.mark.parametrize("threshold, flagged", [(1e308, "none"), (-1e308, "all"), (BIGGEST * (1 + 1e-9), "top")])
+@pytest.mark.parametrize("hysteresis, min_peak", [(0.0, 1.0), (0.5, 1.0), (0.0, 2.0)])
+def test_a_threshold_beyond_float32_flags_nothing_or_everything_silently(score, threshold, flagged, hysteresis,
+                                                                         min_peak):
+    """--threshold 1e308 printed "RuntimeWarning: overflow encountered in cast" (the labelmap was right)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        label = threshold_labelmap(score, (1.0, 1.0, 1.0), threshold, 0.0, hysteresis, min_peak).astype(bool)
+    if flagged == "none":
+        assert not label.any()
+    elif flagged == "all":
+        assert np.array_equal(label, ~np.isnan(score))
+    elif hysteresis or min_peak > 1:  # hysteresis needs a score above it; 2 x it is beyond float32 too
+        assert not label.any()
+    else:  # just above float32's largest value, which it rounds to, as ITK compares in float32
+        assert np.array_equal(np.argwhere(label), [[3, 4, 5]])
+
+
+def test_detect_with_a_threshold_of_1e308_writes_an_empty_labelmap_without_a_warning(tiny_bundle, tmp_path: Path):
+    image, mask = make_head(size=(36, 40, 30), seed=21)
+    sitk.WriteImage(image, str(tmp_path / "head.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "head_mask.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["detect", str(tmp_path / "head.nii.gz"), "--mask", str(tmp_path / "head_mask.nii.gz"),
+                     "--model", str(tiny_bundle), "--device", "cpu", "--threshold", "1e308",
+                     "--score", str(tmp_path / "s.nii.gz"), "--labelmap", str(tmp_path / "l.nii.gz")]) == 0
+    assert not sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "l.nii.gz"))).any()
