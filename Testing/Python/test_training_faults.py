@@ -21,7 +21,7 @@ import torch
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
-from CeVAEAnomalyLib.training.checkpoint import check_same_run
+from CeVAEAnomalyLib.training.checkpoint import check_same_run, write_checkpoint
 from CeVAEAnomalyLib.training.config import NO_AUGMENT
 from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.errors import CeVAEError
@@ -383,10 +383,12 @@ class Exploit:
 
 
 def tampered(change):
+    """A checkpoint with ``change`` made to its fields, written with a digest that matches them: the fields are
+    checked whatever the digest says."""
     def write(good: Path, bad: Path) -> None:
         state = torch.load(good, map_location="cpu", weights_only=True)
         change(state)
-        torch.save(state, bad)
+        write_checkpoint(state, bad)
 
     return write
 
@@ -540,7 +542,7 @@ def test_the_header_counts_every_part_of_a_resumed_run_and_names_the_masks(manif
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["seconds"] > 0
     state["seconds"] = 1000.0  # as if the first part had trained for 1000 s
-    torch.save(state, ckpt)
+    write_checkpoint(state, ckpt)
     assert main(train_argv(manifest, out, 2 * EVERY, "--resume")) == 0
     training = read_header(out).training
     assert training["steps"] == 2 * EVERY and 1000.0 < training["seconds"] < 1100.0

@@ -22,10 +22,10 @@ from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibration import calibrated_test_time_steps
 from ..engine.config import PreprocessConfig
 from ..engine.devices import resolve_device
-from ..engine.header import BundleHeader, read_header
+from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
-from ..io.checksum import sha256_of, voxel_sha256
+from ..io.checksum import sha256_of
 from ..io.lock import hold_output
 from ..io.manifest import Subject, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
@@ -36,7 +36,7 @@ from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, f
                          training_seconds)
 from .cache import SliceCache, temporary_cache
 from .config import AugmentConfig, TrainConfig
-from .data import person_groups, unique_subjects
+from .data import person_groups, unique_subjects, voxel_checksums
 from .distributed import DistInfo, file_checksums
 from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
@@ -66,18 +66,18 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                     "scan. Adapt the model it came from, or use other scans.", len(seen),
                     "is" if len(seen) == 1 else "are", base.name)
     # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
-    subjects = unique_subjects(subjects, {s.image: voxel_sha256(s.image) for s in subjects})
+    subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
     modes = calibrated_test_time_steps(header.calibration)  # the parent's modes (0: plain) are calibrated again
     thorough = len([steps for steps in modes if steps > 0])
-    device = resolve_device(options.device).type if options.device == "auto" else options.device  # auto: the GPU?
-    log.info("%s", describe_estimate(len(subjects), device, options, len(persons), thorough))
+    device = resolve_device(options.device)  # what the runs use: a missing GPU is said once, here, not per run
+    log.info("%s", describe_estimate(len(subjects), device.type, options, len(persons), thorough))
     calibrating = calibration_seconds(len(subjects), thorough_modes=thorough)
     calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
                                                                              n_persons=len(persons))))
     runs = run_names(len(persons), options.folds)
-    configs = {run: options.run_config(out, run, init_from=base) for run in runs}
+    configs = {run: replace(options.run_config(out, run, init_from=base), device=str(device)) for run in runs}
     read = Inputs([base, *inputs, *checksums])
     for path in output_paths(out, len(persons), options):
         if read.which(path) is not None:  # by path, link or inode
@@ -101,7 +101,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
         entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(training_part, 0.0, PREPARE_SHARE),
                                                                            "Preparing the scans"))
-        contrasts = [depth_contrast(np.load(e[0].path)) for e in entries]
+        contrasts = [_contrast(s, e[0].path) for s, e in zip(subjects, entries)]
         check_modality([s.name for s in subjects], contrasts, header)
         if options.overwrite and not options.resume:  # the scans are usable: the earlier adaptation goes now
             _remove_earlier_adaptation(out)
@@ -147,7 +147,8 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     seconds = 0.0
     share = (1.0 - PREPARE_SHARE) / len(runs)
     orientations = tuple((header.training or {}).get("orientations") or ("axial",))
-    for n, run in enumerate(runs):
+
+    def trainer_of(n: int, run: str) -> Trainer:
         held = plan[n] if run != "final" else []
         cfg = replace(configs[run], model=header.model, loss=header.loss, augment=AugmentConfig(),
                       orientations=orientations, cache_dir=cache,
@@ -155,8 +156,17 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         title = (f"Fine-tuning {n + 1}/{len(runs)} (without {', '.join(subjects[j].name for j in held)})"
                  if held else f"Fine-tuning {n + 1}/{len(runs)} (final model, all scans)")
         start = PREPARE_SHARE + n * share
-        trainer = Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], pre,
-                          labelled(scaled(progress, start, start + share), title))
+        return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], pre,
+                       labelled(scaled(progress, start, start + share), title))
+
+    # every checkpoint the resume continues from is checked first: one of another run (a final checkpoint of another
+    # adaptation) is refused before any fold trains, not after all of them
+    resumed = {run: trainer_of(n, run) for n, run in enumerate(runs)
+               if resume and configs[run].checkpoint_path.is_file()}
+    for trainer in resumed.values():
+        trainer.check_resume()
+    for n, run in enumerate(runs):
+        trainer = resumed.pop(run, None) or trainer_of(n, run)
         seconds += trainer.fit()
         if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
             seconds += trainer.seconds_before
@@ -186,6 +196,20 @@ def _check_adaptable(header: BundleHeader, path: Path) -> None:
         raise CeVAEError(f"The model {path} records no training run (its header has no 'training' section), so "
                          "it cannot be fine-tuned the way it was trained; adapt a model written by "
                          "`cevae-anomaly train` or `adapt`.")
+    if "loss" not in written_sections(path):  # (the typed header fills in the default loss)
+        raise CeVAEError(f"The model {path} records no training objective (its header has no 'loss' section), so "
+                         "it cannot be fine-tuned the way it was trained, and the adapted model would claim a loss "
+                         "it was never trained with; adapt a model written by `cevae-anomaly train` or `adapt`.")
+
+
+def _contrast(subject: Subject, slices: Path) -> float:
+    """The depth contrast of a site scan's prepared axial slices; a scan whose contrast cannot be told is refused by
+    name."""
+    try:
+        return depth_contrast(np.load(slices))
+    except CeVAEError as exc:
+        raise CeVAEError(f"{subject.image}: {exc} Give scans that show the whole brain, or check this scan's brain "
+                         "mask.") from None
 
 
 def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:

@@ -1,5 +1,8 @@
 """Checkpoints: the resumable state of a run, written atomically and verified before it replaces the last.
 
+Each holds a SHA-256 of its content (:func:`state_digest`), checked when it is read: PyTorch loads changed bytes
+inside a tensor without a word.
+
 A checkpoint also holds the run's identity (:func:`run_identity`: its options and the checksums
 of its training and validation volumes); a resume that differs from it is refused
 (:func:`check_same_run`). The training log is trimmed back to a checkpoint on resume.
@@ -7,6 +10,7 @@ of its training and validation volumes); a resume that differs from it is refuse
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import pickle
 import warnings
@@ -20,14 +24,45 @@ from ..io.atomic import atomic_path
 from ..io.manifest import Subject
 
 CHECKPOINT_VERSION = 2  # 2: the run's identity is stored and checked on resume
+DIGEST_KEY = "sha256"  # the checkpoint's record of state_digest (checkpoints of earlier releases lack it)
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and the plain data, keys in sorted
+    order, all but the digest itself. torch does not check the bytes it loads, so a flipped bit would be trained on."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != DIGEST_KEY})
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Add ``value`` (tensors and plain data, nested) to ``digest``, each part tagged with its kind and length."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}:{tuple(t.shape)}:".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)}:".encode())
+        for key, item in sorted(value.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0]))):
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # str, numbers, bool, None, a dtype: its type and repr (floats' repr round-trips exactly)
+        text = repr(value).encode("utf-8", "surrogatepass")
+        digest.update(f"P{type(value).__name__}:{len(text)}:".encode() + text)
 
 
 def write_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    """Write ``state`` beside ``path``, read it back, then rename: a failed write keeps the previous one."""
+    """Write ``state`` with its :func:`state_digest` beside ``path``, read it back and check it, then rename: a
+    failed write keeps the previous one."""
+    state = dict(state, **{DIGEST_KEY: state_digest(state)})
     try:
         with atomic_path(path, durable=True) as tmp:  # a resume after a power cut finds it whole
             torch.save(state, tmp)
-            if torch.load(tmp, map_location="cpu", weights_only=True).get("step") != state["step"]:
+            if state_digest(torch.load(tmp, map_location="cpu", weights_only=True)) != state[DIGEST_KEY]:
                 raise OSError("the file read back differs from what was written")
     except (OSError, RuntimeError, EOFError) as exc:  # torch reports failed writes as RuntimeError
         raise CeVAEError(f"Could not write the checkpoint {path}: {_reason(exc)}; the previous one is kept.") from None
@@ -75,6 +110,7 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         raise damaged(path, f"it cannot be read as a checkpoint: {type(exc).__name__}") from None
     if not isinstance(state, dict):
         raise damaged(path, f"it holds a {type(state).__name__}, not a checkpoint's fields")
+    _check_digest(state, path)
     if state.get("version") != CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by another version of CeVAEAnomaly, which does not "
                          f"record what defines its run; {_START_ANEW}.")
@@ -92,6 +128,19 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         if kind is int and value < (1 if key in ("batch_size", "world") else 0):
             raise damaged(path, f"its field {key!r} is {value}")
     return state
+
+
+def _check_digest(state: Dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose content differs from the digest written with it (one written by an earlier
+    release has none, and is checked field by field only)."""
+    if DIGEST_KEY not in state:
+        return
+    try:
+        same = state[DIGEST_KEY] == state_digest(state)
+    except (RecursionError, RuntimeError, TypeError, ValueError):  # nested too deeply, or a tensor numpy cannot view
+        same = False
+    if not same:
+        raise damaged(path, "its content does not match the checksum written with it")
 
 
 def run_identity(options: Mapping[str, Any], train: Sequence[Subject], validation: Sequence[Subject],
@@ -203,7 +252,11 @@ def truncate_log(path: Path, step: int) -> None:
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CeVAEError(f"The training log {path} is damaged ({type(exc).__name__}); move it away to resume "
                          "(the checkpoint is intact).") from None
-    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    for line, row in enumerate(rows[1:], 2):
+        if row and not (row[0].isascii() and row[0].isdigit()):  # (isdigit alone takes '²', which int refuses)
+            raise CeVAEError(f"The training log {path} is damaged (line {line} does not start with a step number); "
+                             "move it away to resume (the checkpoint is intact).")
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
     if len(kept) < len(rows):
         text = io.StringIO()
         csv.writer(text).writerows(kept)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,8 +15,28 @@ from ..engine.preprocess import brain_array, prepare
 log = logging.getLogger(__name__)
 
 
+_VOXELS: Dict[str, str] = {}  # file sha256 -> voxel sha256, for this process (adapt's runs read each scan once)
+
+
+def voxel_checksums(images: Sequence[Path], checksums: Optional[Mapping[Path, str]] = None) -> Dict[Path, str]:
+    """:func:`~..io.checksum.voxel_sha256` of each image (one digest for the same scan saved in two formats, or
+    compressed and not), for :func:`unique_subjects`; with ``checksums`` (each file's sha256) a file content
+    already read in this process is not read again."""
+    from ..io.checksum import voxel_sha256
+
+    out = {}
+    for image in images:
+        known = checksums.get(image) if checksums is not None else None
+        if known is None:
+            out[image] = voxel_sha256(image)
+        else:
+            out[image] = _VOXELS.get(known) or _VOXELS.setdefault(known, voxel_sha256(image))
+    return out
+
+
 def unique_subjects(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> List[Subject]:
-    """The subjects without repeats of an image already listed (same content), in their order.
+    """The subjects without repeats of an image already listed (same content: by ``checksums``; train, calibrate
+    and adapt give :func:`voxel_checksums`), in their order.
 
     A volume listed twice would otherwise land in training and in validation/calibration at once.
     """

@@ -29,15 +29,16 @@ from ..engine.modality import depth_contrast
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
 from ..io.manifest import distinct_names
+from ..io.naming import full_suffix
 from ..progress import ProgressCallback, report
 from .augment import augment
 from .cache import SliceCache, SliceSet, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_checkpoint, run_identity,
                          truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
-from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects
-from .distributed import (any_rank, barrier, check_replicas, file_checksums, gather_objects, init_distributed,
-                          rank_seed, shutdown_distributed)
+from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
+from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects,
+                          init_distributed, rank_seed, shutdown_distributed)
 from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
 from .sampler import EpochSampler
 
@@ -150,7 +151,8 @@ class Trainer:
         self.dist = init_distributed(self.device)
         self.checksums = file_checksums(subjects, self.dist)
         self._identity: Optional[Dict[str, object]] = None
-        subjects = unique_subjects(subjects, self.checksums)
+        # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
+        subjects = unique_subjects(subjects, _shared_voxel_checksums(subjects, self.checksums, self.dist))
         self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model = CeVAE(cfg.model).to(self.device)
@@ -227,7 +229,7 @@ class Trainer:
             _Batches(self.train, self.cfg.augment.slab, self.cfg.seed), sampler=sampler, batch_size=None,
             num_workers=workers, pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
             generator=torch.Generator())  # its seed draw must not advance the global RNG (exact resume)
-        return iter(loader)
+        return _unwrapped(iter(loader))
 
     # ---- steps --------------------------------------------------------------------------
     def _train_step(self, batch: torch.Tensor) -> Dict[str, float]:
@@ -337,12 +339,19 @@ class Trainer:
             self._identity = run_identity(options, self.train_subjects, self.val_subjects, self.checksums)
         return self._identity
 
-    def load_checkpoint(self) -> None:
-        """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
+    def check_resume(self) -> Dict[str, object]:
+        """The state of the checkpoint a resume continues from, refused if it is damaged or of another run (before
+        any work: adapt checks every run's checkpoint before its first run trains)."""
         path = self.cfg.checkpoint_path
         hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
         state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
         check_same_run(state.get("run"), self.run_identity(), path)
+        return state
+
+    def load_checkpoint(self) -> None:
+        """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
+        path = self.cfg.checkpoint_path
+        state = self.check_resume()
         try:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["opt"])
@@ -486,7 +495,7 @@ class Trainer:
             batch_size=min(self.batch_size, math.ceil(len(self.train) / self.dist.world)) * self.dist.world,
             lr=self.cfg.lr, seed=self.cfg.seed,
             seconds=round(self.seconds_before + elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
-            val_loss=None if math.isnan(loss) else loss, parts=self.parts if len(self.parts) > 1 else None)
+            val_loss=loss if math.isfinite(loss) else None, parts=self.parts if len(self.parts) > 1 else None)
 
     def _write_bundle(self, elapsed: float) -> Path:
         header = with_contrast(training_header(self.cfg.out.stem, self.pre, self.cfg.loss, self.record(elapsed)),
@@ -494,6 +503,49 @@ class Trainer:
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
+
+
+def _shared_voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, str],
+                            info: DistInfo) -> Dict[Path, str]:
+    """What tells the subjects' images apart: where their files are of several formats (.nii and .nii.gz, .nrrd),
+    :func:`~.data.voxel_checksums`, each rank reading a share and the ranks swapping results (the same scan in two
+    formats is one); where all are of one format, their file checksums, unread (reading a large cohort again at
+    every start would cost minutes)."""
+    images = sorted({s.image for s in subjects})
+    if len({"series" if p.is_dir() else full_suffix(p).lower() for p in images}) <= 1:
+        return checksums
+    mine = voxel_checksums(images[info.rank::info.world], checksums)
+    if info.world <= 1:
+        return mine
+    parts: List[Optional[Dict[Path, str]]] = [None] * info.world
+    dist.all_gather_object(parts, mine)
+    return {p: h for part in parts for p, h in (part or {}).items()}
+
+
+def _unwrapped(batches: Iterator[Tuple[int, int, torch.Tensor]]) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """``batches``, with an error of ours raised in a loader worker given as its own message: torch raises it again
+    in this process with "Caught CeVAEError in DataLoader worker process 0. Original Traceback ..." as its text."""
+    try:
+        yield from batches
+    except CeVAEError as exc:
+        message = _worker_message(exc)
+        if message == str(exc):  # raised in this process (no workers)
+            raise
+        raise CeVAEError(message) from None
+
+
+def _worker_message(exc: BaseException) -> str:
+    """The message of the exception torch wrapped in ``exc`` (:class:`torch._utils.ExceptionWrapper`: its text is
+    the worker's whole traceback, whose last line is ``module.Type: message``); ``exc``'s own text otherwise."""
+    text = str(exc)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    kind = type(exc)
+    for name in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        at = text.rfind(name)
+        if at >= 0:
+            return text[at + len(name):].strip()
+    return text
 
 
 def _contrast(subject: Subject, entry) -> Optional[float]:

@@ -1,0 +1,119 @@
+"""adapt checks before it trains: every checkpoint a resume would use, a base model without its training objective,
+a scan whose contrast cannot be told (named), and the device it will run on (said once)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import CeVAEAnomalyLib.training.adapt as adapt_mod
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.manifest import Subject
+from CeVAEAnomalyLib.progress import Cancelled
+from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUICK = AdaptOptions(steps=4, batch_size=8, checkpoint_every=2, device="cpu")
+QUICK_ARGS = ["--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Dict[str, Path]:
+    """Colin27 at 2 mm (shipped with the package) as two site scans with its brain mask, and a mask of a sagittal
+    slab 2 voxels thick (a brain too thin in every axial model slice to tell its contrast)."""
+    d = tmp_path_factory.mktemp("site")
+    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
+    a, brain = sitk.GetArrayFromImage(t1), sitk.GetArrayFromImage(mask)
+    noise = np.random.default_rng(0).normal(0, 0.03 * a[brain > 0].max(), a.shape)
+    out = {}
+    for name, array in (("a", a), ("b", a + noise), ("slab", np.zeros_like(brain))):
+        if name == "slab":
+            middle = int(np.nonzero(brain)[2].mean())
+            array[:, :, middle:middle + 2] = brain[:, :, middle:middle + 2]
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(t1)
+        out[name] = d / f"scan_{name}.nii.gz"
+        sitk.WriteImage(image, str(out[name]))
+    sitk.WriteImage(mask, str(d / "mask.nii.gz"))
+    out["mask"] = d / "mask.nii.gz"
+    return out
+
+
+def scans(site: Dict[str, Path]) -> List[Subject]:
+    return [Subject(site["a"], site["mask"]), Subject(site["b"], site["mask"])]
+
+
+def cancel_at(run: str, step: int):
+    def progress(fraction: float, message: str) -> None:
+        if message.startswith(f"Fine-tuning {run}") and f"step {step} " in message:
+            raise Cancelled("stopped by the test")
+
+    return progress
+
+
+def test_resume_with_another_adaptations_final_checkpoint_is_refused_before_any_fold_trains(
+        tiny_bundle, site, tmp_path):
+    """Only OUT.ckpt was of another run: every fold was fine-tuned anew before the final run refused it."""
+    other, out = tmp_path / "other" / "site.cevae", tmp_path / "mine" / "site.cevae"
+    other.parent.mkdir()
+    out.parent.mkdir()
+    with pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, scans(site), other, QUICK, cancel_at("3/3", 3))  # its final run checkpointed
+    foreign = Path(f"{out}.ckpt")
+    foreign.write_bytes(Path(f"{other}.ckpt").read_bytes())
+    messages: List[str] = []
+    resume = replace(QUICK, resume=True, seed=1)
+    with pytest.raises(CeVAEError, match=rf"--resume refused: the checkpoint {foreign} belongs to another run: .*seed"):
+        adapt_mod.adapt(tiny_bundle, scans(site), out, resume, lambda f, m: messages.append(m))
+    assert not [m for m in messages if m.startswith("Fine-tuning") and "step" in m]  # no run trained
+    assert sorted(p.name for p in out.parent.iterdir()) == ["site.cevae.ckpt"]
+
+
+def test_a_base_model_without_its_loss_section_is_refused(tiny_bundle, site, tmp_path, capsys):
+    """Its header's missing loss was read as the default one: the adapted model claimed a loss the base was never
+    trained with."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tiny_bundle), framework="pt") as bundle:
+        metadata = bundle.metadata()
+    header = json.loads(metadata["cevae_anomaly"])
+    del header["loss"]
+    base, out = tmp_path / "no_loss.cevae", tmp_path / "site.cevae"
+    save_file(load_file(str(tiny_bundle)), str(base), metadata=dict(metadata, cevae_anomaly=json.dumps(header)))
+    assert main(["adapt", str(site["a"]), str(site["b"]), "--model", str(base), "--out", str(out), *QUICK_ARGS]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and f"The model {base} records no training objective (its header has no 'loss' " \
+                                "section)" in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_loss.cevae"]
+
+
+def test_a_scan_whose_contrast_cannot_be_told_is_named(tiny_bundle, site, tmp_path, capsys):
+    manifest, out = tmp_path / "site.csv", tmp_path / "site.cevae"
+    manifest.write_text(f"image,mask\n{site['a']},{site['slab']}\n{site['b']},{site['mask']}\n")
+    assert main(["adapt", "--manifest", str(manifest), "--model", str(tiny_bundle), "--out", str(out),
+                 *QUICK_ARGS]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {site['a']}: The scan's brain is too small"), errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_said_once_and_the_estimate_is_the_cpus(tiny_bundle, site, tmp_path, caplog):
+    """The estimate said "on cuda expect much less" for a run on the CPU, and every run warned again."""
+    out = tmp_path / "site.cevae"
+    with caplog.at_level(logging.INFO), pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, scans(site), out, replace(QUICK, device="cuda"), cancel_at("2/3", 1))
+    warned = [r for r in caplog.records if "CUDA was requested but is not available" in r.getMessage()]
+    estimate = [r.getMessage() for r in caplog.records if "fine-tuning runs of" in r.getMessage()]
+    assert len(warned) == 1 and len(estimate) == 1
+    assert "on a CPU" in estimate[0] and "cuda" not in estimate[0]

@@ -1,0 +1,104 @@
+"""train and calibrate count the same scan in two files once; a loader worker's error is one line; a validation
+loss that is not finite is not recorded."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+import torch
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.engine.bundle import read_header
+from CeVAEAnomalyLib.engine.config import ModelConfig
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.training.checkpoint import write_checkpoint
+from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
+from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyLib.training.trainer import Trainer
+from conftest import make_head
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = ["--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--device", "cpu", "--no-augment"]
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory) -> Path:
+    """A folder of two small synthetic heads with masks, and the first head saved again uncompressed (s4.nii:
+    the same voxels as s4.nii.gz, other file bytes)."""
+    d = tmp_path_factory.mktemp("heads")
+    for seed in (4, 5):
+        image, mask = make_head(size=(32, 36, 28), seed=seed)
+        sitk.WriteImage(image, str(d / f"s{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(d / f"s{seed}_mask.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(d / "s4.nii.gz")), str(d / "s4.nii"))
+    assert (d / "s4.nii").read_bytes() != (d / "s4.nii.gz").read_bytes()
+    return d
+
+
+def test_train_counts_the_same_scan_in_two_formats_once(heads, tmp_path, caplog):
+    """s4.nii and s4.nii.gz were two volumes: with --val-fraction 0.5 two of three were held out, so the model was
+    validated and calibrated on the scan it was trained on."""
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("image,mask\n" + "".join(f"{heads / n},{heads / m}\n" for n, m in (
+        ("s4.nii.gz", "s4_mask.nii.gz"), ("s5.nii.gz", "s5_mask.nii.gz"), ("s4.nii", "s4_mask.nii.gz"))))
+    out = tmp_path / "model.cevae"
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--manifest", str(manifest), "--out", str(out), "--max-steps", "2",
+                     "--val-fraction", "0.5", *SMALL]) == 0
+    assert f"{heads / 's4.nii'} repeats the image {heads / 's4.nii.gz'} (same content); it is used once." in caplog.text
+    training = read_header(out).training
+    names = [s["name"] for s in training["subjects"] + training["validation_subjects"]]
+    assert len(training["subjects"]) == len(training["validation_subjects"]) == 1 and sorted(names) == ["s4", "s5"]
+
+
+def test_calibrate_counts_the_same_scan_in_two_formats_once(heads, tiny_bundle, tmp_path, caplog):
+    out, manifest = tmp_path / "calibrated.cevae", tmp_path / "healthy.csv"
+    mask = heads / "s4_mask.nii.gz"
+    manifest.write_text("image,mask\n" + "".join(f"{heads / n},{mask}\n" for n in ("s4.nii.gz", "s4.nii")))
+    with caplog.at_level(logging.INFO):
+        assert main(["calibrate", "--manifest", str(manifest), "--model", str(tiny_bundle), "--out", str(out),
+                     "--device", "cpu"]) == 0
+    assert "repeats the image" in caplog.text and "(1 healthy volume(s))" in caplog.text
+    assert read_header(out).extra["calibration_subjects"] == ["s4"]
+
+
+def trainer(heads: Path, tmp_path: Path, **kw) -> Trainer:
+    subjects = [Subject(heads / f"s{s}.nii.gz", heads / f"s{s}_mask.nii.gz") for s in (4, 5)]
+    options = dict(batch_size=8, max_steps=2, checkpoint_every=2, device="cpu", val_fraction=0.0, augment=NO_AUGMENT)
+    cfg = TrainConfig(out=tmp_path / "model.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
+                      **dict(options, **kw))
+    return Trainer(cfg, subjects)
+
+
+def test_a_cache_read_error_in_a_loader_worker_is_its_own_message(heads, tmp_path):
+    """With --loader-workers 1 the error line was torch's wrapper: "Caught CeVAEError in DataLoader worker process 0.
+    Original Traceback (most recent call last): ..."."""
+    run = trainer(heads, tmp_path, loader_workers=1, cache_dir=tmp_path / "cache")
+    run.open_data()
+    for entry in run.train.entries:  # cut short after the slices were prepared and checked
+        with open(entry.path, "r+b") as fh:
+            fh.truncate(entry.offset)
+    batches = run.batches()
+    with pytest.raises(CeVAEError) as caught:
+        next(batches)
+    del batches  # stops the worker
+    assert str(caught.value) in {f"The slice cache file {e.path} is truncated; run again to remake it."
+                                 for e in run.train.entries}
+
+
+def test_a_validation_loss_that_overflows_is_not_recorded(heads, tmp_path):
+    """Weights whose validation loss overflows to inf (finite, so checkpointed) made the bundle's header hold inf:
+    "Could not write the model bundle …: Out of range float values are not JSON compliant"."""
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("image,mask\n" + "".join(f"{heads}/s{s}.nii.gz,{heads}/s{s}_mask.nii.gz\n" for s in (4, 5)))
+    out = tmp_path / "model.cevae"
+    argv = ["train", "--manifest", str(manifest), "--out", str(out), "--max-steps", "2", "--checkpoint-every", "2",
+            "--val-fraction", "0.5", *SMALL]
+    assert main(argv) == 0
+    ckpt = Path(f"{out}.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["model"]["decoder.8.bias"].fill_(1e38)  # the output layer: every reconstruction error is about 1e38
+    write_checkpoint(state, ckpt)
+    assert main([*argv, "--resume"]) == 0  # at --max-steps already: validated, calibrated and written
+    assert read_header(out).training["val_loss"] is None
