@@ -767,13 +767,20 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = job.done["model"]
         finally:
             job.cleanup()
+        from CeVAEAnomalyLib.slicer.settings import after_new_model
+
         p = self._parameterNode
-        p.useBundledModel = False
-        p.modelPath = path
+        settings = ModelSettings.read(path)
+        sensitivity, said = after_new_model(p, settings)
+        with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for all three
+            p.useBundledModel = False
+            p.modelPath = path
+            if sensitivity is not None:
+                p.sensitivity = sensitivity
         self.ui.modelPathLineEdit.currentPath = path  # also when the panel was not shown (no GUI update then)
         pathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
-        self.ui.statusLabel.text = " ".join([message.format(path=path),
+        self.ui.statusLabel.text = " ".join([message.format(path=path), *([said] if said else []),
                                              *(_("Warning: {text}").format(text=w) for w in job.warnings)])
 
     def _storedResult(self):

@@ -99,3 +99,14 @@ def test_scans_of_one_person_are_not_ready_to_adapt(tmp_path):
     two = adapt_choice(3, out, None, "cpu", names=["sub-07_ses-1_T1w", "sub-07_ses-2_T1w", "site b"])
     assert two.ready and "3 fine-tuning runs" in two.message and "3 scan(s) of 2 persons" in two.message
     assert adapt_choice(2, out, None, "cpu", names=["site a", "site b"]).ready  # names that say nothing
+
+
+def test_a_lone_loss_log_is_no_earlier_run_to_replace_or_resume(tmp_path):
+    """A run cancelled before its first checkpoint leaves only its loss log: a new adaptation replaces it as
+    ``adapt`` and ``train`` do, and there is nothing to resume (the console was told to resume, which then failed)."""
+    out = tmp_path / "scanner.cevae"
+    (tmp_path / "scanner.cevae.fold1.log.csv").write_text("step,loss,kl\n")
+    choice = adapt_choice(3, str(out), None, "cpu")
+    assert choice.ready and choice.existing == [] and not choice.resumable
+    (tmp_path / "scanner.cevae.fold1.log.csv").write_text("my notes\n")  # not a loss log: never replaced unasked
+    assert [p.name for p in adapt_choice(3, str(out), None, "cpu").existing] == ["scanner.cevae.fold1.log.csv"]

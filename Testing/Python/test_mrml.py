@@ -716,6 +716,14 @@ def test_calibration_masks_are_paired_with_volumes_by_grid(scene):
     assert pair_masks([c1, c10], [m10, m1]) == [m1, m10]
     with pytest.raises(CeVAEError, match="grid of several of .* name each mask after its volume, e.g. 'c1 mask'"):
         pair_masks([c1, c10], [ma])
+    # a volume moved by a transform, its mask not: the grid is the volume's, the transform is what differs
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "5 mm")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 5.0)
+    moved.SetMatrixTransformToParent(shift)
+    a.SetAndObserveTransformNodeID(moved.GetID())
+    with pytest.raises(CeVAEError, match="'mask a' has the voxel grid of 'a' but lies under another transform"):
+        pair_masks([a], [ma])
 
 
 def test_the_modules_own_volumes_are_kept_out_of_the_input_selectors(scene):

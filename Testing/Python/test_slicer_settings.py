@@ -169,3 +169,22 @@ def test_the_thorough_mode_asks_for_test_time_adaptation_at_its_own_calibration(
     assert change.threshold == pytest.approx(model.calibrated_threshold("combi"))
     with pytest.raises(CeVAEError, match="Absolute threshold"):
         settings.detection_request(p, older)
+
+
+def test_a_new_calibrated_model_takes_over_from_the_absolute_threshold_that_stood_in_for_it():
+    """After Calibrate or Adapt the panel kept an absolute threshold (4.878) that had stood in for the missing
+    calibration, and detected with it although the new model was calibrated (5.439)."""
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    own = settings.postprocess_fields(model)
+    p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True, **own)
+    sensitivity, said = settings.after_new_model(p, model)  # calibrated for these options: its rate is used
+    assert sensitivity == settings.SENSITIVITY_MODEL and "calibrated false-positive rate is used now" in said
+    other = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True,
+                       **dict(own, rimMm=own["rimMm"] + 1.0))
+    sensitivity, said = settings.after_new_model(other, model)  # not calibrated for them: said, not switched
+    assert sensitivity is None and "not calibrated for the panel's post-processing" in said
+    moved = parameters(scene, overridePostprocess=True, **dict(own, rimMm=own["rimMm"] + 1.0))
+    sensitivity, said = settings.after_new_model(moved, model)  # the model's rate, uncalibrated: the switch's words
+    assert sensitivity is None and said == settings.sensitivity_change(moved, model).message
+    assert settings.after_new_model(parameters(scene), model) == (None, "")

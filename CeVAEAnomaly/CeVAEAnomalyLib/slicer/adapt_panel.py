@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence
 from ..io.manifest import bids_person
 from ..io.naming import misnamed
 from ..io.targets import Inputs
-from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, output_paths
+from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, earlier_outputs
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     if problem is not None:
         return AdaptChoice(False, problem)
     out = Path(output)
-    existing = [p for p in output_paths(out, persons, options) if p.exists()]
+    existing = earlier_outputs(out, persons, options)
     start = f"Starting from {model.name}: " if model is not None else ""  # (after an adaptation: the adapted one)
     estimate = describe_estimate(volumes, device, options, persons if persons < volumes else None,
                                  _thorough_modes(model))

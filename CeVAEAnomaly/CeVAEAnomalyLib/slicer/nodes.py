@@ -419,11 +419,11 @@ def run_frame(output: slicer.vtkMRMLNode) -> Optional[slicer.vtkMRMLVolumeNode]:
 # --- calibration inputs ------------------------------------------------------------------------
 
 
-def same_grid(a: slicer.vtkMRMLVolumeNode, b: slicer.vtkMRMLVolumeNode) -> bool:
-    """Whether two volumes share dimensions, IJK-to-RAS matrix and parent transform."""
+def same_grid(a: slicer.vtkMRMLVolumeNode, b: slicer.vtkMRMLVolumeNode, transforms: bool = True) -> bool:
+    """Whether two volumes share dimensions, IJK-to-RAS matrix and (``transforms``) parent transform."""
     da, db = a.GetImageData(), b.GetImageData()
     return (da is not None and db is not None and da.GetDimensions() == db.GetDimensions()
-            and a.GetTransformNodeID() == b.GetTransformNodeID()
+            and (not transforms or a.GetTransformNodeID() == b.GetTransformNodeID())
             and np.allclose(ijk_to_ras(a), ijk_to_ras(b), atol=1e-4))
 
 
@@ -441,6 +441,10 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
             named = [i for i in fits if mask.GetName().startswith(volumes[i].GetName())]
             longest = max((len(volumes[i].GetName()) for i in named), default=0)
             fits = [i for i in named if len(volumes[i].GetName()) == longest] or fits
+        moved = [v.GetName() for v in volumes if same_grid(v, mask, transforms=False)] if not fits else []
+        if moved:
+            raise CeVAEError(f"The brain mask '{mask.GetName()}' has the voxel grid of '{moved[0]}' but lies under "
+                             "another transform; harden the transforms (or put both under the same one) first.")
         if len(fits) != 1:
             where = "none of" if not fits else "several of"
             hint = (" (they share one grid: name each mask after its volume, e.g. "

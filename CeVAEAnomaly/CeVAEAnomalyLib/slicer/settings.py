@@ -112,6 +112,23 @@ def sensitivity_change(parameters: Any, settings: ModelSettings) -> Optional[Sen
         "rate differs with yours). Calibrate on healthy scans to get rates for it.")
 
 
+def after_new_model(parameters: Any, settings: ModelSettings) -> Tuple[Optional[str], str]:
+    """When a calibration or adaptation has made ``settings``' model the one in use: the sensitivity mode to switch
+    to (None: keep it) and what to add to the status line. An absolute threshold gives way to the new model's
+    calibrated rate where the model is calibrated for the panel's options (the threshold was most likely standing
+    in for the calibration just made); where it is not (an adaptation calibrates the model's own post-processing,
+    not the panel's override), the absolute threshold stays and the status line says why."""
+    override = override_postprocess(parameters)
+    if parameters.sensitivity == SENSITIVITY_THRESHOLD:
+        if settings.calibrated(parameters.scoreType, override, bool(parameters.thorough)):
+            return SENSITIVITY_MODEL, ("Its calibrated false-positive rate is used now, not the absolute threshold "
+                                       "(choose Absolute threshold again to keep one).")
+        options = "the panel's post-processing (adapting calibrates the model's own)" if override else "these options"
+        return None, f"It is not calibrated for {options}, so the absolute threshold stays in use."
+    change = sensitivity_change(parameters, settings)
+    return None, change.message if change is not None else ""
+
+
 def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:
     """The user's post-processing from the panel's parameters, or None to use the model's."""
     if not parameters.overridePostprocess:

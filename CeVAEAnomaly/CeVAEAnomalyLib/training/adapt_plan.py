@@ -129,6 +129,13 @@ def adapt_options(given: Mapping[str, Any], **fixed: Any) -> AdaptOptions:
     return options
 
 
+def earlier_outputs(out: Path, n_persons: int, options: AdaptOptions) -> List[Path]:
+    """The files of an earlier adaptation to ``out`` that a new one would replace and may not unasked: every output
+    that exists but a run's lone loss log (:meth:`TrainConfig.earlier_outputs`)."""
+    runs = [options.run_config(out, run) for run in run_names(n_persons, options.folds)]
+    return list(dict.fromkeys(p for cfg in runs for p in cfg.earlier_outputs()))
+
+
 def output_paths(out: Path, n_persons: int, options: AdaptOptions) -> List[Path]:
     """Every file an adaptation of the scans of ``n_persons`` persons to ``out`` writes: the bundle, and each
     run's checkpoint and loss log."""

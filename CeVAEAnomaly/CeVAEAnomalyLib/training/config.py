@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
@@ -144,12 +144,17 @@ class TrainConfig:
                                      "cache a folder of its own.")
         if overwrite or self.resume:
             return
+        for path in self.earlier_outputs():
+            raise CeVAEError(f"{path} already exists; pass --overwrite to replace it, or --resume to "
+                             "continue the run that wrote it.")
+
+    def earlier_outputs(self) -> Tuple[Path, ...]:
+        """The outputs of an earlier run that exist and that a new run may not replace unasked: all but a lone loss
+        log (a run stopped before its first checkpoint), which a new run replaces."""
+        outputs = (self.out, self.checkpoint_path, self.log_path)
         if not self.out.exists() and not self.checkpoint_path.exists() and _is_run_log(self.log_path):
-            outputs = (self.out, self.checkpoint_path)  # a lone log: a run stopped before its first checkpoint
-        for path in outputs:
-            if path.exists():
-                raise CeVAEError(f"{path} already exists; pass --overwrite to replace it, or --resume to "
-                                 "continue the run that wrote it.")
+            outputs = (self.out, self.checkpoint_path)
+        return tuple(p for p in outputs if p.exists())
 
 
 class SettingError(CeVAEError):
