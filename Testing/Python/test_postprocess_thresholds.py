@@ -50,4 +50,5 @@ def test_detect_with_a_threshold_of_1e308_writes_an_empty_labelmap_without_a_war
         assert main(["detect", str(tmp_path / "head.nii.gz"), "--mask", str(tmp_path / "head_mask.nii.gz"),
                      "--model", str(tiny_bundle), "--device", "cpu", "--threshold", "1e308",
                      "--score", str(tmp_path / "s.nii.gz"), "--labelmap", str(tmp_path / "l.nii.gz")]) == 0
-    assert not sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "l.nii.gz"))).any()
+    labelmap = sitk.ReadImage(str(tmp_path / "l.nii.gz"))
+    assert not sitk.GetArrayViewFromImage(labelmap).any()
