@@ -6,32 +6,17 @@ from pathlib import Path
 from typing import List
 
 import pytest
-import SimpleITK as sitk
 import torch
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import read_header
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.checkpoint import truncate_log
-from conftest import make_head
+from test_training_faults import manifest  # noqa: F401 (the two small heads, a module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVERY = 4
 SMALL = ["--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--checkpoint-every", str(EVERY),
          "--device", "cpu", "--val-fraction", "0", "--seed", "3", "--no-augment"]
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    """Two small synthetic heads with masks, listed in a manifest CSV."""
-    d = tmp_path_factory.mktemp("healthy")
-    rows = ["image,mask"]
-    for seed in (4, 5):
-        image, mask = make_head(size=(32, 36, 28), seed=seed)
-        sitk.WriteImage(image, str(d / f"s{seed}.nii.gz"))
-        sitk.WriteImage(mask, str(d / f"s{seed}_mask.nii.gz"))
-        rows.append(f"s{seed}.nii.gz,s{seed}_mask.nii.gz")
-    (d / "train.csv").write_text("\n".join(rows) + "\n")
-    return d / "train.csv"
 
 
 def train(manifest: Path, out: Path, steps: int, *extra: str) -> int:
