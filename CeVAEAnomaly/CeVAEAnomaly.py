@@ -770,8 +770,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from CeVAEAnomalyLib.slicer.settings import after_new_model
 
         p = self._parameterNode
-        settings = ModelSettings.read(path)
-        sensitivity, said = after_new_model(p, settings)
+        sensitivity, said = after_new_model(p, ModelSettings.read(path), self._modelSettings())  # (before: in use)
         with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for all three
             p.useBundledModel = False
             p.modelPath = path

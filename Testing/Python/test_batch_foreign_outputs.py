@@ -77,3 +77,26 @@ def test_a_rerun_over_a_batchs_own_outputs_still_resumes(folder, tiny_bundle, tm
     assert statuses(out) == ["ok"] and (out / "a_slices.csv").is_file()
     assert batch(folder, out, tiny_bundle) == 0
     assert statuses(out) == ["skipped"]
+
+
+def test_a_batch_killed_while_writing_its_first_outputs_is_still_resumed(folder, tiny_bundle, tmp_path, monkeypatch):
+    """The settings record is written before the first outputs: a batch killed between writing a volume's outputs
+    and its summary row (Ctrl-C, the out-of-memory killer) left outputs nothing accounted for, and the rerun its
+    own message advised was refused."""
+    from CeVAEAnomalyLib.io import atomic
+
+    out = tmp_path / "out"
+    real_write_all = atomic.write_all
+
+    def killed_after_writing(*args, **kwargs):
+        written = real_write_all(*args, **kwargs)
+        if any(Path(path).name == "a_score.nii.gz" for path in args[0]):
+            raise KeyboardInterrupt  # the outputs are there, the summary row is not
+        return written
+
+    monkeypatch.setattr(atomic, "write_all", killed_after_writing)  # (batch imports it when it scores)
+    assert batch(folder, out, tiny_bundle) != 0  # (main turns Ctrl-C into its exit status)
+    monkeypatch.undo()
+    assert (out / "a_score.nii.gz").exists() and (out / "batch_settings.json").exists()
+    assert batch(folder, out, tiny_bundle) == 0
+    assert statuses(out) == ["ok"]

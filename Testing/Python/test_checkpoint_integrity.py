@@ -91,9 +91,13 @@ def test_a_log_row_starting_with_a_non_ascii_digit_names_the_damaged_log(tmp_pat
     """'²'.isdigit() is true but int('²') fails: trimming such a log ended in "unexpected ValueError"."""
     log = tmp_path / "model.cevae.log.csv"
     log.write_text("step,loss\n4,0.5\n\u00b2,0.4\n", encoding="utf-8")
-    with pytest.raises(CeVAEError, match=rf"The training log {log} is damaged \(line 3 does not start with a step "
-                                         r"number\); move it away to resume"):
+    with pytest.raises(CeVAEError, match=rf"The training log {log} is damaged \(a row does not start with a step "
+                                         r"number: '\u00b2'\); move it away to resume"):
         truncate_log(log, 4)
     log.write_text("step,loss\n4,0.5\n\n8,0.4\n", encoding="utf-8")
+    truncate_log(log, 4)
+    assert log.read_text().splitlines() == ["step,loss", "4,0.5"]
+    # a tail that a power cut left zero-filled is dropped like the rows after the checkpoint
+    log.write_bytes(b"step,loss\n4,0.5\n8,0.4\n" + b"\0" * 40 + b"\n")
     truncate_log(log, 4)
     assert log.read_text().splitlines() == ["step,loss", "4,0.5"]

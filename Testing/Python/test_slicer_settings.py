@@ -177,14 +177,37 @@ def test_a_new_calibrated_model_takes_over_from_the_absolute_threshold_that_stoo
     scene = slicer.vtkMRMLScene()
     model = ModelSettings.read()
     own = settings.postprocess_fields(model)
+    uncalibrated = ModelSettings(model.path, replace(model.header, calibration={}))
     p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True, **own)
-    sensitivity, said = settings.after_new_model(p, model)  # calibrated for these options: its rate is used
+    sensitivity, said = settings.after_new_model(p, model, uncalibrated)  # the threshold stood in: the rate now
     assert sensitivity == settings.SENSITIVITY_MODEL and "calibrated false-positive rate is used now" in said
+    assert settings.after_new_model(p, model, model) == (None, "")  # chosen with a calibrated model: it stays
     other = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True,
                        **dict(own, rimMm=own["rimMm"] + 1.0))
-    sensitivity, said = settings.after_new_model(other, model)  # not calibrated for them: said, not switched
+    sensitivity, said = settings.after_new_model(other, model, model)  # not calibrated for them: said, not switched
     assert sensitivity is None and "not calibrated for the panel's post-processing" in said
     moved = parameters(scene, overridePostprocess=True, **dict(own, rimMm=own["rimMm"] + 1.0))
-    sensitivity, said = settings.after_new_model(moved, model)  # the model's rate, uncalibrated: the switch's words
+    sensitivity, said = settings.after_new_model(moved, model, model)  # the model's rate, uncalibrated: its words
     assert sensitivity is None and said == settings.sensitivity_change(moved, model).message
-    assert settings.after_new_model(parameters(scene), model) == (None, "")
+    assert settings.after_new_model(parameters(scene), model, None) == (None, "")
+
+
+def test_the_prefilled_absolute_threshold_is_that_of_the_panels_post_processing():
+    """A model calibrated for the panel's override (after Calibrate in Slicer) detects at that calibration's threshold
+    in the model's-rate mode; switching to Absolute threshold starts there, not at its own post-processing's."""
+    from CeVAEAnomalyLib.engine.calibration import calibration_key
+
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    own = settings.postprocess_fields(model)
+    header = model.header
+    score = header.score_options.replace(score_type="combi")
+    entry = header.calibration[calibration_key(score, header.postprocess)]
+    wider = header.postprocess.replace(rim_mm=header.postprocess.rim_mm + 1.0)
+    halved = dict(entry, threshold=[t / 2 for t in entry["threshold"]])
+    site = ModelSettings(model.path, replace(header, calibration=dict(header.calibration,
+                                                                       **{calibration_key(score, wider): halved})))
+    p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True,
+                   **dict(own, rimMm=own["rimMm"] + 1.0))
+    values = settings.model_values(p, site, settings.SENSITIVITY_MODEL)
+    assert values["threshold"] == pytest.approx(model.calibrated_threshold("combi") / 2)

@@ -250,11 +250,13 @@ def test_an_adaptation_is_refused_before_any_copy_in_the_consoles_words(tiny_bun
              (dict(outputPath=tmp_path), "is a folder"),
              (dict(outputPath=out, device="gpu"), "device"),
              (dict(outputPath=tmp_path / "old.cevae"), r"old\.cevae exist\(s\); .*overwrite=True to replace them\.$"),
+             (dict(outputPath=tmp_path / "old.cevae", options={"resume": True}), "no interrupted adaptation to"),
              (dict(outputPath=tmp_path / "cut.cevae"),
               r"cut\.cevae\.fold1\.ckpt exist\(s\); .*overwrite=True .*options=\{'resume': True\}"),
              (dict(outputPath=tmp_path / "lone.cevae", options={"resume": True}),
               r"no interrupted adaptation to .*lone\.cevae to resume")]
-    (tmp_path / "old.cevae").write_bytes(b"an earlier run's model")  # finished: nothing to resume
+    for name in ("old.cevae", "old.cevae.ckpt", "old.cevae.log.csv"):  # a finished run: nothing to resume
+        (tmp_path / name).write_bytes(b"an earlier run's file")
     (tmp_path / "cut.cevae.fold1.ckpt").write_bytes(b"a checkpoint")  # interrupted: resumable
     (tmp_path / "lone.cevae.fold1.log.csv").write_text("step,loss\n")  # stopped before its first checkpoint
     for arguments, message in cases:

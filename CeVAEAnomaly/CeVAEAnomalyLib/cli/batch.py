@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
@@ -225,20 +225,27 @@ def other_settings(out_dir: Path, record: Dict[str, object], remove: bool = Fals
     """A settings record in ``out_dir`` (of this run, another shard or another run) that differs from ``record``,
     described ("batch_settings_shard-1-of-2.json: threshold 1 -> 4.88"); None if every one agrees. ``remove``
     (--overwrite): such records are removed instead (what they describe is scored again), and None returned."""
+    for path, other in settings_records(out_dir, record):
+        changed = [k for k in record if strict_json.number(other[k]) != strict_json.number(record[k])]
+        if changed and remove:
+            log.info("--overwrite: %s recorded other settings; removed (the outputs it describes are made "
+                     "again by the runs that score them).", path.name)
+            path.unlink(missing_ok=True)
+        elif changed:
+            return f"{path.name}: " + "; ".join(f"{k} {_change(other[k], record[k])}" for k in changed)
+    return None
+
+
+def settings_records(out_dir: Path, record: Dict[str, object]) -> Iterator[Tuple[Path, Dict[str, object]]]:
+    """(path, content) of each batch settings record in ``out_dir`` (of this run, a shard or another run) with the
+    fields of ``record``; files that are no such record are passed over (refused where they are this run's own)."""
     for path in sorted(out_dir.glob("batch_settings*.json")):
         try:
             other = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
-            continue  # not a record (refused where it is this run's own)
+            continue
         if isinstance(other, dict) and set(other) == set(record):
-            changed = [k for k in record if strict_json.number(other[k]) != strict_json.number(record[k])]
-            if changed and remove:
-                log.info("--overwrite: %s recorded other settings; removed (the outputs it describes are made "
-                         "again by the runs that score them).", path.name)
-                path.unlink(missing_ok=True)
-            elif changed:
-                return f"{path.name}: " + "; ".join(f"{k} {_change(other[k], record[k])}" for k in changed)
-    return None
+            yield path, other
 
 
 def _change(before: object, now: object) -> str:
@@ -470,7 +477,7 @@ def _earlier_rows(summary_path: Path) -> Tuple[Dict[str, Dict[str, str]], float]
 def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record: Dict[str, object]) -> None:
     """Refuse, before any work, outputs of ``items`` already in ``out_dir`` that no batch record there accounts for:
     of a volume that no batch summary there lists (any shard's, any status), in a folder without a batch settings
-    record like ``record`` (a batch writes one with its first outputs, and its summary may lag behind them: a run
+    record like ``record`` (a batch writes one before its first outputs, and its summary may lag behind them: a run
     killed, or another run still going). Such files are not a batch's (the user's, or ``detect``'s), and scoring
     would replace them."""
     listed: Optional[Set[str]] = None
@@ -479,7 +486,7 @@ def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record:
         there = [p for p in output_paths(out_dir, item.name).values() if p.exists()]
         if there:
             if listed is None:
-                if _holds_a_settings_record(out_dir, record):
+                if next(settings_records(out_dir, record), None) is not None:
                     return
                 listed = _listed_names(out_dir)
             if item.name not in listed:
@@ -489,19 +496,6 @@ def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record:
         raise CeVAEError(f"{out_dir} already holds {shown}, which no batch wrote there (no batch summary lists their "
                          "volume, and there is no batch_settings.json); they are kept. Pass --overwrite to replace "
                          "them, or choose another --out-dir.")
-
-
-def _holds_a_settings_record(out_dir: Path, record: Dict[str, object]) -> bool:
-    """Whether ``out_dir`` holds a batch settings record (of this run, a shard or another run) with the fields of
-    ``record``."""
-    for path in out_dir.glob("batch_settings*.json"):
-        try:
-            other = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            continue
-        if isinstance(other, dict) and set(other) == set(record):
-            return True
-    return False
 
 
 def _listed_names(out_dir: Path) -> Set[str]:
@@ -590,15 +584,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     total = len(items)
     t0 = time.perf_counter()
 
-    def keep(row: Dict[str, object]) -> None:
-        nonlocal known
-        if row["status"] == "ok" and not known:  # before the summary lists outputs made with these settings
-            atomic_write_text(record_path, strict_json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
-            known = True
-        summary.add(row)
-
     def record(row: Dict[str, object]) -> None:
-        keep(row)
+        summary.add(row)
         done = len(summary.rows)
         if row["status"] == "ok":
             detail = (f"{row['flagged_ml']} ml flagged in {row['components']} component(s), max score "
@@ -632,12 +619,14 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
                  len(todo), total - len(todo), min(workers, max(1, len(todo))))
         report(progress, (total - len(todo)) / max(total, 1), "finished volumes skipped")
+        if todo and not known:  # before the first outputs: a run killed while writing them is still known as a batch
+            atomic_write_text(record_path, strict_json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
         if workers == 1 or len(todo) <= 1:
             detector = VolumeDetector(settings) if todo else None
             for item, overwrite in todo:
                 record(detector(item, overwrite))
         else:
-            _run_pool(todo, settings, min(workers, len(todo)), record, keep)
+            _run_pool(todo, settings, min(workers, len(todo)), record, summary.add)
         summary.finish()
         if settings.overwrite and unsharded and not summary.count("error"):  # every volume scored again: other
             other_settings(settings.out_dir, made_with, remove=True)  # runs' records are superseded (a shard's

@@ -169,12 +169,10 @@ class Detector:
 
             mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2), where=where)
         brain = brain_array(image, mask, where)
-        if not brain.any():  # refused before the warning that it covers too little
-            raise CeVAEError("The brain mask is empty: no voxel is inside the brain (> 0). Give the brain mask of "
-                             "this scan, or none for the automatic one.")
+        stack = prepare(image, brain, self.bundle.preprocess)  # refuses an empty mask before it is warned of
         if given:
             warn_unlike_a_brain(brain, image, where)
-        return prepare(image, brain, self.bundle.preprocess), brain
+        return stack, brain
 
     def _other_stacks(self, image: sitk.Image, brain: np.ndarray) -> List[SliceStack]:
         """The model slices of the volume in each orientation the options name after axial."""

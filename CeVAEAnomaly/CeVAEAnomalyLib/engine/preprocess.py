@@ -128,7 +128,8 @@ def prepare(
         raise CeVAEError("The brain mask does not match the image grid.")
     brain_mask = finite_brain(arr, brain_mask)
     if not brain_mask.any():
-        raise CeVAEError("The brain mask is empty: no voxel is inside the brain.")
+        raise CeVAEError("The brain mask is empty: no voxel is inside the brain (> 0). Give the brain mask of this "
+                         "scan, or none for the automatic one.")
     perm, flips = canonical_axes(np.array(image.GetDirection()), orientation)
     can = to_canonical(arr, perm, flips)
     brain = to_canonical(brain_mask, perm, flips)

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence
 from ..io.manifest import bids_person
 from ..io.naming import misnamed
 from ..io.targets import Inputs
-from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, earlier_outputs
+from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, earlier_outputs, resumable
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,8 @@ class AdaptChoice:
 
     @property
     def resumable(self) -> bool:
-        """Whether the files of the earlier run are an interrupted adaptation that can be resumed: a checkpoint,
-        and not a finished model (whose fold checkpoints are gone once it is written)."""
-        checkpoints = [p for p in self.existing if p.name.endswith(".ckpt")]
-        finished = any(not p.name.endswith((".ckpt", ".log.csv")) for p in self.existing)
-        return bool(checkpoints) and (not finished or any(".fold" in p.name for p in checkpoints))
+        """Whether the files of the earlier run are an interrupted adaptation that can be resumed."""
+        return resumable(self.existing)
 
 
 def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[str]:

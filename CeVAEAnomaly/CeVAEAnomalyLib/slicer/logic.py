@@ -471,7 +471,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         """Fine-tune and calibrate a model on a site's healthy volumes (training/adapt.py) in a worker
         process, writing the adapted bundle to ``outputPath`` (its checkpoints and logs beside it).
         ``options``: AdaptOptions fields (steps, lr, ...). ``job.done["model"]`` is the bundle's path."""
-        from ..training.adapt_plan import MIN_SCANS, adapt_options, earlier_outputs
+        from ..training.adapt_plan import MIN_SCANS, adapt_options, earlier_outputs, resumable
 
         self.checkDependencies()
         if len(volumes) < MIN_SCANS:
@@ -479,10 +479,10 @@ class CeVAEAnomalyLogic(_LogicBase):
         DetectionRequest.of(device=device)  # the device's name, checked as everywhere
         checked = adapt_options(options or {}, device=device, overwrite=bool(overwrite))  # before any copy
         earlier = earlier_outputs(Path(outputPath), len(volumes), checked)
-        interrupted = any(p.name.endswith(".ckpt") for p in earlier)
+        interrupted = resumable(earlier)
         if checked.resume and not interrupted:
-            raise CeVAEError(f"There is no interrupted adaptation to {outputPath} to resume (none of its checkpoints "
-                             "exists); start it anew without resume.")
+            raise CeVAEError(f"There is no interrupted adaptation to {outputPath} to resume (no checkpoint of an "
+                             "unfinished one exists); start it anew without resume.")
         if not checked.resume:
             _refuseOutput(Path(outputPath), earlier, overwrite,
                           " (or options={'resume': True} to continue the adaptation that wrote them)"

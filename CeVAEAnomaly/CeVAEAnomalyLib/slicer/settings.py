@@ -54,13 +54,15 @@ class ModelSettings:
             self.header.score_options, self.header.postprocess)
         return self.header.is_calibrated(score, post)
 
-    def calibrated_threshold(self, score_type: str, fpr: Optional[float] = None,
-                             thorough: bool = False) -> Optional[float]:
-        """The model's calibrated threshold at ``fpr`` (default: its own rate) with its own post-processing
-        (``thorough``: in the thorough mode); None if it has none for this score type, mode or rate."""
-        score = self.header.score_options.replace(**_score(score_type, thorough))
+    def calibrated_threshold(self, score_type: str, fpr: Optional[float] = None, thorough: bool = False,
+                             postprocess: Optional[Dict[str, Any]] = None) -> Optional[float]:
+        """The model's calibrated threshold at ``fpr`` (default: its own rate) with its own post-processing or the
+        overrides ``postprocess`` (``thorough``: in the thorough mode); None if it has none for these options or
+        rate."""
+        score, post = DetectionRequest(score=_score(score_type, thorough), post=dict(postprocess or {})).options(
+            self.header.score_options, self.header.postprocess)
         try:
-            return self.header.threshold(score, self.header.postprocess, ThresholdPolicy(fpr=fpr))[0]
+            return self.header.threshold(score, post, ThresholdPolicy(fpr=fpr))[0]
         except CeVAEError:
             return None
 
@@ -112,17 +114,22 @@ def sensitivity_change(parameters: Any, settings: ModelSettings) -> Optional[Sen
         "rate differs with yours). Calibrate on healthy scans to get rates for it.")
 
 
-def after_new_model(parameters: Any, settings: ModelSettings) -> Tuple[Optional[str], str]:
-    """When a calibration or adaptation has made ``settings``' model the one in use: the sensitivity mode to switch
-    to (None: keep it) and what to add to the status line. An absolute threshold gives way to the new model's
-    calibrated rate where the model is calibrated for the panel's options (the threshold was most likely standing
-    in for the calibration just made); where it is not (an adaptation calibrates the model's own post-processing,
-    not the panel's override), the absolute threshold stays and the status line says why."""
+def after_new_model(parameters: Any, settings: ModelSettings,
+                    previous: Optional[ModelSettings]) -> Tuple[Optional[str], str]:
+    """When a calibration or adaptation has made ``settings``' model the one in use (``previous``: the model used
+    before): the sensitivity mode to switch to (None: keep it) and what to add to the status line. An absolute
+    threshold that stood in for a calibration the previous model lacked gives way to the new model's calibrated
+    rate; one chosen while the previous model was calibrated stays. Where the new model is not calibrated for the
+    panel's options (an adaptation calibrates the model's own post-processing, not the panel's override), the
+    absolute threshold stays and the status line says why."""
     override = override_postprocess(parameters)
+    thorough = bool(parameters.thorough)
     if parameters.sensitivity == SENSITIVITY_THRESHOLD:
-        if settings.calibrated(parameters.scoreType, override, bool(parameters.thorough)):
+        if settings.calibrated(parameters.scoreType, override, thorough):
+            if previous is not None and previous.calibrated(parameters.scoreType, override, thorough):
+                return None, ""  # chosen by hand, not standing in for a calibration
             return SENSITIVITY_MODEL, ("Its calibrated false-positive rate is used now, not the absolute threshold "
-                                       "(choose Absolute threshold again to keep one).")
+                                       "that stood in for the missing calibration.")
         options = "the panel's post-processing (adapting calibrates the model's own)" if override else "these options"
         return None, f"It is not calibrated for {options}, so the absolute threshold stays in use."
     change = sensitivity_change(parameters, settings)
@@ -147,7 +154,8 @@ def model_values(parameters: Any, settings: ModelSettings, previous: Optional[st
         values["falsePositiveRate"] = settings.default_fpr
     elif parameters.sensitivity == SENSITIVITY_THRESHOLD and previous in (SENSITIVITY_MODEL, SENSITIVITY_FPR):
         rate = parameters.falsePositiveRate if previous == SENSITIVITY_FPR else settings.default_fpr
-        threshold = settings.calibrated_threshold(parameters.scoreType, rate, bool(parameters.thorough))
+        threshold = settings.calibrated_threshold(parameters.scoreType, rate, bool(parameters.thorough),
+                                                  override_postprocess(parameters))
         if threshold is not None:
             values["threshold"] = min(max(threshold, 0.0), 1000.0)
     return values

@@ -136,6 +136,14 @@ def earlier_outputs(out: Path, n_persons: int, options: AdaptOptions) -> List[Pa
     return list(dict.fromkeys(p for cfg in runs for p in cfg.earlier_outputs()))
 
 
+def resumable(earlier: Sequence[Path]) -> bool:
+    """Whether the files of an earlier adaptation (:func:`earlier_outputs`) are an interrupted one that can be resumed:
+    a checkpoint, and not a finished model (a finished adaptation keeps only its final checkpoint)."""
+    checkpoints = [p for p in earlier if p.name.endswith(".ckpt")]
+    finished = any(not p.name.endswith((".ckpt", ".log.csv")) for p in earlier)
+    return bool(checkpoints) and (not finished or any(".fold" in p.name for p in checkpoints))
+
+
 def output_paths(out: Path, n_persons: int, options: AdaptOptions) -> List[Path]:
     """Every file an adaptation of the scans of ``n_persons`` persons to ``out`` writes: the bundle, and each
     run's checkpoint and loss log."""

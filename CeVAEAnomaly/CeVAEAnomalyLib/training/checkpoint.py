@@ -247,16 +247,19 @@ def truncate_log(path: Path, step: int) -> None:
     from ..io.atomic import atomic_write_text
 
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
+        with open(path, newline="", encoding="utf-8") as fh:  # (NUL bytes out: Python < 3.11's csv refuses them)
+            rows = list(csv.reader(io.StringIO(fh.read().replace("\0", ""))))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CeVAEError(f"The training log {path} is damaged ({type(exc).__name__}); move it away to resume "
                          "(the checkpoint is intact).") from None
-    for line, row in enumerate(rows[1:], 2):
-        if row and not (row[0].isascii() and row[0].isdigit()):  # (isdigit alone takes '²', which int refuses)
-            raise CeVAEError(f"The training log {path} is damaged (line {line} does not start with a step number); "
-                             "move it away to resume (the checkpoint is intact).")
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    # blank rows (a tail a power cut left zero-filled: its NUL bytes are out) are dropped like rows after the
+    # checkpoint; any other row must start with a step number (isdigit alone takes '²', which int refuses)
+    rows = rows[:1] + [r for r in rows[1:] if r and r[0].strip()]
+    for row in rows[1:]:
+        if not (row[0].isascii() and row[0].isdigit()):
+            raise CeVAEError(f"The training log {path} is damaged (a row does not start with a step number: "
+                             f"{row[0][:20]!r}); move it away to resume (the checkpoint is intact).")
+    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
     if len(kept) < len(rows):
         text = io.StringIO()
         csv.writer(text).writerows(kept)

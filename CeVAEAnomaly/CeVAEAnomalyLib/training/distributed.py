@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -83,7 +83,14 @@ def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
 def file_checksums(subjects: Sequence[Subject], info: DistInfo) -> Dict[Path, str]:
     """sha256 of every image and mask; with several ranks each hashes a share and they swap results."""
     paths = sorted({p for s in subjects for p in (s.image, s.mask) if p is not None})
-    mine = {p: sha256_of(p) for p in paths[info.rank::info.world]}
+    return shared_map(lambda share: {p: sha256_of(p) for p in share}, paths, info)
+
+
+def shared_map(compute: Callable[[Sequence[Path]], Dict[Path, str]], paths: Sequence[Path],
+               info: DistInfo) -> Dict[Path, str]:
+    """``compute`` of ``paths``: with several ranks each computes a share (every world-th path from its rank) and they
+    swap results, so every rank gets all."""
+    mine = compute(list(paths[info.rank::info.world]))
     if info.world <= 1:
         return mine
     parts: List[Optional[Dict[Path, str]]] = [None] * info.world

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
@@ -37,7 +38,7 @@ from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_check
                          truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
-from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects,
+from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, shared_map,
                           init_distributed, rank_seed, shutdown_distributed)
 from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
 from .sampler import EpochSampler
@@ -507,19 +508,36 @@ class Trainer:
 
 def _shared_voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, str],
                             info: DistInfo) -> Dict[Path, str]:
-    """What tells the subjects' images apart: where their files are of several formats (.nii and .nii.gz, .nrrd),
-    :func:`~.data.voxel_checksums`, each rank reading a share and the ranks swapping results (the same scan in two
-    formats is one); where all are of one format, their file checksums, unread (reading a large cohort again at
-    every start would cost minutes)."""
+    """What tells the subjects' images apart, so that the same scan saved in two formats (.nii and .nii.gz, NIfTI
+    and NRRD) is one: :func:`~.data.voxel_checksums` of the images whose voxel grid (read from their headers) an
+    image of another format shares, the ranks reading a share each; the file checksums of the others, unread
+    (reading a large cohort's voxels at every start would cost minutes)."""
     images = sorted({s.image for s in subjects})
-    if len({"series" if p.is_dir() else full_suffix(p).lower() for p in images}) <= 1:
-        return checksums
-    mine = voxel_checksums(images[info.rank::info.world], checksums)
-    if info.world <= 1:
-        return mine
-    parts: List[Optional[Dict[Path, str]]] = [None] * info.world
-    dist.all_gather_object(parts, mine)
-    return {p: h for part in parts for p, h in (part or {}).items()}
+    kinds = {p: "series" if p.is_dir() else full_suffix(p).lower() for p in images}
+    if len(set(kinds.values())) <= 1:
+        return dict(checksums)
+    grids = {p: _header_grid(p) for p in images}
+    formats: Dict[object, set] = {}
+    for p in images:
+        formats.setdefault(grids[p], set()).add(kinds[p])
+    twins = [p for p in images if grids[p] is None or len(formats[grids[p]]) > 1]
+    digests = shared_map(lambda share: voxel_checksums(share, checksums), twins, info)
+    return {p: digests.get(p, checksums[p]) for p in images}
+
+
+def _header_grid(path: Path) -> Optional[tuple]:
+    """A volume's size and geometry (to 0.01 mm) from its header; None for a series folder or a header ITK cannot
+    read (compared by voxels then)."""
+    if path.is_dir():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    geometry = np.round(np.array([*reader.GetSpacing(), *reader.GetOrigin(), *reader.GetDirection()]), 2) + 0.0
+    return tuple(reader.GetSize()), tuple(geometry)
 
 
 def _unwrapped(batches: Iterator[Tuple[int, int, torch.Tensor]]) -> Iterator[Tuple[int, int, torch.Tensor]]:
