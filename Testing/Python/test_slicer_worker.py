@@ -134,8 +134,9 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
         masks.append(add_volume(scene, mask, f"mask {seed}", "vtkMRMLLabelMapVolumeNode"))
     out = tmp_path / "site.cevae"
     post = dict(rim_mm=1.0, median_radius=0, min_volume_mm3=10.0)
-    job = CeVAEAnomalyLogic().startCalibration(volumes, masks, out, modelPath=tiny_bundle, device="cpu",
-                                               postprocess=post)
+    again = add_volume(scene, make_head(seed=11)[0], "healthy 11 again")  # the same scan loaded twice: scored once
+    job = CeVAEAnomalyLogic().startCalibration([*volumes, again], [*masks, None], out, modelPath=tiny_bundle,
+                                               device="cpu", postprocess=post)
     seen = run_to_end(job, timeout=300)
     assert job.state is JobState.DONE, job.error
     assert job.done["model"] == str(out) and job.done["subjects"] == 2

@@ -96,6 +96,8 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
     from ..io.lock import hold_output
     from ..io.targets import Inputs
 
+    from ..training.data import unique_subjects, voxel_checksums
+
     request = DetectionRequest.from_dict(task["request"], "detection request field(s)")
     subjects = _subjects(task)
     if not subjects:
@@ -110,6 +112,7 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
             raise CeVAEError("Save the calibrated model under a new name; it cannot replace the model it starts "
                              "from.")
         score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
+        subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects]))  # a scan loaded twice
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", "healthy volumes of the site"),
                            progress=scaled(progress, 0.02, 0.98), run=request.run)
