@@ -250,7 +250,7 @@ def test_an_adaptation_is_refused_before_any_copy_in_the_consoles_words(tiny_bun
              (dict(outputPath=out, options={"steps": 0}), "steps must be at least 1"),
              (dict(outputPath=tmp_path), "is a folder"),
              (dict(outputPath=out, device="gpu"), "device"),
-             (dict(outputPath=tmp_path / "old.cevae"), r"old\.cevae exist\(s\); .*overwrite=True to replace them\.$"),
+             (dict(outputPath=tmp_path / "old.cevae"), r"old\.cevae\.log\.csv exist\(s\); .*overwrite=True to replace them\.$"),
              (dict(outputPath=tmp_path / "old.cevae", options={"resume": True}), "no interrupted adaptation to"),
              (dict(outputPath=tmp_path / "cut.cevae"),
               r"cut\.cevae\.fold1\.ckpt exist\(s\); .*overwrite=True .*options=\{'resume': True\}"),

@@ -619,7 +619,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
                  len(todo), total - len(todo), min(workers, max(1, len(todo))))
         report(progress, (total - len(todo)) / max(total, 1), "finished volumes skipped")
-        if todo and not known:  # before the first outputs: a run killed while writing them is still known as a batch
+        recorded = bool(todo) and not known
+        if recorded:  # before the first outputs: a run killed while writing them is still known as a batch
             atomic_write_text(record_path, strict_json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
         if workers == 1 or len(todo) <= 1:
             detector = VolumeDetector(settings) if todo else None
@@ -628,6 +629,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         else:
             _run_pool(todo, settings, min(workers, len(todo)), record, summary.add)
         summary.finish()
+        if recorded and not summary.count("ok") and not summary.count("skipped"):  # no outputs to describe (all
+            record_path.unlink(missing_ok=True)  # failed, e.g. a full disk): a later run may use other settings
         if settings.overwrite and unsharded and not summary.count("error"):  # every volume scored again: other
             other_settings(settings.out_dir, made_with, remove=True)  # runs' records are superseded (a shard's
             # --overwrite replaces its own only: the other shards' outputs are still what theirs describe)
