@@ -197,10 +197,11 @@ def test_one_flipped_bit_in_the_weights_is_refused(tmp_path, model, half):
 
 def test_the_shipped_model_records_the_checksum_of_its_weights():
     from CeVAEAnomalyLib.data import default_model_path
-    from CeVAEAnomalyLib.engine.header import WEIGHTS_DIGEST_KEY, file_weights_digest
+    from CeVAEAnomalyLib.engine.header import WEIGHTS_DIGEST_KEY
 
     path = default_model_path()
-    assert read_header(path).extra[WEIGHTS_DIGEST_KEY] == file_weights_digest(path)
+    assert len(read_header(path).extra[WEIGHTS_DIGEST_KEY]) == 64
+    load_bundle(path)  # which checks the weights against it
 
 
 def test_a_bundle_without_a_weights_checksum_still_loads(tmp_path, model):

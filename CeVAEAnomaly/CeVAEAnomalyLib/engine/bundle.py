@@ -5,10 +5,11 @@ pickles or PyTorch zip checkpoints are refused before any parsing.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Union
 
 import torch
 
@@ -17,8 +18,7 @@ from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
 from ..errors import CeVAEError
-from .header import (BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader,
-                     file_weights_digest, read_header, weights_digest)
+from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader, read_header
 from .model import CeVAE
 
 __all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "BundleHeader", "load_bundle", "read_header",
@@ -50,14 +50,29 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
     typed = replace(header, model=model.cfg, weights_dtype="float16" if half else "float32")
     full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION)
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
-    full[WEIGHTS_DIGEST_KEY] = weights_digest([(k, "F16" if half else "F32", list(v.shape), _le_bytes(v))
-                                               for k, v in tensors.items()])
+    full[WEIGHTS_DIGEST_KEY] = _weights_digest(tensors)
     with atomic_path(target, durable=True) as tmp:
         try:
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True, allow_nan=False)})
         except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
             raise CeVAEError(f"Could not write the model bundle {target}: {str(exc).rstrip('.')}.") from None
     return target
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16"}  # the weight types a bundle holds
+
+
+def _weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a bundle's weights: each tensor's name, safetensors type, shape and raw little-endian bytes, in
+    name order. save_bundle records it in the header; a bundle that holds other bytes is damaged or was edited."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        data = _le_bytes(tensor)
+        shape = ",".join(map(str, tensor.shape))
+        digest.update(f"{name}\0{_SAFETENSORS_DTYPES[tensor.dtype]}\0{shape}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def _le_bytes(tensor: torch.Tensor) -> bytes:
@@ -84,12 +99,12 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
         check_tensor_shapes(declared, cfg)  # before anything is built or loaded
     except CeVAEError as exc:
         raise CeVAEError(f"{p}: {exc}.") from None
+    model = CeVAE(cfg)
+    tensors = load_file(str(p))  # (the file's weights are read once: checked, then loaded)
     recorded = header.extra.get(WEIGHTS_DIGEST_KEY)  # None: written before bundles recorded it
-    if recorded is not None and recorded != file_weights_digest(p):
+    if recorded is not None and recorded != _weights_digest(tensors):
         raise CeVAEError(f"{p}: its weights are not those its header records (a checksum differs); the model file "
                          "is damaged or was edited. Use an original copy.")
-    model = CeVAE(cfg)
-    tensors = load_file(str(p))
     for key in tensors:
         if not torch.isfinite(tensors[key]).all():
             raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")

@@ -7,7 +7,6 @@ the Slicer module can show a model's settings before PyTorch is installed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -26,7 +25,7 @@ FORMAT = "cevae-anomaly-bundle"
 FORMAT_VERSION = 1
 BUNDLE_SUFFIX = ".cevae"
 META_KEY = "cevae_anomaly"
-WEIGHTS_DIGEST_KEY = "weights_sha256"  # the header's record of weights_digest
+WEIGHTS_DIGEST_KEY = "weights_sha256"  # the header's record of the weights' SHA-256 (engine/bundle.py)
 _MAX_TABLE_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the header size
 
 
@@ -171,36 +170,8 @@ def _written_header(p: Path) -> Any:
         raise CeVAEError(f"The header of {p} is not valid JSON ({reason}).") from None
 
 
-def weights_digest(tensors: Sequence[Tuple[str, str, Sequence[int], bytes]]) -> str:
-    """SHA-256 of a bundle's weights: each tensor's (name, safetensors dtype, shape, raw little-endian bytes), in
-    name order. save_bundle records it in the header; a bundle that holds other bytes is damaged or was edited."""
-    digest = hashlib.sha256()
-    for name, dtype, shape, data in sorted(tensors, key=lambda t: t[0]):
-        digest.update(f"{name}\0{dtype}\0{','.join(map(str, shape))}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def file_weights_digest(path: Union[str, Path]) -> str:
-    """:func:`weights_digest` of the tensors a bundle file holds (its table checked as :func:`read_header` does)."""
-    p = _check_file(Path(path))
-    table, start = _safetensors_table(p)
-    with open(p, "rb") as fh:
-        fh.seek(start)
-        data = fh.read()
-    return weights_digest([(name, entry["dtype"], entry["shape"],
-                            data[entry["data_offsets"][0]:entry["data_offsets"][1]])
-                           for name, entry in table.items() if name != "__metadata__"])
-
-
 def _safetensors_metadata(p: Path) -> Dict[str, str]:
     """``__metadata__`` of a safetensors file whose tensor table exactly covers the file."""
-    meta = _safetensors_table(p)[0].get("__metadata__") or {}
-    return {str(k): v for k, v in meta.items() if isinstance(v, str)}
-
-
-def _safetensors_table(p: Path) -> Tuple[Dict[str, Any], int]:
-    """The tensor table of a safetensors file that it exactly covers, and where the tensors' data starts."""
     size = p.stat().st_size
     with open(p, "rb") as fh:
         length = int.from_bytes(fh.read(8), "little")
@@ -217,7 +188,8 @@ def _safetensors_table(p: Path) -> Tuple[Dict[str, Any], int]:
         problem = _table_problem(table, size - 8 - length)
     if problem is not None:
         raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
-    return table, 8 + length
+    meta = table.get("__metadata__") or {}
+    return {str(k): v for k, v in meta.items() if isinstance(v, str)}
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
