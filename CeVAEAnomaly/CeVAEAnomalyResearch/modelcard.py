@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from CeVAEAnomalyLib.engine.bundle import Bundle
-from CeVAEAnomalyLib.engine.calibration import find_calibration, threshold_for_fpr
+from CeVAEAnomalyLib.engine.calibration import ACQUISITION_FACTOR, find_calibration, threshold_for_fpr
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import SPREADS, THOROUGH_STEPS
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
@@ -81,6 +81,11 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
     if entry:
         lines.append(f"- Calibrated on {entry['n_voxels']} healthy brain voxels ({entry['source']}); default "
                      f"false-positive rate {fpr:g} → threshold {threshold_for_fpr(entry, fpr):.4g}.")
+        if entry.get("largest_voxel_mm"):
+            low, high = entry["largest_voxel_mm"]
+            lines.append(f"- The calibration's healthy scans have a largest voxel side of {low:g} to {high:g} mm; "
+                         f"detecting a scan whose largest side is more than {ACQUISITION_FACTOR:g} times outside that "
+                         "range warns that the threshold's false-positive rate on it is not known.")
     try:
         thorough = find_calibration(typed.calibration, typed.score_options.replace(test_time_steps=THOROUGH_STEPS),
                                     typed.postprocess)

@@ -59,3 +59,13 @@ def test_the_recipe_is_the_bundled_one_only_for_the_bundled_model(tiny_bundle) -
     assert "scripts/train_default_model.py" in render_model_card(load_bundle(default_model_path()))
     own = render_model_card(load_bundle(tiny_bundle))  # trained on synthetic heads: a user's own data
     assert "scripts/train_default_model.py" not in own and "`cevae-anomaly train` on the subjects above" in own
+
+
+def test_the_card_says_which_scans_the_calibration_covers() -> None:
+    """The shipped model's calibration records its healthy scans' largest voxel side, and its card says it and what
+    detection does outside that range."""
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyResearch.modelcard import render_model_card
+
+    card = render_model_card(load_bundle(default_model_path()))
+    assert "healthy scans have a largest voxel side of 1 to 1.5 mm" in card and "1.5 times outside" in card
