@@ -281,7 +281,11 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self._hideModuleVolumes()  # also those of a scene loaded meanwhile
-        self.setParameterNode(CeVAEAnomalyParameterNode(self.logic.getParameterNode()))
+        node = self.logic.getParameterNode()
+        isNew = not node.HasParameter("useBundledModel")  # the wrapper writes every default below
+        self.setParameterNode(CeVAEAnomalyParameterNode(node))
+        if isNew:
+            self._startWithRememberedModel()
         if not self._parameterNode.inputVolume:
             from CeVAEAnomalyLib.slicer.nodes import first_input_volume
 
@@ -294,6 +298,27 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode.adaptedModelPath:
             folder = Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
             self._parameterNode.adaptedModelPath = str(folder / "CeVAEAnomaly_scanner_adapted.cevae")
+
+    def _startWithRememberedModel(self) -> None:
+        """A new scene starts with the model used last on this computer (model_memory.start_model)."""
+        from CeVAEAnomalyLib.slicer.model_memory import SETTINGS_KEY, start_model
+
+        start = start_model(str(qt.QSettings().value(SETTINGS_KEY, "") or ""))
+        if start.forget:
+            qt.QSettings().remove(SETTINGS_KEY)
+        self.ui.statusLabel.text = ""
+        if start.path is not None:
+            with slicer.util.NodeModify(self._parameterNode.parameterNode):
+                self._parameterNode.useBundledModel = False
+                self._parameterNode.modelPath = start.path
+        said = self.ui.statusLabel.text  # what the panel said about this model's thresholds, if anything
+        self.ui.statusLabel.text = " ".join(text for text in (start.message, said) if text)
+
+    def _rememberModel(self) -> None:
+        """The panel's model is the one a new scene starts with (model_memory)."""
+        from CeVAEAnomalyLib.slicer.model_memory import SETTINGS_KEY, remembered_value
+
+        qt.QSettings().setValue(SETTINGS_KEY, remembered_value(self._parameterNode))
 
     def setParameterNode(self, inputParameterNode: Optional[CeVAEAnomalyParameterNode]) -> None:
         self._modelValuesShownFor = None  # a new or reset node (scene closed) holds no model values yet
@@ -741,6 +766,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.anomalyLabelmap = result.nodes.labelmap
         if not p.useBundledModel:
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        self._rememberModel()
         self._updateResultsGui()
         self.ui.componentTableView.clearSelection()  # the rows are this result's now
         self._hideModuleVolumes()
@@ -779,6 +805,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.currentPath = path  # also when the panel was not shown (no GUI update then)
         pathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        self._rememberModel()
         self.ui.statusLabel.text = " ".join([message.format(path=path), *([said] if said else []),
                                              *(_("Warning: {text}").format(text=w) for w in job.warnings)])
 

@@ -1,0 +1,47 @@
+"""The model a new scene starts with: the one last used on this computer, while it can still be read (no Qt).
+
+A site's calibrated or adapted model is made once and used for months; a radiologist who opens Slicer the
+next day must not silently get the bundled model back. The widget keeps :func:`remembered_value` in the
+application settings under :data:`SETTINGS_KEY` after each detection and each new model, and a new parameter
+node (a new scene, a restart) starts from :func:`start_model`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import CeVAEError
+from .settings import ModelSettings
+
+__all__ = ["SETTINGS_KEY", "StartModel", "remembered_value", "start_model"]
+
+SETTINGS_KEY = "CeVAEAnomaly/LastModel"  # the model file last used; "" for the bundled model
+
+
+@dataclass(frozen=True)
+class StartModel:
+    """What a new parameter node starts with."""
+
+    path: Optional[str]  # the model file to use; None: the bundled model
+    message: str  # for the status line ("" when there is nothing to say)
+    forget: bool  # the remembered file cannot be used: remove it from the settings
+
+
+def remembered_value(parameters: Any) -> str:
+    """What to remember of the panel's model choice: its file, or "" for the bundled model."""
+    return "" if parameters.useBundledModel or not parameters.modelPath else str(parameters.modelPath)
+
+
+def start_model(remembered: Optional[str]) -> StartModel:
+    """The model for a new scene from the remembered value: that file if its header still reads as a model
+    (weights are checked when it is loaded, as for any chosen file), otherwise the bundled model, saying why."""
+    if not remembered:
+        return StartModel(None, "", False)
+    try:
+        ModelSettings.read(Path(remembered))
+    except (CeVAEError, OSError) as exc:
+        return StartModel(None, f"The model used last on this computer cannot be used any more, so the bundled "
+                                f"model is in use. {exc}", True)
+    return StartModel(remembered, f"The model used last on this computer is in use: {remembered}. Tick 'Use "
+                                  f"bundled model' for the model shipped with the extension.", False)

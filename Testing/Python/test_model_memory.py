@@ -1,0 +1,73 @@
+"""A new scene starts with the model used last on this computer (slicer/model_memory.py), with real bundle
+files; the widget's binding to the application settings is read from the module source."""
+from __future__ import annotations
+
+import ast
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from CeVAEAnomalyLib.data import default_model_path  # noqa: E402
+from CeVAEAnomalyLib.slicer.model_memory import SETTINGS_KEY, remembered_value, start_model  # noqa: E402
+from test_slicer_module import module_classes  # noqa: E402
+
+
+def test_the_bundled_model_is_remembered_as_empty_and_a_chosen_file_by_its_path():
+    assert remembered_value(SimpleNamespace(useBundledModel=True, modelPath="/site/model.cevae")) == ""
+    assert remembered_value(SimpleNamespace(useBundledModel=False, modelPath="/site/model.cevae")) == \
+        "/site/model.cevae"
+    assert remembered_value(SimpleNamespace(useBundledModel=False, modelPath="")) == ""
+
+
+def test_a_remembered_site_model_is_used_and_said(tmp_path):
+    site = tmp_path / "site model.cevae"
+    shutil.copyfile(default_model_path(), site)
+    start = start_model(str(site))
+    assert start.path == str(site) and not start.forget
+    assert str(site) in start.message and "Use bundled model" in start.message
+
+
+def test_nothing_remembered_starts_silently_with_the_bundled_model():
+    assert start_model("") == start_model(None)
+    start = start_model("")
+    assert start.path is None and start.message == "" and not start.forget
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "not a model"])
+def test_a_remembered_model_that_cannot_be_read_gives_way_to_the_bundled_one_and_is_forgotten(tmp_path, damage):
+    site = tmp_path / "site.cevae"
+    if damage == "truncated":
+        site.write_bytes(default_model_path().read_bytes()[:100])
+    elif damage == "not a model":
+        site.write_text("hello")
+    start = start_model(str(site))
+    assert start.path is None and start.forget
+    assert "bundled model is in use" in start.message and str(site) in start.message
+
+
+def test_a_new_parameter_node_is_told_from_one_a_scene_brought():
+    """The widget asks HasParameter before the wrapper writes its defaults: a new vtkMRMLScriptedModuleNode
+    has no parameter, one from a saved scene (the bundled model chosen there) has it."""
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    assert not node.HasParameter("useBundledModel")
+    node.SetParameter("useBundledModel", "true")
+    assert node.HasParameter("useBundledModel")
+
+
+def test_the_widget_starts_new_scenes_with_the_remembered_model_and_remembers_each_model_it_uses():
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    init = methods["initializeParameterNode"]
+    assert init.index("HasParameter('useBundledModel')") < init.index("CeVAEAnomalyParameterNode(node)") < \
+        init.index("self._startWithRememberedModel()")
+    assert "qt.QSettings().value(SETTINGS_KEY" in methods["_startWithRememberedModel"]
+    assert "qt.QSettings().remove(SETTINGS_KEY)" in methods["_startWithRememberedModel"]
+    assert "qt.QSettings().setValue(SETTINGS_KEY, remembered_value(self._parameterNode))" in \
+        methods["_rememberModel"]
+    for finished in ("_showResult", "_useNewModel"):  # a detection, a calibration or adaptation
+        assert "self._rememberModel()" in methods[finished]
+    assert SETTINGS_KEY.startswith("CeVAEAnomaly/")
