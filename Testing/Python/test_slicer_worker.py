@@ -141,6 +141,9 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
     assert job.state is JobState.DONE, job.error
     assert job.done["model"] == str(out) and job.done["subjects"] == 2
     assert any("Healthy volume 2/2" in message for _, message in seen)
+    # the warning names the nodes, not the worker's temporary copies of them
+    assert "'healthy 11 again' repeats the image 'healthy 11' (same content); it is used once." in job.warnings
+    assert not any(".nrrd" in w for w in job.warnings), job.warnings
     header = read_header(out)
     assert header.extra["calibration_subjects"] == ["01_healthy_11", "02_healthy_12"]
     settings = ModelSettings(out, header)
@@ -706,6 +709,24 @@ def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
     seen = run_to_end(job, timeout=30)
     assert job.state is JobState.DONE
     assert seen == [(0.25, "a"), (0.5, "b"), (1.0, "")]
+
+
+def test_the_workers_warnings_and_error_name_the_nodes_not_their_temporary_copies(tmp_path):
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    copy, mask = tmp_path / "input.nrrd", tmp_path / "input_mask.nrrd"
+    script = tmp_path / "worker"
+    script.write_text(f"#!/bin/sh\necho 'WARNING: {mask.name}: the mask covers 2 ml'\n"
+                      f"echo '{{\"error\": \"{copy} is not a 3D image; {mask} neither\"}}'\nexit 1\n")
+    script.chmod(0o755)
+    job = WorkerJob({"task": "detect"}, tmp_path, python=str(script),
+                    names={str(copy): "'MRHead'", str(mask): "'brain'"})
+    run_to_end(job, timeout=30)
+    assert job.warnings == ["'brain': the mask covers 2 ml"]
+    with pytest.raises(CeVAEError, match="^'MRHead' is not a 3D image; 'brain' neither$"):
+        job.raise_for_failure()
 
 
 def test_a_job_ends_when_its_worker_does_even_if_a_process_it_started_holds_its_output(tmp_path):

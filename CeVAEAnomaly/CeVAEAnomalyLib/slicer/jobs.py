@@ -119,10 +119,16 @@ class WorkerJob:
     """One run of the worker: its request, its temporary folder, its progress and its end."""
 
     def __init__(self, request: Dict[str, Any], folder: Path, launch: Optional[Launcher] = None,
-                 python: Optional[str] = None, remove_folder_at_end: bool = False) -> None:
+                 python: Optional[str] = None, remove_folder_at_end: bool = False,
+                 names: Optional[Dict[str, str]] = None) -> None:
         """``remove_folder_at_end``: the folder holds nothing to read after the job (a calibration's or
-        adaptation's copies of the scans; its model is written elsewhere), so it goes as soon as the job ends."""
+        adaptation's copies of the scans; its model is written elsewhere), so it goes as soon as the job ends.
+        ``names``: the request's files (the worker's copies of the scans) and what the user calls each (a node's
+        name): the worker's warnings and error say those instead of the temporary copies' paths."""
         self.folder = Path(folder)
+        # longest first: a file's path before its bare name, which it contains
+        self._names = sorted(((str(k), v) for f, v in (names or {}).items() for k in (f, Path(f).name)),
+                             key=lambda item: -len(item[0]))
         self._remove_folder_at_end = remove_folder_at_end
         self.request = request
         self.state = JobState.RUNNING
@@ -210,8 +216,8 @@ class WorkerJob:
         if not isinstance(message, dict):
             self.output.append(line)
             if line.startswith(WARNING_PREFIX):  # the worker logs "LEVEL: message"
-                self.warnings.append(line[len(WARNING_PREFIX):])
-                log.warning("CeVAEAnomaly worker: %s", line[len(WARNING_PREFIX):])
+                self.warnings.append(self._named(line[len(WARNING_PREFIX):]))
+                log.warning("CeVAEAnomaly worker: %s", self.warnings[-1])
             else:
                 log.info("CeVAEAnomaly worker: %s", line)
         elif "progress" in message:
@@ -223,7 +229,13 @@ class WorkerJob:
         elif "done" in message:
             self.done = message["done"]
         elif "error" in message:
-            self.error = str(message["error"])
+            self.error = self._named(str(message["error"]))
+
+    def _named(self, text: str) -> str:
+        """``text`` with the paths of the worker's copies replaced by what the user calls them."""
+        for file, name in self._names:
+            text = text.replace(file, name)
+        return text
 
     def _end(self, returncode: int) -> None:
         if self._remove_folder_at_end:

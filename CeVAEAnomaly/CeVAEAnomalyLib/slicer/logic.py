@@ -382,7 +382,8 @@ class CeVAEAnomalyLogic(_LogicBase):
             task = dict(task="detect", image=str(folder / "input.nrrd"),
                         mask=str(folder / "input_mask.nrrd") if mask is not None else None,
                         model=str(modelPath) if modelPath else None, request=request.to_dict(), out_dir=str(folder))
-            job = WorkerJob(task, folder, launch, python)
+            job = WorkerJob(task, folder, launch, python, names=_copyNames(folder, "input", volumeNode,
+                                                                           maskNode if mask is not None else None))
         except BaseException:
             _removeFolder(folder)
             raise
@@ -503,15 +504,17 @@ class CeVAEAnomalyLogic(_LogicBase):
         folder = Path(tempfile.mkdtemp(prefix=f"{JOB_FOLDER_PREFIX}{task}-"))
         try:
             subjects: List[Dict[str, Optional[str]]] = []
+            names: Dict[str, str] = {}
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
                 image, maskImage = self._inputImages(volume, mask, None)
                 stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
                 _writeInputs(folder, stem, image, maskImage)
+                names.update(_copyNames(folder, stem, volume, mask if maskImage is not None else None))
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None,
                                      person=bids_person(Path(volume.GetName() + ".nrrd"))))
             return WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python,
-                             remove_folder_at_end=True)
+                             remove_folder_at_end=True, names=names)
         except BaseException:
             _removeFolder(folder)
             raise
@@ -638,6 +641,14 @@ def _writeInputs(folder: Path, stem: str, image: "sitk.Image", mask: Optional["s
     if mask is not None:
         files[folder / f"{stem}_mask.nrrd"] = lambda tmp: sitk.WriteImage(mask, tmp)
     write_all(files, overwrite=True)
+
+
+def _copyNames(folder: Path, stem: str, volume, mask) -> Dict[str, str]:
+    """The worker's copies written by :func:`_writeInputs` and the names of the nodes they copy, quoted."""
+    names = {str(folder / f"{stem}.nrrd"): f"'{volume.GetName()}'"}
+    if mask is not None:
+        names[str(folder / f"{stem}_mask.nrrd")] = f"'{mask.GetName()}'"
+    return names
 
 
 def _removeFolder(folder: Path) -> None:
