@@ -152,13 +152,13 @@ def non_finite_at(shape) -> np.ndarray:
     return holes
 
 
-def nan_voxels(d: Path, g: Inputs) -> Inputs:
+def nan_voxels(d: Path, g: Inputs, name: str = "holes.nii.gz") -> Inputs:
     image, arr, _ = head_arrays(g)
     holes = non_finite_at(arr.shape)
     arr[holes] = np.nan
     arr[18, 22, 10:12] = np.inf
     arr[5, 5, 5] = -np.inf
-    return Inputs(write(like(arr, image), d / "holes.nii.gz"), g.mask, g.model)
+    return Inputs(write(like(arr, image), d / name), g.mask, g.model)
 
 
 def without_mask(build: Callable[[Path, Inputs], Inputs]) -> Callable[[Path, Inputs], Inputs]:
@@ -571,6 +571,31 @@ def truncated_pair(d: Path, g: Inputs) -> Inputs:
     return Inputs(d / "pair.hdr", g.mask, g.model)
 
 
+def truncated_upper_case_pair(d: Path, g: Inputs) -> Inputs:
+    """An SPM2/Windows export's SCAN.HDR/SCAN.IMG, the data file cut short (ITK reads it, zeros for the rest)."""
+    truncated_pair(d, g)
+    (d / "pair.hdr").rename(d / "SCAN.HDR")
+    (d / "pair.img").rename(d / "SCAN.IMG")
+    return Inputs(d / "SCAN.HDR", g.mask, g.model)
+
+
+def truncated_gzipped_pair(d: Path, g: Inputs) -> Inputs:
+    sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "pair.hdr"))
+    packed = gzip.compress((d / "pair.img").read_bytes())
+    (d / "pair.img").unlink()
+    (d / "pair.img.gz").write_bytes(packed[: len(packed) // 2])
+    return Inputs(d / "pair.hdr", g.mask, g.model)
+
+
+def gzipped_named_nii(d: Path, g: Inputs) -> Inputs:
+    shutil.copy(g.image, d / "packed.nii")  # the fixture's scan is a .nii.gz
+    return Inputs(d / "packed.nii", g.mask, g.model)
+
+
+def nan_voxels_in_a_pair(d: Path, g: Inputs) -> Inputs:
+    return nan_voxels(d, g, "holes.hdr")
+
+
 def tiny_units(d: Path, g: Inputs) -> Inputs:
     image, arr, _ = head_arrays(g)
     return Inputs(write(like(arr.astype(np.float32) * 1e-8, image), d / "tiny_units.nii.gz"), g.mask, g.model)
@@ -709,6 +734,14 @@ CASES: Dict[str, Case] = {
     ".mhd without its data file": Case(header_without_data, REFUSED,
                                        r"header .*head\.mhd names the data file .*head\.raw, which does not exist"),
     "truncated .hdr/.img pair": Case(truncated_pair, REFUSED, r"pair\.img is truncated or corrupt \(it holds"),
+    "truncated .HDR/.IMG pair": Case(truncated_upper_case_pair, REFUSED,
+                                     r"SCAN\.IMG is truncated or corrupt \(it holds"),
+    "truncated .hdr/.img.gz pair": Case(truncated_gzipped_pair, REFUSED,
+                                        r"pair\.img\.gz is truncated or corrupt \(it holds"),
+    "gzip file named .nii": Case(gzipped_named_nii, REFUSED, r"packed\.nii is gzip-compressed but named \.nii, .*"
+                                                             r"rename it to end in \.nii\.gz"),
+    "NaN and Inf voxels in a .hdr/.img pair": Case(nan_voxels_in_a_pair, 0,
+                                                   r"8 brain voxels are NaN or infinite; they are left out"),
     "intensities scaled by 1e-8": Case(tiny_units, 0, r"Wrote"),
     "FIFO as image": Case(fifo_image, REFUSED, r"image .*pipe\.nii\.gz is a named pipe \(FIFO\), not a file"),
     "FIFO as model": Case(fifo_model, REFUSED, r"model bundle .*pipe\.cevae is a named pipe \(FIFO\)"),

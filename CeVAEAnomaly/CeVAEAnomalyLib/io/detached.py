@@ -20,6 +20,7 @@ _KEYS = {".mhd": ("elementdatafile", "="), ".mha": ("elementdatafile", "="),
          ".nhdr": ("data file", ":"), ".nrrd": ("data file", ":")}
 _PAIRS = ((".hdr", (".img", ".img.gz")), (".img", (".hdr",)), (".hdr.gz", (".img.gz",)),
           (".img.gz", (".hdr.gz", ".hdr")))  # an Analyze/NIfTI pair: name ending -> the other half's
+PAIR_ENDINGS = tuple(ending for ending, _ in _PAIRS)  # the names of a pair's halves (lower case)
 _INTEGER_FIELD = re.compile(r"%0?\d*d")
 
 

@@ -31,26 +31,29 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     else:
         if p.stat().st_size == 0:
             raise CeVAEError(f"The {what} file {p} is empty.")
-        layout = _nifti_layout(p)
+        pair = _pair_files(p)
+        data, layout = pair[1] if pair else p, _pair_layout(*pair) if pair else _nifti_layout(p)
         if layout is not None:
             _refuse_sizeless_voxels(p, layout, what)
-        plain = layout is not None and layout.datatype in _NIFTI_TYPES
-        floats = plain and layout.datatype in _NIFTI_FLOATS
-        image = _read_plain_nifti(p, layout, what) if plain else None  # checks its own length
+        known = layout is not None and layout.datatype in _NIFTI_TYPES
+        floats = known and layout.datatype in _NIFTI_FLOATS
+        image = _read_plain_nifti(p, layout, what) if known and not pair else None  # checks its own length
         if image is None:
             if layout is not None:
-                _check_nifti_complete(p, layout, what)
-            _check_pair_complete(p, what)
+                _check_nifti_complete(data, layout, what)
             _refuse_missing_data_file(p, what)
             try:
                 image = sitk.ReadImage(str(p))
             except RuntimeError as exc:
+                if layout is not None and layout.gz and p.name.lower().endswith(".nii"):
+                    raise CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI reader goes "
+                                     "by the name: rename it to end in .nii.gz.") from None
                 raise CeVAEError(
                     f"The {what} file {p} could not be read as an image "
                     f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
                 ) from None
             if floats:
-                image = _restore_non_finite(p, layout, image)
+                image = _restore_non_finite(data, layout, image)
     return check_volume(image, f"{what} {p.name}")
 
 
@@ -71,8 +74,8 @@ class _NiftiLayout:
     endian: str
     datatype: int
     voxels: int
-    offset: int  # first voxel byte (after header and extensions)
-    size: int  # bytes the (decompressed) file must hold
+    offset: int  # first voxel byte (after header and extensions; of a pair: in its data file)
+    size: int  # bytes the (decompressed) file holding the voxels must hold
     pixdim: Tuple[float, ...] = ()  # the voxel size of each axis the header gives (pixdim[1:dim+1])
     sform: bool = False  # the header holds an sform (sform_code > 0), which other software reads the grid from
 
@@ -99,8 +102,38 @@ def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
     return nifti_layout_of_header(header, gz)
 
 
-def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
-    """The voxel layout a NIfTI-1/-2 header announces; None if ``header`` is not a valid one."""
+def _pair_files(p: Path) -> Optional[Tuple[Path, Path]]:
+    """The header and data file of the .hdr/.img pair (NIfTI-1 or Analyze 7.5) that ``p`` is a half of, in any
+    case (SCAN.HDR, SCAN.IMG) and either gzipped; None if ``p`` is not named as one or its other half is missing
+    (the image reader names it)."""
+    from .detached import PAIR_ENDINGS, read_alongside
+
+    lower = p.name.lower()
+    if not lower.endswith(PAIR_ENDINGS):
+        return None
+    other = next((f for f in read_alongside(p).files if f.is_file()), None)
+    if other is None:
+        return None
+    return (p, other) if lower.endswith((".hdr", ".hdr.gz")) else (other, p)
+
+
+def _pair_layout(header_path: Path, data_path: Path) -> Optional[_NiftiLayout]:
+    """The voxel layout of a pair's data file, read from its header; None if that is not a readable one."""
+    try:
+        with open(data_path, "rb") as fh:
+            gz = fh.read(2) == _GZIP_MAGIC
+        with open(header_path, "rb") as fh:
+            zipped = fh.read(2) == _GZIP_MAGIC
+        with (gzip.open(header_path, "rb") if zipped else open(header_path, "rb")) as fh:
+            header = fh.read(348)
+    except (EOFError, OSError, zlib.error):
+        return None
+    return nifti_layout_of_header(header, gz, pair=True)
+
+
+def nifti_layout_of_header(header: bytes, gz: bool, pair: bool = False) -> Optional[_NiftiLayout]:
+    """The voxel layout a NIfTI-1/-2 header announces; None if ``header`` is not a valid one (``pair``: the header
+    of an .hdr/.img pair, whose voxels start at their offset in the data file, 0 being the start)."""
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
         if size == 348 and len(header) >= 348:
@@ -108,7 +141,8 @@ def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
             dims = struct.unpack(endian + "8h", header[40:56])
             pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            sform = struct.unpack(endian + "h", header[254:256])[0] > 0
+            # an Analyze 7.5 header (no NIfTI magic) holds its originator where NIfTI-1 holds sform_code
+            sform = header[344:348] in (b"ni1\0", b"n+1\0") and struct.unpack(endian + "h", header[254:256])[0] > 0
         elif size == 540 and len(header) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
@@ -120,7 +154,7 @@ def nifti_layout_of_header(header: bytes, gz: bool) -> Optional[_NiftiLayout]:
         if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
             return None  # malformed: the image reader reports it
         voxels = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
-        offset = max(offset, size)
+        offset = max(offset, 0 if pair else size)
         return _NiftiLayout(gz, endian, datatype, voxels, offset, offset + voxels * bitpix // 8,
                             tuple(float(v) for v in pixdim[1 : min(dims[0], 3) + 1]), sform)
     return None
@@ -156,28 +190,6 @@ def _check_nifti_complete(p: Path, layout: _NiftiLayout, what: str) -> None:
     have = _gunzipped_size(p, layout.size) if layout.gz else p.stat().st_size
     if have < layout.size:
         _refuse_truncated(p, layout, have, what)
-
-
-def _check_pair_complete(p: Path, what: str) -> None:
-    """Refuse an .hdr/.img pair (NIfTI-1 or Analyze 7.5) whose .img holds fewer voxels than its .hdr announces:
-    ITK would fill the missing ones with zeros. (Compressed pairs are left to the reader.)"""
-    if p.suffix not in (".hdr", ".img"):
-        return
-    header_path, data_path = p.with_suffix(".hdr"), p.with_suffix(".img")
-    try:
-        with open(header_path, "rb") as fh:
-            layout = nifti_layout_of_header(fh.read(348), gz=False)
-        with open(data_path, "rb") as fh:
-            compressed = fh.read(2) == _GZIP_MAGIC
-        have = data_path.stat().st_size
-    except OSError:
-        return  # a missing half: the image reader names it
-    if layout is None or compressed:
-        return
-    need = layout.size - layout.offset  # the voxels' bytes (the pair's .img starts with them)
-    if have < need:
-        raise CeVAEError(f"The {what} file {data_path} is truncated or corrupt (it holds {have} of the {need} bytes "
-                         f"its header {header_path.name} announces); copy or export the pair again.")
 
 
 def _refuse_missing_data_file(p: Path, what: str) -> None:
