@@ -73,7 +73,8 @@ def collect_folder(folder: Path) -> List[BatchItem]:
     masks: Dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         stem = image_stem(p.name)
-        if stem is None or p.name.startswith(".") or not p.is_file():
+        dangling = p.is_symlink() and not p.exists()  # a file not yet fetched (git-annex, DataLad), a disk not mounted
+        if stem is None or p.name.startswith(".") or not (p.is_file() or dangling):  # dangling: an error row says so
             if stem is not None and not p.name.startswith(".") and p.exists() and not p.is_dir():
                 log.warning("%s in %s is not a regular file (a named pipe, device or socket); ignored.", p.name,
                             folder)
@@ -459,12 +460,13 @@ class Summary:
 
 
 def _earlier_rows(summary_path: Path) -> Tuple[Dict[str, Dict[str, str]], float]:
-    """Finished rows of the summary an earlier run left at this path, and its modification time. Another file
-    there (without the summary's columns, or not UTF-8 text) is refused: the run would replace it."""
+    """Finished rows of the summary an earlier run left at this path, and its modification time (a byte-order mark,
+    as Excel saves one, is allowed). Another file there (without the summary's columns, or not UTF-8 text) is
+    refused: the run would replace it."""
     if not summary_path.exists():
         return {}, -math.inf
     try:
-        with open(summary_path, newline="", encoding="utf-8") as fh:
+        with open(summary_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             if set(SUMMARY_FIELDS) - set(LATER_FIELDS) <= set(reader.fieldnames or ()):
                 rows = {r["name"]: r for r in reader if r.get("status") in ("ok", "skipped")}
@@ -504,7 +506,7 @@ def _listed_names(out_dir: Path) -> Set[str]:
     names: Set[str] = set()
     for path in sorted(out_dir.glob("summary*.csv")):
         try:
-            with open(path, newline="", encoding="utf-8") as fh:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh)
                 if set(SUMMARY_FIELDS) - set(LATER_FIELDS) <= set(reader.fieldnames or ()):
                     names.update(row["name"] for row in reader)

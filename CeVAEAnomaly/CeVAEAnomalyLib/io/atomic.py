@@ -132,14 +132,9 @@ def atomic_path(target: Path, durable: bool = False) -> Iterator[str]:
                 os.unlink(name)
 
 
-def _text_writer(text: str) -> Writer:
-    data = text.encode("utf-8")
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    return write
+def _text_bytes(text: str) -> bytes:
+    """``text`` as UTF-8; the bytes of a file name that is not UTF-8 (held as surrogates) as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode("utf-8")
 
 
 def _writer_for(value: object) -> Writer:
@@ -149,17 +144,16 @@ def _writer_for(value: object) -> Writer:
         return value  # type: ignore[return-value]
     if isinstance(value, sitk.Image):
         return lambda tmp: sitk.WriteImage(value, tmp, True)
-    if isinstance(value, str):
-        return _text_writer(value)
-    if isinstance(value, bytes):
-        return lambda tmp: Path(tmp).write_bytes(value)
+    if isinstance(value, (str, bytes)):
+        data = _text_bytes(value) if isinstance(value, str) else value
+        return lambda tmp: Path(tmp).write_bytes(data)
     raise TypeError(f"cannot write a {type(value).__name__}")
 
 
 def _size_of(value: object) -> Optional[int]:
     """The bytes a text or bytes value writes (None: the writer's own format, checked otherwise)."""
     if isinstance(value, str):
-        return len(value.encode("utf-8"))
+        return len(_text_bytes(value))
     return len(value) if isinstance(value, bytes) else None
 
 

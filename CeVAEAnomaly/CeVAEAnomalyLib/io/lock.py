@@ -42,8 +42,12 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
     while True:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(path, "ab")  # created if missing, never truncated
+            # created if missing, never truncated; never through a symbolic link (it would write into its target)
+            fh = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "ab")
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CeVAEError(f"The lock file {path} of {target} is a symbolic link, which a lock file never is; "
+                                 "remove the link (not what it points to) and run again.") from None
             raise CeVAEError(f"Cannot write into {target.parent} ({exc.strerror or exc}); choose a folder you can "
                              "write to.") from None
         try:

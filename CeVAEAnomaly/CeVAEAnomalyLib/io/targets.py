@@ -51,12 +51,28 @@ def refuse_unsearchable(path: Path, what: str, where: str = "") -> None:
             raise CeVAEError(f"{lead} {shown} cannot be opened: {exc.strerror.lower()}.") from None
 
 
+def refuse_undecodable_name(path: Path, what: str, where: str = "") -> None:
+    """Refuse a path that is not valid UTF-8 (a Latin-1 name from an old archive on a UTF-8 system): SimpleITK,
+    which reads and writes the images, cannot take it, and aborted the whole process on it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+        lead = f"{where}the {what}" if where else f"The {what}"
+        raise CeVAEError(f"{lead} path {shown} is not valid UTF-8 text, and the image library cannot open such a "
+                         "name. Rename the file or folder (for example with convmv).") from None
+
+
 def refuse_missing_volume(path: Path, what: str, where: str = "") -> None:
-    """Refuse a volume path that the system cannot look up, that does not exist, or that is a FIFO,
-    device or socket (``where``, e.g. "list.csv, line 4: ", leads the message)."""
+    """Refuse a volume path that is not UTF-8, that the system cannot look up, that does not exist, or that is a
+    FIFO, device or socket (``where``, e.g. "list.csv, line 4: ", leads the message)."""
+    refuse_undecodable_name(path, what, where)
     refuse_unsearchable(path, what, where)
     lead = f"{where}the {what}" if where else f"The {what}"
     if not path.exists():
+        if path.is_symlink():
+            raise CeVAEError(f"{lead} {path} is a symbolic link to {os.readlink(path)}, which does not exist (a file "
+                             "not yet fetched, or on a disk not mounted?).")
         raise CeVAEError(f"{lead} {path} does not exist.")
     kind = special_file_kind(path)
     if kind is not None:
@@ -186,6 +202,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
     """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
     target = Path(target)
+    refuse_undecodable_name(target, "output")
     refuse_overlong_name(target)
     refuse_under_a_file(target)
     if target.is_dir():
@@ -203,8 +220,24 @@ def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
         raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
 
 
+def refuse_unwritable_folder(folder: Path) -> None:
+    """Refuse outputs in a folder that cannot be written (a read-only file system, no permission), before any work
+    rather than after it; a folder not made yet is judged by the nearest one above it."""
+    import tempfile
+
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    if existing is None:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".cevae-write-test-"):
+            pass
+    except OSError as exc:
+        raise CeVAEError(f"Cannot write into {folder} ({exc.strerror or exc}); choose a folder you can write "
+                         "to.") from None
+
+
 def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optional[Path]] = ()) -> None:
-    """Refuse outputs that equal an input, repeat each other, or exist (without overwrite)."""
+    """Refuse outputs that equal an input, repeat each other, exist (without overwrite) or cannot be written."""
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     seen = set()
     for t in targets:
@@ -213,4 +246,6 @@ def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optio
             raise CeVAEError(f"The output {t} is named twice.")
         seen.add(r)
         check_output_path(Path(t), overwrite, known)
+    for folder in sorted({r.parent for r in seen}):
+        refuse_unwritable_folder(folder)
 
