@@ -345,6 +345,19 @@ def test_the_command_refuses_too_few_scans_another_contrast_and_models_it_cannot
     assert not Path(out).exists() and not list(tmp_path.glob("site.cevae*"))
 
 
+SLOW_STEPS = """
+import sys, time
+from CeVAEAnomalyLib.training.trainer import Trainer
+step = Trainer._train_step
+def slow(self, batch):
+    time.sleep(1.0)
+    return step(self, batch)
+Trainer._train_step = slow
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_bundle, site, tmp_path):
     """A scheduler's SIGTERM mid-adaptation: exit 143, no bundle, checkpoints kept; --resume completes it."""
@@ -355,11 +368,14 @@ def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_b
     import time
 
     out = tmp_path / "site.cevae"
-    cmd = [sys.executable, "-m", "CeVAEAnomalyLib.cli", "adapt", str(site["a"]), str(site["b"]), "--model",
-           str(tiny_bundle), "--out", str(out), "--steps", "400", "--batch-size", "8", "--checkpoint-every", "2",
-           "--device", "cpu"]
+    args = ["adapt", str(site["a"]), str(site["b"]), "--model", str(tiny_bundle), "--out", str(out), "--steps", "6",
+            "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "CeVAEAnomalyLib.cli", *args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the first run's steps are slowed down, so that the signal comes while it trains (a resume takes the same
+    # --steps: an adaptation's runs are trained alike)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     fold1 = tmp_path / "site.cevae.fold1.ckpt"
     deadline = time.monotonic() + 120
     while not fold1.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -368,8 +384,7 @@ def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_b
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().endswith("terminated"), err
     assert fold1.is_file() and not out.exists()
-    resumed = subprocess.run([*cmd[:-8], "--steps", "6", "--batch-size", "8", "--checkpoint-every", "2",
-                              "--device", "cpu", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed from" in resumed.stderr and read_header(out).extra["adaptation"]["steps_per_run"] == 6
     written = out.read_bytes()

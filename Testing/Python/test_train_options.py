@@ -137,9 +137,10 @@ def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
 
 
 def exists_error(path) -> str:
-    """The one line a run prints for an existing output without --overwrite or --resume."""
-    return (f"error: {path} already exists; pass --overwrite to replace it, or --resume to continue the run that "
-            "wrote it.")
+    """The one line a run prints for an existing output without --overwrite or --resume, where no checkpoint is
+    there to resume (--resume was offered, and then refused for want of one)."""
+    return (f"error: {path} already exists; pass --overwrite to replace it (there is no checkpoint of the run that "
+            "wrote it to resume), or choose another --out.")
 
 
 def test_an_existing_output_needs_overwrite(cohort, tmp_path, capsys):

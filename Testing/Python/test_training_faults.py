@@ -333,6 +333,25 @@ def test_resume_refuses_other_or_changed_volumes(manifest, tmp_path):
         Trainer(resume, subjects[:2]).load_checkpoint()
 
 
+def test_a_resume_with_the_volumes_listed_in_another_order_continues_the_same_run(manifest, tmp_path, caplog):
+    """A manifest regenerated in another order was accepted, but the restored sampler's place then counted another
+    volume's slices (and the split could change): the resume goes on with the checkpoint's order and split."""
+    reordered = manifest.with_name("reordered.csv")
+    rows = manifest.read_text().splitlines()
+    reordered.write_text("\n".join([rows[0], *reversed(rows[1:])]) + "\n")
+    straight, resumed = tmp_path / "straight.cevae", tmp_path / "resumed.cevae"
+    split = ["--val-fraction", "0.5", "--no-augment"]  # (the later flag wins over SMALL's 0)
+    assert main(train_argv(manifest, straight, 2 * EVERY, *split)) == 0
+    assert main(train_argv(manifest, resumed, EVERY, *split)) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(train_argv(reordered, resumed, 2 * EVERY, *split, "--resume")) == 0
+    assert "listed in another order than in the run being resumed" in caplog.text
+    a, b = load_bundle(straight, "cpu"), load_bundle(resumed, "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert read_header(straight).training["validation_subjects"] == read_header(resumed).training[
+        "validation_subjects"]
+
+
 def test_resume_accepts_the_same_run_with_the_options_it_may_change(manifest, tmp_path):
     saved_trainer(tmp_path, manifest)
     resumed = tiny_trainer(tmp_path, manifest, resume=True, max_steps=50, checkpoint_every=5, loader_workers=0)
@@ -511,7 +530,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_error(manifest, tmp_path
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(lock, "open", read_only, raising=False)
+    monkeypatch.setattr(lock, "_open_lock", read_only)
     assert main(train_argv(manifest, tmp_path / "model.cevae", 2)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Cannot write into") and "Read-only file system" in err and "unexpected" not in err

@@ -52,6 +52,21 @@ def test_train_counts_the_same_scan_in_two_formats_once(heads, tmp_path, caplog)
     assert len(training["subjects"]) == len(training["validation_subjects"]) == 1 and sorted(names) == ["s4", "s5"]
 
 
+def test_a_brain_mask_given_only_on_a_repeat_is_the_one_used_and_the_warning_says_which(heads, caplog):
+    from CeVAEAnomalyLib.training.data import unique_subjects
+
+    scan, given, other = heads / "s4.nii.gz", heads / "s4_mask.nii.gz", heads / "s5_mask.nii.gz"
+    checksums = {scan: "same", heads / "s4.nii": "same"}
+    with caplog.at_level(logging.WARNING):  # the first listing has no mask: the automatic one was trained on
+        assert unique_subjects([Subject(scan), Subject(heads / "s4.nii", given)], checksums) == [Subject(scan, given)]
+    assert f"it is used once, with the brain mask {given} given on its repeat." in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        kept = unique_subjects([Subject(scan, given), Subject(heads / "s4.nii", other)], checksums)
+    assert kept == [Subject(scan, given)]
+    assert f"it is used once, with the brain mask {given} (the repeat's {other} is not used)." in caplog.text
+
+
 def test_calibrate_counts_the_same_scan_in_two_formats_once(heads, tiny_bundle, tmp_path, caplog):
     out, manifest = tmp_path / "calibrated.cevae", tmp_path / "healthy.csv"
     mask = heads / "s4_mask.nii.gz"

@@ -62,11 +62,12 @@ def _add_train(sub) -> None:
     t = _command(sub, "train", help="train a model on healthy volumes")
     _add_subjects(t, "healthy")
     t.add_argument("--out", type=path_value, required=True, help="model bundle to write (.cevae)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
+    anew = t.add_mutually_exclusive_group()  # start anew or continue: never both
+    anew.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
     t.add_argument("--max-steps", type=int, default=cfg.max_steps, help="training steps (batches)")
     t.add_argument("--max-minutes", type=float,
                    help="stop after this many minutes of training, counted once the slices are loaded (default: no limit)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (and replace OUT)")
+    anew.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (and replace OUT)")
     t.add_argument("--seed", type=int, default=cfg.seed, help="random seed (split, initialisation, augmentation)")
     _add_slices(t, cfg, cache_required=False)
     t.add_argument("--channels", default=",".join(str(c) for c in cfg.model.channels),
@@ -129,8 +130,9 @@ def _add_adapt(sub) -> None:
                    help="steps between checkpoints")
     a.add_argument("--seed", type=int, default=o.seed, help="random seed (folds' fine-tuning)")
     a.add_argument("--cache-dir", type=path_value, help="folder of preprocessed slices kept between runs")
-    a.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing --out, its checkpoints and logs")
+    anew = a.add_mutually_exclusive_group()  # start anew or continue: never both
+    anew.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
+    anew.add_argument("--overwrite", action="store_true", help="replace an existing --out, its checkpoints and logs")
     a.add_argument("--amp", action="store_true", help="mixed precision")
     _add_device(a)
 

@@ -11,7 +11,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from ..errors import CeVAEError
 from .targets import name_leaving_room
@@ -42,8 +42,7 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
     while True:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            # created if missing, never truncated; never through a symbolic link (it would write into its target)
-            fh = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "ab")
+            fh = _open_lock(path)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise CeVAEError(f"The lock file {path} of {target} is a symbolic link, which a lock file never is; "
@@ -77,6 +76,12 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
         except OSError:
             pass
         fh.close()
+
+
+def _open_lock(path: Path) -> BinaryIO:
+    """The lock file, created if missing, never truncated, and never opened through a symbolic link (that would
+    write into the link's target)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "ab")
 
 
 def _holder(path: Path, command: str) -> str:

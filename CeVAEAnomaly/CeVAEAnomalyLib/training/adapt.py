@@ -20,7 +20,6 @@ import numpy as np
 
 from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibration import calibrated_test_time_steps
-from ..engine.config import PreprocessConfig
 from ..engine.devices import resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
@@ -95,7 +94,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     if options.resume and finished:
         raise CeVAEError(f"The adaptation to {out} is complete (its model file is written); there is nothing to "
                          "resume. Pass --overwrite to adapt again.")
-    bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them
+    parent = sha256_of(base)  # the file every run starts from, as the bundle records it
+    bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them (all runs: these)
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
         cache = SliceCache(root, bundle.preprocess)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
@@ -105,15 +105,15 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         check_modality([s.name for s in subjects], contrasts, header)
         if options.overwrite and not options.resume:  # the scans are usable: the earlier adaptation goes now
             _remove_earlier_adaptation(out)
-        models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle.preprocess, root,
-                                            options.resume, training_part)
+        models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, options.resume,
+                                            training_part)
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
         new = training_header(out.stem, bundle.preprocess, header.loss, final.record(seconds))
         adapted = replace(new, score_options=header.score_options, postprocess=header.postprocess,
                           modality=header.modality, default_fpr=header.default_fpr,
-                          extra=dict(new.extra, adaptation=_record(header, base, subjects, checksums, plan,
-                                                                   contrasts, options)))
+                          extra=dict(new.extra, adaptation=_record(header, base, parent, subjects, checksums,
+                                                                   plan, contrasts, options)))
         path = package(out, final.model, adapted, subjects, "site scans, each scored by the fold model fine-tuned "
                        "without it", final.device, half=False, scorers=scorers,
                        progress=labelled(scaled(progress, 1.0 - calibrate_share, 1.0), "Calibrating"),
@@ -138,11 +138,12 @@ def _default_threshold(header: BundleHeader) -> Optional[float]:
 
 
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
-               header: BundleHeader, pre: PreprocessConfig, cache: Path, resume: bool,
+               header: BundleHeader, base: Bundle, cache: Path, resume: bool,
                progress: Optional[ProgressCallback]) -> Tuple[Dict[str, CeVAE], Trainer, float]:
-    """Each run in turn (fold N without its held-out scans, then the final one on all): the models by run,
-    the final run's trainer and the seconds the folds spent training, in this session and before a resume, and
-    the final run in this session. A run whose checkpoint exists resumes from it."""
+    """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
+    ``base``: the models by run, the final run's trainer and the seconds the folds spent training, in this session
+    and before a resume, and the final run in this session. A run whose checkpoint exists resumes from it."""
+    start = base.model.state_dict()
     models: Dict[str, CeVAE] = {}
     seconds = 0.0
     share = (1.0 - PREPARE_SHARE) / len(runs)
@@ -155,9 +156,9 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
                       resume=resume and configs[run].checkpoint_path.is_file())
         title = (f"Fine-tuning {n + 1}/{len(runs)} (without {', '.join(subjects[j].name for j in held)})"
                  if held else f"Fine-tuning {n + 1}/{len(runs)} (final model, all scans)")
-        start = PREPARE_SHARE + n * share
-        return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], pre,
-                       labelled(scaled(progress, start, start + share), title))
+        begin = PREPARE_SHARE + n * share
+        return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], base.preprocess,
+                       labelled(scaled(progress, begin, begin + share), title), start_weights=start)
 
     # every checkpoint the resume continues from is checked first: one of another run (a final checkpoint of another
     # adaptation) is refused before any fold trains, not after all of them
@@ -220,13 +221,13 @@ def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
     return file_checksums(subjects, DistInfo())
 
 
-def _record(header: BundleHeader, base: Path, subjects: Sequence[Subject], checksums: Dict[Path, str],
+def _record(header: BundleHeader, base: Path, parent: str, subjects: Sequence[Subject], checksums: Dict[Path, str],
             plan: List[List[int]], contrasts: Sequence[float], options: AdaptOptions) -> Dict[str, Any]:
-    """The ``adaptation`` section of the adapted bundle's header."""
+    """The ``adaptation`` section of the adapted bundle's header (``parent``: the base model file's sha256)."""
     distinct = distinct_names([s.image for s in subjects])
     names = [distinct[s.image] for s in subjects]
     return {
-        "parent": {"name": header.name, "file": base.name, "sha256": sha256_of(base)},
+        "parent": {"name": header.name, "file": base.name, "sha256": parent},
         "site_scans": subject_records(subjects, checksums, distinct),
         "folds": [{"held_out": [names[j] for j in held], "trained_on": [n for j, n in enumerate(names) if j not in held]}
                   for held in plan],

@@ -50,6 +50,9 @@ class AdaptOptions:
         """Raise :class:`~.config.SettingError` naming the setting (by field name) adapting cannot run with."""
         if self.steps < 1:
             raise SettingError("{steps} must be at least 1, got %s." % self.steps, "steps")
+        if self.resume and self.overwrite:
+            raise SettingError("{resume} continues an adaptation and {overwrite} starts anew; give one of them.",
+                               "resume", "overwrite")
         if self.folds < 2:
             raise SettingError("{folds} must be at least 2 (one fold held out while the others train), got %s."
                                % self.folds, "folds")
@@ -61,7 +64,7 @@ class AdaptOptions:
         return TrainConfig(out=target, batch_size=self.batch_size, lr=self.lr, max_steps=self.steps,
                            checkpoint_every=min(self.checkpoint_every, self.steps), val_fraction=0.0, seed=self.seed,
                            device=self.device, resume=self.resume, amp=self.amp, cache_dir=self.cache_dir,
-                           init_from=init_from)
+                           init_from=init_from, adaptation={"steps": self.steps, "lr": self.lr})
 
 
 def fold_plan(persons: Sequence[Sequence[int]], max_folds: int) -> List[List[int]]:

@@ -49,7 +49,8 @@ CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
 # every entry's key, so an upgrade that changes them never reuses slices made before. Raise it with any such
 # change; the recorded digest of those files (Testing/Python/slicing_sources.json) makes the tests ask.
 # 2: the automatic brain mask's rules for skull-stripped brains and partial head coverage.
-SLICING_VERSION = 2
+# 3: the automatic brain mask made in one voxel order (LPS), whatever the order a scan is stored in.
+SLICING_VERSION = 3
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
 # an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx.npy (or .json)
 _ORPHAN = re.compile(r"\.[0-9a-f]{32}\.(npy|json)\.[0-9a-f]{8}\.\1")
@@ -312,7 +313,13 @@ class SliceSet(torch.utils.data.Dataset):
             self._pid = os.getpid()
         fh = self._files.pop(w, None)
         if fh is None:
-            fh = open(self.entries[w].path, "rb")
+            try:
+                fh = open(self.entries[w].path, "rb")
+            except FileNotFoundError:
+                raise CeVAEError(f"The prepared slices {self.entries[w].path} were removed while this run read them "
+                                 "(was the slice cache deleted?). Run again: the slices are prepared anew, and "
+                                 "--resume continues from the last checkpoint. Delete a cache only while no run uses "
+                                 "it.") from None
             if len(self._files) >= _OPEN_FILES:
                 self._files.popitem(last=False)[1].close()
         self._files[w] = fh

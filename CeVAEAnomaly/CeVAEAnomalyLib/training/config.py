@@ -81,6 +81,9 @@ class TrainConfig:
     cache_dir: Optional[Path] = None  # preprocessed-slice cache; None: a temporary one for this run
     loader_workers: Optional[int] = None  # DataLoader worker processes; None: 0 on the CPU, 4 on CUDA
     init_from: Optional[Path] = None  # a bundle whose weights the run starts from (fine-tuning)
+    # an adaptation's steps and learning rate, which all its runs share: part of each run's identity, so that a
+    # resume cannot give its runs different lengths (a train run may be resumed with other --max-steps and --lr)
+    adaptation: Optional[Dict[str, Any]] = None
 
     def run_options(self) -> Dict[str, Any]:
         """Every option that defines the run (all but :data:`RESUME_MAY_CHANGE`), to store in checkpoints; the
@@ -144,15 +147,17 @@ class TrainConfig:
                                      "cache a folder of its own.")
         if overwrite or self.resume:
             return
+        resumable = self.checkpoint_path.is_file()
         for path in self.earlier_outputs():
-            raise CeVAEError(f"{path} already exists; pass --overwrite to replace it, or --resume to "
-                             "continue the run that wrote it.")
+            raise CeVAEError(f"{path} already exists; pass --overwrite to replace it" + (
+                ", or --resume to continue the run that wrote it." if resumable else
+                " (there is no checkpoint of the run that wrote it to resume), or choose another --out."))
 
     def earlier_outputs(self) -> Tuple[Path, ...]:
         """The outputs of an earlier run that exist and that a new run may not replace unasked: all but a lone loss
         log (a run stopped before its first checkpoint), which a new run replaces."""
         outputs = (self.out, self.checkpoint_path, self.log_path)
-        if not self.out.exists() and not self.checkpoint_path.exists() and _is_run_log(self.log_path):
+        if not self.out.exists() and not self.checkpoint_path.exists() and _is_early_log(self.log_path):
             outputs = (self.out, self.checkpoint_path)
         return tuple(p for p in outputs if p.exists())
 
@@ -170,16 +175,24 @@ class SettingError(CeVAEError):
         return self.template.format(**{name: name_of(name) for name in self.settings})
 
 
-def _is_run_log(path: Path) -> bool:
-    """Whether ``path`` starts as a training run's loss log (its header's first columns, :data:`LOG_HEADER`; earlier
-    versions had fewer after them), or is empty (a run killed before it wrote its header); a file of another kind
-    under its name is never replaced without ``--overwrite``."""
+def _is_early_log(path: Path) -> bool:
+    """Whether ``path`` is the loss log of a run stopped before its first checkpoint: it starts as a training run's
+    log (its header's first columns, :data:`LOG_HEADER`; earlier versions had fewer after them) and no row has a
+    validation loss (written at each checkpoint), or it is empty (a run killed before it wrote its header). A
+    finished run's log (its model and checkpoint moved away) or a file of another kind under its name is never
+    replaced without ``--overwrite``."""
     try:
         with open(path, "rb") as fh:
             first = fh.readline(4096)
+            if first == b"":
+                return True
+            if first.rstrip(b"\r\n").split(b",")[:2] != [name.encode() for name in LOG_HEADER[:2]]:
+                return False
+            column = LOG_HEADER.index("val_loss")
+            return all(len(cells) <= column or not cells[column].strip()
+                       for cells in (line.split(b",") for line in fh))
     except OSError:
         return False
-    return first == b"" or first.rstrip(b"\r\n").split(b",")[:2] == [name.encode() for name in LOG_HEADER[:2]]
 
 
 def _at_least_one(setting: str, value: int) -> None:

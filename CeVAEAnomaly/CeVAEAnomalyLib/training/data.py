@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -38,13 +40,24 @@ def unique_subjects(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> 
     """The subjects without repeats of an image already listed (same content: by ``checksums``; train, calibrate
     and adapt give :func:`voxel_checksums`), in their order.
 
-    A volume listed twice would otherwise land in training and in validation/calibration at once.
+    A volume listed twice would otherwise land in training and in validation/calibration at once. A brain mask
+    given only on a repeat is kept (the first listing would have had it computed), and the warning says which
+    mask is used.
     """
     seen: Dict[str, Subject] = {}
     for s in subjects:
-        first = seen.setdefault(checksums[s.image], s)
-        if first is not s:
-            log.warning("%s repeats the image %s (same content); it is used once.", s.image, first.image)
+        key = checksums[s.image]
+        first = seen.setdefault(key, s)
+        if first is s:
+            continue
+        if first.mask is None and s.mask is not None:
+            seen[key] = replace(first, mask=s.mask)
+            used = f", with the brain mask {s.mask} given on its repeat"
+        elif s.mask is not None and Path(os.path.abspath(s.mask)) != Path(os.path.abspath(first.mask)):
+            used = f", with the brain mask {first.mask} (the repeat's {s.mask} is not used)"
+        else:
+            used = ""
+        log.warning("%s repeats the image %s (same content); it is used once%s.", s.image, first.image, used)
     return list(seen.values())
 
 

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -139,7 +139,10 @@ class Trainer:
         subjects: Sequence[Subject],
         preprocess: Optional[PreprocessConfig] = None,
         progress: Optional[ProgressCallback] = None,
+        start_weights: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> None:
+        """``start_weights``: those of ``cfg.init_from``, already loaded and checked (adapt loads its base model once
+        for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file."""
         cfg.validate()
         self.cfg = cfg
         self.progress = progress
@@ -158,7 +161,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = CeVAE(cfg.model).to(self.device)
         if cfg.init_from is not None:  # fine-tuning: start from a trained model's weights
-            self.model.load_state_dict(initial_weights(cfg.init_from, cfg.model))
+            self.model.load_state_dict(start_weights if start_weights is not None else
+                                       initial_weights(cfg.init_from, cfg.model))
         self.net: torch.nn.Module = self.model
         if self.dist.world > 1:  # the wrapper averages gradients over ranks during backward
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -336,9 +340,12 @@ class Trainer:
         """This run's options (preprocessing included), volumes and split, as checkpoints record them; made once
         (the base model of a fine-tuning is read for its checksum once, not at every checkpoint)."""
         if self._identity is None:
-            options = dict(self.cfg.run_options(), preprocess=self.pre.to_dict())
-            self._identity = run_identity(options, self.train_subjects, self.val_subjects, self.checksums)
+            self._identity = self._identity_with(self.train_subjects, self.val_subjects)
         return self._identity
+
+    def _identity_with(self, train: Sequence[Subject], val: Sequence[Subject]) -> Dict[str, object]:
+        options = dict(self.cfg.run_options(), preprocess=self.pre.to_dict())
+        return run_identity(options, train, val, self.checksums)
 
     def check_resume(self) -> Dict[str, object]:
         """The state of the checkpoint a resume continues from, refused if it is damaged or of another run (before
@@ -346,8 +353,33 @@ class Trainer:
         path = self.cfg.checkpoint_path
         hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
         state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
+        self._follow_checkpoint_order(state.get("run"), path)
         check_same_run(state.get("run"), self.run_identity(), path)
         return state
+
+    def _follow_checkpoint_order(self, saved: object, path: Path) -> None:
+        """Where this run lists the checkpoint's volumes in another order (a manifest regenerated, a folder given
+        instead) and is otherwise its run, go on with the checkpoint's order and split: the restored sampler's place
+        counts slices in that order, and the split depends on it. Anything else is left to :func:`check_same_run`
+        to name."""
+        def key(subject: Subject) -> Tuple[str, Optional[str]]:
+            return self.checksums[subject.image], self.checksums[subject.mask] if subject.mask is not None else None
+
+        mine = {key(s): s for s in (*self.train_subjects, *self.val_subjects)}
+        try:
+            train, val = ([mine[(v["image_sha256"], v["mask_sha256"])] for v in saved[role]]  # type: ignore[index]
+                          for role in ("train", "validation"))
+        except (KeyError, TypeError):
+            return
+        if len(train) + len(val) != len(mine) or (train, val) == (self.train_subjects, self.val_subjects):
+            return
+        try:
+            check_same_run(saved, self._identity_with(train, val), path)  # type: ignore[arg-type]
+        except CeVAEError:
+            return
+        log.info("The volumes are listed in another order than in the run being resumed; it goes on with its own "
+                 "order and training/validation split.")
+        self.train_subjects, self.val_subjects, self._identity = train, val, None
 
     def load_checkpoint(self) -> None:
         """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""

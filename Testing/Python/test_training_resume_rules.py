@@ -1,0 +1,105 @@
+"""What a resumed or repeated training or adaptation may change and what it may replace: an adaptation's runs share
+their length and learning rate, a finished run's log is kept, the advice names only what works, the base model is
+read once, and a cache deleted under a run is said in words."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+from CeVAEAnomalyLib.training.cache import Entry, SliceSet
+from CeVAEAnomalyLib.training.checkpoint import check_same_run, run_identity
+from CeVAEAnomalyLib.training.config import LOG_HEADER, TrainConfig
+from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyLib.training.trainer import Trainer
+
+
+def test_an_adaptation_resumed_with_other_steps_or_learning_rate_is_refused(tiny_bundle, tmp_path):
+    """A fold finished with 8 steps and the others resumed with 3 calibrated the model with fold models of different
+    lengths, and the bundle recorded 3 for every run."""
+    out = tmp_path / "site.cevae"
+
+    def identity(**options):
+        cfg = AdaptOptions(**options).run_config(out, "fold1", init_from=tiny_bundle)
+        return run_identity(cfg.run_options(), [], [], {})
+
+    check_same_run(identity(steps=8), identity(steps=8, checkpoint_every=4), out)  # how often: may change
+    with pytest.raises(CeVAEError, match=r"adaptation\.steps \(8 in the checkpoint, 3 now\)"):
+        check_same_run(identity(steps=8), identity(steps=3), out)
+    with pytest.raises(CeVAEError, match=r"adaptation\.lr \(0\.0001 in the checkpoint, 5e-05 now\)"):
+        check_same_run(identity(steps=8), identity(steps=8, lr=5e-5), out)
+    train = TrainConfig(out=out)  # a train run may be resumed to more steps or at a lower rate
+    check_same_run(run_identity(train.run_options(), [], [], {}),
+                   run_identity(dataclasses.replace(train, max_steps=9000, lr=1e-5).run_options(), [], [], {}), out)
+
+
+def test_resume_and_overwrite_together_are_refused(capsys):
+    for command in (["train", "x.nii.gz"], ["adapt", "x.nii.gz", "y.nii.gz"]):
+        assert main([*command, "--out", "m.cevae", "--overwrite", "--resume"]) == 2
+        assert "argument --resume: not allowed with argument --overwrite" in capsys.readouterr().err
+    with pytest.raises(CeVAEError, match=r"resume continues an adaptation and overwrite starts anew"):
+        AdaptOptions(resume=True, overwrite=True).validate()
+
+
+def write_log(path: Path, rows) -> None:
+    path.write_text(",".join(LOG_HEADER) + "\n" + "".join(",".join(str(v) for v in row) + "\n" for row in rows))
+
+
+def test_a_finished_runs_log_is_kept_and_a_run_stopped_before_its_first_checkpoint_is_replaced(tmp_path):
+    cfg = TrainConfig(out=tmp_path / "m.cevae", checkpoint_every=20)
+    early = [(10, 0.5, 0.1, 0.2, 0.2, "", 1.0, 100.0)]  # no checkpoint yet: no validation loss
+    write_log(cfg.log_path, early)
+    assert cfg.earlier_outputs() == ()
+    cfg.check_outputs((), overwrite=False)
+    write_log(cfg.log_path, [*early, (20, 0.4, 0.1, 0.2, 0.1, "nan", 2.0, 100.0)])  # a checkpoint (no validation set)
+    assert cfg.earlier_outputs() == (cfg.log_path,)  # the model and checkpoint moved away: the log is the run's record
+    with pytest.raises(CeVAEError, match=r"m\.cevae\.log\.csv already exists; pass --overwrite to replace it \(there "
+                                         r"is no checkpoint of the run that wrote it to resume\), or choose another"):
+        cfg.check_outputs((), overwrite=False)
+
+
+def test_an_existing_model_without_a_checkpoint_is_not_advised_to_be_resumed(tmp_path):
+    cfg = TrainConfig(out=tmp_path / "m.cevae")
+    cfg.out.write_bytes(b"a finished model")
+    with pytest.raises(CeVAEError) as refused:
+        cfg.check_outputs((), overwrite=False)
+    assert "--resume" not in str(refused.value)  # "--resume was given but there is no checkpoint" came next
+    cfg.checkpoint_path.write_bytes(b"a checkpoint")
+    with pytest.raises(CeVAEError, match=r"or --resume to continue the run that wrote it"):
+        cfg.check_outputs((), overwrite=False)
+
+
+def test_given_start_weights_are_the_ones_a_fine_tuning_starts_from(tiny_bundle, tmp_path, head):
+    """adapt loads its base once and gives every run those weights: a base file replaced during an adaptation
+    started the later runs from the replacement."""
+    base = load_bundle(tiny_bundle, "cpu")
+    other = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in base.model.state_dict().items()}
+    image, mask = head
+    cfg = TrainConfig(out=tmp_path / "m.cevae", model=base.model_config, loss=LossConfig(), device="cpu",
+                      val_fraction=0.0, init_from=tiny_bundle)
+    started = Trainer(cfg, [Subject(image, mask)], base.preprocess, start_weights=other)
+    assert all(torch.equal(a, b) for a, b in zip(started.model.state_dict().values(), other.values()))
+    from_file = Trainer(cfg, [Subject(image, mask)], base.preprocess)
+    assert all(torch.equal(a, b) for a, b in zip(from_file.model.state_dict().values(),
+                                                 base.model.state_dict().values()))
+    assert base.model_config == ModelConfig(**base.model_config.to_dict())
+
+
+def test_slices_deleted_under_a_run_are_said_in_words(tmp_path):
+    path = tmp_path / "slices.npy"
+    np.save(path, np.zeros((3, 8, 8), np.float32))
+    slices = SliceSet([Entry(path, 3, 128)], 8)
+    assert slices[[0, 1]].shape == (2, 1, 8, 8)
+    slices.close()
+    path.unlink()  # the cache folder deleted while the run uses it
+    with pytest.raises(CeVAEError, match=r"slices\.npy were removed while this run read them \(was the slice cache "
+                                         r"deleted\?\)\. Run again"):
+        slices[[2]]
