@@ -84,8 +84,9 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
         if entry.get("largest_voxel_mm"):
             low, high = entry["largest_voxel_mm"]
             lines.append(f"- The calibration's healthy scans have a largest voxel side of {low:g} to {high:g} mm; "
-                         f"detecting a scan whose largest side is more than {ACQUISITION_FACTOR:g} times outside that "
-                         "range warns that the threshold's false-positive rate on it is not known.")
+                         f"detecting a scan whose largest side is more than {ACQUISITION_FACTOR:g} times the upper end "
+                         f"({ACQUISITION_FACTOR * high:g} mm) warns that the threshold's false-positive rate on it is "
+                         "not known.")
     try:
         thorough = find_calibration(typed.calibration, typed.score_options.replace(test_time_steps=THOROUGH_STEPS),
                                     typed.postprocess)

@@ -189,6 +189,32 @@ def test_an_ignored_ctrl_c_leaves_the_registration_alone():
     assert ctrl_c_once.sent and np.array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(undisturbed))
 
 
+def test_the_same_head_stored_in_another_voxel_order_gets_the_same_mask():
+    """The registration samples by voxel index and averages blocks from index 0: a NIfTI's LAS and an NRRD's RAS
+    copy of one scan got masks 46-50 ml apart, and so other score maps. The mask is made in one order now."""
+    from CeVAEAnomalyLib.engine.brainmask import load_template
+
+    head, _ = load_template()
+    order = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(head.GetDirection())
+    reference = sitk.GetArrayFromImage(compute_brain_mask(head))
+    for other in {"RAS", "LPI", "SAL"} - {order}:  # flipped axes, and permuted ones
+        stored = sitk.DICOMOrient(head, other)
+        mask = compute_brain_mask(stored)
+        assert_same_grid(mask, stored)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.DICOMOrient(mask, order)), reference)
+
+
+def test_a_float64_scan_in_tiny_units_is_masked_like_the_scan():
+    """Cast to float32 for the registration, every voxel of a scan in units of 1e-50 became 0 ("this image is
+    constant"); like a huge one, it is scaled by a power of two first."""
+    from CeVAEAnomalyLib.engine.brainmask import load_template
+
+    head, _ = load_template()
+    tiny = sitk.Cast(head, sitk.sitkFloat64) * 1e-50
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(compute_brain_mask(tiny)),
+                                  sitk.GetArrayFromImage(compute_brain_mask(head)))
+
+
 def _acquisition(name: str, recipe, seed: int):
     """(image, reference mask) of the real ``name`` volume turned into an acquisition (a variant name of
     ``VARIANTS`` or a ``Recipe``), the reference mask degraded alike."""

@@ -394,7 +394,8 @@ def test_detection_says_when_a_scan_is_thicker_than_the_calibration_scans(tmp_pa
     assert all(entry["largest_voxel_mm"] == [1.5, 1.5] for entry in header.calibration.values())
     image, mask = make_head(seed=12)
     thick, thick_mask = make_head(seed=12, size=(40, 44, 9), spacing=(1.2, 1.0, 6.0))
-    for name, volume, brain in (("same", image, mask), ("thick", thick, thick_mask)):
+    fine, fine_mask = make_head(seed=12, size=(96, 96, 80), spacing=(0.6, 0.6, 0.6))
+    for name, volume, brain in (("same", image, mask), ("thick", thick, thick_mask), ("fine", fine, fine_mask)):
         sitk.WriteImage(volume, str(tmp_path / f"{name}.nii.gz"))
         sitk.WriteImage(brain, str(tmp_path / f"{name}_mask.nii.gz"))
 
@@ -407,6 +408,7 @@ def test_detection_says_when_a_scan_is_thicker_than_the_calibration_scans(tmp_pa
         return [r.getMessage() for r in caplog.records if "calibrated on" in r.getMessage()]
 
     assert warnings("same") == []
+    assert warnings("fine") == []  # resampled to the model's slices: it was told of "slice thickness" 0.6 mm
     told = warnings("thick")
     assert len(told) == 1 and "up to 6 mm" in told[0] and "1.5 mm" in told[0] and "cevae-anomaly calibrate" in told[0]
     assert warnings("thick", "--threshold", "3") == []  # an absolute threshold claims no rate

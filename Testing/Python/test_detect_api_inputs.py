@@ -82,6 +82,9 @@ def test_a_4d_image_holding_one_volume_is_scored_as_that_volume(tiny_bundle):
     result = detect(sitk.JoinSeries([image]), bundle, mask, threshold=1.0)
     assert result.score.GetDimension() == 3
     np.testing.assert_array_equal(_score(result), _score(detect(image, bundle, mask, threshold=1.0)))
+    # so is a mask (the command line took it; the API refused it as "not a single-channel 3D image")
+    np.testing.assert_array_equal(_score(detect(image, bundle, sitk.JoinSeries([mask]), threshold=1.0)),
+                                  _score(result))
 
 
 def test_load_bundle_takes_the_device_names_of_every_entry_point(tiny_bundle, caplog):

@@ -7,7 +7,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from CeVAEAnomalyLib.engine.postprocess import hysteresis, robust_normalise
+from CeVAEAnomalyLib.engine.postprocess import hysteresis, robust_normalise, threshold_labelmap
 from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_excess, slice_flags, slice_quantile
 
 
@@ -28,9 +28,9 @@ def test_robust_normalise_sparse_and_constant_maps() -> None:
 
 
 def brute_hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Flood fill over 26-neighbours from every voxel above ``high`` through voxels above ``low``."""
+    """Flood fill over 26-neighbours from every voxel at or above ``high`` through voxels above ``low``."""
     out = np.zeros(score.shape, bool)
-    queue = deque(tuple(v) for v in np.argwhere(score > high))
+    queue = deque(tuple(v) for v in np.argwhere(score >= high))
     for v in queue:
         out[v] = True
     while queue:
@@ -50,6 +50,18 @@ def test_hysteresis_matches_flood_fill(seed: int) -> None:
     got = hysteresis(score, 0.6, 0.95)
     assert np.array_equal(got, brute_hysteresis(score, 0.6, 0.95))
     assert got[score > 0.95].all() and not got[score <= 0.6].any()
+
+
+def test_hysteresis_holds_every_voxel_the_plain_threshold_labels() -> None:
+    """It compared ``> threshold`` where the labelmap labels ``>= threshold``: a lesion whose peak is the threshold
+    was dropped, and a threshold of 0 with hysteresis labelled half of what it labels without."""
+    score = np.zeros((1, 1, 9))
+    score[0, 0] = [0, 0.5, 0.8, 0.5, 0, 0.5, 0.5, 0, 0.0]
+    assert hysteresis(score, 0.4, 0.8)[0, 0].tolist() == [False, True, True, True, False, False, False, False, False]
+    for threshold in (0.0, 0.5, 0.8):
+        plain = threshold_labelmap(score, (1, 1, 1), threshold).astype(bool)
+        grown = threshold_labelmap(score, (1, 1, 1), threshold, hysteresis_fraction=0.5).astype(bool)
+        assert (grown >= plain).all()
 
 
 def test_hysteresis_hand_example() -> None:

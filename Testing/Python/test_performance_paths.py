@@ -104,12 +104,12 @@ def test_threshold_labelmap_equals_itk(min_volume, spacing):
 
 
 def _itk_refine(score, brain, post):
-    """refine_scores written with ITK's filters over the whole volume, as it was."""
+    """refine_scores written with ITK's filters over the whole volume (a rim under half a voxel masks with the
+    brain: it left the median unmasked, so scores outside the brain were not 0)."""
     out = sitk.Median(score, [post.median_radius] * 3) if post.median_radius > 0 else score
     if post.rim_mm > 0:
         radius = [max(0, int(round(post.rim_mm / s))) for s in brain.GetSpacing()]
-        if any(radius):
-            out = sitk.Mask(out, sitk.BinaryErode(brain, radius, sitk.sitkBall, 0, 1))
+        out = sitk.Mask(out, sitk.BinaryErode(brain, radius, sitk.sitkBall, 0, 1) if any(radius) else brain)
     elif post.median_radius > 0:
         out = sitk.Mask(out, brain)
     return out
@@ -122,8 +122,8 @@ def _itk_refine(score, brain, post):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_refine_scores_equals_itk_median_and_mask(post, spacing, seed):
     """The median computed only where the mask keeps it, and the erosion as a distance test, equal ITK's
-    filters, borders included (the brain touches the array's faces; a rim thinner than a voxel leaves the
-    median unmasked; anisotropic radii go to ITK)."""
+    filters, borders included (the brain touches the array's faces; a rim thinner than half a voxel keeps the
+    brain; anisotropic radii go to ITK)."""
     rng = np.random.default_rng(seed)
     shape = tuple(int(n) for n in rng.integers(9, 24, 3))
     values, inside = rng.random(shape).astype(np.float32), rng.random(shape) > 0.3
@@ -147,6 +147,23 @@ def test_ball_erosion_equals_itk(radius):
                                                    sitk.sitkBall, 0, 1)) > 0
     assert want.any() and not want.all()
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_rim_of_many_voxels_erodes_by_distance_in_the_images_memory():
+    """A 3 mm rim on voxels of 0.01 mm asked ITK for a ball kernel of 601^3 offsets ("std::bad_alloc"); beyond 15
+    voxels the erosion is a distance map, which matches ITK's ball where ITK can still build one."""
+    brain = np.zeros((70, 72, 74), bool)
+    brain[2:68, 3:69, 2:72] = True
+    brain[12:15, 30:33, 20:23] = False  # a hole
+    for radius in ([16, 16, 16], [18, 17, 16]):
+        got = _erode_ball(brain, radius)
+        want = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(brain.astype(np.uint8)), radius,
+                                                       sitk.sitkBall, 0, 1)) > 0
+        assert want.any() and got.any()
+        assert np.mean(got != want) < 0.01  # the discrete ball and the ellipsoid differ at its surface only
+    huge = _erode_ball(brain, [300, 300, 300])  # as 3 mm on 0.01 mm voxels: no voxel is that deep in this brain
+    assert not huge.any()
+    assert _erode_ball(np.ones((5, 6, 7), bool), [300] * 3).all()  # no non-brain voxel: nothing to erode from
 
 
 def test_brain_region_is_the_padded_bounding_box():

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 TEMPLATE_T1 = "colin27_t1_2mm.nii.gz"
 TEMPLATE_MASK = "colin27_brainmask_2mm.nii.gz"
 
+_ORDER = "LPS"  # the voxel order a mask is made in (any one order would do: the same for every scan)
 _REGISTRATION_SPACING_MM = 4.0
 _MIN_AXIS_VOXELS = 4  # the fewest voxels an axis keeps when fine voxels are averaged in blocks, and the fewest
 # the registration's smoothing (ITK's recursive Gaussian) takes along each axis of the 4 mm grid
@@ -90,8 +91,31 @@ def compute_brain_mask(
 
     Works on heads with skull and on skull-stripped brains. ``progress(fraction, message)``
     is called as the steps advance; ``where`` (e.g. "scan.nii.gz: ") leads the warnings, so that a cohort's
-    say which volume.
+    say which volume. The mask is made in one voxel order (LPS; a pure index operation, undone at the end):
+    the registration samples by voxel index and averages blocks from index 0, so the same physical scan stored
+    in another voxel order (a NIfTI's LAS, an NRRD's RAS) got a mask tens of millilitres apart.
     """
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CeVAEError(
+            f"Brain masking needs a 3D scalar image; got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel."
+        )
+    order = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)  # the same axes: whether the reordering undoes itself exactly
+    probe.SetDirection(image.GetDirection())
+    back = sitk.DICOMOrient(sitk.DICOMOrient(probe, _ORDER), order).GetDirection()
+    if order == _ORDER or not np.allclose(back, image.GetDirection(), atol=1e-9):
+        return _mask_in_order(image, image, template_dir, progress, where)
+    mask = sitk.DICOMOrient(_mask_in_order(sitk.DICOMOrient(image, _ORDER), image, template_dir, progress, where),
+                            order)
+    mask.CopyInformation(image)  # the same grid: the voxels are only put back in order
+    return mask
+
+
+def _mask_in_order(image: sitk.Image, given: sitk.Image, template_dir: Optional[Path],
+                   progress: Optional[ProgressCallback], where: str) -> sitk.Image:
+    """:func:`compute_brain_mask` of ``image``, ``given`` in the voxel order :data:`_ORDER` (``given``, as the user
+    gave it, is the one whose axes a refusal names)."""
     intensities = _check_input(image)
     small = _downsampled(intensities)
     background = _background_level(small)
@@ -100,7 +124,7 @@ def compute_brain_mask(
         logger.info("Input looks skull-stripped: its foreground is the brain mask")
         mask = intensities > background
     else:
-        _check_extent(image)
+        _check_extent(given)
         report(progress, 0.05, "Loading brain template")
         template, template_mask = load_template(template_dir)
         report(progress, 0.1, "Registering brain template")
@@ -121,11 +145,6 @@ def _check_input(image: sitk.Image) -> sitk.Image:
     Non-finite voxels would spread through smoothing and resampling and break the percentiles;
     the pipeline leaves them out of the brain afterwards (with a warning), as with a given mask.
     """
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise CeVAEError(
-            f"Brain masking needs a 3D scalar image; got {image.GetDimension()}D with "
-            f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel."
-        )
     intensities = sitk.Cast(_in_float32_range(image), sitk.sitkFloat32)
     values = sitk.GetArrayViewFromImage(intensities)
     finite = np.isfinite(values)
@@ -143,14 +162,15 @@ def _check_input(image: sitk.Image) -> sitk.Image:
 
 
 def _in_float32_range(image: sitk.Image) -> sitk.Image:
-    """``image``, or, where its finite float64 values exceed float32's range, a copy scaled into it by a power
-    of two (exact; the mask does not depend on the intensity scale)."""
+    """``image``, or, where its finite float64 values exceed float32's range or are so small that float32 would
+    flush them to 0 (a scan in units of 1e-50), a copy scaled by a power of two to a largest magnitude of about 1
+    (exact; the mask does not depend on the intensity scale)."""
     if image.GetPixelID() != sitk.sitkFloat64:
         return image
     arr = sitk.GetArrayViewFromImage(image)
     finite = np.isfinite(arr)
     big = max(-float(np.min(arr, where=finite, initial=0.0)), float(np.max(arr, where=finite, initial=0.0)))
-    if big <= float(np.finfo(np.float32).max):
+    if big == 0.0 or np.finfo(np.float32).tiny * 2**24 <= big <= float(np.finfo(np.float32).max):
         return image
     scaled = sitk.GetImageFromArray(np.ldexp(arr, -int(np.frexp(big)[1])))
     scaled.CopyInformation(image)

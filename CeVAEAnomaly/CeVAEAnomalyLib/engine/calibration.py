@@ -69,13 +69,14 @@ def calibrate(healthy_scores: Iterable[np.ndarray], source: str,
 
 def acquisition_difference(entry: Mapping[str, Any], spacing: Sequence[float]) -> Optional[str]:
     """How a scan of voxel ``spacing`` (mm) differs from the healthy volumes ``entry`` was calibrated on, in words,
-    or None: alike, or the calibration does not record them."""
+    or None: alike, finer (resampled to the model's slices, a 0.5 mm scan gives the 1 mm scan's labelmap), or the
+    calibration does not record them."""
     recorded = entry.get("largest_voxel_mm")
     if not recorded:
         return None
     low, high = recorded
     largest = max(spacing)
-    if low / ACQUISITION_FACTOR <= largest <= high * ACQUISITION_FACTOR:
+    if largest <= high * ACQUISITION_FACTOR:
         return None
     calibrated = f"{low:g} mm" if low == high else f"{low:g} to {high:g} mm"
     return (f"its voxels are up to {largest:.3g} mm (slice thickness), those of the healthy scans it was calibrated "

@@ -40,8 +40,7 @@ def refine_scores(score: np.ndarray, brain: np.ndarray, spacing: Sequence[float]
     keep = None  # the voxels whose score survives (None: all)
     if opts.rim_mm > 0:
         radius = _radius_vox(spacing, opts.rim_mm)
-        if any(radius):
-            keep = _erode_ball(brain, radius)
+        keep = _erode_ball(brain, radius) if any(radius) else brain  # (a rim under half a voxel: the brain)
     elif opts.median_radius > 0:
         keep = brain
     out = np.zeros(score.shape, score.dtype)
@@ -55,14 +54,33 @@ def refine_scores(score: np.ndarray, brain: np.ndarray, spacing: Sequence[float]
     return out
 
 
+_MAX_KERNEL_RADIUS = 15  # voxels: ITK's ball kernel of this radius holds 31^3 offsets
+
+
+def _erode_by_distance(brain: np.ndarray, radius: List[int]) -> np.ndarray:
+    """The erosion of ``brain`` by an ellipsoid of ``radius`` voxels (i, j, k) from a Euclidean distance map, in
+    memory of the image's size: voxels whose nearest non-brain voxel lies more than the radius away (in units of
+    each axis' radius; voxels beyond the border count as brain, as in ITK's erosion)."""
+    if brain.all():
+        return brain.copy()
+    outside = sitk.GetImageFromArray((~brain).astype(np.uint8))
+    outside.SetSpacing([1.0 / r if r > 0 else 1e9 for r in radius])  # an axis of radius 0: never eroded along
+    distance = sitk.SignedMaurerDistanceMap(outside, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    return brain & (sitk.GetArrayViewFromImage(distance) > 1.0)
+
+
 def _erode_ball(brain: np.ndarray, radius: List[int]) -> np.ndarray:
     """``sitk.BinaryErode(brain, radius, sitkBall, 0, 1)`` of a bool (k, j, i) mask (voxels beyond the
     border count as brain); ``radius`` in voxels along (i, j, k).
 
     With an isotropic radius r, ITK's ball is the offsets with squared length <= r^2 + r, so the erosion
     is a test on the squared distance to the nearest non-brain voxel, found axis by axis: several
-    times faster than ITK's filter. Other radii go to ITK.
+    times faster than ITK's filter. Other radii up to :data:`_MAX_KERNEL_RADIUS` go to ITK; larger ones (a 3 mm rim
+    on voxels of hundredths of a millimetre, whose (2r+1)^3 kernel ITK could not allocate) to a distance map.
     """
+    if max(radius) > _MAX_KERNEL_RADIUS:
+        return _erode_by_distance(brain, radius)
     r = radius[0]
     if len(set(radius)) != 1 or not 0 < r <= 15 or not _itk_ball_is_distance(r):
         eroded = sitk.BinaryErode(sitk.GetImageFromArray(brain.astype(np.uint8)), radius, sitk.sitkBall, 0, 1)
@@ -250,13 +268,15 @@ def _median_and_spread(values: np.ndarray, spread: str) -> Tuple[float, float]:
 
 
 def hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
-    """bool map: the 26-connected components of ``score > low`` that hold a voxel with ``score > high``."""
+    """bool map: ``score >= high``, grown by the 26-connected components of ``score > low`` that reach it (so it
+    holds every voxel the plain threshold ``high`` labels)."""
+    seeds = _at_least(score, high)
     above = sitk.GetImageFromArray(_above(score, low).astype(np.uint8))
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(above, True))
     n = int(labels.max())
     if n == 0:
-        return np.zeros(score.shape, bool)
+        return seeds
     keep = np.zeros(n + 1, bool)
-    keep[np.unique(labels[_above(score, high)])] = True
+    keep[np.unique(labels[seeds])] = True
     keep[0] = False
-    return keep[labels]
+    return keep[labels] | seeds

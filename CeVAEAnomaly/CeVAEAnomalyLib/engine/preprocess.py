@@ -257,6 +257,8 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
     if mask is None:
         raise CeVAEError("No brain mask given.")
     mask = label_image(mask)
+    if mask.GetDimension() == 4 and mask.GetSize()[3] == 1:  # a 4D file of one volume, as the image may be
+        mask = mask[:, :, :, 0]
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
         raise CeVAEError("The brain mask must be a single-channel 3D image.")
     resampled = not same_grid(mask, image)
