@@ -310,6 +310,12 @@ def _evaluate(
     if not inside.any():
         raise CeVAEError(f"The mask of {name or 'the case'} is empty: nothing to evaluate.")
     truth = np.zeros(score_array.shape, bool) if gt is None else _truth(gt, inside, name)
+    if gt is not None and mask is None and looks_like_an_image(sitk.GetArrayViewFromImage(gt)):
+        # without a mask the evaluated voxels are the whole volume, of which a score map covers only a few per cent:
+        # too little to refuse it as the truth (many small lesions resampled linearly can look alike), so say it
+        log.warning("%s: the ground truth holds more than %d different values and no plateau, like a score map or "
+                    "an image; check the order of --score and --gt (with --mask such a truth is refused).",
+                    name or "case", MAX_LABELS)
     if (truth & ~inside).any():
         log.warning("%s: ground-truth voxels outside the mask are not evaluated.", name or "case")
     scores, labels = score_array[inside], truth[inside]

@@ -177,6 +177,24 @@ def test_inputs_pairing_names_and_errors(tmp_path, caplog):
     assert parse_shard("2/2") == (2, 2)
 
 
+def test_a_mask_named_without_the_images_contrast_tag_is_its_mask(tmp_path, caplog):
+    """The project's own sample data (colin27_t1.nii.gz, colin27_brainmask.nii.gz) lost its masks to the automatic
+    one, with a warning that did not say the rule."""
+    image, mask = make_head(size=(20, 20, 20))
+    for name in ("colin27_t1.nii.gz", "colin27_brainmask.nii.gz", "sub-02_T1w.nrrd", "sub-02_mask.nrrd",
+                 "two_t1.nii.gz", "two_T1w.nii.gz", "two_mask.nii.gz"):
+        sitk.WriteImage(mask if "mask" in name else image, str(tmp_path / name))
+    with caplog.at_level(logging.WARNING):
+        items = collect_folder(tmp_path)
+    assert {(it.image.name, it.mask.name if it.mask else None) for it in items} == {
+        ("colin27_t1.nii.gz", "colin27_brainmask.nii.gz"), ("sub-02_T1w.nrrd", "sub-02_mask.nrrd"),
+        ("two_t1.nii.gz", None), ("two_T1w.nii.gz", None)}  # two candidates: which one would be a guess
+    assert "two_mask.nii.gz has no matching image" in caplog.text and "NAME_t1.nii.gz" in caplog.text
+    sitk.WriteImage(mask, str(tmp_path / "colin27_t1_mask.nii.gz"))  # now colin27_t1 has two masks
+    with pytest.raises(CeVAEError, match="both the brain mask of 'colin27_t1'"):
+        collect_folder(tmp_path)
+
+
 def test_out_dir_must_differ_from_input_folder(cohort, tiny_bundle, capsys):
     assert batch(cohort, cohort, tiny_bundle) == 2
     assert "--out-dir must differ" in capsys.readouterr().err

@@ -185,6 +185,24 @@ def test_evaluate_refuses_a_score_map_given_as_the_ground_truth(tmp_path, capsys
         assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--gt", str(tmp_path / f"{truth}.nrrd")]) == 0
 
 
+def test_evaluate_without_a_mask_warns_of_a_ground_truth_like_a_score_map(tmp_path, caplog):
+    """Without --mask the evaluated voxels are the whole volume, of which a detection map covers a few per cent: the
+    swap was scored without a word."""
+    rng = np.random.default_rng(1)
+    score = np.zeros((12, 32, 32), np.float32)
+    score[4:8, 8:24, 8:24] = rng.random((4, 16, 16)) + 0.01  # a brain's scores over 8 % of the volume
+    lesion = np.zeros((12, 32, 32), np.uint8)
+    lesion[5:7, 10:14, 10:14] = 1
+    for name, arr in (("score", score), ("lesion", lesion)):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"{name}.nrrd"))
+    for first, second, warned in (("lesion", "score", True), ("score", "lesion", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["evaluate", "--score", str(tmp_path / f"{first}.nrrd"),
+                         "--gt", str(tmp_path / f"{second}.nrrd")]) == 0
+        assert ("check the order of --score and --gt" in caplog.text) is warned
+
+
 def test_evaluate_names_the_case_files_and_refuses_cases_with_single_case_options(tmp_path, capsys):
     score = np.zeros((4, 8, 8), np.float32)
     score[0, 0, :4] = [0.1, 0.4, 0.35, 0.8]

@@ -145,6 +145,11 @@ def test_a_folder_or_a_glob_of_scans_and_their_masks_is_read_as_batch_reads_a_fo
     assert read(cohort / "h1.nii.gz", cohort / "h1.nii.gz") == [("h1.nii.gz", None)]  # the same file twice: once
     spelt = cohort / ".." / cohort.name / "h1_mask.nii.gz"  # the mask's folder spelt another way
     assert read(cohort / "h1.nii.gz", spelt, cohort / "h1_mask.nii.gz") == [("h1.nii.gz", "h1_mask.nii.gz")]
+    tagged = tmp_path / "tagged"  # as the sample data name them: the image's contrast tag, not the mask's
+    tagged.mkdir()
+    (tagged / "h4_t1.nii.gz").write_bytes((cohort / "h1.nii.gz").read_bytes())
+    (tagged / "h4_brainmask.nii.gz").write_bytes((cohort / "h1_mask.nii.gz").read_bytes())
+    assert read(tagged / "h4_t1.nii.gz", tagged / "h4_brainmask.nii.gz") == [("h4_t1.nii.gz", "h4_brainmask.nii.gz")]
     sitk.WriteImage(sitk.ReadImage(str(cohort / "h1.nii.gz")), str(cohort / "h1.nrrd"))
     with pytest.raises(CeVAEError, match="both the image of 'h1'"):
         read(cohort / "h1.nii.gz", cohort / "h1.nrrd", cohort / "h1_mask.nii.gz")

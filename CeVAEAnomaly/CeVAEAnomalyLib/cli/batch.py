@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
@@ -41,6 +41,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of <image>.*
+# a contrast tag that may end an image's name but not its mask's: NAME_brainmask is the mask of NAME_t1 (or
+# NAME_T1w) where no image NAME is beside it, as the project's sample data and many cohorts name them
+CONTRAST_TAGS = ("_t1", "_T1", "_t1w", "_T1w")
+
+
+def mask_owners(masks: Iterable[str], images: Iterable[str]) -> Dict[str, str]:
+    """For each mask key (a mask's stem without its tag), the image stem it belongs to: the image of that stem, or
+    else the one image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`); masks with neither
+    are left out."""
+    images = set(images)
+    owners = {}
+    for key in masks:
+        tagged = [key + tag for tag in CONTRAST_TAGS if key + tag in images]
+        if key in images or len(tagged) == 1:
+            owners[key] = key if key in images else tagged[0]
+    return owners
 MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS)
@@ -87,9 +103,16 @@ def collect_folder(folder: Path) -> List[BatchItem]:
             raise CeVAEError(f"{found[key].name} and {p.name} in {folder} are both the {kind} of '{key}'; "
                              "keep one, or list the inputs in a CSV.")
         found[key] = p
-    for key in sorted(set(masks) - set(images)):
-        log.warning("%s has no matching image in %s; ignored.", masks[key].name, folder)
-    return [BatchItem(k, images[k], masks.get(k)) for k in sorted(images)]
+    owners = mask_owners(masks, images)
+    for key in sorted(set(masks) - set(owners)):
+        log.warning("%s has no matching image in %s (the mask of NAME.nii.gz or NAME_t1.nii.gz is NAME_mask or "
+                    "NAME_brainmask); ignored.", masks[key].name, folder)
+    mask_of: Dict[str, Path] = {}
+    for key in sorted(owners):
+        if mask_of.setdefault(owners[key], masks[key]) != masks[key]:
+            raise CeVAEError(f"{mask_of[owners[key]].name} and {masks[key].name} in {folder} are both the brain mask "
+                             f"of '{owners[key]}'; keep one, or list the inputs in a CSV.")
+    return [BatchItem(k, images[k], mask_of.get(k)) for k in sorted(images)]
 
 
 def read_list(path: Path) -> List[BatchItem]:

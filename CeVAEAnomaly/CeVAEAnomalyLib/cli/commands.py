@@ -36,7 +36,7 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     beside ``NAME.*`` is NAME's brain mask, in a folder or among the files given (``site/*.nii.gz``); a folder
     without image files is one DICOM series."""
     from ..io.manifest import Subject, check_volume_path, read_manifest
-    from .batch import MASK_TAGS, collect_folder
+    from .batch import MASK_TAGS, collect_folder, mask_owners
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     files: List[Path] = []
@@ -56,9 +56,12 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
         of = _mask_of(p, MASK_TAGS)
         if of is None:
             continue
-        owner = images.get((p.parent.resolve(), of))
+        folder = p.parent.resolve()
+        stem = mask_owners([of], [name for where, name in images if where == folder]).get(of)
+        owner = images.get((folder, stem)) if stem is not None else None
         if owner is None:
-            log.warning("%s is named as a brain mask but no image it belongs to was given; it is left out.", p)
+            log.warning("%s is named as a brain mask but no image it belongs to was given (the mask of NAME.nii.gz or "
+                        "NAME_t1.nii.gz is NAME_mask or NAME_brainmask); it is left out.", p)
         elif not _same(masks.setdefault(owner, p), p):
             raise CeVAEError(f"{masks[owner]} and {p} are both the brain mask of {owner.name}; give one of them.")
     subjects += [Subject(p, masks.get(p)) for p in images.values()]
