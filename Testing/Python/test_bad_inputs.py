@@ -276,6 +276,14 @@ def dtype_case(dtype) -> Callable[[Path, Inputs], Inputs]:
     return build
 
 
+def folder_of_nifti_files(d: Path, g: Inputs) -> Inputs:
+    folder = d / "cohort"
+    folder.mkdir()
+    shutil.copy(g.image, folder / "a.nii.gz")
+    shutil.copy(g.image, folder / "b.nii.gz")
+    return Inputs(folder, g.mask, g.model)
+
+
 def no_dicom(d: Path, g: Inputs) -> Inputs:
     folder = d / "export"
     folder.mkdir()
@@ -312,6 +320,11 @@ def model_torch_payload(d: Path, g: Inputs) -> Inputs:
 def model_torch_state_dict(d: Path, g: Inputs) -> Inputs:
     torch.save({"conv1.weight": torch.zeros(8, 1, 3, 3), "fc.bias": torch.ones(10)}, d / "resnet.pth")
     return Inputs(g.image, g.mask, d / "resnet.pth")
+
+
+def model_training_checkpoint(d: Path, g: Inputs) -> Inputs:
+    torch.save({"step": 40, "model": {"fc.bias": torch.ones(10)}}, d / "site.cevae.ckpt")  # as a killed run leaves
+    return Inputs(g.image, g.mask, d / "site.cevae.ckpt")
 
 
 def model_other_safetensors(d: Path, g: Inputs) -> Inputs:
@@ -663,7 +676,10 @@ CASES: Dict[str, Case] = {
     "0.5x0.5x10 mm anisotropy": Case(anisotropic, 0, r"Wrote"),
     "uint8 data": Case(dtype_case(np.uint8), 0, r"Wrote"),
     "float64 data": Case(dtype_case(np.float64), 0, r"Wrote"),
-    "folder with no DICOM series": Case(no_dicom, REFUSED, r"export contains no DICOM series"),
+    "folder with no DICOM series": Case(no_dicom, REFUSED, r"export contains no DICOM series\.$"),
+    "folder of image files": Case(folder_of_nifti_files, REFUSED, r"cohort contains no DICOM series; it holds image "
+                                                                r"files \(a\.nii\.gz, b\.nii\.gz\): give one of "
+                                                                r"them, or score them all with: cevae-anomaly batch"),
     "empty folder": Case(empty_folder, REFUSED, r"nothing contains no DICOM series"),
     "random bytes as model": Case(model_random_bytes, REFUSED, r"not a valid safetensors file"),
     "pickle as .pt": Case(model_pickle(".pt", 2), REFUSED, r"pickle / PyTorch checkpoint.*refused unread"),
@@ -672,7 +688,11 @@ CASES: Dict[str, Case] = {
     "pickle as .safetensors": Case(model_pickle(".safetensors", 3), REFUSED, r"pickle / PyTorch checkpoint"),
     "protocol-0 pickle as .cevae": Case(model_pickle(".cevae", 0), REFUSED, r"not a valid safetensors file"),
     "torch.save payload as .pt": Case(model_torch_payload, REFUSED, r"pickle / PyTorch checkpoint"),
-    "torch state dict, other keys": Case(model_torch_state_dict, REFUSED, r"resnet\.pth is a Python pickle"),
+    "torch state dict, other keys": Case(model_torch_state_dict, REFUSED, r"resnet\.pth is a Python pickle.*code\.$"),
+    "a training checkpoint as the model": Case(model_training_checkpoint, REFUSED,
+                                               r"site\.cevae\.ckpt is a Python pickle.*It looks like a training "
+                                               r"checkpoint: run the train \(or adapt\) command that wrote it again "
+                                               r"with --resume"),
     "safetensors, other tensors": Case(model_other_safetensors, REFUSED, r"not a CeVAEAnomaly model bundle"),
     "bundle header, other tensors": Case(model_wrong_tensors, REFUSED, r"does not match its declared architecture"),
     "truncated bundle": Case(model_truncated, REFUSED, r"half\.cevae is not a CeVAEAnomaly model bundle"),

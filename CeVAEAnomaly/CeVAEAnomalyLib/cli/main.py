@@ -207,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = _command(sub, "calibrate", help="store healthy-score quantiles (thresholds) in a model bundle",
                        description="Score healthy volumes with the given options and store the voxel "
                        "score quantiles, so that labelmap thresholds follow a false-positive rate.")
-    c.add_argument("images", nargs="*", type=path_value, help="healthy image files")
-    c.add_argument("--manifest", type=path_value, help="CSV with columns image,mask of healthy volumes")
+    _add_subjects(c, "healthy")
     c.add_argument("--model", type=path_value, help="bundle to calibrate (default: the bundled default model)")
     c.add_argument("--out", type=path_value, required=True, help="calibrated bundle to write")
     c.add_argument("--default-fpr", type=float, help="false-positive rate used when detect gets none, from 1e-06 to 0.5 "

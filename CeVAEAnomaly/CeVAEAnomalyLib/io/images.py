@@ -344,7 +344,12 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise CeVAEError(f"The {what} folder {folder} contains no DICOM series.")
+        from .naming import image_stem
+
+        files = sorted(f.name for f in folder.iterdir() if image_stem(f.name) and not f.name.startswith("."))
+        hint = (f"; it holds image files ({', '.join(files[:2])}{', ...' if len(files) > 2 else ''}): give one of them, "
+                f"or score them all with: cevae-anomaly batch {folder}") if files else ""
+        raise CeVAEError(f"The {what} folder {folder} contains no DICOM series{hint}.")
     if len(series) > 1:
         listed = "; ".join(_series_summary(reader, folder, uid) for uid in series)
         raise CeVAEError(f"The {what} folder {folder} holds {len(series)} DICOM series ({listed}); which one to analyse "

@@ -71,7 +71,6 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     modes = calibrated_test_time_steps(header.calibration)  # the parent's modes (0: plain) are calibrated again
     thorough = len([steps for steps in modes if steps > 0])
     device = resolve_device(options.device)  # what the runs use: a missing GPU is said once, here, not per run
-    log.info("%s", describe_estimate(len(subjects), device.type, options, len(persons), thorough))
     calibrating = calibration_seconds(len(subjects), thorough_modes=thorough)
     calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
                                                                              n_persons=len(persons))))
@@ -84,7 +83,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     finished = out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
                                          if run != "final")  # fold checkpoints go once the model is written
     if finished and not (options.overwrite or options.resume):
-        raise CeVAEError(f"{out} already exists (a finished adaptation leaves no checkpoint to resume); pass "
+        raise CeVAEError(f"{out} already exists (a finished adaptation keeps no fold checkpoints to resume); pass "
                          "--overwrite to adapt again and replace it, or choose another --out.")
     for cfg in configs.values():
         cfg.check_outputs((), options.overwrite)
@@ -94,6 +93,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     if options.resume and finished:
         raise CeVAEError(f"The adaptation to {out} is complete (its model file is written); there is nothing to "
                          "resume. Pass --overwrite to adapt again.")
+    log.info("%s", describe_estimate(len(subjects), device.type, options, len(persons), thorough))  # (now it runs)
     parent = sha256_of(base)  # the file every run starts from, as the bundle records it
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them (all runs: these)
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
