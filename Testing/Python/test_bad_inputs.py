@@ -605,6 +605,12 @@ def gzipped_named_nii(d: Path, g: Inputs) -> Inputs:
     return Inputs(d / "packed.nii", g.mask, g.model)
 
 
+def gzipped_data_named_img(d: Path, g: Inputs) -> Inputs:
+    sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "pair.hdr"))
+    (d / "pair.img").write_bytes(gzip.compress((d / "pair.img").read_bytes()))
+    return Inputs(d / "pair.hdr", g.mask, g.model)
+
+
 def nan_voxels_in_a_pair(d: Path, g: Inputs) -> Inputs:
     return nan_voxels(d, g, "holes.hdr")
 
@@ -758,6 +764,9 @@ CASES: Dict[str, Case] = {
                                      r"SCAN\.IMG is truncated or corrupt \(it holds"),
     "truncated .hdr/.img.gz pair": Case(truncated_gzipped_pair, REFUSED,
                                         r"pair\.img\.gz is truncated or corrupt \(it holds"),
+    "gzipped .img named without .gz": Case(gzipped_data_named_img, REFUSED,
+                                           r"data file .*pair\.img is gzip-compressed but named without \.gz.*rename "
+                                           r"it pair\.img\.gz"),
     "gzip file named .nii": Case(gzipped_named_nii, REFUSED, r"packed\.nii is gzip-compressed but named \.nii, .*"
                                                              r"rename it to end in \.nii\.gz"),
     "NaN and Inf voxels in a .hdr/.img pair": Case(nan_voxels_in_a_pair, 0,

@@ -106,3 +106,15 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(coho
     rc = main(["detect", str(cohort / "a.nii.gz"), "--model", str(tiny_bundle), "--score", "/proc/s.nii.gz"])
     assert rc == 2  # it failed only after the whole detection, naming a hidden temporary file
     one_error_line(capsys.readouterr().err, r"^error: Cannot write into /proc \(.*\); choose a folder you can write to")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, which no one can write into")
+def test_an_output_that_is_a_link_into_an_unwritable_folder_is_replaced_where_it_is(tmp_path):
+    """A DataLad or git-annex dataset's outputs are links into read-only object folders: the write check looked
+    there, where nothing is written (the link itself is replaced), and refused a rerun with --overwrite."""
+    from CeVAEAnomalyLib.io.atomic import atomic_write_text
+
+    link = tmp_path / "report.txt"
+    link.symlink_to("/proc/version")
+    atomic_write_text(link, "hello\n", overwrite=True)
+    assert not link.is_symlink() and link.read_text() == "hello\n"

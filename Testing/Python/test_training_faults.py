@@ -352,6 +352,21 @@ def test_a_resume_with_the_volumes_listed_in_another_order_continues_the_same_ru
         "validation_subjects"]
 
 
+def test_a_run_stopped_by_max_minutes_logs_its_last_checkpoint_and_its_log_is_kept(manifest, tmp_path):
+    """The checkpoint written when --max-minutes ran out had no log row with a validation loss, so its finished
+    run's log looked like one stopped before its first checkpoint and was replaced without --overwrite."""
+    out = tmp_path / "model.cevae"
+    assert main(train_argv(manifest, out, 100_000, "--max-minutes", "0.003", "--checkpoint-every", "5000")) == 0
+    rows = log_rows(out.with_name(out.name + ".log.csv"))
+    step = checkpoint_step(out.with_name(out.name + ".ckpt"))
+    assert 0 < step < 5000 and rows[-1]["step"] == str(step) and rows[-1]["val_loss"] != ""
+    moved = tmp_path / "kept"
+    moved.mkdir()
+    for path in (out, out.with_name(out.name + ".ckpt")):
+        path.rename(moved / path.name)
+    assert TrainConfig(out=out).earlier_outputs() == (out.with_name(out.name + ".log.csv"),)
+
+
 def test_resume_accepts_the_same_run_with_the_options_it_may_change(manifest, tmp_path):
     saved_trainer(tmp_path, manifest)
     resumed = tiny_trainer(tmp_path, manifest, resume=True, max_steps=50, checkpoint_every=5, loader_workers=0)

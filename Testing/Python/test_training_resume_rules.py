@@ -22,7 +22,7 @@ from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.training.trainer import Trainer
 
 
-def test_an_adaptation_resumed_with_other_steps_or_learning_rate_is_refused(tiny_bundle, tmp_path):
+def test_an_adaptation_resumed_with_other_steps_or_learning_rate_is_refused(tiny_bundle, tmp_path, caplog):
     """A fold finished with 8 steps and the others resumed with 3 calibrated the model with fold models of different
     lengths, and the bundle recorded 3 for every run."""
     out = tmp_path / "site.cevae"
@@ -36,6 +36,11 @@ def test_an_adaptation_resumed_with_other_steps_or_learning_rate_is_refused(tiny
         check_same_run(identity(steps=8), identity(steps=3), out)
     with pytest.raises(CeVAEError, match=r"adaptation\.lr \(0\.0001 in the checkpoint, 5e-05 now\)"):
         check_same_run(identity(steps=8), identity(steps=8, lr=5e-5), out)
+    older = identity(steps=8)
+    del older["options"]["adaptation"]  # written before adaptations recorded them: resumes, with a warning
+    with caplog.at_level("WARNING"):
+        check_same_run(older, identity(steps=8), out)
+    assert "make sure --steps 8 and --lr 0.0001 are those it was started with" in caplog.text
     train = TrainConfig(out=out)  # a train run may be resumed to more steps or at a lower rate
     check_same_run(run_identity(train.run_options(), [], [], {}),
                    run_identity(dataclasses.replace(train, max_steps=9000, lr=1e-5).run_options(), [], [], {}), out)

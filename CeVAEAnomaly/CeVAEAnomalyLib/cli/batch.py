@@ -21,7 +21,8 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
+                    Tuple)
 
 from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
@@ -46,11 +47,10 @@ MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of 
 CONTRAST_TAGS = ("_t1", "_T1", "_t1w", "_T1w")
 
 
-def mask_owners(masks: Iterable[str], images: Iterable[str]) -> Dict[str, str]:
-    """For each mask key (a mask's stem without its tag), the image stem it belongs to: the image of that stem, or
-    else the one image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`); masks with neither
-    are left out."""
-    images = set(images)
+def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, str]:
+    """For each mask key (a mask's stem without its tag), the image stem (of ``images``) it belongs to: the image of
+    that stem, or else the one image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`); masks
+    with neither are left out."""
     owners = {}
     for key in masks:
         tagged = [key + tag for tag in CONTRAST_TAGS if key + tag in images]
@@ -103,7 +103,7 @@ def collect_folder(folder: Path) -> List[BatchItem]:
             raise CeVAEError(f"{found[key].name} and {p.name} in {folder} are both the {kind} of '{key}'; "
                              "keep one, or list the inputs in a CSV.")
         found[key] = p
-    owners = mask_owners(masks, images)
+    owners = mask_owners(masks, images.keys())
     for key in sorted(set(masks) - set(owners)):
         log.warning("%s has no matching image in %s (the mask of NAME.nii.gz or NAME_t1.nii.gz is NAME_mask or "
                     "NAME_brainmask); ignored.", masks[key].name, folder)

@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..errors import CeVAEError
 from ..io.naming import file_stem, refuse_misnamed
@@ -51,13 +51,16 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
         key = (p.parent.resolve(), file_stem(p))
         if _mask_of(p, MASK_TAGS) is None and not _same(images.setdefault(key, p), p):
             raise CeVAEError(f"{images[key]} and {p} are both the image of '{key[1]}'; give one of them.")
+    stems: Dict[Path, Set[str]] = {}  # folder -> the stems of its images given
+    for where, name in images:
+        stems.setdefault(where, set()).add(name)
     masks: Dict[Path, Path] = {}  # image -> its mask file
     for p in files:
         of = _mask_of(p, MASK_TAGS)
         if of is None:
             continue
         folder = p.parent.resolve()
-        stem = mask_owners([of], [name for where, name in images if where == folder]).get(of)
+        stem = mask_owners([of], stems.get(folder, set())).get(of)
         owner = images.get((folder, stem)) if stem is not None else None
         if owner is None:
             log.warning("%s is named as a brain mask but no image it belongs to was given (the mask of NAME.nii.gz or "
@@ -202,9 +205,10 @@ def run_detect(args: argparse.Namespace) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> Path:
     """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
-    from ..engine.bundle import load_bundle
+    from ..engine.bundle import load_bundle, read_header
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
+    from .console import ConsoleProgress
     from ..engine.calibration import FPR_GRID
     from ..io.checksum import sha256_of
     from ..training.data import unique_subjects, voxel_checksums
@@ -230,8 +234,15 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         bundle = load_bundle(src, resolve_device(request.run.device))
         _warn_training_scans(bundle.header, subjects, checksums)
         opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
-        path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr, run=request.run)
-    log.info("Calibrated bundle written to %s (%d healthy volume(s)).", path, len(subjects))
+        path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr,
+                           progress=ConsoleProgress("calibrate"), run=request.run)
+    new = read_header(path)
+    now, before = new.default_threshold(), bundle.header.default_threshold()
+    log.info("Calibrated bundle written to %s (%d healthy volume(s)). Its default scoring, the only one calibrated in "
+             "it (with its thorough mode if --test-time-steps asked for one): orientations %s. Its threshold at the "
+             "default healthy false-positive rate %g is %s (%s: %s).", path, len(subjects),
+             new.score_options.orientations, new.default_fpr, "none" if now is None else f"{now:.4g}", src.name,
+             "not calibrated" if before is None else f"{before:.4g}")
     return path
 
 

@@ -119,6 +119,14 @@ class BundleHeader:
             return None
         return acquisition_difference(find_calibration(self.calibration, score, post), spacing)
 
+    def default_threshold(self) -> Optional[float]:
+        """The threshold of the default scoring at the default rate; None where the model holds no calibration for
+        it (for the summaries of calibrate and adapt)."""
+        try:
+            return self.threshold(self.score_options, self.postprocess, ThresholdPolicy())[0]
+        except CeVAEError:
+            return None
+
     def threshold_of(self, request: DetectionRequest) -> Tuple[float, str]:
         """The threshold ``request`` gets with this model (refused if it has none: e.g. ``--fpr`` for a scoring
         the model is not calibrated for). Entry points call this before reading a volume."""

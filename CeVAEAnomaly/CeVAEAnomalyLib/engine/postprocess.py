@@ -58,13 +58,14 @@ _MAX_KERNEL_RADIUS = 15  # voxels: ITK's ball kernel of this radius holds 31^3 o
 
 
 def _erode_by_distance(brain: np.ndarray, radius: List[int]) -> np.ndarray:
-    """The erosion of ``brain`` by an ellipsoid of ``radius`` voxels (i, j, k) from a Euclidean distance map, in
-    memory of the image's size: voxels whose nearest non-brain voxel lies more than the radius away (in units of
-    each axis' radius; voxels beyond the border count as brain, as in ITK's erosion)."""
+    """ITK's ball erosion of ``brain`` by ``radius`` voxels (i, j, k) from a Euclidean distance map, in memory of
+    the image's size: ITK's ball holds the offsets d with sum((d / (r + 1/2))^2) <= 1, so a voxel stays where its
+    nearest non-brain voxel lies further than that in units of r + 1/2 per axis (voxels beyond the border count as
+    brain, as in ITK's erosion)."""
     if brain.all():
         return brain.copy()
     outside = sitk.GetImageFromArray((~brain).astype(np.uint8))
-    outside.SetSpacing([1.0 / r if r > 0 else 1e9 for r in radius])  # an axis of radius 0: never eroded along
+    outside.SetSpacing([1.0 / (r + 0.5) for r in radius])
     distance = sitk.SignedMaurerDistanceMap(outside, insideIsPositive=False, squaredDistance=False,
                                             useImageSpacing=True)
     return brain & (sitk.GetArrayViewFromImage(distance) > 1.0)

@@ -35,6 +35,9 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
         data, layout = pair[1] if pair else p, _pair_layout(*pair) if pair else _nifti_layout(p)
         if layout is not None:
             _refuse_sizeless_voxels(p, layout, what)
+            if pair and layout.gz and not data.name.lower().endswith(".gz"):  # the reader goes by the name
+                raise CeVAEError(f"The {what} data file {data} is gzip-compressed but named without .gz, and the "
+                                 f"reader would take its compressed bytes for voxels: rename it {data.name}.gz.")
         known = layout is not None and layout.datatype in _NIFTI_TYPES
         floats = known and layout.datatype in _NIFTI_FLOATS
         image = _read_plain_nifti(p, layout, what) if known and not pair else None  # checks its own length

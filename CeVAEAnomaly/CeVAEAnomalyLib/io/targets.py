@@ -239,13 +239,15 @@ def refuse_unwritable_folder(folder: Path) -> None:
 def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optional[Path]] = ()) -> None:
     """Refuse outputs that equal an input, repeat each other, exist (without overwrite) or cannot be written."""
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
+    targets = [Path(t) for t in targets]
     seen = set()
     for t in targets:
-        r = resolved(Path(t))
+        r = resolved(t)
         if r in seen:
             raise CeVAEError(f"The output {t} is named twice.")
         seen.add(r)
-        check_output_path(Path(t), overwrite, known)
-    for folder in sorted({r.parent for r in seen}):
+        check_output_path(t, overwrite, known)
+    # where the temporary file is made: beside the output's own name (a symbolic link is replaced, not followed)
+    for folder in sorted({Path(os.path.abspath(t)).parent for t in targets}):
         refuse_unwritable_folder(folder)
 

@@ -35,13 +35,17 @@ def remembered_value(parameters: Any) -> str:
 
 def start_model(remembered: Optional[str]) -> StartModel:
     """The model for a new scene from the remembered value: that file if its header still reads as a model
-    (weights are checked when it is loaded, as for any chosen file), otherwise the bundled model, saying why."""
+    (weights are checked when it is loaded, as for any chosen file), otherwise the bundled model, saying why. A file
+    that cannot be reached (gone, or on a share not mounted yet) stays remembered; one that no longer reads as a
+    model is forgotten."""
     if not remembered:
         return StartModel(None, "", False)
     try:
         ModelSettings.read(Path(remembered))
     except (CeVAEError, OSError) as exc:
-        return StartModel(None, f"The model used last on this computer cannot be used any more, so the bundled "
-                                f"model is in use. {exc}", True)
+        there = Path(remembered).is_file()
+        state = "cannot be used any more" if there else "cannot be reached now"
+        return StartModel(None, f"The model used last on this computer {state}, so the bundled model is in use. {exc}",
+                          forget=there)
     return StartModel(remembered, f"The model used last on this computer is in use: {remembered}. Tick 'Use "
                                   f"bundled model' for the model shipped with the extension.", False)

@@ -29,7 +29,6 @@ from ..io.lock import hold_output
 from ..io.manifest import Subject, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
-from ..options import ThresholdPolicy
 from ..progress import ProgressCallback, labelled, report, scaled
 from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_plan, output_paths, run_names,
                          training_seconds)
@@ -58,11 +57,12 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     header = read_header(base)
     _check_adaptable(header, base)
     checksums = _checksums(subjects)
-    seen = header.trained_on([checksums[s.image] for s in subjects])
+    trained = set(header.trained_on([checksums[s.image] for s in subjects]))
+    seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
     if seen:  # e.g. an adapted model adapted again on its own site scans
-        log.warning("%s of the site scans %s among the training volumes of %s: a fold model fine-tuned from it has "
+        log.warning("The site scan(s) %s %s among the training volumes of %s: a fold model fine-tuned from it has "
                     "seen them already, so they score lower than new scans and the calibration flags more of a new "
-                    "scan. Adapt the model it came from, or use other scans.", len(seen),
+                    "scan. Adapt the model it came from, or use other scans.", ", ".join(seen),
                     "is" if len(seen) == 1 else "are", base.name)
     # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
     subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))
@@ -121,20 +121,12 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
-    now, before = _default_threshold(read_header(path)), _default_threshold(header)
+    now, before = read_header(path).default_threshold(), header.default_threshold()
     log.info("Adapted model written to %s (%d site scans, %d folds). Its threshold at the default healthy "
              "false-positive rate is %.3g, calibrated on the site's scans (%s: %s). Detect with it: "
              "cevae-anomaly detect SCAN --model %s", path, len(subjects), len(plan), now, base.name,
              "not calibrated" if before is None else f"{before:.3g}", path)
     return path
-
-
-def _default_threshold(header: BundleHeader) -> Optional[float]:
-    """The model's threshold for its default scoring at its default rate; None if it is not calibrated for it."""
-    try:
-        return header.threshold(header.score_options, header.postprocess, ThresholdPolicy())[0]
-    except CeVAEError:
-        return None
 
 
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import pickle
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 from ..errors import CeVAEError
 from ..io.atomic import atomic_path
 from ..io.manifest import Subject
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2  # 2: the run's identity is stored and checked on resume
 DIGEST_KEY = "sha256"  # the checkpoint's record of state_digest (checkpoints of earlier releases lack it)
@@ -158,9 +161,15 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
     """Refuse to resume from the checkpoint at ``path`` a run whose identity differs; name what differs."""
     if saved is None:
         raise CeVAEError(f"The checkpoint {path} does not record what defines its run; {_START_ANEW}.")
+    options = _base_by_content(saved["options"], current["options"])
+    adaptation = current["options"].get("adaptation")
+    if adaptation is not None and "adaptation" not in options:  # written before adaptations recorded them
+        log.warning("The checkpoint %s was written before an adaptation recorded its steps and learning rate: make "
+                    "sure --steps %s and --lr %g are those it was started with (its fold models calibrate the final "
+                    "one, so they must be trained alike).", path, adaptation.get("steps"), adaptation.get("lr"))
+        options = dict(options, adaptation=adaptation)
     differences = [f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)"
-                   for key, was, now in _changed_options(_base_by_content(saved["options"], current["options"]),
-                                                         current["options"])]
+                   for key, was, now in _changed_options(options, current["options"])]
     for role in ("train", "validation"):
         differences += _changed_volumes(role, saved[role], current[role])
     if differences:

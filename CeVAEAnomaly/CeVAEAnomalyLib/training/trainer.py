@@ -476,15 +476,17 @@ class Trainer:
         run_log = _RunLog(cfg.log_path, fresh=not cfg.resume, bundle=cfg.out) if self.dist.main else None
         t_last, steps_since = time.perf_counter(), 0
         try:
-            while self.step < cfg.max_steps and not any_rank(self.dist, time.perf_counter() >= deadline,
-                                                             self.device):
+            out_of_time = any_rank(self.dist, time.perf_counter() >= deadline, self.device)
+            while self.step < cfg.max_steps and not out_of_time:
                 epoch, number, batch = next(batches)
                 terms = self.step_with_oom_retry(batch)
                 self.epoch, self.offset = epoch, number + 1
                 self.step += 1
                 steps_since += 1
+                out_of_time = any_rank(self.dist, time.perf_counter() >= deadline, self.device)
                 val = ""
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                # the last step (--max-steps or --max-minutes) is a checkpoint too, with its row and validation loss
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time:
                     if self.dist.main:
                         val = self.validate()
                     self.save_checkpoint()  # (every rank: their random streams are gathered)
@@ -504,8 +506,6 @@ class Trainer:
                                  "the first one. No model or checkpoint was written; allow more minutes.")
             if self.dist.world > 1:
                 check_replicas(self.dist, self.model)
-            if self.saved_step != self.step:  # (a run that reached --max-steps checkpointed its last step already)
-                self.save_checkpoint()
             if run_log:
                 run_log.publish()
         finally:
