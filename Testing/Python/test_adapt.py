@@ -467,4 +467,4 @@ def test_overwrite_removes_the_earlier_adaptation_before_the_new_one_starts(tiny
 
     with caplog.at_level(logging.WARNING):
         adapt_mod.adapt(out, subjects(site, "a", "b"), tmp_path / "again.cevae", QUICK)
-    assert "2 of the site scans are among the training volumes of site.cevae" in caplog.text
+    assert f"The site scan(s) {site['a']}, {site['b']} are among the training volumes of site.cevae" in caplog.text

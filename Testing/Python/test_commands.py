@@ -406,10 +406,15 @@ def test_detection_says_when_a_scan_is_thicker_than_the_calibration_scans(tmp_pa
     """A calibration records the largest voxel side of its healthy scans; a scan of 4 times thicker slices is told
     that the threshold's false-positive rate on its acquisition is not known, and how to measure it."""
     out = tmp_path / "calibrated.cevae"
-    assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
-                 "--out", str(out), "--device", "cpu"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
+                     "--out", str(out), "--device", "cpu"]) == 0
     header = read_header(out)
     assert all(entry["largest_voxel_mm"] == [1.5, 1.5] for entry in header.calibration.values())
+    # what the new model holds and its threshold, beside the source model's (calibrate said neither)
+    assert (f"Its default scoring, the only one calibrated in it (with its thorough mode if --test-time-steps asked "
+            f"for one): orientations axial. Its threshold at the default healthy false-positive rate "
+            f"{header.default_fpr:g} is {header.default_threshold():.4g} (tiny.cevae: ") in caplog.text
     image, mask = make_head(seed=12)
     thick, thick_mask = make_head(seed=12, size=(40, 44, 9), spacing=(1.2, 1.0, 6.0))
     fine, fine_mask = make_head(seed=12, size=(96, 96, 80), spacing=(0.6, 0.6, 0.6))
