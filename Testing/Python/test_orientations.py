@@ -55,7 +55,8 @@ def test_the_map_is_the_mean_of_the_orientations_maps(two_orientation_bundle):
     bundle = load_bundle(two_orientation_bundle)
     image, mask = make_head(seed=9)
     plain = PostprocessOptions()
-    axial = Detector(bundle, post=plain, policy=ThresholdPolicy(threshold=math.inf))
+    axial = Detector(bundle, bundle.header.score_options.replace(orientations="axial"), plain,
+                     ThresholdPolicy(threshold=math.inf))
     fused = Detector(bundle, bundle.header.score_options.replace(orientations="axial,coronal"), plain,
                      ThresholdPolicy(threshold=math.inf))
     a, f = axial(image, mask), fused(image, mask)
@@ -74,7 +75,8 @@ def test_the_slice_score_weighs_a_fused_map_more(two_orientation_bundle):
     single orientation's map the plain one; both rank over the same axial slices."""
     bundle = load_bundle(two_orientation_bundle)
     image, mask = make_head(seed=9)
-    axial = Detector(bundle, policy=ThresholdPolicy(threshold=math.inf))
+    axial = Detector(bundle, bundle.header.score_options.replace(orientations="axial"),
+                     policy=ThresholdPolicy(threshold=math.inf))
     fused = Detector(bundle, bundle.header.score_options.replace(orientations="axial,coronal"),
                      policy=ThresholdPolicy(threshold=math.inf))
     assert SLICE_MAP_WEIGHT_FUSED > SLICE_MAP_WEIGHT
@@ -117,6 +119,13 @@ def test_a_model_refuses_orientations_it_was_not_trained_on(tiny_bundle):
     with pytest.raises(CeVAEError, match="trained on axial slices only.*coronal"):
         Detector(bundle, bundle.header.score_options.replace(orientations="axial,coronal"),
                  policy=ThresholdPolicy(threshold=1.0))
+
+
+def test_a_model_trained_on_two_orientations_scores_and_is_calibrated_with_both_by_default(two_orientation_bundle):
+    """It scored axial slices alone unless asked, and had no calibration for the average it was trained for."""
+    header = read_header(two_orientation_bundle)
+    assert header.score_options.orientations == "axial,coronal"
+    assert header.is_calibrated(header.score_options, header.postprocess)
 
 
 def test_calibrate_and_detect_with_two_orientations(tmp_path, two_orientation_bundle):

@@ -21,7 +21,7 @@ from ..engine.header import BundleHeader
 from ..engine.modality import T1_DEPTH_CONTRAST, TOLERANCE
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
-from ..options import RECOMMENDED_POSTPROCESS
+from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
 from .data import Subject
 
@@ -51,11 +51,17 @@ class TrainingRecord:
 
 def training_header(name: str, preprocess: PreprocessConfig, loss: LossConfig,
                     training: TrainingRecord) -> BundleHeader:
-    """The header of a newly trained model: the recommended post-processing, the training record and the
-    versions it was made with (its calibration is added by :func:`package`)."""
+    """The header of a newly trained model: the recommended post-processing, by default the maps of every orientation
+    it was trained on averaged (axial first, as the bundled model's; a model trained on several used to score axial
+    slices alone unless asked), the training record and the versions it was made with (its calibration is added by
+    :func:`package`)."""
     from .. import __version__
 
+    trained = list(dict.fromkeys(training.orientations))
+    scoring = (ScoreOptions(orientations=",".join(["axial", *(o for o in trained if o != "axial")]))
+               if "axial" in trained else ScoreOptions())
     return BundleHeader(preprocess=preprocess, name=name, loss=loss, postprocess=RECOMMENDED_POSTPROCESS,
+                        score_options=scoring,
                         training={k: v for k, v in asdict(training).items() if k != "parts" or v is not None},
                         extra={"versions": {"cevae_anomaly": __version__, "torch": torch.__version__,
                                             "python": platform.python_version()}})
