@@ -68,4 +68,5 @@ def test_the_card_says_which_scans_the_calibration_covers() -> None:
     from CeVAEAnomalyResearch.modelcard import render_model_card
 
     card = render_model_card(load_bundle(default_model_path()))
-    assert "healthy scans have a largest voxel side of 1 to 1.5 mm" in card and "more than 1.5 times the upper end (2.25 mm)" in card
+    assert "healthy scans have a largest voxel side of 1 to 1.5 mm" in card
+    assert "more than 1.5 times the upper end (2.25 mm)" in card

@@ -363,9 +363,10 @@ def test_prepare_says_when_a_volume_repeats_another(subjects, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         summary = prepare_cohort([s, copy, other_mask], tmp_path / "cache", PRE, ("axial",))
     repeats = [r.getMessage() for r in caplog.records if "repeats the image" in r.getMessage()]
-    assert repeats == [f"{copy.image} repeats the image {s.image} (same content); it is used once.",
-                       f"{other_mask.image} repeats the image {s.image} (same content); it is used once, with the "
-                       f"brain mask {s.mask} (the repeat's {other_mask.mask} is not used)."]  # train's (unique_subjects)
+    assert repeats == [  # train's own warnings (unique_subjects)
+        f"{copy.image} repeats the image {s.image} (same content); it is used once.",
+        f"{other_mask.image} repeats the image {s.image} (same content); it is used once, with the brain mask {s.mask} "
+        f"(the repeat's {other_mask.mask} is not used)."]
     entries = list((tmp_path / "cache").glob("[!.]*.npy"))  # two: the masks differ; the copy shares the first
     assert len(entries) == 2 and f" {sum(len(np.load(e)) for e in entries)} slices" in summary  # each counted once
 

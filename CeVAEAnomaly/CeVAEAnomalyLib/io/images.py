@@ -49,8 +49,8 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                 image = sitk.ReadImage(str(p))
             except RuntimeError as exc:
                 if layout is not None and layout.gz and p.name.lower().endswith(".nii"):
-                    raise CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI reader goes "
-                                     "by the name: rename it to end in .nii.gz.") from None
+                    raise CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI reader "
+                                     "goes by the name: rename it to end in .nii.gz.") from None
                 raise CeVAEError(
                     f"The {what} file {p} could not be read as an image "
                     f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
@@ -350,8 +350,9 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
         from .naming import image_stem
 
         files = sorted(f.name for f in folder.iterdir() if image_stem(f.name) and not f.name.startswith("."))
-        hint = (f"; it holds image files ({', '.join(files[:2])}{', ...' if len(files) > 2 else ''}): give one of them, "
-                f"or score them all with: cevae-anomaly batch {folder}") if files else ""
+        shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
+        hint = (f"; it holds image files ({shown}): give one of them, or score them all with: cevae-anomaly batch "
+                f"{folder}") if files else ""
         raise CeVAEError(f"The {what} folder {folder} contains no DICOM series{hint}.")
     if len(series) > 1:
         listed = "; ".join(_series_summary(reader, folder, uid) for uid in series)

@@ -81,7 +81,10 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
 def _open_lock(path: Path) -> BinaryIO:
     """The lock file, created if missing, never truncated, and never opened through a symbolic link (that would
     write into the link's target)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "ab")
+    flags = os.O_WRONLY
+    for flag in (os.O_CREAT, os.O_APPEND, os.O_NOFOLLOW):  # (not "A | B", which the Python-version check takes
+        flags |= flag  # for a type union)
+    return os.fdopen(os.open(path, flags, 0o644), "ab")
 
 
 def _holder(path: Path, command: str) -> str:
