@@ -170,7 +170,8 @@ def _in_float32_range(image: sitk.Image) -> sitk.Image:
     arr = sitk.GetArrayViewFromImage(image)
     finite = np.isfinite(arr)
     big = max(-float(np.min(arr, where=finite, initial=0.0)), float(np.max(arr, where=finite, initial=0.0)))
-    if big == 0.0 or np.finfo(np.float32).tiny * 2**24 <= big <= float(np.finfo(np.float32).max):
+    smallest, largest = float(np.finfo(np.float32).tiny) * 2.0**24, float(np.finfo(np.float32).max)  # (Python floats)
+    if big == 0.0 or smallest <= big <= largest:
         return image
     scaled = sitk.GetImageFromArray(np.ldexp(arr, -int(np.frexp(big)[1])))
     scaled.CopyInformation(image)
