@@ -327,6 +327,11 @@ def model_training_checkpoint(d: Path, g: Inputs) -> Inputs:
     return Inputs(g.image, g.mask, d / "site.cevae.ckpt")
 
 
+def model_finished_runs_checkpoint(d: Path, g: Inputs) -> Inputs:
+    shutil.copy(g.model, d / "site.cevae")  # the run finished: its model is beside its checkpoint
+    return model_training_checkpoint(d, g)
+
+
 def model_other_safetensors(d: Path, g: Inputs) -> Inputs:
     from safetensors.torch import save_file
 
@@ -685,7 +690,7 @@ CASES: Dict[str, Case] = {
     "folder with no DICOM series": Case(no_dicom, REFUSED, r"export contains no DICOM series\.$"),
     "folder of image files": Case(folder_of_nifti_files, REFUSED, r"cohort contains no DICOM series; it holds image "
                                                                 r"files \(a\.nii\.gz, b\.nii\.gz\): give one of "
-                                                                r"them, or score them all with: cevae-anomaly batch"),
+                                                                r"them \(batch, train, calibrate and adapt read"),
     "empty folder": Case(empty_folder, REFUSED, r"nothing contains no DICOM series"),
     "random bytes as model": Case(model_random_bytes, REFUSED, r"not a valid safetensors file"),
     "pickle as .pt": Case(model_pickle(".pt", 2), REFUSED, r"pickle / PyTorch checkpoint.*refused unread"),
@@ -695,6 +700,9 @@ CASES: Dict[str, Case] = {
     "protocol-0 pickle as .cevae": Case(model_pickle(".cevae", 0), REFUSED, r"not a valid safetensors file"),
     "torch.save payload as .pt": Case(model_torch_payload, REFUSED, r"pickle / PyTorch checkpoint"),
     "torch state dict, other keys": Case(model_torch_state_dict, REFUSED, r"resnet\.pth is a Python pickle.*code\.$"),
+    "a finished run's checkpoint as the model": Case(model_finished_runs_checkpoint, REFUSED,
+                                                     r"It is a training checkpoint; its run's model is .*site\.cevae: "
+                                                     r"give that\.$"),
     "a training checkpoint as the model": Case(model_training_checkpoint, REFUSED,
                                                r"site\.cevae\.ckpt is a Python pickle.*It looks like a training "
                                                r"checkpoint: run the train \(or adapt\) command that wrote it again "

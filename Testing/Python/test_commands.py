@@ -12,6 +12,7 @@ from conftest import SHARED_DATA, make_head
 from CeVAEAnomalyLib.engine.bundle import read_header
 from CeVAEAnomalyLib.engine.calibration import calibration_key
 from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.options import ThresholdPolicy
 
 
 @pytest.fixture
@@ -412,9 +413,11 @@ def test_detection_says_when_a_scan_is_thicker_than_the_calibration_scans(tmp_pa
     header = read_header(out)
     assert all(entry["largest_voxel_mm"] == [1.5, 1.5] for entry in header.calibration.values())
     # what the new model holds and its threshold, beside the source model's (calibrate said neither)
-    assert (f"Its default scoring, the only one calibrated in it (with its thorough mode if --test-time-steps asked "
-            f"for one): orientations axial. Its threshold at the default healthy false-positive rate "
-            f"{header.default_fpr:g} is {header.default_threshold():.4g} (tiny.cevae: ") in caplog.text
+    source = read_header(tiny_bundle)
+    before = source.threshold(header.score_options, header.postprocess, ThresholdPolicy(fpr=header.default_fpr))[0]
+    assert (f"Its default scoring: orientations axial. Its threshold at the default healthy false-positive rate "
+            f"{header.default_fpr:g} is {header.default_threshold():.4g} (tiny.cevae at that rate: {before:.4g})."
+            ) in caplog.text
     image, mask = make_head(seed=12)
     thick, thick_mask = make_head(seed=12, size=(40, 44, 9), spacing=(1.2, 1.0, 6.0))
     fine, fine_mask = make_head(seed=12, size=(96, 96, 80), spacing=(0.6, 0.6, 0.6))

@@ -66,6 +66,8 @@ def sha(path: Path) -> str:
     ("--val-fraction", "nan", "--val-fraction must lie in [0, 1)"),
     ("--orientations", ",", "Give at least one slice orientation (axial, coronal, sagittal)."),
     ("--orientations", "axial,top", "Unknown orientation 'top'; choose one of axial, coronal, sagittal."),
+    ("--orientations", "coronal", "--orientations must include axial: a model is scored on axial slices first (the "
+                                  "slice scores are axial's), got coronal."),
     ("--channels", "8,8,8,8,8,8,8", "7 encoder layers (--channels) halve the input 7 times, more than input "
                                     "size 64 allows; use at most 6 channel widths"),
     ("--loader-workers", "-1", "--loader-workers must be 0 to 64, got -1"),

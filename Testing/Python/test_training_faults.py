@@ -367,6 +367,20 @@ def test_a_run_stopped_by_max_minutes_logs_its_last_checkpoint_and_its_log_is_ke
     assert TrainConfig(out=out).earlier_outputs() == (out.with_name(out.name + ".log.csv"),)
 
 
+def test_a_checkpoint_checked_before_the_run_is_read_and_checked_once(manifest, tmp_path, monkeypatch):
+    """adapt checks every run's checkpoint first, then each run loads it: it was read and checked twice (and its
+    warnings given twice)."""
+    saved_trainer(tmp_path, manifest)
+    reads = []
+    real = train_mod.read_checkpoint
+    monkeypatch.setattr(train_mod, "read_checkpoint", lambda *a, **k: reads.append(a) or real(*a, **k))
+    resumed = tiny_trainer(tmp_path, manifest, resume=True)
+    resumed.check_resume()
+    resumed.load_checkpoint()
+    assert resumed.step == EVERY and len(reads) == 1
+    assert resumed._resume_state is None  # its weights and optimiser state are not held during training
+
+
 def test_resume_accepts_the_same_run_with_the_options_it_may_change(manifest, tmp_path):
     saved_trainer(tmp_path, manifest)
     resumed = tiny_trainer(tmp_path, manifest, resume=True, max_steps=50, checkpoint_every=5, loader_workers=0)

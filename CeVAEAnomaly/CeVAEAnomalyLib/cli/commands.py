@@ -214,7 +214,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..training.data import unique_subjects, voxel_checksums
     from ..io.lock import hold_output
     from ..io.targets import check_paths
-    from ..options import DetectionRequest
+    from ..options import DetectionRequest, ThresholdPolicy
 
     request = DetectionRequest.from_args(args)
     low, high = float(FPR_GRID[0]), float(FPR_GRID[-1])  # the rates a calibration holds thresholds for
@@ -237,12 +237,16 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr,
                            progress=ConsoleProgress("calibrate"), run=request.run)
     new = read_header(path)
-    now, before = new.default_threshold(), bundle.header.default_threshold()
-    log.info("Calibrated bundle written to %s (%d healthy volume(s)). Its default scoring, the only one calibrated in "
-             "it (with its thorough mode if --test-time-steps asked for one): orientations %s. Its threshold at the "
-             "default healthy false-positive rate %g is %s (%s: %s).", path, len(subjects),
-             new.score_options.orientations, new.default_fpr, "none" if now is None else f"{now:.4g}", src.name,
-             "not calibrated" if before is None else f"{before:.4g}")
+    try:  # the source model's threshold for the same scoring at the same rate, where it has one
+        same = ThresholdPolicy(fpr=new.default_fpr)
+        before = f"{bundle.header.threshold(new.score_options, new.postprocess, same)[0]:.4g}"
+    except CeVAEError:
+        before = "not calibrated for this scoring"
+    now = new.default_threshold()
+    log.info("Calibrated bundle written to %s (%d healthy volume(s)). Its default scoring: orientations %s. Its "
+             "threshold at the default healthy false-positive rate %g is %s (%s at that rate: %s).", path,
+             len(subjects), new.score_options.orientations, new.default_fpr, "none" if now is None else f"{now:.4g}",
+             src.name, before)
     return path
 
 

@@ -251,12 +251,13 @@ def _check_file(p: Path) -> Path:
     safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < p.stat().st_size
     if not safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         own = p.name.endswith(".ckpt") and ".cevae" in p.name  # OUT.ckpt, OUT.foldN.ckpt of train or adapt
-        raise CeVAEError(
-            f"{p} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
-            "unread because loading such files can execute arbitrary code." + (
-                " It looks like a training checkpoint: run the train (or adapt) command that wrote it again with "
-                "--resume, which writes the model bundle." if own else "")
-        )
+        model = p.with_name(p.name[: p.name.index(".cevae") + len(".cevae")]) if own else None
+        hint = "" if model is None else (
+            f" It is a training checkpoint; its run's model is {model}: give that." if model.is_file() else
+            " It looks like a training checkpoint: run the train (or adapt) command that wrote it again with "
+            "--resume, which writes the model bundle.")
+        raise CeVAEError(f"{p} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
+                         f"unread because loading such files can execute arbitrary code.{hint}")
     if len(head) < 8:
         raise CeVAEError(f"{p} is too short to be a model bundle.")
     return p

@@ -349,10 +349,13 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     if not series:
         from .naming import image_stem
 
-        files = sorted(f.name for f in folder.iterdir() if image_stem(f.name) and not f.name.startswith("."))
+        try:
+            files = sorted(f.name for f in folder.iterdir() if image_stem(f.name) and not f.name.startswith("."))
+        except OSError:  # a folder that cannot be listed: no hint
+            files = []
         shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
-        hint = (f"; it holds image files ({shown}): give one of them, or score them all with: cevae-anomaly batch "
-                f"{folder}") if files else ""
+        hint = (f"; it holds image files ({shown}): give one of them (batch, train, calibrate and adapt read a folder "
+                "of image files as a cohort)") if files else ""
         raise CeVAEError(f"The {what} folder {folder} contains no DICOM series{hint}.")
     if len(series) > 1:
         listed = "; ".join(_series_summary(reader, folder, uid) for uid in series)

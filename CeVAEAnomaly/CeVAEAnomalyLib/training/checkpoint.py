@@ -163,7 +163,8 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
         raise CeVAEError(f"The checkpoint {path} does not record what defines its run; {_START_ANEW}.")
     options = _base_by_content(saved["options"], current["options"])
     adaptation = current["options"].get("adaptation")
-    if adaptation is not None and "adaptation" not in options:  # written before adaptations recorded them
+    if adaptation is not None and "adaptation" not in options and options.get("init_from"):  # a fine-tuning's,
+        # written before adaptations recorded them (another kind of run is refused below for its other options)
         log.warning("The checkpoint %s was written before an adaptation recorded its steps and learning rate: make "
                     "sure --steps %s and --lr %g are those it was started with (its fold models calibrate the final "
                     "one, so they must be trained alike).", path, adaptation.get("steps"), adaptation.get("lr"))

@@ -57,9 +57,8 @@ def training_header(name: str, preprocess: PreprocessConfig, loss: LossConfig,
     :func:`package`)."""
     from .. import __version__
 
-    trained = list(dict.fromkeys(training.orientations))
-    scoring = (ScoreOptions(orientations=",".join(["axial", *(o for o in trained if o != "axial")]))
-               if "axial" in trained else ScoreOptions())
+    trained = [o for o in dict.fromkeys(training.orientations) if o != "axial"]  # (train refuses runs without axial)
+    scoring = ScoreOptions(orientations=",".join(["axial", *trained]))
     return BundleHeader(preprocess=preprocess, name=name, loss=loss, postprocess=RECOMMENDED_POSTPROCESS,
                         score_options=scoring,
                         training={k: v for k, v in asdict(training).items() if k != "parts" or v is not None},

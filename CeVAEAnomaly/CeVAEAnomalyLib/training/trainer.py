@@ -155,6 +155,7 @@ class Trainer:
         self.dist = init_distributed(self.device)
         self.checksums = file_checksums(subjects, self.dist)
         self._identity: Optional[Dict[str, object]] = None
+        self._resume_state: Optional[Dict[str, object]] = None  # the checkpoint a resume continues, once checked
         # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
         subjects = unique_subjects(subjects, _shared_voxel_checksums(subjects, self.checksums, self.dist))
         self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
@@ -349,13 +350,15 @@ class Trainer:
 
     def check_resume(self) -> Dict[str, object]:
         """The state of the checkpoint a resume continues from, refused if it is damaged or of another run (before
-        any work: adapt checks every run's checkpoint before its first run trains)."""
-        path = self.cfg.checkpoint_path
-        hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
-        state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
-        self._follow_checkpoint_order(state.get("run"), path)
-        check_same_run(state.get("run"), self.run_identity(), path)
-        return state
+        any work: adapt checks every run's checkpoint before its first run trains); read and checked once."""
+        if self._resume_state is None:
+            path = self.cfg.checkpoint_path
+            hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
+            state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
+            self._follow_checkpoint_order(state.get("run"), path)
+            check_same_run(state.get("run"), self.run_identity(), path)
+            self._resume_state = state
+        return self._resume_state
 
     def _follow_checkpoint_order(self, saved: object, path: Path) -> None:
         """Where this run lists the checkpoint's volumes in another order (a manifest regenerated, a folder given
@@ -385,6 +388,7 @@ class Trainer:
         """Every rank reads the checkpoint that rank 0 wrote (with several nodes, on a shared disk)."""
         path = self.cfg.checkpoint_path
         state = self.check_resume()
+        self._resume_state = None  # (held only for this load: its weights and optimiser state are not kept)
         try:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["opt"])
