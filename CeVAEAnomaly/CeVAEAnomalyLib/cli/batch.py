@@ -46,6 +46,11 @@ MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of 
 # NAME_T1w) where no image NAME is beside it, as the project's sample data and many cohorts name them
 CONTRAST_TAGS = ("_t1", "_T1", "_t1w", "_T1w")
 
+MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
+SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
+SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS)
+LATER_FIELDS = ("components", *SOURCE_FIELDS)  # columns older summaries lack (a row without components keeps "")
+
 
 def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, str]:
     """For each mask key (a mask's stem without its tag), the image stem (of ``images``) it belongs to: the image of
@@ -57,10 +62,6 @@ def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, str
         if key in images or len(tagged) == 1:
             owners[key] = key if key in images else tagged[0]
     return owners
-MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
-SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
-SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS)
-LATER_FIELDS = ("components", *SOURCE_FIELDS)  # columns older summaries lack (a row without components keeps "")
 
 
 @dataclass(frozen=True)
@@ -488,15 +489,23 @@ def _earlier_rows(summary_path: Path) -> Tuple[Dict[str, Dict[str, str]], float]
     refused: the run would replace it."""
     if not summary_path.exists():
         return {}, -math.inf
+    rows = _summary_rows(summary_path)
+    if rows is None:
+        raise CeVAEError(f"{summary_path} is not a batch summary; choose another --out-dir or pass --overwrite.")
+    return {r["name"]: r for r in rows if r.get("status") in ("ok", "skipped")}, summary_path.stat().st_mtime
+
+
+def _summary_rows(path: Path) -> Optional[List[Dict[str, str]]]:
+    """The rows of the batch summary at ``path`` (a byte-order mark, as Excel saves one, is allowed); None if the
+    file is not one (without the summary's columns, not UTF-8 text, unreadable)."""
     try:
-        with open(summary_path, newline="", encoding="utf-8-sig") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             if set(SUMMARY_FIELDS) - set(LATER_FIELDS) <= set(reader.fieldnames or ()):
-                rows = {r["name"]: r for r in reader if r.get("status") in ("ok", "skipped")}
-                return rows, summary_path.stat().st_mtime
+                return list(reader)
     except (OSError, csv.Error, ValueError):  # ValueError: not UTF-8 text
         pass
-    raise CeVAEError(f"{summary_path} is not a batch summary; choose another --out-dir or pass --overwrite.")
+    return None
 
 
 def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record: Dict[str, object]) -> None:
@@ -526,16 +535,7 @@ def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record:
 def _listed_names(out_dir: Path) -> Set[str]:
     """The volume names of every batch summary in ``out_dir`` (each shard's and run's; other files count for
     nothing)."""
-    names: Set[str] = set()
-    for path in sorted(out_dir.glob("summary*.csv")):
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh)
-                if set(SUMMARY_FIELDS) - set(LATER_FIELDS) <= set(reader.fieldnames or ()):
-                    names.update(row["name"] for row in reader)
-        except (OSError, csv.Error, ValueError):  # ValueError: not UTF-8 text
-            continue
-    return names
+    return {row["name"] for path in sorted(out_dir.glob("summary*.csv")) for row in _summary_rows(path) or ()}
 
 
 def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict[str, str]], earlier_time: float,

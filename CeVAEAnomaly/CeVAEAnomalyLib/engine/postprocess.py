@@ -82,8 +82,8 @@ def _erode_ball(brain: np.ndarray, radius: List[int]) -> np.ndarray:
     """
     if max(radius) > _MAX_KERNEL_RADIUS:
         return _erode_by_distance(brain, radius)
-    r = radius[0]
-    if len(set(radius)) != 1 or not 0 < r <= 15 or not _itk_ball_is_distance(r):
+    r = radius[0]  # (at most _MAX_KERNEL_RADIUS here, so the squared distances below fit uint16)
+    if len(set(radius)) != 1 or not 0 < r or not _itk_ball_is_distance(r):
         eroded = sitk.BinaryErode(sitk.GetImageFromArray(brain.astype(np.uint8)), radius, sitk.sitkBall, 0, 1)
         return sitk.GetArrayViewFromImage(eroded) != 0
     reach = r * r + r

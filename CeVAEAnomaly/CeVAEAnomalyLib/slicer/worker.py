@@ -95,7 +95,6 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
     from ..engine.calibrate import recalibrate
     from ..io.lock import hold_output
     from ..io.targets import Inputs
-
     from ..training.data import unique_subjects, voxel_checksums
 
     request = DetectionRequest.from_dict(task["request"], "detection request field(s)")
