@@ -13,7 +13,7 @@ from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1, compute
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyResearch.sampledata import find_healthy_data, subject_files
 
-from conftest import oblique_direction
+from conftest import REPO, oblique_direction
 
 
 def dice(a: sitk.Image, b: sitk.Image) -> float:
@@ -215,15 +215,20 @@ def test_a_float64_scan_in_tiny_units_is_masked_like_the_scan():
                                   sitk.GetArrayFromImage(compute_brain_mask(head)))
 
 
-def _acquisition(name: str, recipe, seed: int):
+def _acquisition(name: str, recipe, seed: int, air_zeroed: bool = False):
     """(image, reference mask) of the real ``name`` volume turned into an acquisition (a variant name of
-    ``VARIANTS`` or a ``Recipe``), the reference mask degraded alike."""
+    ``VARIANTS`` or a ``Recipe``), the reference mask degraded alike; ``air_zeroed``: the scan's air set to 0 first
+    (scripts/eval_brainmask.py's ``zero_air``, on the path)."""
     from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
 
     folder = find_healthy_data((name,))
     if folder is None:
         pytest.skip("healthy sample data not found (../shared/data/healthy or $CEVAE_DATA_DIR)")
     t1, mask = (sitk.ReadImage(str(p)) for p in subject_files(folder, name))
+    if air_zeroed:
+        from eval_brainmask import zero_air
+
+        t1 = zero_air(t1)
     recipe = VARIANTS[recipe] if isinstance(recipe, str) else recipe
     image, reference, _ = derive(recipe, t1, mask, sitk.Image(mask.GetSize(), sitk.sitkUInt8), seed)
     return image, reference
@@ -256,6 +261,28 @@ def test_clinical_thick_post_contrast_head_keeps_its_mask():
     mask = compute_brain_mask(image)
     assert_same_grid(mask, image)
     assert dice(mask, reference) >= 0.9
+
+
+def test_a_noisy_thick_skull_stripped_brain_is_registered_with_the_template_without_skull():
+    """mni152 (skull-stripped) as a clinical scan (post-contrast, 6.5 mm slabs, 3 % noise over the whole volume): its
+    noise sends it to registration, where the template with its skull was shrunk onto the brain (Dice 0.78, 742 ml
+    of brain left out). The template without its skull starts better and is used."""
+    image, reference = _acquisition("mni152", "clinical: post-contrast, 6.5 mm, noise 3 %", seed=13)
+    assert dice(compute_brain_mask(image), reference) >= 0.93
+
+
+@pytest.mark.parametrize("air", ["noise", "zero"])
+def test_a_head_with_its_upper_half_cut_off_gets_a_start_shifted_along_its_axis(air: str, monkeypatch):
+    """robex with the top 50 % of its brain cut off: its centre of mass lies low in the head, far from the whole
+    template's, and no pitched start reached the right pose (Dice 0.71, 316 ml of leak); a start shifted down does.
+    With its air set to 0 (a masked export), the template without skull started better, stretched over the whole
+    head (Dice 0.51, 1 L of leak): the final fits of both templates decide."""
+    from CeVAEAnomalyResearch.acquisition import Recipe
+
+    if air == "zero":
+        monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    image, reference = _acquisition("robex", Recipe(crop=("top", 0.5)), seed=16, air_zeroed=air == "zero")
+    assert dice(compute_brain_mask(image), reference) >= 0.88
 
 
 def test_a_mask_that_cannot_be_trusted_is_said_so(caplog):
