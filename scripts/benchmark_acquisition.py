@@ -37,6 +37,7 @@ from scipy import ndimage
 from CeVAEAnomalyLib.data import default_model_path
 from CeVAEAnomalyLib.engine.detector import slice_map_weight
 from CeVAEAnomalyLib.engine.header import read_header
+from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.engine.postprocess import normalised, refine_scores
 from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_quantile
 from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
@@ -528,9 +529,9 @@ def main() -> None:
     result = {"moved_tissue": moved, "chain_vs_detector_max_abs_difference": checks, "subjects": subjects,
               "calibration_subjects": calibration, "variants": variants, "fpr": SHIPPED_FPR, "rows": rows, "slice_weights": slice_weights}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.prefix}.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(args.out / f"{args.prefix}.json", json.dumps(result, indent=1))
     text = render(result)
-    (args.out / f"{args.prefix}_tables.md").write_text(text)
+    atomic_write_text(args.out / f"{args.prefix}_tables.md", text)
     print(text)
 
 

@@ -137,10 +137,9 @@ def main() -> None:
                     lab = sitk.GetArrayViewFromImage(res.labelmap) > 0
                     dices.setdefault(method, []).append(dice(lab & brain, gt & brain))
                     lesion_slices = gt.any(axis=(1, 2))  # slices along K (all subjects are axial)
-                    ne = np.zeros(len(lesion_slices))
-                    for r in res.slices:
-                        ne[r.index] = r.neg_elbo
-                    slice_rows.setdefault(method, []).append((ne, lesion_slices))
+                    # the slices the model scored only: slices without brain, given 0, ranked below every scored one
+                    ne = np.array([r.neg_elbo for r in res.slices])
+                    slice_rows.setdefault(method, []).append((ne, lesion_slices[[r.index for r in res.slices]]))
                 # the held-out healthy subject at the in-sample calibrated threshold
                 res = detect(healthy_img, mask_img)
                 sc = sitk.GetArrayViewFromImage(res.score)[brain]

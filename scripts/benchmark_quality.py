@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 from CeVAEAnomalyResearch.evaluate import auroc, dice, pooled_metrics
+from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.engine.postprocess import hysteresis, normalised, refine_scores
 from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_excess, slice_flags, slice_quantile
 from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
@@ -415,8 +416,8 @@ def main() -> None:
         r.pop("_maps", None)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"variants": rows, "studies": studies, "min_peak": MIN_PEAK}
-    (args.out / "benchmark_quality.json").write_text(json.dumps(result, indent=1))
-    (args.out / "benchmark_quality_tables.md").write_text(render(result))
+    atomic_write_text(args.out / "benchmark_quality.json", json.dumps(result, indent=1))
+    atomic_write_text(args.out / "benchmark_quality_tables.md", render(result))
     print(render(result))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.atomic import atomic_path
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyResearch.lesions import LESION_KINDS, insert_lesions
 from CeVAEAnomalyLib.engine.detector import Detector
@@ -102,7 +103,8 @@ def cache_volume(path: Path, image: sitk.Image, mask: sitk.Image, gt: np.ndarray
         "plane": np.array([*plane.normal, plane.offset]),
         "seconds": np.array([t_net / 2, t_plane]),
     }
-    np.savez(path, **out)
+    with atomic_path(path) as part:  # a killed run leaves no damaged case under the final name (it is skipped)
+        np.savez(part, **out)
 
 
 def main() -> None:

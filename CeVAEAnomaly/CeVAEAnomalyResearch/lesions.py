@@ -116,7 +116,7 @@ def insert_lesions(
     rng = np.random.default_rng(rng)
 
     array = sitk.GetArrayFromImage(image).astype(np.float32)
-    brain = sitk.GetArrayViewFromImage(brain_mask) != 0
+    brain = sitk.GetArrayViewFromImage(brain_mask) > 0  # as detect and evaluate: a background of -1 or NaN is none
     if not brain.any():
         raise CeVAEError("The brain mask is empty: lesions must be placed inside the brain.")
     stats = _brain_stats(array, brain)

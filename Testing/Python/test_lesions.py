@@ -92,6 +92,20 @@ def test_lesions_stay_inside_the_brain(phantom) -> None:
         assert not (changed & (brain == 0)).any()  # soft borders included
 
 
+@pytest.mark.parametrize("background", [-1.0, float("nan")])
+def test_a_float_mask_with_negative_or_nan_background_keeps_lesions_in_the_brain(phantom, background: float) -> None:
+    """A float brain mask with -1 or NaN outside the brain (as detect and evaluate read it, > 0 is brain): the lesions
+    were placed anywhere in the volume, outside the mask that evaluate then scores them in."""
+    head, mask = phantom
+    brain = arrays(mask)[0] > 0
+    as_float = sitk.GetImageFromArray(np.where(brain, 1.0, background).astype(np.float32))
+    as_float.CopyInformation(mask)
+    for seed in range(4):
+        truth = arrays(insert_lesions(head, as_float, seed, n=2, radius_mm=(3.0, 6.0))[1])[0]
+        assert truth.any()
+        assert not (truth.astype(bool) & ~brain).any()
+
+
 @pytest.mark.parametrize("irregularity", [0.0, 0.3])
 def test_radius_in_mm_on_anisotropic_grid(phantom, irregularity: float) -> None:
     head, mask = phantom

@@ -94,7 +94,10 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "rates not increasing": (calibration(lambda e: e["fpr"].reverse()), r"rates that do not increase strictly"),
     "table lengths differ": (calibration(lambda e: e["threshold"].pop()), r"as many thresholds as rates"),
     "calibration not a table": (top("calibration", [1, 2]), r"section 'calibration' must be a JSON object"),
-    "default rate 2": (top("default_fpr", 2), r"default_fpr must be a finite number in \(0, 1\)"),
+    "default rate 2": (top("default_fpr", 2), r"default_fpr must be a finite number in \[1e-06, 0.5\]"),
+    # the Slicer panel's rate field takes the calibration's rates only: a model outside them broke every update
+    "default rate 0.7": (top("default_fpr", 0.7), r"default_fpr must be a finite number in \[1e-06, 0.5\]"),
+    "default rate 1e-7": (top("default_fpr", 1e-7), r"default_fpr must be a finite number in \[1e-06, 0.5\]"),
     "default rate as text": (top("default_fpr", "0.001"), r"default_fpr must be a finite number"),
     "unknown weight type": (top("weights_dtype", "int8"), r"weights_dtype must be 'float32' or 'float16'"),
     "integer tensor": (tensor_dtype, r"has type I32; float32 or float16 weights are expected"),

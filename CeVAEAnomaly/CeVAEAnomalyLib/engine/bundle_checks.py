@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..options import ORIENTATIONS, PostprocessOptions, ScoreOptions, check_value
+from .calibration import FPR_GRID
 from .config import MAX_BETA, MAX_CHANNELS, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
 
 WEIGHT_DTYPES = ("F32", "F16")
@@ -89,8 +90,8 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
             _check_options(header, key, cls)
     if "calibration" in header:
         _check_calibration(header.get("calibration"))
-    if "default_fpr" in header:
-        _number("default_fpr", header["default_fpr"], 0, 1, open_low=True, open_high=True)
+    if "default_fpr" in header:  # a rate the calibration holds thresholds for, as calibrate --default-fpr takes
+        _number("default_fpr", header["default_fpr"], float(FPR_GRID[0]), float(FPR_GRID[-1]))
     for key in ("name", "modality"):
         if not isinstance(header.get(key, ""), str):
             _fail(key, f"must be text, got {header.get(key)!r}")
