@@ -204,6 +204,22 @@ def test_the_same_head_stored_in_another_voxel_order_gets_the_same_mask():
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.DICOMOrient(mask, order)), reference)
 
 
+def test_a_start_that_fails_is_passed_over(monkeypatch, caplog):
+    """Twelve starts now (shifted ones included): one that ITK cannot run (here a start 5 m away, whose samples all
+    fall outside the template) is passed over, where it used to fail the whole mask."""
+    import logging
+
+    import CeVAEAnomalyLib.engine.brainmask as brainmask
+
+    head, _ = brainmask.load_template()
+    reference = sitk.GetArrayFromImage(compute_brain_mask(head))
+    monkeypatch.setattr(brainmask, "_SHIFT_STARTS_MM", (*brainmask._SHIFT_STARTS_MM, 5000.0))
+    with caplog.at_level(logging.DEBUG, logger="CeVAEAnomalyLib.engine.brainmask"):
+        mask = compute_brain_mask(head)
+    assert "failed" in caplog.text
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), reference)
+
+
 def test_a_float64_scan_in_tiny_units_is_masked_like_the_scan():
     """Cast to float32 for the registration, every voxel of a scan in units of 1e-50 became 0 ("this image is
     constant"); like a huge one, it is scaled by a power of two first."""

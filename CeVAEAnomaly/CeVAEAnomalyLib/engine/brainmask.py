@@ -329,14 +329,22 @@ def _best_starts(fixed: sitk.Image, templates: list[sitk.Image], progress: Optio
     (metric, index in ``templates``, transform), best first (all are compared on the same samples of ``fixed``)."""
     starts = [(k, start) for k, moving in enumerate(templates) for start in _starts(fixed, moving, with_shifts=k == 0)]
     best: dict = {}
+    failure = None
     for n, (k, start) in enumerate(starts):
         method = _registration_method([2], [4.0], max_step_mm=2.0, iterations=30)
         method.SetInitialTransform(start, inPlace=True)
         part = scaled(progress, n / len(starts), (n + 1) / len(starts))
-        _execute(method, fixed, templates[k], part, 30, "Registering brain template (initial pose)")
+        try:
+            _execute(method, fixed, templates[k], part, 30, "Registering brain template (initial pose)")
+        except RuntimeError as exc:  # e.g. a shifted start that leaves too few samples on a thin slab: the others go on
+            logger.debug("Start %d (template %d) failed: %s", n, k, one_line(exc))
+            failure = exc
+            continue
         logger.debug("Start %d (template %d): metric %.4f", n, k, method.GetMetricValue())
         if k not in best or method.GetMetricValue() < best[k][0]:
             best[k] = (method.GetMetricValue(), k, start)
+    if 0 not in best:  # the template with skull is always registered
+        raise failure if failure is not None else RuntimeError("no start of the template with skull")
     return sorted(best.values(), key=lambda b: b[0])
 
 
@@ -413,8 +421,14 @@ def _register_single_threaded(
         results = []
         for n, (_, k, similarity) in enumerate(tried):
             part = scaled(progress, 0.3 + 0.7 * n / len(tried), 0.3 + 0.7 * (n + 1) / len(tried))
-            affine = _refined(fixed, templates[k], similarity, part)
-            results.append((_metric(fixed, templates[k], affine), k, affine))
+            try:
+                affine = _refined(fixed, templates[k], similarity, part)
+                results.append((_metric(fixed, templates[k], affine), k, affine))
+            except RuntimeError:
+                if n + 1 == len(tried) and not results:
+                    raise
+                logger.debug("Template %d did not register", k)
+                continue
             logger.debug("Template %d registered: metric %.4f", k, results[-1][0])
     except RuntimeError as exc:
         raise CeVAEError(f"Brain-mask registration failed ({one_line(exc)}); is this a 3D T1 head MRI?") from None
