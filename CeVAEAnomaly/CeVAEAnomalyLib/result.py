@@ -88,10 +88,10 @@ class DetectionResult:
 SLICE_FIELDS = ["axis", "index", "anomaly", "kl", "rec", "neg_elbo", "map_max", "flagged"]
 
 
-def slice_scores_csv(result: DetectionResult) -> str:
-    """Per-slice scores, the most anomalous slice first."""
+def slice_scores_csv(result: DetectionResult, delimiter: str = ",") -> str:
+    """Per-slice scores, the most anomalous slice first (``delimiter``: see :func:`table_delimiter`)."""
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, delimiter=delimiter)
     w.writerow(SLICE_FIELDS)
     for r in result.ranked_slices():
         w.writerow([r.axis, r.index, f"{r.anomaly:.6g}", f"{r.kl:.6g}", f"{r.rec:.6g}", f"{r.neg_elbo:.6g}",
@@ -102,16 +102,21 @@ def slice_scores_csv(result: DetectionResult) -> str:
 COMPONENT_FIELDS = ["component", "voxels", "volume_ml", "summed_score", "max_score", "mean_score", "r", "a", "s"]
 
 
-def components_csv(result: DetectionResult) -> str:
+def components_csv(result: DetectionResult, delimiter: str = ",") -> str:
     """The anomaly components in the result's order (``component`` 1 first: the highest summed score), with
     centroids in the input's RAS (mm). The labelmap marks every component 1; ``component`` is their rank."""
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, delimiter=delimiter)
     w.writerow(COMPONENT_FIELDS)
     for c in result.components:
         w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.summed_score:.6g}", f"{c.max_score:.6g}",
                     f"{c.mean_score:.6g}", *(f"{v:.2f}" for v in c.centroid_ras)])
     return buf.getvalue()
+
+
+def table_delimiter(path: Path) -> str:
+    """A tab for a table file named ``.tsv`` (any case), else a comma."""
+    return "\t" if Path(path).name.lower().endswith(".tsv") else ","
 
 
 IMAGE_OUTPUTS = {"score": "score map", "labelmap": "labelmap", "brain_mask": "brain mask"}
@@ -139,14 +144,16 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
 
 def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]]) -> Dict[Path, object]:
     """What :func:`~.io.atomic.write_all` writes for each wanted output (a None target is not wanted):
-    ``score``, ``labelmap``, ``brain_mask`` (images), ``slices``, ``components`` (CSV tables)."""
-    content = {"score": lambda: result.score, "labelmap": lambda: result.labelmap,
-               "brain_mask": lambda: result.brain_mask, "slices": lambda: slice_scores_csv(result),
-               "components": lambda: components_csv(result)}
+    ``score``, ``labelmap``, ``brain_mask`` (images), ``slices``, ``components`` (CSV tables; tab-separated for a
+    ``.tsv`` name)."""
+    content = {"score": lambda path: result.score, "labelmap": lambda path: result.labelmap,
+               "brain_mask": lambda path: result.brain_mask,
+               "slices": lambda path: slice_scores_csv(result, table_delimiter(path)),
+               "components": lambda path: components_csv(result, table_delimiter(path))}
     unknown = sorted(set(targets) - set(content))
     if unknown:
         raise ValueError(f"unknown result output(s) {unknown}")
-    return {Path(path): content[role]() for role, path in targets.items() if path is not None}
+    return {Path(path): content[role](path) for role, path in targets.items() if path is not None}
 
 
 # ---- a whole result in a folder (the Slicer worker's hand-over) ---------------------------------------

@@ -115,3 +115,21 @@ def test_a_folder_given_as_the_model_is_said_so(tmp_path, monkeypatch, capsys, c
             "adapt": ["adapt", "a.nii.gz", "b.nii.gz", "--out", "c.cevae"]}[command]
     assert main([*argv, "--model", "."]) == 2
     assert capsys.readouterr().err == "error: The model bundle . is a folder; give the path of a .cevae file.\n"
+
+
+def test_tables_named_tsv_are_tab_separated(tmp_path, head, tiny_bundle):
+    """--slice-scores x.tsv and --components x.TSV get tabs (they got commas under a name that says tabs); a .csv
+    name keeps commas, and both hold the same rows."""
+    image, mask = head
+    common = ["detect", str(image), "--mask", str(mask), "--model", str(tiny_bundle), "--device", "cpu",
+              "--threshold", "0"]
+    for ext in ("csv", "tsv", "TSV"):
+        assert main([*common, "--score", str(tmp_path / f"score_{ext}.nii.gz"), "--slice-scores",
+                     str(tmp_path / f"slices.{ext}"), "--components", str(tmp_path / f"components.{ext}")]) == 0
+    for table in ("slices", "components"):
+        rows = list(csv.reader(open(tmp_path / f"{table}.csv")))
+        assert len(rows) > 1 and len(rows[0]) > 2
+        for ext in ("tsv", "TSV"):
+            text = (tmp_path / f"{table}.{ext}").read_text()
+            assert "," not in text.splitlines()[0]
+            assert list(csv.reader(text.splitlines(), delimiter="\t")) == rows

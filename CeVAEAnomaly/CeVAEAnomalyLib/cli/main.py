@@ -180,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     d.add_argument("--score", type=path_value, required=True, help="output anomaly map (float32)")
     d.add_argument("--labelmap", type=path_value, help="output labelmap (uint8 0/1)")
-    d.add_argument("--slice-scores", type=path_value, help="output CSV of per-slice scores")
-    d.add_argument("--components", type=path_value, help="output CSV of anomaly components")
+    d.add_argument("--slice-scores", type=path_value, help="output CSV of per-slice scores (tab-separated if "
+                   "named .tsv)")
+    d.add_argument("--components", type=path_value, help="output CSV of anomaly components (tab-separated if "
+                   "named .tsv)")
     _add_scoring(d)
     _add_threshold(d)
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
