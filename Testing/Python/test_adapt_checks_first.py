@@ -3,7 +3,6 @@ a scan whose contrast cannot be told (named), and the device it will run on (sai
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
@@ -108,12 +107,14 @@ def test_a_scan_whose_contrast_cannot_be_told_is_named(tiny_bundle, site, tmp_pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_is_said_once_and_the_estimate_is_the_cpus(tiny_bundle, site, tmp_path, caplog):
-    """The estimate said "on cuda expect much less" for a run on the CPU, and every run warned again."""
+def test_cuda_asked_for_without_cuda_is_refused_before_any_run(tiny_bundle, site, tmp_path, capsys):
+    """--device cuda on a machine without it fell back to the CPU with a warning, and a site adaptation meant for a
+    GPU then took hours; it is refused, before anything is written, and --device cpu is offered."""
     out = tmp_path / "site.cevae"
-    with caplog.at_level(logging.INFO), pytest.raises(Cancelled):
-        adapt_mod.adapt(tiny_bundle, scans(site), out, replace(QUICK, device="cuda"), cancel_at("2/3", 1))
-    warned = [r for r in caplog.records if "CUDA was requested but is not available" in r.getMessage()]
-    estimate = [r.getMessage() for r in caplog.records if "fine-tuning runs of" in r.getMessage()]
-    assert len(warned) == 1 and len(estimate) == 1
-    assert "on a CPU" in estimate[0] and "cuda" not in estimate[0]
+    manifest = tmp_path / "site.csv"
+    manifest.write_text(f"image,mask\n{site['a']},{site['mask']}\n{site['b']},{site['mask']}\n")
+    assert main(["adapt", "--manifest", str(manifest), "--model", str(tiny_bundle), "--out", str(out),
+                 *QUICK_ARGS, "--device", "cuda"]) == 2
+    error = capsys.readouterr().err
+    assert "CUDA was asked for (--device cuda) but is not available" in error and "--device cpu" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site.csv"]

@@ -88,6 +88,19 @@ def test_bad_options_end_in_one_clear_error_before_training(cohort, tmp_path, ca
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_gpu_asked_for_where_there_is_none_is_refused_before_training(cohort, tmp_path, capsys, device):
+    """--device cuda without CUDA trained on the CPU after a one-line warning: hours of a GPU job's time."""
+    out = tmp_path / "m.cevae"
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(out), *SMALL,
+                           "--device", device)
+    assert rc == 2 and len(errors) == 1, errors
+    assert f"CUDA was asked for (--device {device}) but is not available" in errors[0]
+    assert "CPU-only build" in errors[0] or torch.version.cuda is not None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_a_folder_is_refused_before_training(cohort, tmp_path, capsys):
     rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(tmp_path), *SMALL)
     assert rc == 2 and errors == [f"error: --out {tmp_path} is a folder; give the bundle's file name, e.g. "

@@ -147,6 +147,30 @@ def test_checkpoint_write_is_atomic(manifest, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
 
 
+def test_a_full_disk_at_a_log_row_is_said_with_the_checkpoint_it_keeps(manifest, tmp_path, monkeypatch, capsys):
+    """The loss log gets a row every 10 steps, checkpoints come less often: a disk that filled in between ended the run
+    as "unexpected OSError ... report it", without saying that the last checkpoint was kept."""
+    real_writer = train_mod.csv.writer
+
+    class FullAfterCheckpoint:
+        def __init__(self, f):
+            self.inner = real_writer(f)
+
+        def writerow(self, row):
+            if isinstance(row[0], int) and row[0] > EVERY:
+                raise OSError(28, "No space left on device")
+            return self.inner.writerow(row)
+
+    monkeypatch.setattr(train_mod.csv, "writer", FullAfterCheckpoint)
+    trainer = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY)
+    with pytest.raises(CeVAEError) as caught:
+        trainer.run()
+    message = str(caught.value)
+    assert message.startswith(f"Could not write the training log {trainer.cfg.log_path}: No space left on device.")
+    assert f"The last good checkpoint (step {EVERY}) is kept" in message and "--resume" in message
+    assert checkpoint_step(trainer.cfg.checkpoint_path) == EVERY
+
+
 def nan_from_call(n: int):
     """A cevae_loss that returns NaN from the n-th training call on."""
     real = train_mod.cevae_loss

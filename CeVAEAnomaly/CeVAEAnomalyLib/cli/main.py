@@ -252,6 +252,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     return rc
 
 
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's failure because another rank's process ended (gloo: "Connection reset by
+    peer", "Connection closed by peer"; NCCL: a DistBackendError)."""
+    text = str(exc).lower()
+    return (type(exc).__name__ == "DistBackendError"
+            or any(words in text for words in ("connection reset", "connection closed", "broken pipe")))
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -261,9 +269,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version or a usage error (already printed)
         return int(exc.code or 0)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: say which rank speaks
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format=(f"[rank {os.environ.get('RANK', '?')}] " if distributed else "")
-                        + "%(levelname)s: %(message)s")
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if distributed else ""
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=rank + "%(levelname)s: %(message)s")
+    if distributed and args.command != "train":  # every rank would do the whole work, racing for the same outputs
+        print(f"{rank}error: only train runs in several processes (torchrun); run {args.command} as one process.",
+              file=sys.stderr)
+        return 2
     if not args.debug:  # the command's own INFO lines only: torch logs its internals (e.g. cache stats at exit)
         logging.getLogger("torch").setLevel(logging.WARNING)
     try:
@@ -275,7 +286,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except CeVAEError as exc:
         if args.debug:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"{rank}error: {one_line(exc)}", file=sys.stderr)
         return 2
     except Terminated:
         print("terminated", file=sys.stderr)
@@ -286,11 +297,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except MemoryError:
         if args.debug:
             raise
-        print("error: out of memory; close other programs or use a machine with more memory.", file=sys.stderr)
+        print(f"{rank}error: out of memory; close other programs or use a machine with more memory.", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
+        if distributed and _peer_gone(exc):
+            print(f"{rank}error: another rank stopped (its error is above); this one stops too.", file=sys.stderr)
+            return 1
+        print(f"{rank}error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
               "the traceback and report it)", file=sys.stderr)
         return 1

@@ -15,20 +15,24 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """auto: cuda > mps > cpu. An unavailable accelerator falls back to the CPU with a warning; a GPU index the
-    machine lacks is refused."""
+def resolve_device(name: str = "auto", strict: bool = False) -> torch.device:
+    """auto: cuda > mps > cpu. An unavailable accelerator falls back to the CPU with a warning, or, ``strict`` (for
+    training, where the CPU takes hours instead of minutes), is refused; a GPU index the machine lacks is refused."""
     RunOptions(device=name)  # the name checked as everywhere (cuda:N, no other suffix)
     base, _, index = name.partition(":")
     if base == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if _mps_available() else "cpu")
-    if base == "cuda" and not torch.cuda.is_available():
-        log.warning("CUDA was requested but is not available; using the CPU.")
-        return torch.device("cpu")
-    if base == "mps" and not _mps_available():
-        log.warning("MPS was requested but is not available; using the CPU.")
+    missing = {"cuda": not torch.cuda.is_available(), "mps": base == "mps" and not _mps_available()}.get(base, False)
+    if missing and strict:
+        build = (" This PyTorch is a CPU-only build: install a CUDA build of torch (see the README's installation)."
+                 if base == "cuda" and torch.version.cuda is None else "")
+        raise CeVAEError(f"{base.upper()} was asked for (--device {name}) but is not available, and training on the "
+                         f"CPU instead would take far longer.{build} To train on the CPU, give --device cpu (or "
+                         "auto).")
+    if missing:
+        log.warning("%s was requested but is not available; using the CPU.", base.upper())
         return torch.device("cpu")
     if base == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise CeVAEError(f"There is no GPU {name!r}: this machine has {torch.cuda.device_count()} (cuda:0 to "

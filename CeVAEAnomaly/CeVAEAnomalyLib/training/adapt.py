@@ -70,7 +70,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
     modes = calibrated_test_time_steps(header.calibration)  # the parent's modes (0: plain) are calibrated again
     thorough = len([steps for steps in modes if steps > 0])
-    device = resolve_device(options.device)  # what the runs use: a missing GPU is said once, here, not per run
+    device = resolve_device(options.device, strict=True)  # what the runs use: a missing GPU is refused before any run
     calibrating = calibration_seconds(len(subjects), thorough_modes=thorough)
     calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
                                                                              n_persons=len(persons))))

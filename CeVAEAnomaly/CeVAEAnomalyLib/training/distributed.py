@@ -80,6 +80,17 @@ def any_rank(info: DistInfo, flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def mean_over_ranks(info: DistInfo, values: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """The mean of each of ``values`` over the ranks (a collective: all ranks call it together, with the same keys)."""
+    if info.world <= 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                     device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: float(v) / info.world for k, v in zip(keys, t.tolist())}
+
+
 def file_checksums(subjects: Sequence[Subject], info: DistInfo) -> Dict[Path, str]:
     """sha256 of every image and mask; with several ranks each hashes a share and they swap results."""
     paths = sorted({p for s in subjects for p in (s.image, s.mask) if p is not None})

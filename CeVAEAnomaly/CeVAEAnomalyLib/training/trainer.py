@@ -38,8 +38,8 @@ from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_check
                          truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
-from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, shared_map,
-                          init_distributed, rank_seed, shutdown_distributed)
+from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
+                          shared_map, init_distributed, rank_seed, shutdown_distributed)
 from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
 from .sampler import EpochSampler
 
@@ -66,8 +66,8 @@ class _RunLog:
     checkpoint, log) together; from then on the earlier bundle is removed (``bundle``), so that no model sits beside
     a checkpoint and log of another run."""
 
-    def __init__(self, path: Path, fresh: bool, bundle: Path) -> None:
-        self.path, self._bundle = path, bundle
+    def __init__(self, path: Path, fresh: bool, bundle: Path, after_failure: Callable[[], str] = str) -> None:
+        self.path, self._bundle, self._after_failure, self._failed = path, bundle, after_failure, False
         self._earlier_bundle = fresh and bundle.exists()  # (also one without a log: written by calibrate or adapt)
         self._held: Optional[io.StringIO] = io.StringIO() if fresh and path.exists() else None
         self._file = self._held if self._held is not None else open(path, "a", newline="")
@@ -77,8 +77,19 @@ class _RunLog:
             self._file.flush()  # a run killed before its first row leaves a log that says what it is
 
     def row(self, values: List[object]) -> None:
-        self._writer.writerow(values)
-        self._file.flush()
+        with self._writing():
+            self._writer.writerow(values)
+            self._file.flush()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write of the log (a full disk, between checkpoints) as an error in words, with what is kept."""
+        try:
+            yield
+        except OSError as exc:
+            self._failed = True
+            raise CeVAEError(f"Could not write the training log {self.path}: {exc.strerror or exc}. "
+                             f"{self._after_failure()}") from None
 
     def publish(self) -> None:
         """This run has a checkpoint now: its rows replace the earlier run's log, and the earlier bundle goes (this
@@ -88,15 +99,20 @@ class _RunLog:
             self._earlier_bundle = False
         if self._held is not None:
             rows, self._held = self._held.getvalue(), None
-            self._file = open(self.path, "w", newline="")
-            self._file.write(rows)
-            self._file.flush()
+            with self._writing():
+                self._file = open(self.path, "w", newline="")
+                self._file.write(rows)
+                self._file.flush()
             self._writer = csv.writer(self._file)
 
     def close(self) -> None:
         """Close the file (rows still held are dropped with this run: the earlier log stays)."""
         if self._held is None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # (the rows it could not flush: a write that failed already says so)
+                if not self._failed:
+                    raise
 
 
 def _device_rng(device: torch.device) -> Dict[str, object]:
@@ -149,7 +165,7 @@ class Trainer:
         self.pre = preprocess or PreprocessConfig(input_size=cfg.model.input_size)
         if self.pre.input_size != cfg.model.input_size:
             raise CeVAEError("Preprocessing and model input sizes differ.")
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, strict=True)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         self.dist = init_distributed(self.device)
@@ -183,6 +199,7 @@ class Trainer:
         self.seconds_before = 0.0  # training seconds of the parts of this run before a resume
         self.parts: List[Dict[str, object]] = []  # from which step the run trained with which lr and ranks
         self._started: Optional[float] = None  # when this part's training loop started
+        self._step_ended = 0.0  # when its last step ended: the time a checkpoint and the log row of that step record
         self._temp_cache: Optional[str] = None
         self.contrasts: List[Optional[float]] = []  # each training volume's depth contrast (engine/modality.py)
 
@@ -302,6 +319,11 @@ class Trainer:
             return "No checkpoint had been written yet."
         return f"The last good checkpoint (step {self.saved_step}) is kept at {self.cfg.checkpoint_path}."
 
+    def _after_log_failure(self) -> str:
+        if self.saved_step is None:
+            return self._last_good() + " Free some space, then run again."
+        return self._last_good() + " Free some space, then run again with --resume to go on from it."
+
     def save_checkpoint(self) -> None:
         """Every rank: gather the ranks' random streams (a collective), then rank 0 writes the resumable state."""
         streams = gather_objects(self.dist, {"gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -326,7 +348,7 @@ class Trainer:
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "device_rng": _device_rng(self.device),
             "rank_streams": streams[1:],  # the other ranks' (rank 1 first)
             "parts": self.parts or [self._part(0)],
-            "seconds": self.seconds_before + (time.perf_counter() - self._started if self._started else 0.0),
+            "seconds": self.seconds_before + (self._step_ended - self._started if self._started else 0.0),
             "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(),
         }
         if self.fp16:
@@ -357,6 +379,10 @@ class Trainer:
             state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
             self._follow_checkpoint_order(state.get("run"), path)
             check_same_run(state.get("run"), self.run_identity(), path)
+            step = state.get("step")
+            if isinstance(step, int) and step > self.cfg.max_steps:  # the run would end at the checkpoint's step
+                raise CeVAEError(f"--resume refused: the checkpoint {path} is at step {step}, past --max-steps "
+                                 f"{self.cfg.max_steps}; give --max-steps {step} or more.")
             self._resume_state = state
         return self._resume_state
 
@@ -477,7 +503,8 @@ class Trainer:
         start = self._started = time.perf_counter()
         batches = self.batches()
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume, bundle=cfg.out) if self.dist.main else None
+        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume, bundle=cfg.out,
+                          after_failure=self._after_log_failure) if self.dist.main else None
         t_last, steps_since = time.perf_counter(), 0
         try:
             out_of_time = any_rank(self.dist, time.perf_counter() >= deadline, self.device)
@@ -487,17 +514,22 @@ class Trainer:
                 self.epoch, self.offset = epoch, number + 1
                 self.step += 1
                 steps_since += 1
-                out_of_time = any_rank(self.dist, time.perf_counter() >= deadline, self.device)
+                self._step_ended = time.perf_counter()  # (a resumed run's rows go on from its checkpoint's time)
+                out_of_time = any_rank(self.dist, self._step_ended >= deadline, self.device)
                 val = ""
                 # the last step (--max-steps or --max-minutes) is a checkpoint too, with its row and validation loss
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time:
+                checkpointed = self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time
+                if checkpointed:
                     if self.dist.main:
                         val = self.validate()
                     self.save_checkpoint()  # (every rank: their random streams are gathered)
                     if run_log:
                         run_log.publish()
-                if run_log and (self.step % 10 == 0 or val != ""):
-                    now = time.perf_counter()
+                logged = self.step % 10 == 0 or checkpointed  # the same steps on every rank
+                if logged:  # the loss of the effective batch: every rank's share, not rank 0's alone
+                    terms = mean_over_ranks(self.dist, terms, self.device)
+                if run_log and logged:
+                    now = self._step_ended
                     rate = steps_since * self.batch_size * self.dist.world / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
                     run_log.row([self.step, terms["loss"], terms.get("kl", ""), terms.get("rec_vae", ""),
