@@ -205,8 +205,8 @@ def test_the_same_head_stored_in_another_voxel_order_gets_the_same_mask():
 
 
 def test_a_start_that_fails_is_passed_over(monkeypatch, caplog):
-    """Twelve starts now (shifted ones included): one that ITK cannot run (here a start 5 m away, whose samples all
-    fall outside the template) is passed over, where it used to fail the whole mask."""
+    """Nine starts now (shifted ones included): one that ITK cannot run (here a start 5 m away, whose samples all
+    fall outside the template) is passed over instead of failing the whole mask."""
     import logging
 
     import CeVAEAnomalyLib.engine.brainmask as brainmask
@@ -279,20 +279,11 @@ def test_clinical_thick_post_contrast_head_keeps_its_mask():
     assert dice(mask, reference) >= 0.9
 
 
-def test_a_noisy_thick_skull_stripped_brain_is_registered_with_the_template_without_skull():
-    """mni152 (skull-stripped) as a clinical scan (post-contrast, 6.5 mm slabs, 3 % noise over the whole volume): its
-    noise sends it to registration, where the template with its skull was shrunk onto the brain (Dice 0.78, 742 ml
-    of brain left out). The template without its skull starts better and is used."""
-    image, reference = _acquisition("mni152", "clinical: post-contrast, 6.5 mm, noise 3 %", seed=13)
-    assert dice(compute_brain_mask(image), reference) >= 0.93
-
-
 @pytest.mark.parametrize("air", ["noise", "zero"])
 def test_a_head_with_its_upper_half_cut_off_gets_a_start_shifted_along_its_axis(air: str, monkeypatch):
     """robex with the top 50 % of its brain cut off: its centre of mass lies low in the head, far from the whole
     template's, and no pitched start reached the right pose (Dice 0.71, 316 ml of leak); a start shifted down does.
-    With its air set to 0 (a masked export), the template without skull started better, stretched over the whole
-    head (Dice 0.51, 1 L of leak): the final fits of both templates decide."""
+    The same with its air set to 0 (a masked export)."""
     from CeVAEAnomalyResearch.acquisition import Recipe
 
     if air == "zero":

@@ -1,10 +1,9 @@
 """Automatic brain mask for a T1 head MRI by affine registration of a bundled template.
 
 The colin27 template (2 mm T1 with skull, plus its brain mask) is registered onto a 4 mm copy
-of the input (Mattes mutual information; similarity, then affine). The registration starts from the best of a
-few short coarse ones: the template with its skull from a few head pitches and shifts along the head's axis (a
-scan that covers part of the head has its centre of mass far from the head's), and the template without its
-skull (a stripped brain with noisy background cannot take the shortcut below). The
+of the input (Mattes mutual information; similarity, then affine), from the best of a few short coarse
+registrations started at a few head pitches and shifts along the head's axis (a scan that covers part of the
+head has its centre of mass far from the head's). The
 template's signed distance to its brain boundary is warped onto the input grid and thresholded
 at a small margin. An input that is already skull-stripped is its own mask (no registration):
 its foreground, everything above a near-background level, is no bigger than a brain, its
@@ -44,7 +43,6 @@ _SAMPLING_FRACTION = 0.25
 _SEED = 20240601
 _PITCH_STARTS_DEG = (0.0, 20.0, -20.0)  # head nodding is the largest pose difference in practice
 _SHIFT_STARTS_MM = (0.0, 25.0, -25.0)  # along the superior axis: a head cut off by the field of view
-_STRIPPED_TEMPLATE_MARGIN = 2  # template voxels (2 mm) of CSF kept around the brain in the template without skull
 _MARGIN_MM = 2.0  # the template mask (BET) hugs the cortex; grow it a little
 _BACKGROUND_LEVEL = 0.01  # foreground: above the minimum by this share of the robust range
 _STRIPPED_MAX_ML = 2500.0  # a foreground this small is a brain (adult heads are > 3 L)
@@ -133,8 +131,7 @@ def _mask_in_order(image: sitk.Image, given: sitk.Image, template_dir: Optional[
         report(progress, 0.05, "Loading brain template")
         template, template_mask = load_template(template_dir)
         report(progress, 0.1, "Registering brain template")
-        templates = [_normalised(template), _normalised(_without_skull(template, template_mask))]
-        transform = _register(_normalised(small), templates, scaled(progress, 0.1, 0.8))
+        transform = _register(_normalised(small), _normalised(template), scaled(progress, 0.1, 0.8))
         report(progress, 0.8, "Warping brain mask")
         mask = _warped_distance(template_mask, image, transform) <= _MARGIN_MM
     report(progress, 0.9, "Cleaning brain mask")
@@ -301,16 +298,16 @@ def _foreground_volume_ml(image: sitk.Image, background: float) -> float:
 
 
 def _registration_method(
-    shrink: list[int], smoothing_mm: list[float], max_step_mm: float, iterations: int
+    shrink: list[int], smoothing_mm: list[float], max_step_mm: float, iterations: int, gradient_images: bool = True
 ) -> sitk.ImageRegistrationMethod:
+    """``gradient_images=False``: the metric's gradients at its samples by finite differences, not from gradient
+    images of both whole images, which take three quarters of a short start's time."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(_SAMPLING_FRACTION, _SEED)
-    # Gradients at the samples by finite differences, not from gradient images of both whole images computed at each
-    # start: those took three quarters of the time and change the metric's value by about 0.5 %.
-    method.SetMetricUseFixedImageGradientFilter(False)
-    method.SetMetricUseMovingImageGradientFilter(False)
+    method.SetMetricUseFixedImageGradientFilter(gradient_images)
+    method.SetMetricUseMovingImageGradientFilter(gradient_images)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsGradientDescent(
         learningRate=max_step_mm, numberOfIterations=iterations, convergenceMinimumValue=1e-6,
@@ -323,39 +320,37 @@ def _registration_method(
     return method
 
 
-def _best_starts(fixed: sitk.Image, templates: list[sitk.Image], progress: Optional[ProgressCallback]
-                 ) -> list[tuple[float, int, sitk.Similarity3DTransform]]:
-    """Short coarse similarity registrations from the starts of :func:`_starts`: the best one of each template, as
-    (metric, index in ``templates``, transform), best first (all are compared on the same samples of ``fixed``)."""
-    starts = [(k, start) for k, moving in enumerate(templates) for start in _starts(fixed, moving, with_shifts=k == 0)]
-    best: dict = {}
-    failure = None
-    for n, (k, start) in enumerate(starts):
-        method = _registration_method([2], [4.0], max_step_mm=2.0, iterations=30)
+def _best_start(fixed: sitk.Image, moving: sitk.Image, progress: Optional[ProgressCallback]
+                ) -> sitk.Similarity3DTransform:
+    """Short coarse similarity registrations from each of :func:`_starts`; the best one (a start that ITK cannot run,
+    e.g. shifted off a small field of view, is passed over)."""
+    starts = list(_starts(fixed, moving))
+    best, best_value, failure = None, float("inf"), None
+    for n, start in enumerate(starts):
+        method = _registration_method([2], [4.0], max_step_mm=2.0, iterations=30, gradient_images=False)
         method.SetInitialTransform(start, inPlace=True)
         part = scaled(progress, n / len(starts), (n + 1) / len(starts))
         try:
-            _execute(method, fixed, templates[k], part, 30, "Registering brain template (initial pose)")
-        except RuntimeError as exc:  # e.g. a shifted start that leaves too few samples on a thin slab: the others go on
-            logger.debug("Start %d (template %d) failed: %s", n, k, one_line(exc))
+            _execute(method, fixed, moving, part, 30, "Registering brain template (initial pose)")
+        except RuntimeError as exc:
+            logger.debug("Start %d failed: %s", n, one_line(exc))
             failure = exc
             continue
-        logger.debug("Start %d (template %d): metric %.4f", n, k, method.GetMetricValue())
-        if k not in best or method.GetMetricValue() < best[k][0]:
-            best[k] = (method.GetMetricValue(), k, start)
-    if 0 not in best:  # the template with skull is always registered
-        raise failure if failure is not None else RuntimeError("no start of the template with skull")
-    return sorted(best.values(), key=lambda b: b[0])
+        logger.debug("Start %d: metric %.4f", n, method.GetMetricValue())
+        if method.GetMetricValue() < best_value:
+            best, best_value = start, method.GetMetricValue()
+    if best is None:
+        raise failure if failure is not None else RuntimeError("no start")
+    return best
 
 
-def _starts(fixed: sitk.Image, moving: sitk.Image, with_shifts: bool) -> Iterator[sitk.Similarity3DTransform]:
+def _starts(fixed: sitk.Image, moving: sitk.Image) -> Iterator[sitk.Similarity3DTransform]:
     """Similarity transforms that put the centres of mass of ``moving`` and ``fixed`` together, pitched by each of
-    :data:`_PITCH_STARTS_DEG` and, ``with_shifts``, shifted along the superior axis by each of
-    :data:`_SHIFT_STARTS_MM`."""
+    :data:`_PITCH_STARTS_DEG` and shifted along the superior axis by each of :data:`_SHIFT_STARTS_MM`."""
     centred = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
-    for shift in _SHIFT_STARTS_MM if with_shifts else (0.0,):
+    for shift in _SHIFT_STARTS_MM:
         for pitch in _PITCH_STARTS_DEG:
             start = sitk.Similarity3DTransform(centred)
             start.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(pitch)))
@@ -365,17 +360,10 @@ def _starts(fixed: sitk.Image, moving: sitk.Image, with_shifts: bool) -> Iterato
             yield start
 
 
-def _without_skull(template: sitk.Image, template_mask: sitk.Image) -> sitk.Image:
-    """The template with everything outside its brain (grown by :data:`_STRIPPED_TEMPLATE_MARGIN`) set to 0."""
-    margin = sitk.BinaryDilate(template_mask, [_STRIPPED_TEMPLATE_MARGIN] * 3)
-    return sitk.Mask(template, margin)
-
-
 def _register(
-    fixed: sitk.Image, templates: list[sitk.Image], progress: Optional[ProgressCallback]
+    fixed: sitk.Image, moving: sitk.Image, progress: Optional[ProgressCallback]
 ) -> sitk.AffineTransform:
-    """Affine transform mapping input (fixed) points to template (moving) points, with the one of ``templates`` (the
-    same anatomy on the same grid, with and without skull) that starts best.
+    """Affine transform mapping input (fixed) points to template (moving) points.
 
     ``progress`` (fractions of the registration) is called at every optimiser iteration.
     """
@@ -383,7 +371,7 @@ def _register(
     # varies from run to run, so with more threads one input gave slightly different masks. (The
     # method's own SetNumberOfThreads does not reach the metric.) The registration is on a 4 mm grid.
     with _single_threaded_itk():
-        return _register_single_threaded(fixed, templates, progress)
+        return _register_single_threaded(fixed, moving, progress)
 
 
 _ITK_THREADS = threading.Lock()
@@ -409,53 +397,26 @@ def _single_threaded_itk() -> Iterator[None]:
 
 
 def _register_single_threaded(
-    fixed: sitk.Image, templates: list[sitk.Image], progress: Optional[ProgressCallback]
+    fixed: sitk.Image, moving: sitk.Image, progress: Optional[ProgressCallback]
 ) -> sitk.AffineTransform:
-    """:func:`_register`'s work, with ITK on one thread. The template with skull (the first) is registered from its
-    best start, and so is each other template whose best start was better; the registration with the best final
-    metric is kept. (A head cut off by the field of view whose air is 0 can start best with the template without
-    skull, stretched over the whole head; its final metric tells it apart.)"""
+    """:func:`_register`'s work, with ITK on one thread."""
     try:
-        starts = _best_starts(fixed, templates, scaled(progress, 0.0, 0.3))
-        tried = starts[:[k for _, k, _ in starts].index(0) + 1]
-        results = []
-        for n, (_, k, similarity) in enumerate(tried):
-            part = scaled(progress, 0.3 + 0.7 * n / len(tried), 0.3 + 0.7 * (n + 1) / len(tried))
-            try:
-                affine = _refined(fixed, templates[k], similarity, part)
-                results.append((_metric(fixed, templates[k], affine), k, affine))
-            except RuntimeError:
-                if n + 1 == len(tried) and not results:
-                    raise
-                logger.debug("Template %d did not register", k)
-                continue
-            logger.debug("Template %d registered: metric %.4f", k, results[-1][0])
+        similarity = _best_start(fixed, moving, scaled(progress, 0.0, 0.3))
+        method = _registration_method([2, 1], [4.0, 0.0], max_step_mm=2.0, iterations=100)
+        method.SetInitialTransform(similarity, inPlace=True)
+        _execute(method, fixed, moving, scaled(progress, 0.3, 0.65), 200, "Registering brain template (similarity)")
+        affine = sitk.AffineTransform(3)
+        affine.SetCenter(similarity.GetCenter())
+        affine.SetMatrix(similarity.GetMatrix())
+        affine.SetTranslation(similarity.GetTranslation())
+        method = _registration_method([1], [0.0], max_step_mm=1.0, iterations=100)
+        method.SetInitialTransform(affine, inPlace=True)
+        _execute(method, fixed, moving, scaled(progress, 0.65, 1.0), 100, "Registering brain template (affine)")
+        logger.debug("Affine: metric %.4f after %d iterations", method.GetMetricValue(),
+                     method.GetOptimizerIteration())
     except RuntimeError as exc:
         raise CeVAEError(f"Brain-mask registration failed ({one_line(exc)}); is this a 3D T1 head MRI?") from None
-    return min(results, key=lambda r: r[0])[2]
-
-
-def _refined(fixed: sitk.Image, moving: sitk.Image, similarity: sitk.Similarity3DTransform,
-             progress: Optional[ProgressCallback]) -> sitk.AffineTransform:
-    """The similarity registration from ``similarity`` (changed in place) on two levels, then an affine one."""
-    method = _registration_method([2, 1], [4.0, 0.0], max_step_mm=2.0, iterations=100)
-    method.SetInitialTransform(similarity, inPlace=True)
-    _execute(method, fixed, moving, scaled(progress, 0.0, 0.5), 200, "Registering brain template (similarity)")
-    affine = sitk.AffineTransform(3)
-    affine.SetCenter(similarity.GetCenter())
-    affine.SetMatrix(similarity.GetMatrix())
-    affine.SetTranslation(similarity.GetTranslation())
-    method = _registration_method([1], [0.0], max_step_mm=1.0, iterations=100)
-    method.SetInitialTransform(affine, inPlace=True)
-    _execute(method, fixed, moving, scaled(progress, 0.5, 1.0), 100, "Registering brain template (affine)")
     return affine
-
-
-def _metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
-    """The registration metric of ``transform`` on the full 4 mm grid (the same samples for every template)."""
-    method = _registration_method([1], [0.0], max_step_mm=1.0, iterations=0)
-    method.SetInitialTransform(transform, inPlace=False)
-    return method.MetricEvaluate(fixed, moving)
 
 
 def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,

@@ -50,7 +50,7 @@ CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
 # change; the recorded digest of those files (Testing/Python/slicing_sources.json) makes the tests ask.
 # 2: the automatic brain mask's rules for skull-stripped brains and partial head coverage.
 # 3: the automatic brain mask made in one voxel order (LPS), whatever the order a scan is stored in.
-# 4: the automatic brain mask's registration also starts shifted along the head and from a template without skull.
+# 4: the automatic brain mask's registration also starts shifted along the head.
 SLICING_VERSION = 4
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
 # an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx.npy (or .json)
