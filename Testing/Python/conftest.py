@@ -44,6 +44,19 @@ def make_head(
     return image, mask
 
 
+def write_cohort(folder: Path, seeds=(1, 2)) -> Path:
+    """Synthetic heads ``h<seed>.nii.gz`` with masks ``h<seed>_mask.nii.gz`` in ``folder``, and the manifest listing
+    them, ``train.csv`` (returned)."""
+    rows = ["image,mask"]
+    for seed in seeds:
+        image, mask = make_head(seed=seed)
+        sitk.WriteImage(image, str(folder / f"h{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(folder / f"h{seed}_mask.nii.gz"))
+        rows.append(f"h{seed}.nii.gz,h{seed}_mask.nii.gz")
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    return folder / "train.csv"
+
+
 def add_volume(scene, image, name="head", class_name="vtkMRMLScalarVolumeNode"):
     """A volume node of ``class_name`` in ``scene`` holding ``image`` (voxels and geometry)."""
     from CeVAEAnomalyLib.slicer import mrml

@@ -8,20 +8,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_head, oblique_direction
+from conftest import make_head, oblique_direction, write_cohort
 from CeVAEAnomalyLib.engine.bundle import read_header
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.errors import CeVAEError
 
 
 def test_train_then_detect(tmp_path):
-    rows = ["image,mask"]
-    for seed in (1, 2):
-        image, mask = make_head(seed=seed)
-        sitk.WriteImage(image, str(tmp_path / f"h{seed}.nii.gz"))
-        sitk.WriteImage(mask, str(tmp_path / f"h{seed}_mask.nii.gz"))
-        rows.append(f"h{seed}.nii.gz,h{seed}_mask.nii.gz")
-    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    write_cohort(tmp_path)
     bundle = tmp_path / "model.cevae"
     assert main(["train", "--manifest", str(tmp_path / "train.csv"), "--out", str(bundle),
                  "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8",

@@ -113,19 +113,10 @@ def test_slices_deleted_under_a_run_are_said_in_words(tmp_path):
 def test_a_resume_with_fewer_steps_than_its_checkpoint_is_refused(tmp_path, capsys):
     """--resume with --max-steps below the checkpoint's step ran no step and published the checkpoint's model as if
     asked for, saying nothing."""
-    import SimpleITK as sitk
+    from conftest import write_cohort
 
-    from conftest import make_head
-
-    rows = ["image,mask"]
-    for seed in (1, 2):
-        image, mask = make_head(seed=seed)
-        sitk.WriteImage(image, str(tmp_path / f"h{seed}.nii.gz"))
-        sitk.WriteImage(mask, str(tmp_path / f"h{seed}_mask.nii.gz"))
-        rows.append(f"h{seed}.nii.gz,h{seed}_mask.nii.gz")
-    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "m.cevae"
-    common = ["train", "--manifest", str(tmp_path / "train.csv"), "--out", str(out), "--checkpoint-every", "2",
+    common = ["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(out), "--checkpoint-every", "2",
               "--batch-size", "8", "--channels", "8,8,16,16", "--z-dim", "8", "--device", "cpu"]
     assert main([*common, "--max-steps", "4"]) == 0
     before = out.read_bytes()
