@@ -24,7 +24,7 @@ def resolve_device(name: str = "auto", strict: bool = False) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if _mps_available() else "cpu")
-    missing = {"cuda": not torch.cuda.is_available(), "mps": base == "mps" and not _mps_available()}.get(base, False)
+    missing = (base == "cuda" and not torch.cuda.is_available()) or (base == "mps" and not _mps_available())
     if missing and strict:
         build = (" This PyTorch is a CPU-only build: install a CUDA build of torch (see the README's installation)."
                  if base == "cuda" and torch.version.cuda is None else "")
