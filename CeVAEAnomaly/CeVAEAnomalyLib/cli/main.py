@@ -303,7 +303,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             raise
         if distributed and _peer_gone(exc):
-            print(f"{rank}error: another rank stopped (its error is above); this one stops too.", file=sys.stderr)
+            print(f"{rank}error: another rank stopped (see its own error); this one stops too.", file=sys.stderr)
             return 1
         print(f"{rank}error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
               "the traceback and report it)", file=sys.stderr)
