@@ -116,5 +116,5 @@ def test_cuda_asked_for_without_cuda_is_refused_before_any_run(tiny_bundle, site
     assert main(["adapt", "--manifest", str(manifest), "--model", str(tiny_bundle), "--out", str(out),
                  *QUICK_ARGS, "--device", "cuda"]) == 2
     error = capsys.readouterr().err
-    assert "CUDA was asked for (--device cuda) but is not available" in error and "--device cpu" in error
+    assert "CUDA was asked for (device cuda) but is not available" in error and "--device cpu" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site.csv"]

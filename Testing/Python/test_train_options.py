@@ -96,7 +96,7 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_before_training(cohort, 
     rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(out), *SMALL,
                            "--device", device)
     assert rc == 2 and len(errors) == 1, errors
-    assert f"CUDA was asked for (--device {device}) but is not available" in errors[0]
+    assert f"CUDA was asked for (device {device}) but is not available" in errors[0]
     assert "CPU-only build" in errors[0] or torch.version.cuda is not None
     assert list(tmp_path.iterdir()) == []
 

@@ -28,9 +28,9 @@ def resolve_device(name: str = "auto", strict: bool = False) -> torch.device:
     if missing and strict:
         build = (" This PyTorch is a CPU-only build: install a CUDA build of torch (see the README's installation)."
                  if base == "cuda" and torch.version.cuda is None else "")
-        raise CeVAEError(f"{base.upper()} was asked for (--device {name}) but is not available, and training on the "
-                         f"CPU instead would take far longer.{build} To train on the CPU, give --device cpu (or "
-                         "auto).")
+        raise CeVAEError(f"{base.upper()} was asked for (device {name}) but is not available, and training on the "
+                         f"CPU instead would take far longer.{build} To train on the CPU, choose the device cpu or "
+                         "auto (--device cpu).")
     if missing:
         log.warning("%s was requested but is not available; using the CPU.", base.upper())
         return torch.device("cpu")
