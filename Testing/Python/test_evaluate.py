@@ -178,7 +178,7 @@ def test_a_map_evaluated_without_its_mask_warns_that_its_zero_background_lifts_t
     """Without --mask every voxel is evaluated, and a detect map's zero background ranks below every scored voxel:
     the AUROC rose (0.67 over the brain read 0.92 over the volume) with nothing said."""
     score = sitk.GetArrayFromImage(small_case["score"])
-    score[sitk.GetArrayFromImage(small_case["mask"]) > 0] += 0.1  # a brain scored everywhere, with a weak distractor ...
+    score[sitk.GetArrayFromImage(small_case["mask"]) > 0] += 0.1  # the brain scored everywhere, a distractor ...
     score[0, 1, 1] = 1.5  # ... above the lesion
     noisy = image(score)
     over_brain = evaluate_case(noisy, small_case["gt"], small_case["mask"])
