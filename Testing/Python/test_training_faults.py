@@ -171,6 +171,20 @@ def test_a_full_disk_at_a_log_row_is_said_with_the_checkpoint_it_keeps(manifest,
     assert checkpoint_step(trainer.cfg.checkpoint_path) == EVERY
 
 
+def test_a_checkpoint_temporary_left_by_a_killed_write_is_removed_by_the_next_run(manifest, tmp_path):
+    """A SIGKILL while a checkpoint was written left its hidden temporary (as large as a checkpoint) beside the model
+    for good: only a later checkpoint write removed it, and only once an hour old."""
+    first = tiny_trainer(tmp_path, manifest, max_steps=EVERY)
+    first.run()
+    ckpt = first.cfg.checkpoint_path
+    left = tmp_path / f".{ckpt.name}.0123abcd.ckpt"  # the name temp_beside gives it
+    left.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".notes.txt"
+    other.write_text("the user's")
+    tiny_trainer(tmp_path, manifest, max_steps=2 * EVERY, resume=True).run()
+    assert not left.exists() and other.read_text() == "the user's"
+
+
 def nan_from_call(n: int):
     """A cevae_loss that returns NaN from the n-th training call on."""
     real = train_mod.cevae_loss

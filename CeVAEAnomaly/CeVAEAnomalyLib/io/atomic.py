@@ -53,13 +53,14 @@ def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> 
 STALE_AGE_S = 3600.0  # a temporary untouched this long belongs to a write that was killed
 
 
-def remove_stale_temporaries(target: Path) -> int:
+def remove_stale_temporaries(target: Path, older_than_s: float = STALE_AGE_S) -> int:
     """Remove the temporaries (:func:`temp_beside`) of writes of ``target`` that were killed (SIGKILL, a power cut)
-    and left them: untouched for :data:`STALE_AGE_S`; how many."""
+    and left them: untouched for ``older_than_s`` (0: any, for a caller that knows no other write is under way, e.g.
+    one holding the output's lock); how many."""
     suffix = full_suffix(target)
     name = name_leaving_room(target, len(os.fsencode(suffix)) + 10)
     pattern = re.compile(re.escape(f".{name}.") + "[0-9a-f]{8}" + re.escape(suffix))
-    cutoff, removed = time.time() - STALE_AGE_S, 0
+    cutoff, removed = time.time() - older_than_s, 0
     try:
         with os.scandir(target.parent) as listing:
             stale = [e.path for e in listing if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)

@@ -29,6 +29,7 @@ from ..engine.devices import resolve_device
 from ..engine.modality import depth_contrast
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
+from ..io.atomic import remove_stale_temporaries
 from ..io.manifest import distinct_names
 from ..io.naming import full_suffix
 from ..progress import ProgressCallback, report
@@ -493,6 +494,9 @@ class Trainer:
                 truncate_log(cfg.log_path, self.step)
         if self.dist.main:
             cfg.out.parent.mkdir(parents=True, exist_ok=True)
+            # a checkpoint's temporary that a killed write left (as large as a checkpoint): this run is the output's
+            # only writer (the commands hold its lock), so it goes whatever its age
+            remove_stale_temporaries(cfg.checkpoint_path, older_than_s=0.0)
         self.open_data()
         if self.dist.main:
             log.info("Device %s, %d rank(s)%s; batch size %d per rank, effective batch size %d; learning rate %g "
