@@ -65,9 +65,9 @@ class _RunLog:
     """The loss log, ``OUT.log.csv``. A fresh run over an earlier run's log holds its rows in memory until its first
     checkpoint replaces the earlier run's, so that a run stopped before that leaves the earlier run's files (bundle,
     checkpoint, log) together; from then on the earlier bundle is removed (``bundle``), so that no model sits beside
-    a checkpoint and log of another run."""
+    a checkpoint and log of another run. ``after_failure()`` ends the error of a write that failed (what is kept)."""
 
-    def __init__(self, path: Path, fresh: bool, bundle: Path, after_failure: Callable[[], str] = str) -> None:
+    def __init__(self, path: Path, fresh: bool, bundle: Path, after_failure: Callable[[], str]) -> None:
         self.path, self._bundle, self._after_failure, self._failed = path, bundle, after_failure, False
         self._earlier_bundle = fresh and bundle.exists()  # (also one without a log: written by calibrate or adapt)
         self._held: Optional[io.StringIO] = io.StringIO() if fresh and path.exists() else None
@@ -321,9 +321,8 @@ class Trainer:
         return f"The last good checkpoint (step {self.saved_step}) is kept at {self.cfg.checkpoint_path}."
 
     def _after_log_failure(self) -> str:
-        if self.saved_step is None:
-            return self._last_good() + " Free some space, then run again."
-        return self._last_good() + " Free some space, then run again with --resume to go on from it."
+        resume = "" if self.saved_step is None else " with --resume to go on from it"
+        return f"{self._last_good()} Free some space, then run again{resume}."
 
     def save_checkpoint(self) -> None:
         """Every rank: gather the ranks' random streams (a collective), then rank 0 writes the resumable state."""
