@@ -44,12 +44,12 @@ def make_head(
     return image, mask
 
 
-def write_cohort(folder: Path, seeds=(1, 2)) -> Path:
-    """Synthetic heads ``h<seed>.nii.gz`` with masks ``h<seed>_mask.nii.gz`` in ``folder``, and the manifest listing
-    them, ``train.csv`` (returned)."""
+def write_cohort(folder: Path, seeds=(1, 2), **head) -> Path:
+    """Synthetic heads ``h<seed>.nii.gz`` (``head``: further :func:`make_head` arguments) with masks
+    ``h<seed>_mask.nii.gz`` in ``folder``, and the manifest listing them, ``train.csv`` (returned)."""
     rows = ["image,mask"]
     for seed in seeds:
-        image, mask = make_head(seed=seed)
+        image, mask = make_head(seed=seed, **head)
         sitk.WriteImage(image, str(folder / f"h{seed}.nii.gz"))
         sitk.WriteImage(mask, str(folder / f"h{seed}_mask.nii.gz"))
         rows.append(f"h{seed}.nii.gz,h{seed}_mask.nii.gz")

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import SimpleITK as sitk
 
-from conftest import REPO, make_head
+from conftest import REPO, write_cohort
 from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.training.distributed import parameter_checksum
 
@@ -40,13 +39,7 @@ def rank_checksums(out):
 
 @pytest.fixture
 def cohort(tmp_path):
-    rows = ["image,mask"]
-    for seed in (1, 2, 3):
-        image, mask = make_head(seed=seed)
-        sitk.WriteImage(image, str(tmp_path / f"h{seed}.nii.gz"))
-        sitk.WriteImage(mask, str(tmp_path / f"h{seed}_mask.nii.gz"))
-        rows.append(f"h{seed}.nii.gz,h{seed}_mask.nii.gz")
-    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    write_cohort(tmp_path, seeds=(1, 2, 3))
     return tmp_path
 
 

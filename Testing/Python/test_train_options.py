@@ -20,7 +20,7 @@ from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
 from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.training.packaging import TrainingRecord, package, training_header
 from CeVAEAnomalyLib.training.trainer import Trainer
-from conftest import make_head
+from conftest import make_head, write_cohort
 
 SMALL = ["--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--device", "cpu"]
 
@@ -32,13 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def cohort(tmp_path_factory) -> Path:
     """Three small synthetic heads with masks and a manifest listing them."""
     d = tmp_path_factory.mktemp("cohort")
-    rows = ["image,mask"]
-    for seed in (1, 2, 3):
-        image, mask = make_head(size=(32, 36, 28), seed=seed)
-        sitk.WriteImage(image, str(d / f"h{seed}.nii.gz"))
-        sitk.WriteImage(mask, str(d / f"h{seed}_mask.nii.gz"))
-        rows.append(f"h{seed}.nii.gz,h{seed}_mask.nii.gz")
-    (d / "train.csv").write_text("\n".join(rows) + "\n")
+    write_cohort(d, seeds=(1, 2, 3), size=(32, 36, 28))
     return d
 
 

@@ -147,7 +147,7 @@ def test_checkpoint_write_is_atomic(manifest, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
 
 
-def test_a_full_disk_at_a_log_row_is_said_with_the_checkpoint_it_keeps(manifest, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_at_a_log_row_is_said_with_the_checkpoint_it_keeps(manifest, tmp_path, monkeypatch):
     """The loss log gets a row every 10 steps, checkpoints come less often: a disk that filled in between ended the run
     as "unexpected OSError ... report it", without saying that the last checkpoint was kept."""
     real_writer = train_mod.csv.writer
