@@ -271,6 +271,32 @@ def test_an_adaptation_is_refused_before_any_copy_in_the_consoles_words(tiny_bun
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_calibration_and_adaptation_refuse_what_is_not_a_healthy_scan_at_once(tmp_path, monkeypatch):
+    """As process() does for its input: a node given by name, one node instead of a list, a segmentation or a
+    labelmap (a mask) as a healthy scan, a volume as its own mask: each named at once, before any copy or worker
+    (they raised AttributeError or TypeError, or the worker failed later saying the brain was nearly constant)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(seed=11)
+    a, b = add_volume(scene, image, "a"), add_volume(scene, make_head(seed=12)[0], "b")
+    label = add_volume(scene, mask, "mask a", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
+    cases = [(["a", "b"], [None, None], r"Select a scalar healthy volume \(got a str\)"),
+             (a, [None, None], "volumes must be a list of nodes .*, not vtkMRMLScalarVolumeNode 'a'"),
+             ([a, b], label, "masks must be a list of nodes .*, not vtkMRMLLabelMapVolumeNode 'mask a'"),
+             ([segmentation, b], [None, None], r"Select a scalar healthy volume \(got vtkMRMLSegmentationNode 'brain'"),
+             ([label, b], [None, None], r"'mask a' is a labelmap volume \(labels, not intensities\)"),
+             ([a, b], [a, None], "The brain mask 'a' is the healthy volume itself"),
+             ([a, b], ["mask a", None], "brain mask must be a labelmap volume or segmentation node, not a str")]
+    logic = CeVAEAnomalyLogic()
+    for start in (logic.startCalibration, logic.startAdaptation):
+        for volumes, masks, message in cases:
+            with pytest.raises(CeVAEError, match=message):
+                start(volumes, masks, tmp_path / "site.cevae", device="cpu")
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing copied
+
+
 def test_cancel_stops_an_adaptation_and_writes_no_model(tiny_bundle, tmp_path, monkeypatch):
     scene, volumes, masks = _site_scene()
     out = tmp_path / "scanner.cevae"

@@ -232,26 +232,15 @@ class CeVAEAnomalyLogic(_LogicBase):
         return self._bundle
 
     def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
-        if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
-            raise CeVAEError(f"Select a scalar input volume (got {_described(volumeNode)}).")
-        if maskNode is not None and not isinstance(maskNode, slicer.vtkMRMLNode):
-            raise CeVAEError(f"The brain mask must be a labelmap volume or segmentation node, not {_described(maskNode)} "
-                             "(a node by name: slicer.util.getNode(name)).")
+        _refuseNotScan(volumeNode, maskNode, "input volume")
         from .mrml import OutputNodes, check_output_classes
 
         if outputs is not None and not isinstance(outputs, OutputNodes):
             raise CeVAEError(f"outputs must be an OutputNodes (CeVAEAnomalyLib.slicer.mrml), not {_described(outputs)}.")
-        if isinstance(volumeNode, slicer.vtkMRMLLabelMapVolumeNode):  # as the panel's input selector: no labelmaps
-            raise CeVAEError(f"'{volumeNode.GetName()}' is a labelmap volume (labels, not intensities); choose a "
-                             "scalar volume. A scan loaded as a labelmap by mistake can be converted in the "
-                             "Volumes module (Volume Information, Convert to scalar volume).")
         _refuseModuleOutputs([volumeNode, maskNode], "an input")
         scene = self._sceneFor(volumeNode)
         if maskNode is not None and maskNode.GetScene() is not scene:
             raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is not in the input volume's scene.")
-        if maskNode is volumeNode:  # its every voxel above 0 would be "brain": the head, the neck, the noise
-            raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is the input volume itself; choose a brain mask "
-                             "(a labelmap or a segmentation), or none for the automatic one.")
         for node in vars(outputs).values() if outputs is not None else ():
             if node is not None and (node is volumeNode or node is maskNode):
                 raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
@@ -448,6 +437,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         The model's default mode is calibrated, and with ``thorough`` the thorough mode too (each healthy
         volume is then scored a second time, with test-time adaptation)."""
         self.checkDependencies()
+        _checkHealthy(volumes, masks)
         if not volumes:
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
         request = DetectionRequest.of(device=device, test_time_steps=THOROUGH_STEPS if thorough else None,
@@ -475,6 +465,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         from ..training.adapt_plan import MIN_SCANS, adapt_options, earlier_outputs, resumable
 
         self.checkDependencies()
+        _checkHealthy(volumes, masks)
         if len(volumes) < MIN_SCANS:
             raise CeVAEError(f"Choose at least {MIN_SCANS} healthy volumes to adapt the model to.")
         DetectionRequest.of(device=device)  # the device's name, checked as everywhere
@@ -494,13 +485,11 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def _startOnHealthy(self, task: str, volumes, masks, launch: Optional[Launcher], python: Optional[str],
                         **request: Any) -> WorkerJob:
-        """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``), each
-        with the person its node's name says was scanned (a BIDS name's ``sub-<label>``), which adapting splits by."""
+        """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``, checked by
+        :func:`_checkHealthy`), each with the person its node's name says was scanned (a BIDS name's
+        ``sub-<label>``), which adapting splits by."""
         from ..io.manifest import bids_person
 
-        if len(masks) != len(volumes):
-            raise CeVAEError("Give one brain mask (or None) per healthy volume.")
-        _refuseModuleOutputs([*volumes, *masks], "a healthy scan or its mask")
         folder = Path(tempfile.mkdtemp(prefix=f"{JOB_FOLDER_PREFIX}{task}-"))
         try:
             subjects: List[Dict[str, Optional[str]]] = []
@@ -618,6 +607,36 @@ def _described(value: Any) -> str:
 def _fileStem(name: str) -> str:
     """A node name as a safe file name stem."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "volume"
+
+
+def _refuseNotScan(volumeNode: Any, maskNode: Any, what: str) -> None:
+    """Refuse what cannot be a scan (``what``: "input volume", "healthy volume") or its brain mask: another kind of
+    node or value, a labelmap volume as the scan, the scan as its own mask."""
+    if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
+        raise CeVAEError(f"Select a scalar {what} (got {_described(volumeNode)}).")
+    if maskNode is not None and not isinstance(maskNode, slicer.vtkMRMLNode):
+        raise CeVAEError(f"The brain mask must be a labelmap volume or segmentation node, not {_described(maskNode)} "
+                         "(a node by name: slicer.util.getNode(name)).")
+    if isinstance(volumeNode, slicer.vtkMRMLLabelMapVolumeNode):  # as the panel's selectors: no labelmaps
+        raise CeVAEError(f"'{volumeNode.GetName()}' is a labelmap volume (labels, not intensities); choose a "
+                         "scalar volume. A scan loaded as a labelmap by mistake can be converted in the "
+                         "Volumes module (Volume Information, Convert to scalar volume).")
+    if maskNode is volumeNode:  # its every voxel above 0 would be "brain": the head, the neck, the noise
+        raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is the {what} itself; choose a brain mask "
+                         "(a labelmap or a segmentation), or none for the automatic one.")
+
+
+def _checkHealthy(volumes: Any, masks: Any) -> None:
+    """Refuse, before anything is copied, healthy volumes and masks that are not lists of one mask (or None) per
+    volume, or a pair that is not a scan and its mask (:func:`_refuseNotScan`), or a result of this module."""
+    for name, given in (("volumes", volumes), ("masks", masks)):
+        if isinstance(given, str) or not isinstance(given, Sequence):
+            raise CeVAEError(f"{name} must be a list of nodes (one per healthy volume), not {_described(given)}.")
+    if len(masks) != len(volumes):
+        raise CeVAEError("Give one brain mask (or None) per healthy volume.")
+    for volume, mask in zip(volumes, masks):
+        _refuseNotScan(volume, mask, "healthy volume")
+    _refuseModuleOutputs([*volumes, *masks], "a healthy scan or its mask")
 
 
 def _refuseModuleOutputs(candidates, what: str) -> None:
