@@ -313,6 +313,39 @@ def test_a_failing_publish_keeps_the_segments_look_and_the_outputs_transforms(sc
     assert first.score.GetTransformNodeID() is None and first.segmentation.GetTransformNodeID() is None
 
 
+def test_a_failing_publish_leaves_the_nodes_picked_as_outputs_unmarked(scene, monkeypatch):
+    """Empty nodes and a segmentation of the user's picked as outputs are not left marked as the input's outputs by a
+    run that failed (the segmentation kept its role and link: an empty one was then hidden from the mask field and
+    refused as a brain mask, one with segments refused as another scan's output)."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    brain = add_volume(scene, mask, "brain", "vtkMRMLLabelMapVolumeNode")
+    users = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segments")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(brain, users)
+    picked = [mrml.OutputNodes(score=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my score"),
+                               segmentation=scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation"),
+                               labelmap=scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "my labelmap"),
+                               components=scene.AddNewNodeByClass("vtkMRMLTableNode", "my table")),
+              mrml.OutputNodes(segmentation=users)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mrml, "_fill_slices", broken)
+    for targets in picked:
+        drawn_on = targets.segmentation.GetReferenceImageGeometryReferenceRole()
+        before = targets.segmentation.GetNodeReferenceID(drawn_on)
+        with pytest.raises(RuntimeError, match="disk full"):
+            mrml.publish(scene, volume, fake_detection(image, mask), targets)
+        for node in vars(targets).values():
+            if node is not None:
+                assert node.GetAttributeNames() == (), node.GetName()
+                assert node.GetNodeReferenceID(nodes.SOURCE_REFERENCE) is None, node.GetName()
+        assert targets.segmentation.GetNodeReferenceID(drawn_on) == before  # the volume it was drawn on, if any
+    assert nodes.module_volume_ids(scene) == []
+    assert nodes.segment_ids(users) == nodes.user_segment_ids(users) and len(nodes.segment_ids(users)) == 1
+
+
 def test_a_score_volume_whose_display_node_was_deleted_behind_its_legend_is_shown_again(scene):
     image, mask = make_head()
     volume = add_volume(scene, image)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -107,19 +107,25 @@ class Undo:
         self._kept: Set[str] = set()
 
     def keep(self, node: Optional[slicer.vtkMRMLNode]) -> None:
-        """Remember ``node``'s content (voxels, table, display properties, attributes) before it changes. A
-        segmentation's segments are not copied (a segment copy needs converters only the application has): the
-        step that changes them says how to undo it (:meth:`on_failure`)."""
+        """Remember ``node``'s content (voxels, table, display properties), attributes and link to an input before
+        they change. A segmentation's segments are not copied (a segment copy needs converters only the application
+        has): the step that changes them says how to undo it (:meth:`on_failure`)."""
         if node is None or node.GetID() in self._kept:
             return
         self._kept.add(node.GetID())
+        attributes = {name: node.GetAttribute(name) for name in node.GetAttributeNames()}
+        source = node.GetNodeReferenceID(SOURCE_REFERENCE)
+        self.on_failure(lambda: _restore_marks(node, attributes, source))
         if isinstance(node, slicer.vtkMRMLTransformableNode):  # a reference: not part of the content
             transform = node.GetTransformNodeID()
             self.on_failure(lambda: node.SetAndObserveTransformNodeID(transform))
         if isinstance(node, slicer.vtkMRMLSegmentationNode):
             name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
             geometry = node.GetSegmentation().GetConversionParameter(name)
-            self.on_failure(lambda: node.GetSegmentation().SetConversionParameter(name, geometry))
+            role = node.GetReferenceImageGeometryReferenceRole()  # the volume it was drawn on
+            drawn_on = node.GetNodeReferenceID(role)
+            self.on_failure(lambda: (node.GetSegmentation().SetConversionParameter(name, geometry),
+                                     node.SetNodeReferenceID(role, drawn_on)))
             return
         # A volume's voxels are replaced, never changed in place (update_volume_from_image): the copy shares them.
         deep = not isinstance(node, slicer.vtkMRMLVolumeNode)
@@ -133,6 +139,16 @@ class Undo:
     def restore(self) -> None:
         for step in reversed(self._steps):
             step()
+
+
+def _restore_marks(node: slicer.vtkMRMLNode, attributes: Dict[str, str], source: Optional[str]) -> None:
+    """Give ``node`` back exactly these attributes and this input (``source``: its ID, None for none)."""
+    for name in node.GetAttributeNames():
+        if name not in attributes:
+            node.RemoveAttribute(name)
+    for name, value in attributes.items():
+        node.SetAttribute(name, value)
+    node.SetNodeReferenceID(SOURCE_REFERENCE, source)
 
 
 @contextmanager
