@@ -400,6 +400,18 @@ def test_publish_refuses_a_result_on_another_grid(scene):
     assert mrml.node_ids(scene) == before
 
 
+def test_publish_refuses_a_result_of_another_scan_of_the_same_size(scene):
+    """A detection of another scan with the same number of voxels (a console slip: publish(volumeB, detectionOfA))
+    is refused, not written as B's results where A lies."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    other, other_mask = make_head(origin=(30.0, 10.0, 5.0), seed=3)
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError, match="the score map lies on another grid than the input volume 'head' \\(origin"):
+        mrml.publish(scene, volume, fake_detection(other, other_mask))
+    assert mrml.node_ids(scene) == before
+
+
 def test_score_display_uses_inferno_and_hides_low_scores(scene):
     image, mask = make_head()
     volume = add_volume(scene, image)

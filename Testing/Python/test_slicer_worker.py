@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import add_volume, make_head
+from conftest import add_volume, make_head, oblique_direction
 
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")  # slicer-core's
@@ -84,6 +84,22 @@ def test_detection_in_a_worker_matches_the_in_process_detection(head_scene, tiny
     assert [c.voxels for c in result.detection.components] == [c.voxels for c in reference.detection.components]
     assert result.topSliceRas == pytest.approx(reference.topSliceRas)
     assert result.nodes.components.GetNumberOfRows() == len(reference.detection.components)
+
+
+def test_a_workers_results_lie_exactly_on_an_oblique_inputs_grid(tiny_bundle):
+    """The worker's hand-over (NRRD files) rounds an oblique direction in its last bit; the outputs still carry the
+    input's spacing, origin and direction exactly, as process() gives them."""
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(seed=7, direction=oblique_direction(), spacing=(0.9, 1.3, 2.0), origin=(12.5, -40.0, 7.25))
+    volume = add_volume(scene, image, "head")
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode"),
+                               modelPath=tiny_bundle, device="cpu", createLabelmap=True)
+    run_to_end(job)
+    result = logic.finishDetection(job)
+    for node in (result.nodes.score, result.nodes.labelmap):
+        assert node.GetSpacing() == volume.GetSpacing() and node.GetOrigin() == volume.GetOrigin()
+        assert np.array_equal(nodes.ijk_to_ras(node), nodes.ijk_to_ras(volume)), node.GetName()
 
 
 def test_cancel_stops_the_worker_within_a_second(head_scene, tiny_bundle):

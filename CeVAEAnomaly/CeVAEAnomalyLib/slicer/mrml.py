@@ -200,24 +200,35 @@ def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume
     dims = data.GetDimensions()
     voxels = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(dims[::-1])
     image = sitk.GetImageFromArray(voxels)  # copies
-    directions = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASDirectionMatrix(directions)
-    image.SetSpacing(volume_node.GetSpacing())
-    image.SetOrigin(tuple(_RAS_FROM_LPS @ ijk_to_ras(volume_node)[:3, 3]))  # the array's first voxel
-    image.SetDirection(tuple((_RAS_FROM_LPS @ to_numpy(directions, 3)).ravel()))
+    spacing, origin, direction = _lps_geometry(volume_node)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
     return image
 
 
-def update_volume_from_image(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image) -> None:
-    """Replace the node's voxels and geometry with the image's (exact inverse of image_from_volume)."""
+def _lps_geometry(volume_node: slicer.vtkMRMLVolumeNode) -> Tuple[Tuple[float, ...], ...]:
+    """(spacing, origin, direction) of the node's voxel array as SimpleITK gives them (LPS; the origin is the array's
+    first voxel, also where the image data's extent does not start at 0)."""
+    directions = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASDirectionMatrix(directions)
+    return (tuple(volume_node.GetSpacing()), tuple(_RAS_FROM_LPS @ ijk_to_ras(volume_node)[:3, 3]),
+            tuple((_RAS_FROM_LPS @ to_numpy(directions, 3)).ravel()))
+
+
+def update_volume_from_image(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image,
+                             geometry: Optional[Tuple[Tuple[float, ...], ...]] = None) -> None:
+    """Replace the node's voxels and geometry with the image's (exact inverse of image_from_volume), or with
+    ``geometry`` ((spacing, origin, direction) in LPS, as :func:`_lps_geometry` gives them) instead of the image's."""
+    spacing, origin, direction = geometry or (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     voxels = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))
     data = vtk.vtkImageData()
     data.SetDimensions(*image.GetSize())
     data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels.ravel(), deep=True))
-    directions = _RAS_FROM_LPS @ np.asarray(image.GetDirection(), float).reshape(3, 3)
+    directions = _RAS_FROM_LPS @ np.asarray(direction, float).reshape(3, 3)
     wasModifying = volume_node.StartModify()
-    volume_node.SetSpacing(image.GetSpacing())
-    volume_node.SetOrigin(tuple(_RAS_FROM_LPS @ np.asarray(image.GetOrigin(), float)))
+    volume_node.SetSpacing(spacing)
+    volume_node.SetOrigin(tuple(_RAS_FROM_LPS @ np.asarray(origin, float)))
     volume_node.SetIJKToRASDirectionMatrix(_to_vtk(directions))
     volume_node.SetAndObserveImageData(data)
     volume_node.EndModify(wasModifying)
@@ -388,8 +399,7 @@ def publish(
     if volume_node.GetImageData() is None:
         raise CeVAEError(f"The input volume '{volume_node.GetName()}' no longer holds image data; the results "
                          "are not loaded.")
-    if tuple(result.score.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
-        raise CeVAEError("The score map does not match the input volume's grid.")
+    _refuse_another_grid(volume_node, result.score)
     with transaction(scene) as undo:
         out = OutputNodes()
         users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
@@ -433,6 +443,20 @@ def publish(
     return out
 
 
+def _refuse_another_grid(volume_node: slicer.vtkMRMLVolumeNode, score: sitk.Image) -> None:
+    """Refuse a score map that does not lie on the input's voxel grid (within the rounding of the worker's files): a
+    detection of another scan. Its outputs take the input's exact grid (:func:`_fill_volume`)."""
+    name = volume_node.GetName()
+    if tuple(score.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
+        raise CeVAEError(f"The score map does not match the grid of the input volume '{name}' (another number of "
+                         "voxels); the results are not loaded.")
+    for what, ours, given in zip(("spacing", "origin", "direction"), _lps_geometry(volume_node),
+                                 (score.GetSpacing(), score.GetOrigin(), score.GetDirection())):
+        if not np.allclose(ours, given, rtol=1e-5, atol=1e-4):
+            raise CeVAEError(f"This detection is not of '{name}': the score map lies on another grid than the input "
+                             f"volume '{name}' ({what} differs); the results are not loaded.")
+
+
 def _hand_over(undo: Undo, node: slicer.vtkMRMLNode) -> None:
     """A labelmap of this module's that the user has edited since its run wrote it is theirs now: no longer an
     output of its input (so no run writes into it again), named "... (edited)", kept as it is."""
@@ -448,7 +472,9 @@ def _hand_over(undo: Undo, node: slicer.vtkMRMLNode) -> None:
 
 
 def _fill_volume(node: slicer.vtkMRMLVolumeNode, volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image) -> None:
-    update_volume_from_image(node, image)
+    """``image``'s voxels in ``node`` on the input volume's exact grid (``image`` lies on it: publish checked, within
+    the last bit that the worker's files may round an oblique direction to) and under its transform."""
+    update_volume_from_image(node, image, _lps_geometry(volume_node))
     node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
 
 
