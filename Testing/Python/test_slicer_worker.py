@@ -913,6 +913,25 @@ def test_finishing_a_detection_too_early_or_with_another_logic_says_so_and_keeps
         logic.finishDetection(job)
 
 
+def test_finishing_a_cancelled_detection_says_it_was_cancelled(tmp_path, head_scene):
+    """job.cancel() at the console, then finishDetection: it says the run was cancelled (it said "did not finish")."""
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    script = tmp_path / "worker"
+    script.write_text("#!/bin/sh\nsleep 20\n")
+    script.chmod(0o755)
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, python=str(script))
+    job.cancel()
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError, match=r"^The detection was cancelled \(job.cancel\(\)\); nothing was loaded\.$"):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before and not job.folder.exists()
+
+
 def test_a_run_given_another_inputs_score_volume_updates_its_own_latest_nodes(tiny_bundle):
     """B's score volume picked for A (from the console) is never written into; A's run updates A's latest results,
     as any rerun does (only a volume of the user's that holds data gets a new set of nodes)."""

@@ -39,7 +39,7 @@ from ..errors import CeVAEError
 from ..options import THOROUGH_STEPS, DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
 from . import dependencies
-from .jobs import JOB_FOLDER_PREFIX, Launcher, WorkerJob
+from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, WorkerJob
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -400,6 +400,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         self._closed.add(job)
         try:
             job.raise_for_failure()
+            if job.state is JobState.CANCELLED:
+                raise CeVAEError("The detection was cancelled (job.cancel()); nothing was loaded.")
             if job.done is None:
                 raise CeVAEError("The detection did not finish.")
             if target.volume.GetScene() is not None:
