@@ -771,6 +771,29 @@ def test_the_workers_warnings_and_error_name_the_nodes_not_their_temporary_copie
         job.raise_for_failure()
 
 
+@pytest.mark.parametrize("ending", ["kill -9 $$", "exit 137"])
+def test_a_worker_killed_without_a_word_is_said_to_have_most_likely_run_out_of_memory(tmp_path, ending):
+    """The out-of-memory killer ends a worker with SIGKILL (a launcher reports it as status 137): the error says what
+    that most often means and what to try; another silent end does not blame memory."""
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    script = tmp_path / "worker"
+    script.write_text(f"#!/bin/sh\necho 'scoring'\n{ending}\n")
+    script.chmod(0o755)
+    job = WorkerJob({"task": "detect"}, tmp_path, python=str(script))
+    run_to_end(job, timeout=30)
+    with pytest.raises(CeVAEError, match=r"(?s)stopped unexpectedly \(exit status (-9|137)\): it was killed, most "
+                                         r"often by the system when memory runs out.*smaller batch size.*scoring"):
+        job.raise_for_failure()
+    script.write_text("#!/bin/sh\nexit 3\n")
+    job = WorkerJob({"task": "detect"}, tmp_path, python=str(script))
+    run_to_end(job, timeout=30)
+    with pytest.raises(CeVAEError, match=r"^The worker process stopped unexpectedly \(exit status 3\)\.$"):
+        job.raise_for_failure()
+
+
 def test_a_job_ends_when_its_worker_does_even_if_a_process_it_started_holds_its_output(tmp_path):
     import os
 

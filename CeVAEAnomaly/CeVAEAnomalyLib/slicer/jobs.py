@@ -248,12 +248,24 @@ class WorkerJob:
             self.state = JobState.FAILED
             if self.error is None:
                 tail = "\n".join(self.output[-5:])
-                self.error = f"The worker process stopped unexpectedly (exit status {returncode}).\n{tail}".strip()
+                self.error = (f"The worker process stopped unexpectedly (exit status {returncode}){_why(returncode)}."
+                              f"\n{tail}").strip()
 
     def raise_for_failure(self) -> None:
         """Raise the worker's error as a CeVAEError if the job failed."""
         if self.state is JobState.FAILED:
             raise CeVAEError(self.error or "The worker failed.")
+
+
+_KILLED = (-9, 128 + 9)  # SIGKILL, as Python reports it and as a launcher's shell-style status (PythonSlicer)
+
+
+def _why(returncode: int) -> str:
+    """What an exit status without an error message most likely means, for the user (or "")."""
+    if returncode in _KILLED:
+        return (": it was killed, most often by the system when memory runs out; close other programs, or choose a "
+                "smaller batch size or the CPU, and run again")
+    return ""
 
 
 def _abandon(process: subprocess.Popen, own_group: bool, folder: Path) -> None:
