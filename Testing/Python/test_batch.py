@@ -576,3 +576,24 @@ def test_outputs_of_a_run_with_other_settings_are_never_taken_for_this_runs(coho
     assert settings_record(detector.s)["threshold"] != 1.0
     with pytest.raises(CeVAEError, match="written meanwhile by a run with other settings"):
         detector.done_by_another_run(item, made_from(item))
+
+
+def test_an_overwrite_with_other_settings_stopped_in_its_first_volume_leaves_no_outputs_to_skip(
+        two, tiny_bundle, tmp_path, monkeypatch):
+    """The new settings record was written while the earlier summary stayed: a rerun with the new settings skipped
+    every volume, keeping labelmaps made at the old threshold as its own."""
+    import CeVAEAnomalyLib.cli.batch as batch_mod
+
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle, "--threshold", "0.5") == 0
+
+    def stopped(self, item, overwrite):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch_mod.VolumeDetector, "__call__", stopped)
+    assert batch(two, out, tiny_bundle, "--threshold", "inf", "--overwrite") == 130
+    monkeypatch.undo()
+    assert batch(two, out, tiny_bundle, "--threshold", "inf") == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["ok", "ok"]
+    for labelmap in out.glob("*_labelmap.nii.gz"):
+        assert not sitk.GetArrayFromImage(sitk.ReadImage(str(labelmap))).any()

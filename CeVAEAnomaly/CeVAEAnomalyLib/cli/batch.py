@@ -467,8 +467,10 @@ class Summary:
         """Every listed volume has its row: the earlier run's rows of other volumes are not carried on."""
         self.carried.clear()
 
-    def flush(self) -> None:
-        if not self.rows and not self.carried and self.path.exists():
+    def flush(self, replace: bool = False) -> None:
+        """Write the rows; with nothing recorded yet the summary there stays as it was, unless ``replace`` (its
+        rows describe outputs of other settings)."""
+        if not replace and not self.rows and not self.carried and self.path.exists():
             return  # stopped before anything was recorded: the summary there stays as it was
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
@@ -477,7 +479,7 @@ class Summary:
         for name in sorted(rows):
             writer.writerow(rows[name])
         atomic_write_text(self.path, buf.getvalue())
-        self._written = time.monotonic()
+        self._written = time.monotonic() if rows else -math.inf  # the first row is written at once
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows.values())
@@ -646,6 +648,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         report(progress, (total - len(todo)) / max(total, 1), "finished volumes skipped")
         recorded = bool(todo) and not known
         if recorded:  # before the first outputs: a run killed while writing them is still known as a batch
+            summary.flush(replace=True)  # first: an earlier summary's rows, of other settings, would be trusted
             atomic_write_text(record_path, strict_json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
         if workers == 1 or len(todo) <= 1:
             detector = VolumeDetector(settings) if todo else None
