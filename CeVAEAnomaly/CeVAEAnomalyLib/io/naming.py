@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")  # .hdr: of an .hdr/.img pair
 OUTPUT_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # one file each, as ITK's writers name them
 _MULTI_SUFFIXES = (".seg.nrrd", ".seg.nii.gz", ".nii.gz")
 
