@@ -1,0 +1,53 @@
+"""A voxel size read with a last-bit difference (1.2 mm from a NRRD header, 1.1999999999999997 mm from Slicer's
+IJK-to-RAS matrix) gives the same map: lengths in mm that fall on a rounding tie in voxels (a 3 mm rim on 1.2 or
+2 mm voxels: 2.5 or 1.5 voxels) no longer round one way or the other by the noise."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_head
+from CeVAEAnomalyLib.engine.postprocess import refine_reach, refine_scores, threshold_labelmap
+from CeVAEAnomalyLib.options import PostprocessOptions
+
+NOISY = [(exact, float(np.nextafter(exact, towards))) for exact in (1.2, 2.0) for towards in (0, 9)]
+
+
+@pytest.mark.parametrize("exact, noisy", NOISY)
+def test_the_rim_does_not_depend_on_the_last_bit_of_the_voxel_size(exact, noisy):
+    brain = np.zeros((30, 30, 30), bool)
+    brain[3:27, 4:26, 5:25] = True
+    score = np.random.default_rng(0).random(brain.shape).astype(np.float32)
+    opts = PostprocessOptions(rim_mm=3.0)
+    for spacing in ((exact, 1.0, 1.0), (1.0, 1.0, exact)):
+        other = tuple(noisy if s == exact else s for s in spacing)
+        assert refine_reach(opts, spacing) == refine_reach(opts, other)
+        np.testing.assert_array_equal(refine_scores(score, brain, spacing, opts),
+                                      refine_scores(score, brain, other, opts))
+
+
+def test_the_minimum_volume_does_not_depend_on_the_last_bit_of_the_voxel_size():
+    score = np.zeros((10, 10, 10), np.float32)
+    score[2:7, 2:7, 2:4] = 1.0  # 50 voxels of 1 mm^3: exactly the minimum volume
+    kept = [int(threshold_labelmap(score, spacing, 0.5, min_volume_mm3=50.0).sum())
+            for spacing in ((1.0, 1.0, 1.0), (1.0, 1.0, 0.9999999999999998))]
+    assert kept == [50, 50]
+
+
+@pytest.mark.parametrize("exact, noisy", NOISY)
+def test_detection_does_not_depend_on_the_last_bit_of_the_voxel_size(tiny_bundle, exact, noisy):
+    """The Slicer module and Scripts/DetectVolume.py read a .nrrd or .mha scan's voxel size from Slicer's matrices,
+    one bit off what detect reads: maps differed by up to the whole score range."""
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.detector import Detector
+    from CeVAEAnomalyLib.options import DetectionRequest
+
+    detector = Detector.from_request(load_bundle(tiny_bundle, "cpu"), DetectionRequest.of(threshold=1.0))
+    maps = []
+    for size in (exact, noisy):
+        image, mask = make_head(spacing=(size, 1.0, 1.5), seed=5)
+        result = detector(image, mask)
+        maps.append((sitk.GetArrayFromImage(result.score), sitk.GetArrayFromImage(result.labelmap)))
+    np.testing.assert_array_equal(maps[0][0], maps[1][0])
+    np.testing.assert_array_equal(maps[0][1], maps[1][1])
