@@ -87,6 +87,9 @@ def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) 
     storage.SetFileName(str(path))
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node) or node.GetImageData() is None:
+        from CeVAEAnomalyLib.io.images import read_image
+
+        read_image(path, "brain mask" if labelmap else "image")  # names what the file is (colour, 4D, truncated)
         raise CeVAEError(f"The {what} {path} could not be read as a volume (corrupt or unsupported format).")
     return node
 

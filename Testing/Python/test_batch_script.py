@@ -235,3 +235,16 @@ def test_nan_voxels_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path):
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[1])))
     assert not scores[hole].any() and not labels[hole].any()  # left out, not a lesion
     assert scores[brain].any()
+
+
+def test_a_volume_slicer_cannot_load_is_refused_naming_what_it_is(tmp_path):
+    """A colour volume or a 4D series was refused as "corrupt or unsupported format", which detect names."""
+    image, _ = make_head(size=(20, 22, 18))
+    colour = sitk.Compose([sitk.Cast(image, sitk.sitkUInt8)] * 3)
+    sitk.WriteImage(colour, str(tmp_path / "colour.nrrd"))
+    sitk.WriteImage(sitk.JoinSeries([image, image]), str(tmp_path / "series.nii.gz"))
+    for name, problem in (("colour.nrrd", "has 3 components per voxel"), ("series.nii.gz", "is 4D")):
+        proc = run_batch("--input", tmp_path / name, "--output-dir", tmp_path / "out")
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and last.startswith("DetectVolume: error: ") and problem in last, proc.stderr
+    assert not (tmp_path / "out").exists()
