@@ -77,19 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) -> slicer.vtkMRMLVolumeNode:
-    """Read a volume file into a new node through a volume archetype storage node."""
+    """Read a volume file into a new node through a volume archetype storage node, once ``detect``'s reader has
+    checked it: the storage node's reader fills a truncated NIfTI with zeros and fails on a colour or 4D volume
+    without saying why."""
+    from CeVAEAnomalyLib.io.images import read_image
+
     what = "brain mask" if labelmap else "input volume"
     if not path.is_file():
         raise CeVAEError(f"The {what} {path} does not exist or is not a file.")
+    read_image(path, "brain mask" if labelmap else "image")
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
                                    file_stem(path))
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(path))
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node) or node.GetImageData() is None:
-        from CeVAEAnomalyLib.io.images import read_image
-
-        read_image(path, "brain mask" if labelmap else "image")  # names what the file is (colour, 4D, truncated)
         raise CeVAEError(f"The {what} {path} could not be read as a volume (corrupt or unsupported format).")
     return node
 

@@ -248,3 +248,21 @@ def test_a_volume_slicer_cannot_load_is_refused_naming_what_it_is(tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 1 and last.startswith("DetectVolume: error: ") and problem in last, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_nifti_image_or_mask_is_refused_as_detect_refuses_it(tmp_path):
+    """Slicer's reader fills the missing part of a truncated NIfTI with zeros: an int16 scan or a brain mask cut
+    short was scored as if whole (a float scan was refused, by the NaN check that reads it again)."""
+    import gzip
+
+    image, mask = make_head(size=(24, 26, 22), dtype=np.int16)
+    for name, volume in (("scan.nii.gz", image), ("mask.nii.gz", mask)):
+        sitk.WriteImage(volume, str(tmp_path / name))
+        whole = gzip.decompress((tmp_path / name).read_bytes())
+        (tmp_path / name.replace(".nii.gz", "_cut.nii")).write_bytes(whole[: len(whole) * 3 // 4])
+    for args, what in ((("--input", tmp_path / "scan_cut.nii", "--mask", tmp_path / "mask.nii.gz"), "image"),
+                       (("--input", tmp_path / "scan.nii.gz", "--mask", tmp_path / "mask_cut.nii"), "brain mask")):
+        proc = run_batch(*args, "--output-dir", tmp_path / "out")
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and f"The {what} file" in last and "is truncated or corrupt" in last, proc.stderr
+    assert not (tmp_path / "out").exists()
