@@ -319,3 +319,27 @@ def test_slice_auroc_is_over_axial_slices_whatever_the_voxel_order(tmp_path: Pat
         assert case.slice_auroc == pytest.approx(axial)
     assert axial == pytest.approx(0.78125)
     assert slice_auroc(score.max(axis=(0, 1)), gt.any(axis=(0, 1))) == pytest.approx(0.7733, abs=1e-4)  # sagittal
+
+
+def test_a_reader_that_stops_early_does_not_cost_the_metrics_file(tmp_path: Path):
+    """`evaluate --cases c.csv --out m.csv | head -2`: the console lines came first, so the closed pipe ended the run
+    with "unexpected BrokenPipeError ... report it" before m.csv was written."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    rows = ["score,name"]
+    for i in range(60):  # more console text than a pipe's buffer holds
+        score = sitk.GetImageFromArray(rng.random((12, 12, 12)).astype(np.float32))
+        sitk.WriteImage(score, str(tmp_path / f"s{i}.nrrd"))
+        rows.append(f"s{i}.nrrd,{'case' * 50}{i}")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "CeVAEAnomalyLib.cli", "evaluate", "--cases",
+                             str(tmp_path / "cases.csv"), "--out", str(tmp_path / "m.csv")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc.stdout.close()  # the reader is gone (`| head -0`; `| head -2` once it has its lines)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "unexpected" not in err and "Exception ignored" not in err, err
+    assert len((tmp_path / "m.csv").read_text().splitlines()) == 62  # header, 60 cases, pooled

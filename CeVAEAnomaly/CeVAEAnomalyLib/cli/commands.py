@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -271,15 +272,19 @@ def run_evaluate(args: argparse.Namespace) -> None:
         check_paths([args.out], args.overwrite, [args.cases, *(Path(r[k]) for r in rows for k in ROLES if r[k])])
         refuse_misnamed(args.out, "metrics table", "CSV text", ".csv")
     cases, pooled = evaluate_files(rows)
-    for c in cases:
-        print(f"{c.name}: AUROC {figure(c.auroc)}  AUPRC {figure(c.auprc)}  best Dice {figure(c.best_dice)}"
-              + (f"  Dice@labelmap {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
-              + (f"  slice AUROC {figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
-              + (f"  flagged {c.flagged_ml:.2f} ml" if c.flagged_ml is not None else ""))
-    print(f"pooled: AUROC {figure(pooled['auroc'])}  AUPRC {figure(pooled['auprc'])}  "
-          f"best Dice {figure(pooled['best_dice'])}")
-    if args.out:
+    if args.out:  # before the console lines, which a reader that stops early (`| head`) cuts short
         write_metrics_csv(args.out, cases, pooled, args.overwrite)
+    try:
+        for c in cases:
+            print(f"{c.name}: AUROC {figure(c.auroc)}  AUPRC {figure(c.auprc)}  best Dice {figure(c.best_dice)}"
+                  + (f"  Dice@labelmap {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
+                  + (f"  slice AUROC {figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
+                  + (f"  flagged {c.flagged_ml:.2f} ml" if c.flagged_ml is not None else ""))
+        print(f"pooled: AUROC {figure(pooled['auroc'])}  AUPRC {figure(pooled['auprc'])}  "
+              f"best Dice {figure(pooled['best_dice'])}", flush=True)
+    except BrokenPipeError:  # the reader stopped: the lines it did not take are dropped (no second error at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.out:
         log.info("Metrics written to %s.", args.out)
 
 
