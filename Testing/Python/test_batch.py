@@ -613,3 +613,25 @@ def test_analyze_pairs_in_a_folder_are_volumes_of_the_batch(tiny_bundle, tmp_pat
         ("a", "a.nii.gz", "a_mask.nii.gz"), ("b", "b.hdr", "b_mask.hdr")]
     assert batch(d, tmp_path / "out", tiny_bundle) == 0
     assert [r["status"] for r in read_summary(tmp_path / "out" / "summary.csv").values()] == ["ok", "ok"]
+
+
+def test_a_plain_rerun_after_an_array_of_shards_skips_what_the_shards_scored(cohort, two, tiny_bundle, tmp_path,
+                                                                             caplog):
+    """The shards' summaries and settings records describe every output, yet an unsharded rerun (or one with
+    another shard count) scored the whole cohort again, "to be safe"."""
+    out = tmp_path / "out"
+    for shard in ("1/2", "2/2"):
+        assert batch(two, out, tiny_bundle, "--shard", shard) == 0
+    made = {p: p.stat().st_mtime_ns for p in out.glob("*_score.nii.gz")}
+    assert batch(two, out, tiny_bundle, "--shard", "1/1") == 0
+    assert batch(two, out, tiny_bundle) == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*_score.nii.gz")} == made
+
+    first = NAMES[0]  # another image under a shard's volume name: scored again
+    (tmp_path / "list.csv").write_text(f"image,mask,name\n{cohort / NAMES[2]}.nii.gz,{cohort / NAMES[2]}_mask.nii.gz,"
+                                       f"{first}\n{cohort / NAMES[1]}.nii.gz,{cohort / NAMES[1]}_mask.nii.gz,\n")
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle, "--shard", "1/3") == 0
+    assert f"The input of {first} changed" in caplog.text
+    assert read_summary(out / "summary_shard-1-of-3.csv")[first]["status"] == "ok"

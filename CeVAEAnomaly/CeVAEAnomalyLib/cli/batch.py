@@ -1,10 +1,10 @@
 """Batch detection over a cohort: a folder or a CSV list in, one set of outputs per volume out.
 
-Resumable (a volume is skipped when its outputs exist and the summary records that they were made from its
-current image and mask; ``batch_settings.json`` records the model and options the outputs were made with, and a
-rerun with others is refused unless ``--overwrite``), shardable (``--shard i/n`` takes every n-th
-volume of the sorted list, starting at the i-th, i = 1..n) and parallel (``--workers K``
-processes, each with its own copy of the model). A bad volume is recorded in the summary CSV,
+Resumable (a volume is skipped when its outputs exist and a summary there with these settings, this run's or a
+shard's, records that they were made from its current image and mask; ``batch_settings.json`` records the model
+and options the outputs were made with, and a rerun with others is refused unless ``--overwrite``), shardable
+(``--shard i/n`` takes every n-th volume of the sorted list, starting at the i-th, i = 1..n) and parallel
+(``--workers K`` processes, each with its own copy of the model). A bad volume is recorded in the summary CSV,
 which is rewritten atomically as the run goes (at most every 2 s and at the end), and the run goes on.
 """
 from __future__ import annotations
@@ -485,16 +485,16 @@ class Summary:
         return sum(r["status"] == status for r in self.rows.values())
 
 
-def _earlier_rows(summary_path: Path) -> Tuple[Dict[str, Dict[str, str]], float]:
-    """Finished rows of the summary an earlier run left at this path, and its modification time (a byte-order mark,
-    as Excel saves one, is allowed). Another file there (without the summary's columns, or not UTF-8 text) is
-    refused: the run would replace it."""
+def _earlier_rows(summary_path: Path) -> Dict[str, Dict[str, str]]:
+    """Finished rows of the summary an earlier run left at this path (a byte-order mark, as Excel saves one, is
+    allowed). Another file there (without the summary's columns, or not UTF-8 text) is refused: the run would
+    replace it."""
     if not summary_path.exists():
-        return {}, -math.inf
+        return {}
     rows = _summary_rows(summary_path)
     if rows is None:
         raise CeVAEError(f"{summary_path} is not a batch summary; choose another --out-dir or pass --overwrite.")
-    return {r["name"]: r for r in rows if r.get("status") in ("ok", "skipped")}, summary_path.stat().st_mtime
+    return {r["name"]: r for r in rows if r.get("status") in ("ok", "skipped")}
 
 
 def _summary_rows(path: Path) -> Optional[List[Dict[str, str]]]:
@@ -534,6 +534,30 @@ def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record:
                          "them, or choose another --out-dir.")
 
 
+def _described_rows(out_dir: Path, record: Dict[str, object]) -> Dict[str, Tuple[Dict[str, str], float]]:
+    """For each volume name, its finished row in the newest batch summary in ``out_dir`` (this run's, a shard's or
+    another run's) whose settings record is ``record``, with that summary's modification time."""
+    described: Dict[str, Tuple[Dict[str, str], float]] = {}
+    for path in out_dir.glob("summary*.csv"):
+        if not _records(settings_path(path), record):
+            continue
+        when = path.stat().st_mtime
+        for row in _summary_rows(path) or ():
+            if row.get("status") in ("ok", "skipped") and when > described.get(row["name"], ({}, -math.inf))[1]:
+                described[row["name"]] = (row, when)
+    return described
+
+
+def _records(path: Path, record: Dict[str, object]) -> bool:
+    """Whether the batch settings file ``path`` records ``record``."""
+    try:
+        other = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(other, dict) and set(other) == set(record) and all(
+        strict_json.number(other[k]) == strict_json.number(record[k]) for k in record)
+
+
 def _listed_names(out_dir: Path) -> Set[str]:
     """The volume names of every batch summary in ``out_dir`` (each shard's and run's; other files count for
     nothing)."""
@@ -542,10 +566,10 @@ def _listed_names(out_dir: Path) -> Set[str]:
 
 def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict[str, str]], earlier_time: float,
                  unknown: List[str]) -> Optional[Dict[str, object]]:
-    """The "skipped" row of a volume whose outputs are complete and, says the earlier summary (newer than them),
-    were made from its current image and mask. None if it is to be scored again: its outputs are incomplete or
-    its input changed (both logged here), or nothing records what they were made from (its name goes to
-    ``unknown``)."""
+    """The "skipped" row of a volume whose outputs are complete and, says a summary of these settings (``earlier``,
+    written at ``earlier_time``, after them), were made from its current image and mask. None if it is to be
+    scored again: its outputs are incomplete or its input changed (both logged here), or nothing records what they
+    were made from (its name goes to ``unknown``)."""
     try:
         problem = incomplete_outputs(paths)
         if problem:
@@ -580,10 +604,11 @@ def run_batch(
     workers: int = 1,
     progress: Optional[ProgressCallback] = None,
 ) -> Summary:
-    """Score every item, skipping those whose complete outputs the earlier summary records as made from their
-    current image and mask with these settings; ``overwrite`` scores every item. Without it, a file at the summary
-    path that is not a batch summary, and outputs made with other settings, are refused before any work. Another
-    run writing the same summary (the same --out-dir and shard) is refused at once."""
+    """Score every item, skipping those whose complete outputs a summary in the folder (this run's or a shard's)
+    records as made from their current image and mask with these settings; ``overwrite`` scores every item.
+    Without it, a file at the summary path that is not a batch summary, and outputs made with other settings, are
+    refused before any work. Another run writing the same summary (the same --out-dir and shard) is refused at
+    once."""
     if workers < 1:
         raise CeVAEError(f"--workers must be 1 or more, got {workers}.")
     with hold_output(summary_path, "batch"):
@@ -594,7 +619,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                progress: Optional[ProgressCallback]) -> Summary:
     record_path = settings_path(summary_path)
     made_with = settings_record(settings)
-    earlier, earlier_time = ({}, -math.inf) if settings.overwrite else _earlier_rows(summary_path)
+    earlier = {} if settings.overwrite else _earlier_rows(summary_path)
     known = _settings_known(record_path, made_with, settings.overwrite)
     unsharded = summary_path.name == summary_name(None)
     if not settings.overwrite:
@@ -608,6 +633,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     summary = Summary(summary_path, carried=earlier)
+    described = {} if settings.overwrite else _described_rows(settings.out_dir, made_with)  # the shards' rows too
     total = len(items)
     t0 = time.perf_counter()
 
@@ -629,7 +655,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             paths = output_paths(settings.out_dir, item.name)
             present = [p.exists() for p in paths.values()]
             if all(present) and not settings.overwrite:
-                row = _skipped_row(item, paths, earlier.get(item.name), earlier_time, unknown)
+                row = _skipped_row(item, paths, *described.get(item.name, (None, -math.inf)), unknown)
                 if row is not None:
                     summary.add(row)
                     continue
@@ -640,8 +666,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             todo.append((item, settings.overwrite or any(present)))
         if unknown:
             log.warning("Nothing records the input and settings that made the outputs of %d volume(s) (no row with "
-                        "input checksums in %s written after them, or no %s); scoring them again to be safe: %s.",
-                        len(unknown), summary_path, record_path.name,
+                        "input checksums written after them in a summary in %s beside a settings record like %s); "
+                        "scoring them again to be safe: %s.", len(unknown), settings.out_dir, record_path.name,
                         ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
                  len(todo), total - len(todo), min(workers, max(1, len(todo))))
