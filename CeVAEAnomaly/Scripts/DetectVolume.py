@@ -51,6 +51,7 @@ else:
 
 log = logging.getLogger("DetectVolume")
 VOLUME_FORMATS = ("nrrd", "nii.gz")
+NIFTI_NAMES = (".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz")  # NIfTI files and .hdr/.img pairs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,16 +98,16 @@ def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) 
 
 
 def restore_non_finite(node: slicer.vtkMRMLVolumeNode, path: Path) -> None:
-    """Put back the NaN/Inf voxels of a float NIfTI that the storage node's reader (ITK) turned into 0, as the
-    command line keeps them: they are left out of the brain, with a warning, instead of scoring as dark tissue."""
+    """Put back the NaN/Inf voxels of a float NIfTI (or .hdr/.img pair) that the storage node's reader (ITK) turned
+    into 0, as the command line keeps them: they are left out of the brain, with a warning, instead of scoring as
+    dark tissue."""
     import numpy as np
     import SimpleITK as sitk
     from CeVAEAnomalyLib.io.images import read_image
-    from CeVAEAnomalyLib.io.naming import full_suffix
     from CeVAEAnomalyLib.slicer import mrml
 
     voxels = slicer.util.arrayFromVolume(node)
-    if voxels.dtype.kind != "f" or full_suffix(path).lower() not in (".nii", ".nii.gz"):
+    if voxels.dtype.kind != "f" or not path.name.lower().endswith(NIFTI_NAMES):
         return
     image = read_image(path)  # NaN kept
     if np.isfinite(sitk.GetArrayViewFromImage(image)).all():

@@ -266,3 +266,24 @@ def test_a_truncated_nifti_image_or_mask_is_refused_as_detect_refuses_it(tmp_pat
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 1 and f"The {what} file" in last and "is truncated or corrupt" in last, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_nan_voxels_of_an_analyze_pair_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path):
+    """The NaN voxels of a float .hdr/.img pair, which Slicer's reader also turns into 0, were scored as dark
+    tissue: only a .nii or .nii.gz file had them put back."""
+    image, mask = make_head(seed=12)
+    voxels = sitk.GetArrayFromImage(image)
+    brain = sitk.GetArrayFromImage(mask) > 0
+    hole = tuple(slice(int(np.mean(axis)) - 3, int(np.mean(axis)) + 3) for axis in np.nonzero(brain))
+    voxels[hole] = np.nan
+    with_nan = sitk.GetImageFromArray(voxels)
+    with_nan.CopyInformation(image)
+    sitk.WriteImage(with_nan, str(tmp_path / "head.hdr"))
+    sitk.WriteImage(mask, str(tmp_path / "head_mask.nii.gz"))
+    out = tmp_path / "results"
+    proc = run_batch("--input", tmp_path / "head.hdr", "--mask", tmp_path / "head_mask.nii.gz", "--model", tiny_bundle,
+                     "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    assert "NaN" in proc.stderr
+    scores = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[0])))
+    assert not scores[hole].any() and scores[brain].any()
