@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of <image>.*
+MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of <image>.* (tags in any case)
 # a contrast tag that may end an image's name but not its mask's: NAME_brainmask is the mask of NAME_t1 (or
 # NAME_T1w) where no image NAME is beside it, as the project's sample data and many cohorts name them
 CONTRAST_TAGS = ("_t1", "_T1", "_t1w", "_T1w")
@@ -96,7 +96,7 @@ def collect_folder(folder: Path) -> List[BatchItem]:
                 log.warning("%s in %s is not a regular file (a named pipe, device or socket); ignored.", p.name,
                             folder)
             continue  # hidden files include the temporary files of unfinished writes
-        tag = next((t for t in MASK_TAGS if stem.endswith(t)), "")
+        tag = next((t for t in MASK_TAGS if stem.lower().endswith(t)), "")
         key = stem[: len(stem) - len(tag)]
         found = masks if tag else images
         if key in found:

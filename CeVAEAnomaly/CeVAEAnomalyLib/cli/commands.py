@@ -80,9 +80,10 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _mask_of(path: Path, tags: Sequence[str]) -> Optional[str]:
-    """The stem of the image whose brain mask ``path`` is by its name (``a_mask.nii.gz``: "a"), else None."""
+    """The stem of the image whose brain mask ``path`` is by its name (``a_mask.nii.gz``, ``A_MASK.NII.GZ``: "a",
+    "A"), else None."""
     stem = file_stem(path)
-    tag = next((t for t in tags if stem.endswith(t) and len(stem) > len(t)), None)
+    tag = next((t for t in tags if stem.lower().endswith(t) and len(stem) > len(t)), None)
     return stem[: -len(tag)] if tag else None
 
 
