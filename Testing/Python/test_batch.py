@@ -639,15 +639,16 @@ def test_a_plain_rerun_after_an_array_of_shards_skips_what_the_shards_scored(coh
 
 
 def test_a_mask_tag_in_capitals_names_a_brain_mask(tmp_path, caplog):
-    """Extensions are read in any case (S1.NII.GZ), the mask tag was not: S1_MASK.NII.GZ became a volume of its own
-    (an error row) and S1 got the automatic brain mask instead of its own."""
+    """Extensions are read in any case (S1.NII.GZ), the mask and contrast tags were not: S1_MASK.NII.GZ became a
+    volume of its own (an error row) and S1 got the automatic brain mask instead of its own; S3_MASK was left out."""
     from CeVAEAnomalyLib.cli.commands import _healthy_subjects
 
     image, mask = make_head(size=(20, 20, 20))
-    for name in ("S1.NII.GZ", "S1_MASK.NII.GZ", "s2.nii.gz", "s2_BrainMask.nii.gz"):
+    for name in ("S1.NII.GZ", "S1_MASK.NII.GZ", "s2.nii.gz", "s2_BrainMask.nii.gz", "S3_T1W.NII.GZ", "S3_MASK.NII.GZ"):
         sitk.WriteImage(mask if "mask" in name.lower() else image, str(tmp_path / name.lower()))
         (tmp_path / name.lower()).rename(tmp_path / name)
-    expected = [("S1", "S1.NII.GZ", "S1_MASK.NII.GZ"), ("s2", "s2.nii.gz", "s2_BrainMask.nii.gz")]
+    expected = [("S1", "S1.NII.GZ", "S1_MASK.NII.GZ"), ("S3_T1W", "S3_T1W.NII.GZ", "S3_MASK.NII.GZ"),
+                ("s2", "s2.nii.gz", "s2_BrainMask.nii.gz")]
     assert [(it.name, it.image.name, it.mask.name) for it in collect_inputs(tmp_path)] == expected
     given = argparse.Namespace(manifest=None, images=sorted(tmp_path.iterdir()))
-    assert sorted((s.image.name, s.mask.name) for s in _healthy_subjects(given)) == [e[1:] for e in expected]
+    assert sorted((s.image.name, s.mask.name) for s in _healthy_subjects(given)) == sorted(e[1:] for e in expected)

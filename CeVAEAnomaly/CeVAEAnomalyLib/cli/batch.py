@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of <image>.* (tags in any case)
-# a contrast tag that may end an image's name but not its mask's: NAME_brainmask is the mask of NAME_t1 (or
-# NAME_T1w) where no image NAME is beside it, as the project's sample data and many cohorts name them
-CONTRAST_TAGS = ("_t1", "_T1", "_t1w", "_T1w")
+# a contrast tag (in any case) that may end an image's name but not its mask's: NAME_brainmask is the mask of
+# NAME_t1 (or NAME_T1w) where no image NAME is beside it, as the project's sample data and many cohorts name them
+CONTRAST_TAGS = ("_t1", "_t1w")
 
 MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
@@ -56,9 +56,14 @@ def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, str
     """For each mask key (a mask's stem without its tag), the image stem (of ``images``) it belongs to: the image of
     that stem, or else the one image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`); masks
     with neither are left out."""
+    untagged: Dict[str, List[str]] = {}  # an image stem without its contrast tag -> the image stems
+    for name in images:
+        for tag in CONTRAST_TAGS:
+            if name.lower().endswith(tag) and len(name) > len(tag):
+                untagged.setdefault(name[: -len(tag)], []).append(name)
     owners = {}
     for key in masks:
-        tagged = [key + tag for tag in CONTRAST_TAGS if key + tag in images]
+        tagged = untagged.get(key, [])
         if key in images or len(tagged) == 1:
             owners[key] = key if key in images else tagged[0]
     return owners
