@@ -24,6 +24,7 @@ from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.images import MAX_LABELS, grid_difference, looks_like_an_image, read_image, voxel_volume_ml
+from CeVAEAnomalyLib.result import table_delimiter
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +205,13 @@ def _content(path: Union[str, os.PathLike, None]) -> str:
 
 def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict,
                       overwrite: bool = True) -> None:
-    """Write one row per case plus a final ``pooled`` row; atomic (temporary file + rename)."""
+    """Write one row per case plus a final ``pooled`` row, tab-separated under a ``.tsv`` name as ``detect``'s tables,
+    else comma-separated; atomic (temporary file + rename)."""
     columns = [f.name for f in fields(CaseMetrics)]
     pooled_row = [pooled.get(column) for column in columns]
     pooled_row[0] = "pooled"
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
+    writer = csv.writer(text, delimiter=table_delimiter(Path(path)), lineterminator="\n")
     writer.writerow(columns)
     for row in [astuple(case) for case in cases] + [pooled_row]:
         writer.writerow([_cell(value) for value in row])

@@ -253,6 +253,10 @@ def test_evaluate_files_and_csv(small_case: dict, tmp_path: Path) -> None:
     assert table[1]["auroc"] == "nan" and table[1]["flagged_ml"] == "0.012" and table[1]["slice_auroc"] == ""
     assert float(table[2]["auroc"]) == pytest.approx(pooled["auroc"])
     assert [p.name for p in out.parent.iterdir()] == ["metrics.csv"]  # no temporary file left
+    tsv = out.with_name("metrics.TSV")  # as detect's tables: tab-separated under a .tsv name
+    write_metrics_csv(tsv, cases, pooled)
+    with open(tsv, newline="") as stream:
+        assert list(csv.DictReader(stream, delimiter="\t")) == table
 
 
 def test_evaluate_files_missing_file(tmp_path: Path) -> None:
