@@ -171,6 +171,9 @@ def test_inputs_pairing_names_and_errors(tmp_path, caplog):
     lst.write_text("image\n../a/T1.nii.gz\n../b/T1.nii.gz\n")
     with pytest.raises(CeVAEError, match="distinct names"):
         collect_inputs(lst)
+    lst.write_text("image,name\n../x.nii.gz,S1\n../z.mha,s1\n")  # one output file where names ignore case
+    with pytest.raises(CeVAEError, match="named 'S1_\\*' and 's1_\\*', one file on a case-insensitive file system"):
+        collect_inputs(lst)
 
     for bad in ("0/2", "3/2", "2", "a/b"):
         with pytest.raises(CeVAEError):

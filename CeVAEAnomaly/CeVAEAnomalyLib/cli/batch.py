@@ -148,12 +148,15 @@ def collect_inputs(source: Path) -> List[BatchItem]:
         raise CeVAEError(f"The input {source} does not exist.")
     if not items:
         raise CeVAEError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    seen: Dict[str, BatchItem] = {}
+    seen: Dict[str, BatchItem] = {}  # by the name in any case: S1 and s1 share their outputs on macOS and Windows
     for item in items:
-        if item.name in seen:
-            raise CeVAEError(f"{seen[item.name].image} and {item.image} would both write outputs named "
-                             f"'{item.name}_*'; give them distinct names (a 'name' column in the CSV).")
-        seen[item.name] = item
+        other = seen.get(item.name.casefold())
+        if other is not None:
+            names = f"'{item.name}_*'" if other.name == item.name else (
+                f"'{other.name}_*' and '{item.name}_*', one file on a case-insensitive file system (macOS, Windows)")
+            raise CeVAEError(f"{other.image} and {item.image} would both write outputs named {names}; give them "
+                             "distinct names (a 'name' column in the CSV).")
+        seen[item.name.casefold()] = item
     return sorted(items, key=lambda it: it.name)
 
 
