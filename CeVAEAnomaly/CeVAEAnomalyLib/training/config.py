@@ -113,7 +113,7 @@ class TrainConfig:
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise SettingError("{max_minutes} must be a positive number, got %s." % self.max_minutes, "max_minutes")
         if not 0.0 <= self.val_fraction < 1.0:  # also refuses NaN
-            raise SettingError("{val_fraction} must lie in [0, 1) (the share of volumes held out for validation "
+            raise SettingError("{val_fraction} must lie in [0, 1) (the share of persons held out for validation "
                                "and calibration), got %s." % self.val_fraction, "val_fraction")
         if "axial" not in parse_orientations(",".join(self.orientations)):  # (also refuses none or unknown ones)
             raise SettingError("{orientations} must include axial: a model is scored on axial slices first (the "
