@@ -39,8 +39,8 @@ def _add_threshold(p: argparse.ArgumentParser) -> None:
 
 def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("images", nargs="*", type=path_value,
-                   help=f"{what} image files or folders (besides or instead of --manifest); NAME_mask.* given too, "
-                   "or in a folder given, is NAME.*'s brain mask")
+                   help=f"{what} image files or folders (besides or instead of --manifest); NAME_mask.* or "
+                   "NAME_brainmask.*, given too or in a folder given, is the brain mask of NAME.* (else of NAME_t1.*)")
     p.add_argument("--manifest", type=path_value, help="CSV with columns image,mask and optionally subject (the "
                    "person scanned; paths relative to the CSV)")
 
