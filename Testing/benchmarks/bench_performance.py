@@ -8,7 +8,8 @@ Measures, with medians over ``--repeats`` runs:
 - ``detect`` on a 256^3 1 mm T1 (colin27 from the shared healthy data resampled onto that grid, float32
   .nii.gz, unless ``--data`` is given): wall time per stage (read, preprocess, network and maps, inverse
   mapping, post-processing, write; the detector's stages timed through its progress callback), end to end (read to written files), and the bare network for the same
-  slices in the same run (encode, KL gradient to the input, decode of mu; nothing else) and their ratio;
+  slices (every orientation the scoring averages) in the same run (encode, KL gradient to the input, decode of mu;
+  nothing else) and their ratio;
   the same for ``--score-type rec``, for MC sampling with N = 1, 4, 16, and for combi with uncompressed
   .nii input and outputs (what gzip costs);
 - peak resident memory of ``cevae-anomaly detect`` on a 512x512x400 float32 volume (uncompressed .nii);
@@ -214,15 +215,20 @@ def calibrated_or_fixed_threshold(bundle: Bundle, opts: ScoreOptions, post: Post
         return float(np.percentile(score[brain], 99.9))
 
 
+def model_slices(image_path: Path, mask_path: Path, preprocess: PreprocessConfig, opts: ScoreOptions) -> torch.Tensor:
+    """The slices the detection's network passes score: those of every orientation the options average (the
+    bundled model's default: axial, coronal and sagittal), so that the bare network does the same work."""
+    image = read_image(image_path)
+    brain = mask_array(read_image(mask_path, "brain mask"), image)
+    return torch.cat([torch.from_numpy(prepare(image, brain, preprocess, o).slices) for o in opts.orientation_list])
+
+
 def run_detect_config(label: str, image_path: Path, mask_path: Path, bundle: Bundle, opts: ScoreOptions,
                       post: PostprocessOptions, repeats: int, out_dir: Path, suffix: str = ".nii.gz") -> DetectRuns:
     runs = DetectRuns(label)
     threshold = calibrated_or_fixed_threshold(bundle, opts, post, image_path, mask_path, out_dir)
-    image = read_image(image_path)
-    stack = prepare(image, mask_array(read_image(mask_path, "brain mask"), image), bundle.preprocess)
-    slices = torch.from_numpy(stack.slices)
+    slices = model_slices(image_path, mask_path, bundle.preprocess, opts)
     runs.slices = int(slices.shape[0])
-    del image, stack
     for _ in range(repeats):
         stages, total, _ = detect_once(image_path, mask_path, bundle, opts, post, threshold, out_dir, suffix)
         bare = bare_network(bundle.model, slices, opts)
