@@ -142,7 +142,8 @@ class ScoreOptions(Serialisable):
     grad_sigma: float = option(3.0, "Gaussian smoothing of |grad| in model pixels (0: none)", high=1000)
     grad_norm: str = option("slice", "min-max normalisation of grad per slice, over the volume, or none",
                             choices=GRAD_NORMS, label="gradient normalisation")
-    rec_sigma: float = option(0.0, "Gaussian smoothing of the reconstruction error", high=1000)
+    rec_sigma: float = option(0.0, "Gaussian smoothing of the reconstruction error in model pixels (0: none)",
+                              high=1000)
     mc_samples: int = option(0, "average the reconstruction over N samples of z (0: decode mu)", whole=True,
                              high=10000)
     rec_kind: str = option("l1", "reconstruction error", choices=REC_KINDS, label="reconstruction error")
