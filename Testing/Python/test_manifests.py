@@ -62,6 +62,17 @@ def test_every_manifest_row_is_checked_before_any_work(cohort, tmp_path, capsys,
     assert not out.exists()  # nothing was done
 
 
+def test_a_bad_row_after_blank_lines_is_named_by_its_line_in_the_file(cohort, tmp_path, capsys):
+    """Blank lines are skipped, but counted: the refusal named line 3 for the fifth line of this file."""
+    csv = manifest(cohort, "h1.nii.gz,h1_mask.nii.gz", "", "", "missing.nii.gz,")
+    assert main(["train", "--manifest", str(csv), "--out", str(tmp_path / "m.cevae"), *SMALL]) == 2
+    one_error_line(capsys.readouterr().err, r"train\.csv, line 5: the image .*missing\.nii\.gz does not exist")
+    rows = cohort / "cases.csv"
+    rows.write_text("score,gt\n\n\n,h1_mask.nii.gz\n")
+    assert main(["evaluate", "--cases", str(rows)]) == 2
+    one_error_line(capsys.readouterr().err, r"cases\.csv, line 4: the row has no 'score'")
+
+
 def test_an_image_argument_is_checked_like_a_manifest_row(cohort, tmp_path, capsys):
     assert main(["train", str(cohort / "h1.nii.gz"), str(cohort / "nope.nii.gz"), "--out",
                  str(tmp_path / "m.cevae"), *SMALL]) == 2

@@ -118,7 +118,8 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
                              + _separator_hint(header))
         _check_columns(header, (*files, *others), path, what)
         rows = []
-        for line, raw in enumerate(reader, start=2):
+        for raw in reader:
+            line = reader.line_num  # the file's line (the reader skips blank lines; a row's count would not)
             if any(v.strip() for v in raw.get(None) or ()):  # DictReader puts cells beyond the header there
                 raise CeVAEError(f"{path}, line {line}: the row has more cells than the header has columns; "
                                  "quote paths that hold commas, or add the missing column name.")
