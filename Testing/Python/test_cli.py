@@ -95,6 +95,12 @@ def test_debug_is_taken_before_or_after_the_command(capsys):
             main(argv)
 
 
+def test_batch_refuses_an_impossible_worker_count_before_any_file_is_read(tmp_path, capsys):
+    """As every impossible option value: the inputs (here missing) are not looked at first."""
+    assert main(["batch", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out"), "--workers", "0"]) == 2
+    assert capsys.readouterr().err == "error: --workers must be 1 or more, got 0.\n"
+
+
 @pytest.mark.parametrize("command", ["detect", "batch", "calibrate", "adapt"])
 def test_a_folder_given_as_the_model_is_said_so(tmp_path, monkeypatch, capsys, command):
     """Not taken for an input folder that the outputs must stay out of ("is inside the input folder .")."""

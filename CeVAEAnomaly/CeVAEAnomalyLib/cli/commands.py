@@ -315,6 +315,8 @@ def run_batch(args: argparse.Namespace) -> None:
     from ..options import DetectionRequest
 
     request = DetectionRequest.from_args(args)
+    if args.workers < 1:  # as every impossible value: before any file is read
+        raise CeVAEError(f"--workers must be 1 or more, got {args.workers}.")
     refuse_unsearchable(args.inputs, "input")
     if resolved(args.inputs) == resolved(args.out_dir):
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")

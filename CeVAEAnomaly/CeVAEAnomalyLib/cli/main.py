@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "summary CSV; a rerun skips volumes whose outputs were made from the same input and refuses other "
                        "settings (--overwrite scores every volume again); failures are recorded.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
-                   "masks of NAME.*) or CSV with columns image[,mask][,name] (paths relative to the CSV)")
+                   "masks of NAME.*, else of NAME_t1.*) or CSV with columns image[,mask][,name] (paths relative to "
+                   "the CSV)")
     b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")
     b.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     _add_scoring(b)
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out-dir", type=path_value, default=Path("demo-output"), help="folder for the outputs and the picture")
     m.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     m.add_argument("--seed", type=int, default=7, help="random seed of the synthetic lesions")
-    m.add_argument("--auto-mask", action="store_true", help="compute the brain mask instead of using the given one")
+    m.add_argument("--auto-mask", action="store_true", help="use the automatic brain mask instead of the sample scan's own")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out-dir")
     _add_device(m)
     return parser
