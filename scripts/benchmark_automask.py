@@ -9,10 +9,13 @@ the acquisition variants by ``derive`` (the same seeds as the acquisition benchm
 the acquisition benchmark, the shipped rate over the other subjects' clean healthy scans, each scored by its own fold
 model with its given mask. Per variant: the healthy scan's flagged ml and components, and the labelmap's Dice over the
 whole volume (a leak of the automatic mask that is flagged counts against it), with each mask; the automatic mask's
-Dice against the reference.
+Dice against the reference. The automatic mask is the one the detector scores (``SCORED_MARGIN_MM``); ``--margins``
+adds it at other margins (e.g. 2, ``MARGIN_MM``, the mask of ``compute_brain_mask``'s default), ``--erode`` the
+detector's eroded by these radii (mm, a ball on the scan's grid): candidates against its rim of non-brain tissue.
+Every row also records, for each mask, the share of the flagged volume outside the reference mask.
 
     python scripts/benchmark_automask.py [--runs runs/benchmark-3o/cevae] [--variants clean,clinical]
-        [--recipes mixed,low contrast] [--out docs/benchmark_automask]
+        [--recipes mixed,low contrast] [--margins 2] [--erode 3,5] [--out docs/benchmark_automask]
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from CeVAEAnomalyLib.data import default_model_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
-from CeVAEAnomalyLib.engine.brainmask import compute_brain_mask
+from CeVAEAnomalyLib.engine.brainmask import SCORED_MARGIN_MM, compute_brain_mask
 from CeVAEAnomalyLib.engine.calibration import calibrate, threshold_for_fpr
 from CeVAEAnomalyLib.engine.detector import Detector
 from CeVAEAnomalyLib.engine.header import read_header
@@ -46,9 +49,11 @@ def _brain_scores(detector: Detector, image: sitk.Image, mask: sitk.Image) -> np
     return sitk.GetArrayViewFromImage(result.score)[sitk.GetArrayViewFromImage(result.brain_mask) > 0].copy()
 
 
-def _case(detector: Detector, image: sitk.Image, mask: sitk.Image, gt: np.ndarray) -> dict:
+def _case(detector: Detector, image: sitk.Image, mask: sitk.Image, gt: np.ndarray, reference: np.ndarray) -> dict:
     result = detector(image, mask)
-    row = {"flagged_ml": float(result.flagged_ml), "components": len(result.components)}
+    flagged = sitk.GetArrayViewFromImage(result.labelmap) > 0
+    row = {"flagged_ml": float(result.flagged_ml), "components": len(result.components),
+           "outside_reference": float(np.mean(~reference[flagged])) if flagged.any() else 0.0}
     if gt.any():
         row["dice"] = float(dice(sitk.GetArrayViewFromImage(result.labelmap) > 0, gt))
     return row
@@ -61,6 +66,8 @@ def main() -> None:
     p.add_argument("--variants", help="the variants whose names contain one of these comma-separated parts "
                    "(default: eight, from clean to the clinical ones)")
     p.add_argument("--recipes", default="mixed", help="lesion recipes (comma-separated; the published table: mixed)")
+    p.add_argument("--margins", default="", help="comma-separated margins (mm) of other automatic masks to add")
+    p.add_argument("--erode", default="", help="comma-separated radii (mm) of eroded automatic masks to add")
     p.add_argument("--out", type=Path, default=Path("docs/benchmark_automask"), help="writes OUT.json and OUT.md")
     args = p.parse_args()
     if args.data is None:
@@ -70,6 +77,8 @@ def main() -> None:
     parts = [part.strip() for part in args.variants.split(",")] if args.variants else []
     variants = [v for v in VARIANTS if any(part in v for part in parts)] if parts else list(DEFAULT_VARIANTS)
     recipes = [r.strip() for r in args.recipes.split(",")]
+    radii = [float(r) for r in args.erode.split(",") if r.strip()]
+    margins = [float(m) for m in args.margins.split(",") if m.strip()]
     rate = read_header(default_model_path()).default_fpr
     t0 = time.time()
     bundles = {s: load_bundle(args.runs / f"without-{s}.cevae") for s in SUBJECTS}
@@ -93,25 +102,42 @@ def main() -> None:
             for name, img, gt in cases:
                 v_img, v_mask, v_gt = derive(VARIANTS[variant], img, mask, gt, seed=1000 * si + 10 * vi + 1)
                 truth = sitk.GetArrayFromImage(v_gt) > 0
-                given = _case(detector, v_img, v_mask, truth)
-                auto_mask = compute_brain_mask(v_img)  # what the detector computes when it is given no mask
-                auto = _case(detector, v_img, auto_mask, truth)
+                reference = sitk.GetArrayFromImage(v_mask) > 0
+                auto_mask = compute_brain_mask(v_img, margin_mm=SCORED_MARGIN_MM)  # what the detector computes
                 row = {"subject": subject, "variant": variant, "case": name, "threshold": threshold,
-                       "given": given, "auto": auto,
-                       "mask_dice": float(dice(sitk.GetArrayViewFromImage(auto_mask) > 0,
-                                               sitk.GetArrayViewFromImage(v_mask) > 0))}
+                       "given": _case(detector, v_img, v_mask, truth, reference),
+                       "auto": _case(detector, v_img, auto_mask, truth, reference),
+                       "mask_dice": float(dice(sitk.GetArrayViewFromImage(auto_mask) > 0, reference))}
+                for margin in margins:
+                    other = compute_brain_mask(v_img, margin_mm=margin)
+                    row[f"auto margin {margin:g} mm"] = _case(detector, v_img, other, truth, reference)
+                    row[f"mask_dice margin {margin:g} mm"] = float(dice(sitk.GetArrayViewFromImage(other) > 0,
+                                                                        reference))
+                for radius in radii:
+                    eroded = _eroded(auto_mask, radius)
+                    row[f"auto eroded {radius:g} mm"] = _case(detector, v_img, eroded, truth, reference)
                 rows.append(row)
-                print(f"{subject} | {variant} | {name}: given {given}, auto {auto}, mask Dice {row['mask_dice']:.3f} "
-                      f"({time.time() - t0:.0f} s)", flush=True)
-    text = render(rows, variants)
+                print(f"{subject} | {variant} | {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()
+                      if isinstance(v, dict)) + f", mask Dice {row['mask_dice']:.3f} ({time.time() - t0:.0f} s)",
+                      flush=True)
+    others = [f"auto margin {m:g} mm" for m in margins] + [f"auto eroded {r:g} mm" for r in radii]
+    text = render(rows, variants, others)
     atomic_write_text(args.out.with_suffix(".json"), json.dumps({"rate": rate, "rows": rows}, indent=1))
     atomic_write_text(args.out.with_suffix(".md"), text)
     print(text)
 
 
-def render(rows: List[dict], variants: List[str]) -> str:
+def _eroded(mask: sitk.Image, radius_mm: float) -> sitk.Image:
+    """``mask`` eroded by a ball of ``radius_mm`` on its own grid (no erosion along an axis whose spacing is more than
+    twice the radius)."""
+    radius = [int(round(radius_mm / s)) for s in mask.GetSpacing()]
+    return sitk.BinaryErode(sitk.Cast(mask > 0, sitk.sitkUInt8), radius, sitk.sitkBall, 0, 1)
+
+
+def render(rows: List[dict], variants: List[str], others: List[str]) -> str:
     """One table row per variant: healthy ml / components (mean, max over subjects) and the lesion cases' mean Dice
-    at the operating point, given mask → automatic mask; the automatic mask's mean Dice."""
+    at the operating point, given mask → automatic mask; the automatic mask's mean Dice. With ``others`` (other
+    automatic masks), a second table: the same figures for each mask."""
     lines = ["| variant | healthy ml, given → auto (mean / max) | healthy components, given → auto (mean / max) | "
              "Dice @ op, given → auto (mean over lesion cases) | automatic mask Dice (mean / min) |",
              "|---|---|---|---|---|"]
@@ -129,6 +155,21 @@ def render(rows: List[dict], variants: List[str]) -> str:
         masks = [r["mask_dice"] for r in mine]
         lines.append(f"| {variant} | {ml['given']} → {ml['auto']} | {comp['given']} → {comp['auto']} | "
                      f"{dices['given']} → {dices['auto']} | {np.mean(masks):.3f} / {np.min(masks):.3f} |")
+    if others:
+        lines += ["", "| variant | mask | healthy ml (mean / max) | healthy components (mean / max) | "
+                  "flagged outside the reference (healthy, mean) | Dice @ op (lesion cases) |",
+                  "|---|---|---|---|---|---|"]
+        for variant in variants:
+            mine = [r for r in rows if r["variant"] == variant]
+            healthy = [r for r in mine if r["case"] == "healthy"]
+            lesion = [r for r in mine if r["case"] != "healthy"]
+            for key in ("given", "auto", *others):
+                ml = [r[key]["flagged_ml"] for r in healthy]
+                comp = [r[key]["components"] for r in healthy]
+                lines.append(f"| {variant} | {key} | {np.mean(ml):.2f} / {np.max(ml):.2f} | "
+                             f"{np.mean(comp):.1f} / {np.max(comp):.0f} | "
+                             f"{np.mean([r[key]['outside_reference'] for r in healthy]):.2f} | "
+                             f"{np.mean([r[key]['dice'] for r in lesion]):.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,14 +3,13 @@
 The colin27 template (2 mm T1 with skull, plus its brain mask) is registered onto a 4 mm copy
 of the input (Mattes mutual information; similarity, then affine), from the best of a few short coarse
 registrations started at a few head pitches and shifts along the head's axis (a scan that covers part of the
-head has its centre of mass far from the head's). The
-template's signed distance to its brain boundary is warped onto the input grid and thresholded
-at a small margin. An input that is already skull-stripped is its own mask (no registration):
-its foreground, everything above a near-background level, is no bigger than a brain, its
-background is one constant value (a head's air is noise, even where the coverage is partial and
-the head's foreground is brain-sized), and, where it reaches the image's edge, no dark band (skull)
-lies under its surface (a cut-off head whose air was set to zero). Either way the result is hole-filled and
-reduced to its largest connected component.
+head has its centre of mass far from the head's). The template's signed distance to its brain boundary is warped
+onto the input grid and thresholded at a margin (by default a little outside that boundary; detection scores a mask a
+little inside it). An input that is already skull-stripped is its own mask (no registration): its foreground,
+everything above a near-background level, is no bigger than a brain, its background is one constant value (a head's
+air is noise, even where the coverage is partial and the head's foreground is brain-sized), and, where it reaches the
+image's edge, no dark band (skull) lies under its surface (a cut-off head whose air was set to zero). Either way the
+result is hole-filled and reduced to its largest connected component.
 """
 
 from __future__ import annotations
@@ -43,7 +42,11 @@ _SAMPLING_FRACTION = 0.25
 _SEED = 20240601
 _PITCH_STARTS_DEG = (0.0, 20.0, -20.0)  # head nodding is the largest pose difference in practice
 _SHIFT_STARTS_MM = (0.0, 25.0, -25.0)  # along the superior axis: a head cut off by the field of view
-_MARGIN_MM = 2.0  # the template mask (BET) hugs the cortex; grow it a little
+MARGIN_MM = 2.0  # the template mask (BET) hugs the cortex; grow it a little
+# Detection scores a mask reaching this far inside the template's brain boundary instead: the mask above holds a rim of
+# non-brain tissue (40-100 ml) that thick noisy scans turn into false components (docs/benchmark.md, "Detection with
+# the automatic brain mask").
+SCORED_MARGIN_MM = -1.0
 _BACKGROUND_LEVEL = 0.01  # foreground: above the minimum by this share of the robust range
 _STRIPPED_MAX_ML = 2500.0  # a foreground this small is a brain (adult heads are > 3 L)
 _STRIPPED_MIN_CONSTANT = 0.1  # a skull-stripped image has at least this share of voxels at its minimum
@@ -74,14 +77,15 @@ def load_template(template_dir: Optional[Path] = None) -> tuple[sitk.Image, sitk
 
 
 def given_or_computed_mask(image: sitk.Image, mask_path: Optional[Path], name: str = "the image",
-                           progress: Optional[ProgressCallback] = None) -> sitk.Image:
-    """The brain mask read from ``mask_path``, or computed from ``image`` when no mask is given."""
+                           progress: Optional[ProgressCallback] = None, margin_mm: float = MARGIN_MM) -> sitk.Image:
+    """The brain mask read from ``mask_path``, or computed from ``image`` (at ``margin_mm``, as
+    :func:`compute_brain_mask`) when no mask is given."""
     if mask_path is not None:
         from ..io.images import read_image
 
         return read_image(mask_path, "brain mask")
     logger.info("No brain mask for %s: computing one automatically.", name)
-    return compute_brain_mask(image, progress=progress)
+    return compute_brain_mask(image, progress=progress, margin_mm=margin_mm)
 
 
 def compute_brain_mask(
@@ -89,10 +93,13 @@ def compute_brain_mask(
     template_dir: Optional[Path] = None,
     progress: Optional[ProgressCallback] = None,
     where: str = "",
+    margin_mm: float = MARGIN_MM,
 ) -> sitk.Image:
     """Brain mask (uint8 {0,1}) of a 3D scalar T1 head MRI, on exactly the input's grid.
 
-    Works on heads with skull and on skull-stripped brains. ``progress(fraction, message)``
+    Works on heads with skull and on skull-stripped brains. ``margin_mm``: how far beyond the registered template's
+    brain boundary the mask of a head reaches (negative: inside it); a skull-stripped input is its own mask whatever
+    the margin. ``progress(fraction, message)``
     is called as the steps advance; ``where`` (e.g. "scan.nii.gz: ") leads the warnings, so that a cohort's
     say which volume. The mask is made in one voxel order (LPS; a pure index operation, undone at the end):
     the registration samples by voxel index and averages blocks from index 0, so the same physical scan stored
@@ -108,15 +115,15 @@ def compute_brain_mask(
     probe.SetDirection(image.GetDirection())
     back = sitk.DICOMOrient(sitk.DICOMOrient(probe, _ORDER), order).GetDirection()
     if order == _ORDER or not np.allclose(back, image.GetDirection(), atol=1e-9):
-        return _mask_in_order(image, image, template_dir, progress, where)
-    mask = sitk.DICOMOrient(_mask_in_order(sitk.DICOMOrient(image, _ORDER), image, template_dir, progress, where),
-                            order)
+        return _mask_in_order(image, image, template_dir, progress, where, margin_mm)
+    mask = sitk.DICOMOrient(_mask_in_order(sitk.DICOMOrient(image, _ORDER), image, template_dir, progress, where,
+                                           margin_mm), order)
     mask.CopyInformation(image)  # the same grid: the voxels are only put back in order
     return mask
 
 
 def _mask_in_order(image: sitk.Image, given: sitk.Image, template_dir: Optional[Path],
-                   progress: Optional[ProgressCallback], where: str) -> sitk.Image:
+                   progress: Optional[ProgressCallback], where: str, margin_mm: float) -> sitk.Image:
     """:func:`compute_brain_mask` of ``image``, ``given`` in the voxel order :data:`_ORDER` (``given``, as the user
     gave it, is the one whose axes a refusal names)."""
     intensities = _check_input(image)
@@ -133,7 +140,7 @@ def _mask_in_order(image: sitk.Image, given: sitk.Image, template_dir: Optional[
         report(progress, 0.1, "Registering brain template")
         transform = _register(_normalised(small), _normalised(template), scaled(progress, 0.1, 0.8))
         report(progress, 0.8, "Warping brain mask")
-        mask = _warped_distance(template_mask, image, transform) <= _MARGIN_MM
+        mask = _warped_distance(template_mask, image, transform) <= margin_mm
     report(progress, 0.9, "Cleaning brain mask")
     mask = _largest_filled_component(mask)
     _check_volume(mask, where)

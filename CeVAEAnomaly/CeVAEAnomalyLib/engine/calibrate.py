@@ -12,7 +12,7 @@ import numpy as np
 from .bundle import Bundle, save_bundle
 from .calibration import calibrate, calibration_key
 from ..io.manifest import Subject
-from .brainmask import given_or_computed_mask
+from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
@@ -54,7 +54,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
             largest.append(max(image.GetSpacing()))
-            mask = given_or_computed_mask(image, s.mask, s.name, progress=scaled(part, 0.0, 0.3))
+            mask = given_or_computed_mask(image, s.mask, s.name, scaled(part, 0.0, 0.3), SCORED_MARGIN_MM)
             if check_contrast:
                 _warn_of_contrast(s, image, mask, model)
             scores = []

@@ -165,9 +165,10 @@ class Detector:
         report(progress, 0.0, "Preparing the volume")
         given = mask is not None
         if not given:
-            from .brainmask import compute_brain_mask
+            from .brainmask import SCORED_MARGIN_MM, compute_brain_mask
 
-            mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2), where=where)
+            mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2), where=where,
+                                      margin_mm=SCORED_MARGIN_MM)
         brain = brain_array(image, mask, where)
         stack = prepare(image, brain, self.bundle.preprocess)  # refuses an empty mask before it is warned of
         if given:
