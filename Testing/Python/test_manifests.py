@@ -153,6 +153,11 @@ def test_a_folder_or_a_glob_of_scans_and_their_masks_is_read_as_batch_reads_a_fo
     lone = cohort / "h3_mask.nii.gz"  # a mask whose image is not given (e.g. a BIDS *_desc-brain_mask)
     lone.write_bytes((cohort / "h1_mask.nii.gz").read_bytes())
     assert read(cohort / "h1.nii.gz", lone) == [("h1.nii.gz", None)]
+    second = cohort / "h1_brainmask.nii.gz"  # two masks of one image, among the files given
+    second.write_bytes((cohort / "h1_mask.nii.gz").read_bytes())
+    with pytest.raises(CeVAEError, match="are both the brain mask of 'h1'; give one of them"):
+        read(cohort / "h1.nii.gz", cohort / "h1_mask.nii.gz", second)
+    second.unlink()
     assert read(cohort / "h1.nii.gz", cohort / "h1.nii.gz") == [("h1.nii.gz", None)]  # the same file twice: once
     spelt = cohort / ".." / cohort.name / "h1_mask.nii.gz"  # the mask's folder spelt another way
     assert read(cohort / "h1.nii.gz", spelt, cohort / "h1_mask.nii.gz") == [("h1.nii.gz", "h1_mask.nii.gz")]

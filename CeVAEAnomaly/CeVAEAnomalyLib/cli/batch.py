@@ -21,8 +21,8 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
-                    Tuple)
+from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Set, Tuple)
 
 from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text
@@ -109,16 +109,24 @@ def collect_folder(folder: Path) -> List[BatchItem]:
             raise CeVAEError(f"{found[key].name} and {p.name} in {folder} are both the {kind} of '{key}'; "
                              "keep one, or list the inputs in a CSV.")
         found[key] = p
+    mask_of = pair_masks(images, masks, f"in {folder}", "keep one, or list the inputs in a CSV")
+    return [BatchItem(k, images[k], mask_of.get(k)) for k in sorted(images)]
+
+
+def pair_masks(images: Mapping[str, Path], masks: Mapping[str, Path], where: str, advice: str) -> Dict[str, Path]:
+    """The brain mask of each image stem of ``images`` that has one, of ``masks`` (a mask's stem without its tag ->
+    its file; :func:`mask_owners` pairs them). A mask without an image is left out with a warning; two masks of one
+    image are refused. ``where`` ("in FOLDER") and ``advice`` (what to do instead) complete the messages."""
     owners = mask_owners(masks, images.keys())
     for key in sorted(set(masks) - set(owners)):
-        log.warning("%s has no matching image in %s (the mask of NAME.nii.gz or NAME_t1.nii.gz is NAME_mask or "
-                    "NAME_brainmask); ignored.", masks[key].name, folder)
+        log.warning("%s has no matching image %s (the mask of NAME.nii.gz or NAME_t1.nii.gz is NAME_mask or "
+                    "NAME_brainmask); ignored.", masks[key].name, where)
     mask_of: Dict[str, Path] = {}
     for key in sorted(owners):
         if mask_of.setdefault(owners[key], masks[key]) != masks[key]:
-            raise CeVAEError(f"{mask_of[owners[key]].name} and {masks[key].name} in {folder} are both the brain mask "
-                             f"of '{owners[key]}'; keep one, or list the inputs in a CSV.")
-    return [BatchItem(k, images[k], mask_of.get(k)) for k in sorted(images)]
+            raise CeVAEError(f"{mask_of[owners[key]].name} and {masks[key].name} {where} are both the brain mask "
+                             f"of '{owners[key]}'; {advice}.")
+    return mask_of
 
 
 def read_list(path: Path) -> List[BatchItem]:

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..io.naming import file_stem, refuse_misnamed
@@ -37,7 +37,7 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     beside ``NAME.*`` is NAME's brain mask, in a folder or among the files given (``site/*.nii.gz``); a folder
     without image files is one DICOM series."""
     from ..io.manifest import Subject, check_volume_path, read_manifest
-    from .batch import MASK_TAGS, collect_folder, mask_owners
+    from .batch import MASK_TAGS, collect_folder, pair_masks
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     files: List[Path] = []
@@ -47,28 +47,21 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
         subjects += [Subject(item.image, item.mask) for item in items]
         if not items:  # a file, or a DICOM series folder
             files.append(p)
-    images: Dict[Tuple[Path, str], Path] = {}
-    for p in files:
-        key = (p.parent.resolve(), file_stem(p))
-        if _mask_of(p, MASK_TAGS) is None and not _same(images.setdefault(key, p), p):
-            raise CeVAEError(f"{images[key]} and {p} are both the image of '{key[1]}'; give one of them.")
-    stems: Dict[Path, Set[str]] = {}  # folder -> the stems of its images given
-    for where, name in images:
-        stems.setdefault(where, set()).add(name)
-    masks: Dict[Path, Path] = {}  # image -> its mask file
+    images: Dict[Tuple[Path, str], Path] = {}  # (folder, stem) -> the image file; masks: (folder, mask stem)
+    masks: Dict[Tuple[Path, str], Path] = {}
     for p in files:
         of = _mask_of(p, MASK_TAGS)
-        if of is None:
-            continue
-        folder = p.parent.resolve()
-        stem = mask_owners([of], stems.get(folder, set())).get(of)
-        owner = images.get((folder, stem)) if stem is not None else None
-        if owner is None:
-            log.warning("%s is named as a brain mask but no image it belongs to was given (the mask of NAME.nii.gz or "
-                        "NAME_t1.nii.gz is NAME_mask or NAME_brainmask); it is left out.", p)
-        elif not _same(masks.setdefault(owner, p), p):
-            raise CeVAEError(f"{masks[owner]} and {p} are both the brain mask of {owner.name}; give one of them.")
-    subjects += [Subject(p, masks.get(p)) for p in images.values()]
+        found, key, kind = (images, file_stem(p), "image") if of is None else (masks, of, "brain mask")
+        where = (p.parent.resolve(), key)
+        if not _same(found.setdefault(where, p), p):
+            raise CeVAEError(f"{found[where]} and {p} are both the {kind} of '{key}'; give one of them.")
+    mask_of: Dict[Path, Path] = {}  # image file -> its mask file
+    for folder in sorted({f for f, _ in [*images, *masks]}):
+        here = {k: p for (f, k), p in images.items() if f == folder}
+        paired = pair_masks(here, {k: p for (f, k), p in masks.items() if f == folder}, "among the files given",
+                            "give one of them")
+        mask_of.update((here[k], m) for k, m in paired.items())
+    subjects += [Subject(p, mask_of.get(p)) for p in images.values()]
     if not subjects:
         raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects
