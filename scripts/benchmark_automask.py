@@ -23,7 +23,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -134,6 +134,16 @@ def _eroded(mask: sitk.Image, radius_mm: float) -> sitk.Image:
     return sitk.BinaryErode(sitk.Cast(mask > 0, sitk.sitkUInt8), radius, sitk.sitkBall, 0, 1)
 
 
+def _cases(rows: List[dict], variant: str) -> Tuple[List[dict], List[dict], List[dict]]:
+    """The variant's rows: all, the healthy scans', the lesion cases'."""
+    mine = [r for r in rows if r["variant"] == variant]
+    return mine, [r for r in mine if r["case"] == "healthy"], [r for r in mine if r["case"] != "healthy"]
+
+
+def _spread(values: List[float], fmt: str) -> str:
+    return f"{np.mean(values):{fmt}} / {np.max(values):{fmt}}"
+
+
 def render(rows: List[dict], variants: List[str], others: List[str]) -> str:
     """One table row per variant: healthy ml / components (mean, max over subjects) and the lesion cases' mean Dice
     at the operating point, given mask → automatic mask; the automatic mask's mean Dice. With ``others`` (other
@@ -142,15 +152,9 @@ def render(rows: List[dict], variants: List[str], others: List[str]) -> str:
              "Dice @ op, given → auto (mean over lesion cases) | automatic mask Dice (mean / min) |",
              "|---|---|---|---|---|"]
     for variant in variants:
-        mine = [r for r in rows if r["variant"] == variant]
-        healthy = [r for r in mine if r["case"] == "healthy"]
-        lesion = [r for r in mine if r["case"] != "healthy"]
-
-        def spread(values: List[float], fmt: str) -> str:
-            return f"{np.mean(values):{fmt}} / {np.max(values):{fmt}}"
-
-        ml: Dict[str, str] = {k: spread([r[k]["flagged_ml"] for r in healthy], ".2f") for k in ("given", "auto")}
-        comp = {k: spread([r[k]["components"] for r in healthy], ".1f") for k in ("given", "auto")}
+        mine, healthy, lesion = _cases(rows, variant)
+        ml = {k: _spread([r[k]["flagged_ml"] for r in healthy], ".2f") for k in ("given", "auto")}
+        comp = {k: _spread([r[k]["components"] for r in healthy], ".1f") for k in ("given", "auto")}
         dices = {k: f"{np.mean([r[k]['dice'] for r in lesion]):.3f}" for k in ("given", "auto")}
         masks = [r["mask_dice"] for r in mine]
         lines.append(f"| {variant} | {ml['given']} → {ml['auto']} | {comp['given']} → {comp['auto']} | "
@@ -160,14 +164,10 @@ def render(rows: List[dict], variants: List[str], others: List[str]) -> str:
                   "flagged outside the reference (healthy, mean) | Dice @ op (lesion cases) |",
                   "|---|---|---|---|---|---|"]
         for variant in variants:
-            mine = [r for r in rows if r["variant"] == variant]
-            healthy = [r for r in mine if r["case"] == "healthy"]
-            lesion = [r for r in mine if r["case"] != "healthy"]
+            _, healthy, lesion = _cases(rows, variant)
             for key in ("given", "auto", *others):
-                ml = [r[key]["flagged_ml"] for r in healthy]
-                comp = [r[key]["components"] for r in healthy]
-                lines.append(f"| {variant} | {key} | {np.mean(ml):.2f} / {np.max(ml):.2f} | "
-                             f"{np.mean(comp):.1f} / {np.max(comp):.0f} | "
+                lines.append(f"| {variant} | {key} | {_spread([r[key]['flagged_ml'] for r in healthy], '.2f')} | "
+                             f"{_spread([r[key]['components'] for r in healthy], '.1f')} | "
                              f"{np.mean([r[key]['outside_reference'] for r in healthy]):.2f} | "
                              f"{np.mean([r[key]['dice'] for r in lesion]):.3f} |")
     return "\n".join(lines) + "\n"
