@@ -566,14 +566,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startDetection(self):
         from CeVAEAnomalyLib.slicer.mrml import OutputNodes
-        from CeVAEAnomalyLib.slicer.settings import detection_request, model_path
+        from CeVAEAnomalyLib.slicer.settings import chosen_model, detection_request
 
         p = self._parameterNode
-        model_path(p)  # says to choose a file if none is chosen
-        settings = self._modelSettings()
-        if settings is None:
-            raise CeVAEError(_("The model file cannot be read; choose a .cevae model file."))
-        request = detection_request(p, settings)
+        request = detection_request(p, chosen_model(p))  # a model that cannot be used: its problem, named
         outputs = OutputNodes(score=p.scoreVolume, segmentation=p.anomalySegmentation,
                               labelmap=p.anomalyLabelmap, components=p.componentTable)
         return self.logic.startDetection(**request, outputs=outputs, createLabelmap=False, show3D=p.show3D,

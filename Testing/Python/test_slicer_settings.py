@@ -211,3 +211,28 @@ def test_the_prefilled_absolute_threshold_is_that_of_the_panels_post_processing(
                    **dict(own, rimMm=own["rimMm"] + 1.0))
     values = settings.model_values(p, site, settings.SENSITIVITY_MODEL)
     assert values["threshold"] == pytest.approx(model.calibrated_threshold("combi") / 2)
+
+
+
+@pytest.mark.parametrize("damage", ["missing", "not a model", "pickle"])
+def test_apply_with_a_model_that_cannot_be_used_names_the_file_and_its_problem(tmp_path, damage):
+    """A saved scene's model that was moved, or a file that is no model: Apply said only "The model file cannot be
+    read; choose a .cevae model file" (the reason went to the log); now the model's own problem is the message."""
+    import ast
+
+    from test_slicer_module import module_classes
+
+    site = tmp_path / "site.cevae"
+    if damage == "not a model":
+        site.write_text("hello")
+    elif damage == "pickle":
+        site.write_bytes(b"\x80\x04" + bytes(64))
+    p = parameters(slicer.vtkMRMLScene(), useBundledModel=False, modelPath=str(site))
+    with pytest.raises(CeVAEError) as error:
+        settings.chosen_model(p)
+    said = {"missing": "does not exist", "not a model": "too short to be a model", "pickle": "refused unread"}[damage]
+    assert str(site) in str(error.value) and said in str(error.value)
+    assert settings.chosen_model(parameters(slicer.vtkMRMLScene())).path == default_model_path()
+    start = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                             if isinstance(n, ast.FunctionDef) and n.name == "_startDetection"))
+    assert "detection_request(p, chosen_model(p))" in start and "cannot be read" not in start

@@ -14,7 +14,7 @@ from ..errors import CeVAEError
 from ..options import DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, ThresholdPolicy
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "detection_request",
-           "model_path", "override_postprocess", "postprocess_fields", "sensitivity_change"]
+           "chosen_model", "model_path", "override_postprocess", "postprocess_fields", "sensitivity_change"]
 
 SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rate
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
@@ -175,6 +175,13 @@ def model_path(parameters: Any) -> Optional[str]:
     if not parameters.modelPath:
         raise CeVAEError("Choose a model file (.cevae), or use the bundled model.")
     return parameters.modelPath
+
+
+def chosen_model(parameters: Any) -> ModelSettings:
+    """Settings of the panel's model, read now; an error naming the file and its problem (none chosen, missing, not
+    a model bundle, written by a newer version) if it cannot be used."""
+    path = model_path(parameters)
+    return ModelSettings.read(Path(path) if path else None)
 
 
 def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any]:
