@@ -192,7 +192,6 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
         self._modelValuesShownFor: Optional[tuple] = None
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
-        self._maskChosenFor: Optional[str] = None  # the input volume whose brain mask the mask field shows
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -325,6 +324,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._parameterNode = self._binding.bind(inputParameterNode, self.ui)
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        self.state.input_restored(volume.GetID() if volume is not None else None)  # its mask is the saved one
         if self._parameterNode:
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._updateGui()
@@ -342,8 +343,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.inputVolume is None:
             return False
         shown = outputs_for_input(slicer.mrmlScene, p.inputVolume, {f: getattr(p, f) for f in PANEL_OUTPUTS})
-        if p.inputVolume.GetID() != self._maskChosenFor:
-            self._maskChosenFor = p.inputVolume.GetID()
+        if slicer.mrmlScene.IsImporting():  # a scene being loaded brings its own mask choice
+            self.state.input_restored(p.inputVolume.GetID())
+        if self.state.input_is_new(p.inputVolume.GetID()):
             shown["brainMask"] = mask_for_input(p.inputVolume, p.brainMask)
         changed = {f: node for f, node in shown.items() if getattr(p, f) is not node}
         if changed:

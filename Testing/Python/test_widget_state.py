@@ -248,3 +248,38 @@ def test_a_scene_closed_during_an_install_starts_nothing_afterwards():
     assert state.click(DETECT) is Action.START  # the next click (dependencies now present) starts a run
     state.started(DETECT)
     assert state.phase is Phase.RUNNING
+
+
+def test_a_loaded_scenes_brain_mask_stays_and_a_switched_input_gets_its_own():
+    """The mask field is chosen anew (nodes.mask_for_input: the input's last run's mask first) only when the user
+    picks another input. The panel took the input of a scene it was built or shown for, or that was being loaded,
+    for a switch: a mask chosen after the last run and saved with the scene gave way to that run's mask."""
+    import ast
+
+    slicer = pytest.importorskip("slicer")
+    from CeVAEAnomalyLib.slicer.nodes import MASK_REFERENCE, ROLE_ATTRIBUTE, SCORE_ROLE, SOURCE_REFERENCE, \
+        mask_for_input
+    from test_slicer_module import module_classes
+
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A")
+    used, saved = (scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name) for name in ("M1", "M2"))
+    score = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A scores")
+    score.SetAttribute(ROLE_ATTRIBUTE, SCORE_ROLE)
+    score.SetNodeReferenceID(SOURCE_REFERENCE, volume.GetID())
+    score.SetNodeReferenceID(MASK_REFERENCE, used.GetID())
+    assert mask_for_input(volume, saved) is used  # what a switch to A shows: why a restore must not count as one
+
+    state = WidgetState()
+    state.input_restored(volume.GetID())  # the panel built for a loaded scene
+    assert not state.input_is_new(volume.GetID())
+    assert state.input_is_new("vtkMRMLScalarVolumeNode9") and state.input_is_new(volume.GetID())  # switches
+    state.input_restored(None)  # a scene closed: its reset node has no input
+    assert state.input_is_new(volume.GetID())  # the first volume put in by the panel: its own mask
+    methods = {n.name: ast.unparse(n) for n in module_classes()["CeVAEAnomalyWidget"].body
+               if isinstance(n, ast.FunctionDef)}
+    bind = methods["setParameterNode"]
+    assert bind.index("self._binding.bind(") < bind.index("self.state.input_restored(") < bind.index("_updateGui()")
+    follow = methods["_followInput"]
+    assert follow.index("IsImporting()") < follow.index("self.state.input_is_new(p.inputVolume.GetID())") < \
+        follow.index("mask_for_input(p.inputVolume, p.brainMask)")

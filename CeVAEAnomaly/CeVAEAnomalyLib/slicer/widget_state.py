@@ -61,6 +61,7 @@ class WidgetState:
         self.task: Optional[str] = None
         self.ready = {task: False for task in TASKS}
         self._summary_for: Optional[str] = None  # the input whose result summary the status line shows
+        self._mask_for: Optional[str] = None  # the input whose brain mask the mask field shows
         self.visible = True  # the module panel is the one shown
         self._ended_at = self._started_at = float("-inf")
         self._ended_task: Optional[str] = None
@@ -150,6 +151,16 @@ class WidgetState:
         if stale:
             self._summary_for = None
         return stale
+
+    def input_restored(self, input_id: Optional[str]) -> None:
+        """A parameter node was bound (the panel built, shown again, a scene closed) or a scene is being loaded:
+        its input ``input_id`` comes with the brain mask it was saved with, which stays."""
+        self._mask_for = input_id
+
+    def input_is_new(self, input_id: str) -> bool:
+        """Whether ``input_id`` became the input since the mask field was chosen (then it is chosen for it anew)."""
+        new, self._mask_for = input_id != self._mask_for, input_id
+        return new
 
     def view(self) -> View:
         idle, phase = self.phase is Phase.IDLE, self.phase
