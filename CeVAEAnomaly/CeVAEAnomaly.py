@@ -612,13 +612,15 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _adaptChoice(self):
         """The adapt section's state (ready, estimate or what is missing) from the panel; None without a parameter node."""
         from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice
+        from CeVAEAnomalyLib.slicer.settings import adapt_override_note
 
         p = self._parameterNode
         if p is None:
             return None
         volumes = self.ui.adaptVolumesSelector.checkedNodes()
         return adapt_choice(len(volumes), p.adaptedModelPath, self._currentModel(), p.device,
-                            names=[volume.GetName() for volume in volumes])
+                            names=[volume.GetName() for volume in volumes],
+                            note=adapt_override_note(p, self._modelSettings()))
 
     def _startAdaptation(self):
         from CeVAEAnomalyLib.slicer.nodes import pair_masks

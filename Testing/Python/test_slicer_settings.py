@@ -2,6 +2,7 @@
 with real MRML nodes from slicer-core and real model bundles."""
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,6 +19,7 @@ from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
 from CeVAEAnomalyLib.options import DetectionRequest, ThresholdPolicy  # noqa: E402
 from CeVAEAnomalyLib.slicer import mrml, settings  # noqa: E402
 from CeVAEAnomalyLib.slicer.settings import ModelSettings  # noqa: E402
+from test_slicer_module import module_classes  # noqa: E402
 
 
 def test_model_settings_are_read_without_torch():
@@ -218,10 +220,6 @@ def test_the_prefilled_absolute_threshold_is_that_of_the_panels_post_processing(
 def test_apply_with_a_model_that_cannot_be_used_names_the_file_and_its_problem(tmp_path, damage):
     """A saved scene's model that was moved, or a file that is no model: Apply said only "The model file cannot be
     read; choose a .cevae model file" (the reason went to the log); now the model's own problem is the message."""
-    import ast
-
-    from test_slicer_module import module_classes
-
     site = tmp_path / "site.cevae"
     if damage == "not a model":
         site.write_text("hello")
@@ -236,3 +234,27 @@ def test_apply_with_a_model_that_cannot_be_used_names_the_file_and_its_problem(t
     start = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
                              if isinstance(n, ast.FunctionDef) and n.name == "_startDetection"))
     assert "detection_request(p, chosen_model(p))" in start and "cannot be read" not in start
+
+
+def test_the_adapt_section_says_before_the_run_that_an_override_stays_uncalibrated(tmp_path):
+    """Adapting calibrates the model's own post-processing: with another rim in Advanced the panel learned it only
+    from the status line after the run (up to an hour on a CPU); the estimate now says it before."""
+    from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice
+
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    own = settings.postprocess_fields(model)
+    moved = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, overridePostprocess=True,
+                       **dict(own, rimMm=own["rimMm"] + 1.0))
+    note = settings.adapt_override_note(moved, model)
+    assert "not the override in Advanced" in note and "--" not in note
+    choice = adapt_choice(2, str(tmp_path / "adapted.cevae"), model.path, "cpu", note=note)
+    assert choice.ready and choice.message.endswith(note)
+    larger = parameters(scene, overridePostprocess=True, **dict(own, minVolumeMm3=own["minVolumeMm3"] + 50.0))
+    for calibrated in (parameters(scene), larger):  # no override, or one that keeps the calibration
+        assert settings.adapt_override_note(calibrated, model) == ""
+    assert settings.adapt_override_note(moved, None) == ""  # an unreadable model: its own problem is said
+    assert not adapt_choice(1, str(tmp_path / "adapted.cevae"), model.path, "cpu", note=note).message.endswith(note)
+    method = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                              if isinstance(n, ast.FunctionDef) and n.name == "_adaptChoice"))
+    assert "note=adapt_override_note(p, self._modelSettings())" in method

@@ -50,9 +50,10 @@ def calibrate_problem(volumes: int, output: str, model: Optional[Path]) -> Optio
 
 
 def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
-                 options: AdaptOptions = AdaptOptions(), names: Sequence[str] = ()) -> AdaptChoice:
+                 options: AdaptOptions = AdaptOptions(), names: Sequence[str] = (), note: str = "") -> AdaptChoice:
     """The section's state for ``volumes`` chosen healthy volumes (``names``: their node names, which may say who
-    was scanned, as a BIDS name's ``sub-<label>``), the output path typed and the current model."""
+    was scanned, as a BIDS name's ``sub-<label>``), the output path typed and the current model; ``note``: said
+    after the estimate when ready (settings.adapt_override_note)."""
     if volumes < MIN_SCANS:
         return AdaptChoice(False, f"Choose at least {MIN_SCANS} healthy volumes: each is held out once to calibrate "
                                   "the model fine-tuned on the others.")
@@ -69,7 +70,7 @@ def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     start = f"Starting from {model.name}: " if model is not None else ""  # (after an adaptation: the adapted one)
     estimate = describe_estimate(volumes, device, options, persons if persons < volumes else None,
                                  _thorough_modes(model))
-    return AdaptChoice(True, start + estimate, existing)
+    return AdaptChoice(True, " ".join(text for text in (start + estimate, note) if text), existing)
 
 
 def _thorough_modes(model: Optional[Path]) -> int:

@@ -13,7 +13,8 @@ from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
 from ..options import DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, ThresholdPolicy
 
-__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "detection_request",
+__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "adapt_override_note",
+           "detection_request",
            "chosen_model", "model_path", "override_postprocess", "postprocess_fields", "sensitivity_change"]
 
 SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rate
@@ -134,6 +135,17 @@ def after_new_model(parameters: Any, settings: ModelSettings,
         return None, f"It is not calibrated for {options}, so the absolute threshold stays in use."
     change = sensitivity_change(parameters, settings)
     return None, change.message if change is not None else ""
+
+
+def adapt_override_note(parameters: Any, settings: Optional[ModelSettings]) -> str:
+    """What the Adapt section says before a run with a post-processing override the model is not calibrated for
+    (another rim or median filter): adapting calibrates the model's own, so that override keeps the absolute
+    threshold after it. "" otherwise."""
+    override = override_postprocess(parameters)
+    if override is None or settings is None or settings.calibrated(parameters.scoreType, override):
+        return ""
+    return ("Adapting calibrates the model's own post-processing, not the override in Advanced: with the override, "
+            "detection keeps the absolute threshold (calibrate the adapted model with it to get rates).")
 
 
 def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:
