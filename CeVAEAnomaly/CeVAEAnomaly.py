@@ -192,6 +192,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
         self._modelValuesShownFor: Optional[tuple] = None
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
+        self._modelStandingIn = ""  # the remembered model out of reach at the start (model_memory.StartModel)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -305,6 +306,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         start = start_model(str(qt.QSettings().value(SETTINGS_KEY, "") or ""))
         if start.forget:
             qt.QSettings().remove(SETTINGS_KEY)
+        self._modelStandingIn = start.standing_in_for
         self.ui.statusLabel.text = ""
         if start.path is not None:
             with slicer.util.NodeModify(self._parameterNode.parameterNode):
@@ -317,7 +319,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The panel's model is the one a new scene starts with (model_memory)."""
         from CeVAEAnomalyLib.slicer.model_memory import SETTINGS_KEY, remembered_value
 
-        qt.QSettings().setValue(SETTINGS_KEY, remembered_value(self._parameterNode))
+        value = remembered_value(self._parameterNode, self._modelStandingIn)
+        qt.QSettings().setValue(SETTINGS_KEY, value)
+        if value != self._modelStandingIn:
+            self._modelStandingIn = ""  # another model was chosen
 
     def setParameterNode(self, inputParameterNode: Optional[CeVAEAnomalyParameterNode]) -> None:
         self._modelValuesShownFor = None  # a new or reset node (scene closed) holds no model values yet

@@ -55,6 +55,22 @@ def test_a_remembered_model_out_of_reach_is_kept_for_the_next_start(tmp_path):
     assert "cannot be reached now, so the bundled model is in use" in start.message
 
 
+def test_a_detection_with_the_bundled_model_standing_in_keeps_the_model_out_of_reach_remembered(tmp_path):
+    """Slicer started before the share was mounted: the bundled model stood in, and the first detection with it
+    made it the remembered model, so the site model was never tried again (and later starts said nothing)."""
+    away = str(tmp_path / "share" / "site.cevae")
+    start = start_model(away)
+    assert start.path is None and start.standing_in_for == away
+    bundled = SimpleNamespace(useBundledModel=True, modelPath="")
+    assert remembered_value(bundled, start.standing_in_for) == away  # still tried at the next start
+    chosen = SimpleNamespace(useBundledModel=False, modelPath="/site/other.cevae")
+    assert remembered_value(chosen, start.standing_in_for) == "/site/other.cevae"  # a model the user chose
+    damaged = tmp_path / "damaged.cevae"
+    damaged.write_text("hello")
+    assert start_model(str(damaged)).standing_in_for == ""  # forgotten: nothing stands in for it
+    assert start_model("").standing_in_for == ""
+
+
 def test_a_new_parameter_node_is_told_from_one_a_scene_brought():
     """The widget asks HasParameter before the wrapper writes its defaults: a new vtkMRMLScriptedModuleNode
     has no parameter, one from a saved scene (the bundled model chosen there) has it."""
@@ -73,8 +89,9 @@ def test_the_widget_starts_new_scenes_with_the_remembered_model_and_remembers_ea
         init.index("self._startWithRememberedModel()")
     assert "qt.QSettings().value(SETTINGS_KEY" in methods["_startWithRememberedModel"]
     assert "qt.QSettings().remove(SETTINGS_KEY)" in methods["_startWithRememberedModel"]
-    assert "qt.QSettings().setValue(SETTINGS_KEY, remembered_value(self._parameterNode))" in \
-        methods["_rememberModel"]
+    assert "remembered_value(self._parameterNode, self._modelStandingIn)" in methods["_rememberModel"]
+    assert "qt.QSettings().setValue(SETTINGS_KEY, value)" in methods["_rememberModel"]
+    assert "self._modelStandingIn = start.standing_in_for" in methods["_startWithRememberedModel"]
     for finished in ("_showResult", "_useNewModel"):  # a detection, a calibration or adaptation
         assert "self._rememberModel()" in methods[finished]
     assert SETTINGS_KEY.startswith("CeVAEAnomaly/")

@@ -26,11 +26,15 @@ class StartModel:
     path: Optional[str]  # the model file to use; None: the bundled model
     message: str  # for the status line ("" when there is nothing to say)
     forget: bool  # the remembered file cannot be used: remove it from the settings
+    standing_in_for: str = ""  # the remembered file out of reach now, for which the bundled model stands in
 
 
-def remembered_value(parameters: Any) -> str:
-    """What to remember of the panel's model choice: its file, or "" for the bundled model."""
-    return "" if parameters.useBundledModel or not parameters.modelPath else str(parameters.modelPath)
+def remembered_value(parameters: Any, standing_in_for: str = "") -> str:
+    """What to remember of the panel's model choice: its file, or "" for the bundled model; while the bundled model
+    only stands in for a remembered file out of reach (``standing_in_for``), that file, tried at the next start."""
+    if parameters.useBundledModel or not parameters.modelPath:
+        return standing_in_for
+    return str(parameters.modelPath)
 
 
 def start_model(remembered: Optional[str]) -> StartModel:
@@ -46,6 +50,6 @@ def start_model(remembered: Optional[str]) -> StartModel:
         there = Path(remembered).is_file()
         state = "cannot be used any more" if there else "cannot be reached now"
         return StartModel(None, f"The model used last on this computer {state}, so the bundled model is in use. {exc}",
-                          forget=there)
+                          forget=there, standing_in_for="" if there else remembered)
     return StartModel(remembered, f"The model used last on this computer is in use: {remembered}. Tick 'Use "
                                   f"bundled model' for the model shipped with the extension.", False)
