@@ -416,11 +416,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             self._refresh()
             return
-        from CeVAEAnomalyLib.slicer.settings import override_postprocess, sensitivity_change
+        from CeVAEAnomalyLib.slicer.settings import model_problem, override_postprocess, sensitivity_change
 
         if self._followInput():
             return  # the output fields changed: this runs again
         settings = self._modelSettings()
+        said = self.state.model_problem(model_problem(p) if settings is None else None)
+        if said is not None:
+            self.ui.statusLabel.text = said  # a scene's model that was moved, a file that is no model
         if settings is not None:
             self._showModelValues(settings)
             change = sensitivity_change(p, settings)

@@ -283,3 +283,27 @@ def test_a_loaded_scenes_brain_mask_stays_and_a_switched_input_gets_its_own():
     follow = methods["_followInput"]
     assert follow.index("IsImporting()") < follow.index("self.state.input_is_new(p.inputVolume.GetID())") < \
         follow.index("mask_for_input(p.inputVolume, p.brainMask)")
+
+
+def test_the_status_line_says_what_is_wrong_with_the_chosen_model_once_and_clears_it_when_gone(tmp_path):
+    """A scene whose model file was moved (or another computer's path): the panel offered every mode and enabled
+    Apply, Calibrate and Adapt, and said nothing (the reason went to the log) until a run failed."""
+    import ast
+    from types import SimpleNamespace
+
+    from CeVAEAnomalyLib.slicer.settings import model_problem
+    from test_slicer_module import module_classes
+
+    gone = SimpleNamespace(useBundledModel=False, modelPath=str(tmp_path / "moved.cevae"))
+    problem = model_problem(gone)
+    assert problem is not None and "moved.cevae does not exist" in problem
+    assert model_problem(SimpleNamespace(useBundledModel=True, modelPath="")) is None
+    state = WidgetState()
+    assert state.model_problem(None) is None  # nothing to say, nothing to clear
+    assert state.model_problem(problem) == problem
+    assert state.model_problem(problem) is None  # said once: later updates leave the line (and other messages)
+    assert state.model_problem(None) == ""  # the bundled model ticked again: the line is cleared
+    assert state.model_problem(None) is None
+    update = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                              if isinstance(n, ast.FunctionDef) and n.name == "_updateGui"))
+    assert "self.state.model_problem(model_problem(p) if settings is None else None)" in update

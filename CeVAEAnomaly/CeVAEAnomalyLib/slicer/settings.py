@@ -14,8 +14,8 @@ from ..errors import CeVAEError
 from ..options import DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, ThresholdPolicy
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "adapt_override_note",
-           "detection_request",
-           "chosen_model", "model_path", "override_postprocess", "postprocess_fields", "sensitivity_change"]
+           "chosen_model", "detection_request", "model_path", "model_problem", "override_postprocess",
+           "postprocess_fields", "sensitivity_change"]
 
 SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rate
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
@@ -194,6 +194,15 @@ def chosen_model(parameters: Any) -> ModelSettings:
     a model bundle, written by a newer version) if it cannot be used."""
     path = model_path(parameters)
     return ModelSettings.read(Path(path) if path else None)
+
+
+def model_problem(parameters: Any) -> Optional[str]:
+    """What is wrong with the panel's model choice (:func:`chosen_model`'s error), or None if it can be used."""
+    try:
+        chosen_model(parameters)
+    except CeVAEError as exc:
+        return str(exc)
+    return None
 
 
 def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any]:

@@ -62,6 +62,7 @@ class WidgetState:
         self.ready = {task: False for task in TASKS}
         self._summary_for: Optional[str] = None  # the input whose result summary the status line shows
         self._mask_for: Optional[str] = None  # the input whose brain mask the mask field shows
+        self._model_problem: Optional[str] = None  # what the status line says is wrong with the chosen model
         self.visible = True  # the module panel is the one shown
         self._ended_at = self._started_at = float("-inf")
         self._ended_task: Optional[str] = None
@@ -151,6 +152,14 @@ class WidgetState:
         if stale:
             self._summary_for = None
         return stale
+
+    def model_problem(self, problem: Optional[str]) -> Optional[str]:
+        """The status line's text for what is wrong with the chosen model (``problem``; None: it can be used): the
+        problem when it is new, "" when the one shown has gone, None to leave the line as it is."""
+        shown, self._model_problem = self._model_problem, problem
+        if problem == shown:
+            return None
+        return problem or ""
 
     def input_restored(self, input_id: Optional[str]) -> None:
         """A parameter node was bound (the panel built, shown again, a scene closed) or a scene is being loaded:
