@@ -553,6 +553,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 starts = {DETECT: self._startDetection, CALIBRATE: self._startCalibration,
                           ADAPT: self._startAdaptation}
                 job = starts[task]()
+                if job is None:  # the user kept an earlier run's files: nothing starts, and nothing failed
+                    return
                 self.state.started(task)
                 self._job = job
                 self.ui.statusLabel.text = ""
@@ -595,10 +597,12 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         outputPath = Path(p.calibratedModelPath)
         overwrite = False
         if outputPath.exists():
-            if slicer.app.testingEnabled() or not self._confirm(
-                    _("{path} exists. Replace it?").format(path=outputPath), windowTitle=_("Calibrate")):
-                raise CeVAEError(_("{path} exists; choose another file name for the calibrated model.").format(
-                    path=outputPath))
+            kept = _("{path} exists; choose another file name for the calibrated model.").format(path=outputPath)
+            if slicer.app.testingEnabled():
+                raise CeVAEError(kept)
+            if not self._confirm(_("{path} exists. Replace it?").format(path=outputPath), windowTitle=_("Calibrate")):
+                self.ui.statusLabel.text = kept  # declined: nothing starts, and nothing failed
+                return None
             overwrite = True
         return self.logic.startCalibration(volumes, masks, outputPath, modelPath=model_path(p),
                                            postprocess=override_postprocess(p), device=p.device,
@@ -643,20 +647,21 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         overwrite = resume = False
         if choice.existing:
             names = ", ".join(path.name for path in choice.existing)
-            refused = CeVAEError(_("{names} exist; choose another file name for the adapted model.").format(
-                names=names))
+            kept = _("{names} exist; choose another file name for the adapted model.").format(names=names)
             if slicer.app.testingEnabled():
-                raise refused
+                raise CeVAEError(kept)
             if choice.resumable:  # an interrupted adaptation: go on from its checkpoints, or start anew
                 answer = self._resumeOrReplace(names)
                 if answer is None:
-                    raise refused
+                    self.ui.statusLabel.text = kept  # declined: nothing starts, and nothing failed
+                    return None
                 resume, overwrite = answer, not answer
             elif self._confirm(_("An earlier run left {names}. Replace them?").format(names=names),
                                windowTitle=_("Adapt")):
                 overwrite = True
             else:
-                raise refused
+                self.ui.statusLabel.text = kept
+                return None
         return self.logic.startAdaptation(volumes, masks, Path(p.adaptedModelPath), modelPath=model_path(p),
                                           device=p.device, overwrite=overwrite,
                                           options={"resume": True} if resume else None, **self._workerArguments())

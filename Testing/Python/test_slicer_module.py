@@ -682,3 +682,19 @@ def test_a_disabled_button_says_why():
     assert "self.state.set_ready(CALIBRATE, calibrateProblem is None)" in refresh
     assert "calibrateProblem or _('Recalibrate" in refresh
     assert refresh.count("busy if view.busy_with else") == 2
+
+
+def test_declining_to_replace_an_earlier_runs_files_starts_nothing_and_reports_no_failure():
+    """Cancel in "Replace it?" (Calibrate) or in the adapt prompts raised an error: an error box "Calibration
+    failed." (with a traceback) for what the user chose. Now nothing starts and the status line says what to do;
+    testing mode, which never asks, still refuses with an error."""
+    methods = {n.name: n for n in module_classes()["CeVAEAnomalyWidget"].body if isinstance(n, ast.FunctionDef)}
+    start = ast.unparse(methods["_start"])
+    assert start.index("job = starts[task]()") < start.index("if job is None:") < start.index("self.state.started")
+    for name, declines in (("_startCalibration", 1), ("_startAdaptation", 2)):
+        body = ast.unparse(methods[name])
+        assert body.count("self.ui.statusLabel.text = kept") == declines
+        assert body.count("return None") == declines
+        raises = [ast.unparse(n.exc) for n in ast.walk(methods[name]) if isinstance(n, ast.Raise)]
+        assert "CeVAEError(kept)" in raises  # testing mode
+        assert not any("refused" in r or "exists; choose another" in r for r in raises)
