@@ -219,6 +219,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._hideModuleVolumes)
 
         self.ui.applyButton.connect("clicked(bool)", lambda checked: self._onTaskButton(DETECT))
@@ -271,6 +272,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event) -> None:
+        """A scene was loaded: its input comes with the mask it was saved with. The parameter node's references
+        resolve only at the end of the import (a node saved before the volumes), without a ModifiedEvent."""
+        p = self._parameterNode
+        if p is not None:
+            self.state.input_restored(p.inputVolume.GetID() if p.inputVolume is not None else None)
+            self._updateGui()
 
     def onReload(self) -> None:
         """Stop a run, then forget the library modules too, so that Reload picks up their changes."""

@@ -307,3 +307,41 @@ def test_the_status_line_says_what_is_wrong_with_the_chosen_model_once_and_clear
     update = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
                               if isinstance(n, ast.FunctionDef) and n.name == "_updateGui"))
     assert "self.state.model_problem(model_problem(p) if settings is None else None)" in update
+
+
+def test_a_scene_loaded_while_the_panel_is_open_keeps_its_brain_mask():
+    """A parameter node saved before the volumes (the module opened before the data was loaded) gets its references
+    only at the end of the import, after its last ModifiedEvent: the panel saw the loaded input at the next unrelated
+    change, took it for a switch and replaced the saved mask. The end of an import now counts as a restore."""
+    import ast
+
+    import vtk
+    slicer = pytest.importorskip("slicer")
+    from test_slicer_module import module_classes
+
+    saved = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLScriptedModuleNode()
+    node.SetSingletonTag("CeVAEAnomaly")
+    saved.AddNode(node)
+    volume = saved.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "A")
+    node.SetNodeReferenceID("inputVolume", volume.GetID())
+    node.SetParameter("useBundledModel", "true")
+    saved.SetSaveToXMLString(1)
+    saved.Commit()
+    scene = slicer.vtkMRMLScene()
+    loaded = slicer.vtkMRMLScriptedModuleNode()
+    loaded.SetSingletonTag("CeVAEAnomaly")
+    scene.AddNode(loaded)
+    seen = []
+    loaded.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: seen.append(
+        caller.GetNodeReference("inputVolume")))
+    scene.SetLoadFromXMLString(1)
+    scene.SetSceneXMLString(saved.GetSceneXMLString())
+    scene.Import()
+    assert seen and all(reference is None for reference in seen)  # no update of the panel saw the input
+    assert loaded.GetNodeReference("inputVolume").GetName() == "A"
+    methods = {n.name: ast.unparse(n) for n in module_classes()["CeVAEAnomalyWidget"].body
+               if isinstance(n, ast.FunctionDef)}
+    assert "slicer.mrmlScene.EndImportEvent, self.onSceneEndImport" in methods["setup"]
+    end = methods["onSceneEndImport"]
+    assert end.index("self.state.input_restored(") < end.index("self._updateGui()")
