@@ -345,3 +345,16 @@ def test_a_scene_loaded_while_the_panel_is_open_keeps_its_brain_mask():
     assert "slicer.mrmlScene.EndImportEvent, self.onSceneEndImport" in methods["setup"]
     end = methods["onSceneEndImport"]
     assert end.index("self.state.input_restored(") < end.index("self._updateGui()")
+
+
+@pytest.mark.parametrize("task", [CALIBRATE, ADAPT])
+def test_the_last_detections_results_stay_usable_while_a_calibration_or_adaptation_runs(state, task):
+    """An adaptation runs minutes to an hour on a CPU: the Results section (table rows, jump, plot, opacity) was
+    disabled all that time, although those work on copies of the scans and change none of the results."""
+    state.set_ready(task, True)
+    state.started(task)
+    view = state.view()
+    assert view.results_enabled and not view.settings_enabled and not view.detect_enabled
+    state._clock.now += LATE_CLICK_S
+    assert state.click(task) is Action.CANCEL
+    assert state.view().results_enabled  # cancelling: still nothing to change there

@@ -40,7 +40,7 @@ class View:
     """Enabled states and button roles for the widget to show."""
 
     settings_enabled: bool  # inputs, outputs, advanced, calibration and adaptation settings
-    results_enabled: bool
+    results_enabled: bool  # the Results section: the last detection's table, jump, plot and opacity
     detect_enabled: bool
     detect_cancels: bool  # the Apply button reads "Cancel"
     calibrate_enabled: bool
@@ -177,7 +177,7 @@ class WidgetState:
         mine = {task: phase in (Phase.RUNNING, Phase.CANCELLING) and self.task == task for task in TASKS}
         return View(
             settings_enabled=idle,
-            results_enabled=idle,
+            results_enabled=idle or mine[CALIBRATE] or mine[ADAPT],  # those work on copies: the results stay usable
             detect_enabled=(idle and self.ready[DETECT]) or running[DETECT],
             detect_cancels=mine[DETECT],
             calibrate_enabled=(idle and self.ready[CALIBRATE]) or running[CALIBRATE],
