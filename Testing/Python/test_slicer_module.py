@@ -698,3 +698,15 @@ def test_declining_to_replace_an_earlier_runs_files_starts_nothing_and_reports_n
         raises = [ast.unparse(n.exc) for n in ast.walk(methods[name]) if isinstance(n, ast.Raise)]
         assert "CeVAEError(kept)" in raises  # testing mode
         assert not any("refused" in r or "exists; choose another" in r for r in raises)
+
+
+def test_the_device_tooltip_says_that_adapting_refuses_a_missing_gpu():
+    """The tooltip promised that an unavailable device falls back to the CPU; adapting resolves its device strictly
+    (training/adapt.py: resolve_device(strict=True)) and refuses a missing GPU instead."""
+    import xml.etree.ElementTree as ET
+
+    adapt = (REPO / "CeVAEAnomaly" / "CeVAEAnomalyLib" / "training" / "adapt.py").read_text()
+    assert "resolve_device(options.device, strict=True)" in adapt
+    combo = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "deviceComboBox")
+    tip = "".join(next(p for p in combo.iter("property") if p.get("name") == "toolTip").itertext())
+    assert "adapting refuses it" in tip and "An unavailable device falls back to the CPU." not in tip
