@@ -408,11 +408,12 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showModelValues(self, settings: ModelSettings) -> None:
         """Fields the model decides show the model's values (``settings.model_values``). Set once per model and
-        mode, so a widget that rounds a value cannot start a ping-pong with the parameter node."""
-        from CeVAEAnomalyLib.slicer.settings import model_values
+        choice they depend on (``settings.model_values_key``), so a widget that rounds a value cannot start a
+        ping-pong with the parameter node."""
+        from CeVAEAnomalyLib.slicer.settings import model_values, model_values_key
 
         p = self._parameterNode
-        shownFor = (self._modelSettingsCache[0], p.overridePostprocess, p.sensitivity)
+        shownFor = (self._modelSettingsCache[0], *model_values_key(p))
         if shownFor == self._modelValuesShownFor:
             return
         shownBefore, self._modelValuesShownFor = self._modelValuesShownFor, shownFor

@@ -147,7 +147,8 @@ def test_switching_to_an_absolute_threshold_starts_at_the_rate_in_use(previous):
     assert "threshold" not in settings.model_values(p, model, None)  # not a switch: the stored value is kept
     assert "threshold" not in settings.model_values(p, model, settings.SENSITIVITY_THRESHOLD)
     model_rate = settings.model_values(parameters(scene), model, settings.SENSITIVITY_THRESHOLD)
-    assert model_rate["falsePositiveRate"] == model.default_fpr and "threshold" not in model_rate
+    assert model_rate["falsePositiveRate"] == model.default_fpr
+    assert model_rate["threshold"] == pytest.approx(model.calibrated_threshold("combi"))  # the one in use
 
 
 def test_the_thorough_mode_asks_for_test_time_adaptation_at_its_own_calibration():
@@ -258,3 +259,28 @@ def test_the_adapt_section_says_before_the_run_that_an_override_stays_uncalibrat
     method = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
                               if isinstance(n, ast.FunctionDef) and n.name == "_adaptChoice"))
     assert "note=adapt_override_note(p, self._modelSettings())" in method
+
+
+def test_the_greyed_threshold_field_shows_the_threshold_the_calibrated_mode_uses():
+    """In the model's-rate and chosen-rate modes the disabled threshold field kept its last value (0.5 in a new
+    scene: a quarter of a healthy brain) while detection used the calibrated one (4.88): the field now shows that,
+    and follows the chosen rate, score type and thorough mode (the rate field's own rounding of the model's rate
+    starts no update)."""
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    p = parameters(scene, threshold=0.5)
+    assert settings.model_values(p, model, None)["threshold"] == pytest.approx(model.calibrated_threshold("combi"))
+    chosen = parameters(scene, sensitivity=settings.SENSITIVITY_FPR, falsePositiveRate=0.01, scoreType="rec")
+    assert settings.model_values(chosen, model, None)["threshold"] == pytest.approx(
+        model.calibrated_threshold("rec", 0.01))
+    absolute = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD)
+    assert "threshold" not in settings.model_values(absolute, model, None)  # the user's own value stays
+    key = settings.model_values_key
+    assert key(p) == key(parameters(scene, falsePositiveRate=0.000218))  # the model's rate, rounded by the field
+    assert key(chosen) != key(parameters(scene, sensitivity=settings.SENSITIVITY_FPR, falsePositiveRate=0.02,
+                                         scoreType="rec"))
+    assert key(p)[1] == p.sensitivity  # the widget's "previous" mode is read from this place
+    method = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                              if isinstance(n, ast.FunctionDef) and n.name == "_showModelValues"))
+    assert "shownFor = (self._modelSettingsCache[0], *model_values_key(p))" in method
+    assert "previous = shownBefore[2]" in method

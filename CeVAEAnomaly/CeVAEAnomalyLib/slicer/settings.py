@@ -158,19 +158,29 @@ def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:
 
 def model_values(parameters: Any, settings: ModelSettings, previous: Optional[str]) -> Dict[str, Any]:
     """Parameter values the model decides now: the post-processing fields unless overridden, the model's rate in
-    the model's-rate mode, and, when the user has just switched from a calibrated mode (``previous``) to the
-    absolute threshold, the model's calibrated threshold at the rate that was in use (a value that flags what
-    that mode flagged, not the field's last one)."""
+    the model's-rate mode, and the threshold field: in a calibrated mode the threshold that mode uses, and when the
+    user has just switched from one (``previous``) to the absolute threshold, that mode's threshold (a value that
+    flags what that mode flagged, not the field's last one)."""
     values = {} if parameters.overridePostprocess else postprocess_fields(settings)
     if parameters.sensitivity == SENSITIVITY_MODEL:
         values["falsePositiveRate"] = settings.default_fpr
-    elif parameters.sensitivity == SENSITIVITY_THRESHOLD and previous in (SENSITIVITY_MODEL, SENSITIVITY_FPR):
-        rate = parameters.falsePositiveRate if previous == SENSITIVITY_FPR else settings.default_fpr
+    mode = previous if parameters.sensitivity == SENSITIVITY_THRESHOLD else parameters.sensitivity
+    if mode in (SENSITIVITY_MODEL, SENSITIVITY_FPR):
+        rate = parameters.falsePositiveRate if mode == SENSITIVITY_FPR else settings.default_fpr
         threshold = settings.calibrated_threshold(parameters.scoreType, rate, bool(parameters.thorough),
                                                   override_postprocess(parameters))
         if threshold is not None:
             values["threshold"] = min(max(threshold, 0.0), 1000.0)
     return values
+
+
+def model_values_key(parameters: Any) -> Tuple[Any, ...]:
+    """What :func:`model_values` depends on besides the model (the sensitivity mode third): they are set again when it
+    changes. The rate counts only where the user types it, not the model's own rate, which the rate field rounds."""
+    rate = parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else None
+    override = tuple(sorted((override_postprocess(parameters) or {}).items()))
+    return (bool(parameters.overridePostprocess), parameters.sensitivity, parameters.scoreType,
+            bool(parameters.thorough), rate, override)
 
 
 def postprocess_fields(settings: ModelSettings) -> Dict[str, Any]:
