@@ -120,15 +120,16 @@ def after_new_model(parameters: Any, settings: ModelSettings,
     """When a calibration or adaptation has made ``settings``' model the one in use (``previous``: the model used
     before): the sensitivity mode to switch to (None: keep it) and what to add to the status line. An absolute
     threshold that stood in for a calibration the previous model lacked gives way to the new model's calibrated
-    rate; one chosen while the previous model was calibrated stays. Where the new model is not calibrated for the
-    panel's options (an adaptation calibrates the model's own post-processing, not the panel's override), the
-    absolute threshold stays and the status line says why."""
+    rate; one chosen while the previous model was calibrated stays, and the status line says that the new rates are
+    not used. Where the new model is not calibrated for the panel's options (an adaptation calibrates the model's own
+    post-processing, not the panel's override), the absolute threshold stays and the status line says why."""
     override = override_postprocess(parameters)
     thorough = bool(parameters.thorough)
     if parameters.sensitivity == SENSITIVITY_THRESHOLD:
         if settings.calibrated(parameters.scoreType, override, thorough):
             if previous is not None and previous.calibrated(parameters.scoreType, override, thorough):
-                return None, ""  # chosen by hand, not standing in for a calibration
+                return None, ("Your absolute threshold stays in use, not the new model's calibrated rates: choose a "
+                              "false-positive rate as sensitivity to use them.")  # chosen by hand
             return SENSITIVITY_MODEL, ("Its calibrated false-positive rate is used now, not the absolute threshold "
                                        "that stood in for the missing calibration.")
         options = "the panel's post-processing (adapting calibrates the model's own)" if override else "these options"
