@@ -310,7 +310,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startWithRememberedModel(self) -> None:
         """A new scene starts with the model used last on this computer (model_memory.start_model)."""
-        from CeVAEAnomalyLib.slicer.model_memory import SETTINGS_KEY, start_model
+        from CeVAEAnomalyLib.slicer.model_memory import SETTINGS_KEY, remembered_value, start_model
 
         start = start_model(str(qt.QSettings().value(SETTINGS_KEY, "") or ""))
         if start.forget:
@@ -323,6 +323,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.modelPath = start.path
         said = self.ui.statusLabel.text  # what the panel said about this model's thresholds, if anything
         self.ui.statusLabel.text = " ".join(text for text in (start.message, said) if text)
+        self.state.model_said(remembered_value(self._parameterNode), self.ui.statusLabel.text)
 
     def _rememberModel(self) -> None:
         """The panel's model is the one a new scene starts with (model_memory)."""
@@ -426,10 +427,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             self._refresh()
             return
+        from CeVAEAnomalyLib.slicer.model_memory import remembered_value
         from CeVAEAnomalyLib.slicer.settings import model_problem, override_postprocess, sensitivity_change
 
         if self._followInput():
             return  # the output fields changed: this runs again
+        if self.state.model_words_are_stale(remembered_value(p), self.ui.statusLabel.text):
+            self.ui.statusLabel.text = ""  # "the model used last ... is in use", after another model was chosen
         settings = self._modelSettings()
         said = self.state.model_problem(model_problem(p) if settings is None else None)
         if said is not None:

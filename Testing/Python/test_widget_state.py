@@ -358,3 +358,27 @@ def test_the_last_detections_results_stay_usable_while_a_calibration_or_adaptati
     state._clock.now += LATE_CLICK_S
     assert state.click(task) is Action.CANCEL
     assert state.view().results_enabled  # cancelling: still nothing to change there
+
+
+def test_what_the_status_line_said_of_the_start_model_goes_when_another_model_is_chosen():
+    """"The model used last on this computer is in use: site.cevae" stayed after 'Use bundled model' was ticked,
+    naming a model that no longer was. It goes with the choice it spoke of, and only while the line still says it."""
+    import ast
+
+    from test_slicer_module import module_classes
+
+    said = "The model used last on this computer is in use: /site/site.cevae. Tick 'Use bundled model' ..."
+    state = WidgetState()
+    assert not state.model_words_are_stale("", "")  # nothing said
+    state.model_said("/site/site.cevae", said)
+    assert not state.model_words_are_stale("/site/site.cevae", said)  # the same model: it stays
+    assert state.model_words_are_stale("", said)  # the bundled model ticked: cleared once
+    assert not state.model_words_are_stale("/site/site.cevae", said)
+    state.model_said("/site/site.cevae", said)
+    assert not state.model_words_are_stale("", "2 component(s), 1.20 ml flagged; ...")  # a later message stays
+    assert not state.model_words_are_stale("/site/other.cevae", said)  # and the start words are forgotten
+    methods = {n.name: ast.unparse(n) for n in module_classes()["CeVAEAnomalyWidget"].body
+               if isinstance(n, ast.FunctionDef)}
+    assert "self.state.model_said(remembered_value(self._parameterNode), self.ui.statusLabel.text)" in \
+        methods["_startWithRememberedModel"]
+    assert "self.state.model_words_are_stale(remembered_value(p), self.ui.statusLabel.text)" in methods["_updateGui"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 DETECT = "detect"
 CALIBRATE = "calibrate"
@@ -63,6 +63,7 @@ class WidgetState:
         self._summary_for: Optional[str] = None  # the input whose result summary the status line shows
         self._mask_for: Optional[str] = None  # the input whose brain mask the mask field shows
         self._model_problem: Optional[str] = None  # what the status line says is wrong with the chosen model
+        self._model_said: Optional[Tuple[str, str]] = None  # (model choice, what the status line says of it)
         self.visible = True  # the module panel is the one shown
         self._ended_at = self._started_at = float("-inf")
         self._ended_task: Optional[str] = None
@@ -160,6 +161,19 @@ class WidgetState:
         if problem == shown:
             return None
         return problem or ""
+
+    def model_said(self, choice: str, text: str) -> None:
+        """The status line says ``text`` of the model choice ``choice`` (model_memory.remembered_value): which model
+        a new scene starts with."""
+        self._model_said = (choice, text)
+
+    def model_words_are_stale(self, choice: str, shown: str) -> bool:
+        """Whether the status line, showing ``shown``, must be cleared: it still says what :meth:`model_said` said of
+        another model choice than ``choice`` (then forgotten), e.g. "... is in use" after 'Use bundled model'."""
+        said, changed = self._model_said, self._model_said is not None and self._model_said[0] != choice
+        if changed:
+            self._model_said = None
+        return changed and said[1] == shown
 
     def input_restored(self, input_id: Optional[str]) -> None:
         """A parameter node was bound (the panel built, shown again, a scene closed) or a scene is being loaded:
