@@ -163,3 +163,17 @@ def test_thin_slabs_and_tiny_voxels_are_scored(tiny_bundle, spacing):
     image, mask = make_head(size=(40, 44, 6) if spacing[2] == 0.5 else (40, 44, 36), spacing=spacing)
     result = detect(image, load_bundle(tiny_bundle), mask, threshold=1.0)
     assert np.isfinite(sitk.GetArrayViewFromImage(result.score)).all()
+
+
+@pytest.mark.parametrize("rate", [0.9, 1e-9, float("nan")])
+def test_recalibrate_refuses_a_default_rate_no_loader_takes_before_any_scan_is_scored(tiny_bundle, tmp_path, rate):
+    """The library's recalibrate wrote a bundle with default_fpr 0.9 that every load_bundle then refused as damaged
+    (the command line refused --default-fpr 0.9, the function it calls did not)."""
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+
+    bundle = load_bundle(tiny_bundle)
+    missing = Subject(tmp_path / "not_read.nii.gz")  # scoring it would fail with another message
+    with pytest.raises(CeVAEError, match=r"default_fpr must be a rate the calibration covers, from 1e-06 to 0\.5"):
+        recalibrate(bundle, [missing], tmp_path / "c.cevae", bundle.header.score_options, bundle.header.postprocess,
+                    default_fpr=rate)
+    assert not (tmp_path / "c.cevae").exists()

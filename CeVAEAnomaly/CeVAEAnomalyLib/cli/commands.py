@@ -204,7 +204,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
     from .console import ConsoleProgress
-    from ..engine.calibration import FPR_GRID
+    from ..engine.calibration import check_default_fpr
     from ..io.checksum import sha256_of
     from ..training.data import unique_subjects, voxel_checksums
     from ..io.lock import hold_output
@@ -212,10 +212,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..options import DetectionRequest, ThresholdPolicy
 
     request = DetectionRequest.from_args(args)
-    low, high = float(FPR_GRID[0]), float(FPR_GRID[-1])  # the rates a calibration holds thresholds for
-    if args.default_fpr is not None and not low <= args.default_fpr <= high:  # also refuses NaN
-        raise CeVAEError(f"--default-fpr must be a rate the calibration covers, from {low:g} to {high:g} (e.g. "
-                         f"0.001), got {args.default_fpr:g}.")
+    if args.default_fpr is not None:  # before the volumes are listed
+        check_default_fpr(args.default_fpr, "--default-fpr")
     subjects = _healthy_subjects(args, "calibration")
     src = _model(args)[0]
     check_paths([args.out], args.overwrite,  # before hashing the volumes: an existing --out is refused at once

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .bundle import Bundle, save_bundle
-from .calibration import calibrate, calibration_key
+from .calibration import calibrate, calibration_key, check_default_fpr
 from ..io.manifest import Subject
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
@@ -117,7 +117,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     always calibrated; ``opts.test_time_steps`` other than that (a thorough mode) is calibrated beside it,
     so that a site calibration keeps every mode the user asked for calibrated and changes no default.
     A volume of another contrast than the model's scans (a T2 for a T1 model) is warned about, naming it.
+    ``default_fpr`` (None: the bundle's) must be a rate the calibration covers; it is checked before any work.
     """
+    if default_fpr is not None:
+        check_default_fpr(default_fpr)
     old = bundle.header
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
     header = replace(old, score_options=default, postprocess=post,

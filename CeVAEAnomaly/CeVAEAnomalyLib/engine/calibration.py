@@ -9,6 +9,7 @@ change that map: a calibration serves every value of them.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import Field, fields
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -19,6 +20,16 @@ from ..options import PostprocessOptions, ScoreOptions, flag_of
 
 DEFAULT_FPR = 0.001
 FPR_GRID = np.unique(np.concatenate([np.logspace(-6, -1, 26), [0.2, 0.5]]))
+
+
+def check_default_fpr(rate: Any, name: str = "default_fpr") -> None:
+    """Refuse a default false-positive rate the calibration holds no threshold for (no loader takes a bundle with
+    it); ``name`` is the option as the caller knows it."""
+    low, high = float(FPR_GRID[0]), float(FPR_GRID[-1])
+    number = isinstance(rate, numbers.Real) and not isinstance(rate, bool)
+    if not (number and low <= rate <= high):  # (also refuses NaN)
+        raise CeVAEError(f"{name} must be a rate the calibration covers, from {low:g} to {high:g} (e.g. 0.001), "
+                         f"got {format(rate, 'g') if number else repr(rate)}.")
 
 
 # post-processing applied to the labelmap after the threshold (minimum component volume and peak; hysteresis
