@@ -175,3 +175,21 @@ def test_the_automatic_brain_mask_of_huge_float64_intensities_is_that_of_the_uns
         warnings.simplefilter("error")  # nor a NumPy overflow warning on the way
         masked = compute_brain_mask(huge)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(masked), sitk.GetArrayFromImage(compute_brain_mask(image)))
+
+
+def test_the_detector_refuses_wrong_argument_types_in_one_line(tiny_bundle):
+    """Detector(path) or Detector(bundle, score={...}) raised AttributeError or TypeError deep inside."""
+    from CeVAEAnomalyLib.options import ThresholdPolicy
+
+    bundle = load_bundle(tiny_bundle)
+    cases = [
+        (lambda: Detector(str(tiny_bundle)), r"The bundle must be a Bundle \(from load_bundle\).*got str"),
+        (lambda: Detector(bundle, {"score_type": "rec"}), "score must be a ScoreOptions.*got dict"),
+        (lambda: Detector(bundle, post="rim_mm=2"), "post must be a PostprocessOptions.*got str"),
+        (lambda: Detector(bundle, policy={"fpr": 0.01}), "policy must be a ThresholdPolicy.*got dict"),
+    ]
+    for call, message in cases:
+        with pytest.raises(CeVAEError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert Detector(bundle, None, None, ThresholdPolicy(threshold=1.0)).threshold == 1.0

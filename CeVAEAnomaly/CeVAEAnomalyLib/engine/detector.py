@@ -61,6 +61,14 @@ class Detector:
     def __init__(self, bundle: Bundle, score: Optional[ScoreOptions] = None,
                  post: Optional[PostprocessOptions] = None, policy: ThresholdPolicy = ThresholdPolicy(),
                  batch_size: int = DEFAULT_BATCH_SIZE, amp: bool = False) -> None:
+        if not isinstance(bundle, Bundle):
+            raise CeVAEError(f"The bundle must be a Bundle (from load_bundle), got {type(bundle).__name__}.")
+        for name, value, cls, optional in (("score", score, ScoreOptions, True),
+                                           ("post", post, PostprocessOptions, True),
+                                           ("policy", policy, ThresholdPolicy, False)):
+            if not isinstance(value, cls) and not (optional and value is None):
+                raise CeVAEError(f"The detector's {name} must be a {cls.__name__}{' or None' * optional} "
+                                 f"(Detector.from_request takes options by name), got {type(value).__name__}.")
         self.bundle = bundle
         self.score = score or bundle.header.score_options
         self.post = post or bundle.header.postprocess
