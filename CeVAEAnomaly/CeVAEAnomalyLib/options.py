@@ -112,10 +112,20 @@ def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None) -
         raise CeVAEError(f"{name} must be {kind} in {_range_text(m)}, got {value!r}.")
 
 
+def _plain(value: Any) -> Any:
+    """A number as a plain Python int or float (a NumPy scalar such as ``np.int64(8)`` from a script)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _check_fields(obj: Any) -> None:
+    """Check each option of the frozen dataclass ``obj``, a NumPy number kept as the plain Python one."""
     for f in fields(obj):
         if "help" in f.metadata:
-            check_value(f, getattr(obj, f.name))
+            value = _plain(getattr(obj, f.name))
+            object.__setattr__(obj, f.name, value)
+            check_value(f, value)
 
 
 def option_range(cls: type, name: str) -> Tuple[float, float]:
@@ -262,17 +272,10 @@ _PARTS: Tuple[type, ...] = (ScoreOptions, PostprocessOptions, ThresholdPolicy, R
 _OWNER: Dict[str, type] = {f.name: cls for cls in _PARTS for f in fields(cls)}
 
 
-def _plain(value: Any) -> Any:
-    """A number as a plain Python int or float (a NumPy scalar such as ``np.int64(8)`` from a script)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return value
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-
 def _checked_overrides(cls: type, values: Mapping[str, Any], what: str) -> Dict[str, Any]:
     by_name = {f.name: f for f in fields(cls)}
     refuse_unknown(values, by_name, what)
-    out = {k: v for k, v in values.items() if v is not None}
+    out = {k: _plain(v) for k, v in values.items() if v is not None}
     for k, v in out.items():
         check_value(by_name[k], v)
     return out

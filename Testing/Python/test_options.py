@@ -202,6 +202,20 @@ def test_numpy_numbers_from_a_script_are_taken_as_plain_numbers():
         DetectionRequest.of(batch_size=np.float64(2.5))
 
 
+def test_numpy_numbers_are_taken_by_the_option_classes_themselves():
+    """ThresholdPolicy(threshold=score_array.max()) refused the float32 maximum of a score map ("must be a number"),
+    and DetectionRequest(score={...}) a NumPy integer, which DetectionRequest.of took."""
+    made = [ThresholdPolicy(threshold=np.float32(1.5)), ScoreOptions(mc_samples=np.int64(2), alpha=np.float32(2)),
+            PostprocessOptions(rim_mm=np.float32(2.0), median_radius=np.int32(1)), RunOptions(batch_size=np.int64(8)),
+            DetectionRequest(score={"mc_samples": np.int64(2)}, post={"hysteresis": np.float32(0.5)})]
+    plain = [json.loads(json.dumps(m.to_dict())) for m in made]  # serialisable as they are
+    assert plain[0] == {"threshold": 1.5, "fpr": None} and plain[1]["mc_samples"] == 2 and plain[3]["batch_size"] == 8
+    assert type(made[2].median_radius) is int and type(made[4].score["mc_samples"]) is int
+    assert made[4].post == {"hysteresis": 0.5} and type(made[4].post["hysteresis"]) is float
+    with pytest.raises(CeVAEError, match="mc_samples .* must be a whole number"):
+        ScoreOptions(mc_samples=np.float64(2.0))
+
+
 def test_paper_given_with_the_other_options_switches_the_published_score():
     assert DetectionRequest.of(fpr=0.01).with_options(paper=True, batch_size=4).paper
     assert not DetectionRequest.of(paper=True).with_options(paper=False).paper
