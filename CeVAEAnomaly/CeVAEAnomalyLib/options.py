@@ -112,7 +112,7 @@ def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None) -
         raise CeVAEError(f"{name} must be {kind} in {_range_text(m)}, got {value!r}.")
 
 
-def _plain(value: Any) -> Any:
+def plain_number(value: Any) -> Any:
     """A number as a plain Python int or float (a NumPy scalar such as ``np.int64(8)`` from a script)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value
@@ -123,7 +123,7 @@ def _check_fields(obj: Any) -> None:
     """Check each option of the frozen dataclass ``obj``, a NumPy number kept as the plain Python one."""
     for f in fields(obj):
         if "help" in f.metadata:
-            value = _plain(getattr(obj, f.name))
+            value = plain_number(getattr(obj, f.name))
             object.__setattr__(obj, f.name, value)
             check_value(f, value)
 
@@ -275,7 +275,7 @@ _OWNER: Dict[str, type] = {f.name: cls for cls in _PARTS for f in fields(cls)}
 def _checked_overrides(cls: type, values: Mapping[str, Any], what: str) -> Dict[str, Any]:
     by_name = {f.name: f for f in fields(cls)}
     refuse_unknown(values, by_name, what)
-    out = {k: _plain(v) for k, v in values.items() if v is not None}
+    out = {k: plain_number(v) for k, v in values.items() if v is not None}
     for k, v in out.items():
         check_value(by_name[k], v)
     return out
@@ -317,7 +317,7 @@ class DetectionRequest(Serialisable):
         parts: Dict[type, Dict[str, Any]] = {c: {} for c in _PARTS}
         for name, value in options.items():
             if value is not None:
-                parts[_OWNER[name]][name] = _plain(value)
+                parts[_OWNER[name]][name] = plain_number(value)
         return cls(score=parts[ScoreOptions], post=parts[PostprocessOptions], paper=paper,
                    policy=ThresholdPolicy(**parts[ThresholdPolicy]), run=RunOptions(**parts[RunOptions]))
 

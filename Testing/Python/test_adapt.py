@@ -81,6 +81,17 @@ def test_fold_plan_holds_out_every_scan_exactly_once_and_a_person_s_scans_togeth
         fold_plan([[0, 1]], 5)
 
 
+@pytest.mark.parametrize("setting, value", [("steps", float("nan")), ("steps", 2.5), ("folds", 2.5),
+                                            ("folds", float("nan")), ("batch_size", 8.0), ("checkpoint_every", "2"),
+                                            ("seed", 1.5), ("lr", "1e-4"), ("steps", True)])
+def test_adapt_options_refuse_what_is_no_number_of_steps_folds_or_scans(setting, value):
+    """adapt(options=AdaptOptions(steps=nan)) hashed the scans, then failed with a ValueError; folds=2.5 with a
+    TypeError; steps=2.5 and folds=nan adapted with some other number."""
+    with pytest.raises(CeVAEError, match=f"{setting} must be a"):
+        AdaptOptions(**{setting: value}).validate()
+    AdaptOptions(steps=np.int64(3), folds=np.int32(2), lr=np.float32(1e-4)).validate()  # NumPy numbers are numbers
+
+
 def test_the_estimate_grows_with_the_scans_and_steps_and_is_said_in_minutes():
     assert estimate_seconds(3) < estimate_seconds(8)
     assert estimate_seconds(3, AdaptOptions(steps=100)) < estimate_seconds(3, AdaptOptions(steps=400))

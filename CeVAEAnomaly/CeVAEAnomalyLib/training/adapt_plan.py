@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
 from ..errors import CeVAEError
+from ..options import plain_number
 from .config import SettingError, TrainConfig
 
 MIN_SCANS = 2  # one to train on and one held out, in each direction
@@ -46,8 +47,18 @@ class AdaptOptions:
     amp: bool = False
     cache_dir: Optional[Path] = None  # preprocessed-slice cache kept between runs; None: a temporary one
 
+    def __post_init__(self) -> None:
+        for f in fields(self):  # a NumPy number from a script as the plain one (checkpoints and headers store them)
+            object.__setattr__(self, f.name, plain_number(getattr(self, f.name)))
+
     def validate(self) -> None:
         """Raise :class:`~.config.SettingError` naming the setting (by field name) adapting cannot run with."""
+        for name in ("steps", "folds", "batch_size", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SettingError("{%s} must be a whole number, got %s." % (name, _literal(value)), name)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
+            raise SettingError("{lr} must be a positive number, got %s." % _literal(self.lr), "lr")
         if self.steps < 1:
             raise SettingError("{steps} must be at least 1, got %s." % self.steps, "steps")
         if self.resume and self.overwrite:
@@ -65,6 +76,11 @@ class AdaptOptions:
                            checkpoint_every=min(self.checkpoint_every, self.steps), val_fraction=0.0, seed=self.seed,
                            device=self.device, resume=self.resume, amp=self.amp, cache_dir=self.cache_dir,
                            init_from=init_from, adaptation={"steps": self.steps, "lr": self.lr})
+
+
+def _literal(value: Any) -> str:
+    """``repr(value)`` for a :class:`~.config.SettingError` template (its braces doubled)."""
+    return repr(value).replace("{", "{{").replace("}", "}}")
 
 
 def fold_plan(persons: Sequence[Sequence[int]], max_folds: int) -> List[List[int]]:
