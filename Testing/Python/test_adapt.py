@@ -479,3 +479,21 @@ def test_overwrite_removes_the_earlier_adaptation_before_the_new_one_starts(tiny
     with caplog.at_level(logging.WARNING):
         adapt_mod.adapt(out, subjects(site, "a", "b"), tmp_path / "again.cevae", QUICK)
     assert f"The site scan(s) {site['a']}, {site['b']} are among the training volumes of site.cevae" in caplog.text
+
+
+def test_site_scans_named_by_text_are_taken_and_bare_paths_refused_in_one_line(tiny_bundle, site, tmp_path):
+    """adapt() with Subject("scan.nii.gz", "mask.nii.gz") failed with AttributeError ('str' has no 'exists'), and
+    adapt() or recalibrate() with plain paths instead of Subjects failed with AttributeError too."""
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+
+    scans = [Subject(str(site[n]), str(site["mask"])) for n in "ab"]
+    assert all(isinstance(s.image, Path) and isinstance(s.mask, Path) for s in scans)
+    out = tmp_path / "site.cevae"
+    assert adapt_mod.adapt(tiny_bundle, scans, out, QUICK) == out
+    bundle = load_bundle(tiny_bundle)
+    with pytest.raises(CeVAEError, match=r"healthy scans must be Subject\(image, mask\) objects, got str"):
+        adapt_mod.adapt(tiny_bundle, [str(site["a"]), str(site["b"])], tmp_path / "other.cevae", QUICK)
+    with pytest.raises(CeVAEError, match=r"healthy scans must be Subject\(image, mask\) objects, got PosixPath"):
+        recalibrate(bundle, [site["a"]], tmp_path / "c.cevae", bundle.header.score_options, bundle.header.postprocess)
+    with pytest.raises(CeVAEError, match="The scan's image must be a file path, got int"):
+        Subject(3)

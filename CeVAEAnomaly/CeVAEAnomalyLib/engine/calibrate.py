@@ -11,7 +11,7 @@ import numpy as np
 
 from .bundle import Bundle, save_bundle
 from .calibration import calibrate, calibration_key, check_default_fpr
-from ..io.manifest import Subject
+from ..io.manifest import Subject, check_subjects
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
 from ..io.images import read_image
@@ -96,6 +96,7 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
     """
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on.")
+    check_subjects(subjects)
     modes = [opts.replace(test_time_steps=n) for n in dict.fromkeys([opts.test_time_steps, *test_time_steps])]
     scores, largest = _subject_scores(bundle, subjects, modes, post, SCORE_TYPES, progress, scorers, run,
                                       check_contrast)

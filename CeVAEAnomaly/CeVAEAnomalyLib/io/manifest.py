@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
 from collections import Counter
 from contextlib import contextmanager
@@ -58,6 +59,15 @@ class Subject:
     mask: Optional[Path] = None
     person: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        for role in ("image", "mask"):  # text paths from a script become Paths
+            value = getattr(self, role)
+            if value is None and role == "mask":
+                continue
+            if not isinstance(value, (str, os.PathLike)):
+                raise CeVAEError(f"The scan's {role} must be a file path, got {type(value).__name__}.")
+            object.__setattr__(self, role, Path(value))
+
     @property
     def name(self) -> str:
         return file_stem(self.image)
@@ -80,6 +90,14 @@ class Subject:
             if str(self.image) in str(exc) or (self.mask is not None and str(self.mask) in str(exc)):
                 raise
             raise CeVAEError(f"{self.image}: {exc}") from None
+
+
+def check_subjects(subjects: Sequence[Subject]) -> None:
+    """Refuse a list of healthy scans holding something other than :class:`Subject` (e.g. a bare path)."""
+    for s in subjects:
+        if not isinstance(s, Subject):
+            raise CeVAEError(f"The healthy scans must be Subject(image, mask) objects, got {type(s).__name__} "
+                             "(Subject: from CeVAEAnomalyLib.io.manifest).")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output
-from ..io.manifest import Subject, check_volume_path, distinct_names
+from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..progress import ProgressCallback, labelled, report, scaled
@@ -52,6 +52,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     may raise :class:`~..progress.Cancelled`; the checkpoints written so far are kept for ``resume``.
     """
     options.validate()
+    check_subjects(subjects)
     base, out = Path(base), Path(out)
     refuse_misnamed(out, "model", "a .cevae bundle", ".cevae")  # before the scans are hashed
     header = read_header(base)
