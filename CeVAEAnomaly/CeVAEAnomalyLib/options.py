@@ -298,7 +298,10 @@ class DetectionRequest(Serialisable):
     run: RunOptions = RunOptions()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "score", _checked_overrides(ScoreOptions, self.score, "score option(s)"))
+        score = _checked_overrides(ScoreOptions, self.score, "score option(s)")
+        if "orientations" in score:  # checked (axial first, each once) and spelled as the options spell it
+            score["orientations"] = ScoreOptions(orientations=score["orientations"]).orientations
+        object.__setattr__(self, "score", score)
         object.__setattr__(self, "post", _checked_overrides(PostprocessOptions, self.post,
                                                             "post-processing option(s)"))
         if not isinstance(self.paper, bool):

@@ -151,6 +151,20 @@ def test_request_refuses_bad_values_with_the_options_message(options, message):
         DetectionRequest.of(**options)
 
 
+@pytest.mark.parametrize("orientations, message", [("axial,foo", "Unknown orientation 'foo'"),
+                                                  ("sagittal", "Orientations must start with axial"),
+                                                  ("axial,axial", "name each orientation once"),
+                                                  (",", "at least one slice orientation")])
+def test_a_request_checks_its_orientations_when_it_is_made(orientations, message):
+    """DetectionRequest.of(orientations="axial,foo") was taken (checked as text only) and refused only when a
+    detector was built from it."""
+    with pytest.raises(CeVAEError, match=message):
+        DetectionRequest.of(orientations=orientations)
+    with pytest.raises(CeVAEError, match=message):
+        DetectionRequest.from_dict({"score": {"orientations": orientations}})
+    assert DetectionRequest.of(orientations="axial, coronal").score == {"orientations": "axial,coronal"}
+
+
 def test_a_request_read_from_json_is_checked_the_same_way():
     """The worker's request file is untrusted in the same way as keyword options."""
     with pytest.raises(CeVAEError, match=r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0\."):
