@@ -46,12 +46,15 @@ class Serialisable:
     def from_dict(cls: Type[S], data: Mapping[str, Any], what: Optional[str] = None) -> S:
         """Build from a mapping (lists become tuples); a missing field takes its default, an unknown
         one is refused by name."""
+        if not isinstance(data, Mapping):
+            raise CeVAEError(f"A {cls.__name__} must be built from a mapping, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         refuse_unknown(data, known, what or cls.__name__ + " field(s)")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # type: ignore[call-arg]
 
     def replace(self: S, **changes: Any) -> S:
         """A copy with ``changes`` applied (validated again); None values are ignored."""
+        refuse_unknown(changes, {f.name for f in fields(self)}, type(self).__name__ + " field(s)")  # type: ignore
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore
 
 
@@ -272,7 +275,10 @@ _PARTS: Tuple[type, ...] = (ScoreOptions, PostprocessOptions, ThresholdPolicy, R
 _OWNER: Dict[str, type] = {f.name: cls for cls in _PARTS for f in fields(cls)}
 
 
-def _checked_overrides(cls: type, values: Mapping[str, Any], what: str) -> Dict[str, Any]:
+def _checked_overrides(cls: type, values: Mapping[str, Any], what: str, part: str) -> Dict[str, Any]:
+    if not isinstance(values, Mapping):
+        raise CeVAEError(f"The request's {part} must be a mapping of option names to values, got "
+                         f"{type(values).__name__}.")
     by_name = {f.name: f for f in fields(cls)}
     refuse_unknown(values, by_name, what)
     out = {k: plain_number(v) for k, v in values.items() if v is not None}
@@ -298,12 +304,12 @@ class DetectionRequest(Serialisable):
     run: RunOptions = RunOptions()
 
     def __post_init__(self) -> None:
-        score = _checked_overrides(ScoreOptions, self.score, "score option(s)")
+        score = _checked_overrides(ScoreOptions, self.score, "score option(s)", "score")
         if "orientations" in score:  # checked (axial first, each once) and spelled as the options spell it
             score["orientations"] = ScoreOptions(orientations=score["orientations"]).orientations
         object.__setattr__(self, "score", score)
         object.__setattr__(self, "post", _checked_overrides(PostprocessOptions, self.post,
-                                                            "post-processing option(s)"))
+                                                            "post-processing option(s)", "post"))
         if not isinstance(self.paper, bool):
             raise CeVAEError(f"paper must be true or false, got {self.paper!r}.")
         for name, cls in (("policy", ThresholdPolicy), ("run", RunOptions)):

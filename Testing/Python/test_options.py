@@ -165,6 +165,20 @@ def test_a_request_checks_its_orientations_when_it_is_made(orientations, message
     assert DetectionRequest.of(orientations="axial, coronal").score == {"orientations": "axial,coronal"}
 
 
+def test_malformed_option_containers_and_names_are_refused_in_one_line():
+    """These raised TypeError (None is not iterable, an unexpected keyword argument), or named the letters of a
+    string as unknown options."""
+    cases = [(lambda: DetectionRequest(score="alpha"), r"The request's score must be a mapping of option names"),
+             (lambda: DetectionRequest(post=None), r"The request's post must be a mapping of option names"),
+             (lambda: DetectionRequest.from_dict(None), r"DetectionRequest must be built from a mapping, got NoneType"),
+             (lambda: ThresholdPolicy.from_dict(["fpr"]), r"ThresholdPolicy must be built from a mapping, got list"),
+             (lambda: PostprocessOptions().replace(rim=2.0), r"Unknown PostprocessOptions field\(s\) 'rim'")]
+    for call, message in cases:
+        with pytest.raises(CeVAEError, match=message):
+            call()
+    assert PostprocessOptions().replace(rim_mm=2.0, median_radius=None).rim_mm == 2.0
+
+
 def test_a_request_read_from_json_is_checked_the_same_way():
     """The worker's request file is untrusted in the same way as keyword options."""
     with pytest.raises(CeVAEError, match=r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0\."):
