@@ -193,3 +193,18 @@ def test_the_detector_refuses_wrong_argument_types_in_one_line(tiny_bundle):
             call()
         assert "\n" not in str(err.value)
     assert Detector(bundle, None, None, ThresholdPolicy(threshold=1.0)).threshold == 1.0
+
+
+def test_readers_refuse_what_is_no_path_in_one_line(tiny_bundle):
+    """read_image(image) and load_bundle(3) raised TypeError ('expected str, bytes or os.PathLike object')."""
+    from CeVAEAnomalyLib.engine.bundle import read_header
+    from CeVAEAnomalyLib.io.images import read_image
+
+    image, _ = make_head(seed=5)
+    cases = [(lambda: read_image(image), "The image must be a file path .*, got Image"),
+             (lambda: read_image(None, "brain mask"), "The brain mask must be a file path .*, got NoneType"),
+             (lambda: load_bundle(3), "The model bundle must be a file path, got int"),
+             (lambda: read_header(b"m.cevae"), "The model bundle must be a file path, got bytes")]
+    for call, message in cases:
+        with pytest.raises(CeVAEError, match=message):
+            call()

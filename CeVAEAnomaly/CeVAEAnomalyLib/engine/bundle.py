@@ -90,8 +90,8 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
 
     from safetensors import safe_open
 
+    header = read_header(path)
     p = Path(path)
-    header = read_header(p)
     cfg = header.model
     with safe_open(str(p), framework="pt") as fh:
         declared = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,8 @@ class BundleHeader:
 
 def read_header(path: Union[str, Path]) -> BundleHeader:
     """The bundle's header, validated and typed, without loading the weights."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CeVAEError(f"The model bundle must be a file path, got {type(path).__name__}.")
     p = _check_file(Path(path))
     header = _written_header(p)
     if not isinstance(header, dict) or header.get("format") != FORMAT:

@@ -24,6 +24,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     """Read a scalar 3D volume from a file SimpleITK reads or from a DICOM series folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CeVAEError(f"The {what} must be a file path (or a DICOM folder), got {type(path).__name__}.")
     p = Path(path)
     refuse_missing_volume(p, what)
     if p.is_dir():
