@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import math
 import numbers
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar, Union
@@ -107,7 +108,9 @@ def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None) -
             raise CeVAEError(f"{name} must be true or false, got {value!r}.")
         return
     number = not isinstance(value, bool) and isinstance(value, int if m["whole"] else (int, float))
-    inside = number and not math.isnan(value) and (
+    # not NaN, and an int a float holds (the checks and the engine compare it with floats)
+    fits = not math.isnan(value) if isinstance(value, float) else number and abs(value) <= sys.float_info.max
+    inside = number and fits and (
         (value > m["low"]) or (value == m["low"] and not m["open_low"])) and (
         (value < m["high"]) or (value == m["high"] and not m["open_high"]))
     if not inside:

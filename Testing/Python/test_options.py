@@ -179,6 +179,16 @@ def test_malformed_option_containers_and_names_are_refused_in_one_line():
     assert PostprocessOptions().replace(rim_mm=2.0, median_radius=None).rim_mm == 2.0
 
 
+def test_an_integer_too_large_for_a_float_is_refused_as_out_of_range():
+    """--batch-size or --median-radius 10**400 (or such a number in a request file) ended in "unexpected
+    OverflowError": the range check turned it into a float to test for NaN."""
+    huge = 10**400
+    for options, flag in (({"batch_size": huge}, "batch-size"), ({"median_radius": huge}, "median-radius"),
+                          ({"rim_mm": huge}, "rim-mm"), ({"fpr": huge}, "fpr"), ({"threshold": -huge}, "threshold")):
+        with pytest.raises(CeVAEError, match=f"--{flag}\\) must be a"):
+            DetectionRequest.of(**options)
+
+
 def test_a_request_read_from_json_is_checked_the_same_way():
     """The worker's request file is untrusted in the same way as keyword options."""
     with pytest.raises(CeVAEError, match=r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0\."):
