@@ -92,6 +92,17 @@ def test_adapt_options_refuse_what_is_no_number_of_steps_folds_or_scans(setting,
     AdaptOptions(steps=np.int64(3), folds=np.int32(2), lr=np.float32(1e-4)).validate()  # NumPy numbers are numbers
 
 
+@pytest.mark.parametrize("setting, value, message", [("overwrite", "False", "must be true or false"),
+                                                     ("resume", 1, "must be true or false"),
+                                                     ("amp", None, "must be true or false"),
+                                                     ("cache_dir", 3, "must be a folder path")])
+def test_adapt_options_refuse_switches_that_are_not_true_or_false(setting, value, message):
+    """AdaptOptions(overwrite="False") overwrote (any non-empty text is true), and cache_dir=3 ended in TypeError."""
+    with pytest.raises(CeVAEError, match=f"{setting} {message}"):
+        AdaptOptions(**{setting: value}).validate()
+    AdaptOptions(cache_dir="cache").validate()
+
+
 def test_the_estimate_grows_with_the_scans_and_steps_and_is_said_in_minutes():
     assert estimate_seconds(3) < estimate_seconds(8)
     assert estimate_seconds(3, AdaptOptions(steps=100)) < estimate_seconds(3, AdaptOptions(steps=400))

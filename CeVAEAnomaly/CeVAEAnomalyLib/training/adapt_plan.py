@@ -10,6 +10,7 @@ fine-tuned on all the scans. That is k + 1 fine-tuning runs of :attr:`AdaptOptio
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
@@ -59,6 +60,11 @@ class AdaptOptions:
                 raise SettingError("{%s} must be a whole number, got %s." % (name, _literal(value)), name)
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
             raise SettingError("{lr} must be a positive number, got %s." % _literal(self.lr), "lr")
+        for name in ("resume", "overwrite", "amp"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError("{%s} must be true or false, got %s." % (name, _literal(getattr(self, name))), name)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise SettingError("{cache_dir} must be a folder path, got %s." % _literal(self.cache_dir), "cache_dir")
         if self.steps < 1:
             raise SettingError("{steps} must be at least 1, got %s." % self.steps, "steps")
         if self.resume and self.overwrite:
