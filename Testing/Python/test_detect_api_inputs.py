@@ -208,3 +208,23 @@ def test_readers_refuse_what_is_no_path_in_one_line(tiny_bundle):
     for call, message in cases:
         with pytest.raises(CeVAEError, match=message):
             call()
+
+
+def test_a_direction_matrix_that_scales_the_voxel_axes_is_refused(tiny_bundle, tmp_path):
+    """A MetaImage whose TransformMatrix scales an axis (2 0 0 ...) is read with that direction: ITK multiplies it
+    into the voxel size, so flagged_ml and every component's volume were half the flagged tissue's."""
+    from CeVAEAnomalyLib.io.images import read_image
+
+    image, mask = make_head(seed=5, direction=(2, 0, 0, 0, 1, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(tmp_path / "scaled.mha"))
+    with pytest.raises(CeVAEError, match=r"direction matrix scales voxel axis i by 2"):
+        read_image(tmp_path / "scaled.mha")
+    with pytest.raises(CeVAEError, match=r"direction matrix scales voxel axis i by 2"):
+        detect(image, load_bundle(tiny_bundle), mask, threshold=1.0)
+    rotated, _ = make_head(seed=5, direction=(0, -1, 0, 1, 0, 0, 0, 0, -1))  # a rotation is no scaling
+    assert read_image(_written(rotated, tmp_path / "rotated.mha")).GetDirection() == rotated.GetDirection()
+
+
+def _written(image, path):
+    sitk.WriteImage(image, str(path))
+    return path

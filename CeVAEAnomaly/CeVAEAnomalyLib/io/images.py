@@ -475,6 +475,7 @@ def warn_if_ct_range(image: sitk.Image, where: str = "") -> None:
 # the largest cosine between two voxel axes of a volume that is scored: ITK's NIfTI writer makes the directions
 # orthogonal, by more than rounding beyond this (and says so), so outputs of a more sheared grid would not lie on it
 _MAX_AXIS_COSINE = 1e-4
+_MAX_AXIS_STRETCH = 1e-3  # how far from 1 a direction column's length may be (headers store them rounded)
 
 
 def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
@@ -496,6 +497,12 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
         extra = " (a time series or multi-volume file: extract one volume first)" if dim == 4 else ""
         raise CeVAEError(f"The {what} is {dim}D{extra}; a 3D volume is needed.")
     axes = np.array(image.GetDirection()).reshape(3, 3)  # columns: the unit vectors of the voxel axes
+    lengths = np.linalg.norm(axes, axis=0)
+    if np.abs(lengths - 1.0).max() > _MAX_AXIS_STRETCH:  # (ITK multiplies them into the voxel size)
+        i = int(np.argmax(np.abs(lengths - 1.0)))
+        raise CeVAEError(f"The {what}'s direction matrix scales voxel axis {'ijk'[i]} by {lengths[i]:g} (a direction "
+                         "holds unit vectors), so its voxels are not of the size its spacing says and volumes in mL "
+                         "would be wrong. Write it with a unit direction and the voxel size in its spacing first.")
     cosines = np.abs(axes.T @ axes)
     np.fill_diagonal(cosines, 0.0)
     if cosines.max() > _MAX_AXIS_COSINE:
