@@ -177,3 +177,20 @@ def test_recalibrate_refuses_a_default_rate_no_loader_takes_before_any_scan_is_s
         recalibrate(bundle, [missing], tmp_path / "c.cevae", bundle.header.score_options, bundle.header.postprocess,
                     default_fpr=rate)
     assert not (tmp_path / "c.cevae").exists()
+
+
+def test_recalibrate_refuses_wrong_argument_types_in_one_line(tiny_bundle, tmp_path):
+    """recalibrate(path, ...) or recalibrate(bundle, ..., {"score_type": "rec"}, ...) raised AttributeError."""
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+
+    bundle = load_bundle(tiny_bundle)
+    subjects = [Subject(tmp_path / "not_read.nii.gz")]
+    score, post = bundle.header.score_options, bundle.header.postprocess
+    cases = [((tiny_bundle, subjects, tmp_path / "c.cevae", score, post), r"bundle must be a Bundle.*got PosixPath"),
+             ((bundle, subjects, tmp_path / "c.cevae", {"score_type": "rec"}, post),
+              r"scoring options must be a ScoreOptions.*got dict"),
+             ((bundle, subjects, tmp_path / "c.cevae", score, None), r"post-processing options must be a "
+                                                                   r"PostprocessOptions.*got NoneType")]
+    for args, message in cases:
+        with pytest.raises(CeVAEError, match=message):
+            recalibrate(*args)

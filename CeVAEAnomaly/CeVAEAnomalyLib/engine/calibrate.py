@@ -120,6 +120,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     A volume of another contrast than the model's scans (a T2 for a T1 model) is warned about, naming it.
     ``default_fpr`` (None: the bundle's) must be a rate the calibration covers; it is checked before any work.
     """
+    for value, cls, what in ((bundle, Bundle, "bundle"), (opts, ScoreOptions, "scoring options"),
+                             (post, PostprocessOptions, "post-processing options")):
+        if not isinstance(value, cls):
+            raise CeVAEError(f"The {what} must be a {cls.__name__}, got {type(value).__name__}.")
     if default_fpr is not None:
         check_default_fpr(default_fpr)
     old = bundle.header
