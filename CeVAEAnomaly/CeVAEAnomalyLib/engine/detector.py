@@ -85,7 +85,8 @@ class Detector:
 
     @classmethod
     def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":
-        """The detector a :class:`~..options.DetectionRequest` asks for, with this model."""
+        """The detector a :class:`~..options.DetectionRequest` asks for, with this model where it was loaded (the
+        request's device is :func:`detect`'s and the entry points' choice when they load it)."""
         score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         return cls(bundle, score, post, request.policy, request.run.batch_size, request.run.amp)
 
