@@ -112,7 +112,8 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                 progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None,
                 run: RunOptions = RunOptions()) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
-    (``scorers``, ``run``: see :func:`calibrate_model`).
+    (``scorers``, ``run``: see :func:`calibrate_model`). Every score type is calibrated; the default score type
+    stays ``combi`` whatever ``opts.score_type`` is.
 
     The bundle's default mode stays the one it had (``opts`` with the old default's test-time steps) and is
     always calibrated; ``opts.test_time_steps`` other than that (a thorough mode) is calibrated beside it,
