@@ -35,6 +35,19 @@ def test_round_trip_gives_the_same_network(tmp_path, model):
     assert b.model_config == model.cfg
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
+def test_a_torch_device_that_is_missing_falls_back_as_its_name_does(tmp_path, model, caplog):
+    """load_bundle(path, torch.device("cuda")) on a CPU-only machine: the CPU with a warning, as "cuda" gives (it
+    raised PyTorch's AssertionError "Torch not compiled with CUDA enabled")."""
+    import logging
+
+    path = save_bundle(tmp_path / "m.cevae", model, HEADER)
+    with caplog.at_level(logging.WARNING):
+        for device in (torch.device("cuda"), torch.device("cuda", 0), torch.device("cpu")):
+            assert next(load_bundle(path, device).model.parameters()).device.type == "cpu"
+    assert caplog.text.count("CUDA was requested but is not available; using the CPU") == 2
+
+
 def test_half_precision_bundle_is_smaller_and_close(tmp_path, model):
     full = save_bundle(tmp_path / "f.cevae", model, HEADER)
     half = save_bundle(tmp_path / "h.cevae", model, HEADER, half=True)

@@ -84,8 +84,8 @@ def _le_bytes(tensor: torch.Tensor) -> bytes:
 def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Bundle:
     """Load and check a bundle: format, version, architecture, every tensor's shape and the weights' checksum.
 
-    ``device``: a torch device, or a name as everywhere else (auto, cpu, cuda[:N], mps; an unavailable
-    accelerator falls back to the CPU with a warning)."""
+    ``device``: a torch device or a name as everywhere else (auto, cpu, cuda[:N], mps); an unavailable accelerator
+    falls back to the CPU with a warning, either way."""
     from safetensors.torch import load_file
 
     from safetensors import safe_open
@@ -109,5 +109,5 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
         if not torch.isfinite(tensors[key]).all():
             raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    model.eval().to(resolve_device(device) if isinstance(device, str) else device)
+    model.eval().to(resolve_device(str(device)))  # a torch.device as its name: a missing GPU falls back alike
     return Bundle(model, header, p)
