@@ -115,6 +115,18 @@ def test_detect_runs_where_the_request_says(tiny_bundle, caplog):
     assert next(bundle.model.parameters()).device.type == "cpu"
 
 
+def test_detect_takes_the_model_as_any_path_like_object(tiny_bundle):
+    """A path object of another library (os.PathLike, not pathlib's) was refused as "must be a Bundle"."""
+
+    class Where:  # e.g. a path type of a data-management library
+        def __fspath__(self) -> str:
+            return str(tiny_bundle)
+
+    image, mask = make_head(seed=5)
+    result = detect(image, Where(), mask, threshold=1.0, device="cpu")
+    assert result.threshold == 1.0
+
+
 def test_a_ct_like_range_is_warned_of_on_every_path(tiny_bundle, caplog):
     """The command line warned of Hounsfield-like intensities; detect() (and so batch and Slicer) did not."""
     bundle = load_bundle(tiny_bundle)

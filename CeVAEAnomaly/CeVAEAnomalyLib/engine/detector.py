@@ -6,7 +6,7 @@ Every entry point (command line, batch, Slicer module and script, calibration) b
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -211,7 +211,7 @@ class Detector:
                             progress=progress)
 
 
-def detect(image: sitk.Image, bundle: Union[Bundle, str, Path], mask: Optional[sitk.Image] = None,
+def detect(image: sitk.Image, bundle: Union[Bundle, str, "os.PathLike[str]"], mask: Optional[sitk.Image] = None,
            request: Union[DetectionRequest, Mapping[str, Any], None] = None,
            progress: Optional[ProgressCallback] = None, **options: Any) -> DetectionResult:
     """One volume with a one-off :class:`Detector` (for scripts and the console).
@@ -225,7 +225,7 @@ def detect(image: sitk.Image, bundle: Union[Bundle, str, Path], mask: Optional[s
     """
     chosen = DetectionRequest.given(request, **options)
     device = resolve_device(chosen.run.device)
-    if isinstance(bundle, (str, Path)):
+    if isinstance(bundle, (str, os.PathLike)):
         bundle = load_bundle(bundle, device)
     elif isinstance(bundle, Bundle):
         if chosen.run.device != RunOptions().device:
