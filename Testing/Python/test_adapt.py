@@ -426,6 +426,18 @@ def test_a_second_adaptation_to_the_same_output_is_refused_while_one_runs(tiny_b
     assert str(out.name) in str(refused.value) and not out.exists()
 
 
+def test_a_finished_adaptations_output_is_refused_before_the_scans_are_read(tiny_bundle, tmp_path, monkeypatch):
+    """As calibrate: an existing --out of a finished adaptation (no fold checkpoints beside it, its fold logs may be
+    there) is refused before every scan is checked and hashed (a large site cohort took minutes to be refused)."""
+    out = tmp_path / "site.cevae"
+    out.write_bytes(b"a finished adaptation's model")
+    out.with_name("site.cevae.fold1.log.csv").write_text("step,loss\n")
+    monkeypatch.setattr(adapt_mod, "_checksums", lambda subjects: pytest.fail("the scans were read first"))
+    missing = [Subject(tmp_path / "a.nii.gz"), Subject(tmp_path / "b.nii.gz")]
+    with pytest.raises(CeVAEError, match="site.cevae already exists .a finished adaptation"):
+        adapt_mod.adapt(tiny_bundle, missing, out, QUICK)
+
+
 def test_a_dicom_series_folder_is_a_site_scan_like_in_train(tmp_path):
     """Site scans are checked and hashed as train does: a series folder is hashed, a missing scan refused."""
     series = tmp_path / "series"

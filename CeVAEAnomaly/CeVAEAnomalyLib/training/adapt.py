@@ -57,6 +57,9 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     refuse_misnamed(out, "model", "a .cevae bundle", ".cevae")  # before the scans are hashed
     header = read_header(base)
     _check_adaptable(header, base)
+    if out.is_file() and not (options.overwrite or options.resume) and not any(
+            out.parent.glob(glob.escape(out.name) + ".fold*.ckpt")):  # finished (as below): refused before hashing
+        raise _finished(out)
     checksums = _checksums(subjects)
     trained = set(header.trained_on([checksums[s.image] for s in subjects]))
     seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
@@ -84,8 +87,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     finished = out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
                                          if run != "final")  # fold checkpoints go once the model is written
     if finished and not (options.overwrite or options.resume):
-        raise CeVAEError(f"{out} already exists (a finished adaptation keeps no fold checkpoints to resume); pass "
-                         "--overwrite to adapt again and replace it, or choose another --out.")
+        raise _finished(out)
     for cfg in configs.values():
         cfg.check_outputs((), options.overwrite)
     if options.resume and not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
@@ -204,6 +206,12 @@ def _contrast(subject: Subject, slices: Path) -> float:
     except CeVAEError as exc:
         raise CeVAEError(f"{subject.image}: {exc} Give scans that show the whole brain, or check this scan's brain "
                          "mask.") from None
+
+
+def _finished(out: Path) -> CeVAEError:
+    """The refusal of an ``out`` a finished adaptation wrote."""
+    return CeVAEError(f"{out} already exists (a finished adaptation keeps no fold checkpoints to resume); pass "
+                      "--overwrite to adapt again and replace it, or choose another --out.")
 
 
 def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
