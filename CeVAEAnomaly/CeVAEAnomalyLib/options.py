@@ -164,7 +164,7 @@ class ScoreOptions(Serialisable):
                              high=10000)
     rec_kind: str = option("l1", "reconstruction error", choices=REC_KINDS, label="reconstruction error")
     test_time_steps: int = option(0, "thorough mode: score with a copy of the model fine-tuned on this scan's own "
-                                  "slices for N steps (0: off; 100 adds about 15 to 50 s per scan on 2 CPU cores)",
+                                  "slices for N steps (0: off; 100 adds about 13 to 50 s per scan on 2 CPU cores)",
                                   whole=True, high=100000)
     orientations: str = option("axial", "average the maps of the volume sliced in these orientations, axial first "
                                "(e.g. axial,coronal,sagittal; the model must have been trained on each, and each "
@@ -189,7 +189,7 @@ class ScoreOptions(Serialisable):
         return self.score_type in ("grad", "combi")
 
 
-# The thorough mode's test-time adaptation steps (about 15 to 50 s more per scan on 2 CPU cores, by load and brain
+# The thorough mode's test-time adaptation steps (about 13 to 50 s more per scan on 2 CPU cores, by load and brain
 # size; docs/benchmark.md measures it).
 THOROUGH_STEPS = 100
 
