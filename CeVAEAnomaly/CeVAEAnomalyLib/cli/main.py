@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out-dir", type=path_value, default=Path("demo-output"), help="folder for the outputs and the picture")
     m.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     m.add_argument("--seed", type=int, default=7, help="random seed of the synthetic lesions")
-    m.add_argument("--auto-mask", action="store_true", help="use the automatic brain mask instead of the sample scan's own")
+    m.add_argument("--auto-mask", action="store_true",
+                   help="use the automatic brain mask instead of the sample scan's own")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out-dir")
     _add_device(m)
     return parser
