@@ -329,7 +329,7 @@ class DetectionRequest(Serialisable):
         parts: Dict[type, Dict[str, Any]] = {c: {} for c in _PARTS}
         for name, value in options.items():
             if value is not None:
-                parts[_OWNER[name]][name] = plain_number(value)
+                parts[_OWNER[name]][name] = value  # (every part takes a NumPy number as the plain one)
         return cls(score=parts[ScoreOptions], post=parts[PostprocessOptions], paper=paper,
                    policy=ThresholdPolicy(**parts[ThresholdPolicy]), run=RunOptions(**parts[RunOptions]))
 
