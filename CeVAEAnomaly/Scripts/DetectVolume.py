@@ -25,7 +25,7 @@ import sys
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import slicer
 
@@ -77,16 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) -> slicer.vtkMRMLVolumeNode:
+def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False
+                ) -> Tuple[slicer.vtkMRMLVolumeNode, "sitk.Image"]:
     """Read a volume file into a new node through a volume archetype storage node, once ``detect``'s reader has
-    checked it: the storage node's reader fills a truncated NIfTI with zeros and fails on a colour or 4D volume
-    without saying why."""
+    checked it (the storage node's reader fills a truncated NIfTI with zeros and fails on a colour or 4D volume
+    without saying why); the node and that reader's image of the file (NaN voxels kept)."""
     from CeVAEAnomalyLib.io.images import read_image
 
     what = "brain mask" if labelmap else "input volume"
     if not path.is_file():
         raise CeVAEError(f"The {what} {path} does not exist or is not a file.")
-    read_image(path, "brain mask" if labelmap else "image")
+    image = read_image(path, "brain mask" if labelmap else "image")
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
                                    file_stem(path))
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
@@ -94,22 +95,20 @@ def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False) 
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node) or node.GetImageData() is None:
         raise CeVAEError(f"The {what} {path} could not be read as a volume (corrupt or unsupported format).")
-    return node
+    return node, image
 
 
-def restore_non_finite(node: slicer.vtkMRMLVolumeNode, path: Path) -> None:
+def restore_non_finite(node: slicer.vtkMRMLVolumeNode, path: Path, image: "sitk.Image") -> None:
     """Put back the NaN/Inf voxels of a float NIfTI (or .hdr/.img pair) that the storage node's reader (ITK) turned
-    into 0, as the command line keeps them: they are left out of the brain, with a warning, instead of scoring as
-    dark tissue."""
+    into 0, as the command line keeps them (``image``: ``path`` as its reader gives it): they are left out of the
+    brain, with a warning, instead of scoring as dark tissue."""
     import numpy as np
     import SimpleITK as sitk
-    from CeVAEAnomalyLib.io.images import read_image
     from CeVAEAnomalyLib.slicer import mrml
 
     voxels = slicer.util.arrayFromVolume(node)
     if voxels.dtype.kind != "f" or not path.name.lower().endswith(NIFTI_NAMES):
         return
-    image = read_image(path)  # NaN kept
     if np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         return
     placed = on_grid(image, mrml.image_from_volume(node))  # a reversed axis reordered
@@ -238,9 +237,9 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
 
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
     read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
-    volume = load_volume(scene, args.input)
-    restore_non_finite(volume, args.input)
-    mask = load_volume(scene, args.mask, labelmap=True) if args.mask else None
+    volume, image = load_volume(scene, args.input)
+    restore_non_finite(volume, args.input, image)
+    mask = load_volume(scene, args.mask, labelmap=True)[0] if args.mask else None
     result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
                                               progress=_progress)
     written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model), source=args.input)
