@@ -16,6 +16,15 @@ class Cancelled(CeVAEError):
     """The user cancelled the run."""
 
 
+def checked(callback: object, name: str = "progress") -> Optional[ProgressCallback]:
+    """``callback`` if it is None or callable; otherwise a one-line :class:`CeVAEError` naming the argument
+    ``name``, so that a wrong value is refused before any work, not as a TypeError where it is first called."""
+    if callback is not None and not callable(callback):
+        raise CeVAEError(f"{name} must be a function taking (fraction, message), or None; got "
+                         f"{type(callback).__name__} {callback!r:.60}.")
+    return callback  # type: ignore[return-value]
+
+
 def report(callback: Optional[ProgressCallback], fraction: float, message: str) -> None:
     """Call ``callback`` if given, clamping the fraction to [0, 1]."""
     if callback is not None:

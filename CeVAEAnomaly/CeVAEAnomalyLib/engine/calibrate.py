@@ -18,7 +18,7 @@ from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
 from .detector import Detector
 from .modality import contrast_problem, scan_depth_contrast
-from ..progress import ProgressCallback, labelled, report, scaled
+from ..progress import ProgressCallback, checked, labelled, report, scaled
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
     ``test_time_steps``: thorough modes (test-time adaptation steps) calibrated as well, on the same reads.
     ``check_contrast``: see :func:`_subject_scores`.
     """
+    checked(progress)
     if not subjects:
         raise CeVAEError("No healthy volumes to calibrate on.")
     check_subjects(subjects)
@@ -125,6 +126,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                              (post, PostprocessOptions, "post-processing options")):
         if not isinstance(value, cls):
             raise CeVAEError(f"The {what} must be a {cls.__name__}, got {type(value).__name__}.")
+    checked(progress)
     if default_fpr is not None:
         check_default_fpr(default_fpr)
     old = bundle.header

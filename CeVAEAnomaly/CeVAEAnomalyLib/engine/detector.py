@@ -22,7 +22,7 @@ from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions,
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
                          prepare, region_image, warn_unlike_a_brain)
-from ..progress import ProgressCallback, report, scaled
+from ..progress import ProgressCallback, checked, report, scaled
 from ..result import DetectionResult, SliceScoreRow
 from .scan_adaptation import adapted_copy
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
@@ -98,6 +98,7 @@ class Detector:
         The input image is never modified. Raise :class:`CeVAEError` on unusable input and
         :class:`~.progress.Cancelled` if the progress callback cancels.
         """
+        checked(progress)
         image = checked_image(image, mask, where)
         self._warn_of_acquisition(image, where)
         stack, brain = self._prepare(image, mask, progress, where)
@@ -141,6 +142,7 @@ class Detector:
         """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration;
         ``where`` (e.g. "scan.nii.gz: ") leads the mask's warnings, so that a list of volumes says which one;
         ``progress`` hears the network's steps (the thorough mode's adaptation takes most of the time)."""
+        checked(progress)
         image = checked_image(image, mask, where)
         stack, brain = self._prepare(image, mask, None, where)
         options = [self.score.replace(score_type=t) for t in score_types]
@@ -224,6 +226,7 @@ def detect(image: sitk.Image, bundle: Union[Bundle, str, "os.PathLike[str]"], ma
     for, then it is moved there.
     """
     chosen = DetectionRequest.given(request, **options)
+    checked(progress)
     device = resolve_device(chosen.run.device)
     if isinstance(bundle, (str, os.PathLike)):
         bundle = load_bundle(bundle, device)

@@ -37,7 +37,7 @@ import slicer
 
 from ..errors import CeVAEError
 from ..options import THOROUGH_STEPS, DetectionRequest
-from ..progress import Cancelled, ProgressCallback, report, scaled
+from ..progress import Cancelled, ProgressCallback, checked, report, scaled
 from . import dependencies
 from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, WorkerJob
 
@@ -296,6 +296,7 @@ class CeVAEAnomalyLogic(_LogicBase):
 
         request = DetectionRequest.given(request, **options)
         _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
+        checked(progress)
         self._checkInputs(volumeNode, maskNode, outputs)
         with _warningsLogged() as warnings:
             report(progress, 0.0, "Reading the volume")

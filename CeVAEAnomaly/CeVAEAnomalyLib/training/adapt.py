@@ -29,7 +29,7 @@ from ..io.lock import hold_output
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
-from ..progress import ProgressCallback, labelled, report, scaled
+from ..progress import ProgressCallback, checked, labelled, report, scaled
 from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_plan, output_paths, run_names,
                          training_seconds)
 from .cache import SliceCache, temporary_cache
@@ -52,6 +52,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     may raise :class:`~..progress.Cancelled`; the checkpoints written so far are kept for ``resume``.
     """
     options.validate()
+    checked(progress)
     check_subjects(subjects)
     base, out = Path(base), Path(out)
     refuse_misnamed(out, "model", "a .cevae bundle", ".cevae")  # before the scans are hashed

@@ -32,7 +32,7 @@ from ..errors import CeVAEError
 from ..io.atomic import remove_stale_temporaries
 from ..io.manifest import distinct_names
 from ..io.naming import full_suffix
-from ..progress import ProgressCallback, report
+from ..progress import ProgressCallback, checked, report
 from .augment import augment
 from .cache import SliceCache, SliceSet, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_checkpoint, run_identity,
@@ -162,7 +162,7 @@ class Trainer:
         for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file."""
         cfg.validate()
         self.cfg = cfg
-        self.progress = progress
+        self.progress = checked(progress)
         self.pre = preprocess or PreprocessConfig(input_size=cfg.model.input_size)
         if self.pre.input_size != cfg.model.input_size:
             raise CeVAEError("Preprocessing and model input sizes differ.")
