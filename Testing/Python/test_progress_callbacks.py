@@ -76,3 +76,31 @@ def test_the_slicer_logic_refuses_it_with_the_scene_unchanged(tiny_bundle):
     with pytest.raises(CeVAEError, match=REFUSED):
         CeVAEAnomalyLogic().process(volume, mask_node, modelPath=tiny_bundle, device="cpu", progress="a string")
     assert mrml.node_ids(scene) == before
+
+
+def _written_when_done(out: Path) -> tuple:
+    """A progress callback that notes, for each report, its fraction and whether ``out`` exists; and that list."""
+    heard = []
+    return heard, lambda fraction, message: heard.append((fraction, out.exists(), message))
+
+
+def test_recalibrate_reports_done_only_once_the_bundle_is_written(tiny_bundle, tmp_path):
+    """recalibrate reported 1.0 ("Scored every healthy volume") before it wrote the calibrated bundle."""
+    bundle = load_bundle(tiny_bundle)
+    out = tmp_path / "c.cevae"
+    heard, progress = _written_when_done(out)
+    recalibrate(bundle, _heads(tmp_path), out, bundle.header.score_options, bundle.header.postprocess,
+                progress=progress)
+    fractions = [f for f, _, _ in heard]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [(exists, message) for f, exists, message in heard if f >= 1.0] == [(True, "Calibrated model written")]
+
+
+def test_adapt_reports_done_only_once_the_adapted_bundle_is_written(tiny_bundle, tmp_path):
+    """adapt's calibration, scaled to end at 1.0, reported 1.0 before the adapted bundle was written."""
+    out = tmp_path / "site.cevae"
+    heard, progress = _written_when_done(out)
+    options = AdaptOptions(steps=2, batch_size=8, checkpoint_every=2, device="cpu")
+    adapt(tiny_bundle, _heads(tmp_path, (11, 12, 13)), out, options, progress)
+    assert heard[-1][0] == 1.0
+    assert [(exists, message) for f, exists, message in heard if f >= 1.0] == [(True, "Adapted model written")]

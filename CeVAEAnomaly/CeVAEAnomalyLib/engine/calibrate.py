@@ -21,6 +21,7 @@ from .modality import contrast_problem, scan_depth_contrast
 from ..progress import ProgressCallback, checked, labelled, report, scaled
 
 log = logging.getLogger(__name__)
+WRITE_SHARE = 0.02  # of the progress of a calibration that writes a bundle: its write, after the scoring
 
 
 def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions,
@@ -131,9 +132,13 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
         check_default_fpr(default_fpr)
     old = bundle.header
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
+    scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)
     header = replace(old, score_options=default, postprocess=post,
-                     calibration=calibrate_model(bundle, subjects, source, default, post, progress, scorers, run,
+                     calibration=calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
                                                  test_time_steps=[opts.test_time_steps], check_contrast=True),
                      default_fpr=old.default_fpr if default_fpr is None else float(default_fpr),
                      extra=dict(old.extra, calibration_subjects=[s.name for s in subjects]))
-    return save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")
+    report(progress, 1.0 - WRITE_SHARE, "Writing the calibrated model")
+    path = save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")
+    report(progress, 1.0, "Calibrated model written")
+    return path

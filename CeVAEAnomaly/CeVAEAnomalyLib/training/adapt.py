@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..engine.bundle import Bundle, load_bundle
+from ..engine.calibrate import WRITE_SHARE
 from ..engine.calibration import calibrated_test_time_steps
 from ..engine.devices import resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
@@ -120,7 +121,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                                                                    plan, contrasts, options)))
         path = package(out, final.model, adapted, subjects, "site scans, each scored by the fold model fine-tuned "
                        "without it", final.device, half=False, scorers=scorers,
-                       progress=labelled(scaled(progress, 1.0 - calibrate_share, 1.0), "Calibrating"),
+                       progress=labelled(scaled(progress, 1.0 - calibrate_share, 1.0 - WRITE_SHARE), "Calibrating"),
                        test_time_steps=modes)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
