@@ -189,9 +189,11 @@ def _axis_on(grid: "sitk.Image", image: "sitk.Image", axis: int) -> int:
 
 
 def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool,
-                  inputs: Sequence[Optional[Path]] = (), source: Optional[Path] = None) -> List[Path]:
-    """Write every result to a temporary name beside its target, then rename all into place; the score,
-    the labelmap and the slice table on the voxel grid of the ``source`` volume file, if given."""
+                  inputs: Sequence[Optional[Path]] = (), source: Optional[Path] = None,
+                  published: Optional[List[Path]] = None) -> List[Path]:
+    """Write every result to a temporary name beside its target, then rename all into place (``published`` gets
+    each as it is renamed); the score, the labelmap and the slice table on the voxel grid of the ``source`` volume
+    file, if given."""
     from CeVAEAnomalyLib.io.atomic import write_all
     from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
 
@@ -211,7 +213,7 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
         paths["components"]: components_csv(detection),  # centroids in RAS: the same on either grid
         paths["slices"]: slice_scores_csv(slices_on_grid(detection, grid) if grid else detection),
     }
-    return write_all(writers, overwrite, inputs)
+    return write_all(writers, overwrite, inputs, published)
 
 
 def _progress(fraction: float, message: str) -> None:
@@ -227,7 +229,8 @@ def absolute_paths(args: argparse.Namespace) -> None:
             setattr(args, name, Path(os.path.abspath(getattr(args, name))))
 
 
-def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
+def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optional[List[Path]] = None) -> List[Path]:
+    """Detect and write the results; ``published`` gets each result file as it is renamed into place."""
     absolute_paths(args)
     request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
@@ -242,9 +245,22 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene) -> List[Path]:
     mask = load_volume(scene, args.mask, labelmap=True)[0] if args.mask else None
     result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
                                               progress=_progress)
-    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model), source=args.input)
+    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model), source=args.input,
+                            published=published)
     log.info("Wrote %s.", ", ".join(str(p) for p in written))
     return written
+
+
+def interrupted_message(written: Sequence[Path]) -> str:
+    """What a stop left: the result files renamed into place before it (the renames are held together, so all
+    or none where the stop can be held)."""
+    if not written:
+        return "DetectVolume: interrupted; nothing was written."
+    files, left = ", ".join(map(str, written)), len(naming.OUTPUT_NAMES) - len(written)
+    if not left:
+        return f"DetectVolume: interrupted after every result was written ({files})."
+    return f"DetectVolume: interrupted; only {files} {'was' if len(written) == 1 else 'were'} written, " \
+           f"not the other {left} result{'s' * (left > 1)}."
 
 
 def plain_scene() -> slicer.vtkMRMLScene:
@@ -277,13 +293,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"DetectVolume: error: {one_line(exc)} (see DetectVolume.py --usage)", file=sys.stderr)
         return 2
     scene = slicer.mrmlScene if inside_slicer else plain_scene()
+    written: List[Path] = []
     try:
-        run(args, scene)
+        run(args, scene, written)
     except CeVAEError as exc:
         print(f"DetectVolume: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: still an exit status, so that a headless Slicer quits
-        print("DetectVolume: interrupted; nothing was written.", file=sys.stderr)
+        print(interrupted_message(written), file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not a user error: keep the traceback for the report
         traceback.print_exc()

@@ -167,6 +167,45 @@ def test_an_interrupted_run_quits_headless_slicer(tmp_path):
     assert "DetectVolume: interrupted; nothing was written." in proc.stderr
 
 
+STOPPED_RENAMES = """\
+import os, runpy, signal, sys
+sys.path.insert(0, {lib!r})
+import CeVAEAnomalyLib.io.atomic as atomic
+real, calls = atomic.publish, []
+def publish(tmp, target, durable=False):
+    calls.append(target)
+    if {how!r} == "signal" and len(calls) == 1:  # Ctrl-C as the renames start: held until the last one is done
+        os.kill(os.getpid(), signal.SIGINT)
+    if {how!r} == "raised" and len(calls) == 3:  # a stop that could not be held (e.g. Slicer's own handler)
+        raise KeyboardInterrupt
+    real(tmp, target, durable)
+atomic.publish = publish
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("how", ["signal", "raised"])
+def test_a_stop_during_the_renames_says_which_results_were_written(oblique_head, tiny_bundle, tmp_path, how):
+    """A Ctrl-C during the renames was held until they were all done, then the script said "interrupted; nothing
+    was written" beside five new result files."""
+    image_path, mask_path = oblique_head
+    out = tmp_path / "results"
+    runner = tmp_path / "stopped_renames.py"
+    runner.write_text(STOPPED_RENAMES.format(lib=str(REPO / "CeVAEAnomaly"), how=how))
+    proc = subprocess.run([sys.executable, str(runner), str(SCRIPT), "--input", str(image_path), "--mask",
+                           str(mask_path), "--model", str(tiny_bundle), "--output-dir", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 130, proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    written = sorted(p.name for p in out.iterdir())  # and no temporary file
+    assert "nothing was written" not in message and all(str(out / name) in message for name in written)
+    if how == "signal":
+        assert sorted(written) == sorted(OUTPUTS) and "interrupted after every result was written" in message
+    else:
+        assert len(written) == 2 and message.endswith(" were written, not the other 3 results."), message
+
+
 def test_a_library_that_fails_to_import_quits_headless_slicer_with_an_error(tmp_path):
     proc = run_in_headless_slicer(tmp_path, "--input", "x.nii.gz", "--output-dir", tmp_path,
                                   setup='sys.modules["CeVAEAnomalyLib"] = None  # a missing or broken library')

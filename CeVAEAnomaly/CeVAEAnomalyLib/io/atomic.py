@@ -158,8 +158,11 @@ def _size_of(value: object) -> Optional[int]:
     return len(value) if isinstance(value, bytes) else None
 
 
-def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = ()) -> List[Path]:
-    """Write images (sitk.Image), texts (str), bytes or anything a callable(temp_path) writes; all or none."""
+def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = (),
+              published: Optional[List[Path]] = None) -> List[Path]:
+    """Write images (sitk.Image), texts (str), bytes or anything a callable(temp_path) writes; all or none.
+    ``published`` gets each target as it is renamed into place, so that a caller stopped meanwhile (a stop
+    raised after the last rename, or during the renames where it cannot be held) can say which were written."""
     from .images import error_text
 
     targets = [Path(t) for t in files]
@@ -178,6 +181,8 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
             for target, tmp in temps.items():
                 try:
                     publish(tmp, target)
+                    if published is not None:
+                        published.append(target)
                 except OSError as exc:
                     raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
     finally:
