@@ -655,3 +655,30 @@ def test_a_mask_tag_in_capitals_names_a_brain_mask(tmp_path, caplog):
     assert [(it.name, it.image.name, it.mask.name) for it in collect_inputs(tmp_path)] == expected
     given = argparse.Namespace(manifest=None, images=sorted(tmp_path.iterdir()))
     assert sorted((s.image.name, s.mask.name) for s in _healthy_subjects(given)) == sorted(e[1:] for e in expected)
+
+
+def test_a_rerun_redoes_outputs_that_are_not_the_files_its_summary_recorded(cohort, tiny_bundle, tmp_path, caplog):
+    """A rerun trusted any complete output older than the summary: one restored with `cp -p` from another run, or
+    cut short to whole rows with its time kept, was skipped. The summary now records each output's sha256."""
+    import shutil
+
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+
+    out = tmp_path / "out"
+    assert batch(cohort, out, tiny_bundle) == 2
+    first = {name: {role: sha256_of(path) for role, path in output_paths(out, name).items()} for name in NAMES}
+    shutil.copy2(out / "b2_score.nii.gz", out / "a1_score.nii.gz")  # another volume's, with its older time
+    slices = out / "c3_slices.csv"
+    before = slices.stat()
+    slices.write_text("".join(slices.read_text().splitlines(keepends=True)[:3]))  # whole rows, fewer of them
+    os.utime(slices, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with caplog.at_level(logging.WARNING):
+        assert batch(cohort, out, tiny_bundle) == 2
+    rerun = read_summary(out / "summary.csv")
+    assert [rerun[n]["status"] for n in NAMES] == ["ok", "skipped", "ok", "skipped"]
+    assert ("The outputs of a1 are not the files its summary records (a1_score.nii.gz differs: changed, damaged, or "
+            "restored from another run); scoring it again.") in caplog.text
+    assert "The outputs of c3 are not the files its summary records (c3_slices.csv differs" in caplog.text
+    for name in NAMES:  # the same outputs again, recorded as such
+        for role, path in output_paths(out, name).items():
+            assert rerun[name][f"{role}_sha256"] == sha256_of(path) == first[name][role]

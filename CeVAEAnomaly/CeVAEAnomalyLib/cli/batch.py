@@ -1,8 +1,9 @@
 """Batch detection over a cohort: a folder or a CSV list in, one set of outputs per volume out.
 
 Resumable (a volume is skipped when its outputs exist and a summary there with these settings, this run's or a
-shard's, records that they were made from its current image and mask; ``batch_settings.json`` records the model
-and options the outputs were made with, and a rerun with others is refused unless ``--overwrite``), shardable
+shard's, records their checksums and that they were made from its current image and mask; ``batch_settings.json``
+records the model and options the outputs were made with, and a rerun with others is refused unless
+``--overwrite``), shardable
 (``--shard i/n`` takes every n-th volume of the sorted list, starting at the i-th, i = 1..n) and parallel
 (``--workers K`` processes, each with its own copy of the model). A bad volume is recorded in the summary CSV,
 which is rewritten atomically as the run goes (at most every 2 s and at the end), and the run goes on.
@@ -48,8 +49,10 @@ CONTRAST_TAGS = ("_t1", "_t1w")
 
 MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
-SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS)
-LATER_FIELDS = ("components", *SOURCE_FIELDS)  # columns older summaries lack (a row without components keeps "")
+OUTPUT_FIELDS = ("score_sha256", "labelmap_sha256", "slices_sha256")  # its outputs (output_paths' roles)
+SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS, *OUTPUT_FIELDS)
+LATER_FIELDS = ("components", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # columns older summaries lack (rows without
+# components keep ""; rows without checksums are not trusted: their volumes are scored again)
 
 
 def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, str]:
@@ -224,6 +227,12 @@ def made_from(item: BatchItem) -> Dict[str, str]:
     return {"image_sha256": sha256_of(item.image), "mask_sha256": sha256_of(item.mask) if item.mask else ""}
 
 
+def output_checksums(paths: Dict[str, Path]) -> Dict[str, str]:
+    """The sha256 of each of a volume's output files, by summary column: the files a rerun may keep (OSError if one
+    cannot be read)."""
+    return {f"{role}_sha256": sha256_of(path) for role, path in paths.items()}
+
+
 def settings_record(settings: DetectSettings) -> Dict[str, object]:
     """What makes every volume's outputs besides its input: the model file's sha256, the scoring and
     post-processing options and threshold the request resolves to with it, mixed precision and the batch size
@@ -337,7 +346,7 @@ def read_back(item: BatchItem, out_dir: Path, source: Dict[str, str]) -> Dict[st
         raise ValueError(problem)
     values = measure(sitk.ReadImage(str(paths["score"])), sitk.ReadImage(str(paths["labelmap"])),
                      top_of_table(paths["slices"].read_text()))
-    return _row(item, "skipped", None, **values, **source)
+    return _row(item, "skipped", None, **values, **source, **output_checksums(paths))
 
 
 def incomplete_outputs(paths: Dict[str, Path]) -> str:
@@ -399,9 +408,9 @@ class VolumeDetector:
             mask = read_image(item.mask, "brain mask") if item.mask else None
             result = self.detector(image, mask, progress=self.go_on, where=f"{item.name}: ")  # warnings name it
             self.go_on()  # past here the outputs are written and their row returned
+            paths = output_paths(self.s.out_dir, item.name)
             try:
-                write_all(result_files(result, output_paths(self.s.out_dir, item.name)), overwrite,
-                          (item.image, item.mask))
+                write_all(result_files(result, paths), overwrite, (item.image, item.mask))
             except CeVAEError:
                 done = None if overwrite else self.done_by_another_run(item, source)
                 if done is None:
@@ -409,7 +418,8 @@ class VolumeDetector:
                 return done
             top = result.top_slice
             return _row(item, "ok", time.perf_counter() - t0,
-                        **measure(result.score, result.labelmap, (top.axis, top.index) if top else None), **source)
+                        **measure(result.score, result.labelmap, (top.axis, top.index) if top else None), **source,
+                        **output_checksums(paths))
         except Cancelled:
             raise
         except Exception as exc:  # one bad volume must not stop the cohort
@@ -580,23 +590,33 @@ def _listed_names(out_dir: Path) -> Set[str]:
     return {row["name"] for path in sorted(out_dir.glob("summary*.csv")) for row in _summary_rows(path) or ()}
 
 
-def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict[str, str]], earlier_time: float,
+def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict[str, str]],
                  unknown: List[str]) -> Optional[Dict[str, object]]:
-    """The "skipped" row of a volume whose outputs are complete and, says a summary of these settings (``earlier``,
-    written at ``earlier_time``, after them), were made from its current image and mask. None if it is to be
-    scored again: its outputs are incomplete or its input changed (both logged here), or nothing records what they
-    were made from (its name goes to ``unknown``)."""
+    """The "skipped" row of a volume whose outputs are complete and, says a summary of these settings (``earlier``),
+    are the files it recorded (checksums) and were made from its current image and mask. None if it is to be
+    scored again: its outputs are incomplete, not the recorded ones, or its input changed (all logged here), or
+    nothing records what they are (its name goes to ``unknown``)."""
     try:
         problem = incomplete_outputs(paths)
         if problem:
             raise ValueError(problem)
-        outputs_time = max(p.stat().st_mtime for p in paths.values())
     except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
         log.warning("The outputs of %s are incomplete or unreadable (%s); scoring it again.", item.name, one_line(exc))
         return None
-    if (earlier is None or earlier_time < outputs_time or not earlier.get("image_sha256")
+    if (earlier is None or any(not earlier.get(k) for k in ("image_sha256", *OUTPUT_FIELDS))
             or any(earlier.get(k) is None for k in set(SUMMARY_FIELDS) - {"components"})):
         unknown.append(item.name)
+        return None
+    try:
+        outputs = output_checksums(paths)
+    except OSError as exc:
+        log.warning("The outputs of %s are unreadable (%s); scoring it again.", item.name, one_line(exc))
+        return None
+    differ = [path.name for role, path in paths.items() if outputs[f"{role}_sha256"] != earlier[f"{role}_sha256"]]
+    if differ:
+        log.warning("The outputs of %s are not the files its summary records (%s differ%s: changed, damaged, or "
+                    "restored from another run); scoring it again.", item.name, ", ".join(differ),
+                    "s" if len(differ) == 1 else "")
         return None
     try:
         source = made_from(item)
@@ -608,7 +628,7 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
         log.warning("The input of %s changed since its outputs were made (%s); scoring it again.", item.name,
                     ", ".join(changed))
         return None
-    skipped = _row(item, "skipped", None, **{k: earlier.get(k) or "" for k in MEASURES}, **source)
+    skipped = _row(item, "skipped", None, **{k: earlier.get(k) or "" for k in MEASURES}, **source, **outputs)
     skipped["seconds"] = earlier["seconds"]  # the time the earlier run took
     return skipped
 
@@ -671,7 +691,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             paths = output_paths(settings.out_dir, item.name)
             present = [p.exists() for p in paths.values()]
             if all(present) and not settings.overwrite:
-                row = _skipped_row(item, paths, *described.get(item.name, (None, -math.inf)), unknown)
+                row = _skipped_row(item, paths, described.get(item.name, (None,))[0], unknown)
                 if row is not None:
                     summary.add(row)
                     continue
@@ -682,7 +702,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             todo.append((item, settings.overwrite or any(present)))
         if unknown:
             log.warning("Nothing records the input and settings that made the outputs of %d volume(s) (no row with "
-                        "input checksums written after them in a summary in %s beside a settings record like %s); "
+                        "input and output checksums in a summary in %s beside a settings record like %s); "
                         "scoring them again to be safe: %s.", len(unknown), settings.out_dir, record_path.name,
                         ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
