@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -231,14 +232,17 @@ def absolute_paths(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optional[List[Path]] = None) -> List[Path]:
     """Detect and write the results; ``published`` gets each result file as it is renamed into place."""
+    started = time.time()
     absolute_paths(args)
     request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
     from CeVAEAnomalyLib.data import default_model_path
     from CeVAEAnomalyLib.engine.header import read_header
+    from CeVAEAnomalyLib.io.atomic import remove_abandoned_temporaries
     from CeVAEAnomalyLib.io.targets import check_paths
 
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
+    remove_abandoned_temporaries(paths.values(), started)  # what killed runs left
     read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
     volume, image = load_volume(scene, args.input)
     restore_non_finite(volume, args.input, image)

@@ -26,7 +26,7 @@ from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterat
                     Set, Tuple)
 
 from ..errors import CeVAEError, one_line
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_write_text, remove_abandoned_temporaries
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output
 from ..io.manifest import read_rows
@@ -653,6 +653,7 @@ def run_batch(
 
 def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_path: Path, workers: int,
                progress: Optional[ProgressCallback]) -> Summary:
+    started = time.time()
     record_path = settings_path(summary_path)
     made_with = settings_record(settings)
     earlier = {} if settings.overwrite else _earlier_rows(summary_path)
@@ -668,6 +669,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries([summary_path, record_path, *(p for item in items for p in output_paths(
+        settings.out_dir, item.name).values())], started)  # what killed runs left, skipped volumes' too
     summary = Summary(summary_path, carried=earlier)
     described = {} if settings.overwrite else _described_rows(settings.out_dir, made_with)  # the shards' rows too
     total = len(items)

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -171,12 +172,13 @@ def run_detect(args: argparse.Namespace) -> None:
     from .console import ConsoleProgress
     from ..engine.devices import resolve_device
     from ..io.images import read_image
-    from ..io.atomic import write_all
+    from ..io.atomic import remove_abandoned_temporaries, write_all
     from ..io.targets import check_paths
     from ..engine.detector import Detector
     from ..options import DetectionRequest
     from ..result import refuse_unwritable_names, result_files
 
+    started = time.time()
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
                "components": args.components}
@@ -184,6 +186,7 @@ def run_detect(args: argparse.Namespace) -> None:
     inputs = (args.image, args.mask, model)
     check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
     refuse_unwritable_names(targets)
+    remove_abandoned_temporaries([p for p in targets.values() if p is not None], started)  # of killed runs
     header.threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
     image = read_image(args.image)
     mask = read_image(args.mask, "brain mask") if args.mask else None

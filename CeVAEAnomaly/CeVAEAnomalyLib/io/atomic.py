@@ -4,18 +4,23 @@ An interrupted or failed write (error, disk full, file-size limit, Ctrl-C, SIGTE
 partial file under the final name, nor a temporary file; the files of one write are renamed with Ctrl-C and
 SIGTERM held, so a stop leaves them all new or all old. Every file is checked to be complete
 (:mod:`.verify`) before the rename. A replaced file's permissions are kept; a new file gets the usual ones
-(0666 minus the umask).
+(0666 minus the umask). A temporary names the machine and process that write it, so that what a write killed
+with SIGKILL leaves can be told abandoned and removed by the next run (:func:`remove_abandoned_temporaries`).
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import secrets
+import socket
 import stat
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import CeVAEError
 from ..interrupts import stops_held
@@ -23,23 +28,43 @@ from .naming import full_suffix
 from .targets import check_paths, name_leaving_room, refuse_special_output
 from .verify import incomplete_reason
 
+log = logging.getLogger(__name__)
 Writer = Callable[[str], None]
+_OWNER_ROOM = 1 + 8 + 1 + 10  # "-", the machine's tag, "-", a process id
 _NEW_PRIVATE_FILE = os.O_WRONLY
 _NEW_PRIVATE_FILE |= os.O_CREAT  # (augmented: vermin takes a chain of "|" for a 3.10 type union)
 _NEW_PRIVATE_FILE |= os.O_EXCL
 
 
+@lru_cache(maxsize=None)
+def machine_tag() -> str:
+    """8 hex characters naming this machine and its process-id namespace (a container has its own), so that a
+    temporary's process id is only ever looked up where it means that process."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _temp_parts(target: Path) -> Tuple[str, str]:
+    """The ``.NAME.`` that starts the temporaries of ``target`` (NAME shortened to leave room) and their extension."""
+    suffix = full_suffix(target)
+    name = name_leaving_room(target, len(os.fsencode(suffix)) + 10 + _OWNER_ROOM)  # the dots, 8 random characters
+    return f".{name}.", suffix
+
+
 def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> str:
     """An empty hidden file in the target's folder, with the target's extension (for writers).
 
-    Its name is ``.NAME.xxxxxxxx.EXT``, with ``NAME`` shortened where needed so that it fits
-    whenever the target's own name does. ``claim`` is given each name before the file is made, so that a
-    caller that removes its temporaries also removes one made just before a Ctrl-C.
+    Its name is ``.NAME.xxxxxxxx-MACHINE-PID.EXT`` (8 random characters, :func:`machine_tag`, the writing process),
+    with ``NAME`` shortened where needed so that it fits whenever the target's own name does. ``claim`` is given
+    each name before the file is made, so that a caller that removes its temporaries also removes one made just
+    before a Ctrl-C.
     """
-    suffix = full_suffix(target)
-    name = name_leaving_room(target, len(os.fsencode(suffix)) + 10)  # the dots and 8 random characters
+    start, suffix = _temp_parts(target)
     while True:
-        tmp = str(target.parent / f".{name}.{secrets.token_hex(4)}{suffix}")
+        tmp = str(target.parent / f"{start}{secrets.token_hex(4)}-{machine_tag()}-{os.getpid()}{suffix}")
         if claim is not None:
             claim(tmp)
         try:
@@ -51,15 +76,75 @@ def temp_beside(target: Path, claim: Optional[Callable[[str], None]] = None) -> 
 
 
 STALE_AGE_S = 3600.0  # a temporary untouched this long belongs to a write that was killed
+_RANDOM_AND_OWNER = "[0-9a-f]{8}(?:-[0-9a-f]{8}-[0-9]{1,10})?"  # (temporaries of older versions name no owner)
+_OWNED = re.compile(r"[0-9a-f]{8}-([0-9a-f]{8})-([1-9][0-9]{0,9})\Z")  # what ends a temporary's name before .EXT
+
+
+def remove_abandoned_temporaries(targets: Iterable[Path], started: float) -> int:
+    """Remove the temporaries that killed writes (SIGKILL, a crash, a power cut) of ``targets`` left, where they are
+    certainly abandoned: named as :func:`temp_beside` names those of one of them, made on this machine (and process
+    namespace) by a process that no longer exists, and last changed before ``started`` (the time the calling run
+    began). Anything else is kept: another machine's, a live process's, an older version's (no owner in its name),
+    a file that only looks alike. Each folder is listed once; how many were removed."""
+    wanted: Dict[Path, Dict[str, str]] = {}  # folder -> {".NAME.": ".EXT"} of its targets
+    for target in targets:
+        start, suffix = _temp_parts(Path(target))
+        wanted.setdefault(Path(target).parent, {})[start] = suffix
+    removed = 0
+    for folder, starts in wanted.items():
+        lengths = {len(suffix) for suffix in starts.values()}
+        try:
+            with os.scandir(folder) as listing:
+                names = [e.name for e in listing if e.name.startswith(".")]
+        except OSError:  # no folder yet, or unreadable: nothing to tidy
+            continue
+        for name in names:
+            for n in lengths:
+                owned = _OWNED.search(name, 0, len(name) - n)
+                if (owned and starts.get(name[: owned.start()]) == name[len(name) - n :]
+                        and _abandoned(owned, folder / name, started)):
+                    removed += 1
+                    break
+    if removed:
+        log.info("Removed %d temporary file(s) that killed runs left beside the outputs.", removed)
+    return removed
+
+
+def _abandoned(owned: "re.Match[str]", path: Path, started: float) -> bool:
+    """Remove ``path``, a temporary whose name matched ``owned`` (machine, process), if this machine's process that
+    made it no longer exists and it was last changed before ``started``; whether it was removed."""
+    if owned.group(1) != machine_tag() or not _gone(int(owned.group(2))):
+        return False
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime >= started:
+            return False
+        os.unlink(path)
+    except OSError:  # removed meanwhile, or not ours to remove
+        return False
+    return True
+
+
+def _gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists on this machine (a zombie, or one of another user, still exists; on Windows,
+    where ``os.kill`` would end the process, nothing is known to be gone)."""
+    if os.name != "posix" or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists; anything else: not known
+        return False
+    return False
 
 
 def remove_stale_temporaries(target: Path, older_than_s: float = STALE_AGE_S) -> int:
     """Remove the temporaries (:func:`temp_beside`) of writes of ``target`` that were killed (SIGKILL, a power cut)
     and left them: untouched for ``older_than_s`` (0: any, for a caller that knows no other write is under way, e.g.
     one holding the output's lock); how many."""
-    suffix = full_suffix(target)
-    name = name_leaving_room(target, len(os.fsencode(suffix)) + 10)
-    pattern = re.compile(re.escape(f".{name}.") + "[0-9a-f]{8}" + re.escape(suffix))
+    start, suffix = _temp_parts(target)
+    pattern = re.compile(re.escape(start) + _RANDOM_AND_OWNER + re.escape(suffix))
     cutoff, removed = time.time() - older_than_s, 0
     try:
         with os.scandir(target.parent) as listing:

@@ -53,8 +53,9 @@ CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
 # 4: the automatic brain mask's registration also starts shifted along the head.
 SLICING_VERSION = 4
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
-# an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx.npy (or .json)
-_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.(npy|json)\.[0-9a-f]{8}\.\1")
+# an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx-MACHINE-PID.npy (or .json; older
+# versions named no machine and process)
+_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.(npy|json)\.[0-9a-f]{8}(?:-[0-9a-f]{8}-[0-9]{1,10})?\.\1")
 _ORPHAN_AGE_S = 3600.0
 
 
