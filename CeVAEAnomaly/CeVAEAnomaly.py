@@ -602,13 +602,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          **self._workerArguments())
 
     def _startCalibration(self):
+        from CeVAEAnomalyLib.slicer.adapt_panel import model_output
         from CeVAEAnomalyLib.slicer.nodes import pair_masks
         from CeVAEAnomalyLib.slicer.settings import model_path, override_postprocess
 
         p = self._parameterNode
         volumes = list(self.ui.healthyVolumesSelector.checkedNodes())
         masks = pair_masks(volumes, list(self.ui.healthyMasksSelector.checkedNodes()))
-        outputPath = Path(p.calibratedModelPath)
+        outputPath = model_output(p.calibratedModelPath)
         overwrite = False
         if outputPath.exists():
             kept = _("{path} exists; choose another file name for the calibrated model.").format(path=outputPath)
@@ -649,6 +650,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             note=adapt_override_note(p, self._modelSettings()))
 
     def _startAdaptation(self):
+        from CeVAEAnomalyLib.slicer.adapt_panel import model_output
         from CeVAEAnomalyLib.slicer.nodes import pair_masks
         from CeVAEAnomalyLib.slicer.settings import model_path
 
@@ -676,7 +678,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self.ui.statusLabel.text = kept
                 return None
-        return self.logic.startAdaptation(volumes, masks, Path(p.adaptedModelPath), modelPath=model_path(p),
+        return self.logic.startAdaptation(volumes, masks, model_output(p.adaptedModelPath), modelPath=model_path(p),
                                           device=p.device, overwrite=overwrite,
                                           options={"resume": True} if resume else None, **self._workerArguments())
 

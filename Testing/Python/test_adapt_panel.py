@@ -110,3 +110,37 @@ def test_a_lone_loss_log_is_no_earlier_run_to_replace_or_resume(tmp_path):
     assert choice.ready and choice.existing == [] and not choice.resumable
     (tmp_path / "scanner.cevae.fold1.log.csv").write_text("my notes\n")  # not a loss log: never replaced unasked
     assert [p.name for p in adapt_choice(3, str(out), None, "cpu").existing] == ["scanner.cevae.fold1.log.csv"]
+
+
+def test_a_model_output_path_is_a_full_cevae_path_and_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    """The save-as fields took a relative path (written relative to Slicer's working folder, wherever that is), a
+    '~' path (a folder named '~' there) and a name without .cevae (which the model chooser does not list)."""
+    from pathlib import Path
+
+    from CeVAEAnomalyLib.slicer.adapt_panel import model_output
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))
+    assert model_output("~/site.cevae") == tmp_path / "site.cevae"
+    assert output_problem("~/site.cevae", None, "calibrated") is None
+    assert calibrate_problem(1, "~/site.cevae", None) is None
+    for relative in ("site.cevae", "models/site.cevae", Path("..", "site.cevae").as_posix()):
+        assert output_problem(relative, None, "calibrated") == \
+            f"Give the calibrated model's full path (with its folder), not only '{relative}'."
+        assert not adapt_choice(2, relative, None, "cpu").ready
+    for name in ("site", "site.model", ".cevae", "site.nii.gz"):
+        assert "needs a .cevae file name" in output_problem(str(tmp_path / name), None, "adapted")
+    assert output_problem(str(tmp_path / "Site.CEVAE"), None, "adapted") is None
+    (tmp_path / "site.cevae.fold1.ckpt").write_bytes(b"")
+    choice = adapt_choice(2, "~/site.cevae", None, "cpu")  # the files of an earlier run, where the run writes
+    assert choice.ready and choice.existing == [tmp_path / "site.cevae.fold1.ckpt"] and choice.resumable
+
+
+def test_the_panel_starts_a_run_on_the_output_path_it_checked():
+    """The widget hands the logic the path the checks above were made on (``~`` expanded), not the typed text."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text()
+    assert "outputPath = model_output(p.calibratedModelPath)" in text
+    assert "startAdaptation(volumes, masks, model_output(p.adaptedModelPath)," in text
+    assert "Path(p.calibratedModelPath)" not in text and "Path(p.adaptedModelPath)" not in text

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..engine.header import BUNDLE_SUFFIX
 from ..io.manifest import bids_person
-from ..io.naming import misnamed
 from ..io.targets import Inputs
 from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, earlier_outputs, resumable
 
@@ -27,16 +27,25 @@ class AdaptChoice:
         return resumable(self.existing)
 
 
+def model_output(output: str) -> Path:
+    """The file a model output path typed in the panel names: ``~`` expanded, as a shell would (a relative path stays
+    relative; :func:`output_problem` refuses it)."""
+    return Path(output).expanduser()
+
+
 def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[str]:
-    """Why the ``kind`` ("adapted", "calibrated") model cannot be saved at ``output``, or None: no path, a
-    folder, or the model it starts from (which a run never replaces)."""
+    """Why the ``kind`` ("adapted", "calibrated") model cannot be saved at ``output`` (:func:`model_output`), or None:
+    no path, a relative one (relative to what the panel does not show), a folder, a name without the .cevae suffix
+    the model chooser lists, or the model it starts from (which a run never replaces)."""
     if not output:
         return f"Choose where to save the {kind} model."
-    out = Path(output)
+    out = model_output(output)
+    if not out.is_absolute():
+        return f"Give the {kind} model's full path (with its folder), not only '{output}'."
     if out.is_dir():
         return f"The {kind} model needs a file name, not a folder."
-    if misnamed(out):
-        return f"The {kind} model needs a .cevae file name, not an image or compressed one."
+    if not out.name.lower().endswith(BUNDLE_SUFFIX) or out.name.lower() == BUNDLE_SUFFIX:
+        return f"The {kind} model needs a {BUNDLE_SUFFIX} file name, such as site{BUNDLE_SUFFIX}, not '{out.name}'."
     if model is not None and Inputs([model]).which(out) is not None:
         return f"Save the {kind} model under a new name; it cannot replace the model it starts from."
     return None
@@ -65,8 +74,7 @@ def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     problem = output_problem(output, model, "adapted")
     if problem is not None:
         return AdaptChoice(False, problem)
-    out = Path(output)
-    existing = earlier_outputs(out, persons, options)
+    existing = earlier_outputs(model_output(output), persons, options)
     start = f"Starting from {model.name}: " if model is not None else ""  # (after an adaptation: the adapted one)
     estimate = describe_estimate(volumes, device, options, persons if persons < volumes else None,
                                  _thorough_modes(model))
