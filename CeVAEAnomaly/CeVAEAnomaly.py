@@ -496,12 +496,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _refresh(self) -> None:
         """Enable and label everything from the state machine and the parameter node."""
-        from CeVAEAnomalyLib.slicer.adapt_panel import calibrate_problem
+        from CeVAEAnomalyLib.slicer.adapt_panel import calibrate_problem, examined_as_healthy
 
         p = self._parameterNode
         self.state.set_ready(DETECT, p is not None and p.inputVolume is not None)
-        calibrateProblem = (calibrate_problem(len(self.ui.healthyVolumesSelector.checkedNodes()),
-                                              p.calibratedModelPath, self._currentModel()) if p is not None else "")
+        healthy = self._healthyVolumes(CALIBRATE)
+        calibrateProblem = (calibrate_problem(len(healthy), p.calibratedModelPath, self._currentModel())
+                            if p is not None else "")
+        calibrateWarning = examined_as_healthy(p.inputVolume, healthy, CALIBRATE) if p is not None else ""
         self.state.set_ready(CALIBRATE, calibrateProblem is None)
         adaptChoice = self._adaptChoice()
         self.state.set_ready(ADAPT, adaptChoice is not None and adaptChoice.ready)
@@ -521,7 +523,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        _("Detect anomalies in the input volume.") if view.detect_enabled else
                                        busy if view.busy_with else _("Select an input volume."))
         self.ui.calibrateButton.toolTip = (_("Stop the calibration.") if view.calibrate_cancels else
-                                           busy if view.busy_with else calibrateProblem or
+                                           busy if view.busy_with else calibrateProblem or calibrateWarning or
                                            _("Recalibrate the current model on the chosen healthy volumes."))
         self.ui.calibrateButton.enabled = view.calibrate_enabled
         self.ui.calibrateButton.text = self._buttonText(view.calibrate_cancels, view.cancelling, _("Calibrate"))
@@ -562,6 +564,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _start(self, task: str) -> None:
         with slicer.util.tryWithErrorDisplay(self._failureText(task), waitCursor=True):
             try:
+                if task != DETECT and not self._inputAcceptedAsHealthy(task):
+                    return
                 if not self._ensureDependencies(task):
                     return
                 starts = {DETECT: self._startDetection, CALIBRATE: self._startCalibration,
@@ -579,6 +583,28 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if self.state.phase is Phase.INSTALLING:
                     self.state.end_install()
                 self._refresh()
+
+    def _healthyVolumes(self, task: str) -> list:
+        """The volumes checked as healthy for ``task`` (CALIBRATE or ADAPT)."""
+        selector = self.ui.healthyVolumesSelector if task == CALIBRATE else self.ui.adaptVolumesSelector
+        return list(selector.checkedNodes())
+
+    def _inputAcceptedAsHealthy(self, task: str) -> bool:
+        """Before a calibration or adaptation: the input volume (the scan being examined) checked as a healthy volume
+        is used only when the user confirms it (adapt_panel.examined_as_healthy; testing mode refuses it). False if
+        declined: nothing starts, and the status line says why."""
+        from CeVAEAnomalyLib.slicer.adapt_panel import examined_as_healthy
+
+        warning = examined_as_healthy(self._parameterNode.inputVolume, self._healthyVolumes(task), task)
+        if not warning:
+            return True
+        if slicer.app.testingEnabled():
+            raise CeVAEError(warning)
+        if self._confirm(warning + "\n\n" + _("Use it as a healthy volume?"),
+                         windowTitle=_("Calibrate") if task == CALIBRATE else _("Adapt")):
+            return True
+        self.ui.statusLabel.text = warning
+        return False
 
     def _workerArguments(self) -> dict:
         """How the logic starts its worker inside Slicer: ``PythonSlicer`` in Slicer's start-up environment
@@ -638,16 +664,17 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _adaptChoice(self):
         """The adapt section's state (ready, estimate or what is missing) from the panel; None without a parameter node."""
-        from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice
+        from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice, examined_as_healthy
         from CeVAEAnomalyLib.slicer.settings import adapt_override_note
 
         p = self._parameterNode
         if p is None:
             return None
-        volumes = self.ui.adaptVolumesSelector.checkedNodes()
+        volumes = self._healthyVolumes(ADAPT)
         return adapt_choice(len(volumes), p.adaptedModelPath, self._currentModel(), p.device,
                             names=[volume.GetName() for volume in volumes],
-                            note=adapt_override_note(p, self._modelSettings()))
+                            note=adapt_override_note(p, self._modelSettings()),
+                            warning=examined_as_healthy(p.inputVolume, volumes, ADAPT))
 
     def _startAdaptation(self):
         from CeVAEAnomalyLib.slicer.adapt_panel import model_output

@@ -144,3 +144,51 @@ def test_the_panel_starts_a_run_on_the_output_path_it_checked():
     assert "outputPath = model_output(p.calibratedModelPath)" in text
     assert "startAdaptation(volumes, masks, model_output(p.adaptedModelPath)," in text
     assert "Path(p.calibratedModelPath)" not in text and "Path(p.adaptedModelPath)" not in text
+
+
+def test_the_scan_being_examined_checked_as_healthy_is_warned_about_before_a_run(tmp_path):
+    """Nothing said that the input volume (the patient's scan) was among the checked healthy volumes: a calibration
+    raised its threshold above the scan's own anomalies, an adaptation taught the model them as healthy. Now the
+    Adapt section and the Calibrate button say so, and the widget asks before it starts either run."""
+    import pytest
+
+    slicer = pytest.importorskip("slicer")
+    from conftest import add_volume, make_head
+
+    from CeVAEAnomalyLib.slicer.adapt_panel import examined_as_healthy
+
+    scene = slicer.vtkMRMLScene()
+    patient = add_volume(scene, make_head()[0], "patient")
+    healthy = [add_volume(scene, make_head(seed=s)[0], f"healthy {s}") for s in (1, 2)]
+    for task in ("calibrate", "adapt"):
+        assert examined_as_healthy(patient, healthy, task) == ""
+        assert examined_as_healthy(None, healthy, task) == ""
+    calibrating = examined_as_healthy(patient, [healthy[0], patient], "calibrate")
+    assert calibrating.startswith("'patient' is the input volume (the scan being examined) and is checked as a "
+                                  "healthy volume: if it has anomalies,") and "raise the threshold" in calibrating
+    adapting = examined_as_healthy(patient, [healthy[0], patient], "adapt")
+    assert "would learn its anomalies as healthy" in adapting and adapting.endswith("unless it is a healthy scan.")
+    out = str(tmp_path / "scanner.cevae")
+    choice = adapt_choice(2, out, None, "cpu", warning=adapting)
+    assert choice.ready and choice.message == f"{adapting} {describe_estimate(2, 'cpu')}"
+    assert adapt_choice(1, out, None, "cpu", warning=adapting).message.startswith(adapting + " Choose at least 2")
+    assert adapt_choice(2, out, None, "cpu", warning="").message == describe_estimate(2, "cpu")
+
+
+def test_the_widget_asks_before_using_the_examined_scan_as_a_healthy_one():
+    """Read from the source (Qt runs only inside Slicer): before dependencies are installed, a calibration or an
+    adaptation with the input volume checked as healthy asks (testing mode: refuses); a decline starts nothing."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    start = methods["_start"]
+    assert start.index("if task != DETECT and (not self._inputAcceptedAsHealthy(task)):") < \
+        start.index("self._ensureDependencies(task)")
+    asked = methods["_inputAcceptedAsHealthy"]
+    assert "examined_as_healthy(self._parameterNode.inputVolume, self._healthyVolumes(task), task)" in asked
+    assert "raise CeVAEError(warning)" in asked and "self._confirm(" in asked
+    assert "warning=examined_as_healthy(p.inputVolume, volumes, ADAPT)" in methods["_adaptChoice"]
+    assert "calibrateWarning = examined_as_healthy(p.inputVolume, healthy, CALIBRATE)" in methods["_refresh"]

@@ -680,7 +680,7 @@ def test_a_disabled_button_says_why():
     refresh = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
                                if isinstance(n, ast.FunctionDef) and n.name == "_refresh"))
     assert "self.state.set_ready(CALIBRATE, calibrateProblem is None)" in refresh
-    assert "calibrateProblem or _('Recalibrate" in refresh
+    assert "calibrateProblem or calibrateWarning or _('Recalibrate" in refresh
     assert refresh.count("busy if view.busy_with else") == 2
 
 

@@ -2,9 +2,9 @@
 will take, and which files it would replace (Qt-free; the widget shows it and asks before replacing)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from ..engine.header import BUNDLE_SUFFIX
 from ..io.manifest import bids_person
@@ -51,6 +51,22 @@ def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[st
     return None
 
 
+_TAKEN_AS_HEALTHY = {
+    "calibrate": "its anomalies would count as healthy scores and raise the threshold above them",
+    "adapt": "the adapted model would learn its anomalies as healthy and stop flagging them",
+}
+
+
+def examined_as_healthy(input_volume: Any, volumes: Sequence[Any], task: str) -> str:
+    """The warning to give before ``task`` ("calibrate", "adapt") runs on the checked healthy ``volumes`` (nodes) when
+    one of them is the panel's ``input_volume``, the scan being examined; "" otherwise. A warning, not a refusal: the
+    input field always holds a volume, so in a scene of healthy scans only it is one of them."""
+    if input_volume is None or not any(volume is input_volume for volume in volumes):
+        return ""
+    return (f"'{input_volume.GetName()}' is the input volume (the scan being examined) and is checked as a healthy "
+            f"volume: if it has anomalies, {_TAKEN_AS_HEALTHY[task]}. Uncheck it unless it is a healthy scan.")
+
+
 def calibrate_problem(volumes: int, output: str, model: Optional[Path]) -> Optional[str]:
     """Why Calibrate cannot start with ``volumes`` checked healthy volumes and the output path typed, or None."""
     if volumes < 1:
@@ -59,10 +75,19 @@ def calibrate_problem(volumes: int, output: str, model: Optional[Path]) -> Optio
 
 
 def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
-                 options: AdaptOptions = AdaptOptions(), names: Sequence[str] = (), note: str = "") -> AdaptChoice:
+                 options: AdaptOptions = AdaptOptions(), names: Sequence[str] = (), note: str = "",
+                 warning: str = "") -> AdaptChoice:
     """The section's state for ``volumes`` chosen healthy volumes (``names``: their node names, which may say who
     was scanned, as a BIDS name's ``sub-<label>``), the output path typed and the current model; ``note``: said
-    after the estimate when ready (settings.adapt_override_note)."""
+    after the estimate when ready (settings.adapt_override_note); ``warning``: said first, ready or not
+    (:func:`examined_as_healthy`)."""
+    choice = _adapt_choice(volumes, output, model, device, options, names, note)
+    return replace(choice, message=f"{warning} {choice.message}") if warning else choice
+
+
+def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str, options: AdaptOptions,
+                  names: Sequence[str], note: str) -> AdaptChoice:
+    """:func:`adapt_choice` without its warning."""
     if volumes < MIN_SCANS:
         return AdaptChoice(False, f"Choose at least {MIN_SCANS} healthy volumes: each is held out once to calibrate "
                                   "the model fine-tuned on the others.")
