@@ -418,20 +418,33 @@ def test_score_display_uses_inferno_and_hides_low_scores(scene):
     result = fake_detection(image, mask, threshold=0.8)
     display = mrml.publish(scene, volume, result).score.GetDisplayNode()
     colors = scene.GetNodeByID(display.GetColorNodeID())
-    assert colors.GetName() == mrml.FALLBACK_COLOR_NAME and colors.GetNumberOfColors() == 256
+    assert colors.GetName() == mrml.HEAT_COLOR_NAME and colors.GetNumberOfColors() == 256
     first, last = [0.0] * 4, [0.0] * 4
     colors.GetColor(0, first)
     colors.GetColor(255, last)
-    assert sum(first[:3]) < 0.1 and last[0] > 0.95 and last[1] > 0.95  # black to pale yellow
+    assert 0.2126 * first[0] + 0.7152 * first[1] + 0.0722 * first[2] > 0.15  # the weakest shown are not black
+    assert first[0] > first[1] and first[2] > first[1] and last[0] > 0.95 and last[1] > 0.95  # magenta to pale yellow
     brain_scores = sitk.GetArrayFromImage(result.score)[sitk.GetArrayFromImage(mask) > 0]
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.8)  # below: transparent
-    low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
-    assert (0.8 - low) / (high - low) == pytest.approx(mrml.THRESHOLD_COLOUR)  # the weakest shown are not black
-    shown = [0.0] * 4
-    colors.GetColor(int(round(mrml.THRESHOLD_COLOUR * 255)), shown)
-    assert 0.2126 * shown[0] + 0.7152 * shown[1] + 0.0722 * shown[2] > 0.15
+    assert display.GetWindowLevelMin() == pytest.approx(0.8)  # the threshold in the first colour
     assert display.GetWindowLevelMax() == pytest.approx(float(np.percentile(brain_scores, 99)))
     assert display.GetWindowLevelMax() < float(brain_scores.max())  # a few hot voxels do not wash the map out
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.3, -1.0])
+def test_the_colour_legend_shows_no_score_below_the_threshold_nor_below_0(scene, threshold):
+    """Slicer's colour legend spans a score volume's display window. The window started a third of the colour map
+    below the threshold, so for a threshold under a third of the top score the legend read negative scores, which
+    do not exist (scores are >= 0), and showed colours the overlay never draws."""
+    image, mask = make_head()
+    display = mrml.publish(scene, add_volume(scene, image), fake_detection(image, mask, threshold)).score \
+        .GetVolumeDisplayNode()
+    colors = slicer.vtkSlicerColorLogic()  # what CeVAEAnomalyLogic.showResults calls in Slicer
+    colors.SetMRMLScene(scene)
+    legend = colors.AddDefaultColorLegendDisplayNode(display.GetDisplayableNode())
+    assert legend.GetPrimaryDisplayNode() is display
+    window_min = display.GetLevel() - display.GetWindow() / 2  # what the legend shows first
+    assert window_min == pytest.approx(max(threshold, 0.0), abs=1e-6) and window_min >= 0.0
 
 
 def test_display_window_when_the_percentile_is_under_the_threshold():
@@ -442,16 +455,6 @@ def test_display_window_when_the_percentile_is_under_the_threshold():
     between = (top + p99) / 2
     assert mrml.display_range(between, score, mask) == pytest.approx((between, top))
     assert mrml.display_range(top + 1.0, score, mask) == pytest.approx((top + 1.0, 2 * (top + 1.0)))
-
-
-def test_score_display_prefers_slicers_inferno_table(scene):
-    inferno = slicer.vtkMRMLColorTableNode()
-    inferno.SetSingletonTag("FileInferno.txt")  # node ID = class name + singleton tag, as Slicer's colour logic does
-    scene.AddNode(inferno)
-    assert inferno.GetID() == mrml.INFERNO_COLOR_NODE_ID
-    image, mask = make_head()
-    out = mrml.publish(scene, add_volume(scene, image), fake_detection(image, mask))
-    assert out.score.GetDisplayNode().GetColorNodeID() == mrml.INFERNO_COLOR_NODE_ID
 
 
 def test_outputs_follow_the_parent_transform_of_the_input(scene):

@@ -62,13 +62,12 @@ log = logging.getLogger(__name__)
 
 SEGMENT_NAME = "Anomaly"
 DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the brain's scores
-# Where the threshold lies on the colour map: the weakest shown voxels are dark magenta, not the map's black (which
-# reads as a hole in the scan beneath).
+# Where the heat map's colours start on the Inferno map: the weakest shown voxels (at the threshold) are dark magenta,
+# not the map's black (which reads as a hole in the scan beneath).
 THRESHOLD_COLOUR = 0.35
 SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map
-INFERNO_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
-FALLBACK_COLOR_NAME = "CeVAEAnomaly Inferno"
-# Samples of the Inferno colour map at 0, 1/8, ..., 1; used when the scene lacks Slicer's table.
+HEAT_COLOR_NAME = "CeVAEAnomaly heat"
+# Samples of the Inferno colour map at 0, 1/8, ..., 1.
 _INFERNO_ANCHORS = np.array([
     [0.0015, 0.0005, 0.0139], [0.1293, 0.0473, 0.2908], [0.3415, 0.0623, 0.4294],
     [0.5409, 0.1347, 0.4151], [0.7357, 0.2159, 0.3302], [0.8943, 0.3534, 0.1936],
@@ -479,13 +478,13 @@ def _fill_volume(node: slicer.vtkMRMLVolumeNode, volume_node: slicer.vtkMRMLVolu
 
 
 def score_color_node_id(scene: slicer.vtkMRMLScene) -> str:
-    """Slicer's Inferno table if the scene has it, else an equivalent table made once per scene."""
-    if scene.GetNodeByID(INFERNO_COLOR_NODE_ID) is not None:
-        return INFERNO_COLOR_NODE_ID
+    """The heat map's colour table, made once per scene: the Inferno colour map from :data:`THRESHOLD_COLOUR` to its
+    end. The display window starts at the threshold, so the colour legend (which spans the window) shows the scores
+    drawn, never one below the threshold or below 0, nor a colour the map does not draw."""
     positions = np.linspace(0.0, 1.0, len(_INFERNO_ANCHORS))
-    return _color_table(scene, "colors", FALLBACK_COLOR_NAME,
+    return _color_table(scene, "heat colors", HEAT_COLOR_NAME,
                         [("", *(np.interp(t, positions, _INFERNO_ANCHORS[:, c]) for c in range(3)), 1.0)
-                         for t in np.linspace(0.0, 1.0, 256)])
+                         for t in np.linspace(THRESHOLD_COLOUR, 1.0, 256)])
 
 
 def label_color_node_id(scene: slicer.vtkMRMLScene) -> str:
@@ -517,11 +516,11 @@ def _color_table(scene: slicer.vtkMRMLScene, role: str, name: str,
 
 
 def display_range(threshold: float, score: sitk.Image, brain: sitk.Image) -> Tuple[float, float]:
-    """(lower, upper) of the heat map: from the threshold (lower scores are transparent; it is shown in the colour
-    at :data:`THRESHOLD_COLOUR`) to the 99th percentile of the brain's scores, or the maximum score if that
+    """(lower, upper) of the heat map: from the threshold (lower scores are transparent; it is shown in the first
+    colour of :func:`score_color_node_id`) to the 99th percentile of the brain's scores, or the maximum score if that
     percentile is lower (there the colour map saturates)."""
     values = sitk.GetArrayViewFromImage(score)[sitk.GetArrayViewFromImage(brain) > 0]
-    lower = float(threshold)
+    lower = max(float(threshold), 0.0)  # scores are >= 0: a threshold below 0 shows them all, from 0
     if not np.isfinite(lower):  # threshold inf (nothing flagged): the map still shows the brain's highest 1 %
         lower = float(np.percentile(values, DISPLAY_PERCENTILE)) if values.size else 0.0
     upper = float(np.percentile(values, DISPLAY_PERCENTILE)) if values.size else lower
@@ -548,7 +547,7 @@ def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, thresh
     wasModifying = display.StartModify()
     display.SetAndObserveColorNodeID(score_color_node_id(scene))
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(lower - THRESHOLD_COLOUR / (1.0 - THRESHOLD_COLOUR) * (upper - lower), upper)
+    display.SetWindowLevelMinMax(lower, upper)
     display.AutoThresholdOff()
     # scores are >= 0 and exactly 0 outside the brain: at a threshold <= 0 the heat map still shows the brain only
     display.SetThreshold(max(lower, float(np.finfo(np.float32).tiny)), float(np.finfo(np.float32).max))
