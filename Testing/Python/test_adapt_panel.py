@@ -192,3 +192,44 @@ def test_the_widget_asks_before_using_the_examined_scan_as_a_healthy_one():
     assert "raise CeVAEError(warning)" in asked and "self._confirm(" in asked
     assert "warning=examined_as_healthy(p.inputVolume, volumes, ADAPT)" in methods["_adaptChoice"]
     assert "calibrateWarning = examined_as_healthy(p.inputVolume, healthy, CALIBRATE)" in methods["_refresh"]
+
+
+def test_the_logic_counts_an_earlier_runs_files_by_persons_as_the_panel_and_the_run_do(tmp_path, monkeypatch):
+    """The panel (adapt_choice) and the run count the folds, hence the files an adaptation writes, by persons; the
+    logic counted them by volumes: with 4 scans of 2 persons it took the leftover fold3 checkpoint of another run for
+    one this run would replace, and refused (in the API's words, overwrite=True) a start the panel had let through
+    without asking. Scans of one person are refused by the logic too now, before any copy (the worker failed)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import pytest
+
+    slicer = pytest.importorskip("slicer")
+    from conftest import add_volume, make_head
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    scene = slicer.vtkMRMLScene()
+    names = ["sub-01_ses-1_T1w", "sub-01_ses-2_T1w", "sub-02_ses-1_T1w", "sub-02_ses-2_T1w"]
+    volumes = [add_volume(scene, make_head(seed=i + 1)[0], name) for i, name in enumerate(names)]
+    out = tmp_path / "scanner.cevae"
+    (tmp_path / "scanner.cevae.fold3.ckpt").write_bytes(b"left by a run on scans of more persons")
+    choice = adapt_choice(4, str(out), None, "cpu", names=names)
+    assert choice.ready and choice.existing == []  # 2 persons: fold1, fold2 and the final run
+
+    def quiet(args):  # a worker that does nothing: only the start is tested
+        return subprocess.Popen([sys.executable, "-c", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    logic = CeVAEAnomalyLogic()
+    job = logic.startAdaptation(volumes, [None] * 4, out, device="cpu", launch=quiet)
+    job.wait(60)
+    assert [s["person"] for s in job.request["subjects"]] == ["01", "01", "02", "02"]
+    one = adapt_choice(2, str(out), None, "cpu", names=names[:2])
+    assert not one.ready and "scans of 1 person" in one.message
+    with pytest.raises(CeVAEError, match=r"scans of 1 person .*at least 2 persons"):
+        logic.startAdaptation(volumes[:2], [None, None], out, device="cpu", launch=quiet)
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing left: the job's copies went as it ended

@@ -1035,17 +1035,18 @@ def test_a_calibration_nobody_polls_still_removes_its_copies_of_the_scans(tiny_b
 
 def test_an_adaptation_from_the_panel_knows_who_was_scanned_from_bids_node_names(tiny_bundle, tmp_path):
     """The panel's copies are named 01_..., 02_...: a BIDS node name's sub-<label> is passed on, so that two
-    sessions of one person share a fold, as on the command line."""
+    sessions of one person share a fold, as on the command line (two sessions of one person alone are refused
+    before any copy: test_adapt_panel)."""
     scene, volumes, masks = _site_scene()
-    for volume, name in zip(volumes, ("sub-07_ses-1_T1w", "sub-07_ses-2_T1w")):
+    for volume, name in zip(volumes, ("sub-07_ses-1_T1w", "sub-08_ses-2_T1w")):
         volume.SetName(name)
     logic = CeVAEAnomalyLogic()
     job = logic.startAdaptation(volumes, masks, tmp_path / "scanner.cevae", modelPath=tiny_bundle, device="cpu",
                                 options=QUICK_ADAPT)
     try:
-        assert [s["person"] for s in job.request["subjects"]] == ["07", "07"]
+        assert [s["person"] for s in job.request["subjects"]] == ["07", "08"]
     finally:
         logic.discardJob(job)
     from CeVAEAnomalyLib.slicer.worker import _subjects
 
-    assert {s.group for s in _subjects(job.request)} == {("person", "07")}
+    assert [s.group for s in _subjects(job.request)] == [("person", "07"), ("person", "08")]

@@ -27,6 +27,17 @@ class AdaptChoice:
         return resumable(self.existing)
 
 
+def node_person(name: str) -> Optional[str]:
+    """The person a healthy volume's node ``name`` says was scanned (a BIDS name's ``sub-<label>``), or None."""
+    return bids_person(Path(f"{name}.nrrd"))
+
+
+def persons_scanned(persons: Sequence[Optional[str]]) -> int:
+    """How many persons scans of ``persons`` (None: not known) are of, as adapting counts them for its folds and files
+    (training.data.person_groups): a scan of unknown person is a person of its own."""
+    return len({("person", person) if person else ("scan", i) for i, person in enumerate(persons)})
+
+
 def model_output(output: str) -> Path:
     """The file a model output path typed in the panel names: ``~`` expanded, as a shell would (a relative path stays
     relative; :func:`output_problem` refuses it)."""
@@ -91,7 +102,7 @@ def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     if volumes < MIN_SCANS:
         return AdaptChoice(False, f"Choose at least {MIN_SCANS} healthy volumes: each is held out once to calibrate "
                                   "the model fine-tuned on the others.")
-    persons = len({bids_person(Path(f"{name}.nrrd")) or f"volume {i}" for i, name in enumerate(names)}) or volumes
+    persons = persons_scanned([node_person(name) for name in names]) or volumes
     if persons < MIN_SCANS:
         return AdaptChoice(False, f"The chosen volumes are scans of {persons} person (their names' sub-<label>); "
                                   f"choose scans of at least {MIN_SCANS} persons: a person's scans are held out "

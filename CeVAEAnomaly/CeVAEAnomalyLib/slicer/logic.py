@@ -466,6 +466,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         process, writing the adapted bundle to ``outputPath`` (its checkpoints and logs beside it).
         ``options``: AdaptOptions fields (steps, lr, ...). ``job.done["model"]`` is the bundle's path."""
         from ..training.adapt_plan import MIN_SCANS, adapt_options, earlier_outputs, resumable
+        from .adapt_panel import node_person, persons_scanned
 
         self.checkDependencies()
         _checkHealthy(volumes, masks)
@@ -473,7 +474,11 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError(f"Choose at least {MIN_SCANS} healthy volumes to adapt the model to.")
         DetectionRequest.of(device=device)  # the device's name, checked as everywhere
         checked = adapt_options(options or {}, device=device, overwrite=bool(overwrite))  # before any copy
-        earlier = earlier_outputs(Path(outputPath), len(volumes), checked)
+        persons = persons_scanned([node_person(volume.GetName()) for volume in volumes])  # as the run counts them
+        if persons < MIN_SCANS:
+            raise CeVAEError(f"The volumes are scans of {persons} person (their names' sub-<label>); choose scans of "
+                             f"at least {MIN_SCANS} persons: a person's scans are held out together.")
+        earlier = earlier_outputs(Path(outputPath), persons, checked)
         interrupted = resumable(earlier)
         if checked.resume and not interrupted:
             raise CeVAEError(f"There is no interrupted adaptation to {outputPath} to resume (no checkpoint of an "
@@ -491,7 +496,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``, checked by
         :func:`_checkHealthy`), each with the person its node's name says was scanned (a BIDS name's
         ``sub-<label>``), which adapting splits by."""
-        from ..io.manifest import bids_person
+        from .adapt_panel import node_person
 
         folder = Path(tempfile.mkdtemp(prefix=f"{JOB_FOLDER_PREFIX}{task}-"))
         try:
@@ -504,7 +509,7 @@ class CeVAEAnomalyLogic(_LogicBase):
                 names.update(_copyNames(folder, stem, volume, mask if maskImage is not None else None))
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None,
-                                     person=bids_person(Path(volume.GetName() + ".nrrd"))))
+                                     person=node_person(volume.GetName())))
             return WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python,
                              remove_folder_at_end=True, names=names)
         except BaseException:
