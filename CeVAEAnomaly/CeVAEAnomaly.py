@@ -755,6 +755,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _stopJob(self, message: str) -> None:
         """Stop the running job now (the state already says it is cancelled); stopping the worker's processes
         can take seconds, under a wait cursor."""
+        from CeVAEAnomalyLib.slicer.adapt_panel import adaptation_stopped
+
         self._timer.stop()
         job, self._job = self._job, None
         if job is not None:
@@ -763,6 +765,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.wrote_output:  # the cancel came after the worker's last write
                 message = _("Cancelled after the run had written {path}: the model is complete but not in use; "
                             "choose it as the model to use it.").format(path=job.request["out"])
+            elif job.request.get("task") == ADAPT:  # its checkpoints stay, to resume from
+                message = " ".join((message, adaptation_stopped(job.request)))
         self.state.finished()
         self.ui.statusLabel.text = message
 

@@ -233,3 +233,47 @@ def test_the_logic_counts_an_earlier_runs_files_by_persons_as_the_panel_and_the_
     with pytest.raises(CeVAEError, match=r"scans of 1 person .*at least 2 persons"):
         logic.startAdaptation(volumes[:2], [None, None], out, device="cpu", launch=quiet)
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing left: the job's copies went as it ended
+
+
+def test_a_stopped_adaptation_says_its_checkpoints_are_kept_and_adapt_resumes(tmp_path, monkeypatch):
+    """Cancel said only "Cancelled; the scene is unchanged.": nothing told the user that the adaptation's
+    checkpoints stay and that Adapt goes on from them. The status line now adds which are kept (or that none was
+    written yet), from the run's own request, as the panel counts its files."""
+    import ast
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import pytest
+
+    slicer = pytest.importorskip("slicer")
+    from conftest import add_volume, make_head
+
+    from CeVAEAnomalyLib.slicer.adapt_panel import adaptation_stopped
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    scene = slicer.vtkMRMLScene()
+    volumes = [add_volume(scene, make_head(seed=s)[0], f"site {s}") for s in (1, 2, 3)]
+    out = tmp_path / "scanner.cevae"
+
+    def quiet(args):  # a worker that does nothing: only the request is used
+        return subprocess.Popen([sys.executable, "-c", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    job = CeVAEAnomalyLogic().startAdaptation(volumes, [None] * 3, out, device="cpu", launch=quiet)
+    job.wait(60)
+    assert adaptation_stopped(job.request) == "The adaptation had written no checkpoint yet: Adapt starts it anew."
+    (tmp_path / "scanner.cevae.fold1.log.csv").write_text("step,loss,kl\n")
+    (tmp_path / "scanner.cevae.fold1.ckpt").write_bytes(b"a checkpoint")
+    (tmp_path / "scanner.cevae.fold2.ckpt").write_bytes(b"a checkpoint")
+    assert adaptation_stopped(job.request) == (
+        "The adaptation's checkpoints are kept (scanner.cevae.fold1.ckpt, scanner.cevae.fold2.ckpt): press Adapt "
+        "again with the same volumes and file name to resume from them (it asks first).")
+    assert adapt_choice(3, str(out), None, "cpu", names=[v.GetName() for v in volumes]).resumable  # so it asks
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    stop = ast.unparse(next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_stopJob"))
+    assert "elif job.request.get('task') == ADAPT:" in stop
+    assert "message = ' '.join((message, adaptation_stopped(job.request)))" in stop

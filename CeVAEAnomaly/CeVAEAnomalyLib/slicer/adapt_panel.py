@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 from ..engine.header import BUNDLE_SUFFIX
 from ..io.manifest import bids_person
@@ -115,6 +115,19 @@ def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     estimate = describe_estimate(volumes, device, options, persons if persons < volumes else None,
                                  _thorough_modes(model))
     return AdaptChoice(True, " ".join(text for text in (start + estimate, note) if text), existing)
+
+
+def adaptation_stopped(request: Mapping[str, Any]) -> str:
+    """What the status line adds when the adaptation worker ``request`` (logic.startAdaptation's) was cancelled or
+    stopped: that its checkpoints are kept and Adapt resumes from them, or that it had written none yet."""
+    options = AdaptOptions(folds=(request.get("options") or {}).get("folds", AdaptOptions.folds))
+    persons = persons_scanned([subject.get("person") for subject in request["subjects"]])
+    earlier = earlier_outputs(Path(request["out"]), persons, options)
+    if not resumable(earlier):
+        return "The adaptation had written no checkpoint yet: Adapt starts it anew."
+    names = ", ".join(path.name for path in earlier if path.name.endswith(".ckpt"))
+    return (f"The adaptation's checkpoints are kept ({names}): press Adapt again with the same volumes and file name "
+            "to resume from them (it asks first).")
 
 
 def _thorough_modes(model: Optional[Path]) -> int:
