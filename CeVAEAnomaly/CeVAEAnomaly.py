@@ -674,7 +674,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return adapt_choice(len(volumes), p.adaptedModelPath, self._currentModel(), p.device,
                             names=[volume.GetName() for volume in volumes],
                             note=adapt_override_note(p, self._modelSettings()),
-                            warning=examined_as_healthy(p.inputVolume, volumes, ADAPT))
+                            warning=examined_as_healthy(p.inputVolume, volumes, ADAPT),
+                            device_name=deviceNames().get(p.device, ""))
 
     def _startAdaptation(self):
         from CeVAEAnomalyLib.slicer.adapt_panel import model_output

@@ -277,3 +277,17 @@ def test_a_stopped_adaptation_says_its_checkpoints_are_kept_and_adapt_resumes(tm
     stop = ast.unparse(next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_stopJob"))
     assert "elif job.request.get('task') == ADAPT:" in stop
     assert "message = ' '.join((message, adaptation_stopped(job.request)))" in stop
+
+
+def test_the_estimate_names_the_device_as_the_panels_selector_does(tmp_path):
+    """The Adapt section said "on cuda expect much less", the command line's option value; it names the Device
+    selector's choice now, and the command line keeps its words."""
+    from pathlib import Path
+
+    out = str(tmp_path / "scanner.cevae")
+    panel = adapt_choice(4, out, None, "cuda", device_name="NVIDIA GPU (CUDA)").message
+    assert "; on the NVIDIA GPU (CUDA) chosen as Device expect much less." in panel and "on cuda" not in panel
+    assert "; on cuda expect much less." in describe_estimate(4, "cuda")
+    assert adapt_choice(4, out, None, "cpu", device_name="CPU").message == describe_estimate(4, "cpu")
+    text = (Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text()
+    assert "device_name=deviceNames().get(p.device, '')" in text.replace('"', "'")

@@ -1050,3 +1050,23 @@ def test_an_adaptation_from_the_panel_knows_who_was_scanned_from_bids_node_names
     from CeVAEAnomalyLib.slicer.worker import _subjects
 
     assert [s.group for s in _subjects(job.request)] == [("person", "07"), ("person", "08")]
+
+
+def test_an_adaptation_on_a_missing_gpu_offers_the_device_selector_not_the_command_lines_flag(tmp_path):
+    """The panel's Device selector set to CUDA on a machine without it: the worker's error told the panel user to
+    pass '--device cpu', a flag of the command line, which keeps its own words."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    from CeVAEAnomalyLib.engine.devices import DeviceUnavailable, resolve_device
+
+    with pytest.raises(DeviceUnavailable) as cli:
+        resolve_device("cuda", strict=True)
+    assert str(cli.value).endswith("To train on the CPU, choose the device cpu or auto (--device cpu).")
+    scene = slicer.vtkMRMLScene()
+    volumes = [add_volume(scene, make_head(seed=s)[0], f"site {s}") for s in (1, 2)]
+    job = CeVAEAnomalyLogic().startAdaptation(volumes, [None, None], tmp_path / "scanner.cevae", device="cuda")
+    assert job.wait(120) is JobState.FAILED
+    assert job.error.startswith("CUDA was asked for (device cuda) but is not available") and "--" not in job.error
+    assert job.error.endswith("To train on the CPU, choose CPU or Automatic in the Device selector.")
+    assert list(tmp_path.iterdir()) == []

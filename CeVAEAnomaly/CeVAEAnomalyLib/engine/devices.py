@@ -9,6 +9,20 @@ from ..errors import CeVAEError
 from ..options import RunOptions
 
 log = logging.getLogger(__name__)
+CLI_CPU_CHOICE = "choose the device cpu or auto (--device cpu)"
+
+
+class DeviceUnavailable(CeVAEError):
+    """An accelerator asked for by name is missing where training needs it. Its message offers the CPU in the
+    command line's words; :meth:`offering` in another front end's (the Slicer panel's Device selector)."""
+
+    def __init__(self, problem: str, cpu_choice: str = CLI_CPU_CHOICE) -> None:
+        self.problem = problem
+        super().__init__(f"{problem} To train on the CPU, {cpu_choice}.")
+
+    def offering(self, cpu_choice: str) -> "DeviceUnavailable":
+        """The same problem, saying ``cpu_choice`` for how to choose the CPU instead."""
+        return DeviceUnavailable(self.problem, cpu_choice)
 
 
 def _mps_available() -> bool:
@@ -28,9 +42,8 @@ def resolve_device(name: str = "auto", strict: bool = False) -> torch.device:
     if missing and strict:
         build = (" This PyTorch is a CPU-only build: install a CUDA build of torch (see the README's installation)."
                  if base == "cuda" and torch.version.cuda is None else "")
-        raise CeVAEError(f"{base.upper()} was asked for (device {name}) but is not available, and training on the "
-                         f"CPU instead would take far longer.{build} To train on the CPU, choose the device cpu or "
-                         "auto (--device cpu).")
+        raise DeviceUnavailable(f"{base.upper()} was asked for (device {name}) but is not available, and training on "
+                                f"the CPU instead would take far longer.{build}")
     if missing:
         log.warning("%s was requested but is not available; using the CPU.", base.upper())
         return torch.device("cpu")

@@ -87,17 +87,17 @@ def calibrate_problem(volumes: int, output: str, model: Optional[Path]) -> Optio
 
 def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
                  options: AdaptOptions = AdaptOptions(), names: Sequence[str] = (), note: str = "",
-                 warning: str = "") -> AdaptChoice:
+                 warning: str = "", device_name: str = "") -> AdaptChoice:
     """The section's state for ``volumes`` chosen healthy volumes (``names``: their node names, which may say who
     was scanned, as a BIDS name's ``sub-<label>``), the output path typed and the current model; ``note``: said
     after the estimate when ready (settings.adapt_override_note); ``warning``: said first, ready or not
-    (:func:`examined_as_healthy`)."""
-    choice = _adapt_choice(volumes, output, model, device, options, names, note)
+    (:func:`examined_as_healthy`); ``device_name``: the Device selector's name of ``device``."""
+    choice = _adapt_choice(volumes, output, model, device, options, names, note, device_name)
     return replace(choice, message=f"{warning} {choice.message}") if warning else choice
 
 
 def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str, options: AdaptOptions,
-                  names: Sequence[str], note: str) -> AdaptChoice:
+                  names: Sequence[str], note: str, device_name: str) -> AdaptChoice:
     """:func:`adapt_choice` without its warning."""
     if volumes < MIN_SCANS:
         return AdaptChoice(False, f"Choose at least {MIN_SCANS} healthy volumes: each is held out once to calibrate "
@@ -113,7 +113,7 @@ def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     existing = earlier_outputs(model_output(output), persons, options)
     start = f"Starting from {model.name}: " if model is not None else ""  # (after an adaptation: the adapted one)
     estimate = describe_estimate(volumes, device, options, persons if persons < volumes else None,
-                                 _thorough_modes(model))
+                                 _thorough_modes(model), f"the {device_name} chosen as Device" if device_name else "")
     return AdaptChoice(True, " ".join(text for text in (start + estimate, note) if text), existing)
 
 

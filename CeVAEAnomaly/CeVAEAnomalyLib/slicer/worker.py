@@ -56,6 +56,7 @@ REQUEST_POLL_S = 0.25
 LOG_FORMAT = "%(levelname)s: %(message)s"  # its warnings start with jobs.WARNING_PREFIX: the panel shows them
 EXIT_ABANDONED = 3
 ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
+PANEL_CPU_CHOICE = "choose CPU or Automatic in the Device selector"  # (engine.devices.DeviceUnavailable)
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":
@@ -121,13 +122,17 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
 
 def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
     from ..data import default_model_path
+    from ..engine.devices import DeviceUnavailable
     from ..training.adapt import adapt
     from ..training.adapt_plan import adapt_options
 
     subjects = _subjects(task)
     options = adapt_options(task.get("options") or {}, device=task.get("device", "auto"),
                             overwrite=bool(task.get("overwrite")))
-    path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress)
+    try:
+        path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress)
+    except DeviceUnavailable as exc:  # said in the panel's words, not the command line's
+        raise exc.offering(PANEL_CPU_CHOICE) from None
     return {"model": str(path), "subjects": len(subjects)}
 
 

@@ -129,14 +129,15 @@ def calibration_seconds(n_scans: int, seconds_per_scan: float = SECONDS_PER_SCAN
 
 
 def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOptions(),
-                      n_persons: Optional[int] = None, thorough_modes: int = 0) -> str:
-    """The estimate in words, for the command line and the Slicer panel, before a run starts."""
+                      n_persons: Optional[int] = None, thorough_modes: int = 0, device_words: str = "") -> str:
+    """The estimate in words, for the command line and the Slicer panel, before a run starts; ``device_words``: how
+    to name an accelerator ``device`` (default: its option value, as the command line's --device)."""
     runs = len(run_names(n_scans if n_persons is None else n_persons, options.folds))
     seconds = estimate_seconds(n_scans, options, n_persons=n_persons, thorough_modes=thorough_modes)
     minutes = max(1, int(math.ceil(seconds / 60)))
     where = "on a CPU like the 2-core machine it was measured on"
     if device not in ("cpu", "auto"):
-        where += f"; on {device} expect much less"
+        where += f"; on {device_words or device} expect much less"
     of = f" of {n_persons} persons" if n_persons is not None and n_persons < n_scans else ""
     modes = f" (plain and {thorough_modes} thorough mode{'s' if thorough_modes > 1 else ''})" if thorough_modes else ""
     return (f"{runs} fine-tuning runs of {options.steps} steps on {n_scans} scan(s){of}, then calibration{modes}: "
