@@ -924,6 +924,11 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
     DETECTION_TESTS = ("test_DetectOnSyntheticHead", "test_CancelLeavesSceneUnchanged", "test_ApplyRunsAWorker")
 
     def setUp(self):
+        """A clear scene that starts with the bundled model, whatever model this computer's user chose last (set
+        aside until the test's cleanups, so that the tests neither read nor change it)."""
+        from CeVAEAnomalyLib.slicer.model_memory import set_aside
+
+        self.addCleanup(set_aside(qt.QSettings()))
         slicer.mrmlScene.Clear()
 
     @staticmethod
@@ -945,16 +950,19 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
             self.skipTest(message)
 
     def runTest(self):
-        self.setUp()
-        self.test_PanelChoicesAndStates()
-        message = self._missingDependenciesMessage()
-        if message:
-            logging.warning(message)
-            self.delayDisplay(message)
-            return
-        for name in self.DETECTION_TESTS:
+        try:
             self.setUp()
-            getattr(self, name)()
+            self.test_PanelChoicesAndStates()
+            message = self._missingDependenciesMessage()
+            if message:
+                logging.warning(message)
+                self.delayDisplay(message)
+                return
+            for name in self.DETECTION_TESTS:
+                self.setUp()
+                getattr(self, name)()
+        finally:
+            self.doCleanups()  # (unittest runs them after each test; "Reload and Test" calls runTest alone)
 
     @staticmethod
     def _syntheticHead():
@@ -980,6 +988,7 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         widget = slicer.util.getModuleWidget("CeVAEAnomaly")
         widget.initializeParameterNode()
         p = widget._parameterNode
+        self.assertTrue(p.useBundledModel)  # (setUp): compared with the bundled model's settings below
         self.assertFalse(widget.ui.applyButton.enabled)
         volume, _mask, _lesion = self._syntheticHead()
         p.inputVolume = volume

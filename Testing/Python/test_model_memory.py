@@ -95,3 +95,44 @@ def test_the_widget_starts_new_scenes_with_the_remembered_model_and_remembers_ea
     for finished in ("_showResult", "_useNewModel"):  # a detection, a calibration or adaptation
         assert "self._rememberModel()" in methods[finished]
     assert SETTINGS_KEY.startswith("CeVAEAnomaly/")
+
+
+class _Settings:
+    """A QSettings of one application's values (the calls set_aside makes)."""
+
+    def __init__(self, **values):
+        self.values = dict(values)
+
+    def contains(self, key):
+        return key in self.values
+
+    def value(self, key, default=None):
+        return self.values.get(key, default)
+
+    def setValue(self, key, value):
+        self.values[key] = value
+
+    def remove(self, key):
+        self.values.pop(key, None)
+
+
+@pytest.mark.parametrize("remembered", ["/site/model.cevae", "", None])
+def test_the_self_test_sets_the_users_remembered_model_aside_and_puts_it_back(remembered):
+    """The module's self-test started with the model this computer's user chose last (its panel checks compare with
+    the bundled model's settings, and failed for a site model) and its detection made the bundled model the
+    remembered one. Now setUp sets the remembered model aside until the test's cleanups."""
+    from CeVAEAnomalyLib.slicer.model_memory import set_aside
+
+    settings = _Settings(**({} if remembered is None else {SETTINGS_KEY: remembered}), other="kept")
+    before = dict(settings.values)
+    put_back = set_aside(settings)
+    assert settings.values == {"other": "kept"}  # a new scene starts with the bundled model (start_model(""))
+    settings.setValue(SETTINGS_KEY, "")  # the test's detection with the bundled model remembers it
+    put_back()
+    assert settings.values == before
+    test = module_classes()["CeVAEAnomalyTest"]
+    methods = {n.name: ast.unparse(n) for n in test.body if isinstance(n, ast.FunctionDef)}
+    assert methods["setUp"].index("self.addCleanup(set_aside(qt.QSettings()))") < \
+        methods["setUp"].index("slicer.mrmlScene.Clear()")
+    assert "finally:\n        self.doCleanups()" in methods["runTest"]
+    assert "self.assertTrue(p.useBundledModel)" in methods["test_PanelChoicesAndStates"]

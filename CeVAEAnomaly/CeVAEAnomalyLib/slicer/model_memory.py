@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import CeVAEError
 from .settings import ModelSettings
 
-__all__ = ["SETTINGS_KEY", "StartModel", "remembered_value", "start_model"]
+__all__ = ["SETTINGS_KEY", "StartModel", "remembered_value", "set_aside", "start_model"]
 
 SETTINGS_KEY = "CeVAEAnomaly/LastModel"  # the model file last used; "" for the bundled model
 
@@ -53,3 +53,19 @@ def start_model(remembered: Optional[str]) -> StartModel:
                           forget=there, standing_in_for="" if there else remembered)
     return StartModel(remembered, f"The model used last on this computer is in use: {remembered}. Tick 'Use "
                                   f"bundled model' for the model shipped with the extension.", False)
+
+
+def set_aside(settings: Any) -> Callable[[], None]:
+    """Remove the remembered model from the application ``settings`` (a QSettings: contains, value, setValue, remove)
+    and return what puts it back as it was: the module's self-test starts as on a computer where the module was never
+    used (with the bundled model), whatever this computer's user chose, and leaves that choice as it was."""
+    kept = settings.value(SETTINGS_KEY) if settings.contains(SETTINGS_KEY) else None
+    settings.remove(SETTINGS_KEY)
+
+    def put_back() -> None:
+        if kept is None:
+            settings.remove(SETTINGS_KEY)
+        else:
+            settings.setValue(SETTINGS_KEY, kept)
+
+    return put_back
