@@ -36,7 +36,7 @@ from slicer.util import VTKObservationMixin
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import (DEVICES, SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions,
                                      option_range)
-from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding
+from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding, takes_path_now
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
 from CeVAEAnomalyLib.slicer.resources import resource_dir
 from CeVAEAnomalyLib.slicer.settings import (
@@ -230,12 +230,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.componentTableView.connect("clicked(QModelIndex)", self.onComponentClicked)
         self.ui.brainMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onBrainMaskSegmentChanged)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)",
-                                          lambda path: self._setParameter("modelPath", path))
-        self.ui.calibratedModelPathLineEdit.connect("currentPathChanged(QString)",
-                                                    lambda path: self._setParameter("calibratedModelPath", path))
-        self.ui.adaptedModelPathLineEdit.connect("currentPathChanged(QString)",
-                                                 lambda path: self._setParameter("adaptedModelPath", path))
+        for pathEdit, name in ((self.ui.modelPathLineEdit, "modelPath"),
+                               (self.ui.calibratedModelPathLineEdit, "calibratedModelPath"),
+                               (self.ui.adaptedModelPathLineEdit, "adaptedModelPath")):
+            # its text box: ctkPathLineEdit's currentPathChanged skips texts its name filter rejects (no .cevae)
+            lineEdit = slicer.util.findChildren(pathEdit, className="QLineEdit")[0]
+            lineEdit.connect("textChanged(QString)", self._pathHandler(lineEdit, name, finished=False))
+            lineEdit.connect("editingFinished()", self._pathHandler(lineEdit, name, finished=True))
         for combo, name in ((self.ui.scoreTypeComboBox, "scoreType"), (self.ui.sensitivityComboBox, "sensitivity"),
                             (self.ui.deviceComboBox, "device")):
             combo.connect("currentIndexChanged(int)", self._comboHandler(combo, name))
@@ -381,6 +382,15 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _comboHandler(self, combo, name: str):
         """A one-argument slot that stores the option value behind the chosen display name."""
         return lambda index: self._setParameter(name, combo.itemData(index))
+
+    def _pathHandler(self, lineEdit, name: str, finished: bool):
+        """A slot that stores a path field's text when gui_binding.takes_path_now says so (``lineEdit.modified``: the
+        text was typed, not set by a dialog, the history or the panel)."""
+        def handler(*args) -> None:
+            if takes_path_now(name, lineEdit.text, lineEdit.modified, finished):
+                self._setParameter(name, lineEdit.text)
+
+        return handler
 
     def _setParameter(self, name: str, value) -> None:
         """A hand-bound widget changed: store its value (None from an empty combo box is ignored)."""

@@ -382,3 +382,37 @@ def test_what_the_status_line_said_of_the_start_model_goes_when_another_model_is
     assert "self.state.model_said(remembered_value(self._parameterNode), self.ui.statusLabel.text)" in \
         methods["_startWithRememberedModel"]
     assert "self.state.model_words_are_stale(remembered_value(p), self.ui.statusLabel.text)" in methods["_updateGui"]
+
+
+def test_a_typed_model_path_is_read_once_it_names_a_file_or_is_typed_out(tmp_path):
+    """Each keystroke in the model path field (its text ending in .cevae) set the model path, so the panel read the
+    path and put "The model bundle ... does not exist" on the status line at every keystroke, replacing a result's
+    summary. A typed model path is now taken once it names a file, or when typing ends (Enter, the field left); a
+    dialog's or the history's path at once. A save-as path follows every keystroke, also without the .cevae the
+    field's name filter wants (that change did not reach the panel, whose checks then judged an older path)."""
+    import ast
+    from pathlib import Path
+
+    from CeVAEAnomalyLib.slicer.gui_binding import takes_path_now
+
+    model = tmp_path / "site.cevae"
+    model.write_bytes(b"a model")
+    typing = str(tmp_path / "sit.cevae")
+    assert not takes_path_now("modelPath", typing, typed=True, finished=False)
+    assert takes_path_now("modelPath", typing, typed=True, finished=True)  # then its problem is said, once
+    assert takes_path_now("modelPath", str(model), typed=True, finished=False)
+    assert takes_path_now("modelPath", typing, typed=False, finished=False)  # a dialog, the history, the panel
+    for field in ("calibratedModelPath", "adaptedModelPath"):
+        for text in (typing, str(tmp_path / "site"), ""):
+            assert takes_path_now(field, text, typed=True, finished=False)
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    setup = methods["setup"]
+    assert "currentPathChanged" not in setup
+    assert "lineEdit = slicer.util.findChildren(pathEdit, className='QLineEdit')[0]" in setup
+    assert "lineEdit.connect('textChanged(QString)', self._pathHandler(lineEdit, name, finished=False))" in setup
+    assert "lineEdit.connect('editingFinished()', self._pathHandler(lineEdit, name, finished=True))" in setup
+    for name in ("modelPath", "calibratedModelPath", "adaptedModelPath"):
+        assert f"'{name}')" in setup
+    assert "if takes_path_now(name, lineEdit.text, lineEdit.modified, finished):" in methods["_pathHandler"]

@@ -1,4 +1,5 @@
-"""The module panel's one binding to its parameter node, kept across enter(), exit() and scene close.
+"""The module panel's binding to its parameter node: one, kept across enter(), exit() and scene close, and when a
+typed path reaches it (:func:`takes_path_now`).
 
 ``parameterNodeWrapper``'s ``connectGui`` returns the tag that ``disconnectGui`` needs only from
 Slicer 5.10 on; in 5.6 and 5.8 it returns None and a binding cannot be undone, so a panel that
@@ -8,7 +9,19 @@ wrapper, and a binding is undone only where Slicer returned its tag. Qt-free.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
+
+MODEL_PATH = "modelPath"  # the parameter whose file the panel reads (the other path fields are where a model goes)
+
+
+def takes_path_now(field: str, text: str, typed: bool, finished: bool) -> bool:
+    """Whether the parameter ``field`` takes its path field's ``text`` now. A change the user did not type (a file
+    dialog, the field's history, the panel itself) and the end of typing (``finished``: Enter, or the field left)
+    always; while ``typed``, a save-as path too (its checks only look at the path), but the model path only once it
+    names a file: each value it takes is read and its problem put on the status line, which said "does not exist" at
+    every keystroke."""
+    return finished or not typed or field != MODEL_PATH or Path(text).is_file()
 
 
 class GuiBinding:
