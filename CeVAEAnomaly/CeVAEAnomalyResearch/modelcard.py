@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from CeVAEAnomalyLib.engine.bundle import Bundle
-from CeVAEAnomalyLib.engine.calibration import ACQUISITION_FACTOR, find_calibration, threshold_for_fpr
+from CeVAEAnomalyLib.engine.calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, find_calibration,
+                                                  threshold_for_fpr)
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import SPREADS, THOROUGH_STEPS
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
@@ -87,6 +88,11 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
                          f"detecting a scan whose largest side is more than {ACQUISITION_FACTOR:g} times the upper end "
                          f"({ACQUISITION_FACTOR * high:g} mm) warns that the threshold's false-positive rate on it is "
                          "not known.")
+        if entry.get("bright_tail"):
+            low, high = entry["bright_tail"]
+            lines.append(f"- Their bright tail (how far the brightest brain voxels lie above the white matter) is "
+                         f"{low:g} to {high:g}; a scan's more than {BRIGHT_TAIL_MARGIN:g} above it (a post-contrast "
+                         "look) gets the same warning.")
     try:
         thorough = find_calibration(typed.calibration, typed.score_options.replace(test_time_steps=THOROUGH_STEPS),
                                     typed.postprocess)

@@ -118,6 +118,10 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                                      r"training\.orientations must be a list of axial, coronal, sagittal, got \[5\]"),
     "calibrated voxel sizes reversed": (calibration(lambda e: e.update(largest_voxel_mm=[2.0, 1.0])),
                                         r"largest_voxel_mm\[1\] must be a finite number in \[2, 100\]"),
+    "calibrated bright tails reversed": (calibration(lambda e: e.update(bright_tail=[0.6, 0.2])),
+                                         r"bright_tail\[1\] must be a finite number in \[0\.6, 1000\]"),
+    "calibrated bright tail as text": (calibration(lambda e: e.update(bright_tail="0.5")),
+                                       r"bright_tail must be a list of two numbers, got '0\.5'"),
     "NaN training contrast": (top("training_contrast", {"depth_contrast": math.nan}),
                               r"training_contrast\.depth_contrast must be a finite number"),
 }

@@ -159,6 +159,12 @@ def _check_calibration(calibration: Any) -> None:
                 _fail(f"{where} largest_voxel_mm", f"must be a list of two sizes, got {sides!r}")
             low = _number(f"{where} largest_voxel_mm[0]", sides[0], 0, 100, open_low=True)
             _number(f"{where} largest_voxel_mm[1]", sides[1], low, 100)
+        if "bright_tail" in entry:
+            tails = entry["bright_tail"]
+            if not isinstance(tails, list) or len(tails) != 2:
+                _fail(f"{where} bright_tail", f"must be a list of two numbers, got {tails!r}")
+            low = _number(f"{where} bright_tail[0]", tails[0], 0, 1000)
+            _number(f"{where} bright_tail[1]", tails[1], low, 1000)
 
 
 def check_tensor_shapes(declared: Mapping[str, Tuple[Tuple[int, ...], str]], cfg: ModelConfig) -> None:

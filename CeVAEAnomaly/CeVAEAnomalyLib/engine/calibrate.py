@@ -17,7 +17,7 @@ from ..errors import CeVAEError
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
 from .detector import Detector
-from .modality import contrast_problem, scan_depth_contrast
+from .modality import contrast_problem, scan_bright_tail, scan_depth_contrast
 from ..progress import ProgressCallback, checked, labelled, report, scaled
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,12 @@ def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptio
 def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence[ScoreOptions],
                     post: PostprocessOptions, score_types: Sequence[str], progress: Optional[ProgressCallback] = None,
                     scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions(),
-                    check_contrast: bool = False) -> Tuple[List[List[Dict[str, np.ndarray]]], List[float]]:
+                    check_contrast: bool = False
+                    ) -> Tuple[List[List[Dict[str, np.ndarray]]], List[float], List[Optional[float]]]:
     """For each subject and each scoring mode of ``modes``, the brain-voxel scores of every score type
     (one read per subject, one network pass per mode in batches of ``run``), scored by ``bundle`` or, if
-    given, by ``scorers[i]`` for subject i; and each subject's largest voxel side (mm).
+    given, by ``scorers[i]`` for subject i; each subject's largest voxel side (mm) and bright tail
+    (engine/modality.py; None where it cannot be measured).
 
     ``progress`` is called per subject and during an automatic brain mask; it may raise
     :class:`~..progress.Cancelled`. ``check_contrast``: warn about a volume whose contrast is not the model's
@@ -47,7 +49,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         raise CeVAEError("Give one scoring model per calibration subject.")
     detectors = {id(m): [Detector(m, opts, post, ThresholdPolicy(threshold=math.inf), run.batch_size, run.amp)
                          for opts in modes] for m in models}
-    out, largest = [], []
+    out, largest, tails = [], [], []
     for n, (s, model) in enumerate(zip(subjects, models)):
         part = labelled(scaled(progress, n / len(subjects), (n + 1) / len(subjects)),
                         f"Healthy volume {n + 1}/{len(subjects)} ({s.name})")
@@ -65,9 +67,10 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
                                 f"Scoring{mode}")
                 report(step, 0.0, "starting")
                 scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: ", step))
+            tails.append(scan_bright_tail(image, mask))
         out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")
-    return out, largest
+    return out, largest, tails
 
 
 def _warn_of_contrast(subject: Subject, image, mask, model: Bundle) -> None:
@@ -100,11 +103,11 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
         raise CeVAEError("No healthy volumes to calibrate on.")
     check_subjects(subjects)
     modes = [opts.replace(test_time_steps=n) for n in dict.fromkeys([opts.test_time_steps, *test_time_steps])]
-    scores, largest = _subject_scores(bundle, subjects, modes, post, SCORE_TYPES, progress, scorers, run,
-                                      check_contrast)
+    scores, largest, tails = _subject_scores(bundle, subjects, modes, post, SCORE_TYPES, progress, scorers, run,
+                                             check_contrast)
     log.info("Calibrated %s on %d healthy volume(s)%s.", ", ".join(SCORE_TYPES), len(subjects),
              "".join(f", {m.test_time_steps} test-time steps" for m in modes if m.test_time_steps))
-    return {calibration_key(mode.replace(score_type=t), post): calibrate([s[k][t] for s in scores], source, largest)
+    return {calibration_key(mode.replace(score_type=t), post): calibrate([s[k][t] for s in scores], source, largest, tails)
             for k, mode in enumerate(modes) for t in SCORE_TYPES}
 
 

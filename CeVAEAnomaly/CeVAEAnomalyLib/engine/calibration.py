@@ -57,12 +57,18 @@ def _key_options(key: str) -> Optional[Tuple[ScoreOptions, PostprocessOptions]]:
 # a scan whose largest voxel side is more than this factor from those of the scans a threshold was calibrated on is
 # another acquisition: the threshold's false-positive rate on it is not known (docs/benchmark.md, Acquisitions)
 ACQUISITION_FACTOR = 1.5
+# a scan whose bright tail (engine/modality.py) lies more than this above the calibration scans' highest looks
+# post-contrast to them: with the bundled calibration's range it warns on 5 of 6 heads' 1 mm post-contrast scans and
+# on none of their 13 plain variants (noise up to 7 %, bias, gamma, thick, partial), lesion cases included
+# (scripts/benchmark_bright_tail.py, docs/benchmark.md)
+BRIGHT_TAIL_MARGIN = 0.5
 
 
 def calibrate(healthy_scores: Iterable[np.ndarray], source: str,
-              largest_voxel_mm: Sequence[float] = ()) -> Dict[str, Any]:
+              largest_voxel_mm: Sequence[float] = (), bright_tails: Sequence[Optional[float]] = ()) -> Dict[str, Any]:
     """Quantiles of pooled healthy brain-voxel scores on the FPR grid; ``largest_voxel_mm``: each healthy
-    volume's largest voxel side (its slice thickness, for thick slices), recorded as their range."""
+    volume's largest voxel side (its slice thickness, for thick slices), ``bright_tails``: each one's
+    :func:`~.modality.bright_tail` (None: not measured), both recorded as their range."""
     values = np.concatenate([np.asarray(v, np.float32).ravel() for v in healthy_scores])
     if values.size == 0:
         raise CeVAEError("No healthy brain voxels to calibrate on.")
@@ -75,23 +81,29 @@ def calibrate(healthy_scores: Iterable[np.ndarray], source: str,
     }
     if len(largest_voxel_mm):
         entry["largest_voxel_mm"] = [round(float(min(largest_voxel_mm)), 3), round(float(max(largest_voxel_mm)), 3)]
+    tails = [t for t in bright_tails if t is not None]
+    if tails:
+        entry["bright_tail"] = [round(float(min(tails)), 3), round(float(max(tails)), 3)]
     return entry
 
 
-def acquisition_difference(entry: Mapping[str, Any], spacing: Sequence[float]) -> Optional[str]:
-    """How a scan of voxel ``spacing`` (mm) differs from the healthy volumes ``entry`` was calibrated on, in words,
-    or None: alike, finer (resampled to the model's slices, a 0.5 mm scan gives the 1 mm scan's labelmap), or the
-    calibration does not record them."""
-    recorded = entry.get("largest_voxel_mm")
-    if not recorded:
-        return None
-    low, high = recorded
-    largest = max(spacing)
-    if largest <= high * ACQUISITION_FACTOR:
-        return None
-    calibrated = f"{low:g} mm" if low == high else f"{low:g} to {high:g} mm"
-    return (f"its voxels are up to {largest:.3g} mm (slice thickness), those of the healthy scans it was calibrated "
-            f"on {calibrated}")
+def acquisition_difference(entry: Mapping[str, Any], spacing: Sequence[float],
+                           tail: Optional[float] = None) -> Optional[str]:
+    """How a scan of voxel ``spacing`` (mm) and bright tail ``tail`` (None: not measured) differs from the healthy
+    volumes ``entry`` was calibrated on, in words, or None: alike, finer (resampled to the model's slices, a 0.5 mm
+    scan gives the 1 mm scan's labelmap), less bright, or the calibration does not record them."""
+    differences = []
+    sides = entry.get("largest_voxel_mm")
+    if sides and max(spacing) > sides[1] * ACQUISITION_FACTOR:
+        calibrated = f"{sides[0]:g} mm" if sides[0] == sides[1] else f"{sides[0]:g} to {sides[1]:g} mm"
+        differences.append(f"its voxels are up to {max(spacing):.3g} mm (slice thickness), those of the healthy "
+                           f"scans it was calibrated on {calibrated}")
+    tails = entry.get("bright_tail")
+    if tails and tail is not None and tail > tails[1] + BRIGHT_TAIL_MARGIN:
+        differences.append(f"its brightest brain voxels lie further above its white matter than in those healthy "
+                           f"scans (bright tail {tail:.2f}, theirs up to {tails[1]:.2f}), as after a contrast agent "
+                           "(enhancing vessels, dura, choroid plexus)")
+    return "; ".join(differences) or None
 
 
 def threshold_for_fpr(entry: Mapping[str, Any], fpr: float) -> float:

@@ -27,6 +27,7 @@ from ..result import DetectionResult, SliceScoreRow
 from .scan_adaptation import adapted_copy
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
+from .modality import bright_tail
 from .symmetry import BoxAsymmetry, box_asymmetry, fuse_with_asymmetry
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ class Detector:
         """
         checked(progress)
         image = checked_image(image, mask, where)
-        self._warn_of_acquisition(image, where)
         stack, brain = self._prepare(image, mask, progress, where)
+        self._warn_of_acquisition(image, brain, where)
         passes = self._passes([stack, *self._other_stacks(image, brain)], [self.score], progress)
         raw = passes[0][1]
         # Scores are 0 outside the brain and only brain voxels are labelled, so nothing happens outside its
@@ -127,10 +128,12 @@ class Detector:
         report(progress, 1.0, "Detection done")
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
 
-    def _warn_of_acquisition(self, image: sitk.Image, where: str) -> None:
+    def _warn_of_acquisition(self, image: sitk.Image, brain: np.ndarray, where: str) -> None:
         """Say so when the scan is another acquisition than the healthy scans its calibrated threshold was taken on
-        (thicker slices): that threshold's false-positive rate on it is not known."""
-        difference = self.bundle.header.acquisition_difference(self.score, self.post, self.policy, image.GetSpacing())
+        (thicker slices, a post-contrast look): that threshold's false-positive rate on it is not known."""
+        tail = bright_tail(sitk.GetArrayViewFromImage(image), brain) if self.policy.threshold is None else None
+        difference = self.bundle.header.acquisition_difference(self.score, self.post, self.policy, image.GetSpacing(),
+                                                               tail)
         if difference:
             log.warning("%sThe threshold's false-positive rate on this scan is not known: %s. Thick, noisy or "
                         "post-contrast slices can get scattered false components; calibrating the model on 2 or more "

@@ -112,13 +112,13 @@ class BundleHeader:
         return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}"
 
     def acquisition_difference(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy,
-                               spacing: Sequence[float]) -> Optional[str]:
-        """How a scan of voxel ``spacing`` differs from the healthy scans that the calibrated threshold ``policy``
-        gets was taken on, in words; None when alike, for an absolute threshold, or when the calibration does not
-        record them (calibrated before it did)."""
+                               spacing: Sequence[float], tail: Optional[float] = None) -> Optional[str]:
+        """How a scan of voxel ``spacing`` and bright tail ``tail`` (engine/modality.py) differs from the healthy
+        scans that the calibrated threshold ``policy`` gets was taken on, in words; None when alike, for an absolute
+        threshold, or when the calibration does not record them (calibrated before it did)."""
         if policy.threshold is not None:
             return None
-        return acquisition_difference(find_calibration(self.calibration, score, post), spacing)
+        return acquisition_difference(find_calibration(self.calibration, score, post), spacing, tail)
 
     def default_threshold(self) -> Optional[float]:
         """The threshold of the default scoring at the default rate; None where the model holds no calibration for
