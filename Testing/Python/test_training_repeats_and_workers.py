@@ -117,3 +117,20 @@ def test_a_validation_loss_that_overflows_is_not_recorded(heads, tmp_path):
     write_checkpoint(state, ckpt)
     assert main([*argv, "--resume"]) == 0  # at --max-steps already: validated, calibrated and written
     assert read_header(out).training["val_loss"] is None
+
+
+def test_the_same_scan_compressed_again_is_named_when_it_is_trained_on_and_held_out(heads, tmp_path, caplog):
+    """Two files of one format with the same voxels (a scan gzipped again: other bytes) were two persons, without a
+    word: with --val-fraction 0.5 one was trained on and the other calibrated the model."""
+    again = bytearray((heads / "s4.nii.gz").read_bytes())
+    again[4:8] = b"\x01\x02\x03\x04"  # the gzip header's time stamp: other file bytes, the same decompressed scan
+    (tmp_path / "s4again.nii.gz").write_bytes(bytes(again))
+    mask = heads / "s4_mask.nii.gz"
+    cfg = TrainConfig(out=tmp_path / "model.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
+                      batch_size=8, device="cpu", val_fraction=0.5, cache_dir=tmp_path / "cache")
+    run = Trainer(cfg, [Subject(heads / "s4.nii.gz", mask), Subject(tmp_path / "s4again.nii.gz", mask)])
+    with caplog.at_level(logging.WARNING):
+        run.open_data()
+    (held,), (trained,) = run.val_subjects, run.train_subjects
+    assert (f"{held.image} (validation) gives the same slices as {trained.image} (training): the same scan saved "
+            "twice; the model is validated and calibrated on a scan it was trained on") in caplog.text

@@ -66,6 +66,7 @@ class Entry:
     path: Path  # the .npy file
     slices: int
     offset: int  # byte offset of the first slice in the file
+    slices_sha256: str = ""  # of the slices' bytes, as its JSON records it
 
 
 def entry_key(pre: PreprocessConfig, orientation: str, image_sha256: str, mask_sha256: Optional[str]) -> str:
@@ -168,12 +169,13 @@ class SliceCache:
                     if problem:
                         log.warning("The cache entry %s %s (damaged or replaced); it is made again.", npy, problem)
                         return None
+                digest = str(meta["slices_sha256"])
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             log.warning("The cache entry %s is damaged (%s); it is made again.", npy, type(exc).__name__
                         if isinstance(exc, RecursionError) else exc)
             return None
         self._verified.add(key)
-        return Entry(npy, shape[0], offset)
+        return Entry(npy, shape[0], offset, digest)
 
     @staticmethod
     def _mismatch(key: str, meta: Dict[str, object], fh: BinaryIO, offset: int) -> str:

@@ -34,7 +34,7 @@ from ..io.manifest import distinct_names
 from ..io.naming import full_suffix
 from ..progress import ProgressCallback, checked, report
 from .augment import augment
-from .cache import SliceCache, SliceSet, temporary_cache
+from .cache import Entry, SliceCache, SliceSet, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_checkpoint, run_identity,
                          truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
@@ -220,6 +220,10 @@ class Trainer:
         self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size)
         self.contrasts = [_contrast(s, entries[0]) for s, entries in zip(self.train_subjects, train)]
         self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size)
+        if self.dist.main:
+            axial = list(self.cfg.orientations).index("axial")
+            _warn_of_rewritten_repeats([*zip(self.train_subjects, (e[axial] for e in train)),
+                                        *zip(self.val_subjects, (e[0] for e in val))], len(self.train_subjects))
         if len(self.train) < self.cfg.batch_size:
             log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
         if len(self.train) == 0:
@@ -575,6 +579,25 @@ class Trainer:
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
+
+
+def _warn_of_rewritten_repeats(axial: Sequence[Tuple[Subject, Entry]], trained: int) -> None:
+    """Warn of volumes whose axial slices (``axial``: each volume's entry, the first ``trained`` of them training
+    volumes) are identical: the same scan saved twice in one format with other file bytes (compressed again, a header
+    field changed), which :func:`_shared_voxel_checksums` leaves unread, so it was not used once."""
+    first: Dict[str, int] = {}
+    for n, (subject, entry) in enumerate(axial):
+        if entry.slices == 0:
+            continue
+        was = first.setdefault(entry.slices_sha256, n)
+        if was == n:
+            continue
+        roles = ["validation" if i >= trained else "training" for i in (was, n)]
+        harm = ("the model is validated and calibrated on a scan it was trained on, so its threshold flags more of "
+                "a new healthy scan than the rate says" if len(set(roles)) > 1 else
+                f"it counts twice among the {roles[0]} volumes")
+        log.warning("%s (%s) gives the same slices as %s (%s): the same scan saved twice; %s. Remove one of them "
+                    "and train anew.", subject.image, roles[1], axial[was][0].image, roles[0], harm)
 
 
 def _shared_voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, str],
