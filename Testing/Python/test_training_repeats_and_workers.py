@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -134,3 +135,31 @@ def test_the_same_scan_compressed_again_is_named_when_it_is_trained_on_and_held_
     (held,), (trained,) = run.val_subjects, run.train_subjects
     assert (f"{held.image} (validation) gives the same slices as {trained.image} (training): the same scan saved "
             "twice; the model is validated and calibrated on a scan it was trained on") in caplog.text
+
+
+def test_a_held_out_volume_of_another_contrast_is_named(tmp_path, caplog):
+    """A T2-like scan among T1 scans was trained on or calibrated on without a word (only the mean contrast of the
+    training volumes was looked at: two T1 and one reversed one still read as a T1 model)."""
+    from CeVAEAnomalyLib.data import data_path
+
+    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    mask = data_path("colin27_brainmask_2mm.nii.gz")
+    a, brain = sitk.GetArrayFromImage(t1), sitk.GetArrayFromImage(sitk.ReadImage(str(mask))) > 0
+    noise = np.random.default_rng(0).normal(0, 0.03 * a[brain].max(), a.shape)
+    scans = {"t1": a, "t1_noisy": a + noise, "reversed": np.where(brain, np.clip(np.percentile(a[brain], 99) - a, 0,
+                                                                                     None), a)}
+    subjects = []
+    for name, array in scans.items():
+        image = sitk.GetImageFromArray(array.astype(np.float32))
+        image.CopyInformation(t1)
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+        subjects.append(Subject(tmp_path / f"{name}.nii.gz", mask))
+    cfg = TrainConfig(out=tmp_path / "model.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
+                      batch_size=8, device="cpu", val_fraction=0.34, seed=0, cache_dir=tmp_path / "cache")
+    run = Trainer(cfg, subjects)
+    with caplog.at_level(logging.WARNING):
+        run.open_data()
+    assert [s.image.name for s in run.val_subjects] == ["reversed.nii.gz"]  # (seed 0: the one calibrated on)
+    assert "The volumes do not share one contrast: the depth contrast (deep brain minus brain rim) of " \
+           f"{tmp_path / 'reversed.nii.gz'} (" in caplog.text
+    assert "t1.nii.gz (" not in caplog.text and "t1_noisy.nii.gz (" not in caplog.text

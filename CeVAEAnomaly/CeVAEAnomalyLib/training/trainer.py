@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..engine.config import ModelConfig, PreprocessConfig
 from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
-from ..engine.modality import depth_contrast
+from ..engine.modality import TOLERANCE, depth_contrast
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
 from ..io.atomic import remove_stale_temporaries
@@ -224,6 +224,9 @@ class Trainer:
             axial = list(self.cfg.orientations).index("axial")
             _warn_of_rewritten_repeats([*zip(self.train_subjects, (e[axial] for e in train)),
                                         *zip(self.val_subjects, (e[0] for e in val))], len(self.train_subjects))
+            held_out = [_contrast(s, e[0], "the check of the volumes' contrasts")
+                        for s, e in zip(self.val_subjects, val)]
+            _warn_of_other_contrasts([*self.train_subjects, *self.val_subjects], [*self.contrasts, *held_out])
         if len(self.train) < self.cfg.batch_size:
             log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
         if len(self.train) == 0:
@@ -660,14 +663,31 @@ def _worker_message(exc: BaseException) -> str:
     return text
 
 
-def _contrast(subject: Subject, entry) -> Optional[float]:
-    """The depth contrast of a training volume's slices in its first orientation (within 0.08 of the axial one on
-    the three healthy brains); None, with a warning naming it, where its brain is too small to tell."""
+def _contrast(subject: Subject, entry: Entry, left_out_of: str = "the model's contrast record") -> Optional[float]:
+    """The depth contrast of a volume's slices in the orientation of ``entry`` (a training volume's first one: within
+    0.08 of the axial one on the three healthy brains); None, with a warning naming it and what it is
+    ``left_out_of``, where its brain is too small to tell."""
     try:
         return depth_contrast(np.load(entry.path))
     except CeVAEError as exc:
-        log.warning("%s: %s It is left out of the model's contrast record.", subject.image, exc)
+        log.warning("%s: %s It is left out of %s.", subject.image, exc, left_out_of)
         return None
+
+
+def _warn_of_other_contrasts(subjects: Sequence[Subject], contrasts: Sequence[Optional[float]]) -> None:
+    """Warn of volumes whose depth contrast lies further than :data:`TOLERANCE` from the cohort's median: scans of
+    another modality (or masks holding the head) among the others, which the model would learn, or be calibrated
+    on, as healthy brains of its modality."""
+    known = [(s, c) for s, c in zip(subjects, contrasts) if c is not None]
+    if len(known) < 2:
+        return
+    median = float(np.median([c for _, c in known]))
+    far = [f"{s.image} ({c:+.2f})" for s, c in known if abs(c - median) > TOLERANCE]
+    if far:
+        log.warning("The volumes do not share one contrast: the depth contrast (deep brain minus brain rim) of %s is "
+                    "further than %g from the cohort's median, %+.2f. A model trained or calibrated on a mix of "
+                    "modalities models none of them well: give scans of one modality, or check these volumes' brain "
+                    "masks (a mask holding the head changes this too).", ", ".join(far), TOLERANCE, median)
 
 
 def initial_weights(path: Path, model_cfg: ModelConfig) -> Dict[str, torch.Tensor]:
