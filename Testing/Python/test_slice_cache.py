@@ -450,3 +450,15 @@ def test_a_file_replaced_between_its_hash_and_its_read_is_not_cached_under_the_o
     with pytest.raises(CeVAEError, match="changed while it was being read"):
         cache.entries_for(s, known, ("axial",))
     assert cache.lookup(cache.key(s, known, "axial")) is None
+
+
+def test_a_scan_whose_voxel_size_makes_it_metres_wide_is_refused_before_its_brain_mask(tmp_path, capsys):
+    """A head of 189 x 233 x 197 voxels of 50 mm (each voxel size allowed, the scan 9 to 12 m wide) ended prepare and
+    train without a mask in "unexpected RuntimeError: Failed to allocate memory for image" (the automatic brain
+    mask's 4 mm grid over the whole extent)."""
+    image, _ = make_head(size=(40, 44, 36), spacing=(30.0, 30.0, 30.0))  # 1.2 to 1.3 m: small enough to try
+    sitk.WriteImage(image, str(tmp_path / "wide.nii.gz"))
+    assert main(["prepare", str(tmp_path / "wide.nii.gz"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err == (
+        "error: The image wide.nii.gz spans 1.32 m along its j axis (44 voxels of 30 mm); an MRI of a head spans well "
+        "under 1 m, so its header's voxel size is wrong (or in other units). Fix the header first.\n")

@@ -517,6 +517,12 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
                          f"voxels of {_VOXEL_MM[0]:g} to {_VOXEL_MM[1]:g} mm, so its header's voxel size is wrong "
                          "(or in other units). Fix the header first.")
     size = image.GetSize()
+    extent = [n * s for n, s in zip(size, spacing)]
+    if max(extent) > _FIELD_OF_VIEW_MM:
+        i = int(np.argmax(extent))
+        raise CeVAEError(f"The {what} spans {extent[i] / 1000:g} m along its {'ijk'[i]} axis ({size[i]} voxels of "
+                         f"{spacing[i]:g} mm); an MRI of a head spans well under {_FIELD_OF_VIEW_MM / 1000:g} m, so "
+                         "its header's voxel size is wrong (or in other units). Fix the header first.")
     shape = "x".join(map(str, size))
     if sorted(size)[1] >= 8 and min(size) == 1:
         raise CeVAEError(f"The {what} is a single slice ({shape} voxels); a 3D volume of the head is needed.")
@@ -530,6 +536,7 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
 
 _MIN_SLICES = 4  # fewer slices break ITK's shrink and recursive Gaussian filters
 _VOXEL_MM = (0.01, 50.0)  # voxel sizes a head MRI can have, generously (beyond them the margins in mm take gigabytes)
+_FIELD_OF_VIEW_MM = 1000.0  # along any axis; a larger extent made the automatic brain mask's 4 mm grid take gigabytes
 
 
 def looks_like_an_image(values: np.ndarray) -> bool:
