@@ -332,3 +332,18 @@ def test_a_volume_that_cannot_be_prepared_is_named(cohort, tmp_path, capsys, cap
     odd = tmp_path / "odd.nii.gz"
     assert rc == 2 and len(errors) == 1 and errors[0].startswith(f"error: {odd}: The brain mask does not overlap"), errors
     assert f"{odd}: The brain mask is on another grid than the image" in caplog.text
+
+
+@pytest.mark.parametrize("earlier_log", [True, False])
+def test_a_log_that_is_a_link_is_replaced_not_written_through(cohort, tmp_path, earlier_log):
+    """A fresh run replaces ``OUT.log.csv`` that is a symbolic link by its own file, as it replaces a linked bundle
+    or checkpoint: the file the link points to (a user's, here with an earlier log's header, or missing) is kept."""
+    users = tmp_path / "users_notes.csv"
+    if earlier_log:
+        users.write_text("step,loss\nmy own notes\n")
+    cfg = tiny_config(tmp_path, max_steps=2, checkpoint_every=2)
+    cfg.out.parent.mkdir()
+    cfg.log_path.symlink_to(users)
+    Trainer(cfg, cohort_subjects(cohort)).run()
+    assert (users.read_text() == "step,loss\nmy own notes\n") if earlier_log else not users.exists()
+    assert not cfg.log_path.is_symlink() and cfg.log_path.read_text().startswith("step,loss,kl")

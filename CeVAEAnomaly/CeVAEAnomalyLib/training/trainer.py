@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -71,7 +71,7 @@ class _RunLog:
         self.path, self._bundle, self._after_failure, self._failed = path, bundle, after_failure, False
         self._earlier_bundle = fresh and bundle.exists()  # (also one without a log: written by calibrate or adapt)
         self._held: Optional[io.StringIO] = io.StringIO() if fresh and path.exists() else None
-        self._file = self._held if self._held is not None else open(path, "a", newline="")
+        self._file = self._held if self._held is not None else _log_file(path, "a" if not fresh else "w")
         self._writer = csv.writer(self._file)
         if self._file.tell() == 0:
             self._writer.writerow(LOG_HEADER)
@@ -101,7 +101,7 @@ class _RunLog:
         if self._held is not None:
             rows, self._held = self._held.getvalue(), None
             with self._writing():
-                self._file = open(self.path, "w", newline="")
+                self._file = _log_file(self.path, "w")
                 self._file.write(rows)
                 self._file.flush()
             self._writer = csv.writer(self._file)
@@ -114,6 +114,14 @@ class _RunLog:
             except OSError:  # (the rows it could not flush: a write that failed already says so)
                 if not self._failed:
                     raise
+
+
+def _log_file(path: Path, mode: str) -> TextIO:
+    """The log opened for writing (``mode`` "w") or appending; a symbolic link there is replaced, not written through,
+    when a fresh log is written (as the bundle and checkpoint replace theirs): the file it points to is not the run's."""
+    if mode == "w" and path.is_symlink():
+        path.unlink()
+    return open(path, mode, newline="")
 
 
 def _device_rng(device: torch.device) -> Dict[str, object]:
