@@ -756,3 +756,16 @@ def test_a_run_resumed_with_another_learning_rate_records_its_parts_and_its_time
     assert seconds == sorted(seconds) and seconds[-1] > float(first[-1]["seconds"])
     assert main(train_argv(manifest, out, 3 * EVERY, "--lr", "0.0001", "--resume")) == 0  # the same lr: no new part
     assert len(read_header(out).training["parts"]) == 2
+
+
+def test_a_checkpoint_of_a_newer_version_asks_for_an_update_not_a_fresh_start(manifest, tmp_path, capsys):
+    """A checkpoint of a later format is not called one of a version that records nothing: updating resumes it."""
+    good = tmp_path / "good.cevae"
+    assert main(train_argv(manifest, good, EVERY, "--no-augment")) == 0
+    out = tmp_path / "newer.cevae"
+    tampered(lambda s: s.update(version=99))(Path(f"{good}.ckpt"), Path(f"{out}.ckpt"))
+    capsys.readouterr()
+    assert main(train_argv(manifest, out, 2 * EVERY, "--no-augment", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "written by a newer version of CeVAEAnomaly (checkpoint format 99; this one reads 2)" in err
+    assert "update CeVAEAnomaly to resume it" in err and "does not record" not in err

@@ -114,7 +114,11 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
     if not isinstance(state, dict):
         raise damaged(path, f"it holds a {type(state).__name__}, not a checkpoint's fields")
     _check_digest(state, path)
-    if state.get("version") != CHECKPOINT_VERSION:
+    version = state.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_VERSION:
+        raise CeVAEError(f"The checkpoint {path} was written by a newer version of CeVAEAnomaly (checkpoint format "
+                         f"{version}; this one reads {CHECKPOINT_VERSION}); update CeVAEAnomaly to resume it.")
+    if version != CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by another version of CeVAEAnomaly, which does not "
                          f"record what defines its run; {_START_ANEW}.")
     if state.get("model_cfg") != model_cfg:
