@@ -51,3 +51,20 @@ def test_detection_does_not_depend_on_the_last_bit_of_the_voxel_size(tiny_bundle
         maps.append((sitk.GetArrayFromImage(result.score), sitk.GetArrayFromImage(result.labelmap)))
     np.testing.assert_array_equal(maps[0][0], maps[1][0])
     np.testing.assert_array_equal(maps[0][1], maps[1][1])
+
+
+@pytest.mark.parametrize("exact, noisy", [(1.6, 1.5999999999999996), (1.1428571428571428, 1.142857142857143)])
+def test_the_asymmetry_does_not_depend_on_the_last_bits_of_the_voxel_size(exact, noisy):
+    """The mid-sagittal plane is searched on ~4 mm bins: 4 mm is 2.5 voxels of 1.6 mm and 3.5 of 1.142857 mm, and a
+    voxel size a few bits off (Slicer's IJK-to-RAS matrix) binned by 3 instead of 2 (4 instead of 3): the asymmetry,
+    and so the default map, moved by up to a quarter of its range on a real scan."""
+    from CeVAEAnomalyLib.engine.preprocess import brain_region
+    from CeVAEAnomalyLib.engine.symmetry import box_asymmetry
+
+    maps = []
+    for size in (exact, noisy):
+        image, mask = make_head(size=(60, 64, 50), spacing=(size, size, size), seed=3)
+        brain = sitk.GetArrayFromImage(mask) > 0
+        region = brain_region(brain, 2)
+        maps.append(box_asymmetry(image, brain[region], region, 3.0).asymmetry)
+    np.testing.assert_array_equal(maps[0], maps[1])

@@ -17,7 +17,7 @@ from ..options import SPREADS, PostprocessOptions
 from ..result import Component
 
 
-def _in_voxels(size: float, voxel: float) -> float:
+def in_voxels(size: float, voxel: float) -> float:
     """``size / voxel`` to 9 decimals: a voxel size read one bit off (1.1999999999999997 mm for 1.2 mm, from Slicer's
     IJK-to-RAS matrix) must not move a length across a rounding tie (a 3 mm rim on 1.2 mm voxels: 2.5 voxels)."""
     return round(size / voxel, 9)
@@ -25,7 +25,7 @@ def _in_voxels(size: float, voxel: float) -> float:
 
 def _radius_vox(spacing: Sequence[float], mm: float) -> List[int]:
     """The radius of ``mm`` in voxels along each SimpleITK axis (i, j, k) of ``spacing``."""
-    return [max(0, int(round(_in_voxels(mm, s)))) for s in spacing]
+    return [max(0, int(round(in_voxels(mm, s)))) for s in spacing]
 
 
 def refine_reach(opts: PostprocessOptions, spacing: Sequence[float]) -> int:
@@ -157,7 +157,7 @@ def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: f
         cc = sitk.GetArrayViewFromImage(cc_image)
         keep = np.ones(int(cc.max()) + 1, bool)
         if min_volume_mm3 > 0:
-            min_voxels = int(np.ceil(_in_voxels(min_volume_mm3, float(np.prod(spacing)))))
+            min_voxels = int(np.ceil(in_voxels(min_volume_mm3, float(np.prod(spacing)))))
             keep &= np.bincount(cc.ravel(), minlength=len(keep)) >= min_voxels
         if peaked:
             reached = np.zeros(len(keep), bool)
