@@ -447,6 +447,24 @@ def pixdim(value: float):
     return build
 
 
+def two_placements(code: int, shift_mm: float = 0.0, shear: float = 0.0):
+    """A NIfTI whose sform (of ``code``) is moved ``shift_mm`` along x and sheared by ``shear`` (x grows with j) off
+    its qform: ITK reads the qform unless the sform is a scanner one (code 1) it can decompose, and FSL, SPM and
+    nibabel read the sform."""
+    def build(d: Path, g: Inputs) -> Inputs:
+        image, arr, _ = head_arrays(g)
+        path = write(like(arr.astype(np.float32), image), d / "placed.nii")
+        raw = bytearray(path.read_bytes())
+        srow_x = list(struct.unpack_from("<4f", raw, 280))
+        struct.pack_into("<4f", raw, 280, srow_x[0], srow_x[1] + shear, srow_x[2], srow_x[3] + shift_mm)
+        struct.pack_into("<h", raw, 254, code)
+        path.write_bytes(bytes(raw))
+        mask = sitk.ReadImage(str(g.mask))
+        mask.CopyInformation(sitk.ReadImage(str(path)))
+        return Inputs(path, write(mask, d / "placed_mask.nii.gz"), g.model)
+    return build
+
+
 def voxel_size(mm: float):
     """The image with voxels of ``mm`` along its first axis (a header in other units, or damaged)."""
     def build(d: Path, g: Inputs) -> Inputs:
@@ -743,6 +761,14 @@ CASES: Dict[str, Case] = {
                                               r"pixdim\.nii gives a voxel size \(pixdim\) of 0 along axis i"),
     "a mask of every voxel (7.9 L)": Case(mask_of("all"), 0, r"The brain mask covers 7\.9 L, more than a brain"),
     "pixdim NaN": Case(pixdim(float("nan")), REFUSED, r"voxel size \(pixdim\) of nan along axis i"),
+    "sform (aligned) 12 mm off the qform ITK reads": Case(two_placements(2, shift_mm=12.0), REFUSED,
+                                                       r"placed\.nii places its voxels up to 12 mm from where ITK and "
+                                                       r"3D Slicer read them: its sform, which FSL, SPM and nibabel "
+                                                       r"follow"),
+    "sform (MNI) sheared, the qform read": Case(two_placements(4, shear=0.2), REFUSED,
+                                               r"placed\.nii places its voxels up to 8\.6 mm from where ITK"),
+    "sform a rounding off the qform": Case(two_placements(2, shift_mm=1e-4), 0, r"Wrote"),
+    "scanner sform off the qform (read by ITK too)": Case(two_placements(1, shift_mm=12.0), 0, r"Wrote"),
     "voxels of a micrometre (748 GiB of slices)": Case(voxel_size(1e-6), REFUSED,
                                                        r"has voxels of 1e-06 x .* mm; an MRI of a head has voxels of "
                                                        r"0\.01 to 50 mm"),

@@ -1,7 +1,9 @@
 """Reading volumes and writing outputs safely (atomic, never over the input)."""
 from __future__ import annotations
 
+import contextlib
 import gzip
+import itertools
 import logging
 import math
 import os
@@ -10,7 +12,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,6 +30,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
         raise CeVAEError(f"The {what} must be a file path (or a DICOM folder), got {type(path).__name__}.")
     p = Path(path)
     refuse_missing_volume(p, what)
+    layout = None
     if p.is_dir():
         image = _read_dicom_folder(p, what)
     else:
@@ -42,24 +45,29 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                                  f"reader would take its compressed bytes for voxels: rename it {data.name}.gz.")
         known = layout is not None and layout.datatype in _NIFTI_TYPES
         floats = known and layout.datatype in _NIFTI_FLOATS
-        image = _read_plain_nifti(p, layout, what) if known and not pair else None  # checks its own length
-        if image is None:
-            if layout is not None:
-                _check_nifti_complete(data, layout, what)
-            _refuse_missing_data_file(p, what)
-            try:
-                image = sitk.ReadImage(str(p))
-            except RuntimeError as exc:
-                if layout is not None and layout.gz and p.name.lower().endswith(".nii"):
-                    raise CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI reader "
-                                     "goes by the name: rename it to end in .nii.gz.") from None
-                raise CeVAEError(
-                    f"The {what} file {p} could not be read as an image "
-                    f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
-                ) from None
-            if floats:
-                image = _restore_non_finite(data, layout, image)
-    return check_volume(image, f"{what} {p.name}")
+        # ITK's NIfTI reader warns of an sform it does not follow, over several lines: checked below instead
+        with _itk_warnings_off() if layout is not None else contextlib.nullcontext():
+            image = _read_plain_nifti(p, layout, what) if known and not pair else None  # checks its own length
+            if image is None:
+                if layout is not None:
+                    _check_nifti_complete(data, layout, what)
+                _refuse_missing_data_file(p, what)
+                try:
+                    image = sitk.ReadImage(str(p))
+                except RuntimeError as exc:
+                    if layout is not None and layout.gz and p.name.lower().endswith(".nii"):
+                        raise CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI "
+                                         "reader goes by the name: rename it to end in .nii.gz.") from None
+                    raise CeVAEError(
+                        f"The {what} file {p} could not be read as an image "
+                        f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
+                    ) from None
+                if floats:
+                    image = _restore_non_finite(data, layout, image)
+    image = check_volume(image, f"{what} {p.name}")
+    if layout is not None and layout.sform is not None:
+        _refuse_two_placements(p, layout.sform, image, what)
+    return image
 
 
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
@@ -82,7 +90,9 @@ class _NiftiLayout:
     offset: int  # first voxel byte (after header and extensions; of a pair: in its data file)
     size: int  # bytes the (decompressed) file holding the voxels must hold
     pixdim: Tuple[float, ...] = ()  # the voxel size of each axis the header gives (pixdim[1:dim+1])
-    sform: bool = False  # the header holds an sform (sform_code > 0), which other software reads the grid from
+    # the sform's rows (srow_x, srow_y, srow_z: index to RAS mm) where the header holds one (sform_code > 0), which
+    # other software reads the grid from
+    sform: Optional[Tuple[float, ...]] = None
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -148,12 +158,14 @@ def nifti_layout_of_header(header: bytes, gz: bool, pair: bool = False) -> Optio
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             # an Analyze 7.5 header (no NIfTI magic) holds its originator where NIfTI-1 holds sform_code
             sform = header[344:348] in (b"ni1\0", b"n+1\0") and struct.unpack(endian + "h", header[254:256])[0] > 0
+            rows = struct.unpack(endian + "12f", header[280:328])
         elif size == 540 and len(header) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             sform = struct.unpack(endian + "i", header[348:352])[0] > 0
+            rows = struct.unpack(endian + "12d", header[400:496])
         else:
             continue
         if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
@@ -161,7 +173,8 @@ def nifti_layout_of_header(header: bytes, gz: bool, pair: bool = False) -> Optio
         voxels = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
         offset = max(offset, 0 if pair else size)
         return _NiftiLayout(gz, endian, datatype, voxels, offset, offset + voxels * bitpix // 8,
-                            tuple(float(v) for v in pixdim[1 : min(dims[0], 3) + 1]), sform)
+                            tuple(float(v) for v in pixdim[1 : min(dims[0], 3) + 1]),
+                            tuple(float(v) for v in rows) if sform else None)
     return None
 
 
@@ -180,6 +193,37 @@ def _refuse_sizeless_voxels(p: Path, layout: _NiftiLayout, what: str) -> None:
                              f"{'ijk'[axis]} beside an sform: it would be read with that axis flipped, and other "
                              "software, which follows the sform, would not flip it (the outputs would be mirrored "
                              "there). Fix the header's voxel size (positive) first.")
+
+
+def _refuse_two_placements(p: Path, sform: Tuple[float, ...], image: sitk.Image, what: str) -> None:
+    """Refuse a NIfTI file whose sform places its voxels elsewhere than ``image``, the grid ITK read: ITK reads the
+    qform unless the sform is a scanner one (sform_code 1) that it can decompose, FSL, SPM and nibabel read the sform,
+    so the outputs, written with ITK's grid as both, would lie off the scan in one of them. Corners of the volume
+    apart by at most :data:`_PLACEMENT_VOXELS` of a voxel pass (float rounding; as a DICOM series' in-plane shifts)."""
+    rows = np.array(sform).reshape(3, 4)
+    corners = [[float(c) for c in corner] for corner in itertools.product(*[(0, n - 1) for n in image.GetSize()])]
+    read = np.array([image.TransformContinuousIndexToPhysicalPoint(c) for c in corners])
+    sformed = (np.array(corners) @ rows[:, :3].T + rows[:, 3]) * (-1.0, -1.0, 1.0)  # RAS to ITK's LPS
+    apart = float(np.max(np.linalg.norm(read - sformed, axis=1)))
+    if not apart <= _PLACEMENT_VOXELS * min(image.GetSpacing()):  # (a NaN in the sform is refused too)
+        raise CeVAEError(f"The {what} file {p} places its voxels up to {apart:.2g} mm from where ITK and 3D Slicer "
+                         "read them: its sform, which FSL, SPM and nibabel follow, differs from its qform, so the "
+                         "outputs would lie off the scan in one or the other. Make them agree first (e.g. fslorient "
+                         "-copysform2qform where the sform is right, -copyqform2sform where the qform is).")
+
+
+_PLACEMENT_VOXELS = 0.5  # how far (in voxels) the sform may place the volume's corners from ITK's grid
+
+
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK's own warnings silenced (they are printed over several lines; what they warn of is checked here)."""
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
 
 
 _MAX_DEFLATE_RATIO = 1032  # deflate cannot compress better than about 1032:1
@@ -337,12 +381,8 @@ def _restore_non_finite(p: Path, layout: _NiftiLayout, image: sitk.Image) -> sit
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
     # ITK's own warnings are silenced: GDCM's for folders without a series, and the series
     # reader's for uneven slices, which _check_slice_positions turns into a clear refusal
-    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
+    with _itk_warnings_off():
         return _read_dicom_series(folder, what)
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
 
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
