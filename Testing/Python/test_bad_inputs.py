@@ -773,6 +773,9 @@ CASES: Dict[str, Case] = {
                                                        r"has voxels of 1e-06 x .* mm; an MRI of a head has voxels of "
                                                        r"0\.01 to 50 mm"),
     "voxels of a kilometre": Case(voxel_size(1e6), REFUSED, r"has voxels of 1e\+06 x"),
+    "a head 2 m long (voxels of 50 mm; at 50 mm along every axis the automatic mask took 21 GB)":
+        Case(voxel_size(50.0), REFUSED, r"odd\.nii\.gz spans 2 m along its i axis \(40 voxels of 50 mm\); an MRI of a "
+                                        r"head spans well under 1 m"),
     "gzip size trailer lies": Case(gzip_trailer_lies, REFUSED, r"half\.nii\.gz is truncated or corrupt \(it holds"),
     "gzip claims 108 TB": Case(gzip_claims_huge_volume, REFUSED, r"huge\.nii\.gz is truncated or corrupt .*far too small"),
     "DICOM series": Case(dicom_case(), 0, r"Wrote"),
