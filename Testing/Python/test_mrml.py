@@ -862,3 +862,24 @@ def test_table_columns_use_the_header_setting_slicer_5_6_0_has():
     mrml._set_columns(table, [("Slice", mrml._array(vtk.vtkIntArray, [4, 7]), "")])
     assert table.GetNumberOfRows() == 2 and table.GetColumnName(0) == "Slice"
     assert slicer.vtkMRMLTableNode.GetUseColumnTitleAsColumnHeader(table)
+
+
+def test_a_transaction_keeps_no_copy_of_a_node_once_it_ends(scene):
+    """The copies Undo.keep makes come from CreateNodeInstance, whose reference the caller owns (Slicer's own
+    scripts UnRegister it): once the transaction ends nothing holds them, so a rerun frees the voxels the reused
+    score volume and labelmap held before instead of keeping every earlier run's in memory."""
+    import gc
+
+    _, mask = make_head()
+    node = add_volume(scene, mask, "labelmap", "vtkMRMLLabelMapVolumeNode")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    table.AddColumn(mrml._array(vtk.vtkIntArray, [1, 2]))
+    before = node.GetImageData()
+    with mrml.transaction(scene) as undo:
+        undo.keep(node)
+        undo.keep(table)
+        mrml.update_volume_from_image(node, mask)
+    del undo
+    gc.collect()
+    assert node.GetImageData() is not before
+    assert before.GetReferenceCount() == 1  # this test's own reference only

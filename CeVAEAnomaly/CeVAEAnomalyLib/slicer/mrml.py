@@ -129,6 +129,7 @@ class Undo:
         # A volume's voxels are replaced, never changed in place (update_volume_from_image): the copy shares them.
         deep = not isinstance(node, slicer.vtkMRMLVolumeNode)
         copy = node.CreateNodeInstance()
+        copy.UnRegister(None)  # the caller owns the new node: without this it (and a volume's voxels) never goes
         copy.CopyContent(node, deep)
         self.on_failure(lambda: node.CopyContent(copy, deep))
 
