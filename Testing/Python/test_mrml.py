@@ -883,3 +883,18 @@ def test_a_transaction_keeps_no_copy_of_a_node_once_it_ends(scene):
     gc.collect()
     assert node.GetImageData() is not before
     assert before.GetReferenceCount() == 1  # this test's own reference only
+
+
+def test_the_slice_plot_puts_each_slice_at_its_index(scene):
+    """The slice table's rows start at the first slice with brain, not at 0. A line series plots against the row
+    number (Slicer's plot view reads the X column only where IsXColumnRequired, scatter types): the series must be a
+    scatter series so that the chart's "Slice index" axis shows the slice indices."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    result = fake_detection(image, mask)
+    result.slices = result.slices[3:]  # as a detection's: the slices without brain have no row
+    out = mrml.publish(scene, volume, result)
+    series = out.slice_chart.GetNthPlotSeriesNode(0)
+    assert nodes.table_column(out.slice_table, "Slice")[0] == 3
+    assert series.GetXColumnName() == "Slice" and series.IsXColumnRequired()
+    assert series.GetLineStyle() != series.LineStyleNone and series.GetMarkerStyle() == series.MarkerStyleNone

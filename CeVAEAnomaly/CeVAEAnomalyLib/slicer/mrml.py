@@ -699,7 +699,9 @@ def _slice_chart(scene, undo: Undo, table_node, volume_node, existing,
     series.SetAndObserveTableNodeID(table_node.GetID())
     series.SetXColumnName("Slice")
     series.SetYColumnName("Slice anomaly")
-    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
+    # A scatter series joined by a line: a line series ignores its X column and plots against the row number, while
+    # the rows start at the first slice with brain (qMRMLPlotView uses X only where IsXColumnRequired).
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
     series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
     chart = _output(scene, undo, existing, "vtkMRMLPlotChartNode", SLICE_CHART_ROLE, volume_node,
                     "slice scores chart", group)
