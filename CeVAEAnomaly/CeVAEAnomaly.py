@@ -6,11 +6,12 @@ widget binds Qt to Qt-free parts: ``widget_state`` decides what is enabled and w
 ``settings`` what a model offers, the logic runs detection and calibration in a worker process
 polled by a timer. Loading the module imports neither torch nor SimpleITK.
 """
+import contextlib
 import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Dict, Optional, Tuple, Union
+from typing import Annotated, Dict, Iterator, Optional, Tuple, Union
 
 import ctk
 import qt
@@ -727,10 +728,11 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         buttons = qt.QMessageBox.Yes
         buttons |= qt.QMessageBox.No
         buttons |= qt.QMessageBox.Cancel
-        answer = slicer.util.messageBox(
-            _("An earlier adaptation to this file was interrupted ({names}). Resume it from its checkpoints (Yes), "
-              "or start anew and replace them (No)?").format(names=names),
-            windowTitle=_("Adapt"), standardButtons=buttons)
+        with CeVAEAnomalyWidget._normalCursor():
+            answer = slicer.util.messageBox(
+                _("An earlier adaptation to this file was interrupted ({names}). Resume it from its checkpoints (Yes), "
+                  "or start anew and replace them (No)?").format(names=names),
+                windowTitle=_("Adapt"), standardButtons=buttons)
         return {qt.QMessageBox.Yes: True, qt.QMessageBox.No: False}.get(answer)
 
     def _onPoll(self) -> None:
@@ -790,16 +792,24 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._refresh()
 
     @staticmethod
-    def _confirm(text: str, windowTitle: str) -> bool:
-        """OK/Cancel with the normal cursor: a run is started under a wait cursor, which would cover the dialog."""
+    @contextlib.contextmanager
+    def _normalCursor() -> Iterator[None]:
+        """A question asked in the block shows the normal cursor: a run is started under a wait cursor
+        (tryWithErrorDisplay), which would cover the dialog; it is put back afterwards."""
         waiting = qt.QApplication.overrideCursor() is not None
         if waiting:
             qt.QApplication.restoreOverrideCursor()
         try:
-            return slicer.util.confirmOkCancelDisplay(text, windowTitle=windowTitle)
+            yield
         finally:
             if waiting:
                 qt.QApplication.setOverrideCursor(qt.QCursor(qt.Qt.WaitCursor))
+
+    @staticmethod
+    def _confirm(text: str, windowTitle: str) -> bool:
+        """OK/Cancel with the normal cursor."""
+        with CeVAEAnomalyWidget._normalCursor():
+            return slicer.util.confirmOkCancelDisplay(text, windowTitle=windowTitle)
 
     def _ensureDependencies(self, task: str) -> bool:
         """Before a run: offer to install torch and safetensors if they are missing or too old (the

@@ -710,3 +710,21 @@ def test_the_device_tooltip_says_that_adapting_refuses_a_missing_gpu():
     combo = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "deviceComboBox")
     tip = "".join(next(p for p in combo.iter("property") if p.get("name") == "toolTip").itertext())
     assert "adapting refuses it" in tip and "An unavailable device falls back to the CPU." not in tip
+
+
+def test_every_question_the_panel_asks_shows_the_normal_cursor():
+    """A run starts under tryWithErrorDisplay's wait cursor, and the questions come up inside it (replace a file,
+    resume an interrupted adaptation, install dependencies): each dialog the widget opens is inside a
+    ``_normalCursor()`` block, which takes the wait cursor off the dialog and puts it back afterwards."""
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    dialogs = {"slicer.util.messageBox", "slicer.util.confirmOkCancelDisplay", "slicer.util.confirmYesNoDisplay",
+               "slicer.util.infoDisplay", "slicer.util.warningDisplay", "slicer.util.errorDisplay",
+               "qt.QMessageBox.question", "qt.QFileDialog.getSaveFileName", "qt.QFileDialog.getOpenFileName"}
+    guarded = set()
+    for block in ast.walk(widget):
+        if isinstance(block, ast.With) and any(ast.unparse(i.context_expr).endswith("._normalCursor()")
+                                               for i in block.items):
+            guarded |= {id(n) for n in ast.walk(block)}
+    calls = [n for n in ast.walk(widget) if isinstance(n, ast.Call) and ast.unparse(n.func) in dialogs]
+    assert len(calls) >= 2  # the pattern finds the questions
+    assert [ast.unparse(n.func) for n in calls if id(n) not in guarded] == []
