@@ -251,10 +251,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return str(resource_dir() / filename)
 
     def cleanup(self) -> None:
-        """The widget is deleted (reload, application exit): stop a run first."""
+        """Reload or application exit: stop a run first, then let go of the scene and the parameter node. A reload
+        only hides this panel's widgets: its GUI binding is undone where Slicer can (5.10+, gui_binding), or the
+        hidden widgets would go on following the parameter node and writing to it beside the new panel's."""
         self._interrupt()
         self._timer.stop()
         self.removeObservers()
+        self._binding.release()
 
     def enter(self) -> None:
         self.initializeParameterNode()

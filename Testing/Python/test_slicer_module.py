@@ -728,3 +728,13 @@ def test_every_question_the_panel_asks_shows_the_normal_cursor():
     calls = [n for n in ast.walk(widget) if isinstance(n, ast.Call) and ast.unparse(n.func) in dialogs]
     assert len(calls) >= 2  # the pattern finds the questions
     assert [ast.unparse(n.func) for n in calls if id(n) not in guarded] == []
+
+
+def test_cleanup_undoes_the_gui_binding():
+    """Reload calls cleanup() and only hides the old panel's widgets (slicer.util.reloadScriptedModule): the old
+    binding must be undone there (gui_binding.GuiBinding.release, which Slicer 5.10+ allows), not just the scene
+    observers removed, or the hidden widgets keep following and writing the parameter node."""
+    cleanup = next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                   if isinstance(n, ast.FunctionDef) and n.name == "cleanup")
+    calls = {ast.unparse(n.func) for n in ast.walk(cleanup) if isinstance(n, ast.Call)}
+    assert {"self.removeObservers", "self._binding.release"} <= calls
