@@ -234,8 +234,11 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for pathEdit, name in ((self.ui.modelPathLineEdit, "modelPath"),
                                (self.ui.calibratedModelPathLineEdit, "calibratedModelPath"),
                                (self.ui.adaptedModelPathLineEdit, "adaptedModelPath")):
-            # its text box: ctkPathLineEdit's currentPathChanged skips texts its name filter rejects (no .cevae)
+            # its text box: ctkPathLineEdit's currentPathChanged skips texts its name filter rejects (no .cevae), and
+            # so does editingFinished while the box has the filter's validator (Qt emits it only for acceptable
+            # text), which never blocks typing: without it a typed path of another ending is taken when typing ends
             lineEdit = slicer.util.findChildren(pathEdit, className="QLineEdit")[0]
+            lineEdit.setValidator(None)
             lineEdit.connect("textChanged(QString)", self._pathHandler(lineEdit, name, finished=False))
             lineEdit.connect("editingFinished()", self._pathHandler(lineEdit, name, finished=True))
         for combo, name in ((self.ui.scoreTypeComboBox, "scoreType"), (self.ui.sensitivityComboBox, "sensitivity"),

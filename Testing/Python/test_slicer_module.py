@@ -738,3 +738,19 @@ def test_cleanup_undoes_the_gui_binding():
                    if isinstance(n, ast.FunctionDef) and n.name == "cleanup")
     calls = {ast.unparse(n.func) for n in ast.walk(cleanup) if isinstance(n, ast.Call)}
     assert {"self.removeObservers", "self._binding.release"} <= calls
+
+
+def test_a_typed_path_of_any_ending_is_taken_when_typing_ends():
+    """ctkPathLineEdit puts a validator built from its name filter (*.cevae: the pattern '.*\\.cevae?$') on its text
+    box; QLineEdit emits editingFinished (Enter, focus out) only for text its validator accepts. The panel takes a
+    typed model path at the end of typing (gui_binding.takes_path_now) and says its problem: a path of another
+    ending ('model', 'model.CEVAE', a folder) would be neither taken nor reported while the field shows it, and
+    Apply would use the previous model. The box connected to editingFinished has no validator."""
+    setup = next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                 if isinstance(n, ast.FunctionDef) and n.name == "setup")
+    loop = next(n for n in ast.walk(setup) if isinstance(n, ast.For) and "editingFinished()" in ast.unparse(n))
+    calls = [ast.unparse(n) for n in ast.walk(loop) if isinstance(n, ast.Call)]
+    connected = next(c for c in calls if ".connect('editingFinished()'" in c).split(".connect(")[0]
+    assert f"{connected}.setValidator(None)" in calls
+    assert {"modelPath", "calibratedModelPath", "adaptedModelPath"} <= {
+        n.value for n in ast.walk(loop.iter) if isinstance(n, ast.Constant)}
