@@ -68,3 +68,19 @@ def test_the_asymmetry_does_not_depend_on_the_last_bits_of_the_voxel_size(exact,
         region = brain_region(brain, 2)
         maps.append(box_asymmetry(image, brain[region], region, 3.0).asymmetry)
     np.testing.assert_array_equal(maps[0], maps[1])
+
+
+@pytest.mark.parametrize("exact", [3.2, 0.64])  # the 4 mm margins on both sides: 2.5 and 12.5 voxels
+@pytest.mark.parametrize("towards", [0.0, 9.0])
+def test_the_crop_box_does_not_depend_on_the_last_bits_of_the_voxel_size(exact, towards):
+    from CeVAEAnomalyLib.engine.config import PreprocessConfig
+    from CeVAEAnomalyLib.engine.preprocess import prepare
+
+    image, mask = make_head(seed=3, size=(40, 44, 36))
+    brain = sitk.GetArrayFromImage(mask) > 0
+    boxes = []
+    for sp in (exact, float(np.nextafter(np.nextafter(exact, towards), towards))):
+        image.SetSpacing((sp, sp, sp))
+        boxes.append([prepare(image, brain, PreprocessConfig(), o).record.box
+                      for o in ("axial", "coronal", "sagittal")])
+    assert boxes[0] == boxes[1]

@@ -12,15 +12,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CeVAEError
-from ..io.images import voxel_volume_ml
+from ..io.images import in_voxels, voxel_volume_ml
 from ..options import SPREADS, PostprocessOptions
 from ..result import Component
-
-
-def in_voxels(size: float, voxel: float) -> float:
-    """``size / voxel`` to 9 decimals: a voxel size read one bit off (1.1999999999999997 mm for 1.2 mm, from Slicer's
-    IJK-to-RAS matrix) must not move a length across a rounding tie (a 3 mm rim on 1.2 mm voxels: 2.5 voxels)."""
-    return round(size / voxel, 9)
 
 
 def _radius_vox(spacing: Sequence[float], mm: float) -> List[int]:

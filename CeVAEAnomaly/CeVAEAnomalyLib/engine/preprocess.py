@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .axes import canonical_axes, to_canonical
 from .config import PreprocessConfig
 from ..errors import CeVAEError
-from ..io.images import MAX_LABELS, grid_difference, looks_like_an_image
+from ..io.images import MAX_LABELS, grid_difference, in_voxels, looks_like_an_image
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _square_box(bounds, spacing_rc: Tuple[float, float], margin_mm: float) -> Tu
     side_mm = max((r1 - r0) * sr, (c1 - c0) * sc) + 2 * margin_mm
     box = [bounds[0]]
     for (a0, a1), sp in (((r0, r1), sr), ((c0, c1), sc)):
-        n = max(1, int(round(side_mm / sp)))
+        n = max(1, int(round(in_voxels(side_mm, sp))))  # (a voxel size one bit off crosses no rounding tie)
         start = int(np.floor((a0 + a1) / 2.0 - n / 2.0))
         box.append((start, start + n))
     return tuple(box)

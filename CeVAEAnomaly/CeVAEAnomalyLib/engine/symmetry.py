@@ -13,7 +13,7 @@ from typing import Iterable, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .postprocess import in_voxels
+from ..io.images import in_voxels
 from .preprocess import Region, region_image
 
 _COARSE_MM = 4.0  # grid spacing used to find the plane
@@ -99,7 +99,7 @@ def _search(scaled: sitk.Image) -> MidPlane:
     The image is first brought to one voxel order (LPS; a pure index operation), so that the ~4 mm bins,
     which start at index 0 and drop the remainder, and hence the plane, do not depend on how the same
     physical image is stored. A bin factor is at most the axis' size (thin slabs); it is rounded from
-    :func:`~.postprocess.in_voxels`, so that a voxel size read a few bits off (from Slicer's IJK-to-RAS matrix)
+    :func:`~..io.images.in_voxels`, so that a voxel size read a few bits off (from Slicer's IJK-to-RAS matrix)
     does not cross a rounding tie (4 mm is 2.5 voxels of 1.6 mm).
     """
     scaled = sitk.DICOMOrient(scaled, "LPS")

@@ -51,7 +51,9 @@ CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
 # 2: the automatic brain mask's rules for skull-stripped brains and partial head coverage.
 # 3: the automatic brain mask made in one voxel order (LPS), whatever the order a scan is stored in.
 # 4: the automatic brain mask's registration also starts shifted along the head.
-SLICING_VERSION = 4
+# 5: the crop box's side in voxels is rounded through io.images.in_voxels (a voxel size one bit off, as Slicer's
+#    IJK-to-RAS matrix gives, no longer crosses a rounding tie: at 3.2 or 0.64 mm it moved the box by a voxel).
+SLICING_VERSION = 5
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
 # an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx-MACHINE-PID.npy (or .json; older
 # versions named no machine and process)
