@@ -6,9 +6,11 @@ from itertools import product
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from CeVAEAnomalyLib.engine.postprocess import hysteresis, robust_normalise, threshold_labelmap
 from CeVAEAnomalyLib.engine.slicescores import fused_slice_rank, slice_excess, slice_flags, slice_quantile
+from CeVAEAnomalyLib.result import DetectionResult, SliceScoreRow
 
 
 def test_robust_normalise_hand_computed() -> None:
@@ -93,6 +95,19 @@ def test_fused_slice_rank_hand_computed() -> None:
     assert fused_slice_rank(map_max, neg_elbo, 0.7) == pytest.approx([0.3, 0.7, 0.55, 0.45])
     assert fused_slice_rank(map_max, neg_elbo, 1.0) == pytest.approx([0.0, 1.0, 0.5, 0.5])
     assert fused_slice_rank(np.array([5.0]), np.array([2.0]), 0.7) == pytest.approx([0.0])
+
+
+def test_fused_slice_rank_ties_are_exact_so_the_map_breaks_them() -> None:
+    """Two slices equally anomalous by the fusion (0.7 x 8/8 + 0.3 x 1/8 = 0.7 x 5/8 + 0.3 x 8/8) get one value, so the
+    slice table's documented tie-break (the higher map score first) decides, not the rounding of 0.7 x 5/8 + 0.3."""
+    map_max = np.arange(9.0)
+    neg_elbo = np.array([4.0, 5.0, 6.0, 7.0, 3.0, 8.0, 2.0, 0.0, 1.0])
+    fused = fused_slice_rank(map_max, neg_elbo, 0.7)
+    assert fused[8] == fused[5] == fused.max()
+    rows = [SliceScoreRow(2, i, 0.0, 0.0, float(e), anomaly=float(f), map_max=float(m))
+            for i, (m, e, f) in enumerate(zip(map_max, neg_elbo, fused))]
+    image = sitk.Image([4, 4, 4], sitk.sitkUInt8)
+    assert DetectionResult(image, image, image, 1.0, "absolute", rows, []).top_slice.index == 8
 
 
 def test_slice_flags_hand_computed() -> None:

@@ -42,10 +42,15 @@ def _unit_ranks(values: np.ndarray) -> np.ndarray:
     return ranks / max(v.size - 1, 1)
 
 
+_FUSION_DECIMALS = 12  # far below the gap between distinct fused values, far above the rounding error
+
+
 def fused_slice_rank(map_score: np.ndarray, neg_elbo: np.ndarray, weight: float) -> np.ndarray:
     """Rank fusion of two slice scores of one volume: ``weight`` x rank of the map score plus
-    (1 - ``weight``) x rank of the negative ELBO, ranks scaled to [0, 1] (ties share their mean rank)."""
-    return weight * _unit_ranks(map_score) + (1.0 - weight) * _unit_ranks(neg_elbo)
+    (1 - ``weight``) x rank of the negative ELBO, ranks scaled to [0, 1] (ties share their mean rank). Rounded to
+    12 decimals, so that slices equally anomalous by the fusion (0.7 x 8/8 + 0.3 x 1/8 = 0.7 x 5/8 + 0.3 x 8/8) get
+    one value whatever the floating-point rounding, and the slice table's tie-break decides between them."""
+    return np.round(weight * _unit_ranks(map_score) + (1.0 - weight) * _unit_ranks(neg_elbo), _FUSION_DECIMALS)
 
 
 def slice_flags(labelmap: np.ndarray, axis: int) -> np.ndarray:
