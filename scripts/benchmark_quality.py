@@ -328,7 +328,8 @@ def slice_study(cases: Dict[str, Case], maps: Dict[str, np.ndarray], thr: Dict[s
         **{f"rank fusion {w:g} × rank(max) + {1 - w:g} × rank(negative ELBO)": (lambda c, z, w=w: fusion(c, z, w))
            for w in SLICE_FUSION_WEIGHTS},
     }
-    map_scale = {fn for name, fn in scorers.items() if "map" in name and "rank" not in name}
+    # scores on the map's scale, which the operating threshold applies to (a summed excess is map units x voxels)
+    map_scale = {fn for name, fn in scorers.items() if "map" in name and "rank" not in name and "excess" not in name}
     results = {name: measure(fn) for name, fn in scorers.items()}
     # the fusion weight each subject would get from the other two (slice AUROC + top-slice rate)
     chosen = {}

@@ -46,3 +46,31 @@ def test_a_case_whose_write_is_killed_leaves_no_file_under_its_name(monkeypatch,
     with pytest.raises(OSError):
         maps.cache_volume(target, image, mask, gt, load_bundle(tiny_bundle, "cpu"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_slices_above_the_threshold_are_counted_only_for_scores_on_the_maps_scale(monkeypatch):
+    """A slice's summed excess over t (or t/2) is map units times voxels: compared with t it says nothing of the
+    slice's scores being above the operating threshold, so those rows report none (NaN), as the ELBO rows."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    bq = importlib.import_module("benchmark_quality")
+    rng = np.random.default_rng(0)
+    cases, maps = {}, {}
+    for subject in bq.SUBJECTS:
+        for kind in ("healthy", "lesion"):
+            gt = np.zeros((6, 8, 8), bool)
+            z = rng.random((6, 8, 8)).astype(np.float32)  # below the threshold 1 everywhere
+            z[1, :3, :3] = 0.9  # a slice whose summed excess over t/2 exceeds t, every voxel below t
+            if kind == "lesion":
+                gt[3, 2:4, 2:4] = True
+                z[3, 2:4, 2:4] = 1.5
+            key = f"{subject}-{kind}"
+            cases[key] = {"kind": kind, "subject": subject, "brain": np.ones(gt.shape, bool), "gt": gt,
+                          "slice_axis": np.array(2), "slice_index": np.arange(6), "box_start": np.zeros(3, int),
+                          "slice_neg_elbo": rng.random(6), "slice_kl": rng.random(6), "voxel_ml": 0.001}
+            maps[key] = z
+    results = bq.slice_study(cases, maps, {s: 1.0 for s in bq.SUBJECTS})
+    assert results["max of the map (previous default)"]["healthy_slices_above_threshold"] == 0.0
+    assert results["max of the map (previous default)"]["lesion_slices_above_threshold"] == 1.0
+    for name in ("excess of the map over the threshold", "excess of the map over half the threshold"):
+        assert np.isnan(results[name]["healthy_slices_above_threshold"])
+        assert np.isnan(results[name]["lesion_slices_above_threshold"])
