@@ -100,9 +100,9 @@ def acquisition_difference(entry: Mapping[str, Any], spacing: Sequence[float],
                            f"scans it was calibrated on {calibrated}")
     tails = entry.get("bright_tail")
     if tails and tail is not None and tail > tails[1] + BRIGHT_TAIL_MARGIN:
-        differences.append(f"its brightest brain voxels lie further above its white matter than in those healthy "
-                           f"scans (bright tail {tail:.2f}, theirs up to {tails[1]:.2f}), as after a contrast agent "
-                           "(enhancing vessels, dura, choroid plexus)")
+        differences.append(f"its brightest brain voxels lie further above its white matter than in the healthy "
+                           f"scans it was calibrated on (bright tail {tail:.2f}, theirs up to {tails[1]:.2f}), as "
+                           "after a contrast agent (enhancing vessels, dura, choroid plexus)")
     return "; ".join(differences) or None
 
 
