@@ -107,7 +107,8 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                                              check_contrast)
     log.info("Calibrated %s on %d healthy volume(s)%s.", ", ".join(SCORE_TYPES), len(subjects),
              "".join(f", {m.test_time_steps} test-time steps" for m in modes if m.test_time_steps))
-    return {calibration_key(mode.replace(score_type=t), post): calibrate([s[k][t] for s in scores], source, largest, tails)
+    return {calibration_key(mode.replace(score_type=t), post):
+            calibrate([s[k][t] for s in scores], source, largest, tails)
             for k, mode in enumerate(modes) for t in SCORE_TYPES}
 
 

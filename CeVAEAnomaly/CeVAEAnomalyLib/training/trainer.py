@@ -118,7 +118,8 @@ class _RunLog:
 
 def _log_file(path: Path, mode: str) -> TextIO:
     """The log opened for writing (``mode`` "w") or appending; a symbolic link there is replaced, not written through,
-    when a fresh log is written (as the bundle and checkpoint replace theirs): the file it points to is not the run's."""
+    when a fresh log is written (as the bundle and checkpoint replace theirs): the file it points to is not the
+    run's."""
     if mode == "w" and path.is_symlink():
         path.unlink()
     return open(path, mode, newline="")
