@@ -682,3 +682,11 @@ def test_a_rerun_redoes_outputs_that_are_not_the_files_its_summary_recorded(coho
     for name in NAMES:  # the same outputs again, recorded as such
         for role, path in output_paths(out, name).items():
             assert rerun[name][f"{role}_sha256"] == sha256_of(path) == first[name][role]
+
+
+def test_the_help_says_that_a_rerun_skips_only_the_outputs_its_summary_recorded(capsys):
+    """A rerun scores a volume again when an output is not the file the summary recorded (its sha256), not only when
+    its input changed; the help said only the latter."""
+    assert main(["batch", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "skips volumes whose outputs are the files its summary recorded (sha256), made from the same input" in text
