@@ -206,7 +206,8 @@ def _content(path: Union[str, os.PathLike, None]) -> str:
 def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict,
                       overwrite: bool = True) -> None:
     """Write one row per case plus a final ``pooled`` row, tab-separated under a ``.tsv`` name as ``detect``'s tables,
-    else comma-separated; atomic (temporary file + rename)."""
+    else comma-separated; atomic (temporary file + rename). ``best_threshold`` is written exactly
+    (:func:`threshold_text`), the other figures to 7 significant digits."""
     columns = [f.name for f in fields(CaseMetrics)]
     pooled_row = [pooled.get(column) for column in columns]
     pooled_row[0] = "pooled"
@@ -214,7 +215,8 @@ def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], p
     writer = csv.writer(text, delimiter=table_delimiter(Path(path)), lineterminator="\n")
     writer.writerow(columns)
     for row in [astuple(case) for case in cases] + [pooled_row]:
-        writer.writerow([_cell(value) for value in row])
+        writer.writerow([threshold_text(value) if column == "best_threshold" else _cell(value)
+                         for column, value in zip(columns, row)])
     atomic_write_text(path, text.getvalue(), overwrite)
 
 
@@ -387,6 +389,13 @@ def figure(value: float) -> str:
     """A metric as the console and the log show it: 4 decimals, or n/a where it is undefined (no lesion, or no
     healthy voxel)."""
     return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def threshold_text(value: Optional[float]) -> str:
+    """A threshold as written for reuse as ``--threshold``: the shortest text that reads back as the same float
+    (Python's repr), so the same float32 score too; 7 significant digits can name the next float32 above the score
+    and drop the voxel at it. Empty for None, nan where undefined."""
+    return _cell(value) if value is None or math.isnan(value) else repr(float(value))
 
 
 def _cell(value: object) -> str:

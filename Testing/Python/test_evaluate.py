@@ -347,3 +347,24 @@ def test_a_reader_that_stops_early_does_not_cost_the_metrics_file(tmp_path: Path
     proc.wait(timeout=120)
     assert "unexpected" not in err and "Exception ignored" not in err, err
     assert len((tmp_path / "m.csv").read_text().splitlines()) == 62  # header, 60 cases, pooled
+
+
+def test_the_written_best_threshold_reused_as_a_threshold_keeps_the_voxel_at_it(tmp_path: Path) -> None:
+    """best_threshold was written with 7 significant digits, which do not always name the float32 score it is:
+    0.50000006 was written 0.5000001, which reads back as the next float32 above, and a labelmap at that
+    threshold dropped the lesion voxel scoring exactly the best threshold."""
+    from CeVAEAnomalyLib.engine.postprocess import threshold_labelmap
+
+    score = np.zeros(SHAPE, np.float32)
+    gt = np.zeros(SHAPE, np.uint8)
+    score[1, 2, 2:4] = [np.nextafter(np.float32(0.5), np.float32(1)), np.float32(1 + 2 ** -23)]
+    gt[1, 2, 2:4] = 1
+    metrics = evaluate_case(image(score), image(gt), image(np.ones(SHAPE, np.uint8)), name="case")
+    assert metrics.best_threshold == score[1, 2, 2]
+    out = tmp_path / "metrics.csv"
+    write_metrics_csv(out, [metrics], pooled_metrics([(score, gt)]))
+    with open(out, newline="") as stream:
+        written = [float(row["best_threshold"]) for row in csv.DictReader(stream)]
+    labels = threshold_labelmap(score, (1.5, 1.0, 2.0), written[0])
+    assert labels[1, 2, 2:4].tolist() == [1, 1] and labels.sum() == 2
+    assert written == [metrics.best_threshold] * 2  # the case and the pooled row
