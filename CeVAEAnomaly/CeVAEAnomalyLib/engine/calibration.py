@@ -107,14 +107,32 @@ def acquisition_difference(entry: Mapping[str, Any], spacing: Sequence[float],
 
 
 def threshold_for_fpr(entry: Mapping[str, Any], fpr: float) -> float:
-    """Threshold whose healthy false-positive rate is ``fpr`` (log-linear interpolation)."""
+    """Threshold whose healthy false-positive rate is ``fpr`` (log-linear interpolation). A rate whose threshold is
+    not above 0 is refused: no score map goes below 0 (normalised maps set half the brain to 0), so such a
+    threshold would flag the whole brain, not that share of it."""
     grid = np.asarray(entry["fpr"], float)
     thr = np.asarray(entry["threshold"], float)
     if not grid[0] <= fpr <= grid[-1]:
         raise CeVAEError(
             f"False-positive rate {fpr:g} is outside the calibrated range [{grid[0]:g}, {grid[-1]:g}]."
         )
-    return float(np.interp(np.log(fpr), np.log(grid), thr))
+    threshold = float(np.interp(np.log(fpr), np.log(grid), thr))
+    if not threshold > 0:
+        raise CeVAEError(_at_the_floor(fpr, grid, thr))
+    return threshold
+
+
+def _at_the_floor(fpr: float, grid: np.ndarray, thr: np.ndarray) -> str:
+    """Why the rate ``fpr`` (threshold 0 in the calibration ``grid``, ``thr``) gets no threshold, and which rates do."""
+    zero = float(grid[~(thr > 0)][0])  # the lowest calibrated rate at 0: no rate from there on is above it
+    above = grid[(thr > 0) & (grid < zero)]
+    way_out = (f"Give a rate below {zero:g} (the highest calibrated rate with a threshold above 0 is "
+               f"{above[-1]:g})." if above.size else
+               "No rate has a threshold above 0 in it: give an absolute threshold (--threshold; threshold= in "
+               "Python).")
+    return (f"A healthy false-positive rate of {fpr:g} gets a threshold of 0 from the model's calibration for this "
+            f"scoring: at least {1 - zero:.0%} of the healthy brain voxels it was measured on score 0, the lowest "
+            f"score there is, so the labelmap would flag the whole brain. {way_out}")
 
 
 def fpr_for_threshold(entry: Mapping[str, Any], threshold: float) -> float:
