@@ -127,6 +127,7 @@ def output_paths(input_path: Path, output_dir: Path, volume_format: str) -> Dict
 def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
     def write(filename: str) -> None:
         storage = node.CreateDefaultStorageNode()
+        storage.UnRegister(None)  # the caller owns the new node: without this one is left behind per file written
         storage.SetFileName(filename)
         storage.SetUseCompression(True)
         if not storage.WriteData(node):

@@ -326,3 +326,22 @@ def test_nan_voxels_of_an_analyze_pair_are_left_out_as_on_the_command_line(tiny_
     assert "NaN" in proc.stderr
     scores = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[0])))
     assert not scores[hole].any() and scores[brain].any()
+
+
+def test_the_scripts_storage_nodes_are_released_after_writing():
+    """CreateDefaultStorageNode hands its caller a reference to own (as CreateNodeInstance, released in Undo.keep):
+    _node_writer never released it, so every file written through a node left a storage node behind. Nothing outside
+    the writer sees that node, so the premise is checked on a real scene and the release in the script's source."""
+    import ast
+
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode"):
+        storage = scene.AddNewNodeByClass(cls).CreateDefaultStorageNode()
+        assert storage.GetReferenceCount() == 2  # the caller's and this Python reference
+        storage.UnRegister(None)
+        assert storage.GetReferenceCount() == 1
+    writer = next(f for f in ast.walk(ast.parse(SCRIPT.read_text())) if getattr(f, "name", "") == "_node_writer")
+    calls = [ast.unparse(c) for c in ast.walk(writer) if isinstance(c, ast.Call)]
+    created = [c for c in calls if c.endswith(".CreateDefaultStorageNode()")]
+    assert len(created) == 1 and "storage.UnRegister(None)" in calls, calls
