@@ -4,6 +4,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -462,3 +467,59 @@ def test_a_scan_whose_voxel_size_makes_it_metres_wide_is_refused_before_its_brai
     assert capsys.readouterr().err == (
         "error: The image wide.nii.gz spans 1.32 m along its j axis (44 voxels of 30 mm); an MRI of a head spans well "
         "under 1 m, so its header's voxel size is wrong (or in other units). Fix the header first.\n")
+
+
+def _unshare_works() -> bool:
+    """Whether this user may make a mount namespace of its own (user namespaces allowed, unshare installed)."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(os.name != "posix" or not _unshare_works(), reason="needs unshare -rm (user namespaces)")
+def test_a_full_disk_under_the_cache_is_said_in_those_words(tmp_path):
+    """A cache folder on a full disk was reported in NumPy's words ('Could not write the slice cache entry ...:
+    147456 requested and 65504 written'). Run on a real 256 KiB tmpfs, mounted in a namespace of this user's own."""
+    write_subject(tmp_path, "h", 1)
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", small]
+    prepare = [sys.executable, "-m", "CeVAEAnomalyLib.cli", "prepare", tmp_path / "h.nii.gz",
+               tmp_path / "h_mask.nii.gz", "--cache-dir", small / "cache"]
+    script = " && exec ".join(" ".join(shlex.quote(str(w)) for w in words) for words in (mount, prepare))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 2, proc.stderr
+    assert re.search(r"^error: Could not write the slice cache entry \S+/small/cache/\w+\.npy: the disk holding "
+                     r"\S+/small/cache is full \([\d.]+ MB free, the entry needs [\d.]+ MB\)\. Free space there, or "
+                     r"give --cache-dir a folder on a disk with room\.$", proc.stderr.strip(), re.M), proc.stderr
+
+
+def test_the_cache_write_error_names_a_full_disk_or_quota_and_what_to_do(tmp_path):
+    """The message on real OSErrors: a write to /dev/full (ENOSPC), NumPy's errno-less short write there, a quota."""
+    import errno
+
+    from CeVAEAnomalyLib.training.cache import write_failure
+
+    target = tmp_path / "cache" / "entry.npy"
+    target.parent.mkdir()
+    free = shutil.disk_usage(target.parent).free
+    errors = {}
+    for name, write in (("python", lambda fh: fh.write(b"x" * 10)),
+                        ("numpy", lambda fh: np.zeros(10240, np.float32).tofile(fh))):
+        with pytest.raises(OSError) as caught:
+            with open("/dev/full", "wb") as fh:
+                write(fh)
+        errors[name] = caught.value
+    assert errors["python"].errno == errno.ENOSPC and errors["numpy"].errno is None
+    advice = "Free space there, or give --cache-dir a folder on a disk with room."
+    full = f"Could not write the slice cache entry {target}: the disk holding {target.parent} is full ("
+    assert write_failure(target, errors["python"], 100) == f"{full[:-2]}. {advice}"  # room for 100 bytes: no sizes
+    assert write_failure(target, errors["numpy"], free + 10 ** 9).startswith(full)  # more than the disk has left
+    # a short write where the disk has room (e.g. a file-size limit) keeps NumPy's words, not a wrong cause
+    assert write_failure(target, errors["numpy"], 40960) == \
+        f"Could not write the slice cache entry {target}: 10240 requested and 0 written."
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    assert write_failure(target, quota, 100) == (f"Could not write the slice cache entry {target}: your disk quota on "
+                                                 f"{target.parent} is used up. {advice}")
+    other = OSError(errno.EIO, os.strerror(errno.EIO))
+    assert write_failure(target, other, 100).endswith(f"{target}: [Errno 5] Input/output error.")

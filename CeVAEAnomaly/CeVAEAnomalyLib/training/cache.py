@@ -16,6 +16,7 @@ walk over the cohort stay in the process's resident memory, reads do not (docs/S
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -242,20 +243,42 @@ class SliceCache:
                 "mask_sha256": checksums[subject.mask] if subject.mask else None,
                 "preprocess": self.pre.to_dict(), "slices": int(len(slices)),
                 "slices_sha256": hashlib.sha256(np.ascontiguousarray(slices, "<f4").tobytes()).hexdigest()}
-        target = npy
+        text = json.dumps(meta, indent=1)
+        target, size = npy, slices.nbytes
         try:
             with atomic_path(npy) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, slices)
-            target = self.root / f"{key}.json"
+            target, size = self.root / f"{key}.json", len(text.encode())
             with atomic_path(target) as tmp:
-                Path(tmp).write_text(json.dumps(meta, indent=1))
+                Path(tmp).write_text(text)
         except OSError as exc:
-            raise CeVAEError(f"Could not write the slice cache entry {target}: {exc}.") from None
+            raise CeVAEError(write_failure(target, exc, size)) from None
         entry = self.lookup(key)
         if entry is None:
             raise CeVAEError(f"The slice cache entry {npy} could not be read back after writing it.")
         return entry
+
+
+def write_failure(target: Path, exc: OSError, size: int) -> str:
+    """The error for a cache entry ``target`` of about ``size`` bytes whose write failed with ``exc``. A full disk
+    or quota is said in those words, with what to do: errno ENOSPC or EDQUOT, or a write that failed without an
+    errno (NumPy's short write says only 'N requested and M written') where the folder has less free space than
+    the entry needs (the part written is removed by then)."""
+    try:
+        free: Optional[int] = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = None
+    short = free is not None and free < size
+    if exc.errno == getattr(errno, "EDQUOT", None):
+        cause = f"your disk quota on {target.parent} is used up"
+    elif exc.errno == errno.ENOSPC or (exc.errno is None and short):
+        room = f" ({free / 1e6:.3g} MB free, the entry needs {size / 1e6:.3g} MB)" if short else ""
+        cause = f"the disk holding {target.parent} is full{room}"  # (out of inodes: full without the sizes)
+    else:
+        return f"Could not write the slice cache entry {target}: {exc}."
+    return (f"Could not write the slice cache entry {target}: {cause}. Free space there, or give --cache-dir a "
+            "folder on a disk with room.")
 
 
 def _npy_layout(fh: BinaryIO) -> tuple:
