@@ -137,3 +137,29 @@ def test_a_temporary_is_only_removed_beside_a_target_of_the_run(tmp_path):
     assert remove_abandoned_temporaries([tmp_path / "b_score.nii.gz"], time.time()) == 0  # another target's
     assert remove_abandoned_temporaries([tmp_path / "a_score.nii.gz"], time.time()) == 1
     assert _hidden(tmp_path) == set(decoys)
+
+
+@pytest.mark.skipif(not Path("/proc/sys/kernel/random/boot_id").is_file(), reason="Linux only (the boot id)")
+def test_another_machine_of_the_same_host_name_and_namespace_keeps_its_temporary(tmp_path, monkeypatch):
+    """Two machines of one host name (cloned images: 'localhost.localdomain') sharing the output folder over NFS:
+    outside containers both run in the first process namespace, whose number is the same everywhere. A temporary
+    the other one is writing names a process that does not exist here, and was removed from under its write."""
+    import CeVAEAnomalyLib.io.atomic as atomic
+
+    other_boot = tmp_path / "boot_id"
+    other_boot.write_text("00000000-1111-2222-3333-444444444444\n")
+    monkeypatch.setattr(atomic, "_BOOT_ID", str(other_boot), raising=False)
+    atomic.machine_tag.cache_clear()
+    theirs = atomic.machine_tag()  # what the other machine names its temporaries with
+    monkeypatch.undo()
+    atomic.machine_tag.cache_clear()
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    absent = int(proc.stdout)  # no such process here; the other machine's writer may well be one
+    writing = tmp_path / f".a_score.nii.gz.{secrets.token_hex(4)}-{theirs}-{absent}.nii.gz"
+    writing.write_text("half")
+    os.utime(writing, (time.time() - 5, time.time() - 5))
+    assert remove_abandoned_temporaries([tmp_path / "a_score.nii.gz"], time.time()) == 0
+    assert writing.read_text() == "half"
+    ours = tmp_path / f".a_score.nii.gz.{secrets.token_hex(4)}-{machine_tag()}-{absent}.nii.gz"
+    ours.write_text("half")
+    assert remove_abandoned_temporaries([tmp_path / "a_score.nii.gz"], time.time()) == 1 and not ours.exists()

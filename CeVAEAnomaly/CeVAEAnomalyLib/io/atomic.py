@@ -36,15 +36,25 @@ _NEW_PRIVATE_FILE |= os.O_CREAT  # (augmented: vermin takes a chain of "|" for a
 _NEW_PRIVATE_FILE |= os.O_EXCL
 
 
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"  # Linux: random for each start of the machine (containers share it)
+
+
 @lru_cache(maxsize=None)
 def machine_tag() -> str:
-    """8 hex characters naming this machine and its process-id namespace (a container has its own), so that a
-    temporary's process id is only ever looked up where it means that process."""
+    """8 hex characters naming this machine, its start (boot) and its process-id namespace (a container has its
+    own), so that a temporary's process id is only ever looked up where it means that process. The boot tells
+    apart machines that share a folder and a host name: each one's first namespace has the same number."""
     try:
         namespace = os.readlink("/proc/self/ns/pid")
     except OSError:  # not Linux
         namespace = ""
-    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    try:
+        with open(_BOOT_ID, encoding="ascii") as fh:
+            boot = fh.read().strip()
+    except (OSError, ValueError):  # not Linux
+        boot = ""
+    owner = f"{socket.gethostname()}\0{namespace}\0{boot}"
+    return hashlib.sha256(owner.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def _temp_parts(target: Path) -> Tuple[str, str]:
@@ -82,10 +92,11 @@ _OWNED = re.compile(r"[0-9a-f]{8}-([0-9a-f]{8})-([1-9][0-9]{0,9})\Z")  # what en
 
 def remove_abandoned_temporaries(targets: Iterable[Path], started: float) -> int:
     """Remove the temporaries that killed writes (SIGKILL, a crash, a power cut) of ``targets`` left, where they are
-    certainly abandoned: named as :func:`temp_beside` names those of one of them, made on this machine (and process
-    namespace) by a process that no longer exists, and last changed before ``started`` (the time the calling run
-    began). Anything else is kept: another machine's, a live process's, an older version's (no owner in its name),
-    a file that only looks alike. Each folder is listed once; how many were removed."""
+    certainly abandoned: named as :func:`temp_beside` names those of one of them, made on this machine since it
+    started (and in this process namespace) by a process that no longer exists, and last changed before ``started``
+    (the time the calling run began). Anything else is kept: another machine's (one of the same name too), one from
+    before the machine restarted, a live process's, an older version's (no owner in its name), a file that only
+    looks alike. Each folder is listed once; how many were removed."""
     wanted: Dict[Path, Dict[str, str]] = {}  # folder -> {".NAME.": ".EXT"} of its targets
     for target in targets:
         start, suffix = _temp_parts(Path(target))
