@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.cli.main import main
-from CeVAEAnomalyLib.data import default_model_path
+from CeVAEAnomalyLib.data import data_path, default_model_path
 from CeVAEAnomalyLib.engine.calibration import find_calibration
 from CeVAEAnomalyLib.engine.header import read_header
 from CeVAEAnomalyLib.errors import CeVAEError
@@ -73,3 +73,24 @@ def test_the_python_api_and_the_slicer_logic_refuse_the_rate(one_thread) -> None
     with pytest.raises(CeVAEError, match=REFUSAL):
         CeVAEAnomalyLogic().process(volume, labelmap, fpr=0.5, device="cpu")
     assert scene.GetNumberOfNodes() == before
+
+
+
+def test_calibrate_writes_no_model_whose_default_rate_gets_no_threshold(tmp_path: Path, capsys) -> None:
+    """--default-fpr 0.5 passed the range check, and the model written could not detect with its defaults: every
+    detect, batch or Slicer run without a rate of its own was refused (the summary said its threshold was 'none').
+    A 20 mm rim sets most of the 2 mm Colin27 brain to 0, so its calibration gives 0.5 a threshold of 0."""
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    (healthy / "c.nii.gz").write_bytes(data_path("colin27_t1_2mm.nii.gz").read_bytes())
+    (healthy / "c_mask.nii.gz").write_bytes(data_path("colin27_brainmask_2mm.nii.gz").read_bytes())
+    out = tmp_path / "site.cevae"
+    common = [str(healthy), "--out", str(out), "--rim-mm", "20", "--device", "cpu"]
+    assert main(["calibrate", *common, "--default-fpr", "0.5"]) != 0
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: The calibrated model was not written: its default rate gets no threshold. A "
+                           "healthy false-positive rate of 0.5 gets a threshold of 0"), line
+    assert "Give a rate below 0.5" in line
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["healthy"]
+    assert main(["calibrate", *common, "--default-fpr", "0.01"]) == 0
+    assert read_header(out).default_threshold() > 0

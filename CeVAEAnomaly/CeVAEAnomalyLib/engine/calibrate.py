@@ -125,7 +125,8 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     always calibrated; ``opts.test_time_steps`` other than that (a thorough mode) is calibrated beside it,
     so that a site calibration keeps every mode the user asked for calibrated and changes no default.
     A volume of another contrast than the model's scans (a T2 for a T1 model) is warned about, naming it.
-    ``default_fpr`` (None: the bundle's) must be a rate the calibration covers; it is checked before any work.
+    ``default_fpr`` (None: the bundle's) must be a rate the calibration covers; it is checked before any work, and
+    a rate whose new threshold is 0 (engine/calibration.threshold_for_fpr) is refused before anything is written.
     """
     for value, cls, what in ((bundle, Bundle, "bundle"), (opts, ScoreOptions, "scoring options"),
                              (post, PostprocessOptions, "post-processing options")):
@@ -142,6 +143,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                                                  test_time_steps=[opts.test_time_steps], check_contrast=True),
                      default_fpr=old.default_fpr if default_fpr is None else float(default_fpr),
                      extra=dict(old.extra, calibration_subjects=[s.name for s in subjects]))
+    try:  # a model whose own rate gets no threshold could not detect with its defaults
+        header.threshold(default, post, ThresholdPolicy())
+    except CeVAEError as exc:
+        raise CeVAEError(f"The calibrated model was not written: its default rate gets no threshold. {exc}") from None
     report(progress, 1.0 - WRITE_SHARE, "Writing the calibrated model")
     path = save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")
     report(progress, 1.0, "Calibrated model written")
