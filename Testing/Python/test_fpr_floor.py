@@ -6,6 +6,7 @@ Normalised maps set the brain below its median to 0, so the bundled model's cali
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -94,3 +95,18 @@ def test_calibrate_writes_no_model_whose_default_rate_gets_no_threshold(tmp_path
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["healthy"]
     assert main(["calibrate", *common, "--default-fpr", "0.01"]) == 0
     assert read_header(out).default_threshold() > 0
+
+
+def test_calibrates_summary_gives_the_source_models_threshold_0_as_such(tmp_path: Path, caplog) -> None:
+    """The bundled model is calibrated for its default scoring, and its threshold at 0.5 is 0: the summary of a
+    calibration at 0.5 said it was 'not calibrated for this scoring'."""
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    (healthy / "c.nii.gz").write_bytes(data_path("colin27_t1_2mm.nii.gz").read_bytes())
+    (healthy / "c_mask.nii.gz").write_bytes(data_path("colin27_brainmask_2mm.nii.gz").read_bytes())
+    with caplog.at_level(logging.INFO):
+        assert main(["calibrate", str(healthy), "--out", str(tmp_path / "site.cevae"), "--default-fpr", "0.5",
+                     "--device", "cpu"]) == 0  # (this one scan's threshold at 0.5 is just above 0)
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated bundle written")]
+    assert len(summary) == 1 and summary[0].endswith("(cevae_t1_default.cevae at that rate: 0, which flags the "
+                                                     "whole brain)."), summary

@@ -236,8 +236,9 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     try:  # the source model's threshold for the same scoring at the same rate, where it has one
         same = ThresholdPolicy(fpr=new.default_fpr)
         before = f"{bundle.header.threshold(new.score_options, new.postprocess, same)[0]:.4g}"
-    except CeVAEError:
-        before = "not calibrated for this scoring"
+    except CeVAEError:  # not calibrated for it, or its threshold there is 0 (threshold_for_fpr)
+        calibrated = bundle.header.is_calibrated(new.score_options, new.postprocess)
+        before = "0, which flags the whole brain" if calibrated else "not calibrated for this scoring"
     now = new.default_threshold()
     log.info("Calibrated bundle written to %s (%d healthy volume(s)). Its default scoring: orientations %s. Its "
              "threshold at the default healthy false-positive rate %g is %s (%s at that rate: %s).", path,
