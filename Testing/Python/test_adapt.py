@@ -520,3 +520,19 @@ def test_site_scans_named_by_text_are_taken_and_bare_paths_refused_in_one_line(t
         recalibrate(bundle, [site["a"]], tmp_path / "c.cevae", bundle.header.score_options, bundle.header.postprocess)
     with pytest.raises(CeVAEError, match="The scan's image must be a file path, got int"):
         Subject(3)
+
+
+def test_the_summary_of_an_adapted_model_whose_default_rate_gets_no_threshold_says_so(tiny_bundle, site, tmp_path,
+                                                                                        caplog):
+    """A parent written with a default rate of 0.5 (calibrate took one before b5f9f79) and a 20 mm rim: the adapted
+    model's threshold there is 0, refused, and the summary's '%.3g' of None failed in the logging module (a
+    'Logging error' traceback in place of the summary)."""
+    parent = load_bundle(tiny_bundle)
+    h = parent.header
+    base = save_bundle(tmp_path / "parent.cevae", parent.model,
+                       replace(h, default_fpr=0.5, postprocess=replace(h.postprocess, rim_mm=20.0)))
+    with caplog.at_level(logging.INFO):
+        out = adapt_mod.adapt(base, subjects(site, "a", "b", "c"), tmp_path / "site.cevae", QUICK)
+    assert read_header(out).default_threshold() is None  # the premise: 0.5 gets no threshold
+    summary = [r.getMessage() for r in caplog.records if r.msg.startswith("Adapted model written")]
+    assert len(summary) == 1 and "default healthy false-positive rate is none (" in summary[0], summary

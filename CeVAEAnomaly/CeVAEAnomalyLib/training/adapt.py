@@ -128,8 +128,9 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     report(progress, 1.0, "Adapted model written")
     now, before = read_header(path).default_threshold(), header.default_threshold()
     log.info("Adapted model written to %s (%d site scans, %d folds). Its threshold at the default healthy "
-             "false-positive rate is %.3g, calibrated on the site's scans (%s: %s). Detect with it: "
-             "cevae-anomaly detect SCAN --model %s", path, len(subjects), len(plan), now, base.name,
+             "false-positive rate is %s, calibrated on the site's scans (%s: %s). Detect with it: "
+             "cevae-anomaly detect SCAN --model %s", path, len(subjects), len(plan),
+             "none (0: give a lower --fpr, or --threshold)" if now is None else f"{now:.3g}", base.name,
              "not calibrated" if before is None else f"{before:.3g}", path)
     return path
 
