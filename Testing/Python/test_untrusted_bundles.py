@@ -109,6 +109,8 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                                r"score_options\.orientations must be text, got \['axial'\]"),
     "tensor type and size disagree": (lambda h, t: t[next(k for k in t if k != "__metadata__")].update(dtype="F16"),
                                       r"does not fill its data offsets \(type F16"),
+    "tensor type as an object": (lambda h, t: t[next(k for k in t if k != "__metadata__")].update(dtype={}),
+                                 r"not a valid safetensors file: tensor \S+ has no valid type and shape"),
     "two tensors on the same bytes": (shared_bytes, r"not a valid safetensors file: tensor \S+ (overlaps|leaves a gap)"),
     "weights other than recorded": (top("weights_sha256", "0" * 64), r"weights are not those its header records"),
     "training volumes as a number": (top("training", {"subjects": 5}), r"training\.subjects must be a list of volumes"),

@@ -219,7 +219,8 @@ def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             return f"tensor {name!r} has no valid data offsets"
-        shape, itemsize = entry.get("shape"), _DTYPE_BYTES.get(entry.get("dtype"))
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        itemsize = _DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None  # (a list or object is unhashable)
         if itemsize is None or not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
             return f"tensor {name!r} has no valid type and shape"
         if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
