@@ -111,6 +111,8 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                                       r"does not fill its data offsets \(type F16"),
     "tensor type as an object": (lambda h, t: t[next(k for k in t if k != "__metadata__")].update(dtype={}),
                                  r"not a valid safetensors file: tensor \S+ has no valid type and shape"),
+    "metadata value not text": (lambda h, t: t["__metadata__"].update(note=5),
+                                r"not a valid safetensors file: its metadata holds a value that is not text"),
     "two tensors on the same bytes": (shared_bytes, r"not a valid safetensors file: tensor \S+ (overlaps|leaves a gap)"),
     "weights other than recorded": (top("weights_sha256", "0" * 64), r"weights are not those its header records"),
     "training volumes as a number": (top("training", {"subjects": 5}), r"training\.subjects must be a list of volumes"),
@@ -166,6 +168,22 @@ def test_a_header_nested_too_deeply_is_refused_in_one_line(calibrated, head, tmp
                "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and "is not valid JSON (nested too deeply)" in lines[0], lines
+
+
+def test_a_key_written_twice_in_the_tensor_table_is_refused_in_one_line(calibrated, head, tmp_path, capsys):
+    """Python's JSON reader keeps the last of two equal keys; safetensors' own parser refuses the file."""
+    raw = calibrated.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    table = raw[8 : 8 + n].decode()
+    doubled = re.sub(r'("dtype": ?"F(16|32)")', r"\1, \1", table, count=1).encode()
+    doubled += b" " * ((8 - len(doubled) % 8) % 8)
+    calibrated.write_bytes(struct.pack("<Q", len(doubled)) + doubled + raw[8 + n :])
+    image, mask = head
+    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
+               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "not a valid safetensors file" in lines[0], lines
+    assert "duplicate field" in lines[0], lines
 
 
 def test_untampered_copy_is_accepted(calibrated, head, tmp_path, capsys):

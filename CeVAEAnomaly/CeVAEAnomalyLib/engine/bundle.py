@@ -17,7 +17,7 @@ from ..io.atomic import atomic_path
 from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
-from ..errors import CeVAEError
+from ..errors import CeVAEError, one_line
 from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader, read_header
 from .model import CeVAE
 
@@ -88,19 +88,23 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
     falls back to the CPU with a warning, either way."""
     from safetensors.torch import load_file
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     header = read_header(path)
     p = Path(path)
     cfg = header.model
-    with safe_open(str(p), framework="pt") as fh:
-        declared = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
-    try:
+    try:  # safetensors' own parser is stricter than read_header's (e.g. a key written twice in the tensor table)
+        with safe_open(str(p), framework="pt") as fh:
+            declared = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
         check_tensor_shapes(declared, cfg)  # before anything is built or loaded
+        tensors = load_file(str(p))  # (the file's weights are read once: checked, then loaded)
+    except SafetensorError as exc:  # (its reason may quote the whole header: cut short)
+        reason = one_line(exc).rstrip(".")
+        reason = reason if len(reason) <= 300 else reason[:300] + "..."
+        raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {reason}).") from None
     except CeVAEError as exc:
         raise CeVAEError(f"{p}: {exc}.") from None
     model = CeVAE(cfg)
-    tensors = load_file(str(p))  # (the file's weights are read once: checked, then loaded)
     recorded = header.extra.get(WEIGHTS_DIGEST_KEY)  # None: written before bundles recorded it
     if recorded is not None and recorded != _weights_digest(tensors):
         raise CeVAEError(f"{p}: its weights are not those its header records (a checksum differs); the model file "

@@ -199,8 +199,7 @@ def _safetensors_metadata(p: Path) -> Dict[str, str]:
         problem = _table_problem(table, size - 8 - length)
     if problem is not None:
         raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
-    meta = table.get("__metadata__") or {}
-    return {str(k): v for k, v in meta.items() if isinstance(v, str)}
+    return dict(table.get("__metadata__") or {})
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -211,6 +210,8 @@ def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
     """Why a tensor table is not valid safetensors for ``data_bytes`` of data, or None."""
     if not isinstance(table, dict) or not isinstance(table.get("__metadata__", {}), dict):
         return "the header is not a tensor table"
+    if not all(isinstance(v, str) for v in (table.get("__metadata__") or {}).values()):
+        return "its metadata holds a value that is not text"
     spans = []
     for name, entry in table.items():
         if name == "__metadata__":
