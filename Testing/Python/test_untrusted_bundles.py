@@ -202,3 +202,21 @@ def test_header_length_ending_in_0x80_is_not_taken_for_a_pickle(calibrated, head
     image, mask = head
     assert main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
                  "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"]) == 0, capsys.readouterr().err
+
+
+def test_weights_that_overflow_are_refused_not_scored_as_nan(calibrated, head, tmp_path, capsys):
+    """Finite weights so large that the network overflows (a model file edited, its checksum written anew) gave a
+    score map of NaN and an empty labelmap without a word: detection now refuses the model."""
+    import torch
+    from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(calibrated, "cpu")
+    with torch.no_grad():
+        bundle.model.state_dict()["encoder.8.weight"].fill_(torch.finfo(torch.float32).max)
+    save_bundle(calibrated, bundle.model, bundle.header)
+    image, mask = head
+    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
+               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "network gives infinite or NaN values" in lines[0], lines
+    assert not (tmp_path / "score.nii.gz").exists()
