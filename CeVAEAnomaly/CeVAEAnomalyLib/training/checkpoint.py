@@ -114,10 +114,16 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
     if not isinstance(state, dict):
         raise damaged(path, f"it holds a {type(state).__name__}, not a checkpoint's fields")
     _check_digest(state, path)
+    for key in ("version", "model_cfg", "run", "parts"):  # compared with this run's, shown and walked as plain data
+        if not _is_plain(state.get(key)):
+            raise damaged(path, f"its field {key!r} holds other than plain data")
     version = state.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by a newer version of CeVAEAnomaly (checkpoint format "
                          f"{version}; this one reads {CHECKPOINT_VERSION}); update CeVAEAnomaly to resume it.")
+    problem = _identity_problem(state.get("run"))
+    if problem:
+        raise damaged(path, problem)
     if version != CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by another version of CeVAEAnomaly, which does not "
                          f"record what defines its run; {_START_ANEW}.")
@@ -135,6 +141,33 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         if kind is int and value < (1 if key in ("batch_size", "world") else 0):
             raise damaged(path, f"its field {key!r} is {value}")
     return state
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is JSON-like data (text keys), nested at most 64 deep: what a run record holds."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if depth >= 64:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+
+
+def _identity_problem(run: Any) -> Optional[str]:
+    """Why a checkpoint's run record (:func:`run_identity`) cannot be compared with this run's, or None (also for
+    none: :func:`check_same_run` says so)."""
+    if run is None:
+        return None
+    if not isinstance(run, dict) or not isinstance(run.get("options"), dict):
+        return "its run record has no options"
+    for role in ("train", "validation"):
+        volumes = run.get(role)
+        if not isinstance(volumes, list) or not all(
+                isinstance(v, dict) and isinstance(v.get("image"), str) and isinstance(v.get("image_sha256"), str)
+                and "mask_sha256" in v and isinstance(v["mask_sha256"], (str, type(None))) for v in volumes):
+            return f"its run record's {role} volumes are not a list of paths and checksums"
+    return None
 
 
 def _check_digest(state: Dict[str, Any], path: Path) -> None:

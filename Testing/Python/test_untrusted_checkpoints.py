@@ -1,0 +1,81 @@
+"""A checkpoint whose fields were edited and whose checksum was written anew (as a sender of a run's files could) is
+refused with one line when a run resumes from it, before anything is trained: never a KeyError, a TypeError or a
+tensor's 'Boolean value ... is ambiguous' from comparing its run record, nor an error at the first training step.
+
+Each case edits the real checkpoint of a 4-step run and resumes it with ``train --resume``.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import pytest
+import torch
+from CeVAEAnomalyLib.engine.bundle import read_header
+from CeVAEAnomalyLib.training.checkpoint import DIGEST_KEY, state_digest
+from test_checkpoint_integrity import EVERY, errors, train
+from test_training_faults import manifest  # noqa: F401 (the two small heads, a module fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+Edit = Callable[[Dict[str, Any]], None]
+
+
+def drop(*keys: Any) -> Edit:
+    def apply(state: Dict[str, Any]) -> None:
+        parent = state
+        for k in keys[:-1]:
+            parent = parent[k]
+        del parent[keys[-1]]
+    return apply
+
+
+def put(value: Any, *keys: Any) -> Edit:
+    def apply(state: Dict[str, Any]) -> None:
+        parent = state
+        for k in keys[:-1]:
+            parent = parent[k]
+        parent[keys[-1]] = value
+    return apply
+
+
+CASES: Dict[str, Tuple[Edit, str]] = {
+    "run record without options": (drop("run", "options"), r"its run record has no options"),
+    "run record as a tensor": (put(torch.zeros(1), "run"), r"its field 'run' holds other than plain data"),
+    "run record as a list": (put([1], "run"), r"its run record has no options"),
+    "a volume without its mask checksum": (drop("run", "train", 0, "mask_sha256"),
+                                           r"its run record's train volumes are not a list of paths and checksums"),
+    "a volume's path as a list": (put([1], "run", "train", 0, "image"), r"train volumes are not a list of paths"),
+    "no validation list": (drop("run", "validation"), r"its run record's validation volumes are not a list"),
+    "an option as a tensor": (put(torch.zeros(2, 3), "run", "options", "seed"),
+                              r"its field 'run' holds other than plain data"),
+    "version as a tensor": (put(torch.zeros(3), "version"), r"its field 'version' holds other than plain data"),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(manifest, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("run") / "model.cevae"
+    assert train(manifest, out, EVERY) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_an_edited_checkpoint_is_refused_in_one_line(name, manifest, trained, tmp_path, capsys):  # noqa: F811
+    edit, message = CASES[name]
+    out = tmp_path / "model.cevae"
+    for suffix in ("", ".ckpt", ".log.csv"):
+        shutil.copy(f"{trained}{suffix}", f"{out}{suffix}")
+    ckpt = Path(f"{out}.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    edit(state)
+    state[DIGEST_KEY] = state_digest(state)  # written anew, as by whoever edited it
+    torch.save(state, ckpt)
+    edited = ckpt.read_bytes()
+    capsys.readouterr()
+    assert train(manifest, out, 2 * EVERY, "--resume") == 2
+    lines = errors(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"error: The checkpoint {ckpt} is damaged"), lines
+    assert re.search(message, lines[0]), lines[0]
+    assert ckpt.read_bytes() == edited and read_header(out).training["steps"] == EVERY  # nothing trained or written
