@@ -51,6 +51,14 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "an option as a tensor": (put(torch.zeros(2, 3), "run", "options", "seed"),
                               r"its field 'run' holds other than plain data"),
     "version as a tensor": (put(torch.zeros(3), "version"), r"its field 'version' holds other than plain data"),
+    # the optimiser's state: torch loads it as it is and failed at the first step
+    "a moment estimate missing": (drop("opt", "state", 0, "exp_avg_sq"),
+                                  r"optimiser state does not fit this run: the state of parameter 0 is not"),
+    "a moment estimate of another shape": (put(torch.zeros(3), "opt", "state", 1, "exp_avg"),
+                                           r"the 'exp_avg' of parameter 1 has another type or shape"),
+    "a parameter's state as a number": (put(5, "opt", "state", 2), r"the state of parameter 2 is not"),
+    "no learning rate": (drop("opt", "param_groups", 0, "lr"), r"optimiser state does not fit this run"),
+    "betas as text": (put("x", "opt", "param_groups", 0, "betas"), r"its setting 'betas' is not a tuple"),
 }
 
 

@@ -9,6 +9,7 @@ of its training and validation volumes); a resume that differs from it is refuse
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -181,6 +182,60 @@ def _check_digest(state: Dict[str, Any], path: Path) -> None:
         same = False
     if not same:
         raise damaged(path, "its content does not match the checksum written with it")
+
+
+def optimizer_problem(opt: torch.optim.Optimizer, saved: Any) -> Optional[str]:
+    """Why ``saved`` (a checkpoint's optimiser state) does not fit ``opt``, or None. torch loads any state and fails
+    only at the next step; the reference is the state that ``opt``'s kind of optimiser has after one step on copies
+    of its parameters (settings a newer torch added may be missing: it fills them in), and a second step on them
+    is taken with ``saved``."""
+    copies = [{"params": [p.detach().clone().requires_grad_(True) for p in g["params"]]} for g in opt.param_groups]
+    reference = type(opt)(copies, **opt.defaults)
+    for group in copies:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    reference.step()
+    want = reference.state_dict()
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list) and len(saved["param_groups"]) == len(copies)):
+        return "it is not the state of this run's optimiser"
+    for group, wanted in zip(saved["param_groups"], want["param_groups"]):
+        if not (isinstance(group, dict) and _is_plain(group.get("params")) and group["params"] == wanted["params"]):
+            return "its parameter groups list other parameters"
+        odd = [k for k, v in wanted.items() if k in group and not _same_kind(group[k], v)]
+        if odd:
+            return f"its setting {odd[0]!r} is not a {type(wanted[odd[0]]).__name__}"
+    for index, entry in saved["state"].items():
+        wanted = want["state"].get(index) if isinstance(index, int) else None
+        if wanted is None or not isinstance(entry, dict) or set(entry) != set(wanted):
+            return f"the state of parameter {index!r:.20} is not that of this run's optimiser"
+        odd = [k for k, v in wanted.items() if not _same_kind(entry[k], v)]
+        if odd:
+            return f"the {odd[0]!r} of parameter {index} has another type or shape than its parameter's"
+    try:  # and a step with it on the copies (a setting missing, a value torch cannot use)
+        reference.load_state_dict(copy.deepcopy(saved))
+        reference.step()
+    except Exception as exc:  # noqa: BLE001 - torch's many kinds of errors for unusable state
+        return f"a training step with it fails ({type(exc).__name__})"
+    return None
+
+
+def _same_kind(value: Any, wanted: Any) -> bool:
+    """Whether ``value`` can stand where an optimiser has ``wanted``: a tensor of its shape (a step count: also a
+    number), a number for a number, a pair of numbers for a pair, true/false/None for a flag."""
+    if isinstance(wanted, torch.Tensor):
+        if wanted.dim() == 0 and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        return isinstance(value, torch.Tensor) and value.shape == wanted.shape and (
+            value.is_floating_point() or wanted.dim() == 0)
+    if wanted is None or isinstance(wanted, bool):
+        return value is None or isinstance(value, bool)
+    if isinstance(wanted, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(wanted, (tuple, list)):
+        return isinstance(value, (tuple, list)) and len(value) == len(wanted) and all(
+            _same_kind(v, w) for v, w in zip(value, wanted))
+    return type(value) is type(wanted)
 
 
 def run_identity(options: Mapping[str, Any], train: Sequence[Subject], validation: Sequence[Subject],

@@ -35,8 +35,8 @@ from ..io.naming import full_suffix
 from ..progress import ProgressCallback, checked, report
 from .augment import augment
 from .cache import Entry, SliceCache, SliceSet, temporary_cache
-from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, read_checkpoint, run_identity,
-                         truncate_log, write_checkpoint)
+from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_problem, read_checkpoint,
+                         run_identity, truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
@@ -433,6 +433,9 @@ class Trainer:
         self._resume_state = None  # (held only for this load: its weights and optimiser state are not kept)
         try:
             self.model.load_state_dict(state["model"])
+            problem = optimizer_problem(self.opt, state["opt"])
+            if problem:
+                raise damaged(path, f"its optimiser state does not fit this run: {problem}")
             self.opt.load_state_dict(state["opt"])
             others = state.get("rank_streams")  # (earlier checkpoints held rank 0's alone)
             fits = isinstance(others, list) and len(others) == self.dist.world - 1
