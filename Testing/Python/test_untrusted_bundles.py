@@ -220,3 +220,31 @@ def test_weights_that_overflow_are_refused_not_scored_as_nan(calibrated, head, t
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and "network gives infinite or NaN values" in lines[0], lines
     assert not (tmp_path / "score.nii.gz").exists()
+
+
+def test_scores_that_overflow_in_post_processing_are_refused(calibrated, head, tmp_path):
+    """Weights whose network output is finite but huge (a reconstruction bias of 1e4), with the asymmetry fusion's
+    --score-power 10: the scores overflowed, and a map of NaN was written with no component (here), or, where
+    infinite scores were left, every one was labelled and ITK's component statistics never ended on them (the
+    detection hung, found with the bundled model). In its own process, so that a hang fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(calibrated, "cpu")
+    with torch.no_grad():
+        bundle.model.state_dict()["decoder.8.bias"].fill_(1e4)
+    save_bundle(calibrated, bundle.model, bundle.header)
+    image, mask = head
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.cli", "detect", str(image), "--mask", str(mask),
+                           "--model", str(calibrated), "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu",
+                           "--score-power", "10", "--threshold", "1"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "post-processed scores of this scan overflow" in lines[0] and "--score-power" in lines[0], lines[0]
+    assert not (tmp_path / "score.nii.gz").exists()

@@ -168,10 +168,18 @@ class Detector:
         """The post-processed map on ``region`` of ``image``'s grid (``inside``: its brain): asymmetry
         fusion, rim and median, normalisation (by ``post.spread``)."""
         post = self.post
-        if asym is not None:
-            score = fuse_with_asymmetry(score, asym, post.asymmetry_floor, post.score_power, post.asymmetry_side)
-        score = refine_scores(score, inside, image.GetSpacing(), post)
-        return normalised(score, inside, post.spread) if post.normalise else score
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
+            if asym is not None:
+                score = fuse_with_asymmetry(score, asym, post.asymmetry_floor, post.score_power, post.asymmetry_side)
+            score = refine_scores(score, inside, image.GetSpacing(), post)
+            score = normalised(score, inside, post.spread) if post.normalise else score
+        if not np.isfinite(score[inside]).all():  # (an infinite score is labelled at any threshold, and ITK's
+            # component statistics never end on it)
+            power = f", raised to the power {post.score_power:g} (--score-power)" if asym is not None else ""
+            raise CeVAEError("The post-processed scores of this scan overflow (infinite or NaN values): the model's "
+                             f"scores are far larger than a trained model's{power}; the model file may be damaged or "
+                             "edited.")
+        return score
 
     def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image],
                  progress: Optional[ProgressCallback], where: str = "") -> Tuple[SliceStack, np.ndarray]:
