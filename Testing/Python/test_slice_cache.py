@@ -523,3 +523,19 @@ def test_the_cache_write_error_names_a_full_disk_or_quota_and_what_to_do(tmp_pat
                                                  f"{target.parent} is used up. {advice}")
     other = OSError(errno.EIO, os.strerror(errno.EIO))
     assert write_failure(target, other, 100).endswith(f"{target}: [Errno 5] Input/output error.")
+
+
+def test_an_entry_whose_npy_header_has_an_unclosed_bracket_is_made_again(subjects, tmp_path, caplog):
+    """numpy reads a .npy header with Python's tokenizer, whose TokenError (not a ValueError) went through the
+    lookup and stopped the run; the entry is damaged like any other and is made again."""
+    s = subjects[0]
+    cache = SliceCache(tmp_path / "cache", PRE)
+    (entry,), _ = cache.entries_for(s, checksums(s), ("axial",))
+    good = np.load(entry.path)
+    data = entry.path.read_bytes()
+    end = data.index(b"}")
+    entry.path.write_bytes(data[:end] + b" " + data[end + 1:])  # the header's dict loses its closing brace
+    with caplog.at_level(logging.WARNING):
+        (again,), made = SliceCache(tmp_path / "cache", PRE).entries_for(s, checksums(s), ("axial",))
+    assert made and "is damaged" in caplog.text
+    np.testing.assert_array_equal(np.load(again.path), good)

@@ -27,6 +27,7 @@ import shutil
 import socket
 import tempfile
 import time
+import tokenize
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,10 +285,13 @@ def write_failure(target: Path, exc: OSError, size: int) -> str:
 def _npy_layout(fh: BinaryIO) -> tuple:
     """(shape, data offset) of a float32 C-order .npy file open at its start."""
     version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    try:
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except (tokenize.TokenError, SyntaxError) as exc:  # numpy reads the header with Python's tokenizer
+        raise ValueError(f"unreadable .npy header ({type(exc).__name__})") from None
     if fortran or dtype != np.dtype("<f4"):
         raise ValueError("not a little-endian float32 C-order array")
     return tuple(shape), fh.tell()
