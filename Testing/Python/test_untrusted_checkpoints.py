@@ -6,6 +6,7 @@ Each case edits the real checkpoint of a 4-step run and resumes it with ``train 
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -51,6 +52,11 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "an option as a tensor": (put(torch.zeros(2, 3), "run", "options", "seed"),
                               r"its field 'run' holds other than plain data"),
     "version as a tensor": (put(torch.zeros(3), "version"), r"its field 'version' holds other than plain data"),
+    # the training parts (the bundle's record of learning rates): an empty list failed with IndexError, a NaN rate
+    # trained the whole run and then could not write the bundle ('free some space'), at every resume
+    "no parts": (put([], "parts"), r"its field 'parts' is not a list of training parts"),
+    "a part's learning rate NaN": (put([{"from_step": 0, "lr": math.nan, "ranks": 1}], "parts"),
+                                   r"its field 'parts' is not a list of training parts"),
     # the optimiser's state: torch loads it as it is and failed at the first step
     "a moment estimate missing": (drop("opt", "state", 0, "exp_avg_sq"),
                                   r"optimiser state does not fit this run: the state of parameter 0 is not"),

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import logging
+import math
 import pickle
 import warnings
 from pathlib import Path
@@ -122,7 +123,7 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
     if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by a newer version of CeVAEAnomaly (checkpoint format "
                          f"{version}; this one reads {CHECKPOINT_VERSION}); update CeVAEAnomaly to resume it.")
-    problem = _identity_problem(state.get("run"))
+    problem = _identity_problem(state.get("run")) or _parts_problem(state.get("parts"))
     if problem:
         raise damaged(path, problem)
     if version != CHECKPOINT_VERSION:
@@ -169,6 +170,20 @@ def _identity_problem(run: Any) -> Optional[str]:
                 and "mask_sha256" in v and isinstance(v["mask_sha256"], (str, type(None))) for v in volumes):
             return f"its run record's {role} volumes are not a list of paths and checksums"
     return None
+
+
+def _parts_problem(parts: Any) -> Optional[str]:
+    """Why a checkpoint's ``parts`` (from which step the run trained with which learning rate and ranks; the
+    bundle's training record) are unusable, or None (also for none: checkpoints of earlier releases lack them)."""
+    def whole(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if parts is None or isinstance(parts, list) and parts and all(
+            isinstance(p, dict) and whole(p.get("from_step"), 0) and whole(p.get("ranks"), 1)
+            and isinstance(p.get("lr"), (int, float)) and not isinstance(p.get("lr"), bool)
+            and math.isfinite(p["lr"]) and p["lr"] > 0 for p in parts):
+        return None
+    return "its field 'parts' is not a list of training parts (a first step, a learning rate and a number of ranks)"
 
 
 def _check_digest(state: Dict[str, Any], path: Path) -> None:
