@@ -218,7 +218,7 @@ def test_weights_that_overflow_are_refused_not_scored_as_nan(calibrated, head, t
     rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
                "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "network gives infinite or NaN values" in lines[0], lines
+    assert rc == 2 and len(lines) == 1 and "scores of this scan overflow (infinite or NaN values)" in lines[0], lines
     assert not (tmp_path / "score.nii.gz").exists()
 
 

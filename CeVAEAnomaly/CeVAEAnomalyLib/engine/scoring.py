@@ -21,7 +21,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import CeVAEError
 from ..options import DEFAULT_BATCH_SIZE, ScoreOptions
 from .config import LossConfig
 from .model import CeVAE, kl_per_sample, latent_noise, rec_error
@@ -163,20 +162,13 @@ def network_maps(
         stats.append(torch.stack([s.float() for s in st], 1))
         report(progress, min(start + batch_size, n) / n, "Scoring slices")
     st = torch.cat(stats)
-    maps = NetworkMaps(
+    return NetworkMaps(
         rec=torch.cat(recs),
         grad=torch.cat(grads) if grads else None,
         attribution=torch.cat(attrs) if attrs else None,
         brain=torch.cat(brains),
         slices=SliceScores(st[:, 0], st[:, 1], st[:, 2]),
     )
-    if not all(bool(torch.isfinite(t).all()) for t in (maps.rec, maps.grad, maps.attribution, st) if t is not None):
-        # the slices are finite (normalised and clipped): the weights overflow. Scores of NaN would end in an empty
-        # labelmap without a word.
-        raise CeVAEError("The model's network gives infinite or NaN values on these slices" + (
-            " in mixed precision; run without --amp." if amp else
-            ": its weights are unusable (the model file is damaged or was edited). Use an original copy."))
-    return maps
 
 
 def pixel_map(raw: NetworkMaps, opts: ScoreOptions) -> torch.Tensor:
