@@ -98,6 +98,10 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     # the Slicer panel's rate field takes the calibration's rates only: a model outside them broke every update
     "default rate 0.7": (top("default_fpr", 0.7), r"default_fpr must be a finite number in \[1e-06, 0.5\]"),
     "default rate 1e-7": (top("default_fpr", 1e-7), r"default_fpr must be a finite number in \[1e-06, 0.5\]"),
+    "default rate of 400 digits": (top("default_fpr", 10**400),
+                                   r"default_fpr must be a finite number in \[1e-06, 0.5\]"),
+    "a calibrated rate of 400 digits": (calibration(lambda e: e["fpr"].__setitem__(0, 10**400)),
+                                        r"calibration table 1 rate 0 must be a finite number in \(0, 1\)"),
     "default rate as text": (top("default_fpr", "0.001"), r"default_fpr must be a finite number"),
     "unknown weight type": (top("weights_dtype", "int8"), r"weights_dtype must be 'float32' or 'float16'"),
     "integer tensor": (tensor_dtype, r"has type I32; float32 or float16 weights are expected"),

@@ -8,6 +8,7 @@ tensor shapes the file holds (read from the safetensors header, before the netwo
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import fields
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
@@ -30,7 +31,9 @@ def _whole(where: str, value: Any, low: int, high: int) -> int:
 
 
 def _number(where: str, value: Any, low: float, high: float, open_low: bool = False, open_high: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    # (an integer beyond the floats' range, e.g. JSON's 1 followed by 400 zeros, is refused: isfinite would overflow)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (
+        abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value))
     ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not ok:
         lo, hi = "(" if open_low else "[", ")" if open_high else "]"
