@@ -190,6 +190,30 @@ def test_a_key_written_twice_in_the_tensor_table_is_refused_in_one_line(calibrat
     assert "duplicate field" in lines[0], lines
 
 
+@pytest.mark.parametrize("where", ["model header", "tensor table"])
+def test_a_number_of_5000_digits_is_refused_in_one_line(where, calibrated, head, tmp_path, capsys):
+    """Python's JSON reader refuses integers of more than 4300 digits with a plain ValueError, not a
+    JSONDecodeError: it went through read_header."""
+    raw = calibrated.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    table = json.loads(raw[8 : 8 + n])
+    long_number = "1" * 5000
+    if where == "model header":
+        meta = table["__metadata__"]["cevae_anomaly"]
+        table["__metadata__"]["cevae_anomaly"] = meta[:-1] + f', "note": {long_number}}}'
+        new = json.dumps(table).encode()
+    else:
+        new = json.dumps(table).encode()[:-1] + f', "x": {long_number}}}'.encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    calibrated.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+    image, mask = head
+    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
+               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Exceeds the limit (4300 digits)" in lines[0], lines
+    assert ("is not valid JSON" if where == "model header" else "unreadable header") in lines[0], lines
+
+
 def test_untampered_copy_is_accepted(calibrated, head, tmp_path, capsys):
     """Control: the rewrite itself keeps a valid bundle."""
     rewrite(calibrated, lambda h, t: None)

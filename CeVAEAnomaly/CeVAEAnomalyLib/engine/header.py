@@ -176,8 +176,8 @@ def _written_header(p: Path) -> Any:
         raise CeVAEError(f"{p} is a safetensors file but not a CeVAEAnomaly model bundle (no model header).")
     try:
         return json.loads(meta[META_KEY])
-    except (json.JSONDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+    except (ValueError, RecursionError) as exc:  # (ValueError: also a number of more than 4300 digits)
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
         raise CeVAEError(f"The header of {p} is not valid JSON ({reason}).") from None
 
 
@@ -192,8 +192,8 @@ def _safetensors_metadata(p: Path) -> Dict[str, str]:
         else:
             try:
                 table = json.loads(fh.read(length).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            except (ValueError, RecursionError) as exc:  # (ValueError: not UTF-8 or JSON, or a 4300-digit number)
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
                 table, problem = None, f"unreadable header: {reason}"
     if problem is None:
         problem = _table_problem(table, size - 8 - length)
