@@ -11,7 +11,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -157,35 +157,42 @@ def test_tampered_header_is_refused(name, calibrated, head, tmp_path, capsys):
     assert not (tmp_path / "score.nii.gz").exists()
 
 
+def _table_text(path: Path) -> str:
+    """The bundle's tensor table (the JSON after the length field), as text."""
+    raw = path.read_bytes()
+    return raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]].decode()
+
+
+def _put_table(path: Path, text: str) -> None:
+    """Replace the bundle's tensor table by ``text`` (padded to 8 bytes), keeping its tensors' bytes."""
+    raw = path.read_bytes()
+    new = text.encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + struct.unpack("<Q", raw[:8])[0] :])
+
+
+def _detect_errors(model: Path, head, tmp_path: Path, capsys) -> Tuple[int, List[str]]:
+    """The exit code of ``detect`` with ``model`` on ``head``, and the non-empty lines it wrote to stderr."""
+    image, mask = head
+    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(model),
+               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
+    return rc, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
 def test_a_header_nested_too_deeply_is_refused_in_one_line(calibrated, head, tmp_path, capsys):
     """JSON nested 100000 deep (the parser's recursion limit) in the bundle header."""
-    raw = calibrated.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    table = json.loads(raw[8 : 8 + n])
+    table = json.loads(_table_text(calibrated))
     meta = table["__metadata__"]["cevae_anomaly"]
     table["__metadata__"]["cevae_anomaly"] = meta[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
-    new = json.dumps(table).encode()
-    new += b" " * ((8 - len(new) % 8) % 8)
-    calibrated.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
-    image, mask = head
-    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
-               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    _put_table(calibrated, json.dumps(table))
+    rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
     assert rc == 2 and len(lines) == 1 and "is not valid JSON (nested too deeply)" in lines[0], lines
 
 
 def test_a_key_written_twice_in_the_tensor_table_is_refused_in_one_line(calibrated, head, tmp_path, capsys):
     """Python's JSON reader keeps the last of two equal keys; safetensors' own parser refuses the file."""
-    raw = calibrated.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    table = raw[8 : 8 + n].decode()
-    doubled = re.sub(r'("dtype": ?"F(16|32)")', r"\1, \1", table, count=1).encode()
-    doubled += b" " * ((8 - len(doubled) % 8) % 8)
-    calibrated.write_bytes(struct.pack("<Q", len(doubled)) + doubled + raw[8 + n :])
-    image, mask = head
-    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
-               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    _put_table(calibrated, re.sub(r'("dtype": ?"F(16|32)")', r"\1, \1", _table_text(calibrated), count=1))
+    rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
     assert rc == 2 and len(lines) == 1 and "not a valid safetensors file" in lines[0], lines
     assert "duplicate field" in lines[0], lines
 
@@ -194,22 +201,15 @@ def test_a_key_written_twice_in_the_tensor_table_is_refused_in_one_line(calibrat
 def test_a_number_of_5000_digits_is_refused_in_one_line(where, calibrated, head, tmp_path, capsys):
     """Python's JSON reader refuses integers of more than 4300 digits with a plain ValueError, not a
     JSONDecodeError: it went through read_header."""
-    raw = calibrated.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    table = json.loads(raw[8 : 8 + n])
+    table = json.loads(_table_text(calibrated))
     long_number = "1" * 5000
     if where == "model header":
         meta = table["__metadata__"]["cevae_anomaly"]
         table["__metadata__"]["cevae_anomaly"] = meta[:-1] + f', "note": {long_number}}}'
-        new = json.dumps(table).encode()
+        _put_table(calibrated, json.dumps(table))
     else:
-        new = json.dumps(table).encode()[:-1] + f', "x": {long_number}}}'.encode()
-    new += b" " * ((8 - len(new) % 8) % 8)
-    calibrated.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
-    image, mask = head
-    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
-               "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"])
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        _put_table(calibrated, json.dumps(table)[:-1] + f', "x": {long_number}}}')
+    rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
     assert rc == 2 and len(lines) == 1 and "Exceeds the limit (4300 digits)" in lines[0], lines
     assert ("is not valid JSON" if where == "model header" else "unreadable header") in lines[0], lines
 
