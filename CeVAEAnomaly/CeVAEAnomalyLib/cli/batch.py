@@ -595,25 +595,33 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
     """The "skipped" row of a volume whose outputs are complete and, says a summary of these settings (``earlier``),
     are the files it recorded (checksums) and were made from its current image and mask. None if it is to be
     scored again: its outputs are incomplete, not the recorded ones, or its input changed (all logged here), or
-    nothing records what they are (its name goes to ``unknown``)."""
+    nothing records what they are (its name goes to ``unknown``). Outputs that are the recorded files were complete
+    when written, so only others are read through (the completeness check takes far longer than the checksums)."""
+    recorded = earlier is not None and all(earlier.get(k) for k in ("image_sha256", *OUTPUT_FIELDS)) and not any(
+        earlier.get(k) is None for k in set(SUMMARY_FIELDS) - {"components"})
     try:
-        problem = incomplete_outputs(paths)
-        if problem:
-            raise ValueError(problem)
-    except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
-        log.warning("The outputs of %s are incomplete or unreadable (%s); scoring it again.", item.name, one_line(exc))
-        return None
-    if (earlier is None or any(not earlier.get(k) for k in ("image_sha256", *OUTPUT_FIELDS))
-            or any(earlier.get(k) is None for k in set(SUMMARY_FIELDS) - {"components"})):
+        outputs: Optional[Dict[str, str]] = output_checksums(paths) if recorded else None
+    except OSError:
+        outputs = None  # said below: unreadable
+    same = outputs is not None and earlier is not None and all(
+        outputs[f"{role}_sha256"] == earlier[f"{role}_sha256"] for role in paths)
+    if not same:
+        try:
+            problem = incomplete_outputs(paths)
+            if problem:
+                raise ValueError(problem)
+        except (RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
+            log.warning("The outputs of %s are incomplete or unreadable (%s); scoring it again.", item.name,
+                        one_line(exc))
+            return None
+    if not recorded:
         unknown.append(item.name)
         return None
-    try:
-        outputs = output_checksums(paths)
-    except OSError as exc:
-        log.warning("The outputs of %s are unreadable (%s); scoring it again.", item.name, one_line(exc))
+    if outputs is None:
+        log.warning("The outputs of %s are unreadable; scoring it again.", item.name)
         return None
-    differ = [path.name for role, path in paths.items() if outputs[f"{role}_sha256"] != earlier[f"{role}_sha256"]]
-    if differ:
+    if not same:
+        differ = [path.name for role, path in paths.items() if outputs[f"{role}_sha256"] != earlier[f"{role}_sha256"]]
         log.warning("The outputs of %s are not the files its summary records (%s differ%s: changed, damaged, or "
                     "restored from another run); scoring it again.", item.name, ", ".join(differ),
                     "s" if len(differ) == 1 else "")
