@@ -650,7 +650,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from CeVAEAnomalyLib.slicer.settings import model_path, override_postprocess
 
         p = self._parameterNode
-        volumes = list(self.ui.healthyVolumesSelector.checkedNodes())
+        volumes = self._healthyVolumes(CALIBRATE)
         masks = pair_masks(volumes, list(self.ui.healthyMasksSelector.checkedNodes()))
         outputPath = model_output(p.calibratedModelPath)
         overwrite = False
@@ -700,7 +700,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from CeVAEAnomalyLib.slicer.settings import model_path
 
         p = self._parameterNode
-        volumes = list(self.ui.adaptVolumesSelector.checkedNodes())
+        volumes = self._healthyVolumes(ADAPT)
         masks = pair_masks(volumes, list(self.ui.adaptMasksSelector.checkedNodes()))
         choice = self._adaptChoice()
         if not choice.ready:
