@@ -156,18 +156,18 @@ def _check_calibration(calibration: Any) -> None:
             _fail(where, "has rates that do not increase strictly")
         if any(b > a for a, b in zip(thr, thr[1:])):
             _fail(where, "has thresholds that rise with the rate (they must fall)")
-        if "largest_voxel_mm" in entry:
-            sides = entry["largest_voxel_mm"]
-            if not isinstance(sides, list) or len(sides) != 2:
-                _fail(f"{where} largest_voxel_mm", f"must be a list of two sizes, got {sides!r}")
-            low = _number(f"{where} largest_voxel_mm[0]", sides[0], 0, 100, open_low=True)
-            _number(f"{where} largest_voxel_mm[1]", sides[1], low, 100)
-        if "bright_tail" in entry:
-            tails = entry["bright_tail"]
-            if not isinstance(tails, list) or len(tails) != 2:
-                _fail(f"{where} bright_tail", f"must be a list of two numbers, got {tails!r}")
-            low = _number(f"{where} bright_tail[0]", tails[0], 0, 1000)
-            _number(f"{where} bright_tail[1]", tails[1], low, 1000)
+        for key, items, high, open_low in (("largest_voxel_mm", "sizes", 100, True),
+                                           ("bright_tail", "numbers", 1000, False)):
+            if key in entry:
+                _range(f"{where} {key}", entry[key], items, high, open_low)
+
+
+def _range(where: str, value: Any, items: str, high: float, open_low: bool) -> None:
+    """Check a recorded [low, high] range (``items``: what it holds, for the message) within [0, ``high``]."""
+    if not isinstance(value, list) or len(value) != 2:
+        _fail(where, f"must be a list of two {items}, got {value!r}")
+    low = _number(f"{where}[0]", value[0], 0, high, open_low=open_low)
+    _number(f"{where}[1]", value[1], low, high)
 
 
 def check_tensor_shapes(declared: Mapping[str, Tuple[Tuple[int, ...], str]], cfg: ModelConfig) -> None:
