@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Does the post-contrast warning fire where it should? The bright tail (engine/modality.bright_tail) of every
+"""Does the post-contrast warning fire where it should? The bright tail (engine/modality.scan_bright_tail) of every
 acquisition variant of every head, healthy and with the benchmark's lesion cases, against the warning rule
 (calibration.BRIGHT_TAIL_MARGIN above the highest tail of the calibration's healthy scans).
 
@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import SimpleITK as sitk
 from CeVAEAnomalyLib.engine.calibration import BRIGHT_TAIL_MARGIN
-from CeVAEAnomalyLib.engine.modality import bright_tail
+from CeVAEAnomalyLib.engine.modality import scan_bright_tail
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.images import read_image
 from CeVAEAnomalyResearch.acquisition import VARIANTS, derive
@@ -27,10 +27,6 @@ from CeVAEAnomalyResearch.sampledata import find_healthy_data
 from benchmark_acquisition_maps import RECIPES, SEED_ORDER, SUBJECTS, lesion_case
 
 EXTRA = ("cortex_s1", "brainbrowser1", "brainbrowser2")
-
-
-def _tail(image: sitk.Image, mask: sitk.Image) -> float:
-    return bright_tail(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(mask) > 0)
 
 
 def head_tails(folder: Path, head: str) -> Dict[str, Dict[str, float]]:
@@ -47,7 +43,7 @@ def head_tails(folder: Path, head: str) -> Dict[str, Dict[str, float]]:
         out[variant] = {}
         for name, img, gt in cases:
             v_img, v_mask, _ = derive(VARIANTS[variant], img, mask, gt, seed=1000 * si + 10 * vi + 1)
-            out[variant][name] = _tail(v_img, v_mask)
+            out[variant][name] = scan_bright_tail(v_img, v_mask)
         print(head, variant, " ".join(f"{v:.2f}" for v in out[variant].values()), flush=True)
     return out
 
