@@ -118,3 +118,55 @@ def test_cuda_asked_for_without_cuda_is_refused_before_any_run(tiny_bundle, site
     error = capsys.readouterr().err
     assert "CUDA was asked for (device cuda) but is not available" in error and "--device cpu" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site.csv"]
+
+
+def _with_augment(tiny_bundle: Path, augment: object, base: Path) -> Path:
+    """``tiny_bundle`` whose header records ``augment`` as its training's augmentation, written to ``base``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tiny_bundle), framework="pt") as bundle:
+        metadata = bundle.metadata()
+    header = json.loads(metadata["cevae_anomaly"])
+    header["training"]["augment"] = augment
+    save_file(load_file(str(tiny_bundle)), str(base), metadata=dict(metadata, cevae_anomaly=json.dumps(header)))
+    return base
+
+
+def test_adapt_fine_tunes_with_the_augmentation_the_base_was_trained_with(tiny_bundle, site, tmp_path, monkeypatch):
+    """Every run fine-tuned with train's default augmentation, whatever the base recorded: a model trained with
+    --no-augment or --acquisition-augment learnt other variation during its adaptation than before."""
+    from dataclasses import asdict
+
+    from CeVAEAnomalyLib.engine.header import read_header
+    from CeVAEAnomalyLib.training.config import ACQUISITION_AUGMENT
+
+    base = _with_augment(tiny_bundle, asdict(ACQUISITION_AUGMENT), tmp_path / "acquisition.cevae")
+    used = []
+    real = adapt_mod.Trainer
+
+    def trainer(cfg, *args, **kw):
+        used.append(cfg.augment)
+        return real(cfg, *args, **kw)
+
+    monkeypatch.setattr(adapt_mod, "Trainer", trainer)
+    out = tmp_path / "site.cevae"
+    assert main(["adapt", str(site["a"]), str(site["b"]), "--model", str(base), "--out", str(out), *QUICK_ARGS]) == 0
+    assert used and all(a == ACQUISITION_AUGMENT for a in used), used
+    assert read_header(out).training["augment"] == asdict(ACQUISITION_AUGMENT)
+
+
+@pytest.mark.parametrize("augment, message", [
+    ({"noise": 5.0}, "gives noise = 5.0 (expected a number from 0 to 1)"),
+    ({"slab": 1.5}, "gives slab = 1.5 (expected a whole number from 0 to 16)"),
+    ({"sharpen": 0.1}, "names steps this version does not know (sharpen)"),
+    ([0.5], "is not an object of strengths"),
+])
+def test_a_base_model_whose_augmentation_record_is_damaged_is_refused(tiny_bundle, site, tmp_path, capsys, augment,
+                                                                      message):
+    base, out = _with_augment(tiny_bundle, augment, tmp_path / "odd.cevae"), tmp_path / "site.cevae"
+    assert main(["adapt", str(site["a"]), str(site["b"]), "--model", str(base), "--out", str(out), *QUICK_ARGS]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and f"The model {base} records an augmentation it was trained with that {message}" \
+        in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.cevae"]

@@ -34,7 +34,7 @@ from ..progress import ProgressCallback, checked, labelled, report, scaled
 from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_plan, output_paths, run_names,
                          training_seconds)
 from .cache import SliceCache, temporary_cache
-from .config import AugmentConfig, TrainConfig
+from .config import TrainConfig, recorded_augment
 from .data import person_groups, unique_subjects, voxel_checksums
 from .distributed import DistInfo, file_checksums
 from ..engine.modality import check_modality, depth_contrast
@@ -59,6 +59,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     refuse_misnamed(out, "model", "a .cevae bundle", ".cevae")  # before the scans are hashed
     header = read_header(base)
     _check_adaptable(header, base)
+    augment = recorded_augment(header.training.get("augment"), base)  # fine-tuned as the base was trained
     if out.is_file() and not (options.overwrite or options.resume) and not any(
             out.parent.glob(glob.escape(out.name) + ".fold*.ckpt")):  # finished (as below): refused before hashing
         raise _finished(out)
@@ -81,7 +82,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
                                                                              n_persons=len(persons))))
     runs = run_names(len(persons), options.folds)
-    configs = {run: replace(options.run_config(out, run, init_from=base), device=str(device)) for run in runs}
+    configs = {run: replace(options.run_config(out, run, init_from=base), device=str(device), augment=augment)
+               for run in runs}
     read = Inputs([base, *inputs, *checksums])
     for path in output_paths(out, len(persons), options):
         if read.which(path) is not None:  # by path, link or inode
@@ -149,7 +151,7 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
 
     def trainer_of(n: int, run: str) -> Trainer:
         held = plan[n] if run != "final" else []
-        cfg = replace(configs[run], model=header.model, loss=header.loss, augment=AugmentConfig(),
+        cfg = replace(configs[run], model=header.model, loss=header.loss,
                       orientations=orientations, cache_dir=cache,
                       resume=resume and configs[run].checkpoint_path.is_file())
         title = (f"Fine-tuning {n + 1}/{len(runs)} (without {', '.join(subjects[j].name for j in held)})"

@@ -43,6 +43,33 @@ class AugmentConfig:
 
 
 MAX_SLAB = 16  # neighbours on each side; 1 mm slices averaged over 33 mm are no acquisition
+
+
+def recorded_augment(record: object, model: Path) -> AugmentConfig:
+    """The augmentation a model's header records it was trained with (``training.augment``), for fine-tuning it
+    the same way; the defaults of ``train`` for a model that records none. A record that is not such strengths (an
+    unknown step, a number out of range: a damaged or foreign file) is refused, naming the model."""
+    if record is None:
+        return AugmentConfig()
+    kinds = {f.name for f in fields(AugmentConfig)}
+    problem = None
+    if not isinstance(record, dict) or not record:
+        problem = "is not an object of strengths"
+    elif set(record) - kinds:
+        problem = f"names steps this version does not know ({', '.join(sorted(map(str, set(record) - kinds)))})"
+    else:
+        for name, value in record.items():
+            top = MAX_SLAB if name == "slab" else 180.0 if name == "rotate_deg" else 1.0
+            whole = name == "slab"
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int))
+                    or not math.isfinite(value) or not 0 <= value <= top):
+                problem = f"gives {name} = {value!r} (expected {'a whole number' if whole else 'a number'} " \
+                          f"from 0 to {top:g})"
+                break
+    if problem is not None:
+        raise CeVAEError(f"The model {model} records an augmentation it was trained with that {problem}, so it "
+                         "cannot be fine-tuned the way it was trained.")
+    return AugmentConfig(**record)
 NO_AUGMENT = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
 # What scans of other scanners and protocols add (docs/benchmark.md, "The model's own levers": neutral there):
