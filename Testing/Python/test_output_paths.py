@@ -97,6 +97,30 @@ def test_a_name_too_long_is_refused_before_any_work(inputs, tmp_path, capsys, mo
     assert tree(tmp_path) == before
 
 
+def deep_folder(root: Path, path_bytes: int) -> Path:
+    """A folder under ``root`` whose path is ``path_bytes`` bytes long (names of at most 200 bytes)."""
+    folder = root
+    while len(os.fsencode(str(folder))) < path_bytes:
+        folder = folder / ("d" * min(200, path_bytes - len(os.fsencode(str(folder))) - 1))
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_a_path_whose_temporary_would_be_too_long_is_refused_before_any_work(inputs, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A short name in a folder near the 4096-byte path limit: the output fits, but the hidden temporary it is
+    written under first (about 30 bytes longer) would not, and the write failed after the detection."""
+    from CeVAEAnomalyLib.io import images
+
+    monkeypatch.setattr(images, "read_image", lambda *a, **k: pytest.fail("the image was read"))
+    score = deep_folder(tmp_path / "out", 4080) / "score.nii.gz"  # 4093 bytes: the path itself fits
+    before = tree(tmp_path)
+    assert main(detect_argv(*inputs, score)) == 2
+    one_error_line(capsys.readouterr().err, r"is 4093 bytes long; the hidden temporary file it is first written "
+                                            r"as needs \d+ more, and paths may hold at most 4095 bytes")
+    assert tree(tmp_path) == before
+
+
 def test_train_refuses_an_out_whose_log_name_is_too_long(tmp_path):
     out = tmp_path / ("m" * 245 + ".cevae")  # 251 bytes fit, but OUT.ckpt (256 bytes) does not
     with pytest.raises(CeVAEError, match=r"is 256 bytes long"):

@@ -25,12 +25,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from ..errors import CeVAEError
 from ..interrupts import stops_held
 from .naming import full_suffix
-from .targets import check_paths, name_leaving_room, refuse_special_output
+from .targets import TEMPORARY_ROOM, check_paths, name_leaving_room, refuse_special_output
 from .verify import incomplete_reason
 
 log = logging.getLogger(__name__)
 Writer = Callable[[str], None]
-_OWNER_ROOM = 1 + 8 + 1 + 10  # "-", the machine's tag, "-", a process id
 _NEW_PRIVATE_FILE = os.O_WRONLY
 _NEW_PRIVATE_FILE |= os.O_CREAT  # (augmented: vermin takes a chain of "|" for a 3.10 type union)
 _NEW_PRIVATE_FILE |= os.O_EXCL
@@ -60,7 +59,7 @@ def machine_tag() -> str:
 def _temp_parts(target: Path) -> Tuple[str, str]:
     """The ``.NAME.`` that starts the temporaries of ``target`` (NAME shortened to leave room) and their extension."""
     suffix = full_suffix(target)
-    name = name_leaving_room(target, len(os.fsencode(suffix)) + 10 + _OWNER_ROOM)  # the dots, 8 random characters
+    name = name_leaving_room(target, len(os.fsencode(suffix)) + TEMPORARY_ROOM)
     return f".{name}.", suffix
 
 

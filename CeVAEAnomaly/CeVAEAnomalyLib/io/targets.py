@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from ..errors import CeVAEError
 from .detached import NumberedFiles, read_alongside
+from .naming import full_suffix
 
 
 def special_file_kind(p: Path) -> Optional[str]:
@@ -93,6 +94,9 @@ def refuse_special_output(target: Path) -> None:
 
 NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, XFS, APFS, NTFS)
 PATH_MAX = 4096  # bytes in a whole path on Linux
+# what the name of an output's hidden temporary (io.atomic.temp_beside) adds to the output's name, besides its
+# extension once more: two dots, 8 random characters, "-", the machine's tag (8), "-", a process id (up to 10)
+TEMPORARY_ROOM = 2 + 8 + 1 + 8 + 1 + 10
 
 
 def name_max(folder: Path) -> int:
@@ -122,9 +126,12 @@ def refuse_overlong_name(target: Path) -> None:
             raise CeVAEError(f"The output name {part[:40]}... is {size} bytes long; file names may hold at most "
                              f"{limit} bytes. Choose a shorter name.")
     size = len(os.fsencode(os.path.abspath(target)))
-    if size >= PATH_MAX:
-        raise CeVAEError(f"The output path {str(target)[:60]}... is {size} bytes long; paths may hold at most "
-                         f"{PATH_MAX - 1} bytes. Choose a shorter path.")
+    name = len(os.fsencode(target.name))
+    more = min(name + len(os.fsencode(full_suffix(target))) + TEMPORARY_ROOM, limit) - name  # (a long name is cut)
+    if size + more >= PATH_MAX:
+        temporary = f"; the hidden temporary file it is first written as needs {more} more," if more > 0 else ""
+        raise CeVAEError(f"The output path {str(target)[:60]}... is {size} bytes long{temporary} and paths may hold "
+                         f"at most {PATH_MAX - 1} bytes. Choose a shorter path.")
 
 
 class Inputs:
