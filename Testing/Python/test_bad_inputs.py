@@ -465,6 +465,22 @@ def two_placements(code: int, shift_mm: float = 0.0, shear: float = 0.0):
     return build
 
 
+def sform_value(value: float):
+    """A NIfTI whose sform (aligned, code 2) holds ``value`` (NaN, inf) in srow_x: no matrix at all, which ITK
+    passes over (reading the qform) and other software would follow."""
+    def build(d: Path, g: Inputs) -> Inputs:
+        image, arr, _ = head_arrays(g)
+        path = write(like(arr.astype(np.float32), image), d / "sform.nii")
+        raw = bytearray(path.read_bytes())
+        struct.pack_into("<f", raw, 280, value)
+        struct.pack_into("<h", raw, 254, 2)
+        path.write_bytes(bytes(raw))
+        mask = sitk.ReadImage(str(g.mask))
+        mask.CopyInformation(sitk.ReadImage(str(path)))
+        return Inputs(path, write(mask, d / "sform_mask.nii.gz"), g.model)
+    return build
+
+
 def voxel_size(mm: float):
     """The image with voxels of ``mm`` along its first axis (a header in other units, or damaged)."""
     def build(d: Path, g: Inputs) -> Inputs:
@@ -767,6 +783,12 @@ CASES: Dict[str, Case] = {
                                                        r"follow"),
     "sform (MNI) sheared, the qform read": Case(two_placements(4, shear=0.2), REFUSED,
                                                r"placed\.nii places its voxels up to 8\.6 mm from where ITK"),
+    "sform holding NaN": Case(sform_value(float("nan")), REFUSED,
+                              r"sform\.nii has an sform \(srow_x/y/z\) that is not a valid matrix: "
+                              r"it holds nan\. Fix the header's sform"),
+    "sform holding inf": Case(sform_value(float("inf")), REFUSED,
+                              r"sform\.nii has an sform \(srow_x/y/z\) that is not a valid matrix: "
+                              r"it holds inf\. Fix the header's sform"),
     "sform a rounding off the qform": Case(two_placements(2, shift_mm=1e-4), 0, r"Wrote"),
     "scanner sform off the qform (read by ITK too)": Case(two_placements(1, shift_mm=12.0), 0, r"Wrote"),
     "voxels of a micrometre (748 GiB of slices)": Case(voxel_size(1e-6), REFUSED,

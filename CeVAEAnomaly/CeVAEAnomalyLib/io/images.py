@@ -201,11 +201,15 @@ def _refuse_two_placements(p: Path, sform: Tuple[float, ...], image: sitk.Image,
     so the outputs, written with ITK's grid as both, would lie off the scan in one of them. Corners of the volume
     apart by at most :data:`_PLACEMENT_VOXELS` of a voxel pass (float rounding; as a DICOM series' in-plane shifts)."""
     rows = np.array(sform).reshape(3, 4)
+    if not np.isfinite(rows).all():
+        raise CeVAEError(f"The {what} file {p} has an sform (srow_x/y/z) that is not a valid matrix: it holds "
+                         f"{rows[~np.isfinite(rows)][0]:g}. Fix the header's sform first (e.g. fslorient "
+                         "-copyqform2sform where the qform is right).")
     corners = [[float(c) for c in corner] for corner in itertools.product(*[(0, n - 1) for n in image.GetSize()])]
     read = np.array([image.TransformContinuousIndexToPhysicalPoint(c) for c in corners])
     sformed = (np.array(corners) @ rows[:, :3].T + rows[:, 3]) * (-1.0, -1.0, 1.0)  # RAS to ITK's LPS
     apart = float(np.max(np.linalg.norm(read - sformed, axis=1)))
-    if not apart <= _PLACEMENT_VOXELS * min(image.GetSpacing()):  # (a NaN in the sform is refused too)
+    if not apart <= _PLACEMENT_VOXELS * min(image.GetSpacing()):
         raise CeVAEError(f"The {what} file {p} places its voxels up to {apart:.2g} mm from where ITK and 3D Slicer "
                          "read them: its sform, which FSL, SPM and nibabel follow, differs from its qform, so the "
                          "outputs would lie off the scan in one or the other. Make them agree first (e.g. fslorient "
