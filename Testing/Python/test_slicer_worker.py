@@ -256,6 +256,22 @@ def test_adaptation_in_a_worker_writes_an_adapted_model(tiny_bundle, tmp_path):
     assert not job.folder.exists()  # the copies of the scans go as the job ends, without job.cleanup()
 
 
+def test_adaptation_options_the_checks_accept_reach_the_worker(tiny_bundle, tmp_path):
+    """NumPy numbers and a cache folder given as a Path pass the options' checks; the request file carried them as
+    given, and json.dumps raised TypeError ("Object of type int64 is not JSON serializable") after every scan
+    was copied. The worker now gets the checked options."""
+    scene, volumes, masks = _site_scene()
+    out, cache = tmp_path / "scanner.cevae", tmp_path / "slice cache é"
+    options = dict(steps=np.int64(4), batch_size=np.int32(8), checkpoint_every=np.int64(2), lr=np.float32(1e-4),
+                   cache_dir=cache)
+    job = CeVAEAnomalyLogic().startAdaptation(volumes, masks, out, modelPath=tiny_bundle, device="cpu",
+                                              options=options)
+    run_to_end(job, timeout=300)
+    assert job.state is JobState.DONE, job.error
+    assert read_header(out).extra["adaptation"]["steps_per_run"] == 4
+    assert any(cache.iterdir())  # the slice cache went where it was asked to
+
+
 def test_an_adaptation_is_refused_before_any_copy_in_the_consoles_words(tiny_bundle, tmp_path, monkeypatch):
     """A typo in the options, a folder or an earlier run's files as the output, a device name: refused at the
     start (no job, no copy of a scan), naming the API's arguments, not the command line's flags."""

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import tempfile
 import weakref
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
     from ..engine.bundle import Bundle
     from ..result import DetectionResult
+    from ..training.adapt_plan import AdaptOptions
     from .mrml import OutputNodes
 
 try:  # inside Slicer; slicer-core has no Qt and no ScriptedLoadableModule
@@ -489,7 +491,8 @@ class CeVAEAnomalyLogic(_LogicBase):
                           if interrupted else "")
         return self._startOnHealthy("adapt", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, device=device,
-                                    out=str(outputPath), overwrite=bool(overwrite), options=dict(options or {}))
+                                    out=str(outputPath), overwrite=bool(overwrite),
+                                    options=_requestOptions(checked, options or {}))
 
     def _startOnHealthy(self, task: str, volumes, masks, launch: Optional[Launcher], python: Optional[str],
                         **request: Any) -> WorkerJob:
@@ -597,6 +600,15 @@ def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, resume: 
     if existing and not overwrite:
         raise CeVAEError(f"{', '.join(str(p) for p in existing)} exist(s); choose another file, or pass "
                          f"overwrite=True to replace them{resume}.")
+
+
+def _requestOptions(checked: "AdaptOptions", given: Mapping[str, Any]) -> Dict[str, Any]:
+    """The adaptation options ``given`` as the worker's request file holds them: their checked values (NumPy numbers
+    as plain ones), a cache folder as text."""
+    values = {name: getattr(checked, name) for name in given}
+    if values.get("cache_dir") is not None:
+        values["cache_dir"] = os.fspath(values["cache_dir"])
+    return values
 
 
 def _refuseNonBoolean(**flags: Any) -> None:
