@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -139,6 +140,34 @@ def test_the_worker_command_line_reports_bad_requests(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"error": "Unknown worker task 'train'."}
+
+
+DAMAGED_REQUESTS = {
+    "cut short": ('{"task": "detect", "image": "/tmp/in', r"is not JSON \(Unterminated string"),
+    "not an object": ('["detect"]', r"holds a list, not a request"),
+    "a field missing": ('{"task": "detect", "request": {}}', r"'image' is missing"),
+    "a path of another type": ('{"task": "detect", "image": 5, "request": {}, "out_dir": "/tmp"}',
+                               r"'image' is 5, not text"),
+    "a subject without its image": ('{"task": "calibrate", "subjects": [{"mask": null}], "request": {}, '
+                                    '"out": "/tmp/x.cevae", "overwrite": false}', r"subject 1: 'image' is missing"),
+    "an owner that is no process id": ('{"task": "detect", "image": "/tmp/in.nrrd", "request": {}, "out_dir": "/tmp",'
+                                       ' "owner_pid": "abc"}', r"'owner_pid' is 'abc', not a process id"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_REQUESTS)
+def test_a_damaged_request_file_is_refused_in_one_clear_line(tmp_path, case):
+    """A request file cut short, edited or of another shape: one line naming the file and what is wrong (it was an
+    'Unexpected error' with a traceback: a JSONDecodeError, AttributeError, KeyError or TypeError)."""
+    content, message = DAMAGED_REQUESTS[case]
+    request = tmp_path / "request.json"
+    request.write_text(content, encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.slicer.worker", str(request)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr == "", out.stderr
+    error = json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    assert error.startswith(f"The worker's request file {request} is damaged: ") and "\n" not in error, error
+    assert re.search(message, error), error
 
 
 def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path):

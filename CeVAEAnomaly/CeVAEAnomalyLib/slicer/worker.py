@@ -216,6 +216,63 @@ def _progress(watch: RequestWatch) -> ProgressCallback:
     return progress
 
 
+_TEXT, _OPTIONAL_TEXT = (str,), (str, type(None))
+REQUEST_FIELDS: Dict[str, Dict[str, tuple]] = {  # task -> field -> the JSON types it may hold
+    "detect": {"image": _TEXT, "mask": _OPTIONAL_TEXT, "model": _OPTIONAL_TEXT, "request": (dict,),
+               "out_dir": _TEXT},
+    "calibrate": {"subjects": (list,), "model": _OPTIONAL_TEXT, "request": (dict,), "out": _TEXT,
+                  "overwrite": (bool,), "source": _OPTIONAL_TEXT},
+    "adapt": {"subjects": (list,), "model": _OPTIONAL_TEXT, "device": _TEXT, "out": _TEXT, "overwrite": (bool,),
+              "options": (dict,)},
+}
+OPTIONAL_FIELDS = ("mask", "model", "source", "overwrite", "options", "device")  # the module may leave these out
+SUBJECT_FIELDS = {"image": _TEXT, "mask": _OPTIONAL_TEXT, "person": _OPTIONAL_TEXT}
+
+
+def read_request(path: Path) -> Dict[str, Any]:
+    """The request file the module wrote (:class:`~.jobs.WorkerJob`), each field the task reads of its type; one cut
+    short, edited or of another shape is refused in one line."""
+    def damaged(what: str) -> CeVAEError:
+        return CeVAEError(f"The worker's request file {path} is damaged: {what}. Start the run again.")
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:  # its folder went before the worker started: the job was withdrawn
+        raise Cancelled("The job was withdrawn.") from None
+    except OSError as exc:
+        raise CeVAEError(f"The worker's request file {path} could not be read ({exc}).") from None
+    try:
+        task = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # (a UnicodeDecodeError is a ValueError)
+        raise damaged(f"it is not JSON ({exc})") from None
+    if not isinstance(task, dict):
+        raise damaged(f"it holds {'a list' if isinstance(task, list) else type(task).__name__}, not a request")
+    if task.get("task") not in REQUEST_FIELDS:
+        raise CeVAEError(f"Unknown worker task {task.get('task')!r}.")
+    owner = task.get("owner_pid")
+    if owner is not None and (isinstance(owner, bool) or not isinstance(owner, int) or owner <= 0):
+        raise damaged(f"'owner_pid' is {owner!r}, not a process id")
+    _check_fields(task, REQUEST_FIELDS[task["task"]], "", damaged)
+    for n, subject in enumerate(task.get("subjects", ()), 1):
+        if not isinstance(subject, dict):
+            raise damaged(f"subject {n} is {subject!r}, not an object")
+        _check_fields(subject, SUBJECT_FIELDS, f"subject {n}: ", damaged)
+    return task
+
+
+def _check_fields(data: Dict[str, Any], kinds: Dict[str, tuple], where: str,
+                  damaged: Callable[[str], CeVAEError]) -> None:
+    """Refuse (``damaged``) a field of ``kinds`` that ``data`` lacks (unless optional) or holds of another type."""
+    for name, kind in kinds.items():
+        if name not in data:
+            if name in OPTIONAL_FIELDS:
+                continue
+            raise damaged(f"{where}'{name}' is missing")
+        if not isinstance(data[name], kind):
+            expected = {dict: "an object", list: "a list", bool: "true or false"}.get(kind[0], "text")
+            raise damaged(f"{where}'{name}' is {data[name]!r}, not {expected}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the request file named in ``argv``; the exit status says how it ended."""
     from ..interrupts import sigterm_as_interrupt
@@ -227,10 +284,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with sigterm_as_interrupt():
             if len(args) != 1:
                 raise CeVAEError("usage: python -m CeVAEAnomalyLib.slicer.worker REQUEST.json")
-            task = json.loads(Path(args[0]).read_text(encoding="utf-8"))
-            run = TASKS.get(task.get("task"))
-            if run is None:
-                raise CeVAEError(f"Unknown worker task {task.get('task')!r}.")
+            task = read_request(Path(args[0]))
+            run = TASKS[task["task"]]
             watch = RequestWatch(Path(args[0]), task.get("owner_pid"))
             watch.start()
             try:
