@@ -1060,6 +1060,56 @@ def test_a_detection_job_dropped_unloaded_stops_its_worker_and_removes_its_copy_
     assert process.poll() is not None and not folder.exists()
 
 
+CRASHING_SLICER = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import slicer
+from conftest import add_volume, make_head
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+scene = slicer.vtkMRMLScene()
+image, mask = make_head(seed=7)
+job = CeVAEAnomalyLogic().startDetection(add_volume(scene, image, "head"),
+                                         add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode"),
+                                         modelPath={model!r}, device="cpu")
+print(job.wait(120).value, job.folder, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # Slicer crashes before it loads the results
+"""
+
+
+def test_a_job_folder_a_crashed_slicer_left_is_removed_by_the_next_run(head_scene, tiny_bundle, tmp_path,
+                                                                        monkeypatch):
+    """Slicer killed after its detection's worker ended but before it loaded the results (or a script that never
+    loaded them, then crashed): nobody removed the job's folder with the copy of the scan in it. The next run of
+    this machine removes it, and keeps a folder whose Slicer still runs and one another machine made."""
+    import os
+    from pathlib import Path
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    script = CRASHING_SLICER.format(tests=str(Path(__file__).parent), model=str(tiny_bundle))
+    crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, TMPDIR=str(temp)))
+    assert crashed.returncode == -9, crashed.stderr
+    state, left = crashed.stdout.split()
+    assert state == "done" and (Path(left) / "input.nrrd").is_file()  # the copy of the scan, left behind
+    request = json.loads((Path(left) / "request.json").read_text())
+    kept = {}
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other_slicer:
+        for name, changes in (("running", dict(owner_pid=other_slicer.pid)), ("elsewhere", dict(owner_machine="0"))):
+            kept[name] = temp / f"CeVAEAnomaly-{name}"
+            kept[name].mkdir()
+            (kept[name] / "request.json").write_text(json.dumps(dict(request, **changes)))
+        scene, volume, mask = head_scene
+        logic = CeVAEAnomalyLogic()
+        job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
+        logic.discardJob(job)
+        other_slicer.kill()
+    assert not Path(left).exists()
+    assert all(folder.is_dir() for folder in kept.values())
+
+
 def test_a_calibration_nobody_polls_still_removes_its_copies_of_the_scans(tiny_bundle, tmp_path):
     """Started from the console and never polled: the worker itself removes its folder as it ends, and still says
     it is done; a failing one says why."""

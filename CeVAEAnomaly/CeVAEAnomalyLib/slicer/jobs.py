@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
+from ..io.atomic import machine_tag
+from ..system import process_exists
 
 log = logging.getLogger(__name__)
 Launcher = Callable[[List[str]], subprocess.Popen]
@@ -140,8 +142,10 @@ class WorkerJob:
         self._cancelled = False
         self._output_before = _file_stamp(request.get("out"))
         request_path = self.folder / "request.json"
-        # the worker watches this process (Slicer) itself: behind a launcher its parent is the launcher
-        request_path.write_text(json.dumps(dict(request, owner_pid=os.getpid())), encoding="utf-8")
+        # the worker watches this process (Slicer) itself: behind a launcher its parent is the launcher; the machine
+        # tells a later run whether that process id means anything where it runs (remove_abandoned_job_folders)
+        request_path.write_text(json.dumps(dict(request, owner_pid=os.getpid(), owner_machine=machine_tag())),
+                                encoding="utf-8")
         self.process = (launch or launch_process)(worker_command(python or sys.executable, request_path))
         self._own_group = leads_own_group(self.process)
         self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
@@ -275,6 +279,34 @@ def _abandon(process: subprocess.Popen, own_group: bool, folder: Path) -> None:
         stop_process_tree(process, own_group)
     if folder.name.startswith(JOB_FOLDER_PREFIX):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_abandoned_job_folders(root: Path) -> int:
+    """Remove the job folders in ``root`` that nobody will read or remove: made on this machine by a process (a
+    Slicer) that no longer exists, as its request says; a Slicer killed after its worker ended leaves one, with the
+    copy of the scan in it. Others are kept (a running Slicer's, another machine's, one without a readable
+    request); how many were removed."""
+    removed = 0
+    try:
+        with os.scandir(root) as listing:
+            folders = [e.path for e in listing
+                       if e.name.startswith(JOB_FOLDER_PREFIX) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return 0
+    for folder in folders:
+        try:
+            request = json.loads(Path(folder, "request.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        owner = request.get("owner_pid") if isinstance(request, dict) else None
+        if (isinstance(owner, int) and not isinstance(owner, bool) and 0 < owner != os.getpid()
+                and request.get("owner_machine") == machine_tag() and not process_exists(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.info("CeVAEAnomaly: removed %d job folder(s) that an earlier Slicer, which ended unexpectedly, left in %s.",
+                 removed, root)
+    return removed
 
 
 def _file_stamp(path: Optional[str]) -> Optional[Tuple[int, int, int]]:

@@ -40,7 +40,7 @@ from ..errors import CeVAEError
 from ..options import THOROUGH_STEPS, DetectionRequest
 from ..progress import Cancelled, ProgressCallback, checked, report, scaled
 from . import dependencies
-from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, WorkerJob
+from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, WorkerJob, remove_abandoned_job_folders
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -368,7 +368,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         self._checkInputs(volumeNode, maskNode, outputs)
         state = _state(volumeNode)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
-        folder = Path(tempfile.mkdtemp(prefix=JOB_FOLDER_PREFIX))
+        folder = _jobFolder(JOB_FOLDER_PREFIX)
         try:
             _writeInputs(folder, "input", image, mask)
             task = dict(task="detect", image=str(folder / "input.nrrd"),
@@ -501,7 +501,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         ``sub-<label>``), which adapting splits by."""
         from .adapt_panel import node_person
 
-        folder = Path(tempfile.mkdtemp(prefix=f"{JOB_FOLDER_PREFIX}{task}-"))
+        folder = _jobFolder(f"{JOB_FOLDER_PREFIX}{task}-")
         try:
             subjects: List[Dict[str, Optional[str]]] = []
             names: Dict[str, str] = {}
@@ -688,6 +688,12 @@ def _copyNames(folder: Path, stem: str, volume, mask) -> Dict[str, str]:
     if mask is not None:
         names[str(folder / f"{stem}_mask.nrrd")] = f"'{mask.GetName()}'"
     return names
+
+
+def _jobFolder(prefix: str) -> Path:
+    """A new temporary folder for a worker job, once those that crashed Slicers left are removed."""
+    remove_abandoned_job_folders(Path(tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 def _removeFolder(folder: Path) -> None:
