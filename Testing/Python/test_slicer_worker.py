@@ -781,14 +781,14 @@ def test_results_are_not_loaded_onto_voxels_that_changed_while_the_detection_ran
 
 def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
     """A line that is not the worker's own (NaN, a string, out of range) neither breaks the poll nor the panel's
-    percentage; a fraction beyond [0, 1] is clamped."""
+    percentage; a fraction beyond [0, 1] is clamped, also a whole number too large for a float (OverflowError)."""
     import os
 
     if os.name != "posix":
         pytest.skip("the stand-in worker is a POSIX script")
     lines = ['{"progress": 0.25, "message": "a"}', '{"progress": NaN}', '{"progress": 1e999}',
              '{"progress": "half"}', '{"progress": null}', '{"progress": true}', '{"progress": 0.5, "message": "b"}',
-             '{"progress": 7}', '{"done": {}}']
+             '{"progress": 7}', '{"progress": 1%s}' % ("0" * 400), '{"done": {}}']  # (10**400: no float)
     script = tmp_path / "worker"
     script.write_text("#!/bin/sh\n" + "".join(f"echo '{line}'\n" for line in lines))
     script.chmod(0o755)

@@ -226,6 +226,8 @@ class WorkerJob:
                 log.info("CeVAEAnomaly worker: %s", line)
         elif "progress" in message:
             fraction = message["progress"]
+            if isinstance(fraction, int) and not isinstance(fraction, bool):
+                fraction = min(max(fraction, 0), 1)  # (a whole number too large for a float: OverflowError)
             if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction):
                 self.fraction, self.message = min(max(float(fraction), 0.0), 1.0), str(message.get("message", ""))
             else:  # not the worker's own line (it reports numbers in [0, 1]): the panel must not break on it
