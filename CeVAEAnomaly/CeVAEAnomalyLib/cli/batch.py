@@ -28,7 +28,7 @@ from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterat
 from ..errors import CeVAEError, one_line
 from ..io.atomic import atomic_write_text, remove_abandoned_temporaries
 from ..io.checksum import sha256_of
-from ..io.lock import hold_output
+from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
 from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
@@ -410,7 +410,9 @@ class VolumeDetector:
             self.go_on()  # past here the outputs are written and their row returned
             paths = output_paths(self.s.out_dir, item.name)
             try:
-                write_all(result_files(result, paths), overwrite, (item.image, item.mask))
+                with hold_outputs(paths.values(), "batch"):  # the checksums are of the files this run wrote
+                    write_all(result_files(result, paths), overwrite, (item.image, item.mask), command="batch")
+                    written = output_checksums(paths)
             except CeVAEError:
                 done = None if overwrite else self.done_by_another_run(item, source)
                 if done is None:
@@ -419,7 +421,7 @@ class VolumeDetector:
             top = result.top_slice
             return _row(item, "ok", time.perf_counter() - t0,
                         **measure(result.score, result.labelmap, (top.axis, top.index) if top else None), **source,
-                        **output_checksums(paths))
+                        **written)
         except Cancelled:
             raise
         except Exception as exc:  # one bad volume must not stop the cohort

@@ -173,6 +173,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..engine.devices import resolve_device
     from ..io.images import read_image
     from ..io.atomic import remove_abandoned_temporaries, write_all
+    from ..io.lock import hold_outputs
     from ..io.targets import check_paths
     from ..engine.detector import Detector
     from ..options import DetectionRequest
@@ -184,16 +185,18 @@ def run_detect(args: argparse.Namespace) -> None:
                "components": args.components}
     model, header = _model(args)
     inputs = (args.image, args.mask, model)
-    check_paths([p for p in targets.values() if p is not None], args.overwrite, inputs)
+    wanted = [p for p in targets.values() if p is not None]
+    check_paths(wanted, args.overwrite, inputs)
     refuse_unwritable_names(targets)
-    remove_abandoned_temporaries([p for p in targets.values() if p is not None], started)  # of killed runs
-    header.threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
-    image = read_image(args.image)
-    mask = read_image(args.mask, "brain mask") if args.mask else None
-    detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
-    result = detector(image, mask, progress=ConsoleProgress("detect"))
-    files = result_files(result, targets)
-    write_all(files, args.overwrite, inputs)
+    with hold_outputs(wanted, "detect"):  # another detect writing one of them is refused now, not after its work
+        remove_abandoned_temporaries(wanted, started)  # of killed runs
+        header.threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
+        image = read_image(args.image)
+        mask = read_image(args.mask, "brain mask") if args.mask else None
+        detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
+        result = detector(image, mask, progress=ConsoleProgress("detect"))
+        files = result_files(result, targets)
+        write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice
     log.info("Threshold %.4g (%s); %d component(s), %.2f ml flagged; most anomalous slice: %s.",
              result.threshold, result.threshold_source, len(result.components), result.flagged_ml,

@@ -24,8 +24,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 from ..errors import CeVAEError
 from ..interrupts import stops_held
+from .lock import hold_outputs
 from .naming import full_suffix
-from .targets import TEMPORARY_ROOM, check_paths, name_leaving_room, refuse_special_output
+from .targets import TEMPORARY_ROOM, Inputs, check_paths, name_leaving_room, refuse_special_output
 from .verify import incomplete_reason
 
 log = logging.getLogger(__name__)
@@ -254,36 +255,42 @@ def _size_of(value: object) -> Optional[int]:
 
 
 def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequence[Optional[Path]] = (),
-              published: Optional[List[Path]] = None) -> List[Path]:
+              published: Optional[List[Path]] = None, command: str = "run") -> List[Path]:
     """Write images (sitk.Image), texts (str), bytes or anything a callable(temp_path) writes; all or none.
     ``published`` gets each target as it is renamed into place, so that a caller stopped meanwhile (a stop
-    raised after the last rename, or during the renames where it cannot be held) can say which were written."""
+    raised after the last rename, or during the renames where it cannot be held) can say which were written.
+    The targets' locks (:mod:`.lock`) are held from the check of the targets to the last rename, so that another
+    process's write of the same files is refused there (named as ``command``, e.g. "detect"), never mixed with
+    this one, and no file it wrote meanwhile is replaced without ``overwrite``."""
     from .images import error_text
 
     targets = [Path(t) for t in files]
-    check_paths(targets, overwrite, inputs)
+    known = Inputs(inputs)
+    check_paths(targets, overwrite, known)  # first without the locks: a path that cannot be an output is said so
     temps: Dict[Path, str] = {}
-    try:
-        for target, value in zip(targets, files.values()):
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                temp_beside(target, lambda name, target=target: temps.__setitem__(target, name))
-                _writer_for(value)(temps[target])
-            except (RuntimeError, OSError) as exc:
-                raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
-            check_complete(temps[target], target, _size_of(value))
-        with stops_held():  # a stop comes after the last rename: all new or all old
-            for target, tmp in temps.items():
+    with hold_outputs(targets, command, reentrant=True):  # (a caller may hold them already, for longer)
+        check_paths(targets, overwrite, known)  # again: another run may have written one since
+        try:
+            for target, value in zip(targets, files.values()):
                 try:
-                    publish(tmp, target)
-                    if published is not None:
-                        published.append(target)
-                except OSError as exc:
-                    raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    temp_beside(target, lambda name, target=target: temps.__setitem__(target, name))
+                    _writer_for(value)(temps[target])
+                except (RuntimeError, OSError) as exc:
+                    raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
+                check_complete(temps[target], target, _size_of(value))
+            with stops_held():  # a stop comes after the last rename: all new or all old
+                for target, tmp in temps.items():
+                    try:
+                        publish(tmp, target)
+                        if published is not None:
+                            published.append(target)
+                    except OSError as exc:
+                        raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
+        finally:
+            for tmp in temps.values():
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
     return targets
 
 

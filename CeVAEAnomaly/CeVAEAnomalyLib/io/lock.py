@@ -1,17 +1,18 @@
 """An exclusive lock on an output for as long as a command writes it (two `train` runs with one --out).
 
 The lock is ``flock`` on a hidden file beside the output, so it is released when its holder ends,
-however it ends (even SIGKILL); the file is removed by the holder when it finishes. Where ``flock``
-does not exist (Windows), nothing is locked.
+however it ends (even SIGKILL); the file is removed by the holder when it finishes. A write that may run
+inside a command's longer hold of the same output (a command holding its outputs, then writing them) asks
+for the lock as ``reentrant``. Where ``flock`` does not exist (Windows), nothing is locked.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Dict, Iterable, Iterator, Set
 
 from ..errors import CeVAEError
 from .targets import name_leaving_room
@@ -26,6 +27,9 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+_held: Dict[str, int] = {}  # the lock files this process holds (a forked child holds none of them)
+_unlockable: Set[Path] = set()  # folders whose lock files could not be locked (said once)
+
 
 def lock_path(target: Path) -> Path:
     """The hidden lock file of ``target``: ``.NAME.lock`` beside it (NAME shortened to fit if needed)."""
@@ -33,12 +37,14 @@ def lock_path(target: Path) -> Path:
 
 
 @contextmanager
-def hold_output(target: Path, command: str) -> Iterator[None]:
-    """Hold ``target``'s lock for the block; refuse at once if another process holds it."""
-    if fcntl is None:
+def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator[None]:
+    """Hold ``target``'s lock for the block; refuse at once if another process holds it. ``reentrant``: a lock
+    this process holds already is held on (otherwise it is refused too)."""
+    path = lock_path(target)
+    key = os.path.join(os.path.realpath(path.parent), path.name)
+    if fcntl is None or (reentrant and _held.get(key) == os.getpid()):  # (a second flock would be refused)
         yield
         return
-    path = lock_path(target)
     while True:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +59,10 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
             fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: no locks there
-                log.warning("%s cannot be locked (%s): the file system offers no locks. Make sure no other command "
-                            "writes %s meanwhile.", path, exc.strerror or exc, target)
+                if path.parent not in _unlockable:  # said once per folder, not for every file a batch writes
+                    log.warning("%s cannot be locked (%s): the file system offers no locks. Make sure no other "
+                                "command writes %s meanwhile.", path, exc.strerror or exc, target)
+                    _unlockable.add(path.parent)
                 break
             fh.close()
             raise CeVAEError(f"{_holder(path, command)} is writing {target} (it holds {path}); wait for it to "
@@ -68,14 +76,25 @@ def hold_output(target: Path, command: str) -> Iterator[None]:
         except FileNotFoundError:
             pass
         fh.close()  # its previous holder removed the file meanwhile: lock the new one
+    _held[key] = os.getpid()
     try:
         yield
     finally:
+        del _held[key]
         try:
             os.unlink(path)
         except OSError:
             pass
         fh.close()
+
+
+@contextmanager
+def hold_outputs(targets: Iterable[Path], command: str, reentrant: bool = False) -> Iterator[None]:
+    """Hold the lock of every one of ``targets`` (see :func:`hold_output`) for the block, in one order whoever asks."""
+    with ExitStack() as stack:
+        for target in sorted({Path(os.path.abspath(t)) for t in targets}):
+            stack.enter_context(hold_output(target, command, reentrant))
+        yield
 
 
 def _open_lock(path: Path) -> BinaryIO:
