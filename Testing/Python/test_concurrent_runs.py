@@ -29,8 +29,9 @@ def publish(tmp, target, durable=False):
             time.sleep(0.05)
     real(tmp, target, durable)
 atomic.publish = publish
-from CeVAEAnomalyLib.cli.main import main
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # (not in a batch's spawned workers, which import this file again)
+    from CeVAEAnomalyLib.cli.main import main
+    sys.exit(main(sys.argv[1:]))
 """
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "CeVAEAnomaly"))
 
@@ -118,3 +119,65 @@ def test_a_batch_records_its_own_outputs_not_a_set_another_run_wrote_into(scan, 
         row = next(csv.DictReader(fh))
     assert row["status"] == "ok" and float(row["flagged_ml"]) == 0
     assert row["labelmap_sha256"] == _sha(out / "h_labelmap.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def recalibrated(scan, tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny model calibrated again at a far higher false-positive rate: the same weights, a lower threshold."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    out = tmp_path_factory.mktemp("recalibrated") / "site.cevae"
+    image, mask = make_head(seed=5)
+    sitk.WriteImage(image, str(out.parent / "g.nii.gz"))
+    sitk.WriteImage(mask, str(out.parent / "g_mask.nii.gz"))
+    assert main(["calibrate", "--model", str(tiny_bundle), str(scan / "h.nii.gz"), str(scan / "h_mask.nii.gz"),
+                 str(out.parent / "g.nii.gz"), str(out.parent / "g_mask.nii.gz"), "--default-fpr", "0.3",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def _replace_model(model: Path, other: Path) -> None:
+    """As another run's calibrate --overwrite does: the new file renamed over the model."""
+    tmp = model.with_name(".new-" + model.name)
+    tmp.write_bytes(other.read_bytes())
+    os.replace(tmp, model)
+
+
+def test_a_model_replaced_as_a_batch_starts_is_not_taken_for_the_one_it_records(scan, tiny_bundle, recalibrated,
+                                                                                  tmp_path):
+    """A batch records its model's checksum and threshold when it starts and loaded the model again later: a model
+    replaced meanwhile scored every volume, under the record of the model it replaced (a rerun with that model
+    then skipped them all as done)."""
+    model, out = tmp_path / "model.cevae", tmp_path / "out"
+    model.write_bytes(tiny_bundle.read_bytes())
+    batch = ["batch", str(scan), "--out-dir", str(out), "--model", str(model), "--device", "cpu"]
+    first, go = _held_at(tmp_path, "batch_settings.json", batch)
+    _replace_model(model, recalibrated)
+    _finish(first, go)
+    assert (out / "batch_settings.json").read_text().count(_sha(tiny_bundle)) == 1
+    from CeVAEAnomalyLib.cli.main import main
+
+    assert main(_detect(scan, tmp_path / "alone", tiny_bundle)) == 0  # what the recorded model makes of it
+    made = [sitk.GetArrayFromImage(sitk.ReadImage(str(d / "h_labelmap.nii.gz"))) for d in (out, tmp_path / "alone")]
+    assert (made[0] == made[1]).all()
+
+
+def test_workers_that_load_a_replaced_model_stop_the_batch_in_one_line(scan, tiny_bundle, recalibrated, tmp_path):
+    """Workers load the model after the batch recorded it: one replaced meanwhile is refused, and the record of a
+    batch that scored nothing goes with it."""
+    model, out = tmp_path / "model.cevae", tmp_path / "out"
+    model.write_bytes(tiny_bundle.read_bytes())
+    (scan.parent / "two").mkdir(exist_ok=True)
+    for name in ("h", "k"):
+        for suffix in ("", "_mask"):
+            (scan.parent / "two" / f"{name}{suffix}.nii.gz").write_bytes((scan / f"h{suffix}.nii.gz").read_bytes())
+    batch = ["batch", str(scan.parent / "two"), "--out-dir", str(out), "--model", str(model), "--device", "cpu",
+             "--workers", "2"]
+    first, go = _held_at(tmp_path, "batch_settings.json", batch)
+    _replace_model(model, recalibrated)
+    go.write_text("")
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: The model {model} was replaced after this batch started")
+    assert "Traceback" not in err and not (out / "batch_settings.json").exists()
+    assert not list(out.glob("*_labelmap.nii.gz"))

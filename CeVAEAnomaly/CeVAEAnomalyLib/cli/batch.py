@@ -20,7 +20,7 @@ import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Set, Tuple)
@@ -89,6 +89,11 @@ class DetectSettings:
     request: DetectionRequest
     out_dir: Path
     overwrite: bool = False
+    model_sha256: str = ""  # the model file the batch records (settings_record); "": not checked
+
+
+class ModelChanged(CeVAEError):
+    """The model file is not the one the batch recorded when it started (another run replaced it)."""
 
 
 # ---- the list of inputs -------------------------------------------------------------------
@@ -239,11 +244,12 @@ def settings_record(settings: DetectSettings) -> Dict[str, object]:
     (sampled scores draw per batch). Not the device: it changes a map by float noise at most."""
     from ..engine.header import read_header
 
+    model_sha256 = sha256_of(settings.model)  # first: a model replaced after it fails the detectors' check
     header = read_header(settings.model)
     score, post = settings.request.options(header.score_options, header.postprocess)
     threshold, _ = header.threshold(score, post, settings.request.policy)
     run = settings.request.run
-    record = {"model_sha256": sha256_of(settings.model), **score.to_dict(), **post.to_dict(), "threshold": threshold,
+    record = {"model_sha256": model_sha256, **score.to_dict(), **post.to_dict(), "threshold": threshold,
               "amp": run.amp, "batch_size": run.batch_size}
     return json.loads(strict_json.dumps(record))  # as the file reads back (a threshold of inf as "inf")
 
@@ -387,6 +393,10 @@ class VolumeDetector:
 
         self.s, self.stopping = settings, stopping
         bundle = load_bundle(settings.model, resolve_device(settings.request.run.device))
+        if settings.model_sha256 and sha256_of(settings.model) != settings.model_sha256:  # (read after the load)
+            raise ModelChanged(f"The model {settings.model} was replaced after this batch started (by another run?), "
+                               "so its outputs would not be those of the model and threshold it records; nothing "
+                               "was scored with it. Run the batch again.")
         self.detector = Detector.from_request(bundle, settings.request)
 
     def __call__(self, item: BatchItem, overwrite: bool) -> Dict[str, object]:
@@ -451,21 +461,27 @@ class VolumeDetector:
 
 
 _worker: Optional[VolumeDetector] = None
+_worker_error: Optional[CeVAEError] = None  # why the worker has no detector (raised for each volume it is given)
 
 
 def _init_worker(settings: DetectSettings, threads: int, log_level: int, stop: Event) -> None:
     import SimpleITK as sitk
     import torch
 
-    global _worker
+    global _worker, _worker_error
     pool_worker_signals()
     logging.basicConfig(level=log_level, format=f"%(levelname)s: [worker {os.getpid()}] %(message)s")
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    _worker = VolumeDetector(settings, stop.is_set)
+    try:
+        _worker = VolumeDetector(settings, stop.is_set)
+    except ModelChanged as exc:  # raised in the initializer, it would break the pool ("a worker process died")
+        _worker_error = exc
 
 
 def _work(item: BatchItem, overwrite: bool) -> Dict[str, object]:
+    if _worker_error is not None:
+        raise _worker_error
     if _worker is None:
         raise RuntimeError("the worker process was not initialised")
     return _worker(item, overwrite)
@@ -666,6 +682,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     started = time.time()
     record_path = settings_path(summary_path)
     made_with = settings_record(settings)
+    settings = replace(settings, model_sha256=str(made_with["model_sha256"]))  # what every detector must load
     earlier = {} if settings.overwrite else _earlier_rows(summary_path)
     known = _settings_known(record_path, made_with, settings.overwrite)
     unsharded = summary_path.name == summary_name(None)
@@ -697,6 +714,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         log.info("[%d/%d] %s: %s (%s).", done, total, row["name"], row["status"], detail)
         report(progress, done / total, f"{row['name']} {row['status']}")
 
+    wrote_record = False
     try:
         todo: List[Tuple[BatchItem, bool]] = []
         unknown: List[str] = []
@@ -722,14 +740,16 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                  len(todo), total - len(todo), min(workers, max(1, len(todo))))
         report(progress, (total - len(todo)) / max(total, 1), "finished volumes skipped")
         recorded = bool(todo) and not known
+        alone = workers == 1 or len(todo) <= 1
+        detector = VolumeDetector(settings) if todo and alone else None  # loaded (and checked) before the record
         if recorded:  # before the first outputs: a run killed while writing them is still known as a batch
             summary.flush(replace=True)  # first: an earlier summary's rows, of other settings, would be trusted
             atomic_write_text(record_path, strict_json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
-        if workers == 1 or len(todo) <= 1:
-            detector = VolumeDetector(settings) if todo else None
+            wrote_record = True
+        if detector is not None:
             for item, overwrite in todo:
                 record(detector(item, overwrite))
-        else:
+        elif todo:
             _run_pool(todo, settings, min(workers, len(todo)), record, summary.add)
         summary.finish()
         if recorded and not summary.count("ok") and not summary.count("skipped"):  # no outputs to describe (all
@@ -737,6 +757,10 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         if settings.overwrite and unsharded and not summary.count("error"):  # every volume scored again: other
             other_settings(settings.out_dir, made_with, remove=True)  # runs' records are superseded (a shard's
             # --overwrite replaces its own only: the other shards' outputs are still what theirs describe)
+    except ModelChanged:  # (in the workers, which load the model after the record is written)
+        if wrote_record and not summary.count("ok"):  # it describes no outputs: a rerun must not be held to it
+            record_path.unlink(missing_ok=True)
+        raise
     finally:
         summary.flush()
     seconds = time.perf_counter() - t0
