@@ -121,6 +121,18 @@ def test_a_path_whose_temporary_would_be_too_long_is_refused_before_any_work(inp
     assert tree(tmp_path) == before
 
 
+def test_outputs_differing_only_in_letter_case_are_refused_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+    """On macOS and Windows Result.nii.gz and result.nii.gz are one file: the labelmap replaced the score map."""
+    from CeVAEAnomalyLib.io import images
+
+    monkeypatch.setattr(images, "read_image", lambda *a, **k: pytest.fail("the image was read"))
+    labelmap = tmp_path / "out" / "result.nii.gz"
+    assert main(detect_argv(*inputs, tmp_path / "Out" / "Result.nii.gz", "--labelmap", str(labelmap))) == 2
+    one_error_line(capsys.readouterr().err, r"Out/Result\.nii\.gz and .*out/result\.nii\.gz differ only in letter "
+                   r"case, which makes them one file on macOS and Windows")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_train_refuses_an_out_whose_log_name_is_too_long(tmp_path):
     out = tmp_path / ("m" * 245 + ".cevae")  # 251 bytes fit, but OUT.ckpt (256 bytes) does not
     with pytest.raises(CeVAEError, match=r"is 256 bytes long"):

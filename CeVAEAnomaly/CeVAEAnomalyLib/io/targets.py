@@ -244,15 +244,20 @@ def refuse_unwritable_folder(folder: Path) -> None:
 
 
 def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optional[Path]] = ()) -> None:
-    """Refuse outputs that equal an input, repeat each other, exist (without overwrite) or cannot be written."""
+    """Refuse outputs that equal an input, repeat each other (also in another letter case: one file on the
+    case-insensitive file systems of macOS and Windows), exist (without overwrite) or cannot be written."""
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     targets = [Path(t) for t in targets]
-    seen = set()
+    seen: Dict[str, Path] = {}  # resolved path in any case -> the output so named
     for t in targets:
         r = resolved(t)
-        if r in seen:
+        other = seen.get(str(r).casefold())
+        if other is not None and resolved(other) == r:
             raise CeVAEError(f"The output {t} is named twice.")
-        seen.add(r)
+        if other is not None:
+            raise CeVAEError(f"The outputs {other} and {t} differ only in letter case, which makes them one file on "
+                             "macOS and Windows; give them names that differ otherwise.")
+        seen[str(r).casefold()] = t
         check_output_path(t, overwrite, known)
     # where the temporary file is made: beside the output's own name (a symbolic link is replaced, not followed)
     for folder in sorted({Path(os.path.abspath(t)).parent for t in targets}):
