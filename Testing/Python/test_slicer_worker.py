@@ -207,6 +207,21 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
         run_calibrate(task, None)
 
 
+def test_a_volume_with_a_very_long_name_is_calibrated_on(tiny_bundle, tmp_path):
+    """Its copy for the worker was named after the whole node name: 311 bytes, refused as "The output name
+    01_T1_xxx... is 311 bytes long" (and on Windows any name past about 150 characters passed 260 in all)."""
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(seed=11)
+    volume = add_volume(scene, image, "T1 " + "x" * 300)
+    brain = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+    out = tmp_path / "site.cevae"
+    job = CeVAEAnomalyLogic().startCalibration([volume], [brain], out, modelPath=tiny_bundle, device="cpu")
+    assert sorted(len(p.name) for p in job.folder.iterdir() if p.suffix == ".nrrd") == [56, 61]  # 01_T1_x...nrrd
+    run_to_end(job, timeout=300)
+    assert job.state is JobState.DONE, job.error
+    assert read_header(out).extra["calibration_subjects"] == ["01_T1_" + "x" * 45]
+
+
 def test_calibration_with_thorough_ticked_calibrates_both_modes(tiny_bundle, tmp_path):
     """The panel's Calibrate with Thorough ticked: the site model offers calibrated sensitivities in both
     modes, and its default mode stays the plain one."""

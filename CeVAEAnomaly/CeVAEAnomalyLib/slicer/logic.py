@@ -56,6 +56,7 @@ except ImportError:
     _LogicBase = object
 
 log = logging.getLogger(__name__)
+FILE_STEM_MAX = 48  # characters of a node's name in its worker copy's file name (numbered, so they stay distinct)
 
 
 @dataclass(repr=False)
@@ -625,8 +626,9 @@ def _described(value: Any) -> str:
 
 
 def _fileStem(name: str) -> str:
-    """A node name as a safe file name stem."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "volume"
+    """A node name as a safe file name stem, at most :data:`FILE_STEM_MAX` characters: the copies' paths in the
+    temporary folder must fit in Windows' 260 characters and in any file system's 255 bytes a name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:FILE_STEM_MAX].strip("._") or "volume"
 
 
 def _refuseNotScan(volumeNode: Any, maskNode: Any, what: str) -> None:
