@@ -3,6 +3,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -174,6 +175,12 @@ def test_inputs_pairing_names_and_errors(tmp_path, caplog):
     lst.write_text("image,name\n../x.nii.gz,S1\n../z.mha,s1\n")  # one output file where names ignore case
     with pytest.raises(CeVAEError, match="named 'S1_\\*' and 's1_\\*', one file on a case-insensitive file system"):
         collect_inputs(lst)
+
+    for name, odd in (("sub:01", ":"), ("a?", "?"), ("x\\y", "\\"), ("bell\a", "\a")):
+        lst.write_text(f"image,name\n../x.nii.gz,{name}\n")  # on Windows sub:01 wrote into a hidden stream of "sub"
+        with pytest.raises(CeVAEError, match=f"list.csv, line 2: the name .* holds {re.escape(repr(odd))}, which "
+                                             "Windows does not allow in a file name"):
+            collect_inputs(lst)
 
     for bad in ("0/2", "3/2", "2", "a/b"):
         with pytest.raises(CeVAEError):

@@ -31,7 +31,7 @@ from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
-from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths
+from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths, unportable_character
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
@@ -148,6 +148,10 @@ def read_list(path: Path) -> List[BatchItem]:
         name = row.cells["name"] or file_stem(image)
         if name != Path(name).name or name in ("", ".", ".."):
             raise CeVAEError(f"{path}, line {row.line}: the name {name!r} cannot prefix output files.")
+        odd = unportable_character(row.cells["name"] or "")  # (a file's own name is one this system holds)
+        if odd is not None:
+            raise CeVAEError(f"{path}, line {row.line}: the name {name!r} holds {odd!r}, which Windows does not allow "
+                             "in a file name; choose a name without < > : \" / \\ | ? * or control characters.")
         items.append(BatchItem(name, image, row.files["mask"]))
     return items
 

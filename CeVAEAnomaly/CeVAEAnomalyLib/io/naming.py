@@ -22,6 +22,15 @@ OUTPUT_NAMES: Dict[str, str] = {
 }
 
 
+WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*') | frozenset(map(chr, range(32)))  # never in a Windows file name
+
+
+def unportable_character(name: str) -> Optional[str]:
+    """The first character of ``name`` that Windows never allows in a file name (``< > : " / \\ | ? *`` and the
+    control characters; a ":" there even writes into a hidden stream of another file), or None."""
+    return next((c for c in name if c in WINDOWS_FORBIDDEN), None)
+
+
 def misnamed(path: Path) -> bool:
     """Whether a file written as text or as a model bundle has an image or compressed (.gz) name."""
     return Path(path).name.lower().endswith((*IMAGE_EXTENSIONS, ".hdr", ".img", ".gz"))
