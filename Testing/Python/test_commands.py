@@ -1,4 +1,5 @@
 """The calibrate, evaluate and demo commands end to end."""
+import io
 import logging
 import os
 import sys
@@ -151,6 +152,21 @@ def test_evaluate_prints_hand_checked_metrics(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "AUROC 0.7500" in out and "AUPRC 0.8333" in out
     assert (tmp_path / "metrics.csv").read_text().splitlines()[-1].startswith("pooled")
+
+
+def test_evaluate_prints_a_case_name_its_output_cannot_encode(tmp_path, monkeypatch):
+    """Windows, its output redirected to a file (cp1252): the metrics were written, then the command ended with
+    "error: unexpected UnicodeEncodeError" (exit status 1) at the case's name."""
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="cp1252"))
+    score = np.zeros((4, 8, 8), np.float32)
+    score[0, 0, :4] = [0.1, 0.4, 0.35, 0.8]
+    gt = (score > 0.3).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(score), str(tmp_path / "brain_\u8133.nrrd"))
+    sitk.WriteImage(sitk.GetImageFromArray(gt), str(tmp_path / "g.nrrd"))
+    assert main(["evaluate", "--score", str(tmp_path / "brain_\u8133.nrrd"), "--gt", str(tmp_path / "g.nrrd")]) == 0
+    sys.stdout.flush()
+    assert b"brain_\\u8133.nrrd: AUROC 1.0000" in raw.getvalue()
 
 
 def test_evaluate_says_n_a_and_why_when_the_truth_covers_the_whole_mask(tmp_path, capsys, caplog):

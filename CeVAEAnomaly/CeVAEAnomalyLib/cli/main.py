@@ -264,6 +264,9 @@ def _peer_gone(exc: BaseException) -> bool:
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # a name the output's encoding lacks (Windows' cp1252 into a file) as \uXXXX, as
+        reconfigure(errors="backslashreplace")  # on stderr, instead of an error after the work
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
