@@ -3,7 +3,9 @@ loss that is not finite is not recorded."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -101,6 +103,28 @@ def test_a_cache_read_error_in_a_loader_worker_is_its_own_message(heads, tmp_pat
     del batches  # stops the worker
     assert str(caught.value) in {f"The slice cache file {e.path} is truncated; run again to remake it."
                                  for e in run.train.entries}
+
+
+def open_files() -> List[str]:
+    """The files this process holds open (Linux)."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return names
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+@pytest.mark.parametrize("val_fraction", [0.0, 0.5])
+def test_a_run_leaves_no_file_of_its_temporary_cache_open(heads, tmp_path, val_fraction):
+    """The slice sets kept their .npy files open when the run removed its temporary cache: on Windows, which
+    removes no open file, the cache (copies of the slices of every scan) stayed in the temporary folder."""
+    run = trainer(heads, tmp_path, val_fraction=val_fraction)
+    run.fit()
+    assert run._temp_cache is not None and not os.path.exists(run._temp_cache)
+    assert [name for name in open_files() if name.startswith(run._temp_cache)] == []
 
 
 def test_a_validation_loss_that_overflows_is_not_recorded(heads, tmp_path):

@@ -501,6 +501,9 @@ class Trainer:
             yield
         finally:
             shutdown_distributed(self.dist)
+            for slices in (getattr(self, "train", None), getattr(self, "val", None)):  # (made by open_data)
+                if slices is not None:  # its open files: Windows removes no open file (a later read reopens them)
+                    slices.close()
             if self._temp_cache is not None:
                 shutil.rmtree(self._temp_cache, ignore_errors=True)
 
