@@ -131,5 +131,5 @@ def write_model_card(bundle: Bundle, path: Path, benchmark_md: Optional[Path] = 
     """Write the card to ``path``; the benchmark report's links are rebased so they resolve from the card."""
     text = None
     if benchmark_md is not None and benchmark_md.is_file():
-        text = rebase_links(benchmark_md.read_text(), benchmark_md.parent, path.parent)
+        text = rebase_links(benchmark_md.read_text(encoding="utf-8"), benchmark_md.parent, path.parent)
     return atomic_write_text(path, render_model_card(bundle, text))

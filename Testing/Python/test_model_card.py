@@ -1,7 +1,10 @@
 """The model card: the benchmark report it embeds keeps working links wherever the card is written."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,23 @@ def test_a_written_card_links_to_the_benchmark_files(tiny_bundle, tmp_path) -> N
     targets = relative_targets(card.read_text())
     assert targets == ["../../docs/tables.md"]
     assert all((card.parent / t).is_file() for t in targets)
+
+
+def test_a_card_is_written_whole_whatever_the_systems_text_encoding(tiny_bundle, tmp_path) -> None:
+    """The benchmark report was read in the locale's encoding (cp1252 on Windows; ASCII here): its UTF-8 dashes and
+    Greek letters came out garbled in the card, or stopped the write."""
+    report = tmp_path / "benchmark.md"
+    report.write_text("# Benchmark \u2013 \u03b2 = 0.01, 256\u00b3 voxels\n", encoding="utf-8")
+    card = tmp_path / "CARD.md"
+    script = ("import sys; from pathlib import Path; from CeVAEAnomalyLib.engine.bundle import load_bundle; "
+              "from CeVAEAnomalyResearch.modelcard import write_model_card; "
+              "write_model_card(load_bundle(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), LC_ALL="C", PYTHONUTF8="0",
+               PYTHONCOERCECLOCALE="0")  # a locale whose encoding is not UTF-8
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_bundle), str(card), str(report)], env=env,
+                          capture_output=True, text=True, errors="replace")
+    assert done.returncode == 0, done.stderr
+    assert "# Benchmark \u2013 \u03b2 = 0.01, 256\u00b3 voxels" in card.read_text(encoding="utf-8")
 
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "Resources").rglob("*.md"))]
