@@ -170,3 +170,19 @@ def test_a_base_model_whose_augmentation_record_is_damaged_is_refused(tiny_bundl
     assert len(errors) == 1 and f"The model {base} records an augmentation it was trained with that {message}" \
         in errors[0], errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.cevae"]
+
+
+def test_an_adaptation_another_adapt_is_writing_is_told_so_not_asked_to_overwrite(tiny_bundle, site, tmp_path,
+                                                                                  capsys):
+    """The running adaptation's fold checkpoint exists: the second run was told to pass --overwrite or --resume."""
+    import os
+
+    from CeVAEAnomalyLib.io.lock import hold_output
+
+    out = tmp_path / "site.cevae"
+    with hold_output(out, "adapt"):
+        out.with_name("site.cevae.fold1.ckpt").write_bytes(b"the running adaptation's checkpoint")
+        assert main(["adapt", str(site["a"]), str(site["b"]), "--model", str(tiny_bundle), "--out", str(out),
+                     *QUICK_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"An adapt (process {os.getpid()}) is writing" in err and "--overwrite" not in err, err

@@ -468,3 +468,18 @@ def test_detection_says_when_a_scan_is_thicker_than_the_calibration_scans(tmp_pa
     told = warnings("thick")
     assert len(told) == 1 and "up to 6 mm" in told[0] and "1.5 mm" in told[0] and "cevae-anomaly calibrate" in told[0]
     assert warnings("thick", "--threshold", "3") == []  # an absolute threshold claims no rate
+
+
+def test_a_second_train_on_an_out_another_train_is_writing_is_told_so_not_asked_to_overwrite(tmp_path, tiny_bundle,
+                                                                                              capsys):
+    """The running train's checkpoint and log exist, so the second was refused as if they were an earlier run's:
+    "pass --overwrite to replace it, or --resume", which would then have been refused for the lock."""
+    from CeVAEAnomalyLib.io.lock import hold_output
+
+    out = tmp_path / "m.cevae"
+    with hold_output(out, "train"):
+        out.with_name("m.cevae.ckpt").write_bytes(b"the running train's checkpoint")
+        assert main(["train", str(tiny_bundle.parent / "h1.nii.gz"), "--out", str(out),
+                     "--max-steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"A train (process {os.getpid()}) is writing" in err and "--overwrite" not in err, err

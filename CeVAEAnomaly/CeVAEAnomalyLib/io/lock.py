@@ -88,6 +88,15 @@ def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator
         fh.close()
 
 
+def refuse_if_held(target: Path, command: str) -> None:
+    """Refuse at once, as :func:`hold_output` does, if another process holds ``target``'s lock (a run is writing
+    it); otherwise do nothing (a lock file its holder left is removed). For checks that would otherwise take that
+    run's files for an earlier run's."""
+    if os.path.lexists(lock_path(target)):
+        with hold_output(target, command):
+            pass
+
+
 @contextmanager
 def hold_outputs(targets: Iterable[Path], command: str, reentrant: bool = False) -> Iterator[None]:
     """Hold the lock of every one of ``targets`` (see :func:`hold_output`) for the block, in one order whoever asks."""

@@ -26,7 +26,7 @@ from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
-from ..io.lock import hold_output
+from ..io.lock import hold_output, refuse_if_held
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
@@ -60,6 +60,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     header = read_header(base)
     _check_adaptable(header, base)
     augment = recorded_augment(header.training.get("augment"), base)  # fine-tuned as the base was trained
+    refuse_if_held(out, "adapt")  # an adaptation writing it now: said so, not taken for a finished or earlier one
     if out.is_file() and not (options.overwrite or options.resume) and not any(
             out.parent.glob(glob.escape(out.name) + ".fold*.ckpt")):  # finished (as below): refused before hashing
         raise _finished(out)

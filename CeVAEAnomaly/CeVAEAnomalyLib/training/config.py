@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
-from ..io.lock import lock_path
+from ..io.lock import lock_path, refuse_if_held
 from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
 from ..options import parse_orientations
@@ -178,6 +178,7 @@ class TrainConfig:
             return
         resumable = self.checkpoint_path.is_file()
         for path in self.earlier_outputs():
+            refuse_if_held(self.out, "train")  # they may be those of a run writing them now: said so instead
             raise CeVAEError(f"{path} already exists; pass --overwrite to replace it" + (
                 ", or --resume to continue the run that wrote it." if resumable else
                 " (there is no checkpoint of the run that wrote it to resume), or choose another --out."))
