@@ -70,25 +70,28 @@ def refuse_unknown(given: Iterable[str], known: Iterable[str], what: str) -> Non
 # ---- one declaration per option ------------------------------------------------------------------
 def option(default: Any, help: str, *, low: float = 0.0, high: float = math.inf, open_low: bool = False,
            open_high: bool = False, whole: bool = False, choices: Optional[Tuple[str, ...]] = None,
-           label: Optional[str] = None, flag: Optional[str] = None) -> Any:
+           label: Optional[str] = None, flag: Optional[str] = None, model_high: Optional[float] = None) -> Any:
     """A dataclass field with its range ([low, high]; ``open_*`` excludes a bound), or its ``choices``
-    (``label`` names them in errors), its command-line ``flag`` (default ``--name-with-dashes``) and help."""
+    (``label`` names them in errors), its command-line ``flag`` (default ``--name-with-dashes``) and help.
+    ``model_high``: a lower upper bound for the value a model file recommends (None: ``high``), for options whose
+    cost grows with the value: a plain detection uses the model's value, a user asks for more explicitly."""
     return field(default=default, metadata=dict(help=help, low=low, high=high, open_low=open_low,
                                                 open_high=open_high, whole=whole, choices=choices, label=label,
-                                                flag=flag))
+                                                flag=flag, model_high=model_high))
 
 
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def _range_text(m: Mapping[str, Any]) -> str:
-    return f"{'(' if m['open_low'] else '['}{m['low']:g}, {m['high']:g}{')' if m['open_high'] else ']'}"
+def _range_text(m: Mapping[str, Any], high: float) -> str:
+    return f"{'(' if m['open_low'] else '['}{m['low']:g}, {high:g}{')' if m['open_high'] else ']'}"
 
 
-def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None) -> None:
+def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None, in_model: bool = False) -> None:
     """Refuse ``value`` for field ``f`` with one message naming the option (``where``: e.g. the header
-    section) and its command-line flag."""
+    section) and its command-line flag; ``in_model``: a value a model file holds, within the option's
+    ``model_high``."""
     m = f.metadata
     if value is None and f.default is None:
         return
@@ -110,12 +113,15 @@ def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None) -
     number = not isinstance(value, bool) and isinstance(value, int if m["whole"] else (int, float))
     # not NaN, and an int a float holds (the checks and the engine compare it with floats)
     fits = not math.isnan(value) if isinstance(value, float) else number and abs(value) <= sys.float_info.max
+    high = m["model_high"] if in_model and m["model_high"] is not None else m["high"]
     inside = number and fits and (
         (value > m["low"]) or (value == m["low"] and not m["open_low"])) and (
-        (value < m["high"]) or (value == m["high"] and not m["open_high"]))
+        (value < high) or (value == high and not m["open_high"]))
     if not inside:
         kind = "a whole number" if m["whole"] else "a number"
-        raise CeVAEError(f"{name} must be {kind} in {_range_text(m)}, got {value!r}.")
+        model = f" in a model file (a detection may ask for up to {m['high']:g} with {flag_of(f)})" \
+            if high != m["high"] else ""
+        raise CeVAEError(f"{name} must be {kind} in {_range_text(m, high)}{model}, got {value!r}.")
 
 
 def plain_number(value: Any) -> Any:
@@ -161,11 +167,11 @@ class ScoreOptions(Serialisable):
     rec_sigma: float = option(0.0, "Gaussian smoothing of the reconstruction error in model pixels (0: none)",
                               high=1000)
     mc_samples: int = option(0, "average the reconstruction over N samples of z (0: decode mu)", whole=True,
-                             high=10000)
+                             high=10000, model_high=100)  # a model's 100: about a minute more per scan on 2 cores
     rec_kind: str = option("l1", "reconstruction error", choices=REC_KINDS, label="reconstruction error")
     test_time_steps: int = option(0, "thorough mode: score with a copy of the model fine-tuned on this scan's own "
                                   "slices for N steps (0: off; 100 adds about 13 to 50 s per scan on 2 CPU cores)",
-                                  whole=True, high=100000)
+                                  whole=True, high=100000, model_high=1000)  # 10 x the thorough mode's
     orientations: str = option("axial", "average the maps of the volume sliced in these orientations, axial first "
                                "(e.g. axial,coronal,sagittal; the model must have been trained on each, and each "
                                "adds a network pass)")
@@ -207,7 +213,8 @@ class PostprocessOptions(Serialisable):
     """
 
     rim_mm: float = option(0.0, "ignore scores within this distance of the brain edge (mm)", high=50)
-    median_radius: int = option(0, "3D median filter radius (voxels)", whole=True, high=10)
+    # a model's radius 3 (a box of 7^3 voxels): about 6 s and 0.6 GB on a 1 mm brain on one core; 10: 90 s, 10 GB
+    median_radius: int = option(0, "3D median filter radius (voxels)", whole=True, high=10, model_high=3)
     min_volume_mm3: float = option(0.0, "drop components smaller than this (mm^3)", high=1e6, flag="--min-volume")
     asymmetry_mm: float = option(0.0, "fuse the score with the left-right intensity asymmetry smoothed with "
                                  "this sigma (mm): score^power x (floor + asymmetry); 0: off", high=100)
@@ -253,6 +260,17 @@ class ThresholdPolicy(Serialisable):
 
     def __post_init__(self) -> None:
         _check_fields(self)
+
+
+def check_calibratable(score: ScoreOptions, post: PostprocessOptions) -> None:
+    """Refuse scoring and post-processing a model file may not hold (above an option's ``model_high``): calibrate
+    writes them into the model as its recommendation and calibrated modes. Entry points call it before any work."""
+    for options in (score, post):
+        for f in fields(options):
+            try:
+                check_value(f, getattr(options, f.name), in_model=True)
+            except CeVAEError as exc:
+                raise CeVAEError(f"Cannot calibrate a model with these options, which it would hold: {exc}") from None
 
 
 DEFAULT_BATCH_SIZE = 64  # slices per network pass, everywhere

@@ -138,6 +138,22 @@ def test_calibrating_a_thorough_mode_keeps_the_default_mode_calibrated_and_defau
                      "--device", "cpu"]) == 0
 
 
+@pytest.mark.parametrize("option", [["--test-time-steps", "1001"], ["--mc-samples", "101"],
+                                    ["--median-radius", "4"]])
+def test_calibrate_refuses_options_no_model_may_recommend_before_any_work(tmp_path, tiny_bundle, healthy_manifest,
+                                                                          capsys, option):
+    """A calibrated model recommends its scoring (and adapt calibrates its thorough modes again): beyond the
+    ceilings a model may hold, calibrate used to write a model that no command could load."""
+    out = tmp_path / "calibrated.cevae"
+    rc = main(["calibrate", "--model", str(tiny_bundle), "--manifest", str(tmp_path / "healthy.csv"),
+               "--out", str(out), "--device", "cpu", *option])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: Cannot calibrate a model with these options")
+    assert option[0] in lines[0] and lines[0].endswith(f"got {option[1]}.")
+    assert not out.exists()
+
+
 def test_evaluate_prints_hand_checked_metrics(tmp_path, capsys):
     score = np.zeros((4, 8, 8), np.float32)  # the smallest volume the reader accepts
     gt = np.zeros((4, 8, 8), np.uint8)

@@ -240,6 +240,23 @@ def test_calibration_with_thorough_ticked_calibrates_both_modes(tiny_bundle, tmp
     job.cleanup()
 
 
+def test_calibration_with_a_median_radius_no_model_may_recommend_is_refused_before_any_copy(tiny_bundle, tmp_path,
+                                                                                            monkeypatch):
+    """The panel's median radius goes to 10 (a detection may ask for it), a model recommends at most 3: Calibrate
+    with 4 used to write a model no one could load."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    scene = slicer.vtkMRMLScene()
+    volume = add_volume(scene, make_head(seed=11)[0], "healthy")
+    out = tmp_path / "site.cevae"
+    with pytest.raises(CeVAEError, match=r"^Cannot calibrate a model with these options, which it would hold: "
+                                         r"median_radius \(--median-radius\) must be a whole number in \[0, 3\] in a "
+                                         r"model file \(a detection may ask for up to 10 with --median-radius\), got 4\.$"):
+        CeVAEAnomalyLogic().startCalibration([volume], [None], out, modelPath=tiny_bundle, device="cpu",
+                                             postprocess={"median_radius": 4})
+    assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []  # nothing copied
+
+
 def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_bundle, tmp_path):
     """The calibrated model may not land on the model it starts from, by path, link or inode."""
     import os

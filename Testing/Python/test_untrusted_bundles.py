@@ -63,6 +63,16 @@ def shared_bytes(h: Dict[str, Any], t: Dict[str, Any]) -> None:
     t[b]["data_offsets"] = list(t[a]["data_offsets"])
 
 
+def calibrated_mode(steps: int) -> Edit:
+    """A calibration table keyed by a thorough mode of ``steps`` test-time steps (adapt calibrates each again)."""
+    def apply(h, t):
+        key = next(iter(h["calibration"]))
+        options = json.loads(key)
+        options["score"]["test_time_steps"] = steps
+        h["calibration"][json.dumps(options, sort_keys=True)] = h["calibration"].pop(key)
+    return apply
+
+
 CASES: Dict[str, Tuple[Edit, str]] = {
     "z of 1e9 (32 TB of weights)": (setting("model", "z_dim", 10**9), r"model\.z_dim must be a whole number in \[1, 8192\]"),
     "fractional z": (setting("model", "z_dim", 16.5), r"model\.z_dim must be a whole number"),
@@ -87,6 +97,20 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "unknown normalisation spread": (setting("postprocess", "spread", "iqr"),
                                      r"postprocess\.spread must be one of mad, tail, got 'iqr'"),
     "huge median radius": (setting("postprocess", "median_radius", 10**6), r"postprocess\.median_radius must be"),
+    # what a model recommends is used by a plain detection: held below the command line's limits, which a user
+    # asking explicitly keeps (a model could otherwise make every detection take hours)
+    "a recommended thorough mode of 100000 steps": (
+        setting("score_options", "test_time_steps", 100000),
+        r"score_options\.test_time_steps must be a whole number in \[0, 1000\] in a model file \(a detection may "
+        r"ask for up to 100000 with --test-time-steps\), got 100000"),
+    "10000 recommended latent samples": (setting("score_options", "mc_samples", 10000),
+                                         r"score_options\.mc_samples must be a whole number in \[0, 100\] in a model "
+                                         r"file .*--mc-samples\), got 10000"),
+    "a recommended median radius of 10": (setting("postprocess", "median_radius", 10),
+                                          r"postprocess\.median_radius must be a whole number in \[0, 3\] in a model "
+                                          r"file .*--median-radius\), got 10"),
+    "a calibrated thorough mode of 100000 steps": (
+        calibrated_mode(100000), r"calibration test_time_steps must be a whole number in \[0, 1000\] in a model file"),
     "thresholds rise with the rate": (calibration(lambda e: e["threshold"].reverse()),
                                       r"calibration table 1 has thresholds that rise with the rate"),
     "infinite threshold": (calibration(lambda e: e["threshold"].__setitem__(0, math.inf)),
@@ -220,6 +244,21 @@ def test_untampered_copy_is_accepted(calibrated, head, tmp_path, capsys):
     image, mask = head
     assert main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
                  "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"]) == 0
+
+
+def test_recommended_settings_up_to_their_ceilings_load_and_a_request_may_ask_for_more(calibrated):
+    """A model may recommend up to 1000 test-time steps, 100 latent samples and a median radius of 3 (and hold a
+    thorough mode of 1000 steps); a request keeps the command line's own limits over what the model recommends."""
+    from CeVAEAnomalyLib.engine.header import read_header
+    from CeVAEAnomalyLib.options import DetectionRequest
+
+    rewrite(calibrated, lambda h, t: (h["score_options"].update(test_time_steps=1000, mc_samples=100),
+                                      h["postprocess"].update(median_radius=3), calibrated_mode(1000)(h, t)))
+    header = read_header(calibrated)
+    assert (header.score_options.test_time_steps, header.score_options.mc_samples) == (1000, 100)
+    asked = DetectionRequest.of(test_time_steps=100000, mc_samples=10000, median_radius=10)
+    score, post = asked.options(header.score_options, header.postprocess)
+    assert (score.test_time_steps, score.mc_samples, post.median_radius) == (100000, 10000, 10)
 
 
 def test_header_length_ending_in_0x80_is_not_taken_for_a_pickle(calibrated, head, tmp_path, capsys):

@@ -215,9 +215,10 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..training.data import unique_subjects, voxel_checksums
     from ..io.lock import hold_output
     from ..io.targets import check_paths
-    from ..options import DetectionRequest, ThresholdPolicy
+    from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy, check_calibratable
 
     request = DetectionRequest.from_args(args)
+    check_calibratable(*request.options(ScoreOptions(), PostprocessOptions()))  # the values asked for, at once
     if args.default_fpr is not None:  # before the volumes are listed
         check_default_fpr(args.default_fpr, "--default-fpr")
     subjects = _healthy_subjects(args, "calibration")

@@ -4,17 +4,20 @@ A tampered header must end in one clear :class:`CeVAEError`, never in a huge all
 unexpected error later: types and ranges of the architecture, preprocessing, loss, score and
 post-processing options, calibration tables and default rate; and the architecture against the
 tensor shapes the file holds (read from the safetensors header, before the network is built).
+The options a model recommends (and the thorough modes it is calibrated for, which adapt calibrates
+again) are held to the narrower ranges a model file may hold (``model_high`` in options.py), so that
+a plain detection with a model someone sent cannot take hours.
 """
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import fields
+from dataclasses import Field, fields
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..options import ORIENTATIONS, PostprocessOptions, ScoreOptions, check_value
-from .calibration import FPR_GRID
+from .calibration import FPR_GRID, calibrated_test_time_steps
 from .config import MAX_BETA, MAX_CHANNELS, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
 
 WEIGHT_DTYPES = ("F32", "F16")
@@ -132,10 +135,15 @@ def _check_options(header: Mapping[str, Any], key: str, cls: type) -> None:
     section = _section(header, key, _names(cls))
     for f in fields(cls):
         if f.name in section:
-            try:
-                check_value(f, section[f.name], where=f"{key}.{f.name}")
-            except CeVAEError as exc:
-                raise CeVAEError(str(exc).rstrip(".")) from None
+            _model_value(f, section[f.name], f"{key}.{f.name}")
+
+
+def _model_value(f: Field, value: Any, where: str) -> None:
+    """Check an option's value as a model file may hold it (``where``: its place in the header)."""
+    try:
+        check_value(f, value, where=where, in_model=True)
+    except CeVAEError as exc:
+        raise CeVAEError(str(exc).rstrip(".")) from None
 
 
 def _check_calibration(calibration: Any) -> None:
@@ -160,6 +168,9 @@ def _check_calibration(calibration: Any) -> None:
                                            ("bright_tail", "numbers", 1000, False)):
             if key in entry:
                 _range(f"{where} {key}", entry[key], items, high, open_low)
+    steps = next(f for f in fields(ScoreOptions) if f.name == "test_time_steps")
+    for n in calibrated_test_time_steps(calibration):  # (keys this version cannot read are never used)
+        _model_value(steps, n, "calibration test_time_steps")  # adapt calibrates each of these modes again
 
 
 def _range(where: str, value: Any, items: str, high: float, open_low: bool) -> None:

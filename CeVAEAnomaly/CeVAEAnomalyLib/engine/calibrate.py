@@ -15,7 +15,7 @@ from ..io.manifest import Subject, check_subjects
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
 from ..io.images import read_image
-from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy
+from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
 from .detector import Detector
 from .modality import contrast_problem, scan_bright_tail, scan_depth_contrast
 from ..progress import ProgressCallback, checked, labelled, report, scaled
@@ -125,6 +125,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     always calibrated; ``opts.test_time_steps`` other than that (a thorough mode) is calibrated beside it,
     so that a site calibration keeps every mode the user asked for calibrated and changes no default.
     A volume of another contrast than the model's scans (a T2 for a T1 model) is warned about, naming it.
+    Options a model file may not hold (:func:`~..options.check_calibratable`) are refused before any work.
     ``default_fpr`` (None: the bundle's) must be a rate the calibration covers; it is checked before any work, and
     a rate whose new threshold is 0 (engine/calibration.threshold_for_fpr) is refused before anything is written.
     """
@@ -135,6 +136,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     checked(progress)
     if default_fpr is not None:
         check_default_fpr(default_fpr)
+    check_calibratable(opts, post)
     old = bundle.header
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
     scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, 
 import slicer
 
 from ..errors import CeVAEError
-from ..options import THOROUGH_STEPS, DetectionRequest
+from ..options import THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions, check_calibratable
 from ..progress import Cancelled, ProgressCallback, checked, report, scaled
 from . import dependencies
 from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, WorkerJob, remove_abandoned_job_folders
@@ -448,6 +448,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError("Choose at least one healthy volume to calibrate on.")
         request = DetectionRequest.of(device=device, test_time_steps=THOROUGH_STEPS if thorough else None,
                                       **(postprocess or {}))  # refused before any copy
+        check_calibratable(*request.options(ScoreOptions(), PostprocessOptions()))  # and values a model may not hold
         _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite)  # said now, not by the worker after the copies
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, request=request.to_dict(),
