@@ -347,3 +347,15 @@ def test_a_log_that_is_a_link_is_replaced_not_written_through(cohort, tmp_path, 
     Trainer(cfg, cohort_subjects(cohort)).run()
     assert (users.read_text() == "step,loss\nmy own notes\n") if earlier_log else not users.exists()
     assert not cfg.log_path.is_symlink() and cfg.log_path.read_text().startswith("step,loss,kl")
+
+
+@pytest.mark.parametrize("margin", [100.5, -1.0, float("nan")])
+def test_a_preprocessing_margin_no_bundle_may_hold_is_refused_before_training(margin):
+    """A model file holds a margin of at most 100 mm (detection allocates slices of the brain plus twice it): a
+    Trainer given more would train a model no command could load."""
+    from CeVAEAnomalyLib.engine.config import PreprocessConfig
+
+    with pytest.raises(CeVAEError, match=r"^The preprocessing margin \(margin_mm\) must be a number from 0 to 100 "
+                                         r"mm, got (100\.5|-1\.0|nan)\.$"):
+        PreprocessConfig(margin_mm=margin)
+    assert PreprocessConfig(margin_mm=100).margin_mm == 100

@@ -18,7 +18,8 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 from ..errors import CeVAEError
 from ..options import ORIENTATIONS, PostprocessOptions, ScoreOptions, check_value
 from .calibration import FPR_GRID, calibrated_test_time_steps
-from .config import MAX_BETA, MAX_CHANNELS, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig, PreprocessConfig
+from .config import (MAX_BETA, MAX_CHANNELS, MAX_MARGIN_MM, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig,
+                     PreprocessConfig)
 
 WEIGHT_DTYPES = ("F32", "F16")
 
@@ -83,7 +84,7 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
     _number("preprocess.high_percentile", p.get("high_percentile", PreprocessConfig.high_percentile), low, 100,
             open_low=True)
     _number("preprocess.clip_max", p.get("clip_max", PreprocessConfig.clip_max), 1, 1000)
-    _number("preprocess.margin_mm", p.get("margin_mm", PreprocessConfig.margin_mm), 0, 1000)
+    _number("preprocess.margin_mm", p.get("margin_mm", PreprocessConfig.margin_mm), 0, MAX_MARGIN_MM)
     _number("preprocess.min_brain_fraction", p.get("min_brain_fraction", PreprocessConfig.min_brain_fraction), 0, 1)
     if "loss" in header:
         loss = _section(header, "loss", _names(LossConfig))
