@@ -445,7 +445,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._refresh()
             return
         from CeVAEAnomalyLib.slicer.model_memory import remembered_value
-        from CeVAEAnomalyLib.slicer.settings import model_problem, override_postprocess, sensitivity_change
+        from CeVAEAnomalyLib.slicer.settings import (model_problem, override_postprocess, rate_refusal,
+                                                     sensitivity_change)
 
         if self._followInput():
             return  # the output fields changed: this runs again
@@ -465,6 +466,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         p.threshold = min(max(change.threshold, 0.0), 1000.0)
                     p.sensitivity = change.sensitivity
                 return
+            said = self.state.rate_said(rate_refusal(p, settings), self.ui.statusLabel.text)
+            if said is not None:
+                self.ui.statusLabel.text = said  # a rate detection refuses (threshold 0), at once rather than on Apply
         modes = settings.sensitivities(p.scoreType, override_postprocess(p), p.thorough) if settings else SENSITIVITIES
         self._showChoices(self.ui.sensitivityComboBox, {m: sensitivityNames()[m] for m in modes}, p.sensitivity)
         self._showChoices(self.ui.scoreTypeComboBox, None, p.scoreType)

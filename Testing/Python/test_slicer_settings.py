@@ -285,3 +285,29 @@ def test_the_greyed_threshold_field_shows_the_threshold_the_calibrated_mode_uses
                               if isinstance(n, ast.FunctionDef) and n.name == "_showModelValues"))
     assert "shownFor = (self._modelSettingsCache[0], *model_values_key(p))" in method
     assert "previous = shownBefore[2]" in method
+
+
+def test_a_refused_rate_is_said_at_once_and_the_threshold_field_shows_no_stale_threshold():
+    """The rate field goes to 0.5, where the bundled model's normalised maps get a calibrated threshold of 0 (they
+    are 0 over half of a healthy brain): every entry point refuses that rate, yet the greyed threshold field kept the
+    previous rate's threshold and only Apply said so. The panel now says the logic's refusal at once and the field
+    shows the 0 that rate gets; rates the logic accepts (up to just below 0.5) are shown as before."""
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    refused = parameters(scene, sensitivity=settings.SENSITIVITY_FPR, falsePositiveRate=0.5, threshold=0.7)
+    with pytest.raises(CeVAEError) as logic:
+        model.header.threshold_of(DetectionRequest.of(fpr=0.5))
+    assert settings.rate_refusal(refused, model) == str(logic.value)
+    assert "rate of 0.5 gets a threshold of 0" in str(logic.value) and "Give a rate below 0.5" in str(logic.value)
+    assert settings.model_values(refused, model, None)["threshold"] == 0.0
+    for rate in (0.2, 0.4995):  # accepted by the logic: a threshold above 0, shown, and nothing said
+        accepted = parameters(scene, sensitivity=settings.SENSITIVITY_FPR, falsePositiveRate=rate)
+        assert settings.rate_refusal(accepted, model) is None
+        assert 0 < settings.model_values(accepted, model, None)["threshold"] == pytest.approx(
+            model.calibrated_threshold("combi", rate))
+    assert settings.rate_refusal(parameters(scene), model) is None  # the model's own rate
+    absolute = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, falsePositiveRate=0.5)
+    assert settings.rate_refusal(absolute, model) is None  # the rate is not used
+    other = parameters(scene, sensitivity=settings.SENSITIVITY_FPR, falsePositiveRate=0.5, overridePostprocess=True,
+                       rimMm=9.0)
+    assert settings.rate_refusal(other, model) is None  # not calibrated for it: sensitivity_change says that

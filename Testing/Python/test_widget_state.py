@@ -309,6 +309,25 @@ def test_the_status_line_says_what_is_wrong_with_the_chosen_model_once_and_clear
     assert "self.state.model_problem(model_problem(p) if settings is None else None)" in update
 
 
+def test_the_status_line_says_at_once_that_the_chosen_rate_is_refused_and_clears_only_its_own_words():
+    """A rate whose calibrated threshold is 0 (0.5 with the bundled model) was refused only by Apply."""
+    import ast
+
+    from test_slicer_module import module_classes
+
+    refusal = "A healthy false-positive rate of 0.5 gets a threshold of 0 ..."
+    state = WidgetState()
+    assert state.rate_said(None, "") is None  # nothing to say, nothing to clear
+    assert state.rate_said(refusal, "") == refusal
+    assert state.rate_said(refusal, refusal) is None  # said once
+    assert state.rate_said(None, refusal) == ""  # a rate that gets a threshold again: the refusal goes
+    assert state.rate_said(refusal, "") == refusal
+    assert state.rate_said(None, "Detection finished.") is None  # another message since: it stays
+    update = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                              if isinstance(n, ast.FunctionDef) and n.name == "_updateGui"))
+    assert "self.state.rate_said(rate_refusal(p, settings), self.ui.statusLabel.text)" in update
+
+
 def test_a_scene_loaded_while_the_panel_is_open_keeps_its_brain_mask():
     """A parameter node saved before the volumes (the module opened before the data was loaded) gets its references
     only at the end of the import, after its last ModifiedEvent: the panel saw the loaded input at the next unrelated

@@ -11,11 +11,12 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
-from ..options import DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, ThresholdPolicy
+from ..options import (DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions,
+                       ThresholdPolicy)
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "adapt_override_note",
            "chosen_model", "detection_request", "model_path", "model_problem", "override_postprocess",
-           "postprocess_fields", "sensitivity_change"]
+           "postprocess_fields", "rate_refusal", "sensitivity_change"]
 
 SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rate
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
@@ -51,21 +52,37 @@ class ModelSettings:
         """Whether the model holds a threshold calibration for this scoring and post-processing
         (``postprocess``: overrides of the model's, as the detection applies them; ``thorough``: with
         the thorough mode's test-time adaptation)."""
-        score, post = DetectionRequest(score=_score(score_type, thorough), post=dict(postprocess or {})).options(
-            self.header.score_options, self.header.postprocess)
-        return self.header.is_calibrated(score, post)
+        return self.header.is_calibrated(*self._options(score_type, thorough, postprocess))
 
     def calibrated_threshold(self, score_type: str, fpr: Optional[float] = None, thorough: bool = False,
                              postprocess: Optional[Dict[str, Any]] = None) -> Optional[float]:
         """The model's calibrated threshold at ``fpr`` (default: its own rate) with its own post-processing or the
         overrides ``postprocess`` (``thorough``: in the thorough mode); None if it has none for these options or
         rate."""
-        score, post = DetectionRequest(score=_score(score_type, thorough), post=dict(postprocess or {})).options(
-            self.header.score_options, self.header.postprocess)
         try:
-            return self.header.threshold(score, post, ThresholdPolicy(fpr=fpr))[0]
+            return self.header.threshold(*self._options(score_type, thorough, postprocess), ThresholdPolicy(fpr=fpr))[0]
         except CeVAEError:
             return None
+
+    def rate_refusal(self, score_type: str, fpr: Optional[float] = None, thorough: bool = False,
+                     postprocess: Optional[Dict[str, Any]] = None) -> Optional[str]:
+        """Why detection refuses the rate ``fpr`` (default: the model's) for options the model is calibrated for, in
+        its words (e.g. a rate whose calibrated threshold is 0 would flag the whole brain); None if it gets a
+        threshold or the model is not calibrated for these options."""
+        score, post = self._options(score_type, thorough, postprocess)
+        if not self.header.is_calibrated(score, post):
+            return None
+        try:
+            self.header.threshold(score, post, ThresholdPolicy(fpr=fpr))
+        except CeVAEError as exc:
+            return str(exc)
+        return None
+
+    def _options(self, score_type: str, thorough: bool,
+                 postprocess: Optional[Dict[str, Any]]) -> Tuple[ScoreOptions, PostprocessOptions]:
+        """(scoring, post-processing) of the panel's choices over the model's, as detection applies them."""
+        return DetectionRequest(score=_score(score_type, thorough), post=dict(postprocess or {})).options(
+            self.header.score_options, self.header.postprocess)
 
     def sensitivities(self, score_type: str, postprocess: Optional[Dict[str, Any]] = None,
                       thorough: bool = False) -> Tuple[str, ...]:
@@ -159,7 +176,8 @@ def override_postprocess(parameters: Any) -> Optional[Dict[str, Any]]:
 
 def model_values(parameters: Any, settings: ModelSettings, previous: Optional[str]) -> Dict[str, Any]:
     """Parameter values the model decides now: the post-processing fields unless overridden, the model's rate in
-    the model's-rate mode, and the threshold field: in a calibrated mode the threshold that mode uses, and when the
+    the model's-rate mode, and the threshold field: in a calibrated mode the threshold that mode uses (0 for a rate
+    detection refuses, e.g. one whose calibrated threshold is 0: :func:`rate_refusal` says why), and when the
     user has just switched from one (``previous``) to the absolute threshold, that mode's threshold (a value that
     flags what that mode flagged, not the field's last one)."""
     values = {} if parameters.overridePostprocess else postprocess_fields(settings)
@@ -170,9 +188,23 @@ def model_values(parameters: Any, settings: ModelSettings, previous: Optional[st
         rate = parameters.falsePositiveRate if mode == SENSITIVITY_FPR else settings.default_fpr
         threshold = settings.calibrated_threshold(parameters.scoreType, rate, bool(parameters.thorough),
                                                   override_postprocess(parameters))
+        if threshold is None and settings.rate_refusal(parameters.scoreType, rate, bool(parameters.thorough),
+                                                       override_postprocess(parameters)) is not None:
+            threshold = 0.0  # refused: not the previous rate's threshold, which detection would not use either
         if threshold is not None:
             values["threshold"] = min(max(threshold, 0.0), 1000.0)
     return values
+
+
+def rate_refusal(parameters: Any, settings: ModelSettings) -> Optional[str]:
+    """Why detection will refuse the panel's calibrated rate (the chosen one, or the model's own), in the words Apply
+    would get, for the status line to say at once; None in the absolute-threshold mode, when the rate gets a
+    threshold, or where the model is not calibrated for the panel's options (:func:`sensitivity_change` says that)."""
+    if parameters.sensitivity not in (SENSITIVITY_MODEL, SENSITIVITY_FPR):
+        return None
+    rate = parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else None
+    return settings.rate_refusal(parameters.scoreType, rate, bool(parameters.thorough),
+                                 override_postprocess(parameters))
 
 
 def model_values_key(parameters: Any) -> Tuple[Any, ...]:

@@ -64,6 +64,7 @@ class WidgetState:
         self._mask_for: Optional[str] = None  # the input whose brain mask the mask field shows
         self._model_problem: Optional[str] = None  # what the status line says is wrong with the chosen model
         self._model_said: Optional[Tuple[str, str]] = None  # (model choice, what the status line says of it)
+        self._rate_refusal: Optional[str] = None  # why detection refuses the panel's rate, as last said
         self.visible = True  # the module panel is the one shown
         self._ended_at = self._started_at = float("-inf")
         self._ended_task: Optional[str] = None
@@ -161,6 +162,15 @@ class WidgetState:
         if problem == shown:
             return None
         return problem or ""
+
+    def rate_said(self, refusal: Optional[str], shown: str) -> Optional[str]:
+        """The status line's text for why detection will refuse the panel's rate (``refusal``, settings.rate_refusal;
+        None: the rate gets a threshold), the line showing ``shown``: the refusal when it is new, "" when the one said
+        has gone and the line still says it, None to leave the line as it is."""
+        said, self._rate_refusal = self._rate_refusal, refusal
+        if refusal == said:
+            return None
+        return refusal or ("" if said is not None and said == shown else None)
 
     def model_said(self, choice: str, text: str) -> None:
         """The status line says ``text`` of the model choice ``choice`` (model_memory.remembered_value): which model
