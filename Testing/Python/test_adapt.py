@@ -535,4 +535,21 @@ def test_the_summary_of_an_adapted_model_whose_default_rate_gets_no_threshold_sa
         out = adapt_mod.adapt(base, subjects(site, "a", "b", "c"), tmp_path / "site.cevae", QUICK)
     assert read_header(out).default_threshold() is None  # the premise: 0.5 gets no threshold
     summary = [r.getMessage() for r in caplog.records if r.msg.startswith("Adapted model written")]
-    assert len(summary) == 1 and "default healthy false-positive rate is none (" in summary[0], summary
+    assert len(summary) == 1 and "default healthy false-positive rate is none (it gets 0 there, which would flag " \
+        "the whole brain: detect with a lower --fpr, or a --threshold)" in summary[0], summary
+    # its calibration is for its training's 3 mm rim, not 20 mm: said in words, not '(parent.cevae: not calibrated)'
+    assert ("the model it was adapted from, parent.cevae, has no threshold to compare with: it is not calibrated "
+            "for its own default settings") in summary[0], summary
+
+
+def test_the_summary_says_plainly_what_the_model_it_was_adapted_from_had_at_that_rate():
+    """The summary's '(parent.cevae: not calibrated)' said neither which model that is nor why it has no threshold,
+    and said it too of a calibrated model whose threshold at that rate is 0."""
+    parent = read_header(data_path("cevae_t1_default.cevae"))
+    said = adapt_mod.compared_with_parent(parent, "cevae_t1_default.cevae")
+    assert said == f"the model it was adapted from, cevae_t1_default.cevae, has {parent.default_threshold():.3g} there"
+    assert adapt_mod.compared_with_parent(replace(parent, calibration={}), "old.cevae") == (
+        "the model it was adapted from, old.cevae, has no threshold to compare with: it is not calibrated for "
+        "its own default settings")
+    assert adapt_mod.compared_with_parent(replace(parent, default_fpr=0.5), "p.cevae") == (
+        "the model it was adapted from, p.cevae, gets 0 there, which would flag the whole brain")

@@ -129,13 +129,27 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
-    now, before = read_header(path).default_threshold(), header.default_threshold()
+    now = read_header(path).default_threshold()
     log.info("Adapted model written to %s (%d site scans, %d folds). Its threshold at the default healthy "
-             "false-positive rate is %s, calibrated on the site's scans (%s: %s). Detect with it: "
+             "false-positive rate is %s, calibrated on the site's scans; %s. Detect with it: "
              "cevae-anomaly detect SCAN --model %s", path, len(subjects), len(plan),
-             "none (0: give a lower --fpr, or --threshold)" if now is None else f"{now:.3g}", base.name,
-             "not calibrated" if before is None else f"{before:.3g}", path)
+             "none (it gets 0 there, which would flag the whole brain: detect with a lower --fpr, or a --threshold)"
+             if now is None else f"{now:.3g}",
+             compared_with_parent(header, base.name), path)
     return path
+
+
+def compared_with_parent(parent: BundleHeader, name: str) -> str:
+    """What the adapted model's summary says of the model it was adapted from (``parent``, file ``name``) at the same
+    scoring, post-processing and default rate: its threshold there, or why it has none (its calibrated threshold there
+    is 0, or it is not calibrated for them)."""
+    before = parent.default_threshold()
+    if before is not None:
+        return f"the model it was adapted from, {name}, has {before:.3g} there"
+    if parent.is_calibrated(parent.score_options, parent.postprocess):
+        return f"the model it was adapted from, {name}, gets 0 there, which would flag the whole brain"
+    return (f"the model it was adapted from, {name}, has no threshold to compare with: it is not calibrated for its "
+            "own default settings")
 
 
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
