@@ -63,6 +63,17 @@ def shared_bytes(h: Dict[str, Any], t: Dict[str, Any]) -> None:
     t[b]["data_offsets"] = list(t[a]["data_offsets"])
 
 
+def many_tables(n: int) -> Edit:
+    """``n`` calibration tables, each keyed by another alpha (every detection and panel update parses every key)."""
+    def apply(h, t):
+        key, entry = next(iter(h["calibration"].items()))
+        options = json.loads(key)
+        for i in range(n):
+            options["score"]["alpha"] = 1.0 + i / n
+            h["calibration"][json.dumps(options, sort_keys=True)] = entry
+    return apply
+
+
 def calibrated_mode(steps: int) -> Edit:
     """A calibration table keyed by a thorough mode of ``steps`` test-time steps (adapt calibrates each again)."""
     def apply(h, t):
@@ -112,6 +123,9 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     # slices of the brain plus twice the margin are allocated: 1000 mm took 7.7 GB on a 0.5 mm scan (4 mm: 1 GB)
     "a preprocessing margin of 1000 mm": (setting("preprocess", "margin_mm", 1000),
                                           r"preprocess\.margin_mm must be a finite number in \[0, 100\], got 1000"),
+    # 20000 tables took 2 s per threshold lookup (a 100 MB header holds 150000): the panel looks up several per click
+    "20000 calibration tables": (many_tables(20000), r"section 'calibration' must hold at most 1000 calibration tables, "
+                                                     r"got 200\d\d"),
     "a calibrated thorough mode of 100000 steps": (
         calibrated_mode(100000), r"calibration test_time_steps must be a whole number in \[0, 1000\] in a model file"),
     "thresholds rise with the rate": (calibration(lambda e: e["threshold"].reverse()),

@@ -22,6 +22,9 @@ from .config import (MAX_BETA, MAX_CHANNELS, MAX_MARGIN_MM, MAX_Z, SUPPORTED_INP
                      PreprocessConfig)
 
 WEIGHT_DTYPES = ("F32", "F16")
+# a model file's calibration tables (this project writes 3 per calibrated mode, up to 12): every threshold lookup
+# reads each table's key, so 20000 took 2 s per detection and per update of the Slicer panel, which makes several
+MAX_CALIBRATION_TABLES = 1000
 
 
 def _fail(where: str, problem: str) -> None:
@@ -150,6 +153,9 @@ def _model_value(f: Field, value: Any, where: str) -> None:
 def _check_calibration(calibration: Any) -> None:
     if not isinstance(calibration, dict):
         _fail("header section 'calibration'", f"must be a JSON object, got {type(calibration).__name__}")
+    if len(calibration) > MAX_CALIBRATION_TABLES:  # type: ignore[arg-type]
+        _fail("header section 'calibration'", f"must hold at most {MAX_CALIBRATION_TABLES} calibration tables, got "
+                                               f"{len(calibration)}")  # type: ignore[arg-type]
     for n, entry in enumerate(calibration.values(), start=1):  # type: ignore[union-attr]
         where = f"calibration table {n}"
         if not isinstance(entry, dict) or not isinstance(entry.get("fpr"), list) \
