@@ -311,3 +311,13 @@ def test_a_refused_rate_is_said_at_once_and_the_threshold_field_shows_no_stale_t
     other = parameters(scene, sensitivity=settings.SENSITIVITY_FPR, falsePositiveRate=0.5, overridePostprocess=True,
                        rimMm=9.0)
     assert settings.rate_refusal(other, model) is None  # not calibrated for it: sensitivity_change says that
+
+
+def test_an_absolute_threshold_chosen_after_a_refused_rate_starts_at_the_model_s_own_not_at_0():
+    """The field showed the refused rate's 0, and switching to the absolute mode kept it: Apply flagged the whole
+    brain."""
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    switched = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, falsePositiveRate=0.5, threshold=0.0)
+    start = settings.model_values(switched, model, settings.SENSITIVITY_FPR)["threshold"]
+    assert start == pytest.approx(model.calibrated_threshold("combi")) and start > 0

@@ -190,7 +190,11 @@ def model_values(parameters: Any, settings: ModelSettings, previous: Optional[st
                                                   override_postprocess(parameters))
         if threshold is None and settings.rate_refusal(parameters.scoreType, rate, bool(parameters.thorough),
                                                        override_postprocess(parameters)) is not None:
-            threshold = 0.0  # refused: not the previous rate's threshold, which detection would not use either
+            # refused: shown as the 0 it gets, not the previous rate's threshold, which detection would not use
+            # either; an absolute threshold chosen from there starts at the model's own rate's, not at 0 (every
+            # voxel of the brain)
+            threshold = 0.0 if parameters.sensitivity != SENSITIVITY_THRESHOLD else settings.calibrated_threshold(
+                parameters.scoreType, None, bool(parameters.thorough), override_postprocess(parameters))
         if threshold is not None:
             values["threshold"] = min(max(threshold, 0.0), 1000.0)
     return values
