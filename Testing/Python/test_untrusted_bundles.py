@@ -171,6 +171,11 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                                          r"bright_tail\[1\] must be a finite number in \[0\.6, 1000\]"),
     "calibrated bright tail as text": (calibration(lambda e: e.update(bright_tail="0.5")),
                                        r"bright_tail must be a list of two numbers, got '0\.5'"),
+    "leave-one-out rate above 1": (calibration(lambda e: e.update(leave_one_out={"fpr": 0.001, "threshold": [5.0, 6.0],
+                                                                                "rate": [0.001, 2]})),
+                                   r"leave_one_out rate\[1\] must be a finite number in \[0, 1\], got 2"),
+    "scan voxel count as a fraction": (calibration(lambda e: e.update(scan_voxels=[10, 2.5])),
+                                       r"scan_voxels\[1\] must be a whole number, got 2\.5"),
     "NaN training contrast": (top("training_contrast", {"depth_contrast": math.nan}),
                               r"training_contrast\.depth_contrast must be a finite number"),
 }

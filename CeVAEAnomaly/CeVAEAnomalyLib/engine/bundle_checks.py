@@ -175,9 +175,32 @@ def _check_calibration(calibration: Any) -> None:
                                            ("bright_tail", "numbers", 1000, False)):
             if key in entry:
                 _range(f"{where} {key}", entry[key], items, high, open_low)
+        if "scan_voxels" in entry:  # each calibration volume's brain voxels
+            _list(f"{where} scan_voxels", entry["scan_voxels"], 1, 1e15)
+        if "leave_one_out" in entry:  # each volume's threshold from the others at a rate, and its own rate there
+            _leave_one_out(f"{where} leave_one_out", entry["leave_one_out"])
     steps = next(f for f in fields(ScoreOptions) if f.name == "test_time_steps")
     for n in calibrated_test_time_steps(calibration):  # (keys this version cannot read are never used)
         _model_value(steps, n, "calibration test_time_steps")  # adapt calibrates each of these modes again
+
+
+def _list(where: str, value: Any, low: float, high: float, whole: bool = True) -> None:
+    """Check a list of numbers in [``low``, ``high``] (whole numbers if ``whole``)."""
+    if not isinstance(value, list) or not value:
+        _fail(where, f"must be a non-empty list of numbers, got {value!r}")
+    for i, item in enumerate(value):
+        _number(f"{where}[{i}]", item, low, high)
+        if whole and item != int(item):
+            _fail(f"{where}[{i}]", f"must be a whole number, got {item!r}")
+
+
+def _leave_one_out(where: str, record: Any) -> None:
+    if not isinstance(record, dict) or not isinstance(record.get("threshold"), list) \
+            or not isinstance(record.get("rate"), list) or len(record["threshold"]) != len(record["rate"]):
+        _fail(where, "must hold a rate 'fpr' and the equally long lists 'threshold' and 'rate'")
+    _number(f"{where} fpr", record.get("fpr"), 0, 1, open_low=True, open_high=True)
+    _list(f"{where} threshold", record["threshold"], -math.inf, math.inf, whole=False)
+    _list(f"{where} rate", record["rate"], 0, 1, whole=False)
 
 
 def _range(where: str, value: Any, items: str, high: float, open_low: bool) -> None:

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .bundle import Bundle, save_bundle
-from .calibration import calibrate, calibration_key, check_default_fpr
+from .calibration import calibrate, calibration_key, check_default_fpr, unlike_scans
 from ..io.manifest import Subject, check_subjects
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
@@ -89,9 +89,13 @@ def _warn_of_contrast(subject: Subject, image, mask, model: Bundle) -> None:
 def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, opts: ScoreOptions,
                     post: PostprocessOptions, progress: Optional[ProgressCallback] = None,
                     scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions(),
-                    test_time_steps: Sequence[int] = (), check_contrast: bool = False) -> Dict[str, dict]:
+                    test_time_steps: Sequence[int] = (), check_contrast: bool = False,
+                    fpr: Optional[float] = None) -> Dict[str, dict]:
     """Calibrations for every score type with otherwise the given options, keyed for lookup (the network
     runs as ``run`` says: batch size, mixed precision).
+
+    ``fpr``: the model's default rate; each table records each volume's leave-one-out threshold and rate at it, a
+    volume unlike the others there (engine/calibration.unlike_scans) is warned about by name, for ``opts``.
 
     ``scorers``: one model per subject that scores it instead of ``bundle`` (models that never saw
     their subject give the rates an unseen subject gets; with normalised scores these transfer).
@@ -107,9 +111,17 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                                              check_contrast)
     log.info("Calibrated %s on %d healthy volume(s)%s.", ", ".join(SCORE_TYPES), len(subjects),
              "".join(f", {m.test_time_steps} test-time steps" for m in modes if m.test_time_steps))
-    return {calibration_key(mode.replace(score_type=t), post):
-            calibrate([s[k][t] for s in scores], source, largest, tails)
-            for k, mode in enumerate(modes) for t in SCORE_TYPES}
+    entries = {calibration_key(mode.replace(score_type=t), post):
+               calibrate([s[k][t] for s in scores], source, largest, tails, fpr)
+               for k, mode in enumerate(modes) for t in SCORE_TYPES}
+    default = entries[calibration_key(opts, post)]
+    if "leave_one_out" in default:
+        spread = default["leave_one_out"]["threshold"]
+        log.info("Left out in turn, each healthy volume moves the threshold at the default rate %g between %.4g and "
+                 "%.4g.", fpr, min(spread), max(spread))
+    for warning in unlike_scans(default, [str(s.image) for s in subjects]):
+        log.warning("%s", warning)
+    return entries
 
 
 def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: ScoreOptions,
@@ -138,12 +150,14 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
         check_default_fpr(default_fpr)
     check_calibratable(opts, post)
     old = bundle.header
+    rate = old.default_fpr if default_fpr is None else float(default_fpr)
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
     scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)
     header = replace(old, score_options=default, postprocess=post,
                      calibration=calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
-                                                 test_time_steps=[opts.test_time_steps], check_contrast=True),
-                     default_fpr=old.default_fpr if default_fpr is None else float(default_fpr),
+                                                 test_time_steps=[opts.test_time_steps], check_contrast=True,
+                                                 fpr=rate),
+                     default_fpr=rate,
                      extra=dict(old.extra, calibration_subjects=[s.name for s in subjects]))
     try:  # a model whose own rate gets no threshold could not detect with its defaults
         header.threshold(default, post, ThresholdPolicy())

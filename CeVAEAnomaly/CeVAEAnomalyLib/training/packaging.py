@@ -103,7 +103,7 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     stored.eval().to(device)
     bundle = Bundle(stored, header, out)
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
-                                  progress, scorers, test_time_steps=test_time_steps)
+                                  progress, scorers, test_time_steps=test_time_steps, fpr=header.default_fpr)
     then = "The last checkpoint is kept; free some space and run again with --resume."
     try:
         return save_bundle(out, model, replace(header, calibration=calibration), half=half)
