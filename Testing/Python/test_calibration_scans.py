@@ -21,6 +21,7 @@ from CeVAEAnomalyLib.engine.calibration import (UNLIKE_FACTOR, calibrate, find_c
                                                 threshold_for_fpr)
 from CeVAEAnomalyLib.engine.header import read_header
 from CeVAEAnomalyLib.io.manifest import Subject
+from CeVAEAnomalyLib.options import ThresholdPolicy
 
 research = pytest.importorskip("CeVAEAnomalyResearch.acquisition")
 from CeVAEAnomalyResearch.lesions import insert_lesions  # noqa: E402
@@ -80,3 +81,30 @@ def test_calibrate_names_a_scan_unlike_the_others_and_records_each_scans_figures
         recalibrate(bundle, [s for name, s in subjects.items() if name != "lesion"], tmp_path / "healthy.cevae",
                     header.score_options, header.postprocess)
     assert not [r for r in caplog.records if "unlike" in r.getMessage()]
+
+
+def test_a_rate_that_rests_on_a_few_healthy_voxels_is_said_to_be_unmeasured(tmp_path: Path, caplog,
+                                                                             one_thread) -> None:
+    from CeVAEAnomalyLib.engine.detector import detect
+
+    image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
+    with caplog.at_level(logging.WARNING):  # the bundled model's 4.2 M voxels: 4 above 1e-6, 42 above 1e-5
+        unmeasured = detect(image, default_model_path(), mask, fpr=1e-6, device="cpu")
+    assert "rests on 4.2 of the 4197265 healthy brain voxels calibrated on, fewer than 10" \
+        in unmeasured.threshold_source
+    assert any("false-positive rate is not measured" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        measured = detect(image, default_model_path(), mask, fpr=1e-5, device="cpu")
+    assert "rests on" not in measured.threshold_source and "not measured" not in caplog.text
+
+    subjects = _scans(tmp_path)  # one 2 mm scan: 224 k voxels, 2.2 above 1e-5
+    bundle = load_bundle(default_model_path(), "cpu")
+    with caplog.at_level(logging.WARNING):
+        path = recalibrate(bundle, [subjects["plain"]], tmp_path / "one.cevae", bundle.header.score_options,
+                           bundle.header.postprocess, default_fpr=1e-5)
+    assert "The model's default rate is too low for 1 healthy volume(s): the threshold at a false-positive rate of " \
+           "1e-05 rests on 2.2 of the 223842 healthy brain voxels" in caplog.text
+    new = read_header(path)
+    assert "rests on 2.2" in new.threshold(new.score_options, new.postprocess, ThresholdPolicy())[1]

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .bundle import Bundle, save_bundle
-from .calibration import calibrate, calibration_key, check_default_fpr, unlike_scans
+from .calibration import calibrate, calibration_key, check_default_fpr, thin_tail, unlike_scans
 from ..io.manifest import Subject, check_subjects
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
@@ -121,6 +121,10 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                  "%.4g.", fpr, min(spread), max(spread))
     for warning in unlike_scans(default, [str(s.image) for s in subjects]):
         log.warning("%s", warning)
+    thin = thin_tail(default, fpr) if fpr is not None else None
+    if thin:
+        log.warning("The model's default rate is too low for %d healthy volume(s): %s. Calibrate on more healthy "
+                    "scans, or give a higher --default-fpr.", len(subjects), thin)
     return entries
 
 

@@ -73,6 +73,24 @@ BRIGHT_TAIL_MARGIN = 0.5
 UNLIKE_FACTOR = 10.0
 
 
+# a rate whose threshold rests on fewer healthy voxels than this above it is not measured: the threshold is little
+# more than the highest healthy scores (and neighbouring voxels of a smooth score map are not independent). With 2
+# scans of 2 mm voxels (480 k brain voxels) the default rate rests on 104 voxels, 1e-5 on 5; the bundled model's 4.2 M
+# voxels put 4 above the grid's lowest rate, 1e-6
+MIN_TAIL_VOXELS = 10
+
+
+def thin_tail(entry: Mapping[str, Any], fpr: float) -> Optional[str]:
+    """Why the threshold at ``fpr`` of ``entry`` is not measured, in words: it rests on fewer than
+    :data:`MIN_TAIL_VOXELS` of the healthy voxels calibrated on; None when it rests on more (or no count is kept)."""
+    n = entry.get("n_voxels")
+    if not isinstance(n, int) or n * fpr >= MIN_TAIL_VOXELS:
+        return None
+    return (f"the threshold at a false-positive rate of {fpr:g} rests on {n * fpr:.2g} of the {n} healthy brain voxels "
+            f"calibrated on, fewer than {MIN_TAIL_VOXELS}, so that rate is not measured (the lowest that rests on "
+            f"{MIN_TAIL_VOXELS} is {MIN_TAIL_VOXELS / n:.2g})")
+
+
 def calibrate(healthy_scores: Iterable[np.ndarray], source: str, largest_voxel_mm: Sequence[float] = (),
               bright_tails: Sequence[Optional[float]] = (), fpr: Optional[float] = None) -> Dict[str, Any]:
     """Quantiles of pooled healthy brain-voxel scores on the FPR grid; ``largest_voxel_mm``: each healthy

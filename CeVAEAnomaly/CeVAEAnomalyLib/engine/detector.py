@@ -83,6 +83,10 @@ class Detector:
                              f"{','.join(self.score.orientation_list)} for that.")
         self.threshold, self.threshold_source = bundle.header.threshold(self.score, self.post, policy)
         self.policy = policy
+        thin = bundle.header.unmeasured_rate(self.score, self.post, policy)
+        if thin:
+            log.warning("The threshold's false-positive rate is not measured: %s. Give a higher rate, or calibrate the "
+                        "model on more healthy scans.", thin)
 
     @classmethod
     def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":

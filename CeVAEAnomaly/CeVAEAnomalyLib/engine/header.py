@@ -19,7 +19,7 @@ from ..errors import CeVAEError
 from ..io.targets import refuse_unsearchable, special_file_kind
 from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
 from .bundle_checks import check_model_section, check_sections
-from .calibration import DEFAULT_FPR, acquisition_difference, find_calibration, threshold_for_fpr
+from .calibration import DEFAULT_FPR, acquisition_difference, find_calibration, thin_tail, threshold_for_fpr
 from .config import LossConfig, ModelConfig, PreprocessConfig
 
 FORMAT = "cevae-anomaly-bundle"
@@ -109,7 +109,17 @@ class BundleHeader:
         source = entry.get("source")  # e.g. "site scans, each scored by ...": its first words say which calibration
         first = re.split("[:,;(]", source, maxsplit=1)[0].strip() if isinstance(source, str) else ""
         on = f" on {first}" if first else ""
-        return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}"
+        thin = thin_tail(entry, rate)  # (said with the threshold, and so in every result's summary)
+        return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}" + (
+            f"; {thin}" if thin else "")
+
+    def unmeasured_rate(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy) -> Optional[str]:
+        """Why the rate of the calibrated threshold ``policy`` gets is not measured (engine/calibration.thin_tail), in
+        words; None when it is, or for an absolute threshold."""
+        if policy.threshold is not None:
+            return None
+        rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
+        return thin_tail(find_calibration(self.calibration, score, post), rate)
 
     def acquisition_difference(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy,
                                spacing: Sequence[float], tail: Optional[float] = None) -> Optional[str]:
