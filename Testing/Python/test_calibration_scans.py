@@ -108,3 +108,28 @@ def test_a_rate_that_rests_on_a_few_healthy_voxels_is_said_to_be_unmeasured(tmp_
            "1e-05 rests on 2.2 of the 223842 healthy brain voxels" in caplog.text
     new = read_header(path)
     assert "rests on 2.2" in new.threshold(new.score_options, new.postprocess, ThresholdPolicy())[1]
+
+
+def test_calibrate_warns_of_scans_of_different_acquisitions_pooled(tmp_path: Path, caplog, one_thread) -> None:
+    subjects = _scans(tmp_path)
+    image, mask = (sitk.ReadImage(str(p)) for p in (subjects["plain"].image, subjects["plain"].mask))
+    size = [image.GetSize()[0], image.GetSize()[1], round(image.GetSize()[2] * 2 / 6.5)]
+    for name, im in (("thick", image), ("thick_mask", mask)):  # 2 x 2 x 6.5 mm slices of the same head
+        sitk.WriteImage(sitk.Resample(im, size, sitk.Transform(), sitk.sitkNearestNeighbor, im.GetOrigin(),
+                                      (2.0, 2.0, 6.5), im.GetDirection()), str(tmp_path / f"{name}.nii.gz"))
+    thick = Subject(tmp_path / "thick.nii.gz", tmp_path / "thick_mask.nii.gz")
+    bundle = load_bundle(default_model_path(), "cpu")
+    with caplog.at_level(logging.WARNING):
+        path = recalibrate(bundle, [subjects["plain"], subjects["noisy"], thick], tmp_path / "mixed.cevae",
+                           bundle.header.score_options, bundle.header.postprocess)
+    mixed = [r.getMessage() for r in caplog.records if "different acquisitions" in r.getMessage()]
+    assert len(mixed) == 1 and mixed[0].startswith(f"The healthy volumes are of different acquisitions: {thick.image} "
+                                                   f"has voxels up to 6.5 mm, {subjects['plain'].image} 2 mm"), mixed
+    assert "detection no longer warns about scans with voxels up to 9.75 mm" in mixed[0]
+    new = read_header(path)
+    assert find_calibration(new.calibration, new.score_options, new.postprocess)["largest_voxel_mm"] == [2.0, 6.5]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        recalibrate(bundle, [subjects["plain"], subjects["noisy"]], tmp_path / "same.cevae",
+                    bundle.header.score_options, bundle.header.postprocess)
+    assert "different acquisitions" not in caplog.text

@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .bundle import Bundle, save_bundle
-from .calibration import calibrate, calibration_key, check_default_fpr, thin_tail, unlike_scans
+from .calibration import (ACQUISITION_FACTOR, calibrate, calibration_key, check_default_fpr, thin_tail,
+                          unlike_scans)
 from ..io.manifest import Subject, check_subjects
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
@@ -121,11 +122,30 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                  "%.4g.", fpr, min(spread), max(spread))
     for warning in unlike_scans(default, [str(s.image) for s in subjects]):
         log.warning("%s", warning)
+    _warn_of_mixed_acquisitions(subjects, largest, default["scan_voxels"])
     thin = thin_tail(default, fpr) if fpr is not None else None
     if thin:
         log.warning("The model's default rate is too low for %d healthy volume(s): %s. Calibrate on more healthy "
                     "scans, or give a higher --default-fpr.", len(subjects), thin)
     return entries
+
+
+def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], largest: Sequence[float], voxels: Sequence[int]) -> None:
+    """Warn when the healthy volumes' largest voxel sides lie more than ACQUISITION_FACTOR apart: their pooled
+    voxels put the finer scans' tail in the thresholds, and the recorded range stops detection's warning for the
+    coarser acquisition."""
+    thick, thin = int(np.argmax(largest)), int(np.argmin(largest))
+    if largest[thick] <= largest[thin] * ACQUISITION_FACTOR:
+        return
+    coarse = [j for j, side in enumerate(largest) if side > largest[thin] * ACQUISITION_FACTOR]
+    share = sum(voxels[j] for j in coarse) / sum(voxels)
+    log.warning("The healthy volumes are of different acquisitions: %s has voxels up to %.3g mm, %s %.3g mm (more "
+                "than %g times apart). The thresholds pool their voxels, and the %d with voxels over %.3g mm hold "
+                "%.1f%% of them, so the threshold follows the finer scans and its rate on the coarser ones is not "
+                "known; yet detection no longer warns about scans with voxels up to %.3g mm. Calibrate one model per "
+                "acquisition.", subjects[thick].image, largest[thick], subjects[thin].image, largest[thin],
+                ACQUISITION_FACTOR, len(coarse), largest[thin] * ACQUISITION_FACTOR, 100 * share,
+                largest[thick] * ACQUISITION_FACTOR)
 
 
 def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: ScoreOptions,
