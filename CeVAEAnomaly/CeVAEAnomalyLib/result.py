@@ -9,15 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, get_type_hints
+from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple, get_type_hints
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import CeVAEError
 from .io import strict_json
+from .options import PostprocessOptions, ScoreOptions
 
 
 @dataclass
@@ -56,9 +58,100 @@ class Component:
         return (-x, -y, z)
 
 
+@dataclass(frozen=True)
+class ModelRecord:
+    """Which model made a detection."""
+
+    name: str
+    modality: str
+    path: Optional[str]  # the bundle file it was loaded from (None: a model not loaded from a file)
+    sha256: Optional[str]  # that file's SHA-256 as it was loaded (None: not loaded from a file)
+    calibrated_on: Optional[str]  # the header's "source" of the calibration that gave the threshold (None: an
+    # absolute threshold, or a calibration that does not say)
+
+
+@dataclass(frozen=True)
+class DetectionRecord:
+    """How a detection was made (its provenance), torch-free and JSON-able (:meth:`to_dict`): the tool, the model,
+    the threshold and where it came from, the scoring and post-processing options it used, where the network ran,
+    the warnings the detection logged (in order, as logged) and when it ended (UTC, ISO 8601). ``inputs``: the
+    files it read, by role ("image", "mask": their ``path`` and ``sha256``), where an entry point read files
+    (:meth:`with_inputs`); empty for images given in memory."""
+
+    tool: str
+    version: str
+    model: ModelRecord
+    threshold: float
+    threshold_source: str
+    score_options: Dict[str, Any]
+    postprocess: Dict[str, Any]
+    device: str
+    amp: bool
+    warnings: Tuple[str, ...]
+    created_utc: str
+    inputs: Dict[str, Dict[str, str]] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The record as JSON-able data (a threshold of inf stays a float: write it with ``strict_json``)."""
+        out = asdict(self)
+        out["warnings"] = list(self.warnings)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: object) -> "DetectionRecord":
+        """The record :meth:`to_dict` gave, every field checked for its type (a ValueError names the first that
+        is not)."""
+        _holds_fields(data, {f.name for f in fields(cls)}, "the record")
+        model = data["model"]
+        _holds_fields(model, {f.name for f in fields(ModelRecord)}, "the record's model")
+        for name, value in model.items():
+            if not isinstance(value, str) and (value is not None or name in ("name", "modality")):
+                raise ValueError(f"the record's model {name} {value!r} is not text")
+        for name in ("tool", "version", "threshold_source", "device", "created_utc"):
+            if not isinstance(data[name], str):
+                raise ValueError(f"the record's {name} {data[name]!r} is not text")
+        threshold = strict_json.number(data["threshold"])
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise ValueError(f"the record's threshold {threshold!r} is not a number")
+        if not isinstance(data["amp"], bool):
+            raise ValueError(f"the record's amp {data['amp']!r} is not true or false")
+        warnings = data["warnings"]
+        if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+            raise ValueError("the record's warnings are not a list of texts")
+        inputs = data["inputs"]
+        if not isinstance(inputs, dict) or not all(
+                isinstance(v, dict) and set(v) == {"path", "sha256"} and all(isinstance(t, str) for t in v.values())
+                for v in inputs.values()):
+            raise ValueError("the record's inputs are not files with their path and sha256")
+        options = {}
+        for name, kind in (("score_options", ScoreOptions), ("postprocess", PostprocessOptions)):
+            _holds_fields(data[name], {f.name for f in fields(kind)}, f"the record's {name}")
+            try:
+                options[name] = kind.from_dict(data[name]).to_dict()
+            except CeVAEError as exc:
+                raise ValueError(f"the record's {name}: {exc}") from None
+        return cls(**dict(data, model=ModelRecord(**model), threshold=float(threshold), warnings=tuple(warnings),
+                          inputs={k: dict(v) for k, v in inputs.items()}, **options))
+
+    def with_inputs(self, **paths: Optional[Path]) -> "DetectionRecord":
+        """A copy that names the files the detection read (``image=``, ``mask=``; None: not given) with their
+        SHA-256 (io/checksum.py), as absolute paths."""
+        from .io.checksum import sha256_of
+
+        read = {role: {"path": os.path.abspath(path), "sha256": sha256_of(Path(path))}
+                for role, path in paths.items() if path is not None}
+        return replace(self, inputs=dict(self.inputs, **read))
+
+
+def _holds_fields(data: object, names: AbstractSet[str], what: str) -> None:
+    if not isinstance(data, dict) or set(data) != names:
+        raise ValueError(f"{what} does not hold the fields {sorted(names)}")
+
+
 @dataclass
 class DetectionResult:
-    """Everything one detection produces, on the input's exact grid."""
+    """Everything one detection produces, on the input's exact grid; ``record``: how it was made (the detector
+    fills it; None for a result made otherwise)."""
 
     score: sitk.Image  # float32
     labelmap: sitk.Image  # uint8 {0,1}
@@ -67,6 +160,7 @@ class DetectionResult:
     threshold_source: str
     slices: List[SliceScoreRow]
     components: List[Component]
+    record: Optional[DetectionRecord] = None
 
     @property
     def top_slice(self) -> Optional[SliceScoreRow]:
@@ -158,8 +252,9 @@ def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]])
 
 # ---- a whole result in a folder (the Slicer worker's hand-over) ---------------------------------------
 RESULT_FILES = {"score": "score.nrrd", "labelmap": "labelmap.nrrd", "brain_mask": "brain_mask.nrrd"}
-SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_source", "slices", "components"}
-SUMMARY_VERSION = 1
+SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_source", "slices", "components",
+# "record"}
+SUMMARY_VERSION = 2  # 2: with the detection's record
 
 
 def save_result(result: DetectionResult, folder: Path) -> None:
@@ -172,7 +267,8 @@ def save_result(result: DetectionResult, folder: Path) -> None:
         path: (lambda tmp, image=image: sitk.WriteImage(image, tmp))
         for path, image in result_files(result, {key: folder / name for key, name in RESULT_FILES.items()}).items()}
     summary = dict(format_version=SUMMARY_VERSION, threshold=result.threshold, threshold_source=result.threshold_source,
-                   slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components])
+                   slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components],
+                   record=None if result.record is None else result.record.to_dict())
     files[folder / SUMMARY_FILE] = strict_json.dumps(summary)
     write_all(files, overwrite=True)
 
@@ -190,10 +286,13 @@ def load_result(folder: Path) -> DetectionResult:
             raise ValueError(f"threshold {threshold!r} ({source!r}) is not a number with its source")
         components = [_typed(Component, c, f"component {n}") for n, c in enumerate(_listed(summary, "components"), 1)]
         rows = [_typed(SliceScoreRow, r, f"slice row {n}") for n, r in enumerate(_listed(summary, "slices"), 1)]
+        if "record" not in summary:
+            raise ValueError("it holds no 'record'")
+        record = None if summary["record"] is None else DetectionRecord.from_dict(summary["record"])
         images = {key: sitk.ReadImage(str(folder / name)) for key, name in RESULT_FILES.items()}
         _same_grid(images)
         return DetectionResult(images["score"], images["labelmap"], images["brain_mask"], float(threshold), source,
-                               rows, components)
+                               rows, components, record)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # (RecursionError is a RuntimeError)
         raise CeVAEError(f"The detection results in {folder} could not be read ({exc}).") from None
 

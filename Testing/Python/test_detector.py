@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model, healthy_scores
 from CeVAEAnomalyLib.engine.detector import Detector, detect
 from CeVAEAnomalyLib.engine.symmetry import estimate_midplane
@@ -194,3 +194,55 @@ def test_recalibrate_refuses_wrong_argument_types_in_one_line(tiny_bundle, tmp_p
     for args, message in cases:
         with pytest.raises(CeVAEError, match=message):
             recalibrate(*args)
+
+
+def test_a_detection_records_how_it_was_made(tiny_bundle, caplog):
+    """The result's record names the model file and its sha256, what the threshold was calibrated on, the threshold
+    and its source, the options, the device and the warnings this detection logged, in order and as logged: those of
+    a brain mask of several values and of slices thicker than the calibration's. A warning another thread logs
+    meanwhile is not this detection's, and a second run starts with none."""
+    import datetime
+    import hashlib
+    import json
+    import logging
+    import os
+    import threading
+
+    from CeVAEAnomalyLib import __version__
+    from CeVAEAnomalyLib.io import strict_json
+
+    bundle = load_bundle(tiny_bundle, "cpu")
+    detector = Detector(bundle)
+    thick, thick_mask = make_head(seed=12, size=(40, 44, 9), spacing=(1.2, 1.0, 6.0))
+    thick_mask[20, 22, 4] = 2  # a brain voxel of another value
+
+    def elsewhere(fraction, message):
+        if fraction == 0.0:  # while the detection runs
+            other = threading.Thread(target=lambda: logging.getLogger("CeVAEAnomalyLib.engine").warning("not ours"))
+            other.start()
+            other.join()
+
+    with caplog.at_level(logging.WARNING):
+        result = detector(thick, thick_mask, progress=elsewhere)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage() != "not ours"]
+    record = result.record
+    assert len(logged) == 2 and "holds several values" in logged[0] and "is not known" in logged[1]
+    assert record.warnings == tuple(logged)
+    header = read_header(tiny_bundle)
+    assert record.model.sha256 == hashlib.sha256(tiny_bundle.read_bytes()).hexdigest()
+    assert (record.model.path, record.model.name, record.model.modality) == (os.path.abspath(tiny_bundle),
+                                                                              header.name, header.modality)
+    entry = next(iter(header.calibration.values()))
+    assert record.model.calibrated_on == entry["source"] and record.threshold_source.startswith("calibrated on ")
+    assert (record.threshold, record.threshold_source) == (result.threshold, result.threshold_source)
+    assert record.score_options == detector.score.to_dict() and record.postprocess == detector.post.to_dict()
+    assert (record.tool, record.version, record.device, record.amp, record.inputs) == (
+        "cevae-anomaly", __version__, "cpu", False, {})
+    made = datetime.datetime.strptime(record.created_utc, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert abs(made - datetime.datetime.now(datetime.timezone.utc)).total_seconds() < 600
+    assert json.loads(strict_json.dumps(record.to_dict()))["warnings"] == logged
+
+    image, mask = make_head(seed=12)
+    assert detector(image, mask).record.warnings == ()
+    absolute = Detector(bundle, policy=ThresholdPolicy(threshold=0.5))(image, mask).record
+    assert absolute.model.calibrated_on is None and absolute.threshold_source == "absolute"

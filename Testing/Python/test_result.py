@@ -7,7 +7,9 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.result import (
     Component,
+    DetectionRecord,
     DetectionResult,
+    ModelRecord,
     SliceScoreRow,
     components_csv,
     load_result,
@@ -26,7 +28,16 @@ def small_result() -> DetectionResult:
     rows = [SliceScoreRow(2, k, 0.1 * k, 1.0, 2.0 + k, anomaly=k / 3, map_max=0.5 * k, flagged=k == 3)
             for k in range(4)]
     comps = [Component(1, 20, 0.06, 2.0, 1.75, (1.0, -2.0, 3.5))]
-    return DetectionResult(score, labelmap, brain, 1.5, "absolute", rows, comps)
+    return DetectionResult(score, labelmap, brain, 1.5, "absolute", rows, comps, small_record())
+
+
+def small_record() -> DetectionRecord:
+    from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+
+    model = ModelRecord("site", "T1", "/models/site.cevae", "ab" * 32, "site scans: each scored by a fold model")
+    return DetectionRecord("cevae-anomaly", "0.1.0", model, 1.5, "absolute", ScoreOptions().to_dict(),
+                           PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False,
+                           ("scan: The brain mask covers only 5.0 ml", "another"), "2025-01-02T03:04:05Z")
 
 
 def test_saved_result_reads_back_equal(tmp_path):
@@ -40,6 +51,14 @@ def test_saved_result_reads_back_equal(tmp_path):
     assert (back.threshold, back.threshold_source) == (1.5, "absolute")
     assert back.slices == result.slices and back.components == result.components
     assert back.top_slice.index == 3 and back.components[0].centroid_ras == (-1.0, 2.0, 3.5)
+    assert back.record == result.record  # the Slicer module names the model and options on the result nodes
+
+
+def test_a_result_without_a_record_reads_back_without_one(tmp_path):
+    import dataclasses
+
+    save_result(dataclasses.replace(small_result(), record=None), tmp_path)
+    assert load_result(tmp_path).record is None
 
 
 def test_a_result_with_non_finite_numbers_is_standard_json_and_reads_back(tmp_path):
@@ -51,7 +70,8 @@ def test_a_result_with_non_finite_numbers_is_standard_json_and_reads_back(tmp_pa
 
     result = small_result()
     result = dataclasses.replace(result, threshold=math.inf, slices=[dataclasses.replace(result.slices[0], kl=math.nan),
-                                                                     *result.slices[1:]])
+                                                                     *result.slices[1:]],
+                                 record=dataclasses.replace(result.record, threshold=math.inf))
     save_result(result, tmp_path)
 
     def refuse(token):
@@ -60,6 +80,7 @@ def test_a_result_with_non_finite_numbers_is_standard_json_and_reads_back(tmp_pa
     json.loads((tmp_path / "detection.json").read_text(), parse_constant=refuse)
     back = load_result(tmp_path)
     assert back.threshold == math.inf and math.isnan(back.slices[0].kl) and back.slices[1:] == result.slices[1:]
+    assert back.record.threshold == math.inf
 
 
 def test_tables_list_the_most_anomalous_slice_first(tmp_path):
@@ -146,6 +167,18 @@ def test_a_damaged_hand_over_is_refused_in_one_line(tmp_path):
         "flagged as text": (lambda s: s["slices"][0].update(flagged="no"), "slice row 1: flagged 'no'"),
         "a slice field missing": (slice_row("map_max"), "slice row 1 does not hold the fields"),
         "components not a list": (lambda s: s.update(components={}), "'components' is not a list"),
+        "no record": (lambda s: s.pop("record"), "it holds no 'record'"),
+        "a record field missing": (lambda s: s["record"].pop("device"), "the record does not hold the fields"),
+        "record threshold as text": (lambda s: s["record"].update(threshold="1.5"), "record's threshold '1.5'"),
+        "model sha256 a number": (lambda s: s["record"]["model"].update(sha256=5), "record's model sha256 5"),
+        "model name null": (lambda s: s["record"]["model"].update(name=None), "record's model name None"),
+        "warnings as text": (lambda s: s["record"].update(warnings="none"), "record's warnings are not a list"),
+        "amp as text": (lambda s: s["record"].update(amp="no"), "record's amp 'no'"),
+        "an unknown option": (lambda s: s["record"]["score_options"].update(speed=1),
+                              "record's score_options does not"),
+        "an option out of range": (lambda s: s["record"]["postprocess"].update(rim_mm=-1.0), "rim_mm (--rim-mm) must"),
+        "an input without sha256": (lambda s: s["record"].update(inputs={"image": {"path": "a"}}),
+                                    "record's inputs are not files"),
     }
     for name, (edit, message) in edits.items():
         folder = tmp_path / name.replace(" ", "_")

@@ -9,11 +9,12 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
 from ..io.atomic import atomic_path
+from ..io.checksum import sha256_of
 from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
@@ -32,6 +33,7 @@ class Bundle:
     model: CeVAE
     header: BundleHeader
     path: Path
+    sha256: Optional[str] = None  # of the file as load_bundle read it (a detection's record names it)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -92,6 +94,7 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
 
     header = read_header(path)
     p = Path(path)
+    sha256 = sha256_of(p)  # the file loaded, as a detection's record names it
     cfg = header.model
     try:  # safetensors' own parser is stricter than read_header's (e.g. a key written twice in the tensor table)
         with safe_open(str(p), framework="pt") as fh:
@@ -114,4 +117,4 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
             raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     model.eval().to(resolve_device(str(device)))  # a torch.device as its name: a missing GPU falls back alike
-    return Bundle(model, header, p)
+    return Bundle(model, header, p, sha256)

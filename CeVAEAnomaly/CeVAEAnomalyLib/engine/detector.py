@@ -5,9 +5,12 @@ Every entry point (command line, batch, Slicer module and script, calibration) b
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+import threading
+from datetime import datetime, timezone
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,6 +18,7 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .devices import resolve_device
+from .. import __version__
 from ..errors import CeVAEError
 from ..io.images import check_volume, warn_if_ct_range
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
@@ -23,7 +27,7 @@ from .postprocess import components, normalised, refine_reach, refine_scores, th
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
                          prepare, region_image, warn_unlike_a_brain)
 from ..progress import ProgressCallback, checked, report, scaled
-from ..result import DetectionResult, SliceScoreRow
+from ..result import DetectionRecord, DetectionResult, ModelRecord, SliceScoreRow
 from .scan_adaptation import adapted_copy
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
@@ -87,6 +91,9 @@ class Detector:
         if thin:
             log.warning("The threshold's false-positive rate is not measured: %s. Give a higher rate, or calibrate the "
                         "model on more healthy scans.", thin)
+        self.model_record = ModelRecord(bundle.header.name, bundle.header.modality,
+                                        None if bundle.sha256 is None else os.path.abspath(bundle.path),
+                                        bundle.sha256, bundle.header.calibrated_on(self.score, self.post, policy))
 
     @classmethod
     def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":
@@ -99,10 +106,25 @@ class Detector:
                  progress: Optional[ProgressCallback] = None, where: str = "") -> DetectionResult:
         """Score a 3D volume. ``mask``: brain mask (>0 is brain); computed automatically if None. ``where`` (e.g.
         "scan: ") leads the warnings about the mask and the image's NaN voxels, so that a cohort's say which volume.
+        The result's ``record`` says how it was made, with the warnings this call logged.
 
         The input image is never modified. Raise :class:`CeVAEError` on unusable input and
         :class:`~.progress.Cancelled` if the progress callback cancels.
         """
+        with _warnings_logged() as warnings:
+            result = self._detect(image, mask, progress, where)
+        result.record = self._record(warnings)
+        return result
+
+    def _record(self, warnings: Sequence[str]) -> DetectionRecord:
+        """How this detector makes a detection that logged ``warnings``, ending now."""
+        device = next(self.bundle.model.parameters()).device
+        return DetectionRecord(TOOL, __version__, self.model_record, self.threshold, self.threshold_source,
+                               self.score.to_dict(), self.post.to_dict(), str(device), self.amp, tuple(warnings),
+                               datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    def _detect(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
+                where: str) -> DetectionResult:
         checked(progress)
         image = checked_image(image, mask, where)
         stack, brain = self._prepare(image, mask, progress, where)
@@ -253,6 +275,34 @@ def detect(image: sitk.Image, bundle: Union[Bundle, str, "os.PathLike[str]"], ma
         raise CeVAEError(f"The bundle must be a Bundle (from load_bundle) or a model file path, "
                          f"got {type(bundle).__name__}.")
     return Detector.from_request(bundle, chosen)(image, mask, progress)
+
+
+TOOL = "cevae-anomaly"  # the name a detection's record gives the tool that made it
+
+
+class _ThreadWarnings(logging.Handler):
+    """Keeps the messages of the warnings logged in the thread that made it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warnings_logged() -> Iterator[List[str]]:
+    """The messages of the library's warnings that this thread logs in the block (still logged as usual): those
+    of one detection, not of another thread's."""
+    handler, library = _ThreadWarnings(), logging.getLogger(__name__.split(".")[0])
+    library.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        library.removeHandler(handler)
 
 
 def checked_image(image: sitk.Image, mask: Optional[sitk.Image], where: str = "") -> sitk.Image:

@@ -106,8 +106,8 @@ class BundleHeader:
             return float(policy.threshold), "absolute"
         rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
         entry = find_calibration(self.calibration, score, post)
-        source = entry.get("source")  # e.g. "site scans, each scored by ...": its first words say which calibration
-        first = re.split("[:,;(]", source, maxsplit=1)[0].strip() if isinstance(source, str) else ""
+        source = self.calibrated_on(score, post, policy)  # e.g. "site scans, each scored by ...": its first words
+        first = re.split("[:,;(]", source, maxsplit=1)[0].strip() if source else ""  # say which calibration
         on = f" on {first}" if first else ""
         thin = thin_tail(entry, rate)  # (said with the threshold, and so in every result's summary)
         return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}" + (
@@ -120,6 +120,14 @@ class BundleHeader:
             return None
         rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
         return thin_tail(find_calibration(self.calibration, score, post), rate)
+
+    def calibrated_on(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy) -> Optional[str]:
+        """What the calibration that gives ``policy``'s threshold says it was measured on (its ``source``); None for
+        an absolute threshold or a calibration that does not say."""
+        if policy.threshold is not None:
+            return None
+        source = find_calibration(self.calibration, score, post).get("source")
+        return source if isinstance(source, str) else None
 
     def acquisition_difference(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy,
                                spacing: Sequence[float], tail: Optional[float] = None) -> Optional[str]:
