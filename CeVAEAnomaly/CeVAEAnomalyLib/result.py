@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple, get_type_hints
 
@@ -75,8 +75,8 @@ class DetectionRecord:
     """How a detection was made (its provenance), torch-free and JSON-able (:meth:`to_dict`): the tool, the model,
     the threshold and where it came from, the scoring and post-processing options it used, where the network ran,
     the warnings the detection logged (in order, as logged) and when it ended (UTC, ISO 8601). ``inputs``: the
-    files it read, by role ("image", "mask": their ``path`` and ``sha256``), where an entry point read files
-    (:meth:`with_inputs`); empty for images given in memory."""
+    files it read, by role ("image", "mask": their ``path`` and ``sha256``, :func:`input_files`), where an entry
+    point read files; empty for images given in memory."""
 
     tool: str
     version: str
@@ -133,14 +133,14 @@ class DetectionRecord:
         return cls(**dict(data, model=ModelRecord(**model), threshold=float(threshold), warnings=tuple(warnings),
                           inputs={k: dict(v) for k, v in inputs.items()}, **options))
 
-    def with_inputs(self, **paths: Optional[Path]) -> "DetectionRecord":
-        """A copy that names the files the detection read (``image=``, ``mask=``; None: not given) with their
-        SHA-256 (io/checksum.py), as absolute paths."""
-        from .io.checksum import sha256_of
 
-        read = {role: {"path": os.path.abspath(path), "sha256": sha256_of(Path(path))}
-                for role, path in paths.items() if path is not None}
-        return replace(self, inputs=dict(self.inputs, **read))
+def input_files(**paths: Optional[Path]) -> Dict[str, Dict[str, str]]:
+    """A record's ``inputs``: each file given by role (``image=``, ``mask=``; None: not given) as its absolute path
+    and SHA-256 (io/checksum.py; a DICOM folder's covers its files)."""
+    from .io.checksum import sha256_of
+
+    return {role: {"path": os.path.abspath(path), "sha256": sha256_of(Path(path))}
+            for role, path in paths.items() if path is not None}
 
 
 def _holds_fields(data: object, names: AbstractSet[str], what: str) -> None:
@@ -213,14 +213,23 @@ def table_delimiter(path: Path) -> str:
     return "\t" if Path(path).name.lower().endswith(".tsv") else ","
 
 
+def record_json(result: DetectionResult) -> str:
+    """The result's record as a JSON file's text (standard JSON: a threshold of inf as "inf")."""
+    if result.record is None:
+        raise ValueError("the result holds no record of how it was made")
+    return strict_json.dumps(result.record.to_dict(), indent=2) + "\n"
+
+
 IMAGE_OUTPUTS = {"score": "score map", "labelmap": "labelmap", "brain_mask": "brain mask"}
 TABLE_OUTPUTS = {"slices": "slice table", "components": "component table"}
+RECORD_OUTPUT = "record"  # the JSON record of how the other outputs were made
 
 
 def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
     """Refuse, before any work, an output whose name does not say the format it gets: an image output
     without a single-file image extension as ITK's writers know it (lower case; a detached header, .nhdr or
-    .mhd, would point at a data file of a temporary name), or a CSV table under an image or compressed name."""
+    .mhd, would point at a data file of a temporary name), or a CSV table or the JSON record under an image or
+    compressed name."""
     from .io.naming import OUTPUT_IMAGE_EXTENSIONS, refuse_misnamed
 
     for role, path in targets.items():
@@ -234,16 +243,19 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
                              f"{', '.join(OUTPUT_IMAGE_EXTENSIONS)}{detached}, in lower case.")
         if role in TABLE_OUTPUTS:
             refuse_misnamed(Path(path), f"{TABLE_OUTPUTS[role]} output", "CSV text", ".csv")
+        if role == RECORD_OUTPUT:
+            refuse_misnamed(Path(path), "record output", "JSON text", ".json")
 
 
 def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]]) -> Dict[Path, object]:
     """What :func:`~.io.atomic.write_all` writes for each wanted output (a None target is not wanted):
     ``score``, ``labelmap``, ``brain_mask`` (images), ``slices``, ``components`` (CSV tables; tab-separated for a
-    ``.tsv`` name)."""
+    ``.tsv`` name), ``record`` (JSON, :func:`record_json`)."""
     content = {"score": lambda path: result.score, "labelmap": lambda path: result.labelmap,
                "brain_mask": lambda path: result.brain_mask,
                "slices": lambda path: slice_scores_csv(result, table_delimiter(path)),
-               "components": lambda path: components_csv(result, table_delimiter(path))}
+               "components": lambda path: components_csv(result, table_delimiter(path)),
+               RECORD_OUTPUT: lambda path: record_json(result)}
     unknown = sorted(set(targets) - set(content))
     if unknown:
         raise ValueError(f"unknown result output(s) {unknown}")

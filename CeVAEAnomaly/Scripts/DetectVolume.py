@@ -11,7 +11,8 @@ The volume is loaded into an MRML scene through a storage node, processed by
 ``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry:
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the ``NAME_<role>`` names of ``cevae-anomaly batch``,
-which writes the first, second and last of them). All files are written or none. Relative paths are taken
+which writes the first, second and last of them), with ``<name>_record.json``, the record of how they were made
+(``detect --record``). All files are written or none. Relative paths are taken
 from the working directory (Slicer itself would read them from its scene folder).
 Exit status 0 on success; otherwise 1 (2 for bad arguments or option values, 130 when interrupted) with a
 one-line message; also when the library cannot be imported, so that a headless Slicer always quits.
@@ -197,7 +198,7 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
     each as it is renamed); the score, the labelmap and the slice table on the voxel grid of the ``source`` volume
     file, if given."""
     from CeVAEAnomalyLib.io.atomic import write_all
-    from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
+    from CeVAEAnomalyLib.result import components_csv, record_json, slice_scores_csv
 
     detection = result.detection
     grid = file_grid(detection.score, source) if source else None
@@ -214,6 +215,7 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
         paths["components"]: components_csv(detection),  # centroids in RAS: the same on either grid
         paths["slices"]: slice_scores_csv(slices_on_grid(detection, grid) if grid else detection),
+        paths["record"]: record_json(detection),
     }
     return write_all(writers, overwrite, inputs, published)
 
@@ -241,6 +243,7 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     from CeVAEAnomalyLib.engine.header import read_header
     from CeVAEAnomalyLib.io.atomic import remove_abandoned_temporaries
     from CeVAEAnomalyLib.io.targets import check_paths
+    from CeVAEAnomalyLib.result import input_files
 
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
     remove_abandoned_temporaries(paths.values(), started)  # what killed runs left
@@ -248,8 +251,10 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     volume, image = load_volume(scene, args.input)
     restore_non_finite(volume, args.input, image)
     mask = load_volume(scene, args.mask, labelmap=True)[0] if args.mask else None
+    sources = input_files(image=args.input, mask=args.mask)  # the files just read, for the record
     result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
                                               progress=_progress)
+    result.detection.record = replace(result.detection.record, inputs=sources)
     written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model), source=args.input,
                             published=published)
     log.info("Wrote %s.", ", ".join(str(p) for p in written))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +19,7 @@ pytest.importorskip("slicer")
 
 SCRIPT = REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py"
 OUTPUTS = ("head_score.nrrd", "head_labelmap.nrrd", "head_segmentation.seg.nrrd",
-           "head_components.csv", "head_slices.csv")
+           "head_components.csv", "head_slices.csv", "head_record.json")
 
 
 def run_batch(*args, timeout=300):
@@ -71,6 +73,12 @@ def test_batch_writes_all_results_on_the_input_grid(oblique_head, tiny_bundle, t
         assert len(list(csv.DictReader(fh))) > 0
     assert "100% Done" in proc.stderr  # the progress ends
     assert "Warning" not in proc.stderr  # e.g. VTK's about a color table a scene outside Slicer lacked
+    record = json.loads((out / OUTPUTS[5]).read_text())  # how they were made, with the files read
+    digest = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()  # noqa: E731
+    assert record["inputs"] == {"image": {"path": str(image_path), "sha256": digest(image_path)},
+                                "mask": {"path": str(mask_path), "sha256": digest(mask_path)}}
+    assert (record["model"]["path"], record["model"]["sha256"]) == (str(tiny_bundle), digest(tiny_bundle))
+    assert (record["threshold"], record["threshold_source"], record["device"]) == (0.3, "absolute", "cpu")
 
 
 def test_batch_reports_a_missing_input_in_one_line(tmp_path):
@@ -203,7 +211,7 @@ def test_a_stop_during_the_renames_says_which_results_were_written(oblique_head,
     if how == "signal":
         assert sorted(written) == sorted(OUTPUTS) and "interrupted after every result was written" in message
     else:
-        assert len(written) == 2 and message.endswith(" were written, not the other 3 results."), message
+        assert len(written) == 2 and message.endswith(" were written, not the other 4 results."), message
 
 
 def test_a_library_that_fails_to_import_quits_headless_slicer_with_an_error(tmp_path):

@@ -133,3 +133,44 @@ def test_tables_named_tsv_are_tab_separated(tmp_path, head, tiny_bundle):
             text = (tmp_path / f"{table}.{ext}").read_text()
             assert "," not in text.splitlines()[0]
             assert list(csv.reader(text.splitlines(), delimiter="\t")) == rows
+
+
+def test_detect_records_how_its_outputs_were_made(tmp_path, head, tiny_bundle, capsys, caplog):
+    """--record writes, with the other outputs, the model file and its sha256, the threshold and its source, the
+    options, the input files and their sha256 and the run's warnings; as every output it is refused before any work
+    where it is an input, has an image name or exists (without --overwrite)."""
+    import hashlib
+    import json
+    import logging
+    import os
+
+    from CeVAEAnomalyLib import __version__
+
+    image, mask = head
+    record = tmp_path / "record.json"
+    common = ["detect", str(image), "--mask", str(mask), "--model", str(tiny_bundle), "--device", "cpu",
+              "--score", str(tmp_path / "score.nii.gz"), "--threshold", "0.5", "--rim-mm", "2"]
+    refused = {str(mask): "is the same file as an input", str(tmp_path / "record.nii.gz"): "is written as JSON text"}
+    for path, message in refused.items():
+        assert main([*common, "--record", path]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "score.nii.gz").exists()
+    with caplog.at_level(logging.INFO):
+        assert main([*common, "--record", str(record), "--labelmap", str(tmp_path / "labelmap.nii.gz")]) == 0
+    assert f"Wrote {tmp_path / 'score.nii.gz'}, {tmp_path / 'labelmap.nii.gz'}, {record}." in caplog.text
+    written = json.loads(record.read_text())
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    assert (written["model"]["sha256"], written["model"]["path"]) == (digest(tiny_bundle), os.path.abspath(tiny_bundle))
+    assert written["inputs"] == {"image": {"path": os.path.abspath(image), "sha256": digest(image)},
+                                 "mask": {"path": os.path.abspath(mask), "sha256": digest(mask)}}
+    assert (written["threshold"], written["threshold_source"], written["model"]["calibrated_on"]) == (
+        0.5, "absolute", None)
+    assert written["postprocess"]["rim_mm"] == 2.0 and written["score_options"] == read_header(
+        tiny_bundle).score_options.to_dict()
+    assert (written["tool"], written["version"], written["device"], written["warnings"]) == (
+        "cevae-anomaly", __version__, "cpu", [])
+    before = record.read_bytes()
+    again = [*common[:-6], "--score", str(tmp_path / "again.nii.gz"), "--record", str(record), "--threshold", "inf"]
+    assert main(again) == 2 and record.read_bytes() == before and not (tmp_path / "again.nii.gz").exists()
+    assert f"The output {record} already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
+    assert json.loads(record.read_text())["threshold"] == "inf"  # standard JSON

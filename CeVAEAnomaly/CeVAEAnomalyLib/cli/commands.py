@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -177,12 +178,12 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.targets import check_paths
     from ..engine.detector import Detector
     from ..options import DetectionRequest
-    from ..result import refuse_unwritable_names, result_files
+    from ..result import input_files, refuse_unwritable_names, result_files
 
     started = time.time()
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
-               "components": args.components}
+               "components": args.components, "record": args.record}
     model, header = _model(args)
     inputs = (args.image, args.mask, model)
     wanted = [p for p in targets.values() if p is not None]
@@ -193,8 +194,10 @@ def run_detect(args: argparse.Namespace) -> None:
         header.threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
         image = read_image(args.image)
         mask = read_image(args.mask, "brain mask") if args.mask else None
+        sources = input_files(image=args.image, mask=args.mask) if args.record else {}  # the files just read
         detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
         result = detector(image, mask, progress=ConsoleProgress("detect"))
+        result.record = dataclasses.replace(result.record, inputs=sources)
         files = result_files(result, targets)
         write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice

@@ -19,6 +19,7 @@ OUTPUT_NAMES: Dict[str, str] = {
     "slices": "_slices.csv",
     "components": "_components.csv",
     "segmentation": "_segmentation.seg.nrrd",
+    "record": "_record.json",  # how the outputs were made (the Slicer script; detect --record)
 }
 
 
