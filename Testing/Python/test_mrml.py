@@ -898,3 +898,71 @@ def test_the_slice_plot_puts_each_slice_at_its_index(scene):
     assert nodes.table_column(out.slice_table, "Slice")[0] == 3
     assert series.GetXColumnName() == "Slice" and series.IsXColumnRequired()
     assert series.GetLineStyle() != series.LineStyleNone and series.GetMarkerStyle() == series.MarkerStyleNone
+
+
+def recorded(detection: DetectionResult, model: str, threshold: float = 1.1) -> DetectionResult:
+    """``detection`` with a record naming ``model`` (its sha256: the name's digest) and the ``threshold``."""
+    import dataclasses
+    import hashlib
+
+    from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+    from CeVAEAnomalyLib.result import DetectionRecord, ModelRecord
+
+    sha256 = hashlib.sha256(model.encode()).hexdigest()
+    record = DetectionRecord("cevae-anomaly", "9.9", ModelRecord(model, "T1", f"/m/{model}.cevae", sha256, None),
+                             threshold, "absolute", ScoreOptions(score_type="rec").to_dict(),
+                             PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False, (), "2025-01-02T03:04:05Z")
+    return dataclasses.replace(detection, record=record)
+
+
+def test_the_outputs_say_how_they_were_made_and_keep_it_in_a_saved_scene(scene, monkeypatch, tmp_path):
+    """Every output node of a run carries its model's name and sha256, the threshold and its source, the tool's version
+    and the options as compact JSON. A rerun with another model replaces them, a failed one leaves the earlier run's
+    (and a failed first run leaves no node with them), a result without a record leaves none; a saved scene keeps
+    them."""
+    import hashlib
+    import json
+
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    def marks(out):
+        nodes_of_run = [out.score, out.labelmap, out.segmentation, out.components, out.slice_table, out.slice_chart,
+                        out.slice_chart.GetNthPlotSeriesNode(0)]
+        return [{name: node.GetAttribute(name) for name in nodes.PROVENANCE_ATTRIBUTES} for node in nodes_of_run]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mrml, "stamp_run", broken)  # the last step, after the marks
+        with pytest.raises(RuntimeError, match="disk full"):
+            mrml.publish(scene, volume, recorded(fake_detection(image, mask), "default"), create_labelmap=True)
+    assert not any(scene.GetNthNode(i).GetAttribute(nodes.MODEL_ATTRIBUTE) for i in range(scene.GetNumberOfNodes()))
+    first = mrml.publish(scene, volume, recorded(fake_detection(image, mask), "default"), create_labelmap=True)
+    expected = {nodes.MODEL_ATTRIBUTE: "default", nodes.MODEL_SHA256_ATTRIBUTE: hashlib.sha256(b"default").hexdigest(),
+                nodes.THRESHOLD_ATTRIBUTE: "1.1", nodes.THRESHOLD_SOURCE_ATTRIBUTE: "absolute",
+                nodes.VERSION_ATTRIBUTE: "cevae-anomaly 9.9", nodes.OPTIONS_ATTRIBUTE: mrml.provenance_attributes(
+                    recorded(fake_detection(image, mask), "default").record)[nodes.OPTIONS_ATTRIBUTE]}
+    assert marks(first) == [expected] * 7
+    options = json.loads(expected[nodes.OPTIONS_ATTRIBUTE])
+    assert options["score"]["score_type"] == "rec" and options["post"]["rim_mm"] == 2.0
+    assert " " not in expected[nodes.OPTIONS_ATTRIBUTE]  # compact
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mrml, "stamp_run", broken)  # the last step, after the marks
+        with pytest.raises(RuntimeError, match="disk full"):
+            mrml.publish(scene, volume, recorded(fake_detection(image, mask), "site", float("inf")))
+    assert marks(first) == [expected] * 7
+    second = mrml.publish(scene, volume, recorded(fake_detection(image, mask), "site", float("inf")))
+    assert second.score is first.score and second.labelmap is first.labelmap
+    site = marks(second)
+    assert {m[nodes.MODEL_ATTRIBUTE] for m in site} == {"site"} and {m[nodes.THRESHOLD_ATTRIBUTE] for m in site} == {
+        "inf"}
+
+    reloaded, source = saved_and_reloaded(scene, tmp_path)
+    score = mrml.find_output(reloaded, "vtkMRMLScalarVolumeNode", "score", source)
+    assert {name: score.GetAttribute(name) for name in nodes.PROVENANCE_ATTRIBUTES} == site[0]
+
+    third = mrml.publish(scene, volume, fake_detection(image, mask))  # made without a record: claims nothing
+    assert marks(third) == [dict.fromkeys(nodes.PROVENANCE_ATTRIBUTES)] * 7

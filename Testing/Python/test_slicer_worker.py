@@ -3,12 +3,14 @@ subprocess, a real MRML scene (slicer-core), progress lines, cancel, errors."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +87,11 @@ def test_detection_in_a_worker_matches_the_in_process_detection(head_scene, tiny
     assert [c.voxels for c in result.detection.components] == [c.voxels for c in reference.detection.components]
     assert result.topSliceRas == pytest.approx(reference.topSliceRas)
     assert result.nodes.components.GetNumberOfRows() == len(reference.detection.components)
+    # the record crosses the worker's hand-over: its output nodes say how they were made, as the in-process run's
+    marks = [{name: node.GetAttribute(name) for name in nodes.PROVENANCE_ATTRIBUTES}
+             for node in (result.nodes.score, result.nodes.labelmap, reference.nodes.segmentation)]
+    assert marks[0][nodes.MODEL_SHA256_ATTRIBUTE] == hashlib.sha256(Path(tiny_bundle).read_bytes()).hexdigest()
+    assert marks[0][nodes.THRESHOLD_ATTRIBUTE] == "0.3" and marks == [marks[0]] * 3
 
 
 def test_a_workers_results_lie_exactly_on_an_oblique_inputs_grid(tiny_bundle):

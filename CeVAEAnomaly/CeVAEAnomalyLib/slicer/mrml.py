@@ -9,6 +9,7 @@ spacing, direction and origin round-trip exactly.
 """
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,11 @@ from .nodes import (
     COORDINATES_ATTRIBUTE,
     LABELMAP_ROLE,
     MASK_REFERENCE,
+    MODEL_ATTRIBUTE,
+    MODEL_SHA256_ATTRIBUTE,
     NAME_ATTRIBUTE,
+    OPTIONS_ATTRIBUTE,
+    PROVENANCE_ATTRIBUTES,
     ROLE_ATTRIBUTE,
     RUN_ATTRIBUTE,
     SCORE_ROLE,
@@ -37,6 +42,9 @@ from .nodes import (
     SLICE_GRID_ATTRIBUTE,
     SLICE_TABLE_ROLE,
     SOURCE_REFERENCE,
+    THRESHOLD_ATTRIBUTE,
+    THRESHOLD_SOURCE_ATTRIBUTE,
+    VERSION_ATTRIBUTE,
     WRITTEN_KEY,
     anomaly_segment_id,
     belongs_to,
@@ -56,7 +64,7 @@ from .nodes import (
 )
 
 if TYPE_CHECKING:  # the detection result type lives in the detector, which imports torch
-    from ..result import DetectionResult
+    from ..result import DetectionRecord, DetectionResult
 
 log = logging.getLogger(__name__)
 
@@ -439,8 +447,37 @@ def publish(
                                   "slice scores", group)
         _fill_slices(out.slice_table, volume_node, result.slices)
         out.slice_chart = _slice_chart(scene, undo, out.slice_table, volume_node, targets.slice_chart, group)
-        stamp_run([*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)])  # the chart's series too
+        run = [*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)]  # the chart's series too
+        mark_provenance(run, result.record)
+        stamp_run(run)
     return out
+
+
+def provenance_attributes(record: Optional["DetectionRecord"]) -> Dict[str, str]:
+    """The node attributes (:data:`~.nodes.PROVENANCE_ATTRIBUTES`) that say how a result was made; none without a
+    record."""
+    if record is None:
+        return {}
+    options = json.dumps({"score": record.score_options, "post": record.postprocess}, sort_keys=True,
+                         separators=(",", ":"))
+    return {MODEL_ATTRIBUTE: record.model.name, MODEL_SHA256_ATTRIBUTE: record.model.sha256 or "",
+            THRESHOLD_ATTRIBUTE: repr(float(record.threshold)), THRESHOLD_SOURCE_ATTRIBUTE: record.threshold_source,
+            VERSION_ATTRIBUTE: f"{record.tool} {record.version}", OPTIONS_ATTRIBUTE: options}
+
+
+def mark_provenance(outputs: Sequence[Optional[slicer.vtkMRMLNode]], record: Optional["DetectionRecord"]) -> None:
+    """Give a run's output nodes the attributes of its ``record``, replacing an earlier run's (removed where the
+    result holds no record). Inside :func:`transaction`, after :meth:`Undo.keep` of each reused node: a failed run
+    gives them their earlier attributes back."""
+    marks = provenance_attributes(record)
+    for node in outputs:
+        if node is None:
+            continue
+        for name in PROVENANCE_ATTRIBUTES:
+            if name in marks:
+                node.SetAttribute(name, marks[name])
+            else:
+                node.RemoveAttribute(name)
 
 
 def _refuse_another_grid(volume_node: slicer.vtkMRMLVolumeNode, score: sitk.Image) -> None:

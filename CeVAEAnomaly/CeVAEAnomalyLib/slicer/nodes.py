@@ -33,6 +33,17 @@ SEGMENT_TAG = "CeVAEAnomaly.Role"  # tag of this module's segment: only it is re
 # On a labelmap (attribute) and on the module's segment (tag): what the run wrote (content_signature), so that a
 # later run can tell a labelmap or segment the user has edited since, and keep it.
 WRITTEN_KEY = "CeVAEAnomaly.Written"
+# On every output node of a run: how it was made (the essentials of its detection's record, result.DetectionRecord),
+# kept by a scene save. Threshold: repr of the number ("inf" for none labelled); Options: compact JSON of the scoring
+# ("score") and post-processing ("post") options used; ModelSHA256: "" for a model not loaded from a file.
+MODEL_ATTRIBUTE = "CeVAEAnomaly.Model"
+MODEL_SHA256_ATTRIBUTE = "CeVAEAnomaly.ModelSHA256"
+THRESHOLD_ATTRIBUTE = "CeVAEAnomaly.Threshold"
+THRESHOLD_SOURCE_ATTRIBUTE = "CeVAEAnomaly.ThresholdSource"
+VERSION_ATTRIBUTE = "CeVAEAnomaly.Version"  # the tool and its version, e.g. "cevae-anomaly 0.1.0"
+OPTIONS_ATTRIBUTE = "CeVAEAnomaly.Options"
+PROVENANCE_ATTRIBUTES = (MODEL_ATTRIBUTE, MODEL_SHA256_ATTRIBUTE, THRESHOLD_ATTRIBUTE, THRESHOLD_SOURCE_ATTRIBUTE,
+                         VERSION_ATTRIBUTE, OPTIONS_ATTRIBUTE)
 SCORE_ROLE = "score"
 SEGMENTATION_ROLE = "segmentation"
 LABELMAP_ROLE = "labelmap"
