@@ -80,7 +80,7 @@ def test_calibrate_names_a_scan_unlike_the_others_and_records_each_scans_figures
     with caplog.at_level(logging.WARNING):
         recalibrate(bundle, [s for name, s in subjects.items() if name != "lesion"], tmp_path / "healthy.cevae",
                     header.score_options, header.postprocess)
-    assert not [r for r in caplog.records if "unlike" in r.getMessage()]
+    assert not [r for r in caplog.records if "unlike" in r.getMessage() or "single healthy scan" in r.getMessage()]
 
 
 def test_a_rate_that_rests_on_a_few_healthy_voxels_is_said_to_be_unmeasured(tmp_path: Path, caplog,
@@ -104,6 +104,7 @@ def test_a_rate_that_rests_on_a_few_healthy_voxels_is_said_to_be_unmeasured(tmp_
     with caplog.at_level(logging.WARNING):
         path = recalibrate(bundle, [subjects["plain"]], tmp_path / "one.cevae", bundle.header.score_options,
                            bundle.header.postprocess, default_fpr=1e-5)
+    assert f"Calibrating on a single healthy scan ({subjects['plain'].image}): no other scan can show" in caplog.text
     assert "The model's default rate is too low for 1 healthy volume(s): the threshold at a false-positive rate of " \
            "1e-05 rests on 2.2 of the 223842 healthy brain voxels" in caplog.text
     new = read_header(path)

@@ -173,6 +173,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     if default_fpr is not None:
         check_default_fpr(default_fpr)
     check_calibratable(opts, post)
+    if len(subjects) == 1:
+        log.warning("Calibrating on a single healthy scan (%s): no other scan can show whether it is typical of the "
+                    "protocol (a lesion or an artefact in it would raise the threshold unnoticed). Calibrate on 2 or "
+                    "more healthy scans of the protocol.", subjects[0].image)
     old = bundle.header
     rate = old.default_fpr if default_fpr is None else float(default_fpr)
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
