@@ -234,3 +234,29 @@ def test_tensors_sharing_bytes_are_refused_as_invalid_safetensors(tmp_path, mode
     _rewrite_header(path, lambda h: h[other].update(data_offsets=h["decoder.0.bias"]["data_offsets"]))
     with pytest.raises(CeVAEError, match="not a valid safetensors file: tensor .* (overlaps|gap)"):
         read_header(path)
+
+
+def test_a_model_file_replaced_while_it_is_read_is_refused_not_mixed(tmp_path, model, monkeypatch):
+    """The file is read several times (header, tensor table, weights) and its SHA-256 once: a model recalibrated in
+    place meanwhile (another run's calibrate --overwrite: same weights, another header) loaded with the old header and
+    the new file's SHA-256, which a detection's record then named."""
+    import CeVAEAnomalyLib.engine.bundle as bundle_mod
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+
+    path, other = tmp_path / "m.cevae", tmp_path / "recalibrated.cevae"
+    save_bundle(path, model, BundleHeader(PreprocessConfig(), name="m"))
+    save_bundle(other, model, BundleHeader(PreprocessConfig(), name="m", modality="other"))
+    first = sha256_of(path)
+    real = bundle_mod.read_header
+
+    def read_then_replace(p):
+        header = real(p)
+        if other.exists():
+            other.replace(path)  # atomically, as every writer of this project does
+        return header
+
+    monkeypatch.setattr(bundle_mod, "read_header", read_then_replace)
+    with pytest.raises(CeVAEError, match=f"The model file {path} was replaced while it was being read"):
+        load_bundle(path)
+    assert sha256_of(path) != first
+    assert load_bundle(path).sha256 == sha256_of(path)  # read again, whole: its own checksum

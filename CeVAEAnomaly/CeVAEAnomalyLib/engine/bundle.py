@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -87,14 +88,44 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
     """Load and check a bundle: format, version, architecture, every tensor's shape and the weights' checksum.
 
     ``device``: a torch device or a name as everywhere else (auto, cpu, cuda[:N], mps); an unavailable accelerator
-    falls back to the CPU with a warning, either way."""
+    falls back to the CPU with a warning, either way. The file is read more than once (header, tensor table,
+    weights), so its SHA-256 is taken before and after: a file replaced meanwhile (another run's ``calibrate
+    --overwrite``) is refused as such, not loaded as a mix of two files nor called damaged."""
+    before = _sha256_if_file(path)
+    try:
+        bundle = _load_bundle(path, device)
+    except CeVAEError:
+        if before is not None and _sha256_if_file(path) != before:
+            raise _replaced(path) from None
+        raise
+    if _sha256_if_file(path) != before:
+        raise _replaced(path)
+    return replace(bundle, sha256=before)  # the file loaded, as a detection's record names it
+
+
+def _sha256_if_file(path: object) -> Optional[str]:
+    """The SHA-256 of the file at ``path``, or None where there is no readable file (read_header says why)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    try:
+        return sha256_of(Path(path)) if Path(path).is_file() else None
+    except OSError:
+        return None
+
+
+def _replaced(path: Union[str, Path]) -> CeVAEError:
+    return CeVAEError(f"The model file {path} was replaced while it was being read (by another run writing it?); "
+                      "load it again once that run has finished.")
+
+
+def _load_bundle(path: Union[str, Path], device: Union[str, torch.device]) -> Bundle:
+    """:func:`load_bundle`'s reading and checks (its ``sha256`` left None)."""
     from safetensors.torch import load_file
 
     from safetensors import SafetensorError, safe_open
 
     header = read_header(path)
     p = Path(path)
-    sha256 = sha256_of(p)  # the file loaded, as a detection's record names it
     cfg = header.model
     try:  # safetensors' own parser is stricter than read_header's (e.g. a key written twice in the tensor table)
         with safe_open(str(p), framework="pt") as fh:
@@ -117,4 +148,4 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
             raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     model.eval().to(resolve_device(str(device)))  # a torch.device as its name: a missing GPU falls back alike
-    return Bundle(model, header, p, sha256)
+    return Bundle(model, header, p)
