@@ -397,7 +397,7 @@ class VolumeDetector:
 
         self.s, self.stopping = settings, stopping
         bundle = load_bundle(settings.model, resolve_device(settings.request.run.device))
-        if settings.model_sha256 and sha256_of(settings.model) != settings.model_sha256:  # (read after the load)
+        if settings.model_sha256 and bundle.sha256 != settings.model_sha256:  # (the file its weights came from)
             raise ModelChanged(f"The model {settings.model} was replaced after this batch started (by another run?), "
                                "so its outputs would not be those of the model and threshold it records; nothing "
                                "was scored with it. Run the batch again.")
