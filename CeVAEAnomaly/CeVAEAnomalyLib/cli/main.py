@@ -5,9 +5,11 @@ Heavy modules (torch, SimpleITK) are imported inside the commands so ``--help`` 
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, NoReturn, Optional
 
@@ -266,7 +268,22 @@ def _peer_gone(exc: BaseException) -> bool:
             or any(words in text for words in ("connection reset", "connection closed", "broken pipe")))
 
 
+def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
+    """The line a stopped command ends with; for train and adapt, whether ``--resume`` can continue it: the
+    checkpoints this run wrote (or, with ``--resume``, the run's earlier ones) are kept."""
+    if args.command not in ("train", "adapt"):
+        return word
+    out = Path(args.out)
+    kept = [p for p in (out.with_name(out.name + ".ckpt"), *out.parent.glob(glob.escape(out.name) + ".fold*.ckpt"))
+            if p.is_file() and (args.resume or p.stat().st_mtime >= started)]
+    if not kept:
+        return f"{word} before its first checkpoint: nothing to resume; run the same command again to start anew."
+    return (f"{word}; its checkpoints are kept ({', '.join(sorted(p.name for p in kept))}): run the same command "
+            "with --resume (and without --overwrite) to continue.")
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
+    started = time.time()  # (a checkpoint written since is this run's)
     reconfigure = getattr(sys.stdout, "reconfigure", None)
     if reconfigure is not None:  # a name the output's encoding lacks (Windows' cp1252 into a file) as \uXXXX, as
         reconfigure(errors="backslashreplace")  # on stderr, instead of an error after the work
@@ -298,10 +315,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
         print(f"{rank}error: {one_line(exc)}", file=sys.stderr)
         return 2
     except Terminated:
-        print("terminated", file=sys.stderr)
+        print(_stopped("terminated", args, started), file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(_stopped("interrupted", args, started), file=sys.stderr)
         return 130
     except MemoryError:
         if args.debug:
