@@ -248,9 +248,9 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         before = "0, which flags the whole brain" if calibrated else "not calibrated for this scoring"
     now = new.default_threshold()
     log.info("Calibrated bundle written to %s (%d healthy volume(s)). Its default scoring: orientations %s. Its "
-             "threshold at the default healthy false-positive rate %g is %s (%s at that rate: %s).", path,
-             len(subjects), new.score_options.orientations, new.default_fpr, "none" if now is None else f"{now:.4g}",
-             src.name, before)
+             "threshold at the default healthy false-positive rate %g is %s (%s at that rate: %s). Detect with it: "
+             "cevae-anomaly detect SCAN --model %s", path, len(subjects), new.score_options.orientations,
+             new.default_fpr, "none" if now is None else f"{now:.4g}", src.name, before, path)
     return path
 
 
