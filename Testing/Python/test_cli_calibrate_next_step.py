@@ -23,6 +23,34 @@ def test_calibrate_ends_by_saying_how_to_detect_with_the_calibrated_model(tiny_b
     with caplog.at_level(logging.INFO):
         assert main(["calibrate", str(healthy), "--model", str(tiny_bundle), "--out", str(out),
                      "--device", "cpu"]) == 0
-    last = caplog.records[-1].getMessage()
-    assert last.startswith("Calibrated bundle written") and last.endswith(
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated bundle written")][-1]
+    assert last.endswith(
         f"Detect with it: cevae-anomaly detect SCAN --model {out}"), last
+
+
+def test_calibrate_says_what_a_site_calibration_changed_for_detection(caplog) -> None:
+    """A user's calibration on 5 mm scans of other heads raised the bundled model's threshold from 4.9 to 7.7: every
+    lesion of a patient scan left the labelmap, and nothing said why nor what gives sensitivity back; and the bundled
+    model's thorough mode was silently no longer calibrated (detection then refused Slicer's Thorough)."""
+    from dataclasses import replace
+
+    from CeVAEAnomalyLib.cli.commands import _say_what_changed
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.calibration import calibrated_test_time_steps
+    from CeVAEAnomalyLib.engine.header import read_header
+
+    old = read_header(default_model_path())
+    assert calibrated_test_time_steps(old.calibration) == [0, 100]
+    plain = {key: dict(entry, threshold=[1.6 * t for t in entry["threshold"]])
+             for key, entry in old.calibration.items() if '"test_time_steps": 0' in key}
+    stricter = replace(old, calibration=plain)
+    with caplog.at_level(logging.INFO):
+        _say_what_changed(old, stricter, Path("site.cevae"))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "calibrate again with --test-time-steps 100" in said[0], said
+    assert f"its threshold rose from {old.default_threshold():.4g} to {stricter.default_threshold():.4g}" in said[1]
+    assert "a higher --fpr (e.g. 0.001) or --min-peak 1" in said[1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the same thresholds and modes: nothing to say
+        _say_what_changed(old, old, Path("site.cevae"))
+    assert not caplog.records

@@ -251,7 +251,39 @@ def run_calibrate(args: argparse.Namespace) -> Path:
              "threshold at the default healthy false-positive rate %g is %s (%s at that rate: %s). Detect with it: "
              "cevae-anomaly detect SCAN --model %s", path, len(subjects), new.score_options.orientations,
              new.default_fpr, "none" if now is None else f"{now:.4g}", src.name, before, path)
+    _say_what_changed(bundle.header, new, path)
     return path
+
+
+THRESHOLD_RISE = 1.25  # a site calibration this much stricter than the model's is explained to the user
+
+
+def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path) -> None:
+    """After ``calibrate``: warn of thorough modes the source model is calibrated for and the new one is not (detection
+    refuses them), and explain a threshold that rose much above the source's at the same rate (lesions must score
+    higher to be marked)."""
+    from ..engine.calibration import calibrated_test_time_steps
+
+    lost = [n for n in calibrated_test_time_steps(old.calibration)
+            if n > 0 and n not in calibrated_test_time_steps(new.calibration)]
+    for steps in lost:
+        log.warning("The source model is also calibrated for the thorough mode (%d test-time steps); %s is not, so "
+                    "detection with it refuses --test-time-steps %d (Slicer: Thorough) until it is: calibrate again "
+                    "with --test-time-steps %d (each scan then takes longer).", steps, path, steps, steps)
+    from ..options import ThresholdPolicy
+
+    try:  # the source's threshold for the new default scoring at the new default rate
+        before: Optional[float] = old.threshold(new.score_options, new.postprocess,
+                                                ThresholdPolicy(fpr=new.default_fpr))[0]
+    except CeVAEError:
+        before = None
+    now = new.default_threshold()
+    if before is not None and now is not None and now > THRESHOLD_RISE * before:
+        log.info("The site's healthy scans score higher than those the source model was calibrated on: at the same "
+                 "false-positive rate its threshold rose from %.4g to %.4g, so a lesion must now score higher to be "
+                 "marked (and a component must peak at %g times the threshold to be kept). For more sensitivity, at "
+                 "the cost of more false alarms: a higher --fpr (e.g. 0.001) or --min-peak 1.", before, now,
+                 new.postprocess.min_peak)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
