@@ -178,6 +178,12 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                                        r"scan_voxels\[1\] must be a whole number, got 2\.5"),
     "NaN training contrast": (top("training_contrast", {"depth_contrast": math.nan}),
                               r"training_contrast\.depth_contrast must be a finite number"),
+    # refused before the tensors are compared with it (they would not match here)
+    "a network of 10.8 billion multiply-adds per slice": (
+        lambda h, t: (h["model"].update(input_size=128, channels=[128, 512, 2048], z_dim=1),
+                      h["preprocess"].update(input_size=128)),
+        r"holds a network too costly to run: it needs 10,755,768,320 multiply-adds per slice, more than the limit "
+        r"of 10,000,000,000 \(detection's memory and time grow with both\)\. Use a model with narrower layers\.$"),
 }
 
 
@@ -336,4 +342,37 @@ def test_scores_that_overflow_in_post_processing_are_refused(calibrated, head, t
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "post-processed scores of this scan overflow" in lines[0] and "--score-power" in lines[0], lines[0]
+    assert not (tmp_path / "score.nii.gz").exists()
+
+
+def test_a_small_file_whose_layers_are_huge_is_refused_before_its_weights_are_read(calibrated, head, tmp_path,
+                                                                                   capsys):
+    """A first layer of 1024 channels at 128 px: 0.3 MB of weights, 8.4 million values per slice; detection of the
+    2 mm sample took 5.6 GB and 76 s on one thread (4096 channels: 1 MB, about 21 GB and 5.6 min). Written by the
+    project's own save_bundle, so its tensors match its architecture."""
+    from dataclasses import replace
+
+    import torch
+    from CeVAEAnomalyLib.engine.bundle import load_bundle, read_header, save_bundle
+    from CeVAEAnomalyLib.engine.config import ModelConfig
+    from CeVAEAnomalyLib.engine.model import CeVAE
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    header = read_header(calibrated)
+    header = replace(header, preprocess=replace(header.preprocess, input_size=128))
+    torch.manual_seed(0)
+    save_bundle(calibrated, CeVAE(ModelConfig(input_size=128, channels=(1024, 1), z_dim=1)), header)
+    assert calibrated.stat().st_size < 10**6
+    expected = (f"{calibrated} holds a network too costly to run: it computes 8,407,042 values per slice (the outputs "
+                "of its layers), more than the limit of 4,000,000 (detection's memory and time grow with both). Use a "
+                "model with narrower layers.")
+    for load in (read_header, load_bundle):
+        with pytest.raises(CeVAEError) as err:
+            load(calibrated)
+        assert str(err.value) == expected
+    image, mask = head
+    rc = main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated), "--score",
+               str(tmp_path / "score.nii.gz"), "--device", "cpu", "--batch-size", "4", "--orientations", "axial"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and lines == ["error: " + expected], lines
     assert not (tmp_path / "score.nii.gz").exists()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 from ..errors import CeVAEError
 from ..options import Serialisable
@@ -10,6 +10,14 @@ from ..options import Serialisable
 SUPPORTED_INPUT_SIZES = (64, 128)
 MAX_CHANNELS = 4096  # widest layer a model (and so a bundle) may have
 MAX_Z = 8192  # largest latent size a model (and so a bundle) may have
+# What one slice may cost a model (and so a bundle), in one pass through its encoder and decoder: the values its
+# layers output and their multiply-adds. The widths above leave room for a small file whose layers are huge: a first
+# layer of 4096 channels at 128 px (1 MB of weights) computes 34 million values per slice, so one detection of the
+# 2 mm sample took 5.5 GB with batches of 16 slices (about 21 GB with the default 64) and 5.6 min on one CPU thread.
+# The bundled model computes 0.07 million values and 0.02 billion multiply-adds, 128 px with the default widths 0.28
+# and 0.08; networks just beyond the limits below took 3.0 GB and 48 s, 1.9 GB and 90 s (docs/WHAT_HAPPENS_WHEN.md).
+MAX_SLICE_VALUES = 4_000_000
+MAX_SLICE_MULTIPLY_ADDS = 10_000_000_000
 # widest margin around the brain a model (and so a bundle) may have: detection allocates slices of the brain plus
 # twice it (1000 mm took 7.7 GB on a scan of 0.5 mm voxels, where 4 mm took 1 GB)
 MAX_MARGIN_MM = 100.0
@@ -39,6 +47,39 @@ class ModelConfig(Serialisable):
     def bottleneck_size(self) -> int:
         """Spatial side of the last encoder feature map (4x4 stride-2 convs halve it)."""
         return self.input_size // 2 ** len(self.channels)
+
+    def slice_cost(self) -> Tuple[int, int]:
+        """(values, multiply-adds) of one slice's pass through the encoder and decoder: the elements every convolution
+        outputs, and the multiply-adds they take (:mod:`.model`'s layers; needs ``bottleneck_size`` >= 1)."""
+        side, b, z = self.input_size, self.bottleneck_size, self.z_dim
+        values = adds = 0
+        in_ch = 1
+        for ch in self.channels:  # 4x4 stride-2 convolutions: each output element sums 16 inputs of each channel
+            side //= 2
+            values += ch * side * side
+            adds += ch * side * side * in_ch * 16
+            in_ch = ch
+        values += 2 * z  # the b x b convolution to mean and log-variance
+        adds += 2 * z * in_ch * b * b
+        chans = self.channels[::-1]
+        values += chans[0] * b * b  # the b x b transposed convolution from the latent code
+        adds += chans[0] * b * b * z
+        for in_ch, out_ch in zip(chans, (*chans[1:], 1)):  # 4x4 stride-2 transposed: each input element adds 16
+            adds += in_ch * side * side * out_ch * 16
+            side *= 2
+            values += out_ch * side * side
+        return values, adds
+
+    def cost_excess(self) -> Optional[str]:
+        """Why one slice costs this network more than a model may (:data:`MAX_SLICE_VALUES`,
+        :data:`MAX_SLICE_MULTIPLY_ADDS`), in words; None if it does not."""
+        values, adds = self.slice_cost()
+        if values > MAX_SLICE_VALUES:
+            return (f"computes {values:,} values per slice (the outputs of its layers), more than the limit of "
+                    f"{MAX_SLICE_VALUES:,}")
+        if adds > MAX_SLICE_MULTIPLY_ADDS:
+            return f"needs {adds:,} multiply-adds per slice, more than the limit of {MAX_SLICE_MULTIPLY_ADDS:,}"
+        return None
 
 
 MAX_BETA = 1e6  # the largest KL weight a bundle may declare

@@ -174,10 +174,15 @@ def read_header(path: Union[str, Path]) -> BundleHeader:
         if not isinstance(header.get(key), dict):
             raise CeVAEError(f"The header of {p} lacks its '{key}' section.")
     try:
-        check_sections(header, check_model_section(header))
+        model = check_model_section(header)
+        check_sections(header, model)
     except CeVAEError as exc:
         raise CeVAEError(f"The header of {p} is invalid: {exc}. The model file is damaged or was edited; "
                          "use an original copy.") from None
+    excess = model.cost_excess()  # (before any weight is read: a small file may declare huge layers)
+    if excess is not None:
+        raise CeVAEError(f"{p} holds a network too costly to run: it {excess} (detection's memory and time grow "
+                         "with both). Use a model with narrower layers.")
     return BundleHeader.from_dict(header)
 
 
