@@ -82,6 +82,24 @@ def test_bad_options_end_in_one_clear_error_before_training(cohort, tmp_path, ca
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+@pytest.mark.parametrize("network,excess", [
+    (["--input-size", "128", "--channels", "1024,1", "--z-dim", "1"],
+     "computes 8,407,042 values per slice (the outputs of its layers), more than the limit of 4,000,000"),
+    (["--input-size", "128", "--channels", "128,512,2048", "--z-dim", "1"],
+     "needs 10,755,768,320 multiply-adds per slice, more than the limit of 10,000,000,000"),
+])
+def test_a_network_no_model_file_may_hold_is_refused_before_training(cohort, tmp_path, capsys, network, excess):
+    """Detection refuses a model whose slices cost more than these limits: training one wasted the run."""
+    out = tmp_path / "m.cevae"
+    rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(out), *SMALL, *network,
+                           "--max-steps", "1", "--batch-size", "2")
+    size, channels, z = network[1], network[3], network[5]
+    assert rc == 2 and errors == [
+        f"error: The network of --channels {channels} and --z-dim {z} at --input-size {size} {excess}, so no command "
+        "could load the model; choose narrower --channels, a smaller --z-dim or --input-size."], errors
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_a_gpu_asked_for_where_there_is_none_is_refused_before_training(cohort, tmp_path, capsys, device):
@@ -126,6 +144,8 @@ def test_out_a_hard_link_to_an_input_is_refused_even_with_overwrite(cohort, tmp_
     (dict(batch_size=0), "batch_size must be at least 1, got 0."),
     (dict(val_fraction=1.0), "val_fraction must lie in [0, 1)"),
     (dict(model=ModelConfig(channels=(8,) * 7)), "7 encoder layers (channels) halve the input 7 times"),
+    (dict(model=ModelConfig(input_size=128, channels=(4096, 1), z_dim=1)),
+     "The network of channels 4096,1 and z_dim 1 at input_size 128 computes 33,572,866 values per slice"),
 ])
 def test_library_refusals_name_settings_not_flags(tmp_path, change, message):
     """The library names the setting (the command line turns it into its flag, tested above)."""

@@ -152,6 +152,13 @@ class TrainConfig:
                 "most %d channel widths or a larger {input_size}." % (
                     layers, layers, self.model.input_size, int(math.log2(self.model.input_size))),
                 "channels", "input_size")
+        excess = self.model.cost_excess()  # the limits a model file is held to (engine/config.py)
+        if excess is not None:
+            raise SettingError(
+                "The network of {channels} %s and {z_dim} %d at {input_size} %d %s, so no command could load the "
+                "model; choose narrower {channels}, a smaller {z_dim} or {input_size}." % (
+                    ",".join(map(str, self.model.channels)), self.model.z_dim, self.model.input_size, excess),
+                "channels", "z_dim", "input_size")
         if self.loader_workers is not None and not 0 <= self.loader_workers <= MAX_LOADER_WORKERS:
             raise SettingError("{loader_workers} must be 0 to %d, got %s (each is a process with its own memory)."
                                % (MAX_LOADER_WORKERS, self.loader_workers), "loader_workers")
