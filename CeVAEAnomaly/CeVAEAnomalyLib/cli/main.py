@@ -282,6 +282,13 @@ def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
             "with --resume (and without --overwrite) to continue.")
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation: Python's MemoryError, or PyTorch's (an OutOfMemoryError on a GPU, a
+    RuntimeError "can't allocate memory" from its CPU allocator)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
     started = time.time()  # (a checkpoint written since is this run's)
     reconfigure = getattr(sys.stdout, "reconfigure", None)
@@ -320,14 +327,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(_stopped("interrupted", args, started), file=sys.stderr)
         return 130
-    except MemoryError:
-        if args.debug:
-            raise
-        print(f"{rank}error: out of memory; close other programs or use a machine with more memory.", file=sys.stderr)
-        return 1
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
         if args.debug:
             raise
+        if _out_of_memory(exc):
+            smaller = ", give a smaller --batch-size" if hasattr(args, "batch_size") else ""
+            print(f"{rank}error: out of memory; close other programs{smaller} or use a machine with more memory.",
+                  file=sys.stderr)
+            return 1
         if distributed and _peer_gone(exc):
             print(f"{rank}error: another rank stopped (see its own error); this one stops too.", file=sys.stderr)
             return 1
