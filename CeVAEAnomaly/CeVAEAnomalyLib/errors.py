@@ -19,3 +19,10 @@ _ITK_LOCATIONS = re.compile(
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line, without the C++ file/line and object-address parts of ITK errors."""
     return " ".join(_ITK_LOCATIONS.sub(" ", str(exc)).split()) or type(exc).__name__
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation: Python's MemoryError, or PyTorch's (an OutOfMemoryError on a GPU, a
+    RuntimeError "can't allocate memory" from its CPU allocator)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))

@@ -697,3 +697,30 @@ def test_the_help_says_that_a_rerun_skips_only_the_outputs_its_summary_recorded(
     assert main(["batch", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "skips volumes whose outputs are the files its summary recorded (sha256), made from the same input" in text
+
+
+def test_a_volume_whose_detection_runs_out_of_memory_gets_a_row_that_says_so(two, tiny_bundle, tmp_path,
+                                                                           monkeypatch):
+    """PyTorch's CPU allocator fails with a RuntimeError: the row read "unexpected RuntimeError: ... can't allocate
+    memory", as for a bug to report (the command line says "out of memory" for the same failure)."""
+    import CeVAEAnomalyLib.engine.detector as detector_mod
+
+    def allocator_fails(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 8589934592 bytes.")
+
+    monkeypatch.setattr(detector_mod.Detector, "__call__", allocator_fails)
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle) == 2  # (volumes failed)
+    rows = read_summary(out / "summary.csv").values()
+    assert [r["error"] for r in rows] == ["out of memory; give a smaller --batch-size or fewer --workers"] * 2
+
+
+def test_out_of_memory_is_told_from_other_failures():
+    import torch
+
+    from CeVAEAnomalyLib.errors import out_of_memory
+
+    assert out_of_memory(MemoryError()) and out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
+    assert out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+    assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(ValueError("can't allocate memory"))

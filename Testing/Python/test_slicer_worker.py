@@ -1204,3 +1204,22 @@ def test_an_adaptation_on_a_missing_gpu_offers_the_device_selector_not_the_comma
     assert job.error.startswith("CUDA was asked for (device cuda) but is not available") and "--" not in job.error
     assert job.error.endswith("To train on the CPU, choose CPU or Automatic in the Device selector.")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_that_runs_out_of_memory_says_so_not_as_a_bug(tmp_path, monkeypatch, capsys):
+    """PyTorch's CPU allocator fails with a RuntimeError, which the panel showed as "Unexpected error: RuntimeError(...)
+    (details in the log)"."""
+    import json
+
+    from CeVAEAnomalyLib.slicer import worker
+
+    def allocator_fails(task, progress):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes.")
+
+    monkeypatch.setitem(worker.TASKS, "detect", allocator_fails)
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"task": "detect", "image": str(tmp_path / "input.nrrd"), "request": {},
+                                   "out_dir": str(tmp_path / "out")}), encoding="utf-8")
+    assert worker.main([str(request)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"error": "Out of memory: close other programs or use a machine with more memory."}], lines

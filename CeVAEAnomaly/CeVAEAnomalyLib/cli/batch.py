@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Set, Tuple)
 
-from ..errors import CeVAEError, one_line
+from ..errors import CeVAEError, one_line, out_of_memory
 from ..io.atomic import atomic_write_text, remove_abandoned_temporaries
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
@@ -440,7 +440,9 @@ class VolumeDetector:
             raise
         except Exception as exc:  # one bad volume must not stop the cohort
             log.debug("%s failed.", item.name, exc_info=True)
-            message = one_line(exc) if isinstance(exc, CeVAEError) else f"unexpected {type(exc).__name__}: {one_line(exc)}"
+            message = (one_line(exc) if isinstance(exc, CeVAEError) else
+                       "out of memory; give a smaller --batch-size or fewer --workers" if out_of_memory(exc) else
+                       f"unexpected {type(exc).__name__}: {one_line(exc)}")
             return _row(item, "error", time.perf_counter() - t0, error=message)
 
     def go_on(self, fraction: float = 0.0, message: str = "") -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, NoReturn, Optional
 
 from .. import __version__
-from ..errors import CeVAEError, one_line
+from ..errors import CeVAEError, one_line, out_of_memory
 from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
                        path_value)
 from ..interrupts import Terminated, sigterm_as_interrupt
@@ -282,13 +282,6 @@ def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
             "with --resume (and without --overwrite) to continue.")
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is a failed allocation: Python's MemoryError, or PyTorch's (an OutOfMemoryError on a GPU, a
-    RuntimeError "can't allocate memory" from its CPU allocator)."""
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-
-
 def _main(argv: Optional[List[str]] = None) -> int:
     started = time.time()  # (a checkpoint written since is this run's)
     reconfigure = getattr(sys.stdout, "reconfigure", None)
@@ -330,7 +323,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
         if args.debug:
             raise
-        if _out_of_memory(exc):
+        if out_of_memory(exc):
             smaller = ", give a smaller --batch-size" if hasattr(args, "batch_size") else ""
             print(f"{rank}error: out of memory; close other programs{smaller} or use a machine with more memory.",
                   file=sys.stderr)

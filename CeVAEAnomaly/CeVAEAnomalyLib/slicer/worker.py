@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from ..errors import CeVAEError
+from ..errors import CeVAEError, out_of_memory
 from ..io import strict_json
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
@@ -307,6 +307,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(exc, CeVAEError):
             _emit({"error": str(exc)})
             return 2
+        if out_of_memory(exc):
+            _emit({"error": "Out of memory: close other programs or use a machine with more memory."})
+            return 1
         traceback.print_exc()  # a bug: keep the traceback for the log, one line for the user
         _emit({"error": f"Unexpected error: {exc!r} (details in the log)."})
         return 1
