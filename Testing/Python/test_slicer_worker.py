@@ -256,9 +256,10 @@ def test_calibration_with_a_median_radius_no_model_may_recommend_is_refused_befo
     scene = slicer.vtkMRMLScene()
     volume = add_volume(scene, make_head(seed=11)[0], "healthy")
     out = tmp_path / "site.cevae"
-    with pytest.raises(CeVAEError, match=r"^Cannot calibrate a model with these options, which it would hold: "
-                                         r"median_radius \(--median-radius\) must be a whole number in \[0, 3\] in a "
-                                         r"model file \(a detection may ask for up to 10 with --median-radius\), got 4\.$"):
+    refusal = (r"^Cannot calibrate a model with these options, which it would hold: median_radius "
+               r"\(--median-radius\) must be a whole number in \[0, 3\] in a model file \(a detection may ask for up "
+               r"to 10 with --median-radius\), got 4\.$")
+    with pytest.raises(CeVAEError, match=refusal):
         CeVAEAnomalyLogic().startCalibration([volume], [None], out, modelPath=tiny_bundle, device="cpu",
                                              postprocess={"median_radius": 4})
     assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []  # nothing copied

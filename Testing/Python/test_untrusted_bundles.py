@@ -124,8 +124,8 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "a preprocessing margin of 1000 mm": (setting("preprocess", "margin_mm", 1000),
                                           r"preprocess\.margin_mm must be a finite number in \[0, 100\], got 1000"),
     # 20000 tables took 2 s per threshold lookup (a 100 MB header holds 150000): the panel looks up several per click
-    "20000 calibration tables": (many_tables(20000), r"section 'calibration' must hold at most 1000 calibration tables, "
-                                                     r"got 200\d\d"),
+    "20000 calibration tables": (many_tables(20000),
+                                 r"section 'calibration' must hold at most 1000 calibration tables, got 200\d\d"),
     "a calibrated thorough mode of 100000 steps": (
         calibrated_mode(100000), r"calibration test_time_steps must be a whole number in \[0, 1000\] in a model file"),
     "thresholds rise with the rate": (calibration(lambda e: e["threshold"].reverse()),
