@@ -41,7 +41,7 @@ def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator
     """Hold ``target``'s lock for the block; refuse at once if another process holds it. ``reentrant``: a lock
     this process holds already is held on (otherwise it is refused too)."""
     path = lock_path(target)
-    key = os.path.join(os.path.realpath(path.parent), path.name)
+    key = _lock_key(target)
     if fcntl is None or (reentrant and _held.get(key) == os.getpid()):  # (a second flock would be refused)
         yield
         return
@@ -99,11 +99,19 @@ def refuse_if_held(target: Path, command: str) -> None:
 
 @contextmanager
 def hold_outputs(targets: Iterable[Path], command: str, reentrant: bool = False) -> Iterator[None]:
-    """Hold the lock of every one of ``targets`` (see :func:`hold_output`) for the block, in one order whoever asks."""
+    """Hold the lock of every one of ``targets`` (see :func:`hold_output`) for the block, in one order whoever asks;
+    each lock once (long names, cut to fit, may share one: a second flock of it would be refused)."""
+    locks = {_lock_key(Path(t)): Path(os.path.abspath(t)) for t in targets}
     with ExitStack() as stack:
-        for target in sorted({Path(os.path.abspath(t)) for t in targets}):
-            stack.enter_context(hold_output(target, command, reentrant))
+        for key in sorted(locks):
+            stack.enter_context(hold_output(locks[key], command, reentrant))
         yield
+
+
+def _lock_key(target: Path) -> str:
+    """``target``'s lock file with its folder's links resolved: one key for one lock file."""
+    path = lock_path(target)
+    return os.path.join(os.path.realpath(path.parent), path.name)
 
 
 def _open_lock(path: Path) -> BinaryIO:
