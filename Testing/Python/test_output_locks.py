@@ -20,3 +20,20 @@ def test_outputs_whose_long_names_share_a_lock_file_are_held_once(tmp_path):
             with hold_output(labelmap, "detect"):
                 pass
     assert not os.path.lexists(lock_path(score))
+
+
+def test_a_detect_that_fails_leaves_no_output_folder_behind(tmp_path, capsys):
+    from CeVAEAnomalyLib.cli.main import main
+
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("not an image")
+    rc = main(["detect", str(bad), "--score", str(tmp_path / "new" / "deeper" / "s.nii.gz")])
+    assert rc == 2 and "could not be read as an image" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.nii.gz"]  # was: new/deeper, made for the lock files
+
+
+def test_a_held_output_keeps_the_folders_made_for_it_once_it_is_written(tmp_path):
+    target = tmp_path / "new" / "s.csv"
+    with hold_output(target, "detect"):
+        target.write_text("written\n")
+    assert target.read_text() == "written\n" and not os.path.lexists(lock_path(target))

@@ -12,7 +12,7 @@ import logging
 import os
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, Iterator, Set
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Set
 
 from ..errors import CeVAEError
 from .targets import name_leaving_room
@@ -45,6 +45,30 @@ def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator
     if fcntl is None or (reentrant and _held.get(key) == os.getpid()):  # (a second flock would be refused)
         yield
         return
+    made = _missing_folders(target.parent)  # made for the lock file: removed again unless something was written
+    try:
+        fh = _locked(target, path, command)
+        _held[key] = os.getpid()
+        try:
+            yield
+        finally:
+            del _held[key]
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            fh.close()
+    finally:
+        for folder in made:  # deepest first, while empty (a failed run's outputs were never written there)
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
+def _locked(target: Path, path: Path, command: str) -> BinaryIO:
+    """The lock file ``path`` of ``target``, made with its folder where missing and locked by this process (unlocked
+    where the file system offers no locks); refused at once if another process holds it."""
     while True:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +87,7 @@ def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator
                     log.warning("%s cannot be locked (%s): the file system offers no locks. Make sure no other "
                                 "command writes %s meanwhile.", path, exc.strerror or exc, target)
                     _unlockable.add(path.parent)
-                break
+                return fh
             fh.close()
             raise CeVAEError(f"{_holder(path, command)} is writing {target} (it holds {path}); wait for it to "
                              "finish, or choose another output.") from None
@@ -72,20 +96,20 @@ def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator
                 os.ftruncate(fh.fileno(), 0)
                 fh.write(f"{command} {os.getpid()}\n".encode())  # who holds it, for the message of the refused
                 fh.flush()
-                break
+                return fh
         except FileNotFoundError:
             pass
         fh.close()  # its previous holder removed the file meanwhile: lock the new one
-    _held[key] = os.getpid()
-    try:
-        yield
-    finally:
-        del _held[key]
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        fh.close()
+
+
+def _missing_folders(folder: Path) -> List[Path]:
+    """``folder`` and the folders above it that do not exist yet, deepest first."""
+    missing = []
+    for f in (folder, *folder.parents):
+        if os.path.lexists(f):
+            break
+        missing.append(f)
+    return missing
 
 
 def refuse_if_held(target: Path, command: str) -> None:
