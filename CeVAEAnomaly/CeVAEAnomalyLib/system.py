@@ -12,12 +12,13 @@ def usable_cores() -> int:
 
 
 def process_exists(pid: int) -> bool:
-    """Whether process ``pid`` exists (POSIX; elsewhere assumed so: ``os.kill`` would end it)."""
+    """Whether process ``pid`` exists (POSIX; elsewhere assumed so: ``os.kill`` would end it). An id past what the
+    system's process ids hold (read from a damaged file) names none."""
     if os.name != "posix":
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except OSError:  # EPERM: it exists, under another user
         return True

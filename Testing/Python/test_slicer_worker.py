@@ -1224,3 +1224,18 @@ def test_a_worker_that_runs_out_of_memory_says_so_not_as_a_bug(tmp_path, monkeyp
     assert worker.main([str(request)]) == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == [{"error": "Out of memory: close other programs or use a machine with more memory."}], lines
+
+
+def test_a_job_folder_naming_a_process_id_no_process_can_have_does_not_stop_the_next_run(tmp_path):
+    """A request damaged (or planted in the shared temporary folder) with an owner_pid past the C long range: the
+    next run's tidying said OverflowError, so every detection, calibration and adaptation of Slicer failed."""
+    from CeVAEAnomalyLib.io.atomic import machine_tag
+    from CeVAEAnomalyLib.slicer.jobs import remove_abandoned_job_folders
+
+    for n, pid in enumerate((2**31, 2**63, 10**30)):
+        folder = tmp_path / f"CeVAEAnomaly-{n}"
+        folder.mkdir()
+        (folder / "request.json").write_text(json.dumps(dict(task="detect", owner_pid=pid,
+                                                             owner_machine=machine_tag())))
+    assert remove_abandoned_job_folders(tmp_path) == 3  # no process has such an id: nobody will remove them
+    assert list(tmp_path.iterdir()) == []
