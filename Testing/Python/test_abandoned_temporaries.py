@@ -139,6 +139,16 @@ def test_a_temporary_is_only_removed_beside_a_target_of_the_run(tmp_path):
     assert _hidden(tmp_path) == set(decoys)
 
 
+def test_a_temporary_naming_a_process_id_past_the_system_range_is_removed_not_an_overflow(tmp_path):
+    """Its name's process id (up to 10 digits) past what os.kill takes: every run writing beside it ended in
+    'unexpected OverflowError'. No process has that id, so it is a killed run's, and removed."""
+    odd = tmp_path / f".a_score.nii.gz.{secrets.token_hex(4)}-{machine_tag()}-9999999999.nii.gz"
+    odd.write_text("half")
+    os.utime(odd, (time.time() - 5, time.time() - 5))
+    assert remove_abandoned_temporaries([tmp_path / "a_score.nii.gz"], time.time()) == 1
+    assert not odd.exists()
+
+
 @pytest.mark.skipif(not Path("/proc/sys/kernel/random/boot_id").is_file(), reason="Linux only (the boot id)")
 def test_another_machine_of_the_same_host_name_and_namespace_keeps_its_temporary(tmp_path, monkeypatch):
     """Two machines of one host name (cloned images: 'localhost.localdomain') sharing the output folder over NFS:

@@ -138,12 +138,12 @@ def _abandoned(owned: "re.Match[str]", path: Path, started: float) -> bool:
 
 def _gone(pid: int) -> bool:
     """Whether no process ``pid`` exists on this machine (a zombie, or one of another user, still exists; on Windows,
-    where ``os.kill`` would end the process, nothing is known to be gone)."""
+    where ``os.kill`` would end the process, nothing is known to be gone); an id past the system's range is."""
     if os.name != "posix" or pid <= 0 or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return True
     except OSError:  # PermissionError: it exists; anything else: not known
         return False
