@@ -173,6 +173,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     if default_fpr is not None:
         check_default_fpr(default_fpr)
     check_calibratable(opts, post)
+    check_subjects(subjects)
     if len(subjects) == 1:
         log.warning("Calibrating on a single healthy scan (%s): no other scan can show whether it is typical of the "
                     "protocol (a lesion or an artefact in it would raise the threshold unnoticed). Calibrate on 2 or "
