@@ -108,26 +108,12 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "unknown normalisation spread": (setting("postprocess", "spread", "iqr"),
                                      r"postprocess\.spread must be one of mad, tail, got 'iqr'"),
     "huge median radius": (setting("postprocess", "median_radius", 10**6), r"postprocess\.median_radius must be"),
-    # what a model recommends is used by a plain detection: held below the command line's limits, which a user
-    # asking explicitly keeps (a model could otherwise make every detection take hours)
-    "a recommended thorough mode of 100000 steps": (
-        setting("score_options", "test_time_steps", 100000),
-        r"score_options\.test_time_steps must be a whole number in \[0, 1000\] in a model file \(a detection may "
-        r"ask for up to 100000 with --test-time-steps\), got 100000"),
-    "10000 recommended latent samples": (setting("score_options", "mc_samples", 10000),
-                                         r"score_options\.mc_samples must be a whole number in \[0, 100\] in a model "
-                                         r"file .*--mc-samples\), got 10000"),
-    "a recommended median radius of 10": (setting("postprocess", "median_radius", 10),
-                                          r"postprocess\.median_radius must be a whole number in \[0, 3\] in a model "
-                                          r"file .*--median-radius\), got 10"),
     # slices of the brain plus twice the margin are allocated: 1000 mm took 7.7 GB on a 0.5 mm scan (4 mm: 1 GB)
     "a preprocessing margin of 1000 mm": (setting("preprocess", "margin_mm", 1000),
                                           r"preprocess\.margin_mm must be a finite number in \[0, 100\], got 1000"),
     # 20000 tables took 2 s per threshold lookup (a 100 MB header holds 150000): the panel looks up several per click
     "20000 calibration tables": (many_tables(20000),
                                  r"section 'calibration' must hold at most 1000 calibration tables, got 200\d\d"),
-    "a calibrated thorough mode of 100000 steps": (
-        calibrated_mode(100000), r"calibration test_time_steps must be a whole number in \[0, 1000\] in a model file"),
     "thresholds rise with the rate": (calibration(lambda e: e["threshold"].reverse()),
                                       r"calibration table 1 has thresholds that rise with the rate"),
     "infinite threshold": (calibration(lambda e: e["threshold"].__setitem__(0, math.inf)),
@@ -272,6 +258,45 @@ def test_untampered_copy_is_accepted(calibrated, head, tmp_path, capsys):
     image, mask = head
     assert main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
                  "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("section, name, value, flag", [
+    ("score_options", "test_time_steps", 100000, "--test-time-steps"),
+    ("score_options", "mc_samples", 10000, "--mc-samples"),
+    ("postprocess", "median_radius", 10, "--median-radius"),
+])
+def test_a_costly_recommendation_loads_but_is_used_only_when_asked_for(calibrated, head, tmp_path, capsys, section,
+                                                                       name, value, flag):
+    """A model's recommended settings are used by a plain detection: beyond what a model may recommend (a thorough
+    mode of 100000 steps is hours per scan; 1000 latent samples took 220 s instead of 4 s; a median radius of 10, 90 s
+    and 10 GB) such a detection is refused, naming the flag that asks for it; the model still loads (earlier versions
+    wrote such bundles, e.g. calibrate --median-radius 4), and a request of its own runs."""
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+
+    rewrite(calibrated, setting(section, name, value))
+    assert getattr(getattr(load_bundle(calibrated).header, section), name) == value
+    image, mask = head
+    score = tmp_path / "score.nii.gz"
+    assert main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated), "--score", str(score),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: The model recommends {name} {value}, more than a model may recommend" in err, err
+    assert f"Give {flag} {value} to use it anyway, or a lower value." in err and not score.exists()
+    assert main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated), "--score", str(score),
+                 "--device", "cpu", flag, "0" if name != "median_radius" else "1", "--threshold", "1"]) == 0, \
+        capsys.readouterr().err  # (a median filter changes the map: calibrated with its own, so an absolute threshold)
+
+
+def test_adapt_leaves_out_a_calibrated_thorough_mode_a_model_may_not_recommend(calibrated, caplog):
+    """adapt calibrates each of the base's modes again: one of 100000 steps would take hours per scan."""
+    import logging
+
+    from CeVAEAnomalyLib.training.adapt import _adaptable_modes
+
+    with caplog.at_level(logging.WARNING):
+        assert _adaptable_modes([0, 100, 1000, 100000], calibrated) == [0, 100, 1000]
+    assert "calibrated for thorough modes of 100000 test-time steps, more than a model may recommend (1000)" \
+        in caplog.text
 
 
 def test_recommended_settings_up_to_their_ceilings_load_and_a_request_may_ask_for_more(calibrated):

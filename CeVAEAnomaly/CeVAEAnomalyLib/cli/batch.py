@@ -250,7 +250,7 @@ def settings_record(settings: DetectSettings) -> Dict[str, object]:
 
     model_sha256 = sha256_of(settings.model)  # first: a model replaced after it fails the detectors' check
     header = read_header(settings.model)
-    score, post = settings.request.options(header.score_options, header.postprocess)
+    score, post = settings.request.checked_options(header.score_options, header.postprocess)
     threshold, _ = header.threshold(score, post, settings.request.policy)
     run = settings.request.run
     record = {"model_sha256": model_sha256, **score.to_dict(), **post.to_dict(), "threshold": threshold,

@@ -361,7 +361,7 @@ def run_batch(args: argparse.Namespace) -> None:
         log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
     model, header = _model(args)  # torch-free: a missing calibration is refused before any volume
     check_outputs_apart(items, every, args.inputs, model, args.out_dir, args.out_dir / summary_name(shard))
-    score, post = request.options(header.score_options, header.postprocess)
+    score, post = request.checked_options(header.score_options, header.postprocess)
     threshold, source = header.threshold(score, post, request.policy)
     log.info("Score %s; threshold %.4g (%s).", score.score_type, threshold, source)
     settings = DetectSettings(model=model, request=request, out_dir=args.out_dir, overwrite=args.overwrite)

@@ -4,9 +4,11 @@ A tampered header must end in one clear :class:`CeVAEError`, never in a huge all
 unexpected error later: types and ranges of the architecture, preprocessing, loss, score and
 post-processing options, calibration tables and default rate; and the architecture against the
 tensor shapes the file holds (read from the safetensors header, before the network is built).
-The options a model recommends (and the thorough modes it is calibrated for, which adapt calibrates
-again) are held to the narrower ranges a model file may hold (``model_high`` in options.py), so that
-a plain detection with a model someone sent cannot take hours.
+The options a model recommends are checked against the command line's ranges here (bundles of earlier
+versions hold such values); a detection that would use a recommended value beyond the narrower range a
+model may recommend (``model_high`` in options.py) without being asked for it is refused where the
+request meets the model (:meth:`~..options.DetectionRequest.checked_options`), so that a plain detection
+with a model someone sent cannot take hours.
 """
 from __future__ import annotations
 
@@ -139,13 +141,14 @@ def _check_options(header: Mapping[str, Any], key: str, cls: type) -> None:
     section = _section(header, key, _names(cls))
     for f in fields(cls):
         if f.name in section:
-            _model_value(f, section[f.name], f"{key}.{f.name}")
+            _option_value(f, section[f.name], f"{key}.{f.name}")
 
 
-def _model_value(f: Field, value: Any, where: str) -> None:
-    """Check an option's value as a model file may hold it (``where``: its place in the header)."""
+def _option_value(f: Field, value: Any, where: str) -> None:
+    """Check an option's value a model file holds against the option's range (``where``: its place in the
+    header)."""
     try:
-        check_value(f, value, where=where, in_model=True)
+        check_value(f, value, where=where)
     except CeVAEError as exc:
         raise CeVAEError(str(exc).rstrip(".")) from None
 
@@ -181,7 +184,7 @@ def _check_calibration(calibration: Any) -> None:
             _leave_one_out(f"{where} leave_one_out", entry["leave_one_out"])
     steps = next(f for f in fields(ScoreOptions) if f.name == "test_time_steps")
     for n in calibrated_test_time_steps(calibration):  # (keys this version cannot read are never used)
-        _model_value(steps, n, "calibration test_time_steps")  # adapt calibrates each of these modes again
+        _option_value(steps, n, "calibration test_time_steps")
 
 
 def _list(where: str, value: Any, low: float, high: float, whole: bool = True) -> None:

@@ -99,7 +99,7 @@ class Detector:
     def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":
         """The detector a :class:`~..options.DetectionRequest` asks for, with this model where it was loaded (the
         request's device is :func:`detect`'s and the entry points' choice when they load it)."""
-        score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
+        score, post = request.checked_options(bundle.header.score_options, bundle.header.postprocess)
         return cls(bundle, score, post, request.policy, request.run.batch_size, request.run.amp)
 
     def __call__(self, image: sitk.Image, mask: Optional[sitk.Image] = None,

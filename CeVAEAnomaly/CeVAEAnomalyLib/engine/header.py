@@ -149,7 +149,7 @@ class BundleHeader:
     def threshold_of(self, request: DetectionRequest) -> Tuple[float, str]:
         """The threshold ``request`` gets with this model (refused if it has none: e.g. ``--fpr`` for a scoring
         the model is not calibrated for). Entry points call this before reading a volume."""
-        score, post = request.options(self.score_options, self.postprocess)
+        score, post = request.checked_options(self.score_options, self.postprocess)
         return self.threshold(score, post, request.policy)
 
 

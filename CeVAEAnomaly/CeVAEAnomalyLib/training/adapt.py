@@ -12,7 +12,7 @@ import glob
 import logging
 import shutil
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -30,6 +30,7 @@ from ..io.lock import hold_output, refuse_if_held
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
+from ..options import ScoreOptions
 from ..progress import ProgressCallback, checked, labelled, report, scaled
 from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_plan, output_paths, run_names,
                          training_seconds)
@@ -76,7 +77,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
-    modes = calibrated_test_time_steps(header.calibration)  # the parent's modes (0: plain) are calibrated again
+    modes = _adaptable_modes(calibrated_test_time_steps(header.calibration), base)  # the parent's, calibrated again
     thorough = len([steps for steps in modes if steps > 0])
     device = resolve_device(options.device, strict=True)  # what the runs use: a missing GPU is refused before any run
     calibrating = calibration_seconds(len(subjects), thorough_modes=thorough)
@@ -188,6 +189,19 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
             seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
+
+
+def _adaptable_modes(modes: Sequence[int], base: Path) -> List[int]:
+    """The test-time step counts of the base's calibrated modes (0: plain) that the adapted model is calibrated for
+    again: those a model may recommend (``test_time_steps``' ``model_high``: a model's thorough mode of more steps
+    would make the calibration take hours), the others said and left out."""
+    high = next(f for f in fields(ScoreOptions) if f.name == "test_time_steps").metadata["model_high"]
+    dropped = [n for n in modes if n > high]
+    if dropped:
+        log.warning("The model %s is calibrated for thorough modes of %s test-time steps, more than a model may "
+                    "recommend (%d): the adapted model is not calibrated for %s.", base,
+                    ", ".join(map(str, dropped)), high, "it" if len(dropped) == 1 else "them")
+    return [n for n in modes if n <= high]
 
 
 def _remove_earlier_adaptation(out: Path) -> None:
