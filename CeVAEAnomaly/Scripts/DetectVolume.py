@@ -11,7 +11,7 @@ The volume is loaded into an MRML scene through a storage node, processed by
 ``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry:
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the ``NAME_<role>`` names of ``cevae-anomaly batch``,
-which writes the first, second and last of them), with ``<name>_record.json``, the record of how they were made
+which writes all but the segmentation of them), with ``<name>_record.json``, the record of how they were made
 (``detect --record``). All files are written or none. Relative paths are taken
 from the working directory (Slicer itself would read them from its scene folder).
 Exit status 0 on success; otherwise 1 (2 for bad arguments or option values, 130 when interrupted) with a

@@ -429,6 +429,82 @@ def test_the_summary_counts_each_volumes_components_as_detect_lists_them(cohort,
     assert row["status"] == "skipped" and row["components"] == listed
 
 
+def test_each_volume_gets_the_component_table_detect_writes(cohort, two, tiny_bundle, tmp_path, caplog):
+    """batch wrote each volume's score map, labelmap and slice table but not the lesion table of detect --components,
+    so a cohort's lesion locations were only in its labelmaps. NAME_components.csv is now written with the other
+    outputs (the same table as detect's), its sha256 in the summary: a rerun skips it, and scores a volume again whose
+    table was cut short or is not the file recorded."""
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
+    table = tmp_path / "a1_components.csv"
+    assert main(["detect", str(cohort / "a1.nii.gz"), "--mask", str(cohort / "a1_mask.nii.gz"), "--model",
+                 str(tiny_bundle), "--device", "cpu", "--threshold", "0.3", "--score", str(tmp_path / "s.nii.gz"),
+                 "--components", str(table)]) == 0
+    assert (out / "a1_components.csv").read_bytes() == table.read_bytes()  # volumes, scores, RAS centroids
+    rows = read_summary(out / "summary.csv")
+    tables = {n: (out / f"{n}_components.csv").read_bytes() for n in NAMES[:2]}
+    for name in NAMES[:2]:
+        assert rows[name]["components_sha256"] == sha256_of(out / f"{name}_components.csv")
+        assert int(rows[name]["components"]) == len(tables[name].splitlines()) - 1
+    assert int(rows["a1"]["components"]) >= 1
+
+    text = tables["a1"].decode()
+    (out / "a1_components.csv").write_text(text[: len(text) - 5], newline="")  # cut mid-row
+    (out / "b2_components.csv").write_bytes(tables["b2"].splitlines(keepends=True)[0])  # whole: a header alone
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
+    assert "a1_components.csv is incomplete (a row is cut short)" in caplog.text
+    assert "The outputs of b2 are not the files its summary records (b2_components.csv differs" in caplog.text
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["ok", "ok"]
+    assert {n: (out / f"{n}_components.csv").read_bytes() for n in NAMES[:2]} == tables
+    (out / "b2_components.csv").unlink()  # the summary records it: missing, not an earlier version's outputs
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
+    assert "The outputs of b2 are incomplete (b2_components.csv missing); scoring it again" in caplog.text
+    assert "earlier versions" not in caplog.text and (out / "b2_components.csv").read_bytes() == tables["b2"]
+    assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
+
+
+@pytest.mark.parametrize("column", ["absent", "empty"])
+def test_outputs_of_a_version_without_component_tables_are_scored_again_once(two, tiny_bundle, tmp_path, caplog,
+                                                                              column):
+    """An --out-dir an earlier version filled: no NAME_components.csv, a summary without components_sha256 ("empty":
+    the column there, blank in the rows a rerun stopped early carried on). Every volume is scored again once, said
+    in one line, not one warning per volume, so that each gets its table; the next rerun skips them."""
+    from CeVAEAnomalyLib.cli.batch import SUMMARY_FIELDS
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle) == 0
+    rows = read_summary(out / "summary.csv")
+    fields = [f for f in SUMMARY_FIELDS if column == "empty" or f != "components_sha256"]
+    with open(out / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(dict(row, components_sha256="") for row in rows.values())
+    for name in NAMES[:2]:
+        (out / f"{name}_components.csv").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "component" in r.getMessage()]
+    assert said == ["The outputs of 2 volume(s) have no component table (NAME_components.csv), as earlier versions of "
+                    "batch wrote them; scoring them again once, so that every volume has its table: a1, b2."]
+    assert "incomplete" not in caplog.text
+    again = read_summary(out / "summary.csv")
+    for name in NAMES[:2]:
+        assert again[name]["status"] == "ok" and again[name]["max_score"] == rows[name]["max_score"]
+        assert again[name]["components_sha256"] == sha256_of(out / f"{name}_components.csv")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert batch(two, out, tiny_bundle) == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
+    assert "component table" not in caplog.text
+
+
 def test_a_threshold_of_inf_is_recorded_as_standard_json_and_a_rerun_skips(two, tiny_bundle, tmp_path):
     """--threshold inf (nothing labelled): batch_settings.json holds "inf", not the Infinity token other parsers
     refuse, and a rerun with the same settings finds its outputs made with them."""

@@ -38,7 +38,8 @@ def contents(out: Path) -> dict:
 @pytest.mark.parametrize("which", ["some", "all"])
 def test_outputs_that_no_batch_wrote_are_refused_and_kept(folder, tiny_bundle, tmp_path, capsys, which):
     """A fresh --out-dir (no summary, no batch_settings.json) holding a user's a_labelmap.nii.gz and a_slices.csv,
-    or detect's three outputs of a: batch replaced them ("scoring it again, replacing ...") and exited 0."""
+    or detect's outputs of a (its component table too): batch replaced them ("scoring it again, replacing ...") and
+    exited 0."""
     out = tmp_path / "res"
     out.mkdir()
     if which == "some":
@@ -48,8 +49,9 @@ def test_outputs_that_no_batch_wrote_are_refused_and_kept(folder, tiny_bundle, t
     else:
         assert main(["detect", str(folder / "a.nii.gz"), "--mask", str(folder / "a_mask.nii.gz"), "--model",
                      str(tiny_bundle), "--device", "cpu", "--threshold", "0.5", "--score", str(out / "a_score.nii.gz"),
-                     "--labelmap", str(out / "a_labelmap.nii.gz"), "--slice-scores", str(out / "a_slices.csv")]) == 0
-        names = "a_score.nii.gz, a_labelmap.nii.gz, a_slices.csv"
+                     "--labelmap", str(out / "a_labelmap.nii.gz"), "--slice-scores", str(out / "a_slices.csv"),
+                     "--components", str(out / "a_components.csv")]) == 0
+        names = "a_score.nii.gz, a_labelmap.nii.gz, a_slices.csv, a_components.csv"
     before = contents(out)
     capsys.readouterr()
     assert batch(folder, out, tiny_bundle) == 2
@@ -60,6 +62,7 @@ def test_outputs_that_no_batch_wrote_are_refused_and_kept(folder, tiny_bundle, t
     assert contents(out) == before  # nothing scored or written: no summary, no settings record
     assert batch(folder, out, tiny_bundle, "--overwrite") == 0
     assert statuses(out) == ["ok"] and (out / "a_slices.csv").read_text().startswith("axis,")
+    assert (out / "a_components.csv").read_text().startswith("component,")
 
 
 def test_a_rerun_over_a_batchs_own_outputs_still_resumes(folder, tiny_bundle, tmp_path, caplog):

@@ -80,6 +80,13 @@ def test_batch_writes_all_results_on_the_input_grid(oblique_head, tiny_bundle, t
     assert (record["model"]["path"], record["model"]["sha256"]) == (str(tiny_bundle), digest(tiny_bundle))
     assert (record["threshold"], record["threshold_source"], record["device"]) == (0.3, "absolute", "cpu")
 
+    from CeVAEAnomalyLib.cli.main import main  # `cevae-anomaly batch` names and writes the same component table
+
+    (tmp_path / "list.csv").write_text(f"image,mask\n{image_path},{mask_path}\n")
+    assert main(["batch", str(tmp_path / "list.csv"), "--out-dir", str(tmp_path / "cohort"), "--model",
+                 str(tiny_bundle), "--device", "cpu", "--threshold", "0.3"]) == 0
+    assert (tmp_path / "cohort" / OUTPUTS[3]).read_text() == (out / OUTPUTS[3]).read_text()
+
 
 def test_batch_reports_a_missing_input_in_one_line(tmp_path):
     proc = run_batch("--input", tmp_path / "nope.nii.gz", "--output-dir", tmp_path / "out")

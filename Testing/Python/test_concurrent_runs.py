@@ -108,17 +108,20 @@ def test_a_batch_records_its_own_outputs_not_a_set_another_run_wrote_into(scan, 
     out = tmp_path / "out"
     batch = ["batch", str(scan), "--out-dir", str(out), "--model", str(tiny_bundle), "--device", "cpu",
              "--threshold", "1e9"]
-    first, go = _held_at(tmp_path, "h_slices.csv", batch)
+    first, go = _held_at(tmp_path, "h_components.csv", batch)  # (its last output; the component table is held too)
     try:
-        second = _cli(_detect(scan, out, tiny_bundle, "--threshold", "0", "--overwrite"))
+        second = _cli(_detect(scan, out, tiny_bundle, "--threshold", "0", "--overwrite", "--components",
+                              str(out / "h_components.csv")))
     finally:
         _finish(first, go)
     assert second.returncode == 2 and f"A batch (process {first.pid}) is writing" in second.stderr, second.stderr
     assert not _flagged(out / "h_labelmap.nii.gz")
+    assert len((out / "h_components.csv").read_text().splitlines()) == 1  # the batch's table: no component
     with (out / "summary.csv").open(newline="") as fh:
         row = next(csv.DictReader(fh))
     assert row["status"] == "ok" and float(row["flagged_ml"]) == 0
     assert row["labelmap_sha256"] == _sha(out / "h_labelmap.nii.gz")
+    assert row["components_sha256"] == _sha(out / "h_components.csv")
 
 
 @pytest.fixture(scope="module")

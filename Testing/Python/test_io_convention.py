@@ -89,10 +89,12 @@ def test_manifest_that_is_not_text_is_refused(tmp_path):
 
 
 def test_output_names_are_one_table(tmp_path):
-    """batch's defaults and the Slicer script's six outputs come from the same table."""
+    """batch's defaults (its four outputs, the component table detect --components writes among them) and the Slicer
+    script's six outputs come from the same table."""
     assert output_paths(tmp_path, "s1") == {"score": tmp_path / "s1_score.nii.gz",
                                            "labelmap": tmp_path / "s1_labelmap.nii.gz",
-                                           "slices": tmp_path / "s1_slices.csv"}
+                                           "slices": tmp_path / "s1_slices.csv",
+                                           "components": tmp_path / "s1_components.csv"}
     every = output_paths(tmp_path, "s1", tuple(OUTPUT_NAMES), ".nrrd")
     assert [p.name for p in every.values()] == ["s1_score.nrrd", "s1_labelmap.nrrd", "s1_slices.csv",
                                                 "s1_components.csv", "s1_segmentation.seg.nrrd", "s1_record.json"]

@@ -31,7 +31,7 @@ from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
-from ..io.naming import IMAGE_EXTENSIONS, file_stem, image_stem, output_paths, unportable_character
+from ..io.naming import BATCH_ROLES, IMAGE_EXTENSIONS, file_stem, image_stem, output_paths, unportable_character
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
@@ -49,10 +49,11 @@ CONTRAST_TAGS = ("_t1", "_t1w")
 
 MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
-OUTPUT_FIELDS = ("score_sha256", "labelmap_sha256", "slices_sha256")  # its outputs (output_paths' roles)
+OUTPUT_FIELDS = tuple(f"{role}_sha256" for role in BATCH_ROLES)  # its outputs (output_paths' roles)
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS, *OUTPUT_FIELDS)
 LATER_FIELDS = ("components", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # columns older summaries lack (rows without
-# components keep ""; rows without checksums are not trusted: their volumes are scored again)
+# components keep ""; rows without checksums are not trusted: their volumes are scored again, and so are those
+# without components_sha256, of versions that wrote no component table, so that every volume gets its table)
 
 
 def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, str]:
@@ -361,27 +362,28 @@ def read_back(item: BatchItem, out_dir: Path, source: Dict[str, str]) -> Dict[st
 
 def incomplete_outputs(paths: Dict[str, Path]) -> str:
     """Why a volume's outputs on disk are not a complete set ("" if they are): the checks of a fresh write
-    (:mod:`..io.verify`), and for the slice table its header, row lengths and final line end."""
+    (:mod:`..io.verify`), and for the slice and component tables their header, row lengths and final line end."""
     from ..io.verify import incomplete_reason
+    from ..result import COMPONENT_FIELDS, SLICE_FIELDS
 
+    headers = {"slices": ("slice-score", SLICE_FIELDS), "components": ("component", COMPONENT_FIELDS)}
     for role, path in paths.items():
         if not path.is_file():
             return f"{path.name} is missing"
         reason = incomplete_reason(path, path)
-        if reason is None and role == "slices":
-            reason = _slice_table_reason(path.read_text())
+        if reason is None and role in headers:
+            reason = _table_reason(path.read_text(), *headers[role])
         if reason:
             return f"{path.name} is incomplete ({reason})"
     return ""
 
 
-def _slice_table_reason(text: str) -> Optional[str]:
-    from ..result import SLICE_FIELDS
-
+def _table_reason(text: str, what: str, header: Sequence[str]) -> Optional[str]:
+    """Why the text of a CSV table with the columns ``header`` is not whole (None if it is)."""
     rows = list(csv.reader(io.StringIO(text)))
-    if not rows or rows[0] != SLICE_FIELDS:
-        return "no slice-score header"
-    if not text.endswith("\n") or any(len(r) != len(SLICE_FIELDS) for r in rows):
+    if not rows or rows[0] != list(header):
+        return f"no {what} header"
+    if not text.endswith("\n") or any(len(r) != len(header) for r in rows):
         return "a row is cut short"
     return None
 
@@ -665,6 +667,18 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
     return skipped
 
 
+def _before_component_tables(paths: Dict[str, Path], earlier: Optional[Dict[str, str]]) -> bool:
+    """Whether a volume's outputs are those of a version that wrote no component table: every one there but that
+    table, which the summary row describing them (``earlier``, if any) does not record."""
+    return not paths["components"].exists() and not (earlier or {}).get("components_sha256") and all(
+        path.exists() for role, path in paths.items() if role != "components")
+
+
+def _some(names: Sequence[str]) -> str:
+    """The first five ``names``, and how many more."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def run_batch(
     items: Sequence[BatchItem],
     settings: DetectSettings,
@@ -724,14 +738,18 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     try:
         todo: List[Tuple[BatchItem, bool]] = []
         unknown: List[str] = []
+        tableless: List[str] = []  # outputs of a version that wrote no component table
         for item in items:
             paths = output_paths(settings.out_dir, item.name)
             present = [p.exists() for p in paths.values()]
+            described_by = described.get(item.name, (None,))[0]
             if all(present) and not settings.overwrite:
-                row = _skipped_row(item, paths, described.get(item.name, (None,))[0], unknown)
+                row = _skipped_row(item, paths, described_by, unknown)
                 if row is not None:
                     summary.add(row)
                     continue
+            elif _before_component_tables(paths, described_by) and not settings.overwrite:
+                tableless.append(item.name)
             elif any(present) and not settings.overwrite:
                 log.warning("The outputs of %s are incomplete (%s missing); scoring it again, replacing %s.", item.name,
                             ", ".join(p.name for p, there in zip(paths.values(), present) if not there),
@@ -741,7 +759,11 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             log.warning("Nothing records the input and settings that made the outputs of %d volume(s) (no row with "
                         "input and output checksums in a summary in %s beside a settings record like %s); "
                         "scoring them again to be safe: %s.", len(unknown), settings.out_dir, record_path.name,
-                        ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+                        _some(unknown))
+        if tableless:
+            log.warning("The outputs of %d volume(s) have no component table (NAME_components.csv), as earlier "
+                        "versions of batch wrote them; scoring them again once, so that every volume has its table: "
+                        "%s.", len(tableless), _some(tableless))
         log.info("%d volume(s) to score, %d already done (skipped; --overwrite redoes them); %d worker(s).",
                  len(todo), total - len(todo), min(workers, max(1, len(todo))))
         report(progress, (total - len(todo)) / max(total, 1), "finished volumes skipped")

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = _command(sub, "batch", help="detect on a cohort: resumable, shardable, parallel",
                        description="Score every volume of a folder or CSV list. Per volume NAME, writes "
-                       "NAME_score.nii.gz, NAME_labelmap.nii.gz and NAME_slices.csv to --out-dir, plus a "
+                       "NAME_score.nii.gz, NAME_labelmap.nii.gz, NAME_slices.csv and NAME_components.csv (the "
+                       "lesion table of detect --components) to --out-dir, plus a "
                        "summary CSV; a rerun skips volumes whose outputs are the files its summary recorded (sha256), "
                        "made from the same input, and refuses other settings (--overwrite scores every volume again); "
                        "failures are recorded.")

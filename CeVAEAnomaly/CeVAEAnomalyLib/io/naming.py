@@ -21,6 +21,7 @@ OUTPUT_NAMES: Dict[str, str] = {
     "segmentation": "_segmentation.seg.nrrd",
     "record": "_record.json",  # how the outputs were made (the Slicer script; detect --record)
 }
+BATCH_ROLES = ("score", "labelmap", "slices", "components")  # what `batch` writes per volume
 
 
 WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*') | frozenset(map(chr, range(32)))  # never in a Windows file name
@@ -71,7 +72,7 @@ def file_stem(path: Path) -> str:
     return name[: len(name) - len(full_suffix(Path(name)))] or name
 
 
-def output_paths(out_dir: Path, name: str, roles: Sequence[str] = ("score", "labelmap", "slices"),
+def output_paths(out_dir: Path, name: str, roles: Sequence[str] = BATCH_ROLES,
                  volume_ext: str = ".nii.gz") -> Dict[str, Path]:
     """The output files of volume ``name`` in ``out_dir``, by role (see :data:`OUTPUT_NAMES`)."""
     return {role: Path(out_dir) / (name + OUTPUT_NAMES[role].format(ext=volume_ext)) for role in roles}
