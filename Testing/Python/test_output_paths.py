@@ -192,3 +192,13 @@ def test_a_temporary_made_just_before_a_stop_is_removed(tmp_path, monkeypatch):
         with atomic.atomic_path(tmp_path / "t.csv"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_names_that_are_one_only_under_full_case_folding_are_two_outputs(tmp_path):
+    """straße.nii.gz and strasse.nii.gz are two files on macOS and Windows too (their file systems map letter case,
+    not ß to ss), yet they were refused as "differ only in letter case"."""
+    from CeVAEAnomalyLib.io.targets import check_paths
+
+    check_paths([tmp_path / "straße.nii.gz", tmp_path / "strasse.nii.gz"], overwrite=False)
+    with pytest.raises(CeVAEError, match="differ only in letter case"):
+        check_paths([tmp_path / "STRASSE.nii.gz", tmp_path / "strasse.nii.gz"], overwrite=False)

@@ -251,13 +251,13 @@ def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optio
     seen: Dict[str, Path] = {}  # resolved path in any case -> the output so named
     for t in targets:
         r = resolved(t)
-        other = seen.get(str(r).casefold())
+        other = seen.get(str(r).lower())
         if other is not None and resolved(other) == r:
             raise CeVAEError(f"The output {t} is named twice.")
         if other is not None:
             raise CeVAEError(f"The outputs {other} and {t} differ only in letter case, which makes them one file on "
                              "macOS and Windows; give them names that differ otherwise.")
-        seen[str(r).casefold()] = t
+        seen[str(r).lower()] = t
         check_output_path(t, overwrite, known)
     # where the temporary file is made: beside the output's own name (a symbolic link is replaced, not followed)
     for folder in sorted({Path(os.path.abspath(t)).parent for t in targets}):
