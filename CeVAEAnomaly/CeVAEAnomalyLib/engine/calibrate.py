@@ -95,8 +95,9 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
     """Calibrations for every score type with otherwise the given options, keyed for lookup (the network
     runs as ``run`` says: batch size, mixed precision).
 
-    ``fpr``: the model's default rate; each table records each volume's leave-one-out threshold and rate at it, a
-    volume unlike the others there (engine/calibration.unlike_scans) is warned about by name, for ``opts``.
+    ``fpr``: the model's default rate; with 2 or more volumes each table records each one's leave-one-out threshold
+    and rate at it, and a volume unlike the others there (engine/calibration.unlike_scans) is warned about by name,
+    for ``opts``.
 
     ``scorers``: one model per subject that scores it instead of ``bundle`` (models that never saw
     their subject give the rates an unseen subject gets; with normalised scores these transfer).

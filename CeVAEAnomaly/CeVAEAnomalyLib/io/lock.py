@@ -3,7 +3,8 @@
 The lock is ``flock`` on a hidden file beside the output, so it is released when its holder ends,
 however it ends (even SIGKILL); the file is removed by the holder when it finishes. A write that may run
 inside a command's longer hold of the same output (a command holding its outputs, then writing them) asks
-for the lock as ``reentrant``. Where ``flock`` does not exist (Windows), nothing is locked.
+for the lock as ``reentrant``. Folders made for a lock file go again if nothing was written in them. Where
+``flock`` does not exist (Windows), nothing is locked.
 """
 from __future__ import annotations
 
