@@ -390,18 +390,28 @@ class DetectionRequest(Serialisable):
             score = score.replace(**PAPER)
         return score.replace(**self.score), post.replace(**self.post)
 
-    def checked_options(self, score: ScoreOptions,
-                        post: PostprocessOptions) -> Tuple[ScoreOptions, PostprocessOptions]:
-        """:meth:`options` for a detection: a value the model recommends beyond what a model may recommend (an
-        option's ``model_high``: a plain detection with it could take very long) is refused unless the request asks
-        for it itself, naming the flag that does."""
+    def costly_recommendation(self, score: ScoreOptions,
+                              post: PostprocessOptions) -> Optional[Tuple[dataclasses.Field, Any, float]]:
+        """(option, value, its ``model_high``) of the first value the model recommends (``score``, ``post``) beyond
+        what a model may recommend that this request would use without asking for it; None if there is none."""
         for recommended, given in ((score, self.score), (post, self.post)):
             for f in fields(recommended):
                 high, value = f.metadata["model_high"], getattr(recommended, f.name)
                 if high is not None and value > high and f.name not in given and not (self.paper and f.name in PAPER):
-                    raise CeVAEError(f"The model recommends {f.name} {value}, more than a model may recommend "
-                                     f"({high:g}): a detection with it could take very long. Give {flag_of(f)} "
-                                     f"{value} to use it anyway, or a lower value.")
+                    return f, value, high
+        return None
+
+    def checked_options(self, score: ScoreOptions,
+                        post: PostprocessOptions) -> Tuple[ScoreOptions, PostprocessOptions]:
+        """:meth:`options` for a detection: a value the model recommends beyond what a model may recommend (an
+        option's ``model_high``: a plain detection with it could take very long) is refused unless the request asks
+        for it itself (:meth:`costly_recommendation`), naming the flag that does."""
+        costly = self.costly_recommendation(score, post)
+        if costly is not None:
+            f, value, high = costly
+            raise CeVAEError(f"The model recommends {f.name} {value}, more than a model may recommend ({high:g}): a "
+                             f"detection with it could take very long. Give {flag_of(f)} {value} to use it anyway, "
+                             "or a lower value.")
         return self.options(score, post)
 
 

@@ -321,3 +321,34 @@ def test_an_absolute_threshold_chosen_after_a_refused_rate_starts_at_the_model_s
     switched = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, falsePositiveRate=0.5, threshold=0.0)
     start = settings.model_values(switched, model, settings.SENSITIVITY_FPR)["threshold"]
     assert start == pytest.approx(model.calibrated_threshold("combi")) and start > 0
+
+
+def test_a_model_recommending_a_median_radius_no_model_may_is_refused_at_apply_in_the_panels_words(tmp_path):
+    """A model of an earlier version recommending median radius 4 (calibrated with it) shows as usable; Apply refuses
+    it before the volume is sent, saying how the panel asks for it (detection's refusal names --median-radius), and
+    the override with that radius asks for it."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from test_untrusted_bundles import rewrite
+
+    def radius_4(h, t):
+        h["postprocess"]["median_radius"] = 4
+        h["calibration"] = {json.dumps(dict(json.loads(k), post=dict(json.loads(k)["post"], median_radius=4)),
+                                       sort_keys=True): v for k, v in h["calibration"].items()}
+
+    path = Path(shutil.copy(default_model_path(), tmp_path / "radius4.cevae"))
+    rewrite(path, radius_4)
+    model = ModelSettings.read(path)
+    scene = slicer.vtkMRMLScene()
+    p = parameters(scene, useBundledModel=False, modelPath=str(path))
+    assert model.calibrated("combi") and settings.model_problem(p) is None
+    with pytest.raises(CeVAEError, match=r"recommends median_radius 4, more than a model may recommend \(3\).*tick "
+                       r"'Override post-processing' \(Advanced\) and set the median filter radius to 4") as refused:
+        settings.detection_request(p, model)
+    assert "--median-radius" not in str(refused.value)
+    override = dict(overridePostprocess=True, **settings.postprocess_fields(model))
+    request = settings.detection_request(parameters(scene, useBundledModel=False, modelPath=str(path), **override),
+                                         model)["request"]
+    assert request.checked_options(model.header.score_options, model.header.postprocess)[1].median_radius == 4

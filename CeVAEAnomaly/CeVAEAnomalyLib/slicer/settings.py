@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
 from ..options import (DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions,
-                       ThresholdPolicy)
+                       ThresholdPolicy, flag_of)
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "adapt_override_note",
            "chosen_model", "detection_request", "model_path", "model_problem", "override_postprocess",
@@ -265,16 +265,30 @@ def detection_request(parameters: Any, settings: ModelSettings) -> Dict[str, Any
             "'Absolute threshold' as sensitivity, or calibrate the model on healthy scans of your site "
             "(section 'Calibrate on healthy scans')."
         )
+    request = DetectionRequest.of(
+        **_score(parameters.scoreType, thorough),
+        fpr=parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else None,
+        threshold=parameters.threshold if parameters.sensitivity == SENSITIVITY_THRESHOLD else None,
+        device=parameters.device, batch_size=int(parameters.batchSize), **(post or {}))
+    _refuse_costly_recommendation(request, settings)
     mask = parameters.brainMask
     segment = parameters.brainMaskSegmentId if mask is not None and mask.IsA("vtkMRMLSegmentationNode") else ""
-    return dict(
-        volumeNode=parameters.inputVolume,
-        maskNode=mask,
-        maskSegmentId=segment or None,
-        modelPath=model_path(parameters),
-        request=DetectionRequest.of(
-            **_score(parameters.scoreType, thorough),
-            fpr=parameters.falsePositiveRate if parameters.sensitivity == SENSITIVITY_FPR else None,
-            threshold=parameters.threshold if parameters.sensitivity == SENSITIVITY_THRESHOLD else None,
-            device=parameters.device, batch_size=int(parameters.batchSize), **(post or {})),
-    )
+    return dict(volumeNode=parameters.inputVolume, maskNode=mask, maskSegmentId=segment or None,
+                modelPath=model_path(parameters), request=request)
+
+
+def _refuse_costly_recommendation(request: DetectionRequest, settings: ModelSettings) -> None:
+    """Refuse, in the panel's words and before the volume is sent to a worker, a value the model recommends beyond
+    what a model may recommend that ``request`` would use without asking for it (detection refuses it too, naming
+    a command-line flag the panel does not have)."""
+    costly = request.costly_recommendation(settings.header.score_options, settings.header.postprocess)
+    if costly is None:
+        return
+    f, value, high = costly
+    elsewhere = f"detect on the command line with {flag_of(f)} {value} to use it anyway"
+    how = {"median_radius": "To use it anyway, tick 'Override post-processing' (Advanced) and set the median filter "
+                            f"radius to {value}; or set a lower one there.",
+           "test_time_steps": f"Tick 'Thorough' for {THOROUGH_STEPS} steps instead, or {elsewhere}."}.get(
+        f.name, f"The panel cannot ask for another value: {elsewhere}, or with a lower value.")
+    raise CeVAEError(f"The model recommends {f.name} {value}, more than a model may recommend ({high:g}): a "
+                     f"detection with it could take very long. {how}")
