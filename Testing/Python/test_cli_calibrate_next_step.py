@@ -51,6 +51,11 @@ def test_calibrate_says_what_a_site_calibration_changed_for_detection(caplog) ->
     assert f"its threshold rose from {old.default_threshold():.4g} to {stricter.default_threshold():.4g}" in said[1]
     assert "a higher --fpr (e.g. 0.001) or --min-peak 1" in said[1]
     caplog.clear()
+    unfiltered = replace(stricter, postprocess=replace(stricter.postprocess, min_peak=1.0))
+    with caplog.at_level(logging.INFO):  # no peak filter: none to loosen
+        _say_what_changed(old, unfiltered, Path("site.cevae"))
+    assert caplog.records and not any("peak" in r.getMessage() for r in caplog.records)
+    caplog.clear()
     with caplog.at_level(logging.INFO):  # the same thresholds and modes: nothing to say
         _say_what_changed(old, old, Path("site.cevae"))
     assert not caplog.records

@@ -279,11 +279,12 @@ def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path) -> None:
         before = None
     now = new.default_threshold()
     if before is not None and now is not None and now > THRESHOLD_RISE * before:
+        peak = new.postprocess.min_peak
+        kept = f" (and a component must peak at {peak:g} times the threshold to be kept)" if peak > 1 else ""
         log.info("The site's healthy scans score higher than those the source model was calibrated on: at the same "
                  "false-positive rate its threshold rose from %.4g to %.4g, so a lesion must now score higher to be "
-                 "marked (and a component must peak at %g times the threshold to be kept). For more sensitivity, at "
-                 "the cost of more false alarms: a higher --fpr (e.g. 0.001) or --min-peak 1.", before, now,
-                 new.postprocess.min_peak)
+                 "marked%s. For more sensitivity, at the cost of more false alarms: a higher --fpr (e.g. 0.001)%s.",
+                 before, now, kept, " or --min-peak 1" if peak > 1 else "")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
