@@ -22,7 +22,8 @@ def one_line(exc: BaseException) -> str:
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is a failed allocation: Python's MemoryError, or PyTorch's (an OutOfMemoryError on a GPU, a
-    RuntimeError "can't allocate memory" from its CPU allocator)."""
+    """Whether ``exc`` is a failed allocation: Python's MemoryError, or PyTorch's (an OutOfMemoryError on a CUDA GPU,
+    a RuntimeError "can't allocate memory" from its CPU allocator or "MPS backend out of memory" on a Mac's GPU)."""
+    failed = ("can't allocate memory", "out of memory")
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and any(words in str(exc) for words in failed))

@@ -799,4 +799,5 @@ def test_out_of_memory_is_told_from_other_failures():
 
     assert out_of_memory(MemoryError()) and out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
     assert out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+    assert out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.2 GB, other allocations: 1 GB)"))
     assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(ValueError("can't allocate memory"))
