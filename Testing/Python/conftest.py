@@ -97,6 +97,16 @@ def head(tmp_path_factory):
     return d / "head.nii.gz", d / "head_mask.nii.gz"
 
 
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> Path:
+    """A folder holding one synthetic head, h.nii.gz, and its brain mask, h_mask.nii.gz (a batch's input)."""
+    d = tmp_path_factory.mktemp("scan")
+    image, mask = make_head(seed=4)
+    sitk.WriteImage(image, str(d / "h.nii.gz"))
+    sitk.WriteImage(mask, str(d / "h_mask.nii.gz"))
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
     """A small ceVAE (input 64, narrow) trained for a few steps on two synthetic heads, calibrated."""

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-import SimpleITK as sitk
 
 from CeVAEAnomalyLib.io.atomic import machine_tag, remove_abandoned_temporaries
-from conftest import REPO, make_head
+from conftest import REPO
 
 SCRIPT = REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py"
 # runs a command (the CLI's main, or a script) in this process; a rename onto the output named BLOCK waits there,
@@ -82,15 +81,6 @@ def _decoys(out: Path, target: str, ext: str, dead: int) -> list:
 
 def _hidden(out: Path) -> set:
     return {p for p in out.iterdir() if p.name.startswith(".")}
-
-
-@pytest.fixture(scope="module")
-def scan(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("scan")
-    image, mask = make_head(seed=4)
-    sitk.WriteImage(image, str(d / "h.nii.gz"))
-    sitk.WriteImage(mask, str(d / "h_mask.nii.gz"))
-    return d
 
 
 def _batch(scan: Path, out: Path, bundle: Path) -> list:

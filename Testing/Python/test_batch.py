@@ -4,6 +4,8 @@ import csv
 import logging
 import os
 import re
+from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -412,15 +414,21 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(two, tiny_bundl
                 "--overwrite.") in capsys.readouterr().err
 
 
+def _batch_and_detect_a1(cohort: Path, two: Path, bundle: Path, tmp_path: Path) -> Tuple[Path, Path]:
+    """A batch of ``two`` at threshold 0.3 into tmp_path/out, and detect's component table of its volume a1 at the
+    same threshold: (the batch's folder, that table)."""
+    out, table = tmp_path / "out", tmp_path / "a1_components.csv"
+    assert batch(two, out, bundle, "--threshold", "0.3") == 0
+    assert main(["detect", str(cohort / "a1.nii.gz"), "--mask", str(cohort / "a1_mask.nii.gz"), "--model",
+                 str(bundle), "--device", "cpu", "--threshold", "0.3", "--score", str(tmp_path / "s.nii.gz"),
+                 "--components", str(table)]) == 0
+    return out, table
+
+
 def test_the_summary_counts_each_volumes_components_as_detect_lists_them(cohort, two, tiny_bundle, tmp_path):
     """A cohort's healthy scans are judged by flagged ml and components: the summary has both, the count equal to
     the component table's rows, also for a volume whose outputs were found and read back."""
-    out = tmp_path / "out"
-    assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
-    table = tmp_path / "a1_components.csv"
-    assert main(["detect", str(cohort / "a1.nii.gz"), "--mask", str(cohort / "a1_mask.nii.gz"), "--model",
-                 str(tiny_bundle), "--device", "cpu", "--threshold", "0.3", "--score", str(tmp_path / "s.nii.gz"),
-                 "--components", str(table)]) == 0
+    out, table = _batch_and_detect_a1(cohort, two, tiny_bundle, tmp_path)
     listed = len(table.read_text().splitlines()) - 1
     assert listed >= 1 and read_summary(out / "summary.csv")["a1"]["components"] == str(listed)
     from CeVAEAnomalyLib.cli.batch import read_back
@@ -436,12 +444,7 @@ def test_each_volume_gets_the_component_table_detect_writes(cohort, two, tiny_bu
     table was cut short or is not the file recorded."""
     from CeVAEAnomalyLib.io.checksum import sha256_of
 
-    out = tmp_path / "out"
-    assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
-    table = tmp_path / "a1_components.csv"
-    assert main(["detect", str(cohort / "a1.nii.gz"), "--mask", str(cohort / "a1_mask.nii.gz"), "--model",
-                 str(tiny_bundle), "--device", "cpu", "--threshold", "0.3", "--score", str(tmp_path / "s.nii.gz"),
-                 "--components", str(table)]) == 0
+    out, table = _batch_and_detect_a1(cohort, two, tiny_bundle, tmp_path)
     assert (out / "a1_components.csv").read_bytes() == table.read_bytes()  # volumes, scores, RAS centroids
     rows = read_summary(out / "summary.csv")
     tables = {n: (out / f"{n}_components.csv").read_bytes() for n in NAMES[:2]}

@@ -36,15 +36,6 @@ if __name__ == "__main__":  # (not in a batch's spawned workers, which import th
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "CeVAEAnomaly"))
 
 
-@pytest.fixture(scope="module")
-def scan(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("scan")
-    image, mask = make_head(seed=4)
-    sitk.WriteImage(image, str(d / "h.nii.gz"))
-    sitk.WriteImage(mask, str(d / "h_mask.nii.gz"))
-    return d
-
-
 def _held_at(tmp_path: Path, hold: str, argv: list) -> tuple:
     """Start the CLI with ``argv``, held at its rename onto ``hold``: (the process, the file that lets it go on)."""
     go = tmp_path / "go"
