@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 from ..errors import CeVAEError
 from ..interrupts import stops_held
+from ..system import process_exists
 from .lock import hold_outputs
 from .naming import full_suffix
 from .targets import TEMPORARY_ROOM, Inputs, check_paths, name_leaving_room, refuse_special_output
@@ -124,7 +125,7 @@ def remove_abandoned_temporaries(targets: Iterable[Path], started: float) -> int
 def _abandoned(owned: "re.Match[str]", path: Path, started: float) -> bool:
     """Remove ``path``, a temporary whose name matched ``owned`` (machine, process), if this machine's process that
     made it no longer exists and it was last changed before ``started``; whether it was removed."""
-    if owned.group(1) != machine_tag() or not _gone(int(owned.group(2))):
+    if owned.group(1) != machine_tag() or process_exists(int(owned.group(2))):  # (off POSIX: every one exists)
         return False
     try:
         st = os.lstat(path)
@@ -134,20 +135,6 @@ def _abandoned(owned: "re.Match[str]", path: Path, started: float) -> bool:
     except OSError:  # removed meanwhile, or not ours to remove
         return False
     return True
-
-
-def _gone(pid: int) -> bool:
-    """Whether no process ``pid`` exists on this machine (a zombie, or one of another user, still exists; on Windows,
-    where ``os.kill`` would end the process, nothing is known to be gone); an id past the system's range is."""
-    if os.name != "posix" or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return True
-    except OSError:  # PermissionError: it exists; anything else: not known
-        return False
-    return False
 
 
 def remove_stale_temporaries(target: Path, older_than_s: float = STALE_AGE_S) -> int:
