@@ -17,7 +17,8 @@ and choroid plexus lie above the white matter, the brightest tissue of a plain T
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,9 +57,19 @@ def scan_depth_contrast(image: sitk.Image, mask: sitk.Image, preprocess: Preproc
     warnings about the mask or the voxels are left to the scoring of the same volume, which gives them once."""
     from . import preprocess as prep
 
+    with _preprocessing_quiet():
+        return depth_contrast(prep.prepare(image, prep.mask_array(mask, image), preprocess, "axial").slices)
+
+
+@contextmanager
+def _preprocessing_quiet() -> Iterator[None]:
+    """The preprocessing's warnings (about the mask or the voxels) off in the block: a measure of a volume leaves
+    them to the scoring of the same volume, which gives them once."""
+    from . import preprocess as prep
+
     quiet, prep.log.disabled = prep.log.disabled, True
     try:
-        return depth_contrast(prep.prepare(image, prep.mask_array(mask, image), preprocess, "axial").slices)
+        yield
     finally:
         prep.log.disabled = quiet
 
@@ -98,11 +109,8 @@ def scan_bright_tail(image: sitk.Image, mask: sitk.Image) -> Optional[float]:
     left to the scoring of the same volume, as in :func:`scan_depth_contrast`."""
     from . import preprocess as prep
 
-    quiet, prep.log.disabled = prep.log.disabled, True
-    try:
+    with _preprocessing_quiet():
         return bright_tail(sitk.GetArrayViewFromImage(image), prep.brain_array(image, mask))
-    finally:
-        prep.log.disabled = quiet
 
 
 def _depth_px(brain: np.ndarray) -> np.ndarray:
