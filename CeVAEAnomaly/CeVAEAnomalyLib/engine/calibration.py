@@ -133,7 +133,7 @@ def leave_one_out(scores: Sequence[np.ndarray], fpr: float) -> Dict[str, Any]:
         top = np.sort(np.concatenate([t for j, t in enumerate(tops) if j != i]))
         ranks = (sum(sizes) - own.size - 1) * rates  # from the top of the others' pool, where np.quantile puts 1 - rate
         grid = np.quantile(top, 1.0 - ranks / (top.size - 1)) if top.size > 1 else np.full(rates.size, top[0])
-        threshold = float(np.interp(np.log(fpr), np.log(rates), grid)) if rates.size > 1 else float(grid[0])
+        threshold = _at_rate(rates, grid, fpr)
         thresholds.append(threshold)
         shares.append(float(np.count_nonzero(own >= threshold) / own.size))
     return {"fpr": float(fpr), "threshold": thresholds, "rate": shares}
@@ -146,7 +146,7 @@ def unlike_scans(entry: Mapping[str, Any], names: Sequence[str]) -> List[str]:
     if not loo:
         return []
     fpr, others = loo["fpr"], len(names) - 1
-    pooled = float(np.interp(np.log(fpr), np.log(entry["fpr"]), entry["threshold"]))
+    pooled = _at_rate(entry["fpr"], entry["threshold"], fpr)
     return [f"{name}: at the threshold that the other {others} healthy scan{'s' if others > 1 else ''} give at the "
             f"default false-positive rate {fpr:g} ({without:.4g}), it flags {rate:.3%} of its brain voxels, "
             f"{rate / fpr:.0f} times that rate: it is unlike {'them' if others > 1 else 'the other'} (a lesion, an "
@@ -185,10 +185,16 @@ def threshold_for_fpr(entry: Mapping[str, Any], fpr: float) -> float:
         raise CeVAEError(
             f"False-positive rate {fpr:g} is outside the calibrated range [{grid[0]:g}, {grid[-1]:g}]."
         )
-    threshold = float(np.interp(np.log(fpr), np.log(grid), thr))
+    threshold = _at_rate(grid, thr, fpr)
     if not threshold > 0:
         raise CeVAEError(_at_the_floor(fpr, grid, thr))
     return threshold
+
+
+def _at_rate(rates: Sequence[float], thresholds: Sequence[float], fpr: float) -> float:
+    """The threshold at ``fpr`` between calibrated ``rates`` and their ``thresholds``: linear in the log of the rate
+    (one rate: its threshold)."""
+    return float(np.interp(np.log(fpr), np.log(rates), thresholds))
 
 
 def _at_the_floor(fpr: float, grid: np.ndarray, thr: np.ndarray) -> str:
