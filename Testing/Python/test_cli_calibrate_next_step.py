@@ -45,7 +45,7 @@ def test_calibrate_says_what_a_site_calibration_changed_for_detection(caplog) ->
              for key, entry in old.calibration.items() if '"test_time_steps": 0' in key}
     stricter = replace(old, calibration=plain)
     with caplog.at_level(logging.INFO):
-        _say_what_changed(old, stricter, Path("site.cevae"))
+        _say_what_changed(old, stricter, Path("site.cevae"), old.default_threshold())
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and "calibrate again with --test-time-steps 100" in said[0], said
     assert f"its threshold rose from {old.default_threshold():.4g} to {stricter.default_threshold():.4g}" in said[1]
@@ -53,9 +53,9 @@ def test_calibrate_says_what_a_site_calibration_changed_for_detection(caplog) ->
     caplog.clear()
     unfiltered = replace(stricter, postprocess=replace(stricter.postprocess, min_peak=1.0))
     with caplog.at_level(logging.INFO):  # no peak filter: none to loosen
-        _say_what_changed(old, unfiltered, Path("site.cevae"))
+        _say_what_changed(old, unfiltered, Path("site.cevae"), old.default_threshold())
     assert caplog.records and not any("peak" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.INFO):  # the same thresholds and modes: nothing to say
-        _say_what_changed(old, old, Path("site.cevae"))
+        _say_what_changed(old, old, Path("site.cevae"), old.default_threshold())
     assert not caplog.records

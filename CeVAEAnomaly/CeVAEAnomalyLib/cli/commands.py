@@ -241,9 +241,11 @@ def run_calibrate(args: argparse.Namespace) -> Path:
                            progress=ConsoleProgress("calibrate"), run=request.run)
     new = read_header(path)
     try:  # the source model's threshold for the same scoring at the same rate, where it has one
-        same = ThresholdPolicy(fpr=new.default_fpr)
-        before = f"{bundle.header.threshold(new.score_options, new.postprocess, same)[0]:.4g}"
+        source: Optional[float] = bundle.header.threshold(new.score_options, new.postprocess,
+                                                          ThresholdPolicy(fpr=new.default_fpr))[0]
+        before = f"{source:.4g}"
     except CeVAEError:  # not calibrated for it, or its threshold there is 0 (threshold_for_fpr)
+        source = None
         calibrated = bundle.header.is_calibrated(new.score_options, new.postprocess)
         before = "0, which flags the whole brain" if calibrated else "not calibrated for this scoring"
     now = new.default_threshold()
@@ -251,17 +253,17 @@ def run_calibrate(args: argparse.Namespace) -> Path:
              "threshold at the default healthy false-positive rate %g is %s (%s at that rate: %s). Detect with it: "
              "cevae-anomaly detect SCAN --model %s", path, len(subjects), new.score_options.orientations,
              new.default_fpr, "none" if now is None else f"{now:.4g}", src.name, before, path)
-    _say_what_changed(bundle.header, new, path)
+    _say_what_changed(bundle.header, new, path, source)
     return path
 
 
 THRESHOLD_RISE = 1.25  # a site calibration this much stricter than the model's is explained to the user
 
 
-def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path) -> None:
+def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path, before: Optional[float]) -> None:
     """After ``calibrate``: warn of thorough modes the source model is calibrated for and the new one is not (detection
-    refuses them), and explain a threshold that rose much above the source's at the same rate (lesions must score
-    higher to be marked)."""
+    refuses them), and explain a threshold that rose much above ``before``, the source's for the new default scoring
+    at the new default rate (None: it has none there): lesions must score higher to be marked."""
     from ..engine.calibration import calibrated_test_time_steps
 
     lost = [n for n in calibrated_test_time_steps(old.calibration)
@@ -270,13 +272,6 @@ def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path) -> None:
         log.warning("The source model is also calibrated for the thorough mode (%d test-time steps); %s is not, so "
                     "detection with it refuses --test-time-steps %d (Slicer: Thorough) until it is: calibrate again "
                     "with --test-time-steps %d (each scan then takes longer).", steps, path, steps, steps)
-    from ..options import ThresholdPolicy
-
-    try:  # the source's threshold for the new default scoring at the new default rate
-        before: Optional[float] = old.threshold(new.score_options, new.postprocess,
-                                                ThresholdPolicy(fpr=new.default_fpr))[0]
-    except CeVAEError:
-        before = None
     now = new.default_threshold()
     if before is not None and now is not None and now > THRESHOLD_RISE * before:
         peak = new.postprocess.min_peak
