@@ -408,11 +408,16 @@ class DetectionRequest(Serialisable):
         for it itself (:meth:`costly_recommendation`), naming the flag that does."""
         costly = self.costly_recommendation(score, post)
         if costly is not None:
-            f, value, high = costly
-            raise CeVAEError(f"The model recommends {f.name} {value}, more than a model may recommend ({high:g}): a "
-                             f"detection with it could take very long. Give {flag_of(f)} {value} to use it anyway, "
-                             "or a lower value.")
+            f, value, _ = costly
+            raise CeVAEError(f"{too_costly(*costly)} Give {flag_of(f)} {value} to use it anyway, or a lower value.")
         return self.options(score, post)
+
+
+def too_costly(f: dataclasses.Field, value: Any, high: float) -> str:
+    """What is wrong with a model recommending ``value`` for option ``f`` beyond its ``model_high`` ``high``
+    (:meth:`DetectionRequest.costly_recommendation`), for every front end's refusal."""
+    return (f"The model recommends {f.name} {value}, more than a model may recommend ({high:g}): a detection with it "
+            "could take very long.")
 
 
 # ---- the command line --------------------------------------------------------------------------

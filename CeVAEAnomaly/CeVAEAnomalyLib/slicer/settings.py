@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
 from ..options import (DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions,
-                       ThresholdPolicy, flag_of)
+                       ThresholdPolicy, flag_of, too_costly)
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "adapt_override_note",
            "chosen_model", "detection_request", "model_path", "model_problem", "override_postprocess",
@@ -290,5 +290,4 @@ def _refuse_costly_recommendation(request: DetectionRequest, settings: ModelSett
                             f"radius to {value}; or set a lower one there.",
            "test_time_steps": f"Tick 'Thorough' for {THOROUGH_STEPS} steps instead, or {elsewhere}."}.get(
         f.name, f"The panel cannot ask for another value: {elsewhere}, or with a lower value.")
-    raise CeVAEError(f"The model recommends {f.name} {value}, more than a model may recommend ({high:g}): a "
-                     f"detection with it could take very long. {how}")
+    raise CeVAEError(f"{too_costly(f, value, high)} {how}")
