@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import CeVAEError
 from ..io.targets import refuse_unsearchable, special_file_kind
@@ -104,10 +104,10 @@ class BundleHeader:
         policy's false-positive rate (the model's default rate if none)."""
         if policy.threshold is not None:
             return float(policy.threshold), "absolute"
-        rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
+        rate = self._rate(policy)
         entry = find_calibration(self.calibration, score, post)
-        source = self.calibrated_on(score, post, policy)  # e.g. "site scans, each scored by ...": its first words
-        first = re.split("[:,;(]", source, maxsplit=1)[0].strip() if source else ""  # say which calibration
+        source = _source_of(entry)  # e.g. "site scans, each scored by ...": its first words say which calibration
+        first = re.split("[:,;(]", source, maxsplit=1)[0].strip() if source else ""
         on = f" on {first}" if first else ""
         thin = thin_tail(entry, rate)  # (said with the threshold, and so in every result's summary)
         return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}" + (
@@ -118,16 +118,18 @@ class BundleHeader:
         words; None when it is, or for an absolute threshold."""
         if policy.threshold is not None:
             return None
-        rate = self.default_fpr if policy.fpr is None else float(policy.fpr)
-        return thin_tail(find_calibration(self.calibration, score, post), rate)
+        return thin_tail(find_calibration(self.calibration, score, post), self._rate(policy))
 
     def calibrated_on(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy) -> Optional[str]:
         """What the calibration that gives ``policy``'s threshold says it was measured on (its ``source``); None for
         an absolute threshold or a calibration that does not say."""
         if policy.threshold is not None:
             return None
-        source = find_calibration(self.calibration, score, post).get("source")
-        return source if isinstance(source, str) else None
+        return _source_of(find_calibration(self.calibration, score, post))
+
+    def _rate(self, policy: ThresholdPolicy) -> float:
+        """The healthy false-positive rate a calibrated ``policy`` asks for (the model's default rate if none)."""
+        return self.default_fpr if policy.fpr is None else float(policy.fpr)
 
     def acquisition_difference(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy,
                                spacing: Sequence[float], tail: Optional[float] = None) -> Optional[str]:
@@ -151,6 +153,12 @@ class BundleHeader:
         the model is not calibrated for). Entry points call this before reading a volume."""
         score, post = request.checked_options(self.score_options, self.postprocess)
         return self.threshold(score, post, request.policy)
+
+
+def _source_of(entry: Mapping[str, Any]) -> Optional[str]:
+    """What a calibration table says it was measured on (its ``source``), or None where it does not say."""
+    source = entry.get("source")
+    return source if isinstance(source, str) else None
 
 
 def read_header(path: Union[str, Path]) -> BundleHeader:
