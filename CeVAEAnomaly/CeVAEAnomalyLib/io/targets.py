@@ -248,16 +248,16 @@ def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optio
     case-insensitive file systems of macOS and Windows), exist (without overwrite) or cannot be written."""
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     targets = [Path(t) for t in targets]
-    seen: Dict[str, Path] = {}  # resolved path in any case -> the output so named
+    seen: Dict[str, Tuple[Path, Path]] = {}  # resolved path in lower case -> (the output so named, its path)
     for t in targets:
         r = resolved(t)
-        other = seen.get(str(r).lower())
-        if other is not None and resolved(other) == r:
+        other, other_r = seen.get(str(r).lower(), (None, None))
+        if other_r == r:
             raise CeVAEError(f"The output {t} is named twice.")
         if other is not None:
             raise CeVAEError(f"The outputs {other} and {t} differ only in letter case, which makes them one file on "
                              "macOS and Windows; give them names that differ otherwise.")
-        seen[str(r).lower()] = t
+        seen[str(r).lower()] = (t, r)
         check_output_path(t, overwrite, known)
     # where the temporary file is made: beside the output's own name (a symbolic link is replaced, not followed)
     for folder in sorted({Path(os.path.abspath(t)).parent for t in targets}):
