@@ -70,6 +70,8 @@ def recorded_augment(record: object, model: Path) -> AugmentConfig:
         raise CeVAEError(f"The model {model} records an augmentation it was trained with that {problem}, so it "
                          "cannot be fine-tuned the way it was trained.")
     return AugmentConfig(**record)
+
+
 NO_AUGMENT = AugmentConfig(flip=0, rotate_deg=0, scale=0, translate=0, elastic=0, gamma=0,
                            intensity_scale=0, intensity_shift=0, bias_field=0, noise=0)
 # What scans of other scanners and protocols add (docs/benchmark.md, "The model's own levers": neutral there):
