@@ -418,67 +418,57 @@ def complex_voxels(d: Path, g: Inputs) -> Inputs:
     return Inputs(write(like(arr.astype(np.complex64), image), d / "kspace.nii.gz"), g.mask, g.model)
 
 
+def edited_nifti(d: Path, g: Inputs, name: str, edit: Callable[[bytearray, sitk.Image], None],
+                 mask: bool = True) -> Inputs:
+    """The head as a float NIfTI ``d/NAME.nii`` whose header bytes ``edit`` changes (given the image written), with
+    (``mask``) its brain mask on the grid ITK reads from the edited file, else the given one."""
+    image, arr, _ = head_arrays(g)
+    path = write(like(arr.astype(np.float32), image), d / f"{name}.nii")
+    raw = bytearray(path.read_bytes())
+    edit(raw, image)
+    path.write_bytes(bytes(raw))
+    if not mask:
+        return Inputs(path, g.mask, g.model)
+    brain = sitk.ReadImage(str(g.mask))
+    brain.CopyInformation(sitk.ReadImage(str(path)))
+    return Inputs(path, write(brain, d / f"{name}_mask.nii.gz"), g.model)
+
+
 def negative_pixdim(sform: bool):
     """A float NIfTI whose pixdim[1] is negative: ITK's full read turns it into a flipped axis, which other software
     agrees with only without an sform (sform_code 0)."""
-    def build(d: Path, g: Inputs) -> Inputs:
-        image, arr, _ = head_arrays(g)
-        path = write(like(arr.astype(np.float32), image), d / "negdim.nii")
-        raw = bytearray(path.read_bytes())
+    def edit(raw: bytearray, image: sitk.Image) -> None:
         struct.pack_into("<f", raw, 80, -image.GetSpacing()[0])
         if not sform:
             struct.pack_into("<h", raw, 254, 0)
-        path.write_bytes(bytes(raw))
-        mask = sitk.ReadImage(str(g.mask))
-        mask.CopyInformation(sitk.ReadImage(str(path)))
-        return Inputs(path, write(mask, d / "negdim_mask.nii.gz"), g.model)
-    return build
+    return lambda d, g: edited_nifti(d, g, "negdim", edit)
 
 
 def pixdim(value: float):
     """A float NIfTI whose pixdim[1] is ``value`` (0, NaN: ITK reads 1 mm whatever the sform says)."""
-    def build(d: Path, g: Inputs) -> Inputs:
-        image, arr, _ = head_arrays(g)
-        path = write(like(arr.astype(np.float32), image), d / "pixdim.nii")
-        raw = bytearray(path.read_bytes())
+    def edit(raw: bytearray, image: sitk.Image) -> None:
         struct.pack_into("<f", raw, 80, value)
-        path.write_bytes(bytes(raw))
-        return Inputs(path, g.mask, g.model)
-    return build
+    return lambda d, g: edited_nifti(d, g, "pixdim", edit, mask=False)
 
 
 def two_placements(code: int, shift_mm: float = 0.0, shear: float = 0.0):
     """A NIfTI whose sform (of ``code``) is moved ``shift_mm`` along x and sheared by ``shear`` (x grows with j) off
     its qform: ITK reads the qform unless the sform is a scanner one (code 1) it can decompose, and FSL, SPM and
     nibabel read the sform."""
-    def build(d: Path, g: Inputs) -> Inputs:
-        image, arr, _ = head_arrays(g)
-        path = write(like(arr.astype(np.float32), image), d / "placed.nii")
-        raw = bytearray(path.read_bytes())
+    def edit(raw: bytearray, image: sitk.Image) -> None:
         srow_x = list(struct.unpack_from("<4f", raw, 280))
         struct.pack_into("<4f", raw, 280, srow_x[0], srow_x[1] + shear, srow_x[2], srow_x[3] + shift_mm)
         struct.pack_into("<h", raw, 254, code)
-        path.write_bytes(bytes(raw))
-        mask = sitk.ReadImage(str(g.mask))
-        mask.CopyInformation(sitk.ReadImage(str(path)))
-        return Inputs(path, write(mask, d / "placed_mask.nii.gz"), g.model)
-    return build
+    return lambda d, g: edited_nifti(d, g, "placed", edit)
 
 
 def sform_value(value: float):
     """A NIfTI whose sform (aligned, code 2) holds ``value`` (NaN, inf) in srow_x: no matrix at all, which ITK
     passes over (reading the qform) and other software would follow."""
-    def build(d: Path, g: Inputs) -> Inputs:
-        image, arr, _ = head_arrays(g)
-        path = write(like(arr.astype(np.float32), image), d / "sform.nii")
-        raw = bytearray(path.read_bytes())
+    def edit(raw: bytearray, image: sitk.Image) -> None:
         struct.pack_into("<f", raw, 280, value)
         struct.pack_into("<h", raw, 254, 2)
-        path.write_bytes(bytes(raw))
-        mask = sitk.ReadImage(str(g.mask))
-        mask.CopyInformation(sitk.ReadImage(str(path)))
-        return Inputs(path, write(mask, d / "sform_mask.nii.gz"), g.model)
-    return build
+    return lambda d, g: edited_nifti(d, g, "sform", edit)
 
 
 def voxel_size(mm: float):
