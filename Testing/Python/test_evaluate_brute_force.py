@@ -1,0 +1,114 @@
+"""The pixel metrics of CeVAEAnomalyResearch.evaluate against a second, pair-counting computation, on adversarial
+arrays: ties, all-equal scores, one positive, no positive, infinite scores, labels 2 and 255, boolean and float
+labels."""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyResearch.evaluate import auprc, auroc, best_dice, pooled_metrics, slice_auroc
+
+INF = math.inf
+
+
+def by_hand(scores: List[float], lesion: List[bool]) -> Tuple[float, float, float, float]:
+    """AUROC (every positive-negative pair: 1 if the positive scores higher, 1/2 if tied), average precision (a step
+    at each distinct score, high to low: recall gained times precision there) and the best Dice of ``score >= t``
+    over every distinct score t with its highest t. NaN where a class is missing."""
+    pos = [s for s, y in zip(scores, lesion) if y]
+    neg = [s for s, y in zip(scores, lesion) if not y]
+    area = (sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+            if pos and neg else math.nan)
+    if not pos:
+        return area, math.nan, math.nan, math.nan
+    precision_sum, recall_before, best, best_t = 0.0, 0.0, -1.0, math.nan
+    for t in sorted(set(scores), reverse=True):
+        tp = sum(1 for s in pos if s >= t)
+        flagged = sum(1 for s in scores if s >= t)
+        precision_sum += (tp / len(pos) - recall_before) * tp / flagged
+        recall_before = tp / len(pos)
+        if 2 * tp / (flagged + len(pos)) > best:
+            best, best_t = 2 * tp / (flagged + len(pos)), t
+    return area, precision_sum, best, best_t
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b or abs(a - b) < 1e-12
+
+
+def module(scores: np.ndarray, labels: np.ndarray) -> Tuple[float, float, float, float]:
+    return (auroc(scores, labels), auprc(scores, labels), *best_dice(scores, labels))
+
+
+ADVERSARIAL = [
+    ([0.3] * 6, [0, 1, 0, 0, 1, 0]),  # all scores equal
+    ([1.0, 1.0, 1.0, 0.0, 0.0], [1, 0, 1, 0, 1]),  # ties across classes
+    ([0.2, 0.9, 0.9, 0.1], [0, 0, 1, 0]),  # a single positive, tied with a negative
+    ([0.5], [1]),  # one voxel
+    ([0.1, 0.4, 0.3], [0, 0, 0]),  # no positive
+    ([0.1, 0.4, 0.3], [1, 1, 1]),  # no negative
+    ([-INF, INF, 0.0, INF, -INF], [1, 1, 0, 0, 0]),  # infinite scores, tied
+    ([INF, INF], [1, 0]),
+    ([-INF, 0.0, -INF], [1, 0, 0]),
+    ([0.0, -0.0, 1e-45, 1.0], [1, 0, 1, 0]),  # signed zeros are one score; the smallest subnormal is not
+]
+
+
+@pytest.mark.parametrize("scores, labels", ADVERSARIAL)
+def test_adversarial_arrays_match_the_pair_count(scores: list, labels: list) -> None:
+    expected = by_hand(scores, [y != 0 for y in labels])
+    got = module(np.array(scores), np.array(labels))
+    assert all(same(a, b) for a, b in zip(got, expected)), (got, expected)
+
+
+def test_random_arrays_with_any_label_value_and_type_match_the_pair_count() -> None:
+    """Labels 2 and 255 are lesion as 1 is; as bool, uint8, int64 or float32 they give the same figures."""
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        n = int(rng.integers(1, 14))
+        if trial % 2:
+            scores = rng.choice([-INF, INF, -3.0, 0.0, 0.5, 1.0, 1.0, 2.0], n)
+        else:
+            scores = rng.integers(0, 3, n).astype(np.float32)
+        values = rng.choice([0, 0, 1, 2, 255], n)
+        expected = by_hand(scores.tolist(), (values != 0).tolist())
+        for labels in (values != 0, values.astype(np.uint8), values, values.astype(np.float32)):
+            got = module(scores, labels)
+            assert all(same(a, b) for a, b in zip(got, expected)), (scores, labels, got, expected)
+
+
+def test_float32_scores_are_ranked_as_float32() -> None:
+    """Two float32 scores one ulp apart are two thresholds, not one."""
+    low = np.float32(0.7)
+    scores = np.array([low, np.nextafter(low, np.float32(1)), low], np.float32)
+    labels = np.array([0, 1, 0])
+    assert auroc(scores, labels) == 1.0 and auprc(scores, labels) == 1.0
+    assert best_dice(scores, labels) == (1.0, float(scores[1]))
+
+
+def test_a_nan_score_is_refused_not_ranked() -> None:
+    with pytest.raises(CeVAEError, match="NaN"):
+        auroc(np.array([0.1, np.nan, 0.3]), np.array([0, 1, 0]))
+
+
+def test_pooled_metrics_are_those_of_every_voxel_together() -> None:
+    """Healthy cases add negatives; a case with no negative adds positives only."""
+    rng = np.random.default_rng(5)
+    cases = [(rng.integers(0, 4, 9).astype(np.float32), rng.choice([0, 1, 255], 9)) for _ in range(3)]
+    cases += [(rng.integers(0, 4, 5).astype(np.float32), np.zeros(5)), (np.full(3, 2.0), np.ones(3, bool))]
+    scores = np.concatenate([s for s, _ in cases])
+    lesion = np.concatenate([np.asarray(y) != 0 for _, y in cases])
+    pooled = pooled_metrics(cases)
+    expected = by_hand(scores.tolist(), lesion.tolist())
+    got = (pooled["auroc"], pooled["auprc"], pooled["best_dice"], pooled["best_threshold"])
+    assert all(same(a, b) for a, b in zip(got, expected)), (got, expected)
+    assert (pooled["n_voxels"], pooled["n_positive"], pooled["n_cases"]) == (scores.size, lesion.sum(), 5)
+
+
+def test_slice_auroc_is_the_pair_count_over_slices() -> None:
+    slice_scores, has_lesion = [0.4, 0.9, 0.4, 0.1, 0.9], [True, False, False, False, True]
+    assert slice_auroc(np.array(slice_scores), np.array(has_lesion)) == by_hand(slice_scores, has_lesion)[0]
