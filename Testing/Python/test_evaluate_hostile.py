@@ -1,0 +1,54 @@
+"""``evaluate`` with a researcher's own cases: healthy cases, several label values, repeated names, empty lists."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyResearch.evaluate import evaluate_files
+
+SHAPE = (12, 12, 12)  # (z, y, x)
+
+
+def write(array: np.ndarray, path: Path) -> str:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def cohort(tmp_path: Path) -> dict:
+    """Maps as detect writes them (0 outside the brain): one with a lesion, one healthy; their brain mask and truth."""
+    rng = np.random.default_rng(1)
+    brain = np.zeros(SHAPE, bool)
+    brain[2:10, 2:10, 2:10] = True
+    lesion = np.zeros(SHAPE, np.uint8)
+    lesion[4:7, 4:7, 4:7] = 1
+    lesion_map = np.where(brain, rng.random(SHAPE), 0).astype(np.float32) + 0.3 * lesion
+    healthy_map = np.where(brain, rng.random(SHAPE), 0).astype(np.float32)
+    return {"lesion": write(lesion_map, tmp_path / "lesion.nii.gz"),
+            "healthy": write(healthy_map, tmp_path / "healthy.nii.gz"),
+            "gt": write(lesion, tmp_path / "gt.nii.gz"),
+            "mask": write(brain.astype(np.uint8), tmp_path / "mask.nii.gz")}
+
+
+def test_a_healthy_case_without_its_mask_is_said_to_lift_the_pooled_auroc(
+        cohort: dict, caplog: pytest.LogCaptureFixture) -> None:
+    """A healthy case evaluated without a mask pools its zero background (outside the brain) as healthy voxels ranked
+    below every lesion: the pooled AUROC rose from 0.76 to 0.89 with nothing said (a lesion case is warned of)."""
+    lesion = {"score": cohort["lesion"], "gt": cohort["gt"], "mask": cohort["mask"]}
+    _, masked = evaluate_files([lesion, {"score": cohort["healthy"], "mask": cohort["mask"]}])
+    assert "without a mask" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        _, unmasked = evaluate_files([lesion, {"score": cohort["healthy"], "name": "control"}])
+    assert unmasked["auroc"] - masked["auroc"] > 0.1
+    assert "control: evaluated without a mask" in caplog.text and "the pooled AUROC comes out higher" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # healthy cases alone: no pooled AUROC to lift
+        evaluate_files([{"score": cohort["healthy"]}])
+    assert "without a mask" not in caplog.text
