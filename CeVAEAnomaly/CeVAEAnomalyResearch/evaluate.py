@@ -24,6 +24,7 @@ from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.images import MAX_LABELS, grid_difference, looks_like_an_image, read_image, voxel_volume_ml
+from CeVAEAnomalyLib.io.manifest import distinct_names
 from CeVAEAnomalyLib.result import table_delimiter
 
 log = logging.getLogger(__name__)
@@ -156,17 +157,18 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     is over axial slices (:func:`axial_axis`).
 
     Row keys: ``score`` (required), ``gt`` (missing or empty: healthy case), ``mask``,
-    ``labelmap``, ``name`` (default: the score file name). A case listed again (files of the same
+    ``labelmap``, ``name`` (default: the score file name, led by its folders where names repeat; two cases of one
+    name are refused). A case listed again (files of the same
     content in every role) is evaluated once, with a warning, so that it does not weigh twice in the
     pooled metrics. A healthy case without a mask is warned about where its zero background lifts the pooled AUROC.
     """
     cases, arrays, unmasked_healthy = [], [], []
-    for row in _unique_cases(rows):
+    unique = _unique_cases(rows)
+    for row, name in zip(unique, _case_names(unique)):
         images = {
             key: read_image(row[key], role) if row.get(key) else None
             for key, role in ROLES.items()
         }
-        name = row.get("name") or Path(row["score"]).name
         try:
             metrics, scores, labels = _evaluate(
                 images["score"], images["gt"], images["mask"], images["labelmap"], axial_axis(images["score"]), name
@@ -198,6 +200,24 @@ def _unique_cases(rows: list[dict]) -> list[dict]:
             log.warning("%s repeats the case of %s (the same files); it is evaluated once.",
                         row.get("name") or row["score"], first.get("name") or first["score"])
     return list(seen.values())
+
+
+def _case_names(rows: list[dict]) -> list[str]:
+    """Each case's name: its ``name``, else its score file's name led by as many of its folders as tell it from the
+    other score files (``sub-01/score.nii.gz``). A name given to two cases, or ``pooled`` (the metrics table's last
+    row), is refused: the table's rows could not be told apart."""
+    defaults = distinct_names([Path(row["score"]) for row in rows], name_of=lambda path: path.name)
+    names = [row.get("name") or defaults[Path(row["score"])] for row in rows]
+    first: dict[str, dict] = {}
+    for row, name in zip(rows, names):
+        if name == "pooled":
+            raise CeVAEError(f"The case of score map {row['score']} is named 'pooled', the name of the metrics "
+                             "table's last row (all cases together); give it another name in a 'name' column.")
+        twin = first.setdefault(name, row)
+        if twin is not row:
+            raise CeVAEError(f"Two cases are named {name!r} (score maps {twin['score']} and {row['score']}): their "
+                             "rows of the metrics table could not be told apart; give each its own 'name'.")
+    return names
 
 
 def _content(path: Union[str, os.PathLike, None]) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyResearch.evaluate import evaluate_files
 
 SHAPE = (12, 12, 12)  # (z, y, x)
@@ -52,3 +53,17 @@ def test_a_healthy_case_without_its_mask_is_said_to_lift_the_pooled_auroc(
     with caplog.at_level(logging.WARNING):  # healthy cases alone: no pooled AUROC to lift
         evaluate_files([{"score": cohort["healthy"]}])
     assert "without a mask" not in caplog.text
+
+
+def test_cases_are_named_apart_and_a_name_given_twice_is_refused(cohort: dict, tmp_path: Path) -> None:
+    """Score maps of one file name in subjects' folders (sub-01/score.nii.gz, sub-02/score.nii.gz) were both named
+    score.nii.gz in the metrics table, and two rows given one name were accepted: rows that cannot be told apart."""
+    first = write(sitk.GetArrayFromImage(sitk.ReadImage(cohort["lesion"])), tmp_path / "sub-01" / "score.nii.gz")
+    second = write(sitk.GetArrayFromImage(sitk.ReadImage(cohort["healthy"])), tmp_path / "sub-02" / "score.nii.gz")
+    cases, _ = evaluate_files([{"score": first, "gt": cohort["gt"], "mask": cohort["mask"]},
+                               {"score": second, "mask": cohort["mask"]}, {"score": cohort["healthy"]}])
+    assert [c.name for c in cases] == ["sub-01/score.nii.gz", "sub-02/score.nii.gz", "healthy.nii.gz"]
+    with pytest.raises(CeVAEError, match=r"^Two cases are named 'a' \(score maps .*sub-01.* and .*sub-02.*\)"):
+        evaluate_files([{"score": first, "name": "a"}, {"score": second, "name": "a"}])
+    with pytest.raises(CeVAEError, match="named 'pooled', the name of the metrics table's last row"):
+        evaluate_files([{"score": first, "name": "pooled"}])

@@ -16,7 +16,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..progress import Cancelled
@@ -26,13 +26,13 @@ log = logging.getLogger(__name__)
 _BIDS_FILE = re.compile(r"sub-([A-Za-z0-9]+)_")  # a BIDS file name starts with its subject: sub-01_ses-2_T1w.nii.gz
 
 
-def distinct_names(images: Sequence[Path]) -> Dict[Path, str]:
-    """A name for each volume that tells it from the others: its file stem, led by as many of its folders as it
-    takes where stems repeat (a BIDS layout's ``sub-01/anat/T1w.nii.gz`` and ``sub-02/anat/T1w.nii.gz`` give
-    ``sub-01/anat/T1w`` and ``sub-02/anat/T1w``)."""
+def distinct_names(images: Sequence[Path], name_of: Callable[[Path], str] = file_stem) -> Dict[Path, str]:
+    """A name for each volume that tells it from the others: its file stem (``name_of``), led by as many of its
+    folders as it takes where stems repeat (a BIDS layout's ``sub-01/anat/T1w.nii.gz`` and ``sub-02/anat/T1w.nii.gz``
+    give ``sub-01/anat/T1w`` and ``sub-02/anat/T1w``)."""
     names: Dict[Path, str] = {}
     for image in dict.fromkeys(images):
-        names[image] = file_stem(image)
+        names[image] = name_of(image)
     for depth in range(1, 1 + max((len(Path(p).parts) for p in names), default=0)):
         repeated = {n for n, count in Counter(names.values()).items() if count > 1}
         if not repeated:
@@ -40,7 +40,7 @@ def distinct_names(images: Sequence[Path]) -> Dict[Path, str]:
         for image, name in names.items():
             if name in repeated:
                 parts = Path(image).parent.parts[-depth:]
-                names[image] = "/".join([*parts, file_stem(image)])
+                names[image] = "/".join([*parts, name_of(image)])
     return names
 
 
