@@ -302,13 +302,23 @@ def _truth(gt: sitk.Image, inside: np.ndarray, name: str) -> np.ndarray:
     but cover a few per cent of the brain."""
     values = sitk.GetArrayViewFromImage(gt)
     truth = _above_zero(gt)  # a background of -1 or NaN is no lesion
-    if np.count_nonzero(truth & inside) <= _MAX_TRUTH_SHARE * np.count_nonzero(inside):
-        return truth
-    if looks_like_an_image(values):
+    if np.count_nonzero(truth & inside) > _MAX_TRUTH_SHARE * np.count_nonzero(inside) and looks_like_an_image(values):
         raise CeVAEError(f"The ground truth of {name or 'the case'} holds more than {MAX_LABELS} different "
                          "values over much of the evaluated voxels: it looks like a score map or an image, not a mask "
                          "of the lesions (> 0 is lesion). Check the order of --score and --gt.")
+    _say_labels(values[truth], name)
     return truth
+
+
+def _say_labels(lesion_values: np.ndarray, name: str) -> None:
+    """Say that a ground truth of several values above 0 (labels 1, 2, 4 of lesion parts; the edges of a mask
+    resampled linearly) counts every voxel above 0 as lesion, whatever its value."""
+    labels = np.unique(lesion_values)
+    if labels.size > 1:
+        held = (f"the label values {', '.join(f'{v:g}' for v in labels)}" if labels.size <= 8 else
+                f"{labels.size} different values above 0 ({labels[0]:g} to {labels[-1]:g})")
+        log.info("%s: the ground truth holds %s; every voxel above 0 counts as lesion. To evaluate one label alone, "
+                 "give a ground truth of that label only.", name or "case", held)
 
 
 _MAX_TRUTH_SHARE = 0.1  # of the evaluated voxels

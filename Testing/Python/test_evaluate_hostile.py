@@ -67,3 +67,18 @@ def test_cases_are_named_apart_and_a_name_given_twice_is_refused(cohort: dict, t
         evaluate_files([{"score": first, "name": "a"}, {"score": second, "name": "a"}])
     with pytest.raises(CeVAEError, match="named 'pooled', the name of the metrics table's last row"):
         evaluate_files([{"score": first, "name": "pooled"}])
+
+
+def test_a_truth_of_several_label_values_is_said_to_count_every_one_as_lesion(
+        cohort: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A truth labelled 1, 2 and 4 (lesion parts) was read as one lesion, every voxel above 0, with nothing said."""
+    parts = sitk.GetArrayFromImage(sitk.ReadImage(cohort["gt"]))
+    parts[4], parts[6] = 2 * parts[4], 4 * parts[6]
+    case = {"score": cohort["lesion"], "mask": cohort["mask"]}
+    with caplog.at_level(logging.INFO):
+        binary, _ = evaluate_files([dict(case, gt=cohort["gt"], name="binary")])
+        labelled, _ = evaluate_files([dict(case, gt=write(parts, tmp_path / "parts.nii.gz"), name="parts")])
+    assert labelled[0].auroc == binary[0].auroc and labelled[0].n_positive == binary[0].n_positive == 27
+    assert ("parts: the ground truth holds the label values 1, 2, 4; every voxel above 0 counts as lesion"
+            in caplog.text)
+    assert "binary: the ground truth holds" not in caplog.text

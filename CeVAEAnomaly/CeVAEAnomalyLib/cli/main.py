@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
     e.add_argument("--cases", type=path_value, help="CSV with columns score,gt[,mask][,labelmap][,name]")
     e.add_argument("--score", type=path_value, help="one score map (instead of --cases)")
-    e.add_argument("--gt", type=path_value, help="its ground-truth lesion mask (absent: healthy)")
+    e.add_argument("--gt", type=path_value, help="its ground-truth lesion mask, every voxel > 0 is lesion whatever its "
+                   "label value (absent: healthy)")
     e.add_argument("--mask", type=path_value, help="its brain mask (metrics inside it)")
     e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml)")
     e.add_argument("--out", type=path_value, help="write the metrics CSV here")
