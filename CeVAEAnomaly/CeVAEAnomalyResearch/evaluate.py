@@ -58,7 +58,8 @@ class _Split:
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties count half); NaN if only one class."""
+    """Area under the ROC curve (Mann-Whitney U, ties count half); NaN if only one class. Labels above 0 are lesion
+    (NaN and negative ones healthy: -1/1 labels, as a ground-truth file is read); so in every metric here."""
     return _auroc(_split(scores, labels))
 
 
@@ -78,8 +79,8 @@ def best_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice overlap of two binary arrays (nonzero = foreground); 1.0 if both are empty."""
-    pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
+    """Dice overlap of two binary arrays (> 0 = foreground); 1.0 if both are empty."""
+    pred, gt = _positive(pred), _positive(gt)
     if pred.shape != gt.shape:
         raise CeVAEError(f"Cannot compute Dice: shapes differ, {pred.shape} vs {gt.shape}.")
     total = int(pred.sum()) + int(gt.sum())
@@ -248,7 +249,7 @@ def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], p
 
 def _labelled(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat scores and boolean labels, checked."""
-    scores, labels = np.asarray(scores).ravel(), np.asarray(labels).ravel() != 0
+    scores, labels = np.asarray(scores).ravel(), _positive(labels).ravel()
     if scores.size != labels.size:
         raise CeVAEError(f"Scores and labels differ in size: {scores.size} vs {labels.size}.")
     if np.isnan(scores).any():
@@ -341,7 +342,12 @@ def _warn_of_easy_negatives(score: np.ndarray, name: str, lifted: str = "the pix
 def _above_zero(image: sitk.Image) -> np.ndarray:
     """The voxels of a mask, ground truth or label map above 0, as ``detect`` reads a brain mask (NaN and negative
     values are background: a mask with NaN or -1 outside is not all foreground)."""
-    values = sitk.GetArrayViewFromImage(image)
+    return _positive(sitk.GetArrayViewFromImage(image))
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    """Where ``values`` are above 0 (NaN is not; a complex value by its real part)."""
+    values = np.asarray(values)
     return values > 0 if values.dtype.kind != "c" else values.real > 0
 
 

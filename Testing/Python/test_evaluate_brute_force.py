@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyResearch.evaluate import auprc, auroc, best_dice, pooled_metrics, slice_auroc
+from CeVAEAnomalyResearch.evaluate import auprc, auroc, best_dice, dice, pooled_metrics, slice_auroc
 
 INF = math.inf
 
@@ -112,3 +112,15 @@ def test_pooled_metrics_are_those_of_every_voxel_together() -> None:
 def test_slice_auroc_is_the_pair_count_over_slices() -> None:
     slice_scores, has_lesion = [0.4, 0.9, 0.4, 0.1, 0.9], [True, False, False, False, True]
     assert slice_auroc(np.array(slice_scores), np.array(has_lesion)) == by_hand(slice_scores, has_lesion)[0]
+
+
+def test_array_labels_are_read_as_label_files_are() -> None:
+    """Labels of -1 and 1 (healthy and lesion) counted every voxel as lesion (any non-zero was): AUPRC 1.0 and AUROC
+    n/a where the lesion scores lowest (AP 1/3, AUROC 0); a ground-truth file's -1 is healthy. NaN is healthy too."""
+    scores = np.array([0.9, 0.2, 0.5])
+    for labels in (np.array([-1, 1, -1]), np.array([np.nan, 1.0, np.nan]), np.array([-1.0, 0.5, 0.0])):
+        expected = by_hand(scores.tolist(), [bool(y > 0) for y in labels])
+        assert expected[:2] == (0.0, pytest.approx(1 / 3))
+        assert all(same(a, b) for a, b in zip(module(scores, labels), expected))
+        assert pooled_metrics([(scores, labels)])["auroc"] == 0.0
+    assert dice(np.array([1, -1, 0]), np.array([1, 1, np.nan])) == 2 / 3
