@@ -82,3 +82,15 @@ def test_a_truth_of_several_label_values_is_said_to_count_every_one_as_lesion(
     assert ("parts: the ground truth holds the label values 1, 2, 4; every voxel above 0 counts as lesion"
             in caplog.text)
     assert "binary: the ground truth holds" not in caplog.text
+
+
+def test_a_cases_list_without_cases_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A cases CSV of a header alone failed with "No cases to pool metrics over.", which names neither the list nor
+    what it lacks."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    (tmp_path / "cases.csv").write_text("score,gt,mask\n\n")
+    assert main(["evaluate", "--cases", str(tmp_path / "cases.csv"), "--out", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"The cases CSV {tmp_path / 'cases.csv'} lists no cases (no row with a score file)." in err
+    assert not (tmp_path / "m.csv").exists()

@@ -294,6 +294,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.cases:
         rows = [dict({k: str(v or "") for k, v in r.files.items()}, name=r.cells["name"])
                 for r in read_rows(args.cases, "score", tuple(ROLES), "cases CSV", others=("name",))]
+        if not rows:
+            raise CeVAEError(f"The cases CSV {args.cases} lists no cases (no row with a score file).")
     elif args.score:
         rows = [{"score": str(args.score), "gt": str(args.gt or ""), "mask": str(args.mask or ""),
                  "labelmap": str(args.labelmap or ""), "name": args.score.name}]
