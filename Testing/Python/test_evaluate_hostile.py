@@ -94,3 +94,21 @@ def test_a_cases_list_without_cases_is_named(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert f"The cases CSV {tmp_path / 'cases.csv'} lists no cases (no row with a score file)." in err
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_a_missing_case_file_is_named_by_its_line_before_any_case_is_read(
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paths in a cases CSV lead from its folder, which neither --help nor the error said: a list in lists/ naming
+    lesion.nii.gz beside the current folder failed with "The score map lists/lesion.nii.gz does not exist.", with no
+    line, and only once every earlier case had been read."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "cases.csv").write_text(f"score,gt,mask\n{cohort['lesion']},{cohort['gt']},{cohort['mask']}\n"
+                                                  "healthy.nii.gz,,mask.nii.gz\n")
+    assert main(["evaluate", "--cases", "lists/cases.csv"]) == 2
+    err = capsys.readouterr().err
+    assert ("lists/cases.csv, line 3: the score map lists/healthy.nii.gz does not exist. Relative paths in the list "
+            "are read from its folder, lists." in err)
+    assert "Evaluated" not in err

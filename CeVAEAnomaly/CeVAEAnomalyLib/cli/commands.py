@@ -17,6 +17,7 @@ from ..io.naming import file_stem, refuse_misnamed
 
 if TYPE_CHECKING:
     from ..engine.header import BundleHeader
+    from ..io.manifest import Row
 
 log = logging.getLogger("cevae_anomaly")
 
@@ -292,8 +293,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.cases and any((args.score, args.gt, args.mask, args.labelmap)):
         raise CeVAEError("Give either --cases CSV or --score (with --gt, --mask, --labelmap) for one case, not both.")
     if args.cases:
-        rows = [dict({k: str(v or "") for k, v in r.files.items()}, name=r.cells["name"])
-                for r in read_rows(args.cases, "score", tuple(ROLES), "cases CSV", others=("name",))]
+        listed = read_rows(args.cases, "score", tuple(ROLES), "cases CSV", others=("name",))
+        _check_case_files(args.cases, listed, ROLES)
+        rows = [dict({k: str(v or "") for k, v in r.files.items()}, name=r.cells["name"]) for r in listed]
         if not rows:
             raise CeVAEError(f"The cases CSV {args.cases} lists no cases (no row with a score file).")
     elif args.score:
@@ -319,6 +321,23 @@ def run_evaluate(args: argparse.Namespace) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.out:
         log.info("Metrics written to %s.", args.out)
+
+
+def _check_case_files(cases: Path, rows: Sequence[Row], roles: Dict[str, str]) -> None:
+    """Refuse, before any case is read, a missing or unreadable file of the cases CSV, naming its line; where the
+    CSV lies in another folder than the current one, a missing file's message says that paths lead from there."""
+    from ..io.manifest import check_volume_path
+
+    elsewhere = Path(cases).parent.resolve() != Path.cwd().resolve()
+    for row in rows:
+        for role, what in roles.items():
+            try:
+                check_volume_path(row.files[role], what, f"{cases}, line {row.line}: ")
+            except CeVAEError as exc:
+                if not elsewhere or row.files[role] is None or row.files[role].exists():
+                    raise
+                raise CeVAEError(f"{exc} Relative paths in the list are read from its folder, "
+                                 f"{Path(cases).parent}.") from None
 
 
 def run_demo(args: argparse.Namespace) -> None:

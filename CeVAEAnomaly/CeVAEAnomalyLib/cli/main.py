@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = _command(sub, "evaluate", help="metrics of score maps against ground truth",
                        description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
                        "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
-    e.add_argument("--cases", type=path_value, help="CSV with columns score,gt[,mask][,labelmap][,name]")
+    e.add_argument("--cases", type=path_value, help="CSV with columns score,gt[,mask][,labelmap][,name] (paths "
+                   "relative to the CSV)")
     e.add_argument("--score", type=path_value, help="one score map (instead of --cases)")
     e.add_argument("--gt", type=path_value, help="its ground-truth lesion mask, every voxel > 0 is lesion whatever its "
                    "label value (absent: healthy)")
