@@ -365,6 +365,12 @@ def _evaluate(
     for image, key in ((gt, "gt"), (mask, "mask"), (labelmap, "labelmap")):
         if image is not None:
             check_same_grid(score, image, ROLES["score"], ROLES[key])
+    for image, key, instead in ((mask, "mask", "a mask of the brain (> 0 is brain)"),
+                                (labelmap, "labelmap", "detect's labelmap (> 0 is flagged)")):
+        if image is not None and looks_like_an_image(sitk.GetArrayViewFromImage(image)):  # as detect's brain mask
+            raise CeVAEError(f"The {ROLES[key]} of {name or 'the case'} holds more than {MAX_LABELS} different values "
+                             f"and no plateau: it looks like an image or a score map, not a {ROLES[key]}; give "
+                             f"{instead}.")
     score_array = sitk.GetArrayViewFromImage(score)
     inside = np.ones(score_array.shape, bool) if mask is None else _above_zero(mask)  # as detect: > 0 is brain
     if not inside.any():

@@ -112,3 +112,18 @@ def test_a_missing_case_file_is_named_by_its_line_before_any_case_is_read(
     assert ("lists/cases.csv, line 3: the score map lists/healthy.nii.gz does not exist. Relative paths in the list "
             "are read from its folder, lists." in err)
     assert "Evaluated" not in err
+
+
+@pytest.mark.parametrize("role", ["mask", "labelmap"])
+def test_an_image_or_score_map_as_the_mask_or_labelmap_is_refused(cohort: dict, tmp_path: Path, role: str) -> None:
+    """The scan given as the brain mask made every voxel brain (> 0): the AUROC read 0.93 for 0.75 over the brain,
+    with nothing said (detect refuses such a mask); a score map as the labelmap flagged the whole brain."""
+    rng = np.random.default_rng(4)
+    scan = write((rng.random(SHAPE) * 1000 + 1).astype(np.float32), tmp_path / "t1.nii.gz")
+    dense_map = write(rng.random(SHAPE).astype(np.float32), tmp_path / "map.nii.gz")  # scored everywhere
+    case = {"score": cohort["lesion"], "gt": cohort["gt"], "mask": cohort["mask"], "name": "c1"}
+    for wrong in (scan, dense_map):
+        with pytest.raises(CeVAEError, match=f"^Case c1 .*: The {'mask' if role == 'mask' else 'label map'} of c1 "
+                                             "holds more than 1000 different values and no plateau: it looks like"):
+            evaluate_files([dict(case, **{role: wrong})])
+    evaluate_files([case, dict(case, labelmap=cohort["gt"], name="c2")])  # masks and labelmaps are read
