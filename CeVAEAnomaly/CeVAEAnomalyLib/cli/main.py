@@ -68,7 +68,8 @@ def _add_train(sub) -> None:
     anew.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
     t.add_argument("--max-steps", type=int, default=cfg.max_steps, help="training steps (batches)")
     t.add_argument("--max-minutes", type=float,
-                   help="stop after this many minutes of training, counted once the slices are loaded (default: no limit)")
+                   help="stop after this many minutes of training, counted once the slices are loaded "
+                   "(default: no limit)")
     anew.add_argument("--resume", action="store_true", help="continue from OUT.ckpt (and replace OUT)")
     t.add_argument("--seed", type=int, default=cfg.seed, help="random seed (split, initialisation, augmentation)")
     _add_slices(t, cfg, cache_required=False)
@@ -220,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subjects(c, "healthy")
     c.add_argument("--model", type=path_value, help="bundle to calibrate (default: the bundled default model)")
     c.add_argument("--out", type=path_value, required=True, help="calibrated bundle to write")
-    c.add_argument("--default-fpr", type=float, help="false-positive rate used when detect gets none, from 1e-06 to 0.5 "
-                   "(default: the model's)")
+    c.add_argument("--default-fpr", type=float,
+                   help="false-positive rate used when detect gets none, from 1e-06 to 0.5 (default: the model's)")
     _add_scoring(c)
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_device(c)
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     m = _command(sub, "demo", help="insert synthetic lesions into a healthy scan, detect, write a picture")
-    m.add_argument("--out-dir", type=path_value, default=Path("demo-output"), help="folder for the outputs and the picture")
+    m.add_argument("--out-dir", type=path_value, default=Path("demo-output"),
+                   help="folder for the outputs and the picture")
     m.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     m.add_argument("--seed", type=int, default=7, help="random seed of the synthetic lesions")
     m.add_argument("--auto-mask", action="store_true",

@@ -173,7 +173,8 @@ def _check_columns(header: Sequence[str], known: Sequence[str], path: Path, what
     unread = [c for c in header if c and c not in known]
     for c in unread:
         if c.lower() in by_lower:
-            raise CeVAEError(f"The {what} {path} has a column {c!r}; column names are lower case: {by_lower[c.lower()]!r}.")
+            raise CeVAEError(f"The {what} {path} has a column {c!r}; column names are lower case: "
+                             f"{by_lower[c.lower()]!r}.")
     if unread:
         log.warning("The %s %s has column(s) %s that are not read (it reads %s).", what, path,
                     ", ".join(repr(c) for c in unread), ", ".join(repr(c) for c in known))
