@@ -18,7 +18,7 @@ from CeVAEAnomalyLib.data import data_path
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.progress import Cancelled
-from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions, fold_files, output_paths, run_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = AdaptOptions(steps=4, batch_size=8, checkpoint_every=2, device="cpu")
@@ -186,3 +186,18 @@ def test_an_adaptation_another_adapt_is_writing_is_told_so_not_asked_to_overwrit
                      *QUICK_ARGS]) == 2
     err = capsys.readouterr().err
     assert f"An adapt (process {os.getpid()}) is writing" in err and "--overwrite" not in err, err
+
+
+def test_the_checkpoints_and_logs_found_beside_an_output_are_those_its_runs_write(tmp_path):
+    """adapt (a finished model, --overwrite) and a stopped train or adapt's last line find a run's files by one rule:
+    the names each run writes (final and folds), not another output's beside them, a glob's brackets taken literally."""
+    out = tmp_path / "site[1].cevae"
+    written = output_paths(out, 3, AdaptOptions(folds=3))[1:]  # each run's checkpoint and log
+    others = ["site1.cevae.fold1.ckpt", "site[1].cevae.fold1.ckpt.tmp", "site[1].cevae2.ckpt", "site[1].cevae.ckpt2"]
+    for path in [*written, *(tmp_path / name for name in others)]:
+        path.write_bytes(b"")
+    (tmp_path / "site[1].cevae.fold4.ckpt").mkdir()
+    for suffix in (".ckpt", ".log.csv"):
+        mine, final = [p for p in written if p.name.endswith(suffix)], out.with_name(out.name + suffix)
+        assert final in mine and run_files(out, suffix) == [final, *sorted(set(mine) - {final})]
+        assert fold_files(out, suffix) == sorted(p for p in mine if ".fold" in p.name)

@@ -5,7 +5,6 @@ Heavy modules (torch, SimpleITK) are imported inside the commands so ``--help`` 
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
 import sys
@@ -278,9 +277,9 @@ def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
     checkpoints this run wrote (or, with ``--resume``, the run's earlier ones) are kept."""
     if args.command not in ("train", "adapt"):
         return word
-    out = Path(args.out)
-    kept = [p for p in (out.with_name(out.name + ".ckpt"), *out.parent.glob(glob.escape(out.name) + ".fold*.ckpt"))
-            if p.is_file() and (args.resume or p.stat().st_mtime >= started)]
+    from ..training.adapt_plan import run_files
+
+    kept = [p for p in run_files(Path(args.out), ".ckpt") if args.resume or p.stat().st_mtime >= started]
     if not kept:
         return f"{word} before its first checkpoint: nothing to resume; run the same command again to start anew."
     return (f"{word}; its checkpoints are kept ({', '.join(sorted(p.name for p in kept))}): run the same command "

@@ -8,7 +8,6 @@ bundle records its parent model (sha256), the site scans (sha256) and which scan
 """
 from __future__ import annotations
 
-import glob
 import logging
 import shutil
 from contextlib import contextmanager
@@ -32,8 +31,8 @@ from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..options import ScoreOptions
 from ..progress import ProgressCallback, checked, labelled, report, scaled
-from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_plan, output_paths, run_names,
-                         training_seconds)
+from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_files, fold_plan, output_paths,
+                         run_files, run_names, training_seconds)
 from .cache import SliceCache, temporary_cache
 from .config import TrainConfig, recorded_augment
 from .data import person_groups, unique_subjects, voxel_checksums
@@ -62,9 +61,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     _check_adaptable(header, base)
     augment = recorded_augment(header.training.get("augment"), base)  # fine-tuned as the base was trained
     refuse_if_held(out, "adapt")  # an adaptation writing it now: said so, not taken for a finished or earlier one
-    if out.is_file() and not (options.overwrite or options.resume) and not any(
-            out.parent.glob(glob.escape(out.name) + ".fold*.ckpt")):  # finished (as below): refused before hashing
-        raise _finished(out)
+    if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
+        raise _finished(out)  # finished (as below): refused before hashing
     checksums = _checksums(subjects)
     trained = set(header.trained_on([checksums[s.image] for s in subjects]))
     seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
@@ -209,10 +207,7 @@ def _remove_earlier_adaptation(out: Path) -> None:
     are prepared and checked, before its first run (of any number of folds), so that none of them sits beside the
     new run's files: not the old model, which detect would take for the new one, nor an old checkpoint, which a
     --resume would take for the new run's."""
-    earlier = [out, *(out.with_name(out.name + suffix) for suffix in (".ckpt", ".log.csv"))]
-    earlier += [*out.parent.glob(f"{glob.escape(out.name)}.fold*.ckpt"),
-                *out.parent.glob(f"{glob.escape(out.name)}.fold*.log.csv")]
-    removed = [p for p in earlier if p.is_file()]
+    removed = ([out] if out.is_file() else []) + run_files(out, ".ckpt") + run_files(out, ".log.csv")
     for path in removed:
         path.unlink()
     if removed:

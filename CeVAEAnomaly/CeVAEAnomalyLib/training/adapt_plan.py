@@ -9,6 +9,7 @@ fine-tuned on all the scans. That is k + 1 fine-tuning runs of :attr:`AdaptOptio
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 from dataclasses import dataclass, fields
@@ -168,6 +169,19 @@ def resumable(earlier: Sequence[Path]) -> bool:
     checkpoints = [p for p in earlier if p.name.endswith(".ckpt")]
     finished = any(not p.name.endswith((".ckpt", ".log.csv")) for p in earlier)
     return bool(checkpoints) and (not finished or any(".fold" in p.name for p in checkpoints))
+
+
+def fold_files(out: Path, suffix: str) -> List[Path]:
+    """The files an adaptation's fold runs to ``out`` left (``OUT.foldN<suffix>``, any N; ``suffix``: ".ckpt" or
+    ".log.csv"), by name."""
+    return sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}.fold*{suffix}") if p.is_file())
+
+
+def run_files(out: Path, suffix: str) -> List[Path]:
+    """The files every run writing ``out`` left, a training's or an adaptation's: the final run's ``OUT<suffix>``,
+    then :func:`fold_files`."""
+    final = out.with_name(out.name + suffix)
+    return ([final] if final.is_file() else []) + fold_files(out, suffix)
 
 
 def output_paths(out: Path, n_persons: int, options: AdaptOptions) -> List[Path]:
