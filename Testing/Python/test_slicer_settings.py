@@ -323,6 +323,25 @@ def test_an_absolute_threshold_chosen_after_a_refused_rate_starts_at_the_model_s
     assert start == pytest.approx(model.calibrated_threshold("combi")) and start > 0
 
 
+def test_the_model_values_look_a_refused_rate_up_once(monkeypatch):
+    """The threshold field's value for a refused rate came from two look-ups of that rate in the model's calibration
+    (its threshold, then why it is refused); every panel update makes one."""
+    from CeVAEAnomalyLib.engine.header import BundleHeader
+
+    rates, look_up = [], BundleHeader.threshold
+
+    def counted(header, score, post, policy):
+        rates.append(policy.fpr)
+        return look_up(header, score, post, policy)
+
+    monkeypatch.setattr(BundleHeader, "threshold", counted)
+    model, scene = ModelSettings.read(), slicer.vtkMRMLScene()
+    for rate, shown in ((0.5, 0.0), (0.2, model.calibrated_threshold("combi", 0.2))):
+        rates.clear()
+        chosen = parameters(scene, sensitivity=settings.SENSITIVITY_FPR, falsePositiveRate=rate)
+        assert settings.model_values(chosen, model, None)["threshold"] == pytest.approx(shown) and rates == [rate]
+
+
 def test_a_model_recommending_a_median_radius_no_model_may_is_refused_at_apply_in_the_panels_words(tmp_path):
     """A model of an earlier version recommending median radius 4 (calibrated with it) shows as usable; Apply refuses
     it before the volume is sent, saying how the panel asks for it (detection's refusal names --median-radius), and

@@ -60,8 +60,8 @@ class ModelSettings:
         overrides ``postprocess`` (``thorough``: in the thorough mode); None if it has none for these options or
         rate."""
         try:
-            return self.header.threshold(*self._options(score_type, thorough, postprocess), ThresholdPolicy(fpr=fpr))[0]
-        except CeVAEError:
+            return self.rated_threshold(score_type, fpr, thorough, postprocess)[0]
+        except CeVAEError:  # (panel options detection refuses)
             return None
 
     def rate_refusal(self, score_type: str, fpr: Optional[float] = None, thorough: bool = False,
@@ -69,14 +69,17 @@ class ModelSettings:
         """Why detection refuses the rate ``fpr`` (default: the model's) for options the model is calibrated for, in
         its words (e.g. a rate whose calibrated threshold is 0 would flag the whole brain); None if it gets a
         threshold or the model is not calibrated for these options."""
+        return self.rated_threshold(score_type, fpr, thorough, postprocess)[1]
+
+    def rated_threshold(self, score_type: str, fpr: Optional[float] = None, thorough: bool = False,
+                        postprocess: Optional[Dict[str, Any]] = None) -> Tuple[Optional[float], Optional[str]]:
+        """(:meth:`calibrated_threshold`, :meth:`rate_refusal`) from one look-up of the rate; options detection
+        refuses raise their :class:`CeVAEError`, as in :meth:`rate_refusal`."""
         score, post = self._options(score_type, thorough, postprocess)
-        if not self.header.is_calibrated(score, post):
-            return None
         try:
-            self.header.threshold(score, post, ThresholdPolicy(fpr=fpr))
+            return self.header.threshold(score, post, ThresholdPolicy(fpr=fpr))[0], None
         except CeVAEError as exc:
-            return str(exc)
-        return None
+            return None, str(exc) if self.header.is_calibrated(score, post) else None
 
     def _options(self, score_type: str, thorough: bool,
                  postprocess: Optional[Dict[str, Any]]) -> Tuple[ScoreOptions, PostprocessOptions]:
@@ -186,10 +189,9 @@ def model_values(parameters: Any, settings: ModelSettings, previous: Optional[st
     mode = previous if parameters.sensitivity == SENSITIVITY_THRESHOLD else parameters.sensitivity
     if mode in (SENSITIVITY_MODEL, SENSITIVITY_FPR):
         rate = parameters.falsePositiveRate if mode == SENSITIVITY_FPR else settings.default_fpr
-        threshold = settings.calibrated_threshold(parameters.scoreType, rate, bool(parameters.thorough),
-                                                  override_postprocess(parameters))
-        if threshold is None and settings.rate_refusal(parameters.scoreType, rate, bool(parameters.thorough),
-                                                       override_postprocess(parameters)) is not None:
+        threshold, refusal = settings.rated_threshold(parameters.scoreType, rate, bool(parameters.thorough),
+                                                      override_postprocess(parameters))
+        if refusal is not None:
             # refused: shown as the 0 it gets, not the previous rate's threshold, which detection would not use
             # either; an absolute threshold chosen from there starts at the model's own rate's, not at 0 (every
             # voxel of the brain)
