@@ -140,9 +140,14 @@ def _check_fields(obj: Any) -> None:
             check_value(f, value)
 
 
+def option_field(cls: type, name: str) -> dataclasses.Field:
+    """The declaration of the option ``name`` of the options class ``cls`` (its metadata: :func:`option`)."""
+    return {f.name: f for f in fields(cls)}[name]
+
+
 def option_range(cls: type, name: str) -> Tuple[float, float]:
     """(low, high) of a numeric option, e.g. for a panel's spin box."""
-    m = next(f for f in fields(cls) if f.name == name).metadata
+    m = option_field(cls, name).metadata
     return m["low"], m["high"]
 
 

@@ -17,6 +17,7 @@ from CeVAEAnomalyLib.options import (
     ScoreOptions,
     ThresholdPolicy,
     flag_of,
+    option_field,
     option_range,
     parse_orientations,
 )
@@ -217,6 +218,15 @@ def test_command_line_flags_come_from_the_option_declarations():
     for cls in (ScoreOptions, PostprocessOptions, ThresholdPolicy, RunOptions):
         for f in fields(cls):
             assert flag_of(f) in flags, f.name
+
+
+def test_an_option_is_found_by_its_name():
+    """option_field: the one look-up of an option's declaration by name (the panel's ranges, the model_high of
+    test_time_steps that adapt calibrates modes up to, the bundle checks of calibrated test_time_steps)."""
+    for cls in (ScoreOptions, PostprocessOptions, ThresholdPolicy, RunOptions):
+        assert [option_field(cls, f.name) for f in fields(cls)] == list(fields(cls))
+    with pytest.raises(KeyError, match="steps"):
+        option_field(ScoreOptions, "steps")
 
 
 def test_bundle_checks_use_the_declared_ranges():

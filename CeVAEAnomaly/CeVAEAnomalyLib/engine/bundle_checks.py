@@ -18,7 +18,7 @@ from dataclasses import Field, fields
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
-from ..options import ORIENTATIONS, PostprocessOptions, ScoreOptions, check_value
+from ..options import ORIENTATIONS, PostprocessOptions, ScoreOptions, check_value, option_field
 from .calibration import FPR_GRID, calibrated_test_time_steps
 from .config import (MAX_BETA, MAX_CHANNELS, MAX_MARGIN_MM, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig,
                      PreprocessConfig)
@@ -182,7 +182,7 @@ def _check_calibration(calibration: Any) -> None:
             _list(f"{where} scan_voxels", entry["scan_voxels"], 1, 1e15)
         if "leave_one_out" in entry:  # each volume's threshold from the others at a rate, and its own rate there
             _leave_one_out(f"{where} leave_one_out", entry["leave_one_out"])
-    steps = next(f for f in fields(ScoreOptions) if f.name == "test_time_steps")
+    steps = option_field(ScoreOptions, "test_time_steps")
     for n in calibrated_test_time_steps(calibration):  # (keys this version cannot read are never used)
         _option_value(steps, n, "calibration test_time_steps")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from contextlib import contextmanager
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -29,7 +29,7 @@ from ..io.lock import hold_output, refuse_if_held
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
-from ..options import ScoreOptions
+from ..options import ScoreOptions, option_field
 from ..progress import ProgressCallback, checked, labelled, report, scaled
 from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_files, fold_plan, output_paths,
                          run_files, run_names, training_seconds)
@@ -193,7 +193,7 @@ def _adaptable_modes(modes: Sequence[int], base: Path) -> List[int]:
     """The test-time step counts of the base's calibrated modes (0: plain) that the adapted model is calibrated for
     again: those a model may recommend (``test_time_steps``' ``model_high``: a model's thorough mode of more steps
     would make the calibration take hours), the others said and left out."""
-    high = next(f for f in fields(ScoreOptions) if f.name == "test_time_steps").metadata["model_high"]
+    high = option_field(ScoreOptions, "test_time_steps").metadata["model_high"]
     dropped = [n for n in modes if n > high]
     if dropped:
         log.warning("The model %s is calibrated for thorough modes of %s test-time steps, more than a model may "
