@@ -110,11 +110,9 @@ def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None, i
         if not isinstance(value, bool):
             raise CeVAEError(f"{name} must be true or false, got {value!r}.")
         return
-    number = not isinstance(value, bool) and isinstance(value, int if m["whole"] else (int, float))
-    # not NaN, and an int a float holds (the checks and the engine compare it with floats)
-    fits = not math.isnan(value) if isinstance(value, float) else number and abs(value) <= sys.float_info.max
+    number = real_number(value) and (isinstance(value, int) or not m["whole"])  # (compared with floats below)
     high = m["model_high"] if in_model and m["model_high"] is not None else m["high"]
-    inside = number and fits and (
+    inside = number and (
         (value > m["low"]) or (value == m["low"] and not m["open_low"])) and (
         (value < high) or (value == high and not m["open_high"]))
     if not inside:
@@ -122,6 +120,16 @@ def check_value(f: dataclasses.Field, value: Any, where: Optional[str] = None, i
         model = f" in a model file (a detection may ask for up to {m['high']:g} with {flag_of(f)})" \
             if high != m["high"] else ""
         raise CeVAEError(f"{name} must be {kind} in {_range_text(m, high)}{model}, got {value!r}.")
+
+
+def real_number(value: Any, finite: bool = False) -> bool:
+    """Whether ``value`` is an int or float (not a bool) that compares as a float does: not NaN (``finite``: nor
+    infinite), and an int within the floats' range (JSON's 1 followed by 400 zeros is not: float() overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= sys.float_info.max
+    return math.isfinite(value) if finite else not math.isnan(value)
 
 
 def plain_number(value: Any) -> Any:

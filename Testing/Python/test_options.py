@@ -20,6 +20,7 @@ from CeVAEAnomalyLib.options import (
     option_field,
     option_range,
     parse_orientations,
+    real_number,
 )
 
 
@@ -188,6 +189,19 @@ def test_an_integer_too_large_for_a_float_is_refused_as_out_of_range():
                           ({"rim_mm": huge}, "rim-mm"), ({"fpr": huge}, "fpr"), ({"threshold": -huge}, "threshold")):
         with pytest.raises(CeVAEError, match=f"--{flag}\\) must be a"):
             DetectionRequest.of(**options)
+
+
+def test_the_options_and_the_bundle_checks_take_numbers_by_one_rule():
+    """real_number, used by options.check_value and bundle_checks._number: an int or float a float comparison holds
+    (the bundle checks: finite too)."""
+    import sys
+
+    largest = int(sys.float_info.max)
+    for value, plain, finite in ((0, True, True), (-largest, True, True), (2.5, True, True), (math.inf, True, False),
+                                 (-math.inf, True, False), (math.nan, False, False), (largest + 10**300, False, False),
+                                 (-10**400, False, False), (True, False, False), ("1", False, False),
+                                 (None, False, False)):
+        assert (real_number(value), real_number(value, finite=True)) == (plain, finite), value
 
 
 def test_a_request_read_from_json_is_checked_the_same_way():

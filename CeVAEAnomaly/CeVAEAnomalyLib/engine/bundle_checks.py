@@ -13,12 +13,11 @@ with a model someone sent cannot take hours.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import Field, fields
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from ..errors import CeVAEError
-from ..options import ORIENTATIONS, PostprocessOptions, ScoreOptions, check_value, option_field
+from ..options import ORIENTATIONS, PostprocessOptions, ScoreOptions, check_value, option_field, real_number
 from .calibration import FPR_GRID, calibrated_test_time_steps
 from .config import (MAX_BETA, MAX_CHANNELS, MAX_MARGIN_MM, MAX_Z, SUPPORTED_INPUT_SIZES, LossConfig, ModelConfig,
                      PreprocessConfig)
@@ -40,10 +39,8 @@ def _whole(where: str, value: Any, low: int, high: int) -> int:
 
 
 def _number(where: str, value: Any, low: float, high: float, open_low: bool = False, open_high: bool = False) -> float:
-    # (an integer beyond the floats' range, e.g. JSON's 1 followed by 400 zeros, is refused: isfinite would overflow)
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (
-        abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value))
-    ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    ok = real_number(value, finite=True) and (value > low if open_low else value >= low) and (
+        value < high if open_high else value <= high)
     if not ok:
         lo, hi = "(" if open_low else "[", ")" if open_high else "]"
         _fail(where, f"must be a finite number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
