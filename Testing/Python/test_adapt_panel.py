@@ -291,3 +291,21 @@ def test_the_estimate_names_the_device_as_the_panels_selector_does(tmp_path):
     assert adapt_choice(4, out, None, "cpu", device_name="CPU").message == describe_estimate(4, "cpu")
     text = (Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text()
     assert "device_name=deviceNames().get(p.device, '')" in text.replace('"', "'")
+
+
+def test_the_panel_counts_the_persons_of_its_volumes_as_the_adaptation_does():
+    """persons_scanned (over node names: the panel's and the logic's checks) and training.data.person_groups (over
+    the worker's copies, each with the person its node's name says) group by one rule, io.manifest.scan_group."""
+    from pathlib import Path
+
+    from CeVAEAnomalyLib.io.manifest import Subject
+    from CeVAEAnomalyLib.slicer.adapt_panel import node_person, persons_scanned
+    from CeVAEAnomalyLib.training.data import person_groups
+
+    names = ["sub-01_ses-1_T1w", "head", "sub-01_ses-2_T1w", "sub-02_T1w", "head", "T1w", "sub-_T1w", "sub-02_x"]
+    for count in range(len(names) + 1):
+        chosen = names[:count]
+        copies = [Subject(Path(f"/job/{n + 1:02d}_{name}.nrrd"), person=node_person(name))
+                  for n, name in enumerate(chosen)]
+        assert persons_scanned([node_person(name) for name in chosen]) == len(person_groups(copies)), chosen
+    assert persons_scanned([node_person(name) for name in names]) == 6

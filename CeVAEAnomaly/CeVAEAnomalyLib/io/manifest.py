@@ -50,6 +50,12 @@ def bids_person(image: Path) -> Optional[str]:
     return match.group(1) if match else None
 
 
+def scan_group(person: Optional[str], scan: str) -> Tuple[str, str]:
+    """The group of a scan of ``person`` (None or "": not known) that a split by person keeps on one side: the
+    person's, else one of its own (``scan``: what tells it from the other scans, e.g. its path)."""
+    return ("person", person) if person else ("image", scan)
+
+
 @dataclass(frozen=True)
 class Subject:
     """One healthy volume, its optional brain mask and, if known, the person scanned (``person``: a manifest's
@@ -75,8 +81,7 @@ class Subject:
     @property
     def group(self) -> Tuple[str, str]:
         """What a split keeps on one side: the person scanned, where known; else this volume alone."""
-        person = self.person or bids_person(self.image)
-        return ("person", person) if person else ("image", str(self.image))
+        return scan_group(self.person or bids_person(self.image), str(self.image))
 
     @contextmanager
     def named_errors(self) -> Iterator[None]:

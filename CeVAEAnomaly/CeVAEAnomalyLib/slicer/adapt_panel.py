@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
 from ..engine.header import BUNDLE_SUFFIX
-from ..io.manifest import bids_person
+from ..io.manifest import bids_person, scan_group
 from ..io.targets import Inputs
 from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, earlier_outputs, resumable
 
@@ -34,8 +34,9 @@ def node_person(name: str) -> Optional[str]:
 
 def persons_scanned(persons: Sequence[Optional[str]]) -> int:
     """How many persons scans of ``persons`` (None: not known) are of, as adapting counts them for its folds and files
-    (training.data.person_groups): a scan of unknown person is a person of its own."""
-    return len({("person", person) if person else ("scan", i) for i, person in enumerate(persons)})
+    (training.data.person_groups, by :func:`~..io.manifest.scan_group`): a scan of unknown person is a person of its
+    own."""
+    return len({scan_group(person, str(i)) for i, person in enumerate(persons)})
 
 
 def model_output(output: str) -> Path:
