@@ -105,7 +105,8 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
         try:
             axial = find_calibration(typed.calibration, typed.score_options.replace(orientations="axial"),
                                      typed.postprocess)
-            lines.append(f"- Default scoring averages the maps of the {', '.join(typed.score_options.orientation_list)} "
+            slicings = ", ".join(typed.score_options.orientation_list)
+            lines.append(f"- Default scoring averages the maps of the {slicings} "
                          f"slicings; the axial map alone (`--orientations axial`, one network pass) is calibrated the "
                          f"same way: threshold {threshold_for_fpr(axial, fpr):.4g} at that rate.")
         except CeVAEError:

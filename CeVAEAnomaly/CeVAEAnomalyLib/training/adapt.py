@@ -87,7 +87,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     read = Inputs([base, *inputs, *checksums])
     for path in output_paths(out, len(persons), options):
         if read.which(path) is not None:  # by path, link or inode
-            raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another --out.")
+            raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; "
+                             "choose another --out.")
     finished = out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
                                          if run != "final")  # fold checkpoints go once the model is written
     if finished and not (options.overwrite or options.resume):
@@ -259,8 +260,8 @@ def _record(header: BundleHeader, base: Path, parent: str, subjects: Sequence[Su
     return {
         "parent": {"name": header.name, "file": base.name, "sha256": parent},
         "site_scans": subject_records(subjects, checksums, distinct),
-        "folds": [{"held_out": [names[j] for j in held], "trained_on": [n for j, n in enumerate(names) if j not in held]}
-                  for held in plan],
+        "folds": [{"held_out": [names[j] for j in held],
+                   "trained_on": [n for j, n in enumerate(names) if j not in held]} for held in plan],
         "calibration": "each site scan scored by the fold model fine-tuned without it; the final model is "
                        "fine-tuned on all site scans",
         "steps_per_run": options.steps, "lr": options.lr,

@@ -39,7 +39,8 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Te
     if cfg.bias_field > 0:
         out = out * torch.exp(_smooth_field(u(b, 1, 3, 3) * cfg.bias_field, s))
     if cfg.noise > 0:
-        out = out + torch.randn(out.shape, generator=g).to(dev) * (torch.rand(b, 1, 1, 1, generator=g).to(dev) * cfg.noise)
+        noise = torch.randn(out.shape, generator=g).to(dev)  # (drawn before the levels, as before)
+        out = out + noise * (torch.rand(b, 1, 1, 1, generator=g).to(dev) * cfg.noise)
     return torch.where(fg, out, torch.zeros_like(out))
 
 

@@ -238,7 +238,8 @@ class SliceCache:
     def _store(self, key: str, subject: Subject, orientation: str, slices: np.ndarray,
                checksums: Dict[Path, str]) -> Entry:
         npy = self.root / f"{key}.npy"
-        meta = {"format": CACHE_FORMAT, "slicing": SLICING_VERSION, "subject": subject.name, "image": str(subject.image),
+        meta = {"format": CACHE_FORMAT, "slicing": SLICING_VERSION, "subject": subject.name,
+                "image": str(subject.image),
                 "mask": str(subject.mask) if subject.mask else None, "orientation": orientation,
                 "image_sha256": checksums[subject.image],
                 "mask_sha256": checksums[subject.mask] if subject.mask else None,
