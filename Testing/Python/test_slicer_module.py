@@ -287,6 +287,27 @@ def test_a_labelmap_volume_is_refused_as_the_input(scene_with_head, tiny_bundle)
     assert mrml.node_ids(scene) == before
 
 
+def test_a_diffusion_tensor_volume_is_refused_in_one_line_as_the_input_or_the_mask(scene_with_head, tiny_bundle):
+    """A tensor volume is a scalar volume node by class, but its voxels are tensors and it holds no scalars."""
+    import vtk
+
+    scene, volume, _, _, _ = scene_with_head()
+    tensors = vtk.vtkFloatArray()
+    tensors.SetNumberOfComponents(9)
+    tensors.SetNumberOfTuples(8 * 8 * 8)
+    tensors.Fill(0.0)
+    data = vtk.vtkImageData()
+    data.SetDimensions(8, 8, 8)
+    data.GetPointData().SetTensors(tensors)
+    dti = scene.AddNewNodeByClass("vtkMRMLDiffusionTensorVolumeNode", "dti")
+    dti.SetAndObserveImageData(data)
+    before = mrml.node_ids(scene)
+    for node, mask in ((dti, None), (volume, dti)):
+        with pytest.raises(CeVAEError, match="'dti' holds no scalar voxels"):
+            CeVAEAnomalyLogic().process(node, mask, modelPath=tiny_bundle, device="cpu")
+    assert mrml.node_ids(scene) == before
+
+
 def test_a_users_segmentation_that_received_the_anomalies_stays_a_brain_mask(scene_with_head, tiny_bundle):
     scene, volume, mask, _, mask_image = scene_with_head()
     mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")

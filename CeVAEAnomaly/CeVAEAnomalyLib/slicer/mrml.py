@@ -200,13 +200,17 @@ def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume
     if data is None or data.GetNumberOfPoints() == 0:
         name = volume_node.GetName() if volume_node is not None else "(none)"
         raise CeVAEError(f"The {what} '{name}' holds no image data; load or select a volume first.")
-    if data.GetNumberOfScalarComponents() != 1:
+    scalars = data.GetPointData().GetScalars()
+    if scalars is None:  # a diffusion tensor volume keeps its voxels as tensors
+        raise CeVAEError(f"The {what} '{volume_node.GetName()}' holds no scalar voxels (a tensor volume?); a "
+                         "single-channel MRI volume is needed.")
+    if scalars.GetNumberOfComponents() != 1:
         raise CeVAEError(
-            f"The {what} '{volume_node.GetName()}' has {data.GetNumberOfScalarComponents()} components per "
+            f"The {what} '{volume_node.GetName()}' has {scalars.GetNumberOfComponents()} components per "
             "voxel (colour or vector image); a single-channel MRI volume is needed."
         )
     dims = data.GetDimensions()
-    voxels = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(dims[::-1])
+    voxels = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1])
     image = sitk.GetImageFromArray(voxels)  # copies
     spacing, origin, direction = _lps_geometry(volume_node)
     image.SetSpacing(spacing)
