@@ -725,6 +725,28 @@ def test_results_are_found_from_the_score_volume_alone(scene):
     assert stored_result(volume) is None and stored_result(None) is None
 
 
+def test_a_results_jump_follows_the_inputs_transform_after_its_score_volume_is_deleted(scene):
+    """``topSliceRas`` goes where the panel's jump goes: a score volume deleted from the scene has no parent transform
+    left, so the input's is used (as nodes.run_frame does), not the point in the input's own RAS."""
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyResult
+
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 100.0)
+    moved.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(moved.GetID())
+    detection = fake_detection(image, mask)
+    for result in (detection, fake_detection(image, mask, 1e6)):  # the top component, the top slice
+        out = mrml.publish(scene, volume, result)
+        jump = CeVAEAnomalyResult(volume, out, result).topSliceRas
+        assert jump == pytest.approx(nodes.stored_result(out.score).jump_ras)
+        scene.RemoveNode(out.score)
+        assert CeVAEAnomalyResult(volume, out, result).topSliceRas == pytest.approx(jump)
+    assert jump[0] == pytest.approx(nodes.slice_center_ras(volume, 2, result.top_slice.index)[0])
+
+
 def test_overlay_opacity_acts_only_on_views_showing_the_score_volume(scene):
     from CeVAEAnomalyLib.slicer.nodes import set_overlay_opacity
 

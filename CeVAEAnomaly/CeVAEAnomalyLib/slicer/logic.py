@@ -72,11 +72,12 @@ class CeVAEAnomalyResult:
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
         """Where "jump to the most anomalous" goes, in world RAS: the top component's centroid when the
         labelmap has one, else the centre of the most anomalous slice (DetectionResult.top_slice); read where the
-        score volume lies now (nodes.run_frame)."""
+        score volume lies now, or the input if it was deleted (nodes.run_frame: a deleted node has no transform)."""
         from .nodes import slice_center_ras, to_world
 
         score = self.nodes.score
-        frame = score if score is not None and score.GetImageData() is not None else self.volume
+        kept = score is not None and score.GetScene() is not None and score.GetImageData() is not None
+        frame = score if kept else self.volume
         if self.detection.components:
             return to_world(frame, self.detection.components[0].centroid_ras)
         top = self.detection.top_slice
