@@ -747,6 +747,37 @@ def test_a_results_jump_follows_the_inputs_transform_after_its_score_volume_is_d
     assert jump[0] == pytest.approx(nodes.slice_center_ras(volume, 2, result.top_slice.index)[0])
 
 
+def test_showing_a_scans_results_hides_the_anomaly_outlines_of_other_scans_and_runs(scene):
+    """Apply on A, then on B: A's cyan "Anomaly" outline, drawn in every slice view, would lie over B (scans of two
+    patients overlap in RAS) and pass for one of B's findings. Showing a run's results shows its segment alone among
+    the module's; a user's own segments keep their visibility."""
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    image_a, mask_a = make_head(seed=1)
+    image_b, mask_b = make_head(seed=2)
+    a, b = add_volume(scene, image_a, "A"), add_volume(scene, image_b, "B")
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my findings")
+    brain = add_volume(scene, mask_b, "B brain", "vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(brain, mine)
+    mine.CreateDefaultDisplayNodes()
+    own = nodes.user_segment_ids(mine)[0]
+
+    def visible(node) -> bool:
+        return bool(node.GetDisplayNode().GetSegmentVisibility(nodes.anomaly_segment_id(node)))
+
+    logic = CeVAEAnomalyLogic()
+    out_a = mrml.publish(scene, a, fake_detection(image_a, mask_a))
+    logic.showResults(out_a.score, a)
+    out_b = mrml.publish(scene, b, fake_detection(image_b, mask_b), mrml.OutputNodes(segmentation=mine))
+    logic.showResults(out_b.score, b)
+    assert visible(mine) and not visible(out_a.segmentation)
+    new_score = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "new")
+    again = mrml.publish(scene, a, fake_detection(image_a, mask_a, 1.05), mrml.OutputNodes(score=new_score))
+    logic.showResults(out_a.score, a)  # the first run of A shown again (console)
+    assert visible(out_a.segmentation) and not visible(again.segmentation) and not visible(mine)
+    assert mine.GetDisplayNode().GetSegmentVisibility(own)
+
+
 def test_overlay_opacity_acts_only_on_views_showing_the_score_volume(scene):
     from CeVAEAnomalyLib.slicer.nodes import set_overlay_opacity
 

@@ -525,7 +525,11 @@ class CeVAEAnomalyLogic(_LogicBase):
     # --- display (only inside the Slicer application) ------------------------------------------
 
     def showResults(self, scoreVolume, volume, opacity: float = 0.5) -> None:
-        """The heat map over the input in the slice views, with a colour legend."""
+        """The heat map over the input in the slice views, with a colour legend, and its run's "Anomaly" segment
+        alone among this module's (nodes.show_only_run_segment)."""
+        from .nodes import show_only_run_segment
+
+        show_only_run_segment(self._sceneFor(scoreVolume), scoreVolume)
         if getattr(slicer, "app", None) is None:
             return
         slicer.util.setSliceViewerLayers(background=volume, foreground=scoreVolume, foregroundOpacity=opacity)

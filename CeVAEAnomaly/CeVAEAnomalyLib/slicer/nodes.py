@@ -391,6 +391,23 @@ def set_overlay_opacity(scene: slicer.vtkMRMLScene, score: slicer.vtkMRMLVolumeN
     return changed
 
 
+def show_only_run_segment(scene: slicer.vtkMRMLScene, score: slicer.vtkMRMLVolumeNode) -> None:
+    """Show the "Anomaly" segment of the run whose score volume is ``score`` and hide every other run's, of this scan
+    or of another one: they share the name and colour, so over this scan another scan's outline would pass for one
+    of its findings. Segments of the user's own (also renamed or edited anomaly segments) are left as they are, and
+    all are when ``score`` is no input's score volume."""
+    volume = source_volume(score)
+    if volume is None:
+        return
+    shown = find_output(scene, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE, volume, score.GetAttribute(RUN_ATTRIBUTE),
+                        exact=True)
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+        segment_id, display = anomaly_segment_id(node), node.GetDisplayNode()
+        if segment_id is not None and display is not None:
+            display.SetSegmentVisibility(segment_id, node is shown)
+
+
 # --- tables ------------------------------------------------------------------------------------
 
 
