@@ -137,10 +137,10 @@ def evaluate_case(
     """Metrics of one score map over the voxels inside ``mask`` (all voxels if None).
 
     ``mask``, ``gt`` and ``labelmap`` count their voxels above 0 (NaN and negative values are background).
-    ``gt`` None means a healthy case: ranking metrics are NaN. ``labelmap`` (the thresholded
-    detection) gives ``flagged_ml`` (all its voxels above 0) and, with ``gt``, ``dice_at_threshold``
-    (inside the mask). Slice AUROC uses slices along numpy axis ``slice_axis`` ("axial": the axis of the
-    axial slices, :func:`axial_axis`, in any voxel order; None skips it), slice score = max score in the
+    ``gt`` None (or one without lesion voxels inside the mask) means a healthy case: ranking metrics are NaN.
+    ``labelmap`` (the thresholded detection) gives ``flagged_ml`` (all its voxels above 0) and, for a lesion case,
+    ``dice_at_threshold`` (inside the mask). Slice AUROC uses slices along numpy axis ``slice_axis`` ("axial": the
+    axis of the axial slices, :func:`axial_axis`, in any voxel order; None skips it), slice score = max score in the
     slice's mask voxels.
     """
     axis = axial_axis(score) if slice_axis == "axial" else slice_axis
@@ -395,6 +395,10 @@ def _evaluate(
                     "against: AUROC is undefined (n/a); %s", name or "case",
                     "give the brain mask so the healthy brain counts." if mask is None
                     else "the mask lies inside the lesion; give the brain mask.")
+    lesion_case = gt is not None and bool(labels.any())
+    if gt is not None and not lesion_case:
+        log.info("%s: the ground truth marks no lesion voxel among the evaluated ones: a healthy case, as one without "
+                 "a ground truth (no Dice at the labelmap, no slice AUROC).", name or "case")
     split = _split(scores, labels)
     dice_value, threshold = _best_dice(split)
 
@@ -402,10 +406,10 @@ def _evaluate(
     if labelmap is not None:
         flagged = _above_zero(labelmap)
         flagged_ml = int(flagged.sum()) * voxel_volume_ml(score)
-        if gt is not None:
+        if lesion_case:
             dice_at_threshold = dice(flagged[inside], labels)
     case_slice_auroc = None
-    if slice_axis is not None and gt is not None:
+    if slice_axis is not None and lesion_case:
         case_slice_auroc = slice_auroc(*_slice_arrays(score_array, truth, inside, slice_axis))
 
     metrics = CaseMetrics(

@@ -127,3 +127,17 @@ def test_an_image_or_score_map_as_the_mask_or_labelmap_is_refused(cohort: dict, 
                                              "holds more than 1000 different values and no plateau: it looks like"):
             evaluate_files([dict(case, **{role: wrong})])
     evaluate_files([case, dict(case, labelmap=cohort["gt"], name="c2")])  # masks and labelmaps are read
+
+
+def test_a_truth_without_lesion_voxels_is_a_healthy_case_as_no_truth_is(cohort: dict, tmp_path: Path) -> None:
+    """A healthy case written with an all-zero truth gets the figures of one without a truth (no Dice at the labelmap,
+    no slice AUROC: they would mix 0 or 1 into a mean over lesion cases), and says so."""
+    empty = write(np.zeros(SHAPE, np.uint8), tmp_path / "empty_gt.nii.gz")
+    flags = np.zeros(SHAPE, np.uint8)
+    flags[3, 3, 3] = 1
+    labelmap = write(flags, tmp_path / "labelmap.nii.gz")
+    rows = [{"score": cohort["healthy"], "gt": gt, "mask": cohort["mask"], "labelmap": labelmap, "name": name}
+            for gt, name in ((empty, "zero truth"), ("", "no truth"))]
+    zero, none = evaluate_files(rows)[0]
+    assert (zero.dice_at_threshold, zero.slice_auroc) == (none.dice_at_threshold, none.slice_auroc) == (None, None)
+    assert zero.flagged_ml == none.flagged_ml > 0 and zero.n_positive == 0
