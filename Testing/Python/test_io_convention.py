@@ -24,6 +24,21 @@ def test_subject_names_use_the_file_stem(tmp_path):
     assert Subject(tmp_path / "sub-01_T1w.nii.gz").name == "sub-01_T1w"
 
 
+def test_a_dicom_folder_named_by_its_series_uid_keeps_its_whole_name(tmp_path):
+    """Series folders are often named by their UID: the name's last part is no extension, so two series of one
+    study (…66012, …66013) named the same outputs and a batch of them was refused (one alone lost the part)."""
+    from CeVAEAnomalyLib.cli.batch import collect_inputs
+
+    uids = ("1.3.12.2.1107.5.2.43.66012", "1.3.12.2.1107.5.2.43.66013")
+    for uid in uids:
+        (tmp_path / uid).mkdir()
+        (tmp_path / uid / "IM0001").write_bytes(b"\0" * 132)
+    (tmp_path / "list.csv").write_text("image\n" + "\n".join(uids) + "\n")
+    assert [item.name for item in collect_inputs(tmp_path / "list.csv")] == list(uids)
+    assert Subject(tmp_path / uids[0]).name == uids[0]
+    assert file_stem(tmp_path / "scan.v2.nii.gz") == "scan.v2"  # a file's extension still goes
+
+
 def test_list_reader_resolves_paths_and_skips_empty_rows(tmp_path):
     (tmp_path / "list.csv").write_text(" image , mask ,name\n"
                                        "a.nii.gz,a_mask.nii.gz,first\n"

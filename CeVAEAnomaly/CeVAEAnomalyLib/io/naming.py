@@ -64,8 +64,11 @@ def image_stem(filename: str) -> Optional[str]:
 
 
 def file_stem(path: Path) -> str:
-    """The name that prefixes a file's outputs: its name without the (image) extension."""
+    """The name that prefixes a file's outputs: its name without the (image) extension; a folder's (a DICOM series)
+    whole name, which has no extension (series folders are often named by their UID, 1.3.12.2.1107.5.2.43.66012)."""
     name = Path(path).name
+    if Path(path).is_dir():
+        return name
     stem = image_stem(name)
     if stem is not None:
         return stem
