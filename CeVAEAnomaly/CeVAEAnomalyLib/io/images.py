@@ -12,7 +12,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -416,7 +416,26 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
         raise CeVAEError(f"The DICOM series in {folder} could not be read: {_odd_slice(files) or error_text(exc)}") \
             from None
     _check_slice_positions(reader, len(files), folder, min(image.GetSpacing()[:2]))
+    if len(set(_rescalings(reader, len(files)))) > 1:  # the pixel type is the first slice's: read them as floats
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+        image = reader.Execute()
     return image
+
+
+def _rescalings(reader: sitk.ImageSeriesReader, n: int) -> List[Tuple[str, str]]:
+    """Each slice's rescale slope and intercept (0028|1053, 0028|1052) as numbers in text (1 and 0 where none).
+
+    The reader gives the series the pixel type of its first slice and applies each slice's own rescaling, so where
+    they differ (some scanners scale each slice) an integer first slice truncated the real values of the others
+    (stored 37 at slope 0.25: 9, not 9.25) or wrapped them past its range."""
+    def value(i: int, key: str, default: str) -> str:
+        text = reader.GetMetaData(i, key).strip() if reader.HasMetaDataKey(i, key) else default
+        try:
+            return repr(float(text))
+        except ValueError:
+            return text
+
+    return [(value(i, "0028|1053", "1"), value(i, "0028|1052", "0")) for i in range(n)]
 
 
 def _odd_slice(files: Sequence[str]) -> str:

@@ -1,0 +1,83 @@
+"""DICOM series folders as clinical exports hold them: each slice written here as its own file, in tmp_path."""
+from __future__ import annotations
+
+import locale
+import struct
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.images import read_image
+from conftest import make_head
+
+SLOPE = b"\x28\x00\x53\x10"  # the tag (0028,1053) Rescale Slope as an implicit-VR little-endian file holds it
+
+
+def write_series(image: sitk.Image, folder: Path, tags: Optional[Dict[str, str]] = None) -> Path:
+    """One int16 DICOM file per slice, with the series UID, position, orientation, spacing, thickness and instance
+    number a scanner writes (``tags``: more tags for every slice). GDCM's writer sets the C locale; it is restored."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        image = sitk.Cast(image, sitk.sitkInt16)
+        d, spacing = image.GetDirection(), image.GetSpacing()
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for k in range(image.GetDepth()):
+            piece = image[:, :, k]
+            position = image.TransformIndexToPhysicalPoint((0, 0, k))
+            for key, value in {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+                               "0020|000e": "1.2.826.0.1.3680043.2.1125.2", "0020|0013": str(k + 1),
+                               "0008|0018": f"1.2.826.0.1.3680043.2.1125.2.{k + 1}",
+                               "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+                               "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                               "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}", "0018|0050": f"{spacing[2]:g}",
+                               **(tags or {})}.items():
+                piece.SetMetaData(key, value)
+            writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
+            writer.Execute(piece)
+        return folder
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def set_slope(path: Path, slope: str) -> None:
+    """Rewrite a slice's rescale slope in place, its stored integers unchanged (GDCM's writer takes integer slopes
+    only, and scales the stored values by them)."""
+    data = path.read_bytes()
+    at = data.index(SLOPE)
+    length = struct.unpack("<I", data[at + 4 : at + 8])[0]
+    value = slope.encode() + b" " * (len(slope) % 2)
+    path.write_bytes(data[: at + 4] + struct.pack("<I", len(value)) + value + data[at + 8 + length :])
+
+
+@pytest.fixture(scope="module")
+def head() -> sitk.Image:
+    image, _ = make_head(size=(24, 28, 10), spacing=(2.0, 2.0, 3.0))
+    return sitk.Cast(sitk.Round(image), sitk.sitkInt16)
+
+
+@pytest.mark.parametrize("slope", ["0.25", "1000"])
+def test_slices_rescaled_differently_keep_their_real_values(head, tmp_path, slope):
+    """Where the first slice is stored unscaled and the others with their own slope, the reader gave the series
+    the first slice's int16 and put the others' real values into it: 37 at slope 0.25 read 9, not 9.25, and 100
+    at slope 1000 read -31072."""
+    folder = write_series(head, tmp_path / "series", {"0028|1053": "1", "0028|1052": "0"})
+    for k in range(1, head.GetDepth()):
+        set_slope(folder / f"IM{k:04d}.dcm", slope)
+    got = sitk.GetArrayFromImage(read_image(folder)).astype(np.float64)
+    stored = sitk.GetArrayFromImage(head).astype(np.float64)
+    np.testing.assert_array_equal(got[0], stored[0])
+    np.testing.assert_allclose(got[1:], stored[1:] * float(slope), rtol=1e-6)
+
+
+def test_one_rescaling_for_every_slice_keeps_the_stored_type(head, tmp_path):
+    """A series scaled alike (or not at all) is read as before: its own pixel type, on the grid it was written on."""
+    image = read_image(write_series(head, tmp_path / "series"))
+    assert image.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(head))
+    for what in ("Size", "Spacing", "Origin", "Direction"):
+        np.testing.assert_allclose(getattr(image, f"Get{what}")(), getattr(head, f"Get{what}")(), atol=1e-5)
