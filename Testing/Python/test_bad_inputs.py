@@ -581,6 +581,14 @@ def oblique_dicom_rounded(d: Path, g: Inputs) -> Inputs:
     return Inputs(write_dicom_series(image, d / "series", decimals=1), write(mask, d / "mask.nii.gz"), g.model)
 
 
+def dicom_last_slice_cut(d: Path, g: Inputs) -> Inputs:
+    """A series whose last file was cut short (an interrupted copy): the reader read the others, 35 of 36."""
+    folder = write_dicom_series(sitk.ReadImage(str(g.image)), d / "series")
+    last = folder / "2_035.dcm"
+    last.write_bytes(last.read_bytes()[:600])
+    return Inputs(folder, g.mask, g.model)
+
+
 def two_dicom_series(d: Path, g: Inputs) -> Inputs:
     image = sitk.ReadImage(str(g.image))
     write_dicom_series(image, d / "series", series=2)
@@ -798,6 +806,10 @@ CASES: Dict[str, Case] = {
                                       r"not a stack along its slices' normal: slice 36 of 36 lies 17\.5 mm off"),
     "DICOM series, the last slices turned": Case(dicom_case(turned_from=30), REFUSED,
                                                  r"slices of different orientations \(slice 31 of 36 is turned"),
+    "DICOM series, its last file cut short": Case(dicom_last_slice_cut, REFUSED,
+                                                  r"series cannot be read whole: 2_035\.dcm is a DICOM image of the "
+                                                  r"series' kind that the series reader cannot read \(truncated or "
+                                                  r"corrupt\), and the series would be read without it \(35 slices\)"),
     "two DICOM series in one folder": Case(two_dicom_series, REFUSED,
                                            r"holds 2 DICOM series \('series 2', 36 file\(s\).*'series 3', 18 file"),
     "sheared grid (NRRD)": Case(sheared_grid, REFUSED, r"axes i and j meet at 60\.0 degrees: a sheared grid"),

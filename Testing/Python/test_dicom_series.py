@@ -81,3 +81,55 @@ def test_one_rescaling_for_every_slice_keeps_the_stored_type(head, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(head))
     for what in ("Size", "Spacing", "Origin", "Direction"):
         np.testing.assert_allclose(getattr(image, f"Get{what}")(), getattr(head, f"Get{what}")(), atol=1e-5)
+
+
+CANNOT_READ = r"is a DICOM image of the series' kind that the series reader cannot read \(truncated or corrupt\)"
+
+
+def cut(path: Path) -> None:
+    """Truncate a file to half its length (an interrupted copy)."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name, damage, problem, slices", [
+    ("IM0009.dcm", cut, CANNOT_READ, "9"),
+    ("IM0000.dcm", cut, CANNOT_READ, "9"),
+    ("IM0004.dcm", cut, CANNOT_READ, "9"),
+    ("IM0009.dcm", lambda p: p.write_bytes(b""), r"is empty", "9"),
+    # the reader lists no file after a dangling link (in the folder's own order): it read any number of slices
+    ("IM0009.dcm", lambda p: (p.unlink(), p.symlink_to(p.with_name("gone.dcm"))),
+     r"cannot be opened \(No such file or directory\)", r"\d+"),
+], ids=["last slice truncated", "first slice truncated", "a middle slice truncated", "empty", "dangling link"])
+def test_a_slice_file_the_series_reader_leaves_out_is_named(head, tmp_path, name, damage, problem, slices):
+    """The series reader leaves out, unsaid, a file it cannot parse or open: the first or last slice was lost
+    silently (9 slices read of 10), a middle one was refused as a gap in the stack, naming no file."""
+    folder = write_series(head, tmp_path / "series")
+    damage(folder / name)
+    with pytest.raises(CeVAEError, match=rf"^The DICOM series in {tmp_path}/series cannot be read whole: {name} "
+                                         rf"{problem}, and the series would be read without it \({slices} slices\)\."):
+        read_image(folder)
+
+
+def test_a_slice_file_without_read_permission_is_named(head, tmp_path):
+    folder = write_series(head, tmp_path / "series")
+    (folder / "IM0009.dcm").chmod(0)
+    try:
+        open(folder / "IM0009.dcm", "rb").close()
+        pytest.skip("this user reads files without permission (root)")
+    except PermissionError:
+        pass
+    with pytest.raises(CeVAEError, match=r"IM0009\.dcm cannot be opened \(Permission denied\), and the series"):
+        read_image(folder)
+
+
+def test_files_beside_a_series_that_are_no_slices_of_it_are_left_out(head, tmp_path):
+    """Exports hold a DICOMDIR, notes, thumbnails and other DICOM objects (a report, without pixels) beside the
+    slices: the series is read whole, as without them."""
+    folder = write_series(head, tmp_path / "series")
+    (folder / "README.txt").write_text("exported by PACS\n")
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(head[:, :, 4]), sitk.sitkUInt8), str(folder / "thumb.png"))
+    write_series(head[:, :, :1], tmp_path / "other", {"0008|0016": "1.2.840.10008.5.1.4.1.1.7"})  # a screen capture
+    data = (tmp_path / "other" / "IM0000.dcm").read_bytes()
+    (folder / "DICOMDIR").write_bytes(data[: data.index(b"\xe0\x7f\x10\x00")])  # no pixel data
+    image = read_image(folder)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(head))

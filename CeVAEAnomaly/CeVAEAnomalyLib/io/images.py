@@ -408,6 +408,7 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
         raise CeVAEError(f"The {what} folder {folder} holds {len(series)} DICOM series ({listed}); which one to analyse "
                          "would be a guess. Put that series in a folder of its own.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _refuse_left_out_slices(folder, files)
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, to check the spacing
     try:
@@ -436,6 +437,48 @@ def _rescalings(reader: sitk.ImageSeriesReader, n: int) -> List[Tuple[str, str]]
             return text
 
     return [(value(i, "0028|1053", "1"), value(i, "0028|1052", "0")) for i in range(n)]
+
+
+def _refuse_left_out_slices(folder: Path, files: Sequence[str]) -> None:
+    """Refuse a series beside a file that may be one of its slices but that the series reader left out unsaid: one
+    that cannot be opened (no permission, a dangling link, after which the reader lists no more files), an empty
+    one, or a DICOM image of the series' kind (its SOP class) that it could not parse (truncated, corrupt). The
+    series was read without them: slices at either end were lost silently, in the middle refused as a gap. Other
+    files (DICOMDIR, reports, notes, thumbnails) pass."""
+    listed = {Path(f).name for f in files}
+    others = [f for f in sorted(folder.iterdir()) if f.name not in listed and not f.name.startswith(".")
+              and (f.is_file() or (f.is_symlink() and not f.exists()))]
+    try:
+        kind = _sop_class(Path(files[0]))
+    except OSError:  # read by the series reader a moment ago: the reader says what became of it
+        kind = None
+    problems = []  # (file, problem), those that cannot be opened first: they make the reader leave out others
+    for f in others:
+        try:
+            if f.stat().st_size == 0:
+                problems.append((f, "is empty"))
+            elif kind is not None and _sop_class(f) == kind:
+                problems.append((f, "is a DICOM image of the series' kind that the series reader cannot read "
+                                    "(truncated or corrupt)"))
+        except OSError as exc:
+            problems.insert(0, (f, f"cannot be opened ({exc.strerror or exc})"))
+    if problems:
+        f, problem = problems[0]
+        raise CeVAEError(f"The DICOM series in {folder} cannot be read whole: {f.name} {problem}, and the series would "
+                         f"be read without it ({len(files)} slices). Copy or export the series again (or move that "
+                         "file out of the folder if it is no slice of it).")
+
+
+def _sop_class(path: Path) -> Optional[str]:
+    """The SOP class UID (0002,0002) in a DICOM file's meta header; None if it has no preamble and meta header.
+    OSError if it cannot be opened."""
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    at = head.find(b"\x02\x00\x02\x00UI", 132)
+    if head[128:132] != b"DICM" or at < 0 or len(head) < at + 8:
+        return None
+    length = struct.unpack("<H", head[at + 6 : at + 8])[0]
+    return head[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace") or None
 
 
 def _odd_slice(files: Sequence[str]) -> str:
