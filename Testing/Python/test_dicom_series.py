@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import locale
+import os
 import struct
 from pathlib import Path
 from typing import Dict, Optional
@@ -91,22 +92,39 @@ def cut(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("name, damage, problem, slices", [
-    ("IM0009.dcm", cut, CANNOT_READ, "9"),
-    ("IM0000.dcm", cut, CANNOT_READ, "9"),
-    ("IM0004.dcm", cut, CANNOT_READ, "9"),
-    ("IM0009.dcm", lambda p: p.write_bytes(b""), r"is empty", "9"),
-    # the reader lists no file after a dangling link (in the folder's own order): it read any number of slices
-    ("IM0009.dcm", lambda p: (p.unlink(), p.symlink_to(p.with_name("gone.dcm"))),
-     r"cannot be opened \(No such file or directory\)", r"\d+"),
-], ids=["last slice truncated", "first slice truncated", "a middle slice truncated", "empty", "dangling link"])
-def test_a_slice_file_the_series_reader_leaves_out_is_named(head, tmp_path, name, damage, problem, slices):
-    """The series reader leaves out, unsaid, a file it cannot parse or open: the first or last slice was lost
-    silently (9 slices read of 10), a middle one was refused as a gap in the stack, naming no file."""
+@pytest.mark.parametrize("name, damage, problem", [
+    ("IM0009.dcm", cut, CANNOT_READ),
+    ("IM0000.dcm", cut, CANNOT_READ),
+    ("IM0004.dcm", cut, CANNOT_READ),
+    ("IM0009.dcm", lambda p: p.write_bytes(b""), r"is empty"),
+], ids=["last slice truncated", "first slice truncated", "a middle slice truncated", "empty"])
+def test_a_slice_file_the_series_reader_leaves_out_is_named(head, tmp_path, name, damage, problem):
+    """The series reader leaves out, unsaid, a file it cannot parse: the first or last slice was lost silently (9
+    slices read of 10), a middle one was refused as a gap in the stack, naming no file."""
     folder = write_series(head, tmp_path / "series")
     damage(folder / name)
     with pytest.raises(CeVAEError, match=rf"^The DICOM series in {tmp_path}/series cannot be read whole: {name} "
-                                         rf"{problem}, and the series would be read without it \({slices} slices\)\."):
+                                         rf"{problem}, and the series would be read without it \(9 slices\)\."):
+        read_image(folder)
+
+
+def test_a_dangling_link_in_a_series_folder_is_named(head, tmp_path):
+    """A slice not yet fetched (DataLad, git-annex): the reader lists no file after such a link in the folder's
+    own order, so where the folder lists it first the folder was said to contain no DICOM series (and elsewhere
+    part of the series was read, or refused as uneven)."""
+    folder = write_series(head, tmp_path / "series")
+    for i in range(200):  # a name the folder lists first (file systems list in creation or hash order)
+        link = folder / f"IM{i:04d}.fetch.dcm"
+        link.symlink_to(tmp_path / "annex" / f"{i}.dcm")
+        if os.listdir(folder)[0] == link.name:
+            break
+        link.unlink()
+    else:
+        pytest.skip("no name found that this file system lists first")
+    with pytest.raises(CeVAEError, match=rf"^The image folder {tmp_path}/series holds {link.name}, a symbolic link "
+                                         rf"to {tmp_path}/annex/{i}\.dcm, which does not exist \(a file not yet "
+                                         r"fetched, or on a disk not mounted\?\); the DICOM reader would skip the "
+                                         r"files after it\. Fetch that file, or remove the link\.$"):
         read_image(folder)
 
 

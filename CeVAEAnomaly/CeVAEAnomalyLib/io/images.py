@@ -390,6 +390,7 @@ def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
 
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+    _refuse_dangling_links(folder, what)
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -441,18 +442,17 @@ def _rescalings(reader: sitk.ImageSeriesReader, n: int) -> List[Tuple[str, str]]
 
 def _refuse_left_out_slices(folder: Path, files: Sequence[str]) -> None:
     """Refuse a series beside a file that may be one of its slices but that the series reader left out unsaid: one
-    that cannot be opened (no permission, a dangling link, after which the reader lists no more files), an empty
-    one, or a DICOM image of the series' kind (its SOP class) that it could not parse (truncated, corrupt). The
-    series was read without them: slices at either end were lost silently, in the middle refused as a gap. Other
-    files (DICOMDIR, reports, notes, thumbnails) pass."""
+    that cannot be opened (no permission), an empty one, or a DICOM image of the series' kind (its SOP class) that it
+    could not parse (truncated, corrupt). The series was read without them: slices at either end were lost
+    silently, in the middle refused as a gap. Other files (DICOMDIR, reports, notes, thumbnails) pass."""
     listed = {Path(f).name for f in files}
     others = [f for f in sorted(folder.iterdir()) if f.name not in listed and not f.name.startswith(".")
-              and (f.is_file() or (f.is_symlink() and not f.exists()))]
+              and f.is_file()]
     try:
         kind = _sop_class(Path(files[0]))
     except OSError:  # read by the series reader a moment ago: the reader says what became of it
         kind = None
-    problems = []  # (file, problem), those that cannot be opened first: they make the reader leave out others
+    problems = []  # (file, problem), those that cannot be opened first
     for f in others:
         try:
             if f.stat().st_size == 0:
@@ -479,6 +479,21 @@ def _sop_class(path: Path) -> Optional[str]:
         return None
     length = struct.unpack("<H", head[at + 6 : at + 8])[0]
     return head[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace") or None
+
+
+def _refuse_dangling_links(folder: Path, what: str) -> None:
+    """Refuse a folder holding a symbolic link to nothing (a file of a DataLad or git-annex dataset not yet
+    fetched, a disk not mounted): the DICOM reader lists no file after it, in the folder's own order, so it saw
+    part of a series (or none, or one of two) and said nothing."""
+    try:
+        dangling = next((f for f in sorted(folder.iterdir()) if f.is_symlink() and not f.exists()), None)
+    except OSError:  # a folder that cannot be listed: the reader finds no series in it
+        return
+    if dangling is not None:
+        raise CeVAEError(f"The {what} folder {folder} holds {dangling.name}, a symbolic link to "
+                         f"{os.readlink(dangling)}, which does not exist (a file not yet fetched, or on a disk not "
+                         "mounted?); the DICOM reader would skip the files after it. Fetch that file, or remove the "
+                         "link.")
 
 
 def _odd_slice(files: Sequence[str]) -> str:
