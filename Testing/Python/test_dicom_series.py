@@ -151,3 +151,28 @@ def test_files_beside_a_series_that_are_no_slices_of_it_are_left_out(head, tmp_p
     (folder / "DICOMDIR").write_bytes(data[: data.index(b"\xe0\x7f\x10\x00")])  # no pixel data
     image = read_image(folder)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(head))
+
+
+def test_a_folder_of_series_folders_says_they_are_not_searched(head, tmp_path, capsys):
+    """A DICOM export holds a folder per series; given that export, detect said only "contains no DICOM series",
+    calibrate "is a folder without files" and batch "holds no images", in a folder full of DICOM files."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    export = tmp_path / "export"
+    for name in ("SE0001", "SE0002", "SE0003"):
+        write_series(head, export / name)
+    out = tmp_path / "out"
+    expected = {
+        "detect": "The image folder {} contains no DICOM series; its subfolders (SE0001, SE0002, ...) are not "
+                  "searched: give the folder of one series.",
+        "calibrate": "The image {} is a folder without files; its subfolders (SE0001, SE0002, ...) are not "
+                     "searched: give the folder of each series.",
+        "batch": "{} holds no images (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .hdr); its subfolders (SE0001, "
+                 "SE0002, ...) are not searched: list the images or DICOM series folders in a CSV (column 'image').",
+    }
+    for command, argv in (("detect", [str(export), "--score", str(out / "s.nii.gz")]),
+                          ("calibrate", [str(export), "--out", str(out / "site.cevae")]),
+                          ("batch", [str(export), "--out-dir", str(out)])):
+        assert main([command, *argv]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {expected[command].format(export)}"
+    assert not out.exists()

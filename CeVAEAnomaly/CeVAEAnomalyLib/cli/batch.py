@@ -31,7 +31,8 @@ from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
-from ..io.naming import BATCH_ROLES, IMAGE_EXTENSIONS, file_stem, image_stem, output_paths, unportable_character
+from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, file_stem, image_stem, output_paths, subfolders_hint,
+                         unportable_character)
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
@@ -168,7 +169,9 @@ def collect_inputs(source: Path) -> List[BatchItem]:
     else:
         raise CeVAEError(f"The input {source} does not exist.")
     if not items:
-        raise CeVAEError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        hint = subfolders_hint(source, "list the images or DICOM series folders in a CSV (column 'image')") \
+            if source.is_dir() else ""
+        raise CeVAEError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}.")
     seen: Dict[str, BatchItem] = {}  # by the name in any case: S1 and s1 share their outputs on macOS and Windows
     for item in items:
         other = seen.get(item.name.casefold())

@@ -394,7 +394,7 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        from .naming import image_stem
+        from .naming import image_stem, subfolders_hint
 
         try:
             files = sorted(f.name for f in folder.iterdir() if image_stem(f.name) and not f.name.startswith("."))
@@ -402,7 +402,7 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
             files = []
         shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
         hint = (f"; it holds image files ({shown}): give one of them (batch, train, calibrate and adapt read a folder "
-                "of image files as a cohort)") if files else ""
+                "of image files as a cohort)") if files else subfolders_hint(folder, "give the folder of one series")
         raise CeVAEError(f"The {what} folder {folder} contains no DICOM series{hint}.")
     if len(series) > 1:
         listed = "; ".join(_series_summary(reader, folder, uid) for uid in series)

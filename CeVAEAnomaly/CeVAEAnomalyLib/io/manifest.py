@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..progress import Cancelled
-from .naming import file_stem
+from .naming import file_stem, subfolders_hint
 
 log = logging.getLogger(__name__)
 _BIDS_FILE = re.compile(r"sub-([A-Za-z0-9]+)_")  # a BIDS file name starts with its subject: sub-01_ses-2_T1w.nii.gz
@@ -213,8 +213,9 @@ def check_volume_path(path: Optional[Path], what: str, where: str = "") -> None:
     try:
         if path.is_dir():
             if not any(p.is_file() for p in path.iterdir()):
-                raise CeVAEError(f"{lead} {path} is a folder without files; give an image file or a folder "
-                                 "holding one DICOM series.")
+                hint = subfolders_hint(path, "give the folder of each series") or \
+                    "; give an image file or a folder holding one DICOM series"
+                raise CeVAEError(f"{lead} {path} is a folder without files{hint}.")
         elif path.stat().st_size == 0:
             raise CeVAEError(f"{lead} {path} is empty.")
         else:

@@ -79,3 +79,16 @@ def output_paths(out_dir: Path, name: str, roles: Sequence[str] = BATCH_ROLES,
                  volume_ext: str = ".nii.gz") -> Dict[str, Path]:
     """The output files of volume ``name`` in ``out_dir``, by role (see :data:`OUTPUT_NAMES`)."""
     return {role: Path(out_dir) / (name + OUTPUT_NAMES[role].format(ext=volume_ext)) for role in roles}
+
+
+def subfolders_hint(folder: Path, advice: str) -> str:
+    """Where a folder given as a volume or a cohort holds subfolders (a DICOM export: one folder per series), a
+    clause saying that they are not searched, naming two, and ``advice``; "" where it holds none."""
+    try:
+        names = sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+    return f"; its subfolders ({shown}) are not searched: {advice}"
