@@ -406,8 +406,8 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
         raise CeVAEError(f"The {what} folder {folder} contains no DICOM series{hint}.")
     if len(series) > 1:
         listed = "; ".join(_series_summary(reader, folder, uid) for uid in series)
-        raise CeVAEError(f"The {what} folder {folder} holds {len(series)} DICOM series ({listed}); which one to analyse "
-                         "would be a guess. Put that series in a folder of its own.")
+        raise CeVAEError(f"The {what} folder {folder} holds {len(series)} DICOM series ({listed}); which one to "
+                         "analyse would be a guess. Put that series in a folder of its own.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     _refuse_left_out_slices(folder, files)
     reader.SetFileNames(files)
