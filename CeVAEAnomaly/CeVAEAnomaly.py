@@ -684,7 +684,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
 
     def _adaptChoice(self):
-        """The adapt section's state (ready, estimate or what is missing) from the panel; None without a parameter node."""
+        """The adapt section's state (ready, estimate or what is missing) from the panel; None without a parameter
+        node."""
         from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice, examined_as_healthy
         from CeVAEAnomalyLib.slicer.settings import adapt_override_note
 

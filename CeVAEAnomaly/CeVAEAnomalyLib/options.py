@@ -300,7 +300,8 @@ class RunOptions(Serialisable):
     def __post_init__(self) -> None:
         name, colon, index = self.device.partition(":") if isinstance(self.device, str) else ("", "", "")
         if name not in DEVICES or (colon and (name == "auto" or not (index.isascii() and index.isdigit()))):
-            raise CeVAEError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)} (cuda:N picks a GPU).")
+            raise CeVAEError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)} "
+                             "(cuda:N picks a GPU).")
         _check_fields(self)
 
 

@@ -240,7 +240,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         from .mrml import OutputNodes, check_output_classes
 
         if outputs is not None and not isinstance(outputs, OutputNodes):
-            raise CeVAEError(f"outputs must be an OutputNodes (CeVAEAnomalyLib.slicer.mrml), not {_described(outputs)}.")
+            raise CeVAEError(f"outputs must be an OutputNodes (CeVAEAnomalyLib.slicer.mrml), "
+                             f"not {_described(outputs)}.")
         _refuseModuleOutputs([volumeNode, maskNode], "an input")
         scene = self._sceneFor(volumeNode)
         if maskNode is not None and maskNode.GetScene() is not scene:

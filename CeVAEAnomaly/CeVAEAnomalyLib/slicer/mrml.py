@@ -367,8 +367,8 @@ def check_output_classes(targets: OutputNodes) -> None:
         wrong = node is not None and (node.GetClassName() != _OUTPUT_CLASSES[name] if name == "score"
                                       else not node.IsA(_OUTPUT_CLASSES[name]))  # score: no labelmap, vector, DWI
         if wrong:
-            raise CeVAEError(f"The node '{node.GetName()}' ({node.GetClassName()}) cannot be the {name.replace('_', ' ')} "
-                             f"output; choose a {_OUTPUT_CLASSES[name][7:-4]} node.")
+            raise CeVAEError(f"The node '{node.GetName()}' ({node.GetClassName()}) cannot be the "
+                             f"{name.replace('_', ' ')} output; choose a {_OUTPUT_CLASSES[name][7:-4]} node.")
 
 
 def _in_scene(scene: slicer.vtkMRMLScene, targets: OutputNodes) -> OutputNodes:
