@@ -244,3 +244,19 @@ def test_the_modality_profiles_resample_without_integrating_and_keep_the_mask_bi
     a, b = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(img)
     np.testing.assert_allclose(b, a[::3, ::3, ::3][tuple(slice(0, n) for n in b.shape)], rtol=1e-5, atol=1e-5)
     assert set(np.unique(sitk.GetArrayFromImage(msk))) <= {0, 1}
+
+
+def test_a_ventricle_larger_on_one_side_is_a_displaced_boundary_and_a_dark_lesion_in_tissue_is_not(scripts):
+    """displaced_csf: the band where one ventricle is wider than its mirror (within 3 mm of the mirror's CSF) is
+    left out of the asymmetry; a CSF-dark lesion far from the other side's CSF is kept."""
+    ba, _ = scripts
+    image = np.full((20, 20, 40), 0.7, np.float32)  # tissue, (k, j, i) at 1 mm
+    image[5:15, 5:15, 4:8] = 0.8  # a brighter tissue class, so the 3-class cut falls below the tissue
+    image[8:12, 8:12, 10:14] = 0.1  # the left ventricle, 4 voxels wide in i ...
+    image[8:12, 8:12, 26:32] = 0.1  # ... the right one 6 wide (mirror of i is 39 - i: 26..31 faces 8..13)
+    image[8:12, 8:12, 36:38] = 0.1  # a dark lesion far from any CSF on the other side (mirror 2..3)
+    brain = np.ones(image.shape, bool)
+    shifted = ba.displaced_csf(image, image[:, :, ::-1], brain, brain, (1.0, 1.0, 1.0))
+    assert shifted[8:12, 8:12, 26:32].any() and shifted[8:12, 8:12, 8:10].any()  # the wider ventricle's band
+    assert not shifted[8:12, 8:12, 36:38].any() and not shifted[:, :, 1:4].any()  # the lesion and its mirror
+    assert not shifted[0:5].any()  # tissue facing tissue
