@@ -197,10 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = _command(sub, "batch", help="detect on a cohort: resumable, shardable, parallel",
                        description="Score every volume of a folder or CSV list. Per volume NAME, writes "
                        "NAME_score.nii.gz, NAME_labelmap.nii.gz, NAME_slices.csv and NAME_components.csv (the "
-                       "lesion table of detect --components) to --out-dir, plus a "
-                       "summary CSV; a rerun skips volumes whose outputs are the files its summary recorded (sha256), "
-                       "made from the same input, and refuses other settings (--overwrite scores every volume again); "
-                       "failures are recorded.")
+                       "lesion table of detect --components) to --out-dir, plus summary.csv and the settings it "
+                       "scored with, batch_settings.json (with --shard i/n: summary_shard-i-of-n.csv and "
+                       "batch_settings_shard-i-of-n.json); a rerun skips volumes whose outputs are the files its "
+                       "summary recorded (sha256), made from the same input, and refuses other settings (--overwrite "
+                       "scores every volume again); failures are recorded.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
                    "masks of NAME.*, else of NAME_t1.*) or CSV with columns image[,mask][,name] (paths relative to "
                    "the CSV)")
