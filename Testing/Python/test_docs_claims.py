@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
+from typing import Iterator, List, Tuple
 
+import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, make_head
@@ -43,3 +46,40 @@ def test_batch_names_every_file_it_writes_in_its_help_and_in_scaling(tmp_path: P
     for name in sorted(written):
         assert name in help_text, f"batch --help does not name {name}"
         assert name in scaling, f"docs/SCALING.md (Batch detection over a cohort) does not name {name}"
+
+
+DOCUMENTS = ("README.md", "docs/SCALING.md", "docs/SLICER.md", "docs/WHAT_HAPPENS_WHEN.md", "docs/adapt.md",
+             "docs/PERFORMANCE.md", "CeVAEAnomaly/Scripts/DetectVolume.py")
+COMMANDS = ("train", "prepare", "adapt", "detect", "batch", "calibrate", "evaluate", "demo")
+
+
+def documented_commands(text: str) -> Iterator[Tuple[str, List[str]]]:
+    """(command, its flags) of every cevae-anomaly command line in ``text``: in code blocks (continued lines
+    joined, up to a comment or the end of the line) and in inline code (`cevae-anomaly detect --x`, `detect --x`)."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    runs = re.finditer(r"(?:cevae-anomaly|CeVAEAnomalyLib\.cli|DetectVolume\.py)\s+(\w+)?([^\n`#;&]*)", text)
+    spans = re.finditer(rf"`({'|'.join(COMMANDS)})((?:\s+--[^`]*)?)`", text)
+    for match in [*runs, *spans]:
+        word, rest = match.group(1) or "", match.group(2)
+        name = word
+        if match.group(0).startswith("DetectVolume"):  # its flags follow the script's name
+            name, rest = "DetectVolume", f"{word} {rest}"
+        if name in (*COMMANDS, "DetectVolume"):
+            yield name, re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest)
+
+
+def test_every_flag_a_documented_command_line_shows_exists() -> None:
+    """A flag in a command line of the README or the docs is one of that command's own."""
+    pytest.importorskip("slicer")  # DetectVolume.py imports it
+    sys.path.insert(0, str(REPO / "CeVAEAnomaly" / "Scripts"))
+    import DetectVolume
+
+    parsers = {name: subparser(name) for name in COMMANDS}
+    parsers["DetectVolume"] = DetectVolume.build_parser()
+    flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in parsers.items()}
+    unknown, seen = [], 0
+    for document in DOCUMENTS:
+        for name, used in documented_commands((REPO / document).read_text(encoding="utf-8")):
+            seen += 1
+            unknown += [f"{document}: {name} {flag}" for flag in used if flag not in flags[name]]
+    assert seen > 50 and not unknown, unknown
