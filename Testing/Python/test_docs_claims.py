@@ -9,8 +9,9 @@ from typing import Iterator, List, Tuple
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, make_head
+from conftest import REPO, make_head, write_cohort
 from CeVAEAnomalyLib.cli.main import build_parser, main
+from CeVAEAnomalyLib.io.lock import hold_output
 
 
 def subparser(name: str):
@@ -83,3 +84,27 @@ def test_every_flag_a_documented_command_line_shows_exists() -> None:
             seen += 1
             unknown += [f"{document}: {name} {flag}" for flag in used if flag not in flags[name]]
     assert seen > 50 and not unknown, unknown
+
+
+def quoted(document: str, start: str) -> str:
+    """The quotation in ``document`` that starts with ``start``, as a pattern: N a number, OUT and … any text
+    (.OUT.lock: a hidden file, which the message gives with its folder)."""
+    text = " ".join((REPO / document).read_text(encoding="utf-8").split())
+    quote = re.escape(re.search(rf'"({re.escape(start)}[^"]*)"', text).group(1))
+    quote = quote.replace(re.escape(".OUT"), r"(?:.*/)?\.OUT")
+    return quote.replace("N", r"\d+").replace("OUT", ".+").replace("…", ".*")
+
+
+def test_a_run_refused_by_the_lock_on_its_output_says_what_the_docs_quote(tmp_path: Path, tiny_bundle,
+                                                                           capsys) -> None:
+    """A second train on the same --out, and a second batch on the same --out-dir, are refused in the words
+    WHAT_HAPPENS_WHEN.md and SCALING.md quote."""
+    manifest = write_cohort(tmp_path)
+    out = tmp_path / "m.cevae"
+    with hold_output(out, "train"):
+        assert main(["train", "--manifest", str(manifest), "--out", str(out)]) == 2
+    assert re.search(quoted("docs/WHAT_HAPPENS_WHEN.md", "A train (process"), capsys.readouterr().err)
+    with hold_output(tmp_path / "batch" / "summary.csv", "batch"):
+        assert main(["batch", str(tmp_path), "--out-dir", str(tmp_path / "batch"), "--model", str(tiny_bundle),
+                     "--threshold", "1"]) == 2
+    assert re.search(quoted("docs/SCALING.md", "A batch (process"), capsys.readouterr().err)
