@@ -41,12 +41,9 @@ def depth_contrast(slices: np.ndarray) -> float:
     """Median of the deep brain minus median of the brain's rim, over model slices [N, S, S] (brain: > 0)."""
     if len(slices) == 0:
         raise CeVAEError("The scan has no model slices with brain to tell its contrast.")
-    deep, rim = [], []
-    for s in np.asarray(slices, np.float32):
-        depth = _depth_px(s > 0)
-        deep.append(s[depth > DEEP_PX])
-        rim.append(s[(depth > 0) & (depth <= RIM_PX)])
-    deep_px, rim_px = np.concatenate(deep), np.concatenate(rim)
+    slices = np.asarray(slices, np.float32)
+    depth = _depth_px(slices > 0)
+    deep_px, rim_px = slices[depth > DEEP_PX], slices[(depth > 0) & (depth <= RIM_PX)]
     if deep_px.size == 0 or rim_px.size == 0:
         raise CeVAEError("The scan's brain is too small in its model slices to tell its contrast.")
     return round(float(np.median(deep_px) - np.median(rim_px)), 4)
@@ -113,13 +110,26 @@ def scan_bright_tail(image: sitk.Image, mask: sitk.Image) -> Optional[float]:
         return bright_tail(sitk.GetArrayViewFromImage(image), prep.brain_array(image, mask))
 
 
-def _depth_px(brain: np.ndarray) -> np.ndarray:
-    """Each pixel of the hole-filled 2D ``brain``: its distance in pixels to the nearest pixel outside (0 outside).
-    SimpleITK, not SciPy: this runs in Slicer's and a plain install's Python, which need not have SciPy."""
-    filled = sitk.BinaryFillhole(sitk.GetImageFromArray(brain.astype(np.uint8)), fullyConnected=False)
-    distance = sitk.SignedMaurerDistanceMap(filled == 0, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=False)
-    return np.maximum(sitk.GetArrayFromImage(distance), 0.0)
+def _depth_px(brains: np.ndarray) -> np.ndarray:
+    """Each pixel of each hole-filled 2D slice of ``brains`` [N, S, S]: its distance in pixels to the nearest pixel
+    outside in its slice (0 outside). All slices in two filter passes, not two per slice (which took about 1 s a
+    volume, a training start-up of minutes over a cohort of thousands): the slices are stacked with an all-brain
+    slice between them and at both ends, so that no background connects across slices or to the stack's ends, and
+    the distance runs at a slice spacing far beyond any in-plane distance. A slice without an outside pixel gets
+    distances of at least that spacing: all deep, as it was slice by slice. SimpleITK, not SciPy: this runs in
+    Slicer's and a plain install's Python, which need not have SciPy."""
+    n, height, width = brains.shape
+    stack = np.ones((2 * n + 1, height, width), np.uint8)
+    stack[1::2] = brains
+    filled = sitk.BinaryFillhole(sitk.GetImageFromArray(stack), fullyConnected=False)
+    outside = filled == 0
+    outside.SetSpacing((1.0, 1.0, _APART))
+    distance = sitk.SignedMaurerDistanceMap(outside, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    return np.maximum(sitk.GetArrayFromImage(distance)[1::2], 0.0)
+
+
+_APART = 1e6  # the stacked slices' spacing: beyond any distance within a slice (pixels)
 
 
 def reference_contrast(header: BundleHeader) -> Optional[Tuple[float, str]]:
