@@ -149,6 +149,23 @@ def test_ball_erosion_equals_itk(radius):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("radius", [[7, 7, 5], [2, 3, 4], [5, 1, 0], [12, 9, 1], [0, 3, 3]])
+def test_anisotropic_ball_erosion_equals_itk_without_its_kernel(radius, monkeypatch):
+    """A 3 mm rim on 0.45 x 0.45 x 0.6 mm voxels is radius (7, 7, 5): the erosion is the weighted distance test, not
+    ITK's kernel (2.7 s against 1.0 s on that scan's brain box), and equals ITK's ball erosion (borders, holes, a
+    zero radius along an axis, a sum beyond uint16)."""
+    rng = np.random.default_rng(sum(radius))
+    brain = rng.random((34, 40, 44)) > 0.1
+    brain[4:30, 5:35, 6:40] = True
+    brain[15:17, 14:19, 20:22] = False  # a hole
+    want = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(brain.astype(np.uint8)), radius,
+                                                   sitk.sitkBall, 0, 1)) > 0
+    monkeypatch.setattr(sitk, "BinaryErode", lambda *a, **k: pytest.fail("ITK's ball kernel was used"))
+    got = _erode_ball(brain, radius)
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(got, want)
+
+
 def test_a_rim_of_many_voxels_erodes_by_distance_in_the_images_memory():
     """A 3 mm rim on voxels of 0.01 mm asked ITK for a ball kernel of 601^3 offsets ("std::bad_alloc"); beyond 15
     voxels the erosion is a distance map, which matches ITK's ball where ITK can still build one."""
