@@ -158,3 +158,38 @@ def test_side_weighting_removes_the_ghost_at_the_mirror_position() -> None:
     assert sided[blob] == pytest.approx(plain[blob], rel=1e-5)
     assert sided[ghost] == pytest.approx(0.4 * plain[ghost], rel=0.05)
     assert sided[rest] == pytest.approx(plain[rest], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("floor, power", [(0.1, 0.5), (0.0, 1.0), (np.float64(0.1), np.float64(0.5)), (0.2, 2)])
+def test_asymmetry_and_fusion_keep_the_plain_formulas_bit_for_bit(floor, power) -> None:
+    """The smoothing and the side-weighted fusion work in place on as few box-sized arrays as they can (a 0.5 mm
+    scan's box is 36 M voxels, 144 MB each); they give exactly the values of the plain formulas, also for NumPy
+    scalar options, which compute in float64."""
+    image, mask, _ = symmetric_phantom(shift=1.5, yaw_deg=4.0)
+    brain = sitk.GetArrayFromImage(mask) > 0
+    rng = np.random.default_rng(3)
+    whole = tuple(slice(0, n) for n in brain.shape)
+    asym = box_asymmetry(image, brain, whole, 3.0)
+    score = np.where(brain, rng.random(brain.shape) * 3 - 0.5, 0).astype(np.float32)
+
+    here = sitk.GetImageFromArray(score)
+    here.CopyInformation(image)
+    mirrored = sitk.GetArrayFromImage(sitk.Resample(here, here, asym.reflection, sitk.sitkLinear, 0.0,
+                                                    sitk.sitkFloat32))
+    s = score if power == 1 else np.power(np.maximum(score, 0), power)
+    for side, a in ((False, asym.asymmetry), (True, asym.asymmetry * side_weight(score, mirrored))):
+        want = np.multiply(s, floor + a).astype(np.float32)
+        got = fuse_with_asymmetry(score, asym, floor, power, side)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+
+    diff, both = rng.random(brain.shape).astype(np.float32), brain & (rng.random(brain.shape) > 0.2)
+    spacing = (1.0, 1.5, 2.0)
+
+    def smoothed(arr):
+        img = sitk.GetImageFromArray(arr.astype(np.float32))
+        img.SetSpacing(spacing)
+        return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, 3.0))
+
+    plain = smoothed(np.where(both, diff, 0)) / np.maximum(smoothed(both), np.float32(1e-6))
+    np.testing.assert_array_equal(asymmetry(diff, np.zeros_like(diff), both, spacing, 3.0), np.where(both, plain, 0))

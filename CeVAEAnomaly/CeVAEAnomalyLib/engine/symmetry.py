@@ -144,23 +144,24 @@ def asymmetry(image: np.ndarray, mirrored: np.ndarray, both: np.ndarray, spacing
 def _smooth_within(diff: np.ndarray, both: np.ndarray, spacing: Tuple[float, float, float],
                    sigma_mm: float) -> np.ndarray:
     """:func:`asymmetry` of the float32 absolute difference ``diff``, which it overwrites and returns
-    (large volumes: few full-size copies alive at once)."""
+    (large volumes: besides ``diff``, at most two more arrays of its size alive at once)."""
     diff[~both] = 0
     if sigma_mm <= 0:
         return diff
-    num = _smooth(diff, spacing, sigma_mm)
-    diff[...] = both  # from here ``diff`` is scratch: the mask, then the result
-    den = _smooth(diff, spacing, sigma_mm)
-    np.maximum(sitk.GetArrayViewFromImage(den), 1e-6, out=diff)
-    del den
-    np.divide(sitk.GetArrayViewFromImage(num), diff, out=diff)
+    num = _smooth(sitk.GetImageFromArray(diff), spacing, sigma_mm)
+    diff[...] = sitk.GetArrayViewFromImage(num)  # from here ``diff`` holds the smoothed difference
     del num
+    den = _smooth(sitk.Cast(sitk.GetImageFromArray(both.view(np.uint8)), sitk.sitkFloat32), spacing, sigma_mm)
+    clamped = np.maximum(sitk.GetArrayViewFromImage(den), 1e-6)
+    del den
+    np.divide(diff, clamped, out=diff)
+    del clamped
     diff[~both] = 0
     return diff
 
 
-def _smooth(arr: np.ndarray, spacing: Tuple[float, float, float], sigma_mm: float) -> sitk.Image:
-    img = sitk.GetImageFromArray(arr)
+def _smooth(img: sitk.Image, spacing: Tuple[float, float, float], sigma_mm: float) -> sitk.Image:
+    """``img`` (float32, a fresh copy: its spacing is set here) smoothed with a Gaussian of ``sigma_mm``."""
     img.SetSpacing(tuple(float(s) for s in spacing))
     return sitk.SmoothingRecursiveGaussian(img, float(sigma_mm))
 
@@ -189,15 +190,15 @@ def box_asymmetry(image: sitk.Image, brain: np.ndarray, region: Region, sigma_mm
     scaled = np.zeros(brain.shape, np.float32)
     scaled[brain] = _unit_scaled(sitk.GetArrayViewFromImage(image)[region][brain])
     norm = region_image(scaled, image, region)
+    del scaled  # (large volumes: ``norm`` holds it, and the plane search makes copies of its own)
     reflection = _search(norm).reflection()
     mirrored = sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    del norm
     mask = region_image(brain.view(np.uint8), image, region)
     mask = sitk.Resample(mask, mask, reflection, sitk.sitkNearestNeighbor, 0)
     both = brain & (sitk.GetArrayViewFromImage(mask) > 0)  # brain here and at the mirror position
     del mask
-    diff = np.subtract(scaled, sitk.GetArrayViewFromImage(mirrored), out=scaled)  # |image - mirrored|, in place
-    del mirrored
+    diff = np.subtract(sitk.GetArrayViewFromImage(norm), sitk.GetArrayViewFromImage(mirrored))  # |image - mirrored|
+    del norm, mirrored
     np.abs(diff, out=diff)
     a = _smooth_within(diff, both, image.GetSpacing(), sigma_mm)
     return BoxAsymmetry(a, reflection, image, region)
@@ -211,39 +212,52 @@ def fuse_with_asymmetry(score: np.ndarray, box: BoxAsymmetry, floor: float = 0.0
     about the same plane, so a lesion lights up its healthy mirror position much less (reduced,
     not removed).
     """
-    a = box.asymmetry
-    if side:
-        here = region_image(score, box.image, box.region)
-        mirrored = sitk.Resample(here, here, box.reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        del here
-        a = side_weight(score, sitk.GetArrayViewFromImage(mirrored))
-        del mirrored
-        np.multiply(box.asymmetry, a, out=a)
-    return fuse(score, a, floor, power)
+    if not side:
+        return fuse(score, box.asymmetry, floor, power)
+    here = region_image(score, box.image, box.region)
+    mirrored = sitk.Resample(here, here, box.reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    del here
+    total = np.maximum(sitk.GetArrayViewFromImage(mirrored), 0, dtype=np.result_type(score, np.float32))
+    del mirrored
+    factor = _side_weight(score, total)
+    np.multiply(box.asymmetry, factor, out=factor)
+    same = np.result_type(factor, floor) == factor.dtype
+    return _fused(score, np.add(factor, floor, out=factor) if same else floor + factor, power)
 
 
 def side_weight(score: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
     """min(1, 2 s / (s + m)) for the score s here and m at the mirror position (negatives as 0): 1 where
     this side scores at least as high as its mirror, falling to 0 where only the mirror scores."""
-    dtype = np.result_type(score, mirrored)
-    s = np.maximum(score, 0, dtype=dtype)
-    total = np.maximum(mirrored, 0, dtype=dtype)
+    return _side_weight(score, np.maximum(mirrored, 0, dtype=np.result_type(score, mirrored)))
+
+
+def _side_weight(score: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """:func:`side_weight` of ``score`` and ``total``, the mirrored score's positive part in the dtype of both,
+    written into ``total`` (large volumes: one more array of its size alive at once)."""
+    s = np.maximum(score, 0, dtype=total.dtype)
     total += s
     scored = total > 0
     total[~scored] = 1
     s *= 2
-    np.divide(s, total, out=s)
-    del total
-    np.minimum(s, 1, out=s)
-    s[~scored] = 0
-    return s.astype(np.float32, copy=False)
+    weight = np.divide(s, total, out=total)
+    del s
+    np.minimum(weight, 1, out=weight)
+    weight[~scored] = 0
+    return weight.astype(np.float32, copy=False)
 
 
 def fuse(score: np.ndarray, asym: np.ndarray, floor: float = 0.0, power: float = 1.0) -> np.ndarray:
     """score^power × (floor + asymmetry) for score >= 0: floor 0 is the plain product; a positive floor
     keeps part of the score where both sides agree (midline or bilateral anomalies); power < 1 gives
     the asymmetry more say in the ranking."""
-    s = score if power == 1 else np.power(np.maximum(score, 0), power)
-    factor = floor + asym
+    return _fused(score, floor + asym, power)
+
+
+def _fused(score: np.ndarray, factor: np.ndarray, power: float) -> np.ndarray:
+    """score^power × ``factor`` (:func:`fuse`), written into ``factor`` where its dtype holds the product."""
+    s = score
+    if power != 1:
+        s = np.maximum(score, 0)
+        s = np.power(s, power, out=s if np.result_type(s, power) == s.dtype else None)
     out = np.multiply(s, factor, out=factor if factor.dtype == np.result_type(s, factor) else None)
     return out.astype(np.float32, copy=False)
