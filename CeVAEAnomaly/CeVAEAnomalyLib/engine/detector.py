@@ -324,7 +324,9 @@ def _mean_map(passes: Sequence[Tuple[SliceRecord, NetworkMaps]], opts: ScoreOpti
     score = invert_region(passes[0][0], pixel_map(passes[0][1], opts), region)
     for record, raw in passes[1:]:
         score += invert_region(record, pixel_map(raw, opts), region)
-    return score / len(passes) if len(passes) > 1 else score
+    if len(passes) > 1:
+        score /= len(passes)  # in place: no third box-sized array
+    return score
 
 
 def _slice_rows(record: SliceRecord, sl: SliceScores) -> List[SliceScoreRow]:
