@@ -179,7 +179,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
             raise CeVAEError(f"Case {name} ({files}): {exc}") from None
         cases.append(metrics)
         arrays.append((scores, labels))
-        if images["gt"] is None and images["mask"] is None:
+        if metrics.n_positive == 0 and images["mask"] is None:  # no truth, or one without lesion voxels
             unmasked_healthy.append((scores, name))
         log.info("Evaluated %s: AUROC %s, AUPRC %s", name, *(figure(v) for v in (metrics.auroc, metrics.auprc)))
     pooled = pooled_metrics(arrays)
@@ -384,8 +384,6 @@ def _evaluate(
                     name or "case", MAX_LABELS)
     if (truth & ~inside).any():
         log.warning("%s: ground-truth voxels outside the mask are not evaluated.", name or "case")
-    if gt is not None and mask is None:
-        _warn_of_easy_negatives(score_array, name)
     scores, labels = score_array[inside], truth[inside]
     if np.isnan(scores).any():
         raise CeVAEError(f"The score map of {name or 'the case'} contains NaN values inside the evaluated "
@@ -396,6 +394,8 @@ def _evaluate(
                     "give the brain mask so the healthy brain counts." if mask is None
                     else "the mask lies inside the lesion; give the brain mask.")
     lesion_case = gt is not None and bool(labels.any())
+    if lesion_case and mask is None:  # (a healthy case's figures are lifted only where pooled: evaluate_files)
+        _warn_of_easy_negatives(score_array, name)
     if gt is not None and not lesion_case:
         log.info("%s: the ground truth marks no lesion voxel among the evaluated ones: a healthy case, as one without "
                  "a ground truth (no Dice at the labelmap, no slice AUROC).", name or "case")

@@ -141,3 +141,20 @@ def test_a_truth_without_lesion_voxels_is_a_healthy_case_as_no_truth_is(cohort: 
     zero, none = evaluate_files(rows)[0]
     assert (zero.dice_at_threshold, zero.slice_auroc) == (none.dice_at_threshold, none.slice_auroc) == (None, None)
     assert zero.flagged_ml == none.flagged_ml > 0 and zero.n_positive == 0
+
+
+def test_a_healthy_case_of_an_all_zero_truth_without_its_mask_is_warned_of_the_pooled_auroc(
+        cohort: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An all-zero truth makes a healthy case, as no truth does: without its mask it lifts the pooled AUROC as much,
+    but it was warned that its own pixel and slice AUROC came out higher (it has neither) and not of the pooled one."""
+    lesion = {"score": cohort["lesion"], "gt": cohort["gt"], "mask": cohort["mask"]}
+    empty = write(np.zeros(SHAPE, np.uint8), tmp_path / "empty_gt.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        _, none = evaluate_files([lesion, {"score": cohort["healthy"], "name": "control"}])
+        said = caplog.text
+        caplog.clear()
+        _, zero = evaluate_files([lesion, {"score": cohort["healthy"], "gt": empty, "name": "control"}])
+    assert zero["auroc"] == none["auroc"]
+    assert "control: evaluated without a mask" in caplog.text and "the pooled AUROC comes out higher" in caplog.text
+    assert "pixel and slice AUROC" not in caplog.text and caplog.text.count("without a mask") == said.count(
+        "without a mask") == 1
