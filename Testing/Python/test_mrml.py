@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -1019,3 +1020,19 @@ def test_the_outputs_say_how_they_were_made_and_keep_it_in_a_saved_scene(scene, 
 
     third = mrml.publish(scene, volume, fake_detection(image, mask))  # made without a record: claims nothing
     assert marks(third) == [dict.fromkeys(nodes.PROVENANCE_ATTRIBUTES)] * 7
+
+
+def test_showing_a_deleted_score_volume_names_the_score_volume(scene):
+    """showResults and setOverlayOpacity (console calls) with a score volume removed from the scene called it "the
+    input volume", the node the user had not touched."""
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    image, mask = make_head()
+    volume = add_volume(scene, image, "T1")
+    out = mrml.publish(scene, volume, fake_detection(image, mask))
+    scene.RemoveNode(out.score)
+    logic, name = CeVAEAnomalyLogic(), re.escape(out.score.GetName())
+    with pytest.raises(CeVAEError, match=f"^The score volume '{name}' is not in an MRML scene"):
+        logic.showResults(out.score, volume)
+    with pytest.raises(CeVAEError, match=f"^The score volume '{name}' is not in an MRML scene"):
+        logic.setOverlayOpacity(out.score, 0.3)

@@ -170,14 +170,15 @@ class CeVAEAnomalyLogic(_LogicBase):
         self._targets: "weakref.WeakKeyDictionary[WorkerJob, _DetectionTarget]" = weakref.WeakKeyDictionary()
         self._closed: "weakref.WeakSet[WorkerJob]" = weakref.WeakSet()  # detections loaded or discarded
 
-    def _sceneFor(self, volumeNode) -> slicer.vtkMRMLScene:
-        """The input's scene, where the results go; the logic's own ``scene`` must be that one."""
+    def _sceneFor(self, volumeNode, what: str = "input volume") -> slicer.vtkMRMLScene:
+        """The scene of the input (``what``: the node's role in messages), where the results go; the logic's own
+        ``scene`` must be that one."""
         scene = volumeNode.GetScene()
         if scene is None:
-            raise CeVAEError(f"The input volume '{volumeNode.GetName()}' is not in an MRML scene; add it to the "
+            raise CeVAEError(f"The {what} '{volumeNode.GetName()}' is not in an MRML scene; add it to the "
                              "scene first (scene.AddNode).")
         if self.scene is not None and scene is not self.scene:
-            raise CeVAEError(f"The input volume '{volumeNode.GetName()}' is in another scene than the one this "
+            raise CeVAEError(f"The {what} '{volumeNode.GetName()}' is in another scene than the one this "
                              "logic was made for; make the logic without scene= or with the volume's scene.")
         return scene
 
@@ -530,7 +531,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         alone among this module's (nodes.show_only_run_segment)."""
         from .nodes import show_only_run_segment
 
-        show_only_run_segment(self._sceneFor(scoreVolume), scoreVolume)
+        show_only_run_segment(self._sceneFor(scoreVolume, "score volume"), scoreVolume)
         if getattr(slicer, "app", None) is None:
             return
         slicer.util.setSliceViewerLayers(background=volume, foreground=scoreVolume, foregroundOpacity=opacity)
@@ -542,7 +543,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         """Opacity of the score overlay in the views that show it (other overlays untouched)."""
         from .nodes import set_overlay_opacity
 
-        return set_overlay_opacity(self._sceneFor(scoreVolume), scoreVolume, opacity)
+        return set_overlay_opacity(self._sceneFor(scoreVolume, "score volume"), scoreVolume, opacity)
 
     def jumpToSlice(self, ras: Tuple[float, float, float]) -> None:
         """Centre all slice views on a world RAS point."""
