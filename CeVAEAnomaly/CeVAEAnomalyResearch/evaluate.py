@@ -216,8 +216,11 @@ def _case_names(rows: list[dict]) -> list[str]:
                              "table's last row (all cases together); give it another name in a 'name' column.")
         twin = first.setdefault(name, row)
         if twin is not row:
-            raise CeVAEError(f"Two cases are named {name!r} (score maps {twin['score']} and {row['score']}): their "
-                             "rows of the metrics table could not be told apart; give each its own 'name'.")
+            other = " and ".join(ROLES[key] for key in ROLES if (twin.get(key) or "") != (row.get(key) or ""))
+            cases = (f"score maps {twin['score']} and {row['score']}" if twin["score"] != row["score"] else
+                     f"both of the score map {row['score']}, with another {other}")
+            raise CeVAEError(f"Two cases are named {name!r} ({cases}): their rows of the metrics table could not be "
+                             "told apart; give each its own 'name'.")
     return names
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,18 @@ def test_a_healthy_case_of_an_all_zero_truth_without_its_mask_is_warned_of_the_p
     assert "control: evaluated without a mask" in caplog.text and "the pooled AUROC comes out higher" in caplog.text
     assert "pixel and slice AUROC" not in caplog.text and caplog.text.count("without a mask") == said.count(
         "without a mask") == 1
+
+
+def test_one_score_map_against_two_truths_is_refused_naming_what_differs_and_evaluated_once_named(
+        cohort: dict, tmp_path: Path) -> None:
+    """The same map against two raters' truths makes two cases of one default name: the refusal named the one score
+    map twice ("score maps X and X"), not what tells the cases apart."""
+    other = sitk.GetArrayFromImage(sitk.ReadImage(cohort["gt"]))
+    other[4] = 0
+    second = write(other, tmp_path / "rater2.nii.gz")
+    rows = [{"score": cohort["lesion"], "gt": gt, "mask": cohort["mask"]} for gt in (cohort["gt"], second)]
+    with pytest.raises(CeVAEError, match=r"^Two cases are named 'lesion\.nii\.gz' \(both of the score map "
+                                         rf"{re.escape(cohort['lesion'])}, with another ground truth\): their rows"):
+        evaluate_files(rows)
+    cases, _ = evaluate_files([dict(row, name=name) for row, name in zip(rows, ("rater 1", "rater 2"))])
+    assert [(c.name, c.n_positive) for c in cases] == [("rater 1", 27), ("rater 2", 18)]
