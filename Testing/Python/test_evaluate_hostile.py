@@ -174,3 +174,18 @@ def test_one_score_map_against_two_truths_is_refused_naming_what_differs_and_eva
         evaluate_files(rows)
     cases, _ = evaluate_files([dict(row, name=name) for row, name in zip(rows, ("rater 1", "rater 2"))])
     assert [(c.name, c.n_positive) for c in cases] == [("rater 1", 27), ("rater 2", 18)]
+
+
+def test_a_missing_case_file_given_by_an_absolute_path_is_not_said_to_be_read_from_the_lists_folder(
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only relative paths lead from the list's folder: an absolute one that does not exist was told "Relative paths
+    in the list are read from its folder", a reason that was not its."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lists").mkdir()
+    gone = tmp_path / "elsewhere" / "healthy.nii.gz"
+    (tmp_path / "lists" / "cases.csv").write_text(f"score,mask\n{gone},{cohort['mask']}\n")
+    assert main(["evaluate", "--cases", "lists/cases.csv"]) == 2
+    err = capsys.readouterr().err
+    assert f"lists/cases.csv, line 2: the score map {gone} does not exist." in err and "Relative paths" not in err

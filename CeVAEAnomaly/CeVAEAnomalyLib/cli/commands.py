@@ -325,19 +325,22 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def _check_case_files(cases: Path, rows: Sequence[Row], roles: Dict[str, str]) -> None:
     """Refuse, before any case is read, a missing or unreadable file of the cases CSV, naming its line; where the
-    CSV lies in another folder than the current one, a missing file's message says that paths lead from there."""
+    CSV lies in another folder than the current one, a missing file given by a relative path (read as one below
+    that folder) is said to be read from there."""
     from ..io.manifest import check_volume_path
 
-    elsewhere = Path(cases).parent.resolve() != Path.cwd().resolve()
+    folder = Path(cases).parent
+    elsewhere = folder.resolve() != Path.cwd().resolve()
     for row in rows:
         for role, what in roles.items():
+            path = row.files[role]
             try:
-                check_volume_path(row.files[role], what, f"{cases}, line {row.line}: ")
+                check_volume_path(path, what, f"{cases}, line {row.line}: ")
             except CeVAEError as exc:
-                if not elsewhere or row.files[role] is None or row.files[role].exists():
+                if not elsewhere or path is None or path.exists() or not path.is_relative_to(folder):
                     raise
                 raise CeVAEError(f"{exc} Relative paths in the list are read from its folder, "
-                                 f"{Path(cases).parent}.") from None
+                                 f"{folder}.") from None
 
 
 def run_demo(args: argparse.Namespace) -> None:
