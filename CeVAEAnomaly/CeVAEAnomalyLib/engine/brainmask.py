@@ -155,7 +155,7 @@ def _check_input(image: sitk.Image) -> sitk.Image:
     Non-finite voxels would spread through smoothing and resampling and break the percentiles;
     the pipeline leaves them out of the brain afterwards (with a warning), as with a given mask.
     """
-    intensities = sitk.Cast(_in_float32_range(image), sitk.sitkFloat32)
+    intensities = _float32(_in_float32_range(image))
     values = sitk.GetArrayViewFromImage(intensities)
     finite = np.isfinite(values)
     if not finite.all():
@@ -169,6 +169,11 @@ def _check_input(image: sitk.Image) -> sitk.Image:
     if not stats.GetMaximum() > stats.GetMinimum():
         raise CeVAEError("Brain masking needs a T1 image with contrast; this image is constant.")
     return intensities
+
+
+def _float32(image: sitk.Image) -> sitk.Image:
+    """``image`` cast to float32; a float32 image itself, not a copy (ITK's cast copies every voxel)."""
+    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def _in_float32_range(image: sitk.Image) -> sitk.Image:
@@ -195,7 +200,7 @@ def _downsampled(image: sitk.Image) -> sitk.Image:
     minimum = float(sitk.GetArrayViewFromImage(image).min())
     blocks = [b if n // b >= _MIN_AXIS_VOXELS else 1  # the smoothing needs a few voxels on each axis
               for n, b in zip(image.GetSize(), (max(1, int(np.floor(1.0 / s))) for s in image.GetSpacing()))]
-    block_grid = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), blocks) if max(blocks) > 1 else image
+    block_grid = sitk.BinShrink(_float32(image), blocks) if max(blocks) > 1 else image
     size = np.array(image.GetSize())
     new_size = _registration_size(image)
     direction = np.array(image.GetDirection()).reshape(3, 3)
@@ -205,7 +210,7 @@ def _downsampled(image: sitk.Image) -> sitk.Image:
     grid.SetDirection(image.GetDirection())
     grid.SetOrigin((centre - direction @ ((new_size - 1) / 2.0 * target)).tolist())
     sigmas = 0.5 * np.sqrt(np.maximum(target**2 - np.array(block_grid.GetSpacing()) ** 2, 0.0))
-    smoothed = sitk.Cast(block_grid, sitk.sitkFloat32)
+    smoothed = _float32(block_grid)
     if sigmas.max() > 0:
         smoothed = sitk.SmoothingRecursiveGaussian(smoothed, np.maximum(sigmas, 1e-3).tolist())
     return sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, minimum, sitk.sitkFloat32)
