@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 from CeVAEAnomalyLib.engine.brainmask import _check_input
 
 CHILD = """
@@ -78,3 +78,17 @@ def test_a_float32_scan_is_not_copied_to_float32_again():
     # 1 mm voxels are smoothed as they are: one float32 copy (it was two)
     assert peak_growth_mb(CUBE.format(spacing=1.0), "brainmask._downsampled(image)") < 1.5 * CUBE_MB
 
+
+def test_a_scan_in_another_voxel_order_is_masked_in_as_little_memory():
+    """The mask is made in LPS voxel order: a scan in another order (colin27 in RAS) was copied into it by
+    DICOMOrient, which holds two copies at once, and the copy was held until the mask was done. One flip now copies
+    it once, and the copy goes once the intensities have been read, before the template is registered."""
+    path = SHARED_DATA / "colin27_t1.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} is not on this machine")
+    setup = f"image = sitk.ReadImage({str(path)!r}, sitk.sitkFloat32)\nlps = sitk.DICOMOrient(image, 'LPS')"
+    size_mb = 181 * 217 * 181 * 4 / 2.0**20
+    ras = peak_growth_mb(setup, "brainmask.compute_brain_mask(image)")
+    lps = peak_growth_mb(setup, "brainmask.compute_brain_mask(lps)")
+    assert ras - lps < 0.5 * size_mb, (ras, lps)  # it was the scan's size
+    assert peak_growth_mb(setup, "brainmask._reordered(image)") < 1.5 * size_mb  # DICOMOrient: twice its size

@@ -18,7 +18,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -114,25 +114,28 @@ def compute_brain_mask(
     probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)  # the same axes: whether the reordering undoes itself exactly
     probe.SetDirection(image.GetDirection())
     back = sitk.DICOMOrient(sitk.DICOMOrient(probe, _ORDER), order).GetDirection()
-    if order == _ORDER or not np.allclose(back, image.GetDirection(), atol=1e-9):
-        return _mask_in_order(image, image, template_dir, progress, where, margin_mm)
-    mask = sitk.DICOMOrient(_mask_in_order(sitk.DICOMOrient(image, _ORDER), image, template_dir, progress, where,
-                                           margin_mm), order)
+    reorder = order != _ORDER and np.allclose(back, image.GetDirection(), atol=1e-9)
+    mask = _mask_in_order(image, reorder, template_dir, progress, where, margin_mm)
+    if not reorder:
+        return mask
+    mask = sitk.DICOMOrient(mask, order)
     mask.CopyInformation(image)  # the same grid: the voxels are only put back in order
     return mask
 
 
-def _mask_in_order(image: sitk.Image, given: sitk.Image, template_dir: Optional[Path],
+def _mask_in_order(given: sitk.Image, reorder: bool, template_dir: Optional[Path],
                    progress: Optional[ProgressCallback], where: str, margin_mm: float) -> sitk.Image:
-    """:func:`compute_brain_mask` of ``image``, ``given`` in the voxel order :data:`_ORDER` (``given``, as the user
-    gave it, is the one whose axes a refusal names)."""
-    intensities = _check_input(image)
+    """:func:`compute_brain_mask` of ``given`` (as the user gave it: the image whose axes a refusal names), made in
+    the voxel order :data:`_ORDER`: of a copy in that order where ``reorder``."""
+    intensities = _check_input(_reordered(given) if reorder else given)
     small = _downsampled(intensities)
     background = _background_level(small)
-    if (_foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML and _constant_background(intensities)
-            and not (_reaches_edge(intensities, background) and _skull_under_surface(small, background))):
+    grid = _grid(intensities)
+    foreground = sitk.GetArrayViewFromImage(intensities) > background  # a new array, not a view
+    mask = intensities > background if _looks_stripped(intensities, small, background) else None
+    del intensities  # (a reordered copy of the scan) not held while the template is registered, warped and cleaned
+    if mask is not None:
         logger.info("Input looks skull-stripped: its foreground is the brain mask")
-        mask = intensities > background
     else:
         _check_extent(given)
         report(progress, 0.05, "Loading brain template")
@@ -140,13 +143,39 @@ def _mask_in_order(image: sitk.Image, given: sitk.Image, template_dir: Optional[
         report(progress, 0.1, "Registering brain template")
         transform = _register(_normalised(small), _normalised(template), scaled(progress, 0.1, 0.8))
         report(progress, 0.8, "Warping brain mask")
-        mask = _warped_distance(template_mask, image, transform) <= margin_mm
+        mask = _warped_distance(template_mask, grid, transform) <= margin_mm
     report(progress, 0.9, "Cleaning brain mask")
     mask = _largest_filled_component(mask)
     _check_volume(mask, where)
-    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, sitk.GetArrayViewFromImage(intensities) > background, where)
+    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, foreground, where)
     report(progress, 1.0, "Brain mask done")
     return mask
+
+
+def _reordered(image: sitk.Image) -> sitk.Image:
+    """``image`` with its voxels in the order :data:`_ORDER`. Where only axes flip (as from a NIfTI's RAS or LAS),
+    one flip copies the voxels once; DICOMOrient (kept for a permutation) permutes, even to the same order, then flips,
+    holding two copies of the scan at once."""
+    orient = sitk.DICOMOrientImageFilter()
+    orient.SetDesiredCoordinateOrientation(_ORDER)
+    probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    probe.SetDirection(image.GetDirection())
+    orient.Execute(probe)
+    if list(orient.GetPermuteOrder()) == [0, 1, 2]:
+        return sitk.Flip(image, orient.GetFlipAxes())  # the same voxels and grid as DICOMOrient's
+    return sitk.DICOMOrient(image, _ORDER)
+
+
+def _grid(image: sitk.Image) -> Tuple[tuple, tuple, tuple, tuple]:
+    """``image``'s size, origin, spacing and direction: its grid, without its voxels."""
+    return image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection()
+
+
+def _looks_stripped(intensities: sitk.Image, small: sitk.Image, background: float) -> bool:
+    """Whether the scan (its float32 ``intensities``, their 4 mm copy ``small``) is skull-stripped: the module's
+    tests of its foreground's volume, its background and, where it reaches the image's edge, its depth profile."""
+    return (_foreground_volume_ml(small, background) <= _STRIPPED_MAX_ML and _constant_background(intensities)
+            and not (_reaches_edge(intensities, background) and _skull_under_surface(small, background)))
 
 
 def _check_input(image: sitk.Image) -> sitk.Image:
@@ -464,13 +493,15 @@ def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: si
         raise state["cancelled"]
 
 
-def _warped_distance(template_mask: sitk.Image, image: sitk.Image, transform: sitk.Transform) -> sitk.Image:
-    """Signed distance (mm, negative inside) to the template brain boundary, on the input grid."""
+def _warped_distance(template_mask: sitk.Image, grid: Tuple[tuple, tuple, tuple, tuple],
+                     transform: sitk.Transform) -> sitk.Image:
+    """Signed distance (mm, negative inside) to the template brain boundary, on the input's ``grid``."""
     distance = sitk.SignedMaurerDistanceMap(
         template_mask, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
     )
     far = float(np.abs(sitk.GetArrayViewFromImage(distance)).max())
-    return sitk.Resample(distance, image, transform, sitk.sitkLinear, far, sitk.sitkFloat32)
+    size, origin, spacing, direction = grid
+    return sitk.Resample(distance, size, transform, sitk.sitkLinear, origin, spacing, direction, far, sitk.sitkFloat32)
 
 
 def _largest_filled_component(mask: sitk.Image) -> sitk.Image:
