@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, SHARED_DATA
-from CeVAEAnomalyLib.engine.brainmask import _check_input
+from CeVAEAnomalyLib.engine.brainmask import _check_input, _largest_filled_component
 
 CHILD = """
 from pathlib import Path
@@ -92,3 +92,45 @@ def test_a_scan_in_another_voxel_order_is_masked_in_as_little_memory():
     lps = peak_growth_mb(setup, "brainmask.compute_brain_mask(lps)")
     assert ras - lps < 0.5 * size_mb, (ras, lps)  # it was the scan's size
     assert peak_growth_mb(setup, "brainmask._reordered(image)") < 1.5 * size_mb  # DICOMOrient: twice its size
+
+
+def whole_grid_largest_filled(mask: sitk.Image) -> sitk.Image:
+    """The largest hole-filled component as it was found before, labelling the whole grid."""
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.Cast(mask, sitk.sitkUInt8)), sortByObjectSize=True)
+    return sitk.Cast(sitk.BinaryFillhole(components == 1), sitk.sitkUInt8)
+
+
+def test_the_largest_component_is_labelled_within_the_mask_s_box():
+    """The whole grid was labelled twice in 32 bits (ConnectedComponent, then RelabelComponent: 600 MB at once for a
+    512x512x300 scan); now only the mask's bounding box is, with the same component, holes and ties as before."""
+    rng = np.random.default_rng(7)
+    for edge, noise in ((0, 0.25), (4, 0.25), (4, 0.0)):  # the mask reaching the image's border or not
+        values = np.zeros((40, 46, 52), np.uint8)
+        inner = values[edge:40 - edge, edge:46 - edge, edge:52 - edge]
+        inner[...] = rng.random(inner.shape) < noise  # many small components
+        inner[2:14, 2:14, 2:14] = 1
+        inner[5:11, 5:11, 5:11] = 0  # a hole: filled
+        inner[16:28, 16:28, 0:12] = 1
+        inner[19:25, 19:25, 0:9] = 0  # a pit open at the box's face: not a hole
+        inner[16:28, 0:12, 30:42] = 1
+        inner[19:25, 3:9, 33:39] = 0  # as big as the first: without noise a tie, which the first in raster order wins
+        mask = sitk.GetImageFromArray(values)
+        mask.SetSpacing((0.7, 1.1, 1.3))
+        mask.SetOrigin((3.0, -4.0, 5.0))
+        mask.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+        largest, reference = _largest_filled_component(mask), whole_grid_largest_filled(mask)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(largest), sitk.GetArrayViewFromImage(reference))
+        assert (largest.GetPixelID(), largest.GetSize(), largest.GetOrigin(), largest.GetSpacing(),
+                largest.GetDirection()) == (sitk.sitkUInt8, mask.GetSize(), mask.GetOrigin(), mask.GetSpacing(),
+                                            mask.GetDirection())
+    empty = _largest_filled_component(sitk.Image([5, 6, 7], sitk.sitkUInt8))
+    assert empty.GetSize() == (5, 6, 7) and not sitk.GetArrayViewFromImage(empty).any()
+    ball = """
+k, j, i = np.ogrid[:256, :256, :256]
+values = (((k - 128) ** 2 + (j - 120) ** 2 + (i - 130) ** 2) < 70 ** 2).astype(np.uint8)
+values[120:130, 120:130, 120:130] = 0
+mask = sitk.GetImageFromArray(values)
+del values, k, j, i
+"""
+    size_mb = 256**3 / 2.0**20  # the mask's bytes; a brain's box is about a third of a scan's grid, this one's a sixth
+    assert peak_growth_mb(ball, "brainmask._largest_filled_component(mask)") < 4 * size_mb  # it was over 9 times
