@@ -169,3 +169,17 @@ def test_a_folder_or_a_glob_of_scans_and_their_masks_is_read_as_batch_reads_a_fo
     sitk.WriteImage(sitk.ReadImage(str(cohort / "h1.nii.gz")), str(cohort / "h1.nrrd"))
     with pytest.raises(CeVAEError, match="both the image of 'h1'"):
         read(cohort / "h1.nii.gz", cohort / "h1.nrrd", cohort / "h1_mask.nii.gz")
+
+
+@pytest.mark.parametrize("role", ["h2.nii.gz", "h2_mask.nii.gz"])
+@pytest.mark.parametrize("command", ["train", "prepare", "calibrate"])
+def test_a_link_to_a_file_not_fetched_in_a_cohort_folder_is_said_so(cohort, tmp_path, capsys, role, command,
+                                                                   tiny_bundle):
+    """A folder's dangling link (a DataLad file not fetched) was hashed unchecked: "unexpected OSError"."""
+    (cohort / role).unlink()
+    (cohort / role).symlink_to(tmp_path / "annex" / "not-fetched")
+    out = {"train": ["--out", str(tmp_path / "m.cevae"), *SMALL], "prepare": ["--cache-dir", str(tmp_path / "c")],
+           "calibrate": ["--model", str(tiny_bundle), "--out", str(tmp_path / "m.cevae")]}[command]
+    assert main([command, str(cohort), *out]) == 2
+    one_error_line(capsys.readouterr().err, rf"{role.replace('.', '[.]')} is a symbolic link to .*not-fetched, "
+                                            "which does not exist")

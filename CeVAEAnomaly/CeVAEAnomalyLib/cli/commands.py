@@ -47,6 +47,9 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     for p in map(Path, args.images):
         check_volume_path(p, "image")
         items = collect_folder(p) if p.is_dir() else []
+        for item in items:  # a folder's files too: a link to a file not fetched is said so, not hashed
+            check_volume_path(item.image, "image")
+            check_volume_path(item.mask, "brain mask")
         subjects += [Subject(item.image, item.mask) for item in items]
         if not items:  # a file, or a DICOM series folder
             files.append(p)
