@@ -3,6 +3,7 @@ named; DICOM series folders accepted; a CSV saved by Excel (with a byte-order ma
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,21 @@ def test_a_link_to_a_file_not_fetched_in_a_cohort_folder_is_said_so(cohort, tmp_
     assert main([command, str(cohort), *out]) == 2
     one_error_line(capsys.readouterr().err, rf"{role.replace('.', '[.]')} is a symbolic link to .*not-fetched, "
                                             "which does not exist")
+
+
+def test_train_says_how_many_persons_it_splits_and_when_it_cannot_tell_them(cohort, tmp_path, caplog):
+    """The split is by person, but the log counted volumes only: two sessions taken for two persons went unsaid."""
+    image, _ = make_head(size=(32, 36, 28), seed=3)
+    sitk.WriteImage(image, str(cohort / "h3.nii.gz"))
+    persons = cohort / "persons.csv"
+    persons.write_text("image,mask,subject\nh1.nii.gz,h1_mask.nii.gz,anna\nh3.nii.gz,,anna\nh2.nii.gz,,ben\n")
+    args = ["--out", str(tmp_path / "m.cevae"), "--overwrite", *SMALL[:-1], "0.5"]
+    with caplog.at_level("INFO"):
+        assert main(["train", "--manifest", str(persons), *args]) == 0
+    assert re.search(r"training slices \(\d volume\(s\) of 1 person\(s\)\), \d+ validation slices \(\d volume\(s\) of "
+                     r"1 person\(s\)\)", caplog.text), caplog.text
+    assert "taken for a different person" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["train", str(cohort / "h1.nii.gz"), str(cohort / "h3.nii.gz"), *args]) == 0
+    assert "each of the 2 volumes is taken for a different person" in caplog.text

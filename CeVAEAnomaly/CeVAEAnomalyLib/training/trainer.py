@@ -240,8 +240,8 @@ class Trainer:
             log.warning("Only %d training slices for batch size %d.", len(self.train), self.cfg.batch_size)
         if len(self.train) == 0:
             raise CeVAEError("No training slices: the images have no brain voxels.")
-        log.info("Loaded %d training slices (%d volume(s)), %d validation slices (%d volume(s)) in %.1f s.",
-                 len(self.train), len(self.train_subjects), len(self.val), len(self.val_subjects),
+        log.info("Loaded %d training slices (%s), %d validation slices (%s) in %.1f s.", len(self.train),
+                 _of_persons(self.train_subjects), len(self.val), _of_persons(self.val_subjects),
                  time.perf_counter() - t)
 
     def _prepare_share(self, cache: SliceCache) -> None:
@@ -477,6 +477,11 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
         """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
+        scans = [*self.train_subjects, *self.val_subjects]
+        if len(scans) > 1 and all(s.group[0] == "image" for s in scans) and self.dist.main:
+            log.info("No manifest 'subject' column or BIDS file name (sub-<label>_...) says who was scanned, so each "
+                     "of the %d volumes is taken for a different person; where some are scans of one person "
+                     "(sessions), name it in a 'subject' column so that the split keeps them together.", len(scans))
         if not self.val_subjects and self.dist.main:
             enough = persons_to_hold_out(self.cfg.val_fraction)
             remedy = (f"Give volumes of at least {enough} persons at this fraction" if enough
@@ -616,6 +621,11 @@ def _warn_of_rewritten_repeats(axial: Sequence[Tuple[Subject, Entry]], trained: 
                 f"it counts twice among the {roles[0]} volumes")
         log.warning("%s (%s) gives the same slices as %s (%s): the same scan saved twice; %s. Remove one of them "
                     "and train anew.", subject.image, roles[1], axial[was][0].image, roles[0], harm)
+
+
+def _of_persons(subjects: Sequence[Subject]) -> str:
+    """How many volumes of how many persons (:attr:`Subject.group`) ``subjects`` are, in words."""
+    return f"{len(subjects)} volume(s) of {len(person_groups(subjects))} person(s)"
 
 
 def _shared_voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, str],
