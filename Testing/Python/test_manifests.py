@@ -202,3 +202,30 @@ def test_train_says_how_many_persons_it_splits_and_when_it_cannot_tell_them(coho
     with caplog.at_level("INFO"):
         assert main(["train", str(cohort / "h1.nii.gz"), str(cohort / "h3.nii.gz"), *args]) == 0
     assert "each of the 2 volumes is taken for a different person" in caplog.text
+
+
+@pytest.mark.parametrize("with_description", [True, False])
+def test_a_bids_dataset_given_as_a_folder_is_told_to_be_listed_in_a_manifest(cohort, tmp_path, capsys,
+                                                                             with_description):
+    """Its subfolders are not searched; it was taken for a DICOM series folder: "give the folder of one series"."""
+    import argparse
+
+    from CeVAEAnomalyLib.cli.commands import _healthy_subjects
+
+    bids = tmp_path / "bids"
+    for person in ("01", "02"):
+        anat = bids / f"sub-{person}" / "anat"
+        anat.mkdir(parents=True)
+        (anat / f"sub-{person}_T1w.nii.gz").write_bytes((cohort / "h1.nii.gz").read_bytes())
+    if with_description:
+        (bids / "dataset_description.json").write_text('{"Name": "site", "BIDSVersion": "1.8.0"}')
+    assert main(["prepare", str(bids), "--cache-dir", str(tmp_path / "c")]) == 2
+    one_error_line(capsys.readouterr().err, r"bids holds no image files of its own, and its subfolders \(such as "
+                                            r"sub-01/anat/sub-01_T1w\.nii\.gz\) are not searched: list the scans, "
+                                            r"with their brain masks, in a --manifest CSV")
+    image, _ = make_head(size=(32, 36, 28), seed=3)  # a DICOM series folder is still one, whatever lies below it
+    write_dicom_series(image, tmp_path / "series")
+    (tmp_path / "series" / "converted").mkdir()
+    (tmp_path / "series" / "converted" / "s.nii.gz").write_bytes((cohort / "h1.nii.gz").read_bytes())
+    subjects = _healthy_subjects(argparse.Namespace(manifest=None, images=[tmp_path / "series"]))
+    assert [s.image.name for s in subjects] == ["series"]

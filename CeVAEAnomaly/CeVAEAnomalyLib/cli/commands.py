@@ -45,13 +45,20 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     files: List[Path] = []
     for p in map(Path, args.images):
-        check_volume_path(p, "image")
+        try:
+            check_volume_path(p, "image")
+        except CeVAEError:
+            if p.is_dir():  # without files of its own: its subfolders may hold the cohort
+                _refuse_nested_cohort(p)
+            raise
         items = collect_folder(p) if p.is_dir() else []
         for item in items:  # a folder's files too: a link to a file not fetched is said so, not hashed
             check_volume_path(item.image, "image")
             check_volume_path(item.mask, "brain mask")
         subjects += [Subject(item.image, item.mask) for item in items]
         if not items:  # a file, or a DICOM series folder
+            if p.is_dir():
+                _refuse_nested_cohort(p)
             files.append(p)
     images: Dict[Tuple[Path, str], Path] = {}  # (folder, stem) -> the image file; masks: (folder, mask stem)
     masks: Dict[Tuple[Path, str], Path] = {}
@@ -71,6 +78,23 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     if not subjects:
         raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects
+
+
+def _refuse_nested_cohort(folder: Path) -> None:
+    """Refuse a folder that holds neither image files nor a DICOM series of its own but image files in its
+    subfolders (a BIDS dataset, a folder per person), which are not searched: say to list the scans instead."""
+    from ..io.images import holds_dicom_series
+    from ..io.naming import image_stem
+
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        nested = next((n for n in sorted(names) if image_stem(n) and not n.startswith(".")), None)
+        if nested is not None and Path(root) != folder:
+            if holds_dicom_series(folder):
+                return
+            raise CeVAEError(f"{folder} holds no image files of its own, and its subfolders (such as "
+                             f"{Path(root, nested).relative_to(folder)}) are not searched: list the scans, with their "
+                             "brain masks, in a --manifest CSV (columns image,mask,subject), or give the image files.")
 
 
 def _same(a: Path, b: Path) -> bool:

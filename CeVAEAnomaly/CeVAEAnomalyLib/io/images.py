@@ -389,6 +389,12 @@ def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
         return _read_dicom_series(folder, what)
 
 
+def holds_dicom_series(folder: Path) -> bool:
+    """Whether ``folder`` holds the files of a DICOM series (not searching its subfolders)."""
+    with _itk_warnings_off():
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     _refuse_dangling_links(folder, what)
     reader = sitk.ImageSeriesReader()
