@@ -229,3 +229,15 @@ def test_a_bids_dataset_given_as_a_folder_is_told_to_be_listed_in_a_manifest(coh
     (tmp_path / "series" / "converted" / "s.nii.gz").write_bytes((cohort / "h1.nii.gz").read_bytes())
     subjects = _healthy_subjects(argparse.Namespace(manifest=None, images=[tmp_path / "series"]))
     assert [s.image.name for s in subjects] == ["series"]
+
+
+def test_adapt_says_when_no_scan_s_person_is_known(cohort, tmp_path, tiny_bundle, caplog):
+    """Two sessions named anna_1, anna_2 pass adapt's two-person minimum as two persons: it is said, not silent."""
+    persons = cohort / "persons.csv"
+    persons.write_text("image,mask,subject\nh1.nii.gz,h1_mask.nii.gz,anna\nh2.nii.gz,h2_mask.nii.gz,ben\n")
+    for args in (["--manifest", str(persons)], [str(cohort)]):
+        caplog.clear()
+        with caplog.at_level("INFO"):  # --resume without a checkpoint: refused after the persons are counted
+            assert main(["adapt", *args, "--model", str(tiny_bundle), "--out", str(tmp_path / "s.cevae"),
+                         "--resume"]) == 2
+        assert ("each of the 2 volumes is taken for a different person" in caplog.text) == (args[0] == str(cohort))

@@ -56,6 +56,16 @@ def scan_group(person: Optional[str], scan: str) -> Tuple[str, str]:
     return ("person", person) if person else ("image", scan)
 
 
+def unknown_persons_note(subjects: Sequence[Subject]) -> Optional[str]:
+    """Where no one of several ``subjects`` has a known person, a sentence saying so: each volume is then taken for
+    a person of its own, and a split by person cannot keep one person's sessions together."""
+    if len(subjects) < 2 or any(s.group[0] == "person" for s in subjects):
+        return None
+    return ("No manifest 'subject' column or BIDS file name (sub-<label>_...) says who was scanned, so each of the "
+            f"{len(subjects)} volumes is taken for a different person; where some are scans of one person "
+            "(sessions), name it in a 'subject' column so that they are held out together.")
+
+
 @dataclass(frozen=True)
 class Subject:
     """One healthy volume, its optional brain mask and, if known, the person scanned (``person``: a manifest's

@@ -26,7 +26,7 @@ from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output, refuse_if_held
-from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
+from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names, unknown_persons_note
 from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..options import ScoreOptions, option_field
@@ -75,6 +75,9 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
+    note = unknown_persons_note(subjects)
+    if note:
+        log.info("%s", note)
     modes = _adaptable_modes(calibrated_test_time_steps(header.calibration), base)  # the parent's, calibrated again
     thorough = len([steps for steps in modes if steps > 0])
     device = resolve_device(options.device, strict=True)  # what the runs use: a missing GPU is refused before any run

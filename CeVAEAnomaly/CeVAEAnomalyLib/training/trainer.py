@@ -30,7 +30,7 @@ from ..engine.modality import TOLERANCE, depth_contrast
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
 from ..io.atomic import remove_stale_temporaries
-from ..io.manifest import distinct_names
+from ..io.manifest import distinct_names, unknown_persons_note
 from ..io.naming import full_suffix
 from ..progress import ProgressCallback, checked, report
 from .augment import augment
@@ -477,11 +477,9 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
         """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
-        scans = [*self.train_subjects, *self.val_subjects]
-        if len(scans) > 1 and all(s.group[0] == "image" for s in scans) and self.dist.main:
-            log.info("No manifest 'subject' column or BIDS file name (sub-<label>_...) says who was scanned, so each "
-                     "of the %d volumes is taken for a different person; where some are scans of one person "
-                     "(sessions), name it in a 'subject' column so that the split keeps them together.", len(scans))
+        note = unknown_persons_note([*self.train_subjects, *self.val_subjects])
+        if note and self.dist.main:
+            log.info("%s", note)
         if not self.val_subjects and self.dist.main:
             enough = persons_to_hold_out(self.cfg.val_fraction)
             remedy = (f"Give volumes of at least {enough} persons at this fraction" if enough
