@@ -46,12 +46,14 @@ def manifest(folder: Path, *rows: str, bom: bool = False) -> Path:
     ("blank.nii.gz,", r"line 4: the image .*blank\.nii\.gz is empty"),
     ("pipe.nii.gz,", r"line 4: the image .*pipe\.nii\.gz is a named pipe \(FIFO\), not a file"),
     ("x" * 300 + ".nii.gz,", r"line 4: the image .*x\.\.\. cannot be opened: file name too long"),
+    ("._h1.nii.gz,", r"line 4: the image .*\._h1\.nii\.gz is a macOS resource fork \(an AppleDouble '\._' file"),
 ])
 @pytest.mark.parametrize("command", ["train", "prepare", "calibrate"])
 def test_every_manifest_row_is_checked_before_any_work(cohort, tmp_path, capsys, bad, message, command, tiny_bundle):
     (cohort / "empty").mkdir()
     (cohort / "blank.nii.gz").write_bytes(b"")
     os.mkfifo(cohort / "pipe.nii.gz")
+    (cohort / "._h1.nii.gz").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(4000))  # `find` lists it
     csv = manifest(cohort, "h1.nii.gz,h1_mask.nii.gz", "h2.nii.gz,", bad)
     out = tmp_path / "out"
     argv = {"train": ["train", "--manifest", str(csv), "--out", str(out / "m.cevae"), *SMALL],

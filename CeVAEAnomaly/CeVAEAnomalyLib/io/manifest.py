@@ -23,6 +23,7 @@ from ..progress import Cancelled
 from .naming import file_stem, subfolders_hint
 
 log = logging.getLogger(__name__)
+APPLE_DOUBLE = b"\x00\x05\x16\x07"  # how a macOS resource fork ('._NAME', beside NAME on a non-Mac disk) starts
 _BIDS_FILE = re.compile(r"sub-([A-Za-z0-9]+)_")  # a BIDS file name starts with its subject: sub-01_ses-2_T1w.nii.gz
 
 
@@ -213,7 +214,7 @@ def read_manifest(path: Path) -> List[Subject]:
 
 def check_volume_path(path: Optional[Path], what: str, where: str = "") -> None:
     """Refuse (naming ``where``, e.g. a manifest line) a volume path that is missing, a special file, an
-    empty or unreadable file, or a folder without files (a DICOM series folder is accepted)."""
+    empty or unreadable file, a macOS resource fork, or a folder without files (a DICOM series folder is accepted)."""
     from .targets import refuse_missing_volume
 
     if path is None:
@@ -229,6 +230,9 @@ def check_volume_path(path: Optional[Path], what: str, where: str = "") -> None:
         elif path.stat().st_size == 0:
             raise CeVAEError(f"{lead} {path} is empty.")
         else:
-            open(path, "rb").close()
+            with open(path, "rb") as fh:
+                if fh.read(len(APPLE_DOUBLE)) == APPLE_DOUBLE:
+                    raise CeVAEError(f"{lead} {path} is a macOS resource fork (an AppleDouble '._' file, which macOS "
+                                     "writes beside a file copied to another disk), not an image; leave it out.")
     except OSError as exc:
         raise CeVAEError(f"{lead} {path} cannot be read ({exc.strerror or exc}).") from None
