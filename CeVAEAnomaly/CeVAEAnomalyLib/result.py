@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from .errors import CeVAEError
 from .io import strict_json
+from .io.images import PathLike
 from .options import PostprocessOptions, ScoreOptions
 
 
@@ -269,12 +270,13 @@ SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_so
 SUMMARY_VERSION = 2  # 2: with the detection's record
 
 
-def save_result(result: DetectionResult, folder: Path) -> None:
-    """The result as image files and a JSON summary (read back by :func:`load_result`), each checked
-    complete before it is renamed into place. The images are not compressed (they only pass from the
-    worker to the Slicer module), so that check reads their headers, not their voxels."""
+def save_result(result: DetectionResult, folder: PathLike) -> None:
+    """The result as image files and a JSON summary in ``folder`` (a path or its text; made if missing; read back by
+    :func:`load_result`), each checked complete before it is renamed into place. The images are not compressed (they
+    only pass from the worker to the Slicer module), so that check reads their headers, not their voxels."""
     from .io.atomic import write_all
 
+    folder = _folder(folder)
     files: Dict[Path, object] = {
         path: (lambda tmp, image=image: sitk.WriteImage(image, tmp))
         for path, image in result_files(result, {key: folder / name for key, name in RESULT_FILES.items()}).items()}
@@ -285,9 +287,10 @@ def save_result(result: DetectionResult, folder: Path) -> None:
     write_all(files, overwrite=True)
 
 
-def load_result(folder: Path) -> DetectionResult:
-    """The result :func:`save_result` wrote into ``folder``, every field's type and the images' common grid
-    checked (a damaged or foreign folder is refused in one line, before anything uses it)."""
+def load_result(folder: PathLike) -> DetectionResult:
+    """The result :func:`save_result` wrote into ``folder`` (a path or its text), every field's type and the images'
+    common grid checked (a damaged or foreign folder is refused in one line, before anything uses it)."""
+    folder = _folder(folder)
     try:
         summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
         if not isinstance(summary, dict) or summary.get("format_version") != SUMMARY_VERSION:
@@ -307,6 +310,13 @@ def load_result(folder: Path) -> DetectionResult:
                                rows, components, record)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # (RecursionError is a RuntimeError)
         raise CeVAEError(f"The detection results in {folder} could not be read ({exc}).") from None
+
+
+def _folder(folder: PathLike) -> Path:
+    """A result folder given as a path or its text; anything else is refused in one line."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise CeVAEError(f"The result folder must be a path (a str or pathlib.Path), got {type(folder).__name__}.")
+    return Path(folder)
 
 
 def _listed(summary: dict, key: str) -> list:

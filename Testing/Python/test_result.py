@@ -203,3 +203,16 @@ def test_a_damaged_hand_over_is_refused_in_one_line(tmp_path):
         sitk.WriteImage(image(labelmap), str(folder / "labelmap.nrrd"))
         with pytest.raises(CeVAEError, match=message):
             load_result(folder)
+
+
+def test_a_result_folder_may_be_given_as_text(tmp_path):
+    """save_result(result, "out") raised TypeError ('str' / 'str'), and load_result("out") was refused as a folder that
+    "could not be read (unsupported operand type(s) for /)": a folder as a researcher types it."""
+    import pytest
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    save_result(small_result(), str(tmp_path / "out"))
+    assert load_result(str(tmp_path / "out")).components == small_result().components
+    with pytest.raises(CeVAEError, match=r"The result folder must be a path \(a str or pathlib.Path\), got int"):
+        load_result(3)
