@@ -149,7 +149,7 @@ def _holds_fields(data: object, names: AbstractSet[str], what: str) -> None:
         raise ValueError(f"{what} does not hold the fields {sorted(names)}")
 
 
-@dataclass
+@dataclass(repr=False)
 class DetectionResult:
     """Everything one detection produces, on the input's exact grid; ``record``: how it was made (the detector
     fills it; None for a result made otherwise)."""
@@ -177,6 +177,11 @@ class DetectionResult:
     @property
     def flagged_ml(self) -> float:
         return sum((c.volume_ml for c in self.components), 0.0)
+
+    def __repr__(self) -> str:  # at the console: one line, not every slice row and component
+        size = "x".join(map(str, self.score.GetSize()))
+        return (f"<DetectionResult on {size} voxels: {len(self.components)} component(s), {self.flagged_ml:.2f} ml "
+                f"flagged, {len(self.slices)} slice row(s); threshold {self.threshold:.4g} ({self.threshold_source})>")
 
 
 # ---- the tables ----------------------------------------------------------------------------------

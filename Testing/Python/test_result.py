@@ -216,3 +216,10 @@ def test_a_result_folder_may_be_given_as_text(tmp_path):
     assert load_result(str(tmp_path / "out")).components == small_result().components
     with pytest.raises(CeVAEError, match=r"The result folder must be a path \(a str or pathlib.Path\), got int"):
         load_result(3)
+
+
+def test_a_result_shows_as_one_line_at_the_console():
+    """The dataclass repr listed every slice row, component and image proxy: about 18,000 characters for a 2 mm scan,
+    which is what typing ``result`` at a console printed."""
+    assert repr(small_result()) == ("<DetectionResult on 6x5x4 voxels: 1 component(s), 0.06 ml flagged, 4 slice "
+                                    "row(s); threshold 1.5 (absolute)>")
