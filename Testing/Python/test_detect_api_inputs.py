@@ -240,3 +240,19 @@ def test_a_direction_matrix_that_scales_the_voxel_axes_is_refused(tiny_bundle, t
 def _written(image, path):
     sitk.WriteImage(image, str(path))
     return path
+
+
+def test_detector_from_request_takes_what_detect_takes_as_a_request(tiny_bundle):
+    """Detector.from_request(bundle, {...}) or (bundle, None) raised AttributeError ('dict' object has no attribute
+    'checked_options'), and from_request(path, request) AttributeError on .header; detect() takes the first two."""
+    bundle = load_bundle(tiny_bundle)
+    request = DetectionRequest.of(score_type="rec", threshold=1.0)
+    made = Detector.from_request(bundle, request.to_dict())
+    assert (made.score.score_type, made.threshold) == ("rec", 1.0)
+    assert Detector.from_request(bundle, None).score == bundle.header.score_options
+    cases = [(lambda: Detector.from_request(bundle, ["rec"]), "The request must be a DetectionRequest or its dict"),
+             (lambda: Detector.from_request(bundle, {"fpr": 0.01}), r"give them by name \(fpr=0.01\)"),
+             (lambda: Detector.from_request(str(tiny_bundle), request), r"The bundle must be a Bundle.*got str")]
+    for call, message in cases:
+        with pytest.raises(CeVAEError, match=message):
+            call()

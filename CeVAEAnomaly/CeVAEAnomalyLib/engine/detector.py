@@ -96,9 +96,13 @@ class Detector:
                                         bundle.sha256, bundle.header.calibrated_on(self.score, self.post, policy))
 
     @classmethod
-    def from_request(cls, bundle: Bundle, request: DetectionRequest) -> "Detector":
-        """The detector a :class:`~..options.DetectionRequest` asks for, with this model where it was loaded (the
-        request's device is :func:`detect`'s and the entry points' choice when they load it)."""
+    def from_request(cls, bundle: Bundle, request: Union[DetectionRequest, Mapping[str, Any], None]) -> "Detector":
+        """The detector a :class:`~..options.DetectionRequest` (or its ``to_dict()`` form; None: the model's options)
+        asks for, with this model where it was loaded (the request's device is :func:`detect`'s and the entry points'
+        choice when they load it)."""
+        if not isinstance(bundle, Bundle):
+            raise CeVAEError(f"The bundle must be a Bundle (from load_bundle), got {type(bundle).__name__}.")
+        request = DetectionRequest.given(request)
         score, post = request.checked_options(bundle.header.score_options, bundle.header.postprocess)
         return cls(bundle, score, post, request.policy, request.run.batch_size, request.run.amp)
 
