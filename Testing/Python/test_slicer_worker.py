@@ -131,13 +131,37 @@ def test_a_worker_error_arrives_as_one_clear_line(head_scene, tmp_path):
     scene, volume, mask = head_scene
     logic = CeVAEAnomalyLogic()
     before = mrml.node_ids(scene)
-    job = logic.startDetection(volume, mask, modelPath=tmp_path / "absent.cevae", device="cpu")
+    damaged = tmp_path / "damaged.cevae"
+    damaged.write_bytes(b"not a model")
+    job = logic.startDetection(volume, mask, modelPath=damaged, device="cpu")
     run_to_end(job)
     assert job.state is JobState.FAILED and job.process.returncode == 2
-    assert "absent.cevae does not exist" in job.error and "\n" not in job.error
-    with pytest.raises(CeVAEError, match="does not exist"):
+    assert "damaged.cevae is not a CeVAEAnomaly model bundle" in job.error and "\n" not in job.error
+    with pytest.raises(CeVAEError, match="is not a CeVAEAnomaly model bundle"):
         logic.finishDetection(job)
     assert mrml.node_ids(scene) == before and not job.folder.exists()
+
+
+def test_the_model_path_is_checked_before_a_worker_starts(head_scene, tmp_path, monkeypatch):
+    """startDetection, startCalibration and startAdaptation copied the scans and started a worker that then failed on
+    a missing model file (modelPath=123 was reported as "The model bundle 123 does not exist"); process() raised
+    TypeError (expected str, bytes or os.PathLike object, not int)."""
+    scene, volume, mask = head_scene
+    other = add_volume(scene, make_head(seed=8)[0], "sub-02_head")
+    logic = CeVAEAnomalyLogic()
+    starts = [lambda path: logic.startDetection(volume, mask, modelPath=path, device="cpu"),
+              lambda path: logic.startCalibration([volume], [mask], tmp_path / "c.cevae", modelPath=path, device="cpu"),
+              lambda path: logic.startAdaptation([volume, other], [mask, None], tmp_path / "a.cevae", modelPath=path,
+                                                 device="cpu"),
+              lambda path: logic.process(volume, mask, modelPath=path, device="cpu")]
+    (tmp_path / "jobs").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "jobs"))  # where job folders are made
+    for start in starts:
+        with pytest.raises(CeVAEError, match="absent.cevae does not exist"):
+            start(tmp_path / "absent.cevae")
+        with pytest.raises(CeVAEError, match=r"modelPath must be the path of a .cevae file .*, got int"):
+            start(123)
+    assert not any((tmp_path / "jobs").iterdir())  # no job folder was made
 
 
 def test_the_worker_command_line_reports_bad_requests(tmp_path):
@@ -1162,9 +1186,10 @@ def test_a_calibration_nobody_polls_still_removes_its_copies_of_the_scans(tiny_b
     job.process.wait(300)
     assert not job.folder.exists()
     assert job.wait(10) is JobState.DONE and (tmp_path / "site.cevae").is_file()
+    (tmp_path / "damaged.cevae").write_bytes(b"not a model")  # (a missing one is refused before the copies)
     broken = CeVAEAnomalyLogic().startCalibration(volumes, masks, tmp_path / "other.cevae",
-                                                  modelPath=tmp_path / "none.cevae", device="cpu")
-    assert broken.wait(300) is JobState.FAILED and "none.cevae" in (broken.error or "")
+                                                  modelPath=tmp_path / "damaged.cevae", device="cpu")
+    assert broken.wait(300) is JobState.FAILED and "damaged.cevae" in (broken.error or "")
     assert not broken.folder.exists()
 
 

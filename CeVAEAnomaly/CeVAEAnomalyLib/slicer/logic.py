@@ -226,10 +226,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         from ..engine.bundle import load_bundle
         from ..engine.devices import resolve_device
 
-        path = Path(modelPath) if modelPath else default_model_path()
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else "does not exist"
-            raise CeVAEError(f"The model bundle {path} {what}; choose a .cevae file.")
+        path = _modelFile(modelPath) or default_model_path()
         torchDevice = resolve_device(device)
         key = (str(path.resolve()), path.stat().st_mtime_ns, str(torchDevice))
         if key != self._bundleKey:
@@ -370,6 +367,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         request = DetectionRequest.given(request, **options)
         _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
         self._checkInputs(volumeNode, maskNode, outputs)
+        _modelFile(modelPath)  # said now, not by the worker after the copy
         state = _state(volumeNode)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         folder = _jobFolder(JOB_FOLDER_PREFIX)
@@ -452,6 +450,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         request = DetectionRequest.of(device=device, test_time_steps=THOROUGH_STEPS if thorough else None,
                                       **(postprocess or {}))  # refused before any copy
         check_calibratable(*request.options(ScoreOptions(), PostprocessOptions()))  # and values a model may not hold
+        _modelFile(modelPath)
         _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite)  # said now, not by the worker after the copies
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, request=request.to_dict(),
@@ -481,6 +480,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError(f"Choose at least {MIN_SCANS} healthy volumes to adapt the model to.")
         DetectionRequest.of(device=device)  # the device's name, checked as everywhere
         checked = adapt_options(options or {}, device=device, overwrite=bool(overwrite))  # before any copy
+        _modelFile(modelPath)
         persons = persons_scanned([node_person(volume.GetName()) for volume in volumes])  # as the run counts them
         if persons < MIN_SCANS:
             raise CeVAEError(f"The volumes are scans of {persons} person (their names' sub-<label>); choose scans of "
@@ -595,6 +595,21 @@ def _warningsLogged() -> Iterator[List[str]]:
         yield messages
     finally:
         library.removeHandler(handler)
+
+
+def _modelFile(modelPath: Any) -> Optional[Path]:
+    """The model file a ``modelPath`` argument names (None or "": the bundled model, None here), refused in one line
+    unless it is the path of a file."""
+    if modelPath is None or (isinstance(modelPath, str) and not modelPath):
+        return None
+    if not isinstance(modelPath, (str, os.PathLike)):
+        raise CeVAEError(f"modelPath must be the path of a .cevae file (a str or pathlib.Path), or None for the "
+                         f"bundled model, got {type(modelPath).__name__}.")
+    path = Path(modelPath)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise CeVAEError(f"The model bundle {path} {what}; choose a .cevae file.")
+    return path
 
 
 def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, resume: str = "") -> None:
