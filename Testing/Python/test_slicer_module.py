@@ -187,6 +187,22 @@ def foreign_volume():
 
 
 
+def test_a_volume_that_is_no_node_is_refused_saying_what_to_pass(tiny_bundle):
+    """process(sitk_image), process(array) and process("head") were answered "Select a scalar input volume (got a
+    Image)": the panel's words, which neither named the argument's kind nor what to pass instead."""
+    image, _ = make_head()
+    logic = CeVAEAnomalyLogic()
+    for given, described, detect in ((image, "an Image", True), (sitk.GetArrayFromImage(image), "a ndarray", True),
+                                     ("head", "a str", False)):
+        with pytest.raises(CeVAEError) as err:
+            logic.process(given, modelPath=tiny_bundle, device="cpu")
+        hint = "; an image in memory is scored by CeVAEAnomalyLib.engine.detector.detect" if detect else ""
+        assert str(err.value) == ("The input volume must be a scalar volume node (by name: slicer.util.getNode(name)), "
+                                  f"not {described}{hint}.")
+    with pytest.raises(CeVAEError, match=r"^Select a scalar input volume \(got None\)\.$"):  # the panel's
+        logic.process(None, modelPath=tiny_bundle, device="cpu")
+
+
 @pytest.mark.parametrize("case", FAILURES, ids=list(FAILURES))
 def test_a_failing_run_leaves_the_scene_unchanged(scene_with_head, tiny_bundle, case):
     scene, volume, mask, _, _ = scene_with_head()

@@ -407,10 +407,11 @@ def test_calibration_and_adaptation_refuse_what_is_not_a_healthy_scan_at_once(tm
     a, b = add_volume(scene, image, "a"), add_volume(scene, make_head(seed=12)[0], "b")
     label = add_volume(scene, mask, "mask a", "vtkMRMLLabelMapVolumeNode")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
-    cases = [(["a", "b"], [None, None], r"Select a scalar healthy volume \(got a str\)"),
+    cases = [(["a", "b"], [None, None], r"healthy volume must be a scalar volume node .*, not a str\.$"),
              (a, [None, None], "volumes must be a list of nodes .*, not vtkMRMLScalarVolumeNode 'a'"),
              ([a, b], label, "masks must be a list of nodes .*, not vtkMRMLLabelMapVolumeNode 'mask a'"),
-             ([segmentation, b], [None, None], r"Select a scalar healthy volume \(got vtkMRMLSegmentationNode 'brain'"),
+             ([segmentation, b], [None, None],
+              r"healthy volume must be a scalar volume node .*, not vtkMRMLSegmentationNode 'brain'"),
              ([label, b], [None, None], r"'mask a' is a labelmap volume \(labels, not intensities\)"),
              ([a, b], [a, None], "The brain mask 'a' is the healthy volume itself"),
              ([a, b], ["mask a", None], "brain mask must be a labelmap volume or segmentation node, not a str")]

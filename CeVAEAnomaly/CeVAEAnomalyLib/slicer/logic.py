@@ -645,7 +645,10 @@ def _refuseNonBoolean(**flags: Any) -> None:
 def _described(value: Any) -> str:
     """What a wrong argument is, for an error message: its class and, for a node, its name."""
     name = value.GetName() if hasattr(value, "GetName") else None
-    return f"{type(value).__name__} '{name}'" if name else ("None" if value is None else f"a {type(value).__name__}")
+    kind = type(value).__name__
+    if name or value is None:
+        return f"{kind} '{name}'" if name else "None"
+    return f"{'an' if kind[0] in 'AEIOUaeiou' else 'a'} {kind}"
 
 
 def _fileStem(name: str) -> str:
@@ -657,8 +660,13 @@ def _fileStem(name: str) -> str:
 def _refuseNotScan(volumeNode: Any, maskNode: Any, what: str) -> None:
     """Refuse what cannot be a scan (``what``: "input volume", "healthy volume") or its brain mask: another kind of
     node or value, a labelmap volume as the scan, the scan as its own mask."""
-    if volumeNode is None or not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
-        raise CeVAEError(f"Select a scalar {what} (got {_described(volumeNode)}).")
+    if volumeNode is None:
+        raise CeVAEError(f"Select a scalar {what} (got None).")
+    if not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode):
+        inMemory = type(volumeNode).__module__.split(".")[0] in ("SimpleITK", "numpy")
+        detect = "; an image in memory is scored by CeVAEAnomalyLib.engine.detector.detect" if inMemory else ""
+        raise CeVAEError(f"The {what} must be a scalar volume node (by name: slicer.util.getNode(name)), not "
+                         f"{_described(volumeNode)}{detect}.")
     if maskNode is not None and not isinstance(maskNode, slicer.vtkMRMLNode):
         raise CeVAEError(f"The brain mask must be a labelmap volume or segmentation node, not {_described(maskNode)} "
                          "(a node by name: slicer.util.getNode(name)).")
