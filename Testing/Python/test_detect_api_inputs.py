@@ -154,8 +154,8 @@ def test_wrong_argument_types_get_one_line_errors(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     image, mask = make_head(seed=5)
     cases = [
-        (lambda: detect(sitk.GetArrayFromImage(image), bundle, mask), "The image must be a SimpleITK Image.*ndarray"),
-        (lambda: detect(image, bundle, sitk.GetArrayFromImage(mask)), "The mask must be a SimpleITK Image.*ndarray"),
+        (lambda: detect(sitk.GetArrayFromImage(image), bundle, mask), "The image must be a SimpleITK Image, got a NumPy array"),
+        (lambda: detect(image, bundle, sitk.GetArrayFromImage(mask)), "The mask must be a SimpleITK Image, got a NumPy array"),
         (lambda: Detector(bundle)(None, mask), "The image must be a SimpleITK Image.*NoneType"),
         (lambda: detect(image, 3, mask), "The bundle must be a Bundle.*got int"),
         (lambda: detect(image, bundle, mask, request=["rec"]),
@@ -255,4 +255,17 @@ def test_detector_from_request_takes_what_detect_takes_as_a_request(tiny_bundle)
              (lambda: Detector.from_request(str(tiny_bundle), request), r"The bundle must be a Bundle.*got str")]
     for call, message in cases:
         with pytest.raises(CeVAEError, match=message):
+            call()
+
+
+def test_an_array_for_an_image_is_told_how_to_make_one_with_its_voxel_size(tiny_bundle):
+    """A NumPy array was told to pass e.g. read_image(path): no help to a researcher holding an array, and silent
+    about the voxel size that sitk.GetImageFromArray alone sets to 1 mm."""
+    bundle = load_bundle(tiny_bundle)
+    image, mask = make_head(seed=5)
+    for call, name in ((lambda: detect(sitk.GetArrayFromImage(image), bundle, mask), "image"),
+                       (lambda: Detector(bundle)(image, sitk.GetArrayFromImage(mask) > 0), "mask")):
+        with pytest.raises(CeVAEError, match=rf"^The {name} must be a SimpleITK Image, got a NumPy array, which has no "
+                                             r"voxel size: pass sitk.GetImageFromArray\(array\) .* spacing, origin "
+                                             r"and direction set \(image.CopyInformation\(scan\), or SetSpacing\)\.$"):
             call()

@@ -315,6 +315,10 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image], where: str = ""
     ``where`` leads the CT-range warning."""
     for name, value in (("image", image), ("mask", mask)):
         if not isinstance(value, sitk.Image) and (name == "image" or value is not None):
+            if isinstance(value, np.ndarray):
+                raise CeVAEError(f"The {name} must be a SimpleITK Image, got a NumPy array, which has no voxel size: "
+                                 "pass sitk.GetImageFromArray(array) (z, y, x order) with the scan's spacing, origin "
+                                 "and direction set (image.CopyInformation(scan), or SetSpacing).")
             raise CeVAEError(f"The {name} must be a SimpleITK Image (e.g. CeVAEAnomalyLib.io.images.read_image"
                              "(path), which also keeps the NaN voxels that sitk.ReadImage turns into 0 in a NIfTI "
                              f"file), got {type(value).__name__}.")
