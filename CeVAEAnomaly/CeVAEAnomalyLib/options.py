@@ -41,6 +41,7 @@ class Serialisable:
     """to_dict / from_dict / replace for the frozen option and configuration dataclasses."""
 
     def to_dict(self) -> Dict[str, Any]:
+        """The fields as a plain dict, which :meth:`from_dict` reads back."""
         return asdict(self)  # type: ignore[call-overload]
 
     @classmethod
@@ -81,6 +82,7 @@ def option(default: Any, help: str, *, low: float = 0.0, high: float = math.inf,
 
 
 def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of the option ``f`` (its declared ``flag``, else ``--name-with-dashes``)."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 

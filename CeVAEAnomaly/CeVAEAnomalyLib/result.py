@@ -55,6 +55,7 @@ class Component:
 
     @property
     def centroid_ras(self) -> Tuple[float, float, float]:
+        """The centroid in RAS (mm), as Slicer shows positions: ``centroid_lps`` with x and y negated."""
         x, y, z = self.centroid_lps
         return (-x, -y, z)
 
@@ -176,6 +177,7 @@ class DetectionResult:
 
     @property
     def flagged_ml(self) -> float:
+        """The labelmap's volume in millilitres: the components' volumes summed (0.0 without components)."""
         return sum((c.volume_ml for c in self.components), 0.0)
 
     def __repr__(self) -> str:  # at the console: one line, not every slice row and component

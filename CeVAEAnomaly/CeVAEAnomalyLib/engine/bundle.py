@@ -38,10 +38,12 @@ class Bundle:
 
     @property
     def model_config(self) -> ModelConfig:
+        """The network's architecture (the header's)."""
         return self.model.cfg
 
     @property
     def preprocess(self) -> PreprocessConfig:
+        """How a volume is made into the model's slices (the header's)."""
         return self.header.preprocess
 
 
