@@ -1,5 +1,37 @@
 """CeVAEAnomaly core: unsupervised anomaly localisation in brain MRI with a context-encoding VAE.
 
-Importing the package is cheap; torch and SimpleITK are imported by the modules that need them.
+Importing the package is cheap; torch and SimpleITK are imported by the modules that need them. The names a
+script or a console session starts from are reachable from the package itself (``CeVAEAnomalyLib.detect``,
+``CeVAEAnomalyLib.load_bundle``, ...), each imported from its module on first use.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any, List
+
 __version__ = "0.1.0"
+
+_EXPORTS = {  # name -> the module that defines it
+    "detect": "engine.detector",
+    "Detector": "engine.detector",
+    "load_bundle": "engine.bundle",
+    "DetectionRequest": "options",
+    "DetectionResult": "result",
+    "read_image": "io.images",
+    "default_model_path": "data",
+    "CeVAEError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """One of the package's main names (:data:`_EXPORTS`), imported from its module when first asked for."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    """The package's names with the main ones not imported yet, for help() and tab completion."""
+    return sorted({*globals(), *_EXPORTS})
