@@ -146,3 +146,18 @@ def test_distinct_names_lead_repeated_stems_with_their_folders():
     assert len(set(names.values())) == 3 and all(n.endswith("T1w") for n in names.values())
     plain = [Path("/x/a.nii.gz"), Path("/y/b.nrrd")]
     assert distinct_names(plain) == {plain[0]: "a", plain[1]: "b"}
+
+
+def test_a_macos_resource_fork_read_as_an_image_is_named_as_such(tmp_path):
+    """A `._NAME.nii.gz` that macOS left beside a scan on another disk, listed in a batch CSV or given to detect, was
+    refused as 'corrupt, truncated or not a medical image format'; it is said to be a resource fork to leave out."""
+    from CeVAEAnomalyLib.io.images import read_image
+
+    fork = tmp_path / "._t1.nii.gz"
+    fork.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(4000))
+    with pytest.raises(CeVAEError, match=r"\._t1\.nii\.gz is a macOS resource fork .*not an image; leave it out"):
+        read_image(fork)
+    other = tmp_path / "t1.nii.gz"
+    other.write_bytes(b"not an image at all" + bytes(400))
+    with pytest.raises(CeVAEError, match="corrupt, truncated or not a medical image format"):
+        read_image(other)

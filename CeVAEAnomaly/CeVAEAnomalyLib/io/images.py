@@ -55,6 +55,10 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                 try:
                     image = sitk.ReadImage(str(p))
                 except RuntimeError as exc:
+                    from .naming import RESOURCE_FORK, is_resource_fork
+
+                    if is_resource_fork(p):  # listed by a `find` or a glob beside the scan
+                        raise CeVAEError(f"The {what} file {p} is {RESOURCE_FORK}.") from None
                     if layout is not None and layout.gz and p.name.lower().endswith(".nii"):
                         raise CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI "
                                          "reader goes by the name: rename it to end in .nii.gz.") from None

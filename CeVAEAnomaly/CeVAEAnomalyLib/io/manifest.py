@@ -20,10 +20,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..progress import Cancelled
-from .naming import file_stem, subfolders_hint
+from .naming import APPLE_DOUBLE, RESOURCE_FORK, file_stem, subfolders_hint
 
 log = logging.getLogger(__name__)
-APPLE_DOUBLE = b"\x00\x05\x16\x07"  # how a macOS resource fork ('._NAME', beside NAME on a non-Mac disk) starts
 _BIDS_FILE = re.compile(r"sub-([A-Za-z0-9]+)_")  # a BIDS file name starts with its subject: sub-01_ses-2_T1w.nii.gz
 
 
@@ -232,7 +231,6 @@ def check_volume_path(path: Optional[Path], what: str, where: str = "") -> None:
         else:
             with open(path, "rb") as fh:
                 if fh.read(len(APPLE_DOUBLE)) == APPLE_DOUBLE:
-                    raise CeVAEError(f"{lead} {path} is a macOS resource fork (an AppleDouble '._' file, which macOS "
-                                     "writes beside a file copied to another disk), not an image; leave it out.")
+                    raise CeVAEError(f"{lead} {path} is {RESOURCE_FORK}.")
     except OSError as exc:
         raise CeVAEError(f"{lead} {path} cannot be read ({exc.strerror or exc}).") from None

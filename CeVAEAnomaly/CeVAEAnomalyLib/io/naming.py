@@ -8,6 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+APPLE_DOUBLE = b"\x00\x05\x16\x07"  # how a macOS resource fork ('._NAME', beside NAME on a non-Mac disk) starts
+RESOURCE_FORK = "a macOS resource fork (an AppleDouble '._' file, which macOS writes beside a file copied to another " \
+    "disk), not an image; leave it out"
+
+
+def is_resource_fork(path: Path) -> bool:
+    """Whether the file ``path`` starts as a macOS resource fork does (False where it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(APPLE_DOUBLE)) == APPLE_DOUBLE
+    except OSError:
+        return False
+
+
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")  # .hdr: of an .hdr/.img pair
 OUTPUT_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # one file each, as ITK's writers name them
 _MULTI_SUFFIXES = (".seg.nrrd", ".seg.nii.gz", ".nii.gz")
