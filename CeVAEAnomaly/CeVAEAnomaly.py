@@ -113,8 +113,9 @@ recommended false-positive rate on healthy brains, another rate, or an absolute 
 </ol>
 Results: the score volume as a heat overlay (scores under the threshold are transparent) with a
 colour legend, the segment "Anomaly" outlined in all views, and a table of connected anomalies
-(volume, scores, centroid); click a row to jump there. <b>Calibrate on healthy scans</b> adapts
-the threshold to your site; <b>Adapt to this scanner</b> fine-tunes the model itself on them;
+(volume, scores, centroid, highest-scoring voxel); click a row to jump to that voxel.
+<b>Calibrate on healthy scans</b> adapts the threshold to your site; <b>Adapt to this scanner</b> fine-tunes
+the model itself on them;
 <b>Thorough</b> (Advanced) adapts a copy of the model to the one scan before scoring it (slower).
 See the <a href="{url}">documentation</a>.
 <b>Research use only; not for diagnosis.</b>
@@ -933,7 +934,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setOverlayOpacity(self._parameterNode.scoreVolume, value)
 
     def onComponentClicked(self, index) -> None:
-        """Jump the slice views to the centroid of the component whose row was clicked (again: jump again)."""
+        """Jump the slice views to the highest-scoring voxel of the component whose row was clicked (again: jump
+        again)."""
         from CeVAEAnomalyLib.slicer.nodes import COMPONENT_TABLE_ROLE, ROLE_ATTRIBUTE, component_position
 
         table = self.ui.componentTableView.mrmlTableNode()

@@ -113,8 +113,10 @@ def test_component_and_slice_tables_match_the_result(scene):
     np.testing.assert_allclose(nodes.table_column(table, "Volume"), [c.volume_ml for c in result.components])
     np.testing.assert_allclose(nodes.table_column(table, "Max score"), [c.max_score for c in result.components])
     np.testing.assert_allclose(nodes.table_column(table, "Mean score"), [c.mean_score for c in result.components])
+    peaks = mrml.peak_ras(volume, result)
     for row, component in enumerate(result.components):
-        assert nodes.component_position(table, row) == pytest.approx(component.centroid_ras)
+        assert [nodes.table_column(table, axis)[row] for axis in "RAS"] == pytest.approx(component.centroid_ras)
+        assert nodes.component_position(table, row) == pytest.approx(peaks[row])  # its highest-scoring voxel
     assert table.GetColumnUnitLabel("Volume") == "ml"
     with pytest.raises(CeVAEError, match="not in the component table"):
         nodes.component_position(table, len(result.components))
@@ -471,7 +473,7 @@ def test_outputs_follow_the_parent_transform_of_the_input(scene):
     out = mrml.publish(scene, volume, result)
     for node in (out.score, out.segmentation):
         assert node.GetTransformNodeID() == transform.GetID()
-    r, a, s = result.components[0].centroid_ras
+    r, a, s = mrml.peak_ras(volume, result)[0]
     assert nodes.component_position(out.components, 0) == pytest.approx((r + 10.0, a, s - 5.0))
     exported = mrml.mask_image(out.segmentation, volume, out.segmentation.GetSegmentation().GetNthSegmentID(0))
     assert np.array_equal(sitk.GetArrayFromImage(exported) > 0, sitk.GetArrayFromImage(result.labelmap) > 0)

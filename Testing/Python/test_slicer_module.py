@@ -80,8 +80,10 @@ def test_process_makes_outputs_on_the_input_grid(scene_with_head, tiny_bundle, g
         np.testing.assert_allclose(nodes.table_column(out.components, column), [float(r[field]) for r in rows],
                                    rtol=1e-5, atol=0.006, err_msg=column)
     assert out.slice_table.GetNumberOfRows() == len(result.detection.slices)
-    # with components, the jump goes to the top component's centroid
-    assert result.topSliceRas == pytest.approx(result.detection.components[0].centroid_ras)
+    # with components, the jump goes to the top component's highest-scoring voxel, where its row goes
+    assert result.topSliceRas == pytest.approx(nodes.component_position(out.components, 0))
+    ijk = np.round(np.linalg.inv(nodes.ijk_to_ras(volume)) @ [*result.topSliceRas, 1.0])[:3].astype(int)
+    assert labels[tuple(ijk[::-1])] > 0  # a voxel of the finding
     ranked = [c.summed_score for c in result.detection.components]
     assert ranked == sorted(ranked, reverse=True)
     assert [c.label for c in result.detection.components] == list(range(1, len(ranked) + 1))

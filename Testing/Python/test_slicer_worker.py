@@ -1004,13 +1004,13 @@ def test_the_jump_and_the_component_rows_go_where_the_overlay_lies_after_a_trans
     result = CeVAEAnomalyLogic().process(a, a_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
     table = result.nodes.components
     assert table.GetNumberOfRows() > 0
-    local = result.detection.components[0].centroid_ras
+    local = tuple(nodes.table_column(table, axis)[0] for axis in nodes.PEAK_COLUMNS)
     assert nodes.component_position(table, 0) == pytest.approx(local)
     shift = vtk.vtkMatrix4x4()
     shift.SetElement(0, 3, 50.0)
     moved.SetMatrixTransformToParent(shift)  # e.g. a registration updated: input and overlay move together
     expected = (local[0] + 50.0, local[1], local[2])
-    assert [nodes.table_column(table, c)[0] for c in "RAS"] == pytest.approx(local)
+    assert [nodes.table_column(table, c)[0] for c in nodes.PEAK_COLUMNS] == pytest.approx(local)
     assert nodes.component_position(table, 0) == pytest.approx(expected)
     assert nodes.stored_result(result.nodes.score).jump_ras == pytest.approx(expected)
     assert result.topSliceRas == pytest.approx(expected)

@@ -70,16 +70,18 @@ class CeVAEAnomalyResult:
 
     @property
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
-        """Where "jump to the most anomalous" goes, in world RAS: the top component's centroid when the
-        labelmap has one, else the centre of the most anomalous slice (DetectionResult.top_slice); read where the
-        score volume lies now, or the input if it was deleted (nodes.run_frame: a deleted node has no transform)."""
+        """Where "jump to the most anomalous" goes, in world RAS: the top component's highest-scoring voxel (a
+        point in it, as its table row) when the labelmap has one, else the centre of the most anomalous slice
+        (DetectionResult.top_slice); read where the score volume lies now, or the input if it was deleted
+        (nodes.run_frame: a deleted node has no transform)."""
+        from .mrml import peak_ras
         from .nodes import slice_center_ras, to_world
 
         score = self.nodes.score
         kept = score is not None and score.GetScene() is not None and score.GetImageData() is not None
         frame = score if kept else self.volume
         if self.detection.components:
-            return to_world(frame, self.detection.components[0].centroid_ras)
+            return to_world(frame, peak_ras(frame, self.detection)[0])
         top = self.detection.top_slice
         return None if top is None else slice_center_ras(frame, top.axis, top.index)
 

@@ -419,13 +419,19 @@ def table_column(table_node: slicer.vtkMRMLTableNode, name: str) -> np.ndarray:
     return numpy_support.vtk_to_numpy(array).copy()
 
 
+PEAK_COLUMNS = ("Peak R", "Peak A", "Peak S")  # a component's highest-scoring voxel, where its row jumps to
+
+
 def component_position(table_node: slicer.vtkMRMLTableNode, row: int) -> Tuple[float, float, float]:
-    """World RAS centroid of the component in ``row`` of a component table: its R, A, S are the input volume's own
-    RAS at the run, mapped to the world as the run's score volume lies now (:func:`run_frame`; a table written
+    """World RAS of the component in ``row`` of a component table, where the slice views go for it: its
+    highest-scoring voxel (:data:`PEAK_COLUMNS`), a point in the component, which its centroid (R, A, S) need not be
+    (a ring's lies in its hole); the centroid in a table written before the peak was. Both are the input volume's
+    own RAS at the run, mapped to the world as the run's score volume lies now (:func:`run_frame`; a table written
     before they were local, in world RAS then, is read as it is)."""
     if not 0 <= row < table_node.GetNumberOfRows():
         raise CeVAEError(f"Row {row} is not in the component table.")
-    point = tuple(float(table_column(table_node, axis)[row]) for axis in ("R", "A", "S"))
+    peak = table_node.GetTable().GetColumnByName(PEAK_COLUMNS[0]) is not None
+    point = tuple(float(table_column(table_node, axis)[row]) for axis in (PEAK_COLUMNS if peak else ("R", "A", "S")))
     frame = run_frame(table_node)
     local = table_node.GetAttribute(COORDINATES_ATTRIBUTE) == "local"
     return to_world(frame, point) if local and frame is not None else point

@@ -1,0 +1,63 @@
+"""Where "jump to the most anomalous finding" and a component row's click take the slice views (real vtkMRMLScene)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from conftest import add_volume, make_head, oblique_direction  # noqa: E402
+
+from CeVAEAnomalyLib.engine.postprocess import components  # noqa: E402
+from CeVAEAnomalyLib.result import DetectionResult, SliceScoreRow  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyResult  # noqa: E402
+
+
+def ring_detection(image: sitk.Image, mask: sitk.Image, hot=(28, 22, 18)) -> DetectionResult:
+    """A ring-enhancing finding: a flagged ring (a torus around the K axis) whose hole holds no flagged voxel, one
+    voxel of it (``hot``, i j k) scoring highest."""
+    nx, ny, nz = image.GetSize()
+    kk, jj, ii = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    radius = np.hypot(ii - nx / 2, jj - ny / 2)
+    ring = (np.abs(radius - 8) < 2) & (np.abs(kk - nz / 2) < 3)
+    scores = np.where(ring, 2.0, 0.1).astype(np.float32)
+    assert ring[hot[2], hot[1], hot[0]]
+    scores[hot[2], hot[1], hot[0]] = 5.0
+    score, labelmap = sitk.GetImageFromArray(scores), sitk.GetImageFromArray(ring.astype(np.uint8))
+    for im in (score, labelmap):
+        im.CopyInformation(image)
+    rows = [SliceScoreRow(2, k, 1.0, 1.0, 1.0, 0.5, 1.0, False) for k in range(nz)]
+    return DetectionResult(score, labelmap, mask, 1.0, "absolute", rows, components(labelmap, score, "summed"))
+
+
+def voxel_at(volume, world) -> tuple:
+    """The (i, j, k) voxel of ``volume`` (no parent transform) at a world RAS point."""
+    ijk = np.linalg.inv(nodes.ijk_to_ras(volume)) @ np.array([*world, 1.0])
+    return tuple(int(v) for v in np.round(ijk[:3]))
+
+
+@pytest.mark.parametrize("direction", [None, oblique_direction()], ids=["axis-aligned", "oblique"])
+def test_the_jump_to_a_ring_shaped_finding_lands_on_the_ring_not_in_its_hole(direction):
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(direction=direction)
+    volume = add_volume(scene, image)
+    detection = ring_detection(image, mask)
+    assert len(detection.components) == 1
+    hole = voxel_at(volume, detection.components[0].centroid_ras)
+    assert sitk.GetArrayViewFromImage(detection.labelmap)[hole[::-1]] == 0  # the centroid lies in the hole
+    out = mrml.publish(scene, volume, detection)
+    hot = nodes.ijk_to_ras(volume) @ np.array([28.0, 22.0, 18.0, 1.0])
+    jump = nodes.stored_result(out.score).jump_ras
+    assert jump == pytest.approx(hot[:3])  # the ring's highest-scoring voxel
+    assert CeVAEAnomalyResult(volume, out, detection).topSliceRas == pytest.approx(hot[:3])
+    # the table's row shows where it jumps, beside the centroid the command line writes
+    assert [nodes.table_column(out.components, c)[0] for c in nodes.PEAK_COLUMNS] == pytest.approx(hot[:3])
+    assert nodes.component_position(out.components, 0) == pytest.approx(hot[:3])
+    assert [nodes.table_column(out.components, c)[0] for c in "RAS"] == pytest.approx(
+        detection.components[0].centroid_ras)
+    for column in nodes.PEAK_COLUMNS:  # a table of a scene saved before the peak was recorded: its centroid
+        out.components.RemoveColumn(out.components.GetColumnIndex(column))
+    assert nodes.component_position(out.components, 0) == pytest.approx(detection.components[0].centroid_ras)
