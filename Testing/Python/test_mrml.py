@@ -706,7 +706,9 @@ def test_the_panels_jump_and_the_result_agree_on_tied_slices(scene):
     top = result.top_slice
     assert top.index == 9  # tied with slice 4 on the anomaly; slice 4 has the higher sample score
     out = mrml.publish(scene, volume, result)
-    assert stored_result(out.score).top_slice_ras == pytest.approx(nodes.slice_center_ras(volume, 2, 9))
+    peak = nodes.slice_peak_ijk(sitk.GetArrayViewFromImage(result.score), 2, 9)  # (the jump: its highest score)
+    assert peak[2] == 9
+    assert stored_result(out.score).top_slice_ras == pytest.approx((nodes.ijk_to_ras(volume) @ [*peak, 1.0])[:3])
 
 
 def test_results_are_found_from_the_score_volume_alone(scene):
@@ -889,12 +891,14 @@ def test_a_volume_whose_voxels_start_at_another_index_is_read_where_it_lies(scen
     out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "copy")
     mrml.update_volume_from_image(out, back)
     np.testing.assert_allclose(nodes.ijk_to_ras(out) @ np.array([0.0, 0.0, 0.0, 1.0]), ras, atol=1e-9)
-    # slice k of the results is the data's k-th slice: the jump without components goes to its centre
+    # slice k of the results is the data's k-th slice: the jump without components goes to its highest score
     result = fake_detection(back, sitk.Cast(back > 0, sitk.sitkUInt8), threshold=1e6)
     top = result.top_slice
     published = mrml.publish(scene, node, result)
-    centre = [(size[0] - 1) / 2 + 10, (size[1] - 1) / 2, top.index + 3.0, 1.0]
-    assert nodes.stored_result(published.score).jump_ras == pytest.approx((nodes.to_numpy(matrix) @ centre)[:3])
+    i, j, k = nodes.slice_peak_ijk(sitk.GetArrayViewFromImage(result.score), 2, top.index)
+    assert k == top.index
+    assert nodes.stored_result(published.score).jump_ras == pytest.approx(
+        (nodes.to_numpy(matrix) @ [i + 10.0, j, k + 3.0, 1.0])[:3])
 
 
 def test_display_window_of_an_infinite_threshold_is_finite():

@@ -61,3 +61,38 @@ def test_the_jump_to_a_ring_shaped_finding_lands_on_the_ring_not_in_its_hole(dir
     for column in nodes.PEAK_COLUMNS:  # a table of a scene saved before the peak was recorded: its centroid
         out.components.RemoveColumn(out.components.GetColumnIndex(column))
     assert nodes.component_position(out.components, 0) == pytest.approx(detection.components[0].centroid_ras)
+
+
+def hot_slice_detection(image: sitk.Image, mask: sitk.Image, top: int, hot) -> DetectionResult:
+    """Nothing flagged; slice ``top`` (along K) ranked most anomalous, its highest score at voxel ``hot`` (i j k),
+    far from the slice's centre."""
+    scores = np.where(sitk.GetArrayViewFromImage(mask) > 0, 0.2, 0.0).astype(np.float32)
+    scores[hot[2], hot[1], hot[0]] = 3.0
+    score = sitk.GetImageFromArray(scores)
+    score.CopyInformation(image)
+    labelmap = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    labelmap.CopyInformation(image)
+    rows = [SliceScoreRow(2, k, 1.0, 1.0, 1.0, 0.9 if k == top else 0.1, 1.0, False) for k in range(image.GetSize()[2])]
+    return DetectionResult(score, labelmap, mask, 10.0, "absolute", rows, [])
+
+
+def test_without_components_the_views_jump_onto_the_top_slices_finding_also_for_an_oblique_volume():
+    """The most anomalous slice of an oblique volume is not a plane of the (patient-aligned) slice views: a view
+    through its centre cuts other slices away from it. The jump goes to the slice's highest-scoring voxel, so that an
+    axial view through the jump shows it."""
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(direction=oblique_direction(30.0, (1.0, 0.0, 0.0)))
+    volume = add_volume(scene, image)
+    hot = (12, 10, 18)
+    assert sitk.GetArrayViewFromImage(mask)[hot[::-1]]
+    detection = hot_slice_detection(image, mask, 18, hot)
+    out = mrml.publish(scene, volume, detection)
+    where = (nodes.ijk_to_ras(volume) @ np.array([*hot, 1.0]))[:3]
+    jump = nodes.stored_result(out.score).jump_ras
+    assert jump == pytest.approx(where)
+    assert CeVAEAnomalyResult(volume, out, detection).topSliceRas == pytest.approx(where)
+    axial = slicer.vtkMRMLSliceNode()  # a patient-aligned (axial) slice view, centred on the jump
+    axial.JumpSliceByCentering(*jump)
+    to_slice = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Invert(axial.GetSliceToRAS(), to_slice)
+    assert abs(to_slice.MultiplyPoint([*where, 1.0])[2]) < 0.5  # the finding lies on the view's plane

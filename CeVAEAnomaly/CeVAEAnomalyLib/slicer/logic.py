@@ -71,11 +71,14 @@ class CeVAEAnomalyResult:
     @property
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
         """Where "jump to the most anomalous" goes, in world RAS: the top component's highest-scoring voxel (a
-        point in it, as its table row) when the labelmap has one, else the centre of the most anomalous slice
-        (DetectionResult.top_slice); read where the score volume lies now, or the input if it was deleted
-        (nodes.run_frame: a deleted node has no transform)."""
+        point in it, as its table row) when the labelmap has one, else the highest-scoring voxel of the most
+        anomalous slice (DetectionResult.top_slice; its centre if it scores nothing); read where the score volume
+        lies now, or the input if it was deleted (nodes.run_frame: a deleted node has no transform)."""
+        import numpy as np
+        import SimpleITK as sitk
+
         from .mrml import peak_ras
-        from .nodes import slice_center_ras, to_world
+        from .nodes import ijk_to_ras, slice_center_ras, slice_peak_ijk, to_world
 
         score = self.nodes.score
         kept = score is not None and score.GetScene() is not None and score.GetImageData() is not None
@@ -83,7 +86,12 @@ class CeVAEAnomalyResult:
         if self.detection.components:
             return to_world(frame, peak_ras(frame, self.detection)[0])
         top = self.detection.top_slice
-        return None if top is None else slice_center_ras(frame, top.axis, top.index)
+        if top is None:
+            return None
+        peak = slice_peak_ijk(sitk.GetArrayViewFromImage(self.detection.score), top.axis, top.index)
+        if peak is None:
+            return slice_center_ras(frame, top.axis, top.index)
+        return to_world(frame, (ijk_to_ras(frame) @ np.array([*peak, 1.0]))[:3])
 
     @property
     def summary(self) -> str:

@@ -102,6 +102,38 @@ def slice_center_ras(volume_node: slicer.vtkMRMLVolumeNode, axis: int, index: in
     return to_world(volume_node, local[:3])
 
 
+def slice_peak_ijk(scores: np.ndarray, axis: int, index: int) -> Optional[Tuple[int, int, int]]:
+    """(i, j, k) of the highest score (the first of equal ones) in slice ``index`` along IJK axis ``axis`` of a score
+    array (axes k, j, i); None where the array has no such slice or the slice scores nothing above 0."""
+    if not 0 <= index < scores.shape[2 - axis]:
+        return None
+    plane = np.take(scores, index, axis=2 - axis)
+    plane = np.where(np.isnan(plane), -np.inf, plane)
+    if plane.size == 0 or not plane.max() > 0:
+        return None
+    at = [int(v) for v in np.unravel_index(int(np.argmax(plane)), plane.shape)]
+    at.insert(2 - axis, int(index))
+    return at[2], at[1], at[0]
+
+
+def _slice_peak_ras(score_node: slicer.vtkMRMLVolumeNode, axis: int, index: int,
+                    grid: Optional[np.ndarray]) -> Optional[Tuple[float, float, float]]:
+    """World RAS of the score volume's highest-scoring voxel in slice ``index`` along IJK axis ``axis`` of ``grid``
+    (an IJK-to-RAS matrix of its voxels, perhaps with an axis reversed: a saved scene's; None: its own); None where it
+    scores nothing there."""
+    now = ijk_to_ras(score_node)
+    to_grid = np.linalg.inv(now if grid is None else grid) @ now  # an index of the volume -> one of ``grid``
+    row = to_grid[axis, :3]
+    own = int(np.argmax(np.abs(row)))
+    there = (index - to_grid[axis, 3]) / row[own]
+    if np.delete(np.abs(row), own).max() > 1e-6 or abs(there - round(there)) > 1e-3:
+        return None  # not a slice of its voxels
+    data = score_node.GetImageData()
+    scores = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(data.GetDimensions()[::-1])
+    peak = slice_peak_ijk(scores, own, int(round(there)))
+    return None if peak is None else to_world(score_node, (now @ np.array([*peak, 1.0]))[:3])
+
+
 def slice_grid(table_node: slicer.vtkMRMLTableNode) -> Optional[np.ndarray]:
     """The IJK-to-RAS matrix a slice table's indices were written on (None: written before it was recorded)."""
     value = table_node.GetAttribute(SLICE_GRID_ATTRIBUTE)
@@ -343,16 +375,18 @@ class StoredResult:
     @property
     def jump_ras(self) -> Optional[Tuple[float, float, float]]:
         """Where "jump to the most anomalous" goes: the top component (first row of the component
-        table, ranked by summed score) when there is one, else the most anomalous slice."""
+        table, ranked by summed score) when there is one, else the most anomalous slice (:attr:`top_slice_ras`)."""
         if self.components is not None and self.components.GetNumberOfRows() > 0:
             return component_position(self.components, 0)
         return self.top_slice_ras
 
     @property
     def top_slice_ras(self) -> Optional[Tuple[float, float, float]]:
-        """World RAS of the centre of the most anomalous slice, ranked as the result ranks them
-        (``DetectionResult.ranked_slices``: slice anomaly, then highest score, then sample score, then the
-        lower index; a column that tables written before it lack counts as equal)."""
+        """World RAS of the highest-scoring voxel of the most anomalous slice (a point on that slice and on what
+        made it so: slice views of any orientation show it; the slice's centre where the score volume scores
+        nothing there), the slices ranked as the result ranks them (``DetectionResult.ranked_slices``: slice
+        anomaly, then highest score, then sample score, then the lower index; a column that tables written before it
+        lack counts as equal)."""
         table = self.slice_table
         if table is None or table.GetNumberOfRows() == 0 or self.volume.GetImageData() is None:
             return None
@@ -364,8 +398,10 @@ class StoredResult:
 
         row = int(np.lexsort((index, -column("Sample score"), -column("Highest score"), -column("Slice anomaly")))[0])
         axis = "IJK".index(table.GetAttribute(SLICE_AXIS_ATTRIBUTE) or "K")
-        frame = self.score if self.score.GetImageData() is not None else self.volume  # see run_frame
-        return slice_center_ras(frame, axis, int(index[row]), slice_grid(table))
+        if self.score.GetImageData() is None:  # see run_frame
+            return slice_center_ras(self.volume, axis, int(index[row]), slice_grid(table))
+        return (_slice_peak_ras(self.score, axis, int(index[row]), slice_grid(table))
+                or slice_center_ras(self.score, axis, int(index[row]), slice_grid(table)))
 
 
 def stored_result(score: Optional[slicer.vtkMRMLScalarVolumeNode]) -> Optional[StoredResult]:
