@@ -264,8 +264,8 @@ def test_prepare_then_train_from_the_cache_equals_training_without_it(subjects, 
               "--z-dim", "16", "--batch-size", "8", "--device", "cpu", "--val-fraction", "0.34"]
     with caplog.at_level(logging.INFO):
         assert main([*common, "--out", str(tmp_path / "a.cevae"), "--cache-dir", str(cache)]) == 0
-    assert "0 subject(s) preprocessed now, 2 found ready" in caplog.text  # training subjects
-    assert "0 subject(s) preprocessed now, 1 found ready" in caplog.text  # the validation subject
+    assert "0 volume(s) preprocessed now, 2 found ready" in caplog.text  # training subjects
+    assert "0 volume(s) preprocessed now, 1 found ready" in caplog.text  # the validation subject
     assert len(list(cache.glob("*.npy"))) == 3  # nothing new, nothing stale
     assert main([*common, "--out", str(tmp_path / "b.cevae")]) == 0
     a, b = load_bundle(tmp_path / "a.cevae"), load_bundle(tmp_path / "b.cevae")
@@ -280,7 +280,7 @@ def test_prepare_with_worker_processes_makes_the_same_entries(subjects, tmp_path
 
     one = prepare_cohort(subjects, tmp_path / "one", PRE, ("coronal",), workers=1)
     two = prepare_cohort(subjects, tmp_path / "two", PRE, ("coronal",), workers=2)
-    assert "3 subject(s), 3 preprocessed now and 0 found ready" in one and "in coronal, axial" in one
+    assert "3 volume(s), 3 preprocessed now and 0 found ready" in one and "in coronal, axial" in one
     assert one.split("(")[0].replace("one", "two") == two.split("(")[0]
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert len(names) == 12 and names == sorted(p.name for p in (tmp_path / "two").iterdir())
@@ -298,8 +298,8 @@ def test_prepare_never_starts_more_processes_than_subjects_or_cores(subjects, tm
     with caplog.at_level(logging.INFO):
         summary = prepare_cohort(subjects, tmp_path / "c", PRE, ("axial",), workers=10000)
     used = min(len(subjects), usable_cores())
-    assert f"Preprocessing with {used} process(es) (10000 asked; 3 subject(s)" in caplog.text
-    assert "3 subject(s), 3 preprocessed now" in summary
+    assert f"Preprocessing with {used} process(es) (10000 asked; 3 volume(s)" in caplog.text
+    assert "3 volume(s), 3 preprocessed now" in summary
 
 
 def test_a_fifo_or_a_deeply_nested_json_in_the_cache_is_made_again_not_a_hang_or_a_crash(subjects, tmp_path, caplog):

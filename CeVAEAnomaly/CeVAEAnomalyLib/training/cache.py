@@ -204,9 +204,9 @@ class SliceCache:
             entries, new = self.entries_for(s, checksums, orientations)
             out.append(entries)
             made += new
-            report(progress, (n + 1) / max(1, len(subjects)), f"prepared {n + 1} of {len(subjects)} subjects")
+            report(progress, (n + 1) / max(1, len(subjects)), f"prepared {n + 1} of {len(subjects)} volumes")
         if subjects:
-            log.info("Slice cache %s: %d subject(s) preprocessed now, %d found ready.", self.root, made,
+            log.info("Slice cache %s: %d volume(s) preprocessed now, %d found ready.", self.root, made,
                      len(subjects) - made)
         return out
 

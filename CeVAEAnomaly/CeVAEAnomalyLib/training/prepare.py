@@ -40,24 +40,24 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
     cores = usable_cores()
     usable = max(1, min(workers, len(jobs), cores))  # preprocessing is CPU-bound: no more than the cores
     if usable < workers:
-        log.info("Preprocessing with %d process(es) (%d asked; %d subject(s), %d usable core(s)).", usable, workers,
+        log.info("Preprocessing with %d process(es) (%d asked; %d volume(s), %d usable core(s)).", usable, workers,
                  len(jobs), cores)
     workers = usable
     results = []
     if workers == 1:
         for n, job in enumerate(jobs):
             results.append(_prepare_one(job))
-            report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
+            report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} volumes")
     else:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=pool_worker_signals) as pool:
             for n, result in enumerate(pool.map(_prepare_one, jobs)):
                 results.append(result)
-                report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} subjects")
+                report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} volumes")
     unique_subjects(subjects, {s.image: r[1] for s, r in zip(subjects, results)})  # warns of repeats, as train does
     entries = {name: size for r in results for name, size in r[2].items()}  # a shared entry counted once
     made = sum(r[0] for r in results)
-    return (f"Slice cache {root}: {len(subjects)} subject(s), {made} preprocessed now and "
+    return (f"Slice cache {root}: {len(subjects)} volume(s), {made} preprocessed now and "
             f"{len(subjects) - made} found ready, {sum(n for n, _ in entries.values())} slices in {', '.join(wanted)} "
             f"({sum(b for _, b in entries.values()) / 2**20:.1f} MiB) in {time.perf_counter() - t:.1f} s.")
 

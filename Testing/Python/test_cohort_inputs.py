@@ -1,0 +1,40 @@
+"""How train, prepare, calibrate, adapt and batch read a cohort's volumes, brain masks and persons."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import SimpleITK as sitk
+
+from conftest import make_head
+from CeVAEAnomalyLib.cli.main import main
+
+SIZE = (24, 26, 22)
+
+
+def write(folder: Path, *names: str, seed: int = 1) -> None:
+    """A synthetic head (names without 'mask') or its brain mask (names with it) under each of ``names``."""
+    image, mask = make_head(size=SIZE, seed=seed)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(mask if "mask" in name.lower() else image, str(folder / name))
+
+
+def read(*paths: Path) -> List[Tuple[str, Optional[str]]]:
+    """The (image, mask) file names the cohort commands take from ``paths`` (files or folders)."""
+    from CeVAEAnomalyLib.cli.commands import _healthy_subjects
+
+    subjects = _healthy_subjects(argparse.Namespace(manifest=None, images=list(paths)))
+    return sorted((s.image.name, s.mask.name if s.mask else None) for s in subjects)
+
+
+def test_prepare_counts_volumes_not_subjects(tmp_path, caplog):
+    """Its summary said "3 subject(s)" for three sessions of one person: it counts volumes."""
+    for i in (1, 2, 3):
+        write(tmp_path / "in", f"sub-01_ses-{i}_T1w.nii.gz", f"sub-01_ses-{i}_T1w_mask.nii.gz", seed=i)
+    with caplog.at_level(logging.INFO):
+        assert main(["prepare", str(tmp_path / "in"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "3 volume(s), 3 preprocessed now and 0 found ready" in caplog.text
+    assert "subject" not in caplog.text
