@@ -38,3 +38,20 @@ def test_prepare_counts_volumes_not_subjects(tmp_path, caplog):
         assert main(["prepare", str(tmp_path / "in"), "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "3 volume(s), 3 preprocessed now and 0 found ready" in caplog.text
     assert "subject" not in caplog.text
+
+
+def test_fsl_names_give_one_volume_with_its_brain_mask(tmp_path, caplog):
+    """FSL's bet writes NAME_brain (the skull-stripped scan) and NAME_brain_mask beside NAME: NAME_brain was a
+    second person, with NAME's mask, and NAME got the automatic one; without NAME_brain the mask was ignored."""
+    from CeVAEAnomalyLib.cli.batch import collect_inputs
+
+    write(tmp_path / "fsl", "s1.nii.gz", "s1_brain.nii.gz", "s1_brain_mask.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        assert read(tmp_path / "fsl") == [("s1.nii.gz", "s1_brain_mask.nii.gz")]
+    assert "s1_brain.nii.gz in" in caplog.text and "is taken for the skull-stripped copy of s1.nii.gz" in caplog.text
+    assert read(*sorted((tmp_path / "fsl").iterdir())) == [("s1.nii.gz", "s1_brain_mask.nii.gz")]
+    assert [(i.name, i.mask.name) for i in collect_inputs(tmp_path / "fsl")] == [("s1", "s1_brain_mask.nii.gz")]
+    write(tmp_path / "whole", "s2.nii.gz", "s2_brain_mask.nii.gz")
+    assert read(tmp_path / "whole") == [("s2.nii.gz", "s2_brain_mask.nii.gz")]
+    write(tmp_path / "stripped", "s3_brain.nii.gz", "s3_brain_mask.nii.gz")  # the skull-stripped scan alone
+    assert read(tmp_path / "stripped") == [("s3_brain.nii.gz", "s3_brain_mask.nii.gz")]

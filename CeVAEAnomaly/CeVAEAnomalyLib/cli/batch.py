@@ -43,10 +43,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MASK_TAGS = ("_brainmask", "_mask")  # <image>_mask.nii.gz is the brain mask of <image>.* (tags in any case)
+# <image>_mask.nii.gz is the brain mask of <image>.* (tags in any case; FSL's bet writes NAME_brain_mask)
+MASK_TAGS = ("_brain_mask", "_brainmask", "_mask")
 # a contrast tag (in any case) that may end an image's name but not its mask's: NAME_brainmask is the mask of
 # NAME_t1 (or NAME_T1w) where no image NAME is beside it, as the project's sample data and many cohorts name them
 CONTRAST_TAGS = ("_t1", "_t1w")
+STRIPPED_TAG = "_brain"  # FSL's bet: NAME_brain is the skull-stripped copy of NAME (its mask: NAME_brain_mask)
 
 MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
@@ -59,11 +61,11 @@ LATER_FIELDS = ("components", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # columns older s
 
 def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, str]:
     """For each mask key (a mask's stem without its tag), the image stem (of ``images``) it belongs to: the image of
-    that stem, or else the one image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`); masks
-    with neither are left out."""
-    untagged: Dict[str, List[str]] = {}  # an image stem without its contrast tag -> the image stems
+    that stem, or else the one image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`) or
+    FSL's :data:`STRIPPED_TAG`; masks with neither are left out."""
+    untagged: Dict[str, List[str]] = {}  # an image stem without its contrast (or FSL's _brain) tag -> the image stems
     for name in images:
-        for tag in CONTRAST_TAGS:
+        for tag in (*CONTRAST_TAGS, STRIPPED_TAG):
             if name.lower().endswith(tag) and len(name) > len(tag):
                 untagged.setdefault(name[: -len(tag)], []).append(name)
     owners = {}
@@ -100,7 +102,8 @@ class ModelChanged(CeVAEError):
 
 # ---- the list of inputs -------------------------------------------------------------------
 def collect_folder(folder: Path) -> List[BatchItem]:
-    """Images of a folder (not its subfolders), each with its ``_mask``/``_brainmask`` file if any."""
+    """Images of a folder (not its subfolders), each with its ``_mask``/``_brainmask``/``_brain_mask`` file if any;
+    FSL's skull-stripped copy ``NAME_brain`` beside ``NAME`` is left out (:func:`leave_out_stripped_copies`)."""
     images: Dict[str, Path] = {}
     masks: Dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
@@ -119,8 +122,25 @@ def collect_folder(folder: Path) -> List[BatchItem]:
             raise CeVAEError(f"{found[key].name} and {p.name} in {folder} are both the {kind} of '{key}'; "
                              "keep one, or list the inputs in a CSV.")
         found[key] = p
+    images = leave_out_stripped_copies(images, f"in {folder}")
     mask_of = pair_masks(images, masks, f"in {folder}", "keep one, or list the inputs in a CSV")
     return [BatchItem(k, images[k], mask_of.get(k)) for k in sorted(images)]
+
+
+def leave_out_stripped_copies(images: Mapping[str, Path], where: str) -> Dict[str, Path]:
+    """``images`` (stem -> file) without FSL's skull-stripped copies: ``NAME_brain`` beside ``NAME`` is a scan
+    already counted, not a second person (a split would put one scan on both sides); each is left out with a
+    warning. ``where`` ("in FOLDER") completes it."""
+    kept = dict(images)
+    for stem in sorted(images):
+        whole = stem[: -len(STRIPPED_TAG)]
+        if stem.lower().endswith(STRIPPED_TAG) and whole in images:
+            del kept[stem]
+            log.warning("%s %s is taken for the skull-stripped copy of %s (FSL's NAME_brain): left out, %s is read "
+                        "with its brain mask (NAME_brain_mask, NAME_mask) or an automatic one. To use it as a volume "
+                        "of its own, list the inputs in a CSV.", images[stem].name, where, images[whole].name,
+                        images[whole].name)
+    return kept
 
 
 def pair_masks(images: Mapping[str, Path], masks: Mapping[str, Path], where: str, advice: str) -> Dict[str, Path]:

@@ -36,11 +36,12 @@ def _require_research(command: str, modules: Sequence[str]) -> None:
 
 def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     """The volumes of --manifest and the image arguments, every one checked before any is read. As ``batch``
-    reads a folder: a folder of image files gives its images, and ``NAME_mask.*`` (or ``NAME_brainmask.*``)
-    beside ``NAME.*`` is NAME's brain mask, in a folder or among the files given (``site/*.nii.gz``); a folder
-    without image files is one DICOM series."""
+    reads a folder: a folder of image files gives its images, and ``NAME_mask.*`` (or ``NAME_brainmask.*``,
+    FSL's ``NAME_brain_mask.*``) beside ``NAME.*`` is NAME's brain mask, in a folder or among the files given
+    (``site/*.nii.gz``), where FSL's skull-stripped copy ``NAME_brain.*`` is left out; a folder without image files
+    is one DICOM series."""
     from ..io.manifest import Subject, check_volume_path, read_manifest
-    from .batch import MASK_TAGS, collect_folder, pair_masks
+    from .batch import MASK_TAGS, collect_folder, leave_out_stripped_copies, pair_masks
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     files: List[Path] = []
@@ -68,13 +69,14 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
         where = (p.parent.resolve(), key)
         if not _same(found.setdefault(where, p), p):
             raise CeVAEError(f"{found[where]} and {p} are both the {kind} of '{key}'; give one of them.")
-    mask_of: Dict[Path, Path] = {}  # image file -> its mask file
+    mask_of: Dict[Path, Optional[Path]] = {}  # image file kept -> its mask file (None: none given)
     for folder in sorted({f for f, _ in [*images, *masks]}):
-        here = {k: p for (f, k), p in images.items() if f == folder}
+        here = leave_out_stripped_copies({k: p for (f, k), p in images.items() if f == folder},
+                                         "among the files given")
         paired = pair_masks(here, {k: p for (f, k), p in masks.items() if f == folder}, "among the files given",
                             "give one of them")
-        mask_of.update((here[k], m) for k, m in paired.items())
-    subjects += [Subject(p, mask_of.get(p)) for p in images.values()]
+        mask_of.update((p, paired.get(k)) for k, p in here.items())
+    subjects += [Subject(p, mask_of[p]) for p in images.values() if p in mask_of]
     if not subjects:
         raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects

@@ -40,8 +40,9 @@ def _add_threshold(p: argparse.ArgumentParser) -> None:
 
 def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("images", nargs="*", type=path_value,
-                   help=f"{what} image files or folders (besides or instead of --manifest); NAME_mask.* or "
-                   "NAME_brainmask.*, given too or in a folder given, is the brain mask of NAME.* (else of NAME_t1.*)")
+                   help=f"{what} image files or folders (besides or instead of --manifest); NAME_mask.*, "
+                   "NAME_brainmask.* or NAME_brain_mask.*, given too or in a folder given, is the brain mask of NAME.* "
+                   "(else of NAME_t1.*); FSL's skull-stripped NAME_brain.* beside NAME.* is left out")
     p.add_argument("--manifest", type=path_value, help="CSV with columns image,mask and optionally subject (the "
                    "person scanned; paths relative to the CSV)")
 
@@ -202,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "batch_settings_shard-i-of-n.json); a rerun skips volumes whose outputs are the files its "
                        "summary recorded (sha256), made from the same input, and refuses other settings (--overwrite "
                        "scores every volume again); failures are recorded.")
-    b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* are the brain "
-                   "masks of NAME.*, else of NAME_t1.*) or CSV with columns image[,mask][,name] (paths relative to "
-                   "the CSV)")
+    b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* / "
+                   "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.*) or CSV with columns "
+                   "image[,mask][,name] (paths relative to the CSV)")
     b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")
     b.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     _add_scoring(b)
