@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import pytest
 import SimpleITK as sitk
 
 from conftest import make_head
@@ -55,3 +56,19 @@ def test_fsl_names_give_one_volume_with_its_brain_mask(tmp_path, caplog):
     assert read(tmp_path / "whole") == [("s2.nii.gz", "s2_brain_mask.nii.gz")]
     write(tmp_path / "stripped", "s3_brain.nii.gz", "s3_brain_mask.nii.gz")  # the skull-stripped scan alone
     assert read(tmp_path / "stripped") == [("s3_brain.nii.gz", "s3_brain_mask.nii.gz")]
+
+
+def test_a_mask_that_two_contrast_tagged_images_may_own_is_refused_naming_both(tmp_path):
+    """With NAME_t1 and NAME_t1w beside it, NAME_brainmask was ignored as having "no matching image" (and both got
+    the automatic mask): which one it belongs to would be a guess, so it is asked."""
+    from CeVAEAnomalyLib.cli.batch import collect_folder
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    write(tmp_path, "two_t1.nii.gz", "two_T1w.nii.gz", "two_brainmask.nii.gz")
+    said = "two_brainmask.nii.gz .* may be the brain mask of two_T1w.nii.gz or of two_t1.nii.gz; name it after"
+    with pytest.raises(CeVAEError, match=said):
+        collect_folder(tmp_path)
+    with pytest.raises(CeVAEError, match=said):
+        read(*sorted(tmp_path.iterdir()))
+    (tmp_path / "two_brainmask.nii.gz").rename(tmp_path / "two_t1_brainmask.nii.gz")
+    assert read(tmp_path) == [("two_T1w.nii.gz", None), ("two_t1.nii.gz", "two_t1_brainmask.nii.gz")]

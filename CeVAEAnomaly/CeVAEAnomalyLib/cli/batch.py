@@ -59,21 +59,16 @@ LATER_FIELDS = ("components", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # columns older s
 # without components_sha256, of versions that wrote no component table, so that every volume gets its table)
 
 
-def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, str]:
-    """For each mask key (a mask's stem without its tag), the image stem (of ``images``) it belongs to: the image of
-    that stem, or else the one image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`) or
-    FSL's :data:`STRIPPED_TAG`; masks with neither are left out."""
+def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, List[str]]:
+    """For each mask key (a mask's stem without its tag), the image stems (of ``images``) it may belong to: the
+    image of that stem, or else every image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`)
+    or FSL's :data:`STRIPPED_TAG` (none: the mask has no image; several: which one would be a guess)."""
     untagged: Dict[str, List[str]] = {}  # an image stem without its contrast (or FSL's _brain) tag -> the image stems
-    for name in images:
+    for name in sorted(images):
         for tag in (*CONTRAST_TAGS, STRIPPED_TAG):
             if name.lower().endswith(tag) and len(name) > len(tag):
                 untagged.setdefault(name[: -len(tag)], []).append(name)
-    owners = {}
-    for key in masks:
-        tagged = untagged.get(key, [])
-        if key in images or len(tagged) == 1:
-            owners[key] = key if key in images else tagged[0]
-    return owners
+    return {key: [key] if key in images else untagged.get(key, []) for key in masks}
 
 
 @dataclass(frozen=True)
@@ -145,17 +140,23 @@ def leave_out_stripped_copies(images: Mapping[str, Path], where: str) -> Dict[st
 
 def pair_masks(images: Mapping[str, Path], masks: Mapping[str, Path], where: str, advice: str) -> Dict[str, Path]:
     """The brain mask of each image stem of ``images`` that has one, of ``masks`` (a mask's stem without its tag ->
-    its file; :func:`mask_owners` pairs them). A mask without an image is left out with a warning; two masks of one
-    image are refused. ``where`` ("in FOLDER") and ``advice`` (what to do instead) complete the messages."""
-    owners = mask_owners(masks, images.keys())
-    for key in sorted(set(masks) - set(owners)):
-        log.warning("%s has no matching image %s (the mask of NAME.nii.gz or NAME_t1.nii.gz is NAME_mask or "
-                    "NAME_brainmask); ignored.", masks[key].name, where)
+    its file; :func:`mask_owners` pairs them). A mask without an image is left out with a warning; a mask that may
+    be that of several images, and two masks of one image, are refused. ``where`` ("in FOLDER") and ``advice`` (what
+    to do instead) complete the messages."""
+    candidates = mask_owners(masks, images.keys())
     mask_of: Dict[str, Path] = {}
-    for key in sorted(owners):
-        if mask_of.setdefault(owners[key], masks[key]) != masks[key]:
-            raise CeVAEError(f"{mask_of[owners[key]].name} and {masks[key].name} {where} are both the brain mask "
-                             f"of '{owners[key]}'; {advice}.")
+    for key in sorted(masks):
+        owners = candidates[key]
+        if not owners:
+            log.warning("%s has no matching image %s (the mask of NAME.nii.gz or NAME_t1.nii.gz is NAME_mask or "
+                        "NAME_brainmask); ignored.", masks[key].name, where)
+        elif len(owners) > 1:
+            names = " or of ".join(images[o].name for o in owners)
+            raise CeVAEError(f"{masks[key].name} {where} may be the brain mask of {names}; name it after the one it "
+                             f"belongs to ({owners[0]}_mask), or list the scans and their masks in a CSV.")
+        elif mask_of.setdefault(owners[0], masks[key]) != masks[key]:
+            raise CeVAEError(f"{mask_of[owners[0]].name} and {masks[key].name} {where} are both the brain mask "
+                             f"of '{owners[0]}'; {advice}.")
     return mask_of
 
 
