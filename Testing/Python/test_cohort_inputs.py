@@ -72,3 +72,20 @@ def test_a_mask_that_two_contrast_tagged_images_may_own_is_refused_naming_both(t
         read(*sorted(tmp_path.iterdir()))
     (tmp_path / "two_brainmask.nii.gz").rename(tmp_path / "two_t1_brainmask.nii.gz")
     assert read(tmp_path) == [("two_T1w.nii.gz", None), ("two_t1.nii.gz", "two_t1_brainmask.nii.gz")]
+
+
+def test_a_folder_per_person_with_a_bare_mask_name_gives_its_image_that_mask(tmp_path):
+    """A folder per person holding t1.nii.gz and mask.nii.gz: the mask was read as a second image (and failed as
+    one, or trained as a scan); a bare mask name is the brain mask of the one image beside it."""
+    from CeVAEAnomalyLib.cli.batch import collect_inputs
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    write(tmp_path, "p1/t1.nii.gz", "p1/mask.nii.gz", "p2/T1w.nrrd", "p2/Brain_Mask.nrrd", "p3/t1.nii.gz",
+          "p3/brainmask.nii.gz")
+    expected = [("T1w.nrrd", "Brain_Mask.nrrd"), ("t1.nii.gz", "brainmask.nii.gz"), ("t1.nii.gz", "mask.nii.gz")]
+    assert read(tmp_path / "p1", tmp_path / "p2", tmp_path / "p3") == expected
+    assert read(*sorted(tmp_path.glob("p*/*"))) == expected
+    assert [(i.image.name, i.mask.name) for i in collect_inputs(tmp_path / "p1")] == [("t1.nii.gz", "mask.nii.gz")]
+    write(tmp_path, "p1/t2.nii.gz")  # two images: whose mask it is would be a guess
+    with pytest.raises(CeVAEError, match="mask.nii.gz in .*p1 may be the brain mask of t1.nii.gz or of t2.nii.gz"):
+        read(tmp_path / "p1")

@@ -49,6 +49,18 @@ MASK_TAGS = ("_brain_mask", "_brainmask", "_mask")
 # NAME_t1 (or NAME_T1w) where no image NAME is beside it, as the project's sample data and many cohorts name them
 CONTRAST_TAGS = ("_t1", "_t1w")
 STRIPPED_TAG = "_brain"  # FSL's bet: NAME_brain is the skull-stripped copy of NAME (its mask: NAME_brain_mask)
+BARE_MASKS = ("mask", "brainmask", "brain_mask")  # a whole name (any case): the mask of the one image beside it
+
+
+def mask_key(stem: str) -> Optional[str]:
+    """The stem of the image whose brain mask a file of stem ``stem`` is by its name (``a_mask``, ``A_MASK``: "a",
+    "A"; a bare ``mask`` or ``brain_mask``, as a folder per person names it: "", the one image beside it), else
+    None (an image)."""
+    low = stem.lower()
+    if low in BARE_MASKS:
+        return ""
+    tag = next((t for t in MASK_TAGS if low.endswith(t)), None)
+    return stem[: len(stem) - len(tag)] if tag else None
 
 MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
@@ -59,16 +71,22 @@ LATER_FIELDS = ("components", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # columns older s
 # without components_sha256, of versions that wrote no component table, so that every volume gets its table)
 
 
+def owner(key: str) -> str:
+    """The image a mask key names, in words: 'NAME', or for a bare ``mask`` (key "") the one image beside it."""
+    return f"'{key}'" if key else "the one image beside them (a bare mask name)"
+
+
 def mask_owners(masks: Iterable[str], images: AbstractSet[str]) -> Dict[str, List[str]]:
     """For each mask key (a mask's stem without its tag), the image stems (of ``images``) it may belong to: the
     image of that stem, or else every image whose stem is the key followed by a contrast tag (:data:`CONTRAST_TAGS`)
-    or FSL's :data:`STRIPPED_TAG` (none: the mask has no image; several: which one would be a guess)."""
+    or FSL's :data:`STRIPPED_TAG`; for the key "" (a bare ``mask``), every image (none: the mask has no image;
+    several: which one would be a guess)."""
     untagged: Dict[str, List[str]] = {}  # an image stem without its contrast (or FSL's _brain) tag -> the image stems
     for name in sorted(images):
         for tag in (*CONTRAST_TAGS, STRIPPED_TAG):
             if name.lower().endswith(tag) and len(name) > len(tag):
                 untagged.setdefault(name[: -len(tag)], []).append(name)
-    return {key: [key] if key in images else untagged.get(key, []) for key in masks}
+    return {key: sorted(images) if not key else [key] if key in images else untagged.get(key, []) for key in masks}
 
 
 @dataclass(frozen=True)
@@ -109,12 +127,10 @@ def collect_folder(folder: Path) -> List[BatchItem]:
                 log.warning("%s in %s is not a regular file (a named pipe, device or socket); ignored.", p.name,
                             folder)
             continue  # hidden files include the temporary files of unfinished writes
-        tag = next((t for t in MASK_TAGS if stem.lower().endswith(t)), "")
-        key = stem[: len(stem) - len(tag)]
-        found = masks if tag else images
+        of = mask_key(stem)
+        key, found, kind = (stem, images, "image") if of is None else (of, masks, "brain mask")
         if key in found:
-            kind = "brain mask" if tag else "image"
-            raise CeVAEError(f"{found[key].name} and {p.name} in {folder} are both the {kind} of '{key}'; "
+            raise CeVAEError(f"{found[key].name} and {p.name} in {folder} are both the {kind} of {owner(key)}; "
                              "keep one, or list the inputs in a CSV.")
         found[key] = p
     images = leave_out_stripped_copies(images, f"in {folder}")
@@ -151,7 +167,7 @@ def pair_masks(images: Mapping[str, Path], masks: Mapping[str, Path], where: str
             log.warning("%s has no matching image %s (the mask of NAME.nii.gz or NAME_t1.nii.gz is NAME_mask or "
                         "NAME_brainmask); ignored.", masks[key].name, where)
         elif len(owners) > 1:
-            names = " or of ".join(images[o].name for o in owners)
+            names = " or of ".join(images[o].name for o in owners[:3]) + (" ..." if len(owners) > 3 else "")
             raise CeVAEError(f"{masks[key].name} {where} may be the brain mask of {names}; name it after the one it "
                              f"belongs to ({owners[0]}_mask), or list the scans and their masks in a CSV.")
         elif mask_of.setdefault(owners[0], masks[key]) != masks[key]:

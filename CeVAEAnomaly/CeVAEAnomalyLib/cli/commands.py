@@ -41,7 +41,7 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     (``site/*.nii.gz``), where FSL's skull-stripped copy ``NAME_brain.*`` is left out; a folder without image files
     is one DICOM series."""
     from ..io.manifest import Subject, check_volume_path, read_manifest
-    from .batch import MASK_TAGS, collect_folder, leave_out_stripped_copies, pair_masks
+    from .batch import collect_folder, leave_out_stripped_copies, mask_key, owner, pair_masks
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     files: List[Path] = []
@@ -64,11 +64,11 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     images: Dict[Tuple[Path, str], Path] = {}  # (folder, stem) -> the image file; masks: (folder, mask stem)
     masks: Dict[Tuple[Path, str], Path] = {}
     for p in files:
-        of = _mask_of(p, MASK_TAGS)
+        of = mask_key(file_stem(p))
         found, key, kind = (images, file_stem(p), "image") if of is None else (masks, of, "brain mask")
         where = (p.parent.resolve(), key)
         if not _same(found.setdefault(where, p), p):
-            raise CeVAEError(f"{found[where]} and {p} are both the {kind} of '{key}'; give one of them.")
+            raise CeVAEError(f"{found[where]} and {p} are both the {kind} of {owner(key)}; give one of them.")
     mask_of: Dict[Path, Optional[Path]] = {}  # image file kept -> its mask file (None: none given)
     for folder in sorted({f for f, _ in [*images, *masks]}):
         here = leave_out_stripped_copies({k: p for (f, k), p in images.items() if f == folder},
@@ -96,20 +96,13 @@ def _refuse_nested_cohort(folder: Path) -> None:
                 return
             raise CeVAEError(f"{folder} holds no image files of its own, and its subfolders (such as "
                              f"{Path(root, nested).relative_to(folder)}) are not searched: list the scans, with their "
-                             "brain masks, in a --manifest CSV (columns image,mask,subject), or give the image files.")
+                             "brain masks, in a --manifest CSV (columns image,mask,subject), or give the image files, "
+                             "or the folders that hold them (one per person: its scan and a mask named mask.*).")
 
 
 def _same(a: Path, b: Path) -> bool:
     """Whether two given paths name one file (the same file given twice is dropped later, with a warning)."""
     return a.resolve() == b.resolve()
-
-
-def _mask_of(path: Path, tags: Sequence[str]) -> Optional[str]:
-    """The stem of the image whose brain mask ``path`` is by its name (``a_mask.nii.gz``, ``A_MASK.NII.GZ``: "a",
-    "A"), else None."""
-    stem = file_stem(path)
-    tag = next((t for t in tags if stem.lower().endswith(t) and len(stem) > len(t)), None)
-    return stem[: -len(tag)] if tag else None
 
 
 def _inputs(args: argparse.Namespace, subjects: list) -> list:
