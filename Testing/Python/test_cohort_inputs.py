@@ -89,3 +89,18 @@ def test_a_folder_per_person_with_a_bare_mask_name_gives_its_image_that_mask(tmp
     write(tmp_path, "p1/t2.nii.gz")  # two images: whose mask it is would be a guess
     with pytest.raises(CeVAEError, match="mask.nii.gz in .*p1 may be the brain mask of t1.nii.gz or of t2.nii.gz"):
         read(tmp_path / "p1")
+
+
+def test_a_person_is_the_same_with_or_without_bids_sub_prefix_and_in_any_case(tmp_path):
+    """A manifest's subject "sub-01", a BIDS file name's "01" and a subject "Sub-01" were three persons: train held
+    one person's sessions out on both sides of its split."""
+    from CeVAEAnomalyLib.io.manifest import Subject, read_manifest
+    from CeVAEAnomalyLib.training.data import person_groups
+
+    write(tmp_path, "a.nii.gz", "sub-01_ses-2_T1w.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz")
+    (tmp_path / "m.csv").write_text("image,subject\na.nii.gz,sub-01\nsub-01_ses-2_T1w.nii.gz,\nb.nii.gz,Sub-01\n"
+                                    "c.nii.gz,02\nd.nii.gz,sub-2\n")
+    subjects = read_manifest(tmp_path / "m.csv")
+    assert person_groups(subjects) == [[0, 1, 2], [3], [4]]  # 02 and 2 stay two labels
+    assert Subject(Path("sub-AB_T1w.nii.gz")).group == Subject(Path("x.nii.gz"), person="ab").group
+    assert Subject(Path("sub-cortical.nii.gz")).group == ("image", "sub-cortical.nii.gz")  # not a BIDS name

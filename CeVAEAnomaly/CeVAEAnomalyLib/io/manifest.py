@@ -24,6 +24,7 @@ from .naming import APPLE_DOUBLE, RESOURCE_FORK, file_stem, subfolders_hint
 
 log = logging.getLogger(__name__)
 _BIDS_FILE = re.compile(r"sub-([A-Za-z0-9]+)_")  # a BIDS file name starts with its subject: sub-01_ses-2_T1w.nii.gz
+_BIDS_PREFIX = re.compile(r"^sub-(?=.)", re.IGNORECASE)  # a person label written as BIDS names the folder: sub-01
 
 
 def distinct_names(images: Sequence[Path], name_of: Callable[[Path], str] = file_stem) -> Dict[Path, str]:
@@ -52,8 +53,10 @@ def bids_person(image: Path) -> Optional[str]:
 
 def scan_group(person: Optional[str], scan: str) -> Tuple[str, str]:
     """The group of a scan of ``person`` (None or "": not known) that a split by person keeps on one side: the
-    person's, else one of its own (``scan``: what tells it from the other scans, e.g. its path)."""
-    return ("person", person) if person else ("image", scan)
+    person's, else one of its own (``scan``: what tells it from the other scans, e.g. its path). A label is the
+    same person with or without BIDS's ``sub-`` and in any case: a manifest's "sub-01" or "Sub-01" is a BIDS file
+    name's "01"."""
+    return ("person", _BIDS_PREFIX.sub("", person).casefold()) if person else ("image", scan)
 
 
 def unknown_persons_note(subjects: Sequence[Subject]) -> Optional[str]:
