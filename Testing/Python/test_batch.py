@@ -177,6 +177,11 @@ def test_inputs_pairing_names_and_errors(tmp_path, caplog):
     lst.write_text("image,name\n../x.nii.gz,S1\n../z.mha,s1\n")  # one output file where names ignore case
     with pytest.raises(CeVAEError, match="named 'S1_\\*' and 's1_\\*', one file on a case-insensitive file system"):
         collect_inputs(lst)
+    # one output file on macOS, which compares names in one Unicode form: é as one character or e + U+0301 (the
+    # second volume was taken as finished with the first one's outputs)
+    lst.write_text("image,name\n../x.nii.gz,caf\u00e9\n../z.mha,cafe\u0301\n", encoding="utf-8")
+    with pytest.raises(CeVAEError, match="one name in two Unicode forms .* one file on macOS"):
+        collect_inputs(lst)
 
     for name, odd in (("sub:01", ":"), ("a?", "?"), ("x\\y", "\\"), ("bell\a", "\a")):
         lst.write_text(f"image,name\n../x.nii.gz,{name}\n")  # on Windows sub:01 wrote into a hidden stream of "sub"

@@ -202,3 +202,16 @@ def test_names_that_are_one_only_under_full_case_folding_are_two_outputs(tmp_pat
     check_paths([tmp_path / "straße.nii.gz", tmp_path / "strasse.nii.gz"], overwrite=False)
     with pytest.raises(CeVAEError, match="differ only in letter case"):
         check_paths([tmp_path / "STRASSE.nii.gz", tmp_path / "strasse.nii.gz"], overwrite=False)
+
+
+def test_names_in_two_unicode_forms_are_one_output(tmp_path):
+    """café written with é as one character and as e + a combining accent is one file on macOS (its file systems
+    compare names in one Unicode form), so two outputs so named would be one file there: refused as the letter-case
+    twins are."""
+    from CeVAEAnomalyLib.io.targets import check_paths
+
+    composed, decomposed = tmp_path / "caf\u00e9.nii.gz", tmp_path / "cafe\u0301.nii.gz"
+    with pytest.raises(CeVAEError, match="one name in two Unicode forms .* one file on macOS"):
+        check_paths([composed, decomposed], overwrite=False)
+    with pytest.raises(CeVAEError, match="differ only in letter case"):  # both at once: said as letter case
+        check_paths([composed, tmp_path / "CAFE\u0301.nii.gz"], overwrite=False)

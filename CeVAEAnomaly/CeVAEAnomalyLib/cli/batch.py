@@ -31,8 +31,8 @@ from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
-from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, file_stem, image_stem, output_paths, subfolders_hint,
-                         unportable_character)
+from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, UNICODE_TWINS, file_stem, image_stem, one_form,
+                         output_paths, subfolders_hint, unportable_character)
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
@@ -209,15 +209,17 @@ def collect_inputs(source: Path) -> List[BatchItem]:
         hint = subfolders_hint(source, "list the images or DICOM series folders in a CSV (column 'image')") \
             if source.is_dir() else ""
         raise CeVAEError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}.")
-    seen: Dict[str, BatchItem] = {}  # by the name in any case: S1 and s1 share their outputs on macOS and Windows
-    for item in items:
-        other = seen.get(item.name.casefold())
+    seen: Dict[str, BatchItem] = {}  # by the name in any case and Unicode form: S1 and s1 share their outputs on
+    for item in items:  # macOS and Windows, café as é and as e + U+0301 on macOS
+        other = seen.get(one_form(item.name).casefold())
         if other is not None:
             names = f"'{item.name}_*'" if other.name == item.name else (
-                f"'{other.name}_*' and '{item.name}_*', one file on a case-insensitive file system (macOS, Windows)")
+                f"'{item.name}_*', {UNICODE_TWINS}, one file on macOS" if one_form(other.name) == one_form(item.name)
+                else f"'{other.name}_*' and '{item.name}_*', one file on a case-insensitive file system (macOS, "
+                     "Windows)")
             raise CeVAEError(f"{other.image} and {item.image} would both write outputs named {names}; give them "
                              "distinct names (a 'name' column in the CSV).")
-        seen[item.name.casefold()] = item
+        seen[one_form(item.name).casefold()] = item
     return sorted(items, key=lambda it: it.name)
 
 

@@ -5,6 +5,7 @@ The output table is shared by ``cevae-anomaly batch`` and the Slicer script
 """
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -45,6 +46,15 @@ def unportable_character(name: str) -> Optional[str]:
     """The first character of ``name`` that Windows never allows in a file name (``< > : " / \\ | ? *`` and the
     control characters; a ":" there even writes into a hidden stream of another file), or None."""
     return next((c for c in name if c in WINDOWS_FORBIDDEN), None)
+
+
+def one_form(name: str) -> str:
+    """``name`` in one Unicode form (NFC: an accent written as a letter and a combining mark, 'e' + U+0301, as the
+    one character 'é'), as macOS compares file names: two names equal in it are one file there."""
+    return unicodedata.normalize("NFC", name)
+
+
+UNICODE_TWINS = "one name in two Unicode forms (an accent as one character, or as a letter and a combining mark)"
 
 
 def misnamed(path: Path) -> bool:

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from ..errors import CeVAEError
 from .detached import NumberedFiles, read_alongside
-from .naming import full_suffix
+from .naming import UNICODE_TWINS, full_suffix, one_form
 
 
 def special_file_kind(p: Path) -> Optional[str]:
@@ -245,19 +245,24 @@ def refuse_unwritable_folder(folder: Path) -> None:
 
 def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optional[Path]] = ()) -> None:
     """Refuse outputs that equal an input, repeat each other (also in another letter case: one file on the
-    case-insensitive file systems of macOS and Windows), exist (without overwrite) or cannot be written."""
+    case-insensitive file systems of macOS and Windows; or in another Unicode form: one file on macOS), exist
+    (without overwrite) or cannot be written."""
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     targets = [Path(t) for t in targets]
-    seen: Dict[str, Tuple[Path, Path]] = {}  # resolved path in lower case -> (the output so named, its path)
+    seen: Dict[str, Tuple[Path, Path]] = {}  # resolved path in one form, lower case -> (the output so named, its path)
     for t in targets:
         r = resolved(t)
-        other, other_r = seen.get(str(r).lower(), (None, None))
+        key = one_form(str(r)).lower()
+        other, other_r = seen.get(key, (None, None))
         if other_r == r:
             raise CeVAEError(f"The output {t} is named twice.")
+        if other_r is not None and one_form(str(other_r)) == one_form(str(r)):
+            raise CeVAEError(f"The outputs {other} and {t} are {UNICODE_TWINS}, which makes them one file on macOS; "
+                             "give them names that differ otherwise.")
         if other is not None:
             raise CeVAEError(f"The outputs {other} and {t} differ only in letter case, which makes them one file on "
                              "macOS and Windows; give them names that differ otherwise.")
-        seen[str(r).lower()] = (t, r)
+        seen[key] = (t, r)
         check_output_path(t, overwrite, known)
     # where the temporary file is made: beside the output's own name (a symbolic link is replaced, not followed)
     for folder in sorted({Path(os.path.abspath(t)).parent for t in targets}):
