@@ -37,3 +37,14 @@ def test_a_held_output_keeps_the_folders_made_for_it_once_it_is_written(tmp_path
     with hold_output(target, "detect"):
         target.write_text("written\n")
     assert target.read_text() == "written\n" and not os.path.lexists(lock_path(target))
+
+
+def test_an_output_named_as_another_outputs_lock_file_is_refused(tmp_path):
+    """An output at ``.NAME.lock`` beside an output ``NAME`` is the lock file held while NAME is written: it was
+    written, said written, and then removed with the lock (or truncated by the lock of a later write)."""
+    from CeVAEAnomalyLib.io.atomic import write_all
+
+    score = tmp_path / "o.csv"
+    with pytest.raises(CeVAEError, match=r"/\.o\.csv\.lock is the lock file held while \S*/o\.csv is written"):
+        write_all({score: "a\n", lock_path(score): "b\n"}, overwrite=True)
+    assert list(tmp_path.iterdir()) == []

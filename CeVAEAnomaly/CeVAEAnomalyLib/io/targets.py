@@ -245,10 +245,17 @@ def refuse_unwritable_folder(folder: Path) -> None:
 
 def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optional[Path]] = ()) -> None:
     """Refuse outputs that equal an input, repeat each other (also in another letter case: one file on the
-    case-insensitive file systems of macOS and Windows; or in another Unicode form: one file on macOS), exist
-    (without overwrite) or cannot be written."""
+    case-insensitive file systems of macOS and Windows; or in another Unicode form: one file on macOS), are the lock
+    file of another (:mod:`.lock`), exist (without overwrite) or cannot be written."""
+    from .lock import lock_path  # (lock.py imports this module)
+
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     targets = [Path(t) for t in targets]
+    named = {resolved(t): t for t in targets}
+    for t in targets:  # that file is truncated when the lock is taken and removed when it is let go
+        held = named.get(resolved(lock_path(t)))
+        if held is not None:
+            raise CeVAEError(f"The output {held} is the lock file held while {t} is written; choose another name.")
     seen: Dict[str, Tuple[Path, Path]] = {}  # resolved path in one form, lower case -> (the output so named, its path)
     for t in targets:
         r = resolved(t)
