@@ -277,10 +277,11 @@ SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_so
 SUMMARY_VERSION = 2  # 2: with the detection's record
 
 
-def save_result(result: DetectionResult, folder: PathLike) -> None:
+def save_result(result: DetectionResult, folder: PathLike, overwrite: bool = False) -> None:
     """The result as image files and a JSON summary in ``folder`` (a path or its text; made if missing; read back by
-    :func:`load_result`), each checked complete before it is renamed into place. The images are not compressed (they
-    only pass from the worker to the Slicer module), so that check reads their headers, not their voxels."""
+    :func:`load_result`), each checked complete before it is renamed into place; files of those names there are
+    refused unless ``overwrite``. The images are not compressed (they only pass from the worker to the Slicer
+    module), so that check reads their headers, not their voxels."""
     from .io.atomic import write_all
 
     folder = _folder(folder)
@@ -291,7 +292,11 @@ def save_result(result: DetectionResult, folder: PathLike) -> None:
                    slices=[asdict(r) for r in result.slices], components=[asdict(c) for c in result.components],
                    record=None if result.record is None else result.record.to_dict())
     files[folder / SUMMARY_FILE] = strict_json.dumps(summary)
-    write_all(files, overwrite=True)
+    there = [path.name for path in files if os.path.lexists(path)]
+    if there and not overwrite:
+        raise CeVAEError(f"{folder} holds {', '.join(there)} already; pass overwrite=True to replace "
+                         f"{'it' if len(there) == 1 else 'them'}, or choose another folder.")
+    write_all(files, overwrite=overwrite)
 
 
 def load_result(folder: PathLike) -> DetectionResult:

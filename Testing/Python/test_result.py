@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
+from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.result import (
     Component,
     DetectionRecord,
@@ -223,3 +225,17 @@ def test_a_result_shows_as_one_line_at_the_console():
     which is what typing ``result`` at a console printed."""
     assert repr(small_result()) == ("<DetectionResult on 6x5x4 voxels: 1 component(s), 0.06 ml flagged, 4 slice "
                                     "row(s); threshold 1.5 (absolute)>")
+
+
+def test_saving_over_files_in_the_folder_is_refused_unless_asked(tmp_path):
+    """save_result wrote over score.nrrd (and the other result names) in any folder it was given: a scan of that
+    name, or an earlier result, was replaced without a word. Existing files are now kept unless overwrite=True."""
+    import dataclasses
+
+    scan = tmp_path / "score.nrrd"
+    scan.write_bytes(b"the user's own file")
+    with pytest.raises(CeVAEError, match=r"holds score\.nrrd already; pass overwrite=True to replace"):
+        save_result(small_result(), tmp_path)
+    assert scan.read_bytes() == b"the user's own file" and sorted(p.name for p in tmp_path.iterdir()) == ["score.nrrd"]
+    save_result(dataclasses.replace(small_result(), threshold=2.5), tmp_path, overwrite=True)
+    assert load_result(tmp_path).threshold == 2.5
