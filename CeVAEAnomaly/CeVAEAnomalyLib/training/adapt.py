@@ -13,7 +13,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,8 +31,8 @@ from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..options import ScoreOptions, option_field
 from ..progress import ProgressCallback, checked, labelled, report, scaled
-from .adapt_plan import (AdaptOptions, calibration_seconds, describe_estimate, fold_files, fold_plan, output_paths,
-                         run_files, run_names, training_seconds)
+from .adapt_plan import (TIMED_STEPS, AdaptOptions, Pace, calibration_left, calibration_seconds, describe_estimate,
+                         fine_tuning_left, fold_files, fold_plan, output_paths, run_files, run_names, training_seconds)
 from .cache import SliceCache, temporary_cache
 from .config import TrainConfig, recorded_augment
 from .data import person_groups, unique_subjects, voxel_checksums
@@ -118,6 +118,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
             _remove_earlier_adaptation(out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, options.resume,
                                             training_part)
+        calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
         new = training_header(out.stem, bundle.preprocess, header.loss, final.record(seconds))
@@ -127,7 +128,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                                                                    plan, contrasts, options)))
         path = package(out, final.model, adapted, subjects, "site scans, each scored by the fold model fine-tuned "
                        "without it", final.device, half=False, scorers=scorers,
-                       progress=labelled(scaled(progress, 1.0 - calibrate_share, 1.0 - WRITE_SHARE), "Calibrating"),
+                       progress=_timed(labelled(scaled(progress, 1.0 - calibrate_share, 1.0 - WRITE_SHARE),
+                                                "Calibrating"), calibrating_pace, len(subjects), calibration_left),
                        test_time_steps=modes)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
@@ -160,8 +162,11 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
                progress: Optional[ProgressCallback]) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
     ``base``: the models by run, the final run's trainer and the seconds the folds spent training, in this session
-    and before a resume, and the final run in this session. A run whose checkpoint exists resumes from it."""
+    and before a resume, and the final run in this session. A run whose checkpoint exists resumes from it. The steps'
+    progress messages end with the measured pace and the time left (:class:`~.adapt_plan.Pace`)."""
     start = base.model.state_dict()
+    steps = configs["final"].max_steps
+    pace = Pace(len(runs) * steps, TIMED_STEPS)
     models: Dict[str, CeVAE] = {}
     seconds = 0.0
     share = (1.0 - PREPARE_SHARE) / len(runs)
@@ -175,8 +180,10 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         title = (f"Fine-tuning {n + 1}/{len(runs)} (without {', '.join(subjects[j].name for j in held)})"
                  if held else f"Fine-tuning {n + 1}/{len(runs)} (final model, all scans)")
         begin = PREPARE_SHARE + n * share
-        return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], base.preprocess,
-                       labelled(scaled(progress, begin, begin + share), title), start_weights=start)
+        timed = _timed(labelled(scaled(progress, begin, begin + share), title), pace, steps, fine_tuning_left,
+                       n * steps)
+        return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], base.preprocess, timed,
+                       start_weights=start)
 
     # every checkpoint the resume continues from is checked first: one of another run (a final checkpoint of another
     # adaptation) is refused before any fold trains, not after all of them
@@ -186,11 +193,25 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         trainer.check_resume()
     for n, run in enumerate(runs):
         trainer = resumed.pop(run, None) or trainer_of(n, run)
+        pace.pause()  # the run's set-up (its slices, a checkpoint read) is not step time
         seconds += trainer.fit()
         if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
             seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
+
+
+def _timed(progress: Optional[ProgressCallback], pace: Pace, units: float, said: Callable[[Pace], str],
+           before: float = 0.0) -> Optional[ProgressCallback]:
+    """``progress`` of a part of ``units`` units of ``pace`` (a run's steps, the scans to calibrate) that starts when
+    ``before`` are done: each report ticks ``pace`` and its message ends with what ``said`` says of it."""
+    if progress is None:
+        return None
+
+    def timed(fraction: float, message: str) -> None:
+        pace.tick(before + fraction * units)
+        progress(fraction, message + said(pace))
+    return timed
 
 
 def _adaptable_modes(modes: Sequence[int], base: Path) -> List[int]:

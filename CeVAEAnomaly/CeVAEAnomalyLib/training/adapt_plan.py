@@ -12,9 +12,10 @@ from __future__ import annotations
 import glob
 import math
 import os
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..options import plain_number
@@ -31,6 +32,7 @@ SECONDS_PER_SCAN_CPU = 15.0  # preparing a scan (automatic mask included) and sc
 # Scoring a scan once more in a thorough mode for calibration: its test-time fine-tuning makes it ~6 times a plain
 # scoring (an audit of the adaptation flow measured 56 s against 9.5 s per scan on this machine, lightly loaded).
 THOROUGH_SECONDS_PER_SCAN_CPU = 50.0
+TIMED_STEPS = 5  # fine-tuning steps timed before their pace and the time left are said
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,72 @@ def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOp
     runs = len(run_names(n_scans if n_persons is None else n_persons, options.folds))
     seconds = estimate_seconds(n_scans, options, n_persons=n_persons, thorough_modes=thorough_modes)
     minutes = max(1, int(math.ceil(seconds / 60)))
-    where = "on a CPU like the 2-core machine it was measured on"
-    if device not in ("cpu", "auto"):
-        where += f"; on {device_words or device} expect much less"
+    where = f"; on {device_words or device} expect much less" if device not in ("cpu", "auto") else ""
     of = f" of {n_persons} persons" if n_persons is not None and n_persons < n_scans else ""
     modes = f" (plain and {thorough_modes} thorough mode{'s' if thorough_modes > 1 else ''})" if thorough_modes else ""
     return (f"{runs} fine-tuning runs of {options.steps} steps on {n_scans} scan(s){of}, then calibration{modes}: "
-            f"about {minutes} min {where}.")
+            f"roughly {minutes} min on a 2-core CPU busy with other jobs (a rough estimate, often less){where}. "
+            "Once fine-tuning runs, its progress says the measured pace and the time left.")
+
+
+class Pace:
+    """How fast one part of an adaptation goes, timed as it runs, and the seconds it has left.
+
+    ``total``: the units of work of the part (fine-tuning steps, scans to calibrate); :meth:`tick` is told how many
+    are done. Only the time between two ticks of growing work counts, and :meth:`pause` starts a new interval (what
+    runs between fine-tuning runs, such as loading a run's slices, is not taken for step time). ``after``: the units
+    timed before a pace is said; ``clock``: seconds (tests give their own).
+    """
+
+    def __init__(self, total: float, after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.after, self.clock = total, after, clock
+        self.done = self.timed = self.seconds = 0.0
+        self._last: Optional[Tuple[float, float]] = None  # (time, units done) of the last tick since a pause
+
+    def pause(self) -> None:
+        """The next tick starts a new interval."""
+        self._last = None
+
+    def tick(self, done: float) -> None:
+        """``done`` units of the part are done now."""
+        now = self.clock()
+        if self._last is not None and done == self._last[1]:
+            return  # no more work done (another message of the same step or scan): the interval goes on
+        if self._last is not None and done > self._last[1]:
+            self.timed += done - self._last[1]
+            self.seconds += now - self._last[0]
+        self._last, self.done = (now, done), done
+
+    def rate(self) -> Optional[float]:
+        """Units per second, once ``after`` units are timed."""
+        return self.timed / self.seconds if self.timed >= self.after and self.seconds > 0 else None
+
+    def seconds_left(self) -> Optional[float]:
+        """The seconds the rest of the part takes at :meth:`rate`; None before it is measured."""
+        rate = self.rate()
+        return None if rate is None else max(0.0, self.total - self.done) / rate
+
+
+def fine_tuning_left(pace: Pace) -> str:
+    """What a fine-tuning step's progress message ends with: the measured pace and the fine-tuning time left (the
+    calibration after it is timed once it runs); "" before enough steps are timed."""
+    left = pace.seconds_left()
+    if left is None:
+        return ""
+    rate = pace.rate() or 0.0
+    return f" ({rate:.{1 if rate >= 1 else 2}f} steps/s; fine-tuning ends in {_duration(left)})"
+
+
+def calibration_left(pace: Pace) -> str:
+    """What a calibration progress message ends with: the time left, measured on the scans calibrated so far; ""
+    before the first is."""
+    left = pace.seconds_left()
+    return "" if left is None else f" ({_duration(left)} left)"
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` in words, to the minute."""
+    return "under a minute" if seconds < 60 else f"about {int(round(seconds / 60))} min"
 
 
 def adapt_options(given: Mapping[str, Any], **fixed: Any) -> AdaptOptions:
