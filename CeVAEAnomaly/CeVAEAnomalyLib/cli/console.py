@@ -1,25 +1,35 @@
 """Progress on the terminal for long commands."""
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 import time
 from typing import Optional, TextIO
 
+ELLIPSIS = "..."
+
 
 class ConsoleProgress:
-    """A one-line progress bar on a terminal; otherwise a line every 10 s (and a last one) for long runs."""
+    """A one-line progress bar on a terminal; otherwise a line every 10 s (and a last one) for long runs.
+    ``columns``: the terminal's width (default: asked at each line, so a resized window is followed)."""
 
-    def __init__(self, label: str, stream: Optional[TextIO] = None) -> None:
+    def __init__(self, label: str, stream: Optional[TextIO] = None, columns: Optional[int] = None) -> None:
         self.label, self.stream = label, stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
+        self.columns = columns
         self.t0 = time.perf_counter()
         self.last = self.t0  # non-terminal: a line every 10 s, none for quick runs
 
     def __call__(self, fraction: float, message: str) -> None:
         now = time.perf_counter()
         if self.tty:
-            bar = "#" * int(30 * fraction)
-            self.stream.write(f"\r{self.label} [{bar:<30}] {100 * fraction:5.1f}% {message[:50]:<50}")
+            width = (self.columns or shutil.get_terminal_size().columns) - 1  # a full last column wraps the line
+            bar = 30 if width >= 110 else 10 if width >= 90 else 0  # a narrow terminal: the message first
+            head = f"{self.label} [{'#' * int(bar * fraction):<{bar}}]" if bar else self.label
+            head += f" {100 * fraction:5.1f}% "
+            room = max(len(ELLIPSIS) + 2, width - len(head))
+            self.stream.write(f"\r{head}{fitted(message, room):<{room}}")
             if fraction >= 1.0:
                 self.stream.write("\n")
             self.stream.flush()
@@ -27,3 +37,13 @@ class ConsoleProgress:
             self.last = now
             self.stream.write(f"{self.label}: {100 * fraction:5.1f}% {message} ({now - self.t0:.0f} s)\n")
             self.stream.flush()
+
+
+def fitted(message: str, room: int) -> str:
+    """``message`` in ``room`` characters: too long, its middle gives way, so that its end (a run's pace and the time
+    left, in parentheses) stays in view beside its start."""
+    if len(message) <= room:
+        return message
+    last = re.search(r" \([^()]*\)$", message)  # the closing parenthesis, whole where it leaves room for the start
+    tail = len(last.group()) if last and len(last.group()) <= room - len(ELLIPSIS) - 8 else room // 2
+    return message[:room - len(ELLIPSIS) - tail] + ELLIPSIS + message[len(message) - tail:]
