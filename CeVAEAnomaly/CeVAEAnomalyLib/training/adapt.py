@@ -61,6 +61,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     _check_adaptable(header, base)
     augment = recorded_augment(header.training.get("augment"), base)  # fine-tuned as the base was trained
     refuse_if_held(out, "adapt")  # an adaptation writing it now: said so, not taken for a finished or earlier one
+    _refuse_input(out, Inputs([base, *inputs, *(p for s in subjects for p in (s.image, s.mask))]))  # before "exists"
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out)  # finished (as below): refused before hashing
     checksums = _checksums(subjects)
@@ -89,9 +90,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                for run in runs}
     read = Inputs([base, *inputs, *checksums])
     for path in output_paths(out, len(persons), options):
-        if read.which(path) is not None:  # by path, link or inode
-            raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; "
-                             "choose another --out.")
+        _refuse_input(path, read)
     finished = out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
                                          if run != "final")  # fold checkpoints go once the model is written
     if finished and not (options.overwrite or options.resume):
@@ -260,6 +259,12 @@ def _contrast(subject: Subject, slices: Path) -> float:
     except CeVAEError as exc:
         raise CeVAEError(f"{subject.image}: {exc} Give scans that show the whole brain, or check this scan's brain "
                          "mask.") from None
+
+
+def _refuse_input(path: Path, read: Inputs) -> None:
+    """Refuse an output ``path`` that is one of the files ``read`` (by path, link or inode)."""
+    if read.which(path) is not None:
+        raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another --out.")
 
 
 def _finished(out: Path) -> CeVAEError:
