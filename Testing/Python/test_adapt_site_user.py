@@ -33,3 +33,37 @@ def test_an_output_that_is_the_input_model_is_refused_as_such_not_offered_overwr
     err = capsys.readouterr().err
     assert "same file as the input" in err and "--overwrite" not in err
     assert sha256_of(model) == before
+
+
+def test_scans_of_different_acquisitions_are_warned_of_before_the_fine_tuning(tmp_path, tiny_bundle, site, caplog):
+    """A 2 mm and a 5 mm scan were warned of ("Calibrate one model per acquisition") only by the calibration, once
+    every fine-tuning run was done: the warning now comes before the first step, while stopping costs nothing."""
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.io.manifest import Subject
+    from CeVAEAnomalyLib.progress import Cancelled
+
+    def resampled(path, spacing, name, interpolator):
+        image = sitk.ReadImage(str(path))
+        size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+        out = sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
+                            image.GetDirection(), 0, image.GetPixelID())
+        sitk.WriteImage(out, str(tmp_path / name))
+        return tmp_path / name
+
+    thick = Subject(resampled(site["b"], (2.0, 2.0, 5.0), "thick.nii.gz", sitk.sitkLinear),
+                    resampled(site["mask"], (2.0, 2.0, 5.0), "thick_mask.nii.gz", sitk.sitkNearestNeighbor))
+
+    def stop_at_the_first_step(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning"):
+            raise Cancelled("stopped by the test")
+
+    with caplog.at_level("WARNING"), pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, [*subjects(site, "a"), thick], tmp_path / "site.cevae", QUICK,
+                        stop_at_the_first_step)
+    mixed = [r.getMessage() for r in caplog.records if "different acquisitions" in r.getMessage()]
+    assert len(mixed) == 1 and "thick.nii.gz has voxels up to 5 mm" in mixed[0] and "stop now" in mixed[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), tmp_path / "same.cevae", QUICK, stop_at_the_first_step)
+    assert "different acquisitions" not in caplog.text

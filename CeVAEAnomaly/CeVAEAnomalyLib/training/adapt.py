@@ -19,7 +19,7 @@ import numpy as np
 
 from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibrate import WRITE_SHARE
-from ..engine.calibration import calibrated_test_time_steps
+from ..engine.calibration import ACQUISITION_FACTOR, calibrated_test_time_steps
 from ..engine.devices import resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
@@ -39,7 +39,7 @@ from .data import person_groups, unique_subjects, voxel_checksums
 from .distributed import DistInfo, file_checksums
 from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
-from .trainer import Trainer
+from .trainer import Trainer, header_grid
 
 log = logging.getLogger(__name__)
 PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated share, the runs the rest
@@ -79,6 +79,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     note = unknown_persons_note(subjects)
     if note:
         log.info("%s", note)
+    _warn_of_mixed_acquisitions(subjects)
     modes = _adaptable_modes(calibrated_test_time_steps(header.calibration), base)  # the parent's, calibrated again
     thorough = len([steps for steps in modes if steps > 0])
     device = resolve_device(options.device, strict=True)  # what the runs use: a missing GPU is refused before any run
@@ -259,6 +260,21 @@ def _contrast(subject: Subject, slices: Path) -> float:
     except CeVAEError as exc:
         raise CeVAEError(f"{subject.image}: {exc} Give scans that show the whole brain, or check this scan's brain "
                          "mask.") from None
+
+
+def _warn_of_mixed_acquisitions(subjects: Sequence[Subject]) -> None:
+    """Warn before any run when the site scans' largest voxel sides (from their headers; a series folder is left out)
+    lie more than ACQUISITION_FACTOR apart: the calibration then pools them (and warns again), which was said only
+    once the fine-tuning was done."""
+    sides = {s.image: max(grid[1][:3]) for s in subjects for grid in [header_grid(s.image)] if grid is not None}
+    if not sides or max(sides.values()) <= min(sides.values()) * ACQUISITION_FACTOR:
+        return
+    thick, thin = max(sides, key=sides.__getitem__), min(sides, key=sides.__getitem__)
+    log.warning("The site scans are of different acquisitions: %s has voxels up to %.3g mm, %s %.3g mm (more than %g "
+                "times apart). The adapted model's calibration pools them, so its threshold follows the finer scans "
+                "and its rate on the coarser ones is not known. With healthy scans of 2 persons in each acquisition, "
+                "stop now (Ctrl-C) and adapt one model per acquisition.", thick, sides[thick], thin, sides[thin],
+                ACQUISITION_FACTOR)
 
 
 def _refuse_input(path: Path, read: Inputs) -> None:

@@ -636,7 +636,7 @@ def _shared_voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, s
     kinds = {p: "series" if p.is_dir() else full_suffix(p).lower() for p in images}
     if len(set(kinds.values())) <= 1:
         return dict(checksums)
-    grids = {p: _header_grid(p) for p in images}
+    grids = {p: header_grid(p) for p in images}
     formats: Dict[object, set] = {}
     for p in images:
         formats.setdefault(grids[p], set()).add(kinds[p])
@@ -645,7 +645,7 @@ def _shared_voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, s
     return {p: digests.get(p, checksums[p]) for p in images}
 
 
-def _header_grid(path: Path) -> Optional[tuple]:
+def header_grid(path: Path) -> Optional[tuple]:
     """A volume's size and geometry (to 0.01 mm) from its header; None for a series folder or a header ITK cannot
     read (compared by voxels then)."""
     if path.is_dir():
