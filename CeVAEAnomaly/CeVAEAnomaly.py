@@ -775,6 +775,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._useNewModel(job, self.ui.adaptedModelPathLineEdit,
                                       _("Adapted model saved as {path}; it is now the model used for detection."))
             finally:
+                self.state.settled()  # a click that waited while the results were loaded was aimed at Cancel
                 self._refresh()
 
     def _stopJob(self, message: str) -> None:

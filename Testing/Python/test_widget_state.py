@@ -59,6 +59,27 @@ def test_a_late_cancel_click_after_the_run_ended_does_nothing(state):
     assert state.click(DETECT) is Action.START
 
 
+def test_a_cancel_click_that_waited_while_the_results_were_loaded_starts_nothing(state):
+    """Loading a real scan's results (reading them, the segmentation, the tables, the views) takes about a second
+    after the run's end, while Apply still reads "Cancel"; a click on it meanwhile is delivered only afterwards. It
+    started a new run on the same scan once those seconds exceeded LATE_CLICK_S."""
+    import ast
+
+    from test_slicer_module import module_classes
+
+    state.started(DETECT)
+    assert state.finished() is True  # the worker is done: its results are loaded now
+    state._clock.now += 2.0  # loading them took 2 s; the Cancel click waited in the queue
+    state.settled()
+    assert state.click(DETECT) is Action.IGNORE and state.phase is Phase.IDLE
+    state._clock.now += LATE_CLICK_S + 0.01
+    assert state.click(DETECT) is Action.START  # a click of its own
+    poll = next(ast.unparse(n) for n in module_classes()["CeVAEAnomalyWidget"].body
+                if isinstance(n, ast.FunctionDef) and n.name == "_onPoll")
+    assert poll.index("self.state.finished()") < poll.index("self.logic.finishDetection(job)") < \
+        poll.index("self.state.settled()")
+
+
 def test_the_second_click_of_a_double_click_on_apply_does_not_cancel_the_run_it_started(state):
     assert state.click(DETECT) is Action.START
     state.started(DETECT)

@@ -3,8 +3,8 @@
 The widget only binds this to Qt: it asks :meth:`WidgetState.click` what a button click means,
 reports what happened (install started, run started, run finished) and shows :meth:`view`.
 Nothing that starts work can be clicked while work runs; a run's own button cancels it; a click on
-that button just after it started the run (the second click of a double-click) or just after the run
-ended (meant for the Cancel button it was) does nothing. Leaving the
+that button just after it started the run (the second click of a double-click) or just after the run's end
+was dealt with (its results loaded: meant for the Cancel button it was) does nothing. Leaving the
 module keeps a run going (its result is shown on return); closing the scene, reloading the module
 and quitting the application stop it.
 """
@@ -116,6 +116,13 @@ class WidgetState:
         wanted = self.phase is Phase.RUNNING
         self._end()
         return wanted
+
+    def settled(self) -> None:
+        """The end of the run has been dealt with (its results loaded into the scene, or its failure said), which
+        can take seconds after :meth:`finished` while its button still read "Cancel": a click on it until
+        :data:`LATE_CLICK_S` from now was aimed at that Cancel and starts nothing."""
+        if self.phase is Phase.IDLE and self._ended_task is not None:
+            self._ended_at = self._clock()
 
     def interrupt(self) -> bool:
         """The scene closes, the module is reloaded or the application quits: True if a running task
