@@ -920,9 +920,20 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showPlotButton.enabled = bool(stored and stored.slice_chart)
         self.ui.opacitySliderWidget.enabled = bool(p and p.scoreVolume)
 
+    def _showRunOf(self, output) -> None:
+        """Before a jump into a result: the slice views show its run's score volume over its input, unless one does
+        already. After another scan's run they showed that scan under its heat map, and the jump to this scan's
+        finding landed in the other scan's anatomy."""
+        from CeVAEAnomalyLib.slicer.nodes import run_frame, shows_result, source_volume
+
+        volume, score = source_volume(output), run_frame(output)
+        if volume is not None and score is not volume and not shows_result(slicer.mrmlScene, score, volume):
+            self.logic.showResults(score, volume, self._parameterNode.overlayOpacity)
+
     def onJumpToTopSlice(self) -> None:
         stored = self._storedResult()
         if stored and stored.jump_ras:
+            self._showRunOf(stored.score)
             self.logic.jumpToSlice(stored.jump_ras)
 
     def onShowPlot(self) -> None:
@@ -943,6 +954,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if table is None or not index.isValid() or table.GetAttribute(ROLE_ATTRIBUTE) != COMPONENT_TABLE_ROLE:
             return  # no table, or a table of something else picked as the output
         row = self.ui.componentTableView.sortFilterProxyModel().mapToSource(index).row()
+        self._showRunOf(table)
         self.logic.jumpToSlice(component_position(table, row))
 
 

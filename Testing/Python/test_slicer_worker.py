@@ -677,6 +677,39 @@ def test_the_panel_shows_each_inputs_own_outputs(tiny_bundle):
     assert nodes.outputs_for_input(scene, b, dict(panel, anomalySegmentation=picked))["anomalySegmentation"] is picked
 
 
+def test_a_jump_into_a_scans_results_shows_them_when_the_views_show_another_scans(tiny_bundle):
+    """A processed, then B (the views show B under its heat map), then A selected again: the panel shows A's table and
+    jump, and the jump (or a row) moved the views that showed B to A's finding, into B's anatomy under B's heat map. It
+    now shows A's run over A first, unless a view shows it already."""
+    import ast
+
+    from test_slicer_module import module_classes
+
+    scene, logic, (a, b, b_mask), first, panel = first_scan_processed(tiny_bundle)
+    second = logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    views = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+    for view in views:  # what showResults (slicer.util.setSliceViewerLayers) left after B's run
+        view.SetBackgroundVolumeID(b.GetID())
+        view.SetForegroundVolumeID(second.nodes.score.GetID())
+    shown = nodes.outputs_for_input(scene, a, dict.fromkeys(panel))  # A selected again
+    assert shown["componentTable"] is first.nodes.components
+    for output in (first.nodes.score, shown["componentTable"]):  # the jump's and a row's run
+        assert nodes.run_frame(output) is first.nodes.score and nodes.source_volume(output) is a
+        assert not nodes.shows_result(scene, nodes.run_frame(output), a)
+    assert nodes.shows_result(scene, second.nodes.score, b)
+    views[1].SetBackgroundVolumeID(a.GetID())
+    views[1].SetForegroundVolumeID(first.nodes.score.GetID())
+    assert nodes.shows_result(scene, first.nodes.score, a)  # one view shows A's run: the views are left as they are
+    methods = {n.name: ast.unparse(n) for n in module_classes()["CeVAEAnomalyWidget"].body
+               if isinstance(n, ast.FunctionDef)}
+    for handler, output in (("onJumpToTopSlice", "stored.score"), ("onComponentClicked", "table")):
+        code = methods[handler]
+        assert code.index(f"self._showRunOf({output})") < code.index("self.logic.jumpToSlice("), handler
+    show = methods["_showRunOf"]
+    assert "not shows_result(slicer.mrmlScene, score, volume)" in show
+    assert "self.logic.showResults(score, volume" in show
+
+
 def test_the_outputs_of_a_deleted_scan_are_not_offered_to_the_next(tiny_bundle):
     """MRML drops an output's reference when its input is deleted; the output still holds that input's results."""
     scene, logic, (a, b, b_mask), first, panel = first_scan_processed(tiny_bundle)

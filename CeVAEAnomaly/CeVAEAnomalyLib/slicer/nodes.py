@@ -416,6 +416,15 @@ def stored_result(score: Optional[slicer.vtkMRMLScalarVolumeNode]) -> Optional[S
                         find_output(scene, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE, volume, run))
 
 
+def shows_result(scene: slicer.vtkMRMLScene, score: slicer.vtkMRMLVolumeNode, volume: slicer.vtkMRMLVolumeNode) -> bool:
+    """Whether a slice view shows the score volume ``score`` over its input ``volume`` (as a finished run puts them)."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        if composite.GetForegroundVolumeID() == score.GetID() and composite.GetBackgroundVolumeID() == volume.GetID():
+            return True
+    return False
+
+
 def set_overlay_opacity(scene: slicer.vtkMRMLScene, score: slicer.vtkMRMLVolumeNode, opacity: float) -> int:
     """Foreground opacity of the slice views whose foreground is ``score`` (others untouched); how many."""
     changed = 0
