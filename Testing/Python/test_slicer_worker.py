@@ -616,6 +616,36 @@ def test_an_output_node_deleted_during_a_run_is_made_again(head_scene, tiny_bund
                                sitk.GetArrayFromImage(result.detection.score))
 
 
+def test_a_score_volume_deleted_during_a_rerun_does_not_send_the_run_into_an_earlier_runs_nodes(head_scene,
+                                                                                               tiny_bundle):
+    """Run 1, run 2 sent to a new score volume (run 1 kept to compare), then a rerun into run 2's nodes (as the panel
+    shows them) whose score volume is deleted meanwhile: the rerun wrote into run 1's score volume, segmentation and
+    tables, which the user had kept, and left run 2's stale. It now updates run 2's and makes its score volume anew."""
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    kept = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    kept_scores, kept_rows = mrml.image_from_volume(kept.nodes.score), kept.nodes.components.GetNumberOfRows()
+    second = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.5, outputs=mrml.OutputNodes(
+        score=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "second score")))
+    shown = nodes.outputs_for_input(scene, volume, dict.fromkeys(nodes.PANEL_OUTPUTS))
+    assert shown["scoreVolume"] is second.nodes.score and shown["componentTable"] is second.nodes.components
+    panel = mrml.OutputNodes(score=shown["scoreVolume"], segmentation=shown["anomalySegmentation"],
+                             components=shown["componentTable"])
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=1e6, outputs=panel)
+    scene.RemoveNode(second.nodes.score)
+    run_to_end(job)
+    rerun = logic.finishDetection(job)
+    assert rerun.nodes.score is not kept.nodes.score and rerun.nodes.score.GetScene() is scene
+    for name in ("segmentation", "components", "slice_table", "slice_chart"):
+        assert getattr(rerun.nodes, name) is getattr(second.nodes, name), name
+    assert rerun.nodes.components.GetNumberOfRows() == 0  # nothing above the threshold of the rerun
+    assert kept.nodes.components.GetNumberOfRows() == kept_rows > 0
+    assert np.array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(kept.nodes.score)),
+                          sitk.GetArrayFromImage(kept_scores))
+    assert kept.nodes.score.GetVolumeDisplayNode().GetLowerThreshold() == pytest.approx(0.3)
+    assert nodes.stored_result(kept.nodes.score).components is kept.nodes.components
+
+
 # --- outputs belong to their input: a second scan never lands on the first scan's nodes -----------
 
 

@@ -406,8 +406,12 @@ def publish(
     """
     chosen = targets.score if targets is not None else None
     targets = _in_scene(scene, targets or OutputNodes())
+    gone = chosen is not None and targets.score is None  # the score volume chosen was deleted meanwhile
     # a new score volume chosen for this run and deleted meanwhile: the run still gets nodes of its own
-    new_nodes = new_nodes or (chosen is not None and targets.score is None and not chosen.GetAttribute(ROLE_ATTRIBUTE))
+    new_nodes = new_nodes or (gone and not chosen.GetAttribute(ROLE_ATTRIBUTE))
+    # an earlier run's score volume deleted meanwhile: a new one, and the rest of that run's nodes are updated (not
+    # those of the input's latest run left, which another run sent to new nodes to keep)
+    deleted_run = chosen.GetAttribute(RUN_ATTRIBUTE) if gone and chosen.GetAttribute(ROLE_ATTRIBUTE) else None
     check_output_classes(targets)
     if volume_node.GetImageData() is None:
         raise CeVAEError(f"The input volume '{volume_node.GetName()}' no longer holds image data; the results "
@@ -418,8 +422,8 @@ def publish(
         users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
                  and holds_data(targets.score))  # a volume of the user's: kept, and this run gets nodes of its own
         out.score = _output(scene, undo, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node,
-                            "anomaly score", group=None if users or new_nodes else NEWEST, link=False)
-        group = _group_of(out.score, volume_node, chose=targets.score is not None or new_nodes)
+                            "anomaly score", group=deleted_run or (None if users or new_nodes else NEWEST), link=False)
+        group = deleted_run or _group_of(out.score, volume_node, chose=targets.score is not None or new_nodes)
         link_output(out.score, SCORE_ROLE, volume_node)
         used = out.score.GetNodeReferenceID(MASK_REFERENCE)
         undo.on_failure(lambda: out.score.SetNodeReferenceID(MASK_REFERENCE, used))
