@@ -340,6 +340,13 @@ class DetectionRequest(Serialisable):
     policy: ThresholdPolicy = ThresholdPolicy()
     run: RunOptions = RunOptions()
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "DetectionRequest":
+        """Refuse option names given as the request's fields (``DetectionRequest(fpr=0.01)``), naming :meth:`of`."""
+        parts = [f.name for f in fields(cls)]
+        refuse_options_by_name(kwargs, parts, f"DetectionRequest({', '.join(parts)}) takes its parts",
+                               "DetectionRequest.of({})")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         score = _checked_overrides(ScoreOptions, self.score, "score option(s)", "score")
         if "orientations" in score:  # checked (axial first, each once) and spelled as the options spell it
@@ -427,6 +434,21 @@ class DetectionRequest(Serialisable):
             f, value, _ = costly
             raise CeVAEError(f"{too_costly(*costly)} Give {flag_of(f)} {value} to use it anyway, or a lower value.")
         return self.options(score, post)
+
+
+def refuse_options_by_name(given: Mapping[str, Any], takes: Iterable[str], call: str, how: str) -> None:
+    """Refuse, in one line, the keyword arguments ``given`` that are not among ``takes``, where ``call`` says what
+    is taken (e.g. "Detector(bundle, score, ...) takes options objects"): detection option names (``fpr=0.01``) are
+    told the call that takes them by name (``how``, its ``{}`` filled with them as given), other names are unknown."""
+    taken = set(takes)
+    extra = {k: v for k, v in given.items() if k not in taken}
+    unknown = sorted(set(extra) - set(_OWNER) - {"paper"})
+    if unknown:
+        raise CeVAEError(f"Unknown argument(s) {', '.join(map(repr, unknown))}: {call}; detection options by name: "
+                         f"{how.format('...')}.")
+    if extra:
+        named = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+        raise CeVAEError(f"{call}, not options by name: use {how.format(named)}.")
 
 
 def too_costly(f: dataclasses.Field, value: Any, high: float) -> str:

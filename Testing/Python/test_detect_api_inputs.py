@@ -269,3 +269,23 @@ def test_an_array_for_an_image_is_told_how_to_make_one_with_its_voxel_size(tiny_
                                              r"voxel size: pass sitk.GetImageFromArray\(array\) .* spacing, origin "
                                              r"and direction set \(image.CopyInformation\(scan\), or SetSpacing\)\.$"):
             call()
+
+
+def test_options_by_name_given_to_the_request_or_the_detector_are_told_the_call_that_takes_them(tiny_bundle):
+    """DetectionRequest(fpr=0.01) and Detector(bundle, fpr=0.01), what a researcher at a console types first, raised
+    Python's bare TypeError ("unexpected keyword argument 'fpr'"), naming neither .of() nor from_request."""
+    bundle = load_bundle(tiny_bundle)
+    cases = [(lambda: DetectionRequest(fpr=0.01, score_type="rec"),
+              r"^DetectionRequest\(score, post, paper, policy, run\) takes its parts, not options by name: use "
+              r"DetectionRequest\.of\(fpr=0\.01, score_type='rec'\)\.$"),
+             (lambda: Detector(bundle, fpr=0.01, paper=True),
+              r"^Detector\(bundle, score, post, policy, batch_size, amp\) takes options objects, not options by name: "
+              r"use Detector\.from_request\(bundle, DetectionRequest\.of\(fpr=0\.01, paper=True\)\)\.$"),
+             (lambda: DetectionRequest(fpx=0.01), r"^Unknown argument\(s\) 'fpx': DetectionRequest\(score, .*\.of\("),
+             (lambda: Detector(bundle, fpx=0.01), r"^Unknown argument\(s\) 'fpx': Detector\(bundle, .*from_request")]
+    for call, message in cases:
+        with pytest.raises(CeVAEError, match=message):
+            call()
+    request = DetectionRequest(post={"rim_mm": 2.0}, paper=True)  # the parts, and what builds them, still work
+    assert request == DetectionRequest.of(paper=True, rim_mm=2.0) == request.replace(paper=True)
+    assert Detector.from_request(bundle, DetectionRequest.of(threshold=1.0)).threshold == 1.0

@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import CeVAEError
 from ..io.images import check_volume, warn_if_ct_range
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
-                       ThresholdPolicy)
+                       ThresholdPolicy, refuse_options_by_name)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
                          prepare, region_image, warn_unlike_a_brain)
@@ -65,7 +65,9 @@ class Detector:
 
     def __init__(self, bundle: Bundle, score: Optional[ScoreOptions] = None,
                  post: Optional[PostprocessOptions] = None, policy: ThresholdPolicy = ThresholdPolicy(),
-                 batch_size: int = DEFAULT_BATCH_SIZE, amp: bool = False) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, amp: bool = False, **options: Any) -> None:
+        refuse_options_by_name(options, (), "Detector(bundle, score, post, policy, batch_size, amp) takes options "
+                               "objects", "Detector.from_request(bundle, DetectionRequest.of({}))")  # (only refused)
         if not isinstance(bundle, Bundle):
             raise CeVAEError(f"The bundle must be a Bundle (from load_bundle), got {type(bundle).__name__}.")
         for name, value, cls, optional in (("score", score, ScoreOptions, True),
