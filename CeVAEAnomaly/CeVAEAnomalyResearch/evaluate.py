@@ -8,6 +8,7 @@ O(n log n) time and one copy of the scores in memory. No subsampling is done.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -159,13 +160,14 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
 
     Row keys: ``score`` (required), ``gt`` (missing or empty: healthy case), ``mask``,
     ``labelmap``, ``name`` (default: the score file name, led by its folders where names repeat; two cases of one
-    name are refused). A case listed again (files of the same
-    content in every role) is evaluated once, with a warning, so that it does not weigh twice in the
+    name are refused). A case listed again (the same score map, mask and labelmap, and a ground truth of the same
+    lesion voxels: an all-zero one is none) is evaluated once, with a warning, so that it does not weigh twice in the
     pooled metrics. A healthy case without a mask is warned about where its zero background lifts the pooled AUROC.
     """
     cases, arrays, unmasked_healthy = [], [], []
     unique = _unique_cases(rows)
-    for row, name in zip(unique, _case_names(unique)):
+    evaluated: dict[tuple, str] = {}  # (score, mask, labelmap content, lesion voxels) -> the case's name
+    for (row, files), name in zip(unique, _case_names([row for row, _ in unique])):
         images = {
             key: read_image(row[key], role) if row.get(key) else None
             for key, role in ROLES.items()
@@ -177,6 +179,13 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
         except CeVAEError as exc:  # say which files: the message names roles, not paths
             files = ", ".join(f"{ROLES[key]} {row[key]}" for key in ROLES if row.get(key))
             raise CeVAEError(f"Case {name} ({files}): {exc}") from None
+        lesions = hashlib.sha256(np.packbits(labels)).hexdigest()
+        first = evaluated.setdefault((files["score"], files["mask"], files["labelmap"], lesions), name)
+        if first != name:  # another ground truth file of the same lesion voxels (or none, as an all-zero one)
+            log.warning("%s repeats the case of %s: the same score map, mask and labelmap, and %s; it is evaluated "
+                        "once.", name, first, "the same lesion voxels" if metrics.n_positive else
+                        "no lesion voxel (an all-zero ground truth is none)")
+            continue
         cases.append(metrics)
         arrays.append((scores, labels))
         if metrics.n_positive == 0 and images["mask"] is None:  # no truth, or one without lesion voxels
@@ -189,14 +198,15 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     return cases, pooled
 
 
-def _unique_cases(rows: list[dict]) -> list[dict]:
-    """The rows without repeats of a case already listed (same content in every role), in their order."""
-    seen: dict[tuple, dict] = {}
+def _unique_cases(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """The rows without repeats of a case already listed (same content in every role), in their order, each with
+    what identifies its file of each role (:func:`_content`)."""
+    seen: dict[tuple, tuple[dict, dict]] = {}
     for row in rows:
         if not row.get("score"):
             raise CeVAEError(f"A row of the evaluation list has no score file: {row}.")
-        key = tuple(_content(row.get(role)) for role in ROLES)
-        first = seen.setdefault(key, row)
+        files = {role: _content(row.get(role)) for role in ROLES}
+        first = seen.setdefault(tuple(files.values()), (row, files))[0]
         if first is not row:
             log.warning("%s repeats the case of %s (the same files); it is evaluated once.",
                         row.get("name") or row["score"], first.get("name") or first["score"])

@@ -139,9 +139,30 @@ def test_a_truth_without_lesion_voxels_is_a_healthy_case_as_no_truth_is(cohort: 
     labelmap = write(flags, tmp_path / "labelmap.nii.gz")
     rows = [{"score": cohort["healthy"], "gt": gt, "mask": cohort["mask"], "labelmap": labelmap, "name": name}
             for gt, name in ((empty, "zero truth"), ("", "no truth"))]
-    zero, none = evaluate_files(rows)[0]
+    (zero,), (none,) = (evaluate_files([row])[0] for row in rows)
     assert (zero.dice_at_threshold, zero.slice_auroc) == (none.dice_at_threshold, none.slice_auroc) == (None, None)
     assert zero.flagged_ml == none.flagged_ml > 0 and zero.n_positive == 0
+
+
+def test_a_case_listed_again_with_an_all_zero_truth_for_none_is_pooled_once(
+        cohort: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One healthy map listed with no truth and again with an all-zero one (or a lesion case with its truth copied to
+    another file of the same lesion voxels) is one case: it was pooled twice (the pooled AUROC 0.7685 against the
+    0.7642 of the case once), for only files of the same content in every role were taken as a repeat."""
+    lesion = {"score": cohort["lesion"], "gt": cohort["gt"], "mask": cohort["mask"], "name": "lesion"}
+    healthy = {"score": cohort["healthy"], "mask": cohort["mask"], "name": "healthy"}
+    empty = write(np.zeros(SHAPE, np.uint8), tmp_path / "empty_gt.nii.gz")
+    same_lesions = write(sitk.GetArrayFromImage(sitk.ReadImage(cohort["gt"])).astype(np.float32), tmp_path / "gt.nrrd")
+    once_cases, once = evaluate_files([lesion, healthy])
+    with caplog.at_level(logging.WARNING):
+        cases, pooled = evaluate_files([lesion, healthy, dict(healthy, gt=empty, name="healthy again"),
+                                        dict(lesion, gt=same_lesions, name="lesion again")])
+    assert pooled == once and [c.name for c in cases] == [c.name for c in once_cases] == ["lesion", "healthy"]
+    assert "healthy again repeats the case of healthy: the same score map, mask and labelmap, and no lesion voxel" \
+        in caplog.text and "lesion again repeats the case of lesion: the same score map, mask and labelmap, and the " \
+        "same lesion voxels; it is evaluated once" in caplog.text
+    labelled = write(sitk.GetArrayFromImage(sitk.ReadImage(cohort["mask"])), tmp_path / "labelmap.nii.gz")
+    assert len(evaluate_files([healthy, dict(healthy, labelmap=labelled, name="with its labelmap")])[0]) == 2
 
 
 def test_a_healthy_case_of_an_all_zero_truth_without_its_mask_is_warned_of_the_pooled_auroc(
