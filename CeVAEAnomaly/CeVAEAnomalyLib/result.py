@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from .errors import CeVAEError
 from .io import strict_json
 from .io.images import PathLike
+from .io.naming import table_delimiter
 from .options import PostprocessOptions, ScoreOptions
 
 
@@ -214,11 +215,6 @@ def components_csv(result: DetectionResult, delimiter: str = ",") -> str:
         w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.summed_score:.6g}", f"{c.max_score:.6g}",
                     f"{c.mean_score:.6g}", *(f"{v:.2f}" for v in c.centroid_ras)])
     return buf.getvalue()
-
-
-def table_delimiter(path: Path) -> str:
-    """A tab for a table file named ``.tsv`` (any case), else a comma."""
-    return "\t" if Path(path).name.lower().endswith(".tsv") else ","
 
 
 def record_json(result: DetectionResult) -> str:

@@ -26,7 +26,7 @@ from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.images import MAX_LABELS, grid_difference, looks_like_an_image, read_image, voxel_volume_ml
 from CeVAEAnomalyLib.io.manifest import distinct_names
-from CeVAEAnomalyLib.result import table_delimiter
+from CeVAEAnomalyLib.io.naming import table_delimiter
 
 log = logging.getLogger(__name__)
 

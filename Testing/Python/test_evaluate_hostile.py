@@ -210,3 +210,21 @@ def test_a_missing_case_file_given_by_an_absolute_path_is_not_said_to_be_read_fr
     assert main(["evaluate", "--cases", "lists/cases.csv"]) == 2
     err = capsys.readouterr().err
     assert f"lists/cases.csv, line 2: the score map {gone} does not exist." in err and "Relative paths" not in err
+
+
+def test_a_tab_separated_cases_list_is_read_as_its_metrics_table_is_written(
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """evaluate writes its metrics tab-separated under a .tsv name, but refused a cases list so named and written so
+    ("Its columns are separated by tabs; separate them with commas"); a .tsv list of commas is told to be renamed."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    (tmp_path / "cases.tsv").write_text(f"score\tgt\tmask\n{cohort['lesion']}\t{cohort['gt']}\t{cohort['mask']}\n")
+    (tmp_path / "cases.csv").write_text(f"score,gt,mask\n{cohort['lesion']},{cohort['gt']},{cohort['mask']}\n")
+    for name in ("cases.tsv", "cases.csv"):
+        assert main(["evaluate", "--cases", str(tmp_path / name), "--out", str(tmp_path / f"{name}.metrics.tsv")]) == 0
+    assert (tmp_path / "cases.tsv.metrics.tsv").read_text() == (tmp_path / "cases.csv.metrics.tsv").read_text()
+    (tmp_path / "commas.tsv").write_text((tmp_path / "cases.csv").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "--cases", str(tmp_path / "commas.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert "Its columns are separated by commas; separate them with tabs, or name the file .csv." in err

@@ -161,3 +161,18 @@ def test_a_macos_resource_fork_read_as_an_image_is_named_as_such(tmp_path):
     other.write_bytes(b"not an image at all" + bytes(400))
     with pytest.raises(CeVAEError, match="corrupt, truncated or not a medical image format"):
         read_image(other)
+
+
+def test_a_tsv_list_or_manifest_is_read_tab_separated(tmp_path):
+    """Tables are written tab-separated under a .tsv name; a list or manifest so named was read as commas, and refused
+    (batch: "neither a folder of images nor a CSV list")."""
+    from CeVAEAnomalyLib.cli.batch import collect_inputs
+
+    image = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.uint8))
+    for name in ("a.nii.gz", "a_mask.nii.gz"):
+        sitk.WriteImage(image, str(tmp_path / name))
+    (tmp_path / "m.tsv").write_text("image\tmask\tsubject\na.nii.gz\ta_mask.nii.gz\tp1\n")
+    (subject,) = read_manifest(tmp_path / "m.tsv")
+    assert (subject.image, subject.mask) == (tmp_path / "a.nii.gz", tmp_path / "a_mask.nii.gz")
+    (item,) = collect_inputs(tmp_path / "m.tsv")
+    assert (item.image, item.mask) == (tmp_path / "a.nii.gz", tmp_path / "a_mask.nii.gz")

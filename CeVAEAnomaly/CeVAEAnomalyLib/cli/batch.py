@@ -199,10 +199,10 @@ def collect_inputs(source: Path) -> List[BatchItem]:
     """The sorted, uniquely named items of a folder or a CSV list."""
     if source.is_dir():
         items = collect_folder(source)
-    elif source.is_file() and source.suffix.lower() == ".csv":
+    elif source.is_file() and source.suffix.lower() in (".csv", ".tsv"):
         items = read_list(source)
     elif source.exists():
-        raise CeVAEError(f"{source} is neither a folder of images nor a CSV list of them.")
+        raise CeVAEError(f"{source} is neither a folder of images nor a CSV list of them (.csv; .tsv: tab-separated).")
     else:
         raise CeVAEError(f"The input {source} does not exist.")
     if not items:

@@ -43,8 +43,8 @@ def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what} image files or folders (besides or instead of --manifest); NAME_mask.*, "
                    "NAME_brainmask.* or NAME_brain_mask.*, given too or in a folder given, is the brain mask of NAME.* "
                    "(else of NAME_t1.*); FSL's skull-stripped NAME_brain.* beside NAME.* is left out")
-    p.add_argument("--manifest", type=path_value, help="CSV with columns image,mask and optionally subject (the "
-                   "person scanned; paths relative to the CSV)")
+    p.add_argument("--manifest", type=path_value, help="CSV (tab-separated if named .tsv) with columns image,mask and "
+                   "optionally subject (the person scanned; paths relative to the CSV)")
 
 
 def _add_slices(p: argparse.ArgumentParser, cfg, cache_required: bool) -> None:
@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "summary recorded (sha256), made from the same input, and refuses other settings (--overwrite "
                        "scores every volume again); failures are recorded.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* / "
-                   "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.*) or CSV with columns "
-                   "image[,mask][,name] (paths relative to the CSV)")
+                   "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.*) or CSV (tab-separated if named "
+                   ".tsv) with columns image[,mask][,name] (paths relative to the CSV)")
     b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")
     b.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     _add_scoring(b)
@@ -231,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = _command(sub, "evaluate", help="metrics of score maps against ground truth",
                        description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
                        "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
-    e.add_argument("--cases", type=path_value, help="CSV with columns score,gt[,mask][,labelmap][,name] (paths "
-                   "relative to the CSV)")
+    e.add_argument("--cases", type=path_value, help="CSV (tab-separated if named .tsv) with columns "
+                   "score,gt[,mask][,labelmap][,name] (paths relative to the CSV)")
     e.add_argument("--score", type=path_value, help="one score map (instead of --cases)")
     e.add_argument("--gt", type=path_value, help="its ground-truth lesion mask, every voxel > 0 is lesion whatever its "
                    "label value (absent: healthy)")
     e.add_argument("--mask", type=path_value, help="its brain mask (metrics inside it)")
     e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml)")
-    e.add_argument("--out", type=path_value, help="write the metrics CSV here")
+    e.add_argument("--out", type=path_value, help="write the metrics CSV here (tab-separated if named .tsv)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     m = _command(sub, "demo", help="insert synthetic lesions into a healthy scan, detect, write a picture")

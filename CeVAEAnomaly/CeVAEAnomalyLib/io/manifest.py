@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from ..progress import Cancelled
-from .naming import APPLE_DOUBLE, RESOURCE_FORK, file_stem, subfolders_hint
+from .naming import APPLE_DOUBLE, RESOURCE_FORK, file_stem, subfolders_hint, table_delimiter
 
 log = logging.getLogger(__name__)
 _BIDS_FILE = re.compile(r"sub-([A-Za-z0-9]+)_")  # a BIDS file name starts with its subject: sub-01_ses-2_T1w.nii.gz
@@ -128,7 +128,8 @@ class Row:
 
 
 def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Sequence[str] = ()) -> List[Row]:
-    """The rows of the CSV at ``path`` that have a ``key`` cell; ``files`` are its path columns."""
+    """The rows of the CSV at ``path`` (tab-separated under a ``.tsv`` name, as the tables are written) that have a
+    ``key`` cell; ``files`` are its path columns."""
     from .targets import refuse_unsearchable
 
     path = Path(path)
@@ -143,7 +144,8 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
         if "\0" in text:  # (Python < 3.11's csv stops at it with its own words)
             raise CeVAEError(f"{path}, line {text.count(chr(10), 0, text.index(chr(0))) + 1}: a cell holds a NUL "
                              "byte; is this a CSV text file?")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        delimiter = table_delimiter(path)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         header = [f.strip() for f in reader.fieldnames or []]
         if key not in header:
             spelt = [c for c in header if c.lower() == key]
@@ -151,7 +153,7 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
                 raise CeVAEError(f"The {what} {path} has a column {spelt[0]!r}; column names are lower case: {key!r}.")
             extra = f" (and optionally {', '.join(repr(c) for c in optional)})" if optional else ""
             raise CeVAEError(f"The {what} {path} needs a header row with the column {key!r}{extra}."
-                             + _separator_hint(header))
+                             + _separator_hint(header, delimiter))
         _check_columns(header, (*files, *others), path, what)
         rows = []
         for raw in reader:
@@ -171,12 +173,15 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
     return rows
 
 
-def _separator_hint(header: Sequence[str]) -> str:
-    """A hint when a one-column header holds another separator (a spreadsheet saved with ';' or tabs)."""
+def _separator_hint(header: Sequence[str], delimiter: str) -> str:
+    """A hint when a one-column header holds another separator than ``delimiter`` (a spreadsheet saved with ';' or
+    tabs; a list named .tsv written with commas)."""
+    names = {",": "commas", ";": "semicolons", "\t": "tabs"}
     if len(header) == 1:
-        for name, sep in (("semicolons", ";"), ("tabs", "\t")):
-            if sep in header[0]:
-                return f" Its columns are separated by {name}; separate them with commas."
+        for sep in names:
+            if sep != delimiter and sep in header[0]:
+                rename = f", or name the file {'.csv' if sep == ',' else '.tsv'}" if sep in ",\t" else ""
+                return f" Its columns are separated by {names[sep]}; separate them with {names[delimiter]}{rename}."
     return ""
 
 

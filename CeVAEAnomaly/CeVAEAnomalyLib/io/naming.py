@@ -73,6 +73,11 @@ def refuse_misnamed(path: Path, what: str, written_as: str, example: str) -> Non
                          f"{example} (not compressed, not an image name).")
 
 
+def table_delimiter(path: Path) -> str:
+    """A tab for a table file named ``.tsv`` (any case), else a comma: how tables are written and lists read."""
+    return "\t" if Path(path).name.lower().endswith(".tsv") else ","
+
+
 def full_suffix(path: Path) -> str:
     """The file type suffix that writers go by (".seg.nrrd", ".nii.gz", ".nrrd", ...)."""
     return next((ext for ext in _MULTI_SUFFIXES if path.name.lower().endswith(ext)), path.suffix)
