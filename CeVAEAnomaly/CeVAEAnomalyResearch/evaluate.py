@@ -138,7 +138,8 @@ def evaluate_case(
     """Metrics of one score map over the voxels inside ``mask`` (all voxels if None).
 
     ``mask``, ``gt`` and ``labelmap`` count their voxels above 0 (NaN and negative values are background).
-    ``gt`` None (or one without lesion voxels inside the mask) means a healthy case: ranking metrics are NaN.
+    ``gt`` None (or one without lesion voxels inside the mask) means a healthy case: ranking metrics are NaN. NaN or
+    infinite scores inside the mask are refused.
     ``labelmap`` (the thresholded detection) gives ``flagged_ml`` (all its voxels above 0) and, for a lesion case,
     ``dice_at_threshold`` (inside the mask). Slice AUROC uses slices along numpy axis ``slice_axis`` ("axial": the
     axis of the axial slices, :func:`axial_axis`, in any voxel order; None skips it), slice score = max score in the
@@ -401,6 +402,10 @@ def _evaluate(
     if np.isnan(scores).any():
         raise CeVAEError(f"The score map of {name or 'the case'} contains NaN values inside the evaluated "
                          "voxels; it is not a map written by detect.")
+    if np.isinf(scores).any():  # the best threshold could be inf, which --threshold takes for "label nothing"
+        raise CeVAEError(f"The score map of {name or 'the case'} contains infinite values inside the evaluated voxels "
+                         "(detect never writes them): its best threshold could be infinite, which detect --threshold "
+                         "takes for an empty labelmap; replace them with finite values first.")
     if labels.all():
         log.warning("%s: the ground truth covers every evaluated voxel, so there are no healthy voxels to rank "
                     "against: AUROC is undefined (n/a); %s", name or "case",

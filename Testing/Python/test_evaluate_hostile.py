@@ -228,3 +228,21 @@ def test_a_tab_separated_cases_list_is_read_as_its_metrics_table_is_written(
     assert main(["evaluate", "--cases", str(tmp_path / "commas.tsv")]) == 2
     err = capsys.readouterr().err
     assert "Its columns are separated by commas; separate them with tabs, or name the file .csv." in err
+
+
+def test_infinite_scores_are_refused_as_their_best_threshold_could_not_be_given_to_detect(
+        cohort: dict, tmp_path: Path) -> None:
+    """A map scoring its lesion inf got best_threshold 'inf' in the metrics table, written for reuse as detect
+    --threshold, where inf is an empty labelmap (and -inf is refused)."""
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(cohort["gt"])) > 0
+    for value in (np.inf, -np.inf):
+        scores = sitk.GetArrayFromImage(sitk.ReadImage(cohort["lesion"]))
+        scores[truth] = value
+        case = {"score": write(scores, tmp_path / "inf.nii.gz"), "gt": cohort["gt"], "mask": cohort["mask"]}
+        with pytest.raises(CeVAEError, match=r"^Case inf\.nii\.gz \(.*\): The score map of inf\.nii\.gz contains "
+                                             r"infinite values inside the evaluated voxels .*--threshold takes for an "
+                                             r"empty labelmap; replace them with finite values first\.$"):
+            evaluate_files([case])
+    scores = sitk.GetArrayFromImage(sitk.ReadImage(cohort["lesion"]))
+    scores[~sitk.GetArrayFromImage(sitk.ReadImage(cohort["mask"])).astype(bool)] = np.inf  # outside the mask: unread
+    assert evaluate_files([dict(case, score=write(scores, tmp_path / "outside.nii.gz"))])[1]["n_positive"] == 27
