@@ -12,7 +12,7 @@ from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.detector import Detector, detect
 from CeVAEAnomalyLib.engine.devices import resolve_device
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.options import DetectionRequest
+from CeVAEAnomalyLib.options import DetectionRequest, ThresholdPolicy
 from conftest import make_head
 
 
@@ -40,6 +40,7 @@ def test_intensities_spanning_more_than_floating_point_are_refused(tiny_bundle):
     image, mask = make_head(seed=5, dtype=np.float64)
     rng = np.random.default_rng(0)
     arr = np.where(rng.random(sitk.GetArrayFromImage(image).shape) < 0.5, -1.7e308, 1.7e308)
+    arr.flat[0] = 0.0  # a third value: an image of two is refused as a mask
     with pytest.raises(CeVAEError, match="span more than floating point holds"):
         detect(_like(arr, image), load_bundle(tiny_bundle), mask, threshold=1.0)
 
@@ -50,7 +51,7 @@ def test_a_labelmap_typed_mask_or_image_does_not_abort_the_interpreter():
         "import numpy as np, SimpleITK as sitk\n"
         "from CeVAEAnomalyLib.engine.preprocess import mask_array\n"
         "from CeVAEAnomalyLib.engine.detector import checked_image\n"
-        "arr = np.zeros((20, 20, 20), np.uint8); arr[5:15, 5:15, 5:15] = 1\n"
+        "arr = np.zeros((20, 20, 20), np.uint8); arr[5:15, 5:15, 5:15] = 1; arr[5:10] *= 2\n"  # (2 values: a mask)
         "mask = sitk.GetImageFromArray(arr); image = sitk.Cast(mask, sitk.sitkFloat32)\n"
         "lm = sitk.LabelImageToLabelMap(mask)\n"
         "assert np.array_equal(mask_array(lm, image), arr > 0)\n"
@@ -289,3 +290,22 @@ def test_options_by_name_given_to_the_request_or_the_detector_are_told_the_call_
     request = DetectionRequest(post={"rim_mm": 2.0}, paper=True)  # the parts, and what builds them, still work
     assert request == DetectionRequest.of(paper=True, rim_mm=2.0) == request.replace(paper=True)
     assert Detector.from_request(bundle, DetectionRequest.of(threshold=1.0)).threshold == 1.0
+
+
+def test_a_mask_given_as_the_image_or_swapped_with_it_is_refused(tiny_bundle):
+    """A uint8 scan and its mask given in each other's place were scored with warnings only (the scan's every voxel
+    above 0 taken as brain, the mask's two values as the scan); a binary image alone reached "nearly constant"."""
+    from CeVAEAnomalyLib.data import template_dir
+    from CeVAEAnomalyLib.io.images import read_image
+
+    detector = Detector(load_bundle(tiny_bundle), policy=ThresholdPolicy(threshold=1.0))
+    scan = read_image(template_dir() / "colin27_t1_2mm.nii.gz")  # a uint8 scan: 60 values
+    mask = read_image(template_dir() / "colin27_brainmask_2mm.nii.gz")
+    for given, swapped in ((mask, " \\(are the image and the mask swapped\\?\\)"), (None, "")):
+        with pytest.raises(CeVAEError, match=rf"^The image holds only the values 0 and 1: it is a mask or a labelmap, "
+                                             rf"not an MRI scan{swapped}; give the scan as the image\.$"):
+            detector(mask, scan if given is not None else None)
+    labels = _like(sitk.GetArrayFromImage(mask) * 3 + 2, mask)  # two values, neither 0
+    with pytest.raises(CeVAEError, match=r"only the values 2 and 5"):
+        detector(labels, mask)
+    assert detector(scan, mask).threshold == 1.0

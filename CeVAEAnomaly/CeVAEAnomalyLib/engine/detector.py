@@ -325,8 +325,28 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image], where: str = ""
                              "(path), which also keeps the NaN voxels that sitk.ReadImage turns into 0 in a NIfTI "
                              f"file), got {type(value).__name__}.")
     image = check_volume(label_image(image))
+    _refuse_a_mask_as_the_image(image, mask is not None)
     warn_if_ct_range(image, where)  # every path: the command line, batch, the API and Slicer
     return image
+
+
+def _refuse_a_mask_as_the_image(image: sitk.Image, masked: bool) -> None:
+    """Refuse an image of two values (a mask given as the image; with a mask, ``masked``: the two swapped): the
+    "brain" of a binary image is constant where it is no mask's, and a uint8 scan given as the mask was taken as one
+    (every voxel above 0 brain), so its detection ran on the mask, with warnings only. A strided sample tells a scan
+    at once; the whole volume is counted only when the sample holds two values or fewer."""
+    values = sitk.GetArrayViewFromImage(image).ravel()
+    for sample in (values[:: max(1, values.size // _SAMPLED_VOXELS)], values):
+        distinct = np.unique(sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample)
+        if distinct.size > 2:
+            return
+    if distinct.size == 2:
+        swapped = " (are the image and the mask swapped?)" if masked else ""
+        raise CeVAEError(f"The image holds only the values {distinct[0]:g} and {distinct[1]:g}: it is a mask or a "
+                         f"labelmap, not an MRI scan{swapped}; give the scan as the image.")
+
+
+_SAMPLED_VOXELS = 100_000  # voxels of the image sampled to tell a scan from a mask
 
 
 def _mean_map(passes: Sequence[Tuple[SliceRecord, NetworkMaps]], opts: ScoreOptions, region: Region) -> np.ndarray:
