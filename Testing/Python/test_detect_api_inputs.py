@@ -309,3 +309,33 @@ def test_a_mask_given_as_the_image_or_swapped_with_it_is_refused(tiny_bundle):
     with pytest.raises(CeVAEError, match=r"only the values 2 and 5"):
         detector(labels, mask)
     assert detector(scan, mask).threshold == 1.0
+
+
+def test_a_mask_or_image_without_geometry_on_another_grid_than_the_other_is_refused(tiny_bundle, caplog):
+    """sitk.GetImageFromArray(mask_array) without CopyInformation (origin 0, 1 mm voxels) is on another grid than its
+    scan: it was resampled onto it with a warning only, covering other voxels (or another part of the head), and so
+    was a scan made from an array given a mask read from its file."""
+    detector = Detector(load_bundle(tiny_bundle), policy=ThresholdPolicy(threshold=1.0))
+    image, mask = make_head(seed=5)  # spacing (1.2, 1, 1.5), origin (-20, 10, 5)
+    bare_mask, bare_image = (sitk.GetImageFromArray(sitk.GetArrayFromImage(im)) for im in (mask, image))
+    short_mask = sitk.GetImageFromArray(sitk.GetArrayFromImage(mask)[2:])
+    cases = [((image, bare_mask), r"^The brain mask has no geometry of its own \(origin 0, 1 mm voxels: what "
+                                  r"sitk\.GetImageFromArray gives\), so the mask cannot be placed on the image "
+                                  r"\(spacing \(1, 1, 1\) against the image's \(1\.2, 1, 1\.5\)\); give the brain mask "
+                                  r"the scan's spacing, origin and direction \(mask\.CopyInformation\(image\), if it "
+                                  r"is this scan's mask\)\.$"),
+             ((bare_image, mask), r"^The image has no geometry .* \(spacing \(1\.2, 1, 1\.5\) against the image's "
+                                  r"\(1, 1, 1\)\); give the image the scan's .*\(image\.CopyInformation\(scan\)"),
+             ((bare_image, short_mask), r"^Neither the image nor its mask has a geometry .* \(size \(40, 44, 34\) "
+                                        r"against the image's \(40, 44, 36\)\); give both")]
+    for (scan, brain), message in cases:
+        with pytest.raises(CeVAEError, match=message):
+            detector(scan, brain)
+    with caplog.at_level(logging.WARNING):
+        moved = sitk.Image(mask)
+        moved.SetOrigin((-21.2, 10.0, 5.0))  # a mask with a geometry of its own is placed in space, as before
+        assert detector(image, moved).threshold == 1.0
+    assert "The brain mask is on another grid than the image; resampling it" in caplog.text
+    assert detector(bare_image, bare_mask).threshold == 1.0  # one grid, both arrays made images
+    bare_mask.CopyInformation(image)
+    assert detector(image, bare_mask).threshold == 1.0

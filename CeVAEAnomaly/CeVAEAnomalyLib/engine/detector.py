@@ -20,12 +20,12 @@ from .bundle import Bundle, load_bundle
 from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
-from ..io.images import check_volume, warn_if_ct_range
+from ..io.images import check_volume, grid_difference, warn_if_ct_range
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy, refuse_options_by_name)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
-                         prepare, region_image, warn_unlike_a_brain)
+                         prepare, region_image, same_grid, warn_unlike_a_brain)
 from ..progress import ProgressCallback, checked, report, scaled
 from ..result import DetectionRecord, DetectionResult, ModelRecord, SliceScoreRow
 from .scan_adaptation import adapted_copy
@@ -326,8 +326,40 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image], where: str = ""
                              f"file), got {type(value).__name__}.")
     image = check_volume(label_image(image))
     _refuse_a_mask_as_the_image(image, mask is not None)
+    _check_geometry(image, mask)
     warn_if_ct_range(image, where)  # every path: the command line, batch, the API and Slicer
     return image
+
+
+def _check_geometry(image: sitk.Image, mask: Optional[sitk.Image]) -> None:
+    """Refuse a brain mask that lies on another grid than the image where either has no geometry of its own
+    (:func:`_no_geometry`: made from an array): resampled, it covered other voxels than the scan's (or those of
+    another part of the head) with a warning only."""
+    lacking = [name for name, im in (("image", image), ("brain mask", mask)) if im is not None and _no_geometry(im)]
+    if mask is not None and lacking and mask.GetDimension() == 3 and not same_grid(mask, image):
+        what = grid_difference(mask, image)
+        subject, whom, how = {
+            "image": ("The image has no", "the image", "image.CopyInformation(scan), or SetSpacing"),
+            "brain mask": ("The brain mask has no", "the brain mask",
+                           "mask.CopyInformation(image), if it is this scan's mask"),
+        }[lacking[0]] if len(lacking) == 1 else ("Neither the image nor its mask has a", "both", "CopyInformation")
+        raise CeVAEError(f"{subject} geometry of its own (origin 0, 1 mm voxels: what sitk.GetImageFromArray gives), "
+                         f"so the mask cannot be placed on the image ({what.lower()} "
+                         f"{_numbers(getattr(mask, 'Get' + what)())} against the image's "
+                         f"{_numbers(getattr(image, 'Get' + what)())}); give {whom} the scan's spacing, origin and "
+                         f"direction ({how}).")
+
+
+def _no_geometry(image: sitk.Image) -> bool:
+    """Whether ``image`` has the geometry of an array made an image (sitk.GetImageFromArray; a NIfTI header of
+    identity affine): origin 0, 1 mm voxels, axes along the patient's."""
+    axes = np.abs(np.array(image.GetDirection())).reshape(image.GetDimension(), -1)
+    return (all(s == 1 for s in image.GetSpacing()) and not any(image.GetOrigin())
+            and np.array_equal(axes, np.eye(image.GetDimension())))
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
 def _refuse_a_mask_as_the_image(image: sitk.Image, masked: bool) -> None:
