@@ -339,3 +339,15 @@ def test_a_mask_or_image_without_geometry_on_another_grid_than_the_other_is_refu
     assert detector(bare_image, bare_mask).threshold == 1.0  # one grid, both arrays made images
     bare_mask.CopyInformation(image)
     assert detector(image, bare_mask).threshold == 1.0
+
+
+def test_an_image_without_geometry_is_warned_of_as_taken_in_1_mm_voxels(tiny_bundle):
+    """A scan and its mask made from arrays (sitk.GetImageFromArray, no SetSpacing) were scored without a word as
+    1 mm voxels: the rim, the minimum volume and every ml came out for a voxel size the scan may not have."""
+    detector = Detector(load_bundle(tiny_bundle), policy=ThresholdPolicy(threshold=1.0))
+    image, mask = make_head(seed=5)
+    bare_image, bare_mask = (sitk.GetImageFromArray(sitk.GetArrayFromImage(im)) for im in (image, mask))
+    said = detector(bare_image, bare_mask).record.warnings
+    assert any(w.startswith("The image has no geometry of its own (origin 0, 1 mm voxels: what sitk.GetImageFromArray "
+                            "gives): its voxels are taken as 1 mm cubes") for w in said), said
+    assert not any("geometry" in w for w in detector(image, mask).record.warnings)

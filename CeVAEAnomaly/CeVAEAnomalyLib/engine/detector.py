@@ -326,15 +326,16 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image], where: str = ""
                              f"file), got {type(value).__name__}.")
     image = check_volume(label_image(image))
     _refuse_a_mask_as_the_image(image, mask is not None)
-    _check_geometry(image, mask)
+    _check_geometry(image, mask, where)
     warn_if_ct_range(image, where)  # every path: the command line, batch, the API and Slicer
     return image
 
 
-def _check_geometry(image: sitk.Image, mask: Optional[sitk.Image]) -> None:
+def _check_geometry(image: sitk.Image, mask: Optional[sitk.Image], where: str) -> None:
     """Refuse a brain mask that lies on another grid than the image where either has no geometry of its own
     (:func:`_no_geometry`: made from an array): resampled, it covered other voxels than the scan's (or those of
-    another part of the head) with a warning only."""
+    another part of the head) with a warning only. Warn of an image with none (``where`` leads): its voxels are taken
+    as 1 mm cubes."""
     lacking = [name for name, im in (("image", image), ("brain mask", mask)) if im is not None and _no_geometry(im)]
     if mask is not None and lacking and mask.GetDimension() == 3 and not same_grid(mask, image):
         what = grid_difference(mask, image)
@@ -348,6 +349,11 @@ def _check_geometry(image: sitk.Image, mask: Optional[sitk.Image]) -> None:
                          f"{_numbers(getattr(mask, 'Get' + what)())} against the image's "
                          f"{_numbers(getattr(image, 'Get' + what)())}); give {whom} the scan's spacing, origin and "
                          f"direction ({how}).")
+    if "image" in lacking:
+        log.warning("%sThe image has no geometry of its own (origin 0, 1 mm voxels: what sitk.GetImageFromArray "
+                    "gives): its voxels are taken as 1 mm cubes, so millimetre options (rim, minimum volume) and "
+                    "volumes in ml hold only if they are; set the scan's spacing, origin and direction "
+                    "(image.CopyInformation(scan), or SetSpacing).", where)
 
 
 def _no_geometry(image: sitk.Image) -> bool:
