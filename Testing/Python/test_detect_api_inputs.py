@@ -281,7 +281,7 @@ def test_options_by_name_given_to_the_request_or_the_detector_are_told_the_call_
               r"DetectionRequest\.of\(fpr=0\.01, score_type='rec'\)\.$"),
              (lambda: Detector(bundle, fpr=0.01, paper=True),
               r"^Detector\(bundle, score, post, policy, batch_size, amp\) takes options objects, not options by name: "
-              r"use Detector\.from_request\(bundle, DetectionRequest\.of\(fpr=0\.01, paper=True\)\)\.$"),
+              r"use Detector\.from_request\(bundle, fpr=0\.01, paper=True\)\.$"),
              (lambda: DetectionRequest(fpx=0.01), r"^Unknown argument\(s\) 'fpx': DetectionRequest\(score, .*\.of\("),
              (lambda: Detector(bundle, fpx=0.01), r"^Unknown argument\(s\) 'fpx': Detector\(bundle, .*from_request")]
     for call, message in cases:
@@ -351,3 +351,16 @@ def test_an_image_without_geometry_is_warned_of_as_taken_in_1_mm_voxels(tiny_bun
     assert any(w.startswith("The image has no geometry of its own (origin 0, 1 mm voxels: what sitk.GetImageFromArray "
                             "gives): its voxels are taken as 1 mm cubes") for w in said), said
     assert not any("geometry" in w for w in detector(image, mask).record.warnings)
+
+
+def test_detector_from_request_takes_options_by_name_as_detect_does(tiny_bundle):
+    """Detector.from_request(bundle, fpr=0.01) raised Python's bare TypeError (an unexpected keyword argument), and
+    from_request(bundle) that it missed its request; detect(image, bundle, fpr=0.01) takes both."""
+    bundle = load_bundle(tiny_bundle)
+    made = Detector.from_request(bundle, score_type="rec", threshold=1.0)
+    assert (made.score.score_type, made.threshold) == ("rec", 1.0)
+    assert Detector.from_request(bundle).score == Detector.from_request(bundle, None).score
+    on_top = Detector.from_request(bundle, DetectionRequest.of(score_type="rec", threshold=1.0), threshold=2.0)
+    assert (on_top.score.score_type, on_top.threshold) == ("rec", 2.0)
+    with pytest.raises(CeVAEError, match=r"^Unknown detection option\(s\) 'fpx'"):
+        Detector.from_request(bundle, fpx=0.01)

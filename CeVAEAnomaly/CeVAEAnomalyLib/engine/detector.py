@@ -67,7 +67,7 @@ class Detector:
                  post: Optional[PostprocessOptions] = None, policy: ThresholdPolicy = ThresholdPolicy(),
                  batch_size: int = DEFAULT_BATCH_SIZE, amp: bool = False, **options: Any) -> None:
         refuse_options_by_name(options, (), "Detector(bundle, score, post, policy, batch_size, amp) takes options "
-                               "objects", "Detector.from_request(bundle, DetectionRequest.of({}))")  # (only refused)
+                               "objects", "Detector.from_request(bundle, {})")  # (only refused)
         if not isinstance(bundle, Bundle):
             raise CeVAEError(f"The bundle must be a Bundle (from load_bundle), got {type(bundle).__name__}.")
         for name, value, cls, optional in (("score", score, ScoreOptions, True),
@@ -98,13 +98,15 @@ class Detector:
                                         bundle.sha256, bundle.header.calibrated_on(self.score, self.post, policy))
 
     @classmethod
-    def from_request(cls, bundle: Bundle, request: Union[DetectionRequest, Mapping[str, Any], None]) -> "Detector":
+    def from_request(cls, bundle: Bundle, request: Union[DetectionRequest, Mapping[str, Any], None] = None,
+                     **options: Any) -> "Detector":
         """The detector a :class:`~..options.DetectionRequest` (or its ``to_dict()`` form; None: the model's options)
-        asks for, with this model where it was loaded (the request's device is :func:`detect`'s and the entry points'
-        choice when they load it)."""
+        asks for, with the named ``options`` on top as :func:`detect` takes them (``from_request(bundle, fpr=0.01)``),
+        with this model where it was loaded (the request's device is :func:`detect`'s and the entry points' choice
+        when they load it)."""
         if not isinstance(bundle, Bundle):
             raise CeVAEError(f"The bundle must be a Bundle (from load_bundle), got {type(bundle).__name__}.")
-        request = DetectionRequest.given(request)
+        request = DetectionRequest.given(request, **options)
         score, post = request.checked_options(bundle.header.score_options, bundle.header.postprocess)
         return cls(bundle, score, post, request.policy, request.run.batch_size, request.run.amp)
 
