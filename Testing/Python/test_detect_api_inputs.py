@@ -364,3 +364,13 @@ def test_detector_from_request_takes_options_by_name_as_detect_does(tiny_bundle)
     assert (on_top.score.score_type, on_top.threshold) == ("rec", 2.0)
     with pytest.raises(CeVAEError, match=r"^Unknown detection option\(s\) 'fpx'"):
         Detector.from_request(bundle, fpx=0.01)
+
+
+def test_a_bundle_at_the_console_is_one_line():
+    """The dataclass repr printed every layer of the network and the calibration's tables: about 24,000 characters
+    for the bundled model, at a console that shows what `bundle = load_bundle(...)` holds."""
+    from CeVAEAnomalyLib.data import default_model_path
+
+    bundle = load_bundle(default_model_path(), "cpu")
+    assert repr(bundle) == (f"<Bundle 'cevae_t1_default' (T1) from {default_model_path()}, sha256 "
+                            f"{bundle.sha256[:12]}, on cpu>")

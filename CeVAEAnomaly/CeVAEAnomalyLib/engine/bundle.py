@@ -46,6 +46,11 @@ class Bundle:
         """How a volume is made into the model's slices (the header's)."""
         return self.header.preprocess
 
+    def __repr__(self) -> str:  # at the console: one line, not every layer and the calibration's tables
+        device = next(self.model.parameters()).device
+        sha = f", sha256 {self.sha256[:12]}" if self.sha256 else ""
+        return f"<Bundle {self.header.name!r} ({self.header.modality}) from {self.path}{sha}, on {device}>"
+
 
 def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half: bool = False) -> Path:
     """Write the bundle atomically; ``half`` stores fp16 weights (half the size)."""
