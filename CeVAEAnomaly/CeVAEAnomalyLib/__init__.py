@@ -7,6 +7,7 @@ script or a console session starts from are reachable from the package itself (`
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import Any, List
 
 __version__ = "0.1.0"
@@ -33,5 +34,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> List[str]:
-    """The package's names with the main ones not imported yet, for help() and tab completion."""
-    return sorted({*globals(), *_EXPORTS})
+    """What help() and tab completion offer: the main names (imported or not), the version, the submodules imported
+    so far and the module's own dunder names; not the helpers this file imports (importlib, typing's names)."""
+    submodules = {name for name, value in globals().items()
+                  if isinstance(value, ModuleType) and value.__name__.startswith(f"{__name__}.")}
+    dunders = {name for name in globals() if name.startswith("__") and name.endswith("__")}
+    return sorted({*_EXPORTS, *submodules, *dunders})

@@ -17,7 +17,10 @@ def test_the_main_names_are_the_modules_own_and_listed_for_completion() -> None:
     assert CeVAEAnomalyLib.detect is detect and CeVAEAnomalyLib.Detector is Detector
     assert CeVAEAnomalyLib.load_bundle is load_bundle and CeVAEAnomalyLib.DetectionRequest is DetectionRequest
     assert CeVAEAnomalyLib.DetectionResult is DetectionResult
-    assert {"detect", "load_bundle", "read_image", "default_model_path", "CeVAEError"} <= set(dir(CeVAEAnomalyLib))
+    listed = set(dir(CeVAEAnomalyLib))
+    assert {"detect", "load_bundle", "read_image", "default_model_path", "CeVAEError", "__version__"} <= listed
+    assert {"engine", "options", "result"} <= listed  # submodules imported above
+    assert not listed & {"Any", "List", "annotations", "importlib", "ModuleType"}  # the file's own helpers
 
 
 def test_an_unknown_name_is_an_attribute_error_and_the_import_stays_free_of_torch() -> None:
