@@ -479,7 +479,7 @@ def test_overwrite_removes_the_earlier_adaptation_before_the_new_one_starts(tiny
     assert "fine-tuning runs of" not in caplog.text  # the estimate of a run that does not start: not told
     header = read_header(out)
     source = header.threshold(header.score_options, header.postprocess, ThresholdPolicy())[1]
-    assert source.startswith("calibrated on site scans, healthy false-positive rate")  # not the parent's words
+    assert source.startswith("calibrated on site scans (2 scans), healthy false-positive rate")  # not the parent's
     earlier = {p.name for p in tmp_path.glob("site.cevae*")}
     assert {"site.cevae", "site.cevae.ckpt", "site.cevae.log.csv"} <= earlier
 

@@ -108,10 +108,21 @@ class BundleHeader:
         entry = find_calibration(self.calibration, score, post)
         source = _source_of(entry)  # e.g. "site scans, each scored by ...": its first words say which calibration
         first = re.split("[:,;(]", source, maxsplit=1)[0].strip() if source else ""
-        on = f" on {first}" if first else ""
+        scans = self.calibration_scans(entry)
+        counted = f"{scans} scan{'' if scans == 1 else 's'}" if scans else ""
+        said = f"{first} ({counted})" if first and counted else first or counted  # "site scans (2 scans)"
+        on = f" on {said}" if said else ""
         thin = thin_tail(entry, rate)  # (said with the threshold, and so in every result's summary)
         return threshold_for_fpr(entry, rate), f"calibrated{on}, healthy false-positive rate {rate:g}" + (
             f"; {thin}" if thin else "")
+
+    def calibration_scans(self, entry: Mapping[str, Any]) -> Optional[int]:
+        """How many healthy scans the calibration table ``entry`` measured: its count of each scan's voxels, else (a
+        table written before it kept one) the header's list of calibration scans; None where neither says."""
+        scans = entry.get("scan_voxels")
+        if not isinstance(scans, list):
+            scans = self.extra.get("calibration_subjects")
+        return len(scans) if isinstance(scans, list) and scans else None
 
     def unmeasured_rate(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy) -> Optional[str]:
         """Why the rate of the calibrated threshold ``policy`` gets is not measured (engine/calibration.thin_tail), in
