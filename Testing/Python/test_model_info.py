@@ -1,9 +1,12 @@
-"""What a model bundle is: how many healthy scans its threshold was calibrated on, said by detection, with the bundled
-model and a copy calibrated on two real healthy scans at 3 mm."""
+"""What a model bundle is (`cevae-anomaly info`), and how many healthy scans its threshold was calibrated on, said by
+detection: with the bundled model, a copy calibrated on two real healthy scans at 3 mm, a model adapted on them, and
+damaged files."""
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict
 
@@ -14,6 +17,7 @@ from conftest import SHARED_DATA, add_volume
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import default_model_path
 from CeVAEAnomalyLib.engine.header import read_header
+from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.options import ThresholdPolicy
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -75,3 +79,108 @@ def test_detection_says_how_many_healthy_scans_its_threshold_was_calibrated_on(s
     bundled = read_header(default_model_path())  # calibrated before tables counted their scans: its list of them
     source = bundled.threshold(bundled.score_options, bundled.postprocess, ThresholdPolicy())[1]
     assert source.startswith("calibrated on held-out scores (3 scans), healthy false-positive rate")
+
+
+# --- cevae-anomaly info ---------------------------------------------------------------------------------------------
+
+
+def info(capsys, *argv: str) -> str:
+    """What `cevae-anomaly info ARGV` prints (it must succeed)."""
+    assert main(["info", *argv]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    return captured.out
+
+
+def test_info_says_what_the_bundled_model_was_trained_and_calibrated_on_without_torch(capsys):
+    """No command said what a model bundle is: what it was trained on, on how many healthy scans of which voxel
+    sizes its threshold is calibrated, its thresholds, its sha256."""
+    bundled = default_model_path()
+    header = read_header(bundled)
+    text = info(capsys)
+    lines = text.splitlines()
+    assert lines[0] == ("cevae_t1_default (T1), the bundled default model: trained on 3 healthy volumes; threshold "
+                        "calibrated on 3 healthy scans of 1 to 1.5 mm voxels.")
+    assert f"sha256: {sha256_of(bundled)}" in lines and f"File: {bundled}" in lines
+    assert "Trained on: 3 healthy volumes (colin27_t1, mni152_t1, robex_t1), none held out for validation; 5083 " \
+           "steps of batch 64, seed 0, slices axial, coronal, sagittal." in lines
+    assert "Adapted: no (not fine-tuned to a site)." in lines
+    assert "Calibrated on: 3 healthy scans (colin27_t1, mni152_t1, robex_t1), 4197265 brain voxels; held-out " \
+           "scores: each subject scored by the model trained without it." in lines
+    assert "largest voxel side 1 to 1.5 mm (detection warns of scans over 2.25 mm)" in text
+    assert f"0.00021774 (default): {header.default_threshold():.4g};" in text
+    assert "--test-time-steps 100: " in text and "--orientations axial: " in text
+    assert info(capsys, str(bundled)) == text
+
+    facts = json.loads(info(capsys, "--json"))
+    calibration = facts["calibration"]
+    assert (facts["sha256"], facts["bundled"], calibration["scans"]) == (sha256_of(bundled),
+                                                                        {"file": True, "weights": True}, 3)
+    default = [t for t in calibration["thresholds"] if t["default"]]
+    assert default == [{"fpr": header.default_fpr, "default": True, "threshold": header.default_threshold(),
+                        "measured": True}]
+    assert len(calibration["other_scorings"]) == len(header.calibration) - 1
+
+    code = ("import sys; from CeVAEAnomalyLib.cli.main import main; rc = main(['info', '--json']); "
+            "print(rc, sorted(m for m in ('torch', 'safetensors', 'SimpleITK') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stderr
+
+
+def test_info_says_on_how_many_scans_of_which_voxels_a_calibrated_copy_is_calibrated(capsys, calibrated):
+    header = read_header(calibrated)
+    text = info(capsys, str(calibrated))
+    assert text.splitlines()[0] == ("cevae_t1_default (T1) with the bundled default model's weights: trained on 3 "
+                                    "healthy volumes; threshold calibrated on 2 healthy scans of 3 mm voxels.")
+    assert "Calibrated on: 2 healthy scans (colin27, mni152)" in text
+    assert "; healthy volumes given to calibrate." in text
+    assert "largest voxel side 3 mm (detection warns of scans over 4.5 mm)" in text
+    assert "Adapted: no" in text
+    unmeasured = header.threshold(header.score_options, header.postprocess, ThresholdPolicy(fpr=1e-5))[0]
+    assert f"1e-05: {unmeasured:.4g} (not measured: too few voxels)" in text  # 1.4 of its 141983 voxels
+    facts = json.loads(info(capsys, str(calibrated), "--json"))
+    assert facts["calibration"]["largest_voxel_mm"] == [3.0, 3.0] and facts["calibration"]["scans"] == 2
+    assert facts["bundled"] == {"file": False, "weights": True} and facts["adaptation"] is None
+    for row in facts["calibration"]["thresholds"]:
+        assert row["threshold"] == header.threshold(header.score_options, header.postprocess,
+                                                    ThresholdPolicy(fpr=row["fpr"]))[0]
+
+
+def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(capsys, scans, tiny_bundle,
+                                                                                tmp_path):
+    site = tmp_path / "site.cevae"
+    assert main(["adapt", str(scans["site"]), "--model", str(tiny_bundle), "--out", str(site), "--steps", "2",
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    text = info(capsys, str(site))
+    assert text.splitlines()[0] == ("site (T1): adapted from tiny on 2 site scans; threshold calibrated on 2 healthy "
+                                    "scans of 3 mm voxels.")
+    assert (f"Adapted from: tiny (tiny.cevae, sha256 {sha256_of(tiny_bundle)}), fine-tuned on 2 site scans (colin27, "
+            "mni152): 2 steps per run, learning rate 0.0001, 2 calibration folds.") in text
+    assert "Trained on:" not in text  # its training record is the fine-tuning's
+    assert "Calibrated on: 2 healthy scans" in text and "; site scans, each scored by the fold model" in text
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("truncated", "is not a CeVAEAnomaly model bundle (not a valid safetensors file: "),
+    ("weights", "its weights are not those its header records (a checksum differs); the model file is damaged"),
+    ("scan", "is not a CeVAEAnomaly model bundle (not a valid safetensors file: "),
+    ("folder", "is a folder; give the path of a .cevae file."),
+])
+def test_info_refuses_a_damaged_file_or_one_that_is_no_model_in_one_line(capsys, calibrated, scans, tmp_path,
+                                                                          damage, said):
+    path = tmp_path / "model.cevae"
+    if damage == "truncated":
+        path.write_bytes(calibrated.read_bytes()[:-1000])
+    elif damage == "weights":  # a byte of the last tensor flipped: its header is intact
+        data = bytearray(calibrated.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "scan":
+        path = scans["robex"]
+    else:
+        path.mkdir()
+    for argv in (["info", str(path)], ["info", str(path), "--json"]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and said in captured.err and len(captured.err.splitlines()) == 1

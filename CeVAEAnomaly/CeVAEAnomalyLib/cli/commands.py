@@ -365,6 +365,20 @@ def _check_case_files(cases: Path, rows: Sequence[Row], roles: Dict[str, str]) -
                                  f"{folder}.") from None
 
 
+def run_info(args: argparse.Namespace) -> None:
+    """Print what a model bundle is (engine/model_info.py), from its header (its weights only checked against it;
+    no torch)."""
+    from ..data import default_model_path
+    from ..engine.model_info import describe_model, model_info
+    from ..io.strict_json import dumps
+
+    info = model_info(args.model or default_model_path())
+    try:
+        print(dumps(info, indent=2) if args.json else describe_model(info), flush=True)
+    except BrokenPipeError:  # the reader stopped (`| head`): no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run_demo(args: argparse.Namespace) -> None:
     """The README's first command: detection on a healthy sample scan with synthetic lesions."""
     _require_research("demo", ("CeVAEAnomalyResearch", "scipy", "matplotlib"))

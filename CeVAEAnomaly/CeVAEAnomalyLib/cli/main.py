@@ -1,4 +1,4 @@
-"""The ``cevae-anomaly`` command: train, prepare, adapt, detect, batch, calibrate, evaluate, demo.
+"""The ``cevae-anomaly`` command: train, prepare, adapt, detect, batch, calibrate, evaluate, info, demo.
 
 Heavy modules (torch, SimpleITK) are imported inside the commands so ``--help`` is instant.
 """
@@ -240,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml)")
     e.add_argument("--out", type=path_value, help="write the metrics CSV here (tab-separated if named .tsv)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    i = _command(sub, "info", help="say what a model bundle is, from its header",
+                 description="Say what a model bundle is, read from its header alone: what it was trained on, "
+                 "whether it was adapted to a site and from which model (its sha256), on how many healthy scans of "
+                 "which voxel sizes its threshold is calibrated, its thresholds at the default and other healthy "
+                 "false-positive rates, its default scoring, preprocessing and format, and the file's sha256.")
+    i.add_argument("model", nargs="?", type=path_value, help="model bundle (default: the bundled default model)")
+    i.add_argument("--json", action="store_true", help="print the facts as JSON, for programs")
 
     m = _command(sub, "demo", help="insert synthetic lesions into a healthy scan, detect, write a picture")
     m.add_argument("--out-dir", type=path_value, default=Path("demo-output"),

@@ -20,7 +20,8 @@ from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
 from ..errors import CeVAEError, one_line
-from .header import BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader, read_header
+from .header import (BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader, add_tensor,
+                     read_header)
 from .model import CeVAE
 
 __all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "BundleHeader", "load_bundle", "read_header",
@@ -78,10 +79,7 @@ def _weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name]
-        data = _le_bytes(tensor)
-        shape = ",".join(map(str, tensor.shape))
-        digest.update(f"{name}\0{_SAFETENSORS_DTYPES[tensor.dtype]}\0{shape}\0{len(data)}\0".encode())
-        digest.update(data)
+        add_tensor(digest, name, _SAFETENSORS_DTYPES[tensor.dtype], tensor.shape, _le_bytes(tensor))
     return digest.hexdigest()
 
 

@@ -242,13 +242,33 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
     )
 
 
+def calibrated_settings(calibration: Mapping[str, Dict[str, Any]], score: ScoreOptions,
+                        post: PostprocessOptions) -> List[Tuple[List[str], Dict[str, Any]]]:
+    """Each table of ``calibration`` (a header's section) with the flags that ask detection for it instead of the
+    default ``score`` and ``post`` (e.g. ``["--test-time-steps 100"]``; none for the default's own), fewest flags
+    first; tables under keys this version cannot read are left out."""
+    default = (score, _score_map_options(post))
+    found = []
+    for key, entry in calibration.items():
+        stored = _key_options(key)
+        if stored is not None:
+            setting = (stored[0], _score_map_options(stored[1]))
+            found.append(([_as_flag(f, theirs) for f, _, theirs in _changed(default, setting)], entry))
+    return sorted(found, key=lambda item: len(item[0]))
+
+
 def _differing_flags(options: Tuple[ScoreOptions, PostprocessOptions],
                      other: Tuple[ScoreOptions, PostprocessOptions]) -> List[str]:
     """Where two (scoring, score-map post-processing) settings differ: each flag with the value of ``options``
     and, in brackets, the value of ``other`` (the calibrated one)."""
-    return [f"{_as_flag(f, getattr(mine, f.name))} (calibrated: {_as_flag(f, getattr(theirs, f.name))})"
-            for mine, theirs in zip(options, other) for f in fields(mine)
-            if getattr(mine, f.name) != getattr(theirs, f.name)]
+    return [f"{_as_flag(f, mine)} (calibrated: {_as_flag(f, theirs)})" for f, mine, theirs in _changed(options, other)]
+
+
+def _changed(options: Tuple[ScoreOptions, PostprocessOptions],
+             other: Tuple[ScoreOptions, PostprocessOptions]) -> List[Tuple[Field, Any, Any]]:
+    """(field, value in ``options``, value in ``other``) of every option the two settings set differently."""
+    return [(f, getattr(mine, f.name), getattr(theirs, f.name)) for mine, theirs in zip(options, other)
+            for f in fields(mine) if getattr(mine, f.name) != getattr(theirs, f.name)]
 
 
 def _as_flag(f: Field, value: Any) -> str:

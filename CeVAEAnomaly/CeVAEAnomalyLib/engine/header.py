@@ -7,6 +7,7 @@ the Slicer module can show a model's settings before PyTorch is installed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -225,6 +226,32 @@ def _written_header(p: Path) -> Any:
 
 def _safetensors_metadata(p: Path) -> Dict[str, str]:
     """``__metadata__`` of a safetensors file whose tensor table exactly covers the file."""
+    return dict(_safetensors_table(p)[0].get("__metadata__") or {})
+
+
+def weights_digest(path: Union[str, Path]) -> str:
+    """SHA-256 of the weights a bundle file holds, as ``save_bundle`` records it in the header (engine/bundle.py), read
+    without torch: a bundle whose digest differs from its header's is damaged or was edited."""
+    p = _check_file(Path(path))
+    table, start = _safetensors_table(p)
+    digest = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for name in sorted(k for k in table if k != "__metadata__"):
+            begin, end = table[name]["data_offsets"]
+            fh.seek(start + begin)
+            add_tensor(digest, name, table[name]["dtype"], table[name]["shape"], fh.read(end - begin))
+    return digest.hexdigest()
+
+
+def add_tensor(digest: Any, name: str, dtype: str, shape: Sequence[int], data: bytes) -> None:
+    """Add one tensor to a weights digest (``digest``: a hashlib object): its name, safetensors type (F32, F16),
+    shape and raw little-endian bytes; the tensors go in name order."""
+    digest.update(f"{name}\0{dtype}\0{','.join(map(str, shape))}\0{len(data)}\0".encode())
+    digest.update(data)
+
+
+def _safetensors_table(p: Path) -> Tuple[Dict[str, Any], int]:
+    """The tensor table of a safetensors file that it exactly covers, and where its tensor data starts."""
     size = p.stat().st_size
     with open(p, "rb") as fh:
         length = int.from_bytes(fh.read(8), "little")
@@ -241,7 +268,7 @@ def _safetensors_metadata(p: Path) -> Dict[str, str]:
         problem = _table_problem(table, size - 8 - length)
     if problem is not None:
         raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
-    return dict(table.get("__metadata__") or {})
+    return table, 8 + length
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

