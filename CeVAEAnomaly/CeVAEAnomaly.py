@@ -454,6 +454,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.state.model_words_are_stale(remembered_value(p), self.ui.statusLabel.text):
             self.ui.statusLabel.text = ""  # "the model used last ... is in use", after another model was chosen
         settings = self._modelSettings()
+        headline, details = settings.details if settings is not None else ("", "")  # what the model is
+        self.ui.modelDetailsLabel.text = headline
+        self.ui.modelDetailsLabel.toolTip = details or _("What the chosen model is (as cevae-anomaly info says it).")
         said = self.state.model_problem(model_problem(p) if settings is None else None)
         if said is not None:
             self.ui.statusLabel.text = said  # a scene's model that was moved, a file that is no model

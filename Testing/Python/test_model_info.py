@@ -184,3 +184,19 @@ def test_info_refuses_a_damaged_file_or_one_that_is_no_model_in_one_line(capsys,
         assert main(argv) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and said in captured.err and len(captured.err.splitlines()) == 1
+
+
+def test_the_slicer_panel_says_what_the_chosen_model_is_in_the_words_of_info(capsys, calibrated, tmp_path):
+    """The panel named the chosen file only; its details line now says what `info` says first, its tooltip the
+    rest, and a model whose weights are damaged is said so before Apply."""
+    from CeVAEAnomalyLib.slicer.settings import ModelSettings
+
+    for model in (default_model_path(), calibrated):
+        text = info(capsys, str(model))
+        assert ModelSettings.read(model).details == (text.splitlines()[0], text.rstrip("\n"))
+    damaged = tmp_path / "damaged.cevae"
+    data = bytearray(calibrated.read_bytes())
+    data[-100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    headline, details = ModelSettings.read(damaged).details  # (its header reads: the panel offers it)
+    assert "its weights are not those its header records" in headline and details == ""

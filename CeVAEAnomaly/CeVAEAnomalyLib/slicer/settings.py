@@ -6,6 +6,7 @@ and stores the values in its parameter node.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -38,6 +39,18 @@ class ModelSettings:
 
         target = Path(path) if path else default_model_path()
         return cls(target, read_header(target))
+
+    @cached_property
+    def details(self) -> Tuple[str, str]:
+        """What the model is, as ``cevae-anomaly info`` says it (engine/model_info.py): (its first line, the whole
+        text); for a model whose weights are damaged, (that problem, "")."""
+        from ..engine.model_info import describe_model, model_headline, model_info
+
+        try:
+            info = model_info(self.path)
+        except CeVAEError as exc:
+            return str(exc), ""
+        return model_headline(info), describe_model(info)
 
     @property
     def postprocess(self) -> Dict[str, Any]:
