@@ -20,9 +20,7 @@ from CeVAEAnomalyLib.engine.header import read_header
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.options import ThresholdPolicy
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(),
-                                 reason="needs the healthy sample volumes")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 SITE = ("colin27", "mni152")  # calibrated on; robex: the scan detected
 
 
@@ -30,6 +28,8 @@ SITE = ("colin27", "mni152")  # calibrated on; robex: the scan detected
 def scans(tmp_path_factory) -> Dict[str, Path]:
     """The healthy sample scans at 3 mm (slab-averaged, as a thick acquisition) with their brain masks:
     ``NAME.nii.gz`` and ``NAME_mask.nii.gz``, the two site scans in the folder ``site``."""
+    if not (SHARED_DATA / "robex_t1.nii.gz").exists():
+        pytest.skip("needs the healthy sample volumes")
     research = pytest.importorskip("CeVAEAnomalyResearch.acquisition")
     root = tmp_path_factory.mktemp("scans")
     (root / "site").mkdir()
@@ -167,17 +167,14 @@ def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(
     ("scan", "is not a CeVAEAnomaly model bundle (not a valid safetensors file: "),
     ("folder", "is a folder; give the path of a .cevae file."),
 ])
-def test_info_refuses_a_damaged_file_or_one_that_is_no_model_in_one_line(capsys, calibrated, scans, tmp_path,
-                                                                          damage, said):
+def test_info_refuses_a_damaged_file_or_one_that_is_no_model_in_one_line(capsys, tmp_path, damage, said):
     path = tmp_path / "model.cevae"
     if damage == "truncated":
-        path.write_bytes(calibrated.read_bytes()[:-1000])
-    elif damage == "weights":  # a byte of the last tensor flipped: its header is intact
-        data = bytearray(calibrated.read_bytes())
-        data[-100] ^= 0xFF
-        path.write_bytes(bytes(data))
+        path.write_bytes(default_model_path().read_bytes()[:-1000])
+    elif damage == "weights":
+        path.write_bytes(damaged_weights(default_model_path()))
     elif damage == "scan":
-        path = scans["robex"]
+        path = default_model_path().parent / "colin27_t1_2mm.nii.gz"  # the bundled sample scan
     else:
         path.mkdir()
     for argv in (["info", str(path)], ["info", str(path), "--json"]):
@@ -186,17 +183,21 @@ def test_info_refuses_a_damaged_file_or_one_that_is_no_model_in_one_line(capsys,
         assert captured.out == "" and said in captured.err and len(captured.err.splitlines()) == 1
 
 
-def test_the_slicer_panel_says_what_the_chosen_model_is_in_the_words_of_info(capsys, calibrated, tmp_path):
+def damaged_weights(model: Path) -> bytes:
+    """The bytes of ``model`` with a byte of its last tensor flipped: its header is intact."""
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0xFF
+    return bytes(data)
+
+
+def test_the_slicer_panel_says_what_the_chosen_model_is_in_the_words_of_info(capsys, tmp_path):
     """The panel named the chosen file only; its details line now says what `info` says first, its tooltip the
     rest, and a model whose weights are damaged is said so before Apply."""
     from CeVAEAnomalyLib.slicer.settings import ModelSettings
 
-    for model in (default_model_path(), calibrated):
-        text = info(capsys, str(model))
-        assert ModelSettings.read(model).details == (text.splitlines()[0], text.rstrip("\n"))
+    text = info(capsys, str(default_model_path()))
+    assert ModelSettings.read(default_model_path()).details == (text.splitlines()[0], text.rstrip("\n"))
     damaged = tmp_path / "damaged.cevae"
-    data = bytearray(calibrated.read_bytes())
-    data[-100] ^= 0xFF
-    damaged.write_bytes(bytes(data))
+    damaged.write_bytes(damaged_weights(default_model_path()))
     headline, details = ModelSettings.read(damaged).details  # (its header reads: the panel offers it)
     assert "its weights are not those its header records" in headline and details == ""
