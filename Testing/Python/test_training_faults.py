@@ -321,7 +321,8 @@ def saved_trainer(tmp_path: Path, manifest: Path, **kw) -> Trainer:
 
 @pytest.mark.parametrize("change,named", [
     ({"seed": 4}, r"seed \(0 in the checkpoint, 4 now\)"),
-    ({"batch_size": 4}, r"batch_size \(8 in the checkpoint, 4 now\)"),
+    ({"amp": True}, r"amp \(False in the checkpoint, True now\)"),  # (the batch size may change: see
+    # test_resume_batch_and_ranks.py)
     ({"val_fraction": 0.5}, r"val_fraction \(0\.0 in the checkpoint, 0\.5 now\).*training volume\(s\) in the "
                             r"checkpoint's run, not in this one: .*s[45]\.nii\.gz.*validation volume\(s\) in this run"),
     ({"orientations": ("axial", "coronal")}, r"orientations \(\['axial'\] in the checkpoint, \['axial', 'coronal'\] now"),
@@ -749,8 +750,9 @@ def test_a_run_resumed_with_another_learning_rate_records_its_parts_and_its_time
     assert "parts" not in read_header(out).training  # one learning rate, one process: nothing more to say
     assert main(train_argv(manifest, out, 2 * EVERY, "--lr", "0.0001", "--resume")) == 0
     training = read_header(out).training
-    assert training["lr"] == 0.0001 and training["parts"] == [{"from_step": 0, "lr": 0.0002, "ranks": 1},
-                                                              {"from_step": EVERY, "lr": 0.0001, "ranks": 1}]
+    assert training["lr"] == 0.0001 and training["parts"] == [
+        {"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8},
+        {"from_step": EVERY, "lr": 0.0001, "ranks": 1, "batch_size": 8}]
     rows = log_rows(out.with_name(out.name + ".log.csv"))
     seconds = [float(r["seconds"]) for r in rows]
     assert seconds == sorted(seconds) and seconds[-1] > float(first[-1]["seconds"])

@@ -25,6 +25,7 @@ import torch
 from ..errors import CeVAEError
 from ..io.atomic import atomic_path
 from ..io.manifest import Subject
+from .config import RESUME_MAY_CHANGE
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +174,20 @@ def _identity_problem(run: Any) -> Optional[str]:
 
 
 def _parts_problem(parts: Any) -> Optional[str]:
-    """Why a checkpoint's ``parts`` (from which step the run trained with which learning rate and ranks; the
-    bundle's training record) are unusable, or None (also for none: checkpoints of earlier releases lack them)."""
+    """Why a checkpoint's ``parts`` (from which step the run trained with which learning rate, ranks and batch size,
+    which earlier releases did not record; the bundle's training record) are unusable, or None (also for none:
+    checkpoints of earlier releases lack them)."""
     def whole(value: Any, low: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
     if parts is None or isinstance(parts, list) and parts and all(
             isinstance(p, dict) and whole(p.get("from_step"), 0) and whole(p.get("ranks"), 1)
             and isinstance(p.get("lr"), (int, float)) and not isinstance(p.get("lr"), bool)
-            and math.isfinite(p["lr"]) and p["lr"] > 0 for p in parts):
+            and math.isfinite(p["lr"]) and p["lr"] > 0 and ("batch_size" not in p or whole(p["batch_size"], 1))
+            for p in parts):
         return None
-    return "its field 'parts' is not a list of training parts (a first step, a learning rate and a number of ranks)"
+    return ("its field 'parts' is not a list of training parts (a first step, a learning rate, a number of ranks and "
+            "a batch size)")
 
 
 def _check_digest(state: Dict[str, Any], path: Path) -> None:
@@ -269,6 +273,8 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
     if saved is None:
         raise CeVAEError(f"The checkpoint {path} does not record what defines its run; {_START_ANEW}.")
     options = _base_by_content(saved["options"], current["options"])
+    # what a resume may change now but an earlier version recorded as the run's (a train run's batch size)
+    options = {k: v for k, v in options.items() if k in current["options"] or k not in RESUME_MAY_CHANGE}
     adaptation = current["options"].get("adaptation")
     if adaptation is not None and "adaptation" not in options and options.get("init_from"):  # a fine-tuning's,
         # written before adaptations recorded them (another kind of run is refused below for its other options)

@@ -82,9 +82,11 @@ ACQUISITION_AUGMENT = AugmentConfig(slab=3, noise=0.07, bias_field=0.3)
 MAX_LOADER_WORKERS = 64  # batch-reading processes per rank (thousands would exhaust the memory)
 
 # Options a resumed run may change: where it runs, how long, how often it checkpoints, the learning
-# rate (lowered after a NaN stop), and how the bundle is stored. Every other option defines the run.
+# rate (lowered after a NaN stop), the batch size (lowered after running out of memory, or raised to keep the
+# effective batch on fewer ranks; an adaptation's runs keep theirs, see run_options), and how the bundle is
+# stored. Every other option defines the run.
 RESUME_MAY_CHANGE = ("out", "lr", "max_steps", "max_minutes", "checkpoint_every", "device", "resume",
-                     "half_bundle", "cache_dir", "loader_workers")
+                     "half_bundle", "cache_dir", "loader_workers", "batch_size")
 
 
 @dataclass
@@ -120,6 +122,8 @@ class TrainConfig:
         from ..io.checksum import sha256_of
 
         options = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_MAY_CHANGE}
+        if self.adaptation is not None:  # its fold models calibrate the final one: all are trained alike
+            options["batch_size"] = self.batch_size
         if self.init_from is not None:
             options["init_from"] = {"sha256": sha256_of(Path(self.init_from))}
         return options

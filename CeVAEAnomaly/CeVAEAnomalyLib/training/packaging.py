@@ -44,8 +44,8 @@ class TrainingRecord:
     ranks: int
     augment: Dict[str, float]
     val_loss: Optional[float]  # None: no volume was held out
-    # a run resumed with another learning rate or number of ranks: from which step each held (lr, ranks above:
-    # the last part's); None when the whole run had one
+    # a run resumed with another learning rate, number of ranks or batch size per rank: from which step each held
+    # (lr, ranks and batch_size above: the last part's); None when the whole run had one
     parts: Optional[List[Dict[str, object]]] = None
 
 

@@ -301,8 +301,9 @@ class Trainer:
                     raise CeVAEError(f"Out of memory even with batch size 1 on {self.device}; use a smaller "
                                      "--input-size or --channels, or another device.") from None
                 if self.dist.world > 1:  # ranks cannot shrink their batches independently
+                    resume = "" if self.saved_step is None else " and --resume"
                     raise CeVAEError(f"Out of memory on rank {self.dist.rank} with batch size {self.batch_size} "
-                                     "per rank; rerun with a smaller --batch-size.") from None
+                                     f"per rank; rerun with a smaller --batch-size{resume}.") from None
                 self.opt.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -373,7 +374,7 @@ class Trainer:
 
     def _part(self, step: int) -> Dict[str, object]:
         """This session's settings that a resume may change, from ``step`` on (the training record's ``parts``)."""
-        return {"from_step": step, "lr": self.cfg.lr, "ranks": self.dist.world}
+        return {"from_step": step, "lr": self.cfg.lr, "ranks": self.dist.world, "batch_size": self.cfg.batch_size}
 
     def run_identity(self) -> Dict[str, object]:
         """This run's options (preprocessing included), volumes and split, as checkpoints record them; made once
@@ -449,9 +450,12 @@ class Trainer:
         parts = state.get("parts")
         self.parts = list(parts) if isinstance(parts, list) and all(isinstance(p, dict) for p in parts) else [
             {"from_step": 0, "lr": self.opt.param_groups[0]["lr"], "ranks": state.get("world", 1)}]  # (earlier)
+        # the batch size the run was given (parts of earlier versions lack it: it defined their whole run)
+        asked = self.parts[-1].get("batch_size", state["run"]["options"].get("batch_size", state["batch_size"]))
+        self.parts = [{**p, "batch_size": p.get("batch_size", asked)} for p in self.parts]
         now, last = self._part(state["step"]), self.parts[-1]
-        if (now["lr"], now["ranks"]) != (last.get("lr"), last.get("ranks")):
-            self.parts.append(now)  # resumed with another lr or number of ranks
+        if (now["lr"], now["ranks"], now["batch_size"]) != (last.get("lr"), last.get("ranks"), asked):
+            self.parts.append(now)  # resumed with another lr, number of ranks or batch size
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
             if group["lr"] != self.cfg.lr:
                 log.info("Learning rate %g (the checkpoint used %g).", self.cfg.lr, group["lr"])
@@ -461,7 +465,11 @@ class Trainer:
         self.step, self.epoch, self.offset = state["step"], state["epoch"], state["offset"]
         seconds = state.get("seconds", 0.0)  # (older checkpoints of this version did not record it)
         self.seconds_before = float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else 0.0
-        self.batch_size = state["batch_size"]
+        self.batch_size = state["batch_size"]  # (halved after running out of memory: kept)
+        if self.cfg.batch_size != asked:
+            log.warning("Batch size %d per rank (the checkpoint's run was given %d): the current epoch starts over; "
+                        "the learning rate is not rescaled.", self.cfg.batch_size, asked)
+            self.batch_size, self.offset = self.cfg.batch_size, 0
         saved_world = state.get("world", 1)
         if saved_world != self.dist.world:
             log.warning("The checkpoint was written by %d rank(s), this run has %d: the effective batch size "
