@@ -3,6 +3,7 @@ and what the bundle records."""
 from __future__ import annotations
 
 import logging
+from typing import List, Optional
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
 from CeVAEAnomalyLib.training.checkpoint import check_same_run, run_identity
 from CeVAEAnomalyLib.training.config import TrainConfig
+from CeVAEAnomalyLib.training.sampler import EpochSampler, epoch_order, resumed_offset
 
 
 def test_a_resume_may_lower_the_batch_size_as_an_out_of_memory_stop_says(tmp_path, caplog):
@@ -26,8 +28,7 @@ def test_a_resume_may_lower_the_batch_size_as_an_out_of_memory_stop_says(tmp_pat
     assert main([*common, "--batch-size", "8", "--max-steps", "2"]) == 0
     with caplog.at_level(logging.INFO):
         assert main([*common, "--batch-size", "4", "--max-steps", "4", "--resume"]) == 0
-    assert ("Batch size 4 per rank (the checkpoint's run was given 8): the current epoch starts over; the learning "
-            "rate is not rescaled.") in caplog.text
+    assert "Batch size 4 per rank (the checkpoint's run was given 8); the learning rate is not rescaled." in caplog.text
     assert "batch size 4 per rank, effective batch size 4" in caplog.text
     training = read_header(out).training
     assert training["steps"] == 4 and training["batch_size"] == 4
@@ -66,3 +67,40 @@ def test_a_rank_out_of_memory_says_to_resume_with_a_smaller_batch_once_there_is_
                                device=torch.device("cpu"))
         with pytest.raises(CeVAEError, match=f"rank 1 with batch size 8 per rank; rerun with a smaller {advice}"):
             Trainer.step_with_oom_retry(rank, torch.zeros(8, 1, 4, 4), out_of_memory)
+
+
+def epoch_share(n: int, batch_size: int, world: int, start: int, stop: Optional[int]) -> List[int]:
+    """The slices batches ``start`` to ``stop`` - 1 of epoch 0 give all ranks together (``stop`` None: to its end)."""
+    out: List[int] = []
+    for rank in range(world):
+        for count, (epoch, _, indices) in enumerate(EpochSampler(n, world, rank, 7, lambda: batch_size, 0, start)):
+            if epoch > 0 or (stop is not None and count == stop - start):
+                break
+            out += indices
+    return out
+
+
+@pytest.mark.parametrize("was,now,again", [((8, 2), (16, 1), 0), ((16, 1), (8, 2), 0), ((4, 4), (8, 2), 0),
+                                           ((8, 2), (32, 1), 16), ((8, 1), (8, 2), 8)])
+def test_an_epoch_resumed_with_other_ranks_or_batch_size_goes_on_where_it_stopped(was, now, again):
+    """A resume on fewer or more ranks (or with another batch size) started the current epoch over: up to an epoch
+    of slices trained twice, the rest of the cohort's less. The ranks' shares interleave one permutation, so the run
+    goes on from its first slice not yet trained, training again at most part of one effective batch."""
+    n, stopped = 97, 3
+    consumed = epoch_share(n, *was, 0, stopped)
+    rest = epoch_share(n, *now, resumed_offset(n, stopped, was, now), None)
+    assert len(consumed) == stopped * was[0] * was[1] and len(set(consumed)) == len(consumed)
+    assert len(consumed) + len(rest) - len(set(consumed + rest)) == again  # trained twice
+    order = epoch_order(n, 1, 0, 7, 0).tolist()  # the epoch's permutation: what was and is trained is a start of it
+    assert set(consumed + rest) == set(order[:len(set(consumed + rest))])
+    assert len(set(consumed + rest)) >= n - now[0] * now[1]  # (the last, incomplete batch is dropped)
+
+
+def test_a_resume_with_another_batch_size_goes_on_in_its_epoch(tmp_path, caplog):
+    out = tmp_path / "m.cevae"
+    common = ["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(out), "--checkpoint-every", "3",
+              "--channels", "8,8,16,16", "--z-dim", "8", "--device", "cpu", "--val-fraction", "0"]
+    assert main([*common, "--batch-size", "4", "--max-steps", "3"]) == 0  # 12 slices of the first epoch
+    assert main([*common, "--batch-size", "8", "--max-steps", "4", "--resume"]) == 0
+    state = torch.load(out.with_name("m.cevae.ckpt"), map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["offset"]) == (0, 2)  # batch 1 of 8 (slices 8 to 15, 8 to 11 again), then 2

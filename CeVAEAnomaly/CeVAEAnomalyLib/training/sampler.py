@@ -19,6 +19,17 @@ def epoch_order(n: int, world: int, rank: int, seed: int, epoch: int) -> torch.T
     return perm[rank:total:world]
 
 
+def resumed_offset(n: int, offset: int, was: Tuple[int, int], now: Tuple[int, int]) -> int:
+    """The batch at which a run of ``now`` (batch size per rank, ranks) goes on in an epoch of ``n`` slices where a
+    run of ``was`` stopped after ``offset`` batches. The ranks' shares of an epoch interleave one permutation, so
+    batch b of every rank together is its slices from b × batch size × ranks on, whatever the ranks: the run goes
+    on from the batch holding the first slice not consumed (at most one effective batch is trained again)."""
+    def effective(batch_size: int, world: int) -> int:  # (as :class:`EpochSampler` caps it)
+        return min(batch_size, math.ceil(n / world)) * world
+
+    return offset * effective(*was) // effective(*now)
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Endless ``(epoch, batch number, indices)`` from a given position.
 

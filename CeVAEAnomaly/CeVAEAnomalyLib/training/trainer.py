@@ -42,7 +42,7 @@ from .data import Subject, person_groups, persons_to_hold_out, split_subjects, u
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
                           shared_map, init_distributed, rank_seed, shutdown_distributed)
 from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
-from .sampler import EpochSampler
+from .sampler import EpochSampler, resumed_offset
 
 log = logging.getLogger(__name__)
 VALIDATION_SEED = 12345
@@ -203,6 +203,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.offset = 0  # batches consumed in the current epoch
+        self._offset_of: Optional[Tuple[int, int]] = None  # (batch size, ranks) of a resumed offset counted in others
         self.batch_size = cfg.batch_size
         self.saved_step: Optional[int] = None  # step of the last checkpoint written or resumed from
         self._validated: Optional[Tuple[int, float]] = None  # (step, validation loss) of the last validation
@@ -467,15 +468,16 @@ class Trainer:
         self.seconds_before = float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else 0.0
         self.batch_size = state["batch_size"]  # (halved after running out of memory: kept)
         if self.cfg.batch_size != asked:
-            log.warning("Batch size %d per rank (the checkpoint's run was given %d): the current epoch starts over; "
-                        "the learning rate is not rescaled.", self.cfg.batch_size, asked)
-            self.batch_size, self.offset = self.cfg.batch_size, 0
+            log.warning("Batch size %d per rank (the checkpoint's run was given %d); the learning rate is not "
+                        "rescaled.", self.cfg.batch_size, asked)
+            self.batch_size = self.cfg.batch_size
         saved_world = state.get("world", 1)
         if saved_world != self.dist.world:
-            log.warning("The checkpoint was written by %d rank(s), this run has %d: the effective batch size "
-                        "becomes %d and the current epoch starts over.", saved_world, self.dist.world,
-                        self.batch_size * self.dist.world)
-            self.offset = 0
+            log.warning("The checkpoint was written by %d rank(s), this run has %d: the effective batch size is %d "
+                        "(it was %d).", saved_world, self.dist.world, self.batch_size * self.dist.world,
+                        state["batch_size"] * saved_world)
+        if (state["batch_size"], saved_world) != (self.batch_size, self.dist.world):  # placed once the data is open
+            self._offset_of = (state["batch_size"], saved_world)
         if own is None:  # a rank whose streams the checkpoint lacks draws new ones, offset by rank and step
             self.gen.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
@@ -530,6 +532,10 @@ class Trainer:
             # only writer (the commands hold its lock), so it goes whatever its age
             remove_stale_temporaries(cfg.checkpoint_path, older_than_s=0.0)
         self.open_data()
+        if self._offset_of is not None:  # the epoch goes on where the checkpoint's batches of another size stopped
+            self.offset = resumed_offset(len(self.train), self.offset, self._offset_of,
+                                         (self.batch_size, self.dist.world))
+            self._offset_of = None
         if self.dist.main:
             log.info("Device %s, %d rank(s)%s; batch size %d per rank, effective batch size %d; learning rate %g "
                      "(one step per effective batch, gradients averaged over it).", self.device, self.dist.world,
