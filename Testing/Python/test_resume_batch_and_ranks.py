@@ -104,3 +104,19 @@ def test_a_resume_with_another_batch_size_goes_on_in_its_epoch(tmp_path, caplog)
     assert main([*common, "--batch-size", "8", "--max-steps", "4", "--resume"]) == 0
     state = torch.load(out.with_name("m.cevae.ckpt"), map_location="cpu", weights_only=True)
     assert (state["epoch"], state["offset"]) == (0, 2)  # batch 1 of 8 (slices 8 to 15, 8 to 11 again), then 2
+
+
+def test_more_ranks_on_a_machine_than_its_gpus_are_refused_in_words(monkeypatch):
+    """torchrun --nproc_per_node 4 on a machine with 2 visible GPUs: ranks 2 and 3 ended in "unexpected
+    RuntimeError: CUDA error: invalid device ordinal ... report it", which reads as a bug."""
+    from CeVAEAnomalyLib.training.distributed import rank_device
+
+    gpus = torch.cuda.device_count()
+    monkeypatch.setenv("LOCAL_RANK", str(gpus))
+    with pytest.raises(CeVAEError, match=rf"rank {gpus} of its machine \(LOCAL_RANK\) and would use GPU cuda:{gpus}, "
+                                         rf"but the machine has {gpus} visible GPU\(s\): start at most {gpus} "):
+        rank_device(torch.device("cuda"))
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+    if gpus:
+        monkeypatch.setenv("LOCAL_RANK", str(gpus - 1))
+        assert rank_device(torch.device("cuda")) == torch.device("cuda", gpus - 1)

@@ -35,6 +35,21 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return seed * 1000 + rank + 7919 * step
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """This process's GPU under torchrun (``LOCAL_RANK``, one GPU per rank of a machine) where ``device`` is CUDA;
+    ``device`` otherwise. More ranks on a machine than its visible GPUs are refused in words (torch raised "invalid
+    device ordinal", said as a bug)."""
+    local = os.environ.get("LOCAL_RANK")
+    if device.type != "cuda" or local is None:
+        return device
+    count = torch.cuda.device_count()
+    if int(local) >= count:
+        raise CeVAEError(f"This process is rank {local} of its machine (LOCAL_RANK) and would use GPU cuda:{local}, "
+                         f"but the machine has {count} visible GPU(s): start at most {count} process(es) per machine "
+                         "(torchrun --nproc_per_node gpu), or train with --device cpu.")
+    return torch.device("cuda", int(local))
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group when started by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

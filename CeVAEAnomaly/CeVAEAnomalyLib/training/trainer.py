@@ -10,7 +10,6 @@ import csv
 import io
 import logging
 import math
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
-                          shared_map, init_distributed, rank_seed, shutdown_distributed)
+                          shared_map, init_distributed, rank_device, rank_seed, shutdown_distributed)
 from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
 from .sampler import EpochSampler, resumed_offset
 
@@ -175,9 +174,7 @@ class Trainer:
         self.pre = preprocess or PreprocessConfig(input_size=cfg.model.input_size)
         if self.pre.input_size != cfg.model.input_size:
             raise CeVAEError("Preprocessing and model input sizes differ.")
-        self.device = resolve_device(cfg.device, strict=True)
-        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
-            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        self.device = rank_device(resolve_device(cfg.device, strict=True))
         self.dist = init_distributed(self.device)
         self.checksums = file_checksums(subjects, self.dist)
         self._identity: Optional[Dict[str, object]] = None
