@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_cohort
-from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.cli.main import _main, main
 from CeVAEAnomalyLib.engine.bundle import read_header
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
@@ -120,3 +120,19 @@ def test_more_ranks_on_a_machine_than_its_gpus_are_refused_in_words(monkeypatch)
     if gpus:
         monkeypatch.setenv("LOCAL_RANK", str(gpus - 1))
         assert rank_device(torch.device("cuda")) == torch.device("cuda", gpus - 1)
+
+
+def test_a_stopped_rank_says_which_it_is(monkeypatch, capsys, tmp_path):
+    """SIGTERM to one rank of a torchrun: rank 0 said "another rank stopped (see its own error)", and the stopped
+    rank's line, "terminated; ...", did not say which rank it was (every rank's Ctrl-C line was the same too)."""
+    from CeVAEAnomalyLib.interrupts import Terminated
+    from CeVAEAnomalyLib.training.trainer import Trainer
+
+    def terminated(*args, **kwargs) -> None:
+        raise Terminated()
+
+    monkeypatch.setattr(Trainer, "__init__", terminated)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _main(["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(tmp_path / "m.cevae")]) == 143
+    assert capsys.readouterr().err.splitlines()[-1].startswith("[rank 1] terminated before its first checkpoint")

@@ -328,11 +328,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"{rank}error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except Terminated:
-        print(_stopped("terminated", args, started), file=sys.stderr)
+    except Terminated:  # (under torchrun each rank says it, so its line names it, as its errors do)
+        print(rank + _stopped("terminated", args, started), file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(_stopped("interrupted", args, started), file=sys.stderr)
+        print(rank + _stopped("interrupted", args, started), file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
         if args.debug:
