@@ -693,34 +693,48 @@ def test_a_fresh_run_stopped_before_its_first_checkpoint_keeps_the_earlier_runs_
     assert [int(r["step"]) for r in rows] == [EVERY]
 
 
-def test_a_fresh_run_stopped_after_its_first_checkpoint_leaves_no_earlier_bundle_beside_its_files(manifest, tmp_path):
-    """--overwrite over a finished run, stopped after the new run's first checkpoint: its checkpoint and log replace
-    the earlier run's, and the earlier bundle goes too (a detect --model would have used it silently)."""
+def test_a_fresh_run_stopped_after_its_first_checkpoint_keeps_the_earlier_model_until_it_writes_its_own(
+        manifest, tmp_path, monkeypatch, caplog, capsys):
+    """--overwrite over a finished run removed the earlier bundle at the new run's first checkpoint, so a run stopped
+    later (Ctrl-C, an error, the machine down) left the user without a working model. The earlier model now stays,
+    byte for byte, beside the new run's checkpoint and log, which record it as the model this run replaces; the
+    stop says so, and a --resume continues the new run and replaces the model only when it writes its own."""
     out = tmp_path / "model.cevae"
+    ckpt = out.with_name(out.name + ".ckpt")
     assert main(train_argv(manifest, out, EVERY)) == 0
-    again = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY, seed=5)  # (the command checked --overwrite)
-    real_step = again.opt.step
+    earlier = out.read_bytes()
+    save, written = Trainer.save_checkpoint, []
 
-    def interrupted_after_the_first_checkpoint():
-        real_step()
-        if again.step == EVERY + 2:
+    def save_then_stop(self: Trainer) -> None:
+        if written:
             raise KeyboardInterrupt
+        save(self)
+        written.append(self.step)
 
-    again.opt.step = interrupted_after_the_first_checkpoint
-    with pytest.raises(KeyboardInterrupt):
-        again.run()
-    assert not out.exists() and checkpoint_step(out.with_name(out.name + ".ckpt")) == EVERY
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        assert main(train_argv(manifest, out, 3 * EVERY, "--overwrite", "--seed", "5")) == 130
+    assert out.exists() and out.read_bytes() == earlier and checkpoint_step(ckpt) == EVERY
+    assert "The earlier model" in caplog.text and "stays in place, usable, until this run writes" in caplog.text
+    assert "The earlier model model.cevae is kept as it was" in capsys.readouterr().err
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["replaces"] == sha256(out)
+    assert [int(r["step"]) for r in log_rows(out.with_name(out.name + ".log.csv"))] == [EVERY, 10]  # the new run's
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(train_argv(manifest, out, 3 * EVERY, "--resume", "--seed", "5")) == 0
+    assert f"{out} is still the earlier model this run replaces" in caplog.text
+    assert out.read_bytes() != earlier and read_header(out).training["steps"] == 3 * EVERY
 
     out.write_bytes(b"a model written by calibrate or adapt: no log beside it")
-    out.with_name(out.name + ".log.csv").unlink()
-    out.with_name(out.name + ".ckpt").unlink()
-    again = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY, seed=6)
-    real_step = again.opt.step
-    again.opt.step = interrupted_after_the_first_checkpoint
-    with pytest.raises(KeyboardInterrupt):
-        again.run()
-    assert not out.exists()
-
+    for path in (ckpt, out.with_name(out.name + ".log.csv")):
+        path.unlink()
+    written.clear()
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)
+    assert main(train_argv(manifest, out, 3 * EVERY, "--overwrite")) == 130
+    assert out.read_bytes() == b"a model written by calibrate or adapt: no log beside it"
 
 
 def _worker_signal_handlers() -> tuple:

@@ -65,7 +65,9 @@ def _add_train(sub) -> None:
     _add_subjects(t, "healthy")
     t.add_argument("--out", type=path_value, required=True, help="model bundle to write (.cevae)")
     anew = t.add_mutually_exclusive_group()  # start anew or continue: never both
-    anew.add_argument("--overwrite", action="store_true", help="replace an existing --out, checkpoint and log")
+    anew.add_argument("--overwrite", action="store_true",
+                      help="start anew: replace an existing checkpoint and log, and --out once the new model is "
+                      "written (it stays usable until then)")
     t.add_argument("--max-steps", type=int, default=cfg.max_steps, help="training steps (batches)")
     t.add_argument("--max-minutes", type=float,
                    help="stop after this many minutes of training, counted once the slices are loaded "
@@ -284,16 +286,21 @@ def _peer_gone(exc: BaseException) -> bool:
 
 def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
     """The line a stopped command ends with; for train and adapt, whether ``--resume`` can continue it: the
-    checkpoints this run wrote (or, with ``--resume``, the run's earlier ones) are kept."""
+    checkpoints this run wrote (or, with ``--resume``, the run's earlier ones) are kept, and so is an earlier model
+    at ``--out`` (one this run did not write)."""
     if args.command not in ("train", "adapt"):
         return word
     from ..training.adapt_plan import run_files
 
-    kept = [p for p in run_files(Path(args.out), ".ckpt") if args.resume or p.stat().st_mtime >= started]
+    out = Path(args.out)
+    kept = [p for p in run_files(out, ".ckpt") if args.resume or p.stat().st_mtime >= started]
+    earlier = (f" The earlier model {out.name} is kept as it was until a run writes the new one."
+               if out.is_file() and out.stat().st_mtime < started else "")
     if not kept:
-        return f"{word} before its first checkpoint: nothing to resume; run the same command again to start anew."
+        return (f"{word} before its first checkpoint: nothing to resume; run the same command again to start "
+                f"anew.{earlier}")
     return (f"{word}; its checkpoints are kept ({', '.join(sorted(p.name for p in kept))}): run the same command "
-            "with --resume (and without --overwrite) to continue.")
+            f"with --resume (and without --overwrite) to continue.{earlier}")
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

@@ -29,6 +29,7 @@ from ..engine.modality import TOLERANCE, depth_contrast
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
 from ..io.atomic import remove_stale_temporaries
+from ..io.checksum import sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
 from ..io.naming import full_suffix
 from ..progress import ProgressCallback, checked, report
@@ -63,12 +64,12 @@ def _own_randomness(device: torch.device, seed: int) -> Iterator[None]:
 class _RunLog:
     """The loss log, ``OUT.log.csv``. A fresh run over an earlier run's log holds its rows in memory until its first
     checkpoint replaces the earlier run's, so that a run stopped before that leaves the earlier run's files (bundle,
-    checkpoint, log) together; from then on the earlier bundle is removed (``bundle``), so that no model sits beside
-    a checkpoint and log of another run. ``after_failure()`` ends the error of a write that failed (what is kept)."""
+    checkpoint, log) together. The earlier bundle is never removed here: it stays in place, usable, until this run's
+    bundle replaces it (:meth:`Trainer.run`). ``after_failure()`` ends the error of a write that failed (what is
+    kept)."""
 
-    def __init__(self, path: Path, fresh: bool, bundle: Path, after_failure: Callable[[], str]) -> None:
-        self.path, self._bundle, self._after_failure, self._failed = path, bundle, after_failure, False
-        self._earlier_bundle = fresh and bundle.exists()  # (also one without a log: written by calibrate or adapt)
+    def __init__(self, path: Path, fresh: bool, after_failure: Callable[[], str]) -> None:
+        self.path, self._after_failure, self._failed = path, after_failure, False
         self._held: Optional[io.StringIO] = io.StringIO() if fresh and path.exists() else None
         self._file = self._held if self._held is not None else _log_file(path, "a" if not fresh else "w")
         self._writer = csv.writer(self._file)
@@ -92,11 +93,7 @@ class _RunLog:
                              f"{self._after_failure()}") from None
 
     def publish(self) -> None:
-        """This run has a checkpoint now: its rows replace the earlier run's log, and the earlier bundle goes (this
-        run's replaces it at the end)."""
-        if self._earlier_bundle:
-            self._bundle.unlink(missing_ok=True)
-            self._earlier_bundle = False
+        """This run has a checkpoint now: its rows replace the earlier run's log."""
         if self._held is not None:
             rows, self._held = self._held.getvalue(), None
             with self._writing():
@@ -210,6 +207,9 @@ class Trainer:
         self._step_ended = 0.0  # when its last step ended: the time a checkpoint and the log row of that step record
         self._temp_cache: Optional[str] = None
         self.contrasts: List[Optional[float]] = []  # each training volume's depth contrast (engine/modality.py)
+        # the sha256 of the earlier model at --out that this run replaces when it writes its own (it stays until
+        # then), as its checkpoints record it: a resume knows that model for the earlier one, not this run's
+        self.replaces: Optional[str] = None
 
     # ---- data -------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -364,7 +364,7 @@ class Trainer:
             "rank_streams": streams[1:],  # the other ranks' (rank 1 first)
             "parts": self.parts or [self._part(0)],
             "seconds": self.seconds_before + (self._step_ended - self._started if self._started else 0.0),
-            "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(),
+            "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(), "replaces": self.replaces,
         }
         if self.fp16:
             state["scaler"] = self.scaler.state_dict()
@@ -480,6 +480,12 @@ class Trainer:
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
         self.saved_step = self.step
         log.info("Resumed from %s at step %d.", path, self.step)
+        replaces = state.get("replaces")  # (checkpoints of earlier versions lack it)
+        self.replaces = replaces if isinstance(replaces, str) else None
+        if self.dist.main and self.replaces is not None and self.cfg.out.is_file() \
+                and sha256_of(self.cfg.out) == self.replaces:
+            log.info("%s is still the earlier model this run replaces: it stays in place until this run writes its "
+                     "own.", self.cfg.out)
 
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
@@ -496,6 +502,9 @@ class Trainer:
                         "threshold will flag more of a new healthy scan than the rate says. %s, or calibrate it "
                         "afterwards on other healthy scans (cevae-anomaly calibrate).", len(self.train_subjects),
                         len(person_groups(self.train_subjects)), self.cfg.val_fraction, remedy)
+        if self.dist.main and not self.cfg.resume and self.cfg.out.is_file():
+            log.info("The earlier model %s stays in place, usable, until this run writes the new one (an earlier "
+                     "checkpoint and log are replaced at this run's first checkpoint).", self.cfg.out)
         with self._session():
             elapsed = self._train()
             return self._write_bundle(elapsed) if self.dist.main else None
@@ -528,6 +537,8 @@ class Trainer:
             # a checkpoint's temporary that a killed write left (as large as a checkpoint): this run is the output's
             # only writer (the commands hold its lock), so it goes whatever its age
             remove_stale_temporaries(cfg.checkpoint_path, older_than_s=0.0)
+            if not cfg.resume and cfg.out.is_file():
+                self.replaces = sha256_of(cfg.out)
         self.open_data()
         if self._offset_of is not None:  # the epoch goes on where the checkpoint's batches of another size stopped
             self.offset = resumed_offset(len(self.train), self.offset, self._offset_of,
@@ -542,8 +553,8 @@ class Trainer:
         start = self._started = time.perf_counter()
         batches = self.batches()
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume, bundle=cfg.out,
-                          after_failure=self._after_log_failure) if self.dist.main else None
+        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume, after_failure=self._after_log_failure) \
+            if self.dist.main else None
         t_last, steps_since = time.perf_counter(), 0
         try:
             out_of_time = any_rank(self.dist, time.perf_counter() >= deadline, self.device)
