@@ -464,10 +464,13 @@ def test_a_checkpoint_that_recorded_its_base_by_path_resumes_with_the_same_conte
         check_same_run(older, current, tmp_path / "site.cevae.ckpt")
 
 
-def test_overwrite_removes_the_earlier_adaptation_before_the_new_one_starts(tiny_bundle, site, tmp_path, caplog):
-    """An interrupted --overwrite left the earlier model beside the new run's checkpoints (detect took it for the
-    new one), and the earlier final checkpoint made the --resume fail after the folds were trained again. An
-    adapted model adapted again on its own site scans is warned of."""
+def test_overwrite_keeps_the_earlier_model_until_the_new_one_is_written(tiny_bundle, site, tmp_path, caplog):
+    """--overwrite removed the earlier adaptation's model before its first fine-tuning run, so an adaptation then
+    stopped (Ctrl-C, an error, the machine down) left no working model. The earlier model now stays, byte for byte,
+    until the new one replaces it; the earlier checkpoints and logs go before the first run (the earlier final
+    checkpoint made the --resume fail after the folds were trained again), and the --resume continues the new
+    adaptation, not taking the earlier model for its result. An adapted model adapted again on its own site scans
+    is warned of."""
     out = tmp_path / "site.cevae"
     with caplog.at_level(logging.INFO):
         adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), out, QUICK)
@@ -491,14 +494,20 @@ def test_overwrite_removes_the_earlier_adaptation_before_the_new_one_starts(tiny
     with pytest.raises(CeVAEError, match="another contrast"):  # refused before it begins: the earlier one stays
         adapt_mod.adapt(tiny_bundle, subjects(site, "a", "reversed"), out, again)
     assert {p.name for p in tmp_path.glob("site.cevae*")} == earlier
-    with pytest.raises(Cancelled):
+    model = out.read_bytes()
+    with pytest.raises(Cancelled), caplog.at_level(logging.INFO):
         adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, again, stop_in_second_fold)
+    assert out.is_file() and out.read_bytes() == model  # the earlier model, usable until the new one is written
+    assert f"The earlier model {out} stays in place, usable, until the new one is written." in caplog.text
     left = {p.name for p in tmp_path.glob("site.cevae*")}
-    assert "site.cevae" not in left and "site.cevae.ckpt" not in left  # nothing of the earlier one is left
+    assert "site.cevae.ckpt" not in left and "site.cevae.log.csv" not in left  # the earlier run's files went
     assert "site.cevae.fold1.ckpt" in left
+    with pytest.raises(CeVAEError, match=r"site\.cevae\.fold1\.ckpt already exists.*--resume"):
+        adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, QUICK)  # not taken for a finished one
     adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, AdaptOptions(**{**QUICK.__dict__,
                                                                                        "resume": True}))
-    assert len(read_header(out).extra["adaptation"]["site_scans"]) == 3
+    assert len(read_header(out).extra["adaptation"]["site_scans"]) == 3 and out.read_bytes() != model
+    assert not list(tmp_path.glob("site.cevae.fold*.ckpt"))
 
     with caplog.at_level(logging.WARNING):
         adapt_mod.adapt(out, subjects(site, "a", "b"), tmp_path / "again.cevae", QUICK)

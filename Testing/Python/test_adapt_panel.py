@@ -238,7 +238,8 @@ def test_the_logic_counts_an_earlier_runs_files_by_persons_as_the_panel_and_the_
 def test_a_stopped_adaptation_says_its_checkpoints_are_kept_and_adapt_resumes(tmp_path, monkeypatch):
     """Cancel said only "Cancelled; the scene is unchanged.": nothing told the user that the adaptation's
     checkpoints stay and that Adapt goes on from them. The status line now adds which are kept (or that none was
-    written yet), from the run's own request, as the panel counts its files."""
+    written yet), from the run's own request, as the panel counts its files, and that an earlier model at the file
+    (an Adapt that replaces it keeps it until the new one is written) is kept."""
     import ast
     import subprocess
     import sys
@@ -272,6 +273,10 @@ def test_a_stopped_adaptation_says_its_checkpoints_are_kept_and_adapt_resumes(tm
         "The adaptation's checkpoints are kept (scanner.cevae.fold1.ckpt, scanner.cevae.fold2.ckpt): press Adapt "
         "again with the same volumes and file name to resume from them (it asks first).")
     assert adapt_choice(3, str(out), None, "cpu", names=[v.GetName() for v in volumes]).resumable  # so it asks
+    out.write_bytes(b"the earlier model, which an Adapt with Replace keeps until it writes the new one")
+    assert adaptation_stopped(job.request).endswith(
+        "(it asks first). The earlier model scanner.cevae is kept as it was until the new one is written.")
+    assert adapt_choice(3, str(out), None, "cpu", names=[v.GetName() for v in volumes]).resumable
     tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
     stop = ast.unparse(next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_stopJob"))

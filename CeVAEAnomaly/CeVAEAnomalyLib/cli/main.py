@@ -137,7 +137,9 @@ def _add_adapt(sub) -> None:
     a.add_argument("--cache-dir", type=path_value, help="folder of preprocessed slices kept between runs")
     anew = a.add_mutually_exclusive_group()  # start anew or continue: never both
     anew.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
-    anew.add_argument("--overwrite", action="store_true", help="replace an existing --out, its checkpoints and logs")
+    anew.add_argument("--overwrite", action="store_true",
+                      help="start anew: remove an earlier run's checkpoints and logs, and replace --out once the new "
+                      "model is written (it stays usable until then)")
     a.add_argument("--amp", action="store_true", help="mixed precision")
     _add_device(a)
 

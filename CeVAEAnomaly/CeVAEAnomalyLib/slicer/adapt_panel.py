@@ -120,15 +120,18 @@ def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
 
 def adaptation_stopped(request: Mapping[str, Any]) -> str:
     """What the status line adds when the adaptation worker ``request`` (logic.startAdaptation's) was cancelled or
-    stopped: that its checkpoints are kept and Adapt resumes from them, or that it had written none yet."""
+    stopped: that its checkpoints are kept and Adapt resumes from them, or that it had written none yet; and that a
+    model already at its file (an earlier one: the adaptation writes its own last) is kept as it was."""
     options = AdaptOptions(folds=(request.get("options") or {}).get("folds", AdaptOptions.folds))
     persons = persons_scanned([subject.get("person") for subject in request["subjects"]])
-    earlier = earlier_outputs(Path(request["out"]), persons, options)
+    out = Path(request["out"])
+    earlier = earlier_outputs(out, persons, options)
+    kept = f" The earlier model {out.name} is kept as it was until the new one is written." if out.is_file() else ""
     if not resumable(earlier):
-        return "The adaptation had written no checkpoint yet: Adapt starts it anew."
+        return f"The adaptation had written no checkpoint yet: Adapt starts it anew.{kept}"
     names = ", ".join(path.name for path in earlier if path.name.endswith(".ckpt"))
     return (f"The adaptation's checkpoints are kept ({names}): press Adapt again with the same volumes and file name "
-            "to resume from them (it asks first).")
+            f"to resume from them (it asks first).{kept}")
 
 
 def _thorough_modes(model: Optional[Path]) -> int:

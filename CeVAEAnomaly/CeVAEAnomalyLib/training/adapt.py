@@ -114,8 +114,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                                                                            "Preparing the scans"))
         contrasts = [_contrast(s, e[0].path) for s, e in zip(subjects, entries)]
         check_modality([s.name for s in subjects], contrasts, header)
-        if options.overwrite and not options.resume:  # the scans are usable: the earlier adaptation goes now
-            _remove_earlier_adaptation(out)
+        if options.overwrite and not options.resume:  # the scans are usable: the earlier runs' files go now
+            _remove_earlier_runs(out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, options.resume,
                                             training_part)
         calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
@@ -227,16 +227,20 @@ def _adaptable_modes(modes: Sequence[int], base: Path) -> List[int]:
     return [n for n in modes if n <= high]
 
 
-def _remove_earlier_adaptation(out: Path) -> None:
-    """--overwrite: the model, checkpoints and logs of an earlier adaptation to ``out`` go once the new one's scans
-    are prepared and checked, before its first run (of any number of folds), so that none of them sits beside the
-    new run's files: not the old model, which detect would take for the new one, nor an old checkpoint, which a
-    --resume would take for the new run's."""
-    removed = ([out] if out.is_file() else []) + run_files(out, ".ckpt") + run_files(out, ".log.csv")
+def _remove_earlier_runs(out: Path) -> None:
+    """--overwrite: the checkpoints and logs of an earlier adaptation (or training) to ``out`` go once the new one's
+    scans are prepared and checked, before its first run (of any number of folds), so that none of them sits beside
+    the new run's files: an old checkpoint would be taken for the new run's by a --resume. The earlier model at
+    ``out`` stays in place, usable, until the new one replaces it in one rename (a stop leaves a working model); the
+    new run's fold checkpoints say that it is not finished, so neither a --resume nor a plain run takes it for the
+    new one."""
+    removed = run_files(out, ".ckpt") + run_files(out, ".log.csv")
     for path in removed:
         path.unlink()
     if removed:
-        log.info("--overwrite: removed the earlier adaptation's %s.", ", ".join(p.name for p in removed))
+        log.info("--overwrite: removed the earlier run's %s.", ", ".join(p.name for p in removed))
+    if out.is_file():
+        log.info("The earlier model %s stays in place, usable, until the new one is written.", out)
 
 
 def _check_adaptable(header: BundleHeader, path: Path) -> None:
