@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Dict
 
@@ -116,6 +117,7 @@ def test_info_says_what_the_bundled_model_was_trained_and_calibrated_on_without_
     calibration = facts["calibration"]
     assert (facts["sha256"], facts["bundled"], calibration["scans"]) == (sha256_of(bundled),
                                                                         {"file": True, "weights": True}, 3)
+    assert facts["recalibration"] is None and "Recalibrated" not in text  # not a calibrated copy
     default = [t for t in calibration["thresholds"] if t["default"]]
     assert default == [{"fpr": header.default_fpr, "default": True, "threshold": header.default_threshold(),
                         "measured": True}]
@@ -130,8 +132,9 @@ def test_info_says_what_the_bundled_model_was_trained_and_calibrated_on_without_
 def test_info_says_on_how_many_scans_of_which_voxels_a_calibrated_copy_is_calibrated(capsys, calibrated):
     header = read_header(calibrated)
     text = info(capsys, str(calibrated))
-    assert text.splitlines()[0] == ("cevae_t1_default (T1) with the bundled default model's weights: trained on 3 "
-                                    "healthy volumes; threshold calibrated on 2 healthy scans of 3 mm voxels.")
+    assert text.splitlines()[0] == ("site (T1), recalibrated from cevae_t1_default, with the bundled default model's "
+                                    "weights: trained on 3 healthy volumes; threshold calibrated on 2 healthy scans of "
+                                    "3 mm voxels.")
     assert "Calibrated on: 2 healthy scans (colin27, mni152)" in text
     assert "; healthy volumes given to calibrate." in text
     assert "largest voxel side 3 mm (detection warns of scans over 4.5 mm)" in text
@@ -144,6 +147,49 @@ def test_info_says_on_how_many_scans_of_which_voxels_a_calibrated_copy_is_calibr
     for row in facts["calibration"]["thresholds"]:
         assert row["threshold"] == header.threshold(header.score_options, header.postprocess,
                                                     ThresholdPolicy(fpr=row["fpr"]))[0]
+
+
+def test_a_calibrated_copy_records_its_parent_when_on_which_scans_and_how_and_info_says_it(capsys, scans, calibrated,
+                                                                                            tmp_path):
+    """A calibrated copy kept its parent's name and recorded neither its parent nor when, on which scans (by sha256) or
+    with which options it was calibrated: info called it "cevae_t1_default ... with the bundled default model's
+    weights". It is named after its file now and records them; a copy of a copy records both its parent and the
+    model the chain started from."""
+    bundled = default_model_path()
+    header = read_header(calibrated)
+    record = header.extra["recalibration"]
+    parent = {"name": "cevae_t1_default", "file": bundled.name, "sha256": sha256_of(bundled)}
+    assert header.name == "site" and record["parent"] == record["original"] == parent
+    site = scans["site"]
+    assert record["scans"] == [{"name": n, "sha256": sha256_of(site / f"{n}.nii.gz"),
+                                "mask_sha256": sha256_of(site / f"{n}_mask.nii.gz")} for n in SITE]
+    when = datetime.strptime(record["calibrated_utc"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert timedelta(0) <= datetime.now(timezone.utc) - when < timedelta(hours=1)
+    assert record["options"] == {"score_options": header.score_options.to_dict(),
+                                 "postprocess": header.postprocess.to_dict(), "default_fpr": header.default_fpr,
+                                 "amp": False}
+    lines = info(capsys, str(calibrated)).splitlines()
+    assert (f"Recalibrated from: cevae_t1_default ({bundled.name}, sha256 {sha256_of(bundled)}) on "
+            f"{record['calibrated_utc']}, on 2 healthy scans (colin27, mni152; their sha256 and their masks' in "
+            "--json): default rate 0.00021774.") in lines
+    assert json.loads(info(capsys, str(calibrated), "--json"))["recalibration"] == record
+    from CeVAEAnomalyLib.slicer.settings import ModelSettings
+
+    assert ModelSettings.read(calibrated).details[0] == lines[0]  # the Slicer panel's model details line
+
+    again = tmp_path / "again.cevae"
+    assert main(["calibrate", str(site / "colin27.nii.gz"), "--model", str(calibrated), "--out", str(again),
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    record = read_header(again).extra["recalibration"]
+    assert record["parent"] == {"name": "site", "file": "site.cevae", "sha256": sha256_of(calibrated)}
+    assert record["original"] == parent and [s["name"] for s in record["scans"]] == ["colin27"]
+    lines = info(capsys, str(again)).splitlines()
+    assert lines[0].startswith("again (T1), recalibrated from site (originally cevae_t1_default), with the bundled "
+                               "default model's weights: trained on 3 healthy volumes; threshold calibrated on 1 "
+                               "healthy scan of 3 mm voxels.")
+    assert f"Originally: cevae_t1_default ({bundled.name}, sha256 {sha256_of(bundled)}), the first model of the " \
+           "chain of recalibrations." in lines
 
 
 def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(capsys, scans, tiny_bundle,

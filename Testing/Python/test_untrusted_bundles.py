@@ -84,6 +84,16 @@ def calibrated_mode(steps: int) -> Edit:
     return apply
 
 
+def recalibration(**changes: Any) -> Edit:
+    """A calibrated copy's record of its parent, scans and options (engine/calibrate.py) with ``changes``."""
+    model = {"name": "base", "file": "base.cevae", "sha256": "ab" * 32}
+    record = {"parent": model, "original": model, "calibrated_utc": "2025-01-01T00:00:00Z",
+              "scans": [{"name": "h1", "sha256": "cd" * 32, "mask_sha256": None}],
+              "options": {"score_options": {"score_type": "combi"}, "postprocess": {}, "default_fpr": 0.001,
+                          "amp": False}}
+    return top("recalibration", dict(record, **changes))
+
+
 CASES: Dict[str, Tuple[Edit, str]] = {
     "z of 1e9 (32 TB of weights)": (setting("model", "z_dim", 10**9), r"model\.z_dim must be a whole number in \[1, 8192\]"),
     "fractional z": (setting("model", "z_dim", 16.5), r"model\.z_dim must be a whole number"),
@@ -164,6 +174,33 @@ CASES: Dict[str, Tuple[Edit, str]] = {
                                        r"scan_voxels\[1\] must be a whole number, got 2\.5"),
     "NaN training contrast": (top("training_contrast", {"depth_contrast": math.nan}),
                               r"training_contrast\.depth_contrast must be a finite number"),
+    "recalibration record as a list": (top("recalibration", [1]),
+                                       r"section 'recalibration' must be a JSON object, got list"),
+    "recalibration record without its scans": (lambda h, t: (recalibration()(h, t), h["recalibration"].pop("scans")),
+                                               r"section 'recalibration' lacks 'scans'"),
+    "recalibration parent's checksum as a number": (recalibration(parent={"name": "base", "sha256": 5}),
+                                                    r"recalibration\.parent\.sha256 must be text or null, got 5"),
+    "recalibration original without a name": (recalibration(original={"file": "base.cevae"}),
+                                              r"recalibration\.original\.name must be text, got None"),
+    "recalibration date as a number": (recalibration(calibrated_utc=2025),
+                                       r"recalibration\.calibrated_utc must be text, got 2025"),
+    "recalibration scans empty": (recalibration(scans=[]), r"recalibration\.scans must be a non-empty list"),
+    "recalibration scan checksum as a list": (recalibration(scans=[{"name": "h1", "sha256": [1]}]),
+                                              r"recalibration\.scans\[0\]\.sha256 must be text, got \[1\]"),
+    "recalibration unknown score type": (
+        recalibration(options={"score_options": {"score_type": "entropy"}, "postprocess": {}, "default_fpr": 0.001,
+                               "amp": False}),
+        r"recalibration\.options\.score_options\.score_type must be one of combi, rec, grad, got 'entropy'"),
+    "recalibration unknown option": (
+        recalibration(options={"score_options": {}, "postprocess": {"dilate_mm": 2}, "default_fpr": 0.001,
+                               "amp": False}),
+        r"section 'recalibration\.options\.postprocess' has unknown key\(s\) 'dilate_mm'"),
+    "recalibration default rate 2": (
+        recalibration(options={"score_options": {}, "postprocess": {}, "default_fpr": 2, "amp": False}),
+        r"recalibration\.options\.default_fpr must be a finite number in \[1e-06, 0.5\]"),
+    "recalibration mixed precision as text": (
+        recalibration(options={"score_options": {}, "postprocess": {}, "default_fpr": 0.001, "amp": "no"}),
+        r"recalibration\.options\.amp must be true or false, got 'no'"),
     # refused before the tensors are compared with it (they would not match here)
     "a network of 10.8 billion multiply-adds per slice": (
         lambda h, t: (h["model"].update(input_size=128, channels=[128, 512, 2048], z_dim=1),
@@ -250,6 +287,13 @@ def test_a_number_of_5000_digits_is_refused_in_one_line(where, calibrated, head,
     rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
     assert rc == 2 and len(lines) == 1 and "Exceeds the limit (4300 digits)" in lines[0], lines
     assert ("is not valid JSON" if where == "model header" else "unreadable header") in lines[0], lines
+
+
+def test_a_valid_recalibration_record_is_accepted(calibrated, head, tmp_path, capsys):
+    rewrite(calibrated, recalibration())
+    image, mask = head
+    assert main(["detect", str(image), "--mask", str(mask), "--model", str(calibrated),
+                 "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu"]) == 0, capsys.readouterr().err
 
 
 def test_untampered_copy_is_accepted(calibrated, head, tmp_path, capsys):

@@ -47,13 +47,14 @@ def _number(where: str, value: Any, low: float, high: float, open_low: bool = Fa
     return float(value)
 
 
-def _section(header: Mapping[str, Any], key: str, known: Sequence[str]) -> Dict[str, Any]:
+def _section(header: Mapping[str, Any], key: str, known: Sequence[str], within: str = "") -> Dict[str, Any]:
+    """The object ``header[key]`` holding no key but ``known`` (``within``: where ``header`` lies, as "a.b.")."""
     section = header.get(key)
     if not isinstance(section, dict):
-        _fail(f"header section '{key}'", f"must be a JSON object, got {type(section).__name__}")
+        _fail(f"header section '{within}{key}'", f"must be a JSON object, got {type(section).__name__}")
     unknown = sorted(set(section) - set(known))  # type: ignore[arg-type]
     if unknown:
-        _fail(f"header section '{key}'", f"has unknown key(s) {', '.join(map(repr, unknown))}")
+        _fail(f"header section '{within}{key}'", f"has unknown key(s) {', '.join(map(repr, unknown))}")
     return section  # type: ignore[return-value]
 
 
@@ -105,6 +106,8 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
         if not isinstance(header.get(key, ""), str):
             _fail(key, f"must be text, got {header.get(key)!r}")
     _check_training(header)
+    if "recalibration" in header:
+        _check_recalibration(header["recalibration"])
     if header.get("weights_dtype", "float32") not in ("float32", "float16"):
         _fail("weights_dtype", f"must be 'float32' or 'float16', got {header.get('weights_dtype')!r}")
 
@@ -133,12 +136,50 @@ def _check_training(header: Mapping[str, Any]) -> None:
             _number(f"{key}.depth_contrast", record["depth_contrast"], -1000, 1000)  # clip_max bounds the scale
 
 
-def _check_options(header: Mapping[str, Any], key: str, cls: type) -> None:
+def _check_recalibration(record: Any) -> None:
+    """A calibrated copy's record of the model it was made from, when, on which scans and with which options
+    (engine/calibrate.py), which ``info`` and detection's record say."""
+    if not isinstance(record, dict):
+        _fail("header section 'recalibration'", f"must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in ("parent", "original", "calibrated_utc", "scans", "options") if k not in record]
+    if missing:
+        _fail("header section 'recalibration'", f"lacks {', '.join(map(repr, missing))}")
+    for key in ("parent", "original"):
+        _texts(f"recalibration.{key}", record[key], ("name",), ("file", "sha256"))
+    if not isinstance(record["calibrated_utc"], str):
+        _fail("recalibration.calibrated_utc", f"must be text, got {record['calibrated_utc']!r}")
+    scans = record["scans"]
+    if not isinstance(scans, list) or not scans:
+        _fail("recalibration.scans", f"must be a non-empty list of scans, got {scans!r}")
+    for i, scan in enumerate(scans):
+        _texts(f"recalibration.scans[{i}]", scan, ("name", "sha256"), ("mask_sha256",))
+    options = _section(record, "options", ("score_options", "postprocess", "default_fpr", "amp"), "recalibration.")
+    for key, cls in (("score_options", ScoreOptions), ("postprocess", PostprocessOptions)):
+        _check_options(options, key, cls, "recalibration.options.")
+    _number("recalibration.options.default_fpr", options.get("default_fpr"), float(FPR_GRID[0]),
+            float(FPR_GRID[-1]))
+    if not isinstance(options.get("amp"), bool):
+        _fail("recalibration.options.amp", f"must be true or false, got {options.get('amp')!r}")
+
+
+def _texts(where: str, value: Any, required: Sequence[str], optional: Sequence[str]) -> None:
+    """Check a JSON object whose keys ``required`` hold text and ``optional`` text or null (or are absent)."""
+    if not isinstance(value, dict):
+        _fail(where, f"must be a JSON object, got {type(value).__name__}")
+    for key in required:
+        if not isinstance(value.get(key), str):
+            _fail(f"{where}.{key}", f"must be text, got {value.get(key)!r}")
+    for key in optional:
+        if value.get(key) is not None and not isinstance(value.get(key), str):
+            _fail(f"{where}.{key}", f"must be text or null, got {value.get(key)!r}")
+
+
+def _check_options(header: Mapping[str, Any], key: str, cls: type, within: str = "") -> None:
     """A section of detection options, each value against its declared range (options.py)."""
-    section = _section(header, key, _names(cls))
+    section = _section(header, key, _names(cls), within)
     for f in fields(cls):
         if f.name in section:
-            _option_value(f, section[f.name], f"{key}.{f.name}")
+            _option_value(f, section[f.name], f"{within}{key}.{f.name}")
 
 
 def _option_value(f: Field, value: Any, where: str) -> None:

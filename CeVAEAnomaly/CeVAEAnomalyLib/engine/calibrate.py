@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from .calibration import (ACQUISITION_FACTOR, calibrate, calibration_key, check_
 from ..io.manifest import Subject, check_subjects
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
+from ..io.checksum import sha256_of
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
 from .detector import Detector
@@ -156,7 +158,8 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                 run: RunOptions = RunOptions()) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
     (``scorers``, ``run``: see :func:`calibrate_model`). Every score type is calibrated; the default score type
-    stays ``combi`` whatever ``opts.score_type`` is.
+    stays ``combi`` whatever ``opts.score_type`` is. The copy is named after ``out`` (its file stem) and records what
+    it was made from, when, on which scans and with which options (:func:`_recalibration_record`).
 
     The bundle's default mode stays the one it had (``opts`` with the old default's test-time steps) and is
     always calibrated; ``opts.test_time_steps`` other than that (a thorough mode) is calibrated beside it,
@@ -183,12 +186,12 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     rate = old.default_fpr if default_fpr is None else float(default_fpr)
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
     scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)
-    header = replace(old, score_options=default, postprocess=post,
-                     calibration=calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
-                                                 test_time_steps=[opts.test_time_steps], check_contrast=True,
-                                                 fpr=rate),
+    calibration = calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
+                                  test_time_steps=[opts.test_time_steps], check_contrast=True, fpr=rate)
+    header = replace(old, name=Path(out).stem, score_options=default, postprocess=post, calibration=calibration,
                      default_fpr=rate,
-                     extra=dict(old.extra, calibration_subjects=[s.name for s in subjects]))
+                     extra=dict(old.extra, calibration_subjects=[s.name for s in subjects],
+                                recalibration=_recalibration_record(bundle, subjects, opts, post, rate, run)))
     try:  # a model whose own rate gets no threshold could not detect with its defaults
         header.threshold(default, post, ThresholdPolicy())
     except CeVAEError as exc:
@@ -197,3 +200,27 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     path = save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")
     report(progress, 1.0, "Calibrated model written")
     return path
+
+
+def _recalibration_record(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions, post: PostprocessOptions,
+                         rate: float, run: RunOptions) -> Dict[str, Any]:
+    """The ``recalibration`` section of the header of ``bundle`` calibrated on ``subjects``: the model it was made
+    from (``parent``: name, file name, sha256), the first model of a chain of recalibrations (``original``: the parent
+    unless it is a calibrated copy itself), when (UTC), on which scans (name, sha256 of the image and of its mask; None
+    where the mask was computed) and with which options (``opts`` and ``post`` as asked, the default rate, mixed
+    precision)."""
+    parent = {"name": bundle.header.name, "file": bundle.path.name, "sha256": bundle.sha256}
+    earlier = bundle.header.extra.get("recalibration")
+    original = earlier.get("original") if isinstance(earlier, dict) else None
+    scans = []
+    for s in subjects:  # (hashed after scoring: each was read, so a missing file was refused by name)
+        try:
+            scans.append({"name": s.name, "sha256": sha256_of(s.image),
+                          "mask_sha256": None if s.mask is None else sha256_of(s.mask)})
+        except OSError as exc:
+            raise CeVAEError(f"{s.image}: the scan or its mask cannot be read again ({exc}); the calibrated model "
+                             "was not written.") from None
+    return {"parent": parent, "original": original if isinstance(original, dict) else parent,
+            "calibrated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "scans": scans,
+            "options": {"score_options": opts.to_dict(), "postprocess": post.to_dict(), "default_fpr": rate,
+                        "amp": run.amp}}

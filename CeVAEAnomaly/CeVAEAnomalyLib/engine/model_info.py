@@ -1,6 +1,7 @@
 """What a model bundle is, from its header (its weights only checked against it; no torch): what it was trained on,
-whether it was adapted to a site and from which model, on how many healthy scans of which acquisitions its threshold is
-calibrated, and its thresholds. :func:`model_info` gathers the facts (``cevae-anomaly info --json``), :func:`describe_model` says them
+whether it was adapted to a site and from which model, whether it is a calibrated copy of another model (which, when, on
+which scans), on how many healthy scans of which acquisitions its threshold is calibrated, and its thresholds.
+:func:`model_info` gathers the facts (``cevae-anomaly info --json``), :func:`describe_model` says them
 (``cevae-anomaly info``) and :func:`model_headline` in one line (the Slicer panel's model details)."""
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
             "volumes": _volumes(training.get("subjects")), "held_out": _volumes(training.get("validation_subjects")),
             **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "orientations", "seconds")}},
         "adaptation": _adaptation(adaptation) if isinstance(adaptation, dict) else None,
+        "recalibration": header.extra.get("recalibration"),  # (read_header checked it: engine/bundle_checks.py)
         "calibration": _calibration(header),
         "score_options": header.score_options.to_dict(), "postprocess": header.postprocess.to_dict(),
     }
@@ -158,6 +160,7 @@ def describe_model(info: Mapping[str, Any]) -> str:
         lines.append("Trained on: not recorded.")
     if adaptation is None:
         lines.append("Adapted: no (not fine-tuned to a site).")
+    lines += _recalibration_lines(info["recalibration"])
     score, post = info["score_options"], info["postprocess"]
     lines += _calibration_lines(calibration, score["score_type"])
     lines.append(f"Default scoring: {score['score_type']}, slices {score['orientations'].replace(',', ', ')}"
@@ -201,7 +204,41 @@ def model_headline(info: Mapping[str, Any]) -> str:
     bundled = info["bundled"]
     which = (", the bundled default model" if bundled["file"] else
              " with the bundled default model's weights" if bundled["weights"] else "")
+    record = info["recalibration"]
+    if record is not None:
+        parent, original = record["parent"], record["original"]
+        first = f" (originally {_model(original)})" if original != parent else ""
+        which = f", recalibrated from {_model(parent)}{first}{',' if which else ''}{which}"
     return f"{info['name'] or Path(info['file']).stem} ({info['modality']}){which}: {origin}; {calibrated}."
+
+
+def _recalibration_lines(record: Optional[Mapping[str, Any]]) -> List[str]:
+    """What the text says of the model a calibrated copy was made from, when, on which scans, with which options."""
+    if record is None:
+        return []
+    parent, original, options = record["parent"], record["original"], record["options"]
+    scans = record["scans"]
+    asked = [f"default rate {options['default_fpr']:g}"] + (["mixed precision"] if options["amp"] else [])
+    steps = options["score_options"].get("test_time_steps")
+    asked += [f"thorough mode of {steps} test-time steps calibrated too"] if steps else []
+    lines = [f"Recalibrated from: {_reference(parent)} on {record['calibrated_utc']}, on "
+             f"{_count(len(scans), 'healthy scan')} ({_names(scans)}; their sha256 and their masks' in --json): "
+             f"{', '.join(asked)}."]
+    if original != parent:
+        lines.append(f"Originally: {_reference(original)}, the first model of the chain of recalibrations.")
+    return lines
+
+
+def _model(reference: Mapping[str, Any]) -> str:
+    """A model of a record (name, file, sha256) in a word: its name, else its file's."""
+    return str(reference.get("name") or reference.get("file") or "a model")
+
+
+def _reference(reference: Mapping[str, Any]) -> str:
+    """A model of a record (name, file, sha256) in full."""
+    said = ([str(reference["file"])] if reference.get("file") else []) + (
+        [f"sha256 {reference['sha256']}"] if reference.get("sha256") else [])
+    return _model(reference) + (f" ({', '.join(said)})" if said else "")
 
 
 def _calibration_lines(calibration: Optional[Mapping[str, Any]], score_type: str) -> List[str]:
