@@ -71,6 +71,8 @@ class ModelRecord:
     sha256: Optional[str]  # that file's SHA-256 as it was loaded (None: not loaded from a file)
     calibrated_on: Optional[str]  # the header's "source" of the calibration that gave the threshold (None: an
     # absolute threshold, or a calibration that does not say)
+    recalibrated_from: Optional[Dict[str, Optional[str]]] = None  # the model a calibrated copy was made from (name,
+    # file, sha256: engine/calibrate.py); None for a model that is none (or was calibrated before copies recorded it)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,11 @@ class DetectionRecord:
         model = data["model"]
         _holds_fields(model, {f.name for f in fields(ModelRecord)}, "the record's model")
         for name, value in model.items():
-            if not isinstance(value, str) and (value is not None or name in ("name", "modality")):
+            if name == "recalibrated_from":
+                if value is not None and not (isinstance(value, dict) and set(value) == {"name", "file", "sha256"}
+                                              and all(v is None or isinstance(v, str) for v in value.values())):
+                    raise ValueError(f"the record's model {name} {value!r} is not a model's name, file and sha256")
+            elif not isinstance(value, str) and (value is not None or name in ("name", "modality")):
                 raise ValueError(f"the record's model {name} {value!r} is not text")
         for name in ("tool", "version", "threshold_source", "device", "created_utc"):
             if not isinstance(data[name], str):

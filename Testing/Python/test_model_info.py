@@ -66,7 +66,10 @@ def test_detection_says_how_many_healthy_scans_its_threshold_was_calibrated_on(s
                      "--device", "cpu"]) == 0
     said = "calibrated on healthy volumes given to calibrate (2 scans), healthy false-positive rate 0.00021774"
     assert said in caplog.text
-    assert json.loads(record.read_text())["threshold_source"].startswith(said)
+    written = json.loads(record.read_text())
+    assert written["threshold_source"].startswith(said)
+    bundled = {"name": "cevae_t1_default", "file": default_model_path().name, "sha256": sha256_of(default_model_path())}
+    assert (written["model"]["name"], written["model"]["recalibrated_from"]) == ("site", bundled)
 
     slicer = pytest.importorskip("slicer")
     from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
@@ -75,7 +78,8 @@ def test_detection_says_how_many_healthy_scans_its_threshold_was_calibrated_on(s
     volume = add_volume(scene, sitk.ReadImage(str(robex)), "robex")
     mask = add_volume(scene, sitk.ReadImage(str(robex.with_name("robex_mask.nii.gz"))), "mask",
                       "vtkMRMLLabelMapVolumeNode")
-    assert said in CeVAEAnomalyLogic().process(volume, mask, modelPath=calibrated, device="cpu").summary
+    result = CeVAEAnomalyLogic().process(volume, mask, modelPath=calibrated, device="cpu")
+    assert said in result.summary and result.detection.record.model.recalibrated_from == bundled
 
     bundled = read_header(default_model_path())  # calibrated before tables counted their scans: its list of them
     source = bundled.threshold(bundled.score_options, bundled.postprocess, ThresholdPolicy())[1]

@@ -36,7 +36,8 @@ def small_result() -> DetectionResult:
 def small_record() -> DetectionRecord:
     from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 
-    model = ModelRecord("site", "T1", "/models/site.cevae", "ab" * 32, "site scans: each scored by a fold model")
+    model = ModelRecord("site", "T1", "/models/site.cevae", "ab" * 32, "site scans: each scored by a fold model",
+                        {"name": "base", "file": "base.cevae", "sha256": "cd" * 32})
     return DetectionRecord("cevae-anomaly", "0.1.0", model, 1.5, "absolute", ScoreOptions().to_dict(),
                            PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False,
                            ("scan: The brain mask covers only 5.0 ml", "another"), "2025-01-02T03:04:05Z")
@@ -174,6 +175,8 @@ def test_a_damaged_hand_over_is_refused_in_one_line(tmp_path):
         "record threshold as text": (lambda s: s["record"].update(threshold="1.5"), "record's threshold '1.5'"),
         "model sha256 a number": (lambda s: s["record"]["model"].update(sha256=5), "record's model sha256 5"),
         "model name null": (lambda s: s["record"]["model"].update(name=None), "record's model name None"),
+        "recalibrated from a name": (lambda s: s["record"]["model"].update(recalibrated_from="base"),
+                                     "record's model recalibrated_from 'base' is not a model's name, file and sha256"),
         "warnings as text": (lambda s: s["record"].update(warnings="none"), "record's warnings are not a list"),
         "amp as text": (lambda s: s["record"].update(amp="no"), "record's amp 'no'"),
         "an unknown option": (lambda s: s["record"]["score_options"].update(speed=1),

@@ -95,7 +95,8 @@ class Detector:
                         "model on more healthy scans.", thin)
         self.model_record = ModelRecord(bundle.header.name, bundle.header.modality,
                                         None if bundle.sha256 is None else os.path.abspath(bundle.path),
-                                        bundle.sha256, bundle.header.calibrated_on(self.score, self.post, policy))
+                                        bundle.sha256, bundle.header.calibrated_on(self.score, self.post, policy),
+                                        bundle.header.recalibrated_from())
 
     @classmethod
     def from_request(cls, bundle: Bundle, request: Union[DetectionRequest, Mapping[str, Any], None] = None,

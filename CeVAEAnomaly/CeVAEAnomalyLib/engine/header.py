@@ -92,6 +92,13 @@ class BundleHeader:
         trained = {r.get("sha256") for r in training.get("subjects") or () if isinstance(r, dict)}
         return [c for c in checksums if c in trained]
 
+    def recalibrated_from(self) -> Optional[Dict[str, Optional[str]]]:
+        """The model this one is a calibrated copy of: its name, file name and sha256 (the ``recalibration`` record of
+        engine/calibrate.py); None where it is none, or was calibrated before copies recorded it."""
+        record = self.extra.get("recalibration")
+        parent = record.get("parent") if isinstance(record, dict) else None
+        return {k: parent.get(k) for k in ("name", "file", "sha256")} if isinstance(parent, dict) else None
+
     def is_calibrated(self, score: ScoreOptions, post: PostprocessOptions) -> bool:
         """Whether the model holds a threshold calibration for this scoring and post-processing."""
         try:
