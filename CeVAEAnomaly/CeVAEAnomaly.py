@@ -48,7 +48,7 @@ from CeVAEAnomalyLib.slicer.settings import (
     ModelSettings,
 )
 from CeVAEAnomalyLib.slicer.widget_state import (ADAPT, CALIBRATE, DETECT, Action, Phase, WidgetState,
-                                                  progress_format)
+                                                  progress_format, with_warnings)
 
 __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "CeVAEAnomalyTest",
            "CeVAEAnomalyWidget"]
@@ -759,6 +759,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finished = job.poll()
         self.ui.progressBar.value = int(round(100 * job.fraction))
         self.ui.progressBar.format = progress_format(job.message)
+        if job.warnings:  # as they come: an adaptation's come before its first step, while stopping costs nothing
+            self.ui.statusLabel.text = with_warnings("", job.warnings)
         if not finished:
             return
         self._timer.stop()
@@ -796,6 +798,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             "choose it as the model to use it.").format(path=job.request["out"])
             elif job.request.get("task") == ADAPT:  # its checkpoints stay, to resume from
                 message = " ".join((message, adaptation_stopped(job.request)))
+            message = with_warnings(message, job.warnings)  # those shown while it ran (perhaps why it was stopped)
         self.state.finished()
         self.ui.statusLabel.text = message
 
@@ -903,8 +906,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
         self._rememberModel()
-        self.ui.statusLabel.text = " ".join([message.format(path=path), *([said] if said else []),
-                                             *(_("Warning: {text}").format(text=w) for w in job.warnings)])
+        self.ui.statusLabel.text = with_warnings(" ".join([message.format(path=path), *([said] if said else [])]),
+                                                 job.warnings)
 
     def _storedResult(self):
         from CeVAEAnomalyLib.slicer.nodes import stored_result

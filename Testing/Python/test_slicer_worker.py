@@ -1328,3 +1328,43 @@ def test_a_job_folder_naming_a_process_id_no_process_can_have_does_not_stop_the_
                                                              owner_machine=machine_tag())))
     assert remove_abandoned_job_folders(tmp_path) == 3  # no process has such an id: nobody will remove them
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_workers_warnings_reach_the_panel_while_it_runs_each_once(tmp_path):
+    """The panel showed the worker's warnings only once the job had ended: an adaptation's warning that its scans are
+    of different acquisitions (stop now) came after minutes of fine-tuning. The job takes them as they come, each once
+    (one said for several scans, or by the worker and again at the end), and the panel's timer shows them at once,
+    then in the end summary after its own words."""
+    import ast
+    import os
+
+    from CeVAEAnomalyLib.slicer.widget_state import with_warnings
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    go_on = tmp_path / "go on"
+    script = tmp_path / "worker"
+    script.write_text("#!/bin/sh\necho 'WARNING: mixed acquisitions'\necho 'WARNING: mixed acquisitions'\n"
+                      "echo 'WARNING: a CPU'\necho '{\"progress\": 0.1, \"message\": \"Fine-tuning 1/3\"}'\n"
+                      f"while [ ! -e '{go_on}' ]; do sleep 0.05; done\necho 'WARNING: a CPU'\n"
+                      "echo '{\"done\": {}}'\n")
+    script.chmod(0o755)
+    job = WorkerJob({"task": "adapt"}, tmp_path, python=str(script))
+    deadline = time.monotonic() + 30
+    while job.message != "Fine-tuning 1/3":
+        assert not job.poll() and time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not job.finished and job.warnings == ["mixed acquisitions", "a CPU"]
+    assert with_warnings("", job.warnings) == "Warning: mixed acquisitions Warning: a CPU"
+    go_on.touch()
+    run_to_end(job, timeout=30)
+    assert job.state is JobState.DONE and job.warnings == ["mixed acquisitions", "a CPU"]
+    assert with_warnings("Saved.", [*job.warnings, "a CPU"]) == "Saved. Warning: mixed acquisitions Warning: a CPU"
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    poll = methods["_onPoll"]
+    shown = poll.index("self.ui.statusLabel.text = with_warnings('', job.warnings)")
+    assert shown < poll.index("if not finished:")  # while it runs, not only at its end
+    assert "with_warnings(message, job.warnings)" in methods["_stopJob"]
+    assert "job.warnings)" in methods["_useNewModel"] and "with_warnings(" in methods["_useNewModel"]

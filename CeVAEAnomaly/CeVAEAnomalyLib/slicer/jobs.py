@@ -138,7 +138,7 @@ class WorkerJob:
         self.done: Optional[Dict[str, Any]] = None
         self.error: Optional[str] = None
         self.output: List[str] = []  # lines that were not protocol messages (warnings, tracebacks)
-        self.warnings: List[str] = []  # the worker's logged warnings (also in output), for the user to see
+        self.warnings: List[str] = []  # the worker's logged warnings (also in output), each once, as they arrive
         self._cancelled = False
         self._output_before = _file_stamp(request.get("out"))
         request_path = self.folder / "request.json"
@@ -220,8 +220,10 @@ class WorkerJob:
         if not isinstance(message, dict):
             self.output.append(line)
             if line.startswith(WARNING_PREFIX):  # the worker logs "LEVEL: message"
-                self.warnings.append(self._named(line[len(WARNING_PREFIX):]))
-                log.warning("CeVAEAnomaly worker: %s", self.warnings[-1])
+                warning = self._named(line[len(WARNING_PREFIX):])
+                if warning not in self.warnings:  # (one said for each of several scans is shown once)
+                    self.warnings.append(warning)
+                    log.warning("CeVAEAnomaly worker: %s", warning)
             else:
                 log.info("CeVAEAnomaly worker: %s", line)
         elif "progress" in message:

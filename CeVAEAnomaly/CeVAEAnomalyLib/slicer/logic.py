@@ -102,8 +102,10 @@ class CeVAEAnomalyResult:
 
     @property
     def message(self) -> str:
-        """What the panel's status line shows: the summary, then each warning of the run."""
-        return " ".join([self.summary, *(f"Warning: {w}" for w in self.warnings)])
+        """What the panel's status line shows: the summary, then each warning of the run once."""
+        from .widget_state import with_warnings
+
+        return with_warnings(self.summary, self.warnings)
 
     def __repr__(self) -> str:  # at the console: one line, not every slice row of the detection
         return f"<CeVAEAnomalyResult of '{self.volume.GetName()}': {self.summary}>"
@@ -322,7 +324,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             if volumeNode.GetScene() is not None:  # (a removed input is refused by publish)
                 _refuseChanged(volumeNode, state)  # a progress callback that runs the GUI lets the user change it
             result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode)
-        result = dataclasses.replace(result, warnings=tuple(warnings))
+        result = dataclasses.replace(result, warnings=tuple(dict.fromkeys(warnings)))
         try:
             report(progress, 1.0, "Done")
         except Cancelled:  # too late to cancel: the results are in the scene, whole
@@ -425,7 +427,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             with _warningsLogged() as warnings:
                 result = self.publish(target.volume, load_result(job.folder), outputs, target.createLabelmap,
                                       target.show3D, target.mask, new_nodes)
-            return dataclasses.replace(result, warnings=(*job.warnings, *warnings))
+            return dataclasses.replace(result, warnings=tuple(dict.fromkeys((*job.warnings, *warnings))))
         finally:
             job.cleanup()
 

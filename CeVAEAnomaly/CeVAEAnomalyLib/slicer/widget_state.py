@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 DETECT = "detect"
 CALIBRATE = "calibrate"
@@ -235,6 +235,13 @@ def progress_format(message: str) -> str:
     and "%m" anywhere in its format (with no escape), so a "%" of the message (a path, "50% done") is shown as
     the full-width sign, which Qt leaves alone."""
     return message.replace("%", "\uff05") + ": %p%"
+
+
+def with_warnings(text: str, warnings: Sequence[str]) -> str:
+    """The status line: ``text`` (may be empty), then each of ``warnings`` once, led by "Warning: ". While a run goes
+    on it shows the worker's warnings as they come (an adaptation's, such as scans of different acquisitions, come
+    before its first step, when stopping costs nothing); its end repeats them after its own words."""
+    return " ".join([*([text] if text else []), *(f"Warning: {w}" for w in dict.fromkeys(warnings))])
 
 
 def _check(task: str) -> str:
