@@ -1368,3 +1368,33 @@ def test_the_workers_warnings_reach_the_panel_while_it_runs_each_once(tmp_path):
     assert shown < poll.index("if not finished:")  # while it runs, not only at its end
     assert "with_warnings(message, job.warnings)" in methods["_stopJob"]
     assert "job.warnings)" in methods["_useNewModel"] and "with_warnings(" in methods["_useNewModel"]
+
+
+def test_an_adaptation_of_mixed_acquisitions_warns_before_its_first_step_in_the_panels_words(tiny_bundle, tmp_path):
+    """The warning that the site scans are of different acquisitions comes before the first fine-tuning step, while
+    the job runs, and names the nodes; in the panel it said "stop now (Ctrl-C)", which does nothing there."""
+    scene, volumes, masks = _site_scene()
+
+    def thick(node, class_name):
+        image = mrml.image_from_volume(node)
+        spacing = (2.0, 2.0, 5.0)
+        size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+        linear = class_name == "vtkMRMLScalarVolumeNode"
+        out = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear if linear else sitk.sitkNearestNeighbor,
+                            image.GetOrigin(), spacing, image.GetDirection(), 0, image.GetPixelID())
+        return add_volume(scene, out, f"{node.GetName()} thick", class_name)
+
+    volumes[1], masks[1] = thick(volumes[1], "vtkMRMLScalarVolumeNode"), thick(masks[1], "vtkMRMLLabelMapVolumeNode")
+    job = CeVAEAnomalyLogic().startAdaptation(volumes, masks, tmp_path / "scanner.cevae", modelPath=tiny_bundle,
+                                              device="cpu", options=QUICK_ADAPT)
+    deadline = time.monotonic() + 300
+    try:
+        while not job.message.startswith("Fine-tuning"):
+            assert not job.poll(), job.error
+            assert time.monotonic() < deadline, "the adaptation did not start fine-tuning"
+            time.sleep(0.02)
+    finally:
+        job.cancel()
+    mixed = [w for w in job.warnings if "different acquisitions" in w]
+    assert len(mixed) == 1 and "'site b thick' has voxels up to 5 mm, 'site a' 2 mm" in mixed[0], job.warnings
+    assert "stop now (press Cancel) and adapt one model per acquisition" in mixed[0] and "Ctrl-C" not in mixed[0]

@@ -57,6 +57,7 @@ LOG_FORMAT = "%(levelname)s: %(message)s"  # its warnings start with jobs.WARNIN
 EXIT_ABANDONED = 3
 ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
 PANEL_CPU_CHOICE = "choose CPU or Automatic in the Device selector"  # (engine.devices.DeviceUnavailable)
+PANEL_STOP = "press Cancel"  # how the panel's user stops a run (training.adapt's warnings say it)
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":
@@ -130,7 +131,8 @@ def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any
     options = adapt_options(task.get("options") or {}, device=task.get("device", "auto"),
                             overwrite=bool(task.get("overwrite")))
     try:
-        path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress)
+        path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress,
+                     how_to_stop=PANEL_STOP)
     except DeviceUnavailable as exc:  # said in the panel's words, not the command line's
         raise exc.offering(PANEL_CPU_CHOICE) from None
     return {"model": str(path), "subjects": len(subjects)}

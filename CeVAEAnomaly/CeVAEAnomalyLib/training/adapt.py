@@ -19,7 +19,7 @@ import numpy as np
 
 from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibrate import WRITE_SHARE
-from ..engine.calibration import ACQUISITION_FACTOR, calibrated_test_time_steps
+from ..engine.calibration import calibrated_test_time_steps
 from ..engine.devices import resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
@@ -31,8 +31,9 @@ from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..options import ScoreOptions, option_field
 from ..progress import ProgressCallback, checked, labelled, report, scaled
-from .adapt_plan import (TIMED_STEPS, AdaptOptions, Pace, calibration_left, calibration_seconds, describe_estimate,
-                         fine_tuning_left, fold_files, fold_plan, output_paths, run_files, run_names, training_seconds)
+from .adapt_plan import (MIN_SCANS, TIMED_STEPS, AdaptOptions, Pace, calibration_left, calibration_seconds,
+                         describe_estimate, fine_tuning_left, fold_files, fold_plan, mixed_acquisitions, output_paths,
+                         run_files, run_names, training_seconds)
 from .cache import SliceCache, temporary_cache
 from .config import TrainConfig, recorded_augment
 from .data import person_groups, unique_subjects, voxel_checksums
@@ -46,11 +47,13 @@ PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated shar
 
 
 def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOptions = AdaptOptions(),
-          progress: Optional[ProgressCallback] = None, inputs: Sequence[Optional[Path]] = ()) -> Path:
+          progress: Optional[ProgressCallback] = None, inputs: Sequence[Optional[Path]] = (),
+          how_to_stop: str = "Ctrl-C") -> Path:
     """Fine-tune the bundle ``base`` on the healthy ``subjects`` of a site and write the calibrated bundle ``out``.
 
     ``inputs``: other files the caller read (a manifest), which no output may replace. ``progress``
     may raise :class:`~..progress.Cancelled`; the checkpoints written so far are kept for ``resume``.
+    ``how_to_stop``: how the caller's user stops the run, for a warning that advises stopping (Slicer: "Cancel").
     """
     options.validate()
     checked(progress)
@@ -79,7 +82,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     note = unknown_persons_note(subjects)
     if note:
         log.info("%s", note)
-    _warn_of_mixed_acquisitions(subjects)
+    _warn_of_mixed_acquisitions(subjects, how_to_stop)
     modes = _adaptable_modes(calibrated_test_time_steps(header.calibration), base)  # the parent's, calibrated again
     thorough = len([steps for steps in modes if steps > 0])
     device = resolve_device(options.device, strict=True)  # what the runs use: a missing GPU is refused before any run
@@ -266,19 +269,15 @@ def _contrast(subject: Subject, slices: Path) -> float:
                          "mask.") from None
 
 
-def _warn_of_mixed_acquisitions(subjects: Sequence[Subject]) -> None:
+def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], how_to_stop: str) -> None:
     """Warn before any run when the site scans' largest voxel sides (from their headers; a series folder is left out)
-    lie more than ACQUISITION_FACTOR apart: the calibration then pools them (and warns again), which was said only
-    once the fine-tuning was done."""
-    sides = {s.image: max(grid[1][:3]) for s in subjects for grid in [header_grid(s.image)] if grid is not None}
-    if not sides or max(sides.values()) <= min(sides.values()) * ACQUISITION_FACTOR:
-        return
-    thick, thin = max(sides, key=sides.__getitem__), min(sides, key=sides.__getitem__)
-    log.warning("The site scans are of different acquisitions: %s has voxels up to %.3g mm, %s %.3g mm (more than %g "
-                "times apart). The adapted model's calibration pools them, so its threshold follows the finer scans "
-                "and its rate on the coarser ones is not known. With healthy scans of 2 persons in each acquisition, "
-                "stop now (Ctrl-C) and adapt one model per acquisition.", thick, sides[thick], thin, sides[thin],
-                ACQUISITION_FACTOR)
+    lie more than ACQUISITION_FACTOR apart (:func:`~.adapt_plan.mixed_acquisitions`): the calibration then pools them
+    (and warns again), which was said only once the fine-tuning was done."""
+    sides = {str(s.image): max(grid[1][:3]) for s in subjects for grid in [header_grid(s.image)] if grid is not None}
+    mixed = mixed_acquisitions(sides)
+    if mixed:
+        log.warning("%s With healthy scans of %d persons in each acquisition, stop now (%s) and adapt one model per "
+                    "acquisition.", mixed, MIN_SCANS, how_to_stop)
 
 
 def _refuse_input(path: Path, read: Inputs) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
+from ..engine.calibration import ACQUISITION_FACTOR
 from ..errors import CeVAEError
 from ..options import plain_number
 from .config import SettingError, TrainConfig
@@ -129,6 +130,18 @@ def training_seconds(n_scans: int, options: AdaptOptions = AdaptOptions(), steps
 def calibration_seconds(n_scans: int, seconds_per_scan: float = SECONDS_PER_SCAN_CPU, thorough_modes: int = 0) -> float:
     """Preparing and calibrating's part of :func:`estimate_seconds`."""
     return n_scans * (seconds_per_scan + thorough_modes * THOROUGH_SECONDS_PER_SCAN_CPU)
+
+
+def mixed_acquisitions(sides: Mapping[str, float]) -> Optional[str]:
+    """What to say when the site scans' largest voxel sides (mm, by the name each scan is called) lie more than
+    ACQUISITION_FACTOR apart, as calibrating does (the adapted model's calibration pools them); None when they do not.
+    The adaptation says it before its first step, the panel before Adapt is pressed; each adds what to do."""
+    if not sides or max(sides.values()) <= min(sides.values()) * ACQUISITION_FACTOR:
+        return None
+    thick, thin = max(sides, key=sides.__getitem__), min(sides, key=sides.__getitem__)
+    return (f"The site scans are of different acquisitions: {thick} has voxels up to {sides[thick]:.3g} mm, {thin} "
+            f"{sides[thin]:.3g} mm (more than {ACQUISITION_FACTOR:g} times apart). The adapted model's calibration "
+            "pools them, so its threshold follows the finer scans and its rate on the coarser ones is not known.")
 
 
 def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOptions(),
