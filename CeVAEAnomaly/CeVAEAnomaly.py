@@ -701,7 +701,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             names=[volume.GetName() for volume in volumes],
                             note=adapt_override_note(p, self._modelSettings()),
                             warning=examined_as_healthy(p.inputVolume, volumes, ADAPT),
-                            device_name=deviceNames().get(p.device, ""))
+                            device_name=deviceNames().get(p.device, ""),
+                            spacings=[volume.GetSpacing() for volume in volumes])
 
     def _startAdaptation(self):
         from CeVAEAnomalyLib.slicer.adapt_panel import model_output

@@ -314,3 +314,44 @@ def test_the_panel_counts_the_persons_of_its_volumes_as_the_adaptation_does():
                   for n, name in enumerate(chosen)]
         assert persons_scanned([node_person(name) for name in chosen]) == len(person_groups(copies)), chosen
     assert persons_scanned([node_person(name) for name in names]) == 6
+
+
+def test_volumes_of_different_acquisitions_are_warned_of_before_adapt_is_pressed(tmp_path):
+    """The Adapt section said nothing of chosen volumes of different acquisitions: the run warned only after it had
+    started (in Slicer, after it had ended). It now says so beside the estimate, by the adaptation's own rule and factor
+    (engine.calibration.ACQUISITION_FACTOR on the largest voxel side), ready all the same: a warning, not a refusal."""
+    import ast
+    from pathlib import Path
+
+    import pytest
+
+    slicer = pytest.importorskip("slicer")
+    from conftest import add_volume, make_head
+
+    from CeVAEAnomalyLib.engine.calibration import ACQUISITION_FACTOR
+    from CeVAEAnomalyLib.training.adapt_plan import mixed_acquisitions
+
+    scene = slicer.vtkMRMLScene()
+    volumes = [add_volume(scene, make_head(seed=s)[0], f"sub-0{s}_T1w") for s in (1, 2, 3)]
+    for volume in volumes[:2]:
+        volume.SetSpacing(1.0, 1.0, 1.0)
+    volumes[2].SetSpacing(1.0, 1.0, 1.0 * ACQUISITION_FACTOR)  # at the factor: alike
+    out = str(tmp_path / "scanner.cevae")
+
+    def choice(nodes):
+        return adapt_choice(len(nodes), out, None, "cpu", names=[v.GetName() for v in nodes],
+                            spacings=[v.GetSpacing() for v in nodes])
+
+    assert choice(volumes).message == describe_estimate(3, "cpu")
+    volumes[2].SetSpacing(1.0, 1.0, 1.6)
+    mixed = choice(volumes)
+    assert mixed.ready and mixed.message.endswith(describe_estimate(3, "cpu"))
+    said = mixed_acquisitions({"'sub-01_T1w'": 1.0, "'sub-03_T1w'": 1.6})
+    assert said.startswith("The site scans are of different acquisitions: 'sub-03_T1w' has voxels up to 1.6 mm, "
+                           "'sub-01_T1w' 1 mm (more than 1.5 times apart).")
+    assert mixed.message.startswith(said + " With healthy scans of 2 persons in each acquisition, check only one "
+                                           "acquisition's volumes and adapt one model per acquisition. ")
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "spacings=[volume.GetSpacing() for volume in volumes]" in methods["_adaptChoice"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..engine.header import BUNDLE_SUFFIX
 from ..io.manifest import bids_person, scan_group
 from ..io.targets import Inputs
-from ..training.adapt_plan import MIN_SCANS, AdaptOptions, describe_estimate, earlier_outputs, resumable
+from ..training.adapt_plan import (MIN_SCANS, AdaptOptions, describe_estimate, earlier_outputs, mixed_acquisitions,
+                                   resumable)
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,27 @@ def calibrate_problem(volumes: int, output: str, model: Optional[Path]) -> Optio
 
 def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
                  options: AdaptOptions = AdaptOptions(), names: Sequence[str] = (), note: str = "",
-                 warning: str = "", device_name: str = "") -> AdaptChoice:
+                 warning: str = "", device_name: str = "", spacings: Sequence[Sequence[float]] = ()) -> AdaptChoice:
     """The section's state for ``volumes`` chosen healthy volumes (``names``: their node names, which may say who
     was scanned, as a BIDS name's ``sub-<label>``), the output path typed and the current model; ``note``: said
     after the estimate when ready (settings.adapt_override_note); ``warning``: said first, ready or not
-    (:func:`examined_as_healthy`); ``device_name``: the Device selector's name of ``device``."""
+    (:func:`examined_as_healthy`), then :func:`mixed_acquisitions_warning` of the volumes' voxel ``spacings`` (mm, one
+    per name); ``device_name``: the Device selector's name of ``device``."""
     choice = _adapt_choice(volumes, output, model, device, options, names, note, device_name)
-    return replace(choice, message=f"{warning} {choice.message}") if warning else choice
+    said = [text for text in (warning, mixed_acquisitions_warning(names, spacings)) if text]
+    return replace(choice, message=" ".join([*said, choice.message])) if said else choice
+
+
+def mixed_acquisitions_warning(names: Sequence[str], spacings: Sequence[Sequence[float]]) -> str:
+    """What to say before Adapt is pressed when the chosen volumes (node ``names``, voxel ``spacings`` in mm) are of
+    different acquisitions, by the rule the adaptation warns by (adapt_plan.mixed_acquisitions); "" otherwise."""
+    sides: Dict[str, float] = {}
+    for n, (name, spacing) in enumerate(zip(names, spacings), 1):
+        key = f"'{name}'" if f"'{name}'" not in sides else f"'{name}' (volume {n})"  # two nodes of one name
+        sides[key] = max(spacing)
+    mixed = mixed_acquisitions(sides)
+    return (f"{mixed} With healthy scans of {MIN_SCANS} persons in each acquisition, check only one acquisition's "
+            "volumes and adapt one model per acquisition." if mixed else "")
 
 
 def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str, options: AdaptOptions,
