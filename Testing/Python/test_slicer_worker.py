@@ -1398,3 +1398,32 @@ def test_an_adaptation_of_mixed_acquisitions_warns_before_its_first_step_in_the_
     mixed = [w for w in job.warnings if "different acquisitions" in w]
     assert len(mixed) == 1 and "'site b thick' has voxels up to 5 mm, 'site a' 2 mm" in mixed[0], job.warnings
     assert "stop now (press Cancel) and adapt one model per acquisition" in mixed[0] and "Ctrl-C" not in mixed[0]
+
+
+def two_grids():
+    """Scans A and B on different grids (B shifted by a few voxels) and B's brain mask."""
+    scene = slicer.vtkMRMLScene()
+    a = add_volume(scene, make_head(seed=7)[0], "A")
+    image, mask = make_head(seed=8, origin=(-17.0, 12.0, 8.0))
+    return scene, a, add_volume(scene, image, "B"), add_volume(scene, mask, "B mask", "vtkMRMLLabelMapVolumeNode")
+
+
+def test_a_brain_mask_on_another_grid_is_named_in_the_resampling_warning(tiny_bundle):
+    """A mask chosen by hand for A that lies on B's grid: the warning said only "The brain mask is on another grid than
+    the image", not which mask, nor that it lies on another scan's grid. It now names both nodes and that scan, in
+    the worker as in process."""
+    scene, a, b, b_mask = two_grids()
+    said = ("The brain mask 'B mask' (it lies on that of 'B') is on another grid than the input volume 'A'; resampling "
+            "it (nearest neighbour).")
+    logic = CeVAEAnomalyLogic()
+    in_process = logic.process(a, b_mask, modelPath=tiny_bundle, device="cpu")
+    job = logic.startDetection(a, b_mask, modelPath=tiny_bundle, device="cpu")
+    run_to_end(job)
+    assert said in job.warnings  # shown as it comes
+    from_worker = logic.finishDetection(job)
+    for result in (in_process, from_worker):
+        assert said in result.warnings and f"Warning: {said}" in result.message, result.warnings
+        assert not any("than the image" in w for w in result.warnings)
+    scene.RemoveNode(b)  # on no scan's grid: the two nodes are still named
+    assert nodes.mask_words(b_mask, a) == {nodes.ENGINE_RESAMPLED_MASK: "The brain mask 'B mask' is on another grid "
+                                                                        "than the input volume 'A'"}

@@ -308,6 +308,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         """
         self.checkDependencies()  # before anything imports torch
         from ..engine.detector import Detector
+        from .nodes import mask_words
 
         request = DetectionRequest.given(request, **options)
         _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
@@ -324,7 +325,8 @@ class CeVAEAnomalyLogic(_LogicBase):
             if volumeNode.GetScene() is not None:  # (a removed input is refused by publish)
                 _refuseChanged(volumeNode, state)  # a progress callback that runs the GUI lets the user change it
             result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode)
-        result = dataclasses.replace(result, warnings=tuple(dict.fromkeys(warnings)))
+        said = _reworded(warnings, mask_words(maskNode, volumeNode))  # (a mask on another grid: both named)
+        result = dataclasses.replace(result, warnings=tuple(dict.fromkeys(said)))
         try:
             report(progress, 1.0, "Done")
         except Cancelled:  # too late to cancel: the results are in the scene, whole
@@ -373,7 +375,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         process group of its own so that Cancel ends the whole tree), ``python`` is the interpreter
         (Slicer: ``PythonSlicer``).
         """
-        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output
+        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output, mask_words
 
         self.checkDependencies()
         request = DetectionRequest.given(request, **options)
@@ -388,8 +390,8 @@ class CeVAEAnomalyLogic(_LogicBase):
             task = dict(task="detect", image=str(folder / "input.nrrd"),
                         mask=str(folder / "input_mask.nrrd") if mask is not None else None,
                         model=str(modelPath) if modelPath else None, request=request.to_dict(), out_dir=str(folder))
-            job = WorkerJob(task, folder, launch, python, names=_copyNames(folder, "input", volumeNode,
-                                                                           maskNode if mask is not None else None))
+            names = _copyNames(folder, "input", volumeNode, maskNode if mask is not None else None)
+            job = WorkerJob(task, folder, launch, python, names={**names, **mask_words(maskNode, volumeNode)})
         except BaseException:
             _removeFolder(folder)
             raise
@@ -607,6 +609,16 @@ def _warningsLogged() -> Iterator[List[str]]:
         yield messages
     finally:
         library.removeHandler(handler)
+
+
+def _reworded(texts: Sequence[str], words: Mapping[str, str]) -> List[str]:
+    """``texts`` with each key of ``words`` replaced by its value (as WorkerJob names a worker's warnings)."""
+    reworded = []
+    for text in texts:
+        for old, new in words.items():
+            text = text.replace(old, new)
+        reworded.append(text)
+    return reworded
 
 
 def _modelFile(modelPath: Any) -> Optional[Path]:

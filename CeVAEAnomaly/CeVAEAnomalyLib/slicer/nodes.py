@@ -345,6 +345,26 @@ def mask_for_input(volume: slicer.vtkMRMLScalarVolumeNode, current: Optional[sli
     return current if same_grid(current, volume) else None
 
 
+ENGINE_RESAMPLED_MASK = "The brain mask is on another grid than the image"  # engine.preprocess.mask_array's words
+
+
+def mask_words(mask: Optional[slicer.vtkMRMLNode], volume: slicer.vtkMRMLScalarVolumeNode) -> Dict[str, str]:
+    """What the engine's warnings of a brain mask on another grid become for a run on ``volume`` with the mask node
+    ``mask`` (a volume: a segmentation is exported onto the volume's grid): they name both nodes, and the scan on whose
+    grid the mask lies if one in the scene does, so that a mask chosen for the wrong scan is seen as such."""
+    if not isinstance(mask, slicer.vtkMRMLVolumeNode) or mask.GetScene() is None:
+        return {}
+    scene = mask.GetScene()
+    owners = (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
+    owner = next((node for node in owners if node is not volume and node is not mask
+                  and not isinstance(node, slicer.vtkMRMLLabelMapVolumeNode) and not is_module_output(node)
+                  and same_grid(node, mask, transforms=False)), None)
+    lies = f" (it lies on that of '{owner.GetName()}')" if owner is not None else ""
+    return {ENGINE_RESAMPLED_MASK: f"The brain mask '{mask.GetName()}'{lies} is on another grid than the input volume "
+                                   f"'{volume.GetName()}'"}
+
+
 def _used_for_another(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolumeNode) -> bool:
     """Whether a run of an input other than ``volume`` used ``mask`` as its brain mask."""
     scene = mask.GetScene()
