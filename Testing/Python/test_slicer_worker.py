@@ -1427,3 +1427,17 @@ def test_a_brain_mask_on_another_grid_is_named_in_the_resampling_warning(tiny_bu
     scene.RemoveNode(b)  # on no scan's grid: the two nodes are still named
     assert nodes.mask_words(b_mask, a) == {nodes.ENGINE_RESAMPLED_MASK: "The brain mask 'B mask' is on another grid "
                                                                         "than the input volume 'A'"}
+
+
+def test_a_mask_of_another_grid_used_by_hand_is_still_offered_for_its_own_scan(tiny_bundle):
+    """A's run with B's mask (on B's grid, resampled with a warning) recorded it as A's: switching the input to B
+    no longer offered B's own mask. A run that resampled a mask no longer makes it that input's; one on its grid
+    still does (the mask field never carries another scan's mask)."""
+    scene, a, b, b_mask = two_grids()
+    logic = CeVAEAnomalyLogic()
+    logic.process(a, b_mask, modelPath=tiny_bundle, device="cpu")
+    assert nodes.mask_for_input(b, b_mask) is b_mask
+    assert nodes.mask_for_input(a, None) is b_mask  # A's run used it: A's field shows what its run used
+    twin = add_volume(scene, mrml.image_from_volume(b), "B again")  # on B's grid
+    logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu")
+    assert nodes.mask_for_input(twin, b_mask) is None and nodes.mask_for_input(b, None) is b_mask

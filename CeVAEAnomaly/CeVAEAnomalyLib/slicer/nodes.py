@@ -339,10 +339,15 @@ def mask_for_input(volume: slicer.vtkMRMLScalarVolumeNode, current: Optional[sli
     if (current is None or current.GetScene() is not scene or not isinstance(current, PANEL_MASKS)
             or _used_for_another(current, volume)):
         return None
-    if isinstance(current, slicer.vtkMRMLSegmentationNode):
-        drawn_on = current.GetNodeReference(current.GetReferenceImageGeometryReferenceRole())
-        return current if drawn_on is None or same_grid(drawn_on, volume) else None
-    return current if same_grid(current, volume) else None
+    return current if _may_be_mask_of(current, volume) else None
+
+
+def _may_be_mask_of(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolumeNode) -> bool:
+    """Whether ``mask`` can be ``volume``'s brain mask: a volume on its grid, a segmentation drawn on it or on none."""
+    if isinstance(mask, slicer.vtkMRMLSegmentationNode):
+        drawn_on = mask.GetNodeReference(mask.GetReferenceImageGeometryReferenceRole())
+        return drawn_on is None or same_grid(drawn_on, volume)
+    return same_grid(mask, volume)
 
 
 ENGINE_RESAMPLED_MASK = "The brain mask is on another grid than the image"  # engine.preprocess.mask_array's words
@@ -366,13 +371,16 @@ def mask_words(mask: Optional[slicer.vtkMRMLNode], volume: slicer.vtkMRMLScalarV
 
 
 def _used_for_another(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolumeNode) -> bool:
-    """Whether a run of an input other than ``volume`` used ``mask`` as its brain mask."""
+    """Whether a run of an input other than ``volume`` used ``mask`` as that input's own brain mask: a run that
+    resampled a mask of another grid (chosen by hand, and warned of) does not make it that input's."""
     scene = mask.GetScene()
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
         score = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        source = score.GetNodeReference(SOURCE_REFERENCE)
         of_another = score.GetNodeReferenceID(SOURCE_REFERENCE) != volume.GetID()
         if of_another and score.GetAttribute(ROLE_ATTRIBUTE) == SCORE_ROLE \
-                and score.GetNodeReferenceID(MASK_REFERENCE) == mask.GetID():
+                and score.GetNodeReferenceID(MASK_REFERENCE) == mask.GetID() \
+                and (source is None or _may_be_mask_of(mask, source)):
             return True
     return False
 
