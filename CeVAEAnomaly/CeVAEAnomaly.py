@@ -195,6 +195,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelValuesShownFor: Optional[tuple] = None
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
         self._modelStandingIn = ""  # the remembered model out of reach at the start (model_memory.StartModel)
+        self._frameBrowser = None  # the sequence browser that drives the last result's input (observed), if any
+        self._frameNote = ""  # what the status line says of the frame the views show (nodes.frame_note)
+        self._resultMessage = ""  # the last result's summary and warnings, shown again once its frame is
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -276,6 +279,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._interrupt()
+        self._followFrames(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -872,12 +876,34 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.componentTableView.clearSelection()  # the rows are this result's now
         self._hideModuleVolumes()
         self.ui.statusLabel.text = result.message  # the summary and the run's warnings
+        self._resultMessage, self._frameNote = result.message, ""
+        self._followFrames(result.frame.browser if result.frame is not None else None)
         self.state.summary_shown(result.volume.GetID())
         self._pendingDisplay = None
         if self.state.show_result():
             self._display(result.nodes.score, result.volume)
         else:
             self._pendingDisplay = (result.nodes.score, result.volume)
+
+    def _followFrames(self, browser) -> None:
+        """Observe the sequence browser that drives the last result's input (None: none), to say when the views show
+        another frame than the one scored (:meth:`_onFrameChanged`)."""
+        if self._frameBrowser is not None:
+            self.removeObserver(self._frameBrowser, vtk.vtkCommand.ModifiedEvent, self._onFrameChanged)
+        self._frameBrowser = browser
+        if browser is not None:
+            self.addObserver(browser, vtk.vtkCommand.ModifiedEvent, self._onFrameChanged)
+
+    def _onFrameChanged(self, caller=None, event=None) -> None:
+        """The browser moved: the status line says when the heat map lies over another frame than it scored, and
+        shows the result's summary again once the scored frame is back."""
+        from CeVAEAnomalyLib.slicer.nodes import frame_note
+
+        p = self._parameterNode
+        note = frame_note(p.scoreVolume) if p is not None else ""
+        if note != self._frameNote and not self.state.busy:
+            self.ui.statusLabel.text = note or self._resultMessage
+        self._frameNote = note
 
     def _display(self, scoreVolume, volume) -> None:
         """The score overlay in the slice views, which jump to the most anomalous place."""
@@ -931,8 +957,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Before a jump into a result: the slice views show its run's score volume over its input, unless one does
         already. After another scan's run they showed that scan under its heat map, and the jump to this scan's
         finding landed in the other scan's anatomy."""
-        from CeVAEAnomalyLib.slicer.nodes import run_frame, shows_result, source_volume
+        from CeVAEAnomalyLib.slicer.nodes import run_frame, show_scored_frame, shows_result, source_volume
 
+        show_scored_frame(output)  # a sequence's input: the frame the results are of, under them
         volume, score = source_volume(output), run_frame(output)
         if volume is not None and score is not volume and not shows_result(slicer.mrmlScene, score, volume):
             self.logic.showResults(score, volume, self._parameterNode.overlayOpacity)

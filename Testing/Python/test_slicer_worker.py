@@ -1441,3 +1441,62 @@ def test_a_mask_of_another_grid_used_by_hand_is_still_offered_for_its_own_scan(t
     twin = add_volume(scene, mrml.image_from_volume(b), "B again")  # on B's grid
     logic.process(b, b_mask, modelPath=tiny_bundle, device="cpu")
     assert nodes.mask_for_input(twin, b_mask) is None and nodes.mask_for_input(b, None) is b_mask
+
+
+def sequence_scene():
+    """A scene whose scan is the proxy of a three-frame sequence (Sequences module), showing frame 1."""
+    scene = slicer.vtkMRMLScene()
+    sequences = slicer.vtkSlicerSequencesLogic()
+    sequences.SetMRMLScene(scene)
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "cine")
+    for item in range(3):
+        frame = slicer.vtkMRMLScalarVolumeNode()
+        image = make_head(seed=20 + item)[0]
+        mrml.update_volume_from_image(frame, image)
+        sequence.SetDataNodeAtValue(frame, str(item * 2))
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "cine browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    sequences.UpdateProxyNodesFromSequences(browser)
+    return scene, sequences, browser, browser.GetProxyNode(sequence)
+
+
+def test_the_sequence_frame_scored_is_recorded_and_a_view_of_another_frame_is_said(tiny_bundle):
+    """A volume a sequence browser drives: a rerun on another frame updated the same nodes, nothing said which frame
+    was scored, and after browsing the heat map of one frame lay over another. Each output now records the frame
+    (attributes, name, summary); a note says when the browser shows another frame, and a jump brings it back."""
+    scene, sequences, browser, proxy = sequence_scene()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(proxy, modelPath=tiny_bundle, device="cpu")
+    assert "Scored frame 1 of 3 (time = 0 s) of 'cine browser'." in first.summary
+    for node in (first.nodes.score, first.nodes.segmentation, first.nodes.components, first.nodes.slice_table):
+        assert node.GetAttribute(nodes.FRAME_ATTRIBUTE) == "0", node.GetName()
+        assert node.GetAttribute(nodes.FRAME_INDEX_ATTRIBUTE) == "time = 0 s"
+        assert node.GetName().endswith("(frame 1)") and nodes.frame_note(node) == ""
+    browser.SetSelectedItemNumber(2)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    assert nodes.frame_note(first.nodes.components) == (
+        "The views show frame 3 of 'cine browser', but the anomaly results are of frame 1: go back to frame 1 to read "
+        "them, or run the detection again on this frame.")
+    job = logic.startDetection(proxy, modelPath=tiny_bundle, device="cpu", outputs=first.nodes)
+    run_to_end(job)
+    third = logic.finishDetection(job)
+    assert third.nodes.score is first.nodes.score and "Scored frame 3 of 3 (time = 4 s)" in third.message
+    assert third.nodes.score.GetAttribute(nodes.FRAME_ATTRIBUTE) == "2"
+    assert third.nodes.score.GetName() == "cine anomaly score (frame 3)" and nodes.frame_note(third.nodes.score) == ""
+    browser.SetSelectedItemNumber(0)
+    assert nodes.frame_note(third.nodes.score).startswith("The views show frame 1 of 'cine browser'")
+    assert nodes.show_scored_frame(third.nodes.score) and browser.GetSelectedItemNumber() == 2
+    assert not nodes.show_scored_frame(third.nodes.score)
+    plain = add_volume(scene, make_head(seed=1)[0], "plain")  # a volume of no sequence: nothing recorded or said
+    result = logic.process(plain, modelPath=tiny_bundle, device="cpu")
+    assert result.frame is None and "frame" not in result.summary and nodes.frame_note(result.nodes.score) == ""
+    assert result.nodes.score.GetAttribute(nodes.FRAME_ATTRIBUTE) is None
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "show_scored_frame(output)" in methods["_showRunOf"]  # every jump into a result goes through it
+    assert "self._followFrames(result.frame.browser if result.frame is not None else None)" in methods["_showResult"]
+    assert "self.addObserver(browser, vtk.vtkCommand.ModifiedEvent, self._onFrameChanged)" in methods["_followFrames"]
+    assert "frame_note(p.scoreVolume)" in methods["_onFrameChanged"]

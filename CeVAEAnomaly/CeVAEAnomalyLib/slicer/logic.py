@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..result import DetectionResult
     from ..training.adapt_plan import AdaptOptions
     from .mrml import OutputNodes
+    from .nodes import SequenceFrame
 
 try:  # inside Slicer; slicer-core has no Qt and no ScriptedLoadableModule
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
@@ -67,6 +68,7 @@ class CeVAEAnomalyResult:
     nodes: "OutputNodes"
     detection: "DetectionResult"
     warnings: Tuple[str, ...] = ()  # what the detection warned of (a poor automatic mask, a CPU fallback, ...)
+    frame: Optional["SequenceFrame"] = None  # the sequence frame scored, where a sequence browser drives the volume
 
     @property
     def topSliceRas(self) -> Optional[Tuple[float, float, float]]:
@@ -95,10 +97,11 @@ class CeVAEAnomalyResult:
 
     @property
     def summary(self) -> str:
-        """One line: components, flagged volume and the threshold with its source."""
+        """One line: components, flagged volume and the threshold with its source; the sequence frame scored."""
         d = self.detection
+        scored = f" Scored {self.frame.label}." if self.frame is not None else ""
         return (f"{len(d.components)} component(s), {d.flagged_ml:.2f} ml flagged; threshold "
-                f"{d.threshold:.4g} ({d.threshold_source}).")
+                f"{d.threshold:.4g} ({d.threshold_source}).{scored}")
 
     @property
     def message(self) -> str:
@@ -122,6 +125,7 @@ class _DetectionTarget:
     state: Tuple  # the volume's grid and voxels when the job started (_state)
     mask: Optional[slicer.vtkMRMLNode] = None  # the brain mask node it used (None: the automatic one)
     latest: Optional[str] = None  # the run stamp of the input's latest score volume when the job started
+    frame: Optional["SequenceFrame"] = None  # the sequence frame the input showed when the job started
 
     def outputs_now(self) -> Tuple[Optional["OutputNodes"], bool]:
         """The nodes to load into, and whether to make new ones: without a chosen score volume, a job updates the
@@ -308,7 +312,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         """
         self.checkDependencies()  # before anything imports torch
         from ..engine.detector import Detector
-        from .nodes import mask_words
+        from .nodes import mask_words, sequence_frame
 
         request = DetectionRequest.given(request, **options)
         _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
@@ -316,7 +320,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         self._checkInputs(volumeNode, maskNode, outputs)
         with _warningsLogged() as warnings:
             report(progress, 0.0, "Reading the volume")
-            state = _state(volumeNode)
+            state, frame = _state(volumeNode), sequence_frame(volumeNode)
             image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
             report(progress, 0.02, "Loading the model")
             detector = Detector.from_request(self.loadModel(modelPath, request.run.device), request)
@@ -324,7 +328,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             report(progress, 0.95, "Creating the result nodes")
             if volumeNode.GetScene() is not None:  # (a removed input is refused by publish)
                 _refuseChanged(volumeNode, state)  # a progress callback that runs the GUI lets the user change it
-            result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode)
+            result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode, frame=frame)
         said = _reworded(warnings, mask_words(maskNode, volumeNode))  # (a mask on another grid: both named)
         result = dataclasses.replace(result, warnings=tuple(dict.fromkeys(said)))
         try:
@@ -337,18 +341,19 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def publish(self, volumeNode, detection: "DetectionResult", outputs: Optional["OutputNodes"] = None,
                 createLabelmap: bool = False, show3D: bool = False,
-                maskNode: Optional[slicer.vtkMRMLNode] = None, newNodes: bool = False) -> CeVAEAnomalyResult:
+                maskNode: Optional[slicer.vtkMRMLNode] = None, newNodes: bool = False,
+                frame: Optional["SequenceFrame"] = None) -> CeVAEAnomalyResult:
         """Create or update the result nodes of a detection of ``volumeNode`` (made with the brain mask ``maskNode``;
         None: the automatic one); ``newNodes``: make new ones, not update the latest run's, where ``outputs`` names
-        no score volume."""
+        no score volume; ``frame``: the sequence frame the detection read (nodes.sequence_frame), recorded."""
         from . import mrml
 
         if volumeNode.GetScene() is None:
             raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was removed from the scene; "
                              "the results are not loaded.")
         made = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D,
-                            maskNode, newNodes)
-        result = CeVAEAnomalyResult(volumeNode, made, detection)
+                            maskNode, newNodes, frame)
+        result = CeVAEAnomalyResult(volumeNode, made, detection, frame=frame)
         log.info("CeVAEAnomaly: %s", result.summary)
         return result
 
@@ -375,14 +380,14 @@ class CeVAEAnomalyLogic(_LogicBase):
         process group of its own so that Cancel ends the whole tree), ``python`` is the interpreter
         (Slicer: ``PythonSlicer``).
         """
-        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output, mask_words
+        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output, mask_words, sequence_frame
 
         self.checkDependencies()
         request = DetectionRequest.given(request, **options)
         _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
         self._checkInputs(volumeNode, maskNode, outputs)
         _modelFile(modelPath)  # said now, not by the worker after the copy
-        state = _state(volumeNode)
+        state, frame = _state(volumeNode), sequence_frame(volumeNode)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         folder = _jobFolder(JOB_FOLDER_PREFIX)
         try:
@@ -397,7 +402,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise
         latest = find_output(volumeNode.GetScene(), "vtkMRMLScalarVolumeNode", SCORE_ROLE, volumeNode)
         self._targets[job] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, state, maskNode,
-                                              None if latest is None else latest.GetAttribute(RUN_ATTRIBUTE))
+                                              None if latest is None else latest.GetAttribute(RUN_ATTRIBUTE), frame)
         return job
 
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
@@ -428,7 +433,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             outputs, new_nodes = target.outputs_now()
             with _warningsLogged() as warnings:
                 result = self.publish(target.volume, load_result(job.folder), outputs, target.createLabelmap,
-                                      target.show3D, target.mask, new_nodes)
+                                      target.show3D, target.mask, new_nodes, target.frame)
             return dataclasses.replace(result, warnings=tuple(dict.fromkeys((*job.warnings, *warnings))))
         finally:
             job.cleanup()

@@ -36,8 +36,11 @@ from .nodes import (
     ROLE_ATTRIBUTE,
     RUN_ATTRIBUTE,
     SCORE_ROLE,
+    FRAME_ATTRIBUTE,
+    FRAME_INDEX_ATTRIBUTE,
     SEGMENT_TAG,
     SEGMENTATION_ROLE,
+    SEQUENCE_REFERENCE,
     SLICE_AXIS_ATTRIBUTE,
     SLICE_CHART_ROLE,
     SLICE_GRID_ATTRIBUTE,
@@ -47,6 +50,7 @@ from .nodes import (
     THRESHOLD_SOURCE_ATTRIBUTE,
     VERSION_ATTRIBUTE,
     WRITTEN_KEY,
+    SequenceFrame,
     anomaly_segment_id,
     belongs_to,
     edited_since_written,
@@ -393,6 +397,7 @@ def publish(
     show_3d: bool = False,
     mask_node: Optional[slicer.vtkMRMLNode] = None,
     new_nodes: bool = False,
+    frame: Optional[SequenceFrame] = None,
 ) -> OutputNodes:
     """Create or update the score volume, segmentation, optional labelmap and the tables; the score volume
     remembers the brain mask node the run used (``mask_node``; None: the automatic one).
@@ -402,8 +407,10 @@ def publish(
     replaced) are found again (same role and source volume) or created. A score volume of the user's that
     holds data (another scan) is never written into either: the run goes to a new score volume with nodes of
     its own, as it does with ``new_nodes`` and no score volume in ``targets`` (instead of updating the latest
-    run's). Transactional: on any error the nodes this call added are removed again.
+    run's). ``frame``: the sequence frame the input showed when it was read (:func:`~.nodes.sequence_frame`), recorded
+    on every output and in their names. Transactional: on any error the nodes this call added are removed again.
     """
+    at = f" (frame {frame.item + 1})" if frame is not None else ""  # in the names of a sequence frame's outputs
     chosen = targets.score if targets is not None else None
     targets = _in_scene(scene, targets or OutputNodes())
     gone = chosen is not None and targets.score is None  # the score volume chosen was deleted meanwhile
@@ -422,7 +429,8 @@ def publish(
         users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
                  and holds_data(targets.score))  # a volume of the user's: kept, and this run gets nodes of its own
         out.score = _output(scene, undo, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node,
-                            "anomaly score", group=deleted_run or (None if users or new_nodes else NEWEST), link=False)
+                            "anomaly score" + at, group=deleted_run or (None if users or new_nodes else NEWEST),
+                            link=False)
         group = deleted_run or _group_of(out.score, volume_node, chose=targets.score is not None or new_nodes)
         link_output(out.score, SCORE_ROLE, volume_node)
         used = out.score.GetNodeReferenceID(MASK_REFERENCE)
@@ -436,30 +444,49 @@ def publish(
         earlier_labelmap = _of_group(scene, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node, group)
         if targets.labelmap is not None or create_labelmap or earlier_labelmap is not None:
             out.labelmap = _output(scene, undo, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE,
-                                   volume_node, "anomaly labelmap", group)
+                                   volume_node, "anomaly labelmap" + at, group)
             if edited_since_written(out.labelmap.GetAttribute(WRITTEN_KEY), labelmap_signature(out.labelmap)):
                 _hand_over(undo, out.labelmap)
                 out.labelmap = _output(scene, undo, None, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
-                                       "anomaly labelmap", group)
+                                       "anomaly labelmap" + at, group)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.SetAttribute(WRITTEN_KEY, labelmap_signature(out.labelmap))
             out.labelmap.CreateDefaultDisplayNodes()
             undo.keep(out.labelmap.GetDisplayNode())
             out.labelmap.GetDisplayNode().SetAndObserveColorNodeID(label_color_node_id(scene))
         out.segmentation = _output(scene, undo, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
-                                   volume_node, "anomaly segmentation", group)
+                                   volume_node, "anomaly segmentation" + at, group)
         _fill_segmentation(scene, undo, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
         out.components = _output(scene, undo, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE,
-                                 volume_node, "anomaly components", group)
+                                 volume_node, "anomaly components" + at, group)
         _fill_components(out.components, volume_node, result)
         out.slice_table = _output(scene, undo, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
-                                  "slice scores", group)
+                                  "slice scores" + at, group)
         _fill_slices(out.slice_table, volume_node, result.slices)
         out.slice_chart = _slice_chart(scene, undo, out.slice_table, volume_node, targets.slice_chart, group)
         run = [*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)]  # the chart's series too
         mark_provenance(run, result.record)
+        _mark_frame(undo, run, frame)
         stamp_run(run)
     return out
+
+
+def _mark_frame(undo: Undo, outputs: Sequence[Optional[slicer.vtkMRMLNode]], frame: Optional[SequenceFrame]) -> None:
+    """Record on a run's ``outputs`` which sequence frame it scored (:data:`~.nodes.FRAME_ATTRIBUTE`), or remove an
+    earlier run's record (``frame`` None: the input is no sequence's proxy). The attributes of reused nodes are
+    restored by ``undo``; their browser reference here."""
+    for node in outputs:
+        if node is None:
+            continue
+        browser = node.GetNodeReferenceID(SEQUENCE_REFERENCE)
+        undo.on_failure(lambda node=node, browser=browser: node.SetNodeReferenceID(SEQUENCE_REFERENCE, browser))
+        node.SetNodeReferenceID(SEQUENCE_REFERENCE, frame.browser.GetID() if frame is not None else None)
+        if frame is None:
+            node.RemoveAttribute(FRAME_ATTRIBUTE)
+            node.RemoveAttribute(FRAME_INDEX_ATTRIBUTE)
+        else:
+            node.SetAttribute(FRAME_ATTRIBUTE, str(frame.item))
+            node.SetAttribute(FRAME_INDEX_ATTRIBUTE, frame.index)
 
 
 def provenance_attributes(record: Optional["DetectionRecord"]) -> Dict[str, str]:

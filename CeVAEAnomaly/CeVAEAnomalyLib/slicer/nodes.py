@@ -44,6 +44,12 @@ VERSION_ATTRIBUTE = "CeVAEAnomaly.Version"  # the tool and its version, e.g. "ce
 OPTIONS_ATTRIBUTE = "CeVAEAnomaly.Options"
 PROVENANCE_ATTRIBUTES = (MODEL_ATTRIBUTE, MODEL_SHA256_ATTRIBUTE, THRESHOLD_ATTRIBUTE, THRESHOLD_SOURCE_ATTRIBUTE,
                          VERSION_ATTRIBUTE, OPTIONS_ATTRIBUTE)
+# On every output of a run on a volume that a sequence browser drives (the proxy node of a sequence, Sequences
+# module): the browser (reference), the item it scored (0-based, as the browser counts) and that item's index value.
+# Showing another item changes the input's voxels under the heat map.
+SEQUENCE_REFERENCE = "CeVAEAnomalySequenceBrowser"
+FRAME_ATTRIBUTE = "CeVAEAnomaly.SequenceItem"
+FRAME_INDEX_ATTRIBUTE = "CeVAEAnomaly.SequenceIndex"
 SCORE_ROLE = "score"
 SEGMENTATION_ROLE = "segmentation"
 LABELMAP_ROLE = "labelmap"
@@ -348,6 +354,67 @@ def _may_be_mask_of(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolume
         drawn_on = mask.GetNodeReference(mask.GetReferenceImageGeometryReferenceRole())
         return drawn_on is None or same_grid(drawn_on, volume)
     return same_grid(mask, volume)
+
+
+@dataclass(frozen=True)
+class SequenceFrame:
+    """The item of a sequence a browser shows in its proxy volume: ``item`` (0-based) of ``count``, ``index`` its
+    index value in words (e.g. "time = 2 s")."""
+
+    browser: slicer.vtkMRMLNode
+    item: int
+    count: int
+    index: str
+
+    @property
+    def label(self) -> str:
+        """E.g. "frame 3 of 10 (time = 2 s) of 'cine'", 1-based as the Sequences module's item slider shows it."""
+        return f"frame {self.item + 1} of {self.count} ({self.index}) of '{self.browser.GetName()}'"
+
+
+def sequence_frame(volume: slicer.vtkMRMLNode) -> Optional[SequenceFrame]:
+    """The frame ``volume`` shows now if a sequence browser drives it (it is a proxy node), else None."""
+    scene = volume.GetScene()
+    if scene is None:
+        return None
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+        master = browser.GetMasterSequenceNode()
+        if browser.GetSequenceNode(volume) is None or master is None:
+            continue
+        item = browser.GetSelectedItemNumber()
+        unit = master.GetIndexUnit()
+        index = f"{master.GetIndexName()} = {master.GetNthIndexValue(item)}{' ' + unit if unit else ''}"
+        return SequenceFrame(browser, item, browser.GetNumberOfItems(), index)
+    return None
+
+
+def _scored_item(output: Optional[slicer.vtkMRMLNode]) -> Tuple[Optional[slicer.vtkMRMLNode], Optional[int]]:
+    """The browser and item the run of ``output`` (one of its nodes) scored, or (None, None): not a sequence's."""
+    item = output.GetAttribute(FRAME_ATTRIBUTE) if output is not None else None
+    browser = output.GetNodeReference(SEQUENCE_REFERENCE) if item is not None else None
+    return (browser, int(item)) if browser is not None and item.isdigit() else (None, None)
+
+
+def frame_note(output: Optional[slicer.vtkMRMLNode]) -> str:
+    """What to say when the run of ``output`` scored a sequence's frame and its browser shows another now (the heat
+    map lies over the voxels of another frame); "" otherwise."""
+    browser, item = _scored_item(output)
+    if browser is None or browser.GetSelectedItemNumber() == item:
+        return ""
+    return (f"The views show frame {browser.GetSelectedItemNumber() + 1} of '{browser.GetName()}', but the anomaly "
+            f"results are of frame {item + 1}: go back to frame {item + 1} to read them, or run the detection again "
+            "on this frame.")
+
+
+def show_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:
+    """Bring the sequence browser back to the frame the run of ``output`` scored (before a jump into its results);
+    whether it showed another."""
+    browser, item = _scored_item(output)
+    if browser is None or browser.GetSelectedItemNumber() == item or item >= browser.GetNumberOfItems():
+        return False
+    browser.SetSelectedItemNumber(item)
+    return True
 
 
 ENGINE_RESAMPLED_MASK = "The brain mask is on another grid than the image"  # engine.preprocess.mask_array's words
