@@ -720,6 +720,10 @@ def test_a_fresh_run_stopped_after_its_first_checkpoint_keeps_the_earlier_model_
     assert "The earlier model model.cevae is kept as it was" in capsys.readouterr().err
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["replaces"] == sha256(out)
     assert [int(r["step"]) for r in log_rows(out.with_name(out.name + ".log.csv"))] == [EVERY, 10]  # the new run's
+    assert main(train_argv(manifest, out, 3 * EVERY, "--seed", "5")) == 2  # neither flag: it says what is there
+    said = capsys.readouterr().err  # (it said the checkpoint's run wrote the earlier model)
+    assert f"{out} is the earlier model, kept until the unfinished run whose checkpoint is {ckpt} writes its own; " \
+           "pass --resume to continue that run, or --overwrite to start a new one" in said
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
     caplog.clear()

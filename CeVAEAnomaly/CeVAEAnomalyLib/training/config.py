@@ -192,9 +192,23 @@ class TrainConfig:
         resumable = self.checkpoint_path.is_file()
         for path in self.earlier_outputs():
             refuse_if_held(self.out, "train")  # they may be those of a run writing them now: said so instead
+            if path == self.out and resumable and self._kept_for_checkpoint():
+                raise CeVAEError(f"{path} is the earlier model, kept until the unfinished run whose checkpoint is "
+                                 f"{self.checkpoint_path} writes its own; pass --resume to continue that run, or "
+                                 "--overwrite to start a new one (the earlier model stays until it is written), or "
+                                 "choose another --out.")
             raise CeVAEError(f"{path} already exists; pass --overwrite to replace it" + (
                 ", or --resume to continue the run that wrote it." if resumable else
                 " (there is no checkpoint of the run that wrote it to resume), or choose another --out."))
+
+    def _kept_for_checkpoint(self) -> bool:
+        """Whether the bundle at ``out`` is the earlier model that the run of the checkpoint beside it replaces when
+        it writes its own (a ``--overwrite`` run stopped after a checkpoint), not that run's model."""
+        from ..io.checksum import sha256_of
+        from .checkpoint import replaced_model
+
+        replaced = replaced_model(self.checkpoint_path)
+        return replaced is not None and self.out.is_file() and sha256_of(self.out) == replaced
 
     def earlier_outputs(self) -> Tuple[Path, ...]:
         """The outputs of an earlier run that exist and that a new run may not replace unasked: all but a lone loss
