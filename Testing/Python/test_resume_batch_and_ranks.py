@@ -136,3 +136,46 @@ def test_a_stopped_rank_says_which_it_is(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RANK", "1")
     assert _main(["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(tmp_path / "m.cevae")]) == 143
     assert capsys.readouterr().err.splitlines()[-1].startswith("[rank 1] terminated before its first checkpoint")
+
+
+def test_a_run_that_halved_its_batch_mid_epoch_resumes_at_the_slice_where_it_stopped(tmp_path, monkeypatch):
+    """Out of memory mid-epoch halved the batch, but the rest of the epoch still read batches of the old size (their
+    second halves left out) and the checkpoint counted the epoch's place in them: a resume, taking that count in
+    batches of the new size, trained slices again. The epoch now goes on in batches of the new size from its first
+    slice not trained, so every slice of it is trained once, and a resumed run trains what an uninterrupted one
+    does, to the same weights."""
+    from CeVAEAnomalyLib.engine.config import ModelConfig
+    from CeVAEAnomalyLib.training.config import NO_AUGMENT
+    from CeVAEAnomalyLib.training.data import Subject
+    from CeVAEAnomalyLib.training.trainer import Trainer
+
+    write_cohort(tmp_path)
+    subjects = [Subject(tmp_path / f"h{s}.nii.gz", tmp_path / f"h{s}_mask.nii.gz") for s in (1, 2)]
+    real_step, trained = Trainer._train_step, []
+
+    def out_of_memory_at_step_2(self: Trainer, batch: torch.Tensor) -> dict:
+        if self.step == 2 and len(batch) == 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        trained.extend(batch.sum(dim=(1, 2, 3)).round(decimals=2).tolist())  # each slice by its sum
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", out_of_memory_at_step_2)
+
+    def fit(folder: str, steps: int, resume: bool = False) -> Trainer:
+        cfg = TrainConfig(out=tmp_path / folder / "m.cevae", model=ModelConfig(channels=(8, 8, 16, 16), z_dim=8),
+                          batch_size=8, max_steps=steps, checkpoint_every=4, device="cpu", val_fraction=0.0,
+                          augment=NO_AUGMENT, resume=resume, cache_dir=tmp_path / "cache")
+        trainer = Trainer(cfg, subjects)
+        trainer.fit()
+        return trainer
+
+    whole = fit("whole", 8)  # 8 + 8 slices, then 6 steps of 4: 40 slices of epoch 0
+    order = epoch_order(len(whole.train), 1, 0, 0, 0)[:40].tolist()
+    assert len(whole.train) > 40 and trained == whole.train[order].sum(dim=(1, 2, 3)).round(decimals=2).tolist()
+    uninterrupted = trained[:]
+    trained.clear()
+    fit("parts", 4)
+    parts = fit("parts", 8, resume=True)
+    assert trained == uninterrupted
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(parts.model.state_dict()[key], value, rtol=0, atol=0, msg=key)

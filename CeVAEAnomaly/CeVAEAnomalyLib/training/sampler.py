@@ -33,7 +33,8 @@ def resumed_offset(n: int, offset: int, was: Tuple[int, int], now: Tuple[int, in
 class EpochSampler(torch.utils.data.Sampler):
     """Endless ``(epoch, batch number, indices)`` from a given position.
 
-    The batch size is read at the start of each epoch (it halves after an out-of-memory retry);
+    The batch size is read at the start of each epoch (after an out-of-memory retry halves it, the trainer goes on
+    with a new sampler from the slice where it stopped);
     an epoch has ``len(order) // batch size`` batches (at least one), the rest is dropped.
     """
 

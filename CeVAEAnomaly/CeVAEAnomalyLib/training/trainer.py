@@ -560,8 +560,13 @@ class Trainer:
             out_of_time = any_rank(self.dist, time.perf_counter() >= deadline, self.device)
             while self.step < cfg.max_steps and not out_of_time:
                 epoch, number, batch = next(batches)
+                size = self.batch_size
                 terms = self.step_with_oom_retry(batch)
                 self.epoch, self.offset = epoch, number + 1
+                if self.batch_size < size:  # halved (out of memory): the epoch goes on in batches of the new size
+                    # from its first slice not trained (the rest of this batch), the position a checkpoint records
+                    self.offset = (number * len(batch) + self.batch_size) // self.batch_size
+                    batches = self.batches()
                 self.step += 1
                 steps_since += 1
                 self._step_ended = time.perf_counter()  # (a resumed run's rows go on from its checkpoint's time)
