@@ -122,6 +122,19 @@ def test_more_ranks_on_a_machine_than_its_gpus_are_refused_in_words(monkeypatch)
         assert rank_device(torch.device("cuda")) == torch.device("cuda", gpus - 1)
 
 
+def test_a_gpu_named_by_its_index_under_torchrun_is_refused_in_words(monkeypatch):
+    """--device cuda:1 under torchrun was replaced, without a word, by the GPU of each rank's LOCAL_RANK."""
+    from CeVAEAnomalyLib.training.distributed import rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(CeVAEError, match=r"^--device cuda:1 names one GPU, but under torchrun each rank uses the GPU "
+                                         r"of its LOCAL_RANK; pass --device cuda and choose the GPUs with "
+                                         r"CUDA_VISIBLE_DEVICES \(e\.g\. CUDA_VISIBLE_DEVICES=1 torchrun \.\.\.\)\.$"):
+        rank_device(torch.device("cuda", 1))
+    monkeypatch.delenv("LOCAL_RANK")
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # (no torchrun: the GPU asked for)
+
+
 def test_a_stopped_rank_says_which_it_is(monkeypatch, capsys, tmp_path):
     """SIGTERM to one rank of a torchrun: rank 0 said "another rank stopped (see its own error)", and the stopped
     rank's line, "terminated; ...", did not say which rank it was (every rank's Ctrl-C line was the same too)."""

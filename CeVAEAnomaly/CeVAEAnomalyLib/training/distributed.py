@@ -38,10 +38,15 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 def rank_device(device: torch.device) -> torch.device:
     """This process's GPU under torchrun (``LOCAL_RANK``, one GPU per rank of a machine) where ``device`` is CUDA;
     ``device`` otherwise. More ranks on a machine than its visible GPUs are refused in words (torch raised "invalid
-    device ordinal", said as a bug)."""
+    device ordinal", said as a bug), and so is a GPU named by its index (it was replaced by the rank's without a
+    word): under torchrun the GPUs are chosen with ``CUDA_VISIBLE_DEVICES``."""
     local = os.environ.get("LOCAL_RANK")
     if device.type != "cuda" or local is None:
         return device
+    if device.index is not None:
+        raise CeVAEError(f"--device {device} names one GPU, but under torchrun each rank uses the GPU of its "
+                         "LOCAL_RANK; pass --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES (e.g. "
+                         f"CUDA_VISIBLE_DEVICES={device.index} torchrun ...).")
     count = torch.cuda.device_count()
     if int(local) >= count:
         raise CeVAEError(f"This process is rank {local} of its machine (LOCAL_RANK) and would use GPU cuda:{local}, "
