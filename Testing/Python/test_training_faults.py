@@ -741,6 +741,40 @@ def test_a_fresh_run_stopped_after_its_first_checkpoint_keeps_the_earlier_model_
     assert out.read_bytes() == b"a model written by calibrate or adapt: no log beside it"
 
 
+def test_a_resume_starts_again_a_log_left_by_the_earlier_run_not_mixing_the_two(manifest, tmp_path, monkeypatch,
+                                                                                caplog):
+    """A fresh run over an earlier one holds its log rows until its first checkpoint; killed (or stopped) between
+    that checkpoint's rename and the rows' write, it left its checkpoint beside the earlier run's log, and --resume
+    cut that log back to the checkpoint's step and appended to it: the earlier run's rows, then the new run's. The
+    checkpoint records its run's first log row now, and a resume starts a log of another run again, saying so."""
+    out = tmp_path / "model.cevae"
+    log = out.with_name(out.name + ".log.csv")
+    assert main(train_argv(manifest, out, 2 * EVERY)) == 0
+    earlier = {int(r["step"]): r["loss"] for r in log_rows(log)}
+    publish = train_mod._RunLog.publish
+
+    def killed_before_the_held_rows(self: train_mod._RunLog) -> None:
+        if self._held is not None:
+            raise KeyboardInterrupt
+        publish(self)
+
+    monkeypatch.setattr(train_mod._RunLog, "publish", killed_before_the_held_rows)
+    assert main(train_argv(manifest, out, 3 * EVERY, "--overwrite", "--seed", "5")) == 130
+    assert checkpoint_step(out.with_name(out.name + ".ckpt")) == EVERY and log_rows(log)[-1]["step"] == str(2 * EVERY)
+    monkeypatch.setattr(train_mod._RunLog, "publish", publish)
+    with caplog.at_level(logging.WARNING):
+        assert main(train_argv(manifest, out, 3 * EVERY, "--resume", "--seed", "5")) == 0
+    assert f"The training log {log} holds another run's rows" in caplog.text
+    rows = log_rows(log)
+    assert [int(r["step"]) for r in rows] == [10, 2 * EVERY, 20, 3 * EVERY]  # the new run's alone
+    assert rows[0]["loss"] != earlier[10]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # its own log: continued
+        assert main(train_argv(manifest, out, 4 * EVERY, "--resume", "--seed", "5")) == 0
+    assert "holds another run's rows" not in caplog.text
+    assert [int(r["step"]) for r in log_rows(log)] == [10, 2 * EVERY, 20, 3 * EVERY, 30, 4 * EVERY]
+
+
 def _worker_signal_handlers() -> tuple:
     return signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM).__name__
 

@@ -25,7 +25,7 @@ import torch
 from ..errors import CeVAEError
 from ..io.atomic import atomic_path
 from ..io.manifest import Subject
-from .config import RESUME_MAY_CHANGE
+from .config import LOG_HEADER, RESUME_MAY_CHANGE
 
 log = logging.getLogger(__name__)
 
@@ -376,10 +376,14 @@ def _show(value: Any) -> str:
     return "none" if value is None else repr(value)
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint a run resumes from (they are trained again)."""
+def truncate_log(path: Path, step: int, first_row: Optional[List[str]] = None) -> Optional[List[str]]:
+    """Drop log rows written after the checkpoint a run resumes from (they are trained again); the log's first row
+    as it is left (None: it has none). ``first_row``: the first row of the checkpoint's run, as the checkpoint
+    records it; a log whose first row is another (the earlier run's, which a fresh run stopped between its first
+    checkpoint and its log kept) is started again with the header alone, saying so, not continued as a mix of
+    two runs."""
     if not path.is_file():
-        return
+        return None
     from ..io.atomic import atomic_write_text
 
     try:
@@ -396,7 +400,12 @@ def truncate_log(path: Path, step: int) -> None:
             raise CeVAEError(f"The training log {path} is damaged (a row does not start with a step number: "
                              f"{row[0][:20]!r}); move it away to resume (the checkpoint is intact).")
     kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
-    if len(kept) < len(rows):
+    if first_row is not None and len(rows) > 1 and rows[1] != first_row:
+        log.warning("The training log %s holds another run's rows (the earlier run's: this run was stopped before "
+                    "it wrote its own log): it is started again, without this run's rows up to step %d.", path, step)
+        kept = [list(LOG_HEADER)]
+    if kept != rows:
         text = io.StringIO()
         csv.writer(text).writerows(kept)
         atomic_write_text(path, text.getvalue())
+    return kept[1] if len(kept) > 1 else None

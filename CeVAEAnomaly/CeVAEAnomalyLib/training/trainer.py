@@ -112,6 +112,13 @@ class _RunLog:
                     raise
 
 
+def _csv_cells(values: List[object]) -> List[str]:
+    """A log row's cells as the log's reader gets them back (:func:`~.checkpoint.truncate_log`)."""
+    text = io.StringIO()
+    csv.writer(text).writerow(values)
+    return next(csv.reader(io.StringIO(text.getvalue())))
+
+
 def _log_file(path: Path, mode: str) -> TextIO:
     """The log opened for writing (``mode`` "w") or appending; a symbolic link there is replaced, not written through,
     when a fresh log is written (as the bundle and checkpoint replace theirs): the file it points to is not the
@@ -210,6 +217,9 @@ class Trainer:
         # the sha256 of the earlier model at --out that this run replaces when it writes its own (it stays until
         # then), as its checkpoints record it: a resume knows that model for the earlier one, not this run's
         self.replaces: Optional[str] = None
+        # the first row of this run's loss log (its cells), as its checkpoints record it: a resume knows the log of
+        # its run from another's (an earlier run's, left by a fresh run stopped before it wrote its own log)
+        self.log_first_row: Optional[List[str]] = None
 
     # ---- data -------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -365,6 +375,7 @@ class Trainer:
             "parts": self.parts or [self._part(0)],
             "seconds": self.seconds_before + (self._step_ended - self._started if self._started else 0.0),
             "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(), "replaces": self.replaces,
+            "log_first_row": self.log_first_row,
         }
         if self.fp16:
             state["scaler"] = self.scaler.state_dict()
@@ -480,6 +491,9 @@ class Trainer:
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
         self.saved_step = self.step
         log.info("Resumed from %s at step %d.", path, self.step)
+        first = state.get("log_first_row")  # (checkpoints of earlier versions lack it: the log's own first row then)
+        self.log_first_row = list(first) if isinstance(first, list) and all(isinstance(c, str) for c in first) \
+            else None
         replaces = state.get("replaces")  # (checkpoints of earlier versions lack it)
         self.replaces = replaces if isinstance(replaces, str) else None
         if self.dist.main and self.replaces is not None and self.cfg.out.is_file() \
@@ -530,8 +544,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:  # before the data: a missing or foreign checkpoint is refused before hours of preprocessing
             self.load_checkpoint()
-            if self.dist.main:
-                truncate_log(cfg.log_path, self.step)
+            if self.dist.main:  # (a log of another run is started again)
+                self.log_first_row = truncate_log(cfg.log_path, self.step, self.log_first_row)
         if self.dist.main:
             cfg.out.parent.mkdir(parents=True, exist_ok=True)
             # a checkpoint's temporary that a killed write left (as large as a checkpoint): this run is the output's
@@ -574,22 +588,26 @@ class Trainer:
                 val = ""
                 # the last step (--max-steps or --max-minutes) is a checkpoint too, with its row and validation loss
                 checkpointed = self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time
-                if checkpointed:
-                    if self.dist.main:
-                        val = self.validate()
-                    self.save_checkpoint()  # (every rank: their random streams are gathered)
-                    if run_log:
-                        run_log.publish()
+                if checkpointed and self.dist.main:
+                    val = self.validate()
                 logged = self.step % 10 == 0 or checkpointed  # the same steps on every rank
                 if logged:  # the loss of the effective batch: every rank's share, not rank 0's alone
                     terms = mean_over_ranks(self.dist, terms, self.device)
+                row: Optional[List[object]] = None
                 if run_log and logged:
                     now = self._step_ended
                     rate = steps_since * self.batch_size * self.dist.world / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
-                    run_log.row([self.step, terms["loss"], terms.get("kl", ""), terms.get("rec_vae", ""),
-                                 terms.get("rec_ce", ""), val, round(self.seconds_before + now - start, 2),
-                                 round(rate, 1)])
+                    row = [self.step, terms["loss"], terms.get("kl", ""), terms.get("rec_vae", ""),
+                           terms.get("rec_ce", ""), val, round(self.seconds_before + now - start, 2), round(rate, 1)]
+                    if self.log_first_row is None:  # (before the checkpoint of its step, which records it)
+                        self.log_first_row = _csv_cells(row)
+                if checkpointed:
+                    self.save_checkpoint()  # (every rank: their random streams are gathered)
+                    if run_log:
+                        run_log.publish()
+                if run_log and row is not None:
+                    run_log.row(row)
                 report(self.progress, self.step / cfg.max_steps,
                        f"step {self.step} loss {terms['loss']:.4f}")
             if self.step == 0:
