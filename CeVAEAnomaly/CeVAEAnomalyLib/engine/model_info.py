@@ -43,7 +43,7 @@ def model_info(path: Union[str, Path]) -> Dict[str, Any]:
 
 def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
     """:func:`model_info` of the bundle at ``path`` (its ``header``, its file's ``sha256``)."""
-    training = header.training if isinstance(header.training, dict) else None
+    training = header.training if isinstance(header.training, dict) and header.training else None  # {}: none
     adaptation = header.extra.get("adaptation")
     weights = header.extra.get(WEIGHTS_DIGEST_KEY)
     bundled = _bundled_digests()
@@ -58,7 +58,8 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
         "preprocess": header.preprocess.to_dict(),
         "training": None if training is None else {
             "volumes": _volumes(training.get("subjects")), "held_out": _volumes(training.get("validation_subjects")),
-            **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "orientations", "seconds")}},
+            **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "seconds")},
+            "orientations": training.get("orientations") or ["axial"]},  # (absent: axial, as read_header takes it)
         "adaptation": _adaptation(adaptation) if isinstance(adaptation, dict) else None,
         "recalibration": header.extra.get("recalibration"),  # (read_header checked it: engine/bundle_checks.py)
         "calibration": _calibration(header),
@@ -149,11 +150,13 @@ def describe_model(info: Mapping[str, Any]) -> str:
                      + (f": {', '.join(runs)}." if runs else "."))
     elif training is not None:
         held = training["held_out"]
+        run = [text for text, value in ((f"{training['steps']} steps of batch {training['batch_size']}",
+                                         training["steps"]), (f"seed {training['seed']}", training["seed"]))
+               if value is not None]  # (a record made by hand may lack them)
         lines.append(f"Trained on: {_count(len(training['volumes']), 'healthy volume')} "
                      f"({_names(training['volumes'])}), {len(held) or 'none'} held out for validation"
-                     f"{' (' + _names(held) + ')' if held else ''}; {training['steps']} steps of batch "
-                     f"{training['batch_size']}, seed {training['seed']}, slices "
-                     f"{', '.join(training['orientations'])}.")
+                     f"{' (' + _names(held) + ')' if held else ''}; "
+                     + ", ".join([*run, f"slices {', '.join(training['orientations'])}"]) + ".")
         lines += [f"  {v['name']}: {KNOWN_SOURCES[v['name']]}" for v in training["volumes"]
                   if v["name"] in KNOWN_SOURCES]
     else:
