@@ -274,3 +274,18 @@ def test_info_says_a_training_record_that_lacks_parts_read_header_allows(capsys,
     assert any(line.endswith(said) for line in text.splitlines()), text
     assert "None" not in text
     assert ModelSettings.read(path).details == (text.splitlines()[0], text.rstrip("\n"))
+
+
+def test_the_headline_of_a_calibrated_copy_that_is_the_bundled_file_has_one_comma():
+    """A calibrated copy shipped as the bundled default model (its file's sha256 that of the bundled one) was said
+    "recalibrated from NAME,, the bundled default model"."""
+    from CeVAEAnomalyLib.engine.model_info import model_headline, model_info
+
+    facts = model_info(default_model_path())
+    parent = {"name": "base", "file": "base.cevae", "sha256": "ab" * 32}
+    facts["recalibration"] = {"parent": parent, "original": parent}
+    assert model_headline(facts).startswith("cevae_t1_default (T1), recalibrated from base, the bundled default "
+                                            "model: trained on 3 healthy volumes;")
+    facts["bundled"] = {"file": False, "weights": True}
+    assert model_headline(facts).startswith("cevae_t1_default (T1), recalibrated from base, with the bundled default "
+                                            "model's weights: ")

@@ -211,7 +211,7 @@ def model_headline(info: Mapping[str, Any]) -> str:
     if record is not None:
         parent, original = record["parent"], record["original"]
         first = f" (originally {_model(original)})" if original != parent else ""
-        which = f", recalibrated from {_model(parent)}{first}{',' if which else ''}{which}"
+        which = f", recalibrated from {_model(parent)}{first}{',' if which.startswith(' ') else ''}{which}"
     return f"{info['name'] or Path(info['file']).stem} ({info['modality']}){which}: {origin}; {calibrated}."
 
 
