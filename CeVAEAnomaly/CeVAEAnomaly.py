@@ -197,7 +197,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelStandingIn = ""  # the remembered model out of reach at the start (model_memory.StartModel)
         self._frameBrowser = None  # the sequence browser that drives the last result's input (observed), if any
         self._frameNote = ""  # what the status line says of the frame the views show (nodes.frame_note)
-        self._resultMessage = ""  # the last result's summary and warnings, shown again once its frame is
+        self._resultMessage = ""  # the last result's summary and warnings, shown again once its frame is back
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
