@@ -104,3 +104,25 @@ def test_a_person_is_the_same_with_or_without_bids_sub_prefix_and_in_any_case(tm
     assert person_groups(subjects) == [[0, 1, 2], [3], [4]]  # 02 and 2 stay two labels
     assert Subject(Path("sub-AB_T1w.nii.gz")).group == Subject(Path("x.nii.gz"), person="ab").group
     assert Subject(Path("sub-cortical.nii.gz")).group == ("image", "sub-cortical.nii.gz")  # not a BIDS name
+
+
+def test_the_naming_rule_said_for_a_mask_without_an_image_and_in_the_help_names_every_kind_of_mask(tmp_path, caplog):
+    """The warning of a mask without its image, and the --help of the cohort commands and of batch, gave the rule as it
+    was before FSL's NAME_brain_mask, NAME_brain and bare mask names were read: a user followed a rule that left out
+    what the commands take."""
+    import re
+
+    from CeVAEAnomalyLib.cli.main import build_parser
+
+    write(tmp_path, "s1.nii.gz", "s2_brain_mask.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        assert read(tmp_path) == [("s1.nii.gz", None)]
+    said = next(r.getMessage() for r in caplog.records if "has no matching image" in r.getMessage())
+    commands = build_parser()._subparsers._group_actions[0].choices
+    helps = [re.sub(r"\s+", " ", commands[c].format_help())
+             for c in ("train", "prepare", "calibrate", "adapt", "batch")]
+    for text in (said, *helps):
+        assert all(name in text for name in ("NAME_mask", "NAME_brainmask", "NAME_brain_mask", "NAME_t1", "NAME_brain.",
+                                             "bare mask.*")), text
+    info = re.sub(r"\s+", " ", commands["info"].format_help())
+    assert "whether it is a calibrated copy of another model" in info  # as README says info tells

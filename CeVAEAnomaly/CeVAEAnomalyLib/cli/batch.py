@@ -164,8 +164,9 @@ def pair_masks(images: Mapping[str, Path], masks: Mapping[str, Path], where: str
     for key in sorted(masks):
         owners = candidates[key]
         if not owners:
-            log.warning("%s has no matching image %s (the mask of NAME.nii.gz or NAME_t1.nii.gz is NAME_mask or "
-                        "NAME_brainmask); ignored.", masks[key].name, where)
+            log.warning("%s has no matching image %s (the mask of NAME.nii.gz, else of NAME_t1.nii.gz or "
+                        "NAME_brain.nii.gz, is NAME_mask, NAME_brainmask or NAME_brain_mask; a bare mask.* is that of "
+                        "the one image beside it); ignored.", masks[key].name, where)
         elif len(owners) > 1:
             names = " or of ".join(images[o].name for o in owners[:3]) + (" ..." if len(owners) > 3 else "")
             raise CeVAEError(f"{masks[key].name} {where} may be the brain mask of {names}; name it after the one it "

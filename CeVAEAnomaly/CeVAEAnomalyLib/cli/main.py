@@ -42,7 +42,8 @@ def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("images", nargs="*", type=path_value,
                    help=f"{what} image files or folders (besides or instead of --manifest); NAME_mask.*, "
                    "NAME_brainmask.* or NAME_brain_mask.*, given too or in a folder given, is the brain mask of NAME.* "
-                   "(else of NAME_t1.*); FSL's skull-stripped NAME_brain.* beside NAME.* is left out")
+                   "(else of NAME_t1.* or NAME_brain.*), and a bare mask.* that of the one image beside it; FSL's "
+                   "skull-stripped NAME_brain.* beside NAME.* is left out")
     p.add_argument("--manifest", type=path_value, help="CSV (tab-separated if named .tsv) with columns image,mask and "
                    "optionally subject (the person scanned; paths relative to the CSV)")
 
@@ -208,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "summary recorded (sha256), made from the same input, and refuses other settings (--overwrite "
                        "scores every volume again); failures are recorded.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* / "
-                   "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.*) or CSV (tab-separated if named "
-                   ".tsv) with columns image[,mask][,name] (paths relative to the CSV)")
+                   "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.* or NAME_brain.*; a bare mask.* "
+                   "that of the one image beside it) or CSV (tab-separated if named .tsv) with columns "
+                   "image[,mask][,name] (paths relative to the CSV)")
     b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")
     b.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     _add_scoring(b)
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = _command(sub, "info", help="say what a model bundle is, from its header",
                  description="Say what a model bundle is, read from its header alone: what it was trained on, "
-                 "whether it was adapted to a site and from which model (its sha256), on how many healthy scans of "
+                 "whether it was adapted to a site and from which model (its sha256), whether it is a calibrated "
+                 "copy of another model (which, when, on which scans), on how many healthy scans of "
                  "which voxel sizes its threshold is calibrated, its thresholds at the default and other healthy "
                  "false-positive rates, its default scoring, preprocessing and format, and the file's sha256.")
     i.add_argument("model", nargs="?", type=path_value, help="model bundle (default: the bundled default model)")
