@@ -12,7 +12,7 @@ import json
 import math
 import numbers
 from dataclasses import Field, fields
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -224,13 +224,10 @@ def find_calibration(calibration: Mapping[str, Dict[str, Any]], score: ScoreOpti
     options no calibration has and says how to get a threshold."""
     wanted = (score, _score_map_options(post))
     calibrated = []
-    for key, entry in calibration.items():
-        stored = _key_options(key)
-        if stored is not None:
-            setting = (stored[0], _score_map_options(stored[1]))
-            if setting == wanted:
-                return entry
-            calibrated.append(setting)
+    for setting, entry in _stored_settings(calibration):
+        if setting == wanted:
+            return entry
+        calibrated.append(setting)
     differences = [_differing_flags(wanted, setting) for setting in calibrated]  # only for the message
     nearest = f" (these differ from the nearest calibrated setting: {', '.join(min(differences, key=len))})" \
         if differences else ""
@@ -248,13 +245,19 @@ def calibrated_settings(calibration: Mapping[str, Dict[str, Any]], score: ScoreO
     default ``score`` and ``post`` (e.g. ``["--test-time-steps 100"]``; none for the default's own), fewest flags
     first; tables under keys this version cannot read are left out."""
     default = (score, _score_map_options(post))
-    found = []
+    found = [([_as_flag(f, theirs) for f, _, theirs in _changed(default, setting)], entry)
+             for setting, entry in _stored_settings(calibration)]
+    return sorted(found, key=lambda item: len(item[0]))
+
+
+def _stored_settings(calibration: Mapping[str, Dict[str, Any]]
+                     ) -> Iterator[Tuple[Tuple[ScoreOptions, PostprocessOptions], Dict[str, Any]]]:
+    """Each table of ``calibration`` (a header's section) with the (scoring, score-map post-processing) setting it is
+    for; tables under keys this version cannot read are left out."""
     for key, entry in calibration.items():
         stored = _key_options(key)
         if stored is not None:
-            setting = (stored[0], _score_map_options(stored[1]))
-            found.append(([_as_flag(f, theirs) for f, _, theirs in _changed(default, setting)], entry))
-    return sorted(found, key=lambda item: len(item[0]))
+            yield (stored[0], _score_map_options(stored[1])), entry
 
 
 def _differing_flags(options: Tuple[ScoreOptions, PostprocessOptions],
