@@ -3,6 +3,7 @@ and the self-test's skips: real interpreters where torch is hidden or reports an
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -119,3 +120,45 @@ def test_each_self_test_that_needs_torch_skips_itself():
     message = ast.unparse(next(n for n in cls.body if isinstance(n, ast.FunctionDef)
                                and n.name == "_missingDependenciesMessage"))
     assert "PyTorch extension" in message and "safetensors" in message  # says what to install
+
+
+# --- the worker: a Python whose torch is missing or fails to import --------------------------
+
+WORKER_RUN = """
+    import json, pathlib, sys
+    from CeVAEAnomalyLib.slicer.worker import main
+    folder = pathlib.Path("CeVAEAnomaly-job")
+    folder.mkdir()
+    request = {"task": "detect", "image": "head.nii.gz", "request": {}, "out_dir": str(folder / "out")}
+    (folder / "request.json").write_text(json.dumps(request))
+    print("STATUS", main([str(folder / "request.json")]))
+"""
+
+
+def broken_torch(tmp_path):
+    """A site folder with torch 2.5.0 whose import fails as a CUDA build without its libraries does."""
+    site = tmp_path / "site"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text(
+        'raise OSError("libcudnn.so.9: cannot open shared object file: No such file or directory")\n')
+    (site / "torch-2.5.0.dist-info").mkdir()
+    (site / "torch-2.5.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.5.0\n")
+    return site
+
+
+@pytest.mark.parametrize("case", ["missing", "broken"])
+def test_a_worker_whose_python_cannot_import_torch_says_so_in_one_line(tmp_path, case):
+    """The worker used to fail at its first torch import: "Unexpected error: ModuleNotFoundError(...) (details in
+    the log)" (or OSError) after a traceback, as if it were a bug. Now it checks first and says what is wrong."""
+    hide = 'sys.modules["torch"] = None\n' if case == "missing" else ""
+    out = run_python("import sys\n" + hide + textwrap.dedent(WORKER_RUN), tmp_path,
+                     extra_path=broken_torch(tmp_path) if case == "broken" else None)
+    assert "STATUS 2" in out.stdout, out.stdout + out.stderr
+    errors = [json.loads(line)["error"] for line in out.stdout.splitlines() if line.startswith('{"error"')]
+    assert len(errors) == 1 and "Unexpected" not in errors[0] and "Traceback" not in out.stderr
+    if case == "missing":
+        assert errors[0].startswith("CeVAE Anomaly needs these Python packages: torch>=2.1 (not installed).")
+        assert sys.executable in errors[0]
+    else:
+        assert errors[0].startswith(f"torch is installed in {sys.executable} but cannot be imported (libcudnn.so.9")
+        assert "Restart Slicer" in errors[0]

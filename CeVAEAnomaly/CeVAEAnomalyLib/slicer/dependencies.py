@@ -6,11 +6,15 @@ minimum versions are those of ``pyproject.toml``. Installing is the logic's job
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import re
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
+
+from ..errors import CeVAEError, one_line
 
 REQUIREMENTS: Dict[str, str] = {"torch": "2.1", "safetensors": "0.4"}  # package: minimum version
 NOT_INSTALLED = None
@@ -67,3 +71,20 @@ def unmet(requirements: Optional[Dict[str, str]] = None,
 def unmet_message(items: List[Unmet]) -> str:
     """One sentence naming what is missing or too old."""
     return "CeVAE Anomaly needs these Python packages: " + ", ".join(str(item) for item in items) + "."
+
+
+def require() -> None:
+    """Raise a one-line CeVAEError if a required package is missing, too old, or installed but failing to import
+    (a CUDA build without its libraries, files half replaced by an install); imports them. For the process that
+    runs the task: the Slicer process checks without importing (:func:`unmet`)."""
+    missing = unmet()
+    if missing:
+        raise CeVAEError(f"{unmet_message(missing)} The Python that runs the task ({sys.executable}) lacks them: "
+                         "install them (in Slicer, Apply offers it), then start again.")
+    for name in REQUIREMENTS:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, OSError (a shared library missing), anything its import raises
+            raise CeVAEError(f"{name} is installed in {sys.executable} but cannot be imported ({one_line(exc)}). "
+                             f"Restart Slicer; if that does not help, reinstall {name}"
+                             f"{' (PyTorch Utils module)' if name == 'torch' else ''}.") from None

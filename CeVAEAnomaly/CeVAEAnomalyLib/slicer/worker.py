@@ -46,6 +46,7 @@ from ..io import strict_json
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
 from ..system import process_exists
+from . import dependencies
 from .jobs import JOB_FOLDER_PREFIX
 
 if TYPE_CHECKING:
@@ -291,6 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             watch = RequestWatch(Path(args[0]), task.get("owner_pid"))
             watch.start()
             try:
+                dependencies.require()  # a Python without torch, or with one that fails to import: said in one line
                 done = run(task, _progress(watch))
                 watch.check()
             finally:
