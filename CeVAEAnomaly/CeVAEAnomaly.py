@@ -34,7 +34,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.errors import CeVAEError, one_line
 from CeVAEAnomalyLib.options import (DEVICES, SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions,
                                      option_range)
 from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding, takes_path_now
@@ -852,7 +852,11 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.state.begin_install(task)  # pip pumps Qt events: nothing may be clickable meanwhile
         self._refresh()
         self.ui.statusLabel.text = _("Installing {names}...").format(names=", ".join(u.spec for u in unmet))
-        self.logic.installDependencies()
+        try:
+            self.logic.installDependencies()
+        except Exception as exc:  # the status line said "Installing ..." still
+            self.ui.statusLabel.text = one_line(exc)
+            raise
         if self.state.install_interrupted:  # the scene closed while pip ran: its inputs are gone
             self.ui.statusLabel.text = _("Dependencies installed; the scene was closed meanwhile, so nothing was "
                                          "started.")

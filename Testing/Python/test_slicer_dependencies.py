@@ -15,6 +15,7 @@ from conftest import REPO
 
 slicer = pytest.importorskip("slicer")
 
+from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
 from CeVAEAnomalyLib.slicer import dependencies  # noqa: E402
 from CeVAEAnomalyLib.slicer.dependencies import REQUIREMENTS, Unmet, release, unmet  # noqa: E402
 
@@ -162,3 +163,72 @@ def test_a_worker_whose_python_cannot_import_torch_says_so_in_one_line(tmp_path,
     else:
         assert errors[0].startswith(f"torch is installed in {sys.executable} but cannot be imported (libcudnn.so.9")
         assert "Restart Slicer" in errors[0]
+
+
+# --- installing: a failing pip (offline), a partial install, a torch that fails to import after it --------------
+
+
+class FakeInstaller:
+    """pip and the torch installer as the logic calls them: each records its requirement, then makes the package
+    installed at ``gives`` (a version, or None: unchanged) and raises ``raises`` if given."""
+
+    def __init__(self, versions, gives=None, raises=None):
+        self.versions, self.gives, self.raises, self.calls = versions, gives or {}, raises or {}, []
+
+    def __call__(self, spec: str) -> None:
+        name = spec.split(">=")[0]
+        self.calls.append(spec)
+        if self.gives.get(name):
+            self.versions[name] = self.gives[name]
+        if name in self.raises:
+            raise self.raises[name]
+
+
+OFFLINE = subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", "torch>=2.1"])
+
+
+@pytest.mark.parametrize("gives, raises, expected", [
+    ({}, {"torch": OFFLINE},
+     "Installing torch>=2.1 failed (pip ended with exit status 1); its messages are in the Python console (no internet "
+     "connection is a common cause). Still needed: torch>=2.1 (not installed), safetensors>=0.4 (not installed)."),
+    ({"torch": "2.5.1"}, {"safetensors": OFFLINE},
+     "Installing safetensors>=0.4 failed (pip ended with exit status 1); its messages are in the Python console (no "
+     "internet connection is a common cause). Installed: torch>=2.1. Still needed: safetensors>=0.4 (not installed)."),
+    ({"torch": "2.5.1"}, {"torch": OSError("libcudnn.so.9: cannot open shared object file")},
+     "torch>=2.1 was installed, but then: libcudnn.so.9: cannot open shared object file. Still needed: "
+     "safetensors>=0.4 (not installed). Restart Slicer and try again."),
+    ({"torch": "2.0.1", "safetensors": "0.4.5"}, {},
+     "Installed: safetensors>=0.4. Still needed: torch>=2.1 (2.0.1 installed). The installation did not provide "
+     "them; restart Slicer and try again (a package imported already is replaced only then)."),
+    ({"torch": "2.5.1", "safetensors": "0.4.5"}, {}, None),
+], ids=["offline", "partial", "import fails after install", "still too old", "installed"])
+def test_an_install_that_fails_says_in_one_line_what_was_installed_and_what_is_still_needed(gives, raises, expected):
+    versions = {"torch": None, "safetensors": None}
+    installer = FakeInstaller(versions, gives, raises)
+    if expected is None:
+        dependencies.install(unmet(version_of=versions.get), installer, installer, version_of=versions.get)
+    else:
+        with pytest.raises(CeVAEError) as error:
+            dependencies.install(unmet(version_of=versions.get), installer, installer, version_of=versions.get)
+        assert str(error.value) == expected
+    assert installer.calls == (["torch>=2.1"] if "torch" in raises else ["torch>=2.1", "safetensors>=0.4"])
+
+
+def test_the_logic_says_in_one_line_that_pip_failed(monkeypatch):
+    """installDependencies let pip's CalledProcessError through: the panel showed "Anomaly detection failed." with
+    pip's command line, its status line still read "Installing ...". Now a CeVAEError says what failed and why
+    (the widget puts it on the status line too)."""
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    def offline(spec):
+        raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", spec])
+
+    monkeypatch.setattr(dependencies, "REQUIREMENTS", {"cevae-no-such-package": "1.0"})
+    monkeypatch.setattr(slicer, "app", object(), raising=False)  # as inside the application
+    monkeypatch.setattr(slicer.util, "pip_install", offline, raising=False)
+    with pytest.raises(CeVAEError, match=r"^Installing cevae-no-such-package>=1.0 failed \(pip ended with exit status "
+                                         r"1\);.* Still needed: cevae-no-such-package>=1.0 \(not installed\)\.$"):
+        CeVAEAnomalyLogic().installDependencies()
+    widget = ast.unparse(next(n for n in module_class("CeVAEAnomalyWidget").body
+                              if isinstance(n, ast.FunctionDef) and n.name == "_ensureDependencies"))
+    assert "except Exception as exc:\n        self.ui.statusLabel.text = one_line(exc)\n        raise" in widget

@@ -10,9 +10,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError, one_line
 
@@ -71,6 +72,39 @@ def unmet(requirements: Optional[Dict[str, str]] = None,
 def unmet_message(items: List[Unmet]) -> str:
     """One sentence naming what is missing or too old."""
     return "CeVAE Anomaly needs these Python packages: " + ", ".join(str(item) for item in items) + "."
+
+
+def install(items: Sequence[Unmet], pip_install: Callable[[str], object], install_torch: Callable[[str], object],
+            version_of: Callable[[str], Optional[str]] = installed_version) -> None:
+    """Install ``items`` in turn (torch with ``install_torch``, the others with ``pip_install``; each takes a pip
+    requirement), stopping at the first that fails, then check them again. A one-line CeVAEError if an install
+    failed (offline, a file in use, ...) or something is still unmet; it names what was installed and what is
+    still needed."""
+    failed: Optional[Tuple[Unmet, BaseException]] = None
+    for item in items:
+        try:
+            (install_torch if item.name == "torch" else pip_install)(item.spec)
+        except Exception as exc:
+            failed = (item, exc)
+            break
+    importlib.invalidate_caches()
+    still = unmet({item.name: item.minimum for item in items}, version_of)
+    if failed is None and not still:
+        return
+    installed = [item.spec for item in items if item.name not in {u.name for u in still}]
+    said = [f"Installed: {', '.join(installed)}."] if installed else []
+    said += [f"Still needed: {', '.join(str(u) for u in still)}."] if still else []
+    if failed is None:
+        raise CeVAEError(" ".join(said + ["The installation did not provide them; restart Slicer and try again "
+                                          "(a package imported already is replaced only then)."]))
+    item, exc = failed
+    why = (f"pip ended with exit status {exc.returncode}" if isinstance(exc, subprocess.CalledProcessError)
+           else one_line(exc))
+    if item.spec in installed:  # installed, then its import (or a check after it) failed
+        raise CeVAEError(" ".join([f"{item.spec} was installed, but then: {why}.", *said[1:],
+                                   "Restart Slicer and try again."]))
+    raise CeVAEError(" ".join([f"Installing {item.spec} failed ({why}); its messages are in the Python console "
+                               "(no internet connection is a common cause).", *said]))
 
 
 def require() -> None:

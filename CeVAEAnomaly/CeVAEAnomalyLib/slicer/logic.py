@@ -215,24 +215,14 @@ class CeVAEAnomalyLogic(_LogicBase):
         """Install or upgrade what :meth:`unmetDependencies` lists, in the Slicer application: torch
         through the PyTorch extension (``PyTorchUtils``, which picks the CUDA build that matches the
         driver), or with pip if that extension is missing; the others with pip. Asks nothing: the
-        caller confirms first. A CeVAEError if something is still unmet afterwards."""
-        import importlib
-
+        caller confirms first. A one-line CeVAEError if an install fails (e.g. offline) or something is still
+        unmet afterwards (:func:`~CeVAEAnomalyLib.slicer.dependencies.install`)."""
         unmet = self.unmetDependencies()
         if not unmet:
             return
         if getattr(slicer, "app", None) is None:
             raise CeVAEError(dependencies.unmet_message(unmet) + " " + _installAdvice(unmet))
-        for item in unmet:
-            if item.name == "torch":
-                _installTorch(item.spec)
-            else:
-                slicer.util.pip_install(item.spec)
-        importlib.invalidate_caches()
-        still = self.unmetDependencies()
-        if still:
-            raise CeVAEError(dependencies.unmet_message(still) + " The installation did not provide them; "
-                             "restart Slicer and try again (a package imported already is replaced only then).")
+        dependencies.install(unmet, slicer.util.pip_install, _installTorch)
 
     # --- models ---------------------------------------------------------------------------------
 
