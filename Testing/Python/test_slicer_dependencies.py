@@ -232,3 +232,14 @@ def test_the_logic_says_in_one_line_that_pip_failed(monkeypatch):
     widget = ast.unparse(next(n for n in module_class("CeVAEAnomalyWidget").body
                               if isinstance(n, ast.FunctionDef) and n.name == "_ensureDependencies"))
     assert "except Exception as exc:\n        self.ui.statusLabel.text = one_line(exc)\n        raise" in widget
+
+
+def test_a_folder_left_by_a_half_done_uninstall_counts_as_not_installed(tmp_path, monkeypatch):
+    """An interrupted upgrade or uninstall (Slicer closed while pip ran) can leave ``torch/lib/...`` without
+    ``__init__.py``: it imports as an empty namespace package. It counted as installed (version unknown), so no
+    install was offered and the run failed later; now it is missing, and the install is offered."""
+    (tmp_path / "cevae_leftover" / "lib").mkdir(parents=True)
+    (tmp_path / "cevae_leftover" / "lib" / "leftover.dll").write_bytes(b"")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert dependencies.installed_version("cevae_leftover") is None
+    assert [str(u) for u in unmet({"cevae_leftover": "1.0"})] == ["cevae_leftover>=1.0 (not installed)"]

@@ -40,11 +40,14 @@ class Unmet:
 
 
 def installed_version(name: str) -> Optional[str]:
-    """The version of an importable package ("" if its metadata is missing); None if it is not importable."""
+    """The version of an importable package ("" if its metadata is missing); None if it is not importable or only a
+    folder without ``__init__.py`` is left of it (an interrupted upgrade or uninstall: it imports as a namespace
+    package)."""
     try:
-        if importlib.util.find_spec(name) is None:
-            return NOT_INSTALLED
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
+        return NOT_INSTALLED
+    if spec is None or spec.origin is None:
         return NOT_INSTALLED
     try:
         return importlib.metadata.version(name)
