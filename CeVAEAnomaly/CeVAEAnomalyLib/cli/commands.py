@@ -287,11 +287,9 @@ def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path, before: 
     """After ``calibrate``: warn of thorough modes the source model is calibrated for and the new one is not (detection
     refuses them), and explain a threshold that rose much above ``before``, the source's for the new default scoring
     at the new default rate (None: it has none there): lesions must score higher to be marked."""
-    from ..engine.calibration import calibrated_test_time_steps
+    from ..engine.calibration import lost_thorough_modes
 
-    lost = [n for n in calibrated_test_time_steps(old.calibration)
-            if n > 0 and n not in calibrated_test_time_steps(new.calibration)]
-    for steps in lost:
+    for steps in lost_thorough_modes(old.calibration, new.calibration):
         log.warning("The source model is also calibrated for the thorough mode (%d test-time steps); %s is not, so "
                     "detection with it refuses --test-time-steps %d (Slicer: Thorough) until it is: calibrate again "
                     "with --test-time-steps %d (each scan then takes longer).", steps, path, steps, steps)

@@ -286,6 +286,13 @@ def calibrated_test_time_steps(calibration: Mapping[str, Dict[str, Any]]) -> Lis
     return sorted({opts[0].test_time_steps for opts in map(_key_options, calibration) if opts is not None})
 
 
+def lost_thorough_modes(before: Mapping[str, Dict[str, Any]], after: Mapping[str, Dict[str, Any]]) -> List[int]:
+    """The thorough modes (test-time step counts over 0) that the calibrations ``before`` are for and ``after`` are
+    not (a recalibration that left them out)."""
+    now = calibrated_test_time_steps(after)
+    return [n for n in calibrated_test_time_steps(before) if n > 0 and n not in now]
+
+
 def _score_map_options(post: PostprocessOptions) -> PostprocessOptions:
     """``post`` with the :data:`LABELMAP_ONLY` options at their defaults: the options the score map depends on."""
     defaults = PostprocessOptions()

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..errors import CeVAEError, out_of_memory
 from ..io import strict_json
-from ..options import DetectionRequest
+from ..options import THOROUGH_STEPS, DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
 from ..system import process_exists
 from . import dependencies
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from ..io.manifest import Subject
     from ..engine.bundle import Bundle
 
+log = logging.getLogger(__name__)
 REQUEST_POLL_S = 0.25
 LOG_FORMAT = "%(levelname)s: %(message)s"  # its warnings start with jobs.WARNING_PREFIX: the panel shows them
 EXIT_ABANDONED = 3
@@ -118,8 +119,23 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", "healthy volumes of the site"),
                            progress=scaled(progress, 0.02, 0.98), run=request.run)
+    _warn_of_lost_thorough_mode(bundle, path)
     report(progress, 1.0, "Calibrated model saved")
     return {"model": str(path), "subjects": len(subjects)}
+
+
+def _warn_of_lost_thorough_mode(source: "Bundle", calibrated: Path) -> None:
+    """Warn, in the panel's words, when the model ``source`` is calibrated for the panel's thorough mode and its
+    calibrated copy at ``calibrated`` is not (Calibrate with Thorough unticked): detection with it in that mode then
+    needs an absolute threshold (the command line warns of every such mode: cli.commands._say_what_changed)."""
+    from ..engine.calibration import lost_thorough_modes
+    from ..engine.header import read_header
+
+    if THOROUGH_STEPS in lost_thorough_modes(source.header.calibration, read_header(calibrated).calibration):
+        log.warning("%s is calibrated for the thorough mode too (Advanced: 'Adapt the model to this scan first'); %s "
+                    "is not, so with that mode ticked detection with it needs an absolute threshold. Tick it and "
+                    "calibrate again to calibrate that mode too (each scan then takes about 10 s longer).",
+                    source.path.name, calibrated.name)
 
 
 def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
