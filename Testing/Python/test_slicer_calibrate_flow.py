@@ -48,3 +48,45 @@ def test_a_calibration_that_drops_the_models_thorough_calibration_says_so(tiny_b
 
     kept = calibrated(volume, mask, tmp_path / "site2.cevae", both, thorough=True)
     assert not [w for w in kept.warnings if "thorough mode" in w], kept.warnings
+
+
+@pytest.fixture
+def bundled_copy(tiny_bundle, tmp_path, monkeypatch):
+    """A copy of the tiny model standing in for the bundled default model (the extension's own file)."""
+    from CeVAEAnomalyLib import data
+
+    bundled = tmp_path / "extension" / "cevae_t1_default.cevae"
+    bundled.parent.mkdir()
+    bundled.write_bytes(tiny_bundle.read_bytes())
+    monkeypatch.setattr(data, "default_model_path", lambda: bundled)
+    return bundled
+
+
+def test_the_bundled_model_is_never_the_file_a_calibration_or_adaptation_replaces(tiny_bundle, bundled_copy,
+                                                                                  tmp_path):
+    """With another model in use, the bundled model's file was accepted as the calibrated (or adapted) model's: after
+    "exists. Replace it?" the run wrote over the extension's own model, so that "Use bundled model" meant the site's
+    calibration from then on (until an update of the extension silently put the original back). The panel now keeps
+    Calibrate and Adapt disabled and says why, and the logic refuses it before any copy, even with overwrite."""
+    import os
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.slicer.adapt_panel import adapt_choice, calibrate_problem
+
+    site = tmp_path / "site.cevae"
+    site.write_bytes(tiny_bundle.read_bytes())  # the model in use: a site's model, not the bundled one
+    link = tmp_path / "bundled-link.cevae"
+    os.link(bundled_copy, link)
+    for out in (bundled_copy, link):
+        said = ("Save the calibrated model under a new name; it cannot replace the bundled model (the extension's own "
+                "file, which 'Use bundled model' uses).")
+        assert calibrate_problem(1, str(out), site) == said
+        assert adapt_choice(2, str(out), site, "cpu").message == said.replace("calibrated", "adapted")
+    scene = slicer.vtkMRMLScene()
+    volume = add_volume(scene, make_head(seed=11)[0], "healthy")
+    before = bundled_copy.read_bytes()
+    with pytest.raises(CeVAEError, match=r"^Save the calibrated model under a new name; it cannot replace the "
+                                         r"bundled model "):
+        CeVAEAnomalyLogic().startCalibration([volume], [None], bundled_copy, modelPath=site, device="cpu",
+                                             overwrite=True)
+    assert bundled_copy.read_bytes() == before

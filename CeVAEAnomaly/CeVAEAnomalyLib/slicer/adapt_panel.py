@@ -61,7 +61,23 @@ def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[st
         return f"The {kind} model needs a {BUNDLE_SUFFIX} file name, such as site{BUNDLE_SUFFIX}, not '{out.name}'."
     if model is not None and Inputs([model]).which(out) is not None:
         return f"Save the {kind} model under a new name; it cannot replace the model it starts from."
-    return None
+    return bundled_model_problem(out, kind)
+
+
+def bundled_model_problem(out: Path, kind: str) -> Optional[str]:
+    """Why the ``kind`` model cannot be saved at ``out`` when that is the bundled default model's file (by path, link
+    or inode): the extension's own file, which every scene's "Use bundled model" means; None otherwise."""
+    from ..data import default_model_path
+    from ..errors import CeVAEError
+
+    try:
+        bundled = default_model_path()
+    except CeVAEError:  # (missing: nothing to replace)
+        return None
+    if Inputs([bundled]).which(out) is None:
+        return None
+    return (f"Save the {kind} model under a new name; it cannot replace the bundled model (the extension's own file, "
+            "which 'Use bundled model' uses).")
 
 
 _TAKEN_AS_HEALTHY = {

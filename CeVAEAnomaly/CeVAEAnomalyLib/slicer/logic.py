@@ -460,7 +460,8 @@ class CeVAEAnomalyLogic(_LogicBase):
                                       **(postprocess or {}))  # refused before any copy
         check_calibratable(*request.options(ScoreOptions(), PostprocessOptions()))  # and values a model may not hold
         _modelFile(modelPath)
-        _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite)  # said now, not by the worker after the copies
+        # said now, not by the worker after the copies
+        _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite, "calibrated")
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, request=request.to_dict(),
                                     out=str(outputPath), overwrite=bool(overwrite))
@@ -500,7 +501,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError(f"There is no interrupted adaptation to {outputPath} to resume (no checkpoint of an "
                              "unfinished one exists); start it anew without resume.")
         if not checked.resume:
-            _refuseOutput(Path(outputPath), earlier, overwrite,
+            _refuseOutput(Path(outputPath), earlier, overwrite, "adapted",
                           " (or options={'resume': True} to continue the adaptation that wrote them)"
                           if interrupted else "")
         return self._startOnHealthy("adapt", volumes, masks, launch, python,
@@ -631,14 +632,19 @@ def _modelFile(modelPath: Any) -> Optional[Path]:
     return path
 
 
-def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, resume: str = "") -> None:
-    """Refuse a model output ``path`` that is a folder, or files a run would write (``written``) that exist
-    without ``overwrite``; ``resume`` says how to continue instead."""
+def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, kind: str, resume: str = "") -> None:
+    """Refuse a ``kind`` ("calibrated", "adapted") model output ``path`` that is a folder or the bundled model, or
+    files a run would write (``written``) that exist without ``overwrite``; ``resume`` says how to continue
+    instead."""
     if path.is_dir():
         raise CeVAEError(f"The model file {path} is a folder; give the path of a .cevae file.")
     from ..io.naming import refuse_misnamed
+    from .adapt_panel import bundled_model_problem
 
     refuse_misnamed(path, "model file", "a .cevae bundle", ".cevae")
+    bundled = bundled_model_problem(path, kind)
+    if bundled is not None:  # even with overwrite
+        raise CeVAEError(bundled)
     existing = [p for p in written if p.exists()]
     if existing and not overwrite:
         raise CeVAEError(f"{', '.join(str(p) for p in existing)} exist(s); choose another file, or pass "
