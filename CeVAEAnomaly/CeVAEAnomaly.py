@@ -525,14 +525,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _refresh(self) -> None:
         """Enable and label everything from the state machine and the parameter node."""
-        from CeVAEAnomalyLib.slicer.adapt_panel import calibrate_problem, examined_as_healthy
+        from CeVAEAnomalyLib.slicer.adapt_panel import calibrate_problem, calibrate_warning
 
         p = self._parameterNode
         self.state.set_ready(DETECT, p is not None and p.inputVolume is not None)
         healthy = self._healthyVolumes(CALIBRATE)
         calibrateProblem = (calibrate_problem(len(healthy), p.calibratedModelPath, self._currentModel())
                             if p is not None else "")
-        calibrateWarning = examined_as_healthy(p.inputVolume, healthy, CALIBRATE) if p is not None else ""
+        calibrateWarning = calibrate_warning(p.inputVolume, healthy) if p is not None else ""
         self.state.set_ready(CALIBRATE, calibrateProblem is None)
         adaptChoice = self._adaptChoice()
         self.state.set_ready(ADAPT, adaptChoice is not None and adaptChoice.ready)
@@ -620,16 +620,19 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _inputAcceptedAsHealthy(self, task: str) -> bool:
         """Before a calibration or adaptation: the input volume (the scan being examined) checked as a healthy volume
-        is used only when the user confirms it (adapt_panel.examined_as_healthy; testing mode refuses it). False if
-        declined: nothing starts, and the status line says why."""
-        from CeVAEAnomalyLib.slicer.adapt_panel import examined_as_healthy
+        is used only when the user confirms it (adapt_panel.examined_as_healthy; testing mode refuses it), and so are
+        healthy volumes of different acquisitions for a calibration (adapt_panel.calibrate_warning; Adapt's estimate
+        says that before it is pressed). False if declined: nothing starts, and the status line says why."""
+        from CeVAEAnomalyLib.slicer.adapt_panel import calibrate_warning, examined_as_healthy
 
-        warning = examined_as_healthy(self._parameterNode.inputVolume, self._healthyVolumes(task), task)
+        p, volumes = self._parameterNode, self._healthyVolumes(task)
+        warning = (calibrate_warning(p.inputVolume, volumes) if task == CALIBRATE else
+                   examined_as_healthy(p.inputVolume, volumes, task))
         if not warning:
             return True
         if slicer.app.testingEnabled():
             raise CeVAEError(warning)
-        if self._confirm(warning + "\n\n" + _("Use it as a healthy volume?"),
+        if self._confirm(warning + "\n\n" + _("Go on with these healthy volumes?"),
                          windowTitle=_("Calibrate") if task == CALIBRATE else _("Adapt")):
             return True
         self.ui.statusLabel.text = warning

@@ -188,10 +188,10 @@ def test_the_widget_asks_before_using_the_examined_scan_as_a_healthy_one():
     assert start.index("if task != DETECT and (not self._inputAcceptedAsHealthy(task)):") < \
         start.index("self._ensureDependencies(task)")
     asked = methods["_inputAcceptedAsHealthy"]
-    assert "examined_as_healthy(self._parameterNode.inputVolume, self._healthyVolumes(task), task)" in asked
+    assert "examined_as_healthy(p.inputVolume, volumes, task)" in asked
     assert "raise CeVAEError(warning)" in asked and "self._confirm(" in asked
     assert "warning=examined_as_healthy(p.inputVolume, volumes, ADAPT)" in methods["_adaptChoice"]
-    assert "calibrateWarning = examined_as_healthy(p.inputVolume, healthy, CALIBRATE)" in methods["_refresh"]
+    assert "calibrateWarning = calibrate_warning(p.inputVolume, healthy)" in methods["_refresh"]  # (examined too)
 
 
 def test_the_logic_counts_an_earlier_runs_files_by_persons_as_the_panel_and_the_run_do(tmp_path, monkeypatch):

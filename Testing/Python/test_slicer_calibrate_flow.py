@@ -90,3 +90,37 @@ def test_the_bundled_model_is_never_the_file_a_calibration_or_adaptation_replace
         CeVAEAnomalyLogic().startCalibration([volume], [None], bundled_copy, modelPath=site, device="cpu",
                                              overwrite=True)
     assert bundled_copy.read_bytes() == before
+
+
+def test_volumes_of_different_acquisitions_are_warned_of_before_calibrate_is_pressed(tmp_path):
+    """Checked healthy volumes of different acquisitions (a 1 mm and a 4 mm scan): Adapt says so before it is pressed,
+    Calibrate said nothing until the run had ended, by when the pooled model was written and in use. Calibrate's
+    tooltip now says it, by the rule and factor the calibration warns by, and pressing it asks first, as for the
+    examined scan checked as healthy (a warning, not a refusal: Calibrate stays ready)."""
+    import ast
+
+    from CeVAEAnomalyLib.engine.calibration import ACQUISITION_FACTOR
+    from CeVAEAnomalyLib.slicer.adapt_panel import calibrate_problem, calibrate_warning, examined_as_healthy
+
+    scene = slicer.vtkMRMLScene()
+    volumes = [add_volume(scene, make_head(seed=s)[0], f"sub-0{s}_T1w") for s in (1, 2)]
+    volumes[0].SetSpacing(1.0, 1.0, 1.0)
+    volumes[1].SetSpacing(1.0, 1.0, ACQUISITION_FACTOR)  # at the factor: alike
+    patient = add_volume(scene, make_head(seed=5)[0], "patient")
+    patient.SetSpacing(1.0, 1.0, 1.0)
+    assert calibrate_warning(patient, volumes) == ""
+    volumes[1].SetSpacing(1.0, 1.0, 4.0)
+    mixed = ("The site scans are of different acquisitions: 'sub-02_T1w' has voxels up to 4 mm, 'sub-01_T1w' 1 mm "
+             "(more than 1.5 times apart). The calibrated model's thresholds pool them, so its threshold follows the "
+             "finer scans and its rate on the coarser ones is not known. Check only one acquisition's volumes and "
+             "calibrate one model per acquisition.")
+    assert calibrate_warning(patient, volumes) == mixed
+    assert calibrate_warning(patient, [*volumes, patient]) == " ".join(
+        (examined_as_healthy(patient, [patient], "calibrate"), mixed))
+    assert calibrate_problem(len(volumes), str(tmp_path / "site.cevae"), None) is None  # ready all the same
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "calibrateWarning = calibrate_warning(p.inputVolume, healthy)" in methods["_refresh"]
+    assert "calibrate_warning(p.inputVolume, volumes) if task == CALIBRATE" in methods["_inputAcceptedAsHealthy"]

@@ -112,20 +112,37 @@ def adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     (:func:`examined_as_healthy`), then :func:`mixed_acquisitions_warning` of the volumes' voxel ``spacings`` (mm, one
     per name); ``device_name``: the Device selector's name of ``device``."""
     choice = _adapt_choice(volumes, output, model, device, options, names, note, device_name)
-    said = [text for text in (warning, mixed_acquisitions_warning(names, spacings)) if text]
+    said = [text for text in (warning, mixed_acquisitions_warning(names, spacings, "adapt")) if text]
     return replace(choice, message=" ".join([*said, choice.message])) if said else choice
 
 
-def mixed_acquisitions_warning(names: Sequence[str], spacings: Sequence[Sequence[float]]) -> str:
-    """What to say before Adapt is pressed when the chosen volumes (node ``names``, voxel ``spacings`` in mm) are of
-    different acquisitions, by the rule the adaptation warns by (adapt_plan.mixed_acquisitions); "" otherwise."""
+_ONE_ACQUISITION = {  # what to do about volumes of different acquisitions, and what pools them
+    "adapt": (f"With healthy scans of {MIN_SCANS} persons in each acquisition, check only one acquisition's volumes "
+              "and adapt one model per acquisition.", "The adapted model's calibration pools"),
+    "calibrate": ("Check only one acquisition's volumes and calibrate one model per acquisition.",
+                  "The calibrated model's thresholds pool"),
+}
+
+
+def mixed_acquisitions_warning(names: Sequence[str], spacings: Sequence[Sequence[float]], task: str) -> str:
+    """What to say before ``task`` ("adapt", "calibrate") is pressed when the chosen volumes (node ``names``, voxel
+    ``spacings`` in mm) are of different acquisitions, by the rule the adaptation and the calibration warn by
+    (adapt_plan.mixed_acquisitions); "" otherwise."""
     sides: Dict[str, float] = {}
     for n, (name, spacing) in enumerate(zip(names, spacings), 1):
         key = f"'{name}'" if f"'{name}'" not in sides else f"'{name}' (volume {n})"  # two nodes of one name
         sides[key] = max(spacing)
-    mixed = mixed_acquisitions(sides)
-    return (f"{mixed} With healthy scans of {MIN_SCANS} persons in each acquisition, check only one acquisition's "
-            "volumes and adapt one model per acquisition." if mixed else "")
+    advice, pools = _ONE_ACQUISITION[task]
+    mixed = mixed_acquisitions(sides, pools)
+    return f"{mixed} {advice}" if mixed else ""
+
+
+def calibrate_warning(input_volume: Any, volumes: Sequence[Any]) -> str:
+    """What to say before Calibrate runs on the checked healthy ``volumes`` (nodes): :func:`examined_as_healthy`, then
+    :func:`mixed_acquisitions_warning`; "" when neither applies. A warning, not a refusal."""
+    said = (examined_as_healthy(input_volume, volumes, "calibrate"),
+            mixed_acquisitions_warning([v.GetName() for v in volumes], [v.GetSpacing() for v in volumes], "calibrate"))
+    return " ".join(text for text in said if text)
 
 
 def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str, options: AdaptOptions,

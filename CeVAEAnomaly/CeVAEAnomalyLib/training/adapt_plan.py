@@ -132,16 +132,18 @@ def calibration_seconds(n_scans: int, seconds_per_scan: float = SECONDS_PER_SCAN
     return n_scans * (seconds_per_scan + thorough_modes * THOROUGH_SECONDS_PER_SCAN_CPU)
 
 
-def mixed_acquisitions(sides: Mapping[str, float]) -> Optional[str]:
+def mixed_acquisitions(sides: Mapping[str, float],
+                       pools: str = "The adapted model's calibration pools") -> Optional[str]:
     """What to say when the site scans' largest voxel sides (mm, by the name each scan is called) lie more than
-    ACQUISITION_FACTOR apart, as calibrating does (the adapted model's calibration pools them); None when they do not.
-    The adaptation says it before its first step, the panel before Adapt is pressed; each adds what to do."""
+    ACQUISITION_FACTOR apart, as calibrating does (``pools`` them: the adapted model's calibration, or the panel's
+    calibrated model's thresholds); None when they do not. The adaptation says it before its first step, the
+    panel before Adapt or Calibrate is pressed; each adds what to do."""
     if not sides or max(sides.values()) <= min(sides.values()) * ACQUISITION_FACTOR:
         return None
     thick, thin = max(sides, key=sides.__getitem__), min(sides, key=sides.__getitem__)
     return (f"The site scans are of different acquisitions: {thick} has voxels up to {sides[thick]:.3g} mm, {thin} "
-            f"{sides[thin]:.3g} mm (more than {ACQUISITION_FACTOR:g} times apart). The adapted model's calibration "
-            "pools them, so its threshold follows the finer scans and its rate on the coarser ones is not known.")
+            f"{sides[thin]:.3g} mm (more than {ACQUISITION_FACTOR:g} times apart). {pools} them, so its "
+            "threshold follows the finer scans and its rate on the coarser ones is not known.")
 
 
 def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOptions(),
