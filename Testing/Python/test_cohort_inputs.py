@@ -126,3 +126,25 @@ def test_the_naming_rule_said_for_a_mask_without_an_image_and_in_the_help_names_
                                              "bare mask.*")), text
     info = re.sub(r"\s+", " ", commands["info"].format_help())
     assert "whether it is a calibrated copy of another model" in info  # as README says info tells
+
+
+def test_a_copy_calibrated_on_a_folder_per_person_names_each_scan_by_its_folder(tiny_bundle, tmp_path, capsys):
+    """calibrate on cohort/*/ (the layout the README recommends, each person's scan t1.nii.gz) recorded its scans as
+    "t1, t1", which told a user nothing; as train and adapt name their volumes, a repeated stem is led by its folder."""
+    import json
+
+    from CeVAEAnomalyLib.engine.header import read_header
+
+    write(tmp_path / "cohort", "sub-01/t1.nii.gz", "sub-01/mask.nii.gz")
+    write(tmp_path / "cohort", "sub-02/t1.nii.gz", "sub-02/mask.nii.gz", seed=2)
+    out = tmp_path / "site.cevae"
+    assert main(["calibrate", str(tmp_path / "cohort" / "sub-01"), str(tmp_path / "cohort" / "sub-02"), "--model",
+                 str(tiny_bundle), "--out", str(out), "--device", "cpu"]) == 0
+    header = read_header(out)
+    assert header.extra["calibration_subjects"] == ["sub-01/t1", "sub-02/t1"]
+    assert [s["name"] for s in header.extra["recalibration"]["scans"]] == ["sub-01/t1", "sub-02/t1"]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "on 2 healthy scans (sub-01/t1, sub-02/t1;" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration"]["scan_names"] == ["sub-01/t1", "sub-02/t1"]

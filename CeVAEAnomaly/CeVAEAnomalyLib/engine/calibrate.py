@@ -13,7 +13,7 @@ import numpy as np
 from .bundle import Bundle, save_bundle
 from .calibration import (ACQUISITION_FACTOR, calibrate, calibration_key, check_default_fpr, thin_tail,
                           unlike_scans)
-from ..io.manifest import Subject, check_subjects
+from ..io.manifest import Subject, check_subjects, distinct_names
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
@@ -188,10 +188,12 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)
     calibration = calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
                                   test_time_steps=[opts.test_time_steps], check_contrast=True, fpr=rate)
+    names = distinct_names([s.image for s in subjects])  # folder/t1 where stems repeat (a folder per person)
     header = replace(old, name=Path(out).stem, score_options=default, postprocess=post, calibration=calibration,
                      default_fpr=rate,
-                     extra=dict(old.extra, calibration_subjects=[s.name for s in subjects],
-                                recalibration=_recalibration_record(bundle, subjects, opts, post, rate, run)))
+                     extra=dict(old.extra, calibration_subjects=[names[s.image] for s in subjects],
+                                recalibration=_recalibration_record(bundle, subjects, names, opts, post, rate,
+                                                                    run)))
     try:  # a model whose own rate gets no threshold could not detect with its defaults
         header.threshold(default, post, ThresholdPolicy())
     except CeVAEError as exc:
@@ -202,20 +204,20 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     return path
 
 
-def _recalibration_record(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions, post: PostprocessOptions,
-                         rate: float, run: RunOptions) -> Dict[str, Any]:
+def _recalibration_record(bundle: Bundle, subjects: Sequence[Subject], names: Dict[Path, str], opts: ScoreOptions,
+                          post: PostprocessOptions, rate: float, run: RunOptions) -> Dict[str, Any]:
     """The ``recalibration`` section of the header of ``bundle`` calibrated on ``subjects``: the model it was made
     from (``parent``: name, file name, sha256), the first model of a chain of recalibrations (``original``: the parent
-    unless it is a calibrated copy itself), when (UTC), on which scans (name, sha256 of the image and of its mask; None
-    where the mask was computed) and with which options (``opts`` and ``post`` as asked, the default rate, mixed
-    precision)."""
+    unless it is a calibrated copy itself), when (UTC), on which scans (name as in ``names``, sha256 of the image and
+    of its mask; None where the mask was computed) and with which options (``opts`` and ``post`` as asked, the default
+    rate, mixed precision)."""
     parent = {"name": bundle.header.name, "file": bundle.path.name, "sha256": bundle.sha256}
     earlier = bundle.header.extra.get("recalibration")
     original = earlier.get("original") if isinstance(earlier, dict) else None
     scans = []
     for s in subjects:  # (hashed after scoring: each was read, so a missing file was refused by name)
         try:
-            scans.append({"name": s.name, "sha256": sha256_of(s.image),
+            scans.append({"name": names[s.image], "sha256": sha256_of(s.image),
                           "mask_sha256": None if s.mask is None else sha256_of(s.mask)})
         except OSError as exc:
             raise CeVAEError(f"{s.image}: the scan or its mask cannot be read again ({exc}); the calibrated model "
