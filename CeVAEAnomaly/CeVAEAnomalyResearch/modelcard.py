@@ -10,7 +10,7 @@ from typing import Optional
 from CeVAEAnomalyLib.engine.bundle import Bundle
 from CeVAEAnomalyLib.engine.calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, find_calibration,
                                                   threshold_for_fpr)
-from CeVAEAnomalyLib.engine.model_info import KNOWN_SOURCES
+from CeVAEAnomalyLib.engine.model_info import known_source
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import SPREADS, THOROUGH_STEPS
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
@@ -18,8 +18,8 @@ from CeVAEAnomalyLib.io.atomic import atomic_write_text
 
 def _recipe(training: dict) -> str:
     """How to train the model again: the bundled recipe for the bundled subjects, else the user's own command."""
-    names = [s["name"] for s in training.get("subjects", [])]
-    if names and all(n in KNOWN_SOURCES for n in names):
+    subjects = training.get("subjects", [])
+    if subjects and all(known_source(s) for s in subjects):
         return "- Recipe: `python scripts/train_default_model.py` (fetches the same data if absent)."
     return "- Recipe: `cevae-anomaly train` on the subjects above, with the settings of this section."
 
@@ -41,7 +41,7 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
         f"Modality: {h.get('modality', 'T1')}. Subjects ({len(tr.get('subjects', []))}):",
     ]
     for s in tr.get("subjects", []):
-        lines.append(f"- `{s['name']}`: {KNOWN_SOURCES.get(s['name'], 'user data')} (sha256 `{s['sha256'][:16]}…`)")
+        lines.append(f"- `{s['name']}`: {known_source(s) or 'user data'} (sha256 `{s['sha256'][:16]}…`)")
     lines += [
         "",
         "## Architecture and preprocessing",

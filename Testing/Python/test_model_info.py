@@ -289,3 +289,21 @@ def test_the_headline_of_a_calibrated_copy_that_is_the_bundled_file_has_one_comm
     facts["bundled"] = {"file": False, "weights": True}
     assert model_headline(facts).startswith("cevae_t1_default (T1), recalibrated from base, with the bundled default "
                                             "model's weights: ")
+
+
+def test_info_describes_a_training_volume_as_sample_data_only_when_its_content_is_the_samples(capsys, tmp_path):
+    """info described any training volume named colin27_t1 as "Colin27 (ch2) ... 1 mm; Debian package mricron-data"
+    by its name alone, so a user's own scan (or a 3 mm copy of the sample) under that name got the sample's source; the
+    description now also needs the sample file's sha256."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+
+    bundled = info(capsys).splitlines()
+    assert any(line.startswith("  colin27_t1: Colin27 (ch2)") for line in bundled)
+    path = tmp_path / "model.cevae"
+    shutil.copy(default_model_path(), path)
+    rewrite(path, lambda h, t: h["training"]["subjects"][0].__setitem__("sha256", "ab" * 32))
+    lines = info(capsys, str(path)).splitlines()
+    assert not any(line.startswith("  colin27_t1:") for line in lines)
+    assert [line for line in lines if line.startswith("  ")] == [b for b in bundled if b.startswith("  ")][1:]

