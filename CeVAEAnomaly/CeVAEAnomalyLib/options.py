@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import math
 import numbers
+import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -497,6 +498,16 @@ def path_value(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
     return Path(text).expanduser()
+
+
+def output_path_value(text: str) -> Path:
+    """An output file's path (argparse ``type``), as :func:`path_value`; one ending in a path separator names a
+    folder, a slash that ``Path`` drops (``--out results/`` wrote a file named results), so it is refused."""
+    path = path_value(text)
+    if text.endswith(tuple(sep for sep in (os.sep, os.altsep, "/") if sep)):
+        raise argparse.ArgumentTypeError(f"{text} names a folder (it ends in a slash); give a file name, such as "
+                                         f"{text}NAME")
+    return path
 
 
 def parse_orientations(text: str) -> Tuple[str, ...]:

@@ -174,3 +174,24 @@ def test_detect_records_how_its_outputs_were_made(tmp_path, head, tiny_bundle, c
     assert f"The output {record} already exists; pass --overwrite" in capsys.readouterr().err
     assert main([*again, "--overwrite"]) == 0
     assert json.loads(record.read_text())["threshold"] == "inf"  # standard JSON
+
+
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "{scan}", "--out", "models/"],
+    ["train", "{scan}", "--out", "models/"],
+    ["adapt", "{scan}", "{scan}", "--out", "models/"],
+    ["detect", "{scan}", "--score", "score.nii.gz", "--record", "models/"],
+    ["evaluate", "--score", "{scan}", "--gt", "{scan}", "--out", "models/"],
+], ids=["calibrate", "train", "adapt", "detect", "evaluate"])
+def test_an_output_file_named_with_a_trailing_slash_is_refused_not_written_as_a_file(argv, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """'calibrate --out models/' (a folder meant, not yet made) wrote the model to a file named 'models', as did
+    train, adapt, detect --record and evaluate --out: pathlib drops the slash. It is refused in one line now."""
+    monkeypatch.chdir(tmp_path)
+    image, _ = make_head(seed=1)
+    sitk.WriteImage(image, "h.nii.gz")
+    assert main([a.format(scan="h.nii.gz") for a in argv]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-1].startswith("error: argument ") and "models/ names a folder (it ends in a slash); give a file " \
+                                                      "name, such as models/NAME" in said[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.nii.gz"]

@@ -15,7 +15,7 @@ from typing import List, NoReturn, Optional
 from .. import __version__
 from ..errors import CeVAEError, one_line, out_of_memory
 from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
-                       path_value)
+                       output_path_value, path_value)
 from ..interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
@@ -64,7 +64,7 @@ def _add_train(sub) -> None:
     cfg = TrainConfig(out=Path("model.cevae"))  # the defaults, written once there
     t = _command(sub, "train", help="train a model on healthy volumes")
     _add_subjects(t, "healthy")
-    t.add_argument("--out", type=path_value, required=True, help="model bundle to write (.cevae)")
+    t.add_argument("--out", type=output_path_value, required=True, help="model bundle to write (.cevae)")
     anew = t.add_mutually_exclusive_group()  # start anew or continue: never both
     anew.add_argument("--overwrite", action="store_true",
                       help="start anew: replace an existing checkpoint and log, and --out once the new model is "
@@ -127,7 +127,7 @@ def _add_adapt(sub) -> None:
                        "persons in the model's modality. Checkpoints OUT.ckpt and OUT.foldN.ckpt; --resume continues.")
     _add_subjects(a, "healthy site")
     a.add_argument("--model", type=path_value, help="model to adapt (default: the bundled default model)")
-    a.add_argument("--out", type=path_value, required=True, help="adapted model bundle to write (.cevae)")
+    a.add_argument("--out", type=output_path_value, required=True, help="adapted model bundle to write (.cevae)")
     a.add_argument("--steps", type=int, default=o.steps, help="fine-tuning steps per run")
     a.add_argument("--lr", type=float, default=o.lr, help="learning rate (Adam)")
     a.add_argument("--folds", type=int, default=o.folds, help="at most this many calibration folds")
@@ -186,14 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("image", type=path_value, help="image file or DICOM folder")
     d.add_argument("--mask", type=path_value, help="brain mask (>0 is brain); computed automatically if absent")
     d.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
-    d.add_argument("--score", type=path_value, required=True, help="output anomaly map (float32)")
-    d.add_argument("--labelmap", type=path_value, help="output labelmap (uint8 0/1)")
-    d.add_argument("--slice-scores", type=path_value, help="output CSV of per-slice scores (tab-separated if "
+    d.add_argument("--score", type=output_path_value, required=True, help="output anomaly map (float32)")
+    d.add_argument("--labelmap", type=output_path_value, help="output labelmap (uint8 0/1)")
+    d.add_argument("--slice-scores", type=output_path_value, help="output CSV of per-slice scores (tab-separated if "
                    "named .tsv)")
-    d.add_argument("--components", type=path_value, help="output CSV of anomaly components (tab-separated if "
+    d.add_argument("--components", type=output_path_value, help="output CSV of anomaly components (tab-separated if "
                    "named .tsv)")
-    d.add_argument("--record", type=path_value, help="output JSON record of how the outputs were made: the model "
-                   "file and its sha256, the threshold and its source, the options, the input files and their "
+    d.add_argument("--record", type=output_path_value, help="output JSON record of how the outputs were made: the "
+                   "model file and its sha256, the threshold and its source, the options, the input files and their "
                    "sha256, the warnings the detection itself logged")
     _add_scoring(d)
     _add_threshold(d)
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "score quantiles, so that labelmap thresholds follow a false-positive rate.")
     _add_subjects(c, "healthy")
     c.add_argument("--model", type=path_value, help="bundle to calibrate (default: the bundled default model)")
-    c.add_argument("--out", type=path_value, required=True, help="calibrated bundle to write")
+    c.add_argument("--out", type=output_path_value, required=True, help="calibrated bundle to write")
     c.add_argument("--default-fpr", type=float,
                    help="false-positive rate used when detect gets none, from 1e-06 to 0.5 (default: the model's)")
     _add_scoring(c)
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "label value (absent: healthy)")
     e.add_argument("--mask", type=path_value, help="its brain mask (metrics inside it)")
     e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml)")
-    e.add_argument("--out", type=path_value, help="write the metrics CSV here (tab-separated if named .tsv)")
+    e.add_argument("--out", type=output_path_value, help="write the metrics CSV here (tab-separated if named .tsv)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     i = _command(sub, "info", help="say what a model bundle is, from its header",
