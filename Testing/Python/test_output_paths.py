@@ -215,3 +215,17 @@ def test_names_in_two_unicode_forms_are_one_output(tmp_path):
         check_paths([composed, decomposed], overwrite=False)
     with pytest.raises(CeVAEError, match="differ only in letter case"):  # both at once: said as letter case
         check_paths([composed, tmp_path / "CAFE\u0301.nii.gz"], overwrite=False)
+
+
+def test_a_link_loop_deep_in_a_folder_tree_is_refused_naming_its_file(tmp_path):
+    """The message shortens a long path; it kept the path's start and cut the name of the file that loops."""
+    from CeVAEAnomalyLib.io.targets import refuse_unsearchable
+
+    deep = tmp_path.joinpath(*["a_rather_long_folder_name"] * 5)
+    deep.mkdir(parents=True)
+    (deep / "scan_loop.nii.gz").symlink_to(deep / "other.nii.gz")
+    (deep / "other.nii.gz").symlink_to(deep / "scan_loop.nii.gz")
+    with pytest.raises(CeVAEError, match=r"^The image \.\.\..*/scan_loop\.nii\.gz cannot be opened: too many levels"):
+        refuse_unsearchable(deep / "scan_loop.nii.gz", "image")
+    with pytest.raises(CeVAEError, match=r"^The image .*/x+\.\.\. cannot be opened: file name too long"):
+        refuse_unsearchable(tmp_path / ("x" * 300), "image")

@@ -48,8 +48,16 @@ def refuse_unsearchable(path: Path, what: str, where: str = "") -> None:
     except OSError as exc:
         if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
             lead = f"{where}the {what}" if where else f"The {what}"
-            shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
-            raise CeVAEError(f"{lead} {shown} cannot be opened: {exc.strerror.lower()}.") from None
+            raise CeVAEError(f"{lead} {_shortened(path)} cannot be opened: {exc.strerror.lower()}.") from None
+
+
+def _shortened(path: Path, room: int = 80) -> str:
+    """``path`` in at most ``room`` characters for a message: whole if it fits; else its end, which holds the file's
+    name (a link loop deep in a folder tree), or the start of a name too long to show."""
+    text = str(path)
+    if len(text) <= room:
+        return text
+    return text[:room - 3] + "..." if len(Path(path).name) > room - 3 else "..." + text[3 - room:]
 
 
 def refuse_undecodable_name(path: Path, what: str, where: str = "") -> None:
