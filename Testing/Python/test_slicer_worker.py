@@ -221,7 +221,7 @@ def test_calibration_in_a_worker_writes_a_calibrated_model(tiny_bundle, tmp_path
     assert "'healthy 11 again' repeats the image 'healthy 11' (same content); it is used once." in job.warnings
     assert not any(".nrrd" in w for w in job.warnings), job.warnings
     header = read_header(out)
-    assert header.extra["calibration_subjects"] == ["01_healthy_11", "02_healthy_12"]
+    assert header.extra["calibration_subjects"] == ["healthy 11", "healthy 12"]  # the nodes', not the copies'
     settings = ModelSettings(out, header)
     assert {k: settings.postprocess[k] for k in post} == post  # the model's other fields stay
     assert all(settings.calibrated(t) for t in ("combi", "rec", "grad"))
@@ -250,7 +250,37 @@ def test_a_volume_with_a_very_long_name_is_calibrated_on(tiny_bundle, tmp_path):
     assert sorted(len(p.name) for p in job.folder.iterdir() if p.suffix == ".nrrd") == [56, 61]  # 01_T1_x...nrrd
     run_to_end(job, timeout=300)
     assert job.state is JobState.DONE, job.error
-    assert read_header(out).extra["calibration_subjects"] == ["01_T1_" + "x" * 45]
+    assert read_header(out).extra["calibration_subjects"] == ["T1 " + "x" * 300]  # the node's name, whole
+
+
+def test_a_model_made_in_slicer_records_the_scans_by_their_node_names(tiny_bundle, tmp_path, capsys):
+    """The worker's copies are named 01_<name>, 02_<name>, and the calibrated copy recorded those file stems
+    ("01_healthy", its calibration_subjects and recalibration scans), which info and the panel's details showed. It
+    records the nodes' names now, told apart where two nodes share one, and its warnings call the scans the same."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    scene = slicer.vtkMRMLScene()
+    volumes = [add_volume(scene, make_head(seed=seed)[0], "healthy") for seed in (11, 12)]
+    again = add_volume(scene, make_head(seed=11)[0], "healthy 11")  # the first scan loaded again: scored once
+    out = tmp_path / "site.cevae"
+    job = CeVAEAnomalyLogic().startCalibration([*volumes, again], [None] * 3, out, modelPath=tiny_bundle,
+                                               device="cpu")
+    run_to_end(job, timeout=300)
+    assert job.state is JobState.DONE, job.error
+    assert "'healthy 11' repeats the image 'healthy (1)' (same content); it is used once." in job.warnings
+    header = read_header(out)
+    assert header.extra["calibration_subjects"] == ["healthy (1)", "healthy (2)"]
+    assert [s["name"] for s in header.extra["recalibration"]["scans"]] == ["healthy (1)", "healthy (2)"]
+    assert main(["info", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "on 2 healthy scans (healthy (1), healthy (2); their sha256" in said, said
+    assert ModelSettings.read(out).details[1] == said.rstrip("\n")  # the panel's details say the same
+
+    from CeVAEAnomalyLib.slicer.logic import _distinctNames
+
+    taken = add_volume(scene, make_head(seed=13)[0], "healthy (1)")  # a numbered name is never one taken already
+    assert _distinctNames([volumes[0], taken, volumes[1], volumes[0]]) == ["healthy (2)", "healthy (1)", "healthy (3)",
+                                                                           "healthy (2)"]  # a node given twice: one
 
 
 def test_calibration_with_thorough_ticked_calibrates_both_modes(tiny_bundle, tmp_path):
@@ -344,7 +374,10 @@ def test_adaptation_in_a_worker_writes_an_adapted_model(tiny_bundle, tmp_path):
     assert fractions == sorted(fractions)
     assert any(m.startswith("Fine-tuning 3/3 (final model") for _, m in seen)
     header = read_header(out)
-    assert [s["name"] for s in header.extra["adaptation"]["site_scans"]] == ["01_site_a", "02_site_b"]
+    adaptation = header.extra["adaptation"]
+    assert [s["name"] for s in adaptation["site_scans"]] == ["site a", "site b"]  # the nodes', not the copies'
+    assert [f["held_out"] for f in adaptation["folds"]] == [["site a"], ["site b"]]
+    assert any(m.startswith("Fine-tuning 1/3 (without site a)") for _, m in seen)
     assert ModelSettings(out, header).calibrated("combi")
     assert not job.folder.exists()  # the copies of the scans go as the job ends, without job.cleanup()
 

@@ -72,11 +72,13 @@ def unknown_persons_note(subjects: Sequence[Subject]) -> Optional[str]:
 @dataclass(frozen=True)
 class Subject:
     """One healthy volume, its optional brain mask and, if known, the person scanned (``person``: a manifest's
-    ``subject`` column; else a BIDS file name's ``sub-<label>``)."""
+    ``subject`` column; else a BIDS file name's ``sub-<label>``); ``display_name``: what a model records it as and
+    messages call it (e.g. the Slicer node's name of a copy), None: its file stem."""
 
     image: Path
     mask: Optional[Path] = None
     person: Optional[str] = None
+    display_name: Optional[str] = None
 
     def __post_init__(self) -> None:
         for role in ("image", "mask"):  # text paths from a script become Paths
@@ -86,10 +88,12 @@ class Subject:
             if not isinstance(value, (str, os.PathLike)):
                 raise CeVAEError(f"The scan's {role} must be a file path, got {type(value).__name__}.")
             object.__setattr__(self, role, Path(value))
+        if self.display_name is not None and not (isinstance(self.display_name, str) and self.display_name):
+            raise CeVAEError(f"The scan's display_name must be text or None, got {self.display_name!r}.")
 
     @property
     def name(self) -> str:
-        return file_stem(self.image)
+        return self.display_name or file_stem(self.image)
 
     @property
     def group(self) -> Tuple[str, str]:

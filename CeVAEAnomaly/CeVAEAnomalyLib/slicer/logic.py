@@ -30,6 +30,7 @@ import os
 import re
 import tempfile
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -385,7 +386,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             task = dict(task="detect", image=str(folder / "input.nrrd"),
                         mask=str(folder / "input_mask.nrrd") if mask is not None else None,
                         model=str(modelPath) if modelPath else None, request=request.to_dict(), out_dir=str(folder))
-            names = _copyNames(folder, "input", volumeNode, maskNode if mask is not None else None)
+            names = _copyNames(folder, "input", volumeNode.GetName(), maskNode if mask is not None else None)
             job = WorkerJob(task, folder, launch, python, names={**names, **mask_words(maskNode, volumeNode)})
         except BaseException:
             _removeFolder(folder)
@@ -513,21 +514,23 @@ class CeVAEAnomalyLogic(_LogicBase):
                         **request: Any) -> WorkerJob:
         """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``, checked by
         :func:`_checkHealthy`), each with the person its node's name says was scanned (a BIDS name's
-        ``sub-<label>``), which adapting splits by."""
+        ``sub-<label>``), which adapting splits by, and its node's name (:func:`_distinctNames`), which the model
+        records."""
         from .adapt_panel import node_person
 
         folder = _jobFolder(f"{JOB_FOLDER_PREFIX}{task}-")
         try:
             subjects: List[Dict[str, Optional[str]]] = []
             names: Dict[str, str] = {}
+            shown = _distinctNames(volumes)
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
                 image, maskImage = self._inputImages(volume, mask, None)
                 stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
                 _writeInputs(folder, stem, image, maskImage)
-                names.update(_copyNames(folder, stem, volume, mask if maskImage is not None else None))
+                names.update(_copyNames(folder, stem, shown[n], mask if maskImage is not None else None))
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None,
-                                     person=node_person(volume.GetName())))
+                                     person=node_person(volume.GetName()), name=shown[n]))
             return WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python,
                              remove_folder_at_end=True, names=names)
         except BaseException:
@@ -676,6 +679,26 @@ def _described(value: Any) -> str:
     return f"{'an' if kind[0] in 'AEIOUaeiou' else 'a'} {kind}"
 
 
+def _distinctNames(volumes: Sequence[Any]) -> List[str]:
+    """The name of each node of ``volumes``, told apart where different nodes share one (as
+    io.manifest.distinct_names tells files apart): each such node numbered in order, "head (1)", "head (2)", past
+    names already taken. A node given twice keeps one name (its repeat is the same scan)."""
+    nodes = list(dict.fromkeys(volumes))
+    counts = Counter(node.GetName() for node in nodes)
+    taken, numbered = set(counts), Counter()
+    names: Dict[Any, str] = {}
+    for node in nodes:
+        name = node.GetName()
+        if counts[name] > 1:
+            numbered[name] += 1
+            while f"{name} ({numbered[name]})" in taken:
+                numbered[name] += 1
+            name = f"{name} ({numbered[name]})"
+            taken.add(name)
+        names[node] = name
+    return [names[node] for node in volumes]
+
+
 def _fileStem(name: str) -> str:
     """A node name as a safe file name stem, at most :data:`FILE_STEM_MAX` characters: the copies' paths in the
     temporary folder must fit in Windows' 260 characters and in any file system's 255 bytes a name."""
@@ -740,9 +763,10 @@ def _writeInputs(folder: Path, stem: str, image: "sitk.Image", mask: Optional["s
     write_all(files, overwrite=True)
 
 
-def _copyNames(folder: Path, stem: str, volume, mask) -> Dict[str, str]:
-    """The worker's copies written by :func:`_writeInputs` and the names of the nodes they copy, quoted."""
-    names = {str(folder / f"{stem}.nrrd"): f"'{volume.GetName()}'"}
+def _copyNames(folder: Path, stem: str, volumeName: str, mask) -> Dict[str, str]:
+    """The worker's copies written by :func:`_writeInputs` and the names of the nodes they copy (the volume's:
+    ``volumeName``), quoted."""
+    names = {str(folder / f"{stem}.nrrd"): f"'{volumeName}'"}
     if mask is not None:
         names[str(folder / f"{stem}_mask.nrrd")] = f"'{mask.GetName()}'"
     return names

@@ -88,11 +88,12 @@ def run_detect(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, An
 
 
 def _subjects(task: Dict[str, Any]) -> List["Subject"]:
-    """The healthy volumes of a calibration or adaptation request (image, mask and person scanned, if known)."""
+    """The healthy volumes of a calibration or adaptation request (image, mask, person scanned if known, and the
+    name a model records: the node's, not the copy's file name)."""
     from ..io.manifest import Subject
 
-    return [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None, s.get("person") or None)
-            for s in task["subjects"]]
+    return [Subject(Path(s["image"]), Path(s["mask"]) if s.get("mask") else None, s.get("person") or None,
+                    s.get("name") or None) for s in task["subjects"]]
 
 
 def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
@@ -244,8 +245,8 @@ REQUEST_FIELDS: Dict[str, Dict[str, tuple]] = {  # task -> field -> the JSON typ
     "adapt": {"subjects": (list,), "model": _OPTIONAL_TEXT, "device": _TEXT, "out": _TEXT, "overwrite": (bool,),
               "options": (dict,)},
 }
-OPTIONAL_FIELDS = ("mask", "model", "source", "overwrite", "options", "device")  # the module may leave these out
-SUBJECT_FIELDS = {"image": _TEXT, "mask": _OPTIONAL_TEXT, "person": _OPTIONAL_TEXT}
+OPTIONAL_FIELDS = ("mask", "model", "source", "overwrite", "options", "device", "name")  # the module may leave out
+SUBJECT_FIELDS = {"image": _TEXT, "mask": _OPTIONAL_TEXT, "person": _OPTIONAL_TEXT, "name": _OPTIONAL_TEXT}
 
 
 def read_request(path: Path) -> Dict[str, Any]:

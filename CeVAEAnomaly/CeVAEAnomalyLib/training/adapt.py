@@ -303,7 +303,7 @@ def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
 def _record(header: BundleHeader, base: Path, parent: str, subjects: Sequence[Subject], checksums: Dict[Path, str],
             plan: List[List[int]], contrasts: Sequence[float], options: AdaptOptions) -> Dict[str, Any]:
     """The ``adaptation`` section of the adapted bundle's header (``parent``: the base model file's sha256)."""
-    distinct = distinct_names([s.image for s in subjects])
+    distinct = distinct_names([s.image for s in subjects], {s.image: s.name for s in subjects}.__getitem__)
     names = [distinct[s.image] for s in subjects]
     return {
         "parent": {"name": header.name, "file": base.name, "sha256": parent},
