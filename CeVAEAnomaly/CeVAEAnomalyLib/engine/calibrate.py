@@ -188,7 +188,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)
     calibration = calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
                                   test_time_steps=[opts.test_time_steps], check_contrast=True, fpr=rate)
-    names = distinct_names([s.image for s in subjects])  # folder/t1 where stems repeat (a folder per person)
+    # each scan's name (Subject.name: the name Slicer gave it, else its file stem), led by its folders where names
+    # repeat (a folder per person: sub-01/t1, sub-02/t1)
+    given = {s.image: s.name for s in subjects}
+    names = distinct_names(list(given), name_of=given.__getitem__)
     header = replace(old, name=Path(out).stem, score_options=default, postprocess=post, calibration=calibration,
                      default_fpr=rate,
                      extra=dict(old.extra, calibration_subjects=[names[s.image] for s in subjects],
