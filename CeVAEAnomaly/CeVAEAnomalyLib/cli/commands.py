@@ -261,7 +261,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         _warn_training_scans(bundle.header, subjects, checksums)
         opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr,
-                           progress=ConsoleProgress("calibrate"), run=request.run)
+                           progress=ConsoleProgress("calibrate"), run=request.run, checksums=checksums)
     new = read_header(path)
     try:  # the source model's threshold for the same scoring at the same rate, where it has one
         source: Optional[float] = bundle.header.threshold(new.score_options, new.postprocess,

@@ -6,7 +6,7 @@ import math
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -155,9 +155,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                 post: PostprocessOptions, default_fpr: Optional[float] = None,
                 source: str = "healthy volumes given to calibrate",
                 progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None,
-                run: RunOptions = RunOptions()) -> Path:
+                run: RunOptions = RunOptions(), checksums: Optional[Mapping[Path, str]] = None) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
-    (``scorers``, ``run``: see :func:`calibrate_model`). Every score type is calibrated; the default score type
+    (``scorers``, ``run``: see :func:`calibrate_model`; ``checksums``: the images' file sha256 where the caller has
+    them already, each image read once more otherwise). Every score type is calibrated; the default score type
     stays ``combi`` whatever ``opts.score_type`` is. The copy is named after ``out`` (its file stem) and records what
     it was made from, when, on which scans and with which options (:func:`_recalibration_record`).
 
@@ -196,7 +197,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                      default_fpr=rate,
                      extra=dict(old.extra, calibration_subjects=[names[s.image] for s in subjects],
                                 recalibration=_recalibration_record(bundle, subjects, names, opts, post, rate,
-                                                                    run)))
+                                                                    run, checksums or {})))
     try:  # a model whose own rate gets no threshold could not detect with its defaults
         header.threshold(default, post, ThresholdPolicy())
     except CeVAEError as exc:
@@ -208,19 +209,20 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
 
 
 def _recalibration_record(bundle: Bundle, subjects: Sequence[Subject], names: Dict[Path, str], opts: ScoreOptions,
-                          post: PostprocessOptions, rate: float, run: RunOptions) -> Dict[str, Any]:
+                          post: PostprocessOptions, rate: float, run: RunOptions,
+                          checksums: Mapping[Path, str]) -> Dict[str, Any]:
     """The ``recalibration`` section of the header of ``bundle`` calibrated on ``subjects``: the model it was made
     from (``parent``: name, file name, sha256), the first model of a chain of recalibrations (``original``: the parent
-    unless it is a calibrated copy itself), when (UTC), on which scans (name as in ``names``, sha256 of the image and
-    of its mask; None where the mask was computed) and with which options (``opts`` and ``post`` as asked, the default
-    rate, mixed precision)."""
+    unless it is a calibrated copy itself), when (UTC), on which scans (name as in ``names``, sha256 of the image, from
+    ``checksums`` where it is there, and of its mask; None where the mask was computed) and with which options
+    (``opts`` and ``post`` as asked, the default rate, mixed precision)."""
     parent = {"name": bundle.header.name, "file": bundle.path.name, "sha256": bundle.sha256}
     earlier = bundle.header.extra.get("recalibration")
     original = earlier.get("original") if isinstance(earlier, dict) else None
     scans = []
-    for s in subjects:  # (hashed after scoring: each was read, so a missing file was refused by name)
+    for s in subjects:  # (hashed here after scoring: each was read, so a missing file was refused by name)
         try:
-            scans.append({"name": names[s.image], "sha256": sha256_of(s.image),
+            scans.append({"name": names[s.image], "sha256": checksums.get(s.image) or sha256_of(s.image),
                           "mask_sha256": None if s.mask is None else sha256_of(s.mask)})
         except OSError as exc:
             raise CeVAEError(f"{s.image}: the scan or its mask cannot be read again ({exc}); the calibrated model "
