@@ -823,3 +823,18 @@ def test_a_checkpoint_of_a_newer_version_asks_for_an_update_not_a_fresh_start(ma
     err = capsys.readouterr().err
     assert "written by a newer version of CeVAEAnomaly (checkpoint format 99; this one reads 2)" in err
     assert "update CeVAEAnomaly to resume it" in err and "does not record" not in err
+
+
+@pytest.mark.parametrize("again", ["--overwrite", "--resume"])
+def test_a_training_log_hard_linked_elsewhere_is_never_written_through(manifest, tmp_path, again):
+    """A backup made with hard links (cp -al, rsync --link-dest) shares the log's file: a new run (--overwrite) or a
+    resumed one must write a log of its own, as the bundle and checkpoint are replaced, not the backup's."""
+    out = tmp_path / "run" / "model.cevae"
+    assert main(train_argv(manifest, out, EVERY)) == 0
+    log = out.with_name(out.name + ".log.csv")
+    backup = tmp_path / "backup.log.csv"
+    os.link(log, backup)
+    kept = backup.read_bytes()
+    assert main(train_argv(manifest, out, 2 * EVERY, again)) == 0
+    assert backup.read_bytes() == kept
+    assert log.read_bytes() != kept and not os.path.samefile(log, backup)

@@ -28,7 +28,7 @@ from ..engine.devices import resolve_device
 from ..engine.modality import TOLERANCE, depth_contrast
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
-from ..io.atomic import remove_stale_temporaries
+from ..io.atomic import remove_stale_temporaries, write_all
 from ..io.checksum import sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
 from ..io.naming import full_suffix
@@ -122,10 +122,24 @@ def _csv_cells(values: List[object]) -> List[str]:
 def _log_file(path: Path, mode: str) -> TextIO:
     """The log opened for writing (``mode`` "w") or appending; a symbolic link there is replaced, not written through,
     when a fresh log is written (as the bundle and checkpoint replace theirs): the file it points to is not the
-    run's."""
+    run's. A log that shares its file with another name (a hard link: a backup made with ``cp -al`` or ``rsync
+    --link-dest``) gets a file of its own first, so that the other name keeps what it held."""
     if mode == "w" and path.is_symlink():
         path.unlink()
+    elif _hard_linked(path):
+        if mode == "w":
+            path.unlink()
+        else:
+            write_all({path: path.read_bytes()}, overwrite=True)  # a copy under its name: a new file, the same rows
     return open(path, mode, newline="")
+
+
+def _hard_linked(path: Path) -> bool:
+    """Whether the regular file at ``path`` (not a symbolic link) has other names too."""
+    try:
+        return not path.is_symlink() and path.stat().st_nlink > 1
+    except OSError:  # no file yet
+        return False
 
 
 def _device_rng(device: torch.device) -> Dict[str, object]:
