@@ -1494,9 +1494,10 @@ def sequence_scene():
 
 
 def test_the_sequence_frame_scored_is_recorded_and_a_view_of_another_frame_is_said(tiny_bundle):
-    """A volume a sequence browser drives: a rerun on another frame updated the same nodes, nothing said which frame
-    was scored, and after browsing the heat map of one frame lay over another. Each output now records the frame
-    (attributes, name, summary); a note says when the browser shows another frame, and a jump brings it back."""
+    """A volume a sequence browser drives: nothing said which frame was scored, and after browsing the heat map of
+    one frame lay over another. Each output now records the frame (attributes, name, summary); a note says when the
+    browser shows another frame, and a jump brings it back. (A run on another frame gets nodes of its own:
+    test_slicer_runs.)"""
     scene, sequences, browser, proxy = sequence_scene()
     logic = CeVAEAnomalyLogic()
     first = logic.process(proxy, modelPath=tiny_bundle, device="cpu")
@@ -1513,7 +1514,7 @@ def test_the_sequence_frame_scored_is_recorded_and_a_view_of_another_frame_is_sa
     job = logic.startDetection(proxy, modelPath=tiny_bundle, device="cpu", outputs=first.nodes)
     run_to_end(job)
     third = logic.finishDetection(job)
-    assert third.nodes.score is first.nodes.score and "Scored frame 3 of 3 (time = 4 s)" in third.message
+    assert third.nodes.score is not first.nodes.score and "Scored frame 3 of 3 (time = 4 s)" in third.message
     assert third.nodes.score.GetAttribute(nodes.FRAME_ATTRIBUTE) == "2"
     assert third.nodes.score.GetName() == "cine anomaly score (frame 3)" and nodes.frame_note(third.nodes.score) == ""
     browser.SetSelectedItemNumber(0)

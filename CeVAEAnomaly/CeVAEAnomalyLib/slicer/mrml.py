@@ -55,12 +55,14 @@ from .nodes import (
     belongs_to,
     edited_since_written,
     find_output,
+    frame_run,
     holds_data,
     ijk_to_ras,
     labelmap_signature,
     link_output,
     node_ids,
     segment_ids,
+    scored_frame,
     segment_signature,
     source_volume,
     stamp_run,
@@ -346,6 +348,18 @@ def _of_group(scene, class_name: str, role: str, source, group: Optional[str]):
             else find_output(scene, class_name, role, source, group, exact=True))
 
 
+def _run_to_update(scene, source, chosen: Optional[slicer.vtkMRMLNode],
+                   frame: Optional[SequenceFrame]) -> Optional[str]:
+    """Which earlier run's nodes a run on ``source`` updates: its latest (:data:`NEWEST`); on a sequence's ``frame``,
+    the run of the ``chosen`` score volume if it scored this frame, else the latest run on this frame, else none
+    (None: nodes of its own), never a run on another frame, whose results stay to compare with."""
+    if frame is None:
+        return NEWEST
+    if chosen is not None and chosen.GetAttribute(RUN_ATTRIBUTE) and scored_frame(chosen, frame):
+        return chosen.GetAttribute(RUN_ATTRIBUTE)
+    return frame_run(scene, source, frame)
+
+
 def _group_of(score: slicer.vtkMRMLNode, source, chose: bool) -> Optional[str]:
     """Which earlier nodes a run into the score volume ``score`` (not yet linked to ``source``) updates: those of
     the run that last filled it (its run stamp), :data:`NEWEST` for one filled before runs were stamped or made
@@ -418,7 +432,8 @@ def publish(
     new_nodes = new_nodes or (gone and not chosen.GetAttribute(ROLE_ATTRIBUTE))
     # an earlier run's score volume deleted meanwhile: a new one, and the rest of that run's nodes are updated (not
     # those of the input's latest run left, which another run sent to new nodes to keep)
-    deleted_run = chosen.GetAttribute(RUN_ATTRIBUTE) if gone and chosen.GetAttribute(ROLE_ATTRIBUTE) else None
+    deleted_run = chosen.GetAttribute(RUN_ATTRIBUTE) if gone and chosen.GetAttribute(ROLE_ATTRIBUTE) \
+        and (frame is None or scored_frame(chosen, frame)) else None
     check_output_classes(targets)
     if volume_node.GetImageData() is None:
         raise CeVAEError(f"The input volume '{volume_node.GetName()}' no longer holds image data; the results "
@@ -429,9 +444,11 @@ def publish(
         users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
                  and holds_data(targets.score))  # a volume of the user's: kept, and this run gets nodes of its own
         out.score = _output(scene, undo, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node,
-                            "anomaly score" + at, group=deleted_run or (None if users or new_nodes else NEWEST),
-                            link=False)
-        group = deleted_run or _group_of(out.score, volume_node, chose=targets.score is not None or new_nodes)
+                            "anomaly score" + at, link=False,
+                            group=deleted_run or (None if users or new_nodes else _run_to_update(scene, volume_node,
+                                                                                                targets.score, frame)))
+        group = deleted_run or _group_of(out.score, volume_node,
+                                         chose=targets.score is not None or new_nodes or frame is not None)
         link_output(out.score, SCORE_ROLE, volume_node)
         used = out.score.GetNodeReferenceID(MASK_REFERENCE)
         undo.on_failure(lambda: out.score.SetNodeReferenceID(MASK_REFERENCE, used))

@@ -215,15 +215,21 @@ def find_output(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: 
     """The node made for ``role`` of the source volume by the run ``run`` if there is one, else (unless
     ``exact``) by its latest run (a user may have sent a later run to new nodes: the earlier ones keep their
     link), or None."""
+    found = _outputs_of(scene, class_name, role, source)
+    same_run = [node for node in found if run and node.GetAttribute(RUN_ATTRIBUTE) == run]
+    if exact:
+        return same_run[-1] if same_run else None
+    return (same_run or sorted(found, key=_run_of) or [None])[-1]
+
+
+def _outputs_of(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: slicer.vtkMRMLNode) -> List:
+    """The nodes of ``class_name`` made for ``role`` of the source volume, in scene order."""
     found = []
     for i in range(scene.GetNumberOfNodesByClass(class_name)):
         node = scene.GetNthNodeByClass(i, class_name)
         if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID():
             found.append(node)
-    same_run = [node for node in found if run and node.GetAttribute(RUN_ATTRIBUTE) == run]
-    if exact:
-        return same_run[-1] if same_run else None
-    return (same_run or sorted(found, key=_run_of) or [None])[-1]
+    return found
 
 
 def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
@@ -396,15 +402,35 @@ def _scored_item(output: Optional[slicer.vtkMRMLNode]) -> Tuple[Optional[slicer.
     return (browser, int(item)) if browser is not None and item.isdigit() else (None, None)
 
 
+def scored_frame(output: Optional[slicer.vtkMRMLNode], frame: SequenceFrame) -> bool:
+    """Whether the run of ``output`` (one of its nodes) scored ``frame`` (its browser's item)."""
+    browser, item = _scored_item(output)
+    return browser is not None and browser.GetID() == frame.browser.GetID() and item == frame.item
+
+
+def frame_run(scene: slicer.vtkMRMLScene, source: slicer.vtkMRMLNode, frame: SequenceFrame) -> Optional[str]:
+    """The run stamp of the latest run on ``source`` that scored ``frame``, or None: each frame of a sequence has
+    results of its own, so that a run on another frame leaves the first one's to compare with."""
+    runs = [score for score in _outputs_of(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, source)
+            if scored_frame(score, frame)]
+    return sorted(runs, key=_run_of)[-1].GetAttribute(RUN_ATTRIBUTE) if runs else None
+
+
 def frame_note(output: Optional[slicer.vtkMRMLNode]) -> str:
     """What to say when the run of ``output`` scored a sequence's frame and its browser shows another now (the heat
     map lies over the voxels of another frame); "" otherwise."""
     browser, item = _scored_item(output)
     if browser is None or browser.GetSelectedItemNumber() == item:
         return ""
-    return (f"The views show frame {browser.GetSelectedItemNumber() + 1} of '{browser.GetName()}', but the anomaly "
-            f"results are of frame {item + 1}: go back to frame {item + 1} to read them, or run the detection again "
-            "on this frame.")
+    shown = browser.GetSelectedItemNumber()
+    source, scene = source_volume(output), output.GetScene()
+    frame = sequence_frame(source) if source is not None else None
+    run = frame_run(scene, source, frame) if frame is not None and frame.browser.GetID() == browser.GetID() else None
+    own = None if run is None else find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, source, run, exact=True)
+    instead = (f"; this frame's are in '{own.GetName()}'" if own is not None
+               else ", or run the detection again on this frame")
+    return (f"The views show frame {shown + 1} of '{browser.GetName()}', but the anomaly results are of frame "
+            f"{item + 1}: go back to frame {item + 1} to read them{instead}.")
 
 
 def show_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:

@@ -1,0 +1,51 @@
+"""Run sequences of the Slicer module as a reader meets them: reruns on other frames, scenes imported or closed, nodes
+renamed, deleted or restyled while a run is in flight (a real MRML scene from slicer-core, a real worker)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import add_volume, make_head
+
+slicer = pytest.importorskip("slicer")
+
+from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
+from test_slicer_worker import run_to_end, sequence_scene  # noqa: E402
+
+
+def test_a_run_on_another_frame_keeps_the_first_frames_results(tiny_bundle):
+    """A rerun on frame 3 of a sequence, given frame 1's nodes (as the panel shows them), wrote into them: the reader
+    comparing frames lost frame 1's result without being asked. Each frame now has nodes of its own; a rerun on a
+    frame updates that frame's."""
+    scene, sequences, browser, proxy = sequence_scene()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    kept_rows = first.nodes.components.GetNumberOfRows()
+    browser.SetSelectedItemNumber(2)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    job = logic.startDetection(proxy, modelPath=tiny_bundle, device="cpu", threshold=1e6, outputs=first.nodes)
+    run_to_end(job)
+    third = logic.finishDetection(job)
+    for name in ("score", "segmentation", "components", "slice_table", "slice_chart"):
+        mine, theirs = getattr(third.nodes, name), getattr(first.nodes, name)
+        assert mine is not theirs and theirs.GetScene() is scene, name
+        assert theirs.GetAttribute(nodes.FRAME_ATTRIBUTE) == "0" and mine.GetAttribute(nodes.FRAME_ATTRIBUTE) == "2"
+    assert first.nodes.score.GetName() == "cine anomaly score (frame 1)"
+    assert third.nodes.score.GetName() == "cine anomaly score (frame 3)"
+    assert first.nodes.components.GetNumberOfRows() == kept_rows > 0
+    assert first.nodes.score.GetVolumeDisplayNode().GetLowerThreshold() == pytest.approx(0.3)
+    assert nodes.stored_result(first.nodes.score).components is first.nodes.components
+
+    browser.SetSelectedItemNumber(0)  # the views on frame 1 over frame 3's heat map: where frame 1's results are
+    assert nodes.frame_note(third.nodes.score) == (
+        "The views show frame 1 of 'cine browser', but the anomaly results are of frame 3: go back to frame 3 to read "
+        "them; this frame's are in 'cine anomaly score (frame 1)'.")
+    browser.SetSelectedItemNumber(2)
+    again = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.5)  # frame 3 again: its own nodes
+    assert again.nodes.score is third.nodes.score and again.nodes.components is third.nodes.components
+    browser.SetSelectedItemNumber(0)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    before = mrml.node_ids(scene)
+    back = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.4, outputs=third.nodes)
+    assert back.nodes.score is first.nodes.score and back.nodes.segmentation is first.nodes.segmentation
+    assert mrml.node_ids(scene) == before
