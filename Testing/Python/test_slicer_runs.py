@@ -49,3 +49,23 @@ def test_a_run_on_another_frame_keeps_the_first_frames_results(tiny_bundle):
     back = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.4, outputs=third.nodes)
     assert back.nodes.score is first.nodes.score and back.nodes.segmentation is first.nodes.segmentation
     assert mrml.node_ids(scene) == before
+
+
+def test_the_warnings_of_a_run_name_an_input_renamed_while_it_ran(tiny_bundle):
+    """The worker's warnings named the nodes by their names at Apply: a reader who renamed the scan (or its mask) while
+    the run went on was warned about a name no node had any more. They name the nodes as they are called when read."""
+    from test_slicer_worker import two_grids
+
+    scene, a, b, b_mask = two_grids()
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(a, b_mask, modelPath=tiny_bundle, device="cpu")
+    a.SetName("patient A, 2024")
+    b_mask.SetName("B brain")
+    run_to_end(job)
+    said = ("The brain mask 'B brain' (it lies on that of 'B') is on another grid than the input volume "
+            "'patient A, 2024'; resampling it (nearest neighbour).")
+    assert said in job.warnings
+    a.SetName("A")  # renamed back before the results are read: the end summary says what the nodes are called then
+    result = logic.finishDetection(job)
+    assert said.replace("'patient A, 2024'", "'A'") in result.warnings
+    assert not any("patient A" in warning for warning in result.warnings)

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import CeVAEError
 from ..io.atomic import machine_tag
@@ -31,6 +31,7 @@ from ..system import process_exists
 
 log = logging.getLogger(__name__)
 Launcher = Callable[[List[str]], subprocess.Popen]
+Name = Union[str, Callable[[], str]]  # what the user calls a file the worker reads: as it is now, if a callable
 STOP_WAIT_S = 0.5  # after terminate(), how long to wait before kill()
 KILL_WAIT_S = 5.0  # after kill(), how long Cancel may wait for the process to go (the GUI waits meanwhile)
 OUTPUT_GRACE_S = 2.0  # after the worker exits, how long its output may stay open (held by a process it started)
@@ -122,11 +123,12 @@ class WorkerJob:
 
     def __init__(self, request: Dict[str, Any], folder: Path, launch: Optional[Launcher] = None,
                  python: Optional[str] = None, remove_folder_at_end: bool = False,
-                 names: Optional[Dict[str, str]] = None) -> None:
+                 names: Optional[Dict[str, Name]] = None) -> None:
         """``remove_folder_at_end``: the folder holds nothing to read after the job (a calibration's or
         adaptation's copies of the scans; its model is written elsewhere), so it goes as soon as the job ends.
         ``names``: the request's files (the worker's copies of the scans) and what the user calls each (a node's
-        name): the worker's warnings and error say those instead of the temporary copies' paths."""
+        name; a callable gives it as it is when a warning or the error is read, so a node renamed during the run is
+        named by its new name): the worker's warnings and error say those instead of the temporary copies' paths."""
         self.folder = Path(folder)
         # longest first: a file's path before its bare name, which it contains
         self._names = sorted(((str(k), v) for f, v in (names or {}).items() for k in (f, Path(f).name)),
@@ -136,9 +138,9 @@ class WorkerJob:
         self.state = JobState.RUNNING
         self.fraction, self.message = 0.0, "Starting"
         self.done: Optional[Dict[str, Any]] = None
-        self.error: Optional[str] = None
+        self._error: Optional[str] = None  # as the worker said it (see error)
         self.output: List[str] = []  # lines that were not protocol messages (warnings, tracebacks)
-        self.warnings: List[str] = []  # the worker's logged warnings (also in output), each once, as they arrive
+        self._warnings: List[str] = []  # the worker's logged warnings (also in output), as it said them
         self._cancelled = False
         self._output_before = _file_stamp(request.get("out"))
         request_path = self.folder / "request.json"
@@ -164,6 +166,17 @@ class WorkerJob:
         cancel can come after the worker's last write."""
         out = self.request.get("out")
         return out is not None and _file_stamp(out) not in (None, self._output_before)
+
+    @property
+    def warnings(self) -> List[str]:
+        """The worker's logged warnings so far, each once, in the order they came, naming what they name as it is
+        called now (``names``)."""
+        return list(dict.fromkeys(self._named(warning) for warning in self._warnings))
+
+    @property
+    def error(self) -> Optional[str]:
+        """Why the job failed (None: it did not), naming what it names as it is called now (``names``)."""
+        return None if self._error is None else self._named(self._error)
 
     @property
     def finished(self) -> bool:
@@ -220,9 +233,9 @@ class WorkerJob:
         if not isinstance(message, dict):
             self.output.append(line)
             if line.startswith(WARNING_PREFIX):  # the worker logs "LEVEL: message"
-                warning = self._named(line[len(WARNING_PREFIX):])
-                if warning not in self.warnings:  # (one said for each of several scans is shown once)
-                    self.warnings.append(warning)
+                warning, said = self._named(line[len(WARNING_PREFIX):]), self.warnings
+                self._warnings.append(line[len(WARNING_PREFIX):])
+                if warning not in said:  # (one said for each of several scans is shown once)
                     log.warning("CeVAEAnomaly worker: %s", warning)
             else:
                 log.info("CeVAEAnomaly worker: %s", line)
@@ -237,12 +250,13 @@ class WorkerJob:
         elif "done" in message:
             self.done = message["done"]
         elif "error" in message:
-            self.error = self._named(str(message["error"]))
+            self._error = str(message["error"])
 
     def _named(self, text: str) -> str:
         """``text`` with the paths of the worker's copies replaced by what the user calls them."""
         for file, name in self._names:
-            text = text.replace(file, name)
+            if file in text:
+                text = text.replace(file, name() if callable(name) else name)
         return text
 
     def _end(self, returncode: int) -> None:
@@ -254,9 +268,9 @@ class WorkerJob:
             self.state = JobState.DONE
         else:
             self.state = JobState.FAILED
-            if self.error is None:
+            if self._error is None:
                 tail = "\n".join(self.output[-5:])
-                self.error = (f"The worker process stopped unexpectedly (exit status {returncode}){_why(returncode)}."
+                self._error = (f"The worker process stopped unexpectedly (exit status {returncode}){_why(returncode)}."
                               f"\n{tail}").strip()
 
     def raise_for_failure(self) -> None:

@@ -41,7 +41,7 @@ from ..errors import CeVAEError
 from ..options import THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions, check_calibratable
 from ..progress import Cancelled, ProgressCallback, checked, report, scaled
 from . import dependencies
-from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, WorkerJob, remove_abandoned_job_folders
+from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, Name, WorkerJob, remove_abandoned_job_folders
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -371,7 +371,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         process group of its own so that Cancel ends the whole tree), ``python`` is the interpreter
         (Slicer: ``PythonSlicer``).
         """
-        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output, mask_words, sequence_frame
+        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output, sequence_frame
 
         self.checkDependencies()
         request = DetectionRequest.given(request, **options)
@@ -386,8 +386,8 @@ class CeVAEAnomalyLogic(_LogicBase):
             task = dict(task="detect", image=str(folder / "input.nrrd"),
                         mask=str(folder / "input_mask.nrrd") if mask is not None else None,
                         model=str(modelPath) if modelPath else None, request=request.to_dict(), out_dir=str(folder))
-            names = _copyNames(folder, "input", volumeNode.GetName(), maskNode if mask is not None else None)
-            job = WorkerJob(task, folder, launch, python, names={**names, **mask_words(maskNode, volumeNode)})
+            job = WorkerJob(task, folder, launch, python,
+                            names=_detectionNames(folder, volumeNode, maskNode if mask is not None else None))
         except BaseException:
             _removeFolder(folder)
             raise
@@ -769,6 +769,20 @@ def _copyNames(folder: Path, stem: str, volumeName: str, mask) -> Dict[str, str]
     names = {str(folder / f"{stem}.nrrd"): f"'{volumeName}'"}
     if mask is not None:
         names[str(folder / f"{stem}_mask.nrrd")] = f"'{mask.GetName()}'"
+    return names
+
+
+def _detectionNames(folder: Path, volume, mask) -> Dict[str, Name]:
+    """The detection worker's copies of ``volume`` and ``mask`` (:func:`_writeInputs`, stem "input") and the engine's
+    words of a mask on another grid (nodes.mask_words), each with what the user calls it when a warning is read: a
+    node renamed while the job runs is named by its new name."""
+    from .nodes import mask_words
+
+    names: Dict[str, Name] = {str(folder / "input.nrrd"): lambda: f"'{volume.GetName()}'"}
+    if mask is not None:
+        names[str(folder / "input_mask.nrrd")] = lambda: f"'{mask.GetName()}'"
+    for words, atStart in mask_words(mask, volume).items():  # (the mask deleted meanwhile: the words at the start)
+        names[words] = lambda words=words, atStart=atStart: mask_words(mask, volume).get(words, atStart)
     return names
 
 
