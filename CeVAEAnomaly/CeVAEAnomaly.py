@@ -870,7 +870,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- results ------------------------------------------------------------------------------
 
     def _showResult(self, result: CeVAEAnomalyResult) -> None:
+        from CeVAEAnomalyLib.slicer.nodes import result_elsewhere
+
         p = self._parameterNode
+        elsewhere = result_elsewhere(p.inputVolume, result.volume, result.nodes.score)
+        if elsewhere:  # a scene added during the run: its scan stays in the panel and the views
+            self._hideModuleVolumes()
+            self.ui.statusLabel.text = with_warnings(f"{result.summary} {elsewhere}", result.warnings)
+            return
         p.scoreVolume = result.nodes.score
         p.anomalySegmentation = result.nodes.segmentation
         p.componentTable = result.nodes.components

@@ -69,3 +69,62 @@ def test_the_warnings_of_a_run_name_an_input_renamed_while_it_ran(tiny_bundle):
     result = logic.finishDetection(job)
     assert said.replace("'patient A, 2024'", "'A'") in result.warnings
     assert not any("patient A" in warning for warning in result.warnings)
+
+
+def saved_scene(folder, name: str = "B") -> str:
+    """A scene file holding one scan and the module's parameter node (a singleton) with that scan as its input."""
+    scene = slicer.vtkMRMLScene()
+    volume = add_volume(scene, make_head(seed=8)[0], name)
+    storage = volume.CreateDefaultStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(folder / f"{name}.nrrd"))
+    assert storage.WriteData(volume)
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    parameters = slicer.vtkMRMLScriptedModuleNode()
+    parameters.SetSingletonTag("CeVAEAnomaly")
+    scene.AddNode(parameters)
+    parameters.SetNodeReferenceID("inputVolume", volume.GetID())
+    scene.SetRootDirectory(str(folder))
+    scene.SetURL(str(folder / "other.mrml"))
+    assert scene.Commit()
+    return str(folder / "other.mrml")
+
+
+def test_results_of_a_run_during_which_a_scene_was_imported_stay_on_its_scan_and_say_so(tiny_bundle, tmp_path):
+    """A scene imported while a run goes on (File > Add Data) brings its own parameter node: the panel's input becomes
+    the imported scan, with clashing node IDs renamed. The run's results land on the scan that was run; the panel,
+    whose fields then followed the other scan, said only the summary (no scan named) and turned the views to the run's
+    scan. It now leaves the fields and the views to the imported scan and says whose results were loaded, where."""
+    import ast
+    from pathlib import Path
+
+    scene = slicer.vtkMRMLScene()
+    image, brain = make_head(seed=7)
+    scan, mask = add_volume(scene, image, "A"), add_volume(scene, brain, "A mask", "vtkMRMLLabelMapVolumeNode")
+    parameters = slicer.vtkMRMLScriptedModuleNode()
+    parameters.SetSingletonTag("CeVAEAnomaly")
+    scene.AddNode(parameters)
+    parameters.SetNodeReferenceID("inputVolume", scan.GetID())
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(scan, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    job = logic.startDetection(scan, mask, modelPath=tiny_bundle, device="cpu", threshold=0.5, outputs=first.nodes)
+    scene.SetURL(saved_scene(tmp_path))
+    assert scene.Import()
+    imported = parameters.GetNodeReference("inputVolume")
+    assert imported.GetName() == "B" and imported.GetID() != scan.GetID()
+    run_to_end(job)
+    result = logic.finishDetection(job)
+    assert result.volume is scan and result.nodes.score is first.nodes.score
+    assert nodes.source_volume(result.nodes.components) is scan and not nodes.has_outputs(imported)
+    assert nodes.result_elsewhere(scan, scan, result.nodes.score) == ""
+    assert nodes.result_elsewhere(imported, scan, result.nodes.score) == (
+        "These are the results of 'A' ('A anomaly score'); the panel shows 'B' now (a scene was added during the "
+        "run): choose 'A' as the input volume to see them.")
+    imported.SetName("A")  # the same scan's scene added again
+    assert "the panel shows another volume named 'A' now" in nodes.result_elsewhere(imported, scan, result.nodes.score)
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    show = next(ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_showResult")
+    check = show.index("result_elsewhere(p.inputVolume, result.volume, result.nodes.score)")
+    assert check < show.index("p.scoreVolume = result.nodes.score") and check < show.index("self._display(")
