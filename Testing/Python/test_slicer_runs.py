@@ -128,3 +128,42 @@ def test_results_of_a_run_during_which_a_scene_was_imported_stay_on_its_scan_and
     show = next(ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_showResult")
     check = show.index("result_elsewhere(p.inputVolume, result.volume, result.nodes.score)")
     assert check < show.index("p.scoreVolume = result.nodes.score") and check < show.index("self._display(")
+
+
+def test_a_rerun_keeps_the_look_the_reader_gave_its_outputs(tiny_bundle):
+    """After the first run a reader gave the labelmap and the heat map colour tables of their own and showed the
+    "Anomaly" segment filled, half-transparent, in red; a rerun (another threshold) put back the module's colour
+    tables and an outlined cyan segment each time. A rerun now updates the data and the window (which follows its
+    threshold) and keeps the look; a new output still gets the module's."""
+    scene = slicer.vtkMRMLScene()
+    image, brain = make_head(seed=7)
+    scan, mask = add_volume(scene, image, "A"), add_volume(scene, brain, "A mask", "vtkMRMLLabelMapVolumeNode")
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(scan, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
+    labels, heat = (scene.AddNewNodeByClass("vtkMRMLColorTableNode", name) for name in ("my labels", "my heat"))
+    first.nodes.labelmap.GetDisplayNode().SetAndObserveColorNodeID(labels.GetID())
+    first.nodes.score.GetVolumeDisplayNode().SetAndObserveColorNodeID(heat.GetID())
+    display, segment_id = first.nodes.segmentation.GetDisplayNode(), nodes.anomaly_segment_id(first.nodes.segmentation)
+    display.SetSegmentVisibility2DFill(segment_id, True)
+    display.SetSegmentOpacity2DFill(segment_id, 0.25)
+    first.nodes.segmentation.GetSegmentation().GetSegment(segment_id).SetColor(1.0, 0.0, 0.0)
+
+    again = logic.process(scan, mask, modelPath=tiny_bundle, device="cpu", threshold=0.5, outputs=first.nodes)
+    assert again.nodes.labelmap is first.nodes.labelmap and again.nodes.score is first.nodes.score
+    assert again.nodes.labelmap.GetDisplayNode().GetColorNodeID() == labels.GetID()
+    assert again.nodes.score.GetVolumeDisplayNode().GetColorNodeID() == heat.GetID()
+    assert again.nodes.score.GetVolumeDisplayNode().GetLowerThreshold() == pytest.approx(0.5)
+    segmentation = again.nodes.segmentation
+    new_id = nodes.anomaly_segment_id(segmentation)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    assert segmentation.GetSegmentation().GetSegment(new_id).GetColor() == (1.0, 0.0, 0.0)
+    assert segmentation.GetDisplayNode().GetSegmentVisibility2DFill(new_id)
+    assert segmentation.GetDisplayNode().GetSegmentOpacity2DFill(new_id) == pytest.approx(0.25)
+
+    other = add_volume(scene, make_head(seed=8)[0], "B")  # another scan's new outputs: the module's look
+    fresh = logic.process(other, modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
+    assert fresh.nodes.labelmap.GetDisplayNode().GetColorNodeID() == mrml.label_color_node_id(scene)
+    assert fresh.nodes.score.GetVolumeDisplayNode().GetColorNodeID() == mrml.score_color_node_id(scene)
+    fresh_id = nodes.anomaly_segment_id(fresh.nodes.segmentation)
+    assert fresh.nodes.segmentation.GetSegmentation().GetSegment(fresh_id).GetColor() == mrml.SEGMENT_COLOR
+    assert not fresh.nodes.segmentation.GetDisplayNode().GetSegmentVisibility2DFill(fresh_id)

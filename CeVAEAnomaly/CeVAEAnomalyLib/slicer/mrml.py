@@ -468,9 +468,11 @@ def publish(
                                        "anomaly labelmap" + at, group)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.SetAttribute(WRITTEN_KEY, labelmap_signature(out.labelmap))
+            shown = out.labelmap.GetDisplayNode() is not None  # an earlier run's: its colours may be the user's
             out.labelmap.CreateDefaultDisplayNodes()
             undo.keep(out.labelmap.GetDisplayNode())
-            out.labelmap.GetDisplayNode().SetAndObserveColorNodeID(label_color_node_id(scene))
+            if not shown or not out.labelmap.GetDisplayNode().GetColorNodeID():
+                out.labelmap.GetDisplayNode().SetAndObserveColorNodeID(label_color_node_id(scene))
         out.segmentation = _output(scene, undo, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
                                    volume_node, "anomaly segmentation" + at, group)
         _fill_segmentation(scene, undo, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
@@ -624,8 +626,11 @@ def display_range(threshold: float, score: sitk.Image, brain: sitk.Image) -> Tup
 
 def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, threshold: float, score: sitk.Image,
                  brain: sitk.Image) -> None:
+    """The heat map's window and threshold from this run's; the module's colour table unless the node was shown in
+    another (an earlier run's score volume the user gave colours of their own)."""
     display = node.GetVolumeDisplayNode()  # not the colour legend, which may come first
-    if display is None:
+    made = display is None
+    if made:
         display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
         node.AddAndObserveDisplayNodeID(display.GetID())
     undo.keep(display)
@@ -636,7 +641,8 @@ def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, thresh
             legend.SetAndObservePrimaryDisplayNode(display)
     lower, upper = display_range(threshold, score, brain)
     wasModifying = display.StartModify()
-    display.SetAndObserveColorNodeID(score_color_node_id(scene))
+    if made or not display.GetColorNodeID():
+        display.SetAndObserveColorNodeID(score_color_node_id(scene))
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(lower, upper)
     display.AutoThresholdOff()
@@ -648,8 +654,10 @@ def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, thresh
 
 def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Image, labelmap_node,
                        show_3d: bool) -> None:
-    """Put the anomalies into ``node`` as this module's segment, replacing only its previous one; a previous one
-    the user renamed (e.g. corrected and named as a finding) is theirs now and kept."""
+    """Put the anomalies into ``node`` as this module's segment, replacing only its previous one, whose look (colour,
+    fill, outline, opacities) it takes; a previous one the user renamed (e.g. corrected and named as a finding) is
+    theirs now and kept."""
+    look: Dict[str, object] = {}
     undo.keep(node.GetDisplayNode())  # first: putting a removed segment back resets its display properties
     segmentation = node.GetSegmentation()
     previous = anomaly_segment_id(node)
@@ -670,6 +678,7 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
             log.info("The segment '%s' of '%s' was renamed; it is kept, and the new anomalies get a segment of their "
                      "own.", old.GetName(), node.GetName())
     elif old is not None:
+        look = _segment_look(node, previous)  # the user's colour, fill and opacities go to the new segment
         ids = segment_ids(node)
         later = ids[ids.index(previous) + 1:]
         following = later[0] if later else ""  # where the segment goes back on failure
@@ -708,9 +717,27 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     display.SetSegmentVisibility2DFill(added[0], False)
     display.SetSegmentVisibility2DOutline(added[0], True)
     display.SetSegmentVisibility3D(added[0], bool(show_3d))
+    for name, value in look.items():
+        if name == "Color":
+            segment.SetColor(*value)
+        else:
+            getattr(display, f"SetSegment{name}")(added[0], value)
     if show_3d and not node.CreateClosedSurfaceRepresentation():
         log.warning("The 3D surface of '%s' could not be built; it is shown in the slice views only.",
                     node.GetName())
+
+
+_SEGMENT_LOOK = ("Visibility2DFill", "Visibility2DOutline", "Opacity2DFill", "Opacity2DOutline", "Opacity3D")
+
+
+def _segment_look(node: slicer.vtkMRMLSegmentationNode, segment_id: str) -> Dict[str, object]:
+    """How a segment is shown: its colour and its display properties (:data:`_SEGMENT_LOOK`; not whether it is
+    shown, nor in 3D, which each run sets), as setter name -> value."""
+    look: Dict[str, object] = {"Color": node.GetSegmentation().GetSegment(segment_id).GetColor()}
+    display = node.GetDisplayNode()
+    if display is not None:
+        look.update((name, getattr(display, f"GetSegment{name}")(segment_id)) for name in _SEGMENT_LOOK)
+    return look
 
 
 def _empty_segment(volume_node: slicer.vtkMRMLVolumeNode) -> slicer.vtkSegment:
