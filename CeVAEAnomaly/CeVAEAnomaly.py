@@ -848,8 +848,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return True
         if slicer.app.testingEnabled():
             raise CeVAEError(unmet_message(unmet) + " " + _("Install them before testing."))
-        message = unmet_message(unmet) + "\n\n" + _(
-            "Install them now? PyTorch is a large download and may take several minutes.")
+        message = unmet_message(unmet) + "\n\n" + self.logic.describeInstall(unmet) + "\n\n" + _("Install them now?")
         if not self._confirm(message, windowTitle=_("Install dependencies")):
             return False
         self.state.begin_install(task)  # pip pumps Qt events: nothing may be clickable meanwhile

@@ -243,3 +243,60 @@ def test_a_folder_left_by_a_half_done_uninstall_counts_as_not_installed(tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     assert dependencies.installed_version("cevae_leftover") is None
     assert [str(u) for u in unmet({"cevae_leftover": "1.0"})] == ["cevae_leftover>=1.0 (not installed)"]
+
+
+# --- which torch build: PyPI's Linux wheel is the CUDA build of several GB, useless without an NVIDIA driver -----
+
+
+CPU_ARGS = "torch>=2.1 --index-url https://download.pytorch.org/whl/cpu"
+
+
+@pytest.mark.parametrize("platform, driver, pip_args, build", [
+    ("linux", False, CPU_ARGS, "from PyTorch's CPU index: the CPU-only build, about 200 MB (no NVIDIA driver"),
+    ("linux", True, "torch>=2.1", "from PyPI: the CUDA build, roughly 3 GB"),
+    ("darwin", False, "torch>=2.1", "from PyPI: the build for macOS (CPU and Apple GPU), about 80 MB"),
+    ("win32", True, "torch>=2.1", "from PyPI: the CPU-only build, about 200 MB"),
+], ids=["linux without driver", "linux with driver", "macos", "windows"])
+def test_without_the_pytorch_extension_pip_gets_the_build_this_computer_can_use(platform, driver, pip_args, build):
+    plan = dependencies.torch_install("torch>=2.1", extension=False, platform=platform, nvidia_driver=driver)
+    assert plan.pip_args == pip_args and build in plan.build
+
+
+@pytest.mark.parametrize("platform, driver, build", [
+    ("linux", True, "the CUDA build, roughly 3 GB with its NVIDIA libraries, matched to its NVIDIA driver"),
+    ("win32", False, "the CPU-only build, about 200 MB"), ("darwin", True, "macOS (CPU and Apple GPU), about 80 MB")])
+def test_the_pytorch_extension_installs_where_it_is_there(platform, driver, build):
+    plan = dependencies.torch_install("torch>=2.1", extension=True, platform=platform, nvidia_driver=driver)
+    assert plan.pip_args is None and plan.build.startswith("through the PyTorch extension") and build in plan.build
+
+
+def test_an_nvidia_driver_is_seen_by_its_nvidia_smi_or_its_proc_entry(tmp_path):
+    nowhere = tmp_path / "driver" / "nvidia"
+    assert not dependencies.nvidia_driver_visible(which=lambda name: None, proc_driver=nowhere)
+    assert dependencies.nvidia_driver_visible(which=lambda name: f"/usr/bin/{name}", proc_driver=nowhere)
+    nowhere.mkdir(parents=True)
+    assert dependencies.nvidia_driver_visible(which=lambda name: None, proc_driver=nowhere)
+
+
+def test_the_confirmation_says_which_build_and_how_large():
+    items = unmet(version_of={"torch": None, "safetensors": None}.get)
+    text = dependencies.install_description(
+        items, lambda spec: dependencies.torch_install(spec, extension=False, platform="linux", nvidia_driver=False))
+    assert text == ("This installs torch>=2.1 from PyTorch's CPU index: the CPU-only build, about 200 MB (no NVIDIA "
+                    "driver found); safetensors>=0.4 from PyPI. It may take several minutes.")
+    widget = ast.unparse(next(n for n in module_class("CeVAEAnomalyWidget").body
+                              if isinstance(n, ast.FunctionDef) and n.name == "_ensureDependencies"))
+    assert "self.logic.describeInstall(unmet)" in widget and "self._confirm(message" in widget
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU index is Linux's choice")
+def test_the_logic_installs_the_cpu_build_where_no_nvidia_driver_is_seen(monkeypatch):
+    """The fallback ran pip_install("torch>=2.1"): on Linux PyPI's CUDA build, some 3 GB, even without a GPU."""
+    from CeVAEAnomalyLib.slicer.logic import _installTorch
+
+    calls = []
+    monkeypatch.setattr(dependencies, "nvidia_driver_visible", lambda: False)
+    monkeypatch.setattr(slicer.util, "pip_install", calls.append, raising=False)
+    assert dependencies.installed_version("PyTorchUtils") is None  # the extension is not here: pip installs
+    _installTorch("torch>=2.1")
+    assert calls == [CPU_ARGS]

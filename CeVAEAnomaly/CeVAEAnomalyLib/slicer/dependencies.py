@@ -10,15 +10,18 @@ import importlib
 import importlib.metadata
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError, one_line
 
 REQUIREMENTS: Dict[str, str] = {"torch": "2.1", "safetensors": "0.4"}  # package: minimum version
 NOT_INSTALLED = None
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # PyTorch's index of its CPU-only builds
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,59 @@ def unmet(requirements: Optional[Dict[str, str]] = None,
 def unmet_message(items: List[Unmet]) -> str:
     """One sentence naming what is missing or too old."""
     return "CeVAE Anomaly needs these Python packages: " + ", ".join(str(item) for item in items) + "."
+
+
+@dataclass(frozen=True)
+class TorchInstall:
+    """How torch gets installed: through the PyTorch extension (``pip_args`` None) or with
+    ``slicer.util.pip_install(pip_args)``; ``build`` says which build and roughly how large, for the confirmation."""
+
+    pip_args: Optional[str]
+    build: str
+
+
+def nvidia_driver_visible(which: Callable[[str], Optional[str]] = shutil.which,
+                          proc_driver: Path = Path("/proc/driver/nvidia")) -> bool:
+    """Whether an NVIDIA driver can be seen: its ``nvidia-smi`` on the PATH, or (Linux) its /proc entry."""
+    return which("nvidia-smi") is not None or proc_driver.exists()
+
+
+def torch_install(spec: str, extension: bool, platform: str, nvidia_driver: bool) -> TorchInstall:
+    """How to install ``spec`` (``torch>=...``) on ``platform`` (``sys.platform``): through the PyTorch extension
+    where it is there (it matches the build to the driver); else PyPI's wheel, except on Linux without an NVIDIA
+    driver, where PyPI's wheel is the CUDA build of several GB that no GPU can use: PyTorch's CPU index instead."""
+    mac, linux = platform == "darwin", platform.startswith("linux")
+    cpu = "the build for macOS (CPU and Apple GPU), about 80 MB" if mac else "the CPU-only build, about 200 MB"
+    cuda = "the CUDA build, roughly 3 GB with its NVIDIA libraries"
+    if extension:
+        return TorchInstall(None, "through the PyTorch extension, which picks the build for this computer: "
+                            + (f"{cuda}, matched to its NVIDIA driver" if nvidia_driver and not mac else cpu))
+    if linux and not nvidia_driver:
+        return TorchInstall(f"{spec} --index-url {TORCH_CPU_INDEX}",
+                            f"from PyTorch's CPU index: {cpu} (no NVIDIA driver found)")
+    if linux:
+        return TorchInstall(spec, f"from PyPI: {cuda} (the PyTorch extension would match it to the driver)")
+    if mac:
+        return TorchInstall(spec, f"from PyPI: {cpu}")
+    return TorchInstall(spec, f"from PyPI: {cpu} (for an NVIDIA GPU, install the PyTorch extension first: it "
+                              "installs the CUDA build)")
+
+
+def planned_torch_install(spec: str) -> TorchInstall:
+    """:func:`torch_install` for this computer (the PyTorch extension is looked for without importing it)."""
+    try:
+        extension = importlib.util.find_spec("PyTorchUtils") is not None
+    except (ImportError, ValueError):
+        extension = False
+    return torch_install(spec, extension, sys.platform, nvidia_driver_visible())
+
+
+def install_description(items: Sequence[Unmet],
+                        plan: Callable[[str], TorchInstall] = planned_torch_install) -> str:
+    """What installing ``items`` does, for the confirmation: which torch build (``plan``) and roughly how large."""
+    said = [f"{item.spec} {plan(item.spec).build}" if item.name == "torch" else f"{item.spec} from PyPI"
+            for item in items]
+    return "This installs " + "; ".join(said) + ". It may take several minutes."
 
 
 def install(items: Sequence[Unmet], pip_install: Callable[[str], object], install_torch: Callable[[str], object],

@@ -225,6 +225,11 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError(dependencies.unmet_message(unmet) + " " + _installAdvice(unmet))
         dependencies.install(unmet, slicer.util.pip_install, _installTorch)
 
+    @staticmethod
+    def describeInstall(unmet: Sequence[dependencies.Unmet]) -> str:
+        """What :meth:`installDependencies` would install for ``unmet``: which torch build and roughly how large."""
+        return dependencies.install_description(unmet)
+
     # --- models ---------------------------------------------------------------------------------
 
     def loadModel(self, modelPath: Union[str, Path, None] = None, device: str = "auto") -> "Bundle":
@@ -574,13 +579,15 @@ def _installAdvice(unmet: Sequence[dependencies.Unmet]) -> str:
 
 
 def _installTorch(spec: str) -> None:
-    """torch through the PyTorch extension (it matches the CUDA build to the driver); pip if it is missing."""
-    try:
-        import PyTorchUtils
-    except ImportError:
-        log.warning("The PyTorch extension is not installed; installing %s from PyPI.", spec)
-        slicer.util.pip_install(spec)
+    """torch through the PyTorch extension (it matches the CUDA build to the driver); with pip if it is missing
+    (:func:`~CeVAEAnomalyLib.slicer.dependencies.torch_install` picks the index)."""
+    plan = dependencies.planned_torch_install(spec)
+    if plan.pip_args is not None:
+        log.warning("The PyTorch extension is not installed; installing %s %s.", spec, plan.build)
+        slicer.util.pip_install(plan.pip_args)
         return
+    import PyTorchUtils
+
     requirement = spec[len("torch"):]
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
     if torch is None:
