@@ -300,3 +300,49 @@ def test_the_logic_installs_the_cpu_build_where_no_nvidia_driver_is_seen(monkeyp
     assert dependencies.installed_version("PyTorchUtils") is None  # the extension is not here: pip installs
     _installTorch("torch>=2.1")
     assert calls == [CPU_ARGS]
+
+
+# --- upgrading a package that this process has imported already ----------------------------------------------
+
+
+def old_imported_package(tmp_path, monkeypatch) -> str:
+    """A real package ``cevae_oldpkg`` 1.0 on the path, imported, and required at 2.0."""
+    (tmp_path / "cevae_oldpkg").mkdir()
+    (tmp_path / "cevae_oldpkg" / "__init__.py").write_text("")
+    (tmp_path / "cevae_oldpkg-1.0.dist-info").mkdir()
+    (tmp_path / "cevae_oldpkg-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: cevae_oldpkg\nVersion: 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cevae_oldpkg", raising=False)
+    __import__("cevae_oldpkg")
+    monkeypatch.setattr(dependencies, "REQUIREMENTS", {"cevae_oldpkg": "2.0"})
+    return "cevae_oldpkg"
+
+
+def test_an_imported_package_is_not_upgraded_under_the_running_slicer(tmp_path, monkeypatch):
+    """pip ran over a torch that Slicer had imported (another module, the console): on Windows it fails on the
+    locked files half-way and leaves a broken torch; elsewhere the old one stays loaded and the run mixes both.
+    Now the confirmation is not even shown, and installDependencies installs nothing: restart Slicer first."""
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    old_imported_package(tmp_path, monkeypatch)
+    calls = []
+    monkeypatch.setattr(slicer, "app", object(), raising=False)  # as inside the application
+    monkeypatch.setattr(slicer.util, "pip_install", calls.append, raising=False)
+    said = (r"^cevae_oldpkg 1\.0 is in use in this Slicer session already \(imported by a module or the Python "
+            r"console\), so pip cannot replace it safely now: restart Slicer, then install before anything else "
+            r"imports it")
+    unmet_now = CeVAEAnomalyLogic.unmetDependencies()
+    assert [str(u) for u in unmet_now] == ["cevae_oldpkg>=2.0 (1.0 installed)"]
+    with pytest.raises(CeVAEError, match=said):
+        CeVAEAnomalyLogic.describeInstall(unmet_now)
+    with pytest.raises(CeVAEError, match=said):
+        CeVAEAnomalyLogic().installDependencies()
+    assert calls == []
+
+
+def test_a_package_not_imported_yet_is_upgraded_and_a_missing_one_installed():
+    items = [Unmet("torch", "2.1", "2.0.1"), Unmet("safetensors", "0.4", None)]
+    dependencies.refuse_loaded_upgrades(items, modules={"torch": None, "safetensors": None})  # None: import blocked
+    with pytest.raises(CeVAEError, match=r"^torch 2\.0\.1 is in use"):
+        dependencies.refuse_loaded_upgrades(items, modules={"torch": sys, "safetensors": sys})

@@ -133,6 +133,21 @@ def install_description(items: Sequence[Unmet],
     return "This installs " + "; ".join(said) + ". It may take several minutes."
 
 
+def refuse_loaded_upgrades(items: Sequence[Unmet], modules: Optional[Dict[str, object]] = None) -> None:
+    """Raise a one-line CeVAEError if one of ``items`` is installed (too old) and imported in this process already
+    (``modules``: ``sys.modules``): pip would replace the files of a library in use (on Windows it fails half-way
+    on the locked ones, leaving a broken install), and the old one would stay loaded until a restart anyway."""
+    modules = sys.modules if modules is None else modules
+    loaded = [item for item in items if item.installed is not NOT_INSTALLED and modules.get(item.name) is not None]
+    if loaded:
+        names = " and ".join(f"{item.name} {item.installed}" for item in loaded)
+        is_, it = ("is", "it") if len(loaded) == 1 else ("are", "them")
+        raise CeVAEError(f"{names} {is_} in use in this Slicer session already (imported by a module or the Python "
+                         f"console), so pip cannot replace {it} safely now: restart Slicer, then install before "
+                         f"anything else imports {it} (Apply in this module, or "
+                         "CeVAEAnomalyLogic().installDependencies() in the Python console).")
+
+
 def install(items: Sequence[Unmet], pip_install: Callable[[str], object], install_torch: Callable[[str], object],
             version_of: Callable[[str], Optional[str]] = installed_version) -> None:
     """Install ``items`` in turn (torch with ``install_torch``, the others with ``pip_install``; each takes a pip

@@ -217,17 +217,21 @@ class CeVAEAnomalyLogic(_LogicBase):
         through the PyTorch extension (``PyTorchUtils``, which picks the CUDA build that matches the
         driver), or with pip if that extension is missing; the others with pip. Asks nothing: the
         caller confirms first. A one-line CeVAEError if an install fails (e.g. offline) or something is still
-        unmet afterwards (:func:`~CeVAEAnomalyLib.slicer.dependencies.install`)."""
+        unmet afterwards (:func:`~CeVAEAnomalyLib.slicer.dependencies.install`), and before installing anything if
+        a package to upgrade is imported already (restart Slicer first)."""
         unmet = self.unmetDependencies()
         if not unmet:
             return
         if getattr(slicer, "app", None) is None:
             raise CeVAEError(dependencies.unmet_message(unmet) + " " + _installAdvice(unmet))
+        dependencies.refuse_loaded_upgrades(unmet)
         dependencies.install(unmet, slicer.util.pip_install, _installTorch)
 
     @staticmethod
     def describeInstall(unmet: Sequence[dependencies.Unmet]) -> str:
-        """What :meth:`installDependencies` would install for ``unmet``: which torch build and roughly how large."""
+        """What :meth:`installDependencies` would install for ``unmet``: which torch build and roughly how large.
+        A CeVAEError instead where it would refuse a package imported already (before anything is asked)."""
+        dependencies.refuse_loaded_upgrades(unmet)
         return dependencies.install_description(unmet)
 
     # --- models ---------------------------------------------------------------------------------
