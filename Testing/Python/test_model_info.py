@@ -307,3 +307,37 @@ def test_info_describes_a_training_volume_as_sample_data_only_when_its_content_i
     lines = info(capsys, str(path)).splitlines()
     assert not any(line.startswith("  colin27_t1:") for line in lines)
     assert [line for line in lines if line.startswith("  ")] == [b for b in bundled if b.startswith("  ")][1:]
+
+
+def test_a_training_record_says_of_how_many_persons_its_volumes_are(capsys, tmp_path):
+    """A model trained on a cohort said how many volumes but not of how many persons, though the split knew them (a
+    manifest's subject column, a BIDS name's sub-<label>): two sessions of one person read as two people. Each
+    volume's record now holds its person (None: unknown), and info counts them as the split does."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+    from CeVAEAnomalyLib.io.manifest import Subject
+    from CeVAEAnomalyLib.training.packaging import subject_records
+
+    images = [tmp_path / "sub-01_ses-1_T1w.nii.gz", tmp_path / "sub-01_ses-2_T1w.nii.gz", tmp_path / "scanA.nii.gz",
+              tmp_path / "other.nii.gz"]
+    subjects = [Subject(images[0]), Subject(images[1]), Subject(images[2], person="Sub-02"), Subject(images[3])]
+    records = subject_records(subjects, {image: f"{n:064x}" for n, image in enumerate(images)})
+    assert [r["person"] for r in records] == ["01", "01", "02", None]
+
+    path = tmp_path / "model.cevae"
+    shutil.copy(default_model_path(), path)
+    persons = ("a", "a", None)
+    rewrite(path, lambda h, t: [v.__setitem__("person", p) for v, p in zip(h["training"]["subjects"], persons)])
+    text = info(capsys, str(path))
+    assert text.startswith("cevae_t1_default (T1) with the bundled default model's weights: trained on 3 healthy "
+                           "volumes of 2 persons; threshold calibrated on")
+    assert "Trained on: 3 healthy volumes of 2 persons (colin27_t1, mni152_t1, robex_t1), none held out" in text
+    facts = json.loads(info(capsys, str(path), "--json"))["training"]
+    assert (facts["persons"], facts["held_out_persons"]) == (2, None)
+    assert [v["person"] for v in facts["volumes"]] == ["a", "a", None]
+    assert json.loads(info(capsys, "--json"))["training"]["persons"] is None  # recorded before persons were
+
+    rewrite(path, lambda h, t: h["training"]["subjects"][0].__setitem__("person", 5))
+    assert main(["info", str(path)]) == 2
+    assert "training.subjects" in capsys.readouterr().err

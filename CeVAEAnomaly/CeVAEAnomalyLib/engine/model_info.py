@@ -62,6 +62,8 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
         "preprocess": header.preprocess.to_dict(),
         "training": None if training is None else {
             "volumes": _volumes(training.get("subjects")), "held_out": _volumes(training.get("validation_subjects")),
+            "persons": _persons(training.get("subjects")),
+            "held_out_persons": _persons(training.get("validation_subjects")),
             **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "seconds")},
             "orientations": training.get("orientations") or ["axial"]},  # (absent: axial, as read_header takes it)
         "adaptation": _adaptation(adaptation) if isinstance(adaptation, dict) else None,
@@ -90,8 +92,20 @@ def known_source(volume: Mapping[str, Any]) -> Optional[str]:
 
 
 def _volumes(records: Any) -> List[Dict[str, Any]]:
-    """Name and sha256 of each volume of a training record's list (read_header checked their types)."""
-    return [{"name": r.get("name"), "sha256": r.get("sha256")} for r in records or ()]
+    """Name, sha256 and person scanned (None: not known or not recorded) of each volume of a training record's list
+    (read_header checked their types)."""
+    return [{"name": r.get("name"), "sha256": r.get("sha256"), "person": r.get("person")} for r in records or ()]
+
+
+def _persons(records: Any) -> Optional[int]:
+    """How many persons the volumes of a record (training/packaging.subject_records) are scans of, as a split by
+    person counts them (a volume of unknown person is one of its own); None where the record is older than its
+    persons or knows none of them."""
+    volumes = [r for r in records or () if isinstance(r, dict)]
+    people = [r.get("person") for r in volumes]
+    if not volumes or any("person" not in r for r in volumes) or not any(isinstance(p, str) for p in people):
+        return None
+    return len({p if isinstance(p, str) else i for i, p in enumerate(people)})
 
 
 def _adaptation(record: Mapping[str, Any]) -> Dict[str, Any]:
@@ -100,7 +114,7 @@ def _adaptation(record: Mapping[str, Any]) -> Dict[str, Any]:
     scans = record.get("site_scans") if isinstance(record.get("site_scans"), list) else []
     folds = record.get("folds")
     return {"parent": {k: parent.get(k) for k in ("name", "file", "sha256")},
-            "site_scans": [{"name": s.get("name"), "sha256": s.get("sha256")} for s in scans if isinstance(s, dict)],
+            "site_scans": _volumes([s for s in scans if isinstance(s, dict)]), "persons": _persons(scans),
             "folds": len(folds) if isinstance(folds, list) else None,
             "steps_per_run": record.get("steps_per_run"), "lr": record.get("lr")}
 
@@ -156,16 +170,16 @@ def describe_model(info: Mapping[str, Any]) -> str:
         runs += [f"learning rate {adaptation['lr']:g}"] if isinstance(adaptation["lr"], (int, float)) else []
         runs += [_count(adaptation["folds"], "calibration fold")] if adaptation["folds"] else []
         lines.append(f"Adapted from: {parent['name'] or 'a model'} ({parent['file']}, sha256 {parent['sha256']}), "
-                     f"fine-tuned on {_count(len(scans), 'site scan')} ({_names(scans)})"
+                     f"fine-tuned on {_count(len(scans), 'site scan')}{_of(adaptation['persons'])} ({_names(scans)})"
                      + (f": {', '.join(runs)}." if runs else "."))
     elif training is not None:
         held = training["held_out"]
         run = [text for text, value in ((f"{training['steps']} steps of batch {training['batch_size']}",
                                          training["steps"]), (f"seed {training['seed']}", training["seed"]))
                if value is not None]  # (a record made by hand may lack them)
-        lines.append(f"Trained on: {_count(len(training['volumes']), 'healthy volume')} "
+        lines.append(f"Trained on: {_count(len(training['volumes']), 'healthy volume')}{_of(training['persons'])} "
                      f"({_names(training['volumes'])}), {len(held) or 'none'} held out for validation"
-                     f"{' (' + _names(held) + ')' if held else ''}; "
+                     f"{' (' + _names(held) + ')' if held else ''}{_of(training['held_out_persons'])}; "
                      + ", ".join([*run, f"slices {', '.join(training['orientations'])}"]) + ".")
         lines += [f"  {v['name']}: {known_source(v)}" for v in training["volumes"] if known_source(v)]
     else:
@@ -201,9 +215,9 @@ def model_headline(info: Mapping[str, Any]) -> str:
     adaptation, training, calibration = info["adaptation"], info["training"], info["calibration"]
     if adaptation is not None:
         origin = (f"adapted from {adaptation['parent']['name'] or 'another model'} on "
-                  f"{_count(len(adaptation['site_scans']), 'site scan')}")
+                  f"{_count(len(adaptation['site_scans']), 'site scan')}{_of(adaptation['persons'])}")
     elif training is not None:
-        origin = f"trained on {_count(len(training['volumes']), 'healthy volume')}"
+        origin = f"trained on {_count(len(training['volumes']), 'healthy volume')}{_of(training['persons'])}"
     else:
         origin = "training not recorded"
     if calibration is None:
@@ -309,6 +323,11 @@ def _sides(sides: Sequence[float]) -> str:
 
 def _count(n: Optional[int], what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _of(persons: Optional[int]) -> str:
+    """Of how many persons (" of 3 persons") where a record says it, else nothing."""
+    return f" of {_count(persons, 'person')}" if persons else ""
 
 
 def _names(volumes: Sequence[Mapping[str, Any]]) -> str:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class TrainingRecord:
     """How the model was trained (the bundle header's ``training`` section)."""
 
-    subjects: List[Dict[str, Optional[str]]]  # name, sha256 of each training image and of its mask
+    subjects: List[Dict[str, Optional[str]]]  # name, sha256 of each training image and of its mask, person scanned
     validation_subjects: List[Dict[str, Optional[str]]]
     train_slices: int
     orientations: List[str]
@@ -88,9 +88,11 @@ def with_contrast(header: BundleHeader, contrasts: Sequence[Optional[float]]) ->
 def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
                     names: Optional[Dict[Path, str]] = None) -> List[Dict[str, Optional[str]]]:
     """Name (``names``, e.g. :func:`~..io.manifest.distinct_names`; else the file stem) and sha256 of each volume,
-    and of its brain mask (None: the mask was computed automatically)."""
+    of its brain mask (None: the mask was computed automatically) and the person scanned, as a split by person
+    tells them apart (:attr:`~..io.manifest.Subject.group`; None: not known, a person of its own)."""
     return [{"name": (names or {}).get(s.image, s.name), "sha256": checksums[s.image],
-             "mask_sha256": checksums[s.mask] if s.mask is not None else None} for s in subjects]
+             "mask_sha256": checksums[s.mask] if s.mask is not None else None,
+             "person": s.group[1] if s.group[0] == "person" else None} for s in subjects]
 
 
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
