@@ -341,3 +341,30 @@ def test_a_training_record_says_of_how_many_persons_its_volumes_are(capsys, tmp_
     rewrite(path, lambda h, t: h["training"]["subjects"][0].__setitem__("person", 5))
     assert main(["info", str(path)]) == 2
     assert "training.subjects" in capsys.readouterr().err
+
+
+def test_a_copy_calibrated_before_copies_recorded_their_parent_is_not_taken_for_its_parent(capsys, tmp_path):
+    """A copy that calibrate (or the Slicer module) wrote before the header's 'recalibration' section existed kept
+    its parent's name and no record of it: info said "cevae_t1_default (T1) with the bundled default model's
+    weights", as if it were the bundled model with the bundled calibration. Its calibration's source tells it."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+    from CeVAEAnomalyLib.engine.calibration import CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE
+    from CeVAEAnomalyLib.slicer.settings import ModelSettings
+
+    for source in (CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE):
+        path = tmp_path / "old_copy.cevae"
+        shutil.copy(default_model_path(), path)
+        rewrite(path, lambda h, t: [entry.__setitem__("source", source) for entry in h["calibration"].values()])
+        text = info(capsys, str(path))
+        lines = text.splitlines()
+        assert lines[0].startswith("cevae_t1_default (T1), recalibrated (no record of its parent), with the bundled "
+                                   "default model's weights: trained on 3 healthy volumes; threshold calibrated on")
+        assert "Recalibrated from: not recorded (calibrated by a version that did not record the model a copy was " \
+               "made from; the copy kept that model's name)." in lines
+        facts = json.loads(info(capsys, str(path), "--json"))
+        assert (facts["recalibrated"], facts["recalibration"]) == (True, None)
+        assert ModelSettings.read(path).details[0] == lines[0]
+    bundled = json.loads(info(capsys, "--json"))
+    assert bundled["recalibrated"] is False and "recalibrated" not in info(capsys).splitlines()[0]

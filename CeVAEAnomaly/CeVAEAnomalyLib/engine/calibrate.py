@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .bundle import Bundle, save_bundle
-from .calibration import (ACQUISITION_FACTOR, calibrate, calibration_key, check_default_fpr, thin_tail,
-                          unlike_scans)
+from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
+                          thin_tail, unlike_scans)
 from ..io.manifest import Subject, check_subjects, distinct_names
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..errors import CeVAEError
@@ -153,7 +153,7 @@ def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], largest: Sequence[f
 
 def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: ScoreOptions,
                 post: PostprocessOptions, default_fpr: Optional[float] = None,
-                source: str = "healthy volumes given to calibrate",
+                source: str = CALIBRATE_SOURCE,
                 progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None,
                 run: RunOptions = RunOptions(), checksums: Optional[Mapping[Path, str]] = None) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration

@@ -20,6 +20,8 @@ from ..errors import CeVAEError
 from ..options import PostprocessOptions, ScoreOptions, flag_of
 
 DEFAULT_FPR = 0.001
+CALIBRATE_SOURCE = "healthy volumes given to calibrate"  # the calibration source of a copy that calibrate writes
+SLICER_CALIBRATE_SOURCE = "healthy volumes of the site"  # ... that the Slicer module's Calibrate writes
 FPR_GRID = np.unique(np.concatenate([np.logspace(-6, -1, 26), [0.2, 0.5]]))
 
 

@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
-from .calibration import ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, calibrated_settings, thin_tail, threshold_for_fpr
+from .calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE,
+                          calibrated_settings, thin_tail, threshold_for_fpr)
 from .header import WEIGHTS_DIGEST_KEY, BundleHeader, read_header, weights_digest
 
 # the bundled model's training volumes (the sample data), by name and file sha256: what each one is, and where it
@@ -28,6 +29,7 @@ KNOWN_SOURCES = {
 }
 OTHER_RATES = (1e-5, 1e-4, 1e-3, 1e-2)  # healthy false-positive rates whose thresholds are said beside the default's
 NAMES_SAID = 5  # volume names the text lists (the JSON lists them all)
+COPY_SOURCES = (CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE)  # the calibration source of copies calibrate writes
 
 
 def model_info(path: Union[str, Path]) -> Dict[str, Any]:
@@ -51,6 +53,8 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
     adaptation = header.extra.get("adaptation")
     weights = header.extra.get(WEIGHTS_DIGEST_KEY)
     bundled = _bundled_digests()
+    calibration = _calibration(header)
+    recalibration = header.extra.get("recalibration")  # (read_header checked it: engine/bundle_checks.py)
     return {
         "file": os.path.abspath(path), "sha256": sha256, "name": header.name, "modality": header.modality,
         "bundled": {"file": bundled is not None and sha256 == bundled[0],
@@ -67,8 +71,11 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
             **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "seconds")},
             "orientations": training.get("orientations") or ["axial"]},  # (absent: axial, as read_header takes it)
         "adaptation": _adaptation(adaptation) if isinstance(adaptation, dict) else None,
-        "recalibration": header.extra.get("recalibration"),  # (read_header checked it: engine/bundle_checks.py)
-        "calibration": _calibration(header),
+        "recalibration": recalibration,
+        # a copy written by calibrate before copies recorded their parent: its calibration's source says it
+        "recalibrated": recalibration is not None or (calibration is not None
+                                                      and calibration["source"] in COPY_SOURCES),
+        "calibration": calibration,
         "score_options": header.score_options.to_dict(), "postprocess": header.postprocess.to_dict(),
     }
 
@@ -186,7 +193,7 @@ def describe_model(info: Mapping[str, Any]) -> str:
         lines.append("Trained on: not recorded.")
     if adaptation is None:
         lines.append("Adapted: no (not fine-tuned to a site).")
-    lines += _recalibration_lines(info["recalibration"])
+    lines += _recalibration_lines(info["recalibration"], info["recalibrated"])
     score, post = info["score_options"], info["postprocess"]
     lines += _calibration_lines(calibration, score["score_type"])
     lines.append(f"Default scoring: {score['score_type']}, slices {score['orientations'].replace(',', ', ')}"
@@ -235,13 +242,16 @@ def model_headline(info: Mapping[str, Any]) -> str:
         parent, original = record["parent"], record["original"]
         first = f" (originally {_model(original)})" if original != parent else ""
         which = f", recalibrated from {_model(parent)}{first}{',' if which.startswith(' ') else ''}{which}"
+    elif info["recalibrated"]:
+        which = f", recalibrated (no record of its parent){',' if which.startswith(' ') else ''}{which}"
     return f"{info['name'] or Path(info['file']).stem} ({info['modality']}){which}: {origin}; {calibrated}."
 
 
-def _recalibration_lines(record: Optional[Mapping[str, Any]]) -> List[str]:
+def _recalibration_lines(record: Optional[Mapping[str, Any]], recalibrated: bool) -> List[str]:
     """What the text says of the model a calibrated copy was made from, when, on which scans, with which options."""
     if record is None:
-        return []
+        return ["Recalibrated from: not recorded (calibrated by a version that did not record the model a copy was "
+                "made from; the copy kept that model's name)."] if recalibrated else []
     parent, original, options = record["parent"], record["original"], record["options"]
     scans = record["scans"]
     asked = [f"default rate {options['default_fpr']:g}"] + (["mixed precision"] if options["amp"] else [])

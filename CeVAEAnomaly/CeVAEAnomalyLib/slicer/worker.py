@@ -98,6 +98,7 @@ def _subjects(task: Dict[str, Any]) -> List["Subject"]:
 
 def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
     from ..engine.calibrate import recalibrate
+    from ..engine.calibration import SLICER_CALIBRATE_SOURCE
     from ..io.lock import hold_output
     from ..io.targets import Inputs
     from ..training.data import unique_subjects, voxel_checksums
@@ -118,7 +119,7 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
         score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects]))  # a scan loaded twice
         path = recalibrate(bundle, subjects, out, score, post,
-                           source=task.get("source", "healthy volumes of the site"),
+                           source=task.get("source", SLICER_CALIBRATE_SOURCE),
                            progress=scaled(progress, 0.02, 0.98), run=request.run)
     _warn_of_lost_thorough_mode(bundle, path)
     report(progress, 1.0, "Calibrated model saved")
