@@ -208,7 +208,8 @@ def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(
     assert (f"Adapted from: tiny (tiny.cevae, sha256 {sha256_of(tiny_bundle)}), fine-tuned on 2 site scans (colin27, "
             "mni152): 2 steps per run, learning rate 0.0001, 2 calibration folds.") in text
     assert "Trained on:" not in text  # its training record is the fine-tuning's
-    assert "Calibrated on: 2 healthy scans" in text and "; site scans, each scored by the fold model" in text
+    assert "Calibrated on: 2 healthy scans (colin27, mni152), " in text and "; site scans, each scored by the fold " \
+                                                                        "model" in text
 
 
 @pytest.mark.parametrize("damage, said", [
@@ -368,3 +369,31 @@ def test_a_copy_calibrated_before_copies_recorded_their_parent_is_not_taken_for_
         assert ModelSettings.read(path).details[0] == lines[0]
     bundled = json.loads(info(capsys, "--json"))
     assert bundled["recalibrated"] is False and "recalibrated" not in info(capsys).splitlines()[0]
+
+
+def test_the_calibration_of_an_adapted_model_names_its_site_scans(capsys, tmp_path):
+    """An adapted model is calibrated on its site scans (each scored by the fold model that did not see it), but info's
+    Calibrated on line named no scans: only its Adapted from line did; one adapted before calibration tables counted
+    their scans read "healthy scans (how many is not recorded)", and detection's threshold source gave no count. A
+    copy's own list still comes first."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+
+    def adapted(h, t):
+        h.pop("calibration_subjects")
+        h["adaptation"] = {"parent": {"name": "base", "file": "base.cevae", "sha256": "ab" * 32},
+                           "site_scans": [{"name": f"site {n}", "sha256": f"{n:064x}"} for n in (1, 2, 3)]}
+
+    path = tmp_path / "adapted.cevae"
+    shutil.copy(default_model_path(), path)
+    rewrite(path, adapted)
+    lines = info(capsys, str(path)).splitlines()
+    assert any(line.startswith("Calibrated on: 3 healthy scans (site 1, site 2, site 3), ") for line in lines), lines
+    assert json.loads(info(capsys, str(path), "--json"))["calibration"]["scan_names"] == ["site 1", "site 2", "site 3"]
+    header = read_header(path)
+    assert header.threshold(header.score_options, header.postprocess, ThresholdPolicy())[1].startswith(
+        "calibrated on held-out scores (3 scans), ")
+    rewrite(path, lambda h, t: h.__setitem__("calibration_subjects", ["a", "b", "c"]))  # then calibrated on a, b, c
+    assert any(line.startswith("Calibrated on: 3 healthy scans (a, b, c), ") for line in info(capsys, str(path))
+               .splitlines())

@@ -129,8 +129,18 @@ class BundleHeader:
         table written before it kept one) the header's list of calibration scans; None where neither says."""
         scans = entry.get("scan_voxels")
         if not isinstance(scans, list):
-            scans = self.extra.get("calibration_subjects")
+            scans = self.calibration_names()
         return len(scans) if isinstance(scans, list) and scans else None
+
+    def calibration_names(self) -> Optional[List[Any]]:
+        """The names of the scans the model is calibrated on: those a calibrated copy lists; else, for an adapted
+        model (calibrated on every site scan, each by the fold model that did not see it), its site scans'; None
+        where neither is recorded."""
+        names = self.extra.get("calibration_subjects")
+        adaptation = self.extra.get("adaptation")
+        if names is None and isinstance(adaptation, dict) and isinstance(adaptation.get("site_scans"), list):
+            return [s.get("name") if isinstance(s, dict) else None for s in adaptation["site_scans"]]
+        return names if isinstance(names, list) else None
 
     def unmeasured_rate(self, score: ScoreOptions, post: PostprocessOptions, policy: ThresholdPolicy) -> Optional[str]:
         """Why the rate of the calibrated threshold ``policy`` gets is not measured (engine/calibration.thin_tail), in

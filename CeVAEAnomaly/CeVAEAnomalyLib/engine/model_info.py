@@ -133,7 +133,7 @@ def _calibration(header: BundleHeader) -> Optional[Dict[str, Any]]:
         return None
     entry = settings[0][1]
     rate = header.default_fpr
-    names = header.extra.get("calibration_subjects")
+    names = header.calibration_names()
     scans = header.calibration_scans(entry)
     sides, tails = entry.get("largest_voxel_mm"), entry.get("bright_tail")
     return {
