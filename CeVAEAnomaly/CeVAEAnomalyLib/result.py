@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple, get_type_hints
+from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple, get_args, get_type_hints
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +48,9 @@ class Component:
     max_score: float
     mean_score: float
     centroid_lps: Tuple[float, float, float]
+    peak_lps: Optional[Tuple[float, float, float]] = None  # the centre of its highest-scoring voxel (of equal ones,
+    # the first in array order): a point in the component, which the centroid need not be (a ring's lies in its hole);
+    # None where it is not known (a result saved before components recorded it)
 
     @property
     def summed_score(self) -> float:
@@ -57,8 +60,17 @@ class Component:
     @property
     def centroid_ras(self) -> Tuple[float, float, float]:
         """The centroid in RAS (mm), as Slicer shows positions: ``centroid_lps`` with x and y negated."""
-        x, y, z = self.centroid_lps
-        return (-x, -y, z)
+        return _ras(self.centroid_lps)
+
+    @property
+    def peak_ras(self) -> Optional[Tuple[float, float, float]]:
+        """The highest-scoring voxel in RAS (mm): ``peak_lps`` with x and y negated (None where it is not known)."""
+        return None if self.peak_lps is None else _ras(self.peak_lps)
+
+
+def _ras(lps: Tuple[float, float, float]) -> Tuple[float, float, float]:
+    x, y, z = lps
+    return (-x, -y, z)
 
 
 @dataclass(frozen=True)
@@ -208,18 +220,22 @@ def slice_scores_csv(result: DetectionResult, delimiter: str = ",") -> str:
     return buf.getvalue()
 
 
-COMPONENT_FIELDS = ["component", "voxels", "volume_ml", "summed_score", "max_score", "mean_score", "r", "a", "s"]
+PEAK_FIELDS = ["peak_r", "peak_a", "peak_s"]  # a component's highest-scoring voxel (tables written before lack them)
+COMPONENT_FIELDS = ["component", "voxels", "volume_ml", "summed_score", "max_score", "mean_score", "r", "a", "s",
+                    *PEAK_FIELDS]
 
 
 def components_csv(result: DetectionResult, delimiter: str = ",") -> str:
     """The anomaly components in the result's order (``component`` 1 first: the highest summed score), with
-    centroids in the input's RAS (mm). The labelmap marks every component 1; ``component`` is their rank."""
+    centroids and highest-scoring voxels in the input's RAS (mm; a peak not known is left empty). The labelmap marks
+    every component 1; ``component`` is their rank."""
     buf = io.StringIO()
     w = csv.writer(buf, delimiter=delimiter)
     w.writerow(COMPONENT_FIELDS)
     for c in result.components:
+        peak = ("", "", "") if c.peak_ras is None else (f"{v:.2f}" for v in c.peak_ras)
         w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.summed_score:.6g}", f"{c.max_score:.6g}",
-                    f"{c.mean_score:.6g}", *(f"{v:.2f}" for v in c.centroid_ras)])
+                    f"{c.mean_score:.6g}", *(f"{v:.2f}" for v in c.centroid_ras), *peak])
     return buf.getvalue()
 
 
@@ -276,7 +292,7 @@ def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]])
 RESULT_FILES = {"score": "score.nrrd", "labelmap": "labelmap.nrrd", "brain_mask": "brain_mask.nrrd"}
 SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_source", "slices", "components",
 # "record"}
-SUMMARY_VERSION = 2  # 2: with the detection's record
+SUMMARY_VERSION = 2  # 2: with the detection's record (components gained peak_lps later; one without reads as None)
 
 
 def save_result(result: DetectionResult, folder: PathLike, overwrite: bool = False) -> None:
@@ -313,7 +329,8 @@ def load_result(folder: PathLike) -> DetectionResult:
         threshold, source = strict_json.number(summary.get("threshold")), summary.get("threshold_source")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not isinstance(source, str):
             raise ValueError(f"threshold {threshold!r} ({source!r}) is not a number with its source")
-        components = [_typed(Component, c, f"component {n}") for n, c in enumerate(_listed(summary, "components"), 1)]
+        components = [_typed(Component, c, f"component {n}", _LATER_COMPONENT_FIELDS)
+                      for n, c in enumerate(_listed(summary, "components"), 1)]
         rows = [_typed(SliceScoreRow, r, f"slice row {n}") for n, r in enumerate(_listed(summary, "slices"), 1)]
         if "record" not in summary:
             raise ValueError("it holds no 'record'")
@@ -340,17 +357,23 @@ def _listed(summary: dict, key: str) -> list:
     return value
 
 
-def _typed(cls: type, data: object, where: str):
-    """``cls`` (SliceScoreRow, Component) from a JSON object holding exactly its fields, each of its type."""
+_LATER_COMPONENT_FIELDS = frozenset({"peak_lps"})  # a Component's fields that results saved before lack (its default)
+
+
+def _typed(cls: type, data: object, where: str, later: AbstractSet[str] = frozenset()):
+    """``cls`` (SliceScoreRow, Component) from a JSON object holding exactly its fields (those in ``later`` may be
+    missing: their default), each of its type (a point may be null where its type is Optional)."""
     hints = get_type_hints(cls)
-    if not isinstance(data, dict) or set(data) != set(hints):
+    if not isinstance(data, dict) or not set(hints) - set(later) <= set(data) <= set(hints):
         raise ValueError(f"{where} does not hold the fields {sorted(hints)}")
     for name, kind in hints.items():
+        if name not in data or (data[name] is None and type(None) in get_args(kind)):
+            continue
         value = strict_json.number(data[name]) if kind is float else data[name]
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = {int: isinstance(value, int) and not isinstance(value, bool), float: number,
               bool: isinstance(value, bool)}.get(kind)
-        if ok is None:  # the centroid: three numbers
+        if ok is None:  # the centroid or peak: three numbers
             value = [strict_json.number(v) for v in value] if isinstance(value, list) else value
             ok = isinstance(value, list) and len(value) == 3 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)

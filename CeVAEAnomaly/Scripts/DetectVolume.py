@@ -213,7 +213,7 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
         paths["score"]: image(detection.score, result.nodes.score),
         paths["labelmap"]: image(detection.labelmap, result.nodes.labelmap),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
-        paths["components"]: components_csv(detection),  # centroids in RAS: the same on either grid
+        paths["components"]: components_csv(detection),  # centroids and peaks in RAS: the same on either grid
         paths["slices"]: slice_scores_csv(slices_on_grid(detection, grid) if grid else detection),
         paths["record"]: record_json(detection),
     }

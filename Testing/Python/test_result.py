@@ -29,7 +29,7 @@ def small_result() -> DetectionResult:
     brain = sitk.Cast(score >= 0, sitk.sitkUInt8)
     rows = [SliceScoreRow(2, k, 0.1 * k, 1.0, 2.0 + k, anomaly=k / 3, map_max=0.5 * k, flagged=k == 3)
             for k in range(4)]
-    comps = [Component(1, 20, 0.06, 2.0, 1.75, (1.0, -2.0, 3.5))]
+    comps = [Component(1, 20, 0.06, 2.0, 1.75, (1.0, -2.0, 3.5), (2.0, 2.5, 5.0))]
     return DetectionResult(score, labelmap, brain, 1.5, "absolute", rows, comps, small_record())
 
 
@@ -92,8 +92,8 @@ def test_tables_list_the_most_anomalous_slice_first(tmp_path):
     rows = table.splitlines()
     assert rows[0] == "axis,index,anomaly,kl,rec,neg_elbo,map_max,flagged" and rows[1].startswith("2,3,1,")
     header, first = components_csv(result).splitlines()[:2]
-    assert header == "component,voxels,volume_ml,summed_score,max_score,mean_score,r,a,s"
-    assert first == "1,20,0.0600,35,2,1.75,-1.00,2.00,3.50"  # summed score: mean 1.75 x 20 voxels
+    assert header == "component,voxels,volume_ml,summed_score,max_score,mean_score,r,a,s,peak_r,peak_a,peak_s"
+    assert first == "1,20,0.0600,35,2,1.75,-1.00,2.00,3.50,-2.00,-2.50,5.00"  # summed score: mean 1.75 x 20 voxels
     files = result_files(result, {"slices": tmp_path / "s.csv", "components": None, "score": tmp_path / "a.nrrd"})
     assert set(files) == {tmp_path / "s.csv", tmp_path / "a.nrrd"} and files[tmp_path / "s.csv"] == table
 

@@ -407,9 +407,10 @@ def incomplete_outputs(paths: Dict[str, Path]) -> str:
     """Why a volume's outputs on disk are not a complete set ("" if they are): the checks of a fresh write
     (:mod:`..io.verify`), and for the slice and component tables their header, row lengths and final line end."""
     from ..io.verify import incomplete_reason
-    from ..result import COMPONENT_FIELDS, SLICE_FIELDS
+    from ..result import COMPONENT_FIELDS, PEAK_FIELDS, SLICE_FIELDS
 
-    headers = {"slices": ("slice-score", SLICE_FIELDS), "components": ("component", COMPONENT_FIELDS)}
+    before_peaks = [f for f in COMPONENT_FIELDS if f not in PEAK_FIELDS]  # a table of a version without peak columns
+    headers = {"slices": ("slice-score", [SLICE_FIELDS]), "components": ("component", [COMPONENT_FIELDS, before_peaks])}
     for role, path in paths.items():
         if not path.is_file():
             return f"{path.name} is missing"
@@ -421,12 +422,12 @@ def incomplete_outputs(paths: Dict[str, Path]) -> str:
     return ""
 
 
-def _table_reason(text: str, what: str, header: Sequence[str]) -> Optional[str]:
-    """Why the text of a CSV table with the columns ``header`` is not whole (None if it is)."""
+def _table_reason(text: str, what: str, headers: Sequence[Sequence[str]]) -> Optional[str]:
+    """Why the text of a CSV table with the columns of one of ``headers`` is not whole (None if it is)."""
     rows = list(csv.reader(io.StringIO(text)))
-    if not rows or rows[0] != list(header):
+    if not rows or rows[0] not in [list(h) for h in headers]:
         return f"no {what} header"
-    if not text.endswith("\n") or any(len(r) != len(header) for r in rows):
+    if not text.endswith("\n") or any(len(r) != len(rows[0]) for r in rows):
         return "a row is cut short"
     return None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -214,15 +214,18 @@ COMPONENT_ORDERS = {
 
 
 def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -> List[Component]:
-    """Connected components (26-connectivity) with size and score statistics, ranked by ``order``
-    (a key of :data:`COMPONENT_ORDERS`, highest first) and labelled 1, 2, ... in that order."""
+    """Connected components (26-connectivity) with size and score statistics and their highest-scoring voxel,
+    ranked by ``order`` (a key of :data:`COMPONENT_ORDERS`, highest first) and labelled 1, 2, ... in that order."""
     cc = sitk.RelabelComponent(sitk.ConnectedComponent(labelmap, True))
     stats = sitk.LabelIntensityStatisticsImageFilter()
     stats.Execute(cc, score)
     voxel_ml = voxel_volume_ml(score)
+    labels = [int(lab) for lab in stats.GetLabels()]
+    peaks = _peak_voxels(cc, score, {lab: stats.GetMaximum(lab) for lab in labels})
     out = []
-    for lab in stats.GetLabels():
+    for lab in labels:
         n = int(stats.GetNumberOfPixels(lab))
+        peak = peaks.get(lab)
         out.append(
             Component(
                 label=int(lab),
@@ -231,12 +234,27 @@ def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -
                 max_score=float(stats.GetMaximum(lab)),
                 mean_score=float(stats.GetMean(lab)),
                 centroid_lps=tuple(float(v) for v in stats.GetCentroid(lab)),
+                peak_lps=None if peak is None else tuple(float(v) for v in score.TransformIndexToPhysicalPoint(peak)),
             )
         )
     out.sort(key=lambda c: (-COMPONENT_ORDERS[order](c), -c.voxels, c.label))
     for rank, c in enumerate(out, 1):
         c.label = rank
     return out
+
+
+def _peak_voxels(labels: sitk.Image, score: sitk.Image, maxima: Dict[int, float]) -> Dict[int, Tuple[int, int, int]]:
+    """The (i, j, k) index of each label's voxel that scores its maximum (``maxima``, by label; of equal ones the
+    first in array order): one pass over the labelled voxels, no sort."""
+    flat = sitk.GetArrayViewFromImage(labels).ravel()
+    inside = np.flatnonzero(flat)
+    label_of = flat[inside]
+    top = np.zeros(max(maxima, default=0) + 1, np.float64)  # each label's maximum, by label
+    top[list(maxima)] = list(maxima.values())
+    at_top = inside[sitk.GetArrayViewFromImage(score).ravel()[inside] == top[label_of]]
+    found, first = np.unique(flat[at_top], return_index=True)  # (at_top is in array order)
+    k, j, i = np.unravel_index(at_top[first], labels.GetSize()[::-1])
+    return {int(lab): (int(a), int(b), int(c)) for lab, a, b, c in zip(found, i, j, k)}
 
 
 def normalised(score: np.ndarray, brain: np.ndarray, spread: str = "mad") -> np.ndarray:

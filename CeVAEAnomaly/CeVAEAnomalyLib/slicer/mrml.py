@@ -776,47 +776,14 @@ def _array(kind, values: Sequence[float]) -> vtk.vtkDataArray:
     return array
 
 
-def component_peaks(result: "DetectionResult") -> List[Optional[Tuple[int, int, int]]]:
-    """The (i, j, k) index of each component's highest-scoring voxel (of equal ones, the first in array order), in
-    the order of ``result.components``: a point in the component, which its centroid need not be (a ring-shaped
-    component's lies in its hole). None for a component the labelmap does not hold (a foreign result)."""
-    if not result.components:
-        return []
-    flagged = sitk.GetArrayViewFromImage(result.labelmap)
-    where = [np.flatnonzero(np.any(flagged, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    if any(len(w) == 0 for w in where):
-        return [None] * len(result.components)
-    low = [int(w[0]) for w in where[::-1]]  # (i, j, k) of the box around the labelled voxels
-    size = [int(w[-1]) + 1 - lo for w, lo in zip(where[::-1], low)]
-    labels = sitk.ConnectedComponent(sitk.RegionOfInterest(result.labelmap, size, low), True)  # as components() does
-    shapes = sitk.LabelShapeStatisticsImageFilter()
-    shapes.Execute(labels)
-    label_array = sitk.GetArrayViewFromImage(labels)
-    inside = np.flatnonzero(label_array)
-    label_of = label_array.ravel()[inside]
-    boxed = sitk.RegionOfInterest(result.score, size, low)  # (kept: a view does not keep its image alive)
-    scores = sitk.GetArrayViewFromImage(boxed).ravel()[inside]
-    order = np.lexsort((-scores, label_of))  # by label, each label's highest score first (stable: ties in order)
-    firsts = np.unique(label_of[order], return_index=True)
-    peak_of = {int(label): int(inside[order[at]]) for label, at in zip(*firsts)}
-    peaks: List[Optional[Tuple[int, int, int]]] = []
-    for component in result.components:  # its connected component: as many voxels, the nearest centroid
-        same = [label for label in shapes.GetLabels() if shapes.GetNumberOfPixels(label) == component.voxels]
-        if not same:
-            peaks.append(None)
-            continue
-        label = min(same, key=lambda n: np.linalg.norm(np.subtract(shapes.GetCentroid(n), component.centroid_lps)))
-        k, j, i = np.unravel_index(peak_of[label], label_array.shape)
-        peaks.append((int(i) + low[0], int(j) + low[1], int(k) + low[2]))
-    return peaks
-
-
 def peak_ras(volume_node: slicer.vtkMRMLVolumeNode, result: "DetectionResult") -> List[Tuple[float, float, float]]:
-    """Each component's highest-scoring voxel (:func:`component_peaks`) in the local RAS of ``volume_node`` (on the
-    result's grid); its centroid where the labelmap does not hold it."""
+    """Each component's highest-scoring voxel (``Component.peak_lps``, recorded where the components were made) in the
+    local RAS of ``volume_node`` (on the result's grid): its voxel of the score map through the node's IJK-to-RAS
+    matrix; its centroid where the result records no peak (one saved before components did)."""
     matrix = ijk_to_ras(volume_node)
-    return [component.centroid_ras if peak is None else tuple(float(v) for v in (matrix @ [*peak, 1.0])[:3])
-            for component, peak in zip(result.components, component_peaks(result))]
+    return [c.centroid_ras if c.peak_lps is None else
+            tuple(float(v) for v in (matrix @ [*result.score.TransformPhysicalPointToIndex(c.peak_lps), 1.0])[:3])
+            for c in result.components]
 
 
 def _fill_components(table_node, volume_node, result: "DetectionResult") -> None:
