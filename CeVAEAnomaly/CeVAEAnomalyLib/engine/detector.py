@@ -31,7 +31,7 @@ from ..result import DetectionRecord, DetectionResult, ModelRecord, SliceScoreRo
 from .scan_adaptation import adapted_copy
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
-from .modality import bright_tail
+from .modality import bright_tail, scan_contrast_warning
 from .symmetry import BoxAsymmetry, box_asymmetry, fuse_with_asymmetry
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class Detector:
         checked(progress)
         image = checked_image(image, mask, where)
         stack, brain = self._prepare(image, mask, progress, where)
+        self._warn_of_contrast(stack, where)
         self._warn_of_acquisition(image, brain, where)
         passes = self._passes([stack, *self._other_stacks(image, brain)], [self.score], progress)
         raw = passes[0][1]
@@ -162,6 +163,12 @@ class Detector:
         labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
         report(progress, 1.0, "Detection done")
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
+
+    def _warn_of_contrast(self, stack: SliceStack, where: str) -> None:
+        """Say so when the scan's axial model slices do not have the model's contrast (a T2 for a T1 model)."""
+        problem = scan_contrast_warning(stack.slices, self.bundle.header)
+        if problem:
+            log.warning("%s%s", where, problem)
 
     def _warn_of_acquisition(self, image: sitk.Image, brain: np.ndarray, where: str) -> None:
         """Say so when the scan is another acquisition than the healthy scans its calibrated threshold was taken on

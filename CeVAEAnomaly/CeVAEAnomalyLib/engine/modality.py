@@ -8,9 +8,9 @@ more than :data:`DEEP_PX` pixels inside the brain's edge minus the median of tho
 :data:`RIM_PX` of it, on that scale. Resolution, slice thickness, noise and contrast changes of one
 modality move it little; reversing the contrast moves it a lot (docs/adapt.md has the measurements).
 
-A scan is refused when its depth contrast lies further than :data:`TOLERANCE` from the model's:
-the value recorded by an adapted model (its site scans') or a trained one (its training volumes'), or for
-a T1 model without either, :data:`T1_DEPTH_CONTRAST`.
+A scan is refused (``adapt``) or warned of (``calibrate``, detection) when its depth contrast lies further than
+:data:`TOLERANCE` from the model's: the value recorded by an adapted model (its site scans') or a trained one (its
+training volumes'), or for a T1 model without either, :data:`T1_DEPTH_CONTRAST`.
 
 The *bright tail* (:func:`bright_tail`) tells a post-contrast look from a plain one: enhancing vessels, dura
 and choroid plexus lie above the white matter, the brightest tissue of a plain T1 brain.
@@ -157,6 +157,26 @@ def contrast_problem(names: Sequence[str], contrasts: Sequence[float], header: B
     return (f"Scan(s) of another contrast than the model's {header.modality} scans: {listed}; {what} have a depth "
             f"contrast of {value:+.2f} (deep brain minus brain rim, on the 1st-99th percentile scale; accepted within "
             f"{TOLERANCE}).")
+
+
+def scan_contrast_warning(slices: np.ndarray, header: BundleHeader) -> str:
+    """What a detection says of a scan whose model slices [N, S, S] do not have the model's depth contrast (a T2
+    for a T1 model); "" when they do, or when the model offers no reference or the brain is too small to tell."""
+    reference = reference_contrast(header)
+    if reference is None:
+        return ""
+    try:
+        contrast = depth_contrast(slices)
+    except CeVAEError:  # too little brain to tell: nothing known against the scan
+        return ""
+    value, what = reference
+    if abs(contrast - value) <= TOLERANCE:
+        return ""
+    return (f"The scan has another contrast than the model's {header.modality} scans: its depth contrast is "
+            f"{contrast:+.2f}, where {what} have {value:+.3f} (deep brain minus brain rim, on the 1st-99th percentile "
+            f"scale; accepted within {TOLERANCE}), as in a T2-weighted or other scan. The scores will not mean what "
+            "they mean on the model's scans: use a model of this contrast, or check the brain mask (a mask that holds "
+            "the head, not the brain, measures differently).")
 
 
 def check_modality(names: Sequence[str], contrasts: Sequence[float], header: BundleHeader) -> None:
