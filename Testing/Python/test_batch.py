@@ -825,3 +825,29 @@ def test_out_of_memory_is_told_from_other_failures():
     assert out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
     assert out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.2 GB, other allocations: 1 GB)"))
     assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(ValueError("can't allocate memory"))
+
+
+def test_the_summary_keeps_each_volume_s_warnings_and_a_rerun_carries_them(tiny_bundle, tmp_path):
+    """A cohort's warnings (here a CT-like intensity range) are in the volume's summary row, not only on the console
+    that scrolled past; a rerun that skips the volume keeps them, and a summary written before the column existed
+    is still trusted (its volumes are skipped, not scored again)."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    image, mask = make_head(size=(36, 40, 30), seed=20)
+    for name, volume in (("plain", image), ("shifted", image - 1000)):
+        sitk.WriteImage(volume, str(folder / f"{name}.nii.gz"))
+        sitk.WriteImage(mask, str(folder / f"{name}_mask.nii.gz"))
+    assert batch(folder, out, tiny_bundle, "--threshold", "0.3") == 0
+    rows = read_summary(out / "summary.csv")
+    assert rows["plain"]["warnings"] == ""
+    assert rows["shifted"]["warnings"].startswith("The intensities reach -1000, like a CT in Hounsfield units")
+    assert batch(folder, out, tiny_bundle, "--threshold", "0.3") == 0
+    again = read_summary(out / "summary.csv")
+    assert [r["status"] for r in again.values()] == ["skipped", "skipped"]
+    assert again["shifted"]["warnings"] == rows["shifted"]["warnings"]
+    with open(out / "summary.csv", "w", newline="") as fh:  # as a version without the column wrote it
+        writer = csv.DictWriter(fh, [f for f in rows["plain"] if f != "warnings"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows.values())
+    assert batch(folder, out, tiny_bundle, "--threshold", "0.3") == 0
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]

@@ -65,10 +65,14 @@ def mask_key(stem: str) -> Optional[str]:
 MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
 OUTPUT_FIELDS = tuple(f"{role}_sha256" for role in BATCH_ROLES)  # its outputs (output_paths' roles)
-SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", *MEASURES, "seconds", *SOURCE_FIELDS, *OUTPUT_FIELDS)
-LATER_FIELDS = ("components", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # columns older summaries lack (rows without
-# components keep ""; rows without checksums are not trusted: their volumes are scored again, and so are those
-# without components_sha256, of versions that wrote no component table, so that every volume gets its table)
+SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", "warnings", *MEASURES, "seconds", *SOURCE_FIELDS,
+                  *OUTPUT_FIELDS)
+LATER_FIELDS = ("components", "warnings", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # columns older summaries lack (rows
+# without components or warnings keep ""; rows without checksums are not trusted: their volumes are scored again, and
+# so are those without components_sha256, of versions that wrote no component table, so that every volume gets its
+# table)
+UNTRUSTED_WITHOUT = frozenset(SUMMARY_FIELDS) - {"components", "warnings"}  # a row lacking one is scored again
+WARNINGS_APART = " | "  # between a volume's warnings in its summary row
 
 
 def owner(key: str) -> str:
@@ -390,6 +394,11 @@ def _row(item: BatchItem, status: str, seconds: Optional[float], error: str = ""
     return row
 
 
+def summary_warnings(warnings: Sequence[str], where: str) -> str:
+    """A volume's warnings as one summary cell, without the lead (``where``: its name) the console's carry."""
+    return WARNINGS_APART.join(w[len(where):] if w.startswith(where) else w for w in warnings)
+
+
 def read_back(item: BatchItem, out_dir: Path, source: Dict[str, str]) -> Dict[str, object]:
     """The "skipped" row of a volume whose outputs exist (checked complete first), made from ``source``."""
     import SimpleITK as sitk
@@ -466,7 +475,8 @@ class VolumeDetector:
                 return done
             image = read_image(item.image)
             mask = read_image(item.mask, "brain mask") if item.mask else None
-            result = self.detector(image, mask, progress=self.go_on, where=f"{item.name}: ")  # warnings name it
+            where = f"{item.name}: "
+            result = self.detector(image, mask, progress=self.go_on, where=where)  # the console's warnings name it
             self.go_on()  # past here the outputs are written and their row returned
             paths = output_paths(self.s.out_dir, item.name)
             try:
@@ -479,7 +489,7 @@ class VolumeDetector:
                     raise
                 return done
             top = result.top_slice
-            return _row(item, "ok", time.perf_counter() - t0,
+            return _row(item, "ok", time.perf_counter() - t0, warnings=summary_warnings(result.record.warnings, where),
                         **measure(result.score, result.labelmap, (top.axis, top.index) if top else None), **source,
                         **written)
         except Cancelled:
@@ -668,7 +678,7 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
     nothing records what they are (its name goes to ``unknown``). Outputs that are the recorded files were complete
     when written, so only others are read through (the completeness check takes far longer than the checksums)."""
     recorded = earlier is not None and all(earlier.get(k) for k in ("image_sha256", *OUTPUT_FIELDS)) and not any(
-        earlier.get(k) is None for k in set(SUMMARY_FIELDS) - {"components"})
+        earlier.get(k) is None for k in UNTRUSTED_WITHOUT)
     try:
         outputs: Optional[Dict[str, str]] = output_checksums(paths) if recorded else None
     except OSError:
@@ -706,7 +716,8 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
         log.warning("The input of %s changed since its outputs were made (%s); scoring it again.", item.name,
                     ", ".join(changed))
         return None
-    skipped = _row(item, "skipped", None, **{k: earlier.get(k) or "" for k in MEASURES}, **source, **outputs)
+    skipped = _row(item, "skipped", None, **{k: earlier.get(k) or "" for k in (*MEASURES, "warnings")}, **source,
+                   **outputs)
     skipped["seconds"] = earlier["seconds"]  # the time the earlier run took
     return skipped
 
