@@ -176,3 +176,17 @@ def test_a_folder_of_series_folders_says_they_are_not_searched(head, tmp_path, c
         assert main([command, *argv]) == 2
         assert capsys.readouterr().err.strip() == f"error: {expected[command].format(export)}"
     assert not out.exists()
+
+
+def test_one_slice_file_of_a_series_points_to_its_folder(head, tmp_path):
+    """A user who gives one file of a series (the usual slip with a DICOM export) is told to give its folder, which
+    is scored; a single-slice file of another format keeps the plain message."""
+    folder = write_series(head, tmp_path / "series")
+    with pytest.raises(CeVAEError) as one:
+        read_image(folder / "IM0003.dcm")
+    assert str(one.value) == (f"The image IM0003.dcm is one slice of a DICOM series (24x28 pixels); give the folder "
+                              f"that holds the series' files ({folder}) instead.")
+    assert read_image(folder).GetSize() == head.GetSize()
+    sitk.WriteImage(head[:, :, 3:4], str(tmp_path / "slice.nii.gz"))
+    with pytest.raises(CeVAEError, match="is a single slice"):
+        read_image(tmp_path / "slice.nii.gz")

@@ -68,6 +68,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                     ) from None
                 if floats:
                     image = _restore_non_finite(data, layout, image)
+        _refuse_one_dicom_slice(p, image, what)
     image = check_volume(image, f"{what} {p.name}")
     if layout is not None and layout.sform is not None:
         _refuse_two_placements(p, layout.sform, image, what)
@@ -477,6 +478,14 @@ def _refuse_left_out_slices(folder: Path, files: Sequence[str]) -> None:
         raise CeVAEError(f"The DICOM series in {folder} cannot be read whole: {f.name} {problem}, and the series would "
                          f"be read without it ({len(files)} slices). Copy or export the series again (or move that "
                          "file out of the folder if it is no slice of it).")
+
+
+def _refuse_one_dicom_slice(p: Path, image: sitk.Image, what: str) -> None:
+    """Refuse one slice file of a DICOM series, naming the folder to give instead (the usual slip with an export)."""
+    size = image.GetSize()
+    if image.GetDimension() == 3 and size[2] == 1 and min(size[:2]) > 1 and _sop_class(p) is not None:
+        raise CeVAEError(f"The {what} {p.name} is one slice of a DICOM series ({size[0]}x{size[1]} pixels); give the "
+                         f"folder that holds the series' files ({p.parent}) instead.")
 
 
 def _sop_class(path: Path) -> Optional[str]:
