@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -13,6 +14,7 @@ from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_path, write_all
 from CeVAEAnomalyLib.training.config import TrainConfig
 
+from conftest import write_cohort
 from test_reliability import detect_argv, inputs, one_error_line, tree  # noqa: F401 (inputs: a fixture)
 
 
@@ -229,3 +231,63 @@ def test_a_link_loop_deep_in_a_folder_tree_is_refused_naming_its_file(tmp_path):
         refuse_unsearchable(deep / "scan_loop.nii.gz", "image")
     with pytest.raises(CeVAEError, match=r"^The image .*/x+\.\.\. cannot be opened: file name too long"):
         refuse_unsearchable(tmp_path / ("x" * 300), "image")
+
+
+@pytest.fixture
+def bundled_copy(tiny_bundle, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny model standing in for the bundled default model (the package's own file)."""
+    from CeVAEAnomalyLib import data
+
+    bundled = tmp_path / "package" / "cevae_t1_default.cevae"
+    bundled.parent.mkdir()
+    bundled.write_bytes(tiny_bundle.read_bytes())
+    monkeypatch.setattr(data, "default_model_path", lambda: bundled)
+    return bundled
+
+
+def _spellings_of(bundled: Path, tmp_path: Path) -> List[Path]:
+    """The bundled model's file by its path, another spelling of it, a hard link and a symbolic link."""
+    hard, soft = tmp_path / "hard.cevae", tmp_path / "soft.cevae"
+    os.link(bundled, hard)
+    soft.symlink_to(bundled)
+    return [bundled, bundled.parent / ".." / bundled.parent.name / bundled.name, hard, soft]
+
+
+BUNDLED_REFUSED = (r"^error: --out \S+ is the bundled default model, .* write the new model elsewhere and pass it "
+                   r"with --model\.$")
+
+
+@pytest.mark.parametrize("command", ["calibrate", "train", "adapt"])
+def test_no_command_replaces_the_bundled_model_even_with_overwrite(command, bundled_copy, tiny_bundle, tmp_path,
+                                                                   capsys):
+    """calibrate, train and adapt with --out the bundled model's file (or a link to it) and --overwrite wrote over
+    it, so every later detect without --model used the site's model; each is refused in one line, the file kept."""
+    manifest = write_cohort(tmp_path, seeds=(1, 2))
+    site = tmp_path / "site.cevae"
+    site.write_bytes(tiny_bundle.read_bytes())  # another model than the bundled one
+    model = [] if command == "train" else ["--model", str(site)]
+    quick = {"calibrate": ["--orientations", "axial"], "train": ["--max-steps", "1", "--channels", "8,16"],
+             "adapt": ["--steps", "1", "--folds", "2"]}[command]
+    before = bundled_copy.read_bytes()
+    for out in _spellings_of(bundled_copy, tmp_path):
+        argv = [command, "--manifest", str(manifest), *model, "--out", str(out), "--overwrite", "--device", "cpu",
+                *quick]
+        assert main(argv) == 2
+        one_error_line(capsys.readouterr().err, BUNDLED_REFUSED)
+        assert bundled_copy.read_bytes() == before
+
+
+def test_the_library_refuses_the_bundled_model_as_an_output(bundled_copy, head, tmp_path):
+    """recalibrate() and TrainConfig.check_outputs (which train and adapt run) refuse it too, even with overwrite."""
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+    from CeVAEAnomalyLib.io.manifest import Subject
+
+    bundle = load_bundle(bundled_copy, "cpu")
+    before = bundled_copy.read_bytes()
+    for out in _spellings_of(bundled_copy, tmp_path):
+        with pytest.raises(CeVAEError, match="is the bundled default model"):
+            TrainConfig(out=out).check_outputs([], overwrite=True)
+        with pytest.raises(CeVAEError, match="is the bundled default model"):
+            recalibrate(bundle, [Subject(*head)], out, bundle.header.score_options, bundle.header.postprocess)
+    assert bundled_copy.read_bytes() == before

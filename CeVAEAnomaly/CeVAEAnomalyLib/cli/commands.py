@@ -236,6 +236,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..engine.devices import resolve_device
     from ..engine.calibrate import recalibrate
     from .console import ConsoleProgress
+    from ..data import refuse_bundled_output
     from ..engine.calibration import check_default_fpr
     from ..io.checksum import sha256_of
     from ..training.data import unique_subjects, voxel_checksums
@@ -249,6 +250,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         check_default_fpr(args.default_fpr, "--default-fpr")
     subjects = _healthy_subjects(args, "calibration")
     src = _model(args)[0]
+    refuse_bundled_output(args.out)  # even with --overwrite, so before "exists; pass --overwrite"
     check_paths([args.out], args.overwrite,  # before hashing the volumes: an existing --out is refused at once
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
     refuse_misnamed(args.out, "model", "a .cevae bundle", ".cevae")

@@ -26,6 +26,26 @@ def default_model_path() -> Path:
     return path
 
 
+def is_bundled_model(path: Path) -> bool:
+    """Whether ``path`` names the bundled default model's file, by path, link or inode (False where it is missing)."""
+    from ..io.targets import Inputs
+
+    try:
+        bundled = default_model_path()
+    except CeVAEError:  # (missing: nothing to replace)
+        return False
+    return Inputs([bundled]).which(Path(path)) is not None
+
+
+def refuse_bundled_output(out: Path) -> None:
+    """Refuse a model output ``out`` that is the bundled default model, even with overwrite: every ``detect``
+    without ``--model`` (and Slicer's "Use bundled model") would then use the new model. (The recipe that makes the
+    bundled model, scripts/train_default_model.py, writes it with Trainer.run and save_bundle, which do not check.)"""
+    if is_bundled_model(out):
+        raise CeVAEError(f"--out {out} is the bundled default model, which every detect without --model uses; it is "
+                         "never replaced: write the new model elsewhere and pass it with --model.")
+
+
 def template_dir() -> Path:
     """Folder of the brain-mask template files (colin27 T1 and brain mask, 2 mm)."""
     return data_path(DEFAULT_MODEL_NAME).parent

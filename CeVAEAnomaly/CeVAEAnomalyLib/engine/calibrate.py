@@ -15,6 +15,7 @@ from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calib
                           thin_tail, unlike_scans)
 from ..io.manifest import Subject, check_subjects, distinct_names
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
+from ..data import refuse_bundled_output
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
 from ..io.images import read_image
@@ -175,6 +176,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
         if not isinstance(value, cls):
             raise CeVAEError(f"The {what} must be a {cls.__name__}, got {type(value).__name__}.")
     checked(progress)
+    refuse_bundled_output(out)  # even where the caller would replace an existing file
     if default_fpr is not None:
         check_default_fpr(default_fpr)
     check_calibratable(opts, post)

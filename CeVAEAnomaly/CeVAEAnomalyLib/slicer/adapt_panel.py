@@ -67,14 +67,9 @@ def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[st
 def bundled_model_problem(out: Path, kind: str) -> Optional[str]:
     """Why the ``kind`` model cannot be saved at ``out`` when that is the bundled default model's file (by path, link
     or inode): the extension's own file, which every scene's "Use bundled model" means; None otherwise."""
-    from ..data import default_model_path
-    from ..errors import CeVAEError
+    from ..data import is_bundled_model
 
-    try:
-        bundled = default_model_path()
-    except CeVAEError:  # (missing: nothing to replace)
-        return None
-    if Inputs([bundled]).which(out) is None:
+    if not is_bundled_model(out):
         return None
     return (f"Save the {kind} model under a new name; it cannot replace the bundled model (the extension's own file, "
             "which 'Use bundled model' uses).")

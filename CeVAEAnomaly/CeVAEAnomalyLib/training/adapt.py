@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from ..data import refuse_bundled_output
 from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibrate import WRITE_SHARE
 from ..engine.calibration import calibrated_test_time_steps
@@ -60,6 +61,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     check_subjects(subjects)
     base, out = Path(base), Path(out)
     refuse_misnamed(out, "model", "a .cevae bundle", ".cevae")  # before the scans are hashed
+    refuse_bundled_output(out)  # even with overwrite
     header = read_header(base)
     _check_adaptable(header, base)
     augment = recorded_augment(header.training.get("augment"), base)  # fine-tuned as the base was trained

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
+from ..data import refuse_bundled_output
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import CeVAEError
 from ..io.lock import lock_path, refuse_if_held
@@ -173,14 +174,15 @@ class TrainConfig:
 
     def check_outputs(self, inputs: Iterable[Optional[Path]], overwrite: bool) -> None:
         """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder, under a file, an input
-        (by path or hard link), a device, FIFO or socket, or too long a name, and existing ones unless
-        ``overwrite`` (a resumed run continues its own checkpoint, log and bundle)."""
+        (by path or hard link), a device, FIFO or socket, or too long a name, a bundle that is the bundled default
+        model, and existing ones unless ``overwrite`` (a resumed run continues its own checkpoint, log and bundle)."""
         if self.out.is_dir():
             raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")
         outputs = (self.out, self.checkpoint_path, self.log_path)
         check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
         refuse_misnamed(self.out, "model", "a .cevae bundle", ".cevae")
+        refuse_bundled_output(self.out)  # even with overwrite
         if self.cache_dir is not None:
             cache = Path(os.path.abspath(self.cache_dir))
             for path in (*outputs, lock_path(self.out)):
