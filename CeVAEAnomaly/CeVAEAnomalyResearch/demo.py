@@ -50,6 +50,7 @@ def run_demo(
     from .lesions import insert_lesions
     from CeVAEAnomalyLib.engine.detector import detect
     from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.io.checksum import sha256_of
     from .sampledata import ensure_healthy_data
 
     t0 = time.perf_counter()
@@ -75,9 +76,8 @@ def run_demo(
         "lesion ml (truth)": float(sitk.GetArrayViewFromImage(truth).sum() * _voxel_ml(truth)),
         "threshold": result.threshold,
     }
-    trained_on = {s.get("name") for s in (bundle.header.training or {}).get("subjects", [])}
     notes = []
-    if f"{DEMO_SUBJECT}_t1" in trained_on:
+    if bundle.header.trained_on([sha256_of(inputs[0])]):  # by content, as calibrate and adapt tell training scans
         notes.append(f"Note: {DEMO_SUBJECT} is one of this model's training subjects, so these figures are optimistic; "
                      "held-out figures are in docs/benchmark.md.")
     if m.dice_at_threshold > m.best_dice:

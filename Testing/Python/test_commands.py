@@ -499,3 +499,31 @@ def test_a_second_train_on_an_out_another_train_is_writing_is_told_so_not_asked_
                      "--max-steps", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"A train (process {os.getpid()}) is writing" in err and "--overwrite" not in err, err
+
+
+def _trained_on(tiny_bundle: Path, out: Path, name: str, sha256: str) -> Path:
+    """The tiny model with a training record of one volume, ``name`` with file sha256 ``sha256``."""
+    from dataclasses import replace
+
+    from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(tiny_bundle, "cpu")
+    record = {"name": name, "sha256": sha256, "mask_sha256": None}
+    training = dict(bundle.header.training, subjects=[record], validation_subjects=[])
+    return save_bundle(out, bundle.model, replace(bundle.header, training=training))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")
+def test_the_demo_calls_its_figures_optimistic_by_the_content_the_model_was_trained_on(tmp_path, tiny_bundle, capsys):
+    """The demo said robex was a training subject, so its figures optimistic, by the training volume's name alone: a
+    model trained on a user's own scan named robex_t1 got the note, and one trained on the demo's scan under another
+    name did not. It now goes by the scan's sha256, as calibrate and adapt tell a model's training scans."""
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+
+    note = "Note: robex is one of this model's training subjects, so these figures are optimistic"
+    demo_scan = sha256_of(SHARED_DATA / "robex_t1.nii.gz")
+    for name, sha256, said in (("robex_t1", "0" * 64, False), ("sub-01_t1", demo_scan, True)):
+        model = _trained_on(tiny_bundle, tmp_path / f"{name}.cevae", name, sha256)
+        argv = ["demo", "--out-dir", str(tmp_path / name), "--model", str(model), "--device", "cpu"]
+        assert main(argv) == 0
+        assert (note in capsys.readouterr().out) is said, name
