@@ -196,6 +196,55 @@ def test_recalibrate_refuses_wrong_argument_types_in_one_line(tiny_bundle, tmp_p
             recalibrate(*args)
 
 
+def _heads(folder, seeds):
+    """Subjects of synthetic heads (image and mask files) written in ``folder``."""
+    subjects = []
+    for seed in seeds:
+        image, mask = make_head(seed=seed)
+        sitk.WriteImage(image, str(folder / f"h{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(folder / f"h{seed}_mask.nii.gz"))
+        subjects.append(Subject(folder / f"h{seed}.nii.gz", folder / f"h{seed}_mask.nii.gz"))
+    return subjects
+
+
+def _replacing(path, content):
+    """A progress callback that replaces the file ``path`` by the image ``content`` once, when the second scan is about
+    to be read (the first one read already), as a user or a sync tool could while calibrate runs."""
+    done = []
+
+    def progress(fraction, message):
+        if "Healthy volume 2/2" in message and message.endswith("Reading") and not done:
+            sitk.WriteImage(content, str(path))
+            done.append(path)
+    return progress
+
+
+def test_a_calibrated_copy_records_the_content_it_scored_or_is_not_written(tiny_bundle, tmp_path):
+    """The calibrated copy's record took each image's sha256 from the command's checksums, taken before scoring, and
+    each mask's after it: a scan replaced before it was read, or a mask replaced after, was recorded by content that
+    was not scored. A run whose files changed is now refused in one line, and nothing is written; an undisturbed run
+    records the content it scored."""
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+
+    bundle = load_bundle(tiny_bundle)
+    score, post = bundle.header.score_options, bundle.header.postprocess
+    subjects = _heads(tmp_path, (1, 2))
+    before = {s.image: sha256_of(s.image) for s in subjects}  # as calibrate hashes the images before scoring
+    path = recalibrate(bundle, subjects, tmp_path / "ok.cevae", score, post, checksums=before)
+    assert [(r["sha256"], r["mask_sha256"]) for r in read_header(path).extra["recalibration"]["scans"]] == \
+        [(sha256_of(s.image), sha256_of(s.mask)) for s in subjects]
+    other_head = make_head(seed=7)[0]
+    smaller_mask = sitk.BinaryErode(sitk.ReadImage(str(subjects[0].mask)), [2, 2, 2])
+    for changed, content in ((subjects[1].image, other_head), (subjects[0].mask, smaller_mask)):
+        out = tmp_path / f"{changed.name}.cevae"
+        with pytest.raises(CeVAEError, match=rf"^{changed} changed while it was being read \(replaced or still being "
+                                             r"written\); run again once it is complete\.$"):
+            recalibrate(bundle, subjects, out, score, post, checksums=before, progress=_replacing(changed, content))
+        assert not out.exists()
+        subjects = _heads(tmp_path, (1, 2))  # the files as they were
+
+
 def test_a_detection_records_how_it_was_made(tiny_bundle, caplog):
     """The result's record names the model file and its sha256, what the threshold was calibrated on, the threshold
     and its source, the options, the device and the warnings this detection logged, in order and as logged: those of

@@ -13,11 +13,11 @@ import numpy as np
 from .bundle import Bundle, save_bundle
 from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
                           thin_tail, unlike_scans)
-from ..io.manifest import Subject, check_subjects, distinct_names
+from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..data import refuse_bundled_output
 from ..errors import CeVAEError
-from ..io.checksum import sha256_of
+from ..io.checksum import refuse_changed, sha256_of
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
 from .detector import Detector
@@ -189,8 +189,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     rate = old.default_fpr if default_fpr is None else float(default_fpr)
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
     scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)
+    hashed = _hashed_before_scoring(subjects, checksums or {})
     calibration = calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
                                   test_time_steps=[opts.test_time_steps], check_contrast=True, fpr=rate)
+    refuse_changed(hashed.keys(), hashed)  # still the content hashed before it was scored, which the record says
     # each scan's name (Subject.name: the name Slicer gave it, else its file stem), led by its folders where names
     # repeat (a folder per person: sub-01/t1, sub-02/t1)
     given = {s.image: s.name for s in subjects}
@@ -199,7 +201,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                      default_fpr=rate,
                      extra=dict(old.extra, calibration_subjects=[names[s.image] for s in subjects],
                                 recalibration=_recalibration_record(bundle, subjects, names, opts, post, rate,
-                                                                    run, checksums or {})))
+                                                                    run, hashed)))
     try:  # a model whose own rate gets no threshold could not detect with its defaults
         header.threshold(default, post, ThresholdPolicy())
     except CeVAEError as exc:
@@ -210,25 +212,34 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     return path
 
 
+def _hashed_before_scoring(subjects: Sequence[Subject], checksums: Mapping[Path, str]) -> Dict[Path, str]:
+    """sha256 of each scan's image (from ``checksums`` where the caller hashed it already) and brain mask, taken
+    before they are scored; each file checked first, so that a missing one is refused by name."""
+    hashed: Dict[Path, str] = {}
+    for s in subjects:
+        for path, what in ((s.image, "healthy scan"), (s.mask, "brain mask")):
+            if path is not None and path not in hashed:
+                check_volume_path(path, what)
+                try:
+                    hashed[path] = checksums.get(path) or sha256_of(path)
+                except OSError as exc:
+                    raise CeVAEError(f"The {what} {path} cannot be read ({exc}).") from None
+    return hashed
+
+
 def _recalibration_record(bundle: Bundle, subjects: Sequence[Subject], names: Dict[Path, str], opts: ScoreOptions,
                           post: PostprocessOptions, rate: float, run: RunOptions,
-                          checksums: Mapping[Path, str]) -> Dict[str, Any]:
+                          hashed: Mapping[Path, str]) -> Dict[str, Any]:
     """The ``recalibration`` section of the header of ``bundle`` calibrated on ``subjects``: the model it was made
     from (``parent``: name, file name, sha256), the first model of a chain of recalibrations (``original``: the parent
-    unless it is a calibrated copy itself), when (UTC), on which scans (name as in ``names``, sha256 of the image, from
-    ``checksums`` where it is there, and of its mask; None where the mask was computed) and with which options
+    unless it is a calibrated copy itself), when (UTC), on which scans (name as in ``names``, sha256 of the image and
+    of its mask from ``hashed``, the content scored; None where the mask was computed) and with which options
     (``opts`` and ``post`` as asked, the default rate, mixed precision)."""
     parent = {"name": bundle.header.name, "file": bundle.path.name, "sha256": bundle.sha256}
     earlier = bundle.header.extra.get("recalibration")
     original = earlier.get("original") if isinstance(earlier, dict) else None
-    scans = []
-    for s in subjects:  # (hashed here after scoring: each was read, so a missing file was refused by name)
-        try:
-            scans.append({"name": names[s.image], "sha256": checksums.get(s.image) or sha256_of(s.image),
-                          "mask_sha256": None if s.mask is None else sha256_of(s.mask)})
-        except OSError as exc:
-            raise CeVAEError(f"{s.image}: the scan or its mask cannot be read again ({exc}); the calibrated model "
-                             "was not written.") from None
+    scans = [{"name": names[s.image], "sha256": hashed[s.image],
+              "mask_sha256": None if s.mask is None else hashed[s.mask]} for s in subjects]
     return {"parent": parent, "original": original if isinstance(original, dict) else parent,
             "calibrated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "scans": scans,
             "options": {"score_options": opts.to_dict(), "postprocess": post.to_dict(), "default_fpr": rate,

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Mapping, Optional, Tuple
 
+from ..errors import CeVAEError
 from .detached import read_alongside
 
 
@@ -26,6 +27,22 @@ def sha256_of(path: Path) -> str:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str]) -> None:
+    """Refuse, in one line, a file of ``paths`` (None: none) whose content is no longer the one ``checksums`` holds,
+    hashed before it was read: what was read from it may not be that content (the file was replaced, removed or
+    still being written), so nothing made from it may be recorded under that checksum."""
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            same = sha256_of(path) == checksums[path]
+        except OSError:
+            same = False
+        if not same:
+            raise CeVAEError(f"{path} changed while it was being read (replaced or still being written); run again "
+                             "once it is complete.")
 
 
 def voxel_sha256(path: Path) -> str:

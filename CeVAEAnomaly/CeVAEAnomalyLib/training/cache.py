@@ -39,7 +39,7 @@ import torch
 from ..engine.config import PreprocessConfig
 from ..errors import CeVAEError
 from ..io.atomic import atomic_path
-from ..io.checksum import sha256_of
+from ..io.checksum import refuse_changed
 from ..io.targets import file_in_the_way
 from ..progress import ProgressCallback, report
 from ..system import process_exists
@@ -224,10 +224,7 @@ class SliceCache:
             raise CeVAEError(f"Cannot make the slice cache folder {self.root} ({exc.strerror or exc}); choose a "
                              "--cache-dir you can write to.") from None
         arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
-        for path in (subject.image, subject.mask):  # hashed before it was read: the slices must be of that content
-            if path is not None and sha256_of(path) != checksums[path]:
-                raise CeVAEError(f"{path} changed while it was being read (replaced or still being written); run "
-                                 "again once it is complete.")
+        refuse_changed((subject.image, subject.mask), checksums)  # hashed before it was read: the slices are of it
         return [e if e is not None else self._store(k, subject, o, arrays[o], checksums)
                 for k, o, e in zip(keys, orientations, found)], True
 
