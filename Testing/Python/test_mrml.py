@@ -1042,3 +1042,43 @@ def test_showing_a_deleted_score_volume_names_the_score_volume(scene):
         logic.showResults(out.score, volume)
     with pytest.raises(CeVAEError, match=f"^The score volume '{name}' is not in an MRML scene"):
         logic.setOverlayOpacity(out.score, 0.3)
+
+
+def data_module_hierarchy(scene):
+    """The scene's subject hierarchy (Data module), which gives every data node added an item at its top, as the
+    application's subject hierarchy plugins do (slicer-core has no plugins: without this, nodes get no item)."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def added(caller, event, node) -> None:
+        if not scene.IsImporting() and not node.GetHideFromEditors() and not node.IsA("vtkMRMLSubjectHierarchyNode"):
+            hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+
+    scene.AddObserver(slicer.vtkMRMLScene.NodeAddedEvent, added)
+    return hierarchy
+
+
+def test_new_outputs_go_where_the_reader_keeps_the_scans_results(scene):
+    """New output nodes (a scan's first run, a run sent to nodes of its own, a sequence frame's first run) landed at
+    the top of the Data module's tree, away from the scan's patient and study and from the folder the reader had moved
+    its earlier results into. They now go beside the scan's earlier outputs, or beside the scan itself."""
+    hierarchy = data_module_hierarchy(scene)
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient"), "MR brain")
+    hierarchy.SetItemParent(hierarchy.GetItemByDataNode(volume), study)
+
+    def parents(out) -> set:
+        made = [*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)]
+        return {hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) for node in made if node is not None}
+
+    first = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
+    assert parents(first) == {study}  # beside the scan, in its study
+    folder = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "anomaly results")
+    for node in (*vars(first).values(), first.slice_chart.GetNthPlotSeriesNode(0)):
+        hierarchy.SetItemParent(hierarchy.GetItemByDataNode(node), folder)
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1.05), create_labelmap=True, new_nodes=True)
+    assert second.score is not first.score and parents(second) == {folder}
+    other = add_volume(scene, make_head(seed=2)[0], "other")  # another scan at the top: its outputs stay beside it
+    assert parents(mrml.publish(scene, other, fake_detection(mrml.image_from_volume(other), mask))) == {
+        hierarchy.GetSceneItemID()}

@@ -61,6 +61,7 @@ from .nodes import (
     labelmap_signature,
     link_output,
     node_ids,
+    outputs_newest_first,
     segment_ids,
     scored_frame,
     segment_signature,
@@ -328,6 +329,7 @@ def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suf
     if existing is None:
         node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
         node.SetAttribute(NAME_ATTRIBUTE, node.GetName())
+        _place_in_hierarchy(scene, node, role, source)
     else:
         node = existing
         given = node.GetName()
@@ -338,6 +340,26 @@ def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suf
     if link:
         link_output(node, role, source)
     return node
+
+
+def _place_in_hierarchy(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode, role: str, source) -> None:
+    """Put a new output node where the reader keeps ``source``'s results in the subject hierarchy (Data module): beside
+    its latest output of ``role``, else of any role (the folder the reader moved them into), else beside ``source``
+    itself (under its study or subject), as Slicer's modules place derived nodes. The application gives each new node
+    an item at the top of the tree; a node without one (slicer-core: no subject hierarchy plugins) is left so."""
+    if scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") is None:
+        return
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = hierarchy.GetItemByDataNode(node)
+    if not item:
+        return
+    earlier = [other for other in outputs_newest_first(scene, source) if other is not node]
+    neighbours = [other for other in earlier if other.GetAttribute(ROLE_ATTRIBUTE) == role]
+    for neighbour in (*neighbours, *earlier, source):
+        beside = hierarchy.GetItemByDataNode(neighbour)
+        if beside:
+            hierarchy.SetItemParent(item, hierarchy.GetItemParent(beside))
+            return
 
 
 def _of_group(scene, class_name: str, role: str, source, group: Optional[str]):

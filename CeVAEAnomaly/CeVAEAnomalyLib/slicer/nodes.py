@@ -232,6 +232,15 @@ def _outputs_of(scene: slicer.vtkMRMLScene, class_name: str, role: str, source: 
     return found
 
 
+def outputs_newest_first(scene: slicer.vtkMRMLScene, source: slicer.vtkMRMLNode) -> List[slicer.vtkMRMLNode]:
+    """Every node of the scene that is this module's output of ``source`` (any role), the latest run's first (a run's
+    nodes before :func:`stamp_run` marks them: last)."""
+    found = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    found = [node for node in found if node.GetAttribute(ROLE_ATTRIBUTE)
+             and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID()]
+    return sorted(found, key=_run_of, reverse=True)
+
+
 def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
     """ID of this module's segment in a segmentation, or None."""
     segmentation = node.GetSegmentation()
