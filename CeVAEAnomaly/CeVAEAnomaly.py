@@ -38,7 +38,7 @@ from CeVAEAnomalyLib.errors import CeVAEError, one_line
 from CeVAEAnomalyLib.options import (DEVICES, SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions,
                                      option_range)
 from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding, takes_path_now
-from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult, InputRemovedError
 from CeVAEAnomalyLib.slicer.resources import resource_dir
 from CeVAEAnomalyLib.slicer.settings import (
     SENSITIVITIES,
@@ -780,7 +780,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not wanted:
                     self.logic.discardJob(job)
                 elif task == DETECT:
-                    self._showResult(self.logic.finishDetection(job))
+                    try:
+                        self._showResult(self.logic.finishDetection(job))
+                    except InputRemovedError as exc:  # nothing failed: said on the status line, not in a dialog
+                        self.ui.statusLabel.text = one_line(exc)
                 elif task == CALIBRATE:
                     self._useNewModel(job, self.ui.calibratedModelPathLineEdit,
                                       _("Calibrated model saved as {path}; it is now the model used for detection."))

@@ -167,3 +167,36 @@ def test_a_rerun_keeps_the_look_the_reader_gave_its_outputs(tiny_bundle):
     fresh_id = nodes.anomaly_segment_id(fresh.nodes.segmentation)
     assert fresh.nodes.segmentation.GetSegmentation().GetSegment(fresh_id).GetColor() == mrml.SEGMENT_COLOR
     assert not fresh.nodes.segmentation.GetDisplayNode().GetSegmentVisibility2DFill(fresh_id)
+
+
+def test_a_scan_deleted_during_its_run_is_said_on_the_status_line_not_as_a_failure(tiny_bundle):
+    """A reader who deleted the scan while its run went on got an "Anomaly detection failed." dialog, although nothing
+    failed: the results had no scan to go to. finishDetection now raises InputRemovedError (still a CeVAEError for
+    scripts), which the panel shows on its status line in place of the failure dialog; the scene is left as it was."""
+    import ast
+    from pathlib import Path
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.slicer.logic import InputRemovedError
+
+    scene = slicer.vtkMRMLScene()
+    scan = add_volume(scene, make_head(seed=7)[0], "A")
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(scan, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    scene.RemoveNode(scan)
+    before = mrml.node_ids(scene)
+    run_to_end(job)
+    with pytest.raises(InputRemovedError) as removed:
+        logic.finishDetection(job)
+    assert isinstance(removed.value, CeVAEError) and not job.folder.exists() and mrml.node_ids(scene) == before
+    assert str(removed.value) == "'A' was removed during the run; its results were discarded."
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    poll = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_onPoll")
+    dialog = next(n for n in ast.walk(poll) if isinstance(n, ast.With) and "tryWithErrorDisplay" in ast.unparse(n))
+    handler = next(h for n in ast.walk(dialog) if isinstance(n, ast.Try) for h in n.handlers
+                   if h.type is not None and ast.unparse(h.type) == "InputRemovedError")
+    assert "finishDetection" in ast.unparse(next(n for n in ast.walk(dialog) if isinstance(n, ast.Try)
+                                                 and handler in n.handlers).body[0])
+    assert ast.unparse(handler.body) == "self.ui.statusLabel.text = one_line(exc)"

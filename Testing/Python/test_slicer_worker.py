@@ -936,7 +936,7 @@ def test_results_are_not_loaded_onto_voxels_that_changed_while_the_detection_ran
     job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
     scene.RemoveNode(volume)  # deleted while the job runs: refused in words, not with an AttributeError
     run_to_end(job)
-    with pytest.raises(CeVAEError, match="'head' was removed from the scene; the results are not loaded"):
+    with pytest.raises(CeVAEError, match="'head' was removed during the run; its results were discarded"):
         logic.finishDetection(job)
 
 

@@ -61,6 +61,11 @@ log = logging.getLogger(__name__)
 FILE_STEM_MAX = 48  # characters of a node's name in its worker copy's file name (numbered, so they stay distinct)
 
 
+class InputRemovedError(CeVAEError):
+    """The input volume was removed from the scene while its detection ran: its results, with no scan to lie on, were
+    discarded. Nothing failed: the module says so on its status line, not in an error dialog."""
+
+
 @dataclass(repr=False)
 class CeVAEAnomalyResult:
     """What a detection produced: the nodes and the raw detection."""
@@ -349,8 +354,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         from . import mrml
 
         if volumeNode.GetScene() is None:
-            raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was removed from the scene; "
-                             "the results are not loaded.")
+            raise InputRemovedError(f"'{volumeNode.GetName()}' was removed during the run; its results were "
+                                    "discarded.")
         made = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D,
                             maskNode, newNodes, frame)
         result = CeVAEAnomalyResult(volumeNode, made, detection, frame=frame)
