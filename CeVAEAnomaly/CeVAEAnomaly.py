@@ -911,11 +911,25 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(browser, vtk.vtkCommand.ModifiedEvent, self._onFrameChanged)
 
     def _onFrameChanged(self, caller=None, event=None) -> None:
-        """The browser moved: the status line says when the heat map lies over another frame than it scored, and
-        shows the result's summary again once the scored frame is back."""
-        from CeVAEAnomalyLib.slicer.nodes import frame_note
+        """The browser moved: to a frame with results of its own, the panel's output fields (and the heat map, where
+        the views showed the other frame's) switch to them (nodes.shown_frame_results); else the status line says when
+        the heat map lies over another frame than it scored, and shows the result's summary again once the scored
+        frame is back."""
+        from CeVAEAnomalyLib.slicer.nodes import frame_note, shown_frame_results, source_volume
 
         p = self._parameterNode
+        own = shown_frame_results(p.scoreVolume) if p is not None else None
+        if own is not None:
+            with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for all fields
+                for field, node in own.fields.items():
+                    setattr(p, field, node)
+            if own.overlay:
+                score = own.fields["scoreVolume"]
+                self.logic.showResults(score, source_volume(score), p.overlayOpacity)
+            self._resultMessage, self._frameNote = own.message, ""  # what the panel's results are now
+            if not self.state.busy:
+                self.ui.statusLabel.text = own.message
+            return
         note = frame_note(p.scoreVolume) if p is not None else ""
         if note != self._frameNote and not self.state.busy:
             self.ui.statusLabel.text = note or self._resultMessage

@@ -200,3 +200,64 @@ def test_a_scan_deleted_during_its_run_is_said_on_the_status_line_not_as_a_failu
     assert "finishDetection" in ast.unparse(next(n for n in ast.walk(dialog) if isinstance(n, ast.Try)
                                                  and handler in n.handlers).body[0])
     assert ast.unparse(handler.body) == "self.ui.statusLabel.text = one_line(exc)"
+
+
+def test_the_panel_and_the_heat_map_follow_the_frame_shown_where_it_has_results_of_its_own():
+    """With frames 1 and 3 of a sequence scored (each has nodes of its own), moving the browser back to frame 1 changed
+    only the status line: the panel's score volume, segmentation, labelmap and table stayed frame 3's, and so did the
+    heat map, now over frame 1's voxels. They now switch to frame 1's results (the overlay too where the views showed
+    frame 3's), and the fields never mix in another frame's node; a frame without results keeps the note."""
+    import ast
+    from pathlib import Path
+
+    from test_mrml import fake_detection
+
+    scene, sequences, browser, proxy = sequence_scene()
+
+    def run_here(**options):
+        image = mrml.image_from_volume(proxy)
+        return mrml.publish(scene, proxy, fake_detection(image, sitk_brain(image)),
+                            frame=nodes.sequence_frame(proxy), **options)
+
+    def show(item: int) -> None:
+        browser.SetSelectedItemNumber(item)
+        sequences.UpdateProxyNodesFromSequences(browser)
+
+    first = run_here(create_labelmap=True)
+    show(2)
+    third = run_here()
+    assert third.score is not first.score and third.labelmap is None
+    views = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    views.SetBackgroundVolumeID(proxy.GetID())
+    views.SetForegroundVolumeID(third.score.GetID())
+    assert nodes.shown_frame_results(third.score) is None  # the views show the frame scored
+
+    show(0)
+    back = nodes.shown_frame_results(third.score)
+    assert back.fields == {"scoreVolume": first.score, "anomalySegmentation": first.segmentation,
+                           "anomalyLabelmap": first.labelmap, "componentTable": first.components}
+    assert back.overlay
+    assert back.message == ("The views show frame 1 of 3 (time = 0 s) of 'cine browser': the panel shows its results, "
+                            f"'cine anomaly score (frame 1)' ({first.components.GetNumberOfRows()} component(s)).")
+    show(2)
+    views.SetForegroundVolumeID(None)  # the reader took the heat map off: it stays off
+    assert not nodes.shown_frame_results(first.score).overlay
+    assert nodes.shown_frame_results(first.score).fields["anomalyLabelmap"] is None  # frame 3's run made none
+    assert nodes.outputs_for_input(scene, proxy, {"scoreVolume": third.score})["anomalyLabelmap"] is None
+    show(1)  # a frame without results: the fields stay, the note says so
+    assert nodes.shown_frame_results(third.score) is None
+    assert nodes.frame_note(third.score).endswith("or run the detection again on this frame.")
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    moved = next(ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_onFrameChanged")
+    assert "own = shown_frame_results(p.scoreVolume)" in moved
+    assert "setattr(p, field, node)" in moved and "self.logic.showResults(" in moved and "own.overlay" in moved
+    assert "self.ui.statusLabel.text = own.message" in moved
+
+
+def sitk_brain(image):
+    """A brain mask of ``image``: its voxels above 0."""
+    import SimpleITK as sitk
+
+    return sitk.Cast(image > 0, sitk.sitkUInt8)

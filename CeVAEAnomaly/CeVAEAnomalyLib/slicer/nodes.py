@@ -334,13 +334,16 @@ def first_input_volume(scene: slicer.vtkMRMLScene) -> Optional[slicer.vtkMRMLSca
 def outputs_for_input(scene: slicer.vtkMRMLScene, volume: slicer.vtkMRMLScalarVolumeNode,
                       chosen: Dict[str, Optional[slicer.vtkMRMLNode]]) -> Dict[str, Optional[slicer.vtkMRMLNode]]:
     """The output nodes the panel shows for the input ``volume`` (keys of :data:`PANEL_OUTPUTS`): a
-    chosen node that belongs to it (or to no input yet), else its own earlier output, else None (made
-    on Apply). So another input's results are never offered as this one's outputs."""
-    shown = {}
-    for field, (class_name, role) in PANEL_OUTPUTS.items():
+    chosen node that belongs to it (or to no input yet), else its own earlier output (of the score volume's run where
+    that scored a sequence frame: never another frame's), else None (made on Apply). So another input's results are
+    never offered as this one's outputs."""
+    shown: Dict[str, Optional[slicer.vtkMRMLNode]] = {}
+    for field, (class_name, role) in PANEL_OUTPUTS.items():  # the score volume first
         node = chosen.get(field)
         if node is None or node.GetScene() is not scene or not belongs_to(node, volume, role):
-            node = find_output(scene, class_name, role, volume)
+            frame_score = shown.get("scoreVolume")
+            run = frame_score.GetAttribute(RUN_ATTRIBUTE) if _scored_item(frame_score)[0] is not None else None
+            node = find_output(scene, class_name, role, volume, run, exact=run is not None)
         shown[field] = node
     return shown
 
@@ -425,6 +428,19 @@ def frame_run(scene: slicer.vtkMRMLScene, source: slicer.vtkMRMLNode, frame: Seq
     return sorted(runs, key=_run_of)[-1].GetAttribute(RUN_ATTRIBUTE) if runs else None
 
 
+def _shown_frame_run(output: slicer.vtkMRMLNode) -> Tuple[Optional[SequenceFrame], Optional[str]]:
+    """The frame the browser of ``output``'s run shows now if it is not the one that run scored, and the stamp of the
+    latest run on that frame (None: it has no results of its own); (None, None) where it shows the frame scored."""
+    browser, item = _scored_item(output)
+    if browser is None or browser.GetSelectedItemNumber() == item:
+        return None, None
+    source = source_volume(output)
+    frame = sequence_frame(source) if source is not None else None
+    if frame is None or frame.browser.GetID() != browser.GetID():
+        return None, None
+    return frame, frame_run(output.GetScene(), source, frame)
+
+
 def frame_note(output: Optional[slicer.vtkMRMLNode]) -> str:
     """What to say when the run of ``output`` scored a sequence's frame and its browser shows another now (the heat
     map lies over the voxels of another frame); "" otherwise."""
@@ -432,14 +448,42 @@ def frame_note(output: Optional[slicer.vtkMRMLNode]) -> str:
     if browser is None or browser.GetSelectedItemNumber() == item:
         return ""
     shown = browser.GetSelectedItemNumber()
-    source, scene = source_volume(output), output.GetScene()
-    frame = sequence_frame(source) if source is not None else None
-    run = frame_run(scene, source, frame) if frame is not None and frame.browser.GetID() == browser.GetID() else None
-    own = None if run is None else find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, source, run, exact=True)
+    _, run = _shown_frame_run(output)
+    own = None if run is None else find_output(output.GetScene(), "vtkMRMLScalarVolumeNode", SCORE_ROLE,
+                                               source_volume(output), run, exact=True)
     instead = (f"; this frame's are in '{own.GetName()}'" if own is not None
                else ", or run the detection again on this frame")
     return (f"The views show frame {shown + 1} of '{browser.GetName()}', but the anomaly results are of frame "
             f"{item + 1}: go back to frame {item + 1} to read them{instead}.")
+
+
+@dataclass(frozen=True)
+class FrameResults:
+    """The results of the frame a sequence browser moved to, which the panel shows in place of another frame's."""
+
+    fields: Dict[str, Optional[slicer.vtkMRMLNode]]  # the panel's output fields (PANEL_OUTPUTS): that run's nodes
+    overlay: bool  # the views showed the other frame's heat map over the scan: they show this frame's now
+    message: str  # the status line
+
+
+def shown_frame_results(score: Optional[slicer.vtkMRMLNode]) -> Optional[FrameResults]:
+    """When the panel shows ``score``, a run's score volume on a sequence frame, and the browser has moved to another
+    frame that has results of its own: those results, which a reader expects the panel and the heat map to switch
+    to (the heat map of one frame over another's voxels misleads). None where the browser shows the frame scored, or a
+    frame without results (:func:`frame_note` says so)."""
+    if score is None:
+        return None
+    frame, run = _shown_frame_run(score)
+    if run is None:
+        return None
+    scene, source = score.GetScene(), source_volume(score)
+    fields = {field: find_output(scene, class_name, role, source, run, exact=True)
+              for field, (class_name, role) in PANEL_OUTPUTS.items()}
+    table = fields["componentTable"]
+    count = f" ({table.GetNumberOfRows()} component(s))" if table is not None else ""
+    return FrameResults(fields, shows_result(scene, score, source),
+                        f"The views show {frame.label}: the panel shows its results, "
+                        f"'{fields['scoreVolume'].GetName()}'{count}.")
 
 
 def show_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:
