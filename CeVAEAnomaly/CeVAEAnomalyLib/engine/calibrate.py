@@ -12,7 +12,7 @@ import numpy as np
 
 from .bundle import Bundle, save_bundle
 from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
-                          thin_tail, unlike_scans)
+                          largest_side, other_acquisitions, thin_tail, unlike_scans)
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..data import refuse_bundled_output
@@ -60,7 +60,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         report(part, 0.0, "Reading")
         with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
-            largest.append(max(image.GetSpacing()))
+            largest.append(largest_side(image.GetSpacing()))
             mask = given_or_computed_mask(image, s.mask, s.name, scaled(part, 0.0, 0.3), SCORED_MARGIN_MM)
             if check_contrast:
                 _warn_of_contrast(s, image, mask, model)
@@ -135,13 +135,13 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
 
 
 def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], largest: Sequence[float], voxels: Sequence[int]) -> None:
-    """Warn when the healthy volumes' largest voxel sides lie more than ACQUISITION_FACTOR apart: their pooled
-    voxels put the finer scans' tail in the thresholds, and the recorded range stops detection's warning for the
-    coarser acquisition."""
-    thick, thin = int(np.argmax(largest)), int(np.argmin(largest))
-    if largest[thick] <= largest[thin] * ACQUISITION_FACTOR:
+    """Warn when the healthy volumes are of different acquisitions by their largest voxel sides (other_acquisitions):
+    their pooled voxels put the finer scans' tail in the thresholds, and the recorded range stops detection's warning
+    for the coarser acquisition."""
+    coarse = other_acquisitions(largest)
+    if not coarse:
         return
-    coarse = [j for j, side in enumerate(largest) if side > largest[thin] * ACQUISITION_FACTOR]
+    thick, thin = int(np.argmax(largest)), int(np.argmin(largest))
     share = sum(voxels[j] for j in coarse) / sum(voxels)
     log.warning("The healthy volumes are of different acquisitions: %s has voxels up to %.3g mm, %s %.3g mm (more "
                 "than %g times apart). The thresholds pool their voxels, and the %d with voxels over %.3g mm hold "

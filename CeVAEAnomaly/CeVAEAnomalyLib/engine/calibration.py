@@ -60,6 +60,21 @@ def _key_options(key: str) -> Optional[Tuple[ScoreOptions, PostprocessOptions]]:
 # a scan whose largest voxel side is more than this factor from those of the scans a threshold was calibrated on is
 # another acquisition: the threshold's false-positive rate on it is not known (docs/benchmark.md, Acquisitions)
 ACQUISITION_FACTOR = 1.5
+
+
+def largest_side(spacing: Sequence[float]) -> float:
+    """A scan's largest voxel side (mm, over its first three axes): a thick-sliced scan's slice thickness."""
+    return float(max(spacing[:3]))
+
+
+def other_acquisitions(sides: Sequence[float]) -> List[int]:
+    """The scans of another acquisition than the finest one among them (indices into ``sides``, each scan's
+    :func:`largest_side`): those whose side is more than ACQUISITION_FACTOR times the finest's; [] when all are alike.
+    Calibrating, adapting and the Slicer panel's pre-check all warn of mixed acquisitions by this rule alone."""
+    finest = min(sides, default=0.0)
+    return [j for j, side in enumerate(sides) if side > finest * ACQUISITION_FACTOR]
+
+
 # a scan whose bright tail (engine/modality.py) lies more than this above the calibration scans' highest looks
 # post-contrast to them: with the bundled calibration's range it warns on 5 of 6 heads' 1 mm post-contrast scans and
 # on none of their 13 plain variants (noise up to 7 %, bias, gamma, thick, partial), lesion cases included

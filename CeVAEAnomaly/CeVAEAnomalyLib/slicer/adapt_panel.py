@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from ..engine.calibration import largest_side
 from ..engine.header import BUNDLE_SUFFIX
 from ..io.manifest import bids_person, scan_group
 from ..io.targets import Inputs
@@ -126,7 +127,7 @@ def mixed_acquisitions_warning(names: Sequence[str], spacings: Sequence[Sequence
     sides: Dict[str, float] = {}
     for n, (name, spacing) in enumerate(zip(names, spacings), 1):
         key = f"'{name}'" if f"'{name}'" not in sides else f"'{name}' (volume {n})"  # two nodes of one name
-        sides[key] = max(spacing)
+        sides[key] = largest_side(spacing)
     advice, pools = _ONE_ACQUISITION[task]
     mixed = mixed_acquisitions(sides, pools)
     return f"{mixed} {advice}" if mixed else ""

@@ -41,7 +41,7 @@ from .data import person_groups, unique_subjects, voxel_checksums
 from .distributed import DistInfo, file_checksums
 from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
-from .trainer import Trainer, header_grid
+from .trainer import Trainer, header_largest_side
 
 log = logging.getLogger(__name__)
 PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated share, the runs the rest
@@ -272,10 +272,10 @@ def _contrast(subject: Subject, slices: Path) -> float:
 
 
 def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], how_to_stop: str) -> None:
-    """Warn before any run when the site scans' largest voxel sides (from their headers; a series folder is left out)
-    lie more than ACQUISITION_FACTOR apart (:func:`~.adapt_plan.mixed_acquisitions`): the calibration then pools them
-    (and warns again), which was said only once the fine-tuning was done."""
-    sides = {str(s.image): max(grid[1][:3]) for s in subjects for grid in [header_grid(s.image)] if grid is not None}
+    """Warn before any run when the site scans' largest voxel sides (from their headers, unrounded as calibrating
+    reads them; a series folder is left out) are of different acquisitions (:func:`~.adapt_plan.mixed_acquisitions`):
+    the calibration then pools them (and warns again), which was said only once the fine-tuning was done."""
+    sides = {str(s.image): side for s in subjects for side in [header_largest_side(s.image)] if side is not None}
     mixed = mixed_acquisitions(sides)
     if mixed:
         log.warning("%s With healthy scans of %d persons in each acquisition, stop now (%s) and adapt one model per "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from ..engine.calibration import ACQUISITION_FACTOR
+from ..engine.calibration import ACQUISITION_FACTOR, other_acquisitions
 from ..errors import CeVAEError
 from ..options import plain_number
 from .config import SettingError, TrainConfig
@@ -134,11 +134,12 @@ def calibration_seconds(n_scans: int, seconds_per_scan: float = SECONDS_PER_SCAN
 
 def mixed_acquisitions(sides: Mapping[str, float],
                        pools: str = "The adapted model's calibration pools") -> Optional[str]:
-    """What to say when the site scans' largest voxel sides (mm, by the name each scan is called) lie more than
-    ACQUISITION_FACTOR apart, as calibrating does (``pools`` them: the adapted model's calibration, or the panel's
-    calibrated model's thresholds); None when they do not. The adaptation says it before its first step, the
-    panel before Adapt or Calibrate is pressed; each adds what to do."""
-    if not sides or max(sides.values()) <= min(sides.values()) * ACQUISITION_FACTOR:
+    """What to say when the site scans' largest voxel sides (mm, engine.calibration.largest_side, by the name each
+    scan is called) are of different acquisitions by calibrating's rule (engine.calibration.other_acquisitions;
+    ``pools`` them: the adapted model's calibration, or the panel's calibrated model's thresholds); None when they
+    are not. The adaptation says it before its first step, the panel before Adapt or Calibrate is pressed; each adds
+    what to do."""
+    if not other_acquisitions(list(sides.values())):
         return None
     thick, thin = max(sides, key=sides.__getitem__), min(sides, key=sides.__getitem__)
     return (f"The site scans are of different acquisitions: {thick} has voxels up to {sides[thick]:.3g} mm, {thin} "

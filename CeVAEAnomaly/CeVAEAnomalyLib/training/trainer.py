@@ -22,6 +22,7 @@ import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
+from ..engine.calibration import largest_side
 from ..engine.config import ModelConfig, PreprocessConfig
 from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
@@ -704,9 +705,8 @@ def _shared_voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, s
     return {p: digests.get(p, checksums[p]) for p in images}
 
 
-def header_grid(path: Path) -> Optional[tuple]:
-    """A volume's size and geometry (to 0.01 mm) from its header; None for a series folder or a header ITK cannot
-    read (compared by voxels then)."""
+def _header(path: Path) -> Optional[sitk.ImageFileReader]:
+    """A reader holding a volume file's header; None for a series folder or a header ITK cannot read."""
     if path.is_dir():
         return None
     reader = sitk.ImageFileReader()
@@ -714,6 +714,22 @@ def header_grid(path: Path) -> Optional[tuple]:
     try:
         reader.ReadImageInformation()
     except RuntimeError:
+        return None
+    return reader
+
+
+def header_largest_side(path: Path) -> Optional[float]:
+    """A volume's largest voxel side (mm, engine.calibration.largest_side) from its header, unrounded, as reading it
+    gives it; None for a series folder or a header ITK cannot read."""
+    reader = _header(path)
+    return None if reader is None else largest_side(reader.GetSpacing())
+
+
+def header_grid(path: Path) -> Optional[tuple]:
+    """A volume's size and geometry (to 0.01 mm) from its header; None for a series folder or a header ITK cannot
+    read (compared by voxels then)."""
+    reader = _header(path)
+    if reader is None:
         return None
     geometry = np.round(np.array([*reader.GetSpacing(), *reader.GetOrigin(), *reader.GetDirection()]), 2) + 0.0
     return tuple(reader.GetSize()), tuple(geometry)
