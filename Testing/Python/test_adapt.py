@@ -252,6 +252,30 @@ def test_an_interrupted_adaptation_resumes_without_training_finished_folds_again
         np.testing.assert_allclose(got_cal[key]["threshold"], want_cal[key]["threshold"], rtol=1e-4)
 
 
+def test_a_site_scan_replaced_before_it_is_calibrated_on_is_refused_not_recorded(tiny_bundle, site, tmp_path):
+    """The adapted model records each site scan's sha256, taken before preparing read it, but its calibration reads the
+    scans again after the fine-tuning: a scan replaced meanwhile was scored as new content and recorded under the old
+    checksum. It is now refused in one line and no model is written."""
+    import shutil
+
+    scans = []
+    for name in ("a", "b"):
+        shutil.copyfile(site[name], tmp_path / f"scan_{name}.nii.gz")
+        scans.append(Subject(tmp_path / f"scan_{name}.nii.gz", site["mask"]))
+    replaced, done = scans[1].image, []
+
+    def replace_while_calibrating(fraction: float, message: str) -> None:
+        if message.startswith("Calibrating: Healthy volume 1/2") and not done:
+            shutil.copyfile(site["c"], replaced)  # another valid scan of the same grid
+            done.append(replaced)
+
+    out = tmp_path / "site.cevae"
+    with pytest.raises(CeVAEError, match=rf"^{replaced} changed while it was being read \(replaced or still being "
+                                         r"written\); run again once it is complete\.$"):
+        adapt_mod.adapt(tiny_bundle, scans, out, QUICK, replace_while_calibrating)
+    assert not out.exists()
+
+
 def test_resume_knows_the_base_model_by_its_content_not_its_path(tiny_bundle, site, tmp_path):
     import shutil
 

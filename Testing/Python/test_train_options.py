@@ -265,6 +265,28 @@ def test_a_failure_while_packaging_leaves_no_bundle(cohort, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.cevae.ckpt", "m.cevae.log.csv"]
 
 
+def test_a_scan_replaced_before_calibration_is_refused_not_recorded_under_its_old_checksum(cohort, tmp_path):
+    """The bundle records each volume's sha256, taken before training read it, but calibration reads the validation
+    volume again once training is done: one replaced meanwhile was scored as new content and recorded under the old
+    checksum. It is now refused in one line and no bundle is written (the last checkpoint stays)."""
+    d = tmp_path / "data"
+    shutil.copytree(cohort, d)
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3, checkpoint_every=3), cohort_subjects(d))
+    (held_out,) = trainer.val_subjects
+
+    def replace_at_the_end(fraction: float, message: str) -> None:
+        if fraction >= 1.0:  # training is done, calibration not started
+            sitk.WriteImage(make_head(seed=9, size=(32, 36, 28))[0], str(held_out.image))
+
+    trainer.progress = replace_at_the_end
+    with pytest.raises(CeVAEError, match=rf"^{held_out.image} changed while it was being read \(replaced or still "
+                                         r"being written\); run again once it is complete\.$"):
+        trainer.run()
+    out = trainer.cfg.out
+    assert not out.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.cevae.ckpt", "m.cevae.log.csv"]
+
+
 def test_acquisition_augment_trains_with_slabs_and_records_it(cohort, tmp_path, capsys):
     out = tmp_path / "m.cevae"
     rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(out), "--max-steps", "2",

@@ -135,7 +135,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                        "without it", final.device, half=False, scorers=scorers,
                        progress=_timed(labelled(scaled(progress, 1.0 - calibrate_share, 1.0 - WRITE_SHARE),
                                                 "Calibrating"), calibrating_pace, len(subjects), calibration_left),
-                       test_time_steps=modes)
+                       test_time_steps=modes, checksums=checksums)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")

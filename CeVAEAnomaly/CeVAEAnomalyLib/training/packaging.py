@@ -10,7 +10,7 @@ import logging
 import platform
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from ..engine.header import BundleHeader
 from ..engine.modality import T1_DEPTH_CONTRAST, TOLERANCE
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
+from ..io.checksum import refuse_changed
 from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
 from .data import Subject
@@ -97,15 +98,22 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
 
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
             device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
-            progress: Optional[ProgressCallback] = None, test_time_steps: Sequence[int] = ()) -> Path:
+            progress: Optional[ProgressCallback] = None, test_time_steps: Sequence[int] = (),
+            checksums: Optional[Mapping[Path, str]] = None) -> Path:
     """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i; ``test_time_steps``:
-    thorough modes calibrated too: see engine.calibrate.calibrate_model), then write the bundle once."""
+    thorough modes calibrated too: see engine.calibrate.calibrate_model), then write the bundle once.
+
+    ``checksums``: the sha256 of every image and mask, taken before the run first read them, which ``header`` records;
+    a calibration scan that no longer has that content once scored is refused (io.checksum.refuse_changed) and nothing
+    is written. None: ``header`` records no checksums (a benchmark's fold model)."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
     bundle = Bundle(stored, header, out)
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
                                   progress, scorers, test_time_steps=test_time_steps, fpr=header.default_fpr)
+    if checksums is not None:  # the scans scored are those the record names
+        refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums)
     then = "The last checkpoint is kept; free some space and run again with --resume."
     try:
         return save_bundle(out, model, replace(header, calibration=calibration), half=half)

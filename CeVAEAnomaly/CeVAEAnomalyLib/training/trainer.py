@@ -659,7 +659,8 @@ class Trainer:
                                self.contrasts)
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
-        return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle)
+        return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle,
+                       checksums=self.checksums)
 
 
 def _warn_of_rewritten_repeats(axial: Sequence[Tuple[Subject, Entry]], trained: int) -> None:
