@@ -52,7 +52,9 @@ def run_python(code: str, tmp_path, extra_path=None) -> subprocess.CompletedProc
 
 
 def test_process_without_torch_says_what_to_install(tmp_path):
-    """A console user of logic.process() in a Python without torch gets the requirement, not an ImportError."""
+    """A console user of logic.process() in a Python without torch gets the requirement, not an ImportError, and the
+    pip command for this computer: it said `pip install "torch>=2.1"` alone, which on Linux without an NVIDIA driver
+    is PyPI's CUDA build of some 3 GB (dependencies.pip_commands: PyTorch's CPU index there)."""
     out = run_python("""
         import sys
         sys.modules["torch"] = None  # not importable, as in a fresh Slicer
@@ -71,8 +73,10 @@ def test_process_without_torch_says_what_to_install(tmp_path):
     """, tmp_path)
     lines = out.stdout.splitlines()
     assert len(lines) == 3, out.stderr
+    command = dependencies.pip_commands([Unmet("torch", "2.1", None)])  # this computer's, as in the subprocess
+    assert command.startswith('python -m pip install "torch>=2.1"')
     for line in lines:
-        assert "torch>=2.1 (not installed)" in line and 'pip install "torch>=2.1"' in line
+        assert "torch>=2.1 (not installed)" in line and line.endswith(f"Install them with: {command}"), line
 
 
 def test_an_old_torch_is_refused_with_its_version(tmp_path):
@@ -276,6 +280,17 @@ def test_an_nvidia_driver_is_seen_by_its_nvidia_smi_or_its_proc_entry(tmp_path):
     assert dependencies.nvidia_driver_visible(which=lambda name: f"/usr/bin/{name}", proc_driver=nowhere)
     nowhere.mkdir(parents=True)
     assert dependencies.nvidia_driver_visible(which=lambda name: None, proc_driver=nowhere)
+
+
+@pytest.mark.parametrize("platform, driver, torch_command", [
+    ("linux", False, f'python -m pip install "torch>=2.1" --index-url {dependencies.TORCH_CPU_INDEX}'),
+    ("linux", True, 'python -m pip install "torch>=2.1"'),
+    ("darwin", False, 'python -m pip install "torch>=2.1"'),
+], ids=["linux without driver", "linux with driver", "macos"])
+def test_the_pip_commands_outside_slicer_get_the_build_the_computer_can_use(platform, driver, torch_command):
+    items = unmet(version_of={"torch": None, "safetensors": "0.3"}.get)
+    said = dependencies.pip_commands(items, lambda spec: dependencies.torch_install(spec, False, platform, driver))
+    assert said == f'{torch_command} && python -m pip install "safetensors>=0.4"'
 
 
 def test_the_confirmation_says_which_build_and_how_large():

@@ -125,6 +125,24 @@ def planned_torch_install(spec: str) -> TorchInstall:
     return torch_install(spec, extension, sys.platform, nvidia_driver_visible())
 
 
+def pip_torch_install(spec: str) -> TorchInstall:
+    """:func:`torch_install` with pip on this computer: outside Slicer, where the PyTorch extension cannot install."""
+    return torch_install(spec, False, sys.platform, nvidia_driver_visible())
+
+
+def pip_commands(items: Sequence[Unmet], plan: Callable[[str], TorchInstall] = pip_torch_install) -> str:
+    """The shell commands that install ``items`` with pip, one per package, joined by ``&&``: torch as ``plan`` says
+    (PyTorch's CPU index on Linux without an NVIDIA driver, where PyPI's wheel is the CUDA build of several GB), the
+    others from PyPI; requirements in double quotes (``>=`` is a redirection to a shell)."""
+    each = [(plan(item.spec).pip_args or item.spec) if item.name == "torch" else item.spec for item in items]
+    return " && ".join("python -m pip install " + " ".join(map(_shell_word, args.split())) for args in each)
+
+
+def _shell_word(word: str) -> str:
+    """``word`` as a shell (POSIX or Windows) takes it: in double quotes where it holds ``<``, ``>``, ``|`` or ``&``."""
+    return f'"{word}"' if any(c in word for c in "<>|&") else word
+
+
 def install_description(items: Sequence[Unmet],
                         plan: Callable[[str], TorchInstall] = planned_torch_install) -> str:
     """What installing ``items`` does, for the confirmation: which torch build (``plan``) and roughly how large."""

@@ -580,9 +580,9 @@ class CeVAEAnomalyLogic(_LogicBase):
 
 
 def _installAdvice(unmet: Sequence[dependencies.Unmet]) -> str:
-    specs = " ".join(f'"{item.spec}"' for item in unmet)
+    """How to install ``unmet``: outside Slicer, the pip commands for this computer (dependencies.pip_commands)."""
     if getattr(slicer, "app", None) is None:
-        return f"Install them with: python -m pip install {specs}"
+        return f"Install them with: {dependencies.pip_commands(unmet)}"
     return ("Click Apply in the CeVAE Anomaly module to install them, or run "
             "CeVAEAnomalyLogic().installDependencies() in the Python console.")
 
