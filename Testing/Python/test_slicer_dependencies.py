@@ -3,6 +3,7 @@ and the self-test's skips: real interpreters where torch is hidden or reports an
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import re
 import subprocess
@@ -361,3 +362,53 @@ def test_a_package_not_imported_yet_is_upgraded_and_a_missing_one_installed():
     dependencies.refuse_loaded_upgrades(items, modules={"torch": None, "safetensors": None})  # None: import blocked
     with pytest.raises(CeVAEError, match=r"^torch 2\.0\.1 is in use"):
         dependencies.refuse_loaded_upgrades(items, modules={"torch": sys, "safetensors": sys})
+
+
+def test_a_package_upgraded_by_hand_while_loaded_stops_an_in_process_detection(tmp_path, monkeypatch):
+    """unmet() reads the installed metadata only: a package upgraded by hand (pip in the Python console) after this
+    process imported it passed the check, and logic.process() ran its loaded code with the new files it imports
+    later. The loaded module's __version__ is now compared with the metadata, and a difference says restart Slicer."""
+    from conftest import add_volume, make_head
+
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    def installed(version: str) -> None:
+        (tmp_path / "cevae_newpkg" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+        for old in tmp_path.glob("cevae_newpkg-*.dist-info"):
+            (old / "METADATA").unlink()
+            old.rmdir()
+        (tmp_path / f"cevae_newpkg-{version}.dist-info").mkdir()
+        (tmp_path / f"cevae_newpkg-{version}.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: cevae_newpkg\nVersion: {version}\n")
+        importlib.invalidate_caches()
+
+    (tmp_path / "cevae_newpkg").mkdir()
+    installed("1.0")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cevae_newpkg", raising=False)
+    __import__("cevae_newpkg")
+    requirements = {"cevae_newpkg": "1.5", **REQUIREMENTS}
+    dependencies.refuse_replaced_while_loaded(requirements)  # loaded as installed (torch too): nothing to say
+    installed("2.0")  # as `pip install -U` does: new files and metadata, the old module still loaded
+    monkeypatch.setattr(dependencies, "REQUIREMENTS", requirements)
+    assert unmet() == []
+    scene = slicer.vtkMRMLScene()
+    volume = add_volume(scene, make_head()[0])
+    with pytest.raises(CeVAEError, match=r"^cevae_newpkg 1\.0 is loaded in this Slicer session but 2\.0 is installed "
+                                         r"now \(replaced since it was imported\), so a detection here would mix "
+                                         r"both: restart Slicer, then detect again\.$"):
+        CeVAEAnomalyLogic(scene=scene).process(volume)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1  # nothing made
+
+
+def test_a_loaded_package_is_compared_by_release_and_build():
+    torch_like = type(sys)("torch")
+    torch_like.__version__ = "2.1.0+cu121"
+    for installed, same in (("2.1.0+cu121", True), ("2.1.0+CU121", True), ("2.1.0+cpu", False), ("2.3.0+cu121", False)):
+        versions = {"torch": installed}.get
+        if same:
+            dependencies.refuse_replaced_while_loaded({"torch": "2.1"}, {"torch": torch_like}, versions)
+        else:
+            with pytest.raises(CeVAEError, match=rf"^torch 2\.1\.0\+cu121 is loaded .* but {re.escape(installed)} "):
+                dependencies.refuse_replaced_while_loaded({"torch": "2.1"}, {"torch": torch_like}, versions)
+    dependencies.refuse_replaced_while_loaded({"torch": "2.1"}, {"torch": None}, {"torch": "2.3.0"}.get)  # blocked

@@ -166,6 +166,28 @@ def refuse_loaded_upgrades(items: Sequence[Unmet], modules: Optional[Dict[str, o
                          "CeVAEAnomalyLogic().installDependencies() in the Python console).")
 
 
+def refuse_replaced_while_loaded(requirements: Optional[Dict[str, str]] = None,
+                                 modules: Optional[Dict[str, object]] = None,
+                                 version_of: Callable[[str], Optional[str]] = installed_version) -> None:
+    """Raise a one-line CeVAEError if a required package imported in this process (``modules``: ``sys.modules``) is
+    not the version installed now (its ``__version__`` against its metadata, :func:`unmet`'s only source): upgraded
+    by hand since it was imported, its loaded code would run with the new files that it imports later."""
+    modules = sys.modules if modules is None else modules
+    replaced = []
+    for name in REQUIREMENTS if requirements is None else requirements:
+        loaded, installed = getattr(modules.get(name), "__version__", None), version_of(name)
+        if isinstance(loaded, str) and installed and not _same_build(loaded, installed):
+            replaced.append(f"{name} {loaded} is loaded in this Slicer session but {installed} is installed now")
+    if replaced:
+        raise CeVAEError(f"{'; '.join(replaced)} (replaced since it was imported), so a detection here would mix "
+                         "both: restart Slicer, then detect again.")
+
+
+def _same_build(a: str, b: str) -> bool:
+    """Whether two version strings name one release and build ("2.1.0+cpu" is not "2.1.0+cu121"), however spelt."""
+    return release(a) == release(b) and a.partition("+")[2].lower() == b.partition("+")[2].lower()
+
+
 def install(items: Sequence[Unmet], pip_install: Callable[[str], object], install_torch: Callable[[str], object],
             version_of: Callable[[str], Optional[str]] = installed_version) -> None:
     """Install ``items`` in turn (torch with ``install_torch``, the others with ``pip_install``; each takes a pip

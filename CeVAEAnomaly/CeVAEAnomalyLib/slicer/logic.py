@@ -316,6 +316,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         components, slices, brain_mask), ``.summary`` (one line) and ``.topSliceRas``.
         """
         self.checkDependencies()  # before anything imports torch
+        dependencies.refuse_replaced_while_loaded()  # one imported already runs here, with the files installed now
         from ..engine.detector import Detector
         from .nodes import mask_words, sequence_frame
 
