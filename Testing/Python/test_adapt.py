@@ -263,6 +263,7 @@ def test_a_site_scan_replaced_before_it_is_calibrated_on_is_refused_not_recorded
         shutil.copyfile(site[name], tmp_path / f"scan_{name}.nii.gz")
         scans.append(Subject(tmp_path / f"scan_{name}.nii.gz", site["mask"]))
     replaced, done = scans[1].image, []
+    original = replaced.read_bytes()
 
     def replace_while_calibrating(fraction: float, message: str) -> None:
         if message.startswith("Calibrating: Healthy volume 1/2") and not done:
@@ -271,9 +272,13 @@ def test_a_site_scan_replaced_before_it_is_calibrated_on_is_refused_not_recorded
 
     out = tmp_path / "site.cevae"
     with pytest.raises(CeVAEError, match=rf"^{replaced} changed while it was being read \(replaced or still being "
-                                         r"written\); run again once it is complete\.$"):
+                                         r"written\); the trained weights are in the last checkpoint: with the scan "
+                                         r"as it was when the run began, --resume writes the model"):
         adapt_mod.adapt(tiny_bundle, scans, out, QUICK, replace_while_calibrating)
     assert not out.exists()
+    replaced.write_bytes(original)  # as the message says: the scan back, then --resume
+    adapt_mod.adapt(tiny_bundle, scans, out, replace(QUICK, resume=True))
+    assert out.is_file()
 
 
 def test_resume_knows_the_base_model_by_its_content_not_its_path(tiny_bundle, site, tmp_path):

@@ -273,6 +273,7 @@ def test_a_scan_replaced_before_calibration_is_refused_not_recorded_under_its_ol
     shutil.copytree(cohort, d)
     trainer = Trainer(tiny_config(tmp_path, max_steps=3, checkpoint_every=3), cohort_subjects(d))
     (held_out,) = trainer.val_subjects
+    original = held_out.image.read_bytes()
 
     def replace_at_the_end(fraction: float, message: str) -> None:
         if fraction >= 1.0:  # training is done, calibration not started
@@ -280,11 +281,16 @@ def test_a_scan_replaced_before_calibration_is_refused_not_recorded_under_its_ol
 
     trainer.progress = replace_at_the_end
     with pytest.raises(CeVAEError, match=rf"^{held_out.image} changed while it was being read \(replaced or still "
-                                         r"being written\); run again once it is complete\.$"):
+                                         r"being written\); the trained weights are in the last checkpoint: with "
+                                         r"the scan as it was when the run began, --resume writes the model"):
         trainer.run()
     out = trainer.cfg.out
     assert not out.exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.cevae.ckpt", "m.cevae.log.csv"]
+
+    held_out.image.write_bytes(original)  # as the message says: the scan back, then --resume
+    Trainer(tiny_config(tmp_path, max_steps=3, checkpoint_every=3, resume=True), cohort_subjects(d)).run()
+    assert out.is_file()
 
 
 def test_acquisition_augment_trains_with_slabs_and_records_it(cohort, tmp_path, capsys):

@@ -29,10 +29,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str]) -> None:
+def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str],
+                   then: str = "run again once it is complete.") -> None:
     """Refuse, in one line, a file of ``paths`` (None: none) whose content is no longer the one ``checksums`` holds,
     hashed before it was read: what was read from it may not be that content (the file was replaced, removed or
-    still being written), so nothing made from it may be recorded under that checksum."""
+    still being written), so nothing made from it may be recorded under that checksum. ``then``: what to do."""
     for path in paths:
         if path is None:
             continue
@@ -41,8 +42,7 @@ def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str
         except OSError:
             same = False
         if not same:
-            raise CeVAEError(f"{path} changed while it was being read (replaced or still being written); run again "
-                             "once it is complete.")
+            raise CeVAEError(f"{path} changed while it was being read (replaced or still being written); {then}")
 
 
 def voxel_sha256(path: Path) -> str:

@@ -113,7 +113,10 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
                                   progress, scorers, test_time_steps=test_time_steps, fpr=header.default_fpr)
     if checksums is not None:  # the scans scored are those the record names
-        refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums)
+        refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums,
+                       "the trained weights are in the last checkpoint: with the scan as it was when the run began, "
+                       "--resume writes the model (the run's record holds each scan's checksum; with the new content "
+                       "the run starts over).")
     then = "The last checkpoint is kept; free some space and run again with --resume."
     try:
         return save_bundle(out, model, replace(header, calibration=calibration), half=half)
