@@ -44,6 +44,14 @@ def make_head(
     return image, mask
 
 
+def as_hounsfield(image):
+    """A CT-like copy of a :func:`make_head` image: air at -1000, the head's tissue at 20 to about 60 (HU)."""
+    values = sitk.GetArrayFromImage(image)
+    ct = sitk.GetImageFromArray(np.where(values > 1, 20.0 + values * 0.3, -1000.0).astype(np.int16))
+    ct.CopyInformation(image)
+    return ct
+
+
 def write_cohort(folder: Path, seeds=(1, 2), **head) -> Path:
     """Synthetic heads ``h<seed>.nii.gz`` (``head``: further :func:`make_head` arguments) with masks
     ``h<seed>_mask.nii.gz`` in ``folder``, and the manifest listing them, ``train.csv`` (returned)."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_head
+from conftest import as_hounsfield, make_head
 from CeVAEAnomalyLib.cli.batch import (
     BatchItem, DetectSettings, collect_folder, collect_inputs, output_paths, parse_shard, run_batch, select_shard,
 )
@@ -834,17 +834,17 @@ def test_the_summary_keeps_each_volume_s_warnings_and_a_rerun_carries_them(tiny_
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
     image, mask = make_head(size=(36, 40, 30), seed=20)
-    for name, volume in (("plain", image), ("shifted", image - 1000)):
+    for name, volume in (("plain", image), ("ct", as_hounsfield(image))):
         sitk.WriteImage(volume, str(folder / f"{name}.nii.gz"))
         sitk.WriteImage(mask, str(folder / f"{name}_mask.nii.gz"))
     assert batch(folder, out, tiny_bundle, "--threshold", "0.3") == 0
     rows = read_summary(out / "summary.csv")
     assert rows["plain"]["warnings"] == ""
-    assert rows["shifted"]["warnings"].startswith("The intensities reach -1000, like a CT in Hounsfield units")
+    assert rows["ct"]["warnings"].startswith("The intensities look like a CT in Hounsfield units")
     assert batch(folder, out, tiny_bundle, "--threshold", "0.3") == 0
     again = read_summary(out / "summary.csv")
     assert [r["status"] for r in again.values()] == ["skipped", "skipped"]
-    assert again["shifted"]["warnings"] == rows["shifted"]["warnings"]
+    assert again["ct"]["warnings"] == rows["ct"]["warnings"]
     with open(out / "summary.csv", "w", newline="") as fh:  # as a version without the column wrote it
         writer = csv.DictWriter(fh, [f for f in rows["plain"] if f != "warnings"], extrasaction="ignore")
         writer.writeheader()

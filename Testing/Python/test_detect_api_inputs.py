@@ -13,7 +13,7 @@ from CeVAEAnomalyLib.engine.detector import Detector, detect
 from CeVAEAnomalyLib.engine.devices import resolve_device
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import DetectionRequest, ThresholdPolicy
-from conftest import make_head
+from conftest import as_hounsfield, make_head
 
 
 def _score(result):
@@ -132,7 +132,7 @@ def test_a_ct_like_range_is_warned_of_on_every_path(tiny_bundle, caplog):
     """The command line warned of Hounsfield-like intensities; detect() (and so batch and Slicer) did not."""
     bundle = load_bundle(tiny_bundle)
     image, mask = make_head(seed=5)
-    ct = _like(sitk.GetArrayFromImage(image).astype(np.int16) * 20 - 1000, image)
+    ct = as_hounsfield(image)
     with caplog.at_level(logging.WARNING):
         detect(ct, bundle, mask, threshold=1.0)
     assert "like a CT in Hounsfield units" in caplog.text

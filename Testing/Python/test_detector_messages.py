@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import make_head
+from conftest import as_hounsfield, make_head
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import template_dir
 from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_T1
@@ -29,7 +29,7 @@ def test_batch_warnings_name_the_volume(tiny_bundle, tmp_path: Path, caplog):
     colin = sitk.ReadImage(str(template_dir() / TEMPLATE_T1), sitk.sitkFloat32)
     sitk.WriteImage(colin[:, :, 40:47], str(cohort / "slab2.nii.gz"))  # 14 mm: the automatic mask reaches the edge
     ct, ct_mask = make_head(size=(36, 40, 30), seed=21)
-    sitk.WriteImage(ct - 1024.0, str(cohort / "ct3.nii.gz"))  # Hounsfield-like intensities
+    sitk.WriteImage(as_hounsfield(ct), str(cohort / "ct3.nii.gz"))
     sitk.WriteImage(ct_mask, str(cohort / "ct3_mask.nii.gz"))
     with caplog.at_level(logging.WARNING):
         assert main(["batch", str(cohort), "--out-dir", str(tmp_path / "out"), "--model", str(tiny_bundle),
@@ -38,7 +38,7 @@ def test_batch_warnings_name_the_volume(tiny_bundle, tmp_path: Path, caplog):
     assert "nan1: 10 brain voxels are NaN or infinite; they are left out of the brain." in warned
     assert "nan1: The brain mask is on another grid than the image; resampling it (nearest neighbour)." in warned
     assert any(w.startswith("slab2: The automatic brain mask reaches the edge of the image") for w in warned)
-    assert any(w.startswith("ct3: The intensities reach") for w in warned)
+    assert any(w.startswith("ct3: The intensities look like a CT") for w in warned)
     assert [w for w in warned if ("brain" in w or "intensities" in w)
             and not w.startswith(("nan1: ", "slab2: ", "ct3: "))] == []
 

@@ -601,15 +601,38 @@ _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
 def warn_if_ct_range(image: sitk.Image, where: str = "") -> None:
-    """Warn when the intensities look like CT (Hounsfield units) rather than MRI; ``where`` leads the warning."""
-    arr = sitk.GetArrayViewFromImage(image)
-    low = float(arr.min())
-    if not np.isfinite(low):  # NaN/Inf voxels are handled (and reported) by the pipeline
-        finite = arr[np.isfinite(arr)]
-        low = float(finite.min()) if finite.size else 0.0
-    if low <= -500:
-        log.warning("%sThe intensities reach %.0f, like a CT in Hounsfield units; this model is for T1 MRI "
-                    "and its scores will not be meaningful.", where, low)
+    """Warn when the intensities look like CT (Hounsfield units) rather than MRI; ``where`` leads the warning.
+
+    A CT of a head has much air at -1000 and most of the rest at soft tissue's values (fat, brain, CSF, scalp; bone
+    above them). A low minimum alone is no CT: an MRI stored with an offset, or with a few negative outlier voxels
+    (as some reconstructions write), has one and scores as the MRI it is."""
+    air, tissue = _hounsfield_shares(sitk.GetArrayViewFromImage(image))
+    if air >= _CT_AIR_SHARE and tissue >= _CT_TISSUE_SHARE:
+        log.warning("%sThe intensities look like a CT in Hounsfield units (%.0f %% of the voxels at air's -1000, "
+                    "%.0f %% of the others at soft tissue's -200 to 200); this model is for T1 MRI and its scores "
+                    "will not be meaningful.", where, 100 * air, 100 * tissue)
+
+
+def _hounsfield_shares(values: np.ndarray) -> Tuple[float, float]:
+    """The share of (a strided sample of) the finite ``values`` within :data:`_CT_AIR` and, of those above it, the
+    share within :data:`_CT_TISSUE`; (0, 0) where none reaches air (an MRI's values start at or near 0)."""
+    flat = values.ravel()
+    sample = flat[:: max(1, flat.size // _CT_SAMPLES)]
+    sample = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
+    if sample.size == 0 or float(sample.min()) > _CT_AIR[1]:
+        return 0.0, 0.0
+    sample = sample.astype(np.float64)
+    body = sample[sample > _CT_AIR[1]]
+    air = float(np.mean((sample >= _CT_AIR[0]) & (sample <= _CT_AIR[1])))
+    tissue = float(np.mean((body >= _CT_TISSUE[0]) & (body <= _CT_TISSUE[1]))) if body.size else 0.0
+    return air, tissue
+
+
+_CT_AIR = (-1100.0, -900.0)  # HU: air (-1000) with a CT's noise
+_CT_TISSUE = (-200.0, 200.0)  # HU: fat, CSF, brain, blood and scalp; bone lies above (700 to 2000 and more)
+_CT_AIR_SHARE = 0.05  # a CT of a head holds at least this share of air around it
+_CT_TISSUE_SHARE = 0.5  # and at least this share of the rest is soft tissue
+_CT_SAMPLES = 1_000_000  # voxels sampled (strided): the shares of a big volume without copies of it
 
 
 # the largest cosine between two voxel axes of a volume that is scored: ITK's NIfTI writer makes the directions

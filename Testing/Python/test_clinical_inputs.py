@@ -1,0 +1,61 @@
+"""Clinical-looking inputs built from the bundled colin27 head (2 mm, with skull) and its brain mask: what detect says
+of them is what holds for them."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from CeVAEAnomalyLib.data import template_dir
+from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.detector import detect
+
+
+@pytest.fixture(scope="module")
+def colin():
+    """(T1 head as float32, its brain mask) on the bundled 2 mm grid."""
+    return (sitk.ReadImage(str(template_dir() / TEMPLATE_T1), sitk.sitkFloat32),
+            sitk.ReadImage(str(template_dir() / TEMPLATE_MASK)))
+
+
+def _like(values: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(values)
+    image.CopyInformation(ref)
+    return image
+
+
+def _hounsfield_head(t1: sitk.Image, mask: sitk.Image) -> sitk.Image:
+    """A CT-like head on the T1's grid: air -1000, scalp 40, a skull of bone at 1200 (700 to 2000 with noise
+    of 4), brain 20 to 40 and CSF about 8 HU."""
+    values, brain = sitk.GetArrayFromImage(t1), sitk.GetArrayFromImage(mask) > 0
+    head = values > 5
+    skull = head & ndimage.binary_erosion(head, iterations=3) & ~ndimage.binary_dilation(brain, iterations=4)
+    hu = np.where(head, 40.0, -1000.0)
+    hu[skull] = 1200.0
+    hu[brain] = np.where(values[brain] > 40, 38.0, np.where(values[brain] > 20, 28.0, 8.0))
+    hu += np.random.default_rng(0).normal(0.0, 4.0, hu.shape)
+    return _like(hu.astype(np.float32), t1)
+
+
+def test_an_mri_with_an_offset_or_negative_outliers_is_not_called_a_ct(tiny_bundle, colin, caplog):
+    """The warning fired on the minimum alone (<= -500): an MRI stored with a -500 offset, or with a few negative
+    outlier voxels, was said to look like a CT whose scores would not be meaningful, though the offset one scored
+    exactly as the original. A CT-range head (air, soft tissue, bone) is still warned of."""
+    bundle = load_bundle(tiny_bundle, "cpu")
+    t1, mask = colin
+    values = sitk.GetArrayFromImage(t1)
+    outliers = values.copy()
+    outliers.flat[np.random.default_rng(1).choice(values.size, 20, replace=False)] = -800.0
+    plain = detect(t1, bundle, mask, threshold=1.0)
+    with caplog.at_level(logging.WARNING):
+        offset = detect(_like(values - 500.0, t1), bundle, mask, threshold=1.0)
+        detect(_like(outliers, t1), bundle, mask, threshold=1.0)
+    assert "CT" not in caplog.text
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(offset.score), sitk.GetArrayFromImage(plain.score))
+    with caplog.at_level(logging.WARNING):
+        detect(_hounsfield_head(t1, mask), bundle, mask, threshold=1.0)
+    assert "look like a CT in Hounsfield units" in caplog.text
