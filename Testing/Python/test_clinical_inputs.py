@@ -2,6 +2,7 @@
 of them is what holds for them."""
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import template_dir
 from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1
 from CeVAEAnomalyLib.engine.bundle import load_bundle
@@ -59,3 +61,42 @@ def test_an_mri_with_an_offset_or_negative_outliers_is_not_called_a_ct(tiny_bund
     with caplog.at_level(logging.WARNING):
         detect(_hounsfield_head(t1, mask), bundle, mask, threshold=1.0)
     assert "look like a CT in Hounsfield units" in caplog.text
+
+
+def _top_third(image: sitk.Image) -> sitk.Image:
+    """The upper third of a head on the bundled grid (its k axis runs to superior): a scan of part of the head."""
+    return image[:, :, 2 * image.GetSize()[2] // 3:]
+
+
+# sha256 of the automatic (scored) mask of colin27's upper third as it was made before its volume warning changed
+_TOP_THIRD_MASK_SHA256 = "0866dcda882e053e2529cb2814d6f53a85544c56daf322b4cbc5a3eb99324579"
+
+
+def test_a_scan_of_part_of_the_head_is_said_to_be_so_with_a_given_mask_too(tiny_bundle, colin, tmp_path, caplog):
+    """The upper third of a head with its own (cropped) brain mask was scored without a word of its coverage, while
+    the automatic mask's path said "covers part of the head"; that path also called the part of a brain it holds
+    an implausible brain volume. The automatic mask itself is unchanged; a whole brain cropped to its bounding box
+    is no partial scan."""
+    t1, mask = colin
+    sitk.WriteImage(_top_third(t1), str(tmp_path / "top.nii.gz"))
+    sitk.WriteImage(_top_third(mask), str(tmp_path / "top_mask.nii.gz"))
+    common = ["--model", str(tiny_bundle), "--device", "cpu", "--threshold", "1"]
+    with caplog.at_level(logging.WARNING):
+        assert main(["detect", str(tmp_path / "top.nii.gz"), "--mask", str(tmp_path / "top_mask.nii.gz"),
+                     "--score", str(tmp_path / "given.nii.gz"), *common]) == 0
+    assert "The brain mask reaches the edge of the image (32 % of a face of it): the scan covers part" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        automatic = detect(_top_third(t1), load_bundle(tiny_bundle, "cpu"), threshold=1.0)
+    assert "covers part of the head" in caplog.text and "implausible" not in caplog.text
+    voxels = sitk.GetArrayFromImage(automatic.brain_mask)
+    assert hashlib.sha256(voxels.tobytes()).hexdigest() == _TOP_THIRD_MASK_SHA256
+    brain = sitk.GetArrayFromImage(mask)
+    (z0, z1), (y0, y1), (x0, x1) = [np.flatnonzero(brain.any(axis=a))[[0, -1]] for a in ((1, 2), (0, 2), (0, 1))]
+    sitk.WriteImage(t1[x0:x1 + 1, y0:y1 + 1, z0:z1 + 1], str(tmp_path / "box.nii.gz"))
+    sitk.WriteImage(mask[x0:x1 + 1, y0:y1 + 1, z0:z1 + 1], str(tmp_path / "box_mask.nii.gz"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["detect", str(tmp_path / "box.nii.gz"), "--mask", str(tmp_path / "box_mask.nii.gz"),
+                     "--score", str(tmp_path / "box_score.nii.gz"), *common]) == 0
+    assert "edge of the image" not in caplog.text

@@ -543,10 +543,13 @@ def _check_fit(mask: np.ndarray, foreground: np.ndarray, where: str = "") -> Non
 
 
 def _check_volume(mask: sitk.Image, where: str = "") -> None:
-    """Raise on an empty mask; warn (led by ``where``) on an implausible brain volume."""
-    voxels = np.count_nonzero(sitk.GetArrayViewFromImage(mask))
-    if voxels == 0:
+    """Raise on an empty mask; warn (led by ``where``) on an implausible brain volume. A mask that reaches the
+    image's edge (a scan of part of the head, which :func:`_check_fit` warns of) holds part of a brain: a small
+    volume is what it should have."""
+    voxels = sitk.GetArrayViewFromImage(mask)
+    count = np.count_nonzero(voxels)
+    if count == 0:
         raise CeVAEError("The automatic brain mask is empty; is this a T1 head MRI? Provide a brain mask.")
-    volume_ml = voxels * voxel_volume_ml(mask)
-    if not _PLAUSIBLE_ML[0] <= volume_ml <= _PLAUSIBLE_ML[1]:
+    volume_ml = count * voxel_volume_ml(mask)
+    if volume_ml > _PLAUSIBLE_ML[1] or (volume_ml < _PLAUSIBLE_ML[0] and _edge_share(voxels) <= _MAX_MASK_ON_EDGE):
         logger.warning("%sBrain mask volume %.0f mL is implausible; check the image and the mask.", where, volume_ml)
