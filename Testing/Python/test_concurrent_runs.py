@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, make_head
+from conftest import REPO, as_hounsfield, make_head
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="outputs are locked with flock on POSIX only")
 
@@ -175,3 +175,66 @@ def test_workers_that_load_a_replaced_model_stop_the_batch_in_one_line(scan, tin
     assert err.strip().splitlines()[-1].startswith(f"error: The model {model} was replaced after this batch started")
     assert "Traceback" not in err and not (out / "batch_settings.json").exists()
     assert not list(out.glob("*_labelmap.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def ct_scan(tmp_path_factory) -> Path:
+    """A folder holding one CT-like head, c.nii.gz (warned of), and its brain mask."""
+    d = tmp_path_factory.mktemp("ct_scan")
+    image, mask = make_head(seed=4)
+    sitk.WriteImage(as_hounsfield(image), str(d / "c.nii.gz"))
+    sitk.WriteImage(mask, str(d / "c_mask.nii.gz"))
+    return d
+
+
+def _batch(folder: Path, out: Path, bundle: Path, *more: str) -> list:
+    return ["batch", str(folder), "--out-dir", str(out), "--model", str(bundle), "--device", "cpu", *more]
+
+
+def _summary_row(path: Path) -> dict:
+    with path.open(newline="") as fh:
+        return next(csv.DictReader(fh))
+
+
+def test_a_volume_another_run_finished_carries_that_run_s_warnings(ct_scan, tiny_bundle, tmp_path):
+    """A batch that found its volume finished by another batch meanwhile (a shard of the same folder) gave it an
+    empty warnings cell, though that run's summary there recorded them (here a CT-like range)."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    out = tmp_path / "out"
+    first, go = _held_at(tmp_path, "batch_settings.json", _batch(ct_scan, out, tiny_bundle))  # c: to score
+    try:
+        assert main(_batch(ct_scan, out, tiny_bundle, "--shard", "1/1")) == 0
+    finally:
+        err = _finish(first, go)
+    assert "c was finished by another run meanwhile; its outputs are kept." in err
+    theirs, ours = (_summary_row(out / name) for name in ("summary_shard-1-of-1.csv", "summary.csv"))
+    assert theirs["status"] == "ok" and theirs["warnings"].startswith("The intensities look like a CT")
+    assert ours["status"] == "skipped" and ours["warnings"] == theirs["warnings"]
+
+
+def test_a_volume_another_run_finished_says_so_where_no_summary_records_its_warnings(scan, ct_scan, tiny_bundle,
+                                                                                      tmp_path):
+    """The other batch is held after writing the volume's outputs, before its summary records them: the cell said
+    nothing, as of a volume without warnings."""
+    from CeVAEAnomalyLib.cli.batch import ANOTHER_RUNS_WARNINGS
+    from CeVAEAnomalyLib.cli.main import main
+
+    out, ours_at, theirs_at = tmp_path / "out", tmp_path / "ours", tmp_path / "theirs"
+    ours_at.mkdir()
+    theirs_at.mkdir()
+    assert main(_batch(scan, out, tiny_bundle, "--shard", "1/1")) == 0  # its settings record: no first summary
+    ours, go_ours = _held_at(ours_at, "batch_settings.json", _batch(ct_scan, out, tiny_bundle))  # c: to score
+    try:
+        theirs, go_theirs = _held_at(theirs_at, "summary_shard-1-of-1.csv",
+                                     _batch(ct_scan, out, tiny_bundle, "--shard", "1/1"))  # c's outputs written
+        try:
+            err = _finish(ours, go_ours)
+        finally:
+            _finish(theirs, go_theirs)
+    finally:
+        if ours.poll() is None:
+            _finish(ours, go_ours)
+    assert "c was finished by another run meanwhile; its outputs are kept." in err
+    row = _summary_row(out / "summary.csv")
+    assert row["status"] == "skipped" and row["warnings"] == ANOTHER_RUNS_WARNINGS

@@ -412,6 +412,24 @@ def read_back(item: BatchItem, out_dir: Path, source: Dict[str, str]) -> Dict[st
     return _row(item, "skipped", None, **values, **source, **output_checksums(paths))
 
 
+def recorded_warnings(out_dir: Path, record: Dict[str, object], row: Dict[str, object]) -> Optional[str]:
+    """The warnings cell of a finished row, in a batch summary in ``out_dir`` of the settings ``record``, of the
+    volume and output files (checksums) of ``row``: those of the run that wrote them. None where none records them
+    (that run stopped, or still to write its row, when this one looks)."""
+    for path in sorted(out_dir.glob("summary*.csv")):
+        if not _records(settings_path(path), record):
+            continue
+        for other in _summary_rows(path) or ():
+            if (other.get("name") == row["name"] and other.get("status") in ("ok", "skipped")
+                    and other.get("warnings") is not None and all(other.get(k) == row[k] for k in OUTPUT_FIELDS)):
+                return other["warnings"]
+    return None
+
+
+# the warnings cell of a volume another run finished meanwhile whose warnings no summary there records
+ANOTHER_RUNS_WARNINGS = "(outputs written by another run meanwhile; no summary here records its warnings)"
+
+
 def incomplete_outputs(paths: Dict[str, Path]) -> str:
     """Why a volume's outputs on disk are not a complete set ("" if they are): the checks of a fresh write
     (:mod:`..io.verify`), and for the slice and component tables their header, row lengths and final line end."""
@@ -514,11 +532,14 @@ class VolumeDetector:
             row = read_back(item, self.s.out_dir, source)
         except (RuntimeError, OSError, ValueError, KeyError, csv.Error):
             return None
-        other = other_settings(self.s.out_dir, settings_record(self.s))
+        record = settings_record(self.s)
+        other = other_settings(self.s.out_dir, record)
         if other:
             raise CeVAEError(f"Its outputs were written meanwhile by a run with other settings ({other}); they are "
                              "not taken for this run's. Give each set of settings its own --out-dir.")
         log.info("%s was finished by another run meanwhile; its outputs are kept.", item.name)
+        recorded = recorded_warnings(self.s.out_dir, record, row)
+        row["warnings"] = ANOTHER_RUNS_WARNINGS if recorded is None else recorded
         return row
 
 
