@@ -100,3 +100,25 @@ def test_a_scan_of_part_of_the_head_is_said_to_be_so_with_a_given_mask_too(tiny_
         assert main(["detect", str(tmp_path / "box.nii.gz"), "--mask", str(tmp_path / "box_mask.nii.gz"),
                      "--score", str(tmp_path / "box_score.nii.gz"), *common]) == 0
     assert "edge of the image" not in caplog.text
+
+
+def test_a_skull_stripped_scan_s_nan_background_is_said_to_be_taken_as_outside(tiny_bundle, colin, tmp_path, caplog):
+    """A skull-stripped scan whose background is NaN was masked by its foreground with only "Input looks
+    skull-stripped": nothing said that its NaN voxels were taken for the outside of the brain."""
+    t1, mask = colin
+    brain = sitk.GetArrayFromImage(mask) > 0
+    stripped = _like(np.where(brain, sitk.GetArrayFromImage(t1), np.nan).astype(np.float32), t1)
+    sitk.WriteImage(stripped, str(tmp_path / "stripped.nii.gz"))
+    common = ["--model", str(tiny_bundle), "--device", "cpu", "--threshold", "1"]
+    with caplog.at_level(logging.INFO):
+        assert main(["detect", str(tmp_path / "stripped.nii.gz"), "--score", str(tmp_path / "score.nii.gz"),
+                     *common]) == 0
+    assert "looks skull-stripped" in caplog.text
+    assert (f"{np.count_nonzero(~brain)} voxels of the image are NaN or infinite: the automatic brain mask was made "
+            "with them as background, and none of them is scored.") in caplog.text
+    caplog.clear()
+    sitk.WriteImage(t1, str(tmp_path / "head.nii.gz"))
+    with caplog.at_level(logging.INFO):
+        assert main(["detect", str(tmp_path / "head.nii.gz"), "--score", str(tmp_path / "head_score.nii.gz"),
+                     *common]) == 0
+    assert "NaN" not in caplog.text

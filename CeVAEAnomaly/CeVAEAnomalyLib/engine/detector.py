@@ -239,6 +239,8 @@ class Detector:
         if given:  # (the automatic mask warns of both itself)
             warn_unlike_a_brain(brain, image, where)
             _warn_of_partial_coverage(brain, where)
+        else:
+            _tell_non_finite_background(image, where)
         return stack, brain
 
     def _other_stacks(self, image: sitk.Image, brain: np.ndarray) -> List[SliceStack]:
@@ -365,6 +367,17 @@ def _check_geometry(image: sitk.Image, mask: Optional[sitk.Image], where: str) -
                     "gives): its voxels are taken as 1 mm cubes, so millimetre options (rim, minimum volume) and "
                     "volumes in ml hold only if they are; set the scan's spacing, origin and direction "
                     "(image.CopyInformation(scan), or SetSpacing).", where)
+
+
+def _tell_non_finite_background(image: sitk.Image, where: str) -> None:
+    """Say how many voxels are NaN or infinite where the automatic mask was made: it takes them for background (a
+    skull-stripped scan's NaN background is its outside), which nothing said where none lies inside the mask."""
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind != "f" or (np.isfinite(values.min()) and np.isfinite(values.max())):  # NaN propagates
+        return
+    count = values.size - int(np.count_nonzero(np.isfinite(values)))
+    log.info("%s%d voxels of the image are NaN or infinite: the automatic brain mask was made with them as "
+             "background, and none of them is scored.", where, count)
 
 
 def _warn_of_partial_coverage(brain: np.ndarray, where: str) -> None:
