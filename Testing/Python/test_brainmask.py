@@ -41,25 +41,55 @@ def robex():
     return sitk.ReadImage(str(t1)), sitk.ReadImage(str(mask))
 
 
+@pytest.fixture(scope="module")
+def template_head():
+    """(the bundled template head, its automatic mask, the warnings that mask was made with): one registration
+    for the tests that compare another run of that head with an undisturbed one (the mask is the same every time,
+    see test_same_head_gives_the_same_mask_every_time). Tests must not modify these images."""
+    import logging
+
+    from CeVAEAnomalyLib.engine.brainmask import load_template
+
+    head, _ = load_template()
+    warnings: list = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        mask = compute_brain_mask(head)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return head, mask, warnings
+
+
 def test_template_is_bundled():
     for name in (TEMPLATE_T1, TEMPLATE_MASK):
         assert (default_template_dir() / name).is_file()
 
 
-def test_real_head_mask_matches_reference(robex):
+@pytest.fixture(scope="module")
+def robex_mask(robex):
+    """(the automatic mask of the robex head, the progress reports it was made with: (fraction, message) pairs),
+    shared by the tests that look at one undisturbed run. Tests must not modify the mask."""
+    calls: list = []
+    mask = compute_brain_mask(robex[0], progress=lambda fraction, message: calls.append((fraction, message)))
+    return mask, calls
+
+
+def test_real_head_mask_matches_reference(robex, robex_mask):
     image, reference = robex
-    calls = []
-    mask = compute_brain_mask(image, progress=lambda fraction, message: calls.append(fraction))
+    mask, reports = robex_mask
+    calls = [fraction for fraction, _ in reports]
     assert_same_grid(mask, image)
     assert dice(mask, reference) >= 0.85
     assert calls[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in calls) and calls == sorted(calls)
 
 
-def test_same_head_gives_the_same_mask_every_time(robex):
+def test_same_head_gives_the_same_mask_every_time(robex, robex_mask):
     """The registration samples its metric with a fixed seed on one thread: repeated runs agree voxel for voxel
     (with ITK's thread pool they differed by a few hundred voxels)."""
     image, _ = robex
-    first, second = (sitk.GetArrayFromImage(compute_brain_mask(image)) for _ in range(2))
+    first, second = sitk.GetArrayFromImage(robex_mask[0]), sitk.GetArrayFromImage(compute_brain_mask(image))
     assert first.any()
     np.testing.assert_array_equal(first, second)
 
@@ -104,7 +134,7 @@ def test_missing_template_is_a_clear_error(tmp_path):
         compute_brain_mask(image, template_dir=tmp_path)
 
 
-def test_registration_reports_every_iteration_and_cancels_at_once(robex):
+def test_registration_reports_every_iteration_and_cancels_at_once(robex, robex_mask):
     """Progress keeps moving during the registration (every stage reports each optimiser iteration, so nothing
     freezes however loaded the machine), and a cancel stops it."""
     from collections import Counter
@@ -112,8 +142,7 @@ def test_registration_reports_every_iteration_and_cancels_at_once(robex):
     from CeVAEAnomalyLib.progress import Cancelled
 
     image, _ = robex
-    calls = []
-    compute_brain_mask(image, progress=lambda fraction, message: calls.append((fraction, message)))
+    calls = robex_mask[1]
     registering = [(f, m) for f, m in calls if 0.1 < f < 0.8]
     assert len(registering) > 100  # one report per optimiser iteration, not one per stage
     stages = Counter(m for _, m in registering if m.startswith("Registering brain template ("))
@@ -168,13 +197,10 @@ def test_a_stop_signal_during_the_registration_is_raised_as_itself(signum, sende
     assert sent.is_set() and len(after) <= 1  # at most the iteration under way is reported
 
 
-def test_an_ignored_ctrl_c_leaves_the_registration_alone():
+def test_an_ignored_ctrl_c_leaves_the_registration_alone(template_head):
     """A process that ignores Ctrl-C (a pool worker, a job started with `&` from a script) gets the mask of an
     undisturbed run, not one cut short by the stop it ignores."""
-    from CeVAEAnomalyLib.engine.brainmask import load_template
-
-    head, _ = load_template()
-    undisturbed = compute_brain_mask(head)
+    head, undisturbed, _ = template_head
 
     def ctrl_c_once(fraction, message):
         if message.startswith("Registering brain template (") and not hasattr(ctrl_c_once, "sent"):
@@ -189,14 +215,12 @@ def test_an_ignored_ctrl_c_leaves_the_registration_alone():
     assert ctrl_c_once.sent and np.array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(undisturbed))
 
 
-def test_the_same_head_stored_in_another_voxel_order_gets_the_same_mask():
+def test_the_same_head_stored_in_another_voxel_order_gets_the_same_mask(template_head):
     """The registration samples by voxel index and averages blocks from index 0: a NIfTI's LAS and an NRRD's RAS
     copy of one scan got masks 46-50 ml apart, and so other score maps. The mask is made in one order now."""
-    from CeVAEAnomalyLib.engine.brainmask import load_template
-
-    head, _ = load_template()
+    head, reference_mask, _ = template_head
     order = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(head.GetDirection())
-    reference = sitk.GetArrayFromImage(compute_brain_mask(head))
+    reference = sitk.GetArrayFromImage(reference_mask)
     for other in {"RAS", "LPI", "SAL"} - {order}:  # flipped axes, and permuted ones
         stored = sitk.DICOMOrient(head, other)
         mask = compute_brain_mask(stored)
@@ -204,15 +228,15 @@ def test_the_same_head_stored_in_another_voxel_order_gets_the_same_mask():
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.DICOMOrient(mask, order)), reference)
 
 
-def test_a_start_that_fails_is_passed_over(monkeypatch, caplog):
+def test_a_start_that_fails_is_passed_over(template_head, monkeypatch, caplog):
     """Nine starts now (shifted ones included): one that ITK cannot run (here a start 5 m away, whose samples all
     fall outside the template) is passed over instead of failing the whole mask."""
     import logging
 
     import CeVAEAnomalyLib.engine.brainmask as brainmask
 
-    head, _ = brainmask.load_template()
-    reference = sitk.GetArrayFromImage(compute_brain_mask(head))
+    head, reference_mask, _ = template_head
+    reference = sitk.GetArrayFromImage(reference_mask)
     monkeypatch.setattr(brainmask, "_SHIFT_STARTS_MM", (*brainmask._SHIFT_STARTS_MM, 5000.0))
     with caplog.at_level(logging.DEBUG, logger="CeVAEAnomalyLib.engine.brainmask"):
         mask = compute_brain_mask(head)
@@ -220,15 +244,12 @@ def test_a_start_that_fails_is_passed_over(monkeypatch, caplog):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), reference)
 
 
-def test_a_float64_scan_in_tiny_units_is_masked_like_the_scan():
+def test_a_float64_scan_in_tiny_units_is_masked_like_the_scan(template_head):
     """Cast to float32 for the registration, every voxel of a scan in units of 1e-50 became 0 ("this image is
     constant"); like a huge one, it is scaled by a power of two first."""
-    from CeVAEAnomalyLib.engine.brainmask import load_template
-
-    head, _ = load_template()
+    head, mask, _ = template_head
     tiny = sitk.Cast(head, sitk.sitkFloat64) * 1e-50
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(compute_brain_mask(tiny)),
-                                  sitk.GetArrayFromImage(compute_brain_mask(head)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(compute_brain_mask(tiny)), sitk.GetArrayFromImage(mask))
 
 
 def _acquisition(name: str, recipe, seed: int, air_zeroed: bool = False):
@@ -292,16 +313,14 @@ def test_a_head_with_its_upper_half_cut_off_gets_a_start_shifted_along_its_axis(
     assert dice(compute_brain_mask(image), reference) >= 0.88
 
 
-def test_a_mask_that_cannot_be_trusted_is_said_so(caplog):
+def test_a_mask_that_cannot_be_trusted_is_said_so(template_head, caplog):
     """The bundled colin27 head (with skull, air exactly 0): whole, it is masked without a word; one hemisphere
     passes for a skull-stripped brain and its mask reaches the image's edge; two heads side by side get a mask
     half outside them. Both are warned about (a user then checks the mask or gives one)."""
     import logging
 
+    assert not any("automatic brain mask" in w for w in template_head[2])  # the whole head (as float32)
     head = sitk.ReadImage(str(default_template_dir() / TEMPLATE_T1))
-    with caplog.at_level(logging.WARNING):
-        compute_brain_mask(head)
-    assert "automatic brain mask" not in caplog.text
     size = head.GetSize()
     hemisphere = head[: size[0] // 2, :, :]
     with caplog.at_level(logging.WARNING):
