@@ -1,13 +1,17 @@
-"""Scripts/DetectVolume.py end to end under plain Python with slicer-core (a subprocess, as users run it)."""
+"""Scripts/DetectVolume.py end to end under plain Python with slicer-core: a subprocess, as users run it, where a test
+is about how the run ends; its main() in this process where a test is about what it reads and writes."""
 from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -26,6 +30,31 @@ def run_batch(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def script():
+    """The script loaded as a module: its ``main(argv)`` is what ``python DetectVolume.py ARGS`` runs."""
+    spec = importlib.util.spec_from_file_location("DetectVolume", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_here(script, capfd, caplog):
+    """Runs the script's ``main`` in this process, for the tests of what it reads and writes rather than of how
+    its process ends (each run skips a fresh interpreter's imports of torch and VTK, most of a run's time):
+    ``run(*args)`` gives its exit status and what it logged and wrote to stderr, in that order."""
+
+    def run(*args) -> Tuple[int, str]:
+        caplog.clear()
+        capfd.readouterr()
+        with caplog.at_level(logging.INFO):
+            status = script.main([str(a) for a in args])
+        return status, caplog.text + capfd.readouterr().err
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -234,21 +263,22 @@ def test_usage_inside_slicer_which_takes_help_for_itself(tmp_path):
     assert proc.stdout.startswith("usage: DetectVolume") and "--output-dir" in proc.stdout
 
 
-def run_on_nifti(image, mask, bundle, folder: Path):
-    """The script on ``image`` and ``mask`` written as NIfTI files into ``folder``: (its output folder, the run)."""
+def run_on_nifti(run, image, mask, bundle, folder: Path):
+    """The script (``run``: :func:`run_here`'s) on ``image`` and ``mask`` written as NIfTI files into ``folder``:
+    (its output folder, its exit status, its log and stderr)."""
     sitk.WriteImage(image, str(folder / "head.nii.gz"))
     sitk.WriteImage(mask, str(folder / "head_mask.nii.gz"))
     out = folder / "results"
-    return out, run_batch("--input", folder / "head.nii.gz", "--mask", folder / "head_mask.nii.gz", "--model", bundle,
-                          "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
+    return (out, *run("--input", folder / "head.nii.gz", "--mask", folder / "head_mask.nii.gz", "--model", bundle,
+                      "--output-dir", out, "--device", "cpu", "--threshold", "0.3"))
 
 
-def test_a_left_handed_input_gets_outputs_on_its_own_grid(tiny_bundle, tmp_path):
+def test_a_left_handed_input_gets_outputs_on_its_own_grid(tiny_bundle, tmp_path, run_here):
     """FSL stores NIfTI as LAS (a left-handed index order). Slicer keeps such a volume with its slice axis
     reversed; the script still writes the score and labelmap on the input file's grid, as detect does."""
     image, mask = make_head(direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1), seed=12)
-    out, proc = run_on_nifti(image, mask, tiny_bundle, tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    out, status, stderr = run_on_nifti(run_here, image, mask, tiny_bundle, tmp_path)
+    assert status == 0, stderr
     brain = sitk.GetArrayFromImage(mask) > 0
     for name in OUTPUTS[:2]:
         result = sitk.ReadImage(str(out / name))
@@ -270,7 +300,7 @@ def test_a_left_handed_input_gets_outputs_on_its_own_grid(tiny_bundle, tmp_path)
     assert main(["evaluate", "--score", str(out / OUTPUTS[0]), "--mask", str(tmp_path / "head_mask.nii.gz")]) == 0
 
 
-def test_nan_voxels_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path):
+def test_nan_voxels_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path, run_here):
     """Slicer's reader turns a float NIfTI's NaN voxels into 0 (dark tissue, scored as a lesion); the script puts
     them back, so they are left out of the brain with a warning, as `cevae-anomaly detect` does, also where the
     volume is kept with an axis reversed (left-handed)."""
@@ -282,29 +312,29 @@ def test_nan_voxels_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path):
     voxels[hole] = np.nan
     with_nan = sitk.GetImageFromArray(voxels)
     with_nan.CopyInformation(image)
-    out, proc = run_on_nifti(with_nan, mask, tiny_bundle, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "NaN" in proc.stderr  # the warning the command line gives
+    out, status, stderr = run_on_nifti(run_here, with_nan, mask, tiny_bundle, tmp_path)
+    assert status == 0, stderr
+    assert "NaN" in stderr  # the warning the command line gives
     scores = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[0])))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[1])))
     assert not scores[hole].any() and not labels[hole].any()  # left out, not a lesion
     assert scores[brain].any()
 
 
-def test_a_volume_slicer_cannot_load_is_refused_naming_what_it_is(tmp_path):
+def test_a_volume_slicer_cannot_load_is_refused_naming_what_it_is(tmp_path, run_here):
     """A colour volume or a 4D series was refused as "corrupt or unsupported format", which detect names."""
     image, _ = make_head(size=(20, 22, 18))
     colour = sitk.Compose([sitk.Cast(image, sitk.sitkUInt8)] * 3)
     sitk.WriteImage(colour, str(tmp_path / "colour.nrrd"))
     sitk.WriteImage(sitk.JoinSeries([image, image]), str(tmp_path / "series.nii.gz"))
     for name, problem in (("colour.nrrd", "has 3 components per voxel"), ("series.nii.gz", "is 4D")):
-        proc = run_batch("--input", tmp_path / name, "--output-dir", tmp_path / "out")
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 1 and last.startswith("DetectVolume: error: ") and problem in last, proc.stderr
+        status, stderr = run_here("--input", tmp_path / name, "--output-dir", tmp_path / "out")
+        last = stderr.strip().splitlines()[-1]
+        assert status == 1 and last.startswith("DetectVolume: error: ") and problem in last, stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_a_truncated_nifti_image_or_mask_is_refused_as_detect_refuses_it(tmp_path):
+def test_a_truncated_nifti_image_or_mask_is_refused_as_detect_refuses_it(tmp_path, run_here):
     """Slicer's reader fills the missing part of a truncated NIfTI with zeros: an int16 scan or a brain mask cut
     short was scored as if whole (a float scan was refused, by the NaN check that reads it again)."""
     import gzip
@@ -316,13 +346,13 @@ def test_a_truncated_nifti_image_or_mask_is_refused_as_detect_refuses_it(tmp_pat
         (tmp_path / name.replace(".nii.gz", "_cut.nii")).write_bytes(whole[: len(whole) * 3 // 4])
     for args, what in ((("--input", tmp_path / "scan_cut.nii", "--mask", tmp_path / "mask.nii.gz"), "image"),
                        (("--input", tmp_path / "scan.nii.gz", "--mask", tmp_path / "mask_cut.nii"), "brain mask")):
-        proc = run_batch(*args, "--output-dir", tmp_path / "out")
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 1 and f"The {what} file" in last and "is truncated or corrupt" in last, proc.stderr
+        status, stderr = run_here(*args, "--output-dir", tmp_path / "out")
+        last = stderr.strip().splitlines()[-1]
+        assert status == 1 and f"The {what} file" in last and "is truncated or corrupt" in last, stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_nan_voxels_of_an_analyze_pair_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path):
+def test_nan_voxels_of_an_analyze_pair_are_left_out_as_on_the_command_line(tiny_bundle, tmp_path, run_here):
     """The NaN voxels of a float .hdr/.img pair, which Slicer's reader also turns into 0, were scored as dark
     tissue: only a .nii or .nii.gz file had them put back."""
     image, mask = make_head(seed=12)
@@ -335,10 +365,10 @@ def test_nan_voxels_of_an_analyze_pair_are_left_out_as_on_the_command_line(tiny_
     sitk.WriteImage(with_nan, str(tmp_path / "head.hdr"))
     sitk.WriteImage(mask, str(tmp_path / "head_mask.nii.gz"))
     out = tmp_path / "results"
-    proc = run_batch("--input", tmp_path / "head.hdr", "--mask", tmp_path / "head_mask.nii.gz", "--model", tiny_bundle,
-                     "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
-    assert proc.returncode == 0, proc.stderr
-    assert "NaN" in proc.stderr
+    status, stderr = run_here("--input", tmp_path / "head.hdr", "--mask", tmp_path / "head_mask.nii.gz", "--model",
+                              tiny_bundle, "--output-dir", out, "--device", "cpu", "--threshold", "0.3")
+    assert status == 0, stderr
+    assert "NaN" in stderr
     scores = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUTS[0])))
     assert not scores[hole].any() and scores[brain].any()
 
