@@ -1082,3 +1082,23 @@ def test_new_outputs_go_where_the_reader_keeps_the_scans_results(scene):
     other = add_volume(scene, make_head(seed=2)[0], "other")  # another scan at the top: its outputs stay beside it
     assert parents(mrml.publish(scene, other, fake_detection(mrml.image_from_volume(other), mask))) == {
         hierarchy.GetSceneItemID()}
+
+
+def test_the_labelmap_made_beside_an_edited_one_goes_where_the_edited_one_is(scene):
+    """A labelmap the reader edited is kept as "... (edited)" and the run writes a new one, which went beside the
+    scan's other results (the general rule: the edited one is no output any more) rather than where the labelmap it
+    stands in for was: a reader who keeps labelmaps in a folder of their own found it outside. It goes beside the
+    edited one now."""
+    hierarchy = data_module_hierarchy(scene)
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
+    folder = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "corrected labelmaps")
+    hierarchy.SetItemParent(hierarchy.GetItemByDataNode(first.labelmap), folder)
+    painted = slicer.util.arrayFromVolume(first.labelmap)
+    painted[2:4, 2:4, 2:4] = 1
+    slicer.util.arrayFromVolumeModified(first.labelmap)
+    second = mrml.publish(scene, volume, fake_detection(image, mask, 1.05))
+    assert second.labelmap is not first.labelmap and first.labelmap.GetName().endswith(" (edited)")
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(second.labelmap)) == folder
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(second.score)) == hierarchy.GetSceneItemID()

@@ -308,10 +308,11 @@ NEWEST = "newest"  # _output's ``group``: reuse the source's latest node of the 
 
 
 def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suffix: str,
-            group: Optional[str] = NEWEST, link: bool = True):
+            group: Optional[str] = NEWEST, link: bool = True, beside: Optional[slicer.vtkMRMLNode] = None):
     """``existing`` if it may hold these results, else the node of the same role and source to reuse: of the run
     ``group`` (the run whose nodes this one updates), of the latest run (:data:`NEWEST`), or none (None: new);
-    marked as ``source``'s ``role`` output unless ``link`` is False. A node reused is kept in ``undo``."""
+    marked as ``source``'s ``role`` output unless ``link`` is False. A node reused is kept in ``undo``; a new one goes
+    beside ``beside`` (the node it stands in for) if given, else where :func:`_place_in_hierarchy` says."""
     if existing is not None and not belongs_to(existing, source, role):
         log.warning("'%s' holds other results, a processed input or data of yours, which are kept; the results of "
                     "'%s' go to a node of their own.", existing.GetName(), source.GetName())
@@ -329,7 +330,7 @@ def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suf
     if existing is None:
         node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
         node.SetAttribute(NAME_ATTRIBUTE, node.GetName())
-        _place_in_hierarchy(scene, node, role, source)
+        _place_in_hierarchy(scene, node, role, source, beside)
     else:
         node = existing
         given = node.GetName()
@@ -342,11 +343,13 @@ def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suf
     return node
 
 
-def _place_in_hierarchy(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode, role: str, source) -> None:
+def _place_in_hierarchy(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode, role: str, source,
+                        beside: Optional[slicer.vtkMRMLNode] = None) -> None:
     """Put a new output node where the reader keeps ``source``'s results in the subject hierarchy (Data module): beside
-    its latest output of ``role``, else of any role (the folder the reader moved them into), else beside ``source``
-    itself (under its study or subject), as Slicer's modules place derived nodes. The application gives each new node
-    an item at the top of the tree; a node without one (slicer-core: no subject hierarchy plugins) is left so."""
+    ``beside`` if given (a node it takes the place of: an edited labelmap handed over), else its latest output of
+    ``role``, else of any role (the folder the reader moved them into), else beside ``source`` itself (under its study
+    or subject), as Slicer's modules place derived nodes. The application gives each new node an item at the top of
+    the tree; a node without one (slicer-core: no subject hierarchy plugins) is left so."""
     if scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") is None:
         return
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -355,10 +358,10 @@ def _place_in_hierarchy(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode, ro
         return
     earlier = [other for other in outputs_newest_first(scene, source) if other is not node]
     neighbours = [other for other in earlier if other.GetAttribute(ROLE_ATTRIBUTE) == role]
-    for neighbour in (*neighbours, *earlier, source):
-        beside = hierarchy.GetItemByDataNode(neighbour)
-        if beside:
-            hierarchy.SetItemParent(item, hierarchy.GetItemParent(beside))
+    for neighbour in (*([beside] if beside is not None else []), *neighbours, *earlier, source):
+        there = hierarchy.GetItemByDataNode(neighbour)
+        if there:
+            hierarchy.SetItemParent(item, hierarchy.GetItemParent(there))
             return
 
 
@@ -485,9 +488,10 @@ def publish(
             out.labelmap = _output(scene, undo, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE,
                                    volume_node, "anomaly labelmap" + at, group)
             if edited_since_written(out.labelmap.GetAttribute(WRITTEN_KEY), labelmap_signature(out.labelmap)):
-                _hand_over(undo, out.labelmap)
+                edited = out.labelmap
+                _hand_over(undo, edited)
                 out.labelmap = _output(scene, undo, None, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
-                                       "anomaly labelmap" + at, group)
+                                       "anomaly labelmap" + at, group, beside=edited)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.SetAttribute(WRITTEN_KEY, labelmap_signature(out.labelmap))
             shown = out.labelmap.GetDisplayNode() is not None  # an earlier run's: its colours may be the user's
