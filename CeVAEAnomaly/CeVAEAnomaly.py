@@ -197,7 +197,6 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelStandingIn = ""  # the remembered model out of reach at the start (model_memory.StartModel)
         self._frameBrowser = None  # the sequence browser that drives the last result's input (observed), if any
         self._frameNote = ""  # what the status line says of the frame the views show (nodes.frame_note)
-        self._resultMessage = ""  # the last result's summary and warnings, shown again once its frame is back
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -892,7 +891,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.componentTableView.clearSelection()  # the rows are this result's now
         self._hideModuleVolumes()
         self.ui.statusLabel.text = result.message  # the summary and the run's warnings
-        self._resultMessage, self._frameNote = result.message, ""
+        self._frameNote = ""
         self._followFrames(result.frame.browser if result.frame is not None else None)
         self.state.summary_shown(result.volume.GetID())
         self._pendingDisplay = None
@@ -912,13 +911,15 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onFrameChanged(self, caller=None, event=None) -> None:
         """The browser moved: to a frame with results of its own, the panel's output fields (and the heat map, where
-        the views showed the other frame's) switch to them (nodes.shown_frame_results); else the status line says when
-        the heat map lies over another frame than it scored, and shows the result's summary again once the scored
-        frame is back."""
-        from CeVAEAnomalyLib.slicer.nodes import frame_note, shown_frame_results, source_volume
+        the views showed the other frame's) switch to them (nodes.shown_frame_results), and the status line says that
+        run's summary and warnings; else it says when the heat map lies over another frame than it scored, and the
+        run's summary and warnings again once the scored frame is back (nodes.run_message)."""
+        from CeVAEAnomalyLib.slicer.nodes import frame_note, run_message, shown_frame_results, source_volume
 
         p = self._parameterNode
-        own = shown_frame_results(p.scoreVolume) if p is not None else None
+        if p is None:
+            return
+        own = shown_frame_results(p.scoreVolume)
         if own is not None:
             with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for all fields
                 for field, node in own.fields.items():
@@ -926,13 +927,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if own.overlay:
                 score = own.fields["scoreVolume"]
                 self.logic.showResults(score, source_volume(score), p.overlayOpacity)
-            self._resultMessage, self._frameNote = own.message, ""  # what the panel's results are now
+            self._frameNote = ""
             if not self.state.busy:
                 self.ui.statusLabel.text = own.message
             return
-        note = frame_note(p.scoreVolume) if p is not None else ""
+        note = frame_note(p.scoreVolume)
         if note != self._frameNote and not self.state.busy:
-            self.ui.statusLabel.text = note or self._resultMessage
+            self.ui.statusLabel.text = note or run_message(p.scoreVolume)
         self._frameNote = note
 
     def _display(self, scoreVolume, volume) -> None:

@@ -261,3 +261,43 @@ def sitk_brain(image):
     import SimpleITK as sitk
 
     return sitk.Cast(image > 0, sitk.sitkUInt8)
+
+
+def test_each_frames_summary_and_warnings_come_back_with_its_results(tiny_bundle):
+    """With frames 1 and 3 of a sequence scored, moving to frame 1 put "the panel shows its results" on the status line
+    in place of frame 3's summary and warnings, and moving back to frame 3 did not bring them back: a reader lost the
+    warning of the run whose results they read. A run's score volume now records its summary and warnings
+    (nodes.run_message, kept by a scene save), and the status line for a frame's results says that frame's own."""
+    import ast
+    from pathlib import Path
+
+    scene, sequences, browser, proxy = sequence_scene()
+    other_grid = add_volume(scene, make_head(seed=8, origin=(-17.0, 12.0, 8.0))[1], "B mask",
+                            "vtkMRMLLabelMapVolumeNode")
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    browser.SetSelectedItemNumber(2)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    job = logic.startDetection(proxy, other_grid, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    run_to_end(job)
+    third = logic.finishDetection(job)
+    warning = "Warning: The brain mask 'B mask' is on another grid than the input volume 'cine'"
+    assert warning in third.message and warning not in first.message
+    assert nodes.run_message(first.nodes.score) == first.message
+    assert nodes.run_message(third.nodes.score) == third.message
+
+    browser.SetSelectedItemNumber(0)  # frame 1: its results, its summary, not frame 3's warning
+    there = nodes.shown_frame_results(third.nodes.score)
+    assert there.fields["scoreVolume"] is first.nodes.score
+    assert there.message.endswith(first.message) and warning not in there.message
+    browser.SetSelectedItemNumber(2)  # back to frame 3: its warning comes back with its results
+    back = nodes.shown_frame_results(first.nodes.score)
+    assert back.fields["scoreVolume"] is third.nodes.score
+    assert back.message == ("The views show frame 3 of 3 (time = 4 s) of 'cine browser': the panel shows its results, "
+                            f"'cine anomaly score (frame 3)'. {third.message}")
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    moved = next(ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_onFrameChanged")
+    assert "self.ui.statusLabel.text = note or run_message(p.scoreVolume)" in moved
+    assert "_resultMessage" not in ast.unparse(widget)

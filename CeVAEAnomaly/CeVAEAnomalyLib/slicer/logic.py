@@ -336,7 +336,7 @@ class CeVAEAnomalyLogic(_LogicBase):
                 _refuseChanged(volumeNode, state)  # a progress callback that runs the GUI lets the user change it
             result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode, frame=frame)
         said = _reworded(warnings, mask_words(maskNode, volumeNode))  # (a mask on another grid: both named)
-        result = dataclasses.replace(result, warnings=tuple(dict.fromkeys(said)))
+        result = _recorded(dataclasses.replace(result, warnings=tuple(dict.fromkeys(said))))
         try:
             report(progress, 1.0, "Done")
         except Cancelled:  # too late to cancel: the results are in the scene, whole
@@ -440,7 +440,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             with _warningsLogged() as warnings:
                 result = self.publish(target.volume, load_result(job.folder), outputs, target.createLabelmap,
                                       target.show3D, target.mask, new_nodes, target.frame)
-            return dataclasses.replace(result, warnings=tuple(dict.fromkeys((*job.warnings, *warnings))))
+            return _recorded(dataclasses.replace(result, warnings=tuple(dict.fromkeys((*job.warnings, *warnings)))))
         finally:
             job.cleanup()
 
@@ -613,6 +613,15 @@ class _Collected(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+def _recorded(result: CeVAEAnomalyResult) -> CeVAEAnomalyResult:
+    """``result``, its summary and warnings recorded on its score volume (nodes.run_message), so that the panel can
+    say them again whenever it shows these results again."""
+    from .nodes import record_run_message
+
+    record_run_message(result.nodes.score, result.summary, result.warnings)
+    return result
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ Light enough to import while the module panel is set up.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -17,6 +18,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import CeVAEError
+from .widget_state import with_warnings
 
 ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
 SOURCE_REFERENCE = "CeVAEAnomalySource"
@@ -26,6 +28,10 @@ SLICE_AXIS_ATTRIBUTE = "CeVAEAnomaly.SliceAxis"
 COORDINATES_ATTRIBUTE = "CeVAEAnomaly.Coordinates"  # "local": a component table's R, A, S are the input's own RAS
 NAME_ATTRIBUTE = "CeVAEAnomaly.Name"  # the name the module gave an output: while it has it, it follows its input's
 RUN_ATTRIBUTE = "CeVAEAnomaly.Run"  # when the run that filled the node published it (ns since the epoch)
+# On a run's score volume: its one-line summary and its warnings (a JSON list), which the status line says of its
+# results whenever the panel shows them again (another frame's shown meanwhile, a scene loaded); see run_message.
+SUMMARY_ATTRIBUTE = "CeVAEAnomaly.Summary"
+WARNINGS_ATTRIBUTE = "CeVAEAnomaly.Warnings"
 # The slice table's grid: the input's IJK-to-RAS (16 numbers) when its indices were written. A scene save stores a
 # left-handed volume with its slice axis reversed, so the indices are read back through this matrix.
 SLICE_GRID_ATTRIBUTE = "CeVAEAnomaly.SliceGrid"
@@ -203,6 +209,26 @@ def stamp_run(nodes: Iterable[Optional[slicer.vtkMRMLNode]]) -> None:
     for node in nodes:
         if node is not None:
             node.SetAttribute(RUN_ATTRIBUTE, run)
+
+
+def record_run_message(score: slicer.vtkMRMLNode, summary: str, warnings: Sequence[str]) -> None:
+    """Record on a run's score volume its summary and warnings (:func:`run_message`), replacing an earlier run's."""
+    score.SetAttribute(SUMMARY_ATTRIBUTE, summary)
+    score.SetAttribute(WARNINGS_ATTRIBUTE, json.dumps(list(warnings)))
+
+
+def run_message(score: Optional[slicer.vtkMRMLNode]) -> str:
+    """What the status line says of the run whose score volume is ``score``: its summary, then its warnings, as
+    :func:`record_run_message` recorded them; "" where none was recorded."""
+    summary = score.GetAttribute(SUMMARY_ATTRIBUTE) if score is not None else None
+    if not summary:
+        return ""
+    try:
+        warnings = json.loads(score.GetAttribute(WARNINGS_ATTRIBUTE) or "[]")
+    except (ValueError, RecursionError):
+        warnings = []
+    texts = [str(w) for w in warnings] if isinstance(warnings, list) else []
+    return with_warnings(summary, texts)
 
 
 def _run_of(node: slicer.vtkMRMLNode) -> int:
@@ -479,11 +505,11 @@ def shown_frame_results(score: Optional[slicer.vtkMRMLNode]) -> Optional[FrameRe
     scene, source = score.GetScene(), source_volume(score)
     fields = {field: find_output(scene, class_name, role, source, run, exact=True)
               for field, (class_name, role) in PANEL_OUTPUTS.items()}
-    table = fields["componentTable"]
+    table, said = fields["componentTable"], run_message(fields["scoreVolume"])
     count = f" ({table.GetNumberOfRows()} component(s))" if table is not None else ""
+    shows = f"The views show {frame.label}: the panel shows its results, '{fields['scoreVolume'].GetName()}'"
     return FrameResults(fields, shows_result(scene, score, source),
-                        f"The views show {frame.label}: the panel shows its results, "
-                        f"'{fields['scoreVolume'].GetName()}'{count}.")
+                        f"{shows}. {said}" if said else f"{shows}{count}.")  # (a run of a scene saved before it said)
 
 
 def show_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:
