@@ -195,7 +195,6 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelValuesShownFor: Optional[tuple] = None
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
         self._modelStandingIn = ""  # the remembered model out of reach at the start (model_memory.StartModel)
-        self._frameBrowser = None  # the sequence browser that drives the last result's input (observed), if any
         self._frameNote = ""  # what the status line says of the frame the views show (nodes.frame_note)
 
     def setup(self) -> None:
@@ -216,7 +215,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for value, name in names.items():
                 combo.addItem(name, value)
 
+        from CeVAEAnomalyLib.slicer.nodes import FrameWatch
+
         self.logic = CeVAEAnomalyLogic()
+        self._frames = FrameWatch(self._onFrameChanged)  # the browser of the results in the panel's fields, if any
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._onPoll)
@@ -262,6 +264,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hidden widgets would go on following the parameter node and writing to it beside the new panel's."""
         self._interrupt()
         self._timer.stop()
+        self._frames.follow(None)
         self.removeObservers()
         self._binding.release()
 
@@ -278,7 +281,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._interrupt()
-        self._followFrames(None)
+        self._frames.follow(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -446,6 +449,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateGui(self, caller=None, event=None) -> None:
         p = self._parameterNode
         if p is None:
+            self._frames.follow(None)
             self._refresh()
             return
         from CeVAEAnomalyLib.slicer.model_memory import remembered_value
@@ -454,6 +458,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if self._followInput():
             return  # the output fields changed: this runs again
+        if self._followResultsBrowser():
+            return  # the fields switched to the results of the frame shown: this runs again
         if self.state.model_words_are_stale(remembered_value(p), self.ui.statusLabel.text):
             self.ui.statusLabel.text = ""  # "the model used last ... is in use", after another model was chosen
         settings = self._modelSettings()
@@ -879,6 +885,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._hideModuleVolumes()
             self.ui.statusLabel.text = with_warnings(f"{result.summary} {elsewhere}", result.warnings)
             return
+        self._frames.follow(result.nodes.score)  # first (also while the panel is hidden): these are the results shown
         p.scoreVolume = result.nodes.score
         p.anomalySegmentation = result.nodes.segmentation
         p.componentTable = result.nodes.components
@@ -892,7 +899,6 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._hideModuleVolumes()
         self.ui.statusLabel.text = result.message  # the summary and the run's warnings
         self._frameNote = ""
-        self._followFrames(result.frame.browser if result.frame is not None else None)
         self.state.summary_shown(result.volume.GetID())
         self._pendingDisplay = None
         if self.state.show_result():
@@ -900,25 +906,25 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self._pendingDisplay = (result.nodes.score, result.volume)
 
-    def _followFrames(self, browser) -> None:
-        """Observe the sequence browser that drives the last result's input (None: none), to say when the views show
-        another frame than the one scored (:meth:`_onFrameChanged`)."""
-        if self._frameBrowser is not None:
-            self.removeObserver(self._frameBrowser, vtk.vtkCommand.ModifiedEvent, self._onFrameChanged)
-        self._frameBrowser = browser
-        if browser is not None:
-            self.addObserver(browser, vtk.vtkCommand.ModifiedEvent, self._onFrameChanged)
+    def _followResultsBrowser(self) -> bool:
+        """Observe the sequence browser of the results in the panel's fields (nodes.FrameWatch; none while a scene is
+        being loaded: at its end); when it is another one (results loaded with a scene, an input picked with earlier
+        results), say what the views show of them now (:meth:`_onFrameChanged`). True if the fields switched."""
+        if slicer.mrmlScene.IsImporting() or not self._frames.follow(self._parameterNode.scoreVolume):
+            return False
+        return self._onFrameChanged()
 
-    def _onFrameChanged(self, caller=None, event=None) -> None:
-        """The browser moved: to a frame with results of its own, the panel's output fields (and the heat map, where
-        the views showed the other frame's) switch to them (nodes.shown_frame_results), and the status line says that
-        run's summary and warnings; else it says when the heat map lies over another frame than it scored, and the
-        run's summary and warnings again once the scored frame is back (nodes.run_message)."""
+    def _onFrameChanged(self) -> bool:
+        """The browser moved (or the panel's results came from another browser: nodes.FrameWatch): to a frame with
+        results of its own, the panel's output fields (and the heat map, where the views showed the other frame's)
+        switch to them (nodes.shown_frame_results), and the status line says that run's summary and warnings; else it
+        says when the heat map lies over another frame than it scored, and the run's summary and warnings again once
+        the scored frame is back (nodes.run_message). True if the fields switched."""
         from CeVAEAnomalyLib.slicer.nodes import frame_note, run_message, shown_frame_results, source_volume
 
         p = self._parameterNode
         if p is None:
-            return
+            return False
         own = shown_frame_results(p.scoreVolume)
         if own is not None:
             with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for all fields
@@ -930,11 +936,12 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._frameNote = ""
             if not self.state.busy:
                 self.ui.statusLabel.text = own.message
-            return
+            return True
         note = frame_note(p.scoreVolume)
         if note != self._frameNote and not self.state.busy:
             self.ui.statusLabel.text = note or run_message(p.scoreVolume)
         self._frameNote = note
+        return False
 
     def _display(self, scoreVolume, volume) -> None:
         """The score overlay in the slice views, which jump to the most anomalous place."""

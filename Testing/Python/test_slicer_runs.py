@@ -301,3 +301,72 @@ def test_each_frames_summary_and_warnings_come_back_with_its_results(tiny_bundle
     moved = next(ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_onFrameChanged")
     assert "self.ui.statusLabel.text = note or run_message(p.scoreVolume)" in moved
     assert "_resultMessage" not in ast.unparse(widget)
+def saved_sequence_scene(scene, folder):
+    """``scene`` saved as a data bundle in ``folder`` and loaded again (Sequences logic set, as in the application):
+    the new scene, its browser and its proxy volume."""
+    application = slicer.vtkMRMLApplicationLogic()
+    application.SetMRMLScene(scene)
+    assert application.SaveSceneToSlicerDataBundleDirectory(str(folder))
+    reloaded = slicer.vtkMRMLScene()
+    sequences = slicer.vtkSlicerSequencesLogic()
+    sequences.SetMRMLScene(reloaded)
+    reloaded.SetURL(str(next(folder.glob("*.mrml"))))
+    assert reloaded.Import()
+    browser = reloaded.GetFirstNodeByClass("vtkMRMLSequenceBrowserNode")
+    sequences.UpdateProxyNodesFromSequences(browser)
+    return reloaded, browser, browser.GetProxyNode(browser.GetMasterSequenceNode())
+
+
+def test_the_frame_shown_is_followed_also_for_results_loaded_with_a_scene_or_an_input(tmp_path):
+    """The panel observed the sequence browser only from a run's end: after a saved scene with frame results was
+    opened again, or an input with frame results was picked, moving the browser neither said that the heat map lay
+    over another frame nor switched to that frame's results, until a new run. The panel now follows the browser of
+    whatever score volume its fields hold (nodes.FrameWatch, from _updateGui), and lets go of it when the scene
+    closes."""
+    import ast
+    from pathlib import Path
+
+    from test_mrml import fake_detection
+
+    scene, sequences, browser, proxy = sequence_scene()
+    for item in (0, 2):  # frames 1 and 3 scored
+        browser.SetSelectedItemNumber(item)
+        sequences.UpdateProxyNodesFromSequences(browser)
+        image = mrml.image_from_volume(proxy)
+        out = mrml.publish(scene, proxy, fake_detection(image, sitk_brain(image)), frame=nodes.sequence_frame(proxy))
+        nodes.record_run_message(out.score, f"Frame {item + 1}'s summary.", [f"frame {item + 1}'s warning"])
+    plain = add_volume(scene, make_head(seed=1)[0], "plain")
+    mrml.publish(scene, plain, fake_detection(mrml.image_from_volume(plain), sitk_brain(mrml.image_from_volume(plain))))
+    reloaded, browser, proxy = saved_sequence_scene(scene, tmp_path)
+    plain = next(reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode") for i in
+                 range(reloaded.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
+                 if reloaded.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName() == "plain")
+
+    moves = []
+    watch = nodes.FrameWatch(lambda: moves.append(browser.GetSelectedItemNumber()))
+    shown = nodes.outputs_for_input(reloaded, proxy, {})["scoreVolume"]  # the fields the panel shows for the input
+    assert shown.GetName() == "cine anomaly score (frame 3)"
+    assert watch.follow(shown) and not watch.follow(shown)  # a new browser to say anew of; then the same one
+    browser.SetSelectedItemNumber(0)
+    assert moves == [0] and nodes.shown_frame_results(shown).fields["scoreVolume"].GetName() == (
+        "cine anomaly score (frame 1)")
+    assert nodes.shown_frame_results(shown).message.endswith(  # as the run recorded it, kept by the save
+        "'cine anomaly score (frame 1)'. Frame 1's summary. Warning: frame 1's warning")
+    assert watch.follow(nodes.outputs_for_input(reloaded, plain, {})["scoreVolume"])  # another input: no sequence's
+    browser.SetSelectedItemNumber(1)
+    assert moves == [0]
+    assert not watch.follow(None)  # (none followed already)
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "self._frames = FrameWatch(self._onFrameChanged)" in methods["setup"]
+    update = methods["_updateGui"]  # every change of the parameter node: a run's end, a scene loaded, an input picked
+    assert update.index("if self._followInput():") < update.index("if self._followResultsBrowser():")
+    assert "self._frames.follow(None)" in update  # no parameter node: a closed scene
+    follow = methods["_followResultsBrowser"]
+    assert "self._frames.follow(self._parameterNode.scoreVolume)" in follow and "self._onFrameChanged()" in follow
+    for name in ("onSceneStartClose", "cleanup"):
+        assert "self._frames.follow(None)" in methods[name], name
+    show = methods["_showResult"]
+    assert show.index("self._frames.follow(result.nodes.score)") < show.index("p.scoreVolume = result.nodes.score")

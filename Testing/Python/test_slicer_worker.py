@@ -1531,6 +1531,5 @@ def test_the_sequence_frame_scored_is_recorded_and_a_view_of_another_frame_is_sa
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
     methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
     assert "show_scored_frame(output)" in methods["_showRunOf"]  # every jump into a result goes through it
-    assert "self._followFrames(result.frame.browser if result.frame is not None else None)" in methods["_showResult"]
-    assert "self.addObserver(browser, vtk.vtkCommand.ModifiedEvent, self._onFrameChanged)" in methods["_followFrames"]
+    assert "self._frames.follow(result.nodes.score)" in methods["_showResult"]  # (nodes.FrameWatch: test_slicer_runs)
     assert "frame_note(p.scoreVolume)" in methods["_onFrameChanged"]

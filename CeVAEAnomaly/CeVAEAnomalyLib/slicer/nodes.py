@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import slicer
@@ -520,6 +520,30 @@ def show_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:
         return False
     browser.SetSelectedItemNumber(item)
     return True
+
+
+class FrameWatch:
+    """Observes the sequence browser whose frame the panel's results scored: ``moved`` is called at each change of it
+    (another frame shown), whichever way the results came into the panel (a run, a scene loaded, an input picked with
+    earlier results)."""
+
+    def __init__(self, moved: Callable[[], None]) -> None:
+        self._moved = moved
+        self._browser: Optional[slicer.vtkMRMLNode] = None
+        self._tag: Optional[int] = None
+
+    def follow(self, score: Optional[slicer.vtkMRMLNode]) -> bool:
+        """Observe the browser of the panel's score volume ``score`` (None, or no sequence's: none); True if that is
+        another browser than before (then what the views show is to be said anew)."""
+        browser = _scored_item(score)[0]
+        if browser is self._browser:
+            return False
+        if self._browser is not None:
+            self._browser.RemoveObserver(self._tag)
+        self._browser, self._tag = browser, None
+        if browser is not None:
+            self._tag = browser.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: self._moved())
+        return True
 
 
 ENGINE_RESAMPLED_MASK = "The brain mask is on another grid than the image"  # engine.preprocess.mask_array's words
