@@ -44,7 +44,7 @@ from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
 from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS, PostprocessOptions
 from CeVAEAnomalyResearch.acquisition import VARIANTS
 from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
-from benchmark_acquisition_maps import case_files
+from acquisition_cases import case_files
 
 SHIPPED = read_header(default_model_path())
 SHIPPED_FPR = SHIPPED.default_fpr  # the bundled model's operating point

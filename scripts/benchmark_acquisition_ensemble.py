@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
-from benchmark_acquisition_maps import case_files
+from acquisition_cases import case_files
 from CeVAEAnomalyLib.io.atomic import atomic_path
 
 AVERAGED = ("final", "combi", "combi_m", "rec", "grad", "slice_neg_elbo")

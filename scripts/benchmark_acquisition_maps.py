@@ -156,11 +156,6 @@ def cache_case(path: Path, image: sitk.Image, mask: sitk.Image, gt: sitk.Image, 
         )
 
 
-def case_files(folder: Path) -> List[Path]:
-    """The complete cached cases in ``folder`` (a write in progress is hidden until it is renamed into place)."""
-    return sorted(q for q in folder.glob("*--*--*.npz") if not q.name.startswith("."))
-
-
 def check_case(image: sitk.Image, mask: sitk.Image, full: Detector, path: Path) -> dict:
     """The full default Detector on the same volume vs the cached chain: largest map difference."""
     res = full(image, mask)
