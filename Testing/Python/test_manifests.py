@@ -106,16 +106,18 @@ def test_train_holds_out_persons_not_volumes(tmp_path):
     BIDS file name's ``sub-<label>`` where the column is absent."""
     from CeVAEAnomalyLib.engine.bundle import read_header
 
-    for seed in range(1, 7):
+    for seed in range(1, 7):  # with their masks: no brain mask to compute
         image, mask = make_head(size=(32, 36, 28), seed=seed)
-        sitk.WriteImage(image, str(tmp_path / f"sub-p{(seed + 1) // 2}_ses-{seed % 2}_T1w.nii.gz"))
-        sitk.WriteImage(image, str(tmp_path / f"scan{seed}.nii.gz"))
+        for name in (f"sub-p{(seed + 1) // 2}_ses-{seed % 2}_T1w", f"scan{seed}"):
+            sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+            sitk.WriteImage(mask, str(tmp_path / f"{name}_mask.nii.gz"))
     person = {f"scan{seed}": f"p{(seed + 1) // 2}" for seed in range(1, 7)}
     csv = tmp_path / "train.csv"
-    csv.write_text("image,mask,subject\n" + "".join(f"{n}.nii.gz,,{p}\n" for n, p in person.items()))
-    bids = sorted(str(p) for p in tmp_path.glob("sub-*_T1w.nii.gz"))
+    csv.write_text("image,mask,subject\n" + "".join(f"{n}.nii.gz,{n}_mask.nii.gz,{p}\n" for n, p in person.items()))
+    bids = sorted(str(p) for p in tmp_path.glob("sub-*_T1w*.nii.gz"))  # each scan and its NAME_mask beside it
     for out, args in ((tmp_path / "by_column.cevae", ["--manifest", str(csv)]), (tmp_path / "by_bids.cevae", bids)):
-        assert main(["train", *args, "--out", str(out), *SMALL[:-1], "0.34"]) == 0
+        # (seed 1: a split by volume would hold out scan1 and scan5, two persons; seed 0's happen to be one's)
+        assert main(["train", *args, "--out", str(out), *SMALL[:-1], "0.34", "--seed", "1"]) == 0
         training = read_header(out).training
         sides = [{person.get(s["name"], s["name"].split("_")[0]) for s in training[role]}
                  for role in ("subjects", "validation_subjects")]
@@ -190,10 +192,12 @@ def test_a_link_to_a_file_not_fetched_in_a_cohort_folder_is_said_so(cohort, tmp_
 
 def test_train_says_how_many_persons_it_splits_and_when_it_cannot_tell_them(cohort, tmp_path, caplog):
     """The split is by person, but the log counted volumes only: two sessions taken for two persons went unsaid."""
-    image, _ = make_head(size=(32, 36, 28), seed=3)
+    image, mask = make_head(size=(32, 36, 28), seed=3)
     sitk.WriteImage(image, str(cohort / "h3.nii.gz"))
+    sitk.WriteImage(mask, str(cohort / "h3_mask.nii.gz"))  # each scan with its mask: no brain mask to compute
     persons = cohort / "persons.csv"
-    persons.write_text("image,mask,subject\nh1.nii.gz,h1_mask.nii.gz,anna\nh3.nii.gz,,anna\nh2.nii.gz,,ben\n")
+    persons.write_text("image,mask,subject\nh1.nii.gz,h1_mask.nii.gz,anna\nh3.nii.gz,h3_mask.nii.gz,anna\n"
+                       "h2.nii.gz,h2_mask.nii.gz,ben\n")
     args = ["--out", str(tmp_path / "m.cevae"), "--overwrite", *SMALL[:-1], "0.5"]
     with caplog.at_level("INFO"):
         assert main(["train", "--manifest", str(persons), *args]) == 0
@@ -202,7 +206,8 @@ def test_train_says_how_many_persons_it_splits_and_when_it_cannot_tell_them(coho
     assert "taken for a different person" not in caplog.text
     caplog.clear()
     with caplog.at_level("INFO"):
-        assert main(["train", str(cohort / "h1.nii.gz"), str(cohort / "h3.nii.gz"), *args]) == 0
+        scans = [str(cohort / f"h{n}{part}.nii.gz") for n in (1, 3) for part in ("", "_mask")]
+        assert main(["train", *scans, *args]) == 0
     assert "each of the 2 volumes is taken for a different person" in caplog.text
 
 
