@@ -150,8 +150,9 @@ def test_adapt_fine_tunes_with_the_augmentation_the_base_was_trained_with(tiny_b
         return real(cfg, *args, **kw)
 
     monkeypatch.setattr(adapt_mod, "Trainer", trainer)
-    out = tmp_path / "site.cevae"
-    assert main(["adapt", str(site["a"]), str(site["b"]), "--model", str(base), "--out", str(out), *QUICK_ARGS]) == 0
+    out, listed = tmp_path / "site.cevae", tmp_path / "site.csv"
+    listed.write_text(f"image,mask\n{site['a']},{site['mask']}\n{site['b']},{site['mask']}\n")  # no mask to compute
+    assert main(["adapt", "--manifest", str(listed), "--model", str(base), "--out", str(out), *QUICK_ARGS]) == 0
     assert used and all(a == ACQUISITION_AUGMENT for a in used), used
     assert read_header(out).training["augment"] == asdict(ACQUISITION_AUGMENT)
 
