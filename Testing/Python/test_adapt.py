@@ -47,8 +47,8 @@ def _write(array: np.ndarray, like: sitk.Image, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Dict[str, Path]:
-    """A real T1 (Colin27 at 2 mm, shipped with the package) as three site scans, its brain mask, and the
-    same brain with its contrast reversed inside the brain (a T2-like scan)."""
+    """A real T1 (Colin27 at 2 mm, shipped with the package) as three site scans, its brain mask (and scan c's, the
+    mask mirrored as c is), and the same brain with its contrast reversed inside the brain (a T2-like scan)."""
     d = tmp_path_factory.mktemp("site")
     t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
     mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
@@ -58,11 +58,19 @@ def site(tmp_path_factory) -> Dict[str, Path]:
     top = np.percentile(a[brain], 99)
     return {"a": _write(a, t1, d / "scan_a.nii.gz"), "b": _write(a + noise, t1, d / "scan_b.nii.gz"),
             "c": _write(a[:, :, ::-1], t1, d / "scan_c.nii.gz"), "mask": d / "mask.nii.gz",
+            "mask_c": _write(brain[:, :, ::-1], t1, d / "mask_c.nii.gz"),
             "reversed": _write(np.where(brain, np.clip(top - a, 0, None), a), t1, d / "reversed.nii.gz")}
 
 
 def subjects(site: Dict[str, Path], *names: str) -> List[Subject]:
+    """The site scans ``names``, scan c without its mask (computed by the run)."""
     return [Subject(site[n], site["mask"] if n != "c" else None) for n in names]
+
+
+def masked(site: Dict[str, Path], *names: str) -> List[Subject]:
+    """The site scans ``names``, each with its brain mask: for tests about something else than a computed mask,
+    which costs a registration to the atlas each time a run reads the scan (for training, then for calibrating)."""
+    return [Subject(site[n], site["mask_c" if n == "c" else "mask"]) for n in names]
 
 
 def test_fold_plan_holds_out_every_scan_exactly_once_and_a_person_s_scans_together():
@@ -207,7 +215,7 @@ def test_an_adapted_model_keeps_the_modes_its_parent_is_calibrated_for(tiny_bund
                 for t in SCORE_TYPES}
     base = save_bundle(tmp_path / "parent.cevae", parent.model, replace(h, calibration={**h.calibration, **thorough}))
     assert calibrated_test_time_steps(read_header(base).calibration) == [0, 2]
-    out = adapt_mod.adapt(base, subjects(site, "a", "b", "c"), tmp_path / "site.cevae", QUICK)
+    out = adapt_mod.adapt(base, masked(site, "a", "b", "c"), tmp_path / "site.cevae", QUICK)
     adapted = read_header(out)
     assert calibrated_test_time_steps(adapted.calibration) == [0, 2] and len(adapted.calibration) == 6
     assert adapted.score_options.test_time_steps == 0
@@ -419,7 +427,9 @@ def test_sigterm_keeps_the_checkpoints_and_resume_finishes_the_adaptation(tiny_b
     import time
 
     out = tmp_path / "site.cevae"
-    args = ["adapt", str(site["a"]), str(site["b"]), "--model", str(tiny_bundle), "--out", str(out), "--steps", "6",
+    scans = tmp_path / "site.csv"  # with their masks: no run registers the atlas to compute them
+    scans.write_text("image,mask\n" + "".join(f"{site[n]},{site['mask']}\n" for n in "ab"))
+    args = ["adapt", "--manifest", str(scans), "--model", str(tiny_bundle), "--out", str(out), "--steps", "6",
             "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu"]
     cmd = [sys.executable, "-m", "CeVAEAnomalyLib.cli", *args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
@@ -525,16 +535,16 @@ def test_overwrite_keeps_the_earlier_model_until_the_new_one_is_written(tiny_bun
     assert {p.name for p in tmp_path.glob("site.cevae*")} == earlier
     model = out.read_bytes()
     with pytest.raises(Cancelled), caplog.at_level(logging.INFO):
-        adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, again, stop_in_second_fold)
+        adapt_mod.adapt(tiny_bundle, masked(site, "a", "b", "c"), out, again, stop_in_second_fold)
     assert out.is_file() and out.read_bytes() == model  # the earlier model, usable until the new one is written
     assert f"The earlier model {out} stays in place, usable, until the new one is written." in caplog.text
     left = {p.name for p in tmp_path.glob("site.cevae*")}
     assert "site.cevae.ckpt" not in left and "site.cevae.log.csv" not in left  # the earlier run's files went
     assert "site.cevae.fold1.ckpt" in left
     with pytest.raises(CeVAEError, match=r"site\.cevae\.fold1\.ckpt already exists.*--resume"):
-        adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, QUICK)  # not taken for a finished one
-    adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b", "c"), out, AdaptOptions(**{**QUICK.__dict__,
-                                                                                       "resume": True}))
+        adapt_mod.adapt(tiny_bundle, masked(site, "a", "b", "c"), out, QUICK)  # not taken for a finished one
+    adapt_mod.adapt(tiny_bundle, masked(site, "a", "b", "c"), out, AdaptOptions(**{**QUICK.__dict__,
+                                                                                     "resume": True}))
     assert len(read_header(out).extra["adaptation"]["site_scans"]) == 3 and out.read_bytes() != model
     assert not list(tmp_path.glob("site.cevae.fold*.ckpt"))
 
@@ -571,7 +581,7 @@ def test_the_summary_of_an_adapted_model_whose_default_rate_gets_no_threshold_sa
     base = save_bundle(tmp_path / "parent.cevae", parent.model,
                        replace(h, default_fpr=0.5, postprocess=replace(h.postprocess, rim_mm=20.0)))
     with caplog.at_level(logging.INFO):
-        out = adapt_mod.adapt(base, subjects(site, "a", "b", "c"), tmp_path / "site.cevae", QUICK)
+        out = adapt_mod.adapt(base, masked(site, "a", "b", "c"), tmp_path / "site.cevae", QUICK)
     assert read_header(out).default_threshold() is None  # the premise: 0.5 gets no threshold
     summary = [r.getMessage() for r in caplog.records if r.msg.startswith("Adapted model written")]
     assert len(summary) == 1 and "default healthy false-positive rate is none (it gets 0 there, which would flag " \
