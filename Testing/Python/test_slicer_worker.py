@@ -262,8 +262,10 @@ def test_a_model_made_in_slicer_records_the_scans_by_their_node_names(tiny_bundl
     scene = slicer.vtkMRMLScene()
     volumes = [add_volume(scene, make_head(seed=seed)[0], "healthy") for seed in (11, 12)]
     again = add_volume(scene, make_head(seed=11)[0], "healthy 11")  # the first scan loaded again: scored once
+    # the brain mask of every head of make_head's grid: no mask to compute (the repeat's is never used)
+    brain = add_volume(scene, make_head(seed=11)[1], "mask", "vtkMRMLLabelMapVolumeNode")
     out = tmp_path / "site.cevae"
-    job = CeVAEAnomalyLogic().startCalibration([*volumes, again], [None] * 3, out, modelPath=tiny_bundle,
+    job = CeVAEAnomalyLogic().startCalibration([*volumes, again], [brain, brain, None], out, modelPath=tiny_bundle,
                                                device="cpu")
     run_to_end(job, timeout=300)
     assert job.state is JobState.DONE, job.error
@@ -287,7 +289,7 @@ def test_calibration_with_thorough_ticked_calibrates_both_modes(tiny_bundle, tmp
     """The panel's Calibrate with Thorough ticked: the site model offers calibrated sensitivities in both
     modes, and its default mode stays the plain one."""
     scene = slicer.vtkMRMLScene()
-    image, mask = make_head(seed=11)
+    image, mask = make_head(size=(40, 44, 12), seed=11)  # 8 model slices: the thorough mode's steps are cheaper
     volume, brain = add_volume(scene, image, "healthy"), add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
     out = tmp_path / "site.cevae"
     job = CeVAEAnomalyLogic().startCalibration([volume], [brain], out, modelPath=tiny_bundle, device="cpu",
@@ -1277,7 +1279,7 @@ def test_a_calibration_nobody_polls_still_removes_its_copies_of_the_scans(tiny_b
     scene = slicer.vtkMRMLScene()
     image, mask = make_head(seed=11)
     volumes = [add_volume(scene, image, "healthy 11"), add_volume(scene, make_head(seed=12)[0], "healthy 12")]
-    masks = [add_volume(scene, mask, "mask 11", "vtkMRMLLabelMapVolumeNode"), None]
+    masks = [add_volume(scene, mask, "mask 11", "vtkMRMLLabelMapVolumeNode")] * 2  # both heads': none to compute
     job = CeVAEAnomalyLogic().startCalibration(volumes, masks, tmp_path / "site.cevae", modelPath=tiny_bundle,
                                                device="cpu")
     job.process.wait(300)
@@ -1499,8 +1501,9 @@ def test_the_sequence_frame_scored_is_recorded_and_a_view_of_another_frame_is_sa
     browser shows another frame, and a jump brings it back. (A run on another frame gets nodes of its own:
     test_slicer_runs.)"""
     scene, sequences, browser, proxy = sequence_scene()
+    brain = add_volume(scene, make_head()[1], "mask", "vtkMRMLLabelMapVolumeNode")  # every frame's: none to compute
     logic = CeVAEAnomalyLogic()
-    first = logic.process(proxy, modelPath=tiny_bundle, device="cpu")
+    first = logic.process(proxy, brain, modelPath=tiny_bundle, device="cpu")
     assert "Scored frame 1 of 3 (time = 0 s) of 'cine browser'." in first.summary
     for node in (first.nodes.score, first.nodes.segmentation, first.nodes.components, first.nodes.slice_table):
         assert node.GetAttribute(nodes.FRAME_ATTRIBUTE) == "0", node.GetName()
@@ -1511,7 +1514,7 @@ def test_the_sequence_frame_scored_is_recorded_and_a_view_of_another_frame_is_sa
     assert nodes.frame_note(first.nodes.components) == (
         "The views show frame 3 of 'cine browser', but the anomaly results are of frame 1: go back to frame 1 to read "
         "them, or run the detection again on this frame.")
-    job = logic.startDetection(proxy, modelPath=tiny_bundle, device="cpu", outputs=first.nodes)
+    job = logic.startDetection(proxy, brain, modelPath=tiny_bundle, device="cpu", outputs=first.nodes)
     run_to_end(job)
     third = logic.finishDetection(job)
     assert third.nodes.score is not first.nodes.score and "Scored frame 3 of 3 (time = 4 s)" in third.message
@@ -1522,7 +1525,7 @@ def test_the_sequence_frame_scored_is_recorded_and_a_view_of_another_frame_is_sa
     assert nodes.show_scored_frame(third.nodes.score) and browser.GetSelectedItemNumber() == 2
     assert not nodes.show_scored_frame(third.nodes.score)
     plain = add_volume(scene, make_head(seed=1)[0], "plain")  # a volume of no sequence: nothing recorded or said
-    result = logic.process(plain, modelPath=tiny_bundle, device="cpu")
+    result = logic.process(plain, brain, modelPath=tiny_bundle, device="cpu")
     assert result.frame is None and "frame" not in result.summary and nodes.frame_note(result.nodes.score) == ""
     assert result.nodes.score.GetAttribute(nodes.FRAME_ATTRIBUTE) is None
     import ast
