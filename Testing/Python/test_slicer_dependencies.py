@@ -318,6 +318,21 @@ def test_the_logic_installs_the_cpu_build_where_no_nvidia_driver_is_seen(monkeyp
     assert calls == [CPU_ARGS]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU index is Linux's choice")
+def test_a_pytorch_extension_that_fails_to_import_falls_back_to_pip(tmp_path, monkeypatch):
+    """A PyTorch extension that is found but does not import (a half-installed or broken extension) raised its
+    ImportError out of the install; torch then comes with pip as without the extension."""
+    from CeVAEAnomalyLib.slicer.logic import _installTorch
+
+    (tmp_path / "PyTorchUtils.py").write_text("raise ImportError('cannot import name PyTorchUtilsLogic')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = []
+    monkeypatch.setattr(dependencies, "nvidia_driver_visible", lambda: False)
+    monkeypatch.setattr(slicer.util, "pip_install", calls.append, raising=False)
+    _installTorch("torch>=2.1")
+    assert calls == [CPU_ARGS]
+
+
 # --- upgrading a package that this process has imported already ----------------------------------------------
 
 

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import tempfile
 import weakref
 from collections import Counter
@@ -589,15 +590,19 @@ def _installAdvice(unmet: Sequence[dependencies.Unmet]) -> str:
 
 
 def _installTorch(spec: str) -> None:
-    """torch through the PyTorch extension (it matches the CUDA build to the driver); with pip if it is missing
-    (:func:`~CeVAEAnomalyLib.slicer.dependencies.torch_install` picks the index)."""
+    """torch through the PyTorch extension (it matches the CUDA build to the driver); with pip if it is missing or
+    does not import (:func:`~CeVAEAnomalyLib.slicer.dependencies.torch_install` picks the index)."""
     plan = dependencies.planned_torch_install(spec)
+    if plan.pip_args is None:
+        try:
+            import PyTorchUtils
+        except ImportError as exc:  # found but broken (e.g. half installed): as without it
+            log.warning("The PyTorch extension could not be imported (%s).", exc)
+            plan = dependencies.torch_install(spec, False, sys.platform, dependencies.nvidia_driver_visible())
     if plan.pip_args is not None:
-        log.warning("The PyTorch extension is not installed; installing %s %s.", spec, plan.build)
+        log.warning("Installing %s without the PyTorch extension, %s.", spec, plan.build)
         slicer.util.pip_install(plan.pip_args)
         return
-    import PyTorchUtils
-
     requirement = spec[len("torch"):]
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
     if torch is None:
