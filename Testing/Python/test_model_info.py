@@ -318,13 +318,15 @@ def test_a_training_record_says_of_how_many_persons_its_volumes_are(capsys, tmp_
 
     from test_untrusted_bundles import rewrite
     from CeVAEAnomalyLib.io.manifest import Subject
-    from CeVAEAnomalyLib.training.packaging import subject_records
+    from CeVAEAnomalyLib.training.packaging import person_numbers, subject_records
 
     images = [tmp_path / "sub-01_ses-1_T1w.nii.gz", tmp_path / "sub-01_ses-2_T1w.nii.gz", tmp_path / "scanA.nii.gz",
               tmp_path / "other.nii.gz"]
     subjects = [Subject(images[0]), Subject(images[1]), Subject(images[2], person="Sub-02"), Subject(images[3])]
     records = subject_records(subjects, {image: f"{n:064x}" for n, image in enumerate(images)})
-    assert [r["person"] for r in records] == ["01", "01", "02", None]
+    assert [r["person"] for r in records] == ["1", "1", "2", None]  # numbered: no label (maybe a patient's ID) kept
+    held_out = subject_records(subjects[2:3], {images[2]: "0" * 64}, persons=person_numbers(subjects))
+    assert [r["person"] for r in held_out] == ["2"]  # one numbering for the training and held-out lists of a run
 
     path = tmp_path / "model.cevae"
     shutil.copy(default_model_path(), path)

@@ -86,14 +86,27 @@ def with_contrast(header: BundleHeader, contrasts: Sequence[Optional[float]]) ->
                                                                "scan_depth_contrast": list(contrasts)}))
 
 
+def person_numbers(subjects: Sequence[Subject]) -> Dict[str, str]:
+    """Each person of ``subjects`` (:attr:`~..io.manifest.Subject.group`) numbered "1", "2", ... in order of first
+    appearance: a model file records which volumes are of one person, never the label (it may be a patient's ID)."""
+    numbers: Dict[str, str] = {}
+    for s in subjects:
+        if s.group[0] == "person":
+            numbers.setdefault(s.group[1], str(len(numbers) + 1))
+    return numbers
+
+
 def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
-                    names: Optional[Dict[Path, str]] = None) -> List[Dict[str, Optional[str]]]:
+                    names: Optional[Dict[Path, str]] = None,
+                    persons: Optional[Dict[str, str]] = None) -> List[Dict[str, Optional[str]]]:
     """Name (``names``, e.g. :func:`~..io.manifest.distinct_names`; else the file stem) and sha256 of each volume,
-    of its brain mask (None: the mask was computed automatically) and the person scanned, as a split by person
-    tells them apart (:attr:`~..io.manifest.Subject.group`; None: not known, a person of its own)."""
+    of its brain mask (None: the mask was computed automatically) and the number of the person scanned, as a split
+    by person tells them apart (``persons``, one :func:`person_numbers` for all lists of a run; by default those of
+    ``subjects``; None: not known, a person of its own)."""
+    persons = person_numbers(subjects) if persons is None else persons
     return [{"name": (names or {}).get(s.image, s.name), "sha256": checksums[s.image],
              "mask_sha256": checksums[s.mask] if s.mask is not None else None,
-             "person": s.group[1] if s.group[0] == "person" else None} for s in subjects]
+             "person": persons[s.group[1]] if s.group[0] == "person" else None} for s in subjects]
 
 
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,

@@ -42,7 +42,7 @@ from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
                           shared_map, init_distributed, rank_device, rank_seed, shutdown_distributed)
-from .packaging import TrainingRecord, package, subject_records, training_header, with_contrast
+from .packaging import TrainingRecord, package, person_numbers, subject_records, training_header, with_contrast
 from .sampler import EpochSampler, resumed_offset
 
 log = logging.getLogger(__name__)
@@ -645,9 +645,10 @@ class Trainer:
         """How this run trained (the bundle header's ``training`` section)."""
         loss = self.validate()
         names = distinct_names([s.image for s in (*self.train_subjects, *self.val_subjects)])
+        persons = person_numbers([*self.train_subjects, *self.val_subjects])
         return TrainingRecord(
-            subjects=subject_records(self.train_subjects, self.checksums, names),
-            validation_subjects=subject_records(self.val_subjects, self.checksums, names),
+            subjects=subject_records(self.train_subjects, self.checksums, names, persons),
+            validation_subjects=subject_records(self.val_subjects, self.checksums, names, persons),
             train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
             batch_size=min(self.batch_size, math.ceil(len(self.train) / self.dist.world)) * self.dist.world,
             lr=self.cfg.lr, seed=self.cfg.seed,
