@@ -52,15 +52,24 @@ def as_hounsfield(image):
     return ct
 
 
-def write_cohort(folder: Path, seeds=(1, 2), **head) -> Path:
+def write_heads(folder: Path, seeds=(1, 2), **head) -> list:
     """Synthetic heads ``h<seed>.nii.gz`` (``head``: further :func:`make_head` arguments) with masks
-    ``h<seed>_mask.nii.gz`` in ``folder``, and the manifest listing them, ``train.csv`` (returned)."""
-    rows = ["image,mask"]
+    ``h<seed>_mask.nii.gz`` written in ``folder``, as a list of subjects (``Subject(image, mask)``)."""
+    from CeVAEAnomalyLib.io.manifest import Subject
+
+    subjects = []
     for seed in seeds:
         image, mask = make_head(seed=seed, **head)
         sitk.WriteImage(image, str(folder / f"h{seed}.nii.gz"))
         sitk.WriteImage(mask, str(folder / f"h{seed}_mask.nii.gz"))
-        rows.append(f"h{seed}.nii.gz,h{seed}_mask.nii.gz")
+        subjects.append(Subject(folder / f"h{seed}.nii.gz", folder / f"h{seed}_mask.nii.gz"))
+    return subjects
+
+
+def write_cohort(folder: Path, seeds=(1, 2), **head) -> Path:
+    """Synthetic heads ``h<seed>.nii.gz`` (``head``: further :func:`make_head` arguments) with masks
+    ``h<seed>_mask.nii.gz`` in ``folder``, and the manifest listing them, ``train.csv`` (returned)."""
+    rows = ["image,mask", *(f"{s.image.name},{s.mask.name}" for s in write_heads(folder, seeds, **head))]
     (folder / "train.csv").write_text("\n".join(rows) + "\n")
     return folder / "train.csv"
 

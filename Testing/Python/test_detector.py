@@ -10,7 +10,7 @@ from CeVAEAnomalyLib.engine.symmetry import estimate_midplane
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import SCORE_TYPES, DetectionRequest, ThresholdPolicy
 from CeVAEAnomalyLib.training.data import Subject
-from conftest import make_head
+from conftest import make_head, write_heads
 
 
 def _count_encodes(model, monkeypatch):
@@ -196,17 +196,6 @@ def test_recalibrate_refuses_wrong_argument_types_in_one_line(tiny_bundle, tmp_p
             recalibrate(*args)
 
 
-def _heads(folder, seeds):
-    """Subjects of synthetic heads (image and mask files) written in ``folder``."""
-    subjects = []
-    for seed in seeds:
-        image, mask = make_head(seed=seed)
-        sitk.WriteImage(image, str(folder / f"h{seed}.nii.gz"))
-        sitk.WriteImage(mask, str(folder / f"h{seed}_mask.nii.gz"))
-        subjects.append(Subject(folder / f"h{seed}.nii.gz", folder / f"h{seed}_mask.nii.gz"))
-    return subjects
-
-
 def _replacing(path, content):
     """A progress callback that replaces the file ``path`` by the image ``content`` once, when the second scan is about
     to be read (the first one read already), as a user or a sync tool could while calibrate runs."""
@@ -229,7 +218,7 @@ def test_a_calibrated_copy_records_the_content_it_scored_or_is_not_written(tiny_
 
     bundle = load_bundle(tiny_bundle)
     score, post = bundle.header.score_options, bundle.header.postprocess
-    subjects = _heads(tmp_path, (1, 2))
+    subjects = write_heads(tmp_path, (1, 2))
     before = {s.image: sha256_of(s.image) for s in subjects}  # as calibrate hashes the images before scoring
     path = recalibrate(bundle, subjects, tmp_path / "ok.cevae", score, post, checksums=before)
     assert [(r["sha256"], r["mask_sha256"]) for r in read_header(path).extra["recalibration"]["scans"]] == \
@@ -242,7 +231,7 @@ def test_a_calibrated_copy_records_the_content_it_scored_or_is_not_written(tiny_
                                              r"written\); run again once it is complete\.$"):
             recalibrate(bundle, subjects, out, score, post, checksums=before, progress=_replacing(changed, content))
         assert not out.exists()
-        subjects = _heads(tmp_path, (1, 2))  # the files as they were
+        subjects = write_heads(tmp_path, (1, 2))  # the files as they were
 
 
 def test_a_detection_records_how_it_was_made(tiny_bundle, caplog):

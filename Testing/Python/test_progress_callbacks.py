@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import SimpleITK as sitk
 
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model, recalibrate
@@ -16,21 +15,11 @@ from CeVAEAnomalyLib.training.adapt import adapt
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
 from CeVAEAnomalyLib.training.config import TrainConfig
 from CeVAEAnomalyLib.training.trainer import Trainer
-from conftest import make_head
+from conftest import make_head, write_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NOT_CALLABLE = ["a string", 3]
 REFUSED = r"^progress must be a function taking \(fraction, message\), or None; got (str 'a string'|int 3)\.$"
-
-
-def _heads(folder: Path, seeds=(11, 12)) -> list:
-    subjects = []
-    for seed in seeds:
-        image, mask = make_head(seed=seed)
-        sitk.WriteImage(image, str(folder / f"h{seed}.nii.gz"))
-        sitk.WriteImage(mask, str(folder / f"h{seed}_mask.nii.gz"))
-        subjects.append(Subject(folder / f"h{seed}.nii.gz", folder / f"h{seed}_mask.nii.gz"))
-    return subjects
 
 
 @pytest.mark.parametrize("progress", NOT_CALLABLE)
@@ -89,7 +78,7 @@ def test_recalibrate_reports_done_only_once_the_bundle_is_written(tiny_bundle, t
     bundle = load_bundle(tiny_bundle)
     out = tmp_path / "c.cevae"
     heard, progress = _written_when_done(out)
-    recalibrate(bundle, _heads(tmp_path), out, bundle.header.score_options, bundle.header.postprocess,
+    recalibrate(bundle, write_heads(tmp_path, (11, 12)), out, bundle.header.score_options, bundle.header.postprocess,
                 progress=progress)
     fractions = [f for f, _, _ in heard]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
@@ -101,6 +90,6 @@ def test_adapt_reports_done_only_once_the_adapted_bundle_is_written(tiny_bundle,
     out = tmp_path / "site.cevae"
     heard, progress = _written_when_done(out)
     options = AdaptOptions(steps=2, batch_size=8, checkpoint_every=2, device="cpu")
-    adapt(tiny_bundle, _heads(tmp_path, (11, 12, 13)), out, options, progress)
+    adapt(tiny_bundle, write_heads(tmp_path, (11, 12, 13)), out, options, progress)
     assert heard[-1][0] == 1.0
     assert [(exists, message) for f, exists, message in heard if f >= 1.0] == [(True, "Adapted model written")]
