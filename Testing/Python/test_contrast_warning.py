@@ -1,7 +1,6 @@
 """Detection says so when a scan does not have its model's contrast (a T2-like scan given to the T1 model)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
