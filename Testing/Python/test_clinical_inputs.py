@@ -15,6 +15,7 @@ from CeVAEAnomalyLib.data import template_dir
 from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyResearch.acquisition import slab_average
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,29 @@ def test_a_scan_of_part_of_the_head_is_said_to_be_so_with_a_given_mask_too(tiny_
         assert main(["detect", str(tmp_path / "box.nii.gz"), "--mask", str(tmp_path / "box_mask.nii.gz"),
                      "--score", str(tmp_path / "box_score.nii.gz"), *common]) == 0
     assert "edge of the image" not in caplog.text
+
+
+def _sagittal_5mm(image: sitk.Image) -> sitk.Image:
+    """``image`` in 5 mm sagittal slices (slab averages along its x axis), as a clinical sagittal T1 is acquired."""
+    return slab_average(sitk.Cast(image, sitk.sitkFloat32), 0, 5.0)
+
+
+def test_a_whole_brain_of_thick_slices_cropped_to_its_box_is_no_partial_scan(tiny_bundle, colin, caplog):
+    """A whole skull-stripped brain in 5 mm sagittal slices, cropped to its mask's bounding box, was said to cover
+    part of the head: its outermost slab, a cap of each hemisphere 5 mm deep, fills 10 % of the box's side face, over
+    the 5 % that told a cut brain. A cut of the same scan (its upper third) is still warned of."""
+    t1, mask = colin
+    thick, brain = _sagittal_5mm(t1), _sagittal_5mm(mask) > 0.5
+    inside = sitk.GetArrayFromImage(brain)
+    (z0, z1), (y0, y1), (x0, x1) = [np.flatnonzero(inside.any(axis=a))[[0, -1]] for a in ((1, 2), (0, 2), (0, 1))]
+    box = (slice(x0, x1 + 1), slice(y0, y1 + 1), slice(z0, z1 + 1))
+    bundle = load_bundle(tiny_bundle, "cpu")
+    with caplog.at_level(logging.WARNING):
+        detect(thick[box], bundle, brain[box], threshold=1.0)
+    assert "edge of the image" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        detect(_top_third(thick), bundle, _top_third(brain), threshold=1.0)
+    assert "The brain mask reaches the edge of the image" in caplog.text
 
 
 def test_a_skull_stripped_scan_s_nan_background_is_said_to_be_taken_as_outside(tiny_bundle, colin, tmp_path, caplog):

@@ -238,7 +238,7 @@ class Detector:
         stack = prepare(image, brain, self.bundle.preprocess)  # refuses an empty mask before it is warned of
         if given:  # (the automatic mask warns of both itself)
             warn_unlike_a_brain(brain, image, where)
-            _warn_of_partial_coverage(brain, where)
+            _warn_of_partial_coverage(brain, image.GetSpacing()[::-1], where)
         else:
             _tell_non_finite_background(image, where)
         return stack, brain
@@ -380,25 +380,38 @@ def _tell_non_finite_background(image: sitk.Image, where: str) -> None:
              "background, and none of them is scored.", where, count)
 
 
-def _warn_of_partial_coverage(brain: np.ndarray, where: str) -> None:
+def _warn_of_partial_coverage(brain: np.ndarray, spacing: Sequence[float], where: str) -> None:
     """Say so when a given brain mask is cut off by the image's edge: the scan covers part of the head (a slab, a cap
-    of the brain), as the automatic mask says of such a scan."""
-    cut = _largest_face_share(brain)
+    of the brain), as the automatic mask says of such a scan. ``spacing``: the array's voxel size in its axis order."""
+    cut = _cut_face_share(brain, spacing)
     if cut > _PARTIAL_FACE_SHARE:
         log.warning("%sThe brain mask reaches the edge of the image (%.0f %% of a face of it): the scan covers part "
                     "of the head, so its brain's intensities are scaled on the part it holds, and its scores may not "
                     "compare with those of whole scans; check the scan's coverage.", where, 100 * cut)
 
 
-def _largest_face_share(brain: np.ndarray) -> float:
-    """The largest share of one of the array's six faces that is in ``brain``."""
-    faces = (brain[0], brain[-1], brain[:, 0], brain[:, -1], brain[:, :, 0], brain[:, :, -1])
-    return max(float(np.count_nonzero(f)) / f.size for f in faces)
+def _cut_face_share(brain: np.ndarray, spacing: Sequence[float]) -> float:
+    """The largest share of one of the array's six faces that is in ``brain`` where the brain goes on past it (its
+    section on the face holds at least :data:`_CUT_SECTION_RATIO` of its largest one within :data:`_INWARD_MM`
+    inside); 0 where it goes on past none. A brain's own end, on the face of a box cropped to it, is a cap that
+    widens inwards: in thick slices its outermost slab fills up to 10 % of the face."""
+    shares = [0.0]
+    for axis, step in enumerate(spacing):
+        sections = np.count_nonzero(brain, axis=tuple(a for a in range(3) if a != axis))
+        reach = max(2, int(round(_INWARD_MM / step)))
+        for seq in (sections, sections[::-1]):
+            if seq[0] > 0 and seq[0] >= _CUT_SECTION_RATIO * seq[1 : reach + 1].max(initial=0):
+                shares.append(float(seq[0]) * brain.shape[axis] / brain.size)
+    return max(shares)
 
 
 # the share of a face of the image above which the brain is cut off there: a brain cut by the field of view fills
-# 13 to 48 % of the cut face (colin27, from a 14 mm cap to a half); one cropped to its bounding box 0 to 2 %
+# 8 to 48 % of the cut face (six heads, from a 14 mm cap to a half); one cropped to its bounding box up to 10 %
 _PARTIAL_FACE_SHARE = 0.05
+# a cut brain's section on the face is 0.81 to 1.17 times its largest within 10 mm inside (six heads: halves, caps of
+# 14 and 30 mm, slabs); a whole brain's at the face of its bounding box, 1 mm to 6.5 mm slices, at most 0.35
+_CUT_SECTION_RATIO = 0.6
+_INWARD_MM = 10.0
 
 
 def _no_geometry(image: sitk.Image) -> bool:
