@@ -277,17 +277,29 @@ def test_no_command_replaces_the_bundled_model_even_with_overwrite(command, bund
         assert bundled_copy.read_bytes() == before
 
 
+LIBRARY_REFUSED = (r"^The output path \S+ is the bundled default model, which detection uses where no model is "
+                   r"given; it is never replaced: write the new model to another path and give that path as the "
+                   r"model\.$")
+
+
 def test_the_library_refuses_the_bundled_model_as_an_output(bundled_copy, head, tmp_path):
-    """recalibrate() and TrainConfig.check_outputs (which train and adapt run) refuse it too, even with overwrite."""
+    """recalibrate(), adapt() and TrainConfig.check_outputs (which train runs) refuse it too, even with overwrite, in
+    the words of a Python caller: they said "--out ... pass it with --model", options a script calling them has not."""
     from CeVAEAnomalyLib.engine.bundle import load_bundle
     from CeVAEAnomalyLib.engine.calibrate import recalibrate
     from CeVAEAnomalyLib.io.manifest import Subject
+    from CeVAEAnomalyLib.training.adapt import adapt
+    from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
 
     bundle = load_bundle(bundled_copy, "cpu")
+    site = tmp_path / "site.cevae"
+    site.write_bytes(bundled_copy.read_bytes())
     before = bundled_copy.read_bytes()
     for out in _spellings_of(bundled_copy, tmp_path):
-        with pytest.raises(CeVAEError, match="is the bundled default model"):
+        with pytest.raises(CeVAEError, match=LIBRARY_REFUSED):
             TrainConfig(out=out).check_outputs([], overwrite=True)
-        with pytest.raises(CeVAEError, match="is the bundled default model"):
+        with pytest.raises(CeVAEError, match=LIBRARY_REFUSED):
             recalibrate(bundle, [Subject(*head)], out, bundle.header.score_options, bundle.header.postprocess)
+        with pytest.raises(CeVAEError, match=LIBRARY_REFUSED):
+            adapt(site, [Subject(*head)] * 2, out, AdaptOptions(steps=1, overwrite=True))
     assert bundled_copy.read_bytes() == before

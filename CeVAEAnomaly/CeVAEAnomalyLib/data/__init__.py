@@ -37,13 +37,28 @@ def is_bundled_model(path: Path) -> bool:
     return Inputs([bundled]).which(Path(path)) is not None
 
 
+class BundledOutputError(CeVAEError):
+    """A model output that is the bundled default model's file. The message names it as a library caller knows it
+    (the output path); :meth:`for_command_line` says it with the command line's options."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        super().__init__(f"The output path {out} is the bundled default model, which detection uses where no model is "
+                         "given; it is never replaced: write the new model to another path and give that path as the "
+                         "model.")
+
+    def for_command_line(self) -> str:
+        """The message as the command line's user knows the output and the model: ``--out`` and ``--model``."""
+        return (f"--out {self.out} is the bundled default model, which every detect without --model uses; it is never "
+                "replaced: write the new model elsewhere and pass it with --model.")
+
+
 def refuse_bundled_output(out: Path) -> None:
     """Refuse a model output ``out`` that is the bundled default model, even with overwrite: every ``detect``
     without ``--model`` (and Slicer's "Use bundled model") would then use the new model. (The recipe that makes the
     bundled model, scripts/train_default_model.py, writes it with Trainer.run and save_bundle, which do not check.)"""
     if is_bundled_model(out):
-        raise CeVAEError(f"--out {out} is the bundled default model, which every detect without --model uses; it is "
-                         "never replaced: write the new model elsewhere and pass it with --model.")
+        raise BundledOutputError(out)
 
 
 def template_dir() -> Path:
