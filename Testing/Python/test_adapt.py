@@ -281,12 +281,37 @@ def test_a_site_scan_replaced_before_it_is_calibrated_on_is_refused_not_recorded
     out = tmp_path / "site.cevae"
     with pytest.raises(CeVAEError, match=rf"^{replaced} changed while it was being read \(replaced or still being "
                                          r"written\); the trained weights are in the last checkpoint: with the scan "
-                                         r"as it was when the run began, --resume writes the model"):
+                                         r"as it was when the run began, run again with --resume to write the model"):
         adapt_mod.adapt(tiny_bundle, scans, out, QUICK, replace_while_calibrating)
     assert not out.exists()
     replaced.write_bytes(original)  # as the message says: the scan back, then --resume
     adapt_mod.adapt(tiny_bundle, scans, out, replace(QUICK, resume=True))
     assert out.is_file()
+
+
+def test_a_site_scan_replaced_under_the_panels_adaptation_says_how_the_panel_resumes(tiny_bundle, site, tmp_path):
+    """The same refusal in Slicer's Adapt (its worker's run_adapt) told the panel's user that "--resume writes the
+    model", a flag the panel has not: it now says to press Adapt again and resume, as the panel lets them."""
+    import shutil
+
+    from CeVAEAnomalyLib.slicer.worker import run_adapt
+
+    copies = [Path(shutil.copyfile(site[name], tmp_path / f"0{n}_{name}.nii.gz")) for n, name in enumerate("ab", 1)]
+    task = {"model": str(tiny_bundle), "out": str(tmp_path / "site.cevae"), "device": "cpu",
+            "options": {"steps": 4, "batch_size": 8, "checkpoint_every": 2},
+            "subjects": [{"image": str(p), "mask": str(site["mask"]), "name": p.stem} for p in copies]}
+
+    def replace_while_calibrating(fraction: float, message: str) -> None:
+        if message.startswith("Calibrating: Healthy volume 1/2"):
+            shutil.copyfile(site["c"], copies[1])
+
+    with pytest.raises(CeVAEError) as refused:
+        run_adapt(task, replace_while_calibrating)
+    assert str(refused.value).startswith(f"{copies[1]} changed while it was being read")
+    assert ("with the scan as it was when the run began, press Adapt again with the same volumes and file name and "
+            "choose to resume (it asks first) to write the model") in str(refused.value)
+    assert "--" not in str(refused.value)
+    assert not (tmp_path / "site.cevae").exists()
 
 
 def test_resume_knows_the_base_model_by_its_content_not_its_path(tiny_bundle, site, tmp_path):

@@ -60,6 +60,8 @@ EXIT_ABANDONED = 3
 ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
 PANEL_CPU_CHOICE = "choose CPU or Automatic in the Device selector"  # (engine.devices.DeviceUnavailable)
 PANEL_STOP = "press Cancel"  # how the panel's user stops a run (training.adapt's warnings say it)
+# how the panel's user resumes an adaptation from its checkpoints (training.adapt's errors that keep them say it)
+PANEL_RESUME = "press Adapt again with the same volumes and file name and choose to resume (it asks first)"
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":
@@ -151,7 +153,7 @@ def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any
                             overwrite=bool(task.get("overwrite")))
     try:
         path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress,
-                     how_to_stop=PANEL_STOP)
+                     how_to_stop=PANEL_STOP, how_to_resume=PANEL_RESUME)
     except DeviceUnavailable as exc:  # said in the panel's words, not the command line's
         raise exc.offering(PANEL_CPU_CHOICE) from None
     return {"model": str(path), "subjects": len(subjects)}

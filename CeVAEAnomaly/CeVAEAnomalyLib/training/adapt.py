@@ -49,12 +49,13 @@ PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated shar
 
 def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOptions = AdaptOptions(),
           progress: Optional[ProgressCallback] = None, inputs: Sequence[Optional[Path]] = (),
-          how_to_stop: str = "Ctrl-C") -> Path:
+          how_to_stop: str = "Ctrl-C", how_to_resume: str = "run again with --resume") -> Path:
     """Fine-tune the bundle ``base`` on the healthy ``subjects`` of a site and write the calibrated bundle ``out``.
 
     ``inputs``: other files the caller read (a manifest), which no output may replace. ``progress``
     may raise :class:`~..progress.Cancelled`; the checkpoints written so far are kept for ``resume``.
-    ``how_to_stop``: how the caller's user stops the run, for a warning that advises stopping (Slicer: "Cancel").
+    ``how_to_stop``: how the caller's user stops the run, for a warning that advises stopping (Slicer: "Cancel");
+    ``how_to_resume``: how they resume it, for the errors that keep its last checkpoint to resume from.
     """
     options.validate()
     checked(progress)
@@ -135,7 +136,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                        "without it", final.device, half=False, scorers=scorers,
                        progress=_timed(labelled(scaled(progress, 1.0 - calibrate_share, 1.0 - WRITE_SHARE),
                                                 "Calibrating"), calibrating_pace, len(subjects), calibration_left),
-                       test_time_steps=modes, checksums=checksums)
+                       test_time_steps=modes, checksums=checksums, how_to_resume=how_to_resume)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
