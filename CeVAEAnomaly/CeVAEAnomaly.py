@@ -881,7 +881,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         p = self._parameterNode
         elsewhere = result_elsewhere(p.inputVolume, result.volume, result.nodes.score)
-        if elsewhere:  # a scene added during the run: its scan stays in the panel and the views
+        if elsewhere:  # the input changed during the run (a scene added, the console): it stays in the views
             self._hideModuleVolumes()
             self.ui.statusLabel.text = with_warnings(f"{result.summary} {elsewhere}", result.warnings)
             return

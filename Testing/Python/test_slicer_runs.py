@@ -118,7 +118,7 @@ def test_results_of_a_run_during_which_a_scene_was_imported_stay_on_its_scan_and
     assert nodes.source_volume(result.nodes.components) is scan and not nodes.has_outputs(imported)
     assert nodes.result_elsewhere(scan, scan, result.nodes.score) == ""
     assert nodes.result_elsewhere(imported, scan, result.nodes.score) == (
-        "These are the results of 'A' ('A anomaly score'); the panel shows 'B' now (a scene was added during the "
+        "These are the results of 'A' ('A anomaly score'); the panel shows 'B' now (its input changed during the "
         "run): choose 'A' as the input volume to see them.")
     imported.SetName("A")  # the same scan's scene added again
     assert "the panel shows another volume named 'A' now" in nodes.result_elsewhere(imported, scan, result.nodes.score)
@@ -128,6 +128,29 @@ def test_results_of_a_run_during_which_a_scene_was_imported_stay_on_its_scan_and
     show = next(ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_showResult")
     check = show.index("result_elsewhere(p.inputVolume, result.volume, result.nodes.score)")
     assert check < show.index("p.scoreVolume = result.nodes.score") and check < show.index("self._display(")
+
+
+def test_results_of_a_run_whose_input_was_changed_from_the_console_do_not_say_a_scene_was_added(tiny_bundle):
+    """The panel's input set to another scan during a run, as the Python console can (no scene added): the status
+    line said "(a scene was added during the run)", which had not happened. It says what is known: the input
+    changed during the run."""
+    scene = slicer.vtkMRMLScene()
+    image, brain = make_head(seed=7)
+    scan, mask = add_volume(scene, image, "A"), add_volume(scene, brain, "A mask", "vtkMRMLLabelMapVolumeNode")
+    other = add_volume(scene, make_head(seed=8)[0], "B")
+    parameters = slicer.vtkMRMLScriptedModuleNode()
+    parameters.SetSingletonTag("CeVAEAnomaly")
+    scene.AddNode(parameters)
+    parameters.SetNodeReferenceID("inputVolume", scan.GetID())
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(scan, mask, modelPath=tiny_bundle, device="cpu", threshold=0.5)
+    parameters.SetNodeReferenceID("inputVolume", other.GetID())  # getParameterNode().inputVolume = B
+    run_to_end(job)
+    result = logic.finishDetection(job)
+    assert result.volume is scan
+    assert nodes.result_elsewhere(parameters.GetNodeReference("inputVolume"), scan, result.nodes.score) == (
+        "These are the results of 'A' ('A anomaly score'); the panel shows 'B' now (its input changed during the "
+        "run): choose 'A' as the input volume to see them.")
 
 
 def test_a_rerun_keeps_the_look_the_reader_gave_its_outputs(tiny_bundle):

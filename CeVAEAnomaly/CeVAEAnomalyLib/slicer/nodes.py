@@ -589,16 +589,16 @@ def source_volume(output: Optional[slicer.vtkMRMLNode]) -> Optional[slicer.vtkMR
 def result_elsewhere(panel_input: Optional[slicer.vtkMRMLNode], volume: slicer.vtkMRMLScalarVolumeNode,
                      score: slicer.vtkMRMLScalarVolumeNode) -> str:
     """What the status line adds when the results of a run on ``volume`` (its score volume: ``score``) were loaded
-    while the panel's input became another scan (a scene added during the run brings its own choices): whose results
-    they are and where; "" when the panel's input is still ``volume``. The panel's fields and the views are then left
-    to the scan it shows."""
+    while the panel's input became another scan (a scene added during the run brings its own choices; the Python
+    console may set it): whose results they are and where; "" when the panel's input is still ``volume``. The panel's
+    fields and the views are then left to the scan it shows."""
     if panel_input is not None and panel_input.GetID() == volume.GetID():
         return ""
     shows = ("has no input volume now" if panel_input is None else
              f"shows another volume named '{volume.GetName()}' now" if panel_input.GetName() == volume.GetName()
              else f"shows '{panel_input.GetName()}' now")  # (the same scene added again: two nodes of one name)
-    return (f"These are the results of '{volume.GetName()}' ('{score.GetName()}'); the panel {shows} (a scene was "
-            f"added during the run): choose '{volume.GetName()}' as the input volume to see them.")
+    return (f"These are the results of '{volume.GetName()}' ('{score.GetName()}'); the panel {shows} (its input "
+            f"changed during the run): choose '{volume.GetName()}' as the input volume to see them.")
 
 
 @dataclass
