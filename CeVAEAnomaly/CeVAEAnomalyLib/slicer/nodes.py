@@ -525,9 +525,9 @@ def show_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:
 class FrameWatch:
     """Observes the sequence browser whose frame the panel's results scored: ``moved`` is called at each change of it
     (another frame shown), whichever way the results came into the panel (a run, a scene loaded, an input picked with
-    earlier results)."""
+    earlier results). What ``moved`` returns is ignored (the widget's handler says whether the fields switched)."""
 
-    def __init__(self, moved: Callable[[], None]) -> None:
+    def __init__(self, moved: Callable[[], object]) -> None:
         self._moved = moved
         self._browser: Optional[slicer.vtkMRMLNode] = None
         self._tag: Optional[int] = None
