@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import os
 import re
 import shlex
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -41,6 +43,11 @@ def write_subject(d: Path, name: str, seed: int) -> Subject:
 
 def checksums(*subjects: Subject) -> dict:
     return {p: sha256_of(p) for s in subjects for p in (s.image, s.mask) if p is not None}
+
+
+def children_seen(seen: list) -> Callable[[float, str], None]:
+    """A progress callback noting how many child processes this process has at each step."""
+    return lambda fraction, message: seen.append(len(multiprocessing.active_children()))
 
 
 @pytest.fixture
@@ -275,11 +282,15 @@ def test_prepare_then_train_from_the_cache_equals_training_without_it(subjects, 
 
 
 @pytest.mark.slow
-def test_prepare_with_worker_processes_makes_the_same_entries(subjects, tmp_path):
+def test_prepare_with_worker_processes_makes_the_same_entries(subjects, tmp_path, monkeypatch):
+    from CeVAEAnomalyLib.training import prepare
     from CeVAEAnomalyLib.training.prepare import prepare_cohort
 
+    monkeypatch.setattr(prepare, "VOLUMES_PER_PROCESS", 1)  # else 3 volumes are not worth a second process
     one = prepare_cohort(subjects, tmp_path / "one", PRE, ("coronal",), workers=1)
-    two = prepare_cohort(subjects, tmp_path / "two", PRE, ("coronal",), workers=2)
+    seen = []
+    two = prepare_cohort(subjects, tmp_path / "two", PRE, ("coronal",), workers=2, progress=children_seen(seen))
+    assert max(seen) == 2  # the volumes were really prepared by worker processes
     assert "3 volume(s), 3 preprocessed now and 0 found ready" in one and "in coronal, axial" in one
     assert one.split("(")[0].replace("one", "two") == two.split("(")[0]
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
@@ -289,17 +300,35 @@ def test_prepare_with_worker_processes_makes_the_same_entries(subjects, tmp_path
             np.testing.assert_array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name))
 
 
-@pytest.mark.slow
-def test_prepare_never_starts_more_processes_than_subjects_or_cores(subjects, tmp_path, caplog):
-    """--workers 10000 once filled the machine's memory with idle processes; now it is capped and said so."""
-    from CeVAEAnomalyLib.system import usable_cores
+def test_prepare_starts_no_process_for_a_cohort_too_small_to_repay_its_start_up(subjects, tmp_path, caplog):
+    """--workers 10000 once filled the memory with idle processes, and --workers 2 on 3 volumes took 12 s where one
+    process took 3 s (each spawned process imports torch); now a small cohort is prepared here, and it says so."""
     from CeVAEAnomalyLib.training.prepare import prepare_cohort
 
+    seen = []
     with caplog.at_level(logging.INFO):
-        summary = prepare_cohort(subjects, tmp_path / "c", PRE, ("axial",), workers=10000)
-    used = min(len(subjects), usable_cores())
-    assert f"Preprocessing with {used} process(es) (10000 asked; 3 volume(s)" in caplog.text
+        summary = prepare_cohort(subjects, tmp_path / "c", PRE, ("axial",), workers=10000,
+                                 progress=children_seen(seen))
+    assert seen == [0, 0, 0]
+    assert ("Preprocessing with 1 process(es): 10000 asked, but a process takes about as long to start as 15 volumes "
+            "take to preprocess, so 3 volume(s) repay no more than 1.") in caplog.text
     assert "3 volume(s), 3 preprocessed now" in summary
+
+
+@pytest.mark.parametrize("asked, volumes, cores, count, why", [
+    (4, 100, 8, 4, ""),
+    (2, 30, 8, 2, ""),
+    (16, 200, 8, 8, "16 asked, but this process may use 8 core(s)"),
+    (8, 50, 8, 3, "8 asked, but a process takes about as long to start as 15 volumes take to preprocess, "
+                  "so 50 volume(s) repay no more than 3"),
+    (2, 29, 8, 1, "2 asked, but a process takes about as long to start as 15 volumes take to preprocess, "
+                  "so 29 volume(s) repay no more than 1"),
+    (1, 0, 8, 1, ""),
+])
+def test_prepare_starts_only_the_processes_that_pay_and_the_cores_allow(asked, volumes, cores, count, why):
+    from CeVAEAnomalyLib.training.prepare import process_count
+
+    assert process_count(asked, volumes, cores) == (count, why)
 
 
 def test_a_fifo_or_a_deeply_nested_json_in_the_cache_is_made_again_not_a_hang_or_a_crash(subjects, tmp_path, caplog):

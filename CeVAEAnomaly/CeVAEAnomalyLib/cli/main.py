@@ -114,7 +114,8 @@ def _add_prepare(sub) -> None:
                        "preprocessed again, nothing stale is used.")
     _add_subjects(p, "healthy")
     _add_slices(p, cfg, cache_required=True)
-    p.add_argument("--workers", type=int, default=1, help="volumes preprocessed in parallel processes")
+    p.add_argument("--workers", type=int, default=1, help="volumes preprocessed in parallel processes (fewer for a "
+                   "small cohort, where a process would not repay its start-up)")
 
 def _add_adapt(sub) -> None:
     from ..training.adapt_plan import AdaptOptions
