@@ -92,6 +92,15 @@ def oblique_direction(angle_deg: float = 20.0, axis=(0.3, 0.5, 0.8)):
     return tuple(rot.ravel())
 
 
+@pytest.fixture(autouse=True)
+def fresh_registrations():
+    """No brain-template registration kept from an earlier test: each test's automatic masks register (and report,
+    and can be stopped) as in a new process."""
+    from CeVAEAnomalyLib.engine.brainmask import forget_registrations
+
+    forget_registrations()
+
+
 @pytest.fixture
 def one_thread():
     """One torch CPU thread, as in the subprocesses: far faster for tiny models on a shared machine,

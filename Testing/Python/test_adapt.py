@@ -69,7 +69,7 @@ def subjects(site: Dict[str, Path], *names: str) -> List[Subject]:
 
 def masked(site: Dict[str, Path], *names: str) -> List[Subject]:
     """The site scans ``names``, each with its brain mask: for tests about something else than a computed mask,
-    which costs a registration to the atlas each time a run reads the scan (for training, then for calibrating)."""
+    which costs a registration to the atlas (once per scan and process: training and calibrating share it)."""
     return [Subject(site[n], site["mask_c" if n == "c" else "mask"]) for n in names]
 
 

@@ -9,13 +9,16 @@ little inside it). An input that is already skull-stripped is its own mask (no r
 everything above a near-background level, is no bigger than a brain, its background is one constant value (a head's
 air is noise, even where the coverage is partial and the head's foreground is brain-sized), and, where it reaches the
 image's edge, no dark band (skull) lies under its surface (a cut-off head whose air was set to zero). Either way the
-result is hole-filled and reduced to its largest connected component.
+result is hole-filled and reduced to its largest connected component. A process keeps its registrations' transforms
+by their inputs' content, so that a scan masked at two margins (training, then scoring) is registered once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
@@ -56,6 +59,7 @@ _SKULL_DIP = 0.12  # a head's profile falls by at least this share of its range 
 _PLAUSIBLE_ML = (500.0, 3000.0)
 _MAX_MASK_OUTSIDE_HEAD = 0.05  # share of a fitting mask in the background (whole heads: 0 %; two heads: 22 %)
 _MAX_MASK_ON_EDGE = 0.01  # share of the image's border in a fitting mask (whole heads: 0.03 % at most)
+_KEPT_REGISTRATIONS = 128  # transforms kept per process (a few hundred bytes each): an adaptation's whole cohort
 
 
 def default_template_dir() -> Path:
@@ -141,7 +145,7 @@ def _mask_in_order(given: sitk.Image, reorder: bool, template_dir: Optional[Path
         report(progress, 0.05, "Loading brain template")
         template, template_mask = load_template(template_dir)
         report(progress, 0.1, "Registering brain template")
-        transform = _register(_normalised(small), _normalised(template), scaled(progress, 0.1, 0.8))
+        transform = _registered(small, template, scaled(progress, 0.1, 0.8))
         report(progress, 0.8, "Warping brain mask")
         mask = _warped_distance(template_mask, grid, transform) <= margin_mm
     report(progress, 0.9, "Cleaning brain mask")
@@ -399,6 +403,48 @@ def _starts(fixed: sitk.Image, moving: sitk.Image) -> Iterator[sitk.Similarity3D
             translation[2] += shift  # physical z is the superior axis (LPS), whatever the voxel order
             start.SetTranslation(translation.tolist())
             yield start
+
+
+_KEPT_LOCK = threading.Lock()
+_kept: OrderedDict[str, sitk.AffineTransform] = OrderedDict()  # registration key -> transform, oldest use first
+
+
+def forget_registrations() -> None:
+    """Forget the registrations :func:`_registered` kept: the next mask of any scan registers the template again."""
+    with _KEPT_LOCK:
+        _kept.clear()
+
+
+def _registered(small: sitk.Image, template: sitk.Image, progress: Optional[ProgressCallback]
+                ) -> sitk.AffineTransform:
+    """:func:`_register` of the scan's 4 mm copy ``small`` and the template, or the transform that an earlier
+    registration of the very same inputs found in this process: a scan masked for training and then for scoring
+    (another margin) is registered once. Kept by the registration's inputs (their voxels and grids, the starts and
+    sampling), never by a file name: a scan changed under the same name registers again."""
+    key = _registration_key(small, template)
+    with _KEPT_LOCK:
+        known = _kept.get(key)
+        if known is not None:
+            _kept.move_to_end(key)
+    if known is not None:
+        logger.debug("Brain template already registered to this scan: its transform is reused")
+        return sitk.AffineTransform(known)
+    transform = _register(_normalised(small), _normalised(template), progress)
+    with _KEPT_LOCK:
+        _kept[key] = sitk.AffineTransform(transform)
+        while len(_kept) > _KEPT_REGISTRATIONS:
+            _kept.popitem(last=False)
+    return transform
+
+
+def _registration_key(small: sitk.Image, template: sitk.Image) -> str:
+    """sha256 of all that :func:`_register` depends on: both images' voxels, voxel type and grid, and the starts,
+    seed and sampling of its registrations."""
+    digest = hashlib.sha256(repr((_SAMPLING_FRACTION, _SEED, _PITCH_STARTS_DEG, _SHIFT_STARTS_MM)).encode())
+    for image in (small, template):
+        digest.update(repr((image.GetPixelIDValue(), _grid(image))).encode())
+        digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).data)
+    return digest.hexdigest()
 
 
 def _register(
