@@ -80,14 +80,20 @@ def saved_scene(folder, name: str = "B") -> str:
     storage.SetFileName(str(folder / f"{name}.nrrd"))
     assert storage.WriteData(volume)
     volume.SetAndObserveStorageNodeID(storage.GetID())
-    parameters = slicer.vtkMRMLScriptedModuleNode()
-    parameters.SetSingletonTag("CeVAEAnomaly")
-    scene.AddNode(parameters)
-    parameters.SetNodeReferenceID("inputVolume", volume.GetID())
+    panel_parameters(scene, volume)
     scene.SetRootDirectory(str(folder))
     scene.SetURL(str(folder / "other.mrml"))
     assert scene.Commit()
     return str(folder / "other.mrml")
+
+
+def panel_parameters(scene, scan) -> "slicer.vtkMRMLScriptedModuleNode":
+    """The module's parameter node in ``scene``, its input volume ``scan``."""
+    parameters = slicer.vtkMRMLScriptedModuleNode()
+    parameters.SetSingletonTag("CeVAEAnomaly")
+    scene.AddNode(parameters)
+    parameters.SetNodeReferenceID("inputVolume", scan.GetID())
+    return parameters
 
 
 def test_results_of_a_run_during_which_a_scene_was_imported_stay_on_its_scan_and_say_so(tiny_bundle, tmp_path):
@@ -101,10 +107,7 @@ def test_results_of_a_run_during_which_a_scene_was_imported_stay_on_its_scan_and
     scene = slicer.vtkMRMLScene()
     image, brain = make_head(seed=7)
     scan, mask = add_volume(scene, image, "A"), add_volume(scene, brain, "A mask", "vtkMRMLLabelMapVolumeNode")
-    parameters = slicer.vtkMRMLScriptedModuleNode()
-    parameters.SetSingletonTag("CeVAEAnomaly")
-    scene.AddNode(parameters)
-    parameters.SetNodeReferenceID("inputVolume", scan.GetID())
+    parameters = panel_parameters(scene, scan)
     logic = CeVAEAnomalyLogic()
     first = logic.process(scan, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
     job = logic.startDetection(scan, mask, modelPath=tiny_bundle, device="cpu", threshold=0.5, outputs=first.nodes)
@@ -138,10 +141,7 @@ def test_results_of_a_run_whose_input_was_changed_from_the_console_do_not_say_a_
     image, brain = make_head(seed=7)
     scan, mask = add_volume(scene, image, "A"), add_volume(scene, brain, "A mask", "vtkMRMLLabelMapVolumeNode")
     other = add_volume(scene, make_head(seed=8)[0], "B")
-    parameters = slicer.vtkMRMLScriptedModuleNode()
-    parameters.SetSingletonTag("CeVAEAnomaly")
-    scene.AddNode(parameters)
-    parameters.SetNodeReferenceID("inputVolume", scan.GetID())
+    parameters = panel_parameters(scene, scan)
     logic = CeVAEAnomalyLogic()
     job = logic.startDetection(scan, mask, modelPath=tiny_bundle, device="cpu", threshold=0.5)
     parameters.SetNodeReferenceID("inputVolume", other.GetID())  # getParameterNode().inputVolume = B

@@ -282,7 +282,8 @@ def test_a_scan_replaced_before_calibration_is_refused_not_recorded_under_its_ol
     trainer.progress = replace_at_the_end
     with pytest.raises(CeVAEError, match=rf"^{held_out.image} changed while it was being read \(replaced or still "
                                          r"being written\); the trained weights are in the last checkpoint: with "
-                                         r"the scan as it was when the run began, run again with --resume to write the model"):
+                                         r"the scan as it was when the run began, run again with --resume to "
+                                         r"write the model"):
         trainer.run()
     out = trainer.cfg.out
     assert not out.exists()
