@@ -144,13 +144,19 @@ def reference_contrast(header: BundleHeader) -> Optional[Tuple[float, str]]:
     return None
 
 
+def unlike(contrast: float, reference: float) -> bool:
+    """Whether a scan's depth contrast is not the model's ``reference``: further than :data:`TOLERANCE` from it (the
+    one rule of detection's warning, calibrate's warning and adapt's refusal)."""
+    return abs(contrast - reference) > TOLERANCE
+
+
 def contrast_problem(names: Sequence[str], contrasts: Sequence[float], header: BundleHeader) -> str:
     """What is wrong with scans whose depth contrast is not the model's (names them, with their values); ""."""
     reference = reference_contrast(header)
     if reference is None:
         return ""
     value, what = reference
-    far = [(n, c) for n, c in zip(names, contrasts) if abs(c - value) > TOLERANCE]
+    far = [(n, c) for n, c in zip(names, contrasts) if unlike(c, value)]
     if not far:
         return ""
     listed = ", ".join(f"{n} ({c:+.2f})" for n, c in far)
@@ -170,7 +176,7 @@ def scan_contrast_warning(slices: np.ndarray, header: BundleHeader) -> str:
     except CeVAEError:  # too little brain to tell: nothing known against the scan
         return ""
     value, what = reference
-    if abs(contrast - value) <= TOLERANCE:
+    if not unlike(contrast, value):
         return ""
     return (f"The scan has another contrast than the model's {header.modality} scans: its depth contrast is "
             f"{contrast:+.2f}, where {what} have {value:+.3f} (deep brain minus brain rim, on the 1st-99th percentile "

@@ -18,7 +18,7 @@ from ..engine.bundle import Bundle, save_bundle
 from ..engine.calibrate import calibrate_model
 from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.header import BundleHeader
-from ..engine.modality import T1_DEPTH_CONTRAST, TOLERANCE
+from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
 from ..errors import CeVAEError
 from ..io.checksum import refuse_changed
@@ -76,7 +76,7 @@ def with_contrast(header: BundleHeader, contrasts: Sequence[Optional[float]]) ->
         return header
     mean = round(float(sum(known) / len(known)), 4)
     modality = header.modality
-    if abs(mean - T1_DEPTH_CONTRAST) > TOLERANCE:
+    if unlike(mean, T1_DEPTH_CONTRAST):
         modality = "other"
         log.warning("The training volumes' depth contrast (%+.2f) is not a T1's (%+.2f): the model is recorded as "
                     "modality 'other', and calibrate and adapt accept scans like its training volumes.", mean,

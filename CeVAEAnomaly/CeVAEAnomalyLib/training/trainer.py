@@ -26,7 +26,7 @@ from ..engine.calibration import largest_side
 from ..engine.config import ModelConfig, PreprocessConfig
 from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
-from ..engine.modality import TOLERANCE, depth_contrast
+from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import CeVAEError
 from ..io.atomic import remove_stale_temporaries, write_all
@@ -782,7 +782,7 @@ def _warn_of_other_contrasts(subjects: Sequence[Subject], contrasts: Sequence[Op
     if len(known) < 2:
         return
     median = float(np.median([c for _, c in known]))
-    far = [f"{s.image} ({c:+.2f})" for s, c in known if abs(c - median) > TOLERANCE]
+    far = [f"{s.image} ({c:+.2f})" for s, c in known if unlike(c, median)]
     if far:
         log.warning("The volumes do not share one contrast: the depth contrast (deep brain minus brain rim) of %s is "
                     "further than %g from the cohort's median, %+.2f. A model trained or calibrated on a mix of "
