@@ -28,7 +28,6 @@ import hashlib
 import logging
 import os
 import re
-import sys
 import tempfile
 import weakref
 from collections import Counter
@@ -598,7 +597,7 @@ def _installTorch(spec: str) -> None:
             import PyTorchUtils
         except ImportError as exc:  # found but broken (e.g. half installed): as without it
             log.warning("The PyTorch extension could not be imported (%s).", exc)
-            plan = dependencies.torch_install(spec, False, sys.platform, dependencies.nvidia_driver_visible())
+            plan = dependencies.pip_torch_install(spec)
     if plan.pip_args is not None:
         log.warning("Installing %s without the PyTorch extension, %s.", spec, plan.build)
         slicer.util.pip_install(plan.pip_args)
