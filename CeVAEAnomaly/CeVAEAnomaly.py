@@ -280,7 +280,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._interrupt()
+        """A detection stops; a calibration or adaptation goes on (WidgetState.scene_closing): the next scene's panel
+        shows it running and, at its end, takes its model (:meth:`_useNewModel`)."""
+        self._interrupt(sceneClosing=True)
         self._frames.follow(None)
         self.setParameterNode(None)
 
@@ -764,10 +766,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return {qt.QMessageBox.Yes: True, qt.QMessageBox.No: False}.get(answer)
 
     def _onPoll(self) -> None:
-        """Timer: take the worker's progress; when it has ended, load its results."""
+        """Timer: take the worker's progress; when it has ended, load its results. Not while a scene closes (a
+        calibration or adaptation goes on through it): its model goes to the next scene's parameter node."""
         job = self._job
         if job is None:
             self._timer.stop()
+            return
+        if slicer.mrmlScene.IsClosing():  # (another module's observer of the close may process events)
             return
         finished = job.poll()
         self.ui.progressBar.value = int(round(100 * job.fraction))
@@ -818,10 +823,11 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.state.finished()
         self.ui.statusLabel.text = message
 
-    def _interrupt(self) -> None:
-        """Scene close, reload, application exit: a running job is stopped and nothing is loaded."""
+    def _interrupt(self, sceneClosing: bool = False) -> None:
+        """Reload, application exit: a running job is stopped and nothing is loaded; scene close (``sceneClosing``):
+        the same for a detection, while a calibration or adaptation goes on (WidgetState.scene_closing)."""
         self._pendingDisplay = None
-        if self.state.interrupt():
+        if self.state.scene_closing() if sceneClosing else self.state.interrupt():
             self._stopJob(_("Stopped: the scene was closed or the module reloaded; nothing was changed."))
         if hasattr(self, "ui"):
             self._refresh()
@@ -952,14 +958,19 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onJumpToTopSlice()
 
     def _useNewModel(self, job, pathLineEdit, message: str) -> None:
-        """A calibration or adaptation finished: its model becomes the one used for detection."""
+        """A calibration or adaptation finished: its model becomes the one used for detection, also by the scene
+        opened after the one it started in was closed (its parameter node is bound first when the panel was not
+        shown then: onSceneEndClose binds one only for a shown panel)."""
         try:
             job.raise_for_failure()
             path = job.done["model"]
         finally:
             job.cleanup()
+        from CeVAEAnomalyLib.slicer.adapt_panel import model_output
         from CeVAEAnomalyLib.slicer.settings import after_new_model
 
+        if self._parameterNode is None:
+            self.initializeParameterNode()
         p = self._parameterNode
         sensitivity, said = after_new_model(p, ModelSettings.read(path), self._modelSettings())  # (before: in use)
         with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for all three
@@ -968,7 +979,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if sensitivity is not None:
                 p.sensitivity = sensitivity
         self.ui.modelPathLineEdit.currentPath = path  # also when the panel was not shown (no GUI update then)
-        pathLineEdit.addCurrentPathToHistory()
+        if model_output(pathLineEdit.currentPath) == Path(job.request["out"]):  # (a new scene's: its default path)
+            pathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
         self._rememberModel()
         self.ui.statusLabel.text = with_warnings(" ".join([message.format(path=path), *([said] if said else [])]),

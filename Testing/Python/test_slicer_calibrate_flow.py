@@ -124,3 +124,21 @@ def test_volumes_of_different_acquisitions_are_warned_of_before_calibrate_is_pre
     methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
     assert "calibrateWarning = calibrate_warning(p.inputVolume, healthy)" in methods["_refresh"]
     assert "calibrate_warning(p.inputVolume, volumes) if task == CALIBRATE" in methods["_inputAcceptedAsHealthy"]
+
+
+def test_a_calibration_goes_on_through_a_scene_close_and_writes_its_model(tiny_bundle, tmp_path):
+    """What lets the panel keep a calibration running when the scene closes (WidgetState.scene_closing): the job holds
+    copies of the healthy scans, written before it exists, and nothing of the scene; the scene closed (every node
+    removed) at once after the start, it still ends with its model."""
+    scene = slicer.vtkMRMLScene()
+    image, brain = make_head(size=(40, 44, 12), seed=11)
+    volume = add_volume(scene, image, "sub-01_T1w")
+    mask = add_volume(scene, brain, "sub-01 mask", "vtkMRMLLabelMapVolumeNode")
+    out = tmp_path / "site.cevae"
+    job = CeVAEAnomalyLogic(scene).startCalibration([volume], [mask], out, modelPath=tiny_bundle, device="cpu")
+    scene.Clear(0)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode") == 0
+    assert job.wait(300) is JobState.DONE, job.error
+    assert job.done["model"] == str(out) and job.done["subjects"] == 1
+    assert read_header(out).calibration  # a model, calibrated
+    assert not job.folder.exists()  # its copies went with its end

@@ -119,12 +119,78 @@ def test_a_declined_install_returns_to_idle(state):
 
 
 @pytest.mark.parametrize("phase", ["running", "cancelling"])
-def test_scene_close_reload_or_application_exit_stops_a_run(state, phase):
-    state.started(DETECT)
+@pytest.mark.parametrize("task", [DETECT, CALIBRATE, ADAPT])
+def test_reload_or_application_exit_stops_a_run(state, task, phase):
+    state.started(task)
     if phase == "cancelling":
-        state.click(DETECT)
+        state._clock.now += LATE_CLICK_S
+        assert state.click(task) is Action.CANCEL
     assert state.interrupt() is True
     assert state.finished() is False  # the interrupted run publishes nothing
+
+
+@pytest.mark.parametrize("phase", ["running", "cancelling"])
+def test_a_scene_close_stops_a_detection(state, phase):
+    """A detection loads its results into the scene that closes: it stops, and nothing is published."""
+    state.started(DETECT)
+    if phase == "cancelling":
+        state._clock.now += LATE_CLICK_S
+        state.click(DETECT)
+    assert state.scene_closing() is True
+    assert state.finished() is False
+
+
+def unbound(state: WidgetState) -> None:
+    """What the widget tells the state when the scene closes and its parameter node goes (setParameterNode(None)):
+    no input (its mask is none) and, with no parameter node, no task ready."""
+    state.input_restored(None)
+    for task in (DETECT, CALIBRATE, ADAPT):
+        state.set_ready(task, False)
+
+
+@pytest.mark.parametrize("task", [CALIBRATE, ADAPT])
+def test_a_scene_close_keeps_a_calibration_or_adaptation_running_and_its_model_wanted(state, task):
+    """A 20-minute adaptation was stopped when the radiologist closed the scene to read the next patient, although it
+    runs on copies of the scans (written before it starts) and writes a model file, not the scene. It goes on: the
+    next scene's panel shows it running (its button cancels it, nothing else starts) and takes its model at its
+    end."""
+    state.set_ready(task, True)
+    state.started(task)
+    shown = state.view()
+    assert state.scene_closing() is False
+    unbound(state)  # the scene's parameter node lets go of the panel
+    assert state.phase is Phase.RUNNING and state.task == task
+    assert state.view() == shown  # as during the run: its button reads Cancel, the progress bar stays
+    view = state.view()
+    assert view.progress_visible and not view.settings_enabled and not view.detect_enabled
+    assert state.click(DETECT) is Action.IGNORE
+    state.set_ready(DETECT, True)  # the next scene's panel: an input is chosen there
+    assert state.view() == shown and state.click(DETECT) is Action.IGNORE
+    assert state.finished() is True  # its model is wanted: it becomes the one in use
+
+
+@pytest.mark.parametrize("task", [CALIBRATE, ADAPT])
+def test_a_calibration_or_adaptation_kept_through_a_scene_close_is_still_cancelled_by_its_button_reload_or_exit(
+        state, task):
+    state.started(task)
+    assert state.scene_closing() is False
+    unbound(state)
+    state._clock.now += LATE_CLICK_S
+    assert state.click(task) is Action.CANCEL and state.view().cancelling
+    assert state.finished() is False
+    state.started(task)
+    assert state.scene_closing() is False
+    assert state.interrupt() is True and state.finished() is False  # Reload, or Slicer quits: it stops
+
+
+@pytest.mark.parametrize("task", [DETECT, CALIBRATE, ADAPT])
+def test_a_scene_closed_during_the_install_before_any_copy_starts_nothing(state, task):
+    """An install comes before the scans are copied: a scene closed meanwhile takes the inputs with it."""
+    state.set_ready(task, True)
+    state.begin_install(task)
+    assert state.scene_closing() is False and state.install_interrupted  # nothing runs yet: nothing to stop
+    with pytest.raises(RuntimeError, match="closed during the install"):
+        state.started(task)
 
 
 def test_interrupt_when_idle_or_installing_stops_nothing(state):
@@ -456,3 +522,26 @@ def test_a_typed_model_path_is_read_once_it_names_a_file_or_is_typed_out(tmp_pat
     for name in ("modelPath", "calibratedModelPath", "adaptedModelPath"):
         assert f"'{name}')" in setup
     assert "if takes_path_now(name, lineEdit.text, lineEdit.modified, finished):" in methods["_pathHandler"]
+
+
+def test_the_widget_asks_the_state_on_scene_close_and_gives_a_kept_runs_model_to_the_next_scene():
+    """The Qt widget (which cannot run here) binds the decisions above: a scene close asks scene_closing, reload and
+    exit interrupt; a kept run's end binds the next scene's parameter node when the panel was hidden at the close
+    (onSceneEndClose binds one only for a shown panel), and waits while a scene closes."""
+    import ast
+
+    from test_slicer_module import module_classes
+
+    methods = {n.name: ast.unparse(n) for n in module_classes()["CeVAEAnomalyWidget"].body
+               if isinstance(n, ast.FunctionDef)}
+    close = methods["onSceneStartClose"]
+    assert close.index("self._interrupt(sceneClosing=True)") < close.index("self.setParameterNode(None)")
+    for name in ("cleanup", "onReload"):
+        assert "self._interrupt()" in methods[name], name
+    assert "self.state.scene_closing() if sceneClosing else self.state.interrupt()" in methods["_interrupt"]
+    assert "if self.parent.isEntered:" in methods["onSceneEndClose"]
+    use = methods["_useNewModel"]
+    assert use.index("if self._parameterNode is None:") < use.index("self.initializeParameterNode()") < use.index(
+        "p = self._parameterNode")
+    poll = methods["_onPoll"]
+    assert poll.index("if slicer.mrmlScene.IsClosing():") < poll.index("finished = job.poll()")

@@ -5,8 +5,10 @@ reports what happened (install started, run started, run finished) and shows :me
 Nothing that starts work can be clicked while work runs; a run's own button cancels it; a click on
 that button just after it started the run (the second click of a double-click) or just after the run's end
 was dealt with (its results loaded: meant for the Cancel button it was) does nothing. Leaving the
-module keeps a run going (its result is shown on return); closing the scene, reloading the module
-and quitting the application stop it.
+module keeps a run going (its result is shown on return). Closing the scene stops a detection (it loads its results
+into that scene) but not a calibration or an adaptation, which run on copies of the scans and write a model file:
+the panel of the next scene shows it running, and its model becomes the one in use there. Reloading the module and
+quitting the application stop any run.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ DETECT = "detect"
 CALIBRATE = "calibrate"
 ADAPT = "adapt"
 TASKS = (DETECT, CALIBRATE, ADAPT)
+ON_COPIES = (CALIBRATE, ADAPT)  # tasks that run on copies of the scans, made before they start, and write a model file
 LATE_CLICK_S = 0.5  # a click on a run's button this soon after the run started or ended belongs to a double-click
 
 
@@ -124,10 +127,20 @@ class WidgetState:
         if self.phase is Phase.IDLE and self._ended_task is not None:
             self._ended_at = self._clock()
 
+    def scene_closing(self) -> bool:
+        """The scene closes: True if the running task must be stopped (its results are not wanted), as
+        :meth:`interrupt` says, except for a calibration or an adaptation under way (:data:`ON_COPIES`): its copies of
+        the scans were written before it started and it writes a model file, not the scene, so it goes on (its
+        button still cancels it) and its model becomes the one the next scene's panel uses."""
+        if self.phase is Phase.RUNNING and self.task in ON_COPIES:
+            return False
+        return self.interrupt()
+
     def interrupt(self) -> bool:
-        """The scene closes, the module is reloaded or the application quits: True if a running task
-        must be stopped (its results are not wanted). During an install (which cannot be stopped) the task it
-        was for must not start afterwards: :attr:`install_interrupted`."""
+        """The module is reloaded or the application quits (or the scene closes: :meth:`scene_closing`): True if a
+        running task must be stopped (its results are not wanted). During an install (which cannot be stopped, and
+        comes before any copy of a scan is made) the task it was for must not start afterwards:
+        :attr:`install_interrupted`."""
         if self.phase is Phase.RUNNING:
             self.phase = Phase.CANCELLING
         elif self.phase is Phase.INSTALLING:
@@ -208,7 +221,7 @@ class WidgetState:
         mine = {task: phase in (Phase.RUNNING, Phase.CANCELLING) and self.task == task for task in TASKS}
         return View(
             settings_enabled=idle,
-            results_enabled=idle or mine[CALIBRATE] or mine[ADAPT],  # those work on copies: the results stay usable
+            results_enabled=idle or any(mine[task] for task in ON_COPIES),  # the results stay usable meanwhile
             detect_enabled=(idle and self.ready[DETECT]) or running[DETECT],
             detect_cancels=mine[DETECT],
             calibrate_enabled=(idle and self.ready[CALIBRATE]) or running[CALIBRATE],
