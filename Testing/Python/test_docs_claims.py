@@ -51,7 +51,7 @@ def test_batch_names_every_file_it_writes_in_its_help_and_in_scaling(tmp_path: P
 
 DOCUMENTS = ("README.md", "docs/SCALING.md", "docs/SLICER.md", "docs/WHAT_HAPPENS_WHEN.md", "docs/adapt.md",
              "docs/PERFORMANCE.md", "CeVAEAnomaly/Scripts/DetectVolume.py")
-COMMANDS = ("train", "prepare", "adapt", "detect", "batch", "calibrate", "evaluate", "info", "demo")
+COMMANDS = ("train", "prepare", "adapt", "detect", "batch", "calibrate", "evaluate", "info", "share", "demo")
 
 
 def documented_commands(text: str) -> Iterator[Tuple[str, List[str]]]:

@@ -379,6 +379,19 @@ def run_info(args: argparse.Namespace) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def run_share(args: argparse.Namespace) -> Path:
+    """Write a copy of a model without the names of its scans (engine/sharing.py)."""
+    from ..engine.header import read_header
+    from ..engine.sharing import NAMES_REMOVED, share_model
+
+    path = share_model(args.model, args.out, args.overwrite)
+    scans = read_header(path).extra[NAMES_REMOVED]["scans"]
+    log.info("Shareable copy written to %s: the %d scan(s) it records are called scan 1, scan 2, ..., each with its "
+             "sha256; its weights and calibration are those of %s. Share it alone: the checkpoints beside a trained or "
+             "adapted model hold the scans' paths.", path, scans, args.model)
+    return path
+
+
 def run_demo(args: argparse.Namespace) -> None:
     """The README's first command: detection on a healthy sample scan with synthetic lesions."""
     _require_research("demo", ("CeVAEAnomalyResearch", "scipy", "matplotlib"))

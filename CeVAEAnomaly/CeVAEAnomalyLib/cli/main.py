@@ -1,4 +1,4 @@
-"""The ``cevae-anomaly`` command: train, prepare, adapt, detect, batch, calibrate, evaluate, info, demo.
+"""The ``cevae-anomaly`` command: train, prepare, adapt, detect, batch, calibrate, evaluate, info, share, demo.
 
 Heavy modules (torch, SimpleITK) are imported inside the commands so ``--help`` is instant.
 """
@@ -257,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
                  "false-positive rates, its default scoring, preprocessing and format, and the file's sha256.")
     i.add_argument("model", nargs="?", type=path_value, help="model bundle (default: the bundled default model)")
     i.add_argument("--json", action="store_true", help="print the facts as JSON, for programs")
+
+    s = _command(sub, "share", help="write a copy of a model without the names of its scans, to share it",
+                 description="Write a copy of a model bundle whose records call the scans it was trained, adapted and "
+                 "calibrated on scan 1, scan 2, ... (the same scan, by its sha256, the same number in every record) "
+                 "instead of by their file names, which often hold a patient's ID or name. The scans' sha256, the "
+                 "weights and the calibration are kept as they are: the copy detects exactly as the model does, and "
+                 "info on it says that the names were removed. The checkpoints beside a trained or adapted model hold "
+                 "the scans' paths: share the copy alone.")
+    s.add_argument("model", type=path_value, help="model bundle to share (.cevae)")
+    s.add_argument("--out", type=output_path_value, required=True, help="shareable copy to write (.cevae)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     m = _command(sub, "demo", help="insert synthetic lesions into a healthy scan, detect, write a picture")
     m.add_argument("--out-dir", type=path_value, default=Path("demo-output"),

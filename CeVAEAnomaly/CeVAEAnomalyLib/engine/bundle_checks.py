@@ -23,6 +23,7 @@ from .config import (MAX_BETA, MAX_CHANNELS, MAX_MARGIN_MM, MAX_Z, SUPPORTED_INP
                      PreprocessConfig)
 
 WEIGHT_DTYPES = ("F32", "F16")
+NAMES_REMOVED = "names_removed"  # a shareable copy's record that its scans' names were removed (engine/sharing.py)
 # a model file's calibration tables (this project writes 3 per calibrated mode, up to 12): every threshold lookup
 # reads each table's key, so 20000 took 2 s per detection and per update of the Slicer panel, which makes several
 MAX_CALIBRATION_TABLES = 1000
@@ -108,6 +109,9 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
     _check_training(header)
     if "recalibration" in header:
         _check_recalibration(header["recalibration"])
+    if NAMES_REMOVED in header:
+        _section(header, NAMES_REMOVED, ("scans",))
+        _whole(f"{NAMES_REMOVED}.scans", header[NAMES_REMOVED].get("scans"), 0, 10 ** 9)
     if header.get("weights_dtype", "float32") not in ("float32", "float16"):
         _fail("weights_dtype", f"must be 'float32' or 'float16', got {header.get('weights_dtype')!r}")
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .bundle import Bundle, save_bundle
+from .bundle_checks import NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
                           largest_side, other_acquisitions, thin_tail, unlike_scans)
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
@@ -197,9 +198,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     # repeat (a folder per person: sub-01/t1, sub-02/t1)
     given = {s.image: s.name for s in subjects}
     names = distinct_names(list(given), name_of=given.__getitem__)
+    kept = {k: v for k, v in old.extra.items() if k != NAMES_REMOVED}  # (the new scans are named: not a shared copy)
     header = replace(old, name=Path(out).stem, score_options=default, postprocess=post, calibration=calibration,
                      default_fpr=rate,
-                     extra=dict(old.extra, calibration_subjects=[names[s.image] for s in subjects],
+                     extra=dict(kept, calibration_subjects=[names[s.image] for s in subjects],
                                 recalibration=_recalibration_record(bundle, subjects, names, opts, post, rate,
                                                                     run, hashed)))
     try:  # a model whose own rate gets no threshold could not detect with its defaults

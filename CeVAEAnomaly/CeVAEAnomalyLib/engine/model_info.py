@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
+from .bundle_checks import NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE,
                           calibrated_settings, thin_tail, threshold_for_fpr)
 from .header import WEIGHTS_DIGEST_KEY, BundleHeader, read_header, weights_digest
@@ -72,6 +73,8 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
             "orientations": training.get("orientations") or ["axial"]},  # (absent: axial, as read_header takes it)
         "adaptation": _adaptation(adaptation) if isinstance(adaptation, dict) else None,
         "recalibration": recalibration,
+        # a shareable copy's: its scans are called scan 1, scan 2, ... (engine/sharing.py)
+        "names_removed": header.extra.get(NAMES_REMOVED),
         # a copy written by calibrate before copies recorded their parent: its calibration's source says it
         "recalibrated": recalibration is not None or (calibration is not None
                                                       and calibration["source"] in COPY_SOURCES),
@@ -92,9 +95,12 @@ def _bundled_digests() -> Optional[Tuple[str, Any]]:
         return None
 
 
-def known_source(volume: Mapping[str, Any]) -> Optional[str]:
+def known_source(volume: Mapping[str, Any], renamed: bool = False) -> Optional[str]:
     """What a training volume's record (its name and sha256) is and where it comes from, where it is one of the
-    sample data files; None for any other volume, one of other content under a sample's name included."""
+    sample data files; None for any other volume, one of other content under a sample's name included. ``renamed``:
+    the record's name is not the file's (a shareable copy's "scan N"), so its sha256 alone tells."""
+    if renamed:
+        return next((said for (_, sha256), said in KNOWN_SOURCES.items() if sha256 == volume.get("sha256")), None)
     return KNOWN_SOURCES.get((volume.get("name"), volume.get("sha256")))
 
 
@@ -188,12 +194,16 @@ def describe_model(info: Mapping[str, Any]) -> str:
                      f"({_names(training['volumes'])}), {len(held) or 'none'} held out for validation"
                      f"{' (' + _names(held) + ')' if held else ''}{_of(training['held_out_persons'])}; "
                      + ", ".join([*run, f"slices {', '.join(training['orientations'])}"]) + ".")
-        lines += [f"  {v['name']}: {known_source(v)}" for v in training["volumes"] if known_source(v)]
+        renamed = info["names_removed"] is not None
+        lines += [f"  {v['name']}: {known_source(v, renamed)}" for v in training["volumes"]
+                  if known_source(v, renamed)]
     else:
         lines.append("Trained on: not recorded.")
     if adaptation is None:
         lines.append("Adapted: no (not fine-tuned to a site).")
     lines += _recalibration_lines(info["recalibration"], info["recalibrated"])
+    if info["names_removed"] is not None:
+        lines.append(_names_removed_line(info["names_removed"]["scans"]))
     score, post = info["score_options"], info["postprocess"]
     lines += _calibration_lines(calibration, score["score_type"])
     lines.append(f"Default scoring: {score['score_type']}, slices {score['orientations'].replace(',', ', ')}"
@@ -217,8 +227,8 @@ def describe_model(info: Mapping[str, Any]) -> str:
 
 
 def model_headline(info: Mapping[str, Any]) -> str:
-    """One line: the model, where it comes from, and on how many healthy scans of which voxel sizes its threshold
-    is calibrated."""
+    """One line: the model, where it comes from, on how many healthy scans of which voxel sizes its threshold is
+    calibrated, and whether its scans' names were removed for sharing."""
     adaptation, training, calibration = info["adaptation"], info["training"], info["calibration"]
     if adaptation is not None:
         origin = (f"adapted from {adaptation['parent']['name'] or 'another model'} on "
@@ -244,7 +254,8 @@ def model_headline(info: Mapping[str, Any]) -> str:
         which = f", recalibrated from {_model(parent)}{first}{',' if which.startswith(' ') else ''}{which}"
     elif info["recalibrated"]:
         which = f", recalibrated (no record of its parent){',' if which.startswith(' ') else ''}{which}"
-    return f"{info['name'] or Path(info['file']).stem} ({info['modality']}){which}: {origin}; {calibrated}."
+    removed = "; scan names removed for sharing" if info["names_removed"] is not None else ""
+    return f"{info['name'] or Path(info['file']).stem} ({info['modality']}){which}: {origin}; {calibrated}{removed}."
 
 
 def _recalibration_lines(record: Optional[Mapping[str, Any]], recalibrated: bool) -> List[str]:
@@ -263,6 +274,14 @@ def _recalibration_lines(record: Optional[Mapping[str, Any]], recalibrated: bool
     if original != parent:
         lines.append(f"Originally: {_reference(original)}, the first model of the chain of recalibrations.")
     return lines
+
+
+def _names_removed_line(scans: int) -> str:
+    """What the text says of a shareable copy (cevae-anomaly share), whose scans' names were removed."""
+    if scans == 0:
+        return "Scan names: removed for sharing (cevae-anomaly share); it records no scans."
+    called = "its scan is called scan 1" if scans == 1 else f"its {scans} scans are called scan 1 to scan {scans}"
+    return f"Scan names: removed for sharing (cevae-anomaly share); {called} in every record, each scan's sha256 kept."
 
 
 def _model(reference: Mapping[str, Any]) -> str:

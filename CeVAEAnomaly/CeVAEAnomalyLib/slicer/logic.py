@@ -14,7 +14,8 @@ Two ways to run a detection:
 - :meth:`CeVAEAnomalyLogic.startDetection` starts a worker process and returns a job at once;
   poll it (the module does, from a timer), then :meth:`finishDetection` loads its results into
   the scene. :meth:`startCalibration` recalibrates a model on healthy volumes the same way, and
-  :meth:`startAdaptation` fine-tunes one on them (adapting it to a scanner).
+  :meth:`startAdaptation` fine-tunes one on them (adapting it to a scanner). :meth:`shareModel` writes a copy of a
+  model without the names of the scans it was made from, to share it.
 
 Each checks first that torch and safetensors are installed and recent enough
 (:meth:`CeVAEAnomalyLogic.checkDependencies`); :meth:`CeVAEAnomalyLogic.installDependencies`
@@ -253,6 +254,21 @@ class CeVAEAnomalyLogic(_LogicBase):
         if key != self._bundleKey:
             self._bundle, self._bundleKey = load_bundle(path, torchDevice), key
         return self._bundle
+
+    def shareModel(self, modelPath: Union[str, Path], outputPath: Union[str, Path], overwrite: bool = False) -> Path:
+        """Write a copy of the model file ``modelPath`` to ``outputPath`` to share with another site: its records call
+        the scans it was trained, adapted and calibrated on "scan 1", "scan 2", ... instead of by their volume or file
+        names (which may hold a patient's name or ID); its weights and calibration are the model's, so it detects
+        alike (engine/sharing.py). Runs here, without torch, in a moment; returns the copy's path."""
+        from ..engine.sharing import share_model
+
+        _refuseNonBoolean(overwrite=overwrite)
+        source = _modelFile(modelPath)
+        if source is None:
+            raise CeVAEError("Choose the model file to share: the bundled model is shared already (it names only "
+                             "public sample scans).")
+        _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite, "shareable")
+        return share_model(source, outputPath, overwrite)
 
     def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
         _refuseNotScan(volumeNode, maskNode, "input volume")

@@ -1,0 +1,182 @@
+"""Shareable copies of a model bundle, without the names of the scans it was made from.
+
+A bundle records each training, validation, site and calibration scan by name (its file stem, or the name Slicer gave
+it) beside its sha256. In a hospital a file name often carries a patient's ID or name, so a model file adapted or
+calibrated on a site's own scans would pass those on to whoever it is shared with. :func:`share_model` writes a copy
+whose records call the scans "scan 1", "scan 2", ..., the same scan (by its sha256) the same number in every record,
+and keeps everything else as it is: the checksums, the weights (their bytes) and the calibration tables, so the copy
+detects exactly as the model does. The header records that the names were removed (:data:`NAMES_REMOVED`). No torch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Set, Tuple, Union
+
+from ..data import refuse_bundled_output
+from ..errors import CeVAEError
+from ..io.atomic import atomic_path
+from ..io.lock import hold_output
+from ..io.naming import refuse_misnamed
+from ..io.targets import check_paths
+from .bundle_checks import NAMES_REMOVED
+from .header import BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, read_header, weights_digest
+
+# the records of scans with their sha256: (section, list) of the header
+VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"), ("adaptation", "site_scans"),
+                  ("recalibration", "scans"))
+# the places that hold the model's own name, options, calibration tables and references to other models, never a
+# scan's name
+UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "postprocess", "calibration",
+                     "recalibration.options", "recalibration.parent", "recalibration.original", "adaptation.parent"})
+_SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
+
+
+class _Numbers:
+    """Each scan's new name, "scan N": by its sha256 where a record gives it, else by its old name."""
+
+    def __init__(self) -> None:
+        self._new: Dict[Tuple[str, str], str] = {}  # ("sha256", digest) or ("name", old name) -> "scan N"
+        self._by_name: Dict[str, Set[str]] = {}  # old name -> the new names of the scans so named
+
+    def of_volume(self, record: Mapping[str, Any]) -> str:
+        """The new name of a volume's record (its name and sha256)."""
+        name, sha256 = record.get("name"), record.get("sha256")
+        new = self._number(("sha256", sha256)) if isinstance(sha256, str) and sha256 else self.of_name(name)
+        if isinstance(name, str):
+            self._by_name.setdefault(name, set()).add(new)
+        return new
+
+    def of_name(self, name: Any) -> str:
+        """The new name of a scan a record names without its sha256: that of the one volume so named, else its own."""
+        known = self._by_name.get(name, set()) if isinstance(name, str) else set()
+        return next(iter(known)) if len(known) == 1 else self._number(("name", str(name)))
+
+    def _number(self, key: Tuple[str, str]) -> str:
+        return self._new.setdefault(key, f"scan {len(self._new) + 1}")
+
+    @property
+    def count(self) -> int:
+        """How many scans were given a number."""
+        return len(self._new)
+
+
+def without_scan_names(header: Mapping[str, Any]) -> Dict[str, Any]:
+    """A copy of a bundle's JSON header whose records name every scan "scan N" (:class:`_Numbers`) and that records
+    how many scans it renamed under :data:`NAMES_REMOVED`. Refused where a scan's old name is still left in it (a
+    record this version does not know)."""
+    out = copy.deepcopy(dict(header))
+    numbers = _Numbers()
+    old: Set[Any] = set()
+    for volume in _volumes(out):  # first: the names without a sha256 are matched with these
+        old.add(volume.get("name"))
+        volume["name"] = numbers.of_volume(volume)
+    calibrated = out.get("calibration_subjects")
+    if isinstance(calibrated, list):
+        old.update(calibrated)
+        out["calibration_subjects"] = _calibration_names(out, calibrated, numbers)
+    adaptation = out.get("adaptation")
+    if isinstance(adaptation, dict) and isinstance(adaptation.get("folds"), list):
+        old.update(n for fold in adaptation["folds"] if isinstance(fold, dict) for names in fold.values()
+                   if isinstance(names, list) for n in names)
+        adaptation["folds"] = [_renamed_fold(fold, numbers) for fold in adaptation["folds"]]
+    out[NAMES_REMOVED] = {"scans": numbers.count}
+    _refuse_left(out, {n for n in old if isinstance(n, str) and not _SCAN.match(n)})
+    return out
+
+
+def _volumes(header: Mapping[str, Any]) -> Iterator[Dict[str, Any]]:
+    """The records of scans with their sha256 (:data:`VOLUME_RECORDS`), in order."""
+    for section, key in VOLUME_RECORDS:
+        record = header.get(section)
+        volumes = record.get(key) if isinstance(record, dict) else None
+        yield from (v for v in volumes or () if isinstance(v, dict))
+
+
+def _calibration_names(header: Mapping[str, Any], names: List[Any], numbers: _Numbers) -> List[str]:
+    """The new names of a calibrated copy's ``calibration_subjects``: those of its recalibration record's scans
+    (renamed already), which list the same scans in the same order; else each by its old name."""
+    record = header.get("recalibration")
+    scans = record.get("scans") if isinstance(record, dict) else None
+    if isinstance(scans, list) and len(scans) == len(names) and all(isinstance(s, dict) for s in scans):
+        return [str(s.get("name")) for s in scans]
+    return [numbers.of_name(n) for n in names]
+
+
+def _renamed_fold(fold: Any, numbers: _Numbers) -> Any:
+    """An adaptation fold's lists of scans (held out, trained on) with their new names."""
+    if not isinstance(fold, dict):
+        return fold
+    return {k: [numbers.of_name(n) for n in v] if isinstance(v, list) else v for k, v in fold.items()}
+
+
+def _refuse_left(header: Mapping[str, Any], old: Set[str]) -> None:
+    """Refuse a header that still holds one of the ``old`` scan names outside :data:`UNNAMED`."""
+    for where, text in _texts(header, ""):
+        if text in old:
+            raise CeVAEError(f"The model's header holds the scan name {text!r} in '{where}', a record this version "
+                             "cannot rename; no shareable copy was written (update CeVAEAnomaly).")
+
+
+def _texts(value: Any, where: str) -> Iterator[Tuple[str, str]]:
+    """(place, text) of every text in ``value`` (at ``where``) but those of :data:`UNNAMED`."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _texts(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            place = f"{where}.{key}" if where else str(key)
+            if place not in UNNAMED:
+                yield from _texts(item, place)
+
+
+def share_model(model: Union[str, Path], out: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write a copy of the bundle ``model`` to ``out`` without the names of its scans (:func:`without_scan_names`),
+    atomically; its weights and calibration are the model's, byte for byte. ``out`` may not be ``model`` nor the
+    bundled default model, and an existing ``out`` is replaced only with ``overwrite``."""
+    source, target = Path(model), Path(out)
+    read_header(source)  # a damaged file or one that is no bundle is refused as such, before any output check
+    refuse_bundled_output(target)  # even with overwrite
+    check_paths([target], overwrite, [source])
+    refuse_misnamed(target, "model", "a .cevae bundle", BUNDLE_SUFFIX)
+    with hold_output(target, "share"):  # against a calibrate or another share writing it
+        check_paths([target], overwrite, [source])  # again: one of them may have written it since
+        data = source.read_bytes()  # one read: the copy is of one whole file
+        with atomic_path(target, durable=True) as tmp:
+            Path(tmp).write_bytes(_with_header(data, source))
+            _refuse_damaged(Path(tmp), source)
+    return target
+
+
+def _with_header(data: bytes, source: Path) -> bytes:
+    """The bundle file ``data`` with its scans' names removed from its header, its tensor table and tensor bytes as
+    they were."""
+    length = int.from_bytes(data[:8], "little")
+    try:  # (read_header accepted the file; one replaced since, or a header holding NaN, is refused here)
+        table = json.loads(data[8:8 + length].decode("utf-8"))
+        metadata = table["__metadata__"]
+        header = without_scan_names(json.loads(metadata[META_KEY]))
+        table["__metadata__"] = dict(metadata, **{META_KEY: json.dumps(header, sort_keys=True, allow_nan=False)})
+    except (ValueError, TypeError, KeyError):
+        raise CeVAEError(f"{source} is damaged or was edited (its header cannot be copied); use an original "
+                         "copy.") from None
+    text = json.dumps(table, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # (safetensors pads its header with spaces: the tensors start 8-byte aligned)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
+def _refuse_damaged(copy_path: Path, source: Path) -> None:
+    """Refuse a written copy that is no valid bundle or whose weights are not those its header records (the model it
+    was copied from is damaged: the copy holds its bytes)."""
+    try:
+        recorded = read_header(copy_path).extra.get(WEIGHTS_DIGEST_KEY)
+    except CeVAEError:
+        raise CeVAEError(f"{source} is damaged (its copy is not a valid model bundle); use an original copy.") from None
+    if recorded is not None and recorded != weights_digest(copy_path):
+        raise CeVAEError(f"{source}: its weights are not those its header records (a checksum differs); the model "
+                         "file is damaged or was edited. Use an original copy.")
+

@@ -1,0 +1,190 @@
+"""A model file to share without the names of the scans it was made from (`cevae-anomaly share`).
+
+A model calibrated or adapted on a site's scans recorded each scan's file name in several records of its header; a
+hospital's file names often hold a patient's ID or name ("12345678_DOE_J_T1"), and there was no way to share the
+model without them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_head
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.data import default_model_path
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.calibrate import recalibrate
+from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyLib.engine.header import _written_header, read_header, weights_digest
+from CeVAEAnomalyLib.engine.model_info import model_info
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.manifest import Subject
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEMS = ("12345678_DOE_J_T1", "87654321_ROE_R_T1")  # file stems as a hospital's export names its scans
+
+
+def _named_heads(folder: Path, seeds=(21, 22)) -> List[Subject]:
+    """Synthetic heads saved under :data:`STEMS`, with their brain masks."""
+    subjects = []
+    for stem, seed in zip(STEMS, seeds):
+        image, mask = make_head(seed=seed)
+        sitk.WriteImage(image, str(folder / f"{stem}.nii.gz"))
+        sitk.WriteImage(mask, str(folder / f"{stem}_mask.nii.gz"))
+        subjects.append(Subject(folder / f"{stem}.nii.gz", folder / f"{stem}_mask.nii.gz"))
+    return subjects
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """The bundled model calibrated on two synthetic heads named as a hospital names its scans."""
+    folder = tmp_path_factory.mktemp("site")
+    bundle = load_bundle(default_model_path(), "cpu")
+    return recalibrate(bundle, _named_heads(folder), folder / "site.cevae", bundle.header.score_options,
+                       bundle.header.postprocess)
+
+
+def _tensor_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return raw[8 + int.from_bytes(raw[:8], "little"):]
+
+
+def _scan_records(header: Dict[str, Any]) -> Dict[str, str]:
+    """sha256 -> name of every scan the header's records give with its sha256."""
+    volumes = [*header["training"]["subjects"], *header["recalibration"]["scans"]]
+    return {v["sha256"]: v["name"] for v in volumes}
+
+
+def test_a_shared_copy_holds_no_scan_name_and_detects_as_the_model_does(calibrated, tmp_path, capsys):
+    raw = calibrated.read_bytes()
+    assert all(stem.encode() in raw for stem in STEMS)  # the calibrated copy names them
+    shared = tmp_path / "shared.cevae"
+    assert main(["share", str(calibrated), "--out", str(shared)]) == 0
+    data = shared.read_bytes()
+    assert not [stem for stem in STEMS if stem.encode() in data or stem.split("_")[0].encode() in data]
+    assert b"DOE" not in data and b"ROE" not in data
+
+    before, after = _written_header(calibrated), _written_header(shared)
+    old, new = _scan_records(before), _scan_records(after)
+    assert set(new) == set(old)  # every checksum kept
+    assert sorted(new.values()) == [f"scan {n}" for n in range(1, 6)]  # 3 training volumes, 2 calibration scans
+    assert after["calibration_subjects"] == [new[s["sha256"]] for s in before["recalibration"]["scans"]]
+    assert [s["mask_sha256"] for s in after["recalibration"]["scans"]] == \
+        [s["mask_sha256"] for s in before["recalibration"]["scans"]]
+    assert after["names_removed"] == {"scans": 5}
+    assert after["calibration"] == before["calibration"] and after["recalibration"]["parent"] == \
+        before["recalibration"]["parent"]
+    assert _tensor_bytes(shared) == _tensor_bytes(calibrated) and weights_digest(shared) == weights_digest(calibrated)
+
+    image, mask = make_head(seed=9)
+    results = [detect(image, path, mask, device="cpu") for path in (calibrated, shared)]
+    assert np.array_equal(sitk.GetArrayFromImage(results[0].score), sitk.GetArrayFromImage(results[1].score))
+    assert np.array_equal(sitk.GetArrayFromImage(results[0].labelmap), sitk.GetArrayFromImage(results[1].labelmap))
+    assert results[0].threshold == results[1].threshold
+
+    capsys.readouterr()
+    assert main(["info", str(shared)]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].endswith("; scan names removed for sharing.")
+    assert ("Scan names: removed for sharing (cevae-anomaly share); its 5 scans are called scan 1 to scan 5 in every "
+            "record, each scan's sha256 kept.") in text
+    assert "Calibrated on: 2 healthy scans (scan 4, scan 5)" in text
+    assert model_info(shared)["names_removed"] == {"scans": 5} and model_info(calibrated)["names_removed"] is None
+
+
+def test_share_never_writes_over_its_input_the_bundled_model_or_an_existing_file(calibrated, tmp_path, capsys):
+    before = calibrated.read_bytes()
+    bundled = default_model_path().read_bytes()
+    assert main(["share", str(calibrated), "--out", str(calibrated), "--overwrite"]) == 2
+    assert "is the same file as an input" in capsys.readouterr().err
+    assert main(["share", str(calibrated), "--out", str(default_model_path()), "--overwrite"]) == 2
+    assert "is the bundled default model" in capsys.readouterr().err
+    taken = tmp_path / "taken.cevae"
+    taken.write_bytes(b"someone's file")
+    assert main(["share", str(calibrated), "--out", str(taken)]) == 2
+    assert "exists" in capsys.readouterr().err and taken.read_bytes() == b"someone's file"
+    assert calibrated.read_bytes() == before and default_model_path().read_bytes() == bundled
+    assert main(["share", str(calibrated), "--out", str(taken), "--overwrite"]) == 0
+    assert read_header(taken).extra["names_removed"] == {"scans": 5}
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.cevae"]  # no temporary or lock file left
+
+
+def test_a_copy_calibrated_from_a_shared_copy_does_not_say_its_names_were_removed(calibrated, tmp_path):
+    """Its new calibration scans are named: it is no shareable copy until it is shared itself."""
+    shared = tmp_path / "shared.cevae"
+    main(["share", str(calibrated), "--out", str(shared)])
+    bundle = load_bundle(shared, "cpu")
+    again = recalibrate(bundle, _named_heads(tmp_path)[:1], tmp_path / "again.cevae", bundle.header.score_options,
+                        bundle.header.postprocess)
+    assert model_info(again)["names_removed"] is None
+    assert read_header(again).calibration_names() == [STEMS[0]]
+
+
+def test_share_refuses_a_header_that_holds_a_scan_name_in_a_record_it_does_not_know(calibrated, tmp_path, capsys):
+    from test_untrusted_bundles import rewrite
+
+    edited = tmp_path / "edited.cevae"
+    edited.write_bytes(calibrated.read_bytes())
+    rewrite(edited, lambda h, t: h.__setitem__("notes", {"scanned": [STEMS[1]]}))
+    assert main(["share", str(edited), "--out", str(tmp_path / "shared.cevae")]) == 2
+    assert (f"error: The model's header holds the scan name '{STEMS[1]}' in 'notes.scanned[0]', a record this "
+            "version cannot rename; no shareable copy was written") in capsys.readouterr().err
+    assert not (tmp_path / "shared.cevae").exists()
+
+
+@pytest.mark.parametrize("record", [[], {"scans": -1}, {"scans": 2, "who": "x"}])
+def test_a_model_whose_record_of_removed_names_is_damaged_is_refused(calibrated, tmp_path, record):
+    from test_untrusted_bundles import rewrite
+
+    edited = tmp_path / "edited.cevae"
+    edited.write_bytes(calibrated.read_bytes())
+    rewrite(edited, lambda h, t: h.__setitem__("names_removed", record))
+    with pytest.raises(CeVAEError, match="names_removed"):
+        read_header(edited)
+
+
+def test_an_adapted_model_numbers_each_scan_alike_in_every_record(tiny_bundle, tmp_path):
+    """An adapted model names its site scans in its training record, its adaptation's scans and folds and its
+    calibration; a copy calibrated from it names its calibration scans too: the same scan, by its sha256, is the
+    same number everywhere."""
+    from CeVAEAnomalyLib.training.adapt import adapt
+    from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+
+    adapted = adapt(tiny_bundle, _named_heads(tmp_path), tmp_path / "adapted.cevae",
+                    AdaptOptions(steps=1, batch_size=8, checkpoint_every=1, device="cpu"))
+    bundle = load_bundle(adapted, "cpu")
+    site = recalibrate(bundle, _named_heads(tmp_path)[1:], tmp_path / "site.cevae", bundle.header.score_options,
+                       bundle.header.postprocess)
+    shared = tmp_path / "shared.cevae"
+    assert main(["share", str(site), "--out", str(shared)]) == 0
+    assert not [stem for stem in STEMS if stem.encode() in shared.read_bytes()]
+    header = _written_header(shared)
+    by_sha = {v["sha256"]: v["name"] for v in header["adaptation"]["site_scans"]}
+    assert sorted(by_sha.values()) == ["scan 1", "scan 2"] and header["names_removed"] == {"scans": 2}
+    assert {v["sha256"]: v["name"] for v in header["training"]["subjects"]} == by_sha
+    assert [by_sha[s["sha256"]] for s in header["recalibration"]["scans"]] == header["calibration_subjects"]
+    assert sorted(n for fold in header["adaptation"]["folds"] for n in fold["held_out"]) == ["scan 1", "scan 2"]
+    assert json.dumps(header["adaptation"]["folds"]).count("scan") == 4  # each scan held out once, trained on once
+    assert read_header(shared).calibration_names() == header["calibration_subjects"]
+
+
+def test_the_slicer_logic_writes_a_shareable_copy(calibrated, tmp_path):
+    """The module's logic shares a model as the command line does (in its own words for a refused output)."""
+    pytest.importorskip("slicer")
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    logic = CeVAEAnomalyLogic()
+    out = logic.shareModel(calibrated, tmp_path / "shared.cevae")
+    assert out == tmp_path / "shared.cevae" and read_header(out).extra["names_removed"] == {"scans": 5}
+    assert not [stem for stem in STEMS if stem.encode() in out.read_bytes()]
+    with pytest.raises(CeVAEError, match="pass overwrite=True"):
+        logic.shareModel(calibrated, out)
+    with pytest.raises(CeVAEError, match="cannot replace the bundled model"):
+        logic.shareModel(calibrated, default_model_path(), overwrite=True)
+    with pytest.raises(CeVAEError, match="Choose the model file to share"):
+        logic.shareModel(None, tmp_path / "other.cevae")
