@@ -71,7 +71,8 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
                 step = labelled(scaled(part, 0.3 + 0.7 * k / len(modes), 0.3 + 0.7 * (k + 1) / len(modes)),
                                 f"Scoring{mode}")
                 report(step, 0.0, "starting")
-                scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: ", step))
+                scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: ", step,
+                                                    automatic=s.mask is None))
             tails.append(scan_bright_tail(image, mask))
         out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")

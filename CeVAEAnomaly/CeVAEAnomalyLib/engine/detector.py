@@ -183,13 +183,15 @@ class Detector:
                         "Calibrate on healthy scans).", where, difference)
 
     def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image], score_types: Sequence[str],
-                     where: str = "", progress: Optional[ProgressCallback] = None) -> Dict[str, np.ndarray]:
+                     where: str = "", progress: Optional[ProgressCallback] = None,
+                     automatic: bool = False) -> Dict[str, np.ndarray]:
         """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration;
         ``where`` (e.g. "scan.nii.gz: ") leads the mask's warnings, so that a list of volumes says which one;
-        ``progress`` hears the network's steps (the thorough mode's adaptation takes most of the time)."""
+        ``progress`` hears the network's steps (the thorough mode's adaptation takes most of the time);
+        ``automatic``: ``mask`` is the caller's automatic brain mask (engine/brainmask.py), which warned of itself."""
         checked(progress)
         image = checked_image(image, mask, where)
-        stack, brain = self._prepare(image, mask, None, where)
+        stack, brain = self._prepare(image, mask, None, where, automatic)
         options = [self.score.replace(score_type=t) for t in score_types]
         passes = self._passes([stack, *self._other_stacks(image, brain)], options, progress)
         region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
@@ -224,12 +226,13 @@ class Detector:
                              f"scores are far larger than a trained model's{power}; {cause}.")
         return score
 
-    def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image],
-                 progress: Optional[ProgressCallback], where: str = "") -> Tuple[SliceStack, np.ndarray]:
-        """Model slices of ``image`` and its brain (bool, the input's array order); ``where`` leads the warnings."""
+    def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
+                 where: str = "", automatic: bool = False) -> Tuple[SliceStack, np.ndarray]:
+        """Model slices of ``image`` and its brain (bool, the input's array order); ``where`` leads the warnings.
+        ``automatic``: ``mask`` is an automatic one the caller made (it warned of itself): no given-mask warnings."""
         report(progress, 0.0, "Preparing the volume")
-        given = mask is not None
-        if not given:
+        given = mask is not None and not automatic
+        if mask is None:
             from .brainmask import SCORED_MARGIN_MM, compute_brain_mask
 
             mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2), where=where,
