@@ -47,3 +47,11 @@ def test_calibrating_on_a_partial_scan_with_its_automatic_mask_says_its_coverage
     warned = _warnings(caplog, ["calibrate", str(top), "--out", str(tmp_path / "g.cevae"), *common])
     edge = [w for w in warned if EDGE in w]
     assert len(edge) == 1 and "The brain mask reaches the edge of the image" in edge[0], warned
+
+
+def test_calibrating_a_thorough_mode_too_says_each_scan_s_warnings_once(tiny_bundle, top, tmp_path, caplog):
+    """With a thorough mode (--test-time-steps) each scan is scored in two modes, and each scoring checked the scan
+    again: the given mask's "reaches the edge of the image" was said twice, word for word."""
+    warned = _warnings(caplog, ["calibrate", str(top), "--test-time-steps", "2", "--out", str(tmp_path / "t.cevae"),
+                                "--model", str(tiny_bundle), "--device", "cpu"])
+    assert len([w for w in warned if EDGE in w]) == 1, warned

@@ -66,13 +66,14 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
             if check_contrast:
                 _warn_of_contrast(s, image, mask, model)
             scores = []
-            for k, detector in enumerate(detectors[id(model)]):
+            scan = detectors[id(model)][0].prepared(image, mask, f"{s.image}: ", automatic=s.mask is None)
+            for k, detector in enumerate(detectors[id(model)]):  # each mode scores the scan checked once
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
                 step = labelled(scaled(part, 0.3 + 0.7 * k / len(modes), 0.3 + 0.7 * (k + 1) / len(modes)),
                                 f"Scoring{mode}")
                 report(step, 0.0, "starting")
-                scores.append(detector.brain_scores(image, mask, score_types, f"{s.image}: ", step,
-                                                    automatic=s.mask is None))
+                scores.append(detector.prepared_scores(scan, score_types, step))
+            del scan  # (its model slices: freed before the next scan is read)
             tails.append(scan_bright_tail(image, mask))
         out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")

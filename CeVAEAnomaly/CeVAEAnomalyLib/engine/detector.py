@@ -6,6 +6,7 @@ Every entry point (command line, batch, Slicer module and script, calibration) b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -52,6 +53,17 @@ COMPONENT_ORDER = "summed"
 def slice_map_weight(orientations: int) -> float:
     """Rank-fusion weight of the map part of the slice score, for a map averaged over ``orientations`` slicings."""
     return SLICE_MAP_WEIGHT if orientations <= 1 else SLICE_MAP_WEIGHT_FUSED
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedScan:
+    """A volume checked and sliced once by :meth:`Detector.prepared` (its warnings said then), for the scoring of
+    each mode: the checked image, its brain (bool, the input's array order) and its model slices in each
+    orientation of the detector (axial first)."""
+
+    image: sitk.Image
+    brain: np.ndarray
+    stacks: Tuple[SliceStack, ...]
 
 
 class Detector:
@@ -190,10 +202,24 @@ class Detector:
         ``progress`` hears the network's steps (the thorough mode's adaptation takes most of the time);
         ``automatic``: ``mask`` is the caller's automatic brain mask (engine/brainmask.py), which warned of itself."""
         checked(progress)
+        return self.prepared_scores(self.prepared(image, mask, where, automatic), score_types, progress)
+
+    def prepared(self, image: sitk.Image, mask: Optional[sitk.Image], where: str = "",
+                 automatic: bool = False) -> PreparedScan:
+        """The volume checked and sliced for :meth:`prepared_scores`, its warnings said (once, however many modes
+        score it); ``where`` and ``automatic`` as :meth:`brain_scores` takes them."""
         image = checked_image(image, mask, where)
         stack, brain = self._prepare(image, mask, None, where, automatic)
+        return PreparedScan(image, brain, (stack, *self._other_stacks(image, brain)))
+
+    def prepared_scores(self, scan: PreparedScan, score_types: Sequence[str],
+                        progress: Optional[ProgressCallback] = None) -> Dict[str, np.ndarray]:
+        """:meth:`brain_scores` of a volume :meth:`prepared` by a detector of this model and orientations (this one, or
+        that of another mode: other test-time steps), without checking it again."""
+        checked(progress)
+        image, brain = scan.image, scan.brain
         options = [self.score.replace(score_type=t) for t in score_types]
-        passes = self._passes([stack, *self._other_stacks(image, brain)], options, progress)
+        passes = self._passes(scan.stacks, options, progress)
         region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
         inside = brain[region]
         asym = self._asymmetry(image, inside, region)  # the same for every score type: computed once
