@@ -55,3 +55,13 @@ def test_calibrating_a_thorough_mode_too_says_each_scan_s_warnings_once(tiny_bun
     warned = _warnings(caplog, ["calibrate", str(top), "--test-time-steps", "2", "--out", str(tmp_path / "t.cevae"),
                                 "--model", str(tiny_bundle), "--device", "cpu"])
     assert len([w for w in warned if EDGE in w]) == 1, warned
+
+
+def test_calibration_s_automatic_mask_warnings_name_the_scan(tiny_bundle, top, tmp_path, caplog):
+    """calibrate's automatic masks warned without saying of which healthy scan ("The automatic brain mask reaches the
+    edge of the image ..."): Slicer's status line, which shows the warnings only, left the user to guess which of the
+    volumes it was; the detector's warnings about the same scan name it."""
+    warned = _warnings(caplog, ["calibrate", str(top / "top.nii.gz"), "--out", str(tmp_path / "n.cevae"), "--model",
+                                str(tiny_bundle), "--device", "cpu"])
+    edge = [w for w in warned if EDGE in w]
+    assert edge and all(w.startswith(f"{top / 'top.nii.gz'}: The automatic brain mask") for w in edge), warned
