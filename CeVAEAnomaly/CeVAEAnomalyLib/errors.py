@@ -1,5 +1,7 @@
-"""The one exception type for problems a user can act on, and how error messages become one line."""
+"""The one exception type for problems a user can act on, how error messages become one line, and the words in which
+they tell the caller's user what to do."""
 import re
+from dataclasses import dataclass
 
 
 class CeVAEError(Exception):
@@ -27,3 +29,18 @@ def out_of_memory(exc: BaseException) -> bool:
     failed = ("can't allocate memory", "out of memory")
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
         isinstance(exc, RuntimeError) and any(words in str(exc) for words in failed))
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How the caller's user does what the messages of a long run (train, adapt) advise, in the caller's words: the
+    command line's by default; the Slicer panel gives its own controls (slicer.worker.PANEL_WORDING)."""
+
+    stop: str = "Ctrl-C"  # stop the run now
+    resume: str = "run again with --resume"  # go on from the last checkpoint
+    resume_request: str = "--resume"  # the user's request to resume, as "... was given" and "... refused:" name it
+    start_anew: str = "start anew with --overwrite instead of --resume"  # leave the checkpoint a resume refused
+    same_model: str = "Resume with the same --channels, --z-dim and --input-size"  # the checkpoint's architecture
+
+
+COMMAND_LINE = Wording()

@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from ..errors import CeVAEError, out_of_memory
+from ..errors import CeVAEError, Wording, out_of_memory
 from ..io import strict_json
 from ..options import THOROUGH_STEPS, DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
@@ -59,9 +59,15 @@ LOG_FORMAT = "%(levelname)s: %(message)s"  # its warnings start with jobs.WARNIN
 EXIT_ABANDONED = 3
 ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
 PANEL_CPU_CHOICE = "choose CPU or Automatic in the Device selector"  # (engine.devices.DeviceUnavailable)
-PANEL_STOP = "press Cancel"  # how the panel's user stops a run (training.adapt's warnings say it)
-# how the panel's user resumes an adaptation from its checkpoints (training.adapt's errors that keep them say it)
-PANEL_RESUME = "press Adapt again with the same volumes and file name and choose to resume (it asks first)"
+# how the panel's user stops, resumes or starts anew an adaptation, with the panel's controls (Cancel; Adapt, which
+# asks Yes: resume, No: start anew, when the file's interrupted adaptation has checkpoints; Model), as
+# training.adapt's warnings and errors say it
+PANEL_WORDING = Wording(
+    stop="press Cancel",
+    resume="press Adapt again with the same volumes and file name and choose to resume (it asks first)",
+    resume_request="Resume",
+    start_anew="press Adapt again and answer No (start anew) when it asks whether to resume",
+    same_model="Choose the model that adaptation started from (Use bundled model, or Model bundle) and resume")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":
@@ -153,7 +159,7 @@ def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any
                             overwrite=bool(task.get("overwrite")))
     try:
         path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress,
-                     how_to_stop=PANEL_STOP, how_to_resume=PANEL_RESUME)
+                     wording=PANEL_WORDING)
     except DeviceUnavailable as exc:  # said in the panel's words, not the command line's
         raise exc.offering(PANEL_CPU_CHOICE) from None
     return {"model": str(path), "subjects": len(subjects)}

@@ -24,7 +24,7 @@ from ..engine.calibration import calibrated_test_time_steps
 from ..engine.devices import resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
-from ..errors import CeVAEError
+from ..errors import COMMAND_LINE, CeVAEError, Wording
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output, refuse_if_held
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names, unknown_persons_note
@@ -49,13 +49,13 @@ PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated shar
 
 def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOptions = AdaptOptions(),
           progress: Optional[ProgressCallback] = None, inputs: Sequence[Optional[Path]] = (),
-          how_to_stop: str = "Ctrl-C", how_to_resume: str = "run again with --resume") -> Path:
+          wording: Wording = COMMAND_LINE) -> Path:
     """Fine-tune the bundle ``base`` on the healthy ``subjects`` of a site and write the calibrated bundle ``out``.
 
     ``inputs``: other files the caller read (a manifest), which no output may replace. ``progress``
     may raise :class:`~..progress.Cancelled`; the checkpoints written so far are kept for ``resume``.
-    ``how_to_stop``: how the caller's user stops the run, for a warning that advises stopping (Slicer: "Cancel");
-    ``how_to_resume``: how they resume it, for the errors that keep its last checkpoint to resume from.
+    ``wording``: the caller's words for how its user stops, resumes or starts the run anew, for the warnings and
+    errors that advise it (Slicer's: slicer.worker.PANEL_WORDING).
     """
     options.validate()
     checked(progress)
@@ -85,7 +85,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     note = unknown_persons_note(subjects)
     if note:
         log.info("%s", note)
-    _warn_of_mixed_acquisitions(subjects, how_to_stop)
+    _warn_of_mixed_acquisitions(subjects, wording.stop)
     modes = _adaptable_modes(calibrated_test_time_steps(header.calibration), base)  # the parent's, calibrated again
     thorough = len([steps for steps in modes if steps > 0])
     device = resolve_device(options.device, strict=True)  # what the runs use: a missing GPU is refused before any run
@@ -105,7 +105,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     for cfg in configs.values():
         cfg.check_outputs((), options.overwrite)
     if options.resume and not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
-        raise CeVAEError(f"--resume was given but there is no checkpoint of an adaptation to {out} "
+        raise CeVAEError(f"{wording.resume_request} was given but there is no checkpoint of an adaptation to {out} "
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")
     if options.resume and finished:
         raise CeVAEError(f"The adaptation to {out} is complete (its model file is written); there is nothing to "
@@ -123,7 +123,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         if options.overwrite and not options.resume:  # the scans are usable: the earlier runs' files go now
             _remove_earlier_runs(out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, options.resume,
-                                            training_part)
+                                            training_part, wording)
         calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
@@ -136,7 +136,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                        "without it", final.device, half=False, scorers=scorers,
                        progress=_timed(labelled(scaled(progress, 1.0 - calibrate_share, 1.0 - WRITE_SHARE),
                                                 "Calibrating"), calibrating_pace, len(subjects), calibration_left),
-                       test_time_steps=modes, checksums=checksums, how_to_resume=how_to_resume)
+                       test_time_steps=modes, checksums=checksums, wording=wording)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
@@ -164,12 +164,13 @@ def compared_with_parent(parent: BundleHeader, name: str) -> str:
 
 
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
-               header: BundleHeader, base: Bundle, cache: Path, resume: bool,
-               progress: Optional[ProgressCallback]) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+               header: BundleHeader, base: Bundle, cache: Path, resume: bool, progress: Optional[ProgressCallback],
+               wording: Wording) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
     ``base``: the models by run, the final run's trainer and the seconds the folds spent training, in this session
     and before a resume, and the final run in this session. A run whose checkpoint exists resumes from it. The steps'
-    progress messages end with the measured pace and the time left (:class:`~.adapt_plan.Pace`)."""
+    progress messages end with the measured pace and the time left (:class:`~.adapt_plan.Pace`); their errors say what
+    to do in ``wording``."""
     start = base.model.state_dict()
     steps = configs["final"].max_steps
     pace = Pace(len(runs) * steps, TIMED_STEPS)
@@ -189,7 +190,7 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         timed = _timed(labelled(scaled(progress, begin, begin + share), title), pace, steps, fine_tuning_left,
                        n * steps)
         return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], base.preprocess, timed,
-                       start_weights=start)
+                       start_weights=start, wording=wording)
 
     # every checkpoint the resume continues from is checked first: one of another run (a final checkpoint of another
     # adaptation) is refused before any fold trains, not after all of them

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import CeVAEError
+from ..errors import COMMAND_LINE, CeVAEError, Wording
 from ..io.atomic import atomic_path
 from ..io.manifest import Subject
 from .config import LOG_HEADER, RESUME_MAY_CHANGE
@@ -81,7 +81,6 @@ def _reason(exc: BaseException) -> str:
     return "the file could not be written completely (disk full or a file-size limit?)"
 
 
-_START_ANEW = "start anew with --overwrite instead of --resume"
 # what a checkpoint holds besides its version, configuration and identity: key -> (type, what it must be)
 _FIELDS: Dict[str, Tuple[type, str]] = {
     "model": (dict, "the weights"), "opt": (dict, "the optimiser state"), "step": (int, "a step count"),
@@ -91,18 +90,21 @@ _FIELDS: Dict[str, Tuple[type, str]] = {
 }
 
 
-def damaged(path: Path, why: str) -> CeVAEError:
-    """The error for a checkpoint that is not one this program wrote, or no longer whole."""
+def damaged(path: Path, why: str, wording: Wording = COMMAND_LINE) -> CeVAEError:
+    """The error for a checkpoint that is not one this program wrote, or no longer whole (``wording``: the caller's
+    words for starting anew)."""
     return CeVAEError(f"The checkpoint {path} is damaged or not a CeVAEAnomaly checkpoint ({why}); it was not "
-                      f"loaded. Remove it, or {_START_ANEW}.")
+                      f"loaded. Remove it, or {wording.start_anew}.")
 
 
-def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = "") -> Dict[str, Any]:
-    """The state saved at ``path`` for a model of configuration ``model_cfg``, its fields checked."""
+def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = "",
+                    wording: Wording = COMMAND_LINE) -> Dict[str, Any]:
+    """The state saved at ``path`` for a model of configuration ``model_cfg``, its fields checked; a refusal says
+    what to do in ``wording``."""
     if not path.is_file():
-        raise CeVAEError(f"--resume was given but there is no checkpoint at {path}{shared_hint}.")
+        raise CeVAEError(f"{wording.resume_request} was given but there is no checkpoint at {path}{shared_hint}.")
     if path.stat().st_size == 0:
-        raise damaged(path, "the file is empty")
+        raise damaged(path, "the file is empty", wording)
     try:
         with warnings.catch_warnings():  # torch's warnings about what it refuses to unpickle
             warnings.simplefilter("ignore")
@@ -110,39 +112,38 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():  # weights_only refused to import a name: an object, not tensors or data
             raise damaged(path, "it holds objects other than tensors and plain data, which are never "
-                                "unpickled") from None
-        raise damaged(path, "it cannot be read as a checkpoint: UnpicklingError") from None
+                                "unpickled", wording) from None
+        raise damaged(path, "it cannot be read as a checkpoint: UnpicklingError", wording) from None
     except Exception as exc:  # noqa: BLE001 - truncated zip, random bytes, a bundle renamed: torch's many types
-        raise damaged(path, f"it cannot be read as a checkpoint: {type(exc).__name__}") from None
+        raise damaged(path, f"it cannot be read as a checkpoint: {type(exc).__name__}", wording) from None
     if not isinstance(state, dict):
-        raise damaged(path, f"it holds a {type(state).__name__}, not a checkpoint's fields")
-    _check_digest(state, path)
+        raise damaged(path, f"it holds a {type(state).__name__}, not a checkpoint's fields", wording)
+    _check_digest(state, path, wording)
     for key in ("version", "model_cfg", "run", "parts"):  # compared with this run's, shown and walked as plain data
         if not _is_plain(state.get(key)):
-            raise damaged(path, f"its field {key!r} holds other than plain data")
+            raise damaged(path, f"its field {key!r} holds other than plain data", wording)
     version = state.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by a newer version of CeVAEAnomaly (checkpoint format "
                          f"{version}; this one reads {CHECKPOINT_VERSION}); update CeVAEAnomaly to resume it.")
     problem = _identity_problem(state.get("run")) or _parts_problem(state.get("parts"))
     if problem:
-        raise damaged(path, problem)
+        raise damaged(path, problem, wording)
     if version != CHECKPOINT_VERSION:
         raise CeVAEError(f"The checkpoint {path} was written by another version of CeVAEAnomaly, which does not "
-                         f"record what defines its run; {_START_ANEW}.")
+                         f"record what defines its run; {wording.start_anew}.")
     if state.get("model_cfg") != model_cfg:
         saved = state.get("model_cfg") if isinstance(state.get("model_cfg"), Mapping) else {}
         differences = "; ".join(f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)"
                                 for key, was, now in _changed_options(saved, model_cfg)) or "unreadable"
-        raise CeVAEError(f"--resume refused: the checkpoint {path} holds a model of another architecture: "
-                         f"{differences}. Resume with the same --channels, --z-dim and --input-size, or "
-                         f"{_START_ANEW}.")
+        raise CeVAEError(f"{wording.resume_request} refused: the checkpoint {path} holds a model of another "
+                         f"architecture: {differences}. {wording.same_model}, or {wording.start_anew}.")
     for key, (kind, what) in _FIELDS.items():
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise damaged(path, f"its field {key!r} is not {what}")
+            raise damaged(path, f"its field {key!r} is not {what}", wording)
         if kind is int and value < (1 if key in ("batch_size", "world") else 0):
-            raise damaged(path, f"its field {key!r} is {value}")
+            raise damaged(path, f"its field {key!r} is {value}", wording)
     return state
 
 
@@ -203,7 +204,7 @@ def _parts_problem(parts: Any) -> Optional[str]:
             "a batch size)")
 
 
-def _check_digest(state: Dict[str, Any], path: Path) -> None:
+def _check_digest(state: Dict[str, Any], path: Path, wording: Wording) -> None:
     """Refuse a checkpoint whose content differs from the digest written with it (one written by an earlier
     release has none, and is checked field by field only)."""
     if DIGEST_KEY not in state:
@@ -213,7 +214,7 @@ def _check_digest(state: Dict[str, Any], path: Path) -> None:
     except (RecursionError, RuntimeError, TypeError, ValueError):  # nested too deeply, or a tensor numpy cannot view
         same = False
     if not same:
-        raise damaged(path, "its content does not match the checksum written with it")
+        raise damaged(path, "its content does not match the checksum written with it", wording)
 
 
 def optimizer_problem(opt: torch.optim.Optimizer, saved: Any) -> Optional[str]:
@@ -281,10 +282,12 @@ def run_identity(options: Mapping[str, Any], train: Sequence[Subject], validatio
     return {"options": _plain(dict(options)), "train": volumes(train), "validation": volumes(validation)}
 
 
-def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], path: Path) -> None:
-    """Refuse to resume from the checkpoint at ``path`` a run whose identity differs; name what differs."""
+def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], path: Path,
+                   wording: Wording = COMMAND_LINE) -> None:
+    """Refuse to resume from the checkpoint at ``path`` a run whose identity differs; name what differs, and say what
+    to do in ``wording``."""
     if saved is None:
-        raise CeVAEError(f"The checkpoint {path} does not record what defines its run; {_START_ANEW}.")
+        raise CeVAEError(f"The checkpoint {path} does not record what defines its run; {wording.start_anew}.")
     options = _base_by_content(saved["options"], current["options"])
     # what a resume may change now but an earlier version recorded as the run's (a train run's batch size)
     options = {k: v for k, v in options.items() if k in current["options"] or k not in RESUME_MAY_CHANGE}
@@ -300,9 +303,9 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
     for role in ("train", "validation"):
         differences += _changed_volumes(role, saved[role], current[role])
     if differences:
-        raise CeVAEError(f"--resume refused: the checkpoint {path} belongs to another run: "
-                         f"{'; '.join(differences)}. Resume with the same volumes and options, or start "
-                         "anew with --overwrite.")
+        raise CeVAEError(f"{wording.resume_request} refused: the checkpoint {path} belongs to another run: "
+                         f"{'; '.join(differences)}. Resume with the same volumes and options, or "
+                         f"{wording.start_anew}.")
 
 
 def _base_by_content(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Mapping[str, Any]:

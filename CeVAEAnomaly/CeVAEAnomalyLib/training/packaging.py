@@ -20,7 +20,7 @@ from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.header import BundleHeader
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
-from ..errors import CeVAEError
+from ..errors import COMMAND_LINE, CeVAEError, Wording
 from ..io.checksum import refuse_changed
 from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
@@ -112,14 +112,14 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
             device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
             progress: Optional[ProgressCallback] = None, test_time_steps: Sequence[int] = (),
-            checksums: Optional[Mapping[Path, str]] = None, how_to_resume: str = "run again with --resume") -> Path:
+            checksums: Optional[Mapping[Path, str]] = None, wording: Wording = COMMAND_LINE) -> Path:
     """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i; ``test_time_steps``:
     thorough modes calibrated too: see engine.calibrate.calibrate_model), then write the bundle once.
 
     ``checksums``: the sha256 of every image and mask, taken before the run first read them, which ``header`` records;
     a calibration scan that no longer has that content once scored is refused (io.checksum.refuse_changed) and nothing
-    is written. None: ``header`` records no checksums (a benchmark's fold model). ``how_to_resume``: how the caller's
-    user resumes the run from its last checkpoint, for the errors that keep it (Slicer: press Adapt again)."""
+    is written. None: ``header`` records no checksums (a benchmark's fold model). ``wording``: the caller's words
+    for how its user resumes the run from its last checkpoint, for the errors that keep it."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
@@ -129,9 +129,9 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     if checksums is not None:  # the scans scored are those the record names
         refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums,
                        "the trained weights are in the last checkpoint: with the scan as it was when the run began, "
-                       f"{how_to_resume} to write the model (the run's record holds each scan's checksum; with the new "
-                       "content the run starts over).")
-    then = f"The last checkpoint is kept; free some space and {how_to_resume}."
+                       f"{wording.resume} to write the model (the run's record holds each scan's checksum; with the "
+                       "new content the run starts over).")
+    then = f"The last checkpoint is kept; free some space and {wording.resume}."
     try:
         return save_bundle(out, model, replace(header, calibration=calibration), half=half)
     except CeVAEError as exc:  # could not write (disk full): the temporary file is removed, nothing is published

@@ -28,7 +28,7 @@ from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
 from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
-from ..errors import CeVAEError
+from ..errors import COMMAND_LINE, CeVAEError, Wording
 from ..io.atomic import remove_stale_temporaries, write_all
 from ..io.checksum import sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
@@ -184,11 +184,14 @@ class Trainer:
         preprocess: Optional[PreprocessConfig] = None,
         progress: Optional[ProgressCallback] = None,
         start_weights: Optional[Mapping[str, torch.Tensor]] = None,
+        wording: Wording = COMMAND_LINE,
     ) -> None:
         """``start_weights``: those of ``cfg.init_from``, already loaded and checked (adapt loads its base model once
-        for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file."""
+        for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file.
+        ``wording``: the caller's words for what its errors advise (resuming, starting anew)."""
         cfg.validate()
         self.cfg = cfg
+        self.wording = wording
         self.progress = checked(progress)
         self.pre = preprocess or PreprocessConfig(input_size=cfg.model.input_size)
         if self.pre.input_size != cfg.model.input_size:
@@ -417,9 +420,9 @@ class Trainer:
         if self._resume_state is None:
             path = self.cfg.checkpoint_path
             hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
-            state = read_checkpoint(path, self.cfg.model.to_dict(), hint)
+            state = read_checkpoint(path, self.cfg.model.to_dict(), hint, self.wording)
             self._follow_checkpoint_order(state.get("run"), path)
-            check_same_run(state.get("run"), self.run_identity(), path)
+            check_same_run(state.get("run"), self.run_identity(), path, self.wording)
             step = state.get("step")
             if isinstance(step, int) and step > self.cfg.max_steps:  # the run would end at the checkpoint's step
                 raise CeVAEError(f"--resume refused: the checkpoint {path} is at step {step}, past --max-steps "
@@ -460,7 +463,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             problem = optimizer_problem(self.opt, state["opt"])
             if problem:
-                raise damaged(path, f"its optimiser state does not fit this run: {problem}")
+                raise damaged(path, f"its optimiser state does not fit this run: {problem}", self.wording)
             self.opt.load_state_dict(state["opt"])
             others = state.get("rank_streams")  # (earlier checkpoints held rank 0's alone)
             fits = isinstance(others, list) and len(others) == self.dist.world - 1
@@ -470,7 +473,8 @@ class Trainer:
                 torch.set_rng_state(own["torch_rng"])
                 _set_device_rng(self.device, own.get("device_rng"))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-            raise damaged(path, f"its weights or states do not fit this run: {type(exc).__name__}") from None
+            raise damaged(path, f"its weights or states do not fit this run: {type(exc).__name__}",
+                          self.wording) from None
         parts = state.get("parts")
         self.parts = list(parts) if isinstance(parts, list) and all(isinstance(p, dict) for p in parts) else [
             {"from_step": 0, "lr": self.opt.param_groups[0]["lr"], "ranks": state.get("world", 1)}]  # (earlier)
@@ -661,7 +665,7 @@ class Trainer:
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle,
-                       checksums=self.checksums)
+                       checksums=self.checksums, wording=self.wording)
 
 
 def _warn_of_rewritten_repeats(axial: Sequence[Tuple[Subject, Entry]], trained: int) -> None:

@@ -1,0 +1,75 @@
+"""The errors an adaptation started from Slicer's Adapt panel (its worker's run_adapt) can end with say what to do with
+the panel's controls, not with command-line flags the panel has not (--resume, --overwrite, --channels)."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.manifest import Subject
+from CeVAEAnomalyLib.slicer.worker import run_adapt
+from CeVAEAnomalyLib.training.config import TrainConfig
+from CeVAEAnomalyLib.training.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+START_ANEW = "press Adapt again and answer No (start anew) when it asks whether to resume"  # the panel's dialog
+
+
+@pytest.fixture
+def panel_task(tmp_path) -> Dict[str, Any]:
+    """A worker request of the panel's to resume an adaptation of two site scans (Colin27 at 2 mm, shipped with the
+    package, and a noisy copy) to site.cevae, without the model (each test adds it)."""
+    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    copies = [tmp_path / "01_scan.nii.gz", tmp_path / "02_scan.nii.gz"]
+    shutil.copyfile(data_path("colin27_t1_2mm.nii.gz"), copies[0])
+    array = sitk.GetArrayFromImage(t1)
+    noisy = sitk.GetImageFromArray(array + np.random.default_rng(0).normal(0, 0.03 * array.max(), array.shape))
+    noisy.CopyInformation(t1)
+    sitk.WriteImage(noisy, str(copies[1]))
+    mask = data_path("colin27_brainmask_2mm.nii.gz")
+    return {"out": str(tmp_path / "site.cevae"), "device": "cpu",
+            "options": {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "resume": True},
+            "subjects": [{"image": str(p), "mask": str(mask), "name": p.stem} for p in copies]}
+
+
+def checkpoint_of_another_run(base: Path, task: Dict[str, Any], change: Dict[str, Any]) -> None:
+    """Write, where the final run of ``task``'s adaptation keeps its checkpoint, one of a training run of ``base``'s
+    architecture (its fields in ``change`` changed) on the same scans."""
+    bundle = load_bundle(base, "cpu")
+    subjects = [Subject(Path(s["image"]), Path(s["mask"])) for s in task["subjects"]]
+    cfg = TrainConfig(out=Path(task["out"]), model=replace(bundle.header.model, **change), batch_size=8, max_steps=4,
+                      checkpoint_every=2, device="cpu")
+    Trainer(cfg, subjects, bundle.preprocess).save_checkpoint()
+
+
+def damaged_checkpoint(base: Path, task: Dict[str, Any], change: Dict[str, Any]) -> None:
+    Path(f"{task['out']}.ckpt").write_bytes(b"not a checkpoint")
+
+
+@pytest.mark.parametrize("make,change,said", [
+    (checkpoint_of_another_run, {}, "belongs to another run"),
+    (checkpoint_of_another_run, {"z_dim": 8}, "holds a model of another architecture"),
+    (damaged_checkpoint, {}, "is damaged or not a CeVAEAnomaly checkpoint"),
+])
+def test_a_resume_the_checkpoint_refuses_says_what_to_do_in_the_panels_words(
+        tiny_bundle, panel_task, make: Callable[..., None], change: Dict[str, Any], said: str):
+    """Resuming (Yes when Adapt asked) from a checkpoint of another run, of another model or damaged told the panel's
+    user to "start anew with --overwrite instead of --resume" or to resume "with the same --channels, --z-dim and
+    --input-size"."""
+    make(tiny_bundle, dict(panel_task, model=str(tiny_bundle)), change)
+    messages: List[str] = []
+    with pytest.raises(CeVAEError) as refused:
+        run_adapt(dict(panel_task, model=str(tiny_bundle)), lambda fraction, message: messages.append(message))
+    text = str(refused.value)
+    assert said in text and text.endswith(f"{START_ANEW}."), text
+    assert "--" not in text, text
+    assert not [m for m in messages if m.startswith("Fine-tuning") and "step" in m]  # refused before any run trained
+
