@@ -41,6 +41,7 @@ class Wording:
     resume_request: str = "--resume"  # the user's request to resume, as "... was given" and "... refused:" name it
     start_anew: str = "start anew with --overwrite instead of --resume"  # leave the checkpoint a resume refused
     same_model: str = "Resume with the same --channels, --z-dim and --input-size"  # the checkpoint's architecture
+    less_memory: str = "use a smaller --input-size or --channels, or another device"  # out of memory at batch size 1
 
 
 COMMAND_LINE = Wording()

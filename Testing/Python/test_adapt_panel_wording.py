@@ -10,17 +10,23 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
+import CeVAEAnomalyLib.training.trainer as trainer_mod
 from CeVAEAnomalyLib.data import data_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
+from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.manifest import Subject
-from CeVAEAnomalyLib.slicer.worker import run_adapt
+from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt
 from CeVAEAnomalyLib.training.config import TrainConfig
 from CeVAEAnomalyLib.training.trainer import Trainer
+from conftest import write_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 START_ANEW = "press Adapt again and answer No (start anew) when it asks whether to resume"  # the panel's dialog
+RESUME = "press Adapt again with the same volumes and file name and choose to resume (it asks first)"
+EVERY = 2  # steps between checkpoints
 
 
 @pytest.fixture
@@ -73,3 +79,46 @@ def test_a_resume_the_checkpoint_refuses_says_what_to_do_in_the_panels_words(
     assert "--" not in text, text
     assert not [m for m in messages if m.startswith("Fine-tuning") and "step" in m]  # refused before any run trained
 
+
+@pytest.fixture
+def panel_trainer(tmp_path) -> Trainer:
+    """A fine-tuning run of a tiny model on two synthetic heads, with the panel's wording (as adapt gives its runs)."""
+    cfg = TrainConfig(out=tmp_path / "site.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16), batch_size=8,
+                      max_steps=3 * EVERY, checkpoint_every=EVERY, device="cpu", val_fraction=0.0)
+    return Trainer(cfg, write_heads(tmp_path), wording=PANEL_WORDING)
+
+
+def test_out_of_memory_at_batch_size_one_says_what_to_do_in_the_panels_words(panel_trainer):
+    """It told the panel's user to "use a smaller --input-size or --channels": an adaptation has the architecture of
+    the model it starts from, and the panel has neither."""
+    def out_of_memory(batch: torch.Tensor) -> Dict[str, float]:
+        raise RuntimeError("CUDA out of memory")
+
+    panel_trainer.batch_size = 1
+    with pytest.raises(CeVAEError) as refused:
+        panel_trainer.step_with_oom_retry(torch.arange(8), out_of_memory)
+    text = str(refused.value)
+    assert text.startswith("Out of memory even with batch size 1 on cpu; ") and "Device selector" in text, text
+    assert "--" not in text, text
+
+
+def test_a_full_disk_at_a_log_row_says_how_to_resume_in_the_panels_words(panel_trainer, monkeypatch):
+    """It told the panel's user to "run again with --resume to go on from" the checkpoint it kept."""
+    real_writer = trainer_mod.csv.writer
+
+    class FullAfterCheckpoint:
+        def __init__(self, f):
+            self.inner = real_writer(f)
+
+        def writerow(self, row):
+            if isinstance(row[0], int) and row[0] > EVERY:
+                raise OSError(28, "No space left on device")
+            return self.inner.writerow(row)
+
+    monkeypatch.setattr(trainer_mod.csv, "writer", FullAfterCheckpoint)
+    with pytest.raises(CeVAEError) as refused:
+        panel_trainer.fit()
+    text = str(refused.value)
+    assert f"The last good checkpoint (step {2 * EVERY}) is kept" in text, text  # (written before its step's row)
+    assert text.endswith(f"Free some space, then {RESUME} to go on from it."), text
+    assert "--" not in text, text

@@ -60,14 +60,15 @@ EXIT_ABANDONED = 3
 ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
 PANEL_CPU_CHOICE = "choose CPU or Automatic in the Device selector"  # (engine.devices.DeviceUnavailable)
 # how the panel's user stops, resumes or starts anew an adaptation, with the panel's controls (Cancel; Adapt, which
-# asks Yes: resume, No: start anew, when the file's interrupted adaptation has checkpoints; Model), as
+# asks Yes: resume, No: start anew, when the file's interrupted adaptation has checkpoints; Model; Device), as
 # training.adapt's warnings and errors say it
 PANEL_WORDING = Wording(
     stop="press Cancel",
     resume="press Adapt again with the same volumes and file name and choose to resume (it asks first)",
     resume_request="Resume",
     start_anew="press Adapt again and answer No (start anew) when it asks whether to resume",
-    same_model="Choose the model that adaptation started from (Use bundled model, or Model bundle) and resume")
+    same_model="Choose the model that adaptation started from (Use bundled model, or Model bundle) and resume",
+    less_memory="close other programs that use its memory, or choose another device in the Device selector")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":

@@ -188,7 +188,7 @@ class Trainer:
     ) -> None:
         """``start_weights``: those of ``cfg.init_from``, already loaded and checked (adapt loads its base model once
         for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file.
-        ``wording``: the caller's words for what its errors advise (resuming, starting anew)."""
+        ``wording``: the caller's words for what its errors advise (resuming, starting anew, using less memory)."""
         cfg.validate()
         self.cfg = cfg
         self.wording = wording
@@ -324,8 +324,8 @@ class Trainer:
                 if not _is_oom(exc):
                     raise
                 if self.batch_size <= 1:
-                    raise CeVAEError(f"Out of memory even with batch size 1 on {self.device}; use a smaller "
-                                     "--input-size or --channels, or another device.") from None
+                    raise CeVAEError(f"Out of memory even with batch size 1 on {self.device}; "
+                                     f"{self.wording.less_memory}.") from None
                 if self.dist.world > 1:  # ranks cannot shrink their batches independently
                     resume = "" if self.saved_step is None else " and --resume"
                     raise CeVAEError(f"Out of memory on rank {self.dist.rank} with batch size {self.batch_size} "
@@ -364,8 +364,8 @@ class Trainer:
         return f"The last good checkpoint (step {self.saved_step}) is kept at {self.cfg.checkpoint_path}."
 
     def _after_log_failure(self) -> str:
-        resume = "" if self.saved_step is None else " with --resume to go on from it"
-        return f"{self._last_good()} Free some space, then run again{resume}."
+        then = "run again" if self.saved_step is None else f"{self.wording.resume} to go on from it"
+        return f"{self._last_good()} Free some space, then {then}."
 
     def save_checkpoint(self) -> None:
         """Every rank: gather the ranks' random streams (a collective), then rank 0 writes the resumable state."""
