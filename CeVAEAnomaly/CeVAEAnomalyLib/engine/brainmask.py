@@ -138,7 +138,8 @@ def _mask_in_order(given: sitk.Image, reorder: bool, template_dir: Optional[Path
     foreground = sitk.GetArrayViewFromImage(intensities) > background  # a new array, not a view
     mask = intensities > background if _looks_stripped(intensities, small, background) else None
     del intensities  # (a reordered copy of the scan) not held while the template is registered, warped and cleaned
-    if mask is not None:
+    stripped = mask is not None
+    if stripped:
         logger.info("Input looks skull-stripped: its foreground is the brain mask")
     else:
         _check_extent(given)
@@ -151,7 +152,7 @@ def _mask_in_order(given: sitk.Image, reorder: bool, template_dir: Optional[Path
     report(progress, 0.9, "Cleaning brain mask")
     mask = _largest_filled_component(mask)
     _check_volume(mask, where)
-    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, foreground, where)
+    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, foreground, stripped, where)
     report(progress, 1.0, "Brain mask done")
     return mask
 
@@ -573,19 +574,26 @@ def _largest_filled_component(mask: sitk.Image) -> sitk.Image:
     return largest
 
 
-def _check_fit(mask: np.ndarray, foreground: np.ndarray, where: str = "") -> None:
+def _check_fit(mask: np.ndarray, foreground: np.ndarray, stripped: bool, where: str = "") -> None:
     """Warn (led by ``where``) where the automatic mask cannot be trusted: much of it outside the head (the template
     did not register: an unusual pose or header, two heads), or reaching the image's edge (a partial field of view,
-    where a registered template may hold more than the brain)."""
+    where a registered template may hold more than the brain). ``stripped``: the mask is a skull-stripped scan's own
+    foreground, so reaching the edge says only that the scan may cover part of the brain."""
     outside = float(np.mean(~foreground[mask]))
     if outside > _MAX_MASK_OUTSIDE_HEAD:
         logger.warning("%sThe automatic brain mask fits the image poorly: %.0f %% of it lies outside the head (an "
                        "unusual head position or header?); check it, or give a brain mask.", where, 100 * outside)
     edge = _edge_share(mask)
-    if edge > _MAX_MASK_ON_EDGE:
+    if edge <= _MAX_MASK_ON_EDGE:
+        return
+    if stripped:
+        logger.warning("%sThe automatic brain mask reaches the edge of the image (%.0f %% of its border): the "
+                       "skull-stripped scan may cover part of the brain only; its mask is its foreground (no template "
+                       "was registered); check the scan's coverage.", where, 100 * edge)
+    else:
         logger.warning("%sThe automatic brain mask reaches the edge of the image (%.0f %% of its border): the scan "
-                       "covers part of the head, and the mask may hold more than the brain; check it, or give a "
-                       "brain mask.", where, 100 * edge)
+                       "covers part of the head, and the template registered to it may put more than the brain in "
+                       "the mask; check it, or give a brain mask.", where, 100 * edge)
 
 
 def _check_volume(mask: sitk.Image, where: str = "") -> None:
