@@ -40,3 +40,25 @@ def test_a_partial_skull_stripped_scan_is_not_said_to_hold_more_than_the_brain(u
     assert "skull-stripped scan may cover part of the brain only" in stripped[0], stripped
     head = [w for w in _said(caplog, upper_parts["head"]) if EDGE in w]
     assert len(head) == 1 and "the template registered to it may put more than the brain in the mask" in head[0]
+
+
+def test_preparing_a_cohort_s_mask_less_partial_scans_names_each_in_its_automatic_mask_s_words(upper_parts,
+                                                                                             tmp_path, caplog):
+    """train, prepare and adapt mask their mask-less scans through given_or_computed_mask, which passed no name to
+    the automatic mask: "The automatic brain mask reaches the edge of the image ..." and "Input looks
+    skull-stripped ..." named no scan, and with several (or with --workers, interleaved) the user could not tell
+    which. They now lead with the scan's path, as its other warnings (and detect's and calibrate's) do."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for name, image in upper_parts.items():
+        sitk.WriteImage(image, str(cohort / f"{name}.nii.gz"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["prepare", str(cohort), "--cache-dir", str(tmp_path / "cache")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "CeVAEAnomalyLib.engine.brainmask"
+            and not r.getMessage().startswith("No brain mask for ")]
+    assert [w for w in said if EDGE in w] and [w for w in said if "looks skull-stripped" in w], said
+    paths = (f"{cohort / 'head.nii.gz'}: ", f"{cohort / 'stripped.nii.gz'}: ")
+    assert [w for w in said if not w.startswith(paths)] == [], said

@@ -81,15 +81,16 @@ def load_template(template_dir: Optional[Path] = None) -> tuple[sitk.Image, sitk
 
 
 def given_or_computed_mask(image: sitk.Image, mask_path: Optional[Path], name: str = "the image",
-                           progress: Optional[ProgressCallback] = None, margin_mm: float = MARGIN_MM) -> sitk.Image:
+                           progress: Optional[ProgressCallback] = None, margin_mm: float = MARGIN_MM,
+                           where: str = "") -> sitk.Image:
     """The brain mask read from ``mask_path``, or computed from ``image`` (at ``margin_mm``, as
-    :func:`compute_brain_mask`) when no mask is given."""
+    :func:`compute_brain_mask`, whose warnings ``where`` leads) when no mask is given."""
     if mask_path is not None:
         from ..io.images import read_image
 
         return read_image(mask_path, "brain mask")
     logger.info("No brain mask for %s: computing one automatically.", name)
-    return compute_brain_mask(image, progress=progress, margin_mm=margin_mm)
+    return compute_brain_mask(image, progress=progress, where=where, margin_mm=margin_mm)
 
 
 def compute_brain_mask(
@@ -103,11 +104,11 @@ def compute_brain_mask(
 
     Works on heads with skull and on skull-stripped brains. ``margin_mm``: how far beyond the registered template's
     brain boundary the mask of a head reaches (negative: inside it); a skull-stripped input is its own mask whatever
-    the margin. ``progress(fraction, message)``
-    is called as the steps advance; ``where`` (e.g. "scan.nii.gz: ") leads the warnings, so that a cohort's
-    say which volume. The mask is made in one voxel order (LPS; a pure index operation, undone at the end):
-    the registration samples by voxel index and averages blocks from index 0, so the same physical scan stored
-    in another voxel order (a NIfTI's LAS, an NRRD's RAS) got a mask tens of millilitres apart.
+    the margin. ``progress(fraction, message)`` is called as the steps advance; ``where`` (e.g. "scan.nii.gz: ")
+    leads the warnings and the skull-stripped notice, so that a cohort's say which volume. The mask is made in one
+    voxel order (LPS; a pure index operation, undone at the end): the registration samples by voxel index and
+    averages blocks from index 0, so the same physical scan stored in another voxel order (a NIfTI's LAS, an NRRD's
+    RAS) got a mask tens of millilitres apart.
     """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CeVAEError(
@@ -140,7 +141,7 @@ def _mask_in_order(given: sitk.Image, reorder: bool, template_dir: Optional[Path
     del intensities  # (a reordered copy of the scan) not held while the template is registered, warped and cleaned
     stripped = mask is not None
     if stripped:
-        logger.info("Input looks skull-stripped: its foreground is the brain mask")
+        logger.info("%sInput looks skull-stripped: its foreground is the brain mask", where)
     else:
         _check_extent(given)
         report(progress, 0.05, "Loading brain template")

@@ -100,8 +100,8 @@ def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequen
 
     image = read_image(subject.image)
     with subject.named_errors():
-        brain = brain_array(image, given_or_computed_mask(image, subject.mask, subject.image.name),
-                            f"{subject.image}: ")
+        brain = brain_array(image, given_or_computed_mask(image, subject.mask, subject.image.name,
+                                                          where=f"{subject.image}: "), f"{subject.image}: ")
         out = []
         for orientation in orientations:
             stack = prepare(image, brain, cfg, orientation)
