@@ -12,8 +12,13 @@ def usable_cores() -> int:
 
 
 def process_exists(pid: int) -> bool:
-    """Whether process ``pid`` exists (POSIX; elsewhere assumed so: ``os.kill`` would end it). An id past what the
-    system's process ids hold (read from a damaged file) names none."""
+    """Whether process ``pid`` exists (it may be another user's). An id past what the system's process ids hold (read
+    from a damaged file) names none. Where it cannot be told, it is taken to exist: callers remove what a process
+    that no longer exists left behind, never what a live one may still use."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        return _windows_process_exists(pid)
     if os.name != "posix":
         return True
     try:
@@ -23,3 +28,34 @@ def process_exists(pid: int) -> bool:
     except OSError:  # EPERM: it exists, under another user
         return True
     return True
+
+
+_WINDOWS_QUERY = 0x1000  # PROCESS_QUERY_LIMITED_INFORMATION
+_WINDOWS_NO_SUCH_PROCESS = 87  # ERROR_INVALID_PARAMETER: what OpenProcess says of an id no process has
+_WINDOWS_STILL_ACTIVE = 259  # the exit code GetExitCodeProcess gives a process that has not ended
+
+
+def _windows_process_exists(pid: int) -> bool:
+    """:func:`process_exists` on Windows, by the kernel's process object (``os.kill`` there would end the process).
+    A process that has ended but whose object another program still holds open is no longer running: it counts as
+    gone (its exit code is not STILL_ACTIVE)."""
+    import ctypes
+    from ctypes import wintypes
+
+    if pid > 0xFFFFFFFF:
+        return False
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+    kernel32.GetExitCodeProcess.argtypes = (wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD))
+    kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
+    handle = kernel32.OpenProcess(_WINDOWS_QUERY, False, pid)
+    if not handle:  # none, or one this user may not open (access denied: it exists)
+        return ctypes.get_last_error() != _WINDOWS_NO_SUCH_PROCESS
+    try:
+        code = wintypes.DWORD()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == _WINDOWS_STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)

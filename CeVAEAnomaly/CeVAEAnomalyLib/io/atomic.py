@@ -125,7 +125,7 @@ def remove_abandoned_temporaries(targets: Iterable[Path], started: float) -> int
 def _abandoned(owned: "re.Match[str]", path: Path, started: float) -> bool:
     """Remove ``path``, a temporary whose name matched ``owned`` (machine, process), if this machine's process that
     made it no longer exists and it was last changed before ``started``; whether it was removed."""
-    if owned.group(1) != machine_tag() or process_exists(int(owned.group(2))):  # (off POSIX: every one exists)
+    if owned.group(1) != machine_tag() or process_exists(int(owned.group(2))):
         return False
     try:
         st = os.lstat(path)
