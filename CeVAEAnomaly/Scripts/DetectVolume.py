@@ -8,7 +8,8 @@ In an installed extension this file is in ``<module dir>/Scripts/`` (a sub-folde
 because Slicer loads every ``.py`` file of the module folder itself as a module).
 
 The volume is loaded into an MRML scene through a storage node, processed by
-``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry:
+``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry (the segmentation: the same
+voxels, in the order Slicer stores segmentations, which may reverse a left-handed input's slice axis):
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the ``NAME_<role>`` names of ``cevae-anomaly batch``,
 which writes all but the segmentation of them), with ``<name>_record.json``, the record of how they were made

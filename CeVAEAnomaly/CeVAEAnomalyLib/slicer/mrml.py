@@ -269,11 +269,19 @@ def mask_image(
                              f"'{segment_id}'; give a segment ID only with a segmentation.")
         if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
             raise CeVAEError(
-                f"The brain mask '{mask_node.GetName()}' and the volume '{volume_node.GetName()}' are under "
-                "different transforms; harden the transforms (Transforms module) first."
+                f"The brain mask '{mask_node.GetName()}' ({_under(mask_node)}) and the volume "
+                f"'{volume_node.GetName()}' ({_under(volume_node)}) are under different transforms: put the mask "
+                "under the volume's transform if it was made on this scan before it was registered, or harden "
+                "each into its own place (Transforms module)."
             )
         return image_from_volume(mask_node, "brain mask")
     raise CeVAEError("The brain mask must be a labelmap volume or a segmentation.")
+
+
+def _under(node: slicer.vtkMRMLNode) -> str:
+    """The transform a node lies under, in words."""
+    transform = node.GetParentTransformNode()
+    return f"under '{transform.GetName()}'" if transform is not None else "under no transform"
 
 
 def _mask_from_segmentation(
