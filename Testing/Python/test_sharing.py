@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import pytest
@@ -188,3 +188,29 @@ def test_the_slicer_logic_writes_a_shareable_copy(calibrated, tmp_path):
         logic.shareModel(calibrated, default_model_path(), overwrite=True)
     with pytest.raises(CeVAEError, match="Choose the model file to share"):
         logic.shareModel(None, tmp_path / "other.cevae")
+
+
+def _adapted_on(folder: Path, tiny_bundle: Path, stems: Sequence[str], persons: Sequence[str]) -> Path:
+    """``tiny_bundle`` adapted (one step) on synthetic heads saved under ``stems``, of the persons ``persons``."""
+    from CeVAEAnomalyLib.training.adapt import adapt
+    from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+
+    subjects = []
+    for stem, person, seed in zip(stems, persons, (31, 32)):
+        image, mask = make_head(seed=seed)
+        sitk.WriteImage(image, str(folder / f"{stem}.nii.gz"))
+        sitk.WriteImage(mask, str(folder / f"{stem}_mask.nii.gz"))
+        subjects.append(Subject(folder / f"{stem}.nii.gz", folder / f"{stem}_mask.nii.gz", person))
+    return adapt(tiny_bundle, subjects, folder / "adapted.cevae",
+                 AdaptOptions(steps=1, batch_size=8, checkpoint_every=1, device="cpu"))
+
+
+def test_scans_named_as_the_model_s_modality_or_a_person_number_are_shared(tiny_bundle, tmp_path, capsys):
+    """A scan named "T1" (a Slicer volume loaded from T1.nii.gz) or "1" (a numbered export) was taken for a name left
+    in the model's modality ("T1") or in a volume's person number ("1"), and the copy was refused."""
+    adapted = _adapted_on(tmp_path, tiny_bundle, ("T1", "1"), ("12345678_DOE", "87654321_ROE"))
+    shared = tmp_path / "shared.cevae"
+    assert main(["share", str(adapted), "--out", str(shared)]) == 0, capsys.readouterr().err
+    header = _written_header(shared)
+    assert sorted(v["name"] for v in header["adaptation"]["site_scans"]) == ["scan 1", "scan 2"]
+    assert header["modality"] == "T1" and [v["person"] for v in header["adaptation"]["site_scans"]] == ["1", "2"]

@@ -27,11 +27,16 @@ from .header import BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, read_header, we
 # the records of scans with their sha256: (section, list) of the header
 VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"), ("adaptation", "site_scans"),
                   ("recalibration", "scans"))
-# the places that hold the model's own name, options, calibration tables and references to other models, never a
-# scan's name
+# the places that hold the model's own name, options, calibration tables and references to other models, and those
+# this project fills from its own words, numbers and versions (a list's items as "[]"), never a scan's name: a scan
+# named "T1" or "1" is no name left in the modality or a person's number
 UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "postprocess", "calibration",
-                     "recalibration.options", "recalibration.parent", "recalibration.original", "adaptation.parent"})
+                     "recalibration.options", "recalibration.parent", "recalibration.original", "adaptation.parent",
+                     "format", "modality", "weights_dtype", "weights_sha256", "versions", "training.orientations",
+                     "training.subjects[].person", "training.validation_subjects[].person",
+                     "adaptation.site_scans[].person", "adaptation.calibration", "recalibration.calibrated_utc"})
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
+_INDEX = re.compile(r"\[[0-9]+\]")  # a list item's index in a place
 
 
 class _Numbers:
@@ -130,7 +135,7 @@ def _texts(value: Any, where: str) -> Iterator[Tuple[str, str]]:
     elif isinstance(value, dict):
         for key, item in value.items():
             place = f"{where}.{key}" if where else str(key)
-            if place not in UNNAMED:
+            if _INDEX.sub("[]", place) not in UNNAMED:
                 yield from _texts(item, place)
 
 
