@@ -214,3 +214,26 @@ def test_scans_named_as_the_model_s_modality_or_a_person_number_are_shared(tiny_
     header = _written_header(shared)
     assert sorted(v["name"] for v in header["adaptation"]["site_scans"]) == ["scan 1", "scan 2"]
     assert header["modality"] == "T1" and [v["person"] for v in header["adaptation"]["site_scans"]] == ["1", "2"]
+
+
+def test_persons_recorded_by_label_are_numbered_in_the_copy(tiny_bundle, tmp_path):
+    """Models written before persons were numbered (commit 948e77b) recorded each volume's person by its label (a
+    manifest's subject column, a BIDS sub- label: often a patient's ID); the copy kept it."""
+    from test_untrusted_bundles import rewrite
+
+    adapted = _adapted_on(tmp_path, tiny_bundle, ("a", "b"), ("12345678_DOE", "87654321_ROE"))
+    labels = {"1": "12345678_doe", "2": "87654321_roe"}  # as those versions wrote them: the label in lower case
+
+    def by_label(header: Dict[str, Any], table: Dict[str, Any]) -> None:
+        for volume in [*header["training"]["subjects"], *header["adaptation"]["site_scans"]]:
+            volume["person"] = labels[volume["person"]]
+
+    rewrite(adapted, by_label)
+    assert b"12345678_doe" in adapted.read_bytes()
+    shared = tmp_path / "shared.cevae"
+    assert main(["share", str(adapted), "--out", str(shared)]) == 0
+    assert not [label for label in labels.values() if label.split("_")[0].encode() in shared.read_bytes()]
+    header = _written_header(shared)
+    records = [*header["training"]["subjects"], *header["adaptation"]["site_scans"]]
+    assert {v["name"]: v["person"] for v in records} == {"scan 1": "1", "scan 2": "2"}
+    assert model_info(shared)["adaptation"]["persons"] == model_info(adapted)["adaptation"]["persons"] == 2

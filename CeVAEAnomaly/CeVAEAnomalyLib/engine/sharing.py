@@ -4,8 +4,9 @@ A bundle records each training, validation, site and calibration scan by name (i
 it) beside its sha256. In a hospital a file name often carries a patient's ID or name, so a model file adapted or
 calibrated on a site's own scans would pass those on to whoever it is shared with. :func:`share_model` writes a copy
 whose records call the scans "scan 1", "scan 2", ..., the same scan (by its sha256) the same number in every record,
-and keeps everything else as it is: the checksums, the weights (their bytes) and the calibration tables, so the copy
-detects exactly as the model does. The header records that the names were removed (:data:`NAMES_REMOVED`). No torch.
+numbers the persons scanned (older models recorded their labels) and keeps everything else as it is: the checksums,
+the weights (their bytes) and the calibration tables, so the copy detects exactly as the model does. The header
+records that the names were removed (:data:`NAMES_REMOVED`). No torch.
 """
 from __future__ import annotations
 
@@ -69,15 +70,17 @@ class _Numbers:
 
 
 def without_scan_names(header: Mapping[str, Any]) -> Dict[str, Any]:
-    """A copy of a bundle's JSON header whose records name every scan "scan N" (:class:`_Numbers`) and that records
-    how many scans it renamed under :data:`NAMES_REMOVED`. Refused where a scan's old name is still left in it (a
-    record this version does not know)."""
+    """A copy of a bundle's JSON header whose records name every scan "scan N" (:class:`_Numbers`) and number the
+    persons scanned (:func:`_number_persons`), and that records how many scans it renamed under
+    :data:`NAMES_REMOVED`. Refused where a scan's old name is still left in it (a record this version does not
+    know)."""
     out = copy.deepcopy(dict(header))
     numbers = _Numbers()
     old: Set[Any] = set()
     for volume in _volumes(out):  # first: the names without a sha256 are matched with these
         old.add(volume.get("name"))
         volume["name"] = numbers.of_volume(volume)
+    _number_persons(out)
     calibrated = out.get("calibration_subjects")
     if isinstance(calibrated, list):
         old.update(calibrated)
@@ -98,6 +101,16 @@ def _volumes(header: Mapping[str, Any]) -> Iterator[Dict[str, Any]]:
         record = header.get(section)
         volumes = record.get(key) if isinstance(record, dict) else None
         yield from (v for v in volumes or () if isinstance(v, dict))
+
+
+def _number_persons(header: Mapping[str, Any]) -> None:
+    """Number the persons of the volume records "1", "2", ... in order of first appearance, one numbering for all
+    records: a model made before persons were numbered records each by its label (a manifest's subject column, a BIDS
+    sub- label), which may be a patient's ID."""
+    numbers: Dict[str, str] = {}
+    for volume in _volumes(header):
+        if isinstance(volume.get("person"), str):
+            volume["person"] = numbers.setdefault(volume["person"], str(len(numbers) + 1))
 
 
 def _calibration_names(header: Mapping[str, Any], names: List[Any], numbers: _Numbers) -> List[str]:
