@@ -6,7 +6,9 @@ model without them.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -237,3 +239,22 @@ def test_persons_recorded_by_label_are_numbered_in_the_copy(tiny_bundle, tmp_pat
     records = [*header["training"]["subjects"], *header["adaptation"]["site_scans"]]
     assert {v["name"]: v["person"] for v in records} == {"scan 1": "1", "scan 2": "2"}
     assert model_info(shared)["adaptation"]["persons"] == model_info(adapted)["adaptation"]["persons"] == 2
+
+
+def test_a_full_disk_is_said_in_one_line_and_leaves_the_existing_copy(calibrated, tmp_path, capsys, monkeypatch):
+    """A disk full while the copy was written ended in "unexpected OSError ... report it", naming no file."""
+    shared = tmp_path / "shared.cevae"
+    shared.write_bytes(b"an earlier copy")
+    write = Path.write_bytes
+
+    def full_disk(path: Path, data: bytes) -> int:
+        if path.name.startswith(".shared.cevae."):  # the temporary copy
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    capsys.readouterr()
+    assert main(["share", str(calibrated), "--out", str(shared), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"error: Could not write the shareable copy {shared} (No space left on device); "
+                                       f"{calibrated} is unchanged.\n")
+    assert shared.read_bytes() == b"an earlier copy" and [p.name for p in tmp_path.iterdir()] == ["shared.cevae"]

@@ -164,9 +164,13 @@ def share_model(model: Union[str, Path], out: Union[str, Path], overwrite: bool 
     with hold_output(target, "share"):  # against a calibrate or another share writing it
         check_paths([target], overwrite, [source])  # again: one of them may have written it since
         data = source.read_bytes()  # one read: the copy is of one whole file
-        with atomic_path(target, durable=True) as tmp:
-            Path(tmp).write_bytes(_with_header(data, source))
-            _refuse_damaged(Path(tmp), source)
+        try:
+            with atomic_path(target, durable=True) as tmp:
+                Path(tmp).write_bytes(_with_header(data, source))
+                _refuse_damaged(Path(tmp), source)
+        except OSError as exc:  # e.g. the disk is full: the temporary is removed, an existing ``out`` kept
+            raise CeVAEError(f"Could not write the shareable copy {target} ({exc.strerror or exc}); {source} is "
+                             "unchanged.") from None
     return target
 
 
