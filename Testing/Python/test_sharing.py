@@ -258,3 +258,23 @@ def test_a_full_disk_is_said_in_one_line_and_leaves_the_existing_copy(calibrated
     assert capsys.readouterr().err == (f"error: Could not write the shareable copy {shared} (No space left on device); "
                                        f"{calibrated} is unchanged.\n")
     assert shared.read_bytes() == b"an earlier copy" and [p.name for p in tmp_path.iterdir()] == ["shared.cevae"]
+
+
+def test_folds_number_the_site_scans_when_a_calibration_scan_has_a_site_scan_s_name(tiny_bundle, tmp_path):
+    """A later scan calibrated under a site scan's name (another session of one patient in a folder of the same
+    name) made the folds' "scan N" of that site scan a number no scan had, and the copy counted one scan too many."""
+    adapted = _adapted_on(tmp_path, tiny_bundle, ("a", "b"), ("1", "2"))
+    later = tmp_path / "later"
+    later.mkdir()
+    image, mask = make_head(seed=33)
+    sitk.WriteImage(image, str(later / "a.nii.gz"))
+    sitk.WriteImage(mask, str(later / "a_mask.nii.gz"))
+    bundle = load_bundle(adapted, "cpu")
+    site = recalibrate(bundle, [Subject(later / "a.nii.gz", later / "a_mask.nii.gz")], tmp_path / "site.cevae",
+                       bundle.header.score_options, bundle.header.postprocess)
+    shared = tmp_path / "shared.cevae"
+    assert main(["share", str(site), "--out", str(shared)]) == 0
+    header = _written_header(shared)
+    site_scans = sorted(v["name"] for v in header["adaptation"]["site_scans"])
+    assert sorted(n for fold in header["adaptation"]["folds"] for n in fold["held_out"]) == site_scans
+    assert header["names_removed"] == {"scans": 3} and header["calibration_subjects"] == ["scan 3"]

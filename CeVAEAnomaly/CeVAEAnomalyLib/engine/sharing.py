@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Set, Tuple, Union
 
@@ -77,6 +78,8 @@ def without_scan_names(header: Mapping[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(dict(header))
     numbers = _Numbers()
     old: Set[Any] = set()
+    adaptation = out.get("adaptation")
+    site = _named_once(adaptation.get("site_scans") if isinstance(adaptation, dict) else None)  # renamed below
     for volume in _volumes(out):  # first: the names without a sha256 are matched with these
         old.add(volume.get("name"))
         volume["name"] = numbers.of_volume(volume)
@@ -85,11 +88,10 @@ def without_scan_names(header: Mapping[str, Any]) -> Dict[str, Any]:
     if isinstance(calibrated, list):
         old.update(calibrated)
         out["calibration_subjects"] = _calibration_names(out, calibrated, numbers)
-    adaptation = out.get("adaptation")
     if isinstance(adaptation, dict) and isinstance(adaptation.get("folds"), list):
         old.update(n for fold in adaptation["folds"] if isinstance(fold, dict) for names in fold.values()
                    if isinstance(names, list) for n in names)
-        adaptation["folds"] = [_renamed_fold(fold, numbers) for fold in adaptation["folds"]]
+        adaptation["folds"] = [_renamed_fold(fold, site, numbers) for fold in adaptation["folds"]]
     out[NAMES_REMOVED] = {"scans": numbers.count}
     _refuse_left(out, {n for n in old if isinstance(n, str) and not _SCAN.match(n)})
     return out
@@ -123,11 +125,21 @@ def _calibration_names(header: Mapping[str, Any], names: List[Any], numbers: _Nu
     return [numbers.of_name(n) for n in names]
 
 
-def _renamed_fold(fold: Any, numbers: _Numbers) -> Any:
-    """An adaptation fold's lists of scans (held out, trained on) with their new names."""
+def _named_once(volumes: Any) -> Dict[str, Dict[str, Any]]:
+    """The records of ``volumes`` by name, of each name that one of them has."""
+    records = [v for v in volumes or () if isinstance(v, dict) and isinstance(v.get("name"), str)]
+    counts = Counter(v["name"] for v in records)
+    return {v["name"]: v for v in records if counts[v["name"]] == 1}
+
+
+def _renamed_fold(fold: Any, site: Mapping[str, Mapping[str, Any]], numbers: _Numbers) -> Any:
+    """An adaptation fold's lists of scans (held out, trained on) with their new names: those of the site scans
+    (``site``: by old name, renamed), which the folds name; a calibration scan of the same name is another scan."""
     if not isinstance(fold, dict):
         return fold
-    return {k: [numbers.of_name(n) for n in v] if isinstance(v, list) else v for k, v in fold.items()}
+    new = {n: str(v["name"]) for n, v in site.items()}
+    return {k: [new[n] if isinstance(n, str) and n in new else numbers.of_name(n) for n in v] if isinstance(v, list)
+            else v for k, v in fold.items()}
 
 
 def _refuse_left(header: Mapping[str, Any], old: Set[str]) -> None:
