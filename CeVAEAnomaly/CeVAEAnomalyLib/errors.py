@@ -34,7 +34,8 @@ def out_of_memory(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class Wording:
     """How the caller's user does what the messages of a long run (train, adapt) advise, in the caller's words: the
-    command line's by default; the Slicer panel gives its own controls (slicer.worker.PANEL_WORDING)."""
+    command line's (train's options) by default; `cevae-anomaly adapt` names its own (cli.commands.ADAPT_WORDING),
+    the Slicer panel its controls (slicer.worker.PANEL_WORDING)."""
 
     stop: str = "Ctrl-C"  # stop the run now
     resume: str = "run again with --resume"  # go on from the last checkpoint

@@ -1,5 +1,6 @@
 """The errors an adaptation started from Slicer's Adapt panel (its worker's run_adapt) can end with say what to do with
-the panel's controls, not with command-line flags the panel has not (--resume, --overwrite, --channels)."""
+the panel's controls, not with command-line flags the panel has not (--resume, --overwrite, --channels); those of
+`cevae-anomaly adapt` name its own options, not train's (--channels, --z-dim, --input-size)."""
 from __future__ import annotations
 
 import shutil
@@ -13,10 +14,12 @@ import SimpleITK as sitk
 import torch
 
 import CeVAEAnomalyLib.training.trainer as trainer_mod
+from CeVAEAnomalyLib.cli.commands import ADAPT_WORDING
+from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import data_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.errors import CeVAEError, Wording
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt
 from CeVAEAnomalyLib.training.config import TrainConfig
@@ -80,12 +83,16 @@ def test_a_resume_the_checkpoint_refuses_says_what_to_do_in_the_panels_words(
     assert not [m for m in messages if m.startswith("Fine-tuning") and "step" in m]  # refused before any run trained
 
 
+def fine_tuning(folder: Path, wording: Wording) -> Trainer:
+    """A fine-tuning run of a tiny model on two synthetic heads, with ``wording`` (as adapt gives its runs)."""
+    cfg = TrainConfig(out=folder / "site.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16), batch_size=8,
+                      max_steps=3 * EVERY, checkpoint_every=EVERY, device="cpu", val_fraction=0.0)
+    return Trainer(cfg, write_heads(folder), wording=wording)
+
+
 @pytest.fixture
 def panel_trainer(tmp_path) -> Trainer:
-    """A fine-tuning run of a tiny model on two synthetic heads, with the panel's wording (as adapt gives its runs)."""
-    cfg = TrainConfig(out=tmp_path / "site.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16), batch_size=8,
-                      max_steps=3 * EVERY, checkpoint_every=EVERY, device="cpu", val_fraction=0.0)
-    return Trainer(cfg, write_heads(tmp_path), wording=PANEL_WORDING)
+    return fine_tuning(tmp_path, PANEL_WORDING)
 
 
 def test_out_of_memory_at_batch_size_one_says_what_to_do_in_the_panels_words(panel_trainer):
@@ -122,3 +129,32 @@ def test_a_full_disk_at_a_log_row_says_how_to_resume_in_the_panels_words(panel_t
     assert f"The last good checkpoint (step {2 * EVERY}) is kept" in text, text  # (written before its step's row)
     assert text.endswith(f"Free some space, then {RESUME} to go on from it."), text
     assert "--" not in text, text
+
+
+def test_the_adapt_command_refusing_a_checkpoint_of_another_architecture_names_its_own_options(
+        tiny_bundle, panel_task, tmp_path, capsys):
+    """`cevae-anomaly adapt --resume` from a checkpoint of another architecture said "Resume with the same
+    --channels, --z-dim and --input-size", options adapt has not (an adaptation has its --model's architecture)."""
+    checkpoint_of_another_run(tiny_bundle, panel_task, {"z_dim": 8})
+    manifest = tmp_path / "site.csv"
+    manifest.write_text("image,mask\n" + "".join(f"{s['image']},{s['mask']}\n" for s in panel_task["subjects"]))
+    assert main(["adapt", "--manifest", str(manifest), "--model", str(tiny_bundle), "--out", panel_task["out"],
+                 "--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a model of another architecture" in err, err
+    assert "Resume with the --model that adaptation started from, or start anew with --overwrite" in err, err
+    assert not [flag for flag in ("--channels", "--z-dim", "--input-size") if flag in err], err
+
+
+def test_the_adapt_command_out_of_memory_at_batch_size_one_names_its_own_options(tmp_path):
+    """It said "use a smaller --input-size or --channels" to `cevae-anomaly adapt`, which has neither."""
+    def out_of_memory(batch: torch.Tensor) -> Dict[str, float]:
+        raise RuntimeError("CUDA out of memory")
+
+    adapting = fine_tuning(tmp_path, ADAPT_WORDING)
+    adapting.batch_size = 1
+    with pytest.raises(CeVAEError) as refused:
+        adapting.step_with_oom_retry(torch.arange(8), out_of_memory)
+    text = str(refused.value)
+    assert text.endswith("close other programs that use its memory, or give another --device."), text
+    assert "--input-size" not in text and "--channels" not in text, text

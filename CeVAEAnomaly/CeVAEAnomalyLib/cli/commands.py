@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import CeVAEError
+from ..errors import COMMAND_LINE, CeVAEError
 from ..io.naming import file_stem, refuse_misnamed
 
 if TYPE_CHECKING:
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cevae_anomaly")
 
 RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
+# what adapt's errors advise, with its own options: an adaptation has the architecture of its --model (train's
+# --channels, --z-dim and --input-size are not adapt's)
+ADAPT_WORDING = dataclasses.replace(COMMAND_LINE, same_model="Resume with the --model that adaptation started from",
+                                    less_memory="close other programs that use its memory, or give another --device")
 
 
 def _require_research(command: str, modules: Sequence[str]) -> None:
@@ -173,7 +177,7 @@ def run_adapt(args: argparse.Namespace) -> Path:
         raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     subjects = _healthy_subjects(args, "adapting")
     return adapt(_model(args)[0], subjects, args.out, options, ConsoleProgress("adapt"),
-                 inputs=[args.manifest])
+                 inputs=[args.manifest], wording=ADAPT_WORDING)
 
 
 def run_prepare(args: argparse.Namespace) -> None:
