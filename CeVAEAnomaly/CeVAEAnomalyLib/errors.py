@@ -43,6 +43,7 @@ class Wording:
     start_anew: str = "start anew with --overwrite instead of --resume"  # leave the checkpoint a resume refused
     same_model: str = "Resume with the same --channels, --z-dim and --input-size"  # the checkpoint's architecture
     less_memory: str = "use a smaller --input-size or --channels, or another device"  # out of memory at batch size 1
+    cache_room: str = "Free space there, or give --cache-dir a folder on a disk with room"  # slice cache's disk full
 
 
 COMMAND_LINE = Wording()

@@ -3,7 +3,12 @@ the panel's controls, not with command-line flags the panel has not (--resume, -
 `cevae-anomaly adapt` name its own options, not train's (--channels, --z-dim, --input-size)."""
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -84,9 +89,11 @@ def test_a_resume_the_checkpoint_refuses_says_what_to_do_in_the_panels_words(
 
 
 def fine_tuning(folder: Path, wording: Wording) -> Trainer:
-    """A fine-tuning run of a tiny model on two synthetic heads, with ``wording`` (as adapt gives its runs)."""
+    """A fine-tuning run of a tiny model on two synthetic heads, with ``wording`` and a slice cache folder (as adapt
+    gives its runs)."""
     cfg = TrainConfig(out=folder / "site.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16), batch_size=8,
-                      max_steps=3 * EVERY, checkpoint_every=EVERY, device="cpu", val_fraction=0.0)
+                      max_steps=3 * EVERY, checkpoint_every=EVERY, device="cpu", val_fraction=0.0,
+                      cache_dir=folder / "slices")
     return Trainer(cfg, write_heads(folder), wording=wording)
 
 
@@ -158,3 +165,50 @@ def test_the_adapt_command_out_of_memory_at_batch_size_one_names_its_own_options
     text = str(refused.value)
     assert text.endswith("close other programs that use its memory, or give another --device."), text
     assert "--input-size" not in text and "--channels" not in text, text
+
+
+def _unshare_works() -> bool:
+    """Whether this user may make a mount namespace of its own (user namespaces allowed, unshare installed)."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(os.name != "posix" or not _unshare_works(), reason="needs unshare -rm (user namespaces)")
+def test_a_full_disk_under_the_panels_slice_cache_says_what_to_do_in_the_panels_words(tiny_bundle, panel_task,
+                                                                                      tmp_path):
+    """An adaptation from the panel prepares its slices in the system's temporary folder, which the panel's user does
+    not choose: a full disk there told them to "give --cache-dir a folder on a disk with room". Run through run_adapt
+    with the temporary folder on a real 256 KiB tmpfs, mounted in a namespace of this user's own."""
+    small = tmp_path / "small"
+    small.mkdir()
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(dict(panel_task, model=str(tiny_bundle),
+                                       options=dict(panel_task["options"], resume=False))))
+    run = ("import json, sys; from CeVAEAnomalyLib.errors import CeVAEError; "
+           "from CeVAEAnomalyLib.slicer.worker import run_adapt\n"
+           "try:\n    run_adapt(json.load(open(sys.argv[1])), lambda fraction, message: None)\n"
+           "except CeVAEError as exc:\n    sys.exit(str(exc))")
+    script = " && exec ".join(" ".join(shlex.quote(str(w)) for w in words) for words in (
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", small], [sys.executable, "-c", run, request]))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TMPDIR=str(small), PYTHONPATH=os.pathsep.join(sys.path)))
+    text = proc.stderr.strip().splitlines()[-1]
+    assert text.startswith(f"Could not write the slice cache entry {small}/cevae-adapt-"), proc.stderr
+    assert "is full" in text and text.endswith(
+        "Free space there (the system's temporary folder, where an adaptation prepares its slices), then press "
+        "Adapt again."), text
+    assert "--" not in text, text
+
+
+def test_slices_removed_under_a_panels_run_say_what_to_do_in_the_panels_words(panel_trainer):
+    """The panel's slice cache (a temporary folder) deleted while an adaptation reads it (a cleaner of temporary files)
+    told the panel's user that "--resume continues from the last checkpoint"."""
+    panel_trainer.open_data()
+    for entry in panel_trainer.train.entries:
+        entry.path.unlink()
+    with pytest.raises(CeVAEError) as refused:
+        panel_trainer.train[[0]]
+    text = str(refused.value)
+    assert "were removed while this run read them (was the slice cache deleted?)" in text, text
+    assert text.endswith(f"A new run prepares them anew; to go on from the last checkpoint, {RESUME}."), text
+    assert "--" not in text, text

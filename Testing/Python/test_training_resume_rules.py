@@ -106,7 +106,8 @@ def test_slices_deleted_under_a_run_are_said_in_words(tmp_path):
     slices.close()
     path.unlink()  # the cache folder deleted while the run uses it
     with pytest.raises(CeVAEError, match=r"slices\.npy were removed while this run read them \(was the slice cache "
-                                         r"deleted\?\)\. Run again"):
+                                         r"deleted\?\)\. .* to go on from the last checkpoint, run again with "
+                                         r"--resume\.$"):
         slices[[2]]
 
 

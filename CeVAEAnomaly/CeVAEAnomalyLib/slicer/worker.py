@@ -68,7 +68,9 @@ PANEL_WORDING = Wording(
     resume_request="Resume",
     start_anew="press Adapt again and answer No (start anew) when it asks whether to resume",
     same_model="Choose the model that adaptation started from (Use bundled model, or Model bundle) and resume",
-    less_memory="close other programs that use its memory, or choose another device in the Device selector")
+    less_memory="close other programs that use its memory, or choose another device in the Device selector",
+    cache_room="Free space there (the system's temporary folder, where an adaptation prepares its slices), then press "
+               "Adapt again")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":

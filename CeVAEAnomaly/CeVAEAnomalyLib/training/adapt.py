@@ -114,7 +114,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     parent = sha256_of(base)  # the file every run starts from, as the bundle records it
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them (all runs: these)
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
-        cache = SliceCache(root, bundle.preprocess)
+        cache = SliceCache(root, bundle.preprocess, wording)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
         entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(training_part, 0.0, PREPARE_SHARE),
                                                                            "Preparing the scans"))

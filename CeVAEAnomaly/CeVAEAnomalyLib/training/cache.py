@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..engine.config import PreprocessConfig
-from ..errors import CeVAEError
+from ..errors import COMMAND_LINE, CeVAEError, Wording
 from ..io.atomic import atomic_path
 from ..io.checksum import refuse_changed
 from ..io.targets import file_in_the_way
@@ -108,9 +108,10 @@ def temporary_cache(prefix: str) -> Path:
 
 
 class SliceCache:
-    """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order."""
+    """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order. ``wording``: the
+    caller's words for what to do where the cache's disk is full."""
 
-    def __init__(self, root: Path, pre: PreprocessConfig) -> None:
+    def __init__(self, root: Path, pre: PreprocessConfig, wording: Wording = COMMAND_LINE) -> None:
         file = file_in_the_way(root)
         if file == root:
             raise CeVAEError(f"The cache folder {root} is a file; give a folder for --cache-dir.")
@@ -118,6 +119,7 @@ class SliceCache:
             raise CeVAEError(f"The cache folder {root} would be under {file}, which is a file, not a folder.")
         self.root = root
         self.pre = pre
+        self.wording = wording
         self._verified: Set[str] = set()  # keys whose content this run has checked
 
     def refuse_inside_inputs(self, subjects: Sequence[Subject]) -> None:
@@ -252,18 +254,18 @@ class SliceCache:
             with atomic_path(target) as tmp:
                 Path(tmp).write_text(text)
         except OSError as exc:
-            raise CeVAEError(write_failure(target, exc, size)) from None
+            raise CeVAEError(write_failure(target, exc, size, self.wording)) from None
         entry = self.lookup(key)
         if entry is None:
             raise CeVAEError(f"The slice cache entry {npy} could not be read back after writing it.")
         return entry
 
 
-def write_failure(target: Path, exc: OSError, size: int) -> str:
+def write_failure(target: Path, exc: OSError, size: int, wording: Wording = COMMAND_LINE) -> str:
     """The error for a cache entry ``target`` of about ``size`` bytes whose write failed with ``exc``. A full disk
-    or quota is said in those words, with what to do: errno ENOSPC or EDQUOT, or a write that failed without an
-    errno (NumPy's short write says only 'N requested and M written') where the folder has less free space than
-    the entry needs (the part written is removed by then)."""
+    or quota is said in those words, with what to do in ``wording``: errno ENOSPC or EDQUOT, or a write that failed
+    without an errno (NumPy's short write says only 'N requested and M written') where the folder has less free space
+    than the entry needs (the part written is removed by then)."""
     try:
         free: Optional[int] = shutil.disk_usage(target.parent).free
     except OSError:
@@ -276,8 +278,7 @@ def write_failure(target: Path, exc: OSError, size: int) -> str:
         cause = f"the disk holding {target.parent} is full{room}"  # (out of inodes: full without the sizes)
     else:
         return f"Could not write the slice cache entry {target}: {exc}."
-    return (f"Could not write the slice cache entry {target}: {cause}. Free space there, or give --cache-dir a "
-            "folder on a disk with room.")
+    return f"Could not write the slice cache entry {target}: {cause}. {wording.cache_room}."
 
 
 def _npy_layout(fh: BinaryIO) -> tuple:
@@ -299,12 +300,14 @@ class SliceSet(torch.utils.data.Dataset):
     """The slices of a list of entries as one indexable set; ``set[indices]`` is a batch [B,1,S,S].
 
     Holds only the entry list and offsets in memory; files are opened lazily in each process
-    (DataLoader workers included), a bounded number at a time.
+    (DataLoader workers included), a bounded number at a time. ``wording``: the caller's words for how to resume where
+    the files are removed under the run.
     """
 
-    def __init__(self, entries: Sequence[Entry], size: int) -> None:
+    def __init__(self, entries: Sequence[Entry], size: int, wording: Wording = COMMAND_LINE) -> None:
         self.entries = list(entries)
         self.size = size
+        self.wording = wording
         self.ends = np.cumsum([e.slices for e in self.entries], dtype=np.int64)
         self._files: "OrderedDict[int, BinaryIO]" = OrderedDict()
         self._pid = os.getpid()
@@ -348,9 +351,9 @@ class SliceSet(torch.utils.data.Dataset):
                 fh = open(self.entries[w].path, "rb")
             except FileNotFoundError:
                 raise CeVAEError(f"The prepared slices {self.entries[w].path} were removed while this run read them "
-                                 "(was the slice cache deleted?). Run again: the slices are prepared anew, and "
-                                 "--resume continues from the last checkpoint. Delete a cache only while no run uses "
-                                 "it.") from None
+                                 "(was the slice cache deleted?). Delete a cache only while no run uses it. A new run "
+                                 "prepares them anew; to go on from the last checkpoint, "
+                                 f"{self.wording.resume}.") from None
             if len(self._files) >= _OPEN_FILES:
                 self._files.popitem(last=False)[1].close()
         self._files[w] = fh

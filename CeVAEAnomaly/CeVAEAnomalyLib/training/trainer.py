@@ -247,14 +247,14 @@ class Trainer:
         if root is None:  # a private cache for this run (each rank its own), removed at the end
             root = temporary_cache("cevae-slices-")
             self._temp_cache = str(root)
-        cache = SliceCache(root, self.pre)
+        cache = SliceCache(root, self.pre, self.wording)
         if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
             self._prepare_share(cache)
         train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
         val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
-        self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size)
+        self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size, self.wording)
         self.contrasts = [_contrast(s, entries[0]) for s, entries in zip(self.train_subjects, train)]
-        self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size)
+        self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size, self.wording)
         if self.dist.main:
             axial = list(self.cfg.orientations).index("axial")
             _warn_of_rewritten_repeats([*zip(self.train_subjects, (e[axial] for e in train)),
