@@ -33,9 +33,9 @@ def out_of_memory(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class Wording:
-    """How the caller's user does what the messages of a long run (train, adapt) advise, in the caller's words: the
-    command line's (train's options) by default; `cevae-anomaly adapt` names its own (cli.commands.ADAPT_WORDING),
-    the Slicer panel its controls (slicer.worker.PANEL_WORDING)."""
+    """How the caller's user does what the messages of a long run (train, adapt) or a calibration advise, in the
+    caller's words: the command line's (train's and calibrate's options) by default; `cevae-anomaly adapt` names its
+    own (cli.commands.ADAPT_WORDING), the Slicer panel its controls (slicer.worker.PANEL_WORDING)."""
 
     stop: str = "Ctrl-C"  # stop the run now
     resume: str = "run again with --resume"  # go on from the last checkpoint
@@ -44,6 +44,7 @@ class Wording:
     same_model: str = "Resume with the same --channels, --z-dim and --input-size"  # the checkpoint's architecture
     less_memory: str = "use a smaller --input-size or --channels, or another device"  # out of memory at batch size 1
     cache_room: str = "Free space there, or give --cache-dir a folder on a disk with room"  # slice cache's disk full
+    higher_rate: str = "give a higher --default-fpr"  # a default rate too low for the voxels calibrated on (calibrate)
 
 
 COMMAND_LINE = Wording()

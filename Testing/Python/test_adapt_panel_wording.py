@@ -1,9 +1,11 @@
-"""The errors an adaptation started from Slicer's Adapt panel (its worker's run_adapt) can end with say what to do with
-the panel's controls, not with command-line flags the panel has not (--resume, --overwrite, --channels); those of
-`cevae-anomaly adapt` name its own options, not train's (--channels, --z-dim, --input-size)."""
+"""The errors and warnings of an adaptation started from Slicer's Adapt panel (its worker's run_adapt), or of a
+calibration from its Calibrate button, say what to do with the panel's controls, not with command-line flags the panel
+has not (--resume, --overwrite, --channels, --default-fpr); those of `cevae-anomaly adapt` name its own options, not
+train's (--channels, --z-dim, --input-size) or calibrate's (--default-fpr)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -21,20 +23,23 @@ import torch
 import CeVAEAnomalyLib.training.trainer as trainer_mod
 from CeVAEAnomalyLib.cli.commands import ADAPT_WORDING
 from CeVAEAnomalyLib.cli.main import main
-from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.data import data_path, default_model_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.errors import CeVAEError, Wording
 from CeVAEAnomalyLib.io.manifest import Subject
-from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt
+from CeVAEAnomalyLib.options import DetectionRequest
+from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt, run_calibrate
 from CeVAEAnomalyLib.training.config import TrainConfig
 from CeVAEAnomalyLib.training.trainer import Trainer
-from conftest import write_heads
+from conftest import make_head, write_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 START_ANEW = "press Adapt again and answer No (start anew) when it asks whether to resume"  # the panel's dialog
 RESUME = "press Adapt again with the same volumes and file name and choose to resume (it asks first)"
 EVERY = 2  # steps between checkpoints
+TOO_LOW = "The model's default rate is too low for"
+HIGHER_RATE = "detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)"  # the panel's
 
 
 @pytest.fixture
@@ -212,3 +217,60 @@ def test_slices_removed_under_a_panels_run_say_what_to_do_in_the_panels_words(pa
     assert "were removed while this run read them (was the slice cache deleted?)" in text, text
     assert text.endswith(f"A new run prepares them anew; to go on from the last checkpoint, {RESUME}."), text
     assert "--" not in text, text
+
+
+def _rate_warning(records: List[logging.LogRecord]) -> str:
+    said = [r.getMessage() for r in records if r.getMessage().startswith(TOO_LOW)]
+    assert len(said) == 1, [r.getMessage() for r in records]
+    return said[0]
+
+
+def test_a_default_rate_too_low_for_a_panels_calibration_says_what_to_do_in_the_panels_words(tmp_path, caplog):
+    """Calibrate in the panel on one coarse scan (4 mm voxels: 10552 brain voxels, 2.3 above the bundled model's
+    default rate) warned "give a higher --default-fpr": the panel sets no model's default rate; detection's Sensitivity
+    chooses another."""
+    image, mask = make_head(seed=1, spacing=(4.0, 4.0, 4.0))
+    sitk.WriteImage(image, str(tmp_path / "h.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "h_mask.nii.gz"))
+    task = dict(subjects=[{"image": str(tmp_path / "h.nii.gz"), "mask": str(tmp_path / "h_mask.nii.gz")}],
+                model=str(default_model_path()), request=DetectionRequest.of(device="cpu").to_dict(),
+                out=str(tmp_path / "site.cevae"))
+    with caplog.at_level(logging.WARNING):
+        run_calibrate(task, lambda fraction, message: None)
+    text = _rate_warning(caplog.records)
+    assert "rests on 2.3 of the 10552 healthy brain voxels" in text, text
+    assert text.endswith(f"Calibrate on more healthy scans, or {HIGHER_RATE}."), text
+    assert "--" not in text, text
+
+
+@pytest.fixture
+def coarse_site(tiny_bundle, tmp_path) -> Dict[str, Any]:
+    """A worker request of the panel's to adapt the tiny model to two small synthetic heads (28 voxels a side: 7088
+    brain voxels in all, 7.1 above its default rate 0.001)."""
+    site = write_heads(tmp_path, seeds=(7, 8), size=(28, 28, 28))
+    return {"out": str(tmp_path / "site.cevae"), "device": "cpu", "model": str(tiny_bundle),
+            "options": {"steps": 4, "batch_size": 8, "checkpoint_every": 2},
+            "subjects": [{"image": str(s.image), "mask": str(s.mask), "name": s.image.name} for s in site]}
+
+
+def test_a_default_rate_too_low_for_a_panels_adaptation_says_what_to_do_in_the_panels_words(coarse_site, caplog):
+    """An adaptation in the panel calibrates the adapted model on the site scans at its base's default rate: too few
+    voxels there warned "give a higher --default-fpr", an option of `cevae-anomaly calibrate` only."""
+    with caplog.at_level(logging.WARNING):
+        run_adapt(coarse_site, lambda fraction, message: None)
+    text = _rate_warning(caplog.records)
+    assert "rests on 7.1 of the 7088 healthy brain voxels" in text, text
+    assert text.endswith(f"Calibrate on more healthy scans, or {HIGHER_RATE}."), text
+    assert "--" not in text, text
+
+
+def test_the_adapt_command_warning_of_a_default_rate_too_low_names_its_own_options(coarse_site, tmp_path, caplog):
+    """`cevae-anomaly adapt` warned "give a higher --default-fpr", which it has not (the adapted model keeps its
+    --model's default rate); detect's --fpr chooses another."""
+    volumes = [path for s in coarse_site["subjects"] for path in (s["image"], s["mask"])]
+    with caplog.at_level(logging.WARNING):
+        assert main(["adapt", *volumes, "--model", coarse_site["model"], "--out", coarse_site["out"], "--steps", "4",
+                     "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu"]) == 0
+    text = _rate_warning(caplog.records)
+    assert text.endswith("Calibrate on more healthy scans, or detect with a higher --fpr."), text
+    assert "--default-fpr" not in text, text

@@ -22,10 +22,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("cevae_anomaly")
 
 RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
-# what adapt's errors advise, with its own options: an adaptation has the architecture of its --model (train's
-# --channels, --z-dim and --input-size are not adapt's)
+# what adapt's errors and warnings advise, with its own options: an adaptation has the architecture and the default
+# rate of its --model (train's --channels, --z-dim and --input-size, calibrate's --default-fpr are not adapt's)
 ADAPT_WORDING = dataclasses.replace(COMMAND_LINE, same_model="Resume with the --model that adaptation started from",
-                                    less_memory="close other programs that use its memory, or give another --device")
+                                    less_memory="close other programs that use its memory, or give another --device",
+                                    higher_rate="detect with a higher --fpr")
 
 
 def _require_research(command: str, modules: Sequence[str]) -> None:

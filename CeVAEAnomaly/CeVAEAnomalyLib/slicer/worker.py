@@ -61,7 +61,8 @@ ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may 
 PANEL_CPU_CHOICE = "choose CPU or Automatic in the Device selector"  # (engine.devices.DeviceUnavailable)
 # how the panel's user stops, resumes or starts anew an adaptation, with the panel's controls (Cancel; Adapt, which
 # asks Yes: resume, No: start anew, when the file's interrupted adaptation has checkpoints; Model; Device), as
-# training.adapt's warnings and errors say it
+# training.adapt's warnings and errors say it; and what a calibration's warnings advise (Calibrate, Adapt), where the
+# panel sets no model's default rate but detection's Sensitivity chooses another
 PANEL_WORDING = Wording(
     stop="press Cancel",
     resume="press Adapt again with the same volumes and file name and choose to resume (it asks first)",
@@ -70,7 +71,8 @@ PANEL_WORDING = Wording(
     same_model="Choose the model that adaptation started from (Use bundled model, or Model bundle) and resume",
     less_memory="close other programs that use its memory, or choose another device in the Device selector",
     cache_room="Free space there (the system's temporary folder, where an adaptation prepares its slices), then press "
-               "Adapt again")
+               "Adapt again",
+    higher_rate="detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":
@@ -131,7 +133,7 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
         subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects]))  # a scan loaded twice
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),
-                           progress=scaled(progress, 0.02, 0.98), run=request.run)
+                           progress=scaled(progress, 0.02, 0.98), run=request.run, wording=PANEL_WORDING)
     _warn_of_lost_thorough_mode(bundle, path)
     report(progress, 1.0, "Calibrated model saved")
     return {"model": str(path), "subjects": len(subjects)}

@@ -119,13 +119,15 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     ``checksums``: the sha256 of every image and mask, taken before the run first read them, which ``header`` records;
     a calibration scan that no longer has that content once scored is refused (io.checksum.refuse_changed) and nothing
     is written. None: ``header`` records no checksums (a benchmark's fold model). ``wording``: the caller's words
-    for how its user resumes the run from its last checkpoint, for the errors that keep it."""
+    for how its user resumes the run from its last checkpoint, for the errors that keep it, and for the calibration's
+    warnings."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
     bundle = Bundle(stored, header, out)
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
-                                  progress, scorers, test_time_steps=test_time_steps, fpr=header.default_fpr)
+                                  progress, scorers, test_time_steps=test_time_steps, fpr=header.default_fpr,
+                                  wording=wording)
     if checksums is not None:  # the scans scored are those the record names
         refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums,
                        "the trained weights are in the last checkpoint: with the scan as it was when the run began, "
