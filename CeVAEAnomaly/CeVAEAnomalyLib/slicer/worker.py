@@ -58,7 +58,6 @@ REQUEST_POLL_S = 0.25
 LOG_FORMAT = "%(levelname)s: %(message)s"  # its warnings start with jobs.WARNING_PREFIX: the panel shows them
 EXIT_ABANDONED = 3
 ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
-PANEL_CPU_CHOICE = "choose CPU or Automatic in the Device selector"  # (engine.devices.DeviceUnavailable)
 # how the panel's user stops, resumes or starts anew an adaptation, with the panel's controls (Cancel; Adapt, which
 # asks Yes: resume, No: start anew, when the file's interrupted adaptation has checkpoints; Model; Device), as
 # training.adapt's warnings and errors say it; and what a calibration's warnings advise (Calibrate, Adapt), where the
@@ -72,7 +71,8 @@ PANEL_WORDING = Wording(
     less_memory="close other programs that use its memory, or choose another device in the Device selector",
     cache_room="Free space there (the system's temporary folder, where an adaptation prepares its slices), then press "
                "Adapt again",
-    higher_rate="detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)")
+    higher_rate="detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)",
+    cpu_choice="choose CPU or Automatic in the Device selector")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":
@@ -155,18 +155,14 @@ def _warn_of_lost_thorough_mode(source: "Bundle", calibrated: Path) -> None:
 
 def run_adapt(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
     from ..data import default_model_path
-    from ..engine.devices import DeviceUnavailable
     from ..training.adapt import adapt
     from ..training.adapt_plan import adapt_options
 
     subjects = _subjects(task)
     options = adapt_options(task.get("options") or {}, device=task.get("device", "auto"),
                             overwrite=bool(task.get("overwrite")))
-    try:
-        path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress,
-                     wording=PANEL_WORDING)
-    except DeviceUnavailable as exc:  # said in the panel's words, not the command line's
-        raise exc.offering(PANEL_CPU_CHOICE) from None
+    path = adapt(Path(task.get("model") or default_model_path()), subjects, Path(task["out"]), options, progress,
+                 wording=PANEL_WORDING)
     return {"model": str(path), "subjects": len(subjects)}
 
 

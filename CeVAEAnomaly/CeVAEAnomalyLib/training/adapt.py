@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..data import refuse_bundled_output
 from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibrate import WRITE_SHARE
 from ..engine.calibration import calibrated_test_time_steps
-from ..engine.devices import resolve_device
+from ..engine.devices import DeviceUnavailable, resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
 from ..errors import COMMAND_LINE, CeVAEError, Wording
@@ -88,7 +89,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     _warn_of_mixed_acquisitions(subjects, wording.stop)
     modes = _adaptable_modes(calibrated_test_time_steps(header.calibration), base)  # the parent's, calibrated again
     thorough = len([steps for steps in modes if steps > 0])
-    device = resolve_device(options.device, strict=True)  # what the runs use: a missing GPU is refused before any run
+    device = _device(options.device, wording)  # what the runs use: a missing GPU is refused before any run
     calibrating = calibration_seconds(len(subjects), thorough_modes=thorough)
     calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
                                                                              n_persons=len(persons))))
@@ -282,6 +283,15 @@ def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], how_to_stop: str) -
     if mixed:
         log.warning("%s With healthy scans of %d persons in each acquisition, stop now (%s) and adapt one model per "
                     "acquisition.", mixed, MIN_SCANS, how_to_stop)
+
+
+def _device(name: str, wording: Wording) -> torch.device:
+    """The device ``name`` resolves to for training (engine.devices.resolve_device, strict); a missing accelerator is
+    refused offering the CPU in ``wording``."""
+    try:
+        return resolve_device(name, strict=True)
+    except DeviceUnavailable as exc:
+        raise exc.offering(wording.cpu_choice) from None
 
 
 def _refuse_input(path: Path, read: Inputs) -> None:
