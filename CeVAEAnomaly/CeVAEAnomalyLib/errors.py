@@ -45,6 +45,7 @@ class Wording:
     less_memory: str = "use a smaller --input-size or --channels, or another device"  # out of memory at batch size 1
     cache_room: str = "Free space there, or give --cache-dir a folder on a disk with room"  # slice cache's disk full
     higher_rate: str = "give a higher --default-fpr"  # a default rate too low for the voxels calibrated on (calibrate)
+    replace_model: str = "pass --overwrite to adapt again and replace it, or choose another --out"  # adapt: model done
     cpu_choice: str = "choose the device cpu or auto (--device cpu)"  # train on the CPU (devices.DeviceUnavailable)
 
 

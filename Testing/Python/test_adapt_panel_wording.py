@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -39,6 +39,8 @@ START_ANEW = "press Adapt again and answer No (start anew) when it asks whether 
 RESUME = "press Adapt again with the same volumes and file name and choose to resume (it asks first)"
 EVERY = 2  # steps between checkpoints
 TOO_LOW = "The model's default rate is too low for"
+REPLACE = ("press Adapt again and answer Yes when it asks whether to replace them, or choose another file name for the "
+           "adapted model")
 HIGHER_RATE = "detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)"  # the panel's
 
 
@@ -274,3 +276,21 @@ def test_the_adapt_command_warning_of_a_default_rate_too_low_names_its_own_optio
     text = _rate_warning(caplog.records)
     assert text.endswith("Calibrate on more healthy scans, or detect with a higher --fpr."), text
     assert "--default-fpr" not in text, text
+
+
+@pytest.mark.parametrize("resume,files,said", [
+    (False, ("site.cevae",), "already exists (a finished adaptation keeps no fold checkpoints to resume); "),
+    (True, ("site.cevae", "site.cevae.ckpt"), "is complete (its model file is written); there is nothing to resume: "),
+])
+def test_a_finished_adaptation_met_by_the_worker_says_what_to_do_in_the_panels_words(
+        tiny_bundle, panel_task, tmp_path, resume: bool, files: Tuple[str, ...], said: str):
+    """A finished adaptation's files written after the panel checked the file name (by another adaptation to it) told
+    the panel's user to "pass --overwrite to adapt again and replace it, or choose another --out"."""
+    for name in files:
+        shutil.copyfile(tiny_bundle, tmp_path / name)  # (the checkpoint is not read: refused before)
+    with pytest.raises(CeVAEError) as refused:
+        run_adapt(dict(panel_task, model=str(tiny_bundle), options=dict(panel_task["options"], resume=resume)),
+                  lambda fraction, message: None)
+    text = str(refused.value)
+    assert text.endswith(f"{said}{REPLACE}."), text
+    assert "--" not in text, text

@@ -72,7 +72,9 @@ PANEL_WORDING = Wording(
     cache_room="Free space there (the system's temporary folder, where an adaptation prepares its slices), then press "
                "Adapt again",
     higher_rate="detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)",
-    cpu_choice="choose CPU or Automatic in the Device selector")
+    cpu_choice="choose CPU or Automatic in the Device selector",
+    replace_model="press Adapt again and answer Yes when it asks whether to replace them, or choose another file name "
+                  "for the adapted model")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":

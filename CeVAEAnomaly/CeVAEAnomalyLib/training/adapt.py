@@ -70,7 +70,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     refuse_if_held(out, "adapt")  # an adaptation writing it now: said so, not taken for a finished or earlier one
     _refuse_input(out, Inputs([base, *inputs, *(p for s in subjects for p in (s.image, s.mask))]))  # before "exists"
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
-        raise _finished(out)  # finished (as below): refused before hashing
+        raise _finished(out, wording)  # finished (as below): refused before hashing
     checksums = _checksums(subjects)
     trained = set(header.trained_on([checksums[s.image] for s in subjects]))
     seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
@@ -102,7 +102,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     finished = out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
                                          if run != "final")  # fold checkpoints go once the model is written
     if finished and not (options.overwrite or options.resume):
-        raise _finished(out)
+        raise _finished(out, wording)
     for cfg in configs.values():
         cfg.check_outputs((), options.overwrite)
     if options.resume and not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
@@ -110,7 +110,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")
     if options.resume and finished:
         raise CeVAEError(f"The adaptation to {out} is complete (its model file is written); there is nothing to "
-                         "resume. Pass --overwrite to adapt again.")
+                         f"resume: {wording.replace_model}.")
     log.info("%s", describe_estimate(len(subjects), device.type, options, len(persons), thorough))  # (now it runs)
     parent = sha256_of(base)  # the file every run starts from, as the bundle records it
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them (all runs: these)
@@ -300,10 +300,10 @@ def _refuse_input(path: Path, read: Inputs) -> None:
         raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another --out.")
 
 
-def _finished(out: Path) -> CeVAEError:
-    """The refusal of an ``out`` a finished adaptation wrote."""
-    return CeVAEError(f"{out} already exists (a finished adaptation keeps no fold checkpoints to resume); pass "
-                      "--overwrite to adapt again and replace it, or choose another --out.")
+def _finished(out: Path, wording: Wording) -> CeVAEError:
+    """The refusal of an ``out`` a finished adaptation wrote, saying what to do in ``wording``."""
+    return CeVAEError(f"{out} already exists (a finished adaptation keeps no fold checkpoints to resume); "
+                      f"{wording.replace_model}.")
 
 
 def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
