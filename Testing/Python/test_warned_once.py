@@ -1,17 +1,19 @@
 """Each warning about a scan is said once: a calibration on a scan of part of the head (the bundled colin27's upper
-part, 2 mm) said its coverage twice."""
+part, 2 mm) said its coverage twice, and so did adapt and train, which mask a scan for its slices and its scores."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import List
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import template_dir
-from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1
+from CeVAEAnomalyLib.engine.brainmask import (MARGIN_MM, SCORED_MARGIN_MM, TEMPLATE_MASK, TEMPLATE_T1,
+                                            compute_brain_mask, each_warning_once)
 
 EDGE = "reaches the edge of the image"  # the automatic mask's coverage warning and the given mask's
 
@@ -65,3 +67,71 @@ def test_calibration_s_automatic_mask_warnings_name_the_scan(tiny_bundle, top, t
                                 str(tiny_bundle), "--device", "cpu"])
     edge = [w for w in warned if EDGE in w]
     assert edge and all(w.startswith(f"{top / 'top.nii.gz'}: The automatic brain mask") for w in edge), warned
+
+
+@pytest.fixture(scope="module")
+def tops(top, tmp_path_factory) -> List[Path]:
+    """Two scans of part of the head without brain masks in a folder of their own: top.nii.gz and a noisy copy (another
+    scan, as `adapt` and `train` need)."""
+    folder = tmp_path_factory.mktemp("tops")
+    image = sitk.ReadImage(str(top / "top.nii.gz"), sitk.sitkFloat32)
+    noise = np.random.default_rng(0).normal(0.0, 2.0, image.GetSize()[::-1]).astype(np.float32)
+    noisy = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) + noise)
+    noisy.CopyInformation(image)
+    for out, volume in (("top.nii.gz", image), ("noisy.nii.gz", noisy)):
+        sitk.WriteImage(volume, str(folder / out))
+    return [folder / "top.nii.gz", folder / "noisy.nii.gz"]
+
+
+def _edge_warnings_of(warned: List[str], scan: Path) -> List[str]:
+    return [w for w in warned if EDGE in w and w.startswith(f"{scan}: ")]
+
+
+def test_adapting_on_partial_maskless_scans_says_each_coverage_once_and_a_later_detection_again(tiny_bundle, tops,
+                                                                                               tmp_path, caplog):
+    """adapt masked each scan for its slices (2 mm outside the template's brain) and then for its calibration (1 mm
+    inside), and each mask said "reaches the edge of the image", with other figures (13 %, then 11 %): the same fact
+    about a scan, twice. A detection of the scan after the run, in the same process (Slicer, a batch), is another
+    run: it says it again."""
+    out = tmp_path / "site.cevae"
+    warned = _warnings(caplog, ["adapt", *map(str, tops), "--model", str(tiny_bundle), "--out", str(out), "--steps",
+                                "2", "--batch-size", "4", "--device", "cpu"])
+    for scan in tops:
+        assert len(_edge_warnings_of(warned, scan)) == 1, warned
+    warned = _warnings(caplog, ["detect", str(tops[0]), "--model", str(out), "--device", "cpu",
+                                "--score", str(tmp_path / "score.nii.gz")])
+    assert len([w for w in warned if EDGE in w]) == 1, warned
+
+
+def test_training_with_a_partial_maskless_held_out_scan_says_its_coverage_once(tops, tmp_path, caplog):
+    """train masked the held-out scan for its validation slices and again for the calibration, at another margin: its
+    coverage was said twice, with other figures."""
+    warned = _warnings(caplog, ["train", *map(str, tops), "--out", str(tmp_path / "t.cevae"), "--max-steps", "2",
+                                "--input-size", "64", "--channels", "8,16,16,32", "--z-dim", "16", "--batch-size",
+                                "4", "--val-fraction", "0.5", "--device", "cpu"])
+    for scan in tops:
+        assert len(_edge_warnings_of(warned, scan)) == 1, warned
+
+
+def test_a_scan_masked_again_in_one_run_says_its_facts_once_and_again_after_the_run(top, caplog):
+    """adapt masks a scan for its axial slices, again for a fold's other orientations (the same margin: the same
+    words) and then for its scores (another margin); a skull-stripped scan's mask and notice are the same at every
+    margin. Each was said every time. Within one run each is said once; a mask made after the run says it again."""
+    head = sitk.ReadImage(str(top / "top.nii.gz"), sitk.sitkFloat32)
+    brain = sitk.Mask(head, sitk.ReadImage(str(top / "top_mask.nii.gz"), sitk.sitkUInt8))
+    scans = {"head: ": head, "brain: ": brain}
+    caplog.set_level(logging.INFO, logger="CeVAEAnomalyLib.engine.brainmask")
+
+    def said(where: str) -> List[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith(where)]
+
+    with each_warning_once():
+        for margin in (MARGIN_MM, MARGIN_MM, SCORED_MARGIN_MM):
+            for where, image in scans.items():
+                compute_brain_mask(image, where=where, margin_mm=margin)
+    assert len(said("head: ")) == 1 and EDGE in said("head: ")[0], said("head: ")
+    brain_said = said("brain: ")
+    assert len(brain_said) == 2 and EDGE in brain_said[1] and "skull-stripped" in brain_said[0], brain_said
+    caplog.clear()
+    compute_brain_mask(head, where="head: ", margin_mm=SCORED_MARGIN_MM)
+    assert len(said("head: ")) == 1 and EDGE in said("head: ")[0], said("head: ")

@@ -10,7 +10,8 @@ everything above a near-background level, is no bigger than a brain, its backgro
 air is noise, even where the coverage is partial and the head's foreground is brain-sized), and, where it reaches the
 image's edge, no dark band (skull) lies under its surface (a cut-off head whose air was set to zero). Either way the
 result is hole-filled and reduced to its largest connected component. A process keeps its registrations' transforms
-by their inputs' content, so that a scan masked at two margins (training, then scoring) is registered once.
+by their inputs' content, so that a scan masked at two margins (training, then scoring) is registered once; within
+one run (:func:`each_warning_once`: ``train``, ``adapt``) a scan's warnings are said once, whatever the margins.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import logging
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Set, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -140,8 +142,9 @@ def _mask_in_order(given: sitk.Image, reorder: bool, template_dir: Optional[Path
     mask = intensities > background if _looks_stripped(intensities, small, background) else None
     del intensities  # (a reordered copy of the scan) not held while the template is registered, warped and cleaned
     stripped = mask is not None
+    scan = _scan_key(small, where)
     if stripped:
-        logger.info("%sInput looks skull-stripped: its foreground is the brain mask", where)
+        _say(scan, "stripped", logging.INFO, "%sInput looks skull-stripped: its foreground is the brain mask", where)
     else:
         _check_extent(given)
         report(progress, 0.05, "Loading brain template")
@@ -152,8 +155,8 @@ def _mask_in_order(given: sitk.Image, reorder: bool, template_dir: Optional[Path
         mask = _warped_distance(template_mask, grid, transform) <= margin_mm
     report(progress, 0.9, "Cleaning brain mask")
     mask = _largest_filled_component(mask)
-    _check_volume(mask, where)
-    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, foreground, stripped, where)
+    _check_volume(mask, where, scan)
+    _check_fit(sitk.GetArrayViewFromImage(mask) > 0, foreground, stripped, where, scan)
     report(progress, 1.0, "Brain mask done")
     return mask
 
@@ -575,36 +578,78 @@ def _largest_filled_component(mask: sitk.Image) -> sitk.Image:
     return largest
 
 
-def _check_fit(mask: np.ndarray, foreground: np.ndarray, stripped: bool, where: str = "") -> None:
-    """Warn (led by ``where``) where the automatic mask cannot be trusted: much of it outside the head (the template
-    did not register: an unusual pose or header, two heads), or reaching the image's edge (a partial field of view,
-    where a registered template may hold more than the brain). ``stripped``: the mask is a skull-stripped scan's own
-    foreground, so reaching the edge says only that the scan may cover part of the brain."""
+# what the run under way (each_warning_once) has said: (scan key, fact) pairs; None outside a run
+_said: ContextVar[Optional[Set[Tuple[str, str]]]] = ContextVar("cevae_brainmask_said", default=None)
+
+
+@contextmanager
+def each_warning_once() -> Iterator[None]:
+    """One run (``train``, ``adapt``; usable as a decorator) in which an automatic mask says each of its warnings (and
+    the skull-stripped notice) about a scan once: a scan masked for its slices, again for another orientation's, and
+    then for its scores (another margin: other figures) said the same fact each time. Outside a run (a detection, a
+    batch's scan) every mask says what it finds; a run within a run is the same run. Kept per thread and task (a
+    context variable): another thread's masks are not in this run."""
+    if _said.get() is not None:
+        yield
+        return
+    token = _said.set(set())
+    try:
+        yield
+    finally:
+        _said.reset(token)
+
+
+def _scan_key(small: sitk.Image, where: str) -> str:
+    """sha256 of a scan, by the voxels and grid of its 4 mm copy ``small`` and the words ``where`` that name it in its
+    warnings: a changed scan under the same name is another scan."""
+    digest = hashlib.sha256(repr((where, small.GetPixelIDValue(), _grid(small))).encode())
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(small)).data)
+    return digest.hexdigest()
+
+
+def _say(scan: str, fact: str, level: int, message: str, *args: object) -> None:
+    """Log ``message % args`` at ``level``, unless the run under way (:func:`each_warning_once`) said ``fact`` (a
+    name for what the message says) of ``scan`` already."""
+    said = _said.get()
+    if said is not None:
+        if (scan, fact) in said:
+            return
+        said.add((scan, fact))
+    logger.log(level, message, *args)
+
+
+def _check_fit(mask: np.ndarray, foreground: np.ndarray, stripped: bool, where: str, scan: str) -> None:
+    """Warn (led by ``where``, of ``scan``: :func:`_say`) where the automatic mask cannot be trusted: much of it outside
+    the head (the template did not register: an unusual pose or header, two heads), or reaching the image's edge (a
+    partial field of view, where a registered template may hold more than the brain). ``stripped``: the mask is a
+    skull-stripped scan's own foreground, so reaching the edge says only that the scan may cover part of the brain."""
     outside = float(np.mean(~foreground[mask]))
     if outside > _MAX_MASK_OUTSIDE_HEAD:
-        logger.warning("%sThe automatic brain mask fits the image poorly: %.0f %% of it lies outside the head (an "
-                       "unusual head position or header?); check it, or give a brain mask.", where, 100 * outside)
+        _say(scan, "outside", logging.WARNING, "%sThe automatic brain mask fits the image poorly: %.0f %% of it lies "
+             "outside the head (an unusual head position or header?); check it, or give a brain mask.", where,
+             100 * outside)
     edge = _edge_share(mask)
     if edge <= _MAX_MASK_ON_EDGE:
         return
     if stripped:
-        logger.warning("%sThe automatic brain mask reaches the edge of the image (%.0f %% of its border): the "
-                       "skull-stripped scan may cover part of the brain only; its mask is its foreground (no template "
-                       "was registered); check the scan's coverage.", where, 100 * edge)
+        _say(scan, "edge", logging.WARNING, "%sThe automatic brain mask reaches the edge of the image (%.0f %% of its "
+             "border): the skull-stripped scan may cover part of the brain only; its mask is its foreground (no "
+             "template was registered); check the scan's coverage.", where, 100 * edge)
     else:
-        logger.warning("%sThe automatic brain mask reaches the edge of the image (%.0f %% of its border): the scan "
-                       "covers part of the head, and the template registered to it may put more than the brain in "
-                       "the mask; check it, or give a brain mask.", where, 100 * edge)
+        _say(scan, "edge", logging.WARNING, "%sThe automatic brain mask reaches the edge of the image (%.0f %% of its "
+             "border): the scan covers part of the head, and the template registered to it may put more than the "
+             "brain in the mask; check it, or give a brain mask.", where, 100 * edge)
 
 
-def _check_volume(mask: sitk.Image, where: str = "") -> None:
-    """Raise on an empty mask; warn (led by ``where``) on an implausible brain volume. A mask that reaches the
-    image's edge (a scan of part of the head, which :func:`_check_fit` warns of) holds part of a brain: a small
-    volume is what it should have."""
+def _check_volume(mask: sitk.Image, where: str, scan: str) -> None:
+    """Raise on an empty mask; warn (led by ``where``, of ``scan``: :func:`_say`) on an implausible brain volume. A
+    mask that reaches the image's edge (a scan of part of the head, which :func:`_check_fit` warns of) holds part of a
+    brain: a small volume is what it should have."""
     voxels = sitk.GetArrayViewFromImage(mask)
     count = np.count_nonzero(voxels)
     if count == 0:
         raise CeVAEError("The automatic brain mask is empty; is this a T1 head MRI? Provide a brain mask.")
     volume_ml = count * voxel_volume_ml(mask)
     if volume_ml > _PLAUSIBLE_ML[1] or (volume_ml < _PLAUSIBLE_ML[0] and _edge_share(voxels) <= _MAX_MASK_ON_EDGE):
-        logger.warning("%sBrain mask volume %.0f mL is implausible; check the image and the mask.", where, volume_ml)
+        _say(scan, "volume", logging.WARNING, "%sBrain mask volume %.0f mL is implausible; check the image and the "
+             "mask.", where, volume_ml)

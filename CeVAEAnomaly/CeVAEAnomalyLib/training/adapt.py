@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..data import refuse_bundled_output
+from ..engine.brainmask import each_warning_once
 from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibrate import WRITE_SHARE
 from ..engine.calibration import calibrated_test_time_steps
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated share, the runs the rest
 
 
+@each_warning_once()  # each scan is masked for its slices and for its scores
 def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOptions = AdaptOptions(),
           progress: Optional[ProgressCallback] = None, inputs: Sequence[Optional[Path]] = (),
           wording: Wording = COMMAND_LINE) -> Path:

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
+from ..engine.brainmask import each_warning_once
 from ..engine.calibration import largest_side
 from ..engine.config import ModelConfig, PreprocessConfig
 from ..engine.corruption import random_rectangles
@@ -538,7 +539,7 @@ class Trainer:
         if self.dist.main and not self.cfg.resume and self.cfg.out.is_file():
             log.info("The earlier model %s stays in place, usable, until this run writes the new one (an earlier "
                      "checkpoint and log are replaced at this run's first checkpoint).", self.cfg.out)
-        with self._session():
+        with self._session(), each_warning_once():  # a held-out scan is masked for its slices and its scores
             elapsed = self._train()
             return self._write_bundle(elapsed) if self.dist.main else None
 
