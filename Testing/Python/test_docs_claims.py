@@ -1,11 +1,13 @@
 """What the README and docs say about the command line, checked against what it does."""
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -108,3 +110,15 @@ def test_a_run_refused_by_the_lock_on_its_output_says_what_the_docs_quote(tmp_pa
         assert main(["batch", str(tmp_path), "--out-dir", str(tmp_path / "batch"), "--model", str(tiny_bundle),
                      "--threshold", "1"]) == 2
     assert re.search(quoted("docs/SCALING.md", "A batch (process"), capsys.readouterr().err)
+
+
+def test_the_warning_of_a_mask_larger_than_a_brain_says_what_the_docs_quote(caplog) -> None:
+    """A given mask of 7.9 L (a head mask) is warned of in the words WHAT_HAPPENS_WHEN.md quotes; it quoted them
+    without "(at most about 3 L)" and the closing sentence, so the quotation was not found in the log."""
+    from CeVAEAnomalyLib.engine.preprocess import warn_unlike_a_brain
+
+    image = sitk.Image(79, 10, 10, sitk.sitkFloat32)
+    image.SetSpacing((10.0, 10.0, 10.0))  # 1 ml voxels: 7900 of them
+    with caplog.at_level(logging.WARNING):
+        warn_unlike_a_brain(np.ones((10, 10, 79), bool), image)
+    assert re.search(quoted("docs/WHAT_HAPPENS_WHEN.md", "The brain mask covers"), caplog.text)
