@@ -1,6 +1,8 @@
 """What the README and docs say about the command line, checked against what it does."""
 from __future__ import annotations
 
+import ast
+import importlib
 import logging
 import re
 import sys
@@ -122,3 +124,56 @@ def test_the_warning_of_a_mask_larger_than_a_brain_says_what_the_docs_quote(capl
     with caplog.at_level(logging.WARNING):
         warn_unlike_a_brain(np.ones((10, 10, 79), bool), image)
     assert re.search(quoted("docs/WHAT_HAPPENS_WHEN.md", "The brain mask covers"), caplog.text)
+
+
+API_MODULES = ("__init__.py", "slicer/logic.py", "engine/detector.py", "engine/bundle.py", "options.py", "result.py",
+               "io/images.py", "data/__init__.py")  # the public API's modules: their docstrings name Python too
+
+
+def docstrings(module: str) -> str:
+    """Every docstring (module, classes, functions) of ``module``, a path in CeVAEAnomalyLib."""
+    tree = ast.parse((REPO / "CeVAEAnomaly" / "CeVAEAnomalyLib" / module).read_text(encoding="utf-8"))
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef)))]
+    return "\n".join(ast.get_docstring(n) or "" for n in nodes)
+
+
+def documented_python_names(text: str) -> Iterator[str]:
+    """The dotted names of the project's Python that ``text`` uses: what ``from CeVAEAnomaly... import A, B`` imports
+    (``CeVAEAnomalyLib.options.A``) and every name written out (``CeVAEAnomalyLib.result.record_json``)."""
+    for module, names in re.findall(r"from (CeVAEAnomaly\w*(?:\.\w+)*) import ([\w ,]+)", text):
+        yield from (f"{module}.{name.split(' as ')[0].strip()}" for name in names.split(",") if name.strip())
+    yield from re.findall(r"\bCeVAEAnomaly(?:Lib|Research)(?:\.\w+)+", text)
+
+
+def python_name_exists(dotted: str) -> bool:
+    """Whether ``dotted`` is a module of the project or a name in one. The Slicer module (CeVAEAnomaly.py) imports Qt,
+    so its names are those it exports (``__all__``)."""
+    if dotted.startswith("CeVAEAnomaly."):
+        tree = ast.parse((REPO / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text(encoding="utf-8"))
+        exported = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                        and any(getattr(target, "id", None) == "__all__" for target in n.targets))
+        return dotted.split(".", 1)[1] in exported
+    parts = dotted.split(".")
+    for length in range(len(parts), 0, -1):
+        try:
+            value = importlib.import_module(".".join(parts[:length]))
+        except ImportError:
+            continue
+        for name in parts[length:]:
+            if not hasattr(value, name):
+                return False
+            value = getattr(value, name)
+        return True
+    return False
+
+
+def test_every_python_name_the_docs_and_docstrings_use_exists() -> None:
+    """A name a snippet imports or the text names (README, docs, model card, the public API's docstrings) is one the
+    package has: a renamed or removed function fails here, not in a user's console."""
+    pytest.importorskip("slicer")  # CeVAEAnomalyLib.slicer's modules import it
+    texts = {document: (REPO / document).read_text(encoding="utf-8")
+             for document in (*DOCUMENTS[:-1], "Resources/Models/MODEL_CARD.md")}
+    texts.update({f"CeVAEAnomalyLib/{module} (docstrings)": docstrings(module) for module in API_MODULES})
+    used = {(where, name) for where, text in texts.items() for name in documented_python_names(text)}
+    missing = sorted(f"{where}: {name}" for where, name in used if not python_name_exists(name))
+    assert len(used) > 30 and not missing, missing
