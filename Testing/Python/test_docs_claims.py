@@ -177,3 +177,42 @@ def test_every_python_name_the_docs_and_docstrings_use_exists() -> None:
     used = {(where, name) for where, text in texts.items() for name in documented_python_names(text)}
     missing = sorted(f"{where}: {name}" for where, name in used if not python_name_exists(name))
     assert len(used) > 30 and not missing, missing
+
+
+def every_document() -> List[str]:
+    """The README, every page of docs/ (the benchmark reports too) and the model card, as repository paths."""
+    pages = sorted(str(path.relative_to(REPO)) for path in (REPO / "docs").glob("*.md"))
+    return ["README.md", *pages, "Resources/Models/MODEL_CARD.md"]
+
+
+def script_flags(script: Path) -> set:
+    """The option strings a script's argparse parser defines (its add_argument calls, read without running it)."""
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    return {arg.value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument"
+            for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("-")}
+
+
+def documented_script_lines(text: str) -> Iterator[Tuple[str, List[str]]]:
+    """(script path, its flags) of every command line of a repository script in ``text`` (scripts/, Testing/benchmarks/;
+    continued lines joined, up to a comment, the end of the line or of the inline code, and up to a ``--`` after which
+    flags are the script's to pass on)."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    for match in re.finditer(r"\b((?:scripts|Testing/benchmarks)/\w+\.py)([^\n`#;&|>)]*)", text):
+        own = re.split(r"\s--(?:\s|$)", match.group(2), maxsplit=1)[0]
+        yield match.group(1), re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", own)
+
+
+def test_every_documented_script_line_names_a_script_and_its_flags() -> None:
+    """A benchmark or tool script a document tells to run (``python scripts/benchmark_train.py --variants cevae``)
+    exists, and each flag its line shows is one of that script's own."""
+    wrong, seen = [], 0
+    for document in every_document():
+        for script, used in documented_script_lines((REPO / document).read_text(encoding="utf-8")):
+            seen += 1
+            if not (REPO / script).is_file():
+                wrong.append(f"{document}: {script} does not exist")
+                continue
+            known = script_flags(REPO / script) | {"--help"}
+            wrong += [f"{document}: {script} {flag}" for flag in used if flag not in known]
+    assert seen > 50 and not wrong, wrong
