@@ -221,8 +221,18 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
     return write_all(writers, overwrite, inputs, published)
 
 
-def _progress(fraction: float, message: str) -> None:
-    log.info("%3d%% %s", round(100 * fraction), message)
+class Progress:
+    """The run's progress on the log: a line where the whole percentage or the step changes (a registration reports
+    each of its hundreds of iterations, most at the same percentage)."""
+
+    def __init__(self) -> None:
+        self._last: Optional[Tuple[int, str]] = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        line = (round(100 * fraction), message)
+        if line != self._last:
+            self._last = line
+            log.info("%3d%% %s", *line)
 
 
 def absolute_paths(args: argparse.Namespace) -> None:
@@ -254,7 +264,7 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     mask = load_volume(scene, args.mask, labelmap=True)[0] if args.mask else None
     sources = input_files(image=args.input, mask=args.mask)  # the files just read, for the record
     result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
-                                              progress=_progress)
+                                              progress=Progress())
     result.detection.record = replace(result.detection.record, inputs=sources)
     written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model), source=args.input,
                             published=published)

@@ -390,3 +390,16 @@ def test_the_scripts_storage_nodes_are_released_after_writing():
     calls = [ast.unparse(c) for c in ast.walk(writer) if isinstance(c, ast.Call)]
     created = [c for c in calls if c.endswith(".CreateDefaultStorageNode()")]
     assert len(created) == 1 and "storage.UnRegister(None)" in calls, calls
+
+
+def test_progress_says_each_step_once_not_each_registration_iteration(script, caplog):
+    """A mask-less run's registration reports each of its hundreds of iterations; the log got a line for each, most
+    of them the same percentage and words."""
+    progress = script.Progress()
+    with caplog.at_level(logging.INFO, logger=script.log.name):
+        for i in range(200):
+            progress(0.1 + 0.0001 * i, "Registering brain template (initial pose)")
+        progress(0.2, "Registering brain template (similarity)")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [" 10% Registering brain template (initial pose)", " 11% Registering brain template (initial pose)",
+                     " 12% Registering brain template (initial pose)", " 20% Registering brain template (similarity)"]
