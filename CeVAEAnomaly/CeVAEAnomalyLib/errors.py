@@ -47,6 +47,8 @@ class Wording:
     higher_rate: str = "give a higher --default-fpr"  # a default rate too low for the voxels calibrated on (calibrate)
     replace_model: str = "pass --overwrite to adapt again and replace it, or choose another --out"  # adapt: model done
     cpu_choice: str = "choose the device cpu or auto (--device cpu)"  # train on the CPU (devices.DeviceUnavailable)
+    # a resume from a checkpoint past the run's end: ends "the checkpoint ... is at step {step}, " ({steps}: the run's)
+    past_the_end: str = "past --max-steps {steps}; give --max-steps {step} or more"
 
 
 COMMAND_LINE = Wording()

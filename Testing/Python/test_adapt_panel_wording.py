@@ -31,6 +31,7 @@ from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.options import DetectionRequest
 from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt, run_calibrate
 from CeVAEAnomalyLib.training.config import TrainConfig
+from CeVAEAnomalyLib.training.checkpoint import DIGEST_KEY, write_checkpoint
 from CeVAEAnomalyLib.training.trainer import Trainer
 from conftest import make_head, write_heads
 
@@ -294,3 +295,40 @@ def test_a_finished_adaptation_met_by_the_worker_says_what_to_do_in_the_panels_w
     text = str(refused.value)
     assert text.endswith(f"{said}{REPLACE}."), text
     assert "--" not in text, text
+
+
+@pytest.fixture
+def earlier_checkpoint(coarse_site) -> Dict[str, Any]:
+    """``coarse_site``'s adaptation (4 steps a run) interrupted after its final run's last checkpoint, which an earlier
+    version wrote (its run record without the adaptation's steps and learning rate): the request to resume it."""
+    run_adapt(coarse_site, lambda fraction, message: None)
+    out = Path(coarse_site["out"])
+    out.unlink()  # (the final checkpoint stays: as if stopped before the model was written)
+    ckpt = out.with_name(out.name + ".ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del state["run"]["options"]["adaptation"], state[DIGEST_KEY]  # (an earlier version's had no digest either)
+    write_checkpoint(state, ckpt)
+    return dict(coarse_site, options=dict(coarse_site["options"], resume=True))
+
+
+def test_a_panels_resume_of_a_checkpoint_past_its_steps_says_what_to_do_in_the_panels_words(earlier_checkpoint):
+    """Resuming from the panel a checkpoint at a step past the steps of the panel's runs said "--resume refused: ...
+    past --max-steps N; give --max-steps M or more": train's option, which neither the panel nor adapt has."""
+    task = dict(earlier_checkpoint, options=dict(earlier_checkpoint["options"], steps=2))
+    with pytest.raises(CeVAEError) as refused:
+        run_adapt(task, lambda fraction, message: None)
+    text = str(refused.value)
+    assert text.startswith("Resume refused: the checkpoint "), text
+    assert "is at step 4, past the 2 steps each run takes from the panel" in text, text
+    assert text.endswith(f"(cevae-anomaly adapt, with 4 steps or more), or {START_ANEW}."), text
+    assert "--" not in text, text
+
+
+def test_the_adapt_command_resuming_a_checkpoint_past_its_steps_names_its_own_option(earlier_checkpoint, capsys):
+    """`cevae-anomaly adapt --resume --steps 2` said "give --max-steps 4 or more", an option of train's."""
+    volumes = [path for s in earlier_checkpoint["subjects"] for path in (s["image"], s["mask"])]
+    assert main(["adapt", *volumes, "--model", earlier_checkpoint["model"], "--out", earlier_checkpoint["out"],
+                 "--steps", "2", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "is at step 4, past --steps 2; give --steps 4 or more." in err, err
+    assert "--max-steps" not in err, err

@@ -26,7 +26,8 @@ RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
 # rate of its --model (train's --channels, --z-dim and --input-size, calibrate's --default-fpr are not adapt's)
 ADAPT_WORDING = dataclasses.replace(COMMAND_LINE, same_model="Resume with the --model that adaptation started from",
                                     less_memory="close other programs that use its memory, or give another --device",
-                                    higher_rate="detect with a higher --fpr")
+                                    higher_rate="detect with a higher --fpr",
+                                    past_the_end="past --steps {steps}; give --steps {step} or more")
 
 
 def _require_research(command: str, modules: Sequence[str]) -> None:

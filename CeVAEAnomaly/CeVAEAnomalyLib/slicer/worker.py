@@ -74,7 +74,10 @@ PANEL_WORDING = Wording(
     higher_rate="detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)",
     cpu_choice="choose CPU or Automatic in the Device selector",
     replace_model="press Adapt again and answer Yes when it asks whether to replace them, or choose another file name "
-                  "for the adapted model")
+                  "for the adapted model",
+    past_the_end="past the {steps} steps each run takes from the panel, which has no control for them: resume it with "
+                 "the command that started it (cevae-anomaly adapt, with {step} steps or more), or press Adapt again "
+                 "and answer No (start anew) when it asks whether to resume")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":

@@ -426,8 +426,8 @@ class Trainer:
             check_same_run(state.get("run"), self.run_identity(), path, self.wording)
             step = state.get("step")
             if isinstance(step, int) and step > self.cfg.max_steps:  # the run would end at the checkpoint's step
-                raise CeVAEError(f"--resume refused: the checkpoint {path} is at step {step}, past --max-steps "
-                                 f"{self.cfg.max_steps}; give --max-steps {step} or more.")
+                raise CeVAEError(f"{self.wording.resume_request} refused: the checkpoint {path} is at step {step}, "
+                                 f"{self.wording.past_the_end.format(steps=self.cfg.max_steps, step=step)}.")
             self._resume_state = state
         return self._resume_state
 
