@@ -49,6 +49,9 @@ class Wording:
     cpu_choice: str = "choose the device cpu or auto (--device cpu)"  # train on the CPU (devices.DeviceUnavailable)
     # a resume from a checkpoint past the run's end: ends "the checkpoint ... is at step {step}, " ({steps}: the run's)
     past_the_end: str = "past --max-steps {steps}; give --max-steps {step} or more"
+    # an adaptation resumed from a checkpoint that does not record its steps and learning rate ({steps}, {lr}: this
+    # run's): only adaptations reach it, so by default `cevae-anomaly adapt`'s options
+    same_settings: str = "make sure --steps {steps} and --lr {lr:g} are those it was started with"
 
 
 COMMAND_LINE = Wording()

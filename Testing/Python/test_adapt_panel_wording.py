@@ -332,3 +332,16 @@ def test_the_adapt_command_resuming_a_checkpoint_past_its_steps_names_its_own_op
     err = capsys.readouterr().err
     assert "is at step 4, past --steps 2; give --steps 4 or more." in err, err
     assert "--max-steps" not in err, err
+
+
+def test_a_panels_resume_of_an_earlier_versions_checkpoint_warns_in_the_panels_words(earlier_checkpoint, caplog):
+    """Resuming from the panel a checkpoint of an earlier version warned "make sure --steps 4 and --lr 0.0001 are
+    those it was started with": the panel sets neither (its runs take the default steps and learning rate)."""
+    with caplog.at_level(logging.WARNING):
+        run_adapt(earlier_checkpoint, lambda fraction, message: None)
+    said = [r.getMessage() for r in caplog.records if "was written before an adaptation recorded" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert (": the panel resumes it with 4 steps and learning rate 0.0001 a run; if it was started with others (from "
+            "the command line), press Cancel and resume it with the command that started it (its fold models"
+            in said[0]), said
+    assert "--" not in said[0], said

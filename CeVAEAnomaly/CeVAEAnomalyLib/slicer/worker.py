@@ -77,7 +77,9 @@ PANEL_WORDING = Wording(
                   "for the adapted model",
     past_the_end="past the {steps} steps each run takes from the panel, which has no control for them: resume it with "
                  "the command that started it (cevae-anomaly adapt, with {step} steps or more), or press Adapt again "
-                 "and answer No (start anew) when it asks whether to resume")
+                 "and answer No (start anew) when it asks whether to resume",
+    same_settings="the panel resumes it with {steps} steps and learning rate {lr:g} a run; if it was started with "
+                  "others (from the command line), press Cancel and resume it with the command that started it")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":

@@ -294,9 +294,9 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
     adaptation = current["options"].get("adaptation")
     if adaptation is not None and "adaptation" not in options and options.get("init_from"):  # a fine-tuning's,
         # written before adaptations recorded them (another kind of run is refused below for its other options)
-        log.warning("The checkpoint %s was written before an adaptation recorded its steps and learning rate: make "
-                    "sure --steps %s and --lr %g are those it was started with (its fold models calibrate the final "
-                    "one, so they must be trained alike).", path, adaptation.get("steps"), adaptation.get("lr"))
+        log.warning("The checkpoint %s was written before an adaptation recorded its steps and learning rate: %s (its "
+                    "fold models calibrate the final one, so they must be trained alike).", path,
+                    wording.same_settings.format(steps=adaptation.get("steps"), lr=adaptation.get("lr")))
         options = dict(options, adaptation=adaptation)
     differences = [f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)"
                    for key, was, now in _changed_options(options, current["options"])]
