@@ -345,3 +345,16 @@ def test_a_panels_resume_of_an_earlier_versions_checkpoint_warns_in_the_panels_w
             "the command line), press Cancel and resume it with the command that started it (its fold models"
             in said[0]), said
     assert "--" not in said[0], said
+
+
+def test_the_train_command_warning_of_a_default_rate_too_low_names_what_train_offers(tmp_path, caplog):
+    """`cevae-anomaly train` calibrates the model it writes at its default rate: too few voxels there warned "give a
+    higher --default-fpr", which train has not (calibrate has)."""
+    volumes = [str(p) for s in write_heads(tmp_path, seeds=(7, 8), size=(28, 28, 28)) for p in (s.image, s.mask)]
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", *volumes, "--out", str(tmp_path / "model.cevae"), "--max-steps", "2", "--channels",
+                     "8,16,16,32", "--z-dim", "16", "--input-size", "64", "--batch-size", "8", "--checkpoint-every",
+                     "2", "--val-fraction", "0", "--device", "cpu", "--no-augment"]) == 0
+    text = _rate_warning(caplog.records)
+    assert text.endswith("Calibrate on more healthy scans, or give a higher --default-fpr to `cevae-anomaly "
+                         "calibrate` on the trained model."), text

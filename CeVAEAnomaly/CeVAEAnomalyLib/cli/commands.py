@@ -28,6 +28,9 @@ ADAPT_WORDING = dataclasses.replace(COMMAND_LINE, same_model="Resume with the --
                                     less_memory="close other programs that use its memory, or give another --device",
                                     higher_rate="detect with a higher --fpr",
                                     past_the_end="past --steps {steps}; give --steps {step} or more")
+# what train's warnings advise: train calibrates the model it writes at the default rate, and has no --default-fpr
+TRAIN_WORDING = dataclasses.replace(
+    COMMAND_LINE, higher_rate="give a higher --default-fpr to `cevae-anomaly calibrate` on the trained model")
 
 
 def _require_research(command: str, modules: Sequence[str]) -> None:
@@ -146,7 +149,8 @@ def run_train(args: argparse.Namespace) -> Path:
     cfg.check_outputs(_inputs(args, subjects), args.overwrite)
     rank0 = os.environ.get("RANK", "0") == "0"
     with hold_output(cfg.out, "train") if rank0 else contextlib.nullcontext():  # one run per --out at a time
-        trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None)
+        trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None,
+                          wording=TRAIN_WORDING)
         path = trainer.run()
     if path is not None:
         log.info("Model bundle written to %s (log: %s).", path, cfg.log_path)
