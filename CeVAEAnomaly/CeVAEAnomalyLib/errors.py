@@ -53,6 +53,8 @@ class Wording:
     # an adaptation resumed from a checkpoint that does not record its steps and learning rate ({steps}, {lr}: this
     # run's): only adaptations reach it, so by default `cevae-anomaly adapt`'s options
     same_settings: str = "make sure --steps {steps} and --lr {lr:g} are those it was started with"
+    detect_with: str = "Detect with it: cevae-anomaly detect SCAN --model {path}"  # the model adapt wrote ({path})
+    lower_rate: str = "detect with a lower --fpr, or a --threshold"  # an adapted model's threshold is 0 at its rate
 
 
 COMMAND_LINE = Wording()

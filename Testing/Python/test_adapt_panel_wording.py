@@ -358,3 +358,33 @@ def test_the_train_command_warning_of_a_default_rate_too_low_names_what_train_of
     text = _rate_warning(caplog.records)
     assert text.endswith("Calibrate on more healthy scans, or give a higher --default-fpr to `cevae-anomaly "
                          "calibrate` on the trained model."), text
+
+
+def _summary(records: List[logging.LogRecord]) -> str:
+    said = [r.getMessage() for r in records if r.getMessage().startswith("Adapted model written to ")]
+    assert len(said) == 1, [r.getMessage() for r in records]
+    return said[0]
+
+
+def test_a_panels_adaptation_summary_says_how_to_detect_in_the_panels_words(coarse_site, caplog):
+    """The summary an adaptation from the panel logs (Slicer's log, through the worker's output) ended "Detect with
+    it: cevae-anomaly detect SCAN --model PATH", a command line, where the panel detects with its Model bundle."""
+    with caplog.at_level(logging.INFO):
+        run_adapt(coarse_site, lambda fraction, message: None)
+    text = _summary(caplog.records)
+    assert text.endswith(" there. To detect with it, choose it as the Model bundle (the panel does so when the "
+                         "adaptation ends)"), text  # (no full stop: the command line's ends with a path)
+    assert "--" not in text and "cevae-anomaly" not in text, text
+
+
+def test_an_adaptation_summary_without_a_threshold_says_what_to_do_in_the_panels_words():
+    """An adapted model whose threshold at the default rate is 0 (None: it would flag the whole brain) was said to the
+    panel's user with "detect with a lower --fpr, or a --threshold"."""
+    from CeVAEAnomalyLib.training.adapt import threshold_said
+
+    text = threshold_said(None, PANEL_WORDING)
+    assert text == ("none (it gets 0 there, which would flag the whole brain: detect with a lower false-positive rate "
+                    "(Sensitivity: Chosen false-positive rate) or an absolute threshold (Sensitivity: Absolute "
+                    "threshold))"), text
+    assert threshold_said(None, ADAPT_WORDING).endswith("detect with a lower --fpr, or a --threshold)")
+    assert threshold_said(2.3577, PANEL_WORDING) == "2.36"

@@ -79,7 +79,10 @@ PANEL_WORDING = Wording(
                  "the command that started it (cevae-anomaly adapt, with {step} steps or more), or press Adapt again "
                  "and answer No (start anew) when it asks whether to resume",
     same_settings="the panel resumes it with {steps} steps and learning rate {lr:g} a run; if it was started with "
-                  "others (from the command line), press Cancel and resume it with the command that started it")
+                  "others (from the command line), press Cancel and resume it with the command that started it",
+    detect_with="To detect with it, choose it as the Model bundle (the panel does so when the adaptation ends)",
+    lower_rate="detect with a lower false-positive rate (Sensitivity: Chosen false-positive rate) or an absolute "
+               "threshold (Sensitivity: Absolute threshold)")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":

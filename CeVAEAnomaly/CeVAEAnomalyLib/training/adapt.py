@@ -143,14 +143,19 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
-    now = read_header(path).default_threshold()
     log.info("Adapted model written to %s (%d site scans, %d folds). Its threshold at the default healthy "
-             "false-positive rate is %s, calibrated on the site's scans; %s. Detect with it: "
-             "cevae-anomaly detect SCAN --model %s", path, len(subjects), len(plan),
-             "none (it gets 0 there, which would flag the whole brain: detect with a lower --fpr, or a --threshold)"
-             if now is None else f"{now:.3g}",
-             compared_with_parent(header, base.name), path)
+             "false-positive rate is %s, calibrated on the site's scans; %s. %s", path, len(subjects), len(plan),
+             threshold_said(read_header(path).default_threshold(), wording), compared_with_parent(header, base.name),
+             wording.detect_with.format(path=path))
     return path
+
+
+def threshold_said(threshold: Optional[float], wording: Wording) -> str:
+    """The adapted model's threshold at its default rate as its summary says it; None (0 there): what to detect with
+    instead, in ``wording``."""
+    if threshold is None:
+        return f"none (it gets 0 there, which would flag the whole brain: {wording.lower_rate})"
+    return f"{threshold:.3g}"
 
 
 def compared_with_parent(parent: BundleHeader, name: str) -> str:
