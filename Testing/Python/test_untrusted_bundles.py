@@ -386,11 +386,9 @@ def test_weights_that_overflow_are_refused_not_scored_as_nan(calibrated, head, t
     assert not (tmp_path / "score.nii.gz").exists()
 
 
-def test_scores_that_overflow_in_post_processing_are_refused(calibrated, head, tmp_path):
-    """Weights whose network output is finite but huge (a reconstruction bias of 1e4), with the asymmetry fusion's
-    --score-power 10: the scores overflowed, and a map of NaN was written with no component (here), or, where
-    infinite scores were left, every one was labelled and ITK's component statistics never ended on them (the
-    detection hung, found with the bundled model). In its own process, so that a hang fails the test."""
+def _overflowing_detection(model: Path, head: Tuple[Path, Path], out: Path, *options: str) -> str:
+    """The one error line of detect with ``model``, its reconstruction bias set to 1e4 (finite, but huge outputs),
+    and ``options``. In its own process, so that a hang fails the test."""
     import os
     import subprocess
     import sys
@@ -398,20 +396,38 @@ def test_scores_that_overflow_in_post_processing_are_refused(calibrated, head, t
     import torch
     from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
 
-    bundle = load_bundle(calibrated, "cpu")
+    bundle = load_bundle(model, "cpu")
     with torch.no_grad():
         bundle.model.state_dict()["decoder.8.bias"].fill_(1e4)
-    save_bundle(calibrated, bundle.model, bundle.header)
+    save_bundle(model, bundle.model, bundle.header)
     image, mask = head
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.cli", "detect", str(image), "--mask", str(mask),
-                           "--model", str(calibrated), "--score", str(tmp_path / "score.nii.gz"), "--device", "cpu",
-                           "--score-power", "10", "--threshold", "1"], capture_output=True, text=True, env=env,
-                          timeout=120)
+                           "--model", str(model), "--score", str(out), "--device", "cpu", *options],
+                          capture_output=True, text=True, env=env, timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "post-processed scores of this scan overflow" in lines[0] and "--score-power" in lines[0], lines[0]
-    assert not (tmp_path / "score.nii.gz").exists()
+    assert not out.exists()
+    return lines[0]
+
+
+def test_scores_that_overflow_in_post_processing_are_refused(calibrated, head, tmp_path):
+    """Weights whose network output is finite but huge (a reconstruction bias of 1e4), with the asymmetry fusion's
+    --score-power 10: the scores overflowed, and a map of NaN was written with no component (here), or, where
+    infinite scores were left, every one was labelled and ITK's component statistics never ended on them (the
+    detection hung, found with the bundled model)."""
+    line = _overflowing_detection(calibrated, head, tmp_path / "score.nii.gz", "--score-power", "10", "--threshold",
+                                  "1")
+    assert "post-processed scores of this scan overflow" in line and "--score-power" in line, line
+
+
+def test_scores_that_overflow_with_mixed_precision_name_detects_option(calibrated, head, tmp_path):
+    """With --amp the refusal advised to "run without mixed precision (--amp off)": detect has --amp and --no-amp,
+    no --amp off."""
+    line = _overflowing_detection(calibrated, head, tmp_path / "score.nii.gz", "--amp", "--score-power", "10",
+                                  "--threshold", "1")
+    assert "post-processed scores of this scan overflow" in line, line
+    assert "run without mixed precision (leave out --amp), or the model file" in line and "--amp off" not in line, line
 
 
 def test_a_small_file_whose_layers_are_huge_is_refused_before_its_weights_are_read(calibrated, head, tmp_path,

@@ -246,8 +246,8 @@ class Detector:
         if not np.isfinite(score[inside]).all():  # (an infinite score is labelled at any threshold, and ITK's
             # component statistics never end on it)
             power = f", raised to the power {post.score_power:g} (--score-power)" if asym is not None else ""
-            cause = ("run without mixed precision (--amp off), or the model file may be damaged or edited" if self.amp
-                     else "the model file may be damaged or edited")
+            damaged = "the model file may be damaged or edited"
+            cause = f"run without mixed precision (leave out --amp), or {damaged}" if self.amp else damaged
             raise CeVAEError("The post-processed scores of this scan overflow (infinite or NaN values): the model's "
                              f"scores are far larger than a trained model's{power}; {cause}.")
         return score
