@@ -8,7 +8,7 @@ mirror image. A voxel's asymmetry is its intensity difference to the voxel at it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -112,10 +112,16 @@ def _search(scaled: sitk.Image) -> MidPlane:
     ijk = np.argwhere(arr > 0)[:, ::-1]
     centre = np.asarray(coarse.TransformContinuousIndexToPhysicalPoint(ijk.mean(0).tolist()))
     best = [0.0, 0.0, 0.0]  # shift, tan yaw, tan roll
+    # each plane is scored once: every stage but the first tries the best plane so far again (its step 0), and a
+    # stage that starts where the last one did tries its shifts again
+    scores: Dict[Tuple[float, ...], float] = {}
 
-    def score(params) -> float:
-        moved = sitk.GetArrayFromImage(mirror(coarse, plane_from(centre, *params))).ravel()[where]
-        return float(np.corrcoef(ref, moved)[0, 1]) if moved.std() > 0 else -1.0
+    def score(params: List[float]) -> float:
+        key = tuple(params)
+        if key not in scores:
+            moved = sitk.GetArrayFromImage(mirror(coarse, plane_from(centre, *params))).ravel()[where]
+            scores[key] = float(np.corrcoef(ref, moved)[0, 1]) if moved.std() > 0 else -1.0
+        return scores[key]
 
     for shifts, tilts in zip(_SHIFTS_MM, _TILTS_DEG):
         for k, grid in ((0, best[0] + shifts), (1, np.tan(np.radians(tilts)) + best[1]),
