@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..io.images import in_voxels
-from .preprocess import Region, region_image
+from .preprocess import Region, brain_region, region_image
 
 _COARSE_MM = 4.0  # grid spacing used to find the plane
 # Coordinate search, coarse to fine: the tilts reach ±20° (a patient's head rolled or turned in the scanner;
@@ -150,20 +150,33 @@ def asymmetry(image: np.ndarray, mirrored: np.ndarray, both: np.ndarray, spacing
 def _smooth_within(diff: np.ndarray, both: np.ndarray, spacing: Tuple[float, float, float],
                    sigma_mm: float) -> np.ndarray:
     """:func:`asymmetry` of the float32 absolute difference ``diff``, which it overwrites and returns
-    (large volumes: besides ``diff``, at most two more arrays of its size alive at once)."""
+    (large volumes: besides ``diff``, at most two more arrays of its size alive at once).
+
+    Both smoothings run on the bounding box of ``both`` grown by :data:`_LINE_ENDS` voxels: ITK's recursive
+    Gaussian starts each line from its end value held constant, so a line with at least that many zeros at
+    each end is filtered exactly as the same line with more zeros (the whole array) is, and the values
+    outside the box, all zeros before and outside ``both`` after, are not needed.
+    """
     diff[~both] = 0
-    if sigma_mm <= 0:
+    if sigma_mm <= 0 or not both.any():
         return diff
-    num = _smooth(sitk.GetImageFromArray(diff), spacing, sigma_mm)
-    diff[...] = sitk.GetArrayViewFromImage(num)  # from here ``diff`` holds the smoothed difference
+    box = brain_region(both, _LINE_ENDS)
+    part, inside = diff[box], both[box]  # (``part`` is a view: written below, it writes ``diff``)
+    num = _smooth(sitk.GetImageFromArray(part), spacing, sigma_mm)
+    part[...] = sitk.GetArrayViewFromImage(num)  # from here ``part`` holds the smoothed difference
     del num
-    den = _smooth(sitk.Cast(sitk.GetImageFromArray(both.view(np.uint8)), sitk.sitkFloat32), spacing, sigma_mm)
+    den = _smooth(sitk.Cast(sitk.GetImageFromArray(inside.view(np.uint8)), sitk.sitkFloat32), spacing, sigma_mm)
     clamped = np.maximum(sitk.GetArrayViewFromImage(den), 1e-6)
     del den
-    np.divide(diff, clamped, out=diff)
+    np.divide(part, clamped, out=part)
     del clamped
-    diff[~both] = 0
+    part[~inside] = 0
     return diff
+
+
+# The values at each end of a line that ITK's recursive Gaussian (4th-order causal and anti-causal passes) takes
+# into its boundary terms; zeros there and beyond leave every value of the line alike.
+_LINE_ENDS = 4
 
 
 def _smooth(img: sitk.Image, spacing: Tuple[float, float, float], sigma_mm: float) -> sitk.Image:
