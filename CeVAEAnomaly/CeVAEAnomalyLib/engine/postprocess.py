@@ -165,7 +165,7 @@ def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: f
     else:
         label = _at_least(score, threshold)
     peaked = min_peak > 1 and np.isfinite(threshold)
-    if min_volume_mm3 > 0 or peaked:
+    if (min_volume_mm3 > 0 or peaked) and label.any():  # (nothing flagged, as in most scans: nothing to filter)
         cc_image = sitk.ConnectedComponent(sitk.GetImageFromArray(label.view(np.uint8)), True)
         cc = sitk.GetArrayViewFromImage(cc_image)
         keep = np.ones(int(cc.max()) + 1, bool)
@@ -216,6 +216,8 @@ COMPONENT_ORDERS = {
 def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -> List[Component]:
     """Connected components (26-connectivity) with size and score statistics and their highest-scoring voxel,
     ranked by ``order`` (a key of :data:`COMPONENT_ORDERS`, highest first) and labelled 1, 2, ... in that order."""
+    if not sitk.GetArrayViewFromImage(labelmap).any():  # nothing flagged, as in most scans: no ITK passes
+        return []
     cc = sitk.RelabelComponent(sitk.ConnectedComponent(labelmap, True))
     stats = sitk.LabelIntensityStatisticsImageFilter()
     stats.Execute(cc, score)
