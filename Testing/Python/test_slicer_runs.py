@@ -8,6 +8,7 @@ from conftest import add_volume, make_head
 
 slicer = pytest.importorskip("slicer")
 
+from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
 from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic  # noqa: E402
 from test_slicer_worker import run_to_end, sequence_scene  # noqa: E402
@@ -393,3 +394,38 @@ def test_the_frame_shown_is_followed_also_for_results_loaded_with_a_scene_or_an_
         assert "self._frames.follow(None)" in methods[name], name
     show = methods["_showResult"]
     assert show.index("self._frames.follow(result.nodes.score)") < show.index("p.scoreVolume = result.nodes.score")
+
+
+def test_a_run_loads_its_results_while_the_browser_shows_another_frame(tiny_bundle):
+    """A reader who moved the sequence browser to another frame while a detection of frame 3 ran, and stayed there, got
+    "The voxels of the input volume 'cine' changed while the detection ran ... Run the detection again." at its end:
+    the run was lost for browsing. The voxels it read are those of the frame it scored, which the sequence keeps: they
+    are checked there, so the results load (into frame 3's nodes, the browser left where the reader put it), and an
+    edit of frame 3 itself is still refused."""
+    scene, sequences, browser, proxy = sequence_scene()
+
+    def show(item: int) -> None:
+        browser.SetSelectedItemNumber(item)
+        sequences.UpdateProxyNodesFromSequences(browser)
+
+    logic = CeVAEAnomalyLogic()
+    show(2)
+    job = logic.startDetection(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    show(0)  # the reader looks at frame 1 while it runs
+    run_to_end(job)
+    third = logic.finishDetection(job)
+    assert third.nodes.score.GetName() == "cine anomaly score (frame 3)"
+    assert third.nodes.score.GetAttribute(nodes.FRAME_ATTRIBUTE) == "2" and browser.GetSelectedItemNumber() == 0
+    assert "Scored frame 3 of 3 (time = 4 s) of 'cine browser'." in third.summary
+
+    show(2)
+    before = mrml.node_ids(scene)
+    job = logic.startDetection(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    show(0)
+    frame3 = browser.GetSequenceNode(proxy).GetDataNodeAtValue("4")
+    slicer.util.arrayFromVolume(frame3)[0] += 1.0  # frame 3 itself edited meanwhile
+    slicer.util.arrayFromVolumeModified(frame3)
+    run_to_end(job)
+    with pytest.raises(CeVAEError, match="The voxels of the input volume 'cine' changed while the detection ran"):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before

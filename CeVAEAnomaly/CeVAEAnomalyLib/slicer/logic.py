@@ -170,16 +170,19 @@ def _state(volumeNode) -> Tuple:
             tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), digest)
 
 
-def _refuseChanged(volumeNode, before: Tuple) -> None:
-    """Refuse to load results onto an input whose grid or voxels are no longer those the detection read."""
-    now = _state(volumeNode)
+def _refuseChanged(volumeNode, before: Tuple, frame: Optional["SequenceFrame"] = None) -> None:
+    """Refuse to load results onto an input whose grid or voxels are no longer those the detection read; of a
+    sequence's ``frame`` (the one read), those the sequence keeps for it, whichever frame the browser shows now."""
+    from .nodes import read_frame_node
+
+    now = _state(read_frame_node(volumeNode, frame))
     if now[:2] != before[:2]:
         raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was resampled or moved (a transform hardened) "
                          "while the detection ran; its results would not lie on it. Run the detection again.")
     if now[2] != before[2]:
         raise CeVAEError(f"The voxels of the input volume '{volumeNode.GetName()}' changed while the detection ran "
-                         "(another frame of a sequence shown, or an edit); its results belong to the voxels it "
-                         "read. Run the detection again.")
+                         "(an edit, or another image put into it); its results belong to the voxels it read. "
+                         "Run the detection again.")
 
 
 class CeVAEAnomalyLogic(_LogicBase):
@@ -349,7 +352,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             detection = detector(image, mask, progress=scaled(progress, 0.05, 0.95))
             report(progress, 0.95, "Creating the result nodes")
             if volumeNode.GetScene() is not None:  # (a removed input is refused by publish)
-                _refuseChanged(volumeNode, state)  # a progress callback that runs the GUI lets the user change it
+                _refuseChanged(volumeNode, state, frame)  # a progress callback running the GUI lets the user change it
             result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode, frame=frame)
         said = _reworded(warnings, mask_words(maskNode, volumeNode))  # (a mask on another grid: both named)
         result = _recorded(dataclasses.replace(result, warnings=tuple(dict.fromkeys(said))))
@@ -451,7 +454,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             if job.done is None:
                 raise CeVAEError("The detection did not finish.")
             if target.volume.GetScene() is not None:
-                _refuseChanged(target.volume, target.state)
+                _refuseChanged(target.volume, target.state, target.frame)
             outputs, new_nodes = target.outputs_now()
             with _warningsLogged() as warnings:
                 result = self.publish(target.volume, load_result(job.folder), outputs, target.createLabelmap,

@@ -433,6 +433,18 @@ def sequence_frame(volume: slicer.vtkMRMLNode) -> Optional[SequenceFrame]:
     return None
 
 
+def read_frame_node(volume: slicer.vtkMRMLNode, frame: Optional[SequenceFrame]) -> slicer.vtkMRMLNode:
+    """The node that holds the voxels a run read of ``volume`` on ``frame`` (:func:`sequence_frame` at its start): the
+    volume itself, or, where its browser shows another item now, the data node of the item read in the volume's
+    sequence (which keeps that frame's voxels while the proxy shows another's); the volume where there is none."""
+    if frame is None or frame.browser.GetSelectedItemNumber() == frame.item:
+        return volume
+    sequence, master = frame.browser.GetSequenceNode(volume), frame.browser.GetMasterSequenceNode()
+    if sequence is None or master is None or not 0 <= frame.item < master.GetNumberOfDataNodes():
+        return volume
+    return sequence.GetDataNodeAtValue(master.GetNthIndexValue(frame.item), False) or volume
+
+
 def _scored_item(output: Optional[slicer.vtkMRMLNode]) -> Tuple[Optional[slicer.vtkMRMLNode], Optional[int]]:
     """The browser and item the run of ``output`` (one of its nodes) scored, or (None, None): not a sequence's."""
     item = output.GetAttribute(FRAME_ATTRIBUTE) if output is not None else None
