@@ -588,6 +588,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         action = self.state.click(task)
         if action is Action.CANCEL:
             self._stopJob(_("Cancelled; the scene is unchanged."))
+            self._followHeldFrame()
         elif action is Action.START:
             self._start(task)
         self._refresh()
@@ -610,6 +611,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if job is None:  # the user kept an earlier run's files: nothing starts, and nothing failed
                     return
                 self.state.started(task)
+                if task == DETECT:
+                    self._frames.hold()  # the output fields stay the nodes it writes (nodes.FrameWatch)
                 self._job = job
                 self.ui.statusLabel.text = ""
                 self.ui.progressBar.value = 0
@@ -801,6 +804,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._useNewModel(job, self.ui.adaptedModelPathLineEdit,
                                       _("Adapted model saved as {path}; it is now the model used for detection."))
             finally:
+                self._followHeldFrame()
                 self.state.settled()  # a click that waited while the results were loaded was aimed at Cancel
                 self._refresh()
 
@@ -829,6 +833,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pendingDisplay = None
         if self.state.scene_closing() if sceneClosing else self.state.interrupt():
             self._stopJob(_("Stopped: the scene was closed or the module reloaded; nothing was changed."))
+            self._frames.release()  # the panel is let go of, or its scene
         if hasattr(self, "ui"):
             self._refresh()
 
@@ -883,7 +888,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- results ------------------------------------------------------------------------------
 
     def _showResult(self, result: CeVAEAnomalyResult) -> None:
-        from CeVAEAnomalyLib.slicer.nodes import result_elsewhere
+        """The run's results fill the output fields; the views show them and go to the most anomalous place, unless the
+        reader moved the sequence browser to another frame while it ran: the views stay there, and the status line
+        says so (nodes.run_end_message). From then on the panel follows the browser again (nodes.FrameWatch)."""
+        from CeVAEAnomalyLib.slicer.nodes import frame_note, result_elsewhere, run_end_message
 
         p = self._parameterNode
         elsewhere = result_elsewhere(p.inputVolume, result.volume, result.nodes.score)
@@ -891,6 +899,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._hideModuleVolumes()
             self.ui.statusLabel.text = with_warnings(f"{result.summary} {elsewhere}", result.warnings)
             return
+        self._frames.release()  # a move of the browser while it ran: said below
         self._frames.follow(result.nodes.score)  # first (also while the panel is hidden): these are the results shown
         p.scoreVolume = result.nodes.score
         p.anomalySegmentation = result.nodes.segmentation
@@ -903,8 +912,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateResultsGui()
         self.ui.componentTableView.clearSelection()  # the rows are this result's now
         self._hideModuleVolumes()
-        self.ui.statusLabel.text = result.message  # the summary and the run's warnings
-        self._frameNote = ""
+        self.ui.statusLabel.text = run_end_message(result.nodes.score, result.summary, result.warnings)
+        self._frameNote = frame_note(result.nodes.score)
         self.state.summary_shown(result.volume.GetID())
         self._pendingDisplay = None
         if self.state.show_result():
@@ -920,12 +929,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         return self._onFrameChanged()
 
-    def _onFrameChanged(self) -> bool:
+    def _onFrameChanged(self, said: str = "") -> bool:
         """The browser moved (or the panel's results came from another browser: nodes.FrameWatch): to a frame with
         results of its own, the panel's output fields (and the heat map, where the views showed the other frame's)
         switch to them (nodes.shown_frame_results), and the status line says that run's summary and warnings; else it
         says when the heat map lies over another frame than it scored, and the run's summary and warnings again once
-        the scored frame is back (nodes.run_message). True if the fields switched."""
+        the scored frame is back (nodes.run_message), after ``said`` (what it said of a run's end). True if the fields
+        switched."""
         from CeVAEAnomalyLib.slicer.nodes import frame_note, run_message, shown_frame_results, source_volume
 
         p = self._parameterNode
@@ -941,19 +951,29 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.showResults(score, source_volume(score), p.overlayOpacity)
             self._frameNote = ""
             if not self.state.busy:
-                self.ui.statusLabel.text = own.message
+                self.ui.statusLabel.text = " ".join(text for text in (said, own.message) if text)
             return True
         note = frame_note(p.scoreVolume)
         if note != self._frameNote and not self.state.busy:
-            self.ui.statusLabel.text = note or run_message(p.scoreVolume)
+            self.ui.statusLabel.text = " ".join(text for text in (said, note or run_message(p.scoreVolume)) if text)
         self._frameNote = note
         return False
 
+    def _followHeldFrame(self) -> None:
+        """A detection ended without loading results (cancelled, failed): a move of the browser while it ran
+        (nodes.FrameWatch.hold) is followed now, after what the status line says of its end."""
+        if self._frames.release():
+            self._onFrameChanged(said=self.ui.statusLabel.text)
+
     def _display(self, scoreVolume, volume) -> None:
-        """The score overlay in the slice views, which jump to the most anomalous place."""
+        """The score overlay in the slice views, which jump to the most anomalous place; not where the sequence
+        browser was moved to another frame than scored (by the reader, while the run went on or the panel was hidden):
+        the views stay there."""
+        from CeVAEAnomalyLib.slicer.nodes import off_scored_frame
+
         self._pendingDisplay = None
-        if scoreVolume.GetScene() is None or volume.GetScene() is None:
-            return  # deleted meanwhile
+        if scoreVolume.GetScene() is None or volume.GetScene() is None or off_scored_frame(scoreVolume):
+            return  # deleted meanwhile, or the reader looks at another frame
         self.logic.showResults(scoreVolume, volume, self._parameterNode.overlayOpacity)
         self.onJumpToTopSlice()
 

@@ -645,7 +645,8 @@ def test_the_panel_follows_the_input_with_its_outputs():
     assert "self.state.summary_shown(result.volume.GetID())" in methods["_showResult"]
     # when the input changes, the mask field is re-chosen for it; the status line shows the run's warnings
     assert "shown['brainMask'] = mask_for_input(p.inputVolume, p.brainMask)" in methods["_followInput"]
-    assert "self.ui.statusLabel.text = result.message" in methods["_showResult"]
+    assert "self.ui.statusLabel.text = run_end_message(result.nodes.score, result.summary, result.warnings)" in methods[
+        "_showResult"]
     assert "job.warnings" in methods["_useNewModel"]
     fields = {n.target.id: ast.unparse(n.annotation) for n in module_classes()["CeVAEAnomalyParameterNode"].body
               if isinstance(n, ast.AnnAssign)}

@@ -277,7 +277,7 @@ def test_the_panel_and_the_heat_map_follow_the_frame_shown_where_it_has_results_
     moved = next(ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_onFrameChanged")
     assert "own = shown_frame_results(p.scoreVolume)" in moved
     assert "setattr(p, field, node)" in moved and "self.logic.showResults(" in moved and "own.overlay" in moved
-    assert "self.ui.statusLabel.text = own.message" in moved
+    assert "self.ui.statusLabel.text = ' '.join((text for text in (said, own.message) if text))" in moved
 
 
 def sitk_brain(image):
@@ -323,7 +323,7 @@ def test_each_frames_summary_and_warnings_come_back_with_its_results(tiny_bundle
     tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
     moved = next(ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_onFrameChanged")
-    assert "self.ui.statusLabel.text = note or run_message(p.scoreVolume)" in moved
+    assert "(said, note or run_message(p.scoreVolume))" in moved
     assert "_resultMessage" not in ast.unparse(widget)
 def saved_sequence_scene(scene, folder):
     """``scene`` saved as a data bundle in ``folder`` and loaded again (Sequences logic set, as in the application):
@@ -429,3 +429,72 @@ def test_a_run_loads_its_results_while_the_browser_shows_another_frame(tiny_bund
     with pytest.raises(CeVAEError, match="The voxels of the input volume 'cine' changed while the detection ran"):
         logic.finishDetection(job)
     assert mrml.node_ids(scene) == before
+
+
+def test_a_detection_keeps_the_panel_on_its_outputs_while_it_runs_and_leaves_the_views_where_the_reader_went():
+    """While a rerun of frame 3 went on, moving the browser to frame 1 switched the panel's output fields (and the heat
+    map) to frame 1's results, as if the run wrote into them, and said nothing of it; at the run's end the fields went
+    to the run's nodes and the views were sent back to frame 3 with a jump, whatever the reader was looking at.
+    Now a detection holds the panel's watch of the browser (nodes.FrameWatch.hold): the fields stay the nodes it writes,
+    and a move is kept for its end (release). Its results then fill the fields; where the reader moved to another
+    frame, the views stay there (no jump back: nodes.off_scored_frame) and the status line says the run's summary,
+    which frame the views show and where its results are (nodes.run_end_message); a detection that loaded nothing
+    follows the browser at once."""
+    import ast
+    from pathlib import Path
+
+    from test_mrml import fake_detection
+
+    from CeVAEAnomalyLib.slicer.widget_state import with_warnings
+
+    scene, sequences, browser, proxy = sequence_scene()
+
+    def run_here():
+        image = mrml.image_from_volume(proxy)
+        return mrml.publish(scene, proxy, fake_detection(image, sitk_brain(image)), frame=nodes.sequence_frame(proxy))
+
+    def show(item: int) -> None:
+        browser.SetSelectedItemNumber(item)
+        sequences.UpdateProxyNodesFromSequences(browser)
+
+    first = run_here()
+    show(2)
+    third = run_here()
+    moves = []
+    watch = nodes.FrameWatch(lambda: moves.append(browser.GetSelectedItemNumber()))
+    assert watch.follow(third.score)
+    watch.hold()  # a detection of frame 3 starts
+    show(0)
+    show(1)
+    assert moves == [] and watch.release()  # kept for its end
+    show(2)
+    assert moves == [2]  # followed again
+    watch.hold()
+    show(0)
+    show(2)
+    assert not watch.release() and moves == [2]  # back where it started: nothing to say anew
+
+    summary, warnings = "2 component(s), 1.00 ml flagged. Scored frame 3 of 3 (time = 4 s) of 'cine browser'.", ["w"]
+    assert not nodes.off_scored_frame(third.score)
+    assert nodes.run_end_message(third.score, summary, warnings) == with_warnings(summary, warnings)
+    show(0)  # the reader stayed on frame 1, which has results of its own
+    assert nodes.off_scored_frame(third.score) and not nodes.off_scored_frame(first.score)
+    assert nodes.run_end_message(third.score, summary, warnings) == (
+        f"{summary} The views show frame 1 of 'cine browser', but the anomaly results are of frame 3: go back to frame "
+        "3 to read them; this frame's are in 'cine anomaly score (frame 1)'. Warning: w")
+    assert not nodes.off_scored_frame(add_volume(scene, make_head(seed=1)[0], "plain"))  # no sequence's
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    start = methods["_start"]
+    assert start.index("self.state.started(task)") < start.index("self._frames.hold()")
+    show_result = methods["_showResult"]
+    assert show_result.index("self._frames.release()") < show_result.index("self._frames.follow(result.nodes.score)")
+    assert "run_end_message(result.nodes.score, result.summary, result.warnings)" in show_result
+    assert "off_scored_frame(scoreVolume)" in methods["_display"]  # also on return to the panel
+    assert "self._followHeldFrame()" in methods["_onPoll"].split("finally:")[-1]
+    assert "self._followHeldFrame()" in methods["_onTaskButton"]
+    assert "self._frames.release()" in methods["_interrupt"]
+    assert "self._frames.release()" in methods["_followHeldFrame"] and "self._onFrameChanged(" in methods[
+        "_followHeldFrame"]

@@ -466,33 +466,56 @@ def frame_run(scene: slicer.vtkMRMLScene, source: slicer.vtkMRMLNode, frame: Seq
     return sorted(runs, key=_run_of)[-1].GetAttribute(RUN_ATTRIBUTE) if runs else None
 
 
-def _shown_frame_run(output: slicer.vtkMRMLNode) -> Tuple[Optional[SequenceFrame], Optional[str]]:
-    """The frame the browser of ``output``'s run shows now if it is not the one that run scored, and the stamp of the
-    latest run on that frame (None: it has no results of its own); (None, None) where it shows the frame scored."""
+@dataclass(frozen=True)
+class _FrameMove:
+    """The browser of a run's frame shows another item than the one it scored (:func:`_moved_from`)."""
+
+    browser: slicer.vtkMRMLNode
+    scored: int  # the item the run scored
+    frame: Optional[SequenceFrame]  # the frame shown, where the run's input is still that browser's proxy
+    run: Optional[str]  # the stamp of the latest run on that frame (None: it has no results of its own)
+
+
+def _moved_from(output: Optional[slicer.vtkMRMLNode]) -> Optional[_FrameMove]:
+    """Where the run of ``output`` (one of its nodes) scored a sequence's frame and its browser shows another now: which
+    one, and that frame's own results; None where it shows the frame scored, or the run scored no sequence's frame."""
     browser, item = _scored_item(output)
     if browser is None or browser.GetSelectedItemNumber() == item:
-        return None, None
+        return None
     source = source_volume(output)
     frame = sequence_frame(source) if source is not None else None
     if frame is None or frame.browser.GetID() != browser.GetID():
-        return None, None
-    return frame, frame_run(output.GetScene(), source, frame)
+        return _FrameMove(browser, item, None, None)
+    return _FrameMove(browser, item, frame, frame_run(output.GetScene(), source, frame))
+
+
+def off_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:
+    """Whether the run of ``output`` scored a sequence's frame and its browser shows another now: its heat map would lie
+    over another frame's voxels, and a jump to its results brings the browser back (:func:`show_scored_frame`)."""
+    return _moved_from(output) is not None
 
 
 def frame_note(output: Optional[slicer.vtkMRMLNode]) -> str:
     """What to say when the run of ``output`` scored a sequence's frame and its browser shows another now (the heat
     map lies over the voxels of another frame); "" otherwise."""
-    browser, item = _scored_item(output)
-    if browser is None or browser.GetSelectedItemNumber() == item:
+    moved = _moved_from(output)
+    if moved is None:
         return ""
-    shown = browser.GetSelectedItemNumber()
-    _, run = _shown_frame_run(output)
-    own = None if run is None else find_output(output.GetScene(), "vtkMRMLScalarVolumeNode", SCORE_ROLE,
-                                               source_volume(output), run, exact=True)
+    own = None if moved.run is None else find_output(output.GetScene(), "vtkMRMLScalarVolumeNode", SCORE_ROLE,
+                                                     source_volume(output), moved.run, exact=True)
     instead = (f"; this frame's are in '{own.GetName()}'" if own is not None
                else ", or run the detection again on this frame")
-    return (f"The views show frame {shown + 1} of '{browser.GetName()}', but the anomaly results are of frame "
-            f"{item + 1}: go back to frame {item + 1} to read them{instead}.")
+    return (f"The views show frame {moved.browser.GetSelectedItemNumber() + 1} of '{moved.browser.GetName()}', but the "
+            f"anomaly results are of frame {moved.scored + 1}: go back to frame {moved.scored + 1} to read "
+            f"them{instead}.")
+
+
+def run_end_message(score: slicer.vtkMRMLNode, summary: str, warnings: Sequence[str]) -> str:
+    """The status line when a detection whose score volume is ``score`` has loaded: its ``summary``; where the reader
+    moved the sequence browser to another frame while it ran, which frame the views show and where the results of each
+    are (:func:`frame_note`: the views are left there, not brought back); then its ``warnings``."""
+    note = frame_note(score)
+    return with_warnings(f"{summary} {note}" if note else summary, warnings)
 
 
 @dataclass(frozen=True)
@@ -509,11 +532,10 @@ def shown_frame_results(score: Optional[slicer.vtkMRMLNode]) -> Optional[FrameRe
     frame that has results of its own: those results, which a reader expects the panel and the heat map to switch
     to (the heat map of one frame over another's voxels misleads). None where the browser shows the frame scored, or a
     frame without results (:func:`frame_note` says so)."""
-    if score is None:
+    moved = _moved_from(score)
+    if moved is None or moved.run is None:
         return None
-    frame, run = _shown_frame_run(score)
-    if run is None:
-        return None
+    frame, run = moved.frame, moved.run
     scene, source = score.GetScene(), source_volume(score)
     fields = {field: find_output(scene, class_name, role, source, run, exact=True)
               for field, (class_name, role) in PANEL_OUTPUTS.items()}
@@ -537,12 +559,33 @@ def show_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:
 class FrameWatch:
     """Observes the sequence browser whose frame the panel's results scored: ``moved`` is called at each change of it
     (another frame shown), whichever way the results came into the panel (a run, a scene loaded, an input picked with
-    earlier results). What ``moved`` returns is ignored (the widget's handler says whether the fields switched)."""
+    earlier results). What ``moved`` returns is ignored (the widget's handler says whether the fields switched). While
+    a detection runs it is held (:meth:`hold`): the panel's fields stay the nodes the run writes, and a move is kept
+    for the run's end (:meth:`release`)."""
 
     def __init__(self, moved: Callable[[], object]) -> None:
         self._moved = moved
         self._browser: Optional[slicer.vtkMRMLNode] = None
         self._tag: Optional[int] = None
+        self._held: Optional[Tuple[Optional[slicer.vtkMRMLNode], Optional[int]]] = None  # (browser, item) at hold()
+
+    def hold(self) -> None:
+        """Until :meth:`release`, a change of the browser is not passed on to ``moved``."""
+        self._held = self._shown()
+
+    def release(self) -> bool:
+        """Pass changes on again; True if the browser (or the one observed) shows another frame than at :meth:`hold`
+        (then what the views show is to be said anew), False if it shows the same one or nothing was held."""
+        held, self._held = self._held, None
+        return held is not None and held != self._shown()
+
+    def _shown(self) -> Tuple[Optional[slicer.vtkMRMLNode], Optional[int]]:
+        browser = self._browser
+        return browser, None if browser is None else browser.GetSelectedItemNumber()
+
+    def _changed(self) -> None:
+        if self._held is None:
+            self._moved()
 
     def follow(self, score: Optional[slicer.vtkMRMLNode]) -> bool:
         """Observe the browser of the panel's score volume ``score`` (None, or no sequence's: none); True if that is
@@ -554,7 +597,7 @@ class FrameWatch:
             self._browser.RemoveObserver(self._tag)
         self._browser, self._tag = browser, None
         if browser is not None:
-            self._tag = browser.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: self._moved())
+            self._tag = browser.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: self._changed())
         return True
 
 
