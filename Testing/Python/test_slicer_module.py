@@ -742,11 +742,11 @@ def test_declining_to_replace_an_earlier_runs_files_starts_nothing_and_reports_n
 
 def test_the_device_tooltip_says_that_adapting_refuses_a_missing_gpu():
     """The tooltip promised that an unavailable device falls back to the CPU; adapting resolves its device strictly
-    (training/adapt.py: resolve_device(strict=True)) and refuses a missing GPU instead."""
+    (training/adapt.py _device: resolve_device(strict=True)) and refuses a missing GPU instead."""
     import xml.etree.ElementTree as ET
 
     adapt = (REPO / "CeVAEAnomaly" / "CeVAEAnomalyLib" / "training" / "adapt.py").read_text()
-    assert "resolve_device(options.device, strict=True)" in adapt
+    assert "resolve_device(name, strict=True)" in adapt and "_device(options.device, wording)" in adapt
     combo = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "deviceComboBox")
     tip = "".join(next(p for p in combo.iter("property") if p.get("name") == "toolTip").itertext())
     assert "adapting refuses it" in tip and "An unavailable device falls back to the CPU." not in tip
