@@ -386,12 +386,10 @@ def test_weights_that_overflow_are_refused_not_scored_as_nan(calibrated, head, t
     assert not (tmp_path / "score.nii.gz").exists()
 
 
-def _overflowing_detection(model: Path, head: Tuple[Path, Path], out: Path, *options: str) -> str:
-    """The one error line of detect with ``model``, its reconstruction bias set to 1e4 (finite, but huge outputs),
-    and ``options``. In its own process, so that a hang fails the test."""
-    import os
-    import subprocess
-    import sys
+def _overflowing_model(model: Path, score_power: Optional[float] = None) -> None:
+    """Set the reconstruction bias of ``model`` to 1e4 (finite, but huge outputs), and its own score power of the
+    asymmetry fusion to ``score_power`` (None: kept)."""
+    from dataclasses import replace
 
     import torch
     from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
@@ -399,7 +397,19 @@ def _overflowing_detection(model: Path, head: Tuple[Path, Path], out: Path, *opt
     bundle = load_bundle(model, "cpu")
     with torch.no_grad():
         bundle.model.state_dict()["decoder.8.bias"].fill_(1e4)
-    save_bundle(model, bundle.model, bundle.header)
+    header = bundle.header if score_power is None else replace(
+        bundle.header, postprocess=bundle.header.postprocess.replace(score_power=score_power))
+    save_bundle(model, bundle.model, header)
+
+
+def _overflowing_detection(model: Path, head: Tuple[Path, Path], out: Path, *options: str) -> str:
+    """The one error line of detect with ``model``, its reconstruction bias set to 1e4, and ``options``. In its own
+    process, so that a hang fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    _overflowing_model(model)
     image, mask = head
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.cli", "detect", str(image), "--mask", str(mask),
@@ -428,6 +438,33 @@ def test_scores_that_overflow_with_mixed_precision_name_detects_option(calibrate
                                   "--threshold", "1")
     assert "post-processed scores of this scan overflow" in line, line
     assert "run without mixed precision (leave out --amp), or the model file" in line and "--amp off" not in line, line
+
+
+def test_scores_that_overflow_with_the_models_own_score_power_name_no_option(calibrated, head, tmp_path):
+    """A model whose own score power (10) makes its scores overflow, detected from the Slicer panel (its worker, in its
+    own process), which has no score power control: the refusal said "raised to the power 10 (--score-power)", an
+    option of detect's the user had not given. The command line, given no --score-power, says it alike."""
+    import os
+    import subprocess
+    import sys
+
+    from CeVAEAnomalyLib.options import DetectionRequest
+
+    _overflowing_model(calibrated, score_power=10)
+    image, mask = head
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"task": "detect", "image": str(image), "mask": str(mask), "model": str(calibrated),
+                                   "request": DetectionRequest.of(threshold=1, device="cpu").to_dict(),
+                                   "out_dir": str(tmp_path / "results")}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    worker = subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.slicer.worker", str(request)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert worker.returncode == 2, worker.stderr
+    error = json.loads(worker.stdout.strip().splitlines()[-1])["error"]
+    said = "far larger than a trained model's, raised to the power 10 (the model's score power); the model file may"
+    assert said in error and "--" not in error, error
+    line = _overflowing_detection(calibrated, head, tmp_path / "score.nii.gz", "--threshold", "1")
+    assert said in line and "--score-power" not in line, line
 
 
 def test_a_small_file_whose_layers_are_huge_is_refused_before_its_weights_are_read(calibrated, head, tmp_path,

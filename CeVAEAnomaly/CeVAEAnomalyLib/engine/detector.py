@@ -245,12 +245,18 @@ class Detector:
             score = normalised(score, inside, post.spread) if post.normalise else score
         if not np.isfinite(score[inside]).all():  # (an infinite score is labelled at any threshold, and ITK's
             # component statistics never end on it)
-            power = f", raised to the power {post.score_power:g} (--score-power)" if asym is not None else ""
+            power = "" if asym is None else f", raised to the power {post.score_power:g} ({self._score_power_source()})"
             damaged = "the model file may be damaged or edited"
             cause = f"run without mixed precision (leave out --amp), or {damaged}" if self.amp else damaged
             raise CeVAEError("The post-processed scores of this scan overflow (infinite or NaN values): the model's "
                              f"scores are far larger than a trained model's{power}; {cause}.")
         return score
+
+    def _score_power_source(self) -> str:
+        """Where the asymmetry fusion's score power comes from, as an overflow says it: the model's own (the Slicer
+        panel has no control for it), or the caller's (detect's --score-power)."""
+        own = self.post.score_power == self.bundle.header.postprocess.score_power
+        return "the model's score power" if own else "--score-power"
 
     def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                  where: str = "", automatic: bool = False) -> Tuple[SliceStack, np.ndarray]:
