@@ -222,6 +222,29 @@ def test_slices_removed_under_a_panels_run_say_what_to_do_in_the_panels_words(pa
     assert "--" not in text, text
 
 
+def test_a_slice_file_cut_short_under_a_panels_run_says_what_to_do_and_a_resume_makes_it_again(tmp_path, caplog):
+    """A prepared slice file cut short while an adaptation reads it told the panel's user to "run again to remake it",
+    where Adapt asks first whether to resume the adaptation, whose checkpoints are kept. Resumed, the run makes the
+    file again and goes on."""
+    first = fine_tuning(tmp_path, PANEL_WORDING)
+    first.fit()  # (its checkpoints: steps 2, 4 and 6)
+    entry = first.train.entries[0]
+    whole = entry.path.stat().st_size
+    with open(entry.path, "r+b") as fh:
+        fh.truncate(entry.offset + 4 * first.pre.input_size ** 2)  # its first slice only
+    with pytest.raises(CeVAEError) as refused:
+        first.train[[entry.slices - 1]]
+    text = str(refused.value)
+    assert text == (f"The slice cache file {entry.path} is truncated (changed while this run read it). A new run "
+                    f"prepares it anew; to go on from the last checkpoint, {RESUME}."), text
+    resumed = Trainer(replace(first.cfg, resume=True, max_steps=4 * EVERY), first.train_subjects,
+                      wording=PANEL_WORDING)
+    with caplog.at_level(logging.WARNING):
+        resumed.fit()
+    assert resumed.step == 4 * EVERY and entry.path.stat().st_size == whole
+    assert f"The cache entry {entry.path} is incomplete; it is made again." in caplog.messages
+
+
 def _rate_warning(records: List[logging.LogRecord]) -> str:
     said = [r.getMessage() for r in records if r.getMessage().startswith(TOO_LOW)]
     assert len(said) == 1, [r.getMessage() for r in records]

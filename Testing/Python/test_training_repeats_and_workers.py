@@ -101,7 +101,8 @@ def test_a_cache_read_error_in_a_loader_worker_is_its_own_message(heads, tmp_pat
     with pytest.raises(CeVAEError) as caught:
         next(batches)
     del batches  # stops the worker
-    assert str(caught.value) in {f"The slice cache file {e.path} is truncated; run again to remake it."
+    assert str(caught.value) in {f"The slice cache file {e.path} is truncated (changed while this run read it). A new "
+                                 "run prepares it anew; to go on from the last checkpoint, run again with --resume."
                                  for e in run.train.entries}
 
 

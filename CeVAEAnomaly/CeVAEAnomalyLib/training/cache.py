@@ -301,7 +301,7 @@ class SliceSet(torch.utils.data.Dataset):
 
     Holds only the entry list and offsets in memory; files are opened lazily in each process
     (DataLoader workers included), a bounded number at a time. ``wording``: the caller's words for how to resume where
-    the files are removed under the run.
+    the files are removed or cut short under the run.
     """
 
     def __init__(self, entries: Sequence[Entry], size: int, wording: Wording = COMMAND_LINE) -> None:
@@ -336,7 +336,9 @@ class SliceSet(torch.utils.data.Dataset):
             fh = self._file(w)
             fh.seek(self.entries[w].offset + a * nbytes)
             if fh.readinto(memoryview(slab).cast("B")) != slab.nbytes:
-                raise CeVAEError(f"The slice cache file {self.entries[w].path} is truncated; run again to remake it.")
+                raise CeVAEError(f"The slice cache file {self.entries[w].path} is truncated (changed while this run "
+                                 "read it). A new run prepares it anew; to go on from the last checkpoint, "
+                                 f"{self.wording.resume}.")
             if a != b:
                 slab.mean(axis=0, out=out[k])
         return torch.from_numpy(out)[:, None]
