@@ -403,3 +403,17 @@ def test_progress_says_each_step_once_not_each_registration_iteration(script, ca
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [" 10% Registering brain template (initial pose)", " 11% Registering brain template (initial pose)",
                      " 12% Registering brain template (initial pose)", " 20% Registering brain template (similarity)"]
+
+
+def test_a_missing_bundled_model_is_said_with_the_scripts_model_option(run_here, oblique_head, tmp_path, monkeypatch):
+    """DetectVolume without --model where the bundled model is missing names its --model option, as detect does (the
+    library's own words are the Slicer panel's)."""
+    import CeVAEAnomalyLib.data as data
+
+    monkeypatch.setattr(data, "DEFAULT_MODEL_NAME", "absent.cevae")
+    image_path, mask_path = oblique_head
+    status, said = run_here("--input", image_path, "--mask", mask_path, "--output-dir", tmp_path / "out")
+    assert status == 1
+    assert said.strip().splitlines()[-1] == (f"DetectVolume: error: The bundled default model "
+                                             f"{data.data_path('absent.cevae')} is missing (the installation is "
+                                             "incomplete): pass --model BUNDLE, or install CeVAEAnomaly again."), said

@@ -371,3 +371,29 @@ def test_a_model_recommending_a_median_radius_no_model_may_is_refused_at_apply_i
     request = settings.detection_request(parameters(scene, useBundledModel=False, modelPath=str(path), **override),
                                          model)["request"]
     assert request.checked_options(model.header.score_options, model.header.postprocess)[1].median_radius == 4
+
+
+def test_a_missing_bundled_model_says_what_to_do_in_each_callers_words(monkeypatch, head, tmp_path, capsys):
+    """The bundled model missing (an incomplete installation) was said as "...; pass --model BUNDLE" on the panel's
+    status line, by its worker and by `cevae-anomaly info`, which takes the model as its argument."""
+    import CeVAEAnomalyLib.data as data
+    from CeVAEAnomalyLib.cli.main import main
+    from CeVAEAnomalyLib.slicer.worker import run_detect
+
+    monkeypatch.setattr(data, "DEFAULT_MODEL_NAME", "absent.cevae")
+    missing = data.data_path("absent.cevae")
+    panel = (f"The bundled default model {missing} is missing (the installation is incomplete): use a model bundle "
+             "of your own (in Slicer: untick Use bundled model and choose it as the Model bundle), or install "
+             "CeVAEAnomaly again.")
+    assert settings.model_problem(parameters(slicer.vtkMRMLScene())) == panel
+    image, mask = head
+    with pytest.raises(CeVAEError) as refused:
+        run_detect({"image": str(image), "mask": str(mask), "model": None, "out_dir": str(tmp_path / "results"),
+                    "request": DetectionRequest.of(device="cpu").to_dict()}, lambda fraction, message: None)
+    assert str(refused.value) == panel
+    said = f"error: The bundled default model {missing} is missing (the installation is incomplete): "
+    assert main(["info"]) == 2
+    info = capsys.readouterr().err
+    assert info == f"{said}give a model bundle: cevae-anomaly info BUNDLE, or install CeVAEAnomaly again.\n", info
+    assert main(["detect", str(image), "--mask", str(mask), "--score", str(tmp_path / "score.nii.gz")]) == 2
+    assert capsys.readouterr().err == f"{said}pass --model BUNDLE, or install CeVAEAnomaly again.\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, NoReturn, Optional
 
 from .. import __version__
-from ..data import BundledOutputError
+from ..data import BundledModelMissing, BundledOutputError
 from ..errors import CeVAEError, one_line, out_of_memory
 from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
                        output_path_value, path_value)
@@ -321,8 +321,10 @@ def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
             f"with --resume (and without --overwrite) to continue.{earlier}")
 
 
-def _command_line_wording(exc: CeVAEError) -> str:
-    """The one-line message of ``exc``, naming with the command's options what the library names by argument."""
+def _command_line_wording(exc: CeVAEError, command: str) -> str:
+    """The one-line message of ``exc``, naming with ``command``'s options what the library names by argument."""
+    if isinstance(exc, BundledModelMissing):
+        return exc.for_command_line(command)
     return exc.for_command_line() if isinstance(exc, BundledOutputError) else one_line(exc)
 
 
@@ -356,7 +358,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except CeVAEError as exc:
         if args.debug:
             raise
-        print(f"{rank}error: {_command_line_wording(exc)}", file=sys.stderr)
+        print(f"{rank}error: {_command_line_wording(exc, args.command)}", file=sys.stderr)
         return 2
     except Terminated:  # (under torchrun each rank says it, so its line names it, as its errors do)
         print(rank + _stopped("terminated", args, started), file=sys.stderr)

@@ -22,8 +22,27 @@ def default_model_path() -> Path:
     """The bundled default model; a clear error if it is missing."""
     path = data_path(DEFAULT_MODEL_NAME)
     if not path.is_file():
-        raise CeVAEError(f"The bundled default model {path} is missing; pass --model BUNDLE.")
+        raise BundledModelMissing(path)
     return path
+
+
+class BundledModelMissing(CeVAEError):
+    """The bundled default model's file is missing (an installation without its package data). The message says what
+    to do as a library caller and the Slicer panel's user do it; :meth:`for_command_line` names the command's
+    argument."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"The bundled default model {path} is missing (the installation is incomplete): use a model "
+                         "bundle of your own (in Slicer: untick Use bundled model and choose it as the Model bundle), "
+                         "or install CeVAEAnomaly again.")
+
+    def for_command_line(self, command: str) -> str:
+        """The message as the user of ``command`` gives a model: `info` takes it as its argument, the others (detect,
+        batch, calibrate, adapt, demo, Slicer's DetectVolume) with ``--model``."""
+        give = "give a model bundle: cevae-anomaly info BUNDLE" if command == "info" else "pass --model BUNDLE"
+        return (f"The bundled default model {self.path} is missing (the installation is incomplete): {give}, or "
+                "install CeVAEAnomaly again.")
 
 
 def is_bundled_model(path: Path) -> bool:
