@@ -41,7 +41,7 @@ if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
     sys.path.insert(0, str(_HERE.parent))
 
 try:  # after the path set-up above; a failure must still end in an exit status (see the end)
-    from CeVAEAnomalyLib.data import BundledModelMissing
+    from CeVAEAnomalyLib.cli.main import command_line_wording
     from CeVAEAnomalyLib.errors import CeVAEError, one_line
     from CeVAEAnomalyLib.io import naming
     from CeVAEAnomalyLib.io.naming import file_stem
@@ -318,9 +318,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     written: List[Path] = []
     try:
         run(args, scene, written)
-    except CeVAEError as exc:  # (a missing bundled model: as detect says it, with --model)
-        said = exc.for_command_line("detect") if isinstance(exc, BundledModelMissing) else one_line(exc)
-        print(f"DetectVolume: error: {said}", file=sys.stderr)
+    except CeVAEError as exc:
+        print(f"DetectVolume: error: {command_line_wording(exc, 'detect')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: still an exit status, so that a headless Slicer quits
         print(interrupted_message(written), file=sys.stderr)

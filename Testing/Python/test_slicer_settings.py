@@ -397,3 +397,31 @@ def test_a_missing_bundled_model_says_what_to_do_in_each_callers_words(monkeypat
     assert info == f"{said}give a model bundle: cevae-anomaly info BUNDLE, or install CeVAEAnomaly again.\n", info
     assert main(["detect", str(image), "--mask", str(mask), "--score", str(tmp_path / "score.nii.gz")]) == 2
     assert capsys.readouterr().err == f"{said}pass --model BUNDLE, or install CeVAEAnomaly again.\n"
+
+
+def test_a_training_checkpoint_chosen_as_the_model_says_how_the_panel_resumes_its_run(head, tmp_path, tiny_bundle):
+    """An interrupted adaptation's checkpoint chosen as the Model bundle (site.cevae.ckpt, its model not written yet)
+    was told to "run the train (or adapt) command that wrote it again with --resume": the panel resumes it with
+    Adapt, which asks. Once its model is written, that is the one to use."""
+    import torch
+    from CeVAEAnomalyLib.slicer.worker import run_detect
+
+    checkpoint = tmp_path / "site.cevae.ckpt"
+    torch.save({"step": 40, "model": {"fc.bias": torch.ones(10)}}, checkpoint)  # as a killed run leaves it
+    p = parameters(slicer.vtkMRMLScene(), useBundledModel=False, modelPath=str(checkpoint))
+    refused = (f"{checkpoint} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused unread "
+               "because loading such files can execute arbitrary code. ")
+    said = settings.model_problem(p)
+    assert said == (f"{refused}It looks like the checkpoint of an interrupted training or adaptation: resuming that "
+                    "run writes its model bundle. An adaptation started in Slicer is resumed with Adapt: choose the "
+                    "model and the healthy volumes it was started with and the file name site.cevae, press Adapt and "
+                    "choose to resume (it asks first)."), said
+    image, mask = head
+    with pytest.raises(CeVAEError) as worker:
+        run_detect({"image": str(image), "mask": str(mask), "model": str(checkpoint), "out_dir": str(tmp_path / "out"),
+                    "request": DetectionRequest.of(device="cpu").to_dict()}, lambda fraction, message: None)
+    assert str(worker.value) == said
+    model = tmp_path / "site.cevae"
+    model.write_bytes(tiny_bundle.read_bytes())  # the run ended: its model is written
+    said = settings.model_problem(p)
+    assert said == f"{refused}It is a training checkpoint; its run's model is {model}: use that one.", said

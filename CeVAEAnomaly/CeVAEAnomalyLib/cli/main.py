@@ -321,11 +321,14 @@ def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
             f"with --resume (and without --overwrite) to continue.{earlier}")
 
 
-def _command_line_wording(exc: CeVAEError, command: str) -> str:
-    """The one-line message of ``exc``, naming with ``command``'s options what the library names by argument."""
+def command_line_wording(exc: CeVAEError, command: str) -> str:
+    """The one-line message of ``exc``, naming with ``command``'s options what the library names by argument or the
+    Slicer panel by its controls (Scripts/DetectVolume.py says them as detect does)."""
+    from ..engine.header import PickleGivenAsModel  # (on an error only: the header module imports NumPy)
+
     if isinstance(exc, BundledModelMissing):
         return exc.for_command_line(command)
-    return exc.for_command_line() if isinstance(exc, BundledOutputError) else one_line(exc)
+    return exc.for_command_line() if isinstance(exc, (BundledOutputError, PickleGivenAsModel)) else one_line(exc)
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
@@ -358,7 +361,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except CeVAEError as exc:
         if args.debug:
             raise
-        print(f"{rank}error: {_command_line_wording(exc, args.command)}", file=sys.stderr)
+        print(f"{rank}error: {command_line_wording(exc, args.command)}", file=sys.stderr)
         return 2
     except Terminated:  # (under torchrun each rank says it, so its line names it, as its errors do)
         print(rank + _stopped("terminated", args, started), file=sys.stderr)

@@ -323,6 +323,36 @@ def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
     return None
 
 
+class PickleGivenAsModel(CeVAEError):
+    """A Python pickle (a PyTorch checkpoint) given as a model bundle, refused unread. Where it is the checkpoint of a
+    run of train or adapt (OUT.ckpt, OUT.foldN.ckpt), the message names the run's model, or says how to resume the
+    run, as a library caller and the Slicer panel's user do it; :meth:`for_command_line` with the commands' words."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        own = path.name.endswith(".ckpt") and ".cevae" in path.name
+        self.model = path.with_name(path.name[: path.name.index(".cevae") + len(".cevae")]) if own else None
+        super().__init__(self._said(
+            "use that one", "It looks like the checkpoint of an interrupted training or adaptation: resuming that run "
+            "writes its model bundle. An adaptation started in Slicer is resumed with Adapt: choose the model and "
+            "the healthy volumes it was started with and the file name {name}, press Adapt and choose to resume (it "
+            "asks first)."))
+
+    def for_command_line(self) -> str:
+        """The message as the command line's user takes the model or resumes the run (train or adapt --resume)."""
+        return self._said("give that", "It looks like a training checkpoint: run the train (or adapt) command that "
+                                       "wrote it again with --resume, which writes the model bundle.")
+
+    def _said(self, take: str, resume: str) -> str:
+        """The message; where it is a run's checkpoint, ``take`` (the run's model) if that is written, else ``resume``
+        (a template of the model's file ``{name}``)."""
+        hint = "" if self.model is None else (
+            f" It is a training checkpoint; its run's model is {self.model}: {take}." if self.model.is_file()
+            else " " + resume.format(name=self.model.name))
+        return (f"{self.path} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
+                f"unread because loading such files can execute arbitrary code.{hint}")
+
+
 def _check_file(p: Path) -> Path:
     refuse_unsearchable(p, "model bundle")
     if p.is_dir():
@@ -341,14 +371,7 @@ def _check_file(p: Path) -> Path:
     # lowest byte is 0x80 must not be taken for the start of a pickle
     safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < p.stat().st_size
     if not safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
-        own = p.name.endswith(".ckpt") and ".cevae" in p.name  # OUT.ckpt, OUT.foldN.ckpt of train or adapt
-        model = p.with_name(p.name[: p.name.index(".cevae") + len(".cevae")]) if own else None
-        hint = "" if model is None else (
-            f" It is a training checkpoint; its run's model is {model}: give that." if model.is_file() else
-            " It looks like a training checkpoint: run the train (or adapt) command that wrote it again with "
-            "--resume, which writes the model bundle.")
-        raise CeVAEError(f"{p} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
-                         f"unread because loading such files can execute arbitrary code.{hint}")
+        raise PickleGivenAsModel(p)
     if len(head) < 8:
         raise CeVAEError(f"{p} is too short to be a model bundle.")
     return p
