@@ -55,6 +55,13 @@ class Wording:
     same_settings: str = "make sure --steps {steps} and --lr {lr:g} are those it was started with"
     detect_with: str = "Detect with it: cevae-anomaly detect SCAN --model {path}"  # the model adapt wrote ({path})
     lower_rate: str = "detect with a lower --fpr, or a --threshold"  # an adapted model's threshold is 0 at its rate
+    # a resume refused for a checkpoint of another run: what to do; and, for a caller whose user sets no options (the
+    # panel), what differs by kind: the model started from, the volumes, other settings ("": each option and volume
+    # that differs is named, as the command line's user gives them)
+    same_run: str = "Resume with the same volumes and options"
+    other_model: str = ""
+    other_volumes: str = ""
+    other_settings: str = ""
 
 
 COMMAND_LINE = Wording()

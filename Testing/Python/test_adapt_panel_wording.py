@@ -334,6 +334,44 @@ def earlier_checkpoint(coarse_site) -> Dict[str, Any]:
     return dict(coarse_site, options=dict(coarse_site["options"], resume=True))
 
 
+def _other_model(base: Path, out: Path) -> str:
+    """A copy of the model ``base`` at ``out`` with one bias changed: another model of the same kind."""
+    from CeVAEAnomalyLib.engine.bundle import save_bundle
+
+    bundle = load_bundle(base, "cpu")
+    with torch.no_grad():
+        next(iter(bundle.model.parameters())).add_(1e-3)
+    save_bundle(out, bundle.model, bundle.header)
+    return str(out)
+
+
+def test_a_panels_resume_of_another_runs_checkpoint_says_what_differs_in_the_panels_words(coarse_site, tmp_path):
+    """Resuming from the panel an interrupted adaptation with other healthy volumes, another model or other settings
+    (one started from the command line) was refused with "belongs to another run: adaptation ({'steps': 4, ...} in
+    the checkpoint, ...); init_from ({'sha256': ...}, ...); training volume(s) ... (the job folder's copies) ... Resume
+    with the same volumes and options": the panel sets no options, and its volumes and model are its choices."""
+    run_adapt(coarse_site, lambda fraction, message: None)
+    Path(coarse_site["out"]).unlink()  # (its final checkpoint stays: as if stopped before the model was written)
+    resume = dict(coarse_site, options=dict(coarse_site["options"], resume=True))
+    other = write_heads(tmp_path, seeds=(9,), size=(28, 28, 28))[0]
+    cases = {
+        "it was started on other healthy volumes than those chosen":
+            dict(resume, subjects=[resume["subjects"][0], {"image": str(other.image), "mask": str(other.mask)}]),
+        "it adapts another model than the one chosen (Use bundled model, or Model bundle)":
+            dict(resume, model=_other_model(Path(coarse_site["model"]), tmp_path / "other.cevae")),
+        "it was started with other settings than the panel's (from the command line)":
+            dict(resume, options=dict(resume["options"], steps=6)),
+    }
+    for differs, task in cases.items():
+        with pytest.raises(CeVAEError) as refused:
+            run_adapt(task, lambda fraction, message: None)
+        text = str(refused.value)
+        assert text == (f"Resume refused: the checkpoint {coarse_site['out']}.ckpt belongs to another run: {differs}. "
+                        "To resume it, choose the model and the healthy volumes it was started with and press Adapt "
+                        "again (one started from the command line: resume it with the command that started it), or "
+                        f"{START_ANEW}."), text
+
+
 def test_a_panels_resume_of_a_checkpoint_past_its_steps_says_what_to_do_in_the_panels_words(earlier_checkpoint):
     """Resuming from the panel a checkpoint at a step past the steps of the panel's runs said "--resume refused: ...
     past --max-steps N; give --max-steps M or more": train's option, which neither the panel nor adapt has."""

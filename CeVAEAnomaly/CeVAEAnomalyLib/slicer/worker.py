@@ -82,7 +82,12 @@ PANEL_WORDING = Wording(
                   "others (from the command line), press Cancel and resume it with the command that started it",
     detect_with="To detect with it, choose it as the Model bundle (the panel does so when the adaptation ends)",
     lower_rate="detect with a lower false-positive rate (Sensitivity: Chosen false-positive rate) or an absolute "
-               "threshold (Sensitivity: Absolute threshold)")
+               "threshold (Sensitivity: Absolute threshold)",
+    same_run="To resume it, choose the model and the healthy volumes it was started with and press Adapt again (one "
+             "started from the command line: resume it with the command that started it)",
+    other_model="it adapts another model than the one chosen (Use bundled model, or Model bundle)",
+    other_volumes="it was started on other healthy volumes than those chosen",
+    other_settings="it was started with other settings than the panel's (from the command line)")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":

@@ -30,6 +30,9 @@ from .config import LOG_HEADER, RESUME_MAY_CHANGE
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2  # 2: the run's identity is stored and checked on resume
+# the options of a fine-tuning that its starting model decides (its file, architecture, loss, preprocessing, slice
+# orientations)
+MODEL_OPTIONS = frozenset(("init_from", "model", "loss", "preprocess", "orientations"))
 DIGEST_KEY = "sha256"  # the checkpoint's record of state_digest (checkpoints of earlier releases lack it)
 
 
@@ -298,14 +301,23 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
                     "fold models calibrate the final one, so they must be trained alike).", path,
                     wording.same_settings.format(steps=adaptation.get("steps"), lr=adaptation.get("lr")))
         options = dict(options, adaptation=adaptation)
-    differences = [f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)"
-                   for key, was, now in _changed_options(options, current["options"])]
-    for role in ("train", "validation"):
-        differences += _changed_volumes(role, saved[role], current[role])
-    if differences:
+    changed = _changed_options(options, current["options"])
+    volumes = [said for role in ("train", "validation") for said in _changed_volumes(role, saved[role], current[role])]
+    if changed or volumes:
         raise CeVAEError(f"{wording.resume_request} refused: the checkpoint {path} belongs to another run: "
-                         f"{'; '.join(differences)}. Resume with the same volumes and options, or "
-                         f"{wording.start_anew}.")
+                         f"{_differences(changed, volumes, wording)}. {wording.same_run}, or {wording.start_anew}.")
+
+
+def _differences(changed: List[Tuple[str, Any, Any]], volumes: List[str], wording: Wording) -> str:
+    """What differs between a resume and its checkpoint's run (``changed`` options, ``volumes`` in words): each option
+    and volume, or, where ``wording`` names them by kind, the model, the volumes and the other settings."""
+    if not wording.other_model:
+        return "; ".join([f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)" for key, was, now in changed]
+                         + volumes)
+    options = {key.split(".")[0] for key, _, _ in changed}
+    kinds = ((options & MODEL_OPTIONS, wording.other_model), (volumes, wording.other_volumes),
+             (options - MODEL_OPTIONS, wording.other_settings))
+    return "; ".join(said for differ, said in kinds if differ)
 
 
 def _base_by_content(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Mapping[str, Any]:
