@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 
 from .bundle import Bundle, save_bundle
 from .bundle_checks import NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
                           largest_side, other_acquisitions, thin_tail, unlike_scans)
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
-from .brainmask import SCORED_MARGIN_MM, compute_brain_mask
+from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..data import refuse_bundled_output
 from ..errors import COMMAND_LINE, CeVAEError, Wording
 from ..io.checksum import refuse_changed, sha256_of
@@ -63,7 +62,8 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
             largest.append(largest_side(image.GetSpacing()))
-            mask = _brain_mask(image, s, scaled(part, 0.0, 0.3))
+            mask = given_or_computed_mask(image, s.mask, s.name, scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
+                                          where=f"{s.image}: ")  # (its warnings name the scan as the detector's do)
             if check_contrast:
                 _warn_of_contrast(s, image, mask, model)
             scores = []
@@ -79,15 +79,6 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         out.append(scores)
     report(progress, 1.0, "Scored every healthy volume")
     return out, largest, tails
-
-
-def _brain_mask(image: sitk.Image, subject: Subject, progress: Optional[ProgressCallback]) -> sitk.Image:
-    """The subject's brain mask, or its automatic one (at the detector's margin), whose warnings name the scan as the
-    detector's do."""
-    if subject.mask is not None:
-        return read_image(subject.mask, "brain mask")
-    log.info("No brain mask for %s: computing one automatically.", subject.name)
-    return compute_brain_mask(image, progress=progress, where=f"{subject.image}: ", margin_mm=SCORED_MARGIN_MM)
 
 
 def _warn_of_contrast(subject: Subject, image, mask, model: Bundle) -> None:
