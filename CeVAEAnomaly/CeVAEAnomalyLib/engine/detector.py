@@ -195,19 +195,19 @@ class Detector:
                         "Calibrate on healthy scans).", where, difference)
 
     def brain_scores(self, image: sitk.Image, mask: Optional[sitk.Image], score_types: Sequence[str],
-                     where: str = "", progress: Optional[ProgressCallback] = None,
-                     automatic: bool = False) -> Dict[str, np.ndarray]:
-        """Post-processed brain-voxel scores of each score type (one network pass per orientation), for calibration;
-        ``where`` (e.g. "scan.nii.gz: ") leads the mask's warnings, so that a list of volumes says which one;
-        ``progress`` hears the network's steps (the thorough mode's adaptation takes most of the time);
-        ``automatic``: ``mask`` is the caller's automatic brain mask (engine/brainmask.py), which warned of itself."""
+                     where: str = "", progress: Optional[ProgressCallback] = None) -> Dict[str, np.ndarray]:
+        """Post-processed brain-voxel scores of each score type (one network pass per orientation), as calibration
+        takes them (it scores a volume in each mode with :meth:`prepared` and :meth:`prepared_scores`); ``where`` (e.g.
+        "scan.nii.gz: ") leads the mask's warnings, so that a list of volumes says which one; ``progress`` hears the
+        network's steps (the thorough mode's adaptation takes most of the time)."""
         checked(progress)
-        return self.prepared_scores(self.prepared(image, mask, where, automatic), score_types, progress)
+        return self.prepared_scores(self.prepared(image, mask, where), score_types, progress)
 
     def prepared(self, image: sitk.Image, mask: Optional[sitk.Image], where: str = "",
                  automatic: bool = False) -> PreparedScan:
         """The volume checked and sliced for :meth:`prepared_scores`, its warnings said (once, however many modes
-        score it); ``where`` and ``automatic`` as :meth:`brain_scores` takes them."""
+        score it); ``where`` as :meth:`brain_scores` takes it; ``automatic``: ``mask`` is the caller's automatic brain
+        mask (engine/brainmask.py), which warned of itself."""
         image = checked_image(image, mask, where)
         stack, brain = self._prepare(image, mask, None, where, automatic)
         return PreparedScan(image, brain, (stack, *self._other_stacks(image, brain)))
