@@ -213,4 +213,3 @@ def _refuse_damaged(copy_path: Path, source: Path) -> None:
     if recorded is not None and recorded != weights_digest(copy_path):
         raise CeVAEError(f"{source}: its weights are not those its header records (a checksum differs); the model "
                          "file is damaged or was edited. Use an original copy.")
-
