@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, add_volume, make_head, oblique_direction
+from conftest import REPO, add_volume, make_head, oblique_direction, write_heads
 
 slicer = pytest.importorskip("slicer")
 
@@ -740,16 +740,28 @@ def test_declining_to_replace_an_earlier_runs_files_starts_nothing_and_reports_n
         assert not any("refused" in r or "exists; choose another" in r for r in raises)
 
 
-def test_the_device_tooltip_says_that_adapting_refuses_a_missing_gpu():
-    """The tooltip promised that an unavailable device falls back to the CPU; adapting resolves its device strictly
-    (training/adapt.py _device: resolve_device(strict=True)) and refuses a missing GPU instead."""
+def test_the_device_tooltip_says_that_adapting_refuses_a_missing_gpu(tiny_bundle, tmp_path):
+    """The tooltip promised that an unavailable device falls back to the CPU; adapting refuses a missing GPU instead,
+    before it writes anything."""
     import xml.etree.ElementTree as ET
 
-    adapt = (REPO / "CeVAEAnomaly" / "CeVAEAnomalyLib" / "training" / "adapt.py").read_text()
-    assert "resolve_device(name, strict=True)" in adapt and "_device(options.device, wording)" in adapt
+    torch = pytest.importorskip("torch")
+    from CeVAEAnomalyLib.engine.devices import DeviceUnavailable
+    from CeVAEAnomalyLib.training.adapt import adapt
+    from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+
     combo = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "deviceComboBox")
     tip = "".join(next(p for p in combo.iter("property") if p.get("name") == "toolTip").itertext())
     assert "adapting refuses it" in tip and "An unavailable device falls back to the CPU." not in tip
+    mps = getattr(torch.backends, "mps", None)
+    missing = "mps" if torch.cuda.is_available() else "cuda"  # (no machine has both)
+    if missing == "mps" and mps is not None and mps.is_available():
+        pytest.skip("needs a machine without CUDA or without MPS")
+    out = tmp_path / "site.cevae"
+    with pytest.raises(DeviceUnavailable):
+        adapt(tiny_bundle, write_heads(tmp_path, size=(28, 28, 28)), out, AdaptOptions(device=missing))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h1.nii.gz", "h1_mask.nii.gz", "h2.nii.gz",
+                                                           "h2_mask.nii.gz"]
 
 
 def test_every_question_the_panel_asks_shows_the_normal_cursor():
