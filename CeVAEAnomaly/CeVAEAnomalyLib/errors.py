@@ -34,9 +34,10 @@ def out_of_memory(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class Wording:
     """How the caller's user does what the messages of a long run (train, adapt) or a calibration advise, in the
-    caller's words: the command line's (train's and calibrate's options) by default; `cevae-anomaly adapt` names its
-    own (cli.commands.ADAPT_WORDING), train where calibrate's differ (cli.commands.TRAIN_WORDING), the Slicer panel
-    its controls (slicer.worker.PANEL_WORDING)."""
+    caller's words. By default the command line's: train's and calibrate's options, and adapt's in the messages only
+    an adaptation says (replace_model, same_settings, detect_with, lower_rate); `cevae-anomaly adapt` names its own
+    in the others too (cli.commands.ADAPT_WORDING), train where calibrate's differ (cli.commands.TRAIN_WORDING), the
+    Slicer panel its controls (slicer.worker.PANEL_WORDING)."""
 
     stop: str = "Ctrl-C"  # stop the run now
     resume: str = "run again with --resume"  # go on from the last checkpoint
