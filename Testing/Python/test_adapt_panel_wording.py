@@ -11,7 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -26,7 +26,7 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import data_path, default_model_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.errors import CeVAEError, Wording
+from CeVAEAnomalyLib.errors import COMMAND_LINE, CeVAEError, Wording
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.options import DetectionRequest
 from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt, run_calibrate
@@ -449,3 +449,12 @@ def test_an_adaptation_summary_without_a_threshold_says_what_to_do_in_the_panels
                     "threshold))"), text
     assert threshold_said(None, ADAPT_WORDING).endswith("detect with a lower --fpr, or a --threshold)")
     assert threshold_said(2.3577, PANEL_WORDING) == "2.36"
+
+
+def test_the_panel_gives_every_phrase_in_its_own_words():
+    """A phrase added to errors.Wording with a command-line default reaches the panel unless PANEL_WORDING gives its
+    own: every field of the panel's is set there (none left at the command line's) and names no option."""
+    for field in fields(PANEL_WORDING):
+        said = getattr(PANEL_WORDING, field.name)
+        assert "--" not in said, field.name
+        assert said != getattr(COMMAND_LINE, field.name) or not said, field.name
