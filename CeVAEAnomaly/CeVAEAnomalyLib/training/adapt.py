@@ -119,14 +119,16 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
         cache = SliceCache(root, bundle.preprocess, wording)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
-        entries = cache.prepare(subjects, checksums, ("axial",), labelled(scaled(training_part, 0.0, PREPARE_SHARE),
-                                                                           "Preparing the scans"))
+        orientations = _trained_orientations(header)
+        # each scan read and masked once, in every orientation the runs train on (axial first: the contrast check's)
+        entries = cache.prepare(subjects, checksums, _with_axial_first(orientations),
+                                labelled(scaled(training_part, 0.0, PREPARE_SHARE), "Preparing the scans"))
         contrasts = [_contrast(s, e[0].path) for s, e in zip(subjects, entries)]
-        check_modality([s.name for s in subjects], contrasts, header)
+        check_modality([s.name for s in subjects], contrasts, header)  # before any run trains on them
         if options.overwrite and not options.resume:  # the scans are usable: the earlier runs' files go now
             _remove_earlier_runs(out)
-        models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, options.resume,
-                                            training_part, wording)
+        models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, orientations,
+                                            options.resume, training_part, wording)
         calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
@@ -172,20 +174,19 @@ def compared_with_parent(parent: BundleHeader, name: str) -> str:
 
 
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
-               header: BundleHeader, base: Bundle, cache: Path, resume: bool, progress: Optional[ProgressCallback],
-               wording: Wording) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+               header: BundleHeader, base: Bundle, cache: Path, orientations: Tuple[str, ...], resume: bool,
+               progress: Optional[ProgressCallback], wording: Wording) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
-    ``base``: the models by run, the final run's trainer and the seconds the folds spent training, in this session
-    and before a resume, and the final run in this session. A run whose checkpoint exists resumes from it. The steps'
-    progress messages end with the measured pace and the time left (:class:`~.adapt_plan.Pace`); their errors say what
-    to do in ``wording``."""
+    ``base`` on the slices in ``orientations`` of the scans prepared in the folder ``cache``: the models by run, the
+    final run's trainer and the seconds the folds spent training, in this session and before a resume, and the final
+    run in this session. A run whose checkpoint exists resumes from it. The steps' progress messages end with the
+    measured pace and the time left (:class:`~.adapt_plan.Pace`); their errors say what to do in ``wording``."""
     start = base.model.state_dict()
     steps = configs["final"].max_steps
     pace = Pace(len(runs) * steps, TIMED_STEPS)
     models: Dict[str, CeVAE] = {}
     seconds = 0.0
     share = (1.0 - PREPARE_SHARE) / len(runs)
-    orientations = tuple((header.training or {}).get("orientations") or ("axial",))
 
     def trainer_of(n: int, run: str) -> Trainer:
         held = plan[n] if run != "final" else []
@@ -214,6 +215,18 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
             seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
+
+
+def _trained_orientations(header: BundleHeader) -> Tuple[str, ...]:
+    """The slice orientations the base model was trained on, which its fine-tuning runs train on (axial if it records
+    none)."""
+    return tuple((header.training or {}).get("orientations") or ("axial",))
+
+
+def _with_axial_first(orientations: Sequence[str]) -> Tuple[str, ...]:
+    """``orientations`` led by axial (added if missing): the orientations adapt prepares, whose first entry the
+    contrast check reads."""
+    return ("axial", *(o for o in orientations if o != "axial"))
 
 
 def _timed(progress: Optional[ProgressCallback], pace: Pace, units: float, said: Callable[[Pace], str],
