@@ -74,3 +74,15 @@ def test_each_site_scan_is_prepared_once_in_every_orientation_and_as_if_one_at_a
             entry = slicer.lookup(slicer.key(subject, checksums, orientation))
             alone = subject_slices(subject, slicer.pre, (orientation,))[0]
             assert entry is not None and np.array_equal(np.load(entry.path), alone), (subject.image, orientation)
+
+
+def test_adapt_says_once_per_scan_that_it_has_no_brain_mask_naming_it_by_its_path(tiny_bundle, site, tmp_path,
+                                                                                   caplog):
+    """Each masking of a mask-less scan said "No brain mask for ...: computing one automatically.": for its slices (as
+    scan_a.nii.gz) and again for its scores (as scan_a), so the log said it of each scan twice, under two names that
+    were not the path its warnings lead with."""
+    options = AdaptOptions(steps=2, batch_size=4, checkpoint_every=2, folds=2, device="cpu")
+    with caplog.at_level(logging.INFO):
+        adapt(tiny_bundle, site, tmp_path / "site.cevae", options)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("No brain mask for ")]
+    assert said == [f"No brain mask for {s.image}: computing one automatically." for s in site], said

@@ -91,7 +91,7 @@ def given_or_computed_mask(image: sitk.Image, mask_path: Optional[Path], name: s
         from ..io.images import read_image
 
         return read_image(mask_path, "brain mask")
-    logger.info("No brain mask for %s: computing one automatically.", name)
+    _say(name, "no mask", logging.INFO, "No brain mask for %s: computing one automatically.", name)  # once a run
     return compute_brain_mask(image, progress=progress, where=where, margin_mm=margin_mm)
 
 

@@ -62,7 +62,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
             largest.append(largest_side(image.GetSpacing()))
-            mask = given_or_computed_mask(image, s.mask, s.name, scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
+            mask = given_or_computed_mask(image, s.mask, str(s.image), scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
                                           where=f"{s.image}: ")  # (its warnings name the scan as the detector's do)
             if check_contrast:
                 _warn_of_contrast(s, image, mask, model)

@@ -100,7 +100,7 @@ def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequen
 
     image = read_image(subject.image)
     with subject.named_errors():
-        brain = brain_array(image, given_or_computed_mask(image, subject.mask, subject.image.name,
+        brain = brain_array(image, given_or_computed_mask(image, subject.mask, str(subject.image),
                                                           where=f"{subject.image}: "), f"{subject.image}: ")
         out = []
         for orientation in orientations:
