@@ -83,6 +83,25 @@ def add_volume(scene, image, name="head", class_name="vtkMRMLScalarVolumeNode"):
     return node
 
 
+def full_disk_after_step(monkeypatch, step: int) -> None:
+    """The training log's rows past step ``step`` fail as on a full disk (the trainer's csv writer raises ENOSPC), its
+    earlier rows and the checkpoints are written."""
+    import CeVAEAnomalyLib.training.trainer as trainer
+
+    real_writer = trainer.csv.writer
+
+    class FullAfterStep:
+        def __init__(self, f):
+            self.inner = real_writer(f)
+
+        def writerow(self, row):
+            if isinstance(row[0], int) and row[0] > step:
+                raise OSError(28, "No space left on device")
+            return self.inner.writerow(row)
+
+    monkeypatch.setattr(trainer.csv, "writer", FullAfterStep)
+
+
 def oblique_direction(angle_deg: float = 20.0, axis=(0.3, 0.5, 0.8)):
     """A proper rotation matrix (flattened) about ``axis``."""
     a = np.asarray(axis, float) / np.linalg.norm(axis)

@@ -20,7 +20,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import CeVAEAnomalyLib.training.trainer as trainer_mod
 from CeVAEAnomalyLib.cli.commands import ADAPT_WORDING
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import data_path, default_model_path
@@ -33,7 +32,7 @@ from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt, run_calibrat
 from CeVAEAnomalyLib.training.config import TrainConfig
 from CeVAEAnomalyLib.training.checkpoint import DIGEST_KEY, write_checkpoint
 from CeVAEAnomalyLib.training.trainer import Trainer
-from conftest import make_head, write_heads
+from conftest import full_disk_after_step, make_head, write_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 START_ANEW = "press Adapt again and answer No (start anew) when it asks whether to resume"  # the panel's dialog
@@ -126,18 +125,7 @@ def test_out_of_memory_at_batch_size_one_says_what_to_do_in_the_panels_words(pan
 
 def test_a_full_disk_at_a_log_row_says_how_to_resume_in_the_panels_words(panel_trainer, monkeypatch):
     """It told the panel's user to "run again with --resume to go on from" the checkpoint it kept."""
-    real_writer = trainer_mod.csv.writer
-
-    class FullAfterCheckpoint:
-        def __init__(self, f):
-            self.inner = real_writer(f)
-
-        def writerow(self, row):
-            if isinstance(row[0], int) and row[0] > EVERY:
-                raise OSError(28, "No space left on device")
-            return self.inner.writerow(row)
-
-    monkeypatch.setattr(trainer_mod.csv, "writer", FullAfterCheckpoint)
+    full_disk_after_step(monkeypatch, EVERY)
     with pytest.raises(CeVAEError) as refused:
         panel_trainer.fit()
     text = str(refused.value)

@@ -26,7 +26,7 @@ from CeVAEAnomalyLib.training.config import NO_AUGMENT
 from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
-from conftest import make_head
+from conftest import full_disk_after_step, make_head
 
 EVERY = 8  # checkpoint interval (steps); the log also gets a row every 10 steps
 SMALL = ["--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8", "--checkpoint-every", str(EVERY),
@@ -150,18 +150,7 @@ def test_checkpoint_write_is_atomic(manifest, tmp_path, monkeypatch):
 def test_a_full_disk_at_a_log_row_is_said_with_the_checkpoint_it_keeps(manifest, tmp_path, monkeypatch):
     """The loss log gets a row every 10 steps, checkpoints come less often: a disk that filled in between ended the run
     as "unexpected OSError ... report it", without saying that the last checkpoint was kept."""
-    real_writer = train_mod.csv.writer
-
-    class FullAfterCheckpoint:
-        def __init__(self, f):
-            self.inner = real_writer(f)
-
-        def writerow(self, row):
-            if isinstance(row[0], int) and row[0] > EVERY:
-                raise OSError(28, "No space left on device")
-            return self.inner.writerow(row)
-
-    monkeypatch.setattr(train_mod.csv, "writer", FullAfterCheckpoint)
+    full_disk_after_step(monkeypatch, EVERY)
     trainer = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY)
     with pytest.raises(CeVAEError) as caught:
         trainer.run()
