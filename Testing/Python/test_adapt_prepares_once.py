@@ -59,6 +59,8 @@ def site(tmp_path_factory) -> List[Subject]:
 
 def test_each_site_scan_is_prepared_once_in_every_orientation_and_as_if_one_at_a_time(three_way_bundle, site,
                                                                                       tmp_path, caplog):
+    """Also: each masking of a mask-less scan said "No brain mask for ...: computing one automatically.", for its
+    slices (as scan_a.nii.gz) and again for its scores (as scan_a): the log says it once per scan, by its path."""
     cache = tmp_path / "cache"
     options = AdaptOptions(steps=2, batch_size=4, checkpoint_every=2, folds=2, device="cpu", cache_dir=cache)
     with caplog.at_level(logging.INFO):
@@ -66,6 +68,8 @@ def test_each_site_scan_is_prepared_once_in_every_orientation_and_as_if_one_at_a
     prepared = [tuple(map(int, m.groups())) for r in caplog.records for m in [PREPARED.match(r.getMessage())] if m]
     assert sum(now for now, _ in prepared) == len(site), prepared  # each scan read and masked once for its slices
     assert all(now == 0 for now, _ in prepared[1:]), prepared  # the fold runs and the final run find them ready
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("No brain mask for ")]
+    assert said == [f"No brain mask for {s.image}: computing one automatically." for s in site], said
     assert len(list(cache.glob("*.npy"))) == len(site) * len(ORIENTATIONS)
     slicer = SliceCache(cache, load_bundle(three_way_bundle, "cpu").preprocess)
     checksums = {s.image: sha256_of(s.image) for s in site}
@@ -75,14 +79,3 @@ def test_each_site_scan_is_prepared_once_in_every_orientation_and_as_if_one_at_a
             alone = subject_slices(subject, slicer.pre, (orientation,))[0]
             assert entry is not None and np.array_equal(np.load(entry.path), alone), (subject.image, orientation)
 
-
-def test_adapt_says_once_per_scan_that_it_has_no_brain_mask_naming_it_by_its_path(tiny_bundle, site, tmp_path,
-                                                                                   caplog):
-    """Each masking of a mask-less scan said "No brain mask for ...: computing one automatically.": for its slices (as
-    scan_a.nii.gz) and again for its scores (as scan_a), so the log said it of each scan twice, under two names that
-    were not the path its warnings lead with."""
-    options = AdaptOptions(steps=2, batch_size=4, checkpoint_every=2, folds=2, device="cpu")
-    with caplog.at_level(logging.INFO):
-        adapt(tiny_bundle, site, tmp_path / "site.cevae", options)
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("No brain mask for ")]
-    assert said == [f"No brain mask for {s.image}: computing one automatically." for s in site], said
