@@ -282,4 +282,3 @@ def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optio
     # where the temporary file is made: beside the output's own name (a symbolic link is replaced, not followed)
     for folder in sorted({Path(os.path.abspath(t)).parent for t in targets}):
         refuse_unwritable_folder(folder)
-

@@ -845,4 +845,3 @@ def _removeFolder(folder: Path) -> None:
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)
-
