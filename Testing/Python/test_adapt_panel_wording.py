@@ -239,6 +239,14 @@ def _rate_warning(records: List[logging.LogRecord]) -> str:
     return said[0]
 
 
+def _assert_panel_rate_warning(records: List[logging.LogRecord], rests: str) -> None:
+    """The one default-rate warning among ``records`` says what it ``rests`` on and what to do in the panel's words."""
+    text = _rate_warning(records)
+    assert rests in text, text
+    assert text.endswith(f"Calibrate on more healthy scans, or {HIGHER_RATE}."), text
+    assert "--" not in text, text
+
+
 def test_a_default_rate_too_low_for_a_panels_calibration_says_what_to_do_in_the_panels_words(tmp_path, caplog):
     """Calibrate in the panel on one coarse scan (4 mm voxels: 10552 brain voxels, 2.3 above the bundled model's
     default rate) warned "give a higher --default-fpr": the panel sets no model's default rate; detection's Sensitivity
@@ -251,10 +259,7 @@ def test_a_default_rate_too_low_for_a_panels_calibration_says_what_to_do_in_the_
                 out=str(tmp_path / "site.cevae"))
     with caplog.at_level(logging.WARNING):
         run_calibrate(task, lambda fraction, message: None)
-    text = _rate_warning(caplog.records)
-    assert "rests on 2.3 of the 10552 healthy brain voxels" in text, text
-    assert text.endswith(f"Calibrate on more healthy scans, or {HIGHER_RATE}."), text
-    assert "--" not in text, text
+    _assert_panel_rate_warning(caplog.records, "rests on 2.3 of the 10552 healthy brain voxels")
 
 
 @pytest.fixture
@@ -272,10 +277,7 @@ def test_a_default_rate_too_low_for_a_panels_adaptation_says_what_to_do_in_the_p
     voxels there warned "give a higher --default-fpr", an option of `cevae-anomaly calibrate` only."""
     with caplog.at_level(logging.WARNING):
         run_adapt(coarse_site, lambda fraction, message: None)
-    text = _rate_warning(caplog.records)
-    assert "rests on 7.1 of the 7088 healthy brain voxels" in text, text
-    assert text.endswith(f"Calibrate on more healthy scans, or {HIGHER_RATE}."), text
-    assert "--" not in text, text
+    _assert_panel_rate_warning(caplog.records, "rests on 7.1 of the 7088 healthy brain voxels")
 
 
 def test_the_adapt_command_warning_of_a_default_rate_too_low_names_its_own_options(coarse_site, tmp_path, caplog):
