@@ -93,7 +93,7 @@ class Detector:
         self.post = post or bundle.header.postprocess
         run = RunOptions(batch_size=batch_size, amp=amp)  # refused as from every entry point (e.g. 0 slices)
         self.batch_size, self.amp = run.batch_size, run.amp
-        trained = tuple((bundle.header.training or {}).get("orientations") or ("axial",))
+        trained = bundle.header.trained_orientations()
         untrained = [o for o in self.score.orientation_list if o not in trained]
         if untrained:
             raise CeVAEError(f"The model was trained on {', '.join(trained)} slices only, so it cannot score "

@@ -92,6 +92,10 @@ class BundleHeader:
         trained = {r.get("sha256") for r in training.get("subjects") or () if isinstance(r, dict)}
         return [c for c in checksums if c in trained]
 
+    def trained_orientations(self) -> Tuple[str, ...]:
+        """The slice orientations the model was trained on (axial where the training record names none)."""
+        return tuple((self.training or {}).get("orientations") or ("axial",))
+
     def recalibrated_from(self) -> Optional[Dict[str, Optional[str]]]:
         """The model this one is a calibrated copy of: its name, file name and sha256 (the ``recalibration`` record of
         engine/calibrate.py); None where it is none, or was calibrated before copies recorded it."""

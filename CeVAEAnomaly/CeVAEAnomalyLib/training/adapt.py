@@ -119,7 +119,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
         cache = SliceCache(root, bundle.preprocess, wording)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
-        orientations = _trained_orientations(header)
+        orientations = header.trained_orientations()
         # each scan read and masked once, in every orientation the runs train on (axial first: the contrast check's)
         entries = cache.prepare(subjects, checksums, _with_axial_first(orientations),
                                 labelled(scaled(training_part, 0.0, PREPARE_SHARE), "Preparing the scans"))
@@ -215,12 +215,6 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
             seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
-
-
-def _trained_orientations(header: BundleHeader) -> Tuple[str, ...]:
-    """The slice orientations the base model was trained on, which its fine-tuning runs train on (axial if it records
-    none)."""
-    return tuple((header.training or {}).get("orientations") or ("axial",))
 
 
 def _with_axial_first(orientations: Sequence[str]) -> Tuple[str, ...]:
