@@ -115,7 +115,8 @@ Results: the score volume as a heat overlay (scores under the threshold are tran
 colour legend, the segment "Anomaly" outlined in all views, and a table of connected anomalies
 (volume, scores, centroid, highest-scoring voxel); click a row to jump to that voxel.
 <b>Calibrate on healthy scans</b> adapts the threshold to your site; <b>Adapt to this scanner</b> fine-tunes
-the model itself on them;
+the model itself on them; <b>Share model...</b> writes a copy of your model without the names of its scans, to give
+to another site;
 <b>Thorough</b> (Advanced) adapts a copy of the model to the one scan before scoring it (slower).
 See the <a href="{url}">documentation</a>.
 <b>Research use only; not for diagnosis.</b>
@@ -233,6 +234,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.adaptButton.connect("clicked(bool)", lambda checked: self._onTaskButton(ADAPT))
         self.ui.jumpToTopSliceButton.connect("clicked(bool)", self.onJumpToTopSlice)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
+        self.ui.shareModelButton.connect("clicked(bool)", self.onShareModel)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.componentTableView.connect("clicked(QModelIndex)", self.onComponentClicked)
         self.ui.brainMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onBrainMaskSegmentChanged)
@@ -568,6 +570,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.visible = view.progress_visible
         if p is not None:
             self.ui.modelPathLineEdit.enabled = view.settings_enabled and not p.useBundledModel
+            sharing = self._modelSharing()
+            self.ui.shareModelButton.enabled = sharing.problem is None
+            self.ui.shareModelButton.toolTip = sharing.tooltip
             self.ui.falsePositiveRateSpinBox.enabled = p.sensitivity == SENSITIVITY_FPR
             self.ui.thresholdSpinBox.enabled = p.sensitivity == SENSITIVITY_THRESHOLD
             for widget in (self.ui.rimSpinBox, self.ui.medianRadiusSpinBox, self.ui.minVolumeSpinBox,
@@ -703,6 +708,37 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return default_model_path()
         except CeVAEError:
             return None
+
+    def _modelSharing(self):
+        """The Share model... action for the panel's model (share_panel.ModelSharing)."""
+        from CeVAEAnomalyLib.slicer.share_panel import ModelSharing
+
+        return ModelSharing.of_panel(self._parameterNode, self._modelSettings() is not None, self.state.task)
+
+    def onShareModel(self) -> None:
+        """Share model...: a copy of the chosen model without its scans' names, where the user chooses (beside it by
+        default); written here, in the GUI thread: a copy of one file, done in a moment."""
+        if self._parameterNode is None:
+            return
+        sharing = self._modelSharing()
+        if sharing.problem is not None:
+            return  # (the button is disabled, and its tooltip says why)
+        output = self._askSharedModelPath(sharing.default_output())
+        if not output:
+            return  # the dialog was cancelled
+        with slicer.util.tryWithErrorDisplay(_("Sharing the model failed."), waitCursor=True):
+            # the save dialog asked before it returned an existing file; testing mode never asks, so never replaces
+            self.ui.statusLabel.text = sharing.share(self.logic, output, replace=not slicer.app.testingEnabled())
+
+    @staticmethod
+    def _askSharedModelPath(default: Path) -> str:
+        """Where to save the shareable copy: a save dialog that starts at ``default`` and asks before it returns an
+        existing file; "" if cancelled. Testing mode asks nothing: ``default``."""
+        if slicer.app.testingEnabled():
+            return str(default)
+        with CeVAEAnomalyWidget._normalCursor():
+            return qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Share model"), str(default),
+                                                  _("CeVAE model (*.cevae)"))
 
     def _adaptChoice(self):
         """The adapt section's state (ready, estimate or what is missing) from the panel; None without a parameter

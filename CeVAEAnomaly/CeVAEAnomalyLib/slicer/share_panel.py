@@ -1,0 +1,91 @@
+"""The panel's "Share model..." action (Qt-free): whether it is offered for the chosen model, where the copy goes by
+default, which outputs it refuses, and what the status line says once the copy is written.
+
+A calibrated or adapted model records each healthy volume by its node name, which may hold a patient's name or ID.
+The copy is the logic's ``shareModel`` (engine/sharing.py): one file read and written with its header rewritten, done
+in a moment, so the widget runs it in the GUI thread, not in a worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..data import is_bundled_model
+from ..engine.bundle_checks import NAMES_REMOVED
+from ..engine.header import read_header
+from ..errors import CeVAEError
+from .adapt_panel import model_output, output_problem
+
+SHARED_SUFFIX = "_shared.cevae"  # the default copy of NAME.cevae is NAME_shared.cevae, beside it
+
+
+@dataclass(frozen=True)
+class ModelSharing:
+    """The action for the panel's model choice: ``bundled`` (Use bundled model ticked), ``model_path`` (the Model
+    bundle field), ``readable`` (its header reads as a model) and ``busy_with`` (the task running, if any)."""
+
+    bundled: bool
+    model_path: str
+    readable: bool = True
+    busy_with: Optional[str] = None
+
+    @classmethod
+    def of_panel(cls, parameters: Any, readable: bool, busy_with: Optional[str]) -> "ModelSharing":
+        """The action for the parameter node's ``useBundledModel`` and ``modelPath``."""
+        return cls(bool(parameters.useBundledModel), str(parameters.modelPath or ""), readable, busy_with)
+
+    @property
+    def model(self) -> Path:
+        """The chosen model file."""
+        return Path(self.model_path)
+
+    @property
+    def problem(self) -> Optional[str]:
+        """Why the action is not offered now, or None."""
+        if self.busy_with is not None:
+            return ("Another task is running; wait for it to end (a calibration's or adaptation's model then becomes "
+                    "the one in use, to share), or cancel it.")
+        if self.bundled or (self.model_path and is_bundled_model(self.model)):
+            return ("The bundled model names only public sample scans: share it as it is. Choose a model of your own "
+                    "(untick Use bundled model) to write a copy of it without its scans' names.")
+        if not self.model_path:
+            return "Choose the model file to share (Model bundle)."
+        if not self.readable or not self.model.is_file():
+            return "The chosen model cannot be read (the status line says why); choose a model file to share."
+        return None
+
+    @property
+    def tooltip(self) -> str:
+        """The button's tooltip: what it does, or why it is disabled."""
+        return self.problem or (
+            f"Write a copy of {self.model.name} that calls the scans it was made from scan 1, scan 2, ... instead of "
+            "by their names (which may hold a patient's name or ID), to give to a colleague or another site; it "
+            "detects exactly as the model does.")
+
+    def default_output(self) -> Path:
+        """Where the copy goes unless the user chooses another file: NAME_shared.cevae beside the model."""
+        return self.model.with_name(self.model.stem + SHARED_SUFFIX)
+
+    def share(self, logic: Any, output: str, replace: bool) -> str:
+        """Write the copy to ``output`` (the path chosen; ``~`` expanded) with ``logic.shareModel`` and return what the
+        status line says. Refused in one line, with nothing written: while :attr:`problem`, an output that is the model
+        itself (also through a link) or the bundled model, or is not a .cevae file, and an existing file unless
+        ``replace`` (the user was asked before replacing it)."""
+        problem = self.problem or output_problem(output, self.model, "shareable")
+        if problem is not None:
+            raise CeVAEError(problem)
+        out = model_output(output)
+        exists = out.exists()
+        if exists and not replace:
+            raise CeVAEError(f"{out} exists; choose another file name for the shareable copy.")
+        return self.shared_message(logic.shareModel(self.model, out, overwrite=exists))
+
+    def shared_message(self, copy: Path) -> str:
+        """The status line once the copy ``copy`` is written: how many scans it renamed, that the model in use stays the
+        model, and to give the copy alone."""
+        scans = read_header(copy).extra[NAMES_REMOVED]["scans"]
+        name = self.model.name
+        return (f"Shareable copy of {name} saved as {copy}: the {scans} scan(s) it records are called scan 1, scan 2, "
+                f"... instead of by their names; it detects exactly as {name}, which stays the model in use. Give the "
+                "copy alone: the checkpoints (.ckpt) beside an adapted model hold the scans' paths.")
