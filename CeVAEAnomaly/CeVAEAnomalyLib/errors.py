@@ -33,36 +33,61 @@ def out_of_memory(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class Wording:
-    """How the caller's user does what the messages of a long run (train, adapt) or a calibration advise, in the
-    caller's words. By default the command line's: train's and calibrate's options, and adapt's in the messages only
-    an adaptation says (replace_model, same_settings, detect_with, lower_rate); `cevae-anomaly adapt` names its own
-    in the others too (cli.commands.ADAPT_WORDING), train where calibrate's differ (cli.commands.TRAIN_WORDING), the
-    Slicer panel its controls (slicer.worker.PANEL_WORDING)."""
+    """How the caller's user does what the messages of a long run (train, adapt) advise, in the caller's words. Every
+    front end gives every phrase, a command even those only another says, in its own options: the command line's train
+    (COMMAND_LINE_TRAIN) and adapt (COMMAND_LINE_ADAPT), the Slicer panel its controls (slicer.worker.PANEL_WORDING)."""
 
-    stop: str = "Ctrl-C"  # stop the run now
-    resume: str = "run again with --resume"  # go on from the last checkpoint
-    resume_request: str = "--resume"  # the user's request to resume, as "... was given" and "... refused:" name it
-    start_anew: str = "start anew with --overwrite instead of --resume"  # leave the checkpoint a resume refused
-    same_model: str = "Resume with the same --channels, --z-dim and --input-size"  # the checkpoint's architecture
-    less_memory: str = "use a smaller --input-size or --channels, or another device"  # out of memory at batch size 1
-    cache_room: str = "Free space there, or give --cache-dir a folder on a disk with room"  # slice cache's disk full
-    higher_rate: str = "give a higher --default-fpr"  # a default rate too low for the voxels calibrated on (calibrate)
-    replace_model: str = "pass --overwrite to adapt again and replace it, or choose another --out"  # adapt: model done
-    cpu_choice: str = "choose the device cpu or auto (--device cpu)"  # train on the CPU (devices.DeviceUnavailable)
+    stop: str  # stop the run now
+    resume: str  # go on from the last checkpoint
+    resume_request: str  # the user's request to resume, as "... was given" and "... refused:" name it
+    start_anew: str  # leave the checkpoint a resume refused
+    same_model: str  # a resume refused for the checkpoint's architecture
+    less_memory: str  # out of memory at batch size 1
+    cache_room: str  # the slice cache's disk full
+    higher_rate: str  # the default rate too low for the voxels the written model is calibrated on
+    replace_model: str  # an adaptation's model written already
+    cpu_choice: str  # train on the CPU (devices.DeviceUnavailable)
     # a resume from a checkpoint past the run's end: ends "the checkpoint ... is at step {step}, " ({steps}: the run's)
-    past_the_end: str = "past --max-steps {steps}; give --max-steps {step} or more"
+    past_the_end: str
     # an adaptation resumed from a checkpoint that does not record its steps and learning rate ({steps}, {lr}: this
-    # run's): only adaptations reach it, so by default `cevae-anomaly adapt`'s options
-    same_settings: str = "make sure --steps {steps} and --lr {lr:g} are those it was started with"
-    detect_with: str = "Detect with it: cevae-anomaly detect SCAN --model {path}"  # the model adapt wrote ({path})
-    lower_rate: str = "detect with a lower --fpr, or a --threshold"  # an adapted model's threshold is 0 at its rate
+    # run's)
+    same_settings: str
+    detect_with: str  # the model adapt wrote ({path})
+    lower_rate: str  # an adapted model's threshold is 0 at its rate
     # a resume refused for a checkpoint of another run: what to do; and, for a caller whose user sets no options (the
     # panel), what differs by kind: the model started from, the volumes, other settings ("": each option and volume
     # that differs is named, as the command line's user gives them)
-    same_run: str = "Resume with the same volumes and options"
-    other_model: str = ""
-    other_volumes: str = ""
-    other_settings: str = ""
+    same_run: str
+    other_model: str
+    other_volumes: str
+    other_settings: str
 
 
-COMMAND_LINE = Wording()
+# the phrases every command that runs long says alike, in its options
+_COMMAND_LINE = dict(
+    stop="Ctrl-C", resume="run again with --resume", resume_request="--resume",
+    start_anew="start anew with --overwrite instead of --resume",
+    cache_room="Free space there, or give --cache-dir a folder on a disk with room",
+    cpu_choice="choose the device cpu or auto (--device cpu)",
+    detect_with="Detect with it: cevae-anomaly detect SCAN --model {path}",
+    lower_rate="detect with a lower --fpr, or a --threshold", same_run="Resume with the same volumes and options",
+    other_model="", other_volumes="", other_settings="")
+# `cevae-anomaly train`: it calibrates the model it writes at the default rate, and has no --default-fpr
+COMMAND_LINE_TRAIN = Wording(
+    **_COMMAND_LINE, same_model="Resume with the same --channels, --z-dim and --input-size",
+    less_memory="use a smaller --input-size or --channels, or another device",
+    higher_rate="give a higher --default-fpr to `cevae-anomaly calibrate` on the trained model",
+    replace_model="pass --overwrite to train again and replace it, or choose another --out",
+    past_the_end="past --max-steps {steps}; give --max-steps {step} or more",
+    same_settings="make sure --max-steps {steps} and --lr {lr:g} are those it was started with")
+# `cevae-anomaly adapt`: an adaptation has the architecture and the default rate of its --model (train's --channels,
+# --z-dim, --input-size and --max-steps, calibrate's --default-fpr are not adapt's)
+COMMAND_LINE_ADAPT = Wording(
+    **_COMMAND_LINE, same_model="Resume with the --model that adaptation started from",
+    less_memory="close other programs that use its memory, or give another --device",
+    higher_rate="detect with a higher --fpr",
+    replace_model="pass --overwrite to adapt again and replace it, or choose another --out",
+    past_the_end="past --steps {steps}; give --steps {step} or more",
+    same_settings="make sure --steps {steps} and --lr {lr:g} are those it was started with")
+# `cevae-anomaly calibrate`'s advice for a default rate too low (engine.calibrate; the other phrases are a long run's)
+CALIBRATE_HIGHER_RATE = "give a higher --default-fpr"

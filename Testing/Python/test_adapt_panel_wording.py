@@ -20,15 +20,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from CeVAEAnomalyLib.cli.commands import ADAPT_WORDING
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import data_path, default_model_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig
-from CeVAEAnomalyLib.errors import COMMAND_LINE, CeVAEError, Wording
+from CeVAEAnomalyLib.errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError, Wording
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.options import DetectionRequest
 from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt, run_calibrate
+from CeVAEAnomalyLib.training.adapt import adapt
+from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
 from CeVAEAnomalyLib.training.config import TrainConfig
 from CeVAEAnomalyLib.training.checkpoint import DIGEST_KEY, write_checkpoint
 from CeVAEAnomalyLib.training.trainer import Trainer
@@ -154,7 +155,7 @@ def test_the_adapt_command_out_of_memory_at_batch_size_one_names_its_own_options
     def out_of_memory(batch: torch.Tensor) -> Dict[str, float]:
         raise RuntimeError("CUDA out of memory")
 
-    adapting = fine_tuning(tmp_path, ADAPT_WORDING)
+    adapting = fine_tuning(tmp_path, COMMAND_LINE_ADAPT)
     adapting.batch_size = 1
     with pytest.raises(CeVAEError) as refused:
         adapting.step_with_oom_retry(torch.arange(8), out_of_memory)
@@ -376,13 +377,19 @@ def test_a_panels_resume_of_a_checkpoint_past_its_steps_says_what_to_do_in_the_p
 
 
 def test_the_adapt_command_resuming_a_checkpoint_past_its_steps_names_its_own_option(earlier_checkpoint, capsys):
-    """`cevae-anomaly adapt --resume --steps 2` said "give --max-steps 4 or more", an option of train's."""
+    """`cevae-anomaly adapt --resume --steps 2` said "give --max-steps 4 or more", an option of train's; so did
+    adapt() called from Python with its default wording, which was the command line's train's there."""
     volumes = [path for s in earlier_checkpoint["subjects"] for path in (s["image"], s["mask"])]
     assert main(["adapt", *volumes, "--model", earlier_checkpoint["model"], "--out", earlier_checkpoint["out"],
                  "--steps", "2", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "is at step 4, past --steps 2; give --steps 4 or more." in err, err
     assert "--max-steps" not in err, err
+    subjects = [Subject(Path(s["image"]), Path(s["mask"])) for s in earlier_checkpoint["subjects"]]
+    with pytest.raises(CeVAEError) as refused:
+        adapt(Path(earlier_checkpoint["model"]), subjects, Path(earlier_checkpoint["out"]),
+              AdaptOptions(steps=2, batch_size=8, checkpoint_every=2, device="cpu", resume=True))
+    assert str(refused.value).endswith("is at step 4, past --steps 2; give --steps 4 or more."), str(refused.value)
 
 
 def test_a_panels_resume_of_an_earlier_versions_checkpoint_warns_in_the_panels_words(earlier_checkpoint, caplog):
@@ -437,14 +444,27 @@ def test_an_adaptation_summary_without_a_threshold_says_what_to_do_in_the_panels
     assert text == ("none (it gets 0 there, which would flag the whole brain: detect with a lower false-positive rate "
                     "(Sensitivity: Chosen false-positive rate) or an absolute threshold (Sensitivity: Absolute "
                     "threshold))"), text
-    assert threshold_said(None, ADAPT_WORDING).endswith("detect with a lower --fpr, or a --threshold)")
+    assert threshold_said(None, COMMAND_LINE_ADAPT).endswith("detect with a lower --fpr, or a --threshold)")
     assert threshold_said(2.3577, PANEL_WORDING) == "2.36"
 
 
 def test_the_panel_gives_every_phrase_in_its_own_words():
-    """A phrase added to errors.Wording with a command-line default reaches the panel unless PANEL_WORDING gives its
-    own: every field of the panel's is set there (none left at the command line's) and names no option."""
+    """Every phrase of the panel's differs from the command line's train's and adapt's and names no option."""
     for field in fields(PANEL_WORDING):
         said = getattr(PANEL_WORDING, field.name)
         assert "--" not in said, field.name
-        assert said != getattr(COMMAND_LINE, field.name) or not said, field.name
+        command_line = (getattr(COMMAND_LINE_TRAIN, field.name), getattr(COMMAND_LINE_ADAPT, field.name))
+        assert not said or said not in command_line, field.name
+
+
+def test_each_command_says_only_its_own_options():
+    """errors.Wording's defaults were train's options with adapt's in some phrases: a caller giving no wording of its
+    own, as adapt() from Python, told its user train's --max-steps. It has no defaults now; the command line's train
+    and adapt each name their own options only."""
+    with pytest.raises(TypeError):
+        Wording()  # type: ignore[call-arg]
+    for wording, others in ((COMMAND_LINE_TRAIN, ("--steps ", "adapt again")),
+                            (COMMAND_LINE_ADAPT, ("--max-steps", "--channels", "--z-dim", "--input-size",
+                                                  "--default-fpr", "train again"))):
+        said = " ".join(getattr(wording, field.name) for field in fields(wording))
+        assert not [flag for flag in others if flag in said], said

@@ -13,7 +13,7 @@ import torch
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
-from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.errors import COMMAND_LINE_ADAPT, CeVAEError
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
 from CeVAEAnomalyLib.training.cache import Entry, SliceSet
 from CeVAEAnomalyLib.training.checkpoint import check_same_run, run_identity
@@ -39,7 +39,7 @@ def test_an_adaptation_resumed_with_other_steps_or_learning_rate_is_refused(tiny
     older = identity(steps=8)
     del older["options"]["adaptation"]  # written before adaptations recorded them: resumes, with a warning
     with caplog.at_level("WARNING"):
-        check_same_run(older, identity(steps=8), out)
+        check_same_run(older, identity(steps=8), out, COMMAND_LINE_ADAPT)
     assert "make sure --steps 8 and --lr 0.0001 are those it was started with" in caplog.text
     train = TrainConfig(out=out)  # a train run may be resumed to more steps or at a lower rate
     check_same_run(run_identity(train.run_options(), [], [], {}),

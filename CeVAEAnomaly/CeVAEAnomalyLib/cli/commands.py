@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import COMMAND_LINE, CeVAEError
+from ..errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError
 from ..io.naming import file_stem, refuse_misnamed
 
 if TYPE_CHECKING:
@@ -22,15 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cevae_anomaly")
 
 RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
-# what adapt's errors and warnings advise, with its own options: an adaptation has the architecture and the default
-# rate of its --model (train's --channels, --z-dim and --input-size, calibrate's --default-fpr are not adapt's)
-ADAPT_WORDING = dataclasses.replace(COMMAND_LINE, same_model="Resume with the --model that adaptation started from",
-                                    less_memory="close other programs that use its memory, or give another --device",
-                                    higher_rate="detect with a higher --fpr",
-                                    past_the_end="past --steps {steps}; give --steps {step} or more")
-# what train's warnings advise: train calibrates the model it writes at the default rate, and has no --default-fpr
-TRAIN_WORDING = dataclasses.replace(
-    COMMAND_LINE, higher_rate="give a higher --default-fpr to `cevae-anomaly calibrate` on the trained model")
 
 
 def _require_research(command: str, modules: Sequence[str]) -> None:
@@ -150,7 +141,7 @@ def run_train(args: argparse.Namespace) -> Path:
     rank0 = os.environ.get("RANK", "0") == "0"
     with hold_output(cfg.out, "train") if rank0 else contextlib.nullcontext():  # one run per --out at a time
         trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None,
-                          wording=TRAIN_WORDING)
+                          wording=COMMAND_LINE_TRAIN)
         path = trainer.run()
     if path is not None:
         log.info("Model bundle written to %s (log: %s).", path, cfg.log_path)
@@ -183,7 +174,7 @@ def run_adapt(args: argparse.Namespace) -> Path:
         raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     subjects = _healthy_subjects(args, "adapting")
     return adapt(_model(args)[0], subjects, args.out, options, ConsoleProgress("adapt"),
-                 inputs=[args.manifest], wording=ADAPT_WORDING)
+                 inputs=[args.manifest], wording=COMMAND_LINE_ADAPT)
 
 
 def run_prepare(args: argparse.Namespace) -> None:

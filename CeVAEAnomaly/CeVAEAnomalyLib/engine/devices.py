@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from ..errors import COMMAND_LINE, CeVAEError
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError
 from ..options import RunOptions
 
 log = logging.getLogger(__name__)
@@ -15,7 +15,7 @@ class DeviceUnavailable(CeVAEError):
     """An accelerator asked for by name is missing where training needs it. Its message offers the CPU in the
     command line's words; :meth:`offering` in another front end's (errors.Wording.cpu_choice)."""
 
-    def __init__(self, problem: str, cpu_choice: str = COMMAND_LINE.cpu_choice) -> None:
+    def __init__(self, problem: str, cpu_choice: str = COMMAND_LINE_TRAIN.cpu_choice) -> None:
         self.problem = problem
         super().__init__(f"{problem} To train on the CPU, {cpu_choice}.")
 

@@ -148,7 +148,8 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
         subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects]))  # a scan loaded twice
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),
-                           progress=scaled(progress, 0.02, 0.98), run=request.run, wording=PANEL_WORDING)
+                           progress=scaled(progress, 0.02, 0.98), run=request.run,
+                           higher_rate=PANEL_WORDING.higher_rate)
     _warn_of_lost_thorough_mode(bundle, path)
     report(progress, 1.0, "Calibrated model saved")
     return {"model": str(path), "subjects": len(subjects)}

@@ -26,7 +26,7 @@ from ..engine.calibration import calibrated_test_time_steps
 from ..engine.devices import DeviceUnavailable, resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
-from ..errors import COMMAND_LINE, CeVAEError, Wording
+from ..errors import COMMAND_LINE_ADAPT, CeVAEError, Wording
 from ..io.checksum import sha256_of
 from ..io.lock import hold_output, refuse_if_held
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names, unknown_persons_note
@@ -52,7 +52,7 @@ PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated shar
 @each_warning_once()  # each scan is masked for its slices and for its scores
 def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOptions = AdaptOptions(),
           progress: Optional[ProgressCallback] = None, inputs: Sequence[Optional[Path]] = (),
-          wording: Wording = COMMAND_LINE) -> Path:
+          wording: Wording = COMMAND_LINE_ADAPT) -> Path:
     """Fine-tune the bundle ``base`` on the healthy ``subjects`` of a site and write the calibrated bundle ``out``.
 
     ``inputs``: other files the caller read (a manifest), which no output may replace. ``progress``

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..engine.config import PreprocessConfig
-from ..errors import COMMAND_LINE, CeVAEError, Wording
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.atomic import atomic_path
 from ..io.checksum import refuse_changed
 from ..io.targets import file_in_the_way
@@ -111,7 +111,7 @@ class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order. ``wording``: the
     caller's words for what to do where the cache's disk is full."""
 
-    def __init__(self, root: Path, pre: PreprocessConfig, wording: Wording = COMMAND_LINE) -> None:
+    def __init__(self, root: Path, pre: PreprocessConfig, wording: Wording = COMMAND_LINE_TRAIN) -> None:
         file = file_in_the_way(root)
         if file == root:
             raise CeVAEError(f"The cache folder {root} is a file; give a folder for --cache-dir.")
@@ -261,7 +261,7 @@ class SliceCache:
         return entry
 
 
-def write_failure(target: Path, exc: OSError, size: int, wording: Wording = COMMAND_LINE) -> str:
+def write_failure(target: Path, exc: OSError, size: int, wording: Wording = COMMAND_LINE_TRAIN) -> str:
     """The error for a cache entry ``target`` of about ``size`` bytes whose write failed with ``exc``. A full disk
     or quota is said in those words, with what to do in ``wording``: errno ENOSPC or EDQUOT, or a write that failed
     without an errno (NumPy's short write says only 'N requested and M written') where the folder has less free space
@@ -304,7 +304,7 @@ class SliceSet(torch.utils.data.Dataset):
     the files are removed or cut short under the run.
     """
 
-    def __init__(self, entries: Sequence[Entry], size: int, wording: Wording = COMMAND_LINE) -> None:
+    def __init__(self, entries: Sequence[Entry], size: int, wording: Wording = COMMAND_LINE_TRAIN) -> None:
         self.entries = list(entries)
         self.size = size
         self.wording = wording

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import COMMAND_LINE, CeVAEError, Wording
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.atomic import atomic_path
 from ..io.manifest import Subject
 from .config import LOG_HEADER, RESUME_MAY_CHANGE
@@ -93,7 +93,7 @@ _FIELDS: Dict[str, Tuple[type, str]] = {
 }
 
 
-def damaged(path: Path, why: str, wording: Wording = COMMAND_LINE) -> CeVAEError:
+def damaged(path: Path, why: str, wording: Wording = COMMAND_LINE_TRAIN) -> CeVAEError:
     """The error for a checkpoint that is not one this program wrote, or no longer whole (``wording``: the caller's
     words for starting anew)."""
     return CeVAEError(f"The checkpoint {path} is damaged or not a CeVAEAnomaly checkpoint ({why}); it was not "
@@ -101,7 +101,7 @@ def damaged(path: Path, why: str, wording: Wording = COMMAND_LINE) -> CeVAEError
 
 
 def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = "",
-                    wording: Wording = COMMAND_LINE) -> Dict[str, Any]:
+                    wording: Wording = COMMAND_LINE_TRAIN) -> Dict[str, Any]:
     """The state saved at ``path`` for a model of configuration ``model_cfg``, its fields checked; a refusal says
     what to do in ``wording``."""
     if not path.is_file():
@@ -286,7 +286,7 @@ def run_identity(options: Mapping[str, Any], train: Sequence[Subject], validatio
 
 
 def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], path: Path,
-                   wording: Wording = COMMAND_LINE) -> None:
+                   wording: Wording = COMMAND_LINE_TRAIN) -> None:
     """Refuse to resume from the checkpoint at ``path`` a run whose identity differs; name what differs, and say what
     to do in ``wording``."""
     if saved is None:

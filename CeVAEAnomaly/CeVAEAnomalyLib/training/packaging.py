@@ -20,7 +20,7 @@ from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.header import BundleHeader
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
-from ..errors import COMMAND_LINE, CeVAEError, Wording
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.checksum import refuse_changed
 from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
@@ -112,7 +112,7 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
             device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
             progress: Optional[ProgressCallback] = None, test_time_steps: Sequence[int] = (),
-            checksums: Optional[Mapping[Path, str]] = None, wording: Wording = COMMAND_LINE) -> Path:
+            checksums: Optional[Mapping[Path, str]] = None, wording: Wording = COMMAND_LINE_TRAIN) -> Path:
     """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i; ``test_time_steps``:
     thorough modes calibrated too: see engine.calibrate.calibrate_model), then write the bundle once.
 
@@ -127,7 +127,7 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     bundle = Bundle(stored, header, out)
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
                                   progress, scorers, test_time_steps=test_time_steps, fpr=header.default_fpr,
-                                  wording=wording)
+                                  higher_rate=wording.higher_rate)
     if checksums is not None:  # the scans scored are those the record names
         refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums,
                        "the trained weights are in the last checkpoint: with the scan as it was when the run began, "

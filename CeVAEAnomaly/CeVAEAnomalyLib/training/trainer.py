@@ -29,7 +29,7 @@ from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
 from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
-from ..errors import COMMAND_LINE, CeVAEError, Wording
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.atomic import remove_stale_temporaries, write_all
 from ..io.checksum import sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
@@ -185,7 +185,7 @@ class Trainer:
         preprocess: Optional[PreprocessConfig] = None,
         progress: Optional[ProgressCallback] = None,
         start_weights: Optional[Mapping[str, torch.Tensor]] = None,
-        wording: Wording = COMMAND_LINE,
+        wording: Wording = COMMAND_LINE_TRAIN,
     ) -> None:
         """``start_weights``: those of ``cfg.init_from``, already loaded and checked (adapt loads its base model once
         for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file.
