@@ -405,6 +405,18 @@ def test_a_panels_resume_of_an_earlier_versions_checkpoint_warns_in_the_panels_w
     assert "--" not in said[0], said
 
 
+def test_a_panels_resume_of_an_earlier_versions_checkpoint_with_its_volumes_reordered_warns_once_in_its_words(
+        earlier_checkpoint, caplog):
+    """The same resume with the healthy volumes chosen in another order warned twice, first in the command line's
+    words ("make sure --steps 4 and --lr 0.0001 ..."): the check whether the checkpoint's run is this one in its own
+    order said it too, without the panel's wording."""
+    task = dict(earlier_checkpoint, subjects=earlier_checkpoint["subjects"][::-1])
+    with caplog.at_level(logging.WARNING):
+        run_adapt(task, lambda fraction, message: None)
+    said = [r.getMessage() for r in caplog.records if "was written before an adaptation recorded" in r.getMessage()]
+    assert len(said) == 1 and ": the panel resumes it with 4 steps" in said[0], said
+
+
 def test_the_train_command_warning_of_a_default_rate_too_low_names_what_train_offers(tmp_path, caplog):
     """`cevae-anomaly train` calibrates the model it writes at its default rate: too few voxels there warned "give a
     higher --default-fpr", which train has not (calibrate has)."""

@@ -291,21 +291,38 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
     to do in ``wording``."""
     if saved is None:
         raise CeVAEError(f"The checkpoint {path} does not record what defines its run; {wording.start_anew}.")
-    options = _base_by_content(saved["options"], current["options"])
-    # what a resume may change now but an earlier version recorded as the run's (a train run's batch size)
-    options = {k: v for k, v in options.items() if k in current["options"] or k not in RESUME_MAY_CHANGE}
-    adaptation = current["options"].get("adaptation")
-    if adaptation is not None and "adaptation" not in options and options.get("init_from"):  # a fine-tuning's,
-        # written before adaptations recorded them (another kind of run is refused below for its other options)
+    adaptation = _unrecorded_adaptation(saved["options"], current["options"])
+    if adaptation is not None:
         log.warning("The checkpoint %s was written before an adaptation recorded its steps and learning rate: %s (its "
                     "fold models calibrate the final one, so they must be trained alike).", path,
                     wording.same_settings.format(steps=adaptation.get("steps"), lr=adaptation.get("lr")))
-        options = dict(options, adaptation=adaptation)
-    changed = _changed_options(options, current["options"])
-    volumes = [said for role in ("train", "validation") for said in _changed_volumes(role, saved[role], current[role])]
+    changed, volumes = run_differences(saved, current)
     if changed or volumes:
         raise CeVAEError(f"{wording.resume_request} refused: the checkpoint {path} belongs to another run: "
                          f"{_differences(changed, volumes, wording)}. {wording.same_run}, or {wording.start_anew}.")
+
+
+def run_differences(saved: Mapping[str, Any],
+                    current: Mapping[str, Any]) -> Tuple[List[Tuple[str, Any, Any]], List[str]]:
+    """What differs between a checkpoint's run identity ``saved`` and ``current`` (:func:`run_identity`), without a
+    word logged: the options (dotted name, saved value, current value) and the volumes, in words. An adaptation's steps
+    and learning rate that an earlier version did not record are taken as the current ones."""
+    options = _base_by_content(saved["options"], current["options"])
+    # what a resume may change now but an earlier version recorded as the run's (a train run's batch size)
+    options = {k: v for k, v in options.items() if k in current["options"] or k not in RESUME_MAY_CHANGE}
+    adaptation = _unrecorded_adaptation(options, current["options"])
+    if adaptation is not None:
+        options = dict(options, adaptation=adaptation)
+    changed = _changed_options(options, current["options"])
+    volumes = [said for role in ("train", "validation") for said in _changed_volumes(role, saved[role], current[role])]
+    return changed, volumes
+
+
+def _unrecorded_adaptation(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The current run's adaptation settings (steps, lr) where the checkpoint's ``saved`` options are a fine-tuning's
+    written before adaptations recorded them (another kind of run differs in its other options); else None."""
+    adaptation = current.get("adaptation")
+    return adaptation if adaptation is not None and "adaptation" not in saved and saved.get("init_from") else None
 
 
 def _differences(changed: List[Tuple[str, Any, Any]], volumes: List[str], wording: Wording) -> str:

@@ -38,7 +38,7 @@ from ..progress import ProgressCallback, checked, report
 from .augment import augment
 from .cache import Entry, SliceCache, SliceSet, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_problem, read_checkpoint,
-                         run_identity, truncate_log, write_checkpoint)
+                         run_differences, run_identity, truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
@@ -422,7 +422,7 @@ class Trainer:
             path = self.cfg.checkpoint_path
             hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
             state = read_checkpoint(path, self.cfg.model.to_dict(), hint, self.wording)
-            self._follow_checkpoint_order(state.get("run"), path)
+            self._follow_checkpoint_order(state.get("run"))
             check_same_run(state.get("run"), self.run_identity(), path, self.wording)
             step = state.get("step")
             if isinstance(step, int) and step > self.cfg.max_steps:  # the run would end at the checkpoint's step
@@ -431,7 +431,7 @@ class Trainer:
             self._resume_state = state
         return self._resume_state
 
-    def _follow_checkpoint_order(self, saved: object, path: Path) -> None:
+    def _follow_checkpoint_order(self, saved: object) -> None:
         """Where this run lists the checkpoint's volumes in another order (a manifest regenerated, a folder given
         instead) and is otherwise its run, go on with the checkpoint's order and split: the restored sampler's place
         counts slices in that order, and the split depends on it. Anything else is left to :func:`check_same_run`
@@ -447,9 +447,8 @@ class Trainer:
             return
         if len(train) + len(val) != len(mine) or (train, val) == (self.train_subjects, self.val_subjects):
             return
-        try:
-            check_same_run(saved, self._identity_with(train, val), path)  # type: ignore[arg-type]
-        except CeVAEError:
+        changed, volumes = run_differences(saved, self._identity_with(train, val))  # type: ignore[arg-type]
+        if changed or volumes:
             return
         log.info("The volumes are listed in another order than in the run being resumed; it goes on with its own "
                  "order and training/validation split.")
