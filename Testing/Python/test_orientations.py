@@ -115,10 +115,39 @@ def test_the_thorough_mode_adapts_once_on_every_orientations_slices(two_orientat
 
 
 def test_a_model_refuses_orientations_it_was_not_trained_on(tiny_bundle):
+    """The refusal named only the command line's --orientations, where a script gives detect() orientations=."""
     bundle = load_bundle(tiny_bundle)  # trained on axial slices only
-    with pytest.raises(CeVAEError, match="trained on axial slices only.*coronal"):
+    with pytest.raises(CeVAEError, match="trained on axial slices only.*coronal") as refused:
         Detector(bundle, bundle.header.score_options.replace(orientations="axial,coronal"),
                  policy=ThresholdPolicy(threshold=1.0))
+    assert str(refused.value).endswith("; score the slices it was trained on (--orientations axial; orientations= in "
+                                       "Python), or train a model with --orientations axial,coronal."), refused.value
+
+
+def test_a_model_whose_own_options_name_orientations_it_was_not_trained_on_is_said_to_be_edited(tiny_bundle,
+                                                                                                tmp_path):
+    """A model file edited to score coronal slices it was not trained on, detected from the Slicer panel (its worker),
+    which has no orientation control and detects with the model's own: it was told to "train a model with
+    --orientations axial,coronal", as if it had asked for them."""
+    from dataclasses import replace
+
+    from CeVAEAnomalyLib.engine.bundle import save_bundle
+    from CeVAEAnomalyLib.options import DetectionRequest
+    from CeVAEAnomalyLib.slicer.worker import run_detect
+
+    bundle = load_bundle(tiny_bundle, "cpu")
+    edited = save_bundle(tmp_path / "edited.cevae", bundle.model, replace(
+        bundle.header, score_options=bundle.header.score_options.replace(orientations="axial,coronal")))
+    image, mask = make_head(seed=3)
+    sitk.WriteImage(image, str(tmp_path / "head.nii.gz"))
+    task = {"image": str(tmp_path / "head.nii.gz"), "model": str(edited), "out_dir": str(tmp_path / "results"),
+            "request": DetectionRequest.of(threshold=1.0, device="cpu").to_dict()}
+    with pytest.raises(CeVAEError) as refused:
+        run_detect(task, lambda fraction, message: None)
+    assert str(refused.value) == (
+        "The model was trained on axial slices only, so it cannot score coronal slices, which its own options name: "
+        "the model file was edited or is damaged. Use another model (in Slicer: another Model bundle), or score the "
+        "slices it was trained on (--orientations axial; orientations= in Python)."), refused.value
 
 
 def test_a_model_trained_on_two_orientations_scores_and_is_calibrated_with_both_by_default(two_orientation_bundle):

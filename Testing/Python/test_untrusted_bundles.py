@@ -425,19 +425,22 @@ def test_scores_that_overflow_in_post_processing_are_refused(calibrated, head, t
     """Weights whose network output is finite but huge (a reconstruction bias of 1e4), with the asymmetry fusion's
     --score-power 10: the scores overflowed, and a map of NaN was written with no component (here), or, where
     infinite scores were left, every one was labelled and ITK's component statistics never ended on them (the
-    detection hung, found with the bundled model)."""
+    detection hung, found with the bundled model). The score power asked for is named as a script gives it too."""
     line = _overflowing_detection(calibrated, head, tmp_path / "score.nii.gz", "--score-power", "10", "--threshold",
                                   "1")
-    assert "post-processed scores of this scan overflow" in line and "--score-power" in line, line
+    assert "post-processed scores of this scan overflow" in line, line
+    assert "raised to the power 10 (--score-power; score_power= in Python)" in line, line  # (as detect() takes it)
 
 
 def test_scores_that_overflow_with_mixed_precision_name_detects_option(calibrated, head, tmp_path):
     """With --amp the refusal advised to "run without mixed precision (--amp off)": detect has --amp and --no-amp,
-    no --amp off."""
+    no --amp off. It names detect()'s keyword too: a script or the Slicer logic (amp=True) has no --amp to leave
+    out."""
     line = _overflowing_detection(calibrated, head, tmp_path / "score.nii.gz", "--amp", "--score-power", "10",
                                   "--threshold", "1")
     assert "post-processed scores of this scan overflow" in line, line
-    assert "run without mixed precision (leave out --amp), or the model file" in line and "--amp off" not in line, line
+    assert "run without mixed precision (leave out --amp; amp=False in Python), or the model file" in line, line
+    assert "--amp off" not in line, line
 
 
 def test_scores_that_overflow_with_the_models_own_score_power_name_no_option(calibrated, head, tmp_path):

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import Bundle, load_bundle
+from .header import BundleHeader
 from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
@@ -93,12 +94,7 @@ class Detector:
         self.post = post or bundle.header.postprocess
         run = RunOptions(batch_size=batch_size, amp=amp)  # refused as from every entry point (e.g. 0 slices)
         self.batch_size, self.amp = run.batch_size, run.amp
-        trained = bundle.header.trained_orientations()
-        untrained = [o for o in self.score.orientation_list if o not in trained]
-        if untrained:
-            raise CeVAEError(f"The model was trained on {', '.join(trained)} slices only, so it cannot score "
-                             f"{', '.join(untrained)} slices; train a model with --orientations "
-                             f"{','.join(self.score.orientation_list)} for that.")
+        _refuse_untrained_orientations(self.score, bundle.header)
         self.threshold, self.threshold_source = bundle.header.threshold(self.score, self.post, policy)
         self.policy = policy
         thin = bundle.header.unmeasured_rate(self.score, self.post, policy)
@@ -246,17 +242,17 @@ class Detector:
         if not np.isfinite(score[inside]).all():  # (an infinite score is labelled at any threshold, and ITK's
             # component statistics never end on it)
             power = "" if asym is None else f", raised to the power {post.score_power:g} ({self._score_power_source()})"
-            damaged = "the model file may be damaged or edited"
-            cause = f"run without mixed precision (leave out --amp), or {damaged}" if self.amp else damaged
+            amp = "run without mixed precision (leave out --amp; amp=False in Python), or " if self.amp else ""
             raise CeVAEError("The post-processed scores of this scan overflow (infinite or NaN values): the model's "
-                             f"scores are far larger than a trained model's{power}; {cause}.")
+                             f"scores are far larger than a trained model's{power}; {amp}the model file may be damaged "
+                             "or edited.")
         return score
 
     def _score_power_source(self) -> str:
         """Where the asymmetry fusion's score power comes from, as an overflow says it: the model's own (the Slicer
-        panel has no control for it), or the caller's (detect's --score-power)."""
+        panel has no control for it), or the caller's (detect's --score-power, detect()'s score_power)."""
         own = self.post.score_power == self.bundle.header.postprocess.score_power
-        return "the model's score power" if own else "--score-power"
+        return "the model's score power" if own else "--score-power; score_power= in Python"
 
     def _prepare(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                  where: str = "", automatic: bool = False) -> Tuple[SliceStack, np.ndarray]:
@@ -303,6 +299,23 @@ class Detector:
         return network_maps(model, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), options,
                             batch_size=self.batch_size, beta=self.bundle.header.loss.beta, amp=self.amp,
                             progress=progress)
+
+
+def _refuse_untrained_orientations(score: ScoreOptions, header: BundleHeader) -> None:
+    """Refuse ``score`` naming slice orientations the model was not trained on, saying what to do: where they are the
+    model's own options (an edited file; the Slicer panel has no orientation control), another model; else the
+    caller's orientations, on the command line and in Python."""
+    trained = header.trained_orientations()
+    untrained = [o for o in score.orientation_list if o not in trained]
+    if not untrained:
+        return
+    said = (f"The model was trained on {', '.join(trained)} slices only, so it cannot score {', '.join(untrained)} "
+            "slices")
+    instead = f"score the slices it was trained on (--orientations {','.join(trained)}; orientations= in Python)"
+    if score.orientations == header.score_options.orientations:
+        raise CeVAEError(f"{said}, which its own options name: the model file was edited or is damaged. Use another "
+                         f"model (in Slicer: another Model bundle), or {instead}.")
+    raise CeVAEError(f"{said}; {instead}, or train a model with --orientations {score.orientations}.")
 
 
 def detect(image: sitk.Image, bundle: Union[Bundle, str, "os.PathLike[str]"], mask: Optional[sitk.Image] = None,
