@@ -44,6 +44,7 @@ class Wording:
     same_model: str  # a resume refused for the checkpoint's architecture
     less_memory: str  # out of memory at batch size 1
     cache_room: str  # the slice cache's disk full
+    cache_dir: str  # the option that names the slice cache folder, as "give a folder for ..." says it
     higher_rate: str  # the default rate too low for the voxels the written model is calibrated on
     replace_model: str  # an adaptation's model written already
     cpu_choice: str  # train on the CPU (devices.DeviceUnavailable)
@@ -67,7 +68,7 @@ class Wording:
 _COMMAND_LINE = dict(
     stop="Ctrl-C", resume="run again with --resume", resume_request="--resume",
     start_anew="start anew with --overwrite instead of --resume",
-    cache_room="Free space there, or give --cache-dir a folder on a disk with room",
+    cache_room="Free space there, or give --cache-dir a folder on a disk with room", cache_dir="--cache-dir",
     cpu_choice="choose the device cpu or auto (--device cpu)",
     detect_with="Detect with it: cevae-anomaly detect SCAN --model {path}",
     lower_rate="detect with a lower --fpr, or a --threshold", same_run="Resume with the same volumes and options",

@@ -197,6 +197,20 @@ def test_a_full_disk_under_the_panels_slice_cache_says_what_to_do_in_the_panels_
     assert "--" not in text, text
 
 
+def test_a_cache_folder_the_slicer_logic_gave_the_worker_is_refused_in_its_callers_words(tiny_bundle, panel_task,
+                                                                                          tmp_path):
+    """An adaptation the Slicer logic's caller started with options={'cache_dir': ...} (the panel's own prepare their
+    slices in a temporary folder) naming a file was told to "give a folder for --cache-dir", the command line's."""
+    file = tmp_path / "cache"
+    file.write_text("")
+    task = dict(panel_task, model=str(tiny_bundle),
+                options=dict(panel_task["options"], resume=False, cache_dir=str(file)))
+    with pytest.raises(CeVAEError) as refused:
+        run_adapt(task, lambda fraction, message: None)
+    text = str(refused.value)
+    assert text == f"The cache folder {file} is a file; give a folder for the adaptation option cache_dir.", text
+
+
 def test_slices_removed_under_a_panels_run_say_what_to_do_in_the_panels_words(panel_trainer):
     """The panel's slice cache (a temporary folder) deleted while an adaptation reads it (a cleaner of temporary files)
     told the panel's user that "--resume continues from the last checkpoint"."""

@@ -71,6 +71,8 @@ PANEL_WORDING = Wording(
     less_memory="close other programs that use its memory, or choose another device in the Device selector",
     cache_room="Free space there (the system's temporary folder, where an adaptation prepares its slices), then press "
                "Adapt again",
+    cache_dir="the adaptation option cache_dir",  # (the panel's adaptations use a temporary folder; the logic's
+    # caller may give one: startAdaptation(options={"cache_dir": ...}))
     higher_rate="detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)",
     cpu_choice="choose CPU or Automatic in the Device selector",
     replace_model="press Adapt again and answer Yes when it asks whether to replace them, or choose another file name "

@@ -109,12 +109,12 @@ def temporary_cache(prefix: str) -> Path:
 
 class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order. ``wording``: the
-    caller's words for what to do where the cache's disk is full."""
+    caller's words for what to do where the cache's disk is full, and for its cache folder option."""
 
     def __init__(self, root: Path, pre: PreprocessConfig, wording: Wording = COMMAND_LINE_TRAIN) -> None:
         file = file_in_the_way(root)
         if file == root:
-            raise CeVAEError(f"The cache folder {root} is a file; give a folder for --cache-dir.")
+            raise CeVAEError(f"The cache folder {root} is a file; give a folder for {wording.cache_dir}.")
         if file is not None:
             raise CeVAEError(f"The cache folder {root} would be under {file}, which is a file, not a folder.")
         self.root = root
@@ -130,7 +130,7 @@ class SliceCache:
             for path in (s.image, s.mask):
                 if path is not None and path.is_dir() and (root == path.resolve() or path.resolve() in root.parents):
                     raise CeVAEError(f"The cache folder {self.root} lies in the input series folder {path}; "
-                                     "choose a --cache-dir outside it.")
+                                     f"give {self.wording.cache_dir} a folder outside it.")
 
     def remove_orphans(self) -> int:
         """Remove the temporaries of entry writes that were killed (untouched for an hour); return how many."""
@@ -223,8 +223,8 @@ class SliceCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CeVAEError(f"Cannot make the slice cache folder {self.root} ({exc.strerror or exc}); choose a "
-                             "--cache-dir you can write to.") from None
+            raise CeVAEError(f"Cannot make the slice cache folder {self.root} ({exc.strerror or exc}); give "
+                             f"{self.wording.cache_dir} a folder you can write to.") from None
         arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
         refuse_changed((subject.image, subject.mask), checksums)  # hashed before it was read: the slices are of it
         return [e if e is not None else self._store(k, subject, o, arrays[o], checksums)
