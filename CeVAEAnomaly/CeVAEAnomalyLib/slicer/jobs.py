@@ -299,6 +299,38 @@ def _abandon(process: subprocess.Popen, own_group: bool, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class RunningJobs:
+    """The worker jobs a program started, to stop together when it ends (Slicer's exit). A job is held by a weak
+    reference beside its process and folder, so that one dropped unloaded is still stopped when it is collected
+    (:class:`WorkerJob`), and one dropped while it runs (a calibration's or an adaptation's goes on) is still found."""
+
+    def __init__(self) -> None:
+        self._held: List[Tuple["weakref.ReferenceType[WorkerJob]", subprocess.Popen, bool, Path]] = []
+
+    def add(self, job: WorkerJob) -> WorkerJob:
+        """Hold ``job`` (and forget those whose worker has ended); returns it."""
+        self._held = [held for held in self._held if held[1].poll() is None]
+        self._held.append((weakref.ref(job), job.process, job._own_group, job.folder))
+        return job
+
+    def stop_all(self) -> int:
+        """Stop each held job whose worker still runs, as Cancel does, with every process it started, and remove its
+        folder; jobs that have ended are left as they are (a detection's results may still be loaded). How many were
+        stopped."""
+        held, self._held = self._held, []
+        stopped = 0
+        for reference, process, own_group, folder in held:
+            job = reference()
+            if job is None and process.poll() is None:  # dropped while it runs
+                _abandon(process, own_group, folder)
+                stopped += 1
+            elif job is not None and not job.poll():
+                job.cancel()
+                job.cleanup()  # a detection's folder too: nothing cancelled is loaded
+                stopped += 1
+        return stopped
+
+
 def remove_abandoned_job_folders(root: Path) -> int:
     """Remove the job folders in ``root`` that nobody will read or remove: made on this machine by a process (a
     Slicer) that no longer exists, as its request says; a Slicer killed after its worker ended leaves one, with the

@@ -15,7 +15,8 @@ Two ways to run a detection:
   poll it (the module does, from a timer), then :meth:`finishDetection` loads its results into
   the scene. :meth:`startCalibration` recalibrates a model on healthy volumes the same way, and
   :meth:`startAdaptation` fine-tunes one on them (adapting it to a scanner). :meth:`shareModel` writes a copy of a
-  model without the names of the scans it was made from, to share it.
+  model without the names of the scans it was made from, to share it. :meth:`stopAllJobs` stops every worker
+  job still running, whichever logic started it (Slicer calls it as it quits).
 
 Each checks first that torch and safetensors are installed and recent enough
 (:meth:`CeVAEAnomalyLogic.checkDependencies`); :meth:`CeVAEAnomalyLogic.installDependencies`
@@ -42,7 +43,7 @@ from ..errors import CeVAEError
 from ..options import THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions, check_calibratable
 from ..progress import Cancelled, ProgressCallback, checked, report, scaled
 from . import dependencies
-from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, Name, WorkerJob, remove_abandoned_job_folders
+from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, Name, RunningJobs, WorkerJob, remove_abandoned_job_folders
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -420,8 +421,8 @@ class CeVAEAnomalyLogic(_LogicBase):
             task = dict(task="detect", image=str(folder / "input.nrrd"),
                         mask=str(folder / "input_mask.nrrd") if mask is not None else None,
                         model=str(modelPath) if modelPath else None, request=request.to_dict(), out_dir=str(folder))
-            job = WorkerJob(task, folder, launch, python,
-                            names=_detectionNames(folder, volumeNode, maskNode if mask is not None else None))
+            job = _held(WorkerJob(task, folder, launch, python,
+                                  names=_detectionNames(folder, volumeNode, maskNode if mask is not None else None)))
         except BaseException:
             _removeFolder(folder)
             raise
@@ -462,6 +463,13 @@ class CeVAEAnomalyLogic(_LogicBase):
             return _recorded(dataclasses.replace(result, warnings=tuple(dict.fromkeys((*job.warnings, *warnings)))))
         finally:
             job.cleanup()
+
+    @staticmethod
+    def stopAllJobs() -> int:
+        """Stop every worker job a CeVAEAnomalyLogic started (the panel's and the console's, of any logic) that still
+        runs, as :meth:`discardJob` does, and remove its temporary folder; jobs that have ended are left as they are.
+        Inside Slicer the application's exit (aboutToQuit) calls it. How many were stopped."""
+        return _RUNNING.stop_all()
 
     def discardJob(self, job: WorkerJob) -> None:
         """Stop a job if it still runs and forget it (nothing is loaded)."""
@@ -565,8 +573,8 @@ class CeVAEAnomalyLogic(_LogicBase):
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None,
                                      person=node_person(volume.GetName()), name=shown[n]))
-            return WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python,
-                             remove_folder_at_end=True, names=names)
+            return _held(WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python,
+                                   remove_folder_at_end=True, names=names))
         except BaseException:
             _removeFolder(folder)
             raise
@@ -833,6 +841,22 @@ def _detectionNames(folder: Path, volume, mask) -> Dict[str, Name]:
     for words, atStart in mask_words(mask, volume).items():  # (the mask deleted meanwhile: the words at the start)
         names[words] = lambda words=words, atStart=atStart: mask_words(mask, volume).get(words, atStart)
     return names
+
+
+_RUNNING = RunningJobs()  # the worker jobs every logic of this import started (stopAllJobs)
+_EXIT_HOOKED: List[Any] = []  # the application whose aboutToQuit calls stopAllJobs (inside Slicer: slicer.app)
+
+
+def _held(job: WorkerJob) -> WorkerJob:
+    """``job``, among those :meth:`CeVAEAnomalyLogic.stopAllJobs` stops; inside Slicer, the first one connects that to
+    the application's exit, so that no worker outlives the Slicer that started it (the panel's cleanup stops only
+    the panel's job, and only where the panel was shown)."""
+    _RUNNING.add(job)
+    app = getattr(slicer, "app", None)
+    if app is not None and not any(hooked is app for hooked in _EXIT_HOOKED):
+        app.connect("aboutToQuit()", CeVAEAnomalyLogic.stopAllJobs)  # a function: it keeps this import's registry
+        _EXIT_HOOKED.append(app)
+    return job
 
 
 def _jobFolder(prefix: str) -> Path:
