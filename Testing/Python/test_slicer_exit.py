@@ -99,3 +99,41 @@ def test_stopping_all_jobs_leaves_an_ended_detection_to_be_loaded(tiny_bundle):
     assert job.wait(120) is JobState.DONE, job.error
     CeVAEAnomalyLogic.stopAllJobs()
     assert job.state is JobState.DONE and logic.finishDetection(job).nodes.score is not None
+
+
+class _Held:
+    """What RunningJobs keeps of a job: its worker process, process group and folder."""
+
+    def __init__(self, process, folder) -> None:
+        self.process, self._own_group, self.folder = process, False, folder
+
+
+def test_a_job_that_cannot_be_stopped_leaves_the_others_stopped(tmp_path, monkeypatch, caplog):
+    """Stopping one job fails (at exit nothing can be shown): the next is still stopped and the log names the first."""
+    import subprocess
+    import sys
+
+    from CeVAEAnomalyLib.slicer import jobs
+
+    workers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2)]
+    try:
+        running = jobs.RunningJobs()
+        for n, process in enumerate(workers):
+            running.add(_Held(process, tmp_path / f"job{n}"))  # dropped at once: held only weakly
+        gc.collect()
+        real = jobs._abandon
+
+        def abandon(process, own_group, folder):
+            if process is workers[0]:
+                raise PermissionError("operation not permitted")
+            real(process, own_group, folder)
+
+        monkeypatch.setattr(jobs, "_abandon", abandon)
+        assert running.stop_all() == 1
+        assert workers[1].wait(timeout=30) is not None
+        assert workers[0].poll() is None
+        assert f"Could not stop the worker job in {tmp_path / 'job0'}" in caplog.text
+    finally:
+        for process in workers:
+            process.kill()
+            process.wait()

@@ -320,15 +320,23 @@ class RunningJobs:
         held, self._held = self._held, []
         stopped = 0
         for reference, process, own_group, folder in held:
-            job = reference()
-            if job is None and process.poll() is None:  # dropped while it runs
-                _abandon(process, own_group, folder)
-                stopped += 1
-            elif job is not None and not job.poll():
-                job.cancel()
-                job.cleanup()  # a detection's folder too: nothing cancelled is loaded
-                stopped += 1
+            try:  # one job that cannot be stopped must not keep the others running
+                stopped += _stop(reference(), process, own_group, folder)
+            except Exception as exc:  # (at exit: nothing can be shown but the log)
+                log.warning("Could not stop the worker job in %s (process %s): %s", folder, process.pid, exc)
         return stopped
+
+
+def _stop(job: Optional[WorkerJob], process: subprocess.Popen, own_group: bool, folder: Path) -> int:
+    """Stop one held job (``job``: None where it was dropped) if its worker still runs; 1 if it was stopped."""
+    if job is None and process.poll() is None:  # dropped while it runs
+        _abandon(process, own_group, folder)
+        return 1
+    if job is not None and not job.poll():
+        job.cancel()
+        job.cleanup()  # a detection's folder too: nothing cancelled is loaded
+        return 1
+    return 0
 
 
 def remove_abandoned_job_folders(root: Path) -> int:
