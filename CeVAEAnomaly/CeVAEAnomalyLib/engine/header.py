@@ -235,31 +235,20 @@ def written_sections(path: Union[str, Path]) -> List[str]:
 
 def _written_header(p: Path) -> Any:
     """The model header's JSON as the file holds it, unchecked."""
-    meta = _safetensors_metadata(p)
-    if META_KEY not in meta:
-        raise CeVAEError(f"{p} is a safetensors file but not a CeVAEAnomaly model bundle (no model header).")
-    try:
-        return json.loads(meta[META_KEY])
-    except (ValueError, RecursionError) as exc:  # (ValueError: also a number of more than 4300 digits)
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-        raise CeVAEError(f"The header of {p} is not valid JSON ({reason}).") from None
-
-
-def _safetensors_metadata(p: Path) -> Dict[str, str]:
-    """``__metadata__`` of a safetensors file whose tensor table exactly covers the file."""
-    return dict(_safetensors_table(p)[0].get("__metadata__") or {})
+    return bundle_layout(p).written_header()
 
 
 def weights_digest(path: Union[str, Path]) -> str:
     """SHA-256 of the weights a bundle file holds, as ``save_bundle`` records it in the header (engine/bundle.py), read
     without torch: a bundle whose digest differs from its header's is damaged or was edited."""
     p = _check_file(Path(path))
-    table, start = _safetensors_table(p)
+    layout = bundle_layout(p)
+    table = layout.table
     digest = hashlib.sha256()
     with open(p, "rb") as fh:
         for name in sorted(k for k in table if k != "__metadata__"):
             begin, end = table[name]["data_offsets"]
-            fh.seek(start + begin)
+            fh.seek(layout.data_start + begin)
             add_tensor(digest, name, table[name]["dtype"], table[name]["shape"], fh.read(end - begin))
     return digest.hexdigest()
 
@@ -271,25 +260,56 @@ def add_tensor(digest: Any, name: str, dtype: str, shape: Sequence[int], data: b
     digest.update(data)
 
 
-def _safetensors_table(p: Path) -> Tuple[Dict[str, Any], int]:
-    """The tensor table of a safetensors file that it exactly covers, and where its tensor data starts."""
-    size = p.stat().st_size
-    with open(p, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        problem = None
-        if not 2 <= length <= min(_MAX_TABLE_BYTES, size - 8):
-            problem = f"header length {length} does not fit the file of {size} bytes"
-        else:
-            try:
-                table = json.loads(fh.read(length).decode("utf-8"))
-            except (ValueError, RecursionError) as exc:  # (ValueError: not UTF-8 or JSON, or a 4300-digit number)
-                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-                table, problem = None, f"unreadable header: {reason}"
+@dataclass(frozen=True)
+class BundleLayout:
+    """The parts of a bundle's safetensors file (:func:`bundle_layout`)."""
+
+    path: Path  # (named in messages)
+    table: Dict[str, Any]  # the tensor table, its ``__metadata__`` included
+    metadata: Dict[str, str]  # the table's ``__metadata__``
+    data_start: int  # where the tensor bytes start
+
+    def written_header(self) -> Any:
+        """The model header's JSON as the file holds it, unchecked."""
+        if META_KEY not in self.metadata:
+            raise CeVAEError(f"{self.path} is a safetensors file but not a CeVAEAnomaly model bundle (no model "
+                             "header).")
+        try:
+            return json.loads(self.metadata[META_KEY])
+        except (ValueError, RecursionError) as exc:  # (ValueError: also a number of more than 4300 digits)
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+            raise CeVAEError(f"The header of {self.path} is not valid JSON ({reason}).") from None
+
+
+def bundle_layout(path: Path, data: Optional[bytes] = None) -> BundleLayout:
+    """The tensor table, metadata and data offset of the safetensors file ``path`` (``data``: its bytes, where they
+    were read already), checked: the table exactly covers the file. The one reader of a bundle's safetensors header."""
+    size, length, text = _table_text(path, data)
+    problem = None
+    if not 2 <= length <= min(_MAX_TABLE_BYTES, size - 8):
+        problem = f"header length {length} does not fit the file of {size} bytes"
+    else:
+        try:
+            table = json.loads(text.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # (ValueError: not UTF-8 or JSON, or a 4300-digit number)
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+            table, problem = None, f"unreadable header: {reason}"
     if problem is None:
         problem = _table_problem(table, size - 8 - length)
     if problem is not None:
-        raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
-    return table, 8 + length
+        raise CeVAEError(f"{path} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
+    return BundleLayout(path, table, dict(table.get("__metadata__") or {}), 8 + length)
+
+
+def _table_text(path: Path, data: Optional[bytes]) -> Tuple[int, int, bytes]:
+    """(the file's size, the tensor table's length its first 8 bytes give, the table's bytes as far as the file holds
+    them: none where the length is beyond any table's) of the file ``path`` or its bytes ``data``."""
+    if data is not None:
+        length = int.from_bytes(data[:8], "little")
+        return len(data), length, data[8:8 + length] if length <= _MAX_TABLE_BYTES else b""
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        return os.fstat(fh.fileno()).st_size, length, fh.read(length) if length <= _MAX_TABLE_BYTES else b""
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

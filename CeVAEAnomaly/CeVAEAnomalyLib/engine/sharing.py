@@ -24,7 +24,7 @@ from ..io.lock import hold_output
 from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
 from .bundle_checks import NAMES_REMOVED
-from .header import BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, read_header, weights_digest
+from .header import BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, bundle_layout, read_header, weights_digest
 
 # the records of scans with their sha256: (section, list) of the header
 VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"), ("adaptation", "site_scans"),
@@ -189,18 +189,16 @@ def share_model(model: Union[str, Path], out: Union[str, Path], overwrite: bool 
 def _with_header(data: bytes, source: Path) -> bytes:
     """The bundle file ``data`` with its scans' names removed from its header, its tensor table and tensor bytes as
     they were."""
-    length = int.from_bytes(data[:8], "little")
-    try:  # (read_header accepted the file; one replaced since, or a header holding NaN, is refused here)
-        table = json.loads(data[8:8 + length].decode("utf-8"))
-        metadata = table["__metadata__"]
-        header = without_scan_names(json.loads(metadata[META_KEY]))
-        table["__metadata__"] = dict(metadata, **{META_KEY: json.dumps(header, sort_keys=True, allow_nan=False)})
-    except (ValueError, TypeError, KeyError):
+    layout = bundle_layout(source, data)  # (read_header accepted the file: one replaced since is refused here)
+    try:  # (a header holding NaN is no strict JSON: refused here)
+        header = json.dumps(without_scan_names(layout.written_header()), sort_keys=True, allow_nan=False)
+    except (ValueError, TypeError):
         raise CeVAEError(f"{source} is damaged or was edited (its header cannot be copied); use an original "
                          "copy.") from None
+    table = dict(layout.table, __metadata__=dict(layout.metadata, **{META_KEY: header}))
     text = json.dumps(table, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # (safetensors pads its header with spaces: the tensors start 8-byte aligned)
-    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+    return len(text).to_bytes(8, "little") + text + data[layout.data_start:]
 
 
 def _refuse_damaged(copy_path: Path, source: Path) -> None:
