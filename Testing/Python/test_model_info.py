@@ -213,7 +213,7 @@ def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(
 
 
 @pytest.mark.parametrize("damage, said", [
-    ("truncated", "is not a CeVAEAnomaly model bundle (not a valid safetensors file: "),
+    ("truncated", " bytes (an interrupted copy or download?); copy it again."),
     ("weights", "its weights are not those its header records (a checksum differs); the model file is damaged"),
     ("scan", "is not a CeVAEAnomaly model bundle (not a valid safetensors file: "),
     ("folder", "is a folder; give the path of a .cevae file."),

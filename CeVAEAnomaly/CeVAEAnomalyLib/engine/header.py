@@ -271,9 +271,6 @@ class BundleLayout:
 
     def written_header(self) -> Any:
         """The model header's JSON as the file holds it, unchecked."""
-        if META_KEY not in self.metadata:
-            raise CeVAEError(f"{self.path} is a safetensors file but not a CeVAEAnomaly model bundle (no model "
-                             "header).")
         try:
             return json.loads(self.metadata[META_KEY])
         except (ValueError, RecursionError) as exc:  # (ValueError: also a number of more than 4300 digits)
@@ -282,23 +279,34 @@ class BundleLayout:
 
 
 def bundle_layout(path: Path, data: Optional[bytes] = None) -> BundleLayout:
-    """The tensor table, metadata and data offset of the safetensors file ``path`` (``data``: its bytes, where they
-    were read already), checked: the table exactly covers the file. The one reader of a bundle's safetensors header."""
+    """The tensor table, metadata and data offset of the model bundle ``path`` (``data``: its bytes, where they were
+    read already), checked: the table exactly covers the file. The one reader of a bundle's safetensors header; it
+    refuses a file that is no safetensors file, one that is no bundle, a bundle cut short and one damaged or edited,
+    each in its own words."""
     size, length, text = _table_text(path, data)
-    problem = None
-    if not 2 <= length <= min(_MAX_TABLE_BYTES, size - 8):
-        problem = f"header length {length} does not fit the file of {size} bytes"
-    else:
-        try:
-            table = json.loads(text.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:  # (ValueError: not UTF-8 or JSON, or a 4300-digit number)
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-            table, problem = None, f"unreadable header: {reason}"
-    if problem is None:
-        problem = _table_problem(table, size - 8 - length)
+    if not 2 <= length <= _MAX_TABLE_BYTES or (length > size - 8 and text[:1] not in (b"{", b"")):
+        raise _not_safetensors(path, f"header length {length} does not fit the file of {size} bytes")
+    if length > size - 8:  # the start of a tensor table, cut short
+        raise _cut_short(path, size, f"at least {8 + length}")
+    try:
+        table = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # (ValueError: not UTF-8 or JSON, or a 4300-digit number)
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise _not_safetensors(path, f"unreadable header: {reason}") from None
+    if not isinstance(table, dict) or not isinstance(table.get("__metadata__", {}), dict):
+        raise _not_safetensors(path, "the header is not a tensor table")
+    metadata = dict(table.get("__metadata__") or {})
+    if META_KEY not in metadata:
+        raise CeVAEError(f"{path} is a safetensors file but not a CeVAEAnomaly model bundle (no model header).")
+    problem = _table_problem(table)
     if problem is not None:
-        raise CeVAEError(f"{path} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
-    return BundleLayout(path, table, dict(table.get("__metadata__") or {}), 8 + length)
+        raise _edited(path, problem)
+    needed = 8 + length + max((e["data_offsets"][1] for k, e in table.items() if k != "__metadata__"), default=0)
+    if needed > size:
+        raise _cut_short(path, size, str(needed))
+    if needed < size:
+        raise _edited(path, f"{size - needed} bytes follow its tensors")
+    return BundleLayout(path, table, metadata, 8 + length)
 
 
 def _table_text(path: Path, data: Optional[bytes]) -> Tuple[int, int, bytes]:
@@ -312,14 +320,28 @@ def _table_text(path: Path, data: Optional[bytes]) -> Tuple[int, int, bytes]:
         return os.fstat(fh.fileno()).st_size, length, fh.read(length) if length <= _MAX_TABLE_BYTES else b""
 
 
+def _not_safetensors(path: Path, problem: str) -> CeVAEError:
+    return CeVAEError(f"{path} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
+
+
+def _cut_short(path: Path, size: int, needed: str) -> CeVAEError:
+    """A model file whose tensor table says it needs ``needed`` bytes, of which it holds ``size``."""
+    return CeVAEError(f"The model file {path} is cut short: {size} of {needed} bytes (an interrupted copy or "
+                      "download?); copy it again.")
+
+
+def _edited(path: Path, problem: str) -> CeVAEError:
+    return CeVAEError(f"The model file {path} is damaged or was edited (not a valid safetensors file: {problem}); use "
+                      "an original copy.")
+
+
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors dtypes: bytes per element
 
 
-def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
-    """Why a tensor table is not valid safetensors for ``data_bytes`` of data, or None."""
-    if not isinstance(table, dict) or not isinstance(table.get("__metadata__", {}), dict):
-        return "the header is not a tensor table"
+def _table_problem(table: Dict[str, Any]) -> Optional[str]:
+    """Why a tensor table (with its metadata) is not valid safetensors, or None: its tensors' bytes must follow one
+    another from the start of the data, with no overlap and no gap."""
     if not all(isinstance(v, str) for v in (table.get("__metadata__") or {}).values()):
         return "its metadata holds a value that is not text"
     spans = []
@@ -342,8 +364,6 @@ def _table_problem(table: Any, data_bytes: int) -> Union[str, None]:
         if start != end:
             return f"tensor {name!r} {'overlaps another' if start < end else 'leaves a gap before it'}"
         end = stop
-    if end != data_bytes:
-        return f"the tensors need {end} bytes of data but the file holds {data_bytes} (truncated or padded)"
     return None
 
 
@@ -393,7 +413,7 @@ def _check_file(p: Path) -> Path:
         raise CeVAEError(f"The model bundle {p} cannot be read ({exc.strerror or exc}).") from None
     # safetensors: an 8-byte little-endian header length, then the JSON header; a length whose
     # lowest byte is 0x80 must not be taken for the start of a pickle
-    safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < p.stat().st_size
+    safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _MAX_TABLE_BYTES
     if not safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise PickleGivenAsModel(p)
     if len(head) < 8:
