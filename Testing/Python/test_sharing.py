@@ -134,8 +134,11 @@ def test_share_refuses_a_header_that_holds_a_scan_name_in_a_record_it_does_not_k
     edited.write_bytes(calibrated.read_bytes())
     rewrite(edited, lambda h, t: h.__setitem__("notes", {"scanned": [STEMS[1]]}))
     assert main(["share", str(edited), "--out", str(tmp_path / "shared.cevae")]) == 2
+    err = capsys.readouterr().err
     assert (f"error: The model's header holds the scan name '{STEMS[1]}' in 'notes.scanned[0]', a record this "
-            "version cannot rename; no shareable copy was written") in capsys.readouterr().err
+            "version cannot rename; no shareable copy was written. If a later CeVAEAnomaly made the model, share it "
+            "with that one; else the file was edited: share an original copy.") in err
+    assert "update CeVAEAnomaly" not in err  # its format version is this one's: updating cannot help an edited file
     assert not (tmp_path / "shared.cevae").exists()
 
 

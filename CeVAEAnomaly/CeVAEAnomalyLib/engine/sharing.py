@@ -143,11 +143,13 @@ def _renamed_fold(fold: Any, site: Mapping[str, Mapping[str, Any]], numbers: _Nu
 
 
 def _refuse_left(header: Mapping[str, Any], old: Set[str]) -> None:
-    """Refuse a header that still holds one of the ``old`` scan names outside :data:`UNNAMED`."""
+    """Refuse a header that still holds one of the ``old`` scan names outside :data:`UNNAMED`. (Its format version is
+    not newer than this one's, read_header saw to that: updating helps only where a later version wrote the record.)"""
     for where, text in _texts(header, ""):
         if text in old:
             raise CeVAEError(f"The model's header holds the scan name {text!r} in '{where}', a record this version "
-                             "cannot rename; no shareable copy was written (update CeVAEAnomaly).")
+                             "cannot rename; no shareable copy was written. If a later CeVAEAnomaly made the model, "
+                             "share it with that one; else the file was edited: share an original copy.")
 
 
 def _texts(value: Any, where: str) -> Iterator[Tuple[str, str]]:
