@@ -6,6 +6,8 @@ bytes were edited is told to be replaced by an original copy; a file that is no 
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import List
 
@@ -88,3 +90,86 @@ def test_a_file_that_is_no_safetensors_file_is_said_to_be_no_model(tmp_path, cap
         [line] = _errors(argv, capsys)
         assert line.startswith(f"error: {text} is not a CeVAEAnomaly model bundle (not a valid safetensors file: "), \
             argv
+
+
+
+def _edited_header(edit):
+    """A maker of a copy of the bundled model whose model header ``edit`` changed (test_untrusted_bundles.rewrite)."""
+    def make(path: Path) -> None:
+        from test_untrusted_bundles import rewrite
+
+        path.write_bytes(default_model_path().read_bytes())
+        rewrite(path, lambda h, t: edit(h))
+    return make
+
+
+def _with_table(path: Path, table: bytes, tensors: bytes) -> None:
+    """Write a safetensors file of the tensor table ``table`` (JSON) and the tensor bytes ``tensors``."""
+    table += b" " * (-len(table) % 8)
+    path.write_bytes(len(table).to_bytes(8, "little") + table + tensors)
+
+
+def _table_key_twice(path: Path) -> None:
+    """A copy of the bundled model whose tensor table writes a key twice (safetensors' own reader refuses it)."""
+    data = default_model_path().read_bytes()
+    table = data[8:_table_end(data)].decode().rstrip()
+    _with_table(path, re.sub(r'("dtype": ?"F(16|32)")', r"\1, \1", table, count=1).encode(), data[_table_end(data):])
+
+
+def _model_header_text(text: str):
+    """A maker of a copy of the bundled model whose model header is ``text``."""
+    def make(path: Path) -> None:
+        data = default_model_path().read_bytes()
+        table = json.loads(data[8:_table_end(data)])
+        table["__metadata__"]["cevae_anomaly"] = text
+        _with_table(path, json.dumps(table).encode(), data[_table_end(data):])
+    return make
+
+
+def _foreign(path: Path) -> None:
+    """A safetensors file of another project: one tensor, no model header."""
+    _with_table(path, b'{"weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8))
+
+
+USE_A_MODEL = "; use a CeVAEAnomaly model file (.cevae)."
+ORIGINAL = "; the model file is damaged or was edited: use an original copy."
+MODEL_FILES = {  # how a model file is made, and how the refusal of it ends
+    "empty": (lambda p: p.write_bytes(b""), " is empty (0 bytes); copy it again, or use a CeVAEAnomaly model file "
+                                            "(.cevae)."),
+    "a few bytes": (lambda p: p.write_bytes(b"abc"), " is too short to be a model bundle (3 bytes)" + USE_A_MODEL),
+    "text": (lambda p: p.write_text("no model at all, only text"), ")" + USE_A_MODEL),
+    "a pickle": (lambda p: p.write_bytes(b"\x80\x04" + bytes(64)), ". Use a CeVAEAnomaly model file (.cevae) instead."),
+    "another project's safetensors": (_foreign, " (no model header)" + USE_A_MODEL),
+    "another format": (_edited_header(lambda h: h.update(format="other")), " (format 'other')" + USE_A_MODEL),
+    "a header that is no JSON": (_model_header_text("{no JSON"), ORIGINAL),
+    "a header without its model section": (_edited_header(lambda h: h.pop("model")), "'model' section" + ORIGINAL),
+    "a format version as text": (_edited_header(lambda h: h.update(format_version="1")), "'1'" + ORIGINAL),
+    "a tensor table with a key twice": (_table_key_twice, "; use an original copy."),
+    "tensors other than its header declares": (_edited_header(lambda h: h["model"].update(z_dim=3)), ORIGINAL),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_FILES))
+def test_a_model_file_that_cannot_be_used_is_refused_in_one_line_that_says_what_to_do(name, tmp_path, capsys):
+    make, ending = MODEL_FILES[name]
+    model = tmp_path / "model.cevae"
+    make(model)
+    for argv in _commands(model, tmp_path)[::-1]:  # detect loads the weights; info and share read the header
+        [line] = _errors(argv, capsys)
+        assert str(model) in line and line.endswith(ending), (argv, line)
+        if name in ("a tensor table with a key twice", "tensors other than its header declares"):
+            break  # (the header is intact: info and share need no weights)
+
+
+def test_the_slicer_logic_says_what_to_do_with_a_model_file_that_cannot_be_used(tmp_path):
+    pytest.importorskip("slicer")
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    model = tmp_path / "model.cevae"
+    logic = CeVAEAnomalyLogic()
+    for name in ("empty", "another project's safetensors", "tensors other than its header declares"):
+        make, ending = MODEL_FILES[name]
+        make(model)
+        with pytest.raises(CeVAEError) as refused:
+            logic.loadModel(model, "cpu")
+        assert str(refused.value).endswith(ending), name

@@ -20,8 +20,8 @@ from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
 from ..errors import CeVAEError, one_line
-from .header import (BUNDLE_SUFFIX, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader, add_tensor,
-                     read_header)
+from .header import (BUNDLE_SUFFIX, EDITED, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader,
+                     add_tensor, damaged_or_edited, read_header)
 from .model import CeVAE
 
 __all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "BundleHeader", "load_bundle", "read_header",
@@ -140,9 +140,9 @@ def _load_bundle(path: Union[str, Path], device: Union[str, torch.device]) -> Bu
     except SafetensorError as exc:  # (its reason may quote the whole header: cut short)
         reason = one_line(exc).rstrip(".")
         reason = reason if len(reason) <= 300 else reason[:300] + "..."
-        raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {reason}).") from None
+        raise damaged_or_edited(p, reason) from None  # (read_header read its model header)
     except CeVAEError as exc:
-        raise CeVAEError(f"{p}: {exc}.") from None
+        raise CeVAEError(f"{p}: {exc}; {EDITED}.") from None
     model = CeVAE(cfg)
     recorded = header.extra.get(WEIGHTS_DIGEST_KEY)  # None: written before bundles recorded it
     if recorded is not None and recorded != _weights_digest(tensors):
@@ -150,7 +150,7 @@ def _load_bundle(path: Union[str, Path], device: Union[str, torch.device]) -> Bu
                          "is damaged or was edited. Use an original copy.")
     for key in tensors:
         if not torch.isfinite(tensors[key]).all():
-            raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; the model is damaged.")
+            raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; {EDITED}.")
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     model.eval().to(resolve_device(str(device)))  # a torch.device as its name: a missing GPU falls back alike
     return Bundle(model, header, p)

@@ -29,6 +29,8 @@ BUNDLE_SUFFIX = ".cevae"
 META_KEY = "cevae_anomaly"
 WEIGHTS_DIGEST_KEY = "weights_sha256"  # the header's record of the weights' SHA-256 (engine/bundle.py)
 _MAX_TABLE_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the header size
+USE_A_MODEL = "use a CeVAEAnomaly model file (.cevae)"  # what to do with a file that is no model bundle
+EDITED = "the model file is damaged or was edited: use an original copy"  # and with a bundle that is damaged
 
 
 @dataclass
@@ -202,10 +204,10 @@ def read_header(path: Union[str, Path]) -> BundleHeader:
     header = _written_header(p)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
-        raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (format {found!r}).")
+        raise CeVAEError(f"{p} is not a CeVAEAnomaly model bundle (format {found!r}); {USE_A_MODEL}.")
     version = header.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CeVAEError(f"{p} has an invalid bundle format version {version!r}; the file is damaged or was edited.")
+        raise CeVAEError(f"{p} has an invalid bundle format version {version!r}; {EDITED}.")
     if version > FORMAT_VERSION:
         raise CeVAEError(
             f"{p} has bundle format version {version}; this CeVAEAnomaly reads up to version "
@@ -213,7 +215,7 @@ def read_header(path: Union[str, Path]) -> BundleHeader:
         )
     for key in ("model", "preprocess"):
         if not isinstance(header.get(key), dict):
-            raise CeVAEError(f"The header of {p} lacks its '{key}' section.")
+            raise CeVAEError(f"The header of {p} lacks its '{key}' section; {EDITED}.")
     try:
         model = check_model_section(header)
         check_sections(header, model)
@@ -275,7 +277,7 @@ class BundleLayout:
             return json.loads(self.metadata[META_KEY])
         except (ValueError, RecursionError) as exc:  # (ValueError: also a number of more than 4300 digits)
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-            raise CeVAEError(f"The header of {self.path} is not valid JSON ({reason}).") from None
+            raise CeVAEError(f"The header of {self.path} is not valid JSON ({reason}); {EDITED}.") from None
 
 
 def bundle_layout(path: Path, data: Optional[bytes] = None) -> BundleLayout:
@@ -297,15 +299,16 @@ def bundle_layout(path: Path, data: Optional[bytes] = None) -> BundleLayout:
         raise _not_safetensors(path, "the header is not a tensor table")
     metadata = dict(table.get("__metadata__") or {})
     if META_KEY not in metadata:
-        raise CeVAEError(f"{path} is a safetensors file but not a CeVAEAnomaly model bundle (no model header).")
+        raise CeVAEError(f"{path} is a safetensors file but not a CeVAEAnomaly model bundle (no model header); "
+                         f"{USE_A_MODEL}.")
     problem = _table_problem(table)
     if problem is not None:
-        raise _edited(path, problem)
+        raise damaged_or_edited(path, problem)
     needed = 8 + length + max((e["data_offsets"][1] for k, e in table.items() if k != "__metadata__"), default=0)
     if needed > size:
         raise _cut_short(path, size, str(needed))
     if needed < size:
-        raise _edited(path, f"{size - needed} bytes follow its tensors")
+        raise damaged_or_edited(path, f"{size - needed} bytes follow its tensors")
     return BundleLayout(path, table, metadata, 8 + length)
 
 
@@ -321,7 +324,8 @@ def _table_text(path: Path, data: Optional[bytes]) -> Tuple[int, int, bytes]:
 
 
 def _not_safetensors(path: Path, problem: str) -> CeVAEError:
-    return CeVAEError(f"{path} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}).")
+    return CeVAEError(f"{path} is not a CeVAEAnomaly model bundle (not a valid safetensors file: {problem}); "
+                      f"{USE_A_MODEL}.")
 
 
 def _cut_short(path: Path, size: int, needed: str) -> CeVAEError:
@@ -330,7 +334,8 @@ def _cut_short(path: Path, size: int, needed: str) -> CeVAEError:
                       "download?); copy it again.")
 
 
-def _edited(path: Path, problem: str) -> CeVAEError:
+def damaged_or_edited(path: Path, problem: str) -> CeVAEError:
+    """The refusal of the bundle ``path`` whose safetensors layout is invalid (``problem``): its header was read."""
     return CeVAEError(f"The model file {path} is damaged or was edited (not a valid safetensors file: {problem}); use "
                       "an original copy.")
 
@@ -390,7 +395,7 @@ class PickleGivenAsModel(CeVAEError):
     def _said(self, take: str, resume: str) -> str:
         """The message; where it is a run's checkpoint, ``take`` (the run's model) if that is written, else ``resume``
         (a template of the model's file ``{name}``)."""
-        hint = "" if self.model is None else (
+        hint = f" U{USE_A_MODEL[1:]} instead." if self.model is None else (
             f" It is a training checkpoint; its run's model is {self.model}: {take}." if self.model.is_file()
             else " " + resume.format(name=self.model.name))
         return (f"{self.path} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
@@ -416,8 +421,10 @@ def _check_file(p: Path) -> Path:
     safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _MAX_TABLE_BYTES
     if not safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise PickleGivenAsModel(p)
+    if not head:
+        raise CeVAEError(f"The model file {p} is empty (0 bytes); copy it again, or {USE_A_MODEL}.")
     if len(head) < 8:
-        raise CeVAEError(f"{p} is too short to be a model bundle.")
+        raise CeVAEError(f"{p} is too short to be a model bundle ({len(head)} bytes); {USE_A_MODEL}.")
     return p
 
 
