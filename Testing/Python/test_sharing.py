@@ -24,6 +24,7 @@ from CeVAEAnomalyLib.engine.calibrate import recalibrate
 from CeVAEAnomalyLib.engine.detector import detect
 from CeVAEAnomalyLib.engine.header import _written_header, read_header, weights_digest
 from CeVAEAnomalyLib.engine.model_info import model_info
+from CeVAEAnomalyLib.engine.sharing import share_model
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.manifest import Subject
 
@@ -140,6 +141,23 @@ def test_share_refuses_a_header_that_holds_a_scan_name_in_a_record_it_does_not_k
             "with that one; else the file was edited: share an original copy.") in err
     assert "update CeVAEAnomaly" not in err  # its format version is this one's: updating cannot help an edited file
     assert not (tmp_path / "shared.cevae").exists()
+
+
+def test_a_model_from_before_strict_headers_with_a_nan_validation_loss_is_shared(calibrated, tmp_path):
+    """Bundles written before headers were strict JSON hold "val_loss": NaN in their training record; read_header,
+    info, calibrate and adapt take them (the NaN reads as None), and so does share."""
+    import math
+
+    from test_untrusted_bundles import rewrite
+
+    old = tmp_path / "old.cevae"
+    old.write_bytes(calibrated.read_bytes())
+    rewrite(old, lambda h, t: h["training"].__setitem__("val_loss", math.nan))
+    shared = share_model(old, tmp_path / "shared.cevae")
+    assert read_header(shared).training["val_loss"] is None
+    names = _scan_records(_written_header(shared)).values()
+    assert names and all(name.startswith("scan ") for name in names)
+    assert _tensor_bytes(shared) == _tensor_bytes(old)
 
 
 @pytest.mark.parametrize("record", [[], {"scans": -1}, {"scans": 2, "who": "x"}])

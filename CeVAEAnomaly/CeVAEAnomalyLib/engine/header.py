@@ -68,7 +68,7 @@ class BundleHeader:
             postprocess=PostprocessOptions.from_dict(data.get("postprocess") or {},
                                                      "post-processing option(s) in the model"),
             calibration=dict(data.get("calibration") or {}), default_fpr=float(data.get("default_fpr", DEFAULT_FPR)),
-            training=_finite_record(data.get("training")), weights_dtype=str(data.get("weights_dtype", "float32")),
+            training=finite_record(data.get("training")), weights_dtype=str(data.get("weights_dtype", "float32")),
             extra={k: v for k, v in data.items() if k not in typed},
         )
 
@@ -428,7 +428,7 @@ def _check_file(p: Path) -> Path:
     return p
 
 
-def _finite_record(record: Any) -> Any:
+def finite_record(record: Any) -> Any:
     """A training record with its non-finite numbers as None: bundles written before headers were strict JSON
     hold ``"val_loss": NaN``, which a calibrated or adapted copy would otherwise fail to write."""
     if not isinstance(record, dict):

@@ -24,7 +24,8 @@ from ..io.lock import hold_output
 from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
 from .bundle_checks import NAMES_REMOVED
-from .header import BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, bundle_layout, read_header, weights_digest
+from .header import (BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, bundle_layout, finite_record, read_header,
+                     weights_digest)
 
 # the records of scans with their sha256: (section, list) of the header
 VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"), ("adaptation", "site_scans"),
@@ -192,8 +193,11 @@ def _with_header(data: bytes, source: Path) -> bytes:
     """The bundle file ``data`` with its scans' names removed from its header, its tensor table and tensor bytes as
     they were."""
     layout = bundle_layout(source, data)  # (read_header accepted the file: one replaced since is refused here)
-    try:  # (a header holding NaN is no strict JSON: refused here)
-        header = json.dumps(without_scan_names(layout.written_header()), sort_keys=True, allow_nan=False)
+    written = layout.written_header()
+    if "training" in written:  # (as read_header takes it: an old bundle's NaN validation loss as None)
+        written["training"] = finite_record(written["training"])
+    try:  # (NaN elsewhere in a header is no strict JSON: refused here)
+        header = json.dumps(without_scan_names(written), sort_keys=True, allow_nan=False)
     except (ValueError, TypeError):
         raise CeVAEError(f"{source} is damaged or was edited (its header cannot be copied); use an original "
                          "copy.") from None
