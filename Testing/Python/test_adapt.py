@@ -21,7 +21,7 @@ from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.engine.header import BundleHeader, read_header
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.io.checksum import sha256_of
+from CeVAEAnomalyLib.io.checksum import FileMemo, sha256_of
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.options import SCORE_TYPES, ThresholdPolicy
 from CeVAEAnomalyLib.progress import Cancelled
@@ -509,9 +509,9 @@ def test_a_dicom_series_folder_is_a_site_scan_like_in_train(tmp_path):
     series.mkdir()
     (series / "001.dcm").write_bytes(b"slice one")
     (series / "002.dcm").write_bytes(b"slice two")
-    assert adapt_mod._checksums([Subject(series)]) == {series: sha256_of(series)}
+    assert adapt_mod._checksums([Subject(series)], FileMemo()) == {series: sha256_of(series)}
     with pytest.raises(CeVAEError, match="does not exist"):
-        adapt_mod._checksums([Subject(tmp_path / "missing.nii.gz")])
+        adapt_mod._checksums([Subject(tmp_path / "missing.nii.gz")], FileMemo())
 
 
 def test_a_checkpoint_that_recorded_its_base_by_path_resumes_with_the_same_content(tiny_bundle, tmp_path):

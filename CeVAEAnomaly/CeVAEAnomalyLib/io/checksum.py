@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
-from typing import Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from .detached import read_alongside
+
+# A file changed this recently (its modification or status-change time) may change again without changing its stamp
+# (timestamps are as coarse as the file system's clock: FAT's 2 s), so what was read from it is not kept.
+SETTLE_NS = 2_000_000_000
+Stamp = Tuple[Tuple[str, int, int, int, int, int], ...]
 
 
 def sha256_of(path: Path) -> str:
@@ -17,10 +24,7 @@ def sha256_of(path: Path) -> str:
     alone. OSError for anything else (never opened)."""
     digest = hashlib.sha256()
     path = Path(path)
-    if not path.is_dir() and not path.is_file():  # missing, or a FIFO/device/socket: opening one may block forever
-        raise OSError(f"{path} is not a regular file or a folder")
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path, *_data_files(path)]
-    for f in files:
+    for f in hashed_files(path):
         if f is not path:
             digest.update(f.name.encode("utf-8", "surrogateescape") + b"\0")
         with open(f, "rb") as stream:
@@ -29,16 +33,75 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def hashed_files(path: Path) -> List[Path]:
+    """The files :func:`sha256_of` reads for ``path``, in its order: the files directly in a folder, or the file and
+    the data files its header names. OSError for anything else than a regular file or a folder (never opened)."""
+    if not path.is_dir() and not path.is_file():  # missing, or a FIFO/device/socket: opening one may block forever
+        raise OSError(f"{path} is not a regular file or a folder")
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path, *_data_files(path)]
+
+
+class FileMemo:
+    """What this process learnt by reading files (a checksum, a check of their content), kept under a key with the
+    files' stamp taken before the read, and recalled only while their stamp is the same: a file replaced, written
+    or touched since (another inode, size, modification or status-change time) is read again. Files changed within
+    :data:`SETTLE_NS` of the read are not kept (a change within the same clock tick keeps the stamp). In memory only:
+    one command's runs share it (adapt's folds), nothing is trusted across processes."""
+
+    def __init__(self) -> None:
+        self._kept: Dict[Hashable, Tuple[Stamp, object]] = {}
+
+    @staticmethod
+    def stamp(files: Sequence[Path]) -> Optional[Stamp]:
+        """The stamp of ``files`` now (take it before reading them); None where one cannot be found or has changed
+        too recently to be told from a later change."""
+        settled_before = time.time_ns() - SETTLE_NS
+        stamps = []
+        for f in files:
+            try:
+                st = os.stat(f)
+            except OSError:
+                return None
+            if max(st.st_mtime_ns, st.st_ctime_ns) > settled_before:
+                return None
+            stamps.append((str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(stamps)
+
+    def recall(self, key: Hashable, stamp: Optional[Stamp]) -> Optional[object]:
+        """What was kept under ``key`` with this ``stamp``; None if nothing (or the files changed since)."""
+        kept = self._kept.get(key)
+        return kept[1] if stamp is not None and kept is not None and kept[0] == stamp else None
+
+    def keep(self, key: Hashable, stamp: Optional[Stamp], value: object) -> None:
+        """Keep ``value``, read from files of ``stamp`` (taken before the read; None: nothing is kept)."""
+        if stamp is None:
+            self._kept.pop(key, None)
+        else:
+            self._kept[key] = (stamp, value)
+
+    def sha256(self, path: Path) -> str:
+        """:func:`sha256_of` ``path``, read again only where its files changed since this memo last hashed them."""
+        path = Path(path)
+        files = hashed_files(path)
+        stamp = self.stamp([path, *files] if path.is_dir() else files)  # (a folder: files added, removed, renamed)
+        digest = self.recall(("sha256", path), stamp)
+        if not isinstance(digest, str):
+            digest = sha256_of(path)
+            self.keep(("sha256", path), stamp, digest)
+        return digest
+
+
 def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str],
-                   then: str = "run again once it is complete.") -> None:
+                   then: str = "run again once it is complete.", memo: Optional[FileMemo] = None) -> None:
     """Refuse, in one line, a file of ``paths`` (None: none) whose content is no longer the one ``checksums`` holds,
     hashed before it was read: what was read from it may not be that content (the file was replaced, removed or
-    still being written), so nothing made from it may be recorded under that checksum. ``then``: what to do."""
+    still being written), so nothing made from it may be recorded under that checksum. ``then``: what to do.
+    ``memo``: the one that hashed them (a file unchanged since is not read again)."""
     for path in paths:
         if path is None:
             continue
         try:
-            same = sha256_of(path) == checksums[path]
+            same = (memo.sha256(path) if memo is not None else sha256_of(path)) == checksums[path]
         except OSError:
             same = False
         if not same:

@@ -27,7 +27,7 @@ from ..engine.devices import DeviceUnavailable, resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
 from ..errors import COMMAND_LINE_ADAPT, CeVAEError, Wording
-from ..io.checksum import sha256_of
+from ..io.checksum import FileMemo, sha256_of
 from ..io.lock import hold_output, refuse_if_held
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names, unknown_persons_note
 from ..io.naming import refuse_misnamed
@@ -73,7 +73,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     _refuse_input(out, Inputs([base, *inputs, *(p for s in subjects for p in (s.image, s.mask))]))  # before "exists"
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
-    checksums = _checksums(subjects)
+    memo = FileMemo()  # each scan hashed once for all runs, again only where it changed on disk meanwhile
+    checksums = _checksums(subjects, memo)
     trained = set(header.trained_on([checksums[s.image] for s in subjects]))
     seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
     if seen:  # e.g. an adapted model adapted again on its own site scans
@@ -117,7 +118,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     parent = sha256_of(base)  # the file every run starts from, as the bundle records it
     bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them (all runs: these)
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
-        cache = SliceCache(root, bundle.preprocess, wording)
+        cache = SliceCache(root, bundle.preprocess, wording, memo)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
         orientations = header.trained_orientations()
         # each scan read and masked once, in every orientation the runs train on (axial first: the contrast check's)
@@ -128,7 +129,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         if options.overwrite and not options.resume:  # the scans are usable: the earlier runs' files go now
             _remove_earlier_runs(out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, orientations,
-                                            options.resume, training_part, wording)
+                                            options.resume, training_part, wording, memo)
         calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
@@ -141,7 +142,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                        "without it", final.device, half=False, scorers=scorers,
                        progress=_timed(labelled(scaled(progress, 1.0 - calibrate_share, 1.0 - WRITE_SHARE),
                                                 "Calibrating"), calibrating_pace, len(subjects), calibration_left),
-                       test_time_steps=modes, checksums=checksums, wording=wording)
+                       test_time_steps=modes, checksums=checksums, wording=wording, memo=memo)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
@@ -175,12 +176,14 @@ def compared_with_parent(parent: BundleHeader, name: str) -> str:
 
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
                header: BundleHeader, base: Bundle, cache: Path, orientations: Tuple[str, ...], resume: bool,
-               progress: Optional[ProgressCallback], wording: Wording) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+               progress: Optional[ProgressCallback], wording: Wording,
+               memo: FileMemo) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
     ``base`` on the slices in ``orientations`` of the scans prepared in the folder ``cache``: the models by run, the
     final run's trainer and the seconds the folds spent training, in this session and before a resume, and the final
     run in this session. A run whose checkpoint exists resumes from it. The steps' progress messages end with the
-    measured pace and the time left (:class:`~.adapt_plan.Pace`); their errors say what to do in ``wording``."""
+    measured pace and the time left (:class:`~.adapt_plan.Pace`); their errors say what to do in ``wording``.
+    ``memo``: the adaptation's, which hashed the scans (a scan unchanged since is not read again)."""
     start = base.model.state_dict()
     steps = configs["final"].max_steps
     pace = Pace(len(runs) * steps, TIMED_STEPS)
@@ -199,7 +202,7 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         timed = _timed(labelled(scaled(progress, begin, begin + share), title), pace, steps, fine_tuning_left,
                        n * steps)
         return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], base.preprocess, timed,
-                       start_weights=start, wording=wording)
+                       start_weights=start, wording=wording, memo=memo)
 
     # every checkpoint the resume continues from is checked first: one of another run (a final checkpoint of another
     # adaptation) is refused before any fold trains, not after all of them
@@ -320,12 +323,13 @@ def _finished(out: Path, wording: Wording) -> CeVAEError:
                       f"{wording.replace_model}.")
 
 
-def _checksums(subjects: Sequence[Subject]) -> Dict[Path, str]:
-    """sha256 of every image and mask (a DICOM series folder too), each volume checked first and refused by name."""
+def _checksums(subjects: Sequence[Subject], memo: FileMemo) -> Dict[Path, str]:
+    """sha256 of every image and mask (a DICOM series folder too) by ``memo``, each volume checked first and refused
+    by name."""
     for s in subjects:
         check_volume_path(s.image, "scan")
         check_volume_path(s.mask, "brain mask")
-    return file_checksums(subjects, DistInfo())
+    return file_checksums(subjects, DistInfo(), memo)
 
 
 def _record(header: BundleHeader, base: Path, parent: str, subjects: Sequence[Subject], checksums: Dict[Path, str],

@@ -39,7 +39,7 @@ import torch
 from ..engine.config import PreprocessConfig
 from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.atomic import atomic_path
-from ..io.checksum import refuse_changed
+from ..io.checksum import FileMemo, refuse_changed
 from ..io.targets import file_in_the_way
 from ..progress import ProgressCallback, report
 from ..system import process_exists
@@ -109,9 +109,12 @@ def temporary_cache(prefix: str) -> Path:
 
 class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order. ``wording``: the
-    caller's words for what to do where the cache's disk is full, and for its cache folder option."""
+    caller's words for what to do where the cache's disk is full, and for its cache folder option. ``memo``: the one
+    that hashed the volumes (adapt's, shared by its runs), which checks that a volume read for its slices is still
+    the one hashed."""
 
-    def __init__(self, root: Path, pre: PreprocessConfig, wording: Wording = COMMAND_LINE_TRAIN) -> None:
+    def __init__(self, root: Path, pre: PreprocessConfig, wording: Wording = COMMAND_LINE_TRAIN,
+                 memo: Optional[FileMemo] = None) -> None:
         file = file_in_the_way(root)
         if file == root:
             raise CeVAEError(f"The cache folder {root} is a file; give a folder for {wording.cache_dir}.")
@@ -120,6 +123,7 @@ class SliceCache:
         self.root = root
         self.pre = pre
         self.wording = wording
+        self.memo = memo if memo is not None else FileMemo()
         self._verified: Set[str] = set()  # keys whose content this run has checked
 
     def refuse_inside_inputs(self, subjects: Sequence[Subject]) -> None:
@@ -226,7 +230,8 @@ class SliceCache:
             raise CeVAEError(f"Cannot make the slice cache folder {self.root} ({exc.strerror or exc}); give "
                              f"{self.wording.cache_dir} a folder you can write to.") from None
         arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
-        refuse_changed((subject.image, subject.mask), checksums)  # hashed before it was read: the slices are of it
+        # hashed before it was read: the slices are of it
+        refuse_changed((subject.image, subject.mask), checksums, memo=self.memo)
         return [e if e is not None else self._store(k, subject, o, arrays[o], checksums)
                 for k, o, e in zip(keys, orientations, found)], True
 

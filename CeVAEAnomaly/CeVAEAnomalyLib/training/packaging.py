@@ -21,7 +21,7 @@ from ..engine.header import BundleHeader
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
 from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
-from ..io.checksum import refuse_changed
+from ..io.checksum import FileMemo, refuse_changed
 from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
 from .data import Subject
@@ -112,7 +112,8 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
             device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
             progress: Optional[ProgressCallback] = None, test_time_steps: Sequence[int] = (),
-            checksums: Optional[Mapping[Path, str]] = None, wording: Wording = COMMAND_LINE_TRAIN) -> Path:
+            checksums: Optional[Mapping[Path, str]] = None, wording: Wording = COMMAND_LINE_TRAIN,
+            memo: Optional[FileMemo] = None) -> Path:
     """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i; ``test_time_steps``:
     thorough modes calibrated too: see engine.calibrate.calibrate_model), then write the bundle once.
 
@@ -120,7 +121,7 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     a calibration scan that no longer has that content once scored is refused (io.checksum.refuse_changed) and nothing
     is written. None: ``header`` records no checksums (a benchmark's fold model). ``wording``: the caller's words
     for how its user resumes the run from its last checkpoint, for the errors that keep it, and for the calibration's
-    warnings."""
+    warnings. ``memo``: the one that hashed them (a scan unchanged since is not read again)."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
@@ -132,7 +133,7 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
         refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums,
                        "the trained weights are in the last checkpoint: with the scan as it was when the run began, "
                        f"{wording.resume} to write the model (the run's record holds each scan's checksum; with the "
-                       "new content the run starts over).")
+                       "new content the run starts over).", memo)
     then = f"The last checkpoint is kept; free some space and {wording.resume}."
     try:
         return save_bundle(out, model, replace(header, calibration=calibration), half=half)

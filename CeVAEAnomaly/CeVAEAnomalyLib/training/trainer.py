@@ -31,7 +31,7 @@ from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.atomic import remove_stale_temporaries, write_all
-from ..io.checksum import sha256_of
+from ..io.checksum import FileMemo, sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
 from ..io.naming import full_suffix
 from ..progress import ProgressCallback, checked, report
@@ -186,10 +186,13 @@ class Trainer:
         progress: Optional[ProgressCallback] = None,
         start_weights: Optional[Mapping[str, torch.Tensor]] = None,
         wording: Wording = COMMAND_LINE_TRAIN,
+        memo: Optional[FileMemo] = None,
     ) -> None:
         """``start_weights``: those of ``cfg.init_from``, already loaded and checked (adapt loads its base model once
         for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file.
-        ``wording``: the caller's words for what its errors advise (resuming, starting anew, using less memory)."""
+        ``wording``: the caller's words for what its errors advise (resuming, starting anew, using less memory).
+        ``memo``: what the caller read of the volumes already (adapt's, shared by its runs: a volume unchanged since
+        it was hashed is not read again)."""
         cfg.validate()
         self.cfg = cfg
         self.wording = wording
@@ -199,7 +202,8 @@ class Trainer:
             raise CeVAEError("Preprocessing and model input sizes differ.")
         self.device = rank_device(resolve_device(cfg.device, strict=True))
         self.dist = init_distributed(self.device)
-        self.checksums = file_checksums(subjects, self.dist)
+        self.memo = memo if memo is not None else FileMemo()
+        self.checksums = file_checksums(subjects, self.dist, self.memo)
         self._identity: Optional[Dict[str, object]] = None
         self._resume_state: Optional[Dict[str, object]] = None  # the checkpoint a resume continues, once checked
         # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
@@ -248,7 +252,7 @@ class Trainer:
         if root is None:  # a private cache for this run (each rank its own), removed at the end
             root = temporary_cache("cevae-slices-")
             self._temp_cache = str(root)
-        cache = SliceCache(root, self.pre, self.wording)
+        cache = SliceCache(root, self.pre, self.wording, self.memo)
         if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
             self._prepare_share(cache)
         train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
@@ -665,7 +669,7 @@ class Trainer:
         calib_subjects = self.val_subjects or self.train_subjects
         source = "validation subjects" if self.val_subjects else "training subjects (no held-out subject)"
         return package(self.cfg.out, self.model, header, calib_subjects, source, self.device, self.cfg.half_bundle,
-                       checksums=self.checksums, wording=self.wording)
+                       checksums=self.checksums, wording=self.wording, memo=self.memo)
 
 
 def _warn_of_rewritten_repeats(axial: Sequence[Tuple[Subject, Entry]], trained: int) -> None:

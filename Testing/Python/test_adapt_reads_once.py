@@ -1,0 +1,116 @@
+"""One adaptation reads each site scan once for its checksum, however many runs (folds and the final one) train on it:
+every run hashed every scan again, and the slices were checked again before calibrating. A scan changed on disk
+between two runs is still read again, and refused."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import CeVAEAnomalyLib.io.checksum as checksum
+from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.manifest import Subject
+from CeVAEAnomalyLib.training.adapt import adapt
+from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUICK = AdaptOptions(steps=2, batch_size=8, checkpoint_every=2, device="cpu")
+
+
+def _settled(paths: List[Path]) -> None:
+    """Wait until every file of ``paths`` was last changed :data:`~checksum.SETTLE_NS` ago (site scans written long
+    before the adaptation), so that what is read of them may be kept."""
+    newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in paths)
+    time.sleep(max(0.0, (newest + checksum.SETTLE_NS - time.time_ns()) / 1e9 + 0.05))
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, counts: Counter) -> None:
+    """Count each call of io.checksum.sha256_of by path, wherever a module took it from (the real one runs)."""
+    real = checksum.sha256_of
+
+    def counted(path: Path) -> str:
+        counts[Path(path)] += 1
+        return real(path)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "sha256_of", None) is real:
+            monkeypatch.setattr(module, "sha256_of", counted)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Dict[str, Path]:
+    """Colin27 at 2 mm (shipped with the package) as two uncompressed site scans (a noisy copy: another scan of the
+    same file size), their brain mask, and a third scan of that size to replace one with."""
+    d = tmp_path_factory.mktemp("site")
+    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    shutil.copyfile(data_path("colin27_brainmask_2mm.nii.gz"), d / "mask.nii.gz")
+    voxels = sitk.GetArrayFromImage(t1)
+    paths = {"mask": d / "mask.nii.gz"}
+    for n, name in enumerate(("a", "b", "other")):
+        noise = np.random.default_rng(n).normal(0, 0.03 * voxels.max(), voxels.shape) if n else 0.0
+        image = sitk.GetImageFromArray((voxels + noise).astype(np.float32))
+        image.CopyInformation(t1)
+        paths[name] = d / f"scan_{name}.nii"
+        sitk.WriteImage(image, str(paths[name]))
+    return paths
+
+
+@pytest.fixture
+def counted(site, monkeypatch) -> Iterator[Counter]:
+    """The hashes of each file during the test, the site's files settled first."""
+    _settled(list(site.values()))
+    counts: Counter = Counter()
+    _counting(monkeypatch, counts)
+    yield counts
+
+
+def test_one_adaptation_hashes_each_site_scan_and_mask_once(tiny_bundle, site, tmp_path, counted):
+    scans = [Subject(site["a"], site["mask"]), Subject(site["b"], site["mask"])]
+    adapt(tiny_bundle, scans, tmp_path / "site.cevae", QUICK)
+    assert (tmp_path / "site.cevae").is_file()
+    assert {p: counted[p] for p in (site["a"], site["b"], site["mask"])} == {
+        site["a"]: 1, site["b"]: 1, site["mask"]: 1}, counted
+
+
+def test_a_scan_rewritten_between_two_runs_keeping_its_size_and_time_is_read_again_and_refused(
+        tiny_bundle, site, tmp_path, counted):
+    """The scan is rewritten in place (same inode) with other voxels of the same size and its modification time put
+    back, as a copy keeping times does: its status-change time tells it, and it is hashed again, not trusted."""
+    scan = Path(shutil.copy2(site["b"], tmp_path / "scan_b.nii"))
+    _settled([scan])
+    scans = [Subject(site["a"], site["mask"]), Subject(scan, site["mask"])]
+    before = scan.stat()
+
+    def rewrite_in_the_second_run(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 2/3") and scan.stat().st_ctime_ns == before.st_ctime_ns:
+            with open(scan, "r+b") as fh:  # (in place: the same inode)
+                fh.write(site["other"].read_bytes())
+            os.utime(scan, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    out = tmp_path / "site.cevae"
+    with pytest.raises(CeVAEError, match=rf"^{scan} changed while it was being read"):
+        adapt(tiny_bundle, scans, out, QUICK, rewrite_in_the_second_run)
+    after = scan.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert counted[scan] >= 2  # read again once changed
+    assert not out.exists()
+
+
+def test_a_file_changed_just_now_is_hashed_again_at_its_next_use(tmp_path, monkeypatch):
+    """Its stamp could stay the same through a change within the same clock tick, so its checksum is not kept."""
+    fresh = tmp_path / "scan.nii"
+    fresh.write_bytes(b"voxels")
+    counts: Counter = Counter()
+    _counting(monkeypatch, counts)
+    memo = checksum.FileMemo()
+    assert memo.sha256(fresh) == memo.sha256(fresh) == checksum.sha256_of(fresh)
+    assert counts[fresh] == 3
