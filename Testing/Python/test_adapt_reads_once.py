@@ -1,26 +1,32 @@
-"""One adaptation reads each site scan once for its checksum, however many runs (folds and the final one) train on it:
-every run hashed every scan again, and the slices were checked again before calibrating. A scan changed on disk
-between two runs is still read again, and refused."""
+"""One adaptation reads each site scan once for its checksum, and each prepared slice file once to check it, however
+many runs (folds and the final one) train on it: every run hashed every scan again and checked every slice file
+again. A scan or slice file changed on disk between two runs is still read again (the scan refused, the slices made
+again)."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import BinaryIO, Dict, Iterator, List
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 import CeVAEAnomalyLib.io.checksum as checksum
+import CeVAEAnomalyLib.training.cache as cache_mod
 from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.training.adapt import adapt
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+from CeVAEAnomalyLib.training.cache import SliceCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = AdaptOptions(steps=2, batch_size=8, checkpoint_every=2, device="cpu")
@@ -114,3 +120,58 @@ def test_a_file_changed_just_now_is_hashed_again_at_its_next_use(tmp_path, monke
     memo = checksum.FileMemo()
     assert memo.sha256(fresh) == memo.sha256(fresh) == checksum.sha256_of(fresh)
     assert counts[fresh] == 3
+
+
+def _kept_cache(bundle: Path, scans: List[Subject], folder: Path) -> List[Path]:
+    """A cache folder (--cache-dir) holding the scans' slices, settled (kept from an earlier run); its slice files."""
+    SliceCache(folder, load_bundle(bundle, "cpu").preprocess).prepare(
+        scans, {p: checksum.sha256_of(p) for s in scans for p in (s.image, s.mask)}, ("axial",))
+    _settled(list(folder.iterdir()))
+    return sorted(folder.glob("*.npy"))
+
+
+def _counting_checks(monkeypatch: pytest.MonkeyPatch, counts: Counter) -> None:
+    """Count each check of a slice file's content against its checksum (the real check runs)."""
+    real = cache_mod._data_sha256
+
+    def counted(fh: BinaryIO, offset: int) -> str:
+        counts[Path(fh.name)] += 1
+        return real(fh, offset)
+
+    monkeypatch.setattr(cache_mod, "_data_sha256", counted)
+
+
+def test_one_adaptation_checks_each_slice_file_of_a_kept_cache_once(tiny_bundle, site, tmp_path, monkeypatch):
+    scans = [Subject(site["a"], site["mask"]), Subject(site["b"], site["mask"])]
+    slices = _kept_cache(tiny_bundle, scans, tmp_path / "cache")
+    checks: Counter = Counter()
+    _counting_checks(monkeypatch, checks)
+    adapt(tiny_bundle, scans, tmp_path / "site.cevae", replace(QUICK, cache_dir=tmp_path / "cache"))
+    assert (tmp_path / "site.cevae").is_file()
+    assert len(slices) == 2 and {p: checks[p] for p in slices} == {p: 1 for p in slices}, checks
+
+
+def test_a_slice_file_damaged_in_place_between_two_runs_is_checked_again_and_made_again(
+        tiny_bundle, site, tmp_path, caplog):
+    """Other bytes of the same size written into each slice file after the second run trained, its modification
+    time put back: the final run checks them again (their status-change time tells them) and makes them again."""
+    scans = [Subject(site["a"], site["mask"]), Subject(site["b"], site["mask"])]
+    slices = _kept_cache(tiny_bundle, scans, tmp_path / "cache")
+    good = {p: p.read_bytes() for p in slices}
+
+    def damage_after_the_second_run(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 2/3") and "step 2 " in message:
+            for path in slices:
+                before = path.stat()
+                with open(path, "r+b") as fh:  # (in place: the same inode and size)
+                    fh.seek(before.st_size - 64)
+                    fh.write(bytes(255 - b for b in good[path][-64:]))
+                os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    with caplog.at_level(logging.WARNING):
+        adapt(tiny_bundle, scans, tmp_path / "site.cevae", replace(QUICK, cache_dir=tmp_path / "cache"),
+              damage_after_the_second_run)
+    said = [r.getMessage() for r in caplog.records if "does not match its checksum" in r.getMessage()]
+    assert sorted(said) == [f"The cache entry {p} does not match its checksum (damaged or replaced); it is made "
+                            "again." for p in slices], said
+    assert {p: p.read_bytes() for p in slices} == good

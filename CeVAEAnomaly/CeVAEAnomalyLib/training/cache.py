@@ -7,6 +7,8 @@ format, the preprocessing settings, the orientation and the sha256 of the image 
 a changed file or setting gets a new key, and a stale entry is never read. The first time a run
 uses an entry, its JSON must describe that key and its slices must match their checksum, so an
 entry damaged in place (same size, other bytes) or swapped with another subject's is made again.
+Runs that share a memo (an adaptation's folds) check an entry once while its files stay unchanged
+(io.checksum.FileMemo: same inode, size, modification and status-change time).
 Entries of several cohorts and settings can share one folder. A write killed outright (SIGKILL, the
 out-of-memory killer, a power cut) leaves a hidden temporary beside its entry; temporaries untouched for
 an hour are removed when a run next prepares the folder (an entry is written in seconds).
@@ -31,7 +33,7 @@ import tokenize
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, List, Optional, Sequence, Set, Tuple
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -111,7 +113,7 @@ class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order. ``wording``: the
     caller's words for what to do where the cache's disk is full, and for its cache folder option. ``memo``: the one
     that hashed the volumes (adapt's, shared by its runs), which checks that a volume read for its slices is still
-    the one hashed."""
+    the one hashed, and keeps which entries were checked (an entry unchanged since is not read again)."""
 
     def __init__(self, root: Path, pre: PreprocessConfig, wording: Wording = COMMAND_LINE_TRAIN,
                  memo: Optional[FileMemo] = None) -> None:
@@ -124,7 +126,6 @@ class SliceCache:
         self.pre = pre
         self.wording = wording
         self.memo = memo if memo is not None else FileMemo()
-        self._verified: Set[str] = set()  # keys whose content this run has checked
 
     def refuse_inside_inputs(self, subjects: Sequence[Subject]) -> None:
         """Refuse a cache folder in an input DICOM series folder: its entries would change the series' checksum,
@@ -160,11 +161,13 @@ class SliceCache:
     def lookup(self, key: str) -> Optional[Entry]:
         """The complete entry stored under ``key``, or None (missing or damaged: it is made again).
 
-        The first lookup of a key checks the entry's content against the checksum in its JSON.
+        The entry's content is checked against the checksum in its JSON unless the memo checked it with its files
+        unchanged since.
         """
         meta_path, npy = self.root / f"{key}.json", self.root / f"{key}.npy"
         if not meta_path.is_file() or not npy.is_file():  # missing, or not a plain file (a FIFO is never opened)
             return None
+        stamp = self.memo.stamp((meta_path, npy))  # before either is read
         try:
             meta = json.loads(meta_path.read_text())
             with open(npy, "rb") as fh:
@@ -174,7 +177,7 @@ class SliceCache:
                 if shape != expected or not complete:
                     log.warning("The cache entry %s is incomplete; it is made again.", npy)
                     return None
-                if key not in self._verified:
+                if self.memo.recall(("slices", npy), stamp) is None:
                     problem = self._mismatch(key, meta, fh, offset)
                     if problem:
                         log.warning("The cache entry %s %s (damaged or replaced); it is made again.", npy, problem)
@@ -184,7 +187,7 @@ class SliceCache:
             log.warning("The cache entry %s is damaged (%s); it is made again.", npy, type(exc).__name__
                         if isinstance(exc, RecursionError) else exc)
             return None
-        self._verified.add(key)
+        self.memo.keep(("slices", npy), stamp, True)
         return Entry(npy, shape[0], offset, digest)
 
     @staticmethod
