@@ -359,7 +359,8 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(cohort, tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(info.value) == (f"Could not write the checkpoint {ckpt}: the file could not be written completely "
-                               "(disk full or a file-size limit?); the previous one is kept.")
+                               "(disk full or a file-size limit?). The last good checkpoint (step 4) is kept at "
+                               f"{ckpt}. Free some space, then run again with --resume to go on from it.")
     assert sha(ckpt) == good and torch.load(ckpt, weights_only=True)["step"] == 4
     assert trainer.saved_step == 4
     assert [p.name for p in ckpt.parent.iterdir()] == [ckpt.name]

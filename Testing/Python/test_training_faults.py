@@ -141,7 +141,8 @@ def test_checkpoint_write_is_atomic(manifest, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     trainer.step = 8
-    with pytest.raises(CeVAEError, match=r"Could not write the checkpoint .*No space left on device; the previous one is kept"):
+    with pytest.raises(CeVAEError, match=r"Could not write the checkpoint .*No space left on device\. The last good "
+                                         r"checkpoint \(step 4\) is kept"):
         trainer.save_checkpoint()
     assert sha256(ckpt) == good and checkpoint_step(ckpt) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
@@ -158,6 +159,45 @@ def test_a_full_disk_at_a_log_row_is_said_with_the_checkpoint_it_keeps(manifest,
     assert message.startswith(f"Could not write the training log {trainer.cfg.log_path}: No space left on device.")
     assert f"The last good checkpoint (step {EVERY}) is kept" in message and "--resume" in message
     assert checkpoint_step(trainer.cfg.checkpoint_path) == EVERY
+
+
+def checkpoints_fail_after(monkeypatch, writes: int) -> None:
+    """Checkpoint writes after the first ``writes`` fail as on a full disk (torch.save raises ENOSPC)."""
+    real_save, done = torch.save, []
+
+    def full_disk(obj, f):
+        if len(done) >= writes:
+            raise OSError(28, "No space left on device")
+        done.append(f)
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+
+
+def test_a_full_disk_at_a_checkpoint_says_to_free_space_and_resume(manifest, tmp_path, monkeypatch):
+    """A disk that filled up at a checkpoint ended train and adapt with "...; the previous one is kept." and no word of
+    what to do: the user was not told to free space and resume from it (a log row's failure said both)."""
+    checkpoints_fail_after(monkeypatch, 1)
+    trainer = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY)
+    with pytest.raises(CeVAEError) as caught:
+        trainer.run()
+    ckpt = trainer.cfg.checkpoint_path
+    assert str(caught.value) == (
+        f"Could not write the checkpoint {ckpt}: No space left on device. The last good checkpoint (step {EVERY}) is "
+        f"kept at {ckpt}. Free some space, then run again with --resume to go on from it.")
+    assert checkpoint_step(ckpt) == EVERY
+
+
+def test_a_full_disk_at_the_first_checkpoint_claims_no_previous_one(manifest, tmp_path, monkeypatch):
+    """It said "the previous one is kept" where the run had written none, and did not say what to do."""
+    checkpoints_fail_after(monkeypatch, 0)
+    trainer = tiny_trainer(tmp_path, manifest, max_steps=2 * EVERY)
+    with pytest.raises(CeVAEError) as caught:
+        trainer.run()
+    assert str(caught.value) == (
+        f"Could not write the checkpoint {trainer.cfg.checkpoint_path}: No space left on device. No checkpoint had "
+        "been written yet. Free some space, then run again.")
+    assert not trainer.cfg.checkpoint_path.exists()
 
 
 def test_a_checkpoint_temporary_left_by_a_killed_write_is_removed_by_the_next_run(manifest, tmp_path):
@@ -546,8 +586,8 @@ def test_how_often_the_run_validates_does_not_change_the_training(manifest, tmp_
 def test_the_last_checkpoint_is_written_once(manifest, tmp_path, monkeypatch):
     written = []
     real = train_mod.write_checkpoint
-    monkeypatch.setattr(train_mod, "write_checkpoint", lambda state, path: written.append(state["step"]) or
-                        real(state, path))
+    monkeypatch.setattr(train_mod, "write_checkpoint", lambda state, path, **kw: written.append(state["step"]) or
+                        real(state, path, **kw))
     tiny_trainer(tmp_path, manifest, max_steps=4, checkpoint_every=2).fit()
     assert written == [2, 4]
 

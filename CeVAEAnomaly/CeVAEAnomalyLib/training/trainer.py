@@ -368,7 +368,9 @@ class Trainer:
             return "No checkpoint had been written yet."
         return f"The last good checkpoint (step {self.saved_step}) is kept at {self.cfg.checkpoint_path}."
 
-    def _after_log_failure(self) -> str:
+    def _after_write_failure(self) -> str:
+        """What a failed write of the log or a checkpoint (a full disk) says after its cause: the checkpoint kept, if
+        any, and what to do."""
         then = "run again" if self.saved_step is None else f"{self.wording.resume} to go on from it"
         return f"{self._last_good()} Free some space, then {then}."
 
@@ -402,7 +404,7 @@ class Trainer:
         }
         if self.fp16:
             state["scaler"] = self.scaler.state_dict()
-        write_checkpoint(state, self.cfg.checkpoint_path)
+        write_checkpoint(state, self.cfg.checkpoint_path, advice=self._after_write_failure())
 
     def _part(self, step: int) -> Dict[str, object]:
         """This session's settings that a resume may change, from ``step`` on (the training record's ``parts``)."""
@@ -590,7 +592,7 @@ class Trainer:
         start = self._started = time.perf_counter()
         batches = self.batches()
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume, after_failure=self._after_log_failure) \
+        run_log = _RunLog(cfg.log_path, fresh=not cfg.resume, after_failure=self._after_write_failure) \
             if self.dist.main else None
         t_last, steps_since = time.perf_counter(), 0
         try:
