@@ -55,6 +55,9 @@ class Wording:
     same_settings: str
     detect_with: str  # the model adapt wrote ({path})
     lower_rate: str  # an adapted model's threshold is 0 at its rate
+    # what to do with a scan unlike the others in the calibration of the model the run writes
+    # (engine.calibration.unlike_scans); an adapted model was fine-tuned on it too
+    unlike_scan: str
     # a resume refused for a checkpoint of another run: what to do; and, for a caller whose user sets no options (the
     # panel), what differs by kind: the model started from, the volumes, other settings ("": each option and volume
     # that differs is named, as the command line's user gives them)
@@ -80,7 +83,9 @@ COMMAND_LINE_TRAIN = Wording(
     higher_rate="give a higher --default-fpr to `cevae-anomaly calibrate` on the trained model",
     replace_model="pass --overwrite to train again and replace it, or choose another --out",
     past_the_end="past --max-steps {steps}; give --max-steps {step} or more",
-    same_settings="make sure --max-steps {steps} and --lr {lr:g} are those it was started with")
+    same_settings="make sure --max-steps {steps} and --lr {lr:g} are those it was started with",
+    unlike_scan="calibrate the trained model without it (cevae-anomaly calibrate) unless it is a healthy scan of this "
+                "protocol")
 # `cevae-anomaly adapt`: an adaptation has the architecture and the default rate of its --model (train's --channels,
 # --z-dim, --input-size and --max-steps, calibrate's --default-fpr are not adapt's)
 COMMAND_LINE_ADAPT = Wording(
@@ -89,6 +94,10 @@ COMMAND_LINE_ADAPT = Wording(
     higher_rate="detect with a higher --fpr",
     replace_model="pass --overwrite to adapt again and replace it, or choose another --out",
     past_the_end="past --steps {steps}; give --steps {step} or more",
-    same_settings="make sure --steps {steps} and --lr {lr:g} are those it was started with")
+    same_settings="make sure --steps {steps} and --lr {lr:g} are those it was started with",
+    unlike_scan="adapt again without it unless it is a healthy scan of this protocol: the adapted model was "
+                "fine-tuned on it too, so it may take what is unusual in it for healthy")
 # `cevae-anomaly calibrate`'s advice for a default rate too low (engine.calibrate; the other phrases are a long run's)
 CALIBRATE_HIGHER_RATE = "give a higher --default-fpr"
+# and for a scan unlike the others it calibrates on (engine.calibration.unlike_scans)
+CALIBRATE_UNLIKE_SCAN = "calibrate without it unless it is a healthy scan of this protocol"

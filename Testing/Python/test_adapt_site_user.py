@@ -67,3 +67,38 @@ def test_scans_of_different_acquisitions_are_warned_of_before_the_fine_tuning(tm
     with caplog.at_level("WARNING"), pytest.raises(Cancelled):
         adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), tmp_path / "same.cevae", QUICK, stop_at_the_first_step)
     assert "different acquisitions" not in caplog.text
+
+
+def test_a_site_scan_unlike_the_others_is_advised_out_of_the_adaptation_not_only_of_the_calibration(
+        tmp_path, site, caplog):
+    """A patient's scan with a large lesion among healthy site scans was warned of as "Check it, and calibrate without
+    it": after an adaptation the model is also fine-tuned on it, so calibrating without it keeps the lesion learnt as
+    healthy; the warning now says to adapt again without it."""
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.io.manifest import Subject
+
+    lesions = pytest.importorskip("CeVAEAnomalyResearch.lesions")
+    image = sitk.ReadImage(str(site["a"]))
+    patient = lesions.insert_lesions(image, sitk.ReadImage(str(site["mask"])), 1, n=4, radius_mm=(12.0, 16.0))[0]
+    sitk.WriteImage(patient, str(tmp_path / "patient.nii.gz"))
+    scans = [*subjects(site, "a", "b"), Subject(tmp_path / "patient.nii.gz", site["mask"])]
+    base = plain_bundled_model(tmp_path / "base.cevae", subjects(site, "a", "b"))
+    with caplog.at_level("WARNING"):
+        adapt_mod.adapt(base, scans, tmp_path / "site.cevae", QUICK)
+    unlike = [r.getMessage() for r in caplog.records if "it is unlike them" in r.getMessage()]
+    assert len(unlike) == 1 and unlike[0].startswith(str(tmp_path / "patient.nii.gz")), caplog.text
+    assert unlike[0].endswith("Check it, and adapt again without it unless it is a healthy scan of this protocol: the "
+                              "adapted model was fine-tuned on it too, so it may take what is unusual in it for "
+                              "healthy."), unlike[0]
+
+
+def plain_bundled_model(out, scans):
+    """The bundled model calibrated on ``scans`` in its plain mode only, written to ``out``: a base an adaptation
+    calibrates without the thorough mode's test-time fine-tuning of every scan (minutes on a CPU)."""
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+
+    bundled = load_bundle(default_model_path(), "cpu")
+    return recalibrate(bundled, scans, out, bundled.header.score_options, bundled.header.postprocess)

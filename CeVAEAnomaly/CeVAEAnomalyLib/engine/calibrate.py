@@ -17,7 +17,7 @@ from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calib
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..data import refuse_bundled_output
-from ..errors import CALIBRATE_HIGHER_RATE, CeVAEError
+from ..errors import CALIBRATE_HIGHER_RATE, CALIBRATE_UNLIKE_SCAN, CeVAEError
 from ..io.checksum import refuse_changed, sha256_of
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
@@ -98,14 +98,15 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                     post: PostprocessOptions, progress: Optional[ProgressCallback] = None,
                     scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions(),
                     test_time_steps: Sequence[int] = (), check_contrast: bool = False,
-                    fpr: Optional[float] = None, higher_rate: str = CALIBRATE_HIGHER_RATE) -> Dict[str, dict]:
+                    fpr: Optional[float] = None, higher_rate: str = CALIBRATE_HIGHER_RATE,
+                    unlike_scan: str = CALIBRATE_UNLIKE_SCAN) -> Dict[str, dict]:
     """Calibrations for every score type with otherwise the given options, keyed for lookup (the network
     runs as ``run`` says: batch size, mixed precision).
 
     ``fpr``: the model's default rate; with 2 or more volumes each table records each one's leave-one-out threshold
     and rate at it, and a volume unlike the others there (engine/calibration.unlike_scans) is warned about by name,
-    for ``opts``, and a rate too low for the voxels calibrated on is warned about with what to do (``higher_rate``, in
-    the caller's words).
+    for ``opts``, and a rate too low for the voxels calibrated on is warned about; each says what to do in the
+    caller's words (``unlike_scan``, ``higher_rate``).
 
     ``scorers``: one model per subject that scores it instead of ``bundle`` (models that never saw
     their subject give the rates an unseen subject gets; with normalised scores these transfer).
@@ -129,7 +130,7 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
         spread = default["leave_one_out"]["threshold"]
         log.info("Left out in turn, each healthy volume moves the threshold at the default rate %g between %.4g and "
                  "%.4g.", fpr, min(spread), max(spread))
-    for warning in unlike_scans(default, [str(s.image) for s in subjects]):
+    for warning in unlike_scans(default, [str(s.image) for s in subjects], unlike_scan):
         log.warning("%s", warning)
     _warn_of_mixed_acquisitions(subjects, largest, default["scan_voxels"])
     thin = thin_tail(default, fpr) if fpr is not None else None
@@ -162,10 +163,10 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                 source: str = CALIBRATE_SOURCE,
                 progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None,
                 run: RunOptions = RunOptions(), checksums: Optional[Mapping[Path, str]] = None,
-                higher_rate: str = CALIBRATE_HIGHER_RATE) -> Path:
+                higher_rate: str = CALIBRATE_HIGHER_RATE, unlike_scan: str = CALIBRATE_UNLIKE_SCAN) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
     (``scorers``, ``run``: see :func:`calibrate_model`; ``checksums``: the images' file sha256 where the caller has
-    them already, each image read once more otherwise; ``higher_rate``: see :func:`calibrate_model`).
+    them already, each image read once more otherwise; ``higher_rate``, ``unlike_scan``: see :func:`calibrate_model`).
     Every score type is calibrated; the default score type
     stays ``combi`` whatever ``opts.score_type`` is. The copy is named after ``out`` (its file stem) and records what
     it was made from, when, on which scans and with which options (:func:`_recalibration_record`).
@@ -199,7 +200,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     hashed = _hashed_before_scoring(subjects, checksums or {})
     calibration = calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
                                   test_time_steps=[opts.test_time_steps], check_contrast=True, fpr=rate,
-                                  higher_rate=higher_rate)
+                                  higher_rate=higher_rate, unlike_scan=unlike_scan)
     refuse_changed(hashed.keys(), hashed)  # still the content hashed before it was scored, which the record says
     # each scan's name (Subject.name: the name Slicer gave it, else its file stem), led by its folders where names
     # repeat (a folder per person: sub-01/t1, sub-02/t1)

@@ -156,9 +156,10 @@ def leave_one_out(scores: Sequence[np.ndarray], fpr: float) -> Dict[str, Any]:
     return {"fpr": float(fpr), "threshold": thresholds, "rate": shares}
 
 
-def unlike_scans(entry: Mapping[str, Any], names: Sequence[str]) -> List[str]:
+def unlike_scans(entry: Mapping[str, Any], names: Sequence[str], advice: str) -> List[str]:
     """A warning for each volume (named by ``names``, in the calibration's order) that flags more than
-    :data:`UNLIKE_FACTOR` times the rate at the threshold the others give (``entry``'s :func:`leave_one_out`)."""
+    :data:`UNLIKE_FACTOR` times the rate at the threshold the others give (``entry``'s :func:`leave_one_out`),
+    ending with what to do with it (``advice``)."""
     loo = entry.get("leave_one_out")
     if not loo:
         return []
@@ -169,7 +170,7 @@ def unlike_scans(entry: Mapping[str, Any], names: Sequence[str]) -> List[str]:
             f"{rate / fpr:.0f} times that rate: it is unlike {'them' if others > 1 else 'the other'} (a lesion, an "
             f"artefact, another acquisition{'; with two scans, either may be the odd one' if others == 1 else ''}), "
             f"and pooled with {'them' if others > 1 else 'it'} it sets that threshold to {pooled:.4g}. Check it, and "
-            "calibrate without it unless it is a healthy scan of this protocol."
+            f"{advice}."
             for name, without, rate in zip(names, loo["threshold"], loo["rate"]) if rate > UNLIKE_FACTOR * fpr]
 
 

@@ -89,7 +89,12 @@ PANEL_WORDING = Wording(
              "started from the command line: resume it with the command that started it)",
     other_model="it adapts another model than the one chosen (Use bundled model, or Model bundle)",
     other_volumes="it was started on other healthy volumes than those chosen",
-    other_settings="it was started with other settings than the panel's (from the command line)")
+    other_settings="it was started with other settings than the panel's (from the command line)",
+    unlike_scan="leave it out of the healthy volumes and adapt again unless it is a healthy scan of this protocol: "
+                "the adapted model was fine-tuned on it too, so it may take what is unusual in it for healthy")
+# what a calibration in the panel advises for a healthy volume unlike the others (engine.calibration.unlike_scans)
+PANEL_CALIBRATE_UNLIKE_SCAN = ("leave it out of the healthy volumes and calibrate again unless it is a healthy scan of "
+                               "this protocol")
 
 
 def _load_bundle(task: Dict[str, Any], request: DetectionRequest) -> "Bundle":
@@ -151,7 +156,7 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),
                            progress=scaled(progress, 0.02, 0.98), run=request.run,
-                           higher_rate=PANEL_WORDING.higher_rate)
+                           higher_rate=PANEL_WORDING.higher_rate, unlike_scan=PANEL_CALIBRATE_UNLIKE_SCAN)
     _warn_of_lost_thorough_mode(bundle, path)
     report(progress, 1.0, "Calibrated model saved")
     return {"model": str(path), "subjects": len(subjects)}

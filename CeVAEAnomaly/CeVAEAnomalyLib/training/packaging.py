@@ -128,7 +128,7 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     bundle = Bundle(stored, header, out)
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
                                   progress, scorers, test_time_steps=test_time_steps, fpr=header.default_fpr,
-                                  higher_rate=wording.higher_rate)
+                                  higher_rate=wording.higher_rate, unlike_scan=wording.unlike_scan)
     if checksums is not None:  # the scans scored are those the record names
         refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums,
                        "the trained weights are in the last checkpoint: with the scan as it was when the run began, "
