@@ -102,3 +102,18 @@ def plain_bundled_model(out, scans):
 
     bundled = load_bundle(default_model_path(), "cpu")
     return recalibrate(bundled, scans, out, bundled.header.score_options, bundled.header.postprocess)
+
+
+def test_the_command_to_detect_with_an_adapted_model_in_a_folder_with_spaces_can_be_pasted(tmp_path, tiny_bundle,
+                                                                                           site, caplog):
+    """adapt ended with "Detect with it: cevae-anomaly detect SCAN --model Site scans é/Modèl ü.cevae": pasted into a
+    shell, the path fell apart into three words and detect refused them."""
+    import shlex
+
+    folder = tmp_path / "Site scans é"
+    folder.mkdir()
+    out = folder / "Modèl ü.cevae"
+    with caplog.at_level("INFO"):
+        adapt_mod.adapt(tiny_bundle, subjects(site, "a", "b"), out, QUICK)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Adapted model written")][-1]
+    assert shlex.split(said.split("Detect with it: ")[1]) == ["cevae-anomaly", "detect", "SCAN", "--model", str(out)]

@@ -3,6 +3,7 @@ who calibrated on a site's healthy scans had to find out that detect takes the n
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,19 @@ def test_calibrate_says_what_a_site_calibration_changed_for_detection(caplog) ->
     with caplog.at_level(logging.INFO):  # the same thresholds and modes: nothing to say
         _say_what_changed(old, old, Path("site.cevae"), old.default_threshold())
     assert not caplog.records
+
+
+
+def test_the_command_to_detect_with_a_model_in_a_folder_with_spaces_can_be_pasted(tiny_bundle, tmp_path: Path,
+                                                                                   caplog) -> None:
+    """calibrate ended with "Detect with it: cevae-anomaly detect SCAN --model Site scans é/Modèl ü.cevae": pasted
+    into a shell, the path fell apart into three words and detect refused them."""
+    folder = tmp_path / "Site scans é"
+    folder.mkdir()
+    (folder / "Müller Jörg.nii.gz").write_bytes(data_path("colin27_t1_2mm.nii.gz").read_bytes())
+    (folder / "Müller Jörg_mask.nii.gz").write_bytes(data_path("colin27_brainmask_2mm.nii.gz").read_bytes())
+    out = folder / "Modèl ü.cevae"
+    with caplog.at_level(logging.INFO):
+        assert main(["calibrate", str(folder), "--model", str(tiny_bundle), "--out", str(out), "--device", "cpu"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated bundle written")][-1]
+    assert shlex.split(said.split("Detect with it: ")[1]) == ["cevae-anomaly", "detect", "SCAN", "--model", str(out)]

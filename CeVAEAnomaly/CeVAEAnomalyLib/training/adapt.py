@@ -9,6 +9,7 @@ bundle records its parent model (sha256), the site scans (sha256) and which scan
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 from contextlib import contextmanager
 from dataclasses import replace
@@ -149,7 +150,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     log.info("Adapted model written to %s (%d site scans, %d folds). Its threshold at the default healthy "
              "false-positive rate is %s, calibrated on the site's scans; %s. %s", path, len(subjects), len(plan),
              threshold_said(read_header(path).default_threshold(), wording), compared_with_parent(header, base.name),
-             wording.detect_with.format(path=path))
+             wording.detect_with.format(path=shlex.quote(str(path))))  # (a path with spaces pastes as one word)
     return path
 
 
