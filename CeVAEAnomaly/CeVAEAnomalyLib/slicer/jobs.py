@@ -211,13 +211,16 @@ class WorkerJob:
             self._end(self.process.returncode)
         return self.state
 
-    def cancel(self) -> None:
-        """Stop the worker and every process it started now (see :func:`stop_process_tree`)."""
+    def cancel(self, reason: Optional[str] = None) -> None:
+        """Stop the worker and every process it started now (see :func:`stop_process_tree`); ``reason``: what
+        :attr:`message` says then (None: the last progress message stays)."""
         if self.finished:
             return
         self._cancelled = True
         stop_process_tree(self.process, self._own_group)
         self.state = JobState.CANCELLED
+        if reason is not None:
+            self.message = reason
         if self._remove_folder_at_end:
             self.cleanup()
 
@@ -240,6 +243,8 @@ class WorkerJob:
             else:
                 log.info("CeVAEAnomaly worker: %s", line)
         elif "progress" in message:
+            if self._cancelled:  # a line sent before the stop, taken after it: the progress stays where it stopped
+                return
             fraction = message["progress"]
             if isinstance(fraction, int) and not isinstance(fraction, bool):
                 fraction = min(max(fraction, 0), 1)  # (a whole number too large for a float: OverflowError)

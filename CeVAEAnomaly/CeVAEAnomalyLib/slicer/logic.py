@@ -35,7 +35,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import slicer
 
@@ -60,12 +60,14 @@ except ImportError:
     _LogicBase = object
 
 log = logging.getLogger(__name__)
+SCENE_CLOSED = "Stopped: the scene was closed."  # a detection's job.message once its scene closed (_stopAtClose)
 FILE_STEM_MAX = 48  # characters of a node's name in its worker copy's file name (numbered, so they stay distinct)
 
 
 class InputRemovedError(CeVAEError):
-    """The input volume was removed from the scene while its detection ran: its results, with no scan to lie on, were
-    discarded. Nothing failed: the module says so on its status line, not in an error dialog."""
+    """The input volume was removed from the scene while its detection ran, or its scene was closed before the results
+    were loaded: its results, with no scan to lie on, were discarded. Nothing failed: the module says so on its status
+    line, not in an error dialog."""
 
 
 @dataclass(repr=False)
@@ -134,6 +136,8 @@ class _DetectionTarget:
     mask: Optional[slicer.vtkMRMLNode] = None  # the brain mask node it used (None: the automatic one)
     latest: Optional[str] = None  # the run stamp of the input's latest score volume when the job started
     frame: Optional["SequenceFrame"] = None  # the sequence frame the input showed when the job started
+    sceneClosed: bool = False  # the input's scene closed before the results were loaded (_stopAtClose)
+    unwatch: Optional[Callable[[], Any]] = None  # stops watching the scene's close
 
     def outputs_now(self) -> Tuple[Optional["OutputNodes"], bool]:
         """The nodes to load into, and whether to make new ones: without a chosen score volume, a job updates the
@@ -404,7 +408,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         The input (and mask) are copied into a temporary folder first, so the scene may change
         while the job runs. ``launch(args)`` starts the process (default: ``jobs.launch_process``, in a
         process group of its own so that Cancel ends the whole tree), ``python`` is the interpreter
-        (Slicer: ``PythonSlicer``).
+        (Slicer: ``PythonSlicer``). Closing the input's scene stops the job and removes its copy of the scan.
         """
         from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output, sequence_frame
 
@@ -427,14 +431,17 @@ class CeVAEAnomalyLogic(_LogicBase):
             _removeFolder(folder)
             raise
         latest = find_output(volumeNode.GetScene(), "vtkMRMLScalarVolumeNode", SCORE_ROLE, volumeNode)
-        self._targets[job] = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, state, maskNode,
-                                              None if latest is None else latest.GetAttribute(RUN_ATTRIBUTE), frame)
+        target = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, state, maskNode,
+                                  None if latest is None else latest.GetAttribute(RUN_ATTRIBUTE), frame)
+        target.unwatch = _stopAtClose(volumeNode.GetScene(), job, target)
+        self._targets[job] = target
         return job
 
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
         """Load a finished detection job's results into the scene and remove its temporary folder. Refused
         (nothing loaded) if the input volume's voxel grid changed while the job ran (resampled, a transform
-        hardened): the results lie on the grid the job started from."""
+        hardened): the results lie on the grid the job started from; and with an InputRemovedError if the input was
+        removed, or its scene closed, before the results were loaded."""
         from ..result import load_result
 
         target = self._targets.get(job)
@@ -448,8 +455,12 @@ class CeVAEAnomalyLogic(_LogicBase):
                              "finishDetection(job) (or discardJob(job) to stop it).")
         del self._targets[job]
         self._closed.add(job)
+        target.unwatch()
         try:
             job.raise_for_failure()
+            if target.sceneClosed:
+                raise InputRemovedError(f"The scene of '{target.volume.GetName()}' was closed before its detection's "
+                                        "results were loaded; the detection was stopped and nothing was loaded.")
             if job.state is JobState.CANCELLED:
                 raise CeVAEError("The detection was cancelled (job.cancel()); nothing was loaded.")
             if job.done is None:
@@ -474,7 +485,9 @@ class CeVAEAnomalyLogic(_LogicBase):
     def discardJob(self, job: WorkerJob) -> None:
         """Stop a job if it still runs and forget it (nothing is loaded)."""
         job.cancel()
-        self._targets.pop(job, None)
+        target = self._targets.pop(job, None)
+        if target is not None:
+            target.unwatch()
         self._closed.add(job)
         job.cleanup()
 
@@ -857,6 +870,26 @@ def _held(job: WorkerJob) -> WorkerJob:
         app.connect("aboutToQuit()", CeVAEAnomalyLogic.stopAllJobs)  # a function: it keeps this import's registry
         _EXIT_HOOKED.append(app)
     return job
+
+
+def _stopAtClose(scene: slicer.vtkMRMLScene, job: WorkerJob, target: _DetectionTarget) -> "weakref.finalize":
+    """Stop the detection ``job`` and remove its copy of the scan when ``scene`` starts to close, as the panel stops
+    its own: the input and its outputs leave with the scene, and a node of the next scene may take their IDs.
+    ``target.sceneClosed`` records it for finishDetection. Returns what stops the watch (it also stops once the job is
+    collected)."""
+    held = weakref.ref(job)  # a job dropped unloaded is still collected (and its worker stopped)
+
+    def closing(caller, event) -> None:
+        running = held()
+        if running is not None:
+            target.sceneClosed = True
+            running.cancel(SCENE_CLOSED)
+            running.cleanup()
+
+    tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, closing)
+    unwatch = weakref.finalize(job, scene.RemoveObserver, tag)
+    unwatch.atexit = False  # (at exit, nothing closes any more)
+    return unwatch
 
 
 def _jobFolder(prefix: str) -> Path:

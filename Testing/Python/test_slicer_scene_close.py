@@ -1,0 +1,109 @@
+"""A detection started from the console (startDetection) stops when its scene closes, as the panel's does, and its
+results never go into the next scene's nodes (real workers on a tiny model, a real scene)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import add_volume, make_head
+
+slicer = pytest.importorskip("slicer")
+
+from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
+from CeVAEAnomalyLib.slicer import mrml  # noqa: E402
+from CeVAEAnomalyLib.slicer.jobs import JobState, WorkerJob  # noqa: E402
+from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, InputRemovedError  # noqa: E402
+from CeVAEAnomalyLib.slicer.nodes import RUN_ATTRIBUTE, SCORE_ROLE, link_output  # noqa: E402
+
+CLOSED = r"^The scene of 'head' was closed before its detection's results were loaded; the detection was stopped " \
+         r"and nothing was loaded\.$"
+
+
+def _head_scene():
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(seed=7)
+    return scene, add_volume(scene, image, "head"), add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+
+
+def _working(job: WorkerJob, timeout: float = 180.0) -> None:
+    """Wait until the worker reports progress (torch imported, the scan read)."""
+    deadline = time.monotonic() + timeout
+    while job.fraction == 0.0:
+        assert not job.poll(), job.error
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+
+
+def _reloaded(scene, old_id: str):
+    """What a reload of a saved scene brings into the closed ``scene``: a scan under the closed input's node ID and
+    a score volume of it."""
+    image, _ = make_head(seed=8)
+    volume = add_volume(scene, image, "head")
+    assert volume.GetID() == old_id  # the IDs start again after a close
+    score = add_volume(scene, image, "head anomaly score")
+    link_output(score, SCORE_ROLE, volume)
+    return volume, score
+
+
+def test_closing_the_scene_stops_a_console_detection_and_says_so(tiny_bundle):
+    """Scene close while a console detection runs: its worker stops at once (it ran to its end, minutes on a CPU)
+    and its copy of the scan goes; finishing it after a reload says the scene was closed, not that it was
+    cancelled, and writes nothing into the reloaded scene's nodes, even one under the input's node ID."""
+    scene, volume, mask = _head_scene()
+    old_id = volume.GetID()
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
+    _working(job)
+    scene.Clear(0)
+    assert job.process.poll() is not None and not job.folder.exists()
+    assert job.poll() and job.state is JobState.CANCELLED
+    assert job.message == "Stopped: the scene was closed."
+    reloaded, score = _reloaded(scene, old_id)
+    before, voxels = mrml.node_ids(scene), score.GetImageData().GetMTime()
+    with pytest.raises(InputRemovedError, match=CLOSED):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before and score.GetImageData().GetMTime() == voxels
+    assert score.GetAttribute(RUN_ATTRIBUTE) is None and reloaded.GetImageData() is not None
+
+
+def test_a_detection_ended_before_its_scene_closed_is_not_loaded_into_the_next_scene(tiny_bundle):
+    """A console detection that ended unloaded, then its scene closed and its input put back into the scene: its
+    results are discarded at the close, not loaded into the next scene."""
+    scene, volume, mask = _head_scene()
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
+    assert job.wait(120) is JobState.DONE, job.error
+    scene.Clear(0)
+    assert not job.folder.exists()
+    scene.AddNode(volume)  # the same node object, in the scene that followed
+    before = mrml.node_ids(scene)
+    with pytest.raises(InputRemovedError, match=CLOSED):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before
+
+
+def test_a_detection_finished_discarded_or_dropped_leaves_no_watch_on_its_scene(tmp_path):
+    """The watch on the scene's close ends with the detection: loaded (here refused, as cancelled), discarded, or
+    dropped unloaded; a console session running many detections adds no observer per run to its scene."""
+    import gc
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    script = tmp_path / "worker"
+    script.write_text("#!/bin/sh\nsleep 20\n")
+    script.chmod(0o755)
+    scene, volume, mask = _head_scene()
+    logic = CeVAEAnomalyLogic()
+    close = slicer.vtkMRMLScene.StartCloseEvent
+    cancelled, discarded, dropped = (logic.startDetection(volume, mask, python=str(script)) for _ in range(3))
+    assert scene.HasObserver(close)
+    cancelled.cancel()
+    with pytest.raises(CeVAEError, match="cancelled"):
+        logic.finishDetection(cancelled)
+    logic.discardJob(discarded)
+    assert scene.HasObserver(close)  # the dropped one's
+    del dropped
+    gc.collect()
+    assert not scene.HasObserver(close)
