@@ -53,7 +53,7 @@ class Wording:
     # an adaptation resumed from a checkpoint that does not record its steps and learning rate ({steps}, {lr}: this
     # run's)
     same_settings: str
-    detect_with: str  # the model adapt wrote ({path}: quoted for a shell)
+    detect_with: str  # the model adapt wrote ({path}: quoted for the shell of this platform)
     lower_rate: str  # an adapted model's threshold is 0 at its rate
     # what to do with a scan unlike the others in the calibration of the model the run writes
     # (engine.calibration.unlike_scans); an adapted model was fine-tuned on it too

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+from typing import Optional
 
 
 def usable_cores() -> int:
@@ -9,6 +12,14 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def command_word(text: str, windows: Optional[bool] = None) -> str:
+    """``text`` (a path) as one word of a command line to paste into this platform's shell (``windows``: Windows'
+    cmd.exe, which takes double quotes and not POSIX single quotes; None: whether this machine runs Windows)."""
+    if windows is None:
+        windows = os.name == "nt"
+    return subprocess.list2cmdline([text]) if windows else shlex.quote(text)
 
 
 def process_exists(pid: int) -> bool:

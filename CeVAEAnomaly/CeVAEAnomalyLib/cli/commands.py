@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import logging
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError
 from ..io.naming import file_stem, refuse_misnamed
+from ..system import command_word
 
 if TYPE_CHECKING:
     from ..engine.header import BundleHeader
@@ -279,7 +279,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     log.info("Calibrated bundle written to %s (%d healthy volume(s)). Its default scoring: orientations %s. Its "
              "threshold at the default healthy false-positive rate %g is %s (%s at that rate: %s). Detect with it: "
              "cevae-anomaly detect SCAN --model %s", path, len(subjects), new.score_options.orientations,
-             new.default_fpr, "none" if now is None else f"{now:.4g}", src.name, before, shlex.quote(str(path)))
+             new.default_fpr, "none" if now is None else f"{now:.4g}", src.name, before, command_word(str(path)))
     _say_what_changed(bundle.header, new, path, source)
     return path
 

@@ -9,7 +9,6 @@ bundle records its parent model (sha256), the site scans (sha256) and which scan
 from __future__ import annotations
 
 import logging
-import shlex
 import shutil
 from contextlib import contextmanager
 from dataclasses import replace
@@ -35,6 +34,7 @@ from ..io.naming import refuse_misnamed
 from ..io.targets import Inputs
 from ..options import ScoreOptions, option_field
 from ..progress import ProgressCallback, checked, labelled, report, scaled
+from ..system import command_word
 from .adapt_plan import (MIN_SCANS, TIMED_STEPS, AdaptOptions, Pace, calibration_left, calibration_seconds,
                          describe_estimate, fine_tuning_left, fold_files, fold_plan, mixed_acquisitions, output_paths,
                          run_files, run_names, training_seconds)
@@ -150,7 +150,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     log.info("Adapted model written to %s (%d site scans, %d folds). Its threshold at the default healthy "
              "false-positive rate is %s, calibrated on the site's scans; %s. %s", path, len(subjects), len(plan),
              threshold_said(read_header(path).default_threshold(), wording), compared_with_parent(header, base.name),
-             wording.detect_with.format(path=shlex.quote(str(path))))  # (a path with spaces pastes as one word)
+             wording.detect_with.format(path=command_word(str(path))))  # (a path with spaces pastes as one word)
     return path
 
 
