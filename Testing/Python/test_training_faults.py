@@ -246,16 +246,18 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(manifest, 
 def test_a_full_disk_at_the_bundle_keeps_the_checkpoint_and_says_how_to_go_on(manifest, tmp_path, monkeypatch, capsys):
     import safetensors.torch
 
-    def full_disk(*args, **kwargs):
-        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    def full_disk(*args, **kwargs):  # (safetensors' words, with the temporary file it wrote)
+        temporary = tmp_path / ".tmpXyZ12"
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) "
+                                          f'at path "{temporary}"')
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     out = tmp_path / "model.cevae"
     rc = main(train_argv(manifest, out, EVERY, "--no-augment"))
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(errors) == 1, errors
-    assert errors[0].startswith(f"error: Could not write the model bundle {out}: Error while serializing")
-    assert errors[0].endswith("The last checkpoint is kept; free some space and run again with --resume.")
+    assert errors == [f"error: Could not write the model bundle {out}: No space left on device. The last checkpoint "
+                      "is kept; free some space and run again with --resume."]  # (not safetensors' own words)
     assert checkpoint_step(Path(f"{out}.ckpt")) == EVERY and not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -66,8 +67,20 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
         try:
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True, allow_nan=False)})
         except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
-            raise CeVAEError(f"Could not write the model bundle {target}: {str(exc).rstrip('.')}.") from None
+            raise CeVAEError(f"Could not write the model bundle {target}: {_write_failure(exc)}.") from None
     return target
+
+
+def _write_failure(exc: Exception) -> str:
+    """The cause of a failed bundle write in words: for an I/O error the system's own (safetensors' message wraps it
+    in its own words and names its temporary file: "Error while serializing: I/O error: ... (os error 28) at path
+    ..."), else the error's text."""
+    system = re.search(r"\(os error (\d+)\)", str(exc))
+    if system is not None:
+        return os.strerror(int(system.group(1)))
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).rstrip(".")
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16"}  # the weight types a bundle holds
