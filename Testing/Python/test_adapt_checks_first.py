@@ -202,3 +202,20 @@ def test_the_checkpoints_and_logs_found_beside_an_output_are_those_its_runs_writ
         mine, final = [p for p in written if p.name.endswith(suffix)], out.with_name(out.name + suffix)
         assert final in mine and run_files(out, suffix) == [final, *sorted(set(mine) - {final})]
         assert fold_files(out, suffix) == sorted(p for p in mine if ".fold" in p.name)
+
+
+def test_an_out_that_is_a_folder_is_refused_before_any_scan_is_hashed(tiny_bundle, site, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`--out out` naming an existing folder was refused only once every site scan had been read for its checksum
+    (minutes for a site's scans); it is refused first, reading none."""
+    import CeVAEAnomalyLib.io.checksum as checksum
+
+    real, hashed = checksum.sha256_of, []
+    monkeypatch.setattr(checksum, "sha256_of", lambda path: hashed.append(Path(path)) or real(path))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["adapt", str(site["a"]), str(site["b"]), "--model", str(tiny_bundle), "--out", str(out),
+                 *QUICK_ARGS]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert errors == [f"error: --out {out} is a folder; give the bundle's file name, e.g. {out / 'model.cevae'}."]
+    assert not [p for p in hashed if p in (site["a"], site["b"], site["mask"])], hashed

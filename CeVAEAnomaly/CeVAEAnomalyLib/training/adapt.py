@@ -71,7 +71,9 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     _check_adaptable(header, base)
     augment = recorded_augment(header.training.get("augment"), base)  # fine-tuned as the base was trained
     refuse_if_held(out, "adapt")  # an adaptation writing it now: said so, not taken for a finished or earlier one
-    _refuse_input(out, Inputs([base, *inputs, *(p for s in subjects for p in (s.image, s.mask))]))  # before "exists"
+    given = Inputs([base, *inputs, *(p for s in subjects for p in (s.image, s.mask))])
+    _refuse_input(out, given)  # before "exists"
+    options.run_config(out, "final").check_output_paths(given)  # a folder, an unwritable place: before any scan is read
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
     memo = FileMemo()  # each scan hashed once for all runs, again only where it changed on disk meanwhile

@@ -173,22 +173,9 @@ class TrainConfig:
             raise SettingError("{seed} must be a whole number from 0 to %d, got %s." % (2**32 - 1, self.seed), "seed")
 
     def check_outputs(self, inputs: Iterable[Optional[Path]], overwrite: bool) -> None:
-        """Refuse, before training, outputs (bundle, checkpoint, log) that are a folder, under a file, an input
-        (by path or hard link), a device, FIFO or socket, or too long a name, a bundle that is the bundled default
-        model, and existing ones unless ``overwrite`` (a resumed run continues its own checkpoint, log and bundle)."""
-        if self.out.is_dir():
-            raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
-                             f"{self.out / 'model.cevae'}.")
-        outputs = (self.out, self.checkpoint_path, self.log_path)
-        check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
-        refuse_misnamed(self.out, "model", "a .cevae bundle", ".cevae")
-        refuse_bundled_output(self.out)  # even with overwrite
-        if self.cache_dir is not None:
-            cache = Path(os.path.abspath(self.cache_dir))
-            for path in (*outputs, lock_path(self.out)):
-                if cache == Path(os.path.abspath(path)):
-                    raise CeVAEError(f"--cache-dir {self.cache_dir} is the run's output {path}; give the slice "
-                                     "cache a folder of its own.")
+        """Refuse, before training, outputs that cannot be written (:meth:`check_output_paths`), and existing ones
+        unless ``overwrite`` (a resumed run continues its own checkpoint, log and bundle)."""
+        self.check_output_paths(inputs)
         if overwrite or self.resume:
             return
         resumable = self.checkpoint_path.is_file()
@@ -202,6 +189,24 @@ class TrainConfig:
             raise CeVAEError(f"{path} already exists; pass --overwrite to replace it" + (
                 ", or --resume to continue the run that wrote it." if resumable else
                 " (there is no checkpoint of the run that wrote it to resume), or choose another --out."))
+
+    def check_output_paths(self, inputs: Iterable[Optional[Path]]) -> None:
+        """Refuse outputs (bundle, checkpoint, log) that are a folder, under a file, an input (by path or hard link), a
+        device, FIFO or socket, or too long a name, a bundle that is the bundled default model, and a slice cache that
+        is one of them; whether they exist is left to :meth:`check_outputs` (no file is read here)."""
+        if self.out.is_dir():
+            raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
+                             f"{self.out / 'model.cevae'}.")
+        outputs = (self.out, self.checkpoint_path, self.log_path)
+        check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
+        refuse_misnamed(self.out, "model", "a .cevae bundle", ".cevae")
+        refuse_bundled_output(self.out)  # even with overwrite
+        if self.cache_dir is not None:
+            cache = Path(os.path.abspath(self.cache_dir))
+            for path in (*outputs, lock_path(self.out)):
+                if cache == Path(os.path.abspath(path)):
+                    raise CeVAEError(f"--cache-dir {self.cache_dir} is the run's output {path}; give the slice "
+                                     "cache a folder of its own.")
 
     def _kept_for_checkpoint(self) -> bool:
         """Whether the bundle at ``out`` is the earlier model that the run of the checkpoint beside it replaces when
