@@ -101,3 +101,5 @@ COMMAND_LINE_ADAPT = Wording(
 CALIBRATE_HIGHER_RATE = "give a higher --default-fpr"
 # and for a scan unlike the others it calibrates on (engine.calibration.unlike_scans)
 CALIBRATE_UNLIKE_SCAN = "calibrate without it unless it is a healthy scan of this protocol"
+# and for healthy volumes of different acquisitions (engine.calibrate's warning ends with it)
+CALIBRATE_PER_ACQUISITION = "Calibrate one model per acquisition."

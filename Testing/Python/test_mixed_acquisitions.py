@@ -73,3 +73,16 @@ def test_adapt_calibrate_and_the_panel_agree_on_mixed_acquisitions(edge, tiny_bu
         assert f"and the {len(coarse)} with voxels over " in calibrated[0]
         assert adapted[0].startswith(f"The site scans are of different acquisitions: {thick.image} ")
         assert panel.startswith(f"The site scans are of different acquisitions: '{thick.image.name}' ")
+
+
+def test_an_adaptation_of_mixed_acquisitions_warns_once_in_its_own_words(tiny_bundle, tmp_path, caplog, one_thread):
+    """adapt warned before its first step, and its calibration warned again at the end, advising "Calibrate one model
+    per acquisition" (calibrate's advice, not adapt's)."""
+    from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+
+    subjects = _scans(tmp_path / "scans", [(1.0, 1.0, 1.0), (1.0, 1.0, 1.6)])
+    quick = AdaptOptions(steps=2, batch_size=8, checkpoint_every=2, device="cpu")
+    said = _said(caplog, lambda: adapt_mod.adapt(tiny_bundle, subjects, tmp_path / "site.cevae", quick))
+    assert len(said) == 1, said
+    assert said[0].startswith(f"The site scans are of different acquisitions: {subjects[1].image} ")
+    assert said[0].endswith("adapt one model per acquisition.")

@@ -17,7 +17,7 @@ from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calib
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..data import refuse_bundled_output
-from ..errors import CALIBRATE_HIGHER_RATE, CALIBRATE_UNLIKE_SCAN, CeVAEError
+from ..errors import CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, CeVAEError
 from ..io.checksum import refuse_changed, sha256_of
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
@@ -99,14 +99,16 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                     scorers: Optional[Sequence[Bundle]] = None, run: RunOptions = RunOptions(),
                     test_time_steps: Sequence[int] = (), check_contrast: bool = False,
                     fpr: Optional[float] = None, higher_rate: str = CALIBRATE_HIGHER_RATE,
-                    unlike_scan: str = CALIBRATE_UNLIKE_SCAN) -> Dict[str, dict]:
+                    unlike_scan: str = CALIBRATE_UNLIKE_SCAN,
+                    per_acquisition: Optional[str] = CALIBRATE_PER_ACQUISITION) -> Dict[str, dict]:
     """Calibrations for every score type with otherwise the given options, keyed for lookup (the network
     runs as ``run`` says: batch size, mixed precision).
 
     ``fpr``: the model's default rate; with 2 or more volumes each table records each one's leave-one-out threshold
     and rate at it, and a volume unlike the others there (engine/calibration.unlike_scans) is warned about by name,
     for ``opts``, and a rate too low for the voxels calibrated on is warned about; each says what to do in the
-    caller's words (``unlike_scan``, ``higher_rate``).
+    caller's words (``unlike_scan``, ``higher_rate``). Volumes of different acquisitions are warned about, ending with
+    ``per_acquisition`` (None: not warned about, the caller said it already in its own words).
 
     ``scorers``: one model per subject that scores it instead of ``bundle`` (models that never saw
     their subject give the rates an unseen subject gets; with normalised scores these transfer).
@@ -132,7 +134,8 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                  "%.4g.", fpr, min(spread), max(spread))
     for warning in unlike_scans(default, [str(s.image) for s in subjects], unlike_scan):
         log.warning("%s", warning)
-    _warn_of_mixed_acquisitions(subjects, largest, default["scan_voxels"])
+    if per_acquisition is not None:
+        _warn_of_mixed_acquisitions(subjects, largest, default["scan_voxels"], per_acquisition)
     thin = thin_tail(default, fpr) if fpr is not None else None
     if thin:
         log.warning("The model's default rate is too low for %d healthy volume(s): %s. Calibrate on more healthy "
@@ -140,10 +143,11 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
     return entries
 
 
-def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], largest: Sequence[float], voxels: Sequence[int]) -> None:
+def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], largest: Sequence[float], voxels: Sequence[int],
+                                advice: str) -> None:
     """Warn when the healthy volumes are of different acquisitions by their largest voxel sides (other_acquisitions):
     their pooled voxels put the finer scans' tail in the thresholds, and the recorded range stops detection's warning
-    for the coarser acquisition."""
+    for the coarser acquisition; ``advice``: what to do, in the caller's words."""
     coarse = other_acquisitions(largest)
     if not coarse:
         return
@@ -152,10 +156,10 @@ def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], largest: Sequence[f
     log.warning("The healthy volumes are of different acquisitions: %s has voxels up to %.3g mm, %s %.3g mm (more "
                 "than %g times apart). The thresholds pool their voxels, and the %d with voxels over %.3g mm hold "
                 "%.1f%% of them, so the threshold follows the finer scans and its rate on the coarser ones is not "
-                "known; yet detection no longer warns about scans with voxels up to %.3g mm. Calibrate one model per "
-                "acquisition.", subjects[thick].image, largest[thick], subjects[thin].image, largest[thin],
-                ACQUISITION_FACTOR, len(coarse), largest[thin] * ACQUISITION_FACTOR, 100 * share,
-                largest[thick] * ACQUISITION_FACTOR)
+                "known; yet detection no longer warns about scans with voxels up to %.3g mm. %s",
+                subjects[thick].image, largest[thick], subjects[thin].image, largest[thin], ACQUISITION_FACTOR,
+                len(coarse), largest[thin] * ACQUISITION_FACTOR, 100 * share, largest[thick] * ACQUISITION_FACTOR,
+                advice)
 
 
 def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: ScoreOptions,

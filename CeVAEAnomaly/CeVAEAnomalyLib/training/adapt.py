@@ -48,6 +48,8 @@ from .trainer import Trainer, header_largest_side
 
 log = logging.getLogger(__name__)
 PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated share, the runs the rest
+# what the calibration advises for site scans of different acquisitions that the early warning could not tell
+PER_ACQUISITION = f"With healthy scans of {MIN_SCANS} persons in each acquisition, adapt one model per acquisition."
 
 
 @each_warning_once()  # each scan is masked for its slices and for its scores
@@ -92,7 +94,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     note = unknown_persons_note(subjects)
     if note:
         log.info("%s", note)
-    _warn_of_mixed_acquisitions(subjects, wording.stop)
+    warned_of_mixed = _warn_of_mixed_acquisitions(subjects, wording.stop)
     modes = _adaptable_modes(calibrated_test_time_steps(header.calibration), base)  # the parent's, calibrated again
     thorough = len([steps for steps in modes if steps > 0])
     device = _device(options.device, wording)  # what the runs use: a missing GPU is refused before any run
@@ -145,7 +147,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                        "without it", final.device, half=False, scorers=scorers,
                        progress=_timed(labelled(scaled(progress, 1.0 - calibrate_share, 1.0 - WRITE_SHARE),
                                                 "Calibrating"), calibrating_pace, len(subjects), calibration_left),
-                       test_time_steps=modes, checksums=checksums, wording=wording, memo=memo)
+                       test_time_steps=modes, checksums=checksums, wording=wording, memo=memo,
+                       per_acquisition=None if warned_of_mixed else PER_ACQUISITION)
     for run in runs[:-1]:  # fold checkpoints are only needed to resume an unfinished adaptation
         configs[run].checkpoint_path.unlink(missing_ok=True)
     report(progress, 1.0, "Adapted model written")
@@ -294,15 +297,17 @@ def _contrast(subject: Subject, slices: Path) -> float:
                          "mask.") from None
 
 
-def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], how_to_stop: str) -> None:
+def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], how_to_stop: str) -> bool:
     """Warn before any run when the site scans' largest voxel sides (from their headers, unrounded as calibrating
     reads them; a series folder is left out) are of different acquisitions (:func:`~.adapt_plan.mixed_acquisitions`):
-    the calibration then pools them (and warns again), which was said only once the fine-tuning was done."""
+    the calibration then pools them, which was said only once the fine-tuning was done. Whether it warned (the
+    calibration then does not again; where it could not tell, the calibration says it, in adapt's words)."""
     sides = {str(s.image): side for s in subjects for side in [header_largest_side(s.image)] if side is not None}
     mixed = mixed_acquisitions(sides)
     if mixed:
         log.warning("%s With healthy scans of %d persons in each acquisition, stop now (%s) and adapt one model per "
                     "acquisition.", mixed, MIN_SCANS, how_to_stop)
+    return mixed is not None
 
 
 def _device(name: str, wording: Wording) -> torch.device:

@@ -20,7 +20,7 @@ from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.header import BundleHeader
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
-from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
+from ..errors import CALIBRATE_PER_ACQUISITION, COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.checksum import FileMemo, refuse_changed
 from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
@@ -113,7 +113,7 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
             device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
             progress: Optional[ProgressCallback] = None, test_time_steps: Sequence[int] = (),
             checksums: Optional[Mapping[Path, str]] = None, wording: Wording = COMMAND_LINE_TRAIN,
-            memo: Optional[FileMemo] = None) -> Path:
+            memo: Optional[FileMemo] = None, per_acquisition: Optional[str] = CALIBRATE_PER_ACQUISITION) -> Path:
     """Calibrate the weights as stored (or, if given, by ``scorers[i]`` scoring subject i; ``test_time_steps``:
     thorough modes calibrated too: see engine.calibrate.calibrate_model), then write the bundle once.
 
@@ -121,14 +121,16 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     a calibration scan that no longer has that content once scored is refused (io.checksum.refuse_changed) and nothing
     is written. None: ``header`` records no checksums (a benchmark's fold model). ``wording``: the caller's words
     for how its user resumes the run from its last checkpoint, for the errors that keep it, and for the calibration's
-    warnings. ``memo``: the one that hashed them (a scan unchanged since is not read again)."""
+    warnings. ``memo``: the one that hashed them (a scan unchanged since is not read again). ``per_acquisition``: what
+    the calibration's warning of scans of different acquisitions advises (None: the caller warned of them already)."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
     bundle = Bundle(stored, header, out)
     calibration = calibrate_model(bundle, calib_subjects, source, header.score_options, header.postprocess,
                                   progress, scorers, test_time_steps=test_time_steps, fpr=header.default_fpr,
-                                  higher_rate=wording.higher_rate, unlike_scan=wording.unlike_scan)
+                                  higher_rate=wording.higher_rate, unlike_scan=wording.unlike_scan,
+                                  per_acquisition=per_acquisition)
     if checksums is not None:  # the scans scored are those the record names
         refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums,
                        "the trained weights are in the last checkpoint: with the scan as it was when the run began, "
