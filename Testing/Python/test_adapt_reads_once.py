@@ -90,7 +90,8 @@ def test_one_adaptation_hashes_each_site_scan_and_mask_once(tiny_bundle, site, t
 def test_a_scan_rewritten_between_two_runs_keeping_its_size_and_time_is_read_again_and_refused(
         tiny_bundle, site, tmp_path, counted):
     """The scan is rewritten in place (same inode) with other voxels of the same size and its modification time put
-    back, as a copy keeping times does: its status-change time tells it, and it is hashed again, not trusted."""
+    back, as a copy keeping times does: its status-change time tells it, and it is hashed again, not trusted. The next
+    run is refused as it begins: the final run trained on the new content and was refused only once it was done."""
     scan = Path(shutil.copy2(site["b"], tmp_path / "scan_b.nii"))
     _settled([scan])
     scans = [Subject(site["a"], site["mask"]), Subject(scan, site["mask"])]
@@ -103,8 +104,17 @@ def test_a_scan_rewritten_between_two_runs_keeping_its_size_and_time_is_read_aga
             os.utime(scan, ns=(before.st_atime_ns, before.st_mtime_ns))
 
     out = tmp_path / "site.cevae"
-    with pytest.raises(CeVAEError, match=rf"^{scan} changed while it was being read"):
-        adapt(tiny_bundle, scans, out, QUICK, rewrite_in_the_second_run)
+    said: List[str] = []
+
+    def rewrite_and_note(fraction: float, message: str) -> None:
+        said.append(message)
+        rewrite_in_the_second_run(fraction, message)
+
+    with pytest.raises(CeVAEError, match=rf"^{scan} changed since the adaptation began .* The checkpoints written so far "
+                                         "are kept: with the scan as it was, run again with --resume, or start anew "):
+        adapt(tiny_bundle, scans, out, QUICK, rewrite_and_note)
+    assert not [m for m in said if m.startswith("Fine-tuning 3/3")]  # refused as the final run began, not at the end
+    assert not Path(f"{out}.ckpt").exists() and Path(f"{out}.fold2.ckpt").is_file()
     after = scan.stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
     assert counted[scan] >= 2  # read again once changed

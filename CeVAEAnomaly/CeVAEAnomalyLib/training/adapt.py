@@ -134,7 +134,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         if options.overwrite and not options.resume:  # the scans are usable: the earlier runs' files go now
             _remove_earlier_runs(out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, orientations,
-                                            options.resume, training_part, wording, memo)
+                                            options.resume, training_part, wording, memo, checksums)
         calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
@@ -182,14 +182,15 @@ def compared_with_parent(parent: BundleHeader, name: str) -> str:
 
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
                header: BundleHeader, base: Bundle, cache: Path, orientations: Tuple[str, ...], resume: bool,
-               progress: Optional[ProgressCallback], wording: Wording,
-               memo: FileMemo) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+               progress: Optional[ProgressCallback], wording: Wording, memo: FileMemo,
+               checksums: Dict[Path, str]) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
     ``base`` on the slices in ``orientations`` of the scans prepared in the folder ``cache``: the models by run, the
     final run's trainer and the seconds the folds spent training, in this session and before a resume, and the final
     run in this session. A run whose checkpoint exists resumes from it. The steps' progress messages end with the
     measured pace and the time left (:class:`~.adapt_plan.Pace`); their errors say what to do in ``wording``.
-    ``memo``: the adaptation's, which hashed the scans (a scan unchanged since is not read again)."""
+    ``memo``: the adaptation's, which hashed the scans (a scan unchanged since is not read again) to ``checksums``: a
+    run whose scans no longer hold them is refused before it trains."""
     start = base.model.state_dict()
     steps = configs["final"].max_steps
     pace = Pace(len(runs) * steps, TIMED_STEPS)
@@ -218,12 +219,24 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         trainer.check_resume()
     for n, run in enumerate(runs):
         trainer = resumed.pop(run, None) or trainer_of(n, run)
+        _refuse_changed_scans(trainer.checksums, checksums, wording)
         pace.pause()  # the run's set-up (its slices, a checkpoint read) is not step time
         seconds += trainer.fit()
         if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
             seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
+
+
+def _refuse_changed_scans(now: Dict[Path, str], began: Dict[Path, str], wording: Wording) -> None:
+    """Refuse a run whose scans' checksums (``now``, as it read them) are not those the adaptation took as it
+    began (``began``): it would train on other content than the runs before it, which only the final write would
+    have told; what to do is said in ``wording``."""
+    changed = next((path for path, digest in now.items() if began.get(path, digest) != digest), None)
+    if changed is not None:
+        raise CeVAEError(f"{changed} changed since the adaptation began (replaced or rewritten), so its next run would "
+                         "train on other content than the runs before it. The checkpoints written so far are kept: "
+                         f"with the scan as it was, {wording.resume}, or {wording.start_anew}.")
 
 
 def _with_axial_first(orientations: Sequence[str]) -> Tuple[str, ...]:
