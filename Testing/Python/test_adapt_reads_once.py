@@ -185,3 +185,39 @@ def test_a_slice_file_damaged_in_place_between_two_runs_is_checked_again_and_mad
     assert sorted(said) == [f"The cache entry {p} does not match its checksum (damaged or replaced); it is made "
                             "again." for p in slices], said
     assert {p: p.read_bytes() for p in slices} == good
+
+
+def test_one_adaptation_hashes_its_base_model_once(tiny_bundle, site, tmp_path, counted):
+    """Each run hashed the base model for its checkpoints' record, and loading it hashed it twice more: 6 reads of the
+    file for 2 scans, more with more folds."""
+    base = Path(shutil.copy2(tiny_bundle, tmp_path / "base.cevae"))
+    _settled([base])
+    scans = [Subject(site["a"], site["mask"]), Subject(site["b"], site["mask"])]
+    adapt(base, scans, tmp_path / "site.cevae", QUICK)
+    assert counted[base] == 1, counted
+
+
+def test_a_base_model_replaced_during_an_adaptation_is_not_recorded_for_the_weights_of_the_old_one(
+        tiny_bundle, site, tmp_path, counted):
+    """The runs start from the weights loaded at the start, but each run hashed the base file again for its
+    checkpoints: a base replaced during the first run was recorded as the model the later runs started from."""
+    import torch
+
+    from CeVAEAnomalyLib.progress import Cancelled
+
+    base = Path(shutil.copy2(tiny_bundle, tmp_path / "base.cevae"))
+    original = checksum.sha256_of(base)
+    scans = [Subject(site["a"], site["mask"]), Subject(site["b"], site["mask"])]
+
+    def replace_base_then_stop(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 1/3") and base.read_bytes()[-1:] != b" ":
+            base.write_bytes(base.read_bytes() + b" ")  # another file under the same name
+        if message.startswith("Fine-tuning 3/3") and "step 2 " in message:
+            raise Cancelled("stopped by the test")
+
+    out = tmp_path / "site.cevae"
+    with pytest.raises(Cancelled):
+        adapt(base, scans, out, QUICK, replace_base_then_stop)
+    for checkpoint in (Path(f"{out}.fold2.ckpt"), Path(f"{out}.ckpt")):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        assert state["run"]["options"]["init_from"] == {"sha256": original}, checkpoint

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ..io.atomic import atomic_path
-from ..io.checksum import sha256_of
+from ..io.checksum import FileMemo, sha256_of
 from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
@@ -102,31 +102,36 @@ def _le_bytes(tensor: torch.Tensor) -> bytes:
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Bundle:
+def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                memo: Optional[FileMemo] = None) -> Bundle:
     """Load and check a bundle: format, version, architecture, every tensor's shape and the weights' checksum.
 
     ``device``: a torch device or a name as everywhere else (auto, cpu, cuda[:N], mps); an unavailable accelerator
     falls back to the CPU with a warning, either way. The file is read more than once (header, tensor table,
     weights), so its SHA-256 is taken before and after: a file replaced meanwhile (another run's ``calibrate
-    --overwrite``) is refused as such, not loaded as a mix of two files nor called damaged."""
-    before = _sha256_if_file(path)
+    --overwrite``) is refused as such, not loaded as a mix of two files nor called damaged. ``memo``: one that may
+    have hashed the file already (a file unchanged since is not read again for its SHA-256)."""
+    before = _sha256_if_file(path, memo)
     try:
         bundle = _load_bundle(path, device)
     except CeVAEError:
-        if before is not None and _sha256_if_file(path) != before:
+        if before is not None and _sha256_if_file(path, memo) != before:
             raise _replaced(path) from None
         raise
-    if _sha256_if_file(path) != before:
+    if _sha256_if_file(path, memo) != before:
         raise _replaced(path)
     return replace(bundle, sha256=before)  # the file loaded, as a detection's record names it
 
 
-def _sha256_if_file(path: object) -> Optional[str]:
-    """The SHA-256 of the file at ``path``, or None where there is no readable file (read_header says why)."""
+def _sha256_if_file(path: object, memo: Optional[FileMemo] = None) -> Optional[str]:
+    """The SHA-256 of the file at ``path`` (by ``memo`` if given), or None where there is no readable file
+    (read_header says why)."""
     if not isinstance(path, (str, os.PathLike)):
         return None
     try:
-        return sha256_of(Path(path)) if Path(path).is_file() else None
+        if not Path(path).is_file():
+            return None
+        return memo.sha256(Path(path)) if memo is not None else sha256_of(Path(path))
     except OSError:
         return None
 

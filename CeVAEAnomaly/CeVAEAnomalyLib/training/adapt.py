@@ -27,7 +27,7 @@ from ..engine.devices import DeviceUnavailable, resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
 from ..errors import COMMAND_LINE_ADAPT, CeVAEError, Wording
-from ..io.checksum import FileMemo, sha256_of
+from ..io.checksum import FileMemo
 from ..io.lock import hold_output, refuse_if_held
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names, unknown_persons_note
 from ..io.naming import refuse_misnamed
@@ -79,6 +79,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
     memo = FileMemo()  # each scan hashed once for all runs, again only where it changed on disk meanwhile
+    parent = memo.sha256(base)  # the file every run starts from, as the bundle and every checkpoint record it
     checksums = _checksums(subjects, memo)
     trained = set(header.trained_on([checksums[s.image] for s in subjects]))
     seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
@@ -120,8 +121,10 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         raise CeVAEError(f"The adaptation to {out} is complete (its model file is written); there is nothing to "
                          f"resume: {wording.replace_model}.")
     log.info("%s", describe_estimate(len(subjects), device.type, options, len(persons), thorough))  # (now it runs)
-    parent = sha256_of(base)  # the file every run starts from, as the bundle records it
-    bundle = load_bundle(base, "cpu")  # the weights checked once, before any run starts from them (all runs: these)
+    bundle = load_bundle(base, "cpu", memo)  # the weights checked once, before any run starts from them
+    if bundle.sha256 != parent:
+        raise CeVAEError(f"The model file {base} was replaced while the adaptation read it (by another run writing "
+                         "it?); adapt again once that run has finished.")
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
         cache = SliceCache(root, bundle.preprocess, wording, memo)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
@@ -134,7 +137,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         if options.overwrite and not options.resume:  # the scans are usable: the earlier runs' files go now
             _remove_earlier_runs(out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, orientations,
-                                            options.resume, training_part, wording, memo, checksums)
+                                            options.resume, training_part, wording, memo, checksums, parent)
         calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
@@ -183,14 +186,15 @@ def compared_with_parent(parent: BundleHeader, name: str) -> str:
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
                header: BundleHeader, base: Bundle, cache: Path, orientations: Tuple[str, ...], resume: bool,
                progress: Optional[ProgressCallback], wording: Wording, memo: FileMemo,
-               checksums: Dict[Path, str]) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+               checksums: Dict[Path, str], parent: str) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
     ``base`` on the slices in ``orientations`` of the scans prepared in the folder ``cache``: the models by run, the
     final run's trainer and the seconds the folds spent training, in this session and before a resume, and the final
     run in this session. A run whose checkpoint exists resumes from it. The steps' progress messages end with the
     measured pace and the time left (:class:`~.adapt_plan.Pace`); their errors say what to do in ``wording``.
     ``memo``: the adaptation's, which hashed the scans (a scan unchanged since is not read again) to ``checksums``: a
-    run whose scans no longer hold them is refused before it trains."""
+    run whose scans no longer hold them is refused before it trains. ``parent``: the sha256 of the file ``base`` was
+    loaded from, which every run's checkpoints record."""
     start = base.model.state_dict()
     steps = configs["final"].max_steps
     pace = Pace(len(runs) * steps, TIMED_STEPS)
@@ -209,7 +213,7 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         timed = _timed(labelled(scaled(progress, begin, begin + share), title), pace, steps, fine_tuning_left,
                        n * steps)
         return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], base.preprocess, timed,
-                       start_weights=start, wording=wording, memo=memo)
+                       start_weights=start, wording=wording, memo=memo, start_sha256=parent)
 
     # every checkpoint the resume continues from is checked first: one of another run (a final checkpoint of another
     # adaptation) is refused before any fold trains, not after all of them

@@ -117,16 +117,17 @@ class TrainConfig:
     # resume cannot give its runs different lengths (a train run may be resumed with other --max-steps and --lr)
     adaptation: Optional[Dict[str, Any]] = None
 
-    def run_options(self) -> Dict[str, Any]:
+    def run_options(self, init_sha256: Optional[str] = None) -> Dict[str, Any]:
         """Every option that defines the run (all but :data:`RESUME_MAY_CHANGE`), to store in checkpoints; the
-        bundle a fine-tuning starts from by its content (its SHA-256), whatever path names it."""
+        bundle a fine-tuning starts from by its content (its SHA-256: ``init_sha256``, that of the file its weights
+        were loaded from, or else the file's now), whatever path names it."""
         from ..io.checksum import sha256_of
 
         options = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_MAY_CHANGE}
         if self.adaptation is not None:  # its fold models calibrate the final one: all are trained alike
             options["batch_size"] = self.batch_size
         if self.init_from is not None:
-            options["init_from"] = {"sha256": sha256_of(Path(self.init_from))}
+            options["init_from"] = {"sha256": init_sha256 or sha256_of(Path(self.init_from))}
         return options
 
     @property

@@ -187,12 +187,15 @@ class Trainer:
         start_weights: Optional[Mapping[str, torch.Tensor]] = None,
         wording: Wording = COMMAND_LINE_TRAIN,
         memo: Optional[FileMemo] = None,
+        start_sha256: Optional[str] = None,
     ) -> None:
         """``start_weights``: those of ``cfg.init_from``, already loaded and checked (adapt loads its base model once
         for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file.
         ``wording``: the caller's words for what its errors advise (resuming, starting anew, using less memory).
         ``memo``: what the caller read of the volumes already (adapt's, shared by its runs: a volume unchanged since
-        it was hashed is not read again)."""
+        it was hashed is not read again). ``start_sha256``: that of the file ``start_weights`` were loaded from, which
+        the checkpoints record (the file is not hashed again: one replaced meanwhile is not what the run started from).
+        """
         cfg.validate()
         self.cfg = cfg
         self.wording = wording
@@ -203,6 +206,7 @@ class Trainer:
         self.device = rank_device(resolve_device(cfg.device, strict=True))
         self.dist = init_distributed(self.device)
         self.memo = memo if memo is not None else FileMemo()
+        self.start_sha256 = start_sha256
         self.checksums = file_checksums(subjects, self.dist, self.memo)
         self._identity: Optional[Dict[str, object]] = None
         self._resume_state: Optional[Dict[str, object]] = None  # the checkpoint a resume continues, once checked
@@ -418,7 +422,7 @@ class Trainer:
         return self._identity
 
     def _identity_with(self, train: Sequence[Subject], val: Sequence[Subject]) -> Dict[str, object]:
-        options = dict(self.cfg.run_options(), preprocess=self.pre.to_dict())
+        options = dict(self.cfg.run_options(self.start_sha256), preprocess=self.pre.to_dict())
         return run_identity(options, train, val, self.checksums)
 
     def check_resume(self) -> Dict[str, object]:
