@@ -2,6 +2,7 @@
 they tell the caller's user what to do."""
 import re
 from dataclasses import dataclass
+from typing import Tuple
 
 
 class CeVAEError(Exception):
@@ -65,6 +66,9 @@ class Wording:
     other_model: str
     other_volumes: str
     other_settings: str
+    # where differences are named one by one (other_model ""): the caller's name for each run option, by its dotted
+    # name in a checkpoint or the name of a group of them (the most specific first); an option not given is so named
+    option_names: Tuple[Tuple[str, str], ...]
 
 
 # the phrases every command that runs long says alike, in its options
@@ -79,6 +83,11 @@ _COMMAND_LINE = dict(
 # `cevae-anomaly train`: it calibrates the model it writes at the default rate, and has no --default-fpr
 COMMAND_LINE_TRAIN = Wording(
     **_COMMAND_LINE, same_model="Resume with the same --channels, --z-dim and --input-size",
+    option_names=(("model.channels", "--channels"), ("model.z_dim", "--z-dim"), ("model.input_size", "--input-size"),
+                  ("preprocess.input_size", "--input-size"), ("loss.beta", "--beta"), ("loss.ce_weight", "--ce-weight"),
+                  ("loss.rec", "--rec-loss"), ("augment", "--no-augment or --acquisition-augment"),
+                  ("val_fraction", "--val-fraction"), ("orientations", "--orientations"), ("seed", "--seed"),
+                  ("amp", "--amp"), ("batch_size", "--batch-size")),
     less_memory="use a smaller --input-size or --channels, or another device",
     higher_rate="give a higher --default-fpr to `cevae-anomaly calibrate` on the trained model",
     replace_model="pass --overwrite to train again and replace it, or choose another --out",
@@ -90,6 +99,11 @@ COMMAND_LINE_TRAIN = Wording(
 # --z-dim, --input-size and --max-steps, calibrate's --default-fpr are not adapt's)
 COMMAND_LINE_ADAPT = Wording(
     **_COMMAND_LINE, same_model="Resume with the --model that adaptation started from",
+    # (what the base model decides -- its file, architecture, loss, preprocessing, orientations, augmentation -- is
+    # adapt's --model)
+    option_names=(("adaptation.steps", "--steps"), ("adaptation.lr", "--lr"), ("batch_size", "--batch-size"),
+                  ("seed", "--seed"), ("amp", "--amp"), *((name, "--model") for name in (
+                      "init_from", "model", "loss", "preprocess", "orientations", "augment"))),
     less_memory="close other programs that use its memory, or give another --device",
     higher_rate="detect with a higher --fpr",
     replace_model="pass --overwrite to adapt again and replace it, or choose another --out",

@@ -333,7 +333,8 @@ def test_resume_knows_the_base_model_by_its_content_not_its_path(tiny_bundle, si
         next(other.model.parameters()).add_(1.0)
     save_bundle(base, other.model, other.header)
     resume = AdaptOptions(**{**QUICK.__dict__, "resume": True})
-    with pytest.raises(CeVAEError, match=r"--resume refused: .* init_from\.sha256 \('[0-9a-f]{64}' in the checkpoint"):
+    with pytest.raises(CeVAEError, match=r"--resume refused: .* init_from\.sha256, set by --model \('[0-9a-f]{64}' in "
+                                         r"the checkpoint"):
         adapt_mod.adapt(base, scans, out, resume)
     assert {p: p.read_bytes() for p in tmp_path.glob("site.cevae*.ckpt")} == checkpoints and not out.exists()
     elsewhere = tmp_path / "models" / "the-same-base.cevae"

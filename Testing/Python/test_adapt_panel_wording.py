@@ -492,5 +492,5 @@ def test_each_command_says_only_its_own_options():
     for wording, others in ((COMMAND_LINE_TRAIN, ("--steps ", "adapt again")),
                             (COMMAND_LINE_ADAPT, ("--max-steps", "--channels", "--z-dim", "--input-size",
                                                   "--default-fpr", "train again"))):
-        said = " ".join(getattr(wording, field.name) for field in fields(wording))
+        said = " ".join(str(getattr(wording, field.name)) for field in fields(wording))  # (option_names: pairs)
         assert not [flag for flag in others if flag in said], said

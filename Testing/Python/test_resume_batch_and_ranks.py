@@ -48,7 +48,7 @@ def test_an_earlier_checkpoint_recording_its_batch_size_resumes_and_an_adaptatio
         cfg = AdaptOptions(batch_size=batch_size).run_config(out, "fold1", init_from=tiny_bundle)
         return run_identity(cfg.run_options(), [], [], {})
 
-    with pytest.raises(CeVAEError, match=r"batch_size \(64 in the checkpoint, 4 now\)"):
+    with pytest.raises(CeVAEError, match=r"--batch-size \(64 in the checkpoint, 4 now\)"):
         check_same_run(adaptation(64), adaptation(4), out)
 
 

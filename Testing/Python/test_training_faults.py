@@ -351,13 +351,13 @@ def saved_trainer(tmp_path: Path, manifest: Path, **kw) -> Trainer:
 
 
 @pytest.mark.parametrize("change,named", [
-    ({"seed": 4}, r"seed \(0 in the checkpoint, 4 now\)"),
-    ({"amp": True}, r"amp \(False in the checkpoint, True now\)"),  # (the batch size may change: see
+    ({"seed": 4}, r"--seed \(0 in the checkpoint, 4 now\)"),
+    ({"amp": True}, r"--amp \(False in the checkpoint, True now\)"),  # (the batch size may change: see
     # test_resume_batch_and_ranks.py)
-    ({"val_fraction": 0.5}, r"val_fraction \(0\.0 in the checkpoint, 0\.5 now\).*training volume\(s\) in the "
+    ({"val_fraction": 0.5}, r"--val-fraction \(0\.0 in the checkpoint, 0\.5 now\).*training volume\(s\) in the "
                             r"checkpoint's run, not in this one: .*s[45]\.nii\.gz.*validation volume\(s\) in this run"),
-    ({"orientations": ("axial", "coronal")}, r"orientations \(\['axial'\] in the checkpoint, \['axial', 'coronal'\] now"),
-    ({"loss": LossConfig(rec="l2")}, r"loss\.rec \('l1' in the checkpoint, 'l2' now\)"),
+    ({"orientations": ("axial", "coronal")}, r"--orientations \(\['axial'\] in the checkpoint, \['axial', 'coronal'\] now"),
+    ({"loss": LossConfig(rec="l2")}, r"--rec-loss \('l1' in the checkpoint, 'l2' now\)"),
 ])
 def test_resume_refuses_other_options_and_names_them(manifest, tmp_path, change, named):
     saved_trainer(tmp_path, manifest)
@@ -378,7 +378,8 @@ def test_a_checkpoint_older_than_an_option_resumes_only_with_that_option_off(man
     if slab == 0:
         check_same_run(older, resumed.run_identity(), first.cfg.checkpoint_path)
     else:
-        with pytest.raises(CeVAEError, match=r"augment\.slab \(none in the checkpoint, 3 now\)"):
+        with pytest.raises(CeVAEError, match=r"augment\.slab, set by --no-augment or --acquisition-augment \(none in "
+                                             r"the checkpoint, 3 now\)"):
             check_same_run(older, resumed.run_identity(), first.cfg.checkpoint_path)
 
 

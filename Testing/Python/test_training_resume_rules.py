@@ -127,3 +127,35 @@ def test_a_resume_with_fewer_steps_than_its_checkpoint_is_refused(tmp_path, caps
             "more.") in capsys.readouterr().err
     assert out.read_bytes() == before
     assert main([*common, "--max-steps", "6", "--resume"]) == 0
+
+
+def test_a_refused_resume_names_the_callers_options_not_the_checkpoints_fields(tiny_bundle, tmp_path):
+    """`adapt --resume --steps 30` of a run of 20 steps was refused naming "adaptation.steps (20 in the checkpoint, 30
+    now)", a field of the checkpoint, not the option to give; train's named "loss.rec" for --rec-loss. The panel
+    names what differs by kind, in its own words."""
+    from CeVAEAnomalyLib.errors import COMMAND_LINE_TRAIN
+    from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING
+
+    out = tmp_path / "site.cevae"
+
+    def adaptation(**options):
+        cfg = AdaptOptions(**options).run_config(out, "fold1", init_from=tiny_bundle)
+        return run_identity(cfg.run_options(), [], [], {})
+
+    def refusal(saved: dict, now: dict, wording) -> str:
+        with pytest.raises(CeVAEError) as refused:
+            check_same_run(saved, now, out, wording)
+        return str(refused.value)
+
+    said = refusal(adaptation(steps=20, seed=1), adaptation(steps=30, lr=5e-5), COMMAND_LINE_ADAPT)
+    assert ("belongs to another run: --lr (0.0001 in the checkpoint, 5e-05 now); --steps (20 in the checkpoint, 30 "
+            "now); --seed (1 in the checkpoint, 0 now). Resume with the same volumes and options") in said, said
+    train = TrainConfig(out=out)
+    said = refusal(run_identity(train.run_options(), [], [], {}),
+                   run_identity(dataclasses.replace(train, loss=LossConfig(rec="l2"), val_fraction=0.5,
+                                                    model=ModelConfig(z_dim=32)).run_options(), [], [], {}),
+                   COMMAND_LINE_TRAIN)
+    assert ("belongs to another run: --rec-loss ('l1' in the checkpoint, 'l2' now); --z-dim (256 in the checkpoint, "
+            "32 now); --val-fraction (0.2 in the checkpoint, 0.5 now).") in said, said
+    said = refusal(adaptation(steps=20), adaptation(steps=30), PANEL_WORDING)
+    assert PANEL_WORDING.other_settings in said and "steps" not in said.split(": ", 1)[1], said

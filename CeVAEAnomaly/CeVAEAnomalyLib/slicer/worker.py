@@ -90,6 +90,7 @@ PANEL_WORDING = Wording(
     other_model="it adapts another model than the one chosen (Use bundled model, or Model bundle)",
     other_volumes="it was started on other healthy volumes than those chosen",
     other_settings="it was started with other settings than the panel's (from the command line)",
+    option_names=(),  # (what differs is named by kind: other_model, other_volumes, other_settings)
     unlike_scan="leave it out of the healthy volumes and adapt again unless it is a healthy scan of this protocol: "
                 "the adapted model was fine-tuned on it too, so it may take what is unusual in it for healthy")
 # what a calibration in the panel advises for a healthy volume unlike the others (engine.calibration.unlike_scans)

@@ -331,12 +331,23 @@ def _differences(changed: List[Tuple[str, Any, Any]], volumes: List[str], wordin
     """What differs between a resume and its checkpoint's run (``changed`` options, ``volumes`` in words): each option
     and volume, or, where ``wording`` names them by kind, the model, the volumes and the other settings."""
     if not wording.other_model:
-        return "; ".join([f"{key} ({_show(was)} in the checkpoint, {_show(now)} now)" for key, was, now in changed]
-                         + volumes)
+        return "; ".join([f"{_option_name(key, wording)} ({_show(was)} in the checkpoint, {_show(now)} now)"
+                          for key, was, now in changed] + volumes)
     options = {key.split(".")[0] for key, _, _ in changed}
     kinds = ((options & MODEL_OPTIONS, wording.other_model), (volumes, wording.other_volumes),
              (options - MODEL_OPTIONS, wording.other_settings))
     return "; ".join(said for differ, said in kinds if differ)
+
+
+def _option_name(key: str, wording: Wording) -> str:
+    """The run option of dotted name ``key`` as the caller's user gives it (``wording.option_names``): its own name, or
+    ``key`` and its group's (e.g. "init_from.sha256, set by --model"); ``key`` itself where the caller names neither."""
+    names = dict(wording.option_names)
+    if key in names:
+        return names[key]
+    parts = key.split(".")
+    group = next((".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in names), None)
+    return key if group is None else f"{key}, set by {names[group]}"
 
 
 def _base_by_content(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Mapping[str, Any]:
