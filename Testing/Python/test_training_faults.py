@@ -356,7 +356,8 @@ def saved_trainer(tmp_path: Path, manifest: Path, **kw) -> Trainer:
     # test_resume_batch_and_ranks.py)
     ({"val_fraction": 0.5}, r"--val-fraction \(0\.0 in the checkpoint, 0\.5 now\).*training volume\(s\) in the "
                             r"checkpoint's run, not in this one: .*s[45]\.nii\.gz.*validation volume\(s\) in this run"),
-    ({"orientations": ("axial", "coronal")}, r"--orientations \(\['axial'\] in the checkpoint, \['axial', 'coronal'\] now"),
+    ({"orientations": ("axial", "coronal")},
+     r"--orientations \(\['axial'\] in the checkpoint, \['axial', 'coronal'\] now"),
     ({"loss": LossConfig(rec="l2")}, r"--rec-loss \('l1' in the checkpoint, 'l2' now\)"),
 ])
 def test_resume_refuses_other_options_and_names_them(manifest, tmp_path, change, named):
