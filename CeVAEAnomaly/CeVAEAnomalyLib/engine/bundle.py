@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ..io.atomic import atomic_path
-from ..io.checksum import FileMemo, sha256_of
+from ..io.checksum import FileMemo, sha256_by
 from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
@@ -131,7 +131,7 @@ def _sha256_if_file(path: object, memo: Optional[FileMemo] = None) -> Optional[s
     try:
         if not Path(path).is_file():
             return None
-        return memo.sha256(Path(path)) if memo is not None else sha256_of(Path(path))
+        return sha256_by(Path(path), memo)
     except OSError:
         return None
 

@@ -91,6 +91,12 @@ class FileMemo:
         return digest
 
 
+def sha256_by(path: Path, memo: Optional[FileMemo] = None) -> str:
+    """:func:`sha256_of` ``path``, through ``memo`` where given (a file unchanged since it hashed it is not read
+    again)."""
+    return memo.sha256(path) if memo is not None else sha256_of(path)
+
+
 def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str],
                    then: str = "run again once it is complete.", memo: Optional[FileMemo] = None) -> None:
     """Refuse, in one line, a file of ``paths`` (None: none) whose content is no longer the one ``checksums`` holds,
@@ -101,7 +107,7 @@ def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str
         if path is None:
             continue
         try:
-            same = (memo.sha256(path) if memo is not None else sha256_of(path)) == checksums[path]
+            same = sha256_by(path, memo) == checksums[path]
         except OSError:
             same = False
         if not same:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CeVAEError
-from ..io.checksum import FileMemo, sha256_of
+from ..io.checksum import FileMemo, sha256_by
 from .data import Subject
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ def file_checksums(subjects: Sequence[Subject], info: DistInfo, memo: Optional[F
     """sha256 of every image and mask; with several ranks each hashes a share and they swap results. ``memo``: one
     that may have hashed them already (a file unchanged since is not read again)."""
     paths = sorted({p for s in subjects for p in (s.image, s.mask) if p is not None})
-    hash_of = memo.sha256 if memo is not None else sha256_of
-    return shared_map(lambda share: {p: hash_of(p) for p in share}, paths, info)
+    return shared_map(lambda share: {p: sha256_by(p, memo) for p in share}, paths, info)
 
 
 def shared_map(compute: Callable[[Sequence[Path]], Dict[Path, str]], paths: Sequence[Path],
