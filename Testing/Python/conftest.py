@@ -83,6 +83,24 @@ def add_volume(scene, image, name="head", class_name="vtkMRMLScalarVolumeNode"):
     return node
 
 
+def site_scene():
+    """A new MRML scene with a real T1 (Colin27 at 2 mm, shipped with the package) and a noisier copy, with masks:
+    (scene, [volumes], [masks])."""
+    import slicer
+
+    from CeVAEAnomalyLib.data import data_path
+
+    scene = slicer.vtkMRMLScene()
+    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
+    a = sitk.GetArrayFromImage(t1)
+    noisy = sitk.GetImageFromArray(a + np.random.default_rng(1).normal(0, 0.03 * a.max(), a.shape).astype(np.float32))
+    noisy.CopyInformation(t1)
+    volumes = [add_volume(scene, t1, "site a"), add_volume(scene, noisy, "site b")]
+    masks = [add_volume(scene, mask, f"mask {n}", "vtkMRMLLabelMapVolumeNode") for n in "ab"]
+    return scene, volumes, masks
+
+
 def full_disk_after_step(monkeypatch, step: int) -> None:
     """The training log's rows past step ``step`` fail as on a full disk (the trainer's csv writer raises ENOSPC), its
     earlier rows and the checkpoints are written."""

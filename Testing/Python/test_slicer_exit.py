@@ -5,11 +5,9 @@ from __future__ import annotations
 import gc
 import time
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from conftest import add_volume
+from conftest import add_volume, site_scene
 
 slicer = pytest.importorskip("slicer")
 
@@ -35,21 +33,6 @@ class QuittingApp:
             slot()
 
 
-def _site_scene():
-    """A scene with a real T1 (Colin27 at 2 mm, shipped with the package) and a noisier copy, with masks."""
-    from CeVAEAnomalyLib.data import data_path
-
-    scene = slicer.vtkMRMLScene()
-    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
-    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
-    a = sitk.GetArrayFromImage(t1)
-    noisy = sitk.GetImageFromArray(a + np.random.default_rng(1).normal(0, 0.03 * a.max(), a.shape).astype(np.float32))
-    noisy.CopyInformation(t1)
-    volumes = [add_volume(scene, t1, "site a"), add_volume(scene, noisy, "site b")]
-    masks = [add_volume(scene, mask, f"mask {n}", "vtkMRMLLabelMapVolumeNode") for n in "ab"]
-    return volumes, masks
-
-
 def _working(jobs, timeout: float = 180.0) -> None:
     """Wait until each job's worker reports progress (torch imported, its scans read)."""
     deadline = time.monotonic() + timeout
@@ -65,7 +48,7 @@ def test_quitting_slicer_stops_the_jobs_the_console_started(tiny_bundle, tmp_pat
     app = QuittingApp()
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' slice caches: not in the shared temporary folder
-    volumes, masks = _site_scene()
+    _, volumes, masks = site_scene()
     models = tmp_path / "models"
     models.mkdir()
     held = CeVAEAnomalyLogic().startAdaptation(volumes, masks, models / "a.cevae", modelPath=tiny_bundle,

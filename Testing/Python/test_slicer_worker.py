@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import add_volume, make_head, oblique_direction
+from conftest import add_volume, make_head, oblique_direction, site_scene
 
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")  # slicer-core's
@@ -344,26 +344,11 @@ def test_calibration_refuses_to_replace_its_model_even_through_a_hard_link(tiny_
     assert model.read_bytes() == before
 
 
-def _site_scene():
-    """A scene with a real T1 (Colin27 at 2 mm, shipped with the package) and a noisier copy, with masks."""
-    from CeVAEAnomalyLib.data import data_path
-
-    scene = slicer.vtkMRMLScene()
-    t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
-    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
-    a = sitk.GetArrayFromImage(t1)
-    noisy = sitk.GetImageFromArray(a + np.random.default_rng(1).normal(0, 0.03 * a.max(), a.shape).astype(np.float32))
-    noisy.CopyInformation(t1)
-    volumes = [add_volume(scene, t1, "site a"), add_volume(scene, noisy, "site b")]
-    masks = [add_volume(scene, mask, f"mask {n}", "vtkMRMLLabelMapVolumeNode") for n in "ab"]
-    return scene, volumes, masks
-
-
 QUICK_ADAPT = dict(steps=4, batch_size=8, checkpoint_every=2)
 
 
 def test_adaptation_in_a_worker_writes_an_adapted_model(tiny_bundle, tmp_path):
-    scene, volumes, masks = _site_scene()
+    scene, volumes, masks = site_scene()
     out = tmp_path / "scanner.cevae"
     before = mrml.node_ids(scene)
     job = CeVAEAnomalyLogic().startAdaptation(volumes, masks, out, modelPath=tiny_bundle, device="cpu",
@@ -388,7 +373,7 @@ def test_adaptation_options_the_checks_accept_reach_the_worker(tiny_bundle, tmp_
     """NumPy numbers and a cache folder given as a Path pass the options' checks; the request file carried them as
     given, and json.dumps raised TypeError ("Object of type int64 is not JSON serializable") after every scan
     was copied. The worker now gets the checked options."""
-    scene, volumes, masks = _site_scene()
+    scene, volumes, masks = site_scene()
     out, cache = tmp_path / "scanner.cevae", tmp_path / "slice cache é"
     options = dict(steps=np.int64(4), batch_size=np.int32(8), checkpoint_every=np.int64(2), lr=np.float32(1e-4),
                    cache_dir=cache)
@@ -403,7 +388,7 @@ def test_adaptation_options_the_checks_accept_reach_the_worker(tiny_bundle, tmp_
 def test_an_adaptation_is_refused_before_any_copy_in_the_consoles_words(tiny_bundle, tmp_path, monkeypatch):
     """A typo in the options, a folder or an earlier run's files as the output, a device name: refused at the
     start (no job, no copy of a scan), naming the API's arguments, not the command line's flags."""
-    scene, volumes, masks = _site_scene()
+    scene, volumes, masks = site_scene()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     out = tmp_path / "scanner.cevae"
@@ -459,7 +444,7 @@ def test_calibration_and_adaptation_refuse_what_is_not_a_healthy_scan_at_once(tm
 
 
 def test_cancel_stops_an_adaptation_and_writes_no_model(tiny_bundle, tmp_path, monkeypatch):
-    scene, volumes, masks = _site_scene()
+    scene, volumes, masks = site_scene()
     out = tmp_path / "scanner.cevae"
     worker_tmp = tmp_path / "tmp"  # the worker's own temporary folder: no other test's caches in it
     worker_tmp.mkdir()
@@ -1296,7 +1281,7 @@ def test_an_adaptation_from_the_panel_knows_who_was_scanned_from_bids_node_names
     """The panel's copies are named 01_..., 02_...: a BIDS node name's sub-<label> is passed on, so that two
     sessions of one person share a fold, as on the command line (two sessions of one person alone are refused
     before any copy: test_adapt_panel)."""
-    scene, volumes, masks = _site_scene()
+    scene, volumes, masks = site_scene()
     for volume, name in zip(volumes, ("sub-07_ses-1_T1w", "sub-08_ses-2_T1w")):
         volume.SetName(name)
     logic = CeVAEAnomalyLogic()
@@ -1408,7 +1393,7 @@ def test_the_workers_warnings_reach_the_panel_while_it_runs_each_once(tmp_path):
 def test_an_adaptation_of_mixed_acquisitions_warns_before_its_first_step_in_the_panels_words(tiny_bundle, tmp_path):
     """The warning that the site scans are of different acquisitions comes before the first fine-tuning step, while
     the job runs, and names the nodes; in the panel it said "stop now (Ctrl-C)", which does nothing there."""
-    scene, volumes, masks = _site_scene()
+    scene, volumes, masks = site_scene()
 
     def thick(node, class_name):
         image = mrml.image_from_volume(node)
