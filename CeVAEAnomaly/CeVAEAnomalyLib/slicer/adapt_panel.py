@@ -48,9 +48,10 @@ def model_output(output: str) -> Path:
 
 
 def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[str]:
-    """Why the ``kind`` ("adapted", "calibrated") model cannot be saved at ``output`` (:func:`model_output`), or None:
-    no path, a relative one (relative to what the panel does not show), a folder, a name without the .cevae suffix
-    the model chooser lists, or the model it starts from (which a run never replaces)."""
+    """Why the ``kind`` ("adapted", "calibrated", "shareable") model cannot be saved at ``output``
+    (:func:`model_output`), or None: no path, a relative one (relative to what the panel does not show), a folder, a
+    name without the .cevae suffix the model chooser lists, the model it starts from (which a run never replaces) or
+    the bundled model."""
     if not output:
         return f"Choose where to save the {kind} model."
     out = model_output(output)
