@@ -731,7 +731,8 @@ CASES: Dict[str, Case] = {
     "pickle as .safetensors": Case(model_pickle(".safetensors", 3), REFUSED, r"pickle / PyTorch checkpoint"),
     "protocol-0 pickle as .cevae": Case(model_pickle(".cevae", 0), REFUSED, r"not a valid safetensors file"),
     "torch.save payload as .pt": Case(model_torch_payload, REFUSED, r"pickle / PyTorch checkpoint"),
-    "torch state dict, other keys": Case(model_torch_state_dict, REFUSED, r"resnet\.pth is a Python pickle.*code\.$"),
+    "torch state dict, other keys": Case(model_torch_state_dict, REFUSED, r"resnet\.pth is a Python pickle.*code\. "
+                                         r"Instead, use a CeVAEAnomaly model file \(\.cevae\)\.$"),
     "a finished run's checkpoint as the model": Case(model_finished_runs_checkpoint, REFUSED,
                                                      r"It is a training checkpoint; its run's model is .*site\.cevae: "
                                                      r"give that\.$"),

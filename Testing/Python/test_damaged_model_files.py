@@ -138,7 +138,7 @@ MODEL_FILES = {  # how a model file is made, and how the refusal of it ends
                                             "(.cevae)."),
     "a few bytes": (lambda p: p.write_bytes(b"abc"), " is too short to be a model bundle (3 bytes)" + USE_A_MODEL),
     "text": (lambda p: p.write_text("no model at all, only text"), ")" + USE_A_MODEL),
-    "a pickle": (lambda p: p.write_bytes(b"\x80\x04" + bytes(64)), ". Use a CeVAEAnomaly model file (.cevae) instead."),
+    "a pickle": (lambda p: p.write_bytes(b"\x80\x04" + bytes(64)), ". Instead, use a CeVAEAnomaly model file (.cevae)."),
     "another project's safetensors": (_foreign, " (no model header)" + USE_A_MODEL),
     "another format": (_edited_header(lambda h: h.update(format="other")), " (format 'other')" + USE_A_MODEL),
     "a header that is no JSON": (_model_header_text("{no JSON"), ORIGINAL),

@@ -395,7 +395,7 @@ class PickleGivenAsModel(CeVAEError):
     def _said(self, take: str, resume: str) -> str:
         """The message; where it is a run's checkpoint, ``take`` (the run's model) if that is written, else ``resume``
         (a template of the model's file ``{name}``)."""
-        hint = f" U{USE_A_MODEL[1:]} instead." if self.model is None else (
+        hint = f" Instead, {USE_A_MODEL}." if self.model is None else (
             f" It is a training checkpoint; its run's model is {self.model}: {take}." if self.model.is_file()
             else " " + resume.format(name=self.model.name))
         return (f"{self.path} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
