@@ -107,3 +107,25 @@ def test_a_detection_finished_discarded_or_dropped_leaves_no_watch_on_its_scene(
     del dropped
     gc.collect()
     assert not scene.HasObserver(close)
+
+
+def test_closing_the_scene_during_a_detection_in_this_process_says_so_and_loads_nothing(tiny_bundle):
+    """process() whose progress callback lets the GUI close the scene (and a reload bring a scan under the input's node
+    ID): it said the input "was removed during the run"; now it stops at its next progress report, says the scene was
+    closed, as finishDetection does, and writes nothing into the reloaded scene."""
+    scene, volume, mask = _head_scene()
+    old_id = volume.GetID()
+    heard, reloaded = [], []
+
+    def progress(fraction: float, message: str) -> None:
+        heard.append(message)
+        if message == "Loading the model":
+            scene.Clear(0)
+            reloaded.extend(_reloaded(scene, old_id))
+            reloaded.append(mrml.node_ids(scene))
+
+    with pytest.raises(InputRemovedError, match=CLOSED):
+        CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu", progress=progress)
+    _, score, before = reloaded
+    assert mrml.node_ids(scene) == before and score.GetAttribute(RUN_ATTRIBUTE) is None
+    assert heard[-1] == "Loading the model"  # stopped at the close: the detection's own reports never came

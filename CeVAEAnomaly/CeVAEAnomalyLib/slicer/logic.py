@@ -333,7 +333,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         ``outputs``: existing nodes to update (a :class:`~CeVAEAnomalyLib.slicer.mrml.OutputNodes`).
         ``createLabelmap``: also make a labelmap volume; ``show3D``: show the segment in 3D.
         ``progress(fraction, message)`` may raise :class:`~CeVAEAnomalyLib.progress.Cancelled`.
-        On any error or cancel, the scene's node set is left as it was.
+        On any error or cancel, the scene's node set is left as it was. If the scene closes meanwhile (a callback that
+        lets the GUI run), the run stops at its next report with an :class:`InputRemovedError` that says so.
 
         Returns a :class:`CeVAEAnomalyResult`: ``.nodes`` (``score``, ``segmentation``, ``labelmap``,
         ``components``, ``slice_table``, ``slice_chart``), ``.detection`` (the engine's result: threshold,
@@ -347,15 +348,16 @@ class CeVAEAnomalyLogic(_LogicBase):
         request = DetectionRequest.given(request, **options)
         _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
         checked(progress)
-        self._checkInputs(volumeNode, maskNode, outputs)
-        with _warningsLogged() as warnings:
-            report(progress, 0.0, "Reading the volume")
+        scene = self._checkInputs(volumeNode, maskNode, outputs)
+        with _warningsLogged() as warnings, _closeWatched(scene, volumeNode) as refuseClosed:
+            watched = _untilClosed(progress, refuseClosed)  # the callback may let the GUI close the scene
+            report(watched, 0.0, "Reading the volume")
             state, frame = _state(volumeNode), sequence_frame(volumeNode)
             image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
-            report(progress, 0.02, "Loading the model")
+            report(watched, 0.02, "Loading the model")
             detector = Detector.from_request(self.loadModel(modelPath, request.run.device), request)
-            detection = detector(image, mask, progress=scaled(progress, 0.05, 0.95))
-            report(progress, 0.95, "Creating the result nodes")
+            detection = detector(image, mask, progress=scaled(watched, 0.05, 0.95))
+            report(watched, 0.95, "Creating the result nodes")
             if volumeNode.GetScene() is not None:  # (a removed input is refused by publish)
                 _refuseChanged(volumeNode, state, frame)  # a progress callback running the GUI lets the user change it
             result = self.publish(volumeNode, detection, outputs, createLabelmap, show3D, maskNode, frame=frame)
@@ -459,8 +461,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         try:
             job.raise_for_failure()
             if target.sceneClosed:
-                raise InputRemovedError(f"The scene of '{target.volume.GetName()}' was closed before its detection's "
-                                        "results were loaded; the detection was stopped and nothing was loaded.")
+                raise InputRemovedError(_sceneClosedMessage(target.volume))
             if job.state is JobState.CANCELLED:
                 raise CeVAEError("The detection was cancelled (job.cancel()); nothing was loaded.")
             if job.done is None:
@@ -890,6 +891,39 @@ def _stopAtClose(scene: slicer.vtkMRMLScene, job: WorkerJob, target: _DetectionT
     unwatch = weakref.finalize(job, scene.RemoveObserver, tag)
     unwatch.atexit = False  # (at exit, nothing closes any more)
     return unwatch
+
+
+def _sceneClosedMessage(volumeNode) -> str:
+    """What a detection of ``volumeNode`` says when its scene closed before its results were loaded."""
+    return (f"The scene of '{volumeNode.GetName()}' was closed before its detection's results were loaded; the "
+            "detection was stopped and nothing was loaded.")
+
+
+@contextlib.contextmanager
+def _closeWatched(scene: slicer.vtkMRMLScene, volumeNode) -> Iterator[Callable[[], None]]:
+    """In the block, a check that raises InputRemovedError (:func:`_sceneClosedMessage`) once ``scene`` has started to
+    close: the input and its outputs left with it, and a node of the next scene may have taken their IDs."""
+    closed: List[bool] = []
+    tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, lambda caller, event: closed.append(True))
+
+    def refuseClosed() -> None:
+        if closed:
+            raise InputRemovedError(_sceneClosedMessage(volumeNode))
+
+    try:
+        yield refuseClosed
+    finally:
+        scene.RemoveObserver(tag)
+
+
+def _untilClosed(progress: Optional[ProgressCallback], refuseClosed: Callable[[], None]) -> ProgressCallback:
+    """``progress`` (None: none), followed by ``refuseClosed`` at each report, so that a run stops at its first report
+    after its scene closed."""
+    def reporting(fraction: float, message: str) -> None:
+        report(progress, fraction, message)
+        refuseClosed()
+
+    return reporting
 
 
 def _jobFolder(prefix: str) -> Path:
