@@ -137,7 +137,7 @@ class _DetectionTarget:
     latest: Optional[str] = None  # the run stamp of the input's latest score volume when the job started
     frame: Optional["SequenceFrame"] = None  # the sequence frame the input showed when the job started
     sceneClosed: bool = False  # the input's scene closed before the results were loaded (_stopAtClose)
-    unwatch: Optional[Callable[[], Any]] = None  # stops watching the scene's close
+    unwatch: Callable[[], Any] = dataclasses.field(init=False)  # stops watching the close (set by startDetection)
 
     def outputs_now(self) -> Tuple[Optional["OutputNodes"], bool]:
         """The nodes to load into, and whether to make new ones: without a chosen score volume, a job updates the
