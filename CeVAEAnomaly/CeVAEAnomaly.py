@@ -193,6 +193,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.state = WidgetState()
         self._job = None
         self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
+        self._sharing = None  # the Share model... action of the last refresh (share_panel.ModelSharing)
         self._modelValuesShownFor: Optional[tuple] = None
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
         self._modelStandingIn = ""  # the remembered model out of reach at the start (model_memory.StartModel)
@@ -710,10 +711,12 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
 
     def _modelSharing(self):
-        """The Share model... action for the panel's model (share_panel.ModelSharing)."""
+        """The Share model... action for the panel's model (share_panel.ModelSharing; the last one while unchanged)."""
         from CeVAEAnomalyLib.slicer.share_panel import ModelSharing
 
-        return ModelSharing.of_panel(self._parameterNode, self._modelSettings() is not None, self.state.task)
+        self._sharing = ModelSharing.of_panel(self._parameterNode, self._modelSettings() is not None, self.state.task,
+                                              self._sharing)
+        return self._sharing
 
     def onShareModel(self) -> None:
         """Share model...: a copy of the chosen model without its scans' names, where the user chooses (beside it by

@@ -127,8 +127,8 @@ def test_the_panel_offers_share_model_below_the_model_and_binds_it_thinly():
     assert "sharing = self._modelSharing()" in refresh
     assert "self.ui.shareModelButton.enabled = sharing.problem is None" in refresh
     assert "self.ui.shareModelButton.toolTip = sharing.tooltip" in refresh
-    assert "ModelSharing.of_panel(self._parameterNode, self._modelSettings() is not None, self.state.task)" in \
-        methods["_modelSharing"]
+    assert "self._sharing = ModelSharing.of_panel(self._parameterNode, self._modelSettings() is not None, " \
+        "self.state.task, self._sharing)" in methods["_modelSharing"]
     share = methods["onShareModel"]
     assert share.index("self._askSharedModelPath(sharing.default_output())") < \
         share.index("with slicer.util.tryWithErrorDisplay(_('Sharing the model failed.'), waitCursor=True):") < \
@@ -136,3 +136,28 @@ def test_the_panel_offers_share_model_below_the_model_and_binds_it_thinly():
                     "slicer.app.testingEnabled())")
     ask = methods["_askSharedModelPath"]
     assert ask.index("if slicer.app.testingEnabled():") < ask.index("qt.QFileDialog.getSaveFileName(")
+
+
+def test_the_disk_is_asked_once_per_model_choice_not_at_every_refresh(site_model, tmp_path, monkeypatch):
+    """The panel refreshes at every change of its parameter node (each field edit, each spin-box step); each refresh
+    asked the disk twice (problem, then tooltip) whether the model is the bundled one and a file. The panel now keeps
+    the action of its last refresh and gets it back while the choice is unchanged; a new choice asks again."""
+    from CeVAEAnomalyLib.slicer import share_panel
+
+    asked = []
+
+    def is_bundled_model(path: Path) -> bool:
+        asked.append(path)
+        return real(path)
+
+    real = share_panel.is_bundled_model
+    monkeypatch.setattr(share_panel, "is_bundled_model", is_bundled_model)
+    panel = SimpleNamespace(useBundledModel=False, modelPath=str(site_model))
+    shown = None
+    for _ in range(3):
+        shown = ModelSharing.of_panel(panel, True, None, shown)
+        assert shown.problem is None and shown.tooltip.startswith("Write a copy of site.cevae")
+    assert asked == [site_model]
+    panel.modelPath = str(tmp_path / "other.cevae")
+    assert ModelSharing.of_panel(panel, False, None, shown).problem.startswith("The chosen model cannot be read")
+    assert asked == [site_model, tmp_path / "other.cevae"]

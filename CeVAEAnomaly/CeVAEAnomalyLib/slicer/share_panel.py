@@ -8,6 +8,7 @@ in a moment, so the widget runs it in the GUI thread, not in a worker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,18 +32,23 @@ class ModelSharing:
     busy_with: Optional[str] = None
 
     @classmethod
-    def of_panel(cls, parameters: Any, readable: bool, busy_with: Optional[str]) -> "ModelSharing":
-        """The action for the parameter node's ``useBundledModel`` and ``modelPath``."""
-        return cls(bool(parameters.useBundledModel), str(parameters.modelPath or ""), readable, busy_with)
+    def of_panel(cls, parameters: Any, readable: bool, busy_with: Optional[str],
+                 shown: Optional["ModelSharing"] = None) -> "ModelSharing":
+        """The action for the parameter node's ``useBundledModel`` and ``modelPath``: ``shown`` (the panel's last one)
+        where the choice is unchanged, so that its :attr:`problem`, read from the disk, is read once per choice, not at
+        every refresh of the panel."""
+        made = cls(bool(parameters.useBundledModel), str(parameters.modelPath or ""), readable, busy_with)
+        return shown if shown == made else made
 
     @property
     def model(self) -> Path:
         """The chosen model file."""
         return Path(self.model_path)
 
-    @property
+    @cached_property
     def problem(self) -> Optional[str]:
-        """Why the action is not offered now, or None."""
+        """Why the action is not offered now, or None (asked of the disk once: whether the file is the bundled model,
+        whether it is a file)."""
         if self.busy_with is not None:
             return ("Another task is running; wait for it to end (a calibration's or adaptation's model then becomes "
                     "the one in use, to share), or cancel it.")
