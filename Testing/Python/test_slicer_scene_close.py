@@ -129,27 +129,3 @@ def test_closing_the_scene_during_a_detection_in_this_process_says_so_and_loads_
     _, score, before = reloaded
     assert mrml.node_ids(scene) == before and score.GetAttribute(RUN_ATTRIBUTE) is None
     assert heard[-1] == "Loading the model"  # stopped at the close: the detection's own reports never came
-
-
-def test_a_detections_target_declares_its_watch_as_always_set(tmp_path):
-    """_DetectionTarget.unwatch was declared Optional with a None default, yet startDetection always sets it and
-    finishDetection and discardJob call it unchecked: it is now declared as a callable that startDetection sets (not an
-    argument, no None), and a started detection's is one that stops the watch."""
-    import dataclasses
-    import os
-
-    from CeVAEAnomalyLib.slicer.logic import _DetectionTarget
-
-    if os.name != "posix":
-        pytest.skip("the stand-in worker is a POSIX script")
-    unwatch = next(f for f in dataclasses.fields(_DetectionTarget) if f.name == "unwatch")
-    assert unwatch.type == "Callable[[], Any]" and not unwatch.init and unwatch.default is dataclasses.MISSING
-    script = tmp_path / "worker"
-    script.write_text("#!/bin/sh\nsleep 20\n")
-    script.chmod(0o755)
-    scene, volume, mask = _head_scene()
-    logic = CeVAEAnomalyLogic()
-    job = logic.startDetection(volume, mask, python=str(script))
-    logic._targets[job].unwatch()
-    assert not scene.HasObserver(slicer.vtkMRMLScene.StartCloseEvent)
-    logic.discardJob(job)
