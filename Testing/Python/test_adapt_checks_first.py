@@ -219,3 +219,30 @@ def test_an_out_that_is_a_folder_is_refused_before_any_scan_is_hashed(tiny_bundl
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
     assert errors == [f"error: --out {out} is a folder; give the bundle's file name, e.g. {out / 'model.cevae'}."]
     assert not [p for p in hashed if p in (site["a"], site["b"], site["mask"])], hashed
+
+
+def test_a_base_model_replaced_after_its_header_was_read_is_refused(tiny_bundle, site, tmp_path, monkeypatch):
+    """The base's header was read before the base was hashed: a base replaced between the two gave the runs the
+    header of one file and the weights (and the recorded parent sha256) of another; it is refused before any scan
+    is prepared."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base, other, out = tmp_path / "base.cevae", tmp_path / "other.cevae", tmp_path / "site.cevae"
+    base.write_bytes(tiny_bundle.read_bytes())
+    with safe_open(str(tiny_bundle), framework="pt") as bundle:
+        metadata = bundle.metadata()
+    header = dict(json.loads(metadata["cevae_anomaly"]), name="another model")
+    save_file(load_file(str(tiny_bundle)), str(other), metadata=dict(metadata, cevae_anomaly=json.dumps(header)))
+    real = adapt_mod.read_header
+
+    def read_then_replaced(path: Path):
+        read = real(path)
+        if Path(path) == base and other.exists():
+            other.replace(base)  # another run writes the base now
+        return read
+
+    monkeypatch.setattr(adapt_mod, "read_header", read_then_replaced)
+    with pytest.raises(CeVAEError, match=f"The model file {base} was replaced while the adaptation read it"):
+        adapt_mod.adapt(base, scans(site), out, QUICK, cancel_at("1/3", 1))  # (one that ran on: stopped there)
+    assert not out.exists()

@@ -69,8 +69,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     base, out = Path(base), Path(out)
     refuse_misnamed(out, "model", "a .cevae bundle", ".cevae")  # before the scans are hashed
     refuse_bundled_output(out)  # even with overwrite
-    header = read_header(base)
-    _check_adaptable(header, base)
+    memo = FileMemo()  # each scan hashed once for all runs, again only where it changed on disk meanwhile
+    header, parent = _read_base(base, memo)  # parent: the file every run starts from, as the bundle records it
     augment = recorded_augment(header.training.get("augment"), base)  # fine-tuned as the base was trained
     refuse_if_held(out, "adapt")  # an adaptation writing it now: said so, not taken for a finished or earlier one
     given = Inputs([base, *inputs, *(p for s in subjects for p in (s.image, s.mask))])
@@ -78,8 +78,6 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     options.run_config(out, "final").check_output_paths(given)  # a folder, an unwritable place: before any scan is read
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
-    memo = FileMemo()  # each scan hashed once for all runs, again only where it changed on disk meanwhile
-    parent = memo.sha256(base)  # the file every run starts from, as the bundle and every checkpoint record it
     checksums = _checksums(subjects, memo)
     trained = set(header.trained_on([checksums[s.image] for s in subjects]))
     seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
@@ -123,8 +121,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     log.info("%s", describe_estimate(len(subjects), device.type, options, len(persons), thorough))  # (now it runs)
     bundle = load_bundle(base, "cpu", memo)  # the weights checked once, before any run starts from them
     if bundle.sha256 != parent:
-        raise CeVAEError(f"The model file {base} was replaced while the adaptation read it (by another run writing "
-                         "it?); adapt again once that run has finished.")
+        raise _base_replaced(base)
     with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
         cache = SliceCache(root, bundle.preprocess, wording, memo)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
@@ -289,6 +286,27 @@ def _remove_earlier_runs(out: Path) -> None:
         log.info("--overwrite: removed the earlier run's %s.", ", ".join(p.name for p in removed))
     if out.is_file():
         log.info("The earlier model %s stays in place, usable, until the new one is written.", out)
+
+
+def _read_base(base: Path, memo: FileMemo) -> Tuple[BundleHeader, str]:
+    """The header of the model file ``base``, checked adaptable, and the sha256 of the content it was read from
+    (hashed before and after the reads, by ``memo``): a file replaced meanwhile is refused, not taken for the weights
+    loaded later."""
+    try:
+        before: Optional[str] = memo.sha256(base)
+    except OSError:  # not a readable file: read_header says why
+        before = None
+    header = read_header(base)
+    _check_adaptable(header, base)
+    parent = memo.sha256(base)
+    if parent != before:
+        raise _base_replaced(base)
+    return header, parent
+
+
+def _base_replaced(base: Path) -> CeVAEError:
+    return CeVAEError(f"The model file {base} was replaced while the adaptation read it (by another run writing "
+                      "it?); adapt again once that run has finished.")
 
 
 def _check_adaptable(header: BundleHeader, path: Path) -> None:
