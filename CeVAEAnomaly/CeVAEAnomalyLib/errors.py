@@ -42,6 +42,7 @@ class Wording:
     resume: str  # go on from the last checkpoint
     resume_request: str  # the user's request to resume, as "... was given" and "... refused:" name it
     start_anew: str  # leave the checkpoint a resume refused
+    start_over: str  # leave the checkpoints of a run that was not resumed (and stopped or was refused)
     same_model: str  # a resume refused for the checkpoint's architecture
     less_memory: str  # out of memory at batch size 1
     cache_room: str  # the slice cache's disk full
@@ -74,7 +75,7 @@ class Wording:
 # the phrases every command that runs long says alike, in its options
 _COMMAND_LINE = dict(
     stop="Ctrl-C", resume="run again with --resume", resume_request="--resume",
-    start_anew="start anew with --overwrite instead of --resume",
+    start_anew="start anew with --overwrite instead of --resume", start_over="start anew with --overwrite",
     cache_room="Free space there, or give --cache-dir a folder on a disk with room", cache_dir="--cache-dir",
     cpu_choice="choose the device cpu or auto (--device cpu)",
     detect_with="Detect with it: cevae-anomaly detect SCAN --model {path}",

@@ -112,7 +112,7 @@ def test_a_scan_rewritten_between_two_runs_keeping_its_size_and_time_is_read_aga
         rewrite_in_the_second_run(fraction, message)
 
     refused = (rf"^{re.escape(str(scan))} changed since the adaptation began .* The checkpoints written so far are "
-               "kept: with the scan as it was, run again with --resume, or start anew ")
+               r"kept: with the scan as it was, run again with --resume, or start anew with --overwrite\.$")
     with pytest.raises(CeVAEError, match=refused):
         adapt(tiny_bundle, scans, out, QUICK, rewrite_and_note)
     assert not [m for m in said if m.startswith("Fine-tuning 3/3")]  # refused as the final run began, not at the end
@@ -223,3 +223,21 @@ def test_a_base_model_replaced_during_an_adaptation_is_not_recorded_for_the_weig
     for checkpoint in (Path(f"{out}.fold2.ckpt"), Path(f"{out}.ckpt")):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         assert state["run"]["options"]["init_from"] == {"sha256": original}, checkpoint
+
+
+def test_a_changed_scan_is_refused_in_the_words_that_fit_the_run(tmp_path):
+    """The refusal told a user who never gave --resume to start anew "instead of --resume", and spoke of kept
+    checkpoints where none was written yet."""
+    from CeVAEAnomalyLib.errors import COMMAND_LINE_ADAPT
+    from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING
+    from CeVAEAnomalyLib.training.adapt import _what_to_do_then
+
+    out = tmp_path / "site.cevae"
+    configs = {run: QUICK.run_config(out, run) for run in ("fold1", "final")}
+    assert _what_to_do_then(configs, False, COMMAND_LINE_ADAPT) == (
+        "No checkpoint was written yet: adapt again once the scan is as it should be.")
+    configs["fold1"].checkpoint_path.write_bytes(b"")
+    kept = "The checkpoints written so far are kept: with the scan as it was, run again with --resume, or start anew "
+    assert _what_to_do_then(configs, False, COMMAND_LINE_ADAPT) == kept + "with --overwrite."
+    assert _what_to_do_then(configs, True, COMMAND_LINE_ADAPT) == kept + "with --overwrite instead of --resume."
+    assert "answer No (start anew)" in _what_to_do_then(configs, False, PANEL_WORDING)

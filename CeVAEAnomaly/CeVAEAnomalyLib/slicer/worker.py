@@ -67,6 +67,7 @@ PANEL_WORDING = Wording(
     resume="press Adapt again with the same volumes and file name and choose to resume (it asks first)",
     resume_request="Resume",
     start_anew="press Adapt again and answer No (start anew) when it asks whether to resume",
+    start_over="press Adapt again and answer No (start anew) when it asks whether to resume",
     same_model="Choose the model that adaptation started from (Use bundled model, or Model bundle) and resume",
     less_memory="close other programs that use its memory, or choose another device in the Device selector",
     cache_room="Free space there (the system's temporary folder, where an adaptation prepares its slices), then press "

@@ -220,7 +220,7 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         trainer.check_resume()
     for n, run in enumerate(runs):
         trainer = resumed.pop(run, None) or trainer_of(n, run)
-        _refuse_changed_scans(trainer.checksums, checksums, wording)
+        _refuse_changed_scans(trainer.checksums, checksums, _what_to_do_then(configs, resume, wording))
         pace.pause()  # the run's set-up (its slices, a checkpoint read) is not step time
         seconds += trainer.fit()
         if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
@@ -229,15 +229,23 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     return models, trainer, seconds
 
 
-def _refuse_changed_scans(now: Dict[Path, str], began: Dict[Path, str], wording: Wording) -> None:
+def _refuse_changed_scans(now: Dict[Path, str], began: Dict[Path, str], then: str) -> None:
     """Refuse a run whose scans' checksums (``now``, as it read them) are not those the adaptation took as it
     began (``began``): it would train on other content than the runs before it, which only the final write would
-    have told; what to do is said in ``wording``."""
+    have told; ``then``: what to do (:func:`_what_to_do_then`)."""
     changed = next((path for path, digest in now.items() if began.get(path, digest) != digest), None)
     if changed is not None:
         raise CeVAEError(f"{changed} changed since the adaptation began (replaced or rewritten), so its next run would "
-                         "train on other content than the runs before it. The checkpoints written so far are kept: "
-                         f"with the scan as it was, {wording.resume}, or {wording.start_anew}.")
+                         f"train on other content than the runs before it. {then}")
+
+
+def _what_to_do_then(configs: Dict[str, TrainConfig], resumed: bool, wording: Wording) -> str:
+    """What a user does after the adaptation of the runs ``configs`` stopped before a run: with checkpoints, resume
+    or start anew in ``wording`` (start anew as fits a run that was ``resumed`` or not); without, adapt again."""
+    if not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
+        return "No checkpoint was written yet: adapt again once the scan is as it should be."
+    anew = wording.start_anew if resumed else wording.start_over
+    return f"The checkpoints written so far are kept: with the scan as it was, {wording.resume}, or {anew}."
 
 
 def _with_axial_first(orientations: Sequence[str]) -> Tuple[str, ...]:
