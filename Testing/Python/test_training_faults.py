@@ -200,6 +200,29 @@ def test_a_full_disk_at_the_first_checkpoint_claims_no_previous_one(manifest, tm
     assert not trainer.cfg.checkpoint_path.exists()
 
 
+def test_a_checkpoint_write_refused_for_another_reason_than_space_says_what_fits(manifest, tmp_path, monkeypatch):
+    """Every failed checkpoint write said "Free some space", a write refused for its permissions or one that read back
+    other than written too: freeing space changed nothing for them."""
+    real_save, done = torch.save, []
+
+    def denied(obj, f):
+        if done:
+            raise PermissionError(13, "Permission denied")
+        done.append(f)
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", denied)
+    trainer = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY)
+    with pytest.raises(CeVAEError) as caught:
+        trainer.run()
+    ckpt = trainer.cfg.checkpoint_path
+    assert str(caught.value) == (
+        f"Could not write the checkpoint {ckpt}: Permission denied. The last good checkpoint (step {EVERY}) is kept at "
+        f"{ckpt}. Make sure {ckpt.parent} can be written (its permissions, a disk mounted read-only), then run again "
+        "with --resume to go on from it.")
+    assert "Free some space" not in str(caught.value)
+
+
 def test_a_checkpoint_temporary_left_by_a_killed_write_is_removed_by_the_next_run(manifest, tmp_path):
     """A SIGKILL while a checkpoint was written left its hidden temporary (as large as a checkpoint) beside the model
     for good: only a later checkpoint write removed it, and only once an hour old."""

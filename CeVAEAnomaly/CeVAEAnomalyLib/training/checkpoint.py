@@ -18,7 +18,7 @@ import math
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -64,10 +64,11 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"P{type(value).__name__}:{len(text)}:".encode() + text)
 
 
-def write_checkpoint(state: Dict[str, Any], path: Path, advice: Optional[str] = None) -> None:
+def write_checkpoint(state: Dict[str, Any], path: Path,
+                     advice: Optional[Callable[[BaseException], str]] = None) -> None:
     """Write ``state`` with its :func:`state_digest` beside ``path``, read it back and check it, then rename: a
-    failed write keeps the previous one. ``advice``: what its error says after the cause (default: that the previous
-    checkpoint is kept)."""
+    failed write keeps the previous one. ``advice(error)``: what its error says after the cause (default: that the
+    previous checkpoint is kept)."""
     state = dict(state, **{DIGEST_KEY: state_digest(state)})
     try:
         with atomic_path(path, durable=True) as tmp:  # a resume after a power cut finds it whole
@@ -75,7 +76,7 @@ def write_checkpoint(state: Dict[str, Any], path: Path, advice: Optional[str] = 
             if state_digest(torch.load(tmp, map_location="cpu", weights_only=True)) != state[DIGEST_KEY]:
                 raise OSError("the file read back differs from what was written")
     except (OSError, RuntimeError, EOFError) as exc:  # torch reports failed writes as RuntimeError
-        after = "; the previous one is kept." if advice is None else f". {advice}"
+        after = "; the previous one is kept." if advice is None else f". {advice(exc)}"
         raise CeVAEError(f"Could not write the checkpoint {path}: {_reason(exc)}{after}") from None
 
 

@@ -7,6 +7,7 @@ Distributed set-up lives in distributed.py, checkpoint files in checkpoint.py, t
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import math
@@ -63,14 +64,28 @@ def _own_randomness(device: torch.device, seed: int) -> Iterator[None]:
         _set_device_rng(device, accelerator)
 
 
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, a used-up quota
+
+
+def _write_remedy(exc: BaseException, folder: Path) -> str:
+    """What to do about a write in ``folder`` that failed with ``exc``: free space for a full disk or quota (or a
+    write that failed without saying why, as torch's do, whose cause reads "disk full or a file-size limit?"); make
+    the folder writable for a refused one; check the disk for a file that did not read back as written."""
+    if not isinstance(exc, OSError) or exc.errno in _FULL:
+        return "Free some space"
+    if exc.errno is None:
+        return f"Check the disk holding {folder} (move the run to another disk if it fails again)"
+    return f"Make sure {folder} can be written (its permissions, a disk mounted read-only)"
+
+
 class _RunLog:
     """The loss log, ``OUT.log.csv``. A fresh run over an earlier run's log holds its rows in memory until its first
     checkpoint replaces the earlier run's, so that a run stopped before that leaves the earlier run's files (bundle,
     checkpoint, log) together. The earlier bundle is never removed here: it stays in place, usable, until this run's
-    bundle replaces it (:meth:`Trainer.run`). ``after_failure()`` ends the error of a write that failed (what is
-    kept)."""
+    bundle replaces it (:meth:`Trainer.run`). ``after_failure(error)`` ends the error of a write that failed (what
+    is kept, what to do)."""
 
-    def __init__(self, path: Path, fresh: bool, after_failure: Callable[[], str]) -> None:
+    def __init__(self, path: Path, fresh: bool, after_failure: Callable[[BaseException], str]) -> None:
         self.path, self._after_failure, self._failed = path, after_failure, False
         self._held: Optional[io.StringIO] = io.StringIO() if fresh and path.exists() else None
         self._file = self._held if self._held is not None else _log_file(path, "a" if not fresh else "w")
@@ -92,7 +107,7 @@ class _RunLog:
         except OSError as exc:
             self._failed = True
             raise CeVAEError(f"Could not write the training log {self.path}: {exc.strerror or exc}. "
-                             f"{self._after_failure()}") from None
+                             f"{self._after_failure(exc)}") from None
 
     def publish(self) -> None:
         """This run has a checkpoint now: its rows replace the earlier run's log."""
@@ -372,11 +387,11 @@ class Trainer:
             return "No checkpoint had been written yet."
         return f"The last good checkpoint (step {self.saved_step}) is kept at {self.cfg.checkpoint_path}."
 
-    def _after_write_failure(self) -> str:
-        """What a failed write of the log or a checkpoint (a full disk) says after its cause: the checkpoint kept, if
-        any, and what to do."""
+    def _after_write_failure(self, exc: BaseException) -> str:
+        """What a failed write of the log or a checkpoint says after its cause ``exc``: the checkpoint kept, if any,
+        and what to do (:func:`_write_remedy`)."""
         then = "run again" if self.saved_step is None else f"{self.wording.resume} to go on from it"
-        return f"{self._last_good()} Free some space, then {then}."
+        return f"{self._last_good()} {_write_remedy(exc, self.cfg.checkpoint_path.parent)}, then {then}."
 
     def save_checkpoint(self) -> None:
         """Every rank: gather the ranks' random streams (a collective), then rank 0 writes the resumable state."""
@@ -408,7 +423,7 @@ class Trainer:
         }
         if self.fp16:
             state["scaler"] = self.scaler.state_dict()
-        write_checkpoint(state, self.cfg.checkpoint_path, advice=self._after_write_failure())
+        write_checkpoint(state, self.cfg.checkpoint_path, advice=self._after_write_failure)
 
     def _part(self, step: int) -> Dict[str, object]:
         """This session's settings that a resume may change, from ``step`` on (the training record's ``parts``)."""
