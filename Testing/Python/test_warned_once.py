@@ -135,3 +135,29 @@ def test_a_scan_masked_again_in_one_run_says_its_facts_once_and_again_after_the_
     caplog.clear()
     compute_brain_mask(head, where="head: ", margin_mm=SCORED_MARGIN_MM)
     assert len(said("head: ")) == 1 and EDGE in said("head: ")[0], said("head: ")
+
+
+GRID = "The brain mask is on another grid than the image"
+
+
+def test_adapting_with_masks_on_other_grids_says_each_resampling_once_and_a_later_detection_again(tiny_bundle,
+                                                                                                 tmp_path, caplog):
+    """adapt resampled a scan's mask on another grid for its slices and again for its calibration, and said "The
+    brain mask is on another grid than the image" each time: the same fact about a scan, twice. A detection of the
+    scan after the run is another run: it says it again."""
+    from conftest import write_heads
+
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    subjects = write_heads(heads, seeds=(4, 5))  # not the base model's training heads
+    for subject in subjects:  # 2 voxels more each side: the same mask on a larger grid
+        mask = sitk.ReadImage(str(subject.mask))
+        sitk.WriteImage(sitk.ConstantPad(mask, [2, 2, 2], [2, 2, 2], 0), str(subject.mask))
+    out = tmp_path / "site.cevae"
+    warned = _warnings(caplog, ["adapt", str(heads), "--model", str(tiny_bundle), "--out", str(out), "--steps", "2",
+                                "--batch-size", "4", "--device", "cpu"])
+    for subject in subjects:
+        assert len([w for w in warned if w.startswith(f"{subject.image}: {GRID}")]) == 1, warned
+    warned = _warnings(caplog, ["detect", str(subjects[0].image), "--mask", str(subjects[0].mask), "--model",
+                                str(out), "--device", "cpu", "--score", str(tmp_path / "score.nii.gz")])
+    assert len([w for w in warned if GRID in w]) == 1, warned

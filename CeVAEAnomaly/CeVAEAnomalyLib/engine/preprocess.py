@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .axes import canonical_axes, to_canonical
+from .brainmask import _said as _said_in_run  # what the run under way (brainmask.each_warning_once) has said
 from .config import PreprocessConfig
 from ..errors import CeVAEError
 from ..io.images import MAX_LABELS, grid_difference, in_voxels, looks_like_an_image
@@ -263,7 +264,7 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
         raise CeVAEError("The brain mask must be a single-channel 3D image.")
     resampled = not same_grid(mask, image)
     if resampled:
-        log.warning("%sThe brain mask is on another grid than the image; resampling it (nearest neighbour).", where)
+        _warn_of_another_grid(mask, image, where)
         mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     values = sitk.GetArrayViewFromImage(mask)
     brain = values > 0
@@ -280,6 +281,20 @@ def mask_array(mask: Optional[sitk.Image], image: sitk.Image, where: str = "") -
         log.warning("%sThe brain mask holds several values (%s); every voxel above 0 is taken as brain.",
                     where, several)
     return brain
+
+
+def _warn_of_another_grid(mask: sitk.Image, image: sitk.Image, where: str) -> None:
+    """Warn (led by ``where``) that ``mask`` is resampled onto the grid of ``image``: once per scan (its ``where``
+    and the two grids) in a run of :func:`.brainmask.each_warning_once`, which masks a scan for its slices and for its
+    scores; every time outside a run. Kept quiet (a measure's, :mod:`.modality`), it is not counted as said."""
+    said = _said_in_run.get()
+    fact = (repr([where] + [(i.GetSize(), i.GetSpacing(), i.GetOrigin(), i.GetDirection()) for i in (image, mask)]),
+            "another grid")
+    if said is not None and log.isEnabledFor(logging.WARNING):
+        if fact in said:
+            return
+        said.add(fact)
+    log.warning("%sThe brain mask is on another grid than the image; resampling it (nearest neighbour).", where)
 
 
 def warn_unlike_a_brain(brain: np.ndarray, image: sitk.Image, where: str = "") -> None:
