@@ -47,6 +47,7 @@ class Wording:
     less_memory: str  # out of memory at batch size 1
     cache_room: str  # the slice cache's disk full
     cache_dir: str  # the option that names the slice cache folder, as "give a folder for ..." says it
+    out: str  # the option that names the model file the run writes, as "choose another ..." and "The ... is" say it
     higher_rate: str  # the default rate too low for the voxels the written model is calibrated on
     replace_model: str  # an adaptation's model written already
     cpu_choice: str  # train on the CPU (devices.DeviceUnavailable)
@@ -77,7 +78,7 @@ _COMMAND_LINE = dict(
     stop="Ctrl-C", resume="run again with --resume", resume_request="--resume",
     start_anew="start anew with --overwrite instead of --resume", start_over="start anew with --overwrite",
     cache_room="Free space there, or give --cache-dir a folder on a disk with room", cache_dir="--cache-dir",
-    cpu_choice="choose the device cpu or auto (--device cpu)",
+    out="--out", cpu_choice="choose the device cpu or auto (--device cpu)",
     detect_with="Detect with it: cevae-anomaly detect SCAN --model {path}",
     lower_rate="detect with a lower --fpr, or a --threshold", same_run="Resume with the same volumes and options",
     other_model="", other_volumes="", other_settings="")

@@ -217,7 +217,7 @@ def test_an_out_that_is_a_folder_is_refused_before_any_scan_is_hashed(tiny_bundl
     assert main(["adapt", str(site["a"]), str(site["b"]), "--model", str(tiny_bundle), "--out", str(out),
                  *QUICK_ARGS]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
-    assert errors == [f"error: --out {out} is a folder; give the bundle's file name, e.g. {out / 'model.cevae'}."]
+    assert errors == [f"error: The --out {out} is a folder; give the bundle's file name, e.g. {out / 'model.cevae'}."]
     assert not [p for p in hashed if p in (site["a"], site["b"], site["mask"])], hashed
 
 

@@ -494,3 +494,44 @@ def test_each_command_says_only_its_own_options():
                                                   "--default-fpr", "train again"))):
         said = " ".join(str(getattr(wording, field.name)) for field in fields(wording))  # (option_names: pairs)
         assert not [flag for flag in others if flag in said], said
+
+
+def _adapt_refusal(task: Dict[str, Any]) -> str:
+    """The one line run_adapt refuses ``task`` with."""
+    with pytest.raises(CeVAEError) as refused:
+        run_adapt(task, lambda fraction, message: None)
+    return str(refused.value)
+
+
+def test_outputs_the_worker_refuses_say_what_to_do_in_the_panels_words(tiny_bundle, panel_task, tmp_path):
+    """An adaptation the Slicer logic started (startAdaptation) to a folder, with its slice cache on its own
+    checkpoint, or over an unfinished adaptation's earlier fold files was told to "pass --resume", "--overwrite",
+    "choose another --out", of "--out" and "--cache-dir": the command line's options."""
+    fresh = dict(panel_task, model=str(tiny_bundle), options=dict(panel_task["options"], resume=False))
+    folder = tmp_path / "folder.cevae"
+    folder.mkdir()
+    text = _adapt_refusal(dict(fresh, out=str(folder)))
+    assert text == (f"The file name for the adapted model {folder} is a folder; give the bundle's file name, e.g. "
+                    f"{folder / 'model.cevae'}."), text
+    ckpt = f"{fresh['out']}.ckpt"
+    text = _adapt_refusal(dict(fresh, options=dict(fresh["options"], cache_dir=ckpt)))
+    assert text == (f"The slice cache folder {ckpt} is the run's output {ckpt}; give the adaptation option cache_dir "
+                    "a folder of its own."), text
+    fold = tmp_path / "site.cevae.fold1"  # a fold's model of an earlier adaptation, without its checkpoint
+    fold.write_bytes(b"an earlier fold model")
+    text = _adapt_refusal(fresh)
+    assert text.startswith(f"{fold} already exists (there is no checkpoint of the run that wrote it to resume); "), text
+    assert text.endswith(f"{REPLACE}."), text
+    assert "--" not in text, text
+
+
+def test_an_earlier_runs_files_refused_in_the_panels_words_say_how_to_resume_or_start_anew(tmp_path):
+    """The files of an unfinished run, with its checkpoint, were refused telling the panel's user to "pass --overwrite
+    to replace it, or --resume to continue the run that wrote it"."""
+    cfg = TrainConfig(out=tmp_path / "site.cevae")
+    cfg.out.write_bytes(b"a model")
+    cfg.checkpoint_path.write_bytes(b"a checkpoint")
+    with pytest.raises(CeVAEError) as refused:
+        cfg.check_outputs((), False, PANEL_WORDING)
+    assert str(refused.value) == (f"{cfg.out} already exists; {RESUME} to continue the run that wrote it, or "
+                                  f"{START_ANEW} to replace it."), str(refused.value)

@@ -115,7 +115,7 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_before_training(cohort, 
 
 def test_out_a_folder_is_refused_before_training(cohort, tmp_path, capsys):
     rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(tmp_path), *SMALL)
-    assert rc == 2 and errors == [f"error: --out {tmp_path} is a folder; give the bundle's file name, e.g. "
+    assert rc == 2 and errors == [f"error: The --out {tmp_path} is a folder; give the bundle's file name, e.g. "
                                   f"{tmp_path / 'model.cevae'}."]
     assert list(tmp_path.iterdir()) == []
 
@@ -168,8 +168,8 @@ def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
 def exists_error(path) -> str:
     """The one line a run prints for an existing output without --overwrite or --resume, where no checkpoint is
     there to resume (--resume was offered, and then refused for want of one)."""
-    return (f"error: {path} already exists; pass --overwrite to replace it (there is no checkpoint of the run that "
-            "wrote it to resume), or choose another --out.")
+    return (f"error: {path} already exists (there is no checkpoint of the run that wrote it to resume); pass "
+            "--overwrite to train again and replace it, or choose another --out.")
 
 
 def test_an_existing_output_needs_overwrite(cohort, tmp_path, capsys):

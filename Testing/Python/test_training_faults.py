@@ -644,7 +644,7 @@ def test_a_cache_folder_on_an_output_is_refused_before_any_volume_is_read(manife
     out = tmp_path / "model.cevae"
     cache = out.with_name(out.name + suffix)
     assert main(train_argv(manifest, out, 2, "--cache-dir", str(cache))) == 2
-    assert f"--cache-dir {cache} is the run's output" in capsys.readouterr().err
+    assert f"The slice cache folder {cache} is the run's output" in capsys.readouterr().err
     assert not cache.exists()
 
 
@@ -779,7 +779,8 @@ def test_a_fresh_run_stopped_after_its_first_checkpoint_keeps_the_earlier_model_
     assert main(train_argv(manifest, out, 3 * EVERY, "--seed", "5")) == 2  # neither flag: it says what is there
     said = capsys.readouterr().err  # (it said the checkpoint's run wrote the earlier model)
     assert f"{out} is the earlier model, kept until the unfinished run whose checkpoint is {ckpt} writes its own; " \
-           "pass --resume to continue that run, or --overwrite to start a new one" in said
+           "run again with --resume to continue that run, or start anew with --overwrite (the earlier model stays " \
+           "until the new one is written), or choose another --out." in said
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
     caplog.clear()

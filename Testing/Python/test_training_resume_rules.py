@@ -66,8 +66,9 @@ def test_a_finished_runs_log_is_kept_and_a_run_stopped_before_its_first_checkpoi
     cfg.check_outputs((), overwrite=False)
     write_log(cfg.log_path, [*early, (20, 0.4, 0.1, 0.2, 0.1, "nan", 2.0, 100.0)])  # a checkpoint (no validation set)
     assert cfg.earlier_outputs() == (cfg.log_path,)  # the model and checkpoint moved away: the log is the run's record
-    with pytest.raises(CeVAEError, match=r"m\.cevae\.log\.csv already exists; pass --overwrite to replace it \(there "
-                                         r"is no checkpoint of the run that wrote it to resume\), or choose another"):
+    with pytest.raises(CeVAEError, match=r"m\.cevae\.log\.csv already exists \(there is no checkpoint of the run that "
+                                         r"wrote it to resume\); pass --overwrite to train again and replace it, or "
+                                         r"choose another --out"):
         cfg.check_outputs((), overwrite=False)
 
 
@@ -78,7 +79,8 @@ def test_an_existing_model_without_a_checkpoint_is_not_advised_to_be_resumed(tmp
         cfg.check_outputs((), overwrite=False)
     assert "--resume" not in str(refused.value)  # "--resume was given but there is no checkpoint" came next
     cfg.checkpoint_path.write_bytes(b"a checkpoint")
-    with pytest.raises(CeVAEError, match=r"or --resume to continue the run that wrote it"):
+    with pytest.raises(CeVAEError, match=r"; run again with --resume to continue the run that wrote it, or start "
+                                         r"anew with --overwrite to replace it\.$"):
         cfg.check_outputs((), overwrite=False)
 
 

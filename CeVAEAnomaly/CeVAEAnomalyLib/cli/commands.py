@@ -138,7 +138,7 @@ def run_train(args: argparse.Namespace) -> Path:
         cfg.validate()
     except SettingError as exc:  # the library names settings by field; here they are flags
         raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
-    cfg.check_outputs(_inputs(args, subjects), args.overwrite)
+    cfg.check_outputs(_inputs(args, subjects), args.overwrite, COMMAND_LINE_TRAIN)
     rank0 = os.environ.get("RANK", "0") == "0"
     with hold_output(cfg.out, "train") if rank0 else contextlib.nullcontext():  # one run per --out at a time
         trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None,

@@ -74,6 +74,7 @@ PANEL_WORDING = Wording(
                "Adapt again",
     cache_dir="the adaptation option cache_dir",  # (the panel's adaptations use a temporary folder; the logic's
     # caller may give one: startAdaptation(options={"cache_dir": ...}))
+    out="file name for the adapted model",
     higher_rate="detect with a higher false-positive rate (Sensitivity: Chosen false-positive rate)",
     cpu_choice="choose CPU or Automatic in the Device selector",
     replace_model="press Adapt again and answer Yes when it asks whether to replace them, or choose another file name "

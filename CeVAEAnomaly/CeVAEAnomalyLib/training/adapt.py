@@ -75,7 +75,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     refuse_if_held(out, "adapt")  # an adaptation writing it now: said so, not taken for a finished or earlier one
     given = Inputs([base, *inputs, *(p for s in subjects for p in (s.image, s.mask))])
     _refuse_input(out, given)  # before "exists"
-    options.run_config(out, "final").check_output_paths(given)  # a folder, an unwritable place: before any scan is read
+    # a folder, an unwritable place: before any scan is read
+    options.run_config(out, "final").check_output_paths(given, wording)
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
     checksums = _checksums(subjects, memo)
@@ -111,7 +112,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     if finished and not (options.overwrite or options.resume):
         raise _finished(out, wording)
     for cfg in configs.values():
-        cfg.check_outputs((), options.overwrite)
+        cfg.check_outputs((), options.overwrite, wording)
     if options.resume and not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
         raise CeVAEError(f"{wording.resume_request} was given but there is no checkpoint of an adaptation to {out} "
                          f"(expected {configs['final'].checkpoint_path} or a fold's).")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from ..data import refuse_bundled_output
 from ..engine.config import LossConfig, ModelConfig
-from ..errors import CeVAEError
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.lock import lock_path, refuse_if_held
 from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
@@ -173,10 +173,12 @@ class TrainConfig:
         if not 0 <= self.seed < 2**32:
             raise SettingError("{seed} must be a whole number from 0 to %d, got %s." % (2**32 - 1, self.seed), "seed")
 
-    def check_outputs(self, inputs: Iterable[Optional[Path]], overwrite: bool) -> None:
+    def check_outputs(self, inputs: Iterable[Optional[Path]], overwrite: bool,
+                      wording: Wording = COMMAND_LINE_TRAIN) -> None:
         """Refuse, before training, outputs that cannot be written (:meth:`check_output_paths`), and existing ones
-        unless ``overwrite`` (a resumed run continues its own checkpoint, log and bundle)."""
-        self.check_output_paths(inputs)
+        unless ``overwrite`` (a resumed run continues its own checkpoint, log and bundle), saying what to do in
+        ``wording``."""
+        self.check_output_paths(inputs, wording)
         if overwrite or self.resume:
             return
         resumable = self.checkpoint_path.is_file()
@@ -184,19 +186,22 @@ class TrainConfig:
             refuse_if_held(self.out, "train")  # they may be those of a run writing them now: said so instead
             if path == self.out and resumable and self._kept_for_checkpoint():
                 raise CeVAEError(f"{path} is the earlier model, kept until the unfinished run whose checkpoint is "
-                                 f"{self.checkpoint_path} writes its own; pass --resume to continue that run, or "
-                                 "--overwrite to start a new one (the earlier model stays until it is written), or "
-                                 "choose another --out.")
-            raise CeVAEError(f"{path} already exists; pass --overwrite to replace it" + (
-                ", or --resume to continue the run that wrote it." if resumable else
-                " (there is no checkpoint of the run that wrote it to resume), or choose another --out."))
+                                 f"{self.checkpoint_path} writes its own; {wording.resume} to continue that run, or "
+                                 f"{wording.start_over} (the earlier model stays until the new one is written), or "
+                                 f"choose another {wording.out}.")
+            if resumable:
+                raise CeVAEError(f"{path} already exists; {wording.resume} to continue the run that wrote it, or "
+                                 f"{wording.start_over} to replace it.")
+            raise CeVAEError(f"{path} already exists (there is no checkpoint of the run that wrote it to resume); "
+                             f"{wording.replace_model}.")
 
-    def check_output_paths(self, inputs: Iterable[Optional[Path]]) -> None:
+    def check_output_paths(self, inputs: Iterable[Optional[Path]], wording: Wording = COMMAND_LINE_TRAIN) -> None:
         """Refuse outputs (bundle, checkpoint, log) that are a folder, under a file, an input (by path or hard link), a
         device, FIFO or socket, or too long a name, a bundle that is the bundled default model, and a slice cache that
-        is one of them; whether they exist is left to :meth:`check_outputs` (no file is read here)."""
+        is one of them, naming options in ``wording``; whether they exist is left to :meth:`check_outputs` (no file is
+        read here)."""
         if self.out.is_dir():
-            raise CeVAEError(f"--out {self.out} is a folder; give the bundle's file name, e.g. "
+            raise CeVAEError(f"The {wording.out} {self.out} is a folder; give the bundle's file name, e.g. "
                              f"{self.out / 'model.cevae'}.")
         outputs = (self.out, self.checkpoint_path, self.log_path)
         check_paths(outputs, True, inputs)  # existing outputs are refused below, with the resume hint
@@ -206,8 +211,8 @@ class TrainConfig:
             cache = Path(os.path.abspath(self.cache_dir))
             for path in (*outputs, lock_path(self.out)):
                 if cache == Path(os.path.abspath(path)):
-                    raise CeVAEError(f"--cache-dir {self.cache_dir} is the run's output {path}; give the slice "
-                                     "cache a folder of its own.")
+                    raise CeVAEError(f"The slice cache folder {self.cache_dir} is the run's output {path}; give "
+                                     f"{wording.cache_dir} a folder of its own.")
 
     def _kept_for_checkpoint(self) -> bool:
         """Whether the bundle at ``out`` is the earlier model that the run of the checkpoint beside it replaces when
