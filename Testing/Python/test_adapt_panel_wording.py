@@ -535,3 +535,10 @@ def test_an_earlier_runs_files_refused_in_the_panels_words_say_how_to_resume_or_
         cfg.check_outputs((), False, PANEL_WORDING)
     assert str(refused.value) == (f"{cfg.out} already exists; {RESUME} to continue the run that wrote it, or "
                                   f"{START_ANEW} to replace it."), str(refused.value)
+
+
+def test_an_output_onto_an_input_the_worker_refuses_says_what_to_do_in_the_panels_words(tiny_bundle, panel_task):
+    """An adaptation the Slicer logic started to write over the model it adapts was told to "choose another --out"."""
+    text = _adapt_refusal(dict(panel_task, model=str(tiny_bundle), out=str(tiny_bundle)))
+    assert text == (f"The output {tiny_bundle} is the same file as the input {tiny_bundle}; choose another file name "
+                    "for the adapted model."), text

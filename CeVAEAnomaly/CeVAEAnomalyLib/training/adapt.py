@@ -74,7 +74,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     augment = recorded_augment(header.training.get("augment"), base)  # fine-tuned as the base was trained
     refuse_if_held(out, "adapt")  # an adaptation writing it now: said so, not taken for a finished or earlier one
     given = Inputs([base, *inputs, *(p for s in subjects for p in (s.image, s.mask))])
-    _refuse_input(out, given)  # before "exists"
+    _refuse_input(out, given, wording)  # before "exists"
     # a folder, an unwritable place: before any scan is read
     options.run_config(out, "final").check_output_paths(given, wording)
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
@@ -106,7 +106,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                for run in runs}
     read = Inputs([base, *inputs, *checksums])
     for path in output_paths(out, len(persons), options):
-        _refuse_input(path, read)
+        _refuse_input(path, read, wording)
     finished = out.is_file() and not any(cfg.checkpoint_path.is_file() for run, cfg in configs.items()
                                          if run != "final")  # fold checkpoints go once the model is written
     if finished and not (options.overwrite or options.resume):
@@ -363,10 +363,12 @@ def _device(name: str, wording: Wording) -> torch.device:
         raise exc.offering(wording.cpu_choice) from None
 
 
-def _refuse_input(path: Path, read: Inputs) -> None:
-    """Refuse an output ``path`` that is one of the files ``read`` (by path, link or inode)."""
+def _refuse_input(path: Path, read: Inputs, wording: Wording) -> None:
+    """Refuse an output ``path`` that is one of the files ``read`` (by path, link or inode), saying in ``wording``
+    how to choose another."""
     if read.which(path) is not None:
-        raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another --out.")
+        raise CeVAEError(f"The output {path} is the same file as the input {read.which(path)}; choose another "
+                         f"{wording.out}.")
 
 
 def _finished(out: Path, wording: Wording) -> CeVAEError:
