@@ -40,6 +40,7 @@ class Wording:
 
     stop: str  # stop the run now
     resume: str  # go on from the last checkpoint
+    run_again: str  # start the run again where it had written no checkpoint yet
     resume_request: str  # the user's request to resume, as "... was given" and "... refused:" name it
     start_anew: str  # leave the checkpoint a resume refused
     start_over: str  # leave the checkpoints of a run that was not resumed (and stopped or was refused)
@@ -75,7 +76,7 @@ class Wording:
 
 # the phrases every command that runs long says alike, in its options
 _COMMAND_LINE = dict(
-    stop="Ctrl-C", resume="run again with --resume", resume_request="--resume",
+    stop="Ctrl-C", resume="run again with --resume", run_again="run again", resume_request="--resume",
     start_anew="start anew with --overwrite instead of --resume", start_over="start anew with --overwrite",
     cache_room="Free space there, or give --cache-dir a folder on a disk with room", cache_dir="--cache-dir",
     out="--out", cpu_choice="choose the device cpu or auto (--device cpu)",

@@ -542,3 +542,16 @@ def test_an_output_onto_an_input_the_worker_refuses_says_what_to_do_in_the_panel
     text = _adapt_refusal(dict(panel_task, model=str(tiny_bundle), out=str(tiny_bundle)))
     assert text == (f"The output {tiny_bundle} is the same file as the input {tiny_bundle}; choose another file name "
                     "for the adapted model."), text
+
+
+def test_a_full_disk_at_a_panels_first_checkpoint_says_what_to_do_in_the_panels_words(panel_trainer, monkeypatch):
+    """A checkpoint write that failed before any checkpoint was kept told the panel's user to "run again", as the
+    command line's."""
+    def full_disk(obj: Any, f: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CeVAEError) as refused:
+        panel_trainer.fit()
+    text = str(refused.value)
+    assert text.endswith("No checkpoint had been written yet. Free some space, then press Adapt again."), text

@@ -65,6 +65,7 @@ ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may 
 PANEL_WORDING = Wording(
     stop="press Cancel",
     resume="press Adapt again with the same volumes and file name and choose to resume (it asks first)",
+    run_again="press Adapt again",
     resume_request="Resume",
     start_anew="press Adapt again and answer No (start anew) when it asks whether to resume",
     start_over="press Adapt again and answer No (start anew) when it asks whether to resume",

@@ -390,7 +390,7 @@ class Trainer:
     def _after_write_failure(self, exc: BaseException) -> str:
         """What a failed write of the log or a checkpoint says after its cause ``exc``: the checkpoint kept, if any,
         and what to do (:func:`_write_remedy`)."""
-        then = "run again" if self.saved_step is None else f"{self.wording.resume} to go on from it"
+        then = self.wording.run_again if self.saved_step is None else f"{self.wording.resume} to go on from it"
         return f"{self._last_good()} {_write_remedy(exc, self.cfg.checkpoint_path.parent)}, then {then}."
 
     def save_checkpoint(self) -> None:
