@@ -241,3 +241,55 @@ def test_a_changed_scan_is_refused_in_the_words_that_fit_the_run(tmp_path):
     assert _what_to_do_then(configs, False, COMMAND_LINE_ADAPT) == kept + "with --overwrite."
     assert _what_to_do_then(configs, True, COMMAND_LINE_ADAPT) == kept + "with --overwrite instead of --resume."
     assert "answer No (start anew)" in _what_to_do_then(configs, False, PANEL_WORDING)
+
+
+class _RewriteWhenResumed(logging.Handler):
+    """Rewrites ``scan`` in place (other voxels, the same size, its modification time put back) once the run whose
+    checkpoint is ``checkpoint`` says it resumed: after every run of the resume was built and checked."""
+
+    def __init__(self, checkpoint: Path, scan: Path, other: Path) -> None:
+        super().__init__(logging.INFO)
+        self.said, self.scan, self.other, self.done = f"Resumed from {checkpoint} ", scan, other, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.done and record.getMessage().startswith(self.said):
+            before = self.scan.stat()
+            with open(self.scan, "r+b") as fh:
+                fh.write(self.other.read_bytes())
+            os.utime(self.scan, ns=(before.st_atime_ns, before.st_mtime_ns))
+            self.done = True
+
+
+def test_a_scan_rewritten_during_a_resumed_run_refuses_the_next_resumed_run_on_it(tiny_bundle, site, tmp_path, caplog):
+    """Every run of a resume with checkpoints is built (its scans hashed) before the first one trains, so the check at
+    each run's start compared the checksums of the scans as they were then: a scan rewritten during the first run let
+    the later resumed runs train on the slices of its old content, refused only once all had trained."""
+    from CeVAEAnomalyLib.progress import Cancelled
+
+    scan = Path(shutil.copy2(site["b"], tmp_path / "scan_b.nii"))
+    _settled([scan])
+    scans = [Subject(site["a"], site["mask"]), Subject(scan, site["mask"])]
+    out = tmp_path / "site.cevae"
+
+    def stop_after_the_final_checkpoint(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 3/3") and "step 2 " in message:
+            raise Cancelled("stopped by the test")
+
+    with pytest.raises(Cancelled):
+        adapt(tiny_bundle, scans, out, QUICK, stop_after_the_final_checkpoint)
+    rewrite = _RewriteWhenResumed(Path(f"{out}.fold1.ckpt"), scan, site["other"])
+    logging.getLogger("CeVAEAnomalyLib").addHandler(rewrite)
+    refused = (rf"^{re.escape(str(scan))} changed since the adaptation began .* The checkpoints written so far are "
+               r"kept: with the scan as it was, run again with --resume, or start anew with --overwrite instead of "
+               r"--resume\.$")
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(CeVAEError, match=refused):
+            adapt(tiny_bundle, scans, out, replace(QUICK, resume=True))
+    finally:
+        logging.getLogger("CeVAEAnomalyLib").removeHandler(rewrite)
+    assert rewrite.done
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resumed from")]
+    # fold 2 holds the scan out; the final run trains on it: refused as it began, not after it and the calibration
+    assert resumed == [f"Resumed from {out}.{fold}.ckpt at step 2." for fold in ("fold1", "fold2")], resumed
+    assert not [r for r in caplog.records if r.getMessage().startswith("Calibrated")]
+    assert not out.exists()

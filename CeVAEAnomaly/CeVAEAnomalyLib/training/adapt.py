@@ -13,7 +13,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -220,8 +220,10 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     for trainer in resumed.values():
         trainer.check_resume()
     for n, run in enumerate(runs):
-        trainer = resumed.pop(run, None) or trainer_of(n, run)
-        _refuse_changed_scans(trainer.checksums, checksums, _what_to_do_then(configs, resume, wording))
+        built = resumed.pop(run, None)  # built before the first run: its scans are hashed again now
+        trainer = built or trainer_of(n, run)
+        now = trainer.checksums if built is None else _checksums_now(trainer.checksums, memo)
+        _refuse_changed_scans(now, checksums, _what_to_do_then(configs, resume, wording))
         pace.pause()  # the run's set-up (its slices, a checkpoint read) is not step time
         seconds += trainer.fit()
         if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
@@ -230,7 +232,19 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     return models, trainer, seconds
 
 
-def _refuse_changed_scans(now: Dict[Path, str], began: Dict[Path, str], then: str) -> None:
+def _checksums_now(paths: Iterable[Path], memo: FileMemo) -> Dict[Path, Optional[str]]:
+    """The checksums of the scans and masks ``paths`` now, by ``memo`` (a file unchanged since it hashed it is not read
+    again); None for one that cannot be read (removed, or no longer a file)."""
+    now: Dict[Path, Optional[str]] = {}
+    for path in paths:
+        try:
+            now[path] = memo.sha256(path)
+        except OSError:
+            now[path] = None
+    return now
+
+
+def _refuse_changed_scans(now: Mapping[Path, Optional[str]], began: Dict[Path, str], then: str) -> None:
     """Refuse a run whose scans' checksums (``now``, as it read them) are not those the adaptation took as it
     began (``began``): it would train on other content than the runs before it, which only the final write would
     have told; ``then``: what to do (:func:`_what_to_do_then`)."""
