@@ -161,17 +161,18 @@ def test_a_full_disk_at_a_log_row_is_said_with_the_checkpoint_it_keeps(manifest,
     assert checkpoint_step(trainer.cfg.checkpoint_path) == EVERY
 
 
-def checkpoints_fail_after(monkeypatch, writes: int) -> None:
-    """Checkpoint writes after the first ``writes`` fail as on a full disk (torch.save raises ENOSPC)."""
+def checkpoints_fail_after(monkeypatch, writes: int, error: OSError = OSError(28, "No space left on device")) -> None:
+    """Checkpoint writes after the first ``writes`` fail with ``error`` (torch.save raises it; by default ENOSPC, as on
+    a full disk)."""
     real_save, done = torch.save, []
 
-    def full_disk(obj, f):
+    def failing(obj, f):
         if len(done) >= writes:
-            raise OSError(28, "No space left on device")
+            raise error
         done.append(f)
         real_save(obj, f)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", failing)
 
 
 def test_a_full_disk_at_a_checkpoint_says_to_free_space_and_resume(manifest, tmp_path, monkeypatch):
@@ -203,15 +204,7 @@ def test_a_full_disk_at_the_first_checkpoint_claims_no_previous_one(manifest, tm
 def test_a_checkpoint_write_refused_for_another_reason_than_space_says_what_fits(manifest, tmp_path, monkeypatch):
     """Every failed checkpoint write said "Free some space", a write refused for its permissions or one that read back
     other than written too: freeing space changed nothing for them."""
-    real_save, done = torch.save, []
-
-    def denied(obj, f):
-        if done:
-            raise PermissionError(13, "Permission denied")
-        done.append(f)
-        real_save(obj, f)
-
-    monkeypatch.setattr(torch, "save", denied)
+    checkpoints_fail_after(monkeypatch, 1, PermissionError(13, "Permission denied"))
     trainer = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY)
     with pytest.raises(CeVAEError) as caught:
         trainer.run()
