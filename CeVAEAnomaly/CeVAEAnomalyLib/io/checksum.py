@@ -103,15 +103,24 @@ def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str
     hashed before it was read: what was read from it may not be that content (the file was replaced, removed or
     still being written), so nothing made from it may be recorded under that checksum. ``then``: what to do.
     ``memo``: the one that hashed them (a file unchanged since is not read again)."""
+    changed = first_changed(paths, checksums, memo)
+    if changed is not None:
+        raise CeVAEError(f"{changed} changed while it was being read (replaced or still being written); {then}")
+
+
+def first_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str],
+                  memo: Optional[FileMemo] = None) -> Optional[Path]:
+    """The first file of ``paths`` (None: none) whose content is no longer the one ``checksums`` holds, or that can
+    no longer be read (removed, no longer a file); None where there is none. ``memo``: see :func:`refuse_changed`."""
     for path in paths:
         if path is None:
             continue
         try:
-            same = sha256_by(path, memo) == checksums[path]
+            if sha256_by(path, memo) != checksums[path]:
+                return path
         except OSError:
-            same = False
-        if not same:
-            raise CeVAEError(f"{path} changed while it was being read (replaced or still being written); {then}")
+            return path
+    return None
 
 
 def voxel_sha256(path: Path) -> str:

@@ -13,7 +13,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from ..engine.devices import DeviceUnavailable, resolve_device
 from ..engine.header import BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
 from ..errors import COMMAND_LINE_ADAPT, CeVAEError, Wording
-from ..io.checksum import FileMemo
+from ..io.checksum import FileMemo, first_changed
 from ..io.lock import hold_output, refuse_if_held
 from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names, unknown_persons_note
 from ..io.naming import refuse_misnamed
@@ -222,8 +222,10 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     for n, run in enumerate(runs):
         built = resumed.pop(run, None)  # built before the first run: its scans are hashed again now
         trainer = built or trainer_of(n, run)
-        now = trainer.checksums if built is None else _checksums_now(trainer.checksums, memo)
-        _refuse_changed_scans(now, checksums, _what_to_do_then(configs, resume, wording))
+        changed = first_changed(trainer.checksums, checksums, memo) if built is not None else next(
+            (path for path, digest in trainer.checksums.items() if checksums.get(path, digest) != digest), None)
+        if changed is not None:  # (a run built now hashed its scans as it was built)
+            raise _changed_since_began(changed, _what_to_do_then(configs, resume, wording))
         pace.pause()  # the run's set-up (its slices, a checkpoint read) is not step time
         seconds += trainer.fit()
         if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
@@ -232,26 +234,12 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     return models, trainer, seconds
 
 
-def _checksums_now(paths: Iterable[Path], memo: FileMemo) -> Dict[Path, Optional[str]]:
-    """The checksums of the scans and masks ``paths`` now, by ``memo`` (a file unchanged since it hashed it is not read
-    again); None for one that cannot be read (removed, or no longer a file)."""
-    now: Dict[Path, Optional[str]] = {}
-    for path in paths:
-        try:
-            now[path] = memo.sha256(path)
-        except OSError:
-            now[path] = None
-    return now
-
-
-def _refuse_changed_scans(now: Mapping[Path, Optional[str]], began: Dict[Path, str], then: str) -> None:
-    """Refuse a run whose scans' checksums (``now``, as it read them) are not those the adaptation took as it
-    began (``began``): it would train on other content than the runs before it, which only the final write would
-    have told; ``then``: what to do (:func:`_what_to_do_then`)."""
-    changed = next((path for path, digest in now.items() if began.get(path, digest) != digest), None)
-    if changed is not None:
-        raise CeVAEError(f"{changed} changed since the adaptation began (replaced or rewritten), so its next run would "
-                         f"train on other content than the runs before it. {then}")
+def _changed_since_began(changed: Path, then: str) -> CeVAEError:
+    """The refusal of a run one of whose scans, ``changed``, no longer holds the content the adaptation hashed as it
+    began: it would train on other content than the runs before it, which only the final write would have told;
+    ``then``: what to do (:func:`_what_to_do_then`)."""
+    return CeVAEError(f"{changed} changed since the adaptation began (replaced or rewritten), so its next run would "
+                      f"train on other content than the runs before it. {then}")
 
 
 def _what_to_do_then(configs: Dict[str, TrainConfig], resumed: bool, wording: Wording) -> str:
