@@ -1,7 +1,9 @@
 """The one exception type for problems a user can act on, how error messages become one line, and the words in which
 they tell the caller's user what to do."""
+import errno
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Tuple
 
 
@@ -11,6 +13,31 @@ class CeVAEError(Exception):
     The command line prints it as one line (no traceback unless ``--debug``); the Slicer
     module shows it in an error dialog.
     """
+
+
+_FULL_DISK = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, a used-up quota
+_REFUSED = (errno.EACCES, errno.EPERM)
+
+
+def full_disk(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for a full disk or a used-up quota (errno ENOSPC, EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in _FULL_DISK
+
+
+def write_remedy(exc: BaseException, folder: Path, room: str = "Free some space") -> str:
+    """What to do, as a sentence without its full stop, about a write in ``folder`` that failed with ``exc``, by its
+    cause: ``room`` for a full disk or quota, or a failed write that says no cause (torch's, whose cause reads "disk
+    full or a file-size limit?"); a read-only disk or permissions each named; the disk checked for an I/O error or a
+    file that did not read back as written (an OSError without errno); any other error named by its errno."""
+    if not isinstance(exc, OSError) or full_disk(exc):
+        return room
+    if exc.errno is None or exc.errno == errno.EIO:
+        return f"Check the disk holding {folder} (move the run to another disk if it fails again)"
+    if exc.errno == errno.EROFS:
+        return f"The disk holding {folder} is mounted read-only: make it writable"
+    if exc.errno in _REFUSED:
+        return f"Make sure you may write in {folder} (its permissions)"
+    return f"Make sure {folder} can be written ({errno.errorcode.get(exc.errno, exc.errno)})"
 
 
 # Where ITK/SimpleITK put their C++ source locations and object addresses into a message

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -211,9 +212,28 @@ def test_a_checkpoint_write_refused_for_another_reason_than_space_says_what_fits
     ckpt = trainer.cfg.checkpoint_path
     assert str(caught.value) == (
         f"Could not write the checkpoint {ckpt}: Permission denied. The last good checkpoint (step {EVERY}) is kept at "
-        f"{ckpt}. Make sure {ckpt.parent} can be written (its permissions, a disk mounted read-only), then run again "
-        "with --resume to go on from it.")
+        f"{ckpt}. Make sure you may write in {ckpt.parent} (its permissions), then run again with --resume to go on "
+        "from it.")
     assert "Free some space" not in str(caught.value)
+
+
+@pytest.mark.parametrize("error, remedy", [
+    (OSError(errno.EROFS, os.strerror(errno.EROFS)),
+     "The disk holding {folder} is mounted read-only: make it writable"),
+    (OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)), "Make sure {folder} can be written (ENAMETOOLONG)")])
+def test_a_checkpoint_write_on_a_read_only_disk_or_for_another_cause_is_told_its_own_remedy(manifest, tmp_path,
+                                                                                          monkeypatch, error, remedy):
+    """A disk remounted read-only (as Linux does after a disk error) and any other refused write were told the same
+    guess, "Make sure FOLDER can be written (its permissions, a disk mounted read-only)": permissions for a read-only
+    disk, either for a name too long."""
+    checkpoints_fail_after(monkeypatch, 1, error)
+    trainer = tiny_trainer(tmp_path, manifest, max_steps=3 * EVERY)
+    with pytest.raises(CeVAEError) as caught:
+        trainer.run()
+    ckpt = trainer.cfg.checkpoint_path
+    assert str(caught.value) == (
+        f"Could not write the checkpoint {ckpt}: {error.strerror}. The last good checkpoint (step {EVERY}) is kept at "
+        f"{ckpt}. {remedy.format(folder=ckpt.parent)}, then run again with --resume to go on from it.")
 
 
 def test_a_checkpoint_temporary_left_by_a_killed_write_is_removed_by_the_next_run(manifest, tmp_path):

@@ -7,7 +7,6 @@ Distributed set-up lives in distributed.py, checkpoint files in checkpoint.py, t
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import logging
 import math
@@ -30,7 +29,7 @@ from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
 from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
-from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, write_remedy
 from ..io.atomic import remove_stale_temporaries, write_all
 from ..io.checksum import FileMemo, sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
@@ -62,20 +61,6 @@ def _own_randomness(device: torch.device, seed: int) -> Iterator[None]:
     finally:
         torch.set_rng_state(cpu)
         _set_device_rng(device, accelerator)
-
-
-_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, a used-up quota
-
-
-def _write_remedy(exc: BaseException, folder: Path) -> str:
-    """What to do about a write in ``folder`` that failed with ``exc``: free space for a full disk or quota (or a
-    write that failed without saying why, as torch's do, whose cause reads "disk full or a file-size limit?"); make
-    the folder writable for a refused one; check the disk for a file that did not read back as written."""
-    if not isinstance(exc, OSError) or exc.errno in _FULL:
-        return "Free some space"
-    if exc.errno is None:
-        return f"Check the disk holding {folder} (move the run to another disk if it fails again)"
-    return f"Make sure {folder} can be written (its permissions, a disk mounted read-only)"
 
 
 class _RunLog:
@@ -389,9 +374,9 @@ class Trainer:
 
     def _after_write_failure(self, exc: BaseException) -> str:
         """What a failed write of the log or a checkpoint says after its cause ``exc``: the checkpoint kept, if any,
-        and what to do (:func:`_write_remedy`)."""
+        and what to do (:func:`~..errors.write_remedy`)."""
         then = self.wording.run_again if self.saved_step is None else f"{self.wording.resume} to go on from it"
-        return f"{self._last_good()} {_write_remedy(exc, self.cfg.checkpoint_path.parent)}, then {then}."
+        return f"{self._last_good()} {write_remedy(exc, self.cfg.checkpoint_path.parent)}, then {then}."
 
     def save_checkpoint(self) -> None:
         """Every rank: gather the ranks' random streams (a collective), then rank 0 writes the resumable state."""
