@@ -4,7 +4,7 @@ import errno
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 
 class CeVAEError(Exception):
@@ -13,6 +13,16 @@ class CeVAEError(Exception):
     The command line prints it as one line (no traceback unless ``--debug``); the Slicer
     module shows it in an error dialog.
     """
+
+
+
+class WriteFailed(CeVAEError):
+    """A file that could not be written. ``cause``: the error its write failed with -- an OSError with its errno where
+    the system said why -- so that a caller can add what to do about it (:func:`write_remedy`)."""
+
+    def __init__(self, message: str, cause: Optional[BaseException] = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 _FULL_DISK = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, a used-up quota

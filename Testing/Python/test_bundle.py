@@ -1,6 +1,8 @@
 """Model bundles: round trip, fp16, and refusal of damaged or foreign files."""
 import dataclasses
+import errno
 import json
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -12,7 +14,7 @@ from CeVAEAnomalyLib.engine.bundle import FORMAT_VERSION, BundleHeader, load_bun
 from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
 from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.engine.model import CeVAE
-from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.errors import CeVAEError, WriteFailed
 from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
 
 
@@ -170,6 +172,19 @@ def test_headers_are_standard_json_the_shipped_one_too(tmp_path, model):
     assert not (tmp_path / "nan.cevae").exists()
     assert _strict_header(save_bundle(tmp_path / "m.cevae", model, HEADER))["modality"] == "T1"
 
+
+
+def test_a_failed_bundle_write_keeps_its_cause(tmp_path, model):
+    """A write that failed outside safetensors' own (the temporary made, or moved into place: here onto a folder of the
+    bundle's name) raised the bare OSError, naming the temporary; one inside it a CeVAEError raised ``from None``,
+    its errno dropped: a caller could not tell a full disk from a refused write, and said "free some space" to both."""
+    folder = tmp_path / "m.cevae"
+    folder.mkdir()
+    with pytest.raises(WriteFailed) as caught:
+        save_bundle(folder, model, HEADER)
+    assert str(caught.value) == f"Could not write the model bundle {folder}: {os.strerror(errno.EISDIR)}."
+    assert isinstance(caught.value.cause, OSError) and caught.value.cause.errno == errno.EISDIR
+    assert [p.name for p in tmp_path.iterdir()] == ["m.cevae"] and not any(folder.iterdir())
 
 
 def test_a_bundle_with_the_old_nan_validation_loss_reads_as_none_and_its_copies_save(tmp_path, model):

@@ -279,23 +279,46 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(manifest, 
     assert not out.exists()
 
 
-def test_a_full_disk_at_the_bundle_keeps_the_checkpoint_and_says_how_to_go_on(manifest, tmp_path, monkeypatch, capsys):
+def bundle_write_fails(monkeypatch, folder: Path, number: int) -> None:
+    """safetensors' write of the bundle fails with the system's error ``number``, in safetensors' words (they name the
+    temporary file it wrote)."""
     import safetensors.torch
 
-    def full_disk(*args, **kwargs):  # (safetensors' words, with the temporary file it wrote)
-        temporary = tmp_path / ".tmpXyZ12"
-        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) "
-                                          f'at path "{temporary}"')
+    def failing(*args, **kwargs):
+        temporary = folder / ".tmpXyZ12"
+        raise safetensors.SafetensorError(f"Error while serializing: I/O error: {os.strerror(number)} (os error "
+                                          f'{number}) at path "{temporary}"')
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+
+
+def test_a_full_disk_at_the_bundle_keeps_the_checkpoint_and_says_how_to_go_on(manifest, tmp_path, monkeypatch, capsys):
+    bundle_write_fails(monkeypatch, tmp_path, errno.ENOSPC)
     out = tmp_path / "model.cevae"
     rc = main(train_argv(manifest, out, EVERY, "--no-augment"))
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(errors) == 1, errors
     assert errors == [f"error: Could not write the model bundle {out}: No space left on device. The last checkpoint "
-                      "is kept; free some space and run again with --resume."]  # (not safetensors' own words)
+                      "is kept. Free some space, then run again with --resume."]  # (not safetensors' own words)
     assert checkpoint_step(Path(f"{out}.ckpt")) == EVERY and not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+@pytest.mark.parametrize("number, remedy", [
+    (errno.EACCES, "Make sure you may write in {folder} (its permissions)"),
+    (errno.EROFS, "The disk holding {folder} is mounted read-only: make it writable")])
+def test_a_bundle_write_refused_for_another_cause_than_space_says_what_fits(manifest, tmp_path, monkeypatch, capsys,
+                                                                           number, remedy):
+    """The bundle write said "free some space" whatever failed it: save_bundle kept only the words of the cause, so
+    a folder made read-only or a disk remounted read-only after the last checkpoint was told to free space."""
+    bundle_write_fails(monkeypatch, tmp_path, number)
+    out = tmp_path / "model.cevae"
+    rc = main(train_argv(manifest, out, EVERY, "--no-augment"))
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and errors == [
+        f"error: Could not write the model bundle {out}: {os.strerror(number)}. The last checkpoint is kept. "
+        f"{remedy.format(folder=tmp_path)}, then run again with --resume."]
+    assert checkpoint_step(Path(f"{out}.ckpt")) == EVERY and not out.exists()
 
 
 def test_non_finite_weights_are_never_checkpointed(manifest, tmp_path):

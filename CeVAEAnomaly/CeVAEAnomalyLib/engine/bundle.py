@@ -20,7 +20,7 @@ from ..io.checksum import FileMemo, sha256_by
 from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
-from ..errors import CeVAEError, one_line
+from ..errors import CeVAEError, WriteFailed, one_line
 from .header import (BUNDLE_SUFFIX, EDITED, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader,
                      add_tensor, damaged_or_edited, read_header)
 from .model import CeVAE
@@ -63,24 +63,33 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
     full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION)
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     full[WEIGHTS_DIGEST_KEY] = _weights_digest(tensors)
-    with atomic_path(target, durable=True) as tmp:
-        try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True, allow_nan=False)})
-        except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
-            raise CeVAEError(f"Could not write the model bundle {target}: {_write_failure(exc)}.") from None
+    try:
+        with atomic_path(target, durable=True) as tmp:
+            try:
+                save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True, allow_nan=False)})
+            except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
+                raise _write_failed(target, _system_error(exc)) from None
+    except OSError as exc:  # the temporary could not be made, or not moved into place
+        raise _write_failed(target, exc) from None
     return target
 
 
-def _write_failure(exc: Exception) -> str:
-    """The cause of a failed bundle write in words: for an I/O error the system's own (safetensors' message wraps it
-    in its own words and names its temporary file: "Error while serializing: I/O error: ... (os error 28) at path
-    ..."), else the error's text."""
+def _system_error(exc: Exception) -> Exception:
+    """The error a failed bundle write failed with: for an I/O error in safetensors' words, which wrap the system's
+    in their own and name its temporary file ("Error while serializing: I/O error: ... (os error 28) at path ..."),
+    the system's as an OSError with its errno; else ``exc``."""
     system = re.search(r"\(os error (\d+)\)", str(exc))
-    if system is not None:
-        return os.strerror(int(system.group(1)))
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc).rstrip(".")
+    if system is None:
+        return exc
+    number = int(system.group(1))
+    return OSError(number, os.strerror(number))
+
+
+def _write_failed(target: Path, cause: Exception) -> WriteFailed:
+    """The error of a bundle write that failed with ``cause``, which it keeps: the system's words for an OSError
+    (not the temporary's name), else the error's text."""
+    words = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).rstrip(".")
+    return WriteFailed(f"Could not write the model bundle {target}: {words}.", cause)
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16"}  # the weight types a bundle holds

@@ -20,7 +20,7 @@ from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.header import BundleHeader
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
-from ..errors import CALIBRATE_PER_ACQUISITION, COMMAND_LINE_TRAIN, CeVAEError, Wording
+from ..errors import CALIBRATE_PER_ACQUISITION, COMMAND_LINE_TRAIN, CeVAEError, Wording, WriteFailed, write_remedy
 from ..io.checksum import FileMemo, refuse_changed
 from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
@@ -136,10 +136,9 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
                        "the trained weights are in the last checkpoint: with the scan as it was when the run began, "
                        f"{wording.resume} to write the model (the run's record holds each scan's checksum; with the "
                        "new content the run starts over).", memo)
-    then = f"The last checkpoint is kept; free some space and {wording.resume}."
     try:
         return save_bundle(out, model, replace(header, calibration=calibration), half=half)
-    except CeVAEError as exc:  # could not write (disk full): the temporary file is removed, nothing is published
-        raise CeVAEError(f"{exc} {then}") from None
-    except OSError as exc:  # e.g. the folder vanished
-        raise CeVAEError(f"Could not write the model bundle {out}: {exc}. {then}") from None
+    except CeVAEError as exc:  # could not write: the temporary file is removed, nothing is published
+        cause = (exc.cause if isinstance(exc, WriteFailed) else None) or exc  # (else a short write: disk full?)
+        raise CeVAEError(f"{exc} The last checkpoint is kept. {write_remedy(cause, out.parent)}, then "
+                         f"{wording.resume}.") from None
