@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ from CeVAEAnomalyLib.engine.config import ModelConfig, PreprocessConfig
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import temp_beside
 from CeVAEAnomalyLib.io.checksum import sha256_of
-from CeVAEAnomalyLib.training.cache import SliceCache, SliceSet
+from CeVAEAnomalyLib.training.cache import SliceCache, SliceSet, write_failure
 from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
 from CeVAEAnomalyLib.training.data import Subject, subject_slices
 from CeVAEAnomalyLib.training.sampler import EpochSampler, epoch_order
@@ -525,10 +526,6 @@ def test_a_full_disk_under_the_cache_is_said_in_those_words(tmp_path):
 
 def test_the_cache_write_error_names_a_full_disk_or_quota_and_what_to_do(tmp_path):
     """The message on real OSErrors: a write to /dev/full (ENOSPC), NumPy's errno-less short write there, a quota."""
-    import errno
-
-    from CeVAEAnomalyLib.training.cache import write_failure
-
     target = tmp_path / "cache" / "entry.npy"
     target.parent.mkdir()
     free = shutil.disk_usage(target.parent).free
@@ -545,13 +542,48 @@ def test_the_cache_write_error_names_a_full_disk_or_quota_and_what_to_do(tmp_pat
     assert write_failure(target, errors["python"], 100) == f"{full[:-2]}. {advice}"  # room for 100 bytes: no sizes
     assert write_failure(target, errors["numpy"], free + 10 ** 9).startswith(full)  # more than the disk has left
     # a short write where the disk has room (e.g. a file-size limit) keeps NumPy's words, not a wrong cause
-    assert write_failure(target, errors["numpy"], 40960) == \
-        f"Could not write the slice cache entry {target}: 10240 requested and 0 written."
+    assert write_failure(target, errors["numpy"], 40960) == (
+        f"Could not write the slice cache entry {target}: 10240 requested and 0 written. Check the disk holding "
+        f"{target.parent} (move the run to another disk if it fails again), or give --cache-dir another folder.")
     quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
     assert write_failure(target, quota, 100) == (f"Could not write the slice cache entry {target}: your disk quota on "
                                                  f"{target.parent} is used up. {advice}")
     other = OSError(errno.EIO, os.strerror(errno.EIO))
-    assert write_failure(target, other, 100).endswith(f"{target}: [Errno 5] Input/output error.")
+    assert write_failure(target, other, 100).startswith(f"Could not write the slice cache entry {target}: Input/output "
+                                                        f"error. Check the disk holding {target.parent} ")
+
+
+@pytest.mark.parametrize("number, remedy", [
+    (errno.EACCES, "Make sure you may write in {folder} (its permissions)"),
+    (errno.EROFS, "The disk holding {folder} is mounted read-only: make it writable")])
+def test_a_cache_write_refused_for_another_cause_than_space_says_what_to_do(tmp_path, number, remedy):
+    """Any failed write but a full disk ended with the bare OSError and no word of what to do ("...: [Errno 13]
+    Permission denied: '/cache/.KEY.npy.1a2b3c4d-...-PID.npy'.", the hidden temporary's name)."""
+    target = tmp_path / "entry.npy"
+    assert write_failure(target, OSError(number, os.strerror(number), str(tmp_path / ".entry.npy.x.npy")), 100) == (
+        f"Could not write the slice cache entry {target}: {os.strerror(number)}. "
+        f"{remedy.format(folder=tmp_path)}, or give --cache-dir another folder.")
+
+
+def refuses_new_files(folder: str) -> bool:
+    """Whether making a file in ``folder`` fails with EACCES (sysfs: even for root, whom chmod does not stop)."""
+    try:
+        os.close(os.open(os.path.join(folder, f".cevae-probe-{os.getpid()}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except OSError as exc:
+        return exc.errno == errno.EACCES
+    os.unlink(os.path.join(folder, f".cevae-probe-{os.getpid()}"))
+    return False
+
+
+@pytest.mark.skipif(not refuses_new_files("/sys/fs"), reason="needs a folder that refuses new files: Linux's sysfs")
+def test_prepare_in_a_folder_that_refuses_new_files_says_to_see_to_its_permissions(subjects):
+    """As `cevae-anomaly train --cache-dir /sys/fs` met it: sysfs refuses a new file even to root."""
+    with pytest.raises(CeVAEError) as caught:
+        SliceCache(Path("/sys/fs"), PRE).prepare(subjects[:1], checksums(subjects[0]), ("axial",))
+    message = str(caught.value)
+    assert re.fullmatch(r"Could not write the slice cache entry /sys/fs/\w+\.npy: Permission denied\. Make sure you "
+                        r"may write in /sys/fs \(its permissions\), or give --cache-dir another folder\.", message), \
+        message
 
 
 def test_an_entry_whose_npy_header_has_an_unclosed_bracket_is_made_again(subjects, tmp_path, caplog):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..engine.config import PreprocessConfig
-from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, full_disk, write_remedy
 from ..io.atomic import atomic_path
 from ..io.checksum import FileMemo, refuse_changed
 from ..io.targets import file_in_the_way
@@ -270,22 +270,25 @@ class SliceCache:
 
 
 def write_failure(target: Path, exc: OSError, size: int, wording: Wording = COMMAND_LINE_TRAIN) -> str:
-    """The error for a cache entry ``target`` of about ``size`` bytes whose write failed with ``exc``. A full disk
-    or quota is said in those words, with what to do in ``wording``: errno ENOSPC or EDQUOT, or a write that failed
-    without an errno (NumPy's short write says only 'N requested and M written') where the folder has less free space
-    than the entry needs (the part written is removed by then)."""
+    """The error for a cache entry ``target`` of about ``size`` bytes whose write failed with ``exc``, with what to do
+    (:func:`~..errors.write_remedy`, or another cache folder). A full disk or quota is said in those words, with what
+    to do in ``wording``: errno ENOSPC or EDQUOT, or a write that failed without an errno (NumPy's short write says
+    only 'N requested and M written') where the folder has less free space than the entry needs (the part written is
+    removed by then)."""
+    folder = target.parent
     try:
-        free: Optional[int] = shutil.disk_usage(target.parent).free
+        free: Optional[int] = shutil.disk_usage(folder).free
     except OSError:
         free = None
     short = free is not None and free < size
+    if not (full_disk(exc) or (exc.errno is None and short)):
+        return (f"Could not write the slice cache entry {target}: {exc.strerror or exc}. "
+                f"{write_remedy(exc, folder)}, or give {wording.cache_dir} another folder.")
     if exc.errno == getattr(errno, "EDQUOT", None):
-        cause = f"your disk quota on {target.parent} is used up"
-    elif exc.errno == errno.ENOSPC or (exc.errno is None and short):
-        room = f" ({free / 1e6:.3g} MB free, the entry needs {size / 1e6:.3g} MB)" if short else ""
-        cause = f"the disk holding {target.parent} is full{room}"  # (out of inodes: full without the sizes)
+        cause = f"your disk quota on {folder} is used up"
     else:
-        return f"Could not write the slice cache entry {target}: {exc}."
+        room = f" ({free / 1e6:.3g} MB free, the entry needs {size / 1e6:.3g} MB)" if short else ""
+        cause = f"the disk holding {folder} is full{room}"  # (out of inodes: full without the sizes)
     return f"Could not write the slice cache entry {target}: {cause}. {wording.cache_room}."
 
 
