@@ -15,7 +15,6 @@ class CeVAEError(Exception):
     """
 
 
-
 class WriteFailed(CeVAEError):
     """A file that could not be written. ``cause``: the error its write failed with -- an OSError with its errno where
     the system said why -- so that a caller can add what to do about it (:func:`write_remedy`)."""
