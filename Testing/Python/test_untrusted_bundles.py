@@ -272,6 +272,19 @@ def test_a_key_written_twice_in_the_tensor_table_is_refused_in_one_line(calibrat
     assert "duplicate field" in lines[0], lines
 
 
+def test_safetensors_refusal_quotes_no_header_content(calibrated, head, tmp_path, capsys):
+    """A tensor table that holds its metadata twice, the first a text naming a scan: Python's JSON reader keeps the
+    last (valid) one, safetensors' parser refuses the file quoting the first. The refusal names the file and the
+    problem, never what the header holds (scan names: `share` exists to strip them)."""
+    table = json.loads(_table_text(calibrated))
+    quoted = json.dumps(json.dumps({"scan": "sub-JohnDoe_1962"}))
+    _put_table(calibrated, '{"__metadata__": ' + quoted + ", " + json.dumps(table)[1:])
+    rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
+    assert rc == 2 and len(lines) == 1 and "is damaged or was edited (not a valid safetensors file" in lines[0], lines
+    assert str(calibrated) in lines[0] and "at line 1 column" in lines[0], lines
+    assert "JohnDoe" not in lines[0] and '"' not in lines[0], lines
+
+
 @pytest.mark.parametrize("where", ["model header", "tensor table"])
 def test_a_number_of_5000_digits_is_refused_in_one_line(where, calibrated, head, tmp_path, capsys):
     """Python's JSON reader refuses integers of more than 4300 digits with a plain ValueError, not a

@@ -150,6 +150,19 @@ def _replaced(path: Union[str, Path]) -> CeVAEError:
                       "load it again once that run has finished.")
 
 
+_POSITION = re.compile(r"at line \d+ column \d+")
+
+
+def _unquoted(exc: Exception) -> str:
+    """safetensors' reason for refusing a bundle, up to the first thing it quotes, and the place in the header it
+    names: its parser quotes the values it refuses ('invalid type: string "..."'), which may be the model header
+    and its scans' names."""
+    text = one_line(exc)
+    reason = re.split(r"[\"`(]", text, maxsplit=1)[0].rstrip(" .,:") or "its parser refused the header"
+    place = _POSITION.search(text)
+    return f"{reason} {place.group(0)}" if place is not None and place.group(0) not in reason else reason
+
+
 def _load_bundle(path: Union[str, Path], device: Union[str, torch.device]) -> Bundle:
     """:func:`load_bundle`'s reading and checks (its ``sha256`` left None)."""
     from safetensors.torch import load_file
@@ -164,10 +177,8 @@ def _load_bundle(path: Union[str, Path], device: Union[str, torch.device]) -> Bu
             declared = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
         check_tensor_shapes(declared, cfg)  # before anything is built or loaded
         tensors = load_file(str(p))  # (the file's weights are read once: checked, then loaded)
-    except SafetensorError as exc:  # (its reason may quote the whole header: cut short)
-        reason = one_line(exc).rstrip(".")
-        reason = reason if len(reason) <= 300 else reason[:300] + "..."
-        raise damaged_or_edited(p, reason) from None  # (read_header read its model header)
+    except SafetensorError as exc:
+        raise damaged_or_edited(p, _unquoted(exc)) from None  # (read_header read its model header)
     except CeVAEError as exc:
         raise CeVAEError(f"{p}: {exc}; {EDITED}.") from None
     model = CeVAE(cfg)
