@@ -302,6 +302,38 @@ def test_a_number_of_5000_digits_is_refused_in_one_line(where, calibrated, head,
     assert ("is not valid JSON" if where == "model header" else "unreadable header") in lines[0], lines
 
 
+@pytest.mark.parametrize("record", ["written by", "trained with"])
+def test_a_key_a_later_version_added_asks_for_an_update_not_an_original(record, calibrated, head, tmp_path, capsys):
+    """A later CeVAEAnomaly may add a key to a known section; a bundle it wrote names that version (the writer's, and
+    the training run's). This version tells the user to update, not that the file is damaged; the same key in a
+    bundle written by this version (or an older one) is refused as damaged (CASES: unknown score option)."""
+    from CeVAEAnomalyLib import __version__
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.header import WRITER_KEY
+
+    assert load_bundle(calibrated).header.extra[WRITER_KEY] == __version__  # save_bundle records its writer
+    later = "99.2.0"
+    rewrite(calibrated, lambda h, t: (h["score_options"].update(temperature=2.0), h.update(
+        {WRITER_KEY: later} if record == "written by" else {"versions": dict(h["versions"], cevae_anomaly=later)})))
+    rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert f"{calibrated} was written by CeVAEAnomaly {later}, newer than this one ({__version__})" in lines[0], lines
+    assert "'temperature'" in lines[0] and "Update CeVAEAnomaly to use it" in lines[0], lines
+    assert "damaged" not in lines[0], lines
+
+
+def test_a_later_version_that_is_not_newer_is_refused_as_damaged(calibrated):
+    """A recorded version that is no later than this one's (or no version at all): the unknown key is an edit."""
+    from CeVAEAnomalyLib import __version__
+    from CeVAEAnomalyLib.engine.header import WRITER_KEY, read_header
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    for version in (__version__, "0.0.9", "unknown", 3):
+        rewrite(calibrated, lambda h, t: (h["score_options"].update(temperature=2.0), h.update({WRITER_KEY: version})))
+        with pytest.raises(CeVAEError, match="damaged or was edited"):
+            read_header(calibrated)
+
+
 def test_a_valid_recalibration_record_is_accepted(calibrated, head, tmp_path, capsys):
     rewrite(calibrated, recalibration())
     image, mask = head

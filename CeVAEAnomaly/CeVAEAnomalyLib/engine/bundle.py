@@ -15,14 +15,15 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from .. import __version__
 from ..io.atomic import atomic_path
 from ..io.checksum import FileMemo, sha256_by
 from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
 from ..errors import CeVAEError, WriteFailed, one_line
-from .header import (BUNDLE_SUFFIX, EDITED, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, BundleHeader,
-                     add_tensor, damaged_or_edited, read_header)
+from .header import (BUNDLE_SUFFIX, EDITED, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, WRITER_KEY,
+                     BundleHeader, add_tensor, damaged_or_edited, read_header)
 from .model import CeVAE
 
 __all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "BundleHeader", "load_bundle", "read_header",
@@ -60,7 +61,7 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
 
     target = Path(path)
     typed = replace(header, model=model.cfg, weights_dtype="float16" if half else "float32")
-    full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION)
+    full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION, **{WRITER_KEY: __version__})
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     full[WEIGHTS_DIGEST_KEY] = _weights_digest(tensors)
     try:

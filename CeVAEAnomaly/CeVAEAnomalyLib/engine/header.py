@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .. import __version__
 from ..errors import CeVAEError
 from ..io.targets import refuse_unsearchable, special_file_kind
 from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
@@ -28,6 +29,7 @@ FORMAT_VERSION = 1
 BUNDLE_SUFFIX = ".cevae"
 META_KEY = "cevae_anomaly"
 WEIGHTS_DIGEST_KEY = "weights_sha256"  # the header's record of the weights' SHA-256 (engine/bundle.py)
+WRITER_KEY = "written_by"  # the version of CeVAEAnomaly that wrote the file (save_bundle; "versions": the training's)
 _MAX_TABLE_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the header size
 USE_A_MODEL = "use a CeVAEAnomaly model file (.cevae)"  # what to do with a file that is no model bundle
 EDITED = "the model file is damaged or was edited: use an original copy"  # and with a bundle that is damaged
@@ -220,6 +222,11 @@ def read_header(path: Union[str, Path]) -> BundleHeader:
         model = check_model_section(header)
         check_sections(header, model)
     except CeVAEError as exc:
+        later = later_writer(header)
+        if later is not None:  # (a later version may add keys and values to a section: it cannot be told from an edit)
+            raise CeVAEError(f"{p} was written by CeVAEAnomaly {later}, newer than this one ({__version__}), and its "
+                             f"header holds what this version does not know: {exc}. Update CeVAEAnomaly to use it."
+                             ) from None
         raise CeVAEError(f"The header of {p} is invalid: {exc}. The model file is damaged or was edited; "
                          "use an original copy.") from None
     excess = model.cost_excess()  # (before any weight is read: a small file may declare huge layers)
@@ -227,6 +234,21 @@ def read_header(path: Union[str, Path]) -> BundleHeader:
         raise CeVAEError(f"{p} holds a network too costly to run: it {excess} (detection's memory and time grow "
                          "with both). Use a model with narrower layers.")
     return BundleHeader.from_dict(header)
+
+
+def later_writer(header: Mapping[str, Any]) -> Optional[str]:
+    """The version of CeVAEAnomaly a bundle's JSON header says wrote it (:data:`WRITER_KEY`) or trained it
+    (``versions``), the later of the two, where it is later than this one's; else None."""
+    versions = header.get("versions")
+    recorded = [header.get(WRITER_KEY), versions.get("cevae_anomaly") if isinstance(versions, dict) else None]
+    later = [(_release(v), v) for v in recorded if isinstance(v, str) and _release(v) > _release(__version__)]
+    return max(later)[1] if later else None
+
+
+def _release(version: str) -> Tuple[int, ...]:
+    """The release numbers a version starts with ("0.2.1rc1": (0, 2, 1)); () where it starts with none."""
+    numbers = re.match(r"[0-9]+(\.[0-9]+)*", version)
+    return tuple(int(n) for n in numbers.group(0).split(".")) if numbers else ()
 
 
 def written_sections(path: Union[str, Path]) -> List[str]:

@@ -35,8 +35,8 @@ VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"),
 # named "T1" or "1" is no name left in the modality or a person's number
 UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "postprocess", "calibration",
                      "recalibration.options", "recalibration.parent", "recalibration.original", "adaptation.parent",
-                     "format", "modality", "weights_dtype", "weights_sha256", "versions", "training.orientations",
-                     "training.subjects[].person", "training.validation_subjects[].person",
+                     "format", "modality", "weights_dtype", "weights_sha256", "written_by", "versions",
+                     "training.orientations", "training.subjects[].person", "training.validation_subjects[].person",
                      "adaptation.site_scans[].person", "adaptation.calibration", "recalibration.calibrated_utc"})
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
 _INDEX = re.compile(r"\[[0-9]+\]")  # a list item's index in a place
