@@ -269,10 +269,24 @@ def test_a_key_written_twice_in_the_tensor_table_is_refused_in_one_line(calibrat
     _put_table(calibrated, re.sub(r'("dtype": ?"F(16|32)")', r"\1, \1", _table_text(calibrated), count=1))
     rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
     assert rc == 2 and len(lines) == 1 and "not a valid safetensors file" in lines[0], lines
-    assert "duplicate field" in lines[0], lines
+    assert "the key 'dtype' is written twice in one object" in lines[0], lines
 
 
-def test_safetensors_refusal_quotes_no_header_content(calibrated, head, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["info", "share"])
+def test_a_key_written_twice_is_refused_by_info_and_share_as_by_detect(command, calibrated, tmp_path, capsys):
+    """Python's JSON reader keeps the last of two equal keys, safetensors refuses the file: info called such a model
+    valid (and the bundled one), share wrote a copy of it, while detect refused it as damaged."""
+    _put_table(calibrated, re.sub(r'("dtype": ?"F(16|32)")', r"\1, \1", _table_text(calibrated), count=1))
+    out = tmp_path / "shared.cevae"
+    rc = main(["info", str(calibrated)] if command == "info" else ["share", str(calibrated), "--out", str(out)])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert f"The model file {calibrated} is damaged or was edited (not a valid safetensors file: the key 'dtype' is " \
+           "written twice in one object)" in lines[0], lines
+    assert not out.exists()
+
+
+def test_metadata_written_twice_is_refused_without_quoting_it(calibrated, head, tmp_path, capsys):
     """A tensor table that holds its metadata twice, the first a text naming a scan: Python's JSON reader keeps the
     last (valid) one, safetensors' parser refuses the file quoting the first. The refusal names the file and the
     problem, never what the header holds (scan names: `share` exists to strip them)."""
@@ -281,8 +295,21 @@ def test_safetensors_refusal_quotes_no_header_content(calibrated, head, tmp_path
     _put_table(calibrated, '{"__metadata__": ' + quoted + ", " + json.dumps(table)[1:])
     rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
     assert rc == 2 and len(lines) == 1 and "is damaged or was edited (not a valid safetensors file" in lines[0], lines
-    assert str(calibrated) in lines[0] and "at line 1 column" in lines[0], lines
+    assert str(calibrated) in lines[0] and "the key '__metadata__' is written twice" in lines[0], lines
     assert "JohnDoe" not in lines[0] and '"' not in lines[0], lines
+
+
+def test_safetensors_reason_is_said_without_what_it_quotes(tmp_path):
+    """Where safetensors' parser refuses what Python's accepted, its reason is said up to what it quotes (safetensors
+    0.8's own text, of the metadata written twice above), with the place it names."""
+    from safetensors import SafetensorError
+
+    from CeVAEAnomalyLib.engine.bundle import _unquoted
+
+    said = ('Error while deserializing header: invalid JSON in header: invalid type: string "{\\"scan\\": '
+            '\\"sub-JohnDoe_1962\\"}", expected a map at line 1 column 57')
+    assert _unquoted(SafetensorError(said)) == ("Error while deserializing header: invalid JSON in header: invalid "
+                                                "type: string at line 1 column 57")
 
 
 @pytest.mark.parametrize("where", ["model header", "tensor table"])

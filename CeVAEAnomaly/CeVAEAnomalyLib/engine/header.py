@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -323,7 +324,7 @@ def bundle_layout(path: Path, data: Optional[bytes] = None) -> BundleLayout:
     if META_KEY not in metadata:
         raise CeVAEError(f"{path} is a safetensors file but not a CeVAEAnomaly model bundle (no model header); "
                          f"{USE_A_MODEL}.")
-    problem = _table_problem(table)
+    problem = _key_twice(text) or _table_problem(table)
     if problem is not None:
         raise damaged_or_edited(path, problem)
     needed = 8 + length + max((e["data_offsets"][1] for k, e in table.items() if k != "__metadata__"), default=0)
@@ -360,6 +361,20 @@ def damaged_or_edited(path: Path, problem: str) -> CeVAEError:
     """The refusal of the bundle ``path`` whose safetensors layout is invalid (``problem``): its header was read."""
     return CeVAEError(f"The model file {path} is damaged or was edited (not a valid safetensors file: {problem}); use "
                       "an original copy.")
+
+
+def _key_twice(text: bytes) -> Optional[str]:
+    """Where the tensor table ``text`` (valid JSON) holds a key twice in one object, in words; else None. Python's
+    reader keeps the last of them, safetensors' refuses the file: such a file would pass ``info`` and ``share`` and
+    be refused by ``detect``."""
+    twice: List[str] = []
+
+    def unique(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        twice.extend(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        return dict(pairs)
+
+    json.loads(text.decode("utf-8"), object_pairs_hook=unique)
+    return f"the key {twice[0]!r} is written twice in one object" if twice else None
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
