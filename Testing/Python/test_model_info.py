@@ -153,6 +153,20 @@ def test_info_says_on_how_many_scans_of_which_voxels_a_calibrated_copy_is_calibr
                                                     ThresholdPolicy(fpr=row["fpr"]))[0]
 
 
+def test_info_says_which_version_wrote_a_calibrated_copy_beside_the_one_that_trained_it(capsys, calibrated):
+    """A calibrated copy keeps the versions its model was trained with; info said those alone, as if the copy were
+    made with them. It also says the version that wrote the file (the bundled model records none)."""
+    from CeVAEAnomalyLib import __version__
+
+    made = read_header(default_model_path()).extra["versions"]
+    assert "Format: cevae-anomaly-bundle version 1, made with" in info(capsys)  # (no writer recorded: none said)
+    assert "written by" not in info(capsys)
+    text = info(capsys, str(calibrated))
+    assert (f"made with cevae-anomaly {made['cevae_anomaly']} and torch {made['torch']}, written by cevae-anomaly "
+            f"{__version__};") in text
+    assert json.loads(info(capsys, str(calibrated), "--json"))["written_by"] == __version__
+
+
 def test_a_calibrated_copy_records_its_parent_when_on_which_scans_and_how_and_info_says_it(capsys, scans, calibrated,
                                                                                             tmp_path):
     """A calibrated copy kept its parent's name and recorded neither its parent nor when, on which scans (by sha256) or

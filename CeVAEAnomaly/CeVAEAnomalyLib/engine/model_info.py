@@ -14,7 +14,7 @@ from ..io.checksum import sha256_of
 from .bundle_checks import NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE,
                           calibrated_settings, thin_tail, threshold_for_fpr)
-from .header import WEIGHTS_DIGEST_KEY, BundleHeader, read_header, weights_digest
+from .header import WEIGHTS_DIGEST_KEY, WRITER_KEY, BundleHeader, read_header, weights_digest
 
 # the bundled model's training volumes (the sample data), by name and file sha256: what each one is, and where it
 # comes from (by name alone, a user's own scan or a resampled copy named colin27_t1 was said to be the sample)
@@ -61,7 +61,7 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
         "bundled": {"file": bundled is not None and sha256 == bundled[0],
                     "weights": bundled is not None and weights is not None and weights == bundled[1]},
         "format": header.extra.get("format"), "format_version": header.extra.get("format_version"),
-        "made_with": header.extra.get("versions"),
+        "made_with": header.extra.get("versions"), "written_by": _text(header.extra.get(WRITER_KEY)),
         "weights": {"dtype": header.weights_dtype, "sha256": weights},
         "network": header.model.to_dict() if header.model is not None else None,
         "preprocess": header.preprocess.to_dict(),
@@ -81,6 +81,11 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
         "calibration": calibration,
         "score_options": header.score_options.to_dict(), "postprocess": header.postprocess.to_dict(),
     }
+
+
+def _text(value: Any) -> Optional[str]:
+    """``value`` where it is text (a record that read_header does not check), else None."""
+    return value if isinstance(value, str) else None
 
 
 def _bundled_digests() -> Optional[Tuple[str, Any]]:
@@ -219,6 +224,7 @@ def describe_model(info: Mapping[str, Any]) -> str:
     lines.append(f"Format: {info['format']} version {info['format_version']}"
                  + (f", made with cevae-anomaly {made.get('cevae_anomaly')} and torch {made.get('torch')}"
                     if made else "")
+                 + (f", written by cevae-anomaly {info['written_by']}" if info["written_by"] else "")
                  + (f"; network encoder {', '.join(map(str, network['channels']))}, z {network['z_dim']}"
                     if network else "")
                  + f"; weights {weights['dtype']}" + (f" (sha256 {weights['sha256']})" if weights["sha256"] else "")
