@@ -31,7 +31,7 @@ from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
-from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, UNICODE_TWINS, file_stem, image_stem, one_form,
+from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, OUTPUT_NAMES, UNICODE_TWINS, file_stem, image_stem, one_form,
                          output_paths, subfolders_hint, unportable_character)
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
@@ -50,6 +50,10 @@ MASK_TAGS = ("_brain_mask", "_brainmask", "_mask")
 CONTRAST_TAGS = ("_t1", "_t1w")
 STRIPPED_TAG = "_brain"  # FSL's bet: NAME_brain is the skull-stripped copy of NAME (its mask: NAME_brain_mask)
 BARE_MASKS = ("mask", "brainmask", "brain_mask")  # a whole name (any case): the mask of the one image beside it
+# what ends the name of a volume that detection wrote for NAME (detect, batch, Slicer's DetectVolume.py), before its
+# extension: "_score", "_labelmap", "_segmentation.seg"
+RESULT_TAGS = tuple(str(image_stem("N" + OUTPUT_NAMES[role].format(ext=".nrrd")))[1:]
+                    for role in ("score", "labelmap", "segmentation"))
 
 
 def mask_key(stem: str) -> Optional[str]:
@@ -120,10 +124,11 @@ class ModelChanged(CeVAEError):
 # ---- the list of inputs -------------------------------------------------------------------
 def collect_folder(folder: Path) -> List[BatchItem]:
     """Images of a folder (not its subfolders), each with its ``_mask``/``_brainmask``/``_brain_mask`` file if any;
-    FSL's skull-stripped copy ``NAME_brain`` beside ``NAME`` is left out (:func:`leave_out_stripped_copies`)."""
+    FSL's skull-stripped copy ``NAME_brain`` beside ``NAME`` is left out (:func:`leave_out_stripped_copies`), and so
+    are detection results beside their scan (:func:`leave_out_detection_results`)."""
     images: Dict[str, Path] = {}
     masks: Dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
+    for p in leave_out_detection_results(sorted(folder.iterdir()), f"in {folder}"):
         stem = image_stem(p.name)
         dangling = p.is_symlink() and not p.exists()  # a file not yet fetched (git-annex, DataLad), a disk not mounted
         if stem is None or p.name.startswith(".") or not (p.is_file() or dangling):  # dangling: an error row says so
@@ -140,6 +145,25 @@ def collect_folder(folder: Path) -> List[BatchItem]:
     images = leave_out_stripped_copies(images, f"in {folder}")
     mask_of = pair_masks(images, masks, f"in {folder}", "keep one, or list the inputs in a CSV")
     return [BatchItem(k, images[k], mask_of.get(k)) for k in sorted(images)]
+
+
+def leave_out_detection_results(paths: Sequence[Path], where: str) -> List[Path]:
+    """``paths`` without the anomaly maps, labelmaps and segmentations that detection wrote beside the scan they were
+    made from (``NAME_score.nii.gz`` beside ``NAME.nii.gz``, :data:`RESULT_TAGS`): results, not scans. Each is left
+    out with a warning; ``where`` ("in FOLDER") completes it."""
+    scans = {(p.parent, stem): p for p in paths for stem in [image_stem(p.name)]
+             if stem is not None and mask_key(stem) is None}
+    kept = []
+    for p in paths:
+        stem = image_stem(p.name) or ""
+        tag = next((t for t in RESULT_TAGS if stem.endswith(t) and (p.parent, stem[: -len(t)]) in scans), None)
+        if tag is None:
+            kept.append(p)
+        else:
+            log.warning("%s %s is taken for a detection result of %s (NAME%s), not a scan: left out. To score it as "
+                        "a volume of its own, list the inputs in a CSV.", p.name, where,
+                        scans[p.parent, stem[: -len(tag)]].name, tag)
+    return kept
 
 
 def leave_out_stripped_copies(images: Mapping[str, Path], where: str) -> Dict[str, Path]:

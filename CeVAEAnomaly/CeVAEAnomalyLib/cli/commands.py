@@ -42,7 +42,8 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     (``site/*.nii.gz``), where FSL's skull-stripped copy ``NAME_brain.*`` is left out; a folder without image files
     is one DICOM series."""
     from ..io.manifest import Subject, check_volume_path, read_manifest
-    from .batch import collect_folder, leave_out_stripped_copies, mask_key, owner, pair_masks
+    from .batch import (collect_folder, leave_out_detection_results, leave_out_stripped_copies, mask_key, owner,
+                        pair_masks)
 
     subjects = list(read_manifest(args.manifest)) if args.manifest else []
     files: List[Path] = []
@@ -64,7 +65,7 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
             files.append(p)
     images: Dict[Tuple[Path, str], Path] = {}  # (folder, stem) -> the image file; masks: (folder, mask stem)
     masks: Dict[Tuple[Path, str], Path] = {}
-    for p in files:
+    for p in leave_out_detection_results(files, "among the files given"):
         of = mask_key(file_stem(p))
         found, key, kind = (images, file_stem(p), "image") if of is None else (masks, of, "brain mask")
         where = (p.parent.resolve(), key)
