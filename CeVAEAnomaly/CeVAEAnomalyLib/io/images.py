@@ -62,6 +62,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                     if layout is not None and layout.gz and p.name.lower().endswith(".nii"):
                         raise CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI "
                                          "reader goes by the name: rename it to end in .nii.gz.") from None
+                    refuse_misnamed_format(p, what)
                     raise CeVAEError(
                         f"The {what} file {p} could not be read as an image "
                         f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
@@ -101,6 +102,38 @@ class _NiftiLayout:
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+# what a file's first bytes say it is: (its format in words, the extensions its reader takes, the one to suggest
+# first); NIfTI is told apart by its header's size and magic, the others by their first bytes
+_NIFTI_MAGIC = {(348, 344): b"n+1\0", (540, 4): b"n+2\0"}  # (header size, magic offset) -> single-file magic
+_TEXT_HEADERS = ((b"NRRD000", "an NRRD image", (".nrrd", ".nhdr")), (b"ObjectType", "a MetaImage", (".mha", ".mhd")))
+
+
+def refuse_misnamed_format(p: Path, what: str) -> None:
+    """Refuse, saying the rename to make, a file that its reader (chosen by the extension) could not read whose
+    content is a NIfTI, NRRD or MetaImage of another extension; nothing when its content is none of these."""
+    found = _format_by_content(p)
+    if found is not None and not p.name.lower().endswith(found[1]):
+        named = "".join(p.suffixes[-2:]) if p.name.lower().endswith(".gz") else p.suffix
+        raise CeVAEError(f"The {what} file {p} holds {found[0]} but is named {named or 'without an extension'}, and "
+                         f"the reader goes by the name: rename it to end in {found[1][0]}.")
+
+
+def _format_by_content(p: Path) -> Optional[Tuple[str, Tuple[str, ...]]]:
+    """(the format in words, the extensions its reader takes) of what the file at ``p`` holds, by its first bytes;
+    None if unknown."""
+    try:
+        with open(p, "rb") as fh:
+            gz = fh.read(2) == _GZIP_MAGIC
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as fh:
+            head = fh.read(540)
+    except (EOFError, OSError, zlib.error):
+        return None
+    for (size, at), magic in _NIFTI_MAGIC.items():
+        if head[at : at + 4] == magic and size in (struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]):
+            return ("a NIfTI image (gzip-compressed)", (".nii.gz",)) if gz else ("a NIfTI image", (".nii", ".nii.gz"))
+    return next(((words, ext) for start, words, ext in _TEXT_HEADERS if not gz and head.startswith(start)), None)
 
 
 def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
