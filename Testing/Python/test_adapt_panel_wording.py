@@ -555,3 +555,21 @@ def test_a_full_disk_at_a_panels_first_checkpoint_says_what_to_do_in_the_panels_
         panel_trainer.fit()
     text = str(refused.value)
     assert text.endswith("No checkpoint had been written yet. Free some space, then press Adapt again."), text
+
+
+def test_a_scan_changed_before_a_panels_first_checkpoint_says_what_to_do_in_the_panels_words(tiny_bundle, panel_task):
+    """A site scan rewritten once the scans were prepared, before the first run trained, was refused with the words
+    "adapt again once the scan is as it should be" whatever the caller, not with the panel's Adapt button."""
+    scan = Path(panel_task["subjects"][1]["image"])
+    task = dict(panel_task, model=str(tiny_bundle), options=dict(panel_task["options"], resume=False))
+
+    def rewrite_once_prepared(fraction: float, message: str) -> None:
+        if message.startswith("Preparing the scans: prepared 2 of 2"):
+            shutil.copyfile(panel_task["subjects"][0]["image"], scan)
+
+    with pytest.raises(CeVAEError) as refused:
+        run_adapt(task, rewrite_once_prepared)
+    text = str(refused.value)
+    assert text.startswith(f"{scan} changed since the adaptation began"), text
+    assert text.endswith("No checkpoint was written yet: press Adapt again once the scan is as it should be."), text
+    assert not list(Path(panel_task["out"]).parent.glob("site.cevae*"))

@@ -235,7 +235,7 @@ def test_a_changed_scan_is_refused_in_the_words_that_fit_the_run(tmp_path):
     out = tmp_path / "site.cevae"
     configs = {run: QUICK.run_config(out, run) for run in ("fold1", "final")}
     assert _what_to_do_then(configs, False, COMMAND_LINE_ADAPT) == (
-        "No checkpoint was written yet: adapt again once the scan is as it should be.")
+        "No checkpoint was written yet: run again once the scan is as it should be.")
     configs["fold1"].checkpoint_path.write_bytes(b"")
     kept = "The checkpoints written so far are kept: with the scan as it was, run again with --resume, or start anew "
     assert _what_to_do_then(configs, False, COMMAND_LINE_ADAPT) == kept + "with --overwrite."

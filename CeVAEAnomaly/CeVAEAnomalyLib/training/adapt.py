@@ -246,7 +246,7 @@ def _what_to_do_then(configs: Dict[str, TrainConfig], resumed: bool, wording: Wo
     """What a user does after the adaptation of the runs ``configs`` stopped before a run: with checkpoints, resume
     or start anew in ``wording`` (start anew as fits a run that was ``resumed`` or not); without, adapt again."""
     if not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
-        return "No checkpoint was written yet: adapt again once the scan is as it should be."
+        return f"No checkpoint was written yet: {wording.run_again} once the scan is as it should be."
     anew = wording.start_anew if resumed else wording.start_over
     return f"The checkpoints written so far are kept: with the scan as it was, {wording.resume}, or {anew}."
 
