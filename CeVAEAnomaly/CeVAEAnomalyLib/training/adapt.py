@@ -200,6 +200,9 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     seconds = 0.0
     share = (1.0 - PREPARE_SHARE) / len(runs)
 
+    def scans_of(n: int, run: str) -> List[Subject]:
+        return [s for j, s in enumerate(subjects) if run == "final" or j not in plan[n]]
+
     def trainer_of(n: int, run: str) -> Trainer:
         held = plan[n] if run != "final" else []
         cfg = replace(configs[run], model=header.model, loss=header.loss,
@@ -210,8 +213,8 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         begin = PREPARE_SHARE + n * share
         timed = _timed(labelled(scaled(progress, begin, begin + share), title), pace, steps, fine_tuning_left,
                        n * steps)
-        return Trainer(cfg, [s for j, s in enumerate(subjects) if j not in held], base.preprocess, timed,
-                       start_weights=start, wording=wording, memo=memo, start_sha256=parent)
+        return Trainer(cfg, scans_of(n, run), base.preprocess, timed, start_weights=start, wording=wording, memo=memo,
+                       start_sha256=parent)
 
     # every checkpoint the resume continues from is checked first: one of another run (a final checkpoint of another
     # adaptation) is refused before any fold trains, not after all of them
@@ -220,12 +223,14 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     for trainer in resumed.values():
         trainer.check_resume()
     for n, run in enumerate(runs):
-        built = resumed.pop(run, None)  # built before the first run: its scans are hashed again now
-        trainer = built or trainer_of(n, run)
-        changed = first_changed(trainer.checksums, checksums, memo) if built is not None else next(
-            (path for path, digest in trainer.checksums.items() if checksums.get(path, digest) != digest), None)
-        if changed is not None:  # (a run built now hashed its scans as it was built)
-            raise _changed_since_began(changed, _what_to_do_then(configs, resume, wording))
+        trainer = resumed.pop(run, None)  # built before the first run (a resume's)
+        # its scans as they are now (hashed again only where changed), before a run built now reads them
+        changed = first_changed((p for s in scans_of(n, run) for p in (s.image, s.mask)), checksums, memo)
+        if changed is None and trainer is None:
+            trainer = trainer_of(n, run)  # (changed in between: it hashed other content)
+            changed = next((p for p, digest in trainer.checksums.items() if checksums.get(p, digest) != digest), None)
+        if changed is not None:
+            raise _changed_since_began(changed, configs, resume, wording)
         pace.pause()  # the run's set-up (its slices, a checkpoint read) is not step time
         seconds += trainer.fit()
         if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
@@ -234,20 +239,30 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     return models, trainer, seconds
 
 
-def _changed_since_began(changed: Path, then: str) -> CeVAEError:
+def _changed_since_began(changed: Path, configs: Dict[str, TrainConfig], resumed: bool,
+                         wording: Wording) -> CeVAEError:
     """The refusal of a run one of whose scans, ``changed``, no longer holds the content the adaptation hashed as it
-    began: it would train on other content than the runs before it, which only the final write would have told;
-    ``then``: what to do (:func:`_what_to_do_then`)."""
-    return CeVAEError(f"{changed} changed since the adaptation began (replaced or rewritten), so its next run would "
-                      f"train on other content than the runs before it. {then}")
+    began (removed, replaced or rewritten): it would train on other content than the runs before it, which only the
+    final write would have told; what to do after the runs ``configs`` (:func:`_what_to_do_then`)."""
+    removed = not changed.exists()
+    what = ("was removed during the adaptation, so its next run cannot train on it" if removed else
+            "changed since the adaptation began (replaced or rewritten), so its next run would train on other content "
+            "than the runs before it")
+    return CeVAEError(f"{changed} {what}. {_what_to_do_then(configs, resumed, wording, removed)}")
 
 
-def _what_to_do_then(configs: Dict[str, TrainConfig], resumed: bool, wording: Wording) -> str:
-    """What a user does after the adaptation of the runs ``configs`` stopped before a run: with checkpoints, resume
-    or start anew in ``wording`` (start anew as fits a run that was ``resumed`` or not); without, adapt again."""
-    if not any(cfg.checkpoint_path.is_file() for cfg in configs.values()):
-        return f"No checkpoint was written yet: {wording.run_again} once the scan is as it should be."
+def _what_to_do_then(configs: Dict[str, TrainConfig], resumed: bool, wording: Wording, removed: bool = False) -> str:
+    """What a user does after the adaptation of the runs ``configs`` stopped before a run for a changed scan (or a
+    ``removed`` one): with checkpoints, resume or start anew in ``wording`` (start anew as fits a run that was
+    ``resumed`` or not); without, run again."""
+    checkpoints = any(cfg.checkpoint_path.is_file() for cfg in configs.values())
     anew = wording.start_anew if resumed else wording.start_over
+    if removed:
+        return (f"The checkpoints written so far are kept: with the scan put back, {wording.resume}, or leave it out "
+                f"and {anew}." if checkpoints else
+                f"No checkpoint was written yet: put the scan back, or leave it out, and {wording.run_again}.")
+    if not checkpoints:
+        return f"No checkpoint was written yet: {wording.run_again} once the scan is as it should be."
     return f"The checkpoints written so far are kept: with the scan as it was, {wording.resume}, or {anew}."
 
 
