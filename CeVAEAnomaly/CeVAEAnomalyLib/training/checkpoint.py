@@ -294,22 +294,21 @@ def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
     to do in ``wording``."""
     if saved is None:
         raise CeVAEError(f"The checkpoint {path} does not record what defines its run; {wording.start_anew}.")
-    adaptation = _unrecorded_adaptation(saved["options"], current["options"])
+    changed, volumes, adaptation = run_differences(saved, current)
     if adaptation is not None:
         log.warning("The checkpoint %s was written before an adaptation recorded its steps and learning rate: %s (its "
                     "fold models calibrate the final one, so they must be trained alike).", path,
                     wording.same_settings.format(steps=adaptation.get("steps"), lr=adaptation.get("lr")))
-    changed, volumes = run_differences(saved, current)
     if changed or volumes:
         raise CeVAEError(f"{wording.resume_request} refused: the checkpoint {path} belongs to another run: "
                          f"{_differences(changed, volumes, wording)}. {wording.same_run}, or {wording.start_anew}.")
 
 
-def run_differences(saved: Mapping[str, Any],
-                    current: Mapping[str, Any]) -> Tuple[List[Tuple[str, Any, Any]], List[str]]:
+def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
+                    ) -> Tuple[List[Tuple[str, Any, Any]], List[str], Optional[Mapping[str, Any]]]:
     """What differs between a checkpoint's run identity ``saved`` and ``current`` (:func:`run_identity`), without a
-    word logged: the options (dotted name, saved value, current value) and the volumes, in words. An adaptation's steps
-    and learning rate that an earlier version did not record are taken as the current ones."""
+    word logged: the options (dotted name, saved value, current value) and the volumes, in words; and an adaptation's
+    steps and learning rate that an earlier version did not record, taken as the current ones (None: none were)."""
     options = _base_by_content(saved["options"], current["options"])
     # what a resume may change now but an earlier version recorded as the run's (a train run's batch size)
     options = {k: v for k, v in options.items() if k in current["options"] or k not in RESUME_MAY_CHANGE}
@@ -318,7 +317,7 @@ def run_differences(saved: Mapping[str, Any],
         options = dict(options, adaptation=adaptation)
     changed = _changed_options(options, current["options"])
     volumes = [said for role in ("train", "validation") for said in _changed_volumes(role, saved[role], current[role])]
-    return changed, volumes
+    return changed, volumes, adaptation
 
 
 def _unrecorded_adaptation(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:

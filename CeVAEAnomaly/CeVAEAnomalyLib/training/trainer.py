@@ -457,7 +457,7 @@ class Trainer:
             return
         if len(train) + len(val) != len(mine) or (train, val) == (self.train_subjects, self.val_subjects):
             return
-        changed, volumes = run_differences(saved, self._identity_with(train, val))  # type: ignore[arg-type]
+        changed, volumes, _ = run_differences(saved, self._identity_with(train, val))  # type: ignore[arg-type]
         if changed or volumes:
             return
         log.info("The volumes are listed in another order than in the run being resumed; it goes on with its own "
