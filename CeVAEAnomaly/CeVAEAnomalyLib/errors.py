@@ -134,15 +134,15 @@ COMMAND_LINE_TRAIN = Wording(
     same_settings="make sure --max-steps {steps} and --lr {lr:g} are those it was started with",
     unlike_scan="calibrate the trained model without it (cevae-anomaly calibrate) unless it is a healthy scan of this "
                 "protocol")
+# the run options of a fine-tuning that its starting model decides: its file, architecture, loss, preprocessing, slice
+# orientations and augmentation (training.checkpoint names them by kind, adapt's as --model)
+MODEL_OPTIONS = ("init_from", "model", "loss", "preprocess", "orientations", "augment")
 # `cevae-anomaly adapt`: an adaptation has the architecture and the default rate of its --model (train's --channels,
 # --z-dim, --input-size and --max-steps, calibrate's --default-fpr are not adapt's)
 COMMAND_LINE_ADAPT = Wording(
     **_COMMAND_LINE, same_model="Resume with the --model that adaptation started from",
-    # (what the base model decides -- its file, architecture, loss, preprocessing, orientations, augmentation -- is
-    # adapt's --model)
     option_names=(("adaptation.steps", "--steps"), ("adaptation.lr", "--lr"), ("batch_size", "--batch-size"),
-                  ("seed", "--seed"), ("amp", "--amp"), *((name, "--model") for name in (
-                      "init_from", "model", "loss", "preprocess", "orientations", "augment"))),
+                  ("seed", "--seed"), ("amp", "--amp"), *((name, "--model") for name in MODEL_OPTIONS)),
     less_memory="close other programs that use its memory, or give another --device",
     higher_rate="detect with a higher --fpr",
     replace_model="pass --overwrite to adapt again and replace it, or choose another --out",

@@ -573,3 +573,23 @@ def test_a_scan_changed_before_a_panels_first_checkpoint_says_what_to_do_in_the_
     assert text.startswith(f"{scan} changed since the adaptation began"), text
     assert text.endswith("No checkpoint was written yet: press Adapt again once the scan is as it should be."), text
     assert not list(Path(panel_task["out"]).parent.glob("site.cevae*"))
+
+
+def test_a_panels_resume_with_a_model_trained_with_other_augmentation_names_only_the_model(tmp_path):
+    """An adaptation fine-tunes with the augmentation its model was trained with, so a resume with another model of
+    other augmentation differs in the model alone; the panel also said "it was started with other settings than the
+    panel's (from the command line)", which its user never gave."""
+    from CeVAEAnomalyLib.training.checkpoint import check_same_run, run_identity
+    from CeVAEAnomalyLib.training.config import AugmentConfig
+
+    def identity(sha256: str, augment: AugmentConfig) -> Dict[str, Any]:
+        cfg = AdaptOptions().run_config(tmp_path / "site.cevae", "final", init_from=tmp_path / "base.cevae")
+        return run_identity(replace(cfg, augment=augment).run_options(sha256), [], [], {})
+
+    saved, current = identity("a" * 64, AugmentConfig()), identity("b" * 64, AugmentConfig(flip=0.0))
+    with pytest.raises(CeVAEError) as refused:
+        check_same_run(saved, current, tmp_path / "site.cevae.ckpt", PANEL_WORDING)
+    assert f"belongs to another run: {PANEL_WORDING.other_model}. " in str(refused.value), str(refused.value)
+    with pytest.raises(CeVAEError) as refused:
+        check_same_run(saved, current, tmp_path / "site.cevae.ckpt", COMMAND_LINE_ADAPT)
+    assert "augment.flip, set by --model (0.5 in the checkpoint, 0.0 now)" in str(refused.value), str(refused.value)

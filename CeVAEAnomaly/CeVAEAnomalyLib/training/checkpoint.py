@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
+from ..errors import COMMAND_LINE_TRAIN, MODEL_OPTIONS, CeVAEError, Wording
 from ..io.atomic import atomic_path
 from ..io.manifest import Subject
 from .config import LOG_HEADER, RESUME_MAY_CHANGE
@@ -30,9 +30,6 @@ from .config import LOG_HEADER, RESUME_MAY_CHANGE
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2  # 2: the run's identity is stored and checked on resume
-# the options of a fine-tuning that its starting model decides (its file, architecture, loss, preprocessing, slice
-# orientations)
-MODEL_OPTIONS = frozenset(("init_from", "model", "loss", "preprocess", "orientations"))
 DIGEST_KEY = "sha256"  # the checkpoint's record of state_digest (checkpoints of earlier releases lack it)
 
 
@@ -334,8 +331,8 @@ def _differences(changed: List[Tuple[str, Any, Any]], volumes: List[str], wordin
         return "; ".join([f"{_option_name(key, wording)} ({_show(was)} in the checkpoint, {_show(now)} now)"
                           for key, was, now in changed] + volumes)
     options = {key.split(".")[0] for key, _, _ in changed}
-    kinds = ((options & MODEL_OPTIONS, wording.other_model), (volumes, wording.other_volumes),
-             (options - MODEL_OPTIONS, wording.other_settings))
+    kinds = ((options & set(MODEL_OPTIONS), wording.other_model), (volumes, wording.other_volumes),
+             (options - set(MODEL_OPTIONS), wording.other_settings))
     return "; ".join(said for differ, said in kinds if differ)
 
 
