@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from ..data import refuse_bundled_output
-from ..engine.brainmask import each_warning_once
 from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibrate import WRITE_SHARE
 from ..engine.calibration import calibrated_test_time_steps
@@ -44,6 +43,7 @@ from .data import person_groups, unique_subjects, voxel_checksums
 from .distributed import DistInfo, file_checksums
 from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
+from .said_once import each_warning_once
 from .trainer import Trainer, header_largest_side
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated shar
 PER_ACQUISITION = f"With healthy scans of {MIN_SCANS} persons in each acquisition, adapt one model per acquisition."
 
 
-@each_warning_once()  # each scan is masked for its slices and for its scores
+@each_warning_once()  # each scan is masked for its slices and for its scores: each warning said once
 def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOptions = AdaptOptions(),
           progress: Optional[ProgressCallback] = None, inputs: Sequence[Optional[Path]] = (),
           wording: Wording = COMMAND_LINE_ADAPT) -> Path:

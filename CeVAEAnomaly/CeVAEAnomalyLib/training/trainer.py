@@ -22,7 +22,6 @@ import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
-from ..engine.brainmask import each_warning_once
 from ..engine.calibration import largest_side
 from ..engine.config import ModelConfig, PreprocessConfig
 from ..engine.corruption import random_rectangles
@@ -44,6 +43,7 @@ from .data import Subject, person_groups, persons_to_hold_out, split_subjects, u
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
                           shared_map, init_distributed, rank_device, rank_seed, shutdown_distributed)
 from .packaging import TrainingRecord, package, person_numbers, subject_records, training_header, with_contrast
+from .said_once import each_warning_once
 from .sampler import EpochSampler, resumed_offset
 
 log = logging.getLogger(__name__)
