@@ -1,6 +1,7 @@
 """The MRML adapter on a real vtkMRMLScene (slicer-core): geometry, output nodes, transactions."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -413,6 +414,25 @@ def test_publish_refuses_a_result_of_another_scan_of_the_same_size(scene):
     with pytest.raises(CeVAEError, match="the score map lies on another grid than the input volume 'head' \\(origin"):
         mrml.publish(scene, volume, fake_detection(other, other_mask))
     assert mrml.node_ids(scene) == before
+
+
+@pytest.mark.parametrize("part", ["labelmap", "brain_mask"])
+def test_publish_refuses_a_result_whose_labelmap_or_brain_mask_lies_on_another_grid(scene, part):
+    """A result put together at the console (its labelmap re-thresholded at half the resolution) was loaded with the
+    labelmap's voxels stretched over the input's grid, anomalies where there are none; a brain mask of another grid
+    failed with a bare IndexError. Each is refused in one line, naming the part, and the earlier results stay."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
+    labelmap_before = array(first.labelmap)
+    before = mrml.node_ids(scene)
+    detection = fake_detection(image, mask)
+    coarse = getattr(detection, part)[::2, ::2, ::2]
+    with pytest.raises(CeVAEError, match=f"The {part.replace('_', ' ')} of this detection lies on another grid than "
+                                         "the input volume 'head'"):
+        mrml.publish(scene, volume, dataclasses.replace(detection, **{part: coarse}), create_labelmap=True)
+    assert mrml.node_ids(scene) == before
+    assert np.array_equal(array(first.labelmap), labelmap_before)
 
 
 def test_score_display_uses_inferno_and_hides_low_scores(scene):

@@ -471,7 +471,7 @@ def publish(
     if volume_node.GetImageData() is None:
         raise CeVAEError(f"The input volume '{volume_node.GetName()}' no longer holds image data; the results "
                          "are not loaded.")
-    _refuse_another_grid(volume_node, result.score)
+    _refuse_another_grid(volume_node, result)
     with transaction(scene) as undo:
         out = OutputNodes()
         users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
@@ -569,18 +569,36 @@ def mark_provenance(outputs: Sequence[Optional[slicer.vtkMRMLNode]], record: Opt
                 node.RemoveAttribute(name)
 
 
-def _refuse_another_grid(volume_node: slicer.vtkMRMLVolumeNode, score: sitk.Image) -> None:
-    """Refuse a score map that does not lie on the input's voxel grid (within the rounding of the worker's files): a
-    detection of another scan. Its outputs take the input's exact grid (:func:`_fill_volume`)."""
+def _refuse_another_grid(volume_node: slicer.vtkMRMLVolumeNode, result: "DetectionResult") -> None:
+    """Refuse a result whose score map, labelmap or brain mask does not lie on the input's voxel grid (within the
+    rounding of the worker's files): a detection of another scan, or parts put together from several grids. Its
+    outputs take the input's exact grid (:func:`_fill_volume`)."""
     name = volume_node.GetName()
-    if tuple(score.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
+    differs = _grid_difference(volume_node, result.score)
+    if differs == "size":
         raise CeVAEError(f"The score map does not match the grid of the input volume '{name}' (another number of "
                          "voxels); the results are not loaded.")
+    if differs is not None:
+        raise CeVAEError(f"This detection is not of '{name}': the score map lies on another grid than the input "
+                         f"volume '{name}' ({differs} differs); the results are not loaded.")
+    for part, image in (("labelmap", result.labelmap), ("brain mask", result.brain_mask)):
+        differs = _grid_difference(volume_node, image)
+        if differs is not None:
+            what = "another number of voxels" if differs == "size" else f"{differs} differs"
+            raise CeVAEError(f"The {part} of this detection lies on another grid than the input volume '{name}' "
+                             f"and its score map ({what}); the results are not loaded.")
+
+
+def _grid_difference(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image) -> Optional[str]:
+    """What of ``image``'s grid differs from the input's: "size", "spacing", "origin" or "direction"; None if
+    nothing does (within the rounding of the worker's files)."""
+    if tuple(image.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
+        return "size"
     for what, ours, given in zip(("spacing", "origin", "direction"), _lps_geometry(volume_node),
-                                 (score.GetSpacing(), score.GetOrigin(), score.GetDirection())):
+                                 (image.GetSpacing(), image.GetOrigin(), image.GetDirection())):
         if not np.allclose(ours, given, rtol=1e-5, atol=1e-4):
-            raise CeVAEError(f"This detection is not of '{name}': the score map lies on another grid than the input "
-                             f"volume '{name}' ({what} differs); the results are not loaded.")
+            return what
+    return None
 
 
 def _hand_over(undo: Undo, node: slicer.vtkMRMLNode) -> None:
