@@ -1129,6 +1129,30 @@ def test_finishing_a_detection_too_early_or_with_another_logic_says_so_and_keeps
         logic.finishDetection(job)
 
 
+def test_finishing_a_calibration_as_a_detection_says_how_a_calibration_ends(tmp_path):
+    """logic.finishDetection(job) on the job startCalibration returned said it was "not started by this
+    CeVAEAnomalyLogic" (it was) and to finish it with the logic whose startDetection returned it (none did). It says
+    that a calibration loads nothing into the scene and where its model is read; the job goes on."""
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the stand-in worker is a POSIX script")
+    script = tmp_path / "worker"
+    script.write_text("#!/bin/sh\nsleep 20\n")
+    script.chmod(0o755)
+    scene = slicer.vtkMRMLScene()
+    volume = add_volume(scene, make_head(seed=11)[0], "healthy")
+    logic = CeVAEAnomalyLogic()
+    job = logic.startCalibration([volume], [None], tmp_path / "site.cevae", python=str(script))
+    try:
+        with pytest.raises(CeVAEError, match=r"^This job is a calibration \(startCalibration\), not a detection: it "
+                                             r"loads nothing into the scene\. .*job\.done\['model'\]"):
+            logic.finishDetection(job)
+        assert job.state is JobState.RUNNING
+    finally:
+        logic.discardJob(job)
+
+
 def test_finishing_a_cancelled_detection_says_it_was_cancelled(tmp_path, head_scene):
     """job.cancel() at the console, then finishDetection: it says the run was cancelled (it said "did not finish")."""
     import os

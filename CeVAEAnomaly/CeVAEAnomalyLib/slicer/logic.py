@@ -448,6 +448,7 @@ class CeVAEAnomalyLogic(_LogicBase):
 
         target = self._targets.get(job)
         if target is None:
+            _refuseModelJob(job)
             if job in self._closed:
                 raise CeVAEError("This detection's results were loaded or discarded already.")
             raise CeVAEError("This detection was not started by this CeVAEAnomalyLogic; finish it with the logic "
@@ -891,6 +892,20 @@ def _stopAtClose(scene: slicer.vtkMRMLScene, job: WorkerJob, target: _DetectionT
     unwatch = weakref.finalize(job, scene.RemoveObserver, tag)
     unwatch.atexit = False  # (at exit, nothing closes any more)
     return unwatch
+
+
+_MODEL_JOBS = {"calibrate": ("a calibration", "startCalibration"), "adapt": ("an adaptation", "startAdaptation")}
+
+
+def _refuseModelJob(job: WorkerJob) -> None:
+    """Refuse, as a detection to load, a calibration's or adaptation's job: it writes a model file, not the scene;
+    say how it ends instead."""
+    task = job.request.get("task")
+    if task in _MODEL_JOBS:
+        what, start = _MODEL_JOBS[task]
+        raise CeVAEError(f"This job is {what} ({start}), not a detection: it loads nothing into the scene. Call "
+                         "job.poll() until it returns True, then job.raise_for_failure(); job.done['model'] is the "
+                         "path of the model it wrote.")
 
 
 def _sceneClosedMessage(volumeNode) -> str:
