@@ -216,6 +216,21 @@ def test_a_failing_run_leaves_the_scene_unchanged(scene_with_head, tiny_bundle, 
     assert mrml.node_ids(scene) == before
 
 
+@pytest.mark.parametrize("start", ["process", "startDetection"])
+def test_a_segment_id_without_a_brain_mask_is_refused_not_ignored(scene_with_head, tiny_bundle, start):
+    """process(volume, maskSegmentId="Brain") with the segmentation left out ran with the automatic brain mask and
+    said nothing: the results were not those of the segment the user chose. It is refused before anything is read."""
+    scene, volume, _, _, _ = scene_with_head()
+    before = mrml.node_ids(scene)
+    logic = CeVAEAnomalyLogic()
+    with pytest.raises(CeVAEError, match=r"^maskSegmentId 'Brain' picks a segment of a brain mask segmentation, but "
+                                         r"no brain mask \(maskNode\) was given"):
+        started = getattr(logic, start)(volume, maskSegmentId="Brain", modelPath=tiny_bundle, device="cpu")
+        if start == "startDetection":
+            logic.discardJob(started)  # (the defect: a worker started)
+    assert mrml.node_ids(scene) == before
+
+
 def test_outputs_of_which_one_was_deleted_are_used_and_the_deleted_one_is_made_again(scene_with_head, tiny_bundle):
     """As the panel passes its selected nodes: one deleted from the scene since (the Data module) is not an
     error."""

@@ -304,6 +304,10 @@ class CeVAEAnomalyLogic(_LogicBase):
         from ..io.images import check_volume
         from . import mrml
 
+        if maskNode is None and maskSegmentId:  # not the automatic mask in silence
+            raise CeVAEError(f"maskSegmentId '{maskSegmentId}' picks a segment of a brain mask segmentation, but no "
+                             "brain mask (maskNode) was given; give the segmentation as maskNode, or no maskSegmentId "
+                             "for the automatic mask.")
         image = check_volume(mrml.image_from_volume(volumeNode, "input volume"), f"volume '{volumeNode.GetName()}'")
         mask = mrml.mask_image(maskNode, volumeNode, maskSegmentId) if maskNode is not None else None
         return image, mask
