@@ -52,6 +52,39 @@ def test_a_run_on_another_frame_keeps_the_first_frames_results(tiny_bundle):
     assert mrml.node_ids(scene) == before
 
 
+def test_a_job_on_a_frame_leaves_the_results_another_run_wrote_on_that_frame_meanwhile_alone(tiny_bundle):
+    """A console job on frame 1 of a sequence, started while frame 3 had the input's latest results, loaded into frame
+    1's nodes although another run on frame 1 had filled them meanwhile (its threshold 0.5 replaced by the job's
+    0.4): the job compared runs of any frame. As on a volume of no sequence, it now gets nodes of its own, and with
+    no results on its frame at its start too."""
+    scene, sequences, browser, proxy = sequence_scene()
+    brain = add_volume(scene, make_head()[1], "mask", "vtkMRMLLabelMapVolumeNode")
+    logic = CeVAEAnomalyLogic()
+
+    def run(threshold: float, item: int):
+        browser.SetSelectedItemNumber(item)
+        sequences.UpdateProxyNodesFromSequences(browser)
+        return logic.process(proxy, brain, modelPath=tiny_bundle, device="cpu", threshold=threshold)
+
+    def lower_threshold(result) -> float:
+        return result.nodes.score.GetVolumeDisplayNode().GetLowerThreshold()
+
+    run(0.3, 0)
+    third = run(0.6, 2)
+    for item in (0, 1):  # frame 1 had results at the job's start; frame 2 had none
+        browser.SetSelectedItemNumber(item)
+        sequences.UpdateProxyNodesFromSequences(browser)
+        job = logic.startDetection(proxy, brain, modelPath=tiny_bundle, device="cpu", threshold=0.4)
+        meanwhile = run(0.5, item)
+        run_to_end(job)
+        loaded = logic.finishDetection(job)
+        assert loaded.nodes.score is not meanwhile.nodes.score, item
+        assert loaded.nodes.segmentation is not meanwhile.nodes.segmentation, item
+        assert lower_threshold(meanwhile) == pytest.approx(0.5) and lower_threshold(loaded) == pytest.approx(0.4)
+        assert loaded.nodes.score.GetAttribute(nodes.FRAME_ATTRIBUTE) == str(item)
+    assert lower_threshold(third) == pytest.approx(0.6)
+
+
 def test_the_warnings_of_a_run_name_an_input_renamed_while_it_ran(tiny_bundle):
     """The worker's warnings named the nodes by their names at Apply: a reader who renamed the scan (or its mask) while
     the run went on was warned about a name no node had any more. They name the nodes as they are called when read."""

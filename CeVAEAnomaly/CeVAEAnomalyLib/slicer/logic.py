@@ -134,27 +134,39 @@ class _DetectionTarget:
     show3D: bool
     state: Tuple  # the volume's grid and voxels when the job started (_state)
     mask: Optional[slicer.vtkMRMLNode] = None  # the brain mask node it used (None: the automatic one)
-    latest: Optional[str] = None  # the run stamp of the input's latest score volume when the job started
+    latest: Optional[str] = None  # the run stamp of the input's latest results (of its frame) when the job started
     frame: Optional["SequenceFrame"] = None  # the sequence frame the input showed when the job started
     sceneClosed: bool = False  # the input's scene closed before the results were loaded (_stopAtClose)
     unwatch: Callable[[], Any] = dataclasses.field(init=False)  # stops watching the close (set by startDetection)
 
     def outputs_now(self) -> Tuple[Optional["OutputNodes"], bool]:
         """The nodes to load into, and whether to make new ones: without a chosen score volume, a job updates the
-        results that were the input's latest when it started; if another run has filled or made the latest ones
-        since, those are left alone (the job updates its start's, or gets nodes of its own)."""
+        results that were the input's latest (on a sequence, its frame's) when it started; if another run has filled
+        or made the latest ones since, those are left alone (the job updates its start's, or gets nodes of its
+        own)."""
         from .mrml import OutputNodes
-        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output
+        from .nodes import SCORE_ROLE, find_output
 
         scene = self.volume.GetScene()
         if (self.outputs is not None and self.outputs.score is not None) or scene is None:  # (removed: refused later)
             return self.outputs, False
-        newest = find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, self.volume)
-        if newest is None or newest.GetAttribute(RUN_ATTRIBUTE) == self.latest:
+        newest = _latestRun(scene, self.volume, self.frame)
+        if newest is None or newest == self.latest:
             return self.outputs, False
         started = None if self.latest is None else find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE,
                                                                 self.volume, self.latest, exact=True)
         return dataclasses.replace(self.outputs or OutputNodes(), score=started), started is None
+
+
+def _latestRun(scene: slicer.vtkMRMLScene, volumeNode, frame: Optional["SequenceFrame"]) -> Optional[str]:
+    """The run stamp of ``volumeNode``'s latest results, of those that scored ``frame`` where a sequence browser drives
+    it (another frame's are never updated: mrml._run_to_update); None if there are none."""
+    from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output, frame_run
+
+    if frame is not None:
+        return frame_run(scene, volumeNode, frame)
+    latest = find_output(scene, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volumeNode)
+    return None if latest is None else latest.GetAttribute(RUN_ATTRIBUTE)
 
 
 def _state(volumeNode) -> Tuple:
@@ -416,7 +428,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         process group of its own so that Cancel ends the whole tree), ``python`` is the interpreter
         (Slicer: ``PythonSlicer``). Closing the input's scene stops the job and removes its copy of the scan.
         """
-        from .nodes import RUN_ATTRIBUTE, SCORE_ROLE, find_output, sequence_frame
+        from .nodes import sequence_frame
 
         self.checkDependencies()
         request = DetectionRequest.given(request, **options)
@@ -436,9 +448,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         except BaseException:
             _removeFolder(folder)
             raise
-        latest = find_output(volumeNode.GetScene(), "vtkMRMLScalarVolumeNode", SCORE_ROLE, volumeNode)
         target = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, state, maskNode,
-                                  None if latest is None else latest.GetAttribute(RUN_ATTRIBUTE), frame)
+                                  _latestRun(volumeNode.GetScene(), volumeNode, frame), frame)
         target.unwatch = _stopAtClose(volumeNode.GetScene(), job, target)
         self._targets[job] = target
         return job
