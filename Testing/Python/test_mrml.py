@@ -855,6 +855,23 @@ def test_calibration_masks_are_paired_with_volumes_by_grid(scene):
         pair_masks([a], [ma])
 
 
+def test_masks_of_healthy_volumes_that_share_a_grid_and_a_name_say_to_rename_the_volumes(scene):
+    """Two healthy scans in one template space with one series name (e.g. 't1_mprage_sag' of two persons): each mask
+    fits both, and the refusal said to name each mask after its volume, e.g. 't1_mprage_sag mask', which the masks
+    were already called; no naming of the masks could tell the volumes apart. It says to rename the volumes first."""
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    image, mask = make_head()
+    volumes = [add_volume(scene, image, "t1_mprage_sag") for _ in range(2)]
+    masks = [add_volume(scene, mask, f"t1_mprage_sag mask{n}", "vtkMRMLLabelMapVolumeNode") for n in ("", " 2")]
+    with pytest.raises(CeVAEError, match="they share one grid and the name 't1_mprage_sag': rename the volumes apart "
+                                         r"\(Data module\), then name each mask after its volume"):
+        pair_masks(volumes, masks)
+    volumes[1].SetName("t1_mprage_sag 2")
+    masks[1].SetName("t1_mprage_sag 2 mask")
+    assert pair_masks(volumes, masks) == masks
+
+
 def test_the_modules_own_volumes_are_kept_out_of_the_input_selectors(scene):
     """A score volume, labelmap or anomaly segmentation of this module is not offered as an input, brain mask or
     healthy volume (the brain-mask selector takes segmentations too)."""

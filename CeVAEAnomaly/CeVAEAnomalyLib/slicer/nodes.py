@@ -820,8 +820,7 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
                              "another transform; harden the transforms (or put both under the same one) first.")
         if len(fits) != 1:
             where = "none of" if not fits else "several of"
-            hint = (" (they share one grid: name each mask after its volume, e.g. "
-                    f"'{volumes[fits[0]].GetName()} mask')" if fits else "")
+            hint = _shared_grid_hint([volumes[i].GetName() for i in fits]) if fits else ""
             raise CeVAEError(f"The brain mask '{mask.GetName()}' is on the grid of {where} the chosen healthy "
                              f"volumes{hint}; choose masks that match one volume each.")
         if pairs[fits[0]] is not None:
@@ -829,3 +828,13 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
                              f"('{pairs[fits[0]].GetName()}' and '{mask.GetName()}'); keep one.")
         pairs[fits[0]] = mask
     return pairs
+
+
+def _shared_grid_hint(names: Sequence[str]) -> str:
+    """How to tell apart the healthy volumes (their ``names``) that share the grid of one brain mask: by naming each
+    mask after its volume, once volumes of one name are renamed apart (no mask name tells those apart)."""
+    twins = [name for name in names if names.count(name) > 1]
+    if twins:
+        return (f" (they share one grid and the name '{twins[0]}': rename the volumes apart (Data module), then name "
+                "each mask after its volume)")
+    return f" (they share one grid: name each mask after its volume, e.g. '{names[0]} mask')"
