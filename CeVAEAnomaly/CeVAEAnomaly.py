@@ -332,7 +332,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """A new scene starts with the model used last on this computer (model_memory.start_model)."""
         from CeVAEAnomalyLib.slicer.model_memory import SETTINGS_KEY, remembered_value, start_model
 
-        start = start_model(str(qt.QSettings().value(SETTINGS_KEY, "") or ""))
+        start = start_model(qt.QSettings().value(SETTINGS_KEY, ""))  # (start_model judges a value of another type)
         if start.forget:
             qt.QSettings().remove(SETTINGS_KEY)
         self._modelStandingIn = start.standing_in_for

@@ -55,6 +55,18 @@ def test_a_remembered_model_out_of_reach_is_kept_for_the_next_start(tmp_path):
     assert "cannot be reached now, so the bundled model is in use" in start.message
 
 
+@pytest.mark.parametrize("value", [("/site/a.cevae", "/site/b.cevae"), 3, "/site/model\0.cevae"],
+                         ids=["a list", "a number", "a NUL byte"])
+def test_a_remembered_setting_that_is_no_file_path_is_cleared_not_a_crash_nor_kept(value):
+    """The application setting as another version or a damaged settings file may leave it: a list or a number failed
+    with a TypeError (the widget's str() of it was then kept for ever as a model "out of reach"), a path with a NUL
+    byte with a ValueError, so the panel did not open. The bundled model is used and the setting is cleared."""
+    start = start_model(value)
+    assert start.path is None and start.forget and start.standing_in_for == ""
+    assert start.message.startswith(f"The setting {SETTINGS_KEY} holds no model file path")
+    assert "so the bundled model is in use" in start.message
+
+
 def test_a_detection_with_the_bundled_model_standing_in_keeps_the_model_out_of_reach_remembered(tmp_path):
     """Slicer started before the share was mounted: the bundled model stood in, and the first detection with it
     made it the remembered model, so the site model was never tried again (and later starts said nothing)."""

@@ -37,13 +37,17 @@ def remembered_value(parameters: Any, standing_in_for: str = "") -> str:
     return str(parameters.modelPath)
 
 
-def start_model(remembered: Optional[str]) -> StartModel:
-    """The model for a new scene from the remembered value: that file if its header still reads as a model
-    (weights are checked when it is loaded, as for any chosen file), otherwise the bundled model, saying why. A file
-    that cannot be reached (gone, or on a share not mounted yet) stays remembered; one that no longer reads as a
-    model is forgotten."""
+def start_model(remembered: Any) -> StartModel:
+    """The model for a new scene from the remembered value (the setting as the application gives it): that file if its
+    header still reads as a model (weights are checked when it is loaded, as for any chosen file), otherwise the
+    bundled model, saying why. A file that cannot be reached (gone, or on a share not mounted yet) stays remembered;
+    one that no longer reads as a model is forgotten, and so is a value that is no file path (a list, a number, a NUL
+    byte: another version's or a damaged settings file's)."""
     if not remembered:
         return StartModel(None, "", False)
+    if not isinstance(remembered, str) or "\0" in remembered:
+        return StartModel(None, f"The setting {SETTINGS_KEY} holds no model file path ({remembered!r}), so the bundled "
+                                "model is in use; the setting is cleared.", forget=True)
     try:
         ModelSettings.read(Path(remembered))
     except (CeVAEError, OSError) as exc:
