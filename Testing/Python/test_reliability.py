@@ -5,6 +5,7 @@ SIGXFSZ ignored): every write past the limit fails the way a full disk fails it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -87,8 +88,48 @@ def test_detect_on_a_full_disk_keeps_the_previous_output(inputs, tmp_path):
     limit = score.stat().st_size // 2  # ITK's NIfTI writer stops here without raising
     proc = python("-c", LIMITED, str(limit), *detect_argv(image, mask, model, score, "--overwrite"))
     assert proc.returncode == 2, proc.stderr
-    one_error_line(proc.stderr, r"Could not write .*score\.nii\.gz completely .*is the disk full")
+    one_error_line(proc.stderr, r"Could not write .*score\.nii\.gz completely .*is the disk full\? Nothing was "
+                                r"replaced\. Free some space on the disk holding "
+                                rf"{re.escape(str(out))}, then run again\.$")
     assert tree(tmp_path) == before  # the old output intact, no temporary file
+
+
+@pytest.mark.parametrize("number, remedy", [
+    (errno.ENOSPC, "Free some space on the disk holding {out}"),
+    (errno.EROFS, "The disk holding {out} is mounted read-only: make it writable"),
+    (errno.EACCES, "Make sure you may write in {out} (its permissions)"),
+    (errno.EIO, "Check the disk holding {out} (move the run to another disk if it fails again)"),
+])
+def test_detect_says_what_to_do_when_an_output_cannot_be_written(inputs, tmp_path, capsys, monkeypatch, number,
+                                                                 remedy):
+    """The record's write fails half-way, as the system fails it (a full disk, a disk remounted read-only, ...): the
+    one error line names the output and says what to do by the cause; the outputs of the previous run are intact and
+    no part of this one's, nor a temporary file, is left."""
+    from CeVAEAnomalyLib.io import atomic
+
+    image, mask, model = inputs
+    out = tmp_path / "out"
+    score, record = out / "score.nii.gz", out / "record.json"
+    assert main(detect_argv(image, mask, model, score, "--record", str(record))) == 0
+    before = tree(tmp_path)
+    real = atomic._writer_for
+
+    def failing_record(value):
+        if not isinstance(value, str):
+            return real(value)
+
+        def write_half(tmp):
+            Path(tmp).write_text(value[: len(value) // 2])
+            raise OSError(number, os.strerror(number))
+        return write_half
+
+    monkeypatch.setattr(atomic, "_writer_for", failing_record)
+    assert main(detect_argv(image, mask, model, score, "--record", str(record), "--overwrite")) == 2
+    one_error_line(capsys.readouterr().err, "^" + re.escape(
+        f"error: Could not write {record}: {os.strerror(number)}. Nothing was replaced. "
+        f"{remedy.format(out=out)}, then run again."
+    ) + "$")
+    assert tree(tmp_path) == before
 
 
 def test_overwrite_keeps_a_private_files_permissions(inputs, tmp_path):

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ..errors import CeVAEError
+from ..errors import CeVAEError, WriteFailed, write_remedy
 from ..interrupts import stops_held
 from ..system import process_exists
 from .lock import hold_outputs
@@ -264,8 +264,13 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
                     temp_beside(target, lambda name, target=target: temps.__setitem__(target, name))
                     _writer_for(value)(temps[target])
                 except (RuntimeError, OSError) as exc:
-                    raise CeVAEError(f"Could not write {target}: {error_text(exc)}") from None
-                check_complete(temps[target], target, _size_of(value))
+                    words = exc.strerror if isinstance(exc, OSError) and exc.strerror else error_text(exc)
+                    raise WriteFailed(f"Could not write {target}: {words}. Nothing was replaced. "
+                                      f"{_output_remedy(exc, target)}.", exc) from None
+                try:
+                    check_complete(temps[target], target, _size_of(value))
+                except CeVAEError as exc:  # a short write the writer did not report: a full disk, most often
+                    raise CeVAEError(f"{exc} {_output_remedy(exc, target)}.") from None
             with stops_held():  # a stop comes after the last rename: all new or all old
                 for target, tmp in temps.items():
                     try:
@@ -279,6 +284,13 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
                 if os.path.exists(tmp):
                     os.unlink(tmp)
     return targets
+
+
+def _output_remedy(exc: BaseException, target: Path) -> str:
+    """What to do about an output ``target`` whose write failed with ``exc``, by its cause (a full disk, a read-only
+    one, permissions, another error: :func:`~..errors.write_remedy`), then to run again."""
+    room = f"Free some space on the disk holding {target.parent}"
+    return f"{write_remedy(exc, target.parent, room)}, then run again"
 
 
 def atomic_write_text(path: Union[str, "os.PathLike[str]"], text: str, overwrite: bool = True,
