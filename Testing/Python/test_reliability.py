@@ -94,6 +94,20 @@ def test_detect_on_a_full_disk_keeps_the_previous_output(inputs, tmp_path):
     assert tree(tmp_path) == before  # the old output intact, no temporary file
 
 
+def test_detect_refuses_a_folder_where_not_even_its_lock_can_be_written(inputs, tmp_path):
+    """The first write of a detection is its lock file's line (who holds it): where that failed (a full disk; here any
+    write fails past a file-size limit of 0), detect ended in "unexpected OSError" and left the lock file behind."""
+    image, mask, model = inputs
+    out = tmp_path / "out"
+    before = tree(tmp_path)
+    proc = python("-c", LIMITED, "0", *detect_argv(image, mask, model, out / "score.nii.gz"))
+    assert proc.returncode == 2, proc.stderr
+    one_error_line(proc.stderr, "^" + re.escape(
+        f"error: Cannot write into {out} ({os.strerror(errno.EFBIG)}). Make sure {out} can be written (EFBIG), or "
+        "choose another folder.") + "$")
+    assert tree(tmp_path) == before and not out.exists()  # neither the lock file nor the folder made for it
+
+
 @pytest.mark.parametrize("number, remedy", [
     (errno.ENOSPC, "Free some space on the disk holding {out}"),
     (errno.EROFS, "The disk holding {out} is mounted read-only: make it writable"),

@@ -15,7 +15,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterable, Iterator, List, Set
 
-from ..errors import CeVAEError
+from ..errors import CeVAEError, write_remedy
 from .targets import name_leaving_room
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,7 @@ def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator
             yield
         finally:
             del _held[key]
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            fh.close()
+            _let_go(fh, path)
     finally:
         for folder in made:  # deepest first, while empty (a failed run's outputs were never written there)
             try:
@@ -95,12 +91,25 @@ def _locked(target: Path, path: Path, command: str) -> BinaryIO:
         try:
             if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
                 os.ftruncate(fh.fileno(), 0)
-                fh.write(f"{command} {os.getpid()}\n".encode())  # who holds it, for the message of the refused
-                fh.flush()
+                os.write(fh.fileno(), f"{command} {os.getpid()}\n".encode())  # who holds it, for the refused
                 return fh
         except FileNotFoundError:
             pass
+        except OSError as exc:  # its holder's line could not be written: a full disk, a used-up quota
+            _let_go(fh, path)
+            remedy = write_remedy(exc, target.parent, f"Free some space on the disk holding {target.parent}")
+            raise CeVAEError(f"Cannot write into {target.parent} ({exc.strerror or exc}). {remedy}, or choose "
+                             "another folder.") from None
         fh.close()  # its previous holder removed the file meanwhile: lock the new one
+
+
+def _let_go(fh: BinaryIO, path: Path) -> None:
+    """Remove the lock file ``path`` that ``fh`` holds locked, and close it."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    fh.close()
 
 
 def _missing_folders(folder: Path) -> List[Path]:
