@@ -167,11 +167,27 @@ def test_headers_are_standard_json_the_shipped_one_too(tmp_path, model):
     from CeVAEAnomalyLib.data import default_model_path
 
     assert _strict_header(default_model_path())["training"]["val_loss"] is None  # nothing was held out
-    with pytest.raises(CeVAEError, match="Could not write the model bundle"):  # a NaN is refused, not written
+    with pytest.raises(ValueError, match=r"The header of the model bundle .*nan\.cevae is not standard JSON \(Out of "
+                       "range float values are not JSON compliant"):  # a NaN is refused, not written
         save_bundle(tmp_path / "nan.cevae", model, dataclasses.replace(HEADER, training={"val_loss": float("nan")}))
-    assert not (tmp_path / "nan.cevae").exists()
+    assert list(tmp_path.iterdir()) == []  # nor a temporary file
     assert _strict_header(save_bundle(tmp_path / "m.cevae", model, HEADER))["modality"] == "T1"
 
+
+
+def test_a_header_json_cannot_hold_is_no_failed_write(tmp_path, model):
+    """A value JSON cannot hold in the header (a bug: a NaN, an object) was caught with the write's errors, as a failed
+    write: train and calibrate said "Could not write the model bundle ...: Out of range float values are not JSON
+    compliant. ... Free some space, then run again with --resume" -- disk advice for a value the next run writes
+    again. It is a programming error, raised before any file is made."""
+    for value, words in ((float("inf"), "Out of range float values"), (tmp_path, "Object of type PosixPath")):
+        with pytest.raises(ValueError) as caught:
+            save_bundle(tmp_path / "m.cevae", model, dataclasses.replace(HEADER, training={"value": value}))
+        assert not isinstance(caught.value, CeVAEError)
+        assert str(caught.value).startswith(f"The header of the model bundle {tmp_path / 'm.cevae'} is not standard "
+                                            f"JSON ({words}"), caught.value
+        assert str(caught.value).endswith("; nothing was written.")
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_bundle_write_keeps_its_cause(tmp_path, model):

@@ -64,15 +64,26 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
     full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION, **{WRITER_KEY: __version__})
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     full[WEIGHTS_DIGEST_KEY] = _weights_digest(tensors)
+    metadata = {META_KEY: _header_json(full, target)}
     try:
         with atomic_path(target, durable=True) as tmp:
             try:
-                save_file(tensors, tmp, metadata={META_KEY: json.dumps(full, sort_keys=True, allow_nan=False)})
+                save_file(tensors, tmp, metadata=metadata)
             except Exception as exc:  # safetensors raises its own error type for I/O failures (disk full)
                 raise _write_failed(target, _system_error(exc)) from None
     except OSError as exc:  # the temporary could not be made, or not moved into place
         raise _write_failed(target, exc) from None
     return target
+
+
+def _header_json(header: Mapping[str, object], target: Path) -> str:
+    """``header`` as standard JSON. A value JSON cannot hold (NaN, infinity, an object) is a programming error, raised
+    as one before any file is made: not a failed write, which a caller answers with what to do about the disk."""
+    try:
+        return json.dumps(header, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"The header of the model bundle {target} is not standard JSON ({exc}); nothing was "
+                         "written.") from None
 
 
 def _system_error(exc: Exception) -> Exception:
