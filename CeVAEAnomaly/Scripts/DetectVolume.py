@@ -7,7 +7,7 @@ Options:         DetectVolume.py --usage   (Slicer takes ``--help`` for itself; 
 In an installed extension this file is in ``<module dir>/Scripts/`` (a sub-folder,
 because Slicer loads every ``.py`` file of the module folder itself as a module).
 
-The volume is loaded into an MRML scene through a storage node, processed by
+The volume (a file, or a DICOM series folder as ``detect`` reads it) is loaded into an MRML scene, processed by
 ``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry (the segmentation: the same
 voxels, in the order Slicer stores segmentations, which may reverse a left-handed input's slice axis):
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
@@ -68,8 +68,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="DetectVolume", description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     p.add_argument("--usage", action="help", help="show this help and exit (inside Slicer, which takes --help)")
-    p.add_argument("--input", type=path_value, required=True, help="input MRI volume file (NRRD, NIfTI, MHA, ...)")
-    p.add_argument("--mask", type=path_value, help="brain mask volume file (>0 is brain); automatic if absent")
+    p.add_argument("--input", type=path_value, required=True,
+                   help="input MRI volume file (NRRD, NIfTI, MHA, ...) or DICOM series folder")
+    p.add_argument("--mask", type=path_value,
+                   help="brain mask volume file or DICOM series folder (>0 is brain); automatic if absent")
     p.add_argument("--model", type=path_value, help="model bundle (.cevae); the bundled default model if absent")
     p.add_argument("--output-dir", type=path_value, required=True, help="folder for the results (created if needed)")
     add_flags(p, ScoreOptions, model_default=True, only=("score_type",))
@@ -85,15 +87,21 @@ def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False
                 ) -> Tuple[slicer.vtkMRMLVolumeNode, "sitk.Image"]:
     """Read a volume file into a new node through a volume archetype storage node, once ``detect``'s reader has
     checked it (the storage node's reader fills a truncated NIfTI with zeros and fails on a colour or 4D volume
-    without saying why); the node and that reader's image of the file (NaN voxels kept)."""
+    without saying why); the node and that reader's image of the file (NaN voxels kept). A DICOM series folder,
+    which ``detect`` reads too and a storage node does not (Slicer reads DICOM through its DICOM database), becomes
+    the node of that reader's image, voxel for voxel."""
     from CeVAEAnomalyLib.io.images import read_image
+    from CeVAEAnomalyLib.slicer import mrml
 
     what = "brain mask" if labelmap else "input volume"
-    if not path.is_file():
-        raise CeVAEError(f"The {what} {path} does not exist or is not a file.")
+    if not path.is_file() and not path.is_dir():
+        raise CeVAEError(f"The {what} {path} does not exist or is neither a file nor a DICOM series folder.")
     image = read_image(path, "brain mask" if labelmap else "image")
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
                                    file_stem(path))
+    if path.is_dir():
+        mrml.update_volume_from_image(node, image)
+        return node, image
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(path))
     node.SetAndObserveStorageNodeID(storage.GetID())
@@ -150,6 +158,8 @@ def file_grid(image: "sitk.Image", path: Path) -> Optional["sitk.Image"]:
     import SimpleITK as sitk
     from CeVAEAnomalyLib.io.images import grid_difference
 
+    if path.is_dir():  # a DICOM series: its node is the image detect's reader gives (load_volume), on that grid
+        return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()

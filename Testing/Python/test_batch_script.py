@@ -125,6 +125,31 @@ def test_batch_reports_a_missing_input_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_dicom_series_folder_is_read_as_detect_reads_it(run_here, tiny_bundle, tmp_path):
+    """``detect`` takes a DICOM series folder; the script said "does not exist or is not a file" of the folder. Its
+    results are detect's, on the series' grid, named after the folder."""
+    from test_dicom_series import write_series
+
+    from CeVAEAnomalyLib.cli.main import main
+
+    image, mask = make_head(size=(32, 36, 12), spacing=(2.0, 2.0, 3.0), seed=5)
+    series = write_series(image, tmp_path / "subj1" / "T1")
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    common = ["--model", tiny_bundle, "--device", "cpu", "--threshold", "0.3"]
+    status, said = run_here("--input", series, "--mask", tmp_path / "mask.nii.gz", "--output-dir", tmp_path / "out",
+                            *common)
+    assert status == 0, said
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(name.replace("head", "T1") for name in OUTPUTS)
+    assert main(["detect", str(series), "--mask", str(tmp_path / "mask.nii.gz"), "--score",
+                 str(tmp_path / "detect.nrrd"), *map(str, common)]) == 0
+    ours, detects = (sitk.ReadImage(str(p)) for p in (out / "T1_score.nrrd", tmp_path / "detect.nrrd"))
+    assert ours.GetSize() == detects.GetSize() and ours.GetDirection() == detects.GetDirection()
+    np.testing.assert_allclose(ours.GetOrigin(), detects.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(detects), atol=1e-5)
+    assert json.loads((out / "T1_record.json").read_text())["inputs"]["image"]["path"] == str(series)
+
+
 def test_batch_refuses_to_overwrite_without_the_flag(oblique_head, tmp_path):
     image_path, _ = oblique_head
     out = tmp_path / "out"
