@@ -171,7 +171,7 @@ def test_inputs_pairing_names_and_errors(tmp_path, caplog):
     lst.write_text("image,mask\n../x.nii.gz,../x_brainmask.nii.gz\n../z.mha,\n")
     assert [(it.name, it.image.resolve(), it.mask) for it in collect_inputs(lst)] == [
         ("x", tmp_path / "x.nii.gz", lst.parent / "../x_brainmask.nii.gz"), ("z", tmp_path / "z.mha", None)]
-    lst.write_text("image\n../a/T1.nii.gz\n../b/T1.nii.gz\n")
+    lst.write_text("image\n../a/x/T1.nii.gz\n../b/x/T1.nii.gz\n")  # their folders do not tell them apart either
     with pytest.raises(CeVAEError, match="distinct names"):
         collect_inputs(lst)
     lst.write_text("image,name\n../x.nii.gz,S1\n../z.mha,s1\n")  # one output file where names ignore case
@@ -193,6 +193,40 @@ def test_inputs_pairing_names_and_errors(tmp_path, caplog):
         with pytest.raises(CeVAEError):
             parse_shard(bad)
     assert parse_shard("2/2") == (2, 2)
+
+
+def test_dicom_series_folders_of_one_name_are_named_after_their_folders(tiny_bundle, tmp_path, caplog):
+    """A list of ``subj1/T1/`` and ``subj2/T1/`` (DICOM series folders, a common export) was refused: both default
+    to the name T1. They are named subj1_T1 and subj2_T1, and a rerun finds their outputs; where the folders do not
+    tell them apart, or a new name is another volume's, the list is still refused; names that worked are kept."""
+    from test_dicom_series import write_series
+
+    image, mask = make_head(size=(24, 28, 10), spacing=(2.0, 2.0, 3.0))
+    for n in (1, 2):
+        write_series(image, tmp_path / f"subj{n}" / "T1")
+        sitk.WriteImage(mask, str(tmp_path / f"subj{n}" / "mask.nii.gz"))
+    lst = tmp_path / "list.csv"
+    lst.write_text("image,mask\nsubj1/T1/,subj1/mask.nii.gz\nsubj2/T1/,subj2/mask.nii.gz\n")
+    with caplog.at_level(logging.INFO):
+        assert [(it.name, it.image.name) for it in collect_inputs(lst)] == [("subj1_T1", "T1"), ("subj2_T1", "T1")]
+    assert "share the name 'T1'; their outputs are named after their folders: subj1_T1_*, subj2_T1_*" in caplog.text
+    out = tmp_path / "out"
+    argv = ["batch", str(lst), "--out-dir", str(out), "--model", str(tiny_bundle), "--device", "cpu"]
+    assert main(argv) == 0
+    assert {name for name in os.listdir(out) if name.endswith("_score.nii.gz")} == {"subj1_T1_score.nii.gz",
+                                                                                    "subj2_T1_score.nii.gz"}
+    assert main(argv) == 0
+    assert {r["status"] for r in read_summary(out / "summary.csv").values()} == {"skipped"}  # found, not redone
+
+    before = {"subj1/T1/": "T1", "subj1/T1/,one": "one", "subj1/T1/,one\nsubj2/T1/,two": "one two"}
+    for rows, names in before.items():  # lists that ran before keep their names
+        lst.write_text(f"image{',name' * (',' in rows)}\n{rows}\n")
+        assert " ".join(it.name for it in collect_inputs(lst)) == names
+    sitk.WriteImage(image, str(tmp_path / "subj1_T1.nii.gz"))  # a volume named as one of them would be
+    for rows in ("subj1/T1/\nsubj2/T1/\nsubj1_T1.nii.gz", "subj1/T1/\nsubj2/T1/\nsubj2/T1/"):
+        lst.write_text(f"image\n{rows}\n")
+        with pytest.raises(CeVAEError, match="distinct names"):
+            collect_inputs(lst)
 
 
 def test_a_mask_named_without_the_images_contrast_tag_is_its_mask(tmp_path, caplog):

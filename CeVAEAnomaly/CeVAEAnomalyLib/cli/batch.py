@@ -208,9 +208,11 @@ def pair_masks(images: Mapping[str, Path], masks: Mapping[str, Path], where: str
 def read_list(path: Path) -> List[BatchItem]:
     """Items of a CSV with columns ``image`` and optionally ``mask`` and ``name``.
 
-    Relative paths are relative to the CSV's folder; ``name`` defaults to the image file's stem.
+    Relative paths are relative to the CSV's folder; ``name`` defaults to the image file's stem, led by its folder
+    where several images share it (:func:`named_after_folders`).
     """
-    items = []
+    items: List[BatchItem] = []
+    unnamed: List[int] = []  # the items named by default
     for row in read_rows(path, "image", ("image", "mask"), "list", others=("name",)):
         image = row.files["image"]
         name = row.cells["name"] or file_stem(image)
@@ -220,8 +222,40 @@ def read_list(path: Path) -> List[BatchItem]:
         if odd is not None:
             raise CeVAEError(f"{path}, line {row.line}: the name {name!r} holds {odd!r}, which Windows does not allow "
                              "in a file name; choose a name without < > : \" / \\ | ? * or control characters.")
+        if not row.cells["name"]:
+            unnamed.append(len(items))
         items.append(BatchItem(name, image, row.files["mask"]))
-    return items
+    return named_after_folders(items, unnamed)
+
+
+def named_after_folders(items: Sequence[BatchItem], unnamed: Sequence[int]) -> List[BatchItem]:
+    """``items`` with the default names that several of them share (the stem of ``subj1/T1/`` and ``subj2/T1/``,
+    DICOM series folders, or of ``subj1/t1.nii.gz`` and ``subj2/t1.nii.gz``) led by the folder each image is in:
+    ``subj1_T1``, ``subj2_T1``. Only where that tells them apart: the new names differ from each other and from
+    every other item's name (in any case and Unicode form, as collect_inputs compares them); otherwise those items
+    keep the shared name, which collect_inputs refuses, asking for a name column. ``unnamed``: the indices of the
+    items named by default (a name the list gives is never changed). A name no other item shares stays as it was,
+    so that a rerun of a list that ran before finds its outputs."""
+    def key(name: str) -> str:
+        return one_form(name).casefold()
+
+    shared: Dict[str, List[int]] = {}
+    for i in unnamed:
+        shared.setdefault(key(items[i].name), []).append(i)
+    led = {i: f"{items[i].image.parent.name}_{items[i].name}" for group in shared.values() if len(group) > 1
+           for i in group if items[i].image.parent.name not in ("", ".", "..")}
+    renamed = list(items)
+    for group in (g for g in shared.values() if len(g) > 1 and all(i in led for i in g)):
+        others = {key(name) for j, item in enumerate(items) if j not in group  # (as given, or led by its folder)
+                  for name in (item.name, led.get(j, item.name))}
+        new = [key(led[i]) for i in group]
+        if len(set(new)) == len(new) and not others.intersection(new):
+            for i in group:
+                renamed[i] = replace(items[i], name=led[i])
+            log.info("%s share the name '%s'; their outputs are named after their folders: %s (a 'name' column in "
+                     "the CSV chooses others).", " and ".join(str(items[i].image) for i in group), items[group[0]].name,
+                     ", ".join(f"{led[i]}_*" for i in group))
+    return renamed
 
 
 def collect_inputs(source: Path) -> List[BatchItem]:
