@@ -216,6 +216,37 @@ def test_a_failing_run_leaves_the_scene_unchanged(scene_with_head, tiny_bundle, 
     assert mrml.node_ids(scene) == before
 
 
+PUBLISH_SLIPS = {  # publish(volume, detection, ...) of a console user: each named in one line, before any node is made
+    "the whole result of a run": (lambda volume, run: ((volume, run), {}),
+                                  r"^detection must be a DetectionResult \(CeVAEAnomalyLib.result\), not a "
+                                  r"CeVAEAnomalyResult; give its \.detection\.$"),
+    "a yes/no flag given as a word": (lambda volume, run: ((volume, run.detection), dict(createLabelmap="yes")),
+                                      r"^createLabelmap must be True or False, not a str\.$"),
+    "newNodes given as a word": (lambda volume, run: ((volume, run.detection), dict(newNodes="no")),
+                                 r"^newNodes must be True or False, not a str\.$"),
+    "an earlier run's score volume as the input": (lambda volume, run: ((run.nodes.score, run.detection), {}),
+                                                   r"holds results of this module \(score\), not a scan; it cannot "
+                                                   r"be an input\.$"),
+    "no input": (lambda volume, run: ((None, run.detection), {}), r"^Select a scalar input volume \(got None\)\.$"),
+}
+
+
+@pytest.mark.parametrize("slip", PUBLISH_SLIPS, ids=list(PUBLISH_SLIPS))
+def test_publish_refuses_what_process_refuses_in_one_line(scene_with_head, slip):
+    """publish() skipped process()'s checks: a CeVAEAnomalyResult as the detection gave an AttributeError,
+    createLabelmap="yes" and a score map of an earlier run as the input volume were taken."""
+    from test_mrml import fake_detection
+
+    scene, volume, _, image, mask = scene_with_head()
+    logic = CeVAEAnomalyLogic()
+    run = logic.publish(volume, fake_detection(image, mask))
+    before = mrml.node_ids(scene)
+    arguments, options = PUBLISH_SLIPS[slip][0](volume, run)
+    with pytest.raises(CeVAEError, match=PUBLISH_SLIPS[slip][1]):
+        logic.publish(*arguments, **options)
+    assert mrml.node_ids(scene) == before
+
+
 @pytest.mark.parametrize("start", ["process", "startDetection"])
 def test_a_segment_id_without_a_brain_mask_is_refused_not_ignored(scene_with_head, tiny_bundle, start):
     """process(volume, maskSegmentId="Brain") with the segmentation left out ran with the automatic brain mask and

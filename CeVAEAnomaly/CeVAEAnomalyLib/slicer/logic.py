@@ -290,25 +290,15 @@ class CeVAEAnomalyLogic(_LogicBase):
         _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite, "shareable")
         return share_model(source, outputPath, overwrite)
 
-    def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"]) -> slicer.vtkMRMLScene:
-        _refuseNotScan(volumeNode, maskNode, "input volume")
-        from .mrml import OutputNodes, check_output_classes
-
-        if outputs is not None and not isinstance(outputs, OutputNodes):
-            raise CeVAEError(f"outputs must be an OutputNodes (CeVAEAnomalyLib.slicer.mrml), "
-                             f"not {_described(outputs)}.")
-        _refuseModuleOutputs([volumeNode, maskNode], "an input")
+    def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"],
+                     **flags: Any) -> slicer.vtkMRMLScene:
+        """Refuse, before anything runs, what :func:`_refuseArguments` refuses and an input, mask or output node of
+        another scene; the input's scene."""
+        _refuseArguments(volumeNode, maskNode, outputs, **flags)
         scene = self._sceneFor(volumeNode)
         if maskNode is not None and maskNode.GetScene() is not scene:
             raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is not in the input volume's scene.")
-        for node in vars(outputs).values() if outputs is not None else ():
-            if node is not None and (node is volumeNode or node is maskNode):
-                raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
-            if node is not None and node.GetScene() not in (scene, None):  # (a deleted one is made again)
-                raise CeVAEError(f"The output '{node.GetName()}' is in another scene than the input volume; choose "
-                                 "a node of its scene, or none for a new one.")
-        if outputs is not None:
-            check_output_classes(outputs)
+        _refuseOutputsElsewhere(scene, outputs)
         return scene
 
     @staticmethod
@@ -362,9 +352,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         from .nodes import mask_words, sequence_frame
 
         request = DetectionRequest.given(request, **options)
-        _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
         checked(progress)
-        scene = self._checkInputs(volumeNode, maskNode, outputs)
+        scene = self._checkInputs(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D)
         with _warningsLogged() as warnings, _closeWatched(scene, volumeNode) as refuseClosed:
             watched = _untilClosed(progress, refuseClosed)  # the callback may let the GUI close the scene
             report(watched, 0.0, "Reading the volume")
@@ -393,14 +382,22 @@ class CeVAEAnomalyLogic(_LogicBase):
                 frame: Optional["SequenceFrame"] = None) -> CeVAEAnomalyResult:
         """Create or update the result nodes of a detection of ``volumeNode`` (made with the brain mask ``maskNode``;
         None: the automatic one); ``newNodes``: make new ones, not update the latest run's, where ``outputs`` names
-        no score volume; ``frame``: the sequence frame the detection read (nodes.sequence_frame), recorded."""
+        no score volume; ``frame``: the sequence frame the detection read (nodes.sequence_frame), recorded. Refused in
+        one line, as by :meth:`process`, for arguments that are not these (a CeVAEAnomalyResult as ``detection``: give
+        its ``.detection``); a brain mask removed from the scene meanwhile is just not recorded."""
         from . import mrml
 
+        _refuseNotDetection(detection)
+        _refuseArguments(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D,
+                         newNodes=newNodes)
         if volumeNode.GetScene() is None:
             raise InputRemovedError(f"'{volumeNode.GetName()}' was removed during the run; its results were "
                                     "discarded.")
-        made = mrml.publish(self._sceneFor(volumeNode), volumeNode, detection, outputs, createLabelmap, show3D,
-                            maskNode, newNodes, frame)
+        scene = self._sceneFor(volumeNode)
+        if maskNode is not None and maskNode.GetScene() not in (scene, None):
+            raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is not in the input volume's scene.")
+        _refuseOutputsElsewhere(scene, outputs)
+        made = mrml.publish(scene, volumeNode, detection, outputs, createLabelmap, show3D, maskNode, newNodes, frame)
         result = CeVAEAnomalyResult(volumeNode, made, detection, frame=frame)
         log.info("CeVAEAnomaly: %s", result.summary)
         return result
@@ -432,8 +429,7 @@ class CeVAEAnomalyLogic(_LogicBase):
 
         self.checkDependencies()
         request = DetectionRequest.given(request, **options)
-        _refuseNonBoolean(createLabelmap=createLabelmap, show3D=show3D)
-        self._checkInputs(volumeNode, maskNode, outputs)
+        self._checkInputs(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D)
         _modelFile(modelPath)  # said now, not by the worker after the copy
         state, frame = _state(volumeNode), sequence_frame(volumeNode)
         image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
@@ -825,6 +821,42 @@ def _checkHealthy(volumes: Any, masks: Any) -> None:
     for volume, mask in zip(volumes, masks):
         _refuseNotScan(volume, mask, "healthy volume")
     _refuseModuleOutputs([*volumes, *masks], "a healthy scan or its mask")
+
+
+def _refuseArguments(volumeNode: Any, maskNode: Any, outputs: Any, **flags: Any) -> None:
+    """Refuse, whatever scene they are in, what cannot be a detection's input, brain mask and output nodes: not a
+    scan (:func:`_refuseNotScan`), a result of this module as an input, ``outputs`` that are no OutputNodes, of the
+    wrong classes or one of the inputs, and ``flags`` (createLabelmap, ...) that are not True or False."""
+    _refuseNonBoolean(**flags)
+    _refuseNotScan(volumeNode, maskNode, "input volume")
+    from .mrml import OutputNodes, check_output_classes
+
+    if outputs is not None and not isinstance(outputs, OutputNodes):
+        raise CeVAEError(f"outputs must be an OutputNodes (CeVAEAnomalyLib.slicer.mrml), not {_described(outputs)}.")
+    _refuseModuleOutputs([volumeNode, maskNode], "an input")
+    for node in vars(outputs).values() if outputs is not None else ():
+        if node is not None and (node is volumeNode or node is maskNode):
+            raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
+    if outputs is not None:
+        check_output_classes(outputs)
+
+
+def _refuseOutputsElsewhere(scene: slicer.vtkMRMLScene, outputs: Optional["OutputNodes"]) -> None:
+    """Refuse an output node of another scene than the input's (one deleted from the scene is made again)."""
+    for node in vars(outputs).values() if outputs is not None else ():
+        if node is not None and node.GetScene() not in (scene, None):
+            raise CeVAEError(f"The output '{node.GetName()}' is in another scene than the input volume; choose "
+                             "a node of its scene, or none for a new one.")
+
+
+def _refuseNotDetection(detection: Any) -> None:
+    """Refuse a ``detection`` that is not a DetectionResult (the whole CeVAEAnomalyResult of a run, say)."""
+    from ..result import DetectionResult
+
+    if not isinstance(detection, DetectionResult):
+        own = "; give its .detection" if isinstance(detection, CeVAEAnomalyResult) else ""
+        raise CeVAEError(f"detection must be a DetectionResult (CeVAEAnomalyLib.result), not "
+                         f"{_described(detection)}{own}.")
 
 
 def _refuseModuleOutputs(candidates, what: str) -> None:
