@@ -155,6 +155,20 @@ def test_second_publish_updates_the_same_nodes(scene):
 
 
 
+def test_the_result_tables_are_read_only_in_the_tables_module_and_a_rerun_still_updates_them(scene):
+    """The component and slice tables were editable in the Tables module: a user could change the reported volumes
+    and scores. They are locked (vtkMRMLTableNode.Locked: no edit through the user interface); a rerun writes them."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    assert first.components.GetLocked() and first.slice_table.GetLocked()
+    lower = fake_detection(image, mask, 1.05)
+    second = mrml.publish(scene, volume, lower)
+    assert second.components is first.components and second.slice_table is first.slice_table
+    assert second.components.GetLocked() and second.slice_table.GetLocked()
+    assert list(nodes.table_column(second.components, "Voxels")) == [c.voxels for c in lower.components]
+    assert len(lower.components) != len(fake_detection(image, mask, 1.1).components)
+
 def test_a_rerun_without_the_labelmap_option_keeps_the_earlier_labelmap_current(scene):
     """A labelmap left from a run with the option would otherwise show that run's anomalies beside the new map."""
     image, mask = make_head()

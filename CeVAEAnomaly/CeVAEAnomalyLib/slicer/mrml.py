@@ -808,6 +808,8 @@ def _empty_segment(volume_node: slicer.vtkMRMLVolumeNode) -> slicer.vtkSegment:
 
 
 def _set_columns(table_node: slicer.vtkMRMLTableNode, columns: Sequence[Tuple[str, vtk.vtkDataArray, str]]) -> None:
+    """Replace the table's columns (name, values, unit) and lock it: Locked only stops edits in the user interface
+    (the Tables module, the table view), so the reported values stay the run's while a rerun can still write them."""
     wasModifying = table_node.StartModify()
     table_node.RemoveAllColumns()
     for name, array, unit in columns:
@@ -818,6 +820,7 @@ def _set_columns(table_node: slicer.vtkMRMLTableNode, columns: Sequence[Tuple[st
     # Slicer 5.6.0 has only the name that 5.6.1 deprecated
     header = getattr(table_node, "SetUseColumnTitleAsColumnHeader", None) or table_node.SetUseColumnNameAsColumnHeader
     header(True)
+    table_node.SetLocked(True)
     table_node.EndModify(wasModifying)
 
 
