@@ -331,6 +331,29 @@ def test_a_failing_publish_keeps_the_segments_look_and_the_outputs_transforms(sc
     assert first.score.GetTransformNodeID() is None and first.segmentation.GetTransformNodeID() is None
 
 
+@pytest.mark.parametrize("earlier_labelmap", [False, True], ids=["first labelmap", "module colours in the scene"])
+def test_a_failing_publish_gives_a_segmentation_back_its_labelmap_conversion_colours(scene, monkeypatch,
+                                                                                     earlier_labelmap):
+    """Importing the anomaly labelmap sets the segmentation's labelmap conversion colour table (Slicer's
+    ImportLabelmapToSegmentationNode takes the labelmap's). A failed run left a user's segmentation without its own
+    table (the module's, made in the run, removed) or pointing at the module's label colours."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    if earlier_labelmap:  # the module's label colour table is in the scene already
+        mrml.publish(scene, add_volume(scene, image, "other head"), fake_detection(image, mask), create_labelmap=True)
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my findings")
+    colours = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "my label colours")
+    mine.SetLabelmapConversionColorTableNodeID(colours.GetID())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mrml, "_fill_components", broken)  # fails after the segmentation is filled
+    with pytest.raises(RuntimeError, match="disk full"):
+        mrml.publish(scene, volume, fake_detection(image, mask), mrml.OutputNodes(segmentation=mine),
+                     create_labelmap=True)
+    assert mine.GetLabelmapConversionColorTableNodeID() == colours.GetID()
+
 def test_a_failing_publish_leaves_the_nodes_picked_as_outputs_unmarked(scene, monkeypatch):
     """Empty nodes and a segmentation of the user's picked as outputs are not left marked as the input's outputs by a
     run that failed (the segmentation kept its role and link: an empty one was then hidden from the mask field and

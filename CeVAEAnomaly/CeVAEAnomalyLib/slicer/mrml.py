@@ -139,8 +139,10 @@ class Undo:
             geometry = node.GetSegmentation().GetConversionParameter(name)
             role = node.GetReferenceImageGeometryReferenceRole()  # the volume it was drawn on
             drawn_on = node.GetNodeReferenceID(role)
+            colours = node.GetLabelmapConversionColorTableNodeID()  # a labelmap import sets it to the labelmap's
             self.on_failure(lambda: (node.GetSegmentation().SetConversionParameter(name, geometry),
-                                     node.SetNodeReferenceID(role, drawn_on)))
+                                     node.SetNodeReferenceID(role, drawn_on),
+                                     node.SetLabelmapConversionColorTableNodeID(colours)))
             return
         # A volume's voxels are replaced, never changed in place (update_volume_from_image): the copy shares them.
         deep = not isinstance(node, slicer.vtkMRMLVolumeNode)
