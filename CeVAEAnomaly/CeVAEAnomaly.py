@@ -11,7 +11,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Dict, Iterator, Optional, Tuple, Union
+from typing import Annotated, Dict, Iterator, Optional, Union
 
 import ctk
 import qt
@@ -46,6 +46,7 @@ from CeVAEAnomalyLib.slicer.settings import (
     SENSITIVITY_MODEL,
     SENSITIVITY_THRESHOLD,
     ModelSettings,
+    ModelSettingsCache,
 )
 from CeVAEAnomalyLib.slicer.widget_state import (ADAPT, CALIBRATE, DETECT, Action, Phase, WidgetState,
                                                   progress_format, with_warnings)
@@ -192,7 +193,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._binding = GuiBinding()  # one connectGui per parameter node, also in Slicer 5.6/5.8
         self.state = WidgetState()
         self._job = None
-        self._modelSettingsCache: Tuple[Optional[Tuple[str, int]], Optional[ModelSettings]] = (None, None)
+        self._modelSettingsCache = ModelSettingsCache()
         self._sharing = None  # the Share model... action of the last refresh (share_panel.ModelSharing)
         self._modelValuesShownFor: Optional[tuple] = None
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
@@ -420,21 +421,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _modelSettings(self) -> Optional[ModelSettings]:
         """Settings of the chosen model (cached by path and modification time); None if unreadable."""
-        from CeVAEAnomalyLib.data import default_model_path
-
-        p = self._parameterNode
-        try:
-            path = default_model_path() if p.useBundledModel else Path(p.modelPath)
-            key = (str(path), path.stat().st_mtime_ns)
-        except (CeVAEError, OSError):
-            return None
-        if key != self._modelSettingsCache[0]:
-            try:
-                self._modelSettingsCache = (key, ModelSettings.read(path))
-            except CeVAEError as exc:
-                logging.warning("CeVAE Anomaly: %s", exc)
-                self._modelSettingsCache = (key, None)
-        return self._modelSettingsCache[1]
+        return self._modelSettingsCache.of(self._parameterNode)
 
     def _showModelValues(self, settings: ModelSettings) -> None:
         """Fields the model decides show the model's values (``settings.model_values``). Set once per model and
@@ -443,7 +430,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from CeVAEAnomalyLib.slicer.settings import model_values, model_values_key
 
         p = self._parameterNode
-        shownFor = (self._modelSettingsCache[0], *model_values_key(p))
+        shownFor = (self._modelSettingsCache.key, *model_values_key(p))
         if shownFor == self._modelValuesShownFor:
             return
         shownBefore, self._modelValuesShownFor = self._modelValuesShownFor, shownFor

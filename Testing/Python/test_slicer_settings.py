@@ -283,7 +283,7 @@ def test_the_greyed_threshold_field_shows_the_threshold_the_calibrated_mode_uses
     assert key(p)[1] == p.sensitivity  # the widget's "previous" mode is read from this place
     method = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
                               if isinstance(n, ast.FunctionDef) and n.name == "_showModelValues"))
-    assert "shownFor = (self._modelSettingsCache[0], *model_values_key(p))" in method
+    assert "shownFor = (self._modelSettingsCache.key, *model_values_key(p))" in method
     assert "previous = shownBefore[2]" in method
 
 
@@ -425,3 +425,19 @@ def test_a_training_checkpoint_chosen_as_the_model_says_how_the_panel_resumes_it
     model.write_bytes(tiny_bundle.read_bytes())  # the run ended: its model is written
     said = settings.model_problem(p)
     assert said == f"{refused}It is a training checkpoint; its run's model is {model}: use that one.", said
+
+
+def test_a_model_path_holding_a_nul_byte_is_said_in_one_line_not_raised():
+    """A model path with a NUL byte (pasted, or from a damaged scene) made the panel raise ValueError ("embedded null
+    byte") from path.stat() in its model settings cache and from model_problem. The cache has no settings for it and
+    model_problem says what is wrong; a readable model is read once per file version."""
+    scene = slicer.vtkMRMLScene()
+    bad = parameters(scene, useBundledModel=False, modelPath="site\0.cevae")
+    assert settings.model_problem(bad) == "The model bundle path site\\0.cevae holds a NUL byte (\\0), which no file " \
+                                          "name can hold."
+    cache = settings.ModelSettingsCache()
+    assert settings.model_file_key(bad) is None and cache.of(bad) is None
+    bundled = parameters(scene)
+    read = cache.of(bundled)
+    assert read is not None and read.path == default_model_path() and cache.of(bundled) is read
+    assert cache.key == (str(default_model_path()), default_model_path().stat().st_mtime_ns)

@@ -39,16 +39,19 @@ def resolved(path: Path) -> Path:
 
 
 def refuse_unsearchable(path: Path, what: str, where: str = "") -> None:
-    """Refuse a path the system cannot look up at all: a name too long, a loop of symbolic links.
+    """Refuse a path the system cannot look up at all: a name too long, a loop of symbolic links, a NUL byte.
 
     ``where`` (e.g. "list.csv, line 4: ") leads the message.
     """
+    lead = f"{where}the {what}" if where else f"The {what}"
     try:
         os.stat(path)
     except OSError as exc:
         if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
-            lead = f"{where}the {what}" if where else f"The {what}"
             raise CeVAEError(f"{lead} {_shortened(path)} cannot be opened: {exc.strerror.lower()}.") from None
+    except ValueError:  # a NUL byte (a pasted or damaged text): no system call takes it
+        shown = _shortened(Path(str(path).replace("\0", "\\0")))
+        raise CeVAEError(f"{lead} path {shown} holds a NUL byte (\\0), which no file name can hold.") from None
 
 
 def _shortened(path: Path, room: int = 80) -> str:

@@ -5,6 +5,7 @@ and stores the values in its parameter node.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,9 +16,11 @@ from ..errors import CeVAEError
 from ..options import (DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions,
                        ThresholdPolicy, flag_of, too_costly)
 
-__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "SensitivityChange", "adapt_override_note",
-           "chosen_model", "detection_request", "model_path", "model_problem", "override_postprocess",
-           "postprocess_fields", "rate_refusal", "sensitivity_change"]
+__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "ModelSettingsCache", "SensitivityChange",
+           "adapt_override_note", "chosen_model", "detection_request", "model_file_key", "model_path", "model_problem",
+           "override_postprocess", "postprocess_fields", "rate_refusal", "sensitivity_change"]
+
+log = logging.getLogger(__name__)
 
 SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rate
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
@@ -256,6 +259,41 @@ def chosen_model(parameters: Any) -> ModelSettings:
     a model bundle, written by a newer version) if it cannot be used."""
     path = model_path(parameters)
     return ModelSettings.read(Path(path) if path else None)
+
+
+def model_file_key(parameters: Any) -> Optional[Tuple[str, int]]:
+    """The panel's model file (the bundled one with useBundledModel) and its modification time, by which the panel
+    keeps what it read of it; None where it names no file the system can look up (missing, a NUL byte)."""
+    from ..data import default_model_path
+
+    try:
+        path = default_model_path() if parameters.useBundledModel else Path(parameters.modelPath)
+        return str(path), path.stat().st_mtime_ns
+    except (CeVAEError, OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+
+
+@dataclass
+class ModelSettingsCache:
+    """The settings of the panel's model, read again only when its file or modification time changes
+    (:func:`model_file_key`)."""
+
+    key: Optional[Tuple[str, int]] = None
+    settings: Optional[ModelSettings] = None
+
+    def of(self, parameters: Any) -> Optional[ModelSettings]:
+        """Settings of the panel's model; None if it cannot be read (why: logged once per file version, and said by
+        :func:`model_problem`)."""
+        key = model_file_key(parameters)
+        if key is None:
+            return None
+        if key != self.key:
+            try:
+                self.key, self.settings = key, ModelSettings.read(Path(key[0]))
+            except CeVAEError as exc:
+                log.warning("CeVAE Anomaly: %s", exc)
+                self.key, self.settings = key, None
+        return self.settings
 
 
 def model_problem(parameters: Any) -> Optional[str]:
