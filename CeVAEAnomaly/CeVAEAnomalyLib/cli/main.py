@@ -100,7 +100,8 @@ def _add_train(sub) -> None:
                      help="also what other scanners and protocols give: thick slabs (each slice averaged with up "
                           "to 3 neighbours on each side), noise up to 7 %%, a stronger bias field")
     t.add_argument("--half", action="store_true", help="store fp16 weights in the bundle")
-    t.add_argument("--amp", action="store_true", help="mixed precision: faster on a CUDA GPU (float16); bfloat16 on a CPU")
+    t.add_argument("--amp", action="store_true", help="mixed precision: faster on a CUDA GPU (float16); "
+                   "bfloat16 on a CPU")
     _add_device(t)
 
 
@@ -137,7 +138,8 @@ def _add_adapt(sub) -> None:
     a.add_argument("--batch-size", type=int, default=o.batch_size, help="slices per step")
     a.add_argument("--checkpoint-every", type=int, default=o.checkpoint_every,
                    help="steps between checkpoints")
-    a.add_argument("--seed", type=int, default=o.seed, help="random seed of the fine-tuning (the folds' and the final run's)")
+    a.add_argument("--seed", type=int, default=o.seed, help="random seed of the fine-tuning (the folds' and "
+                   "the final run's)")
     a.add_argument("--cache-dir", type=path_value, help="folder of preprocessed slices, kept and reused between runs "
                    "(default: a temporary one, removed at the end)")
     anew = a.add_mutually_exclusive_group()  # start anew or continue: never both
@@ -146,7 +148,8 @@ def _add_adapt(sub) -> None:
     anew.add_argument("--overwrite", action="store_true",
                       help="start anew: remove an earlier run's checkpoints and logs, and replace --out once the new "
                       "model is written (it stays usable until then)")
-    a.add_argument("--amp", action="store_true", help="mixed precision: faster on a CUDA GPU (float16); bfloat16 on a CPU")
+    a.add_argument("--amp", action="store_true", help="mixed precision: faster on a CUDA GPU (float16); "
+                   "bfloat16 on a CPU")
     _add_device(a)
 
 
