@@ -42,6 +42,7 @@ def test_batch_leaves_out_the_results_beside_their_scan(scanned, caplog):
     for name in ("colin27_t1_score.nii.gz", "colin27_t1_labelmap.nii.gz", "colin27_t1_score.nrrd",
                  "colin27_t1_segmentation.seg.nrrd"):
         assert f"{name} in {scanned} is taken for a detection result of colin27_t1.nii.gz" in caplog.text
+    assert "list the inputs in a CSV (batch's list, or --manifest)." in caplog.text  # (train's CSV is --manifest)
 
 
 def test_training_and_calibration_leave_them_out_too(scanned):

@@ -160,8 +160,8 @@ def leave_out_detection_results(paths: Sequence[Path], where: str) -> List[Path]
         if tag is None:
             kept.append(p)
         else:
-            log.warning("%s %s is taken for a detection result of %s (NAME%s), not a scan: left out. To score it as "
-                        "a volume of its own, list the inputs in a CSV.", p.name, where,
+            log.warning("%s %s is taken for a detection result of %s (NAME%s), not a scan: left out. To use it as a "
+                        "volume of its own, list the inputs in a CSV (batch's list, or --manifest).", p.name, where,
                         scans[p.parent, stem[: -len(tag)]].name, tag)
     return kept
 
@@ -177,7 +177,7 @@ def leave_out_stripped_copies(images: Mapping[str, Path], where: str) -> Dict[st
             del kept[stem]
             log.warning("%s %s is taken for the skull-stripped copy of %s (FSL's NAME_brain): left out, %s is read "
                         "with its brain mask (NAME_brain_mask, NAME_mask) or an automatic one. To use it as a volume "
-                        "of its own, list the inputs in a CSV.", images[stem].name, where, images[whole].name,
+                        "of its own, list the inputs in a CSV (batch's list, or --manifest).", images[stem].name, where, images[whole].name,
                         images[whole].name)
     return kept
 
