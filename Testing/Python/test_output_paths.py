@@ -2,10 +2,12 @@
 before any work, and names that fit are written (their hidden temporary name fits too)."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import pytest
 
@@ -175,6 +177,67 @@ def test_a_stop_during_the_renames_comes_after_the_last(tmp_path, monkeypatch):
         atomic.write_all({t: "new\n" for t in targets}, overwrite=True)
     assert [t.read_text() for t in targets] == ["new\n"] * 3  # all new, and the stop still came
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.csv", "s.csv", "t.csv"]
+
+
+def test_a_rename_that_fails_part_way_names_the_outputs_of_each_run(tmp_path):
+    """A folder made where an output was, while the others were written: its rename failed after two others had
+    replaced earlier outputs, and the error said only "Could not move the finished ... into place" with the hidden
+    temporary's name; the user could not tell that the folder now mixes two runs, nor what to do."""
+    summary, components, slices, record = (tmp_path / n for n in ("summary.csv", "components.csv", "slices.csv",
+                                                                   "record.json"))
+    for t in (summary, components, slices):
+        t.write_text("old\n")
+
+    def write_while_a_folder_appears(tmp: str) -> None:
+        Path(tmp).write_text("new\n")
+        slices.unlink()
+        slices.mkdir()  # (someone else's folder, kept as it is)
+        (slices / "keep.txt").write_text("theirs\n")
+
+    files = {summary: "new\n", components: write_while_a_folder_appears, slices: "new\n", record: "{}\n"}
+    with pytest.raises(CeVAEError) as raised:
+        write_all(files, overwrite=True)
+    assert str(raised.value) == (
+        f"Could not move the finished {slices} into place: {os.strerror(errno.EISDIR)}. Only some outputs were "
+        f"replaced: {summary} and {components} are this run's; {slices} still holds what was there before; {record} "
+        f"was not written. Make sure {tmp_path} can be written (EISDIR), then run again.")
+    assert tree(tmp_path) == tree_of({"summary.csv": "new\n", "components.csv": "new\n",
+                                      "slices.csv/keep.txt": "theirs\n"})
+
+
+@pytest.mark.parametrize("failing, said", [
+    (1, "Nothing was replaced."),
+    (2, "Only some outputs were replaced: {a} is this run's; {b} still holds what was there before; {c} was not "
+        "written."),
+])
+def test_a_rename_that_the_disk_refuses_says_what_each_output_holds(tmp_path, monkeypatch, failing, said):
+    """The disk fills up (a rename that needs a new folder block) or is remounted read-only during the renames."""
+    import CeVAEAnomalyLib.io.atomic as atomic
+
+    a, b, c = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
+    a.write_text("old\n")
+    b.write_text("old\n")
+    real, renames = os.replace, []
+
+    def replace_until_the_disk_is_full(src, dst):
+        renames.append(dst)
+        if len(renames) == failing:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_until_the_disk_is_full)
+    with pytest.raises(CeVAEError) as raised:
+        write_all({a: "new\n", b: "new\n", c: "new\n"}, overwrite=True)
+    failed = [a, b][failing - 1]
+    assert str(raised.value) == (
+        f"Could not move the finished {failed} into place: {os.strerror(errno.ENOSPC)}. {said.format(a=a, b=b, c=c)} "
+        f"Free some space on the disk holding {tmp_path}, then run again.")
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["a.csv", "b.csv"]  # no temporary left
+
+
+def tree_of(files: Dict[str, str]) -> Dict[str, str]:
+    """What :func:`tree` gives for files of these texts."""
+    return {name: hashlib.sha256(text.encode()).hexdigest() for name, text in sorted(files.items())}
 
 
 def test_a_temporary_made_just_before_a_stop_is_removed(tmp_path, monkeypatch):

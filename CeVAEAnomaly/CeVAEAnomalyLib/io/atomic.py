@@ -271,19 +271,49 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
                     check_complete(temps[target], target, _size_of(value))
                 except CeVAEError as exc:  # a short write the writer did not report: a full disk, most often
                     raise CeVAEError(f"{exc} {_output_remedy(exc, target)}.") from None
+            moved: List[Path] = []
             with stops_held():  # a stop comes after the last rename: all new or all old
                 for target, tmp in temps.items():
                     try:
                         publish(tmp, target)
-                        if published is not None:
-                            published.append(target)
-                    except OSError as exc:
-                        raise CeVAEError(f"Could not move the finished {target} into place: {exc}") from None
+                    except (OSError, CeVAEError) as exc:
+                        raise CeVAEError(_move_failed(target, exc, moved, targets)) from None
+                    moved.append(target)
+                    if published is not None:
+                        published.append(target)
         finally:
             for tmp in temps.values():
                 if os.path.exists(tmp):
                     os.unlink(tmp)
     return targets
+
+
+def _move_failed(target: Path, exc: BaseException, moved: Sequence[Path], targets: Sequence[Path]) -> str:
+    """The one line for a rename of the finished ``target`` into place that failed with ``exc`` (an OSError, or the
+    refusal of what appeared at ``target`` meanwhile) after ``moved`` were renamed: which outputs now hold this run's
+    files, which still hold what was there before and which were not written, then what to do."""
+    if isinstance(exc, OSError):
+        said = f"Could not move the finished {target} into place: {exc.strerror or exc}."
+        remedy = f" {_output_remedy(exc, target)}."
+    else:  # its own message says what to do
+        said, remedy = str(exc), ""
+    if not moved:
+        return f"{said} Nothing was replaced.{remedy}"
+    rest = [t for t in targets if t not in moved]
+    kept = [t for t in rest if os.path.lexists(t)]
+    parts = [f"{_listed(moved)} {'is' if len(moved) == 1 else 'are'} this run's"]
+    if kept:
+        parts.append(f"{_listed(kept)} still {'holds' if len(kept) == 1 else 'hold'} what was there before")
+    absent = [t for t in rest if t not in kept]
+    if absent:
+        parts.append(f"{_listed(absent)} {'was' if len(absent) == 1 else 'were'} not written")
+    return f"{said} Only some outputs were replaced: {'; '.join(parts)}.{remedy}"
+
+
+def _listed(paths: Sequence[Path]) -> str:
+    """``paths`` as "a", "a and b" or "a, b and c"."""
+    names = [str(p) for p in paths]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _output_remedy(exc: BaseException, target: Path) -> str:
