@@ -37,7 +37,9 @@ def write_remedy(exc: BaseException, folder: Path, room: str = "Free some space"
     """What to do, as a sentence without its full stop, about a write in ``folder`` that failed with ``exc``, by its
     cause: ``room`` for a full disk or quota, or a failed write that says no cause (torch's, whose cause reads "disk
     full or a file-size limit?"); a read-only disk or permissions each named; the disk checked for an I/O error or a
-    file that did not read back as written (an OSError without errno); any other error named by its errno."""
+    file that did not read back as written (an OSError without errno); the file named that stands where ``folder``
+    or a folder above it should be (ENOTDIR, or EEXIST from making it); shorter names for a name too long; any other
+    error named by its errno."""
     if not isinstance(exc, OSError) or full_disk(exc):
         return room
     if exc.errno is None or exc.errno == errno.EIO:
@@ -46,7 +48,22 @@ def write_remedy(exc: BaseException, folder: Path, room: str = "Free some space"
         return f"The disk holding {folder} is mounted read-only: make it writable"
     if exc.errno in _REFUSED:
         return f"Make sure you may write in {folder} (its permissions)"
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"Give {folder} and its files shorter names"
+    blocker = _file_in_the_way(folder) if exc.errno in (errno.ENOTDIR, errno.EEXIST) else None
+    if blocker is not None:
+        return f"{blocker} is a file, not a folder: rename or move it"
     return f"Make sure {folder} can be written ({errno.errorcode.get(exc.errno, exc.errno)})"
+
+
+def _file_in_the_way(folder: Path) -> Optional[Path]:
+    """The file that stands where ``folder`` or a folder above it should be, if any."""
+    from .io.targets import file_in_the_way  # (io imports this module)
+
+    try:
+        return file_in_the_way(folder)
+    except OSError:  # a path the system cannot look up
+        return None
 
 
 # Where ITK/SimpleITK put their C++ source locations and object addresses into a message

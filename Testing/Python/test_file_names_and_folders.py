@@ -3,6 +3,7 @@ link as a lock file, a summary saved back by Excel, an output folder that cannot
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import re
 import shutil
@@ -105,7 +106,30 @@ def test_a_summary_saved_back_by_excel_resumes(cohort, tiny_bundle, tmp_path, ca
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(cohort, tiny_bundle, capsys):
     rc = main(["detect", str(cohort / "a.nii.gz"), "--model", str(tiny_bundle), "--score", "/proc/s.nii.gz"])
     assert rc == 2  # it failed only after the whole detection, naming a hidden temporary file
-    one_error_line(capsys.readouterr().err, r"^error: Cannot write into /proc \(.*\); choose a folder you can write to")
+    one_error_line(capsys.readouterr().err, r"^error: Cannot write into /proc \(.*\)\. .*, or choose another folder\.$")
+
+
+def _refused_in(folder: str) -> int:
+    """The errno with which ``folder`` refuses a new file (0: it takes one)."""
+    try:
+        with open(os.path.join(folder, ".cevae-probe"), "xb"):
+            pass
+    except OSError as exc:
+        return exc.errno
+    os.unlink(os.path.join(folder, ".cevae-probe"))
+    return 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs") or _refused_in("/sys/fs") != errno.EACCES,
+                    reason="needs Linux's /sys/fs, which refuses new files for their permissions (even to root)")
+def test_an_output_folder_refused_for_its_permissions_says_so(cohort, tiny_bundle, capsys):
+    """It said "Cannot write into /sys/fs (Permission denied); choose a folder you can write to", the same words for a
+    read-only disk or a full one: now what to do about the cause."""
+    rc = main(["detect", str(cohort / "a.nii.gz"), "--model", str(tiny_bundle), "--score", "/sys/fs/s.nii.gz"])
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, "^" + re.escape(
+        "error: Cannot write into /sys/fs (Permission denied). Make sure you may write in /sys/fs (its permissions), "
+        "or choose another folder.") + "$")
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, which no one can write into")

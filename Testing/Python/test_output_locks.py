@@ -1,6 +1,7 @@
 """The output locks of io/lock.py as a command holds them: outputs whose long names share one lock file."""
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -48,3 +49,44 @@ def test_an_output_named_as_another_outputs_lock_file_is_refused(tmp_path):
     with pytest.raises(CeVAEError, match=r"/\.o\.csv\.lock is the lock file held while \S*/o\.csv is written"):
         write_all({score: "a\n", lock_path(score): "b\n"}, overwrite=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("number, remedy", [
+    (errno.ENOSPC, "Free some space on the disk holding {folder}"),
+    (errno.EROFS, "The disk holding {folder} is mounted read-only: make it writable"),
+    (errno.EACCES, "Make sure you may write in {folder} (its permissions)"),
+    (errno.ENAMETOOLONG, "Give {folder} and its files shorter names"),
+])
+def test_a_lock_file_the_system_refuses_says_what_to_do_by_its_cause(tmp_path, monkeypatch, number, remedy):
+    """A lock file that could not be made (a full disk, a disk remounted read-only, ...) was refused as "Cannot write
+    into FOLDER (...); choose a folder you can write to", whatever its cause: no word on freeing space or a read-only
+    disk. The folders made for it go again."""
+    import CeVAEAnomalyLib.io.lock as lock
+
+    def refused(path):
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(lock, "_open_lock", refused)
+    folder = tmp_path / "new"
+    with pytest.raises(CeVAEError) as raised:
+        with hold_output(folder / "c.cevae", "calibration"):
+            pass
+    assert str(raised.value) == (f"Cannot write into {folder} ({os.strerror(number)}). "
+                                 f"{remedy.format(folder=folder)}, or choose another folder.")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_an_output_under_a_file_names_the_file_in_the_way(tmp_path, under):
+    """A Slicer calibration's output under a file (a folder name taken by a file): "Cannot write into FOLDER (File
+    exists)" or "(Not a directory); choose a folder you can write to" named neither the file nor what to do."""
+    notes = tmp_path / "notes"
+    notes.write_text("the user's\n")
+    folder = notes / under if under else notes
+    number = errno.ENOTDIR if under else errno.EEXIST
+    with pytest.raises(CeVAEError) as raised:
+        with hold_output(folder / "c.cevae", "calibration"):
+            pass
+    assert str(raised.value) == (f"Cannot write into {folder} ({os.strerror(number)}). {notes} is a file, not a "
+                                 "folder: rename or move it, or choose another folder.")
+    assert notes.read_text() == "the user's\n"

@@ -220,7 +220,8 @@ def test_a_checkpoint_write_refused_for_another_reason_than_space_says_what_fits
 @pytest.mark.parametrize("error, remedy", [
     (OSError(errno.EROFS, os.strerror(errno.EROFS)),
      "The disk holding {folder} is mounted read-only: make it writable"),
-    (OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)), "Make sure {folder} can be written (ENAMETOOLONG)")])
+    (OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)), "Give {folder} and its files shorter names"),
+    (OSError(errno.EMLINK, os.strerror(errno.EMLINK)), "Make sure {folder} can be written (EMLINK)")])
 def test_a_checkpoint_write_on_a_read_only_disk_or_for_another_cause_is_told_its_own_remedy(manifest, tmp_path,
                                                                                           monkeypatch, error, remedy):
     """A disk remounted read-only (as Linux does after a disk error) and any other refused write were told the same

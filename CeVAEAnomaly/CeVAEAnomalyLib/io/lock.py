@@ -15,8 +15,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterable, Iterator, List, Set
 
-from ..errors import CeVAEError, write_remedy
-from .targets import name_leaving_room
+from ..errors import CeVAEError
+from .targets import cannot_write_into, name_leaving_room
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def _locked(target: Path, path: Path, command: str) -> BinaryIO:
             if exc.errno == errno.ELOOP:
                 raise CeVAEError(f"The lock file {path} of {target} is a symbolic link, which a lock file never is; "
                                  "remove the link (not what it points to) and run again.") from None
-            raise CeVAEError(f"Cannot write into {target.parent} ({exc.strerror or exc}); choose a folder you can "
-                             "write to.") from None
+            raise cannot_write_into(target.parent, exc) from None
         try:
             fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
         except OSError as exc:
@@ -97,9 +96,7 @@ def _locked(target: Path, path: Path, command: str) -> BinaryIO:
             pass
         except OSError as exc:  # its holder's line could not be written: a full disk, a used-up quota
             _let_go(fh, path)
-            remedy = write_remedy(exc, target.parent, f"Free some space on the disk holding {target.parent}")
-            raise CeVAEError(f"Cannot write into {target.parent} ({exc.strerror or exc}). {remedy}, or choose "
-                             "another folder.") from None
+            raise cannot_write_into(target.parent, exc) from None
         fh.close()  # its previous holder removed the file meanwhile: lock the new one
 
 

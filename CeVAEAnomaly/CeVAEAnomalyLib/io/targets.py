@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-from ..errors import CeVAEError
+from ..errors import CeVAEError, write_remedy
 from .detached import NumberedFiles, read_alongside
 from .naming import UNICODE_TWINS, full_suffix, one_form
 
@@ -250,8 +250,14 @@ def refuse_unwritable_folder(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=existing, prefix=".cevae-write-test-"):
             pass
     except OSError as exc:
-        raise CeVAEError(f"Cannot write into {folder} ({exc.strerror or exc}); choose a folder you can write "
-                         "to.") from None
+        raise cannot_write_into(folder, exc) from None
+
+
+def cannot_write_into(folder: Path, exc: OSError) -> CeVAEError:
+    """The one-line refusal of outputs in ``folder``, where a file could not be made (``exc``): the system's words,
+    then what to do about its cause (:func:`~..errors.write_remedy`) or to choose another folder."""
+    remedy = write_remedy(exc, folder, f"Free some space on the disk holding {folder}")
+    return CeVAEError(f"Cannot write into {folder} ({exc.strerror or exc}). {remedy}, or choose another folder.")
 
 
 def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optional[Path]] = ()) -> None:
