@@ -101,6 +101,24 @@ def test_a_name_too_long_is_refused_before_any_work(inputs, tmp_path, capsys, mo
     assert tree(tmp_path) == before
 
 
+def test_a_folder_name_too_long_is_refused_in_one_line(inputs, tmp_path, capsys):
+    """An output folder whose own name is too long made detect end in "unexpected OSError: [Errno 36] File name too
+    long" (Path.is_dir raises for it, in the check of the names' lengths), and a Slicer calibration's lock raise it."""
+    from CeVAEAnomalyLib.io.lock import hold_output
+
+    folder = tmp_path / ("f" * 300)
+    before = tree(tmp_path)
+    assert main(detect_argv(*inputs, folder / "score.nii.gz")) == 2
+    one_error_line(capsys.readouterr().err, r"^error: The output name f{40}\.\.\. is 300 bytes long; file names may "
+                                            r"hold at most 255 bytes\. Choose a shorter name\.$")
+    with pytest.raises(CeVAEError) as raised:
+        with hold_output(folder / "c.cevae", "calibration"):
+            pass
+    assert str(raised.value) == (f"Cannot write into {folder} ({os.strerror(errno.ENAMETOOLONG)}). Give {folder} and "
+                                 "its files shorter names, or choose another folder.")
+    assert tree(tmp_path) == before
+
+
 def deep_folder(root: Path, path_bytes: int) -> Path:
     """A folder under ``root`` whose path is ``path_bytes`` bytes long (names of at most 200 bytes)."""
     folder = root

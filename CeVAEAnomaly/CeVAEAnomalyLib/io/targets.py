@@ -113,7 +113,7 @@ TEMPORARY_ROOM = 2 + 8 + 1 + 8 + 1 + 10
 def name_max(folder: Path) -> int:
     """The longest file name (in bytes) the file system of ``folder`` (or its nearest existing parent) allows."""
     for f in (folder, *folder.parents):
-        if f.is_dir():
+        if os.path.isdir(f):  # (Path.is_dir raises for a name too long)
             try:
                 return min(NAME_MAX, int(os.pathconf(f, "PC_NAME_MAX")))
             except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
