@@ -136,15 +136,30 @@ def output_paths(input_path: Path, output_dir: Path, volume_format: str) -> Dict
 
 
 def _node_writer(node: slicer.vtkMRMLStorableNode) -> Callable[[str], None]:
+    """A writer of ``node`` for write_all, which words its failure as it words every output's (the output named, not
+    the temporary file given here; what to do by the cause)."""
     def write(filename: str) -> None:
         storage = node.CreateDefaultStorageNode()
         storage.UnRegister(None)  # the caller owns the new node: without this one is left behind per file written
         storage.SetFileName(filename)
         storage.SetUseCompression(True)
         if not storage.WriteData(node):
-            raise CeVAEError(f"Could not write {node.GetName()} to {filename}.")
+            raise _write_failure(storage, node, filename)
 
     return write
+
+
+def _write_failure(storage: slicer.vtkMRMLStorageNode, node: slicer.vtkMRMLStorableNode, filename: str) -> Exception:
+    """Why ``storage`` could not write ``node`` to ``filename``: the system's error where the file cannot be opened
+    for writing (a disk read-only, permissions: a storage node says no errno), else what the storage node said."""
+    try:
+        with open(filename, "ab"):
+            pass
+    except OSError as exc:
+        return exc
+    messages = storage.GetUserMessages()
+    said = [messages.GetNthMessageText(i).strip() for i in range(messages.GetNumberOfMessages())]
+    return RuntimeError("; ".join(text for text in said if text) or f"Slicer could not write {node.GetName()}")
 
 
 def file_grid(image: "sitk.Image", path: Path) -> Optional["sitk.Image"]:

@@ -3,6 +3,7 @@ is about how the run ends; its main() in this process where a test is about what
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import importlib.util
 import json
@@ -442,3 +443,44 @@ def test_a_missing_bundled_model_is_said_with_the_scripts_model_option(run_here,
     assert said.strip().splitlines()[-1] == (f"DetectVolume: error: The bundled default model "
                                              f"{data.data_path('absent.cevae')} is missing (the installation is "
                                              "incomplete): pass --model BUNDLE, or install CeVAEAnomaly again."), said
+
+
+def test_a_result_the_storage_node_cannot_write_is_said_as_every_failed_output(script, tmp_path):
+    """A segmentation or volume that Slicer's storage node failed to write was said as "Could not write
+    head_segmentation to /out/.head_segmentation.seg.nrrd.1a2b3c4d-...-123.seg.nrrd.": the hidden temporary's name,
+    not the output's, and neither that nothing was replaced nor what to do, unlike every other failed output."""
+    import slicer
+    from CeVAEAnomalyLib.errors import WriteFailed
+    from CeVAEAnomalyLib.io.atomic import write_all
+
+    scene = slicer.vtkMRMLScene()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "head_segmentation")  # no segment: refused
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "head_segmentation.seg.nrrd").write_text("the earlier run's\n")
+    target = out / "head_segmentation.seg.nrrd"
+    with pytest.raises(WriteFailed) as raised:
+        write_all({out / "head_components.csv": "x\n", target: script._node_writer(segmentation)}, overwrite=True)
+    assert str(raised.value) == (
+        f"Could not write {target}: Segmentation source representation Binary labelmap cannot be written to file. "
+        f"Nothing was replaced. Free some space on the disk holding {out}, then run again.")
+    assert [p.name for p in out.iterdir()] == [target.name] and target.read_text() == "the earlier run's\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs"), reason="needs Linux's /sys/fs, which refuses new files")
+def test_a_storage_node_refused_by_the_system_gives_the_system_error(script):
+    """Where the file cannot be opened for writing, the writer raises the system's error (a storage node says no
+    errno), so that write_all says what to do about its cause (here permissions), not "Failed to create directory
+    '/sys/fs/TempWritehead_score'" as Slicer's volume storage node says."""
+    import slicer
+    import vtk
+
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "head_score")
+    voxels = vtk.vtkImageData()
+    voxels.SetDimensions(4, 4, 4)
+    voxels.AllocateScalars(vtk.VTK_FLOAT, 1)
+    volume.SetAndObserveImageData(voxels)
+    with pytest.raises(OSError) as raised:
+        script._node_writer(volume)("/sys/fs/head_score.nrrd")
+    assert raised.value.errno in (errno.EACCES, errno.EPERM) and not os.path.exists("/sys/fs/head_score.nrrd")
