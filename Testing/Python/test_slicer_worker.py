@@ -164,6 +164,35 @@ def test_the_model_path_is_checked_before_a_worker_starts(head_scene, tmp_path, 
     assert not any((tmp_path / "jobs").iterdir())  # no job folder was made
 
 
+@pytest.mark.parametrize("kind", ["a NUL byte", "a link loop", "a name too long"])
+def test_a_model_path_the_system_cannot_look_up_is_said_as_such(head_scene, tmp_path, monkeypatch, kind):
+    """A model path holding a NUL byte (pasted text) or ending in a loop of symbolic links was refused as "The model
+    bundle ... does not exist" (the NUL byte printed as it is), and one with a name too long raised OSError, from
+    every start and from loadModel: Path.is_file answers False for the first two and raises for the third."""
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop.cevae")
+    (tmp_path / "loop.cevae").symlink_to(tmp_path / "loop")
+    path, said = {
+        "a NUL byte": (f"{tmp_path}/site\0.cevae",
+                       r"path .*/site\\0\.cevae holds a NUL byte \(\\0\), which no file name can hold\.$"),
+        "a link loop": (str(tmp_path / "loop.cevae"),
+                        r".*/loop\.cevae cannot be opened: too many levels of symbolic links\.$"),
+        "a name too long": (str(tmp_path / ("m" * 300 + ".cevae")),
+                            r".*m\.\.\. cannot be opened: file name too long\.$"),
+    }[kind]
+    starts = [lambda: logic.startDetection(volume, mask, modelPath=path, device="cpu"),
+              lambda: logic.startCalibration([volume], [mask], tmp_path / "c.cevae", modelPath=path, device="cpu"),
+              lambda: logic.process(volume, mask, modelPath=path, device="cpu"),
+              lambda: logic.loadModel(path, device="cpu")]
+    (tmp_path / "jobs").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "jobs"))  # where job folders are made
+    for start in starts:
+        with pytest.raises(CeVAEError, match="^The model bundle " + said):
+            start()
+    assert not any((tmp_path / "jobs").iterdir())
+
+
 def test_the_worker_command_line_reports_bad_requests(tmp_path):
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"task": "train"}))

@@ -705,13 +705,16 @@ def _reworded(texts: Sequence[str], words: Mapping[str, str]) -> List[str]:
 
 def _modelFile(modelPath: Any) -> Optional[Path]:
     """The model file a ``modelPath`` argument names (None or "": the bundled model, None here), refused in one line
-    unless it is the path of a file."""
+    unless it is the path of a file (a path the system cannot look up, e.g. one holding a NUL byte, said as such)."""
+    from ..io.targets import refuse_unsearchable
+
     if modelPath is None or (isinstance(modelPath, str) and not modelPath):
         return None
     if not isinstance(modelPath, (str, os.PathLike)):
         raise CeVAEError(f"modelPath must be the path of a .cevae file (a str or pathlib.Path), or None for the "
                          f"bundled model, got {type(modelPath).__name__}.")
     path = Path(modelPath)
+    refuse_unsearchable(path, "model bundle")  # (Path.is_file says False for a NUL byte or a link loop)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise CeVAEError(f"The model bundle {path} {what}; choose a .cevae file.")
