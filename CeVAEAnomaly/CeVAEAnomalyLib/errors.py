@@ -50,20 +50,12 @@ def write_remedy(exc: BaseException, folder: Path, room: str = "Free some space"
         return f"Make sure you may write in {folder} (its permissions)"
     if exc.errno == errno.ENAMETOOLONG:
         return f"Give {folder} and its files shorter names"
-    blocker = _file_in_the_way(folder) if exc.errno in (errno.ENOTDIR, errno.EEXIST) else None
+    from .io.targets import file_in_the_way  # (io imports this module)
+
+    blocker = file_in_the_way(folder) if exc.errno in (errno.ENOTDIR, errno.EEXIST) else None
     if blocker is not None:
         return f"{blocker} is a file, not a folder: rename or move it"
     return f"Make sure {folder} can be written ({errno.errorcode.get(exc.errno, exc.errno)})"
-
-
-def _file_in_the_way(folder: Path) -> Optional[Path]:
-    """The file that stands where ``folder`` or a folder above it should be, if any."""
-    from .io.targets import file_in_the_way  # (io imports this module)
-
-    try:
-        return file_in_the_way(folder)
-    except OSError:  # a path the system cannot look up
-        return None
 
 
 # Where ITK/SimpleITK put their C++ source locations and object addresses into a message

@@ -251,6 +251,17 @@ def test_out_dir_must_differ_from_input_folder(cohort, tiny_bundle, capsys):
     assert "--out-dir must differ" in capsys.readouterr().err
 
 
+def test_an_out_dir_whose_name_is_too_long_is_refused_in_one_line(cohort, tiny_bundle, tmp_path, capsys):
+    """It ended in "unexpected OSError: [Errno 36] File name too long": the check for a file in --out-dir's way asked
+    Path.exists, which raises for such a name."""
+    out = tmp_path / ("o" * 300)
+    assert batch(cohort, out, tiny_bundle) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: The output name o{40}\.\.\. is 300 bytes long; file names may hold at most 255 "
+                        r"bytes\. Choose a shorter name\.", err), err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def two(cohort, tmp_path):
     """A CSV list of two volumes of the cohort (a1, b2)."""

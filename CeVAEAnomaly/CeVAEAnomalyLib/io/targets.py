@@ -196,10 +196,10 @@ class Inputs:
 
 def file_in_the_way(folder: Path) -> Optional[Path]:
     """The existing file (not a folder) at ``folder`` or above it, which keeps ``folder`` from being made;
-    None if the nearest existing one is a folder."""
+    None if the nearest existing one is a folder (or the path cannot be looked up: a name too long, said elsewhere)."""
     for p in (folder, *folder.parents):
-        if p.exists():
-            return None if p.is_dir() else p
+        if os.path.exists(p):  # (Path.exists raises for a name too long)
+            return None if os.path.isdir(p) else p
     return None
 
 
