@@ -38,6 +38,10 @@ def test_leave_one_out_is_the_threshold_a_calibration_on_the_others_gives() -> N
     entry = calibrate(scores, "", fpr=0.001)
     assert entry["scan_voxels"] == [1000, 5000, 300] and entry["leave_one_out"]["fpr"] == 0.001
     assert "leave_one_out" not in calibrate(scores[:1], "", fpr=0.001)  # nothing to leave one out of
+    assert "leave_one_out" not in calibrate(scores[:2], "", fpr=0.001, persons=["p", "p"])  # nor of one person
+    record = leave_one_out(scores, 0.001, persons=["p", "q", "p"])  # a person's scans are left out together
+    alone = {"p": calibrate(scores[1:2], ""), "q": calibrate(scores[::2], "")}
+    assert record["threshold"] == pytest.approx([threshold_for_fpr(alone[p], 0.001) for p in "pqp"], rel=1e-9)
 
 
 def _scans(folder: Path) -> Dict[str, Subject]:
@@ -81,6 +85,28 @@ def test_calibrate_names_a_scan_unlike_the_others_and_records_each_scans_figures
         recalibrate(bundle, [s for name, s in subjects.items() if name != "lesion"], tmp_path / "healthy.cevae",
                     header.score_options, header.postprocess)
     assert not [r for r in caplog.records if "unlike" in r.getMessage() or "single healthy scan" in r.getMessage()]
+
+
+def test_two_scans_of_one_person_are_left_out_together(tmp_path: Path, caplog, one_thread) -> None:
+    """Two sessions of one person with a lesion, among healthy scans of others: left out one scan at a time, each
+    lesion scan met its twin in the others' pool, which raised that threshold, and neither was warned about."""
+    subjects = _scans(tmp_path)
+    noisy, mask = (sitk.ReadImage(str(p)) for p in (subjects["noisy"].image, subjects["noisy"].mask))
+    sitk.WriteImage(insert_lesions(noisy, mask, 1, n=4, radius_mm=(12.0, 16.0))[0], str(tmp_path / "again.nii.gz"))
+    twins = [Subject(subjects["lesion"].image, subjects["lesion"].mask, person="sub-07"),
+             Subject(tmp_path / "again.nii.gz", subjects["noisy"].mask, person="07")]  # (a BIDS label, either way)
+    healthy = [subjects[name] for name in ("plain", "noisy", "biased")]
+    bundle = load_bundle(default_model_path(), "cpu")
+    with caplog.at_level(logging.WARNING):
+        path = recalibrate(bundle, healthy + twins, tmp_path / "site.cevae", bundle.header.score_options,
+                           bundle.header.postprocess)
+    unlike = [r.getMessage() for r in caplog.records if "it is unlike them" in r.getMessage()]
+    assert [m.split(":")[0] for m in unlike] == [str(s.image) for s in twins], unlike
+    assert "the 3 healthy scans of other persons give" in unlike[0]
+    new = read_header(path)
+    record = find_calibration(new.calibration, new.score_options, new.postprocess)["leave_one_out"]
+    assert record["threshold"][3] == record["threshold"][4] < new.default_threshold() / 1.5  # both left out
+    assert max(record["rate"][:3]) < new.default_fpr
 
 
 def test_a_rate_that_rests_on_a_few_healthy_voxels_is_said_to_be_unmeasured(tmp_path: Path, caplog,

@@ -104,7 +104,8 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
     """Calibrations for every score type with otherwise the given options, keyed for lookup (the network
     runs as ``run`` says: batch size, mixed precision).
 
-    ``fpr``: the model's default rate; with 2 or more volumes each table records each one's leave-one-out threshold
+    ``fpr``: the model's default rate; with volumes of 2 or more persons (a person's scans left out together) each
+    table records each volume's leave-one-out threshold
     and rate at it, and a volume unlike the others there (engine/calibration.unlike_scans) is warned about by name,
     for ``opts``, and a rate too low for the voxels calibrated on is warned about; each says what to do in the
     caller's words (``unlike_scan``, ``higher_rate``). Volumes of different acquisitions are warned about, ending with
@@ -124,15 +125,16 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                                              check_contrast)
     log.info("Calibrated %s on %d healthy volume(s)%s.", ", ".join(SCORE_TYPES), len(subjects),
              "".join(f", {m.test_time_steps} test-time steps" for m in modes if m.test_time_steps))
+    persons = [s.group for s in subjects]  # a person's scans are left out together
     entries = {calibration_key(mode.replace(score_type=t), post):
-               calibrate([s[k][t] for s in scores], source, largest, tails, fpr)
+               calibrate([s[k][t] for s in scores], source, largest, tails, fpr, persons)
                for k, mode in enumerate(modes) for t in SCORE_TYPES}
     default = entries[calibration_key(opts, post)]
     if "leave_one_out" in default:
         spread = default["leave_one_out"]["threshold"]
         log.info("Left out in turn, each healthy volume moves the threshold at the default rate %g between %.4g and "
                  "%.4g.", fpr, min(spread), max(spread))
-    for warning in unlike_scans(default, [str(s.image) for s in subjects], unlike_scan):
+    for warning in unlike_scans(default, [str(s.image) for s in subjects], unlike_scan, persons):
         log.warning("%s", warning)
     if per_acquisition is not None:
         _warn_of_mixed_acquisitions(subjects, largest, default["scan_voxels"], per_acquisition)

@@ -12,7 +12,7 @@ import json
 import math
 import numbers
 from dataclasses import Field, fields
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -109,11 +109,13 @@ def thin_tail(entry: Mapping[str, Any], fpr: float) -> Optional[str]:
 
 
 def calibrate(healthy_scores: Iterable[np.ndarray], source: str, largest_voxel_mm: Sequence[float] = (),
-              bright_tails: Sequence[Optional[float]] = (), fpr: Optional[float] = None) -> Dict[str, Any]:
+              bright_tails: Sequence[Optional[float]] = (), fpr: Optional[float] = None,
+              persons: Sequence[Hashable] = ()) -> Dict[str, Any]:
     """Quantiles of pooled healthy brain-voxel scores on the FPR grid; ``largest_voxel_mm``: each healthy
     volume's largest voxel side (its slice thickness, for thick slices), ``bright_tails``: each one's
     :func:`~.modality.bright_tail` (None: not measured), both recorded as their range. Each volume's voxel count is
-    recorded, and with ``fpr`` (the model's default rate) and 2 or more volumes, :func:`leave_one_out` at it."""
+    recorded, and with ``fpr`` (the model's default rate) and volumes of 2 or more persons (``persons``: each
+    volume's; none given: a person each), :func:`leave_one_out` at it."""
     scores = [np.asarray(v, np.float32).ravel() for v in healthy_scores]
     values = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     if values.size == 0:
@@ -126,8 +128,8 @@ def calibrate(healthy_scores: Iterable[np.ndarray], source: str, largest_voxel_m
         "source": source,
         "scan_voxels": [int(s.size) for s in scores],
     }
-    if fpr is not None and len(scores) > 1:
-        entry["leave_one_out"] = leave_one_out(scores, fpr)
+    if fpr is not None and len(set(_persons(persons, len(scores)))) > 1:
+        entry["leave_one_out"] = leave_one_out(scores, fpr, persons)
     if len(largest_voxel_mm):
         entry["largest_voxel_mm"] = [round(float(min(largest_voxel_mm)), 3), round(float(max(largest_voxel_mm)), 3)]
     tails = [t for t in bright_tails if t is not None]
@@ -136,10 +138,22 @@ def calibrate(healthy_scores: Iterable[np.ndarray], source: str, largest_voxel_m
     return entry
 
 
-def leave_one_out(scores: Sequence[np.ndarray], fpr: float) -> Dict[str, Any]:
-    """For each volume of ``scores`` (2 or more), the threshold at ``fpr`` that a calibration on the other volumes
-    gives (:func:`calibrate`, then :func:`threshold_for_fpr`'s interpolation) and the share of its own voxels at or
-    above it: how far the threshold rests on any one volume, and how unlike the others each one is."""
+def _persons(persons: Sequence[Hashable], count: int) -> List[Hashable]:
+    """The person of each of ``count`` volumes: ``persons`` where given, else a person of its own each."""
+    if not len(persons):
+        return list(range(count))
+    if len(persons) != count:
+        raise CeVAEError(f"Give the person of each of the {count} healthy volumes, got {len(persons)}.")
+    return list(persons)
+
+
+def leave_one_out(scores: Sequence[np.ndarray], fpr: float, persons: Sequence[Hashable] = ()) -> Dict[str, Any]:
+    """For each volume of ``scores`` (of 2 or more persons), the threshold at ``fpr`` that a calibration on the
+    volumes of the other persons gives (:func:`calibrate`, then :func:`threshold_for_fpr`'s interpolation) and the
+    share of its own voxels at or above it: how far the threshold rests on any one person, and how unlike the others
+    each volume is. ``persons``: each volume's person (none given: a person each); a person's other scans are left
+    out with it, as they share its anatomy and any lesion."""
+    groups = _persons(persons, len(scores))
     sizes = [s.size for s in scores]
     at = np.searchsorted(FPR_GRID, fpr)
     rates = FPR_GRID[max(at - 1, 0):at + 1] if fpr not in FPR_GRID else np.array([fpr])  # the grid rates around it
@@ -147,8 +161,9 @@ def leave_one_out(scores: Sequence[np.ndarray], fpr: float) -> Dict[str, Any]:
     tops = [np.partition(s, s.size - min(keep, s.size))[s.size - min(keep, s.size):] for s in scores]
     thresholds, shares = [], []
     for i, own in enumerate(scores):
-        top = np.sort(np.concatenate([t for j, t in enumerate(tops) if j != i]))
-        ranks = (sum(sizes) - own.size - 1) * rates  # from the top of the others' pool, where np.quantile puts 1 - rate
+        others = [j for j in range(len(scores)) if groups[j] != groups[i]]
+        top = np.sort(np.concatenate([tops[j] for j in others]))
+        ranks = (sum(sizes[j] for j in others) - 1) * rates  # from the top of the others' pool, as np.quantile
         grid = np.quantile(top, 1.0 - ranks / (top.size - 1)) if top.size > 1 else np.full(rates.size, top[0])
         threshold = _at_rate(rates, grid, fpr)
         thresholds.append(threshold)
@@ -156,22 +171,33 @@ def leave_one_out(scores: Sequence[np.ndarray], fpr: float) -> Dict[str, Any]:
     return {"fpr": float(fpr), "threshold": thresholds, "rate": shares}
 
 
-def unlike_scans(entry: Mapping[str, Any], names: Sequence[str], advice: str) -> List[str]:
-    """A warning for each volume (named by ``names``, in the calibration's order) that flags more than
-    :data:`UNLIKE_FACTOR` times the rate at the threshold the others give (``entry``'s :func:`leave_one_out`),
-    ending with what to do with it (``advice``)."""
+def unlike_scans(entry: Mapping[str, Any], names: Sequence[str], advice: str,
+                 persons: Sequence[Hashable] = ()) -> List[str]:
+    """A warning for each volume (named by ``names``, in the calibration's order; ``persons``: each one's person as
+    :func:`leave_one_out` took them) that flags more than :data:`UNLIKE_FACTOR` times the rate at the threshold the
+    others give (``entry``'s :func:`leave_one_out`), ending with what to do with it (``advice``)."""
     loo = entry.get("leave_one_out")
     if not loo:
         return []
-    fpr, others = loo["fpr"], len(names) - 1
+    fpr, groups = loo["fpr"], _persons(persons, len(names))
     pooled = _at_rate(entry["fpr"], entry["threshold"], fpr)
-    return [f"{name}: at the threshold that the other {others} healthy scan{'s' if others > 1 else ''} give at the "
-            f"default false-positive rate {fpr:g} ({without:.4g}), it flags {rate:.3%} of its brain voxels, "
-            f"{rate / fpr:.0f} times that rate: it is unlike {'them' if others > 1 else 'the other'} (a lesion, an "
-            f"artefact, another acquisition{'; with two scans, either may be the odd one' if others == 1 else ''}), "
-            f"and pooled with {'them' if others > 1 else 'it'} it sets that threshold to {pooled:.4g}. Check it, and "
-            f"{advice}."
-            for name, without, rate in zip(names, loo["threshold"], loo["rate"]) if rate > UNLIKE_FACTOR * fpr]
+    return [_unlike_scan(name, groups.count(group), len(names) - groups.count(group), without, rate, fpr, pooled,
+                         advice)
+            for name, group, without, rate in zip(names, groups, loo["threshold"], loo["rate"])
+            if rate > UNLIKE_FACTOR * fpr]
+
+
+def _unlike_scan(name: str, own: int, others: int, without: float, rate: float, fpr: float, pooled: float,
+                 advice: str) -> str:
+    """The warning of :func:`unlike_scans` for one volume (``own``: its person's scans, itself included; ``others``:
+    the scans of the other persons, whose threshold at ``fpr`` is ``without``)."""
+    scans = f"{others} healthy scan{'s' if others > 1 else ''}"
+    them = "them" if others > 1 else ("it" if own > 1 else "the other")
+    return (f"{name}: at the threshold that the {f'{scans} of other persons' if own > 1 else f'other {scans}'} give "
+            f"at the default false-positive rate {fpr:g} ({without:.4g}), it flags {rate:.3%} of its brain voxels, "
+            f"{rate / fpr:.0f} times that rate: it is unlike {them} (a lesion, an artefact, another acquisition"
+            f"{'; with two scans, either may be the odd one' if others == 1 and own == 1 else ''}), and pooled with "
+            f"{'them' if others > 1 else 'it'} it sets that threshold to {pooled:.4g}. Check it, and {advice}.")
 
 
 def acquisition_difference(entry: Mapping[str, Any], spacing: Sequence[float],
