@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import SHARED_DATA
 from CeVAEAnomalyLib.data import data_path, default_model_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.calibrate import recalibrate
@@ -135,6 +136,50 @@ def test_a_rate_that_rests_on_a_few_healthy_voxels_is_said_to_be_unmeasured(tmp_
            "1e-05 rests on 2.2 of the 223842 healthy brain voxels" in caplog.text
     new = read_header(path)
     assert "rests on 2.2" in new.threshold(new.score_options, new.postprocess, ThresholdPolicy())[1]
+
+
+def _heads_at_3mm(folder: Path) -> Dict[str, Subject]:
+    """The healthy sample heads (colin27, mni152, robex) smoothed and resampled to 3 mm voxels, with their masks."""
+    subjects = {}
+    for name in ("colin27", "mni152", "robex"):
+        for role, suffix, interpolator in (("image", "t1", sitk.sitkLinear), ("mask", "brainmask",
+                                                                              sitk.sitkNearestNeighbor)):
+            im = sitk.ReadImage(str(SHARED_DATA / f"{name}_{suffix}.nii.gz"))
+            if role == "image":
+                im = sitk.SmoothingRecursiveGaussian(sitk.Cast(im, sitk.sitkFloat32), 1.0)
+            size = [round(n * s / 3.0) for n, s in zip(im.GetSize(), im.GetSpacing())]
+            sitk.WriteImage(sitk.Resample(im, size, sitk.Transform(), interpolator, im.GetOrigin(), (3.0,) * 3,
+                                          im.GetDirection()), str(folder / f"{name}_{role}.nii.gz"))
+        subjects[name] = Subject(folder / f"{name}_image.nii.gz", folder / f"{name}_mask.nii.gz")
+    return subjects
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="needs the healthy sample volumes")
+def test_a_healthy_scan_is_not_called_unlike_the_others_for_a_few_voxels_at_an_unmeasured_rate(
+        tmp_path: Path, caplog, one_thread) -> None:
+    """At a rate whose threshold rests on a few voxels, the others' threshold is about their highest score: a
+    healthy scan with one or two voxels above it flagged "times that rate" and was called unlike the others."""
+    subjects = _heads_at_3mm(tmp_path)
+    bundle = load_bundle(default_model_path(), "cpu")
+    with caplog.at_level(logging.WARNING):
+        path = recalibrate(bundle, list(subjects.values()), tmp_path / "site.cevae", bundle.header.score_options,
+                           bundle.header.postprocess, default_fpr=1e-6)
+    assert "so that rate is not measured" in caplog.text  # said once, for the calibration
+    assert "unlike" not in caplog.text, caplog.text
+    new = read_header(path)
+    record = find_calibration(new.calibration, new.score_options, new.postprocess)
+    flagged = [r * n for r, n in zip(record["leave_one_out"]["rate"], record["scan_voxels"])]
+    assert max(record["leave_one_out"]["rate"]) > UNLIKE_FACTOR * 1e-6 and 0 < max(flagged) < 10  # a few voxels
+
+    image, mask = (sitk.ReadImage(str(p)) for p in (subjects["mni152"].image, subjects["mni152"].mask))
+    sitk.WriteImage(insert_lesions(image, mask, 1, n=4, radius_mm=(12.0, 16.0))[0], str(tmp_path / "lesion.nii.gz"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a lesion's many voxels are still told
+        recalibrate(bundle, [*subjects.values(), Subject(tmp_path / "lesion.nii.gz", subjects["mni152"].mask)],
+                    tmp_path / "lesion.cevae", bundle.header.score_options, bundle.header.postprocess,
+                    default_fpr=1e-6)
+    unlike = [r.getMessage() for r in caplog.records if "it is unlike them" in r.getMessage()]
+    assert [m.split(":")[0] for m in unlike] == [str(tmp_path / "lesion.nii.gz")], unlike
 
 
 def test_calibrate_warns_of_scans_of_different_acquisitions_pooled(tmp_path: Path, caplog, one_thread) -> None:

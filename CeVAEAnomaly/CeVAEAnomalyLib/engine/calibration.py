@@ -175,16 +175,20 @@ def unlike_scans(entry: Mapping[str, Any], names: Sequence[str], advice: str,
                  persons: Sequence[Hashable] = ()) -> List[str]:
     """A warning for each volume (named by ``names``, in the calibration's order; ``persons``: each one's person as
     :func:`leave_one_out` took them) that flags more than :data:`UNLIKE_FACTOR` times the rate at the threshold the
-    others give (``entry``'s :func:`leave_one_out`), ending with what to do with it (``advice``)."""
+    others give (``entry``'s :func:`leave_one_out`), ending with what to do with it (``advice``). Fewer than
+    :data:`MIN_TAIL_VOXELS` of its voxels above that threshold do not make a volume unlike the others: at a rate
+    that rests on a few voxels (:func:`thin_tail`), the others' threshold is about their highest score, which one or
+    two voxels of any healthy scan pass."""
     loo = entry.get("leave_one_out")
     if not loo:
         return []
     fpr, groups = loo["fpr"], _persons(persons, len(names))
+    voxels = entry.get("scan_voxels") or [math.inf] * len(names)  # (not recorded: the rate alone tells)
     pooled = _at_rate(entry["fpr"], entry["threshold"], fpr)
     return [_unlike_scan(name, groups.count(group), len(names) - groups.count(group), without, rate, fpr, pooled,
                          advice)
-            for name, group, without, rate in zip(names, groups, loo["threshold"], loo["rate"])
-            if rate > UNLIKE_FACTOR * fpr]
+            for name, group, without, rate, n in zip(names, groups, loo["threshold"], loo["rate"], voxels)
+            if rate > UNLIKE_FACTOR * fpr and rate * n >= MIN_TAIL_VOXELS]
 
 
 def _unlike_scan(name: str, own: int, others: int, without: float, rate: float, fpr: float, pooled: float,
