@@ -7,6 +7,7 @@ scans of other heads: at most 3.9 times against two heads pooled); calibrate sai
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict
 
@@ -136,6 +137,22 @@ def test_a_rate_that_rests_on_a_few_healthy_voxels_is_said_to_be_unmeasured(tmp_
            "1e-05 rests on 2.2 of the 223842 healthy brain voxels" in caplog.text
     new = read_header(path)
     assert "rests on 2.2" in new.threshold(new.score_options, new.postprocess, ThresholdPolicy())[1]
+
+
+def test_calibrating_on_scans_of_one_person_is_warned_of_as_a_single_scan_is(tmp_path: Path, caplog,
+                                                                              one_thread) -> None:
+    """Two sessions of one person (a manifest's subject column) were calibrated on without a word: no scan of
+    another person checks them, as none checks a single scan."""
+    subjects = _scans(tmp_path)
+    sessions = [replace(subjects[name], person="sub-07") for name in ("plain", "noisy")]
+    bundle = load_bundle(default_model_path(), "cpu")
+    with caplog.at_level(logging.WARNING):
+        path = recalibrate(bundle, sessions, tmp_path / "site.cevae", bundle.header.score_options,
+                           bundle.header.postprocess)
+    assert (f"Calibrating on healthy scans of a single person ({sessions[0].image}, {sessions[1].image}: "
+            "person sub-07): no scan of another person can show") in caplog.text, caplog.text
+    new = read_header(path)
+    assert "leave_one_out" not in find_calibration(new.calibration, new.score_options, new.postprocess)
 
 
 def _heads_at_3mm(folder: Path) -> Dict[str, Subject]:

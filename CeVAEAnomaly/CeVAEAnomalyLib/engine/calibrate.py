@@ -14,7 +14,7 @@ from .bundle import Bundle, save_bundle
 from .bundle_checks import NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
                           largest_side, other_acquisitions, thin_tail, unlike_scans)
-from ..io.manifest import Subject, check_subjects, check_volume_path, distinct_names
+from ..io.manifest import Subject, bids_person, check_subjects, check_volume_path, distinct_names
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..data import refuse_bundled_output
 from ..errors import CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, CeVAEError
@@ -195,10 +195,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
         check_default_fpr(default_fpr)
     check_calibratable(opts, post)
     check_subjects(subjects)
-    if len(subjects) == 1:
-        log.warning("Calibrating on a single healthy scan (%s): no other scan can show whether it is typical of the "
-                    "protocol (a lesion or an artefact in it would raise the threshold unnoticed). Calibrate on 2 or "
-                    "more healthy scans of the protocol.", subjects[0].image)
+    _warn_of_a_single_person(subjects)
     old = bundle.header
     rate = old.default_fpr if default_fpr is None else float(default_fpr)
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
@@ -226,6 +223,21 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     path = save_bundle(out, bundle.model, header, half=old.weights_dtype == "float16")
     report(progress, 1.0, "Calibrated model written")
     return path
+
+
+def _warn_of_a_single_person(subjects: Sequence[Subject]) -> None:
+    """Warn where the healthy scans are a single scan, or scans of a single person (sessions: they share its anatomy
+    and any lesion), which no scan of another person checks (engine/calibration.leave_one_out)."""
+    if len(subjects) == 1:
+        log.warning("Calibrating on a single healthy scan (%s): no other scan can show whether it is typical of the "
+                    "protocol (a lesion or an artefact in it would raise the threshold unnoticed). Calibrate on 2 or "
+                    "more healthy scans of the protocol.", subjects[0].image)
+    elif len({s.group for s in subjects}) == 1:
+        first = subjects[0]
+        log.warning("Calibrating on healthy scans of a single person (%s: person %s): no scan of another person can "
+                    "show whether they are typical of the protocol (a lesion or an artefact in them would raise the "
+                    "threshold unnoticed). Calibrate on healthy scans of 2 or more persons of the protocol.",
+                    ", ".join(str(s.image) for s in subjects), first.person or bids_person(first.image))
 
 
 def _hashed_before_scoring(subjects: Sequence[Subject], checksums: Mapping[Path, str]) -> Dict[Path, str]:
