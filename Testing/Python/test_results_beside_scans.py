@@ -53,3 +53,28 @@ def test_training_and_calibration_leave_them_out_too(scanned):
         ("colin27_t1.nii.gz", "colin27_brainmask.nii.gz"), ("other_score.nii.gz", None)]
     folder = _healthy_subjects(argparse.Namespace(manifest=None, images=[str(scanned)]))
     assert sorted(s.image.name for s in folder) == ["colin27_t1.nii.gz", "other_score.nii.gz"]
+
+
+def test_results_saved_from_the_slicer_panel_are_left_out_too(scanned, tmp_path, caplog):
+    """The panel names its outputs after the scan ('colin27_t1 anomaly score', '... (frame 2)' for a sequence frame,
+    '_1' where the name is taken), and Slicer's Save writes them beside the scan under those names: `calibrate site/`
+    calibrated on the saved anomaly map as a healthy scan (its threshold rose from 5.4 to 6.9 with three 3 mm heads)
+    and stopped on the labelmap ("this image is constant")."""
+    for name in ("colin27_t1.nii.gz", "colin27_brainmask.nii.gz"):
+        shutil.copy(scanned / name, tmp_path / name)
+    score = sitk.ReadImage(str(scanned / "colin27_t1_score.nii.gz"))
+    labelmap = sitk.ReadImage(str(scanned / "colin27_t1_labelmap.nii.gz"))
+    saved = {"colin27_t1 anomaly score.nrrd": score, "colin27_t1 anomaly labelmap.nrrd": labelmap,
+             "colin27_t1 anomaly segmentation.seg.nrrd": labelmap, "colin27_t1 anomaly score (frame 2)_1.nrrd": score}
+    for name, image in saved.items():
+        sitk.WriteImage(image, str(tmp_path / name))
+    sitk.WriteImage(score, str(tmp_path / "colin27 anomaly score.nrrd"))  # no scan 'colin27' beside it: a volume
+    with caplog.at_level(logging.WARNING):
+        subjects = _healthy_subjects(argparse.Namespace(manifest=None, images=[str(tmp_path)]))
+    assert sorted(s.image.name for s in subjects) == ["colin27 anomaly score.nrrd", "colin27_t1.nii.gz"]
+    for name in saved:
+        assert f"{name} in {tmp_path} is taken for a detection result of colin27_t1.nii.gz" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # and given as files
+        subjects = _healthy_subjects(argparse.Namespace(manifest=None, images=[str(p) for p in tmp_path.iterdir()]))
+    assert sorted(s.image.name for s in subjects) == ["colin27 anomaly score.nrrd", "colin27_t1.nii.gz"]

@@ -17,6 +17,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -31,8 +32,8 @@ from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
-from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, OUTPUT_NAMES, UNICODE_TWINS, file_stem, image_stem, one_form,
-                         output_paths, subfolders_hint, unportable_character)
+from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, OUTPUT_NAMES, PANEL_OUTPUT_NAMES, UNICODE_TWINS, file_stem,
+                         image_stem, one_form, output_paths, subfolders_hint, unportable_character)
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
@@ -54,6 +55,10 @@ BARE_MASKS = ("mask", "brainmask", "brain_mask")  # a whole name (any case): the
 # extension: "_score", "_labelmap", "_segmentation.seg"
 RESULT_TAGS = tuple(str(image_stem("N" + OUTPUT_NAMES[role].format(ext=".nrrd")))[1:]
                     for role in ("score", "labelmap", "segmentation"))
+# the name of a volume the Slicer panel made for NAME, as Slicer's Save names its file: "NAME anomaly score", with
+# " (frame N)" for a sequence frame's and "_1" where the node's name was taken (group 1: NAME, 2: what follows it)
+_PANEL_ROLES = "|".join(re.escape(PANEL_OUTPUT_NAMES[role]) for role in ("score", "labelmap", "segmentation"))
+PANEL_RESULT = re.compile(rf"(.+)( (?:{_PANEL_ROLES})(?: \(frame \d+\))?(?:_\d+)?(?:\.seg)?)$")  # (.seg.nrrd)
 
 
 def mask_key(stem: str) -> Optional[str]:
@@ -156,13 +161,16 @@ def leave_out_detection_results(paths: Sequence[Path], where: str) -> List[Path]
     kept = []
     for p in paths:
         stem = image_stem(p.name) or ""
-        tag = next((t for t in RESULT_TAGS if stem.endswith(t) and (p.parent, stem[: -len(t)]) in scans), None)
-        if tag is None:
+        tags = [(stem[: -len(t)], t) for t in RESULT_TAGS if stem.endswith(t)]
+        panel = PANEL_RESULT.match(stem)  # saved from the Slicer panel
+        found = next(((name, tag) for name, tag in tags + ([panel.groups()] if panel else [])
+                      if (p.parent, name) in scans), None)
+        if found is None:
             kept.append(p)
         else:
             log.warning("%s %s is taken for a detection result of %s (NAME%s), not a scan: left out. To use it as a "
                         "volume of its own, list the inputs in a CSV (batch's list, or --manifest).", p.name, where,
-                        scans[p.parent, stem[: -len(tag)]].name, tag)
+                        scans[p.parent, found[0]].name, found[1])
     return kept
 
 

@@ -45,7 +45,7 @@ def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
                    "NAME_brainmask.* or NAME_brain_mask.*, given too or in a folder given, is the brain mask of NAME.* "
                    "(else of NAME_t1.* or NAME_brain.*), and a bare mask.* that of the one image beside it; FSL's "
                    "skull-stripped NAME_brain.* beside NAME.* is left out, and so are detection results "
-                   "(NAME_score.*, NAME_labelmap.*)")
+                   "(NAME_score.*, NAME_labelmap.*; saved from Slicer: 'NAME anomaly score.*')")
     p.add_argument("--manifest", type=path_value, help="CSV (tab-separated if named .tsv) with columns image,mask and "
                    "optionally subject (the person scanned; paths relative to the CSV)")
 
@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "scores every volume again); failures are recorded.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* / "
                    "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.* or NAME_brain.*; a bare mask.* "
-                   "that of the one image beside it; NAME_score.* and NAME_labelmap.* beside NAME.* are left out) "
+                   "that of the one image beside it; NAME_score.*, NAME_labelmap.* and 'NAME anomaly score.*' beside NAME.* "
+                   "are left out) "
                    "or CSV (tab-separated if named .tsv) with columns "
                    "image[,mask][,name] (paths relative to the CSV)")
     b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")

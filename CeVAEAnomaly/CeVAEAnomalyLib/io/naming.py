@@ -37,6 +37,11 @@ OUTPUT_NAMES: Dict[str, str] = {
     "record": "_record.json",  # how the outputs were made (the Slicer script; detect --record)
 }
 BATCH_ROLES = ("score", "labelmap", "slices", "components")  # what `batch` writes per volume
+# role -> what follows "NAME " in the names of the nodes the Slicer panel makes for volume NAME (slicer/mrml.py;
+# " (frame N)" follows for a sequence frame's, and Slicer adds "_1" where the name is taken), which Slicer's Save writes
+# as file names
+PANEL_OUTPUT_NAMES: Dict[str, str] = {role: f"anomaly {role}" for role in ("score", "labelmap", "segmentation",
+                                                                          "components")}
 
 
 WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*') | frozenset(map(chr, range(32)))  # never in a Windows file name

@@ -22,6 +22,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import CeVAEError
+from ..io.naming import PANEL_OUTPUT_NAMES
 from .nodes import (
     COMPONENT_TABLE_ROLE,
     COORDINATES_ATTRIBUTE,
@@ -479,7 +480,7 @@ def publish(
         users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
                  and holds_data(targets.score))  # a volume of the user's: kept, and this run gets nodes of its own
         out.score = _output(scene, undo, targets.score, "vtkMRMLScalarVolumeNode", SCORE_ROLE, volume_node,
-                            "anomaly score" + at, link=False,
+                            PANEL_OUTPUT_NAMES["score"] + at, link=False,
                             group=deleted_run or (None if users or new_nodes else _run_to_update(scene, volume_node,
                                                                                                 targets.score, frame)))
         group = deleted_run or _group_of(out.score, volume_node,
@@ -496,12 +497,12 @@ def publish(
         earlier_labelmap = _of_group(scene, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node, group)
         if targets.labelmap is not None or create_labelmap or earlier_labelmap is not None:
             out.labelmap = _output(scene, undo, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE,
-                                   volume_node, "anomaly labelmap" + at, group)
+                                   volume_node, PANEL_OUTPUT_NAMES["labelmap"] + at, group)
             if edited_since_written(out.labelmap.GetAttribute(WRITTEN_KEY), labelmap_signature(out.labelmap)):
                 edited = out.labelmap
                 _hand_over(undo, edited)
                 out.labelmap = _output(scene, undo, None, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
-                                       "anomaly labelmap" + at, group, beside=edited)
+                                       PANEL_OUTPUT_NAMES["labelmap"] + at, group, beside=edited)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.SetAttribute(WRITTEN_KEY, labelmap_signature(out.labelmap))
             shown = out.labelmap.GetDisplayNode() is not None  # an earlier run's: its colours may be the user's
@@ -510,10 +511,10 @@ def publish(
             if not shown or not out.labelmap.GetDisplayNode().GetColorNodeID():
                 out.labelmap.GetDisplayNode().SetAndObserveColorNodeID(label_color_node_id(scene))
         out.segmentation = _output(scene, undo, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
-                                   volume_node, "anomaly segmentation" + at, group)
+                                   volume_node, PANEL_OUTPUT_NAMES["segmentation"] + at, group)
         _fill_segmentation(scene, undo, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
         out.components = _output(scene, undo, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE,
-                                 volume_node, "anomaly components" + at, group)
+                                 volume_node, PANEL_OUTPUT_NAMES["components"] + at, group)
         _fill_components(out.components, volume_node, result)
         out.slice_table = _output(scene, undo, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
                                   "slice scores" + at, group)
