@@ -50,7 +50,9 @@ def test_calibrate_says_what_a_site_calibration_changed_for_detection(caplog) ->
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and "calibrate again with --test-time-steps 100" in said[0], said
     assert f"its threshold rose from {old.default_threshold():.4g} to {stricter.default_threshold():.4g}" in said[1]
-    assert "a higher --fpr (e.g. 0.001) or --min-peak 1" in said[1]
+    assert said[1].endswith("For more sensitivity, at the cost of more false alarms: detect with a higher --fpr (e.g. "
+                            "0.001) or --min-peak 1, or calibrate again with --default-fpr 0.001 --min-peak 1 to make "
+                            "them this model's defaults.")  # (calibrate itself has no --fpr)
     caplog.clear()
     unfiltered = replace(stricter, postprocess=replace(stricter.postprocess, min_peak=1.0))
     with caplog.at_level(logging.INFO):  # no peak filter: none to loosen

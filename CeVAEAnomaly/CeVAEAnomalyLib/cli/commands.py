@@ -302,10 +302,13 @@ def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path, before: 
     if before is not None and now is not None and now > THRESHOLD_RISE * before:
         peak = new.postprocess.min_peak
         kept = f" (and a component must peak at {peak:g} times the threshold to be kept)" if peak > 1 else ""
+        both = peak > 1  # (calibrate has no --fpr: detect's, or the model's default, --default-fpr)
         log.info("The site's healthy scans score higher than those the source model was calibrated on: at the same "
                  "false-positive rate its threshold rose from %.4g to %.4g, so a lesion must now score higher to be "
-                 "marked%s. For more sensitivity, at the cost of more false alarms: a higher --fpr (e.g. 0.001)%s.",
-                 before, now, kept, " or --min-peak 1" if peak > 1 else "")
+                 "marked%s. For more sensitivity, at the cost of more false alarms: detect with a higher --fpr (e.g. "
+                 "0.001)%s, or calibrate again with --default-fpr 0.001%s to make %s.", before, now, kept,
+                 " or --min-peak 1" if both else "", " --min-peak 1" if both else "",
+                 "them this model's defaults" if both else "it this model's default")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
