@@ -204,6 +204,84 @@ def test_a_short_file_is_never_published(tmp_path, suffix, tiny_bundle):
         check_complete(str(cut), cut)
 
 
+
+def labelmap_image() -> sitk.Image:
+    """A small labelmap of scattered voxels (so that it does not compress to a few bytes)."""
+    import numpy as np
+
+    return sitk.GetImageFromArray((np.random.default_rng(0).random((20, 20, 20)) > 0.7).astype(np.uint8))
+
+
+# every format an output can take: name, writer (None: text, checked against the bytes it should have)
+OUTPUT_FORMATS = {".nii.gz": True, ".nii": False, "raw.nrrd": False, "gzip.nrrd": True, ".seg.nrrd": True,
+                  "raw.mha": False, "packed.mha": True, ".csv": None, ".json": None}
+
+
+@pytest.mark.parametrize("cut", [1, 2, 4, 8, 9])
+@pytest.mark.parametrize("name", list(OUTPUT_FORMATS))
+def test_a_file_a_few_bytes_short_is_never_published(tmp_path, name, cut):
+    """Every output format, cut by a few bytes after its writer finished: the end of a gzip stream (its CRC and
+    length) is checked, not only the voxels ITK reads. A gzip NRRD (a Slicer .seg.nrrd, detect's .nrrd) 1 to 4 or
+    9 bytes short passed as complete."""
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.io.atomic import check_complete
+
+    whole = tmp_path / f"whole{name}"
+    if OUTPUT_FORMATS[name] is None:
+        whole.write_text('{"label": "anomaly"}\n' if name == ".json" else "axis,index,score\n0,3,0.25\n")
+    else:
+        sitk.WriteImage(labelmap_image(), str(whole), OUTPUT_FORMATS[name])
+    check_complete(str(whole), whole, whole.stat().st_size if OUTPUT_FORMATS[name] is None else None)
+    short = tmp_path / f"short{name}"
+    short.write_bytes(whole.read_bytes()[:-cut])
+    with pytest.raises(CeVAEError, match="completely"):
+        check_complete(str(short), short, whole.stat().st_size if OUTPUT_FORMATS[name] is None else None)
+
+
+def test_a_gzip_nrrd_holding_fewer_voxels_than_its_header_announces_is_refused(tmp_path):
+    """A whole gzip stream that holds less than the header's sizes and type need."""
+    import gzip
+
+    from CeVAEAnomalyLib.io.verify import incomplete_reason
+
+    whole = tmp_path / "whole.nrrd"
+    sitk.WriteImage(labelmap_image(), str(whole), True)
+    header = whole.read_bytes().split(b"\n\n", 1)[0]
+    fewer = tmp_path / "fewer.nrrd"
+    fewer.write_bytes(header + b"\n\n" + gzip.compress(bytes(20 ** 3 - 1)))
+    assert incomplete_reason(whole, whole) is None
+    assert incomplete_reason(fewer, fewer) == "7999 of the 8000 voxel bytes its header announces"
+
+
+WRITE_LIMITED = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+import SimpleITK as sitk
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.atomic import write_all
+image = sitk.ReadImage(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+try:
+    write_all({Path(sys.argv[3]): image}, overwrite=True)
+except CeVAEError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def test_a_segmentation_written_past_a_file_size_limit_is_not_published(tmp_path):
+    """A real write of a gzip .seg.nrrd that the limit stops 2 bytes short: ITK's NRRD writer does not say so and
+    reads the file back whole, so it was published without the end of its stream."""
+    source = tmp_path / "source.nrrd"
+    sitk.WriteImage(labelmap_image(), str(source))
+    whole = tmp_path / "whole.seg.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(source)), str(whole), True)  # as the subprocess writes it
+    target = tmp_path / "out" / "s_segmentation.seg.nrrd"
+    proc = python("-c", WRITE_LIMITED, str(whole.stat().st_size - 2), str(source), str(target))
+    assert proc.returncode == 1 and re.match(r"Could not write .*s_segmentation\.seg\.nrrd completely ", proc.stderr), \
+        proc.stderr
+    assert not target.parent.exists()  # nothing published, no temporary left (nor the folder made for them)
+
 # ---- SIGTERM --------------------------------------------------------------------------------
 def test_sigterm_during_a_write_leaves_no_temporary_file(inputs, tmp_path):
     image, mask, model = inputs

@@ -1,19 +1,19 @@
 """Checking that a freshly written file is complete before it is renamed into place.
 
 Some writers do not report a short write: ITK's NIfTI writer prints an error and returns when the
-disk is full or a file-size limit is reached, leaving a truncated file. Each check below reads
-back what a reader would need (NIfTI and raw NRRD: the header's byte count; gzip: the whole stream
-with its CRC; other images: a full read; bundles: the safetensors header's data extent).
+disk is full or a file-size limit is reached, leaving a truncated file; ITK's NRRD writer leaves a gzip stream
+without its last bytes, which its reader does not miss. Each check below reads what tells a whole file: NIfTI and
+raw NRRD, the header's byte count; gzip (.nii.gz, gzip NRRD), the whole stream to its end, with its CRC and length,
+and the header's byte count; other images, a full read; bundles, the safetensors header's data extent.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import struct
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from .naming import full_suffix
 
@@ -22,7 +22,10 @@ _NRRD = (".nrrd", ".seg.nrrd")
 _NRRD_BYTES = {"float": 4, "double": 8, "uchar": 1, "unsigned char": 1, "uint8": 1, "signed char": 1, "int8": 1,
                "short": 2, "int16": 2, "ushort": 2, "unsigned short": 2, "uint16": 2, "int": 4, "int32": 4,
                "uint": 4, "unsigned int": 4, "uint32": 4, "longlong": 8, "int64": 8, "ulonglong": 8, "uint64": 8}
+_NRRD_GZIP = ("gzip", "gz")
 _SAFETENSORS = (".cevae", ".safetensors")
+_CHUNK = 1 << 22  # bytes read, and decompressed, at a time
+_CUT_SHORT = (EOFError, OSError, zlib.error)  # what reading a gzip stream that is cut short or damaged raises
 
 
 def incomplete_reason(path: Path, kind: Path, expected_bytes: Optional[int] = None) -> Optional[str]:
@@ -45,19 +48,10 @@ def incomplete_reason(path: Path, kind: Path, expected_bytes: Optional[int] = No
 
 
 def _gzip_reason(path: Path, suffix: str) -> Optional[str]:
-    """Decompress the whole stream (gzip checks its CRC and length); NIfTI: compare with the header."""
-    total = 0
-    head = b""
+    """Decompress the whole stream (:func:`_inflated`); NIfTI: compare with the header."""
     try:
-        with gzip.open(path, "rb") as fh:
-            while True:
-                block = fh.read(1 << 22)
-                if not block:
-                    break
-                if len(head) < 540:
-                    head += block[: 540 - len(head)]
-                total += len(block)
-    except (EOFError, OSError, zlib.error) as exc:
+        total, head = _inflated(path, keep=540)
+    except _CUT_SHORT as exc:
         return f"the compressed stream is cut short ({exc})"
     if suffix.endswith(".nii.gz"):
         need = _nifti_bytes(head)
@@ -66,6 +60,30 @@ def _gzip_reason(path: Path, suffix: str) -> Optional[str]:
         if total < need:
             return f"{total} of the {need} bytes its header announces"
     return None
+
+
+def _inflated(path: Path, start: int = 0, keep: int = 0) -> Tuple[int, bytes]:
+    """How many bytes the gzip data that starts ``start`` bytes into ``path`` holds, and its first ``keep``,
+    decompressed to the end of each member (gzip: one or more), whose CRC and length zlib checks there.
+
+    Raises EOFError where the data stops before an end, zlib.error where it is damaged."""
+    total, head = 0, b""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read(_CHUNK)
+        if not data:
+            raise EOFError("no compressed data")
+        while data:
+            stream = zlib.decompressobj(wbits=31)  # 31: a gzip member
+            while not stream.eof:
+                block = stream.decompress(data, _CHUNK) if data else stream.flush()
+                head += block[: max(keep - len(head), 0)]
+                total += len(block)
+                if not data and not stream.eof:
+                    raise EOFError("the file ends before the compressed data does")
+                data = stream.unconsumed_tail or (b"" if stream.eof else fh.read(_CHUNK))
+            data = stream.unused_data or fh.read(_CHUNK)
+    return total, head
 
 
 def _nifti_reason(path: Path, size: int) -> Optional[str]:
@@ -85,8 +103,9 @@ def _nifti_bytes(header: bytes) -> Optional[int]:
 
 
 def _nrrd_reason(path: Path, size: int) -> Optional[str]:
-    """A raw NRRD (its voxels attached, uncompressed: the Slicer worker's hand-over files) is complete when
-    it holds the bytes its header announces, checked without reading the voxels; other NRRDs are read back."""
+    """A NRRD with its voxels attached is complete when it holds the bytes its header announces: raw (the Slicer
+    worker's hand-over files), checked from its size without reading the voxels; gzip (detect's and the Slicer
+    script's outputs), decompressed to the end of the stream. Other NRRDs are read back."""
     with open(path, "rb") as fh:
         head = fh.read(1 << 16)
     end = head.find(b"\n\n")
@@ -98,10 +117,18 @@ def _nrrd_reason(path: Path, size: int) -> Optional[str]:
         if sep and not line.startswith("#"):
             fields[key.strip().lower()] = value.strip().lower()
     itemsize = _NRRD_BYTES.get(fields.get("type", ""))
-    plain = fields.get("encoding") == "raw" and not {"data file", "datafile", "line skip", "byte skip"} & set(fields)
-    if not plain or itemsize is None or "sizes" not in fields:
+    attached = not {"data file", "datafile", "line skip", "byte skip"} & set(fields)
+    encoding = fields.get("encoding")
+    if not attached or encoding not in ("raw", *_NRRD_GZIP) or itemsize is None or "sizes" not in fields:
         return _readback_reason(path)
-    need = end + 2 + itemsize * math.prod(int(n) for n in fields["sizes"].split())
+    voxel_bytes = itemsize * math.prod(int(n) for n in fields["sizes"].split())
+    if encoding in _NRRD_GZIP:
+        try:
+            held = _inflated(path, start=end + 2)[0]
+        except _CUT_SHORT as exc:
+            return f"the compressed stream is cut short ({exc})"
+        return f"{held} of the {voxel_bytes} voxel bytes its header announces" if held < voxel_bytes else None
+    need = end + 2 + voxel_bytes
     return f"{size} of the {need} bytes its header announces" if size < need else None
 
 
