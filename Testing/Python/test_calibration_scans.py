@@ -91,7 +91,8 @@ def test_calibrate_names_a_scan_unlike_the_others_and_records_each_scans_figures
 
 def test_two_scans_of_one_person_are_left_out_together(tmp_path: Path, caplog, one_thread) -> None:
     """Two sessions of one person with a lesion, among healthy scans of others: left out one scan at a time, each
-    lesion scan met its twin in the others' pool, which raised that threshold, and neither was warned about."""
+    lesion scan met its twin in the others' pool, which raised that threshold, and neither was warned about. The log's
+    spread of the threshold says that a person's scans were left out together (it said "each healthy volume")."""
     subjects = _scans(tmp_path)
     noisy, mask = (sitk.ReadImage(str(p)) for p in (subjects["noisy"].image, subjects["noisy"].mask))
     sitk.WriteImage(insert_lesions(noisy, mask, 1, n=4, radius_mm=(12.0, 16.0))[0], str(tmp_path / "again.nii.gz"))
@@ -99,9 +100,11 @@ def test_two_scans_of_one_person_are_left_out_together(tmp_path: Path, caplog, o
              Subject(tmp_path / "again.nii.gz", subjects["noisy"].mask, person="07")]  # (a BIDS label, either way)
     healthy = [subjects[name] for name in ("plain", "noisy", "biased")]
     bundle = load_bundle(default_model_path(), "cpu")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         path = recalibrate(bundle, healthy + twins, tmp_path / "site.cevae", bundle.header.score_options,
                            bundle.header.postprocess)
+    assert "Left out in turn, the healthy volumes of each of the 4 persons (a person's scans together) move the " \
+           f"threshold at the default rate {bundle.header.default_fpr:g} between " in caplog.text, caplog.text
     unlike = [r.getMessage() for r in caplog.records if "it is unlike them" in r.getMessage()]
     assert [m.split(":")[0] for m in unlike] == [str(s.image) for s in twins], unlike
     assert "the 3 healthy scans of other persons give" in unlike[0]

@@ -131,9 +131,7 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
                for k, mode in enumerate(modes) for t in SCORE_TYPES}
     default = entries[calibration_key(opts, post)]
     if "leave_one_out" in default:
-        spread = default["leave_one_out"]["threshold"]
-        log.info("Left out in turn, each healthy volume moves the threshold at the default rate %g between %.4g and "
-                 "%.4g.", fpr, min(spread), max(spread))
+        log.info("%s", _spread_line(default["leave_one_out"], persons))
     for warning in unlike_scans(default, [str(s.image) for s in subjects], unlike_scan, persons):
         log.warning("%s", warning)
     if per_acquisition is not None:
@@ -143,6 +141,17 @@ def calibrate_model(bundle: Bundle, subjects: Sequence[Subject], source: str, op
         log.warning("The model's default rate is too low for %d healthy volume(s): %s. Calibrate on more healthy "
                     "scans, or %s.", len(subjects), thin, higher_rate)
     return entries
+
+
+def _spread_line(record: Mapping[str, Any], persons: Sequence[Tuple[str, str]]) -> str:
+    """The log line of how far the threshold at the default rate moves as each volume is left out (``record``: its
+    engine/calibration.leave_one_out), said of each person's scans where a person has several (``persons``: each
+    volume's group), as they are left out together."""
+    spread, groups = record["threshold"], len(set(persons))
+    left_out = ("each healthy volume moves" if groups == len(persons) else
+                f"the healthy volumes of each of the {groups} persons (a person's scans together) move")
+    return (f"Left out in turn, {left_out} the threshold at the default rate {record['fpr']:g} between "
+            f"{min(spread):.4g} and {max(spread):.4g}.")
 
 
 def _warn_of_mixed_acquisitions(subjects: Sequence[Subject], largest: Sequence[float], voxels: Sequence[int],
