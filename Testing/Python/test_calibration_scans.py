@@ -46,6 +46,11 @@ def test_leave_one_out_is_the_threshold_a_calibration_on_the_others_gives() -> N
     assert record["threshold"] == pytest.approx([threshold_for_fpr(alone[p], 0.001) for p in "pqp"], rel=1e-9)
 
 
+UNKNOWN_PERSONS = ("No manifest 'subject' column or BIDS file name (sub-<label>_...) says who was scanned, so each of "
+                   "the {n} volumes is taken for a different person; where some are scans of one person (sessions), "
+                   "name it in a 'subject' column so that they are held out together.")
+
+
 def _scans(folder: Path) -> Dict[str, Subject]:
     """The bundled 2 mm Colin27, a noisy and a bias-field copy (healthy), and a copy with inserted lesions."""
     image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
@@ -66,9 +71,10 @@ def test_calibrate_names_a_scan_unlike_the_others_and_records_each_scans_figures
     subjects = _scans(tmp_path)
     bundle = load_bundle(default_model_path(), "cpu")
     header = bundle.header
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         path = recalibrate(bundle, list(subjects.values()), tmp_path / "site.cevae", header.score_options,
                            header.postprocess)
+    assert UNKNOWN_PERSONS.format(n=4) in caplog.text  # as adapt says it: no subject column, no BIDS names
     unlike = [r.getMessage() for r in caplog.records if "it is unlike them" in r.getMessage()]
     assert len(unlike) == 1 and unlike[0].startswith(str(subjects["lesion"].image)), unlike
     assert f"default false-positive rate {header.default_fpr:g}" in unlike[0]
@@ -108,6 +114,7 @@ def test_two_scans_of_one_person_are_left_out_together(tmp_path: Path, caplog, o
     unlike = [r.getMessage() for r in caplog.records if "it is unlike them" in r.getMessage()]
     assert [m.split(":")[0] for m in unlike] == [str(s.image) for s in twins], unlike
     assert "the 3 healthy scans of other persons give" in unlike[0]
+    assert "No manifest 'subject' column" not in caplog.text  # two scans say their person
     new = read_header(path)
     record = find_calibration(new.calibration, new.score_options, new.postprocess)["leave_one_out"]
     assert record["threshold"][3] == record["threshold"][4] < new.default_threshold() / 1.5  # both left out

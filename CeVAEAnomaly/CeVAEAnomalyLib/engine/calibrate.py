@@ -14,7 +14,8 @@ from .bundle import Bundle, save_bundle
 from .bundle_checks import NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
                           largest_side, other_acquisitions, thin_tail, unlike_scans)
-from ..io.manifest import Subject, bids_person, check_subjects, check_volume_path, distinct_names
+from ..io.manifest import (Subject, bids_person, check_subjects, check_volume_path, distinct_names,
+                           unknown_persons_note)
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..data import refuse_bundled_output
 from ..errors import CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, CeVAEError
@@ -205,6 +206,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     check_calibratable(opts, post)
     check_subjects(subjects)
     _warn_of_a_single_person(subjects)
+    _note_unknown_persons(subjects)
     old = bundle.header
     rate = old.default_fpr if default_fpr is None else float(default_fpr)
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
@@ -247,6 +249,14 @@ def _warn_of_a_single_person(subjects: Sequence[Subject]) -> None:
                     "show whether they are typical of the protocol (a lesion or an artefact in them would raise the "
                     "threshold unnoticed). Calibrate on healthy scans of 2 or more persons of the protocol.",
                     ", ".join(str(s.image) for s in subjects), first.person or bids_person(first.image))
+
+
+def _note_unknown_persons(subjects: Sequence[Subject]) -> None:
+    """Say, as ``adapt`` does, where nothing tells who was scanned: each scan is then left out alone when checked
+    against the others (engine/calibration.leave_one_out), and two sessions of one person hide each other."""
+    note = unknown_persons_note(subjects)
+    if note:
+        log.info("%s", note)
 
 
 def _hashed_before_scoring(subjects: Sequence[Subject], checksums: Mapping[Path, str]) -> Dict[Path, str]:
