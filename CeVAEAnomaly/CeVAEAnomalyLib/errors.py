@@ -107,6 +107,10 @@ class Wording:
     # what to do with a scan unlike the others in the calibration of the model the run writes
     # (engine.calibration.unlike_scans); an adapted model was fine-tuned on it too
     unlike_scan: str
+    # where no volume's person is known (io.manifest.unknown_persons_note): what would have said it, as "... says who
+    # was scanned" ends it; and how to tell that some volumes are scans of one person
+    unknown_persons: str
+    same_person: str
     # a resume refused for a checkpoint of another run: what to do; and, for a caller whose user sets no options (the
     # panel), what differs by kind: the model started from, the volumes, other settings ("": each option and volume
     # that differs is named, as the command line's user gives them)
@@ -119,8 +123,12 @@ class Wording:
     option_names: Tuple[Tuple[str, str], ...]
 
 
+# where the command line learns who was scanned: a manifest's 'subject' column, else a BIDS file name
+COMMAND_LINE_UNKNOWN_PERSONS = "No manifest 'subject' column or BIDS file name (sub-<label>_...)"
+COMMAND_LINE_SAME_PERSON = "name it in a 'subject' column"
 # the phrases every command that runs long says alike, in its options
 _COMMAND_LINE = dict(
+    unknown_persons=COMMAND_LINE_UNKNOWN_PERSONS, same_person=COMMAND_LINE_SAME_PERSON,
     stop="Ctrl-C", resume="run again with --resume", run_again="run again", resume_request="--resume",
     start_anew="start anew with --overwrite instead of --resume", start_over="start anew with --overwrite",
     cache_room="Free space there, or give --cache-dir a folder on a disk with room", cache_dir="--cache-dir",

@@ -593,3 +593,23 @@ def test_a_panels_resume_with_a_model_trained_with_other_augmentation_names_only
     with pytest.raises(CeVAEError) as refused:
         check_same_run(saved, current, tmp_path / "site.cevae.ckpt", COMMAND_LINE_ADAPT)
     assert "augment.flip, set by --model (0.5 in the checkpoint, 0.0 now)" in str(refused.value), str(refused.value)
+
+
+def test_a_panels_calibration_on_volumes_of_unknown_persons_says_how_to_name_them_in_the_panel(tmp_path, caplog):
+    """Calibrate in the panel on volumes whose names say no person told its user to "name it in a 'subject' column" of
+    a manifest, which the panel has not: there a person comes from a volume's name (sub-<label>_...)."""
+    subjects = []
+    for seed in (1, 2):
+        image, mask = make_head(seed=seed, spacing=(4.0, 4.0, 4.0))
+        sitk.WriteImage(image, str(tmp_path / f"h{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(tmp_path / f"h{seed}_mask.nii.gz"))
+        subjects.append({"image": str(tmp_path / f"h{seed}.nii.gz"), "mask": str(tmp_path / f"h{seed}_mask.nii.gz")})
+    task = dict(subjects=subjects, model=str(default_model_path()), request=DetectionRequest.of(device="cpu").to_dict(),
+                out=str(tmp_path / "site.cevae"))
+    with caplog.at_level(logging.INFO):
+        run_calibrate(task, lambda fraction, message: None)
+    said = [r.getMessage() for r in caplog.records if "taken for a different person" in r.getMessage()]
+    assert len(said) == 1 and "manifest" not in said[0] and "sub-<label>_" in said[0], said
+    assert said == [f"{PANEL_WORDING.unknown_persons} says who was scanned, so each of the 2 volumes is taken for a "
+                    f"different person; where some are scans of one person (sessions), {PANEL_WORDING.same_person} "
+                    "so that they are held out together."], said

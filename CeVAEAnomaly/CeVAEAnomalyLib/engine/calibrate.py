@@ -18,7 +18,8 @@ from ..io.manifest import (Subject, bids_person, check_subjects, check_volume_pa
                            unknown_persons_note)
 from .brainmask import SCORED_MARGIN_MM, given_or_computed_mask
 from ..data import refuse_bundled_output
-from ..errors import CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, CeVAEError
+from ..errors import (CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, COMMAND_LINE_SAME_PERSON,
+                      COMMAND_LINE_UNKNOWN_PERSONS, CeVAEError)
 from ..io.checksum import refuse_changed, sha256_of
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
@@ -179,10 +180,14 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                 source: str = CALIBRATE_SOURCE,
                 progress: Optional[ProgressCallback] = None, scorers: Optional[Sequence[Bundle]] = None,
                 run: RunOptions = RunOptions(), checksums: Optional[Mapping[Path, str]] = None,
-                higher_rate: str = CALIBRATE_HIGHER_RATE, unlike_scan: str = CALIBRATE_UNLIKE_SCAN) -> Path:
+                higher_rate: str = CALIBRATE_HIGHER_RATE, unlike_scan: str = CALIBRATE_UNLIKE_SCAN,
+                unknown_persons: str = COMMAND_LINE_UNKNOWN_PERSONS,
+                same_person: str = COMMAND_LINE_SAME_PERSON) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
     (``scorers``, ``run``: see :func:`calibrate_model`; ``checksums``: the images' file sha256 where the caller has
-    them already, each image read once more otherwise; ``higher_rate``, ``unlike_scan``: see :func:`calibrate_model`).
+    them already, each image read once more otherwise; ``higher_rate``, ``unlike_scan``: see :func:`calibrate_model`;
+    ``unknown_persons``, ``same_person``: where no scan's person is known, what would have named it and how to name
+    one person's scans, in the caller's words: see errors.Wording).
     Every score type is calibrated; the default score type
     stays ``combi`` whatever ``opts.score_type`` is. The copy is named after ``out`` (its file stem) and records what
     it was made from, when, on which scans and with which options (:func:`_recalibration_record`).
@@ -206,7 +211,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     check_calibratable(opts, post)
     check_subjects(subjects)
     _warn_of_a_single_person(subjects)
-    _note_unknown_persons(subjects)
+    _note_unknown_persons(subjects, unknown_persons, same_person)
     old = bundle.header
     rate = old.default_fpr if default_fpr is None else float(default_fpr)
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
@@ -251,10 +256,11 @@ def _warn_of_a_single_person(subjects: Sequence[Subject]) -> None:
                     ", ".join(str(s.image) for s in subjects), first.person or bids_person(first.image))
 
 
-def _note_unknown_persons(subjects: Sequence[Subject]) -> None:
-    """Say, as ``adapt`` does, where nothing tells who was scanned: each scan is then left out alone when checked
-    against the others (engine/calibration.leave_one_out), and two sessions of one person hide each other."""
-    note = unknown_persons_note(subjects)
+def _note_unknown_persons(subjects: Sequence[Subject], unknown: str, same_person: str) -> None:
+    """Say, as ``adapt`` does, where nothing tells who was scanned (in the caller's words: ``unknown``,
+    ``same_person``): each scan is then left out alone when checked against the others
+    (engine/calibration.leave_one_out), and two sessions of one person hide each other."""
+    note = unknown_persons_note(subjects, unknown, same_person)
     if note:
         log.info("%s", note)
 

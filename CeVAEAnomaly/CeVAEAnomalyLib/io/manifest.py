@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import CeVAEError
+from ..errors import COMMAND_LINE_SAME_PERSON, COMMAND_LINE_UNKNOWN_PERSONS, CeVAEError
 from ..progress import Cancelled
 from .naming import APPLE_DOUBLE, RESOURCE_FORK, file_stem, subfolders_hint, table_delimiter
 
@@ -59,14 +59,15 @@ def scan_group(person: Optional[str], scan: str) -> Tuple[str, str]:
     return ("person", _BIDS_PREFIX.sub("", person).casefold()) if person else ("image", scan)
 
 
-def unknown_persons_note(subjects: Sequence[Subject]) -> Optional[str]:
+def unknown_persons_note(subjects: Sequence[Subject], unknown: str = COMMAND_LINE_UNKNOWN_PERSONS,
+                         same_person: str = COMMAND_LINE_SAME_PERSON) -> Optional[str]:
     """Where no one of several ``subjects`` has a known person, a sentence saying so: each volume is then taken for
-    a person of its own, and a split by person cannot keep one person's sessions together."""
+    a person of its own, and a split by person cannot keep one person's sessions together. ``unknown``, ``same_person``:
+    what would have named the person, and how to name one person's scans, in the caller's words (errors.Wording)."""
     if len(subjects) < 2 or any(s.group[0] == "person" for s in subjects):
         return None
-    return ("No manifest 'subject' column or BIDS file name (sub-<label>_...) says who was scanned, so each of the "
-            f"{len(subjects)} volumes is taken for a different person; where some are scans of one person "
-            "(sessions), name it in a 'subject' column so that they are held out together.")
+    return (f"{unknown} says who was scanned, so each of the {len(subjects)} volumes is taken for a different person; "
+            f"where some are scans of one person (sessions), {same_person} so that they are held out together.")
 
 
 @dataclass(frozen=True)

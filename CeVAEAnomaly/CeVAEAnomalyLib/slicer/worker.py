@@ -94,6 +94,10 @@ PANEL_WORDING = Wording(
     other_volumes="it was started on other healthy volumes than those chosen",
     other_settings="it was started with other settings than the panel's (from the command line)",
     option_names=(),  # (what differs is named by kind: other_model, other_volumes, other_settings)
+    # a person is known from a volume's name as a BIDS file name starts (adapt_panel.node_person)
+    unknown_persons="No volume's name (sub-<label>_..., as BIDS names scans)",
+    same_person="give their volumes names that start with the same sub-<label>_ (e.g. sub-01_ses-1_T1w and "
+                "sub-01_ses-2_T1w)",
     unlike_scan="leave it out of the healthy volumes and adapt again unless it is a healthy scan of this protocol: "
                 "the adapted model was fine-tuned on it too, so it may take what is unusual in it for healthy")
 # what a calibration in the panel advises for a healthy volume unlike the others (engine.calibration.unlike_scans)
@@ -160,7 +164,8 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),
                            progress=scaled(progress, 0.02, 0.98), run=request.run,
-                           higher_rate=PANEL_WORDING.higher_rate, unlike_scan=PANEL_CALIBRATE_UNLIKE_SCAN)
+                           higher_rate=PANEL_WORDING.higher_rate, unlike_scan=PANEL_CALIBRATE_UNLIKE_SCAN,
+                           unknown_persons=PANEL_WORDING.unknown_persons, same_person=PANEL_WORDING.same_person)
     _warn_of_lost_thorough_mode(bundle, path)
     report(progress, 1.0, "Calibrated model saved")
     return {"model": str(path), "subjects": len(subjects)}

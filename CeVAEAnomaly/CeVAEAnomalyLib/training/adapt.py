@@ -91,7 +91,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
-    note = unknown_persons_note(subjects)
+    note = unknown_persons_note(subjects, wording.unknown_persons, wording.same_person)
     if note:
         log.info("%s", note)
     warned_of_mixed = _warn_of_mixed_acquisitions(subjects, wording.stop)

@@ -533,7 +533,8 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
         """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
-        note = unknown_persons_note([*self.train_subjects, *self.val_subjects])
+        note = unknown_persons_note([*self.train_subjects, *self.val_subjects], self.wording.unknown_persons,
+                                    self.wording.same_person)
         if note and self.dist.main:
             log.info("%s", note)
         if not self.val_subjects and self.dist.main:
