@@ -504,11 +504,11 @@ def test_each_volume_gets_the_component_table_detect_writes(cohort, two, tiny_bu
 
     text = tables["a1"].decode()
     (out / "a1_components.csv").write_text(text[: len(text) - 5], newline="")  # cut mid-row
-    (out / "b2_components.csv").write_bytes(tables["b2"].splitlines(keepends=True)[0])  # whole: a header alone
+    (out / "b2_components.csv").write_bytes(tables["b2"].splitlines(keepends=True)[0])  # cut where a row ends
     with caplog.at_level(logging.WARNING):
         assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
     assert "a1_components.csv is incomplete (a row is cut short)" in caplog.text
-    assert "The outputs of b2 are not the files its summary records (b2_components.csv differs" in caplog.text
+    assert "b2_components.csv is incomplete (it lists 0 of the" in caplog.text  # (its header alone)
     assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["ok", "ok"]
     assert {n: (out / f"{n}_components.csv").read_bytes() for n in NAMES[:2]} == tables
     (out / "b2_components.csv").unlink()  # the summary records it: missing, not an earlier version's outputs
@@ -536,6 +536,25 @@ def test_a_component_table_without_the_peak_columns_reads_back_whole(cohort, two
     assert incomplete_outputs(output_paths(out, "a1")) == ""
     row = read_back(BatchItem("a1", cohort / "a1.nii.gz", cohort / "a1_mask.nii.gz"), out, {})
     assert row["status"] == "skipped" and row["components"] == len(lines) - 1
+
+
+def test_a_component_table_cut_where_a_row_ends_is_incomplete(cohort, two, tiny_bundle, tmp_path):
+    """A component table cut where a row ends (its last components lost, or all but the header) passed batch's check
+    of outputs another run wrote as whole: its header, row lengths and final line end are those of a whole table. Its
+    rows are now counted against the labelmap's components."""
+    from CeVAEAnomalyLib.cli.batch import incomplete_outputs, read_back
+
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
+    table = out / "a1_components.csv"
+    lines = table.read_bytes().splitlines(keepends=True)
+    assert len(lines) > 1
+    table.write_bytes(b"".join(lines[:-1]))
+    problem = incomplete_outputs(output_paths(out, "a1"))
+    assert problem == (f"a1_components.csv is incomplete (it lists {len(lines) - 2} of the {len(lines) - 1} "
+                       "components of a1_labelmap.nii.gz)"), problem
+    with pytest.raises(ValueError, match="a1_components.csv is incomplete"):
+        read_back(BatchItem("a1", cohort / "a1.nii.gz", cohort / "a1_mask.nii.gz"), out, {})
 
 
 @pytest.mark.parametrize("column", ["absent", "empty"])

@@ -440,11 +440,18 @@ def measure(score, labelmap, top: Optional[Tuple[int, int]]) -> Dict[str, object
 
     voxel_ml = voxel_volume_ml(labelmap)
     flagged = int(np.count_nonzero(sitk.GetArrayViewFromImage(labelmap)))
-    parts = sitk.LabelShapeStatisticsImageFilter()
-    parts.Execute(sitk.ConnectedComponent(sitk.Cast(labelmap > 0, sitk.sitkUInt8), True))
-    return {"flagged_ml": f"{flagged * voxel_ml:.4f}", "components": parts.GetNumberOfLabels(),
+    return {"flagged_ml": f"{flagged * voxel_ml:.4f}", "components": labelmap_components(labelmap),
             "max_score": f"{float(sitk.GetArrayViewFromImage(score).max()):.6g}",
             "top_slice_axis": "IJK"[top[0]] if top else "", "top_slice": top[1] if top else ""}
+
+
+def labelmap_components(labelmap) -> int:
+    """How many components a labelmap holds: 26-connected, as the component table lists them."""
+    import SimpleITK as sitk
+
+    parts = sitk.LabelShapeStatisticsImageFilter()
+    parts.Execute(sitk.ConnectedComponent(sitk.Cast(labelmap > 0, sitk.sitkUInt8), True))
+    return parts.GetNumberOfLabels()
 
 
 def top_of_table(slices_csv: str) -> Optional[Tuple[int, int]]:
@@ -498,7 +505,8 @@ ANOTHER_RUNS_WARNINGS = "(outputs written by another run meanwhile; no summary h
 
 def incomplete_outputs(paths: Dict[str, Path]) -> str:
     """Why a volume's outputs on disk are not a complete set ("" if they are): the checks of a fresh write
-    (:mod:`..io.verify`), and for the slice and component tables their header, row lengths and final line end."""
+    (:mod:`..io.verify`), for the slice and component tables their header, row lengths and final line end, and for
+    the component table its rows against the labelmap's components."""
     from ..io.verify import incomplete_reason
     from ..result import COMPONENT_FIELDS, PEAK_FIELDS, SLICE_FIELDS
 
@@ -512,6 +520,21 @@ def incomplete_outputs(paths: Dict[str, Path]) -> str:
             reason = _table_reason(path.read_text(), *headers[role])
         if reason:
             return f"{path.name} is incomplete ({reason})"
+    return _missing_components(paths)
+
+
+def _missing_components(paths: Dict[str, Path]) -> str:
+    """Why a component table, whole by its own lines, is not the labelmap's ("" if it is): a table cut where a row
+    ends reads whole, but lists fewer components than the labelmap holds."""
+    import SimpleITK as sitk
+
+    if "components" not in paths or "labelmap" not in paths:
+        return ""
+    listed = len(list(csv.reader(io.StringIO(paths["components"].read_text())))) - 1
+    held = labelmap_components(sitk.ReadImage(str(paths["labelmap"])))
+    if listed != held:
+        return (f"{paths['components'].name} is incomplete (it lists {listed} of the {held} components of "
+                f"{paths['labelmap'].name})")
     return ""
 
 
