@@ -29,6 +29,24 @@ def test_calibrate_ends_by_saying_how_to_detect_with_the_calibrated_model(tiny_b
         f"Detect with it: cevae-anomaly detect SCAN --model {out}"), last
 
 
+def test_calibrate_with_another_score_type_says_that_detect_keeps_the_default(tiny_bundle, tmp_path: Path,
+                                                                              caplog) -> None:
+    """`calibrate --score-type rec` calibrates every score type but keeps the model's default, combi; its last line
+    did not say so, and a user took it that detect now scores rec. It names the default and how to detect with rec."""
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    (healthy / "c.nii.gz").write_bytes(data_path("colin27_t1_2mm.nii.gz").read_bytes())
+    (healthy / "c_mask.nii.gz").write_bytes(data_path("colin27_brainmask_2mm.nii.gz").read_bytes())
+    out = tmp_path / "site.cevae"
+    with caplog.at_level(logging.INFO):
+        assert main(["calibrate", str(healthy), "--model", str(tiny_bundle), "--out", str(out), "--device", "cpu",
+                     "--score-type", "rec"]) == 0
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated bundle written")][-1]
+    assert ("Its default scoring: score type combi (a calibration keeps it; rec is calibrated too: detect uses it "
+            "only with --score-type rec), orientations") in last, last
+    assert last.endswith(f"Detect with it: cevae-anomaly detect SCAN --model {out} --score-type rec"), last
+
+
 def test_calibrate_says_what_a_site_calibration_changed_for_detection(caplog) -> None:
     """A user's calibration on 5 mm scans of other heads raised the bundled model's threshold from 4.9 to 7.7: every
     lesion of a patient scan left the labelmap, and nothing said why nor what gives sensitivity back; and the bundled

@@ -461,7 +461,7 @@ def test_detection_says_when_a_scan_is_thicker_than_the_calibration_scans(tmp_pa
     # what the new model holds and its threshold, beside the source model's (calibrate said neither)
     source = read_header(tiny_bundle)
     before = source.threshold(header.score_options, header.postprocess, ThresholdPolicy(fpr=header.default_fpr))[0]
-    assert (f"Its default scoring: orientations axial. Its threshold at the default healthy false-positive rate "
+    assert (f"Its default scoring: score type combi, orientations axial. Its threshold at the default healthy false-positive rate "
             f"{header.default_fpr:g} is {header.default_threshold():.4g} (tiny.cevae at that rate: {before:.4g})."
             ) in caplog.text
     image, mask = make_head(seed=12)

@@ -277,12 +277,23 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         calibrated = bundle.header.is_calibrated(new.score_options, new.postprocess)
         before = "0, which flags the whole brain" if calibrated else "not calibrated for this scoring"
     now = new.default_threshold()
-    log.info("Calibrated bundle written to %s (%d healthy volume(s)). Its default scoring: orientations %s. Its "
+    log.info("Calibrated bundle written to %s (%d healthy volume(s)). Its default scoring: %s, orientations %s. Its "
              "threshold at the default healthy false-positive rate %g is %s (%s at that rate: %s). Detect with it: "
-             "cevae-anomaly detect SCAN --model %s", path, len(subjects), new.score_options.orientations,
-             new.default_fpr, "none" if now is None else f"{now:.4g}", src.name, before, command_word(str(path)))
+             "cevae-anomaly detect SCAN --model %s%s", path, len(subjects),
+             _default_score_type(new.score_options.score_type, opts.score_type), new.score_options.orientations,
+             new.default_fpr, "none" if now is None else f"{now:.4g}", src.name, before, command_word(str(path)),
+             "" if opts.score_type == new.score_options.score_type else f" --score-type {opts.score_type}")
     _say_what_changed(bundle.header, new, path, source)
     return path
+
+
+def _default_score_type(default: str, asked: str) -> str:
+    """The calibrated model's default score type, as calibrate's last line says it; where the user asked for another
+    (``asked``: calibrated too, but a calibration keeps the default), that detect uses it only when asked to."""
+    if asked == default:
+        return f"score type {default}"
+    return (f"score type {default} (a calibration keeps it; {asked} is calibrated too: detect uses it only with "
+            f"--score-type {asked})")
 
 
 THRESHOLD_RISE = 1.25  # a site calibration this much stricter than the model's is explained to the user
