@@ -185,8 +185,8 @@ def leave_out_stripped_copies(images: Mapping[str, Path], where: str) -> Dict[st
             del kept[stem]
             log.warning("%s %s is taken for the skull-stripped copy of %s (FSL's NAME_brain): left out, %s is read "
                         "with its brain mask (NAME_brain_mask, NAME_mask) or an automatic one. To use it as a volume "
-                        "of its own, list the inputs in a CSV (batch's list, or --manifest).", images[stem].name, where, images[whole].name,
-                        images[whole].name)
+                        "of its own, list the inputs in a CSV (batch's list, or --manifest).", images[stem].name, where,
+                        images[whole].name, images[whole].name)
     return kept
 
 

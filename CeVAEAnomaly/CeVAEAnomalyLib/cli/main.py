@@ -218,10 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "scores every volume again); failures are recorded.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* / "
                    "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.* or NAME_brain.*; a bare mask.* "
-                   "that of the one image beside it; NAME_score.*, NAME_labelmap.* and 'NAME anomaly score.*' beside NAME.* "
-                   "are left out) "
-                   "or CSV (tab-separated if named .tsv) with columns "
-                   "image[,mask][,name] (paths relative to the CSV)")
+                   "that of the one image beside it; NAME_score.*, NAME_labelmap.* and 'NAME anomaly score.*' beside "
+                   "NAME.* are left out) or CSV (tab-separated if named .tsv) with columns image[,mask][,name] (paths "
+                   "relative to the CSV)")
     b.add_argument("--out-dir", type=path_value, required=True, help="folder for the outputs and the summary")
     b.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     _add_scoring(b)
