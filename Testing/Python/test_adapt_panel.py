@@ -355,3 +355,13 @@ def test_volumes_of_different_acquisitions_are_warned_of_before_adapt_is_pressed
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
     methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
     assert "spacings=[volume.GetSpacing() for volume in volumes]" in methods["_adaptChoice"]
+
+
+def test_a_volume_named_only_sub_label_is_that_persons_scan():
+    """The panel's messages ask for volumes named by their "sub-<label>"; a node named just "sub-01" (no "_..." after
+    it, as a user renames one) counted as a person unknown, so two such volumes of one person were two persons."""
+    from CeVAEAnomalyLib.slicer.adapt_panel import node_person, persons_scanned
+
+    assert [node_person(name) for name in ("sub-01", "sub-01_1", "Sub-02", "sub-", "sub-01 copy", "xsub-03")] == [
+        "01", "01", None, None, None, None]
+    assert persons_scanned([node_person("sub-01"), node_person("sub-01_ses-2_T1w")]) == 1

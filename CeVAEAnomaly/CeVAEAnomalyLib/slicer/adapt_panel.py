@@ -2,6 +2,7 @@
 will take, and which files it would replace (Qt-free; the widget shows it and asks before replacing)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -29,9 +30,14 @@ class AdaptChoice:
         return resumable(self.existing)
 
 
+_BARE_PERSON = re.compile(r"sub-([A-Za-z0-9]+)\Z")  # a node named after its person alone: "sub-01"
+
+
 def node_person(name: str) -> Optional[str]:
-    """The person a healthy volume's node ``name`` says was scanned (a BIDS name's ``sub-<label>``), or None."""
-    return bids_person(Path(f"{name}.nrrd"))
+    """The person a healthy volume's node ``name`` says was scanned (a BIDS name's ``sub-<label>``, or the name
+    ``sub-<label>`` alone), or None."""
+    bare = _BARE_PERSON.match(name)
+    return bare.group(1) if bare else bids_person(Path(f"{name}.nrrd"))
 
 
 def persons_scanned(persons: Sequence[Optional[str]]) -> int:
