@@ -148,3 +148,24 @@ def test_a_copy_calibrated_on_a_folder_per_person_names_each_scan_by_its_folder(
     assert "on 2 healthy scans (sub-01/t1, sub-02/t1;" in capsys.readouterr().out
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["calibration"]["scan_names"] == ["sub-01/t1", "sub-02/t1"]
+
+
+def test_a_cohort_folder_says_which_of_its_subfolders_hold_scans_it_does_not_read(tmp_path, caplog):
+    """A site folder of image files with a DICOM series folder or a person's folder inside: the scans in the
+    subfolders were left out of training without a word (a cohort of 3 scans trained on 1)."""
+    from test_dicom_series import write_series
+
+    write(tmp_path / "site", "s1.nii.gz", "s1_mask.nii.gz", "p2/t1.nii.gz", "p2/mask.nii.gz")
+    write_series(sitk.Cast(make_head(size=SIZE)[0], sitk.sitkInt16), tmp_path / "site" / "SE0003")
+    (tmp_path / "site" / "notes").mkdir()
+    (tmp_path / "site" / "notes" / "readme.txt").write_text("no scans here")
+    with caplog.at_level(logging.WARNING):
+        assert read(tmp_path / "site") == [("s1.nii.gz", "s1_mask.nii.gz")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{tmp_path / 'site'}: its subfolder(s) SE0003, p2 hold scans that are not read (subfolders "
+                        "are not searched); to use them for training too, give those folders as well (a DICOM series "
+                        "folder is one scan) or list every scan in a --manifest CSV."]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a folder without subfolders of scans: nothing to say
+        assert read(tmp_path / "site" / "p2") == [("t1.nii.gz", "mask.nii.gz")]
+    assert not caplog.records

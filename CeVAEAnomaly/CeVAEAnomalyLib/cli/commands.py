@@ -55,6 +55,8 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
                 _refuse_nested_cohort(p)
             raise
         items = collect_folder(p) if p.is_dir() else []
+        if items:
+            _warn_unread_subfolders(p, use)
         for item in items:  # a folder's files too: a link to a file not fetched is said so, not hashed
             check_volume_path(item.image, "image")
             check_volume_path(item.mask, "brain mask")
@@ -82,6 +84,27 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     if not subjects:
         raise CeVAEError(f"No healthy volumes for {use}: give --manifest CSV and/or image paths.")
     return subjects
+
+
+def _warn_unread_subfolders(folder: Path, use: str) -> None:
+    """Warn where a cohort folder of image files has subfolders with scans (a DICOM series folder, a person's
+    folder): they are not searched, so their scans are not part of the cohort unless given too."""
+    from ..io.images import holds_dicom_series
+    from ..io.naming import image_stem
+
+    def holds_scans(sub: Path) -> bool:
+        for root, dirs, names in os.walk(sub):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            if any(image_stem(n) and not n.startswith(".") for n in names):
+                return True
+        return holds_dicom_series(sub)  # (a series folder itself, as DICOM exports hold one per series)
+
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unread = [p.name for p in subfolders if holds_scans(p)]
+    if unread:
+        log.warning("%s: its subfolder(s) %s hold scans that are not read (subfolders are not searched); to use them "
+                    "for %s too, give those folders as well (a DICOM series folder is one scan) or list every scan "
+                    "in a --manifest CSV.", folder, ", ".join(unread), use)
 
 
 def _refuse_nested_cohort(folder: Path) -> None:
