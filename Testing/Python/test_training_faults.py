@@ -932,3 +932,28 @@ def test_a_training_log_hard_linked_elsewhere_is_never_written_through(manifest,
     assert main(train_argv(manifest, out, 2 * EVERY, again)) == 0
     assert backup.read_bytes() == kept
     assert log.read_bytes() != kept and not os.path.samefile(log, backup)
+
+
+def test_a_run_stopped_just_after_a_checkpoint_resumes_with_that_checkpoints_log_row(manifest, tmp_path, monkeypatch):
+    """A stop (Ctrl-C) that came after a checkpoint was written and before the log row of its step (found with a
+    real Ctrl-C): --resume went on from the next step, so that row, with the validation loss there, was never
+    written. The checkpoint records its step's row, and a resume puts it back."""
+    whole = tmp_path / "whole.cevae"
+    assert main(train_argv(manifest, whole, 3 * EVERY)) == 0
+    out = tmp_path / "model.cevae"
+    save = Trainer.save_checkpoint
+
+    def save_then_stop(self: Trainer) -> None:
+        save(self)
+        if self.step == 2 * EVERY:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)
+    assert main(train_argv(manifest, out, 3 * EVERY)) == 130
+    assert checkpoint_step(out.with_name(out.name + ".ckpt")) == 2 * EVERY
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    assert main(train_argv(manifest, out, 3 * EVERY, "--resume")) == 0
+    columns = ("step", "loss", "kl", "val_loss")
+    expected = [[r[c] for c in columns] for r in log_rows(whole.with_name(whole.name + ".log.csv"))]
+    assert [[r[c] for c in columns] for r in log_rows(out.with_name(out.name + ".log.csv"))] == expected
+    assert [int(r[0]) for r in expected] == [EVERY, 10, 2 * EVERY, 20, 3 * EVERY]

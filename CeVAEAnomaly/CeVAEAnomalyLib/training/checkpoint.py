@@ -418,12 +418,14 @@ def _show(value: Any) -> str:
     return "none" if value is None else repr(value)
 
 
-def truncate_log(path: Path, step: int, first_row: Optional[List[str]] = None) -> Optional[List[str]]:
+def truncate_log(path: Path, step: int, first_row: Optional[List[str]] = None,
+                 step_row: Optional[List[str]] = None) -> Optional[List[str]]:
     """Drop log rows written after the checkpoint a run resumes from (they are trained again); the log's first row
     as it is left (None: it has none). ``first_row``: the first row of the checkpoint's run, as the checkpoint
     records it; a log whose first row is another (the earlier run's, which a fresh run stopped between its first
     checkpoint and its log kept) is started again with the header alone, saying so, not continued as a mix of
-    two runs."""
+    two runs. ``step_row``: the row of the checkpoint's own step, as it records it, added where the log of its run
+    lacks it (a stop came between the checkpoint's write and the row's)."""
     if not path.is_file():
         return None
     from ..io.atomic import atomic_write_text
@@ -446,6 +448,8 @@ def truncate_log(path: Path, step: int, first_row: Optional[List[str]] = None) -
         log.warning("The training log %s holds another run's rows (the earlier run's: this run was stopped before "
                     "it wrote its own log): it is started again, without this run's rows up to step %d.", path, step)
         kept = [list(LOG_HEADER)]
+    elif step_row is not None and step_row[:1] == [str(step)] and all(int(r[0]) < step for r in kept[1:]):
+        kept.append(list(step_row))
     if kept != rows:
         text = io.StringIO()
         csv.writer(text).writerows(kept)

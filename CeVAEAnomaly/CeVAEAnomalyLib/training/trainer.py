@@ -121,6 +121,11 @@ def _csv_cells(values: List[object]) -> List[str]:
     return next(csv.reader(io.StringIO(text.getvalue())))
 
 
+def _cells_or_none(value: object) -> Optional[List[str]]:
+    """A log row as a checkpoint records it (a list of text cells); None for anything else."""
+    return list(value) if isinstance(value, list) and all(isinstance(c, str) for c in value) else None
+
+
 def _log_file(path: Path, mode: str) -> TextIO:
     """The log opened for writing (``mode`` "w") or appending; a symbolic link there is replaced, not written through,
     when a fresh log is written (as the bundle and checkpoint replace theirs): the file it points to is not the
@@ -247,6 +252,9 @@ class Trainer:
         # the first row of this run's loss log (its cells), as its checkpoints record it: a resume knows the log of
         # its run from another's (an earlier run's, left by a fresh run stopped before it wrote its own log)
         self.log_first_row: Optional[List[str]] = None
+        # the log row of the step a checkpoint is written at, which it records: a stop raised right after the write
+        # comes before the row is, and a resume puts the row back (it goes on from the next step)
+        self.checkpoint_row: Optional[List[str]] = None
 
     # ---- data -------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -404,7 +412,7 @@ class Trainer:
             "parts": self.parts or [self._part(0)],
             "seconds": self.seconds_before + (self._step_ended - self._started if self._started else 0.0),
             "model_cfg": self.cfg.model.to_dict(), "run": self.run_identity(), "replaces": self.replaces,
-            "log_first_row": self.log_first_row,
+            "log_first_row": self.log_first_row, "log_row": self.checkpoint_row,
         }
         if self.fp16:
             state["scaler"] = self.scaler.state_dict()
@@ -521,8 +529,8 @@ class Trainer:
         self.saved_step = self.step
         log.info("Resumed from %s at step %d.", path, self.step)
         first = state.get("log_first_row")  # (checkpoints of earlier versions lack it: the log's own first row then)
-        self.log_first_row = list(first) if isinstance(first, list) and all(isinstance(c, str) for c in first) \
-            else None
+        self.log_first_row = _cells_or_none(first)
+        self.checkpoint_row = _cells_or_none(state.get("log_row"))  # (checkpoints of earlier versions lack it)
         replaces = state.get("replaces")  # (checkpoints of earlier versions lack it)
         self.replaces = replaces if isinstance(replaces, str) else None
         if self.dist.main and self.replaces is not None and self.cfg.out.is_file() \
@@ -575,7 +583,7 @@ class Trainer:
         if cfg.resume:  # before the data: a missing or foreign checkpoint is refused before hours of preprocessing
             self.load_checkpoint()
             if self.dist.main:  # (a log of another run is started again)
-                self.log_first_row = truncate_log(cfg.log_path, self.step, self.log_first_row)
+                self.log_first_row = truncate_log(cfg.log_path, self.step, self.log_first_row, self.checkpoint_row)
         if self.dist.main:
             cfg.out.parent.mkdir(parents=True, exist_ok=True)
             # a checkpoint's temporary that a killed write left (as large as a checkpoint): this run is the output's
@@ -633,6 +641,7 @@ class Trainer:
                     if self.log_first_row is None:  # (before the checkpoint of its step, which records it)
                         self.log_first_row = _csv_cells(row)
                 if checkpointed:
+                    self.checkpoint_row = _csv_cells(row) if row is not None else None
                     self.save_checkpoint()  # (every rank: their random streams are gathered)
                     if run_log:
                         run_log.publish()
