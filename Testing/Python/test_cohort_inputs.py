@@ -169,3 +169,18 @@ def test_a_cohort_folder_says_which_of_its_subfolders_hold_scans_it_does_not_rea
     with caplog.at_level(logging.WARNING):  # a folder without subfolders of scans: nothing to say
         assert read(tmp_path / "site" / "p2") == [("t1.nii.gz", "mask.nii.gz")]
     assert not caplog.records
+
+
+def test_a_volume_that_cannot_be_sliced_is_named_by_its_path_in_a_cohort_of_one_file_name(tmp_path, capsys):
+    """In a BIDS-like cohort every person's scan is T1w.nii.gz; a 2D one was refused as "The image T1w.nii.gz is
+    2D", which did not say whose."""
+    write(tmp_path, "sub-01/anat/T1w.nii.gz")
+    image, _ = make_head(size=SIZE)
+    (tmp_path / "sub-02" / "anat").mkdir(parents=True)
+    sitk.WriteImage(image[:, :, SIZE[2] // 2], str(tmp_path / "sub-02" / "anat" / "T1w.nii.gz"))
+    (tmp_path / "m.csv").write_text("image,mask\nsub-01/anat/T1w.nii.gz,\nsub-02/anat/T1w.nii.gz,\n")
+    for argv in (["prepare", "--cache-dir", str(tmp_path / "cache")],
+                 ["train", "--out", str(tmp_path / "m.cevae"), "--max-steps", "1", "--device", "cpu"]):
+        assert main([*argv, "--manifest", str(tmp_path / "m.csv")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: {tmp_path / 'sub-02' / 'anat' / 'T1w.nii.gz'}: ") and "is 2D" in err, err

@@ -232,7 +232,8 @@ class SliceCache:
         except OSError as exc:
             raise CeVAEError(f"Cannot make the slice cache folder {self.root} ({exc.strerror or exc}); give "
                              f"{self.wording.cache_dir} a folder you can write to.") from None
-        arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
+        with subject.named_errors():  # (reading the image too: a cohort's files may share a name, BIDS's T1w.nii.gz)
+            arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
         # hashed before it was read: the slices are of it
         refuse_changed((subject.image, subject.mask), checksums, memo=self.memo)
         return [e if e is not None else self._store(k, subject, o, arrays[o], checksums)
