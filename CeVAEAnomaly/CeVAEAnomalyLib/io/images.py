@@ -123,13 +123,10 @@ def refuse_misnamed_format(p: Path, what: str) -> None:
 def _format_by_content(p: Path) -> Optional[Tuple[str, Tuple[str, ...]]]:
     """(the format in words, the extensions its reader takes) of what the file at ``p`` holds, by its first bytes;
     None if unknown."""
-    try:
-        with open(p, "rb") as fh:
-            gz = fh.read(2) == _GZIP_MAGIC
-        with (gzip.open(p, "rb") if gz else open(p, "rb")) as fh:
-            head = fh.read(540)
-    except (EOFError, OSError, zlib.error):
+    start = _first_bytes(p)
+    if start is None:
         return None
+    gz, head = start
     for (size, at), magic in _NIFTI_MAGIC.items():
         if head[at : at + 4] == magic and size in (struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]):
             return ("a NIfTI image (gzip-compressed)", (".nii.gz",)) if gz else ("a NIfTI image", (".nii", ".nii.gz"))
@@ -145,14 +142,22 @@ def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
     name = p.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
+    start = _first_bytes(p)
+    if start is None:
+        return None  # not even a readable header: the image reader says what is wrong
+    return nifti_layout_of_header(start[1], start[0])
+
+
+def _first_bytes(p: Path, count: int = 540) -> Optional[Tuple[bool, bytes]]:
+    """Whether the file at ``p`` is gzip-compressed (by its first bytes), and its first ``count`` bytes (decompressed);
+    None where they cannot be read (a NIfTI-2 header is 540 bytes)."""
     try:
         with open(p, "rb") as fh:
             gz = fh.read(2) == _GZIP_MAGIC
         with (gzip.open(p, "rb") if gz else open(p, "rb")) as fh:
-            header = fh.read(540)
+            return gz, fh.read(count)
     except (EOFError, OSError, zlib.error):
-        return None  # not even a readable header: the image reader says what is wrong
-    return nifti_layout_of_header(header, gz)
+        return None
 
 
 def _pair_files(p: Path) -> Optional[Tuple[Path, Path]]:
