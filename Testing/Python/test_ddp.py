@@ -155,3 +155,54 @@ def test_a_collective_broken_by_another_ranks_end_is_not_called_a_bug():
     assert _peer_gone(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:"
                                    "51234: Connection reset by peer"))
     assert not _peer_gone(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
+FAULTY_RUN = '''"""The train command, where the ranks named in sys.argv[1] meet a user error as they open their
+data; the others are busy elsewhere until torchrun stops them."""
+import sys
+import time
+
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.training.trainer import Trainer
+
+failing = [int(r) for r in sys.argv[1].split(",")]
+
+
+def open_data(self):
+    if self.dist.rank in failing:
+        raise CeVAEError("The image file h2.nii.gz is truncated or corrupt; copy or export it again.")
+    time.sleep(600)
+
+
+Trainer.open_data = open_data
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def torchrun_failing(tmp_path, failing: str) -> str:
+    """Train on 2 local CPU ranks where the ranks ``failing`` meet a user error; return the combined output."""
+    (tmp_path / "faulty_run.py").write_text(FAULTY_RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "faulty_run.py"), failing, "train", "--manifest", str(write_cohort(tmp_path)),
+           "--out", str(tmp_path / "m.cevae"), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_the_ranks_torchrun_stops_after_one_failed_point_to_its_error(tmp_path):
+    """Rank 1 met a bad scan; torchrun stopped rank 0 with SIGTERM, which said "[rank 0] terminated before its first
+    checkpoint: nothing to resume; run the same command again to start anew", advice that the error contradicts.
+    Where both ranks met the same error, both said it."""
+    error = "error: The image file h2.nii.gz is truncated or corrupt; copy or export it again."
+    out = torchrun_failing(tmp_path, "1")
+    assert f"[rank 1] {error}" in out and out.count(error) == 1, out
+    assert "[rank 0] terminated: torchrun stops every rank once one fails; see rank 1's error." in out, out
+    assert "run the same command" not in out, out
+
+    out = torchrun_failing(tmp_path, "0,1")
+    assert out.count(error) == 1, out
+    assert re.search(r"\[rank (\d)\] error: the same as rank (?!\1)\d's\.", out), out

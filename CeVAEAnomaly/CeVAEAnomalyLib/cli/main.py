@@ -309,6 +309,27 @@ def _peer_gone(exc: BaseException) -> bool:
             or any(words in text for words in ("connection reset", "connection closed", "broken pipe")))
 
 
+def _say_failure(rank: str, line: str) -> None:
+    """Print this process's error ``line`` (after ``rank``, its prefix under torchrun). Under torchrun the first
+    rank to fail is recorded, so that the ranks torchrun then stops say so instead of advice of their own; a rank
+    that fails with the error another rank said first says only that (the user reads each error once)."""
+    if rank:
+        from ..training.distributed import claim_failure
+
+        first = claim_failure(int(os.environ.get("RANK", "-1")), line)
+        if first is not None and first[1] == line:
+            line = f"error: the same as rank {first[0]}'s."
+    print(rank + line, file=sys.stderr)
+
+
+def _failed_rank() -> Optional[int]:
+    """Under torchrun, the rank that failed first, if another one did (see :func:`_say_failure`)."""
+    from ..training.distributed import failed_rank
+
+    failed = failed_rank()
+    return None if failed == int(os.environ.get("RANK", "-1")) else failed
+
+
 def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
     """The line a stopped command ends with; for train and adapt, whether ``--resume`` can continue it: the
     checkpoints this run wrote (or, with ``--resume``, the run's earlier ones) are kept, and so is an earlier model
@@ -368,10 +389,15 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except CeVAEError as exc:
         if args.debug:
             raise
-        print(f"{rank}error: {command_line_wording(exc, args.command)}", file=sys.stderr)
+        _say_failure(rank, f"error: {command_line_wording(exc, args.command)}")
         return 2
     except Terminated:  # (under torchrun each rank says it, so its line names it, as its errors do)
-        print(rank + _stopped("terminated", args, started), file=sys.stderr)
+        failed = _failed_rank() if distributed else None
+        if failed is not None:  # torchrun's stop of the others: the advice is the failed rank's error
+            print(f"{rank}terminated: torchrun stops every rank once one fails; see rank {failed}'s error.",
+                  file=sys.stderr)
+        else:
+            print(rank + _stopped("terminated", args, started), file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print(rank + _stopped("interrupted", args, started), file=sys.stderr)
@@ -381,12 +407,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
             raise
         if out_of_memory(exc):
             smaller = ", give a smaller --batch-size" if hasattr(args, "batch_size") else ""
-            print(f"{rank}error: out of memory; close other programs{smaller} or use a machine with more memory.",
-                  file=sys.stderr)
+            _say_failure(rank, f"error: out of memory; close other programs{smaller} or use a machine with more "
+                               "memory.")
             return 1
         if distributed and _peer_gone(exc):
             print(f"{rank}error: another rank stopped (see its own error); this one stops too.", file=sys.stderr)
             return 1
-        print(f"{rank}error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
-              "the traceback and report it)", file=sys.stderr)
+        _say_failure(rank, f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
+                           "the traceback and report it)")
         return 1

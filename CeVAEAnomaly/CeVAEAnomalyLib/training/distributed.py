@@ -5,8 +5,9 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,57 @@ def init_distributed(device: torch.device) -> DistInfo:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+FAILURE_KEY = "cevae-anomaly/failed"
+
+
+def _agent_store() -> Optional[dist.Store]:
+    """The store of the torchrun that started this process (its agent's, which outlives the ranks), or None where
+    there is none: not under torchrun, or torchrun keeps no store of its own, or it cannot be reached."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=5))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _failure_key() -> str:
+    """The key of this attempt's first failure (torchrun may restart the ranks: each attempt has its own)."""
+    run, attempt = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"{FAILURE_KEY}/{run}/{attempt}"
+
+
+def _decoded(value: bytes) -> Tuple[int, str]:
+    rank, _, message = value.decode("utf-8", "replace").partition("\n")
+    return int(rank), message
+
+
+def claim_failure(rank: int, message: str) -> Optional[Tuple[int, str]]:
+    """Record in torchrun's store that rank ``rank`` fails with ``message``, unless another rank failed first: then
+    that one's (rank, message). None where this rank is the first, or there is no store."""
+    store = _agent_store()
+    if store is None:
+        return None
+    try:
+        first = _decoded(store.compare_set(_failure_key(), "", f"{rank}\n{message}"))
+    except (RuntimeError, ValueError):
+        return None
+    return None if first[0] == rank else first
+
+
+def failed_rank() -> Optional[int]:
+    """The rank recorded in torchrun's store as the first to fail (torchrun then stops the others with SIGTERM), or
+    None where none failed or there is no store."""
+    store = _agent_store()
+    try:
+        if store is None or not store.check([_failure_key()]):
+            return None
+        return _decoded(store.get(_failure_key()))[0]
+    except (RuntimeError, ValueError):
+        return None
 
 
 def shutdown_distributed(info: DistInfo) -> None:
