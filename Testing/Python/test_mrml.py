@@ -354,6 +354,47 @@ def test_a_failing_publish_gives_a_segmentation_back_its_labelmap_conversion_col
                      create_labelmap=True)
     assert mine.GetLabelmapConversionColorTableNodeID() == colours.GetID()
 
+
+def exported_values(segmentation, segment_id: str, volume) -> list:
+    """The label values of ``segment_id`` exported to a labelmap with the segmentation's labelmap conversion colour
+    table, as the Segmentations module's export does."""
+    labelmap = segmentation.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentation, ids, labelmap, volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+        segmentation.GetLabelmapConversionColorTableNode())
+    return sorted(set(numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()).tolist()))
+
+
+@pytest.mark.parametrize("own_table", [True, False], ids=["own colour table", "no colour table"])
+def test_a_publish_with_a_labelmap_keeps_a_users_segmentation_s_labelmap_conversion_colours(scene, own_table):
+    """Importing the anomaly labelmap pointed the segmentation's labelmap conversion colour table at the module's
+    label colours: a user's segmentation chosen as the output then exported its own segments with the module's
+    values (its "brain", 7 in the user's table, came out as 2). Only a segmentation of the module's own takes them."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my findings")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        add_volume(scene, mask, "brain", "vtkMRMLLabelMapVolumeNode"), mine)
+    brain_id = mine.GetSegmentation().GetNthSegmentID(0)
+    colours = None
+    if own_table:
+        colours = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "my label colours")
+        colours.SetTypeToUser()
+        colours.SetNumberOfColors(8)
+        colours.SetColor(7, "brain", 0.2, 0.6, 0.3, 1.0)
+        mine.SetLabelmapConversionColorTableNodeID(colours.GetID())
+    before = exported_values(mine, brain_id, volume)
+    mrml.publish(scene, volume, fake_detection(image, mask), mrml.OutputNodes(segmentation=mine),
+                 create_labelmap=True)
+    assert mine.GetLabelmapConversionColorTableNodeID() == (colours.GetID() if own_table else None)
+    assert exported_values(mine, brain_id, volume) == before == ([0, 7] if own_table else [0, 1])
+    own = mrml.publish(scene, add_volume(scene, image, "other head"), fake_detection(image, mask),
+                       create_labelmap=True).segmentation
+    assert own.GetLabelmapConversionColorTableNodeID() == mrml.label_color_node_id(scene)
+
+
 def test_a_failing_publish_leaves_the_nodes_picked_as_outputs_unmarked(scene, monkeypatch):
     """Empty nodes and a segmentation of the user's picked as outputs are not left marked as the input's outputs by a
     run that failed (the segmentation kept its role and link: an empty one was then hidden from the mask field and

@@ -747,6 +747,7 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     # Import from a labelmap node in the scene, under the volume's transform like the segmentation,
     # so the import applies no transform (a static method: no logic instance or scene needed).
     importer = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode
+    colours = node.GetLabelmapConversionColorTableNodeID()  # the import sets it to the labelmap's
     if labelmap_node is not None:
         imported = importer(labelmap_node, node)
     else:
@@ -765,6 +766,7 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     segment.SetColor(*SEGMENT_COLOR)
     segment.SetTag(SEGMENT_TAG, "anomaly")
     segment.SetTag(WRITTEN_KEY, segment_signature(segment))
+    _keep_conversion_colours(node, colours)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()  # per segment: the other segments of a user's segmentation keep their look
@@ -780,6 +782,15 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     if show_3d and not node.CreateClosedSurfaceRepresentation():
         log.warning("The 3D surface of '%s' could not be built; it is shown in the slice views only.",
                     node.GetName())
+
+
+def _keep_conversion_colours(node: slicer.vtkMRMLSegmentationNode, colours: Optional[str]) -> None:
+    """Give ``node`` back its labelmap conversion colour table (``colours``: its ID before the import, None for none),
+    which the Segmentations module's export to a labelmap takes its label values from: only a segmentation holding
+    nothing but the anomaly segment and no table of its own keeps the anomaly labelmap's colours, which the import
+    gave it."""
+    if colours or user_segment_ids(node):
+        node.SetLabelmapConversionColorTableNodeID(colours)
 
 
 _SEGMENT_LOOK = ("Visibility2DFill", "Visibility2DOutline", "Opacity2DFill", "Opacity2DOutline", "Opacity3D")
