@@ -750,6 +750,29 @@ def test_a_labelmap_or_segment_edited_since_its_run_is_kept_by_the_next_run(scen
     assert erased > 0 and caplog.text.count("was edited since the run that wrote it") == 2
 
 
+def test_a_result_table_edited_since_its_run_is_kept_by_the_next_run(scene, caplog):
+    """A table the user unlocked in the Tables module and edited (a component's row corrected, a slice's score) was
+    overwritten by the next run without a word: it is kept, named "... (edited)", said so, and the run writes its own;
+    the slice plot shows the new run's slice table."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    first = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))
+    for table in (first.components, first.slice_table):
+        table.SetLocked(False)
+        assert table.SetCellText(0, 1, "12345")
+    with caplog.at_level(logging.WARNING):
+        second = mrml.publish(scene, volume, fake_detection(image, mask, 1.05))
+    for table, new in ((first.components, second.components), (first.slice_table, second.slice_table)):
+        assert new is not table and table.GetScene() is scene and new.GetAttribute(nodes.ROLE_ATTRIBUTE)
+        assert table.GetName().endswith(" (edited)") and not table.GetAttribute(nodes.ROLE_ATTRIBUTE)
+        assert table.GetCellText(0, 1) == "12345" and new.GetCellText(0, 1) != "12345"
+    assert caplog.text.count("was edited since the run that wrote it") == 2
+    series = second.slice_chart.GetNthPlotSeriesNode(0)
+    assert series.GetTableNodeID() == second.slice_table.GetID()
+    third = mrml.publish(scene, volume, fake_detection(image, mask, 1.1))  # not edited: updated in place
+    assert (third.components, third.slice_table) == (second.components, second.slice_table)
+
+
 def test_a_saved_and_reloaded_scene_s_results_are_not_taken_for_edited(scene, tmp_path, caplog):
     image, mask = make_head(direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))  # left-handed: a save stores it the other way
     volume = add_volume(scene, image)
@@ -757,6 +780,8 @@ def test_a_saved_and_reloaded_scene_s_results_are_not_taken_for_edited(scene, tm
     reloaded, source = saved_and_reloaded(scene, tmp_path)
     labelmap = mrml.find_output(reloaded, "vtkMRMLLabelMapVolumeNode", "labelmap", source)
     segmentation = mrml.find_output(reloaded, "vtkMRMLSegmentationNode", "segmentation", source)
+    components = mrml.find_output(reloaded, "vtkMRMLTableNode", "components", source)
+    slices = mrml.find_output(reloaded, "vtkMRMLTableNode", "slice scores", source)
     again = mrml.image_from_volume(source)
     brain = sitk.Resample(mask, again, sitk.Transform(), sitk.sitkNearestNeighbor)
     with caplog.at_level(logging.WARNING):
@@ -764,6 +789,7 @@ def test_a_saved_and_reloaded_scene_s_results_are_not_taken_for_edited(scene, tm
     assert "edited" not in caplog.text
     assert (out.labelmap, out.segmentation) == (labelmap, segmentation)
     assert segment_names(out.segmentation) == [mrml.SEGMENT_NAME]
+    assert (out.components, out.slice_table) == (components, slices)  # their values rounded by the save
 
 
 def test_outputs_follow_a_renamed_input_unless_the_user_named_them(scene):

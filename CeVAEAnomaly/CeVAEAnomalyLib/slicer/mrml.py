@@ -68,6 +68,7 @@ from .nodes import (
     segment_signature,
     source_volume,
     stamp_run,
+    table_signature,
     to_numpy,
     user_segment_ids,
 )
@@ -498,11 +499,8 @@ def publish(
         if targets.labelmap is not None or create_labelmap or earlier_labelmap is not None:
             out.labelmap = _output(scene, undo, targets.labelmap, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE,
                                    volume_node, PANEL_OUTPUT_NAMES["labelmap"] + at, group)
-            if edited_since_written(out.labelmap.GetAttribute(WRITTEN_KEY), labelmap_signature(out.labelmap)):
-                edited = out.labelmap
-                _hand_over(undo, edited)
-                out.labelmap = _output(scene, undo, None, "vtkMRMLLabelMapVolumeNode", LABELMAP_ROLE, volume_node,
-                                       PANEL_OUTPUT_NAMES["labelmap"] + at, group, beside=edited)
+            out.labelmap = _unless_edited(scene, undo, out.labelmap, labelmap_signature, "labelmap", LABELMAP_ROLE,
+                                          volume_node, PANEL_OUTPUT_NAMES["labelmap"] + at, group)
             _fill_volume(out.labelmap, volume_node, result.labelmap)
             out.labelmap.SetAttribute(WRITTEN_KEY, labelmap_signature(out.labelmap))
             shown = out.labelmap.GetDisplayNode() is not None  # an earlier run's: its colours may be the user's
@@ -515,9 +513,13 @@ def publish(
         _fill_segmentation(scene, undo, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
         out.components = _output(scene, undo, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE,
                                  volume_node, PANEL_OUTPUT_NAMES["components"] + at, group)
+        out.components = _unless_edited(scene, undo, out.components, table_signature, "component table",
+                                        COMPONENT_TABLE_ROLE, volume_node, PANEL_OUTPUT_NAMES["components"] + at, group)
         _fill_components(out.components, volume_node, result)
         out.slice_table = _output(scene, undo, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
                                   "slice scores" + at, group)
+        out.slice_table = _unless_edited(scene, undo, out.slice_table, table_signature, "slice table",
+                                         SLICE_TABLE_ROLE, volume_node, "slice scores" + at, group)
         _fill_slices(out.slice_table, volume_node, result.slices)
         out.slice_chart = _slice_chart(scene, undo, out.slice_table, volume_node, targets.slice_chart, group)
         run = [*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)]  # the chart's series too
@@ -604,12 +606,23 @@ def _grid_difference(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image) -
     return None
 
 
-def _hand_over(undo: Undo, node: slicer.vtkMRMLNode) -> None:
-    """A labelmap of this module's that the user has edited since its run wrote it is theirs now: no longer an
-    output of its input (so no run writes into it again), named "... (edited)", kept as it is."""
+def _unless_edited(scene, undo: Undo, node: slicer.vtkMRMLNode, signature: Callable[[slicer.vtkMRMLNode], str],
+                   what: str, role: str, volume_node, suffix: str, group: Optional[str]) -> slicer.vtkMRMLNode:
+    """``node`` (an output this run reuses), or where the user edited it since its run wrote it (its ``signature``
+    is no longer the one recorded), a new node beside it: ``node`` is handed over to the user (:func:`_hand_over`)."""
+    if not edited_since_written(node.GetAttribute(WRITTEN_KEY), signature(node)):
+        return node
+    _hand_over(undo, node, what)
+    return _output(scene, undo, None, node.GetClassName(), role, volume_node, suffix, group, beside=node)
+
+
+def _hand_over(undo: Undo, node: slicer.vtkMRMLNode, what: str) -> None:
+    """An output of this module's (a labelmap, a table: ``what``) that the user has edited since its run wrote it is
+    theirs now: no longer an output of its input (so no run writes into it again), named "... (edited)", kept as it
+    is."""
     name, source = node.GetName(), node.GetNodeReferenceID(SOURCE_REFERENCE)
-    log.warning("'%s' was edited since the run that wrote it; it is kept as '%s (edited)', and this run's labelmap "
-                "goes to a new node.", name, name)
+    log.warning("'%s' was edited since the run that wrote it; it is kept as '%s (edited)', and this run's %s "
+                "goes to a new node.", name, name, what)
     undo.keep(node)
     undo.on_failure(lambda: (node.SetName(name), node.SetNodeReferenceID(SOURCE_REFERENCE, source)))
     for key in (ROLE_ATTRIBUTE, RUN_ATTRIBUTE, WRITTEN_KEY, NAME_ATTRIBUTE):
@@ -835,6 +848,7 @@ def _set_columns(table_node: slicer.vtkMRMLTableNode, columns: Sequence[Tuple[st
     header = getattr(table_node, "SetUseColumnTitleAsColumnHeader", None) or table_node.SetUseColumnNameAsColumnHeader
     header(True)
     table_node.SetLocked(True)
+    table_node.SetAttribute(WRITTEN_KEY, table_signature(table_node))  # a rerun keeps a table edited since
     table_node.EndModify(wasModifying)
 
 

@@ -7,6 +7,7 @@ Light enough to import while the module panel is set up.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -306,6 +307,16 @@ def segment_signature(segment: slicer.vtkSegment) -> str:
     image.GetImageToWorldMatrix(matrix)
     ijk = np.argwhere(voxels == segment.GetLabelValue())[:, ::-1] + np.array(extent[::2])
     return content_signature(ijk, to_numpy(matrix))
+
+
+def table_signature(node: slicer.vtkMRMLTableNode) -> str:
+    """A digest of a table's column names and cells as text (6 significant digits, as a scene save keeps them): an
+    edit in the Tables module changes it, a save and reload does not."""
+    table = node.GetTable()
+    columns = range(table.GetNumberOfColumns())
+    cells = [table.GetColumnName(c) for c in columns]
+    cells += [table.GetValue(r, c).ToString() for r in range(table.GetNumberOfRows()) for c in columns]
+    return hashlib.sha256("\t".join(cells).encode("utf-8")).hexdigest()
 
 
 def edited_since_written(written: Optional[str], now: str) -> bool:
