@@ -364,7 +364,7 @@ def test_demo_publishes_its_picture_with_the_other_outputs_or_nothing(tmp_path, 
 
 @pytest.mark.parametrize("argv,message", [
     (["prepare", "{h}", "--cache-dir", "{file}/cache"], r"cache folder .*/cache would be under .*, which is a file"),
-    (["prepare", "{h}", "--cache-dir", "{tmp}/cache", "--input-size", "33"], r"Input size 33 is not supported"),
+    (["prepare", "{h}", "--cache-dir", "{tmp}/cache", "--input-size", "33"], r"input_size \(--input-size\) must be one of 64, 128, got 33\."),
     (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "2"],
      r"--default-fpr must be a rate the calibration covers, from 1e-06 to 0\.5 \(e\.g\. 0\.001\), got 2\."),
     (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "nan"],

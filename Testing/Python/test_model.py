@@ -63,7 +63,7 @@ def test_the_bottleneck_runs_as_matrix_products_with_the_convolutions_results():
 
 @pytest.mark.parametrize("size", [32, 96, 256])
 def test_unsupported_size_is_refused(size):
-    with pytest.raises(CeVAEError, match="not supported"):
+    with pytest.raises(CeVAEError, match=rf"input_size \(--input-size\) must be one of 64, 128, got {size}\."):
         ModelConfig(input_size=size)
 
 

@@ -71,8 +71,11 @@ def sha(path: Path) -> str:
     ("--beta", "nan", "beta (--beta, the KL weight) must be a number from 0 to 1e+06, got nan."),
     ("--beta", "2e6", "beta (--beta, the KL weight) must be a number from 0 to 1e+06, got 2000000.0."),
     ("--ce-weight", "2", "ce_weight (--ce-weight) must lie in [0, 1], got 2.0."),
-    ("--z-dim", "100000000", "Invalid latent size 100000000; it must be 1 to 8192."),
-    ("--channels", "100000", "Invalid channel widths (100000,); each must be 1 to 4096."),
+    ("--z-dim", "100000000", "z_dim (--z-dim, the latent size) must be a whole number from 1 to 8192, got 100000000."),
+    ("--z-dim", "0", "z_dim (--z-dim, the latent size) must be a whole number from 1 to 8192, got 0."),
+    ("--channels", "100000", "channels (--channels) must be widths of 1 to 4096 each, got 100000."),
+    ("--channels", "0,16", "channels (--channels) must be widths of 1 to 4096 each, got 0,16."),
+    ("--input-size", "32", "input_size (--input-size) must be one of 64, 128, got 32."),
 ])
 def test_bad_options_end_in_one_clear_error_before_training(cohort, tmp_path, capsys, option, value, message):
     out = tmp_path / "m.cevae"

@@ -24,8 +24,10 @@ MAX_MARGIN_MM = 100.0
 
 
 def _check_input_size(size: int) -> None:
+    """Refuse a slice side the models are not built for, naming the option (keyword and flag)."""
     if size not in SUPPORTED_INPUT_SIZES:
-        raise CeVAEError(f"Input size {size} is not supported; choose one of {SUPPORTED_INPUT_SIZES}.")
+        raise CeVAEError(f"input_size (--input-size) must be one of {', '.join(map(str, SUPPORTED_INPUT_SIZES))}, "
+                         f"got {size}.")
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,11 @@ class ModelConfig(Serialisable):
     def __post_init__(self) -> None:
         _check_input_size(self.input_size)
         if not self.channels or any(not 1 <= int(c) <= MAX_CHANNELS for c in self.channels):
-            raise CeVAEError(f"Invalid channel widths {self.channels}; each must be 1 to {MAX_CHANNELS}.")
+            raise CeVAEError(f"channels (--channels) must be widths of 1 to {MAX_CHANNELS} each, "
+                             f"got {','.join(map(str, self.channels)) or 'none'}.")
         if not 1 <= self.z_dim <= MAX_Z:
-            raise CeVAEError(f"Invalid latent size {self.z_dim}; it must be 1 to {MAX_Z}.")
+            raise CeVAEError(f"z_dim (--z-dim, the latent size) must be a whole number from 1 to {MAX_Z}, "
+                             f"got {self.z_dim}.")
 
     @property
     def bottleneck_size(self) -> int:
