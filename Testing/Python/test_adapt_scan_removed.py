@@ -116,3 +116,28 @@ def test_a_scan_removed_during_a_resume_is_refused_as_removed(tiny_bundle, scans
         f"{scans[0].image} was removed during the adaptation, so its next run cannot train on it. The checkpoints "
         "written so far are kept: with the scan put back, run again with --resume, or leave it out and start anew "
         "with --overwrite instead of --resume.")
+
+
+def test_a_brain_mask_removed_after_the_first_run_is_called_a_mask(tiny_bundle, scans, tmp_path):
+    """The refusal told a user whose brain mask was removed to put "the scan" back."""
+    out = tmp_path / "site.cevae"
+    with pytest.raises(CeVAEError) as refused:
+        adapt(tiny_bundle, scans, out, QUICK, _removing(scans[0].mask, "Fine-tuning 1/3"))
+    assert str(refused.value) == (
+        f"{scans[0].mask} was removed during the adaptation, so its next run cannot train with it. The checkpoints "
+        "written so far are kept: with the brain mask put back, run again with --resume, or leave it out and start "
+        "anew with --overwrite.")
+
+
+def test_a_brain_mask_rewritten_before_the_first_checkpoint_is_called_a_mask(tiny_bundle, scans, tmp_path):
+    """The refusal told a user whose brain mask was rewritten to run again "once the scan is as it should be"."""
+    mask = scans[0].mask
+
+    def rewrite(fraction: float, message: str) -> None:
+        if message.startswith("Preparing the scans: prepared 2 of 2"):
+            mask.write_bytes(scans[0].image.read_bytes())
+
+    with pytest.raises(CeVAEError) as refused:
+        adapt(tiny_bundle, scans, tmp_path / "site.cevae", QUICK, rewrite)
+    assert str(refused.value).endswith(
+        "No checkpoint was written yet: run again once the brain mask is as it should be."), refused.value

@@ -230,7 +230,8 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
             trainer = trainer_of(n, run)  # (changed in between: it hashed other content)
             changed = next((p for p, digest in trainer.checksums.items() if checksums.get(p, digest) != digest), None)
         if changed is not None:
-            raise _changed_since_began(changed, configs, resume, wording)
+            kind = "brain mask" if any(changed == s.mask for s in subjects) else "scan"
+            raise _changed_since_began(changed, configs, resume, wording, kind)
         pace.pause()  # the run's set-up (its slices, a checkpoint read) is not step time
         seconds += trainer.fit()
         if run != "final":  # a fold trained before a resume counts too (the final run's record adds its own)
@@ -239,31 +240,34 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     return models, trainer, seconds
 
 
-def _changed_since_began(changed: Path, configs: Dict[str, TrainConfig], resumed: bool,
-                         wording: Wording) -> CeVAEError:
-    """The refusal of a run one of whose scans, ``changed``, no longer holds the content the adaptation hashed as it
-    began (removed, replaced or rewritten): it would train on other content than the runs before it, which only the
-    final write would have told; what to do after the runs ``configs`` (:func:`_what_to_do_then`)."""
+def _changed_since_began(changed: Path, configs: Dict[str, TrainConfig], resumed: bool, wording: Wording,
+                         kind: str = "scan") -> CeVAEError:
+    """The refusal of a run one of whose files, ``changed`` (a ``kind``: "scan" or "brain mask"), no longer holds the
+    content the adaptation hashed as it began (removed, replaced or rewritten): it would train on other content than
+    the runs before it, which only the final write would have told; what to do after the runs ``configs``
+    (:func:`_what_to_do_then`)."""
     removed = not changed.exists()
-    what = ("was removed during the adaptation, so its next run cannot train on it" if removed else
+    use = "train on it" if kind == "scan" else "train with it"
+    what = (f"was removed during the adaptation, so its next run cannot {use}" if removed else
             "changed since the adaptation began (replaced or rewritten), so its next run would train on other content "
             "than the runs before it")
-    return CeVAEError(f"{changed} {what}. {_what_to_do_then(configs, resumed, wording, removed)}")
+    return CeVAEError(f"{changed} {what}. {_what_to_do_then(configs, resumed, wording, removed, kind)}")
 
 
-def _what_to_do_then(configs: Dict[str, TrainConfig], resumed: bool, wording: Wording, removed: bool = False) -> str:
-    """What a user does after the adaptation of the runs ``configs`` stopped before a run for a changed scan (or a
-    ``removed`` one): with checkpoints, resume or start anew in ``wording`` (start anew as fits a run that was
-    ``resumed`` or not); without, run again."""
+def _what_to_do_then(configs: Dict[str, TrainConfig], resumed: bool, wording: Wording, removed: bool = False,
+                     kind: str = "scan") -> str:
+    """What a user does after the adaptation of the runs ``configs`` stopped before a run for a changed file, a
+    ``kind`` ("scan" or "brain mask"), or a ``removed`` one: with checkpoints, resume or start anew in ``wording``
+    (start anew as fits a run that was ``resumed`` or not); without, run again."""
     checkpoints = any(cfg.checkpoint_path.is_file() for cfg in configs.values())
     anew = wording.start_anew if resumed else wording.start_over
     if removed:
-        return (f"The checkpoints written so far are kept: with the scan put back, {wording.resume}, or leave it out "
-                f"and {anew}." if checkpoints else
-                f"No checkpoint was written yet: put the scan back, or leave it out, and {wording.run_again}.")
+        return (f"The checkpoints written so far are kept: with the {kind} put back, {wording.resume}, or leave it "
+                f"out and {anew}." if checkpoints else
+                f"No checkpoint was written yet: put the {kind} back, or leave it out, and {wording.run_again}.")
     if not checkpoints:
-        return f"No checkpoint was written yet: {wording.run_again} once the scan is as it should be."
-    return f"The checkpoints written so far are kept: with the scan as it was, {wording.resume}, or {anew}."
+        return f"No checkpoint was written yet: {wording.run_again} once the {kind} is as it should be."
+    return f"The checkpoints written so far are kept: with the {kind} as it was, {wording.resume}, or {anew}."
 
 
 def _with_axial_first(orientations: Sequence[str]) -> Tuple[str, ...]:
