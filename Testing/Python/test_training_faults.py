@@ -453,6 +453,34 @@ def test_resume_refuses_other_or_changed_volumes(manifest, tmp_path):
         Trainer(resume, subjects[:2]).load_checkpoint()
 
 
+def test_a_resume_whose_brain_mask_was_removed_or_rewritten_names_the_mask(manifest, tmp_path):
+    """A resume after a volume's mask was left out of the manifest (or rewritten) said the volume "changed since the
+    checkpoint": its scan had not, so the user could not tell what differed."""
+    d = tmp_path / "data"
+    d.mkdir()
+    subjects = []
+    for seed in (4, 5):
+        image, mask = make_head(size=(32, 36, 28), seed=seed)
+        sitk.WriteImage(image, str(d / f"s{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(d / f"s{seed}_mask.nii.gz"))
+        subjects.append(Subject(d / f"s{seed}.nii.gz", d / f"s{seed}_mask.nii.gz"))
+    cfg = tiny_trainer(tmp_path, manifest).cfg
+    first = Trainer(cfg, subjects)
+    first.step = EVERY
+    first.save_checkpoint()
+    resume = dataclasses.replace(cfg, resume=True)
+    without_mask = [subjects[0], Subject(subjects[1].image, None)]
+    with pytest.raises(CeVAEError, match=r"run: training volume\(s\) whose brain mask was removed since the "
+                                         r"checkpoint: \S*s5\.nii\.gz\. "):
+        Trainer(resume, without_mask).load_checkpoint()
+    mask = sitk.ReadImage(str(subjects[1].mask))
+    mask[16, 18, 14] = 1 - mask[16, 18, 14]
+    sitk.WriteImage(mask, str(subjects[1].mask))  # rewritten in place, one voxel other
+    with pytest.raises(CeVAEError, match=r"run: training volume\(s\) whose brain mask changed since the "
+                                         r"checkpoint: \S*s5\.nii\.gz\. "):
+        Trainer(resume, subjects).load_checkpoint()
+
+
 def test_a_resume_with_the_volumes_listed_in_another_order_continues_the_same_run(manifest, tmp_path, caplog):
     """A manifest regenerated in another order was accepted, but the restored sampler's place then counted another
     volume's slices (and the split could change): the resume goes on with the checkpoint's order and split."""

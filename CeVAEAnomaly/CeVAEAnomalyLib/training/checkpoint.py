@@ -394,24 +394,40 @@ def _changed_options(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 
 def _changed_volumes(role: str, saved: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]) -> List[str]:
-    """How the ``role`` volumes (training or validation) differ, in words: changed, missing, added."""
+    """How the ``role`` volumes (training or validation) differ, in words: changed (the scan, or only its brain mask:
+    removed, added or changed), missing, added."""
     def content(v: Mapping[str, Any]) -> Tuple[Any, Any]:
         return v["image_sha256"], v["mask_sha256"]
 
     kept = {content(v) for v in saved} & {content(v) for v in current}
     gone = [v for v in saved if content(v) not in kept]
     new = [v for v in current if content(v) not in kept]
-    changed = sorted({v["image"] for v in gone} & {v["image"] for v in new})
-    gone = [v["image"] for v in gone if v["image"] not in changed]
-    new = [v["image"] for v in new if v["image"] not in changed]
+    was, now = {v["image"]: v for v in gone}, {v["image"]: v for v in new}
+    changed = sorted(set(was) & set(now))
+    by_words: Dict[str, List[str]] = {}
+    for image in changed:
+        by_words.setdefault(_what_changed(was[image], now[image]), []).append(image)
+    by_words["in the checkpoint's run, not in this one"] = [i for i in was if i not in now]
+    by_words["in this run, not in the checkpoint's"] = [i for i in now if i not in was]
     what = "training" if role == "train" else "validation"
     out = []
-    for files, words in ((changed, "changed since the checkpoint"), (gone, "in the checkpoint's run, not in this one"),
-                         (new, "in this run, not in the checkpoint's")):
+    for words, files in by_words.items():
         if files:
             shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
             out.append(f"{what} volume(s) {words}: {shown}")
     return out
+
+
+def _what_changed(was: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """How a volume recorded as ``was`` in a checkpoint and ``now`` in a resume (same path, other content) differs, as
+    "volume(s) ..." ends it: its scan, or only its brain mask (removed, added or changed)."""
+    if was["image_sha256"] != now["image_sha256"]:
+        return "changed since the checkpoint"
+    if now["mask_sha256"] is None:
+        return "whose brain mask was removed since the checkpoint"
+    if was["mask_sha256"] is None:
+        return "given a brain mask since the checkpoint"
+    return "whose brain mask changed since the checkpoint"
 
 
 def _show(value: Any) -> str:
