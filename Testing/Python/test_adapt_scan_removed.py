@@ -54,14 +54,19 @@ def _removing(scan: Path, when: str, folder: bool = False) -> Callable[[float, s
     return remove
 
 
-def test_a_scan_removed_after_the_first_run_is_refused_by_name_saying_what_to_do(tiny_bundle, scans, tmp_path):
+@pytest.mark.parametrize("role, said, train", [("image", "scan", "on"), ("mask", "brain mask", "with")])
+def test_a_scan_or_mask_removed_after_the_first_run_is_refused_by_name_saying_what_to_do(tiny_bundle, scans, tmp_path,
+                                                                                        role, said, train):
+    """A scan removed between runs got a raw "is not a regular file or a folder"; a removed brain mask was called
+    "the scan" to put back."""
     out = tmp_path / "site.cevae"
+    removed = getattr(scans[0], role)
     with pytest.raises(CeVAEError) as refused:
-        adapt(tiny_bundle, scans, out, QUICK, _removing(scans[0].image, "Fine-tuning 1/3"))
+        adapt(tiny_bundle, scans, out, QUICK, _removing(removed, "Fine-tuning 1/3"))
     assert str(refused.value) == (
-        f"{scans[0].image} was removed during the adaptation, so its next run cannot train on it. The checkpoints "
-        "written so far are kept: with the scan put back, run again with --resume, or leave it out and start anew "
-        "with --overwrite.")
+        f"{removed} was removed during the adaptation, so its next run cannot train {train} it. The checkpoints"
+        f" written so far are kept: with the {said} put back, run again with --resume, or leave it "
+        "out and start anew with --overwrite.")
     assert Path(f"{out}.fold1.ckpt").is_file() and not Path(f"{out}.fold2.ckpt").exists()
 
 
@@ -116,17 +121,6 @@ def test_a_scan_removed_during_a_resume_is_refused_as_removed(tiny_bundle, scans
         f"{scans[0].image} was removed during the adaptation, so its next run cannot train on it. The checkpoints "
         "written so far are kept: with the scan put back, run again with --resume, or leave it out and start anew "
         "with --overwrite instead of --resume.")
-
-
-def test_a_brain_mask_removed_after_the_first_run_is_called_a_mask(tiny_bundle, scans, tmp_path):
-    """The refusal told a user whose brain mask was removed to put "the scan" back."""
-    out = tmp_path / "site.cevae"
-    with pytest.raises(CeVAEError) as refused:
-        adapt(tiny_bundle, scans, out, QUICK, _removing(scans[0].mask, "Fine-tuning 1/3"))
-    assert str(refused.value) == (
-        f"{scans[0].mask} was removed during the adaptation, so its next run cannot train with it. The checkpoints "
-        "written so far are kept: with the brain mask put back, run again with --resume, or leave it out and start "
-        "anew with --overwrite.")
 
 
 def test_a_brain_mask_rewritten_before_the_first_checkpoint_is_called_a_mask(tiny_bundle, scans, tmp_path):

@@ -364,7 +364,8 @@ def test_demo_publishes_its_picture_with_the_other_outputs_or_nothing(tmp_path, 
 
 @pytest.mark.parametrize("argv,message", [
     (["prepare", "{h}", "--cache-dir", "{file}/cache"], r"cache folder .*/cache would be under .*, which is a file"),
-    (["prepare", "{h}", "--cache-dir", "{tmp}/cache", "--input-size", "33"], r"input_size \(--input-size\) must be one of 64, 128, got 33\."),
+    (["prepare", "{h}", "--cache-dir", "{tmp}/cache", "--input-size", "33"],
+     r"input_size \(--input-size\) must be one of 64, 128, got 33\."),
     (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "2"],
      r"--default-fpr must be a rate the calibration covers, from 1e-06 to 0\.5 \(e\.g\. 0\.001\), got 2\."),
     (["calibrate", "{h}", "--model", "{model}", "--out", "{tmp}/c.cevae", "--default-fpr", "nan"],
@@ -461,9 +462,9 @@ def test_detection_says_when_a_scan_is_thicker_than_the_calibration_scans(tmp_pa
     # what the new model holds and its threshold, beside the source model's (calibrate said neither)
     source = read_header(tiny_bundle)
     before = source.threshold(header.score_options, header.postprocess, ThresholdPolicy(fpr=header.default_fpr))[0]
-    assert (f"Its default scoring: score type combi, orientations axial. Its threshold at the default healthy false-positive rate "
-            f"{header.default_fpr:g} is {header.default_threshold():.4g} (tiny.cevae at that rate: {before:.4g})."
-            ) in caplog.text
+    assert (f"Its default scoring: score type combi, orientations axial. Its threshold at the default healthy "
+            f"false-positive rate {header.default_fpr:g} is {header.default_threshold():.4g} (tiny.cevae at that rate: "
+            f"{before:.4g}).") in caplog.text
     image, mask = make_head(seed=12)
     thick, thick_mask = make_head(seed=12, size=(40, 44, 9), spacing=(1.2, 1.0, 6.0))
     fine, fine_mask = make_head(seed=12, size=(96, 96, 80), spacing=(0.6, 0.6, 0.6))
