@@ -13,7 +13,7 @@ how far the estimated mid-sagittal plane is from the unrotated head's plane rota
 percentile rank, within the brain, of each term at the flagged voxels (which term makes the false alarms).
 
     python scripts/benchmark_tilt.py --data DIR [--out runs/tilt] [--names cortex_s1,brainbrowser1]
-        [--angles 0,5,10,15] [--maps]   # --maps: keep each case's terms (npz, float16, on the detector's box)
+        [--angles 0,5,10,15] [--maps]   # --maps: keep each case's terms (npz, float16, on the input grid)
 
 Results are cached in ``--out/results.json`` (a rerun scores only the missing cases); the table is printed as
 markdown.
@@ -29,9 +29,8 @@ import numpy as np
 import SimpleITK as sitk
 from CeVAEAnomalyLib.data import default_model_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
-from CeVAEAnomalyLib.engine.detector import Detector, _mean_map
-from CeVAEAnomalyLib.engine.postprocess import refine_reach, threshold_labelmap
-from CeVAEAnomalyLib.engine.preprocess import brain_region
+from CeVAEAnomalyLib.engine.detector import Detector
+from CeVAEAnomalyLib.engine.postprocess import threshold_labelmap
 from CeVAEAnomalyLib.engine.symmetry import MidPlane
 from CeVAEAnomalyLib.io.images import read_image
 
@@ -100,24 +99,18 @@ def percentile_rank(values: np.ndarray, at: np.ndarray) -> float:
 
 def score_case(detector: Detector, image: sitk.Image,
                maps: Optional[Path] = None) -> Tuple[Dict[str, float], MidPlane]:
-    """The default detection of ``image`` with its automatic mask, step by step as :class:`Detector` makes it,
+    """The default detection of ``image`` with its automatic mask, its terms as :meth:`Detector.terms` gives them,
     with both terms measured (``maps``: where to save them)."""
-    scan = detector.prepared(image, None)
-    brain, spacing = scan.brain, image.GetSpacing()
-    passes = detector._passes(scan.stacks, [detector.score], None)
-    region = brain_region(brain, refine_reach(detector.post, spacing) + 1)
-    inside = brain[region].copy()
-    cevae = _mean_map(passes, detector.score, region)
-    del passes
-    box = detector._asymmetry(image, inside, region)
-    final = detector._refine(cevae.copy(), inside, image, region, box)
+    terms = detector.terms(image)
+    spacing = image.GetSpacing()
+    inside = sitk.GetArrayViewFromImage(terms.brain_mask) > 0
+    final, cevae, asym = (sitk.GetArrayViewFromImage(p) for p in (terms.score, terms.network, terms.asymmetry))
     post = detector.post
     label = threshold_labelmap(final, spacing, detector.threshold, post.min_volume_mm3, post.hysteresis,
                                post.min_peak) > 0
     count = sitk.ConnectedComponentImageFilter()
     count.SetFullyConnected(True)
     count.Execute(sitk.GetImageFromArray(label.view(np.uint8)))
-    asym = box.asymmetry
     row = {
         "flagged_ml": float(label.sum() * np.prod(spacing) / 1000),
         "components": int(count.GetObjectCount()),
@@ -126,13 +119,12 @@ def score_case(detector: Detector, image: sitk.Image,
         "cevae_p999": float(np.percentile(cevae[inside], 99.9)),
         "flag_asym_rank": percentile_rank(asym[inside], asym[label]),
         "flag_cevae_rank": percentile_rank(cevae[inside], cevae[label]),
-        "brain_ml": float(brain.sum() * np.prod(spacing) / 1000),
+        "brain_ml": float(inside.sum() * np.prod(spacing) / 1000),
     }
     if maps is not None:
         np.savez_compressed(maps, final=final.astype(np.float16), cevae=cevae.astype(np.float16),
-                            asymmetry=asym.astype(np.float16), brain=inside, labelmap=label,
-                            box_start=np.array([r.start for r in region]))
-    return row, plane_of(box.reflection)
+                            asymmetry=asym.astype(np.float16), brain=inside, labelmap=label)
+    return row, plane_of(terms.reflection)
 
 
 def cases(angles: Sequence[float]) -> List[Tuple[str, float, str]]:

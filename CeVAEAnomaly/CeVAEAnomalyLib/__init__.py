@@ -18,6 +18,7 @@ _EXPORTS = {  # name -> the module that defines it
     "load_bundle": "engine.bundle",
     "DetectionRequest": "options",
     "DetectionResult": "result",
+    "ScoreTerms": "result",
     "read_image": "io.images",
     "default_model_path": "data",
     "CeVAEError": "errors",

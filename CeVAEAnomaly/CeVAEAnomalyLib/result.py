@@ -205,6 +205,23 @@ class DetectionResult:
                 f"flagged, {len(self.slices)} slice row(s); threshold {self.threshold:.4g} ({self.threshold_source})>")
 
 
+@dataclass(frozen=True, repr=False)
+class ScoreTerms:
+    """The parts of a detection's score map (:meth:`~.engine.detector.Detector.terms`), each float32 on the input's
+    exact grid and 0 outside the box around the brain that detection post-processes: which term marks a voxel."""
+
+    network: sitk.Image  # the model's pixel score of the detector's score type, averaged over its orientations
+    asymmetry: Optional[sitk.Image]  # the smoothed intensity asymmetry fused with it (None: the fusion is off)
+    score: sitk.Image  # the detection's map: the two fused, refined and normalised
+    brain_mask: sitk.Image  # uint8 {0,1}
+    reflection: Optional[sitk.Transform]  # about the mid-sagittal plane the asymmetry was estimated on (None: off)
+
+    def __repr__(self) -> str:  # at the console: one line, not the images
+        size = "x".join(map(str, self.score.GetSize()))
+        fused = "network and asymmetry" if self.asymmetry is not None else "network only (no asymmetry fusion)"
+        return f"<ScoreTerms on {size} voxels: {fused}>"
+
+
 # ---- the tables ----------------------------------------------------------------------------------
 SLICE_FIELDS = ["axis", "index", "anomaly", "kl", "rec", "neg_elbo", "map_max", "flagged"]
 

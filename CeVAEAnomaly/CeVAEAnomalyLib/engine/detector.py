@@ -29,7 +29,7 @@ from .postprocess import components, normalised, refine_reach, refine_scores, th
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
                          prepare, region_image, same_grid, warn_unlike_a_brain)
 from ..progress import ProgressCallback, checked, report, scaled
-from ..result import DetectionRecord, DetectionResult, ModelRecord, SliceScoreRow
+from ..result import DetectionRecord, DetectionResult, ModelRecord, ScoreTerms, SliceScoreRow
 from .scan_adaptation import adapted_copy
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
@@ -224,6 +224,28 @@ class Detector:
             score = self._refine(_mean_map(passes, opts, region), inside, image, region, asym)
             out[opts.score_type] = np.asarray(score[inside], np.float32)
         return out
+
+    def terms(self, image: sitk.Image, mask: Optional[sitk.Image] = None, where: str = "",
+              progress: Optional[ProgressCallback] = None) -> ScoreTerms:
+        """The parts of the score map a call of this detector makes of ``image`` (``mask`` and ``where`` as the call
+        takes them), each on the input's grid: the model's map, the asymmetry fused with it, the result; to see which
+        term marks a voxel. One network pass per orientation, as detection makes; no labelmap or tables."""
+        checked(progress)
+        scan = self.prepared(image, mask, where)
+        image, brain = scan.image, scan.brain
+        passes = self._passes(scan.stacks, [self.score], progress)
+        region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
+        network = _mean_map(passes, self.score, region)
+        del passes
+        inside = brain[region].copy()
+        asym = self._asymmetry(image, inside, region)
+        score = self._refine(network.copy(), inside, image, region, asym)
+
+        def full(part: np.ndarray) -> sitk.Image:
+            return _full_image(region_image(part, image, region), image, region)
+
+        return ScoreTerms(full(network), None if asym is None else full(asym.asymmetry), full(score),
+                          full(inside.view(np.uint8)), None if asym is None else asym.reflection)
 
     def _asymmetry(self, image: sitk.Image, inside: np.ndarray, region: Region) -> Optional[BoxAsymmetry]:
         """The volume's asymmetry on ``region`` (None when the fusion is off)."""
