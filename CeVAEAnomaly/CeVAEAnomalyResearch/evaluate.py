@@ -31,6 +31,8 @@ from CeVAEAnomalyLib.io.naming import table_delimiter
 log = logging.getLogger(__name__)
 
 GRID_TOLERANCE = 1e-4
+GRID_RELATIVE_TOLERANCE = 1e-5  # with GRID_TOLERANCE, detect's (preprocess.same_grid): a mask it used as on the scan's
+# grid is on its score map's; the closest grids refused differ in the 6 digits the refusal shows
 ROLES = {"score": "score map", "gt": "ground truth", "mask": "mask", "labelmap": "label map"}
 
 
@@ -117,8 +119,9 @@ def pooled_metrics(cases: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 
 def check_same_grid(reference: sitk.Image, other: sitk.Image, reference_name: str, other_name: str) -> None:
     """Raise CeVAEError naming the first difference unless both images share one voxel grid
-    (same size; spacing, origin and direction within ``GRID_TOLERANCE``)."""
-    what = grid_difference(reference, other, atol=GRID_TOLERANCE)
+    (same size; spacing, origin and direction within ``GRID_TOLERANCE`` plus ``GRID_RELATIVE_TOLERANCE`` of each
+    value, as ``detect`` compares a brain mask with the scan)."""
+    what = grid_difference(reference, other, atol=GRID_TOLERANCE, rtol=GRID_RELATIVE_TOLERANCE)
     if what is not None:
         a, b = getattr(reference, f"Get{what}")(), getattr(other, f"Get{what}")()
         raise CeVAEError(

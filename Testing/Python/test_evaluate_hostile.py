@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyResearch.evaluate import evaluate_files
+from CeVAEAnomalyResearch.evaluate import evaluate_case, evaluate_files
 
 SHAPE = (12, 12, 12)  # (z, y, x)
 
@@ -246,3 +246,26 @@ def test_infinite_scores_are_refused_as_their_best_threshold_could_not_be_given_
     scores = sitk.GetArrayFromImage(sitk.ReadImage(cohort["lesion"]))
     scores[~sitk.GetArrayFromImage(sitk.ReadImage(cohort["mask"])).astype(bool)] = np.inf  # outside the mask: unread
     assert evaluate_files([dict(case, score=write(scores, tmp_path / "outside.nii.gz"))])[1]["n_positive"] == 27
+
+
+def test_a_mask_that_detect_takes_as_on_the_scans_grid_is_taken_and_a_refusal_shows_the_difference(
+        cohort: dict, tmp_path: Path) -> None:
+    """A brain mask whose origin lies 0.0004 mm off the scan's (headers that round their numbers) is on the scan's
+    grid for detect, which used it as it is, but evaluate refused the same mask with the score map detect wrote:
+    "origin (90, 125, -71) vs (90, 125, -71)", two texts alike."""
+    from CeVAEAnomalyLib.engine.preprocess import same_grid
+
+    def placed(path: str, origin: tuple) -> sitk.Image:
+        image = sitk.ReadImage(path)
+        image.SetOrigin(origin)
+        return image
+
+    score, truth = placed(cohort["lesion"], (90.0, 125.0, -71.0)), placed(cohort["gt"], (90.0, 125.0, -71.0))
+    rounded = placed(cohort["mask"], (90.0, 125.0004, -71.0))
+    assert same_grid(rounded, score)  # detect takes it as the scan's mask, not resampled
+    assert evaluate_case(score, truth, rounded).n_positive == 27
+    shifted = placed(cohort["mask"], (90.0, 125.01, -71.0))
+    with pytest.raises(CeVAEError, match="not on the score map's voxel grid") as refused:
+        evaluate_case(score, truth, shifted)
+    first, second = re.search(r"origin (\(.*\)) vs (\(.*\))\.", str(refused.value)).groups()
+    assert first == "(90, 125, -71)" and second != first
