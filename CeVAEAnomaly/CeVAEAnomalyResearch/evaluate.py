@@ -26,7 +26,7 @@ from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.images import MAX_LABELS, grid_difference, looks_like_an_image, read_image, voxel_volume_ml
 from CeVAEAnomalyLib.io.manifest import distinct_names
-from CeVAEAnomalyLib.io.naming import table_delimiter
+from CeVAEAnomalyLib.io.naming import UNICODE_TWINS, one_form, table_delimiter
 
 log = logging.getLogger(__name__)
 
@@ -219,22 +219,24 @@ def _unique_cases(rows: list[dict]) -> list[tuple[dict, dict]]:
 
 def _case_names(rows: list[dict]) -> list[str]:
     """Each case's name: its ``name``, else its score file's name led by as many of its folders as tell it from the
-    other score files (``sub-01/score.nii.gz``). A name given to two cases, or ``pooled`` (the metrics table's last
-    row), is refused: the table's rows could not be told apart."""
+    other score files (``sub-01/score.nii.gz``). A name given to two cases (in any Unicode form: 'café' with its
+    accent as one character or as a combining mark reads the same), or ``pooled`` (the metrics table's last row), is
+    refused: the table's rows could not be told apart."""
     defaults = distinct_names([Path(row["score"]) for row in rows], name_of=lambda path: path.name)
     names = [row.get("name") or defaults[Path(row["score"])] for row in rows]
-    first: dict[str, dict] = {}
+    first: dict[str, tuple[dict, str]] = {}
     for row, name in zip(rows, names):
         if name == "pooled":
             raise CeVAEError(f"The case of score map {row['score']} is named 'pooled', the name of the metrics "
                              "table's last row (all cases together); give it another name in a 'name' column.")
-        twin = first.setdefault(name, row)
+        twin, twin_name = first.setdefault(one_form(name), (row, name))
         if twin is not row:
             other = " and ".join(ROLES[key] for key in ROLES if (twin.get(key) or "") != (row.get(key) or ""))
             cases = (f"score maps {twin['score']} and {row['score']}" if twin["score"] != row["score"] else
                      f"both of the score map {row['score']}, with another {other}")
-            raise CeVAEError(f"Two cases are named {name!r} ({cases}): their rows of the metrics table could not be "
-                             "told apart; give each its own 'name'.")
+            forms = f", {UNICODE_TWINS}" if twin_name != name else ""
+            raise CeVAEError(f"Two cases are named {name!r} ({cases}{forms}): their rows of the metrics table could "
+                             "not be told apart; give each its own 'name'.")
     return names
 
 

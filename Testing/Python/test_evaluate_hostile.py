@@ -70,6 +70,16 @@ def test_cases_are_named_apart_and_a_name_given_twice_is_refused(cohort: dict, t
         evaluate_files([{"score": first, "name": "pooled"}])
 
 
+def test_a_name_given_twice_in_two_unicode_forms_is_refused(cohort: dict) -> None:
+    """'café' typed with its accent as one character and as 'e' and a combining mark (a name copied from a macOS file
+    name) gave two rows of the metrics table that read the same, while a name given twice is refused."""
+    cases = [{"score": cohort["lesion"], "gt": cohort["gt"], "mask": cohort["mask"], "name": "caf\u00e9"},
+             {"score": cohort["healthy"], "mask": cohort["mask"], "name": "cafe\u0301"}]
+    with pytest.raises(CeVAEError, match=r"^Two cases are named 'cafe\u0301' \(score maps .*lesion.* and .*healthy"
+                                         r".*, one name in two Unicode forms .*\): their rows of the metrics table"):
+        evaluate_files(cases)
+
+
 def test_a_truth_of_several_label_values_is_said_to_count_every_one_as_lesion(
         cohort: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A truth labelled 1, 2 and 4 (lesion parts) was read as one lesion, every voxel above 0, with nothing said."""
