@@ -250,10 +250,10 @@ def _content(path: Union[str, os.PathLike, None]) -> str:
 
 
 def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], pooled: dict,
-                      overwrite: bool = True) -> None:
+                      overwrite: bool = False) -> None:
     """Write one row per case plus a final ``pooled`` row, tab-separated under a ``.tsv`` name as ``detect``'s tables,
-    else comma-separated; atomic (temporary file + rename). ``best_threshold`` is written exactly
-    (:func:`threshold_text`), the other figures to 7 significant digits."""
+    else comma-separated; atomic (temporary file + rename); an existing file is refused unless ``overwrite``.
+    ``best_threshold`` is written exactly (:func:`threshold_text`), the other figures to 7 significant digits."""
     columns = [f.name for f in fields(CaseMetrics)]
     pooled_row = [pooled.get(column) for column in columns]
     pooled_row[0] = "pooled"

@@ -368,3 +368,17 @@ def test_the_written_best_threshold_reused_as_a_threshold_keeps_the_voxel_at_it(
     labels = threshold_labelmap(score, (1.5, 1.0, 2.0), written[0])
     assert labels[1, 2, 2:4].tolist() == [1, 1] and labels.sum() == 2
     assert written == [metrics.best_threshold] * 2  # the case and the pooled row
+
+
+def test_the_metrics_table_is_not_written_over_an_existing_file_unless_asked(small_case: dict, tmp_path: Path) -> None:
+    """write_metrics_csv replaced an existing file by default (a script's earlier results.csv lost without a word),
+    while the library's other writers (save_result, share_model, the demo) refuse one unless told to overwrite."""
+    metrics = evaluate_case(**small_case, name="case")
+    pooled = pooled_metrics([(np.array([0.6, 0.9, 0.8]), np.array([0, 1, 1]))])
+    out = tmp_path / "results.csv"
+    out.write_text("the user's results\n")
+    with pytest.raises(CeVAEError, match="already exists"):
+        write_metrics_csv(out, [metrics], pooled)
+    assert out.read_text() == "the user's results\n"
+    write_metrics_csv(out, [metrics], pooled, overwrite=True)
+    assert out.read_text().splitlines()[1].startswith("case,1,1,")
