@@ -279,3 +279,19 @@ def test_a_mask_that_detect_takes_as_on_the_scans_grid_is_taken_and_a_refusal_sh
         evaluate_case(score, truth, shifted)
     first, second = re.search(r"origin (\(.*\)) vs (\(.*\))\.", str(refused.value)).groups()
     assert first == "(90, 125, -71)" and second != first
+
+
+def test_a_segmentation_saved_in_layers_as_the_truth_is_told_to_be_exported_to_one_labelmap(
+        cohort: dict, tmp_path: Path) -> None:
+    """Slicer saves a segmentation whose segments overlap (a lesion and its oedema) in layers, one per voxel component
+    of its .seg.nrrd: given as the truth it was refused as "a colour or vector image; a single-channel MRI volume is
+    needed", which says neither what the file is nor what to give."""
+    lesion = sitk.ReadImage(cohort["gt"])
+    layers = sitk.Compose(lesion, sitk.BinaryDilate(lesion, [1, 1, 1]))
+    for key, value in (("Segment0_Layer", "0"), ("Segment1_Layer", "1")):
+        layers.SetMetaData(key, value)
+    sitk.WriteImage(layers, str(tmp_path / "truth.seg.nrrd"), True)
+    case = {"score": cohort["lesion"], "gt": str(tmp_path / "truth.seg.nrrd"), "mask": cohort["mask"]}
+    with pytest.raises(CeVAEError, match=r"^The ground truth truth\.seg\.nrrd is a segmentation saved in 2 layers "
+                                         r"\(segments that overlap\); export its segments to one labelmap first"):
+        evaluate_files([case])

@@ -70,6 +70,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                 if floats:
                     image = _restore_non_finite(data, layout, image)
         _refuse_one_dicom_slice(p, image, what)
+        _refuse_layered_segmentation(p, image, what)
     image = check_volume(image, f"{what} {p.name}")
     if layout is not None and layout.sform is not None:
         _refuse_two_placements(p, layout.sform, image, what)
@@ -524,6 +525,16 @@ def _refuse_one_dicom_slice(p: Path, image: sitk.Image, what: str) -> None:
     if image.GetDimension() == 3 and size[2] == 1 and min(size[:2]) > 1 and _sop_class(p) is not None:
         raise CeVAEError(f"The {what} {p.name} is one slice of a DICOM series ({size[0]}x{size[1]} pixels); give the "
                          f"folder that holds the series' files ({p.parent}) instead.")
+
+
+def _refuse_layered_segmentation(p: Path, image: sitk.Image, what: str) -> None:
+    """Refuse a Slicer segmentation saved in layers (one voxel component each: its segments overlap), naming what to
+    give instead; as a colour or vector image it said neither what the file is nor what to do."""
+    layers = image.GetNumberOfComponentsPerPixel()
+    if layers > 1 and p.name.lower().endswith(".seg.nrrd"):
+        raise CeVAEError(f"The {what} {p.name} is a segmentation saved in {layers} layers (segments that overlap); "
+                         "export its segments to one labelmap first (Slicer's Segmentations module, Export/import "
+                         "models and labelmaps), in which every voxel holds one label.")
 
 
 def _sop_class(path: Path) -> Optional[str]:
