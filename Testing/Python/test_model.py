@@ -133,3 +133,11 @@ def test_loss_weights_follow_the_formula():
     _, vae_only = cevae_loss(model, x, xc, LossConfig(ce_weight=0.0, beta=2.0))
     assert "rec_ce" not in vae_only
     assert torch.isclose(vae_only["loss"], 2.0 * vae_only["kl"] + vae_only["rec_vae"])
+
+
+@pytest.mark.parametrize("rec", ["huber", "L1", ""])
+def test_an_unknown_reconstruction_loss_is_refused_naming_its_option(rec):
+    """The refusal named no option: a user of the library or of a run's saved options could not tell what to fix."""
+    with pytest.raises(CeVAEError) as refused:
+        LossConfig(rec=rec)
+    assert str(refused.value) == f"rec (--rec-loss) must be one of l1, l2, got {rec!r}."

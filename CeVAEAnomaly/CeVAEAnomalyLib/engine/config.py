@@ -99,7 +99,7 @@ class LossConfig(Serialisable):
 
     def __post_init__(self) -> None:
         if self.rec not in ("l1", "l2"):
-            raise CeVAEError(f"Unknown reconstruction loss {self.rec!r}; use 'l1' or 'l2'.")
+            raise CeVAEError(f"rec (--rec-loss) must be one of l1, l2, got {self.rec!r}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise CeVAEError(f"ce_weight (--ce-weight) must lie in [0, 1], got {self.ce_weight}.")
         if not 0.0 <= self.beta <= MAX_BETA:  # also refuses NaN; a bundle may declare no more (bundle_checks)
