@@ -297,6 +297,28 @@ def test_a_scan_replaced_before_calibration_is_refused_not_recorded_under_its_ol
     assert out.is_file()
 
 
+def test_a_brain_mask_replaced_before_calibration_is_named_a_brain_mask(cohort, tmp_path):
+    """The same refusal for a validation volume's brain mask told the user to put back "the scan", which had not
+    changed: it now names the brain mask."""
+    d = tmp_path / "data"
+    shutil.copytree(cohort, d)
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3, checkpoint_every=3), cohort_subjects(d))
+    (held_out,) = trainer.val_subjects
+
+    def replace_at_the_end(fraction: float, message: str) -> None:
+        if fraction >= 1.0:  # training is done, calibration not started
+            sitk.WriteImage(sitk.BinaryErode(sitk.ReadImage(str(held_out.mask)), [1, 1, 1]), str(held_out.mask))
+
+    trainer.progress = replace_at_the_end
+    with pytest.raises(CeVAEError) as refused:
+        trainer.run()
+    message = str(refused.value)
+    assert message.startswith(f"{held_out.mask} changed while it was being read"), message
+    assert "with the brain mask as it was when the run began, run again with --resume to write the model" in message
+    assert "the scan" not in message
+    assert not trainer.cfg.out.exists()
+
+
 def test_acquisition_augment_trains_with_slabs_and_records_it(cohort, tmp_path, capsys):
     out = tmp_path / "m.cevae"
     rc, errors = run_train(capsys, "--manifest", str(cohort / "train.csv"), "--out", str(out), "--max-steps", "2",

@@ -105,7 +105,12 @@ def refuse_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str
     ``memo``: the one that hashed them (a file unchanged since is not read again)."""
     changed = first_changed(paths, checksums, memo)
     if changed is not None:
-        raise CeVAEError(f"{changed} changed while it was being read (replaced or still being written); {then}")
+        raise changed_while_read(changed, then)
+
+
+def changed_while_read(changed: Path, then: str) -> CeVAEError:
+    """The one-line refusal of :func:`refuse_changed` for the file ``changed``; ``then``: what to do."""
+    return CeVAEError(f"{changed} changed while it was being read (replaced or still being written); {then}")
 
 
 def first_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str],

@@ -21,7 +21,7 @@ from ..engine.header import BundleHeader
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
 from ..errors import CALIBRATE_PER_ACQUISITION, COMMAND_LINE_TRAIN, CeVAEError, Wording, WriteFailed, write_remedy
-from ..io.checksum import FileMemo, refuse_changed
+from ..io.checksum import FileMemo, changed_while_read, first_changed
 from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
 from .data import Subject
@@ -109,6 +109,20 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
              "person": persons[s.group[1]] if s.group[0] == "person" else None} for s in subjects]
 
 
+def _refuse_changed_calibration(calib_subjects: Sequence[Subject], checksums: Mapping[Path, str], wording: Wording,
+                                memo: Optional[FileMemo]) -> None:
+    """Refuse, in one line, a calibration scan or brain mask no longer of the content ``checksums`` holds, naming
+    which of the two it is and how the run is resumed (``wording``) to write the model from its last checkpoint."""
+    changed = first_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums, memo)
+    if changed is None:
+        return
+    kind = "brain mask" if any(changed == s.mask for s in calib_subjects) else "scan"
+    raise changed_while_read(changed, f"the trained weights are in the last checkpoint: with the {kind} as it was "
+                                      f"when the run began, {wording.resume} to write the model (the run's record "
+                                      "holds the checksum of each scan and brain mask; with the new content the run "
+                                      "starts over).")
+
+
 def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Sequence[Subject], source: str,
             device: torch.device, half: bool, scorers: Optional[Sequence[Bundle]] = None,
             progress: Optional[ProgressCallback] = None, test_time_steps: Sequence[int] = (),
@@ -118,11 +132,12 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     thorough modes calibrated too: see engine.calibrate.calibrate_model), then write the bundle once.
 
     ``checksums``: the sha256 of every image and mask, taken before the run first read them, which ``header`` records;
-    a calibration scan that no longer has that content once scored is refused (io.checksum.refuse_changed) and nothing
-    is written. None: ``header`` records no checksums (a benchmark's fold model). ``wording``: the caller's words
-    for how its user resumes the run from its last checkpoint, for the errors that keep it, and for the calibration's
-    warnings. ``memo``: the one that hashed them (a scan unchanged since is not read again). ``per_acquisition``: what
-    the calibration's warning of scans of different acquisitions advises (None: the caller warned of them already)."""
+    a calibration scan or brain mask that no longer has that content once scored is refused (naming which) and
+    nothing is written. None: ``header`` records no checksums (a benchmark's fold model). ``wording``: the caller's
+    words for how its user resumes the run from its last checkpoint, for the errors that keep it, and for the
+    calibration's warnings. ``memo``: the one that hashed them (a scan unchanged since is not read again).
+    ``per_acquisition``: what the calibration's warning of scans of different acquisitions advises (None: the caller
+    warned of them already)."""
     stored = CeVAE(model.cfg)
     stored.load_state_dict({k: (v.half() if half else v).float() for k, v in model.state_dict().items()})
     stored.eval().to(device)
@@ -132,10 +147,7 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
                                   higher_rate=wording.higher_rate, unlike_scan=wording.unlike_scan,
                                   per_acquisition=per_acquisition)
     if checksums is not None:  # the scans scored are those the record names
-        refuse_changed((p for s in calib_subjects for p in (s.image, s.mask)), checksums,
-                       "the trained weights are in the last checkpoint: with the scan as it was when the run began, "
-                       f"{wording.resume} to write the model (the run's record holds each scan's checksum; with the "
-                       "new content the run starts over).", memo)
+        _refuse_changed_calibration(calib_subjects, checksums, wording, memo)
     try:
         return save_bundle(out, model, replace(header, calibration=calibration), half=half)
     except CeVAEError as exc:  # could not write: the temporary file is removed, nothing is published
