@@ -1,6 +1,7 @@
 """Checkpoints are checked against the digest written with them; the training log is trimmed or named as damaged."""
 from __future__ import annotations
 
+import csv
 import zipfile
 from pathlib import Path
 from typing import List
@@ -11,6 +12,7 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import read_header
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.checkpoint import truncate_log
+from CeVAEAnomalyLib.training.config import TrainConfig
 from test_training_faults import manifest  # noqa: F401 (the two small heads, a module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,3 +103,18 @@ def test_a_log_row_starting_with_a_non_ascii_digit_names_the_damaged_log(tmp_pat
     log.write_bytes(b"step,loss\n4,0.5\n8,0.4\n" + b"\0" * 40 + b"\n")
     truncate_log(log, 4)
     assert log.read_text().splitlines() == ["step,loss", "4,0.5"]
+
+
+def test_a_log_of_the_previous_version_is_kept_as_a_finished_runs_and_resumed_with_the_new_column(tmp_path):
+    """Logs written before the checkpoint column hold val_loss "nan" on the checkpoint rows of a run without
+    validation: a finished one is still never replaced unasked, and resuming one names the new column in its
+    header for the rows the resumed run adds."""
+    out = tmp_path / "model.cevae"
+    log = out.with_name(out.name + ".log.csv")
+    log.write_text("step,loss,kl,rec_vae,rec_ce,val_loss,seconds,slices_per_s\n"
+                   "4,0.5,0.1,0.2,0.2,nan,1.0,10\n8,0.4,0.1,0.2,0.1,nan,2.0,10\n")
+    assert TrainConfig(out=out).earlier_outputs() == (log,)  # its checkpoint rows say it was not stopped early
+    truncate_log(log, 4)
+    with open(log, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["step"], r["val_loss"], r["checkpoint"]) for r in rows] == [("4", "nan", None)]

@@ -507,7 +507,23 @@ def test_a_run_stopped_by_max_minutes_logs_its_last_checkpoint_and_its_log_is_ke
     assert main(train_argv(manifest, out, 100_000, "--max-minutes", "0.003", "--checkpoint-every", "5000")) == 0
     rows = log_rows(out.with_name(out.name + ".log.csv"))
     step = checkpoint_step(out.with_name(out.name + ".ckpt"))
-    assert 0 < step < 5000 and rows[-1]["step"] == str(step) and rows[-1]["val_loss"] != ""
+    assert 0 < step < 5000 and rows[-1]["step"] == str(step) and rows[-1]["checkpoint"] == "1"
+    moved = tmp_path / "kept"
+    moved.mkdir()
+    for path in (out, out.with_name(out.name + ".ckpt")):
+        path.rename(moved / path.name)
+    assert TrainConfig(out=out).earlier_outputs() == (out.with_name(out.name + ".log.csv"),)
+
+
+def test_a_run_without_validation_leaves_val_loss_empty_and_marks_its_checkpoint_rows(manifest, tmp_path):
+    """Without a validation volume, checkpoint rows logged val_loss "nan" and the others nothing: two ways to say
+    "not measured" for a log's readers. Every row now leaves it empty; the rows of checkpoints say so in their own
+    column, which tells a finished run's log from one stopped before its first checkpoint."""
+    out = tmp_path / "model.cevae"
+    assert main(train_argv(manifest, out, 2 * EVERY + 4)) == 0
+    rows = log_rows(out.with_name(out.name + ".log.csv"))
+    assert [(r["step"], r["val_loss"], r["checkpoint"]) for r in rows] == [
+        (str(EVERY), "", "1"), ("10", "", ""), (str(2 * EVERY), "", "1"), ("20", "", "1")]
     moved = tmp_path / "kept"
     moved.mkdir()
     for path in (out, out.with_name(out.name + ".ckpt")):

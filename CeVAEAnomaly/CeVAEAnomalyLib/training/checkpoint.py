@@ -434,6 +434,12 @@ def _show(value: Any) -> str:
     return "none" if value is None else repr(value)
 
 
+def _with_this_header(header: List[List[str]]) -> List[List[str]]:
+    """The log's header row (none in an empty log), the previous version's (without the last column of
+    :data:`LOG_HEADER`, ``checkpoint``) as this version writes it, naming the cell the resumed run's rows add."""
+    return [list(LOG_HEADER)] if header == [list(LOG_HEADER[:-1])] else header
+
+
 def truncate_log(path: Path, step: int, first_row: Optional[List[str]] = None,
                  step_row: Optional[List[str]] = None) -> Optional[List[str]]:
     """Drop log rows written after the checkpoint a run resumes from (they are trained again); the log's first row
@@ -459,7 +465,7 @@ def truncate_log(path: Path, step: int, first_row: Optional[List[str]] = None,
         if not (row[0].isascii() and row[0].isdigit()):
             raise CeVAEError(f"The training log {path} is damaged (a row does not start with a step number: "
                              f"{row[0][:20]!r}); move it away to resume (the checkpoint is intact).")
-    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+    kept = _with_this_header(rows[:1]) + [r for r in rows[1:] if int(r[0]) <= step]
     if first_row is not None and len(rows) > 1 and rows[1] != first_row:
         log.warning("The training log %s holds another run's rows (the earlier run's: this run was stopped before "
                     "it wrote its own log): it is started again, without this run's rows up to step %d.", path, step)

@@ -18,7 +18,10 @@ from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
 from ..options import parse_orientations
 
-LOG_HEADER = ("step", "loss", "kl", "rec_vae", "rec_ce", "val_loss", "seconds", "slices_per_s")  # OUT.log.csv
+# OUT.log.csv: val_loss empty where not measured (between checkpoints, or no volume held out); checkpoint "1" on the
+# row of a step that wrote one (earlier versions' logs lack that column; their checkpoint rows without a validation
+# set hold val_loss "nan")
+LOG_HEADER = ("step", "loss", "kl", "rec_vae", "rec_ce", "val_loss", "seconds", "slices_per_s", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -247,18 +250,20 @@ class SettingError(CeVAEError):
 
 def _is_early_log(path: Path) -> bool:
     """Whether ``path`` is the loss log of a run stopped before its first checkpoint: it starts as a training run's
-    log (its header's first columns, :data:`LOG_HEADER`; earlier versions had fewer after them) and no row has a
-    validation loss (written at each checkpoint), or it is empty (a run killed before it wrote its header). A
-    finished run's log (its model and checkpoint moved away) or a file of another kind under its name is never
-    replaced without ``--overwrite``."""
+    log (its header's first columns, :data:`LOG_HEADER`; earlier versions had fewer after them) and no row is a
+    checkpoint's (marked in its column; in an earlier version's log, which lacks it, a row with a validation loss,
+    "nan" without a validation set), or it is empty (a run killed before it wrote its header). A finished run's log
+    (its model and checkpoint moved away) or a file of another kind under its name is never replaced without
+    ``--overwrite``."""
     try:
         with open(path, "rb") as fh:
             first = fh.readline(4096)
             if first == b"":
                 return True
-            if first.rstrip(b"\r\n").split(b",")[:2] != [name.encode() for name in LOG_HEADER[:2]]:
+            names = first.rstrip(b"\r\n").split(b",")
+            if names[:2] != [name.encode() for name in LOG_HEADER[:2]]:
                 return False
-            column = LOG_HEADER.index("val_loss")
+            column = names.index(b"checkpoint") if b"checkpoint" in names else LOG_HEADER.index("val_loss")
             return all(len(cells) <= column or not cells[column].strip()
                        for cells in (line.split(b",") for line in fh))
     except OSError:

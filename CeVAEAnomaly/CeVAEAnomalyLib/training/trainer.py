@@ -623,10 +623,10 @@ class Trainer:
                 steps_since += 1
                 self._step_ended = time.perf_counter()  # (a resumed run's rows go on from its checkpoint's time)
                 out_of_time = any_rank(self.dist, self._step_ended >= deadline, self.device)
-                val = ""
+                val: object = ""  # (not measured: between checkpoints, or no volume held out)
                 # the last step (--max-steps or --max-minutes) is a checkpoint too, with its row and validation loss
                 checkpointed = self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time
-                if checkpointed and self.dist.main:
+                if checkpointed and self.dist.main and len(self.val):
                     val = self.validate()
                 logged = self.step % 10 == 0 or checkpointed  # the same steps on every rank
                 if logged:  # the loss of the effective batch: every rank's share, not rank 0's alone
@@ -637,7 +637,8 @@ class Trainer:
                     rate = steps_since * self.batch_size * self.dist.world / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
                     row = [self.step, terms["loss"], terms.get("kl", ""), terms.get("rec_vae", ""),
-                           terms.get("rec_ce", ""), val, round(self.seconds_before + now - start, 2), round(rate, 1)]
+                           terms.get("rec_ce", ""), val, round(self.seconds_before + now - start, 2), round(rate, 1),
+                           1 if checkpointed else ""]
                     if self.log_first_row is None:  # (before the checkpoint of its step, which records it)
                         self.log_first_row = _csv_cells(row)
                 if checkpointed:
