@@ -222,8 +222,23 @@ def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(
     assert (f"Adapted from: tiny (tiny.cevae, sha256 {sha256_of(tiny_bundle)}), fine-tuned on 2 site scans (colin27, "
             "mni152): 2 steps per run, learning rate 0.0001, 2 calibration folds.") in text
     assert "Trained on:" not in text  # its training record is the fine-tuning's
+    stamp = read_header(site).training["trained_utc"]
+    assert f"Date adapted: {stamp} (UTC)." in text.splitlines() and "Date trained" not in text
+    assert json.loads(info(capsys, str(site), "--json"))["training"]["trained_utc"] == stamp
     assert "Calibrated on: 2 healthy scans (colin27, mni152), " in text and "; site scans, each scored by the fold " \
                                                                         "model" in text
+
+
+def test_a_trained_model_records_when_it_was_written_and_info_says_it(capsys, tiny_bundle):
+    """A model file could not say when it was trained: its training record now holds the time (UTC, ISO 8601 to the
+    second) its model was written, which info says; the bundled model, written before, says it is not recorded."""
+    stamp = read_header(tiny_bundle).training["trained_utc"]
+    when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert timedelta(0) <= datetime.now(timezone.utc) - when < timedelta(days=1)
+    assert f"Date trained: {stamp} (UTC)." in info(capsys, str(tiny_bundle)).splitlines()
+    assert json.loads(info(capsys, str(tiny_bundle), "--json"))["training"]["trained_utc"] == stamp
+    assert "Date trained: not recorded." in info(capsys).splitlines()
+    assert json.loads(info(capsys, "--json"))["training"]["trained_utc"] is None
 
 
 @pytest.mark.parametrize("damage, said", [

@@ -183,7 +183,20 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "recalibration original without a name": (recalibration(original={"file": "base.cevae"}),
                                               r"recalibration\.original\.name must be text, got None"),
     "recalibration date as a number": (recalibration(calibrated_utc=2025),
-                                       r"recalibration\.calibrated_utc must be text, got 2025"),
+                                       r"recalibration\.calibrated_utc must be a UTC time as YYYY-MM-DDTHH:MM:SSZ "
+                                       r"\(ISO 8601\), got 2025"),
+    "recalibration date in other words": (recalibration(calibrated_utc="yesterday"),
+                                          r"recalibration\.calibrated_utc must be a UTC time as "
+                                          r"YYYY-MM-DDTHH:MM:SSZ \(ISO 8601\), got 'yesterday'"),
+    "training date as a number": (top("training", {"trained_utc": 2026}),
+                                  r"training\.trained_utc must be a UTC time as YYYY-MM-DDTHH:MM:SSZ \(ISO 8601\), "
+                                  r"got 2026"),
+    "training date without its zone": (top("training", {"trained_utc": "2026-12-07T06:55:03"}),
+                                       r"training\.trained_utc must be a UTC time as YYYY-MM-DDTHH:MM:SSZ "
+                                       r"\(ISO 8601\), got '2026-12-07T06:55:03'"),
+    "training date of no day": (top("training", {"trained_utc": "2026-02-30T00:00:00Z"}),
+                                r"training\.trained_utc must be a UTC time as YYYY-MM-DDTHH:MM:SSZ \(ISO 8601\), "
+                                r"got '2026-02-30T00:00:00Z'"),
     "recalibration scans empty": (recalibration(scans=[]), r"recalibration\.scans must be a non-empty list"),
     "recalibration scan checksum as a list": (recalibration(scans=[{"name": "h1", "sha256": [1]}]),
                                               r"recalibration\.scans\[0\]\.sha256 must be text, got \[1\]"),

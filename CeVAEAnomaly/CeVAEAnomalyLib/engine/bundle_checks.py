@@ -13,6 +13,7 @@ with a model someone sent cannot take hours.
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from dataclasses import Field, fields
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
@@ -27,6 +28,7 @@ NAMES_REMOVED = "names_removed"  # a shareable copy's record that its scans' nam
 # a model file's calibration tables (this project writes 3 per calibrated mode, up to 12): every threshold lookup
 # reads each table's key, so 20000 took 2 s per detection and per update of the Slicer panel, which makes several
 MAX_CALIBRATION_TABLES = 1000
+UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # when a model was trained or calibrated (ISO 8601, UTC, to the second)
 
 
 def _fail(where: str, problem: str) -> None:
@@ -37,6 +39,17 @@ def _whole(where: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         _fail(where, f"must be a whole number in [{low}, {high}], got {value!r}")
     return value
+
+
+def _utc_time(where: str, value: Any) -> None:
+    """Check a time a model file records (:data:`UTC_FORMAT`)."""
+    try:
+        datetime.strptime(value, UTC_FORMAT)
+        ok = isinstance(value, str) and len(value) == 20  # (strptime also takes unpadded fields)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        _fail(where, f"must be a UTC time as YYYY-MM-DDTHH:MM:SSZ (ISO 8601), got {value!r}")
 
 
 def _number(where: str, value: Any, low: float, high: float, open_low: bool = False, open_high: bool = False) -> float:
@@ -126,6 +139,8 @@ def _check_training(header: Mapping[str, Any]) -> None:
     orientations = training.get("orientations", ["axial"])
     if not (isinstance(orientations, list) and orientations and all(o in ORIENTATIONS for o in orientations)):
         _fail("training.orientations", f"must be a list of {', '.join(ORIENTATIONS)}, got {orientations!r}")
+    if "trained_utc" in training:  # (models written before it lack it)
+        _utc_time("training.trained_utc", training["trained_utc"])
     for key in ("subjects", "validation_subjects"):
         volumes = training.get(key, [])
         if not (isinstance(volumes, list) and all(
@@ -151,8 +166,7 @@ def _check_recalibration(record: Any) -> None:
         _fail("header section 'recalibration'", f"lacks {', '.join(map(repr, missing))}")
     for key in ("parent", "original"):
         _texts(f"recalibration.{key}", record[key], ("name",), ("file", "sha256"))
-    if not isinstance(record["calibrated_utc"], str):
-        _fail("recalibration.calibrated_utc", f"must be text, got {record['calibrated_utc']!r}")
+    _utc_time("recalibration.calibrated_utc", record["calibrated_utc"])
     scans = record["scans"]
     if not isinstance(scans, list) or not scans:
         _fail("recalibration.scans", f"must be a non-empty list of scans, got {scans!r}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from .bundle import Bundle, save_bundle
 from .bundle_checks import NAMES_REMOVED
+from .header import utc_now
 from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
                           largest_side, other_acquisitions, thin_tail, unlike_scans)
 from ..io.manifest import (Subject, bids_person, check_subjects, check_volume_path, distinct_names,
@@ -294,6 +294,6 @@ def _recalibration_record(bundle: Bundle, subjects: Sequence[Subject], names: Di
     scans = [{"name": names[s.image], "sha256": hashed[s.image],
               "mask_sha256": None if s.mask is None else hashed[s.mask]} for s in subjects]
     return {"parent": parent, "original": original if isinstance(original, dict) else parent,
-            "calibrated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "scans": scans,
+            "calibrated_utc": utc_now(), "scans": scans,
             "options": {"score_options": opts.to_dict(), "postprocess": post.to_dict(), "default_fpr": rate,
                         "amp": run.amp}}

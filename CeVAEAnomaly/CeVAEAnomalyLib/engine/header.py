@@ -14,6 +14,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -21,7 +22,7 @@ from .. import __version__
 from ..errors import CeVAEError
 from ..io.targets import refuse_unsearchable, special_file_kind
 from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
-from .bundle_checks import check_model_section, check_sections
+from .bundle_checks import UTC_FORMAT, check_model_section, check_sections
 from .calibration import DEFAULT_FPR, acquisition_difference, find_calibration, thin_tail, threshold_for_fpr
 from .config import LossConfig, ModelConfig, PreprocessConfig
 
@@ -463,6 +464,11 @@ def _check_file(p: Path) -> Path:
     if len(head) < 8:
         raise CeVAEError(f"{p} is too short to be a model bundle ({len(head)} bytes); {USE_A_MODEL}.")
     return p
+
+
+def utc_now() -> str:
+    """The time now as a model file records it (:data:`~.bundle_checks.UTC_FORMAT`)."""
+    return datetime.now(timezone.utc).strftime(UTC_FORMAT)
 
 
 def finite_record(record: Any) -> Any:

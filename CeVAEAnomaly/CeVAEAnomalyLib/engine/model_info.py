@@ -69,7 +69,7 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
             "volumes": _volumes(training.get("subjects")), "held_out": _volumes(training.get("validation_subjects")),
             "persons": _persons(training.get("subjects")),
             "held_out_persons": _persons(training.get("validation_subjects")),
-            **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "seconds")},
+            **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "seconds", "trained_utc")},
             "orientations": training.get("orientations") or ["axial"]},  # (absent: axial, as read_header takes it)
         "adaptation": _adaptation(adaptation) if isinstance(adaptation, dict) else None,
         "recalibration": recalibration,
@@ -204,6 +204,8 @@ def describe_model(info: Mapping[str, Any]) -> str:
                   if known_source(v, renamed)]
     else:
         lines.append("Trained on: not recorded.")
+    if training is not None:
+        lines.append(_date_line(training["trained_utc"], "adapted" if adaptation is not None else "trained"))
     if adaptation is None:
         lines.append("Adapted: no (not fine-tuned to a site).")
     lines += _recalibration_lines(info["recalibration"], info["recalibrated"])
@@ -230,6 +232,11 @@ def describe_model(info: Mapping[str, Any]) -> str:
                  + f"; weights {weights['dtype']}" + (f" (sha256 {weights['sha256']})" if weights["sha256"] else "")
                  + ".")
     return "\n".join(lines)
+
+
+def _date_line(stamp: Optional[str], done: str) -> str:
+    """When the model was ``done`` ("trained" or "adapted"): the time its training record holds (UTC), if any."""
+    return f"Date {done}: {stamp} (UTC)." if stamp else f"Date {done}: not recorded."
 
 
 def model_headline(info: Mapping[str, Any]) -> str:

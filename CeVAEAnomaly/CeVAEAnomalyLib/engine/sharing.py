@@ -37,7 +37,8 @@ UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "po
                      "recalibration.options", "recalibration.parent", "recalibration.original", "adaptation.parent",
                      "format", "modality", "weights_dtype", "weights_sha256", "written_by", "versions",
                      "training.orientations", "training.subjects[].person", "training.validation_subjects[].person",
-                     "adaptation.site_scans[].person", "adaptation.calibration", "recalibration.calibrated_utc"})
+                     "adaptation.site_scans[].person", "adaptation.calibration", "recalibration.calibrated_utc",
+                     "training.trained_utc"})
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
 _INDEX = re.compile(r"\[[0-9]+\]")  # a list item's index in a place
 

@@ -17,7 +17,7 @@ import torch
 from ..engine.bundle import Bundle, save_bundle
 from ..engine.calibrate import calibrate_model
 from ..engine.config import LossConfig, PreprocessConfig
-from ..engine.header import BundleHeader
+from ..engine.header import BundleHeader, utc_now
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
 from ..errors import CALIBRATE_PER_ACQUISITION, COMMAND_LINE_TRAIN, CeVAEError, Wording, WriteFailed, write_remedy
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainingRecord:
-    """How the model was trained (the bundle header's ``training`` section)."""
+    """How the model was trained (the bundle header's ``training`` section; :func:`package` adds ``trained_utc``,
+    when it writes the model)."""
 
     subjects: List[Dict[str, Optional[str]]]  # name, sha256 of each training image and of its mask, person scanned
     validation_subjects: List[Dict[str, Optional[str]]]
@@ -109,6 +110,11 @@ def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
              "person": persons[s.group[1]] if s.group[0] == "person" else None} for s in subjects]
 
 
+def _stamped(training: Optional[Dict[str, object]]) -> Optional[Dict[str, object]]:
+    """A training record with the time its model is written (``trained_utc``, UTC: see engine.header.utc_now)."""
+    return None if training is None else dict(training, trained_utc=utc_now())
+
+
 def _refuse_changed_calibration(calib_subjects: Sequence[Subject], checksums: Mapping[Path, str], wording: Wording,
                                 memo: Optional[FileMemo]) -> None:
     """Refuse, in one line, a calibration scan or brain mask no longer of the content ``checksums`` holds, naming
@@ -149,7 +155,8 @@ def package(out: Path, model: CeVAE, header: BundleHeader, calib_subjects: Seque
     if checksums is not None:  # the scans scored are those the record names
         _refuse_changed_calibration(calib_subjects, checksums, wording, memo)
     try:
-        return save_bundle(out, model, replace(header, calibration=calibration), half=half)
+        return save_bundle(out, model, replace(header, calibration=calibration, training=_stamped(header.training)),
+                           half=half)
     except CeVAEError as exc:  # could not write: the temporary file is removed, nothing is published
         cause = (exc.cause if isinstance(exc, WriteFailed) else None) or exc  # (else a short write: disk full?)
         raise CeVAEError(f"{exc} The last checkpoint is kept. {write_remedy(cause, out.parent)}, then "
