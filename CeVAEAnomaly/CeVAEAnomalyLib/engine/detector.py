@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import os
 import threading
-from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -18,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import Bundle, load_bundle
-from .header import BundleHeader
+from .header import BundleHeader, utc_now
 from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
@@ -138,7 +137,7 @@ class Detector:
         device = next(self.bundle.model.parameters()).device
         return DetectionRecord(TOOL, __version__, self.model_record, self.threshold, self.threshold_source,
                                self.score.to_dict(), self.post.to_dict(), str(device), self.amp, tuple(warnings),
-                               datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                               utc_now())
 
     def _detect(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                 where: str) -> DetectionResult:
