@@ -1,5 +1,5 @@
-"""A detection started from the console (startDetection) stops when its scene closes, as the panel's does, and its
-results never go into the next scene's nodes (real workers on a tiny model, a real scene)."""
+"""A detection started from the console (startDetection) stops when its scene closes, as the panel's does, or when its
+input is removed, and its results never go into the next scene's nodes (real workers on a tiny model, a real scene)."""
 from __future__ import annotations
 
 import time
@@ -96,17 +96,17 @@ def test_a_detection_finished_discarded_or_dropped_leaves_no_watch_on_its_scene(
     script.chmod(0o755)
     scene, volume, mask = _head_scene()
     logic = CeVAEAnomalyLogic()
-    close = slicer.vtkMRMLScene.StartCloseEvent
+    watched = (slicer.vtkMRMLScene.StartCloseEvent, slicer.vtkMRMLScene.NodeRemovedEvent)
     cancelled, discarded, dropped = (logic.startDetection(volume, mask, python=str(script)) for _ in range(3))
-    assert scene.HasObserver(close)
+    assert all(scene.HasObserver(event) for event in watched)
     cancelled.cancel()
     with pytest.raises(CeVAEError, match="cancelled"):
         logic.finishDetection(cancelled)
     logic.discardJob(discarded)
-    assert scene.HasObserver(close)  # the dropped one's
+    assert all(scene.HasObserver(event) for event in watched)  # the dropped one's
     del dropped
     gc.collect()
-    assert not scene.HasObserver(close)
+    assert not any(scene.HasObserver(event) for event in watched)
 
 
 def test_closing_the_scene_during_a_detection_in_this_process_says_so_and_loads_nothing(tiny_bundle):
@@ -129,3 +129,25 @@ def test_closing_the_scene_during_a_detection_in_this_process_says_so_and_loads_
     _, score, before = reloaded
     assert mrml.node_ids(scene) == before and score.GetAttribute(RUN_ATTRIBUTE) is None
     assert heard[-1] == "Loading the model"  # stopped at the close: the detection's own reports never came
+
+
+def test_deleting_the_input_stops_its_detection_at_once_and_says_so(tiny_bundle):
+    """The reader deletes the scan whose detection runs: its worker went on to its end (minutes on a CPU, the panel
+    showing Cancel all along) for results that were then discarded. It now stops at once and its copy of the scan goes,
+    as at a scene close; deleting another node (its brain mask) stops nothing; finishing it says the scan was removed
+    and changes nothing in the scene, even with the scan put back."""
+    scene, volume, mask = _head_scene()
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
+    _working(job)
+    scene.RemoveNode(mask)
+    assert job.process.poll() is None and job.folder.exists()
+    scene.RemoveNode(volume)
+    assert job.process.poll() is not None and not job.folder.exists()
+    assert job.poll() and job.state is JobState.CANCELLED
+    assert job.message == "Stopped: the input volume 'head' was removed from the scene."
+    scene.AddNode(volume)  # put back: its detection was stopped all the same
+    before = mrml.node_ids(scene)
+    with pytest.raises(InputRemovedError, match=r"^'head' was removed during the run; its results were discarded\.$"):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before

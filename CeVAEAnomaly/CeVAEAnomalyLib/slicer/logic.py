@@ -60,7 +60,8 @@ except ImportError:
     _LogicBase = object
 
 log = logging.getLogger(__name__)
-SCENE_CLOSED = "Stopped: the scene was closed."  # a detection's job.message once its scene closed (_stopAtClose)
+SCENE_CLOSED = "Stopped: the scene was closed."  # a detection's job.message once its scene closed (_stopWithScene)
+INPUT_REMOVED = "Stopped: the input volume '{name}' was removed from the scene."  # job.message then (_stopWithScene)
 FILE_STEM_MAX = 48  # characters of a node's name in its worker copy's file name (numbered, so they stay distinct)
 
 
@@ -136,8 +137,9 @@ class _DetectionTarget:
     mask: Optional[slicer.vtkMRMLNode] = None  # the brain mask node it used (None: the automatic one)
     latest: Optional[str] = None  # the run stamp of the input's latest results (of its frame) when the job started
     frame: Optional["SequenceFrame"] = None  # the sequence frame the input showed when the job started
-    sceneClosed: bool = False  # the input's scene closed before the results were loaded (_stopAtClose)
-    unwatch: Callable[[], Any] = dataclasses.field(init=False)  # stops watching the close (set by startDetection)
+    sceneClosed: bool = False  # the input's scene closed before the results were loaded (_stopWithScene)
+    inputRemoved: bool = False  # the input was removed from its scene before the results were loaded (_stopWithScene)
+    unwatch: Callable[[], Any] = dataclasses.field(init=False)  # stops watching the scene (set by startDetection)
 
     def outputs_now(self) -> Tuple[Optional["OutputNodes"], bool]:
         """The nodes to load into, and whether to make new ones: without a chosen score volume, a job updates the
@@ -391,8 +393,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         _refuseArguments(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D,
                          newNodes=newNodes)
         if volumeNode.GetScene() is None:
-            raise InputRemovedError(f"'{volumeNode.GetName()}' was removed during the run; its results were "
-                                    "discarded.")
+            raise InputRemovedError(_inputRemovedMessage(volumeNode))
         scene = self._sceneFor(volumeNode)
         if maskNode is not None and maskNode.GetScene() not in (scene, None):
             raise CeVAEError(f"The brain mask '{maskNode.GetName()}' is not in the input volume's scene.")
@@ -423,7 +424,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         The input (and mask) are copied into a temporary folder first, so the scene may change
         while the job runs. ``launch(args)`` starts the process (default: ``jobs.launch_process``, in a
         process group of its own so that Cancel ends the whole tree), ``python`` is the interpreter
-        (Slicer: ``PythonSlicer``). Closing the input's scene stops the job and removes its copy of the scan.
+        (Slicer: ``PythonSlicer``). Closing the input's scene, or removing the input from it, stops the job and removes
+        its copy of the scan.
         """
         from .nodes import sequence_frame
 
@@ -446,7 +448,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise
         target = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, state, maskNode,
                                   _latestRun(volumeNode.GetScene(), volumeNode, frame), frame)
-        target.unwatch = _stopAtClose(volumeNode.GetScene(), job, target)
+        target.unwatch = _stopWithScene(volumeNode.GetScene(), job, target)
         self._targets[job] = target
         return job
 
@@ -474,6 +476,8 @@ class CeVAEAnomalyLogic(_LogicBase):
             job.raise_for_failure()
             if target.sceneClosed:
                 raise InputRemovedError(_sceneClosedMessage(target.volume))
+            if target.inputRemoved or target.volume.GetScene() is None:
+                raise InputRemovedError(_inputRemovedMessage(target.volume))
             if job.state is JobState.CANCELLED:
                 raise CeVAEError("The detection was cancelled (job.cancel()); nothing was loaded.")
             if job.done is None:
@@ -924,24 +928,40 @@ def _held(job: WorkerJob) -> WorkerJob:
     return job
 
 
-def _stopAtClose(scene: slicer.vtkMRMLScene, job: WorkerJob, target: _DetectionTarget) -> "weakref.finalize":
+def _stopWithScene(scene: slicer.vtkMRMLScene, job: WorkerJob, target: _DetectionTarget) -> "weakref.finalize":
     """Stop the detection ``job`` and remove its copy of the scan when ``scene`` starts to close, as the panel stops
-    its own: the input and its outputs leave with the scene, and a node of the next scene may take their IDs.
-    ``target.sceneClosed`` records it for finishDetection. Returns what stops the watch (it also stops once the job is
+    its own (the input and its outputs leave with the scene, and a node of the next scene may take their IDs), or when
+    its input volume is removed from ``scene`` (its results would be discarded). ``target.sceneClosed`` and
+    ``target.inputRemoved`` record it for finishDetection. Returns what stops the watch (it also stops once the job is
     collected)."""
     held = weakref.ref(job)  # a job dropped unloaded is still collected (and its worker stopped)
 
-    def closing(caller, event) -> None:
+    def stop(reason: str) -> None:
         running = held()
         if running is not None:
-            target.sceneClosed = True
-            running.cancel(SCENE_CLOSED)
+            running.cancel(reason)
             running.cleanup()
 
-    tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, closing)
-    unwatch = weakref.finalize(job, scene.RemoveObserver, tag)
+    def closing(caller, event) -> None:
+        target.sceneClosed = True
+        stop(SCENE_CLOSED)
+
+    def removed(caller, event) -> None:
+        if target.volume.GetScene() is None and not (target.sceneClosed or target.inputRemoved):
+            target.inputRemoved = True
+            stop(INPUT_REMOVED.format(name=target.volume.GetName()))
+
+    tags = [scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, closing),
+            scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, removed)]
+    unwatch = weakref.finalize(job, _removeObservers, scene, tags)
     unwatch.atexit = False  # (at exit, nothing closes any more)
     return unwatch
+
+
+def _removeObservers(scene: slicer.vtkMRMLScene, tags: Sequence[int]) -> None:
+    """Remove the observers ``tags`` from ``scene``."""
+    for tag in tags:
+        scene.RemoveObserver(tag)
 
 
 _MODEL_JOBS = {"calibrate": ("a calibration", "startCalibration"), "adapt": ("an adaptation", "startAdaptation")}
@@ -956,6 +976,12 @@ def _refuseModelJob(job: WorkerJob) -> None:
         raise CeVAEError(f"This job is {what} ({start}), not a detection: it loads nothing into the scene. Call "
                          "job.poll() until it returns True, then job.raise_for_failure(); job.done['model'] is the "
                          "path of the model it wrote.")
+
+
+def _inputRemovedMessage(volumeNode) -> str:
+    """What a detection of ``volumeNode`` says when the volume was removed from its scene before its results were
+    loaded."""
+    return f"'{volumeNode.GetName()}' was removed during the run; its results were discarded."
 
 
 def _sceneClosedMessage(volumeNode) -> str:
