@@ -580,6 +580,29 @@ def test_the_worker_stops_by_itself_when_its_folder_is_removed(head_scene, tiny_
     assert not job.folder.exists()
 
 
+def test_a_job_whose_folder_was_removed_says_so_not_that_its_worker_stopped_unexpectedly(head_scene, tiny_bundle):
+    """A clean-up of temporary files removes a running detection's folder: its worker stops by itself, and the panel
+    said "The worker process stopped unexpectedly (exit status 3)." It now names the folder and says what happened;
+    nothing is loaded."""
+    import shutil
+
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
+    while job.fraction == 0.0:  # the worker has read its request and the scan
+        assert not job.poll(), job.error
+        time.sleep(0.05)
+    shutil.rmtree(job.folder)
+    assert job.wait(60) is JobState.FAILED
+    said = (f"The run's temporary folder {job.folder} was removed while it ran (by a clean-up of temporary files?), "
+            "so its worker stopped; nothing was written. Run it again.")
+    assert job.error == said
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError) as failed:
+        logic.finishDetection(job)
+    assert str(failed.value) == said and mrml.node_ids(scene) == before
+
+
 def test_the_worker_behind_a_launcher_stops_and_cleans_up_when_slicer_dies(head_scene, tiny_bundle, tmp_path,
                                                                           monkeypatch):
     """Slicer killed: the launcher lives on as the worker's parent, so the worker watches Slicer's pid (given

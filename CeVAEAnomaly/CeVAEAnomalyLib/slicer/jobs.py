@@ -37,6 +37,7 @@ KILL_WAIT_S = 5.0  # after kill(), how long Cancel may wait for the process to g
 OUTPUT_GRACE_S = 2.0  # after the worker exits, how long its output may stay open (held by a process it started)
 JOB_FOLDER_PREFIX = "CeVAEAnomaly-"  # a job's temporary folder (inputs, request, results)
 WARNING_PREFIX = "WARNING: "  # a warning line of the worker's log (worker.LOG_FORMAT)
+EXIT_ABANDONED = 3  # the worker's exit status once its job was withdrawn (its request file gone) or its owner ended
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
               "from CeVAEAnomalyLib.slicer.worker import main; sys.exit(main(sys.argv[2:]))")
 
@@ -265,6 +266,7 @@ class WorkerJob:
         return text
 
     def _end(self, returncode: int) -> None:
+        withdrawn = returncode == EXIT_ABANDONED and not (self.folder / "request.json").exists()
         if self._remove_folder_at_end:
             self.cleanup()
         if self._cancelled:
@@ -273,7 +275,10 @@ class WorkerJob:
             self.state = JobState.DONE
         else:
             self.state = JobState.FAILED
-            if self._error is None:
+            if self._error is None and withdrawn:  # not by this process (it cancels): e.g. a clean-up of /tmp
+                self._error = (f"The run's temporary folder {self.folder} was removed while it ran (by a clean-up of "
+                               "temporary files?), so its worker stopped; nothing was written. Run it again.")
+            elif self._error is None:
                 tail = "\n".join(self.output[-5:])
                 self._error = (f"The worker process stopped unexpectedly (exit status {returncode}){_why(returncode)}."
                               f"\n{tail}").strip()

@@ -47,7 +47,7 @@ from ..options import THOROUGH_STEPS, DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report, scaled
 from ..system import process_exists
 from . import dependencies
-from .jobs import JOB_FOLDER_PREFIX
+from .jobs import EXIT_ABANDONED, JOB_FOLDER_PREFIX
 
 if TYPE_CHECKING:
     from ..io.manifest import Subject
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 REQUEST_POLL_S = 0.25
 LOG_FORMAT = "%(levelname)s: %(message)s"  # its warnings start with jobs.WARNING_PREFIX: the panel shows them
-EXIT_ABANDONED = 3
 ABANDON_GRACE_S = 5.0  # after the main thread was interrupted, how long it may take to clean up
 # how the panel's user stops, resumes or starts anew an adaptation, with the panel's controls (Cancel; Adapt, which
 # asks Yes: resume, No: start anew, when the file's interrupted adaptation has checkpoints; Model; Device), as
