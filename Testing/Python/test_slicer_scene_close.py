@@ -151,3 +151,22 @@ def test_deleting_the_input_stops_its_detection_at_once_and_says_so(tiny_bundle)
     with pytest.raises(InputRemovedError, match=r"^'head' was removed during the run; its results were discarded\.$"):
         logic.finishDetection(job)
     assert mrml.node_ids(scene) == before
+
+
+def test_deleting_the_input_during_a_detection_in_this_process_stops_it_at_the_next_report(tiny_bundle):
+    """process() whose progress callback lets the GUI run, and the reader deletes the scan: the detection went on to
+    its end for results that were then discarded; it now stops at its next progress report, says the scan was removed
+    and changes nothing in the scene."""
+    scene, volume, mask = _head_scene()
+    heard = []
+
+    def progress(fraction: float, message: str) -> None:
+        heard.append(message)
+        if message == "Loading the model":
+            scene.RemoveNode(volume)
+
+    before = [node_id for node_id in mrml.node_ids(scene) if node_id != volume.GetID()]
+    with pytest.raises(InputRemovedError, match=r"^'head' was removed during the run; its results were discarded\.$"):
+        CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu", progress=progress)
+    assert mrml.node_ids(scene) == before
+    assert heard[-1] == "Loading the model"  # stopped at the removal: the detection's own reports never came

@@ -341,8 +341,9 @@ class CeVAEAnomalyLogic(_LogicBase):
         ``outputs``: existing nodes to update (a :class:`~CeVAEAnomalyLib.slicer.mrml.OutputNodes`).
         ``createLabelmap``: also make a labelmap volume; ``show3D``: show the segment in 3D.
         ``progress(fraction, message)`` may raise :class:`~CeVAEAnomalyLib.progress.Cancelled`.
-        On any error or cancel, the scene's node set is left as it was. If the scene closes meanwhile (a callback that
-        lets the GUI run), the run stops at its next report with an :class:`InputRemovedError` that says so.
+        On any error or cancel, the scene's node set is left as it was. If the scene closes or the input is removed
+        meanwhile (a callback that lets the GUI run), the run stops at its next report with an
+        :class:`InputRemovedError` that says so.
 
         Returns a :class:`CeVAEAnomalyResult`: ``.nodes`` (``score``, ``segmentation``, ``labelmap``,
         ``components``, ``slice_table``, ``slice_chart``), ``.detection`` (the engine's result: threshold,
@@ -357,7 +358,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         checked(progress)
         scene = self._checkInputs(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D)
         with _warningsLogged() as warnings, _closeWatched(scene, volumeNode) as refuseClosed:
-            watched = _untilClosed(progress, refuseClosed)  # the callback may let the GUI close the scene
+            watched = _untilClosed(progress, refuseClosed)  # the callback may run the GUI (a close, a deletion)
             report(watched, 0.0, "Reading the volume")
             state, frame = _state(volumeNode), sequence_frame(volumeNode)
             image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
@@ -992,14 +993,17 @@ def _sceneClosedMessage(volumeNode) -> str:
 
 @contextlib.contextmanager
 def _closeWatched(scene: slicer.vtkMRMLScene, volumeNode) -> Iterator[Callable[[], None]]:
-    """In the block, a check that raises InputRemovedError (:func:`_sceneClosedMessage`) once ``scene`` has started to
-    close: the input and its outputs left with it, and a node of the next scene may have taken their IDs."""
+    """In the block, a check that raises InputRemovedError once ``scene`` has started to close (the input and its
+    outputs left with it, and a node of the next scene may have taken their IDs: :func:`_sceneClosedMessage`) or the
+    input ``volumeNode`` was removed from it (its results would be discarded: :func:`_inputRemovedMessage`)."""
     closed: List[bool] = []
     tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, lambda caller, event: closed.append(True))
 
     def refuseClosed() -> None:
         if closed:
             raise InputRemovedError(_sceneClosedMessage(volumeNode))
+        if volumeNode.GetScene() is None:
+            raise InputRemovedError(_inputRemovedMessage(volumeNode))
 
     try:
         yield refuseClosed
@@ -1009,7 +1013,7 @@ def _closeWatched(scene: slicer.vtkMRMLScene, volumeNode) -> Iterator[Callable[[
 
 def _untilClosed(progress: Optional[ProgressCallback], refuseClosed: Callable[[], None]) -> ProgressCallback:
     """``progress`` (None: none), followed by ``refuseClosed`` at each report, so that a run stops at its first report
-    after its scene closed."""
+    after its scene closed or its input was removed."""
     def reporting(fraction: float, message: str) -> None:
         report(progress, fraction, message)
         refuseClosed()
