@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,14 @@ def test_the_metrics_table_is_not_written_over_an_existing_file_unless_asked(sma
     assert out.read_text() == "the user's results\n"
     write_metrics_csv(out, [metrics], pooled, overwrite=True)
     assert out.read_text().splitlines()[1].startswith("case,1,1,")
+
+
+def test_an_existing_output_refused_in_python_names_the_python_argument(small_case: dict, tmp_path: Path) -> None:
+    """A script calling write_metrics_csv over an existing file was told to "pass --overwrite", an option it has no
+    way to give; the library's refusals name both, "--overwrite (overwrite=True in Python)", as its other options."""
+    out = tmp_path / "results.csv"
+    out.write_text("the user's results\n")
+    metrics = evaluate_case(**small_case, name="case")
+    with pytest.raises(CeVAEError, match=re.escape(f"The output {out} already exists; pass --overwrite "
+                                                   "(overwrite=True in Python) to replace it.")):
+        write_metrics_csv(out, [metrics], pooled_metrics([(np.array([0.6, 0.9]), np.array([0, 1]))]))

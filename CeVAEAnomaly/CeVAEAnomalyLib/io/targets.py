@@ -235,7 +235,8 @@ def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
                          "choose another path.")
     refuse_special_output(target)
     if os.path.lexists(target) and not overwrite:
-        raise CeVAEError(f"The output {target} already exists; pass --overwrite to replace it.")
+        raise CeVAEError(f"The output {target} already exists; pass --overwrite (overwrite=True in Python) "
+                         "to replace it.")
 
 
 def refuse_unwritable_folder(folder: Path) -> None:
