@@ -101,6 +101,34 @@ def test_a_byte_order_mark_is_read_like_any_csv(cohort, tiny_bundle, tmp_path):
     assert main(["evaluate", "--cases", str(cases)]) == 0
 
 
+def test_a_latin1_list_is_refused_naming_its_line_and_how_to_save_it(cohort):
+    """Excel's plain "CSV" is saved in the system's code page (Latin-1 / Windows-1252 in Western Europe): a list naming
+    résultats/ was refused with Python's words, "'utf-8' codec can't decode byte 0xe9 in position 45", naming
+    neither the line nor what to do."""
+    (cohort / "résultats").mkdir()
+    path = cohort / "train.csv"
+    path.write_bytes("image,mask\nh1.nii.gz,h1_mask.nii.gz\nrésultats/h2.nii.gz,\n".encode("latin-1"))
+    with pytest.raises(CeVAEError) as refused:
+        read_manifest(path)
+    assert str(refused.value) == (f"The manifest {path}, line 3, is not UTF-8 text (byte 0xe9); save it as UTF-8 "
+                                  "(\"CSV UTF-8\" in Excel).")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_list_with_its_byte_order_mark_is_read_as_utf8(cohort, encoding):
+    """Excel's "Unicode Text" writes UTF-16 with a byte-order mark, which says the encoding for sure: such a list
+    was refused as "not a readable CSV file". It is read like the UTF-8 one (a UTF-16 list without the mark has NUL
+    bytes between its letters, refused as such)."""
+    text = "image,mask\nh1.nii.gz,h1_mask.nii.gz\nh2.nii.gz,\n"
+    path = cohort / "train.csv"
+    path.write_bytes(("\ufeff" + text).encode(encoding))
+    assert [(s.image.name, s.mask and s.mask.name) for s in read_manifest(path)] == [
+        ("h1.nii.gz", "h1_mask.nii.gz"), ("h2.nii.gz", None)]
+    path.write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(CeVAEError, match=r"line 1: a cell holds a NUL byte"):
+        read_manifest(path)
+
+
 def test_train_holds_out_persons_not_volumes(tmp_path):
     """Two scans of one person never land on both sides of the split: by a manifest's ``subject`` column, or by a
     BIDS file name's ``sub-<label>`` where the column is absent."""

@@ -1,12 +1,13 @@
 """The one reader of CSV lists of files (train and calibrate manifests, batch lists, evaluation cases).
 
-A list is UTF-8 (with or without the byte-order mark Excel writes) and has a header row; file
+A list is UTF-8 (with or without the byte-order mark Excel writes; UTF-16 with its mark) and has a header row; file
 columns hold paths relative to the CSV's folder (or absolute); cells are stripped; empty rows are
 skipped; a row with cells but no key cell, or with more cells than the header, is refused; a column
 named twice or a known column in other case is refused, other columns are reported as not read.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
@@ -144,8 +145,7 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
                          else f"The {what} {path} is not a file.")
     optional = [c for c in (*files, *others) if c != key]
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Excel) is dropped
-            text = fh.read()
+        text = _list_text(path, what)
         if "\0" in text:  # (Python < 3.11's csv stops at it with its own words)
             raise CeVAEError(f"{path}, line {text.count(chr(10), 0, text.index(chr(0))) + 1}: a cell holds a NUL "
                              "byte; is this a CSV text file?")
@@ -176,6 +176,21 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CeVAEError(f"The {what} {path} is not a readable CSV file ({exc}).") from None
     return rows
+
+
+def _list_text(path: Path, what: str) -> str:
+    """The text of a list: UTF-8 (a byte-order mark, as Excel's "CSV UTF-8" writes, dropped), or UTF-16 where its
+    byte-order mark says so (Excel's "Unicode Text"). Other text (Excel's plain "CSV", in the system's code page) is
+    refused naming the line of its first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")  # (the mark says the byte order and is dropped)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise CeVAEError(f"The {what} {path}, line {line}, is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as "
+                         "UTF-8 (\"CSV UTF-8\" in Excel).") from None
 
 
 def _separator_hint(header: Sequence[str], delimiter: str) -> str:
