@@ -178,7 +178,8 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
         }
         try:
             metrics, scores, labels = _evaluate(
-                images["score"], images["gt"], images["mask"], images["labelmap"], axial_axis(images["score"]), name
+                images["score"], images["gt"], images["mask"], images["labelmap"], axial_axis(images["score"]), name,
+                row.get("gt") or ""
             )
         except CeVAEError as exc:  # say which files: the message names roles, not paths
             files = ", ".join(f"{ROLES[key]} {row[key]}" for key in ROLES if row.get(key))
@@ -314,25 +315,46 @@ def _best_dice(split: _Split) -> tuple[float, float]:
     return float(dices[best]), float(values[best])
 
 
-def _truth(gt: sitk.Image, inside: np.ndarray, name: str) -> np.ndarray:
+def _truth(gt: sitk.Image, inside: np.ndarray, name: str, gt_file: str = "") -> np.ndarray:
     """The lesion voxels of a ground truth (> 0). A score map or an image given as the truth (swapped arguments)
     is refused, for every voxel above 0 would count as lesion: non-zero in over a tenth of the evaluated voxels
     (``inside``; a detection map is above 0 in half the brain), and like an image there (io.images.
     looks_like_an_image: many values, no plateau). Lesion masks resampled linearly have many values at their edges
-    but cover a few per cent of the brain."""
+    but cover a few per cent of the brain. ``gt_file``: its file, named where its values are said."""
     values = sitk.GetArrayViewFromImage(gt)
     truth = _above_zero(gt)  # a background of -1 or NaN is no lesion
     if np.count_nonzero(truth & inside) > _MAX_TRUTH_SHARE * np.count_nonzero(inside) and looks_like_an_image(values):
         raise CeVAEError(f"The ground truth of {name or 'the case'} holds more than {MAX_LABELS} different "
                          "values over much of the evaluated voxels: it looks like a score map or an image, not a mask "
                          "of the lesions (> 0 is lesion). Check the order of --score and --gt.")
-    _say_labels(values[truth], name)
+    lesion_values = values[truth]
+    if _fractional(lesion_values):
+        _warn_of_fractions(values, truth & inside, name, gt_file)
+    else:
+        _say_labels(lesion_values, name)
     return truth
 
 
+def _fractional(lesion_values: np.ndarray) -> bool:
+    """Whether a ground truth's values above 0 include fractions (a probability map, a mask resampled linearly)."""
+    return lesion_values.dtype.kind == "f" and bool(np.any(lesion_values != np.floor(lesion_values)))
+
+
+def _warn_of_fractions(values: np.ndarray, lesion: np.ndarray, name: str, gt_file: str) -> None:
+    """Warn that a ground truth of fractional values counts every evaluated voxel above 0 (``lesion``) as lesion,
+    saying how many are at 0.5 or more and how to count only those: a probability map's or a linearly resampled
+    mask's halo of small values made 2,337 lesion voxels of 402, and the AUROC 0.717 of 0.998."""
+    half = int(np.count_nonzero(lesion & (values >= _HALF)))
+    log.warning("%s: the ground truth %sholds fractional values (a probability map, or a lesion mask resampled "
+                "linearly): all %d evaluated voxels above 0 count as lesion, %d of them at %g or more. To count only "
+                "those, threshold it first (in SimpleITK: truth >= %g), or resample a lesion mask with "
+                "nearest-neighbour interpolation.", name or "case", f"{gt_file} " if gt_file else "",
+                int(np.count_nonzero(lesion)), half, _HALF, _HALF)
+
+
 def _say_labels(lesion_values: np.ndarray, name: str) -> None:
-    """Say that a ground truth of several values above 0 (labels 1, 2, 4 of lesion parts; the edges of a mask
-    resampled linearly) counts every voxel above 0 as lesion, whatever its value."""
+    """Say that a ground truth of several values above 0 (labels 1, 2, 4 of lesion parts) counts every voxel above 0
+    as lesion, whatever its value."""
     labels = np.unique(lesion_values)
     if labels.size > 1:
         held = (f"the label values {', '.join(f'{v:g}' for v in labels)}" if labels.size <= 8 else
@@ -342,6 +364,7 @@ def _say_labels(lesion_values: np.ndarray, name: str) -> None:
 
 
 _MAX_TRUTH_SHARE = 0.1  # of the evaluated voxels
+_HALF = 0.5  # where a fractional ground truth (a probability) is said to be lesion
 _MAX_ZERO_SHARE = 0.2  # of a map evaluated without a mask: more at exactly 0 is the background of a detect map
 
 
@@ -377,8 +400,10 @@ def _evaluate(
     labelmap: Optional[sitk.Image],
     slice_axis: Optional[int],
     name: str,
+    gt_file: str = "",
 ) -> tuple[CaseMetrics, np.ndarray, np.ndarray]:
-    """The case's metrics, plus its evaluated scores and boolean labels (for pooling)."""
+    """The case's metrics, plus its evaluated scores and boolean labels (for pooling); ``gt_file``: the ground
+    truth's file, named where its values are warned of."""
     if score.GetNumberOfComponentsPerPixel() != 1:
         raise CeVAEError(f"The score map of {name or 'the case'} must have one value per voxel.")
     for image, key in ((gt, "gt"), (mask, "mask"), (labelmap, "labelmap")):
@@ -394,7 +419,7 @@ def _evaluate(
     inside = np.ones(score_array.shape, bool) if mask is None else _above_zero(mask)  # as detect: > 0 is brain
     if not inside.any():
         raise CeVAEError(f"The mask of {name or 'the case'} is empty: nothing to evaluate.")
-    truth = np.zeros(score_array.shape, bool) if gt is None else _truth(gt, inside, name)
+    truth = np.zeros(score_array.shape, bool) if gt is None else _truth(gt, inside, name, gt_file)
     if gt is not None and mask is None and looks_like_an_image(sitk.GetArrayViewFromImage(gt)):
         # without a mask the evaluated voxels are the whole volume, of which a score map covers only a few per cent:
         # too little to refuse it as the truth (many small lesions resampled linearly can look alike), so say it
