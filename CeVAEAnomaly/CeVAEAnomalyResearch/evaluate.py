@@ -24,7 +24,9 @@ from CeVAEAnomalyLib.engine.axes import canonical_axes
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 from CeVAEAnomalyLib.io.checksum import sha256_of
-from CeVAEAnomalyLib.io.images import MAX_LABELS, grid_difference, looks_like_an_image, read_image, voxel_volume_ml
+from CeVAEAnomalyLib.io.images import (
+    MAX_LABELS, grid_difference, looks_like_an_image, read_header, read_image, voxel_volume_ml,
+)
 from CeVAEAnomalyLib.io.manifest import distinct_names
 from CeVAEAnomalyLib.io.naming import UNICODE_TWINS, one_form, table_delimiter
 
@@ -117,8 +119,11 @@ def pooled_metrics(cases: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     }
 
 
-def check_same_grid(reference: sitk.Image, other: sitk.Image, reference_name: str, other_name: str) -> None:
-    """Raise CeVAEError naming the first difference unless both images share one voxel grid
+Grid = Union[sitk.Image, sitk.ImageFileReader]  # an image, or a reader holding a file's header (io.images.read_header)
+
+
+def check_same_grid(reference: Grid, other: Grid, reference_name: str, other_name: str) -> None:
+    """Raise CeVAEError naming the first difference unless both images (or headers) share one voxel grid
     (same size; spacing, origin and direction within ``GRID_TOLERANCE`` plus ``GRID_RELATIVE_TOLERANCE`` of each
     value, as ``detect`` compares a brain mask with the scan)."""
     what = grid_difference(reference, other, atol=GRID_TOLERANCE, rtol=GRID_RELATIVE_TOLERANCE)
@@ -164,26 +169,28 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
 
     Row keys: ``score`` (required), ``gt`` (missing or empty: healthy case), ``mask``,
     ``labelmap``, ``name`` (default: the score file name, led by its folders where names repeat; two cases of one
-    name are refused). A case listed again (the same score map, mask and labelmap, and a ground truth of the same
-    lesion voxels: an all-zero one is none) is evaluated once, with a warning, so that it does not weigh twice in the
-    pooled metrics. A healthy case without a mask is warned about where its zero background lifts the pooled AUROC.
+    name are refused), ``where`` (where the row was read, e.g. ``cases.csv, line 3``: named in its errors). Every
+    file's header, and its grid against the score map's, is checked before the first case is scored, so that an
+    unreadable file or another grid costs no scoring. A case listed again (the same score map, mask and labelmap,
+    and a ground truth of the same lesion voxels: an all-zero one is none) is evaluated once, with a warning, so that
+    it does not weigh twice in the pooled metrics. A healthy case without a mask is warned about where its zero
+    background lifts the pooled AUROC.
     """
     cases, arrays, unmasked_healthy = [], [], []
     unique = _unique_cases(rows)
     evaluated: dict[tuple, str] = {}  # (score, mask, labelmap content, lesion voxels) -> the case's name
-    for (row, files), name in zip(unique, _case_names([row for row, _ in unique])):
-        images = {
-            key: read_image(row[key], role) if row.get(key) else None
-            for key, role in ROLES.items()
-        }
+    named = list(zip(unique, _case_names([row for row, _ in unique])))
+    for (row, _), name in named:
+        _check_headers(row, name)
+    for (row, files), name in named:
         try:
+            images = {key: read_image(row[key], role) if row.get(key) else None for key, role in ROLES.items()}
             metrics, scores, labels = _evaluate(
                 images["score"], images["gt"], images["mask"], images["labelmap"], axial_axis(images["score"]), name,
                 row.get("gt") or ""
             )
-        except CeVAEError as exc:  # say which files: the message names roles, not paths
-            files = ", ".join(f"{ROLES[key]} {row[key]}" for key in ROLES if row.get(key))
-            raise CeVAEError(f"Case {name} ({files}): {exc}") from None
+        except CeVAEError as exc:
+            raise _case_error(row, name, exc) from None
         lesions = hashlib.sha256(np.packbits(labels)).hexdigest()
         first = evaluated.setdefault((files["score"], files["mask"], files["labelmap"], lesions), name)
         if first != name:  # another ground truth file of the same lesion voxels (or none, as an all-zero one)
@@ -201,6 +208,28 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
         for scores, name in unmasked_healthy:
             _warn_of_easy_negatives(scores, name, "the pooled AUROC comes out")
     return cases, pooled
+
+
+def _check_headers(row: dict, name: str) -> None:
+    """Refuse a case (naming it) whose file's header cannot be read, or whose ground truth, mask or labelmap is on
+    another grid than its score map by their headers (3D ones; a DICOM series or another dimension is checked when
+    the case is read)."""
+    try:
+        headers = {key: read_header(row[key], role) if row.get(key) else None for key, role in ROLES.items()}
+        score = headers["score"]
+        for key, header in headers.items():
+            if key != "score" and header is not None and score is not None \
+                    and header.GetDimension() == score.GetDimension() == 3:
+                check_same_grid(score, header, ROLES["score"], ROLES[key])
+    except CeVAEError as exc:
+        raise _case_error(row, name, exc) from None
+
+
+def _case_error(row: dict, name: str, exc: CeVAEError) -> CeVAEError:
+    """``exc`` led by where its case was read (the row's ``where``), its name and its files (a message names roles,
+    not paths)."""
+    files = ", ".join(f"{ROLES[key]} {row[key]}" for key in ROLES if row.get(key))
+    return CeVAEError(f"{row['where'] + ': case' if row.get('where') else 'Case'} {name} ({files}): {exc}")
 
 
 def _unique_cases(rows: list[dict]) -> list[tuple[dict, dict]]:

@@ -245,7 +245,8 @@ def test_evaluate_names_the_case_files_and_refuses_cases_with_single_case_option
     cases.write_text("score,mask,name\ns.nrrd,m.nrrd,fine\ns.nrrd,small.nrrd,case7\n")
     assert main(["evaluate", "--cases", str(cases)]) == 2
     err = capsys.readouterr().err
-    assert f"Case case7 (score map {tmp_path / 's.nrrd'}, mask {tmp_path / 'small.nrrd'}): The mask is not on" in err
+    assert (f"{cases}, line 3: case case7 (score map {tmp_path / 's.nrrd'}, mask {tmp_path / 'small.nrrd'}): The mask "
+            "is not on") in err
     assert main(["evaluate", "--cases", str(cases), "--mask", str(tmp_path / "m.nrrd")]) == 2
     assert "Give either --cases CSV or --score" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 """``evaluate`` with a researcher's own cases: healthy cases, several label values, repeated names, empty lists."""
 from __future__ import annotations
 
+import gzip
 import logging
 import re
 from pathlib import Path
@@ -147,6 +148,65 @@ def test_a_missing_case_file_is_named_by_its_line_before_any_case_is_read(
     assert ("lists/cases.csv, line 3: the score map lists/healthy.nii.gz does not exist. Relative paths in the list "
             "are read from its folder, lists." in err)
     assert "Evaluated" not in err
+
+
+def cases_list(tmp_path: Path, cohort: dict, last: str) -> Path:
+    """A cases CSV of two good cases and a last one (``last``: its cells after the name)."""
+    path = tmp_path / "cases.csv"
+    path.write_text(f"name,score,gt,mask\none,{cohort['lesion']},{cohort['gt']},{cohort['mask']}\n"
+                    f"two,{cohort['healthy']},,{cohort['mask']}\nthree,{last}\n")
+    return path
+
+
+def test_an_unreadable_case_file_is_refused_naming_its_case_and_line_before_any_case_is_scored(
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A file that exists but is not an image (corrupt, another file's copy) was found only when its case was
+    reached: the run then failed with nothing written, every case before it lost (1-2 s each at 1 mm), in a message
+    that named the file but not the case nor its line."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    broken = tmp_path / "broken_gt.nii.gz"
+    broken.write_bytes(b"not an image, a note saved under the truth's name\n" * 20)
+    cases = cases_list(tmp_path, cohort, f"{cohort['lesion']},{broken},{cohort['mask']}")
+    assert main(["evaluate", "--cases", str(cases), "--out", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"{cases}, line 4: case three (score map {cohort['lesion']}, ground truth {broken}" in err
+    assert f"The ground truth file {broken} could not be read as an image" in err
+    assert "Evaluated" not in err and not (tmp_path / "m.csv").exists()
+
+
+def test_a_case_file_on_another_grid_is_refused_from_its_header_before_any_case_is_scored(
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A mask of another grid (another subject's, or the scan's before resampling) was found when its case was
+    scored, after every earlier case; the headers say it first."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    mask = sitk.ReadImage(cohort["mask"])
+    mask.SetOrigin((0.0, 0.0, 5.0))
+    sitk.WriteImage(mask, str(tmp_path / "moved_mask.nii.gz"))
+    cases = cases_list(tmp_path, cohort, f"{cohort['lesion']},{cohort['gt']},{tmp_path / 'moved_mask.nii.gz'}")
+    assert main(["evaluate", "--cases", str(cases)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{cases}, line 4: case three (score map {cohort['lesion']}, ground truth {cohort['gt']}, mask "
+            f"{tmp_path / 'moved_mask.nii.gz'}): The mask is not on the score map's voxel grid: origin (0, 0, 0) vs "
+            "(0, 0, 5).") in err
+    assert "Evaluated" not in err
+
+
+def test_a_case_file_that_fails_only_when_read_is_refused_naming_its_case_and_line(
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A compressed file cut short reads its header; reading its voxels fails, and that error named the file
+    alone, not the case nor the line of the list."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    image = sitk.GetImageFromArray(np.random.default_rng(2).random((60, 60, 60)).astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "full.nii"))
+    cut = tmp_path / "cut_score.nii.gz"
+    cut.write_bytes(gzip.compress((tmp_path / "full.nii").read_bytes())[:20000])
+    cases = cases_list(tmp_path, cohort, f"{cut},,")
+    assert main(["evaluate", "--cases", str(cases)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cases}, line 4: case three (score map {cut}): The score map file {cut} is truncated or corrupt" in err
 
 
 @pytest.mark.parametrize("role", ["mask", "labelmap"])
@@ -316,6 +376,7 @@ def test_a_segmentation_saved_in_layers_as_the_truth_is_told_to_be_exported_to_o
         layers.SetMetaData(key, value)
     sitk.WriteImage(layers, str(tmp_path / "truth.seg.nrrd"), True)
     case = {"score": cohort["lesion"], "gt": str(tmp_path / "truth.seg.nrrd"), "mask": cohort["mask"]}
-    with pytest.raises(CeVAEError, match=r"^The ground truth truth\.seg\.nrrd is a segmentation saved in 2 layers "
-                                         r"\(segments that overlap\); export its segments to one labelmap first"):
+    with pytest.raises(CeVAEError, match=r"^Case lesion\.nii\.gz \(.*\): The ground truth truth\.seg\.nrrd is a "
+                                         r"segmentation saved in 2 layers \(segments that overlap\); export its "
+                                         r"segments to one labelmap first"):
         evaluate_files([case])

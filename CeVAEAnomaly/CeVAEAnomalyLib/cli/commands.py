@@ -357,7 +357,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.cases:
         listed = read_rows(args.cases, "score", tuple(ROLES), "cases CSV", others=("name",))
         _check_case_files(args.cases, listed, ROLES)
-        rows = [dict({k: str(v or "") for k, v in r.files.items()}, name=r.cells["name"]) for r in listed]
+        rows = [dict({k: str(v or "") for k, v in r.files.items()}, name=r.cells["name"], where=f"{args.cases}, line "
+                     f"{r.line}") for r in listed]
         if not rows:
             raise CeVAEError(f"The cases CSV {args.cases} lists no cases (no row with a score file).")
     elif args.score:

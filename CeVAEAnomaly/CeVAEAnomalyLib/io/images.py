@@ -55,18 +55,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                 try:
                     image = sitk.ReadImage(str(p))
                 except RuntimeError as exc:
-                    from .naming import RESOURCE_FORK, is_resource_fork
-
-                    if is_resource_fork(p):  # listed by a `find` or a glob beside the scan
-                        raise CeVAEError(f"The {what} file {p} is {RESOURCE_FORK}.") from None
-                    if layout is not None and layout.gz and p.name.lower().endswith(".nii"):
-                        raise CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI "
-                                         "reader goes by the name: rename it to end in .nii.gz.") from None
-                    refuse_misnamed_format(p, what)
-                    raise CeVAEError(
-                        f"The {what} file {p} could not be read as an image "
-                        f"(corrupt, truncated or not a medical image format): {error_text(exc)}"
-                    ) from None
+                    raise _unreadable(p, layout, what, exc) from None
                 if floats:
                     image = _restore_non_finite(data, layout, image)
         _refuse_one_dicom_slice(p, image, what)
@@ -75,6 +64,45 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     if layout is not None and layout.sform is not None:
         _refuse_two_placements(p, layout.sform, image, what)
     return image
+
+
+def read_header(path: PathLike, what: str = "image") -> Optional[sitk.ImageFileReader]:
+    """A reader holding the header of a volume file (its grid, without its voxels), for checking a list of files
+    before any is read; None for a DICOM series folder. A file whose header cannot be read, or a NIfTI file far too
+    short for the voxels its header announces, is refused as :func:`read_image` refuses it (a file whose header reads
+    may still fail there: a compressed one cut short is found only by reading it)."""
+    p = Path(path)
+    refuse_missing_volume(p, what)
+    if p.is_dir():
+        return None
+    pair = _pair_files(p)
+    data, layout = pair[1] if pair else p, _pair_layout(*pair) if pair else _nifti_layout(p)
+    if layout is not None:
+        _check_plausible(data, layout, what)
+    _refuse_missing_data_file(p, what)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    with _itk_warnings_off():
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise _unreadable(p, layout, what, exc) from None
+    return reader
+
+
+def _unreadable(p: Path, layout: Optional[_NiftiLayout], what: str, exc: RuntimeError) -> CeVAEError:
+    """The refusal of a file that ITK could not read (``exc``), saying why where it can be told: a macOS resource
+    fork, a gzip file named .nii, a format named by another's extension; else corrupt or not an image."""
+    from .naming import RESOURCE_FORK, is_resource_fork
+
+    if is_resource_fork(p):  # listed by a `find` or a glob beside the scan
+        return CeVAEError(f"The {what} file {p} is {RESOURCE_FORK}.")
+    if layout is not None and layout.gz and p.name.lower().endswith(".nii"):
+        return CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI "
+                          "reader goes by the name: rename it to end in .nii.gz.")
+    refuse_misnamed_format(p, what)
+    return CeVAEError(f"The {what} file {p} could not be read as an image "
+                      f"(corrupt, truncated or not a medical image format): {error_text(exc)}")
 
 
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
