@@ -25,6 +25,7 @@ _NRRD_BYTES = {"float": 4, "double": 8, "uchar": 1, "unsigned char": 1, "uint8":
 _NRRD_GZIP = ("gzip", "gz")
 _SAFETENSORS = (".cevae", ".safetensors")
 _CHUNK = 1 << 22  # bytes read, and decompressed, at a time
+_HEADER_CHUNK = 1 << 16  # bytes of a NRRD header read at a time
 _CUT_SHORT = (EOFError, OSError, zlib.error)  # what reading a gzip stream that is cut short or damaged raises
 
 
@@ -106,13 +107,12 @@ def _nrrd_reason(path: Path, size: int) -> Optional[str]:
     """A NRRD with its voxels attached is complete when it holds the bytes its header announces: raw (the Slicer
     worker's hand-over files), checked from its size without reading the voxels; gzip (detect's and the Slicer
     script's outputs), decompressed to the end of the stream. Other NRRDs are read back."""
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    end = head.find(b"\n\n")
-    if not head.startswith(b"NRRD") or end < 0:
+    head = _nrrd_header(path)
+    if head is None:
         return "no valid NRRD header"
+    end = len(head)
     fields = {}
-    for line in head[:end].decode("latin-1").splitlines()[1:]:
+    for line in head.decode("latin-1").splitlines()[1:]:
         key, sep, value = line.partition(": ")
         if sep and not line.startswith("#"):
             fields[key.strip().lower()] = value.strip().lower()
@@ -130,6 +130,23 @@ def _nrrd_reason(path: Path, size: int) -> Optional[str]:
         return f"{held} of the {voxel_bytes} voxel bytes its header announces" if held < voxel_bytes else None
     need = end + 2 + voxel_bytes
     return f"{size} of the {need} bytes its header announces" if size < need else None
+
+
+def _nrrd_header(path: Path) -> Optional[bytes]:
+    """The header of the NRRD file at ``path``, up to the blank line that ends it, however long it is (Slicer puts
+    each segment's name, colour and tags of a segmentation there); None where the file is not NRRD or no header
+    ends before its text does (a NUL byte) or the file does."""
+    head = bytearray()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_HEADER_CHUNK), b""):
+            start = max(len(head) - 1, 0)  # a blank line may straddle two chunks
+            head += chunk
+            end = head.find(b"\n\n", start)
+            if end >= 0:
+                return bytes(head[:end]) if head.startswith(b"NRRD") else None
+            if not head.startswith(b"NRRD") or b"\0" in chunk:
+                return None
+    return None
 
 
 def _readback_reason(path: Path) -> Optional[str]:
