@@ -55,3 +55,28 @@ def test_a_segmentation_whose_header_is_longer_than_64_kib_is_written(tmp_path):
     header_only = tmp_path / "header.seg.nrrd"
     header_only.write_bytes(whole[: 1 << 16])  # cut inside the header
     assert incomplete_reason(header_only, header_only) == "no valid NRRD header"
+
+
+@pytest.mark.parametrize("sizes", [b"20 twenty 20", b"20 -20 20", b"20 2.5e1 20", b"20 \xb2 20"])
+def test_a_nrrd_whose_sizes_are_not_whole_numbers_is_refused_in_one_line(tmp_path, sizes):
+    """A sizes line that is not whole numbers (a foreign or damaged file) raised "ValueError: invalid literal for
+    int()" out of the check, which write_all let through as an unexpected error, not the one-line refusal of a file
+    without a valid header; a negative size was taken for a complete file."""
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.io.atomic import write_all
+    from CeVAEAnomalyLib.io.verify import incomplete_reason
+
+    whole = tmp_path / "whole.nrrd"
+    sitk.WriteImage(sitk.Image(20, 20, 20, sitk.sitkUInt8), str(whole), False)
+    assert b"\nsizes: 20 20 20\n" in whole.read_bytes()
+    foreign = whole.read_bytes().replace(b"\nsizes: 20 20 20\n", b"\nsizes: " + sizes + b"\n")
+    damaged = tmp_path / "damaged.nrrd"
+    damaged.write_bytes(foreign)
+    assert incomplete_reason(damaged, damaged) == "no valid NRRD header"
+    target = tmp_path / "out.nrrd"
+    target.write_bytes(b"the earlier file")
+    with pytest.raises(CeVAEError, match=r"^Could not write .*out\.nrrd completely \(no valid NRRD header\)"):
+        write_all({target: lambda tmp: Path(tmp).write_bytes(foreign)}, overwrite=True)
+    assert target.read_bytes() == b"the earlier file"

@@ -121,7 +121,10 @@ def _nrrd_reason(path: Path, size: int) -> Optional[str]:
     encoding = fields.get("encoding")
     if not attached or encoding not in ("raw", *_NRRD_GZIP) or itemsize is None or "sizes" not in fields:
         return _readback_reason(path)
-    voxel_bytes = itemsize * math.prod(int(n) for n in fields["sizes"].split())
+    sizes = fields["sizes"].split()
+    if not all(n.isascii() and n.isdigit() for n in sizes):  # (a foreign or damaged file)
+        return "no valid NRRD header"
+    voxel_bytes = itemsize * math.prod(int(n) for n in sizes)
     if encoding in _NRRD_GZIP:
         try:
             held = _inflated(path, start=end + 2)[0]
