@@ -557,6 +557,30 @@ def test_a_component_table_cut_where_a_row_ends_is_incomplete(cohort, two, tiny_
         read_back(BatchItem("a1", cohort / "a1.nii.gz", cohort / "a1_mask.nii.gz"), out, {})
 
 
+def test_a_slice_table_cut_where_a_row_ends_is_incomplete(cohort, two, tiny_bundle, tmp_path):
+    """A slice table cut where a row ends (its least anomalous slices lost) passed batch's check of outputs another run
+    wrote: its header, row lengths and final line end are those of a whole table, so a volume "finished by another run
+    meanwhile" was kept with the cut table, and its checksums recorded for every later resume. Every slice the score
+    map scores (all in the brain, which has a row for each of its slices) must now be listed."""
+    from CeVAEAnomalyLib.cli.batch import incomplete_outputs, read_back
+
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
+    assert incomplete_outputs(output_paths(out, "a1")) == ""
+    table = out / "a1_slices.csv"
+    lines = table.read_bytes().splitlines(keepends=True)
+    scored = np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "a1_score.nii.gz"))).any(axis=(1, 2)))
+    assert lines[0].startswith(b"axis,index,") and {line[:2] for line in lines[1:]} == {b"2,"} and scored > 4
+    table.write_bytes(b"".join(lines[:4]))  # the header and the three most anomalous slices
+    problem = incomplete_outputs(output_paths(out, "a1"))
+    assert problem == (f"a1_slices.csv is incomplete (it does not list {scored - 3} of the {scored} slices that "
+                       "a1_score.nii.gz scores)"), problem
+    with pytest.raises(ValueError, match="a1_slices.csv is incomplete"):
+        read_back(BatchItem("a1", cohort / "a1.nii.gz", cohort / "a1_mask.nii.gz"), out, {})
+    table.write_bytes(lines[0])  # the header alone
+    assert incomplete_outputs(output_paths(out, "a1")) == "a1_slices.csv is incomplete (it lists no slice)"
+
+
 @pytest.mark.parametrize("column", ["absent", "empty"])
 def test_outputs_of_a_version_without_component_tables_are_scored_again_once(two, tiny_bundle, tmp_path, caplog,
                                                                               column):
@@ -841,7 +865,8 @@ def test_a_rerun_redoes_outputs_that_are_not_the_files_its_summary_recorded(coho
     shutil.copy2(out / "b2_score.nii.gz", out / "a1_score.nii.gz")  # another volume's, with its older time
     slices = out / "c3_slices.csv"
     before = slices.stat()
-    slices.write_text("".join(slices.read_text().splitlines(keepends=True)[:3]))  # whole rows, fewer of them
+    slices.write_text("".join(slices.read_text().splitlines(keepends=True)[:-1]))  # whole rows, its last (least
+    # anomalous, an unscored edge slice: only its checksum tells the table cut) lost
     os.utime(slices, ns=(before.st_atime_ns, before.st_mtime_ns))
     with caplog.at_level(logging.WARNING):
         assert batch(cohort, out, tiny_bundle) == 2

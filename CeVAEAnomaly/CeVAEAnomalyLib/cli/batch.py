@@ -505,8 +505,9 @@ ANOTHER_RUNS_WARNINGS = "(outputs written by another run meanwhile; no summary h
 
 def incomplete_outputs(paths: Dict[str, Path]) -> str:
     """Why a volume's outputs on disk are not a complete set ("" if they are): the checks of a fresh write
-    (:mod:`..io.verify`), for the slice and component tables their header, row lengths and final line end, and for
-    the component table its rows against the labelmap's components."""
+    (:mod:`..io.verify`), for the slice and component tables their header, row lengths and final line end, for the
+    component table its rows against the labelmap's components, and for the slice table its rows against the slices
+    the score map scores."""
     from ..io.verify import incomplete_reason
     from ..result import COMPONENT_FIELDS, PEAK_FIELDS, SLICE_FIELDS
 
@@ -520,7 +521,7 @@ def incomplete_outputs(paths: Dict[str, Path]) -> str:
             reason = _table_reason(path.read_text(), *headers[role])
         if reason:
             return f"{path.name} is incomplete ({reason})"
-    return _missing_components(paths)
+    return _missing_components(paths) or _unlisted_slices(paths)
 
 
 def _missing_components(paths: Dict[str, Path]) -> str:
@@ -535,6 +536,33 @@ def _missing_components(paths: Dict[str, Path]) -> str:
     if listed != held:
         return (f"{paths['components'].name} is incomplete (it lists {listed} of the {held} components of "
                 f"{paths['labelmap'].name})")
+    return ""
+
+
+def _unlisted_slices(paths: Dict[str, Path]) -> str:
+    """Why a slice table, whole by its own lines, is not the score map's ("" if it is): a table cut where a row ends
+    reads whole, but the brain has a row for each of its slices and the map scores brain voxels only, so a slice the
+    map scores that the table does not list was cut from it. (A cut that takes only slices without scores, the
+    brain's outermost and least anomalous, is not seen: nothing written records the table's length.)"""
+    import numpy as np
+    import SimpleITK as sitk
+
+    if "slices" not in paths or "score" not in paths:
+        return ""
+    table, score = paths["slices"], paths["score"]
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    if not rows:
+        return f"{table.name} is incomplete (it lists no slice)"
+    axes = {row["axis"] for row in rows}
+    if len(axes) != 1 or not axes <= {"0", "1", "2"}:
+        return f"{table.name} is not a slice table of {score.name} (its rows are not of one of its axes)"
+    image = sitk.ReadImage(str(score))  # (held while its array view is read)
+    values = np.moveaxis(sitk.GetArrayViewFromImage(image), 2 - int(axes.pop()), 0)  # the array's axes: (k, j, i)
+    scored = {str(i) for i in np.flatnonzero(values.any(axis=(1, 2)))}
+    missing = scored - {row["index"] for row in rows}
+    if missing:
+        return (f"{table.name} is incomplete (it does not list {len(missing)} of the {len(scored)} slices that "
+                f"{score.name} scores)")
     return ""
 
 
