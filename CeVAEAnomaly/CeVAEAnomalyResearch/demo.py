@@ -77,7 +77,7 @@ def run_demo(
         "threshold": result.threshold,
     }
     notes = []
-    if bundle.header.trained_on([sha256_of(inputs[0])]):  # by content, as calibrate and adapt tell training scans
+    if bundle.header.trained_scans([inputs[0]], {inputs[0]: sha256_of(inputs[0])}):  # as calibrate and adapt do
         notes.append(f"Note: {DEMO_SUBJECT} is one of this model's training subjects, so these figures are optimistic; "
                      "held-out figures are in docs/benchmark.md.")
     if m.dice_at_threshold > m.best_dice:

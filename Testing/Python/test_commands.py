@@ -102,6 +102,40 @@ def test_calibrate_warns_of_scans_the_model_was_trained_on(tmp_path, tiny_bundle
     assert "training volumes" not in caplog.text
 
 
+def test_calibrate_warns_of_a_training_scan_saved_again_in_another_format(tmp_path, tiny_bundle, caplog):
+    """Training scans were told by their file's sha256 alone: a training scan saved again as NRRD (or compressed
+    again, or Slicer's copy of it) calibrated a model on its own training scans, an optimistic threshold, with no
+    warning. A model now records each training volume's content_sha256 too, and calibrate compares both."""
+    trained = read_header(tiny_bundle).training["subjects"]
+    folder = tmp_path / "healthy"
+    folder.mkdir()
+    copy = folder / f"{trained[0]['name']}.nrrd"  # the first training volume of the tiny model, as NRRD
+    sitk.WriteImage(sitk.ReadImage(str(tiny_bundle.parent / f"{trained[0]['name']}.nii.gz")), str(copy))
+    other = folder / "new.nii.gz"  # a scan the model never saw
+    sitk.WriteImage(make_head(seed=12)[0], str(other))
+    with caplog.at_level(logging.WARNING):
+        assert main(["calibrate", str(folder), "--model", str(tiny_bundle), "--out", str(tmp_path / "cal.cevae"),
+                     "--device", "cpu"]) == 0
+    said = [r.getMessage() for r in caplog.records if "training volumes" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{copy} is among the model's training volumes"), said
+    assert all(isinstance(r.get("content_sha256"), str) for r in trained)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="healthy sample data not present")
+def test_the_bundled_model_tells_its_training_scan_saved_again_in_another_format(tmp_path):
+    """The bundled model records its training volumes by file sha256 alone (it predates content checksums); the
+    sample data's content checksums are known, so an NRRD copy of one of them is still told, and another scan is not."""
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.io.checksum import sha256_of
+
+    copy = tmp_path / "robex.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(SHARED_DATA / "robex_t1.nii.gz")), str(copy))
+    other = tmp_path / "new.nii.gz"
+    sitk.WriteImage(make_head(seed=12)[0], str(other))
+    scans = [copy, other]
+    assert read_header(default_model_path()).trained_scans(scans, {p: sha256_of(p) for p in scans}) == [copy]
+
+
 def test_a_scan_listed_twice_calibrates_once(tmp_path, tiny_bundle, healthy_manifest, caplog):
     """The same content under two names (a copy) would weigh one brain twice in the healthy quantiles."""
     import logging

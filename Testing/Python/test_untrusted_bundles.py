@@ -159,6 +159,10 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "training volumes as a number": (top("training", {"subjects": 5}), r"training\.subjects must be a list of volumes"),
     "a training checksum as a list": (top("training", {"subjects": [{"name": "a", "sha256": [1]}]}),
                                       r"training\.subjects must be a list of volumes"),
+    "a training volume's content checksum as a number": (
+        top("training", {"subjects": [{"name": "a", "sha256": "0" * 64, "content_sha256": 5}]}),
+        r"training\.subjects must be a list of volumes, each with a text name and sha256 \(and a text person and "
+        r"content_sha256, if any\)"),
     "unknown training orientation": (top("training", {"orientations": [5]}),
                                      r"training\.orientations must be a list of axial, coronal, sagittal, got \[5\]"),
     "calibrated voxel sizes reversed": (calibration(lambda e: e.update(largest_voxel_mm=[2.0, 1.0])),

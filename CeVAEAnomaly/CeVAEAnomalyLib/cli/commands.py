@@ -483,10 +483,10 @@ def run_batch(args: argparse.Namespace) -> None:
 
 
 def _warn_training_scans(header, subjects, checksums) -> None:
-    """Warn of healthy scans the model was trained on (the same file content as a training volume its header
-    records): they score lower than new scans, so thresholds calibrated on them flag more of a new scan."""
-    trained = set(header.trained_on([checksums[s.image] for s in subjects]))
-    seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
+    """Warn of healthy scans the model was trained on (a training volume its header records, saved in this file or
+    in another: BundleHeader.trained_scans): they score lower than new scans, so thresholds calibrated on them flag
+    more of a new scan."""
+    seen = [str(p) for p in header.trained_scans([s.image for s in subjects], checksums)]
     if seen:
         log.warning("%s %s among the model's training volumes: scans a model learned from score lower than new ones, "
                     "so a calibration on them flags more of a new scan. Calibrate on healthy scans it did not see.",

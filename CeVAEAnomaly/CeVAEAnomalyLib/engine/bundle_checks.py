@@ -145,9 +145,10 @@ def _check_training(header: Mapping[str, Any]) -> None:
         volumes = training.get(key, [])
         if not (isinstance(volumes, list) and all(
                 isinstance(v, dict) and all(isinstance(v.get(k, ""), str) for k in ("name", "sha256"))
-                and isinstance(v.get("person"), (str, type(None))) for v in volumes)):
+                and all(isinstance(v.get(k), (str, type(None))) for k in ("person", "content_sha256"))
+                for v in volumes)):
             _fail(f"training.{key}", "must be a list of volumes, each with a text name and sha256 (and a text "
-                  "person, if any)")
+                  "person and content_sha256, if any)")
     for key in ("training_contrast", "adaptation"):
         record = header.get(key, {})
         if not isinstance(record, dict):

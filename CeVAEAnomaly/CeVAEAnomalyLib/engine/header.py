@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import __version__
 from ..errors import CeVAEError
+from ..io.checksum import content_sha256
 from ..io.targets import refuse_unsearchable, special_file_kind
 from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
 from .bundle_checks import UTC_FORMAT, check_model_section, check_sections
@@ -35,6 +36,17 @@ WRITER_KEY = "written_by"  # the version of CeVAEAnomaly that wrote the file (sa
 _MAX_TABLE_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the header size
 USE_A_MODEL = "use a CeVAEAnomaly model file (.cevae)"  # what to do with a file that is no model bundle
 EDITED = "the model file is damaged or was edited: use an original copy"  # and with a bundle that is damaged
+CONTENT_KEY = "content_sha256"  # a training volume's record of its io.checksum.content_sha256 (training/packaging.py)
+# the bundled model's training volumes (the sample data), recorded by file sha256 alone: their content_sha256, so that
+# a copy of one saved in another format is told too
+SAMPLE_CONTENTS = {
+    "8177054747951db0e5438eae70163f06197233f6140cd69c8177224929835e11":  # colin27_t1.nii.gz
+        "f569c7a29b5ffec570cb64319f9971dbb2a3312ebc06f431dd2b3d6d661158c6",
+    "a68c49a18d6579bff650b43a61066b21eecf67e3c51fa2d24de46d6195554c89":  # mni152_t1.nii.gz
+        "fb4ebf76cd7d9c14b1d8a4ea229350bb8e8d2fe35716679d5a212e28dfe5bb90",
+    "fa6c9402bcb21dd606490cb14dde792bbb036edd415857c8bb652c9180573bba":  # robex_t1.nii.gz
+        "523192e4443eb65059155e114da63448b07aba458264559ca262eda4e072e9af",
+}
 
 
 @dataclass
@@ -91,12 +103,16 @@ class BundleHeader:
             out["calibration"] = self.calibration
         return out
 
-    def trained_on(self, checksums: Sequence[str]) -> List[str]:
-        """Those of the file checksums ``checksums`` that the training record names as a training volume (a volume
-        the model learned from: it scores lower than a new scan)."""
+    def trained_scans(self, images: Sequence[Path], checksums: Mapping[Path, str]) -> List[Path]:
+        """Those of ``images`` (their file sha256: ``checksums``) that the training record names as a training volume
+        (one the model learned from: it scores lower than a new scan): the same file, or the same scan saved again in
+        another file (format, compression, Slicer's copy), told by its :func:`~..io.checksum.content_sha256` where
+        the record holds that of a volume (read only then, and only for an image whose file is none of them)."""
         training = self.training if isinstance(self.training, dict) else {}
-        trained = {r.get("sha256") for r in training.get("subjects") or () if isinstance(r, dict)}
-        return [c for c in checksums if c in trained]
+        records = [r for r in training.get("subjects") or () if isinstance(r, dict)]
+        files = {r.get("sha256") for r in records}
+        contents = {r.get(CONTENT_KEY) or SAMPLE_CONTENTS.get(r.get("sha256")) for r in records} - {None}
+        return [p for p in images if checksums[p] in files or (bool(contents) and content_sha256(p) in contents)]
 
     def trained_orientations(self) -> Tuple[str, ...]:
         """The slice orientations the model was trained on (axial where the training record names none)."""

@@ -144,6 +144,39 @@ def voxel_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_sha256(path: Path) -> str:
+    """Hex sha256 of the scan ``path`` holds in one canonical form: its voxel values as float32 in LPS orientation,
+    with its grid's size and spacing (rounded to 0.001 mm). Format, compression, pixel type, origin and axis order do
+    not count: the same scan saved again elsewhere (an NRRD copy of a NIfTI, Slicer's copy of a volume loaded from
+    it) gives one digest, which a model records of each training volume (:meth:`~..engine.header.BundleHeader.
+    trained_scans`)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .images import read_image
+
+    image = sitk.Cast(sitk.DICOMOrient(read_image(path), "LPS"), sitk.sitkFloat32)  # (kept: the view is its memory)
+    digest = hashlib.sha256()
+    digest.update(repr((image.GetSize(), tuple(round(s, 3) for s in image.GetSpacing()))).encode())
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+    return digest.hexdigest()
+
+
+def content_checksums(images: Iterable[Path], checksums: Mapping[Path, str],
+                      memo: Optional[FileMemo] = None) -> Dict[Path, Optional[str]]:
+    """:func:`content_sha256` of each of ``images`` whose file still holds the content ``checksums`` gives (None for
+    one changed, removed or unreadable since: its record keeps its file sha256 alone). ``memo``: see
+    :func:`refuse_changed`."""
+    out: Dict[Path, Optional[str]] = {}
+    for image in images:
+        try:
+            content: Optional[str] = content_sha256(image)
+        except (OSError, CeVAEError):
+            content = None
+        out[image] = None if first_changed([image], checksums, memo) is not None else content
+    return out
+
+
 def _data_files(path: Path) -> List[Path]:
     """The existing regular files that reading the volume file ``path`` also opens, once each (by file identity:
     on a case-insensitive file system ``x.img`` and ``x.IMG`` are one file), in a fixed order."""

@@ -80,8 +80,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
     checksums = _checksums(subjects, memo)
-    trained = set(header.trained_on([checksums[s.image] for s in subjects]))
-    seen = [str(s.image) for s in subjects if checksums[s.image] in trained]
+    seen = [str(p) for p in header.trained_scans([s.image for s in subjects], checksums)]
     if seen:  # e.g. an adapted model adapted again on its own site scans
         log.warning("The site scan(s) %s %s among the training volumes of %s: a fold model fine-tuned from it has "
                     "seen them already, so they score lower than new scans and the calibration flags more of a new "

@@ -17,7 +17,7 @@ import torch
 from ..engine.bundle import Bundle, save_bundle
 from ..engine.calibrate import calibrate_model
 from ..engine.config import LossConfig, PreprocessConfig
-from ..engine.header import BundleHeader, utc_now
+from ..engine.header import CONTENT_KEY, BundleHeader, utc_now
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
 from ..errors import CALIBRATE_PER_ACQUISITION, COMMAND_LINE_TRAIN, CeVAEError, Wording, WriteFailed, write_remedy
@@ -34,7 +34,8 @@ class TrainingRecord:
     """How the model was trained (the bundle header's ``training`` section; :func:`package` adds ``trained_utc``,
     when it writes the model)."""
 
-    subjects: List[Dict[str, Optional[str]]]  # name, sha256 of each training image and of its mask, person scanned
+    # name, sha256 and content_sha256 of each training image, sha256 of its mask, person scanned
+    subjects: List[Dict[str, Optional[str]]]
     validation_subjects: List[Dict[str, Optional[str]]]
     train_slices: int
     orientations: List[str]
@@ -98,14 +99,16 @@ def person_numbers(subjects: Sequence[Subject]) -> Dict[str, str]:
 
 
 def subject_records(subjects: Sequence[Subject], checksums: Dict[Path, str],
-                    names: Optional[Dict[Path, str]] = None,
-                    persons: Optional[Dict[str, str]] = None) -> List[Dict[str, Optional[str]]]:
+                    names: Optional[Dict[Path, str]] = None, persons: Optional[Dict[str, str]] = None,
+                    contents: Optional[Mapping[Path, Optional[str]]] = None) -> List[Dict[str, Optional[str]]]:
     """Name (``names``, e.g. :func:`~..io.manifest.distinct_names`; else the file stem) and sha256 of each volume,
     of its brain mask (None: the mask was computed automatically) and the number of the person scanned, as a split
     by person tells them apart (``persons``, one :func:`person_numbers` for all lists of a run; by default those of
-    ``subjects``; None: not known, a person of its own)."""
+    ``subjects``; None: not known, a person of its own); with ``contents`` (:func:`~..io.checksum.content_checksums`)
+    each volume's content_sha256 too, by which calibrate and adapt tell it saved in another file."""
     persons = person_numbers(subjects) if persons is None else persons
     return [{"name": (names or {}).get(s.image, s.name), "sha256": checksums[s.image],
+             **({CONTENT_KEY: contents.get(s.image)} if contents is not None else {}),
              "mask_sha256": checksums[s.mask] if s.mask is not None else None,
              "person": persons[s.group[1]] if s.group[0] == "person" else None} for s in subjects]
 

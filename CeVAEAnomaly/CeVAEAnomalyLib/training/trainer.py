@@ -30,7 +30,7 @@ from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, write_remedy
 from ..io.atomic import remove_stale_temporaries, write_all
-from ..io.checksum import FileMemo, sha256_of
+from ..io.checksum import FileMemo, content_checksums, sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
 from ..io.naming import full_suffix
 from ..progress import ProgressCallback, checked, report
@@ -671,8 +671,9 @@ class Trainer:
         loss = self.validate()
         names = distinct_names([s.image for s in (*self.train_subjects, *self.val_subjects)])
         persons = person_numbers([*self.train_subjects, *self.val_subjects])
+        contents = content_checksums([s.image for s in self.train_subjects], self.checksums, self.memo)
         return TrainingRecord(
-            subjects=subject_records(self.train_subjects, self.checksums, names, persons),
+            subjects=subject_records(self.train_subjects, self.checksums, names, persons, contents),
             validation_subjects=subject_records(self.val_subjects, self.checksums, names, persons),
             train_slices=len(self.train), orientations=list(self.cfg.orientations), steps=self.step,
             batch_size=min(self.batch_size, math.ceil(len(self.train) / self.dist.world)) * self.dist.world,
