@@ -142,3 +142,30 @@ def test_a_calibration_goes_on_through_a_scene_close_and_writes_its_model(tiny_b
     assert job.done["model"] == str(out) and job.done["subjects"] == 1
     assert read_header(out).calibration  # a model, calibrated
     assert not job.folder.exists()  # its copies went with its end
+
+
+def test_the_panels_calibration_warns_of_a_volume_loaded_from_a_training_scan(tiny_bundle, tmp_path):
+    """The command line warns of calibration scans the model was trained on; the panel's calibration never did, and the
+    worker's copy of a volume (NRRD) is never the training file itself. A volume loaded from one of the model's
+    training scans is now told by its content, and the warning names it by its node's name."""
+    scene = slicer.vtkMRMLScene()
+    trained = read_header(tiny_bundle).training["subjects"][0]["name"]  # e.g. "h1": tiny_bundle.parent/h1.nii.gz
+    loaded = [sitk_read(tiny_bundle.parent / f"{trained}{suffix}.nii.gz") for suffix in ("", "_mask")]
+    new_image, new_brain = make_head(seed=12)
+    volumes = [add_volume(scene, loaded[0], "loaded T1"), add_volume(scene, new_image, "new T1")]
+    masks = [add_volume(scene, brain, f"mask {n}", "vtkMRMLLabelMapVolumeNode")
+             for n, brain in enumerate((loaded[1], new_brain))]
+    job = CeVAEAnomalyLogic().startCalibration(volumes, masks, tmp_path / "site.cevae", modelPath=tiny_bundle,
+                                               device="cpu")
+    assert job.wait(300) is JobState.DONE, job.error
+    said = [w for w in job.warnings if "training volumes" in w]
+    assert said == ["'loaded T1' is among the model's training volumes: scans a model learned from score lower than "
+                    "new ones, so a calibration on them flags more of a new scan. Calibrate on healthy scans it did "
+                    "not see."], job.warnings
+
+
+def sitk_read(path: Path):
+    """The image at ``path``, as Slicer's volume loading reads it (SimpleITK)."""
+    import SimpleITK as sitk
+
+    return sitk.ReadImage(str(path))

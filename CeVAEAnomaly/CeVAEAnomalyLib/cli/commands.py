@@ -260,7 +260,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
     from ..engine.bundle import load_bundle, read_header
     from ..engine.devices import resolve_device
-    from ..engine.calibrate import recalibrate
+    from ..engine.calibrate import recalibrate, warn_of_training_scans
     from .console import ConsoleProgress
     from ..data import refuse_bundled_output
     from ..engine.calibration import check_default_fpr
@@ -286,7 +286,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     with hold_output(args.out, "calibrate"):  # against a train, adapt or calibrate writing the same --out
         check_paths([args.out], args.overwrite, [src])  # again: one of them may have written it since
         bundle = load_bundle(src, resolve_device(request.run.device))
-        _warn_training_scans(bundle.header, subjects, checksums)
+        warn_of_training_scans(bundle.header, [s.image for s in subjects], checksums)
         opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr,
                            progress=ConsoleProgress("calibrate"), run=request.run, checksums=checksums)
@@ -480,14 +480,3 @@ def run_batch(args: argparse.Namespace) -> None:
     if failed:
         raise CeVAEError(f"{failed} of {len(items)} volume(s) failed; the reasons are in the 'error' column of "
                          f"{summary.path}. The others are done, and a rerun retries only the failed ones.")
-
-
-def _warn_training_scans(header, subjects, checksums) -> None:
-    """Warn of healthy scans the model was trained on (a training volume its header records, saved in this file or
-    in another: BundleHeader.trained_scans): they score lower than new scans, so thresholds calibrated on them flag
-    more of a new scan."""
-    seen = [str(p) for p in header.trained_scans([s.image for s in subjects], checksums)]
-    if seen:
-        log.warning("%s %s among the model's training volumes: scans a model learned from score lower than new ones, "
-                    "so a calibration on them flags more of a new scan. Calibrate on healthy scans it did not see.",
-                    ", ".join(seen), "is" if len(seen) == 1 else "are")

@@ -11,7 +11,7 @@ import numpy as np
 
 from .bundle import Bundle, save_bundle
 from .bundle_checks import NAMES_REMOVED
-from .header import utc_now
+from .header import BundleHeader, utc_now
 from .calibration import (ACQUISITION_FACTOR, CALIBRATE_SOURCE, calibrate, calibration_key, check_default_fpr,
                           largest_side, other_acquisitions, thin_tail, unlike_scans)
 from ..io.manifest import (Subject, bids_person, check_subjects, check_volume_path, distinct_names,
@@ -29,6 +29,18 @@ from ..progress import ProgressCallback, checked, labelled, report, scaled
 
 log = logging.getLogger(__name__)
 WRITE_SHARE = 0.02  # of the progress of a calibration that writes a bundle: its write, after the scoring
+
+
+def warn_of_training_scans(header: BundleHeader, images: Sequence[Path], checksums: Mapping[Path, str]) -> None:
+    """Warn of healthy scans ``images`` (their file sha256: ``checksums``) the model was trained on (a training volume
+    its header records, in this file or saved again in another: BundleHeader.trained_scans): they score lower than
+    new scans, so thresholds calibrated on them flag more of a new scan. The Slicer panel names its worker's copies
+    by their volumes' names (slicer.jobs.WorkerJob)."""
+    seen = [str(p) for p in header.trained_scans(images, checksums)]
+    if seen:
+        log.warning("%s %s among the model's training volumes: scans a model learned from score lower than new ones, "
+                    "so a calibration on them flags more of a new scan. Calibrate on healthy scans it did not see.",
+                    ", ".join(seen), "is" if len(seen) == 1 else "are")
 
 
 def healthy_scores(bundle: Bundle, subjects: Sequence[Subject], opts: ScoreOptions,

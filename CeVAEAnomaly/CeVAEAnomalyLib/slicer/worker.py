@@ -139,8 +139,9 @@ def _subjects(task: Dict[str, Any]) -> List["Subject"]:
 
 
 def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
-    from ..engine.calibrate import recalibrate
+    from ..engine.calibrate import recalibrate, warn_of_training_scans
     from ..engine.calibration import SLICER_CALIBRATE_SOURCE
+    from ..io.checksum import sha256_of
     from ..io.lock import hold_output
     from ..io.targets import Inputs
     from ..training.data import unique_subjects, voxel_checksums
@@ -160,6 +161,8 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
                              "from.")
         score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects]))  # a scan loaded twice
+        images = [s.image for s in subjects]
+        warn_of_training_scans(bundle.header, images, {p: sha256_of(p) for p in images})  # as the command line
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),
                            progress=scaled(progress, 0.02, 0.98), run=request.run,
