@@ -83,6 +83,26 @@ def test_calibrate_says_what_a_site_calibration_changed_for_detection(caplog) ->
 
 
 
+def test_the_higher_rate_calibrate_suggests_is_higher_than_the_models_default(caplog) -> None:
+    """A model trained here has the default rate 0.001; calibrated on site scans that raised its threshold, calibrate
+    said to "detect with a higher --fpr (e.g. 0.001)" and to "calibrate again with --default-fpr 0.001": the rate it
+    already had, which gives no sensitivity back. The example is now a rate above the model's default."""
+    from dataclasses import replace
+
+    from CeVAEAnomalyLib.cli.commands import _say_what_changed
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.header import read_header
+
+    bundled = read_header(default_model_path())
+    old = replace(bundled, default_fpr=0.001)
+    stricter = replace(old, calibration={key: dict(entry, threshold=[1.6 * t for t in entry["threshold"]])
+                                         for key, entry in old.calibration.items()})
+    with caplog.at_level(logging.INFO):
+        _say_what_changed(old, stricter, Path("site.cevae"), old.default_threshold())
+    said = [r.getMessage() for r in caplog.records if "rose" in r.getMessage()]
+    assert len(said) == 1 and "higher --fpr (e.g. 0.002)" in said[0] and "--default-fpr 0.002" in said[0], said
+
+
 def test_the_command_to_detect_with_a_model_in_a_folder_with_spaces_can_be_pasted(tiny_bundle, tmp_path: Path,
                                                                                    caplog) -> None:
     """calibrate ended with "Detect with it: cevae-anomaly detect SCAN --model Site scans é/Modèl ü.cevae": pasted

@@ -320,6 +320,12 @@ def _default_score_type(default: str, asked: str) -> str:
 
 
 THRESHOLD_RISE = 1.25  # a site calibration this much stricter than the model's is explained to the user
+SUGGESTED_RATES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # examples of a higher --fpr
+
+
+def _a_higher_rate(default: float) -> float:
+    """A rate to suggest for more sensitivity: the first of :data:`SUGGESTED_RATES` above the model's ``default``."""
+    return next((rate for rate in SUGGESTED_RATES if rate > default), SUGGESTED_RATES[-1])
 
 
 def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path, before: Optional[float]) -> None:
@@ -337,11 +343,12 @@ def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path, before: 
         peak = new.postprocess.min_peak
         kept = f" (and a component must peak at {peak:g} times the threshold to be kept)" if peak > 1 else ""
         both = peak > 1  # (calibrate has no --fpr: detect's, or the model's default, --default-fpr)
+        rate = _a_higher_rate(new.default_fpr)
         log.info("The site's healthy scans score higher than those the source model was calibrated on: at the same "
                  "false-positive rate its threshold rose from %.4g to %.4g, so a lesion must now score higher to be "
                  "marked%s. For more sensitivity, at the cost of more false alarms: detect with a higher --fpr (e.g. "
-                 "0.001)%s, or calibrate again with --default-fpr 0.001%s to make %s.", before, now, kept,
-                 " or --min-peak 1" if both else "", " --min-peak 1" if both else "",
+                 "%g)%s, or calibrate again with --default-fpr %g%s to make %s.", before, now, kept, rate,
+                 " or --min-peak 1" if both else "", rate, " --min-peak 1" if both else "",
                  "them this model's defaults" if both else "it this model's default")
 
 
