@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from ..engine.calibration import ACQUISITION_FACTOR, other_acquisitions
 from ..errors import CeVAEError
 from ..options import plain_number
 from .config import SettingError, TrainConfig
@@ -139,6 +138,8 @@ def mixed_acquisitions(sides: Mapping[str, float],
     ``pools`` them: the adapted model's calibration, or the panel's calibrated model's thresholds); None when they
     are not. The adaptation says it before its first step, the panel before Adapt or Calibrate is pressed; each adds
     what to do."""
+    from ..engine.calibration import ACQUISITION_FACTOR, other_acquisitions  # (numpy: not at --help)
+
     if not other_acquisitions(list(sides.values())):
         return None
     thick, thin = max(sides, key=sides.__getitem__), min(sides, key=sides.__getitem__)
