@@ -217,3 +217,42 @@ def test_every_documented_script_line_names_a_script_and_its_flags() -> None:
             known = script_flags(REPO / script) | {"--help"}
             wrong += [f"{document}: {script} {flag}" for flag in used if flag not in known]
     assert seen > 50 and not wrong, wrong
+
+
+def bundled_model_figures() -> List[Tuple[str, str]]:
+    """(a phrase the README uses for a figure of the bundled model, that figure as ``info`` gives it, rounded as the
+    README writes it)."""
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.model_info import model_info
+
+    info = model_info(default_model_path())
+    calibration = info["calibration"]
+    others = {entry["flags"]: entry["threshold"] for entry in calibration["other_scorings"]}
+    sides, tails = calibration["largest_voxel_mm"], calibration["bright_tail"]
+    megabytes = Path(info["file"]).stat().st_size / 1e6
+    default = next(entry["threshold"] for entry in calibration["thresholds"] if entry["default"])
+    return [
+        ("threshold {} for the three-orientation", f"{default:.2f}"),
+        ("{} for its axial map alone", f"{others['--orientations axial']:.2f}"),
+        ("held-out healthy false-positive rate of {}", f"{calibration['default_fpr']:.3g}"),
+        ("the bundled model's, {}, was chosen", f"{calibration['default_fpr']:.3g}"),
+        ("the bundled one: {} mm)", f"{sides[0]:g} to {sides[1]:g}"),
+        ("slices thicker than {} mm for the bundled model", f"{calibration['warns_above_mm']:g}"),
+        ("the bundled one: {})", f"{tails[0]:.2f} to {tails[1]:.2f}"),
+        ("seed 0, {} steps", f"{info['training']['steps']}"),
+        ("cevae_t1_default.cevae` ({} MB", f"{megabytes:.1f}"),
+    ]
+
+
+def test_the_figures_the_readme_gives_of_the_bundled_model_are_the_models() -> None:
+    """The README's figures of the bundled model (its thresholds, rate, calibrated voxel sizes and bright tail, steps,
+    size) are those `cevae-anomaly info` gives: it said "threshold 5.52 with the axial model", of the earlier axial-only
+    model, where info on the model now says 5.611."""
+    text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    wrong = []
+    for phrase, figure in bundled_model_figures():
+        pattern = re.escape(phrase).replace(re.escape("{}"), r"([0-9][0-9.]*(?: to [0-9][0-9.]*)?)")
+        said = re.findall(pattern, text)
+        if said != [figure]:
+            wrong.append(f"{phrase.format(figure)!r}: the README says {said or 'nothing of it'}")
+    assert not wrong, wrong
