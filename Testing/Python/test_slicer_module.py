@@ -228,6 +228,9 @@ PUBLISH_SLIPS = {  # publish(volume, detection, ...) of a console user: each nam
                                                    r"holds results of this module \(score\), not a scan; it cannot "
                                                    r"be an input\.$"),
     "no input": (lambda volume, run: ((None, run.detection), {}), r"^Select a scalar input volume \(got None\)\.$"),
+    "a frame given as its number": (lambda volume, run: ((volume, run.detection), dict(frame=3)),
+                                    r"^frame must be a SequenceFrame \(CeVAEAnomalyLib\.slicer\.nodes\."
+                                    r"sequence_frame of the input\) or None, not an int\.$"),
 }
 
 

@@ -391,6 +391,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         from . import mrml
 
         _refuseNotDetection(detection)
+        _refuseNotFrame(frame)
         _refuseArguments(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D,
                          newNodes=newNodes)
         if volumeNode.GetScene() is None:
@@ -865,6 +866,15 @@ def _refuseNotDetection(detection: Any) -> None:
         own = "; give its .detection" if isinstance(detection, CeVAEAnomalyResult) else ""
         raise CeVAEError(f"detection must be a DetectionResult (CeVAEAnomalyLib.result), not "
                          f"{_described(detection)}{own}.")
+
+
+def _refuseNotFrame(frame: Any) -> None:
+    """Refuse a ``frame`` that is neither None nor a SequenceFrame (its item number, say)."""
+    from .nodes import SequenceFrame
+
+    if frame is not None and not isinstance(frame, SequenceFrame):
+        raise CeVAEError(f"frame must be a SequenceFrame (CeVAEAnomalyLib.slicer.nodes.sequence_frame of the input) "
+                         f"or None, not {_described(frame)}.")
 
 
 def _refuseModuleOutputs(candidates, what: str) -> None:
