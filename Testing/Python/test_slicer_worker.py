@@ -925,7 +925,7 @@ def test_results_are_not_loaded_onto_a_volume_moved_while_the_job_ran(head_scene
     volume.SetSpacing(2.0, 2.0, 2.0)  # e.g. a transform hardened or the volume resampled meanwhile
     run_to_end(job)
     assert job.state is JobState.DONE, job.error
-    with pytest.raises(CeVAEError, match="'head' was resampled or moved .* while the detection ran"):
+    with pytest.raises(CeVAEError, match="'head' was moved while the detection ran: its origin, spacing or"):
         logic.finishDetection(job)
     assert mrml.node_ids(scene) == before and not job.folder.exists()
     with pytest.raises(CeVAEError, match="loaded or discarded already"):
@@ -961,7 +961,7 @@ def test_results_are_not_loaded_onto_voxels_that_changed_while_the_detection_ran
         slicer.util.arrayFromVolumeModified(volume)
 
     for edit, message in ((edit_voxels, "voxels of the input volume 'head' changed"),
-                          (lambda: volume.SetSpacing(3.0, 3.0, 3.0), "'head' was resampled or moved")):
+                          (lambda: volume.SetSpacing(3.0, 3.0, 3.0), "'head' was moved while the detection ran")):
         done: list = []
 
         def halfway(fraction: float, text: str) -> None:
@@ -977,6 +977,48 @@ def test_results_are_not_loaded_onto_voxels_that_changed_while_the_detection_ran
     run_to_end(job)
     with pytest.raises(CeVAEError, match="'head' was removed during the run; its results were discarded"):
         logic.finishDetection(job)
+
+
+def cropped_in_place(volume) -> None:
+    """What Crop Volume does with interpolation off and the input as its output: a part of the voxels, its origin
+    moved to the part's first voxel."""
+    extract = vtk.vtkExtractVOI()
+    extract.SetInputData(volume.GetImageData())
+    extract.SetVOI(2, 21, 3, 22, 4, 15)
+    extract.Update()
+    cropped = vtk.vtkImageData()
+    cropped.DeepCopy(extract.GetOutput())
+    cropped.SetExtent(0, 19, 0, 19, 0, 11)
+    volume.SetOrigin(*(o + 3.0 for o in volume.GetOrigin()))
+    volume.SetAndObserveImageData(cropped)
+
+
+INPUT_CHANGES = {  # how the input changed while its worker ran, and what finishDetection says of it
+    "its image data cleared": (lambda volume: volume.SetAndObserveImageData(None),
+                               r"^The voxels of the input volume 'head' were cleared \(its image data removed\) while "
+                               r"the detection ran; its results have no scan to lie on\. Run the detection again\.$"),
+    "cropped in place": (cropped_in_place,
+                         r"^The input volume 'head' changed size while the detection ran, from 40x44x36 to 20x20x12 "
+                         r"voxels \(cropped or resampled\); its results would not lie on it\. Run the detection "
+                         r"again\.$"),
+}
+
+
+@pytest.mark.parametrize("change", INPUT_CHANGES, ids=list(INPUT_CHANGES))
+def test_an_input_changed_while_the_job_ran_is_refused_saying_what_changed(head_scene, tiny_bundle, change):
+    """An input whose image data was cleared, or cropped in place (Crop Volume into the same node), while its worker
+    ran was said to have been "resampled or moved (a transform hardened)". finishDetection now says what changed, from
+    what it compares (the voxels, the grid's size, its geometry); nothing is loaded."""
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    before = mrml.node_ids(scene)
+    INPUT_CHANGES[change][0](volume)
+    run_to_end(job)
+    assert job.state is JobState.DONE, job.error
+    with pytest.raises(CeVAEError, match=INPUT_CHANGES[change][1]):
+        logic.finishDetection(job)
+    assert mrml.node_ids(scene) == before and not job.folder.exists()
 
 
 def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):

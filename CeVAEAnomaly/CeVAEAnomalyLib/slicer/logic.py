@@ -191,17 +191,31 @@ def _state(volumeNode) -> Tuple:
 
 def _refuseChanged(volumeNode, before: Tuple, frame: Optional["SequenceFrame"] = None) -> None:
     """Refuse to load results onto an input whose grid or voxels are no longer those the detection read; of a
-    sequence's ``frame`` (the one read), those the sequence keeps for it, whichever frame the browser shows now."""
+    sequence's ``frame`` (the one read), those the sequence keeps for it, whichever frame the browser shows now. The
+    message says what changed: its voxels cleared, its size, its geometry (origin, spacing, orientation), its voxels."""
     from .nodes import read_frame_node
 
-    now = _state(read_frame_node(volumeNode, frame))
-    if now[:2] != before[:2]:
-        raise CeVAEError(f"The input volume '{volumeNode.GetName()}' was resampled or moved (a transform hardened) "
-                         "while the detection ran; its results would not lie on it. Run the detection again.")
+    now, name = _state(read_frame_node(volumeNode, frame)), volumeNode.GetName()
+    if now[2] is None or 0 in (now[0] or (0,)):
+        raise CeVAEError(f"The voxels of the input volume '{name}' were cleared (its image data removed) while the "
+                         "detection ran; its results have no scan to lie on. Run the detection again.")
+    if now[0] != before[0]:
+        raise CeVAEError(f"The input volume '{name}' changed size while the detection ran, from {_voxels(before[0])} "
+                         f"to {_voxels(now[0])} voxels (cropped or resampled); its results would not lie on it. Run "
+                         "the detection again.")
+    if now[1] != before[1]:
+        raise CeVAEError(f"The input volume '{name}' was moved while the detection ran: its origin, spacing or "
+                         "orientation changed (a transform hardened?); its results would not lie on it. Run the "
+                         "detection again.")
     if now[2] != before[2]:
-        raise CeVAEError(f"The voxels of the input volume '{volumeNode.GetName()}' changed while the detection ran "
+        raise CeVAEError(f"The voxels of the input volume '{name}' changed while the detection ran "
                          "(an edit, or another image put into it); its results belong to the voxels it read. "
                          "Run the detection again.")
+
+
+def _voxels(dimensions: Tuple[int, ...]) -> str:
+    """A grid's dimensions in words: "40x44x36"."""
+    return "x".join(str(d) for d in dimensions)
 
 
 class CeVAEAnomalyLogic(_LogicBase):
