@@ -1021,6 +1021,27 @@ def test_an_input_changed_while_the_job_ran_is_refused_saying_what_changed(head_
     assert mrml.node_ids(scene) == before and not job.folder.exists()
 
 
+def test_a_job_whose_folder_was_removed_after_it_finished_says_so_in_one_line(head_scene, tiny_bundle):
+    """A clean-up of temporary files between the job's end and finishDetection: the panel said "could not be read
+    ([Errno 2] No such file or directory: '.../detection.json')". It now says the run's temporary folder was removed;
+    nothing is loaded."""
+    import shutil
+
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    run_to_end(job)
+    assert job.state is JobState.DONE, job.error
+    shutil.rmtree(job.folder)
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError) as failed:
+        logic.finishDetection(job)
+    assert str(failed.value) == (f"The run's temporary folder {job.folder} was removed after the detection finished "
+                                 "(by a clean-up of temporary files?), before its results were loaded; nothing was "
+                                 "loaded. Run it again.")
+    assert mrml.node_ids(scene) == before
+
+
 def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
     """A line that is not the worker's own (NaN, a string, out of range) neither breaks the poll nor the panel's
     percentage; a fraction beyond [0, 1] is clamped, also a whole number too large for a float (OverflowError)."""

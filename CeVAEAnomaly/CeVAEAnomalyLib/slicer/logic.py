@@ -471,8 +471,9 @@ class CeVAEAnomalyLogic(_LogicBase):
     def finishDetection(self, job: WorkerJob) -> CeVAEAnomalyResult:
         """Load a finished detection job's results into the scene and remove its temporary folder. Refused
         (nothing loaded) if the input volume's voxel grid changed while the job ran (resampled, a transform
-        hardened): the results lie on the grid the job started from; and with an InputRemovedError if the input was
-        removed, or its scene closed, before the results were loaded."""
+        hardened): the results lie on the grid the job started from; if its temporary folder was removed meanwhile;
+        and with an InputRemovedError if the input was removed, or its scene closed, before the results were
+        loaded."""
         from ..result import load_result
 
         target = self._targets.get(job)
@@ -500,6 +501,10 @@ class CeVAEAnomalyLogic(_LogicBase):
                 raise CeVAEError("The detection did not finish.")
             if target.volume.GetScene() is not None:
                 _refuseChanged(target.volume, target.state, target.frame)
+            if not job.folder.is_dir():  # (its worker had ended: nothing stopped it)
+                raise CeVAEError(f"The run's temporary folder {job.folder} was removed after the detection finished "
+                                 "(by a clean-up of temporary files?), before its results were loaded; nothing was "
+                                 "loaded. Run it again.")
             outputs, new_nodes = target.outputs_now()
             with _warningsLogged() as warnings:
                 result = self.publish(target.volume, load_result(job.folder), outputs, target.createLabelmap,
