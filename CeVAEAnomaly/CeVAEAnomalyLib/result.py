@@ -17,7 +17,7 @@ from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple, get_a
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import CeVAEError
+from .errors import CeVAEError, one_line
 from .io import strict_json
 from .io.images import PathLike
 from .io.naming import table_delimiter
@@ -352,12 +352,27 @@ def load_result(folder: PathLike) -> DetectionResult:
         if "record" not in summary:
             raise ValueError("it holds no 'record'")
         record = None if summary["record"] is None else DetectionRecord.from_dict(summary["record"])
-        images = {key: sitk.ReadImage(str(folder / name)) for key, name in RESULT_FILES.items()}
+        images = {key: _read_image(folder / name) for key, name in RESULT_FILES.items()}
         _same_grid(images)
         return DetectionResult(images["score"], images["labelmap"], images["brain_mask"], float(threshold), source,
                                rows, components, record)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # (RecursionError is a RuntimeError)
-        raise CeVAEError(f"The detection results in {folder} could not be read ({exc}).") from None
+        raise CeVAEError(f"The detection results in {folder} could not be read ({one_line(exc)}).") from None
+
+
+def _read_image(path: Path) -> sitk.Image:
+    """One image of a result folder; one written only in part, or damaged, refused in one line naming it and what is
+    missing (ITK's message runs over several lines, with source paths and object addresses)."""
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        from .io.images import error_text
+        from .io.verify import incomplete_reason
+
+        if not path.is_file():
+            raise ValueError(f"{path.name} is missing") from None
+        why = incomplete_reason(path, path) or error_text(exc)
+        raise ValueError(f"{path.name} is cut short or damaged: {why}") from None
 
 
 def _folder(folder: PathLike) -> Path:

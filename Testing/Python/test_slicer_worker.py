@@ -1042,6 +1042,29 @@ def test_a_job_whose_folder_was_removed_after_it_finished_says_so_in_one_line(he
     assert mrml.node_ids(scene) == before
 
 
+def test_a_result_image_cut_short_is_said_in_one_line_naming_it(head_scene, tiny_bundle):
+    """A hand-over image written only in part (a full disk, the worker killed in its write) gave a CeVAEError holding
+    ITK's message of seven lines, with C++ source paths and object addresses; it now names the file and what is
+    missing, on one line."""
+    scene, volume, mask = head_scene
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    run_to_end(job)
+    assert job.state is JobState.DONE, job.error
+    score = job.folder / "score.nrrd"
+    size = score.stat().st_size
+    with open(score, "r+b") as cut:
+        cut.truncate(size // 2)
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError) as failed:
+        logic.finishDetection(job)
+    said = str(failed.value)
+    assert "\n" not in said and ".cxx" not in said and "0x" not in said, said
+    assert said == (f"The detection results in {job.folder} could not be read (score.nrrd is cut short or damaged: "
+                    f"{size // 2} of the {size} bytes its header announces).")
+    assert mrml.node_ids(scene) == before
+
+
 def test_progress_lines_without_a_usable_fraction_are_ignored(tmp_path):
     """A line that is not the worker's own (NaN, a string, out of range) neither breaks the poll nor the panel's
     percentage; a fraction beyond [0, 1] is clamped, also a whole number too large for a float (OverflowError)."""
