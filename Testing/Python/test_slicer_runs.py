@@ -531,3 +531,40 @@ def test_a_detection_keeps_the_panel_on_its_outputs_while_it_runs_and_leaves_the
     assert "self._frames.release()" in methods["_interrupt"]
     assert "self._frames.release()" in methods["_followHeldFrame"] and "self._onFrameChanged(" in methods[
         "_followHeldFrame"]
+
+
+def loaded_alone(folder, node):
+    """``node`` saved as Slicer's Save names its file (the node's name), then that file loaded alone into a new scene,
+    as Add Data loads it: named after the file, without the attributes the module set on the node. (scene, node)"""
+    path = folder / f"{node.GetName()}.nrrd"
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    scene = slicer.vtkMRMLScene()
+    loaded = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", path.name[: -len(".nrrd")])
+    reader = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    reader.SetFileName(str(path))
+    assert reader.ReadData(loaded)
+    return scene, loaded
+
+
+def test_a_score_map_saved_alone_and_loaded_again_is_not_scored_as_a_scan(tiny_bundle, tmp_path):
+    """A score volume saved from the panel ("head anomaly score.nrrd") and loaded alone into a new scene has none of
+    the module's attributes: it was scored as a head, and calibrated on as a healthy one. Its name says what it is
+    (io.naming.PANEL_RESULT, as batch leaves such files out): it is refused in one line naming it."""
+    from test_mrml import fake_detection
+
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head(seed=7)
+    run = CeVAEAnomalyLogic().publish(add_volume(scene, image, "head"), fake_detection(image, mask))
+    other, loaded = loaded_alone(tmp_path, run.nodes.score)
+    assert loaded.GetName() == "head anomaly score" and loaded.GetImageData() is not None
+    assert not nodes.is_module_output(loaded)
+    said = (r"^'head anomaly score' is named as a result of this module for 'head' \(NAME anomaly score, saved from "
+            r"its panel and loaded again\), not a scan; it cannot be {}\. If it is a scan, rename it\.$")
+    before = mrml.node_ids(other)
+    with pytest.raises(CeVAEError, match=said.format("an input")):
+        CeVAEAnomalyLogic().process(loaded, modelPath=tiny_bundle, device="cpu")
+    with pytest.raises(CeVAEError, match=said.format("a healthy scan or its mask")):
+        CeVAEAnomalyLogic().startCalibration([loaded], [None], tmp_path / "site.cevae", modelPath=tiny_bundle)
+    assert mrml.node_ids(other) == before

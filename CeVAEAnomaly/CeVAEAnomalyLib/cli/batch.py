@@ -32,7 +32,7 @@ from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
-from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, OUTPUT_NAMES, PANEL_OUTPUT_NAMES, UNICODE_TWINS, file_stem,
+from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, OUTPUT_NAMES, PANEL_RESULT, UNICODE_TWINS, file_stem,
                          image_stem, one_form, output_paths, subfolders_hint, unportable_character)
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
@@ -55,10 +55,6 @@ BARE_MASKS = ("mask", "brainmask", "brain_mask")  # a whole name (any case): the
 # extension: "_score", "_labelmap", "_segmentation.seg"
 RESULT_TAGS = tuple(str(image_stem("N" + OUTPUT_NAMES[role].format(ext=".nrrd")))[1:]
                     for role in ("score", "labelmap", "segmentation"))
-# the name of a volume the Slicer panel made for NAME, as Slicer's Save names its file: "NAME anomaly score", with
-# " (frame N)" for a sequence frame's and "_1" where the node's name was taken (group 1: NAME, 2: what follows it)
-_PANEL_ROLES = "|".join(re.escape(PANEL_OUTPUT_NAMES[role]) for role in ("score", "labelmap", "segmentation"))
-PANEL_RESULT = re.compile(rf"(.+)( (?:{_PANEL_ROLES})(?: \(frame \d+\))?(?:_\d+)?(?:\.seg)?)$")  # (.seg.nrrd)
 
 
 def mask_key(stem: str) -> Optional[str]:

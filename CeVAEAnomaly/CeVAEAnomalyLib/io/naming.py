@@ -5,6 +5,7 @@ The output table is shared by ``cevae-anomaly batch`` and the Slicer script
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -42,6 +43,11 @@ BATCH_ROLES = ("score", "labelmap", "slices", "components")  # what `batch` writ
 # as file names
 PANEL_OUTPUT_NAMES: Dict[str, str] = {role: f"anomaly {role}" for role in ("score", "labelmap", "segmentation",
                                                                           "components")}
+# the name of a volume the Slicer panel made for NAME, as Slicer's Save names its file and Add Data names the node it
+# loads from that file: "NAME anomaly score", with " (frame N)" for a sequence frame's and "_1" where the node's name
+# was taken (group 1: NAME, 2: what follows it)
+_PANEL_ROLES = "|".join(re.escape(PANEL_OUTPUT_NAMES[role]) for role in ("score", "labelmap", "segmentation"))
+PANEL_RESULT = re.compile(rf"(.+)( (?:{_PANEL_ROLES})(?: \(frame \d+\))?(?:_\d+)?(?:\.seg)?)$")  # (.seg.nrrd)
 
 
 WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*') | frozenset(map(chr, range(32)))  # never in a Windows file name
