@@ -58,7 +58,9 @@ def _key_options(key: str) -> Optional[Tuple[ScoreOptions, PostprocessOptions]]:
 
 
 # a scan whose largest voxel side is more than this factor from those of the scans a threshold was calibrated on is
-# another acquisition: the threshold's false-positive rate on it is not known (docs/benchmark.md, Acquisitions)
+# another acquisition: the threshold's false-positive rate on it is not known (docs/benchmark.md, Acquisitions).
+# The slice plane is not recorded: 5 mm scans of another plane than the calibration's flagged at most 5.4 times the
+# default rate on held-out heads, at most 3.0 times the same plane's (scripts/benchmark_slice_plane.py)
 ACQUISITION_FACTOR = 1.5
 
 
