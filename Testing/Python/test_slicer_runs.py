@@ -568,3 +568,19 @@ def test_a_score_map_saved_alone_and_loaded_again_is_not_scored_as_a_scan(tiny_b
     with pytest.raises(CeVAEError, match=said.format("a healthy scan or its mask")):
         CeVAEAnomalyLogic().startCalibration([loaded], [None], tmp_path / "site.cevae", modelPath=tiny_bundle)
     assert mrml.node_ids(other) == before
+
+
+def test_a_score_map_loaded_alone_is_not_the_default_input(tmp_path):
+    """A score volume saved from the panel and loaded alone into a new scene before a scan was the panel's default
+    input (first_input_volume went by the module's attributes, which it lost): Apply then refused it. A scan present
+    is the default; with none, no volume is; the score map stays selectable (a scan could be so named)."""
+    from test_mrml import fake_detection
+
+    image, mask = make_head(seed=7)
+    first = slicer.vtkMRMLScene()
+    run = CeVAEAnomalyLogic().publish(add_volume(first, image, "head"), fake_detection(image, mask))
+    scene, loaded = loaded_alone(tmp_path, run.nodes.score)
+    assert nodes.first_input_volume(scene) is None
+    scan = add_volume(scene, image, "head")
+    assert nodes.first_input_volume(scene) is scan
+    assert loaded.GetID() not in nodes.module_volume_ids(scene)

@@ -19,6 +19,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import CeVAEError
+from ..io.naming import PANEL_RESULT
 from .widget_state import with_warnings
 
 ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
@@ -359,11 +360,14 @@ def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
 
 def first_input_volume(scene: slicer.vtkMRMLScene) -> Optional[slicer.vtkMRMLScalarVolumeNode]:
     """The first plain scalar volume not made by this module (the panel's default input): not a labelmap, nor a
-    colour, vector or diffusion volume, which the input selector (exact class) could not even show."""
+    colour, vector or diffusion volume, which the input selector (exact class) could not even show, nor one named as
+    the panel names its results (:data:`~..io.naming.PANEL_RESULT`: saved and loaded alone, it has lost the module's
+    attributes; Apply refuses it, so it stays selectable only for a scan so named, to be renamed)."""
     own = set(module_volume_ids(scene))
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-        if node.GetClassName() == "vtkMRMLScalarVolumeNode" and node.GetID() not in own:
+        if (node.GetClassName() == "vtkMRMLScalarVolumeNode" and node.GetID() not in own
+                and not PANEL_RESULT.match(node.GetName() or "")):
             return node
     return None
 
