@@ -584,3 +584,40 @@ def test_a_score_map_loaded_alone_is_not_the_default_input(tmp_path):
     scan = add_volume(scene, image, "head")
     assert nodes.first_input_volume(scene) is scan
     assert loaded.GetID() not in nodes.module_volume_ids(scene)
+
+
+def test_results_the_command_line_wrote_beside_their_scan_are_not_scans(tiny_bundle, tmp_path):
+    """A score map and labelmap of `cevae-anomaly detect`/`batch` ("head_score.nrrd", "head_labelmap.nii.gz") loaded
+    into Slicer with their scan "head" were taken for scans: the score map was even the default input, and Apply
+    scored it as a head. As batch leaves such files out beside their scan, a volume so named with its scan in the
+    scene is now refused in one line, and not the default input. Alone, its name is not enough (a scan could be so
+    named), and its voxels cannot tell a score map from a skull-stripped scan."""
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.io.naming import output_paths
+    from test_mrml import fake_detection
+
+    image, mask = make_head(seed=7)
+    detection = fake_detection(image, mask, threshold=0.5)
+    paths = output_paths(tmp_path, "head", ("score", "labelmap"), ".nrrd")
+    scene = slicer.vtkMRMLScene()
+    loaded = {}
+    for role, written in (("score", detection.score), ("labelmap", detection.labelmap)):
+        sitk.WriteImage(written, str(paths[role]))
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", paths[role].name[: -len(".nrrd")])  # as Add Data
+        reader = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        reader.SetFileName(str(paths[role]))
+        assert reader.ReadData(node)
+        loaded[role] = node
+    assert [n.GetName() for n in loaded.values()] == ["head_score", "head_labelmap"]
+    assert nodes.first_input_volume(scene) is loaded["score"]
+    scan = add_volume(scene, image, "head")
+    assert nodes.first_input_volume(scene) is scan
+    said = (r"^'head_{}' is named as a result of this module for 'head' \(NAME_{}, as the command line names its "
+            r"files, and 'head' is in this scene\), not a scan; it cannot be {}\. If it is a scan, rename it\.$")
+    before = mrml.node_ids(scene)
+    for role, node in loaded.items():
+        with pytest.raises(CeVAEError, match=said.format(role, role, "an input")):
+            CeVAEAnomalyLogic().process(node, modelPath=tiny_bundle, device="cpu")
+    with pytest.raises(CeVAEError, match=said.format("score", "score", "a healthy scan or its mask")):
+        CeVAEAnomalyLogic().startCalibration([loaded["score"]], [None], tmp_path / "site.cevae", modelPath=tiny_bundle)
+    assert mrml.node_ids(scene) == before

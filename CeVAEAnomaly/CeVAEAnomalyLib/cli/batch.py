@@ -32,8 +32,8 @@ from ..io.checksum import sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
-from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, OUTPUT_NAMES, PANEL_RESULT, UNICODE_TWINS, file_stem,
-                         image_stem, one_form, output_paths, subfolders_hint, unportable_character)
+from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, PANEL_RESULT, RESULT_TAGS, UNICODE_TWINS,
+                         file_stem, image_stem, one_form, output_paths, subfolders_hint, unportable_character)
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
@@ -51,10 +51,6 @@ MASK_TAGS = ("_brain_mask", "_brainmask", "_mask")
 CONTRAST_TAGS = ("_t1", "_t1w")
 STRIPPED_TAG = "_brain"  # FSL's bet: NAME_brain is the skull-stripped copy of NAME (its mask: NAME_brain_mask)
 BARE_MASKS = ("mask", "brainmask", "brain_mask")  # a whole name (any case): the mask of the one image beside it
-# what ends the name of a volume that detection wrote for NAME (detect, batch, Slicer's DetectVolume.py), before its
-# extension: "_score", "_labelmap", "_segmentation.seg"
-RESULT_TAGS = tuple(str(image_stem("N" + OUTPUT_NAMES[role].format(ext=".nrrd")))[1:]
-                    for role in ("score", "labelmap", "segmentation"))
 
 
 def mask_key(stem: str) -> Optional[str]:

@@ -103,6 +103,12 @@ def image_stem(filename: str) -> Optional[str]:
     return None
 
 
+# what ends the name of a volume that detection wrote for NAME (detect, batch, Slicer's DetectVolume.py), before its
+# extension: "_score", "_labelmap", "_segmentation.seg"
+RESULT_TAGS = tuple(str(image_stem("N" + OUTPUT_NAMES[role].format(ext=".nrrd")))[1:]
+                    for role in ("score", "labelmap", "segmentation"))
+
+
 def file_stem(path: Path) -> str:
     """The name that prefixes a file's outputs: its name without the (image) extension; a folder's (a DICOM series)
     whole name, which has no extension (series folders are often named by their UID, 1.3.12.2.1107.5.2.43.66012)."""

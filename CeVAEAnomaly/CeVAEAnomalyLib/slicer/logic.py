@@ -898,20 +898,19 @@ def _refuseNotFrame(frame: Any) -> None:
 
 def _refuseModuleOutputs(candidates, what: str) -> None:
     """Refuse a node this module made (a score volume, an anomaly labelmap or segmentation) as ``what``: one with its
-    attributes, or one named as the panel names them (io.naming.PANEL_RESULT): its file saved from the panel and
-    loaded alone again, which has none."""
-    from ..io.naming import PANEL_RESULT
-    from .nodes import ROLE_ATTRIBUTE, is_module_output
+    attributes, or one whose name says so without them (nodes.named_as_result): its file saved from the panel and
+    loaded alone again, or a file the command line wrote loaded beside its scan."""
+    from .nodes import ROLE_ATTRIBUTE, is_module_output, named_as_result
 
     for node in candidates:
         if node is not None and is_module_output(node):
             raise CeVAEError(f"'{node.GetName()}' holds results of this module ({node.GetAttribute(ROLE_ATTRIBUTE)}), "
                              f"not a scan; it cannot be {what}.")
-        named = PANEL_RESULT.match(node.GetName() or "") if node is not None else None
+        named = named_as_result(node) if node is not None else None
         if named is not None:
-            raise CeVAEError(f"'{node.GetName()}' is named as a result of this module for '{named.group(1)}' "
-                             f"(NAME{named.group(2)}, saved from its panel and loaded again), not a scan; it cannot be "
-                             f"{what}. If it is a scan, rename it.")
+            scan, tag, how = named
+            raise CeVAEError(f"'{node.GetName()}' is named as a result of this module for '{scan}' (NAME{tag}, {how}), "
+                             f"not a scan; it cannot be {what}. If it is a scan, rename it.")
 
 
 def _writeInputs(folder: Path, stem: str, image: "sitk.Image", mask: Optional["sitk.Image"]) -> None:

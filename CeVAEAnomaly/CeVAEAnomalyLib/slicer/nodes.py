@@ -19,7 +19,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import CeVAEError
-from ..io.naming import PANEL_RESULT
+from ..io.naming import PANEL_RESULT, RESULT_TAGS
 from .widget_state import with_warnings
 
 ROLE_ATTRIBUTE = "CeVAEAnomaly.Role"
@@ -358,16 +358,38 @@ def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
     return found
 
 
+def named_as_result(node: slicer.vtkMRMLNode) -> Optional[Tuple[str, str, str]]:
+    """(NAME, what follows it, how) where ``node``'s name says it holds results of this module for a volume NAME, not
+    a scan, though it has none of the module's attributes: named as the panel names them
+    (:data:`~..io.naming.PANEL_RESULT`: saved from the panel and loaded alone), or as the command line names its
+    files (:data:`~..io.naming.RESULT_TAGS`: NAME_score, ...) with a volume NAME in its scene, as batch leaves such
+    a file out beside its scan. A name alone of the command line's is no proof (a scan could be so named), and the
+    voxels of a score map are no different from a skull-stripped scan's. None otherwise."""
+    name = node.GetName() or ""
+    panel = PANEL_RESULT.match(name)
+    if panel is not None:
+        return panel.group(1), panel.group(2), "saved from its panel and loaded again"
+    scene = node.GetScene()
+    for tag in RESULT_TAGS:
+        scan = name[: -len(tag)]
+        if name.endswith(tag) and scan and scene is not None and _has_volume_named(scene, scan):
+            return scan, tag, f"as the command line names its files, and '{scan}' is in this scene"
+    return None
+
+
+def _has_volume_named(scene: slicer.vtkMRMLScene, name: str) -> bool:
+    """Whether ``scene`` holds a volume named ``name``."""
+    return scene.GetNodesByClassByName("vtkMRMLVolumeNode", name).GetNumberOfItems() > 0
+
+
 def first_input_volume(scene: slicer.vtkMRMLScene) -> Optional[slicer.vtkMRMLScalarVolumeNode]:
     """The first plain scalar volume not made by this module (the panel's default input): not a labelmap, nor a
-    colour, vector or diffusion volume, which the input selector (exact class) could not even show, nor one named as
-    the panel names its results (:data:`~..io.naming.PANEL_RESULT`: saved and loaded alone, it has lost the module's
-    attributes; Apply refuses it, so it stays selectable only for a scan so named, to be renamed)."""
+    colour, vector or diffusion volume, which the input selector (exact class) could not even show, nor one
+    :func:`named_as_result` (Apply refuses it; it stays selectable only for a scan so named, to be renamed)."""
     own = set(module_volume_ids(scene))
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-        if (node.GetClassName() == "vtkMRMLScalarVolumeNode" and node.GetID() not in own
-                and not PANEL_RESULT.match(node.GetName() or "")):
+        if node.GetClassName() == "vtkMRMLScalarVolumeNode" and node.GetID() not in own and not named_as_result(node):
             return node
     return None
 
