@@ -17,7 +17,6 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
