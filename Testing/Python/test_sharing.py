@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_head
+from CeVAEAnomalyLib import __version__
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import default_model_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
@@ -299,3 +300,29 @@ def test_folds_number_the_site_scans_when_a_calibration_scan_has_a_site_scan_s_n
     site_scans = sorted(v["name"] for v in header["adaptation"]["site_scans"])
     assert sorted(n for fold in header["adaptation"]["folds"] for n in fold["held_out"]) == site_scans
     assert header["names_removed"] == {"scans": 3} and header["calibration_subjects"] == ["scan 3"]
+
+
+@pytest.mark.parametrize("where", ["section", "scan record"])
+def test_a_model_written_by_a_later_version_is_not_shared(calibrated, tmp_path, capsys, where):
+    """A later CeVAEAnomaly may record scans where this version does not look (a new section, a new key of a scan's
+    record): such a model was copied with those names or paths in it, and said to have had its names removed."""
+    from test_untrusted_bundles import rewrite
+
+    def later_records(header: Dict[str, Any], table: Dict[str, Any]) -> None:
+        header["written_by"] = "9.0.0"
+        if where == "section":
+            header["site_log"] = {"scans": ["55555555_POE_P_T1"]}
+        else:
+            header["recalibration"]["scans"][0]["source"] = "/data/55555555_POE_P/T1.nii.gz"
+
+    later = tmp_path / "later.cevae"
+    later.write_bytes(calibrated.read_bytes())
+    rewrite(later, later_records)
+    read_header(later)  # this version reads it (and detects with it)
+    shared = tmp_path / "shared.cevae"
+    assert main(["share", str(later), "--out", str(shared)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {later} was written by CeVAEAnomaly 9.0.0, newer than this one ({__version__}): its header may record "
+        "scans where this version does not look, so no shareable copy was written. Share it with CeVAEAnomaly 9.0.0 "
+        "or later.\n")
+    assert not shared.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["later.cevae"]

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Set, Tuple, Union
 
+from .. import __version__
 from ..data import refuse_bundled_output
 from ..errors import CeVAEError
 from ..io.atomic import atomic_path
@@ -24,8 +25,8 @@ from ..io.lock import hold_output
 from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
 from .bundle_checks import NAMES_REMOVED
-from .header import (BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, bundle_layout, finite_record, read_header,
-                     weights_digest)
+from .header import (BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, bundle_layout, finite_record, later_writer,
+                     read_header, weights_digest)
 
 # the records of scans with their sha256: (section, list) of the header
 VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"), ("adaptation", "site_scans"),
@@ -195,6 +196,7 @@ def _with_header(data: bytes, source: Path) -> bytes:
     they were."""
     layout = bundle_layout(source, data)  # (read_header accepted the file: one replaced since is refused here)
     written = layout.written_header()
+    _refuse_later_writer(written, source)
     if "training" in written:  # (as read_header takes it: an old bundle's NaN validation loss as None)
         written["training"] = finite_record(written["training"])
     try:  # (NaN elsewhere in a header is no strict JSON: refused here)
@@ -206,6 +208,16 @@ def _with_header(data: bytes, source: Path) -> bytes:
     text = json.dumps(table, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # (safetensors pads its header with spaces: the tensors start 8-byte aligned)
     return len(text).to_bytes(8, "little") + text + data[layout.data_start:]
+
+
+def _refuse_later_writer(header: Mapping[str, Any], source: Path) -> None:
+    """Refuse a header a later CeVAEAnomaly wrote: it may record scans in sections or keys this version does not know,
+    which :func:`without_scan_names` would copy with their names."""
+    later = later_writer(header)
+    if later is not None:
+        raise CeVAEError(f"{source} was written by CeVAEAnomaly {later}, newer than this one ({__version__}): its "
+                         "header may record scans where this version does not look, so no shareable copy was written. "
+                         f"Share it with CeVAEAnomaly {later} or later.")
 
 
 def _refuse_damaged(copy_path: Path, source: Path) -> None:
