@@ -96,7 +96,7 @@ def test_a_shared_copy_holds_no_scan_name_and_detects_as_the_model_does(calibrat
     text = capsys.readouterr().out
     assert text.splitlines()[0].endswith("; scan names removed for sharing.")
     assert ("Scan names: removed for sharing (cevae-anomaly share); its 5 scans are called scan 1 to scan 5 in every "
-            "record, each scan's sha256 kept.") in text
+            "record, each scan's sha256 (and a training volume's voxel digest) kept.") in text
     assert "Calibrated on: 2 healthy scans (scan 4, scan 5)" in text
     assert model_info(shared)["names_removed"] == {"scans": 5} and model_info(calibrated)["names_removed"] is None
 

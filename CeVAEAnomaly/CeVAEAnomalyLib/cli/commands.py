@@ -435,8 +435,9 @@ def run_share(args: argparse.Namespace) -> Path:
     path = share_model(args.model, args.out, args.overwrite)
     scans = read_header(path).extra[NAMES_REMOVED]["scans"]
     log.info("Shareable copy written to %s: the %d scan(s) it records are called scan 1, scan 2, ..., each with its "
-             "sha256; its weights and calibration are those of %s. Share it alone: the checkpoints beside a trained or "
-             "adapted model hold the scans' paths.", path, scans, args.model)
+             "sha256 (a training volume also with the digest of its voxels, which tells it in any format); its weights "
+             "and calibration are those of %s. Share it alone: the checkpoints beside a trained or adapted model hold "
+             "the scans' paths.", path, scans, args.model)
     return path
 
 

@@ -294,7 +294,8 @@ def _names_removed_line(scans: int) -> str:
     if scans == 0:
         return "Scan names: removed for sharing (cevae-anomaly share); it records no scans."
     called = "its scan is called scan 1" if scans == 1 else f"its {scans} scans are called scan 1 to scan {scans}"
-    return f"Scan names: removed for sharing (cevae-anomaly share); {called} in every record, each scan's sha256 kept."
+    return (f"Scan names: removed for sharing (cevae-anomaly share); {called} in every record, each scan's sha256 (and "
+            "a training volume's voxel digest) kept.")
 
 
 def _model(reference: Mapping[str, Any]) -> str:
