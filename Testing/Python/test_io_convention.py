@@ -96,8 +96,12 @@ def test_manifest_problems_are_clear(tmp_path, content, message):
 
 
 def test_manifest_that_is_not_text_is_refused(tmp_path):
-    (tmp_path / "m.csv").write_bytes(b"\xff\xfe\x00\x81binary")
-    with pytest.raises(CeVAEError, match="not a readable CSV file"):
+    (tmp_path / "m.csv").write_bytes(b"\xff\xfe\x00\x81binary")  # UTF-16's byte-order mark, then no text
+    with pytest.raises(CeVAEError, match="not a readable CSV file .it starts with UTF-16's byte-order mark but holds "
+                                         "no line end"):
+        read_manifest(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_bytes(b"\xff\xfe" + "image\n\x07a.nii.gz\n".encode("utf-16-le"))
+    with pytest.raises(CeVAEError, match="holds the control character U.0007"):
         read_manifest(tmp_path / "m.csv")
     with pytest.raises(CeVAEError, match="does not exist"):
         read_manifest(tmp_path / "absent.csv")

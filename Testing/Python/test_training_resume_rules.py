@@ -60,11 +60,11 @@ def write_log(path: Path, rows) -> None:
 
 def test_a_finished_runs_log_is_kept_and_a_run_stopped_before_its_first_checkpoint_is_replaced(tmp_path):
     cfg = TrainConfig(out=tmp_path / "m.cevae", checkpoint_every=20)
-    early = [(10, 0.5, 0.1, 0.2, 0.2, "", 1.0, 100.0)]  # no checkpoint yet: no validation loss
+    early = [(10, 0.5, 0.1, 0.2, 0.2, "", 1.0, 100.0, "")]  # no checkpoint yet
     write_log(cfg.log_path, early)
     assert cfg.earlier_outputs() == ()
     cfg.check_outputs((), overwrite=False)
-    write_log(cfg.log_path, [*early, (20, 0.4, 0.1, 0.2, 0.1, "nan", 2.0, 100.0)])  # a checkpoint (no validation set)
+    write_log(cfg.log_path, [*early, (20, 0.4, 0.1, 0.2, 0.1, "", 2.0, 100.0, 1)])  # a checkpoint (no validation set)
     assert cfg.earlier_outputs() == (cfg.log_path,)  # the model and checkpoint moved away: the log is the run's record
     with pytest.raises(CeVAEError, match=r"m\.cevae\.log\.csv already exists \(there is no checkpoint of the run that "
                                          r"wrote it to resume\); pass --overwrite to train again and replace it, or "

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,7 +185,13 @@ def _list_text(path: Path, what: str) -> str:
     refused naming the line of its first byte that is not UTF-8."""
     raw = path.read_bytes()
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return raw.decode("utf-16")  # (the mark says the byte order and is dropped)
+        text = raw.decode("utf-16")  # (the mark says the byte order and is dropped)
+        control = next((c for c in text if c not in "\t\r\n" and unicodedata.category(c) == "Cc"), None)
+        if control is not None or "\n" not in text:  # (a binary file that happens to start as a UTF-16 mark)
+            held = "no line end" if control is None else f"the control character U+{ord(control):04X}"
+            raise CeVAEError(f"The {what} {path} is not a readable CSV file (it starts with UTF-16's byte-order mark "
+                             f"but holds {held}).")
+        return text
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
