@@ -19,6 +19,7 @@ from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.progress import Cancelled
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions, fold_files, output_paths, run_files
+from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = AdaptOptions(steps=4, batch_size=8, checkpoint_every=2, device="cpu")
@@ -117,6 +118,21 @@ def test_cuda_asked_for_without_cuda_is_refused_before_any_run(tiny_bundle, site
                  *QUICK_ARGS, "--device", "cuda"]) == 2
     error = capsys.readouterr().err
     assert "CUDA was asked for (device cuda) but is not available" in error and "--device cpu" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site.csv"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="needs the healthy sample volumes")
+def test_a_missing_accelerator_is_refused_before_any_scan_is_read(tmp_path, capsys, caplog):
+    """--device mps where there is none was refused only after the scans were hashed and compared with the model's
+    training volumes: the bundled model's own training scans were warned about first."""
+    manifest = tmp_path / "site.csv"
+    manifest.write_text("image,mask\n" + "".join(f"{SHARED_DATA / (s + '_t1.nii.gz')},"
+                                                  f"{SHARED_DATA / (s + '_brainmask.nii.gz')}\n"
+                                                  for s in ("colin27", "mni152", "robex")))
+    assert main(["adapt", "--manifest", str(manifest), "--out", str(tmp_path / "site.cevae"),
+                 *QUICK_ARGS, "--device", "mps"]) == 2
+    assert "MPS was asked for (device mps) but is not available" in capsys.readouterr().err
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site.csv"]
 
 

@@ -64,6 +64,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     errors that advise it (Slicer's: slicer.worker.PANEL_WORDING).
     """
     options.validate()
+    device = _device(options.device, wording)  # what the runs use: a missing GPU is refused before any scan is read
     checked(progress)
     check_subjects(subjects)
     base, out = Path(base), Path(out)
@@ -96,7 +97,6 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     warned_of_mixed = _warn_of_mixed_acquisitions(subjects, wording.stop)
     modes = _adaptable_modes(calibrated_test_time_steps(header.calibration), base)  # the parent's, calibrated again
     thorough = len([steps for steps in modes if steps > 0])
-    device = _device(options.device, wording)  # what the runs use: a missing GPU is refused before any run
     calibrating = calibration_seconds(len(subjects), thorough_modes=thorough)
     calibrate_share = min(0.8, calibrating / (calibrating + training_seconds(len(subjects), options,
                                                                              n_persons=len(persons))))
