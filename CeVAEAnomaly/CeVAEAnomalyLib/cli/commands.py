@@ -274,6 +274,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     check_calibratable(*request.options(ScoreOptions(), PostprocessOptions()))  # the values asked for, at once
     if args.default_fpr is not None:  # before the volumes are listed
         check_default_fpr(args.default_fpr, "--default-fpr")
+    device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before any volume is read
     subjects = _healthy_subjects(args, "calibration")
     src = _model(args)[0]
     refuse_bundled_output(args.out)  # even with --overwrite, so before "exists; pass --overwrite"
@@ -285,7 +286,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))
     with hold_output(args.out, "calibrate"):  # against a train, adapt or calibrate writing the same --out
         check_paths([args.out], args.overwrite, [src])  # again: one of them may have written it since
-        bundle = load_bundle(src, resolve_device(request.run.device))
+        bundle = load_bundle(src, device)
         warn_of_training_scans(bundle.header, [s.image for s in subjects], checksums)
         opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr,
