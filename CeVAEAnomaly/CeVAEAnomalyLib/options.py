@@ -311,6 +311,7 @@ class RunOptions(Serialisable):
 # ---- one detection request ---------------------------------------------------------------------
 _PARTS: Tuple[type, ...] = (ScoreOptions, PostprocessOptions, ThresholdPolicy, RunOptions)
 _OWNER: Dict[str, type] = {f.name: cls for cls in _PARTS for f in fields(cls)}
+_BY_NAME = frozenset(["paper", *_OWNER])  # every name DetectionRequest.of takes: paper, then the parts' options
 
 
 def _checked_overrides(cls: type, values: Mapping[str, Any], what: str, part: str) -> Dict[str, Any]:
@@ -367,7 +368,7 @@ class DetectionRequest(Serialisable):
     @classmethod
     def of(cls, paper: bool = False, **options: Any) -> "DetectionRequest":
         """A request from option names (None: the model's or the default), each routed to its part."""
-        refuse_unknown(options, _OWNER, "detection option(s)")
+        refuse_unknown(options, _BY_NAME, "detection option(s)")
         parts: Dict[type, Dict[str, Any]] = {c: {} for c in _PARTS}
         for name, value in options.items():
             if value is not None:
@@ -443,7 +444,7 @@ def refuse_options_by_name(given: Mapping[str, Any], takes: Iterable[str], call:
     told the call that takes them by name (``how``, its ``{}`` filled with them as given), other names are unknown."""
     taken = set(takes)
     extra = {k: v for k, v in given.items() if k not in taken}
-    unknown = sorted(set(extra) - set(_OWNER) - {"paper"})
+    unknown = sorted(set(extra) - _BY_NAME)
     if unknown:
         raise CeVAEError(f"Unknown argument(s) {', '.join(map(repr, unknown))}: {call}; detection options by name: "
                          f"{how.format('...')}.")

@@ -153,6 +153,15 @@ def test_request_refuses_bad_values_with_the_options_message(options, message):
         DetectionRequest.of(**options)
 
 
+def test_an_unknown_option_is_refused_listing_every_name_the_request_takes():
+    """DetectionRequest.of(colour="red") listed the option names it knows without paper, which it takes too."""
+    with pytest.raises(CeVAEError) as caught:
+        DetectionRequest.of(colour="red")
+    known = str(caught.value).split("; known: ")[1].rstrip(".").split(", ")
+    parts = (ScoreOptions, PostprocessOptions, ThresholdPolicy, RunOptions)
+    assert sorted(known) == sorted(["paper", *(f.name for part in parts for f in fields(part))])
+
+
 @pytest.mark.parametrize("orientations, message", [("axial,foo", "Unknown orientation 'foo'"),
                                                   ("sagittal", "Orientations must start with axial"),
                                                   ("axial,axial", "name each orientation once"),
