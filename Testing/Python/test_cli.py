@@ -207,3 +207,16 @@ def test_help_imports_no_numpy():
                         "print('numpy' in sys.modules)"],
                        capture_output=True, text=True, check=True)
     assert "detect" in r.stdout and r.stdout.strip().endswith("False")
+
+
+def test_a_three_slice_volume_with_a_mask_is_refused_for_what_needs_the_slices(tmp_path, tiny_bundle, capsys):
+    """A 3-slice scan given with its brain mask was refused saying "the brain mask and the filters need them", though
+    no brain mask was to be made: the reason names only the filters, which need them with a mask or without."""
+    image, mask = make_head(seed=4)
+    sitk.WriteImage(image[:, :, 10:13], str(tmp_path / "slab.nii.gz"))
+    sitk.WriteImage(mask[:, :, 10:13], str(tmp_path / "slab_mask.nii.gz"))
+    assert main(["detect", str(tmp_path / "slab.nii.gz"), "--mask", str(tmp_path / "slab_mask.nii.gz"), "--model",
+                 str(tiny_bundle), "--device", "cpu", "--score", str(tmp_path / "score.nii.gz")]) == 2
+    error = capsys.readouterr().err
+    assert "only 3 voxels along one axis" in error and "the filters need them" in error
+    assert "brain mask" not in error

@@ -770,7 +770,7 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
         raise CeVAEError(f"The {what} is too small to analyse ({shape} voxels).")
     if min(size) < _MIN_SLICES:
         raise CeVAEError(f"The {what} has only {min(size)} voxels along one axis ({shape} voxels); at least "
-                         f"{_MIN_SLICES} are needed to analyse it (the brain mask and the filters need them).")
+                         f"{_MIN_SLICES} are needed to analyse it (the filters need them).")
     return image
 
 
