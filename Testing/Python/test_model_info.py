@@ -221,12 +221,54 @@ def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(
                                     "scans of 3 mm voxels.")
     assert (f"Adapted from: tiny (tiny.cevae, sha256 {sha256_of(tiny_bundle)}), fine-tuned on 2 site scans (colin27, "
             "mni152): 2 steps per run, learning rate 0.0001, 2 calibration folds.") in text
-    assert "Trained on:" not in text  # its training record is the fine-tuning's
+    learned = [v["name"] for v in read_header(tiny_bundle).training["subjects"]]  # (its validation volume: not)
+    assert (f"Trained on: 2 site scans (colin27, mni152), fine-tuned from tiny, which had learned from 2 healthy "
+            f"volumes ({', '.join(learned)}).") in text.splitlines()
+    base = [{"name": v["name"], "sha256": v["sha256"], "person": None}
+            for v in read_header(tiny_bundle).training["subjects"]]
+    assert json.loads(info(capsys, str(site), "--json"))["adaptation"]["base_volumes"] == base
     stamp = read_header(site).training["trained_utc"]
     assert f"Date adapted: {stamp} (UTC)." in text.splitlines() and "Date trained" not in text
     assert json.loads(info(capsys, str(site), "--json"))["training"]["trained_utc"] == stamp
     assert "Calibrated on: 2 healthy scans (colin27, mni152), " in text and "; site scans, each scored by the fold " \
                                                                         "model" in text
+
+
+def test_calibrating_an_adapted_model_on_its_base_models_training_volumes_warns(tmp_path, tiny_bundle, scans,
+                                                                                 caplog):
+    """An adapted model recorded only its site scans as its training volumes: calibrated on a volume its base model
+    had learned from (which it learned from too), it said nothing. It records them, and calibrate warns."""
+    site = tmp_path / "site.cevae"
+    assert main(["adapt", str(scans["site"]), "--model", str(tiny_bundle), "--out", str(site), "--steps", "2",
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    seen = tiny_bundle.parent / f"{read_header(tiny_bundle).training['subjects'][0]['name']}.nii.gz"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["calibrate", str(seen), str(seen.with_name(seen.name.replace(".nii", "_mask.nii"))),
+                     "--model", str(site), "--out", str(tmp_path / "again.cevae"), "--device", "cpu"]) == 0
+    assert f"{seen} is among the model's training volumes" in caplog.text
+
+
+def test_an_adapted_copy_of_the_bundled_model_knows_the_bundled_models_training_scans(tmp_path):
+    """An adapted model's header holds what its base model learned from (adaptation.base_volumes): the bundled model's
+    sample scans are told as its training scans; one adapted before it was recorded says so, and knows none."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+
+    if not (SHARED_DATA / "robex_t1.nii.gz").exists():
+        pytest.skip("needs the healthy sample volumes")
+    bundled = read_header(default_model_path()).training["subjects"]
+    site = [{"name": "site 1", "sha256": "1" * 64}]
+    path = Path(shutil.copy(default_model_path(), tmp_path / "adapted.cevae"))
+    parent = {"name": "cevae_t1_default", "file": default_model_path().name, "sha256": "ab" * 32}
+    rewrite(path, lambda h, t: (h["training"].__setitem__("subjects", site),
+                                h.__setitem__("adaptation", {"parent": parent, "site_scans": site,
+                                                             "base_volumes": bundled})))
+    samples = [SHARED_DATA / f"{n}_t1.nii.gz" for n in ("colin27", "mni152", "robex")]
+    assert read_header(path).trained_scans(samples, {p: sha256_of(p) for p in samples}) == samples
+    rewrite(path, lambda h, t: h["adaptation"].pop("base_volumes"))
+    assert read_header(path).trained_scans(samples, {p: sha256_of(p) for p in samples}) == []
 
 
 def test_a_trained_model_records_when_it_was_written_and_info_says_it(capsys, tiny_bundle):
@@ -421,6 +463,8 @@ def test_the_calibration_of_an_adapted_model_names_its_site_scans(capsys, tmp_pa
     rewrite(path, adapted)
     lines = info(capsys, str(path)).splitlines()
     assert any(line.startswith("Calibrated on: 3 healthy scans (site 1, site 2, site 3), ") for line in lines), lines
+    assert ("Trained on: 3 site scans (site 1, site 2, site 3), fine-tuned from base, whose training volumes it does "
+            "not record (adapted by an earlier version).") in lines  # (adapted before they were recorded)
     assert json.loads(info(capsys, str(path), "--json"))["calibration"]["scan_names"] == ["site 1", "site 2", "site 3"]
     header = read_header(path)
     assert header.threshold(header.score_options, header.postprocess, ThresholdPolicy())[1].startswith(

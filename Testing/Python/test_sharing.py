@@ -189,7 +189,11 @@ def test_an_adapted_model_numbers_each_scan_alike_in_every_record(tiny_bundle, t
     assert not [stem for stem in STEMS if stem.encode() in shared.read_bytes()]
     header = _written_header(shared)
     by_sha = {v["sha256"]: v["name"] for v in header["adaptation"]["site_scans"]}
-    assert sorted(by_sha.values()) == ["scan 1", "scan 2"] and header["names_removed"] == {"scans": 2}
+    assert sorted(by_sha.values()) == ["scan 1", "scan 2"] and header["names_removed"] == {"scans": 4}
+    # the volumes its base model learned from (tiny's two training heads) are renamed too
+    base = [v["sha256"] for v in read_header(tiny_bundle).training["subjects"]]
+    renamed = {v["sha256"]: v["name"] for v in header["adaptation"]["base_volumes"]}
+    assert renamed == dict(zip(base, ["scan 3", "scan 4"]))
     assert {v["sha256"]: v["name"] for v in header["training"]["subjects"]} == by_sha
     assert [by_sha[s["sha256"]] for s in header["recalibration"]["scans"]] == header["calibration_subjects"]
     assert sorted(n for fold in header["adaptation"]["folds"] for n in fold["held_out"]) == ["scan 1", "scan 2"]
@@ -299,7 +303,8 @@ def test_folds_number_the_site_scans_when_a_calibration_scan_has_a_site_scan_s_n
     header = _written_header(shared)
     site_scans = sorted(v["name"] for v in header["adaptation"]["site_scans"])
     assert sorted(n for fold in header["adaptation"]["folds"] for n in fold["held_out"]) == site_scans
-    assert header["names_removed"] == {"scans": 3} and header["calibration_subjects"] == ["scan 3"]
+    # (and the two volumes tiny learned from, which the adapted model records as its base model's: scan 4, scan 5)
+    assert header["names_removed"] == {"scans": 5} and header["calibration_subjects"] == ["scan 3"]
 
 
 @pytest.mark.parametrize("where", ["section", "scan record"])

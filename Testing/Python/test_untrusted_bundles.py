@@ -163,6 +163,9 @@ CASES: Dict[str, Tuple[Edit, str]] = {
         top("training", {"subjects": [{"name": "a", "sha256": "0" * 64, "content_sha256": 5}]}),
         r"training\.subjects must be a list of volumes, each with a text name and sha256 \(and a text person and "
         r"content_sha256, if any\)"),
+    "an adapted model's base volume without a text checksum": (
+        top("adaptation", {"base_volumes": [{"name": "a", "sha256": 5}]}),
+        r"adaptation\.base_volumes must be a list of volumes, each with a text name and sha256"),
     "unknown training orientation": (top("training", {"orientations": [5]}),
                                      r"training\.orientations must be a list of axial, coronal, sagittal, got \[5\]"),
     "calibrated voxel sizes reversed": (calibration(lambda e: e.update(largest_voxel_mm=[2.0, 1.0])),

@@ -25,6 +25,8 @@ from .config import (MAX_BETA, MAX_CHANNELS, MAX_MARGIN_MM, MAX_Z, SUPPORTED_INP
 
 WEIGHT_DTYPES = ("F32", "F16")
 NAMES_REMOVED = "names_removed"  # a shareable copy's record that its scans' names were removed (engine/sharing.py)
+# an adapted model's record (in its adaptation section) of the volumes its base model learned from (training/adapt.py)
+BASE_VOLUMES_KEY = "base_volumes"
 # a model file's calibration tables (this project writes 3 per calibrated mode, up to 12): every threshold lookup
 # reads each table's key, so 20000 took 2 s per detection and per update of the Slicer panel, which makes several
 MAX_CALIBRATION_TABLES = 1000
@@ -142,19 +144,25 @@ def _check_training(header: Mapping[str, Any]) -> None:
     if "trained_utc" in training:  # (models written before it lack it)
         _utc_time("training.trained_utc", training["trained_utc"])
     for key in ("subjects", "validation_subjects"):
-        volumes = training.get(key, [])
-        if not (isinstance(volumes, list) and all(
-                isinstance(v, dict) and all(isinstance(v.get(k, ""), str) for k in ("name", "sha256"))
-                and all(isinstance(v.get(k), (str, type(None))) for k in ("person", "content_sha256"))
-                for v in volumes)):
-            _fail(f"training.{key}", "must be a list of volumes, each with a text name and sha256 (and a text "
-                  "person and content_sha256, if any)")
+        _check_volumes(f"training.{key}", training.get(key, []))
     for key in ("training_contrast", "adaptation"):
         record = header.get(key, {})
         if not isinstance(record, dict):
             _fail(f"header section '{key}'", f"must be a JSON object, got {type(record).__name__}")
         if "depth_contrast" in record:
             _number(f"{key}.depth_contrast", record["depth_contrast"], -1000, 1000)  # clip_max bounds the scale
+    # what an adapted model's base model learned from (models adapted by earlier versions do not record it)
+    _check_volumes(f"adaptation.{BASE_VOLUMES_KEY}", header.get("adaptation", {}).get(BASE_VOLUMES_KEY, []))
+
+
+def _check_volumes(where: str, volumes: Any) -> None:
+    """A list of volume records (training/packaging.subject_records): each with a text name and sha256."""
+    if not (isinstance(volumes, list) and all(
+            isinstance(v, dict) and all(isinstance(v.get(k, ""), str) for k in ("name", "sha256"))
+            and all(isinstance(v.get(k), (str, type(None))) for k in ("person", "content_sha256"))
+            for v in volumes)):
+        _fail(where, "must be a list of volumes, each with a text name and sha256 (and a text person and "
+              "content_sha256, if any)")
 
 
 def _check_recalibration(record: Any) -> None:

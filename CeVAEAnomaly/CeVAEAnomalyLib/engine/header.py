@@ -23,7 +23,7 @@ from ..errors import CeVAEError
 from ..io.checksum import content_sha256
 from ..io.targets import refuse_unsearchable, special_file_kind
 from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy
-from .bundle_checks import UTC_FORMAT, check_model_section, check_sections
+from .bundle_checks import BASE_VOLUMES_KEY, UTC_FORMAT, check_model_section, check_sections
 from .calibration import DEFAULT_FPR, acquisition_difference, find_calibration, thin_tail, threshold_for_fpr
 from .config import LossConfig, ModelConfig, PreprocessConfig
 
@@ -104,15 +104,23 @@ class BundleHeader:
         return out
 
     def trained_scans(self, images: Sequence[Path], checksums: Mapping[Path, str]) -> List[Path]:
-        """Those of ``images`` (their file sha256: ``checksums``) that the training record names as a training volume
-        (one the model learned from: it scores lower than a new scan): the same file, or the same scan saved again in
+        """Those of ``images`` (their file sha256: ``checksums``) that the header names as a volume the model learned
+        from (:meth:`learned_from`: it scores lower than a new scan): the same file, or the same scan saved again in
         another file (format, compression, Slicer's copy), told by its :func:`~..io.checksum.content_sha256` where
         the record holds that of a volume (read only then, and only for an image whose file is none of them)."""
-        training = self.training if isinstance(self.training, dict) else {}
-        records = [r for r in training.get("subjects") or () if isinstance(r, dict)]
+        records = self.learned_from()
         files = {r.get("sha256") for r in records}
         contents = {r.get(CONTENT_KEY) or SAMPLE_CONTENTS.get(r.get("sha256")) for r in records} - {None}
         return [p for p in images if checksums[p] in files or (bool(contents) and content_sha256(p) in contents)]
+
+    def learned_from(self) -> List[Dict[str, Any]]:
+        """The records of every volume the model learned from: its training run's (an adapted model's: its site
+        scans) and, for an adapted model, those its base model had learned from, where it records them (models
+        adapted by earlier versions do not)."""
+        training = self.training if isinstance(self.training, dict) else {}
+        adaptation = self.extra.get("adaptation")
+        base = adaptation.get(BASE_VOLUMES_KEY) if isinstance(adaptation, dict) else None
+        return [r for r in (*(training.get("subjects") or ()), *(base or ())) if isinstance(r, dict)]
 
     def trained_orientations(self) -> Tuple[str, ...]:
         """The slice orientations the model was trained on (axial where the training record names none)."""

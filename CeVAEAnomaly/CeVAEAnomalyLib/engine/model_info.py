@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import CeVAEError
 from ..io.checksum import sha256_of
-from .bundle_checks import NAMES_REMOVED
+from .bundle_checks import BASE_VOLUMES_KEY, NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE,
                           calibrated_settings, thin_tail, threshold_for_fpr)
 from .header import WEIGHTS_DIGEST_KEY, WRITER_KEY, BundleHeader, read_header, weights_digest
@@ -131,8 +131,10 @@ def _adaptation(record: Mapping[str, Any]) -> Dict[str, Any]:
     parent = record.get("parent") if isinstance(record.get("parent"), dict) else {}
     scans = record.get("site_scans") if isinstance(record.get("site_scans"), list) else []
     folds = record.get("folds")
+    base = record.get(BASE_VOLUMES_KEY)  # (read_header checked it; models adapted before it lack it: None)
     return {"parent": {k: parent.get(k) for k in ("name", "file", "sha256")},
             "site_scans": _volumes([s for s in scans if isinstance(s, dict)]), "persons": _persons(scans),
+            "base_volumes": _volumes(base) if base is not None else None,
             "folds": len(folds) if isinstance(folds, list) else None,
             "steps_per_run": record.get("steps_per_run"), "lr": record.get("lr")}
 
@@ -190,6 +192,7 @@ def describe_model(info: Mapping[str, Any]) -> str:
         lines.append(f"Adapted from: {parent['name'] or 'a model'} ({parent['file']}, sha256 {parent['sha256']}), "
                      f"fine-tuned on {_count(len(scans), 'site scan')}{_of(adaptation['persons'])} ({_names(scans)})"
                      + (f": {', '.join(runs)}." if runs else "."))
+        lines += _adapted_training_lines(adaptation, info["names_removed"] is not None)
     elif training is not None:
         held = training["held_out"]
         run = [text for text, value in ((f"{training['steps']} steps of batch {training['batch_size']}",
@@ -232,6 +235,19 @@ def describe_model(info: Mapping[str, Any]) -> str:
                  + f"; weights {weights['dtype']}" + (f" (sha256 {weights['sha256']})" if weights["sha256"] else "")
                  + ".")
     return "\n".join(lines)
+
+
+def _adapted_training_lines(adaptation: Mapping[str, Any], renamed: bool) -> List[str]:
+    """What an adapted model learned from: its site scans, and the volumes its base model had learned from where its
+    record holds them (each sample volume said with its source, as a trained model's are)."""
+    parent, base = adaptation["parent"]["name"] or "its base model", adaptation["base_volumes"]
+    site = f"{_count(len(adaptation['site_scans']), 'site scan')} ({_names(adaptation['site_scans'])})"
+    if not base:
+        why = "it does not record (adapted by an earlier version)" if base is None else "that model did not record"
+        return [f"Trained on: {site}, fine-tuned from {parent}, whose training volumes {why}."]
+    return ([f"Trained on: {site}, fine-tuned from {parent}, which had learned from "
+             f"{_count(len(base), 'healthy volume')} ({_names(base)})."]
+            + [f"  {v['name']}: {known_source(v, renamed)}" for v in base if known_source(v, renamed)])
 
 
 def _date_line(stamp: Optional[str], done: str) -> str:

@@ -24,13 +24,13 @@ from ..io.atomic import atomic_path
 from ..io.lock import hold_output
 from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
-from .bundle_checks import NAMES_REMOVED
+from .bundle_checks import BASE_VOLUMES_KEY, NAMES_REMOVED
 from .header import (BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, bundle_layout, finite_record, later_writer,
                      read_header, weights_digest)
 
 # the records of scans with their sha256: (section, list) of the header
 VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"), ("adaptation", "site_scans"),
-                  ("recalibration", "scans"))
+                  ("recalibration", "scans"), ("adaptation", BASE_VOLUMES_KEY))
 # the places that hold the model's own name, options, calibration tables and references to other models, and those
 # this project fills from its own words, numbers and versions (a list's items as "[]"), never a scan's name: a scan
 # named "T1" or "1" is no name left in the modality or a person's number

@@ -23,7 +23,8 @@ from ..engine.bundle import Bundle, load_bundle
 from ..engine.calibrate import WRITE_SHARE
 from ..engine.calibration import calibrated_test_time_steps
 from ..engine.devices import DeviceUnavailable, resolve_device
-from ..engine.header import BundleHeader, read_header, written_sections
+from ..engine.bundle_checks import BASE_VOLUMES_KEY
+from ..engine.header import CONTENT_KEY, BundleHeader, read_header, written_sections
 from ..engine.model import CeVAE
 from ..errors import COMMAND_LINE_ADAPT, CeVAEError, Wording
 from ..io.checksum import FileMemo, first_changed
@@ -414,6 +415,7 @@ def _record(header: BundleHeader, base: Path, parent: str, subjects: Sequence[Su
     return {
         "parent": {"name": header.name, "file": base.name, "sha256": parent},
         "site_scans": subject_records(subjects, checksums, distinct),
+        BASE_VOLUMES_KEY: _base_volumes(header),
         "folds": [{"held_out": [names[j] for j in held],
                    "trained_on": [n for j, n in enumerate(names) if j not in held]} for held in plan],
         "calibration": "each site scan scored by the fold model fine-tuned without it; the final model is "
@@ -422,6 +424,16 @@ def _record(header: BundleHeader, base: Path, parent: str, subjects: Sequence[Su
         "depth_contrast": round(float(np.mean(contrasts)), 4),
         "scan_depth_contrast": list(contrasts),  # in the order of site_scans (names may repeat)
     }
+
+
+def _base_volumes(header: BundleHeader) -> List[Dict[str, Any]]:
+    """Name, sha256 (and content_sha256, where recorded) of each volume the base model (``header``) learned from,
+    once each: the adapted model learned from them too (a base adapted itself: its site scans and its own base's).
+    Persons are left out: each record numbers its own."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for r in header.learned_from():
+        out.setdefault(r.get("sha256"), {k: r[k] for k in ("name", "sha256", CONTENT_KEY) if r.get(k) is not None})
+    return list(out.values())
 
 
 @contextmanager
