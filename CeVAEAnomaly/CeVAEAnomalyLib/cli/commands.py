@@ -231,6 +231,7 @@ def run_detect(args: argparse.Namespace) -> None:
 
     started = time.time()
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
+    device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before the scan is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
                "components": args.components, "record": args.record}
     model, header = _model(args)
@@ -244,7 +245,7 @@ def run_detect(args: argparse.Namespace) -> None:
         image = read_image(args.image)
         mask = read_image(args.mask, "brain mask") if args.mask else None
         sources = input_files(image=args.image, mask=args.mask) if args.record else {}  # the files just read
-        detector = Detector.from_request(load_bundle(model, resolve_device(request.run.device)), request)
+        detector = Detector.from_request(load_bundle(model, device), request)
         result = detector(image, mask, progress=ConsoleProgress("detect"))
         result.record = dataclasses.replace(result.record, inputs=sources)
         files = result_files(result, targets)
@@ -465,11 +466,14 @@ def run_batch(args: argparse.Namespace) -> None:
     from .batch import run_batch as process
     from ..io.targets import refuse_unsearchable, resolved
     from .console import ConsoleProgress
+    from ..engine.devices import resolve_device
     from ..options import DetectionRequest
 
     request = DetectionRequest.from_args(args)
     if args.workers < 1:  # as every impossible value: before any file is read
         raise CeVAEError(f"--workers must be 1 or more, got {args.workers}.")
+    device = resolve_device(request.run.device)  # said (or refused) once, before any work; the workers use it
+    request = dataclasses.replace(request, run=dataclasses.replace(request.run, device=str(device)))
     refuse_unsearchable(args.inputs, "input")
     if resolved(args.inputs) == resolved(args.out_dir):
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
