@@ -331,3 +331,27 @@ def test_a_model_written_by_a_later_version_is_not_shared(calibrated, tmp_path, 
         "scans where this version does not look, so no shareable copy was written. Share it with CeVAEAnomaly 9.0.0 "
         "or later.\n")
     assert not shared.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["later.cevae"]
+
+
+def test_a_later_versions_model_calibrated_here_is_still_not_shared(calibrated, tmp_path, capsys):
+    """Calibrating a later version's model here copied its unknown sections (which may name scans) and recorded this
+    version as its writer, so `share` then copied those sections as if this version knew every name in them."""
+    from test_untrusted_bundles import rewrite
+
+    def later_records(header: Dict[str, Any], table: Dict[str, Any]) -> None:
+        header["written_by"] = "9.0.0"
+        header["site_log"] = {"scans": ["55555555_POE_P_T1"]}
+
+    later = tmp_path / "later.cevae"
+    later.write_bytes(calibrated.read_bytes())
+    rewrite(later, later_records)
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    bundle = load_bundle(later, "cpu")
+    site = recalibrate(bundle, _named_heads(heads), tmp_path / "site.cevae", bundle.header.score_options,
+                       bundle.header.postprocess)  # calibrating it works, as detecting with it does
+    assert _written_header(site)["written_by"] == "9.0.0"
+    shared = tmp_path / "shared.cevae"
+    assert main(["share", str(site), "--out", str(shared)]) == 2
+    assert f"{site} was written by CeVAEAnomaly 9.0.0, newer than this one" in capsys.readouterr().err
+    assert not shared.exists()

@@ -23,7 +23,7 @@ from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
 from ..errors import CeVAEError, WriteFailed, one_line
 from .header import (BUNDLE_SUFFIX, EDITED, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, WRITER_KEY,
-                     BundleHeader, add_tensor, damaged_or_edited, read_header)
+                     BundleHeader, add_tensor, damaged_or_edited, later_writer, read_header)
 from .model import CeVAE
 
 __all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "BundleHeader", "load_bundle", "read_header",
@@ -61,7 +61,7 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
 
     target = Path(path)
     typed = replace(header, model=model.cfg, weights_dtype="float16" if half else "float32")
-    full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION, **{WRITER_KEY: __version__})
+    full = dict(typed.to_dict(), format=FORMAT, format_version=FORMAT_VERSION, **{WRITER_KEY: _writer(header)})
     tensors = {k: (v.half() if half else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
     full[WEIGHTS_DIGEST_KEY] = _weights_digest(tensors)
     metadata = {META_KEY: _header_json(full, target)}
@@ -74,6 +74,13 @@ def save_bundle(path: Union[str, Path], model: CeVAE, header: BundleHeader, half
     except OSError as exc:  # the temporary could not be made, or not moved into place
         raise _write_failed(target, exc) from None
     return target
+
+
+def _writer(header: BundleHeader) -> str:
+    """The version to record as the file's writer: this one, or the later version a header read from a later
+    version's file records (its sections this version does not know are copied, and may name scans: `share` must go
+    on refusing the file, engine/sharing.py)."""
+    return later_writer({WRITER_KEY: header.extra.get(WRITER_KEY)}) or __version__
 
 
 def _header_json(header: Mapping[str, object], target: Path) -> str:
