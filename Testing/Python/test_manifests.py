@@ -117,15 +117,31 @@ def test_a_latin1_list_is_refused_naming_its_line_and_how_to_save_it(cohort):
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
 def test_a_utf16_list_with_its_byte_order_mark_is_read_as_utf8(cohort, encoding):
     """Excel's "Unicode Text" writes UTF-16 with a byte-order mark, which says the encoding for sure: such a list
-    was refused as "not a readable CSV file". It is read like the UTF-8 one (a UTF-16 list without the mark has NUL
-    bytes between its letters, refused as such)."""
+    was refused as "not a readable CSV file". It is read like the UTF-8 one."""
     text = "image,mask\nh1.nii.gz,h1_mask.nii.gz\nh2.nii.gz,\n"
     path = cohort / "train.csv"
     path.write_bytes(("\ufeff" + text).encode(encoding))
     assert [(s.image.name, s.mask and s.mask.name) for s in read_manifest(path)] == [
         ("h1.nii.gz", "h1_mask.nii.gz"), ("h2.nii.gz", None)]
-    path.write_bytes(text.encode("utf-16-le"))
-    with pytest.raises(CeVAEError, match=r"line 1: a cell holds a NUL byte"):
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("text", ["image,mask\nh1.nii.gz,h1_mask.nii.gz\n", "image\nrésultats/h1.nii.gz\n"])
+def test_a_utf16_list_without_its_byte_order_mark_is_said_to_be_utf16(cohort, encoding, text):
+    """A UTF-16 list without a byte-order mark (NUL bytes between its letters) was refused as "a cell holds a NUL
+    byte; is this a CSV text file?" (or, with an accented letter, as not UTF-8), not saying what it is or what to do."""
+    path = cohort / "train.csv"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(CeVAEError) as refused:
+        read_manifest(path)
+    assert str(refused.value) == (f"The manifest {path} looks like UTF-16 text without a byte-order mark (a NUL byte "
+                                  "between its letters); save it as UTF-8 (\"CSV UTF-8\" in Excel).")
+
+
+def test_a_nul_byte_in_a_utf8_list_is_still_said_so(cohort):
+    path = cohort / "train.csv"
+    path.write_bytes(b"image,mask\nh1.nii.gz,h1_mask\0.nii.gz\n")
+    with pytest.raises(CeVAEError, match=r"line 2: a cell holds a NUL byte"):
         read_manifest(path)
 
 

@@ -192,12 +192,23 @@ def _list_text(path: Path, what: str) -> str:
             raise CeVAEError(f"The {what} {path} is not a readable CSV file (it starts with UTF-16's byte-order mark "
                              f"but holds {held}).")
         return text
+    if _looks_like_utf16(raw):
+        raise CeVAEError(f"The {what} {path} looks like UTF-16 text without a byte-order mark (a NUL byte between its "
+                         "letters); save it as UTF-8 (\"CSV UTF-8\" in Excel).")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise CeVAEError(f"The {what} {path}, line {line}, is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as "
                          "UTF-8 (\"CSV UTF-8\" in Excel).") from None
+
+
+def _looks_like_utf16(raw: bytes) -> bool:
+    """Whether ``raw`` has NUL bytes at every other byte, as UTF-16 text (LE or BE) of Latin letters without a
+    byte-order mark has: at least three in four bytes of one parity are NUL, and none of the other."""
+    halves = (raw[0::2], raw[1::2])
+    return len(raw) >= 4 and any(4 * nul.count(0) >= 3 * len(nul) and 0 not in other
+                                 for nul, other in (halves, halves[::-1]))
 
 
 def _separator_hint(header: Sequence[str], delimiter: str) -> str:
