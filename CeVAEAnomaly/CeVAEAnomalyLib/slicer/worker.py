@@ -160,12 +160,12 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
             raise CeVAEError("Save the calibrated model under a new name; it cannot replace the model it starts "
                              "from.")
         score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
-        subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects]))  # a scan loaded twice
-        images = [s.image for s in subjects]
-        warn_of_training_scans(bundle.header, images, {p: sha256_of(p) for p in images})  # as the command line
+        checksums = {s.image: sha256_of(s.image) for s in subjects}  # once, for each step below (as the command line)
+        subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))  # loaded twice
+        warn_of_training_scans(bundle.header, [s.image for s in subjects], checksums)
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),
-                           progress=scaled(progress, 0.02, 0.98), run=request.run,
+                           progress=scaled(progress, 0.02, 0.98), run=request.run, checksums=checksums,
                            higher_rate=PANEL_WORDING.higher_rate, unlike_scan=PANEL_CALIBRATE_UNLIKE_SCAN,
                            unknown_persons=PANEL_WORDING.unknown_persons, same_person=PANEL_WORDING.same_person)
     _warn_of_lost_thorough_mode(bundle, path)
