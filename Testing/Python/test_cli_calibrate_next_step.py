@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shlex
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
@@ -14,17 +15,23 @@ from CeVAEAnomalyLib.data import data_path
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_calibrate_ends_by_saying_how_to_detect_with_the_calibrated_model(tiny_bundle, tmp_path: Path,
-                                                                           caplog) -> None:
+def _calibrated_on_the_sample(tiny_bundle: Path, tmp_path: Path, caplog, *options: str) -> Tuple[Path, str]:
+    """Calibrate ``tiny_bundle`` on the bundled 2 mm sample with ``options``: the model written and calibrate's last
+    line ("Calibrated bundle written ...")."""
     healthy = tmp_path / "healthy"
     healthy.mkdir()
     (healthy / "c.nii.gz").write_bytes(data_path("colin27_t1_2mm.nii.gz").read_bytes())
     (healthy / "c_mask.nii.gz").write_bytes(data_path("colin27_brainmask_2mm.nii.gz").read_bytes())
     out = tmp_path / "site.cevae"
     with caplog.at_level(logging.INFO):
-        assert main(["calibrate", str(healthy), "--model", str(tiny_bundle), "--out", str(out),
-                     "--device", "cpu"]) == 0
-    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated bundle written")][-1]
+        assert main(["calibrate", str(healthy), "--model", str(tiny_bundle), "--out", str(out), "--device", "cpu",
+                     *options]) == 0
+    return out, [r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated bundle written")][-1]
+
+
+def test_calibrate_ends_by_saying_how_to_detect_with_the_calibrated_model(tiny_bundle, tmp_path: Path,
+                                                                           caplog) -> None:
+    out, last = _calibrated_on_the_sample(tiny_bundle, tmp_path, caplog)
     assert last.endswith(
         f"Detect with it: cevae-anomaly detect SCAN --model {out}"), last
 
@@ -33,15 +40,7 @@ def test_calibrate_with_another_score_type_says_that_detect_keeps_the_default(ti
                                                                               caplog) -> None:
     """`calibrate --score-type rec` calibrates every score type but keeps the model's default, combi; its last line
     did not say so, and a user took it that detect now scores rec. It names the default and how to detect with rec."""
-    healthy = tmp_path / "healthy"
-    healthy.mkdir()
-    (healthy / "c.nii.gz").write_bytes(data_path("colin27_t1_2mm.nii.gz").read_bytes())
-    (healthy / "c_mask.nii.gz").write_bytes(data_path("colin27_brainmask_2mm.nii.gz").read_bytes())
-    out = tmp_path / "site.cevae"
-    with caplog.at_level(logging.INFO):
-        assert main(["calibrate", str(healthy), "--model", str(tiny_bundle), "--out", str(out), "--device", "cpu",
-                     "--score-type", "rec"]) == 0
-    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated bundle written")][-1]
+    out, last = _calibrated_on_the_sample(tiny_bundle, tmp_path, caplog, "--score-type", "rec")
     assert ("Its default scoring: score type combi (a calibration keeps it; rec is calibrated too: detect uses it "
             "only with --score-type rec), orientations") in last, last
     assert last.endswith(f"Detect with it: cevae-anomaly detect SCAN --model {out} --score-type rec"), last
