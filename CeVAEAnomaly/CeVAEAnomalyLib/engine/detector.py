@@ -148,10 +148,9 @@ class Detector:
         self._warn_of_acquisition(image, brain, where)
         passes = self._passes([stack, *self._other_stacks(image, brain)], [self.score], progress)
         raw = passes[0][1]
-        # Scores are 0 outside the brain and only brain voxels are labelled, so nothing happens outside its
-        # bounding box grown by the filters' reach: map back and post-process only there.
+        # map back and post-process on the brain's box only (_box: nothing happens outside it)
         thr, spacing = self.threshold, image.GetSpacing()
-        region = brain_region(brain, refine_reach(self.post, spacing) + 1)
+        region = self._box(brain, spacing)
         report(progress, 0.88, "Mapping scores back onto the input grid")
         score = _mean_map(passes, self.score, region)
         rows = _slice_rows(stack.record, raw.slices)
@@ -215,7 +214,7 @@ class Detector:
         image, brain = scan.image, scan.brain
         options = [self.score.replace(score_type=t) for t in score_types]
         passes = self._passes(scan.stacks, options, progress)
-        region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
+        region = self._box(brain, image.GetSpacing())
         inside = brain[region]
         asym = self._asymmetry(image, inside, region)  # the same for every score type: computed once
         out = {}
@@ -233,7 +232,7 @@ class Detector:
         scan = self.prepared(image, mask, where)
         image, brain = scan.image, scan.brain
         passes = self._passes(scan.stacks, [self.score], progress)
-        region = brain_region(brain, refine_reach(self.post, image.GetSpacing()) + 1)
+        region = self._box(brain, image.GetSpacing())
         network = _mean_map(passes, self.score, region)
         del passes
         inside = brain[region].copy()
@@ -245,6 +244,11 @@ class Detector:
 
         return ScoreTerms(full(network), None if asym is None else full(asym.asymmetry), full(score),
                           full(inside.view(np.uint8)), None if asym is None else asym.reflection)
+
+    def _box(self, brain: np.ndarray, spacing: Sequence[float]) -> Region:
+        """The box a volume is post-processed on: its brain's bounding box grown by the filters' reach (scores are 0
+        outside the brain, and only brain voxels are labelled)."""
+        return brain_region(brain, refine_reach(self.post, spacing) + 1)
 
     def _asymmetry(self, image: sitk.Image, inside: np.ndarray, region: Region) -> Optional[BoxAsymmetry]:
         """The volume's asymmetry on ``region`` (None when the fusion is off)."""
