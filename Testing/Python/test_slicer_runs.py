@@ -621,3 +621,38 @@ def test_results_the_command_line_wrote_beside_their_scan_are_not_scans(tiny_bun
     with pytest.raises(CeVAEError, match=said.format("score", "score", "a healthy scan or its mask")):
         CeVAEAnomalyLogic().startCalibration([loaded["score"]], [None], tmp_path / "site.cevae", modelPath=tiny_bundle)
     assert mrml.node_ids(scene) == before
+
+
+def test_a_result_file_loaded_twice_is_still_told_as_a_result(tmp_path):
+    """Slicer names a node loaded from a file whose name is taken "NAME_1" (vtkMRMLScene::GenerateUniqueName, which
+    the volumes and segmentations readers call): "head_score.nrrd" loaded twice beside its scan gave "head_score_1",
+    taken for a scan (the panel's default input, and Apply scored it as a head). It is told as "head_score" is; the
+    panel's names ("head anomaly score_1") already were."""
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.io.naming import output_paths
+    from test_mrml import fake_detection
+
+    image, mask = make_head(seed=7)
+    detection = fake_detection(image, mask, threshold=0.5)
+    paths = output_paths(tmp_path, "head", ("score",), ".nrrd")
+    sitk.WriteImage(detection.score, str(paths["score"]))
+    scene = slicer.vtkMRMLScene()
+    loaded = []
+    for _ in range(2):  # as vtkSlicerVolumesLogic::AddArchetypeVolume names and reads it
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GetUniqueNameByString("head_score"))
+        reader = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        reader.SetFileName(str(paths["score"]))
+        assert reader.ReadData(node)
+        loaded.append(node)
+    assert [n.GetName() for n in loaded] == ["head_score", "head_score_1"]
+    scan = add_volume(scene, image, "head")
+    assert nodes.first_input_volume(scene) is scan
+    assert nodes.named_as_result(loaded[1])[:2] == ("head", "_score_1")
+    panel = [scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName("head anomaly score"))
+             for _ in range(2)]
+    assert [n.GetName() for n in panel] == ["head anomaly score", "head anomaly score_1"]
+    assert all(nodes.named_as_result(n) is not None for n in panel)
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError, match=r"^'head_score_1' is named as a result of this module for 'head' "):
+        CeVAEAnomalyLogic().process(loaded[1], modelPath=tmp_path / "unused.cevae", device="cpu")
+    assert mrml.node_ids(scene) == before

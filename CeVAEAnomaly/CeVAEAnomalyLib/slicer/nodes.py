@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -363,18 +364,23 @@ def named_as_result(node: slicer.vtkMRMLNode) -> Optional[Tuple[str, str, str]]:
     a scan, though it has none of the module's attributes: named as the panel names them
     (:data:`~..io.naming.PANEL_RESULT`: saved from the panel and loaded alone), or as the command line names its
     files (:data:`~..io.naming.RESULT_TAGS`: NAME_score, ...) with a volume NAME in its scene, as batch leaves such
-    a file out beside its scan. A name alone of the command line's is no proof (a scan could be so named), and the
-    voxels of a score map are no different from a skull-stripped scan's. None otherwise."""
+    a file out beside its scan; either with the "_N" Slicer adds to a name that is taken (a file loaded twice). A
+    name alone of the command line's is no proof (a scan could be so named), and the voxels of a score map are no
+    different from a skull-stripped scan's. None otherwise."""
     name = node.GetName() or ""
     panel = PANEL_RESULT.match(name)
     if panel is not None:
         return panel.group(1), panel.group(2), "saved from its panel and loaded again"
     scene = node.GetScene()
+    stem = _UNIQUE_SUFFIX.sub("", name)
     for tag in RESULT_TAGS:
-        scan = name[: -len(tag)]
-        if name.endswith(tag) and scan and scene is not None and _has_volume_named(scene, scan):
-            return scan, tag, f"as the command line names its files, and '{scan}' is in this scene"
+        scan = stem[: -len(tag)]
+        if stem.endswith(tag) and scan and scene is not None and _has_volume_named(scene, scan):
+            return scan, name[len(scan):], f"as the command line names its files, and '{scan}' is in this scene"
     return None
+
+
+_UNIQUE_SUFFIX = re.compile(r"_\d+$")  # what vtkMRMLScene::GenerateUniqueName adds to a taken name: "NAME_1", ...
 
 
 def _has_volume_named(scene: slicer.vtkMRMLScene, name: str) -> bool:
