@@ -217,8 +217,8 @@ def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(
                  "--batch-size", "8", "--device", "cpu"]) == 0
     capsys.readouterr()
     text = info(capsys, str(site))
-    assert text.splitlines()[0] == ("site (T1): adapted from tiny on 2 site scans; threshold calibrated on 2 healthy "
-                                    "scans of 3 mm voxels.")
+    assert text.splitlines()[0] == ("site (T1): adapted from tiny on 2 site scans (tiny had learned from 2 healthy "
+                                    "volumes); threshold calibrated on 2 healthy scans of 3 mm voxels.")
     assert (f"Adapted from: tiny (tiny.cevae, sha256 {sha256_of(tiny_bundle)}), fine-tuned on 2 site scans (colin27, "
             "mni152): 2 steps per run, learning rate 0.0001, 2 calibration folds.") in text
     learned = [v["name"] for v in read_header(tiny_bundle).training["subjects"]]  # (its validation volume: not)
@@ -472,3 +472,24 @@ def test_the_calibration_of_an_adapted_model_names_its_site_scans(capsys, tmp_pa
     rewrite(path, lambda h, t: h.__setitem__("calibration_subjects", ["a", "b", "c"]))  # then calibrated on a, b, c
     assert any(line.startswith("Calibrated on: 3 healthy scans (a, b, c), ") for line in info(capsys, str(path))
                .splitlines())
+
+
+def test_the_panel_headline_of_an_adapted_model_says_what_its_base_model_had_learned_from(tmp_path):
+    """The Slicer panel's line on an adapted model said "adapted from base on 1 site scan" only: that it also rests on
+    what its base model learned from (info's "fine-tuned from base, which had learned from 3 healthy volumes") was
+    left to the tooltip. The headline says how many; one adapted before that was recorded says nothing of it."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+    from CeVAEAnomalyLib.slicer.settings import ModelSettings
+
+    bundled = read_header(default_model_path()).training["subjects"]
+    site = [{"name": "site 1", "sha256": "1" * 64}]
+    parent = {"name": "base", "file": "base.cevae", "sha256": "ab" * 32}
+    path = Path(shutil.copy(default_model_path(), tmp_path / "adapted.cevae"))
+    rewrite(path, lambda h, t: h.__setitem__("adaptation", {"parent": parent, "site_scans": site,
+                                                            "base_volumes": bundled}))
+    headline = ModelSettings.read(path).details[0]
+    assert f"adapted from base on 1 site scan (base had learned from {len(bundled)} healthy volumes);" in headline
+    rewrite(path, lambda h, t: h["adaptation"].pop("base_volumes"))
+    assert "adapted from base on 1 site scan;" in ModelSettings.read(path).details[0]

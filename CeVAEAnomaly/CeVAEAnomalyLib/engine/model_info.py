@@ -256,12 +256,16 @@ def _date_line(stamp: Optional[str], done: str) -> str:
 
 
 def model_headline(info: Mapping[str, Any]) -> str:
-    """One line: the model, where it comes from, on how many healthy scans of which voxel sizes its threshold is
-    calibrated, and whether its scans' names were removed for sharing."""
+    """One line: the model, where it comes from (an adapted model: also how many volumes its base model had learned
+    from), on how many healthy scans of which voxel sizes its threshold is calibrated, and whether its scans' names
+    were removed for sharing."""
     adaptation, training, calibration = info["adaptation"], info["training"], info["calibration"]
     if adaptation is not None:
-        origin = (f"adapted from {adaptation['parent']['name'] or 'another model'} on "
-                  f"{_count(len(adaptation['site_scans']), 'site scan')}{_of(adaptation['persons'])}")
+        parent, base = adaptation["parent"]["name"], adaptation["base_volumes"]
+        learned = f" ({parent or 'its base model'} had learned from {_count(len(base), 'healthy volume')})" \
+            if base else ""
+        origin = (f"adapted from {parent or 'another model'} on "
+                  f"{_count(len(adaptation['site_scans']), 'site scan')}{_of(adaptation['persons'])}{learned}")
     elif training is not None:
         origin = f"trained on {_count(len(training['volumes']), 'healthy volume')}{_of(training['persons'])}"
     else:
