@@ -656,3 +656,18 @@ def test_a_result_file_loaded_twice_is_still_told_as_a_result(tmp_path):
     with pytest.raises(CeVAEError, match=r"^'head_score_1' is named as a result of this module for 'head' "):
         CeVAEAnomalyLogic().process(loaded[1], modelPath=tmp_path / "unused.cevae", device="cpu")
     assert mrml.node_ids(scene) == before
+
+
+def test_a_result_saved_under_a_numbered_name_and_loaded_twice_is_still_told_as_a_result(tmp_path):
+    """A second run to a new score volume names it "head anomaly score_1" (GenerateUniqueName); Slicer's Save writes it
+    as "head anomaly score_1.nrrd", and loading that file twice names the second node "head anomaly score_1_1" (the
+    "_N" goes after whatever name is taken, so they stack): it was taken for a scan, the panel's default input."""
+    scene = slicer.vtkMRMLScene()
+    names = ["head anomaly score_1", "head anomaly segmentation_1.seg", "head_score_1"]
+    add_volume(scene, make_head(seed=7)[0], "head")
+    loaded = [scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GetUniqueNameByString(name))
+              for name in names for _ in range(2)]
+    assert [n.GetName() for n in loaded[1::2]] == [f"{name}_1" for name in names]
+    assert [nodes.named_as_result(n)[0] for n in loaded] == ["head"] * len(loaded)
+    scene.RemoveNode(scene.GetFirstNodeByName("head"))
+    assert nodes.first_input_volume(scene) is loaded[4]  # (without "head", "head_score_1" may be a scan)

@@ -45,9 +45,9 @@ PANEL_OUTPUT_NAMES: Dict[str, str] = {role: f"anomaly {role}" for role in ("scor
                                                                           "components")}
 # the name of a volume the Slicer panel made for NAME, as Slicer's Save names its file and Add Data names the node it
 # loads from that file: "NAME anomaly score", with " (frame N)" for a sequence frame's and "_1" where the node's name
-# was taken (group 1: NAME, 2: what follows it)
+# was taken, once per taking: "_1_1" for a file named "..._1" loaded twice (group 1: NAME, 2: what follows it)
 _PANEL_ROLES = "|".join(re.escape(PANEL_OUTPUT_NAMES[role]) for role in ("score", "labelmap", "segmentation"))
-PANEL_RESULT = re.compile(rf"(.+)( (?:{_PANEL_ROLES})(?: \(frame \d+\))?(?:_\d+)?(?:\.seg)?)$")  # (.seg.nrrd)
+PANEL_RESULT = re.compile(rf"(.+)( (?:{_PANEL_ROLES})(?: \(frame \d+\))?(?:_\d+)*(?:\.seg)?(?:_\d+)*)$")  # (.seg.nrrd)
 
 
 WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*') | frozenset(map(chr, range(32)))  # never in a Windows file name

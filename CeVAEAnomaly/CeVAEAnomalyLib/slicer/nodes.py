@@ -380,7 +380,8 @@ def named_as_result(node: slicer.vtkMRMLNode) -> Optional[Tuple[str, str, str]]:
     return None
 
 
-_UNIQUE_SUFFIX = re.compile(r"_\d+$")  # what vtkMRMLScene::GenerateUniqueName adds to a taken name: "NAME_1", ...
+_UNIQUE_SUFFIX = re.compile(r"(?:_\d+)+$")  # what vtkMRMLScene::GenerateUniqueName adds to a taken name: "NAME_1",
+# "NAME_1_1" for "NAME_1" taken
 
 
 def _has_volume_named(scene: slicer.vtkMRMLScene, name: str) -> bool:
