@@ -80,3 +80,21 @@ def test_a_nrrd_whose_sizes_are_not_whole_numbers_is_refused_in_one_line(tmp_pat
     with pytest.raises(CeVAEError, match=r"^Could not write .*out\.nrrd completely \(no valid NRRD header\)"):
         write_all({target: lambda tmp: Path(tmp).write_bytes(foreign)}, overwrite=True)
     assert target.read_bytes() == b"the earlier file"
+
+
+@pytest.mark.parametrize("sizes", [b"20 20 20 1", b"20 20"])
+def test_a_nrrd_whose_sizes_do_not_match_its_dimension_is_refused(tmp_path, sizes):
+    """A header of dimension 3 with 4 (or 2) sizes passed the check as a complete file when it held enough bytes,
+    though no NRRD reader opens it ("seem to have more than expected 3 sizes")."""
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.io.verify import incomplete_reason
+
+    whole = tmp_path / "whole.nrrd"
+    sitk.WriteImage(sitk.Image(20, 20, 20, sitk.sitkUInt8), str(whole), False)
+    assert incomplete_reason(whole, whole) is None
+    damaged = tmp_path / "damaged.nrrd"
+    damaged.write_bytes(whole.read_bytes().replace(b"\nsizes: 20 20 20\n", b"\nsizes: " + sizes + b"\n"))
+    with pytest.raises(RuntimeError):
+        sitk.ReadImage(str(damaged))
+    assert incomplete_reason(damaged, damaged) == "no valid NRRD header"

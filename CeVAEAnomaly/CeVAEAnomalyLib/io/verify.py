@@ -122,8 +122,8 @@ def _nrrd_reason(path: Path, size: int) -> Optional[str]:
     if not attached or encoding not in ("raw", *_NRRD_GZIP) or itemsize is None or "sizes" not in fields:
         return _readback_reason(path)
     sizes = fields["sizes"].split()
-    if not all(n.isascii() and n.isdigit() for n in sizes):  # (a foreign or damaged file)
-        return "no valid NRRD header"
+    if not all(n.isascii() and n.isdigit() for n in sizes) or fields.get("dimension") != str(len(sizes)):
+        return "no valid NRRD header"  # (a foreign or damaged file: a reader refuses sizes its dimension does not)
     voxel_bytes = itemsize * math.prod(int(n) for n in sizes)
     if encoding in _NRRD_GZIP:
         try:
