@@ -329,21 +329,28 @@ def test_a_folder_as_summary_is_refused_before_any_work(two, tiny_bundle, tmp_pa
 
 
 def test_a_volume_finished_by_a_concurrent_run_counts_as_done(two, tiny_bundle, tmp_path):
-    """Two batches on one --out-dir: what the other run completed is neither an error nor replaced."""
-    from CeVAEAnomalyLib.cli.batch import VolumeDetector
+    """Two batches on one --out-dir: what the other run completed, and recorded in its summary as made from this
+    image, is neither an error nor replaced."""
+    from CeVAEAnomalyLib.cli.batch import Summary, VolumeDetector, settings_record
+    from CeVAEAnomalyLib.io import strict_json
 
     out = tmp_path / "out"
     item = collect_inputs(two)[0]
     ours, theirs = VolumeDetector(settings_for(tiny_bundle, out)), VolumeDetector(settings_for(tiny_bundle, out))
     score_volume = ours.detector
 
-    def racing(image, mask, **kw):  # the other run publishes this volume while we are scoring it
-        assert theirs(item, False)["status"] == "ok"
+    def racing(image, mask, **kw):  # the other run publishes and records this volume while we are scoring it
+        summary = Summary(out / "summary_shard-1-of-2.csv")
+        out.mkdir(exist_ok=True)
+        (out / "batch_settings_shard-1-of-2.json").write_text(strict_json.dumps(settings_record(theirs.s)))
+        summary.add(theirs(item, False))
+        summary.flush()
+        assert summary.count("ok") == 1
         return score_volume(image, mask, **kw)
 
     ours.detector = racing
     row = ours(item, False)
-    assert row["status"] == "skipped" and row["error"] == ""
+    assert row["status"] == "skipped" and row["error"] == "", row["error"]
     published = {p: p.read_bytes() for p in output_paths(out, item.name).values()}
     ours.detector = lambda *a, **k: pytest.fail("a volume finished by another run was scored again")
     assert ours(item, False)["status"] == "skipped"  # found done before any work

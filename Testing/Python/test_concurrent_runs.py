@@ -213,11 +213,12 @@ def test_a_volume_another_run_finished_carries_that_run_s_warnings(ct_scan, tiny
     assert ours["status"] == "skipped" and ours["warnings"] == theirs["warnings"]
 
 
-def test_a_volume_another_run_finished_says_so_where_no_summary_records_its_warnings(scan, ct_scan, tiny_bundle,
-                                                                                      tmp_path):
-    """The other batch is held after writing the volume's outputs, before its summary records them: the cell said
-    nothing, as of a volume without warnings."""
-    from CeVAEAnomalyLib.cli.batch import ANOTHER_RUNS_WARNINGS
+def test_a_volume_another_run_wrote_but_no_summary_records_is_not_taken_until_one_does(scan, ct_scan, tiny_bundle,
+                                                                                       tmp_path):
+    """The other batch is held after writing the volume's outputs, before its summary records them: they were taken
+    for this run's, as made from its image, though nothing said what they were made from (another list's volume of
+    the same name, a killed run's). They are kept and the volume is an error row; once the other run has recorded
+    them as made from this image, a rerun skips the volume with that run's warnings."""
     from CeVAEAnomalyLib.cli.main import main
 
     out, ours_at, theirs_at = tmp_path / "out", tmp_path / "ours", tmp_path / "theirs"
@@ -229,12 +230,48 @@ def test_a_volume_another_run_finished_says_so_where_no_summary_records_its_warn
         theirs, go_theirs = _held_at(theirs_at, "summary_shard-1-of-1.csv",
                                      _batch(ct_scan, out, tiny_bundle, "--shard", "1/1"))  # c's outputs written
         try:
-            err = _finish(ours, go_ours)
+            go_ours.write_text("")
+            _, err = ours.communicate(timeout=120)
         finally:
             _finish(theirs, go_theirs)
     finally:
         if ours.poll() is None:
             _finish(ours, go_ours)
-    assert "c was finished by another run meanwhile; its outputs are kept." in err
+    assert ours.returncode == 2, err[-3000:]
     row = _summary_row(out / "summary.csv")
-    assert row["status"] == "skipped" and row["warnings"] == ANOTHER_RUNS_WARNINGS
+    assert row["status"] == "error" and "no batch summary there records what they were made from" in row["error"]
+    scored = _summary_row(out / "summary_shard-1-of-1.csv")
+    assert scored["score_sha256"] == _sha(out / "c_score.nii.gz")  # kept
+    assert main(_batch(ct_scan, out, tiny_bundle)) == 0
+    row = _summary_row(out / "summary.csv")
+    assert row["status"] == "skipped" and row["warnings"] == scored["warnings"] != ""
+    assert row["score_sha256"] == scored["score_sha256"]
+
+
+def test_a_volume_another_run_scored_from_another_image_is_not_taken_for_this_runs(ct_scan, tiny_bundle, tmp_path):
+    """Two cohorts, each with a volume c, batched into one --out-dir (one of them as a shard): the run that found
+    c's outputs written meanwhile took the other cohort's c for its own, recorded them as made from its own image
+    and a rerun skipped c for good; its c was never scored."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    mine, out = tmp_path / "mine", tmp_path / "out"
+    mine.mkdir()
+    image, mask = make_head(seed=6)
+    sitk.WriteImage(image, str(mine / "c.nii.gz"))
+    sitk.WriteImage(mask, str(mine / "c_mask.nii.gz"))
+    ours, go = _held_at(tmp_path, "batch_settings.json", _batch(mine, out, tiny_bundle))  # c: to score
+    try:
+        assert main(_batch(ct_scan, out, tiny_bundle, "--shard", "1/1")) == 0  # the other cohort's c
+    finally:
+        go.write_text("")
+        _, err = ours.communicate(timeout=120)
+    theirs = _summary_row(out / "summary_shard-1-of-1.csv")
+    assert theirs["image_sha256"] == _sha(ct_scan / "c.nii.gz") and theirs["status"] == "ok"
+    assert ours.returncode == 2, err[-3000:]
+    row = _summary_row(out / "summary.csv")
+    assert row["status"] == "error" and "from another image" in row["error"], row
+    assert _sha(out / "c_score.nii.gz") == theirs["score_sha256"]  # kept: the other run's
+    assert main(_batch(mine, out, tiny_bundle)) == 0  # the rerun scores this run's c, as its summary says
+    row = _summary_row(out / "summary.csv")
+    assert row["status"] == "ok" and row["image_sha256"] == _sha(mine / "c.nii.gz")
+    assert row["score_sha256"] == _sha(out / "c_score.nii.gz") != theirs["score_sha256"]

@@ -476,22 +476,19 @@ def read_back(item: BatchItem, out_dir: Path, source: Dict[str, str]) -> Dict[st
     return _row(item, "skipped", None, **values, **source, **output_checksums(paths))
 
 
-def recorded_warnings(out_dir: Path, record: Dict[str, object], row: Dict[str, object]) -> Optional[str]:
-    """The warnings cell of a finished row, in a batch summary in ``out_dir`` of the settings ``record``, of the
-    volume and output files (checksums) of ``row``: those of the run that wrote them. None where none records them
-    (that run stopped, or still to write its row, when this one looks)."""
+def recorded_row(out_dir: Path, record: Dict[str, object], row: Dict[str, object]) -> Optional[Dict[str, str]]:
+    """The finished row, in a batch summary in ``out_dir`` of the settings ``record``, of the volume and output files
+    (checksums) of ``row`` that also records what they were made from: that of the run that wrote them. None where
+    none does (another run still to write its row, one that was killed, or a file no batch wrote)."""
     for path in sorted(out_dir.glob("summary*.csv")):
         if not _records(settings_path(path), record):
             continue
         for other in _summary_rows(path) or ():
             if (other.get("name") == row["name"] and other.get("status") in ("ok", "skipped")
-                    and other.get("warnings") is not None and all(other.get(k) == row[k] for k in OUTPUT_FIELDS)):
-                return other["warnings"]
+                    and all(other.get(k) for k in ("image_sha256", *OUTPUT_FIELDS)) and other.get("mask_sha256")
+                    is not None and all(other.get(k) == row[k] for k in OUTPUT_FIELDS)):
+                return other
     return None
-
-
-# the warnings cell of a volume another run finished meanwhile whose warnings no summary there records
-ANOTHER_RUNS_WARNINGS = "(outputs written by another run meanwhile; no summary here records its warnings)"
 
 
 def incomplete_outputs(paths: Dict[str, Path]) -> str:
@@ -634,8 +631,10 @@ class VolumeDetector:
 
     def done_by_another_run(self, item: BatchItem, source: Dict[str, str]) -> Optional[Dict[str, object]]:
         """The "skipped" row of a volume whose complete outputs appeared since this run started (another
-        batch on the same --out-dir, with the same settings, finished it); None if they are not all there and
-        complete. Refused if a run with other settings writes there."""
+        batch on the same --out-dir, with the same settings, finished it), with that run's warnings; None if they are
+        not all there and complete. Refused (and kept) where a run with other settings writes there, or where no
+        summary there records them as made from this volume's current image and mask: another list's volume of
+        the same name, or files a run has not recorded (yet), would be taken for this one's."""
         try:
             row = read_back(item, self.s.out_dir, source)
         except (RuntimeError, OSError, ValueError, KeyError, csv.Error):
@@ -645,9 +644,19 @@ class VolumeDetector:
         if other:
             raise CeVAEError(f"Its outputs were written meanwhile by a run with other settings ({other}); they are "
                              "not taken for this run's. Give each set of settings its own --out-dir.")
+        theirs = recorded_row(self.s.out_dir, record, row)
+        if theirs is None:
+            raise CeVAEError(f"Its outputs in {self.s.out_dir} were written meanwhile by another run, and no batch "
+                             "summary there records what they were made from (yet); they are kept, not taken for "
+                             "this run's. Run the batch again once the other run is done: it skips this volume if "
+                             "that run scored this image and mask, and scores it again otherwise.")
+        if any(theirs[k] != source.get(k) for k in SOURCE_FIELDS):
+            raise CeVAEError(f"Its outputs in {self.s.out_dir} were written meanwhile by another run from another "
+                             f"image or brain mask ({theirs['image']}); they are kept, not taken for this run's. "
+                             "Give each list its own --out-dir; a rerun here scores this volume again, replacing "
+                             "them.")
         log.info("%s was finished by another run meanwhile; its outputs are kept.", item.name)
-        recorded = recorded_warnings(self.s.out_dir, record, row)
-        row["warnings"] = ANOTHER_RUNS_WARNINGS if recorded is None else recorded
+        row["warnings"] = theirs.get("warnings") or ""
         return row
 
 
