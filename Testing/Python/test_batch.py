@@ -947,3 +947,19 @@ def test_the_summary_keeps_each_volume_s_warnings_and_a_rerun_carries_them(tiny_
         writer.writerows(rows.values())
     assert batch(folder, out, tiny_bundle, "--threshold", "0.3") == 0
     assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
+
+
+def test_batch_help_says_the_exit_status_a_failed_volume_gives(cohort, tiny_bundle, tmp_path, capsys):
+    """A script running batch learns from its exit status whether every volume was done; --help did not say which
+    status means what (a failed volume: 2, as a refusal)."""
+    assert main(["batch", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert ("Exit status: 0 every volume done (scored or skipped); 2 one or more volumes failed (the summary's "
+            "error column says why; a rerun retries them) or the run was refused before any work") in shown
+    (tmp_path / "in").mkdir()
+    for name in ("a1.nii.gz", "a1_mask.nii.gz", "bad.nii.gz"):
+        (tmp_path / "in" / name).write_bytes((cohort / name).read_bytes())
+    assert batch(tmp_path / "in", tmp_path / "out", tiny_bundle) == 2
+    assert batch(tmp_path / "in", tmp_path / "out", tiny_bundle) == 2  # a rerun: a1 skipped, bad failing again
+    (tmp_path / "in" / "bad.nii.gz").unlink()
+    assert batch(tmp_path / "in", tmp_path / "out", tiny_bundle) == 0

@@ -215,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "scored with, batch_settings.json (with --shard i/n: summary_shard-i-of-n.csv and "
                        "batch_settings_shard-i-of-n.json); a rerun skips volumes whose outputs are the files its "
                        "summary recorded (sha256), made from the same input, and refuses other settings (--overwrite "
-                       "scores every volume again); failures are recorded.")
+                       "scores every volume again); failures are recorded.",
+                       epilog="Exit status: 0 every volume done (scored or skipped); 2 one or more volumes failed "
+                       "(the summary's error column says why; a rerun retries them) or the run was refused before "
+                       "any work; 1 an unexpected error; 130 interrupted (Ctrl-C), 143 terminated "
+                       "(SIGTERM): the volumes finished are in the summary and a rerun skips them.")
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* / "
                    "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.* or NAME_brain.*; a bare mask.* "
                    "that of the one image beside it; NAME_score.*, NAME_labelmap.* and 'NAME anomaly score.*' beside "
