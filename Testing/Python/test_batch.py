@@ -963,3 +963,24 @@ def test_batch_help_says_the_exit_status_a_failed_volume_gives(cohort, tiny_bund
     assert batch(tmp_path / "in", tmp_path / "out", tiny_bundle) == 2  # a rerun: a1 skipped, bad failing again
     (tmp_path / "in" / "bad.nii.gz").unlink()
     assert batch(tmp_path / "in", tmp_path / "out", tiny_bundle) == 0
+
+
+def test_a_list_whose_paths_are_relative_to_the_current_folder_is_refused_saying_so(cohort, tiny_bundle, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Paths in a list are read relative to the list's folder: a list in a subfolder written with paths relative to
+    the current folder (as a shell's tab completion gives them) ran with every volume an error row, "The image
+    lists/in/a1.nii.gz does not exist", though in/a1.nii.gz was there."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "lists").mkdir()
+    for name in ("a1.nii.gz", "a1_mask.nii.gz"):
+        (tmp_path / "in" / name).write_bytes((cohort / name).read_bytes())
+    (tmp_path / "lists" / "cohort.csv").write_text("image,mask\nin/a1.nii.gz,in/a1_mask.nii.gz\n")
+    monkeypatch.chdir(tmp_path)
+    assert batch(Path("lists/cohort.csv"), Path("out"), tiny_bundle) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("error: lists/cohort.csv, line 2: the image in/a1.nii.gz is read relative to the list's folder, "
+                   "as lists/in/a1.nii.gz, which does not exist; it exists relative to the current folder. Write "
+                   "the list's paths relative to lists, or absolute."), err
+    assert not Path("out").exists()
+    (tmp_path / "lists" / "cohort.csv").write_text("image,mask\n../in/a1.nii.gz,../in/a1_mask.nii.gz\n")
+    assert batch(Path("lists/cohort.csv"), Path("out"), tiny_bundle) == 0

@@ -221,10 +221,26 @@ def read_list(path: Path) -> List[BatchItem]:
         if odd is not None:
             raise CeVAEError(f"{path}, line {row.line}: the name {name!r} holds {odd!r}, which Windows does not allow "
                              "in a file name; choose a name without < > : \" / \\ | ? * or control characters.")
+        for column in ("image", "mask"):
+            _refuse_paths_from_the_current_folder(path, row.line, column, row.files[column])
         if not row.cells["name"]:
             unnamed.append(len(items))
         items.append(BatchItem(name, image, row.files["mask"]))
     return named_after_folders(items, unnamed)
+
+
+def _refuse_paths_from_the_current_folder(path: Path, line: int, what: str, file: Optional[Path]) -> None:
+    """Refuse a path of the list at ``path`` that does not exist below the list's folder but does, as written, from
+    the current folder: the list was written relative to where the command runs, and every such volume would fail
+    (a path missing from both is that volume's error row)."""
+    folder = path.parent
+    if file is None or os.path.lexists(file) or not file.is_relative_to(folder):
+        return
+    cell = file.relative_to(folder)
+    if folder.resolve() != Path.cwd().resolve() and os.path.exists(cell):
+        raise CeVAEError(f"{path}, line {line}: the {what} {cell} is read relative to the list's folder, as {file}, "
+                         "which does not exist; it exists relative to the current folder. Write the list's paths "
+                         f"relative to {folder}, or absolute.")
 
 
 def named_after_folders(items: Sequence[BatchItem], unnamed: Sequence[int]) -> List[BatchItem]:
