@@ -171,7 +171,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     ``labelmap``, ``name`` (default: the score file name, led by its folders where names repeat; two cases of one
     name are refused), ``where`` (where the row was read, e.g. ``cases.csv, line 3``: named in its errors). Every
     file's header, and its grid against the score map's, is checked before the first case is scored, so that an
-    unreadable file or another grid costs no scoring. A case listed again (the same score map, mask and labelmap,
+    unreadable file, a .nii.gz cut short or another grid costs no scoring. A case listed again (the same score map, mask and labelmap,
     and a ground truth of the same lesion voxels: an all-zero one is none) is evaluated once, with a warning, so that
     it does not weigh twice in the pooled metrics. A healthy case without a mask is warned about where its zero
     background lifts the pooled AUROC.

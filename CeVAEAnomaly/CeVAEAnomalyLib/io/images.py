@@ -69,8 +69,8 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
 def read_header(path: PathLike, what: str = "image") -> Optional[sitk.ImageFileReader]:
     """A reader holding the header of a volume file (its grid, without its voxels), for checking a list of files
     before any is read; None for a DICOM series folder. A file whose header cannot be read, or a NIfTI file far too
-    short for the voxels its header announces, is refused as :func:`read_image` refuses it (a file whose header reads
-    may still fail there: a compressed one cut short is found only by reading it)."""
+    short for the voxels its header announces, or a gzip-compressed one cut short (:func:`_check_gzip_end`), is refused
+    as :func:`read_image` refuses it (a file whose header reads may still fail there: a corrupt one)."""
     p = Path(path)
     refuse_missing_volume(p, what)
     if p.is_dir():
@@ -79,6 +79,8 @@ def read_header(path: PathLike, what: str = "image") -> Optional[sitk.ImageFileR
     data, layout = pair[1] if pair else p, _pair_layout(*pair) if pair else _nifti_layout(p)
     if layout is not None:
         _check_plausible(data, layout, what)
+        if layout.gz:
+            _check_gzip_end(data, layout, what)
     _refuse_missing_data_file(p, what)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
@@ -315,6 +317,17 @@ def _check_nifti_complete(p: Path, layout: _NiftiLayout, what: str) -> None:
     have = _gunzipped_size(p, layout.size) if layout.gz else p.stat().st_size
     if have < layout.size:
         _refuse_truncated(p, layout, have, what)
+
+
+def _check_gzip_end(p: Path, layout: _NiftiLayout, what: str) -> None:
+    """Refuse a gzip NIfTI file cut short, cheaply: a whole one of one member ends in the size of its content (modulo
+    4 GiB), which one cut short holds only by chance (1 in 2**32). Where that size differs (several members, bytes
+    beyond the voxels) the file is decompressed to count them (:func:`_check_nifti_complete`). A matching size is
+    trusted here only: :func:`read_image` counts the voxels it reads."""
+    with open(p, "rb") as fh:
+        fh.seek(-min(4, p.stat().st_size), os.SEEK_END)
+        if int.from_bytes(fh.read(4), "little") != layout.size % (1 << 32):
+            _check_nifti_complete(p, layout, what)
 
 
 def _refuse_missing_data_file(p: Path, what: str) -> None:
