@@ -189,8 +189,9 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     file's header, and its grid against the score map's, is checked before the first case is scored, so that an
     unreadable file, a .nii.gz cut short or another grid costs no scoring. A case listed again (the same score map,
     mask and labelmap, and a ground truth of the same lesion voxels: an all-zero one is none) is evaluated once, with
-    a warning, so that it does not weigh twice in the pooled metrics. A healthy case without a mask is warned about
-    where its zero background lifts the pooled AUROC.
+    a warning, so that it does not weigh twice in the pooled metrics. A healthy case's voxels count as healthy ones in
+    the pooled metrics (its false alarms lower the pooled AUPRC); one without a mask is warned about where its zero
+    background lifts the pooled AUROC. Cases without a lesion voxel alone are warned of: every figure is undefined.
     """
     cases, splits, unmasked_healthy = [], [], []
     unique = _unique_cases(rows)
@@ -220,6 +221,10 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
             unmasked_healthy.append((split.negatives[0], name))  # (all its scores)
         log.info("Evaluated %s: AUROC %s, AUPRC %s", name, *(figure(v) for v in (metrics.auroc, metrics.auprc)))
     pooled = _pooled(splits)
+    if pooled["n_positive"] == 0:
+        log.warning("None of the %d case%s has a lesion voxel (a ground truth marking one inside the mask): every case "
+                    "counts as healthy, so AUROC, AUPRC and best Dice are undefined (n/a, nan in the table).",
+                    len(cases), "" if len(cases) == 1 else "s")
     if not math.isnan(pooled["auroc"]):  # a healthy case's voxels count in the pooled figures only
         for scores, name in unmasked_healthy:
             _warn_of_easy_negatives(scores, name, "the pooled AUROC comes out")

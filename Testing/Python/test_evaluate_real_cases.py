@@ -110,3 +110,21 @@ def test_pooled_figures_keep_each_cases_scores_once_and_no_labels(tmp_path: Path
     assert (pooled["auroc"], pooled["auprc"], (pooled["best_dice"], pooled["best_threshold"])) == (
         auroc(every, truth), auprc(every, truth), best_dice(every, truth))
     assert (pooled["n_voxels"], pooled["n_positive"]) == (every.size, int(truth.sum()))
+
+
+def test_a_cohort_without_a_lesion_voxel_says_why_every_figure_is_na(
+        tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    """Every case healthy (no ground truth, or a truth column left empty or all zero) printed 'pooled: AUROC n/a
+    AUPRC n/a best Dice n/a' and wrote nan, with no word of why: one line now says that no case holds a lesion
+    voxel."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    rows = [f"{n},{real(n, 't1')},{real(n, 'brainmask')}" for n in HEADS[:2]]
+    (tmp_path / "cases.csv").write_text("\n".join(["name,score,mask", *rows]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", "--cases", str(tmp_path / "cases.csv"), "--out", str(tmp_path / "m.csv")]) == 0
+    assert "pooled: AUROC n/a  AUPRC n/a  best Dice n/a" in capsys.readouterr().out
+    assert ("None of the 2 cases has a lesion voxel (a ground truth marking one inside the mask): every case counts "
+            "as healthy, so AUROC, AUPRC and best Dice are undefined (n/a, nan in the table).") in caplog.text
+    pooled = (tmp_path / "m.csv").read_text().splitlines()[-1].split(",")
+    assert pooled[:8] == ["pooled", "nan", "nan", "nan", "nan", "", "", ""] and pooled[-1] == "0"
