@@ -133,7 +133,8 @@ def test_a_cases_list_without_cases_is_named(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_a_missing_case_file_is_named_by_its_line_before_any_case_is_read(
-        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Paths in a cases CSV lead from its folder, which neither --help nor the error said: a list in lists/ naming
     lesion.nii.gz beside the current folder failed with "The score map lists/lesion.nii.gz does not exist.", with no
     line, and only once every earlier case had been read."""
@@ -143,11 +144,12 @@ def test_a_missing_case_file_is_named_by_its_line_before_any_case_is_read(
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "cases.csv").write_text(f"score,gt,mask\n{cohort['lesion']},{cohort['gt']},{cohort['mask']}\n"
                                                   "healthy.nii.gz,,mask.nii.gz\n")
-    assert main(["evaluate", "--cases", "lists/cases.csv"]) == 2
+    with caplog.at_level(logging.INFO):  # (a case's log line reaches caplog, not capsys, under pytest)
+        assert main(["evaluate", "--cases", "lists/cases.csv"]) == 2
     err = capsys.readouterr().err
     assert ("lists/cases.csv, line 3: the score map lists/healthy.nii.gz does not exist. Relative paths in the list "
             "are read from its folder, lists." in err)
-    assert "Evaluated" not in err
+    assert "Evaluated" not in caplog.text
 
 
 def cases_list(tmp_path: Path, cohort: dict, last: str) -> Path:
@@ -159,7 +161,7 @@ def cases_list(tmp_path: Path, cohort: dict, last: str) -> Path:
 
 
 def test_an_unreadable_case_file_is_refused_naming_its_case_and_line_before_any_case_is_scored(
-        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
     """A file that exists but is not an image (corrupt, another file's copy) was found only when its case was
     reached: the run then failed with nothing written, every case before it lost (1-2 s each at 1 mm), in a message
     that named the file but not the case nor its line."""
@@ -168,15 +170,16 @@ def test_an_unreadable_case_file_is_refused_naming_its_case_and_line_before_any_
     broken = tmp_path / "broken_gt.nii.gz"
     broken.write_bytes(b"not an image, a note saved under the truth's name\n" * 20)
     cases = cases_list(tmp_path, cohort, f"{cohort['lesion']},{broken},{cohort['mask']}")
-    assert main(["evaluate", "--cases", str(cases), "--out", str(tmp_path / "m.csv")]) == 2
+    with caplog.at_level(logging.INFO):
+        assert main(["evaluate", "--cases", str(cases), "--out", str(tmp_path / "m.csv")]) == 2
     err = capsys.readouterr().err
     assert f"{cases}, line 4: case three (score map {cohort['lesion']}, ground truth {broken}" in err
     assert f"The ground truth file {broken} could not be read as an image" in err
-    assert "Evaluated" not in err and not (tmp_path / "m.csv").exists()
+    assert "Evaluated" not in caplog.text and not (tmp_path / "m.csv").exists()
 
 
 def test_a_case_file_on_another_grid_is_refused_from_its_header_before_any_case_is_scored(
-        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        cohort: dict, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
     """A mask of another grid (another subject's, or the scan's before resampling) was found when its case was
     scored, after every earlier case; the headers say it first."""
     from CeVAEAnomalyLib.cli.main import main
@@ -185,12 +188,13 @@ def test_a_case_file_on_another_grid_is_refused_from_its_header_before_any_case_
     mask.SetOrigin((0.0, 0.0, 5.0))
     sitk.WriteImage(mask, str(tmp_path / "moved_mask.nii.gz"))
     cases = cases_list(tmp_path, cohort, f"{cohort['lesion']},{cohort['gt']},{tmp_path / 'moved_mask.nii.gz'}")
-    assert main(["evaluate", "--cases", str(cases)]) == 2
+    with caplog.at_level(logging.INFO):
+        assert main(["evaluate", "--cases", str(cases)]) == 2
     err = capsys.readouterr().err
     assert (f"{cases}, line 4: case three (score map {cohort['lesion']}, ground truth {cohort['gt']}, mask "
             f"{tmp_path / 'moved_mask.nii.gz'}): The mask is not on the score map's voxel grid: origin (0, 0, 0) vs "
             "(0, 0, 5).") in err
-    assert "Evaluated" not in err
+    assert "Evaluated" not in caplog.text
 
 
 def test_a_case_file_that_fails_only_when_read_is_refused_naming_its_case_and_line(
