@@ -58,7 +58,26 @@ def test_it_is_offered_for_a_model_file_of_the_users_own_and_says_why_not_otherw
 def test_the_copy_goes_beside_the_model_by_default_never_over_it(site_model, tmp_path):
     assert sharing(site_model).default_output() == tmp_path / "site_shared.cevae"
     assert sharing(tmp_path / "Site.CEVAE").default_output() == tmp_path / "Site_shared.cevae"
-    assert sharing(tmp_path / "site_shared.cevae").default_output() == tmp_path / "site_shared_shared.cevae"
+    assert sharing(tmp_path / "site_shared.cevae").default_output() == tmp_path / "site_shared_2.cevae"
+    assert sharing(tmp_path / "Site_Shared.cevae").default_output() == tmp_path / "Site_Shared_2.cevae"
+
+
+def test_a_shareable_copy_is_not_offered_to_share_again(site_model, tmp_path):
+    """The panel offered to share a shareable copy again, as NAME_shared_shared.cevae: the copy is already the
+    file to give."""
+    pytest.importorskip("slicer")
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    action = sharing(site_model)
+    copy = action.default_output()
+    action.share(CeVAEAnomalyLogic(), str(copy), replace=False)
+    again = sharing(copy)
+    assert again.problem == ("site_shared.cevae is already a shareable copy (its scans are called scan 1, scan 2, "
+                             "...): give it as it is.")
+    assert again.tooltip == again.problem
+    with pytest.raises(CeVAEError, match="is already a shareable copy"):
+        again.share(CeVAEAnomalyLogic(), str(tmp_path / "other.cevae"), replace=False)
+    assert not (tmp_path / "other.cevae").exists()
 
 
 def test_share_writes_the_copy_without_the_scan_names_and_says_so(site_model, tmp_path):

@@ -355,3 +355,17 @@ def test_a_later_versions_model_calibrated_here_is_still_not_shared(calibrated, 
     assert main(["share", str(site), "--out", str(shared)]) == 2
     assert f"{site} was written by CeVAEAnomaly 9.0.0, newer than this one" in capsys.readouterr().err
     assert not shared.exists()
+
+
+def test_a_shared_copy_is_not_shared_again(calibrated, tmp_path, capsys):
+    """Sharing a shareable copy wrote the same copy again under a second name (site_shared_shared.cevae) and said
+    it had renamed its scans: the copy is already the file to give."""
+    shared = tmp_path / "site_shared.cevae"
+    assert main(["share", str(calibrated), "--out", str(shared)]) == 0
+    capsys.readouterr()
+    again = tmp_path / "site_shared_shared.cevae"
+    assert main(["share", str(shared), "--out", str(again)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {shared} is already a shareable copy (its scans are called scan 1, scan 2, ...): give it as it is; "
+        "no copy was written.\n")
+    assert not again.exists()

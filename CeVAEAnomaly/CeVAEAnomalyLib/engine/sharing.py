@@ -40,6 +40,7 @@ UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "po
                      "training.orientations", "training.subjects[].person", "training.validation_subjects[].person",
                      "adaptation.site_scans[].person", "adaptation.calibration", "recalibration.calibrated_utc",
                      "training.trained_utc"})
+ALREADY_SHARED = "is already a shareable copy (its scans are called scan 1, scan 2, ...): give it as it is"
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
 _INDEX = re.compile(r"\[[0-9]+\]")  # a list item's index in a place
 
@@ -172,9 +173,11 @@ def _texts(value: Any, where: str) -> Iterator[Tuple[str, str]]:
 def share_model(model: Union[str, Path], out: Union[str, Path], overwrite: bool = False) -> Path:
     """Write a copy of the bundle ``model`` to ``out`` without the names of its scans (:func:`without_scan_names`),
     atomically; its weights and calibration are the model's, byte for byte. ``out`` may not be ``model`` nor the
-    bundled default model, and an existing ``out`` is replaced only with ``overwrite``."""
+    bundled default model, and an existing ``out`` is replaced only with ``overwrite``. A shareable copy is refused:
+    it is the file to give."""
     source, target = Path(model), Path(out)
-    read_header(source)  # a damaged file or one that is no bundle is refused as such, before any output check
+    if NAMES_REMOVED in read_header(source).extra:  # (a damaged file or no bundle is refused as such first)
+        raise CeVAEError(f"{source} {ALREADY_SHARED}; no copy was written.")
     refuse_bundled_output(target)  # even with overwrite
     check_paths([target], overwrite, [source])
     refuse_misnamed(target, "model", "a .cevae bundle", BUNDLE_SUFFIX)

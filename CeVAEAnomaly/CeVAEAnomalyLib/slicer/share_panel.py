@@ -14,11 +14,12 @@ from typing import Any, Optional
 
 from ..data import is_bundled_model
 from ..engine.bundle_checks import NAMES_REMOVED
-from ..engine.header import read_header
+from ..engine.header import BUNDLE_SUFFIX, read_header
+from ..engine.sharing import ALREADY_SHARED
 from ..errors import CeVAEError
 from .adapt_panel import model_output, output_problem
 
-SHARED_SUFFIX = "_shared.cevae"  # the default copy of NAME.cevae is NAME_shared.cevae, beside it
+SHARED_TAG = "_shared"  # the default copy of NAME.cevae is NAME_shared.cevae, beside it
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ModelSharing:
     @cached_property
     def problem(self) -> Optional[str]:
         """Why the action is not offered now, or None (asked of the disk once: whether the file is the bundled model,
-        whether it is a file)."""
+        whether it is a file, whether it is a shareable copy already)."""
         if self.busy_with is not None:
             return ("Another task is running; wait for it to end (a calibration's or adaptation's model then becomes "
                     "the one in use, to share), or cancel it.")
@@ -59,7 +60,11 @@ class ModelSharing:
             return "Choose the model file to share (Model bundle)."
         if not self.readable or not self.model.is_file():
             return "The chosen model cannot be read (the status line says why); choose a model file to share."
-        return None
+        try:
+            shared = NAMES_REMOVED in read_header(self.model).extra
+        except CeVAEError:  # replaced since the panel read it: share_model says why
+            shared = False
+        return f"{self.model.name} {ALREADY_SHARED}." if shared else None
 
     @property
     def tooltip(self) -> str:
@@ -70,8 +75,11 @@ class ModelSharing:
             "detects exactly as the model does.")
 
     def default_output(self) -> Path:
-        """Where the copy goes unless the user chooses another file: NAME_shared.cevae beside the model."""
-        return self.model.with_name(self.model.stem + SHARED_SUFFIX)
+        """Where the copy goes unless the user chooses another file: NAME_shared.cevae beside the model, or
+        NAME_shared_2.cevae beside NAME_shared.cevae (not NAME_shared_shared)."""
+        stem = self.model.stem
+        tag = "_2" if stem.lower().endswith(SHARED_TAG) else SHARED_TAG
+        return self.model.with_name(stem + tag + BUNDLE_SUFFIX)
 
     def share(self, logic: Any, output: str, replace: bool) -> str:
         """Write the copy to ``output`` (the path chosen; ``~`` expanded) with ``logic.shareModel`` and return what the
