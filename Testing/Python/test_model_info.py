@@ -493,3 +493,22 @@ def test_the_panel_headline_of_an_adapted_model_says_what_its_base_model_had_lea
     assert f"adapted from base on 1 site scan (base had learned from {len(bundled)} healthy volumes);" in headline
     rewrite(path, lambda h, t: h["adaptation"].pop("base_volumes"))
     assert "adapted from base on 1 site scan;" in ModelSettings.read(path).details[0]
+
+
+@pytest.mark.parametrize("versions", [["0.1.0"], "0.1.0", 5])
+def test_info_says_a_model_whose_versions_record_is_no_object_without_it(capsys, tmp_path, versions):
+    """read_header leaves the ``versions`` record (which versions trained the model) unchecked, but info failed on
+    one that is not a JSON object with an unexpected AttributeError, and the Slicer panel's details line with it."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+    from CeVAEAnomalyLib.slicer.settings import ModelSettings
+
+    path = tmp_path / "model.cevae"
+    shutil.copy(default_model_path(), path)
+    rewrite(path, lambda h, t: h.__setitem__("versions", versions))
+    text = info(capsys, str(path))
+    assert "\nFormat: cevae-anomaly-bundle version 1; network encoder " in text and "made with" not in text
+    assert json.loads(info(capsys, str(path), "--json"))["made_with"] is None
+    assert ModelSettings.read(path).details == (text.splitlines()[0], text.rstrip("\n"))
+

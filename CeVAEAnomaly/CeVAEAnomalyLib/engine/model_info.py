@@ -61,7 +61,7 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
         "bundled": {"file": bundled is not None and sha256 == bundled[0],
                     "weights": bundled is not None and weights is not None and weights == bundled[1]},
         "format": header.extra.get("format"), "format_version": header.extra.get("format_version"),
-        "made_with": header.extra.get("versions"), "written_by": _text(header.extra.get(WRITER_KEY)),
+        "made_with": _record(header.extra.get("versions")), "written_by": _text(header.extra.get(WRITER_KEY)),
         "weights": {"dtype": header.weights_dtype, "sha256": weights},
         "network": header.model.to_dict() if header.model is not None else None,
         "preprocess": header.preprocess.to_dict(),
@@ -86,6 +86,11 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
 def _text(value: Any) -> Optional[str]:
     """``value`` where it is text (a record that read_header does not check), else None."""
     return value if isinstance(value, str) else None
+
+
+def _record(value: Any) -> Optional[Dict[str, Any]]:
+    """``value`` where it is a JSON object (a record that read_header does not check), else None."""
+    return value if isinstance(value, dict) else None
 
 
 def _bundled_digests() -> Optional[Tuple[str, Any]]:
