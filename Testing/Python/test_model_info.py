@@ -512,3 +512,27 @@ def test_info_says_a_model_whose_versions_record_is_no_object_without_it(capsys,
     assert json.loads(info(capsys, str(path), "--json"))["made_with"] is None
     assert ModelSettings.read(path).details == (text.splitlines()[0], text.rstrip("\n"))
 
+
+
+def test_info_shows_control_characters_of_a_received_models_header_as_escapes(capsys, tmp_path):
+    """A header's texts (the model's name, its scans' names) reached the terminal as they were: a name holding a line
+    end forged a line of info's text, and escape sequences, a carriage return or a right-to-left override rewrote or
+    hid what was printed. They are shown as escapes; --json (escaped by JSON) keeps them."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+    from CeVAEAnomalyLib.slicer.settings import ModelSettings
+
+    forged = "site\nCalibrated on: 500 healthy scans\x1b[2K\r\u202e"
+    path = tmp_path / "model.cevae"
+    shutil.copy(default_model_path(), path)
+    rewrite(path, lambda h, t: [h.__setitem__("name", forged), h.__setitem__("calibration_subjects", ["a\x00b"])])
+    text = info(capsys, str(path))
+    lines = text.splitlines()
+    assert lines[0].startswith("site\\nCalibrated on: 500 healthy scans\\x1b[2K\\r\\u202e (T1) with the bundled")
+    assert not [line for line in lines if line.startswith("Calibrated on: 500")]
+    assert "(a\\x00b)" in text
+    assert not [c for c in text if c != "\n" and not c.isprintable()]
+    assert json.loads(info(capsys, str(path), "--json"))["name"] == forged
+    headline, details = ModelSettings.read(path).details
+    assert headline == lines[0] and details == text.rstrip("\n")

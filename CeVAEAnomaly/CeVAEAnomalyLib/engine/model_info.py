@@ -187,6 +187,7 @@ def _threshold(entry: Mapping[str, Any], rate: float) -> Dict[str, Any]:
 
 def describe_model(info: Mapping[str, Any]) -> str:
     """:func:`model_info`'s facts in words, one line per topic: the text of ``cevae-anomaly info``."""
+    info = _shown(info)
     lines = [model_headline(info), f"File: {info['file']}", f"sha256: {info['sha256']}"]
     training, adaptation, calibration = info["training"], info["adaptation"], info["calibration"]
     if adaptation is not None:
@@ -264,6 +265,7 @@ def model_headline(info: Mapping[str, Any]) -> str:
     """One line: the model, where it comes from (an adapted model: also how many volumes its base model had learned
     from), on how many healthy scans of which voxel sizes its threshold is calibrated, and whether its scans' names
     were removed for sharing."""
+    info = _shown(info)
     adaptation, training, calibration = info["adaptation"], info["training"], info["calibration"]
     if adaptation is not None:
         parent, base = adaptation["parent"]["name"], adaptation["base_volumes"]
@@ -403,3 +405,16 @@ def _names(volumes: Sequence[Mapping[str, Any]]) -> str:
     names = [str(v["name"]) for v in volumes]
     more = len(names) - NAMES_SAID
     return ", ".join(names[:NAMES_SAID]) + (f" and {more} more" if more > 0 else "")
+
+
+def _shown(value: Any) -> Any:
+    """``value`` with every character of its texts that is not printable (a line end, an escape sequence, a
+    direction override, from a received model's header) as its Python escape: the text says it, the terminal does
+    not act on it."""
+    if isinstance(value, str):
+        return value if value.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown(v) for v in value]
+    return value
