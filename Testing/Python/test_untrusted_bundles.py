@@ -593,3 +593,23 @@ def test_a_small_file_whose_layers_are_huge_is_refused_before_its_weights_are_re
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and lines == ["error: " + expected], lines
     assert not (tmp_path / "score.nii.gz").exists()
+
+
+@pytest.mark.parametrize("command", ["detect", "info", "share"])
+def test_a_key_written_twice_in_the_model_header_is_refused_in_one_line(command, calibrated, head, tmp_path, capsys):
+    """The tensor table's keys written twice were refused, the model header's were not: Python's JSON reader kept the
+    last of two "default_fpr" (or "calibration", "name") keys, so info, share and detect used a value that another
+    reader of the file, or a person reading it, would not; save_bundle never writes a key twice."""
+    table = json.loads(_table_text(calibrated))
+    meta = table["__metadata__"]["cevae_anomaly"]
+    table["__metadata__"]["cevae_anomaly"] = '{"default_fpr": 0.5, ' + meta[1:]
+    _put_table(calibrated, json.dumps(table))
+    out = tmp_path / "shared.cevae"
+    if command == "detect":
+        rc, lines = _detect_errors(calibrated, head, tmp_path, capsys)
+    else:
+        rc = main(["info", str(calibrated)] if command == "info" else ["share", str(calibrated), "--out", str(out)])
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and lines == [f"error: In the header of {calibrated}, the key 'default_fpr' is written twice in one "
+                                 "object; the model file is damaged or was edited: use an original copy."], lines
+    assert not out.exists()

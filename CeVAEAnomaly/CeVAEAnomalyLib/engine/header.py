@@ -321,11 +321,16 @@ class BundleLayout:
 
     def written_header(self) -> Any:
         """The model header's JSON as the file holds it, unchecked."""
+        text = self.metadata[META_KEY]
         try:
-            return json.loads(self.metadata[META_KEY])
+            header = json.loads(text)
         except (ValueError, RecursionError) as exc:  # (ValueError: also a number of more than 4300 digits)
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
             raise CeVAEError(f"The header of {self.path} is not valid JSON ({reason}); {EDITED}.") from None
+        twice = _key_twice(text)  # (save_bundle never writes one: which of the two a reader takes is its own choice)
+        if twice is not None:
+            raise CeVAEError(f"In the header of {self.path}, {twice}; {EDITED}.")
+        return header
 
 
 def bundle_layout(path: Path, data: Optional[bytes] = None) -> BundleLayout:
@@ -388,17 +393,17 @@ def damaged_or_edited(path: Path, problem: str) -> CeVAEError:
                       "an original copy.")
 
 
-def _key_twice(text: bytes) -> Optional[str]:
-    """Where the tensor table ``text`` (valid JSON) holds a key twice in one object, in words; else None. Python's
-    reader keeps the last of them, safetensors' refuses the file: such a file would pass ``info`` and ``share`` and
-    be refused by ``detect``."""
+def _key_twice(text: Union[bytes, str]) -> Optional[str]:
+    """Where the tensor table or model header ``text`` (valid JSON) holds a key twice in one object, in words; else
+    None. Python's reader keeps the last of them, safetensors' refuses the file: such a file would pass ``info`` and
+    ``share`` and be refused by ``detect``."""
     twice: List[str] = []
 
     def unique(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
         twice.extend(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
         return dict(pairs)
 
-    json.loads(text.decode("utf-8"), object_pairs_hook=unique)
+    json.loads(text, object_pairs_hook=unique)  # (bytes: read as UTF-8)
     return f"the key {twice[0]!r} is written twice in one object" if twice else None
 
 
