@@ -115,3 +115,31 @@ def test_the_command_to_detect_with_a_model_in_a_folder_with_spaces_can_be_paste
         assert main(["calibrate", str(folder), "--model", str(tiny_bundle), "--out", str(out), "--device", "cpu"]) == 0
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated bundle written")][-1]
     assert shlex.split(said.split("Detect with it: ")[1]) == ["cevae-anomaly", "detect", "SCAN", "--model", str(out)]
+
+
+@pytest.mark.parametrize("mask", ["empty", "one voxel"])
+def test_a_scan_calibrate_refuses_is_not_warned_of_first(tmp_path, caplog, capsys, mask):
+    """A healthy scan whose brain mask is empty (or holds one voxel: its intensities are constant) was first warned of
+    ("... The thresholds taken on it may not fit the model's scans") and then refused with the same words: the
+    refusal alone is said."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    (healthy / "c.nii.gz").write_bytes(data_path("colin27_t1_2mm.nii.gz").read_bytes())
+    given = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
+    voxels = np.zeros(sitk.GetArrayFromImage(given).shape, np.uint8)
+    if mask == "one voxel":
+        voxels[tuple(n // 2 for n in voxels.shape)] = 1
+    written = sitk.GetImageFromArray(voxels)
+    written.CopyInformation(given)
+    sitk.WriteImage(written, str(healthy / "c_mask.nii.gz"))
+    out = tmp_path / "site.cevae"
+    with caplog.at_level(logging.WARNING):
+        assert main(["calibrate", str(healthy), "--out", str(out), "--device", "cpu"]) == 2
+    said = [r.getMessage() for r in caplog.records if "may not fit the model's scans" in r.getMessage()]
+    assert said == [] and not out.exists()
+    err = capsys.readouterr().err.splitlines()
+    refusal = "brain mask is empty" if mask == "empty" else "inside the brain are (nearly) constant"
+    assert len(err) == 1 and err[0].startswith(f"error: {healthy / 'c.nii.gz'}: ") and refusal in err[0], err

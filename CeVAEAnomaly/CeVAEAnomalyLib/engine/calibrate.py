@@ -78,10 +78,10 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
             largest.append(largest_side(image.GetSpacing()))
             mask = given_or_computed_mask(image, s.mask, str(s.image), scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
                                           where=f"{s.image}: ")  # (its warnings name the scan as the detector's do)
-            if check_contrast:
+            scan = detectors[id(model)][0].prepared(image, mask, f"{s.image}: ", automatic=s.mask is None)
+            if check_contrast:  # (after the checks: a scan refused there is not warned of first in the same words)
                 _warn_of_contrast(s, image, mask, model)
             scores = []
-            scan = detectors[id(model)][0].prepared(image, mask, f"{s.image}: ", automatic=s.mask is None)
             for k, detector in enumerate(detectors[id(model)]):  # each mode scores the scan checked once
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
                 step = labelled(scaled(part, 0.3 + 0.7 * k / len(modes), 0.3 + 0.7 * (k + 1) / len(modes)),
