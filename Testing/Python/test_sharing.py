@@ -369,3 +369,28 @@ def test_a_shared_copy_is_not_shared_again(calibrated, tmp_path, capsys):
         f"error: {shared} is already a shareable copy (its scans are called scan 1, scan 2, ...): give it as it is; "
         "no copy was written.\n")
     assert not again.exists()
+
+
+@pytest.mark.parametrize("where, edit", [
+    ("notes.path", lambda h: h.__setitem__("notes", {"path": "/data/55555555_POE_P/t1.nii.gz"})),
+    ("recalibration.scans[0].source", lambda h: h["recalibration"]["scans"][0].__setitem__(
+        "source", "/data/55555555_POE_P/t1.nii.gz")),
+    ("training.subjects[1].path", lambda h: h["training"]["subjects"][1].__setitem__(
+        "path", "/data/55555555_POE_P/t1.nii.gz")),
+])
+def test_share_refuses_a_text_it_does_not_know_that_is_no_scan_name(calibrated, tmp_path, capsys, where, edit):
+    """A record this version does not write (a tool's or a person's edit) holding a scan's path rather than its name
+    was copied as it was, and the copy said its scans' names were removed: only the scans' old names were looked
+    for. Every text outside the places known to hold none must now be a name share gave or a checksum."""
+    from test_untrusted_bundles import rewrite
+
+    edited = tmp_path / "edited.cevae"
+    edited.write_bytes(calibrated.read_bytes())
+    rewrite(edited, lambda h, t: edit(h))
+    out = tmp_path / "shared.cevae"
+    assert main(["share", str(edited), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: The model's header holds a text in '{where}', a record this version does not write and "
+                   "cannot tell to hold no scan's name or path; no shareable copy was written. If a later CeVAEAnomaly "
+                   "made the model, share it with that one; else the file was edited: share an original copy.\n")
+    assert "POE" not in err and not out.exists()

@@ -42,6 +42,7 @@ UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "po
                      "training.trained_utc"})
 ALREADY_SHARED = "is already a shareable copy (its scans are called scan 1, scan 2, ...): give it as it is"
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
+_DIGEST = re.compile(r"[0-9a-fA-F]{64}\Z")  # a sha256, as the records give it
 _INDEX = re.compile(r"\[[0-9]+\]")  # a list item's index in a place
 
 
@@ -147,13 +148,21 @@ def _renamed_fold(fold: Any, site: Mapping[str, Mapping[str, Any]], numbers: _Nu
 
 
 def _refuse_left(header: Mapping[str, Any], old: Set[str]) -> None:
-    """Refuse a header that still holds one of the ``old`` scan names outside :data:`UNNAMED`. (Its format version is
-    not newer than this one's, read_header saw to that: updating helps only where a later version wrote the record.)"""
-    for where, text in _texts(header, ""):
+    """Refuse a header that still holds one of the ``old`` scan names outside :data:`UNNAMED`, or there any text but
+    a name this module gives and a checksum (a record this version does not write may hold a scan's path, or a name
+    another tool gave it). (Its format version is not newer than this one's, read_header saw to that: updating helps
+    only where a later version wrote the record.)"""
+    texts = list(_texts(header, ""))
+    said = ("no shareable copy was written. If a later CeVAEAnomaly made the model, share it with that one; else the "
+            "file was edited: share an original copy.")
+    for where, text in texts:
         if text in old:
             raise CeVAEError(f"The model's header holds the scan name {text!r} in '{where}', a record this version "
-                             "cannot rename; no shareable copy was written. If a later CeVAEAnomaly made the model, "
-                             "share it with that one; else the file was edited: share an original copy.")
+                             f"cannot rename; {said}")
+    for where, text in texts:  # (the text itself is not said: it may be a patient's name)
+        if not _SCAN.match(text) and not _DIGEST.match(text):
+            raise CeVAEError(f"The model's header holds a text in '{where}', a record this version does not write and "
+                             f"cannot tell to hold no scan's name or path; {said}")
 
 
 def _texts(value: Any, where: str) -> Iterator[Tuple[str, str]]:
