@@ -394,3 +394,24 @@ def test_share_refuses_a_text_it_does_not_know_that_is_no_scan_name(calibrated, 
                    "cannot tell to hold no scan's name or path; no shareable copy was written. If a later CeVAEAnomaly "
                    "made the model, share it with that one; else the file was edited: share an original copy.\n")
     assert "POE" not in err and not out.exists()
+
+
+def test_a_later_versions_model_adapted_here_keeps_none_of_what_this_version_does_not_know(tiny_bundle, tmp_path,
+                                                                                         capsys):
+    """adapt writes its model's header anew (this version's records only; of the base model's training volumes their
+    name and checksums), so an adapted later version's model holds none of that version's records and is shared."""
+    from test_untrusted_bundles import rewrite
+
+    def later_records(header: Dict[str, Any], table: Dict[str, Any]) -> None:
+        header["written_by"] = "9.0.0"
+        header["site_log"] = {"scans": ["55555555_POE_P_T1"]}
+        header["training"]["subjects"][0]["source"] = "/data/55555555_POE_P/T1.nii.gz"
+
+    later = tmp_path / "later.cevae"
+    later.write_bytes(tiny_bundle.read_bytes())
+    rewrite(later, later_records)
+    adapted = _adapted_on(tmp_path, later, ("a", "b"), ("1", "2"))
+    assert b"POE" not in adapted.read_bytes() and "site_log" not in _written_header(adapted)
+    shared = tmp_path / "shared.cevae"
+    assert main(["share", str(adapted), "--out", str(shared)]) == 0, capsys.readouterr().err
+    assert b"POE" not in shared.read_bytes()
