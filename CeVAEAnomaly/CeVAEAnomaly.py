@@ -445,7 +445,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._refresh()
             return
         from CeVAEAnomalyLib.slicer.model_memory import remembered_value
-        from CeVAEAnomalyLib.slicer.settings import (model_problem, override_postprocess, rate_refusal,
+        from CeVAEAnomalyLib.slicer.settings import (model_problem, override_postprocess, plain_tooltip, rate_refusal,
                                                      sensitivity_change)
 
         if self._followInput():
@@ -457,7 +457,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = self._modelSettings()
         headline, details = settings.details if settings is not None else ("", "")  # what the model is
         self.ui.modelDetailsLabel.text = headline
-        self.ui.modelDetailsLabel.toolTip = details or _("What the chosen model is (as cevae-anomaly info says it).")
+        about = details or _("What the chosen model is (as cevae-anomaly info says it).")
+        self.ui.modelDetailsLabel.toolTip = plain_tooltip(about)  # (a received model's text is no HTML)
         said = self.state.model_problem(model_problem(p) if settings is None else None)
         if said is not None:
             self.ui.statusLabel.text = said  # a scene's model that was moved, a file that is no model

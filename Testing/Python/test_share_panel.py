@@ -180,3 +180,19 @@ def test_the_disk_is_asked_once_per_model_choice_not_at_every_refresh(site_model
     panel.modelPath = str(tmp_path / "other.cevae")
     assert ModelSharing.of_panel(panel, False, None, shown).problem.startswith("The chosen model cannot be read")
     assert asked == [site_model, tmp_path / "other.cevae"]
+
+
+def test_a_received_models_text_is_shown_as_text_not_as_html():
+    """Qt renders a label's text or tooltip that looks like HTML as HTML: a received model named "<b>...</b><img
+    src=...>" rewrote the panel's model details. The details label is plain text, its tooltip escaped HTML."""
+    from CeVAEAnomalyLib.slicer.settings import plain_tooltip
+
+    label = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "modelDetailsLabel")
+    formats = [p.find("enum").text for p in label.findall("property") if p.get("name") == "textFormat"]
+    assert formats == ["Qt::PlainText"]
+    said = plain_tooltip("<b>site</b> & <img src='x'>\nFile: a")
+    assert said == ("<p style=\"white-space:pre-wrap\">&lt;b&gt;site&lt;/b&gt; &amp; &lt;img src=&#x27;x&#x27;&gt;\n"
+                    "File: a</p>")
+    update = widget_methods()["_updateGui"]
+    assert "about = details or _('What the chosen model is (as cevae-anomaly info says it).')" in update
+    assert "self.ui.modelDetailsLabel.toolTip = plain_tooltip(about)" in update

@@ -5,6 +5,7 @@ and stores the values in its parameter node.
 """
 from __future__ import annotations
 
+import html
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,7 +19,7 @@ from ..options import (DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, P
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "ModelSettingsCache", "SensitivityChange",
            "adapt_override_note", "chosen_model", "detection_request", "model_file_key", "model_path", "model_problem",
-           "override_postprocess", "postprocess_fields", "rate_refusal", "sensitivity_change"]
+           "override_postprocess", "plain_tooltip", "postprocess_fields", "rate_refusal", "sensitivity_change"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,12 @@ SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rat
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
 SENSITIVITY_THRESHOLD = "threshold"  # an absolute score threshold
 SENSITIVITIES = (SENSITIVITY_MODEL, SENSITIVITY_FPR, SENSITIVITY_THRESHOLD)
+
+
+def plain_tooltip(text: str) -> str:
+    """``text`` as a Qt tooltip shows it, lines kept: escaped HTML (Qt renders a tooltip that looks like HTML as HTML,
+    and a received model's name or scan names may look so)."""
+    return f'<p style="white-space:pre-wrap">{html.escape(text)}</p>'
 
 
 @dataclass(frozen=True)
