@@ -51,7 +51,8 @@ def test_a_labelmap_typed_mask_or_image_does_not_abort_the_interpreter():
         "import numpy as np, SimpleITK as sitk\n"
         "from CeVAEAnomalyLib.engine.preprocess import mask_array\n"
         "from CeVAEAnomalyLib.engine.detector import checked_image\n"
-        "arr = np.zeros((20, 20, 20), np.uint8); arr[5:15, 5:15, 5:15] = 1; arr[5:10] *= 2\n"  # (2 values: a mask)
+        "arr = np.zeros((20, 20, 20), np.uint8); arr[5:15, 5:15, 5:15] = 1 + np.arange(1000).reshape(10, 10, 10) % 50\n"
+        # 50 labels: a label image of a few is refused as the scan, before it is scored
         "mask = sitk.GetImageFromArray(arr); image = sitk.Cast(mask, sitk.sitkFloat32)\n"
         "lm = sitk.LabelImageToLabelMap(mask)\n"
         "assert np.array_equal(mask_array(lm, image), arr > 0)\n"
@@ -309,6 +310,32 @@ def test_a_mask_given_as_the_image_or_swapped_with_it_is_refused(tiny_bundle):
     with pytest.raises(CeVAEError, match=r"only the values 2 and 5"):
         detector(labels, mask)
     assert detector(scan, mask).threshold == 1.0
+
+
+def test_a_segmentation_given_as_the_image_is_refused_in_one_line(tmp_path, tiny_bundle, capsys):
+    """A tissue segmentation (background and three classes, as FSL FAST writes) given to detect as the scan was
+    scored as a head with no warning, its outputs written; it is refused in one line, as a binary mask is."""
+    from CeVAEAnomalyLib.cli.main import main
+    from CeVAEAnomalyLib.data import template_dir
+    from CeVAEAnomalyLib.io.images import read_image
+
+    scan = read_image(template_dir() / "colin27_t1_2mm.nii.gz")
+    mask = read_image(template_dir() / "colin27_brainmask_2mm.nii.gz")
+    voxels, brain = sitk.GetArrayFromImage(scan).astype(float), sitk.GetArrayFromImage(mask) > 0
+    classes = np.zeros(voxels.shape, np.uint8)
+    classes[brain] = 1 + np.digitize(voxels[brain], np.quantile(voxels[brain], [1 / 3, 2 / 3]))
+    sitk.WriteImage(_like(classes, scan), str(tmp_path / "seg.nii.gz"))
+    out = tmp_path / "score.nii.gz"
+    assert main(["detect", str(tmp_path / "seg.nii.gz"), "--score", str(out), "--model", str(tiny_bundle),
+                 "--threshold", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: The image holds only the 4 whole values 0, 1, 2 and 3: it is a segmentation or a "
+                   "labelmap, not an MRI scan; give the scan as the image."), err
+    assert not out.exists()
+    detector = Detector(load_bundle(tiny_bundle), policy=ThresholdPolicy(threshold=1.0))
+    with pytest.raises(CeVAEError, match=r"^The image holds only the 4 whole .* \(are the image and the mask "
+                                         r"swapped\?\); give the scan as the image\.$"):
+        detector(_like(classes, scan), mask)
 
 
 def test_a_mask_or_image_without_geometry_on_another_grid_than_the_other_is_refused(tiny_bundle, caplog):

@@ -500,22 +500,34 @@ def _numbers(values: Sequence[float]) -> str:
 
 
 def _refuse_a_mask_as_the_image(image: sitk.Image, masked: bool) -> None:
-    """Refuse an image of two values (a mask given as the image; with a mask, ``masked``: the two swapped): the
-    "brain" of a binary image is constant where it is no mask's, and a uint8 scan given as the mask was taken as one
-    (every voxel above 0 brain), so its detection ran on the mask, with warnings only. A strided sample tells a scan
-    at once; the whole volume is counted only when the sample holds two values or fewer."""
+    """Refuse an image of two values (a mask given as the image; with a mask, ``masked``: the two swapped) or of a
+    few whole values from 0 up (a segmentation: tissue classes, labelled lesions): the "brain" of a binary image is
+    constant where it is no mask's, and a uint8 scan given as the mask was taken as one (every voxel above 0 brain),
+    so its detection ran on the mask, with warnings only; a segmentation was scored as a scan, with no warning at
+    all. A strided sample tells a scan at once; the whole volume is counted only when the sample holds few values."""
     values = sitk.GetArrayViewFromImage(image).ravel()
     for sample in (values[:: max(1, values.size // _SAMPLED_VOXELS)], values):
         distinct = np.unique(sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample)
-        if distinct.size > 2:
+        if distinct.size > _LABEL_VALUES or (distinct.size > 2 and not _label_values(distinct)):
             return
+    if distinct.size < 2:
+        return  # a constant image: check_volume's to refuse
+    swapped = " (are the image and the mask swapped?)" if masked else ""
     if distinct.size == 2:
-        swapped = " (are the image and the mask swapped?)" if masked else ""
         raise CeVAEError(f"The image holds only the values {distinct[0]:g} and {distinct[1]:g}: it is a mask or a "
                          f"labelmap, not an MRI scan{swapped}; give the scan as the image.")
+    listed = ", ".join(f"{v:g}" for v in distinct[:-1])
+    raise CeVAEError(f"The image holds only the {distinct.size} whole values {listed} and {distinct[-1]:g}: it is a "
+                     f"segmentation or a labelmap, not an MRI scan{swapped}; give the scan as the image.")
+
+
+def _label_values(values: np.ndarray) -> bool:
+    """Whether ``values`` could all be a segmentation's labels: whole numbers from 0 to 65535."""
+    return bool(np.all((values == np.round(values)) & (values >= 0) & (values <= 65535)))
 
 
 _SAMPLED_VOXELS = 100_000  # voxels of the image sampled to tell a scan from a mask
+_LABEL_VALUES = 12  # at most this many whole values: a segmentation (an 8-bit scan at 2 mm still holds 60)
 
 
 def _mean_map(passes: Sequence[Tuple[SliceRecord, NetworkMaps]], opts: ScoreOptions, region: Region) -> np.ndarray:
