@@ -271,8 +271,8 @@ class ThresholdPolicy(Serialisable):
 
     threshold: Optional[float] = option(None, "absolute score threshold (overrides --fpr; inf: an empty labelmap)",
                                         low=-math.inf, open_low=True)
-    fpr: Optional[float] = option(None, "healthy false-positive rate for the calibrated threshold "
-                                  "(default: the model's)", high=1, open_low=True, open_high=True)
+    fpr: Optional[float] = option(None, "healthy false-positive rate for the calibrated threshold, from 1e-06 to "
+                                  "0.5 (default: the model's)", low=1e-6, high=0.5)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -750,7 +750,9 @@ CASES: Dict[str, Case] = {
     "unknown --spread": Case(with_args("--spread", "iqr"), REFUSED,
                              r"argument --spread: invalid choice: 'iqr' \(choose from 'mad', 'tail'\)"),
     "--batch-size 0": Case(with_args("--batch-size", "0"), REFUSED, r"batch_size \(--batch-size\) must be a whole number in \[1, 4096\], got 0"),
-    "--fpr 5": Case(with_args("--fpr", "5"), REFUSED, r"fpr \(--fpr\) must be a number in \(0, 1\), got 5"),
+    "--fpr 5": Case(with_args("--fpr", "5"), REFUSED, r"fpr \(--fpr\) must be a number in \[1e-06, 0\.5\], got 5"),
+    "--fpr 0.7": Case(with_args("--fpr", "0.7"), REFUSED,  # a rate no calibration holds, as --default-fpr's
+                      r"fpr \(--fpr\) must be a number in \[1e-06, 0\.5\], got 0\.7"),
     "negative --rim-mm": Case(with_args("--rim-mm", "-2"), REFUSED, r"rim_mm \(--rim-mm\) must be a number in \[0, 50\], got -2"),
     "output = input": Case(output_is_input(), REFUSED, r"same file as an input"),
     "output = input, --overwrite": Case(output_is_input("--overwrite"), REFUSED, r"same file as an input"),

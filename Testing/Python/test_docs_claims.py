@@ -256,3 +256,14 @@ def test_the_figures_the_readme_gives_of_the_bundled_model_are_the_models() -> N
         if said != [figure]:
             wrong.append(f"{phrase.format(figure)!r}: the README says {said or 'nothing of it'}")
     assert not wrong, wrong
+
+
+def test_the_help_of_every_false_positive_rate_states_the_range_the_readme_gives() -> None:
+    """detect's and batch's --fpr and calibrate's --default-fpr say the rates a calibration covers, as the README
+    does ("rates 1e-6 to 0.5"): --fpr's help gave none, and a rate above 0.5 was refused only once the model was
+    read, in other words than one above 1."""
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert "rates 1e-6 to 0.5" in readme
+    for command, flag in (("detect", "--fpr"), ("batch", "--fpr"), ("calibrate", "--default-fpr")):
+        action = next(a for a in subparser(command)._actions if flag in a.option_strings)
+        assert "from 1e-06 to 0.5" in " ".join(action.help.split()), (command, flag, action.help)
