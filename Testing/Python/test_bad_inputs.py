@@ -642,6 +642,16 @@ def gzipped_named_nii(d: Path, g: Inputs) -> Inputs:
     return Inputs(d / "packed.nii", g.mask, g.model)
 
 
+def freesurfer_mgz(d: Path, g: Inputs) -> Inputs:
+    """The fixture's scan as FreeSurfer writes it (conformed scans are .mgz): a big-endian MGH header of 284 bytes
+    (version 1, size, one frame, float32, spacing, directions, centre), the float32 voxels, gzip-compressed."""
+    voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(g.image))).astype(">f4")
+    header = struct.pack(">7i", 1, *voxels.shape[::-1], 1, 3, 0) + struct.pack(">h15f", 1, 1, 1, 1, -1, 0, 0, 0, 0, 1,
+                                                                           0, -1, 0, 0, 0, 0)
+    (d / "orig.mgz").write_bytes(gzip.compress(header.ljust(284, b"\0") + voxels.transpose(2, 1, 0).tobytes()))
+    return Inputs(d / "orig.mgz", g.mask, g.model)
+
+
 def gzipped_data_named_img(d: Path, g: Inputs) -> Inputs:
     sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "pair.hdr"))
     (d / "pair.img").write_bytes(gzip.compress((d / "pair.img").read_bytes()))
@@ -831,6 +841,9 @@ CASES: Dict[str, Case] = {
     "gzipped .img named without .gz": Case(gzipped_data_named_img, REFUSED,
                                            r"data file .*pair\.img is gzip-compressed but named without \.gz.*rename "
                                            r"it pair\.img\.gz"),
+    "FreeSurfer .mgz": Case(freesurfer_mgz, REFUSED, r"orig\.mgz is in FreeSurfer's MGH format, which is not read "
+                                                     r"here: convert it to NIfTI first \(FreeSurfer: mri_convert "
+                                                     r"orig\.mgz orig\.nii\.gz\) and give that file\.$"),
     "gzip file named .nii": Case(gzipped_named_nii, REFUSED, r"packed\.nii is gzip-compressed but named \.nii, .*"
                                                              r"rename it to end in \.nii\.gz"),
     "NaN and Inf voxels in a .hdr/.img pair": Case(nan_voxels_in_a_pair, 0,

@@ -103,6 +103,9 @@ def _unreadable(p: Path, layout: Optional[_NiftiLayout], what: str, exc: Runtime
         return CeVAEError(f"The {what} file {p} is gzip-compressed but named .nii, and the NIfTI "
                           "reader goes by the name: rename it to end in .nii.gz.")
     refuse_misnamed_format(p, what)
+    if p.suffix.lower() in (".mgz", ".mgh"):  # SimpleITK has no reader of FreeSurfer's format
+        return CeVAEError(f"The {what} file {p} is in FreeSurfer's MGH format, which is not read here: convert it to "
+                          f"NIfTI first (FreeSurfer: mri_convert {p.name} {p.stem}.nii.gz) and give that file.")
     return CeVAEError(f"The {what} file {p} could not be read as an image "
                       f"(corrupt, truncated or not a medical image format): {error_text(exc)}")
 
