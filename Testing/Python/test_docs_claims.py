@@ -267,3 +267,17 @@ def test_the_help_of_every_false_positive_rate_states_the_range_the_readme_gives
     for command, flag in (("detect", "--fpr"), ("batch", "--fpr"), ("calibrate", "--default-fpr")):
         action = next(a for a in subparser(command)._actions if flag in a.option_strings)
         assert "from 1e-06 to 0.5" in " ".join(action.help.split()), (command, flag, action.help)
+
+
+def test_the_help_of_threshold_and_amp_states_units_default_and_the_readmes_caveat() -> None:
+    """--threshold's help said no unit (a user could not tell a score from a rate or a percentile) nor that 0 marks
+    the whole brain; detect's --amp said "mixed precision" only, where train's says more and the README warns that
+    the calibration was made in full precision (maps up to 10 % off on the CPU)."""
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert "the calibration was made in full precision, and on the CPU a review measured maps up to 10 %" in readme
+    for command in ("detect", "batch", "calibrate"):
+        helps = {o: " ".join(a.help.split()) for a in subparser(command)._actions for o in a.option_strings}
+        assert "full precision" in helps["--amp"] and "10 %" in helps["--amp"], helps["--amp"]
+        assert helps["--amp"].endswith("(default: off)"), helps["--amp"]
+        if command != "calibrate":
+            assert "in the map's units" in helps["--threshold"] and "0 or less: the whole brain" in helps["--threshold"]
