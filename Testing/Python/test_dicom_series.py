@@ -178,6 +178,21 @@ def test_a_folder_of_series_folders_says_they_are_not_searched(head, tmp_path, c
     assert not out.exists()
 
 
+def test_batch_given_the_folder_of_one_series_says_how_to_score_it(head, tmp_path, capsys):
+    """batch given a folder of DICOM files (one series, which detect reads) said only that it "holds no images",
+    listing file name extensions, with nothing to do; it now says it is one series and how to score it."""
+    from CeVAEAnomalyLib.cli.main import main
+
+    series = write_series(head, tmp_path / "series")
+    out = tmp_path / "out"
+    assert main(["batch", str(series), "--out-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {series} holds no images (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .hdr); it is the folder of one "
+        f"DICOM series: score it with cevae-anomaly detect {series}, or list series folders in a CSV (column "
+        "'image') for batch.")
+    assert not out.exists()
+
+
 def test_one_slice_file_of_a_series_points_to_its_folder(head, tmp_path):
     """A user who gives one file of a series (the usual slip with a DICOM export) is told to give its folder, which
     is scored; a single-slice file of another format keeps the plain message."""

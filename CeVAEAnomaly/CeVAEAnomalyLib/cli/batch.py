@@ -286,6 +286,11 @@ def collect_inputs(source: Path) -> List[BatchItem]:
     if not items:
         hint = subfolders_hint(source, "list the images or DICOM series folders in a CSV (column 'image')") \
             if source.is_dir() else ""
+        if source.is_dir() and not hint:
+            from ..io.images import holds_dicom_series
+
+            hint = (f"; it is the folder of one DICOM series: score it with cevae-anomaly detect {source}, or list "
+                    "series folders in a CSV (column 'image') for batch") if holds_dicom_series(source) else ""
         raise CeVAEError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}.")
     seen: Dict[str, BatchItem] = {}  # by the name in any case and Unicode form: S1 and s1 share their outputs on
     for item in items:  # macOS and Windows, café as é and as e + U+0301 on macOS
