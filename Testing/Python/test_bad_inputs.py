@@ -725,7 +725,8 @@ CASES: Dict[str, Case] = {
     "3x9x9 volume, automatic mask": Case(without_mask(thin_slab(np.s_[10:19, 16:25, 18:21])), REFUSED,
                                          r"only 3 voxels along one axis \(3x9x9 voxels\)"),
     "four-slice volume": Case(thin_slab(np.s_[16:20]), 0, r"Wrote"),
-    "CT-like int16": Case(ct_like, 0, r"look like a CT in Hounsfield units \(.*\); this model is for T1 MRI"),
+    "CT-like int16": Case(ct_like, 0, r"look like a CT in Hounsfield units \(.*\); this model is for T1 MRI "
+                                        r"and its scores will not be meaningful: give a T1-weighted MRI of the head\."),
     "0.5x0.5x10 mm anisotropy": Case(anisotropic, 0, r"Wrote"),
     "uint8 data": Case(dtype_case(np.uint8), 0, r"Wrote"),
     "float64 data": Case(dtype_case(np.float64), 0, r"Wrote"),

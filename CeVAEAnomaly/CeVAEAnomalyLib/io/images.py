@@ -703,7 +703,7 @@ def warn_if_ct_range(image: sitk.Image, where: str = "") -> None:
     if air >= _CT_AIR_SHARE and tissue >= _CT_TISSUE_SHARE:
         log.warning("%sThe intensities look like a CT in Hounsfield units (%.0f %% of the voxels at air's -1000, "
                     "%.0f %% of the others at soft tissue's -200 to 200); this model is for T1 MRI and its scores "
-                    "will not be meaningful.", where, 100 * air, 100 * tissue)
+                    "will not be meaningful: give a T1-weighted MRI of the head.", where, 100 * air, 100 * tissue)
 
 
 def _hounsfield_shares(values: np.ndarray) -> Tuple[float, float]:
