@@ -3,7 +3,6 @@ they tell the caller's user what to do."""
 import errno
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Tuple
 
 
@@ -17,7 +16,7 @@ class CeVAEError(Exception):
 
 class WriteFailed(CeVAEError):
     """A file that could not be written. ``cause``: the error its write failed with -- an OSError with its errno where
-    the system said why -- so that a caller can add what to do about it (:func:`write_remedy`)."""
+    the system said why -- so that a caller can add what to do about it (:func:`~.io.targets.write_remedy`)."""
 
     def __init__(self, message: str, cause: Optional[BaseException] = None) -> None:
         super().__init__(message)
@@ -25,37 +24,11 @@ class WriteFailed(CeVAEError):
 
 
 _FULL_DISK = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, a used-up quota
-_REFUSED = (errno.EACCES, errno.EPERM)
 
 
 def full_disk(exc: BaseException) -> bool:
     """Whether ``exc`` is a write that failed for a full disk or a used-up quota (errno ENOSPC, EDQUOT)."""
     return isinstance(exc, OSError) and exc.errno in _FULL_DISK
-
-
-def write_remedy(exc: BaseException, folder: Path, room: str = "Free some space") -> str:
-    """What to do, as a sentence without its full stop, about a write in ``folder`` that failed with ``exc``, by its
-    cause: ``room`` for a full disk or quota, or a failed write that says no cause (torch's, whose cause reads "disk
-    full or a file-size limit?"); a read-only disk or permissions each named; the disk checked for an I/O error or a
-    file that did not read back as written (an OSError without errno); the file named that stands where ``folder``
-    or a folder above it should be (ENOTDIR, or EEXIST from making it); shorter names for a name too long; any other
-    error named by its errno."""
-    if not isinstance(exc, OSError) or full_disk(exc):
-        return room
-    if exc.errno is None or exc.errno == errno.EIO:
-        return f"Check the disk holding {folder} (move the run to another disk if it fails again)"
-    if exc.errno == errno.EROFS:
-        return f"The disk holding {folder} is mounted read-only: make it writable"
-    if exc.errno in _REFUSED:
-        return f"Make sure you may write in {folder} (its permissions)"
-    if exc.errno == errno.ENAMETOOLONG:
-        return f"Give {folder} and its files shorter names"
-    from .io.targets import file_in_the_way  # (io imports this module)
-
-    blocker = file_in_the_way(folder) if exc.errno in (errno.ENOTDIR, errno.EEXIST) else None
-    if blocker is not None:
-        return f"{blocker} is a file, not a folder: rename or move it"
-    return f"Make sure {folder} can be written ({errno.errorcode.get(exc.errno, exc.errno)})"
 
 
 # Where ITK/SimpleITK put their C++ source locations and object addresses into a message

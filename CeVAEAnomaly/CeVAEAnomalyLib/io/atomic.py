@@ -22,12 +22,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ..errors import CeVAEError, WriteFailed, write_remedy
+from ..errors import CeVAEError, WriteFailed
 from ..interrupts import stops_held
 from ..system import process_exists
 from .lock import hold_outputs
 from .naming import full_suffix
-from .targets import TEMPORARY_ROOM, Inputs, check_paths, name_leaving_room, refuse_special_output
+from .targets import TEMPORARY_ROOM, Inputs, check_paths, name_leaving_room, refuse_special_output, write_remedy
 from .verify import incomplete_reason
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def _listed(paths: Sequence[Path]) -> str:
 
 def _output_remedy(exc: BaseException, target: Path) -> str:
     """What to do about an output ``target`` whose write failed with ``exc``, by its cause (a full disk, a read-only
-    one, permissions, another error: :func:`~..errors.write_remedy`), then to run again."""
+    one, permissions, another error: :func:`~.targets.write_remedy`), then to run again."""
     room = f"Free some space on the disk holding {target.parent}"
     return f"{write_remedy(exc, target.parent, room)}, then run again"
 

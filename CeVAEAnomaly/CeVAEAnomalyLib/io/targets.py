@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-from ..errors import CeVAEError, write_remedy
+from ..errors import CeVAEError, full_disk
 from .detached import NumberedFiles, read_alongside
 from .naming import UNICODE_TWINS, full_suffix, one_form
 
@@ -254,9 +254,35 @@ def refuse_unwritable_folder(folder: Path) -> None:
         raise cannot_write_into(folder, exc) from None
 
 
+_REFUSED = (errno.EACCES, errno.EPERM)
+
+
+def write_remedy(exc: BaseException, folder: Path, room: str = "Free some space") -> str:
+    """What to do, as a sentence without its full stop, about a write in ``folder`` that failed with ``exc``, by its
+    cause: ``room`` for a full disk or quota, or a failed write that says no cause (torch's, whose cause reads "disk
+    full or a file-size limit?"); a read-only disk or permissions each named; the disk checked for an I/O error or a
+    file that did not read back as written (an OSError without errno); the file named that stands where ``folder``
+    or a folder above it should be (ENOTDIR, or EEXIST from making it); shorter names for a name too long; any other
+    error named by its errno."""
+    if not isinstance(exc, OSError) or full_disk(exc):
+        return room
+    if exc.errno is None or exc.errno == errno.EIO:
+        return f"Check the disk holding {folder} (move the run to another disk if it fails again)"
+    if exc.errno == errno.EROFS:
+        return f"The disk holding {folder} is mounted read-only: make it writable"
+    if exc.errno in _REFUSED:
+        return f"Make sure you may write in {folder} (its permissions)"
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"Give {folder} and its files shorter names"
+    blocker = file_in_the_way(folder) if exc.errno in (errno.ENOTDIR, errno.EEXIST) else None
+    if blocker is not None:
+        return f"{blocker} is a file, not a folder: rename or move it"
+    return f"Make sure {folder} can be written ({errno.errorcode.get(exc.errno, exc.errno)})"
+
+
 def cannot_write_into(folder: Path, exc: OSError) -> CeVAEError:
     """The one-line refusal of outputs in ``folder``, where a file could not be made (``exc``): the system's words,
-    then what to do about its cause (:func:`~..errors.write_remedy`) or to choose another folder."""
+    then what to do about its cause (:func:`write_remedy`) or to choose another folder."""
     remedy = write_remedy(exc, folder, f"Free some space on the disk holding {folder}")
     return CeVAEError(f"Cannot write into {folder} ({exc.strerror or exc}). {remedy}, or choose another folder.")
 

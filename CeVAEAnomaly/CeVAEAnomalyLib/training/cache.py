@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from ..engine.config import PreprocessConfig
-from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, full_disk, write_remedy
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, full_disk
 from ..io.atomic import atomic_path
 from ..io.checksum import FileMemo, refuse_changed
-from ..io.targets import file_in_the_way
+from ..io.targets import file_in_the_way, write_remedy
 from ..progress import ProgressCallback, report
 from ..system import process_exists
 from .data import Subject, subject_slices
@@ -272,10 +272,10 @@ class SliceCache:
 
 def write_failure(target: Path, exc: OSError, size: int, wording: Wording = COMMAND_LINE_TRAIN) -> str:
     """The error for a cache entry ``target`` of about ``size`` bytes whose write failed with ``exc``, with what to do
-    (:func:`~..errors.write_remedy`, or another cache folder). A full disk or quota is said in those words, with what
-    to do in ``wording``: errno ENOSPC or EDQUOT, or a write that failed without an errno (NumPy's short write says
-    only 'N requested and M written') where the folder has less free space than the entry needs (the part written is
-    removed by then)."""
+    (:func:`~..io.targets.write_remedy`, or another cache folder). A full disk or quota is said in those words, with
+    what to do in ``wording``: errno ENOSPC or EDQUOT, or a write that failed without an errno (NumPy's short write
+    says only 'N requested and M written') where the folder has less free space than the entry needs (the part written
+    is removed by then)."""
     folder = target.parent
     try:
         free: Optional[int] = shutil.disk_usage(folder).free

@@ -20,8 +20,9 @@ from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.header import CONTENT_KEY, BundleHeader, utc_now
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
 from ..engine.model import CeVAE
-from ..errors import CALIBRATE_PER_ACQUISITION, COMMAND_LINE_TRAIN, CeVAEError, Wording, WriteFailed, write_remedy
+from ..errors import CALIBRATE_PER_ACQUISITION, COMMAND_LINE_TRAIN, CeVAEError, Wording, WriteFailed
 from ..io.checksum import FileMemo, changed_while_read, first_changed
+from ..io.targets import write_remedy
 from ..options import RECOMMENDED_POSTPROCESS, ScoreOptions
 from ..progress import ProgressCallback
 from .data import Subject

@@ -28,11 +28,12 @@ from ..engine.corruption import random_rectangles
 from ..engine.devices import resolve_device
 from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
-from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, write_remedy
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.atomic import remove_stale_temporaries, write_all
 from ..io.checksum import FileMemo, content_checksums, sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
 from ..io.naming import full_suffix
+from ..io.targets import write_remedy
 from ..progress import ProgressCallback, checked, report
 from .augment import augment
 from .cache import Entry, SliceCache, SliceSet, temporary_cache
@@ -382,7 +383,7 @@ class Trainer:
 
     def _after_write_failure(self, exc: BaseException) -> str:
         """What a failed write of the log or a checkpoint says after its cause ``exc``: the checkpoint kept, if any,
-        and what to do (:func:`~..errors.write_remedy`)."""
+        and what to do (:func:`~..io.targets.write_remedy`)."""
         then = self.wording.run_again if self.saved_step is None else f"{self.wording.resume} to go on from it"
         return f"{self._last_good()} {write_remedy(exc, self.cfg.checkpoint_path.parent)}, then {then}."
 
