@@ -150,19 +150,6 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
     return state
 
 
-def replaced_model(path: Path) -> Optional[str]:
-    """The sha256 of the earlier model that the run of the checkpoint at ``path`` replaces when it writes its own (its
-    ``replaces``), or None: none recorded, or no readable checkpoint there."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - torch's many kinds of errors for a file that is not a checkpoint
-        return None
-    replaced = state.get("replaces") if isinstance(state, dict) else None
-    return replaced if isinstance(replaced, str) else None
-
-
 def _is_plain(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` is JSON-like data (text keys), nested at most 64 deep: what a run record holds."""
     if value is None or isinstance(value, (bool, int, float, str)):

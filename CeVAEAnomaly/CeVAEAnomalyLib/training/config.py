@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
@@ -221,7 +222,6 @@ class TrainConfig:
         """Whether the bundle at ``out`` is the earlier model that the run of the checkpoint beside it replaces when
         it writes its own (a ``--overwrite`` run stopped after a checkpoint), not that run's model."""
         from ..io.checksum import sha256_of
-        from .checkpoint import replaced_model
 
         replaced = replaced_model(self.checkpoint_path)
         return replaced is not None and self.out.is_file() and sha256_of(self.out) == replaced
@@ -268,6 +268,21 @@ def _is_early_log(path: Path) -> bool:
                        for cells in (line.split(b",") for line in fh))
     except OSError:
         return False
+
+
+def replaced_model(path: Path) -> Optional[str]:
+    """The sha256 of the earlier model that the run of the checkpoint at ``path`` replaces when it writes its own (its
+    ``replaces``), or None: none recorded, or no readable checkpoint there."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - torch's many kinds of errors for a file that is not a checkpoint
+        return None
+    replaced = state.get("replaces") if isinstance(state, dict) else None
+    return replaced if isinstance(replaced, str) else None
 
 
 def _at_least_one(setting: str, value: int) -> None:
