@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Dict, Iterable, Iterator, List, Set
 
 from ..errors import CeVAEError
-from .targets import cannot_write_into, name_leaving_room
+from .targets import cannot_write_into, lock_path
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,6 @@ except ImportError:  # Windows
 
 _held: Dict[str, int] = {}  # the lock files this process holds (a forked child holds none of them)
 _unlockable: Set[Path] = set()  # folders whose lock files could not be locked (said once)
-
-
-def lock_path(target: Path) -> Path:
-    """The hidden lock file of ``target``: ``.NAME.lock`` beside it (NAME shortened to fit if needed)."""
-    return target.with_name("." + name_leaving_room(target, len(".") + len(".lock")) + ".lock")
 
 
 @contextmanager

@@ -128,6 +128,12 @@ def name_leaving_room(target: Path, reserved: int) -> str:
     return os.fsencode(target.name)[:room].decode("utf-8", "ignore")
 
 
+def lock_path(target: Path) -> Path:
+    """The hidden lock file of ``target`` (:mod:`.lock` holds it): ``.NAME.lock`` beside it (NAME shortened to fit if
+    needed)."""
+    return target.with_name("." + name_leaving_room(target, len(".") + len(".lock")) + ".lock")
+
+
 def refuse_overlong_name(target: Path) -> None:
     """Refuse an output whose file (or folder) name or whole path is longer than the file system allows."""
     limit = name_max(target.parent)
@@ -291,8 +297,6 @@ def check_paths(targets: Iterable[Path], overwrite: bool, inputs: Iterable[Optio
     """Refuse outputs that equal an input, repeat each other (also in another letter case: one file on the
     case-insensitive file systems of macOS and Windows; or in another Unicode form: one file on macOS), are the lock
     file of another (:mod:`.lock`), exist (without overwrite) or cannot be written."""
-    from .lock import lock_path  # (lock.py imports this module)
-
     known = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     targets = [Path(t) for t in targets]
     named = {resolved(t): t for t in targets}

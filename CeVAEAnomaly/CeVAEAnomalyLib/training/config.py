@@ -14,9 +14,9 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 from ..data import refuse_bundled_output
 from ..engine.config import LossConfig, ModelConfig
 from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
-from ..io.lock import lock_path, refuse_if_held
+from ..io.lock import refuse_if_held
 from ..io.naming import refuse_misnamed
-from ..io.targets import check_paths
+from ..io.targets import check_paths, lock_path
 from ..options import parse_orientations
 
 # OUT.log.csv: val_loss empty where not measured (between checkpoints, or no volume held out); checkpoint "1" on the
