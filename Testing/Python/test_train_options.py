@@ -62,6 +62,8 @@ def sha(path: Path) -> str:
     ("--orientations", "axial,top", "Unknown orientation 'top'; choose one of axial, coronal, sagittal."),
     ("--orientations", "coronal", "--orientations must include axial: a model is scored on axial slices first (the "
                                   "slice scores are axial's), got coronal."),
+    ("--orientations", "axial,coronal,axial", "--orientations must name each orientation once, got "
+                                              "axial,coronal,axial."),
     ("--channels", "8,8,8,8,8,8,8", "7 encoder layers (--channels) halve the input 7 times, more than input "
                                     "size 64 allows; use at most 6 channel widths"),
     ("--loader-workers", "-1", "--loader-workers must be 0 to 64, got -1"),

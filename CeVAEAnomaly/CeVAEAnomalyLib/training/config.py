@@ -154,9 +154,13 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:  # also refuses NaN
             raise SettingError("{val_fraction} must lie in [0, 1) (the share of persons held out for validation "
                                "and calibration), got %s." % self.val_fraction, "val_fraction")
-        if "axial" not in parse_orientations(",".join(self.orientations)):  # (also refuses none or unknown ones)
+        names = parse_orientations(",".join(self.orientations))  # (refuses none or unknown ones)
+        if "axial" not in names:
             raise SettingError("{orientations} must include axial: a model is scored on axial slices first (the "
                                "slice scores are axial's), got %s." % ",".join(self.orientations), "orientations")
+        if len(set(names)) != len(names):  # as detection's orientations (options.ScoreOptions) refuse it
+            raise SettingError("{orientations} must name each orientation once, got %s." % ",".join(names),
+                               "orientations")
         if self.model.bottleneck_size < 1:
             layers = len(self.model.channels)
             raise SettingError(
