@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -188,3 +189,34 @@ def test_a_held_out_volume_of_another_contrast_is_named(tmp_path, caplog):
     assert "The volumes do not share one contrast: the depth contrast (deep brain minus brain rim) of " \
            f"{tmp_path / 'reversed.nii.gz'} (" in caplog.text
     assert "t1.nii.gz (" not in caplog.text and "t1_noisy.nii.gz (" not in caplog.text
+
+
+def test_more_loader_workers_than_cores_are_said_once_in_one_line_and_capped(heads, tmp_path, caplog):
+    """--loader-workers 8 on 2 cores printed torch's UserWarning ("This DataLoader will create 8 worker processes in
+    total. Our suggested max number of worker in current system is 2 ...") twice, and a run halved by running out of
+    memory or an adaptation's runs said it again for each loader, with no word of ours; the 4 workers CUDA runs
+    start by default did the same on a 2-core allocation."""
+    from CeVAEAnomalyLib.system import usable_cores
+
+    cores = usable_cores()
+    asked = cores + 2
+    run = trainer(heads, tmp_path, loader_workers=asked, max_steps=1)
+    run.open_data()
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        for _ in range(2):  # (a loader made again after halving the batch)
+            batches = run.batches()
+            assert next(batches)[2].shape[0] == 8
+            del batches
+    assert [str(w.message) for w in raised if "worker" in str(w.message)] == []
+    said = [r.getMessage() for r in caplog.records if "--loader-workers" in r.getMessage()]
+    assert said == [f"--loader-workers {asked} asked, but this process may use {cores} core(s): the slices are read "
+                    f"by {cores} worker process(es)."]
+
+
+def test_the_default_loader_workers_on_cuda_are_at_most_the_cores():
+    from CeVAEAnomalyLib.training.trainer import loader_workers
+
+    assert loader_workers(None, "cuda", 2) == (2, "") and loader_workers(None, "cuda", 16) == (4, "")
+    assert loader_workers(None, "cpu", 16) == (0, "") and loader_workers(3, "cpu", 16) == (3, "")
+    assert loader_workers(6, "cuda", 2) == (2, "--loader-workers 6 asked, but this process may use 2 core(s)")

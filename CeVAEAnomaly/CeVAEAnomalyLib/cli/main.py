@@ -93,7 +93,8 @@ def _add_train(sub) -> None:
     t.add_argument("--checkpoint-every", type=int, default=cfg.checkpoint_every,
                    help="steps between checkpoints (OUT.ckpt)")
     t.add_argument("--loader-workers", type=int,
-                   help="processes reading batches from the cache (default: 0 on the CPU, 4 on CUDA)")
+                   help="processes reading batches from the cache (default: 0 on the CPU, 4 on CUDA; at most the "
+                        "cores this process may use)")
     aug = t.add_mutually_exclusive_group()
     aug.add_argument("--no-augment", action="store_true", help="train on the slices as they are")
     aug.add_argument("--acquisition-augment", action="store_true",

@@ -115,7 +115,8 @@ class TrainConfig:
     half_bundle: bool = False
     amp: bool = False
     cache_dir: Optional[Path] = None  # preprocessed-slice cache; None: a temporary one for this run
-    loader_workers: Optional[int] = None  # DataLoader worker processes; None: 0 on the CPU, 4 on CUDA
+    # DataLoader worker processes, at most the cores this process may use; None: 0 on the CPU, 4 on CUDA
+    loader_workers: Optional[int] = None
     init_from: Optional[Path] = None  # a bundle whose weights the run starts from (fine-tuning)
     # an adaptation's steps and learning rate, which all its runs share: part of each run's identity, so that a
     # resume cannot give its runs different lengths (a train run may be resumed with other --max-steps and --lr)

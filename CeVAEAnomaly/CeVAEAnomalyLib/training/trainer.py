@@ -35,6 +35,7 @@ from ..io.manifest import distinct_names, unknown_persons_note
 from ..io.naming import full_suffix
 from ..io.targets import write_remedy
 from ..progress import ProgressCallback, checked, report
+from ..system import usable_cores
 from .augment import augment
 from .cache import Entry, SliceCache, SliceSet, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_problem, read_checkpoint,
@@ -246,6 +247,7 @@ class Trainer:
         self._started: Optional[float] = None  # when this part's training loop started
         self._step_ended = 0.0  # when its last step ended: the time a checkpoint and the log row of that step record
         self._temp_cache: Optional[str] = None
+        self._said_workers = False  # that fewer loader workers than asked read the slices (said once a run)
         self.contrasts: List[Optional[float]] = []  # each training volume's depth contrast (engine/modality.py)
         # the sha256 of the earlier model at --out that this run replaces when it writes its own (it stays until
         # then), as its checkpoints record it: a resume knows that model for the earlier one, not this run's
@@ -304,9 +306,10 @@ class Trainer:
     def batches(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """Endless (epoch, batch number, slices) from the current sampler position; ranks see disjoint
         shards of each epoch. Worker processes read ahead; the position is what the loop consumed."""
-        workers = self.cfg.loader_workers
-        if workers is None:
-            workers = 4 if self.device.type == "cuda" else 0
+        workers, why = loader_workers(self.cfg.loader_workers, self.device.type, usable_cores())
+        if why and self.dist.main and not self._said_workers:
+            log.warning("%s: the slices are read by %d worker process(es).", why, workers)
+            self._said_workers = True
         sampler = EpochSampler(len(self.train), self.dist.world, self.dist.rank, self.cfg.seed,
                                lambda: self.batch_size, self.epoch, self.offset)
         loader = torch.utils.data.DataLoader(
@@ -762,6 +765,17 @@ def header_grid(path: Path) -> Optional[tuple]:
         return None
     geometry = np.round(np.array([*reader.GetSpacing(), *reader.GetOrigin(), *reader.GetDirection()]), 2) + 0.0
     return tuple(reader.GetSize()), tuple(geometry)
+
+
+def loader_workers(asked: Optional[int], device_type: str, cores: int) -> Tuple[int, str]:
+    """The loader's worker processes for --loader-workers ``asked`` (None: 0 on the CPU, 4 on CUDA) on a device of
+    ``device_type``, at most the ``cores`` this process may use (more only contend for them, and torch warned twice
+    of each loader that had more), and why fewer than asked ("" when not)."""
+    if asked is None:
+        return (min(4, cores) if device_type == "cuda" else 0), ""
+    if asked <= cores:
+        return asked, ""
+    return cores, f"--loader-workers {asked} asked, but this process may use {cores} core(s)"
 
 
 def _unwrapped(batches: Iterator[Tuple[int, int, torch.Tensor]]) -> Iterator[Tuple[int, int, torch.Tensor]]:
