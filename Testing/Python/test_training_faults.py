@@ -708,6 +708,22 @@ def test_no_held_out_volume_is_said_before_training(manifest, tmp_path, caplog):
     assert read_header(out).training["val_loss"] is None
 
 
+def test_a_model_calibrated_on_one_held_out_person_is_said_before_training(manifest, tmp_path, caplog):
+    """Two volumes at --val-fraction 0.5: one held out, and the bundle was calibrated on that scan alone without a
+    word ("Calibrated combi, rec, grad on 1 healthy volume(s)."), where `calibrate` on one scan warns that no other
+    scan shows whether it is typical (a lesion or an artefact in it would raise the threshold unnoticed)."""
+    out = tmp_path / "model.cevae"
+    with caplog.at_level(logging.INFO):
+        assert main(train_argv(manifest, out, 2, "--val-fraction", "0.5")) == 0
+    said = [r.getMessage() for r in caplog.records]
+    held = read_header(out).training["validation_subjects"]
+    assert len(held) == 1
+    warning = next(n for n, m in enumerate(said) if m.startswith("The model is calibrated on the held-out volume(s) "
+                                                                  "of a single person"))
+    assert held[0]["name"] in said[warning] and "Hold out volumes of 2 or more persons" in said[warning]
+    assert warning < next(n for n, m in enumerate(said) if m.startswith("Loaded "))  # before any step
+
+
 @pytest.mark.parametrize("suffix", ["", ".ckpt", ".log.csv"])
 def test_a_cache_folder_on_an_output_is_refused_before_any_volume_is_read(manifest, tmp_path, capsys, suffix):
     out = tmp_path / "model.cevae"

@@ -558,6 +558,12 @@ class Trainer:
                         "threshold will flag more of a new healthy scan than the rate says. %s, or calibrate it "
                         "afterwards on other healthy scans (cevae-anomaly calibrate).", len(self.train_subjects),
                         len(person_groups(self.train_subjects)), self.cfg.val_fraction, remedy)
+        elif len(person_groups(self.val_subjects)) == 1 and self.dist.main:  # as calibrate warns of one person's
+            log.warning("The model is calibrated on the held-out volume(s) of a single person (%s): no scan of another "
+                        "person can show whether they are typical of the protocol (a lesion or an artefact in them "
+                        "would raise the threshold unnoticed). Hold out volumes of 2 or more persons (a larger "
+                        "--val-fraction, or more volumes), or calibrate it afterwards on healthy scans of 2 or more "
+                        "persons (cevae-anomaly calibrate).", ", ".join(str(s.image) for s in self.val_subjects))
         if self.dist.main and not self.cfg.resume and self.cfg.out.is_file():
             log.info("The earlier model %s stays in place, usable, until this run writes the new one (an earlier "
                      "checkpoint and log are replaced at this run's first checkpoint).", self.cfg.out)
