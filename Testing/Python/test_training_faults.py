@@ -724,6 +724,26 @@ def test_a_model_calibrated_on_one_held_out_person_is_said_before_training(manif
     assert warning < next(n for n, m in enumerate(said) if m.startswith("Loaded "))  # before any step
 
 
+@pytest.mark.parametrize("val_fraction", ["0", "0.5"])
+def test_every_volume_of_a_cohort_that_cannot_be_read_is_named_in_one_error(manifest, tmp_path, capsys, val_fraction):
+    """A cohort with two damaged scans stopped at the first one it preprocessed, naming it alone: the user fixed it,
+    ran again (its temporary cache, the others' slices, gone) and learnt of the next only then."""
+    d = manifest.parent
+    (tmp_path / "garbage.nii.gz").write_bytes(b"not an image\n")
+    (tmp_path / "cut.nii.gz").write_bytes((d / "s5.nii.gz").read_bytes()[:3000])
+    rows = [f"{d / 's4.nii.gz'},{d / 's4_mask.nii.gz'}", f"{tmp_path / 'garbage.nii.gz'},{d / 's4_mask.nii.gz'}",
+            f"{d / 's5.nii.gz'},{d / 's5_mask.nii.gz'}", f"{tmp_path / 'cut.nii.gz'},{d / 's5_mask.nii.gz'}"]
+    listed = tmp_path / "cohort.csv"
+    listed.write_text("image,mask\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "model.cevae"
+    assert main(train_argv(listed, out, 2, "--val-fraction", val_fraction)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 of the 4 volumes could not be read (the others were prepared): ")
+    assert f"{tmp_path / 'garbage.nii.gz'} could not be read as an image" in err
+    assert f"{tmp_path / 'cut.nii.gz'} is truncated or corrupt" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("suffix", ["", ".ckpt", ".log.csv"])
 def test_a_cache_folder_on_an_output_is_refused_before_any_volume_is_read(manifest, tmp_path, capsys, suffix):
     out = tmp_path / "model.cevae"

@@ -43,7 +43,7 @@ from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, full_disk
 from ..io.atomic import atomic_path
 from ..io.checksum import FileMemo, refuse_changed
 from ..io.targets import file_in_the_way, write_remedy
-from ..progress import ProgressCallback, report
+from ..progress import Cancelled, ProgressCallback, report
 from ..system import process_exists
 from .data import Subject, subject_slices
 
@@ -63,6 +63,7 @@ _OPEN_FILES = 64  # open .npy files kept per process (least recently used are cl
 # versions named no machine and process)
 _ORPHAN = re.compile(r"\.[0-9a-f]{32}\.(npy|json)\.[0-9a-f]{8}(?:-[0-9a-f]{8}-[0-9]{1,10})?\.\1")
 _ORPHAN_AGE_S = 3600.0
+_UNREAD_SAID = 10  # volumes that could not be read, named in one error (a missing template fails them all)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,28 @@ def temporary_cache(prefix: str) -> Path:
             log.info("Removing %s, the slice cache of a run that ended without removing it.", folder)
             shutil.rmtree(folder, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@"))
+
+
+class UnreadVolumes(CeVAEError):
+    """The volumes of a list that could not be read for their slices (``problems``: each one's error, naming it), said
+    together once every other volume of the list is prepared: a cohort's damaged scans all at once, not one a run."""
+
+    def __init__(self, problems: Sequence[str], volumes: int) -> None:
+        self.problems, self.volumes = list(problems), volumes
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+            return
+        said = self.problems[:_UNREAD_SAID]
+        more = len(self.problems) - len(said)
+        super().__init__(f"{len(self.problems)} of the {volumes} volumes could not be read (the others were prepared): "
+                         + " ".join(said) + (f" ... and {more} more." if more else ""))
+
+    def __reduce__(self) -> tuple:  # (a copy sent to another process keeps its list)
+        return UnreadVolumes, (self.problems, self.volumes)
+
+    def joined(self, other: "UnreadVolumes") -> "UnreadVolumes":
+        """These and ``other``'s, of both lists of volumes."""
+        return UnreadVolumes([*self.problems, *other.problems], self.volumes + other.volumes)
 
 
 class SliceCache:
@@ -204,16 +227,23 @@ class SliceCache:
 
     def prepare(self, subjects: Sequence[Subject], checksums: Dict[Path, str], orientations: Sequence[str],
                 progress: Optional[ProgressCallback] = None) -> List[List[Entry]]:
-        """Per subject, its entries in ``orientations`` order; missing ones are preprocessed now."""
+        """Per subject, its entries in ``orientations`` order; missing ones are preprocessed now. Volumes that cannot
+        be read are refused together (:class:`UnreadVolumes`) once the others are prepared."""
         self.refuse_inside_inputs(subjects)
         self.remove_orphans()
         out: List[List[Entry]] = []
         made = 0
+        unread: List[str] = []
         for n, s in enumerate(subjects):
-            entries, new = self.entries_for(s, checksums, orientations)
-            out.append(entries)
-            made += new
+            try:
+                entries, new = self.entries_for(s, checksums, orientations)
+                out.append(entries)
+                made += new
+            except _Unreadable as exc:
+                unread.append(str(exc))
             report(progress, (n + 1) / max(1, len(subjects)), f"prepared {n + 1} of {len(subjects)} volumes")
+        if unread:
+            raise UnreadVolumes(unread, len(subjects))
         if subjects:
             log.info("Slice cache %s: %d volume(s) preprocessed now, %d found ready.", self.root, made,
                      len(subjects) - made)
@@ -232,8 +262,14 @@ class SliceCache:
         except OSError as exc:
             raise CeVAEError(f"Cannot make the slice cache folder {self.root} ({exc.strerror or exc}); give "
                              f"{self.wording.cache_dir} a folder you can write to.") from None
-        with subject.named_errors():  # (reading the image too: a cohort's files may share a name, BIDS's T1w.nii.gz)
-            arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
+        try:
+            # (reading the image too: a cohort's files may share a name, BIDS's T1w.nii.gz)
+            with subject.named_errors():
+                arrays = dict(zip(missing, subject_slices(subject, self.pre, missing)))
+        except Cancelled:
+            raise
+        except CeVAEError as exc:
+            raise _Unreadable(str(exc)) from None
         # hashed before it was read: the slices are of it
         refuse_changed((subject.image, subject.mask), checksums, memo=self.memo)
         return [e if e is not None else self._store(k, subject, o, arrays[o], checksums)
@@ -268,6 +304,10 @@ class SliceCache:
         if entry is None:
             raise CeVAEError(f"The slice cache entry {npy} could not be read back after writing it.")
         return entry
+
+
+class _Unreadable(CeVAEError):
+    """A volume whose slices could not be made (:meth:`SliceCache.entries_for`), its error naming it."""
 
 
 def write_failure(target: Path, exc: OSError, size: int, wording: Wording = COMMAND_LINE_TRAIN) -> str:

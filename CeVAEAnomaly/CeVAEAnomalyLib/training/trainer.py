@@ -37,7 +37,7 @@ from ..io.targets import write_remedy
 from ..progress import ProgressCallback, checked, report
 from ..system import usable_cores
 from .augment import augment
-from .cache import Entry, SliceCache, SliceSet, temporary_cache
+from .cache import Entry, SliceCache, SliceSet, UnreadVolumes, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_problem, read_checkpoint,
                          run_differences, run_identity, truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
@@ -270,8 +270,17 @@ class Trainer:
         cache = SliceCache(root, self.pre, self.wording, self.memo)
         if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
             self._prepare_share(cache)
-        train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
-        val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
+        unread: Optional[UnreadVolumes] = None
+        try:
+            train = cache.prepare(self.train_subjects, self.checksums, self.cfg.orientations)
+        except UnreadVolumes as exc:  # the held-out volumes are read too: all a cohort's damaged scans said at once
+            unread = exc
+        try:
+            val = cache.prepare(self.val_subjects, self.checksums, ("axial",))
+        except UnreadVolumes as exc:
+            unread = exc if unread is None else unread.joined(exc)
+        if unread is not None:
+            raise unread
         self.train = SliceSet([e for entries in train for e in entries], self.pre.input_size, self.wording)
         self.contrasts = [_contrast(s, entries[0]) for s, entries in zip(self.train_subjects, train)]
         self.val = SliceSet([e for entries in val for e in entries], self.pre.input_size, self.wording)
