@@ -432,6 +432,22 @@ def test_a_checkpoint_older_than_an_option_resumes_only_with_that_option_off(man
             check_same_run(older, resumed.run_identity(), first.cfg.checkpoint_path)
 
 
+def test_a_resume_with_other_augmentation_names_its_option_once(manifest, tmp_path):
+    """A run trained with augmentation resumed with --no-augment was refused with one clause per strength, ten times
+    "augment.X, set by --no-augment or --acquisition-augment (... in the checkpoint, 0 now)" in one line."""
+    from CeVAEAnomalyLib.training.config import AugmentConfig
+
+    first = saved_trainer(tmp_path, manifest, augment=AugmentConfig())
+    resumed = tiny_trainer(tmp_path, manifest, resume=True)  # (NO_AUGMENT)
+    with pytest.raises(CeVAEError) as refused:
+        check_same_run(first.run_identity(), resumed.run_identity(), first.cfg.checkpoint_path)
+    said = str(refused.value)
+    assert said.count("--no-augment or --acquisition-augment") == 1, said
+    assert ("augment, set by --no-augment or --acquisition-augment (bias_field 0.2, elastic 0.02, flip 0.5, gamma 0.3, "
+            "intensity_scale 0.1, intensity_shift 0.05, noise 0.03, rotate_deg 10.0, scale 0.1, translate 0.05 in the "
+            "checkpoint; all 0 now)") in said, said
+
+
 def test_resume_refuses_other_or_changed_volumes(manifest, tmp_path):
     d = tmp_path / "data"
     d.mkdir()

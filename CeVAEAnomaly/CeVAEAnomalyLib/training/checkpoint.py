@@ -315,12 +315,48 @@ def _differences(changed: List[Tuple[str, Any, Any]], volumes: List[str], wordin
     """What differs between a resume and its checkpoint's run (``changed`` options, ``volumes`` in words): each option
     and volume, or, where ``wording`` names them by kind, the model, the volumes and the other settings."""
     if not wording.other_model:
-        return "; ".join([f"{_option_name(key, wording)} ({_show(was)} in the checkpoint, {_show(now)} now)"
-                          for key, was, now in changed] + volumes)
+        return "; ".join(_options_said(changed, wording) + volumes)
     options = {key.split(".")[0] for key, _, _ in changed}
     kinds = ((options & set(MODEL_OPTIONS), wording.other_model), (volumes, wording.other_volumes),
              (options - set(MODEL_OPTIONS), wording.other_settings))
     return "; ".join(said for differ, said in kinds if differ)
+
+
+def _options_said(changed: List[Tuple[str, Any, Any]], wording: Wording) -> List[str]:
+    """Each ``changed`` option (dotted name, value in the checkpoint, value now) in words, where several of one group
+    set by one option (``--no-augment`` sets ten strengths) are one clause naming that option once."""
+    names = dict(wording.option_names)
+    by_group: Dict[str, List[Tuple[str, Any, Any]]] = {}
+    for key, was, now in changed:
+        group = _group(key, names)
+        by_group.setdefault(key if group is None else group, []).append((key, was, now))
+    said = []
+    for group, members in by_group.items():
+        if len(members) == 1:
+            key, was, now = members[0]
+            said.append(f"{_option_name(key, wording)} ({_show(was)} in the checkpoint, {_show(now)} now)")
+            continue
+        said.append(f"{group}, set by {names[group]} ({_values(group, members, 1)} in the checkpoint; "
+                    f"{_values(group, members, 2)} now)")
+    return said
+
+
+def _values(group: str, members: List[Tuple[str, Any, Any]], n: int) -> str:
+    """The values (``n``: 1, in the checkpoint; 2, now) of the changed options ``members`` of ``group``: each after
+    its name in the group, or "all V" where they are one."""
+    shown = [_show(m[n]) for m in members]
+    if len(set(shown)) == 1:
+        return f"all {shown[0]}"
+    return ", ".join(f"{key[len(group) + 1:]} {value}" for (key, _, _), value in zip(members, shown))
+
+
+def _group(key: str, names: Mapping[str, str]) -> Optional[str]:
+    """The named group (of ``names``) the run option of dotted name ``key`` belongs to, where ``key`` has no name of its
+    own; None otherwise."""
+    if key in names:
+        return None
+    parts = key.split(".")
+    return next((".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in names), None)
 
 
 def _option_name(key: str, wording: Wording) -> str:
@@ -329,8 +365,7 @@ def _option_name(key: str, wording: Wording) -> str:
     names = dict(wording.option_names)
     if key in names:
         return names[key]
-    parts = key.split(".")
-    group = next((".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in names), None)
+    group = _group(key, names)
     return key if group is None else f"{key}, set by {names[group]}"
 
 
