@@ -34,9 +34,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
 from CeVAEAnomalyLib.errors import CeVAEError, one_line
 from CeVAEAnomalyLib.options import (DEVICES, SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions,
-                                     option_range)
+                                     ThresholdPolicy, option_range)
 from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding, takes_path_now
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult, InputRemovedError
 from CeVAEAnomalyLib.slicer.resources import resource_dir
@@ -45,6 +46,7 @@ from CeVAEAnomalyLib.slicer.settings import (
     SENSITIVITY_FPR,
     SENSITIVITY_MODEL,
     SENSITIVITY_THRESHOLD,
+    THRESHOLD_RANGE,
     ModelSettings,
     ModelSettingsCache,
 )
@@ -157,8 +159,9 @@ class CeVAEAnomalyParameterNode:
     modelPath: str = ""
     scoreType: Annotated[str, Choice(list(SCORE_TYPES))] = ScoreOptions.score_type
     sensitivity: Annotated[str, Choice(list(SENSITIVITIES))] = SENSITIVITY_MODEL
-    falsePositiveRate: Annotated[float, WithinRange(1e-6, 0.5)] = 0.001  # the model's rate is shown instead
-    threshold: Annotated[float, WithinRange(0.0, 1000.0)] = 0.5
+    # the model's rate is shown instead of the default
+    falsePositiveRate: Annotated[float, WithinRange(*option_range(ThresholdPolicy, "fpr"))] = DEFAULT_FPR
+    threshold: Annotated[float, WithinRange(*THRESHOLD_RANGE)] = 0.5
     overridePostprocess: bool = False
     rimMm: Annotated[float, WithinRange(*option_range(PostprocessOptions, "rim_mm"))] = 0.0
     medianRadius: Annotated[int, WithinRange(*option_range(PostprocessOptions, "median_radius"))] = 0
@@ -446,7 +449,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from CeVAEAnomalyLib.slicer.model_memory import remembered_value
         from CeVAEAnomalyLib.slicer.settings import (model_problem, override_postprocess, plain_tooltip, rate_refusal,
-                                                     sensitivity_change)
+                                                     sensitivity_change, shown_threshold)
 
         if self._followInput():
             return  # the output fields changed: this runs again
@@ -469,7 +472,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = change.message
                 with slicer.util.NodeModify(p.parameterNode):  # one update of the panel for both fields
                     if change.threshold is not None:
-                        p.threshold = min(max(change.threshold, 0.0), 1000.0)
+                        p.threshold = shown_threshold(change.threshold)
                     p.sensitivity = change.sensitivity
                 return
             said = self.state.rate_said(rate_refusal(p, settings), self.ui.statusLabel.text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import csv
 import io
+import math
 import re
 import struct
 import subprocess
@@ -485,18 +486,37 @@ def test_module_annotations_evaluate_on_python_3_9():
 def test_threshold_has_a_finite_maximum():
     text = MODULE_FILE.read_text()
     assert "Minimum(" not in text  # parameterNodeWrapper's Minimum sets the spin box maximum to infinity
-    assert re.search(r"threshold: Annotated\[float, WithinRange\(0\.0, 1000\.0\)\]", text)
+    assert "threshold: Annotated[float, WithinRange(*THRESHOLD_RANGE)]" in text
     import xml.etree.ElementTree as ET
 
     spin = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "thresholdSpinBox")
-    maximum = next(p for p in spin.findall("property") if p.get("name") == "maximum")
-    assert float(maximum.findtext("double")) == 1000.0
+    limits = {p.get("name"): float(p.findtext("double")) for p in spin.findall("property")
+              if p.get("name") in ("minimum", "maximum")}
+    assert (limits["minimum"], limits["maximum"]) == settings.THRESHOLD_RANGE and math.isfinite(limits["maximum"])
+
+
+def test_the_panels_rate_and_threshold_bounds_are_written_once():
+    """The rate's default and range and the threshold's range come from their one definition (the engine's
+    DEFAULT_FPR, the fpr option, settings.THRESHOLD_RANGE), not from numbers written again in the module file."""
+    from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR, FPR_GRID
+    from CeVAEAnomalyLib.options import ThresholdPolicy, option_range
+
+    assert option_range(ThresholdPolicy, "fpr") == (float(FPR_GRID[0]), float(FPR_GRID[-1]))
+    node = module_classes()["CeVAEAnomalyParameterNode"]
+    declared = {n.target.id: n for n in node.body if isinstance(n, ast.AnnAssign)}
+    for name in ("falsePositiveRate", "threshold"):
+        within = next(c for c in ast.walk(declared[name].annotation)
+                      if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "WithinRange")
+        assert not any(isinstance(a, ast.Constant) and isinstance(a.value, float) for a in ast.walk(within)), name
+    assert ast.unparse(declared["falsePositiveRate"].value) == "DEFAULT_FPR" and DEFAULT_FPR == 0.001
+    numbers = {n.value for n in ast.walk(ast.parse(MODULE_FILE.read_text())) if isinstance(n, ast.Constant)}
+    assert not numbers & {1e-6, 1000.0, DEFAULT_FPR}  # (0.5 is also the overlay's opacity)
 
 
 @pytest.mark.parametrize("parameter, owner, field", [
     ("rimMm", "PostprocessOptions", "rim_mm"), ("medianRadius", "PostprocessOptions", "median_radius"),
     ("minVolumeMm3", "PostprocessOptions", "min_volume_mm3"), ("minPeak", "PostprocessOptions", "min_peak"),
-    ("batchSize", "RunOptions", "batch_size")])
+    ("batchSize", "RunOptions", "batch_size"), ("falsePositiveRate", "ThresholdPolicy", "fpr")])
 def test_ui_spin_box_ranges_are_the_declared_option_ranges(parameter, owner, field):
     """The .ui's minimum and maximum of a bound spin box agree with the option's declared range."""
     import xml.etree.ElementTree as ET

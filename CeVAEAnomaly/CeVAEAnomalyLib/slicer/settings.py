@@ -27,6 +27,12 @@ SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rat
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
 SENSITIVITY_THRESHOLD = "threshold"  # an absolute score threshold
 SENSITIVITIES = (SENSITIVITY_MODEL, SENSITIVITY_FPR, SENSITIVITY_THRESHOLD)
+THRESHOLD_RANGE = (0.0, 1000.0)  # the panel's absolute threshold field (finite: its spin box needs a maximum)
+
+
+def shown_threshold(threshold: float) -> float:
+    """``threshold`` clamped into the panel's field (:data:`THRESHOLD_RANGE`)."""
+    return min(max(threshold, THRESHOLD_RANGE[0]), THRESHOLD_RANGE[1])
 
 
 def plain_tooltip(text: str) -> str:
@@ -221,7 +227,7 @@ def model_values(parameters: Any, settings: ModelSettings, previous: Optional[st
             threshold = 0.0 if parameters.sensitivity != SENSITIVITY_THRESHOLD else settings.calibrated_threshold(
                 parameters.scoreType, None, bool(parameters.thorough), override_postprocess(parameters))
         if threshold is not None:
-            values["threshold"] = min(max(threshold, 0.0), 1000.0)
+            values["threshold"] = shown_threshold(threshold)
     return values
 
 
