@@ -164,6 +164,19 @@ def test_an_empty_cache_folder_is_refused_not_the_current_one(subjects, tmp_path
     assert not list(tmp_path.glob("*.npy"))
 
 
+@pytest.mark.parametrize("orientations", ["coronal", "axial,coronal,axial"])
+def test_prepare_refuses_the_orientations_train_refuses_in_trains_words_before_any_work(subjects, tmp_path, capsys,
+                                                                                         orientations):
+    """prepare --orientations coronal filled a cache (of coronal and axial slices) that no train could use."""
+    given = [str(subjects[0].image), "--orientations", orientations]
+    assert main(["train", *given, "--out", str(tmp_path / "m.cevae")]) == 2
+    train_said = capsys.readouterr().err.strip()
+    assert "--orientations must" in train_said
+    assert main(["prepare", *given, "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err.strip() == train_said
+    assert not (tmp_path / "cache").exists()
+
+
 def test_streamed_batches_equal_the_slices_in_memory(subjects, tmp_path):
     """Any batch of indices read from the cache equals the same rows of all slices concatenated."""
     orientations = ("axial", "sagittal")
@@ -288,9 +301,9 @@ def test_prepare_with_worker_processes_makes_the_same_entries(subjects, tmp_path
     from CeVAEAnomalyLib.training.prepare import prepare_cohort
 
     monkeypatch.setattr(prepare, "VOLUMES_PER_PROCESS", 1)  # else 3 volumes are not worth a second process
-    one = prepare_cohort(subjects, tmp_path / "one", PRE, ("coronal",), workers=1)
+    one = prepare_cohort(subjects, tmp_path / "one", PRE, ("coronal", "axial"), workers=1)
     seen = []
-    two = prepare_cohort(subjects, tmp_path / "two", PRE, ("coronal",), workers=2, progress=children_seen(seen))
+    two = prepare_cohort(subjects, tmp_path / "two", PRE, ("coronal", "axial"), workers=2, progress=children_seen(seen))
     assert max(seen) == 2  # the volumes were really prepared by worker processes
     assert "3 volume(s), 3 preprocessed now and 0 found ready" in one and "in coronal, axial" in one
     assert one.split("(")[0].replace("one", "two") == two.split("(")[0]

@@ -206,11 +206,15 @@ def run_prepare(args: argparse.Namespace) -> None:
     from .console import ConsoleProgress
     from ..engine.config import PreprocessConfig
     from ..options import parse_orientations
+    from ..training.config import SettingError, train_orientations
     from ..training.prepare import prepare_cohort
 
     if args.workers < 1:
         raise CeVAEError(f"--workers must be at least 1, got {args.workers}.")
-    orientations = parse_orientations(args.orientations)
+    try:  # train's refusal, in its words: a cache train would refuse is no use
+        orientations = train_orientations(parse_orientations(args.orientations))
+    except SettingError as exc:
+        raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     pre = PreprocessConfig(input_size=args.input_size)
     summary = prepare_cohort(_healthy_subjects(args), args.cache_dir, pre, orientations, args.workers,
                              ConsoleProgress("prepare"))

@@ -155,13 +155,7 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:  # also refuses NaN
             raise SettingError("{val_fraction} must lie in [0, 1) (the share of persons held out for validation "
                                "and calibration), got %s." % self.val_fraction, "val_fraction")
-        names = parse_orientations(",".join(self.orientations))  # (refuses none or unknown ones)
-        if "axial" not in names:
-            raise SettingError("{orientations} must include axial: a model is scored on axial slices first (the "
-                               "slice scores are axial's), got %s." % ",".join(self.orientations), "orientations")
-        if len(set(names)) != len(names):  # as detection's orientations (options.ScoreOptions) refuse it
-            raise SettingError("{orientations} must name each orientation once, got %s." % ",".join(names),
-                               "orientations")
+        train_orientations(self.orientations)
         if self.model.bottleneck_size < 1:
             layers = len(self.model.channels)
             raise SettingError(
@@ -238,6 +232,19 @@ class TrainConfig:
         if not self.out.exists() and not self.checkpoint_path.exists() and _is_early_log(self.log_path):
             outputs = (self.out, self.checkpoint_path)
         return tuple(p for p in outputs if p.exists())
+
+
+def train_orientations(orientations: Sequence[str]) -> Tuple[str, ...]:
+    """The slice orientations a model may be trained on (and a cache prepared for), checked: known ones, axial among
+    them, each once; else :class:`SettingError`."""
+    names = parse_orientations(",".join(orientations))  # (refuses none or unknown ones)
+    if "axial" not in names:
+        raise SettingError("{orientations} must include axial: a model is scored on axial slices first (the "
+                           "slice scores are axial's), got %s." % ",".join(orientations), "orientations")
+    if len(set(names)) != len(names):  # as detection's orientations (options.ScoreOptions) refuse it
+        raise SettingError("{orientations} must name each orientation once, got %s." % ",".join(names),
+                           "orientations")
+    return names
 
 
 class SettingError(CeVAEError):

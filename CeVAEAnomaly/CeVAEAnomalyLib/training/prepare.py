@@ -15,6 +15,7 @@ from ..io.checksum import sha256_of
 from ..progress import ProgressCallback, report
 from ..system import usable_cores
 from .cache import SliceCache
+from .config import train_orientations
 from .data import Subject, unique_subjects
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,9 @@ VOLUMES_PER_PROCESS = 15
 
 def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfig, orientations: Sequence[str],
                    workers: int = 1, progress: Optional[ProgressCallback] = None) -> str:
-    """Preprocess what the cache lacks for every subject; return a one-line summary.
-
-    Axial slices are always prepared too: validation and calibration use them.
-    """
-    wanted = tuple(orientations) + (() if "axial" in orientations else ("axial",))
+    """Preprocess what the cache lacks for every subject, in ``orientations`` (those train takes, refused as
+    train refuses them: :func:`.config.train_orientations`); return a one-line summary."""
+    wanted = train_orientations(orientations)
     cache = SliceCache(root, pre)
     cache.refuse_inside_inputs(subjects)  # and a file given as the folder
     try:
