@@ -159,6 +159,16 @@ def test_library_refusals_name_settings_not_flags(tmp_path, change, message):
     assert message in str(err.value) and "--" not in str(err.value)
 
 
+@pytest.mark.parametrize("orientations, given", [("axial", "the str 'axial'"), (["axial", 1], "the list ['axial', 1]"),
+                                                 ({"axial": 1}, "the dict {'axial': 1}"), (5, "the int 5")])
+def test_orientations_that_are_no_sequence_of_names_are_refused_naming_their_type(tmp_path, orientations, given):
+    """TrainConfig(orientations="axial") was split into letters and refused as "Unknown orientation 'a'"."""
+    with pytest.raises(CeVAEError) as err:
+        TrainConfig(out=tmp_path / "m.cevae", orientations=orientations).validate()
+    assert str(err.value) == ("orientations must be a sequence of orientation names (axial, coronal, sagittal), "
+                              f"e.g. ('axial', 'coronal'), got {given}.")
+
+
 def test_checkpoint_or_log_over_an_input_is_refused(cohort, tmp_path, capsys):
     """OUT.ckpt and OUT.log.csv are outputs too: an image named like them is never replaced."""
     image = tmp_path / "m.cevae.ckpt"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import abc
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
@@ -17,7 +18,7 @@ from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
 from ..io.lock import refuse_if_held
 from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths, lock_path
-from ..options import parse_orientations
+from ..options import ORIENTATIONS, parse_orientations
 
 # OUT.log.csv: val_loss empty where not measured (between checkpoints, or no volume held out); checkpoint "1" on the
 # row of a step that wrote one (earlier versions' logs lack that column; their checkpoint rows without a validation
@@ -237,6 +238,12 @@ class TrainConfig:
 def train_orientations(orientations: Sequence[str]) -> Tuple[str, ...]:
     """The slice orientations a model may be trained on (and a cache prepared for), checked: known ones, axial among
     them, each once; else :class:`SettingError`."""
+    if isinstance(orientations, str) or not isinstance(orientations, abc.Sequence) \
+            or not all(isinstance(o, str) for o in orientations):
+        given = f"the {type(orientations).__name__} {orientations!r}"
+        raise SettingError("{orientations} must be a sequence of orientation names (%s), e.g. ('axial', 'coronal'), "
+                           "got %s." % (", ".join(ORIENTATIONS), given.replace("{", "{{").replace("}", "}}")),
+                           "orientations")
     names = parse_orientations(",".join(orientations))  # (refuses none or unknown ones)
     if "axial" not in names:
         raise SettingError("{orientations} must include axial: a model is scored on axial slices first (the "
