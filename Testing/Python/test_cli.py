@@ -173,9 +173,28 @@ def test_detect_records_how_its_outputs_were_made(tmp_path, head, tiny_bundle, c
     before = record.read_bytes()
     again = [*common[:-6], "--score", str(tmp_path / "again.nii.gz"), "--record", str(record), "--threshold", "inf"]
     assert main(again) == 2 and record.read_bytes() == before and not (tmp_path / "again.nii.gz").exists()
-    assert f"The output {record} already exists; pass --overwrite" in capsys.readouterr().err
+    said = capsys.readouterr().err.strip()
+    assert said == f"error: The output {record} already exists; pass --overwrite to replace it."
     assert main([*again, "--overwrite"]) == 0
     assert json.loads(record.read_text())["threshold"] == "inf"  # standard JSON
+
+
+def test_an_existing_output_names_overwrite_as_each_caller_gives_it_also_from_another_process(tmp_path):
+    """The library's refusal names the flag and the argument; a command's line names its flag only. Raised in a
+    worker process, the refusal arrives as it was raised."""
+    import pickle
+
+    from CeVAEAnomalyLib.cli.main import command_line_wording
+    from CeVAEAnomalyLib.io.targets import check_paths
+
+    out = tmp_path / "score.nii.gz"
+    out.write_text("the user's own file")
+    with pytest.raises(CeVAEError) as refused:
+        check_paths([out], overwrite=False)
+    for exc in (refused.value, pickle.loads(pickle.dumps(refused.value))):
+        exists = f"The output {out} already exists; pass --overwrite"
+        assert str(exc) == f"{exists} (overwrite=True in Python) to replace it."
+        assert command_line_wording(exc, "detect") == f"{exists} to replace it."
 
 
 @pytest.mark.parametrize("argv", [

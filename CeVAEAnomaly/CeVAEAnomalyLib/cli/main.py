@@ -358,10 +358,12 @@ def command_line_wording(exc: CeVAEError, command: str) -> str:
     """The one-line message of ``exc``, naming with ``command``'s options what the library names by argument or the
     Slicer panel by its controls (Scripts/DetectVolume.py says them as detect does)."""
     from ..engine.header import PickleGivenAsModel  # (on an error only: the header module imports NumPy)
+    from ..io.targets import OutputExists
 
     if isinstance(exc, BundledModelMissing):
         return exc.for_command_line(command)
-    return exc.for_command_line() if isinstance(exc, (BundledOutputError, PickleGivenAsModel)) else one_line(exc)
+    return exc.for_command_line() if isinstance(exc, (BundledOutputError, PickleGivenAsModel, OutputExists)) \
+        else one_line(exc)
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

@@ -223,6 +223,23 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+class OutputExists(CeVAEError):
+    """An existing output refused without overwrite. The message names both ways to allow it, the command line's
+    flag and the library's argument; :meth:`for_command_line` only the flag."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        super().__init__(f"The output {target} already exists; pass --overwrite (overwrite=True in Python) "
+                         "to replace it.")
+
+    def __reduce__(self) -> Tuple[type, Tuple[Path]]:  # (from a worker process, as it was raised)
+        return type(self), (self.target,)
+
+    def for_command_line(self) -> str:
+        """The message as a command's user replaces an output: ``--overwrite``."""
+        return f"The output {self.target} already exists; pass --overwrite to replace it."
+
+
 def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
     """Refuse an output onto an input, under a file, onto a folder, or over a file without ``overwrite``."""
     target = Path(target)
@@ -241,8 +258,7 @@ def check_output_path(target: Path, overwrite: bool, inputs: Inputs) -> None:
                          "choose another path.")
     refuse_special_output(target)
     if os.path.lexists(target) and not overwrite:
-        raise CeVAEError(f"The output {target} already exists; pass --overwrite (overwrite=True in Python) "
-                         "to replace it.")
+        raise OutputExists(target)
 
 
 def refuse_unwritable_folder(folder: Path) -> None:
