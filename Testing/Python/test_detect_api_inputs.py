@@ -56,7 +56,7 @@ def test_a_labelmap_typed_mask_or_image_does_not_abort_the_interpreter():
         "mask = sitk.GetImageFromArray(arr); image = sitk.Cast(mask, sitk.sitkFloat32)\n"
         "lm = sitk.LabelImageToLabelMap(mask)\n"
         "assert np.array_equal(mask_array(lm, image), arr > 0)\n"
-        "assert checked_image(lm, lm).GetPixelID() == sitk.sitkUInt8\n"
+        "assert checked_image(lm, lm, 'T1').GetPixelID() == sitk.sitkUInt8\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -141,6 +141,29 @@ def test_a_ct_like_range_is_warned_of_on_every_path(tiny_bundle, caplog):
     with caplog.at_level(logging.WARNING):
         detect(image, bundle, mask, threshold=1.0)
     assert "Hounsfield" not in caplog.text
+
+
+def test_the_ct_like_warning_names_the_models_own_modality(tiny_bundle, caplog):
+    """A model recorded as modality "other" (trained on scans that are no T1's) was said to be "for T1 MRI", and the
+    user told to give a T1-weighted MRI, which such a model does not score meaningfully either."""
+    import dataclasses
+
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.header.modality == "T1"
+    other = dataclasses.replace(bundle, header=dataclasses.replace(bundle.header, modality="other"))
+    image, mask = make_head(seed=5)
+    said = {}
+    for name, model in (("T1", bundle), ("other", other)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            detect(as_hounsfield(image), model, mask, threshold=1.0)
+        said[name] = next(r.getMessage() for r in caplog.records if "Hounsfield" in r.getMessage())
+    assert said["T1"].endswith("; this model is for T1 MRI and its scores will not be meaningful: give a T1-weighted "
+                               "MRI of the head.")
+    assert said["other"].endswith("; this model's modality is 'other': its scores are meaningful only on scans like "
+                                  "its training volumes (on a CT only if it was trained on CTs): give a scan of its "
+                                  "modality.")
+    assert "T1" not in said["other"]
 
 
 def test_paper_is_taken_with_other_keyword_options(tiny_bundle):

@@ -142,7 +142,7 @@ class Detector:
     def _detect(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                 where: str) -> DetectionResult:
         checked(progress)
-        image = checked_image(image, mask, where)
+        image = checked_image(image, mask, self.bundle.header.modality, where)
         stack, brain = self._prepare(image, mask, progress, where)
         self._warn_of_contrast(stack, where)
         self._warn_of_acquisition(image, brain, where)
@@ -202,7 +202,7 @@ class Detector:
         """The volume checked and sliced for :meth:`prepared_scores`, its warnings said (once, however many modes
         score it); ``where`` as :meth:`brain_scores` takes it; ``automatic``: ``mask`` is the caller's automatic brain
         mask (engine/brainmask.py), which warned of itself."""
-        image = checked_image(image, mask, where)
+        image = checked_image(image, mask, self.bundle.header.modality, where)
         stack, brain = self._prepare(image, mask, None, where, automatic)
         return PreparedScan(image, brain, (stack, *self._other_stacks(image, brain)))
 
@@ -397,10 +397,10 @@ def _warnings_logged() -> Iterator[List[str]]:
         library.removeHandler(handler)
 
 
-def checked_image(image: sitk.Image, mask: Optional[sitk.Image], where: str = "") -> sitk.Image:
+def checked_image(image: sitk.Image, mask: Optional[sitk.Image], modality: str, where: str = "") -> sitk.Image:
     """The image as detection takes it (a LabelMap made a label image) after the command line's
     :func:`~..io.images.check_volume`; a one-line :class:`CeVAEError` for what is not a SimpleITK image.
-    ``where`` leads the CT-range warning."""
+    ``where`` leads the CT-range warning, which says what a model of ``modality`` takes instead."""
     for name, value in (("image", image), ("mask", mask)):
         if not isinstance(value, sitk.Image) and (name == "image" or value is not None):
             if isinstance(value, np.ndarray):
@@ -413,7 +413,7 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image], where: str = ""
     image = check_volume(label_image(image))
     _refuse_a_mask_as_the_image(image, mask is not None)
     _check_geometry(image, mask, where)
-    warn_if_ct_range(image, where)  # every path: the command line, batch, the API and Slicer
+    warn_if_ct_range(image, modality, where)  # every path: the command line, batch, the API and Slicer
     return image
 
 

@@ -693,17 +693,21 @@ _ROUNDING_MM = 0.2  # how far positions written to 0.1 mm may stray (a missing s
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
-def warn_if_ct_range(image: sitk.Image, where: str = "") -> None:
-    """Warn when the intensities look like CT (Hounsfield units) rather than MRI; ``where`` leads the warning.
+def warn_if_ct_range(image: sitk.Image, modality: str, where: str = "") -> None:
+    """Warn when the intensities look like CT (Hounsfield units) rather than MRI, saying what a model of ``modality``
+    (its header's) takes instead; ``where`` leads the warning.
 
     A CT of a head has much air at -1000 and most of the rest at soft tissue's values (fat, brain, CSF, scalp; bone
     above them). A low minimum alone is no CT: an MRI stored with an offset, or with a few negative outlier voxels
     (as some reconstructions write), has one and scores as the MRI it is."""
     air, tissue = _hounsfield_shares(sitk.GetArrayViewFromImage(image))
     if air >= _CT_AIR_SHARE and tissue >= _CT_TISSUE_SHARE:
+        instead = ("this model is for T1 MRI and its scores will not be meaningful: give a T1-weighted MRI of the "
+                   "head" if modality.upper() == "T1" else
+                   f"this model's modality is {modality!r}: its scores are meaningful only on scans like its "
+                   "training volumes (on a CT only if it was trained on CTs): give a scan of its modality")
         log.warning("%sThe intensities look like a CT in Hounsfield units (%.0f %% of the voxels at air's -1000, "
-                    "%.0f %% of the others at soft tissue's -200 to 200); this model is for T1 MRI and its scores "
-                    "will not be meaningful: give a T1-weighted MRI of the head.", where, 100 * air, 100 * tissue)
+                    "%.0f %% of the others at soft tissue's -200 to 200); %s.", where, 100 * air, 100 * tissue, instead)
 
 
 def _hounsfield_shares(values: np.ndarray) -> Tuple[float, float]:
