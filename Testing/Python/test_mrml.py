@@ -1246,3 +1246,32 @@ def test_the_labelmap_made_beside_an_edited_one_goes_where_the_edited_one_is(sce
     assert second.labelmap is not first.labelmap and first.labelmap.GetName().endswith(" (edited)")
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(second.labelmap)) == folder
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(second.score)) == hierarchy.GetSceneItemID()
+
+
+def test_a_segmentation_drawn_on_another_scan_never_takes_this_scans_anomalies(scene, caplog):
+    """A segmentation of the user's drawn on B (B's brain mask, B's tumour outline) and chosen as A's output: A's
+    anomaly segment went into it (on B's grid), and the panel's output field kept it for A. It is B's node: A's
+    results go to a node of their own, the panel offers A's own, and the segmentation keeps its segments only."""
+    image_a, mask_a = make_head(seed=1)
+    image_b, mask_b = make_head(seed=2, size=(36, 40, 30), origin=(-5.0, 0.0, 0.0))
+    a, b = add_volume(scene, image_a, "A"), add_volume(scene, image_b, "B")
+    brain_b = add_volume(scene, mask_b, "B brain", "vtkMRMLLabelMapVolumeNode")
+    drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "B tumour")
+    drawn.SetReferenceImageGeometryParameterFromVolumeNode(b)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(brain_b, drawn)
+    assert drawn.GetNodeReference(drawn.GetReferenceImageGeometryReferenceRole()) is b
+    segments = nodes.segment_ids(drawn)
+    panel = nodes.outputs_for_input(scene, a, {"anomalySegmentation": drawn})
+    assert panel["anomalySegmentation"] is None  # (none of A's yet: made on Apply)
+    with caplog.at_level(logging.WARNING, logger=mrml.log.name):
+        out = mrml.publish(scene, a, fake_detection(image_a, mask_a), mrml.OutputNodes(segmentation=drawn))
+    assert out.segmentation is not drawn and nodes.anomaly_segment_id(out.segmentation) is not None
+    assert nodes.segment_ids(drawn) == segments and drawn.GetAttributeNames() == ()
+    assert "'B tumour' holds other results" in caplog.text
+    assert nodes.outputs_for_input(scene, a, {"anomalySegmentation": drawn})["anomalySegmentation"] is \
+        out.segmentation
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn on A")  # one drawn on A itself is A's to fill
+    mine.SetReferenceImageGeometryParameterFromVolumeNode(a)
+    assert nodes.outputs_for_input(scene, a, {"anomalySegmentation": mine})["anomalySegmentation"] is mine
+    assert mrml.publish(scene, a, fake_detection(image_a, mask_a), mrml.OutputNodes(segmentation=mine)).segmentation \
+        is mine
