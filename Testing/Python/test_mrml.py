@@ -1275,3 +1275,24 @@ def test_a_segmentation_drawn_on_another_scan_never_takes_this_scans_anomalies(s
     assert nodes.outputs_for_input(scene, a, {"anomalySegmentation": mine})["anomalySegmentation"] is mine
     assert mrml.publish(scene, a, fake_detection(image_a, mask_a), mrml.OutputNodes(segmentation=mine)).segmentation \
         is mine
+
+
+def test_a_segmentation_another_scans_run_used_as_its_brain_mask_never_takes_this_scans_anomalies(tiny_bundle):
+    """B's brain mask as a segmentation drawn on no volume (made from a labelmap), used by B's run, then chosen as A's
+    output: A's anomaly segment went into B's mask, and the panel kept it in A's output field. It is B's: A's results
+    go to a segmentation of their own, and B's mask keeps its segment alone."""
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    scene = slicer.vtkMRMLScene()
+    image_a, mask_a = make_head(seed=1)
+    image_b, mask_b = make_head(seed=2)
+    a, b = add_volume(scene, image_a, "A"), add_volume(scene, image_b, "B")
+    brain_b = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "B brain")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        add_volume(scene, mask_b, "B brain labels", "vtkMRMLLabelMapVolumeNode"), brain_b)
+    assert brain_b.GetNodeReferenceID(brain_b.GetReferenceImageGeometryReferenceRole()) is None
+    CeVAEAnomalyLogic().process(b, brain_b, modelPath=tiny_bundle, device="cpu")
+    segments = nodes.segment_ids(brain_b)
+    assert nodes.outputs_for_input(scene, a, {"anomalySegmentation": brain_b})["anomalySegmentation"] is None
+    out = mrml.publish(scene, a, fake_detection(image_a, mask_a), mrml.OutputNodes(segmentation=brain_b))
+    assert out.segmentation is not brain_b and nodes.segment_ids(brain_b) == segments

@@ -171,8 +171,8 @@ def link_output(node: slicer.vtkMRMLNode, role: str, source: slicer.vtkMRMLNode)
 def belongs_to(node: slicer.vtkMRMLNode, source: slicer.vtkMRMLNode, role: str) -> bool:
     """Whether ``node`` may hold the ``role`` results of ``source``: it is this module's ``role`` output
     of ``source``, or a node that is not a module output, holds none of the user's data (:func:`holds_data`),
-    is not an input with results of its own and, a segmentation, was drawn on ``source`` or on no volume (one drawn
-    on another scan is that scan's: its mask, its findings).
+    is not an input with results of its own and, a segmentation, was drawn on ``source`` or on no volume and is no
+    other input's brain mask (one drawn on another scan, or used as its mask by its run, is that scan's).
 
     An output whose input was deleted (MRML drops the reference, the role stays) belongs to no one: it
     holds that input's results, not the next one's.
@@ -180,8 +180,9 @@ def belongs_to(node: slicer.vtkMRMLNode, source: slicer.vtkMRMLNode, role: str) 
     own_role = node.GetAttribute(ROLE_ATTRIBUTE)
     if own_role:
         return own_role == role and node.GetNodeReferenceID(SOURCE_REFERENCE) == source.GetID()
-    if isinstance(node, slicer.vtkMRMLSegmentationNode) and \
-            node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) not in (None, source.GetID()):
+    if isinstance(node, slicer.vtkMRMLSegmentationNode) and (
+            node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) not in (None, source.GetID())
+            or _used_for_another(node, source)):
         return False
     return not holds_data(node) and not has_outputs(node)
 
