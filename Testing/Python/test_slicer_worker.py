@@ -472,6 +472,28 @@ def test_calibration_and_adaptation_refuse_what_is_not_a_healthy_scan_at_once(tm
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing copied
 
 
+def test_a_healthy_volume_without_usable_voxels_is_named_as_a_healthy_volume(tmp_path, monkeypatch):
+    """A healthy volume holding no voxels, or colour voxels, was refused as "The input volume 'X'": in the panel the
+    input volume is another field (the scan examined), so the message pointed at the wrong one."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    scene = slicer.vtkMRMLScene()
+    a = add_volume(scene, make_head(seed=11)[0], "a")
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    rgb = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    voxels = vtk.vtkImageData()
+    voxels.SetDimensions(20, 20, 20)
+    voxels.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    rgb.SetAndObserveImageData(voxels)
+    logic = CeVAEAnomalyLogic()
+    for start in (logic.startCalibration, logic.startAdaptation):
+        for volume, message in ((empty, "The healthy volume 'empty' holds no image data"),
+                                (rgb, "The healthy volume 'photo' has 3 components per voxel")):
+            with pytest.raises(CeVAEError, match=message):
+                start([a, volume], [None, None], tmp_path / "site.cevae", device="cpu")
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing left
+
+
 def test_cancel_stops_an_adaptation_and_writes_no_model(tiny_bundle, tmp_path, monkeypatch):
     scene, volumes, masks = site_scene()
     out = tmp_path / "scanner.cevae"

@@ -318,7 +318,9 @@ class CeVAEAnomalyLogic(_LogicBase):
         return scene
 
     @staticmethod
-    def _inputImages(volumeNode, maskNode, maskSegmentId) -> Tuple["sitk.Image", Optional["sitk.Image"]]:
+    def _inputImages(volumeNode, maskNode, maskSegmentId,
+                     what: str = "input volume") -> Tuple["sitk.Image", Optional["sitk.Image"]]:
+        """The images of ``volumeNode`` (``what``: its role, in messages) and of its brain mask (None: none)."""
         from ..io.images import check_volume
         from . import mrml
 
@@ -326,7 +328,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError(f"maskSegmentId '{maskSegmentId}' picks a segment of a brain mask segmentation, but no "
                              "brain mask (maskNode) was given; give the segmentation as maskNode, or no maskSegmentId "
                              "for the automatic mask.")
-        image = check_volume(mrml.image_from_volume(volumeNode, "input volume"), f"volume '{volumeNode.GetName()}'")
+        image = check_volume(mrml.image_from_volume(volumeNode, what), f"volume '{volumeNode.GetName()}'")
         mask = mrml.mask_image(maskNode, volumeNode, maskSegmentId) if maskNode is not None else None
         return image, mask
 
@@ -617,7 +619,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             names: Dict[str, str] = {}
             shown = _distinctNames(volumes)
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
-                image, maskImage = self._inputImages(volume, mask, None)
+                image, maskImage = self._inputImages(volume, mask, None, "healthy volume")
                 stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
                 _writeInputs(folder, stem, image, maskImage)
                 names.update(_copyNames(folder, stem, shown[n], mask if maskImage is not None else None))
