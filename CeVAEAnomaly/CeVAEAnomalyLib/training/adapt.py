@@ -82,14 +82,15 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
     checksums = _checksums(subjects, memo)
-    seen = [str(p) for p in header.trained_scans([s.image for s in subjects], checksums)]
+    voxels, unread = _voxel_checksums(subjects, checksums)  # (the unread: named together as the scans are prepared)
+    seen = [str(p) for p in header.trained_scans([s.image for s in subjects if s.image not in unread], checksums)]
     if seen:  # e.g. an adapted model adapted again on its own site scans
         log.warning("The site scan(s) %s %s among the training volumes of %s: a fold model fine-tuned from it has "
                     "seen them already, so they score lower than new scans and the calibration flags more of a new "
                     "scan. Adapt the model it came from, or use other scans.", ", ".join(seen),
                     "is" if len(seen) == 1 else "are", base.name)
     # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
-    subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))
+    subjects = unique_subjects(subjects, voxels)
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
     note = unknown_persons_note(subjects, wording.unknown_persons, wording.same_person)
@@ -405,6 +406,21 @@ def _checksums(subjects: Sequence[Subject], memo: FileMemo) -> Dict[Path, str]:
         check_volume_path(s.image, "scan")
         check_volume_path(s.mask, "brain mask")
     return file_checksums(subjects, DistInfo(), memo)
+
+
+def _voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> Tuple[Dict[Path, str], List[Path]]:
+    """:func:`~.data.voxel_checksums` of the subjects' images, and those that could not be read, which keep their file
+    sha256 (``checksums``): the preparation of the scans names every one of them in one error (with the masks that do
+    not fit), before any run, where the first one stopped the adaptation here."""
+    voxels: Dict[Path, str] = {}
+    unread: List[Path] = []
+    for image in dict.fromkeys(s.image for s in subjects):
+        try:
+            voxels.update(voxel_checksums([image], checksums))
+        except CeVAEError:
+            voxels[image] = checksums[image]
+            unread.append(image)
+    return voxels, unread
 
 
 def _record(header: BundleHeader, base: Path, parent: str, subjects: Sequence[Subject], checksums: Dict[Path, str],
