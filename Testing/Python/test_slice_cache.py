@@ -614,3 +614,29 @@ def test_an_entry_whose_npy_header_has_an_unclosed_bracket_is_made_again(subject
         (again,), made = SliceCache(tmp_path / "cache", PRE).entries_for(s, checksums(s), ("axial",))
     assert made and "is damaged" in caplog.text
     np.testing.assert_array_equal(np.load(again.path), good)
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_prepare_names_every_volume_that_cannot_be_read_in_one_error(subjects, tmp_path, capsys, monkeypatch,
+                                                                      workers):
+    """`prepare` (in this process or its worker processes) stopped at the first damaged volume of a cohort, so its
+    damaged scans were found one run at a time; it now names them all, as train does, once the others are prepared."""
+    from CeVAEAnomalyLib.training import prepare
+
+    monkeypatch.setattr(prepare, "VOLUMES_PER_PROCESS", 1)  # else 5 volumes are not worth a second process
+    (tmp_path / "garbage.nii.gz").write_bytes(b"not an image\n")
+    (tmp_path / "cut.nii.gz").write_bytes(subjects[1].image.read_bytes()[:300])
+    rows = [f"{subjects[0].image},{subjects[0].mask}", f"{tmp_path / 'garbage.nii.gz'},{subjects[0].mask}",
+            f"{subjects[1].image},{subjects[1].mask}", f"{tmp_path / 'cut.nii.gz'},{subjects[1].mask}",
+            f"{subjects[2].image},{subjects[2].mask}"]
+    (tmp_path / "cohort.csv").write_text("image,mask\n" + "\n".join(rows) + "\n")
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--manifest", str(tmp_path / "cohort.csv"), "--cache-dir", str(cache),
+                 "--workers", str(workers)]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and said[0].startswith("error: 2 of the 5 volumes could not be read (the others were "
+                                                 "prepared): "), err
+    assert f"{tmp_path / 'garbage.nii.gz'} could not be read as an image" in said[0]
+    assert f"{tmp_path / 'cut.nii.gz'} is truncated or corrupt" in said[0]
+    assert len(list(cache.glob("*.npy"))) == 3  # the three readable volumes' axial slices

@@ -239,7 +239,7 @@ class SliceCache:
                 entries, new = self.entries_for(s, checksums, orientations)
                 out.append(entries)
                 made += new
-            except _Unreadable as exc:
+            except Unreadable as exc:
                 unread.append(str(exc))
             report(progress, (n + 1) / max(1, len(subjects)), f"prepared {n + 1} of {len(subjects)} volumes")
         if unread:
@@ -269,7 +269,7 @@ class SliceCache:
         except Cancelled:
             raise
         except CeVAEError as exc:
-            raise _Unreadable(str(exc)) from None
+            raise Unreadable(str(exc)) from None
         # hashed before it was read: the slices are of it
         refuse_changed((subject.image, subject.mask), checksums, memo=self.memo)
         return [e if e is not None else self._store(k, subject, o, arrays[o], checksums)
@@ -306,7 +306,7 @@ class SliceCache:
         return entry
 
 
-class _Unreadable(CeVAEError):
+class Unreadable(CeVAEError):
     """A volume whose slices could not be made (:meth:`SliceCache.entries_for`), its error naming it."""
 
 

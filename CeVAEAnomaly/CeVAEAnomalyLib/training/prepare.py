@@ -14,7 +14,7 @@ from ..engine.config import PreprocessConfig
 from ..io.checksum import sha256_of
 from ..progress import ProgressCallback, report
 from ..system import usable_cores
-from .cache import SliceCache
+from .cache import SliceCache, Unreadable, UnreadVolumes
 from .config import train_orientations
 from .data import Subject, unique_subjects
 
@@ -55,6 +55,9 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
             for n, result in enumerate(pool.map(_prepare_one, jobs)):
                 results.append(result)
                 report(progress, (n + 1) / len(jobs), f"prepared {n + 1} of {len(jobs)} volumes")
+    unread = [r[3] for r in results if r[3] is not None]
+    if unread:  # every damaged volume named at once, the others prepared
+        raise UnreadVolumes(unread, len(subjects))
     unique_subjects(subjects, {s.image: r[1] for s, r in zip(subjects, results)})  # warns of repeats, as train does
     entries = {name: size for r in results for name, size in r[2].items()}  # a shared entry counted once
     made = sum(r[0] for r in results)
@@ -80,9 +83,13 @@ def process_count(asked: int, volumes: int, cores: int) -> Tuple[int, str]:
 
 
 def _prepare_one(job: Tuple[Subject, Path, PreprocessConfig, Tuple[str, ...]]
-                 ) -> Tuple[bool, str, Dict[str, Tuple[int, int]]]:
-    """(made now, the image's sha256, {entry file name: (slices, bytes)}) of one subject."""
+                 ) -> Tuple[bool, str, Dict[str, Tuple[int, int]], Optional[str]]:
+    """(made now, the image's sha256, {entry file name: (slices, bytes)}, None) of one subject; for one that cannot
+    be read for its slices, (False, its sha256, {}, the error naming it), so that the others are prepared."""
     subject, root, pre, orientations = job
     checksums = {p: sha256_of(p) for p in (subject.image, subject.mask) if p is not None}
-    entries, made = SliceCache(root, pre).entries_for(subject, checksums, orientations)
-    return made, checksums[subject.image], {e.path.name: (e.slices, e.path.stat().st_size) for e in entries}
+    try:
+        entries, made = SliceCache(root, pre).entries_for(subject, checksums, orientations)
+    except Unreadable as exc:
+        return False, checksums[subject.image], {}, str(exc)
+    return made, checksums[subject.image], {e.path.name: (e.slices, e.path.stat().st_size) for e in entries}, None
