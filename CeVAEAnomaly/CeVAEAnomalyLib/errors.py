@@ -132,7 +132,8 @@ MODEL_OPTIONS = ("init_from", "model", "loss", "preprocess", "orientations", "au
 COMMAND_LINE_ADAPT = Wording(
     **_COMMAND_LINE, same_model="Resume with the --model that adaptation started from",
     option_names=(("adaptation.steps", "--steps"), ("adaptation.lr", "--lr"), ("batch_size", "--batch-size"),
-                  ("seed", "--seed"), ("amp", "--amp"), *((name, "--model") for name in MODEL_OPTIONS)),
+                  ("seed", "--seed"), ("amp", "--amp"), ("folds", "--folds"),
+                  *((name, "--model") for name in MODEL_OPTIONS)),
     less_memory="close other programs that use its memory, or give another --device",
     higher_rate="detect with a higher --fpr",
     replace_model="pass --overwrite to adapt again and replace it, or choose another --out",

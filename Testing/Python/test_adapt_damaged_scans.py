@@ -2,6 +2,7 @@
 corrupt or truncated file, a brain mask that does not fit), and a resume with other --folds says so."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
 
@@ -9,10 +10,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import CeVAEAnomalyLib.training.adapt as adapt_mod
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.manifest import Subject
+from CeVAEAnomalyLib.progress import Cancelled
+from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+QUICK = AdaptOptions(steps=4, batch_size=8, checkpoint_every=2, device="cpu")
 QUICK_ARGS = ["--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu"]
 
 
@@ -63,3 +70,27 @@ def test_adapt_names_every_damaged_site_scan_in_one_error_before_any_training(ti
     assert f"{site['cut']} is truncated or corrupt" in said[0]
     assert f"{site['c']}: The brain mask does not overlap the image" in said[0] and "Fine-tuning" not in err
     assert not list(tmp_path.glob("site.cevae*"))
+
+
+def test_a_resume_with_other_folds_names_the_option(tiny_bundle, site, tmp_path):
+    """An adaptation of three scans begun with --folds 3 and resumed with --folds 2 was refused as "training volume(s)
+    in the checkpoint's run, not in this one", naming a scan the user had not changed; it now names --folds."""
+    scans = [Subject(site[n], site["mask"]) for n in ("a", "b", "c")]
+    out = tmp_path / "site.cevae"
+
+    def stop_in_fold_2(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 2/4") and "step 2 " in message:
+            raise Cancelled("stopped by the test")
+
+    with pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, scans, out, replace(QUICK, folds=3), stop_in_fold_2)
+    assert Path(f"{out}.fold1.ckpt").is_file()
+    with pytest.raises(CeVAEError) as refused:
+        adapt_mod.adapt(tiny_bundle, scans, out, replace(QUICK, folds=2, resume=True))
+    said = str(refused.value)
+    assert said.startswith(f"--resume refused: the checkpoint {out}.fold1.ckpt belongs to another run: its adaptation "
+                           "was begun with --folds 3 or more (3 folds of these scans), this one with --folds 2 (2 "
+                           "folds)."), said
+    assert "training volume" not in said
+    adapt_mod.adapt(tiny_bundle, scans, out, replace(QUICK, folds=3, resume=True))  # as it was begun: it finishes
+    assert out.is_file()

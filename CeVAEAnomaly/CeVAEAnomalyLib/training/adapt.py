@@ -136,7 +136,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
         if options.overwrite and not options.resume:  # the scans are usable: the earlier runs' files go now
             _remove_earlier_runs(out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, orientations,
-                                            options.resume, training_part, wording, memo, checksums, parent)
+                                            options.resume, training_part, wording, memo, checksums, parent,
+                                            options.folds)
         calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
@@ -185,7 +186,7 @@ def compared_with_parent(parent: BundleHeader, name: str) -> str:
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
                header: BundleHeader, base: Bundle, cache: Path, orientations: Tuple[str, ...], resume: bool,
                progress: Optional[ProgressCallback], wording: Wording, memo: FileMemo,
-               checksums: Dict[Path, str], parent: str) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+               checksums: Dict[Path, str], parent: str, folds: int) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
     ``base`` on the slices in ``orientations`` of the scans prepared in the folder ``cache``: the models by run, the
     final run's trainer and the seconds the folds spent training, in this session and before a resume, and the final
@@ -193,7 +194,8 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     measured pace and the time left (:class:`~.adapt_plan.Pace`); their errors say what to do in ``wording``.
     ``memo``: the adaptation's, which hashed the scans (a scan unchanged since is not read again) to ``checksums``: a
     run whose scans no longer hold them is refused before it trains. ``parent``: the sha256 of the file ``base`` was
-    loaded from, which every run's checkpoints record."""
+    loaded from, which every run's checkpoints record. ``folds``: the folds option (a resume begun with another one is
+    refused naming it)."""
     start = base.model.state_dict()
     steps = configs["final"].max_steps
     pace = Pace(len(runs) * steps, TIMED_STEPS)
@@ -221,7 +223,9 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     # adaptation) is refused before any fold trains, not after all of them
     resumed = {run: trainer_of(n, run) for n, run in enumerate(runs)
                if resume and configs[run].checkpoint_path.is_file()}
-    for trainer in resumed.values():
+    for run, trainer in resumed.items():
+        if run != "final":
+            _refuse_other_folds(trainer, runs.index(run), plan, subjects, checksums, folds, wording)
         trainer.check_resume()
     for n, run in enumerate(runs):
         trainer = resumed.pop(run, None)  # built before the first run (a resume's)
@@ -239,6 +243,35 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
             seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
+
+
+def _refuse_other_folds(trainer: Trainer, fold: int, plan: List[List[int]], subjects: Sequence[Subject],
+                        checksums: Dict[Path, str], folds: int, wording: Wording) -> None:
+    """Refuse, naming the folds option (``folds`` now), the resume of fold ``fold`` whose checkpoint holds out other
+    scans of these ``subjects`` than ``plan`` does, as another number of folds would: that was said as training
+    volumes "in the checkpoint's run, not in this one", scans the user had not changed. Other differences are left to
+    :meth:`~.trainer.Trainer.check_resume` to name."""
+    def key(s: Subject) -> Tuple[str, Optional[str]]:
+        return checksums[s.image], checksums[s.mask] if s.mask is not None else None
+
+    saved = trainer.resume_checkpoint().get("run")
+    try:
+        trained = {(v["image_sha256"], v["mask_sha256"]) for v in saved["train"]}  # type: ignore[index]
+    except (KeyError, TypeError):
+        return
+    keys = [key(s) for s in subjects]
+    held = sorted(j for j, k in enumerate(keys) if k not in trained)
+    persons = person_groups(subjects)
+    if held == plan[fold] or not trained <= set(keys):
+        return
+    was = next((k for k in range(fold + 1, len(persons) + 1) if fold_plan(persons, k)[fold] == held), None)
+    if was is None or was == len(plan):
+        return
+    name = dict(wording.option_names).get("folds")
+    what = (f"its adaptation was begun with {name} {was}{' or more' if was == len(persons) else ''} ({was} folds of "
+            f"these scans), this one with {name} {folds} ({len(plan)} folds)" if name else wording.other_settings)
+    raise CeVAEError(f"{wording.resume_request} refused: the checkpoint {trainer.cfg.checkpoint_path} belongs to "
+                     f"another run: {what}. {wording.same_run}, or {wording.start_anew}.")
 
 
 def _changed_since_began(changed: Path, configs: Dict[str, TrainConfig], resumed: bool, wording: Wording,

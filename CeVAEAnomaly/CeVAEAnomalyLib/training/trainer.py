@@ -217,6 +217,7 @@ class Trainer:
         self.checksums = file_checksums(subjects, self.dist, self.memo)
         self._identity: Optional[Dict[str, object]] = None
         self._resume_state: Optional[Dict[str, object]] = None  # the checkpoint a resume continues, once checked
+        self._checkpoint: Optional[Dict[str, object]] = None  # the checkpoint a resume continues, once read
         # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
         subjects = unique_subjects(subjects, _shared_voxel_checksums(subjects, self.checksums, self.dist))
         self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
@@ -451,8 +452,7 @@ class Trainer:
         any work: adapt checks every run's checkpoint before its first run trains); read and checked once."""
         if self._resume_state is None:
             path = self.cfg.checkpoint_path
-            hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
-            state = read_checkpoint(path, self.cfg.model.to_dict(), hint, self.wording)
+            state = self.resume_checkpoint()
             self._follow_checkpoint_order(state.get("run"))
             check_same_run(state.get("run"), self.run_identity(), path, self.wording)
             step = state.get("step")
@@ -461,6 +461,14 @@ class Trainer:
                                  f"{self.wording.past_the_end.format(steps=self.cfg.max_steps, step=step)}.")
             self._resume_state = state
         return self._resume_state
+
+    def resume_checkpoint(self) -> Dict[str, object]:
+        """The checkpoint a resume continues from, read once (refused if damaged), not yet checked to be of this run
+        (:meth:`check_resume`)."""
+        if self._checkpoint is None:
+            hint = " (with several nodes, --out must be on a disk all nodes share)" if self.dist.world > 1 else ""
+            self._checkpoint = read_checkpoint(self.cfg.checkpoint_path, self.cfg.model.to_dict(), hint, self.wording)
+        return self._checkpoint
 
     def _follow_checkpoint_order(self, saved: object) -> None:
         """Where this run lists the checkpoint's volumes in another order (a manifest regenerated, a folder given
