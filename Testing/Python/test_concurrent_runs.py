@@ -165,6 +165,9 @@ def test_workers_that_load_a_replaced_model_stop_the_batch_in_one_line(scan, tin
     for name in ("h", "k"):
         for suffix in ("", "_mask"):
             (scan.parent / "two" / f"{name}{suffix}.nii.gz").write_bytes((scan / f"h{suffix}.nii.gz").read_bytes())
+    other = sitk.ReadImage(str(scan / "h.nii.gz"))
+    other[0, 0, 0] = other[0, 0, 0] + 1  # another scan (one listed twice is scored once: one worker would do)
+    sitk.WriteImage(other, str(scan.parent / "two" / "k.nii.gz"))
     batch = ["batch", str(scan.parent / "two"), "--out-dir", str(out), "--model", str(model), "--device", "cpu",
              "--workers", "2"]
     first, go = _held_at(tmp_path, "batch_settings.json", batch)

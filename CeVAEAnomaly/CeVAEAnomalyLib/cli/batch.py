@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import time
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
@@ -27,7 +28,7 @@ from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterat
 
 from ..errors import CeVAEError, one_line, out_of_memory
 from ..io.atomic import atomic_write_text, remove_abandoned_temporaries
-from ..io.checksum import sha256_of
+from ..io.checksum import hashed_files, sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
@@ -304,6 +305,38 @@ def collect_inputs(source: Path) -> List[BatchItem]:
                              "distinct names (a 'name' column in the CSV).")
         seen[one_form(item.name).casefold()] = item
     return sorted(items, key=lambda it: it.name)
+
+
+def unique_items(items: Sequence[BatchItem]) -> List[BatchItem]:
+    """``items`` without repeats of a volume already listed under another name (the same image and brain mask
+    content, by their sha256, as evaluate tells a case listed again), in their order, each repeat warned of once,
+    naming both: it would be scored twice, into two sets of outputs of one scan. Only images of a size that another
+    shares are read; a missing or unreadable one is told by its path (scoring it says what is wrong)."""
+    def size(path: Path) -> object:
+        try:
+            return sum(f.stat().st_size for f in hashed_files(path))
+        except OSError:
+            return str(path)
+
+    def content(path: Optional[Path]) -> str:
+        try:
+            return sha256_of(path) if path else ""
+        except OSError:
+            return str(path)
+
+    sizes = [size(item.image) for item in items]
+    shared = {s for s, n in Counter(sizes).items() if n > 1}
+    seen: Dict[Tuple[str, str], BatchItem] = {}
+    kept: List[BatchItem] = []
+    for item, s in zip(items, sizes):
+        first = seen.setdefault((content(item.image), content(item.mask)), item) if s in shared else item
+        if first is item:
+            kept.append(item)
+            continue
+        mask = f"the brain mask {item.mask}" if item.mask else "no brain mask"
+        log.warning("'%s' (%s) repeats the scan of '%s' (%s): the same image content, with %s; it is scored once, "
+                    "as '%s'.", item.name, item.image, first.name, first.image, mask, first.name)
+    return kept
 
 
 def parse_shard(text: str) -> Tuple[int, int]:

@@ -466,7 +466,8 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def run_batch(args: argparse.Namespace) -> None:
     """Detection over a folder or CSV list: per-volume outputs and a summary CSV in --out-dir."""
-    from .batch import DetectSettings, check_outputs_apart, collect_inputs, parse_shard, select_shard, summary_name
+    from .batch import (DetectSettings, check_outputs_apart, collect_inputs, parse_shard, select_shard, summary_name,
+                        unique_items)
     from .batch import run_batch as process
     from ..io.targets import refuse_unsearchable, resolved
     from .console import ConsoleProgress
@@ -482,7 +483,7 @@ def run_batch(args: argparse.Namespace) -> None:
     if resolved(args.inputs) == resolved(args.out_dir):
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
     shard = parse_shard(args.shard) if args.shard else None
-    every = collect_inputs(args.inputs)
+    every = unique_items(collect_inputs(args.inputs))  # before sharding: every shard drops the same repeats
     items = select_shard(every, *shard) if shard else every
     if shard:
         log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
