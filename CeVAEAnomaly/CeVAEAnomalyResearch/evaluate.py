@@ -531,10 +531,12 @@ def _evaluate(
 def _slice_arrays(
     scores: np.ndarray, truth: np.ndarray, inside: np.ndarray, axis: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice max score and lesion presence, over slices that contain mask voxels."""
+    """Per-slice max score and lesion presence, over slices that contain mask voxels (taken in place: no copy of
+    the volume)."""
     others = tuple(a for a in range(scores.ndim) if a != axis % scores.ndim)
-    slice_max = np.where(inside, scores, -np.inf).max(axis=others)
-    has_lesion = (truth & inside).any(axis=others)
+    low = -np.inf if np.issubdtype(scores.dtype, np.floating) else np.iinfo(scores.dtype).min  # (no kept slice's)
+    slice_max = np.max(scores, axis=others, where=inside, initial=low)
+    has_lesion = np.any(truth, axis=others, where=inside)
     keep = inside.any(axis=others)
     return slice_max[keep], has_lesion[keep]
 
