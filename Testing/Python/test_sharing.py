@@ -144,6 +144,23 @@ def test_share_refuses_a_header_that_holds_a_scan_name_in_a_record_it_does_not_k
     assert not (tmp_path / "shared.cevae").exists()
 
 
+def test_share_refuses_a_scan_name_held_as_a_key_of_a_record_it_does_not_know(calibrated, tmp_path, capsys):
+    """A record's keys were never looked at: {"DOE_JOHN": ...} in a record this version does not write went into the
+    shareable copy. A key is refused as a text there is: a scan's name said as such, any other unknown one unsaid."""
+    from test_untrusted_bundles import rewrite
+
+    for key, said in ((STEMS[1], f"the scan name '{STEMS[1]}' as a key in 'notes'"),
+                      ("DOE_JOHN", "a key in 'notes.seen', a record this version does not write")):
+        edited = tmp_path / "edited.cevae"
+        edited.write_bytes(calibrated.read_bytes())
+        rewrite(edited, lambda h, t: h.__setitem__("notes", {key: 1} if key == STEMS[1] else {"seen": {key: 2}}))
+        assert main(["share", str(edited), "--out", str(tmp_path / "shared.cevae")]) == 2
+        err = capsys.readouterr().err
+        assert f"error: The model's header holds {said}" in err and "no shareable copy was written" in err
+        assert (key == STEMS[1]) == (key in err)  # (an unknown text is not said: it may be a patient's name)
+        assert not (tmp_path / "shared.cevae").exists()
+
+
 def test_a_model_from_before_strict_headers_with_a_nan_validation_loss_is_shared(calibrated, tmp_path):
     """Bundles written before headers were strict JSON hold "val_loss": NaN in their training record; read_header,
     info, calibrate and adapt take them (the NaN reads as None), and so does share."""

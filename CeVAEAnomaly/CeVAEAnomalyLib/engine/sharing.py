@@ -44,6 +44,7 @@ ALREADY_SHARED = "is already a shareable copy (its scans are called scan 1, scan
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}\Z")  # a sha256, as the records give it
 _INDEX = re.compile(r"\[[0-9]+\]")  # a list item's index in a place
+_KEY = re.compile(r"[a-z][a-z0-9_]*\Z")  # a key as this project writes them (never a scan's name it is told)
 
 
 class _Numbers:
@@ -159,10 +160,33 @@ def _refuse_left(header: Mapping[str, Any], old: Set[str]) -> None:
         if text in old:
             raise CeVAEError(f"The model's header holds the scan name {text!r} in '{where}', a record this version "
                              f"cannot rename; {said}")
+    keys = list(_keys(header, ""))
+    for where, key in keys:
+        if key in old:
+            raise CeVAEError(f"The model's header holds the scan name {key!r} as a key in '{where}', a record this "
+                             f"version cannot rename; {said}")
     for where, text in texts:  # (the text itself is not said: it may be a patient's name)
         if not _SCAN.match(text) and not _DIGEST.match(text):
             raise CeVAEError(f"The model's header holds a text in '{where}', a record this version does not write and "
                              f"cannot tell to hold no scan's name or path; {said}")
+    for where, key in keys:
+        if not _KEY.match(key):
+            raise CeVAEError(f"The model's header holds a key in '{where}', a record this version does not write and "
+                             f"cannot tell to hold no scan's name or path; {said}")
+
+
+def _keys(value: Any, where: str) -> Iterator[Tuple[str, str]]:
+    """(place, key) of every key of a record in ``value`` (at ``where``; the header's own: "") but those at the
+    places of :data:`UNNAMED` and in them."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _keys(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            place = f"{where}.{key}" if where else str(key)
+            if _INDEX.sub("[]", place) not in UNNAMED:
+                yield where, str(key)
+                yield from _keys(item, place)
 
 
 def _texts(value: Any, where: str) -> Iterator[Tuple[str, str]]:
