@@ -219,7 +219,10 @@ def share_model(model: Union[str, Path], out: Union[str, Path], overwrite: bool 
         data = source.read_bytes()  # one read: the copy is of one whole file
         try:
             with atomic_path(target, durable=True) as tmp:
-                Path(tmp).write_bytes(_with_header(data, source))
+                header, tensors = _copy_parts(data, source)
+                Path(tmp).write_bytes(header)
+                with open(tmp, "ab") as stream:  # from ``data`` as it is: no copy of the file's bytes
+                    stream.write(tensors)
                 _refuse_damaged(Path(tmp), source)
         except OSError as exc:  # e.g. the disk is full: the temporary is removed, an existing ``out`` kept
             raise CeVAEError(f"Could not write the shareable copy {target} ({exc.strerror or exc}); {source} is "
@@ -227,9 +230,9 @@ def share_model(model: Union[str, Path], out: Union[str, Path], overwrite: bool 
     return target
 
 
-def _with_header(data: bytes, source: Path) -> bytes:
+def _copy_parts(data: bytes, source: Path) -> Tuple[bytes, memoryview]:
     """The bundle file ``data`` with its scans' names removed from its header, its tensor table and tensor bytes as
-    they were."""
+    they were: its new header and its tensor bytes (a view of ``data``)."""
     layout = bundle_layout(source, data)  # (read_header accepted the file: one replaced since is refused here)
     written = layout.written_header()
     _refuse_later_writer(written, source)
@@ -243,7 +246,7 @@ def _with_header(data: bytes, source: Path) -> bytes:
     table = dict(layout.table, __metadata__=dict(layout.metadata, **{META_KEY: header}))
     text = json.dumps(table, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # (safetensors pads its header with spaces: the tensors start 8-byte aligned)
-    return len(text).to_bytes(8, "little") + text + data[layout.data_start:]
+    return len(text).to_bytes(8, "little") + text, memoryview(data)[layout.data_start:]
 
 
 def _refuse_later_writer(header: Mapping[str, Any], source: Path) -> None:
