@@ -12,6 +12,7 @@ with a model someone sent cannot take hours.
 """
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime
 from dataclasses import Field, fields
@@ -121,6 +122,9 @@ def check_sections(header: Mapping[str, Any], model: ModelConfig) -> None:
     for key in ("name", "modality"):
         if not isinstance(header.get(key, ""), str):
             _fail(key, f"must be text, got {header.get(key)!r}")
+    names = header.get("calibration_subjects", [])
+    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        _fail("calibration_subjects", f"must be a list of the calibration scans' names, got {type(names).__name__}")
     _check_training(header)
     if "recalibration" in header:
         _check_recalibration(header["recalibration"])
@@ -153,6 +157,10 @@ def _check_training(header: Mapping[str, Any]) -> None:
             _number(f"{key}.depth_contrast", record["depth_contrast"], -1000, 1000)  # clip_max bounds the scale
     # what an adapted model's base model learned from (models adapted by earlier versions do not record it)
     _check_volumes(f"adaptation.{BASE_VOLUMES_KEY}", header.get("adaptation", {}).get(BASE_VOLUMES_KEY, []))
+    scans = header.get("adaptation", {}).get("site_scans") if header.get("adaptation") else [None]
+    if not isinstance(scans, list) or not scans:  # (an adapted model was fine-tuned on one or more)
+        _fail("adaptation.site_scans", "must be a list of 1 or more volumes (the scans the model was adapted on), "
+              f"got {scans!r}")
 
 
 def _check_volumes(where: str, volumes: Any) -> None:
@@ -225,8 +233,10 @@ def _check_calibration(calibration: Any) -> None:
     if len(calibration) > MAX_CALIBRATION_TABLES:  # type: ignore[arg-type]
         _fail("header section 'calibration'", f"must hold at most {MAX_CALIBRATION_TABLES} calibration tables, got "
                                                f"{len(calibration)}")  # type: ignore[arg-type]
-    for n, entry in enumerate(calibration.values(), start=1):  # type: ignore[union-attr]
+    for n, (key, entry) in enumerate(calibration.items(), start=1):  # type: ignore[union-attr]
         where = f"calibration table {n}"
+        if not isinstance(_json(key), dict):  # (one of a later version's options is still named in one)
+            _fail(where, "has a key that is not the JSON object of its options (score and post)")
         if not isinstance(entry, dict) or not isinstance(entry.get("fpr"), list) \
                 or not isinstance(entry.get("threshold"), list):
             _fail(where, "must hold the lists 'fpr' and 'threshold'")
@@ -251,6 +261,14 @@ def _check_calibration(calibration: Any) -> None:
     steps = option_field(ScoreOptions, "test_time_steps")
     for n in calibrated_test_time_steps(calibration):  # (keys this version cannot read are never used)
         _option_value(steps, n, "calibration test_time_steps")
+
+
+def _json(text: str) -> Any:
+    """``text`` read as JSON; None where it is none."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _list(where: str, value: Any, low: float, high: float, whole: bool = True) -> None:
