@@ -140,6 +140,7 @@ def run_train(args: argparse.Namespace) -> Path:
     from ..engine.config import LossConfig, ModelConfig
     from ..options import parse_orientations
     from ..training.config import ACQUISITION_AUGMENT, NO_AUGMENT, AugmentConfig, SettingError, TrainConfig
+    from ..training.space import check_free_space
     from ..training.trainer import Trainer
     from ..io.lock import hold_output
 
@@ -163,6 +164,8 @@ def run_train(args: argparse.Namespace) -> Path:
     except SettingError as exc:  # the library names settings by field; here they are flags
         raise CeVAEError(exc.naming(lambda name: "--" + name.replace("_", "-"))) from None
     cfg.check_outputs(_inputs(args, subjects), args.overwrite, COMMAND_LINE_TRAIN)
+    check_free_space("This training", [cfg.checkpoint_path], cfg.out, cfg.model, cfg.half_bundle,
+                     [s.image for s in subjects], len(cfg.orientations), cfg.cache_dir, COMMAND_LINE_TRAIN)
     rank0 = os.environ.get("RANK", "0") == "0"
     with hold_output(cfg.out, "train") if rank0 else contextlib.nullcontext():  # one run per --out at a time
         trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None,

@@ -45,6 +45,7 @@ from .distributed import DistInfo, file_checksums
 from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
 from .said_once import each_warning_once
+from .space import check_free_space
 from .trainer import Trainer, header_largest_side
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     options.run_config(out, "final").check_output_paths(given, wording)
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
+    planned = run_names(len(person_groups(subjects)), options.folds)  # (a scan in two files counts twice here)
+    check_free_space("This adaptation", [options.run_config(out, run).checkpoint_path for run in planned], out,
+                     header.model, False, [s.image for s in subjects], len(header.trained_orientations()),
+                     options.cache_dir, wording)
     checksums = _checksums(subjects, memo)
     voxels, unread = _voxel_checksums(subjects, checksums)  # (the unread: named together as the scans are prepared)
     seen = [str(p) for p in header.trained_scans([s.image for s in subjects if s.image not in unread], checksums)]
