@@ -273,7 +273,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     from ..data import refuse_bundled_output
     from ..engine.calibration import check_default_fpr
     from ..io.checksum import sha256_of
-    from ..training.data import unique_subjects, voxel_checksums
+    from ..training.cache import readable_voxel_checksums
+    from ..training.data import unique_subjects
     from ..io.lock import hold_output
     from ..io.targets import check_paths
     from ..options import DetectionRequest, PostprocessOptions, ScoreOptions, ThresholdPolicy, check_calibratable
@@ -290,8 +291,9 @@ def run_calibrate(args: argparse.Namespace) -> Path:
                 [src, args.manifest, *(s.image for s in subjects), *(s.mask for s in subjects)])
     refuse_misnamed(args.out, "model", "a .cevae bundle", ".cevae")
     checksums = {s.image: sha256_of(s.image) for s in subjects}
-    # a repeat counts once: the same scan in two files (another format, compressed or not) too, by its voxels
-    subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))
+    # a repeat counts once: the same scan in two files (another format, compressed or not) too, by its voxels (every
+    # scan that cannot be read named in one error)
+    subjects = unique_subjects(subjects, readable_voxel_checksums([s.image for s in subjects], checksums))
     with hold_output(args.out, "calibrate"):  # against a train, adapt or calibrate writing the same --out
         check_paths([args.out], args.overwrite, [src])  # again: one of them may have written it since
         bundle = load_bundle(src, device)

@@ -144,7 +144,8 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
     from ..io.checksum import sha256_of
     from ..io.lock import hold_output
     from ..io.targets import Inputs
-    from ..training.data import unique_subjects, voxel_checksums
+    from ..training.cache import readable_voxel_checksums
+    from ..training.data import unique_subjects
 
     request = DetectionRequest.from_dict(task["request"], "detection request field(s)")
     subjects = _subjects(task)
@@ -161,7 +162,8 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
                              "from.")
         score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         checksums = {s.image: sha256_of(s.image) for s in subjects}  # once, for each step below (as the command line)
-        subjects = unique_subjects(subjects, voxel_checksums([s.image for s in subjects], checksums))  # loaded twice
+        # a volume loaded twice counts once; every copy that cannot be read is named in one error
+        subjects = unique_subjects(subjects, readable_voxel_checksums([s.image for s in subjects], checksums))
         warn_of_training_scans(bundle.header, [s.image for s in subjects], checksums)
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),

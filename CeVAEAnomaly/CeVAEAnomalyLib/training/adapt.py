@@ -38,9 +38,9 @@ from ..system import command_word
 from .adapt_plan import (MIN_SCANS, TIMED_STEPS, AdaptOptions, Pace, calibration_left, calibration_seconds,
                          describe_estimate, fine_tuning_left, fold_files, fold_plan, mixed_acquisitions, output_paths,
                          run_files, run_names, training_seconds)
-from .cache import SliceCache, temporary_cache
+from .cache import SliceCache, temporary_cache, voxel_checksums_or_errors
 from .config import TrainConfig, recorded_augment
-from .data import person_groups, unique_subjects, voxel_checksums
+from .data import person_groups, unique_subjects
 from .distributed import DistInfo, file_checksums
 from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
@@ -87,7 +87,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                      header.model, False, [s.image for s in subjects], len(header.trained_orientations()),
                      options.cache_dir, wording)
     checksums = _checksums(subjects, memo)
-    voxels, unread = _voxel_checksums(subjects, checksums)  # (the unread: named together as the scans are prepared)
+    # the unread keep their file sha256: named together (with the masks that do not fit) as the scans are prepared
+    voxels, unread = voxel_checksums_or_errors([s.image for s in subjects], checksums)
     seen = [str(p) for p in header.trained_scans([s.image for s in subjects if s.image not in unread], checksums)]
     if seen:  # e.g. an adapted model adapted again on its own site scans
         log.warning("The site scan(s) %s %s among the training volumes of %s: a fold model fine-tuned from it has "
@@ -444,21 +445,6 @@ def _checksums(subjects: Sequence[Subject], memo: FileMemo) -> Dict[Path, str]:
         check_volume_path(s.image, "scan")
         check_volume_path(s.mask, "brain mask")
     return file_checksums(subjects, DistInfo(), memo)
-
-
-def _voxel_checksums(subjects: Sequence[Subject], checksums: Dict[Path, str]) -> Tuple[Dict[Path, str], List[Path]]:
-    """:func:`~.data.voxel_checksums` of the subjects' images, and those that could not be read, which keep their file
-    sha256 (``checksums``): the preparation of the scans names every one of them in one error (with the masks that do
-    not fit), before any run, where the first one stopped the adaptation here."""
-    voxels: Dict[Path, str] = {}
-    unread: List[Path] = []
-    for image in dict.fromkeys(s.image for s in subjects):
-        try:
-            voxels.update(voxel_checksums([image], checksums))
-        except CeVAEError:
-            voxels[image] = checksums[image]
-            unread.append(image)
-    return voxels, unread
 
 
 def _record(header: BundleHeader, base: Path, parent: str, subjects: Sequence[Subject], checksums: Dict[Path, str],

@@ -45,7 +45,7 @@ from ..io.checksum import FileMemo, refuse_changed
 from ..io.targets import file_in_the_way, write_remedy
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import process_exists
-from .data import Subject, subject_slices
+from .data import Subject, subject_slices, voxel_checksums
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
@@ -112,24 +112,50 @@ def temporary_cache(prefix: str) -> Path:
 
 class UnreadVolumes(CeVAEError):
     """The volumes of a list that could not be read for their slices (``problems``: each one's error, naming it), said
-    together once every other volume of the list is prepared: a cohort's damaged scans all at once, not one a run."""
+    together once every other volume of the list is prepared (``others``: what was done with the others): a cohort's
+    damaged scans all at once, not one a run."""
 
-    def __init__(self, problems: Sequence[str], volumes: int) -> None:
-        self.problems, self.volumes = list(problems), volumes
+    def __init__(self, problems: Sequence[str], volumes: int, others: str = "the others were prepared") -> None:
+        self.problems, self.volumes, self.others = list(problems), volumes, others
         if len(self.problems) == 1:
             super().__init__(self.problems[0])
             return
         said = self.problems[:_UNREAD_SAID]
         more = len(self.problems) - len(said)
-        super().__init__(f"{len(self.problems)} of the {volumes} volumes could not be read (the others were prepared): "
+        super().__init__(f"{len(self.problems)} of the {volumes} volumes could not be read ({others}): "
                          + " ".join(said) + (f" ... and {more} more." if more else ""))
 
     def __reduce__(self) -> tuple:  # (a copy sent to another process keeps its list)
-        return UnreadVolumes, (self.problems, self.volumes)
+        return UnreadVolumes, (self.problems, self.volumes, self.others)
 
     def joined(self, other: "UnreadVolumes") -> "UnreadVolumes":
         """These and ``other``'s, of both lists of volumes."""
-        return UnreadVolumes([*self.problems, *other.problems], self.volumes + other.volumes)
+        return UnreadVolumes([*self.problems, *other.problems], self.volumes + other.volumes, self.others)
+
+
+def voxel_checksums_or_errors(images: Sequence[Path],
+                              checksums: Dict[Path, str]) -> Tuple[Dict[Path, str], Dict[Path, str]]:
+    """:func:`~.data.voxel_checksums` of each image (once), and the error of each that could not be read, by image
+    (it keeps its file sha256 from ``checksums`` among the first): every damaged scan of a list is found, not the
+    first one alone."""
+    voxels: Dict[Path, str] = {}
+    unread: Dict[Path, str] = {}
+    for image in dict.fromkeys(images):
+        try:
+            voxels.update(voxel_checksums([image], checksums))
+        except CeVAEError as exc:
+            voxels[image] = checksums[image]
+            unread[image] = str(exc)
+    return voxels, unread
+
+
+def readable_voxel_checksums(images: Sequence[Path], checksums: Dict[Path, str]) -> Dict[Path, str]:
+    """:func:`~.data.voxel_checksums` of each image (a calibration's healthy scans, before any is scored); those that
+    cannot be read are refused together (:class:`UnreadVolumes`) once the others are read."""
+    voxels, unread = voxel_checksums_or_errors(images, checksums)
+    if unread:
+        raise UnreadVolumes(list(unread.values()), len(voxels), "the others were read")
+    return voxels
 
 
 class SliceCache:
