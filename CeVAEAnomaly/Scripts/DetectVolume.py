@@ -277,11 +277,14 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
     from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.devices import resolve_device
     from CeVAEAnomalyLib.engine.header import read_header
     from CeVAEAnomalyLib.io.atomic import remove_abandoned_temporaries
     from CeVAEAnomalyLib.io.targets import check_paths
     from CeVAEAnomalyLib.result import input_files
 
+    device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before any file is read
+    request = replace(request, run=replace(request.run, device=str(device)))  # as detect: said once, not again
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
     remove_abandoned_temporaries(paths.values(), started)  # what killed runs left
     read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration

@@ -484,3 +484,25 @@ def test_a_storage_node_refused_by_the_system_gives_the_system_error(script):
     with pytest.raises(OSError) as raised:
         script._node_writer(volume)("/sys/fs/head_score.nrrd")
     assert raised.value.errno in (errno.EACCES, errno.EPERM) and not os.path.exists("/sys/fs/head_score.nrrd")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_gpu_is_said_once_before_the_volume_is_read(tiny_bundle, tmp_path, run_here, caplog):
+    """``--device cuda`` without CUDA was said only after the volume was read and the model loaded (as ``detect``
+    says it before the scan is read): a volume that could not be read was refused without a word about the
+    device."""
+    fallback = "CUDA was requested but is not available; using the CPU."
+    (tmp_path / "bad.nii.gz").write_bytes(b"not an image")
+    status, said = run_here("--input", tmp_path / "bad.nii.gz", "--output-dir", tmp_path / "out", "--device", "cuda")
+    assert status == 1 and said.count(fallback) == 1, said
+
+    image, mask = make_head(seed=4)
+    sitk.WriteImage(image, str(tmp_path / "head.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "head_mask.nii.gz"))
+    out = tmp_path / "results"
+    status, said = run_here("--input", tmp_path / "head.nii.gz", "--mask", tmp_path / "head_mask.nii.gz", "--model",
+                            tiny_bundle, "--output-dir", out, "--device", "cuda", "--threshold", "0.3")
+    messages = [r.getMessage() for r in caplog.records]
+    assert status == 0 and messages.count(fallback) == 1, said
+    assert messages.index(fallback) < messages.index("  0% Reading the volume")
+    assert json.loads((out / "head_record.json").read_text())["device"] == "cpu"
