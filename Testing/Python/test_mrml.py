@@ -1296,3 +1296,32 @@ def test_a_segmentation_another_scans_run_used_as_its_brain_mask_never_takes_thi
     assert nodes.outputs_for_input(scene, a, {"anomalySegmentation": brain_b})["anomalySegmentation"] is None
     out = mrml.publish(scene, a, fake_detection(image_a, mask_a), mrml.OutputNodes(segmentation=brain_b))
     assert out.segmentation is not brain_b and nodes.segment_ids(brain_b) == segments
+
+
+def test_showing_what_is_not_a_score_volume_is_refused_in_one_line(scene):
+    """showResults and setOverlayOpacity (console calls) given the run's whole result, None or a name raised
+    AttributeError ('... has no attribute GetScene'); an opacity that is no number in [0, 1] was taken (in Slicer:
+    a ValueError from float(), or an overlay more than opaque)."""
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
+
+    image, mask = make_head()
+    volume = add_volume(scene, image, "T1")
+    detection = fake_detection(image, mask)
+    out = mrml.publish(scene, volume, detection)
+    result, logic = CeVAEAnomalyResult(volume, out, detection), CeVAEAnomalyLogic()
+    for wrong, said in [(result, "not a CeVAEAnomalyResult; give its .nodes.score"), (None, "not None"),
+                        ("T1_score", "not a str"), (out.segmentation, "not vtkMRMLSegmentationNode '")]:
+        with pytest.raises(CeVAEError, match=f"^The score volume must be a scalar volume node.*{re.escape(said)}"):
+            logic.showResults(wrong, volume)
+        with pytest.raises(CeVAEError, match=f"^The score volume must be a scalar volume node.*{re.escape(said)}"):
+            logic.setOverlayOpacity(wrong, 0.5)
+    for wrong in ("T1", None, out.segmentation):
+        with pytest.raises(CeVAEError, match="^The input volume must be a volume node"):
+            logic.showResults(out.score, wrong)
+    for opacity in ("x", 2.0, -0.1, float("nan"), None):
+        with pytest.raises(CeVAEError, match=r"^opacity must be a number from 0 to 1"):
+            logic.setOverlayOpacity(out.score, opacity)
+        with pytest.raises(CeVAEError, match=r"^opacity must be a number from 0 to 1"):
+            logic.showResults(out.score, volume, opacity)
+    logic.showResults(out.score, volume, 0.3)
+    assert logic.setOverlayOpacity(out.score, 1) == 0  # no slice views in a scene without the application

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import numbers
 import os
 import re
 import tempfile
@@ -639,6 +640,10 @@ class CeVAEAnomalyLogic(_LogicBase):
         alone among this module's (nodes.show_only_run_segment)."""
         from .nodes import show_only_run_segment
 
+        _refuseNotScoreVolume(scoreVolume)
+        if not isinstance(volume, slicer.vtkMRMLVolumeNode):
+            raise CeVAEError(f"The input volume must be a volume node (result.volume), not {_described(volume)}.")
+        opacity = _opacity(opacity)
         show_only_run_segment(self._sceneFor(scoreVolume, "score volume"), scoreVolume)
         if getattr(slicer, "app", None) is None:
             return
@@ -651,7 +656,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         """Opacity of the score overlay in the views that show it (other overlays untouched)."""
         from .nodes import set_overlay_opacity
 
-        return set_overlay_opacity(self._sceneFor(scoreVolume, "score volume"), scoreVolume, opacity)
+        _refuseNotScoreVolume(scoreVolume)
+        return set_overlay_opacity(self._sceneFor(scoreVolume, "score volume"), scoreVolume, _opacity(opacity))
 
     def jumpToSlice(self, ras: Tuple[float, float, float]) -> None:
         """Centre all slice views on a world RAS point."""
@@ -887,6 +893,21 @@ def _refuseNotDetection(detection: Any) -> None:
         own = "; give its .detection" if isinstance(detection, CeVAEAnomalyResult) else ""
         raise CeVAEError(f"detection must be a DetectionResult (CeVAEAnomalyLib.result), not "
                          f"{_described(detection)}{own}.")
+
+
+def _refuseNotScoreVolume(scoreVolume: Any) -> None:
+    """Refuse a ``scoreVolume`` that is not a volume node (the whole CeVAEAnomalyResult of a run, say)."""
+    if not isinstance(scoreVolume, slicer.vtkMRMLScalarVolumeNode):
+        own = "; give its .nodes.score" if isinstance(scoreVolume, CeVAEAnomalyResult) else ""
+        raise CeVAEError(f"The score volume must be a scalar volume node (result.nodes.score), not "
+                         f"{_described(scoreVolume)}{own}.")
+
+
+def _opacity(opacity: Any) -> float:
+    """``opacity`` as a float, refused unless it is a number from 0 to 1."""
+    if isinstance(opacity, bool) or not isinstance(opacity, numbers.Real) or not 0.0 <= float(opacity) <= 1.0:
+        raise CeVAEError(f"opacity must be a number from 0 to 1, got {opacity!r}.")
+    return float(opacity)
 
 
 def _refuseNotFrame(frame: Any) -> None:
