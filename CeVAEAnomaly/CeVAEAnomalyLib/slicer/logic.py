@@ -364,7 +364,8 @@ class CeVAEAnomalyLogic(_LogicBase):
 
         Returns a :class:`CeVAEAnomalyResult`: ``.nodes`` (``score``, ``segmentation``, ``labelmap``,
         ``components``, ``slice_table``, ``slice_chart``), ``.detection`` (the engine's result: threshold,
-        components, slices, brain_mask), ``.summary`` (one line) and ``.topSliceRas``.
+        components, slices, brain_mask, record), ``.summary`` (one line), ``.warnings`` (what the run warned of),
+        ``.message`` (the summary and those warnings) and ``.topSliceRas``.
         """
         self.checkDependencies()  # before anything imports torch
         dependencies.refuse_replaced_while_loaded()  # one imported already runs here, with the files installed now
