@@ -165,6 +165,20 @@ def rimmed(c: Case, arr: np.ndarray, spread: str = "tail") -> np.ndarray:
     return normalised(s, c["brain"], spread)
 
 
+_LAST_CASE: Dict[object, object] = {}  # "case" -> the case last asked for; asymmetry σ -> its chain's map
+
+
+def chain_at(c: Case, sigma: float) -> np.ndarray:
+    """:func:`chain` with the asymmetry smoothed with ``sigma``, kept for the case asked for last, so that the
+    two-scale maps reuse the single-scale maps of the same case (read only: the same array is returned again)."""
+    if _LAST_CASE.get("case") is not c:
+        _LAST_CASE.clear()
+        _LAST_CASE["case"] = c
+    if sigma not in _LAST_CASE:
+        _LAST_CASE[sigma] = chain(c, sigma=sigma)
+    return _LAST_CASE[sigma]
+
+
 MAD = "mad normalisation (the default before)"
 RESTORE = "restoration error instead of rec × grad"
 NO_CEVAE = "intensity asymmetry alone (no ceVAE term)"
@@ -173,6 +187,10 @@ AXIAL = "axial map alone (of a three-orientation model)"
 BACKGROUND = "asymmetry relative to its regional level (σ 20 mm)"
 CSF = "asymmetry without displaced CSF boundaries (3 mm)"
 VENTRICLES = "asymmetry without displaced CSF boundaries deeper than 20 mm"
+# the asymmetry's smoothing σ (default 3 mm); two scales: the mean or maximum of two whole chains, each normalised
+SIGMA_15, SIGMA_2, SIGMA_45 = "asymmetry σ 1.5 mm", "asymmetry σ 2 mm", "asymmetry σ 4.5 mm"
+TWO_SCALE_MEAN = "two-scale asymmetry: mean of the σ 2 and σ 4.5 mm maps"
+TWO_SCALE_MAX = "two-scale asymmetry: maximum of the σ 2 and σ 4.5 mm maps"
 MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     "default": chain,  # tail normalisation
     MAD: lambda c: chain(c, tail=False),
@@ -190,6 +208,11 @@ MAPS: Dict[str, Callable[[Case], np.ndarray]] = {
     AXIAL: lambda c: chain({**c, "combi": c["combi_axial"], "combi_m": c["combi_axial_m"]}),
     NO_CEVAE: lambda c: rimmed(c, case_asymmetry(c)),
     SIDED: lambda c: rimmed(c, case_asymmetry(c, sided=True)),
+    SIGMA_15: lambda c: chain(c, sigma=1.5),
+    SIGMA_2: lambda c: chain_at(c, 2.0),
+    SIGMA_45: lambda c: chain_at(c, 4.5),
+    TWO_SCALE_MEAN: lambda c: (chain_at(c, 2.0) + chain_at(c, 4.5)) / 2,
+    TWO_SCALE_MAX: lambda c: np.maximum(chain_at(c, 2.0), chain_at(c, 4.5)),
 }
 
 # maps compared on the moved-tissue cases only (normal intensities, wrong structure); the single terms
@@ -310,6 +333,7 @@ LEVERS: List[Tuple[str, str, str]] = [
     (NO_CEVAE, "clean", MIN50),
     (SIDED, "clean", MIN50),
     (BACKGROUND, "clean", MIN50),
+    *[(m, "clean", DEFAULT_LABELS) for m in (SIGMA_15, SIGMA_2, SIGMA_45, TWO_SCALE_MEAN, TWO_SCALE_MAX)],
 ]
 
 

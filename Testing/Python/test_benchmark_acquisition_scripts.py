@@ -260,3 +260,28 @@ def test_a_ventricle_larger_on_one_side_is_a_displaced_boundary_and_a_dark_lesio
     assert shifted[8:12, 8:12, 26:32].any() and shifted[8:12, 8:12, 8:10].any()  # the wider ventricle's band
     assert not shifted[8:12, 8:12, 36:38].any() and not shifted[:, :, 1:4].any()  # the lesion and its mirror
     assert not shifted[0:5].any()  # tissue facing tissue
+
+
+def test_the_two_scale_maps_combine_each_scales_own_chain_of_the_case_asked_for(scripts):
+    """chain_at keeps the single-scale maps of the last case only: the two-scale maps are the mean and maximum of the
+    σ 2 and 4.5 mm chains of that case, never of the case before, and σ changes the map."""
+    ba, _ = scripts
+    rng = np.random.default_rng(0)
+
+    def case(lesion_value: float) -> dict:
+        image = rng.normal(0.6, 0.05, (24, 24, 32)).astype(np.float32)  # (k, j, i) at 1 mm, mirrored along i
+        image[10:14, 10:14, 6:10] = lesion_value
+        combi = rng.gamma(2.0, 1.0, image.shape).astype(np.float32)
+        brain = np.zeros(image.shape, bool)
+        brain[2:22, 2:22, 2:30] = True
+        return dict(image=image, image_m=image[:, :, ::-1].copy(), combi=combi, combi_m=combi[:, :, ::-1].copy(),
+                    brain=brain, brain_m=brain[:, :, ::-1].copy(), spacing=np.ones(3))
+
+    first, second = case(1.2), case(0.1)
+    for c in (first, second):
+        two, wide = ba.chain(c, sigma=2.0), ba.chain(c, sigma=4.5)
+        np.testing.assert_array_equal(ba.MAPS[ba.TWO_SCALE_MEAN](c), (two + wide) / 2)
+        np.testing.assert_array_equal(ba.MAPS[ba.TWO_SCALE_MAX](c), np.maximum(two, wide))
+        np.testing.assert_array_equal(ba.MAPS[ba.SIGMA_2](c), two)
+        assert not np.allclose(two, wide) and not np.allclose(ba.MAPS[ba.SIGMA_15](c), ba.MAPS["default"](c))
+    assert not np.allclose(ba.chain_at(first, 2.0), ba.chain_at(second, 2.0))
