@@ -42,7 +42,7 @@ UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "po
                      "training.trained_utc"})
 ALREADY_SHARED = "is already a shareable copy (its scans are called scan 1, scan 2, ...): give it as it is"
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
-_DIGEST = re.compile(r"[0-9a-fA-F]{64}\Z")  # a sha256, as the records give it
+_SCAN_OR_DIGEST = re.compile(r"(?:scan [1-9][0-9]*|[0-9a-fA-F]{64})\Z")  # a name this module gives, or a sha256
 _INDEX = re.compile(r"\[[0-9]+\]")  # a list item's index in a place
 _KEY = re.compile(r"[a-z][a-z0-9_]*\Z")  # a key as this project writes them (never a scan's name it is told)
 
@@ -153,46 +153,24 @@ def _refuse_left(header: Mapping[str, Any], old: Set[str]) -> None:
     a name this module gives and a checksum (a record this version does not write may hold a scan's path, or a name
     another tool gave it). (Its format version is not newer than this one's, read_header saw to that: updating helps
     only where a later version wrote the record.)"""
-    texts = list(_texts(header, ""))
+    found = list(_texts(header, ""))  # (place, text, whether it is a key)
     said = ("no shareable copy was written. If a later CeVAEAnomaly made the model, share it with that one; else the "
             "file was edited: share an original copy.")
-    for where, text in texts:
+    for where, text, key in found:
         if text in old:
-            raise CeVAEError(f"The model's header holds the scan name {text!r} in '{where}', a record this version "
-                             f"cannot rename; {said}")
-    keys = list(_keys(header, ""))
-    for where, key in keys:
-        if key in old:
-            raise CeVAEError(f"The model's header holds the scan name {key!r} as a key in '{where}', a record this "
-                             f"version cannot rename; {said}")
-    for where, text in texts:  # (the text itself is not said: it may be a patient's name)
-        if not _SCAN.match(text) and not _DIGEST.match(text):
-            raise CeVAEError(f"The model's header holds a text in '{where}', a record this version does not write and "
-                             f"cannot tell to hold no scan's name or path; {said}")
-    for where, key in keys:
-        if not _KEY.match(key):
-            raise CeVAEError(f"The model's header holds a key in '{where}', a record this version does not write and "
-                             f"cannot tell to hold no scan's name or path; {said}")
+            raise CeVAEError(f"The model's header holds the scan name {text!r}{' as a key' if key else ''} in "
+                             f"'{where}', a record this version cannot rename; {said}")
+    for where, text, key in found:  # (the text itself is not said: it may be a patient's name)
+        if not (_KEY if key else _SCAN_OR_DIGEST).match(text):
+            raise CeVAEError(f"The model's header holds a {'key' if key else 'text'} in '{where}', a record this "
+                             f"version does not write and cannot tell to hold no scan's name or path; {said}")
 
 
-def _keys(value: Any, where: str) -> Iterator[Tuple[str, str]]:
-    """(place, key) of every key of a record in ``value`` (at ``where``; the header's own: "") but those at the
-    places of :data:`UNNAMED` and in them."""
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _keys(item, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            place = f"{where}.{key}" if where else str(key)
-            if _INDEX.sub("[]", place) not in UNNAMED:
-                yield where, str(key)
-                yield from _keys(item, place)
-
-
-def _texts(value: Any, where: str) -> Iterator[Tuple[str, str]]:
-    """(place, text) of every text in ``value`` (at ``where``) but those of :data:`UNNAMED`."""
+def _texts(value: Any, where: str) -> Iterator[Tuple[str, str, bool]]:
+    """(place, text, whether it is a key) of every text and record key in ``value`` (at ``where``; a key's place is
+    its record's) but those at the places of :data:`UNNAMED` and in them."""
     if isinstance(value, str):
-        yield where, value
+        yield where, value, False
     elif isinstance(value, list):
         for i, item in enumerate(value):
             yield from _texts(item, f"{where}[{i}]")
@@ -200,6 +178,7 @@ def _texts(value: Any, where: str) -> Iterator[Tuple[str, str]]:
         for key, item in value.items():
             place = f"{where}.{key}" if where else str(key)
             if _INDEX.sub("[]", place) not in UNNAMED:
+                yield where, str(key), True
                 yield from _texts(item, place)
 
 
