@@ -488,12 +488,14 @@ def run_batch(args: argparse.Namespace) -> None:
     if resolved(args.inputs) == resolved(args.out_dir):
         raise CeVAEError("--out-dir must differ from the input folder (outputs would be taken for inputs).")
     shard = parse_shard(args.shard) if args.shard else None
-    every = unique_items(collect_inputs(args.inputs))  # before sharding: every shard drops the same repeats
+    listed = collect_inputs(args.inputs)
+    every = unique_items(listed)  # before sharding: every shard drops the same repeats
     items = select_shard(every, *shard) if shard else every
     if shard:
         log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
     model, header = _model(args)  # torch-free: a missing calibration is refused before any volume
-    check_outputs_apart(items, every, args.inputs, model, args.out_dir, args.out_dir / summary_name(shard))
+    # (a repeat left out is still an input: no output may replace it)
+    check_outputs_apart(items, listed, args.inputs, model, args.out_dir, args.out_dir / summary_name(shard))
     score, post = request.checked_options(header.score_options, header.postprocess)
     threshold, source = header.threshold(score, post, request.policy)
     log.info("Score %s; threshold %.4g (%s).", score.score_type, threshold, source)
