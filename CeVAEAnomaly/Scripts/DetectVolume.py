@@ -13,7 +13,8 @@ voxels, in the order Slicer stores segmentations, which may reverse a left-hande
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the ``NAME_<role>`` names of ``cevae-anomaly batch``,
 which writes all but the segmentation of them), with ``<name>_record.json``, the record of how they were made
-(``detect --record``). All files are written or none. Relative paths are taken
+(``detect --record``). All files are written or none; as with ``detect``, a run is refused at once while another
+is writing one of its outputs. Relative paths are taken
 from the working directory (Slicer itself would read them from its scene folder).
 Exit status 0 on success; otherwise 1 (2 for bad arguments or option values, 130 when interrupted) with a
 one-line message; also when the library cannot be imported, so that a headless Slicer always quits.
@@ -55,6 +56,7 @@ else:
 
 log = logging.getLogger("DetectVolume")
 VOLUME_FORMATS = ("nrrd", "nii.gz")
+COMMAND = "DetectVolume"  # who holds the outputs, as another run refused is told ("A DetectVolume (process N) ...")
 NIFTI_NAMES = (".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz")  # NIfTI files and .hdr/.img pairs
 
 
@@ -244,7 +246,7 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
         paths["slices"]: slice_scores_csv(slices_on_grid(detection, grid) if grid else detection),
         paths["record"]: record_json(detection),
     }
-    return write_all(writers, overwrite, inputs, published)
+    return write_all(writers, overwrite, inputs, published, command=COMMAND)
 
 
 class Progress:
@@ -280,23 +282,25 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     from CeVAEAnomalyLib.engine.devices import resolve_device
     from CeVAEAnomalyLib.engine.header import read_header
     from CeVAEAnomalyLib.io.atomic import remove_abandoned_temporaries
+    from CeVAEAnomalyLib.io.lock import hold_outputs
     from CeVAEAnomalyLib.io.targets import check_paths
     from CeVAEAnomalyLib.result import input_files
 
     device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before any file is read
     request = replace(request, run=replace(request.run, device=str(device)))  # as detect: said once, not again
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
-    remove_abandoned_temporaries(paths.values(), started)  # what killed runs left
-    read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
-    volume, image = load_volume(scene, args.input)
-    restore_non_finite(volume, args.input, image)
-    mask = load_volume(scene, args.mask, labelmap=True)[0] if args.mask else None
-    sources = input_files(image=args.input, mask=args.mask)  # the files just read, for the record
-    result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
-                                              progress=Progress())
-    result.detection.record = replace(result.detection.record, inputs=sources)
-    written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model), source=args.input,
-                            published=published)
+    with hold_outputs(paths.values(), COMMAND):  # another run writing one of them is refused now, not after its work
+        remove_abandoned_temporaries(paths.values(), started)  # what killed runs left
+        read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
+        volume, image = load_volume(scene, args.input)
+        restore_non_finite(volume, args.input, image)
+        mask = load_volume(scene, args.mask, labelmap=True)[0] if args.mask else None
+        sources = input_files(image=args.input, mask=args.mask)  # the files just read, for the record
+        result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
+                                                  progress=Progress())
+        result.detection.record = replace(result.detection.record, inputs=sources)
+        written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model),
+                                source=args.input, published=published)
     log.info("Wrote %s.", ", ".join(str(p) for p in written))
     return written
 
