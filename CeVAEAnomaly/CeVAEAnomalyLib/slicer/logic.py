@@ -370,12 +370,15 @@ class CeVAEAnomalyLogic(_LogicBase):
         self.checkDependencies()  # before anything imports torch
         dependencies.refuse_replaced_while_loaded()  # one imported already runs here, with the files installed now
         from ..engine.detector import Detector
+        from ..engine.devices import resolve_device
         from .nodes import mask_words, sequence_frame
 
         request = DetectionRequest.given(request, **options)
         checked(progress)
         scene = self._checkInputs(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D)
         with _warningsLogged() as warnings, _closeWatched(scene, volumeNode) as refuseClosed:
+            device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before the read
+            request = dataclasses.replace(request, run=dataclasses.replace(request.run, device=str(device)))  # once
             watched = _untilClosed(progress, refuseClosed)  # the callback may run the GUI (a close, a deletion)
             report(watched, 0.0, "Reading the volume")
             state, frame = _state(volumeNode), sequence_frame(volumeNode)
