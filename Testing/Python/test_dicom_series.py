@@ -205,3 +205,41 @@ def test_one_slice_file_of_a_series_points_to_its_folder(head, tmp_path):
     sitk.WriteImage(head[:, :, 3:4], str(tmp_path / "slice.nii.gz"))
     with pytest.raises(CeVAEError, match="is a single slice"):
         read_image(tmp_path / "slice.nii.gz")
+
+
+def write_slices_at(image: sitk.Image, folder: Path, offsets_mm) -> Path:
+    """The slices of ``image`` as one series, slice k written ``offsets_mm[k]`` mm along the normal from the first
+    (as an acquisition of uneven slice spacing writes them)."""
+    first = image.TransformIndexToPhysicalPoint((0, 0, 0))
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    for k, offset in enumerate(offsets_mm):
+        position = np.array(first) + offset * normal
+        write_series(image[:, :, k : k + 1], folder.parent / f"{folder.name}_{k}", {
+            "0020|0013": str(k + 1), "0008|0018": f"1.2.826.0.1.3680043.2.1125.2.{k + 1}",
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position)})
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder.parent / f"{folder.name}_{k}" / "IM0000.dcm").rename(folder / f"IM{k:04d}.dcm")
+    return folder
+
+
+def test_slices_drifting_off_the_grid_the_reader_puts_them_on_are_refused(head, tmp_path):
+    """Gaps of 3 mm, then of 3.25 mm (each within 10 % of the usual gap) were read as one stack at their mean spacing
+    (3.11 mm), which puts the middle slices 0.56 mm (a fifth of a slice) from where they were taken; such a series
+    was scored on that wrong grid without a word."""
+    offsets = list(np.cumsum([0.0] + [3.0] * 5 + [3.25] * 4))
+    folder = write_slices_at(head, tmp_path / "series", offsets)
+    with pytest.raises(CeVAEError, match=rf"^The DICOM series in {tmp_path}/series has unevenly spaced slices: slice 6 "
+                                         r"of 10 lies 0\.556 mm from where a regular stack at their mean spacing "
+                                         r"\(3\.11 mm\) puts it \(its gaps range from 3 to 3\.25 mm\)\. Resample it "
+                                         r"onto a regular grid first \(3D Slicer's DICOM module does"):
+        read_image(folder)
+
+
+def test_slice_positions_rounded_by_the_scanner_are_read_on_their_grid(head, tmp_path):
+    """Positions written to 0.1 mm (gaps of 1.2 mm read 1.2 or 1.3) stray from the regular stack by a rounding: the
+    series is read, at its spacing."""
+    offsets = [round(1.24 * k, 1) for k in range(head.GetDepth())]
+    image = read_image(write_slices_at(head, tmp_path / "series", offsets))
+    assert image.GetSpacing()[2] == pytest.approx(offsets[-1] / (len(offsets) - 1))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(head))
+

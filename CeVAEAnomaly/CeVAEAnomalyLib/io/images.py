@@ -644,12 +644,13 @@ def _series_summary(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> s
 
 def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path, pixel_mm: float) -> None:
     """Refuse a series whose slices are not a regular stack: not evenly spaced (a missing or doubled slice, mixed
-    acquisitions), of different orientations, or shifted within their planes (a gantry tilt).
+    acquisitions, gaps that drift), of different orientations, or shifted within their planes (a gantry tilt).
 
     The reader stacks the slices at their mean spacing along the first slice's normal, so such a series would put
     voxels in the wrong place. Scanners round the positions they write, so gaps within 10 % or
-    :data:`_ROUNDING_MM`, and shifts within the plane of less than half a pixel (``pixel_mm``: the smallest
-    in-plane spacing) or :data:`_ROUNDING_MM`, pass. Slices without position tags are left to the reader.
+    :data:`_ROUNDING_MM`, slices as close to that stack, and shifts within the plane of less than half a pixel
+    (``pixel_mm``: the smallest in-plane spacing) or :data:`_ROUNDING_MM`, pass. Slices without position tags are
+    left to the reader.
     """
     key_pos, key_dir = "0020|0032", "0020|0037"
     if n < 3 or not all(reader.HasMetaDataKey(i, key_pos) for i in range(n)) or not reader.HasMetaDataKey(0, key_dir):
@@ -686,6 +687,18 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path,
             f"The DICOM series in {folder} has unevenly spaced slices (a gap of {gaps[odd]:.3g} mm after slice "
             f"{odd + 1} of {n}, where the others are {usual:.3g} mm apart): a slice is missing or doubled, or "
             "the folder mixes acquisitions. Export the complete series into a folder of its own."
+        )
+    along = np.sort(positions @ normal)  # the reader stacks them at their mean spacing, from the first to the last
+    mean = (along[-1] - along[0]) / (n - 1)
+    off = np.abs(along - (along[0] + mean * np.arange(n)))
+    if np.max(off) > max(0.1 * usual, _ROUNDING_MM):
+        worst = int(np.argmax(off))
+        raise CeVAEError(
+            f"The DICOM series in {folder} has unevenly spaced slices: slice {worst + 1} of {n} lies {off[worst]:.3g} "
+            f"mm from where a regular stack at their mean spacing ({mean:.3g} mm) puts it (its gaps range from "
+            f"{np.min(gaps):.3g} to {np.max(gaps):.3g} mm). Resample it onto a regular grid first (3D Slicer's DICOM "
+            "module does, with acquisition geometry regularization on in its DICOM settings), or export the complete "
+            "series into a folder of its own if the folder mixes acquisitions."
         )
 
 
