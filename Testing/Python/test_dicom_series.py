@@ -243,3 +243,19 @@ def test_slice_positions_rounded_by_the_scanner_are_read_on_their_grid(head, tmp
     assert image.GetSpacing()[2] == pytest.approx(offsets[-1] / (len(offsets) - 1))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(head))
 
+
+def test_a_localizer_of_another_size_in_the_series_says_what_to_do(head, tmp_path):
+    """A localizer (another orientation and size) carrying the series' UID made the reader fail: the refusal named
+    the odd file but not what the user should do with it."""
+    folder = write_series(head, tmp_path / "series")
+    scout = sitk.Image([10, 28, 1], sitk.sitkInt16)
+    scout.SetDirection((0, 0, 1, 0, 1, 0, 1, 0, 0))
+    write_series(scout, tmp_path / "scout", {"0008|0018": "1.2.826.0.1.3680043.2.1125.2.99", "0020|0013": "99",
+                                             "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})
+    (tmp_path / "scout" / "IM0000.dcm").rename(folder / "LOC.dcm")
+    with pytest.raises(CeVAEError) as refused:
+        read_image(folder)
+    assert str(refused.value) == (
+        f"The DICOM series in {folder} could not be read: its slices differ in size: LOC.dcm is 10x28 pixels, the "
+        "usual 24x28 (1 of 11 files differ). The folder mixes images of other acquisitions (a localizer or a "
+        "reformat?): move those files out of it, or export the series into a folder of its own.")

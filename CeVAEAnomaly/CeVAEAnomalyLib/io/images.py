@@ -609,7 +609,8 @@ def _refuse_dangling_links(folder: Path, what: str) -> None:
 
 
 def _odd_slice(files: Sequence[str]) -> str:
-    """Which file of a series has another size than most (the reader's own error only gives a size); "" if none."""
+    """Which file of a series has another size than most (the reader's own error only gives a size), and what to do;
+    "" if none."""
     sizes = []
     for name in files:
         reader = sitk.ImageFileReader()
@@ -624,7 +625,9 @@ def _odd_slice(files: Sequence[str]) -> str:
     if not odd:
         return ""
     return (f"its slices differ in size: {Path(odd[0][0]).name} is {odd[0][1][0]}x{odd[0][1][1]} pixels, the usual "
-            f"{usual[0]}x{usual[1]} ({len(odd)} of {len(files)} files differ)")
+            f"{usual[0]}x{usual[1]} ({len(odd)} of {len(files)} files differ). The folder mixes images of other "
+            "acquisitions (a localizer or a reformat?): move those files out of it, or export the series into a "
+            "folder of its own.")
 
 
 def _series_summary(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> str:
