@@ -345,6 +345,34 @@ def test_the_modules_own_results_are_refused_as_scans(scene_with_head, tiny_bund
     assert mrml.node_ids(scene) == before and list(tmp_path.iterdir()) == []
 
 
+def test_a_saved_anomaly_segmentation_loaded_back_is_told_by_its_segment(scene_with_head, tiny_bundle, tmp_path):
+    """A segmentation saved as DetectVolume.py saves it (head_segmentation.seg.nrrd) and loaded back has none of the
+    module's node attributes, and its name is no proof (a user's own mask may be so named); its segment keeps the
+    module's tag, which tells it. It was offered as a brain mask and, chosen, refused only as having 'no segments but
+    the anomalies'; it is hidden from the selectors and refused as a result now. A user's 'head_segmentation' is not."""
+    scene, volume, mask, _, _ = scene_with_head()
+    logic = CeVAEAnomalyLogic()
+    result = logic.process(volume, mask, modelPath=tiny_bundle, device="cpu")
+    path = tmp_path / "head_segmentation.seg.nrrd"
+    writer = slicer.vtkMRMLSegmentationStorageNode()
+    writer.SetFileName(str(path))
+    assert writer.WriteData(result.nodes.segmentation)
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "head_segmentation")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(path))
+    assert reader.ReadData(loaded) and loaded.GetAttribute(nodes.ROLE_ATTRIBUTE) is None
+    assert loaded.GetID() in nodes.module_volume_ids(scene)
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError, match=r"'head_segmentation' holds results of this module \(anomaly segment\), "
+                                         r"not a scan; it cannot be an input"):
+        logic.process(volume, loaded, modelPath=tiny_bundle, device="cpu")
+    assert mrml.node_ids(scene) == before
+    users = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "head_segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(mask, users)
+    assert users.GetID() not in nodes.module_volume_ids(scene)
+    assert sitk.GetArrayFromImage(mrml.mask_image(users, volume)).any()
+
+
 def test_a_labelmap_volume_is_refused_as_the_input(scene_with_head, tiny_bundle):
     """As the panel's input selector: an MRI loaded as a labelmap by mistake is named, not scored."""
     scene, volume, _, image, _ = scene_with_head()

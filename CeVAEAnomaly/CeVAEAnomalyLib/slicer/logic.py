@@ -931,8 +931,9 @@ def _refuseModuleOutputs(candidates, what: str) -> None:
 
     for node in candidates:
         if node is not None and is_module_output(node):
-            raise CeVAEError(f"'{node.GetName()}' holds results of this module ({node.GetAttribute(ROLE_ATTRIBUTE)}), "
-                             f"not a scan; it cannot be {what}.")
+            role = node.GetAttribute(ROLE_ATTRIBUTE) or "anomaly segment"  # a saved segmentation loaded back
+            raise CeVAEError(f"'{node.GetName()}' holds results of this module ({role}), not a scan; it cannot be "
+                             f"{what}.")
         named = named_as_result(node) if node is not None else None
         if named is not None:
             scan, tag, how = named

@@ -346,10 +346,13 @@ def user_segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
 def is_module_output(node: slicer.vtkMRMLNode) -> bool:
     """Whether ``node`` holds only this module's results: a score volume, an anomaly labelmap, or an anomaly
     segmentation without segments of a user's own (a user's segmentation that also receives the anomaly
-    segment stays theirs, e.g. as a brain mask)."""
-    if not node.GetAttribute(ROLE_ATTRIBUTE):
-        return False
-    return not (isinstance(node, slicer.vtkMRMLSegmentationNode) and user_segment_ids(node))
+    segment stays theirs, e.g. as a brain mask). A segmentation holding only the anomaly segment is one without
+    the node attributes too: saved to a file (DetectVolume.py's NAME_segmentation.seg.nrrd) and loaded back, its
+    segment keeps the module's tag."""
+    if isinstance(node, slicer.vtkMRMLSegmentationNode):
+        own = node.GetAttribute(ROLE_ATTRIBUTE) or anomaly_segment_id(node) is not None
+        return bool(own) and not user_segment_ids(node)
+    return bool(node.GetAttribute(ROLE_ATTRIBUTE))
 
 
 def module_volume_ids(scene: slicer.vtkMRMLScene) -> List[str]:
