@@ -172,6 +172,18 @@ def scan(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def script():
+    """CeVAEAnomaly/Scripts/DetectVolume.py loaded as a module: its ``main(argv)`` is what ``python DetectVolume.py
+    ARGS`` runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("DetectVolume", REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
     """A small ceVAE (input 64, narrow) trained for a few steps on two synthetic heads, calibrated."""

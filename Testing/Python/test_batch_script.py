@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -31,15 +30,6 @@ def run_batch(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def script():
-    """The script loaded as a module: its ``main(argv)`` is what ``python DetectVolume.py ARGS`` runs."""
-    spec = importlib.util.spec_from_file_location("DetectVolume", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

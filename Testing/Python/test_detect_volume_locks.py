@@ -3,7 +3,6 @@ same outputs is refused before it reads anything, not after its detection (or, w
 first run's files under it)."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -20,7 +19,6 @@ from conftest import REPO, make_head
 pytest.importorskip("slicer")
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="outputs are locked with flock on POSIX only")
 
-SCRIPT = REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py"
 # holds the locks of the outputs given as arguments, as a run writing them does, until its stdin closes
 HOLDER = """\
 import sys
@@ -31,14 +29,6 @@ with hold_outputs([Path(p) for p in sys.argv[2:]], sys.argv[1]):
     sys.stdin.read()
 """
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "CeVAEAnomaly"))
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("DetectVolume", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
