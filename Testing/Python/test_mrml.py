@@ -618,6 +618,28 @@ def test_mask_errors(scene):
         mrml.mask_image(scene.AddNewNodeByClass("vtkMRMLTableNode"), volume)
 
 
+def test_a_segmentation_mask_under_another_transform_is_said_to_be_used_in_world_space(scene, caplog):
+    """A labelmap mask under another transform than its volume is refused; a segmentation one is matched in world
+    space (as the Segment Editor draws on a moved, unhardened volume), which was done without a word: a mask drawn on
+    the scan before it was registered then lies off the brain unnoticed. Both transforms are now named."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    labelmap = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    with caplog.at_level(logging.WARNING):
+        mrml.mask_image(segmentation, volume)
+    assert not caplog.records  # the same transform (none): nothing to say
+    segmentation.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "reg").GetID())
+    with caplog.at_level(logging.WARNING):
+        used = mrml.mask_image(segmentation, volume)
+    assert sitk.GetArrayFromImage(used).any()  # used, as before
+    assert [r.getMessage() for r in caplog.records] == [
+        "The brain mask 'brain' (under 'reg') and the volume 'head' (under no transform) are under different "
+        "transforms: the segmentation is used where it lies in world space, resampled onto the volume's grid. If it "
+        "was drawn on this scan before the scan was registered, put it under the volume's transform."]
+
+
 def test_show_3d_builds_the_closed_surface(scene):
     # Slicer registers this converter at start-up; slicer-core does not.
     slicer.vtkSegmentationConverterFactory.GetInstance().RegisterConverterRule(

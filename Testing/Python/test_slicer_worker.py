@@ -1705,3 +1705,25 @@ def test_the_sequence_frame_scored_is_recorded_and_a_view_of_another_frame_is_sa
     assert "show_scored_frame(output)" in methods["_showRunOf"]  # every jump into a result goes through it
     assert "self._frames.follow(result.nodes.score)" in methods["_showResult"]  # (nodes.FrameWatch: test_slicer_runs)
     assert "frame_note(p.scoreVolume)" in methods["_onFrameChanged"]
+
+
+def test_a_segmentation_mask_under_another_transform_is_warned_of_in_the_worker_as_in_process(tiny_bundle):
+    """The warning that a segmentation mask under another transform than the input is used where it lies in world
+    space is logged as the inputs are read, in this process: the worker's result carried only the worker's own
+    warnings, so the panel (which runs the worker) never showed it."""
+    scene = slicer.vtkMRMLScene()
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    labelmap = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    segmentation.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "reg").GetID())
+    logic = CeVAEAnomalyLogic()
+    in_process = logic.process(volume, segmentation, modelPath=tiny_bundle, device="cpu")
+    job = logic.startDetection(volume, segmentation, modelPath=tiny_bundle, device="cpu")
+    run_to_end(job)
+    from_worker = logic.finishDetection(job)
+    for result in (in_process, from_worker):
+        assert any(w.startswith("The brain mask 'brain' (under 'reg') and the volume 'head' (under no transform) are "
+                                "under different transforms: the segmentation is used where it lies in world space")
+                   for w in result.warnings), result.warnings

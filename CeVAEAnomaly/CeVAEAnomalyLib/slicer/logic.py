@@ -140,6 +140,7 @@ class _DetectionTarget:
     frame: Optional["SequenceFrame"] = None  # the sequence frame the input showed when the job started
     sceneClosed: bool = False  # the input's scene closed before the results were loaded (_stopWithScene)
     inputRemoved: bool = False  # the input was removed from its scene before the results were loaded (_stopWithScene)
+    said: Tuple[str, ...] = ()  # warnings logged as the job's inputs were read in this process (a mask's transform)
     unwatch: Callable[[], Any] = dataclasses.field(init=False)  # stops watching the scene (set by startDetection)
 
     def outputs_now(self) -> Tuple[Optional["OutputNodes"], bool]:
@@ -457,7 +458,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         self._checkInputs(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D)
         _modelFile(modelPath)  # said now, not by the worker after the copy
         state, frame = _state(volumeNode), sequence_frame(volumeNode)
-        image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
+        with _warningsLogged() as said:  # (for the result, with the worker's)
+            image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         folder = _jobFolder(JOB_FOLDER_PREFIX)
         try:
             _writeInputs(folder, "input", image, mask)
@@ -470,7 +472,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             _removeFolder(folder)
             raise
         target = _DetectionTarget(volumeNode, outputs, createLabelmap, show3D, state, maskNode,
-                                  _latestRun(volumeNode.GetScene(), volumeNode, frame), frame)
+                                  _latestRun(volumeNode.GetScene(), volumeNode, frame), frame, said=tuple(said))
         target.unwatch = _stopWithScene(volumeNode.GetScene(), job, target)
         self._targets[job] = target
         return job
@@ -516,7 +518,8 @@ class CeVAEAnomalyLogic(_LogicBase):
             with _warningsLogged() as warnings:
                 result = self.publish(target.volume, load_result(job.folder), outputs, target.createLabelmap,
                                       target.show3D, target.mask, new_nodes, target.frame)
-            return _recorded(dataclasses.replace(result, warnings=tuple(dict.fromkeys((*job.warnings, *warnings)))))
+            said = (*target.said, *job.warnings, *warnings)
+            return _recorded(dataclasses.replace(result, warnings=tuple(dict.fromkeys(said))))
         finally:
             job.cleanup()
 

@@ -264,8 +264,15 @@ def update_volume_from_image(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.
 def mask_image(
     mask_node: slicer.vtkMRMLNode, volume_node: slicer.vtkMRMLVolumeNode, segment_id: Optional[str] = None
 ) -> sitk.Image:
-    """Brain mask (>0 is brain) from a labelmap/scalar volume or a segmentation (one or all segments)."""
+    """Brain mask (>0 is brain) from a labelmap/scalar volume or a segmentation (one or all segments). A labelmap
+    under another transform than the volume is refused; a segmentation is used where it lies in world space (as the
+    Segment Editor draws on a moved volume), with a warning naming both transforms."""
     if isinstance(mask_node, slicer.vtkMRMLSegmentationNode):
+        if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():  # (a labelmap's is refused below)
+            log.warning("The brain mask '%s' (%s) and the volume '%s' (%s) are under different transforms: the "
+                        "segmentation is used where it lies in world space, resampled onto the volume's grid. If it "
+                        "was drawn on this scan before the scan was registered, put it under the volume's transform.",
+                        mask_node.GetName(), _under(mask_node), volume_node.GetName(), _under(volume_node))
         return _mask_from_segmentation(mask_node, volume_node, segment_id)
     if isinstance(mask_node, slicer.vtkMRMLScalarVolumeNode):
         if segment_id:
