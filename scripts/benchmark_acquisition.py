@@ -21,6 +21,10 @@ into a folder of their own) are evaluated beside the folds' caches, each calibra
     python scripts/benchmark_acquisition.py --maps runs/acquisition runs/acquisition-new \
         --subjects cortex_s1,brainbrowser1 --calibration-subjects colin27,mni152,robex --maps-levers NONE \
         --prefix benchmark_acquisition_new_subjects
+
+Many map levers over every variant take long on two cores: runs over disjoint ``--variants`` (each reads every
+cached healthy scan for its thresholds, so its rows are those of one run) can go side by side, then
+``--merge A.json B.json ...`` joins them into one result and its tables.
 """
 from __future__ import annotations
 
@@ -470,7 +474,20 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--prefix", default="benchmark_acquisition", help="output names: <prefix>.json, <prefix>_tables.md")
     p.add_argument("--maps-levers", help="comma-separated substrings of MAPS names (default: all)")
+    p.add_argument("--variants", help="comma-separated variants to evaluate (default: all of the caches); the healthy "
+                                      "scans of every cached variant still set the thresholds, so runs over disjoint "
+                                      "variants give the rows one run gives (join them with --merge)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="join the .json results of runs over disjoint variants into one result and its tables "
+                        "(no cache is read)")
     args = p.parse_args()
+    if args.merge:
+        try:
+            result = merge_results([json.loads(f.read_text()) for f in args.merge])
+        except ValueError as e:
+            p.error(str(e))
+        write_result(result, args.out, args.prefix)
+        return
     t0 = time.time()
     files = index(args.maps)
     cached_subjects = {s for s, _ in files}
@@ -481,6 +498,11 @@ def main() -> None:
         p.error(f"no cached cases of {missing} in {[str(f) for f in args.maps]}")
     files = {(s, v): paths for (s, v), paths in files.items() if s in subjects or s in calibration}
     variants = [v for v in VARIANTS if any((s, v) in files for s in subjects)]
+    if args.variants:
+        unknown = sorted(set(args.variants.split(",")) - set(variants))
+        if unknown:
+            p.error(f"no cached cases of variants {unknown}; cached: {variants}")
+        variants = [v for v in variants if v in args.variants.split(",")]
     with np.load(next(iter(files.values()))[0]) as z:
         cached = set(z.files)
     levers = [lv for lv in LEVERS if (not args.maps_levers or lv[0] == "default"
@@ -578,25 +600,63 @@ def main() -> None:
                 "thresholds": fig["thresholds"],
             }
         print(f"{v} ({time.time() - t0:.0f} s)", flush=True)
-    # the slice fusion weight chosen for each subject on the other subjects' cases (top-slice rate)
-    chosen = {}
-    for s in subjects:
-        merit = {w: np.mean([h for o in subjects if o != s for _, h in fusion[o][w]]) for w in FUSION_WEIGHTS}
-        chosen[s] = max(FUSION_WEIGHTS, key=lambda w: (merit[w], -abs(w - 0.7)))
-    slice_weights = {
-        "by_weight": {str(w): float(np.mean([h for s in subjects for _, h in fusion[s][w]])) for w in FUSION_WEIGHTS},
-        "chosen_on_other_subjects": chosen,
-        "held_out_with_chosen": float(np.mean([h for s in subjects for _, h in fusion[s][chosen[s]]])),
-    }
     moved = {v: {name: {k: pm[k] for k in ("auprc", "best_dice", "n_cases")}
                      for name, cases in per_map.items() for pm in [pooled_metrics(cases)]}
              for v, per_map in terms.items()}
+    hits = {s: {str(w): [[v, bool(h)] for v, h in fusion[s][w]] for w in FUSION_WEIGHTS} for s in subjects}
     result = {"moved_tissue": moved, "chain_vs_detector_max_abs_difference": checks, "subjects": subjects,
-              "calibration_subjects": calibration, "variants": variants, "fpr": SHIPPED_FPR, "rows": rows, "slice_weights": slice_weights}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / f"{args.prefix}.json", json.dumps(result, indent=1))
+              "calibration_subjects": calibration, "variants": variants, "fpr": SHIPPED_FPR, "rows": rows,
+              "slice_weight_hits": hits, "slice_weights": slice_weights(hits, subjects)}
+    write_result(result, args.out, args.prefix)
+
+
+def slice_weights(hits: Dict[str, Dict[str, list]], subjects: List[str]) -> dict:
+    """Top slice on a lesion by slice-score fusion weight, and the weight chosen for each subject on the other
+    subjects' cases (``hits``: subject -> weight -> [variant, top slice on a lesion] per case)."""
+    def rate(subs: List[str], w: float) -> float:
+        return float(np.mean([h for s in subs for _, h in hits[s][str(w)]]))
+    chosen = {s: max(FUSION_WEIGHTS, key=lambda w: (rate([o for o in subjects if o != s], w), -abs(w - 0.7)))
+              for s in subjects}
+    return {"by_weight": {str(w): rate(subjects, w) for w in FUSION_WEIGHTS}, "chosen_on_other_subjects": chosen,
+            "held_out_with_chosen": float(np.mean([h for s in subjects for _, h in hits[s][str(chosen[s])]]))}
+
+
+def merge_results(results: List[dict]) -> dict:
+    """One result from runs over disjoint variants of the same subjects, calibration and operating point."""
+    first = results[0]
+    for r in results[1:]:
+        for k in ("subjects", "calibration_subjects", "fpr"):
+            if r[k] != first[k]:
+                raise ValueError(f"the runs differ in {k}: {first[k]} and {r[k]}")
+    seen = [v for r in results for v in r["variants"]]
+    twice = sorted({v for v in seen if seen.count(v) > 1})
+    if twice:
+        raise ValueError(f"variants evaluated by more than one run: {twice}")
+    if any("slice_weight_hits" not in r for r in results):
+        raise ValueError("a run was written before its slice-weight hits were kept: rerun it")
+    variants = [v for v in VARIANTS if v in seen]
+    rows: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    for r in results:
+        for key, per_v in r["rows"].items():
+            rows[key].update(per_v)
+    rows = {key: {v: per_v[v] for v in variants if v in per_v} for key, per_v in rows.items()}
+    subjects = first["subjects"]
+    hits = {s: {str(w): [h for r in results for h in r["slice_weight_hits"][s][str(w)]] for w in FUSION_WEIGHTS}
+            for s in subjects}
+    return {"moved_tissue": {v: m for r in results for v, m in r["moved_tissue"].items()},
+            "chain_vs_detector_max_abs_difference": {k: d for r in results
+                                                     for k, d in r["chain_vs_detector_max_abs_difference"].items()},
+            "subjects": subjects, "calibration_subjects": first["calibration_subjects"], "variants": variants,
+            "fpr": first["fpr"], "rows": rows, "slice_weight_hits": hits,
+            "slice_weights": slice_weights(hits, subjects)}
+
+
+def write_result(result: dict, out: Path, prefix: str) -> None:
+    """``<prefix>.json`` and ``<prefix>_tables.md`` in ``out``; the tables printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{prefix}.json", json.dumps(result, indent=1))
     text = render(result)
-    atomic_write_text(args.out / f"{args.prefix}_tables.md", text)
+    atomic_write_text(out / f"{prefix}_tables.md", text)
     print(text)
 
 

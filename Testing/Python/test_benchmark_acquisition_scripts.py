@@ -285,3 +285,44 @@ def test_the_two_scale_maps_combine_each_scales_own_chain_of_the_case_asked_for(
         np.testing.assert_array_equal(ba.MAPS[ba.SIGMA_2](c), two)
         assert not np.allclose(two, wide) and not np.allclose(ba.MAPS[ba.SIGMA_15](c), ba.MAPS["default"](c))
     assert not np.allclose(ba.chain_at(first, 2.0), ba.chain_at(second, 2.0))
+
+
+def _run(ba, variants, hits):
+    """A result as one run of benchmark_acquisition.py over ``variants`` writes it (two subjects)."""
+    row = dict(auprc=0.3, best_dice=0.4, dice=0.2, dice_per_case=[0.2], recipes=["mixed"], case_subjects=["a"],
+               healthy_ml=[0.5, 0.1], healthy_components=[1, 0], first_row_lesion=1.0, first_row_when_marked=[True],
+               jump_lesion=1.0, top_slice=1.0, top_slice_per_case=[True], thresholds=[5.0])
+    rows = {f"default | clean | {ba.DEFAULT_LABELS}": {v: {**row, "dice": 0.1 * (i + 1)}
+                                                       for i, v in enumerate(variants)}}
+    return {"moved_tissue": {v: {} for v in variants}, "chain_vs_detector_max_abs_difference": {f"a / {v}": 0.01
+                                                                                                 for v in variants},
+            "subjects": ["a", "b"], "calibration_subjects": ["a", "b"], "variants": variants, "fpr": 1e-3,
+            "rows": rows, "slice_weight_hits": hits, "slice_weights": ba.slice_weights(hits, ["a", "b"])}
+
+
+def test_runs_over_disjoint_variants_merge_into_the_result_one_run_gives(scripts):
+    ba, _ = scripts
+    ws = [str(w) for w in ba.FUSION_WEIGHTS]
+    # subject a: weight 0.5 hits in the first run's variant, 1.0 in the second's; b hits with 0.9 everywhere
+    first = {"a": {w: [["thick 5 mm", w == "0.5"]] for w in ws}, "b": {w: [["thick 5 mm", w == "0.9"]] for w in ws}}
+    second = {"a": {w: [["clean", w == "1.0"], ["clean", w == "1.0"]] for w in ws},
+              "b": {w: [["clean", w == "0.9"]] for w in ws}}
+    merged = ba.merge_results([_run(ba, ["thick 5 mm"], first), _run(ba, ["clean"], second)])
+    assert merged["variants"] == ["clean", "thick 5 mm"]  # the benchmark's order, not the runs'
+    assert list(merged["rows"][f"default | clean | {ba.DEFAULT_LABELS}"]) == ["clean", "thick 5 mm"]
+    together = {s: {w: first[s][w] + second[s][w] for w in ws} for s in ("a", "b")}
+    assert merged["slice_weights"] == ba.slice_weights(together, ["a", "b"])
+    assert merged["slice_weights"]["chosen_on_other_subjects"] == {"a": 0.9, "b": 1.0}  # b: a's 1.0 hits 2 of 3
+    assert merged["slice_weights"] != _run(ba, ["clean"], second)["slice_weights"]
+    assert set(merged["chain_vs_detector_max_abs_difference"]) == {"a / clean", "a / thick 5 mm"}
+    assert "| clean | 0.300 | 0.400 | 0.100 |" in ba.render(merged)
+
+
+def test_runs_that_overlap_or_differ_in_calibration_are_not_merged(scripts):
+    ba, _ = scripts
+    hits = {s: {str(w): [["clean", True]] for w in ba.FUSION_WEIGHTS} for s in ("a", "b")}
+    with pytest.raises(ValueError, match="more than one run: \\['clean'\\]"):
+        ba.merge_results([_run(ba, ["clean"], hits), _run(ba, ["clean", "gamma 0.7"], hits)])
+    other = {**_run(ba, ["gamma 0.7"], hits), "calibration_subjects": ["a"]}
+    with pytest.raises(ValueError, match="calibration_subjects"):
+        ba.merge_results([_run(ba, ["clean"], hits), other])
