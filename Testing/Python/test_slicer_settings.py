@@ -441,3 +441,22 @@ def test_a_model_path_holding_a_nul_byte_is_said_in_one_line_not_raised():
     read = cache.of(bundled)
     assert read is not None and read.path == default_model_path() and cache.of(bundled) is read
     assert cache.key == (str(default_model_path()), default_model_path().stat().st_mtime_ns)
+
+
+def test_a_model_whose_threshold_is_above_1000_is_shown_and_used_exactly():
+    """The threshold field ended at 1000 (settings.THRESHOLD_RANGE, also the .ui's maximum): a model whose maps run
+    higher (its calibrated threshold 4878) showed 1000 in the greyed field, and switching to Absolute threshold
+    detected at 1000, flagging what the model's rate does not. The field now reaches the largest score a map holds."""
+    scene = slicer.vtkMRMLScene()
+    model = ModelSettings.read()
+    scaled = {key: dict(entry, threshold=[t * 1000.0 for t in entry["threshold"]])
+              for key, entry in model.header.calibration.items()}
+    large = ModelSettings(model.path, replace(model.header, calibration=scaled))
+    calibrated = large.calibrated_threshold("combi")
+    assert calibrated > 1000.0
+    shown = settings.model_values(parameters(scene, threshold=0.5), large, None)["threshold"]
+    assert shown == calibrated
+    p = parameters(scene, sensitivity=settings.SENSITIVITY_THRESHOLD, threshold=0.5)
+    p.threshold = settings.model_values(p, large, settings.SENSITIVITY_MODEL)["threshold"]
+    assert p.threshold == calibrated and settings.THRESHOLD_RANGE[0] <= p.threshold <= settings.THRESHOLD_RANGE[1]
+    assert settings.detection_request(p, large)["request"].policy.threshold == calibrated

@@ -12,6 +12,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
+
 from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
 from ..options import (DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions,
@@ -27,7 +29,9 @@ SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rat
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
 SENSITIVITY_THRESHOLD = "threshold"  # an absolute score threshold
 SENSITIVITIES = (SENSITIVITY_MODEL, SENSITIVITY_FPR, SENSITIVITY_THRESHOLD)
-THRESHOLD_RANGE = (0.0, 1000.0)  # the panel's absolute threshold field (finite: its spin box needs a maximum)
+# the panel's absolute threshold field: finite (its spin box needs a maximum), up to the largest score a map (float32)
+# holds, so that no model's calibrated threshold is cut to fit it
+THRESHOLD_RANGE = (0.0, float(np.finfo(np.float32).max))
 
 
 def shown_threshold(threshold: float) -> float:
