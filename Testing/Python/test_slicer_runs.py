@@ -671,3 +671,24 @@ def test_a_result_saved_under_a_numbered_name_and_loaded_twice_is_still_told_as_
     assert [nodes.named_as_result(n)[0] for n in loaded] == ["head"] * len(loaded)
     scene.RemoveNode(scene.GetFirstNodeByName("head"))
     assert nodes.first_input_volume(scene) is loaded[4]  # (without "head", "head_score_1" may be a scan)
+
+
+def test_a_users_brain_mask_named_as_a_command_line_labelmap_is_used(tmp_path):
+    """A brain mask labelmap of the user's named "head_labelmap" beside its scan "head" was refused as 'named as a
+    result of this module' (the command line's file name rule, meant for scans), though it carries none of the
+    module's marks: a mask is told by what the module writes on it (its attributes, the anomaly segment), not by its
+    name. The scan so named is still refused."""
+    import SimpleITK as sitk
+
+    image, mask = make_head(seed=7)
+    scene = slicer.vtkMRMLScene()
+    scan = add_volume(scene, image, "head")
+    users = add_volume(scene, sitk.Cast(mask, sitk.sitkUInt8), "head_labelmap", "vtkMRMLLabelMapVolumeNode")
+    assert not nodes.is_module_output(users)
+    missing = tmp_path / "unused.cevae"
+    with pytest.raises(CeVAEError) as refused:  # the next check: the model file, not the mask
+        CeVAEAnomalyLogic().process(scan, users, modelPath=missing, device="cpu")
+    assert "named as a result" not in str(refused.value) and "unused.cevae" in str(refused.value)
+    named = add_volume(scene, image, "head_score")
+    with pytest.raises(CeVAEError, match=r"^'head_score' is named as a result of this module for 'head' "):
+        CeVAEAnomalyLogic().process(named, modelPath=missing, device="cpu")

@@ -863,7 +863,7 @@ def _checkHealthy(volumes: Any, masks: Any) -> None:
         raise CeVAEError("Give one brain mask (or None) per healthy volume.")
     for volume, mask in zip(volumes, masks):
         _refuseNotScan(volume, mask, "healthy volume")
-    _refuseModuleOutputs([*volumes, *masks], "a healthy scan or its mask")
+    _refuseModuleOutputs(volumes, masks, "a healthy scan or its mask")
 
 
 def _refuseArguments(volumeNode: Any, maskNode: Any, outputs: Any, **flags: Any) -> None:
@@ -876,7 +876,7 @@ def _refuseArguments(volumeNode: Any, maskNode: Any, outputs: Any, **flags: Any)
 
     if outputs is not None and not isinstance(outputs, OutputNodes):
         raise CeVAEError(f"outputs must be an OutputNodes (CeVAEAnomalyLib.slicer.mrml), not {_described(outputs)}.")
-    _refuseModuleOutputs([volumeNode, maskNode], "an input")
+    _refuseModuleOutputs([volumeNode], [maskNode], "an input")
     for node in vars(outputs).values() if outputs is not None else ():
         if node is not None and (node is volumeNode or node is maskNode):
             raise CeVAEError(f"The output '{node.GetName()}' is also an input; choose another output node.")
@@ -926,17 +926,19 @@ def _refuseNotFrame(frame: Any) -> None:
                          f"or None, not {_described(frame)}.")
 
 
-def _refuseModuleOutputs(candidates, what: str) -> None:
+def _refuseModuleOutputs(scans, masks, what: str) -> None:
     """Refuse a node this module made (a score volume, an anomaly labelmap or segmentation) as ``what``: one with its
-    attributes, or one whose name says so without them (nodes.named_as_result): its file saved from the panel and
-    loaded alone again, or a file the command line wrote loaded beside its scan."""
+    attributes or anomaly segment, and among ``scans`` one whose name says so without them (nodes.named_as_result):
+    its file saved from the panel and loaded alone again, or a file the command line wrote loaded beside its scan. A
+    mask is not refused by its name: a user's own brain mask may be named NAME_labelmap."""
     from .nodes import ROLE_ATTRIBUTE, is_module_output, named_as_result
 
-    for node in candidates:
+    for node in (*scans, *masks):
         if node is not None and is_module_output(node):
             role = node.GetAttribute(ROLE_ATTRIBUTE) or "anomaly segment"  # a saved segmentation loaded back
             raise CeVAEError(f"'{node.GetName()}' holds results of this module ({role}), not a scan; it cannot be "
                              f"{what}.")
+    for node in scans:
         named = named_as_result(node) if node is not None else None
         if named is not None:
             scan, tag, how = named
