@@ -1347,3 +1347,22 @@ def test_showing_what_is_not_a_score_volume_is_refused_in_one_line(scene):
             logic.showResults(out.score, volume, opacity)
     logic.showResults(out.score, volume, 0.3)
     assert logic.setOverlayOpacity(out.score, 1) == 0  # no slice views in a scene without the application
+
+
+def test_a_remade_output_takes_its_free_name_not_a_numbered_one(scene):
+    """vtkMRMLScene::GenerateUniqueName counts on from the last name it gave, even where the plain name is free again:
+    a score volume deleted and made again by the next run was named "head anomaly score_1", and outputs following an
+    input renamed back "head anomaly score_2". A free name is taken as it is; a taken one still gets "_N"."""
+    image, mask = make_head()
+    volume = add_volume(scene, image, "head")
+    first = mrml.publish(scene, volume, fake_detection(image, mask))
+    scene.RemoveNode(first.score)
+    again = mrml.publish(scene, volume, fake_detection(image, mask))
+    assert again.score.GetName() == "head anomaly score"
+    volume.SetName("T1")
+    mrml.publish(scene, volume, fake_detection(image, mask))
+    volume.SetName("head")
+    back = mrml.publish(scene, volume, fake_detection(image, mask))
+    assert (back.score.GetName(), back.segmentation.GetName()) == ("head anomaly score", "head anomaly segmentation")
+    other = mrml.publish(scene, volume, fake_detection(image, mask), new_nodes=True)  # the name is taken
+    assert other.score.GetName() == "head anomaly score_1"

@@ -347,19 +347,25 @@ def _output(scene, undo: Undo, existing, class_name: str, role: str, source, suf
     undo.keep(existing)
     name = f"{source.GetName()} {suffix}"
     if existing is None:
-        node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+        node = scene.AddNewNodeByClass(class_name, _free_name(scene, name))
         node.SetAttribute(NAME_ATTRIBUTE, node.GetName())
         _place_in_hierarchy(scene, node, role, source, beside)
     else:
         node = existing
         given = node.GetName()
         if node.GetAttribute(NAME_ATTRIBUTE) == given and not given.startswith(name):  # the input was renamed
-            node.SetName(scene.GenerateUniqueName(name))  # (a name the user gave the output stays)
+            node.SetName(_free_name(scene, name))  # (a name the user gave the output stays)
             node.SetAttribute(NAME_ATTRIBUTE, node.GetName())
             undo.on_failure(lambda: (node.SetName(given), node.SetAttribute(NAME_ATTRIBUTE, given)))
     if link:
         link_output(node, role, source)
     return node
+
+
+def _free_name(scene: slicer.vtkMRMLScene, name: str) -> str:
+    """``name`` where no node has it, else a free "name_N" (vtkMRMLScene::GenerateUniqueName alone counts on from the
+    last name it gave, even where ``name`` is free again: a remade output was "NAME_1")."""
+    return name if scene.GetFirstNodeByName(name) is None else scene.GenerateUniqueName(name)
 
 
 def _place_in_hierarchy(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLNode, role: str, source,
