@@ -536,3 +536,24 @@ def test_info_shows_control_characters_of_a_received_models_header_as_escapes(ca
     assert json.loads(info(capsys, str(path), "--json"))["name"] == forged
     headline, details = ModelSettings.read(path).details
     assert headline == lines[0] and details == text.rstrip("\n")
+
+
+def test_info_says_a_model_whose_weights_are_not_finite_is_refused_by_detection(capsys, tmp_path):
+    """A model file whose weights hold NaN (its checksum written anew, as an edit or a diverged training writes it) was
+    described by info as any other, while detect and calibrate refuse it: info and the panel's headline now say so."""
+    import torch
+    from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
+    from CeVAEAnomalyLib.slicer.settings import ModelSettings
+
+    bundle = load_bundle(default_model_path(), "cpu")
+    with torch.no_grad():
+        bundle.model.state_dict()["decoder.8.bias"].view(-1)[0] = float("nan")
+    path = save_bundle(tmp_path / "nan.cevae", bundle.model, bundle.header)
+    text = info(capsys, str(path))
+    said = ("Weights: tensor decoder.8.bias holds NaN or infinite values: detect and calibrate refuse this model file "
+            "(damaged or edited); use an original copy.")
+    assert said in text.splitlines() and "weights hold NaN or infinite values" in text.splitlines()[0]
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"]["not_finite"] == ["decoder.8.bias"]
+    assert "weights hold NaN or infinite values" in ModelSettings.read(path).details[0]
+    assert "NaN" not in info(capsys, str(default_model_path()))

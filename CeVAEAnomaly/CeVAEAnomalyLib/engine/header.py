@@ -291,16 +291,32 @@ def _written_header(p: Path) -> Any:
 def weights_digest(path: Union[str, Path]) -> str:
     """SHA-256 of the weights a bundle file holds, as ``save_bundle`` records it in the header (engine/bundle.py), read
     without torch: a bundle whose digest differs from its header's is damaged or was edited."""
+    return weights_record(path)[0]
+
+
+_FLOAT_TYPES = {"F32": "<f4", "F16": "<f2"}  # the weight types a bundle holds, as numpy reads them
+
+
+def weights_record(path: Union[str, Path]) -> Tuple[str, List[str]]:
+    """(:func:`weights_digest`, the names of the tensors that hold NaN or infinite values, which detect and calibrate
+    refuse) of a bundle file, read one tensor at a time, without torch."""
+    import numpy as np
+
     p = _check_file(Path(path))
     layout = bundle_layout(p)
     table = layout.table
     digest = hashlib.sha256()
+    not_finite = []
     with open(p, "rb") as fh:
         for name in sorted(k for k in table if k != "__metadata__"):
             begin, end = table[name]["data_offsets"]
             fh.seek(layout.data_start + begin)
-            add_tensor(digest, name, table[name]["dtype"], table[name]["shape"], fh.read(end - begin))
-    return digest.hexdigest()
+            data = fh.read(end - begin)
+            add_tensor(digest, name, table[name]["dtype"], table[name]["shape"], data)
+            kind = _FLOAT_TYPES.get(table[name]["dtype"])
+            if kind is not None and not np.isfinite(np.frombuffer(data, kind)).all():
+                not_finite.append(name)
+    return digest.hexdigest(), not_finite
 
 
 def add_tensor(digest: Any, name: str, dtype: str, shape: Sequence[int], data: bytes) -> None:

@@ -14,7 +14,7 @@ from ..io.checksum import sha256_of
 from .bundle_checks import BASE_VOLUMES_KEY, NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE,
                           calibrated_settings, thin_tail, threshold_for_fpr)
-from .header import WEIGHTS_DIGEST_KEY, WRITER_KEY, BundleHeader, read_header, weights_digest
+from .header import WEIGHTS_DIGEST_KEY, WRITER_KEY, BundleHeader, read_header, weights_record
 
 # the bundled model's training volumes (the sample data), by name and file sha256: what each one is, and where it
 # comes from (by name alone, a user's own scan or a resampled copy named colin27_t1 was said to be the sample)
@@ -38,18 +38,20 @@ def model_info(path: Union[str, Path]) -> Dict[str, Any]:
     no bundle, or whose header or weights are damaged, is refused as :func:`~.header.read_header` refuses it."""
     header = read_header(path)
     recorded = header.extra.get(WEIGHTS_DIGEST_KEY)  # None: written before bundles recorded it
-    if recorded is not None and recorded != weights_digest(path):
+    digest, not_finite = weights_record(path)
+    if recorded is not None and recorded != digest:
         raise CeVAEError(f"{path}: its weights are not those its header records (a checksum differs); the model file "
                          "is damaged or was edited. Use an original copy.")
     try:
         sha256 = sha256_of(Path(path))
     except OSError as exc:  # removed or made unreadable since its header was read
         raise CeVAEError(f"The model bundle {path} cannot be read ({exc.strerror or exc}).") from None
-    return _facts(header, Path(path), sha256)
+    return _facts(header, Path(path), sha256, not_finite)
 
 
-def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
-    """:func:`model_info` of the bundle at ``path`` (its ``header``, its file's ``sha256``)."""
+def _facts(header: BundleHeader, path: Path, sha256: str, not_finite: List[str]) -> Dict[str, Any]:
+    """:func:`model_info` of the bundle at ``path`` (its ``header``, its file's ``sha256``, the names of its tensors
+    that hold NaN or infinite values)."""
     training = header.training if isinstance(header.training, dict) and header.training else None  # {}: none
     adaptation = header.extra.get("adaptation")
     weights = header.extra.get(WEIGHTS_DIGEST_KEY)
@@ -62,7 +64,7 @@ def _facts(header: BundleHeader, path: Path, sha256: str) -> Dict[str, Any]:
                     "weights": bundled is not None and weights is not None and weights == bundled[1]},
         "format": header.extra.get("format"), "format_version": header.extra.get("format_version"),
         "made_with": _record(header.extra.get("versions")), "written_by": _text(header.extra.get(WRITER_KEY)),
-        "weights": {"dtype": header.weights_dtype, "sha256": weights},
+        "weights": {"dtype": header.weights_dtype, "sha256": weights, "not_finite": not_finite},
         "network": header.model.to_dict() if header.model is not None else None,
         "preprocess": header.preprocess.to_dict(),
         "training": None if training is None else {
@@ -188,7 +190,8 @@ def _threshold(entry: Mapping[str, Any], rate: float) -> Dict[str, Any]:
 def describe_model(info: Mapping[str, Any]) -> str:
     """:func:`model_info`'s facts in words, one line per topic: the text of ``cevae-anomaly info``."""
     info = _shown(info)
-    lines = [model_headline(info), f"File: {info['file']}", f"sha256: {info['sha256']}"]
+    lines = [model_headline(info), *_not_finite_lines(info["weights"]["not_finite"]), f"File: {info['file']}",
+             f"sha256: {info['sha256']}"]
     training, adaptation, calibration = info["training"], info["adaptation"], info["calibration"]
     if adaptation is not None:
         parent, scans = adaptation["parent"], adaptation["site_scans"]
@@ -295,7 +298,20 @@ def model_headline(info: Mapping[str, Any]) -> str:
     elif info["recalibrated"]:
         which = f", recalibrated (no record of its parent){',' if which.startswith(' ') else ''}{which}"
     removed = "; scan names removed for sharing" if info["names_removed"] is not None else ""
-    return f"{info['name'] or Path(info['file']).stem} ({info['modality']}){which}: {origin}; {calibrated}{removed}."
+    broken = "; its weights hold NaN or infinite values: detection refuses it" if info["weights"]["not_finite"] \
+        else ""
+    return (f"{info['name'] or Path(info['file']).stem} ({info['modality']}){which}: {origin}; {calibrated}{removed}"
+            f"{broken}.")
+
+
+def _not_finite_lines(names: Sequence[str]) -> List[str]:
+    """What detect and calibrate do with a model whose tensors ``names`` hold NaN or infinite values ([] where none
+    do)."""
+    if not names:
+        return []
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return [f"Weights: tensor {names[0]}{more} holds NaN or infinite values: detect and calibrate refuse this model "
+            "file (damaged or edited); use an original copy."]
 
 
 def _recalibration_lines(record: Optional[Mapping[str, Any]], recalibrated: bool) -> List[str]:
