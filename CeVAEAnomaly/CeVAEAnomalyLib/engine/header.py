@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import __version__
 from ..errors import CeVAEError
@@ -349,12 +349,12 @@ class BundleLayout:
         return header
 
 
-def bundle_layout(path: Path, data: Optional[bytes] = None) -> BundleLayout:
-    """The tensor table, metadata and data offset of the model bundle ``path`` (``data``: its bytes, where they were
-    read already), checked: the table exactly covers the file. The one reader of a bundle's safetensors header; it
-    refuses a file that is no safetensors file, one that is no bundle, a bundle cut short and one damaged or edited,
-    each in its own words."""
-    size, length, text = _table_text(path, data)
+def bundle_layout(path: Path, stream: Optional[BinaryIO] = None) -> BundleLayout:
+    """The tensor table, metadata and data offset of the model bundle ``path`` (``stream``: the file, where it is open
+    already: read from its start), checked: the table exactly covers the file. The one reader of a bundle's
+    safetensors header; it refuses a file that is no safetensors file, one that is no bundle, a bundle cut short and
+    one damaged or edited, each in its own words."""
+    size, length, text = _table_text(path, stream)
     if not 2 <= length <= _MAX_TABLE_BYTES or (length > size - 8 and text[:1] not in (b"{", b"")):
         raise _not_safetensors(path, f"header length {length} does not fit the file of {size} bytes")
     if length > size - 8:  # the start of a tensor table, cut short
@@ -381,15 +381,20 @@ def bundle_layout(path: Path, data: Optional[bytes] = None) -> BundleLayout:
     return BundleLayout(path, table, metadata, 8 + length)
 
 
-def _table_text(path: Path, data: Optional[bytes]) -> Tuple[int, int, bytes]:
+def _table_text(path: Path, stream: Optional[BinaryIO]) -> Tuple[int, int, bytes]:
     """(the file's size, the tensor table's length its first 8 bytes give, the table's bytes as far as the file holds
-    them: none where the length is beyond any table's) of the file ``path`` or its bytes ``data``."""
-    if data is not None:
-        length = int.from_bytes(data[:8], "little")
-        return len(data), length, data[8:8 + length] if length <= _MAX_TABLE_BYTES else b""
+    them: none where the length is beyond any table's) of the file ``path``, or of the file ``stream`` opened."""
+    if stream is not None:
+        return _read_table(stream)
     with open(path, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        return os.fstat(fh.fileno()).st_size, length, fh.read(length) if length <= _MAX_TABLE_BYTES else b""
+        return _read_table(fh)
+
+
+def _read_table(fh: BinaryIO) -> Tuple[int, int, bytes]:
+    """:func:`_table_text` of the open file ``fh``."""
+    fh.seek(0)
+    length = int.from_bytes(fh.read(8), "little")
+    return os.fstat(fh.fileno()).st_size, length, fh.read(length) if length <= _MAX_TABLE_BYTES else b""
 
 
 def _not_safetensors(path: Path, problem: str) -> CeVAEError:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Set, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Set, Tuple, Union
 
 from .. import __version__
 from ..data import refuse_bundled_output
@@ -195,13 +196,17 @@ def share_model(model: Union[str, Path], out: Union[str, Path], overwrite: bool 
     refuse_misnamed(target, "model", "a .cevae bundle", BUNDLE_SUFFIX)
     with hold_output(target, "share"):  # against a calibrate or another share writing it
         check_paths([target], overwrite, [source])  # again: one of them may have written it since
-        data = source.read_bytes()  # one read: the copy is of one whole file
+        try:  # one open file: the copy is of one whole file, even one replaced meanwhile
+            stream = open(source, "rb")
+        except OSError as exc:  # removed or made unreadable since its header was read
+            raise CeVAEError(f"The model bundle {source} cannot be read ({exc.strerror or exc}).") from None
         try:
-            with atomic_path(target, durable=True) as tmp:
-                header, tensors = _copy_parts(data, source)
+            with stream, atomic_path(target, durable=True) as tmp:
+                header, start = _copy_header(stream, source)
                 Path(tmp).write_bytes(header)
-                with open(tmp, "ab") as stream:  # from ``data`` as it is: no copy of the file's bytes
-                    stream.write(tensors)
+                with open(tmp, "ab") as copy_stream:  # a chunk at a time: never the whole file in memory
+                    stream.seek(start)
+                    shutil.copyfileobj(stream, copy_stream, _CHUNK)
                 _refuse_damaged(Path(tmp), source)
         except OSError as exc:  # e.g. the disk is full: the temporary is removed, an existing ``out`` kept
             raise CeVAEError(f"Could not write the shareable copy {target} ({exc.strerror or exc}); {source} is "
@@ -209,10 +214,13 @@ def share_model(model: Union[str, Path], out: Union[str, Path], overwrite: bool 
     return target
 
 
-def _copy_parts(data: bytes, source: Path) -> Tuple[bytes, memoryview]:
-    """The bundle file ``data`` with its scans' names removed from its header, its tensor table and tensor bytes as
-    they were: its new header and its tensor bytes (a view of ``data``)."""
-    layout = bundle_layout(source, data)  # (read_header accepted the file: one replaced since is refused here)
+_CHUNK = 1 << 20  # bytes of tensors copied at a time
+
+
+def _copy_header(stream: BinaryIO, source: Path) -> Tuple[bytes, int]:
+    """The new header of the bundle file ``stream`` (opened from ``source``), with its scans' names removed from its
+    model header and its tensor table as it was, and where in ``stream`` its tensor bytes start."""
+    layout = bundle_layout(source, stream)  # (read_header accepted the file: one replaced since is refused here)
     written = layout.written_header()
     _refuse_later_writer(written, source)
     if "training" in written:  # (as read_header takes it: an old bundle's NaN validation loss as None)
@@ -225,7 +233,7 @@ def _copy_parts(data: bytes, source: Path) -> Tuple[bytes, memoryview]:
     table = dict(layout.table, __metadata__=dict(layout.metadata, **{META_KEY: header}))
     text = json.dumps(table, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # (safetensors pads its header with spaces: the tensors start 8-byte aligned)
-    return len(text).to_bytes(8, "little") + text, memoryview(data)[layout.data_start:]
+    return len(text).to_bytes(8, "little") + text, layout.data_start
 
 
 def _refuse_later_writer(header: Mapping[str, Any], source: Path) -> None:
