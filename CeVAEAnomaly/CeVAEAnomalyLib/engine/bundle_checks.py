@@ -31,6 +31,10 @@ BASE_VOLUMES_KEY = "base_volumes"
 # a model file's calibration tables (this project writes 3 per calibrated mode, up to 12): every threshold lookup
 # reads each table's key, so 20000 took 2 s per detection and per update of the Slicer panel, which makes several
 MAX_CALIBRATION_TABLES = 1000
+# what a calibration table holds (engine/calibration.calibrate), and the most brain voxels it may count
+CALIBRATION_KEYS = ("fpr", "threshold", "n_voxels", "source", "scan_voxels", "leave_one_out", "largest_voxel_mm",
+                    "bright_tail")
+MAX_VOXELS = 10 ** 15
 UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # when a model was trained or calibrated (ISO 8601, UTC, to the second)
 
 
@@ -161,6 +165,9 @@ def _check_training(header: Mapping[str, Any]) -> None:
     if not isinstance(scans, list) or not scans:  # (an adapted model was fine-tuned on one or more)
         _fail("adaptation.site_scans", "must be a list of 1 or more volumes (the scans the model was adapted on), "
               f"got {scans!r}")
+    if header.get("adaptation"):  # each as training/packaging.subject_records writes it
+        for i, scan in enumerate(scans):
+            _texts(f"adaptation.site_scans[{i}]", scan, ("name", "sha256"), ("mask_sha256", "person", "content_sha256"))
 
 
 def _check_volumes(where: str, volumes: Any) -> None:
@@ -235,11 +242,22 @@ def _check_calibration(calibration: Any) -> None:
                                                f"{len(calibration)}")  # type: ignore[arg-type]
     for n, (key, entry) in enumerate(calibration.items(), start=1):  # type: ignore[union-attr]
         where = f"calibration table {n}"
-        if not isinstance(_json(key), dict):  # (one of a later version's options is still named in one)
+        options = _json(key)  # (one of a later version's options is still named in one)
+        if not (isinstance(options, dict) and set(options) == {"score", "post"}
+                and all(isinstance(v, dict) for v in options.values())):
             _fail(where, "has a key that is not the JSON object of its options (score and post)")
         if not isinstance(entry, dict) or not isinstance(entry.get("fpr"), list) \
                 or not isinstance(entry.get("threshold"), list):
             _fail(where, "must hold the lists 'fpr' and 'threshold'")
+        unknown = sorted(set(entry) - set(CALIBRATION_KEYS))
+        if unknown:
+            _fail(where, f"has unknown key(s) {', '.join(map(repr, unknown))}")
+        missing = [k for k in ("n_voxels", "source") if k not in entry]  # (every version wrote both)
+        if missing:
+            _fail(where, f"lacks {', '.join(map(repr, missing))}")
+        voxels = _whole(f"{where} n_voxels", entry["n_voxels"], 1, MAX_VOXELS)
+        if not isinstance(entry["source"], str):
+            _fail(f"{where} source", f"must be text, got {entry['source']!r}")
         fpr, thr = entry["fpr"], entry["threshold"]
         if len(fpr) != len(thr) or len(fpr) < 2:
             _fail(where, f"needs as many thresholds as rates (at least 2), got {len(thr)} and {len(fpr)}")
@@ -254,10 +272,16 @@ def _check_calibration(calibration: Any) -> None:
                                            ("bright_tail", "numbers", 1000, False)):
             if key in entry:
                 _range(f"{where} {key}", entry[key], items, high, open_low)
-        if "scan_voxels" in entry:  # each calibration volume's brain voxels
-            _list(f"{where} scan_voxels", entry["scan_voxels"], 1, 1e15)
+        if "scan_voxels" in entry:  # each calibration volume's brain voxels: n_voxels in all
+            _list(f"{where} scan_voxels", entry["scan_voxels"], 1, MAX_VOXELS)
+            if sum(entry["scan_voxels"]) != voxels:
+                _fail(f"{where} scan_voxels", f"add up to {sum(entry['scan_voxels']):.0f}, not its n_voxels {voxels}")
         if "leave_one_out" in entry:  # each volume's threshold from the others at a rate, and its own rate there
             _leave_one_out(f"{where} leave_one_out", entry["leave_one_out"])
+            scans = entry.get("scan_voxels")
+            if isinstance(scans, list) and len(entry["leave_one_out"]["rate"]) != len(scans):
+                _fail(f"{where} leave_one_out", f"holds {len(entry['leave_one_out']['rate'])} volumes, its "
+                      f"scan_voxels {len(scans)}")
     steps = option_field(ScoreOptions, "test_time_steps")
     for n in calibrated_test_time_steps(calibration):  # (keys this version cannot read are never used)
         _option_value(steps, n, "calibration test_time_steps")
