@@ -150,15 +150,33 @@ def test_share_refuses_a_scan_name_held_as_a_key_of_a_record_it_does_not_know(ca
     from test_untrusted_bundles import rewrite
 
     for key, said in ((STEMS[1], f"the scan name '{STEMS[1]}' as a key in 'notes'"),
-                      ("DOE_JOHN", "a key in 'notes.seen', a record this version does not write")):
+                      ("DOE_JOHN", "a key in 'training.augment', a record this version does not write")):
         edited = tmp_path / "edited.cevae"
         edited.write_bytes(calibrated.read_bytes())
-        rewrite(edited, lambda h, t: h.__setitem__("notes", {key: 1} if key == STEMS[1] else {"seen": {key: 2}}))
+        rewrite(edited, lambda h, t: h.__setitem__("notes", {key: 1}) if key == STEMS[1]
+                else h["training"]["augment"].__setitem__(key, 2))
         assert main(["share", str(edited), "--out", str(tmp_path / "shared.cevae")]) == 2
         err = capsys.readouterr().err
         assert f"error: The model's header holds {said}" in err and "no shareable copy was written" in err
         assert (key == STEMS[1]) == (key in err)  # (an unknown text is not said: it may be a patient's name)
         assert not (tmp_path / "shared.cevae").exists()
+
+
+def test_share_refuses_a_person_s_name_written_as_a_key_as_this_project_writes_keys(calibrated, tmp_path, capsys):
+    """A key in lowercase snake_case passed as one this project writes: {"john_doe": {...}} in a record this version
+    does not know went into the shareable copy. A key is now one of those this version writes, wherever it lies."""
+    from test_untrusted_bundles import rewrite
+
+    for edit, place in ((lambda h, t: h["training"].__setitem__("john_doe", {"steps": 1}), "in 'training'"),
+                        (lambda h, t: h["training"]["augment"].__setitem__("john_doe", 1), "in 'training.augment'"),
+                        (lambda h, t: h.__setitem__("john_doe", {"seen": 2}), "at its top level")):
+        edited = tmp_path / "edited.cevae"
+        edited.write_bytes(calibrated.read_bytes())
+        rewrite(edited, edit)
+        assert main(["share", str(edited), "--out", str(tmp_path / "shared.cevae")]) == 2
+        err = capsys.readouterr().err
+        assert f"error: The model's header holds a key {place}, a record" in err and "no shareable copy" in err, err
+        assert "john_doe" not in err and not (tmp_path / "shared.cevae").exists()
 
 
 def test_share_holds_the_model_file_in_memory_once(tmp_path):
@@ -403,16 +421,18 @@ def test_a_shared_copy_is_not_shared_again(calibrated, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("where, edit", [
-    ("notes.path", lambda h: h.__setitem__("notes", {"path": "/data/55555555_POE_P/t1.nii.gz"})),
-    ("recalibration.scans[0].source", lambda h: h["recalibration"]["scans"][0].__setitem__(
+    ("a key at its top level", lambda h: h.__setitem__("notes", {"path": "/data/55555555_POE_P/t1.nii.gz"})),
+    ("a key in 'recalibration.scans[0]'", lambda h: h["recalibration"]["scans"][0].__setitem__(
         "source", "/data/55555555_POE_P/t1.nii.gz")),
-    ("training.subjects[1].path", lambda h: h["training"]["subjects"][1].__setitem__(
+    ("a key in 'training.subjects[1]'", lambda h: h["training"]["subjects"][1].__setitem__(
         "path", "/data/55555555_POE_P/t1.nii.gz")),
+    ("a text in 'training.seed'", lambda h: h["training"].__setitem__("seed", "/data/55555555_POE_P/t1.nii.gz")),
 ])
 def test_share_refuses_a_text_it_does_not_know_that_is_no_scan_name(calibrated, tmp_path, capsys, where, edit):
     """A record this version does not write (a tool's or a person's edit) holding a scan's path rather than its name
     was copied as it was, and the copy said its scans' names were removed: only the scans' old names were looked
-    for. Every text outside the places known to hold none must now be a name share gave or a checksum."""
+    for. Every text outside the places known to hold none must now be a name share gave or a checksum, and every
+    key one this version writes (the first refused is said)."""
     from test_untrusted_bundles import rewrite
 
     edited = tmp_path / "edited.cevae"
@@ -421,7 +441,7 @@ def test_share_refuses_a_text_it_does_not_know_that_is_no_scan_name(calibrated, 
     out = tmp_path / "shared.cevae"
     assert main(["share", str(edited), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: The model's header holds a text in '{where}', a record this version does not write and "
+    assert err == (f"error: The model's header holds {where}, a record this version does not write and "
                    "cannot tell to hold no scan's name or path; no shareable copy was written. If a later CeVAEAnomaly "
                    "made the model, share it with that one; else the file was edited: share an original copy.\n")
     assert "POE" not in err and not out.exists()

@@ -45,7 +45,21 @@ ALREADY_SHARED = "is already a shareable copy (its scans are called scan 1, scan
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
 _SCAN_OR_DIGEST = re.compile(r"(?:scan [1-9][0-9]*|[0-9a-fA-F]{64})\Z")  # a name this module gives, or a sha256
 _INDEX = re.compile(r"\[[0-9]+\]")  # a list item's index in a place
-_KEY = re.compile(r"[a-z][a-z0-9_]*\Z")  # a key as this project writes them (never a scan's name it is told)
+# the keys this project writes outside :data:`UNNAMED` (never a scan's name it is told): the header's sections, the
+# training record's (training/packaging.TrainingRecord, its augmentation's training/config.AugmentConfig, its parts'),
+# a volume record's (training/packaging.subject_records), the adaptation record's (training/adapt.py), its folds', a
+# calibrated copy's (engine/calibrate.py), the training contrast's and the record of removed names. Any other key,
+# "john_doe" as much as "DOE_JOHN", may be a person's name
+KEYS = frozenset({
+    "format_version", "calibration_subjects", "default_fpr", "training", "adaptation", "recalibration",
+    "training_contrast", NAMES_REMOVED,
+    "subjects", "validation_subjects", "train_slices", "steps", "batch_size", "lr", "seed", "seconds", "ranks",
+    "augment", "val_loss", "parts", "from_step",
+    "flip", "rotate_deg", "scale", "translate", "elastic", "gamma", "intensity_scale", "intensity_shift", "bias_field",
+    "noise", "slab",
+    "name", "sha256", "content_sha256", "mask_sha256", "person",
+    "site_scans", BASE_VOLUMES_KEY, "folds", "steps_per_run", "depth_contrast", "scan_depth_contrast", "held_out",
+    "trained_on", "scans"})
 
 
 class _Numbers:
@@ -162,9 +176,10 @@ def _refuse_left(header: Mapping[str, Any], old: Set[str]) -> None:
             raise CeVAEError(f"The model's header holds the scan name {text!r}{' as a key' if key else ''} in "
                              f"'{where}', a record this version cannot rename; {said}")
     for where, text, key in found:  # (the text itself is not said: it may be a patient's name)
-        if not (_KEY if key else _SCAN_OR_DIGEST).match(text):
-            raise CeVAEError(f"The model's header holds a {'key' if key else 'text'} in '{where}', a record this "
-                             f"version does not write and cannot tell to hold no scan's name or path; {said}")
+        if not (text in KEYS if key else _SCAN_OR_DIGEST.match(text)):
+            place = f"in '{where}'" if where else "at its top level"
+            raise CeVAEError(f"The model's header holds a {'key' if key else 'text'} {place}, a record this version "
+                             f"does not write and cannot tell to hold no scan's name or path; {said}")
 
 
 def _texts(value: Any, where: str) -> Iterator[Tuple[str, str, bool]]:
