@@ -3,13 +3,14 @@ import logging
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.engine.bundle import load_bundle
-from CeVAEAnomalyLib.engine.detector import Detector, detect
+from CeVAEAnomalyLib.engine.detector import Detector, checked_image, detect
 from CeVAEAnomalyLib.engine.devices import resolve_device
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.options import DetectionRequest, ThresholdPolicy
@@ -424,3 +425,55 @@ def test_a_bundle_at_the_console_is_one_line():
     bundle = load_bundle(default_model_path(), "cpu")
     assert repr(bundle) == (f"<Bundle 'cevae_t1_default' (T1) from {default_model_path()}, sha256 "
                             f"{bundle.sha256[:12]}, on cpu>")
+
+
+def _parcellation(scan: sitk.Image, brain: np.ndarray, seed: int = 0) -> sitk.Image:
+    """An aseg-like parcellation of ``brain``: 70 regions (nearest of random seeds) labelled with FreeSurfer's values
+    (2 to 251 for structures, 1001 to 1035 and 2001 to 2035 for cortical parcels), background 0."""
+    rng = np.random.default_rng(seed)
+    inside = np.argwhere(brain)
+    seeds = inside[rng.choice(len(inside), 70, replace=False)]
+    nearest = np.zeros(len(inside), int)
+    best = np.full(len(inside), np.inf)
+    for i, s in enumerate(seeds):
+        d = ((inside - s) ** 2).sum(axis=1)
+        nearest[d < best], best = i, np.minimum(best, d)
+    values = np.array([2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28, 30, 31, 41, 42, 43, 44, 46,
+                       47, 49, 50, 51, 52, 53, 54, 58, 60, 62, 63, 77, 85, 251, 252] + list(range(1001, 1016))
+                      + list(range(2001, 2016)))
+    labels = np.zeros(brain.shape, np.int16)
+    labels[tuple(inside.T)] = values[nearest]
+    return _like(labels, scan)
+
+
+def test_a_parcellation_of_many_labels_given_as_the_image_is_refused_and_real_scans_are_not(tmp_path, tiny_bundle,
+                                                                                            capsys):
+    """A FreeSurfer-like aseg or parcel map (more than 12 whole values) given as the scan was scored as a head with
+    no word, its outputs written; it is refused in one line. Real scans, uint8 or float of whole values and mostly
+    background, are taken as before."""
+    from conftest import SHARED_DATA
+    from CeVAEAnomalyLib.cli.main import main
+    from CeVAEAnomalyLib.data import template_dir
+    from CeVAEAnomalyLib.io.images import read_image
+
+    scan = read_image(template_dir() / "colin27_t1_2mm.nii.gz")
+    mask = read_image(template_dir() / "colin27_brainmask_2mm.nii.gz")
+    sitk.WriteImage(_parcellation(scan, sitk.GetArrayFromImage(mask) > 0), str(tmp_path / "aseg.nii.gz"))
+    out = tmp_path / "score.nii.gz"
+    assert main(["detect", str(tmp_path / "aseg.nii.gz"), "--score", str(out), "--model", str(tiny_bundle),
+                 "--threshold", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: The image holds 71 whole values (0, 2, 3, ..., 2015) in regions of one value "
+                          "each: it is a segmentation or a parcellation (such as FreeSurfer's aseg), not an MRI "
+                          "scan"), err
+    assert "\n" not in err and not out.exists()
+    heads = [(t1, Path(str(t1).replace("_t1.", "_brainmask."))) for t1 in sorted(SHARED_DATA.glob("*_t1.nii.gz"))]
+    for path, mask_path in heads or [(template_dir() / "colin27_t1_2mm.nii.gz",
+                                      template_dir() / "colin27_brainmask_2mm.nii.gz")]:
+        image, head_mask = read_image(path), read_image(mask_path)
+        brain = sitk.GetArrayFromImage(head_mask) > 0
+        masked = _like(sitk.GetArrayFromImage(image) * brain, image)  # skull-stripped: mostly 0
+        for given in (image, masked):
+            checked_image(given, head_mask, "T1")  # no refusal
+        with pytest.raises(CeVAEError, match="segmentation or a parcellation"):
+            checked_image(_parcellation(image, brain), head_mask, "T1")

@@ -508,17 +508,41 @@ def _refuse_a_mask_as_the_image(image: sitk.Image, masked: bool) -> None:
     values = sitk.GetArrayViewFromImage(image).ravel()
     for sample in (values[:: max(1, values.size // _SAMPLED_VOXELS)], values):
         distinct = np.unique(sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample)
-        if distinct.size > _LABEL_VALUES or (distinct.size > 2 and not _label_values(distinct)):
+        if distinct.size > 2 and not _label_values(distinct):
+            return
+        if distinct.size > _LABEL_VALUES:
+            _refuse_a_parcellation(sitk.GetArrayViewFromImage(image), masked)
             return
     if distinct.size < 2:
         return  # a constant image: check_volume's to refuse
-    swapped = " (are the image and the mask swapped?)" if masked else ""
+    swapped = _SWAPPED if masked else ""
     if distinct.size == 2:
         raise CeVAEError(f"The image holds only the values {distinct[0]:g} and {distinct[1]:g}: it is a mask or a "
                          f"labelmap, not an MRI scan{swapped}; give the scan as the image.")
     listed = ", ".join(f"{v:g}" for v in distinct[:-1])
     raise CeVAEError(f"The image holds only the {distinct.size} whole values {listed} and {distinct[-1]:g}: it is a "
                      f"segmentation or a labelmap, not an MRI scan{swapped}; give the scan as the image.")
+
+
+def _refuse_a_parcellation(voxels: np.ndarray, masked: bool) -> None:
+    """Refuse whole values of more than a few labels (FreeSurfer's aseg, a parcel map): mostly background 0, the
+    rest in regions of one value each. A scan's neighbouring brain voxels share their value in at most 18 % of
+    pairs (six heads, uint8 and float, with skull or stripped); a parcellation's in over 90 %."""
+    if np.count_nonzero(voxels) > voxels.size * _LABELLED_SHARE:
+        return
+    ahead, behind = voxels[..., 1:], voxels[..., :-1]
+    both = (ahead != 0) & (behind != 0)
+    pairs = np.count_nonzero(both)
+    if pairs == 0 or np.count_nonzero(both & (ahead == behind)) < _SAME_NEIGHBOUR_SHARE * pairs:
+        return
+    distinct = np.unique(voxels)
+    if not _label_values(distinct):
+        return
+    swapped = _SWAPPED if masked else ""
+    listed = ", ".join(f"{v:g}" for v in distinct[:3])
+    raise CeVAEError(f"The image holds {distinct.size} whole values ({listed}, ..., {distinct[-1]:g}) in regions of "
+                     "one value each: it is a segmentation or a parcellation (such as FreeSurfer's aseg), not an MRI "
+                     f"scan{swapped}; give the scan as the image.")
 
 
 def _label_values(values: np.ndarray) -> bool:
@@ -528,6 +552,9 @@ def _label_values(values: np.ndarray) -> bool:
 
 _SAMPLED_VOXELS = 100_000  # voxels of the image sampled to tell a scan from a mask
 _LABEL_VALUES = 12  # at most this many whole values: a segmentation (an 8-bit scan at 2 mm still holds 60)
+_LABELLED_SHARE = 0.5  # a parcellation labels at most this share of its voxels (the head's box: the brain, 10-25 %)
+_SAME_NEIGHBOUR_SHARE = 0.6  # neighbouring labelled voxels of one value: a scan's at most 0.18, a parcellation's 0.9
+_SWAPPED = " (are the image and the mask swapped?)"
 
 
 def _mean_map(passes: Sequence[Tuple[SliceRecord, NetworkMaps]], opts: ScoreOptions, region: Region) -> np.ndarray:
