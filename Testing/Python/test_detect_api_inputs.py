@@ -477,3 +477,26 @@ def test_a_parcellation_of_many_labels_given_as_the_image_is_refused_and_real_sc
             checked_image(given, head_mask, "T1")  # no refusal
         with pytest.raises(CeVAEError, match="segmentation or a parcellation"):
             checked_image(_parcellation(image, brain), head_mask, "T1")
+
+
+def test_a_ct_given_to_a_t1_model_is_warned_of_once(tmp_path, tiny_bundle, caplog):
+    """A CT (with the automatic brain mask) was warned of twice, for its Hounsfield range and as 'another contrast
+    than the model's T1 scans', two warnings of one mistake; the CT's alone is said."""
+    bundle = load_bundle(tiny_bundle)
+    image, _ = make_head(seed=5)
+    with caplog.at_level(logging.WARNING):
+        result = detect(as_hounsfield(image), bundle, threshold=1.0)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([m for m in said if "Hounsfield" in m or "another contrast" in m]) == 1, said
+    assert "Hounsfield" in " ".join(result.record.warnings)
+    caplog.clear()
+    from CeVAEAnomalyLib.engine.calibrate import _subject_scores
+    from CeVAEAnomalyLib.io.manifest import Subject
+    from CeVAEAnomalyLib.options import PostprocessOptions
+
+    sitk.WriteImage(as_hounsfield(image), str(tmp_path / "ct.nii.gz"))
+    with caplog.at_level(logging.WARNING):
+        _subject_scores(bundle, [Subject(tmp_path / "ct.nii.gz")], [bundle.header.score_options],
+                        PostprocessOptions(), ["combi"], check_contrast=True)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([m for m in said if "Hounsfield" in m or "another contrast" in m]) == 1, said

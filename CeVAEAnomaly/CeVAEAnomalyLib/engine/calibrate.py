@@ -21,7 +21,7 @@ from ..data import refuse_bundled_output
 from ..errors import (CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, COMMAND_LINE_SAME_PERSON,
                       COMMAND_LINE_UNKNOWN_PERSONS, CeVAEError)
 from ..io.checksum import refuse_changed, sha256_of
-from ..io.images import read_image
+from ..io.images import looks_like_ct, read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
 from .detector import Detector
 from .modality import contrast_problem, scan_bright_tail, scan_depth_contrast
@@ -97,7 +97,10 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
 
 def _warn_of_contrast(subject: Subject, image, mask, model: Bundle) -> None:
     """A warning, naming the volume, when its contrast is not the model's (a T2 for a T1 model), or when it cannot
-    be told. Not a refusal: a thin slab of a T1 also measures lower (``adapt``, which trains on the scans, refuses)."""
+    be told. Not a refusal: a thin slab of a T1 also measures lower (``adapt``, which trains on the scans, refuses).
+    A CT is warned of as one (detector.checked_image) only."""
+    if looks_like_ct(image):
+        return
     try:
         problem = contrast_problem([subject.name], [scan_depth_contrast(image, mask, model.preprocess)], model.header)
     except CeVAEError as exc:

@@ -21,7 +21,7 @@ from .header import BundleHeader, utc_now
 from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
-from ..io.images import check_volume, grid_difference, warn_if_ct_range
+from ..io.images import check_volume, grid_difference, looks_like_ct, warn_if_ct_range
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy, refuse_options_by_name)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
@@ -144,7 +144,7 @@ class Detector:
         checked(progress)
         image = checked_image(image, mask, self.bundle.header.modality, where)
         stack, brain = self._prepare(image, mask, progress, where)
-        self._warn_of_contrast(stack, where)
+        self._warn_of_contrast(image, stack, where)
         self._warn_of_acquisition(image, brain, where)
         passes = self._passes([stack, *self._other_stacks(image, brain)], [self.score], progress)
         raw = passes[0][1]
@@ -170,9 +170,10 @@ class Detector:
         report(progress, 1.0, "Detection done")
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
 
-    def _warn_of_contrast(self, stack: SliceStack, where: str) -> None:
-        """Say so when the scan's axial model slices do not have the model's contrast (a T2 for a T1 model)."""
-        problem = scan_contrast_warning(stack.slices, self.bundle.header)
+    def _warn_of_contrast(self, image: sitk.Image, stack: SliceStack, where: str) -> None:
+        """Say so when the scan's axial model slices do not have the model's contrast (a T2 for a T1 model); not of
+        a CT, which :func:`checked_image` has warned of."""
+        problem = "" if looks_like_ct(image) else scan_contrast_warning(stack.slices, self.bundle.header)
         if problem:
             log.warning("%s%s", where, problem)
 

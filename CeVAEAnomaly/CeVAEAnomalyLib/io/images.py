@@ -717,13 +717,22 @@ def warn_if_ct_range(image: sitk.Image, modality: str, where: str = "") -> None:
     above them). A low minimum alone is no CT: an MRI stored with an offset, or with a few negative outlier voxels
     (as some reconstructions write), has one and scores as the MRI it is."""
     air, tissue = _hounsfield_shares(sitk.GetArrayViewFromImage(image))
-    if air >= _CT_AIR_SHARE and tissue >= _CT_TISSUE_SHARE:
+    if _ct_like(air, tissue):
         instead = ("this model is for T1 MRI and its scores will not be meaningful: give a T1-weighted MRI of the "
                    "head" if modality.upper() == "T1" else
                    f"this model's modality is {modality!r}: its scores are meaningful only on scans like its "
                    "training volumes (on a CT only if it was trained on CTs): give a scan of its modality")
         log.warning("%sThe intensities look like a CT in Hounsfield units (%.0f %% of the voxels at air's -1000, "
                     "%.0f %% of the others at soft tissue's -200 to 200); %s.", where, 100 * air, 100 * tissue, instead)
+
+
+def looks_like_ct(image: sitk.Image) -> bool:
+    """Whether :func:`warn_if_ct_range` warns of ``image`` (its other warnings of a wrong modality are left unsaid)."""
+    return _ct_like(*_hounsfield_shares(sitk.GetArrayViewFromImage(image)))
+
+
+def _ct_like(air: float, tissue: float) -> bool:
+    return air >= _CT_AIR_SHARE and tissue >= _CT_TISSUE_SHARE
 
 
 def _hounsfield_shares(values: np.ndarray) -> Tuple[float, float]:
