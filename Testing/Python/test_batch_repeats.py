@@ -41,3 +41,25 @@ def test_the_same_image_with_another_brain_mask_is_scored_with_each(tiny_bundle,
                      "--device", "cpu"]) == 0
     assert not [r for r in caplog.records if "repeats the scan" in r.getMessage()]
     assert all(p.exists() for name in ("masked", "unmasked") for p in output_paths(out, name).values())
+
+
+def test_run_batch_from_python_scores_a_scan_listed_twice_once(tiny_bundle, tmp_path: Path, caplog) -> None:
+    """The repeat check was the command's only: run_batch called from Python scored one scan twice, into two sets of
+    outputs; the library drops the repeat itself, with the command's warning."""
+    from CeVAEAnomalyLib.cli.batch import BatchItem, DetectSettings, run_batch
+    from CeVAEAnomalyLib.options import DetectionRequest
+
+    image, mask = make_head(size=(30, 34, 28), seed=3)
+    sitk.WriteImage(image, str(tmp_path / "a.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "a_mask.nii.gz"))
+    (tmp_path / "a_copy.nii.gz").write_bytes((tmp_path / "a.nii.gz").read_bytes())
+    items = [BatchItem("s1", tmp_path / "a.nii.gz", tmp_path / "a_mask.nii.gz"),
+             BatchItem("s1_again", tmp_path / "a_copy.nii.gz", tmp_path / "a_mask.nii.gz")]
+    out = tmp_path / "out"
+    settings = DetectSettings(model=tiny_bundle, request=DetectionRequest.of(device="cpu"), out_dir=out)
+    with caplog.at_level(logging.WARNING):
+        summary = run_batch(items, settings, out / "summary.csv")
+    repeats = [r.getMessage() for r in caplog.records if "repeats the scan" in r.getMessage()]
+    assert len(repeats) == 1 and "'s1_again'" in repeats[0], repeats
+    assert list(summary.rows) == ["s1"]
+    assert not any(p.exists() for p in output_paths(out, "s1_again").values())

@@ -28,7 +28,7 @@ from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterat
 
 from ..errors import CeVAEError, one_line, out_of_memory
 from ..io.atomic import atomic_write_text, remove_abandoned_temporaries
-from ..io.checksum import hashed_files, sha256_of
+from ..io.checksum import FileMemo, hashed_files, sha256_of
 from ..io.lock import hold_output, hold_outputs
 from ..io.manifest import read_rows
 from ..io import strict_json
@@ -311,7 +311,9 @@ def unique_items(items: Sequence[BatchItem]) -> List[BatchItem]:
     """``items`` without repeats of a volume already listed under another name (the same image and brain mask
     content, by their sha256, as evaluate tells a case listed again), in their order, each repeat warned of once,
     naming both: it would be scored twice, into two sets of outputs of one scan. Only images of a size that another
-    shares are read; a missing or unreadable one is told by its path (scoring it says what is wrong)."""
+    shares are read, each once while unchanged (the command drops repeats before it picks a shard, :func:`run_batch`
+    again for callers from Python); a missing or unreadable one is told by its path (scoring it says what is
+    wrong)."""
     def size(path: Path) -> object:
         try:
             return sum(f.stat().st_size for f in hashed_files(path))
@@ -320,7 +322,7 @@ def unique_items(items: Sequence[BatchItem]) -> List[BatchItem]:
 
     def content(path: Optional[Path]) -> str:
         try:
-            return sha256_of(path) if path else ""
+            return _HASHED.sha256(path) if path else ""
         except OSError:
             return str(path)
 
@@ -337,6 +339,9 @@ def unique_items(items: Sequence[BatchItem]) -> List[BatchItem]:
         log.warning("'%s' (%s) repeats the scan of '%s' (%s): the same image content, with %s; it is scored once, "
                     "as '%s'.", item.name, item.image, first.name, first.image, mask, first.name)
     return kept
+
+
+_HASHED = FileMemo()  # the checksums unique_items took: the command's and then run_batch's call read each file once
 
 
 def parse_shard(text: str) -> Tuple[int, int]:
@@ -937,11 +942,11 @@ def run_batch(
     records as made from their current image and mask with these settings; ``overwrite`` scores every item.
     Without it, a file at the summary path that is not a batch summary, and outputs made with other settings, are
     refused before any work. Another run writing the same summary (the same --out-dir and shard) is refused at
-    once."""
+    once. A scan listed again under another name is scored once (:func:`unique_items`)."""
     if workers < 1:
         raise CeVAEError(f"--workers must be 1 or more, got {workers}.")
     with hold_output(summary_path, "batch"):
-        return _run_batch(items, settings, summary_path, workers, progress)
+        return _run_batch(unique_items(items), settings, summary_path, workers, progress)
 
 
 def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_path: Path, workers: int,
