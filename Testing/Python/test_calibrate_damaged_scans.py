@@ -58,3 +58,32 @@ def test_the_panels_calibration_names_every_damaged_scan_in_one_error(healthy, t
         run_calibrate(task, lambda fraction, message: scored.append(message))
     _names_both(str(refused.value), healthy)
     assert not any("Healthy volume" in m for m in scored) and not out.exists()
+
+
+def test_recalibrate_from_python_names_every_damaged_scan_and_mask_before_scoring(healthy, tmp_path, capsys) -> None:
+    """recalibrate called from Python had none of the command's check: it scored the scans one by one and stopped at
+    the first damaged one; a damaged brain mask was found only when its scan was scored, by the command too. Every
+    unreadable scan and mask is named in one error before any scoring."""
+    from CeVAEAnomalyLib.engine.bundle import load_bundle
+    from CeVAEAnomalyLib.engine.calibrate import recalibrate
+    from CeVAEAnomalyLib.io.manifest import Subject
+    from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
+
+    broken = healthy["good"].with_name("broken_mask.nii.gz")
+    broken.write_bytes(b"not a mask\n")
+    subjects = [Subject(healthy["good"], healthy["good"].with_name("good_mask.nii.gz")),
+                Subject(healthy["cut"], healthy["cut"].with_name("cut_mask.nii.gz")),
+                Subject(healthy["good"].with_name("copy.nii.gz"), broken)]
+    subjects[2].image.write_bytes(healthy["good"].read_bytes())
+    bundle = load_bundle(default_model_path(), "cpu")
+    scored, out = [], tmp_path / "site.cevae"
+    with pytest.raises(CeVAEError) as refused:
+        recalibrate(bundle, subjects, out, ScoreOptions(), PostprocessOptions(),
+                    progress=lambda fraction, message: scored.append(message))
+    said = str(refused.value)
+    assert f"{healthy['cut']} is truncated or corrupt" in said and f"{broken}" in said, said
+    assert not any("Healthy volume" in m for m in scored) and not out.exists()
+    (tmp_path / "list.csv").write_text(f"image,mask\n{healthy['good']},{broken}\n")
+    assert main(["calibrate", "--manifest", str(tmp_path / "list.csv"), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken}" in err and "Healthy volume" not in err and not out.exists(), err

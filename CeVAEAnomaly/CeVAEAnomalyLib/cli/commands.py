@@ -268,12 +268,11 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     """Calibrate a bundle on healthy volumes with the chosen scoring; write it to --out."""
     from ..engine.bundle import load_bundle, read_header
     from ..engine.devices import resolve_device
-    from ..engine.calibrate import recalibrate, warn_of_training_scans
+    from ..engine.calibrate import readable_subjects, recalibrate, warn_of_training_scans
     from .console import ConsoleProgress
     from ..data import refuse_bundled_output
     from ..engine.calibration import check_default_fpr
     from ..io.checksum import sha256_of
-    from ..training.cache import readable_voxel_checksums
     from ..training.data import unique_subjects
     from ..io.lock import hold_output
     from ..io.targets import check_paths
@@ -292,8 +291,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     refuse_misnamed(args.out, "model", "a .cevae bundle", ".cevae")
     checksums = {s.image: sha256_of(s.image) for s in subjects}
     # a repeat counts once: the same scan in two files (another format, compressed or not) too, by its voxels (every
-    # scan that cannot be read named in one error)
-    subjects = unique_subjects(subjects, readable_voxel_checksums([s.image for s in subjects], checksums))
+    # scan and brain mask that cannot be read named in one error)
+    subjects = unique_subjects(subjects, readable_subjects(subjects, checksums))
     with hold_output(args.out, "calibrate"):  # against a train, adapt or calibrate writing the same --out
         check_paths([args.out], args.overwrite, [src])  # again: one of them may have written it since
         bundle = load_bundle(src, device)

@@ -232,6 +232,7 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
     scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)
     hashed = _hashed_before_scoring(subjects, checksums or {})
+    readable_subjects(subjects, hashed)  # (the command's and the panel's call read no image again: voxel_checksums)
     calibration = calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
                                   test_time_steps=[opts.test_time_steps], check_contrast=True, fpr=rate,
                                   higher_rate=higher_rate, unlike_scan=unlike_scan)
@@ -278,6 +279,24 @@ def _note_unknown_persons(subjects: Sequence[Subject], unknown: str, same_person
     note = unknown_persons_note(subjects, unknown, same_person)
     if note:
         log.info("%s", note)
+
+
+def readable_subjects(subjects: Sequence[Subject], checksums: Mapping[Path, str]) -> Dict[Path, str]:
+    """The voxel checksums of the subjects' images (``checksums``: each file's sha256), each brain mask read too:
+    every image and mask that cannot be read is named in one error (UnreadVolumes) before any scan is scored."""
+    from ..training.cache import UnreadVolumes, voxel_checksums_or_errors
+
+    voxels, unread = voxel_checksums_or_errors([s.image for s in subjects], dict(checksums))
+    problems = list(unread.values())
+    masks = list(dict.fromkeys(s.mask for s in subjects if s.mask is not None))
+    for mask in masks:
+        try:
+            read_image(mask, "brain mask")
+        except CeVAEError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UnreadVolumes(problems, len(voxels), "the others were read")
+    return voxels
 
 
 def _hashed_before_scoring(subjects: Sequence[Subject], checksums: Mapping[Path, str]) -> Dict[Path, str]:

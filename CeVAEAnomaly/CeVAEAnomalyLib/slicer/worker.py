@@ -139,12 +139,11 @@ def _subjects(task: Dict[str, Any]) -> List["Subject"]:
 
 
 def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str, Any]:
-    from ..engine.calibrate import recalibrate, warn_of_training_scans
+    from ..engine.calibrate import readable_subjects, recalibrate, warn_of_training_scans
     from ..engine.calibration import SLICER_CALIBRATE_SOURCE
     from ..io.checksum import sha256_of
     from ..io.lock import hold_output
     from ..io.targets import Inputs
-    from ..training.cache import readable_voxel_checksums
     from ..training.data import unique_subjects
 
     request = DetectionRequest.from_dict(task["request"], "detection request field(s)")
@@ -163,7 +162,7 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
         score, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         checksums = {s.image: sha256_of(s.image) for s in subjects}  # once, for each step below (as the command line)
         # a volume loaded twice counts once; every copy that cannot be read is named in one error
-        subjects = unique_subjects(subjects, readable_voxel_checksums([s.image for s in subjects], checksums))
+        subjects = unique_subjects(subjects, readable_subjects(subjects, checksums))
         warn_of_training_scans(bundle.header, [s.image for s in subjects], checksums)
         path = recalibrate(bundle, subjects, out, score, post,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),

@@ -149,15 +149,6 @@ def voxel_checksums_or_errors(images: Sequence[Path],
     return voxels, unread
 
 
-def readable_voxel_checksums(images: Sequence[Path], checksums: Dict[Path, str]) -> Dict[Path, str]:
-    """:func:`~.data.voxel_checksums` of each image (a calibration's healthy scans, before any is scored); those that
-    cannot be read are refused together (:class:`UnreadVolumes`) once the others are read."""
-    voxels, unread = voxel_checksums_or_errors(images, checksums)
-    if unread:
-        raise UnreadVolumes(list(unread.values()), len(voxels), "the others were read")
-    return voxels
-
-
 class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order. ``wording``: the
     caller's words for what to do where the cache's disk is full, and for its cache folder option. ``memo``: the one
