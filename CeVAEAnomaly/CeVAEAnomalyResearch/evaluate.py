@@ -255,12 +255,16 @@ def _case_error(row: dict, name: str, exc: CeVAEError) -> CeVAEError:
 
 def _unique_cases(rows: list[dict]) -> list[tuple[dict, dict]]:
     """The rows without repeats of a case already listed (same content in every role), in their order, each with
-    what identifies its file of each role (:func:`_content`)."""
+    what identifies its file of each role (:func:`_content`), each file hashed once (a mask shared by many cases)."""
     seen: dict[tuple, tuple[dict, dict]] = {}
+    hashed: dict[str, str] = {}
     for row in rows:
         if not row.get("score"):
             raise CeVAEError(f"A row of the evaluation list has no score file: {row}.")
-        files = {role: _content(row.get(role)) for role in ROLES}
+        for role in ROLES:
+            if row.get(role) and os.fspath(row[role]) not in hashed:
+                hashed[os.fspath(row[role])] = _content(row[role])
+        files = {role: hashed[os.fspath(row[role])] if row.get(role) else "" for role in ROLES}
         first = seen.setdefault(tuple(files.values()), (row, files))[0]
         if first is not row:
             log.warning("%s repeats the case of %s (the same files); it is evaluated once.",

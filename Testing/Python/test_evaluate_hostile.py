@@ -384,3 +384,39 @@ def test_a_segmentation_saved_in_layers_as_the_truth_is_told_to_be_exported_to_o
                                          r"segmentation saved in 2 layers \(segments that overlap\); export its "
                                          r"segments to one labelmap first"):
         evaluate_files([case])
+
+
+def test_a_brain_mask_shared_by_many_cases_is_hashed_once(tmp_path):
+    """Every case's files were hashed to find repeated cases, a mask shared by a cohort once per case (a 1 mm mask
+    read 100 times for 100 cases); each file is hashed once now. Counted by the opens of sha256_of (audit events)."""
+    import sys
+
+    rng = np.random.default_rng(0)
+    mask = tmp_path / "mask.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((24, 24, 24), np.uint8)), str(mask))
+    rows = []
+    for i in range(4):
+        score = tmp_path / f"score{i}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(rng.random((24, 24, 24)).astype(np.float32)), str(score))
+        rows.append({"score": str(score), "mask": str(mask), "name": f"c{i}"})
+    opened = []
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and str(args[0]) == str(mask) and _inside("sha256_of"):
+            opened.append(args[0])
+
+    sys.addaudithook(hook)  # (a hook stays for the process: it counts this file only)
+    evaluate_files(rows)
+    assert len(opened) == 1, opened
+
+
+def _inside(function: str) -> bool:
+    """Whether a frame of the calling stack runs ``function``."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
