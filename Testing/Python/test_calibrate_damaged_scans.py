@@ -87,3 +87,20 @@ def test_recalibrate_from_python_names_every_damaged_scan_and_mask_before_scorin
     assert main(["calibrate", "--manifest", str(tmp_path / "list.csv"), "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"{broken}" in err and "Healthy volume" not in err and not out.exists(), err
+
+
+def test_when_no_healthy_scan_can_be_read_the_error_speaks_of_no_others(tmp_path, capsys) -> None:
+    """A 4D fMRI and a 2D PNG given to calibrate were refused as '2 of the 2 volumes could not be read (the others
+    were read)': there were no others."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    volume = sitk.GetImageFromArray(np.zeros((8, 9, 10, 3), np.float32), isVector=False)
+    sitk.WriteImage(volume, str(tmp_path / "fmri.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(64, dtype=np.uint8).reshape(8, 8)), str(tmp_path / "slice.png"))
+    out = tmp_path / "site.cevae"
+    assert main(["calibrate", str(tmp_path / "fmri.nii.gz"), str(tmp_path / "slice.png"), "--out", str(out),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: Neither of the 2 volumes could be read: ") and "\n" not in err, err
+    assert "others" not in err and not out.exists()

@@ -294,8 +294,9 @@ def readable_subjects(subjects: Sequence[Subject], checksums: Mapping[Path, str]
             read_image(mask, "brain mask")
         except CeVAEError as exc:
             problems.append(str(exc))
-    if problems:
-        raise UnreadVolumes(problems, len(voxels), "the others were read")
+    if problems:  # (brain masks counted among the volumes where one is unreadable)
+        raise UnreadVolumes(problems, len(voxels) + (len(masks) if len(problems) > len(unread) else 0),
+                            "the others were read")
     return voxels
 
 

@@ -122,7 +122,10 @@ class UnreadVolumes(CeVAEError):
             return
         said = self.problems[:_UNREAD_SAID]
         more = len(self.problems) - len(said)
-        super().__init__(f"{len(self.problems)} of the {volumes} volumes could not be read ({others}): "
+        none = "Neither" if volumes == 2 else "None"  # (all of them: no others to speak of)
+        head = (f"{len(self.problems)} of the {volumes} volumes could not be read ({others})"
+                if len(self.problems) < volumes else f"{none} of the {volumes} volumes could be read")
+        super().__init__(f"{head}: "
                          + " ".join(said) + (f" ... and {more} more." if more else ""))
 
     def __reduce__(self) -> tuple:  # (a copy sent to another process keeps its list)
