@@ -500,3 +500,31 @@ def test_a_ct_given_to_a_t1_model_is_warned_of_once(tmp_path, tiny_bundle, caplo
                         PostprocessOptions(), ["combi"], check_contrast=True)
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len([m for m in said if "Hounsfield" in m or "another contrast" in m]) == 1, said
+
+
+def test_a_brain_mask_reaching_beyond_the_image_is_used_on_it_with_a_warning(tmp_path, tiny_bundle, caplog):
+    """A brain mask on another grid whose brain lies partly outside the image was resampled with a word of the
+    resampling only: another scan's mask (here of 2 mm voxels) was used on what little of it fell on the image, with
+    nothing said. Its share outside the image is now said, with what it means; a scan covering part of the brain with
+    the mask of a whole-brain scan of the same session (a common case) is still scored on its part."""
+    image, mask = make_head(seed=5)
+    other = sitk.Image(mask)
+    other.SetSpacing((2.0, 2.0, 2.0))
+    detector = Detector(load_bundle(tiny_bundle), policy=ThresholdPolicy(threshold=1.0))
+    with caplog.at_level(logging.WARNING):
+        assert detector(image, other).threshold == 1.0
+    said = [r.getMessage() for r in caplog.records if "outside the image" in r.getMessage()]
+    assert len(said) == 1 and "is the mask this scan's?" in said[0] and "covers part of the head" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        detector(image[:, :, 4:24], mask)  # a partial-coverage scan, the whole brain's mask on its own grid
+    said = [r.getMessage() for r in caplog.records if "covers part" in r.getMessage()]
+    assert len(said) == 1 and "outside the image" in said[0], said  # (not the edge's warning as well)
+    finer = sitk.Image([n * 2 for n in mask.GetSize()], mask.GetPixelID())  # the mask's box in half voxels
+    finer.SetSpacing([v / 2 for v in mask.GetSpacing()])
+    finer.SetOrigin(mask.TransformContinuousIndexToPhysicalPoint([-0.25] * 3))
+    finer.SetDirection(mask.GetDirection())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        detector(image, sitk.Resample(mask, finer, sitk.Transform(), sitk.sitkNearestNeighbor))  # on the image
+    assert not [r for r in caplog.records if "outside the image" in r.getMessage()]

@@ -295,7 +295,15 @@ class Detector:
         stack = prepare(image, brain, self.bundle.preprocess)  # refuses an empty mask before it is warned of
         if given:  # (the automatic mask warns of both itself)
             warn_unlike_a_brain(brain, image, where)
-            _warn_of_partial_coverage(brain, image.GetSpacing()[::-1], where)
+            outside = 0.0 if same_grid(mask, image) else _share_outside(mask, image)
+            if outside > _MASK_OUTSIDE_SHARE:
+                log.warning("%s%.0f %% of the brain mask lies outside the image: only its part on the image is taken "
+                            "as the brain. If the scan covers part of the head, its brain's intensities are scaled on "
+                            "the part it holds and its scores may not compare with those of whole scans; if not, is "
+                            "the mask this scan's? Give the mask made on this scan, or none for the automatic one.",
+                            where, 100 * outside)
+            else:
+                _warn_of_partial_coverage(brain, image.GetSpacing()[::-1], where)
         else:
             _tell_non_finite_background(image, where)
         return stack, brain
@@ -452,6 +460,22 @@ def _tell_non_finite_background(image: sitk.Image, where: str) -> None:
     count = values.size - int(np.count_nonzero(np.isfinite(values)))
     log.info("%s%d voxels of the image are NaN or infinite: the automatic brain mask was made with them as "
              "background, and none of them is scored.", where, count)
+
+
+def _share_outside(mask: sitk.Image, image: sitk.Image) -> float:
+    """The share of ``mask``'s brain voxels (a sample of them) whose centres lie outside ``image`` (beyond half a voxel
+    from its edge voxels' centres), in physical space."""
+    brain = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]  # (x, y, z) indices
+    brain = brain[:: max(1, len(brain) // _SAMPLED_VOXELS)]
+    if len(brain) == 0 or mask.GetDimension() != 3:
+        return 0.0
+    to_world = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
+    to_image = np.linalg.inv(np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing()))
+    index = (brain @ to_world.T + np.array(mask.GetOrigin()) - np.array(image.GetOrigin())) @ to_image.T
+    return float(np.mean(np.any((index < -0.5) | (index > np.array(image.GetSize()) - 0.5), axis=1)))
+
+
+_MASK_OUTSIDE_SHARE = 0.01  # of a given mask's brain voxels outside the image: said
 
 
 def _warn_of_partial_coverage(brain: np.ndarray, spacing: Sequence[float], where: str) -> None:
