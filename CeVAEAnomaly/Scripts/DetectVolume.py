@@ -112,6 +112,30 @@ def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False
     return node, image
 
 
+def load_mask(scene: slicer.vtkMRMLScene, path: Path, volume: slicer.vtkMRMLVolumeNode, image: "sitk.Image"
+              ) -> Tuple[slicer.vtkMRMLVolumeNode, List[str]]:
+    """The node of the brain mask file at ``path`` for the input ``volume`` (``image``: its file as detect reads it),
+    and the warnings reading it gave. A mask on another grid than the input file is resampled here as detect
+    resamples it, from the two files' grids, and its node holds the brain on ``volume``'s grid: resampled from the
+    nodes, a voxel centre lying exactly between two mask voxels took the other one where Slicer reverses a
+    left-handed file's slice axis or reads an oblique grid's matrices a few bits off (brains thousands of voxels
+    apart)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.engine.preprocess import mask_array, same_grid
+    from CeVAEAnomalyLib.slicer import mrml
+    from CeVAEAnomalyLib.slicer.logic import _warningsLogged
+
+    node, mask = load_volume(scene, path, labelmap=True)
+    if same_grid(mask, image):
+        return node, []
+    with _warningsLogged() as said:
+        brain = sitk.GetImageFromArray(mask_array(mask, image).astype(np.uint8))
+    brain.CopyInformation(image)
+    mrml.update_volume_from_image(node, on_grid(brain, mrml.image_from_volume(volume)))
+    return node, said
+
+
 def restore_non_finite(node: slicer.vtkMRMLVolumeNode, path: Path, image: "sitk.Image") -> None:
     """Put back the NaN/Inf voxels of a float NIfTI (or .hdr/.img pair) that the storage node's reader (ITK) turned
     into 0, as the command line keeps them (``image``: ``path`` as its reader gives it): they are left out of the
@@ -294,11 +318,12 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
         read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
         volume, image = load_volume(scene, args.input)
         restore_non_finite(volume, args.input, image)
-        mask = load_volume(scene, args.mask, labelmap=True)[0] if args.mask else None
+        mask, said = load_mask(scene, args.mask, volume, image) if args.mask else (None, [])
         sources = input_files(image=args.input, mask=args.mask)  # the files just read, for the record
         result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
                                                   progress=Progress())
-        result.detection.record = replace(result.detection.record, inputs=sources)
+        record = result.detection.record  # with the warnings of the mask's resampling, as detect's record
+        result.detection.record = replace(record, inputs=sources, warnings=tuple(said) + record.warnings)
         written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model),
                                 source=args.input, published=published)
     log.info("Wrote %s.", ", ".join(str(p) for p in written))
