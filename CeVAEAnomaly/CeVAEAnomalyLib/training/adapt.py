@@ -37,7 +37,7 @@ from ..progress import ProgressCallback, checked, labelled, report, scaled
 from ..system import command_word
 from .adapt_plan import (MIN_SCANS, TIMED_STEPS, AdaptOptions, Pace, calibration_left, calibration_seconds,
                          describe_estimate, fine_tuning_left, fold_files, fold_plan, mixed_acquisitions, output_paths,
-                         run_files, run_names, training_seconds)
+                         resumed_note, run_files, run_names, training_seconds)
 from .cache import SliceCache, temporary_cache, voxel_checksums_or_errors
 from .config import TrainConfig, recorded_augment
 from .data import person_groups, unique_subjects
@@ -233,6 +233,9 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         if run != "final":
             _refuse_other_folds(trainer, runs.index(run), plan, subjects, checksums, folds, wording)
         trainer.check_resume()
+    if resumed:  # the estimate said before counted every step
+        done = sum(int(trainer.check_resume()["step"]) for trainer in resumed.values())  # type: ignore[call-overload]
+        log.info("%s", resumed_note(done, len(runs), steps, configs["final"].batch_size, configs["final"].device))
     for n, run in enumerate(runs):
         trainer = resumed.pop(run, None)  # built before the first run (a resume's)
         # its scans as they are now (hashed again only where changed), before a run built now reads them

@@ -163,6 +163,22 @@ def describe_estimate(n_scans: int, device: str, options: AdaptOptions = AdaptOp
             "Once fine-tuning runs, its progress says the measured pace and the time left.")
 
 
+def resumed_note(done: int, runs: int, steps: int, batch_size: int, device: str = "cpu") -> str:
+    """What a resumed adaptation says once its checkpoints are read: the fine-tuning steps they hold (``done``, of
+    ``runs`` runs of ``steps`` steps at ``batch_size``) and the rest of the fine-tuning at the estimate's pace (the
+    estimate before it counted every step)."""
+    total = runs * steps
+    if done >= total:
+        rest = "the fine-tuning is done; the calibration takes its estimated time"
+    else:
+        seconds = (total - done) * batch_size / MEASURED_BATCH / CPU_STEPS_PER_S  # as training_seconds
+        where = f", on {device} much less" if device not in ("cpu", "auto") else ""
+        rest = (f"the rest of the fine-tuning takes roughly {max(1, int(math.ceil(seconds / 60)))} min on a 2-core CPU "
+                f"busy with other jobs{where}; then the calibration takes its estimated time")
+    return (f"Resuming: the checkpoints hold {done} of the {total} fine-tuning steps ({runs} runs of {steps}), so "
+            f"{rest}.")
+
+
 class Pace:
     """How fast one part of an adaptation goes, timed as it runs, and the seconds it has left.
 
