@@ -365,3 +365,16 @@ def test_a_volume_named_only_sub_label_is_that_persons_scan():
     assert [node_person(name) for name in ("sub-01", "sub-01_1", "Sub-02", "sub-", "sub-01 copy", "xsub-03")] == [
         "01", "01", None, None, None, None]
     assert persons_scanned([node_person("sub-01"), node_person("sub-01_ses-2_T1w")]) == 1
+
+
+def test_the_estimate_beside_an_interrupted_adaptation_says_a_resume_takes_less(tmp_path):
+    """The panel's estimate counted every fine-tuning step also where the file's interrupted adaptation had
+    checkpoints that Adapt offers to resume from: a resume skips the steps they hold, which the estimate now says."""
+    out = tmp_path / "scanner.cevae"
+    (tmp_path / "scanner.cevae.fold1.ckpt").write_bytes(b"")
+    choice = adapt_choice(3, str(out), None, "cpu")
+    assert choice.resumable and choice.message == (
+        f"{describe_estimate(3, 'cpu')} Resuming the interrupted adaptation to this file (Adapt asks) skips the "
+        "fine-tuning steps its checkpoints hold (scanner.cevae.fold1.ckpt), so it takes less.")
+    (tmp_path / "scanner.cevae.fold1.ckpt").unlink()
+    assert adapt_choice(3, str(out), None, "cpu").message == describe_estimate(3, "cpu")  # nothing to resume

@@ -166,7 +166,18 @@ def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     start = f"Starting from {model.name}: " if model is not None else ""  # (after an adaptation: the adapted one)
     estimate = describe_estimate(volumes, device, options, persons if persons < volumes else None,
                                  _thorough_modes(model), f"the {device_name} chosen as Device" if device_name else "")
-    return AdaptChoice(True, " ".join(text for text in (start + estimate, note) if text), existing)
+    return AdaptChoice(True, " ".join(text for text in (start + estimate, _resume_note(existing), note) if text),
+                       existing)
+
+
+def _resume_note(existing: Sequence[Path]) -> str:
+    """What the estimate adds beside the files ``existing`` of an interrupted adaptation that Adapt offers to resume:
+    that the estimate counts the steps its checkpoints hold, which a resume skips; "" where there is none."""
+    if not resumable(existing):
+        return ""
+    names = ", ".join(path.name for path in existing if path.name.endswith(".ckpt"))
+    return (f"Resuming the interrupted adaptation to this file (Adapt asks) skips the fine-tuning steps its "
+            f"checkpoints hold ({names}), so it takes less.")
 
 
 def adaptation_stopped(request: Mapping[str, Any]) -> str:
