@@ -124,12 +124,12 @@ def load_mask(scene: slicer.vtkMRMLScene, path: Path, volume: slicer.vtkMRMLVolu
     import SimpleITK as sitk
     from CeVAEAnomalyLib.engine.preprocess import mask_array, same_grid
     from CeVAEAnomalyLib.slicer import mrml
-    from CeVAEAnomalyLib.slicer.logic import _warningsLogged
+    from CeVAEAnomalyLib.slicer.logic import warningsLogged
 
     node, mask = load_volume(scene, path, labelmap=True)
     if same_grid(mask, image):
         return node, []
-    with _warningsLogged() as said:
+    with warningsLogged() as said:
         brain = sitk.GetImageFromArray(mask_array(mask, image).astype(np.uint8))
     brain.CopyInformation(image)
     mrml.update_volume_from_image(node, on_grid(brain, mrml.image_from_volume(volume)))

@@ -377,7 +377,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         request = DetectionRequest.given(request, **options)
         checked(progress)
         scene = self._checkInputs(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D)
-        with _warningsLogged() as warnings, _closeWatched(scene, volumeNode) as refuseClosed:
+        with warningsLogged() as warnings, _closeWatched(scene, volumeNode) as refuseClosed:
             device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before the read
             request = dataclasses.replace(request, run=dataclasses.replace(request.run, device=str(device)))  # once
             watched = _untilClosed(progress, refuseClosed)  # the callback may run the GUI (a close, a deletion)
@@ -458,7 +458,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         self._checkInputs(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D)
         _modelFile(modelPath)  # said now, not by the worker after the copy
         state, frame = _state(volumeNode), sequence_frame(volumeNode)
-        with _warningsLogged() as said:  # (for the result, with the worker's)
+        with warningsLogged() as said:  # (for the result, with the worker's)
             image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
         folder = _jobFolder(JOB_FOLDER_PREFIX)
         try:
@@ -515,7 +515,7 @@ class CeVAEAnomalyLogic(_LogicBase):
                                  "(by a clean-up of temporary files?), before its results were loaded; nothing was "
                                  "loaded. Run it again.")
             outputs, new_nodes = target.outputs_now()
-            with _warningsLogged() as warnings:
+            with warningsLogged() as warnings:
                 result = self.publish(target.volume, load_result(job.folder), outputs, target.createLabelmap,
                                       target.show3D, target.mask, new_nodes, target.frame)
             said = (*target.said, *job.warnings, *warnings)
@@ -722,8 +722,9 @@ def _recorded(result: CeVAEAnomalyResult) -> CeVAEAnomalyResult:
 
 
 @contextlib.contextmanager
-def _warningsLogged() -> Iterator[List[str]]:
-    """The messages of the library's warnings logged in the block (still logged as usual), for the result."""
+def warningsLogged() -> Iterator[List[str]]:
+    """The messages of the library's warnings logged in the block (still logged as usual), for a result's warnings
+    (DetectVolume.py adds those of reading its mask file)."""
     messages: List[str] = []
     handler, library = _Collected(messages), logging.getLogger("CeVAEAnomalyLib")
     library.addHandler(handler)
