@@ -474,9 +474,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--prefix", default="benchmark_acquisition", help="output names: <prefix>.json, <prefix>_tables.md")
     p.add_argument("--maps-levers", help="comma-separated substrings of MAPS names (default: all)")
-    p.add_argument("--variants", help="comma-separated variants to evaluate (default: all of the caches); the healthy "
-                                      "scans of every cached variant still set the thresholds, so runs over disjoint "
-                                      "variants give the rows one run gives (join them with --merge)")
+    p.add_argument("--variants", nargs="+", metavar="VARIANT",
+                   help="variants to evaluate, each a quoted name (some hold commas; default: all of the caches); the "
+                        "healthy scans of every cached variant still set the thresholds, so runs over disjoint "
+                        "variants give the rows one run gives (join them with --merge)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="join the .json results of runs over disjoint variants into one result and its tables "
                         "(no cache is read)")
@@ -499,10 +500,10 @@ def main() -> None:
     files = {(s, v): paths for (s, v), paths in files.items() if s in subjects or s in calibration}
     variants = [v for v in VARIANTS if any((s, v) in files for s in subjects)]
     if args.variants:
-        unknown = sorted(set(args.variants.split(",")) - set(variants))
+        unknown = sorted(set(args.variants) - set(variants))
         if unknown:
             p.error(f"no cached cases of variants {unknown}; cached: {variants}")
-        variants = [v for v in variants if v in args.variants.split(",")]
+        variants = [v for v in variants if v in args.variants]
     with np.load(next(iter(files.values()))[0]) as z:
         cached = set(z.files)
     levers = [lv for lv in LEVERS if (not args.maps_levers or lv[0] == "default"
