@@ -184,3 +184,20 @@ def test_a_volume_that_cannot_be_sliced_is_named_by_its_path_in_a_cohort_of_one_
         assert main([*argv, "--manifest", str(tmp_path / "m.csv")]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"error: {tmp_path / 'sub-02' / 'anat' / 'T1w.nii.gz'}: ") and "is 2D" in err, err
+
+
+def test_a_file_given_twice_is_said_to_be_used_once(tmp_path, caplog):
+    """``adapt a.nii.gz a.nii.gz`` said "got 1 scan(s)" without a word of the repeat (calibrate and train read
+    their files alike): the repeated path is named, as a copy of a scan is ("repeats the image")."""
+    write(tmp_path, "a.nii.gz", "a_mask.nii.gz")
+    a, mask = tmp_path / "a.nii.gz", tmp_path / "a_mask.nii.gz"
+    with caplog.at_level(logging.WARNING):
+        assert main(["adapt", str(a), str(a), "--out", str(tmp_path / "site.cevae")]) != 0
+    assert f"{a} is given twice; it is used once." in caplog.text
+    caplog.clear()
+    again = tmp_path / "sub" / ".." / "a.nii.gz"  # another spelling of it, and its mask twice
+    (tmp_path / "sub").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert read(a, again, mask, mask) == [("a.nii.gz", "a_mask.nii.gz")]
+    assert f"{again} is the image {a} given again; it is used once." in caplog.text
+    assert f"The brain mask {mask} is given twice; it is used once." in caplog.text

@@ -71,8 +71,12 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
         of = mask_key(file_stem(p))
         found, key, kind = (images, file_stem(p), "image") if of is None else (masks, of, "brain mask")
         where = (p.parent.resolve(), key)
-        if not _same(found.setdefault(where, p), p):
-            raise CeVAEError(f"{found[where]} and {p} are both the {kind} of {owner(key)}; give one of them.")
+        first = found.setdefault(where, p)
+        if not _same(first, p):
+            raise CeVAEError(f"{first} and {p} are both the {kind} of {owner(key)}; give one of them.")
+        if first is not p:
+            said = "is given twice" if first == p else f"is the {kind} {first} given again"
+            log.warning("%s %s; it is used once.", f"The brain mask {p}" if of is not None else p, said)
     mask_of: Dict[Path, Optional[Path]] = {}  # image file kept -> its mask file (None: none given)
     for folder in sorted({f for f, _ in [*images, *masks]}):
         here = leave_out_stripped_copies({k: p for (f, k), p in images.items() if f == folder},
@@ -126,7 +130,7 @@ def _refuse_nested_cohort(folder: Path) -> None:
 
 
 def _same(a: Path, b: Path) -> bool:
-    """Whether two given paths name one file (the same file given twice is dropped later, with a warning)."""
+    """Whether two given paths name one file (the same file given twice is used once, with a warning)."""
     return a.resolve() == b.resolve()
 
 
