@@ -378,3 +378,46 @@ def test_the_estimate_beside_an_interrupted_adaptation_says_a_resume_takes_less(
         "fine-tuning steps its checkpoints hold (scanner.cevae.fold1.ckpt), so it takes less.")
     (tmp_path / "scanner.cevae.fold1.ckpt").unlink()
     assert adapt_choice(3, str(out), None, "cpu").message == describe_estimate(3, "cpu")  # nothing to resume
+
+
+def test_a_second_run_onto_the_model_in_use_says_what_to_choose(tmp_path, monkeypatch):
+    """Once an adaptation finishes, its output is the model in use, and the output field still names it: a second
+    Adapt was refused with "cannot replace the model it starts from" alone. It now says what to do: choose the model
+    it came from first (the bundled one: 'Use bundled model'), or another output file. The logic refuses it so too,
+    before any copy (the worker refused it after copying the volumes)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import pytest
+
+    slicer = pytest.importorskip("slicer")
+    from conftest import add_volume, make_head
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    site = tmp_path / "site.cevae"
+    site.write_bytes(b"an adapted model, now in use")
+    for kind, verb in (("adapted", "adapt"), ("calibrated", "calibrate")):
+        said = output_problem(str(site), site, kind)
+        assert said.startswith(f"Save the {kind} model under a new name; it cannot replace the model it starts from")
+        assert f"To {verb} the model it came from again, choose that model first ('Use bundled model'" in said
+        assert "choose another output file" in said
+    assert adapt_choice(3, str(site), site, "cpu").message == output_problem(str(site), site, "adapted")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    scene = slicer.vtkMRMLScene()
+    volumes = [add_volume(scene, make_head(seed=i + 1)[0], f"sub-0{i + 1}_T1w") for i in range(2)]
+
+    def quiet(args):  # a worker that does nothing: it must not be started
+        return subprocess.Popen([sys.executable, "-c", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    logic = CeVAEAnomalyLogic()
+    with pytest.raises(CeVAEError) as adapting:
+        logic.startAdaptation(volumes, [None, None], site, modelPath=site, device="cpu", launch=quiet)
+    assert str(adapting.value) == output_problem(str(site), site, "adapted")
+    with pytest.raises(CeVAEError) as calibrating:
+        logic.startCalibration(volumes, [None, None], site, modelPath=str(site), launch=quiet)
+    assert str(calibrating.value) == output_problem(str(site), site, "calibrated")
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -67,9 +67,25 @@ def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[st
         return f"The {kind} model needs a file name, not a folder."
     if not out.name.lower().endswith(BUNDLE_SUFFIX) or out.name.lower() == BUNDLE_SUFFIX:
         return f"The {kind} model needs a {BUNDLE_SUFFIX} file name, such as site{BUNDLE_SUFFIX}, not '{out.name}'."
-    if model is not None and Inputs([model]).which(out) is not None:
-        return f"Save the {kind} model under a new name; it cannot replace the model it starts from."
-    return bundled_model_problem(out, kind)
+    return bundled_model_problem(out, kind) or replaced_model_problem(out, model, kind)
+
+
+_RUNS = {"adapted": ("adapt", "an adaptation's"), "calibrated": ("calibrate", "a calibration's")}
+
+
+def replaced_model_problem(out: Path, model: Optional[Path], kind: str) -> Optional[str]:
+    """Why the ``kind`` model cannot be saved at ``out`` when that is the ``model`` it starts from (by path, link or
+    inode), which a run never replaces, with what to choose instead (a finished run's output is the model in use, and
+    the output field still names it); None otherwise."""
+    if model is None or Inputs([model]).which(out) is None:
+        return None
+    said = f"Save the {kind} model under a new name; it cannot replace the model it starts from, {model.name}"
+    if kind not in _RUNS:
+        return f"{said}. Choose another output file."
+    verb, output = _RUNS[kind]
+    return (f"{said} (the model in use, as {output} output is once it finishes). To {verb} the model it came from "
+            f"again, choose that model first ('Use bundled model' for the bundled one); to {verb} {model.name} "
+            "itself, choose another output file.")
 
 
 def bundled_model_problem(out: Path, kind: str) -> Optional[str]:

@@ -563,9 +563,8 @@ class CeVAEAnomalyLogic(_LogicBase):
         request = DetectionRequest.of(device=device, test_time_steps=THOROUGH_STEPS if thorough else None,
                                       **(postprocess or {}))  # refused before any copy
         check_calibratable(*request.options(ScoreOptions(), PostprocessOptions()))  # and values a model may not hold
-        _modelFile(modelPath)
         # said now, not by the worker after the copies
-        _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite, "calibrated")
+        _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite, "calibrated", model=_modelFile(modelPath))
         return self._startOnHealthy("calibrate", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, request=request.to_dict(),
                                     out=str(outputPath), overwrite=bool(overwrite))
@@ -594,7 +593,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError(f"Choose at least {MIN_SCANS} healthy volumes to adapt the model to.")
         DetectionRequest.of(device=device)  # the device's name, checked as everywhere
         checked = adapt_options(options or {}, device=device, overwrite=bool(overwrite))  # before any copy
-        _modelFile(modelPath)
+        model = _modelFile(modelPath)
         persons = persons_scanned([node_person(volume.GetName()) for volume in volumes])  # as the run counts them
         if persons < MIN_SCANS:
             raise CeVAEError(f"The volumes are scans of {persons} person (their names' sub-<label>); choose scans of "
@@ -607,7 +606,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         if not checked.resume:
             _refuseOutput(Path(outputPath), earlier, overwrite, "adapted",
                           " (or options={'resume': True} to continue the adaptation that wrote them)"
-                          if interrupted else "")
+                          if interrupted else "", model)
         return self._startOnHealthy("adapt", volumes, masks, launch, python,
                                     model=str(modelPath) if modelPath else None, device=device,
                                     out=str(outputPath), overwrite=bool(overwrite),
@@ -762,19 +761,20 @@ def _modelFile(modelPath: Any) -> Optional[Path]:
     return path
 
 
-def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, kind: str, resume: str = "") -> None:
-    """Refuse a ``kind`` ("calibrated", "adapted") model output ``path`` that is a folder or the bundled model, or
-    files a run would write (``written``) that exist without ``overwrite``; ``resume`` says how to continue
-    instead."""
+def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, kind: str, resume: str = "",
+                  model: Optional[Path] = None) -> None:
+    """Refuse a ``kind`` ("calibrated", "adapted") model output ``path`` that is a folder, the ``model`` the run
+    starts from (None: the bundled one) or the bundled model, or files a run would write (``written``) that exist
+    without ``overwrite``; ``resume`` says how to continue instead."""
     if path.is_dir():
         raise CeVAEError(f"The model file {path} is a folder; give the path of a .cevae file.")
     from ..io.naming import refuse_misnamed
-    from .adapt_panel import bundled_model_problem
+    from .adapt_panel import bundled_model_problem, replaced_model_problem
 
     refuse_misnamed(path, "model file", "a .cevae bundle", ".cevae")
-    bundled = bundled_model_problem(path, kind)
-    if bundled is not None:  # even with overwrite
-        raise CeVAEError(bundled)
+    problem = bundled_model_problem(path, kind) or replaced_model_problem(path, model, kind)
+    if problem is not None:  # even with overwrite
+        raise CeVAEError(problem)
     existing = [p for p in written if p.exists()]
     if existing and not overwrite:
         raise CeVAEError(f"{', '.join(str(p) for p in existing)} exist(s); choose another file, or pass "
