@@ -327,6 +327,14 @@ def model_training_checkpoint(d: Path, g: Inputs) -> Inputs:
     return Inputs(g.image, g.mask, d / "site.cevae.ckpt")
 
 
+def model_zipped(d: Path, g: Inputs) -> Inputs:
+    import zipfile
+
+    with zipfile.ZipFile(d / "site.cevae", "w") as archive:  # a model zipped to send it, then named for it
+        archive.write(g.model, "site.cevae")
+    return Inputs(g.image, g.mask, d / "site.cevae")
+
+
 def model_finished_runs_checkpoint(d: Path, g: Inputs) -> Inputs:
     shutil.copy(g.model, d / "site.cevae")  # the run finished: its model is beside its checkpoint
     return model_training_checkpoint(d, g)
@@ -741,14 +749,17 @@ CASES: Dict[str, Case] = {
     "pickle as .cevae": Case(model_pickle(".cevae", 5), REFUSED, r"pickle / PyTorch checkpoint.*refused unread"),
     "pickle as .safetensors": Case(model_pickle(".safetensors", 3), REFUSED, r"pickle / PyTorch checkpoint"),
     "protocol-0 pickle as .cevae": Case(model_pickle(".cevae", 0), REFUSED, r"not a valid safetensors file"),
-    "torch.save payload as .pt": Case(model_torch_payload, REFUSED, r"pickle / PyTorch checkpoint"),
-    "torch state dict, other keys": Case(model_torch_state_dict, REFUSED, r"resnet\.pth is a Python pickle.*code\. "
-                                         r"Instead, use a CeVAEAnomaly model file \(\.cevae\)\.$"),
+    "torch.save payload as .pt": Case(model_torch_payload, REFUSED, r"zip archive \(such as a PyTorch checkpoint\)"),
+    "zip archive as the model": Case(model_zipped, REFUSED, r"site\.cevae is a zip archive \(such as a PyTorch "
+                                     r"checkpoint\), not a CeVAEAnomaly bundle\. It is refused unread"),
+    "torch state dict, other keys": Case(model_torch_state_dict, REFUSED, r"resnet\.pth is a zip archive.*code\. "
+                                         r"Instead, use a CeVAEAnomaly model file \(\.cevae\); a zipped one must be "
+                                         r"unzipped first\.$"),
     "a finished run's checkpoint as the model": Case(model_finished_runs_checkpoint, REFUSED,
                                                      r"It is a training checkpoint; its run's model is .*site\.cevae: "
                                                      r"give that\.$"),
     "a training checkpoint as the model": Case(model_training_checkpoint, REFUSED,
-                                               r"site\.cevae\.ckpt is a Python pickle.*It looks like a training "
+                                               r"site\.cevae\.ckpt is a zip archive.*It looks like a training "
                                                r"checkpoint: run the train \(or adapt\) command that wrote it again "
                                                r"with --resume"),
     "safetensors, other tensors": Case(model_other_safetensors, REFUSED, r"not a CeVAEAnomaly model bundle"),

@@ -409,8 +409,8 @@ def test_a_training_checkpoint_chosen_as_the_model_says_how_the_panel_resumes_it
     checkpoint = tmp_path / "site.cevae.ckpt"
     torch.save({"step": 40, "model": {"fc.bias": torch.ones(10)}}, checkpoint)  # as a killed run leaves it
     p = parameters(slicer.vtkMRMLScene(), useBundledModel=False, modelPath=str(checkpoint))
-    refused = (f"{checkpoint} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused unread "
-               "because loading such files can execute arbitrary code. ")
+    refused = (f"{checkpoint} is a zip archive (such as a PyTorch checkpoint), not a CeVAEAnomaly bundle. It is "
+               "refused unread because loading a checkpoint can execute arbitrary code. ")
     said = settings.model_problem(p)
     assert said == (f"{refused}It looks like the checkpoint of an interrupted training or adaptation: resuming that "
                     "run writes its model bundle. An adaptation started in Slicer is resumed with Adapt: choose the "

@@ -461,12 +461,13 @@ def _table_problem(table: Dict[str, Any]) -> Optional[str]:
 
 
 class PickleGivenAsModel(CeVAEError):
-    """A Python pickle (a PyTorch checkpoint) given as a model bundle, refused unread. Where it is the checkpoint of a
+    """A Python pickle or a zip archive (``zipped``; PyTorch's checkpoints are both) given as a model bundle, refused
+    unread, each named for what it is. Where it is the checkpoint of a
     run of train or adapt (OUT.ckpt, OUT.foldN.ckpt), the message names the run's model, or says how to resume the
     run, as a library caller and the Slicer panel's user do it; :meth:`for_command_line` with the commands' words."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, zipped: bool = False) -> None:
+        self.path, self.zipped = path, zipped
         own = path.name.endswith(".ckpt") and ".cevae" in path.name
         self.model = path.with_name(path.name[: path.name.index(".cevae") + len(".cevae")]) if own else None
         super().__init__(self._said(
@@ -483,9 +484,13 @@ class PickleGivenAsModel(CeVAEError):
     def _said(self, take: str, resume: str) -> str:
         """The message; where it is a run's checkpoint, ``take`` (the run's model) if that is written, else ``resume``
         (a template of the model's file ``{name}``)."""
-        hint = f" Instead, {USE_A_MODEL}." if self.model is None else (
+        unzip = "; a zipped one must be unzipped first" if self.zipped else ""
+        hint = f" Instead, {USE_A_MODEL}{unzip}." if self.model is None else (
             f" It is a training checkpoint; its run's model is {self.model}: {take}." if self.model.is_file()
             else " " + resume.format(name=self.model.name))
+        if self.zipped:
+            return (f"{self.path} is a zip archive (such as a PyTorch checkpoint), not a CeVAEAnomaly bundle. It is "
+                    f"refused unread because loading a checkpoint can execute arbitrary code.{hint}")
         return (f"{self.path} is a Python pickle / PyTorch checkpoint, not a CeVAEAnomaly bundle. It is refused "
                 f"unread because loading such files can execute arbitrary code.{hint}")
 
@@ -508,7 +513,7 @@ def _check_file(p: Path) -> Path:
     # lowest byte is 0x80 must not be taken for the start of a pickle
     safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _MAX_TABLE_BYTES
     if not safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
-        raise PickleGivenAsModel(p)
+        raise PickleGivenAsModel(p, zipped=head[:1] == b"P")
     if not head:
         raise CeVAEError(f"The model file {p} is empty (0 bytes); copy it again, or {USE_A_MODEL}.")
     if len(head) < 8:
