@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
@@ -628,3 +629,36 @@ def test_the_summary_says_plainly_what_the_model_it_was_adapted_from_had_at_that
         "its own default settings")
     assert adapt_mod.compared_with_parent(replace(parent, default_fpr=0.5), "p.cevae") == (
         "the model it was adapted from, p.cevae, gets 0 there, which would flag the whole brain")
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("steps_per_run", "lots", r"adaptation\.steps_per_run must be a whole number"),
+    ("steps_per_run", 0, r"adaptation\.steps_per_run must be a whole number"),
+    ("steps_per_run", 2.5, r"adaptation\.steps_per_run must be a whole number"),
+    ("lr", float("nan"), r"adaptation\.lr must be a finite number in \(0, "),
+    ("lr", -1e-4, r"adaptation\.lr must be a finite number in \(0, "),
+    ("lr", True, r"adaptation\.lr must be a finite number in \(0, "),
+    ("folds", 3, r"adaptation\.folds must be a list of 1 or more folds"),
+    ("folds", [], r"adaptation\.folds must be a list of 1 or more folds"),
+    ("folds", [{"held_out": "scan_a", "trained_on": ["scan_b"]}], r"adaptation\.folds\[0\]\.held_out must be a list"),
+    ("folds", [{"held_out": ["scan_a"]}], r"adaptation\.folds\[0\]\.trained_on must be a list"),
+])
+def test_the_adaptation_records_folds_steps_and_rate_are_checked_as_adapt_writes_them(
+        tiny_bundle, site, tmp_path_factory, tmp_path, key, value, said):
+    """read_header checked an adapted model's site scans but not its folds, steps per run and learning rate, which
+    info prints ("lots steps per run", "learning rate nan"): they are checked as adapt writes them, and what this
+    version writes loads."""
+    from test_untrusted_bundles import rewrite
+
+    adapted = tmp_path_factory.getbasetemp() / "adapted_for_record_checks.cevae"
+    if not adapted.is_file():  # one adaptation for every case
+        adapt_mod.adapt(tiny_bundle, masked(site, "a", "b"), adapted, QUICK)
+    record = read_header(adapted).extra["adaptation"]
+    assert (record["steps_per_run"], record["lr"], len(record["folds"])) == (4, QUICK.lr, 2)
+    path = tmp_path / "edited.cevae"
+    shutil.copyfile(adapted, path)
+    rewrite(path, lambda h, t: h["adaptation"].update({key: value}))
+    with pytest.raises(CeVAEError, match=said):
+        read_header(path)
+    rewrite(path, lambda h, t: [h["adaptation"].pop(k) for k in ("steps_per_run", "lr", "folds")])
+    assert "folds" not in read_header(path).extra["adaptation"]  # (models adapted by earlier versions may lack them)

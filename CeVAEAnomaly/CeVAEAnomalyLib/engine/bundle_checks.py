@@ -168,6 +168,26 @@ def _check_training(header: Mapping[str, Any]) -> None:
     if header.get("adaptation"):  # each as training/packaging.subject_records writes it
         for i, scan in enumerate(scans):
             _texts(f"adaptation.site_scans[{i}]", scan, ("name", "sha256"), ("mask_sha256", "person", "content_sha256"))
+        _check_fine_tuning(header["adaptation"])
+
+
+def _check_fine_tuning(record: Mapping[str, Any]) -> None:
+    """An adapted model's folds, steps per run and learning rate as training/adapt.py writes them, which ``info``
+    says (models adapted by earlier versions may lack them)."""
+    if "steps_per_run" in record:
+        _whole("adaptation.steps_per_run", record["steps_per_run"], 1, 10 ** 9)
+    if "lr" in record:
+        _number("adaptation.lr", record["lr"], 0, math.inf, open_low=True)
+    folds = record.get("folds", [])
+    if "folds" in record and not (isinstance(folds, list) and folds):
+        _fail("adaptation.folds", f"must be a list of 1 or more folds (the scans each held out), got {folds!r}")
+    for i, fold in enumerate(folds):
+        if not isinstance(fold, dict):
+            _fail(f"adaptation.folds[{i}]", f"must be a JSON object, got {type(fold).__name__}")
+        for key in ("held_out", "trained_on"):
+            names = fold.get(key)
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                _fail(f"adaptation.folds[{i}].{key}", f"must be a list of scan names, got {names!r}")
 
 
 def _check_volumes(where: str, volumes: Any) -> None:
