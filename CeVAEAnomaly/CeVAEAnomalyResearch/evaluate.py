@@ -202,6 +202,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     for (row, files), name in named:
         try:
             images = {key: read_image(row[key], role) if row.get(key) else None for key, role in ROLES.items()}
+            _warn_of_a_scan(images["score"], row["score"])
             metrics, split, labels = _evaluate(
                 images["score"], images["gt"], images["mask"], images["labelmap"], axial_axis(images["score"]), name,
                 row.get("gt") or ""
@@ -436,6 +437,30 @@ def _warn_of_easy_negatives(score: np.ndarray, name: str, lifted: str = "the pix
                     "brain in a map of detect) count as healthy voxels ranked below every scored one: %s higher "
                     "than over the brain. Give the brain mask with --mask (a mask column in --cases).",
                     name or "case", 100 * zero, lifted)
+
+
+_FEWEST_SCAN_VALUES = 32  # different whole values of a scan (an 8-bit one at 2 mm holds some 60): fewer may be labels
+_SAMPLED_VALUES = 2_000_000  # values sampled (strided) to tell a scan from a score map
+
+
+def _warn_of_a_scan(score: sitk.Image, file: str) -> None:
+    """Warn where the score map ``file`` looks like a scan (the scan given for its score map): its values are whole
+    numbers, of an integer type or a float file, many different ones, as an MRI's are; a score map's (detect's float32
+    map, another method's) are fractional. A warning, not a refusal: a method may write whole-number scores."""
+    values = sitk.GetArrayViewFromImage(score).ravel()
+    values = values[:: max(1, values.size // _SAMPLED_VALUES)]
+    if values.dtype.kind == "f":
+        values = values[np.isfinite(values)]
+        if np.any(values != np.round(values)):
+            return
+    elif values.dtype.kind not in "iu":
+        return
+    distinct = len(np.unique(values))
+    if distinct > _FEWEST_SCAN_VALUES:
+        log.warning("The score map %s looks like a scan, not a score map: its values are whole numbers (%g to %g, %d "
+                    "different ones sampled), as an MRI's are, where a score map (detect's, or another method's) holds "
+                    "fractional scores. Check that it is the score map and not the scan it was made from: its "
+                    "figures rank the voxels by intensity.", file, values.min(), values.max(), distinct)
 
 
 def _above_zero(image: sitk.Image) -> np.ndarray:

@@ -161,3 +161,37 @@ def test_slice_auroc_of_a_real_head_makes_no_full_volume_copy() -> None:
     truth_image = sitk.GetImageFromArray(truth.astype(np.uint8))
     truth_image.CopyInformation(score)
     assert evaluate_case(score, truth_image, mask).slice_auroc == was
+
+
+def test_a_scan_given_as_the_score_map_is_warned_of_a_score_map_is_not(
+        tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    """``evaluate --score T1.nii.gz`` ranked the voxels by intensity and printed its figures without a word. A scan's
+    voxels are whole numbers (an integer type, or a float file of whole values: robex's), a score map's fractional
+    ones: detect's (float32, written here), and another method's float map, are taken without a warning."""
+    import numpy as np
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.cli.main import main
+    from CeVAEAnomalyLib.data import data_path
+
+    for head in (real("mni152", "t1"), real("robex", "t1"), Path("/tmp/heads/cortex_s1_t1.nii.gz")):
+        if not head.is_file():
+            continue
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["evaluate", "--score", str(head), "--mask", str(head.with_name(
+                head.name.replace("_t1", "_brainmask")))]) == 0
+        assert f"The score map {head} looks like a scan, not a score map: its values are whole numbers" \
+               in caplog.text, caplog.text
+    t1, mask = data_path("colin27_t1_2mm.nii.gz"), data_path("colin27_brainmask_2mm.nii.gz")
+    score = tmp_path / "colin_score.nii.gz"
+    assert main(["detect", str(t1), "--mask", str(mask), "--score", str(score), "--device", "cpu"]) == 0
+    image = sitk.ReadImage(str(real("robex", "t1")), sitk.sitkFloat32)
+    other = sitk.GetImageFromArray(np.sqrt(sitk.GetArrayFromImage(image)) / 7)  # another method's float map
+    other.CopyInformation(image)
+    sitk.WriteImage(other, str(tmp_path / "other_method.nii.gz"))
+    for given, of in ((score, mask), (tmp_path / "other_method.nii.gz", real("robex", "brainmask"))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["evaluate", "--score", str(given), "--mask", str(of)]) == 0
+        assert "looks like a scan" not in caplog.text
+    capsys.readouterr()
