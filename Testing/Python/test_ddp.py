@@ -206,3 +206,27 @@ def test_the_ranks_torchrun_stops_after_one_failed_point_to_its_error(tmp_path):
     out = torchrun_failing(tmp_path, "0,1")
     assert out.count(error) == 1, out
     assert re.search(r"\[rank (\d)\] error: the same as rank (?!\1)\d's\.", out), out
+
+
+@pytest.mark.slow
+def test_every_damaged_scan_is_named_once_when_the_ranks_share_a_slice_cache(tmp_path):
+    """With a shared --cache-dir each rank preprocesses its share; a rank stopped at its share's first damaged
+    training scan, so its held-out ones went unread and unnamed (3 damaged scans: 2 named, by 2 ranks in 2 lines),
+    where one process (or the ranks without a shared cache) names all of them in one error. Now so do the ranks."""
+    write_cohort(tmp_path, seeds=(1, 2, 3))
+    for image in ("h1.nii.gz", "h2.nii.gz", "h3.nii.gz"):
+        data = (tmp_path / image).read_bytes()
+        (tmp_path / image).write_bytes(data[: len(data) // 2])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "CeVAEAnomalyLib.cli", "train", "--manifest", str(tmp_path / "train.csv"),
+           "--out", str(tmp_path / "m.cevae"), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in out.splitlines() if re.match(r"\[rank \d\] error: ", line)]
+    named = [line for line in errors if "None of the 3 volumes could be read" in line]
+    assert len(named) == 1 and all(f"h{s}.nii.gz is truncated" in named[0] for s in (1, 2, 3)), out
+    assert [line for line in errors if line not in named] == [
+        f"[rank {1 - int(named[0][6])}] error: the same as rank {named[0][6]}'s."], out
+

@@ -301,17 +301,29 @@ class Trainer:
                  time.perf_counter() - t)
 
     def _prepare_share(self, cache: SliceCache) -> None:
-        """Preprocess this rank's share of the subjects; every rank stops if any of them failed."""
+        """Preprocess this rank's share of the subjects; every rank stops if any of them failed. The volumes that
+        cannot be read, of every rank's share, held-out ones included, are named together in one error (as one
+        process names them), not each rank's first."""
         share = slice(self.dist.rank, None, self.dist.world)
+        unread: List[List[str]] = [[], []]  # this share's training, then held-out volumes that cannot be read
         error: Optional[CeVAEError] = None
         try:
-            cache.prepare(self.train_subjects[share], self.checksums, self.cfg.orientations)
-            cache.prepare(self.val_subjects[share], self.checksums, ("axial",))
+            for n, (subjects, orientations) in enumerate(((self.train_subjects[share], self.cfg.orientations),
+                                                          (self.val_subjects[share], ("axial",)))):
+                try:
+                    cache.prepare(subjects, self.checksums, orientations)
+                except UnreadVolumes as exc:
+                    unread[n] = exc.problems
         except CeVAEError as exc:
             error = exc
-        if any_rank(self.dist, error is not None, self.device):  # also waits for all ranks
-            raise error or CeVAEError("Another rank could not preprocess its share of the volumes; see its "
-                                      "error message.")
+        ranks = gather_objects(self.dist, (unread, error is not None))  # (a collective: also waits for all ranks)
+        problems = [p for part in (0, 1) for mine, _ in ranks for p in mine[part]]
+        if error is not None:
+            raise error
+        if problems:
+            raise UnreadVolumes(problems, len(self.train_subjects) + len(self.val_subjects))
+        if any(failed for _, failed in ranks):
+            raise CeVAEError("Another rank could not preprocess its share of the volumes; see its error message.")
 
     def batches(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """Endless (epoch, batch number, slices) from the current sampler position; ranks see disjoint
