@@ -1,5 +1,6 @@
 """Distributed training: `cevae-anomaly train` under torchrun with 2 CPU ranks (gloo)."""
 import csv
+import io
 import os
 import re
 import subprocess
@@ -230,3 +231,30 @@ def test_every_damaged_scan_is_named_once_when_the_ranks_share_a_slice_cache(tmp
     assert [line for line in errors if line not in named] == [
         f"[rank {1 - int(named[0][6])}] error: the same as rank {named[0][6]}'s."], out
 
+
+class _Writes(io.FileIO):
+    """A file that records each write it is given (the system calls of an unbuffered stream)."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path, "w")
+        self.calls = []
+
+    def write(self, data) -> int:
+        self.calls.append(bytes(data))
+        return super().write(data)
+
+
+def test_a_ranks_line_reaches_the_shared_stderr_in_one_write(monkeypatch, tmp_path):
+    """torchrun starts every rank with ``python -u``, whose stderr writes each piece at once, and a rank's line and
+    its newline were two writes: two ranks erring together came out as "[rank 0] error: ...[rank 1] error: the same
+    as rank 0's." on one line. Each line is one write now."""
+    from CeVAEAnomalyLib.cli.main import _main
+
+    raw = _Writes(tmp_path / "stderr")
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(raw, write_through=True))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _main(["adapt", "a.nii.gz", "--out", str(tmp_path / "site.cevae")]) == 2
+    assert _main(["train", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "m.cevae")]) == 2
+    assert len(raw.calls) == 2 and all(c.startswith(b"[rank 1] error: ") and c.endswith(b"\n") and c.count(b"\n") == 1
+                                       for c in raw.calls), raw.calls

@@ -324,7 +324,14 @@ def _say_failure(rank: str, line: str) -> None:
         first = claim_failure(int(os.environ.get("RANK", "-1")), line)
         if first is not None and first[1] == line:
             line = f"error: the same as rank {first[0]}'s."
-    print(rank + line, file=sys.stderr)
+    _say(rank + line)
+
+
+def _say(line: str) -> None:
+    """Write ``line`` to stderr in one write: under torchrun (``python -u``, each write at once) the ranks share it,
+    and a line and its newline written apart were glued to another rank's line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _failed_rank() -> Optional[int]:
@@ -382,8 +389,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     rank = f"[rank {os.environ.get('RANK', '?')}] " if distributed else ""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=rank + "%(levelname)s: %(message)s")
     if distributed and args.command != "train":  # every rank would do the whole work, racing for the same outputs
-        print(f"{rank}error: only train runs in several processes (torchrun); run {args.command} as one process.",
-              file=sys.stderr)
+        _say(f"{rank}error: only train runs in several processes (torchrun); run {args.command} as one process.")
         return 2
     if not args.debug:  # the command's own INFO lines only: torch logs its internals (e.g. cache stats at exit)
         logging.getLogger("torch").setLevel(logging.WARNING)
@@ -401,13 +407,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except Terminated:  # (under torchrun each rank says it, so its line names it, as its errors do)
         failed = _failed_rank() if distributed else None
         if failed is not None:  # torchrun's stop of the others: the advice is the failed rank's error
-            print(f"{rank}terminated: torchrun stops every rank once one fails; see rank {failed}'s error.",
-                  file=sys.stderr)
+            _say(f"{rank}terminated: torchrun stops every rank once one fails; see rank {failed}'s error.")
         else:
-            print(rank + _stopped("terminated", args, started), file=sys.stderr)
+            _say(rank + _stopped("terminated", args, started))
         return 143
     except KeyboardInterrupt:
-        print(rank + _stopped("interrupted", args, started), file=sys.stderr)
+        _say(rank + _stopped("interrupted", args, started))
         return 130
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
         if args.debug:
@@ -418,7 +423,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
                                "memory.")
             return 1
         if distributed and _peer_gone(exc):
-            print(f"{rank}error: another rank stopped (see its own error); this one stops too.", file=sys.stderr)
+            _say(f"{rank}error: another rank stopped (see its own error); this one stops too.")
             return 1
         _say_failure(rank, f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
                            "the traceback and report it)")
