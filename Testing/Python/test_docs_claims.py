@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import importlib
 import logging
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -281,3 +282,79 @@ def test_the_help_of_threshold_and_amp_states_units_default_and_the_readmes_cave
         assert helps["--amp"].endswith("(default: off)"), helps["--amp"]
         if command != "calibrate":
             assert "in the map's units" in helps["--threshold"] and "0 or less: the whole brain" in helps["--threshold"]
+
+
+def documented_signatures(text: str, names: Iterable[str]) -> Iterator[Tuple[str, List[Tuple[str, str]]]]:
+    """(method, its (parameter, default text or '') pairs) of every signature ``text`` writes out for one of ``names``
+    (``logic.startCalibration(volumes, masks, outputPath, modelPath=None, ...)``); calls with values
+    (``shareModel("site.cevae", ...)``) and elided ones (``startDetection(volumeNode, ...)``) are no signatures."""
+    text = " ".join(text.split())
+    for name, inside in re.findall(rf"\b({'|'.join(names)})\(([^()`]*)\)", text):
+        parts = [part.strip() for part in inside.split(",")]
+        if all(re.fullmatch(r"(\*\*)?\w+(=[^=]+)?", part) for part in parts):
+            yield name, [tuple(part.split("=", 1)) if "=" in part else (part, "") for part in parts]
+
+
+def test_the_console_signatures_the_docs_write_out_are_the_logics() -> None:
+    """The Slicer logic's methods as docs/SLICER.md and the README write them out (``process(volumeNode,
+    maskNode=None, ...)``, ``startCalibration``, ``startAdaptation``, ``shareModel``) name the method's parameters, in
+    its order, with its defaults: a console user types them as written."""
+    pytest.importorskip("slicer")
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    methods = {name: inspect.signature(getattr(CeVAEAnomalyLogic, name)) for name in dir(CeVAEAnomalyLogic)
+               if not name.startswith("_") and callable(getattr(CeVAEAnomalyLogic, name))}
+    wrong, seen = [], set()
+    for document in ("docs/SLICER.md", "README.md"):
+        for name, documented in documented_signatures((REPO / document).read_text(encoding="utf-8"), methods):
+            seen.add(name)
+            actual = [p for p in methods[name].parameters.values() if p.name != "self"]
+            order = [p.name for p in actual]
+            for parameter, default in documented:
+                own = next((p for p in actual if p.name == parameter.lstrip("*")), None)
+                if own is None:
+                    wrong.append(f"{document}: {name} has no parameter {parameter}")
+                elif default and (own.default is inspect.Parameter.empty or own.default != ast.literal_eval(default)):
+                    wrong.append(f"{document}: {name}'s {parameter} defaults to {own.default!r}, not {default}")
+            named = [parameter.lstrip("*") for parameter, _ in documented if parameter.lstrip("*") in order]
+            if named != sorted(named, key=order.index):
+                wrong.append(f"{document}: {name}'s parameters are {order}, not in the order {named}")
+    assert {"process", "startCalibration", "startAdaptation", "shareModel"} <= seen and not wrong, (seen, wrong)
+
+
+DOCUMENTED_DEFAULTS = (  # (document, phrase with {} where it gives the default, command, the flag's dest)
+    ("docs/adapt.md", "`--steps` steps per run (default {})", "adapt", "steps"),
+    ("docs/adapt.md", "at `--lr` (default {},", "adapt", "lr"),
+    ("docs/adapt.md", "Adam, batch {})", "adapt", "batch_size"),
+    ("docs/adapt.md", "`--seed` (default {})", "adapt", "seed"),
+    ("docs/adapt.md", "`--checkpoint-every` (default {} steps)", "adapt", "checkpoint_every"),
+    ("docs/adapt.md", "at most `--folds`, default {};", "adapt", "folds"),
+    ("README.md", "(`--steps` per run, default {},", "adapt", "steps"),
+    ("README.md", "default 100, `--lr` {})", "adapt", "lr"),
+    ("README.md", "at most `--folds` {};", "adapt", "folds"),
+    ("README.md", "`--val-fraction`, in [0, 1), default {})", "train", "val_fraction"),
+    ("README.md", "cevae-anomaly demo [--out-dir {}]", "demo", "out_dir"),
+    ("docs/SLICER.md", "(`--format`: {}, the default,", "DetectVolume", "volume_format"),
+)
+
+
+def test_the_defaults_the_docs_give_of_command_line_flags_are_the_parsers() -> None:
+    """A flag's default that the README or a page of docs/ states (adapt's steps, learning rate, folds, seed and
+    checkpoint cadence; train's validation share; the headless script's format) is the one its parser holds."""
+    pytest.importorskip("slicer")  # DetectVolume.py imports it
+    sys.path.insert(0, str(REPO / "CeVAEAnomaly" / "Scripts"))
+    import DetectVolume
+
+    parsers = {name: subparser(name) for name in ("adapt", "train", "demo")}
+    parsers["DetectVolume"] = DetectVolume.build_parser()
+    wrong = []
+    for document, phrase, command, dest in DOCUMENTED_DEFAULTS:
+        text = " ".join((REPO / document).read_text(encoding="utf-8").split())
+        pattern = re.escape(phrase).replace(re.escape("{}"), r"([\w.+-]+)")
+        said = re.findall(pattern, text)
+        default = parsers[command].get_default(dest)
+        if len(said) != 1:
+            wrong.append(f"{document}: {phrase!r} found {len(said)} times")
+        elif said[0] != str(default) and not (isinstance(default, (int, float)) and float(said[0]) == default):
+            wrong.append(f"{document}: {phrase.format(said[0])!r}, where {command}'s default is {default!r}")
+    assert not wrong, wrong
