@@ -427,3 +427,14 @@ def test_a_loaded_package_is_compared_by_release_and_build():
             with pytest.raises(CeVAEError, match=rf"^torch 2\.1\.0\+cu121 is loaded .* but {re.escape(installed)} "):
                 dependencies.refuse_replaced_while_loaded({"torch": "2.1"}, {"torch": torch_like}, versions)
     dependencies.refuse_replaced_while_loaded({"torch": "2.1"}, {"torch": None}, {"torch": "2.3.0"}.get)  # blocked
+
+
+def test_describing_the_install_where_nothing_is_unmet_says_there_is_nothing_to_install():
+    """describeInstall(unmetDependencies()) in the console of a Slicer with torch and safetensors installed said
+    "This installs . It may take several minutes.", where installDependencies installs nothing."""
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    unmet_now = CeVAEAnomalyLogic.unmetDependencies()
+    assert unmet_now == []  # this environment meets them (test_this_environment_meets_them)
+    assert CeVAEAnomalyLogic.describeInstall(unmet_now) == (
+        "Nothing to install: torch and safetensors are installed and recent enough.")

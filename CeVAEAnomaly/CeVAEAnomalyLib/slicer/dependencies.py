@@ -146,6 +146,8 @@ def _shell_word(word: str) -> str:
 def install_description(items: Sequence[Unmet],
                         plan: Callable[[str], TorchInstall] = planned_torch_install) -> str:
     """What installing ``items`` does, for the confirmation: which torch build (``plan``) and roughly how large."""
+    if not items:
+        return f"Nothing to install: {' and '.join(REQUIREMENTS)} are installed and recent enough."
     said = [f"{item.spec} {plan(item.spec).build}" if item.name == "torch" else f"{item.spec} from PyPI"
             for item in items]
     return "This installs " + "; ".join(said) + ". It may take several minutes."
