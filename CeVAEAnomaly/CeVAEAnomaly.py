@@ -49,6 +49,7 @@ from CeVAEAnomalyLib.slicer.settings import (
     THRESHOLD_RANGE,
     ModelSettings,
     ModelSettingsCache,
+    plain_tooltip,
 )
 from CeVAEAnomalyLib.slicer.widget_state import (ADAPT, CALIBRATE, DETECT, Action, Phase, WidgetState,
                                                   progress_format, with_warnings)
@@ -448,7 +449,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._refresh()
             return
         from CeVAEAnomalyLib.slicer.model_memory import remembered_value
-        from CeVAEAnomalyLib.slicer.settings import (model_problem, override_postprocess, plain_tooltip, rate_refusal,
+        from CeVAEAnomalyLib.slicer.settings import (model_problem, override_postprocess, rate_refusal,
                                                      sensitivity_change, shown_threshold)
 
         if self._followInput():
@@ -549,12 +550,14 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = view.detect_enabled
         self.ui.applyButton.text = self._buttonText(view.detect_cancels, view.cancelling, _("Apply"))
         busy = _("Another task is running; wait for it to end, or cancel it.")
-        self.ui.applyButton.toolTip = (_("Stop the detection.") if view.detect_cancels else
-                                       _("Detect anomalies in the input volume.") if view.detect_enabled else
-                                       busy if view.busy_with else _("Select an input volume."))
-        self.ui.calibrateButton.toolTip = (_("Stop the calibration.") if view.calibrate_cancels else
-                                           busy if view.busy_with else calibrateProblem or calibrateWarning or
-                                           _("Recalibrate the current model on the chosen healthy volumes."))
+        # (plain_tooltip: Qt wraps only a rich-text tooltip; Calibrate's reasons run to hundreds of characters)
+        self.ui.applyButton.toolTip = plain_tooltip(_("Stop the detection.") if view.detect_cancels else
+                                                    _("Detect anomalies in the input volume.") if view.detect_enabled
+                                                    else busy if view.busy_with else _("Select an input volume."))
+        calibrateTip = (_("Stop the calibration.") if view.calibrate_cancels else
+                        busy if view.busy_with else calibrateProblem or calibrateWarning or
+                        _("Recalibrate the current model on the chosen healthy volumes."))
+        self.ui.calibrateButton.toolTip = plain_tooltip(calibrateTip)
         self.ui.calibrateButton.enabled = view.calibrate_enabled
         self.ui.calibrateButton.text = self._buttonText(view.calibrate_cancels, view.cancelling, _("Calibrate"))
         self.ui.adaptButton.enabled = view.adapt_enabled
@@ -564,7 +567,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.enabled = view.settings_enabled and not p.useBundledModel
             sharing = self._modelSharing()
             self.ui.shareModelButton.enabled = sharing.problem is None
-            self.ui.shareModelButton.toolTip = sharing.tooltip
+            self.ui.shareModelButton.toolTip = plain_tooltip(sharing.tooltip)
             self.ui.falsePositiveRateSpinBox.enabled = p.sensitivity == SENSITIVITY_FPR
             self.ui.thresholdSpinBox.enabled = p.sensitivity == SENSITIVITY_THRESHOLD
             for widget in (self.ui.rimSpinBox, self.ui.medianRadiusSpinBox, self.ui.minVolumeSpinBox,

@@ -145,7 +145,7 @@ def test_the_panel_offers_share_model_below_the_model_and_binds_it_thinly():
     refresh = methods["_refresh"]
     assert "sharing = self._modelSharing()" in refresh
     assert "self.ui.shareModelButton.enabled = sharing.problem is None" in refresh
-    assert "self.ui.shareModelButton.toolTip = sharing.tooltip" in refresh
+    assert "self.ui.shareModelButton.toolTip = plain_tooltip(sharing.tooltip)" in refresh
     assert "self._sharing = ModelSharing.of_panel(self._parameterNode, self._modelSettings() is not None, " \
         "self.state.task, self._sharing)" in methods["_modelSharing"]
     share = methods["onShareModel"]

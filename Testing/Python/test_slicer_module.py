@@ -903,3 +903,21 @@ def test_a_typed_path_of_any_ending_is_taken_when_typing_ends():
     assert f"{connected}.setValidator(None)" in calls
     assert {"modelPath", "calibratedModelPath", "adaptedModelPath"} <= {
         n.value for n in ast.walk(loop.iter) if isinstance(n, ast.Constant)}
+
+
+def test_every_tooltip_the_panel_sets_is_wrapped_and_shown_as_typed(tmp_path):
+    """Qt word-wraps a tooltip only when it takes it for rich text (QTipLabel: setWordWrap(Qt::mightBeRichText)):
+    Calibrate's tooltip, which says why the button is disabled, was set as plain text, one line of up to several
+    hundred characters (the calibrated model's own output below: 357) that runs off the screen. Every tooltip the
+    widget sets goes through settings.plain_tooltip: wrapped, its names and paths escaped."""
+    from CeVAEAnomalyLib.slicer.adapt_panel import calibrate_problem
+
+    model = tmp_path / "site_calibrated.cevae"
+    model.write_bytes(b"x")
+    assert len(calibrate_problem(2, str(model), model)) > 300  # a reason the tooltip carries
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    values = [n.value for n in ast.walk(widget) if isinstance(n, ast.Assign)
+              for t in n.targets if isinstance(t, ast.Attribute) and t.attr == "toolTip"]
+    assert len(values) >= 4  # the pattern finds them (Apply, Calibrate, Share, the model details)
+    assert [ast.unparse(v) for v in values
+            if not (isinstance(v, ast.Call) and ast.unparse(v.func) == "plain_tooltip")] == []
