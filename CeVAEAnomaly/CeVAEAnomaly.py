@@ -560,6 +560,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.calibrateButton.toolTip = plain_tooltip(calibrateTip)
         self.ui.calibrateButton.enabled = view.calibrate_enabled
         self.ui.calibrateButton.text = self._buttonText(view.calibrate_cancels, view.cancelling, _("Calibrate"))
+        adaptTip = (_("Stop the adaptation.") if view.adapt_cancels else busy if view.busy_with else
+                    _("Fine-tune and calibrate the current model on the chosen healthy volumes."))
+        self.ui.adaptButton.toolTip = plain_tooltip(adaptTip)  # (what is missing: the text above it)
         self.ui.adaptButton.enabled = view.adapt_enabled
         self.ui.adaptButton.text = self._buttonText(view.adapt_cancels, view.cancelling, _("Adapt"))
         self.ui.progressBar.visible = view.progress_visible

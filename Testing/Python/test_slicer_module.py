@@ -818,7 +818,7 @@ def test_a_disabled_button_says_why():
                                if isinstance(n, ast.FunctionDef) and n.name == "_refresh"))
     assert "self.state.set_ready(CALIBRATE, calibrateProblem is None)" in refresh
     assert "calibrateProblem or calibrateWarning or _('Recalibrate" in refresh
-    assert refresh.count("busy if view.busy_with else") == 2
+    assert refresh.count("busy if view.busy_with else") == 3  # (Adapt: test_a_disabled_adapt_button_says_why...)
 
 
 def test_declining_to_replace_an_earlier_runs_files_starts_nothing_and_reports_no_failure():
@@ -936,3 +936,14 @@ def test_the_uis_long_tooltips_are_wrapped():
     long_tips = {name: tip for name, tip in tips.items() if len(html.unescape(re.sub(r"<[^>]+>", "", tip))) > 100}
     assert len(long_tips) >= 5  # the pattern finds them
     assert [name for name, tip in long_tips.items() if not re.fullmatch(r"<p>[^<]*</p>", tip)] == []
+
+
+def test_a_disabled_adapt_button_says_why_while_another_task_runs():
+    """While a detection or a calibration ran, Adapt was disabled under its estimate ("Starting from X: about ...")
+    with its idle tooltip, so nothing said why it could not be clicked (Apply and Calibrate say "Another task is
+    running"); nor did its tooltip say that it stops the adaptation while it reads Cancel."""
+    refresh = ast.unparse(next(n for n in module_classes()["CeVAEAnomalyWidget"].body
+                               if isinstance(n, ast.FunctionDef) and n.name == "_refresh"))
+    tip = next(line for line in refresh.splitlines() if "adaptTip = " in line)
+    assert "if view.adapt_cancels else busy if view.busy_with else" in tip and "Stop the adaptation." in tip
+    assert "self.ui.adaptButton.toolTip = plain_tooltip(adaptTip)" in refresh
