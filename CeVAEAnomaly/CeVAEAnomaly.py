@@ -38,7 +38,7 @@ from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
 from CeVAEAnomalyLib.errors import CeVAEError, one_line
 from CeVAEAnomalyLib.options import (DEVICES, SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions,
                                      ThresholdPolicy, option_range)
-from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding, takes_path_now
+from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding, takes_path_now, typed_path
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult, InputRemovedError
 from CeVAEAnomalyLib.slicer.resources import resource_dir
 from CeVAEAnomalyLib.slicer.settings import (
@@ -701,7 +701,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         p = self._parameterNode
         if not p.useBundledModel:
-            return Path(p.modelPath) if p.modelPath else None
+            return typed_path(p.modelPath) if p.modelPath else None
         try:
             return default_model_path()
         except CeVAEError:

@@ -13,6 +13,7 @@ from ..io.manifest import bids_person, scan_group
 from ..io.targets import Inputs
 from ..training.adapt_plan import (MIN_SCANS, AdaptOptions, describe_estimate, earlier_outputs, mixed_acquisitions,
                                    resumable)
+from .gui_binding import typed_path
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,9 @@ def persons_scanned(persons: Sequence[Optional[str]]) -> int:
 
 
 def model_output(output: str) -> Path:
-    """The file a model output path typed in the panel names: ``~`` expanded, as a shell would (a relative path stays
-    relative; :func:`output_problem` refuses it)."""
-    return Path(output).expanduser()
+    """The file a model output path typed in the panel names (gui_binding.typed_path: ``~`` expanded; a relative path
+    stays relative, which :func:`output_problem` refuses)."""
+    return typed_path(output)
 
 
 def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[str]:

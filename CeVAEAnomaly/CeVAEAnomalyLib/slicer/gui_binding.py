@@ -9,10 +9,17 @@ wrapper, and a binding is undone only where Slicer returned its tag. Qt-free.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 MODEL_PATH = "modelPath"  # the parameter whose file the panel reads (the other path fields are where a model goes)
+
+
+def typed_path(text: str) -> Path:
+    """The file a path typed in the panel names (model or output): ``~`` and ``~user`` expanded as a shell would, a
+    ``~user`` of no such user left as typed (``Path.expanduser`` raises there)."""
+    return Path(os.path.expanduser(text))
 
 
 def takes_path_now(field: str, text: str, typed: bool, finished: bool) -> bool:
@@ -21,7 +28,7 @@ def takes_path_now(field: str, text: str, typed: bool, finished: bool) -> bool:
     always; while ``typed``, a save-as path too (its checks only look at the path), but the model path only once it
     names a file: each value it takes is read and its problem put on the status line, which said "does not exist" at
     every keystroke."""
-    return finished or not typed or field != MODEL_PATH or Path(text).is_file()
+    return finished or not typed or field != MODEL_PATH or typed_path(text).is_file()
 
 
 class GuiBinding:

@@ -8,10 +8,10 @@ node (a new scene, a restart) starts from :func:`start_model`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import CeVAEError
+from .gui_binding import typed_path
 from .settings import ModelSettings
 
 __all__ = ["SETTINGS_KEY", "StartModel", "remembered_value", "set_aside", "start_model"]
@@ -34,7 +34,7 @@ def remembered_value(parameters: Any, standing_in_for: str = "") -> str:
     only stands in for a remembered file out of reach (``standing_in_for``), that file, tried at the next start."""
     if parameters.useBundledModel or not parameters.modelPath:
         return standing_in_for
-    return str(parameters.modelPath)
+    return str(typed_path(parameters.modelPath))
 
 
 def start_model(remembered: Any) -> StartModel:
@@ -49,14 +49,15 @@ def start_model(remembered: Any) -> StartModel:
         return StartModel(None, f"The setting {SETTINGS_KEY} holds no model file path ({remembered!r}), so the bundled "
                                 "model is in use; the setting is cleared.", forget=True)
     try:
-        ModelSettings.read(Path(remembered))
+        ModelSettings.read(typed_path(remembered))
     except (CeVAEError, OSError) as exc:
-        there = Path(remembered).is_file()
+        there = typed_path(remembered).is_file()
         state = "cannot be used any more" if there else "cannot be reached now"
         return StartModel(None, f"The model used last on this computer {state}, so the bundled model is in use. {exc}",
                           forget=there, standing_in_for="" if there else remembered)
-    return StartModel(remembered, f"The model used last on this computer is in use: {remembered}. Tick 'Use "
-                                  f"bundled model' for the model shipped with the extension.", False)
+    return StartModel(str(typed_path(remembered)), f"The model used last on this computer is in use: {remembered}. "
+                                                   "Tick 'Use bundled model' for the model shipped with the extension.",
+                      False)
 
 
 def set_aside(settings: Any) -> Callable[[], None]:

@@ -18,6 +18,7 @@ from ..engine.header import BundleHeader, read_header
 from ..errors import CeVAEError
 from ..options import (DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions,
                        ThresholdPolicy, flag_of, too_costly)
+from .gui_binding import typed_path
 
 __all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "ModelSettingsCache", "SensitivityChange",
            "adapt_override_note", "chosen_model", "detection_request", "model_file_key", "model_path", "model_problem",
@@ -263,12 +264,13 @@ def postprocess_fields(settings: ModelSettings) -> Dict[str, Any]:
 
 
 def model_path(parameters: Any) -> Optional[str]:
-    """The chosen model file, None for the bundled model; an error if none is chosen."""
+    """The chosen model file (``~`` expanded: gui_binding.typed_path), None for the bundled model; an error if none is
+    chosen."""
     if parameters.useBundledModel:
         return None
     if not parameters.modelPath:
         raise CeVAEError("Choose a model file (.cevae), or use the bundled model.")
-    return parameters.modelPath
+    return str(typed_path(parameters.modelPath))
 
 
 def chosen_model(parameters: Any) -> ModelSettings:
@@ -284,7 +286,7 @@ def model_file_key(parameters: Any) -> Optional[Tuple[str, int]]:
     from ..data import default_model_path
 
     try:
-        path = default_model_path() if parameters.useBundledModel else Path(parameters.modelPath)
+        path = default_model_path() if parameters.useBundledModel else typed_path(parameters.modelPath)
         return str(path), path.stat().st_mtime_ns
     except (CeVAEError, OSError, ValueError):  # ValueError: a NUL byte in the path
         return None

@@ -18,6 +18,7 @@ from ..engine.header import BUNDLE_SUFFIX, read_header
 from ..engine.sharing import ALREADY_SHARED
 from ..errors import CeVAEError
 from .adapt_panel import model_output, output_problem
+from .gui_binding import typed_path
 
 SHARED_TAG = "_shared"  # the default copy of NAME.cevae is NAME_shared.cevae, beside it
 
@@ -43,8 +44,8 @@ class ModelSharing:
 
     @property
     def model(self) -> Path:
-        """The chosen model file."""
-        return Path(self.model_path)
+        """The chosen model file (``~`` expanded: gui_binding.typed_path)."""
+        return typed_path(self.model_path)
 
     @cached_property
     def problem(self) -> Optional[str]:
