@@ -196,3 +196,24 @@ def test_a_received_models_text_is_shown_as_text_not_as_html():
     update = widget_methods()["_updateGui"]
     assert "about = details or _('What the chosen model is (as cevae-anomaly info says it).')" in update
     assert "self.ui.modelDetailsLabel.toolTip = plain_tooltip(about)" in update
+
+
+def test_a_name_typed_without_its_suffix_gets_cevae_as_the_save_dialogs_filter_says(site_model, tmp_path):
+    """Qt's save dialog (getSaveFileName, no default suffix) returned "copy" as typed under its "CeVAE model (*.cevae)"
+    filter, which the copy then refused ("needs a .cevae file name"). A name of no suffix gets .cevae, as a dialog with
+    a default suffix does; an existing NAME.cevae is not replaced then (the dialog asked about NAME, not about it)."""
+    pytest.importorskip("slicer")
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    logic, action = CeVAEAnomalyLogic(), sharing(site_model)
+    said = action.share(logic, str(tmp_path / "copy"), replace=True)
+    assert said.startswith(f"Shareable copy of site.cevae saved as {tmp_path / 'copy.cevae'}: the 3 scan(s)")
+    assert read_header(tmp_path / "copy.cevae").extra["names_removed"] == {"scans": 3}
+    assert not (tmp_path / "copy").exists()
+    earlier = tmp_path / "earlier.cevae"
+    earlier.write_bytes(b"an earlier copy")
+    with pytest.raises(CeVAEError, match=f"{earlier} exists; choose another file name for the shareable copy"):
+        action.share(logic, str(tmp_path / "earlier"), replace=True)
+    assert earlier.read_bytes() == b"an earlier copy"
+    with pytest.raises(CeVAEError, match="needs a .cevae file name"):  # a suffix of its own: not a model file name
+        action.share(logic, str(tmp_path / "copy.v2"), replace=True)

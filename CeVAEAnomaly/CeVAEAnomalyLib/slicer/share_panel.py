@@ -83,16 +83,18 @@ class ModelSharing:
         return self.model.with_name(stem + tag + BUNDLE_SUFFIX)
 
     def share(self, logic: Any, output: str, replace: bool) -> str:
-        """Write the copy to ``output`` (the path chosen; ``~`` expanded) with ``logic.shareModel`` and return what the
-        status line says. Refused in one line, with nothing written: while :attr:`problem`, an output that is the model
-        itself (also through a link) or the bundled model, or is not a .cevae file, and an existing file unless
-        ``replace`` (the user was asked before replacing it)."""
-        problem = self.problem or output_problem(output, self.model, "shareable")
+        """Write the copy to ``output`` (the path chosen; ``~`` expanded; .cevae added to a name of no suffix, as a save
+        dialog with a default suffix adds it) with ``logic.shareModel`` and return what the status line says. Refused
+        in one line, with nothing written: while :attr:`problem`, an output that is the model itself (also through a
+        link) or the bundled model, or is not a .cevae file, and an existing file unless ``replace`` (the user was asked
+        before replacing it: never for a name the suffix was added to)."""
+        named = output + BUNDLE_SUFFIX if output and not Path(output).suffix else output
+        problem = self.problem or output_problem(named, self.model, "shareable")
         if problem is not None:
             raise CeVAEError(problem)
-        out = model_output(output)
+        out = model_output(named)
         exists = out.exists()
-        if exists and not replace:
+        if exists and not (replace and named == output):
             raise CeVAEError(f"{out} exists; choose another file name for the shareable copy.")
         return self.shared_message(logic.shareModel(self.model, out, overwrite=exists))
 
