@@ -317,9 +317,10 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._hideModuleVolumes()  # also those of a scene loaded meanwhile
         node = self.logic.getParameterNode()
         isNew = not node.HasParameter("useBundledModel")  # the wrapper writes every default below
+        kept = self.state.close_words()  # why a run stopped as the last scene closed (once)
         self.setParameterNode(CeVAEAnomalyParameterNode(node))
         if isNew:
-            self._startWithRememberedModel()
+            self._startWithRememberedModel(kept)
         if not self._parameterNode.inputVolume:
             from CeVAEAnomalyLib.slicer.nodes import first_input_volume
 
@@ -333,8 +334,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folder = Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
             self._parameterNode.adaptedModelPath = str(folder / "CeVAEAnomaly_scanner_adapted.cevae")
 
-    def _startWithRememberedModel(self) -> None:
-        """A new scene starts with the model used last on this computer (model_memory.start_model)."""
+    def _startWithRememberedModel(self, kept: str) -> None:
+        """A new scene starts with the model used last on this computer (model_memory.start_model); the status line
+        says ``kept`` first (why a run stopped as the last scene closed)."""
         from CeVAEAnomalyLib.slicer.model_memory import SETTINGS_KEY, remembered_value, start_model
 
         start = start_model(qt.QSettings().value(SETTINGS_KEY, ""))  # (start_model judges a value of another type)
@@ -347,7 +349,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.useBundledModel = False
                 self._parameterNode.modelPath = start.path
         said = self.ui.statusLabel.text  # what the panel said about this model's thresholds, if anything
-        self.ui.statusLabel.text = " ".join(text for text in (start.message, said) if text)
+        self.ui.statusLabel.text = " ".join(text for text in (kept, start.message, said) if text)
         self.state.model_said(remembered_value(self._parameterNode), self.ui.statusLabel.text)
 
     def _rememberModel(self) -> None:
@@ -870,6 +872,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.state.scene_closing() if sceneClosing else self.state.interrupt():
             self._stopJob(_("Stopped: the scene was closed or the module reloaded; nothing was changed."))
             self._frames.release()  # the panel is let go of, or its scene
+            if sceneClosing:
+                self.state.stopped_by_close(self.ui.statusLabel.text)  # said again in the next scene
         if hasattr(self, "ui"):
             self._refresh()
 

@@ -98,7 +98,7 @@ def test_the_widget_starts_new_scenes_with_the_remembered_model_and_remembers_ea
     methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
     init = methods["initializeParameterNode"]
     assert init.index("HasParameter('useBundledModel')") < init.index("CeVAEAnomalyParameterNode(node)") < \
-        init.index("self._startWithRememberedModel()")
+        init.index("self._startWithRememberedModel(kept)")
     assert "qt.QSettings().value(SETTINGS_KEY" in methods["_startWithRememberedModel"]
     assert "qt.QSettings().remove(SETTINGS_KEY)" in methods["_startWithRememberedModel"]
     assert "remembered_value(self._parameterNode, self._modelStandingIn)" in methods["_rememberModel"]

@@ -545,3 +545,30 @@ def test_the_widget_asks_the_state_on_scene_close_and_gives_a_kept_runs_model_to
         "p = self._parameterNode")
     poll = methods["_onPoll"]
     assert poll.index("if slicer.mrmlScene.IsClosing():") < poll.index("finished = job.poll()")
+
+
+def test_why_a_run_stopped_at_a_scene_close_is_still_said_in_the_next_scene(state):
+    """A scene close stops a detection and the status line said "Stopped: the scene was closed ...", which the next
+    scene's panel wiped at once (its start with the remembered model cleared the line): the user saw no reason why
+    their run ended. The words of a run the close stopped are kept for the first parameter node bound afterwards,
+    once; a close that stopped nothing keeps nothing."""
+    import ast
+
+    from test_slicer_module import module_classes
+
+    said = "Stopped: the scene was closed or the module reloaded; nothing was changed."
+    state.started(DETECT)
+    assert state.scene_closing() is True
+    state.finished()
+    state.stopped_by_close(said)
+    assert state.close_words() == said
+    assert state.close_words() == ""  # once
+    assert state.scene_closing() is False and state.close_words() == ""
+    methods = {n.name: ast.unparse(n) for n in module_classes()["CeVAEAnomalyWidget"].body
+               if isinstance(n, ast.FunctionDef)}
+    interrupt = methods["_interrupt"]
+    assert interrupt.index("self._stopJob(") < interrupt.index("self.state.stopped_by_close(self.ui.statusLabel.text)")
+    start = methods["initializeParameterNode"]
+    assert start.index("kept = self.state.close_words()") < start.index("self._startWithRememberedModel(kept)")
+    remembered = methods["_startWithRememberedModel"]
+    assert "self.ui.statusLabel.text = ' '.join((text for text in (kept, start.message, said) if text))" in remembered

@@ -73,6 +73,7 @@ class WidgetState:
         self._ended_task: Optional[str] = None
         self._result_pending = False
         self.install_interrupted = False  # the scene closed (or the module reloaded) during an install
+        self._close_words = ""  # why the last scene close stopped a run, for the next scene's status line
 
     @property
     def busy(self) -> bool:
@@ -135,6 +136,17 @@ class WidgetState:
         if self.phase is Phase.RUNNING and self.task in ON_COPIES:
             return False
         return self.interrupt()
+
+    def stopped_by_close(self, said: str) -> None:
+        """A scene close stopped the run, and the status line says why (``said``): kept for the next scene's panel
+        (:meth:`close_words`), whose start clears the line."""
+        self._close_words = said
+
+    def close_words(self) -> str:
+        """What the status line said of the run the last scene close stopped, once ("" otherwise): the first parameter
+        node bound after the close says it too."""
+        words, self._close_words = self._close_words, ""
+        return words
 
     def interrupt(self) -> bool:
         """The module is reloaded or the application quits (or the scene closes: :meth:`scene_closing`): True if a
