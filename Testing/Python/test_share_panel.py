@@ -217,3 +217,20 @@ def test_a_name_typed_without_its_suffix_gets_cevae_as_the_save_dialogs_filter_s
     assert earlier.read_bytes() == b"an earlier copy"
     with pytest.raises(CeVAEError, match="needs a .cevae file name"):  # a suffix of its own: not a model file name
         action.share(logic, str(tmp_path / "copy.v2"), replace=True)
+
+
+def test_every_label_the_panel_writes_shows_its_text_as_typed():
+    """Qt's labels take text that looks like HTML for rich text (Qt::AutoText): the status line and the adapt estimate
+    show node names and paths ("'<b>sub-01</b>' is the input volume ...", "<img src=...>"), which were drawn as HTML.
+    Every label the widget sets text on is plain text in the .ui."""
+    written = set()
+    for node in ast.walk(ast.parse(MODULE_FILE.read_text())):
+        for target in node.targets if isinstance(node, ast.Assign) else ():
+            if isinstance(target, ast.Attribute) and target.attr == "text":
+                written.add(ast.unparse(target.value).removeprefix("self.ui."))
+    labels = {w.get("name"): w for w in ET.parse(UI_FILE).iter("widget") if w.get("class") == "QLabel"}
+    written &= set(labels)
+    assert {"statusLabel", "adaptEstimateLabel", "modelDetailsLabel"} <= written  # the pattern finds them
+    formats = {name: [p.find("enum").text for p in labels[name].findall("property") if p.get("name") == "textFormat"]
+               for name in written}
+    assert {name: f for name, f in formats.items() if f != ["Qt::PlainText"]} == {}
