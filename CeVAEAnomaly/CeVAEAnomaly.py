@@ -192,6 +192,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
+        from CeVAEAnomalyLib.slicer.nodes import FrameWatch
+
         self.logic: Optional[CeVAEAnomalyLogic] = None
         self._parameterNode: Optional[CeVAEAnomalyParameterNode] = None
         self._binding = GuiBinding()  # one connectGui per parameter node, also in Slicer 5.6/5.8
@@ -203,6 +205,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
         self._modelStandingIn = ""  # the remembered model out of reach at the start (model_memory.StartModel)
         self._frameNote = ""  # what the status line says of the frame the views show (nodes.frame_note)
+        # here, not in setup(): cleanup() stops them also after a setup() that failed partway (Resources missing)
+        self._frames = FrameWatch(self._onFrameChanged)  # the browser of the results in the panel's fields, if any
+        self._timer = qt.QTimer()
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -222,11 +227,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for value, name in names.items():
                 combo.addItem(name, value)
 
-        from CeVAEAnomalyLib.slicer.nodes import FrameWatch
-
         self.logic = CeVAEAnomalyLogic()
-        self._frames = FrameWatch(self._onFrameChanged)  # the browser of the results in the panel's fields, if any
-        self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._onPoll)
 

@@ -947,3 +947,22 @@ def test_a_disabled_adapt_button_says_why_while_another_task_runs():
     tip = next(line for line in refresh.splitlines() if "adaptTip = " in line)
     assert "if view.adapt_cancels else busy if view.busy_with else" in tip and "Stop the adaptation." in tip
     assert "self.ui.adaptButton.toolTip = plain_tooltip(adaptTip)" in refresh
+
+
+def test_cleanup_after_a_setup_that_failed_partway_stops_what_exists():
+    """setup() made the poll timer and the frame watch only after loading the .ui: where it failed first (the Resources
+    folder missing: resource_dir raises), Slicer's cleanup() on reload or exit failed with AttributeError on
+    self._timer. Everything cleanup() (and the _interrupt it calls first) uses exists from __init__ on; a frame watch
+    that never followed a browser lets go of nothing."""
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    methods = {n.name: n for n in widget.body if isinstance(n, ast.FunctionDef)}
+    made = {t.attr for n in ast.walk(methods["__init__"]) for t in (
+        n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else [])
+        if isinstance(t, ast.Attribute) and ast.unparse(t.value) == "self"}
+    used = {n.value.attr for name in ("cleanup", "_interrupt") for n in ast.walk(methods[name])
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and ast.unparse(n.value.value) == "self" and n.value.attr not in methods}
+    assert {"_timer", "_frames", "_binding", "state"} <= used  # the pattern finds them
+    assert sorted(used - made - {"ui"}) == []  # (ui: _interrupt asks hasattr first)
+    assert "if hasattr(self, 'ui'):" in ast.unparse(methods["_interrupt"])
+    assert nodes.FrameWatch(lambda: None).follow(None) is False

@@ -417,7 +417,7 @@ def test_the_frame_shown_is_followed_also_for_results_loaded_with_a_scene_or_an_
     tree = ast.parse((Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text())
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CeVAEAnomalyWidget")
     methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
-    assert "self._frames = FrameWatch(self._onFrameChanged)" in methods["setup"]
+    assert "self._frames = FrameWatch(self._onFrameChanged)" in methods["__init__"]
     update = methods["_updateGui"]  # every change of the parameter node: a run's end, a scene loaded, an input picked
     assert update.index("if self._followInput():") < update.index("if self._followResultsBrowser():")
     assert "self._frames.follow(None)" in update  # no parameter node: a closed scene
