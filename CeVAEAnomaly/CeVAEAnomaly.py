@@ -190,7 +190,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module panel. Cheap to set up: nothing is installed or imported heavily here."""
 
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
+        # the attributes first: without a parent (a panel made from the Python console) the base class's __init__
+        # calls setup() itself
         VTKObservationMixin.__init__(self)
         from CeVAEAnomalyLib.slicer.nodes import FrameWatch
 
@@ -208,6 +209,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # here, not in setup(): cleanup() stops them also after a setup() that failed partway (Resources missing)
         self._frames = FrameWatch(self._onFrameChanged)  # the browser of the results in the panel's fields, if any
         self._timer = qt.QTimer()
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)

@@ -966,3 +966,14 @@ def test_cleanup_after_a_setup_that_failed_partway_stops_what_exists():
     assert sorted(used - made - {"ui"}) == []  # (ui: _interrupt asks hasattr first)
     assert "if hasattr(self, 'ui'):" in ast.unparse(methods["_interrupt"])
     assert nodes.FrameWatch(lambda: None).follow(None) is False
+
+
+def test_the_panel_has_its_attributes_before_the_base_class_may_call_setup():
+    """Without a parent (a panel made from the Python console), ScriptedLoadableModuleWidget.__init__ calls setup()
+    itself (Slicer's ScriptedLoadableModule.py), which then met none of the panel's attributes (the poll timer, the
+    binding, the state). The panel's own attributes and the observation mixin come first, the base class last."""
+    widget = module_classes()["CeVAEAnomalyWidget"]
+    init = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    calls = [ast.unparse(s.value) for s in init.body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)]
+    assert calls[0] == "VTKObservationMixin.__init__(self)", calls
+    assert ast.unparse(init.body[-1]) == "ScriptedLoadableModuleWidget.__init__(self, parent)"
