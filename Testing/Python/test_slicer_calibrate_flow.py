@@ -169,3 +169,28 @@ def sitk_read(path: Path):
     import SimpleITK as sitk
 
     return sitk.ReadImage(str(path))
+
+
+def test_the_console_api_expands_a_tilde_in_every_path_as_the_panel_does(tiny_bundle, tmp_path, monkeypatch):
+    """The panel reads "~/site.cevae" as the file in the home folder (gui_binding.typed_path); the console's logic took
+    it as a folder named "~" in Slicer's working folder: loadModel and shareModel said it did not exist, and a
+    calibration or adaptation would have written its model there. Every path argument of the logic expands it now."""
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    site = tmp_path / "site.cevae"
+    site.write_bytes(tiny_bundle.read_bytes())
+    logic = CeVAEAnomalyLogic()
+    assert logic.loadModel("~/site.cevae", "cpu") is logic.loadModel(site, "cpu")
+    assert logic.shareModel(Path("~/site.cevae"), "~/copy.cevae") == tmp_path / "copy.cevae"
+    assert read_header(tmp_path / "copy.cevae").extra["names_removed"]["scans"] >= 1
+    scene = slicer.vtkMRMLScene()
+    volumes = [add_volume(scene, make_head(seed=s)[0], f"sub-0{s}_T1w") for s in (1, 2)]
+    with pytest.raises(CeVAEError, match="cannot replace the model it starts from"):
+        logic.startCalibration(volumes[:1], [None], "~/site.cevae", modelPath=site, device="cpu")
+    with pytest.raises(CeVAEError, match="cannot replace the model it starts from"):
+        logic.startAdaptation(volumes, [None, None], "~/site.cevae", modelPath="~/site.cevae", device="cpu")
+    job = calibrated(volumes[0], None, "~/calibrated.cevae", "~/site.cevae")
+    assert Path(job.done["model"]) == tmp_path / "calibrated.cevae" and (tmp_path / "calibrated.cevae").is_file()
+    assert not (tmp_path / "~").exists()

@@ -44,6 +44,7 @@ from ..errors import CeVAEError
 from ..options import THOROUGH_STEPS, DetectionRequest, PostprocessOptions, ScoreOptions, check_calibratable
 from ..progress import Cancelled, ProgressCallback, checked, report, scaled
 from . import dependencies
+from .gui_binding import typed_path
 from .jobs import JOB_FOLDER_PREFIX, JobState, Launcher, Name, RunningJobs, WorkerJob, remove_abandoned_job_folders
 
 if TYPE_CHECKING:
@@ -305,8 +306,9 @@ class CeVAEAnomalyLogic(_LogicBase):
         if source is None:
             raise CeVAEError("Choose the model file to share: the bundled model is shared already (it names only "
                              "public sample scans).")
-        _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite, "shareable")
-        return share_model(source, outputPath, overwrite)
+        output = _typedPath(outputPath)
+        _refuseOutput(output, [output], overwrite, "shareable")
+        return share_model(source, output, overwrite)
 
     def _checkInputs(self, volumeNode, maskNode, outputs: Optional["OutputNodes"],
                      **flags: Any) -> slicer.vtkMRMLScene:
@@ -456,7 +458,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         self.checkDependencies()
         request = DetectionRequest.given(request, **options)
         self._checkInputs(volumeNode, maskNode, outputs, createLabelmap=createLabelmap, show3D=show3D)
-        _modelFile(modelPath)  # said now, not by the worker after the copy
+        model = _modelFile(modelPath)  # said now, not by the worker after the copy
         state, frame = _state(volumeNode), sequence_frame(volumeNode)
         with warningsLogged() as said:  # (for the result, with the worker's)
             image, mask = self._inputImages(volumeNode, maskNode, maskSegmentId)
@@ -465,7 +467,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             _writeInputs(folder, "input", image, mask)
             task = dict(task="detect", image=str(folder / "input.nrrd"),
                         mask=str(folder / "input_mask.nrrd") if mask is not None else None,
-                        model=str(modelPath) if modelPath else None, request=request.to_dict(), out_dir=str(folder))
+                        model=_text(model), request=request.to_dict(), out_dir=str(folder))
             job = _held(WorkerJob(task, folder, launch, python,
                                   names=_detectionNames(folder, volumeNode, maskNode if mask is not None else None)))
         except BaseException:
@@ -564,10 +566,10 @@ class CeVAEAnomalyLogic(_LogicBase):
                                       **(postprocess or {}))  # refused before any copy
         check_calibratable(*request.options(ScoreOptions(), PostprocessOptions()))  # and values a model may not hold
         # said now, not by the worker after the copies
-        _refuseOutput(Path(outputPath), [Path(outputPath)], overwrite, "calibrated", model=_modelFile(modelPath))
-        return self._startOnHealthy("calibrate", volumes, masks, launch, python,
-                                    model=str(modelPath) if modelPath else None, request=request.to_dict(),
-                                    out=str(outputPath), overwrite=bool(overwrite))
+        model, output = _modelFile(modelPath), _typedPath(outputPath)
+        _refuseOutput(output, [output], overwrite, "calibrated", model=model)
+        return self._startOnHealthy("calibrate", volumes, masks, launch, python, model=_text(model),
+                                    request=request.to_dict(), out=str(output), overwrite=bool(overwrite))
 
     def startAdaptation(
         self,
@@ -593,23 +595,22 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError(f"Choose at least {MIN_SCANS} healthy volumes to adapt the model to.")
         DetectionRequest.of(device=device)  # the device's name, checked as everywhere
         checked = adapt_options(options or {}, device=device, overwrite=bool(overwrite))  # before any copy
-        model = _modelFile(modelPath)
+        model, output = _modelFile(modelPath), _typedPath(outputPath)
         persons = persons_scanned([node_person(volume.GetName()) for volume in volumes])  # as the run counts them
         if persons < MIN_SCANS:
             raise CeVAEError(f"The volumes are scans of {persons} person (their names' sub-<label>); choose scans of "
                              f"at least {MIN_SCANS} persons: a person's scans are held out together.")
-        earlier = earlier_outputs(Path(outputPath), persons, checked)
+        earlier = earlier_outputs(output, persons, checked)
         interrupted = resumable(earlier)
         if checked.resume and not interrupted:
-            raise CeVAEError(f"There is no interrupted adaptation to {outputPath} to resume (no checkpoint of an "
+            raise CeVAEError(f"There is no interrupted adaptation to {output} to resume (no checkpoint of an "
                              "unfinished one exists); start it anew without resume.")
         if not checked.resume:
-            _refuseOutput(Path(outputPath), earlier, overwrite, "adapted",
+            _refuseOutput(output, earlier, overwrite, "adapted",
                           " (or options={'resume': True} to continue the adaptation that wrote them)"
                           if interrupted else "", model)
         return self._startOnHealthy("adapt", volumes, masks, launch, python,
-                                    model=str(modelPath) if modelPath else None, device=device,
-                                    out=str(outputPath), overwrite=bool(overwrite),
+                                    model=_text(model), device=device, out=str(output), overwrite=bool(overwrite),
                                     options=_requestOptions(checked, options or {}))
 
     def _startOnHealthy(self, task: str, volumes, masks, launch: Optional[Launcher], python: Optional[str],
@@ -753,12 +754,22 @@ def _modelFile(modelPath: Any) -> Optional[Path]:
     if not isinstance(modelPath, (str, os.PathLike)):
         raise CeVAEError(f"modelPath must be the path of a .cevae file (a str or pathlib.Path), or None for the "
                          f"bundled model, got {type(modelPath).__name__}.")
-    path = Path(modelPath)
+    path = _typedPath(modelPath)
     refuse_unsearchable(path, "model bundle")  # (Path.is_file says False for a NUL byte or a link loop)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise CeVAEError(f"The model bundle {path} {what}; choose a .cevae file.")
     return path
+
+
+def _typedPath(path: Union[str, "os.PathLike[str]"]) -> Path:
+    """The file a path argument names, ``~`` expanded as the panel expands a typed one (gui_binding.typed_path)."""
+    return typed_path(os.fspath(path))
+
+
+def _text(path: Optional[Path]) -> Optional[str]:
+    """A model path as the worker's request holds it (None: the bundled model)."""
+    return None if path is None else str(path)
 
 
 def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, kind: str, resume: str = "",
@@ -783,10 +794,10 @@ def _refuseOutput(path: Path, written: Sequence[Path], overwrite: bool, kind: st
 
 def _requestOptions(checked: "AdaptOptions", given: Mapping[str, Any]) -> Dict[str, Any]:
     """The adaptation options ``given`` as the worker's request file holds them: their checked values (NumPy numbers
-    as plain ones), a cache folder as text."""
+    as plain ones), a cache folder as text (``~`` expanded)."""
     values = {name: getattr(checked, name) for name in given}
     if values.get("cache_dir") is not None:
-        values["cache_dir"] = os.fspath(values["cache_dir"])
+        values["cache_dir"] = str(_typedPath(values["cache_dir"]))
     return values
 
 
