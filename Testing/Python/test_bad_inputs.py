@@ -715,8 +715,8 @@ CASES: Dict[str, Case] = {
     "mask with label 255": Case(mask_label_255, 0, r"Wrote"),
     "mask of fractions (resampled linearly)": Case(mask_with_fractions(1.0), 0, r"several values \(.* to 1\); every "),
     "0/255 mask resampled linearly": Case(mask_with_fractions(255.0), 0, r"several values \(.* to 255\); every "),
-    "a copy of the scan as mask": Case(the_image_as_mask, REFUSED,
-                                       r"brain mask holds more than 1000 different values .* and no plateau: it looks like an image"),
+    "a copy of the scan as mask": Case(the_image_as_mask, REFUSED, r"The brain mask is the image itself: give the "
+                                       r"brain mask file, or none for the automatic one\."),
     "2D mask": Case(mask_2d, REFUSED, r"brain mask mask2d\.nii\.gz is 2D"),
     "missing mask file": Case(missing_mask, REFUSED, r"brain mask .*absent_mask\.nii\.gz does not exist"),
     "tiny 4x4x4 volume": Case(tiny_volume, REFUSED, r"too small to analyse \(4x4x4 voxels\)"),
@@ -1060,3 +1060,21 @@ def test_image_output_names_are_those_itk_writes_as_one_file(tmp_path, name, wri
     else:
         with pytest.raises(CeVAEError, match="needs an image file name ending in"):
             refuse_unwritable_names({"score": tmp_path / name})
+
+
+def test_the_scan_given_as_its_own_brain_mask_is_refused_in_one_line(tmp_path, capsys):
+    """``detect head.nii.gz --mask head.nii.gz`` (or the same file through a link, or an identical copy) was scored
+    with three warnings (several values, a 5 L "brain", the mask at the edge); a manifest row too. It is refused."""
+    head = tmp_path / "head.nii.gz"
+    write(make_head(seed=3)[0], head)
+    (tmp_path / "link.nii.gz").symlink_to(head)
+    said = "is the image itself: give the brain mask file, or none for the automatic one."
+    for mask in (head, tmp_path / "link.nii.gz", Path(os.path.relpath(head))):
+        assert main(["detect", str(head), "--mask", str(mask), "--score", str(tmp_path / "s.nii.gz"),
+                     "--device", "cpu"]) != 0
+        assert said in capsys.readouterr().err
+    (tmp_path / "rows.csv").write_text(f"image,mask\n{head},{tmp_path / 'link.nii.gz'}\n")
+    assert main(["batch", str(tmp_path / "rows.csv"), "--out-dir", str(tmp_path / "out"),
+                 "--device", "cpu"]) != 0
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "s.nii.gz").exists()

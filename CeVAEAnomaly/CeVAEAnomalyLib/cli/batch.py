@@ -30,6 +30,7 @@ from ..errors import CeVAEError, one_line, out_of_memory
 from ..io.atomic import atomic_write_text, remove_abandoned_temporaries
 from ..io.checksum import FileMemo, hashed_files, sha256_of
 from ..io.lock import hold_output, hold_outputs
+from ..io.images import refuse_image_as_mask
 from ..io.manifest import read_rows
 from ..io import strict_json
 from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, PANEL_RESULT, RESULT_TAGS, UNICODE_TWINS,
@@ -215,6 +216,7 @@ def read_list(path: Path) -> List[BatchItem]:
     unnamed: List[int] = []  # the items named by default
     for row in read_rows(path, "image", ("image", "mask"), "list", others=("name",)):
         image = row.files["image"]
+        refuse_image_as_mask(image, row.files["mask"], f"{path}, line {row.line}: ")
         name = row.cells["name"] or file_stem(image)
         if name != Path(name).name or name in ("", ".", ".."):
             raise CeVAEError(f"{path}, line {row.line}: the name {name!r} cannot prefix output files.")

@@ -238,9 +238,11 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.targets import check_paths
     from ..engine.detector import Detector
     from ..options import DetectionRequest
+    from ..io.images import refuse_image_as_mask
     from ..result import input_files, refuse_unwritable_names, result_files
 
     started = time.time()
+    refuse_image_as_mask(args.image, args.mask)
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before the scan is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,

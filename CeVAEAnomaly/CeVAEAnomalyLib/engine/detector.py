@@ -21,7 +21,7 @@ from .header import BundleHeader, utc_now
 from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
-from ..io.images import check_volume, grid_difference, looks_like_ct, warn_if_ct_range
+from ..io.images import MASK_IS_IMAGE, check_volume, grid_difference, looks_like_ct, warn_if_ct_range
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy, refuse_options_by_name)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
@@ -420,6 +420,7 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image], modality: str, 
                              "(path), which also keeps the NaN voxels that sitk.ReadImage turns into 0 in a NIfTI "
                              f"file), got {type(value).__name__}.")
     image = check_volume(label_image(image))
+    _refuse_a_copy_as_the_mask(image, mask, where)
     _refuse_a_mask_as_the_image(image, mask is not None)
     _check_geometry(image, mask, where)
     warn_if_ct_range(image, modality, where)  # every path: the command line, batch, the API and Slicer
@@ -522,6 +523,15 @@ def _no_geometry(image: sitk.Image) -> bool:
 
 def _numbers(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _refuse_a_copy_as_the_mask(image: sitk.Image, mask: Optional[sitk.Image], where: str) -> None:
+    """Refuse a brain mask whose voxels and grid are the image's (the scan given as its own mask, e.g. a copy of its
+    file or a second node of it), which was scored as a "brain" of every voxel above 0, with warnings only."""
+    if mask is None or mask.GetSize() != image.GetSize() or grid_difference(label_image(mask), image):
+        return
+    if np.array_equal(sitk.GetArrayViewFromImage(label_image(mask)), sitk.GetArrayViewFromImage(image)):
+        raise CeVAEError(f"{where}The brain mask {MASK_IS_IMAGE}")
 
 
 def _refuse_a_mask_as_the_image(image: sitk.Image, masked: bool) -> None:

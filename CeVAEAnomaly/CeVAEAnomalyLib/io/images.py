@@ -24,6 +24,20 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+MASK_IS_IMAGE = "is the image itself: give the brain mask file, or none for the automatic one."
+
+
+def refuse_image_as_mask(image: PathLike, mask: Optional[PathLike], where: str = "") -> None:
+    """Refuse, in one line and before any work, a brain mask file that is the image file (the same path, another path
+    or a link to it); ``where`` leads the message (a list's line)."""
+    try:
+        same = mask is not None and os.path.samefile(image, mask)
+    except (OSError, ValueError):  # a file missing or unreadable: the path checks say so
+        return
+    if same:
+        raise CeVAEError(f"{where}The brain mask {mask} {MASK_IS_IMAGE}")
+
+
 def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     """Read a scalar 3D volume from a file SimpleITK reads or from a DICOM series folder."""
     if not isinstance(path, (str, os.PathLike)):

@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import COMMAND_LINE_SAME_PERSON, COMMAND_LINE_UNKNOWN_PERSONS, CeVAEError
 from ..progress import Cancelled
+from .images import refuse_image_as_mask
 from .naming import APPLE_DOUBLE, RESOURCE_FORK, file_stem, subfolders_hint, table_delimiter
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,7 @@ def read_manifest(path: Path) -> List[Subject]:
     for r in rows:
         for column, what in (("image", "image"), ("mask", "brain mask")):
             check_volume_path(r.files[column], what, f"{path}, line {r.line}: ")
+        refuse_image_as_mask(r.files["image"], r.files["mask"], f"{path}, line {r.line}: ")
     return [Subject(r.files["image"], r.files["mask"], r.cells["subject"] or None)  # type: ignore[arg-type]
             for r in rows]
 
