@@ -153,14 +153,19 @@ def test_info_says_on_how_many_scans_of_which_voxels_a_calibrated_copy_is_calibr
                                                     ThresholdPolicy(fpr=row["fpr"]))[0]
 
 
-def test_info_says_which_version_wrote_a_calibrated_copy_beside_the_one_that_trained_it(capsys, calibrated):
+def test_info_says_which_version_wrote_a_calibrated_copy_beside_the_one_that_trained_it(capsys, calibrated,
+                                                                                       tmp_path):
     """A calibrated copy keeps the versions its model was trained with; info said those alone, as if the copy were
-    made with them. It also says the version that wrote the file (the bundled model records none)."""
+    made with them. It also says the version that wrote the file, where the file records one."""
     from CeVAEAnomalyLib import __version__
+    from test_untrusted_bundles import rewrite
 
     made = read_header(default_model_path()).extra["versions"]
-    assert "Format: cevae-anomaly-bundle version 1, made with" in info(capsys)  # (no writer recorded: none said)
-    assert "written by" not in info(capsys)
+    unrecorded = tmp_path / "unrecorded.cevae"
+    unrecorded.write_bytes(default_model_path().read_bytes())
+    rewrite(unrecorded, lambda h, t: h.pop("written_by", None))
+    assert "Format: cevae-anomaly-bundle version 1, made with" in info(capsys, str(unrecorded))
+    assert "written by" not in info(capsys, str(unrecorded))  # (no writer recorded: none said)
     text = info(capsys, str(calibrated))
     assert (f"made with cevae-anomaly {made['cevae_anomaly']} and torch {made['torch']}, written by cevae-anomaly "
             f"{__version__};") in text
@@ -508,7 +513,7 @@ def test_info_says_a_model_whose_versions_record_is_no_object_without_it(capsys,
     shutil.copy(default_model_path(), path)
     rewrite(path, lambda h, t: h.__setitem__("versions", versions))
     text = info(capsys, str(path))
-    assert "\nFormat: cevae-anomaly-bundle version 1; network encoder " in text and "made with" not in text
+    assert "\nFormat: cevae-anomaly-bundle version 1, written by cevae-anomaly " in text and "made with" not in text
     assert json.loads(info(capsys, str(path), "--json"))["made_with"] is None
     assert ModelSettings.read(path).details == (text.splitlines()[0], text.rstrip("\n"))
 
@@ -557,3 +562,23 @@ def test_info_says_a_model_whose_weights_are_not_finite_is_refused_by_detection(
     assert json.loads(capsys.readouterr().out)["weights"]["not_finite"] == ["decoder.8.bias"]
     assert "weights hold NaN or infinite values" in ModelSettings.read(path).details[0]
     assert "NaN" not in info(capsys, str(default_model_path()))
+
+
+def test_the_bundled_model_is_calibrated_for_the_published_map_and_info_asks_for_it_with_paper(capsys):
+    """The published map (the paper's pixel score alone: --paper --no-normalise --asymmetry-mm 0 --orientations axial)
+    had no calibration in the bundled model (an absolute --threshold was needed); it has one now, on held-out scores,
+    and info names it by the flags a user types (--paper, not the one option of it that differs, --grad-norm)."""
+    from CeVAEAnomalyLib.cli.main import main
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.header import read_header
+    from CeVAEAnomalyLib.options import DetectionRequest
+
+    header = read_header(default_model_path())
+    published = DetectionRequest.of(paper=True, normalise=False, asymmetry_mm=0.0, orientations="axial")
+    threshold, source = header.threshold_of(published)  # (a request without a calibration is refused here)
+    assert 0 < threshold < header.threshold_of(DetectionRequest())[0] / 4  # the published map's own units
+    assert "held-out scores" in source, source
+    assert main(["info"]) == 0
+    also = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Also calibrated ("))
+    assert f"--paper --orientations axial --asymmetry-mm 0 --no-normalise: {threshold:.4g}" in also, also
+    assert "--grad-norm" not in also

@@ -17,7 +17,7 @@ from typing import Any, Dict, Hashable, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 
 from ..errors import CeVAEError
-from ..options import PostprocessOptions, ScoreOptions, flag_of
+from ..options import PAPER, PostprocessOptions, ScoreOptions, flag_of
 
 DEFAULT_FPR = 0.001
 CALIBRATE_SOURCE = "healthy volumes given to calibrate"  # the calibration source of a copy that calibrate writes
@@ -295,9 +295,17 @@ def calibrated_settings(calibration: Mapping[str, Dict[str, Any]], score: ScoreO
     default ``score`` and ``post`` (e.g. ``["--test-time-steps 100"]``; none for the default's own), fewest flags
     first; tables under keys this version cannot read are left out."""
     default = (score, _score_map_options(post))
-    found = [([_as_flag(f, theirs) for f, _, theirs in _changed(default, setting)], entry)
-             for setting, entry in _stored_settings(calibration)]
+    found = [(_asking_flags(default, setting), entry) for setting, entry in _stored_settings(calibration)]
     return sorted(found, key=lambda item: len(item[0]))
+
+
+def _asking_flags(default: Tuple[ScoreOptions, PostprocessOptions],
+                  setting: Tuple[ScoreOptions, PostprocessOptions]) -> List[str]:
+    """The flags that ask detection for ``setting`` instead of ``default``; ``--paper`` for the published pixel
+    score's options where the setting has them all and the default does not."""
+    changed = _changed(default, setting)
+    paper = all(getattr(setting[0], k) == v for k, v in PAPER.items()) and any(f.name in PAPER for f, _, _ in changed)
+    return ["--paper"] * paper + [_as_flag(f, theirs) for f, _, theirs in changed if not (paper and f.name in PAPER)]
 
 
 def _stored_settings(calibration: Mapping[str, Dict[str, Any]]
