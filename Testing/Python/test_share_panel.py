@@ -234,3 +234,11 @@ def test_every_label_the_panel_writes_shows_its_text_as_typed():
     formats = {name: [p.find("enum").text for p in labels[name].findall("property") if p.get("name") == "textFormat"]
                for name in written}
     assert {name: f for name, f in formats.items() if f != ["Qt::PlainText"]} == {}
+
+
+def test_the_status_line_can_be_selected_and_copied():
+    """The status line says errors and warnings with paths and node names a user may need elsewhere (a search, a
+    report); a QLabel's text cannot be selected unless it says so, so none of it could be copied."""
+    status = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "statusLabel")
+    flags = [p.find("set").text for p in status.findall("property") if p.get("name") == "textInteractionFlags"]
+    assert flags and "Qt::TextSelectableByMouse" in flags[0].split("|"), flags
