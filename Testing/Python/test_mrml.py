@@ -607,19 +607,45 @@ def test_mask_errors(scene):
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     with pytest.raises(CeVAEError, match="has no segments"):
         mrml.mask_image(empty, volume)
-    labelmap = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
-    labelmap.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "reg").GetID())
-    # each one's transform is named, and the way for a mask made before its scan was registered is offered first
-    # (hardening both would leave such a mask off the brain)
-    with pytest.raises(CeVAEError, match=r"'mask' \(under 'reg'\) .* \(under no transform\) are under different "
-                                         r"transforms: put the mask under the volume's transform"):
-        mrml.mask_image(labelmap, volume)
     with pytest.raises(CeVAEError, match="labelmap volume or a segmentation"):
         mrml.mask_image(scene.AddNewNodeByClass("vtkMRMLTableNode"), volume)
 
 
+def test_a_labelmap_mask_under_another_non_linear_transform_or_lying_off_the_volume_is_refused(scene):
+    """A labelmap mask under another transform than its volume is used where it lies in world space (resampled
+    through linear transforms): a non-linear one between the two is refused, naming both transforms, as is a mask
+    that lies off the volume in world space; neither node is changed."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    labelmap = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+    warp = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    grid = slicer.vtkOrientedGridTransform()
+    displacements = vtk.vtkImageData()
+    displacements.SetDimensions(3, 3, 3)
+    displacements.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    displacements.GetPointData().GetScalars().Fill(0.0)
+    grid.SetDisplacementGridData(displacements)
+    warp.SetAndObserveTransformToParent(grid)
+    labelmap.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(CeVAEError, match=r"^The brain mask 'mask' \(under 'warp'\) and the volume 'head' \(under no "
+                                         r"transform\) are under different transforms, and a non-linear one lies "
+                                         r"between them, which a labelmap mask is not resampled through: harden the "
+                                         r"transforms \(Transforms module\) or put the mask under the volume's "
+                                         r"transform\.$"):
+        mrml.mask_image(labelmap, volume)
+    far = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "far")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 500.0)
+    far.SetMatrixTransformToParent(shift)
+    labelmap.SetAndObserveTransformNodeID(far.GetID())
+    with pytest.raises(CeVAEError, match=r"^The brain mask 'mask' \(under 'far'\) does not overlap the volume 'head' "
+                                         r"\(under no transform\) where they lie in world space"):
+        mrml.mask_image(labelmap, volume)
+    assert np.array_equal(array(labelmap), sitk.GetArrayFromImage(mask))
+    assert labelmap.GetTransformNodeID() == far.GetID() and volume.GetTransformNodeID() is None
+
 def test_a_segmentation_mask_under_another_transform_is_said_to_be_used_in_world_space(scene, caplog):
-    """A labelmap mask under another transform than its volume is refused; a segmentation one is matched in world
+    """A segmentation mask under another transform than its volume is matched in world
     space (as the Segment Editor draws on a moved, unhardened volume), which was done without a word: a mask drawn on
     the scan before it was registered then lies off the brain unnoticed. Both transforms are now named."""
     image, mask = make_head()

@@ -142,6 +142,54 @@ def test_mask_can_be_a_segment(scene_with_head, tiny_bundle):
                                score_by_labelmap, rtol=1e-5, atol=1e-6)
 
 
+
+def moved(scene, name: str, degrees: float, shift, axis=(0.2, 0.3, 0.9)):
+    """A linear transform node: a rotation of ``degrees`` about ``axis``, then a shift (mm)."""
+    import vtk
+
+    transform = vtk.vtkTransform()
+    transform.Translate(*shift)
+    transform.RotateWXYZ(degrees, *axis)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    return node
+
+
+@pytest.mark.parametrize("mask_under", [None, "old"], ids=["mask-under-none", "mask-under-another"])
+def test_a_labelmap_mask_under_another_transform_is_used_where_it_lies_as_if_both_were_hardened(
+        scene_with_head, tiny_bundle, mask_under):
+    """A scan registered (a linear transform on it, not hardened) with the labelmap mask made before it: the run was
+    refused ("under different transforms"), while a segmentation mask was used where it lies in world space. The
+    labelmap now is too, with the segmentation's warning: the results are those of the run with both hardened, and
+    the mask node is left as it was. (Without the asymmetry fusion: its mid-plane is searched in the scan's physical
+    space, which a rotation hardened into the scan turns.)"""
+    runs = []
+    for harden in (False, True):
+        scene, volume, mask, _, _ = scene_with_head()
+        volume.SetAndObserveTransformNodeID(moved(scene, "reg", 9.0, (3.3, -2.1, 1.7)).GetID())
+        if mask_under:
+            mask.SetAndObserveTransformNodeID(moved(scene, mask_under, -6.0, (-1.2, 0.8, 2.4), (1, 0, 0.2)).GetID())
+        if harden:
+            volume.HardenTransform()
+            mask.HardenTransform()
+        kept = (sitk.GetArrayFromImage(mrml.image_from_volume(mask)), nodes.ijk_to_ras(mask), mask.GetTransformNodeID())
+        runs.append(CeVAEAnomalyLogic().process(volume, mask, modelPath=tiny_bundle, device="cpu", threshold=0.3,
+                                                asymmetry_mm=0.0, createLabelmap=True))
+        assert np.array_equal(sitk.GetArrayFromImage(mrml.image_from_volume(mask)), kept[0])
+        assert np.array_equal(nodes.ijk_to_ras(mask), kept[1]) and mask.GetTransformNodeID() == kept[2]
+    transformed, hardened = runs
+    for role in ("score", "labelmap"):
+        a, b = (sitk.GetArrayFromImage(mrml.image_from_volume(getattr(r.nodes, role))) for r in runs)
+        assert np.array_equal(a, b), role
+    a, b = (sitk.GetArrayFromImage(r.detection.brain_mask) for r in runs)
+    assert np.array_equal(a, b) and a.any() and not a.all()
+    assert transformed.detection.threshold == hardened.detection.threshold
+    assert [c.voxels for c in transformed.detection.components] == [c.voxels for c in hardened.detection.components]
+    assert (f"The brain mask 'mask' (under {repr(mask_under) if mask_under else 'no transform'}) and the volume 'head' "
+            "(under 'reg') are under different transforms: the labelmap is used where it lies in world space, "
+            "resampled onto the volume's grid (nearest neighbour). If it was made on this scan before the scan was "
+            "registered, put it under the volume's transform.") in transformed.warnings, transformed.warnings
+
 def empty_mask(scene, volume, mask):
     node = add_volume(scene, sitk.Image(mrml.image_from_volume(mask).GetSize(), sitk.sitkUInt8), "empty",
                       "vtkMRMLLabelMapVolumeNode")

@@ -264,29 +264,66 @@ def update_volume_from_image(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.
 def mask_image(
     mask_node: slicer.vtkMRMLNode, volume_node: slicer.vtkMRMLVolumeNode, segment_id: Optional[str] = None
 ) -> sitk.Image:
-    """Brain mask (>0 is brain) from a labelmap/scalar volume or a segmentation (one or all segments). A labelmap
-    under another transform than the volume is refused; a segmentation is used where it lies in world space (as the
-    Segment Editor draws on a moved volume), with a warning naming both transforms."""
+    """Brain mask (>0 is brain) from a labelmap/scalar volume or a segmentation (one or all segments). One under
+    another transform than the volume is used where it lies in world space (as the Segment Editor draws on a moved
+    volume), resampled onto the volume's grid, with a warning naming both transforms; a labelmap is resampled only
+    through linear transforms."""
     if isinstance(mask_node, slicer.vtkMRMLSegmentationNode):
-        if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():  # (a labelmap's is refused below)
-            log.warning("The brain mask '%s' (%s) and the volume '%s' (%s) are under different transforms: the "
-                        "segmentation is used where it lies in world space, resampled onto the volume's grid. If it "
-                        "was drawn on this scan before the scan was registered, put it under the volume's transform.",
-                        mask_node.GetName(), _under(mask_node), volume_node.GetName(), _under(volume_node))
+        if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
+            _warn_moved(mask_node, volume_node, "segmentation", "")
         return _mask_from_segmentation(mask_node, volume_node, segment_id)
     if isinstance(mask_node, slicer.vtkMRMLScalarVolumeNode):
         if segment_id:
             raise CeVAEError(f"The brain mask '{mask_node.GetName()}' is a volume, which has no segment "
                              f"'{segment_id}'; give a segment ID only with a segmentation.")
+        mask = image_from_volume(mask_node, "brain mask")
         if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
-            raise CeVAEError(
-                f"The brain mask '{mask_node.GetName()}' ({_under(mask_node)}) and the volume "
-                f"'{volume_node.GetName()}' ({_under(volume_node)}) are under different transforms: put the mask "
-                "under the volume's transform if it was made on this scan before it was registered, or harden "
-                "each into its own place (Transforms module)."
-            )
-        return image_from_volume(mask_node, "brain mask")
+            mask = _moved_mask(mask, mask_node, volume_node)
+            _warn_moved(mask_node, volume_node, "labelmap", " (nearest neighbour)")
+        return mask
     raise CeVAEError("The brain mask must be a labelmap volume or a segmentation.")
+
+
+def _warn_moved(mask_node: slicer.vtkMRMLNode, volume_node: slicer.vtkMRMLVolumeNode, kind: str, how: str) -> None:
+    """Say that the mask (a ``kind``), under another transform than the volume, is used where it lies in world
+    space (resampled ``how``)."""
+    log.warning("The brain mask '%s' (%s) and the volume '%s' (%s) are under different transforms: the %s is used "
+                "where it lies in world space, resampled onto the volume's grid%s. If it %s on this scan before the "
+                "scan was registered, put it under the volume's transform.", mask_node.GetName(), _under(mask_node),
+                volume_node.GetName(), _under(volume_node), kind, how,
+                "was drawn" if kind == "segmentation" else "was made")
+
+
+def _moved_mask(mask: sitk.Image, mask_node: slicer.vtkMRMLVolumeNode,
+                volume_node: slicer.vtkMRMLVolumeNode) -> sitk.Image:
+    """``mask`` (the voxels of ``mask_node``) resampled (nearest neighbour) onto the grid of ``volume_node`` where
+    both lie in world space, through their parent transforms (linear ones only), as the engine resamples a mask of
+    another grid: a run gets what it would with both transforms hardened."""
+    source, target = mask_node.GetParentTransformNode(), volume_node.GetParentTransformNode()
+    between = vtk.vtkMatrix4x4()
+    linear = source.IsTransformToNodeLinear(target) if source is not None else target.IsTransformToNodeLinear(None)
+    if not linear or not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, between):
+        raise CeVAEError(f"The brain mask '{mask_node.GetName()}' ({_under(mask_node)}) and the volume "
+                         f"'{volume_node.GetName()}' ({_under(volume_node)}) are under different transforms, and a "
+                         "non-linear one lies between them, which a labelmap mask is not resampled through: harden "
+                         "the transforms (Transforms module) or put the mask under the volume's transform.")
+    grid = _RAS_FROM_LPS @ (to_numpy(between) @ ijk_to_ras(mask_node))[:3]  # mask index -> volume's local LPS
+    spacing = np.linalg.norm(grid[:, :3], axis=0)
+    mask.SetSpacing(tuple(float(v) for v in spacing))
+    mask.SetOrigin(tuple(float(v) for v in grid[:, 3]))
+    mask.SetDirection(tuple(float(v) for v in (grid[:, :3] / spacing).ravel()))
+    reference = sitk.Image(volume_node.GetImageData().GetDimensions(), sitk.sitkUInt8)
+    spacing, origin, direction = _lps_geometry(volume_node)
+    reference.SetSpacing(spacing)
+    reference.SetOrigin(origin)
+    reference.SetDirection(direction)
+    resampled = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    if (sitk.GetArrayViewFromImage(mask) > 0).any() and not (sitk.GetArrayViewFromImage(resampled) > 0).any():
+        raise CeVAEError(f"The brain mask '{mask_node.GetName()}' ({_under(mask_node)}) does not overlap the volume "
+                         f"'{volume_node.GetName()}' ({_under(volume_node)}) where they lie in world space: check "
+                         "that the mask belongs to this scan, or put it under the volume's transform if it was made "
+                         "on this scan before the scan was registered.")
+    return resampled
 
 
 def _under(node: slicer.vtkMRMLNode) -> str:
