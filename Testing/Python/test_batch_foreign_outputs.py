@@ -103,3 +103,28 @@ def test_a_batch_killed_while_writing_its_first_outputs_is_still_resumed(folder,
     assert (out / "a_score.nii.gz").exists() and (out / "batch_settings.json").exists()
     assert batch(folder, out, tiny_bundle) == 0
     assert statuses(out) == ["ok"]
+
+
+def test_another_lists_volume_of_the_same_name_is_refused_and_kept(tiny_bundle, tmp_path, capsys):
+    """Two lists sharing one --out-dir, each with a head.nii.gz of its own folder (both named 'head'): the second
+    list's run took the first's outputs for its own scan's, "changed", and replaced them without --overwrite (and
+    a rerun of the first replaced them back)."""
+    for sub, seed in (("A", 21), ("B", 22)):
+        (tmp_path / sub).mkdir()
+        image, mask = make_head(size=(36, 40, 30), seed=seed)
+        sitk.WriteImage(image, str(tmp_path / sub / "head.nii.gz"))
+        sitk.WriteImage(mask, str(tmp_path / sub / "head_mask.nii.gz"))
+        (tmp_path / f"{sub}.csv").write_text(f"image,mask\n{sub}/head.nii.gz,{sub}/head_mask.nii.gz\n")
+    out = tmp_path / "res"
+    assert batch(tmp_path / "A.csv", out, tiny_bundle) == 0
+    before = contents(out)
+    capsys.readouterr()
+    assert batch(tmp_path / "B.csv", out, tiny_bundle) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {out} holds outputs of 'head' that a batch summary there records as made from "
+                   f"{tmp_path / 'A' / 'head.nii.gz'}, another scan than {tmp_path / 'B' / 'head.nii.gz'} (another "
+                   "list sharing this --out-dir?); they are kept. Give each list its own --out-dir, or its volumes "
+                   "other names (a 'name' column in the CSV); to replace them, remove them (head_*) or pass "
+                   "--overwrite.")
+    assert contents(out) == before
+    assert batch(tmp_path / "A.csv", out, tiny_bundle) == 0 and statuses(out) == ["skipped"]

@@ -710,12 +710,13 @@ class VolumeDetector:
             raise CeVAEError(f"Its outputs in {self.s.out_dir} were written meanwhile by another run, and no batch "
                              "summary there records what they were made from (yet); they are kept, not taken for "
                              "this run's. Run the batch again once the other run is done: it skips this volume if "
-                             "that run scored this image and mask, and scores it again otherwise.")
+                             "that run scored this image and mask, refuses to replace another scan's outputs, and "
+                             "scores it again otherwise.")
         if any(theirs[k] != source.get(k) for k in SOURCE_FIELDS):
             raise CeVAEError(f"Its outputs in {self.s.out_dir} were written meanwhile by another run from another "
                              f"image or brain mask ({theirs['image']}); they are kept, not taken for this run's. "
-                             "Give each list its own --out-dir; a rerun here scores this volume again, replacing "
-                             "them.")
+                             "Give each list its own --out-dir, or its volumes other names (a 'name' column in "
+                             "the CSV).")
         log.info("%s was finished by another run meanwhile; its outputs are kept.", item.name)
         row["warnings"] = theirs.get("warnings") or ""
         return row
@@ -837,6 +838,30 @@ def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record:
         raise CeVAEError(f"{out_dir} already holds {shown}, which no batch wrote there (no batch summary lists their "
                          "volume, and there is no batch_settings.json); they are kept. Pass --overwrite to replace "
                          "them, or choose another --out-dir.")
+
+
+def refuse_other_volumes_outputs(items: Sequence[BatchItem], described: Mapping[str, Tuple[Dict[str, str], float]],
+                                 out_dir: Path) -> None:
+    """Refuse, before any work, outputs in ``out_dir`` of a volume of an item's name that a batch summary there
+    (``described``: :func:`_described_rows`) records as made from another image file, which still exists, and other
+    content than the item's image and mask: another list's volume of the same name (``A/head.nii.gz`` and
+    ``B/head.nii.gz``, both 'head'), which scoring would replace. A scan changed in place, or moved (its recorded
+    path gone), is scored again as before."""
+    for item in items:
+        row = described.get(item.name, (None,))[0]
+        theirs = Path(row["image"]) if row and row.get("image") else None
+        if theirs is None or not os.path.exists(theirs) or not any(
+                p.exists() for p in output_paths(out_dir, item.name).values()):
+            continue
+        try:
+            if os.path.samefile(theirs, item.image) or all(v == row.get(k) for k, v in made_from(item).items()):
+                continue
+        except OSError:  # a missing or unreadable image: scoring it says what is wrong
+            continue
+        raise CeVAEError(f"{out_dir} holds outputs of '{item.name}' that a batch summary there records as made from "
+                         f"{theirs}, another scan than {item.image} (another list sharing this --out-dir?); they are "
+                         "kept. Give each list its own --out-dir, or its volumes other names (a 'name' column in the "
+                         f"CSV); to replace them, remove them ({item.name}_*) or pass --overwrite.")
 
 
 def _described_rows(out_dir: Path, record: Dict[str, object]) -> Dict[str, Tuple[Dict[str, str], float]]:
@@ -967,13 +992,14 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                              "each set of settings its own --out-dir, or score every volume again with these in one "
                              "run without --shard and with --overwrite.")
         refuse_unrecorded_outputs(items, settings.out_dir, made_with)
+    described = {} if settings.overwrite else _described_rows(settings.out_dir, made_with)  # the shards' rows too
+    refuse_other_volumes_outputs(items, described, settings.out_dir)
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temporaries([summary_path, record_path, *(p for item in items for p in output_paths(
         settings.out_dir, item.name).values())], started)  # what killed runs left, skipped volumes' too
     summary = Summary(summary_path, carried=earlier)
-    described = {} if settings.overwrite else _described_rows(settings.out_dir, made_with)  # the shards' rows too
     total = len(items)
     t0 = time.perf_counter()
 
