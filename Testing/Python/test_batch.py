@@ -357,6 +357,27 @@ def test_a_volume_finished_by_a_concurrent_run_counts_as_done(two, tiny_bundle, 
     assert {p: p.read_bytes() for p in published} == published
 
 
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_volume_another_run_is_writing_says_a_rerun_skips_it(two, tiny_bundle, tmp_path, overwrite):
+    """Two runs of one list on one --out-dir (an unsharded run and a shard) scoring one volume at once: the one
+    that found the other writing its outputs recorded "A batch (process N) is writing ...; wait for it to finish,
+    or choose another output", not that a rerun once that run is done skips the volume."""
+    from CeVAEAnomalyLib.cli.batch import VolumeDetector
+    from CeVAEAnomalyLib.io.lock import hold_outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    item = collect_inputs(two)[0]
+    with hold_outputs(output_paths(out, item.name).values(), "batch"):  # the other run, writing them
+        row = VolumeDetector(settings_for(tiny_bundle, out))(item, overwrite)
+    assert row["status"] == "error"
+    rerun = "." if overwrite else (": it skips this volume if that run scored this image and mask, refuses to "
+                                   "replace another scan's outputs, and scores it again otherwise.")
+    assert row["error"] == (f"A batch (process {os.getpid()}) was writing its outputs in {out} meanwhile; they are "
+                            f"not taken for this run's. Run the batch again once the other run is done{rerun}")
+    assert not any(p.exists() for p in output_paths(out, item.name).values())
+
 @pytest.fixture
 def own_two(cohort, tmp_path):
     """A folder with copies of a1 and b2 (and their masks) that a test may replace."""

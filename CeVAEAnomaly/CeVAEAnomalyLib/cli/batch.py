@@ -29,7 +29,7 @@ from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterat
 from ..errors import CeVAEError, one_line, out_of_memory
 from ..io.atomic import atomic_write_text, remove_abandoned_temporaries
 from ..io.checksum import FileMemo, hashed_files, sha256_of
-from ..io.lock import hold_output, hold_outputs
+from ..io.lock import OutputHeld, hold_output, hold_outputs
 from ..io.images import refuse_image_as_mask
 from ..io.manifest import read_rows
 from ..io import strict_json
@@ -75,6 +75,8 @@ LATER_FIELDS = ("components", "warnings", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # col
 # table)
 UNTRUSTED_WITHOUT = frozenset(SUMMARY_FIELDS) - {"components", "warnings"}  # a row lacking one is scored again
 WARNINGS_APART = " | "  # between a volume's warnings in its summary row
+RERUN_AFTER_OTHER = ("Run the batch again once the other run is done: it skips this volume if that run scored this "
+                     "image and mask, refuses to replace another scan's outputs, and scores it again otherwise.")
 
 
 def owner(key: str) -> str:
@@ -667,11 +669,15 @@ class VolumeDetector:
                 with hold_outputs(paths.values(), "batch"):  # the checksums are of the files this run wrote
                     write_all(result_files(result, paths), overwrite, (item.image, item.mask), command="batch")
                     written = output_checksums(paths)
-            except CeVAEError:
+            except CeVAEError as exc:
                 done = None if overwrite else self.done_by_another_run(item, source)
-                if done is None:
-                    raise
-                return done
+                if done is not None:
+                    return done
+                if isinstance(exc, OutputHeld):  # a rerun once the other run is done resolves it
+                    rerun = "Run the batch again once the other run is done." if overwrite else RERUN_AFTER_OTHER
+                    raise CeVAEError(f"{exc.holder} was writing its outputs in {self.s.out_dir} meanwhile; they are "
+                                     f"not taken for this run's. {rerun}") from None
+                raise
             top = result.top_slice
             return _row(item, "ok", time.perf_counter() - t0, warnings=summary_warnings(result.record.warnings, where),
                         **measure(result.score, result.labelmap, (top.axis, top.index) if top else None), **source,
@@ -709,9 +715,7 @@ class VolumeDetector:
         if theirs is None:
             raise CeVAEError(f"Its outputs in {self.s.out_dir} were written meanwhile by another run, and no batch "
                              "summary there records what they were made from (yet); they are kept, not taken for "
-                             "this run's. Run the batch again once the other run is done: it skips this volume if "
-                             "that run scored this image and mask, refuses to replace another scan's outputs, and "
-                             "scores it again otherwise.")
+                             f"this run's. {RERUN_AFTER_OTHER}")
         if any(theirs[k] != source.get(k) for k in SOURCE_FIELDS):
             raise CeVAEError(f"Its outputs in {self.s.out_dir} were written meanwhile by another run from another "
                              f"image or brain mask ({theirs['image']}); they are kept, not taken for this run's. "

@@ -28,6 +28,16 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+
+
+class OutputHeld(CeVAEError):
+    """Another process holds an output's lock (is writing it); ``holder`` says who ("A batch (process 123)")."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 _held: Dict[str, int] = {}  # the lock files this process holds (a forked child holds none of them)
 _unlockable: Set[Path] = set()  # folders whose lock files could not be locked (said once)
 
@@ -80,8 +90,9 @@ def _locked(target: Path, path: Path, command: str) -> BinaryIO:
                     _unlockable.add(path.parent)
                 return fh
             fh.close()
-            raise CeVAEError(f"{_holder(path, command)} is writing {target} (it holds {path}); wait for it to "
-                             "finish, or choose another output.") from None
+            holder = _holder(path, command)
+            raise OutputHeld(f"{holder} is writing {target} (it holds {path}); wait for it to finish, or choose "
+                             "another output.", holder) from None
         try:
             if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
                 os.ftruncate(fh.fileno(), 0)
