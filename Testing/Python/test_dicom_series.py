@@ -259,3 +259,35 @@ def test_a_localizer_of_another_size_in_the_series_says_what_to_do(head, tmp_pat
         f"The DICOM series in {folder} could not be read: its slices differ in size: LOC.dcm is 10x28 pixels, the "
         "usual 24x28 (1 of 11 files differ). The folder mixes images of other acquisitions (a localizer or a "
         "reformat?): move those files out of it, or export the series into a folder of its own.")
+
+
+def dicomdir_bytes() -> bytes:
+    """A DICOMDIR (Media Storage Directory Storage, explicit VR little endian) indexing no record, as a disc's index
+    file begins."""
+    def element(group: int, number: int, vr: bytes, value: bytes) -> bytes:
+        value += (b"\0" if vr in (b"UI", b"OB") else b" ") * (len(value) % 2)
+        if vr in (b"OB", b"SQ"):
+            return struct.pack("<HH", group, number) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+        return struct.pack("<HH", group, number) + vr + struct.pack("<H", len(value)) + value
+
+    meta = (element(2, 1, b"OB", b"\0\1") + element(2, 2, b"UI", b"1.2.840.10008.1.3.10")
+            + element(2, 3, b"UI", b"1.2.826.0.1.3680043.2.1125.9") + element(2, 0x10, b"UI", b"1.2.840.10008.1.2.1"))
+    body = (element(4, 0x1130, b"CS", b"DISC") + element(4, 0x1200, b"UL", struct.pack("<I", 0))
+            + element(4, 0x1202, b"UL", struct.pack("<I", 0)) + element(4, 0x1212, b"US", struct.pack("<H", 0))
+            + element(4, 0x1220, b"SQ", b""))
+    return b"\0" * 128 + b"DICM" + element(2, 0, b"UL", struct.pack("<I", len(meta))) + meta + body
+
+
+def test_a_dicomdir_given_as_the_image_says_what_to_give(head, tmp_path):
+    """A disc or export: DICOMDIR beside DICOM/<series folders>. Given the DICOMDIR file, it was "could not be read
+    as an image (corrupt, truncated or not a medical image format): Unable to determine ImageIO reader"."""
+    write_series(head, tmp_path / "DICOM" / "S1")
+    (tmp_path / "DICOMDIR").write_bytes(dicomdir_bytes())
+    with pytest.raises(CeVAEError) as refused:
+        read_image(tmp_path / "DICOMDIR")
+    assert str(refused.value) == (
+        f"The image file {tmp_path / 'DICOMDIR'} is a DICOMDIR, the index of a DICOM disc or export, not an image: "
+        f"give the folder of one series it lists (below {tmp_path}; a folder that holds that series' files alone).")
+    with pytest.raises(CeVAEError, match=r"contains no DICOM series; its subfolders \(DICOM\) are not searched: "):
+        read_image(tmp_path)  # the disc's folder
+    assert read_image(tmp_path / "DICOM" / "S1").GetSize() == head.GetSize()

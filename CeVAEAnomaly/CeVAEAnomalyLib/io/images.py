@@ -108,7 +108,8 @@ def read_header(path: PathLike, what: str = "image") -> Optional[sitk.ImageFileR
 
 def _unreadable(p: Path, layout: Optional[_NiftiLayout], what: str, exc: RuntimeError) -> CeVAEError:
     """The refusal of a file that ITK could not read (``exc``), saying why where it can be told: a macOS resource
-    fork, a gzip file named .nii, a format named by another's extension; else corrupt or not an image."""
+    fork, a gzip file named .nii, a format named by another's extension, a DICOMDIR; else corrupt or not an
+    image."""
     from .naming import RESOURCE_FORK, is_resource_fork
 
     if is_resource_fork(p):  # listed by a `find` or a glob beside the scan
@@ -120,8 +121,19 @@ def _unreadable(p: Path, layout: Optional[_NiftiLayout], what: str, exc: Runtime
     if p.suffix.lower() in (".mgz", ".mgh"):  # SimpleITK has no reader of FreeSurfer's format
         return CeVAEError(f"The {what} file {p} is in FreeSurfer's MGH format, which is not read here: convert it to "
                           f"NIfTI first (FreeSurfer: mri_convert {p.name} {p.stem}.nii.gz) and give that file.")
+    try:
+        dicomdir = _sop_class(p) == DICOMDIR_CLASS
+    except OSError:
+        dicomdir = False
+    if dicomdir:
+        return CeVAEError(f"The {what} file {p} is a DICOMDIR, the index of a DICOM disc or export, not an image: give "
+                          f"the folder of one series it lists (below {p.parent}; a folder that holds that series' "
+                          "files alone).")
     return CeVAEError(f"The {what} file {p} could not be read as an image "
                       f"(corrupt, truncated or not a medical image format): {error_text(exc)}")
+
+
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR (Media Storage Directory Storage)
 
 
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
