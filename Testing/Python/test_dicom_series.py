@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import locale
+import logging
 import os
 import struct
 from pathlib import Path
@@ -291,3 +292,22 @@ def test_a_dicomdir_given_as_the_image_says_what_to_give(head, tmp_path):
     with pytest.raises(CeVAEError, match=r"contains no DICOM series; its subfolders \(DICOM\) are not searched: "):
         read_image(tmp_path)  # the disc's folder
     assert read_image(tmp_path / "DICOM" / "S1").GetSize() == head.GetSize()
+
+
+@pytest.mark.parametrize("images, image_type, warned", [("12", "ORIGINAL\\PRIMARY\\M\\ND", True),
+                                                        ("10", "ORIGINAL\\PRIMARY\\M\\ND", False),
+                                                        ("20", "ORIGINAL\\PRIMARY\\M\\ND", False),
+                                                        ("12", "DERIVED\\SECONDARY\\MPR", False)])
+def test_a_series_with_fewer_slices_than_its_acquisition_made_is_warned_of(head, tmp_path, caplog, images, image_type,
+                                                                           warned):
+    """A series cut at an end (its first or last slices not copied) was read without a word: nothing in the folder
+    is amiss, but its slices say how many images their acquisition made (0020,1002 Images in Acquisition). Fewer
+    slices than that, and more than half of it, is told (twice as many or more: echoes, dynamics or volumes of one
+    acquisition; a reformat, SECONDARY, keeps its source's count)."""
+    folder = write_series(head, tmp_path / "series", {"0020|1002": images, "0008|0008": image_type})
+    with caplog.at_level(logging.WARNING):
+        assert read_image(folder).GetSize() == head.GetSize()
+    message = (f"The DICOM series in {folder} holds 10 slices, but they say their acquisition made 12 images "
+               "(0020,1002 Images in Acquisition): 2 slice(s) may be missing at its ends (a copy or export cut "
+               "short?). Copy or export the series again if so.")
+    assert (message in caplog.text) == warned and ("Images in Acquisition" in caplog.text) == warned

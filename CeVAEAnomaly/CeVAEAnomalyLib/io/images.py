@@ -538,6 +538,7 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
         raise CeVAEError(f"The DICOM series in {folder} could not be read: {_odd_slice(files) or error_text(exc)}") \
             from None
     _check_slice_positions(reader, len(files), folder, min(image.GetSpacing()[:2]))
+    _warn_of_fewer_slices_than_acquired(reader, len(files), folder)
     if len(set(_rescalings(reader, len(files)))) > 1:  # the pixel type is the first slice's: read them as floats
         reader.SetOutputPixelType(sitk.sitkFloat32)
         image = reader.Execute()
@@ -729,6 +730,25 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path,
             "module does, with acquisition geometry regularization on in its DICOM settings), or export the complete "
             "series into a folder of its own if the folder mixes acquisitions."
         )
+
+
+def _warn_of_fewer_slices_than_acquired(reader: sitk.ImageSeriesReader, n: int, folder: Path) -> None:
+    """Warn of a series that may lack slices at its ends (a copy or export cut short, which its positions cannot
+    tell): every slice says its acquisition made the same N images (0020,1002 Images in Acquisition), and n < N < 2n.
+    Twice as many or more are echoes, dynamics or volumes of one acquisition; a reformat (ImageType SECONDARY) may
+    keep its source's count; slices without the tag (it is optional) say nothing."""
+    def tag(i: int, key: str) -> str:
+        return reader.GetMetaData(i, key).strip() if reader.HasMetaDataKey(i, key) else ""
+
+    counts = {tag(i, "0020|1002") for i in range(n)}
+    if len(counts) != 1 or not counts <= {str(k) for k in range(n + 1, 2 * n)}:
+        return
+    if any("SECONDARY" in tag(i, "0008|0008").upper().split("\\") for i in range(n)):
+        return
+    acquired = int(counts.pop())
+    log.warning("The DICOM series in %s holds %d slices, but they say their acquisition made %d images (0020,1002 "
+                "Images in Acquisition): %d slice(s) may be missing at its ends (a copy or export cut short?). Copy "
+                "or export the series again if so.", folder, n, acquired, acquired - n)
 
 
 _ROUNDING_MM = 0.2  # how far positions written to 0.1 mm may stray (a missing slice: a whole gap; a tilt: mm)
