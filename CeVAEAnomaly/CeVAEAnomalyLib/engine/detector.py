@@ -530,7 +530,8 @@ def _refuse_a_copy_as_the_mask(image: sitk.Image, mask: Optional[sitk.Image], wh
     file or a second node of it), which was scored as a "brain" of every voxel above 0, with warnings only."""
     if mask is None or mask.GetSize() != image.GetSize() or grid_difference(mask, image):
         return
-    ours, theirs = sitk.GetArrayViewFromImage(label_image(mask)).ravel(), sitk.GetArrayViewFromImage(image).ravel()
+    labels = label_image(mask)  # (named: a view does not keep its image alive)
+    ours, theirs = sitk.GetArrayViewFromImage(labels).ravel(), sitk.GetArrayViewFromImage(image).ravel()
     step = max(1, ours.size // _SAMPLED_VOXELS)  # a sample first: a mask differs from its scan in most voxels
     if np.array_equal(ours[::step], theirs[::step]) and np.array_equal(ours, theirs):
         raise CeVAEError(f"{where}The brain mask {MASK_IS_IMAGE}")
