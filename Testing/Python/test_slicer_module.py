@@ -210,7 +210,7 @@ FAILURES = {
     "a mask given by name": (lambda scene, volume, mask: dict(maskNode="mask"),
                              "brain mask must be a labelmap volume or segmentation node, not a str"),
     "a copy of the scan as its mask": (lambda scene, volume, mask: dict(maskNode=add_volume(
-        scene, mrml.image_from_volume(volume, "input"), "copy of head")), "it looks like an image, not a mask"),
+        scene, mrml.image_from_volume(volume, "input"), "copy of head")), "is the image itself"),
     "options as a flat dict": (lambda scene, volume, mask: dict(maskNode=mask, request={"fpr": 0.01}),
                                r"request dict holds option names \(fpr\): give them by name"),
     "a request of another type": (lambda scene, volume, mask: dict(maskNode=mask, request="rec"),
