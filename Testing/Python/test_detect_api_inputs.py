@@ -57,7 +57,10 @@ def test_a_labelmap_typed_mask_or_image_does_not_abort_the_interpreter():
         "mask = sitk.GetImageFromArray(arr); image = sitk.Cast(mask, sitk.sitkFloat32)\n"
         "lm = sitk.LabelImageToLabelMap(mask)\n"
         "assert np.array_equal(mask_array(lm, image), arr > 0)\n"
-        "assert checked_image(lm, lm, 'T1').GetPixelID() == sitk.sitkUInt8\n"
+        "assert checked_image(lm, None, 'T1').GetPixelID() == sitk.sitkUInt8\n"
+        "try:\n    checked_image(lm, lm, 'T1')\n"  # (viewed, and told to be the same voxels)
+        "except Exception as e:\n    assert 'is the image itself' in str(e), e\n"
+        "else:\n    raise AssertionError('the mask is the image')\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
