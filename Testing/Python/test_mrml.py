@@ -1003,8 +1003,32 @@ def test_calibration_masks_are_paired_with_volumes_by_grid(scene):
     shift.SetElement(0, 3, 5.0)
     moved.SetMatrixTransformToParent(shift)
     a.SetAndObserveTransformNodeID(moved.GetID())
-    with pytest.raises(CeVAEError, match="'mask a' has the voxel grid of 'a' but lies under another transform"):
-        pair_masks([a], [ma])
+    assert pair_masks([a], [ma]) == [ma]  # used where it lies in world space, as detection uses it (mask_image)
+
+
+def test_healthy_masks_under_another_transform_than_their_volume_are_paired_as_detection_uses_them(scene):
+    """A site's scans registered (under a transform) after their masks were made (under none): a mask on its
+    volume's grid was refused as "under another transform; harden the transforms", though detection uses such a mask
+    where it lies in world space, with a warning. It is now paired by its grid whatever its transform; among volumes
+    sharing that grid, the one its name leads, else the one under its own transform. No node is changed."""
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    image, brain = make_head()
+    reg = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "reg")
+    c1, c10 = add_volume(scene, image, "c1"), add_volume(scene, image, "c10")
+    c1.SetAndObserveTransformNodeID(reg.GetID())
+    m1 = add_volume(scene, brain, "c1 mask", "vtkMRMLLabelMapVolumeNode")  # under none, as c10: its name says c1
+    m10 = add_volume(scene, brain, "c10 mask", "vtkMRMLLabelMapVolumeNode")
+    assert pair_masks([c1, c10], [m10, m1]) == [m1, m10]
+    plain = add_volume(scene, brain, "brain", "vtkMRMLLabelMapVolumeNode")  # no name leads: its transform's volume
+    assert pair_masks([c1, c10], [plain]) == [None, plain]
+    plain.SetAndObserveTransformNodeID(reg.GetID())
+    assert pair_masks([c1, c10], [plain]) == [plain, None]
+    other = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "other")
+    plain.SetAndObserveTransformNodeID(other.GetID())  # neither's transform, no name: which scan's is not known
+    with pytest.raises(CeVAEError, match="grid of several of"):
+        pair_masks([c1, c10], [plain])
+    assert [n.GetTransformNodeID() for n in (c1, c10, m1, m10)] == [reg.GetID(), None, None, None]
 
 
 def test_masks_of_healthy_volumes_that_share_a_grid_and_a_name_say_to_rename_the_volumes(scene):

@@ -164,6 +164,76 @@ def test_the_panels_calibration_warns_of_a_volume_loaded_from_a_training_scan(ti
                     "not see."], job.warnings
 
 
+def test_a_calibration_uses_a_mask_made_before_its_scan_was_registered_where_it_lies_as_detection_does(
+        tiny_bundle, tmp_path):
+    """A healthy scan registered (under a linear transform) after its brain mask was made: detection uses such a mask
+    where it lies in world space, resampled onto the scan's grid, with a warning naming both transforms; the panel's
+    Calibrate and Adapt refused it ("harden the transforms"). The worker now gets the mask as detection uses it (the
+    copy is the mask moved onto the scan's grid), the job's warnings (the panel's status line) say so in detection's
+    words, and neither node is changed; a non-linear transform between them is refused before anything runs."""
+    import json
+    import shutil
+
+    import numpy as np
+    import SimpleITK as sitk
+    import vtk
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.slicer.jobs import launch_process
+    from CeVAEAnomalyLib.slicer.mrml import image_from_volume
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    scene = slicer.vtkMRMLScene()
+    image, brain = make_head(size=(40, 44, 12), seed=11)  # identity direction, 1.2 mm columns
+    volume = add_volume(scene, image, "sub-01_T1w")
+    mask = add_volume(scene, brain, "sub-01_T1w mask", "vtkMRMLLabelMapVolumeNode")
+    reg = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "reg")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 3 * 1.2)  # 3 columns to the right (R: LPS x decreases)
+    reg.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(reg.GetID())
+    copied = tmp_path / "copied"
+
+    def keep_copies(args):  # the worker's request and its copies of the scans, as they are when it starts
+        request = json.loads(Path(args[-1]).read_text(encoding="utf-8"))
+        shutil.copytree(Path(args[-1]).parent, copied)
+        copied.joinpath("mask").write_text(Path(request["subjects"][0]["mask"]).name, encoding="utf-8")
+        return launch_process(args)
+
+    masks = pair_masks([volume], [mask])
+    job = CeVAEAnomalyLogic().startCalibration([volume], masks, tmp_path / "site.cevae", modelPath=tiny_bundle,
+                                               device="cpu", launch=keep_copies)
+    assert job.wait(300) is JobState.DONE, job.error
+    said = ("The brain mask 'sub-01_T1w mask' (under no transform) and the volume 'sub-01_T1w' (under 'reg') are under "
+            "different transforms: the labelmap is used where it lies in world space, resampled onto the volume's "
+            "grid (nearest neighbour). If it was made on this scan before the scan was registered, put it under the "
+            "volume's transform.")
+    assert said in job.warnings, job.warnings
+    used = sitk.GetArrayFromImage(sitk.ReadImage(str(copied / copied.joinpath("mask").read_text(encoding="utf-8"))))
+    expected = np.zeros_like(sitk.GetArrayFromImage(brain))
+    expected[:, :, 3:] = sitk.GetArrayFromImage(brain)[:, :, :-3]  # column i of the scan lies on the mask's i - 3
+    assert np.array_equal(used, expected)
+    assert volume.GetTransformNodeID() == reg.GetID() and mask.GetTransformNodeID() is None
+    assert np.array_equal(sitk.GetArrayFromImage(image_from_volume(mask)), sitk.GetArrayFromImage(brain))
+
+    warp = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    grid = slicer.vtkOrientedGridTransform()
+    displacements = vtk.vtkImageData()
+    displacements.SetDimensions(3, 3, 3)
+    displacements.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    displacements.GetPointData().GetScalars().Fill(0.0)
+    grid.SetDisplacementGridData(displacements)
+    warp.SetAndObserveTransformToParent(grid)
+    volume.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(CeVAEError, match=r"^The brain mask 'sub-01_T1w mask' \(under no transform\) and the volume "
+                                         r"'sub-01_T1w' \(under 'warp'\) are under different transforms, and a "
+                                         r"non-linear one lies between them"):
+        CeVAEAnomalyLogic().startAdaptation([volume, add_volume(scene, image, "sub-02_T1w")],
+                                            pair_masks([volume], [mask]) + [None], tmp_path / "adapted.cevae",
+                                            modelPath=tiny_bundle, device="cpu")
+    assert not (tmp_path / "adapted.cevae").exists()
+
+
 def sitk_read(path: Path):
     """The image at ``path``, as Slicer's volume loading reads it (SimpleITK)."""
     import SimpleITK as sitk

@@ -124,12 +124,13 @@ class WorkerJob:
 
     def __init__(self, request: Dict[str, Any], folder: Path, launch: Optional[Launcher] = None,
                  python: Optional[str] = None, remove_folder_at_end: bool = False,
-                 names: Optional[Dict[str, Name]] = None) -> None:
+                 names: Optional[Dict[str, Name]] = None, said: Sequence[str] = ()) -> None:
         """``remove_folder_at_end``: the folder holds nothing to read after the job (a calibration's or
         adaptation's copies of the scans; its model is written elsewhere), so it goes as soon as the job ends.
         ``names``: the request's files (the worker's copies of the scans) and what the user calls each (a node's
         name; a callable gives it as it is when a warning or the error is read, so a node renamed during the run is
-        named by its new name): the worker's warnings and error say those instead of the temporary copies' paths."""
+        named by its new name): the worker's warnings and error say those instead of the temporary copies' paths.
+        ``said``: warnings logged here as the request's inputs were read (a mask's transform), the job's first."""
         self.folder = Path(folder)
         # longest first: a file's path before its bare name, which it contains
         self._names = sorted(((str(k), v) for f, v in (names or {}).items() for k in (f, Path(f).name)),
@@ -141,7 +142,7 @@ class WorkerJob:
         self.done: Optional[Dict[str, Any]] = None
         self._error: Optional[str] = None  # as the worker said it (see error)
         self.output: List[str] = []  # lines that were not protocol messages (warnings, tracebacks)
-        self._warnings: List[str] = []  # the worker's logged warnings (also in output), as it said them
+        self._warnings: List[str] = list(said)  # then the worker's logged warnings (also in output), as it said them
         self._cancelled = False
         self._output_before = _file_stamp(request.get("out"))
         request_path = self.folder / "request.json"
@@ -170,8 +171,8 @@ class WorkerJob:
 
     @property
     def warnings(self) -> List[str]:
-        """The worker's logged warnings so far, each once, in the order they came, naming what they name as it is
-        called now (``names``)."""
+        """The warnings of reading its inputs, then the worker's logged warnings so far, each once, in the order they
+        came, naming what they name as it is called now (``names``)."""
         return list(dict.fromkeys(self._named(warning) for warning in self._warnings))
 
     @property

@@ -618,16 +618,20 @@ class CeVAEAnomalyLogic(_LogicBase):
         """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``, checked by
         :func:`_checkHealthy`), each with the person its node's name says was scanned (a BIDS name's
         ``sub-<label>``), which adapting splits by, and its node's name (:func:`_distinctNames`), which the model
-        records."""
+        records. A mask under another transform than its volume is copied as detection uses it (mrml.mask_image),
+        and its warning is the job's first (``job.warnings``)."""
         from .adapt_panel import node_person
 
         folder = _jobFolder(f"{JOB_FOLDER_PREFIX}{task}-")
         try:
             subjects: List[Dict[str, Optional[str]]] = []
             names: Dict[str, str] = {}
+            said: List[str] = []
             shown = _distinctNames(volumes)
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
-                image, maskImage = self._inputImages(volume, mask, None, "healthy volume")
+                with warningsLogged() as read:  # a mask under another transform, as detection says it
+                    image, maskImage = self._inputImages(volume, mask, None, "healthy volume")
+                said.extend(read)
                 stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
                 _writeInputs(folder, stem, image, maskImage)
                 names.update(_copyNames(folder, stem, shown[n], mask if maskImage is not None else None))
@@ -635,7 +639,7 @@ class CeVAEAnomalyLogic(_LogicBase):
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None,
                                      person=node_person(volume.GetName()), name=shown[n]))
             return _held(WorkerJob(dict(request, task=task, subjects=subjects), folder, launch, python,
-                                   remove_folder_at_end=True, names=names))
+                                   remove_folder_at_end=True, names=names, said=said))
         except BaseException:
             _removeFolder(folder)
             raise

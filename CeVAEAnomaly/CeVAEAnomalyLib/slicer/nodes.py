@@ -856,20 +856,20 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
                masks: Sequence[slicer.vtkMRMLLabelMapVolumeNode]) -> List[Optional[slicer.vtkMRMLLabelMapVolumeNode]]:
     """For each healthy volume, the brain mask on its grid (None: computed automatically).
 
-    Every mask must fit exactly one volume; where several volumes share its grid (scans in one template space),
-    the one whose name leads the mask's ("c1" for "c1 mask", "c1-label") is it. A volume may have at most one mask.
+    Every mask must fit exactly one volume, whatever transform either lies under (a mask under another transform is
+    used where it lies in world space, as detection uses it: mrml.mask_image); where several volumes share its grid
+    (scans in one template space), the one whose name leads the mask's ("c1" for "c1 mask", "c1-label") is it, else
+    the one under the mask's transform. A volume may have at most one mask.
     """
     pairs: List[Optional[slicer.vtkMRMLLabelMapVolumeNode]] = [None] * len(volumes)
     for mask in masks:
-        fits = [i for i, volume in enumerate(volumes) if same_grid(volume, mask)]
+        fits = [i for i, volume in enumerate(volumes) if same_grid(volume, mask, transforms=False)]
         if len(fits) > 1:  # the longest volume name that leads the mask's ("c1" and "c10": "c10 mask" is c10's)
             named = [i for i in fits if mask.GetName().startswith(volumes[i].GetName())]
             longest = max((len(volumes[i].GetName()) for i in named), default=0)
             fits = [i for i in named if len(volumes[i].GetName()) == longest] or fits
-        moved = [v.GetName() for v in volumes if same_grid(v, mask, transforms=False)] if not fits else []
-        if moved:
-            raise CeVAEError(f"The brain mask '{mask.GetName()}' has the voxel grid of '{moved[0]}' but lies under "
-                             "another transform; harden the transforms (or put both under the same one) first.")
+        if len(fits) > 1:
+            fits = [i for i in fits if volumes[i].GetTransformNodeID() == mask.GetTransformNodeID()] or fits
         if len(fits) != 1:
             where = "none of" if not fits else "several of"
             hint = _shared_grid_hint([volumes[i].GetName() for i in fits]) if fits else ""
