@@ -84,6 +84,22 @@ def add_volume(scene, image, name="head", class_name="vtkMRMLScalarVolumeNode"):
     return node
 
 
+def grid_transform(scene, name="warp"):
+    """A non-linear (grid, zero displacement) transform node in ``scene``."""
+    import slicer
+    import vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    grid = slicer.vtkOrientedGridTransform()
+    displacements = vtk.vtkImageData()
+    displacements.SetDimensions(3, 3, 3)
+    displacements.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    displacements.GetPointData().GetScalars().Fill(0.0)
+    grid.SetDisplacementGridData(displacements)
+    node.SetAndObserveTransformToParent(grid)
+    return node
+
+
 def site_scene():
     """A new MRML scene with a real T1 (Colin27 at 2 mm, shipped with the package) and a noisier copy, with masks:
     (scene, [volumes], [masks])."""

@@ -13,7 +13,7 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 from vtk.util import numpy_support  # noqa: E402
 
-from conftest import add_volume, make_head, oblique_direction  # noqa: E402
+from conftest import add_volume, grid_transform, make_head, oblique_direction  # noqa: E402
 
 from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
@@ -618,14 +618,7 @@ def test_a_labelmap_mask_under_another_non_linear_transform_or_lying_off_the_vol
     image, mask = make_head()
     volume = add_volume(scene, image)
     labelmap = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
-    warp = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
-    grid = slicer.vtkOrientedGridTransform()
-    displacements = vtk.vtkImageData()
-    displacements.SetDimensions(3, 3, 3)
-    displacements.AllocateScalars(vtk.VTK_DOUBLE, 3)
-    displacements.GetPointData().GetScalars().Fill(0.0)
-    grid.SetDisplacementGridData(displacements)
-    warp.SetAndObserveTransformToParent(grid)
+    warp = grid_transform(scene)
     labelmap.SetAndObserveTransformNodeID(warp.GetID())
     with pytest.raises(CeVAEError, match=r"^The brain mask 'mask' \(under 'warp'\) and the volume 'head' \(under no "
                                          r"transform\) are under different transforms, and a non-linear one lies "

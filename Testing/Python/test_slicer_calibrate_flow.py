@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import add_volume, make_head
+from conftest import add_volume, grid_transform, make_head
 
 slicer = pytest.importorskip("slicer")
 
@@ -216,14 +216,7 @@ def test_a_calibration_uses_a_mask_made_before_its_scan_was_registered_where_it_
     assert volume.GetTransformNodeID() == reg.GetID() and mask.GetTransformNodeID() is None
     assert np.array_equal(sitk.GetArrayFromImage(image_from_volume(mask)), sitk.GetArrayFromImage(brain))
 
-    warp = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
-    grid = slicer.vtkOrientedGridTransform()
-    displacements = vtk.vtkImageData()
-    displacements.SetDimensions(3, 3, 3)
-    displacements.AllocateScalars(vtk.VTK_DOUBLE, 3)
-    displacements.GetPointData().GetScalars().Fill(0.0)
-    grid.SetDisplacementGridData(displacements)
-    warp.SetAndObserveTransformToParent(grid)
+    warp = grid_transform(scene)
     volume.SetAndObserveTransformNodeID(warp.GetID())
     with pytest.raises(CeVAEError, match=r"^The brain mask 'sub-01_T1w mask' \(under no transform\) and the volume "
                                          r"'sub-01_T1w' \(under 'warp'\) are under different transforms, and a "
