@@ -6,7 +6,8 @@ records the model and options the outputs were made with, and a rerun with other
 ``--overwrite``), shardable
 (``--shard i/n`` takes every n-th volume of the sorted list, starting at the i-th, i = 1..n) and parallel
 (``--workers K`` processes, each with its own copy of the model). A bad volume is recorded in the summary CSV,
-which is rewritten atomically as the run goes (at most every 2 s and at the end), and the run goes on.
+which is rewritten atomically as the run goes (at most every 2 s and at the end), and the run goes on. The summary
+keeps the rows of volumes the run does not list (another list's sharing the --out-dir) where its settings agree.
 """
 from __future__ import annotations
 
@@ -759,22 +760,27 @@ class Summary:
 
     ``carried``: an earlier run's rows of volumes this run has not reached yet. They stay in the file until this
     run gives the volume a row of its own, so a run stopped early (Ctrl-C while it checks what is done) never
-    loses what the earlier one recorded; :meth:`finish` drops those of volumes no longer listed."""
+    loses what the earlier one recorded; :meth:`finish` drops those this run never reached. ``kept``: the rows of
+    volumes this run does not list (another list's sharing the --out-dir), written on unchanged."""
 
-    def __init__(self, path: Path, interval: float = 2.0, carried: Optional[Dict[str, Dict[str, str]]] = None) -> None:
+    def __init__(self, path: Path, interval: float = 2.0, carried: Optional[Dict[str, Dict[str, str]]] = None,
+                 kept: Optional[Dict[str, Dict[str, str]]] = None) -> None:
         self.path, self.interval = path, interval
         self.rows: Dict[str, Dict[str, object]] = {}
         self.carried: Dict[str, Dict[str, str]] = dict(carried or {})
+        self.kept: Dict[str, Dict[str, str]] = dict(kept or {})
         self._written = -math.inf
 
     def add(self, row: Dict[str, object]) -> None:
         self.rows[str(row["name"])] = row
         self.carried.pop(str(row["name"]), None)
+        self.kept.pop(str(row["name"]), None)
         if time.monotonic() - self._written >= self.interval:
             self.flush()
 
     def finish(self) -> None:
-        """Every listed volume has its row: the earlier run's rows of other volumes are not carried on."""
+        """Every listed volume has its row: the earlier run's rows of listed volumes are not carried on (``kept``,
+        of volumes not listed, are)."""
         self.carried.clear()
 
     def flush(self, replace: bool = False) -> None:
@@ -785,7 +791,7 @@ class Summary:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        rows = {**self.carried, **self.rows}
+        rows = {**self.kept, **self.carried, **self.rows}
         for name in sorted(rows):
             writer.writerow(rows[name])
         atomic_write_text(self.path, buf.getvalue())
@@ -805,6 +811,24 @@ def _earlier_rows(summary_path: Path) -> Dict[str, Dict[str, str]]:
     if rows is None:
         raise CeVAEError(f"{summary_path} is not a batch summary; choose another --out-dir or pass --overwrite.")
     return {r["name"]: r for r in rows if r.get("status") in ("ok", "skipped")}
+
+
+def _rows_not_listed(summary_path: Path, listed: AbstractSet[str]) -> Dict[str, Dict[str, str]]:
+    """The rows (any status) of the summary at ``summary_path`` of volumes not named in ``listed``: another list's
+    sharing the --out-dir, whose rows a run keeps so that a rerun of that list still skips them. Not those that a
+    newer batch summary beside it lists too (a shard's that took the volume over since): its row supersedes them."""
+    try:
+        rows, when = _summary_rows(summary_path) or [], summary_path.stat().st_mtime
+    except OSError:  # none there
+        return {}
+    newer: Set[str] = set()
+    for path in summary_path.parent.glob("summary*.csv"):
+        try:
+            if path != summary_path and path.stat().st_mtime > when:
+                newer.update(row["name"] for row in _summary_rows(path) or ())
+        except OSError:  # removed meanwhile
+            continue
+    return {row["name"]: row for row in rows if row["name"] not in listed and row["name"] not in newer}
 
 
 def _summary_rows(path: Path) -> Optional[List[Dict[str, str]]]:
@@ -973,7 +997,8 @@ def run_batch(
     records as made from their current image and mask with these settings; ``overwrite`` scores every item.
     Without it, a file at the summary path that is not a batch summary, and outputs made with other settings, are
     refused before any work. Another run writing the same summary (the same --out-dir and shard) is refused at
-    once. A scan listed again under another name is scored once (:func:`unique_items`)."""
+    once. A scan listed again under another name is scored once (:func:`unique_items`). The summary keeps the rows
+    of volumes not in ``items`` (:func:`_rows_not_listed`) where the settings record beside it is of these settings."""
     if workers < 1:
         raise CeVAEError(f"--workers must be 1 or more, got {workers}.")
     with hold_output(summary_path, "batch"):
@@ -1000,10 +1025,11 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     refuse_other_volumes_outputs(items, described, settings.out_dir)
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
+    kept = _rows_not_listed(summary_path, {item.name for item in items}) if known else {}
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temporaries([summary_path, record_path, *(p for item in items for p in output_paths(
         settings.out_dir, item.name).values())], started)  # what killed runs left, skipped volumes' too
-    summary = Summary(summary_path, carried=earlier)
+    summary = Summary(summary_path, carried=earlier, kept=kept)
     total = len(items)
     t0 = time.perf_counter()
 
