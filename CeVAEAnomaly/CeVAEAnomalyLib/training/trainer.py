@@ -501,8 +501,9 @@ class Trainer:
         changed, volumes, _ = run_differences(saved, self._identity_with(train, val))  # type: ignore[arg-type]
         if changed or volumes:
             return
-        log.info("The volumes are listed in another order than in the run being resumed; it goes on with its own "
-                 "order and training/validation split.")
+        if self.dist.main:  # (a fact of the run: every rank follows the checkpoint's order)
+            log.info("The volumes are listed in another order than in the run being resumed; it goes on with its "
+                     "own order and training/validation split.")
         self.train_subjects, self.val_subjects, self._identity = train, val, None
 
     def load_checkpoint(self) -> None:
@@ -535,9 +536,11 @@ class Trainer:
         now, last = self._part(state["step"]), self.parts[-1]
         if (now["lr"], now["ranks"], now["batch_size"]) != (last.get("lr"), last.get("ranks"), asked):
             self.parts.append(now)  # resumed with another lr, number of ranks or batch size
+        # the changes below are the whole run's: rank 0 says them (every rank did, 8 ranks 8 times each)
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
             if group["lr"] != self.cfg.lr:
-                log.info("Learning rate %g (the checkpoint used %g).", self.cfg.lr, group["lr"])
+                if self.dist.main:
+                    log.info("Learning rate %g (the checkpoint used %g).", self.cfg.lr, group["lr"])
                 group["lr"] = self.cfg.lr
         if self.fp16 and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -546,11 +549,12 @@ class Trainer:
         self.seconds_before = float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else 0.0
         self.batch_size = state["batch_size"]  # (halved after running out of memory: kept)
         if self.cfg.batch_size != asked:
-            log.warning("Batch size %d per rank (the checkpoint's run was given %d); the learning rate is not "
-                        "rescaled.", self.cfg.batch_size, asked)
+            if self.dist.main:
+                log.warning("Batch size %d per rank (the checkpoint's run was given %d); the learning rate is not "
+                            "rescaled.", self.cfg.batch_size, asked)
             self.batch_size = self.cfg.batch_size
         saved_world = state.get("world", 1)
-        if saved_world != self.dist.world:
+        if saved_world != self.dist.world and self.dist.main:
             log.warning("The checkpoint was written by %d rank(s), this run has %d: the effective batch size is %d "
                         "(it was %d).", saved_world, self.dist.world, self.batch_size * self.dist.world,
                         state["batch_size"] * saved_world)
@@ -560,7 +564,8 @@ class Trainer:
             self.gen.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.step))
         self.saved_step = self.step
-        log.info("Resumed from %s at step %d.", path, self.step)
+        if self.dist.main:
+            log.info("Resumed from %s at step %d.", path, self.step)
         first = state.get("log_first_row")  # (checkpoints of earlier versions lack it: the log's own first row then)
         self.log_first_row = _cells_or_none(first)
         self.checkpoint_row = _cells_or_none(state.get("log_row"))  # (checkpoints of earlier versions lack it)
