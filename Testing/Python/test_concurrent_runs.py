@@ -274,7 +274,10 @@ def test_a_volume_another_run_scored_from_another_image_is_not_taken_for_this_ru
     row = _summary_row(out / "summary.csv")
     assert row["status"] == "error" and "from another image" in row["error"], row
     assert _sha(out / "c_score.nii.gz") == theirs["score_sha256"]  # kept: the other run's
-    assert main(_batch(mine, out, tiny_bundle)) == 0  # the rerun scores this run's c, as its summary says
+    # a rerun does not replace the other cohort's c unasked (d589fb2): refused before any work, saying what to do
+    assert main(_batch(mine, out, tiny_bundle)) == 2
+    assert _sha(out / "c_score.nii.gz") == theirs["score_sha256"]
+    assert main(_batch(mine, out, tiny_bundle, "--overwrite")) == 0  # asked: this run's c is scored
     row = _summary_row(out / "summary.csv")
     assert row["status"] == "ok" and row["image_sha256"] == _sha(mine / "c.nii.gz")
     assert row["score_sha256"] == _sha(out / "c_score.nii.gz") != theirs["score_sha256"]

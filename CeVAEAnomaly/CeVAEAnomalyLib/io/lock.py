@@ -29,7 +29,6 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 
-
 class OutputHeld(CeVAEError):
     """Another process holds an output's lock (is writing it); ``holder`` says who ("A batch (process 123)")."""
 
