@@ -678,14 +678,13 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          **self._workerArguments())
 
     def _startCalibration(self):
-        from CeVAEAnomalyLib.slicer.adapt_panel import model_output
         from CeVAEAnomalyLib.slicer.nodes import pair_masks
         from CeVAEAnomalyLib.slicer.settings import model_path, override_postprocess
 
         p = self._parameterNode
         volumes = self._healthyVolumes(CALIBRATE)
         masks = pair_masks(volumes, list(self.ui.healthyMasksSelector.checkedNodes()))
-        outputPath = model_output(p.calibratedModelPath)
+        outputPath = typed_path(p.calibratedModelPath)
         overwrite = False
         if outputPath.exists():
             kept = _("{path} exists; choose another file name for the calibrated model.").format(path=outputPath)
@@ -763,7 +762,6 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             spacings=[volume.GetSpacing() for volume in volumes])
 
     def _startAdaptation(self):
-        from CeVAEAnomalyLib.slicer.adapt_panel import model_output
         from CeVAEAnomalyLib.slicer.nodes import pair_masks
         from CeVAEAnomalyLib.slicer.settings import model_path
 
@@ -791,7 +789,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self.ui.statusLabel.text = kept
                 return None
-        return self.logic.startAdaptation(volumes, masks, model_output(p.adaptedModelPath), modelPath=model_path(p),
+        return self.logic.startAdaptation(volumes, masks, typed_path(p.adaptedModelPath), modelPath=model_path(p),
                                           device=p.device, overwrite=overwrite,
                                           options={"resume": True} if resume else None, **self._workerArguments())
 
@@ -1029,7 +1027,6 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = job.done["model"]
         finally:
             job.cleanup()
-        from CeVAEAnomalyLib.slicer.adapt_panel import model_output
         from CeVAEAnomalyLib.slicer.settings import after_new_model
 
         if self._parameterNode is None:
@@ -1042,7 +1039,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if sensitivity is not None:
                 p.sensitivity = sensitivity
         self.ui.modelPathLineEdit.currentPath = path  # also when the panel was not shown (no GUI update then)
-        if model_output(pathLineEdit.currentPath) == Path(job.request["out"]):  # (a new scene's: its default path)
+        if typed_path(pathLineEdit.currentPath) == Path(job.request["out"]):  # (a new scene's: its default path)
             pathLineEdit.addCurrentPathToHistory()
         self.ui.modelPathLineEdit.addCurrentPathToHistory()
         self._rememberModel()

@@ -117,11 +117,11 @@ def test_a_model_output_path_is_a_full_cevae_path_and_a_tilde_is_the_home_folder
     '~' path (a folder named '~' there) and a name without .cevae (which the model chooser does not list)."""
     from pathlib import Path
 
-    from CeVAEAnomalyLib.slicer.adapt_panel import model_output
+    from CeVAEAnomalyLib.slicer.gui_binding import typed_path
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("USERPROFILE", str(tmp_path))
-    assert model_output("~/site.cevae") == tmp_path / "site.cevae"
+    assert typed_path("~/site.cevae") == tmp_path / "site.cevae"
     assert output_problem("~/site.cevae", None, "calibrated") is None
     assert calibrate_problem(1, "~/site.cevae", None) is None
     for relative in ("site.cevae", "models/site.cevae", Path("..", "site.cevae").as_posix()):
@@ -141,8 +141,8 @@ def test_the_panel_starts_a_run_on_the_output_path_it_checked():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomaly.py").read_text()
-    assert "outputPath = model_output(p.calibratedModelPath)" in text
-    assert "startAdaptation(volumes, masks, model_output(p.adaptedModelPath)," in text
+    assert "outputPath = typed_path(p.calibratedModelPath)" in text
+    assert "startAdaptation(volumes, masks, typed_path(p.adaptedModelPath)," in text
     assert "Path(p.calibratedModelPath)" not in text and "Path(p.adaptedModelPath)" not in text
 
 

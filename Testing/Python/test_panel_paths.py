@@ -25,7 +25,7 @@ def widget_method(name: str) -> str:
 
 
 def test_a_model_path_typed_with_a_tilde_is_the_file_in_the_home_folder(tmp_path, monkeypatch):
-    """The output fields expanded "~" (adapt_panel.model_output), the model field did not: "~/site.cevae" was refused
+    """The output fields expanded "~", the model field did not: "~/site.cevae" was refused
     as "does not exist", and so was Share model... for it."""
     monkeypatch.setenv("HOME", str(tmp_path))
     model = tmp_path / "site.cevae"

@@ -48,20 +48,14 @@ def persons_scanned(persons: Sequence[Optional[str]]) -> int:
     return len({scan_group(person, str(i)) for i, person in enumerate(persons)})
 
 
-def model_output(output: str) -> Path:
-    """The file a model output path typed in the panel names (gui_binding.typed_path: ``~`` expanded; a relative path
-    stays relative, which :func:`output_problem` refuses)."""
-    return typed_path(output)
-
-
 def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[str]:
     """Why the ``kind`` ("adapted", "calibrated", "shareable") model cannot be saved at ``output``
-    (:func:`model_output`), or None: no path, a relative one (relative to what the panel does not show), a folder, a
+    (gui_binding.typed_path: ``~`` expanded), or None: no path, a relative one (relative to what the panel does not show), a folder, a
     name without the .cevae suffix the model chooser lists, the model it starts from (which a run never replaces) or
     the bundled model."""
     if not output:
         return f"Choose where to save the {kind} model."
-    out = model_output(output)
+    out = typed_path(output)
     if not out.is_absolute():
         return f"Give the {kind} model's full path (with its folder), not only '{output}'."
     if out.is_dir():
@@ -179,7 +173,7 @@ def _adapt_choice(volumes: int, output: str, model: Optional[Path], device: str,
     problem = output_problem(output, model, "adapted")
     if problem is not None:
         return AdaptChoice(False, problem)
-    existing = earlier_outputs(model_output(output), persons, options)
+    existing = earlier_outputs(typed_path(output), persons, options)
     start = f"Starting from {model.name}: " if model is not None else ""  # (after an adaptation: the adapted one)
     estimate = describe_estimate(volumes, device, options, persons if persons < volumes else None,
                                  _thorough_modes(model), f"the {device_name} chosen as Device" if device_name else "")

@@ -17,7 +17,7 @@ from ..engine.bundle_checks import NAMES_REMOVED
 from ..engine.header import BUNDLE_SUFFIX, read_header
 from ..engine.sharing import ALREADY_SHARED
 from ..errors import CeVAEError
-from .adapt_panel import model_output, output_problem
+from .adapt_panel import output_problem
 from .gui_binding import typed_path
 
 SHARED_TAG = "_shared"  # the default copy of NAME.cevae is NAME_shared.cevae, beside it
@@ -92,7 +92,7 @@ class ModelSharing:
         problem = self.problem or output_problem(named, self.model, "shareable")
         if problem is not None:
             raise CeVAEError(problem)
-        out = model_output(named)
+        out = typed_path(named)
         exists = out.exists()
         if exists and not (replace and named == output):
             raise CeVAEError(f"{out} exists; choose another file name for the shareable copy.")
