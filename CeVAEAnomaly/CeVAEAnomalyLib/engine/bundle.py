@@ -22,8 +22,8 @@ from .bundle_checks import check_tensor_shapes
 from .config import ModelConfig, PreprocessConfig
 from .devices import resolve_device
 from ..errors import CeVAEError, WriteFailed, one_line
-from .header import (BUNDLE_SUFFIX, EDITED, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY, WRITER_KEY,
-                     BundleHeader, add_tensor, damaged_or_edited, later_writer, read_header)
+from .header import (BUNDLE_SUFFIX, CHANGED_WEIGHTS, EDITED, FORMAT, FORMAT_VERSION, META_KEY, WEIGHTS_DIGEST_KEY,
+                     WRITER_KEY, BundleHeader, add_tensor, damaged_or_edited, later_writer, read_header)
 from .model import CeVAE
 
 __all__ = ["BUNDLE_SUFFIX", "FORMAT", "FORMAT_VERSION", "Bundle", "BundleHeader", "load_bundle", "read_header",
@@ -203,8 +203,7 @@ def _load_bundle(path: Union[str, Path], device: Union[str, torch.device]) -> Bu
     model = CeVAE(cfg)
     recorded = header.extra.get(WEIGHTS_DIGEST_KEY)  # None: written before bundles recorded it
     if recorded is not None and recorded != _weights_digest(tensors):
-        raise CeVAEError(f"{p}: its weights are not those its header records (a checksum differs); the model file "
-                         "is damaged or was edited. Use an original copy.")
+        raise CeVAEError(f"{p}: {CHANGED_WEIGHTS}")
     for key in tensors:
         if not torch.isfinite(tensors[key]).all():
             raise CeVAEError(f"{p}: tensor {key} holds NaN or infinite values; {EDITED}.")

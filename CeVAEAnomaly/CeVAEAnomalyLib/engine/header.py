@@ -36,6 +36,9 @@ WRITER_KEY = "written_by"  # the version of CeVAEAnomaly that wrote the file (sa
 _MAX_TABLE_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the header size
 USE_A_MODEL = "use a CeVAEAnomaly model file (.cevae)"  # what to do with a file that is no model bundle
 EDITED = "the model file is damaged or was edited: use an original copy"  # and with a bundle that is damaged
+# what is said, after the file's name, of a bundle whose weights' digest is not its header's (load, info, share)
+CHANGED_WEIGHTS = ("its weights are not those its header records (a checksum differs); the model file is damaged or "
+                   "was edited. Use an original copy.")
 CONTENT_KEY = "content_sha256"  # a training volume's record of its io.checksum.content_sha256 (training/packaging.py)
 # the bundled model's training volumes (the sample data), recorded by file sha256 alone: their content_sha256, so that
 # a copy of one saved in another format is told too

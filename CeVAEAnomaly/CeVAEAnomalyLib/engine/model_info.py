@@ -14,7 +14,7 @@ from ..io.checksum import sha256_of
 from .bundle_checks import BASE_VOLUMES_KEY, NAMES_REMOVED
 from .calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, CALIBRATE_SOURCE, SLICER_CALIBRATE_SOURCE,
                           calibrated_settings, thin_tail, threshold_for_fpr)
-from .header import WEIGHTS_DIGEST_KEY, WRITER_KEY, BundleHeader, read_header, weights_record
+from .header import CHANGED_WEIGHTS, WEIGHTS_DIGEST_KEY, WRITER_KEY, BundleHeader, read_header, weights_record
 
 # the bundled model's training volumes (the sample data), by name and file sha256: what each one is, and where it
 # comes from (by name alone, a user's own scan or a resampled copy named colin27_t1 was said to be the sample)
@@ -40,8 +40,7 @@ def model_info(path: Union[str, Path]) -> Dict[str, Any]:
     recorded = header.extra.get(WEIGHTS_DIGEST_KEY)  # None: written before bundles recorded it
     digest, not_finite = weights_record(path)
     if recorded is not None and recorded != digest:
-        raise CeVAEError(f"{path}: its weights are not those its header records (a checksum differs); the model file "
-                         "is damaged or was edited. Use an original copy.")
+        raise CeVAEError(f"{path}: {CHANGED_WEIGHTS}")
     try:
         sha256 = sha256_of(Path(path))
     except OSError as exc:  # removed or made unreadable since its header was read

@@ -26,8 +26,8 @@ from ..io.lock import hold_output
 from ..io.naming import refuse_misnamed
 from ..io.targets import check_paths
 from .bundle_checks import BASE_VOLUMES_KEY, NAMES_REMOVED
-from .header import (BUNDLE_SUFFIX, META_KEY, WEIGHTS_DIGEST_KEY, bundle_layout, finite_record, later_writer,
-                     read_header, weights_digest)
+from .header import (BUNDLE_SUFFIX, CHANGED_WEIGHTS, META_KEY, WEIGHTS_DIGEST_KEY, bundle_layout, finite_record,
+                     later_writer, read_header, weights_digest)
 
 # the records of scans with their sha256: (section, list) of the header
 VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"), ("adaptation", "site_scans"),
@@ -269,5 +269,4 @@ def _refuse_damaged(copy_path: Path, source: Path) -> None:
     except CeVAEError:
         raise CeVAEError(f"{source} is damaged (its copy is not a valid model bundle); use an original copy.") from None
     if recorded is not None and recorded != weights_digest(copy_path):
-        raise CeVAEError(f"{source}: its weights are not those its header records (a checksum differs); the model "
-                         "file is damaged or was edited. Use an original copy.")
+        raise CeVAEError(f"{source}: {CHANGED_WEIGHTS}")
