@@ -21,7 +21,7 @@ from ..data import refuse_bundled_output
 from ..errors import (CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, COMMAND_LINE_SAME_PERSON,
                       COMMAND_LINE_UNKNOWN_PERSONS, CeVAEError)
 from ..io.checksum import refuse_changed, sha256_of
-from ..io.images import looks_like_ct, read_image
+from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
 from .detector import Detector
 from .modality import contrast_problem, scan_bright_tail, scan_depth_contrast
@@ -79,8 +79,8 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
             mask = given_or_computed_mask(image, s.mask, str(s.image), scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
                                           where=f"{s.image}: ")  # (its warnings name the scan as the detector's do)
             scan = detectors[id(model)][0].prepared(image, mask, f"{s.image}: ", automatic=s.mask is None)
-            if check_contrast:  # (after the checks: a scan refused there is not warned of first in the same words)
-                _warn_of_contrast(s, image, mask, model)
+            if check_contrast and not scan.ct:  # (after the checks: a scan refused there is not warned of first in
+                _warn_of_contrast(s, image, mask, model)  # the same words; a CT was warned of as one only)
             scores = []
             for k, detector in enumerate(detectors[id(model)]):  # each mode scores the scan checked once
                 mode = f" (mode {k + 1}/{len(modes)})" if len(modes) > 1 else ""
@@ -98,9 +98,7 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
 def _warn_of_contrast(subject: Subject, image, mask, model: Bundle) -> None:
     """A warning, naming the volume, when its contrast is not the model's (a T2 for a T1 model), or when it cannot
     be told. Not a refusal: a thin slab of a T1 also measures lower (``adapt``, which trains on the scans, refuses).
-    A CT is warned of as one (detector.checked_image) only."""
-    if looks_like_ct(image):
-        return
+    (A CT is not passed here: it is warned of as one, by detector.checked_image, only.)"""
     try:
         problem = contrast_problem([subject.name], [scan_depth_contrast(image, mask, model.preprocess)], model.header)
     except CeVAEError as exc:

@@ -21,7 +21,7 @@ from .header import BundleHeader, utc_now
 from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
-from ..io.images import MASK_IS_IMAGE, check_volume, grid_difference, looks_like_ct, warn_if_ct_range
+from ..io.images import MASK_IS_IMAGE, check_volume, grid_difference, warn_if_ct_range
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy, refuse_options_by_name)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
@@ -59,11 +59,12 @@ def slice_map_weight(orientations: int) -> float:
 class PreparedScan:
     """A volume checked and sliced once by :meth:`Detector.prepared` (its warnings said then), for the scoring of
     each mode: the checked image, its brain (bool, the input's array order) and its model slices in each
-    orientation of the detector (axial first)."""
+    orientation of the detector (axial first); ``ct``: it looks like a CT, and was warned of as one."""
 
     image: sitk.Image
     brain: np.ndarray
     stacks: Tuple[SliceStack, ...]
+    ct: bool
 
 
 class Detector:
@@ -142,9 +143,10 @@ class Detector:
     def _detect(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                 where: str) -> DetectionResult:
         checked(progress)
-        image = checked_image(image, mask, self.bundle.header.modality, where)
+        image, ct = _checked_image(image, mask, self.bundle.header.modality, where)
         stack, brain = self._prepare(image, mask, progress, where)
-        self._warn_of_contrast(image, stack, where)
+        if not ct:  # (a CT was warned of as one only)
+            self._warn_of_contrast(stack, where)
         self._warn_of_acquisition(image, brain, where)
         passes = self._passes([stack, *self._other_stacks(image, brain)], [self.score], progress)
         raw = passes[0][1]
@@ -170,10 +172,9 @@ class Detector:
         report(progress, 1.0, "Detection done")
         return DetectionResult(score, labelmap, brain_img, thr, self.threshold_source, rows, comps)
 
-    def _warn_of_contrast(self, image: sitk.Image, stack: SliceStack, where: str) -> None:
-        """Say so when the scan's axial model slices do not have the model's contrast (a T2 for a T1 model); not of
-        a CT, which :func:`checked_image` has warned of."""
-        problem = "" if looks_like_ct(image) else scan_contrast_warning(stack.slices, self.bundle.header)
+    def _warn_of_contrast(self, stack: SliceStack, where: str) -> None:
+        """Say so when the scan's axial model slices do not have the model's contrast (a T2 for a T1 model)."""
+        problem = scan_contrast_warning(stack.slices, self.bundle.header)
         if problem:
             log.warning("%s%s", where, problem)
 
@@ -203,9 +204,9 @@ class Detector:
         """The volume checked and sliced for :meth:`prepared_scores`, its warnings said (once, however many modes
         score it); ``where`` as :meth:`brain_scores` takes it; ``automatic``: ``mask`` is the caller's automatic brain
         mask (engine/brainmask.py), which warned of itself."""
-        image = checked_image(image, mask, self.bundle.header.modality, where)
+        image, ct = _checked_image(image, mask, self.bundle.header.modality, where)
         stack, brain = self._prepare(image, mask, None, where, automatic)
-        return PreparedScan(image, brain, (stack, *self._other_stacks(image, brain)))
+        return PreparedScan(image, brain, (stack, *self._other_stacks(image, brain)), ct)
 
     def prepared_scores(self, scan: PreparedScan, score_types: Sequence[str],
                         progress: Optional[ProgressCallback] = None) -> Dict[str, np.ndarray]:
@@ -410,6 +411,12 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image], modality: str, 
     """The image as detection takes it (a LabelMap made a label image) after the command line's
     :func:`~..io.images.check_volume`; a one-line :class:`CeVAEError` for what is not a SimpleITK image.
     ``where`` leads the CT-range warning, which says what a model of ``modality`` takes instead."""
+    return _checked_image(image, mask, modality, where)[0]
+
+
+def _checked_image(image: sitk.Image, mask: Optional[sitk.Image], modality: str,
+                   where: str = "") -> Tuple[sitk.Image, bool]:
+    """:func:`checked_image`, and whether the image looks like a CT (warned of as one)."""
     for name, value in (("image", image), ("mask", mask)):
         if not isinstance(value, sitk.Image) and (name == "image" or value is not None):
             if isinstance(value, np.ndarray):
@@ -423,8 +430,8 @@ def checked_image(image: sitk.Image, mask: Optional[sitk.Image], modality: str, 
     _refuse_a_copy_as_the_mask(image, mask, where)
     _refuse_a_mask_as_the_image(image, mask is not None)
     _check_geometry(image, mask, where)
-    warn_if_ct_range(image, modality, where)  # every path: the command line, batch, the API and Slicer
-    return image
+    ct = warn_if_ct_range(image, modality, where)  # every path: the command line, batch, the API and Slicer
+    return image, ct
 
 
 def _check_geometry(image: sitk.Image, mask: Optional[sitk.Image], where: str) -> None:

@@ -755,9 +755,10 @@ _ROUNDING_MM = 0.2  # how far positions written to 0.1 mm may stray (a missing s
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
-def warn_if_ct_range(image: sitk.Image, modality: str, where: str = "") -> None:
+def warn_if_ct_range(image: sitk.Image, modality: str, where: str = "") -> bool:
     """Warn when the intensities look like CT (Hounsfield units) rather than MRI, saying what a model of ``modality``
-    (its header's) takes instead; ``where`` leads the warning.
+    (its header's) takes instead; ``where`` leads the warning. Whether it warned (its other warnings of a wrong
+    modality are then left unsaid).
 
     A CT of a head has much air at -1000 and most of the rest at soft tissue's values (fat, brain, CSF, scalp; bone
     above them). A low minimum alone is no CT: an MRI stored with an offset, or with a few negative outlier voxels
@@ -770,11 +771,8 @@ def warn_if_ct_range(image: sitk.Image, modality: str, where: str = "") -> None:
                    "training volumes (on a CT only if it was trained on CTs): give a scan of its modality")
         log.warning("%sThe intensities look like a CT in Hounsfield units (%.0f %% of the voxels at air's -1000, "
                     "%.0f %% of the others at soft tissue's -200 to 200); %s.", where, 100 * air, 100 * tissue, instead)
-
-
-def looks_like_ct(image: sitk.Image) -> bool:
-    """Whether :func:`warn_if_ct_range` warns of ``image`` (its other warnings of a wrong modality are left unsaid)."""
-    return _ct_like(*_hounsfield_shares(sitk.GetArrayViewFromImage(image)))
+        return True
+    return False
 
 
 def _ct_like(air: float, tissue: float) -> bool:
