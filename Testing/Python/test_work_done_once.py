@@ -1,5 +1,5 @@
 """Work one run did twice, counted through wrappers around the real functions (which still run): the CT check's
-shares of a detection, and of a calibration that checks contrast."""
+shares of a detection, and of a calibration that checks contrast; calibrate's reads of the brain masks."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 import CeVAEAnomalyLib.io.images as images
 from conftest import as_hounsfield, make_head
+from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.calibrate import recalibrate
 from CeVAEAnomalyLib.engine.detector import detect
@@ -64,4 +65,21 @@ def test_a_calibration_measures_each_scans_hounsfield_shares_once(tiny_bundle, t
     assert counts[None] == 2  # one a scan
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [w.split(":")[0] for w in warned if "look like a CT" in w] == [str(subjects[1].image)]
+
+
+def test_calibrate_reads_each_brain_mask_once(tiny_bundle, tmp_path: Path, monkeypatch):
+    """`cevae-anomaly calibrate` read each healthy scan's brain mask three times: to check that it reads (with the
+    images' voxel checksums), again in recalibrate's own check, and to score the scan. The check and the score
+    read it now (one read for both would hold every mask of the list in memory)."""
+    folder = tmp_path / "healthy"
+    folder.mkdir()
+    for seed in (13, 14):
+        image, mask = make_head(seed=seed)
+        sitk.WriteImage(image, str(folder / f"h{seed}.nii.gz"))
+        sitk.WriteImage(mask, str(folder / f"h{seed}_mask.nii.gz"))
+    counts: Counter = Counter()
+    _count(monkeypatch, images, "read_image", counts, key=lambda path, *rest: Path(path).name)
+    assert main(["calibrate", str(folder), "--model", str(tiny_bundle), "--out", str(tmp_path / "site.cevae"),
+                 "--device", "cpu"]) == 0
+    assert {name: n for name, n in counts.items() if "_mask" in name} == {"h13_mask.nii.gz": 2, "h14_mask.nii.gz": 2}
 

@@ -305,7 +305,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         warn_of_training_scans(bundle.header, [s.image for s in subjects], checksums)
         opts, post = request.options(bundle.header.score_options, bundle.header.postprocess)
         path = recalibrate(bundle, subjects, args.out, opts, post, args.default_fpr,
-                           progress=ConsoleProgress("calibrate"), run=request.run, checksums=checksums)
+                           progress=ConsoleProgress("calibrate"), run=request.run, checksums=checksums,
+                           read_checked=True)
     new = read_header(path)
     try:  # the source model's threshold for the same scoring at the same rate, where it has one
         source: Optional[float] = bundle.header.threshold(new.score_options, new.postprocess,

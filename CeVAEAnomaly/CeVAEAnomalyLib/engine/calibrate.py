@@ -195,12 +195,13 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
                 run: RunOptions = RunOptions(), checksums: Optional[Mapping[Path, str]] = None,
                 higher_rate: str = CALIBRATE_HIGHER_RATE, unlike_scan: str = CALIBRATE_UNLIKE_SCAN,
                 unknown_persons: str = COMMAND_LINE_UNKNOWN_PERSONS,
-                same_person: str = COMMAND_LINE_SAME_PERSON) -> Path:
+                same_person: str = COMMAND_LINE_SAME_PERSON, read_checked: bool = False) -> Path:
     """Write ``bundle`` to ``out`` with new default scoring options and their calibration
     (``scorers``, ``run``: see :func:`calibrate_model`; ``checksums``: the images' file sha256 where the caller has
     them already, each image read once more otherwise; ``higher_rate``, ``unlike_scan``: see :func:`calibrate_model`;
     ``unknown_persons``, ``same_person``: where no scan's person is known, what would have named it and how to name
-    one person's scans, in the caller's words: see errors.Wording).
+    one person's scans, in the caller's words: see errors.Wording; ``read_checked``: the caller's
+    :func:`readable_subjects` named every scan and mask that cannot be read, so the masks are not read for it again).
     Every score type is calibrated; the default score type
     stays ``combi`` whatever ``opts.score_type`` is. The copy is named after ``out`` (its file stem) and records what
     it was made from, when, on which scans and with which options (:func:`_recalibration_record`).
@@ -230,7 +231,8 @@ def recalibrate(bundle: Bundle, subjects: Sequence[Subject], out: Path, opts: Sc
     default = opts.replace(score_type="combi", test_time_steps=old.score_options.test_time_steps)
     scoring = scaled(progress, 0.0, 1.0 - WRITE_SHARE)
     hashed = _hashed_before_scoring(subjects, checksums or {})
-    readable_subjects(subjects, hashed)  # (the command's and the panel's call read no image again: voxel_checksums)
+    if not read_checked:
+        readable_subjects(subjects, hashed)
     calibration = calibrate_model(bundle, subjects, source, default, post, scoring, scorers, run,
                                   test_time_steps=[opts.test_time_steps], check_contrast=True, fpr=rate,
                                   higher_rate=higher_rate, unlike_scan=unlike_scan)

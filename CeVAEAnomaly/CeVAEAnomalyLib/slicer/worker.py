@@ -168,7 +168,8 @@ def run_calibrate(task: Dict[str, Any], progress: ProgressCallback) -> Dict[str,
                            source=task.get("source", SLICER_CALIBRATE_SOURCE),
                            progress=scaled(progress, 0.02, 0.98), run=request.run, checksums=checksums,
                            higher_rate=PANEL_WORDING.higher_rate, unlike_scan=PANEL_CALIBRATE_UNLIKE_SCAN,
-                           unknown_persons=PANEL_WORDING.unknown_persons, same_person=PANEL_WORDING.same_person)
+                           unknown_persons=PANEL_WORDING.unknown_persons, same_person=PANEL_WORDING.same_person,
+                           read_checked=True)
     _warn_of_lost_thorough_mode(bundle, path)
     report(progress, 1.0, "Calibrated model saved")
     return {"model": str(path), "subjects": len(subjects)}
