@@ -2,6 +2,7 @@
 shares of a detection, and of a calibration that checks contrast; calibrate's reads of the brain masks."""
 from __future__ import annotations
 
+import csv
 import logging
 import sys
 from collections import Counter
@@ -83,3 +84,17 @@ def test_calibrate_reads_each_brain_mask_once(tiny_bundle, tmp_path: Path, monke
                  "--device", "cpu"]) == 0
     assert {name: n for name, n in counts.items() if "_mask" in name} == {"h13_mask.nii.gz": 2, "h14_mask.nii.gz": 2}
 
+
+def test_a_batch_rerun_reads_its_summary_once(tiny_bundle, scan: Path, tmp_path: Path, monkeypatch):
+    """A rerun of `cevae-anomaly batch` read its summary.csv three times before any work (its finished rows, the rows
+    describing the outputs there, the rows of other lists to keep); it still skips the finished volume."""
+    import CeVAEAnomalyLib.cli.batch as batch
+
+    args = ["batch", str(scan), "--out-dir", str(tmp_path / "out"), "--model", str(tiny_bundle), "--device", "cpu"]
+    assert main(args) == 0
+    counts: Counter = Counter()
+    _count(monkeypatch, batch, "_summary_rows", counts, key=lambda path: Path(path).name)
+    assert main(args) == 0
+    assert counts == {"summary.csv": 1}
+    rows = csv.DictReader((tmp_path / "out" / "summary.csv").read_text(encoding="utf-8").splitlines())
+    assert [r["status"] for r in rows] == ["skipped"]

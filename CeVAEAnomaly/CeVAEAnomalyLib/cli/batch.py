@@ -801,34 +801,45 @@ class Summary:
         return sum(r["status"] == status for r in self.rows.values())
 
 
-def _earlier_rows(summary_path: Path) -> Dict[str, Dict[str, str]]:
+Summaries = Dict[str, Tuple[Optional[List[Dict[str, str]]], float]]  # by file name: rows (None: not one), mtime
+
+
+def _summaries_in(out_dir: Path) -> Summaries:
+    """Each file ``summary*.csv`` in ``out_dir``, read once for the checks before a run: its rows
+    (:func:`_summary_rows`) and modification time."""
+    found: Summaries = {}
+    for path in out_dir.glob("summary*.csv"):
+        try:
+            when = path.stat().st_mtime
+        except OSError:  # removed meanwhile, or a broken link
+            continue
+        found[path.name] = (_summary_rows(path), when)
+    return found
+
+
+def _earlier_rows(summary_path: Path, there: Summaries) -> Dict[str, Dict[str, str]]:
     """Finished rows of the summary an earlier run left at this path (a byte-order mark, as Excel saves one, is
-    allowed). Another file there (without the summary's columns, or not UTF-8 text) is refused: the run would
-    replace it."""
-    if not summary_path.exists():
+    allowed; ``there``: the summaries in its folder). Another file there (without the summary's columns, or not UTF-8
+    text) is refused: the run would replace it."""
+    if summary_path.name not in there:
         return {}
-    rows = _summary_rows(summary_path)
+    rows = there[summary_path.name][0]
     if rows is None:
         raise CeVAEError(f"{summary_path} is not a batch summary; choose another --out-dir or pass --overwrite.")
     return {r["name"]: r for r in rows if r.get("status") in ("ok", "skipped")}
 
 
-def _rows_not_listed(summary_path: Path, listed: AbstractSet[str]) -> Dict[str, Dict[str, str]]:
+def _rows_not_listed(summary_path: Path, listed: AbstractSet[str], there: Summaries) -> Dict[str, Dict[str, str]]:
     """The rows (any status) of the summary at ``summary_path`` of volumes not named in ``listed``: another list's
     sharing the --out-dir, whose rows a run keeps so that a rerun of that list still skips them. Not those that a
-    newer batch summary beside it lists too (a shard's that took the volume over since): its row supersedes them."""
-    try:
-        rows, when = _summary_rows(summary_path) or [], summary_path.stat().st_mtime
-    except OSError:  # none there
+    newer batch summary beside it (``there``: those in its folder) lists too (a shard's that took the volume over
+    since): its row supersedes them."""
+    if summary_path.name not in there:
         return {}
-    newer: Set[str] = set()
-    for path in summary_path.parent.glob("summary*.csv"):
-        try:
-            if path != summary_path and path.stat().st_mtime > when:
-                newer.update(row["name"] for row in _summary_rows(path) or ())
-        except OSError:  # removed meanwhile
-            continue
-    return {row["name"]: row for row in rows if row["name"] not in listed and row["name"] not in newer}
+    rows, when = there[summary_path.name]
+    newer = {row["name"] for name, (others, later) in there.items() if name != summary_path.name and later > when
+             for row in others or ()}
+    return {row["name"]: row for row in rows or () if row["name"] not in listed and row["name"] not in newer}
 
 
 def _summary_rows(path: Path) -> Optional[List[Dict[str, str]]]:
@@ -844,12 +855,13 @@ def _summary_rows(path: Path) -> Optional[List[Dict[str, str]]]:
     return None
 
 
-def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record: Dict[str, object]) -> None:
+def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record: Dict[str, object],
+                              summaries: Summaries) -> None:
     """Refuse, before any work, outputs of ``items`` already in ``out_dir`` that no batch record there accounts for:
     of a volume that no batch summary there lists (any shard's, any status), in a folder without a batch settings
     record like ``record`` (a batch writes one before its first outputs, and its summary may lag behind them: a run
     killed, or another run still going). Such files are not a batch's (the user's, or ``detect``'s), and scoring
-    would replace them."""
+    would replace them. ``summaries``: those in ``out_dir``."""
     listed: Optional[Set[str]] = None
     found: List[Path] = []
     for item in items:
@@ -858,7 +870,7 @@ def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record:
             if listed is None:
                 if next(settings_records(out_dir, record), None) is not None:
                     return
-                listed = _listed_names(out_dir)
+                listed = {row["name"] for rows, _ in summaries.values() for row in rows or ()}
             if item.name not in listed:
                 found += there
     if found:
@@ -892,15 +904,16 @@ def refuse_other_volumes_outputs(items: Sequence[BatchItem], described: Mapping[
                          f"CSV); to replace them, remove them ({item.name}_*) or pass --overwrite.")
 
 
-def _described_rows(out_dir: Path, record: Dict[str, object]) -> Dict[str, Tuple[Dict[str, str], float]]:
-    """For each volume name, its finished row in the newest batch summary in ``out_dir`` (this run's, a shard's or
-    another run's) whose settings record is ``record``, with that summary's modification time."""
+def _described_rows(out_dir: Path, record: Dict[str, object],
+                    there: Summaries) -> Dict[str, Tuple[Dict[str, str], float]]:
+    """For each volume name, its finished row in the newest batch summary in ``out_dir`` (``there``: those in it;
+    this run's, a shard's or another run's) whose settings record is ``record``, with that summary's modification
+    time."""
     described: Dict[str, Tuple[Dict[str, str], float]] = {}
-    for path in out_dir.glob("summary*.csv"):
-        if not _records(settings_path(path), record):
+    for name, (rows, when) in there.items():
+        if not _records(settings_path(out_dir / name), record):
             continue
-        when = path.stat().st_mtime
-        for row in _summary_rows(path) or ():
+        for row in rows or ():
             if row.get("status") in ("ok", "skipped") and when > described.get(row["name"], ({}, -math.inf))[1]:
                 described[row["name"]] = (row, when)
     return described
@@ -914,12 +927,6 @@ def _records(path: Path, record: Dict[str, object]) -> bool:
         return False
     return isinstance(other, dict) and set(other) == set(record) and all(
         strict_json.number(other[k]) == strict_json.number(record[k]) for k in record)
-
-
-def _listed_names(out_dir: Path) -> Set[str]:
-    """The volume names of every batch summary in ``out_dir`` (each shard's and run's; other files count for
-    nothing)."""
-    return {row["name"] for path in sorted(out_dir.glob("summary*.csv")) for row in _summary_rows(path) or ()}
 
 
 def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict[str, str]],
@@ -1011,7 +1018,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     record_path = settings_path(summary_path)
     made_with = settings_record(settings)
     settings = replace(settings, model_sha256=str(made_with["model_sha256"]))  # what every detector must load
-    earlier = {} if settings.overwrite else _earlier_rows(summary_path)
+    there = {} if settings.overwrite else _summaries_in(settings.out_dir)  # each read once for the checks below
+    earlier = {} if settings.overwrite else _earlier_rows(summary_path, there)
     known = _settings_known(record_path, made_with, settings.overwrite)
     unsharded = summary_path.name == summary_name(None)
     if not settings.overwrite:
@@ -1020,12 +1028,14 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             raise CeVAEError(f"Another run wrote outputs in {settings.out_dir} with other settings ({other}); give "
                              "each set of settings its own --out-dir, or score every volume again with these in one "
                              "run without --shard and with --overwrite.")
-        refuse_unrecorded_outputs(items, settings.out_dir, made_with)
-    described = {} if settings.overwrite else _described_rows(settings.out_dir, made_with)  # the shards' rows too
+        refuse_unrecorded_outputs(items, settings.out_dir, made_with, there)
+    described = {} if settings.overwrite else _described_rows(settings.out_dir, made_with, there)  # shards' rows too
     refuse_other_volumes_outputs(items, described, settings.out_dir)
     if not known:
         earlier = {}  # nothing says which settings made the outputs there
-    kept = _rows_not_listed(summary_path, {item.name for item in items}) if known else {}
+    if known and settings.overwrite:  # (their rows are kept: read for that alone)
+        there = _summaries_in(summary_path.parent)
+    kept = _rows_not_listed(summary_path, {item.name for item in items}, there) if known else {}
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temporaries([summary_path, record_path, *(p for item in items for p in output_paths(
         settings.out_dir, item.name).values())], started)  # what killed runs left, skipped volumes' too
