@@ -5,14 +5,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from CeVAEAnomalyLib.engine.bundle import Bundle
-from CeVAEAnomalyLib.engine.calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, find_calibration,
-                                                  threshold_for_fpr)
+from CeVAEAnomalyLib.engine.calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, calibrated_settings,
+                                                  find_calibration, threshold_for_fpr)
 from CeVAEAnomalyLib.engine.model_info import known_source
 from CeVAEAnomalyLib.errors import CeVAEError
-from CeVAEAnomalyLib.options import SPREADS, THOROUGH_STEPS
+from CeVAEAnomalyLib.options import SPREADS
 from CeVAEAnomalyLib.io.atomic import atomic_write_text
 
 
@@ -22,6 +22,17 @@ def _recipe(training: dict) -> str:
     if subjects and all(known_source(s) for s in subjects):
         return "- Recipe: `python scripts/train_default_model.py` (fetches the same data if absent)."
     return "- Recipe: `cevae-anomaly train` on the subjects above, with the settings of this section."
+
+
+def _what_it_asks(flags: Sequence[str]) -> str:
+    """A few words on what a calibrated scoring's ``flags`` ask detection for, where they need them."""
+    if "--paper" in flags:
+        return " (the paper's own score: reconstruction error × |dKL/dx|, not normalised, no asymmetry)"
+    if any(f.startswith("--test-time-steps ") for f in flags):
+        return " (thorough mode: each scan scored by a copy of the model adapted to it)"
+    if flags == ["--orientations axial"]:
+        return " (the axial map alone: one network pass)"
+    return ""
 
 
 def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
@@ -86,24 +97,11 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
             lines.append(f"- Their bright tail (how far the brightest brain voxels lie above the white matter) is "
                          f"{low:g} to {high:g}; a scan's more than {BRIGHT_TAIL_MARGIN:g} above it (a post-contrast "
                          "look) gets the same warning.")
-    try:
-        thorough = find_calibration(typed.calibration, typed.score_options.replace(test_time_steps=THOROUGH_STEPS),
-                                    typed.postprocess)
-        lines.append(f"- Thorough mode (`--test-time-steps {THOROUGH_STEPS}`: each scan scored by a copy of the model "
-                     f"adapted to it) calibrated the same way: threshold {threshold_for_fpr(thorough, fpr):.4g} at "
-                     "that rate.")
-    except CeVAEError:
-        pass  # not calibrated for it: detection in that mode needs an absolute threshold
-    if len(typed.score_options.orientation_list) > 1:
-        try:
-            axial = find_calibration(typed.calibration, typed.score_options.replace(orientations="axial"),
-                                     typed.postprocess)
-            slicings = ", ".join(typed.score_options.orientation_list)
-            lines.append(f"- Default scoring averages the maps of the {slicings} "
-                         f"slicings; the axial map alone (`--orientations axial`, one network pass) is calibrated the "
-                         f"same way: threshold {threshold_for_fpr(axial, fpr):.4g} at that rate.")
-        except CeVAEError:
-            pass
+    others = [(flags, e) for flags, e in calibrated_settings(typed.calibration, typed.score_options, typed.postprocess)
+              if flags and not any(f.startswith("--score-type ") for f in flags)]
+    if others:
+        lines.append("- Also calibrated the same way (threshold at that rate): " + "; ".join(
+            f"`{' '.join(flags)}`{_what_it_asks(flags)} {threshold_for_fpr(e, fpr):.4g}" for flags, e in others) + ".")
     if benchmark:
         lines += ["", "## Benchmark", "", benchmark.replace("# ", "### ", 1)]
     return "\n".join(lines) + "\n"

@@ -104,3 +104,21 @@ def test_the_shipped_model_card_is_written_from_the_current_benchmark_report() -
     expected = render_model_card(load_bundle(default_model_path()),
                                  rebase_links(report.read_text(encoding="utf-8"), report.parent, card.parent))
     assert card.read_text(encoding="utf-8") == expected, "Resources/Models/MODEL_CARD.md is stale: regenerate it"
+
+
+def test_the_card_names_every_calibrated_scoring_of_the_model() -> None:
+    """The shipped model is calibrated for the paper's own score (issue 21: selectable and calibrated); its card listed
+    the thorough and axial calibrations only, so a reader of the card did not learn that `--paper ...` needs no
+    absolute threshold. Every calibrated scoring of the default score type is named with its flags and threshold."""
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.calibration import calibrated_settings, threshold_for_fpr
+    from CeVAEAnomalyResearch.modelcard import render_model_card
+
+    header = load_bundle(default_model_path()).header
+    card = render_model_card(load_bundle(default_model_path()))
+    others = [(f, e) for f, e in calibrated_settings(header.calibration, header.score_options, header.postprocess)
+              if f and not any(x.startswith("--score-type") for x in f)]
+    assert any("--paper" in flags for flags, _ in others)
+    line = next(li for li in card.splitlines() if li.startswith("- Also calibrated the same way"))
+    for flags, entry in others:
+        assert f"`{' '.join(flags)}`" in line and f"{threshold_for_fpr(entry, header.default_fpr):.4g}" in line

@@ -193,4 +193,4 @@ def test_the_model_card_names_the_axial_calibration_of_a_several_orientation_mod
     assert "axial map alone" not in render_model_card(fused)  # not calibrated for it
     axial = calibrate_model(bundle, healthy, "test", score.replace(orientations="axial"), post)
     both = replace(fused, header=replace(fused.header, calibration={**fused.header.calibration, **axial}))
-    assert "the axial map alone (`--orientations axial`, one network pass) is calibrated" in render_model_card(both)
+    assert "`--orientations axial` (the axial map alone: one network pass)" in render_model_card(both)
