@@ -290,12 +290,19 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
             refuse_misnamed(Path(path), "record output", "JSON text", ".json")
 
 
-def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]]) -> Dict[Path, object]:
+def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]],
+                 codes: Optional[Tuple[int, int]] = None) -> Dict[Path, object]:
     """What :func:`~.io.atomic.write_all` writes for each wanted output (a None target is not wanted):
     ``score``, ``labelmap``, ``brain_mask`` (images), ``slices``, ``components`` (CSV tables; tab-separated for a
-    ``.tsv`` name), ``record`` (JSON, :func:`record_json`)."""
-    content = {"score": lambda path: result.score, "labelmap": lambda path: result.labelmap,
-               "brain_mask": lambda path: result.brain_mask,
+    ``.tsv`` name), ``record`` (JSON, :func:`record_json`). ``codes``: the scan's qform and sform codes
+    (:func:`~.io.images.nifti_codes`), which NIfTI image outputs get in place of ITK's (1, 1)."""
+    from .io.images import write_image
+
+    def image(value: sitk.Image) -> object:  # a NIfTI output gets the scan's qform and sform codes
+        return value if codes is None else (lambda tmp: write_image(value, tmp, codes))
+
+    content = {"score": lambda path: image(result.score), "labelmap": lambda path: image(result.labelmap),
+               "brain_mask": lambda path: image(result.brain_mask),
                "slices": lambda path: slice_scores_csv(result, table_delimiter(path)),
                "components": lambda path: components_csv(result, table_delimiter(path)),
                RECORD_OUTPUT: lambda path: record_json(result)}

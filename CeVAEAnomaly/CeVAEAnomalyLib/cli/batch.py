@@ -646,7 +646,7 @@ class VolumeDetector:
         self.detector = Detector.from_request(bundle, settings.request)
 
     def __call__(self, item: BatchItem, overwrite: bool) -> Dict[str, object]:
-        from ..io.images import read_image
+        from ..io.images import nifti_codes, read_image
         from ..io.atomic import write_all
         from ..result import result_files
 
@@ -668,7 +668,8 @@ class VolumeDetector:
             paths = output_paths(self.s.out_dir, item.name)
             try:
                 with hold_outputs(paths.values(), "batch"):  # the checksums are of the files this run wrote
-                    write_all(result_files(result, paths), overwrite, (item.image, item.mask), command="batch")
+                    write_all(result_files(result, paths, nifti_codes(item.image)), overwrite, (item.image, item.mask),
+                              command="batch")
                     written = output_checksums(paths)
             except CeVAEError as exc:
                 done = None if overwrite else self.done_by_another_run(item, source)

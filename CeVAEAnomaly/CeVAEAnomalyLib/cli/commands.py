@@ -238,7 +238,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.targets import check_paths
     from ..engine.detector import Detector
     from ..options import DetectionRequest
-    from ..io.images import refuse_image_as_mask
+    from ..io.images import nifti_codes, refuse_image_as_mask
     from ..result import input_files, refuse_unwritable_names, result_files
 
     started = time.time()
@@ -261,7 +261,7 @@ def run_detect(args: argparse.Namespace) -> None:
         detector = Detector.from_request(load_bundle(model, device), request)
         result = detector(image, mask, progress=ConsoleProgress("detect"))
         result.record = dataclasses.replace(result.record, inputs=sources)
-        files = result_files(result, targets)
+        files = result_files(result, targets, nifti_codes(args.image))
         write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice
     log.info("Threshold %.4g (%s); %d component(s), %.2f ml flagged; most anomalous slice: %s.",

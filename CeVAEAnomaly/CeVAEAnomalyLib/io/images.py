@@ -12,7 +12,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -320,6 +320,74 @@ def _refuse_two_placements(p: Path, sform: Tuple[float, ...], image: sitk.Image,
 
 
 _PLACEMENT_VOXELS = 0.5  # how far (in voxels) the sform may place the volume's corners from ITK's grid
+
+
+def nifti_codes(path: PathLike) -> Optional[Tuple[int, int]]:
+    """(qform_code, sform_code) of a single-file NIfTI-1/-2 volume's header: the space its grid is in (1 scanner,
+    2 aligned, 3 Talairach, 4 MNI); None for another format, where they are ITK's own (1, 1), or where both are 0 (a
+    grid from the voxel size alone, which the outputs write as scanner space)."""
+    p = Path(path)
+    start = _first_bytes(p) if p.name.lower().endswith((".nii", ".nii.gz")) else None
+    found = _code_fields(start[1]) if start is not None else None
+    if found is None:
+        return None
+    at, fmt = found
+    codes = tuple(int(v) for v in struct.unpack(fmt, start[1][at : at + struct.calcsize(fmt)]))
+    return (codes[0], codes[1]) if any(codes) and codes != (1, 1) else None
+
+
+def _code_fields(header: bytes) -> Optional[Tuple[int, str]]:
+    """Where a NIfTI-1/-2 header (single file) holds its qform and sform codes, and their struct format."""
+    for (size, at), magic in _NIFTI_MAGIC.items():
+        for endian in "<>":
+            if header[at : at + 4] == magic and len(header) >= size and \
+                    struct.unpack(endian + "i", header[:4])[0] == size:
+                return (252, endian + "2h") if size == 348 else (344, endian + "2i")
+    return None
+
+
+def write_image(image: sitk.Image, path: str, codes: Optional[Tuple[int, int]] = None) -> None:
+    """Write ``image`` to ``path``, compressed where the format can be; a NIfTI file with the qform and sform codes
+    ``codes`` (:func:`nifti_codes` of the scan) in place of the (1, 1), scanner space, that ITK always writes: an
+    input registered to MNI space stays in MNI space for FSL and AFNI (the grid is ITK's either way)."""
+    sitk.WriteImage(image, path, True)
+    if codes is None or not path.lower().endswith((".nii", ".nii.gz")):
+        return
+    p = Path(path)
+    gz = _first_bytes(p, 2)
+    if gz is None or not gz[0]:
+        with open(p, "r+b") as fh:
+            _put_codes(fh, codes)
+        return
+    rewritten = p.with_suffix(".z")  # (a name no longer than the temporary's) the header is in the compressed
+    # stream: the file is copied with the new codes
+    try:
+        with gzip.open(p, "rb") as src, open(rewritten, "wb") as raw:
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as dst:
+                header = bytearray(src.read(540))
+                found = _code_fields(bytes(header))
+                if found is not None:
+                    at, fmt = found
+                    header[at : at + struct.calcsize(fmt)] = struct.pack(fmt, *codes)
+                dst.write(bytes(header))
+                while True:
+                    block = src.read(1 << 22)
+                    if not block:
+                        break
+                    dst.write(block)
+        os.replace(rewritten, p)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(rewritten)
+
+
+def _put_codes(fh: BinaryIO, codes: Tuple[int, int]) -> None:
+    """Set the codes in the header of an uncompressed NIfTI file open for update."""
+    found = _code_fields(fh.read(540))
+    if found is not None:
+        at, fmt = found
+        fh.seek(at)
+        fh.write(struct.pack(fmt, *codes))
 
 
 @contextlib.contextmanager

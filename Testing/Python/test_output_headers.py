@@ -1,0 +1,53 @@
+"""The NIfTI image outputs keep the input's qform and sform codes (what space the grid is in: scanner, aligned,
+Talairach, MNI), not only its grid."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Tuple
+
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.cli.main import main
+from conftest import make_head
+
+
+def _codes(path: Path) -> Tuple[int, int]:
+    """(qform_code, sform_code) read from a NIfTI-1 file's header bytes."""
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as fh:
+        header = fh.read(348)
+    assert struct.unpack("<i", header[:4])[0] == 348
+    return struct.unpack("<2h", header[252:256])
+
+
+def _with_codes(path: Path, codes: Tuple[int, int]) -> None:
+    """Set a gzip NIfTI-1 file's qform and sform codes in place (the grid is left as it is)."""
+    with gzip.open(path, "rb") as fh:
+        data = bytearray(fh.read())
+    data[252:256] = struct.pack("<2h", *codes)
+    with gzip.open(path, "wb") as fh:
+        fh.write(bytes(data))
+
+
+@pytest.mark.parametrize("codes", [(0, 4), (2, 2), (1, 3)])
+def test_detect_writes_the_inputs_qform_and_sform_codes(tmp_path, tiny_bundle, codes):
+    # an input registered to MNI space (sform_code 4, no qform) came out as scanner space (1, 1), which AFNI
+    # shows in another view (+orig, not +tlrc) than the scan
+    image, mask = make_head(seed=3)
+    scan, brain = tmp_path / "scan.nii.gz", tmp_path / "scan_mask.nii.gz"
+    sitk.WriteImage(image, str(scan))
+    sitk.WriteImage(mask, str(brain))
+    _with_codes(scan, codes)
+    score, label = tmp_path / "score.nii.gz", tmp_path / "label.nii"
+    assert main(["detect", str(scan), "--mask", str(brain), "--model", str(tiny_bundle), "--device", "cpu",
+                 "--score", str(score), "--labelmap", str(label)]) == 0
+    assert _codes(score) == codes
+    assert _codes(label) == codes
+    ref = sitk.ReadImage(str(scan))
+    for out in (score, label):
+        written = sitk.ReadImage(str(out))
+        assert written.GetOrigin() == pytest.approx(ref.GetOrigin(), abs=1e-4)
+        assert written.GetDirection() == pytest.approx(ref.GetDirection(), abs=1e-6)
+        assert written.GetSpacing() == pytest.approx(ref.GetSpacing(), abs=1e-6)
