@@ -298,11 +298,11 @@ def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]],
     (:func:`~.io.images.nifti_codes`), which NIfTI image outputs get in place of ITK's (1, 1)."""
     from .io.images import write_image
 
-    def image(value: sitk.Image) -> object:  # a NIfTI output gets the scan's qform and sform codes
-        return value if codes is None else (lambda tmp: write_image(value, tmp, codes))
+    def image(value: sitk.Image, target: Path) -> object:  # a NIfTI output gets the scan's qform and sform codes
+        return value if codes is None else (lambda tmp: write_image(value, tmp, codes, target))
 
-    content = {"score": lambda path: image(result.score), "labelmap": lambda path: image(result.labelmap),
-               "brain_mask": lambda path: image(result.brain_mask),
+    content = {"score": lambda path: image(result.score, path), "labelmap": lambda path: image(result.labelmap, path),
+               "brain_mask": lambda path: image(result.brain_mask, path),
                "slices": lambda path: slice_scores_csv(result, table_delimiter(path)),
                "components": lambda path: components_csv(result, table_delimiter(path)),
                RECORD_OUTPUT: lambda path: record_json(result)}

@@ -3,6 +3,7 @@ Talairach, MNI), not only its grid."""
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 from typing import Tuple
@@ -51,3 +52,31 @@ def test_detect_writes_the_inputs_qform_and_sform_codes(tmp_path, tiny_bundle, c
         assert written.GetOrigin() == pytest.approx(ref.GetOrigin(), abs=1e-4)
         assert written.GetDirection() == pytest.approx(ref.GetDirection(), abs=1e-6)
         assert written.GetSpacing() == pytest.approx(ref.GetSpacing(), abs=1e-6)
+
+
+def test_a_write_killed_while_it_sets_the_codes_leaves_nothing_a_later_run_keeps(tmp_path):
+    # the codes of a .nii.gz are set in a copy of ITK's temporary; a process killed before that copy replaced it left
+    # the copy under a name (TEMPORARY.nii.z) that the next run's tidy-up of abandoned temporaries did not know
+    import subprocess
+    import sys
+    import time
+
+    from CeVAEAnomalyLib.io.atomic import remove_abandoned_temporaries
+
+    target = tmp_path / "score.nii.gz"
+    code = ("import os, sys, SimpleITK as sitk\n"
+            "from pathlib import Path\n"
+            "from CeVAEAnomalyLib.io.atomic import temp_beside\n"
+            "from CeVAEAnomalyLib.io.images import write_image\n"
+            "target = Path(sys.argv[1])\n"
+            "os.replace = lambda *a: os._exit(9)  # killed just before the copy would replace the temporary\n"
+            "write_image(sitk.Image([8, 8, 8], sitk.sitkFloat32), temp_beside(target), (0, 4), target)\n")
+    started = time.time()
+    run = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True)
+    assert run.returncode == 9, run.stderr
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2  # ITK's temporary and the copy with the codes
+    for path in tmp_path.iterdir():
+        os.utime(path, (started - 10, started - 10))  # (made before the later run began)
+    assert remove_abandoned_temporaries([target], time.time()) == 2
+    assert list(tmp_path.iterdir()) == []

@@ -346,10 +346,13 @@ def _code_fields(header: bytes) -> Optional[Tuple[int, str]]:
     return None
 
 
-def write_image(image: sitk.Image, path: str, codes: Optional[Tuple[int, int]] = None) -> None:
-    """Write ``image`` to ``path``, compressed where the format can be; a NIfTI file with the qform and sform codes
-    ``codes`` (:func:`nifti_codes` of the scan) in place of the (1, 1), scanner space, that ITK always writes: an
-    input registered to MNI space stays in MNI space for FSL and AFNI (the grid is ITK's either way)."""
+def write_image(image: sitk.Image, path: str, codes: Optional[Tuple[int, int]], target: Path) -> None:
+    """Write ``image`` to ``path`` (a temporary of ``target``), compressed where the format can be; a NIfTI file with
+    the qform and sform codes ``codes`` (:func:`nifti_codes` of the scan) in place of the (1, 1), scanner space, that
+    ITK always writes: an input registered to MNI space stays in MNI space for FSL and AFNI (the grid is ITK's either
+    way)."""
+    from .atomic import temp_beside
+
     sitk.WriteImage(image, path, True)
     if codes is None or not path.lower().endswith((".nii", ".nii.gz")):
         return
@@ -359,8 +362,8 @@ def write_image(image: sitk.Image, path: str, codes: Optional[Tuple[int, int]] =
         with open(p, "r+b") as fh:
             _put_codes(fh, codes)
         return
-    rewritten = p.with_suffix(".z")  # (a name no longer than the temporary's) the header is in the compressed
-    # stream: the file is copied with the new codes
+    rewritten = temp_beside(target)  # the header is in the compressed stream: the file is copied with the new codes
+    # (into another temporary of the target, which a later run removes if this one is killed meanwhile)
     try:
         with gzip.open(p, "rb") as src, open(rewritten, "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as dst:
