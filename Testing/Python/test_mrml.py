@@ -978,8 +978,7 @@ def test_calibration_masks_are_paired_with_volumes_by_grid(scene):
     mb = add_volume(scene, mask_b, "mask b", "vtkMRMLLabelMapVolumeNode")
     assert pair_masks([a, b], [mb]) == [None, mb]
     assert pair_masks([a, b], [mb, ma]) == [ma, mb]
-    with pytest.raises(CeVAEError, match="grid of none of"):
-        pair_masks([b], [ma])
+    assert pair_masks([b], [ma]) == [ma]  # the only volume chosen: on another grid, resampled onto b's at the start
     twin = add_volume(scene, mask_a, "mask a again", "vtkMRMLLabelMapVolumeNode")
     with pytest.raises(CeVAEError, match="two brain masks"):
         pair_masks([a], [ma, twin])
@@ -1022,6 +1021,35 @@ def test_healthy_masks_under_another_transform_than_their_volume_are_paired_as_d
     with pytest.raises(CeVAEError, match="grid of several of"):
         pair_masks([c1, c10], [plain])
     assert [n.GetTransformNodeID() for n in (c1, c10, m1, m10)] == [reg.GetID(), None, None, None]
+
+
+def test_healthy_masks_on_another_grid_than_their_volume_are_paired_by_name(scene):
+    """A site's brain masks made at 2 mm for its 1 mm scans, or cropped: detection resamples such a mask onto its
+    scan's grid (nearest neighbour, with a warning), but Calibrate and Adapt refused it ("on the grid of none of the
+    chosen healthy volumes"). A mask on no chosen volume's grid now goes to the volume whose name leads its own, or to
+    the only volume chosen; where no name says whose it is, the refusal says to name it after its volume. A mask on a
+    volume's grid still goes to that volume, and no node is changed."""
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    image, brain = make_head()
+    other, other_brain = make_head(size=(36, 40, 30), seed=3)
+    c1, c10, c2 = add_volume(scene, image, "c1"), add_volume(scene, image, "c10"), add_volume(scene, other, "c2")
+    coarse = add_volume(scene, brain[::2, ::2, ::2], "c1 mask 2mm", "vtkMRMLLabelMapVolumeNode")
+    cropped = add_volume(scene, brain[4:-4, 2:, :], "c10-label", "vtkMRMLLabelMapVolumeNode")
+    on_grid = add_volume(scene, other_brain, "brain", "vtkMRMLLabelMapVolumeNode")  # on c2's grid: c2's by its grid
+    assert pair_masks([c1, c10, c2], [cropped, on_grid, coarse]) == [coarse, cropped, on_grid]
+    assert pair_masks([c10], [coarse]) == [coarse]  # the only volume: its mask, whatever its name
+    unnamed = add_volume(scene, brain[::2, ::2, ::2], "brain 2mm", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(CeVAEError, match=r"^The brain mask 'brain 2mm' is on the grid of none of the chosen healthy "
+                                         r"volumes, and its name does not say whose it is: name it after its volume, "
+                                         r"e.g. 'c1 mask' \(a mask on another grid is resampled onto its volume's\)"):
+        pair_masks([c1, c2], [unnamed])
+    with pytest.raises(CeVAEError, match="'c1' has two brain masks chosen"):
+        pair_masks([c1, c2], [coarse, add_volume(scene, brain, "c1 brain", "vtkMRMLLabelMapVolumeNode")])
+    twin = add_volume(scene, other, "c1")  # two volumes called 'c1': the name tells them apart no more
+    with pytest.raises(CeVAEError, match="rename the volumes apart"):
+        pair_masks([c1, twin], [coarse])
+    assert coarse.GetImageData().GetDimensions() == (20, 22, 18) and coarse.GetSpacing() == (2.4, 2.0, 3.0)
 
 
 def test_masks_of_healthy_volumes_that_share_a_grid_and_a_name_say_to_rename_the_volumes(scene):

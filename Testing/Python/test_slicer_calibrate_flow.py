@@ -227,6 +227,59 @@ def test_a_calibration_uses_a_mask_made_before_its_scan_was_registered_where_it_
     assert not (tmp_path / "adapted.cevae").exists()
 
 
+def test_a_calibration_resamples_a_mask_made_on_another_grid_onto_its_scan_as_detection_does(tiny_bundle, tmp_path):
+    """A site's masks made at 2 mm for its scans: detection resamples such a mask onto the scan's grid (nearest
+    neighbour, with a warning); the panel's Calibrate and Adapt refused it. The worker now gets a copy of the mask,
+    which it resamples onto its scan's grid as the command line's calibrate does (the mask node is not changed), the
+    job's warnings say so naming both nodes, and a mask that does not overlap its scan in world space is refused
+    before anything runs."""
+    import json
+    import shutil
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.slicer.jobs import launch_process
+    from CeVAEAnomalyLib.slicer.mrml import image_from_volume
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    scene = slicer.vtkMRMLScene()
+    image, brain = make_head(size=(40, 44, 12), seed=11)
+    coarse = brain[::2, ::2, :]  # a mask made at twice the scan's voxel size
+    volume = add_volume(scene, image, "sub-01_T1w")
+    mask = add_volume(scene, coarse, "sub-01_T1w mask 2mm", "vtkMRMLLabelMapVolumeNode")
+    copied = tmp_path / "copied"
+
+    def keep_copies(args):  # the worker's request and its copies of the scans, as they are when it starts
+        request = json.loads(Path(args[-1]).read_text(encoding="utf-8"))
+        shutil.copytree(Path(args[-1]).parent, copied)
+        copied.joinpath("mask").write_text(Path(request["subjects"][0]["mask"]).name, encoding="utf-8")
+        return launch_process(args)
+
+    job = CeVAEAnomalyLogic().startCalibration([volume], pair_masks([volume], [mask]), tmp_path / "site.cevae",
+                                               modelPath=tiny_bundle, device="cpu", launch=keep_copies)
+    assert job.wait(300) is JobState.DONE, job.error
+    said = ("The brain mask 'sub-01_T1w mask 2mm' is on another grid than the healthy volume 'sub-01_T1w'; "
+            "resampling it (nearest neighbour).")  # the worker's, as the command line's calibrate resamples it
+    assert said in job.warnings, job.warnings
+    used = sitk.ReadImage(str(copied / copied.joinpath("mask").read_text(encoding="utf-8")))
+    assert used.GetSize() == coarse.GetSize() and np.allclose(used.GetSpacing(), coarse.GetSpacing())
+    assert np.array_equal(sitk.GetArrayFromImage(used), sitk.GetArrayFromImage(coarse))
+    assert np.array_equal(sitk.GetArrayFromImage(image_from_volume(mask)), sitk.GetArrayFromImage(coarse))
+    assert mask.GetSpacing() == (2.4, 2.0, 1.5)
+
+    far = add_volume(scene, image, "sub-02_T1w")
+    elsewhere = coarse[:, :, :]
+    elsewhere.SetOrigin((500.0, 500.0, 500.0))  # another scan's mask, off this one in world space
+    off = add_volume(scene, elsewhere, "sub-02_T1w mask", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(CeVAEError, match=r"^The brain mask 'sub-02_T1w mask' does not overlap the healthy volume "
+                                         r"'sub-02_T1w' where they lie in world space"):
+        CeVAEAnomalyLogic().startAdaptation([volume, far], pair_masks([volume, far], [mask, off]),
+                                            tmp_path / "adapted.cevae", modelPath=tiny_bundle, device="cpu")
+    assert not (tmp_path / "adapted.cevae").exists()
+
+
 def sitk_read(path: Path):
     """The image at ``path``, as Slicer's volume loading reads it (SimpleITK)."""
     import SimpleITK as sitk

@@ -619,7 +619,11 @@ class CeVAEAnomalyLogic(_LogicBase):
         :func:`_checkHealthy`), each with the person its node's name says was scanned (a BIDS name's
         ``sub-<label>``), which adapting splits by, and its node's name (:func:`_distinctNames`), which the model
         records. A mask under another transform than its volume is copied as detection uses it (mrml.mask_image),
-        and its warning is the job's first (``job.warnings``)."""
+        and its warning is the job's first (``job.warnings``); one on another grid is copied as it is, resampled onto
+        the volume's grid by the worker (as the command line's calibrate and detection resample it), which warns of it
+        in the job's warnings, naming both nodes (:func:`_copyNames`), and refused before anything runs where it does
+        not overlap its volume (mrml.refuse_mask_elsewhere)."""
+        from . import mrml
         from .adapt_panel import node_person
 
         folder = _jobFolder(f"{JOB_FOLDER_PREFIX}{task}-")
@@ -631,10 +635,12 @@ class CeVAEAnomalyLogic(_LogicBase):
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
                 with warningsLogged() as read:  # a mask under another transform, as detection says it
                     image, maskImage = self._inputImages(volume, mask, None, "healthy volume")
+                if maskImage is not None:  # (one on another grid: the worker resamples it, as detection's does)
+                    mrml.refuse_mask_elsewhere(maskImage, image, mask, volume, "healthy volume")
                 said.extend(read)
                 stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
                 _writeInputs(folder, stem, image, maskImage)
-                names.update(_copyNames(folder, stem, shown[n], mask if maskImage is not None else None))
+                names.update(_copyNames(folder, stem, volume, shown[n], mask if maskImage is not None else None))
                 subjects.append(dict(image=str(folder / f"{stem}.nrrd"),
                                      mask=str(folder / f"{stem}_mask.nrrd") if maskImage is not None else None,
                                      person=node_person(volume.GetName()), name=shown[n]))
@@ -975,12 +981,18 @@ def _writeInputs(folder: Path, stem: str, image: "sitk.Image", mask: Optional["s
     write_all(files, overwrite=True)
 
 
-def _copyNames(folder: Path, stem: str, volumeName: str, mask) -> Dict[str, str]:
-    """The worker's copies written by :func:`_writeInputs` and the names of the nodes they copy (the volume's:
-    ``volumeName``), quoted."""
-    names = {str(folder / f"{stem}.nrrd"): f"'{volumeName}'"}
+def _copyNames(folder: Path, stem: str, volume, volumeName: str, mask) -> Dict[str, str]:
+    """The worker's copies written by :func:`_writeInputs` and the names of the nodes they copy (``volume``'s:
+    ``volumeName``), quoted; and the engine's words of a mask on another grid than this volume, led by the copy's path
+    (its warning of resampling the mask), as detection words them (nodes.mask_words)."""
+    from .nodes import mask_words
+
+    image = str(folder / f"{stem}.nrrd")
+    names = {image: f"'{volumeName}'"}
     if mask is not None:
         names[str(folder / f"{stem}_mask.nrrd")] = f"'{mask.GetName()}'"
+        for words, said in mask_words(mask, volume, "healthy volume", volumeName).items():
+            names[f"{image}: {words}"] = said
     return names
 
 

@@ -22,6 +22,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import CeVAEError
+from ..io.images import grid_difference
 from ..io.naming import PANEL_OUTPUT_NAMES
 from .nodes import (
     COMPONENT_TABLE_ROLE,
@@ -324,6 +325,21 @@ def _moved_mask(mask: sitk.Image, mask_node: slicer.vtkMRMLVolumeNode,
                          "that the mask belongs to this scan, or put it under the volume's transform if it was made "
                          "on this scan before the scan was registered.")
     return resampled
+
+
+def refuse_mask_elsewhere(mask: sitk.Image, image: sitk.Image, mask_node: slicer.vtkMRMLNode,
+                          volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume") -> None:
+    """Refuse ``mask`` (read from ``mask_node`` by :func:`mask_image`) where it is on another grid than ``image``
+    (the voxels of ``volume_node``, a ``what``) and, resampled onto it as the engine resamples such a mask
+    (engine.preprocess.mask_array: nearest neighbour, where both lie in world space), holds no brain voxel: what the
+    engine refuses, said before anything runs. Neither node is changed."""
+    if grid_difference(mask, image, atol=1e-4, rtol=1e-5) is None:  # (the engine's same_grid)
+        return
+    resampled = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    if (sitk.GetArrayViewFromImage(mask) > 0).any() and not (sitk.GetArrayViewFromImage(resampled) > 0).any():
+        raise CeVAEError(f"The brain mask '{mask_node.GetName()}' does not overlap the {what} "
+                         f"'{volume_node.GetName()}' where they lie in world space (it is on another grid, and no "
+                         "voxel of it lies on the volume's): check that the mask belongs to this scan.")
 
 
 def _under(node: slicer.vtkMRMLNode) -> str:

@@ -656,10 +656,12 @@ class FrameWatch:
 ENGINE_RESAMPLED_MASK = "The brain mask is on another grid than the image"  # engine.preprocess.mask_array's words
 
 
-def mask_words(mask: Optional[slicer.vtkMRMLNode], volume: slicer.vtkMRMLScalarVolumeNode) -> Dict[str, str]:
-    """What the engine's warnings of a brain mask on another grid become for a run on ``volume`` with the mask node
-    ``mask`` (a volume: a segmentation is exported onto the volume's grid): they name both nodes, and the scan on whose
-    grid the mask lies if one in the scene does, so that a mask chosen for the wrong scan is seen as such."""
+def mask_words(mask: Optional[slicer.vtkMRMLNode], volume: slicer.vtkMRMLScalarVolumeNode,
+               what: str = "input volume", name: Optional[str] = None) -> Dict[str, str]:
+    """What the engine's warnings of a brain mask on another grid become for a run on ``volume`` (a ``what``, called
+    ``name``: by default its node's name) with the mask node ``mask`` (a volume: a segmentation is exported onto the
+    volume's grid): they name both nodes, and the scan on whose grid the mask lies if one in the scene does, so that a
+    mask chosen for the wrong scan is seen as such."""
     if not isinstance(mask, slicer.vtkMRMLVolumeNode) or mask.GetScene() is None:
         return {}
     scene = mask.GetScene()
@@ -669,8 +671,8 @@ def mask_words(mask: Optional[slicer.vtkMRMLNode], volume: slicer.vtkMRMLScalarV
                   and not isinstance(node, slicer.vtkMRMLLabelMapVolumeNode) and not is_module_output(node)
                   and same_grid(node, mask, transforms=False)), None)
     lies = f" (it lies on that of '{owner.GetName()}')" if owner is not None else ""
-    return {ENGINE_RESAMPLED_MASK: f"The brain mask '{mask.GetName()}'{lies} is on another grid than the input volume "
-                                   f"'{volume.GetName()}'"}
+    return {ENGINE_RESAMPLED_MASK: f"The brain mask '{mask.GetName()}'{lies} is on another grid than the {what} "
+                                   f"'{volume.GetName() if name is None else name}'"}
 
 
 def _used_for_another(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolumeNode) -> bool:
@@ -854,32 +856,51 @@ def same_grid(a: slicer.vtkMRMLVolumeNode, b: slicer.vtkMRMLVolumeNode, transfor
 
 def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
                masks: Sequence[slicer.vtkMRMLLabelMapVolumeNode]) -> List[Optional[slicer.vtkMRMLLabelMapVolumeNode]]:
-    """For each healthy volume, the brain mask on its grid (None: computed automatically).
+    """For each healthy volume, its brain mask (None: computed automatically).
 
-    Every mask must fit exactly one volume, whatever transform either lies under (a mask under another transform is
-    used where it lies in world space, as detection uses it: mrml.mask_image); where several volumes share its grid
-    (scans in one template space), the one whose name leads the mask's ("c1" for "c1 mask", "c1-label") is it, else
-    the one under the mask's transform. A volume may have at most one mask.
+    Every mask must be that of exactly one volume, whatever transform either lies under (a mask under another
+    transform is used where it lies in world space, as detection uses it: mrml.mask_image): the volume on its grid;
+    where several volumes share its grid (scans in one template space), the one whose name leads the mask's ("c1" for
+    "c1 mask", "c1-label") is it, else the one under the mask's transform. A mask on no volume's grid (made at another
+    voxel size, or cropped; the worker resamples it onto its volume's grid, as detection's does) is that of the
+    volume whose name leads its own, or of the only volume given. A volume may have at most one mask.
     """
     pairs: List[Optional[slicer.vtkMRMLLabelMapVolumeNode]] = [None] * len(volumes)
     for mask in masks:
         fits = [i for i, volume in enumerate(volumes) if same_grid(volume, mask, transforms=False)]
-        if len(fits) > 1:  # the longest volume name that leads the mask's ("c1" and "c10": "c10 mask" is c10's)
-            named = [i for i in fits if mask.GetName().startswith(volumes[i].GetName())]
+        on_grid = bool(fits)
+        if len(fits) != 1:  # the longest volume name that leads the mask's ("c1" and "c10": "c10 mask" is c10's)
+            named = [i for i in fits or range(len(volumes)) if mask.GetName().startswith(volumes[i].GetName())]
             longest = max((len(volumes[i].GetName()) for i in named), default=0)
             fits = [i for i in named if len(volumes[i].GetName()) == longest] or fits
-        if len(fits) > 1:
+        if len(fits) > 1 and on_grid:
             fits = [i for i in fits if volumes[i].GetTransformNodeID() == mask.GetTransformNodeID()] or fits
+        if not fits and len(volumes) == 1:
+            fits = [0]
         if len(fits) != 1:
-            where = "none of" if not fits else "several of"
-            hint = _shared_grid_hint([volumes[i].GetName() for i in fits]) if fits else ""
-            raise CeVAEError(f"The brain mask '{mask.GetName()}' is on the grid of {where} the chosen healthy "
-                             f"volumes{hint}; choose masks that match one volume each.")
+            raise CeVAEError(_unpaired(mask, [volumes[i].GetName() for i in fits], on_grid,
+                                       volumes[0].GetName() if volumes else "c1"))
         if pairs[fits[0]] is not None:
             raise CeVAEError(f"The healthy volume '{volumes[fits[0]].GetName()}' has two brain masks chosen "
                              f"('{pairs[fits[0]].GetName()}' and '{mask.GetName()}'); keep one.")
         pairs[fits[0]] = mask
     return pairs
+
+
+def _unpaired(mask: slicer.vtkMRMLLabelMapVolumeNode, names: Sequence[str], on_grid: bool, example: str) -> str:
+    """Why ``mask`` is the brain mask of no one healthy volume: it may be that of each volume of ``names`` (those on
+    its grid if ``on_grid``, else those whose name leads its own), or of none (``names`` empty: on no volume's grid,
+    and its name leads no volume's, ``example`` one)."""
+    if not on_grid:
+        if names:
+            return (f"The brain mask '{mask.GetName()}' is on the grid of none of the chosen healthy volumes, and "
+                    f"several are called '{names[0]}': rename the volumes apart (Data module), then name each mask "
+                    "after its volume.")
+        return (f"The brain mask '{mask.GetName()}' is on the grid of none of the chosen healthy volumes, and its name "
+                f"does not say whose it is: name it after its volume, e.g. '{example} mask' (a mask on another grid "
+                "is resampled onto its volume's), or choose masks that match one volume each.")
+    return (f"The brain mask '{mask.GetName()}' is on the grid of several of the chosen healthy volumes"
+            f"{_shared_grid_hint(list(names))}; choose masks that match one volume each.")
 
 
 def _shared_grid_hint(names: Sequence[str]) -> str:
