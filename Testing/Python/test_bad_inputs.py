@@ -527,6 +527,26 @@ def gzip_claims_huge_volume(d: Path, g: Inputs) -> Inputs:
     return Inputs(path, g.mask, g.model)
 
 
+def text_header_claims_huge_volume(name: str, header: str, data: Optional[str] = None) -> Callable:
+    """A NRRD or MetaImage file ``name`` of a few bytes (with ``data``: a detached header and its data file of a
+    few bytes) whose header announces 30000^3 float voxels (108 TB; one of 1200^3, 6.9 GB, was allocated before
+    the read failed)."""
+
+    def build(d: Path, g: Inputs) -> Inputs:
+        (d / name).write_text(header + ("" if data else "x" * 1000))
+        if data:
+            (d / data).write_bytes(b"x" * 1000)
+        return Inputs(d / name, g.mask, g.model)
+
+    return build
+
+
+_HUGE_NRRD = "NRRD0004\ntype: float\ndimension: 3\nsizes: 30000 30000 30000\nspacings: 0.01 0.01 0.01\n" \
+    "endian: little\nencoding: {}\n"
+_HUGE_MHA = "ObjectType = Image\nNDims = 3\nDimSize = 30000 30000 30000\nElementType = MET_FLOAT\n" \
+    "ElementSpacing = 0.01 0.01 0.01\nElementDataFile = {}\n"
+
+
 def write_dicom_series(image: sitk.Image, folder: Path, skip=(), shift_mm: float = 0.0, turned_from: int = -1,
                        series: int = 2, decimals: int = 6, narrow: int = -1) -> Path:
     """One int16 DICOM file per slice, with the position and orientation tags scanners write. ``shift_mm``: each
@@ -823,6 +843,18 @@ CASES: Dict[str, Case] = {
                                         r"head spans well under 1 m"),
     "gzip size trailer lies": Case(gzip_trailer_lies, REFUSED, r"half\.nii\.gz is truncated or corrupt \(it holds"),
     "gzip claims 108 TB": Case(gzip_claims_huge_volume, REFUSED, r"huge\.nii\.gz is truncated or corrupt .*far too small"),
+    "NRRD claims 108 TB": Case(text_header_claims_huge_volume("huge.nrrd", _HUGE_NRRD.format("raw") + "\n"), REFUSED,
+                               r"huge\.nrrd is truncated or corrupt \(it is far too small for the 108000000000000 "),
+    "gzip NRRD claims 108 TB": Case(text_header_claims_huge_volume("huge.nrrd", _HUGE_NRRD.format("gzip") + "\n"),
+                                    REFUSED, r"huge\.nrrd is truncated or corrupt \(it is far too small for "),
+    "MetaImage claims 108 TB": Case(text_header_claims_huge_volume("huge.mha", _HUGE_MHA.format("LOCAL")), REFUSED,
+                                    r"huge\.mha is truncated or corrupt \(it is far too small for "),
+    "detached NRRD header claims 108 TB": Case(text_header_claims_huge_volume(
+        "huge.nhdr", _HUGE_NRRD.format("raw") + "data file: huge.raw\n", "huge.raw"), REFUSED,
+        r"huge\.nhdr is truncated or corrupt \(its data file .*huge\.raw is far too small for the 108000000000000 "),
+    "detached MetaImage header claims 108 TB": Case(text_header_claims_huge_volume(
+        "huge.mhd", _HUGE_MHA.format("huge.raw"), "huge.raw"), REFUSED,
+        r"huge\.mhd is truncated or corrupt \(its data file .*huge\.raw is far too small for "),
     "DICOM series": Case(dicom_case(), 0, r"Wrote"),
     "DICOM series, a slice missing": Case(dicom_case(skip=(17,)), REFUSED,
                                           r"unevenly spaced slices \(a gap of 3 mm after slice 17 of 35"),

@@ -66,6 +66,8 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                 if layout is not None:
                     _check_nifti_complete(data, layout, what)
                 _refuse_missing_data_file(p, what)
+                if layout is None:
+                    _check_declared_size(p, what)
                 try:
                     image = sitk.ReadImage(str(p))
                 except RuntimeError as exc:
@@ -103,6 +105,8 @@ def read_header(path: PathLike, what: str = "image") -> Optional[sitk.ImageFileR
             reader.ReadImageInformation()
         except RuntimeError as exc:
             raise _unreadable(p, layout, what, exc) from None
+    if layout is None:
+        _check_declared_size(p, what, reader)
     return reader
 
 
@@ -449,6 +453,36 @@ def _check_plausible(p: Path, layout: _NiftiLayout, what: str) -> None:
     most = size * _MAX_DEFLATE_RATIO + 1024 if layout.gz else size
     if layout.size > most:
         _refuse_truncated(p, layout, None if layout.gz else size, what)
+
+
+def _check_declared_size(p: Path, what: str, reader: Optional[sitk.ImageFileReader] = None) -> None:
+    """Refuse, before ITK allocates it, a volume (NRRD, MetaImage, any non-NIfTI file) whose header announces far
+    more voxel bytes than its file, or its detached data files, could hold even compressed (a 1 KB NRRD claiming
+    1200^3 floats had 6.9 GB allocated before its read failed). A header ITK cannot read is left to the read."""
+    from .detached import read_alongside
+
+    if reader is None:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        try:
+            with _itk_warnings_off():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            return
+    try:
+        voxel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+        declared = int(np.prod(reader.GetSize(), dtype=object)) * sitk.GetArrayViewFromImage(voxel).nbytes
+    except (RuntimeError, ValueError, TypeError):
+        return
+    alongside = read_alongside(p)
+    if alongside.numbered or alongside.folder is not None:
+        return  # data in many files: not counted here
+    files = [f for f in alongside.files if f.is_file()]
+    held = p.stat().st_size + sum(f.stat().st_size for f in files)
+    if declared > held * _MAX_DEFLATE_RATIO + 1024:
+        holder = f"its data file {files[0]} is" if len(files) == 1 else "its data files are" if files else "it is"
+        raise CeVAEError(f"The {what} file {p} is truncated or corrupt ({holder} far too small for the {declared} "
+                         "bytes its header announces); copy or export it again.")
 
 
 def _refuse_truncated(p: Path, layout: _NiftiLayout, have: Optional[int], what: str) -> None:
