@@ -171,7 +171,7 @@ def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: f
         keep = np.ones(int(cc.max()) + 1, bool)
         if min_volume_mm3 > 0:
             min_voxels = int(np.ceil(in_voxels(min_volume_mm3, float(np.prod(spacing)))))
-            keep &= np.bincount(cc.ravel(), minlength=len(keep)) >= min_voxels
+            keep &= _label_sizes(cc, len(keep)) >= min_voxels
         if peaked:
             reached = np.zeros(len(keep), bool)
             reached[np.unique(cc[_at_least(score, min_peak * threshold)])] = True
@@ -180,6 +180,15 @@ def threshold_labelmap(score: np.ndarray, spacing: Sequence[float], threshold: f
         label = keep[cc]
         del cc, cc_image
     return label.view(np.uint8)
+
+
+def _label_sizes(labels: np.ndarray, n: int, slab: int = 8) -> np.ndarray:
+    """The voxel count of each label 0 .. ``n`` - 1 of an integer (k, j, i) array, counted ``slab`` planes at a
+    time: np.bincount copies its input to 64 bits, twice a 32-bit label array's size at once."""
+    sizes = np.zeros(n, np.int64)
+    for k in range(0, labels.shape[0], slab):
+        sizes += np.bincount(labels[k : k + slab].ravel(), minlength=n)
+    return sizes
 
 
 def _at_least(score: np.ndarray, threshold: float) -> np.ndarray:
@@ -311,12 +320,14 @@ def hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
     """bool map: ``score >= high``, grown by the 26-connected components of ``score > low`` that reach it (so it
     holds every voxel the plain threshold ``high`` labels)."""
     seeds = _at_least(score, high)
-    above = sitk.GetImageFromArray(_above(score, low).astype(np.uint8))
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(above, True))
+    above = sitk.GetImageFromArray(_above(score, low).view(np.uint8))
+    labelled = sitk.ConnectedComponent(above, True)
+    del above
+    labels = sitk.GetArrayViewFromImage(labelled)  # (a view: ``labelled`` holds it)
     n = int(labels.max())
     if n == 0:
         return seeds
     keep = np.zeros(n + 1, bool)
     keep[np.unique(labels[seeds])] = True
     keep[0] = False
-    return keep[labels] | seeds
+    return np.logical_or(keep[labels], seeds, out=seeds)
