@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import io
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.engine.axes import canonical_axes, to_canonical
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+LETTERS = ("RL", "AP", "IS")  # per LPS axis: the letter of its negative and of its positive direction
+OBLIQUE = float(np.sin(np.radians(10.0)))  # a component this large (a tilt over 10 degrees) adds its letter
+CONVENTION = "radiological view: the patient's right is on the viewer's left"
 
 
 def _axial(image: sitk.Image) -> np.ndarray:
@@ -20,22 +27,50 @@ def _axial(image: sitk.Image) -> np.ndarray:
 
 def best_slice(volume: sitk.Image) -> int:
     """Canonical axial slice with the largest sum of ``volume``."""
-    return int(np.argmax(_axial(volume).reshape(_axial(volume).shape[0], -1).sum(1)))
+    axial = _axial(volume)
+    return int(np.argmax(axial.reshape(axial.shape[0], -1).sum(1)))
 
 
-def overlay_png_bytes(
+def letters(vector: Sequence[float]) -> str:
+    """A viewer's orientation letters of an LPS direction: the letter of its largest component, then those of the
+    other components over ``OBLIQUE`` (an oblique volume), largest first: (1, 0, 0) is "L", (0.87, -0.5, 0) "LA"."""
+    v = np.asarray(vector, float)
+    order = np.argsort(-np.abs(v), kind="stable")
+    return "".join(LETTERS[a][int(v[a] > 0)] for n, a in enumerate(order) if n == 0 or abs(v[a]) > OBLIQUE)
+
+
+def edge_letters(image: sitk.Image) -> Tuple[str, str, str, str]:
+    """Letters at the left, right, top and bottom edges of ``image``'s canonical axial slices, from its direction
+    matrix: the physical directions in which the pictured columns and rows run."""
+    perm, flips = canonical_axes(np.array(image.GetDirection()))
+    d = np.array(image.GetDirection(), float).reshape(3, 3)
+    row, col = (d[:, 2 - perm[n]] * (-1.0 if flips[n] else 1.0) for n in (1, 2))
+    return letters(-col), letters(col), letters(-row), letters(row)
+
+
+def file_slice(image: sitk.Image, k: int) -> Tuple[str, int]:
+    """The file's voxel axis ("i", "j" or "k") and index of canonical axial slice ``k``."""
+    perm, flips = canonical_axes(np.array(image.GetDirection()))
+    axis = 2 - perm[0]
+    return "ijk"[axis], image.GetSize()[axis] - 1 - k if flips[0] else k
+
+
+def overlay_figure(
     image: sitk.Image,
     score: sitk.Image,
     labelmap: Optional[sitk.Image] = None,
     truth: Optional[sitk.Image] = None,
     slices: Optional[Sequence[int]] = None,
     title: str = "",
-) -> bytes:
-    """A PNG: per chosen axial slice, the image and the score overlay with contours."""
+) -> Figure:
+    """A matplotlib Figure: per chosen canonical axial slice (default: the one with most truth, else most score),
+    the image and the score overlay with contours, radiologically, orientation letters at the edges; each row's
+    title gives the slice's voxel index in ``image``'s file."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.patheffects as effects
         import matplotlib.pyplot as plt
     except ImportError:
         raise CeVAEError("Figures need matplotlib: pip install 'cevae-anomaly[research]'.") from None
@@ -45,12 +80,17 @@ def overlay_png_bytes(
     if slices is None:
         slices = [best_slice(truth if truth is not None else score)]
     vmax = float(np.percentile(sc[sc > 0], 99.9)) if (sc > 0).any() else 1.0
+    left, right, top, bottom = edge_letters(image)
+    places = ((left, 0.02, 0.5, "left", "center"), (right, 0.98, 0.5, "right", "center"),
+              (top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom"))
+    outline = [effects.withStroke(linewidth=2.5, foreground="black")]
     fig, axes = plt.subplots(len(slices), 2, figsize=(8, 4 * len(slices)), squeeze=False)
     for row, k in zip(axes, slices):
         base = np.asarray(img[k], float)
         lo, hi = np.percentile(base, [1, 99.5])
         row[0].imshow(base, cmap="gray", vmin=lo, vmax=hi)
-        row[0].set_title(f"image, axial slice {k}")
+        axis, index = file_slice(image, k)
+        row[0].set_title(f"image, axial slice {axis}={index} of the file")
         row[1].imshow(base, cmap="gray", vmin=lo, vmax=hi)
         heat = np.ma.masked_less_equal(np.asarray(sc[k], float), 0.02 * vmax)
         im = row[1].imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=0.75)
@@ -62,9 +102,28 @@ def overlay_png_bytes(
         fig.colorbar(im, ax=row[1], fraction=0.046)
         for ax in row:
             ax.axis("off")
+            for text, x, y, ha, va in places:
+                ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=11,
+                        fontweight="bold", path_effects=outline)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.5, 0.01, CONVENTION, ha="center", va="bottom", fontsize=9)
+    return fig
+
+
+def overlay_png_bytes(
+    image: sitk.Image,
+    score: sitk.Image,
+    labelmap: Optional[sitk.Image] = None,
+    truth: Optional[sitk.Image] = None,
+    slices: Optional[Sequence[int]] = None,
+    title: str = "",
+) -> bytes:
+    """``overlay_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(image, score, labelmap, truth, slices, title)
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
