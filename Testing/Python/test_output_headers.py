@@ -54,6 +54,22 @@ def test_detect_writes_the_inputs_qform_and_sform_codes(tmp_path, tiny_bundle, c
         assert written.GetSpacing() == pytest.approx(ref.GetSpacing(), abs=1e-6)
 
 
+def test_batch_writes_each_inputs_qform_and_sform_codes(tmp_path, tiny_bundle):
+    # each volume's NIfTI outputs keep that volume's codes (not ITK's (1, 1), nor another volume's)
+    cohort, out = tmp_path / "cohort", tmp_path / "out"
+    cohort.mkdir()
+    kept = {"mni": (0, 4), "aligned": (2, 2), "scanner": (1, 1)}
+    for seed, (name, codes) in enumerate(kept.items()):
+        image, mask = make_head(seed=10 + seed)
+        sitk.WriteImage(image, str(cohort / f"{name}.nii.gz"))
+        sitk.WriteImage(mask, str(cohort / f"{name}_mask.nii.gz"))
+        _with_codes(cohort / f"{name}.nii.gz", codes)
+    assert main(["batch", str(cohort), "--out-dir", str(out), "--model", str(tiny_bundle), "--device", "cpu"]) == 0
+    for name, codes in kept.items():
+        assert _codes(out / f"{name}_score.nii.gz") == codes
+        assert _codes(out / f"{name}_labelmap.nii.gz") == codes
+
+
 def test_a_write_killed_while_it_sets_the_codes_leaves_nothing_a_later_run_keeps(tmp_path):
     # the codes of a .nii.gz are set in a copy of ITK's temporary; a process killed before that copy replaced it left
     # the copy under a name (TEMPORARY.nii.z) that the next run's tidy-up of abandoned temporaries did not know
