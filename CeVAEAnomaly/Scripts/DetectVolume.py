@@ -9,7 +9,8 @@ because Slicer loads every ``.py`` file of the module folder itself as a module)
 
 The volume (a file, or a DICOM series folder as ``detect`` reads it) is loaded into an MRML scene, processed by
 ``CeVAEAnomalyLogic`` and the results are written into DIR with the input's geometry (the segmentation: the same
-voxels, in the order Slicer stores segmentations, which may reverse a left-handed input's slice axis):
+voxels, in the order Slicer stores segmentations, which may reverse a left-handed input's slice axis; NIfTI
+images with a NIfTI input's qform and sform codes, as ``detect`` writes them):
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the ``NAME_<role>`` names of ``cevae-anomaly batch``,
 which writes all but the segmentation of them), with ``<name>_record.json``, the record of how they were made
@@ -249,22 +250,25 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
                   published: Optional[List[Path]] = None) -> List[Path]:
     """Write every result to a temporary name beside its target, then rename all into place (``published`` gets
     each as it is renamed); the score, the labelmap and the slice table on the voxel grid of the ``source`` volume
-    file, if given."""
+    file, if given, the images in NIfTI with that file's qform and sform codes (an MNI-space scan's stay MNI)."""
     from CeVAEAnomalyLib.io.atomic import write_all
+    from CeVAEAnomalyLib.io.images import nifti_codes, write_image
     from CeVAEAnomalyLib.result import components_csv, record_json, slice_scores_csv
 
     detection = result.detection
     grid = file_grid(detection.score, source) if source else None
+    codes = nifti_codes(source) if source else None
 
-    def image(volume: "sitk.Image", node) -> object:
+    def image(volume: "sitk.Image", node, target: Path) -> object:
         """The volume as the file's grid holds it (the detection's image when no voxel moves), else the node."""
         if source is None:
             return _node_writer(node)
-        return on_grid(volume, grid) if grid is not None else volume
+        placed = on_grid(volume, grid) if grid is not None else volume
+        return placed if codes is None else (lambda tmp: write_image(placed, tmp, codes, target))
 
     writers: Dict[Path, object] = {
-        paths["score"]: image(detection.score, result.nodes.score),
-        paths["labelmap"]: image(detection.labelmap, result.nodes.labelmap),
+        paths["score"]: image(detection.score, result.nodes.score, paths["score"]),
+        paths["labelmap"]: image(detection.labelmap, result.nodes.labelmap, paths["labelmap"]),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
         paths["components"]: components_csv(detection),  # centroids and peaks in RAS: the same on either grid
         paths["slices"]: slice_scores_csv(slices_on_grid(detection, grid) if grid else detection),

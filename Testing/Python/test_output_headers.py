@@ -14,6 +14,8 @@ import SimpleITK as sitk
 from CeVAEAnomalyLib.cli.main import main
 from conftest import make_head
 
+LEFT_HANDED = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # FSL's LAS NIfTI: Slicer reverses its slice axis
+
 
 def _codes(path: Path) -> Tuple[int, int]:
     """(qform_code, sform_code) read from a NIfTI-1 file's header bytes."""
@@ -68,6 +70,31 @@ def test_batch_writes_each_inputs_qform_and_sform_codes(tmp_path, tiny_bundle):
     for name, codes in kept.items():
         assert _codes(out / f"{name}_score.nii.gz") == codes
         assert _codes(out / f"{name}_labelmap.nii.gz") == codes
+
+
+@pytest.mark.parametrize("codes, direction", [((0, 4), None), ((2, 2), None), ((0, 4), LEFT_HANDED)],
+                         ids=["mni", "aligned", "mni-left-handed"])
+def test_detect_volume_writes_the_inputs_qform_and_sform_codes(request, tmp_path, tiny_bundle, codes, direction):
+    # Slicer's batch script (--format nii.gz) wrote its score and labelmap with ITK's (1, 1): an MNI-space scan's
+    # results claimed scanner space, as detect's did before (left-handed: FSL's MNI152 is LAS, which Slicer stores
+    # with its slice axis reversed and the script writes back on the file's grid)
+    pytest.importorskip("slicer")
+    script = request.getfixturevalue("script")  # (the script imports slicer)
+    image, mask = make_head(seed=3, direction=direction)
+    scan, brain = tmp_path / "scan.nii.gz", tmp_path / "scan_mask.nii.gz"
+    sitk.WriteImage(image, str(scan))
+    sitk.WriteImage(mask, str(brain))
+    _with_codes(scan, codes)
+    out = tmp_path / "results"
+    assert script.main(["--input", str(scan), "--mask", str(brain), "--model", str(tiny_bundle), "--output-dir",
+                        str(out), "--device", "cpu", "--format", "nii.gz"]) == 0
+    ref = sitk.ReadImage(str(scan))
+    for role in ("score", "labelmap"):
+        written = out / f"scan_{role}.nii.gz"
+        assert _codes(written) == codes
+        placed = sitk.ReadImage(str(written))
+        assert placed.GetOrigin() == pytest.approx(ref.GetOrigin(), abs=1e-4)
+        assert placed.GetDirection() == pytest.approx(ref.GetDirection(), abs=1e-6)
 
 
 def test_a_write_killed_while_it_sets_the_codes_leaves_nothing_a_later_run_keeps(tmp_path):
