@@ -87,3 +87,16 @@ def test_a_small_cache_folder_is_warned_of(small_disk, tmp_path: Path, caplog) -
     warned = [r.getMessage() for r in caplog.records if "slice cache" in r.getMessage()]
     assert len(warned) == 1 and f"The slice cache in {cache} may need up to 11 MB" in warned[0], warned
     assert "4.2 MB free" in warned[0] and "--cache-dir" in warned[0]
+
+
+def test_a_folder_among_the_scans_prints_no_itk_diagnostics(tmp_path: Path, capfd) -> None:
+    """The free-space estimate read each scan's header with ITK, a folder too: ITK's HDF5 reader printed some 25
+    lines of C diagnostics to stderr ahead of train's (and adapt's) one-line refusal of a folder with no series."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a scan\n")
+    rc = main(["train", str(SCAN), str(MASK), str(folder), "--out", str(tmp_path / "model.cevae"), "--channels",
+               "8,16,16,32", "--z-dim", "16", "--max-steps", "2", "--device", "cpu"])
+    err = [line for line in capfd.readouterr().err.splitlines() if not line.startswith(("INFO:", "WARNING:"))]
+    assert rc == 2 and err == [f"error: The image folder {folder} contains no DICOM series."], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]

@@ -45,9 +45,12 @@ def checkpoint_bytes(model: ModelConfig) -> int:
 def cache_bytes(images: Sequence[Path], orientations: int, side: int) -> int:
     """At most the slice cache's bytes for ``images`` in ``orientations`` orientations at ``side``: a model slice
     (float32) for each voxel along a scan's longest side, in each orientation; a scan whose header cannot be read (a
-    series folder, a damaged file) is left out."""
+    series folder, a damaged file) is left out; a folder is not given to ITK, whose HDF5 reader prints C diagnostics
+    to stderr on one."""
     slices = 0
     for image in images:
+        if Path(image).is_dir():
+            continue
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(image))
         try:
