@@ -104,3 +104,20 @@ def test_when_no_healthy_scan_can_be_read_the_error_speaks_of_no_others(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: Neither of the 2 volumes could be read: ") and "\n" not in err, err
     assert "others" not in err and not out.exists()
+
+
+def test_a_2d_or_4d_healthy_scan_is_named_by_its_path(tmp_path, capsys) -> None:
+    """calibrate said 'The image T1w.nii.gz is 2D' of a cohort's scan, by its file name alone (BIDS names every
+    person's scan alike), where train, prepare and adapt name it by its path."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    flat = tmp_path / "sub-02" / "T1w.nii.gz"
+    flat.parent.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(80, dtype=np.float32).reshape(8, 10)), str(flat))
+    out = tmp_path / "site.cevae"
+    assert main(["calibrate", str(data_path("colin27_t1_2mm.nii.gz")), str(data_path("colin27_brainmask_2mm.nii.gz")),
+                 str(flat), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: {flat}: The image T1w.nii.gz is 2D; a 3D volume is needed.", err
+    assert not out.exists()

@@ -139,8 +139,9 @@ class UnreadVolumes(CeVAEError):
 def voxel_checksums_or_errors(images: Sequence[Path],
                               checksums: Dict[Path, str]) -> Tuple[Dict[Path, str], Dict[Path, str]]:
     """:func:`~.data.voxel_checksums` of each image (once), and the error of each that could not be read, by image
-    (it keeps its file sha256 from ``checksums`` among the first): every damaged scan of a list is found, not the
-    first one alone."""
+    (it keeps its file sha256 from ``checksums`` among the first), led by the image's path unless it names it (as
+    :meth:`~..io.manifest.Subject.named_errors` does): every damaged scan of a list is found, not the first one
+    alone."""
     voxels: Dict[Path, str] = {}
     unread: Dict[Path, str] = {}
     for image in dict.fromkeys(images):
@@ -148,7 +149,7 @@ def voxel_checksums_or_errors(images: Sequence[Path],
             voxels.update(voxel_checksums([image], checksums))
         except CeVAEError as exc:
             voxels[image] = checksums[image]
-            unread[image] = str(exc)
+            unread[image] = str(exc) if str(image) in str(exc) else f"{image}: {exc}"
     return voxels, unread
 
 
