@@ -201,3 +201,25 @@ def test_a_file_given_twice_is_said_to_be_used_once(tmp_path, caplog):
         assert read(a, again, mask, mask) == [("a.nii.gz", "a_mask.nii.gz")]
     assert f"{again} is the image {a} given again; it is used once." in caplog.text
     assert f"The brain mask {mask} is given twice; it is used once." in caplog.text
+
+
+def test_a_label_image_among_the_healthy_scans_is_refused_before_training(tmp_path, capsys):
+    """A brain mask or a segmentation listed as a healthy scan was sliced and cached by prepare (exit 0) and trained on
+    by train without a word (refused only when held-out scans were scored after the whole run, leaving checkpoints);
+    detect refuses such an image. Every command that slices healthy scans now refuses it, naming its path, before
+    any model is trained or written."""
+    write(tmp_path, "sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz", seed=2)
+    _, mask = make_head(size=SIZE, seed=3)
+    sitk.WriteImage(mask, str(tmp_path / "sub-03_T1w.nii.gz"))  # a brain mask saved under a scan's name
+    inner = sitk.BinaryErode(sitk.Cast(mask > 0, sitk.sitkUInt8), [2, 2, 2])
+    segmentation = sitk.Cast(mask > 0, sitk.sitkUInt8) + inner + sitk.BinaryErode(inner, [2, 2, 2])  # classes 0-3
+    sitk.WriteImage(segmentation, str(tmp_path / "sub-04_T1w.nii.gz"))
+    for bad in ("sub-03_T1w.nii.gz", "sub-04_T1w.nii.gz"):
+        listed = [str(tmp_path / n) for n in ("sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz", bad)]
+        for argv in (["prepare", *listed, "--cache-dir", str(tmp_path / "cache")],
+                     ["train", *listed, "--out", str(tmp_path / "m.cevae"), "--max-steps", "1", "--device", "cpu"]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.startswith(f"error: {tmp_path / bad}: The image holds only the "), err
+            assert "not an MRI scan" in err
+        assert not list(tmp_path.glob("m.cevae*"))  # no model, checkpoint or log

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..engine.config import PreprocessConfig
 from ..io.images import read_image
+from ..io.labels import refuse_label_image
 from ..io.manifest import Subject
 from ..engine.preprocess import brain_array, prepare
 
@@ -100,6 +101,7 @@ def subject_slices(subject: Subject, cfg: PreprocessConfig, orientations: Sequen
 
     image = read_image(subject.image)
     with subject.named_errors():
+        refuse_label_image(image, subject.mask is not None)  # a mask or a segmentation listed as a scan
         brain = brain_array(image, given_or_computed_mask(image, subject.mask, str(subject.image),
                                                           where=f"{subject.image}: "), f"{subject.image}: ")
         out = []
