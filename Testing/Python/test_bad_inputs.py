@@ -642,6 +642,14 @@ def header_without_data(d: Path, g: Inputs) -> Inputs:
     return Inputs(d / "head.mhd", g.mask, g.model)
 
 
+def truncated_compressed_metaimage(d: Path, g: Inputs) -> Inputs:
+    """A compressed .mha cut to half its length, without the CompressedDataSize line (ITK read it, zeros after)."""
+    sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "cut.mha"), True)
+    data = re.sub(rb"CompressedDataSize = \d+\n", b"", (d / "cut.mha").read_bytes())
+    (d / "cut.mha").write_bytes(data[: len(data) // 2])
+    return Inputs(d / "cut.mha", g.mask, g.model)
+
+
 def truncated_pair(d: Path, g: Inputs) -> Inputs:
     sitk.WriteImage(sitk.ReadImage(str(g.image)), str(d / "pair.hdr"))
     with open(d / "pair.img", "r+b") as fh:
@@ -877,6 +885,9 @@ CASES: Dict[str, Case] = {
                                         r"\(1 of 36 files differ\)"),
     ".mhd without its data file": Case(header_without_data, REFUSED,
                                        r"header .*head\.mhd names the data file .*head\.raw, which does not exist"),
+    "compressed .mha cut short, without CompressedDataSize": Case(truncated_compressed_metaimage, REFUSED,
+                                                                   r"cut\.mha is truncated or corrupt \(its compressed "
+                                                                   r"data ends after \d+ of the \d+ bytes"),
     "truncated .hdr/.img pair": Case(truncated_pair, REFUSED, r"pair\.img is truncated or corrupt \(it holds"),
     "truncated .HDR/.IMG pair": Case(truncated_upper_case_pair, REFUSED,
                                      r"SCAN\.IMG is truncated or corrupt \(it holds"),

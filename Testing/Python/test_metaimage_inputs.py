@@ -1,0 +1,71 @@
+"""MetaImage inputs (.mha, or .mhd with its .raw/.zraw data file) cut short are refused in one line before any
+scoring, as truncated NIfTI files are; intact ones read exactly as ITK reads them."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.images import read_image
+
+SCAN = data_path("colin27_t1_2mm.nii.gz")  # a real head
+
+
+def write_metaimage(folder: Path, name: str, compressed: bool) -> Path:
+    """The real head written as ``name`` (.mha, or .mhd beside its .raw or .zraw data file)."""
+    path = folder / name
+    sitk.WriteImage(sitk.ReadImage(str(SCAN)), str(path), compressed)
+    return path
+
+
+def data_of(path: Path) -> Path:
+    """The file holding the voxels of a MetaImage written by ITK (itself for .mha)."""
+    return path if path.suffix == ".mha" else next(f for f in path.parent.iterdir() if f.suffix in (".raw", ".zraw"))
+
+
+def cut_short(path: Path, keep_size_line: bool) -> Path:
+    """Cut the voxel data of the MetaImage at ``path`` to half its length; without ``keep_size_line`` the header's
+    CompressedDataSize line is removed (MetaIO then reads to the end of the file)."""
+    header, data = path.read_bytes(), data_of(path).read_bytes()
+    start = header.index(b"ElementDataFile")
+    start = header.index(b"\n", start) + 1
+    if not keep_size_line:
+        header = re.sub(rb"CompressedDataSize = \d+\n", b"", header[:start]) + header[start:]
+        start = header.index(b"\n", header.index(b"ElementDataFile")) + 1
+    if data_of(path) == path:
+        path.write_bytes(header[: start + (len(header) - start) // 2])
+    else:
+        path.write_bytes(header)
+        data_of(path).write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("keep_size_line", [False, True])
+@pytest.mark.parametrize("name", ["cut.mha", "cut.mhd"])
+def test_compressed_metaimage_cut_short_is_refused_in_one_line(tmp_path, capfd, name, keep_size_line):
+    """Without a CompressedDataSize line, ITK printed 'Uncompress failed' and returned the image anyway, its missing
+    voxels zeros: a truncated scan was scored silently. With one, MetaIO printed two raw lines before the error."""
+    path = cut_short(write_metaimage(tmp_path, name, True), keep_size_line)
+    capfd.readouterr()
+    with pytest.raises(CeVAEError, match=rf"The image file {re.escape(str(path))} is truncated or corrupt \(its "
+                                         r"(data file \S+cut\.zraw|compressed data) ends after \d+ of the "
+                                         r"874800 bytes its header announces\); copy or export it again\."):
+        read_image(path)
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name, compressed", [("s.mha", True), ("s.mhd", True), ("s.mha", False), ("s.mhd", False)])
+def test_intact_metaimage_reads_as_itk_reads_it(tmp_path, capfd, name, compressed):
+    path = write_metaimage(tmp_path, name, compressed)
+    capfd.readouterr()
+    image, itk = read_image(path), sitk.ReadImage(str(path))
+    assert capfd.readouterr().err == ""
+    assert image.GetPixelID() == itk.GetPixelID()
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(itk))
+    for what in ("Size", "Spacing", "Origin", "Direction"):
+        assert getattr(image, f"Get{what}")() == getattr(itk, f"Get{what}")(), what
