@@ -69,3 +69,16 @@ def test_intact_metaimage_reads_as_itk_reads_it(tmp_path, capfd, name, compresse
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(itk))
     for what in ("Size", "Spacing", "Origin", "Direction"):
         assert getattr(image, f"Get{what}")() == getattr(itk, f"Get{what}")(), what
+
+
+@pytest.mark.parametrize("name", ["cut.mha", "cut.mhd"])
+def test_uncompressed_metaimage_cut_short_is_refused_in_one_line(tmp_path, capfd, name):
+    """MetaIO printed two raw lines ('M_ReadElementsData: data not read completely', 'ideal = ...') before the
+    read's error, which named no cause."""
+    path = cut_short(write_metaimage(tmp_path, name, False), keep_size_line=True)
+    capfd.readouterr()
+    with pytest.raises(CeVAEError, match=rf"The image file {re.escape(str(path))} is truncated or corrupt \(its "
+                                         r"(data file \S+cut\.raw|voxel data) holds \d+ of the 874800 bytes its "
+                                         r"header announces\); copy or export it again\."):
+        read_image(path)
+    assert capfd.readouterr().err == ""

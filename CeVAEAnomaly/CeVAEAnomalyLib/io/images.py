@@ -68,7 +68,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                 _refuse_missing_data_file(p, what)
                 if layout is None:
                     _check_declared_size(p, what)
-                    _check_compressed_metaimage(p, what)
+                    _check_metaimage_complete(p, what)
                 try:
                     image = sitk.ReadImage(str(p))
                 except RuntimeError as exc:
@@ -493,22 +493,23 @@ def _declared_bytes(reader: sitk.ImageFileReader) -> Optional[int]:
         return None
 
 
-def _check_compressed_metaimage(p: Path, what: str) -> None:
-    """Refuse a compressed MetaImage (CompressedData = True) whose zlib or gzip stream is cut short or corrupt, or
-    holds fewer bytes than its header announces: without a CompressedDataSize line ITK printed 'Uncompress failed'
-    and returned the image, its missing voxels zeros or garbage; with one, MetaIO printed two raw lines before the
-    read failed. The stream is decompressed in steps, its output counted and dropped (0.09 s for a 256^3 int16
-    volume, 0.2 s float32). Other files, data in several files and headers with a HeaderSize are left to the
-    reader."""
+def _check_metaimage_complete(p: Path, what: str) -> None:
+    """Refuse a MetaImage whose voxel data hold fewer bytes than its header announces, or whose zlib or gzip stream
+    (CompressedData = True) is cut short or corrupt: without a CompressedDataSize line ITK printed 'Uncompress failed'
+    and returned the image, its missing voxels zeros or garbage; otherwise MetaIO printed two raw lines before the
+    read failed. A compressed stream is decompressed in steps, its output counted and dropped (0.09 s for a 256^3
+    int16 volume, 0.2 s float32); of uncompressed data only the size is looked at. Other files, data in several
+    files and headers with a HeaderSize are left to the reader."""
     from .detached import read_alongside
 
     found = _metaimage_fields(p)
     if found is None:
         return
     fields, start = found
-    if not fields["CompressedData"].startswith(("T", "t", "1")) or fields["HeaderSize"] != "0":
+    if fields["HeaderSize"] != "0":
         return
-    data, holder = p, "its compressed data"
+    compressed = fields["CompressedData"].startswith(("T", "t", "1"))
+    data, holder = p, "its compressed data" if compressed else "its voxel data"
     if fields["ElementDataFile"].upper() != "LOCAL":
         alongside = read_alongside(p)
         if alongside.numbered or alongside.folder is not None or len(alongside.files) != 1:
@@ -523,6 +524,12 @@ def _check_compressed_metaimage(p: Path, what: str) -> None:
         return  # the read says what is wrong
     declared = _declared_bytes(reader)
     if declared is None or not data.is_file():
+        return
+    if not compressed:
+        have = data.stat().st_size - start
+        if have < declared:
+            raise CeVAEError(f"The {what} file {p} is truncated or corrupt ({holder} holds {have} of the {declared} "
+                             "bytes its header announces); copy or export it again.")
         return
     budget = int(fields["CompressedDataSize"]) if fields["CompressedDataSize"].isdigit() else 0
     have, whole = _inflated_size(data, start, budget or None)
