@@ -82,3 +82,16 @@ def test_uncompressed_metaimage_cut_short_is_refused_in_one_line(tmp_path, capfd
                                          r"header announces\); copy or export it again\."):
         read_image(path)
     assert capfd.readouterr().err == ""
+
+
+def test_compressed_metaimage_with_corrupt_data_is_refused_in_one_line(tmp_path, capfd):
+    """Bytes overwritten in the middle of the zlib stream (a bad copy), its length kept."""
+    path = write_metaimage(tmp_path, "bad.mha", True)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(range(64))
+    path.write_bytes(bytes(data))
+    capfd.readouterr()
+    with pytest.raises(CeVAEError, match=r"bad\.mha is truncated or corrupt \(its compressed data is corrupt after "
+                                         r"\d+ of the 874800 bytes its header announces\)"):
+        read_image(path)
+    assert capfd.readouterr().err == ""
