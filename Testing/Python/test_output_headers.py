@@ -123,3 +123,32 @@ def test_a_write_killed_while_it_sets_the_codes_leaves_nothing_a_later_run_keeps
         os.utime(path, (started - 10, started - 10))  # (made before the later run began)
     assert remove_abandoned_temporaries([target], time.time()) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["hdr", "hdr.gz"])
+def test_detect_writes_the_codes_of_a_nifti_pair_input(tmp_path, tiny_bundle, gz):
+    # a NIfTI-1 .hdr/.img pair (as SPM writes) registered to MNI space: its outputs came out as scanner space (1, 1),
+    # as only a single-file .nii/.nii.gz input's codes were read
+    image, mask = make_head(seed=3)
+    scan, brain = tmp_path / "scan.hdr", tmp_path / "scan_mask.nii.gz"
+    sitk.WriteImage(image, str(scan))
+    sitk.WriteImage(mask, str(brain))
+    header = bytearray(scan.read_bytes())
+    assert header[344:348] == b"ni1\0"
+    header[252:256] = struct.pack("<2h", 0, 4)
+    if gz:
+        scan.unlink()
+        scan = tmp_path / "scan.hdr.gz"
+        with gzip.open(scan, "wb") as fh:
+            fh.write(bytes(header))
+        (tmp_path / "scan.img").rename(tmp_path / "scan.img.gz.tmp")
+        with gzip.open(tmp_path / "scan.img.gz", "wb") as fh:
+            fh.write((tmp_path / "scan.img.gz.tmp").read_bytes())
+        (tmp_path / "scan.img.gz.tmp").unlink()
+    else:
+        scan.write_bytes(bytes(header))
+    score, label = tmp_path / "score.nii.gz", tmp_path / "label.nii"
+    assert main(["detect", str(scan), "--mask", str(brain), "--model", str(tiny_bundle), "--device", "cpu",
+                 "--score", str(score), "--labelmap", str(label)]) == 0
+    assert _codes(score) == (0, 4)
+    assert _codes(label) == (0, 4)

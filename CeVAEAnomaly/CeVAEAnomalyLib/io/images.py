@@ -328,12 +328,15 @@ _PLACEMENT_VOXELS = 0.5  # how far (in voxels) the sform may place the volume's 
 
 
 def nifti_codes(path: PathLike) -> Optional[Tuple[int, int]]:
-    """(qform_code, sform_code) of a single-file NIfTI-1/-2 volume's header: the space its grid is in (1 scanner,
-    2 aligned, 3 Talairach, 4 MNI); None for another format, where they are ITK's own (1, 1), or where both are 0 (a
-    grid from the voxel size alone, which the outputs write as scanner space)."""
+    """(qform_code, sform_code) of a NIfTI-1/-2 volume's header (a .nii/.nii.gz file, or either half of an .hdr/.img
+    pair): the space its grid is in (1 scanner, 2 aligned, 3 Talairach, 4 MNI); None for another format (an Analyze
+    7.5 pair too), where they are ITK's own (1, 1), or where both are 0 (a grid from the voxel size alone, which the
+    outputs write as scanner space)."""
     p = Path(path)
-    start = _first_bytes(p) if p.name.lower().endswith((".nii", ".nii.gz")) else None
-    found = _code_fields(start[1]) if start is not None else None
+    pair = _pair_files(p) if p.is_file() else None
+    single = pair is None and p.name.lower().endswith((".nii", ".nii.gz"))
+    start = _first_bytes(pair[0] if pair else p) if pair or single else None
+    found = _code_fields(start[1], pair is not None) if start is not None else None
     if found is None:
         return None
     at, fmt = found
@@ -341,9 +344,11 @@ def nifti_codes(path: PathLike) -> Optional[Tuple[int, int]]:
     return (codes[0], codes[1]) if any(codes) and codes != (1, 1) else None
 
 
-def _code_fields(header: bytes) -> Optional[Tuple[int, str]]:
-    """Where a NIfTI-1/-2 header (single file) holds its qform and sform codes, and their struct format."""
+def _code_fields(header: bytes, pair: bool = False) -> Optional[Tuple[int, str]]:
+    """Where a NIfTI-1/-2 header (of a single file; ``pair``: of an .hdr/.img pair) holds its qform and sform codes,
+    and their struct format."""
     for (size, at), magic in _NIFTI_MAGIC.items():
+        magic = magic.replace(b"+", b"i") if pair else magic  # (a pair's header says "ni1", "ni2")
         for endian in "<>":
             if header[at : at + 4] == magic and len(header) >= size and \
                     struct.unpack(endian + "i", header[:4])[0] == size:
