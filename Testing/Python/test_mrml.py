@@ -1437,3 +1437,22 @@ def test_a_remade_output_takes_its_free_name_not_a_numbered_one(scene):
     assert (back.score.GetName(), back.segmentation.GetName()) == ("head anomaly score", "head anomaly segmentation")
     other = mrml.publish(scene, volume, fake_detection(image, mask), new_nodes=True)  # the name is taken
     assert other.score.GetName() == "head anomaly score_1"
+
+
+def test_a_mask_named_after_an_unticked_volume_is_not_paired_with_one_whose_name_is_a_prefix(scene):
+    """'c10 mask' (the mask of c10, not ticked) was paired with c1, whose name is a prefix of it, and resampled onto
+    c1's grid (another person's brain as c1's); the volume's name must end at a word's end in the mask's name."""
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    image, brain = make_head()
+    other, _ = make_head(size=(36, 40, 30), seed=3)
+    c1, c2 = add_volume(scene, image, "c1"), add_volume(scene, other, "c2")
+    stray = add_volume(scene, brain[::2, ::2, ::2], "c10 mask 2mm", "vtkMRMLLabelMapVolumeNode")  # on no grid
+    with pytest.raises(CeVAEError, match="its name does not say whose it is"):
+        pair_masks([c1, c2], [stray])
+    shared = add_volume(scene, image, "c3")  # c1 and c3 share a grid: "c10 mask" on it is neither's by its name
+    on_grid = add_volume(scene, brain, "c10 mask", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(CeVAEError, match="grid of several of"):
+        pair_masks([c1, shared], [on_grid])
+    named = add_volume(scene, brain[::2, ::2, ::2], "c1_mask 2mm", "vtkMRMLLabelMapVolumeNode")
+    assert pair_masks([c1, c2], [named]) == [named, None]

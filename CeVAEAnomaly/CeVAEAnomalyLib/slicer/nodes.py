@@ -860,17 +860,18 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
 
     Every mask must be that of exactly one volume, whatever transform either lies under (a mask under another
     transform is used where it lies in world space, as detection uses it: mrml.mask_image): the volume on its grid;
-    where several volumes share its grid (scans in one template space), the one whose name leads the mask's ("c1" for
-    "c1 mask", "c1-label") is it, else the one under the mask's transform. A mask on no volume's grid (made at another
-    voxel size, or cropped; the worker resamples it onto its volume's grid, as detection's does) is that of the
-    volume whose name leads its own, or of the only volume given. A volume may have at most one mask.
+    where several volumes share its grid (scans in one template space), the one whose name leads the mask's as a
+    word ("c1" for "c1 mask", "c1-label", not "c10 mask": :func:`_named_after`) is it, else the one under the mask's
+    transform. A mask on no volume's grid (made at another voxel size, or cropped; the worker resamples it onto its
+    volume's grid, as detection's does) is that of the volume whose name so leads its own, or of the only volume
+    given. A volume may have at most one mask.
     """
     pairs: List[Optional[slicer.vtkMRMLLabelMapVolumeNode]] = [None] * len(volumes)
     for mask in masks:
         fits = [i for i, volume in enumerate(volumes) if same_grid(volume, mask, transforms=False)]
         on_grid = bool(fits)
         if len(fits) != 1:  # the longest volume name that leads the mask's ("c1" and "c10": "c10 mask" is c10's)
-            named = [i for i in fits or range(len(volumes)) if mask.GetName().startswith(volumes[i].GetName())]
+            named = [i for i in fits or range(len(volumes)) if _named_after(mask.GetName(), volumes[i].GetName())]
             longest = max((len(volumes[i].GetName()) for i in named), default=0)
             fits = [i for i in named if len(volumes[i].GetName()) == longest] or fits
         if len(fits) > 1 and on_grid:
@@ -885,6 +886,13 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
                              f"('{pairs[fits[0]].GetName()}' and '{mask.GetName()}'); keep one.")
         pairs[fits[0]] = mask
     return pairs
+
+
+def _named_after(mask: str, volume: str) -> bool:
+    """Whether the mask name ``mask`` is led by the volume name ``volume`` as a whole word ("c1 mask", "c1-label",
+    "c1_brain"; not "c10 mask", the mask of another volume, c10)."""
+    rest = mask[len(volume) :]
+    return mask.startswith(volume) and not (rest[:1].isalnum() and volume[-1:].isalnum())
 
 
 def _unpaired(mask: slicer.vtkMRMLLabelMapVolumeNode, names: Sequence[str], on_grid: bool, example: str) -> str:
