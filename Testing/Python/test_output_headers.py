@@ -34,10 +34,12 @@ def _with_codes(path: Path, codes: Tuple[int, int]) -> None:
         fh.write(bytes(data))
 
 
-@pytest.mark.parametrize("codes", [(0, 4), (2, 2), (1, 3)])
+@pytest.mark.parametrize("codes", [(0, 4), (2, 2), (1, 3), (2, 0), (0, 0)])
 def test_detect_writes_the_inputs_qform_and_sform_codes(tmp_path, tiny_bundle, codes):
     # an input registered to MNI space (sform_code 4, no qform) came out as scanner space (1, 1), which AFNI
-    # shows in another view (+orig, not +tlrc) than the scan
+    # shows in another view (+orig, not +tlrc) than the scan. One of no orientation (0, 0), which ITK reads as LPS
+    # from the origin and nibabel and FSL as LAS about its centre, came out as scanner space on ITK's LPS grid: in
+    # nibabel or FSL its maps lay mirrored front to back and shifted against the scan
     image, mask = make_head(seed=3)
     scan, brain = tmp_path / "scan.nii.gz", tmp_path / "scan_mask.nii.gz"
     sitk.WriteImage(image, str(scan))
@@ -72,8 +74,8 @@ def test_batch_writes_each_inputs_qform_and_sform_codes(tmp_path, tiny_bundle):
         assert _codes(out / f"{name}_labelmap.nii.gz") == codes
 
 
-@pytest.mark.parametrize("codes, direction", [((0, 4), None), ((2, 2), None), ((0, 4), LEFT_HANDED)],
-                         ids=["mni", "aligned", "mni-left-handed"])
+@pytest.mark.parametrize("codes, direction", [((0, 4), None), ((2, 2), None), ((0, 4), LEFT_HANDED), ((0, 0), None)],
+                         ids=["mni", "aligned", "mni-left-handed", "no-orientation"])
 def test_detect_volume_writes_the_inputs_qform_and_sform_codes(request, tmp_path, tiny_bundle, codes, direction):
     # Slicer's batch script (--format nii.gz) wrote its score and labelmap with ITK's (1, 1): an MNI-space scan's
     # results claimed scanner space, as detect's did before (left-handed: FSL's MNI152 is LAS, which Slicer stores

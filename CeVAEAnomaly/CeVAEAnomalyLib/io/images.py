@@ -329,9 +329,9 @@ _PLACEMENT_VOXELS = 0.5  # how far (in voxels) the sform may place the volume's 
 
 def nifti_codes(path: PathLike) -> Optional[Tuple[int, int]]:
     """(qform_code, sform_code) of a NIfTI-1/-2 volume's header (a .nii/.nii.gz file, or either half of an .hdr/.img
-    pair): the space its grid is in (1 scanner, 2 aligned, 3 Talairach, 4 MNI); None for another format (an Analyze
-    7.5 pair too), where they are ITK's own (1, 1), or where both are 0 (a grid from the voxel size alone, which the
-    outputs write as scanner space)."""
+    pair): the space its grid is in (1 scanner, 2 aligned, 3 Talairach, 4 MNI; both 0: none, a grid from the voxel
+    size alone, which ITK reads as LPS from the origin and nibabel and FSL as LAS about the centre, so the outputs say
+    none either); None for another format (an Analyze 7.5 pair too), or where they are ITK's own (1, 1)."""
     p = Path(path)
     pair = _pair_files(p) if p.is_file() else None
     single = pair is None and p.name.lower().endswith((".nii", ".nii.gz"))
@@ -341,7 +341,7 @@ def nifti_codes(path: PathLike) -> Optional[Tuple[int, int]]:
         return None
     at, fmt = found
     codes = tuple(int(v) for v in struct.unpack(fmt, start[1][at : at + struct.calcsize(fmt)]))
-    return (codes[0], codes[1]) if any(codes) and codes != (1, 1) else None
+    return (codes[0], codes[1]) if codes != (1, 1) else None
 
 
 def _code_fields(header: bytes, pair: bool = False) -> Optional[Tuple[int, str]]:
