@@ -1456,3 +1456,31 @@ def test_a_mask_named_after_an_unticked_volume_is_not_paired_with_one_whose_name
         pair_masks([c1, shared], [on_grid])
     named = add_volume(scene, brain[::2, ::2, ::2], "c1_mask 2mm", "vtkMRMLLabelMapVolumeNode")
     assert pair_masks([c1, c2], [named]) == [named, None]
+
+
+def test_a_mask_named_after_an_unticked_volume_named_apart_by_slicer_is_not_paired_with_the_ticked_one(scene):
+    """Slicer names a second scan of a taken name 'c1_1'. With only c1 ticked, 'c1_1 mask' (on no ticked volume's grid)
+    was led by 'c1' as a word and paired with c1, resampled onto its grid as its brain, though it is the mask of the
+    unticked c1_1. It is now refused, naming the volume whose mask it seems to be; masks named after c1 as before."""
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    image, brain = make_head()
+    other, other_brain = make_head(size=(36, 40, 30), seed=3)
+    c1, c2 = add_volume(scene, image, "c1"), add_volume(scene, other, "c2")
+    second = add_volume(scene, other, scene.GenerateUniqueName("c1"))  # another scan loaded as 'c1', not ticked
+    assert second.GetName() == "c1_1"
+    stray = add_volume(scene, other_brain[::2, ::2, ::2], "c1_1 mask 2mm", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(CeVAEError, match=r"^The brain mask 'c1_1 mask 2mm' seems to be that of the volume 'c1_1' "
+                                         r"\(its name leads the mask's\), which is not among the chosen healthy "
+                                         r"volumes: tick 'c1_1' too, or untick the mask\.$"):
+        pair_masks([c1, c2], [stray])
+    assert pair_masks([c1, c2, second], [stray]) == [None, None, stray]  # ticked: its own
+    shared = add_volume(scene, image, "c3")  # c1 and c3 share a grid; c1_1 lies on it too now
+    mrml.update_volume_from_image(second, image)
+    on_grid = add_volume(scene, brain, "c1_1 mask", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(CeVAEError, match="seems to be that of the volume 'c1_1'"):
+        pair_masks([c1, shared], [on_grid])
+    named = add_volume(scene, brain[::2, ::2, ::2], "c1 mask 2mm", "vtkMRMLLabelMapVolumeNode")
+    assert pair_masks([c1, c2], [named]) == [named, None]
+    mine = add_volume(scene, brain, "c1 mask", "vtkMRMLLabelMapVolumeNode")
+    assert pair_masks([c1, shared], [mine]) == [mine, None]

@@ -864,7 +864,8 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
     word ("c1" for "c1 mask", "c1-label", not "c10 mask": :func:`_named_after`) is it, else the one under the mask's
     transform. A mask on no volume's grid (made at another voxel size, or cropped; the worker resamples it onto its
     volume's grid, as detection's does) is that of the volume whose name so leads its own, or of the only volume
-    given. A volume may have at most one mask.
+    given. A mask whose name a longer name of a volume not given also so leads ("c1_1 mask", c1_1 not ticked, c1 is)
+    is refused (:func:`_refuse_named_after_unchosen`). A volume may have at most one mask.
     """
     pairs: List[Optional[slicer.vtkMRMLLabelMapVolumeNode]] = [None] * len(volumes)
     for mask in masks:
@@ -874,6 +875,8 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
             named = [i for i in fits or range(len(volumes)) if _named_after(mask.GetName(), volumes[i].GetName())]
             longest = max((len(volumes[i].GetName()) for i in named), default=0)
             fits = [i for i in named if len(volumes[i].GetName()) == longest] or fits
+            if named:
+                _refuse_named_after_unchosen(mask, volumes, longest, on_grid)
         if len(fits) > 1 and on_grid:
             fits = [i for i in fits if volumes[i].GetTransformNodeID() == mask.GetTransformNodeID()] or fits
         if not fits and len(volumes) == 1:
@@ -886,6 +889,25 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
                              f"('{pairs[fits[0]].GetName()}' and '{mask.GetName()}'); keep one.")
         pairs[fits[0]] = mask
     return pairs
+
+
+def _refuse_named_after_unchosen(mask: slicer.vtkMRMLLabelMapVolumeNode,
+                                 volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
+                                 longest: int, on_grid: bool) -> None:
+    """Refuse ``mask``, paired by its name with a chosen volume whose name (``longest`` characters) leads it, where a
+    longer name of a volume of the scene that is not chosen also leads it as a word ("c1_1 mask": the mask of c1_1,
+    the second scan Slicer loaded as "c1", not of c1); ``on_grid``: only such a volume on the mask's grid counts."""
+    scene = mask.GetScene()
+    chosen = {volume.GetID() for volume in volumes}
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") if scene is not None else 0):
+        other = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        name = other.GetName() or ""
+        if (other.GetID() not in chosen and not other.IsA("vtkMRMLLabelMapVolumeNode")
+                and not other.GetAttribute(ROLE_ATTRIBUTE) and len(name) > longest
+                and _named_after(mask.GetName(), name) and (not on_grid or same_grid(other, mask, transforms=False))):
+            raise CeVAEError(f"The brain mask '{mask.GetName()}' seems to be that of the volume '{name}' (its name "
+                             f"leads the mask's), which is not among the chosen healthy volumes: tick '{name}' too, "
+                             "or untick the mask.")
 
 
 def _named_after(mask: str, volume: str) -> bool:
