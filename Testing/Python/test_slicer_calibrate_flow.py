@@ -280,6 +280,26 @@ def test_a_calibration_resamples_a_mask_made_on_another_grid_onto_its_scan_as_de
     assert not (tmp_path / "adapted.cevae").exists()
 
 
+def test_a_mask_off_a_healthy_volume_of_a_shared_name_is_refused_naming_the_volume_as_the_panel_does(tiny_bundle,
+                                                                                                      tmp_path):
+    """Two healthy volumes of one name ('healthy', a scene added twice): the refusal of a mask that does not overlap
+    its volume named the node's own name, 'healthy', which both are; the job and the model tell them apart as
+    'healthy (1)' and 'healthy (2)' (logic._distinctNames). It now names the volume so, and nothing is written."""
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    scene = slicer.vtkMRMLScene()
+    image, brain = make_head(size=(40, 44, 12), seed=11)
+    volumes = [add_volume(scene, image, "healthy") for _ in range(2)]
+    elsewhere = brain[::2, ::2, :]
+    elsewhere.SetOrigin((500.0, 500.0, 500.0))  # on another grid, off the scan in world space
+    off = add_volume(scene, elsewhere, "brain", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(CeVAEError, match=r"^The brain mask 'brain' does not overlap the healthy volume 'healthy \(2\)' "
+                                         r"where they lie in world space"):
+        CeVAEAnomalyLogic().startCalibration(volumes, [None, off], tmp_path / "site.cevae", modelPath=tiny_bundle,
+                                             device="cpu")
+    assert not (tmp_path / "site.cevae").exists()
+
+
 def sitk_read(path: Path):
     """The image at ``path``, as Slicer's volume loading reads it (SimpleITK)."""
     import SimpleITK as sitk

@@ -636,7 +636,7 @@ class CeVAEAnomalyLogic(_LogicBase):
                 with warningsLogged() as read:  # a mask under another transform, as detection says it
                     image, maskImage = self._inputImages(volume, mask, None, "healthy volume")
                 if maskImage is not None:  # (one on another grid: the worker resamples it, as detection's does)
-                    mrml.refuse_mask_elsewhere(maskImage, image, mask, volume, "healthy volume")
+                    mrml.refuse_mask_elsewhere(maskImage, image, mask, volume, "healthy volume", shown[n])
                 said.extend(read)
                 stem = f"{n + 1:02d}_{_fileStem(volume.GetName())}"
                 _writeInputs(folder, stem, image, maskImage)

@@ -328,18 +328,21 @@ def _moved_mask(mask: sitk.Image, mask_node: slicer.vtkMRMLVolumeNode,
 
 
 def refuse_mask_elsewhere(mask: sitk.Image, image: sitk.Image, mask_node: slicer.vtkMRMLNode,
-                          volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume") -> None:
+                          volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume",
+                          shown: Optional[str] = None) -> None:
     """Refuse ``mask`` (read from ``mask_node`` by :func:`mask_image`) where it is on another grid than ``image``
-    (the voxels of ``volume_node``, a ``what``) and, resampled onto it as the engine resamples such a mask
-    (engine.preprocess.mask_array: nearest neighbour, where both lie in world space), holds no brain voxel: what the
-    engine refuses, said before anything runs. Neither node is changed."""
+    (the voxels of ``volume_node``, a ``what``, named ``shown`` as the panel shows it; default: its node's name) and,
+    resampled onto it as the engine resamples such a mask (engine.preprocess.mask_array: nearest neighbour, where both
+    lie in world space), holds no brain voxel: what the engine refuses, said before anything runs. Neither node is
+    changed."""
     if grid_difference(mask, image, atol=1e-4, rtol=1e-5) is None:  # (the engine's same_grid)
         return
     resampled = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     if (sitk.GetArrayViewFromImage(mask) > 0).any() and not (sitk.GetArrayViewFromImage(resampled) > 0).any():
         raise CeVAEError(f"The brain mask '{mask_node.GetName()}' does not overlap the {what} "
-                         f"'{volume_node.GetName()}' where they lie in world space (it is on another grid, and no "
-                         "voxel of it lies on the volume's): check that the mask belongs to this scan.")
+                         f"'{volume_node.GetName() if shown is None else shown}' where they lie in world space (it "
+                         "is on another grid, and no voxel of it lies on the volume's): check that the mask belongs "
+                         "to this scan.")
 
 
 def _under(node: slicer.vtkMRMLNode) -> str:
