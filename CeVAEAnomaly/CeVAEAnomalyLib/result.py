@@ -295,8 +295,8 @@ def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]],
     """What :func:`~.io.atomic.write_all` writes for each wanted output (a None target is not wanted):
     ``score``, ``labelmap``, ``brain_mask`` (images), ``slices``, ``components`` (CSV tables; tab-separated for a
     ``.tsv`` name), ``record`` (JSON, :func:`record_json`). ``codes``: the scan's qform and sform codes
-    (:func:`~.io.images.nifti_codes`), which NIfTI image outputs get in place of ITK's (1, 1)."""
-    from .io.images import write_image
+    (:func:`~.io.nifti_codes.nifti_codes`), which NIfTI image outputs get in place of ITK's (1, 1)."""
+    from .io.nifti_codes import write_image
 
     def image(value: sitk.Image, target: Path) -> object:  # a NIfTI output gets the scan's qform and sform codes
         return value if codes is None else (lambda tmp: write_image(value, tmp, codes, target))

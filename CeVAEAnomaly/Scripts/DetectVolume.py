@@ -252,7 +252,7 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
     each as it is renamed); the score, the labelmap and the slice table on the voxel grid of the ``source`` volume
     file, if given, the images in NIfTI with that file's qform and sform codes (an MNI-space scan's stay MNI)."""
     from CeVAEAnomalyLib.io.atomic import write_all
-    from CeVAEAnomalyLib.io.images import nifti_codes, write_image
+    from CeVAEAnomalyLib.io.nifti_codes import nifti_codes, write_image
     from CeVAEAnomalyLib.result import components_csv, record_json, slice_scores_csv
 
     detection = result.detection

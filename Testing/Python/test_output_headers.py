@@ -112,7 +112,7 @@ def test_a_write_killed_while_it_sets_the_codes_leaves_nothing_a_later_run_keeps
     code = ("import os, sys, SimpleITK as sitk\n"
             "from pathlib import Path\n"
             "from CeVAEAnomalyLib.io.atomic import temp_beside\n"
-            "from CeVAEAnomalyLib.io.images import write_image\n"
+            "from CeVAEAnomalyLib.io.nifti_codes import write_image\n"
             "target = Path(sys.argv[1])\n"
             "os.replace = lambda *a: os._exit(9)  # killed just before the copy would replace the temporary\n"
             "write_image(sitk.Image([8, 8, 8], sitk.sitkFloat32), temp_beside(target), (0, 4), target)\n")

@@ -646,7 +646,8 @@ class VolumeDetector:
         self.detector = Detector.from_request(bundle, settings.request)
 
     def __call__(self, item: BatchItem, overwrite: bool) -> Dict[str, object]:
-        from ..io.images import nifti_codes, read_image
+        from ..io.images import read_image
+        from ..io.nifti_codes import nifti_codes
         from ..io.atomic import write_all
         from ..result import result_files
 

@@ -238,7 +238,8 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.targets import check_paths
     from ..engine.detector import Detector
     from ..options import DetectionRequest
-    from ..io.images import nifti_codes, refuse_image_as_mask
+    from ..io.images import refuse_image_as_mask
+    from ..io.nifti_codes import nifti_codes
     from ..result import input_files, refuse_unwritable_names, result_files
 
     started = time.time()

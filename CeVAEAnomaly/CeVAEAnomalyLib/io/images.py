@@ -1,4 +1,4 @@
-"""Reading volumes and writing outputs safely (atomic, never over the input)."""
+"""Reading volumes (files, DICOM series folders) and checking them."""
 from __future__ import annotations
 
 import contextlib
@@ -12,12 +12,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CeVAEError
+from .headers import GZIP_MAGIC, NIFTI_MAGIC, first_bytes, itk_warnings_off, pair_files
+from .metaimage import check_metaimage_complete, declared_bytes
 from .targets import refuse_missing_volume
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     else:
         if p.stat().st_size == 0:
             raise CeVAEError(f"The {what} file {p} is empty.")
-        pair = _pair_files(p)
+        pair = pair_files(p)
         data, layout = pair[1] if pair else p, _pair_layout(*pair) if pair else _nifti_layout(p)
         if layout is not None:
             _refuse_sizeless_voxels(p, layout, what)
@@ -60,7 +62,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
         known = layout is not None and layout.datatype in _NIFTI_TYPES
         floats = known and layout.datatype in _NIFTI_FLOATS
         # ITK's NIfTI reader warns of an sform it does not follow, over several lines: checked below instead
-        with _itk_warnings_off() if layout is not None else contextlib.nullcontext():
+        with itk_warnings_off() if layout is not None else contextlib.nullcontext():
             image = _read_plain_nifti(p, layout, what) if known and not pair else None  # checks its own length
             if image is None:
                 if layout is not None:
@@ -68,7 +70,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                 _refuse_missing_data_file(p, what)
                 if layout is None:
                     _check_declared_size(p, what)
-                    _check_metaimage_complete(p, what)
+                    check_metaimage_complete(p, what)
                 try:
                     image = sitk.ReadImage(str(p))
                 except RuntimeError as exc:
@@ -92,7 +94,7 @@ def read_header(path: PathLike, what: str = "image") -> Optional[sitk.ImageFileR
     refuse_missing_volume(p, what)
     if p.is_dir():
         return None
-    pair = _pair_files(p)
+    pair = pair_files(p)
     data, layout = pair[1] if pair else p, _pair_layout(*pair) if pair else _nifti_layout(p)
     if layout is not None:
         _check_plausible(data, layout, what)
@@ -101,7 +103,7 @@ def read_header(path: PathLike, what: str = "image") -> Optional[sitk.ImageFileR
     _refuse_missing_data_file(p, what)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
-    with _itk_warnings_off():
+    with itk_warnings_off():
         try:
             reader.ReadImageInformation()
         except RuntimeError as exc:
@@ -166,12 +168,8 @@ class _NiftiLayout:
     sform: Optional[Tuple[float, ...]] = None
 
 
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
 # what a file's first bytes say it is: (its format in words, the extensions its reader takes, the one to suggest
-# first); NIfTI is told apart by its header's size and magic, the others by their first bytes
-_NIFTI_MAGIC = {(348, 344): b"n+1\0", (540, 4): b"n+2\0"}  # (header size, magic offset) -> single-file magic
+# first); NIfTI is told apart by its header's size and magic (NIFTI_MAGIC), the others by their first bytes
 _TEXT_HEADERS = ((b"NRRD000", "an NRRD image", (".nrrd", ".nhdr")), (b"ObjectType", "a MetaImage", (".mha", ".mhd")))
 
 
@@ -188,11 +186,11 @@ def refuse_misnamed_format(p: Path, what: str) -> None:
 def _format_by_content(p: Path) -> Optional[Tuple[str, Tuple[str, ...]]]:
     """(the format in words, the extensions its reader takes) of what the file at ``p`` holds, by its first bytes;
     None if unknown."""
-    start = _first_bytes(p)
+    start = first_bytes(p)
     if start is None:
         return None
     gz, head = start
-    for (size, at), magic in _NIFTI_MAGIC.items():
+    for (size, at), magic in NIFTI_MAGIC.items():
         if head[at : at + 4] == magic and size in (struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]):
             return ("a NIfTI image (gzip-compressed)", (".nii.gz",)) if gz else ("a NIfTI image", (".nii", ".nii.gz"))
     return next(((words, ext) for start, words, ext in _TEXT_HEADERS if not gz and head.startswith(start)), None)
@@ -207,46 +205,19 @@ def _nifti_layout(p: Path) -> Optional[_NiftiLayout]:
     name = p.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
-    start = _first_bytes(p)
+    start = first_bytes(p)
     if start is None:
         return None  # not even a readable header: the image reader says what is wrong
     return nifti_layout_of_header(start[1], start[0])
-
-
-def _first_bytes(p: Path, count: int = 540) -> Optional[Tuple[bool, bytes]]:
-    """Whether the file at ``p`` is gzip-compressed (by its first bytes), and its first ``count`` bytes (decompressed);
-    None where they cannot be read (a NIfTI-2 header is 540 bytes)."""
-    try:
-        with open(p, "rb") as fh:
-            gz = fh.read(2) == _GZIP_MAGIC
-        with (gzip.open(p, "rb") if gz else open(p, "rb")) as fh:
-            return gz, fh.read(count)
-    except (EOFError, OSError, zlib.error):
-        return None
-
-
-def _pair_files(p: Path) -> Optional[Tuple[Path, Path]]:
-    """The header and data file of the .hdr/.img pair (NIfTI-1 or Analyze 7.5) that ``p`` is a half of, in any
-    case (SCAN.HDR, SCAN.IMG) and either gzipped; None if ``p`` is not named as one or its other half is missing
-    (the image reader names it)."""
-    from .detached import PAIR_ENDINGS, read_alongside
-
-    lower = p.name.lower()
-    if not lower.endswith(PAIR_ENDINGS):
-        return None
-    other = next((f for f in read_alongside(p).files if f.is_file()), None)
-    if other is None:
-        return None
-    return (p, other) if lower.endswith((".hdr", ".hdr.gz")) else (other, p)
 
 
 def _pair_layout(header_path: Path, data_path: Path) -> Optional[_NiftiLayout]:
     """The voxel layout of a pair's data file, read from its header; None if that is not a readable one."""
     try:
         with open(data_path, "rb") as fh:
-            gz = fh.read(2) == _GZIP_MAGIC
+            gz = fh.read(2) == GZIP_MAGIC
         with open(header_path, "rb") as fh:
-            zipped = fh.read(2) == _GZIP_MAGIC
+            zipped = fh.read(2) == GZIP_MAGIC
         with (gzip.open(header_path, "rb") if zipped else open(header_path, "rb")) as fh:
             header = fh.read(348)
     except (EOFError, OSError, zlib.error):
@@ -327,93 +298,6 @@ def _refuse_two_placements(p: Path, sform: Tuple[float, ...], image: sitk.Image,
 _PLACEMENT_VOXELS = 0.5  # how far (in voxels) the sform may place the volume's corners from ITK's grid
 
 
-def nifti_codes(path: PathLike) -> Optional[Tuple[int, int]]:
-    """(qform_code, sform_code) of a NIfTI-1/-2 volume's header (a .nii/.nii.gz file, or either half of an .hdr/.img
-    pair): the space its grid is in (1 scanner, 2 aligned, 3 Talairach, 4 MNI; both 0: none, a grid from the voxel
-    size alone, which ITK reads as LPS from the origin and nibabel and FSL as LAS about the centre, so the outputs say
-    none either); None for another format (an Analyze 7.5 pair too), or where they are ITK's own (1, 1)."""
-    p = Path(path)
-    pair = _pair_files(p) if p.is_file() else None
-    single = pair is None and p.name.lower().endswith((".nii", ".nii.gz"))
-    start = _first_bytes(pair[0] if pair else p) if pair or single else None
-    found = _code_fields(start[1], pair is not None) if start is not None else None
-    if found is None:
-        return None
-    at, fmt = found
-    codes = tuple(int(v) for v in struct.unpack(fmt, start[1][at : at + struct.calcsize(fmt)]))
-    return (codes[0], codes[1]) if codes != (1, 1) else None
-
-
-def _code_fields(header: bytes, pair: bool = False) -> Optional[Tuple[int, str]]:
-    """Where a NIfTI-1/-2 header (of a single file; ``pair``: of an .hdr/.img pair) holds its qform and sform codes,
-    and their struct format."""
-    for (size, at), magic in _NIFTI_MAGIC.items():
-        magic = magic.replace(b"+", b"i") if pair else magic  # (a pair's header says "ni1", "ni2")
-        for endian in "<>":
-            if header[at : at + 4] == magic and len(header) >= size and \
-                    struct.unpack(endian + "i", header[:4])[0] == size:
-                return (252, endian + "2h") if size == 348 else (344, endian + "2i")
-    return None
-
-
-def write_image(image: sitk.Image, path: str, codes: Optional[Tuple[int, int]], target: Path) -> None:
-    """Write ``image`` to ``path`` (a temporary of ``target``), compressed where the format can be; a NIfTI file with
-    the qform and sform codes ``codes`` (:func:`nifti_codes` of the scan) in place of the (1, 1), scanner space, that
-    ITK always writes: an input registered to MNI space stays in MNI space for FSL and AFNI (the grid is ITK's either
-    way)."""
-    from .atomic import temp_beside
-
-    sitk.WriteImage(image, path, True)
-    if codes is None or not path.lower().endswith((".nii", ".nii.gz")):
-        return
-    p = Path(path)
-    gz = _first_bytes(p, 2)
-    if gz is None or not gz[0]:
-        with open(p, "r+b") as fh:
-            _put_codes(fh, codes)
-        return
-    rewritten = temp_beside(target)  # the header is in the compressed stream: the file is copied with the new codes
-    # (into another temporary of the target, which a later run removes if this one is killed meanwhile)
-    try:
-        with gzip.open(p, "rb") as src, open(rewritten, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as dst:
-                header = bytearray(src.read(540))
-                found = _code_fields(bytes(header))
-                if found is not None:
-                    at, fmt = found
-                    header[at : at + struct.calcsize(fmt)] = struct.pack(fmt, *codes)
-                dst.write(bytes(header))
-                while True:
-                    block = src.read(1 << 22)
-                    if not block:
-                        break
-                    dst.write(block)
-        os.replace(rewritten, p)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(rewritten)
-
-
-def _put_codes(fh: BinaryIO, codes: Tuple[int, int]) -> None:
-    """Set the codes in the header of an uncompressed NIfTI file open for update."""
-    found = _code_fields(fh.read(540))
-    if found is not None:
-        at, fmt = found
-        fh.seek(at)
-        fh.write(struct.pack(fmt, *codes))
-
-
-@contextlib.contextmanager
-def _itk_warnings_off() -> Iterator[None]:
-    """ITK's own warnings silenced (they are printed over several lines; what they warn of is checked here)."""
-    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
-
-
 _MAX_DEFLATE_RATIO = 1032  # deflate cannot compress better than about 1032:1
 
 
@@ -471,11 +355,11 @@ def _check_declared_size(p: Path, what: str, reader: Optional[sitk.ImageFileRead
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(p))
         try:
-            with _itk_warnings_off():
+            with itk_warnings_off():
                 reader.ReadImageInformation()
         except RuntimeError:
             return
-    declared = _declared_bytes(reader)
+    declared = declared_bytes(reader)
     if declared is None:
         return
     alongside = read_alongside(p)
@@ -487,114 +371,6 @@ def _check_declared_size(p: Path, what: str, reader: Optional[sitk.ImageFileRead
         holder = f"its data file {files[0]} is" if len(files) == 1 else "its data files are" if files else "it is"
         raise CeVAEError(f"The {what} file {p} is truncated or corrupt ({holder} far too small for the {declared} "
                          "bytes its header announces); copy or export it again.")
-
-
-def _declared_bytes(reader: sitk.ImageFileReader) -> Optional[int]:
-    """The bytes of the voxels whose header ``reader`` has read; None where ITK cannot tell (an unknown pixel type)."""
-    try:
-        voxel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
-        return int(np.prod(reader.GetSize(), dtype=object)) * sitk.GetArrayViewFromImage(voxel).nbytes
-    except (RuntimeError, ValueError, TypeError):
-        return None
-
-
-def _check_metaimage_complete(p: Path, what: str) -> None:
-    """Refuse a MetaImage whose voxel data hold fewer bytes than its header announces, or whose zlib or gzip stream
-    (CompressedData = True) is cut short or corrupt: without a CompressedDataSize line ITK printed 'Uncompress failed'
-    and returned the image, its missing voxels zeros or garbage; otherwise MetaIO printed two raw lines before the
-    read failed. A compressed stream is decompressed in steps, its output counted and dropped (0.09 s for a 256^3
-    int16 volume, 0.2 s float32); of uncompressed data only the size is looked at. Other files, data in several
-    files and headers with a HeaderSize are left to the reader."""
-    from .detached import read_alongside
-
-    found = _metaimage_fields(p)
-    if found is None:
-        return
-    fields, start = found
-    if fields["HeaderSize"] != "0":
-        return
-    compressed = fields["CompressedData"].startswith(("T", "t", "1"))
-    data, holder = p, "its compressed data" if compressed else "its voxel data"
-    if fields["ElementDataFile"].upper() != "LOCAL":
-        alongside = read_alongside(p)
-        if alongside.numbered or alongside.folder is not None or len(alongside.files) != 1:
-            return
-        data, start, holder = alongside.files[0], 0, f"its data file {alongside.files[0]}"
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    try:
-        with _itk_warnings_off():
-            reader.ReadImageInformation()
-    except RuntimeError:
-        return  # the read says what is wrong
-    declared = _declared_bytes(reader)
-    if declared is None or not data.is_file():
-        return
-    if not compressed:
-        have = data.stat().st_size - start
-        if have < declared:
-            raise CeVAEError(f"The {what} file {p} is truncated or corrupt ({holder} holds {have} of the {declared} "
-                             "bytes its header announces); copy or export it again.")
-        return
-    budget = int(fields["CompressedDataSize"]) if fields["CompressedDataSize"].isdigit() else 0
-    have, whole = _inflated_size(data, start, budget or None)
-    if not whole or have < declared:
-        ends = "ends" if whole is not None else "is corrupt"
-        raise CeVAEError(f"The {what} file {p} is truncated or corrupt ({holder} {ends} after {have} of the "
-                         f"{declared} bytes its header announces); copy or export it again.")
-
-
-_METAIMAGE_KEYS = ("CompressedData", "CompressedDataSize", "HeaderSize", "BinaryData", "ElementDataFile")
-
-
-def _metaimage_fields(p: Path) -> Optional[Tuple[Dict[str, str], int]]:
-    """The fields of a MetaImage header that say where its voxels are and how they are stored (their text, "" where
-    absent, HeaderSize "0"), and where the data of a LOCAL one begin; None for another file, or one whose header
-    has no ElementDataFile line in its first :data:`_METAIMAGE_HEADER_BYTES` or stores its voxels as text."""
-    if p.suffix.lower() not in (".mha", ".mhd"):
-        return None
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(_METAIMAGE_HEADER_BYTES)
-    except OSError:
-        return None
-    fields = dict.fromkeys(_METAIMAGE_KEYS, "")
-    fields["HeaderSize"] = "0"
-    at = 0
-    while True:
-        end = head.find(b"\n", at)
-        if end < 0:
-            return None
-        key, sep, value = head[at:end].decode("latin-1").partition("=")
-        at = end + 1
-        if sep and key.strip() in fields:
-            fields[key.strip()] = value.strip()
-            if key.strip() == "ElementDataFile":
-                return None if fields["BinaryData"].startswith(("F", "f", "0")) else (fields, at)
-
-
-_METAIMAGE_HEADER_BYTES = 1 << 20  # where a MetaImage header's ElementDataFile line is looked for
-
-
-def _inflated_size(p: Path, start: int, budget: Optional[int]) -> Tuple[int, Optional[bool]]:
-    """The bytes the zlib or gzip stream in ``p`` from ``start`` (at most ``budget`` bytes of it, as MetaIO reads)
-    decompresses to, and whether it reached its end (None: it is corrupt)."""
-    have, pending, left = 0, b"", budget
-    inflate = zlib.decompressobj(47)  # a zlib or a gzip header, as MetaIO takes
-    with open(p, "rb") as fh:
-        fh.seek(start)
-        while not inflate.eof:
-            if not pending:
-                pending = fh.read(1 << 20 if left is None else min(1 << 20, left))
-                if not pending:
-                    break
-                left = None if left is None else left - len(pending)
-            try:
-                have += len(inflate.decompress(pending, 1 << 20))
-            except zlib.error:
-                return have, None
-            pending = inflate.unconsumed_tail
-    return have, inflate.eof
 
 
 def _refuse_truncated(p: Path, layout: _NiftiLayout, have: Optional[int], what: str) -> None:
@@ -716,13 +492,13 @@ def _restore_non_finite(p: Path, layout: _NiftiLayout, image: sitk.Image) -> sit
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
     # ITK's own warnings are silenced: GDCM's for folders without a series, and the series
     # reader's for uneven slices, which _check_slice_positions turns into a clear refusal
-    with _itk_warnings_off():
+    with itk_warnings_off():
         return _read_dicom_series(folder, what)
 
 
 def holds_dicom_series(folder: Path) -> bool:
     """Whether ``folder`` holds the files of a DICOM series (not searching its subfolders)."""
-    with _itk_warnings_off():
+    with itk_warnings_off():
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
