@@ -373,7 +373,7 @@ def _read_image(path: Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        from .io.images import error_text
+        from .io.headers import error_text
         from .io.verify import incomplete_reason
 
         if not path.is_file():

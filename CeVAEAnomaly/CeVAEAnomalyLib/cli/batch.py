@@ -293,7 +293,7 @@ def collect_inputs(source: Path) -> List[BatchItem]:
         hint = subfolders_hint(source, "list the images or DICOM series folders in a CSV (column 'image')") \
             if source.is_dir() else ""
         if source.is_dir() and not hint:
-            from ..io.images import holds_dicom_series
+            from ..io.dicom import holds_dicom_series
 
             hint = (f"; it is the folder of one DICOM series: score it with cevae-anomaly detect {source}, or list "
                     "series folders in a CSV (column 'image') for batch") if holds_dicom_series(source) else ""

@@ -93,7 +93,7 @@ def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
 def _warn_unread_subfolders(folder: Path, use: str) -> None:
     """Warn where a cohort folder of image files has subfolders with scans (a DICOM series folder, a person's
     folder): they are not searched, so their scans are not part of the cohort unless given too."""
-    from ..io.images import holds_dicom_series
+    from ..io.dicom import holds_dicom_series
     from ..io.naming import image_stem
 
     def holds_scans(sub: Path) -> bool:
@@ -114,7 +114,7 @@ def _warn_unread_subfolders(folder: Path, use: str) -> None:
 def _refuse_nested_cohort(folder: Path) -> None:
     """Refuse a folder that holds neither image files nor a DICOM series of its own but image files in its
     subfolders (a BIDS dataset, a folder per person), which are not searched: say to list the scans instead."""
-    from ..io.images import holds_dicom_series
+    from ..io.dicom import holds_dicom_series
     from ..io.naming import image_stem
 
     for root, dirs, names in os.walk(folder):

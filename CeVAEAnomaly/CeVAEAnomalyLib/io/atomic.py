@@ -249,7 +249,7 @@ def write_all(files: Dict[Path, object], overwrite: bool = False, inputs: Sequen
     The targets' locks (:mod:`.lock`) are held from the check of the targets to the last rename, so that another
     process's write of the same files is refused there (named as ``command``, e.g. "detect"), never mixed with
     this one, and no file it wrote meanwhile is replaced without ``overwrite``."""
-    from .images import error_text
+    from .headers import error_text
 
     targets = [Path(t) for t in files]
     known = Inputs(inputs)

@@ -1,9 +1,11 @@
-"""A volume file's first bytes (gzip or not, the NIfTI magic), the halves of an .hdr/.img pair, and ITK's warnings
-silenced while a header is read: the low-level helpers of reading and writing volumes."""
+"""A volume file's first bytes (gzip or not, the NIfTI magic), the halves of an .hdr/.img pair, ITK's warnings
+silenced while a header is read, and the informative line of ITK's errors: the low-level helpers of reading and writing
+volumes."""
 from __future__ import annotations
 
 import contextlib
 import gzip
+import re
 import zlib
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
@@ -50,3 +52,16 @@ def itk_warnings_off() -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+
+
+def error_text(exc: BaseException) -> str:
+    """The informative line of an ITK/SimpleITK error message, without location prefixes."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Description:"):
+            return ln.split(":", 1)[1].strip()
+    # "Reason: <errno text>" after an ITK error is a stale system error, not the cause
+    useful = [ln for ln in lines if not ln.startswith(("Exception thrown in", "Reason:"))] or lines
+    if not useful:
+        return type(exc).__name__
+    return re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", useful[-1])

@@ -155,7 +155,7 @@ def _nrrd_header(path: Path) -> Optional[bytes]:
 def _readback_reason(path: Path) -> Optional[str]:
     import SimpleITK as sitk
 
-    from .images import error_text
+    from .headers import error_text
 
     try:
         sitk.ReadImage(str(path))
