@@ -54,6 +54,19 @@ def itk_warnings_off() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
 
 
+def header_reader(p: Path) -> Optional[sitk.ImageFileReader]:
+    """A reader that has read the header of the volume file ``p`` (ITK's warnings silenced); None where ITK cannot
+    read it (the read then says what is wrong)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with itk_warnings_off():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader
+
+
 def error_text(exc: BaseException) -> str:
     """The informative line of an ITK/SimpleITK error message, without location prefixes."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from ..errors import CeVAEError
 from .dicom import DICOMDIR_CLASS, read_dicom_folder, refuse_one_dicom_slice, sop_class
-from .headers import GZIP_MAGIC, NIFTI_MAGIC, error_text, first_bytes, itk_warnings_off, pair_files
+from .headers import GZIP_MAGIC, NIFTI_MAGIC, error_text, first_bytes, header_reader, itk_warnings_off, pair_files
 from .metaimage import check_metaimage_complete, declared_bytes
 from .targets import refuse_missing_volume
 
@@ -68,9 +68,10 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                 if layout is not None:
                     _check_nifti_complete(data, layout, what)
                 _refuse_missing_data_file(p, what)
-                if layout is None:
-                    _check_declared_size(p, what)
-                    check_metaimage_complete(p, what)
+                reader = header_reader(p) if layout is None else None  # (one read of the header for both checks)
+                if reader is not None:
+                    _check_declared_size(p, what, reader)
+                    check_metaimage_complete(p, what, reader)
                 try:
                     image = sitk.ReadImage(str(p))
                 except RuntimeError as exc:
@@ -342,20 +343,12 @@ def _check_plausible(p: Path, layout: _NiftiLayout, what: str) -> None:
         _refuse_truncated(p, layout, None if layout.gz else size, what)
 
 
-def _check_declared_size(p: Path, what: str, reader: Optional[sitk.ImageFileReader] = None) -> None:
-    """Refuse, before ITK allocates it, a volume (NRRD, MetaImage, any non-NIfTI file) whose header announces far
-    more voxel bytes than its file, or its detached data files, could hold even compressed (a 1 KB NRRD claiming
-    1200^3 floats had 6.9 GB allocated before its read failed). A header ITK cannot read is left to the read."""
+def _check_declared_size(p: Path, what: str, reader: sitk.ImageFileReader) -> None:
+    """Refuse, before ITK allocates it, a volume (NRRD, MetaImage, any non-NIfTI file) whose header (``reader`` has
+    read it) announces far more voxel bytes than its file, or its detached data files, could hold even compressed (a
+    1 KB NRRD claiming 1200^3 floats had 6.9 GB allocated before its read failed)."""
     from .detached import read_alongside
 
-    if reader is None:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(p))
-        try:
-            with itk_warnings_off():
-                reader.ReadImageInformation()
-        except RuntimeError:
-            return
     declared = declared_bytes(reader)
     if declared is None:
         return
