@@ -300,6 +300,72 @@ def test_a_mask_off_a_healthy_volume_of_a_shared_name_is_refused_naming_the_volu
     assert not (tmp_path / "site.cevae").exists()
 
 
+def test_every_refusal_and_warning_of_a_healthy_volume_of_a_shared_name_names_it_as_the_panel_does(tmp_path):
+    """Two healthy volumes of one name ('healthy', a scene added twice), told apart by the job and the model as
+    'healthy (1)' and 'healthy (2)' (logic._distinctNames): the refusals and warnings of reading the second one and
+    its mask (no image data, a header the model refuses, a mask under another transform: its warning, the refusal of
+    a non-linear transform between them, of a mask that lies off it; the panel's refusal of two masks for it) named it
+    'healthy', which both are. They now name it 'healthy (2)', and nothing is written; detection's messages name the
+    node as before."""
+    import subprocess
+    import sys
+
+    import vtk
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.slicer.nodes import pair_masks
+
+    def quiet(args):  # a worker that does nothing: only what the start says is tested
+        return subprocess.Popen([sys.executable, "-c", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def refused(volumes, masks) -> str:
+        with pytest.raises(CeVAEError) as refusal:
+            CeVAEAnomalyLogic().startCalibration(volumes, masks, tmp_path / "site.cevae", device="cpu", launch=quiet)
+        assert not (tmp_path / "site.cevae").exists()
+        return str(refusal.value)
+
+    scene = slicer.vtkMRMLScene()
+    image, brain = make_head(size=(40, 44, 12), seed=11)  # identity direction, 1.2 mm columns
+    first, second = (add_volume(scene, image, "healthy") for _ in range(2))
+    mask = add_volume(scene, brain, "brain", "vtkMRMLLabelMapVolumeNode")
+
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "healthy")
+    assert refused([first, empty], [None, None]).startswith("The healthy volume 'healthy (2)' holds no image data")
+    tiny = add_volume(scene, make_head(size=(40, 44, 12), spacing=(0.005,) * 3, seed=11)[0], "healthy")
+    assert refused([first, tiny], [None, None]).startswith("The volume 'healthy (2)' has voxels of 0.005 x 0.005 x "
+                                                           "0.005 mm")
+
+    reg = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "reg")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 3 * 1.2)  # 3 columns to the right
+    reg.SetMatrixTransformToParent(shift)
+    second.SetAndObserveTransformNodeID(reg.GetID())
+    job = CeVAEAnomalyLogic().startCalibration([first, second], [None, mask], tmp_path / "site.cevae", device="cpu",
+                                               launch=quiet)
+    job.wait(60)
+    assert job.warnings[0].startswith("The brain mask 'brain' (under no transform) and the volume 'healthy (2)' (under "
+                                      "'reg') are under different transforms"), job.warnings
+    shift.SetElement(0, 3, 500.0)  # far off the mask
+    reg.SetMatrixTransformToParent(shift)
+    assert refused([first, second], [None, mask]).startswith(
+        "The brain mask 'brain' (under no transform) does not overlap the volume 'healthy (2)' (under 'reg') where "
+        "they lie in world space")
+    second.SetAndObserveTransformNodeID(grid_transform(scene).GetID())
+    assert refused([first, second], [None, mask]).startswith(
+        "The brain mask 'brain' (under no transform) and the volume 'healthy (2)' (under 'warp') are under different "
+        "transforms, and a non-linear one lies between them")
+
+    other, other_brain = make_head(size=(36, 40, 30), seed=3)
+    twin = add_volume(scene, other, "healthy")  # another scan of the name
+    masks = [add_volume(scene, other_brain, f"brain {n}", "vtkMRMLLabelMapVolumeNode") for n in "ab"]
+    with pytest.raises(CeVAEError, match=r"^The healthy volume 'healthy \(2\)' has two brain masks chosen"):
+        pair_masks([first, twin], masks)  # (the panel's pairing: both on the second's grid)
+
+    with pytest.raises(CeVAEError, match=r"^The brain mask 'brain' \(under no transform\) and the volume 'healthy' "
+                                         r"\(under 'warp'\)"):  # detection: one volume, named as its node
+        CeVAEAnomalyLogic().process(second, mask)
+
+
 def sitk_read(path: Path):
     """The image at ``path``, as Slicer's volume loading reads it (SimpleITK)."""
     import SimpleITK as sitk

@@ -322,9 +322,10 @@ class CeVAEAnomalyLogic(_LogicBase):
         return scene
 
     @staticmethod
-    def _inputImages(volumeNode, maskNode, maskSegmentId,
-                     what: str = "input volume") -> Tuple["sitk.Image", Optional["sitk.Image"]]:
-        """The images of ``volumeNode`` (``what``: its role, in messages) and of its brain mask (None: none)."""
+    def _inputImages(volumeNode, maskNode, maskSegmentId, what: str = "input volume",
+                     shown: Optional[str] = None) -> Tuple["sitk.Image", Optional["sitk.Image"]]:
+        """The images of ``volumeNode`` (``what``: its role, and ``shown``: its name as the panel shows it, default its
+        node's, in messages) and of its brain mask (None: none)."""
         from ..io.images import check_volume
         from . import mrml
 
@@ -332,8 +333,9 @@ class CeVAEAnomalyLogic(_LogicBase):
             raise CeVAEError(f"maskSegmentId '{maskSegmentId}' picks a segment of a brain mask segmentation, but no "
                              "brain mask (maskNode) was given; give the segmentation as maskNode, or no maskSegmentId "
                              "for the automatic mask.")
-        image = check_volume(mrml.image_from_volume(volumeNode, what), f"volume '{volumeNode.GetName()}'")
-        mask = mrml.mask_image(maskNode, volumeNode, maskSegmentId) if maskNode is not None else None
+        name = volumeNode.GetName() if shown is None else shown
+        image = check_volume(mrml.image_from_volume(volumeNode, what, name), f"volume '{name}'")
+        mask = mrml.mask_image(maskNode, volumeNode, maskSegmentId, name) if maskNode is not None else None
         return image, mask
 
     def process(
@@ -634,7 +636,7 @@ class CeVAEAnomalyLogic(_LogicBase):
             shown = _distinctNames(volumes)
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
                 with warningsLogged() as read:  # a mask under another transform, as detection says it
-                    image, maskImage = self._inputImages(volume, mask, None, "healthy volume")
+                    image, maskImage = self._inputImages(volume, mask, None, "healthy volume", shown[n])
                 if maskImage is not None:  # (one on another grid: the worker resamples it, as detection's does)
                     mrml.refuse_mask_elsewhere(maskImage, image, mask, volume, "healthy volume", shown[n])
                 said.extend(read)

@@ -207,19 +207,21 @@ def _to_vtk(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume") -> sitk.Image:
-    """A SimpleITK copy of a scalar volume node: same voxels, spacing, origin and direction."""
+def image_from_volume(volume_node: slicer.vtkMRMLVolumeNode, what: str = "volume",
+                      shown: Optional[str] = None) -> sitk.Image:
+    """A SimpleITK copy of a scalar volume node: same voxels, spacing, origin and direction. Refusals name it
+    ``shown`` (as the panel shows it; default: its node's name)."""
     data = volume_node.GetImageData() if volume_node is not None else None
+    name = shown if shown is not None else volume_node.GetName() if volume_node is not None else "(none)"
     if data is None or data.GetNumberOfPoints() == 0:
-        name = volume_node.GetName() if volume_node is not None else "(none)"
         raise CeVAEError(f"The {what} '{name}' holds no image data; load or select a volume first.")
     scalars = data.GetPointData().GetScalars()
     if scalars is None:  # a diffusion tensor volume keeps its voxels as tensors
-        raise CeVAEError(f"The {what} '{volume_node.GetName()}' holds no scalar voxels (a tensor volume?); a "
+        raise CeVAEError(f"The {what} '{name}' holds no scalar voxels (a tensor volume?); a "
                          "single-channel MRI volume is needed.")
     if scalars.GetNumberOfComponents() != 1:
         raise CeVAEError(
-            f"The {what} '{volume_node.GetName()}' has {scalars.GetNumberOfComponents()} components per "
+            f"The {what} '{name}' has {scalars.GetNumberOfComponents()} components per "
             "voxel (colour or vector image); a single-channel MRI volume is needed."
         )
     dims = data.GetDimensions()
@@ -263,15 +265,18 @@ def update_volume_from_image(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.
 
 
 def mask_image(
-    mask_node: slicer.vtkMRMLNode, volume_node: slicer.vtkMRMLVolumeNode, segment_id: Optional[str] = None
+    mask_node: slicer.vtkMRMLNode, volume_node: slicer.vtkMRMLVolumeNode, segment_id: Optional[str] = None,
+    shown: Optional[str] = None
 ) -> sitk.Image:
     """Brain mask (>0 is brain) from a labelmap/scalar volume or a segmentation (one or all segments). One under
     another transform than the volume is used where it lies in world space (as the Segment Editor draws on a moved
     volume), resampled onto the volume's grid, with a warning naming both transforms; a labelmap is resampled only
-    through linear transforms."""
+    through linear transforms. Warnings and refusals name the volume ``shown`` (as the panel shows it; default: its
+    node's name)."""
+    volume_name = volume_node.GetName() if shown is None else shown
     if isinstance(mask_node, slicer.vtkMRMLSegmentationNode):
         if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
-            _warn_moved(mask_node, volume_node, "segmentation", "")
+            _warn_moved(mask_node, volume_node, volume_name, "segmentation", "")
         return _mask_from_segmentation(mask_node, volume_node, segment_id)
     if isinstance(mask_node, slicer.vtkMRMLScalarVolumeNode):
         if segment_id:
@@ -279,33 +284,34 @@ def mask_image(
                              f"'{segment_id}'; give a segment ID only with a segmentation.")
         mask = image_from_volume(mask_node, "brain mask")
         if mask_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
-            mask = _moved_mask(mask, mask_node, volume_node)
-            _warn_moved(mask_node, volume_node, "labelmap", " (nearest neighbour)")
+            mask = _moved_mask(mask, mask_node, volume_node, volume_name)
+            _warn_moved(mask_node, volume_node, volume_name, "labelmap", " (nearest neighbour)")
         return mask
     raise CeVAEError("The brain mask must be a labelmap volume or a segmentation.")
 
 
-def _warn_moved(mask_node: slicer.vtkMRMLNode, volume_node: slicer.vtkMRMLVolumeNode, kind: str, how: str) -> None:
-    """Say that the mask (a ``kind``), under another transform than the volume, is used where it lies in world
-    space (resampled ``how``)."""
+def _warn_moved(mask_node: slicer.vtkMRMLNode, volume_node: slicer.vtkMRMLVolumeNode, volume_name: str, kind: str,
+                how: str) -> None:
+    """Say that the mask (a ``kind``), under another transform than the volume (called ``volume_name``), is used
+    where it lies in world space (resampled ``how``)."""
     log.warning("The brain mask '%s' (%s) and the volume '%s' (%s) are under different transforms: the %s is used "
                 "where it lies in world space, resampled onto the volume's grid%s. If it %s on this scan before the "
                 "scan was registered, put it under the volume's transform.", mask_node.GetName(), _under(mask_node),
-                volume_node.GetName(), _under(volume_node), kind, how,
+                volume_name, _under(volume_node), kind, how,
                 "was drawn" if kind == "segmentation" else "was made")
 
 
-def _moved_mask(mask: sitk.Image, mask_node: slicer.vtkMRMLVolumeNode,
-                volume_node: slicer.vtkMRMLVolumeNode) -> sitk.Image:
-    """``mask`` (the voxels of ``mask_node``) resampled (nearest neighbour) onto the grid of ``volume_node`` where
-    both lie in world space, through their parent transforms (linear ones only), as the engine resamples a mask of
-    another grid: a run gets what it would with both transforms hardened."""
+def _moved_mask(mask: sitk.Image, mask_node: slicer.vtkMRMLVolumeNode, volume_node: slicer.vtkMRMLVolumeNode,
+                volume_name: str) -> sitk.Image:
+    """``mask`` (the voxels of ``mask_node``) resampled (nearest neighbour) onto the grid of ``volume_node`` (called
+    ``volume_name`` in refusals) where both lie in world space, through their parent transforms (linear ones only), as
+    the engine resamples a mask of another grid: a run gets what it would with both transforms hardened."""
     source, target = mask_node.GetParentTransformNode(), volume_node.GetParentTransformNode()
     between = vtk.vtkMatrix4x4()
     linear = source.IsTransformToNodeLinear(target) if source is not None else target.IsTransformToNodeLinear(None)
     if not linear or not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, between):
         raise CeVAEError(f"The brain mask '{mask_node.GetName()}' ({_under(mask_node)}) and the volume "
-                         f"'{volume_node.GetName()}' ({_under(volume_node)}) are under different transforms, and a "
+                         f"'{volume_name}' ({_under(volume_node)}) are under different transforms, and a "
                          "non-linear one lies between them, which a labelmap mask is not resampled through: harden "
                          "the transforms (Transforms module) or put the mask under the volume's transform.")
     grid = _RAS_FROM_LPS @ (to_numpy(between) @ ijk_to_ras(mask_node))[:3]  # mask index -> volume's local LPS
@@ -321,7 +327,7 @@ def _moved_mask(mask: sitk.Image, mask_node: slicer.vtkMRMLVolumeNode,
     resampled = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     if (sitk.GetArrayViewFromImage(mask) > 0).any() and not (sitk.GetArrayViewFromImage(resampled) > 0).any():
         raise CeVAEError(f"The brain mask '{mask_node.GetName()}' ({_under(mask_node)}) does not overlap the volume "
-                         f"'{volume_node.GetName()}' ({_under(volume_node)}) where they lie in world space: check "
+                         f"'{volume_name}' ({_under(volume_node)}) where they lie in world space: check "
                          "that the mask belongs to this scan, or put it under the volume's transform if it was made "
                          "on this scan before the scan was registered.")
     return resampled

@@ -865,7 +865,8 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
     transform. A mask on no volume's grid (made at another voxel size, or cropped; the worker resamples it onto its
     volume's grid, as detection's does) is that of the volume whose name so leads its own, or of the only volume
     given. A mask whose name a longer name of a volume not given also so leads ("c1_1 mask", c1_1 not ticked, c1 is)
-    is refused (:func:`_refuse_named_after_unchosen`). A volume may have at most one mask.
+    is refused (:func:`_refuse_named_after_unchosen`). A volume may have at most one mask (refused naming it as the
+    job does, logic._distinctNames).
     """
     pairs: List[Optional[slicer.vtkMRMLLabelMapVolumeNode]] = [None] * len(volumes)
     for mask in masks:
@@ -885,7 +886,9 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
             raise CeVAEError(_unpaired(mask, [volumes[i].GetName() for i in fits], on_grid,
                                        volumes[0].GetName() if volumes else "c1"))
         if pairs[fits[0]] is not None:
-            raise CeVAEError(f"The healthy volume '{volumes[fits[0]].GetName()}' has two brain masks chosen "
+            from .logic import _distinctNames  # (named as the job names it: volumes of one name told apart)
+
+            raise CeVAEError(f"The healthy volume '{_distinctNames(volumes)[fits[0]]}' has two brain masks chosen "
                              f"('{pairs[fits[0]].GetName()}' and '{mask.GetName()}'); keep one.")
         pairs[fits[0]] = mask
     return pairs
