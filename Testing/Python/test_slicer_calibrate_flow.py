@@ -284,7 +284,7 @@ def test_a_mask_off_a_healthy_volume_of_a_shared_name_is_refused_naming_the_volu
                                                                                                       tmp_path):
     """Two healthy volumes of one name ('healthy', a scene added twice): the refusal of a mask that does not overlap
     its volume named the node's own name, 'healthy', which both are; the job and the model tell them apart as
-    'healthy (1)' and 'healthy (2)' (logic._distinctNames). It now names the volume so, and nothing is written."""
+    'healthy (1)' and 'healthy (2)' (nodes.distinct_node_names). It now names the volume so, and nothing is written."""
     from CeVAEAnomalyLib.errors import CeVAEError
 
     scene = slicer.vtkMRMLScene()
@@ -302,7 +302,7 @@ def test_a_mask_off_a_healthy_volume_of_a_shared_name_is_refused_naming_the_volu
 
 def test_every_refusal_and_warning_of_a_healthy_volume_of_a_shared_name_names_it_as_the_panel_does(tmp_path):
     """Two healthy volumes of one name ('healthy', a scene added twice), told apart by the job and the model as
-    'healthy (1)' and 'healthy (2)' (logic._distinctNames): the refusals and warnings of reading the second one and
+    'healthy (1)' and 'healthy (2)' (nodes.distinct_node_names): the refusals and warnings of reading the second one and
     its mask (no image data, a header the model refuses, a mask under another transform: its warning, the refusal of
     a non-linear transform between them, of a mask that lies off it; the panel's refusal of two masks for it) named it
     'healthy', which both are. They now name it 'healthy (2)', and nothing is written; detection's messages name the

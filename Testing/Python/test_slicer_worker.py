@@ -307,11 +307,11 @@ def test_a_model_made_in_slicer_records_the_scans_by_their_node_names(tiny_bundl
     assert "on 2 healthy scans (healthy (1), healthy (2); their sha256" in said, said
     assert ModelSettings.read(out).details[1] == said.rstrip("\n")  # the panel's details say the same
 
-    from CeVAEAnomalyLib.slicer.logic import _distinctNames
+    from CeVAEAnomalyLib.slicer.nodes import distinct_node_names
 
     taken = add_volume(scene, make_head(seed=13)[0], "healthy (1)")  # a numbered name is never one taken already
-    assert _distinctNames([volumes[0], taken, volumes[1], volumes[0]]) == ["healthy (2)", "healthy (1)", "healthy (3)",
-                                                                           "healthy (2)"]  # a node given twice: one
+    assert distinct_node_names([volumes[0], taken, volumes[1], volumes[0]]) == [
+        "healthy (2)", "healthy (1)", "healthy (3)", "healthy (2)"]  # a node given twice: one
 
 
 def test_calibration_with_thorough_ticked_calibrates_both_modes(tiny_bundle, tmp_path):

@@ -33,7 +33,6 @@ import os
 import re
 import tempfile
 import weakref
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -619,21 +618,22 @@ class CeVAEAnomalyLogic(_LogicBase):
                         **request: Any) -> WorkerJob:
         """A worker job of ``task`` on copies of healthy volumes and their masks (``request["subjects"]``, checked by
         :func:`_checkHealthy`), each with the person its node's name says was scanned (a BIDS name's
-        ``sub-<label>``), which adapting splits by, and its node's name (:func:`_distinctNames`), which the model
-        records. A mask under another transform than its volume is copied as detection uses it (mrml.mask_image),
+        ``sub-<label>``), which adapting splits by, and its node's name (nodes.distinct_node_names), which the
+        model records. A mask under another transform than its volume is copied as detection uses it (mrml.mask_image),
         and its warning is the job's first (``job.warnings``); one on another grid is copied as it is, resampled onto
         the volume's grid by the worker (as the command line's calibrate and detection resample it), which warns of it
         in the job's warnings, naming both nodes (:func:`_copyNames`), and refused before anything runs where it does
         not overlap its volume (mrml.refuse_mask_elsewhere)."""
         from . import mrml
         from .adapt_panel import node_person
+        from .nodes import distinct_node_names
 
         folder = _jobFolder(f"{JOB_FOLDER_PREFIX}{task}-")
         try:
             subjects: List[Dict[str, Optional[str]]] = []
             names: Dict[str, str] = {}
             said: List[str] = []
-            shown = _distinctNames(volumes)
+            shown = distinct_node_names(volumes)
             for n, (volume, mask) in enumerate(zip(volumes, masks)):
                 with warningsLogged() as read:  # a mask under another transform, as detection says it
                     image, maskImage = self._inputImages(volume, mask, None, "healthy volume", shown[n])
@@ -827,26 +827,6 @@ def _described(value: Any) -> str:
     if name or value is None:
         return f"{kind} '{name}'" if name else "None"
     return f"{'an' if kind[0] in 'AEIOUaeiou' else 'a'} {kind}"
-
-
-def _distinctNames(volumes: Sequence[Any]) -> List[str]:
-    """The name of each node of ``volumes``, told apart where different nodes share one (as
-    io.manifest.distinct_names tells files apart): each such node numbered in order, "head (1)", "head (2)", past
-    names already taken. A node given twice keeps one name (its repeat is the same scan)."""
-    nodes = list(dict.fromkeys(volumes))
-    counts = Counter(node.GetName() for node in nodes)
-    taken, numbered = set(counts), Counter()
-    names: Dict[Any, str] = {}
-    for node in nodes:
-        name = node.GetName()
-        if counts[name] > 1:
-            numbered[name] += 1
-            while f"{name} ({numbered[name]})" in taken:
-                numbered[name] += 1
-            name = f"{name} ({numbered[name]})"
-            taken.add(name)
-        names[node] = name
-    return [names[node] for node in volumes]
 
 
 def _fileStem(name: str) -> str:

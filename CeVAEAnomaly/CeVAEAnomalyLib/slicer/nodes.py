@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -854,6 +855,26 @@ def same_grid(a: slicer.vtkMRMLVolumeNode, b: slicer.vtkMRMLVolumeNode, transfor
             and np.allclose(ijk_to_ras(a), ijk_to_ras(b), atol=1e-4))
 
 
+def distinct_node_names(volumes: Sequence[slicer.vtkMRMLNode]) -> List[str]:
+    """The name of each node of ``volumes``, told apart where different nodes share one (as
+    io.manifest.distinct_names tells files apart): each such node numbered in order, "head (1)", "head (2)", past
+    names already taken. A node given twice keeps one name (its repeat is the same scan)."""
+    nodes = list(dict.fromkeys(volumes))
+    counts = Counter(node.GetName() for node in nodes)
+    taken, numbered = set(counts), Counter()
+    names: Dict[slicer.vtkMRMLNode, str] = {}
+    for node in nodes:
+        name = node.GetName()
+        if counts[name] > 1:
+            numbered[name] += 1
+            while f"{name} ({numbered[name]})" in taken:
+                numbered[name] += 1
+            name = f"{name} ({numbered[name]})"
+            taken.add(name)
+        names[node] = name
+    return [names[node] for node in volumes]
+
+
 def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
                masks: Sequence[slicer.vtkMRMLLabelMapVolumeNode]) -> List[Optional[slicer.vtkMRMLLabelMapVolumeNode]]:
     """For each healthy volume, its brain mask (None: computed automatically).
@@ -866,7 +887,7 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
     volume's grid, as detection's does) is that of the volume whose name so leads its own, or of the only volume
     given. A mask whose name a longer name of a volume not given also so leads ("c1_1 mask", c1_1 not ticked, c1 is)
     is refused (:func:`_refuse_named_after_unchosen`). A volume may have at most one mask (refused naming it as the
-    job does, logic._distinctNames).
+    job does, :func:`distinct_node_names`).
     """
     pairs: List[Optional[slicer.vtkMRMLLabelMapVolumeNode]] = [None] * len(volumes)
     for mask in masks:
@@ -886,9 +907,7 @@ def pair_masks(volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
             raise CeVAEError(_unpaired(mask, [volumes[i].GetName() for i in fits], on_grid,
                                        volumes[0].GetName() if volumes else "c1"))
         if pairs[fits[0]] is not None:
-            from .logic import _distinctNames  # (named as the job names it: volumes of one name told apart)
-
-            raise CeVAEError(f"The healthy volume '{_distinctNames(volumes)[fits[0]]}' has two brain masks chosen "
+            raise CeVAEError(f"The healthy volume '{distinct_node_names(volumes)[fits[0]]}' has two brain masks chosen "
                              f"('{pairs[fits[0]].GetName()}' and '{mask.GetName()}'); keep one.")
         pairs[fits[0]] = mask
     return pairs
