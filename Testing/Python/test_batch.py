@@ -262,6 +262,19 @@ def test_an_out_dir_whose_name_is_too_long_is_refused_in_one_line(cohort, tiny_b
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_out_dir_that_is_a_file_is_said_to_be_one(cohort, tiny_bundle, tmp_path, capsys):
+    """--out-dir naming a file said "--out-dir X is under X, which is a file": it is the file."""
+    out = tmp_path / "results"
+    out.write_text("notes")
+    assert batch(cohort, out, tiny_bundle) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out-dir {out} is a file, not a folder; give a folder for the outputs.", err
+    assert out.read_text() == "notes"
+    assert batch(cohort, out / "sub", tiny_bundle) == 2  # a folder under it: said as before
+    said = capsys.readouterr().err.strip()
+    assert said == f"error: --out-dir {out / 'sub'} is under {out}, which is a file, not a folder.", said
+
+
 @pytest.fixture
 def two(cohort, tmp_path):
     """A CSV list of two volumes of the cohort (a1, b2)."""

@@ -372,6 +372,8 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
     from ..io.targets import Inputs, file_in_the_way, refuse_overlong_name, refuse_special_output
 
     blocker = file_in_the_way(out_dir)
+    if blocker == out_dir:
+        raise CeVAEError(f"--out-dir {out_dir} is a file, not a folder; give a folder for the outputs.")
     if blocker is not None:
         raise CeVAEError(f"--out-dir {out_dir} is under {blocker}, which is a file, not a folder.")
     inputs = Inputs([source if source.is_file() else None, model, *(i.image for i in every),
