@@ -19,6 +19,7 @@ _EXPORTS = {  # name -> the module that defines it
     "DetectionRequest": "options",
     "DetectionResult": "result",
     "ScoreTerms": "result",
+    "write_result": "result",
     "read_image": "io.images",
     "default_model_path": "data",
     "CeVAEError": "errors",

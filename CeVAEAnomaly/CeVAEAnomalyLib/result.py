@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple, get_args, get_type_hints
@@ -310,6 +311,41 @@ def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]],
     if unknown:
         raise ValueError(f"unknown result output(s) {unknown}")
     return {Path(path): content[role](path) for role, path in targets.items() if path is not None}
+
+
+def write_result(result: DetectionResult, *, score: Optional[PathLike] = None, labelmap: Optional[PathLike] = None,
+                 brain_mask: Optional[PathLike] = None, slices: Optional[PathLike] = None,
+                 components: Optional[PathLike] = None, record: Optional[PathLike] = None,
+                 like: Optional[PathLike] = None, overwrite: bool = False) -> List[Path]:
+    """Write the outputs given a path as ``detect`` writes them; the paths written, in the order of the arguments.
+
+    Images (``score``, ``labelmap``, ``brain_mask``: by their extension, a NIfTI file compressed where named .gz),
+    CSV tables (``slices``, ``components``: tab-separated for a ``.tsv`` name) and the JSON ``record``, all or none,
+    each checked complete before it is renamed into place. ``like``: the scan's path, which no output may be, and
+    whose NIfTI qform and sform codes NIfTI outputs keep (an MNI-space scan's maps say MNI space; without it, or for
+    another format, ITK's (1, 1), scanner space). Refused before anything is written: an existing output unless
+    ``overwrite``, an output named twice or onto ``like``, and a name that does not say its format (a map named
+    .csv, a table named .nii.gz)."""
+    from .io.atomic import remove_abandoned_temporaries, write_all
+    from .io.lock import hold_outputs
+    from .io.nifti_codes import nifti_codes
+    from .io.targets import check_paths
+
+    given = {"score": score, "labelmap": labelmap, "brain_mask": brain_mask, "slices": slices,
+             "components": components, RECORD_OUTPUT: record}
+    targets = {role: Path(path) for role, path in given.items() if path is not None}
+    if not targets:
+        raise CeVAEError("write_result was given no output; name one, e.g. score=\"score.nii.gz\".")
+    if like is not None and not os.path.exists(like):
+        raise CeVAEError(f"The scan {like} (like=) does not exist; give the path of the scan the result is of.")
+    inputs = [None if like is None else Path(like)]
+    check_paths(list(targets.values()), overwrite, inputs)
+    refuse_unwritable_names(targets)
+    started = time.time()
+    with hold_outputs(list(targets.values()), "write_result"):
+        remove_abandoned_temporaries(targets.values(), started)  # of killed writes
+        files = result_files(result, targets, None if like is None else nifti_codes(like))
+        return write_all(files, overwrite, inputs, command="write_result")
 
 
 # ---- a whole result in a folder (the Slicer worker's hand-over) ---------------------------------------

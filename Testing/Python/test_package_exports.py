@@ -12,11 +12,11 @@ def test_the_main_names_are_the_modules_own_and_listed_for_completion() -> None:
     from CeVAEAnomalyLib.engine.bundle import load_bundle
     from CeVAEAnomalyLib.engine.detector import Detector, detect
     from CeVAEAnomalyLib.options import DetectionRequest
-    from CeVAEAnomalyLib.result import DetectionResult
+    from CeVAEAnomalyLib.result import DetectionResult, write_result
 
     assert CeVAEAnomalyLib.detect is detect and CeVAEAnomalyLib.Detector is Detector
     assert CeVAEAnomalyLib.load_bundle is load_bundle and CeVAEAnomalyLib.DetectionRequest is DetectionRequest
-    assert CeVAEAnomalyLib.DetectionResult is DetectionResult
+    assert CeVAEAnomalyLib.DetectionResult is DetectionResult and CeVAEAnomalyLib.write_result is write_result
     listed = set(dir(CeVAEAnomalyLib))
     assert {"detect", "load_bundle", "read_image", "default_model_path", "CeVAEError", "__version__"} <= listed
     assert {"engine", "options", "result"} <= listed  # submodules imported above
