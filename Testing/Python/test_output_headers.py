@@ -154,3 +154,22 @@ def test_detect_writes_the_codes_of_a_nifti_pair_input(tmp_path, tiny_bundle, gz
                  "--score", str(score), "--labelmap", str(label)]) == 0
     assert _codes(score) == (0, 4)
     assert _codes(label) == (0, 4)
+
+
+def test_a_compressed_output_with_the_inputs_codes_does_not_hold_a_temporary_name(tmp_path, tiny_bundle):
+    # the copy that sets the codes stored its hidden temporary's name (random part, machine, process) in the gzip
+    # header: two runs on one scan gave different bytes, and `gunzip -N` restored the file under that hidden name
+    image, mask = make_head(seed=3)
+    scan, brain = tmp_path / "scan.nii.gz", tmp_path / "scan_mask.nii.gz"
+    sitk.WriteImage(image, str(scan))
+    sitk.WriteImage(mask, str(brain))
+    _with_codes(scan, (0, 4))
+    runs = []
+    for n in (1, 2):
+        score = tmp_path / f"run{n}" / "score.nii.gz"
+        assert main(["detect", str(scan), "--mask", str(brain), "--model", str(tiny_bundle), "--device", "cpu",
+                     "--score", str(score)]) == 0
+        head = score.read_bytes()
+        assert head[3] & 0x08 == 0, "the gzip header names a file"  # FLG.FNAME
+        runs.append(head)
+    assert runs[0] == runs[1]

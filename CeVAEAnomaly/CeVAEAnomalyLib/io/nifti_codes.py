@@ -63,7 +63,7 @@ def write_image(image: sitk.Image, path: str, codes: Optional[Tuple[int, int]], 
     # (into another temporary of the target, which a later run removes if this one is killed meanwhile)
     try:
         with gzip.open(p, "rb") as src, open(rewritten, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as dst:
+            with gzip.GzipFile("", "wb", 6, raw, mtime=0) as dst:  # (no file name in its header, as ITK writes)
                 header = bytearray(src.read(540))
                 found = _code_fields(bytes(header))
                 if found is not None:
