@@ -376,6 +376,35 @@ def test_a_cache_folder_in_an_input_series_folder_is_refused(subjects, tmp_path)
     assert [p.name for p in series.iterdir()] == ["IM0001.dcm"]  # nothing written into the series
 
 
+def test_a_cache_folder_that_holds_an_input_scan_or_mask_is_refused_before_any_work(subjects, tmp_path, capsys):
+    """--cache-dir the scans' own folder wrote its .npy/.json entries among them (a cache deleted later took the scans
+    with it); as batch's --out-dir, it must differ (a subfolder of theirs is a folder of its own)."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    image, mask = scans / "s1.nii.gz", masks / "s1_mask.nii.gz"
+    shutil.copy(subjects[0].image, image)
+    shutil.copy(subjects[0].mask, mask)
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"image,mask\n{image},{mask}\n")
+    before = {p: sorted(p.iterdir()) for p in (scans, masks)}
+    for folder, what, path in ((scans, "scan", image), (masks, "mask", mask)):
+        said = (f"The cache folder {folder} is the folder of the input {what} {path}: its entries would be written "
+                "among the input files; give --cache-dir a folder of its own.")
+        assert main(["prepare", "--manifest", str(manifest), "--cache-dir", str(folder)]) == 2
+        assert said in capsys.readouterr().err
+        for command in (["train", "--max-steps", "1"], ["adapt", "--steps", "1"]):
+            assert main([*command, "--manifest", str(manifest), "--cache-dir", str(folder),
+                         "--out", str(tmp_path / "m.cevae")]) == 2
+            assert said in capsys.readouterr().err
+        with pytest.raises(CeVAEError, match="is the folder of the input"):
+            SliceCache(folder, PRE).prepare([Subject(image, mask)], checksums(Subject(image, mask)), ("axial",))
+    assert {p: sorted(p.iterdir()) for p in (scans, masks)} == before  # nothing written among them
+    assert not list(tmp_path.glob("m.*"))
+    assert main(["prepare", str(scans), "--cache-dir", str(scans / "slices")]) == 0  # a folder of its own
+
+
 def test_temporaries_of_killed_writes_are_removed_when_an_hour_old(subjects, tmp_path, caplog):
     cache = SliceCache(tmp_path / "cache", PRE)
     s = subjects[0]

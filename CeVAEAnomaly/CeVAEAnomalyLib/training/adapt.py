@@ -38,7 +38,7 @@ from ..system import command_word
 from .adapt_plan import (MIN_SCANS, TIMED_STEPS, AdaptOptions, Pace, calibration_left, calibration_seconds,
                          describe_estimate, fine_tuning_left, fold_files, fold_plan, mixed_acquisitions, output_paths,
                          resumed_note, run_files, run_names, training_seconds)
-from .cache import SliceCache, temporary_cache, voxel_checksums_or_errors
+from .cache import SliceCache, refuse_cache_among_inputs, temporary_cache, voxel_checksums_or_errors
 from .config import TrainConfig, recorded_augment
 from .data import person_groups, unique_subjects
 from .distributed import DistInfo, file_checksums
@@ -80,6 +80,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     _refuse_input(out, given, wording)  # before "exists"
     # a folder, an unwritable place: before any scan is read
     options.run_config(out, "final").check_output_paths(given, wording)
+    if options.cache_dir is not None:
+        refuse_cache_among_inputs(Path(options.cache_dir), subjects, wording)
     if out.is_file() and not (options.overwrite or options.resume) and not fold_files(out, ".ckpt"):
         raise _finished(out, wording)  # finished (as below): refused before hashing
     planned = run_names(len(person_groups(subjects)), options.folds)  # (a scan in two files counts twice here)

@@ -153,6 +153,25 @@ def voxel_checksums_or_errors(images: Sequence[Path],
     return voxels, unread
 
 
+def refuse_cache_among_inputs(root: Path, subjects: Sequence[Subject], wording: Wording = COMMAND_LINE_TRAIN) -> None:
+    """Refuse a cache folder in an input DICOM series folder (its entries would change the series' checksum, so they
+    would never be found again, and a resumed training would see another volume), and one that is the folder of an
+    input scan or mask (its entries would be written among the user's files), as batch refuses an --out-dir that is
+    its input folder. A subfolder there is a folder of its own (a folder of scans is not searched below itself)."""
+    folder = root.resolve()
+    for s in subjects:
+        for path, what in ((s.image, "scan"), (s.mask, "mask")):
+            if path is None:
+                continue
+            if path.is_dir() and (folder == path.resolve() or path.resolve() in folder.parents):
+                raise CeVAEError(f"The cache folder {root} lies in the input series folder {path}; "
+                                 f"give {wording.cache_dir} a folder outside it.")
+            if folder == Path(os.path.abspath(path)).parent.resolve():
+                raise CeVAEError(f"The cache folder {root} is the folder of the input {what} {path}: its entries "
+                                 f"would be written among the input files; give {wording.cache_dir} a folder of its "
+                                 "own.")
+
+
 class SliceCache:
     """A cache folder; ``prepare`` fills in what is missing and returns the entries in subject order. ``wording``: the
     caller's words for what to do where the cache's disk is full, and for its cache folder option. ``memo``: the one
@@ -172,14 +191,8 @@ class SliceCache:
         self.memo = memo if memo is not None else FileMemo()
 
     def refuse_inside_inputs(self, subjects: Sequence[Subject]) -> None:
-        """Refuse a cache folder in an input DICOM series folder: its entries would change the series' checksum,
-        so they would never be found again (and a resumed training would see another volume)."""
-        root = self.root.resolve()
-        for s in subjects:
-            for path in (s.image, s.mask):
-                if path is not None and path.is_dir() and (root == path.resolve() or path.resolve() in root.parents):
-                    raise CeVAEError(f"The cache folder {self.root} lies in the input series folder {path}; "
-                                     f"give {self.wording.cache_dir} a folder outside it.")
+        """:func:`refuse_cache_among_inputs` for this folder."""
+        refuse_cache_among_inputs(self.root, subjects, self.wording)
 
     def remove_orphans(self) -> int:
         """Remove the temporaries of entry writes that were killed (untouched for an hour); return how many."""

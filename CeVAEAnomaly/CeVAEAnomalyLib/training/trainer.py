@@ -37,7 +37,7 @@ from ..io.targets import write_remedy
 from ..progress import ProgressCallback, checked, report
 from ..system import usable_cores
 from .augment import augment
-from .cache import Entry, SliceCache, SliceSet, UnreadVolumes, temporary_cache
+from .cache import Entry, SliceCache, SliceSet, UnreadVolumes, refuse_cache_among_inputs, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_problem, read_checkpoint,
                          run_differences, run_identity, truncate_log, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
@@ -204,6 +204,8 @@ class Trainer:
         the checkpoints record (the file is not hashed again: one replaced meanwhile is not what the run started from).
         """
         cfg.validate()
+        if cfg.cache_dir is not None:  # before any volume is hashed
+            refuse_cache_among_inputs(Path(cfg.cache_dir), subjects, wording)
         self.cfg = cfg
         self.wording = wording
         self.progress = checked(progress)
