@@ -35,7 +35,7 @@ from CeVAEAnomalyLib.io.naming import UNICODE_TWINS, one_form, table_delimiter
 log = logging.getLogger(__name__)
 
 GRID_TOLERANCE = 1e-4
-GRID_RELATIVE_TOLERANCE = 1e-5  # with GRID_TOLERANCE, detect's (preprocess.same_grid): a mask it used as on the scan's
+GRID_RELATIVE_TOLERANCE = 1e-5  # with GRID_TOLERANCE, detect's (io.images.same_grid): a mask it used as on the scan's
 # grid is on its score map's; the closest grids refused differ in the 6 digits the refusal shows
 ROLES = {"score": "score map", "gt": "ground truth", "mask": "mask", "labelmap": "label map"}
 

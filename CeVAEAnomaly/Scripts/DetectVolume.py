@@ -123,7 +123,8 @@ def load_mask(scene: slicer.vtkMRMLScene, path: Path, volume: slicer.vtkMRMLVolu
     apart)."""
     import numpy as np
     import SimpleITK as sitk
-    from CeVAEAnomalyLib.engine.preprocess import mask_array, same_grid
+    from CeVAEAnomalyLib.engine.preprocess import mask_array
+    from CeVAEAnomalyLib.io.images import same_grid
     from CeVAEAnomalyLib.slicer import mrml
     from CeVAEAnomalyLib.slicer.logic import warningsLogged
 

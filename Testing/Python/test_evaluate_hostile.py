@@ -351,7 +351,7 @@ def test_a_mask_that_detect_takes_as_on_the_scans_grid_is_taken_and_a_refusal_sh
     """A brain mask whose origin lies 0.0004 mm off the scan's (headers that round their numbers) is on the scan's
     grid for detect, which used it as it is, but evaluate refused the same mask with the score map detect wrote:
     "origin (90, 125, -71) vs (90, 125, -71)", two texts alike."""
-    from CeVAEAnomalyLib.engine.preprocess import same_grid
+    from CeVAEAnomalyLib.io.images import same_grid
 
     def placed(path: str, origin: tuple) -> sitk.Image:
         image = sitk.ReadImage(path)

@@ -21,13 +21,13 @@ from .header import BundleHeader, utc_now
 from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
-from ..io.images import MASK_IS_IMAGE, check_volume, grid_difference, warn_if_ct_range
+from ..io.images import MASK_IS_IMAGE, check_volume, grid_difference, same_grid, warn_if_ct_range
 from ..io.labels import SAMPLED_VOXELS, refuse_label_image
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy, refuse_options_by_name)
 from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
-                         prepare, region_image, same_grid, warn_unlike_a_brain)
+                         prepare, region_image, warn_unlike_a_brain)
 from ..progress import ProgressCallback, checked, report, scaled
 from ..result import DetectionRecord, DetectionResult, ModelRecord, ScoreTerms, SliceScoreRow
 from .scan_adaptation import adapted_copy

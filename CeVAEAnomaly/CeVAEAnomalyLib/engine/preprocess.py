@@ -21,7 +21,7 @@ from .axes import canonical_axes, to_canonical
 from .brainmask import _said as _said_in_run  # what the run under way (brainmask.each_warning_once) has said
 from .config import PreprocessConfig
 from ..errors import CeVAEError
-from ..io.images import MAX_LABELS, grid_difference, in_voxels, looks_like_an_image
+from ..io.images import MAX_LABELS, in_voxels, looks_like_an_image, same_grid
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +330,3 @@ _LABEL_MAPS = (sitk.sitkLabelUInt8, sitk.sitkLabelUInt16, sitk.sitkLabelUInt32, 
 def label_image(image: sitk.Image) -> sitk.Image:
     """``image``, or, if it is a SimpleITK LabelMap (label objects, which numpy cannot view), its plain label image."""
     return sitk.LabelMapToLabel(image) if image.GetPixelID() in _LABEL_MAPS else image
-
-
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
-    """Same size, spacing, origin and direction (within ``tol``, plus numpy's default relative 1e-5)."""
-    return grid_difference(a, b, atol=tol, rtol=1e-5) is None

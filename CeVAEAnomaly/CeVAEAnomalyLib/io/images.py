@@ -642,3 +642,9 @@ def grid_difference(a: sitk.Image, b: sitk.Image, atol: float = 1e-4, rtol: floa
         if len(va) != len(vb) or not np.allclose(va, vb, rtol=rtol, atol=atol):
             return what
     return None
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """Same size, spacing, origin and direction (within ``tol``, plus numpy's default relative 1e-5): whether
+    detection takes a mask on ``b``'s grid as on ``a``'s, or resamples it."""
+    return grid_difference(a, b, atol=tol, rtol=1e-5) is None

@@ -22,7 +22,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import CeVAEError
-from ..io.images import grid_difference
+from ..io.images import same_grid
 from ..io.naming import PANEL_OUTPUT_NAMES
 from .nodes import (
     COMPONENT_TABLE_ROLE,
@@ -341,7 +341,7 @@ def refuse_mask_elsewhere(mask: sitk.Image, image: sitk.Image, mask_node: slicer
     resampled onto it as the engine resamples such a mask (engine.preprocess.mask_array: nearest neighbour, where both
     lie in world space), holds no brain voxel: what the engine refuses, said before anything runs. Neither node is
     changed."""
-    if grid_difference(mask, image, atol=1e-4, rtol=1e-5) is None:  # (the engine's same_grid)
+    if same_grid(mask, image):  # (as the engine tells a mask on another grid)
         return
     resampled = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     if (sitk.GetArrayViewFromImage(mask) > 0).any() and not (sitk.GetArrayViewFromImage(resampled) > 0).any():
