@@ -324,8 +324,8 @@ def _moved_mask(mask: sitk.Image, mask_node: slicer.vtkMRMLVolumeNode, volume_no
     reference.SetSpacing(spacing)
     reference.SetOrigin(origin)
     reference.SetDirection(direction)
-    resampled = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    if (sitk.GetArrayViewFromImage(mask) > 0).any() and not (sitk.GetArrayViewFromImage(resampled) > 0).any():
+    resampled, lost = _nearest_onto(mask, reference)
+    if lost:
         raise CeVAEError(f"The brain mask '{mask_node.GetName()}' ({_under(mask_node)}) does not overlap the volume "
                          f"'{volume_name}' ({_under(volume_node)}) where they lie in world space: check "
                          "that the mask belongs to this scan, or put it under the volume's transform if it was made "
@@ -343,12 +343,19 @@ def refuse_mask_elsewhere(mask: sitk.Image, image: sitk.Image, mask_node: slicer
     changed."""
     if same_grid(mask, image):  # (as the engine tells a mask on another grid)
         return
-    resampled = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    if (sitk.GetArrayViewFromImage(mask) > 0).any() and not (sitk.GetArrayViewFromImage(resampled) > 0).any():
+    if _nearest_onto(mask, image)[1]:
         raise CeVAEError(f"The brain mask '{mask_node.GetName()}' does not overlap the {what} "
                          f"'{volume_node.GetName() if shown is None else shown}' where they lie in world space (it "
                          "is on another grid, and no voxel of it lies on the volume's): check that the mask belongs "
                          "to this scan.")
+
+
+def _nearest_onto(mask: sitk.Image, reference: sitk.Image) -> Tuple[sitk.Image, bool]:
+    """``mask`` resampled (nearest neighbour) onto ``reference``'s grid where both lie in world space, and whether
+    that lost all its brain (it had some, and none lies on the reference's grid)."""
+    resampled = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    lost = bool((sitk.GetArrayViewFromImage(mask) > 0).any()) and not (sitk.GetArrayViewFromImage(resampled) > 0).any()
+    return resampled, lost
 
 
 def _under(node: slicer.vtkMRMLNode) -> str:
