@@ -164,6 +164,23 @@ def test_the_panels_calibration_warns_of_a_volume_loaded_from_a_training_scan(ti
                     "not see."], job.warnings
 
 
+def copies_kept_in(copied: Path):
+    """A launcher that starts the worker as the panel does and first copies its folder to ``copied``: the worker's
+    request and its copies of the scans, as they are when it starts (``copied``/mask names the first scan's mask
+    copy)."""
+    import json
+    import shutil
+
+    from CeVAEAnomalyLib.slicer.jobs import launch_process
+
+    def launch(args):
+        request = json.loads(Path(args[-1]).read_text(encoding="utf-8"))
+        shutil.copytree(Path(args[-1]).parent, copied)
+        copied.joinpath("mask").write_text(Path(request["subjects"][0]["mask"]).name, encoding="utf-8")
+        return launch_process(args)
+    return launch
+
+
 def test_a_calibration_uses_a_mask_made_before_its_scan_was_registered_where_it_lies_as_detection_does(
         tiny_bundle, tmp_path):
     """A healthy scan registered (under a linear transform) after its brain mask was made: detection uses such a mask
@@ -171,15 +188,12 @@ def test_a_calibration_uses_a_mask_made_before_its_scan_was_registered_where_it_
     Calibrate and Adapt refused it ("harden the transforms"). The worker now gets the mask as detection uses it (the
     copy is the mask moved onto the scan's grid), the job's warnings (the panel's status line) say so in detection's
     words, and neither node is changed; a non-linear transform between them is refused before anything runs."""
-    import json
-    import shutil
 
     import numpy as np
     import SimpleITK as sitk
     import vtk
 
     from CeVAEAnomalyLib.errors import CeVAEError
-    from CeVAEAnomalyLib.slicer.jobs import launch_process
     from CeVAEAnomalyLib.slicer.mrml import image_from_volume
     from CeVAEAnomalyLib.slicer.nodes import pair_masks
 
@@ -194,15 +208,9 @@ def test_a_calibration_uses_a_mask_made_before_its_scan_was_registered_where_it_
     volume.SetAndObserveTransformNodeID(reg.GetID())
     copied = tmp_path / "copied"
 
-    def keep_copies(args):  # the worker's request and its copies of the scans, as they are when it starts
-        request = json.loads(Path(args[-1]).read_text(encoding="utf-8"))
-        shutil.copytree(Path(args[-1]).parent, copied)
-        copied.joinpath("mask").write_text(Path(request["subjects"][0]["mask"]).name, encoding="utf-8")
-        return launch_process(args)
-
     masks = pair_masks([volume], [mask])
     job = CeVAEAnomalyLogic().startCalibration([volume], masks, tmp_path / "site.cevae", modelPath=tiny_bundle,
-                                               device="cpu", launch=keep_copies)
+                                               device="cpu", launch=copies_kept_in(copied))
     assert job.wait(300) is JobState.DONE, job.error
     said = ("The brain mask 'sub-01_T1w mask' (under no transform) and the volume 'sub-01_T1w' (under 'reg') are under "
             "different transforms: the labelmap is used where it lies in world space, resampled onto the volume's "
@@ -233,14 +241,11 @@ def test_a_calibration_resamples_a_mask_made_on_another_grid_onto_its_scan_as_de
     which it resamples onto its scan's grid as the command line's calibrate does (the mask node is not changed), the
     job's warnings say so naming both nodes, and a mask that does not overlap its scan in world space is refused
     before anything runs."""
-    import json
-    import shutil
 
     import numpy as np
     import SimpleITK as sitk
 
     from CeVAEAnomalyLib.errors import CeVAEError
-    from CeVAEAnomalyLib.slicer.jobs import launch_process
     from CeVAEAnomalyLib.slicer.mrml import image_from_volume
     from CeVAEAnomalyLib.slicer.nodes import pair_masks
 
@@ -251,14 +256,8 @@ def test_a_calibration_resamples_a_mask_made_on_another_grid_onto_its_scan_as_de
     mask = add_volume(scene, coarse, "sub-01_T1w mask 2mm", "vtkMRMLLabelMapVolumeNode")
     copied = tmp_path / "copied"
 
-    def keep_copies(args):  # the worker's request and its copies of the scans, as they are when it starts
-        request = json.loads(Path(args[-1]).read_text(encoding="utf-8"))
-        shutil.copytree(Path(args[-1]).parent, copied)
-        copied.joinpath("mask").write_text(Path(request["subjects"][0]["mask"]).name, encoding="utf-8")
-        return launch_process(args)
-
     job = CeVAEAnomalyLogic().startCalibration([volume], pair_masks([volume], [mask]), tmp_path / "site.cevae",
-                                               modelPath=tiny_bundle, device="cpu", launch=keep_copies)
+                                               modelPath=tiny_bundle, device="cpu", launch=copies_kept_in(copied))
     assert job.wait(300) is JobState.DONE, job.error
     said = ("The brain mask 'sub-01_T1w mask 2mm' is on another grid than the healthy volume 'sub-01_T1w'; "
             "resampling it (nearest neighbour).")  # the worker's, as the command line's calibrate resamples it
