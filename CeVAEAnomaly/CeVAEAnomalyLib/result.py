@@ -71,7 +71,7 @@ class Component:
 
 def _ras(lps: Tuple[float, float, float]) -> Tuple[float, float, float]:
     x, y, z = lps
-    return (-x, -y, z)
+    return (-x + 0.0, -y + 0.0, z)  # (+ 0.0: a point at x = 0 is at R 0, not -0.0)
 
 
 @dataclass(frozen=True)
@@ -251,10 +251,16 @@ def components_csv(result: DetectionResult, delimiter: str = ",") -> str:
     w = csv.writer(buf, delimiter=delimiter)
     w.writerow(COMPONENT_FIELDS)
     for c in result.components:
-        peak = ("", "", "") if c.peak_ras is None else (f"{v:.2f}" for v in c.peak_ras)
+        peak = ("", "", "") if c.peak_ras is None else map(_mm, c.peak_ras)
         w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.summed_score:.6g}", f"{c.max_score:.6g}",
-                    f"{c.mean_score:.6g}", *(f"{v:.2f}" for v in c.centroid_ras), *peak])
+                    f"{c.mean_score:.6g}", *map(_mm, c.centroid_ras), *peak])
     return buf.getvalue()
+
+
+def _mm(value: float) -> str:
+    """A coordinate in mm as the component table writes it: 2 decimals, one that rounds to 0 as "0.00" (not
+    "-0.00")."""
+    return f"{round(value, 2) + 0.0:.2f}"
 
 
 def record_json(result: DetectionResult) -> str:

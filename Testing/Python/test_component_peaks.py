@@ -138,3 +138,20 @@ def test_a_peak_that_is_not_a_point_is_refused(tmp_path):
     (tmp_path / "detection.json").write_text(json.dumps(summary))
     with pytest.raises(CeVAEError, match=r"component 1: peak_lps \[1.0, '2'\] is not of its type"):
         load_result(tmp_path)
+
+
+def test_a_component_on_the_midline_is_at_r_0_not_minus_0_in_the_table_and_the_result():
+    """RAS negates ITK's x and y: a peak or centroid at x = 0 (a midline finding of a scan whose voxel centres pass
+    through 0, as an MNI-space scan's do) read "-0.00" in the component table and -0.0 in the result."""
+    image, mask = make_head(origin=(-12.0, -10.0, 5.0))  # (spacing 1.2, 1.0: voxel (10, 10, k) lies at x = y = 0)
+    flagged = np.zeros(image.GetSize()[::-1], bool)
+    flagged[15:18, 9:12, 9:12] = True
+    scores = np.where(flagged, 2.0, 0.1)
+    scores[16, 10, 10] = 3.0
+    result = detection(image, mask, scores, flagged)
+    (found,) = result.components
+    assert found.peak_lps[:2] == (0.0, 0.0)
+    (row,) = csv.DictReader(io.StringIO(components_csv(result)))
+    assert [row[f] for f in ("r", "a", "peak_r", "peak_a")] == ["0.00"] * 4
+    for value in (*found.centroid_ras[:2], *found.peak_ras[:2]):
+        assert value == 0 and np.copysign(1.0, value) == 1.0  # no negative zero for a program or Slicer's table
