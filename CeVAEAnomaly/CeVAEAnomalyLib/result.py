@@ -202,8 +202,16 @@ class DetectionResult:
 
     def __repr__(self) -> str:  # at the console: one line, not every slice row and component
         size = "x".join(map(str, self.score.GetSize()))
-        return (f"<DetectionResult on {size} voxels: {len(self.components)} component(s), {self.flagged_ml:.2f} ml "
-                f"flagged, {len(self.slices)} slice row(s); threshold {self.threshold:.4g} ({self.threshold_source})>")
+        return (f"<DetectionResult on {size} voxels: {len(self.components)} component(s), "
+                f"{flagged_text(self.flagged_ml)} ml flagged, {len(self.slices)} slice row(s); threshold "
+                f"{self.threshold:.4g} ({self.threshold_source})>")
+
+
+def flagged_text(ml: float) -> str:
+    """A flagged volume in ml as the one-line summaries say it: 2 decimals, or one significant digit for a volume
+    that would read 0.00 (a component under 5 mm³, which a lower --min-volume keeps), as the component table lists
+    it."""
+    return f"{ml:.2f}" if ml == 0 or round(ml, 2) > 0 else f"{ml:.1g}"
 
 
 @dataclass(frozen=True, repr=False)

@@ -1484,3 +1484,21 @@ def test_a_mask_named_after_an_unticked_volume_named_apart_by_slicer_is_not_pair
     assert pair_masks([c1, c2], [named]) == [named, None]
     mine = add_volume(scene, brain, "c1 mask", "vtkMRMLLabelMapVolumeNode")
     assert pair_masks([c1, shared], [mine]) == [mine, None]
+
+
+def test_the_status_line_summary_shows_a_tiny_flagged_volume_as_the_table_does(scene):
+    """Slicer's summary said "0.00 ml flagged" of a 0.003 ml component, which its table lists as 0.003 ml."""
+    from CeVAEAnomalyLib.engine.postprocess import components
+    from CeVAEAnomalyLib.result import DetectionResult, SliceScoreRow
+    from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
+
+    image, mask = make_head(spacing=(1.0, 1.0, 1.0))
+    flagged = np.zeros(image.GetSize()[::-1], np.uint8)
+    flagged[18, 20, 19:22] = 1
+    score, labelmap = sitk.GetImageFromArray(flagged * np.float32(3.0)), sitk.GetImageFromArray(flagged)
+    for im in (score, labelmap):
+        im.CopyInformation(image)
+    rows = [SliceScoreRow(2, k, 1.0, 1.0, 1.0) for k in range(image.GetSize()[2])]
+    detection = DetectionResult(score, labelmap, mask, 1.0, "absolute", rows, components(labelmap, score, "summed"))
+    result = CeVAEAnomalyLogic(scene).publish(add_volume(scene, image), detection)
+    assert result.summary.startswith("1 component(s), 0.003 ml flagged;")

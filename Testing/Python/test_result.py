@@ -242,3 +242,17 @@ def test_saving_over_files_in_the_folder_is_refused_unless_asked(tmp_path):
     assert scan.read_bytes() == b"the user's own file" and sorted(p.name for p in tmp_path.iterdir()) == ["score.nrrd"]
     save_result(dataclasses.replace(small_result(), threshold=2.5), tmp_path, overwrite=True)
     assert load_result(tmp_path).threshold == 2.5
+
+
+def test_a_flagged_volume_under_0_005_ml_is_not_shown_as_0_00_ml():
+    """With --min-volume below 5 mm³ a 3-voxel component of 1 mm voxels (0.003 ml) was summed up as "1 component(s),
+    0.00 ml flagged" (detect's log, the result's repr, Slicer's status line) while its table row said 0.0030."""
+    import dataclasses
+
+    from CeVAEAnomalyLib.result import flagged_text
+
+    tiny = small_result()
+    tiny.components = [dataclasses.replace(tiny.components[0], voxels=3, volume_ml=0.003)]
+    assert "1 component(s), 0.003 ml flagged" in repr(tiny)
+    assert [flagged_text(ml) for ml in (0.0, 0.003, 0.0004, 0.06, 1.556, 12.0)] == [
+        "0.00", "0.003", "0.0004", "0.06", "1.56", "12.00"]

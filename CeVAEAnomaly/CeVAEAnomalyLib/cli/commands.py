@@ -240,7 +240,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..options import DetectionRequest
     from ..io.images import refuse_image_as_mask
     from ..io.nifti_codes import nifti_codes
-    from ..result import input_files, refuse_unwritable_names, result_files
+    from ..result import flagged_text, input_files, refuse_unwritable_names, result_files
 
     started = time.time()
     refuse_image_as_mask(args.image, args.mask)
@@ -265,8 +265,8 @@ def run_detect(args: argparse.Namespace) -> None:
         files = result_files(result, targets, nifti_codes(args.image))
         write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice
-    log.info("Threshold %.4g (%s); %d component(s), %.2f ml flagged; most anomalous slice: %s.",
-             result.threshold, result.threshold_source, len(result.components), result.flagged_ml,
+    log.info("Threshold %.4g (%s); %d component(s), %s ml flagged; most anomalous slice: %s.",
+             result.threshold, result.threshold_source, len(result.components), flagged_text(result.flagged_ml),
              f"index {top.index} on axis {top.axis} ({'IJK'[top.axis]})" if top else "none")
     log.info("Wrote %s.", ", ".join(str(p) for p in files))
 

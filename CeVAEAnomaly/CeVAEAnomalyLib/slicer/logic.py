@@ -110,9 +110,11 @@ class CeVAEAnomalyResult:
     @property
     def summary(self) -> str:
         """One line: components, flagged volume and the threshold with its source; the sequence frame scored."""
+        from ..result import flagged_text
+
         d = self.detection
         scored = f" Scored {self.frame.label}." if self.frame is not None else ""
-        return (f"{len(d.components)} component(s), {d.flagged_ml:.2f} ml flagged; threshold "
+        return (f"{len(d.components)} component(s), {flagged_text(d.flagged_ml)} ml flagged; threshold "
                 f"{d.threshold:.4g} ({d.threshold_source}).{scored}")
 
     @property
