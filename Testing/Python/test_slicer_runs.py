@@ -692,3 +692,32 @@ def test_a_users_brain_mask_named_as_a_command_line_labelmap_is_used(tmp_path):
     named = add_volume(scene, image, "head_score")
     with pytest.raises(CeVAEError, match=r"^'head_score' is named as a result of this module for 'head' "):
         CeVAEAnomalyLogic().process(named, modelPath=missing, device="cpu")
+
+
+def test_a_labelmap_deleted_during_a_run_that_makes_none_is_not_said_to_be_made_again(tiny_bundle):
+    """The panel updates an earlier run's labelmap but asks for none (createLabelmap=False): a reader who deleted that
+    labelmap while the next run went on was told "a new node is made", and no labelmap came. The warning now says
+    that none is made; a run that asks for a labelmap still makes a new one and says so."""
+    scene = slicer.vtkMRMLScene()
+    scan = add_volume(scene, make_head(seed=7)[0], "A")
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(scan, modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
+    for create in (True, False):
+        labelmap = nodes.find_output(scene, "vtkMRMLLabelMapVolumeNode", nodes.LABELMAP_ROLE, scan)
+        chosen = mrml.OutputNodes(score=first.nodes.score, segmentation=first.nodes.segmentation, labelmap=labelmap,
+                                  components=first.nodes.components)
+        job = logic.startDetection(scan, modelPath=tiny_bundle, device="cpu", threshold=0.3, outputs=chosen,
+                                   createLabelmap=create)
+        scene.RemoveNode(labelmap)
+        run_to_end(job)
+        result = logic.finishDetection(job)
+        said = [w for w in result.warnings if "'A anomaly labelmap' was deleted" in w]
+        if create:
+            assert result.nodes.labelmap is not None and result.nodes.labelmap.GetScene() is scene
+            assert said == ["The output 'A anomaly labelmap' was deleted from the scene during the run; a new node is "
+                            "made."]
+        else:
+            assert result.nodes.labelmap is None
+            assert nodes.find_output(scene, "vtkMRMLLabelMapVolumeNode", nodes.LABELMAP_ROLE, scan) is None
+            assert said == ["The output 'A anomaly labelmap' was deleted from the scene during the run; no labelmap is "
+                            "made (none was asked for)."]

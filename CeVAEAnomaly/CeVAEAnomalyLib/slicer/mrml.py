@@ -509,13 +509,15 @@ def check_output_classes(targets: OutputNodes) -> None:
                              f"{name.replace('_', ' ')} output; choose a {_OUTPUT_CLASSES[name][7:-4]} node.")
 
 
-def _in_scene(scene: slicer.vtkMRMLScene, targets: OutputNodes) -> OutputNodes:
-    """The targets that are still nodes of ``scene`` (one deleted during a run is made again)."""
+def _in_scene(scene: slicer.vtkMRMLScene, targets: OutputNodes, create_labelmap: bool) -> OutputNodes:
+    """The targets that are still nodes of ``scene``: one deleted during a run is made again, but a labelmap only where
+    the run asks for one (``create_labelmap``; the panel asks for none, it only keeps an earlier one current)."""
     kept = {}
     for name, node in vars(targets).items():
         if node is not None and node.GetScene() is not scene:
-            log.warning("The output '%s' was deleted from the scene during the run; a new node is made.",
-                        node.GetName())
+            again = "no labelmap is made (none was asked for)" if name == "labelmap" and not create_labelmap \
+                else "a new node is made"
+            log.warning("The output '%s' was deleted from the scene during the run; %s.", node.GetName(), again)
             node = None
         kept[name] = node
     return OutputNodes(**kept)
@@ -545,7 +547,7 @@ def publish(
     """
     at = f" (frame {frame.item + 1})" if frame is not None else ""  # in the names of a sequence frame's outputs
     chosen = targets.score if targets is not None else None
-    targets = _in_scene(scene, targets or OutputNodes())
+    targets = _in_scene(scene, targets or OutputNodes(), create_labelmap)
     gone = chosen is not None and targets.score is None  # the score volume chosen was deleted meanwhile
     # a new score volume chosen for this run and deleted meanwhile: the run still gets nodes of its own
     new_nodes = new_nodes or (gone and not chosen.GetAttribute(ROLE_ATTRIBUTE))
