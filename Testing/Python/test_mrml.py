@@ -833,6 +833,72 @@ def test_a_saved_and_reloaded_scene_s_results_are_not_taken_for_edited(scene, tm
     assert (out.components, out.slice_table) == (components, slices)  # their values rounded by the save
 
 
+def labelled_detection(image: sitk.Image, mask: sitk.Image, labels: np.ndarray) -> DetectionResult:
+    """A detection on the image grid that labels the non-zero voxels of ``labels`` (a [k, j, i] array), score 2."""
+    labelmap = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
+    labelmap.CopyInformation(image)
+    score = sitk.GetImageFromArray((labels > 0).astype(np.float32) * 2.0)
+    score.CopyInformation(image)
+    return DetectionResult(score, labelmap, mask, 1.1, "absolute", [], components(labelmap, score))
+
+
+@pytest.mark.parametrize("spacing, k", [((1.2, 1.0, 0.7), 24), ((1.2, 1.0, 1.5), 1)], ids=["labelmap", "segment"])
+def test_a_small_component_s_outputs_are_not_taken_for_edited_after_a_saved_scene(scene, tmp_path, caplog, spacing, k):
+    """A scene save stores a left-handed volume with its slice axis reversed: a two-voxel component's centroid, read
+    back through the other matrix, rounded to the other side of 0.05 mm (the labelmap's S -12.1 read -12.2, the
+    segment's 2.8 read 2.7), and a rerun kept the labelmap or segment as "... (edited)" and made a new one. One step of
+    that rounding is no edit now; a voxel erased or the component moved by a voxel still is."""
+    image, mask = make_head(spacing=spacing, direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))
+    labels = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+    labels[k:k + 2, 20, 16] = 1
+    mrml.publish(scene, add_volume(scene, image), labelled_detection(image, mask, labels), create_labelmap=True)
+    reloaded, source = saved_and_reloaded(scene, tmp_path)
+    labelmap = mrml.find_output(reloaded, "vtkMRMLLabelMapVolumeNode", "labelmap", source)
+    segmentation = mrml.find_output(reloaded, "vtkMRMLSegmentationNode", "segmentation", source)
+    again = mrml.image_from_volume(source)
+    brain = sitk.Resample(mask, again, sitk.Transform(), sitk.sitkNearestNeighbor)
+    rerun = labelled_detection(again, brain, array(labelmap))  # the same voxels, on the reloaded grid
+    with caplog.at_level(logging.WARNING):
+        out = mrml.publish(reloaded, source, rerun)
+    assert "edited" not in caplog.text
+    assert (out.labelmap, out.segmentation) == (labelmap, segmentation)
+    assert segment_names(segmentation) == [mrml.SEGMENT_NAME]
+
+    moved = slicer.util.arrayFromVolume(labelmap)
+    moved[:] = np.roll(moved.copy(), 1, axis=1)  # the component moved by one voxel: as many voxels, elsewhere
+    slicer.util.arrayFromVolumeModified(labelmap)
+    segment = segmentation.GetSegmentation().GetSegment(nodes.anomaly_segment_id(segmentation))
+    binary = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    voxels = numpy_support.vtk_to_numpy(binary.GetPointData().GetScalars())
+    voxels[np.flatnonzero(voxels == segment.GetLabelValue())[0]] = 0  # one of its two voxels erased
+    binary.Modified()
+    with caplog.at_level(logging.WARNING):
+        edited = mrml.publish(reloaded, source, rerun)
+    assert edited.labelmap is not labelmap and labelmap.GetName().endswith(" (edited)")
+    assert sorted(segment_names(segmentation)) == sorted([mrml.SEGMENT_NAME, mrml.SEGMENT_NAME + " (edited)"])
+    assert caplog.text.count("was edited since the run that wrote it") == 2
+
+
+def test_a_content_signature_one_rounding_step_away_or_in_the_old_form_is_no_edit():
+    """The text a run recorded (an earlier version's scenes hold the same form: count, then the centroid to 0.1 mm)
+    still compares: the same text or one 0.1 mm step on an axis is no edit; another count, two steps, any other
+    recorded text (a table's digest) that differs are."""
+    left_handed = np.diag([-1.2, -1.0, -0.7, 1.0])
+    left_handed[:3, 3] = (20.0, -10.0, 5.0)
+    flipped = left_handed.copy()
+    flipped[:3, 2] *= -1
+    flipped[:3, 3] = (left_handed @ [0, 0, 35, 1])[:3]  # how a scene save stores it: slice axis reversed
+    voxels = np.array([[16, 20, 24], [16, 20, 25]])
+    written = nodes.content_signature(voxels, left_handed)
+    reread = nodes.content_signature(voxels * [1, 1, -1] + [0, 0, 35], flipped)
+    assert written != reread and not nodes.edited_since_written(written, reread)
+    assert not nodes.edited_since_written("2:0.8,-30.0,-12.1", "2:0.8,-30.0,-12.2")  # an earlier version's text
+    assert not nodes.edited_since_written("0", "0") and not nodes.edited_since_written(None, "2:0.0,0.0,0.0")
+    for now in ("3:0.8,-30.0,-12.1", "2:0.8,-30.0,-12.3", "2:1.0,-30.0,-12.1", "0"):
+        assert nodes.edited_since_written("2:0.8,-30.0,-12.1", now)
+    assert nodes.edited_since_written("0" * 64, "0" * 63 + "1")  # a table's digest: only the same text is no edit
+
+
 def test_outputs_follow_a_renamed_input_unless_the_user_named_them(scene):
     image, mask = make_head()
     volume = add_volume(scene, image, "T1")

@@ -288,7 +288,8 @@ def anomaly_segment_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
 
 def content_signature(ijk: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> str:
     """The number of labelled voxels (``ijk``: their indices, [N, 3]) and their centroid in local RAS to 0.1 mm:
-    any paint or erase changes it, how a scene save stores the voxels (extent, axis order) does not."""
+    a voxel painted or erased changes the count, a component moved changes the centroid; how a scene save stores the
+    voxels (extent, axis order) changes at most its last digit (see :func:`edited_since_written`)."""
     if len(ijk) == 0:
         return "0"
     centre = ijk_to_ras_matrix[:3, :3] @ ijk.mean(axis=0) + ijk_to_ras_matrix[:3, 3]
@@ -327,9 +328,22 @@ def table_signature(node: slicer.vtkMRMLTableNode) -> str:
     return hashlib.sha256("\t".join(cells).encode("utf-8")).hexdigest()
 
 
+# content_signature's text: the number of voxels, then (any voxels) the centroid's R, A, S to one decimal (0.1 mm).
+_CONTENT_SIGNATURE = re.compile(r"(\d+)(?::(-?\d+\.\d),(-?\d+\.\d),(-?\d+\.\d))?")
+
+
 def edited_since_written(written: Optional[str], now: str) -> bool:
-    """Whether content the run recorded as ``written`` (None: recorded by no run) is ``now`` something else."""
-    return bool(written) and written != now
+    """Whether content the run recorded as ``written`` (None: recorded by no run) is ``now`` something else. Two
+    :func:`content_signature` texts differ when their voxel counts do or their centroids do by more than one rounding
+    step (0.1 mm) on an axis: the same voxels read through another matrix (a scene save stores a left-handed volume
+    with its slice axis reversed) can round to either side of a step. Any other text (a table's digest) must match."""
+    if not written or written == now:
+        return False
+    old, new = _CONTENT_SIGNATURE.fullmatch(written), _CONTENT_SIGNATURE.fullmatch(now)
+    if old is None or new is None or old.group(1) != new.group(1) or (old.group(2) is None) != (new.group(2) is None):
+        return True
+    steps = zip(old.groups()[1:], new.groups()[1:])  # 0.15: more than one step of 0.1, less than two
+    return any(abs(float(a) - float(b)) > 0.15 for a, b in steps if a is not None)
 
 
 def segment_ids(node: slicer.vtkMRMLSegmentationNode) -> List[str]:
