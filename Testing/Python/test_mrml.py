@@ -899,6 +899,58 @@ def test_a_content_signature_one_rounding_step_away_or_in_the_old_form_is_no_edi
     assert nodes.edited_since_written("0" * 64, "0" * 63 + "1")  # a table's digest: only the same text is no edit
 
 
+def test_the_panels_choices_come_back_on_the_reloaded_nodes_when_a_saved_scene_is_imported_over_another(
+        scene, tmp_path):
+    """The panel's parameter node (parameterNodeWrapper keeps each node field as a node reference of its name) saved
+    with its scene and imported into a scene whose panel is open and whose node IDs clash: every choice (input, mask,
+    outputs) names the reloaded node of the same name, the outputs are still its input's, and a model file that is
+    gone meanwhile is said in one line by the panel's check, not raised."""
+    from types import SimpleNamespace
+
+    from CeVAEAnomalyLib.slicer.settings import model_problem
+
+    image, mask = make_head(direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))
+    volume = add_volume(scene, image)
+    brain = add_volume(scene, mask, "mask", "vtkMRMLLabelMapVolumeNode")
+    out = mrml.publish(scene, volume, fake_detection(image, mask), create_labelmap=True)
+    chosen = {"inputVolume": volume, "brainMask": brain, "scoreVolume": out.score, "anomalySegmentation":
+              out.segmentation, "anomalyLabelmap": out.labelmap, "componentTable": out.components}
+    panel = slicer.vtkMRMLScriptedModuleNode()
+    panel.SetSingletonTag("CeVAEAnomaly")
+    scene.AddNode(panel)
+    for name, node in chosen.items():
+        panel.SetNodeReferenceID(name, node.GetID())
+    panel.SetParameter("modelPath", str(tmp_path / "moved away.cevae"))
+    application = slicer.vtkMRMLApplicationLogic()
+    application.SetMRMLScene(scene)
+    (tmp_path / "saved").mkdir()
+    assert application.SaveSceneToSlicerDataBundleDirectory(str(tmp_path / "saved"))
+
+    other = slicer.vtkMRMLScene()
+    for class_name in ("vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode",
+                       "vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
+        other.AddNewNodeByClass(class_name, "already here")  # takes the saved nodes' IDs
+    open_panel = slicer.vtkMRMLScriptedModuleNode()
+    open_panel.SetSingletonTag("CeVAEAnomaly")
+    other.AddNode(open_panel)
+    open_panel.SetNodeReferenceID("inputVolume", other.GetFirstNodeByName("already here").GetID())
+    other.SetURL(str(next((tmp_path / "saved").glob("*.mrml"))))
+    assert other.Import()
+    panels = [other.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
+              for i in range(other.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode"))]
+    assert panels == [open_panel]  # the singleton: the panel's own node takes the saved choices
+    reloaded = {name: open_panel.GetNodeReference(name) for name in chosen}
+    for name, node in chosen.items():
+        assert reloaded[name] is not None and reloaded[name].GetName() == node.GetName(), name
+        assert reloaded[name].GetID() != node.GetID(), name  # renamed on import, the reference with it
+    for name, class_name, role in (("scoreVolume", "vtkMRMLScalarVolumeNode", "score"),
+                                   ("anomalySegmentation", "vtkMRMLSegmentationNode", "segmentation"),
+                                   ("anomalyLabelmap", "vtkMRMLLabelMapVolumeNode", "labelmap")):
+        assert mrml.find_output(other, class_name, role, reloaded["inputVolume"]) is reloaded[name]
+    gone = SimpleNamespace(useBundledModel=False, modelPath=open_panel.GetParameter("modelPath"))
+    assert "moved away.cevae does not exist" in model_problem(gone)
+
+
 def test_outputs_follow_a_renamed_input_unless_the_user_named_them(scene):
     image, mask = make_head()
     volume = add_volume(scene, image, "T1")
