@@ -29,7 +29,8 @@ GEOMETRIES = {
 def fake_detection(image: sitk.Image, mask: sitk.Image, threshold: float = 1.1) -> DetectionResult:
     """A detection result on the image grid: score = intensity/100 inside the brain (stripes above 1.1)."""
     score = sitk.Mask(sitk.Cast(image, sitk.sitkFloat32) / 100.0, mask)
-    labelmap = sitk.GetImageFromArray(threshold_labelmap(sitk.GetArrayViewFromImage(score), score.GetSpacing(), threshold))
+    labels = threshold_labelmap(sitk.GetArrayViewFromImage(score), score.GetSpacing(), threshold)
+    labelmap = sitk.GetImageFromArray(labels)
     labelmap.CopyInformation(score)
     rows = [SliceScoreRow(2, k, 0.1 * k, 1.0, 2.0 + k, 0.5, 0.2 * k, k % 2 == 1) for k in range(image.GetSize()[2])]
     return DetectionResult(score, labelmap, mask, threshold, "absolute", rows, components(labelmap, score))

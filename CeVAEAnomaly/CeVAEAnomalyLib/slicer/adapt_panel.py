@@ -50,9 +50,9 @@ def persons_scanned(persons: Sequence[Optional[str]]) -> int:
 
 def output_problem(output: str, model: Optional[Path], kind: str) -> Optional[str]:
     """Why the ``kind`` ("adapted", "calibrated", "shareable") model cannot be saved at ``output``
-    (gui_binding.typed_path: ``~`` expanded), or None: no path, a relative one (relative to what the panel does not show), a folder, a
-    name without the .cevae suffix the model chooser lists, the model it starts from (which a run never replaces) or
-    the bundled model."""
+    (gui_binding.typed_path: ``~`` expanded), or None: no path, a relative one (relative to what the panel does not
+    show), a folder, a name without the .cevae suffix the model chooser lists, the model it starts from (which a run
+    never replaces) or the bundled model."""
     if not output:
         return f"Choose where to save the {kind} model."
     out = typed_path(output)
