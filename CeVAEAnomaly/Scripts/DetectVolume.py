@@ -116,11 +116,11 @@ def load_volume(scene: slicer.vtkMRMLScene, path: Path, labelmap: bool = False
 def load_mask(scene: slicer.vtkMRMLScene, path: Path, volume: slicer.vtkMRMLVolumeNode, image: "sitk.Image"
               ) -> Tuple[slicer.vtkMRMLVolumeNode, List[str]]:
     """The node of the brain mask file at ``path`` for the input ``volume`` (``image``: its file as detect reads it),
-    and the warnings reading it gave. A mask on another grid than the input file is resampled here as detect
-    resamples it, from the two files' grids, and its node holds the brain on ``volume``'s grid: resampled from the
-    nodes, a voxel centre lying exactly between two mask voxels took the other one where Slicer reverses a
-    left-handed file's slice axis or reads an oblique grid's matrices a few bits off (brains thousands of voxels
-    apart)."""
+    and the warnings reading it (a DICOM series') and resampling it gave. A mask on another grid than the input file
+    is resampled here as detect resamples it, from the two files' grids, and its node holds the brain on ``volume``'s
+    grid: resampled from the nodes, a voxel centre lying exactly between two mask voxels took the other one where
+    Slicer reverses a left-handed file's slice axis or reads an oblique grid's matrices a few bits off (brains
+    thousands of voxels apart)."""
     import numpy as np
     import SimpleITK as sitk
     from CeVAEAnomalyLib.engine.preprocess import mask_array
@@ -128,10 +128,10 @@ def load_mask(scene: slicer.vtkMRMLScene, path: Path, volume: slicer.vtkMRMLVolu
     from CeVAEAnomalyLib.slicer import mrml
     from CeVAEAnomalyLib.slicer.logic import warningsLogged
 
-    node, mask = load_volume(scene, path, labelmap=True)
-    if same_grid(mask, image):
-        return node, []
     with warningsLogged() as said:
+        node, mask = load_volume(scene, path, labelmap=True)
+        if same_grid(mask, image):
+            return node, said
         brain = sitk.GetImageFromArray(mask_array(mask, image).astype(np.uint8))
     brain.CopyInformation(image)
     mrml.update_volume_from_image(node, on_grid(brain, mrml.image_from_volume(volume)))
@@ -314,6 +314,7 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     from CeVAEAnomalyLib.io.lock import hold_outputs
     from CeVAEAnomalyLib.io.targets import check_paths
     from CeVAEAnomalyLib.result import input_files
+    from CeVAEAnomalyLib.slicer.logic import warningsLogged
 
     device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before any file is read
     request = replace(request, run=replace(request.run, device=str(device)))  # as detect: said once, not again
@@ -321,14 +322,15 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     with hold_outputs(paths.values(), COMMAND):  # another run writing one of them is refused now, not after its work
         remove_abandoned_temporaries(paths.values(), started)  # what killed runs left
         read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
-        volume, image = load_volume(scene, args.input)
+        with warningsLogged() as read:  # (a DICOM series that may lack slices), recorded as detect records them
+            volume, image = load_volume(scene, args.input)
         restore_non_finite(volume, args.input, image)
         mask, said = load_mask(scene, args.mask, volume, image) if args.mask else (None, [])
         sources = input_files(image=args.input, mask=args.mask)  # the files just read, for the record
         result = CeVAEAnomalyLogic(scene).process(volume, mask, request, modelPath=args.model, createLabelmap=True,
                                                   progress=Progress())
-        record = result.detection.record  # with the warnings of the mask's resampling, as detect's record
-        result.detection.record = replace(record, inputs=sources, warnings=tuple(said) + record.warnings)
+        record = result.detection.record  # with the warnings of reading the files and resampling the mask, as detect's
+        result.detection.record = replace(record, inputs=sources, warnings=(*read, *said, *record.warnings))
         written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model),
                                 source=args.input, published=published)
     log.info("Wrote %s.", ", ".join(str(p) for p in written))

@@ -12,6 +12,7 @@ keeps the rows of volumes the run does not list (another list's sharing the --ou
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -648,6 +649,7 @@ class VolumeDetector:
         self.detector = Detector.from_request(bundle, settings.request)
 
     def __call__(self, item: BatchItem, overwrite: bool) -> Dict[str, object]:
+        from ..engine.detector import warnings_logged
         from ..io.images import read_image
         from ..io.nifti_codes import nifti_codes
         from ..io.atomic import write_all
@@ -663,10 +665,12 @@ class VolumeDetector:
             done = None if overwrite else self.done_by_another_run(item, source)
             if done is not None:
                 return done
-            image = read_image(item.image)
-            mask = read_image(item.mask, "brain mask") if item.mask else None
+            with warnings_logged() as read:  # (a DICOM series that may lack slices), kept with the detection's
+                image = read_image(item.image)
+                mask = read_image(item.mask, "brain mask") if item.mask else None
             where = f"{item.name}: "
             result = self.detector(image, mask, progress=self.go_on, where=where)  # the console's warnings name it
+            result.record = dataclasses.replace(result.record, warnings=tuple(read) + result.record.warnings)
             self.go_on()  # past here the outputs are written and their row returned
             paths = output_paths(self.s.out_dir, item.name)
             try:

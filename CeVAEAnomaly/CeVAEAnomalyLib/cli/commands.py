@@ -236,7 +236,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.atomic import remove_abandoned_temporaries, write_all
     from ..io.lock import hold_outputs
     from ..io.targets import check_paths
-    from ..engine.detector import Detector
+    from ..engine.detector import Detector, warnings_logged
     from ..options import DetectionRequest
     from ..io.images import refuse_image_as_mask
     from ..io.nifti_codes import nifti_codes
@@ -256,12 +256,14 @@ def run_detect(args: argparse.Namespace) -> None:
     with hold_outputs(wanted, "detect"):  # another detect writing one of them is refused now, not after its work
         remove_abandoned_temporaries(wanted, started)  # of killed runs
         header.threshold_of(request)  # torch-free: a threshold the model cannot give is refused unread
-        image = read_image(args.image)
-        mask = read_image(args.mask, "brain mask") if args.mask else None
+        with warnings_logged() as read:  # (a DICOM series that may lack slices), recorded with the detection's
+            image = read_image(args.image)
+            mask = read_image(args.mask, "brain mask") if args.mask else None
         sources = input_files(image=args.image, mask=args.mask) if args.record else {}  # the files just read
         detector = Detector.from_request(load_bundle(model, device), request)
         result = detector(image, mask, progress=ConsoleProgress("detect"))
-        result.record = dataclasses.replace(result.record, inputs=sources)
+        result.record = dataclasses.replace(result.record, inputs=sources,
+                                            warnings=tuple(read) + result.record.warnings)
         files = result_files(result, targets, nifti_codes(args.image))
         write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice

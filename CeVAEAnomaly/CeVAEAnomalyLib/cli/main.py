@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "named .tsv)")
     d.add_argument("--record", type=output_path_value, help="output JSON record of how the outputs were made: the "
                    "model file and its sha256, the threshold and its source, the options, the input files and their "
-                   "sha256, the warnings the detection itself logged")
+                   "sha256, the warnings of reading them and those the detection itself logged")
     _add_scoring(d)
     _add_threshold(d)
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -129,7 +129,7 @@ class Detector:
         The input image is never modified. Raise :class:`CeVAEError` on unusable input and
         :class:`~.progress.Cancelled` if the progress callback cancels.
         """
-        with _warnings_logged() as warnings:
+        with warnings_logged() as warnings:
             result = self._detect(image, mask, progress, where)
         result.record = self._record(warnings)
         return result
@@ -397,9 +397,9 @@ class _ThreadWarnings(logging.Handler):
 
 
 @contextlib.contextmanager
-def _warnings_logged() -> Iterator[List[str]]:
+def warnings_logged() -> Iterator[List[str]]:
     """The messages of the library's warnings that this thread logs in the block (still logged as usual): those
-    of one detection, not of another thread's."""
+    of one detection, not of another thread's (the entry points add those of reading its input files)."""
     handler, library = _ThreadWarnings(), logging.getLogger(__name__.split(".")[0])
     library.addHandler(handler)
     try:
