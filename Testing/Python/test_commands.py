@@ -1,4 +1,5 @@
 """The calibrate, evaluate and demo commands end to end."""
+import csv
 import io
 import logging
 import os
@@ -200,8 +201,36 @@ def test_evaluate_prints_hand_checked_metrics(tmp_path, capsys):
     assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--gt", str(tmp_path / "g.nrrd"),
                  "--mask", str(tmp_path / "m.nrrd"), "--out", str(tmp_path / "metrics.csv")]) == 0
     out = capsys.readouterr().out
-    assert "AUROC 0.7500" in out and "AUPRC 0.8333" in out
+    assert "auroc 0.7500" in out and "auprc 0.8333" in out
     assert (tmp_path / "metrics.csv").read_text().splitlines()[-1].startswith("pooled")
+
+
+def test_evaluate_prints_each_figure_under_its_column_name_in_the_metrics_table(tmp_path, capsys):
+    """The console said "Dice@labelmap", "best Dice", "slice AUROC" and "flagged ... ml" where the table written
+    with --out names the columns dice_at_threshold, best_dice, slice_auroc and flagged_ml: a user could not tell
+    which figure was which column. Each console figure is named as its column now, with the table's value."""
+    score = np.zeros((4, 8, 8), np.float32)
+    gt = np.zeros((4, 8, 8), np.uint8)
+    score[0, 0, :4] = [0.1, 0.4, 0.35, 0.8]
+    gt[0, 0, 2:4] = 1
+    labelmap = (score > 0.5).astype(np.uint8)
+    for name, arr in (("s", score), ("g", gt), ("l", labelmap)):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"{name}.nrrd"))
+    assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--gt", str(tmp_path / "g.nrrd"),
+                 "--labelmap", str(tmp_path / "l.nrrd"), "--out", str(tmp_path / "metrics.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [line.split(": ")[0] for line in lines] == [row["name"] for row in table] == ["s.nrrd", "pooled"]
+    for line, row in zip(lines, table):
+        words = line.split(": ", 1)[1].split()
+        said = dict(zip(words[::2], words[1::2]))
+        assert len(words) == 2 * len(said) and set(said) <= set(row), line
+        assert {k for k, v in row.items() if v and v != "nan"} - set(said) <= {"name", "best_threshold", "n_voxels",
+                                                                               "n_positive"}, line
+        for column, value in said.items():  # 4 decimals; a flagged volume as the summaries say it (0.002)
+            assert float(value) == pytest.approx(float(row[column]), abs=5e-5, rel=0.05 * (column == "flagged_ml"))
+    assert {"dice_at_threshold", "slice_auroc", "flagged_ml"} <= set(lines[0].split())
 
 
 def test_evaluate_prints_a_case_name_its_output_cannot_encode(tmp_path, monkeypatch):
@@ -216,7 +245,7 @@ def test_evaluate_prints_a_case_name_its_output_cannot_encode(tmp_path, monkeypa
     sitk.WriteImage(sitk.GetImageFromArray(gt), str(tmp_path / "g.nrrd"))
     assert main(["evaluate", "--score", str(tmp_path / "brain_\u8133.nrrd"), "--gt", str(tmp_path / "g.nrrd")]) == 0
     sys.stdout.flush()
-    assert b"brain_\\u8133.nrrd: AUROC 1.0000" in raw.getvalue()
+    assert b"brain_\\u8133.nrrd: auroc 1.0000" in raw.getvalue()
 
 
 def test_evaluate_says_n_a_and_why_when_the_truth_covers_the_whole_mask(tmp_path, capsys, caplog):
@@ -230,7 +259,7 @@ def test_evaluate_says_n_a_and_why_when_the_truth_covers_the_whole_mask(tmp_path
         assert main(["evaluate", "--score", str(tmp_path / "s.nrrd"), "--gt", str(tmp_path / "g.nrrd"),
                      "--mask", str(tmp_path / "m.nrrd")]) == 0
     out = capsys.readouterr().out
-    assert "AUROC n/a" in out and "nan" not in out and "AUPRC 1.0000" in out
+    assert "auroc n/a" in out and "nan" not in out and "auprc 1.0000" in out
     assert "no healthy voxels" in caplog.text
 
 

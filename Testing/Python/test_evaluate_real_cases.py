@@ -123,7 +123,7 @@ def test_a_cohort_without_a_lesion_voxel_says_why_every_figure_is_na(
     (tmp_path / "cases.csv").write_text("\n".join(["name,score,mask", *rows]) + "\n")
     with caplog.at_level(logging.WARNING):
         assert main(["evaluate", "--cases", str(tmp_path / "cases.csv"), "--out", str(tmp_path / "m.csv")]) == 0
-    assert "pooled: AUROC n/a  AUPRC n/a  best Dice n/a" in capsys.readouterr().out
+    assert "pooled: auroc n/a  auprc n/a  best_dice n/a" in capsys.readouterr().out
     assert ("None of the 2 cases has a lesion voxel (a ground truth marking one inside the mask): every case counts "
             "as healthy, so AUROC, AUPRC and best Dice are undefined (n/a, nan in the table).") in caplog.text
     pooled = (tmp_path / "m.csv").read_text().splitlines()[-1].split(",")

@@ -378,6 +378,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, figure, write_metrics_csv
     from ..io.manifest import read_rows
     from ..io.targets import check_paths
+    from ..result import flagged_text
 
     if args.cases and any((args.score, args.gt, args.mask, args.labelmap)):
         raise CeVAEError("Give either --cases CSV or --score (with --gt, --mask, --labelmap) for one case, not both.")
@@ -399,14 +400,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
     cases, pooled = evaluate_files(rows)
     if args.out:  # before the console lines, which a reader that stops early (`| head`) cuts short
         write_metrics_csv(args.out, cases, pooled, args.overwrite)
-    try:
+    try:  # each figure named as its column in the --out table
         for c in cases:
-            print(f"{c.name}: AUROC {figure(c.auroc)}  AUPRC {figure(c.auprc)}  best Dice {figure(c.best_dice)}"
-                  + (f"  Dice@labelmap {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
-                  + (f"  slice AUROC {figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
-                  + (f"  flagged {c.flagged_ml:.2f} ml" if c.flagged_ml is not None else ""))
-        print(f"pooled: AUROC {figure(pooled['auroc'])}  AUPRC {figure(pooled['auprc'])}  "
-              f"best Dice {figure(pooled['best_dice'])}", flush=True)
+            print(f"{c.name}: auroc {figure(c.auroc)}  auprc {figure(c.auprc)}  best_dice {figure(c.best_dice)}"
+                  + (f"  dice_at_threshold {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
+                  + (f"  slice_auroc {figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
+                  + (f"  flagged_ml {flagged_text(c.flagged_ml)}" if c.flagged_ml is not None else ""))
+        print(f"pooled: auroc {figure(pooled['auroc'])}  auprc {figure(pooled['auprc'])}  "
+              f"best_dice {figure(pooled['best_dice'])}", flush=True)
     except BrokenPipeError:  # the reader stopped: the lines it did not take are dropped (no second error at exit)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.out:
