@@ -362,8 +362,8 @@ def plain_scene() -> slicer.vtkMRMLScene:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run and return the exit status (errors are reported as one line on stderr)."""
     inside_slicer = getattr(slicer, "app", None) is not None
-    if not inside_slicer:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not inside_slicer:  # (inside, Slicer's own handler says the log; a second would double each line)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")  # as cevae-anomaly says it
     if _IMPORT_ERROR is not None:
         print(f"DetectVolume: error: the CeVAEAnomaly library could not be imported "
               f"({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}); run the script from the installed "

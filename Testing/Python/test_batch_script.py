@@ -141,6 +141,23 @@ def test_a_dicom_series_folder_is_read_as_detect_reads_it(run_here, tiny_bundle,
     assert json.loads((out / "T1_record.json").read_text())["inputs"]["image"]["path"] == str(series)
 
 
+def test_warnings_are_said_as_the_command_line_says_them(tiny_bundle, tmp_path):
+    """Run outside Slicer, the script printed the library's warnings as bare lines, where cevae-anomaly prints
+    "WARNING: ..." (its INFO lines "INFO: ..."): a warning did not stand out among the progress lines. Once each."""
+    from test_dicom_series import write_series
+
+    image, mask = make_head(size=(32, 36, 12), spacing=(2.0, 2.0, 3.0), seed=5)
+    series = write_series(image, tmp_path / "T1", {"0020|1002": "14"})  # 12 slices of 14 acquired: warned of
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    proc = run_batch("--input", series, "--mask", tmp_path / "mask.nii.gz", "--model", tiny_bundle, "--output-dir",
+                     tmp_path / "out", "--device", "cpu", "--threshold", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    said = [line for line in lines if "may be missing at its ends" in line]
+    assert len(said) == 1 and said[0].startswith(f"WARNING: The DICOM series in {series} holds 12 slices"), lines
+    assert any(line.startswith("INFO: 100% Done") for line in lines), lines
+
+
 def test_batch_refuses_to_overwrite_without_the_flag(oblique_head, tmp_path):
     image_path, _ = oblique_head
     out = tmp_path / "out"
