@@ -11,7 +11,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple, get_args, get_type_hints
 
@@ -337,9 +337,10 @@ def write_result(result: DetectionResult, *, score: Optional[PathLike] = None, l
     CSV tables (``slices``, ``components``: tab-separated for a ``.tsv`` name) and the JSON ``record``, all or none,
     each checked complete before it is renamed into place. ``like``: the scan's path, which no output may be, and
     whose NIfTI qform and sform codes NIfTI outputs keep (an MNI-space scan's maps say MNI space; without it, or for
-    another format, ITK's (1, 1), scanner space). Refused before anything is written: an existing output unless
-    ``overwrite``, an output named twice or onto ``like``, and a name that does not say its format (a map named
-    .csv, a table named .nii.gz)."""
+    another format, ITK's (1, 1), scanner space), and which a ``record`` whose inputs are empty (a result of images
+    in memory) names as its image input, as ``detect`` does (path and sha256; ``result`` itself is left unchanged).
+    Refused before anything is written: an existing output unless ``overwrite``, an output named twice or onto
+    ``like``, and a name that does not say its format (a map named .csv, a table named .nii.gz)."""
     from .io.atomic import remove_abandoned_temporaries, write_all
     from .io.lock import hold_outputs
     from .io.nifti_codes import nifti_codes
@@ -358,6 +359,8 @@ def write_result(result: DetectionResult, *, score: Optional[PathLike] = None, l
     started = time.time()
     with hold_outputs(list(targets.values()), "write_result"):
         remove_abandoned_temporaries(targets.values(), started)  # of killed writes
+        if RECORD_OUTPUT in targets and like is not None and result.record is not None and not result.record.inputs:
+            result = replace(result, record=replace(result.record, inputs=input_files(image=Path(like))))
         files = result_files(result, targets, None if like is None else nifti_codes(like))
         return write_all(files, overwrite, inputs, command="write_result")
 

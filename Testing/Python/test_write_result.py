@@ -72,6 +72,29 @@ def test_it_writes_the_files_detect_writes_for_the_same_scan(detected, tmp_path)
     assert _codes(without) == (1, 1)
 
 
+def test_the_record_names_the_scan_given_as_like_as_its_input_as_detect_does(detected, tiny_bundle, tmp_path):
+    """A record written for a result of images in memory had empty ``inputs`` even where ``like`` named the scan it
+    was computed on: the record did not say which scan. It records that scan as detect --record records its image
+    (path and sha256), and a record that already names its inputs keeps them."""
+    import dataclasses
+    import json
+
+    from CeVAEAnomalyLib import write_result
+
+    d, scan, brain, _, result = detected
+    assert main(["detect", str(scan), "--mask", str(brain), "--model", str(tiny_bundle), "--device", "cpu",
+                 "--score", str(tmp_path / "cli_score.nii.gz"), "--record", str(tmp_path / "cli_record.json")]) == 0
+    detects = json.loads((tmp_path / "cli_record.json").read_text())["inputs"]
+    write_result(result, record=tmp_path / "record.json", like=scan)
+    assert json.loads((tmp_path / "record.json").read_text())["inputs"] == {"image": detects["image"]}
+    assert result.record.inputs == {}  # the caller's result is left as it was
+    write_result(result, record=tmp_path / "unlike.json")  # no scan named: none recorded
+    assert json.loads((tmp_path / "unlike.json").read_text())["inputs"] == {}
+    named = dataclasses.replace(result, record=dataclasses.replace(result.record, inputs=detects))
+    write_result(named, record=tmp_path / "named.json", like=scan)
+    assert json.loads((tmp_path / "named.json").read_text())["inputs"] == detects
+
+
 def test_an_existing_output_is_refused_without_overwrite_and_left_unchanged(detected, tmp_path):
     from CeVAEAnomalyLib import write_result
 
