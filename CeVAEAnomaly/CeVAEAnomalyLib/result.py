@@ -94,7 +94,8 @@ class DetectionRecord:
     the threshold and where it came from, the scoring and post-processing options it used, where the network ran,
     the warnings the detection logged (in order, as logged) and when it ended (UTC, ISO 8601). ``inputs``: the
     files it read, by role ("image", "mask": their ``path`` and ``sha256``, :func:`input_files`), where an entry
-    point read files; empty for images given in memory."""
+    point read files; empty for images given in memory (``write_result(..., like=SCAN)`` names the scan in the file
+    it writes)."""
 
     tool: str
     version: str
