@@ -531,3 +531,29 @@ def test_a_brain_mask_reaching_beyond_the_image_is_used_on_it_with_a_warning(tmp
     with caplog.at_level(logging.WARNING):
         detector(image, sitk.Resample(mask, finer, sitk.Transform(), sitk.sitkNearestNeighbor))  # on the image
     assert not [r for r in caplog.records if "outside the image" in r.getMessage()]
+
+
+def test_a_channel_last_array_s_image_is_scored_as_its_one_channel(tiny_bundle):
+    """sitk.GetImageFromArray of a (z, y, x, 1) array, as deep-learning code holds a scan, is a vector image of one
+    component: with the automatic brain mask, detect failed inside SimpleITK's Cast ('does not support casting from
+    casting vector of 32-bit float to 32-bit float'); it is scored as its one channel, with either mask."""
+    from CeVAEAnomalyLib.data import template_dir
+
+    image = sitk.ReadImage(str(template_dir() / "colin27_t1_2mm.nii.gz"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(template_dir() / "colin27_brainmask_2mm.nii.gz"))
+
+    def channel_last(scalar: sitk.Image) -> sitk.Image:
+        vector = sitk.GetImageFromArray(sitk.GetArrayFromImage(scalar)[..., None])
+        vector.CopyInformation(scalar)
+        assert vector.GetNumberOfComponentsPerPixel() == 1 and vector.GetPixelID() != scalar.GetPixelID()
+        return vector
+
+    bundle = load_bundle(tiny_bundle)
+    for given in (None, mask):
+        plain = detect(image, bundle, given, threshold=1.0)
+        vector_mask = None if given is None else channel_last(given)
+        channel = detect(channel_last(image), bundle, vector_mask, threshold=1.0)
+        np.testing.assert_array_equal(_score(channel), _score(plain))
+        assert channel.score.GetPixelID() == sitk.sitkFloat32
+        for what in ("Spacing", "Origin", "Direction"):
+            assert getattr(channel.score, f"Get{what}")() == getattr(image, f"Get{what}")()

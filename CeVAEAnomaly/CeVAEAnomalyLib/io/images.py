@@ -490,6 +490,8 @@ def _refuse_layered_segmentation(p: Path, image: sitk.Image, what: str) -> None:
 
 
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+_VECTORS = frozenset(getattr(sitk, f"sitkVector{t}") for t in ("UInt8", "Int8", "UInt16", "Int16", "UInt32", "Int32",
+                                                             "UInt64", "Int64", "Float32", "Float64"))
 
 
 def warn_if_ct_range(image: sitk.Image, modality: str, where: str = "") -> bool:
@@ -546,10 +548,12 @@ _MAX_AXIS_STRETCH = 1e-3  # how far from 1 a direction column's length may be (h
 
 def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
     """Refuse what the model cannot score: complex, not 3D, several components, a single slice, too small,
-    fewer than 4 slices."""
+    fewer than 4 slices. A vector image of one component (a (z, y, x, 1) array's) is taken as its scalar image."""
     if image.GetPixelID() in _COMPLEX:
         raise CeVAEError(f"The {what} has complex-valued voxels (raw or phase data); a magnitude MRI "
                          "volume is needed.")
+    if image.GetNumberOfComponentsPerPixel() == 1 and image.GetPixelID() in _VECTORS:
+        image = sitk.VectorIndexSelectionCast(image, 0)  # a (z, y, x, 1) array's image: its one channel
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CeVAEError(
             f"The {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
