@@ -1,8 +1,13 @@
 """The panel's Qt Designer file as a user meets it: labels tied to their fields (Qt does not run here: the .ui is
 parsed as XML, the way uic reads it)."""
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+import pytest
+
+from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
 
 REPO = Path(__file__).resolve().parents[2]
 UI_FILE = REPO / "Resources" / "UI" / "CeVAEAnomaly.ui"
@@ -42,3 +47,38 @@ def test_every_form_label_is_the_buddy_of_its_field():
     assert len(rows) >= 20  # the pattern finds the panel's rows
     assert [(prop(label, "text"), prop(label, "buddy")) for label, field in rows
             if label.get("class") == "QLabel" and prop(label, "buddy") != field.get("name")] == []
+
+
+def widget_named(name: str) -> ET.Element:
+    return next(w for w in ui_root().iter("widget") if w.get("name") == name)
+
+
+def qt_step(spin: ET.Element, value: float, steps: int) -> float:
+    """What a QDoubleSpinBox of the .ui shows after ``steps`` clicks on its arrows from ``value`` (QAbstractSpinBox:
+    singleStep, or with AdaptiveDecimalStepType one power of ten below the value, at least 10^-decimals; the value
+    rounded to its decimals and kept in its range)."""
+    decimals = int(prop(spin, "decimals") or 2)
+    low, high = float(prop(spin, "minimum") or 0), float(prop(spin, "maximum") or 99.99)
+    adaptive = prop(spin, "stepType") == "QAbstractSpinBox::AdaptiveDecimalStepType"
+    for _ in range(abs(steps)):
+        step = float(prop(spin, "singleStep") or 1)
+        if adaptive:
+            size = abs(value) / 1.01 if (value < 0) != (steps < 0) else abs(value)  # Qt: 1100 down goes to 1090
+            step = max(10.0 ** -decimals, 10.0 ** (math.floor(math.log10(size)) - 1)) if size >= 10.0 ** -decimals \
+                else 10.0 ** -decimals
+        value = min(max(round(value + math.copysign(step, steps), decimals), low), high)
+    return value
+
+
+@pytest.mark.parametrize("rate", [DEFAULT_FPR, 0.00021774, 1e-5, 1e-4, 0.01, 0.1])
+def test_a_click_on_the_rates_arrows_changes_it_by_a_little(rate):
+    """The false-positive rate stepped by 0.0005 a click: from the bundled model's own rate, 0.000218 (which the field
+    shows when "Chosen false-positive rate" is picked), one click down (or a turn of the mouse wheel over it) went to
+    0.000001, the bottom of the range, a 200 times lower rate, and no rate between it and 0.0005 (0.0001, say) could be
+    reached with the arrows. A click moves the rate by one unit of its second significant digit now (Qt's adaptive
+    decimal step: 0.000218 to 0.000208 or 0.000228, 0.001 to 0.0011 or 0.00099)."""
+    spin = widget_named("falsePositiveRateSpinBox")
+    shown = round(rate, int(prop(spin, "decimals")))
+    for steps in (-1, 1):
+        stepped = qt_step(spin, shown, steps)
+        assert stepped != shown and abs(stepped - shown) <= 0.1 * shown + 1e-12, (shown, steps, stepped)
