@@ -1,6 +1,8 @@
 """The panel's Qt Designer file as a user meets it: labels tied to their fields (Qt does not run here: the .ui is
 parsed as XML, the way uic reads it)."""
+import html
 import math
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -82,3 +84,23 @@ def test_a_click_on_the_rates_arrows_changes_it_by_a_little(rate):
     for steps in (-1, 1):
         stepped = qt_step(spin, shown, steps)
         assert stepped != shown and abs(stepped - shown) <= 0.1 * shown + 1e-12, (shown, steps, stepped)
+
+
+def tooltip(name: str) -> str:
+    """A widget's tooltip as the user reads it (rich text's tags dropped, entities read)."""
+    return html.unescape(re.sub(r"<[^>]+>", "", prop(widget_named(name), "toolTip")))
+
+
+def test_the_number_fields_say_what_they_do_in_the_units_the_panel_shows():
+    """Three fields' tooltips left the user guessing: the threshold's, "Absolute anomaly score threshold.", said neither
+    which voxels it marks nor in what units it is; the median filter's, "3D median filter radius (voxels).", not what
+    the filter does, that 0 is off, or that a large radius takes minutes (10: about 90 s and 10 GB); the minimum
+    component volume's is in mm³ where the component table's Volume column is in ml (the bundled model's 50 mm³ is
+    0.05 ml there), and nothing said so."""
+    threshold = tooltip("thresholdSpinBox")
+    assert "at or above this are marked as anomalies" in threshold and "score volume's units" in threshold
+    median = widget_named("medianRadiusSpinBox")
+    assert prop(median, "suffix").strip() == "voxels"
+    assert "0: off" in tooltip("medianRadiusSpinBox") and "90 s" in tooltip("medianRadiusSpinBox")
+    assert prop(widget_named("minVolumeSpinBox"), "suffix").strip() == "mm³"
+    assert "1000 mm³ = 1 ml" in tooltip("minVolumeSpinBox")
