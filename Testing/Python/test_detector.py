@@ -284,3 +284,17 @@ def test_a_detection_records_how_it_was_made(tiny_bundle, caplog):
     assert detector(image, mask).record.warnings == ()
     absolute = Detector(bundle, policy=ThresholdPolicy(threshold=0.5))(image, mask).record
     assert absolute.model.calibrated_on is None and absolute.threshold_source == "absolute"
+
+
+def test_a_detection_records_the_batch_size_that_sampled_scores_depend_on(tiny_bundle):
+    """Sampled scores (--mc-samples) draw their latent samples batch by batch, so the slices per network pass
+    change the map: a record that left the batch size out said the same for two different maps."""
+    bundle = load_bundle(tiny_bundle, "cpu")
+    sampled = bundle.header.score_options.replace(mc_samples=2)
+    image, mask = make_head(seed=12)
+    results = [Detector(bundle, sampled, policy=ThresholdPolicy(threshold=0.5), batch_size=size)(image, mask)
+               for size in (64, 3)]
+    maps = [sitk.GetArrayFromImage(r.score) for r in results]
+    assert not np.array_equal(*maps)
+    assert [r.record.batch_size for r in results] == [64, 3]
+    assert results[0].record.to_dict()["batch_size"] == 64

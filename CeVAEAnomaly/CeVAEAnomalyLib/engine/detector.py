@@ -138,8 +138,8 @@ class Detector:
         """How this detector makes a detection that logged ``warnings``, ending now."""
         device = next(self.bundle.model.parameters()).device
         return DetectionRecord(TOOL, __version__, self.model_record, self.threshold, self.threshold_source,
-                               self.score.to_dict(), self.post.to_dict(), str(device), self.amp, tuple(warnings),
-                               utc_now())
+                               self.score.to_dict(), self.post.to_dict(), str(device), self.amp, self.batch_size,
+                               tuple(warnings), utc_now())
 
     def _detect(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                 where: str) -> DetectionResult:
