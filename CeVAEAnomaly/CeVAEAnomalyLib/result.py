@@ -92,11 +92,11 @@ class ModelRecord:
 class DetectionRecord:
     """How a detection was made (its provenance), torch-free and JSON-able (:meth:`to_dict`): the tool, the model,
     the threshold and where it came from, the scoring and post-processing options it used, where the network ran,
-    its slices per network pass (``batch_size``: sampled scores, ``mc_samples`` > 0, draw batch by batch), the
-    warnings the detection logged (in order, as logged) and when it ended (UTC, ISO 8601). ``inputs``: the
-    files it read, by role ("image", "mask": their ``path`` and ``sha256``, :func:`input_files`), where an entry
-    point read files; empty for images given in memory (``write_result(..., like=SCAN)`` names the scan in the file
-    it writes)."""
+    its slices per network pass (``batch_size``: sampled scores, ``mc_samples`` > 0, draw batch by batch),
+    whether the brain mask was given or computed from the image (``mask``), the warnings the detection logged (in
+    order, as logged) and when it ended (UTC, ISO 8601). ``inputs``: the files it read, by role ("image", "mask":
+    their ``path`` and ``sha256``, :func:`input_files`), where an entry point read files; empty for images given in
+    memory (``write_result(..., like=SCAN)`` names the scan in the file it writes)."""
 
     tool: str
     version: str
@@ -108,6 +108,7 @@ class DetectionRecord:
     device: str
     amp: bool
     batch_size: int
+    mask: str  # "given", or "automatic": computed from the image
     warnings: Tuple[str, ...]
     created_utc: str
     inputs: Dict[str, Dict[str, str]] = field(default_factory=dict)
@@ -142,6 +143,8 @@ class DetectionRecord:
             raise ValueError(f"the record's amp {data['amp']!r} is not true or false")
         if isinstance(data["batch_size"], bool) or not isinstance(data["batch_size"], int) or data["batch_size"] < 1:
             raise ValueError(f"the record's batch_size {data['batch_size']!r} is not a number of slices")
+        if data["mask"] not in ("given", "automatic"):
+            raise ValueError(f"the record's mask {data['mask']!r} is not 'given' or 'automatic'")
         warnings = data["warnings"]
         if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
             raise ValueError("the record's warnings are not a list of texts")

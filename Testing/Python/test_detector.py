@@ -298,3 +298,13 @@ def test_a_detection_records_the_batch_size_that_sampled_scores_depend_on(tiny_b
     assert not np.array_equal(*maps)
     assert [r.record.batch_size for r in results] == [64, 3]
     assert results[0].record.to_dict()["batch_size"] == 64
+
+
+def test_a_detection_records_whether_its_brain_mask_was_given_or_computed(tiny_bundle):
+    """A mask given and one computed from the image make other maps, yet a detection from the Python API (no
+    input files) recorded neither: the record says "given" or "automatic"."""
+    bundle = load_bundle(tiny_bundle, "cpu")
+    detector = Detector(bundle, policy=ThresholdPolicy(threshold=0.5))
+    image, mask = make_head(seed=12)
+    assert detector(image, mask).record.mask == "given"
+    assert detector(image).record.to_dict()["mask"] == "automatic"

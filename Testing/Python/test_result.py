@@ -39,7 +39,7 @@ def small_record() -> DetectionRecord:
     model = ModelRecord("site", "T1", "/models/site.cevae", "ab" * 32, "site scans: each scored by a fold model",
                         {"name": "base", "file": "base.cevae", "sha256": "cd" * 32})
     return DetectionRecord("cevae-anomaly", "0.1.0", model, 1.5, "absolute", ScoreOptions().to_dict(),
-                           PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False, 64,
+                           PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False, 64, "given",
                            ("scan: The brain mask covers only 5.0 ml", "another"), "2025-01-02T03:04:05Z")
 
 
@@ -179,6 +179,7 @@ def test_a_damaged_hand_over_is_refused_in_one_line(tmp_path):
                                      "record's model recalibrated_from 'base' is not a model's name, file and sha256"),
         "warnings as text": (lambda s: s["record"].update(warnings="none"), "record's warnings are not a list"),
         "amp as text": (lambda s: s["record"].update(amp="no"), "record's amp 'no'"),
+        "mask unsaid": (lambda s: s["record"].update(mask=None), "record's mask None is not"),
         "no slices per pass": (lambda s: s["record"].update(batch_size=0), "record's batch_size 0 is not"),
         "an unknown option": (lambda s: s["record"]["score_options"].update(speed=1),
                               "record's score_options does not"),

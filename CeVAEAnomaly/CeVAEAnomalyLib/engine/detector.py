@@ -131,15 +131,15 @@ class Detector:
         """
         with warnings_logged() as warnings:
             result = self._detect(image, mask, progress, where)
-        result.record = self._record(warnings)
+        result.record = self._record(warnings, mask is not None)
         return result
 
-    def _record(self, warnings: Sequence[str]) -> DetectionRecord:
-        """How this detector makes a detection that logged ``warnings``, ending now."""
+    def _record(self, warnings: Sequence[str], mask_given: bool) -> DetectionRecord:
+        """How this detector makes a detection that logged ``warnings``, with a mask given or not, ending now."""
         device = next(self.bundle.model.parameters()).device
         return DetectionRecord(TOOL, __version__, self.model_record, self.threshold, self.threshold_source,
                                self.score.to_dict(), self.post.to_dict(), str(device), self.amp, self.batch_size,
-                               tuple(warnings), utc_now())
+                               "given" if mask_given else "automatic", tuple(warnings), utc_now())
 
     def _detect(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                 where: str) -> DetectionResult:
