@@ -90,7 +90,8 @@ class ModelRecord:
 
 @dataclass(frozen=True)
 class DetectionRecord:
-    """How a detection was made (its provenance), torch-free and JSON-able (:meth:`to_dict`): the tool, the model,
+    """How a detection was made (its provenance), torch-free and JSON-able (:meth:`to_dict`): the tool, the
+    versions of Python and of the libraries that computed it (``software``: python, torch, SimpleITK, numpy), the model,
     the threshold and where it came from, the scoring and post-processing options it used, where the network ran,
     its slices per network pass (``batch_size``: sampled scores, ``mc_samples`` > 0, draw batch by batch),
     whether the brain mask was given or computed from the image (``mask``), the warnings the detection logged (in
@@ -109,6 +110,7 @@ class DetectionRecord:
     amp: bool
     batch_size: int
     mask: str  # "given", or "automatic": computed from the image
+    software: Dict[str, str]  # the versions of python, torch, SimpleITK and numpy (engine/detector.py)
     warnings: Tuple[str, ...]
     created_utc: str
     inputs: Dict[str, Dict[str, str]] = field(default_factory=dict)
@@ -145,6 +147,9 @@ class DetectionRecord:
             raise ValueError(f"the record's batch_size {data['batch_size']!r} is not a number of slices")
         if data["mask"] not in ("given", "automatic"):
             raise ValueError(f"the record's mask {data['mask']!r} is not 'given' or 'automatic'")
+        software = data["software"]
+        if not isinstance(software, dict) or not all(isinstance(v, str) for v in software.values()):
+            raise ValueError(f"the record's software {software!r} is not versions by name")
         warnings = data["warnings"]
         if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
             raise ValueError("the record's warnings are not a list of texts")
@@ -161,7 +166,8 @@ class DetectionRecord:
             except CeVAEError as exc:
                 raise ValueError(f"the record's {name}: {exc}") from None
         return cls(**dict(data, model=ModelRecord(**model), threshold=float(threshold), warnings=tuple(warnings),
-                          inputs={k: dict(v) for k, v in inputs.items()}, **options))
+                          inputs={k: dict(v) for k, v in inputs.items()}, software=dict(software),
+                          **options))
 
 
 def input_files(**paths: Optional[Path]) -> Dict[str, Dict[str, str]]:

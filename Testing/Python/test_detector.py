@@ -308,3 +308,17 @@ def test_a_detection_records_whether_its_brain_mask_was_given_or_computed(tiny_b
     image, mask = make_head(seed=12)
     assert detector(image, mask).record.mask == "given"
     assert detector(image).record.to_dict()["mask"] == "automatic"
+
+
+def test_a_detection_records_the_versions_of_the_libraries_that_computed_it(tiny_bundle):
+    """Another torch or SimpleITK (convolutions, resampling) can move a map; the record named only the package's
+    version, and now names Python's, torch's, SimpleITK's and NumPy's too."""
+    import platform
+
+    import torch
+
+    bundle = load_bundle(tiny_bundle, "cpu")
+    image, mask = make_head(seed=12)
+    record = Detector(bundle, policy=ThresholdPolicy(threshold=0.5))(image, mask).record
+    assert record.to_dict()["software"] == {"python": platform.python_version(), "torch": torch.__version__,
+                                            "SimpleITK": sitk.Version_VersionString(), "numpy": np.__version__}

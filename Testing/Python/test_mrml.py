@@ -1327,7 +1327,7 @@ def recorded(detection: DetectionResult, model: str, threshold: float = 1.1) -> 
     sha256 = hashlib.sha256(model.encode()).hexdigest()
     record = DetectionRecord("cevae-anomaly", "9.9", ModelRecord(model, "T1", f"/m/{model}.cevae", sha256, None),
                              threshold, "absolute", ScoreOptions(score_type="rec").to_dict(),
-                             PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False, 64, "given", (),
+                             PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False, 64, "given", {"torch": "2.0"}, (),
                              "2025-01-02T03:04:05Z")
     return dataclasses.replace(detection, record=record)
 

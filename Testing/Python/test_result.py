@@ -39,7 +39,7 @@ def small_record() -> DetectionRecord:
     model = ModelRecord("site", "T1", "/models/site.cevae", "ab" * 32, "site scans: each scored by a fold model",
                         {"name": "base", "file": "base.cevae", "sha256": "cd" * 32})
     return DetectionRecord("cevae-anomaly", "0.1.0", model, 1.5, "absolute", ScoreOptions().to_dict(),
-                           PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False, 64, "given",
+                           PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False, 64, "given", {"torch": "2.0"},
                            ("scan: The brain mask covers only 5.0 ml", "another"), "2025-01-02T03:04:05Z")
 
 
@@ -180,6 +180,7 @@ def test_a_damaged_hand_over_is_refused_in_one_line(tmp_path):
         "warnings as text": (lambda s: s["record"].update(warnings="none"), "record's warnings are not a list"),
         "amp as text": (lambda s: s["record"].update(amp="no"), "record's amp 'no'"),
         "mask unsaid": (lambda s: s["record"].update(mask=None), "record's mask None is not"),
+        "versions as text": (lambda s: s["record"].update(software="torch 2"), "record's software 'torch 2'"),
         "no slices per pass": (lambda s: s["record"].update(batch_size=0), "record's batch_size 0 is not"),
         "an unknown option": (lambda s: s["record"]["score_options"].update(speed=1),
                               "record's score_options does not"),

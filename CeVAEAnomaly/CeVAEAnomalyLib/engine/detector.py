@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import platform
 import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -139,7 +140,8 @@ class Detector:
         device = next(self.bundle.model.parameters()).device
         return DetectionRecord(TOOL, __version__, self.model_record, self.threshold, self.threshold_source,
                                self.score.to_dict(), self.post.to_dict(), str(device), self.amp, self.batch_size,
-                               "given" if mask_given else "automatic", tuple(warnings), utc_now())
+                               "given" if mask_given else "automatic", software_versions(), tuple(warnings),
+                               utc_now())
 
     def _detect(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                 where: str) -> DetectionResult:
@@ -381,6 +383,12 @@ def detect(image: sitk.Image, bundle: Union[Bundle, str, "os.PathLike[str]"], ma
 
 
 TOOL = "cevae-anomaly"  # the name a detection's record gives the tool that made it
+
+
+def software_versions() -> Dict[str, str]:
+    """The versions of Python and of the libraries that compute a map, as a record names them."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString(),
+            "numpy": np.__version__}
 
 
 class _ThreadWarnings(logging.Handler):
