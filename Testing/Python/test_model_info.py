@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from conftest import SHARED_DATA, add_volume
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.data import default_model_path
+from CeVAEAnomalyLib.engine.detector import software_versions
 from CeVAEAnomalyLib.engine.header import read_header
 from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.options import ThresholdPolicy
@@ -176,8 +177,8 @@ def test_a_calibrated_copy_records_its_parent_when_on_which_scans_and_how_and_in
                                                                                             tmp_path):
     """A calibrated copy kept its parent's name and recorded neither its parent nor when, on which scans (by sha256) or
     with which options it was calibrated: info called it "cevae_t1_default ... with the bundled default model's
-    weights". It is named after its file now and records them; a copy of a copy records both its parent and the
-    model the chain started from."""
+    weights". It is named after its file now and records them (the batch size and the versions of the libraries
+    that scored the scans too); a copy of a copy records both its parent and the model the chain started from."""
     bundled = default_model_path()
     header = read_header(calibrated)
     record = header.extra["recalibration"]
@@ -190,7 +191,8 @@ def test_a_calibrated_copy_records_its_parent_when_on_which_scans_and_how_and_in
     assert timedelta(0) <= datetime.now(timezone.utc) - when < timedelta(hours=1)
     assert record["options"] == {"score_options": header.score_options.to_dict(),
                                  "postprocess": header.postprocess.to_dict(), "default_fpr": header.default_fpr,
-                                 "amp": False}
+                                 "amp": False, "batch_size": 64}  # (sampled scores draw batch by batch)
+    assert record["software"] == software_versions()  # the libraries that scored the scans, not the training's
     lines = info(capsys, str(calibrated)).splitlines()
     assert (f"Recalibrated from: cevae_t1_default ({bundled.name}, sha256 {sha256_of(bundled)}) on "
             f"{record['calibrated_utc']}, on 2 healthy scans (colin27, mni152; their sha256 and their masks' in "

@@ -216,13 +216,21 @@ def _check_recalibration(record: Any) -> None:
         _fail("recalibration.scans", f"must be a non-empty list of scans, got {scans!r}")
     for i, scan in enumerate(scans):
         _texts(f"recalibration.scans[{i}]", scan, ("name", "sha256"), ("mask_sha256",))
-    options = _section(record, "options", ("score_options", "postprocess", "default_fpr", "amp"), "recalibration.")
+    # (batch_size and software: copies written before they were recorded lack them)
+    options = _section(record, "options", ("score_options", "postprocess", "default_fpr", "amp", "batch_size"),
+                       "recalibration.")
     for key, cls in (("score_options", ScoreOptions), ("postprocess", PostprocessOptions)):
         _check_options(options, key, cls, "recalibration.options.")
     _number("recalibration.options.default_fpr", options.get("default_fpr"), float(FPR_GRID[0]),
             float(FPR_GRID[-1]))
     if not isinstance(options.get("amp"), bool):
         _fail("recalibration.options.amp", f"must be true or false, got {options.get('amp')!r}")
+    size = options.get("batch_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        _fail("recalibration.options.batch_size", f"must be a number of slices, got {size!r}")
+    software = record.get("software", {})
+    if not isinstance(software, dict) or not all(isinstance(v, str) for v in software.values()):
+        _fail("recalibration.software", f"must be versions by name, got {software!r}")
 
 
 def _texts(where: str, value: Any, required: Sequence[str], optional: Sequence[str]) -> None:

@@ -23,7 +23,7 @@ from ..errors import (CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRAT
 from ..io.checksum import refuse_changed, sha256_of
 from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
-from .detector import Detector
+from .detector import Detector, software_versions
 from .modality import contrast_problem, scan_bright_tail, scan_depth_contrast
 from ..progress import ProgressCallback, checked, labelled, report, scaled
 
@@ -321,8 +321,9 @@ def _recalibration_record(bundle: Bundle, subjects: Sequence[Subject], names: Di
     """The ``recalibration`` section of the header of ``bundle`` calibrated on ``subjects``: the model it was made
     from (``parent``: name, file name, sha256), the first model of a chain of recalibrations (``original``: the parent
     unless it is a calibrated copy itself), when (UTC), on which scans (name as in ``names``, sha256 of the image and
-    of its mask from ``hashed``, the content scored; None where the mask was computed) and with which options
-    (``opts`` and ``post`` as asked, the default rate, mixed precision)."""
+    of its mask from ``hashed``, the content scored; None where the mask was computed), with which options
+    (``opts`` and ``post`` as asked, the default rate, mixed precision, the batch size: sampled scores draw batch by
+    batch) and with which versions of Python and the libraries that scored them (``software``)."""
     parent = {"name": bundle.header.name, "file": bundle.path.name, "sha256": bundle.sha256}
     earlier = bundle.header.extra.get("recalibration")
     original = earlier.get("original") if isinstance(earlier, dict) else None
@@ -331,4 +332,5 @@ def _recalibration_record(bundle: Bundle, subjects: Sequence[Subject], names: Di
     return {"parent": parent, "original": original if isinstance(original, dict) else parent,
             "calibrated_utc": utc_now(), "scans": scans,
             "options": {"score_options": opts.to_dict(), "postprocess": post.to_dict(), "default_fpr": rate,
-                        "amp": run.amp}}
+                        "amp": run.amp, "batch_size": run.batch_size},
+            "software": software_versions()}

@@ -36,11 +36,11 @@ VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"),
 # this project fills from its own words, numbers and versions (a list's items as "[]"), never a scan's name: a scan
 # named "T1" or "1" is no name left in the modality or a person's number
 UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "postprocess", "calibration",
-                     "recalibration.options", "recalibration.parent", "recalibration.original", "adaptation.parent",
-                     "format", "modality", "weights_dtype", "weights_sha256", "written_by", "versions",
-                     "training.orientations", "training.subjects[].person", "training.validation_subjects[].person",
-                     "adaptation.site_scans[].person", "adaptation.calibration", "recalibration.calibrated_utc",
-                     "training.trained_utc"})
+                     "recalibration.options", "recalibration.software", "recalibration.parent",
+                     "recalibration.original", "adaptation.parent", "format", "modality", "weights_dtype",
+                     "weights_sha256", "written_by", "versions", "training.orientations", "training.subjects[].person",
+                     "training.validation_subjects[].person", "adaptation.site_scans[].person",
+                     "adaptation.calibration", "recalibration.calibrated_utc", "training.trained_utc"})
 ALREADY_SHARED = "is already a shareable copy (its scans are called scan 1, scan 2, ...): give it as it is"
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
 _SCAN_OR_DIGEST = re.compile(r"(?:scan [1-9][0-9]*|[0-9a-fA-F]{64})\Z")  # a name this module gives, or a sha256
