@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from CeVAEAnomalyLib.engine.bundle import Bundle
+from CeVAEAnomalyLib.engine.header import WEIGHTS_DIGEST_KEY, WRITER_KEY
 from CeVAEAnomalyLib.engine.calibration import (ACQUISITION_FACTOR, BRIGHT_TAIL_MARGIN, calibrated_settings,
                                                   find_calibration, threshold_for_fpr)
 from CeVAEAnomalyLib.engine.model_info import known_source
@@ -41,6 +42,9 @@ def render_model_card(bundle: Bundle, benchmark: Optional[str] = None) -> str:
     pre = h.get("preprocess", {})
     lines = [
         f"# Model card: {h.get('name', bundle.path.stem)}",
+        "",
+        f"- File: `{bundle.path.name}`, sha256 `{bundle.sha256}`; weights sha256 `{h.get(WEIGHTS_DIGEST_KEY)}`; "
+        f"written by cevae-anomaly {h.get(WRITER_KEY)}.",
         "",
         "**Intended use.** Research on unsupervised anomaly localisation in adult brain T1-weighted MRI: "
         "a heat map of voxels that look unlike the healthy training data, and a labelmap at a calibrated "

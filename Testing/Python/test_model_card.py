@@ -122,3 +122,19 @@ def test_the_card_names_every_calibrated_scoring_of_the_model() -> None:
     line = next(li for li in card.splitlines() if li.startswith("- Also calibrated the same way"))
     for flags, entry in others:
         assert f"`{' '.join(flags)}`" in line and f"{threshold_for_fpr(entry, header.default_fpr):.4g}" in line
+
+
+def test_the_card_names_the_model_file_it_describes_by_its_sha256(tiny_bundle) -> None:
+    """The card named the model and its training scans, but not which file it describes: a calibrated or adapted
+    copy of the same name, or a retrained model, read the same. It names the file, its sha256 (as a detection's
+    record gives it), the weights' digest and the version that wrote it."""
+    import hashlib
+
+    from CeVAEAnomalyLib.engine.bundle import read_header
+    from CeVAEAnomalyResearch.modelcard import render_model_card
+
+    header = read_header(tiny_bundle)
+    card = render_model_card(load_bundle(tiny_bundle))
+    digest = hashlib.sha256(tiny_bundle.read_bytes()).hexdigest()
+    assert (f"- File: `{tiny_bundle.name}`, sha256 `{digest}`; weights sha256 `{header.extra['weights_sha256']}`; "
+            f"written by cevae-anomaly {header.extra['written_by']}.") in card.splitlines()
