@@ -584,3 +584,12 @@ def test_the_bundled_model_is_calibrated_for_the_published_map_and_info_asks_for
     also = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Also calibrated ("))
     assert f"--paper --orientations axial --asymmetry-mm 0 --no-normalise: {threshold:.4g}" in also, also
     assert "--grad-norm" not in also
+
+
+def test_a_trained_model_records_the_versions_of_the_libraries_that_made_it(tiny_bundle):
+    """The slices a model is trained on are resampled and filtered by SimpleITK, and NumPy; a trained model recorded
+    the versions of cevae-anomaly, Python and torch only. It records SimpleITK's and NumPy's too."""
+    from CeVAEAnomalyLib import __version__
+    from CeVAEAnomalyLib.engine.detector import software_versions
+
+    assert read_header(tiny_bundle).extra["versions"] == {"cevae_anomaly": __version__, **software_versions()}

@@ -7,7 +7,6 @@ complete, calibrated bundle: a kill or an error during packaging leaves no file 
 from __future__ import annotations
 
 import logging
-import platform
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -16,6 +15,7 @@ import torch
 
 from ..engine.bundle import Bundle, save_bundle
 from ..engine.calibrate import calibrate_model
+from ..engine.detector import software_versions
 from ..engine.config import LossConfig, PreprocessConfig
 from ..engine.header import CONTENT_KEY, BundleHeader, utc_now
 from ..engine.modality import T1_DEPTH_CONTRAST, unlike
@@ -66,8 +66,7 @@ def training_header(name: str, preprocess: PreprocessConfig, loss: LossConfig,
     return BundleHeader(preprocess=preprocess, name=name, loss=loss, postprocess=RECOMMENDED_POSTPROCESS,
                         score_options=scoring,
                         training={k: v for k, v in asdict(training).items() if k != "parts" or v is not None},
-                        extra={"versions": {"cevae_anomaly": __version__, "torch": torch.__version__,
-                                            "python": platform.python_version()}})
+                        extra={"versions": {"cevae_anomaly": __version__, **software_versions()}})
 
 
 def with_contrast(header: BundleHeader, contrasts: Sequence[Optional[float]]) -> BundleHeader:
