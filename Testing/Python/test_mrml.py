@@ -1334,9 +1334,9 @@ def recorded(detection: DetectionResult, model: str, threshold: float = 1.1) -> 
 
 def test_the_outputs_say_how_they_were_made_and_keep_it_in_a_saved_scene(scene, monkeypatch, tmp_path):
     """Every output node of a run carries its model's name and sha256, the threshold and its source, the tool's version
-    and the options as compact JSON. A rerun with another model replaces them, a failed one leaves the earlier run's
-    (and a failed first run leaves no node with them), a result without a record leaves none; a saved scene keeps
-    them."""
+    and the options as compact JSON (with the batch size, the mask given or computed and the libraries' versions). A
+    rerun with another model replaces them, a failed one leaves the earlier run's (and a failed first run leaves no
+    node with them), a result without a record leaves none; a saved scene keeps them."""
     import hashlib
     import json
 
@@ -1364,6 +1364,9 @@ def test_the_outputs_say_how_they_were_made_and_keep_it_in_a_saved_scene(scene, 
     assert marks(first) == [expected] * 7
     options = json.loads(expected[nodes.OPTIONS_ATTRIBUTE])
     assert options["score"]["score_type"] == "rec" and options["post"]["rim_mm"] == 2.0
+    # as the record says them: the slices per pass (sampled scores depend on it), the mask given or computed, the
+    # libraries' versions (a scene saved without them could not tell maps made otherwise apart)
+    assert (options["batch_size"], options["mask"], options["software"]) == (64, "given", {"torch": "2.0"})
     assert " " not in expected[nodes.OPTIONS_ATTRIBUTE]  # compact
 
     with monkeypatch.context() as patch:

@@ -636,8 +636,8 @@ def provenance_attributes(record: Optional["DetectionRecord"]) -> Dict[str, str]
     record."""
     if record is None:
         return {}
-    options = json.dumps({"score": record.score_options, "post": record.postprocess}, sort_keys=True,
-                         separators=(",", ":"))
+    options = json.dumps({"score": record.score_options, "post": record.postprocess, "batch_size": record.batch_size,
+                          "mask": record.mask, "software": record.software}, sort_keys=True, separators=(",", ":"))
     return {MODEL_ATTRIBUTE: record.model.name, MODEL_SHA256_ATTRIBUTE: record.model.sha256 or "",
             THRESHOLD_ATTRIBUTE: repr(float(record.threshold)), THRESHOLD_SOURCE_ATTRIBUTE: record.threshold_source,
             VERSION_ATTRIBUTE: f"{record.tool} {record.version}", OPTIONS_ATTRIBUTE: options}

@@ -45,7 +45,9 @@ SEGMENT_TAG = "CeVAEAnomaly.Role"  # tag of this module's segment: only it is re
 WRITTEN_KEY = "CeVAEAnomaly.Written"
 # On every output node of a run: how it was made (the essentials of its detection's record, result.DetectionRecord),
 # kept by a scene save. Threshold: repr of the number ("inf" for none labelled); Options: compact JSON of the scoring
-# ("score") and post-processing ("post") options used; ModelSHA256: "" for a model not loaded from a file.
+# ("score") and post-processing ("post") options used, the slices per network pass ("batch_size"), the brain mask
+# "given" or "automatic" ("mask") and the libraries' versions ("software"); ModelSHA256: "" for a model not loaded
+# from a file.
 MODEL_ATTRIBUTE = "CeVAEAnomaly.Model"
 MODEL_SHA256_ATTRIBUTE = "CeVAEAnomaly.ModelSHA256"
 THRESHOLD_ATTRIBUTE = "CeVAEAnomaly.Threshold"
