@@ -365,7 +365,7 @@ def test_a_failed_bundle_write_publishes_nothing(cohort, tmp_path):
     out = trainer.cfg.out
     header = training_header("m", trainer.pre, trainer.cfg.loss, TrainingRecord(
         subjects=[], validation_subjects=[], train_slices=len(trainer.train), orientations=["axial"], steps=0,
-        batch_size=8, lr=1e-3, seed=0, seconds=0.0, ranks=1, augment={}, val_loss=0.0))
+        batch_size=8, lr=1e-3, seed=0, seconds=0.0, ranks=1, augment={}, val_loss=0.0, amp=False, device="cpu"))
     out.parent.mkdir(parents=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
@@ -446,3 +446,14 @@ def test_a_preprocessing_margin_no_bundle_may_hold_is_refused_before_training(ma
                                          r"mm, got (100\.5|-1\.0|nan)\.$"):
         PreprocessConfig(margin_mm=margin)
     assert PreprocessConfig(margin_mm=100).margin_mm == 100
+
+
+def test_a_trained_model_records_mixed_precision_and_the_device(cohort, tmp_path):
+    """Mixed precision (--amp: bfloat16 on the CPU) trains other weights from the same seed (3 steps on the sample
+    heads: every tensor differed), yet the training record said neither it nor the device: it says both now."""
+    from CeVAEAnomalyLib.engine.bundle import read_header
+
+    for amp in (False, True):
+        out = Trainer(tiny_config(tmp_path / str(amp), max_steps=2, amp=amp), cohort_subjects(cohort)).run()
+        training = read_header(out).to_dict()["training"]
+        assert (training["amp"], training["device"]) == (amp, "cpu")

@@ -38,9 +38,10 @@ VOLUME_RECORDS = (("training", "subjects"), ("training", "validation_subjects"),
 UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "postprocess", "calibration",
                      "recalibration.options", "recalibration.software", "recalibration.parent",
                      "recalibration.original", "adaptation.parent", "format", "modality", "weights_dtype",
-                     "weights_sha256", "written_by", "versions", "training.orientations", "training.subjects[].person",
-                     "training.validation_subjects[].person", "adaptation.site_scans[].person",
-                     "adaptation.calibration", "recalibration.calibrated_utc", "training.trained_utc"})
+                     "weights_sha256", "written_by", "versions", "training.orientations", "training.device",
+                     "training.subjects[].person", "training.validation_subjects[].person",
+                     "adaptation.site_scans[].person", "adaptation.calibration", "recalibration.calibrated_utc",
+                     "training.trained_utc"})
 ALREADY_SHARED = "is already a shareable copy (its scans are called scan 1, scan 2, ...): give it as it is"
 _SCAN = re.compile(r"scan [1-9][0-9]*\Z")  # a name this module gives
 _SCAN_OR_DIGEST = re.compile(r"(?:scan [1-9][0-9]*|[0-9a-fA-F]{64})\Z")  # a name this module gives, or a sha256
@@ -54,7 +55,7 @@ KEYS = frozenset({
     "format_version", "calibration_subjects", "default_fpr", "training", "adaptation", "recalibration",
     "training_contrast", NAMES_REMOVED,
     "subjects", "validation_subjects", "train_slices", "steps", "batch_size", "lr", "seed", "seconds", "ranks",
-    "augment", "val_loss", "parts", "from_step",
+    "augment", "val_loss", "amp", "parts", "from_step",
     "flip", "rotate_deg", "scale", "translate", "elastic", "gamma", "intensity_scale", "intensity_shift", "bias_field",
     "noise", "slab",
     "name", "sha256", "content_sha256", "mask_sha256", "person",

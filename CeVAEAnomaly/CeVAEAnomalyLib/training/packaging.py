@@ -48,6 +48,8 @@ class TrainingRecord:
     ranks: int
     augment: Dict[str, float]
     val_loss: Optional[float]  # None: no volume was held out
+    amp: bool  # mixed precision (bfloat16 on the CPU, float16 on CUDA): other weights from the same seed
+    device: str  # the kind of device that trained it ("cpu", "cuda", "mps")
     # a run resumed with another learning rate, number of ranks or batch size per rank: from which step each held
     # (lr, ranks and batch_size above: the last part's); None when the whole run had one
     parts: Optional[List[Dict[str, object]]] = None

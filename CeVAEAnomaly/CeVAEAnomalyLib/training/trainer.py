@@ -725,7 +725,8 @@ class Trainer:
             batch_size=min(self.batch_size, math.ceil(len(self.train) / self.dist.world)) * self.dist.world,
             lr=self.cfg.lr, seed=self.cfg.seed,
             seconds=round(self.seconds_before + elapsed, 1), ranks=self.dist.world, augment=asdict(self.cfg.augment),
-            val_loss=loss if math.isfinite(loss) else None, parts=self.parts if len(self.parts) > 1 else None)
+            val_loss=loss if math.isfinite(loss) else None, amp=self.cfg.amp, device=self.device.type,
+            parts=self.parts if len(self.parts) > 1 else None)
 
     def _write_bundle(self, elapsed: float) -> Path:
         header = with_contrast(training_header(self.cfg.out.stem, self.pre, self.cfg.loss, self.record(elapsed)),
