@@ -108,9 +108,9 @@ class DetectionRecord:
     postprocess: Dict[str, Any]
     device: str
     amp: bool
-    batch_size: int
-    mask: str  # "given", or "automatic": computed from the image
-    software: Dict[str, str]  # the versions of python, torch, SimpleITK and numpy (engine/detector.py)
+    batch_size: Optional[int]  # None: a record of an earlier version, which did not say
+    mask: Optional[str]  # "given", or "automatic": computed from the image (None: not said, as batch_size)
+    software: Dict[str, str]  # the versions of python, torch, SimpleITK and numpy (engine/detector.py); {}: not said
     warnings: Tuple[str, ...]
     created_utc: str
     inputs: Dict[str, Dict[str, str]] = field(default_factory=dict)
@@ -124,7 +124,10 @@ class DetectionRecord:
     @classmethod
     def from_dict(cls, data: object) -> "DetectionRecord":
         """The record :meth:`to_dict` gave, every field checked for its type (a ValueError names the first that
-        is not)."""
+        is not). A record of an earlier version, without the fields in ``_LATER_RECORD_FIELDS``, reads them as not
+        said."""
+        if isinstance(data, dict):
+            data = {**{k: v for k, v in _LATER_RECORD_FIELDS.items() if k not in data}, **data}
         _holds_fields(data, {f.name for f in fields(cls)}, "the record")
         model = data["model"]
         _holds_fields(model, {f.name for f in fields(ModelRecord)}, "the record's model")
@@ -143,9 +146,10 @@ class DetectionRecord:
             raise ValueError(f"the record's threshold {threshold!r} is not a number")
         if not isinstance(data["amp"], bool):
             raise ValueError(f"the record's amp {data['amp']!r} is not true or false")
-        if isinstance(data["batch_size"], bool) or not isinstance(data["batch_size"], int) or data["batch_size"] < 1:
-            raise ValueError(f"the record's batch_size {data['batch_size']!r} is not a number of slices")
-        if data["mask"] not in ("given", "automatic"):
+        size = data["batch_size"]
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"the record's batch_size {size!r} is not a number of slices")
+        if data["mask"] not in ("given", "automatic", None):
             raise ValueError(f"the record's mask {data['mask']!r} is not 'given' or 'automatic'")
         software = data["software"]
         if not isinstance(software, dict) or not all(isinstance(v, str) for v in software.values()):
@@ -177,6 +181,10 @@ def input_files(**paths: Optional[Path]) -> Dict[str, Dict[str, str]]:
 
     return {role: {"path": os.path.abspath(path), "sha256": sha256_of(Path(path))}
             for role, path in paths.items() if path is not None}
+
+
+# the record's fields that records written by earlier versions lack, with what they read as (not said)
+_LATER_RECORD_FIELDS: Dict[str, Any] = {"batch_size": None, "mask": None, "software": {}}
 
 
 def _holds_fields(data: object, names: AbstractSet[str], what: str) -> None:

@@ -179,7 +179,7 @@ def test_a_damaged_hand_over_is_refused_in_one_line(tmp_path):
                                      "record's model recalibrated_from 'base' is not a model's name, file and sha256"),
         "warnings as text": (lambda s: s["record"].update(warnings="none"), "record's warnings are not a list"),
         "amp as text": (lambda s: s["record"].update(amp="no"), "record's amp 'no'"),
-        "mask unsaid": (lambda s: s["record"].update(mask=None), "record's mask None is not"),
+        "mask neither": (lambda s: s["record"].update(mask="partly"), "record's mask 'partly' is not"),
         "versions as text": (lambda s: s["record"].update(software="torch 2"), "record's software 'torch 2'"),
         "no slices per pass": (lambda s: s["record"].update(batch_size=0), "record's batch_size 0 is not"),
         "an unknown option": (lambda s: s["record"]["score_options"].update(speed=1),
@@ -259,3 +259,21 @@ def test_a_flagged_volume_under_0_005_ml_is_not_shown_as_0_00_ml():
     assert "1 component(s), 0.003 ml flagged" in repr(tiny)
     assert [flagged_text(ml) for ml in (0.0, 0.003, 0.0004, 0.06, 1.556, 12.0)] == [
         "0.00", "0.003", "0.0004", "0.06", "1.56", "12.00"]
+
+
+def test_a_result_saved_before_the_record_held_batch_size_mask_and_software_reads_back(tmp_path):
+    """A detection.json of an earlier version (its record without batch_size, mask and software, e.g. a Slicer
+    worker's hand-over folder or a result saved with save_result) still reads: those fields read as not recorded
+    (None, None, {}), the rest as written."""
+    import dataclasses
+    import json
+
+    result = small_result()
+    save_result(result, tmp_path)
+    summary = json.loads((tmp_path / "detection.json").read_text())
+    for key in ("batch_size", "mask", "software"):
+        del summary["record"][key]
+    (tmp_path / "detection.json").write_text(json.dumps(summary))
+    back = load_result(tmp_path).record
+    assert (back.batch_size, back.mask, back.software) == (None, None, {})
+    assert back == dataclasses.replace(result.record, batch_size=None, mask=None, software={})
