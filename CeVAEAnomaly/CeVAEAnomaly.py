@@ -36,12 +36,13 @@ from slicer.util import VTKObservationMixin
 
 from CeVAEAnomalyLib.engine.calibration import DEFAULT_FPR
 from CeVAEAnomalyLib.errors import CeVAEError, one_line
-from CeVAEAnomalyLib.options import (DEVICES, SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions,
-                                     ThresholdPolicy, option_range)
+from CeVAEAnomalyLib.options import DEVICES, PostprocessOptions, RunOptions, ThresholdPolicy, option_range
 from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding, takes_path_now, typed_path
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult, InputRemovedError
 from CeVAEAnomalyLib.slicer.resources import resource_dir
 from CeVAEAnomalyLib.slicer.settings import (
+    MODEL_SCORE_TYPE,
+    SCORE_TYPE_CHOICES,
     SENSITIVITIES,
     SENSITIVITY_FPR,
     SENSITIVITY_MODEL,
@@ -64,8 +65,10 @@ INPUT_SELECTORS = ("inputVolumeSelector", "brainMaskSelector", "healthyVolumesSe
 
 
 def scoreTypeNames() -> Dict[str, str]:
-    """Display names of the score types (option values in ``settings.SCORE_TYPES``)."""
+    """Display names of the score types (option values in ``settings.SCORE_TYPE_CHOICES``; the model's own:
+    :meth:`CeVAEAnomalyWidget._scoreTypeChoices` names its type too)."""
     return {
+        MODEL_SCORE_TYPE: _("Model's default"),
         "combi": _("Combined (reconstruction \u00d7 KL gradient)"),
         "rec": _("Reconstruction error"),
         "grad": _("KL gradient"),
@@ -158,7 +161,7 @@ class CeVAEAnomalyParameterNode:
     brainMaskSegmentId: str = ""
     useBundledModel: bool = True
     modelPath: str = ""
-    scoreType: Annotated[str, Choice(list(SCORE_TYPES))] = ScoreOptions.score_type
+    scoreType: Annotated[str, Choice(list(SCORE_TYPE_CHOICES))] = MODEL_SCORE_TYPE  # the model's own until picked
     sensitivity: Annotated[str, Choice(list(SENSITIVITIES))] = SENSITIVITY_MODEL
     # the model's rate is shown instead of the default
     falsePositiveRate: Annotated[float, WithinRange(*option_range(ThresholdPolicy, "fpr"))] = DEFAULT_FPR
@@ -486,7 +489,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = said  # a rate detection refuses (threshold 0), at once rather than on Apply
         modes = settings.sensitivities(p.scoreType, override_postprocess(p), p.thorough) if settings else SENSITIVITIES
         self._showChoices(self.ui.sensitivityComboBox, {m: sensitivityNames()[m] for m in modes}, p.sensitivity)
-        self._showChoices(self.ui.scoreTypeComboBox, None, p.scoreType)
+        self._showChoices(self.ui.scoreTypeComboBox, self._scoreTypeChoices(settings), p.scoreType)
         self._showChoices(self.ui.deviceComboBox, None, p.device)
         if self.ui.modelPathLineEdit.currentPath != p.modelPath:
             self.ui.modelPathLineEdit.currentPath = p.modelPath
@@ -498,10 +501,20 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._refresh()
 
     @staticmethod
+    def _scoreTypeChoices(settings: Optional[ModelSettings]) -> Dict[str, str]:
+        """The score type combo box's items: the model's own first, naming its type (the chosen model's)."""
+        names = scoreTypeNames()
+        if settings is not None:
+            own = names[settings.header.score_options.score_type]
+            names[MODEL_SCORE_TYPE] = _("Model's default: {name}").format(name=own)
+        return names
+
+    @staticmethod
     def _showChoices(combo, names: Optional[Dict[str, str]], value: str) -> None:
         """Show ``value`` in a hand-bound combo box (``names``: new items, or None to keep them)."""
         wasBlocked = combo.blockSignals(True)
-        if names is not None and [combo.itemData(i) for i in range(combo.count)] != list(names):
+        if names is not None and [(combo.itemData(i), combo.itemText(i)) for i in range(combo.count)] != list(
+                names.items()):
             combo.clear()
             for itemValue, name in names.items():
                 combo.addItem(name, itemValue)
@@ -1184,8 +1197,10 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         p.inputVolume = volume
         self.assertTrue(widget.ui.applyButton.enabled)
         self.assertEqual(widget.ui.applyButton.text, "Apply")
+        self.assertEqual(p.scoreType, MODEL_SCORE_TYPE)  # the model's own until the user picks one
         self.assertEqual(widget.ui.scoreTypeComboBox.currentData, p.scoreType)
-        self.assertEqual(widget.ui.scoreTypeComboBox.currentText, scoreTypeNames()[p.scoreType])
+        own = scoreTypeNames()[ModelSettings.read().header.score_options.score_type]
+        self.assertIn(own, widget.ui.scoreTypeComboBox.currentText)
         widget.ui.scoreTypeComboBox.currentIndex = widget.ui.scoreTypeComboBox.findData("rec")
         self.assertEqual(p.scoreType, "rec")
         settings = ModelSettings.read()

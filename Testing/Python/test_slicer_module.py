@@ -543,7 +543,7 @@ def display_names(function: str):
     return keys, values_translated
 
 
-@pytest.mark.parametrize("function, values", [("scoreTypeNames", "SCORE_TYPES"), ("deviceNames", "DEVICES"),
+@pytest.mark.parametrize("function, values", [("scoreTypeNames", "SCORE_TYPE_CHOICES"), ("deviceNames", "DEVICES"),
                                               ("sensitivityNames", "SENSITIVITIES")])
 def test_combo_boxes_show_translatable_names_for_every_option_value(function, values):
     keys, translated = display_names(function)

@@ -460,3 +460,53 @@ def test_a_model_whose_threshold_is_above_1000_is_shown_and_used_exactly():
     p.threshold = settings.model_values(p, large, settings.SENSITIVITY_MODEL)["threshold"]
     assert p.threshold == calibrated and settings.THRESHOLD_RANGE[0] <= p.threshold <= settings.THRESHOLD_RANGE[1]
     assert settings.detection_request(p, large)["request"].policy.threshold == calibrated
+
+
+def parameter_default(name: str):
+    """The default of the module's parameter-node field ``name``, evaluated as the module does (its names from the
+    libraries it imports them from)."""
+    import CeVAEAnomalyLib.options as options
+
+    field = next(n for n in next(c for c in ast.walk(ast.parse(module_file_text())) if isinstance(c, ast.ClassDef)
+                                 and c.name == "CeVAEAnomalyParameterNode").body
+                 if isinstance(n, ast.AnnAssign) and n.target.id == name)
+    return eval(ast.unparse(field.value), {**vars(options), **vars(settings)})  # noqa: S307 (the module's own text)
+
+
+def module_file_text() -> str:
+    from test_slicer_module import MODULE_FILE
+
+    return MODULE_FILE.read_text()
+
+
+def test_a_panel_left_as_it_starts_scores_as_detect_does_with_the_models_own_score_type(tmp_path):
+    """The panel started its score type at ScoreOptions' "combi" and always asked for it, while detect scores with
+    the model's own (its header's score_options): with a model whose own is "rec" the panel scored another map than
+    `cevae-anomaly detect` with the same model. The panel now starts at the model's own score type (and follows the
+    model chosen) until the user picks one."""
+    import shutil
+    from pathlib import Path
+
+    from test_untrusted_bundles import rewrite
+
+    def own_rec(h, t):
+        h["score_options"]["score_type"] = "rec"
+
+    path = Path(shutil.copy(default_model_path(), tmp_path / "rec.cevae"))
+    rewrite(path, own_rec)
+    model = ModelSettings.read(path)
+    assert model.header.score_options.score_type == "rec"  # a model the CLI scores with "rec"
+    scene = slicer.vtkMRMLScene()
+    for chosen_model, header in ((dict(useBundledModel=False, modelPath=str(path)), model.header),
+                                 (dict(), ModelSettings.read().header)):
+        p = parameters(scene, scoreType=parameter_default("scoreType"), **chosen_model)
+        used = settings.chosen_model(p)
+        request = settings.detection_request(p, used)["request"]
+        cli = DetectionRequest.of(device="cpu", batch_size=8)  # `detect --device cpu --batch-size 8`
+        assert request.options(header.score_options, header.postprocess) == \
+            cli.options(header.score_options, header.postprocess)
+        # the threshold the panel shows for the model's rate is the one detect uses
+        assert used.calibrated_threshold(p.scoreType) == header.threshold_of(cli)[0]
+    chosen = parameters(scene, scoreType="combi", useBundledModel=False, modelPath=str(path))  # picked by the user
+    request = settings.detection_request(chosen, model)["request"]
+    assert request.options(model.header.score_options, model.header.postprocess)[0].score_type == "combi"

@@ -20,9 +20,10 @@ from ..options import (DEVICES, SCORE_TYPES, THOROUGH_STEPS, DetectionRequest, P
                        ThresholdPolicy, flag_of, too_costly)
 from .gui_binding import typed_path
 
-__all__ = ["DEVICES", "SCORE_TYPES", "SENSITIVITIES", "ModelSettings", "ModelSettingsCache", "SensitivityChange",
-           "adapt_override_note", "chosen_model", "detection_request", "model_file_key", "model_path", "model_problem",
-           "override_postprocess", "plain_tooltip", "postprocess_fields", "rate_refusal", "sensitivity_change"]
+__all__ = ["DEVICES", "MODEL_SCORE_TYPE", "SCORE_TYPES", "SCORE_TYPE_CHOICES", "SENSITIVITIES", "ModelSettings",
+           "ModelSettingsCache", "SensitivityChange", "adapt_override_note", "chosen_model", "detection_request",
+           "model_file_key", "model_path", "model_problem", "override_postprocess", "plain_tooltip",
+           "postprocess_fields", "rate_refusal", "sensitivity_change"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ SENSITIVITY_MODEL = "model"  # the model's calibrated default false-positive rat
 SENSITIVITY_FPR = "fpr"  # another calibrated false-positive rate
 SENSITIVITY_THRESHOLD = "threshold"  # an absolute score threshold
 SENSITIVITIES = (SENSITIVITY_MODEL, SENSITIVITY_FPR, SENSITIVITY_THRESHOLD)
+# the panel's score type until the user picks one: the model's own (its header's score_options), as detect uses it
+MODEL_SCORE_TYPE = ""
+SCORE_TYPE_CHOICES = (MODEL_SCORE_TYPE, *SCORE_TYPES)
 # the panel's absolute threshold field: finite (its spin box needs a maximum), up to the largest score a map (float32)
 # holds, so that no model's calibrated threshold is cut to fit it
 THRESHOLD_RANGE = (0.0, float(np.finfo(np.float32).max))
@@ -51,7 +55,7 @@ class ModelSettings:
     """What a model bundle's header says about detection with it."""
 
     path: Path
-    header: BundleHeader
+    header: BundleHeader  # (a method's ``score_type``: one of SCORE_TYPE_CHOICES, "" for the model's own)
 
     @classmethod
     def read(cls, path: Optional[Path] = None) -> "ModelSettings":
@@ -130,8 +134,10 @@ class ModelSettings:
 
 
 def _score(score_type: str, thorough: bool) -> Dict[str, Any]:
-    """The scoring overrides of the panel: the score type, and the thorough mode's test-time adaptation."""
-    return dict(score_type=score_type, **(dict(test_time_steps=THOROUGH_STEPS) if thorough else {}))
+    """The scoring overrides of the panel: the score type (none for :data:`MODEL_SCORE_TYPE`: the model's own), and
+    the thorough mode's test-time adaptation."""
+    return dict(**(dict(score_type=score_type) if score_type != MODEL_SCORE_TYPE else {}),
+                **(dict(test_time_steps=THOROUGH_STEPS) if thorough else {}))
 
 
 @dataclass(frozen=True)
