@@ -542,3 +542,23 @@ def test_a_killed_checkpoint_writes_temporary_is_removed_by_a_later_write(tmp_pa
         os.utime(leftover, (hour_ago, hour_ago))
     write_checkpoint({"step": 1, "weights": torch.zeros(2)}, path)
     assert path.is_file() and not old.exists() and fresh.exists() and other.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "adapt"])
+def test_train_and_adapt_where_no_temporary_folder_can_be_written_say_so(inputs, tmp_path, command):
+    """Without --cache-dir the slice cache goes into the system's temporary folder: where none can be written (a full
+    /tmp, a used-up quota; here a file-size limit of 0), train and adapt ended in "unexpected FileNotFoundError: No
+    usable temporary directory found ... report it" (exit code 1)."""
+    image, mask, model = inputs
+    (tmp_path / "healthy.csv").write_text(f"image,mask\n{image},{mask}\n")
+    out = tmp_path / "out" / "m.cevae"
+    argv = {"train": ["--channels", "8,16,16,32", "--z-dim", "16", "--max-steps", "2"],
+            "adapt": ["--model", str(model), "--steps", "2"]}[command]
+    before = tree(tmp_path)
+    proc = python("-c", LIMITED, "0", command, "--manifest", str(tmp_path / "healthy.csv"), "--out", str(out),
+                  "--device", "cpu", *argv)
+    assert proc.returncode == 2, proc.stderr
+    one_error_line(proc.stderr, r"^error: The slice cache needs a temporary folder, and none can be written: No usable "
+                                r"temporary directory found in \[.*\] \(a full disk or a used-up quota\?\)\. Free space "
+                                r"there, or give --cache-dir a folder on a disk with room\.$")
+    assert tree(tmp_path) == before and not out.parent.exists()

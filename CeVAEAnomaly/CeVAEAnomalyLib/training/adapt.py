@@ -132,7 +132,8 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     bundle = load_bundle(base, "cpu", memo)  # the weights checked once, before any run starts from them
     if bundle.sha256 != parent:
         raise _base_replaced(base)
-    with hold_output(out, "adapt"), _cache_folder(options.cache_dir) as root:  # one adaptation per --out at a time
+    # one adaptation per --out at a time
+    with hold_output(out, "adapt"), _cache_folder(options.cache_dir, wording) as root:
         cache = SliceCache(root, bundle.preprocess, wording, memo)
         training_part = scaled(progress, 0.0, 1.0 - calibrate_share)  # preparing, then the fine-tuning runs
         orientations = header.trained_orientations()
@@ -482,12 +483,12 @@ def _base_volumes(header: BundleHeader) -> List[Dict[str, Any]]:
 
 
 @contextmanager
-def _cache_folder(folder: Optional[Path]) -> Iterator[Path]:
+def _cache_folder(folder: Optional[Path], wording: Wording) -> Iterator[Path]:
     """The slice cache shared by every run: ``folder``, or a temporary one removed at the end."""
     if folder is not None:
         yield Path(folder)
         return
-    temp = temporary_cache("cevae-adapt-")
+    temp = temporary_cache("cevae-adapt-", wording)
     try:
         yield Path(temp)
     finally:

@@ -95,19 +95,33 @@ def _data_sha256(fh: BinaryIO, offset: int) -> str:
     return digest.hexdigest()
 
 
-def temporary_cache(prefix: str) -> Path:
+def temporary_folder(wording: Wording = COMMAND_LINE_TRAIN) -> Path:
+    """The system's temporary folder, where a run without a cache folder keeps its slices; a CeVAEError saying what
+    to do (``wording``) where none can be written (a full disk or quota: Python finds no usable one)."""
+    try:
+        return Path(tempfile.gettempdir())
+    except OSError as exc:
+        raise CeVAEError(f"The slice cache needs a temporary folder, and none can be written: {exc.strerror or exc} "
+                         f"(a full disk or a used-up quota?). {wording.cache_room}.") from None
+
+
+def temporary_cache(prefix: str, wording: Wording = COMMAND_LINE_TRAIN) -> Path:
     """A new private cache folder in the system's temporary folder, named after this process and machine
     (``<prefix><pid>@<host>@xxxx``); folders of that prefix of this machine whose process is gone (killed before it
     could remove its own) are removed first, so that killed runs do not fill the disk with copies of their slices.
     Another machine's (a temporary folder shared by the nodes of a cluster) are never touched."""
     host = socket.gethostname().replace("@", "_").replace(os.sep, "_") or "host"
-    for folder in Path(tempfile.gettempdir()).glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@*"):
+    for folder in temporary_folder(wording).glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@*"):
         pid, owner, _ = (folder.name[len(prefix):].split("@", 2) + ["", ""])[:3]
         ours = owner == host and pid.isascii() and pid.isdigit()
         if ours and int(pid) != os.getpid() and not process_exists(int(pid)) and folder.is_dir():
             log.info("Removing %s, the slice cache of a run that ended without removing it.", folder)
             shutil.rmtree(folder, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@"))
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@", dir=temporary_folder(wording)))
+    except OSError as exc:
+        raise CeVAEError(f"Could not make the slice cache folder in {temporary_folder(wording)}: "
+                         f"{exc.strerror or exc}. {wording.cache_room}.") from None
 
 
 class UnreadVolumes(CeVAEError):

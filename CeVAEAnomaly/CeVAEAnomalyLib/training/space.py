@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +20,7 @@ import torch
 from ..engine.config import ModelConfig
 from ..engine.model import CeVAE
 from ..errors import CeVAEError, Wording
+from .cache import temporary_folder
 
 log = logging.getLogger(__name__)
 CHECKPOINT_EXTRA = 1 << 20  # a checkpoint's own records (random streams, run identity, parts) and pickle framing
@@ -77,7 +77,7 @@ def check_free_space(what: str, checkpoints: Sequence[Path], out: Path, model: M
                          f"{_mb(each)} MB, a temporary copy of one and the model), {_mb(free)} MB free. Free some "
                          f"space there, or choose another {wording.out} on a disk with room.")
     cache = cache_bytes(images, orientations, model.input_size)
-    where = _existing(Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()))
+    where = _existing(Path(cache_dir) if cache_dir is not None else temporary_folder(wording))
     shared = free is not None and _device(where) == _device(folder)
     room = (free - outputs) if shared else _free(where)
     if room is not None and room < cache:

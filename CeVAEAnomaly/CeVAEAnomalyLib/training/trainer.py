@@ -268,7 +268,7 @@ class Trainer:
         t = time.perf_counter()
         root = self.cfg.cache_dir
         if root is None:  # a private cache for this run (each rank its own), removed at the end
-            root = temporary_cache("cevae-slices-")
+            root = temporary_cache("cevae-slices-", self.wording)
             self._temp_cache = str(root)
         cache = SliceCache(root, self.pre, self.wording, self.memo)
         if self.dist.world > 1 and self.cfg.cache_dir is not None:  # a shared cache: ranks split the work
