@@ -117,6 +117,29 @@ def test_the_next_run_removes_what_a_sigkilled_run_left_and_nothing_else(scan, t
     assert (out / "h_score.nii.gz").is_file()
 
 
+@pytest.mark.parametrize("command", ["calibrate", "share"])
+def test_a_model_write_removes_what_a_sigkilled_write_of_it_left_and_nothing_else(scan, tiny_bundle, tmp_path,
+                                                                                   command):
+    """calibrate and share SIGKILLed as they wrote the model left its hidden temporary (the whole bundle) beside it;
+    the rerun, at once, kept it (only a write of the file an hour later removed it)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "written.cevae"
+    (tmp_path / "healthy.csv").write_text(f"image,mask\n{scan / 'h.nii.gz'},{scan / 'h_mask.nii.gz'}\n")
+    argv = {"calibrate": ["cli", "calibrate", "--manifest", str(tmp_path / "healthy.csv"), "--model", str(tiny_bundle),
+                          "--out", str(target), "--device", "cpu"],
+            "share": ["cli", "share", str(tiny_bundle), "--out", str(target)]}[command]
+    dead = _killed_while_renaming(_runner(tmp_path, target.name) + argv)
+    left = {p for p in _hidden(out) if not p.name.endswith(".lock")}
+    assert len(left) == 1 and all(f"-{machine_tag()}-{dead}." in p.name for p in left), left
+    decoys = _decoys(out, target.name, ".cevae", dead)
+    rerun = subprocess.run(_runner(tmp_path, "") + argv, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _hidden(out) - {out / ".written.cevae.lock"} == set(decoys)
+    assert all(p.read_text() == "someone's" for p in decoys) and target.is_file()
+
+
 def test_a_temporary_is_only_removed_beside_a_target_of_the_run(tmp_path):
     """In-process: the name must be one of the given targets' temporaries, its process gone, its time earlier."""
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

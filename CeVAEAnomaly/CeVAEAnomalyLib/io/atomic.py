@@ -199,10 +199,11 @@ def check_complete(tmp: str, target: Path, expected_bytes: Optional[int] = None)
 def atomic_path(target: Path, durable: bool = False) -> Iterator[str]:
     """Yield a temporary path; if the block succeeds and the file is complete it replaces ``target`` (``durable``:
     see :func:`publish`; such a write, of a model or checkpoint, first removes the temporaries of earlier writes of
-    ``target`` that were killed)."""
+    ``target`` that were killed: this machine's whose process is gone, and any untouched for an hour)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if durable:
+        remove_abandoned_temporaries([target], time.time())
         remove_stale_temporaries(target)
     claimed: List[str] = []
     try:
