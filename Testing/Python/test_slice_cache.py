@@ -596,6 +596,33 @@ def test_the_cache_write_error_names_a_full_disk_or_quota_and_what_to_do(tmp_pat
                                                         f"error. Check the disk holding {target.parent} ")
 
 
+SIZE_LIMITED_PREPARE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as past a quota
+resource.setrlimit(resource.RLIMIT_FSIZE, (5000, 5000))
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_slice_file_write_refused_by_the_system_says_why(tmp_path):
+    """The slices were written by NumPy, whose failed write drops the system's reason (its OSError has no errno):
+    past a file-size limit, or over a disk quota on a disk with room, prepare said only '98304 requested and 1218
+    written. Check the disk holding ...', never the cause the system gave."""
+    subject = write_subject(tmp_path, "h", 1)
+    cache = tmp_path / "cache"
+    (tmp_path / "healthy.csv").write_text(f"image,mask\n{subject.image},{subject.mask}\n")
+    proc = subprocess.run([sys.executable, "-c", SIZE_LIMITED_PREPARE, "prepare", "--manifest",
+                           str(tmp_path / "healthy.csv"), "--cache-dir", str(cache)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 2, proc.stderr
+    folder = re.escape(str(cache))
+    assert re.search(rf"^error: Could not write the slice cache entry {folder}/\w+\.npy: {os.strerror(errno.EFBIG)}\. "
+                     rf"Make sure {folder} can be written \(EFBIG\), or give --cache-dir another folder\.$",
+                     proc.stderr.strip(), re.M), proc.stderr
+    assert list(cache.iterdir()) == []  # nothing of the entry left
+
+
 @pytest.mark.parametrize("number, remedy", [
     (errno.EACCES, "Make sure you may write in {folder} (its permissions)"),
     (errno.EROFS, "The disk holding {folder} is mounted read-only: make it writable")])

@@ -341,8 +341,10 @@ class SliceCache:
         target, size = npy, slices.nbytes
         try:
             with atomic_path(npy) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, slices)
+                with open(tmp, "wb") as fh:  # the data through Python's write: a failure keeps the system's errno
+                    data = np.ascontiguousarray(slices)  # (a quota, a size limit), which NumPy's own write drops
+                    np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(data))
+                    fh.write(data)
             target, size = self.root / f"{key}.json", len(text.encode())
             with atomic_path(target) as tmp:
                 Path(tmp).write_text(text)
