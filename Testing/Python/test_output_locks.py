@@ -90,3 +90,47 @@ def test_an_output_under_a_file_names_the_file_in_the_way(tmp_path, under):
     assert str(raised.value) == (f"Cannot write into {folder} ({os.strerror(number)}). {notes} is a file, not a "
                                  "folder: rename or move it, or choose another folder.")
     assert notes.read_text() == "the user's\n"
+
+
+# the first lock file taken waits, once made, for the file named by argv[1] (made once the test has signalled)
+WAITING_LOCK = """
+import os, sys, time
+import CeVAEAnomalyLib.io.lock as lock
+real = lock._open_lock
+def waiting(path):
+    fh = real(path)
+    print("locking", flush=True)
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    return fh
+lock._open_lock = waiting
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM and lock files are POSIX")
+def test_a_stop_while_an_output_is_locked_leaves_no_lock_file_nor_folder(tmp_path, head, tiny_bundle):
+    """SIGTERM (or Ctrl-C) arriving while detect took an output's lock left the hidden lock file, and the folder
+    made for it, behind: the stop came before the lock was one the run lets go of at its end."""
+    import signal
+    import subprocess
+    import sys
+
+    image, mask = head
+    out, go = tmp_path / "out", tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_LOCK, str(go), "detect", str(image), "--mask", str(mask),
+                             "--model", str(tiny_bundle), "--score", str(out / "s.nii.gz"), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert proc.stdout.readline() == "locking\n", proc.stderr.read()
+        assert (out / ".s.nii.gz.lock").is_file()
+        proc.send_signal(signal.SIGTERM)
+        go.touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert [ln for ln in err.splitlines() if not ln.startswith("INFO")] == ["terminated"]
+    assert not out.exists()

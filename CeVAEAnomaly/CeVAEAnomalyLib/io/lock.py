@@ -13,9 +13,10 @@ import logging
 import os
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Set
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Set
 
 from ..errors import CeVAEError
+from ..interrupts import stops_held
 from .targets import cannot_write_into, lock_path
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,16 @@ def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator
         yield
         return
     made = _missing_folders(target.parent)  # made for the lock file: removed again unless something was written
+    fh: Optional[BinaryIO] = None
     try:
-        fh = _locked(target, path, command)
-        _held[key] = os.getpid()
-        try:
-            yield
-        finally:
+        with stops_held():  # a stop (Ctrl-C, SIGTERM) as the lock is taken comes once it is held, and lets it go
+            fh = _locked(target, path, command)
+            _held[key] = os.getpid()
+        yield
+    finally:
+        if fh is not None:
             del _held[key]
             _let_go(fh, path)
-    finally:
         for folder in made:  # deepest first, while empty (a failed run's outputs were never written there)
             try:
                 os.rmdir(folder)
