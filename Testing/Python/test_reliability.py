@@ -559,6 +559,6 @@ def test_train_and_adapt_where_no_temporary_folder_can_be_written_say_so(inputs,
                   "--device", "cpu", *argv)
     assert proc.returncode == 2, proc.stderr
     one_error_line(proc.stderr, r"^error: The slice cache needs a temporary folder, and none can be written: No usable "
-                                r"temporary directory found in \[.*\] \(a full disk or a used-up quota\?\)\. Free space "
-                                r"there, or give --cache-dir a folder on a disk with room\.$")
+                                r"temporary directory found in \[.*\] \(a full disk or a used-up quota\?\)\. "
+                                r"Free space there, or give --cache-dir a folder on a disk with room\.$")
     assert tree(tmp_path) == before and not out.parent.exists()
