@@ -745,7 +745,7 @@ CASES: Dict[str, Case] = {
     "0/255 mask resampled linearly": Case(mask_with_fractions(255.0), 0, r"several values \(.* to 255\); every "),
     "a copy of the scan as mask": Case(the_image_as_mask, REFUSED, r"The brain mask is the image itself: give the "
                                        r"brain mask file, or none for the automatic one\."),
-    "2D mask": Case(mask_2d, REFUSED, r"brain mask mask2d\.nii\.gz is 2D"),
+    "2D mask": Case(mask_2d, REFUSED, r"brain mask \S*/mask2d\.nii\.gz is 2D"),
     "missing mask file": Case(missing_mask, REFUSED, r"brain mask .*absent_mask\.nii\.gz does not exist"),
     "tiny 4x4x4 volume": Case(tiny_volume, REFUSED, r"too small to analyse \(4x4x4 voxels\)"),
     "single-slice volume": Case(single_slice, REFUSED, r"single slice \(40x44x1 voxels\)"),

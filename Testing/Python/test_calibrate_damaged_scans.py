@@ -119,5 +119,28 @@ def test_a_2d_or_4d_healthy_scan_is_named_by_its_path(tmp_path, capsys) -> None:
     assert main(["calibrate", str(data_path("colin27_t1_2mm.nii.gz")), str(data_path("colin27_brainmask_2mm.nii.gz")),
                  str(flat), "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: {flat}: The image T1w.nii.gz is 2D; a 3D volume is needed.", err
+    assert err == f"error: The image {flat} is 2D; a 3D volume is needed.", err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["calibrate", "--device", "cpu"], ["adapt", "--steps", "1", "--device", "cpu"],
+                                     ["train", "--max-steps", "1", "--device", "cpu"], ["prepare"]])
+def test_a_colour_healthy_scan_is_named_once_by_its_path(command, tmp_path, capsys) -> None:
+    """An RGB scan among healthy ones was named twice, "error: /path/rgb.nrrd: The image rgb.nrrd has 3 components"
+    (calibrate, adapt, prepare), or by its file name alone (train)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    head = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")))
+    rgb = sitk.GetImageFromArray(np.repeat(sitk.GetArrayFromImage(head)[..., None], 3, axis=-1).astype(np.uint8),
+                                 isVector=True)
+    rgb.CopyInformation(head)
+    colour = tmp_path / "site" / "rgb.nrrd"
+    colour.parent.mkdir()
+    sitk.WriteImage(rgb, str(colour))
+    out = ["--cache-dir", str(tmp_path / "cache")] if command[0] == "prepare" else ["--out", str(tmp_path / "m.cevae")]
+    model = ["--model", str(default_model_path())] if command[0] in ("calibrate", "adapt") else []
+    assert main([*command, *out, *model, str(data_path("colin27_t1_2mm.nii.gz")), str(colour)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: The image {colour} has 3 components per voxel (colour or vector image); a single-channel "
+                   "MRI volume is needed."), err

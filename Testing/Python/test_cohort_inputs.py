@@ -183,7 +183,8 @@ def test_a_volume_that_cannot_be_sliced_is_named_by_its_path_in_a_cohort_of_one_
                  ["train", "--out", str(tmp_path / "m.cevae"), "--max-steps", "1", "--device", "cpu"]):
         assert main([*argv, "--manifest", str(tmp_path / "m.csv")]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith(f"error: {tmp_path / 'sub-02' / 'anat' / 'T1w.nii.gz'}: ") and "is 2D" in err, err
+        flat = tmp_path / "sub-02" / "anat" / "T1w.nii.gz"
+        assert err == f"error: The image {flat} is 2D; a 3D volume is needed.", err
 
 
 def test_a_file_given_twice_is_said_to_be_used_once(tmp_path, caplog):

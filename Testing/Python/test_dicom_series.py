@@ -200,8 +200,8 @@ def test_one_slice_file_of_a_series_points_to_its_folder(head, tmp_path):
     folder = write_series(head, tmp_path / "series")
     with pytest.raises(CeVAEError) as one:
         read_image(folder / "IM0003.dcm")
-    assert str(one.value) == (f"The image IM0003.dcm is one slice of a DICOM series (24x28 pixels); give the folder "
-                              f"that holds the series' files ({folder}) instead.")
+    assert str(one.value) == (f"The image {folder / 'IM0003.dcm'} is one slice of a DICOM series (24x28 pixels); "
+                              f"give the folder that holds the series' files ({folder}) instead.")
     assert read_image(folder).GetSize() == head.GetSize()
     sitk.WriteImage(head[:, :, 3:4], str(tmp_path / "slice.nii.gz"))
     with pytest.raises(CeVAEError, match="is a single slice"):

@@ -380,7 +380,7 @@ def test_a_segmentation_saved_in_layers_as_the_truth_is_told_to_be_exported_to_o
         layers.SetMetaData(key, value)
     sitk.WriteImage(layers, str(tmp_path / "truth.seg.nrrd"), True)
     case = {"score": cohort["lesion"], "gt": str(tmp_path / "truth.seg.nrrd"), "mask": cohort["mask"]}
-    with pytest.raises(CeVAEError, match=r"^Case lesion\.nii\.gz \(.*\): The ground truth truth\.seg\.nrrd is a "
+    with pytest.raises(CeVAEError, match=r"^Case lesion\.nii\.gz \(.*\): The ground truth \S*/truth\.seg\.nrrd is a "
                                          r"segmentation saved in 2 layers \(segments that overlap\); export its "
                                          r"segments to one labelmap first"):
         evaluate_files([case])

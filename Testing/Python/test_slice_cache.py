@@ -537,7 +537,7 @@ def test_a_scan_whose_voxel_size_makes_it_metres_wide_is_refused_before_its_brai
     sitk.WriteImage(image, str(tmp_path / "wide.nii.gz"))
     assert main(["prepare", str(tmp_path / "wide.nii.gz"), "--cache-dir", str(tmp_path / "cache")]) == 2
     assert capsys.readouterr().err == (
-        f"error: {tmp_path / 'wide.nii.gz'}: The image wide.nii.gz spans 1.32 m along its j axis (44 voxels of "
+        f"error: The image {tmp_path / 'wide.nii.gz'} spans 1.32 m along its j axis (44 voxels of "
         "30 mm); an MRI of a head spans well under 1 m, so its header's voxel size is wrong (or in other units). "
         "Fix the header first.\n")
 

@@ -118,7 +118,7 @@ def refuse_one_dicom_slice(p: Path, image: sitk.Image, what: str) -> None:
     """Refuse one slice file of a DICOM series, naming the folder to give instead (the usual slip with an export)."""
     size = image.GetSize()
     if image.GetDimension() == 3 and size[2] == 1 and min(size[:2]) > 1 and sop_class(p) is not None:
-        raise CeVAEError(f"The {what} {p.name} is one slice of a DICOM series ({size[0]}x{size[1]} pixels); give the "
+        raise CeVAEError(f"The {what} {p} is one slice of a DICOM series ({size[0]}x{size[1]} pixels); give the "
                          f"folder that holds the series' files ({p.parent}) instead.")
 
 

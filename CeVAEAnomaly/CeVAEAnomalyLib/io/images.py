@@ -80,7 +80,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                     image = _restore_non_finite(data, layout, image)
         refuse_one_dicom_slice(p, image, what)
         _refuse_layered_segmentation(p, image, what)
-    image = check_volume(image, f"{what} {p.name}")
+    image = check_volume(image, f"{what} {p}")
     if layout is not None and layout.sform is not None:
         _refuse_two_placements(p, layout.sform, image, what)
     return image
@@ -484,7 +484,7 @@ def _refuse_layered_segmentation(p: Path, image: sitk.Image, what: str) -> None:
     give instead; as a colour or vector image it said neither what the file is nor what to do."""
     layers = image.GetNumberOfComponentsPerPixel()
     if layers > 1 and p.name.lower().endswith(".seg.nrrd"):
-        raise CeVAEError(f"The {what} {p.name} is a segmentation saved in {layers} layers (segments that overlap); "
+        raise CeVAEError(f"The {what} {p} is a segmentation saved in {layers} layers (segments that overlap); "
                          "export its segments to one labelmap first (Slicer's Segmentations module, Export/import "
                          "models and labelmaps), in which every voxel holds one label.")
 
