@@ -95,3 +95,27 @@ def test_compressed_metaimage_with_corrupt_data_is_refused_in_one_line(tmp_path,
                                          r"\d+ of the 874800 bytes its header announces\)"):
         read_image(path)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name", ["kspace.mha", "kspace.mhd"])
+def test_complex_metaimage_is_refused_as_possibly_complex(tmp_path, name):
+    """A complex-valued MetaImage (which stores it as 2 float channels, its header the same as a 2-channel vector
+    image's) was refused as a "colour or vector image", not a word of complex data, as an .nrrd or .nii.gz of the
+    same voxels is refused."""
+    head = sitk.ReadImage(str(SCAN), sitk.sitkFloat32)
+    path = tmp_path / name
+    sitk.WriteImage(sitk.RealAndImaginaryToComplex(head, head), str(path))
+    with pytest.raises(CeVAEError) as caught:
+        read_image(path)
+    assert str(caught.value) == (f"The image {path} holds 2 float values per voxel: complex-valued voxels (raw or "
+                                 "phase data), which a MetaImage stores so and cannot tell from a 2-channel image, "
+                                 "or another 2-channel image; a magnitude MRI volume of one channel is needed.")
+
+
+def test_a_metaimage_of_three_channels_or_two_whole_channels_keeps_the_vector_refusal(tmp_path):
+    """Complex voxels are 2 float values: 3 channels (colour) or 2 of whole numbers are no complex data."""
+    head = sitk.ReadImage(str(SCAN), sitk.sitkUInt8)
+    for image, count in ((sitk.Compose(head, head, head), 3), (sitk.Compose(head, head), 2)):
+        sitk.WriteImage(image, str(tmp_path / "vector.mha"))
+        with pytest.raises(CeVAEError, match=rf"has {count} components per voxel \(colour or vector image\)"):
+            read_image(tmp_path / "vector.mha")

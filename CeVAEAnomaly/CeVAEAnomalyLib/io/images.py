@@ -80,6 +80,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
                     image = _restore_non_finite(data, layout, image)
         refuse_one_dicom_slice(p, image, what)
         _refuse_layered_segmentation(p, image, what)
+        _refuse_two_channel_metaimage(p, image, what)
     image = check_volume(image, f"{what} {p}")
     if layout is not None and layout.sform is not None:
         _refuse_two_placements(p, layout.sform, image, what)
@@ -487,6 +488,17 @@ def _refuse_layered_segmentation(p: Path, image: sitk.Image, what: str) -> None:
         raise CeVAEError(f"The {what} {p} is a segmentation saved in {layers} layers (segments that overlap); "
                          "export its segments to one labelmap first (Slicer's Segmentations module, Export/import "
                          "models and labelmaps), in which every voxel holds one label.")
+
+
+def _refuse_two_channel_metaimage(p: Path, image: sitk.Image, what: str) -> None:
+    """Refuse a MetaImage of 2 float channels saying it may be complex-valued: MetaImage has no complex type and
+    ITK writes complex voxels as 2 float channels, with a header the same as a 2-channel vector image's (NRRD and
+    NIfTI say complex, and ITK reads those as complex)."""
+    if (p.suffix.lower() in (".mha", ".mhd") and image.GetNumberOfComponentsPerPixel() == 2
+            and image.GetPixelID() in (sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)):
+        raise CeVAEError(f"The {what} {p} holds 2 float values per voxel: complex-valued voxels (raw or phase data), "
+                         "which a MetaImage stores so and cannot tell from a 2-channel image, or another 2-channel "
+                         "image; a magnitude MRI volume of one channel is needed.")
 
 
 _COMPLEX = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
