@@ -1727,3 +1727,20 @@ def test_a_segmentation_mask_under_another_transform_is_warned_of_in_the_worker_
         assert any(w.startswith("The brain mask 'brain' (under 'reg') and the volume 'head' (under no transform) are "
                                 "under different transforms: the segmentation is used where it lies in world space")
                    for w in result.warnings), result.warnings
+
+
+def test_no_writable_temporary_folder_is_said_in_words_before_a_worker_starts(head_scene, tiny_bundle, tmp_path,
+                                                                               monkeypatch):
+    """The worker's copy of the scan goes into the system's temporary folder; where none can be made there (a full
+    disk or quota, a TMPDIR that is not a folder) Apply ended in Python's bare 'Not a directory' error."""
+    scene, volume, mask = head_scene
+    blocker = tmp_path / "tmp-is-a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker))
+    before = mrml.node_ids(scene)
+    with pytest.raises(CeVAEError, match=r"^The worker needs a temporary folder for its copies of the scans, and none "
+                                         r"could be made in .*tmp-is-a-file: Not a directory \(a full disk or a used-up "
+                                         r"quota\?\)\. Free space there, or set TMPDIR to a folder on a disk with "
+                                         r"room, and restart Slicer\.$"):
+        CeVAEAnomalyLogic().startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
+    assert mrml.node_ids(scene) == before and blocker.read_text() == ""
