@@ -597,7 +597,8 @@ def test_the_worker_stops_by_itself_when_its_folder_is_removed(head_scene, tiny_
                                              python=str(launcher))
     worker = working(job, pidfile)
     job.cleanup()  # no cancel: only the folder goes
-    assert wait_until(lambda: not alive(worker), 8.0), "the worker went on without its request"  # 0.25 s poll + at most 5 s grace
+    # (a 0.25 s poll and at most 5 s of grace)
+    assert wait_until(lambda: not alive(worker), 8.0), "the worker went on without its request"
     assert wait_until(job.poll, 5.0) and job.process.returncode == 3
     assert not job.folder.exists()
 
@@ -1738,9 +1739,9 @@ def test_no_writable_temporary_folder_is_said_in_words_before_a_worker_starts(he
     blocker.write_text("")
     monkeypatch.setattr(tempfile, "tempdir", str(blocker))
     before = mrml.node_ids(scene)
-    with pytest.raises(CeVAEError, match=r"^The worker needs a temporary folder for its copies of the scans, and none "
-                                         r"could be made in .*tmp-is-a-file: Not a directory \(a full disk or a used-up "
-                                         r"quota\?\)\. Free space there, or set TMPDIR to a folder on a disk with "
-                                         r"room, and restart Slicer\.$"):
+    with pytest.raises(CeVAEError, match=r"^The worker needs a temporary folder for its copies of the scans, and "
+                                         r"none could be made in .*tmp-is-a-file: Not a directory \(a full disk or a "
+                                         r"used-up quota\?\)\. Free space there, or set TMPDIR to a folder on a disk "
+                                         r"with room, and restart Slicer\.$"):
         CeVAEAnomalyLogic().startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
     assert mrml.node_ids(scene) == before and blocker.read_text() == ""
