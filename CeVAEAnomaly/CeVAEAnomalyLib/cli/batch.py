@@ -1,4 +1,5 @@
-"""Batch detection over a cohort: a folder or a CSV list in, one set of outputs per volume out.
+"""Batch detection over a cohort: a folder or a CSV list in, one set of outputs per volume out, with the record of
+how they were made (``NAME_record.json``, as ``detect --record`` writes it).
 
 Resumable (a volume is skipped when its outputs exist and a summary there with these settings, this run's or a
 shard's, records their checksums and that they were made from its current image and mask; ``batch_settings.json``
@@ -69,13 +70,17 @@ def mask_key(stem: str) -> Optional[str]:
 MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slice")
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
 OUTPUT_FIELDS = tuple(f"{role}_sha256" for role in BATCH_ROLES)  # its outputs (output_paths' roles)
+RECORD_ROLE = "record"  # NAME_record.json: how a volume's outputs were made (detect --record's), written with them
+RECORD_FIELD = "record_sha256"  # that record's; "": the volume has none (made by a version that wrote none, or the
+# file is missing or not the one written with its outputs). Not what says a volume is done: it is not scored again
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", "warnings", *MEASURES, "seconds", *SOURCE_FIELDS,
-                  *OUTPUT_FIELDS)
-LATER_FIELDS = ("components", "warnings", *SOURCE_FIELDS, *OUTPUT_FIELDS)  # columns older summaries lack (rows
-# without components or warnings keep ""; rows without checksums are not trusted: their volumes are scored again, and
-# so are those without components_sha256, of versions that wrote no component table, so that every volume gets its
-# table)
-UNTRUSTED_WITHOUT = frozenset(SUMMARY_FIELDS) - {"components", "warnings"}  # a row lacking one is scored again
+                  *OUTPUT_FIELDS, RECORD_FIELD)
+LATER_FIELDS = ("components", "warnings", *SOURCE_FIELDS, *OUTPUT_FIELDS, RECORD_FIELD)  # columns older summaries
+# lack (rows without components, warnings or record_sha256 keep ""; rows without checksums are not trusted: their
+# volumes are scored again, and so are those without components_sha256, of versions that wrote no component table, so
+# that every volume gets its table)
+UNTRUSTED_WITHOUT = frozenset(SUMMARY_FIELDS) - {"components", "warnings", RECORD_FIELD}  # a row lacking one is scored
+# again
 WARNINGS_APART = " | "  # between a volume's warnings in its summary row
 RERUN_AFTER_OTHER = ("Run the batch again once the other run is done: it skips this volume if that run scored this "
                      "image and mask, refuses to replace another scan's outputs, and scores it again otherwise.")
@@ -379,7 +384,7 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
         raise CeVAEError(f"--out-dir {out_dir} is under {blocker}, which is a file, not a folder.")
     inputs = Inputs([source if source.is_file() else None, model, *(i.image for i in every),
                      *(i.mask for i in every)])
-    outputs = (p for item in items for p in output_paths(out_dir, item.name).values())
+    outputs = (p for item in items for p in volume_files(out_dir, item.name).values())
     for target in [summary, settings_path(summary), *outputs]:
         src = inputs.which(target)
         if src is not None:
@@ -402,10 +407,37 @@ def settings_path(summary: Path) -> Path:
     return summary.with_name(summary.stem.replace("summary", "batch_settings", 1) + ".json")
 
 
+def volume_files(out_dir: Path, name: str) -> Dict[str, Path]:
+    """Every file batch writes for volume ``name`` in ``out_dir``, by role: its outputs (:func:`output_paths`, which
+    say whether it is done) and its record (:data:`RECORD_ROLE`)."""
+    return output_paths(out_dir, name, (*BATCH_ROLES, RECORD_ROLE))
+
+
+def kept_record(out_dir: Path, name: str, recorded: str) -> str:
+    """The ``record_sha256`` of a done volume whose outputs a run keeps: ``recorded`` (that of the summary row that
+    describes them) where its record file is still that file, else "" (none: missing, changed, or never written)."""
+    try:
+        return recorded if recorded and sha256_of(volume_files(out_dir, name)[RECORD_ROLE]) == recorded else ""
+    except OSError:
+        return ""
+
+
 # ---- what outputs are made from -----------------------------------------------------------
 def made_from(item: BatchItem) -> Dict[str, str]:
     """The sha256 of the volume's image and brain mask ("" without one): what its outputs are made from."""
     return {"image_sha256": sha256_of(item.image), "mask_sha256": sha256_of(item.mask) if item.mask else ""}
+
+
+def inputs_of(item: BatchItem, source: Dict[str, str]) -> Dict[str, Dict[str, str]]:
+    """A volume's record's ``inputs`` as ``detect --record`` gives them (:func:`~..result.input_files`: absolute path
+    and sha256), of the checksums ``source`` (:func:`made_from`) taken before reading them (hashed here where it has
+    none)."""
+    from ..result import input_files
+
+    if not source:
+        return input_files(image=item.image, mask=item.mask)
+    return {role: {"path": os.path.abspath(path), "sha256": source[f"{role}_sha256"]}
+            for role, path in (("image", item.image), ("mask", item.mask)) if path is not None}
 
 
 def output_checksums(paths: Dict[str, Path]) -> Dict[str, str]:
@@ -523,11 +555,6 @@ def _row(item: BatchItem, status: str, seconds: Optional[float], error: str = ""
     row.update(name=item.name, image=str(item.image), mask=str(item.mask or ""), status=status, error=error,
                seconds="" if seconds is None else f"{seconds:.2f}", **values)
     return row
-
-
-def summary_warnings(warnings: Sequence[str], where: str) -> str:
-    """A volume's warnings as one summary cell, without the lead (``where``: its name) the console's carry."""
-    return WARNINGS_APART.join(w[len(where):] if w.startswith(where) else w for w in warnings)
 
 
 def read_back(item: BatchItem, out_dir: Path, source: Dict[str, str]) -> Dict[str, object]:
@@ -670,14 +697,16 @@ class VolumeDetector:
                 mask = read_image(item.mask, "brain mask") if item.mask else None
             where = f"{item.name}: "
             result = self.detector(image, mask, progress=self.go_on, where=where)  # the console's warnings name it
-            result.record = dataclasses.replace(result.record, warnings=tuple(read) + result.record.warnings)
+            warnings = tuple(w[len(where):] if w.startswith(where) else w for w in (*read, *result.record.warnings))
+            result.record = dataclasses.replace(result.record, warnings=warnings, inputs=inputs_of(item, source))
             self.go_on()  # past here the outputs are written and their row returned
             paths = output_paths(self.s.out_dir, item.name)
+            files = volume_files(self.s.out_dir, item.name)  # the outputs and their record: all or none
             try:
-                with hold_outputs(paths.values(), "batch"):  # the checksums are of the files this run wrote
-                    write_all(result_files(result, paths, nifti_codes(item.image)), overwrite, (item.image, item.mask),
+                with hold_outputs(files.values(), "batch"):  # the checksums are of the files this run wrote
+                    write_all(result_files(result, files, nifti_codes(item.image)), overwrite, (item.image, item.mask),
                               command="batch")
-                    written = output_checksums(paths)
+                    written = {**output_checksums(paths), RECORD_FIELD: sha256_of(files[RECORD_ROLE])}
             except CeVAEError as exc:
                 done = None if overwrite else self.done_by_another_run(item, source)
                 if done is not None:
@@ -688,7 +717,7 @@ class VolumeDetector:
                                      f"not taken for this run's. {rerun}") from None
                 raise
             top = result.top_slice
-            return _row(item, "ok", time.perf_counter() - t0, warnings=summary_warnings(result.record.warnings, where),
+            return _row(item, "ok", time.perf_counter() - t0, warnings=WARNINGS_APART.join(warnings),
                         **measure(result.score, result.labelmap, (top.axis, top.index) if top else None), **source,
                         **written)
         except Cancelled:
@@ -732,6 +761,7 @@ class VolumeDetector:
                              "the CSV).")
         log.info("%s was finished by another run meanwhile; its outputs are kept.", item.name)
         row["warnings"] = theirs.get("warnings") or ""
+        row[RECORD_FIELD] = kept_record(self.s.out_dir, item.name, theirs.get(RECORD_FIELD) or "")
         return row
 
 
@@ -873,7 +903,7 @@ def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record:
     listed: Optional[Set[str]] = None
     found: List[Path] = []
     for item in items:
-        there = [p for p in output_paths(out_dir, item.name).values() if p.exists()]
+        there = [p for p in volume_files(out_dir, item.name).values() if p.exists()]
         if there:
             if listed is None:
                 if next(settings_records(out_dir, record), None) is not None:
@@ -899,7 +929,7 @@ def refuse_other_volumes_outputs(items: Sequence[BatchItem], described: Mapping[
         row = described.get(item.name, (None,))[0]
         theirs = Path(row["image"]) if row and row.get("image") else None
         if theirs is None or not os.path.exists(theirs) or not any(
-                p.exists() for p in output_paths(out_dir, item.name).values()):
+                p.exists() for p in volume_files(out_dir, item.name).values()):
             continue
         try:
             if os.path.samefile(theirs, item.image) or all(v == row.get(k) for k, v in made_from(item).items()):
@@ -1045,7 +1075,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         there = _summaries_in(summary_path.parent)
     kept = _rows_not_listed(summary_path, {item.name for item in items}, there) if known else {}
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_temporaries([summary_path, record_path, *(p for item in items for p in output_paths(
+    remove_abandoned_temporaries([summary_path, record_path, *(p for item in items for p in volume_files(
         settings.out_dir, item.name).values())], started)  # what killed runs left, skipped volumes' too
     summary = Summary(summary_path, carried=earlier, kept=kept)
     total = len(items)
@@ -1067,6 +1097,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         todo: List[Tuple[BatchItem, bool]] = []
         unknown: List[str] = []
         tableless: List[str] = []  # outputs of a version that wrote no component table
+        unrecorded: List[str] = []  # done volumes without their record (NAME_record.json)
         for item in items:
             paths = output_paths(settings.out_dir, item.name)
             present = [p.exists() for p in paths.values()]
@@ -1074,6 +1105,10 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             if all(present) and not settings.overwrite:
                 row = _skipped_row(item, paths, described_by, unknown)
                 if row is not None:
+                    row[RECORD_FIELD] = kept_record(settings.out_dir, item.name, (described_by or {}).get(
+                        RECORD_FIELD) or "")
+                    if not row[RECORD_FIELD]:
+                        unrecorded.append(item.name)
                     summary.add(row)
                     continue
             elif _before_component_tables(paths, described_by) and not settings.overwrite:
@@ -1082,12 +1117,18 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                 log.warning("The outputs of %s are incomplete (%s missing); scoring it again, replacing %s.", item.name,
                             ", ".join(p.name for p, there in zip(paths.values(), present) if not there),
                             ", ".join(p.name for p, there in zip(paths.values(), present) if there))
-            todo.append((item, settings.overwrite or any(present)))
+            todo.append((item, settings.overwrite or any(present) or os.path.lexists(
+                volume_files(settings.out_dir, item.name)[RECORD_ROLE])))
         if unknown:
             log.warning("Nothing records the input and settings that made the outputs of %d volume(s) (no row with "
                         "input and output checksums in a summary in %s beside a settings record like %s); "
                         "scoring them again to be safe: %s.", len(unknown), settings.out_dir, record_path.name,
                         _some(unknown))
+        if unrecorded:
+            log.warning("%d volume(s) done have no record of how their outputs were made (NAME_record.json missing, "
+                        "or not the file written with them; an earlier version of batch wrote none): their "
+                        "record_sha256 in the summary is empty (--overwrite scores every volume again, with its "
+                        "record): %s.", len(unrecorded), _some(unrecorded))
         if tableless:
             log.warning("The outputs of %d volume(s) have no component table (NAME_components.csv), as earlier "
                         "versions of batch wrote them; scoring them again once, so that every volume has its table: "

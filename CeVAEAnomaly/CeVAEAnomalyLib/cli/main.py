@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = _command(sub, "batch", help="detect on a cohort: resumable, shardable, parallel",
                        description="Score every volume of a folder or CSV list. Per volume NAME, writes "
-                       "NAME_score.nii.gz, NAME_labelmap.nii.gz, NAME_slices.csv and NAME_components.csv (the "
-                       "lesion table of detect --components) to --out-dir, plus summary.csv and the settings it "
+                       "NAME_score.nii.gz, NAME_labelmap.nii.gz, NAME_slices.csv, NAME_components.csv (the "
+                       "lesion table of detect --components) and NAME_record.json (how they were made, as detect "
+                       "--record writes it) to --out-dir, plus summary.csv and the settings it "
                        "scored with, batch_settings.json (with --shard i/n: summary_shard-i-of-n.csv and "
                        "batch_settings_shard-i-of-n.json); a rerun skips volumes whose outputs are the files its "
                        "summary recorded (sha256), made from the same input, and refuses other settings (--overwrite "
