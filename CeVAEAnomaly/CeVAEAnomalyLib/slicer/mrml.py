@@ -142,7 +142,7 @@ class Undo:
             geometry = node.GetSegmentation().GetConversionParameter(name)
             role = node.GetReferenceImageGeometryReferenceRole()  # the volume it was drawn on
             drawn_on = node.GetNodeReferenceID(role)
-            colours = node.GetLabelmapConversionColorTableNodeID()  # a labelmap import sets it to the labelmap's
+            colours = conversion_colour_table_id(node)  # a labelmap import sets it to the labelmap's
             self.on_failure(lambda: (node.GetSegmentation().SetConversionParameter(name, geometry),
                                      node.SetNodeReferenceID(role, drawn_on),
                                      node.SetLabelmapConversionColorTableNodeID(colours)))
@@ -160,6 +160,13 @@ class Undo:
     def restore(self) -> None:
         for step in reversed(self._steps):
             step()
+
+
+def conversion_colour_table_id(node: slicer.vtkMRMLSegmentationNode) -> Optional[str]:
+    """The ID of ``node``'s labelmap conversion colour table, None for none: its node reference, read as Slicer 5.10's
+    GetLabelmapConversionColorTableNodeID reads it (Slicer 5.6 and 5.8 lack that getter; the role's getter is
+    protected, its value the same from 5.6 on)."""
+    return node.GetNodeReferenceID("labelmapConversionColorTableNode")
 
 
 def _restore_marks(node: slicer.vtkMRMLNode, attributes: Dict[str, str], source: Optional[str]) -> None:
@@ -844,7 +851,7 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     # Import from a labelmap node in the scene, under the volume's transform like the segmentation,
     # so the import applies no transform (a static method: no logic instance or scene needed).
     importer = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode
-    colours = node.GetLabelmapConversionColorTableNodeID()  # the import sets it to the labelmap's
+    colours = conversion_colour_table_id(node)  # the import sets it to the labelmap's
     if labelmap_node is not None:
         imported = importer(labelmap_node, node)
     else:
