@@ -104,3 +104,100 @@ def test_the_number_fields_say_what_they_do_in_the_units_the_panel_shows():
     assert "0: off" in tooltip("medianRadiusSpinBox") and "90 s" in tooltip("medianRadiusSpinBox")
     assert prop(widget_named("minVolumeSpinBox"), "suffix").strip() == "mm³"
     assert "1000 mm³ = 1 ml" in tooltip("minVolumeSpinBox")
+
+
+# Properties (with the .ui's value tag) and signals of the panel's classes, as their headers declare them in Slicer
+# 5.6 (git tag v5.6.0), its CTK (f53820a4) and Qt 5.15, unchanged to Slicer 5.10 and main; only those the panel may
+# use. uic and QUiLoader ignore a property a class does not have, and a signal name PythonQt does not know fails only
+# inside Slicer.
+QWIDGET = {"geometry": "rect", "enabled": "bool", "toolTip": "string"}
+BUTTON = {**QWIDGET, "text": "string"}
+NODE_COMBO = {**QWIDGET, "nodeTypes": "stringlist", "showChildNodeTypes": "bool", "hideChildNodeTypes": "stringlist",
+              "showHidden": "bool", "noneEnabled": "bool", "addEnabled": "bool", "removeEnabled": "bool",
+              "editEnabled": "bool", "renameEnabled": "bool", "noneDisplay": "string", "baseName": "string"}
+ITEM_VIEW = {**QWIDGET, "editTriggers": "set", "selectionBehavior": "enum", "selectionMode": "enum"}
+PROPERTIES: Dict[str, Dict[str, str]] = {
+    "qMRMLWidget": QWIDGET,
+    "QLabel": {**QWIDGET, "text": "string", "textFormat": "enum", "wordWrap": "bool", "textInteractionFlags": "set",
+               "buddy": "cstring"},
+    "QCheckBox": BUTTON,
+    "QPushButton": BUTTON,
+    "QComboBox": QWIDGET,
+    "QProgressBar": {**QWIDGET, "value": "number", "format": "string"},
+    "QSpinBox": {**QWIDGET, "minimum": "number", "maximum": "number", "singleStep": "number", "suffix": "string"},
+    "QDoubleSpinBox": {**QWIDGET, "decimals": "number", "minimum": "double", "maximum": "double",
+                       "singleStep": "double", "suffix": "string", "stepType": "enum"},
+    "ctkCollapsibleButton": {**BUTTON, "collapsed": "bool"},
+    "ctkPathLineEdit": {**QWIDGET, "settingKey": "string", "label": "string", "nameFilters": "stringlist",
+                        "currentPath": "string"},
+    "ctkSliderWidget": {**QWIDGET, "decimals": "number", "singleStep": "double", "pageStep": "double",
+                        "minimum": "double", "maximum": "double", "value": "double", "suffix": "string"},
+    "qMRMLNodeComboBox": NODE_COMBO,
+    "qMRMLCheckableNodeComboBox": NODE_COMBO,
+    "qMRMLSegmentSelectorWidget": {**QWIDGET, "segmentationNodeSelectorVisible": "bool", "noneEnabled": "bool",
+                                   "editEnabled": "bool", "multiSelection": "bool", "horizontalLayout": "bool"},
+    "qMRMLTableView": {**ITEM_VIEW, "transposed": "bool", "firstRowLocked": "bool", "firstColumnLocked": "bool"},
+}
+ENUM_SCOPES = {"textFormat": "Qt::", "textInteractionFlags": "Qt::", "stepType": "QAbstractSpinBox::",
+               "editTriggers": "QAbstractItemView::", "selectionBehavior": "QAbstractItemView::",
+               "selectionMode": "QAbstractItemView::"}
+SIGNALS: Dict[str, set] = {
+    "QPushButton": {"clicked(bool)", "clicked()", "toggled(bool)"},
+    "QComboBox": {"currentIndexChanged(int)", "activated(int)"},
+    "QLineEdit": {"textChanged(QString)", "textEdited(QString)", "editingFinished()", "returnPressed()"},
+    "ctkSliderWidget": {"valueChanged(double)", "valueIsChanging(double)"},
+    "ctkPathLineEdit": {"currentPathChanged(QString)", "validInputChanged(bool)"},
+    "qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)", "currentNodeChanged(bool)",
+                          "currentNodeIDChanged(QString)"},
+    "qMRMLCheckableNodeComboBox": {"checkedNodesChanged()", "currentNodeChanged(vtkMRMLNode*)"},
+    "qMRMLSegmentSelectorWidget": {"currentSegmentChanged(QString)", "currentNodeChanged(vtkMRMLNode*)",
+                                   "segmentSelectionChanged(QStringList)"},
+    "qMRMLTableView": {"clicked(QModelIndex)", "doubleClicked(QModelIndex)", "selectionChanged()"},
+    "QTimer": {"timeout()"},
+    "QCoreApplication": {"aboutToQuit()"},
+}
+MODULE_FILE = REPO / "CeVAEAnomaly" / "CeVAEAnomaly.py"
+
+
+def test_every_property_the_ui_sets_is_one_its_class_has_with_its_type():
+    """A property its class does not have (a misspelt name, or one of another class) is dropped without a word when
+    Slicer loads the .ui; one of the wrong type is not applied. Dynamic ones (stdset="0", the parameter bindings)
+    are the panel's own."""
+    root = ui_root()
+    widgets = list(root.iter("widget"))
+    assert {w.get("class") for w in widgets} <= set(PROPERTIES)
+    wrong = [(w.get("name"), p.get("name"), p[0].tag) for w in widgets for p in w.findall("property")
+             if p.get("stdset") != "0" and PROPERTIES[w.get("class")].get(p.get("name")) != p[0].tag]
+    assert wrong == []
+    scoped = [(w.get("name"), p.get("name"), p[0].text) for w in widgets for p in w.findall("property")
+              if p.get("name") in ENUM_SCOPES
+              and not all(v.startswith(ENUM_SCOPES[p.get("name")]) for v in (p[0].text or "").split("|"))]
+    assert scoped == []
+
+
+def test_every_custom_widget_is_declared_with_its_real_base_class():
+    """QUiLoader makes a custom widget from Slicer's designer plugins; its declaration in the .ui names the base class
+    as the header declares it (ctkCollapsibleButton is declared on QWidget, as Slicer's own .ui files do)."""
+    bases = {c.findtext("class"): c.findtext("extends") for c in ui_root().iter("customwidget")}
+    assert bases == {"qMRMLWidget": "QWidget", "qMRMLNodeComboBox": "QWidget", "ctkCollapsibleButton": "QWidget",
+                     "ctkSliderWidget": "QWidget", "ctkPathLineEdit": "QWidget",
+                     "qMRMLSegmentSelectorWidget": "qMRMLWidget", "qMRMLCheckableNodeComboBox": "qMRMLNodeComboBox",
+                     "qMRMLTableView": "QTableView"}
+
+
+def test_every_signal_the_panel_connects_is_one_its_sender_has():
+    """The panel's widgets connect by signature text; a signal its sender lacks fails only inside Slicer."""
+    classes = {w.get("name"): w.get("class") for w in ui_root().iter("widget")}
+    text = MODULE_FILE.read_text(encoding="utf-8")
+    direct = re.findall(r'self\.ui\.(\w+)\.connect\("([^"]+)"', text)
+    assert len(direct) >= 10
+    assert [(name, signal) for name, signal in direct if signal not in SIGNALS[classes[name]]] == []
+    known = set().union(*SIGNALS.values())
+    every = re.findall(r'\.connect\("([^"]+)"', text)
+    assert len(every) > len(direct) and set(every) <= known
+    connections = [(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+                   for c in ui_root().iter("connection")]
+    scene_widgets = {n for n, c in classes.items() if c.startswith("qMRML") and c != "qMRMLWidget"}
+    assert sorted(c[2] for c in connections) == sorted(scene_widgets)  # each gets the scene once
+    assert {(c[0], c[1], c[3]) for c in connections} == {
+        ("CeVAEAnomaly", "mrmlSceneChanged(vtkMRMLScene*)", "setMRMLScene(vtkMRMLScene*)")}
