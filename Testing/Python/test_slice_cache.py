@@ -494,6 +494,23 @@ def test_a_killed_runs_temporary_cache_is_removed_by_the_next_run(tmp_path, monk
     assert not dead.exists() and alive.is_dir() and elsewhere.is_dir() and other.is_dir()
 
 
+def test_a_temporary_cache_folder_that_cannot_be_made_is_one_clear_line(tmp_path, monkeypatch):
+    """The system's temporary folder found, but the cache's own folder not made in it (here: the folder Python
+    found was removed since; a full disk, a used-up quota likewise): a CeVAEError saying where and what to do, not
+    Python's bare FileNotFoundError."""
+    import tempfile
+
+    from CeVAEAnomalyLib.training.cache import temporary_cache
+
+    gone = tmp_path / "gone"
+    monkeypatch.setattr(tempfile, "tempdir", str(gone))  # Python's cached choice, removed since it was made
+    with pytest.raises(CeVAEError, match=rf"^Could not make the slice cache folder in {re.escape(str(gone))}: No such "
+                                         r"file or directory\. Free space there, or give --cache-dir a folder on a "
+                                         r"disk with room\.$"):
+        temporary_cache("cevae-slices-")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_cache_folder_that_cannot_be_made_is_one_clear_line(tmp_path, monkeypatch, capsys):
     """prepare --cache-dir on a read-only file system ended in "unexpected OSError" (tried as root here, so the
     folder is made impossible by a file in the way of its parent)."""
