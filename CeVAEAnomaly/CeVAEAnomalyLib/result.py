@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -230,10 +231,12 @@ class DetectionResult:
 
 
 def flagged_text(ml: float) -> str:
-    """A flagged volume in ml as the one-line summaries say it: 2 decimals, or one significant digit for a volume
-    that would read 0.00 (a component under 5 mm³, which a lower --min-volume keeps), as the component table lists
-    it."""
-    return f"{ml:.2f}" if ml == 0 or round(ml, 2) > 0 else f"{ml:.1g}"
+    """A flagged volume in ml as the one-line summaries say it: 2 decimals, or, for a volume that would read 0.00 (a
+    component under 5 mm³, which a lower --min-volume keeps), as many as its first digit needs (0.003, 0.00003; never
+    an exponent)."""
+    if ml == 0 or round(ml, 2) > 0:
+        return f"{ml:.2f}"
+    return f"{ml:.{max(2, -math.floor(math.log10(ml)))}f}"
 
 
 @dataclass(frozen=True, repr=False)

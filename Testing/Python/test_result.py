@@ -257,8 +257,8 @@ def test_a_flagged_volume_under_0_005_ml_is_not_shown_as_0_00_ml():
     tiny = small_result()
     tiny.components = [dataclasses.replace(tiny.components[0], voxels=3, volume_ml=0.003)]
     assert "1 component(s), 0.003 ml flagged" in repr(tiny)
-    assert [flagged_text(ml) for ml in (0.0, 0.003, 0.0004, 0.06, 1.556, 12.0)] == [
-        "0.00", "0.003", "0.0004", "0.06", "1.56", "12.00"]
+    assert [flagged_text(ml) for ml in (0.0, 0.003, 0.0004, 0.00003, 0.06, 1.556, 12.0)] == [
+        "0.00", "0.003", "0.0004", "0.00003", "0.06", "1.56", "12.00"]  # (never 3e-05: one voxel of 0.3 mm)
 
 
 def test_a_result_saved_before_the_record_held_batch_size_mask_and_software_reads_back(tmp_path):
