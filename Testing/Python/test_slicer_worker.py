@@ -1740,8 +1740,7 @@ def test_no_writable_temporary_folder_is_said_in_words_before_a_worker_starts(he
     monkeypatch.setattr(tempfile, "tempdir", str(blocker))
     before = mrml.node_ids(scene)
     with pytest.raises(CeVAEError, match=r"^The worker needs a temporary folder for its copies of the scans, and "
-                                         r"none could be made in .*tmp-is-a-file: Not a directory \(a full disk or a "
-                                         r"used-up quota\?\)\. Free space there, or set TMPDIR to a folder on a disk "
-                                         r"with room, and restart Slicer\.$"):
+                                         r"none could be made in .*tmp-is-a-file: Not a directory\. Free space there, "
+                                         r"or start Slicer with TMPDIR set to a folder on a disk with room\.$"):
         CeVAEAnomalyLogic().startDetection(volume, mask, modelPath=tiny_bundle, device="cpu")
     assert mrml.node_ids(scene) == before and blocker.read_text() == ""

@@ -1105,15 +1105,18 @@ def _untilClosed(progress: Optional[ProgressCallback], refuseClosed: Callable[[]
 def _jobFolder(prefix: str) -> Path:
     """A new temporary folder for a worker job, once those that crashed Slicers left are removed; where none can be
     made (a full disk or quota, a TMPDIR that is no folder) a CeVAEError says so, not Python's bare error."""
-    where = "the system's temporary folder"
+    remedy = "Free space there, or start Slicer with TMPDIR set to a folder on a disk with room."
     try:
         where = tempfile.gettempdir()
+    except OSError as exc:  # none of the candidates takes a file: the cause is not known, only guessed
+        raise CeVAEError(f"The worker needs a temporary folder for its copies of the scans, and none can be written: "
+                         f"{exc.strerror or exc} (a full disk or a used-up quota?). {remedy}") from None
+    try:
         remove_abandoned_job_folders(Path(where))
         return Path(tempfile.mkdtemp(prefix=prefix))
     except OSError as exc:
         raise CeVAEError(f"The worker needs a temporary folder for its copies of the scans, and none could be made in "
-                         f"{where}: {exc.strerror or exc} (a full disk or a used-up quota?). Free space there, or set "
-                         "TMPDIR to a folder on a disk with room, and restart Slicer.") from None
+                         f"{where}: {exc.strerror or exc}. {remedy}") from None
 
 
 def _removeFolder(folder: Path) -> None:
