@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from typing import Dict
 
 import pytest
 
@@ -27,6 +28,25 @@ def test_minimum_versions_are_the_packages():
     text = (REPO / "pyproject.toml").read_text()
     for name, minimum in REQUIREMENTS.items():
         assert f'"{name}>={minimum}"' in text
+
+
+# numpy and SimpleITK that Slicer bundles (SuperBuild/External_python-numpy.cmake, External_SimpleITK.cmake at
+# these tags; 5.6.2 as 5.6.0, 5.8.0 as 5.8.1): the module runs on them, never installing its own
+SLICER_BUNDLES: Dict[str, Dict[str, str]] = {
+    "5.6.0": {"numpy": "1.26.1", "SimpleITK": "2.2.1"},
+    "5.8.1": {"numpy": "1.26.4", "SimpleITK": "2.3.1"},
+    "5.10.0": {"numpy": "2.0.2", "SimpleITK": "2.5.2"},
+}
+
+
+@pytest.mark.parametrize("slicer_version", SLICER_BUNDLES)
+def test_the_floors_admit_what_slicer_bundles(slicer_version):
+    """pyproject.toml asked for SimpleITK >= 2.3, which Slicer 5.6's 2.2.1 does not meet: a floor the module's own
+    home breaks. Each floor is at or below every supported Slicer's bundled version."""
+    text = (REPO / "pyproject.toml").read_text()
+    for name, bundled in SLICER_BUNDLES[slicer_version].items():
+        floor = re.search(rf'"{name}>=([0-9.]+)"', text)
+        assert floor is not None and release(floor.group(1)) <= release(bundled), (name, slicer_version)
 
 
 def test_this_environment_meets_them():

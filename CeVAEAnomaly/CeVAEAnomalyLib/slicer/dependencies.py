@@ -1,8 +1,10 @@
 """The Python packages a detection needs in Slicer's Python, checked without importing them.
 
 Slicer ships numpy, SimpleITK and VTK; torch and safetensors may be missing or too old. The
-minimum versions are those of ``pyproject.toml``. Installing is the logic's job
-(:meth:`~CeVAEAnomalyLib.slicer.logic.CeVAEAnomalyLogic.installDependencies`), in the Slicer application.
+minimum versions are those of ``pyproject.toml``, whose numpy and SimpleITK floors are at or below what
+Slicer 5.6 bundles (numpy 1.26.1, SimpleITK 2.2.1; 5.8: 1.26.4, 2.3.1; 5.10: 2.0.2, 2.5.2): not checked here.
+Installing is the logic's job (:meth:`~CeVAEAnomalyLib.slicer.logic.CeVAEAnomalyLogic.installDependencies`), in the
+Slicer application.
 """
 from __future__ import annotations
 
