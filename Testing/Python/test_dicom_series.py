@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.images import read_image
+from CeVAEAnomalyLib.io.dicom import pixel_data_shortfall
 from conftest import make_head
 
 SLOPE = b"\x28\x00\x53\x10"  # the tag (0028,1053) Rescale Slope as an implicit-VR little-endian file holds it
@@ -105,8 +106,25 @@ def test_a_slice_file_the_series_reader_leaves_out_is_named(head, tmp_path, name
     folder = write_series(head, tmp_path / "series")
     damage(folder / name)
     with pytest.raises(CeVAEError, match=rf"^The DICOM series in {tmp_path}/series cannot be read whole: {name} "
-                                         rf"{problem}, and the series would be read without it \(9 slices\)\."):
+                                         rf"({problem}, and the series would be read without it \(9 slices\)\."
+                                         r"|ends \d+ bytes short of its pixel data \(truncated\), and the series "
+                                         r"would be read with those pixels as 0\.)"):  # (SimpleITK 2.5; before 2.5)
         read_image(folder)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_a_slice_file_cut_short_is_measured(head, tmp_path, keep):
+    """SimpleITK before 2.5 (Slicer 5.6 bundles 2.2.1, 5.8 2.3.1) lists a truncated slice in its series and reads
+    its missing pixels as 0, unsaid: the file is measured against its Pixel Data element's length, whatever reader
+    lists it."""
+    folder = write_series(head, tmp_path / "series")
+    size = 24 * 28 * 2  # int16 pixels of one slice
+    whole = folder / "IM0004.dcm"
+    assert pixel_data_shortfall(whole, size) == 0
+    assert pixel_data_shortfall(whole, size + 2) == 0  # (no element of that length: not judged)
+    length = whole.stat().st_size
+    whole.write_bytes(whole.read_bytes()[: int(length * keep)])
+    assert pixel_data_shortfall(whole, size) == length - int(length * keep) > 0
 
 
 def test_a_dangling_link_in_a_series_folder_is_named(head, tmp_path):

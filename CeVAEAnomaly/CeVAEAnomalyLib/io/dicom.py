@@ -61,6 +61,7 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     except RuntimeError as exc:
         raise CeVAEError(f"The DICOM series in {folder} could not be read: {_odd_slice(files) or error_text(exc)}") \
             from None
+    _refuse_cut_slices(reader, files, folder)
     _check_slice_positions(reader, len(files), folder, min(image.GetSpacing()[:2]))
     _warn_of_fewer_slices_than_acquired(reader, len(files), folder)
     if len(set(_rescalings(reader, len(files)))) > 1:  # the pixel type is the first slice's: read them as floats
@@ -112,6 +113,43 @@ def _refuse_left_out_slices(folder: Path, files: Sequence[str]) -> None:
         raise CeVAEError(f"The DICOM series in {folder} cannot be read whole: {f.name} {problem}, and the series would "
                          f"be read without it ({len(files)} slices). Copy or export the series again (or move that "
                          "file out of the folder if it is no slice of it).")
+
+
+def _refuse_cut_slices(reader: sitk.ImageSeriesReader, files: Sequence[str], folder: Path) -> None:
+    """Refuse a series one of whose slice files ends inside its pixel data (an interrupted copy): SimpleITK before
+    2.5 (Slicer 5.6 and 5.8 bundle 2.2.1 and 2.3.1) reads such a file, its missing pixels 0, where 2.5 leaves it
+    out (:func:`_refuse_left_out_slices`)."""
+    def tag(i: int, key: str, default: str) -> int:
+        text = reader.GetMetaData(i, key).strip() if reader.HasMetaDataKey(i, key) else default
+        return int(text) if text.isdigit() else 0
+
+    for i, name in enumerate(files):
+        size = tag(i, "0028|0010", "0") * tag(i, "0028|0011", "0") * tag(i, "0028|0002", "1") \
+            * tag(i, "0028|0008", "1") * tag(i, "0028|0100", "0") // 8
+        short = pixel_data_shortfall(Path(name), size) if size else 0
+        if short:
+            raise CeVAEError(f"The DICOM series in {folder} cannot be read whole: {Path(name).name} ends {short} bytes "
+                             "short of its pixel data (truncated), and the series would be read with those pixels "
+                             "as 0. Copy or export the series again.")
+
+
+def pixel_data_shortfall(path: Path, size: int) -> int:
+    """How many bytes a DICOM file lacks of its uncompressed Pixel Data (7FE0,0010) element of ``size`` bytes
+    (little endian, explicit or implicit VR); 0 if it is whole or no such element is found (compressed data)."""
+    data = path.read_bytes()
+    lengths = [struct.pack("<I", n) for n in (size, size + 1)]  # (an odd length is padded to even)
+    at = data.find(b"\xe0\x7f\x10\x00", 132)
+    while at >= 0:
+        if data[at + 4 : at + 6] in (b"OB", b"OW") and data[at + 6 : at + 8] == b"\0\0" \
+                and data[at + 8 : at + 12] in lengths:
+            start = at + 12
+        elif data[at + 4 : at + 8] in lengths:
+            start = at + 8
+        else:
+            at = data.find(b"\xe0\x7f\x10\x00", at + 1)
+            continue
+        return max(0, start + struct.unpack("<I", data[start - 4 : start])[0] - len(data))
+    return 0
 
 
 def refuse_one_dicom_slice(p: Path, image: sitk.Image, what: str) -> None:
