@@ -118,3 +118,37 @@ def test_a_log_of_the_previous_version_is_kept_as_a_finished_runs_and_resumed_wi
     with open(log, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["step"], r["val_loss"], r["checkpoint"]) for r in rows] == [("4", "nan", None)]
+
+
+def test_a_run_resumed_on_another_kind_of_device_records_the_part_each_trained(manifest, tmp_path):
+    """--device may change on --resume, and with --amp it changes what is trained (float16 on CUDA, bfloat16 on the
+    CPU), yet the training record's device was the last session's alone: a run trained on CUDA and finished on the CPU
+    said "cpu". Its parts now say from which step each device trained (a checkpoint written on CUDA is made here by
+    editing its parts, as no GPU is at hand); a part of an earlier version, which names no device, is no change."""
+    from CeVAEAnomalyLib.training.checkpoint import DIGEST_KEY, state_digest
+
+    out = tmp_path / "model.cevae"
+    ckpt = Path(f"{out}.ckpt")
+    assert train(manifest, out, EVERY) == 0
+    assert read_header(out).training["device"] == "cpu" and "parts" not in read_header(out).training
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["parts"] == [{"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8, "device": "cpu"}]
+
+    def resave(parts):
+        state["parts"] = parts
+        del state[DIGEST_KEY]
+        state[DIGEST_KEY] = state_digest(state)
+        torch.save(state, ckpt)
+
+    resave([{"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8, "device": "cuda"}])
+    assert train(manifest, out, 2 * EVERY, "--resume") == 0
+    training = read_header(out).training
+    assert training["device"] == "cpu" and training["parts"] == [
+        {"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8, "device": "cuda"},
+        {"from_step": EVERY, "lr": 0.0002, "ranks": 1, "batch_size": 8, "device": "cpu"}]
+
+    assert train(manifest, out, EVERY, "--overwrite") == 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    resave([{"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8}])  # as an earlier version wrote it
+    assert train(manifest, out, 2 * EVERY, "--resume") == 0
+    assert "parts" not in read_header(out).training  # the same run on the CPU: nothing more to say

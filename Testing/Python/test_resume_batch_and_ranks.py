@@ -32,8 +32,8 @@ def test_a_resume_may_lower_the_batch_size_as_an_out_of_memory_stop_says(tmp_pat
     assert "batch size 4 per rank, effective batch size 4" in caplog.text
     training = read_header(out).training
     assert training["steps"] == 4 and training["batch_size"] == 4
-    assert training["parts"] == [{"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8},
-                                 {"from_step": 2, "lr": 0.0002, "ranks": 1, "batch_size": 4}]
+    assert training["parts"] == [{"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8, "device": "cpu"},
+                                 {"from_step": 2, "lr": 0.0002, "ranks": 1, "batch_size": 4, "device": "cpu"}]
     assert torch.load(out.with_name("m.cevae.ckpt"), map_location="cpu", weights_only=True)["batch_size"] == 4
 
 

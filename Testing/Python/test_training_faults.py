@@ -981,8 +981,8 @@ def test_a_run_resumed_with_another_learning_rate_records_its_parts_and_its_time
     assert main(train_argv(manifest, out, 2 * EVERY, "--lr", "0.0001", "--resume")) == 0
     training = read_header(out).training
     assert training["lr"] == 0.0001 and training["parts"] == [
-        {"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8},
-        {"from_step": EVERY, "lr": 0.0001, "ranks": 1, "batch_size": 8}]
+        {"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 8, "device": "cpu"},
+        {"from_step": EVERY, "lr": 0.0001, "ranks": 1, "batch_size": 8, "device": "cpu"}]
     rows = log_rows(out.with_name(out.name + ".log.csv"))
     seconds = [float(r["seconds"]) for r in rows]
     assert seconds == sorted(seconds) and seconds[-1] > float(first[-1]["seconds"])

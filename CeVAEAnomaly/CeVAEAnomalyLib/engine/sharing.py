@@ -39,7 +39,7 @@ UNNAMED = frozenset({"name", "preprocess", "loss", "model", "score_options", "po
                      "recalibration.options", "recalibration.software", "recalibration.parent",
                      "recalibration.original", "adaptation.parent", "format", "modality", "weights_dtype",
                      "weights_sha256", "written_by", "versions", "training.orientations", "training.device",
-                     "training.subjects[].person", "training.validation_subjects[].person",
+                     "training.parts[].device", "training.subjects[].person", "training.validation_subjects[].person",
                      "adaptation.site_scans[].person", "adaptation.calibration", "recalibration.calibrated_utc",
                      "training.trained_utc"})
 ALREADY_SHARED = "is already a shareable copy (its scans are called scan 1, scan 2, ...): give it as it is"

@@ -178,9 +178,9 @@ def _identity_problem(run: Any) -> Optional[str]:
 
 
 def _parts_problem(parts: Any) -> Optional[str]:
-    """Why a checkpoint's ``parts`` (from which step the run trained with which learning rate, ranks and batch size,
-    which earlier releases did not record; the bundle's training record) are unusable, or None (also for none:
-    checkpoints of earlier releases lack them)."""
+    """Why a checkpoint's ``parts`` (from which step the run trained with which learning rate, ranks, batch size and
+    kind of device, which earlier releases did not all record; the bundle's training record) are unusable, or None
+    (also for none: checkpoints of earlier releases lack them)."""
     def whole(value: Any, low: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -188,10 +188,10 @@ def _parts_problem(parts: Any) -> Optional[str]:
             isinstance(p, dict) and whole(p.get("from_step"), 0) and whole(p.get("ranks"), 1)
             and isinstance(p.get("lr"), (int, float)) and not isinstance(p.get("lr"), bool)
             and math.isfinite(p["lr"]) and p["lr"] > 0 and ("batch_size" not in p or whole(p["batch_size"], 1))
-            for p in parts):
+            and p.get("device", "cpu") in ("cpu", "cuda", "mps") for p in parts):
         return None
-    return ("its field 'parts' is not a list of training parts (a first step, a learning rate, a number of ranks and "
-            "a batch size)")
+    return ("its field 'parts' is not a list of training parts (a first step, a learning rate, a number of ranks, "
+            "a batch size and a kind of device)")
 
 
 def _check_digest(state: Dict[str, Any], path: Path, wording: Wording) -> None:

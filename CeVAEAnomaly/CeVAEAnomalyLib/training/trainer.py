@@ -447,8 +447,10 @@ class Trainer:
         write_checkpoint(state, self.cfg.checkpoint_path, advice=self._after_write_failure)
 
     def _part(self, step: int) -> Dict[str, object]:
-        """This session's settings that a resume may change, from ``step`` on (the training record's ``parts``)."""
-        return {"from_step": step, "lr": self.cfg.lr, "ranks": self.dist.world, "batch_size": self.cfg.batch_size}
+        """This session's settings that a resume may change, from ``step`` on (the training record's ``parts``): the
+        learning rate, ranks, batch size and the kind of device (with --amp, float16 on CUDA, bfloat16 on the CPU)."""
+        return {"from_step": step, "lr": self.cfg.lr, "ranks": self.dist.world, "batch_size": self.cfg.batch_size,
+                "device": self.device.type}
 
     def run_identity(self) -> Dict[str, object]:
         """This run's options (preprocessing included), volumes and split, as checkpoints record them; made once
@@ -536,8 +538,10 @@ class Trainer:
         asked = self.parts[-1].get("batch_size", state["run"]["options"].get("batch_size", state["batch_size"]))
         self.parts = [{**p, "batch_size": p.get("batch_size", asked)} for p in self.parts]
         now, last = self._part(state["step"]), self.parts[-1]
-        if (now["lr"], now["ranks"], now["batch_size"]) != (last.get("lr"), last.get("ranks"), asked):
-            self.parts.append(now)  # resumed with another lr, number of ranks or batch size
+        device = last.get("device", now["device"])  # (parts of earlier versions name none: taken as no change)
+        if (now["lr"], now["ranks"], now["batch_size"], now["device"]) != (last.get("lr"), last.get("ranks"), asked,
+                                                                           device):
+            self.parts.append(now)  # resumed with another lr, number of ranks, batch size or kind of device
         # the changes below are the whole run's: rank 0 says them (every rank did, 8 ranks 8 times each)
         for group in self.opt.param_groups:  # --lr applies on resume (e.g. lowered after a NaN stop)
             if group["lr"] != self.cfg.lr:
