@@ -394,7 +394,10 @@ def write_result(result: DetectionResult, *, score: Optional[PathLike] = None, l
 RESULT_FILES = {"score": "score.nrrd", "labelmap": "labelmap.nrrd", "brain_mask": "brain_mask.nrrd"}
 SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_source", "slices", "components",
 # "record"}
-SUMMARY_VERSION = 2  # 2: with the detection's record (components gained peak_lps later; one without reads as None)
+SUMMARY_VERSION = 3  # 2: with the detection's record (components gained peak_lps later; one without reads as None);
+# 3: the record with batch_size, mask and software (a version that reads 2 only refuses it by its version, not as
+# damaged; 2 still reads, those fields as not said)
+READ_SUMMARY_VERSIONS = (2, SUMMARY_VERSION)
 
 
 def save_result(result: DetectionResult, folder: PathLike, overwrite: bool = False) -> None:
@@ -425,7 +428,7 @@ def load_result(folder: PathLike) -> DetectionResult:
     folder = _folder(folder)
     try:
         summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
-        if not isinstance(summary, dict) or summary.get("format_version") != SUMMARY_VERSION:
+        if not isinstance(summary, dict) or summary.get("format_version") not in READ_SUMMARY_VERSIONS:
             found = summary.get("format_version") if isinstance(summary, dict) else None
             raise ValueError(f"format version {found!r}, not {SUMMARY_VERSION}")
         threshold, source = strict_json.number(summary.get("threshold")), summary.get("threshold_source")

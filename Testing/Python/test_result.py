@@ -271,8 +271,10 @@ def test_a_result_saved_before_the_record_held_batch_size_mask_and_software_read
     result = small_result()
     save_result(result, tmp_path)
     summary = json.loads((tmp_path / "detection.json").read_text())
+    assert summary["format_version"] == 3  # (a version before these fields cannot mistake it for its own)
     for key in ("batch_size", "mask", "software"):
         del summary["record"][key]
+    summary["format_version"] = 2  # as the previous version wrote it
     (tmp_path / "detection.json").write_text(json.dumps(summary))
     back = load_result(tmp_path).record
     assert (back.batch_size, back.mask, back.software) == (None, None, {})
