@@ -52,7 +52,7 @@ MODEL_ATTRIBUTE = "CeVAEAnomaly.Model"
 MODEL_SHA256_ATTRIBUTE = "CeVAEAnomaly.ModelSHA256"
 THRESHOLD_ATTRIBUTE = "CeVAEAnomaly.Threshold"
 THRESHOLD_SOURCE_ATTRIBUTE = "CeVAEAnomaly.ThresholdSource"
-VERSION_ATTRIBUTE = "CeVAEAnomaly.Version"  # the tool and its version, e.g. "cevae-anomaly 0.1.0"
+VERSION_ATTRIBUTE = "CeVAEAnomaly.Version"  # the tool and its version, e.g. "cevae-anomaly 0.2.0"
 OPTIONS_ATTRIBUTE = "CeVAEAnomaly.Options"
 PROVENANCE_ATTRIBUTES = (MODEL_ATTRIBUTE, MODEL_SHA256_ATTRIBUTE, THRESHOLD_ATTRIBUTE, THRESHOLD_SOURCE_ATTRIBUTE,
                          VERSION_ATTRIBUTE, OPTIONS_ATTRIBUTE)
