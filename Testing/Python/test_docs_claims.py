@@ -32,9 +32,10 @@ def section(document: str, heading: str) -> str:
     return re.split(rf"\n#{{1,{len(level)}}} ", body, maxsplit=1)[0]
 
 
-def test_batch_names_every_file_it_writes_in_its_help_and_in_scaling(tmp_path: Path, tiny_bundle) -> None:
+def test_batch_names_every_file_it_writes_in_its_help_scaling_and_readme(tmp_path: Path, tiny_bundle) -> None:
     """Each file batch writes into --out-dir (a volume's outputs, the summary, the settings; with and without
-    --shard) is named, with NAME and i-of-n for the volume and the shard, in its --help and in SCALING.md."""
+    --shard) is named, with NAME and i-of-n for the volume and the shard, in its --help, in SCALING.md and in the
+    README's paragraph below its command lines (whose example runs with --shard 1/4)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     image, mask = make_head(seed=3)
@@ -49,9 +50,12 @@ def test_batch_names_every_file_it_writes_in_its_help_and_in_scaling(tmp_path: P
     assert "batch_settings_shard-i-of-n.json" in written
     help_text = " ".join(subparser("batch").description.split())
     scaling = section("docs/SCALING.md", "## Batch detection over a cohort")
+    readme = " ".join(re.search(r"\n`batch` writes, per volume NAME,.*?\n\n", (REPO / "README.md").read_text(
+        encoding="utf-8"), re.S).group(0).split())
     for name in sorted(written):
         assert name in help_text, f"batch --help does not name {name}"
         assert name in scaling, f"docs/SCALING.md (Batch detection over a cohort) does not name {name}"
+        assert name in readme, f"README.md (the paragraph on what batch writes) does not name {name}"
 
 
 DOCUMENTS = ("README.md", "docs/SCALING.md", "docs/SLICER.md", "docs/WHAT_HAPPENS_WHEN.md", "docs/adapt.md",
