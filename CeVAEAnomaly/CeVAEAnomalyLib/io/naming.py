@@ -35,9 +35,9 @@ OUTPUT_NAMES: Dict[str, str] = {
     "slices": "_slices.csv",
     "components": "_components.csv",
     "segmentation": "_segmentation.seg.nrrd",
-    "record": "_record.json",  # how the outputs were made (the Slicer script; detect --record)
+    "record": "_record.json",  # how the outputs were made (the Slicer script; batch; detect --record)
 }
-BATCH_ROLES = ("score", "labelmap", "slices", "components")  # what `batch` writes per volume
+BATCH_ROLES = ("score", "labelmap", "slices", "components")  # `batch`'s outputs per volume, beside its record
 # role -> what follows "NAME " in the names of the nodes the Slicer panel makes for volume NAME (slicer/mrml.py;
 # " (frame N)" follows for a sequence frame's, and Slicer adds "_1" where the name is taken), which Slicer's Save writes
 # as file names
