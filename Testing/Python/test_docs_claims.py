@@ -263,6 +263,24 @@ def test_the_figures_the_readme_gives_of_the_bundled_model_are_the_models() -> N
     assert not wrong, wrong
 
 
+def test_what_the_docs_say_of_the_version_that_wrote_the_bundled_model_is_what_info_gives() -> None:
+    """The README said `written_by` (info --json) is null for the bundled model, and docs/WHAT_HAPPENS_WHEN.md that it
+    records only the version that trained it; since its calibration for the published map was added the bundled file
+    records the version that wrote it, which info says ("written by cevae-anomaly 0.1.0")."""
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.model_info import describe_model, model_info
+
+    info = model_info(default_model_path())
+    assert info["written_by"], "the bundled model records no writer: the docs' words below need no change"
+    assert f"written by cevae-anomaly {info['written_by']}" in describe_model(info)
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    said = re.findall(r"`written_by` in `--json`, ([^)]*)\)", readme)
+    assert said and not any("bundled" in words for words in said), said
+    what = " ".join((REPO / "docs/WHAT_HAPPENS_WHEN.md").read_text(encoding="utf-8").split())
+    assert "A bundle written by this version records the version that wrote it" in what
+    assert "the bundled model and older files record only" not in what
+
+
 def test_the_help_of_every_false_positive_rate_states_the_range_the_readme_gives() -> None:
     """detect's and batch's --fpr and calibrate's --default-fpr say the rates a calibration covers, as the README
     does ("rates 1e-6 to 0.5"): --fpr's help gave none, and a rate above 0.5 was refused only once the model was
