@@ -272,11 +272,19 @@ def fuse(score: np.ndarray, asym: np.ndarray, floor: float = 0.0, power: float =
     return _fused(score, floor + asym, power)
 
 
+# powers taken by the correctly rounded ufunc, as NumPy 2's np.power takes them; NumPy 1.26 (Slicer 5.6, 5.8) takes
+# them by powf, up to 1 ulp off in float32, and a map would differ between the two
+_EXACT_POWERS = {0.5: np.sqrt, 2.0: np.square}
+
+
 def _fused(score: np.ndarray, factor: np.ndarray, power: float) -> np.ndarray:
     """score^power × ``factor`` (:func:`fuse`), written into ``factor`` where its dtype holds the product."""
     s = score
     if power != 1:
         s = np.maximum(score, 0)
-        s = np.power(s, power, out=s if np.result_type(s, power) == s.dtype else None)
+        dtype = np.result_type(s, power)
+        out = s if dtype == s.dtype else None
+        exact = _EXACT_POWERS.get(float(power))
+        s = np.power(s, power, out=out) if exact is None else exact(s, out=out, dtype=dtype)
     out = np.multiply(s, factor, out=factor if factor.dtype == np.result_type(s, factor) else None)
     return out.astype(np.float32, copy=False)
