@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
+from typing import ContextManager
 
 import torch
 
@@ -50,3 +52,15 @@ def resolve_device(name: str = "auto", strict: bool = False) -> torch.device:
         raise CeVAEError(f"There is no GPU {name!r}: this machine has {torch.cuda.device_count()} (cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}).")
     return torch.device(name)
+
+
+def mixed_precision(device: torch.device, enabled: bool) -> ContextManager[object]:
+    """The autocast of ``--amp`` on ``device`` (bfloat16 on the CPU, float16 on a GPU); without ``enabled`` no autocast
+    at all: torch before 2.5 has none for an Apple GPU (mps) and refuses to make one even disabled."""
+    if not enabled:
+        return nullcontext()
+    try:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+    except RuntimeError as exc:  # e.g. torch < 2.5 on mps: "User specified an unsupported autocast device_type"
+        raise CeVAEError(f"Mixed precision (--amp) is not available on {device.type} with torch {torch.__version__} "
+                         f"({exc}); run without it, or on mps update torch to 2.5 or later.") from None

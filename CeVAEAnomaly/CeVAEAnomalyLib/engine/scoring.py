@@ -13,7 +13,6 @@ Encoding and the gradient are computed once per slice; only decoding repeats for
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence, Tuple
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from ..options import DEFAULT_BATCH_SIZE, ScoreOptions
 from .config import LossConfig
+from .devices import mixed_precision
 from .model import CeVAE, kl_per_sample, latent_noise, rec_error
 from ..progress import ProgressCallback, report
 
@@ -142,10 +142,7 @@ def network_maps(
     attribution = any(o.score_type == "combi" and o.combi == "attribution" for o in options)
     n = slices.shape[0]
     recs, grads, attrs, stats, brains = [], [], [], [], []
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
-        if amp else nullcontext()
-    )
+    autocast = mixed_precision(device, amp)
     samples = torch.Generator().manual_seed(0)  # sampled scores: the same in every run, whatever ran before
     report(progress, 0.0, "Scoring slices")
     for start in range(0, n, batch_size):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..engine.calibration import largest_side
 from ..engine.config import ModelConfig, PreprocessConfig
 from ..engine.corruption import random_rectangles
-from ..engine.devices import resolve_device
+from ..engine.devices import mixed_precision, resolve_device
 from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
 from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
@@ -237,6 +237,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.fp16 = cfg.amp and self.device.type == "cuda"  # bf16 (CPU) needs no loss scaling
         self.scaler = _grad_scaler(self.fp16)
+        self.autocast = mixed_precision(self.device, cfg.amp)  # (refused here where torch has none)
         self.gen = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self.step = 0
         self.epoch = 0
@@ -346,9 +347,7 @@ class Trainer:
     def _train_step(self, batch: torch.Tensor) -> Dict[str, float]:
         x = augment(batch.to(self.device, non_blocking=True), self.cfg.augment, self.gen)
         xc, _ = random_rectangles(x, self.gen, value_range=(0.0, float(self.pre.clip_max)))
-        autocast = torch.autocast(self.device.type, enabled=self.cfg.amp,
-                                  dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16)
-        with autocast:
+        with self.autocast:
             loss, terms = cevae_loss(self.net, x, xc, self.cfg.loss)
         if not torch.isfinite(loss):
             raise CeVAEError(f"The loss became {loss.item()} at step {self.step}; training stopped. "
