@@ -533,7 +533,7 @@ def test_a_checkpoint_that_recorded_its_base_by_path_resumes_with_the_same_conte
 def test_overwrite_keeps_the_earlier_model_until_the_new_one_is_written(tiny_bundle, site, tmp_path, caplog):
     """--overwrite removed the earlier adaptation's model before its first fine-tuning run, so an adaptation then
     stopped (Ctrl-C, an error, the machine down) left no working model. The earlier model now stays, byte for byte,
-    until the new one replaces it; the earlier checkpoints and logs go before the first run (the earlier final
+    until the new one replaces it; the earlier checkpoints and logs go at its first checkpoint (the earlier final
     checkpoint made the --resume fail after the folds were trained again), and the --resume continues the new
     adaptation, not taking the earlier model for its result. An adapted model adapted again on its own site scans
     is warned of."""
@@ -662,3 +662,27 @@ def test_the_adaptation_records_folds_steps_and_rate_are_checked_as_adapt_writes
         read_header(path)
     rewrite(path, lambda h, t: [h["adaptation"].pop(k) for k in ("steps_per_run", "lr", "folds")])
     assert "folds" not in read_header(path).extra["adaptation"]  # (models adapted by earlier versions may lack them)
+
+
+def test_a_stopped_overwrite_keeps_the_earlier_adaptation_s_checkpoints_and_logs(tiny_bundle, site, tmp_path):
+    """--overwrite removed the earlier adaptation's checkpoints and loss logs as soon as the scans were prepared, so
+    an adaptation then stopped before its first checkpoint (Ctrl-C, an error) left the kept earlier model without
+    them, while train --overwrite keeps its earlier checkpoint and log until its first checkpoint. They now stay,
+    byte for byte, until the new adaptation writes its first checkpoint; the earlier model stays until the new one is
+    written."""
+    out = tmp_path / "site.cevae"
+    adapt_mod.adapt(tiny_bundle, masked(site, "a", "b"), out, QUICK)
+    earlier = {p.name: p.read_bytes() for p in tmp_path.glob("site.cevae*")}
+    assert {"site.cevae", "site.cevae.ckpt", "site.cevae.log.csv", "site.cevae.fold1.log.csv"} <= set(earlier)
+
+    def stop_at_first_step(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 1/") and "step 1 " in message:  # its first checkpoint is at step 2
+            raise Cancelled("stopped by the test")
+
+    again = AdaptOptions(**{**QUICK.__dict__, "overwrite": True})
+    with pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, masked(site, "a", "b", "c"), out, again, stop_at_first_step)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("site.cevae*")} == earlier
+    with pytest.raises(CeVAEError, match="is complete .*nothing to resume"):  # nothing of the new run to continue
+        adapt_mod.adapt(tiny_bundle, masked(site, "a", "b", "c"), out, AdaptOptions(**{**QUICK.__dict__,
+                                                                                         "resume": True}))

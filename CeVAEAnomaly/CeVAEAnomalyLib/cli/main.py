@@ -147,8 +147,9 @@ def _add_adapt(sub) -> None:
     anew.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run "
                       "(give the same scans and options again)")
     anew.add_argument("--overwrite", action="store_true",
-                      help="start anew: remove an earlier run's checkpoints and logs, and replace --out once the new "
-                      "model is written (it stays usable until then)")
+                      help="start anew: replace an earlier run's checkpoints and logs at the new run's first "
+                      "checkpoint, and --out once the new model is written (it stays usable until then; a run stopped "
+                      "or failed before its first checkpoint leaves them all as they were)")
     a.add_argument("--amp", action="store_true", help="mixed precision: faster on a CUDA GPU (float16); "
                    "bfloat16 on a CPU")
     _add_device(a)

@@ -12,6 +12,7 @@ import logging
 import shutil
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -142,11 +143,11 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                                 labelled(scaled(training_part, 0.0, PREPARE_SHARE), "Preparing the scans"))
         contrasts = [_contrast(s, e[0].path) for s, e in zip(subjects, entries)]
         check_modality([s.name for s in subjects], contrasts, header)  # before any run trains on them
-        if options.overwrite and not options.resume:  # the scans are usable: the earlier runs' files go now
-            _remove_earlier_runs(out)
+        if options.overwrite and out.is_file():
+            log.info("The earlier model %s stays in place, usable, until the new one is written.", out)
         models, final, seconds = _fine_tune(subjects, plan, runs, configs, header, bundle, root, orientations,
                                             options.resume, training_part, wording, memo, checksums, parent,
-                                            options.folds)
+                                            options.folds, options.overwrite)
         calibrating_pace = Pace(len(subjects), 1)  # timed from the first scan calibrated
         scorers = [Bundle(models[runs[f]], header, base) for j in range(len(subjects))
                    for f, held in enumerate(plan) if j in held]
@@ -195,7 +196,8 @@ def compared_with_parent(parent: BundleHeader, name: str) -> str:
 def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[str], configs: Dict[str, TrainConfig],
                header: BundleHeader, base: Bundle, cache: Path, orientations: Tuple[str, ...], resume: bool,
                progress: Optional[ProgressCallback], wording: Wording, memo: FileMemo,
-               checksums: Dict[Path, str], parent: str, folds: int) -> Tuple[Dict[str, CeVAE], Trainer, float]:
+               checksums: Dict[Path, str], parent: str, folds: int,
+               replacing: bool) -> Tuple[Dict[str, CeVAE], Trainer, float]:
     """Each run in turn (fold N without its held-out scans, then the final one on all), each from the weights of
     ``base`` on the slices in ``orientations`` of the scans prepared in the folder ``cache``: the models by run, the
     final run's trainer and the seconds the folds spent training, in this session and before a resume, and the final
@@ -204,7 +206,8 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
     ``memo``: the adaptation's, which hashed the scans (a scan unchanged since is not read again) to ``checksums``: a
     run whose scans no longer hold them is refused before it trains. ``parent``: the sha256 of the file ``base`` was
     loaded from, which every run's checkpoints record. ``folds``: the folds option (a resume begun with another one is
-    refused naming it)."""
+    refused naming it). ``replacing`` (--overwrite): the earlier adaptation's checkpoints and logs go once the first
+    run's first checkpoint and log are written (:func:`_remove_earlier_runs`)."""
     start = base.model.state_dict()
     steps = configs["final"].max_steps
     pace = Pace(len(runs) * steps, TIMED_STEPS)
@@ -225,8 +228,10 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
         begin = PREPARE_SHARE + n * share
         timed = _timed(labelled(scaled(progress, begin, begin + share), title), pace, steps, fine_tuning_left,
                        n * steps)
+        first = partial(_remove_earlier_runs, configs["final"].out, cfg.checkpoint_path, cfg.log_path) \
+            if replacing and n == 0 else None
         return Trainer(cfg, scans_of(n, run), base.preprocess, timed, start_weights=start, wording=wording, memo=memo,
-                       start_sha256=parent)
+                       start_sha256=parent, on_first_checkpoint=first)
 
     # every checkpoint the resume continues from is checked first: one of another run (a final checkpoint of another
     # adaptation) is refused before any fold trains, not after all of them
@@ -348,20 +353,20 @@ def _adaptable_modes(modes: Sequence[int], base: Path) -> List[int]:
     return [n for n in modes if n <= high]
 
 
-def _remove_earlier_runs(out: Path) -> None:
-    """--overwrite: the checkpoints and logs of an earlier adaptation (or training) to ``out`` go once the new one's
-    scans are prepared and checked, before its first run (of any number of folds), so that none of them sits beside
-    the new run's files: an old checkpoint would be taken for the new run's by a --resume. The earlier model at
-    ``out`` stays in place, usable, until the new one replaces it in one rename (a stop leaves a working model); the
-    new run's fold checkpoints say that it is not finished, so neither a --resume nor a plain run takes it for the
-    new one."""
-    removed = run_files(out, ".ckpt") + run_files(out, ".log.csv")
+def _remove_earlier_runs(out: Path, *written: Path) -> None:
+    """--overwrite: the checkpoints and logs of an earlier adaptation (or training) to ``out`` go once the new
+    one's first run has written its first checkpoint and log (``written``, which replaced that run's earlier ones),
+    as train --overwrite replaces its earlier checkpoint and log at its first checkpoint: a new adaptation stopped
+    or failed before that leaves them as they were, and none of them sits beside the new run's checkpoints after
+    (a --resume would take an old one for the new run's). The earlier model at ``out`` stays in place, usable, until
+    the new one replaces it in one rename; the new run's fold checkpoints say that it is not finished, so neither a
+    --resume nor a plain run takes it for the new one."""
+    removed = [p for p in run_files(out, ".ckpt") + run_files(out, ".log.csv") if p not in written]
     for path in removed:
         path.unlink()
     if removed:
-        log.info("--overwrite: removed the earlier run's %s.", ", ".join(p.name for p in removed))
-    if out.is_file():
-        log.info("The earlier model %s stays in place, usable, until the new one is written.", out)
+        log.info("--overwrite: removed the earlier run's %s at the new one's first checkpoint.",
+                 ", ".join(p.name for p in removed))
 
 
 def _read_base(base: Path, memo: FileMemo) -> Tuple[BundleHeader, str]:

@@ -195,6 +195,7 @@ class Trainer:
         wording: Wording = COMMAND_LINE_TRAIN,
         memo: Optional[FileMemo] = None,
         start_sha256: Optional[str] = None,
+        on_first_checkpoint: Optional[Callable[[], None]] = None,
     ) -> None:
         """``start_weights``: those of ``cfg.init_from``, already loaded and checked (adapt loads its base model once
         for all its runs, so a file replaced meanwhile cannot start some of them); None reads them from the file.
@@ -202,6 +203,8 @@ class Trainer:
         ``memo``: what the caller read of the volumes already (adapt's, shared by its runs: a volume unchanged since
         it was hashed is not read again). ``start_sha256``: that of the file ``start_weights`` were loaded from, which
         the checkpoints record (the file is not hashed again: one replaced meanwhile is not what the run started from).
+        ``on_first_checkpoint``: called (rank 0) once this run's first checkpoint and log are written (adapt
+        --overwrite removes the earlier adaptation's other files then).
         """
         cfg.validate()
         if cfg.cache_dir is not None:  # before any volume is hashed
@@ -216,6 +219,7 @@ class Trainer:
         self.dist = init_distributed(self.device)
         self.memo = memo if memo is not None else FileMemo()
         self.start_sha256 = start_sha256
+        self._on_first_checkpoint = on_first_checkpoint
         self.checksums = file_checksums(subjects, self.dist, self.memo)
         self._identity: Optional[Dict[str, object]] = None
         self._resume_state: Optional[Dict[str, object]] = None  # the checkpoint a resume continues, once checked
@@ -695,6 +699,9 @@ class Trainer:
                     self.save_checkpoint()  # (every rank: their random streams are gathered)
                     if run_log:
                         run_log.publish()
+                    if self._on_first_checkpoint is not None and self.dist.main:
+                        self._on_first_checkpoint()
+                        self._on_first_checkpoint = None
                 if run_log and row is not None:
                     run_log.row(row)
                 report(self.progress, self.step / cfg.max_steps,
