@@ -93,3 +93,27 @@ def test_an_edited_checkpoint_is_refused_in_one_line(name, manifest, trained, tm
     assert len(lines) == 1 and lines[0].startswith(f"error: The checkpoint {ckpt} is damaged"), lines
     assert re.search(message, lines[0]), lines[0]
     assert ckpt.read_bytes() == edited and read_header(out).training["steps"] == EVERY  # nothing trained or written
+
+
+@pytest.mark.parametrize("refusal", [
+    "Weights only load failed. ... Unpickler error: Unsupported global: GLOBAL os.system",  # torch 2.4 and later
+    "Weights only load failed. ... WeightsUnpickler error: Unsupported class os.system",  # torch 2.1-2.3
+])
+def test_a_checkpoint_holding_objects_is_named_so_whatever_torch_s_words(tmp_path, monkeypatch, refusal):
+    """torch 2.1-2.3 (which the package accepts) say "Unsupported class X" where later releases say "Unsupported
+    global": a checkpoint pickling an object was said as 'cannot be read as a checkpoint: UnpicklingError' there."""
+    import pickle
+
+    from CeVAEAnomalyLib.errors import CeVAEError
+    from CeVAEAnomalyLib.training.checkpoint import read_checkpoint
+
+    path = tmp_path / "m.cevae.ckpt"
+    path.write_bytes(b"a checkpoint torch refuses")
+
+    def refuse(*args, **kwargs):
+        raise pickle.UnpicklingError(refusal)
+
+    monkeypatch.setattr(torch, "load", refuse)  # (the words of each torch release; the file is not read here)
+    with pytest.raises(CeVAEError, match="it holds objects other than tensors and plain data, which are never "
+                                         "unpickled"):
+        read_checkpoint(path, {})

@@ -113,7 +113,9 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "global" in str(exc).lower():  # weights_only refused to import a name: an object, not tensors or data
+        # weights_only refused to import a name (an object, not tensors or data): "Unsupported global" (torch 2.4
+        # and later), "Unsupported class" (2.1-2.3)
+        if any(words in str(exc).lower() for words in ("global", "unsupported class")):
             raise damaged(path, "it holds objects other than tensors and plain data, which are never "
                                 "unpickled", wording) from None
         raise damaged(path, "it cannot be read as a checkpoint: UnpicklingError", wording) from None
