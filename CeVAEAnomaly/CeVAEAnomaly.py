@@ -301,7 +301,9 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
+        # a panel made from the Python console has a plain qMRMLWidget parent, without isEntered: it is shown, so as
+        # entered
+        if getattr(self.parent, "isEntered", True):
             self.initializeParameterNode()
 
     def onSceneEndImport(self, caller, event) -> None:
