@@ -111,16 +111,17 @@ def temporary_cache(prefix: str, wording: Wording = COMMAND_LINE_TRAIN) -> Path:
     could remove its own) are removed first, so that killed runs do not fill the disk with copies of their slices.
     Another machine's (a temporary folder shared by the nodes of a cluster) are never touched."""
     host = socket.gethostname().replace("@", "_").replace(os.sep, "_") or "host"
-    for folder in temporary_folder(wording).glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@*"):
+    root = temporary_folder(wording)
+    for folder in root.glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@*"):
         pid, owner, _ = (folder.name[len(prefix):].split("@", 2) + ["", ""])[:3]
         ours = owner == host and pid.isascii() and pid.isdigit()
         if ours and int(pid) != os.getpid() and not process_exists(int(pid)) and folder.is_dir():
             log.info("Removing %s, the slice cache of a run that ended without removing it.", folder)
             shutil.rmtree(folder, ignore_errors=True)
     try:
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@", dir=temporary_folder(wording)))
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@", dir=root))
     except OSError as exc:
-        raise CeVAEError(f"Could not make the slice cache folder in {temporary_folder(wording)}: "
+        raise CeVAEError(f"Could not make the slice cache folder in {root}: "
                          f"{exc.strerror or exc}. {wording.cache_room}.") from None
 
 
