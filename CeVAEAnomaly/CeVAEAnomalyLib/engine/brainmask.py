@@ -204,24 +204,24 @@ def _check_input(image: sitk.Image) -> sitk.Image:
         arr = np.where(finite, values, values[finite].min())
         intensities = sitk.GetImageFromArray(arr)
         intensities.CopyInformation(image)
-    intensities = _without_spikes(intensities)
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(intensities)
-    if not stats.GetMaximum() > stats.GetMinimum():
+    values = sitk.GetArrayViewFromImage(intensities)
+    lowest, highest = float(values.min()), float(values.max())
+    if not highest > lowest:
         raise CeVAEError("Brain masking needs a T1 image with contrast; this image is constant.")
-    return intensities
+    return _without_spikes(intensities, lowest, highest)
 
 
-def _without_spikes(intensities: sitk.Image) -> sitk.Image:
-    """``intensities``, or a copy whose voxels beyond ``_SPIKE_SPANS`` times the tissue range (0.1-99.9th percentile of
-    every 4th voxel on each axis) from its ends are set to that limit: smoothed for the registration copy, one corrupt
-    voxel of 1e20 became a blob that took the mask (Dice 0.38). Real heads stay within 1.5 ranges of the 99.9th
-    percentile (vessels, fat), so their masks are unchanged."""
+def _without_spikes(intensities: sitk.Image, lowest: float, highest: float) -> sitk.Image:
+    """``intensities`` (its ``lowest`` and ``highest`` values), or a copy whose voxels beyond ``_SPIKE_SPANS`` times the
+    tissue range (0.1-99.9th percentile of every 4th voxel on each axis) from its ends are set to that limit: smoothed
+    for the registration copy, one corrupt voxel of 1e20 became a blob that took the mask (Dice 0.38). Real heads stay
+    within 1.5 ranges of the 99.9th percentile (vessels, fat), so their masks are unchanged. (A copy keeps values at
+    both percentiles, so it is no more constant than ``intensities``.)"""
     values = sitk.GetArrayViewFromImage(intensities)
     low, high = (float(v) for v in np.percentile(values[::4, ::4, ::4], [0.1, 99.9]))
     span = _SPIKE_SPANS * (high - low)
     floor, ceiling = low - span, high + span
-    if not high > low or (float(values.min()) >= floor and float(values.max()) <= ceiling):
+    if not high > low or (lowest >= floor and highest <= ceiling):
         return intensities
     clipped = sitk.GetImageFromArray(np.clip(values, floor, ceiling).astype(np.float32))
     clipped.CopyInformation(intensities)
