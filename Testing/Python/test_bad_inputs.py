@@ -259,7 +259,8 @@ def thin_slab(index) -> Callable[[Path, Inputs], Inputs]:
 
 def ct_like(d: Path, g: Inputs) -> Inputs:
     image, arr, _ = head_arrays(g)
-    hu = np.where(arr > 1, 20.0 + arr * 0.3, -1000.0).astype(np.int16)
+    air = np.round(np.random.default_rng(0).normal(-1000.0, 10.0, arr.shape))  # a CT's air is noisy
+    hu = np.where(arr > 1, 20.0 + arr * 0.3, air).astype(np.int16)
     return Inputs(write(like(hu, image), d / "ct.nii.gz"), g.mask, g.model)
 
 
