@@ -15,6 +15,7 @@ from CeVAEAnomalyLib.data import template_dir
 from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.detector import detect
+from CeVAEAnomalyLib.io.images import warn_if_ct_range
 from CeVAEAnomalyResearch.acquisition import slab_average
 
 
@@ -61,6 +62,39 @@ def test_an_mri_with_an_offset_or_negative_outliers_is_not_called_a_ct(tiny_bund
     np.testing.assert_array_equal(sitk.GetArrayFromImage(offset.score), sitk.GetArrayFromImage(plain.score))
     with caplog.at_level(logging.WARNING):
         detect(_hounsfield_head(t1, mask), bundle, mask, threshold=1.0)
+    assert "look like a CT in Hounsfield units" in caplog.text
+
+
+def _outside_the_head(t1: sitk.Image) -> np.ndarray:
+    """The (k, j, i) voxels of the T1 outside its head (holes filled): where converters write their padding."""
+    return ~ndimage.binary_fill_holes(sitk.GetArrayFromImage(t1) > 5)
+
+
+@pytest.mark.parametrize("pad, dtype", [(-1024, np.float32), (-1000, np.int16), (-1024, np.int16)])
+def test_an_mri_padded_with_minus_1024_outside_the_head_is_not_called_a_ct(colin, caplog, pad, dtype):
+    """An MRI whose background a converter or a resampling tool set to -1024 (or -1000) was said to look like a CT in
+    Hounsfield units: its padding, one constant value, counted as air. A CT's air is noisy."""
+    t1, _ = colin
+    values = sitk.GetArrayFromImage(t1)
+    values[_outside_the_head(t1)] = pad
+    with caplog.at_level(logging.WARNING):
+        assert not warn_if_ct_range(_like(np.round(values).astype(dtype), t1), "T1")
+    assert "CT" not in caplog.text
+
+
+@pytest.mark.parametrize("pad", [-3024, -2048, -1024, -1000])
+def test_a_ct_padded_outside_its_circular_field_of_view_is_still_called_a_ct(colin, caplog, pad):
+    """A CT's scanner writes a constant (-3024, -2048, -1024 ...) outside its circular field of view, and the noisy
+    air inside it is air: such a CT is still warned of, also where the padding holds most of the air band."""
+    t1, mask = colin
+    hu = np.round(sitk.GetArrayFromImage(_hounsfield_head(t1, mask)))
+    _, nj, ni = hu.shape
+    jj, ii = np.mgrid[:nj, :ni]
+    hu[:, (jj - nj / 2) ** 2 + (ii - ni / 2) ** 2 > (0.45 * min(nj, ni)) ** 2] = pad
+    air_band = (hu >= -1100) & (hu <= -900)
+    assert pad < -1100 or np.mean(hu[air_band] == pad) > 0.5  # -1024 and -1000: the padding is most of the air band
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_ct_range(_like(hu.astype(np.int16), t1), "T1")
     assert "look like a CT in Hounsfield units" in caplog.text
 
 

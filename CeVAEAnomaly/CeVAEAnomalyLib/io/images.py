@@ -532,15 +532,27 @@ def _ct_like(air: float, tissue: float) -> bool:
 
 def _hounsfield_shares(values: np.ndarray) -> Tuple[float, float]:
     """The share of (a strided sample of) the finite ``values`` within :data:`_CT_AIR` and, of those above it, the
-    share within :data:`_CT_TISSUE`; (0, 0) where none reaches air (an MRI's values start at or near 0)."""
+    share within :data:`_CT_TISSUE`; (0, 0) where none reaches air (an MRI's values start at or near 0).
+
+    One value holding most of the air band is padding, not air, and is left out: a CT's air is noisy (tens of HU
+    about -1000), while converters and resampling tools fill an MRI's background with one constant (-1024, -1000).
+    A CT's noisy air is still air where its scanner pads outside the field of view with -1024."""
     flat = values.ravel()
     sample = flat[:: max(1, flat.size // _CT_SAMPLES)]
     sample = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
     if sample.size == 0 or float(sample.min()) > _CT_AIR[1]:
         return 0.0, 0.0
     sample = sample.astype(np.float64)
+    in_air = (sample >= _CT_AIR[0]) & (sample <= _CT_AIR[1])
+    if in_air.any():
+        median = np.median(sample[in_air])  # a value held by more than half of the air band is its median
+        padding = sample == median
+        if 2 * np.count_nonzero(padding) > np.count_nonzero(in_air):
+            sample, in_air = sample[~padding], in_air[~padding]
+    if sample.size == 0:
+        return 0.0, 0.0
     body = sample[sample > _CT_AIR[1]]
-    air = float(np.mean((sample >= _CT_AIR[0]) & (sample <= _CT_AIR[1])))
+    air = float(np.mean(in_air))
     tissue = float(np.mean((body >= _CT_TISSUE[0]) & (body <= _CT_TISSUE[1]))) if body.size else 0.0
     return air, tissue
 
