@@ -31,6 +31,7 @@ from CeVAEAnomalyLib.io.images import (
 )
 from CeVAEAnomalyLib.io.manifest import distinct_names
 from CeVAEAnomalyLib.io.naming import UNICODE_TWINS, one_form, table_delimiter
+from CeVAEAnomalyLib.io.spreadsheet import written_row
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,8 @@ def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], p
                       overwrite: bool = False) -> None:
     """Write one row per case plus a final ``pooled`` row, tab-separated under a ``.tsv`` name as ``detect``'s tables,
     else comma-separated; atomic (temporary file + rename); an existing file is refused unless ``overwrite``.
-    ``best_threshold`` is written exactly (:func:`threshold_text`), the other figures to 7 significant digits."""
+    ``best_threshold`` is written exactly (:func:`threshold_text`), the other figures to 7 significant digits; a name
+    a spreadsheet would take for a formula is quoted (:mod:`CeVAEAnomalyLib.io.spreadsheet`)."""
     columns = [f.name for f in fields(CaseMetrics)]
     pooled_row = [pooled.get(column) for column in columns]
     pooled_row[0] = "pooled"
@@ -317,8 +319,8 @@ def write_metrics_csv(path: Union[str, os.PathLike], cases: list[CaseMetrics], p
     writer = csv.writer(text, delimiter=table_delimiter(Path(path)), lineterminator="\n")
     writer.writerow(columns)
     for row in [astuple(case) for case in cases] + [pooled_row]:
-        writer.writerow([threshold_text(value) if column == "best_threshold" else _cell(value)
-                         for column, value in zip(columns, row)])
+        writer.writerow(written_row(threshold_text(value) if column == "best_threshold" else _cell(value)
+                                    for column, value in zip(columns, row)))
     atomic_write_text(path, text.getvalue(), overwrite)
 
 

@@ -38,6 +38,7 @@ from ..io.manifest import read_rows
 from ..io import strict_json
 from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, PANEL_RESULT, RESULT_TAGS, UNICODE_TWINS,
                          file_stem, image_stem, one_form, output_paths, subfolders_hint, unportable_character)
+from ..io.spreadsheet import read_row, written_cell
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
 from ..system import usable_cores
@@ -831,7 +832,7 @@ class Summary:
         writer.writeheader()
         rows = {**self.kept, **self.carried, **self.rows}
         for name in sorted(rows):
-            writer.writerow(rows[name])
+            writer.writerow({k: written_cell(v) for k, v in rows[name].items()})
         atomic_write_text(self.path, buf.getvalue())
         self._written = time.monotonic() if rows else -math.inf  # the first row is written at once
 
@@ -881,13 +882,14 @@ def _rows_not_listed(summary_path: Path, listed: AbstractSet[str], there: Summar
 
 
 def _summary_rows(path: Path) -> Optional[List[Dict[str, str]]]:
-    """The rows of the batch summary at ``path`` (a byte-order mark, as Excel saves one, is allowed); None if the
-    file is not one (without the summary's columns, not UTF-8 text, unreadable)."""
+    """The rows of the batch summary at ``path`` (a byte-order mark, as Excel saves one, is allowed), their text cells
+    as they were before the quote that keeps them text in a spreadsheet (:mod:`..io.spreadsheet`); None if the file is
+    not one (without the summary's columns, not UTF-8 text, unreadable)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             if set(SUMMARY_FIELDS) - set(LATER_FIELDS) <= set(reader.fieldnames or ()):
-                return list(reader)
+                return [read_row(row) for row in reader]
     except (OSError, csv.Error, ValueError):  # ValueError: not UTF-8 text
         pass
     return None
