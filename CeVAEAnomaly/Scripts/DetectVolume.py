@@ -17,8 +17,10 @@ which writes all but the segmentation of them), with ``<name>_record.json``, the
 (``detect --record``). All files are written or none; as with ``detect``, a run is refused at once while another
 is writing one of its outputs. Relative paths are taken
 from the working directory (Slicer itself would read them from its scene folder).
-Exit status 0 on success; otherwise 1 (2 for bad arguments or option values, 130 when interrupted) with a
-one-line message; also when the library cannot be imported, so that a headless Slicer always quits.
+Exit status, as ``cevae-anomaly detect``'s: 0 on success; 2 for an input, argument or option refused (a missing or
+unreadable volume, outputs that exist without ``--overwrite``, a bad value); 1 for an unexpected failure, and when
+the library cannot be imported; 130 when interrupted; each with a one-line message. Whatever ends it, a headless
+Slicer quits with a status.
 """
 from __future__ import annotations
 
@@ -382,9 +384,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     written: List[Path] = []
     try:
         run(args, scene, written)
-    except CeVAEError as exc:
+    except CeVAEError as exc:  # refused, as detect refuses it
         print(f"DetectVolume: error: {command_line_wording(exc, 'detect')}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: still an exit status, so that a headless Slicer quits
         print(interrupted_message(written), file=sys.stderr)
         return 130

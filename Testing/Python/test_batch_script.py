@@ -109,8 +109,12 @@ def test_batch_writes_all_results_on_the_input_grid(oblique_head, tiny_bundle, t
 
 
 def test_batch_reports_a_missing_input_in_one_line(tmp_path):
+    """A refused input exits 2, as ``cevae-anomaly detect`` does (it exited 1, the status of an unexpected
+    failure)."""
+    from CeVAEAnomalyLib.cli.main import main
+
     proc = run_batch("--input", tmp_path / "nope.nii.gz", "--output-dir", tmp_path / "out")
-    assert proc.returncode == 1
+    assert proc.returncode == 2 == main(["detect", str(tmp_path / "nope.nii.gz"), "--score", str(tmp_path / "s.nrrd")])
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("DetectVolume: error: The input volume") and "does not exist" in lines[-1]
     assert not (tmp_path / "out").exists()
@@ -164,7 +168,7 @@ def test_batch_refuses_to_overwrite_without_the_flag(oblique_head, tmp_path):
     out.mkdir()
     (out / OUTPUTS[3]).write_text("keep me")
     proc = run_batch("--input", image_path, "--output-dir", out)
-    assert proc.returncode == 1 and "--overwrite" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr.strip().splitlines()[-1]
     assert (out / OUTPUTS[3]).read_text() == "keep me"
 
 
@@ -363,7 +367,7 @@ def test_a_volume_slicer_cannot_load_is_refused_naming_what_it_is(tmp_path, run_
     for name, problem in (("colour.nrrd", "has 3 components per voxel"), ("series.nii.gz", "is 4D")):
         status, stderr = run_here("--input", tmp_path / name, "--output-dir", tmp_path / "out")
         last = stderr.strip().splitlines()[-1]
-        assert status == 1 and last.startswith("DetectVolume: error: ") and problem in last, stderr
+        assert status == 2 and last.startswith("DetectVolume: error: ") and problem in last, stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -381,7 +385,7 @@ def test_a_truncated_nifti_image_or_mask_is_refused_as_detect_refuses_it(tmp_pat
                        (("--input", tmp_path / "scan.nii.gz", "--mask", tmp_path / "mask_cut.nii"), "brain mask")):
         status, stderr = run_here(*args, "--output-dir", tmp_path / "out")
         last = stderr.strip().splitlines()[-1]
-        assert status == 1 and f"The {what} file" in last and "is truncated or corrupt" in last, stderr
+        assert status == 2 and f"The {what} file" in last and "is truncated or corrupt" in last, stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -446,7 +450,7 @@ def test_a_missing_bundled_model_is_said_with_the_scripts_model_option(run_here,
     monkeypatch.setattr(data, "DEFAULT_MODEL_NAME", "absent.cevae")
     image_path, mask_path = oblique_head
     status, said = run_here("--input", image_path, "--mask", mask_path, "--output-dir", tmp_path / "out")
-    assert status == 1
+    assert status == 2
     assert said.strip().splitlines()[-1] == (f"DetectVolume: error: The bundled default model "
                                              f"{data.data_path('absent.cevae')} is missing (the installation is "
                                              "incomplete): pass --model BUNDLE, or install CeVAEAnomaly again."), said
@@ -501,7 +505,7 @@ def test_a_missing_gpu_is_said_once_before_the_volume_is_read(tiny_bundle, tmp_p
     fallback = "CUDA was requested but is not available; using the CPU."
     (tmp_path / "bad.nii.gz").write_bytes(b"not an image")
     status, said = run_here("--input", tmp_path / "bad.nii.gz", "--output-dir", tmp_path / "out", "--device", "cuda")
-    assert status == 1 and said.count(fallback) == 1, said
+    assert status == 2 and said.count(fallback) == 1, said
 
     image, mask = make_head(seed=4)
     sitk.WriteImage(image, str(tmp_path / "head.nii.gz"))

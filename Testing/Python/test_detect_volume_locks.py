@@ -66,7 +66,7 @@ def test_a_second_run_on_held_outputs_is_refused_before_it_reads_anything(script
             status = script.main(["--input", str(head[0]), "--mask", str(head[1]), "--model", str(tiny_bundle),
                                   "--output-dir", str(out), "--device", "cpu", "--threshold", "0.3", *overwrite])
         err = capfd.readouterr().err
-        assert status == 1
+        assert status == 2  # refused, as detect refuses it
         assert err == (f"DetectVolume: error: A detect (process {proc.pid}) is writing {out / 'head_record.json'} "
                        f"(it holds {out / '.head_record.json.lock'}); wait for it to finish, or choose another "
                        "output.\n")
