@@ -131,3 +131,24 @@ def test_a_record_that_no_batch_wrote_is_refused_and_kept(two, tiny_bundle, tmp_
     assert batch(two, out, tiny_bundle) == 2
     assert "already holds a_record.json, which no batch wrote there" in capsys.readouterr().err
     assert (out / "a_record.json").read_text() == "{}\n" and not (out / "summary.csv").exists()
+
+
+def test_a_volume_without_its_record_is_warned_of_once(two, tiny_bundle, tmp_path, caplog):
+    """A done volume without its record was warned of again on every rerun, though the summary said so already
+    (record_sha256 empty): later reruns say it in an info line; a record lost since is still warned of."""
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle) == 0
+    (out / "a_record.json").unlink()
+    assert batch(two, out, tiny_bundle) == 0  # warns of a
+    (out / "b_record.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert batch(two, out, tiny_bundle) == 0
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "have no record" in r.getMessage()]
+    assert said == [
+        ("WARNING", "1 volume(s) done have no record of how their outputs were made (NAME_record.json missing, or not "
+                    "the file written with them; an earlier version of batch wrote none): their record_sha256 in the "
+                    "summary is empty (--overwrite scores every volume again, with its record): b."),
+        ("INFO", "1 volume(s) done have no record of how their outputs were made, as the summary says already "
+                 "(record_sha256 empty; --overwrite scores every volume again, with its record): a.")]
+    assert [r["record_sha256"] for r in summary(out).values()] == ["", ""]

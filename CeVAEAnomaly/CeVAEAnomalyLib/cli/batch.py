@@ -1100,6 +1100,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         unknown: List[str] = []
         tableless: List[str] = []  # outputs of a version that wrote no component table
         unrecorded: List[str] = []  # done volumes without their record (NAME_record.json)
+        said: List[str] = []  # of those, the ones whose summary row says so already (a rerun's warning said it)
         for item in items:
             paths = output_paths(settings.out_dir, item.name)
             present = [p.exists() for p in paths.values()]
@@ -1110,7 +1111,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                     row[RECORD_FIELD] = kept_record(settings.out_dir, item.name, (described_by or {}).get(
                         RECORD_FIELD) or "")
                     if not row[RECORD_FIELD]:
-                        unrecorded.append(item.name)
+                        (said if (described_by or {}).get(RECORD_FIELD) == "" else unrecorded).append(item.name)
                     summary.add(row)
                     continue
             elif _before_component_tables(paths, described_by) and not settings.overwrite:
@@ -1131,6 +1132,10 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                         "or not the file written with them; an earlier version of batch wrote none): their "
                         "record_sha256 in the summary is empty (--overwrite scores every volume again, with its "
                         "record): %s.", len(unrecorded), _some(unrecorded))
+        if said:
+            log.info("%d volume(s) done have no record of how their outputs were made, as the summary says already "
+                     "(record_sha256 empty; --overwrite scores every volume again, with its record): %s.", len(said),
+                     _some(said))
         if tableless:
             log.warning("The outputs of %d volume(s) have no component table (NAME_components.csv), as earlier "
                         "versions of batch wrote them; scoring them again once, so that every volume has its table: "
