@@ -21,7 +21,7 @@ from ..data import refuse_bundled_output
 from ..errors import (CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, COMMAND_LINE_SAME_PERSON,
                       COMMAND_LINE_UNKNOWN_PERSONS, CeVAEError)
 from ..io.checksum import refuse_changed, sha256_of
-from ..io.images import read_image
+from ..io.images import read_image, refuse_too_small_for_automatic_mask
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
 from .detector import Detector, software_versions
 from .modality import contrast_problem, scan_bright_tail, scan_depth_contrast
@@ -76,6 +76,8 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
             largest.append(largest_side(image.GetSpacing()))
+            if s.mask is None:
+                refuse_too_small_for_automatic_mask(image)
             mask = given_or_computed_mask(image, s.mask, str(s.image), scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
                                           where=f"{s.image}: ")  # (its warnings name the scan as the detector's do)
             scan = detectors[id(model)][0].prepared(image, mask, f"{s.image}: ", automatic=s.mask is None)
