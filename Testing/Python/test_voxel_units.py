@@ -7,6 +7,7 @@ import SimpleITK as sitk
 
 from conftest import make_head
 from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.io.images import read_image
 
 
 def test_a_head_a_few_millimetres_wide_is_refused_in_one_line(tiny_bundle, tmp_path: Path, capsys):
@@ -25,3 +26,12 @@ def test_a_head_a_few_millimetres_wide_is_refused_in_one_line(tiny_bundle, tmp_p
         "other units). Fix the header, or give a brain mask with --mask (in Slicer: choose a brain mask).\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.nii.gz"]
 
+
+def test_voxels_of_the_smallest_size_said_allowed_are_read(tmp_path: Path):
+    """Voxels of 0.01 mm in a NIfTI file (stored as float32: 0.0099999998) were refused as "voxels of 0.01 x 1 x 1 mm;
+    an MRI of a head has voxels of 0.01 to 50 mm", a message at odds with itself; 50 mm is stored exactly."""
+    image, _ = make_head(spacing=(0.01, 1.0, 1.0))
+    path = tmp_path / "fine.nii.gz"
+    sitk.WriteImage(image, str(path))
+    assert read_image(path).GetSpacing()[0] < 0.01  # (the header's float32 value)
+    assert read_image(path).GetSize() == (40, 44, 36)

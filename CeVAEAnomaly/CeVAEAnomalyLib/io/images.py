@@ -571,8 +571,9 @@ _MAX_AXIS_STRETCH = 1e-3  # how far from 1 a direction column's length may be (h
 
 
 def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Refuse what the model cannot score: complex, not 3D, several components, a single slice, too small,
-    fewer than 4 slices. A vector image of one component (a (z, y, x, 1) array's) is taken as its scalar image."""
+    """Refuse what the model cannot score: complex, not 3D, several components, a voxel size or an extent no head
+    has, a single slice, too small, fewer than 4 slices. A vector image of one component (a (z, y, x, 1) array's) is
+    taken as its scalar image."""
     if image.GetPixelID() in _COMPLEX:
         raise CeVAEError(f"The {what} has complex-valued voxels (raw or phase data); a magnitude MRI "
                          "volume is needed.")
@@ -606,7 +607,8 @@ def check_volume(image: sitk.Image, what: str = "image") -> sitk.Image:
                          f"at {angle:.{1 if angle < 89.9 else 3}f} degrees: a sheared grid), which the outputs could "
                          "not keep. Resample it onto a regular grid first.")
     spacing = image.GetSpacing()
-    if not all(_VOXEL_MM[0] <= s <= _VOXEL_MM[1] for s in spacing):
+    low, high = (np.float32(v) for v in _VOXEL_MM)  # as headers store them (NIfTI: 0.01 is 0.0099999998)
+    if not all(low <= np.float32(s) <= high for s in spacing):
         raise CeVAEError(f"The {what} has voxels of {' x '.join(f'{s:g}' for s in spacing)} mm; an MRI of a head has "
                          f"voxels of {_VOXEL_MM[0]:g} to {_VOXEL_MM[1]:g} mm, so its header's voxel size is wrong "
                          "(or in other units). Fix the header first.")
