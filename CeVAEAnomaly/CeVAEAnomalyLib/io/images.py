@@ -694,4 +694,6 @@ def refuse_too_small_for_automatic_mask(image: sitk.Image, what: str = "image") 
                          "header, or give a brain mask with --mask (in Slicer: choose a brain mask).")
 
 
-_MIN_AUTOMATIC_MM = 14.0  # the automatic brain mask's registration needs 4 voxels of 4 mm along each axis
+# the automatic brain mask's registration needs 4 voxels of 4 mm along each axis (it says so per axis); a volume
+# under this along its longest one failed before that check, in its background level
+_MIN_AUTOMATIC_MM = 14.0
