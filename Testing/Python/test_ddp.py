@@ -238,6 +238,53 @@ def test_the_ranks_torchrun_stops_after_one_failed_point_to_its_error(tmp_path):
     assert re.search(r"\[rank (\d)\] error: the same as rank (?!\1)\d's\.", out), out
 
 
+SLOW_RANK_RUN = '''"""The train command under a process-group timeout of 3 s (instead of 30 min), where rank 0 takes 8 s
+longer than rank 1 in the method named in sys.argv[1] (preparing its data, or validating at a checkpoint)."""
+import functools
+import sys
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.training.trainer import Trainer
+
+dist.init_process_group = functools.partial(dist.init_process_group, timeout=timedelta(seconds=3))
+method = getattr(Trainer, sys.argv[1])
+
+
+def slow_on_rank_0(self, *args):
+    if self.dist.rank == 0:
+        time.sleep(8)
+    return method(self, *args)
+
+
+setattr(Trainer, sys.argv[1], slow_on_rank_0)
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slow", ["open_data", "validate"])
+def test_a_rank_waits_for_another_longer_than_the_process_groups_timeout(tmp_path, slow):
+    """A rank that prepared its data (or validated) much later than another: the other waited in a collective, which
+    gives up after the process group's timeout (30 min: a large cohort's preprocessing on a slower node, a CPU
+    validation of many volumes), and the run ended with "[rank 1] error: unexpected RuntimeError: [...gloo...] Timed
+    out waiting 1800000ms for send operation to complete (... report it)". Measured here with a timeout of 3 s and a
+    rank 8 s late: the ranks wait for each other as long as it takes now, and the run ends with its model."""
+    (tmp_path / "slow_rank.py").write_text(SLOW_RANK_RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "slow_rank.py"), slow, "train", "--manifest", str(write_cohort(tmp_path, seeds=(1, 2, 3))),
+           "--out", str(tmp_path / "m.cevae"), "--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8",
+           "--max-steps", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Timed out" not in out, out
+    assert read_header(tmp_path / "m.cevae").training["ranks"] == 2
+
+
 @pytest.mark.slow
 def test_every_damaged_scan_is_named_once_when_the_ranks_share_a_slice_cache(tmp_path):
     """With a shared --cache-dir each rank preprocesses its share; a rank stopped at its share's first damaged

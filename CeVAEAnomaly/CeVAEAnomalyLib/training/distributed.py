@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False  # this process created the process group and destroys it
+    waits: int = 0  # the calls of wait_for_ranks so far (the same on every rank: each names its own meeting)
 
     @property
     def main(self) -> bool:
@@ -87,10 +89,14 @@ def _agent_store() -> Optional[dist.Store]:
         return None
 
 
+def _attempt() -> str:
+    """This attempt of the torchrun run (torchrun may restart the ranks: each attempt has its own keys)."""
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def _failure_key() -> str:
-    """The key of this attempt's first failure (torchrun may restart the ranks: each attempt has its own)."""
-    run, attempt = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return f"{FAILURE_KEY}/{run}/{attempt}"
+    """The key of this attempt's first failure."""
+    return f"{FAILURE_KEY}/{_attempt()}"
 
 
 def _decoded(value: bytes) -> Tuple[int, str]:
@@ -132,6 +138,26 @@ def shutdown_distributed(info: DistInfo) -> None:
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()
+
+
+def wait_for_ranks(info: DistInfo) -> None:
+    """Wait until every rank has come here, however long the work before took on some of them (preprocessing,
+    hashing, rank 0's validation). A collective waits only up to the process group's timeout (30 minutes): a rank
+    that prepared its share of a large cohort that much later than another ended the run with gloo's "Timed out
+    waiting 1800000ms" (NCCL's watchdog likewise). Under torchrun the ranks count in its agent's store instead, which
+    waits as long as it takes: torchrun stops every rank once one ends, so the wait ends with it. Elsewhere (no agent
+    store) a barrier."""
+    if info.world <= 1:
+        return
+    info.waits += 1
+    store = _agent_store()
+    if store is None:
+        dist.barrier()
+        return
+    key = f"cevae-anomaly/arrived/{_attempt()}/{info.waits}"
+    store.add(key, 1)
+    while store.add(key, 0) < info.world:
+        time.sleep(0.1)
 
 
 def gather_objects(info: DistInfo, value: object) -> List[object]:
@@ -177,6 +203,7 @@ def shared_map(compute: Callable[[Sequence[Path]], Dict[Path, str]], paths: Sequ
     mine = compute(list(paths[info.rank::info.world]))
     if info.world <= 1:
         return mine
+    wait_for_ranks(info)  # (the shares may take very different times)
     parts: List[Optional[Dict[Path, str]]] = [None] * info.world
     dist.all_gather_object(parts, mine)
     return {p: h for part in parts for p, h in (part or {}).items()}

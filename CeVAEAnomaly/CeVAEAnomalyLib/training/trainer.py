@@ -43,7 +43,8 @@ from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
-                          shared_map, init_distributed, rank_device, rank_seed, shutdown_distributed)
+                          shared_map, init_distributed, rank_device, rank_seed, shutdown_distributed,
+                          wait_for_ranks)
 from .packaging import TrainingRecord, package, person_numbers, subject_records, training_header, with_contrast
 from .said_once import each_warning_once
 from .sampler import EpochSampler, resumed_offset
@@ -323,7 +324,8 @@ class Trainer:
                     unread[n] = exc.problems
         except CeVAEError as exc:
             error = exc
-        ranks = gather_objects(self.dist, (unread, error is not None))  # (a collective: also waits for all ranks)
+        wait_for_ranks(self.dist)  # (the shares may take very different times)
+        ranks = gather_objects(self.dist, (unread, error is not None))
         problems = [p for part in (0, 1) for mine, _ in ranks for p in mine[part]]
         if error is not None:
             raise error
@@ -645,6 +647,7 @@ class Trainer:
             if not cfg.resume and cfg.out.is_file():
                 self.replaces = sha256_of(cfg.out)
         self.open_data()
+        wait_for_ranks(self.dist)  # (each rank prepared its data in its own time; the first collective follows)
         if self._offset_of is not None:  # the epoch goes on where the checkpoint's batches of another size stopped
             self.offset = resumed_offset(len(self.train), self.offset, self._offset_of,
                                          (self.batch_size, self.dist.world))
@@ -681,6 +684,8 @@ class Trainer:
                 checkpointed = self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time
                 if checkpointed and self.dist.main and len(self.val):
                     val = self.validate()
+                if checkpointed:  # (the other ranks waited for rank 0's validation)
+                    wait_for_ranks(self.dist)
                 logged = self.step % 10 == 0 or checkpointed  # the same steps on every rank
                 if logged:  # the loss of the effective batch: every rank's share, not rank 0's alone
                     terms = mean_over_ranks(self.dist, terms, self.device)
