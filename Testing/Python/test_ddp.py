@@ -187,6 +187,69 @@ def test_a_collective_broken_by_another_ranks_end_is_not_called_a_bug():
     assert not _peer_gone(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
+def test_a_rank_kept_waiting_past_the_timeout_is_not_called_a_bug(monkeypatch, capsys, tmp_path):
+    """A collective that another rank kept waiting longer than the process group's timeout (gloo's words below) was
+    said as "unexpected RuntimeError: ... (run again with --debug for the traceback and report it)"."""
+    from CeVAEAnomalyLib.cli.main import _main
+    from CeVAEAnomalyLib.training.trainer import Trainer
+
+    def timed_out(*args, **kwargs) -> None:
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms "
+                           "for recv operation to complete")
+
+    monkeypatch.setattr(Trainer, "__init__", timed_out)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _main(["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(tmp_path / "m.cevae")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "[rank 1] error: another rank kept this one waiting longer than the process group's timeout (stuck, or much "
+        "slower); this one stopped too before its first checkpoint: nothing to resume; run the same command again to "
+        "start anew.")
+
+
+KILLED_RANK_RUN = '''"""The train command, where rank 1 is killed (SIGKILL: no word of its own) as it starts step
+3."""
+import os
+import signal
+import sys
+
+from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.training.trainer import Trainer
+
+step = Trainer._train_step
+
+
+def killed_at_step_3(self, batch):
+    if self.dist.rank == 1 and self.step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, batch)
+
+
+Trainer._train_step = killed_at_step_3
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_a_rank_left_by_a_killed_one_says_what_to_do(tmp_path):
+    """Rank 1 killed after the checkpoint of step 2 (SIGKILL, or the kernel's out-of-memory killer): rank 0 said
+    "error: another rank stopped (see its own error); this one stops too.", but the killed rank said no error, and
+    nothing said that the checkpoint was kept and --resume goes on from it."""
+    (tmp_path / "killed_rank.py").write_text(KILLED_RANK_RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "killed_rank.py"), "train", "--manifest", str(write_cohort(tmp_path, seeds=(1, 2, 3))),
+           "--out", str(tmp_path / "m.cevae"), "--channels", "8,16,16,32", "--z-dim", "16", "--batch-size", "8",
+           "--max-steps", "4", "--checkpoint-every", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "see its own error" not in out, out
+    resume = "its checkpoints are kept (m.cevae.ckpt): run the same command with --resume (and without --overwrite) to "
+    assert (f"[rank 0] error: another rank ended without an error of its own (killed: torchrun's summary gives its "
+            f"exit code); this one stopped too; {resume}continue." in out.splitlines()
+            or f"[rank 0] terminated; {resume}continue." in out.splitlines()), out  # (torchrun's stop came first)
+
+
 FAULTY_RUN = '''"""The train command, where the ranks named in sys.argv[1] meet a user error as they open their
 data; the others are busy elsewhere until torchrun stops them."""
 import sys

@@ -316,6 +316,25 @@ def _peer_gone(exc: BaseException) -> bool:
             or any(words in text for words in ("connection reset", "connection closed", "broken pipe")))
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's failure because another rank kept it waiting longer than the process group's
+    timeout (gloo: "Timed out waiting 1800000ms for recv operation to complete")."""
+    return "timed out waiting" in str(exc).lower()
+
+
+def _left_behind(exc: BaseException, args: argparse.Namespace, started: float) -> str:
+    """The error line of a rank whose collective failed because of another rank (:func:`_peer_gone`,
+    :func:`_timed_out`): that rank's error where it said one first, else what happened and whether ``--resume`` can
+    continue (a rank killed, by SIGKILL or for lack of memory, says nothing of its own)."""
+    failed = _failed_rank()
+    if failed is not None:
+        return f"error: rank {failed} stopped with an error (see it); this one stops too."
+    why = ("another rank kept this one waiting longer than the process group's timeout (stuck, or much slower)"
+           if _timed_out(exc) else "another rank ended without an error of its own (killed: torchrun's summary gives "
+           "its exit code)")
+    return f"error: {why}; this one {_stopped('stopped too', args, started)}"
+
+
 def _say_failure(rank: str, line: str) -> None:
     """Print this process's error ``line`` (after ``rank``, its prefix under torchrun). Under torchrun the first
     rank to fail is recorded, so that the ranks torchrun then stops say so instead of advice of their own; a rank
@@ -424,8 +443,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
             _say_failure(rank, f"error: out of memory; close other programs{smaller} or use a machine with more "
                                "memory.")
             return 1
-        if distributed and _peer_gone(exc):
-            _say(f"{rank}error: another rank stopped (see its own error); this one stops too.")
+        if distributed and (_peer_gone(exc) or _timed_out(exc)):
+            _say_failure(rank, _left_behind(exc, args, started))
             return 1
         _say_failure(rank, f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
                            "the traceback and report it)")
