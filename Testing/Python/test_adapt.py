@@ -188,12 +188,13 @@ def test_adapt_records_parent_site_and_folds_and_no_scan_calibrates_a_model_trai
     header = read_header(out)
     record = header.extra["adaptation"]
     assert record["parent"]["sha256"] == sha256_of(tiny_bundle)
-    assert [s["sha256"] for s in record["site_scans"]] == [sha256_of(s.image) for s in scans]
+    in_order = sorted(scans, key=lambda s: sha256_of(s.image))  # by content, not as listed
+    assert [s["sha256"] for s in record["site_scans"]] == [sha256_of(s.image) for s in in_order]
     assert len(record["scan_depth_contrast"]) == 3  # one per site scan, in their order
     held = [n for fold in record["folds"] for n in fold["held_out"]]
     assert sorted(held) == ["scan_a", "scan_b", "scan_c"]
     assert all(not set(f["held_out"]) & set(f["trained_on"]) for f in record["folds"])
-    assert [s["name"] for s in header.training["subjects"]] == ["scan_a", "scan_b", "scan_c"]
+    assert [s["name"] for s in header.training["subjects"]] == [s.image.name[:-7] for s in in_order]
     assert {json.loads(k)["score"]["score_type"] for k in header.calibration} == set(SCORE_TYPES)
     base_header = read_header(tiny_bundle)
     assert (header.score_options, header.postprocess, header.preprocess) == \
@@ -202,6 +203,18 @@ def test_adapt_records_parent_site_and_folds_and_no_scan_calibrates_a_model_trai
     assert any(not torch.equal(adapted[k], base[k]) for k in base)
     assert out.with_name("site.cevae.ckpt").is_file()
     assert not list(tmp_path.glob("*.fold*.ckpt"))  # only needed to resume an unfinished adaptation
+
+
+def test_the_same_site_scans_in_another_order_give_the_same_adapted_model(tiny_bundle, site, tmp_path):
+    """The folds were made in the order the scans were listed: a folder listed or a manifest written in another
+    order, one seed, held out other scans in each fold and gave another model and calibration."""
+    outs = [adapt_mod.adapt(tiny_bundle, masked(site, *names), tmp_path / f"{''.join(names)}.cevae", QUICK)
+            for names in (("a", "b", "c"), ("c", "a", "b"))]
+    weights = [load_bundle(out).model.state_dict() for out in outs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    records = [read_header(out) for out in outs]
+    assert records[0].extra["adaptation"]["folds"] == records[1].extra["adaptation"]["folds"]
+    assert records[0].calibration == records[1].calibration
 
 
 def test_an_adapted_model_keeps_the_modes_its_parent_is_calibrated_for(tiny_bundle, site, tmp_path):
@@ -222,6 +235,31 @@ def test_an_adapted_model_keeps_the_modes_its_parent_is_calibrated_for(tiny_bund
     assert adapted.score_options.test_time_steps == 0
     assert adapted.calibration[calibration_key(adapted.score_options.replace(test_time_steps=2), adapted.postprocess)][
         "source"].startswith("site scans")
+
+
+def test_an_adaptation_begun_with_its_folds_in_the_order_listed_resumes_with_those_folds(tiny_bundle, site, tmp_path,
+                                                                                        caplog):
+    """Earlier versions made the folds in the order the scans were listed (now: by content): resumed now, their fold
+    checkpoints held out other scans than the folds made now and the resume was refused as another run's."""
+    out = tmp_path / "site.cevae"
+
+    def cancel_in_final_run(fraction: float, message: str) -> None:
+        if message.startswith("Fine-tuning 3/3"):
+            raise Cancelled("stopped by the test")
+
+    with pytest.raises(Cancelled):
+        adapt_mod.adapt(tiny_bundle, masked(site, "a", "b"), out, QUICK, cancel_in_final_run)
+    for suffix in (".ckpt", ".log.csv"):  # each fold of two persons now holds out the other: the other order's folds
+        first, second = out.with_name(f"site.cevae.fold1{suffix}"), out.with_name(f"site.cevae.fold2{suffix}")
+        first.rename(tmp_path / "swap")
+        second.rename(first)
+        (tmp_path / "swap").rename(second)
+    trained = [torch.load(out.with_name(f"site.cevae.fold{n}.ckpt"), weights_only=True)["run"]["train"] for n in (1, 2)]
+    with caplog.at_level(logging.INFO):
+        adapt_mod.adapt(tiny_bundle, masked(site, "a", "b"), out, replace(QUICK, resume=True))
+    assert "begun by an earlier version, which made its folds in the order the scans were listed" in caplog.text
+    folds = read_header(out).extra["adaptation"]["folds"]
+    assert [f["trained_on"] for f in folds] == [[Path(v[0]["image"]).name[:-7]] for v in trained]
 
 
 def test_an_interrupted_adaptation_resumes_without_training_finished_folds_again(tiny_bundle, site, tmp_path):

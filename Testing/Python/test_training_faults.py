@@ -24,7 +24,8 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.config import LossConfig, ModelConfig
 from CeVAEAnomalyLib.training.checkpoint import check_same_run, write_checkpoint
 from CeVAEAnomalyLib.training.config import NO_AUGMENT
-from CeVAEAnomalyLib.training.data import Subject
+from CeVAEAnomalyLib.training.data import Subject, split_subjects
+from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
 from conftest import full_disk_after_step, make_head
@@ -497,23 +498,30 @@ def test_a_resume_whose_brain_mask_was_removed_or_rewritten_names_the_mask(manif
         Trainer(resume, subjects).load_checkpoint()
 
 
-def test_a_resume_with_the_volumes_listed_in_another_order_continues_the_same_run(manifest, tmp_path, caplog):
-    """A manifest regenerated in another order was accepted, but the restored sampler's place then counted another
-    volume's slices (and the split could change): the resume goes on with the checkpoint's order and split."""
-    reordered = manifest.with_name("reordered.csv")
-    rows = manifest.read_text().splitlines()
-    reordered.write_text("\n".join([rows[0], *reversed(rows[1:])]) + "\n")
-    straight, resumed = tmp_path / "straight.cevae", tmp_path / "resumed.cevae"
-    split = ["--val-fraction", "0.5", "--no-augment"]  # (the later flag wins over SMALL's 0)
-    assert main(train_argv(manifest, straight, 2 * EVERY, *split)) == 0
-    assert main(train_argv(manifest, resumed, EVERY, *split)) == 0
+def test_a_run_begun_in_the_order_listed_resumes_in_that_order(manifest, tmp_path, caplog):
+    """Earlier versions trained in the order the volumes were listed (now: by content). A checkpoint of such a run
+    resumes in its own order and split: the restored sampler's place counts slices in that order (a reordered list
+    was accepted and then read other volumes' slices, or refused when the split moved)."""
+    listed = [Subject(p, p.with_name(p.name.replace(".nii.gz", "_mask.nii.gz")))
+              for p in sorted(manifest.parent.glob("s?.nii.gz"), key=lambda p: sha256_of(p), reverse=True)]
+    cfg = TrainConfig(out=tmp_path / "straight.cevae", model=ModelConfig(channels=(8, 16, 16, 32), z_dim=16),
+                      batch_size=8, checkpoint_every=EVERY, device="cpu", val_fraction=0.5, seed=3,
+                      augment=NO_AUGMENT, max_steps=2 * EVERY)
+
+    def begun_as_listed(cfg: TrainConfig) -> Path:
+        trainer = Trainer(cfg, listed)
+        trainer.train_subjects, trainer.val_subjects = split_subjects(listed, 0.5, 3)  # as earlier versions did
+        return trainer.run()
+
+    straight = begun_as_listed(cfg)
+    resumed = dataclasses.replace(cfg, out=tmp_path / "resumed.cevae", max_steps=EVERY)
+    begun_as_listed(resumed)
     with caplog.at_level(logging.INFO):
-        assert main(train_argv(reordered, resumed, 2 * EVERY, *split, "--resume")) == 0
+        Trainer(dataclasses.replace(resumed, max_steps=2 * EVERY, resume=True), listed[::-1]).run()
     assert "listed in another order than in the run being resumed" in caplog.text
-    a, b = load_bundle(straight, "cpu"), load_bundle(resumed, "cpu")
+    a, b = load_bundle(straight, "cpu"), load_bundle(resumed.out, "cpu")
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
-    assert read_header(straight).training["validation_subjects"] == read_header(resumed).training[
-        "validation_subjects"]
+    assert read_header(straight).training["subjects"] == read_header(resumed.out).training["subjects"]
 
 
 def test_a_run_stopped_by_max_minutes_logs_its_last_checkpoint_and_its_log_is_kept(manifest, tmp_path):

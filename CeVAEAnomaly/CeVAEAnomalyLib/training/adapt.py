@@ -39,6 +39,7 @@ from ..system import command_word
 from .adapt_plan import (MIN_SCANS, TIMED_STEPS, AdaptOptions, Pace, calibration_left, calibration_seconds,
                          describe_estimate, fine_tuning_left, fold_files, fold_plan, mixed_acquisitions, output_paths,
                          resumed_note, run_files, run_names, training_seconds)
+from .checkpoint import read_checkpoint
 from .cache import SliceCache, refuse_cache_among_inputs, temporary_cache, voxel_checksums_or_errors
 from .config import TrainConfig, recorded_augment
 from .data import person_groups, unique_subjects
@@ -47,7 +48,7 @@ from ..engine.modality import check_modality, depth_contrast
 from .packaging import package, subject_records, training_header
 from .said_once import each_warning_once
 from .space import check_free_space
-from .trainer import Trainer, header_largest_side
+from .trainer import Trainer, content_order, header_largest_side
 
 log = logging.getLogger(__name__)
 PREPARE_SHARE = 0.05  # of the progress bar; calibration gets its estimated share, the runs the rest
@@ -99,7 +100,7 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
                     "scan. Adapt the model it came from, or use other scans.", ", ".join(seen),
                     "is" if len(seen) == 1 else "are", base.name)
     # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
-    subjects = unique_subjects(subjects, voxels)
+    listed, subjects = subjects, unique_subjects(content_order(subjects, checksums), voxels)  # folds: not as listed
     persons = person_groups(subjects)  # a person's scans are held out together
     plan = fold_plan(persons, options.folds)  # refuses too few different scans or persons
     note = unknown_persons_note(subjects, wording.unknown_persons, wording.same_person)
@@ -114,6 +115,13 @@ def adapt(base: Path, subjects: Sequence[Subject], out: Path, options: AdaptOpti
     runs = run_names(len(persons), options.folds)
     configs = {run: replace(options.run_config(out, run, init_from=base), device=str(device), augment=augment)
                for run in runs}
+    earlier = _as_listed_by_earlier_folds(listed, subjects, plan, configs, checksums, options.folds, header, wording) \
+        if options.resume else None
+    if earlier is not None:
+        log.info("The adaptation being resumed was begun by an earlier version, which made its folds in the order the "
+                 "scans were listed (now by their content); it goes on with those folds.")
+        subjects, persons = earlier, person_groups(earlier)
+        plan = fold_plan(persons, options.folds)
     read = Inputs([base, *inputs, *checksums])
     for path in output_paths(out, len(persons), options):
         _refuse_input(path, read, wording)
@@ -260,6 +268,34 @@ def _fine_tune(subjects: Sequence[Subject], plan: List[List[int]], runs: List[st
             seconds += trainer.seconds_before
         models[run] = trainer.model.eval()
     return models, trainer, seconds
+
+
+def _as_listed_by_earlier_folds(listed: Sequence[Subject], subjects: List[Subject], plan: List[List[int]],
+                                configs: Dict[str, TrainConfig], checksums: Dict[Path, str], folds: int,
+                                header: BundleHeader, wording: Wording) -> Optional[List[Subject]]:
+    """``subjects`` in the order they were ``listed``, where the fold checkpoints of the adaptation being resumed hold
+    out what that order makes and not what ``plan`` (made in :func:`~.trainer.content_order`) does: an earlier version
+    made its folds in the order listed. None otherwise (other differences are left to the runs' checks to name)."""
+    def key(s: Subject) -> Tuple[str, Optional[str]]:
+        return checksums[s.image], checksums[s.mask] if s.mask is not None else None
+
+    trained: Dict[int, set] = {}  # fold -> the scans its checkpoint trains on
+    for n, run in enumerate(r for r in configs if r != "final"):
+        if configs[run].checkpoint_path.is_file():
+            try:
+                saved = read_checkpoint(configs[run].checkpoint_path, header.model.to_dict(), "", wording)["run"]
+                trained[n] = {(v["image_sha256"], v["mask_sha256"]) for v in saved["train"]}
+            except (CeVAEError, KeyError, TypeError):
+                return None
+
+    def fits(scans: Sequence[Subject], held: List[List[int]]) -> bool:
+        return all(keys == {key(s) for j, s in enumerate(scans) if j not in held[n]} for n, keys in trained.items())
+
+    position = {s.image: n for n, s in reversed(list(enumerate(listed)))}
+    as_listed = sorted(subjects, key=lambda s: position[s.image])
+    if fits(subjects, plan) or not fits(as_listed, fold_plan(person_groups(as_listed), folds)):
+        return None
+    return as_listed
 
 
 def _refuse_other_folds(trainer: Trainer, fold: int, plan: List[List[int]], subjects: Sequence[Subject],

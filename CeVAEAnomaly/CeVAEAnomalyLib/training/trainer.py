@@ -225,6 +225,7 @@ class Trainer:
         self._identity: Optional[Dict[str, object]] = None
         self._resume_state: Optional[Dict[str, object]] = None  # the checkpoint a resume continues, once checked
         self._checkpoint: Optional[Dict[str, object]] = None  # the checkpoint a resume continues, once read
+        subjects = content_order(subjects, self.checksums)  # not as listed: how they are listed or named is no matter
         # the same scan in two files (another format, compressed or not) is one scan: by its voxels, not its bytes
         subjects = unique_subjects(subjects, _shared_voxel_checksums(subjects, self.checksums, self.dist))
         self.train_subjects, self.val_subjects = split_subjects(subjects, cfg.val_fraction, cfg.seed)
@@ -769,6 +770,15 @@ def _warn_of_rewritten_repeats(axial: Sequence[Tuple[Subject, Entry]], trained: 
                 f"it counts twice among the {roles[0]} volumes")
         log.warning("%s (%s) gives the same slices as %s (%s): the same scan saved twice; %s. Remove one of them "
                     "and train anew.", subject.image, roles[1], axial[was][0].image, roles[0], harm)
+
+
+def content_order(subjects: Sequence[Subject], checksums: Mapping[Path, str]) -> List[Subject]:
+    """``subjects`` in one order that depends on their files' contents alone (``checksums``: each file's sha256), not
+    on how they were listed or named: by image sha256, then brain mask sha256 and person. Train and adapt take their
+    scans in it before anything else, so the same files listed in any order (a shell glob, a folder listing or a
+    manifest on another system), or renamed, give the same split, folds, slice order and so weights for one seed."""
+    return sorted(subjects, key=lambda s: (checksums[s.image], checksums[s.mask] if s.mask is not None else "",
+                                           s.person or ""))
 
 
 def _of_persons(subjects: Sequence[Subject]) -> str:
