@@ -23,7 +23,7 @@ from ..errors import (CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRAT
 from ..io.checksum import refuse_changed, sha256_of
 from ..io.images import read_image, refuse_too_small_for_automatic_mask
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
-from .detector import Detector, software_versions
+from .detector import Detector, mask_warnings_held, software_versions
 from .modality import contrast_problem, scan_bright_tail, scan_depth_contrast
 from ..progress import ProgressCallback, checked, labelled, report, scaled
 
@@ -78,9 +78,10 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
             largest.append(largest_side(image.GetSpacing()))
             if s.mask is None:
                 refuse_too_small_for_automatic_mask(image)
-            mask = given_or_computed_mask(image, s.mask, str(s.image), scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
-                                          where=f"{s.image}: ")  # (its warnings name the scan as the detector's do)
-            scan = detectors[id(model)][0].prepared(image, mask, f"{s.image}: ", automatic=s.mask is None)
+            with mask_warnings_held():  # (said after the brain's size, as detection says them)
+                mask = given_or_computed_mask(image, s.mask, str(s.image), scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
+                                              where=f"{s.image}: ")  # (its warnings name the scan as detection's do)
+                scan = detectors[id(model)][0].prepared(image, mask, f"{s.image}: ", automatic=s.mask is None)
             if check_contrast and not scan.ct:  # (after the checks: a scan refused there is not warned of first in
                 _warn_of_contrast(s, image, mask, model)  # the same words; a CT was warned of as one only)
             scores = []

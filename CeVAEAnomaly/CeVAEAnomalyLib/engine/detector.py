@@ -185,7 +185,9 @@ class Detector:
     def _warn_of_acquisition(self, image: sitk.Image, brain: np.ndarray, where: str) -> None:
         """Say so when the scan is another acquisition than the healthy scans its calibrated threshold was taken on
         (thicker slices, a post-contrast look): that threshold's false-positive rate on it is not known."""
-        tail = bright_tail(sitk.GetArrayViewFromImage(image), brain) if self.policy.threshold is None else None
+        measured = self.policy.threshold is None and brain_size_problem(brain, image.GetSpacing()) is None
+        tail = bright_tail(sitk.GetArrayViewFromImage(image), brain) if measured else None  # (a brain not a human's
+        # size was warned of: its tail is no sign of a contrast agent)
         difference = self.bundle.header.acquisition_difference(self.score, self.post, self.policy, image.GetSpacing(),
                                                                tail)
         if difference:
@@ -291,16 +293,19 @@ class Detector:
         ``automatic``: ``mask`` is an automatic one the caller made (it warned of itself): no given-mask warnings."""
         report(progress, 0.0, "Preparing the volume")
         given = mask is not None and not automatic
-        if mask is None:
-            from .brainmask import SCORED_MARGIN_MM, compute_brain_mask
+        with mask_warnings_held():  # said after the brain's size, which explains them where it is not a human's
+            if mask is None:
+                from .brainmask import SCORED_MARGIN_MM, compute_brain_mask
 
-            refuse_too_small_for_automatic_mask(image)
-            mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2), where=where,
-                                      margin_mm=SCORED_MARGIN_MM)
-        brain = brain_array(image, mask, where)
-        stack = prepare(image, brain, self.bundle.preprocess)  # refuses an empty mask before it is warned of
+                refuse_too_small_for_automatic_mask(image)
+                mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2), where=where,
+                                          margin_mm=SCORED_MARGIN_MM)
+            brain = brain_array(image, mask, where)
+            stack = prepare(image, brain, self.bundle.preprocess)  # refuses an empty mask before it is warned of
+            odd_size = warn_of_brain_size(brain, image.GetSpacing(), where)
         if given:  # (the automatic mask warns of both itself)
-            warn_unlike_a_brain(brain, image, where)
+            if not odd_size:  # (its volume was said, with what it may mean)
+                warn_unlike_a_brain(brain, image, where)
             outside = 0.0 if same_grid(mask, image) else _share_outside(mask, image)
             if outside > _MASK_OUTSIDE_SHARE:
                 log.warning("%s%.0f %% of the brain mask lies outside the image: only its part on the image is taken "
@@ -391,6 +396,65 @@ def software_versions() -> Dict[str, str]:
     """The versions of Python and of the libraries that compute a map, as a record names them."""
     return {"python": platform.python_version(), "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString(),
             "numpy": np.__version__}
+
+
+def brain_size_problem(brain: np.ndarray, spacing: Sequence[float]) -> Optional[str]:
+    """What is wrong with the size of ``brain`` (bool, array order) on voxels of ``spacing`` (x, y, z, as the header
+    says, in mm), said to the user; None for the size of a human brain. Along its longest axis a human brain spans
+    140 to 190 mm; a voxel size in centimetres read as mm makes that 14 to 19 mm (the six healthy heads' masks at a
+    tenth of their voxel size: 16 to 18.4 mm), one ten times too large 1.4 m or more (refused as an image)."""
+    if not brain.any():
+        return None
+    axes = [np.flatnonzero(np.any(brain, axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
+    span = max((a[-1] - a[0] + 1) * s for a, s in zip(axes, tuple(spacing)[::-1]))
+    if _BRAIN_SPAN_MM[0] <= span <= _BRAIN_SPAN_MM[1]:
+        return None
+    ml = float(np.count_nonzero(brain)) * float(np.prod(spacing)) / 1000.0
+    return (f"The brain (its mask) spans {span:.3g} mm and holds {ml:.3g} ml by the header's voxel size, where a "
+            f"human adult brain spans about 140 to 190 mm and holds about 1000 to 1700 ml: the header's voxel size may "
+            "be in other units (centimetres?), and then so are the results' mm and ml (the options in mm, the "
+            "volumes flagged) and the mask's and threshold's warnings that follow. Fix the header if so (a small "
+            "animal's scan is scored as its header says).")
+
+
+_BRAIN_SPAN_MM = (25.0, 300.0)  # a brain mask spanning less or more along its longest axis is no human brain in mm
+
+
+def warn_of_brain_size(brain: np.ndarray, spacing: Sequence[float], where: str = "") -> bool:
+    """Warn (led by ``where``) of a brain not of a human brain's size (:func:`brain_size_problem`); whether it did."""
+    problem = brain_size_problem(brain, spacing)
+    if problem:
+        log.warning("%s%s", where, problem)
+    return problem is not None
+
+
+class _HeldBack(logging.Filter):
+    """Holds back the records this thread logs, for :func:`mask_warnings_held` to log after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.records: List[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def mask_warnings_held() -> Iterator[None]:
+    """The automatic brain mask's messages of the block (this thread's), logged at its end: after what the block says
+    itself (the brain's size, which says what they may mean)."""
+    held, mask_log = _HeldBack(), logging.getLogger(__name__.rsplit(".", 1)[0] + ".brainmask")
+    mask_log.addFilter(held)
+    try:
+        yield
+    finally:
+        mask_log.removeFilter(held)
+        for record in held.records:
+            mask_log.handle(record)
 
 
 class _ThreadWarnings(logging.Handler):
