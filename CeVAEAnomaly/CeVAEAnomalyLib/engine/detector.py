@@ -413,8 +413,8 @@ def brain_size_problem(brain: np.ndarray, spacing: Sequence[float]) -> Optional[
     return (f"The brain (its mask) spans {span:.3g} mm and holds {ml:.3g} ml by the header's voxel size, where a "
             f"human adult brain spans about 140 to 190 mm and holds about 1000 to 1700 ml: the header's voxel size may "
             "be in other units (centimetres?), and then so are the results' mm and ml (the options in mm, the "
-            "volumes flagged) and the mask's and threshold's warnings that follow. Fix the header if so (a small "
-            "animal's scan is scored as its header says).")
+            "volumes flagged) and any sizes other warnings give. Fix the header if so (a small animal's scan is "
+            "scored as its header says).")
 
 
 _BRAIN_SPAN_MM = (25.0, 300.0)  # a brain mask spanning less or more along its longest axis is no human brain in mm
