@@ -475,23 +475,73 @@ def test_a_killed_runs_temporary_cache_is_removed_by_the_next_run(tmp_path, monk
     import subprocess
     import tempfile
 
+    from CeVAEAnomalyLib.io.atomic import machine_tag
     from CeVAEAnomalyLib.training.cache import temporary_cache
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ended = subprocess.Popen(["true"])
     ended.wait()  # its process id is now no process's
     host = socket.gethostname()
-    dead = tmp_path / f"cevae-slices-{ended.pid}@{host}@abcd"
+    ours = f"{host}@{machine_tag()}"
+    dead = tmp_path / f"cevae-slices-{ended.pid}@{ours}@abcd"
     dead.mkdir()
     (dead / "slices.npy").write_bytes(b"x" * 10)
-    alive = tmp_path / f"cevae-slices-{os.getppid()}@{host}@efgh"  # a run still going (here: this test's parent)
-    elsewhere = tmp_path / f"cevae-slices-{ended.pid}@another-node@ijkl"  # a shared temporary folder's
+    alive = tmp_path / f"cevae-slices-{os.getppid()}@{ours}@efgh"  # a run still going (here: this test's parent)
+    elsewhere = tmp_path / f"cevae-slices-{ended.pid}@another-node@{machine_tag()}@ijkl"  # a shared temporary folder's
+    container = tmp_path / f"cevae-slices-{ended.pid}@{host}@0000ffff@mnop"  # another process-id namespace's
+    older = tmp_path / f"cevae-slices-{ended.pid}@{host}@qrst"  # an earlier version's (no namespace named)
     other = tmp_path / "cevae-slicesXYZ"  # not one of ours
-    for folder in (alive, elsewhere, other):
+    for folder in (alive, elsewhere, container, older, other):
         folder.mkdir()
     made = temporary_cache("cevae-slices-")
-    assert made.is_dir() and made.name.startswith(f"cevae-slices-{os.getpid()}@{host}@")
-    assert not dead.exists() and alive.is_dir() and elsewhere.is_dir() and other.is_dir()
+    assert made.is_dir() and made.name.startswith(f"cevae-slices-{os.getpid()}@{ours}@")
+    assert not dead.exists() and all(f.is_dir() for f in (alive, elsewhere, container, older, other))
+
+
+_IN_ANOTHER_NAMESPACE = """
+import os, sys, tempfile
+tempfile.tempdir, outside = sys.argv[1], set(map(int, sys.argv[2].split(",")))
+while True:  # a run whose process id names no process outside this namespace
+    pid = os.fork()
+    if pid == 0:
+        if os.getpid() in outside:
+            os._exit(3)
+        from CeVAEAnomalyLib.training.cache import temporary_cache
+        print(temporary_cache("cevae-slices-"), flush=True)
+        sys.stdin.read()  # runs until the test closes its input
+        os._exit(0)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 3:
+        break
+"""
+
+
+def _pid_namespace_works() -> bool:
+    """Whether this user may start a process in a process-id namespace of its own (a container's, here)."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-r", "-pf", "--mount-proc", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(os.name != "posix" or not _pid_namespace_works(), reason="needs unshare -r -pf (namespaces)")
+def test_a_live_runs_temporary_cache_in_another_container_is_kept(tmp_path, monkeypatch):
+    """Containers that share the temporary folder and the host name, each with its own process ids: a run in one took
+    a live run's cache in the other for a killed run's (its process id names no process here) and removed it."""
+    import tempfile
+
+    from CeVAEAnomalyLib.training.cache import temporary_cache
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    outside = ",".join(p for p in os.listdir("/proc") if p.isdigit())
+    other = subprocess.Popen(["unshare", "-r", "-pf", "--mount-proc", sys.executable, "-c", _IN_ANOTHER_NAMESPACE,
+                              str(tmp_path), outside], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        live = Path(other.stdout.readline().strip())
+        assert live.is_dir() and live.parent == tmp_path
+        ours = temporary_cache("cevae-slices-")
+        assert live.is_dir() and ours.is_dir() and ours != live
+    finally:
+        other.stdin.close()
+        other.wait(timeout=30)
 
 
 def test_a_temporary_cache_folder_that_cannot_be_made_is_one_clear_line(tmp_path, monkeypatch):

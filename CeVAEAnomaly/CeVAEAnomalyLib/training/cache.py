@@ -40,7 +40,7 @@ import torch
 
 from ..engine.config import PreprocessConfig
 from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, full_disk
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, machine_tag
 from ..io.checksum import FileMemo, refuse_changed
 from ..io.targets import file_in_the_way, write_remedy
 from ..progress import Cancelled, ProgressCallback, report
@@ -106,20 +106,23 @@ def temporary_folder(wording: Wording = COMMAND_LINE_TRAIN) -> Path:
 
 
 def temporary_cache(prefix: str, wording: Wording = COMMAND_LINE_TRAIN) -> Path:
-    """A new private cache folder in the system's temporary folder, named after this process and machine
-    (``<prefix><pid>@<host>@xxxx``); folders of that prefix of this machine whose process is gone (killed before it
-    could remove its own) are removed first, so that killed runs do not fill the disk with copies of their slices.
-    Another machine's (a temporary folder shared by the nodes of a cluster) are never touched."""
+    """A new private cache folder in the system's temporary folder, named after this process, machine and process-id
+    namespace (``<prefix><pid>@<host>@<machine_tag>@xxxx``); folders of that prefix of this machine and namespace
+    whose process is gone (killed before it could remove its own) are removed first, so that killed runs do not fill
+    the disk with copies of their slices. Another machine's (a temporary folder shared by the nodes of a cluster) and
+    another container's (its process ids mean nothing here) are never touched, nor those of earlier versions (named
+    without a namespace)."""
     host = socket.gethostname().replace("@", "_").replace(os.sep, "_") or "host"
+    tag = machine_tag()
     root = temporary_folder(wording)
-    for folder in root.glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@*"):
-        pid, owner, _ = (folder.name[len(prefix):].split("@", 2) + ["", ""])[:3]
-        ours = owner == host and pid.isascii() and pid.isdigit()
+    for folder in root.glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@{tag}@*"):
+        pid, owner, owner_tag, _ = (folder.name[len(prefix):].split("@", 3) + ["", "", ""])[:4]
+        ours = owner == host and owner_tag == tag and pid.isascii() and pid.isdigit()
         if ours and int(pid) != os.getpid() and not process_exists(int(pid)) and folder.is_dir():
             log.info("Removing %s, the slice cache of a run that ended without removing it.", folder)
             shutil.rmtree(folder, ignore_errors=True)
     try:
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@", dir=root))
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{host}@{tag}@", dir=root))
     except OSError as exc:
         raise CeVAEError(f"Could not make the slice cache folder in {root}: "
                          f"{exc.strerror or exc}. {wording.cache_room}.") from None
