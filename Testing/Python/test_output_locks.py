@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +139,59 @@ def test_a_stop_while_an_output_is_locked_leaves_no_lock_file_nor_folder(tmp_pat
     assert proc.returncode == 143, err
     assert [ln for ln in err.splitlines() if not ln.startswith("INFO")] == ["terminated"]
     assert not out.exists()
+
+
+_HOLD_AS = """
+import os, sys
+from pathlib import Path
+from CeVAEAnomalyLib.io.lock import OutputHeld, hold_output
+try:
+    with hold_output(Path(sys.argv[1]), "train"):
+        print("held", os.getpid(), flush=True)
+        if sys.argv[2] == "kill":
+            os.kill(os.getpid(), 9)  # SIGKILL: the lock file stays
+        sys.stdin.read()  # held until the test closes its input
+except OutputHeld as exc:
+    print("refused", exc)
+"""
+
+
+def _as_user(uid: int, target: Path, how: str) -> subprocess.Popen:
+    """A process of user ``uid`` (group 60000, umask 022) that holds ``target``'s lock (``how``: "hold" until its input
+    is closed, "kill" itself then) or is refused."""
+    command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--groups=60000", sys.executable, "-c", _HOLD_AS,
+               str(target), how]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+                            preexec_fn=lambda: os.umask(0o022))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run as two users")
+def test_a_folder_shared_by_a_group_is_locked_for_its_users_alike():
+    """A folder two users share through their group (setgid, group-writable): the lock file one user made (0644, from
+    its umask) could not be opened for writing by the other, who was told it could not write into the folder, both
+    while the first user's run wrote the output and for good once that run was killed (its lock file left)."""
+    root = Path(tempfile.mkdtemp(prefix="cevae-shared-group-"))  # (pytest's own folder is private to this user)
+    try:
+        os.chmod(root, 0o755)
+        shared = root / "project"
+        shared.mkdir()
+        os.chown(shared, 0, 60000)
+        os.chmod(shared, 0o2775)
+        target = shared / "model.pt"
+        first = _as_user(60001, target, "hold")
+        try:
+            assert first.stdout.readline().split()[0] == "held"
+            refused = _as_user(60002, target, "hold").communicate(timeout=120)[0]
+            assert refused.startswith(f"refused A train (process {first.pid}) is writing {target}"), refused
+        finally:
+            first.stdin.close()
+            first.wait(timeout=60)
+        assert _as_user(60001, target, "kill").wait(timeout=120) == -9 and lock_path(target).exists()
+        second = _as_user(60002, target, "hold")
+        said = second.communicate("", timeout=120)[0]
+        assert said.startswith("held"), said
+        assert not lock_path(target).exists()
+    finally:
+        shutil.rmtree(root)

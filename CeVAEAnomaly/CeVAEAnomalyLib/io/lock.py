@@ -1,7 +1,9 @@
 """An exclusive lock on an output for as long as a command writes it (two `train` runs with one --out).
 
 The lock is ``flock`` on a hidden file beside the output, so it is released when its holder ends,
-however it ends (even SIGKILL); the file is removed by the holder when it finishes. A write that may run
+however it ends (even SIGKILL); the file is removed by the holder when it finishes. One that a killed run left is
+locked by the next (made 0666 minus the umask; another user's that this one may not write, in a folder they share,
+is removed once no process holds it). A write that may run
 inside a command's longer hold of the same output (a command holding its outputs, then writing them) asks
 for the lock as ``reentrant``. Folders made for a lock file go again if nothing was written in them. Where
 ``flock`` does not exist (Windows), nothing is locked.
@@ -80,6 +82,8 @@ def _locked(target: Path, path: Path, command: str) -> BinaryIO:
             if exc.errno == errno.ELOOP:
                 raise CeVAEError(f"The lock file {path} of {target} is a symbolic link, which a lock file never is; "
                                  "remove the link (not what it points to) and run again.") from None
+            if exc.errno == errno.EACCES and _removed_if_abandoned(target, path, command):
+                continue  # another user's, left by a run that was killed: made anew, this process's
             raise cannot_write_into(target.parent, exc) from None
         try:
             fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
@@ -91,9 +95,7 @@ def _locked(target: Path, path: Path, command: str) -> BinaryIO:
                     _unlockable.add(path.parent)
                 return fh
             fh.close()
-            holder = _holder(path, command)
-            raise OutputHeld(f"{holder} is writing {target} (it holds {path}); wait for it to finish, or choose "
-                             "another output.", holder) from None
+            raise _held_by(target, path, command) from None
         try:
             if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
                 os.ftruncate(fh.fileno(), 0)
@@ -105,6 +107,43 @@ def _locked(target: Path, path: Path, command: str) -> BinaryIO:
             _let_go(fh, path)
             raise cannot_write_into(target.parent, exc) from None
         fh.close()  # its previous holder removed the file meanwhile: lock the new one
+
+
+def _held_by(target: Path, path: Path, command: str) -> OutputHeld:
+    """The refusal of ``target``, whose lock file ``path`` another process holds."""
+    holder = _holder(path, command)
+    return OutputHeld(f"{holder} is writing {target} (it holds {path}); wait for it to finish, or choose another "
+                      "output.", holder)
+
+
+def _removed_if_abandoned(target: Path, path: Path, command: str) -> bool:
+    """Remove the lock file ``path`` that this user may not open for writing (another user's, in a folder they share:
+    its mode is of that user's umask) if no process holds it (its run was killed); refuse ``target`` as held
+    (:class:`OutputHeld`) while one does. False where it cannot be told (the file is gone or unreadable, or the file
+    system locks no file open read-only) or not removed."""
+    try:
+        flags = os.O_RDONLY
+        flags |= os.O_NOFOLLOW  # (not "A | B", which the Python-version check takes for a type union)
+        fh = os.fdopen(os.open(path, flags), "rb")  # (flock needs no writing, but on NFS)
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise _held_by(target, path, command) from None
+            return False
+        try:  # locked: nobody holds it, and nobody removes or replaces it while this process holds it
+            if os.fstat(fh.fileno()).st_ino != os.stat(path).st_ino:
+                return True  # removed and made anew meanwhile: try that one
+            os.unlink(path)
+        except FileNotFoundError:
+            return True
+        except OSError:  # a folder with the sticky bit: only its owner may remove it
+            return False
+    log.info("Removed %s, the lock file of a run of another user that ended without removing it.", path)
+    return True
 
 
 def _let_go(fh: BinaryIO, path: Path) -> None:
@@ -153,12 +192,13 @@ def _lock_key(target: Path) -> str:
 
 
 def _open_lock(path: Path) -> BinaryIO:
-    """The lock file, created if missing, never truncated, and never opened through a symbolic link (that would
-    write into the link's target)."""
+    """The lock file, created if missing (0666 minus the umask, as outputs: in a folder a group shares, with umask 002
+    its users all may lock it), never truncated, and never opened through a symbolic link (that would write into the
+    link's target)."""
     flags = os.O_WRONLY
     for flag in (os.O_CREAT, os.O_APPEND, os.O_NOFOLLOW):  # (not "A | B", which the Python-version check takes
         flags |= flag  # for a type union)
-    return os.fdopen(os.open(path, flags, 0o644), "ab")
+    return os.fdopen(os.open(path, flags, 0o666), "ab")
 
 
 def _holder(path: Path, command: str) -> str:
