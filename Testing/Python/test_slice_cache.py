@@ -9,8 +9,10 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -542,6 +544,36 @@ def test_a_live_runs_temporary_cache_in_another_container_is_kept(tmp_path, monk
     finally:
         other.stdin.close()
         other.wait(timeout=30)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run as two users")
+def test_a_run_removes_no_file_of_another_users_folder_named_as_a_killed_runs_cache():
+    """A shared temporary folder: a run removed what it could of another user's folder named as a killed run's cache
+    of this machine (the files of one that user let others write; a link's target never), and logged it as removed at
+    every run, though the folder stayed. Only this user's own folders are removed."""
+    from CeVAEAnomalyLib.io.atomic import machine_tag
+
+    shared = Path(tempfile.mkdtemp(prefix="cevae-shared-tmp-"))  # (pytest's own folder is private to this user)
+    try:
+        os.chmod(shared, 0o1777)
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        theirs = shared / f"cevae-slices-{ended.pid}@{socket.gethostname()}@{machine_tag()}@abcd"
+        theirs.mkdir(mode=0o777)
+        os.chmod(theirs, 0o777)
+        (theirs / "kept.txt").write_text("another user's")
+        os.chown(theirs / "kept.txt", 60002, 60002)
+        os.chown(theirs, 60002, 60002)
+        run = ("import logging, tempfile; logging.basicConfig(level=logging.INFO); "
+               f"tempfile.tempdir = {str(shared)!r}; from CeVAEAnomalyLib.training.cache import temporary_cache; temporary_cache('cevae-slices-')")
+        proc = subprocess.run(["setpriv", "--reuid=60001", "--regid=60001", "--clear-groups", sys.executable, "-c",
+                               run], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        assert proc.returncode == 0, proc.stderr
+        assert (theirs / "kept.txt").is_file() and "Removing" not in proc.stderr, proc.stderr
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_a_temporary_cache_folder_that_cannot_be_made_is_one_clear_line(tmp_path, monkeypatch):

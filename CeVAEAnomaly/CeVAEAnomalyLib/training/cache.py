@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import tokenize
@@ -111,14 +112,14 @@ def temporary_cache(prefix: str, wording: Wording = COMMAND_LINE_TRAIN) -> Path:
     whose process is gone (killed before it could remove its own) are removed first, so that killed runs do not fill
     the disk with copies of their slices. Another machine's (a temporary folder shared by the nodes of a cluster) and
     another container's (its process ids mean nothing here) are never touched, nor those of earlier versions (named
-    without a namespace)."""
+    without a namespace), another user's, or a symbolic link."""
     host = socket.gethostname().replace("@", "_").replace(os.sep, "_") or "host"
     tag = machine_tag()
     root = temporary_folder(wording)
     for folder in root.glob(f"{glob.escape(prefix)}*@{glob.escape(host)}@{tag}@*"):
         pid, owner, owner_tag, _ = (folder.name[len(prefix):].split("@", 3) + ["", "", ""])[:4]
         ours = owner == host and owner_tag == tag and pid.isascii() and pid.isdigit()
-        if ours and int(pid) != os.getpid() and not process_exists(int(pid)) and folder.is_dir():
+        if ours and int(pid) != os.getpid() and _own_folder(folder) and not process_exists(int(pid)):
             log.info("Removing %s, the slice cache of a run that ended without removing it.", folder)
             shutil.rmtree(folder, ignore_errors=True)
     try:
@@ -126,6 +127,15 @@ def temporary_cache(prefix: str, wording: Wording = COMMAND_LINE_TRAIN) -> Path:
     except OSError as exc:
         raise CeVAEError(f"Could not make the slice cache folder in {root}: "
                          f"{exc.strerror or exc}. {wording.cache_room}.") from None
+
+
+def _own_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a folder of this user (not a symbolic link to one)."""
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
 
 
 class UnreadVolumes(CeVAEError):
