@@ -147,6 +147,10 @@ MODEL_FILES = {  # how a model file is made, and how the refusal of it ends
     "a format version as text": (_edited_header(lambda h: h.update(format_version="1")), "'1'" + ORIGINAL),
     "a tensor table with a key twice": (_table_key_twice, "; use an original copy."),
     "tensors other than its header declares": (_edited_header(lambda h: h["model"].update(z_dim=3)), ORIGINAL),
+    # what safetensors' own reader refuses (detect), and info and share once took: a header longer than 100 MB
+    "a header length beyond safetensors' limit": (
+        lambda p: p.write_bytes((100_000_001).to_bytes(8, "little") + b"{" + bytes(63)),
+        ": header length 100000001 does not fit the file of 72 bytes)" + USE_A_MODEL),
 }
 
 

@@ -33,7 +33,7 @@ BUNDLE_SUFFIX = ".cevae"
 META_KEY = "cevae_anomaly"
 WEIGHTS_DIGEST_KEY = "weights_sha256"  # the header's record of the weights' SHA-256 (engine/bundle.py)
 WRITER_KEY = "written_by"  # the version of CeVAEAnomaly that wrote the file (save_bundle; "versions": the training's)
-_MAX_TABLE_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the header size
+_MAX_TABLE_BYTES = 100_000_000  # safetensors' own limit on the header size (100 MB, not 100 MiB)
 USE_A_MODEL = "use a CeVAEAnomaly model file (.cevae)"  # what to do with a file that is no model bundle
 EDITED = "the model file is damaged or was edited: use an original copy"  # and with a bundle that is damaged
 # what is said, after the file's name, of a bundle whose weights' digest is not its header's (load, info, share)
