@@ -126,6 +126,16 @@ def _model_header_text(text: str):
     return make
 
 
+def _tensor_entry_holding(text: str):
+    """A maker of a copy of the bundled model one of whose tensor entries also holds the key "x" with the JSON
+    ``text`` (safetensors' reader skips such a key, but reads its value)."""
+    def make(path: Path) -> None:
+        data = default_model_path().read_bytes()
+        table = data[8:_table_end(data)].decode().rstrip()
+        _with_table(path, table.replace('"dtype"', f'"x": {text}, "dtype"', 1).encode(), data[_table_end(data):])
+    return make
+
+
 def _foreign(path: Path) -> None:
     """A safetensors file of another project: one tensor, no model header."""
     _with_table(path, b'{"weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8))
@@ -133,6 +143,7 @@ def _foreign(path: Path) -> None:
 
 USE_A_MODEL = "; use a CeVAEAnomaly model file (.cevae)."
 ORIGINAL = "; the model file is damaged or was edited: use an original copy."
+NOT_FINITE = ": its tensor table holds a number that is not finite (NaN or infinity)); use an original copy."
 MODEL_FILES = {  # how a model file is made, and how the refusal of it ends
     "empty": (lambda p: p.write_bytes(b""), " is empty (0 bytes); copy it again, or use a CeVAEAnomaly model file "
                                             "(.cevae)."),
@@ -147,10 +158,18 @@ MODEL_FILES = {  # how a model file is made, and how the refusal of it ends
     "a format version as text": (_edited_header(lambda h: h.update(format_version="1")), "'1'" + ORIGINAL),
     "a tensor table with a key twice": (_table_key_twice, "; use an original copy."),
     "tensors other than its header declares": (_edited_header(lambda h: h["model"].update(z_dim=3)), ORIGINAL),
-    # what safetensors' own reader refuses (detect), and info and share once took: a header longer than 100 MB
+    # what safetensors' own reader refuses (detect), and info and share once took: a header longer than 100 MB,
     "a header length beyond safetensors' limit": (
         lambda p: p.write_bytes((100_000_001).to_bytes(8, "little") + b"{" + bytes(63)),
         ": header length 100000001 does not fit the file of 72 bytes)" + USE_A_MODEL),
+    # and in its tensor table NaN, a number beyond a float's, half a UTF-16 surrogate pair, nesting 129 deep
+    "a tensor table holding NaN": (_tensor_entry_holding("NaN"), NOT_FINITE),
+    "a tensor table holding 1e400": (_tensor_entry_holding("1e400"), NOT_FINITE),
+    "a tensor table holding half a surrogate pair": (
+        _tensor_entry_holding('"\\ud800"'), ": its tensor table holds text with half of a UTF-16 surrogate pair); "
+                                            "use an original copy."),
+    "a tensor table nested 200 deep": (_tensor_entry_holding("[" * 200 + "]" * 200),
+                                       ": its tensor table is nested too deeply); use an original copy."),
 }
 
 

@@ -373,7 +373,7 @@ def bundle_layout(path: Path, stream: Optional[BinaryIO] = None) -> BundleLayout
     if META_KEY not in metadata:
         raise CeVAEError(f"{path} is a safetensors file but not a CeVAEAnomaly model bundle (no model header); "
                          f"{USE_A_MODEL}.")
-    problem = _key_twice(text) or _table_problem(table)
+    problem = _key_twice(text) or _json_problem(table, "its tensor table") or _table_problem(table)
     if problem is not None:
         raise damaged_or_edited(path, problem)
     needed = 8 + length + max((e["data_offsets"][1] for k, e in table.items() if k != "__metadata__"), default=0)
@@ -429,6 +429,28 @@ def _key_twice(text: Union[bytes, str]) -> Optional[str]:
 
     json.loads(text, object_pairs_hook=unique)  # (bytes: read as UTF-8)
     return f"the key {twice[0]!r} is written twice in one object" if twice else None
+
+
+MAX_NESTING = 64  # how deep a model file's JSON may nest (this project's: 5): safetensors' reader stops at 128
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # half of a UTF-16 surrogate pair, which no UTF-8 text holds
+
+
+def _json_problem(value: Any, what: str) -> Optional[str]:
+    """Why ``what`` (a tensor table, as Python's JSON reader read it) is refused by safetensors' own reader, in
+    words; else None: nested more than :data:`MAX_NESTING` deep, a number that is not finite (NaN, Infinity or
+    1e400, which Python's reader takes), text holding half of a UTF-16 surrogate pair."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth == MAX_NESTING:
+                return f"{what} is nested too deeply"
+            stack.extend((inner, depth + 1) for inner in ([*item, *item.values()] if isinstance(item, dict) else item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return f"{what} holds a number that is not finite (NaN or infinity)"
+        elif isinstance(item, str) and _SURROGATE.search(item):
+            return f"{what} holds text with half of a UTF-16 surrogate pair"
+    return None
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
