@@ -136,6 +136,16 @@ def _tensor_entry_holding(text: str):
     return make
 
 
+def _model_header_holding(text: str):
+    """A maker of a copy of the bundled model whose model header also holds the key "zz" with the JSON ``text``."""
+    def make(path: Path) -> None:
+        data = default_model_path().read_bytes()
+        table = json.loads(data[8:_table_end(data)])
+        table["__metadata__"]["cevae_anomaly"] = table["__metadata__"]["cevae_anomaly"][:-1] + f', "zz": {text}}}'
+        _with_table(path, json.dumps(table).encode(), data[_table_end(data):])
+    return make
+
+
 def _foreign(path: Path) -> None:
     """A safetensors file of another project: one tensor, no model header."""
     _with_table(path, b'{"weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8))
@@ -170,6 +180,9 @@ MODEL_FILES = {  # how a model file is made, and how the refusal of it ends
                                             "use an original copy."),
     "a tensor table nested 200 deep": (_tensor_entry_holding("[" * 200 + "]" * 200),
                                        ": its tensor table is nested too deeply); use an original copy."),
+    # a model header nested 500 deep: share ended in 'unexpected RecursionError' (copying it)
+    "a model header nested 500 deep": (_model_header_holding("[" * 500 + "]" * 500),
+                                       " is not valid JSON (nested too deeply)" + ORIGINAL),
 }
 
 

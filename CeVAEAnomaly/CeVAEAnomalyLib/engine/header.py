@@ -346,6 +346,9 @@ class BundleLayout:
         except (ValueError, RecursionError) as exc:  # (ValueError: also a number of more than 4300 digits)
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
             raise CeVAEError(f"The header of {self.path} is not valid JSON ({reason}); {EDITED}.") from None
+        # (copies and writers of it recurse: share, calibrate)
+        if _json_problem(header, "the model header", strict=False):
+            raise CeVAEError(f"The header of {self.path} is not valid JSON (nested too deeply); {EDITED}.")
         twice = _key_twice(text)  # (save_bundle never writes one: which of the two a reader takes is its own choice)
         if twice is not None:
             raise CeVAEError(f"In the header of {self.path}, {twice}; {EDITED}.")
@@ -435,10 +438,11 @@ MAX_NESTING = 64  # how deep a model file's JSON may nest (this project's: 5): s
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # half of a UTF-16 surrogate pair, which no UTF-8 text holds
 
 
-def _json_problem(value: Any, what: str) -> Optional[str]:
-    """Why ``what`` (a tensor table, as Python's JSON reader read it) is refused by safetensors' own reader, in
-    words; else None: nested more than :data:`MAX_NESTING` deep, a number that is not finite (NaN, Infinity or
-    1e400, which Python's reader takes), text holding half of a UTF-16 surrogate pair."""
+def _json_problem(value: Any, what: str, strict: bool = True) -> Optional[str]:
+    """Why ``what`` (a tensor table or model header, as Python's JSON reader read it) is refused, in words; else None:
+    nested more than :data:`MAX_NESTING` deep; if ``strict`` (a tensor table, which safetensors' own reader refuses
+    for these), a number that is not finite (NaN, Infinity or 1e400, which Python's reader takes), text holding half
+    of a UTF-16 surrogate pair."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -446,9 +450,9 @@ def _json_problem(value: Any, what: str) -> Optional[str]:
             if depth == MAX_NESTING:
                 return f"{what} is nested too deeply"
             stack.extend((inner, depth + 1) for inner in ([*item, *item.values()] if isinstance(item, dict) else item))
-        elif isinstance(item, float) and not math.isfinite(item):
+        elif strict and isinstance(item, float) and not math.isfinite(item):
             return f"{what} holds a number that is not finite (NaN or infinity)"
-        elif isinstance(item, str) and _SURROGATE.search(item):
+        elif strict and isinstance(item, str) and _SURROGATE.search(item):
             return f"{what} holds text with half of a UTF-16 surrogate pair"
     return None
 
