@@ -183,6 +183,11 @@ MODEL_FILES = {  # how a model file is made, and how the refusal of it ends
     # a model header nested 500 deep: share ended in 'unexpected RecursionError' (copying it)
     "a model header nested 500 deep": (_model_header_holding("[" * 500 + "]" * 500),
                                        " is not valid JSON (nested too deeply)" + ORIGINAL),
+    # NaN in a model header's record other than a training record's values (older versions wrote val_loss: NaN):
+    # detect used it, calibrate scored every scan, then ended in 'unexpected ValueError' writing its copy
+    "a model header holding NaN": (_model_header_holding('{"a": NaN}'),
+                                   " holds a number that is not finite (NaN or infinity), which no CeVAEAnomaly "
+                                   "writes" + ORIGINAL),
 }
 
 

@@ -258,6 +258,12 @@ def read_header(path: Union[str, Path]) -> BundleHeader:
                              ) from None
         raise CeVAEError(f"The header of {p} is invalid: {exc}. The model file is damaged or was edited; "
                          "use an original copy.") from None
+    # a number that is not finite where no check above refused it (a copy's writer refuses it: calibrate failed after
+    # scoring every scan); a training record of a version before headers were strict JSON holds NaN: finite_record
+    problem = _json_problem(dict(header, training=finite_record(header.get("training"))), f"The header of {p}",
+                            strict=False)
+    if problem is not None:
+        raise CeVAEError(f"{problem}, which no CeVAEAnomaly writes; {EDITED}.")
     excess = model.cost_excess()  # (before any weight is read: a small file may declare huge layers)
     if excess is not None:
         raise CeVAEError(f"{p} holds a network too costly to run: it {excess} (detection's memory and time grow "
@@ -347,7 +353,7 @@ class BundleLayout:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
             raise CeVAEError(f"The header of {self.path} is not valid JSON ({reason}); {EDITED}.") from None
         # (copies and writers of it recurse: share, calibrate)
-        if _json_problem(header, "the model header", strict=False):
+        if _json_problem(header, "", strict=False, finite=False):
             raise CeVAEError(f"The header of {self.path} is not valid JSON (nested too deeply); {EDITED}.")
         twice = _key_twice(text)  # (save_bundle never writes one: which of the two a reader takes is its own choice)
         if twice is not None:
@@ -438,11 +444,11 @@ MAX_NESTING = 64  # how deep a model file's JSON may nest (this project's: 5): s
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # half of a UTF-16 surrogate pair, which no UTF-8 text holds
 
 
-def _json_problem(value: Any, what: str, strict: bool = True) -> Optional[str]:
+def _json_problem(value: Any, what: str, strict: bool = True, finite: bool = True) -> Optional[str]:
     """Why ``what`` (a tensor table or model header, as Python's JSON reader read it) is refused, in words; else None:
-    nested more than :data:`MAX_NESTING` deep; if ``strict`` (a tensor table, which safetensors' own reader refuses
-    for these), a number that is not finite (NaN, Infinity or 1e400, which Python's reader takes), text holding half
-    of a UTF-16 surrogate pair."""
+    nested more than :data:`MAX_NESTING` deep; if ``finite``, a number that is not (NaN, Infinity or 1e400, which
+    Python's reader takes); if ``strict`` (a tensor table, which safetensors' own reader refuses for it), text holding
+    half of a UTF-16 surrogate pair."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -450,7 +456,7 @@ def _json_problem(value: Any, what: str, strict: bool = True) -> Optional[str]:
             if depth == MAX_NESTING:
                 return f"{what} is nested too deeply"
             stack.extend((inner, depth + 1) for inner in ([*item, *item.values()] if isinstance(item, dict) else item))
-        elif strict and isinstance(item, float) and not math.isfinite(item):
+        elif finite and isinstance(item, float) and not math.isfinite(item):
             return f"{what} holds a number that is not finite (NaN or infinity)"
         elif strict and isinstance(item, str) and _SURROGATE.search(item):
             return f"{what} holds text with half of a UTF-16 surrogate pair"
