@@ -721,3 +721,59 @@ def test_a_labelmap_deleted_during_a_run_that_makes_none_is_not_said_to_be_made_
             assert nodes.find_output(scene, "vtkMRMLLabelMapVolumeNode", nodes.LABELMAP_ROLE, scan) is None
             assert said == ["The output 'A anomaly labelmap' was deleted from the scene during the run; no labelmap is "
                             "made (none was asked for)."]
+
+
+def test_results_stay_with_the_frame_they_scored_when_frames_are_added_to_or_removed_from_the_sequence(tiny_bundle):
+    """A run recorded the frame it scored by its item number alone: once a frame was put into the sequence before it
+    (or one before it removed), another frame had that number, so the heat map was said to lie on the frame it did not
+    score, a rerun on that other frame wrote into the first run's nodes, and the frame scored was said to be one the
+    sequence no longer had. A run's frame is now found by its index value, wherever it is in the sequence."""
+    scene, sequences, browser, proxy = sequence_scene()
+    sequence = browser.GetMasterSequenceNode()
+    logic = CeVAEAnomalyLogic()
+
+    def show(item: int) -> None:
+        browser.SetSelectedItemNumber(item)
+        sequences.UpdateProxyNodesFromSequences(browser)
+
+    show(2)
+    late = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.3)  # time = 4 s
+    added = slicer.vtkMRMLScalarVolumeNode()
+    mrml.update_volume_from_image(added, make_head(seed=30)[0])
+    sequence.SetDataNodeAtValue(added, "1")  # between the first two frames: time = 4 s is the fourth frame now
+    show(3)
+    assert not nodes.off_scored_frame(late.nodes.score) and nodes.frame_note(late.nodes.score) == ""
+    show(2)  # time = 2 s: the third frame, as time = 4 s was when it was scored
+    assert nodes.frame_note(late.nodes.score).startswith(
+        "The views show frame 3 of 'cine browser', but the anomaly results are of frame 4: go back to frame 4")
+    other = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.5)
+    assert other.nodes.score is not late.nodes.score and other.nodes.components is not late.nodes.components
+    assert late.nodes.score.GetVolumeDisplayNode().GetLowerThreshold() == pytest.approx(0.3)
+    assert nodes.show_scored_frame(late.nodes.score) and browser.GetSelectedItemNumber() == 3
+
+    sequence.RemoveDataNodeAtValue("4")  # the frame scored is gone
+    show(2)
+    assert nodes.frame_note(late.nodes.score) == (
+        "The views show frame 3 of 'cine browser', but the anomaly results are of a frame removed from the sequence "
+        f"since (time = 4 s); this frame's are in '{other.nodes.score.GetName()}'.")
+    assert not nodes.show_scored_frame(late.nodes.score) and browser.GetSelectedItemNumber() == 2
+
+
+def test_a_job_loads_onto_its_frame_when_a_frame_is_put_into_the_sequence_before_it_meanwhile(tiny_bundle):
+    """A job on the third frame of a sequence found the voxels it read by that item number: once a frame was put into
+    the sequence before it while the job ran, the third frame was another one and the results were refused as of
+    voxels that had changed. The frame read is found by its index value: the results load, recorded on it."""
+    scene, sequences, browser, proxy = sequence_scene()
+    browser.SetSelectedItemNumber(2)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.3)
+    added = slicer.vtkMRMLScalarVolumeNode()
+    mrml.update_volume_from_image(added, make_head(seed=30)[0])
+    browser.GetMasterSequenceNode().SetDataNodeAtValue(added, "1")
+    sequences.UpdateProxyNodesFromSequences(browser)  # the third frame is time = 2 s now
+    run_to_end(job)
+    result = logic.finishDetection(job)
+    assert nodes.off_scored_frame(result.nodes.score)
+    browser.SetSelectedItemNumber(3)  # time = 4 s, the frame read
+    assert not nodes.off_scored_frame(result.nodes.score)

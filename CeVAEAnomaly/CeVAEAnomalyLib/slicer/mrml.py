@@ -40,6 +40,7 @@ from .nodes import (
     SCORE_ROLE,
     FRAME_ATTRIBUTE,
     FRAME_INDEX_ATTRIBUTE,
+    FRAME_VALUE_ATTRIBUTE,
     SEGMENT_TAG,
     SEGMENTATION_ROLE,
     SEQUENCE_REFERENCE,
@@ -633,9 +634,11 @@ def _mark_frame(undo: Undo, outputs: Sequence[Optional[slicer.vtkMRMLNode]], fra
         if frame is None:
             node.RemoveAttribute(FRAME_ATTRIBUTE)
             node.RemoveAttribute(FRAME_INDEX_ATTRIBUTE)
+            node.RemoveAttribute(FRAME_VALUE_ATTRIBUTE)
         else:
             node.SetAttribute(FRAME_ATTRIBUTE, str(frame.item))
             node.SetAttribute(FRAME_INDEX_ATTRIBUTE, frame.index)
+            node.SetAttribute(FRAME_VALUE_ATTRIBUTE, frame.value)
 
 
 def provenance_attributes(record: Optional["DetectionRecord"]) -> Dict[str, str]:

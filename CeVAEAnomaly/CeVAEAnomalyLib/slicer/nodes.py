@@ -57,11 +57,14 @@ OPTIONS_ATTRIBUTE = "CeVAEAnomaly.Options"
 PROVENANCE_ATTRIBUTES = (MODEL_ATTRIBUTE, MODEL_SHA256_ATTRIBUTE, THRESHOLD_ATTRIBUTE, THRESHOLD_SOURCE_ATTRIBUTE,
                          VERSION_ATTRIBUTE, OPTIONS_ATTRIBUTE)
 # On every output of a run on a volume that a sequence browser drives (the proxy node of a sequence, Sequences
-# module): the browser (reference), the item it scored (0-based, as the browser counts) and that item's index value.
-# Showing another item changes the input's voxels under the heat map.
+# module): the browser (reference), the item it scored (0-based, as the browser counted then), that item's index value
+# in words and as the sequence holds it (by which the frame is found again after frames were added or removed before
+# it; a run of a scene saved before it was recorded is found by its item). Showing another item changes the input's
+# voxels under the heat map.
 SEQUENCE_REFERENCE = "CeVAEAnomalySequenceBrowser"
 FRAME_ATTRIBUTE = "CeVAEAnomaly.SequenceItem"
 FRAME_INDEX_ATTRIBUTE = "CeVAEAnomaly.SequenceIndex"
+FRAME_VALUE_ATTRIBUTE = "CeVAEAnomaly.SequenceIndexValue"
 SCORE_ROLE = "score"
 SEGMENTATION_ROLE = "segmentation"
 LABELMAP_ROLE = "labelmap"
@@ -472,12 +475,13 @@ def _may_be_mask_of(mask: slicer.vtkMRMLNode, volume: slicer.vtkMRMLScalarVolume
 @dataclass(frozen=True)
 class SequenceFrame:
     """The item of a sequence a browser shows in its proxy volume: ``item`` (0-based) of ``count``, ``index`` its
-    index value in words (e.g. "time = 2 s")."""
+    index value in words (e.g. "time = 2 s"), ``value`` as the sequence holds it (e.g. "2")."""
 
     browser: slicer.vtkMRMLNode
     item: int
     count: int
     index: str
+    value: str
 
     @property
     def label(self) -> str:
@@ -496,35 +500,45 @@ def sequence_frame(volume: slicer.vtkMRMLNode) -> Optional[SequenceFrame]:
         if browser.GetSequenceNode(volume) is None or master is None:
             continue
         item = browser.GetSelectedItemNumber()
-        unit = master.GetIndexUnit()
-        index = f"{master.GetIndexName()} = {master.GetNthIndexValue(item)}{' ' + unit if unit else ''}"
-        return SequenceFrame(browser, item, browser.GetNumberOfItems(), index)
+        unit, value = master.GetIndexUnit(), master.GetNthIndexValue(item)
+        index = f"{master.GetIndexName()} = {value}{' ' + unit if unit else ''}"
+        return SequenceFrame(browser, item, browser.GetNumberOfItems(), index, value)
     return None
 
 
 def read_frame_node(volume: slicer.vtkMRMLNode, frame: Optional[SequenceFrame]) -> slicer.vtkMRMLNode:
     """The node that holds the voxels a run read of ``volume`` on ``frame`` (:func:`sequence_frame` at its start): the
-    volume itself, or, where its browser shows another item now, the data node of the item read in the volume's
-    sequence (which keeps that frame's voxels while the proxy shows another's); the volume where there is none."""
-    if frame is None or frame.browser.GetSelectedItemNumber() == frame.item:
+    volume itself, or, where its browser shows another item now, the data node of the item read (by its index value)
+    in the volume's sequence (which keeps that frame's voxels while the proxy shows another's); the volume where there
+    is none."""
+    master = frame.browser.GetMasterSequenceNode() if frame is not None else None
+    if master is None or master.GetNthIndexValue(frame.browser.GetSelectedItemNumber()) == frame.value:
         return volume
-    sequence, master = frame.browser.GetSequenceNode(volume), frame.browser.GetMasterSequenceNode()
-    if sequence is None or master is None or not 0 <= frame.item < master.GetNumberOfDataNodes():
-        return volume
-    return sequence.GetDataNodeAtValue(master.GetNthIndexValue(frame.item), False) or volume
+    sequence = frame.browser.GetSequenceNode(volume)
+    return (None if sequence is None else sequence.GetDataNodeAtValue(frame.value, False)) or volume
 
 
 def _scored_item(output: Optional[slicer.vtkMRMLNode]) -> Tuple[Optional[slicer.vtkMRMLNode], Optional[int]]:
-    """The browser and item the run of ``output`` (one of its nodes) scored, or (None, None): not a sequence's."""
+    """The browser and the item the run of ``output`` (one of its nodes) scored, as the browser counts items now (the
+    frame found by its index value); (browser, None) where that frame was removed from the sequence since; (None, None)
+    where the run scored no sequence's frame."""
     item = output.GetAttribute(FRAME_ATTRIBUTE) if output is not None else None
     browser = output.GetNodeReference(SEQUENCE_REFERENCE) if item is not None else None
-    return (browser, int(item)) if browser is not None and item.isdigit() else (None, None)
+    if browser is None or not item.isdigit():
+        return None, None
+    value, master = output.GetAttribute(FRAME_VALUE_ATTRIBUTE), browser.GetMasterSequenceNode()
+    if value is None or master is None:  # (recorded before the index value was)
+        return browser, int(item)
+    found = master.GetItemNumberFromIndexValue(value)
+    return browser, found if found >= 0 else None
 
 
 def scored_frame(output: Optional[slicer.vtkMRMLNode], frame: SequenceFrame) -> bool:
-    """Whether the run of ``output`` (one of its nodes) scored ``frame`` (its browser's item)."""
+    """Whether the run of ``output`` (one of its nodes) scored ``frame`` (its browser's item, by its index value)."""
     browser, item = _scored_item(output)
-    return browser is not None and browser.GetID() == frame.browser.GetID() and item == frame.item
+    value = output.GetAttribute(FRAME_VALUE_ATTRIBUTE) if browser is not None else None
+    return browser is not None and browser.GetID() == frame.browser.GetID() and (
+        item == frame.item if value is None else value == frame.value)
 
 
 def frame_run(scene: slicer.vtkMRMLScene, source: slicer.vtkMRMLNode, frame: SequenceFrame) -> Optional[str]:
@@ -540,7 +554,7 @@ class _FrameMove:
     """The browser of a run's frame shows another item than the one it scored (:func:`_moved_from`)."""
 
     browser: slicer.vtkMRMLNode
-    scored: int  # the item the run scored
+    scored: Optional[int]  # the item the run scored (None: removed from the sequence since)
     frame: Optional[SequenceFrame]  # the frame shown, where the run's input is still that browser's proxy
     run: Optional[str]  # the stamp of the latest run on that frame (None: it has no results of its own)
 
@@ -572,11 +586,15 @@ def frame_note(output: Optional[slicer.vtkMRMLNode]) -> str:
         return ""
     own = None if moved.run is None else find_output(output.GetScene(), "vtkMRMLScalarVolumeNode", SCORE_ROLE,
                                                      source_volume(output), moved.run, exact=True)
+    views = f"The views show frame {moved.browser.GetSelectedItemNumber() + 1} of '{moved.browser.GetName()}'"
+    if moved.scored is None:
+        again = f"this frame's are in '{own.GetName()}'" if own is not None else "run the detection again on this frame"
+        return (f"{views}, but the anomaly results are of a frame removed from the sequence since "
+                f"({output.GetAttribute(FRAME_INDEX_ATTRIBUTE)}); {again}.")
     instead = (f"; this frame's are in '{own.GetName()}'" if own is not None
                else ", or run the detection again on this frame")
-    return (f"The views show frame {moved.browser.GetSelectedItemNumber() + 1} of '{moved.browser.GetName()}', but the "
-            f"anomaly results are of frame {moved.scored + 1}: go back to frame {moved.scored + 1} to read "
-            f"them{instead}.")
+    return (f"{views}, but the anomaly results are of frame {moved.scored + 1}: go back to frame {moved.scored + 1} to "
+            f"read them{instead}.")
 
 
 def run_end_message(score: slicer.vtkMRMLNode, summary: str, warnings: Sequence[str]) -> str:
@@ -619,7 +637,7 @@ def show_scored_frame(output: Optional[slicer.vtkMRMLNode]) -> bool:
     """Bring the sequence browser back to the frame the run of ``output`` scored (before a jump into its results);
     whether it showed another."""
     browser, item = _scored_item(output)
-    if browser is None or browser.GetSelectedItemNumber() == item or item >= browser.GetNumberOfItems():
+    if browser is None or item is None or browser.GetSelectedItemNumber() == item or item >= browser.GetNumberOfItems():
         return False
     browser.SetSelectedItemNumber(item)
     return True
