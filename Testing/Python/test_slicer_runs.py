@@ -777,3 +777,39 @@ def test_a_job_loads_onto_its_frame_when_a_frame_is_put_into_the_sequence_before
     assert nodes.off_scored_frame(result.nodes.score)
     browser.SetSelectedItemNumber(3)  # time = 4 s, the frame read
     assert not nodes.off_scored_frame(result.nodes.score)
+
+
+def test_a_job_loads_onto_the_frame_it_read_when_the_browser_moved_to_a_frame_on_another_grid(tiny_bundle):
+    """A sequence of scans on grids of their own (follow-ups put into one browser): a job on the first frame, during
+    which the reader moved the browser to the second, was refused at its end as 'The score map does not match the grid
+    of the input volume' and its results were lost, where frames on one grid load. Its outputs now take the grid of the
+    frame it read, and the status line says which frame the views show."""
+    scene = slicer.vtkMRMLScene()
+    sequences = slicer.vtkSlicerSequencesLogic()
+    sequences.SetMRMLScene(scene)
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "follow-up")
+    for item, size in enumerate(((40, 44, 36), (44, 40, 38))):
+        frame = slicer.vtkMRMLScalarVolumeNode()
+        mrml.update_volume_from_image(frame, make_head(seed=20 + item, size=size, origin=(-20.0 + item, 10.0, 5.0))[0])
+        sequence.SetDataNodeAtValue(frame, str(item))
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "follow-up browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    sequences.UpdateProxyNodesFromSequences(browser)
+    proxy = browser.GetProxyNode(sequence)
+    first = nodes.ijk_to_ras(proxy)
+    logic = CeVAEAnomalyLogic()
+    job = logic.startDetection(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.3, createLabelmap=True)
+    browser.SetSelectedItemNumber(1)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    run_to_end(job)
+    result = logic.finishDetection(job)
+    for volume in (result.nodes.score, result.nodes.labelmap):
+        assert volume.GetImageData().GetDimensions() == (40, 44, 36)
+        assert nodes.ijk_to_ras(volume) == pytest.approx(first)
+    assert result.nodes.components.GetNumberOfRows() == len(result.detection.components)
+    assert nodes.frame_note(result.nodes.score).startswith(
+        "The views show frame 2 of 'follow-up browser', but the anomaly results are of frame 1")
+    assert nodes.show_scored_frame(result.nodes.score) and browser.GetSelectedItemNumber() == 0
+    assert result.nodes.score.GetTransformNodeID() is None
+    segmentation = result.nodes.segmentation
+    assert segmentation.GetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole()) == proxy.GetID()

@@ -65,6 +65,7 @@ from .nodes import (
     link_output,
     node_ids,
     outputs_newest_first,
+    read_frame_node,
     segment_ids,
     scored_frame,
     segment_signature,
@@ -567,7 +568,8 @@ def publish(
     if volume_node.GetImageData() is None:
         raise CeVAEError(f"The input volume '{volume_node.GetName()}' no longer holds image data; the results "
                          "are not loaded.")
-    _refuse_another_grid(volume_node, result)
+    grid = _frame_grid(volume_node, frame)
+    _refuse_another_grid(grid, result)
     with transaction(scene) as undo:
         out = OutputNodes()
         users = (targets.score is not None and not targets.score.GetAttribute(ROLE_ATTRIBUTE)
@@ -583,7 +585,7 @@ def publish(
         undo.on_failure(lambda: out.score.SetNodeReferenceID(MASK_REFERENCE, used))
         out.score.SetNodeReferenceID(MASK_REFERENCE, mask_node.GetID() if mask_node is not None
                                      and mask_node.GetScene() is scene else None)
-        _fill_volume(out.score, volume_node, result.score)
+        _fill_volume(out.score, grid, result.score)
         _show_scores(scene, undo, out.score, result.threshold, result.score, result.brain_mask)
         # A labelmap of the run this one updates is kept current even when none is asked for (not stale beside
         # the new score volume).
@@ -593,7 +595,7 @@ def publish(
                                    volume_node, PANEL_OUTPUT_NAMES["labelmap"] + at, group)
             out.labelmap = _unless_edited(scene, undo, out.labelmap, labelmap_signature, "labelmap", LABELMAP_ROLE,
                                           volume_node, PANEL_OUTPUT_NAMES["labelmap"] + at, group)
-            _fill_volume(out.labelmap, volume_node, result.labelmap)
+            _fill_volume(out.labelmap, grid, result.labelmap)
             out.labelmap.SetAttribute(WRITTEN_KEY, labelmap_signature(out.labelmap))
             shown = out.labelmap.GetDisplayNode() is not None  # an earlier run's: its colours may be the user's
             out.labelmap.CreateDefaultDisplayNodes()
@@ -602,23 +604,40 @@ def publish(
                 out.labelmap.GetDisplayNode().SetAndObserveColorNodeID(label_color_node_id(scene))
         out.segmentation = _output(scene, undo, targets.segmentation, "vtkMRMLSegmentationNode", SEGMENTATION_ROLE,
                                    volume_node, PANEL_OUTPUT_NAMES["segmentation"] + at, group)
-        _fill_segmentation(scene, undo, out.segmentation, volume_node, result.labelmap, out.labelmap, show_3d)
+        _fill_segmentation(scene, undo, out.segmentation, volume_node, grid, result.labelmap, out.labelmap, show_3d)
         out.components = _output(scene, undo, targets.components, "vtkMRMLTableNode", COMPONENT_TABLE_ROLE,
                                  volume_node, PANEL_OUTPUT_NAMES["components"] + at, group)
         out.components = _unless_edited(scene, undo, out.components, table_signature, "component table",
                                         COMPONENT_TABLE_ROLE, volume_node, PANEL_OUTPUT_NAMES["components"] + at, group)
-        _fill_components(out.components, volume_node, result)
+        _fill_components(out.components, grid, result)
         out.slice_table = _output(scene, undo, targets.slice_table, "vtkMRMLTableNode", SLICE_TABLE_ROLE, volume_node,
                                   "slice scores" + at, group)
         out.slice_table = _unless_edited(scene, undo, out.slice_table, table_signature, "slice table",
                                          SLICE_TABLE_ROLE, volume_node, "slice scores" + at, group)
-        _fill_slices(out.slice_table, volume_node, result.slices)
+        _fill_slices(out.slice_table, grid, result.slices)
         out.slice_chart = _slice_chart(scene, undo, out.slice_table, volume_node, targets.slice_chart, group)
         run = [*vars(out).values(), out.slice_chart.GetNthPlotSeriesNode(0)]  # the chart's series too
         mark_provenance(run, result.record)
         _mark_frame(undo, run, frame)
         stamp_run(run)
     return out
+
+
+def _frame_grid(volume_node: slicer.vtkMRMLScalarVolumeNode,
+                frame: Optional[SequenceFrame]) -> slicer.vtkMRMLScalarVolumeNode:
+    """The node whose voxel grid a run's outputs take: the input ``volume_node``, or where a sequence browser drives it
+    and shows another frame now than ``frame``, the one read (whose grid may differ: scans put into one browser), a
+    stand-in in no scene with that frame's grid and voxels (:func:`~.nodes.read_frame_node`), its name and transform
+    the input's."""
+    read = read_frame_node(volume_node, frame)
+    if read is volume_node:
+        return volume_node
+    grid = slicer.vtkMRMLScalarVolumeNode()
+    grid.CopyOrientation(read)
+    grid.SetAndObserveImageData(read.GetImageData())
+    grid.SetName(volume_node.GetName())
+    grid.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    return grid
 
 
 def _mark_frame(undo: Undo, outputs: Sequence[Optional[slicer.vtkMRMLNode]], frame: Optional[SequenceFrame]) -> None:
@@ -814,11 +833,11 @@ def _show_scores(scene, undo: Undo, node: slicer.vtkMRMLScalarVolumeNode, thresh
     display.EndModify(wasModifying)
 
 
-def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Image, labelmap_node,
+def _fill_segmentation(scene, undo: Undo, node, volume_node, grid, labelmap: sitk.Image, labelmap_node,
                        show_3d: bool) -> None:
-    """Put the anomalies into ``node`` as this module's segment, replacing only its previous one, whose look (colour,
-    fill, outline, opacities) it takes; a previous one the user renamed (e.g. corrected and named as a finding) is
-    theirs now and kept."""
+    """Put the anomalies (on the grid of ``grid``: :func:`_frame_grid` of the input ``volume_node``) into ``node`` as
+    this module's segment, replacing only its previous one, whose look (colour, fill, outline, opacities) it takes; a
+    previous one the user renamed (e.g. corrected and named as a finding) is theirs now and kept."""
     look: Dict[str, object] = {}
     undo.keep(node.GetDisplayNode())  # first: putting a removed segment back resets its display properties
     segmentation = node.GetSegmentation()
@@ -848,7 +867,8 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
         undo.on_failure(lambda: segmentation.AddSegment(old, previous, following))
     if segmentation.GetNumberOfSegments() == 0:  # only then may the node take the input's geometry
         node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(grid)
+        node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())  # (drawn on it)
     before = set(segment_ids(node))
     undo.on_failure(lambda: [segmentation.RemoveSegment(i) for i in segment_ids(node) if i not in before])
     # Import from a labelmap node in the scene, under the volume's transform like the segmentation,
@@ -860,13 +880,13 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, labelmap: sitk.Imag
     else:
         with scratch_nodes(scene):
             scratch = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "CeVAEAnomaly labelmap (temporary)")
-            _fill_volume(scratch, volume_node, labelmap)
+            _fill_volume(scratch, grid, labelmap)
             imported = importer(scratch, node)
     if not imported:
         raise CeVAEError(f"The anomaly labelmap could not be imported into '{node.GetName()}'.")
     added = [i for i in segment_ids(node) if i not in before]
     if not added:  # nothing above the threshold: keep an empty segment
-        segmentation.AddSegment(_empty_segment(volume_node))
+        segmentation.AddSegment(_empty_segment(grid))
         added = [i for i in segment_ids(node) if i not in before]
     segment = segmentation.GetSegment(added[0])
     segment.SetName(SEGMENT_NAME)
