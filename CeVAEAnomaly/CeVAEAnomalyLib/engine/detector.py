@@ -33,7 +33,7 @@ from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_reg
 from ..progress import ProgressCallback, checked, report, scaled
 from ..result import DetectionRecord, DetectionResult, ModelRecord, ScoreTerms, SliceScoreRow
 from .scan_adaptation import adapted_copy
-from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map
+from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map, scoring_copy
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
 from .modality import bright_tail, scan_contrast_warning
 from .symmetry import BoxAsymmetry, box_asymmetry, fuse_with_asymmetry
@@ -335,6 +335,7 @@ class Detector:
                                  self.bundle.header.loss, pre.clip_max, pre.min_brain_fraction,
                                  scaled(progress, start, 0.7))
             start = 0.7
+        model = scoring_copy(model, steps > 0)
         return [(s.record, self._network(model, s, options, scaled(progress, start, 0.85) if i == 0 else None))
                 for i, s in enumerate(stacks)]
 
