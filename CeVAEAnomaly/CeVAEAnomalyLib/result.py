@@ -98,7 +98,10 @@ class DetectionRecord:
     whether the brain mask was given or computed from the image (``mask``), the warnings the detection logged (in
     order, as logged) and when it ended (UTC, ISO 8601). ``inputs``: the files it read, by role ("image", "mask":
     their ``path`` and ``sha256``, :func:`input_files`), where an entry point read files; empty for images given in
-    memory (``write_result(..., like=SCAN)`` names the scan in the file it writes)."""
+    memory (``write_result(..., like=SCAN)`` names the scan in the file it writes). ``image_voxels_sha256`` and
+    ``mask_voxels_sha256``: the digest of the image scored, and of the brain mask given (None: the automatic one),
+    as given, in memory or read from a file (:func:`~.io.checksum.image_voxel_sha256`: voxels, pixel type and grid;
+    the same scan in memory and in any file gives one digest: :func:`~.io.checksum.voxel_sha256`)."""
 
     tool: str
     version: str
@@ -115,6 +118,8 @@ class DetectionRecord:
     warnings: Tuple[str, ...]
     created_utc: str
     inputs: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    image_voxels_sha256: Optional[str] = None  # None: a record of an earlier version, which did not say
+    mask_voxels_sha256: Optional[str] = None  # None: no mask given (or not said, as image_voxels_sha256)
 
     def to_dict(self) -> Dict[str, Any]:
         """The record as JSON-able data (a threshold of inf stays a float: write it with ``strict_json``)."""
@@ -163,6 +168,9 @@ class DetectionRecord:
                 isinstance(v, dict) and set(v) == {"path", "sha256"} and all(isinstance(t, str) for t in v.values())
                 for v in inputs.values()):
             raise ValueError("the record's inputs are not files with their path and sha256")
+        for name in ("image_voxels_sha256", "mask_voxels_sha256"):
+            if data[name] is not None and not _is_sha256(data[name]):
+                raise ValueError(f"the record's {name} {data[name]!r} is not a SHA-256 digest")
         options = {}
         for name, kind in (("score_options", ScoreOptions), ("postprocess", PostprocessOptions)):
             _holds_fields(data[name], {f.name for f in fields(kind)}, f"the record's {name}")
@@ -185,7 +193,12 @@ def input_files(**paths: Optional[Path]) -> Dict[str, Dict[str, str]]:
 
 
 # the record's fields that records written by earlier versions lack, with what they read as (not said)
-_LATER_RECORD_FIELDS: Dict[str, Any] = {"batch_size": None, "mask": None, "software": {}}
+_LATER_RECORD_FIELDS: Dict[str, Any] = {"batch_size": None, "mask": None, "software": {}, "image_voxels_sha256": None,
+                                        "mask_voxels_sha256": None}
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _holds_fields(data: object, names: AbstractSet[str], what: str) -> None:
@@ -394,10 +407,11 @@ def write_result(result: DetectionResult, *, score: Optional[PathLike] = None, l
 RESULT_FILES = {"score": "score.nrrd", "labelmap": "labelmap.nrrd", "brain_mask": "brain_mask.nrrd"}
 SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_source", "slices", "components",
 # "record"}
-SUMMARY_VERSION = 3  # 2: with the detection's record (components gained peak_lps later; one without reads as None);
+SUMMARY_VERSION = 4  # 2: with the detection's record (components gained peak_lps later; one without reads as None);
 # 3: the record with batch_size, mask and software (a version that reads 2 only refuses it by its version, not as
-# damaged; 2 still reads, those fields as not said)
-READ_SUMMARY_VERSIONS = (2, SUMMARY_VERSION)
+# damaged; 2 still reads, those fields as not said); 4: with image_voxels_sha256 and mask_voxels_sha256 (likewise: 3
+# and 2 still read, those as None)
+READ_SUMMARY_VERSIONS = (2, 3, SUMMARY_VERSION)
 
 
 def save_result(result: DetectionResult, folder: PathLike, overwrite: bool = False) -> None:

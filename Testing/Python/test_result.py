@@ -271,11 +271,35 @@ def test_a_result_saved_before_the_record_held_batch_size_mask_and_software_read
     result = small_result()
     save_result(result, tmp_path)
     summary = json.loads((tmp_path / "detection.json").read_text())
-    assert summary["format_version"] == 3  # (a version before these fields cannot mistake it for its own)
-    for key in ("batch_size", "mask", "software"):
+    for key in ("batch_size", "mask", "software", "image_voxels_sha256", "mask_voxels_sha256"):
         del summary["record"][key]
     summary["format_version"] = 2  # as the previous version wrote it
     (tmp_path / "detection.json").write_text(json.dumps(summary))
     back = load_result(tmp_path).record
     assert (back.batch_size, back.mask, back.software) == (None, None, {})
     assert back == dataclasses.replace(result.record, batch_size=None, mask=None, software={})
+
+
+def test_a_result_saved_before_the_record_held_the_voxel_digests_reads_back_and_a_new_one_says_its_version(tmp_path):
+    """The record gained image_voxels_sha256 and mask_voxels_sha256 (the digests of the images scored, also where
+    they were given in memory): a result folder is format 4 now, which a version that reads 3 refuses by its version,
+    not as damaged; a format-3 folder (a Slicer worker's hand-over, save_result) still reads, those as None."""
+    import dataclasses
+    import json
+
+    result = small_result()
+    result.record = dataclasses.replace(result.record, image_voxels_sha256="a" * 64, mask_voxels_sha256=None)
+    save_result(result, tmp_path)
+    summary = json.loads((tmp_path / "detection.json").read_text())
+    assert summary["format_version"] == 4 and summary["record"]["image_voxels_sha256"] == "a" * 64
+    assert load_result(tmp_path).record == result.record
+    for key in ("image_voxels_sha256", "mask_voxels_sha256"):
+        del summary["record"][key]
+    summary["format_version"] = 3  # as the previous version wrote it
+    (tmp_path / "detection.json").write_text(json.dumps(summary))
+    back = load_result(tmp_path).record
+    assert back == dataclasses.replace(result.record, image_voxels_sha256=None)
+    summary["record"]["image_voxels_sha256"] = "not a digest"
+    (tmp_path / "detection.json").write_text(json.dumps(summary))
+    with pytest.raises(CeVAEError, match=r"image_voxels_sha256 'not a digest' is not a SHA-256 digest"):
+        load_result(tmp_path)

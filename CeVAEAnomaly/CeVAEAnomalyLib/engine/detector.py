@@ -22,6 +22,7 @@ from .header import BundleHeader, utc_now
 from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
+from ..io.checksum import image_voxel_sha256
 from ..io.images import (MASK_IS_IMAGE, check_volume, grid_difference, refuse_too_small_for_automatic_mask, same_grid,
                          warn_if_ct_range)
 from ..io.labels import SAMPLED_VOXELS, refuse_label_image
@@ -126,23 +127,26 @@ class Detector:
                  progress: Optional[ProgressCallback] = None, where: str = "") -> DetectionResult:
         """Score a 3D volume. ``mask``: brain mask (>0 is brain); computed automatically if None. ``where`` (e.g.
         "scan: ") leads the warnings about the mask and the image's NaN voxels, so that a cohort's say which volume.
-        The result's ``record`` says how it was made, with the warnings this call logged.
+        The result's ``record`` says how it was made, with the warnings this call logged and the digests of the image
+        and the mask given (io.checksum.image_voxel_sha256).
 
         The input image is never modified. Raise :class:`CeVAEError` on unusable input and
         :class:`~.progress.Cancelled` if the progress callback cancels.
         """
         with warnings_logged() as warnings:
             result = self._detect(image, mask, progress, where)
-        result.record = self._record(warnings, mask is not None)
+        result.record = self._record(warnings, image, mask)
         return result
 
-    def _record(self, warnings: Sequence[str], mask_given: bool) -> DetectionRecord:
-        """How this detector makes a detection that logged ``warnings``, with a mask given or not, ending now."""
+    def _record(self, warnings: Sequence[str], image: sitk.Image, mask: Optional[sitk.Image]) -> DetectionRecord:
+        """How this detector makes a detection of ``image`` that logged ``warnings``, with ``mask`` given or not
+        (None), ending now."""
         device = next(self.bundle.model.parameters()).device
         return DetectionRecord(TOOL, __version__, self.model_record, self.threshold, self.threshold_source,
                                self.score.to_dict(), self.post.to_dict(), str(device), self.amp, self.batch_size,
-                               "given" if mask_given else "automatic", software_versions(), tuple(warnings),
-                               utc_now())
+                               "automatic" if mask is None else "given", software_versions(), tuple(warnings),
+                               utc_now(), image_voxels_sha256=image_voxel_sha256(image),
+                               mask_voxels_sha256=None if mask is None else image_voxel_sha256(mask))
 
     def _detect(self, image: sitk.Image, mask: Optional[sitk.Image], progress: Optional[ProgressCallback],
                 where: str) -> DetectionResult:

@@ -5,10 +5,13 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import CeVAEError
 from .detached import read_alongside
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 # A file changed this recently (its modification or status-change time) may change again without changing its stamp
 # (timestamps are as coarse as the file system's clock: FAT's 2 s), so what was read from it is not kept.
@@ -129,18 +132,26 @@ def first_changed(paths: Iterable[Optional[Path]], checksums: Mapping[Path, str]
 
 
 def voxel_sha256(path: Path) -> str:
-    """Hex sha256 of the volume ``path`` holds: its voxels (type and values) and grid, whatever the file format or
-    compression (the same scan saved as .nii.gz and .nrrd gives one digest; its files' :func:`sha256_of` differ)."""
+    """Hex sha256 of the volume ``path`` holds: :func:`image_voxel_sha256` of the image it reads as, whatever the file
+    format or compression (the same scan saved as .nii.gz and .nrrd gives one digest; its files' :func:`sha256_of`
+    differ)."""
+    from .images import read_image
+
+    return image_voxel_sha256(read_image(path))
+
+
+def image_voxel_sha256(image: sitk.Image) -> str:
+    """Hex sha256 of an image's voxels (pixel type and values) and grid (size; spacing, origin and direction rounded
+    to 0.0001, -0.0 as 0.0): one digest for one scan in memory or in any file (:func:`voxel_sha256`). The voxels are
+    hashed where they lie (no copy)."""
     import numpy as np
     import SimpleITK as sitk
 
-    from .images import read_image
-
-    image = read_image(path)
     digest = hashlib.sha256()
     digest.update(repr((image.GetSize(), image.GetPixelIDTypeAsString())).encode())
-    digest.update(np.round(np.array([*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection()]), 4).tobytes())
-    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+    grid = np.round(np.array([*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection()]), 4) + 0.0
+    digest.update(grid.tobytes())
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).data)  # (a view: already contiguous)
     return digest.hexdigest()
 
 
