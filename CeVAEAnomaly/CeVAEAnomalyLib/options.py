@@ -270,7 +270,8 @@ class ThresholdPolicy(Serialisable):
     false-positive rate (None: the model's default rate). ``threshold=inf`` makes no labelmap."""
 
     threshold: Optional[float] = option(None, "absolute score threshold, in the map's units (overrides --fpr; inf: an "
-                                        "empty labelmap; 0 or less: the whole brain)",
+                                        "empty labelmap; 0 or less: the whole brain; default: the calibrated one at "
+                                        "--fpr)",
                                         low=-math.inf, open_low=True)
     fpr: Optional[float] = option(None, "healthy false-positive rate for the calibrated threshold, from 1e-06 to "
                                   "0.5 (default: the model's)", low=1e-6, high=0.5)

@@ -47,12 +47,14 @@ def _add_subjects(p: argparse.ArgumentParser, what: str) -> None:
                    "skull-stripped NAME_brain.* beside NAME.* is left out, and so are detection results "
                    "(NAME_score.*, NAME_labelmap.*; saved from Slicer: 'NAME anomaly score.*')")
     p.add_argument("--manifest", type=path_value, help="CSV (tab-separated if named .tsv) with columns image,mask and "
-                   "optionally subject (the person scanned; paths relative to the CSV)")
+                   "optionally subject (the person scanned; paths relative to the CSV), besides or instead of image "
+                   "files")
 
 
 def _add_slices(p: argparse.ArgumentParser, cfg, cache_required: bool) -> None:
     """Options that decide the cached slices (shared by train and prepare)."""
-    p.add_argument("--input-size", type=int, default=cfg.model.input_size, help="64 or 128")
+    p.add_argument("--input-size", type=int, default=cfg.model.input_size,
+                   help="width and height of the network's slices in pixels: 64 or 128")
     p.add_argument("--orientations", default=",".join(cfg.orientations),
                    help="slice orientations: axial,coronal,sagittal")
     p.add_argument("--cache-dir", type=path_value, required=cache_required,
@@ -204,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "named .tsv)")
     d.add_argument("--record", type=output_path_value, help="output JSON record of how the outputs were made: the "
                    "model file and its sha256, the threshold and its source, the options, the input files and their "
-                   "sha256, the warnings of reading them and those the detection itself logged")
+                   "sha256 and the digests of their voxels and grid, the warnings of reading them and those the "
+                   "detection itself logged")
     _add_scoring(d)
     _add_threshold(d)
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -232,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     _add_scoring(b)
     _add_threshold(b)
-    b.add_argument("--shard", help="i/n: only the i-th of n parts of the sorted list (i = 1..n), for array jobs")
+    b.add_argument("--shard", help="i/n: only the i-th of n parts of the sorted list (i = 1..n), for array jobs "
+                   "(default: the whole list)")
     b.add_argument("--workers", type=int, default=1, help="volumes scored in parallel processes")
     b.add_argument("--overwrite", action="store_true",
                    help="score every volume again, also with settings other than those of the outputs there")
@@ -243,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "score quantiles, so that labelmap thresholds follow a false-positive rate.")
     _add_subjects(c, "healthy")
     c.add_argument("--model", type=path_value, help="bundle to calibrate (default: the bundled default model)")
-    c.add_argument("--out", type=output_path_value, required=True, help="calibrated bundle to write")
+    c.add_argument("--out", type=output_path_value, required=True, help="calibrated bundle to write (.cevae)")
     c.add_argument("--default-fpr", type=float,
                    help="false-positive rate used when detect gets none, from 1e-06 to 0.5 (default: the model's)")
     _add_scoring(c)
@@ -254,13 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
                        "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
     e.add_argument("--cases", type=path_value, help="CSV (tab-separated if named .tsv) with columns "
-                   "score,gt[,mask][,labelmap][,name] (paths relative to the CSV)")
+                   "score,gt[,mask][,labelmap][,name] (paths relative to the CSV), or --score instead for one case")
     e.add_argument("--score", type=path_value, help="one score map (instead of --cases)")
     e.add_argument("--gt", type=path_value, help="its ground-truth lesion mask, every voxel > 0 is lesion whatever its "
                    "label value (absent: healthy)")
-    e.add_argument("--mask", type=path_value, help="its brain mask (metrics inside it)")
-    e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml)")
-    e.add_argument("--out", type=output_path_value, help="write the metrics CSV here (tab-separated if named .tsv)")
+    e.add_argument("--mask", type=path_value, help="its brain mask (metrics inside it; absent: every voxel)")
+    e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml; absent: "
+                   "not measured)")
+    e.add_argument("--out", type=output_path_value, help="write the metrics CSV here (tab-separated if named .tsv; "
+                   "absent: printed only)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     i = _command(sub, "info", help="say what a model bundle is, from its header",
