@@ -229,7 +229,7 @@ class CeVAEAnomalyLogic(_LogicBase):
         _LogicBase.__init__(self)
         self.scene = scene
         self._bundle: Optional["Bundle"] = None
-        self._bundleKey: Optional[Tuple[str, int, str]] = None
+        self._bundleKey: Optional[Tuple[str, Tuple[int, ...], str]] = None
         self._targets: "weakref.WeakKeyDictionary[WorkerJob, _DetectionTarget]" = weakref.WeakKeyDictionary()
         self._closed: "weakref.WeakSet[WorkerJob]" = weakref.WeakSet()  # detections loaded or discarded
 
@@ -283,14 +283,18 @@ class CeVAEAnomalyLogic(_LogicBase):
     # --- models ---------------------------------------------------------------------------------
 
     def loadModel(self, modelPath: Union[str, Path, None] = None, device: str = "auto") -> "Bundle":
-        """Load a model bundle (the bundled default if no path), reusing the last one if unchanged."""
+        """Load a model bundle (the bundled default if no path), reusing the last one while its file is the same and
+        unwritten since (device, inode, size, modification and status-change times: a file replaced by one whose
+        modification time was kept, as cp -p or rsync -t do, is read again)."""
         from ..data import default_model_path
         from ..engine.bundle import load_bundle
         from ..engine.devices import resolve_device
 
         path = _modelFile(modelPath) or default_model_path()
         torchDevice = resolve_device(device)
-        key = (str(path.resolve()), path.stat().st_mtime_ns, str(torchDevice))
+        status = path.stat()
+        stamp = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        key = (str(path.resolve()), stamp, str(torchDevice))
         if key != self._bundleKey:
             self._bundle, self._bundleKey = load_bundle(path, torchDevice), key
         return self._bundle
