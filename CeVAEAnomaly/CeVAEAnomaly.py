@@ -434,7 +434,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- showing the parameter node -------------------------------------------------------------
 
     def _modelSettings(self) -> Optional[ModelSettings]:
-        """Settings of the chosen model (cached by path and modification time); None if unreadable."""
+        """Settings of the chosen model (cached by path and file stamp: settings.file_stamp); None if unreadable."""
         return self._modelSettingsCache.of(self._parameterNode)
 
     def _showModelValues(self, settings: ModelSettings) -> None:

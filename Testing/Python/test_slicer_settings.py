@@ -440,7 +440,7 @@ def test_a_model_path_holding_a_nul_byte_is_said_in_one_line_not_raised():
     bundled = parameters(scene)
     read = cache.of(bundled)
     assert read is not None and read.path == default_model_path() and cache.of(bundled) is read
-    assert cache.key == (str(default_model_path()), default_model_path().stat().st_mtime_ns)
+    assert cache.key == (str(default_model_path()), settings.file_stamp(default_model_path()))
 
 
 def test_a_model_whose_threshold_is_above_1000_is_shown_and_used_exactly():

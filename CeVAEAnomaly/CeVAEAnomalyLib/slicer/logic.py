@@ -284,17 +284,15 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def loadModel(self, modelPath: Union[str, Path, None] = None, device: str = "auto") -> "Bundle":
         """Load a model bundle (the bundled default if no path), reusing the last one while its file is the same and
-        unwritten since (device, inode, size, modification and status-change times: a file replaced by one whose
-        modification time was kept, as cp -p or rsync -t do, is read again)."""
+        unwritten since (settings.file_stamp)."""
         from ..data import default_model_path
         from ..engine.bundle import load_bundle
         from ..engine.devices import resolve_device
+        from .settings import file_stamp
 
         path = _modelFile(modelPath) or default_model_path()
         torchDevice = resolve_device(device)
-        status = path.stat()
-        stamp = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-        key = (str(path.resolve()), stamp, str(torchDevice))
+        key = (str(path.resolve()), file_stamp(path), str(torchDevice))
         if key != self._bundleKey:
             self._bundle, self._bundleKey = load_bundle(path, torchDevice), key
         return self._bundle

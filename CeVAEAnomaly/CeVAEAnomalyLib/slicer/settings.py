@@ -22,7 +22,7 @@ from .gui_binding import typed_path
 
 __all__ = ["DEVICES", "MODEL_SCORE_TYPE", "SCORE_TYPES", "SCORE_TYPE_CHOICES", "SENSITIVITIES", "ModelSettings",
            "ModelSettingsCache", "SensitivityChange", "adapt_override_note", "chosen_model", "detection_request",
-           "model_file_key", "model_path", "model_problem", "override_postprocess", "plain_tooltip",
+           "file_stamp", "model_file_key", "model_path", "model_problem", "override_postprocess", "plain_tooltip",
            "postprocess_fields", "rate_refusal", "sensitivity_change"]
 
 log = logging.getLogger(__name__)
@@ -286,24 +286,31 @@ def chosen_model(parameters: Any) -> ModelSettings:
     return ModelSettings.read(Path(path) if path else None)
 
 
-def model_file_key(parameters: Any) -> Optional[Tuple[str, int]]:
-    """The panel's model file (the bundled one with useBundledModel) and its modification time, by which the panel
+def model_file_key(parameters: Any) -> Optional[Tuple[str, Tuple[int, ...]]]:
+    """The panel's model file (the bundled one with useBundledModel) and its :func:`file_stamp`, by which the panel
     keeps what it read of it; None where it names no file the system can look up (missing, a NUL byte)."""
     from ..data import default_model_path
 
     try:
         path = default_model_path() if parameters.useBundledModel else typed_path(parameters.modelPath)
-        return str(path), path.stat().st_mtime_ns
+        return str(path), file_stamp(path)
     except (CeVAEError, OSError, ValueError):  # ValueError: a NUL byte in the path
         return None
 
 
+def file_stamp(path: Path) -> Tuple[int, ...]:
+    """What tells a model file from another one at its path, or from itself written since: its device, inode, size,
+    modification and status-change times (a file replaced by one whose modification time was kept, as cp -p or
+    rsync -t do, has another inode or status-change time). OSError where it cannot be looked up."""
+    status = path.stat()
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
 @dataclass
 class ModelSettingsCache:
-    """The settings of the panel's model, read again only when its file or modification time changes
-    (:func:`model_file_key`)."""
+    """The settings of the panel's model, read again only when its file changes (:func:`model_file_key`)."""
 
-    key: Optional[Tuple[str, int]] = None
+    key: Optional[Tuple[str, Tuple[int, ...]]] = None
     settings: Optional[ModelSettings] = None
 
     def of(self, parameters: Any) -> Optional[ModelSettings]:
