@@ -1321,22 +1321,26 @@ def recorded(detection: DetectionResult, model: str, threshold: float = 1.1) -> 
     import dataclasses
     import hashlib
 
+    from CeVAEAnomalyLib.io.checksum import image_voxel_sha256
     from CeVAEAnomalyLib.options import PostprocessOptions, ScoreOptions
     from CeVAEAnomalyLib.result import DetectionRecord, ModelRecord
 
-    sha256 = hashlib.sha256(model.encode()).hexdigest()
+    sha256 = hashlib.sha256(model.encode()).hexdigest()  # (the images' digests: any 64 hex digits)
     record = DetectionRecord("cevae-anomaly", "9.9", ModelRecord(model, "T1", f"/m/{model}.cevae", sha256, None),
                              threshold, "absolute", ScoreOptions(score_type="rec").to_dict(),
                              PostprocessOptions(rim_mm=2.0).to_dict(), "cpu", False, 64, "given", {"torch": "2.0"}, (),
-                             "2025-01-02T03:04:05Z")
+                             "2025-01-02T03:04:05Z", image_voxels_sha256=image_voxel_sha256(detection.score),
+                             mask_voxels_sha256=image_voxel_sha256(detection.brain_mask))
     return dataclasses.replace(detection, record=record)
 
 
 def test_the_outputs_say_how_they_were_made_and_keep_it_in_a_saved_scene(scene, monkeypatch, tmp_path):
-    """Every output node of a run carries its model's name and sha256, the threshold and its source, the tool's version
-    and the options as compact JSON (with the batch size, the mask given or computed and the libraries' versions). A
+    """Every output node of a run carries its model's name and sha256, the threshold and its source, the tool's version,
+    the options as compact JSON (with the batch size, the mask given or computed and the libraries' versions) and the
+    digests of the image and of the mask given (none for an automatic one). A
     rerun with another model replaces them, a failed one leaves the earlier run's (and a failed first run leaves no
     node with them), a result without a record leaves none; a saved scene keeps them."""
+    import dataclasses
     import hashlib
     import json
 
@@ -1357,11 +1361,14 @@ def test_the_outputs_say_how_they_were_made_and_keep_it_in_a_saved_scene(scene, 
             mrml.publish(scene, volume, recorded(fake_detection(image, mask), "default"), create_labelmap=True)
     assert not any(scene.GetNthNode(i).GetAttribute(nodes.MODEL_ATTRIBUTE) for i in range(scene.GetNumberOfNodes()))
     first = mrml.publish(scene, volume, recorded(fake_detection(image, mask), "default"), create_labelmap=True)
+    record = recorded(fake_detection(image, mask), "default").record
     expected = {nodes.MODEL_ATTRIBUTE: "default", nodes.MODEL_SHA256_ATTRIBUTE: hashlib.sha256(b"default").hexdigest(),
                 nodes.THRESHOLD_ATTRIBUTE: "1.1", nodes.THRESHOLD_SOURCE_ATTRIBUTE: "absolute",
                 nodes.VERSION_ATTRIBUTE: "cevae-anomaly 9.9", nodes.OPTIONS_ATTRIBUTE: mrml.provenance_attributes(
-                    recorded(fake_detection(image, mask), "default").record)[nodes.OPTIONS_ATTRIBUTE]}
+                    record)[nodes.OPTIONS_ATTRIBUTE], nodes.IMAGE_SHA256_ATTRIBUTE: record.image_voxels_sha256,
+                nodes.MASK_SHA256_ATTRIBUTE: record.mask_voxels_sha256}
     assert marks(first) == [expected] * 7
+    assert all(len(expected[n]) == 64 for n in (nodes.IMAGE_SHA256_ATTRIBUTE, nodes.MASK_SHA256_ATTRIBUTE))
     options = json.loads(expected[nodes.OPTIONS_ATTRIBUTE])
     assert options["score"]["score_type"] == "rec" and options["post"]["rim_mm"] == 2.0
     # as the record says them: the slices per pass (sampled scores depend on it), the mask given or computed, the
@@ -1383,6 +1390,11 @@ def test_the_outputs_say_how_they_were_made_and_keep_it_in_a_saved_scene(scene, 
     reloaded, source = saved_and_reloaded(scene, tmp_path)
     score = mrml.find_output(reloaded, "vtkMRMLScalarVolumeNode", "score", source)
     assert {name: score.GetAttribute(name) for name in nodes.PROVENANCE_ATTRIBUTES} == site[0]
+
+    automatic = recorded(fake_detection(image, mask), "site")  # a record of a run with the automatic mask
+    automatic.record = dataclasses.replace(automatic.record, mask="automatic", mask_voxels_sha256=None)
+    rerun = mrml.publish(scene, volume, automatic)
+    assert [m[nodes.MASK_SHA256_ATTRIBUTE] for m in marks(rerun)] == [None] * 7  # (the earlier run's removed)
 
     third = mrml.publish(scene, volume, fake_detection(image, mask))  # made without a record: claims nothing
     assert marks(third) == [dict.fromkeys(nodes.PROVENANCE_ATTRIBUTES)] * 7

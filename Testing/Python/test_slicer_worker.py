@@ -21,6 +21,7 @@ from conftest import add_volume, make_head, oblique_direction, site_scene
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")  # slicer-core's
 
+from CeVAEAnomalyLib.io.checksum import image_voxel_sha256  # noqa: E402
 from CeVAEAnomalyLib.engine.header import read_header  # noqa: E402
 from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
 from CeVAEAnomalyLib.slicer import mrml, nodes  # noqa: E402
@@ -92,6 +93,7 @@ def test_detection_in_a_worker_matches_the_in_process_detection(head_scene, tiny
              for node in (result.nodes.score, result.nodes.labelmap, reference.nodes.segmentation)]
     assert marks[0][nodes.MODEL_SHA256_ATTRIBUTE] == hashlib.sha256(Path(tiny_bundle).read_bytes()).hexdigest()
     assert marks[0][nodes.THRESHOLD_ATTRIBUTE] == "0.3" and marks == [marks[0]] * 3
+    assert marks[0][nodes.IMAGE_SHA256_ATTRIBUTE] == image_voxel_sha256(mrml.image_from_volume(volume))
 
 
 def test_a_workers_results_lie_exactly_on_an_oblique_inputs_grid(tiny_bundle):

@@ -33,6 +33,8 @@ from .nodes import (
     MODEL_SHA256_ATTRIBUTE,
     NAME_ATTRIBUTE,
     OPTIONS_ATTRIBUTE,
+    IMAGE_SHA256_ATTRIBUTE,
+    MASK_SHA256_ATTRIBUTE,
     PEAK_COLUMNS,
     PROVENANCE_ATTRIBUTES,
     ROLE_ATTRIBUTE,
@@ -667,9 +669,11 @@ def provenance_attributes(record: Optional["DetectionRecord"]) -> Dict[str, str]
         return {}
     options = json.dumps({"score": record.score_options, "post": record.postprocess, "batch_size": record.batch_size,
                           "mask": record.mask, "software": record.software}, sort_keys=True, separators=(",", ":"))
-    return {MODEL_ATTRIBUTE: record.model.name, MODEL_SHA256_ATTRIBUTE: record.model.sha256 or "",
-            THRESHOLD_ATTRIBUTE: repr(float(record.threshold)), THRESHOLD_SOURCE_ATTRIBUTE: record.threshold_source,
-            VERSION_ATTRIBUTE: f"{record.tool} {record.version}", OPTIONS_ATTRIBUTE: options}
+    marks = {MODEL_ATTRIBUTE: record.model.name, MODEL_SHA256_ATTRIBUTE: record.model.sha256 or "",
+             THRESHOLD_ATTRIBUTE: repr(float(record.threshold)), THRESHOLD_SOURCE_ATTRIBUTE: record.threshold_source,
+             VERSION_ATTRIBUTE: f"{record.tool} {record.version}", OPTIONS_ATTRIBUTE: options,
+             IMAGE_SHA256_ATTRIBUTE: record.image_voxels_sha256, MASK_SHA256_ATTRIBUTE: record.mask_voxels_sha256}
+    return {name: value for name, value in marks.items() if value is not None}
 
 
 def mark_provenance(outputs: Sequence[Optional[slicer.vtkMRMLNode]], record: Optional["DetectionRecord"]) -> None:

@@ -47,15 +47,19 @@ WRITTEN_KEY = "CeVAEAnomaly.Written"
 # kept by a scene save. Threshold: repr of the number ("inf" for none labelled); Options: compact JSON of the scoring
 # ("score") and post-processing ("post") options used, the slices per network pass ("batch_size"), the brain mask
 # "given" or "automatic" ("mask") and the libraries' versions ("software"); ModelSHA256: "" for a model not loaded
-# from a file.
+# from a file; ImageVoxelsSHA256 and MaskVoxelsSHA256: the digests of the image scored and of the brain mask given
+# (io.checksum.image_voxel_sha256: its voxels and grid, as the record's), absent where the record does not say (the
+# mask: computed automatically).
 MODEL_ATTRIBUTE = "CeVAEAnomaly.Model"
 MODEL_SHA256_ATTRIBUTE = "CeVAEAnomaly.ModelSHA256"
 THRESHOLD_ATTRIBUTE = "CeVAEAnomaly.Threshold"
 THRESHOLD_SOURCE_ATTRIBUTE = "CeVAEAnomaly.ThresholdSource"
 VERSION_ATTRIBUTE = "CeVAEAnomaly.Version"  # the tool and its version, e.g. "cevae-anomaly 0.2.0"
 OPTIONS_ATTRIBUTE = "CeVAEAnomaly.Options"
+IMAGE_SHA256_ATTRIBUTE = "CeVAEAnomaly.ImageVoxelsSHA256"
+MASK_SHA256_ATTRIBUTE = "CeVAEAnomaly.MaskVoxelsSHA256"
 PROVENANCE_ATTRIBUTES = (MODEL_ATTRIBUTE, MODEL_SHA256_ATTRIBUTE, THRESHOLD_ATTRIBUTE, THRESHOLD_SOURCE_ATTRIBUTE,
-                         VERSION_ATTRIBUTE, OPTIONS_ATTRIBUTE)
+                         VERSION_ATTRIBUTE, OPTIONS_ATTRIBUTE, IMAGE_SHA256_ATTRIBUTE, MASK_SHA256_ATTRIBUTE)
 # On every output of a run on a volume that a sequence browser drives (the proxy node of a sequence, Sequences
 # module): the browser (reference), the item it scored (0-based, as the browser counted then), that item's index value
 # in words and as the sequence holds it (by which the frame is found again after frames were added or removed before
