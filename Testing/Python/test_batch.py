@@ -990,7 +990,7 @@ def test_batch_help_says_the_exit_status_a_failed_volume_gives(cohort, tiny_bund
     status means what (a failed volume: 2, as a refusal)."""
     assert main(["batch", "--help"]) == 0
     shown = " ".join(capsys.readouterr().out.split())
-    assert ("Exit status: 0 every volume done (scored or skipped); 2 one or more volumes failed (the summary's "
+    assert ("exit status: 0 every volume done (scored or skipped); 2 one or more volumes failed (the summary's "
             "error column says why; a rerun retries them) or the run was refused before any work") in shown
     (tmp_path / "in").mkdir()
     for name in ("a1.nii.gz", "a1_mask.nii.gz", "bad.nii.gz"):

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import List, NoReturn, Optional, Sequence
 
 from .. import __version__
 from ..data import BundledModelMissing, BundledOutputError
@@ -20,6 +20,17 @@ from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOp
 from ..interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
+
+# the exit statuses of the command (batch: EXIT_REFUSED also when a volume failed)
+EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_STATUS = (f"exit status: {EXIT_DONE} done, {EXIT_REFUSED} refused input or option (the error line says why), "
+               f"{EXIT_FAILED} unexpected failure, {EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_TERMINATED} "
+               "terminated (SIGTERM).")
+
+
+def _epilog(examples: Sequence[str], status: str = EXIT_STATUS) -> str:
+    """The end of a ``--help``: example command lines (as the README shows them) and the exit statuses."""
+    return "examples:\n" + "\n".join(f"  cevae-anomaly {line}" for line in examples) + "\n\n" + status
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -66,7 +77,9 @@ def _add_train(sub) -> None:
     from ..training.config import TrainConfig
 
     cfg = TrainConfig(out=Path("model.cevae"))  # the defaults, written once there
-    t = _command(sub, "train", help="train a model on healthy volumes")
+    t = _command(sub, "train", help="train a model on healthy volumes",
+                 epilog=_epilog(["train --manifest healthy.csv --out my.cevae --max-minutes 60 --seed 0",
+                                 "train --manifest healthy.csv --out my.cevae --max-minutes 60 --seed 0 --resume"]))
     _add_subjects(t, "healthy")
     t.add_argument("--out", type=output_path_value, required=True, help="model bundle to write (.cevae)")
     anew = t.add_mutually_exclusive_group()  # start anew or continue: never both
@@ -131,7 +144,9 @@ def _add_adapt(sub) -> None:
                        "keeping its architecture and preprocessing, and calibrate it without letting a scan "
                        "calibrate a model trained on it: k fold models, each fine-tuned without one fold, score "
                        "the held-out scans; the final model is fine-tuned on all of them. Needs scans of at least 2 "
-                       "persons in the model's modality. Checkpoints OUT.ckpt and OUT.foldN.ckpt; --resume continues.")
+                       "persons in the model's modality. Checkpoints OUT.ckpt and OUT.foldN.ckpt; --resume continues.",
+                       epilog=_epilog(["adapt --manifest site_healthy.csv --out site.cevae",
+                                       "adapt site_scans/ --model base.cevae --out site.cevae --resume"]))
     _add_subjects(a, "healthy site")
     a.add_argument("--model", type=path_value, help="model to adapt (default: the bundled default model)")
     a.add_argument("--out", type=output_path_value, required=True, help="adapted model bundle to write (.cevae)")
@@ -157,15 +172,28 @@ def _add_adapt(sub) -> None:
     _add_device(a)
 
 
+class _Help(HelpWithDefaults):
+    """Help that keeps a paragraph whose lines after the first are indented (an epilog's examples) line by line, and
+    wraps the others."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        filled = []
+        for lines in (part.splitlines() for part in text.split("\n\n")):
+            kept = len(lines) > 1 and all(line[:1].isspace() for line in lines[1:])
+            filled.append("\n".join(indent + line for line in lines) if kept
+                          else super()._fill_text(" ".join(lines), width, indent))
+        return "\n\n".join(filled)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the command's error convention: one ``error:`` line, exit status 2."""
+    """argparse with the command's error convention: one ``error:`` line, exit status ``EXIT_REFUSED``."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_REFUSED, f"error: {message} (see {self.prog} --help)\n")
 
 
 _DEBUG_HELP = "show tracebacks and debug logging"
@@ -184,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cevae-anomaly",
         description="Unsupervised anomaly localisation in brain MRI with a context-encoding VAE (ceVAE).",
+        epilog=_epilog(["demo", "detect scan.nii.gz --score score.nii.gz --labelmap anomaly.nii.gz",
+                        "train --manifest healthy.csv --out my.cevae --max-minutes 60 --seed 0",
+                        "batch cohort/ --out-dir results/ --workers 2"]),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
@@ -194,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_adapt(sub)
 
-    d = _command(sub, "detect", help="score a volume: anomaly map, labelmap, slice scores")
+    d = _command(sub, "detect", help="score a volume: anomaly map, labelmap, slice scores",
+                 epilog=_epilog(["detect scan.nii.gz --score score.nii.gz --labelmap anomaly.nii.gz",
+                                 "detect scan.nii.gz --mask brain.nii.gz --score score.nii.gz --record record.json",
+                                 "detect scan.nii.gz --model site.cevae --score score.nii.gz --fpr 0.001"]))
     d.add_argument("image", type=path_value, help="image file or DICOM folder")
     d.add_argument("--mask", type=path_value, help="brain mask (>0 is brain); computed automatically if absent")
     d.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
@@ -222,10 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "batch_settings_shard-i-of-n.json); a rerun skips volumes whose outputs are the files its "
                        "summary recorded (sha256), made from the same input, and refuses other settings (--overwrite "
                        "scores every volume again); failures are recorded.",
-                       epilog="Exit status: 0 every volume done (scored or skipped); 2 one or more volumes failed "
-                       "(the summary's error column says why; a rerun retries them) or the run was refused before "
-                       "any work; 1 an unexpected error; 130 interrupted (Ctrl-C), 143 terminated "
-                       "(SIGTERM): the volumes finished are in the summary and a rerun skips them.")
+                       epilog=_epilog(["batch cohort/ --out-dir results/",
+                                       "batch cohort.csv --out-dir results/ --workers 2 --shard 1/4"],
+                                      f"exit status: {EXIT_DONE} every volume done (scored or skipped); {EXIT_REFUSED} "
+                                      "one or more volumes failed (the summary's error column says why; a rerun "
+                                      f"retries them) or the run was refused before any work; {EXIT_FAILED} an "
+                                      f"unexpected error; {EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_TERMINATED} "
+                                      "terminated (SIGTERM): the volumes finished are in the summary and a rerun skips "
+                                      "them."))
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* / "
                    "NAME_brain_mask.* are the brain masks of NAME.*, else of NAME_t1.* or NAME_brain.*; a bare mask.* "
                    "that of the one image beside it; NAME_score.*, NAME_labelmap.* and 'NAME anomaly score.*' beside "
@@ -244,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = _command(sub, "calibrate", help="store healthy-score quantiles (thresholds) in a model bundle",
                        description="Score healthy volumes with the given options and store the voxel "
-                       "score quantiles, so that labelmap thresholds follow a false-positive rate.")
+                       "score quantiles, so that labelmap thresholds follow a false-positive rate.",
+                       epilog=_epilog(["calibrate --model my.cevae --manifest healthy_holdout.csv --out "
+                                       "my_calibrated.cevae",
+                                       "calibrate healthy_scans/ --out site_calibrated.cevae"]))
     _add_subjects(c, "healthy")
     c.add_argument("--model", type=path_value, help="bundle to calibrate (default: the bundled default model)")
     c.add_argument("--out", type=output_path_value, required=True, help="calibrated bundle to write (.cevae)")
@@ -411,13 +452,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if unknown:  # said by the command's own parser, so that the hint names its --help
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version or a usage error (already printed)
-        return int(exc.code or 0)
+        return int(exc.code or EXIT_DONE)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: say which rank speaks
     rank = f"[rank {os.environ.get('RANK', '?')}] " if distributed else ""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=rank + "%(levelname)s: %(message)s")
     if distributed and args.command != "train":  # every rank would do the whole work, racing for the same outputs
         _say(f"{rank}error: only train runs in several processes (torchrun); run {args.command} as one process.")
-        return 2
+        return EXIT_REFUSED
     if not args.debug:  # the command's own INFO lines only: torch logs its internals (e.g. cache stats at exit)
         logging.getLogger("torch").setLevel(logging.WARNING)
     try:
@@ -425,22 +466,22 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
         with sigterm_as_interrupt():
             getattr(commands, f"run_{args.command}")(args)
-        return 0
+        return EXIT_DONE
     except CeVAEError as exc:
         if args.debug:
             raise
         _say_failure(rank, f"error: {command_line_wording(exc, args.command)}")
-        return 2
+        return EXIT_REFUSED
     except Terminated:  # (under torchrun each rank says it, so its line names it, as its errors do)
         failed = _failed_rank() if distributed else None
         if failed is not None:  # torchrun's stop of the others: the advice is the failed rank's error
             _say(f"{rank}terminated: torchrun stops every rank once one fails; see rank {failed}'s error.")
         else:
             _say(rank + _stopped("terminated", args, started))
-        return 143
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         _say(rank + _stopped("interrupted", args, started))
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with --debug
         if args.debug:
             raise
@@ -448,10 +489,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
             smaller = ", give a smaller --batch-size" if hasattr(args, "batch_size") else ""
             _say_failure(rank, f"error: out of memory; close other programs{smaller} or use a machine with more "
                                "memory.")
-            return 1
+            return EXIT_FAILED
         if distributed and (_peer_gone(exc) or _timed_out(exc)):
             _say_failure(rank, _left_behind(exc, args, started))
-            return 1
+            return EXIT_FAILED
         _say_failure(rank, f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run again with --debug for "
                            "the traceback and report it)")
-        return 1
+        return EXIT_FAILED
