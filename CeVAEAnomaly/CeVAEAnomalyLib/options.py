@@ -485,14 +485,21 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, model_default: bool = 
         m = f.metadata
         default = None if model_default or f.default is None else f.default
         help_text = m["help"] + (" (default: the model's)" if model_default else "")
+        if m["choices"] is None and isinstance(f.default, bool):
+            switch(parser, flag_of(f), help_text, dest=f.name, default=default)
+            continue
         kwargs: Dict[str, Any] = dict(dest=f.name, default=default, help=help_text)
         if m["choices"] is not None:
             kwargs["choices"] = m["choices"]
-        elif isinstance(f.default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
         elif not isinstance(f.default, str):  # numbers (the device is free text)
             kwargs["type"] = int if m["whole"] else float
         parser.add_argument(flag_of(f), **kwargs)
+
+
+def switch(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: Any) -> None:
+    """A ``--X``/``--no-X`` flag with ``help`` as given (argparse of Python 3.9 and 3.10 appends "(default: ...)" to
+    it, a second default where the help says one)."""
+    parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help, **kwargs).help = help
 
 
 def path_value(text: str) -> Path:

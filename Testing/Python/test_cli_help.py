@@ -1,9 +1,14 @@
 """``cevae-anomaly COMMAND --help`` as a new user reads it, checked against the README."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
+
+import pytest
 
 from CeVAEAnomalyLib.cli.main import build_parser
 
@@ -49,3 +54,41 @@ def test_every_option_that_takes_a_value_says_what_its_absence_means() -> None:
     assert not silent, silent
     assert [text for name, flag, text in options() if (name, flag) == ("train", "--input-size")] == [
         "width and height of the network's slices in pixels: 64 or 128 (default: 64)"]
+
+
+def test_every_amp_flag_is_amp_or_no_amp_default_off_and_plain_amp_still_works() -> None:
+    """train and adapt took a plain --amp while detect, batch and calibrate took --amp/--no-amp "(default: off)"; each
+    takes both now (a script's --no-amp, after an --amp of its own, works everywhere) and says its default."""
+    parser = build_parser()
+    required = {"train": ["--out", "m.cevae"], "adapt": ["--out", "m.cevae"], "detect": ["s.nii", "--score", "x.nii"],
+                "batch": ["in/", "--out-dir", "o/"], "calibrate": ["--out", "m.cevae"]}
+    for name, argv in required.items():
+        assert parser.parse_args([name, *argv]).amp is False, name
+        assert parser.parse_args([name, *argv, "--amp"]).amp is True, name
+        assert parser.parse_args([name, *argv, "--amp", "--no-amp"]).amp is False, name
+        shown = [text for command, flag, text in options() if (command, flag) == (name, "--amp")]
+        assert len(shown) == 1 and shown[0].endswith("(default: off)"), (name, shown)
+
+
+def old_python() -> Optional[str]:
+    """A Python 3.9 or 3.10 interpreter that runs here (a pyenv shim of an inactive version does not), if any."""
+    for name in ("python3.9", "python3.10"):
+        found = shutil.which(name)
+        if found and subprocess.run([found, "-c", "pass"], capture_output=True, timeout=60).returncode == 0:
+            return found
+    return None
+
+
+def test_the_amp_flags_say_their_default_once_on_the_pythons_slicer_5_6_to_5_8_embed() -> None:
+    """argparse of Python 3.9 and 3.10 appends "(default: %(default)s)" to a --X/--no-X flag's help: --amp read
+    "... (default: off) (default: False)" there (Slicer 5.6-5.8 embed 3.9; DetectVolume.py builds its flags alike)."""
+    python = old_python()
+    if python is None:
+        pytest.skip("needs Python 3.9 or 3.10")
+    code = ("from CeVAEAnomalyLib.cli.main import build_parser; p = build_parser(); "
+            "print(*(p.commands[c].format_help() for c in ('detect', 'train', 'adapt')))")
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO / "CeVAEAnomaly")))
+    shown = " ".join(done.stdout.split())
+    assert done.returncode == 0 and shown.count("--amp, --no-amp") == 3, done.stderr
+    assert "(default: off)" in shown and "(default: False)" not in shown, shown

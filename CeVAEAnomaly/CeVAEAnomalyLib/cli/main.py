@@ -16,7 +16,7 @@ from .. import __version__
 from ..data import BundledModelMissing, BundledOutputError
 from ..errors import CeVAEError, one_line, out_of_memory
 from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
-                       output_path_value, path_value)
+                       output_path_value, path_value, switch)
 from ..interrupts import Terminated, sigterm_as_interrupt
 
 log = logging.getLogger("cevae_anomaly")
@@ -116,8 +116,8 @@ def _add_train(sub) -> None:
                      help="also what other scanners and protocols give: thick slabs (each slice averaged with up "
                           "to 3 neighbours on each side), noise up to 7 %%, a stronger bias field")
     t.add_argument("--half", action="store_true", help="store fp16 weights in the bundle")
-    t.add_argument("--amp", action="store_true", help="mixed precision: faster on a CUDA GPU (float16); "
-                   "bfloat16 on a CPU")
+    switch(t, "--amp", "mixed precision: faster on a CUDA GPU (float16); bfloat16 on a CPU (default: off)",
+           default=False)
     _add_device(t)
 
 
@@ -167,8 +167,8 @@ def _add_adapt(sub) -> None:
                       help="start anew: replace an earlier run's checkpoints and logs at the new run's first "
                       "checkpoint, and --out once the new model is written (it stays usable until then; a run stopped "
                       "or failed before its first checkpoint leaves them all as they were)")
-    a.add_argument("--amp", action="store_true", help="mixed precision: faster on a CUDA GPU (float16); "
-                   "bfloat16 on a CPU")
+    switch(a, "--amp", "mixed precision: faster on a CUDA GPU (float16); bfloat16 on a CPU (default: off)",
+           default=False)
     _add_device(a)
 
 
