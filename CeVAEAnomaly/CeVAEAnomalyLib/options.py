@@ -177,16 +177,16 @@ class ScoreOptions(Serialisable):
     alpha: float = option(1.0, "weight of grad in --combi weighted: rec*(1+alpha*grad)", high=1000)
     grad_target: str = option("kl", "gradient of the KL term or of the whole ELBO", choices=GRAD_TARGETS,
                               label="gradient target")
-    grad_sigma: float = option(3.0, "Gaussian smoothing of |grad| in model pixels (0: none)", high=1000)
+    grad_sigma: float = option(3.0, "Gaussian smoothing of |grad| in model pixels; 0: none", high=1000)
     grad_norm: str = option("slice", "min-max normalisation of grad per slice, over the volume, or none",
                             choices=GRAD_NORMS, label="gradient normalisation")
-    rec_sigma: float = option(0.0, "Gaussian smoothing of the reconstruction error in model pixels (0: none)",
+    rec_sigma: float = option(0.0, "Gaussian smoothing of the reconstruction error in model pixels; 0: none",
                               high=1000)
-    mc_samples: int = option(0, "average the reconstruction over N samples of z (0: decode mu)", whole=True,
+    mc_samples: int = option(0, "average the reconstruction over N samples of z; 0: decode mu", whole=True,
                              high=10000, model_high=100)  # a model's 100: about a minute more per scan on 2 cores
     rec_kind: str = option("l1", "reconstruction error", choices=REC_KINDS, label="reconstruction error")
     test_time_steps: int = option(0, "thorough mode: score with a copy of the model fine-tuned on this scan's own "
-                                  "slices for N steps (0: off; 100 adds about 13 to 50 s per scan on 2 CPU cores)",
+                                  "slices for N steps; 0: off, 100 adds about 13 to 50 s per scan on 2 CPU cores",
                                   whole=True, high=100000, model_high=1000)  # 10 x the thorough mode's
     orientations: str = option("axial", "average the maps of the volume sliced in these orientations, axial first "
                                "(e.g. axial,coronal,sagittal; the model must have been trained on each, and each "
@@ -246,10 +246,10 @@ class PostprocessOptions(Serialisable):
     spread: str = option("mad", "how --normalise measures this brain's spread: "
                          + "; ".join(f"{k}: {v}" for k, v in SPREADS.items()) + " (ignored without --normalise)",
                          choices=tuple(SPREADS), label="spread")
-    hysteresis: float = option(0.0, "grow labelled components down to this fraction of the threshold (0: off)",
+    hysteresis: float = option(0.0, "grow labelled components down to this fraction of the threshold; 0: off",
                                high=1, open_high=True)
-    min_peak: float = option(1.0, "keep only components whose highest score reaches this multiple of the threshold "
-                             "(1: every component)", low=1.0, high=100)
+    min_peak: float = option(1.0, "keep only components whose highest score reaches this multiple of the threshold;"
+                             " 1: every component", low=1.0, high=100)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -92,3 +92,13 @@ def test_the_amp_flags_say_their_default_once_on_the_pythons_slicer_5_6_to_5_8_e
     shown = " ".join(done.stdout.split())
     assert done.returncode == 0 and shown.count("--amp, --no-amp") == 3, done.stderr
     assert "(default: off)" in shown and "(default: False)" not in shown, shown
+
+
+def test_no_option_says_what_a_value_means_and_its_default_in_two_brackets_in_a_row() -> None:
+    """--grad-sigma and --rec-sigma read "... in model pixels (0: none) (default: the model's)" (likewise
+    --mc-samples, --test-time-steps, --hysteresis, --min-peak): what a value means now follows a semicolon."""
+    doubled = sorted({f"{name} {flag}: {text}" for name, flag, text in options()
+                      if re.search(r"\(\d+: [^()]*\) \(default", text)})
+    assert not doubled, doubled
+    shown = {flag: text for name, flag, text in options() if name == "detect"}
+    assert shown["--grad-sigma"] == "Gaussian smoothing of |grad| in model pixels; 0: none (default: the model's)"
