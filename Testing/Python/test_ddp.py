@@ -109,6 +109,10 @@ def test_a_resume_on_more_ranks_says_the_run_wide_changes_once(cohort):
     for line in said:  # once, by rank 0 (torchrun's output holds no other copy of it, by any rank)
         assert sum(line.split(": ", 1)[1] in other for other in lines) == 1 and line in lines, out
     assert sorted(rank_checksums(out)) == [0, 1]
+    shown = subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.cli", "info", str(cohort / "model" / "m.cevae")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120).stdout.splitlines()
+    assert ("Ranks: 1 for steps 1-2, 2 for step 3 (torchrun), at the end an effective batch of 8 (4 slices per "
+            "rank).") in shown, shown
 
 
 def test_single_forward_computes_both_branches():

@@ -593,3 +593,24 @@ def test_a_trained_model_records_the_versions_of_the_libraries_that_made_it(tiny
     from CeVAEAnomalyLib.engine.detector import software_versions
 
     assert read_header(tiny_bundle).extra["versions"] == {"cevae_anomaly": __version__, **software_versions()}
+
+
+def test_info_says_on_how_many_ranks_and_with_which_effective_batch_a_model_was_trained(capsys, tmp_path):
+    """A model trained under torchrun records its ranks (and, resumed on other ranks, the parts of its run); info said
+    neither, and its "steps of batch N" did not say that N was the ranks' batch together."""
+    import shutil
+
+    from test_untrusted_bundles import rewrite
+
+    assert not [line for line in info(capsys).splitlines() if line.startswith("Ranks:")]  # (1 process: nothing)
+    path = Path(shutil.copy(default_model_path(), tmp_path / "ranks.cevae"))
+    rewrite(path, lambda h, t: h["training"].update(ranks=2, batch_size=128))
+    said = info(capsys, str(path)).splitlines()
+    assert "Ranks: 2 (torchrun), an effective batch of 128 (64 slices per rank)." in said
+    assert json.loads(info(capsys, str(path), "--json"))["training"]["ranks"] == 2
+    parts = [{"from_step": 0, "lr": 0.0002, "ranks": 1, "batch_size": 64, "device": "cpu"},
+             {"from_step": 2000, "lr": 0.0002, "ranks": 2, "batch_size": 64, "device": "cpu"}]
+    rewrite(path, lambda h, t: h["training"].update(parts=parts))
+    assert ("Ranks: 1 for steps 1-2000, 2 for steps 2001-5083 (torchrun), at the end an effective batch of 128 (64 "
+            "slices per rank).") in info(capsys, str(path)).splitlines()
+    assert json.loads(info(capsys, str(path), "--json"))["training"]["parts"] == parts

@@ -70,7 +70,8 @@ def _facts(header: BundleHeader, path: Path, sha256: str, not_finite: List[str])
             "volumes": _volumes(training.get("subjects")), "held_out": _volumes(training.get("validation_subjects")),
             "persons": _persons(training.get("subjects")),
             "held_out_persons": _persons(training.get("validation_subjects")),
-            **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "seconds", "trained_utc")},
+            **{k: training.get(k) for k in ("steps", "batch_size", "lr", "seed", "seconds", "trained_utc", "ranks",
+                                            "parts")},
             "orientations": training.get("orientations") or ["axial"]},  # (absent: axial, as read_header takes it)
         "adaptation": _adaptation(adaptation) if isinstance(adaptation, dict) else None,
         "recalibration": recalibration,
@@ -213,6 +214,7 @@ def describe_model(info: Mapping[str, Any]) -> str:
         renamed = info["names_removed"] is not None
         lines += [f"  {v['name']}: {known_source(v, renamed)}" for v in training["volumes"]
                   if known_source(v, renamed)]
+        lines += _ranks_lines(training)
     else:
         lines.append("Trained on: not recorded.")
     if training is not None:
@@ -243,6 +245,28 @@ def describe_model(info: Mapping[str, Any]) -> str:
                  + f"; weights {weights['dtype']}" + (f" (sha256 {weights['sha256']})" if weights["sha256"] else "")
                  + ".")
     return "\n".join(lines)
+
+
+def _ranks_lines(training: Mapping[str, Any]) -> List[str]:
+    """On how many ranks (torchrun processes) a model was trained, where more than one, with the effective batch (the
+    ranks' together, which "steps of batch N" gives); for a run resumed on other ranks, the ranks of each part."""
+    ranks, batch, steps = training["ranks"], training["batch_size"], training["steps"]
+    parts = training["parts"] if isinstance(training["parts"], list) else []
+    parts = [p for p in parts if isinstance(p, dict) and _whole(p.get("ranks")) and _whole(p.get("from_step"))]
+    if not (_whole(ranks) and ranks >= 1 and _whole(batch) and (ranks > 1 or any(p["ranks"] > 1 for p in parts))):
+        return []
+    effective = f"an effective batch of {batch} ({batch // ranks} slices per rank)"
+    if len(parts) < 2 or not _whole(steps):
+        return [f"Ranks: {ranks} (torchrun), {effective}."]
+    ends = [p["from_step"] for p in parts[1:]] + [steps]
+    said = ", ".join(f"{p['ranks']} for " + (f"step {end}" if end == p["from_step"] + 1 else
+                                              f"steps {p['from_step'] + 1}-{end}") for p, end in zip(parts, ends))
+    return [f"Ranks: {said} (torchrun), at the end {effective}."]
+
+
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is a whole number of at least 0 (from a header read_header does not check)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _adapted_training_lines(adaptation: Mapping[str, Any], renamed: bool) -> List[str]:
