@@ -17,6 +17,7 @@ import logging
 import math
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -108,6 +109,8 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         raise CeVAEError(f"{wording.resume_request} was given but there is no checkpoint at {path}{shared_hint}.")
     if path.stat().st_size == 0:
         raise damaged(path, "the file is empty", wording)
+    if compressed_records(path):
+        raise damaged(path, "it holds compressed records, which torch never writes and would unpack whole", wording)
     try:
         with warnings.catch_warnings():  # torch's warnings about what it refuses to unpickle
             warnings.simplefilter("ignore")
@@ -150,6 +153,16 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         if kind is int and value < (1 if key in ("batch_size", "world") else 0):
             raise damaged(path, f"its field {key!r} is {value}", wording)
     return state
+
+
+def compressed_records(path: Path) -> bool:
+    """Whether the zip archive at ``path`` holds a compressed record: torch writes them stored, and unpacks one whole
+    into memory, whatever size it unpacks to (a file that is not a zip archive is left to torch to refuse)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
 
 
 def _is_plain(value: Any, depth: int = 0) -> bool:

@@ -294,7 +294,11 @@ def replaced_model(path: Path) -> Optional[str]:
     ``replaces``), or None: none recorded, or no readable checkpoint there."""
     import torch
 
+    from .checkpoint import compressed_records
+
     try:
+        if compressed_records(path):  # (unpacked whole, to any size)
+            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
