@@ -36,3 +36,35 @@ def test_a_checkpoint_with_compressed_records_is_refused_before_they_are_unpacke
     assert path.stat().st_size < 2 ** 20
     said = refusal(path)
     assert "(it holds compressed records" in said and "\n" not in said, said
+
+
+@pytest.mark.parametrize("view", [
+    lambda: torch.zeros(1).expand(16 * 2 ** 20),  # 64 MB of one stored value
+    lambda: torch.zeros(8).as_strided((8, 2 ** 20), (1, 0)),
+    lambda: [torch.zeros(4096)] * 4096,  # one stored tensor under 4096 names
+], ids=["expanded", "strided", "shared"])
+def test_tensors_that_view_their_values_many_times_are_refused_before_they_are_copied(tmp_path, view):
+    """The checksum copied every tensor whole: one stored value expanded to 64 MB took 64 MB (4 GB took 4 GB, more
+    was killed), and one tensor under many names was hashed once for each."""
+    path = tmp_path / "m.cevae.ckpt"
+    torch.save({"version": 2, "junk": view(), "sha256": "0" * 64}, path)
+    said = refusal(path)
+    assert "(its tensors view more values than it stores" in said and "\n" not in said, said
+
+
+def test_tensors_viewing_parts_of_one_stored_tensor_are_read_as_any(tmp_path):
+    """Views that share their values without repeating them (halves, a transposed copy) are left to the checks
+    that follow: here, the checksum."""
+    path, values = tmp_path / "m.cevae.ckpt", torch.arange(64.0)
+    torch.save({"version": 2, "a": values[:32], "b": values[32:].view(4, 8).t(), "sha256": "0" * 64}, path)
+    assert "its content does not match the checksum written with it" in refusal(path)
+
+
+@pytest.mark.parametrize("tensor", [lambda: torch.zeros(4, 4).to_sparse(), lambda: torch.zeros(4, device="meta")],
+                         ids=["sparse", "meta"])
+def test_tensors_of_a_kind_never_written_are_named(tmp_path, tensor):
+    """A sparse or a meta tensor (which has no values) failed the checksum's copy and was called a changed file."""
+    path = tmp_path / "m.cevae.ckpt"
+    torch.save({"version": 2, "junk": tensor(), "sha256": "0" * 64}, path)
+    said = refusal(path)
+    assert "(it holds a tensor of a kind no CeVAEAnomaly writes" in said and "\n" not in said, said

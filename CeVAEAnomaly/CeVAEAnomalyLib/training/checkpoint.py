@@ -126,6 +126,9 @@ def read_checkpoint(path: Path, model_cfg: Dict[str, Any], shared_hint: str = ""
         raise damaged(path, f"it cannot be read as a checkpoint: {type(exc).__name__}", wording) from None
     if not isinstance(state, dict):
         raise damaged(path, f"it holds a {type(state).__name__}, not a checkpoint's fields", wording)
+    problem = _bulk_problem(state)
+    if problem:
+        raise damaged(path, problem, wording)
     _check_digest(state, path, wording)
     for key in ("version", "model_cfg", "run", "parts"):  # compared with this run's, shown and walked as plain data
         if not _is_plain(state.get(key)):
@@ -163,6 +166,30 @@ def compressed_records(path: Path) -> bool:
             return any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
     except (zipfile.BadZipFile, OSError, EOFError):
         return False
+
+
+def _bulk_problem(state: Dict[str, Any]) -> Optional[str]:
+    """Why reading ``state`` would take more than its file holds, or None: its tensors, copied whole by the checksum
+    and the checks, view more values than they store (one value expanded, a tensor under several names), or are
+    of a kind without values of their own (sparse, meta)."""
+    stored: Dict[int, int] = {}
+    viewed = 0
+    pending: List[Any] = [state]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.device.type == "meta":
+                return f"it holds a tensor of a kind no CeVAEAnomaly writes ({value.layout}, on {value.device.type})"
+            storage = value.untyped_storage()
+            stored[storage.data_ptr()] = max(stored.get(storage.data_ptr(), 0), storage.nbytes())
+            viewed += value.numel() * value.element_size()
+        elif isinstance(value, Mapping):
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+    if viewed > sum(stored.values()):
+        return f"its tensors view more values than it stores ({viewed} bytes of {sum(stored.values())})"
+    return None
 
 
 def _is_plain(value: Any, depth: int = 0) -> bool:
