@@ -68,3 +68,33 @@ def test_tensors_of_a_kind_never_written_are_named(tmp_path, tensor):
     torch.save({"version": 2, "junk": tensor(), "sha256": "0" * 64}, path)
     said = refusal(path)
     assert "(it holds a tensor of a kind no CeVAEAnomaly writes" in said and "\n" not in said, said
+
+
+def shared(depth: int) -> tuple:
+    """A pair of pairs of ... ``depth`` deep, each pair one object twice: torch writes it in a few bytes a level,
+    2 ** depth values to walk."""
+    value: tuple = (0,)
+    for _ in range(depth):
+        value = (value, value)
+    return value
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("junk, words", [
+    (lambda: shared(20), "it holds more values than its file's size allows"),  # 40 more levels walked for days
+    (lambda: nested(100), "it is nested more than 64 deep"),
+], ids=["shared", "nested"])
+def test_data_referenced_over_and_over_or_nested_deeply_is_refused_before_it_is_walked(tmp_path, junk, words):
+    """The checksum (and the checks of the run record) walked a value each time it was referenced: a 1 kB file
+    holding 40 levels of pairs ran for days; nesting deeper than Python's recursion limit was called a changed
+    file."""
+    path = tmp_path / "m.cevae.ckpt"
+    torch.save({"version": 2, "junk": junk(), "sha256": "0" * 64}, path)
+    said = refusal(path)
+    assert f"({words}" in said and "\n" not in said, said
