@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from conftest import make_head, write_cohort
@@ -88,3 +89,6 @@ def test_a_brain_of_a_human_size_is_not_warned_of(tmp_path: Path):
     mask = sitk.GetArrayFromImage(read_image(DATA / "colin27_brainmask_2mm.nii.gz")) > 0
     assert brain_size_problem(mask, (2.0, 2.0, 2.0)) is None
     assert "spans 18 mm" in brain_size_problem(mask, (0.2, 0.2, 0.2))
+    few = np.zeros_like(mask)
+    few[40:43, 50:53, 40:43] = True  # a mask of a few voxels in a head's image: the mask is at fault, not the units
+    assert brain_size_problem(few, (2.0, 2.0, 2.0)) is None

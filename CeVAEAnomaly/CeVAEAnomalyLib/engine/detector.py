@@ -407,12 +407,14 @@ def brain_size_problem(brain: np.ndarray, spacing: Sequence[float]) -> Optional[
     """What is wrong with the size of ``brain`` (bool, array order) on voxels of ``spacing`` (x, y, z, as the header
     says, in mm), said to the user; None for the size of a human brain. Along its longest axis a human brain spans
     140 to 190 mm; a voxel size in centimetres read as mm makes that 14 to 19 mm (the six healthy heads' masks at a
-    tenth of their voxel size: 16 to 18.4 mm), one ten times too large 1.4 m or more (refused as an image)."""
+    tenth of their voxel size: 16 to 18.4 mm), one ten times too large 1.4 m or more (refused as an image). A small
+    mask in an image of a head's size (a mask of a few voxels) is no question of units: the mask is warned of."""
     if not brain.any():
         return None
     axes = [np.flatnonzero(np.any(brain, axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
     span = max((a[-1] - a[0] + 1) * s for a, s in zip(axes, tuple(spacing)[::-1]))
-    if _BRAIN_SPAN_MM[0] <= span <= _BRAIN_SPAN_MM[1]:
+    image = max(n * s for n, s in zip(brain.shape[::-1], spacing))
+    if span <= _BRAIN_SPAN_MM[1] and (span >= _BRAIN_SPAN_MM[0] or image >= _SMALL_IMAGE_MM):
         return None
     ml = float(np.count_nonzero(brain)) * float(np.prod(spacing)) / 1000.0
     return (f"The brain (its mask) spans {span:.3g} mm and holds {ml:.3g} ml by the header's voxel size, where a "
@@ -423,6 +425,8 @@ def brain_size_problem(brain: np.ndarray, spacing: Sequence[float]) -> Optional[
 
 
 _BRAIN_SPAN_MM = (25.0, 300.0)  # a brain mask spanning less or more along its longest axis is no human brain in mm
+# an image under this along its longest axis holds no human head in mm (one in cm read as mm spans 18 to 30 mm)
+_SMALL_IMAGE_MM = 40.0
 
 
 def warn_of_brain_size(brain: np.ndarray, spacing: Sequence[float], where: str = "") -> bool:
