@@ -639,7 +639,9 @@ BAD_CHECKPOINTS = {
     "a step that is text": (tampered(lambda s: s.update(step="x")), r"its field 'step' is not a step count"),
     "batch size 0": (tampered(lambda s: s.update(batch_size=0)), r"its field 'batch_size' is 0"),
     "a weight of another shape": (tampered(lambda s: s["model"].update(
-        {k: torch.zeros(3) for k in list(s["model"])[:1]})), r"its weights or states do not fit this run"),
+        {k: torch.zeros(3) for k in list(s["model"])[:1]})),
+                                  r"its weights do not fit this run: 'encoder.0.weight' is float32 of shape \(3,\), "
+                                  r"this model's is float32 of shape \(\d+, 1, 4, 4\)"),
     "another random state": (tampered(lambda s: s.update(gen=torch.zeros(3, dtype=torch.uint8))),
                              r"its weights or states do not fit this run"),
 }

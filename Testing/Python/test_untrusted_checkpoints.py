@@ -41,6 +41,17 @@ def put(value: Any, *keys: Any) -> Edit:
     return apply
 
 
+def retype(change: Callable[[torch.Tensor], torch.Tensor], *keys: Any) -> Edit:
+    """Replace the tensor at ``keys`` (an int among them: the weight of that rank in the model) by ``change`` of it."""
+    def apply(state: Dict[str, Any]) -> None:
+        parent = state
+        for k in keys[:-1]:
+            parent = parent[k]
+        key = list(parent)[keys[-1]] if parent is state["model"] else keys[-1]
+        parent[key] = change(parent[key])
+    return apply
+
+
 CASES: Dict[str, Tuple[Edit, str]] = {
     "run record without options": (drop("run", "options"), r"its run record has no options"),
     "run record as a tensor": (put(torch.zeros(1), "run"), r"its field 'run' holds other than plain data"),
@@ -65,6 +76,26 @@ CASES: Dict[str, Tuple[Edit, str]] = {
     "a parameter's state as a number": (put(5, "opt", "state", 2), r"the state of parameter 2 is not"),
     "no learning rate": (drop("opt", "param_groups", 0, "lr"), r"optimiser state does not fit this run"),
     "betas as text": (put("x", "opt", "param_groups", 0, "betas"), r"its setting 'betas' is not a tuple"),
+    # weights of another dtype, shape or layout: load_state_dict cast them silently (booleans became 0/1, integers
+    # were truncated, complex numbers lost their imaginary part) and the run trained on
+    "float64 weights": (retype(lambda t: t.double(), "model", 0),
+                        r"its weights do not fit this run: '[\w.]+' is float64 of shape \(\d+(, \d+)*\), "
+                        r"this model's is float32 of shape"),
+    "int32 weights": (retype(lambda t: (t * 100).int(), "model", 1), r"'[\w.]+' is int32 of shape"),
+    "boolean weights": (retype(lambda t: t > 0, "model", 2), r"'[\w.]+' is bool of shape"),
+    "complex weights": (retype(lambda t: t.to(torch.complex64), "model", 3), r"'[\w.]+' is complex64 of shape"),
+    "weights of another shape": (retype(lambda t: t.reshape(-1), "model", 0),
+                                 r"its weights do not fit this run: '[\w.]+' is float32 of shape \(\d+,\), "
+                                 r"this model's is float32 of shape \(\d+, \d+"),
+    "a weight missing": (drop("model", "encoder.0.weight"),
+                         r"its weights do not fit this run: 'encoder.0.weight' is missing"),
+    "a weight added": (put(torch.zeros(2), "model", "extra.weight"),
+                       r"its weights do not fit this run: 'extra.weight' is not a weight of this model"),
+    "a float64 moment estimate": (retype(lambda t: t.double(), "opt", "state", 1, "exp_avg"),
+                                  r"the 'exp_avg' of parameter 1 has another type or shape than its parameter's "
+                                  r"\(float64 of shape \(\d+,\), not float32 of shape \(\d+,\)\)"),
+    "a complex moment estimate": (retype(lambda t: t.to(torch.complex64), "opt", "state", 0, "exp_avg_sq"),
+                                  r"the 'exp_avg_sq' of parameter 0 has another type or shape"),
 }
 
 
@@ -86,13 +117,26 @@ def test_an_edited_checkpoint_is_refused_in_one_line(name, manifest, trained, tm
     edit(state)
     state[DIGEST_KEY] = state_digest(state)  # written anew, as by whoever edited it
     torch.save(state, ckpt)
-    edited = ckpt.read_bytes()
+    edited, log = ckpt.read_bytes(), Path(f"{out}.log.csv").read_bytes()
     capsys.readouterr()
     assert train(manifest, out, 2 * EVERY, "--resume") == 2
     lines = errors(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith(f"error: The checkpoint {ckpt} is damaged"), lines
     assert re.search(message, lines[0]), lines[0]
     assert ckpt.read_bytes() == edited and read_header(out).training["steps"] == EVERY  # nothing trained or written
+    assert Path(f"{out}.log.csv").read_bytes() == log
+
+
+@pytest.mark.parametrize("mode", ["--amp", "--half"])
+def test_a_checkpoint_of_a_mixed_precision_or_half_bundle_run_resumes(manifest, tmp_path, mode):  # noqa: F811
+    """The weights are checked to be the model's own dtype: those of --amp (bfloat16 autocast on the CPU) and --half
+    (a float16 bundle) are float32 in the checkpoint, and resume."""
+    out = tmp_path / "model.cevae"
+    assert train(manifest, out, EVERY, mode) == 0
+    state = torch.load(f"{out}.ckpt", map_location="cpu", weights_only=True)
+    assert {v.dtype for v in state["model"].values()} == {torch.float32}
+    assert train(manifest, out, 2 * EVERY, mode, "--resume") == 0
+    assert read_header(out).training["steps"] == 2 * EVERY
 
 
 @pytest.mark.parametrize("refusal", [

@@ -256,6 +256,27 @@ def _check_digest(state: Dict[str, Any], path: Path, wording: Wording) -> None:
         raise damaged(path, "its content does not match the checksum written with it", wording)
 
 
+def weights_problem(model: torch.nn.Module, saved: Mapping[Any, Any]) -> Optional[str]:
+    """Why ``saved`` (a checkpoint's weights) are not ``model``'s: a name missing or added, a tensor of another dtype,
+    shape or layout (load_state_dict casts another dtype silently: booleans become 0 and 1, integers are truncated,
+    complex numbers lose their imaginary part); None where they fit."""
+    own = model.state_dict()
+    for key, want in own.items():
+        got = saved.get(key)
+        if not isinstance(got, torch.Tensor):
+            return f"{key!r} is {'missing' if key not in saved else 'not a tensor'}"
+        if (got.dtype, got.shape, got.layout) != (want.dtype, want.shape, want.layout):
+            return f"{key!r} is {_tensor_kind(got)}, this model's is {_tensor_kind(want)}"
+    extra = next((key for key in saved if key not in own), None)
+    return None if extra is None else f"{extra!r:.80} is not a weight of this model"
+
+
+def _tensor_kind(t: torch.Tensor) -> str:
+    """A tensor's dtype and shape (and layout, where not strided) in words: "float32 of shape (8, 1)"."""
+    layout = "" if t.layout == torch.strided else f" ({t.layout})"
+    return f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}{layout}"
+
+
 def optimizer_problem(opt: torch.optim.Optimizer, saved: Any) -> Optional[str]:
     """Why ``saved`` (a checkpoint's optimiser state) does not fit ``opt``, or None. torch loads any state and fails
     only at the next step; the reference is the state that ``opt``'s kind of optimiser has after one step on copies
@@ -283,7 +304,9 @@ def optimizer_problem(opt: torch.optim.Optimizer, saved: Any) -> Optional[str]:
             return f"the state of parameter {index!r:.20} is not that of this run's optimiser"
         odd = [k for k, v in wanted.items() if not _same_kind(entry[k], v)]
         if odd:
-            return f"the {odd[0]!r} of parameter {index} has another type or shape than its parameter's"
+            got, want = entry[odd[0]], wanted[odd[0]]
+            kinds = f" ({_tensor_kind(got)}, not {_tensor_kind(want)})" if isinstance(got, torch.Tensor) else ""
+            return f"the {odd[0]!r} of parameter {index} has another type or shape than its parameter's{kinds}"
     try:  # and a step with it on the copies (a setting missing, a value torch cannot use)
         reference.load_state_dict(copy.deepcopy(saved))
         reference.step()
@@ -293,13 +316,15 @@ def optimizer_problem(opt: torch.optim.Optimizer, saved: Any) -> Optional[str]:
 
 
 def _same_kind(value: Any, wanted: Any) -> bool:
-    """Whether ``value`` can stand where an optimiser has ``wanted``: a tensor of its shape (a step count: also a
-    number), a number for a number, a pair of numbers for a pair, true/false/None for a flag."""
+    """Whether ``value`` can stand where an optimiser has ``wanted``: a tensor of its dtype, shape and layout where it
+    mirrors a parameter (load_state_dict casts it to the parameter's dtype silently), a tensor of its shape or a
+    number for a step count, a number for a number, a pair of numbers for a pair, true/false/None for a flag."""
     if isinstance(wanted, torch.Tensor):
-        if wanted.dim() == 0 and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        return isinstance(value, torch.Tensor) and value.shape == wanted.shape and (
-            value.is_floating_point() or wanted.dim() == 0)
+        if wanted.dim() == 0:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) or (
+                isinstance(value, torch.Tensor) and value.dim() == 0)
+        return isinstance(value, torch.Tensor) and (value.dtype, value.shape, value.layout) == (
+            wanted.dtype, wanted.shape, wanted.layout)
     if wanted is None or isinstance(wanted, bool):
         return value is None or isinstance(value, bool)
     if isinstance(wanted, (int, float)):

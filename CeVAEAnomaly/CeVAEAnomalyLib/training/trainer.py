@@ -39,7 +39,7 @@ from ..system import usable_cores
 from .augment import augment
 from .cache import Entry, SliceCache, SliceSet, UnreadVolumes, refuse_cache_among_inputs, temporary_cache
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_problem, read_checkpoint,
-                         run_differences, run_identity, truncate_log, write_checkpoint)
+                         run_differences, run_identity, truncate_log, weights_problem, write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
@@ -470,8 +470,9 @@ class Trainer:
         return run_identity(options, train, val, self.checksums)
 
     def check_resume(self) -> Dict[str, object]:
-        """The state of the checkpoint a resume continues from, refused if it is damaged or of another run (before
-        any work: adapt checks every run's checkpoint before its first run trains); read and checked once."""
+        """The state of the checkpoint a resume continues from, refused if it is damaged, of another run, or its
+        weights or optimiser state are not this model's (before any work: adapt checks every run's checkpoint before
+        its first run trains); read and checked once."""
         if self._resume_state is None:
             path = self.cfg.checkpoint_path
             state = self.resume_checkpoint()
@@ -481,6 +482,12 @@ class Trainer:
             if isinstance(step, int) and step > self.cfg.max_steps:  # the run would end at the checkpoint's step
                 raise CeVAEError(f"{self.wording.resume_request} refused: the checkpoint {path} is at step {step}, "
                                  f"{self.wording.past_the_end.format(steps=self.cfg.max_steps, step=step)}.")
+            problem = weights_problem(self.model, state["model"])  # (load_state_dict would cast their dtype)
+            if problem:
+                raise damaged(path, f"its weights do not fit this run: {problem}", self.wording)
+            problem = optimizer_problem(self.opt, state["opt"])
+            if problem:
+                raise damaged(path, f"its optimiser state does not fit this run: {problem}", self.wording)
             self._resume_state = state
         return self._resume_state
 
@@ -523,9 +530,6 @@ class Trainer:
         self._resume_state = None  # (held only for this load: its weights and optimiser state are not kept)
         try:
             self.model.load_state_dict(state["model"])
-            problem = optimizer_problem(self.opt, state["opt"])
-            if problem:
-                raise damaged(path, f"its optimiser state does not fit this run: {problem}", self.wording)
             self.opt.load_state_dict(state["opt"])
             others = state.get("rank_streams")  # (earlier checkpoints held rank 0's alone)
             fits = isinstance(others, list) and len(others) == self.dist.world - 1
