@@ -264,11 +264,13 @@ def test_a_scan_rewritten_during_a_resumed_run_refuses_the_next_resumed_run_on_i
     """Every run of a resume with checkpoints is built (its scans hashed) before the first one trains, so the check at
     each run's start compared the checksums of the scans as they were then: a scan rewritten during the first run let
     the later resumed runs train on the slices of its old content, refused only once all had trained."""
+    import torch
+
     from CeVAEAnomalyLib.progress import Cancelled
 
-    scan = Path(shutil.copy2(site["b"], tmp_path / "scan_b.nii"))
-    _settled([scan])
-    scans = [Subject(site["a"], site["mask"]), Subject(scan, site["mask"])]
+    copies = [Path(shutil.copy2(site[name], tmp_path / f"scan_{name}.nii")) for name in ("a", "b")]
+    _settled(copies)
+    scans = [Subject(copy, site["mask"]) for copy in copies]
     out = tmp_path / "site.cevae"
 
     def stop_after_the_final_checkpoint(fraction: float, message: str) -> None:
@@ -277,6 +279,11 @@ def test_a_scan_rewritten_during_a_resumed_run_refuses_the_next_resumed_run_on_i
 
     with pytest.raises(Cancelled):
         adapt(tiny_bundle, scans, out, QUICK, stop_after_the_final_checkpoint)
+    # the scan fold 1 trains on, which fold 2 holds out (the folds follow the scans' content, not the order listed)
+    trained = torch.load(Path(f"{out}.fold1.ckpt"), map_location="cpu", weights_only=True)["run"]["train"]
+    assert len(trained) == 1, trained
+    scan = Path(trained[0]["image"])
+    assert scan in copies, scan
     rewrite = _RewriteWhenResumed(Path(f"{out}.fold1.ckpt"), scan, site["other"])
     logging.getLogger("CeVAEAnomalyLib").addHandler(rewrite)
     refused = (rf"^{re.escape(str(scan))} changed since the adaptation began .* The checkpoints written so far are "
