@@ -14,14 +14,17 @@ from typing import Callable, List
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from CeVAEAnomalyLib.data import data_path
 from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.progress import Cancelled
 from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING
 from CeVAEAnomalyLib.training.adapt import adapt
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
+from CeVAEAnomalyLib.training.trainer import content_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = AdaptOptions(steps=2, batch_size=8, checkpoint_every=2, device="cpu")
@@ -29,8 +32,9 @@ QUICK = AdaptOptions(steps=2, batch_size=8, checkpoint_every=2, device="cpu")
 
 @pytest.fixture
 def scans(tmp_path) -> List[Subject]:
-    """Colin27 at 2 mm (shipped with the package) and a noisy copy, with its brain mask: two site scans, a and b (fold
-    1 trains on b alone, fold 2 on a alone, the final run on both)."""
+    """Colin27 at 2 mm (shipped with the package) and a noisy copy, with its brain mask: two site scans, listed in the
+    order adapt takes them, by their content (fold 1 trains on the second alone, fold 2 on the first alone, the final
+    run on both)."""
     t1 = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
     mask = Path(shutil.copyfile(data_path("colin27_brainmask_2mm.nii.gz"), tmp_path / "mask.nii.gz"))
     voxels = sitk.GetArrayFromImage(t1)
@@ -40,7 +44,7 @@ def scans(tmp_path) -> List[Subject]:
         image.CopyInformation(t1)
         sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
         subjects.append(Subject(tmp_path / f"{name}.nii.gz", mask))
-    return subjects
+    return content_order(subjects, {p: sha256_of(p) for s in subjects for p in (s.image, s.mask)})
 
 
 def _removing(scan: Path, when: str, folder: bool = False) -> Callable[[float, str], None]:
@@ -68,6 +72,8 @@ def test_a_scan_or_mask_removed_after_the_first_run_is_refused_by_name_saying_wh
         f" written so far are kept: with the {said} put back, run again with --resume, or leave it "
         "out and start anew with --overwrite.")
     assert Path(f"{out}.fold1.ckpt").is_file() and not Path(f"{out}.fold2.ckpt").exists()
+    trained = torch.load(Path(f"{out}.fold1.ckpt"), map_location="cpu", weights_only=True)["run"]["train"]
+    assert [Path(v["image"]) for v in trained] == [scans[1].image]  # fold 1 held the first out, as the fixture says
 
 
 def test_a_scan_replaced_by_a_folder_before_the_final_run_is_refused_as_replaced(tiny_bundle, scans, tmp_path):
