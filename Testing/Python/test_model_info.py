@@ -226,10 +226,13 @@ def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(
     text = info(capsys, str(site))
     assert text.splitlines()[0] == ("site (T1): adapted from tiny on 2 site scans (tiny had learned from 2 healthy "
                                     "volumes); threshold calibrated on 2 healthy scans of 3 mm voxels.")
-    assert (f"Adapted from: tiny (tiny.cevae, sha256 {sha256_of(tiny_bundle)}), fine-tuned on 2 site scans (colin27, "
-            "mni152): 2 steps per run, learning rate 0.0001, 2 calibration folds.") in text
+    named = [v["name"] for v in read_header(site).extra["adaptation"]["site_scans"]]  # in adapt's order (by content)
+    assert sorted(named) == ["colin27", "mni152"]
+    named = ", ".join(named)
+    assert (f"Adapted from: tiny (tiny.cevae, sha256 {sha256_of(tiny_bundle)}), fine-tuned on 2 site scans ({named}): "
+            "2 steps per run, learning rate 0.0001, 2 calibration folds.") in text
     learned = [v["name"] for v in read_header(tiny_bundle).training["subjects"]]  # (its validation volume: not)
-    assert (f"Trained on: 2 site scans (colin27, mni152), fine-tuned from tiny, which had learned from 2 healthy "
+    assert (f"Trained on: 2 site scans ({named}), fine-tuned from tiny, which had learned from 2 healthy "
             f"volumes ({', '.join(learned)}).") in text.splitlines()
     base = [{"name": v["name"], "sha256": v["sha256"], "person": None}
             for v in read_header(tiny_bundle).training["subjects"]]
@@ -237,8 +240,8 @@ def test_info_says_from_which_model_and_on_which_site_scans_a_model_was_adapted(
     stamp = read_header(site).training["trained_utc"]
     assert f"Date adapted: {stamp} (UTC)." in text.splitlines() and "Date trained" not in text
     assert json.loads(info(capsys, str(site), "--json"))["training"]["trained_utc"] == stamp
-    assert "Calibrated on: 2 healthy scans (colin27, mni152), " in text and "; site scans, each scored by the fold " \
-                                                                        "model" in text
+    assert f"Calibrated on: 2 healthy scans ({named}), " in text and "; site scans, each scored by the fold " \
+                                                                      "model" in text
 
 
 def test_calibrating_an_adapted_model_on_its_base_models_training_volumes_warns(tmp_path, tiny_bundle, scans,
