@@ -25,6 +25,7 @@ from CeVAEAnomalyLib.data import data_path, default_model_path
 from CeVAEAnomalyLib.engine.bundle import load_bundle
 from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError, Wording
+from CeVAEAnomalyLib.io.checksum import sha256_of
 from CeVAEAnomalyLib.io.manifest import Subject
 from CeVAEAnomalyLib.options import DetectionRequest
 from CeVAEAnomalyLib.slicer.worker import PANEL_WORDING, run_adapt, run_calibrate
@@ -32,7 +33,7 @@ from CeVAEAnomalyLib.training.adapt import adapt
 from CeVAEAnomalyLib.training.adapt_plan import AdaptOptions
 from CeVAEAnomalyLib.training.config import TrainConfig
 from CeVAEAnomalyLib.training.checkpoint import DIGEST_KEY, write_checkpoint
-from CeVAEAnomalyLib.training.trainer import Trainer
+from CeVAEAnomalyLib.training.trainer import Trainer, content_order
 from conftest import full_disk_after_step, make_head, write_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -560,12 +561,14 @@ def test_a_full_disk_at_a_panels_first_checkpoint_says_what_to_do_in_the_panels_
 def test_a_scan_changed_before_a_panels_first_checkpoint_says_what_to_do_in_the_panels_words(tiny_bundle, panel_task):
     """A site scan rewritten once the scans were prepared, before the first run trained, was refused with the words
     "adapt again once the scan is as it should be" whatever the caller, not with the panel's Adapt button."""
-    scan = Path(panel_task["subjects"][1]["image"])
+    listed = [Subject(Path(s["image"]), Path(s["mask"])) for s in panel_task["subjects"]]
+    first, second = content_order(listed, {p: sha256_of(p) for s in listed for p in (s.image, s.mask)})
+    scan = second.image  # the one fold 1 trains on: it holds out the first in adapt's order (by content, not as listed)
     task = dict(panel_task, model=str(tiny_bundle), options=dict(panel_task["options"], resume=False))
 
     def rewrite_once_prepared(fraction: float, message: str) -> None:
         if message.startswith("Preparing the scans: prepared 2 of 2"):
-            shutil.copyfile(panel_task["subjects"][0]["image"], scan)
+            shutil.copyfile(first.image, scan)
 
     with pytest.raises(CeVAEError) as refused:
         run_adapt(task, rewrite_once_prepared)
