@@ -312,6 +312,9 @@ def test_a_link_loop_deep_in_a_folder_tree_is_refused_naming_its_file(tmp_path):
         refuse_unsearchable(deep / "scan_loop.nii.gz", "image")
     with pytest.raises(CeVAEError, match=r"^The image .*/x+\.\.\. cannot be opened: file name too long"):
         refuse_unsearchable(tmp_path / ("x" * 300), "image")
+    # a name too long in a folder of 80 characters or more (pytest's own are 70 to 90): the name's start still shown
+    with pytest.raises(CeVAEError, match=r"^The image \.\.\..*/a_rather_long_folder_name/x{40}\.\.\. cannot be opened"):
+        refuse_unsearchable(deep / ("x" * 300), "image")
 
 
 @pytest.fixture

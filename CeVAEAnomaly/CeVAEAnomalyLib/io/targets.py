@@ -56,11 +56,17 @@ def refuse_unsearchable(path: Path, what: str, where: str = "") -> None:
 
 def _shortened(path: Path, room: int = 80) -> str:
     """``path`` in at most ``room`` characters for a message: whole if it fits; else its end, which holds the file's
-    name (a link loop deep in a folder tree), or the start of a name too long to show."""
+    name (a link loop deep in a folder tree), or for a name too long to show, the end of its folder and the start of
+    the name (a long folder left no room for any of the name)."""
     text = str(path)
     if len(text) <= room:
         return text
-    return text[:room - 3] + "..." if len(Path(path).name) > room - 3 else "..." + text[3 - room:]
+    name = Path(path).name
+    if len(name) <= room - 3:
+        return "..." + text[3 - room:]
+    start = name[:room // 2] + "..."
+    folder = text[:len(text) - len(name)]  # (with its separator)
+    return (folder if len(folder) + len(start) <= room else "..." + folder[len(start) + 3 - room:]) + start
 
 
 def refuse_undecodable_name(path: Path, what: str, where: str = "") -> None:
