@@ -4,7 +4,9 @@ size: compressed records, tensors that view their values many times, data refere
 Each case is a tiny crafted file, read as ``train --resume`` and ``adapt --resume`` read theirs."""
 from __future__ import annotations
 
+import functools
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -96,5 +98,25 @@ def test_data_referenced_over_and_over_or_nested_deeply_is_refused_before_it_is_
     file."""
     path = tmp_path / "m.cevae.ckpt"
     torch.save({"version": 2, "junk": junk(), "sha256": "0" * 64}, path)
+    said = refusal(path)
+    assert f"({words}" in said and "\n" not in said, said
+
+
+@pytest.mark.parametrize("depth, junk, words", [
+    (16, shared, "it holds more values than its file's size allows"),
+    (5000, lambda depth: functools.reduce(lambda inner, _: (inner,), range(depth), ()),
+     "it is nested more than 64 deep"),
+], ids=["shared", "nested"])
+def test_data_in_a_set_is_bounded_as_any(tmp_path, depth, junk, words):
+    """torch loads a set (weights_only too), but the bounds walked lists, tuples and mappings alone: a set's pairs
+    referenced over and over were walked whole by the checksum (2 ** 40 values in a 1 kB file: days), and its
+    nesting beyond Python's recursion limit was called 'content does not match the checksum'."""
+    path = tmp_path / "m.cevae.ckpt"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(30000)  # (torch.save recurses as deep)
+    try:
+        torch.save({"version": 2, "junk": {junk(depth)}, "sha256": "0" * 64}, path)
+    finally:
+        sys.setrecursionlimit(limit)
     said = refusal(path)
     assert f"({words}" in said and "\n" not in said, said

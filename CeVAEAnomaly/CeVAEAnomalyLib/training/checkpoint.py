@@ -190,7 +190,7 @@ def _bulk_problem(state: Dict[str, Any], size: int) -> Optional[str]:
             viewed += value.numel() * value.element_size()
         elif isinstance(value, Mapping):
             pending.extend((item, depth + 1) for pair in value.items() for item in pair)
-        elif isinstance(value, (list, tuple)):
+        elif isinstance(value, (list, tuple, set, frozenset)):  # (torch loads sets too)
             pending.extend((item, depth + 1) for item in value)
     if pending:
         return "it holds more values than its file's size allows (data referenced over and over)"
