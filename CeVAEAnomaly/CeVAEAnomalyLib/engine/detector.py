@@ -409,11 +409,11 @@ def brain_size_problem(brain: np.ndarray, spacing: Sequence[float]) -> Optional[
     140 to 190 mm; a voxel size in centimetres read as mm makes that 14 to 19 mm (the six healthy heads' masks at a
     tenth of their voxel size: 16 to 18.4 mm), one ten times too large 1.4 m or more (refused as an image). A small
     mask in an image of a head's size (a mask of a few voxels) is no question of units: the mask is warned of."""
-    if not brain.any():
+    image = max(n * s for n, s in zip(brain.shape[::-1], spacing))
+    if _SMALL_IMAGE_MM <= image <= _BRAIN_SPAN_MM[1] or not brain.any():  # (a brain spans no more than its image)
         return None
     axes = [np.flatnonzero(np.any(brain, axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
     span = max((a[-1] - a[0] + 1) * s for a, s in zip(axes, tuple(spacing)[::-1]))
-    image = max(n * s for n, s in zip(brain.shape[::-1], spacing))
     if span <= _BRAIN_SPAN_MM[1] and (span >= _BRAIN_SPAN_MM[0] or image >= _SMALL_IMAGE_MM):
         return None
     ml = float(np.count_nonzero(brain)) * float(np.prod(spacing)) / 1000.0
