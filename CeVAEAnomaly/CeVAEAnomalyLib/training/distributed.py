@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -26,7 +27,6 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False  # this process created the process group and destroys it
-    waits: int = 0  # the calls of wait_for_ranks so far (the same on every rank: each names its own meeting)
 
     @property
     def main(self) -> bool:
@@ -140,6 +140,11 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+# the meetings of wait_for_ranks in this process so far, each its own key (every rank holds the same count: they call
+# it together; a second Trainer in one process goes on counting, where a count of its own reused keys already full)
+_MEETINGS = itertools.count(1)
+
+
 def wait_for_ranks(info: DistInfo) -> None:
     """Wait until every rank has come here, however long the work before took on some of them (preprocessing,
     hashing, rank 0's validation). A collective waits only up to the process group's timeout (30 minutes): a rank
@@ -149,12 +154,11 @@ def wait_for_ranks(info: DistInfo) -> None:
     store) a barrier."""
     if info.world <= 1:
         return
-    info.waits += 1
     store = _agent_store()
     if store is None:
         dist.barrier()
         return
-    key = f"cevae-anomaly/arrived/{_attempt()}/{info.waits}"
+    key = f"cevae-anomaly/arrived/{_attempt()}/{next(_MEETINGS)}"
     store.add(key, 1)
     while store.add(key, 0) < info.world:
         time.sleep(0.1)
