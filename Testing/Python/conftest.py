@@ -1,8 +1,11 @@
 """Shared fixtures: small synthetic head volumes and a tiny, quickly trained model bundle."""
 from __future__ import annotations
 
+import functools
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,17 @@ import SimpleITK as sitk
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tests are tiny: threads only add overhead
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("CEVAE_DATA_DIR", REPO.parent / "shared" / "data" / "healthy"))
+
+
+@functools.lru_cache(maxsize=None)
+def other_user_cannot_import(uid: int = 60001) -> str:
+    """Why a process of user ``uid`` (setpriv, as root) cannot import this package here, or "": a clone in a folder
+    only its owner may enter (mktemp -d makes one), as a fresh CI clone may be. Tests of several users skip then."""
+    probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c",
+                            "import CeVAEAnomalyLib"], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    lines = (probe.stderr or probe.stdout).strip().splitlines()
+    return "" if probe.returncode == 0 else f"user {uid} cannot import the package here: {lines[-1] if lines else ''}"
 
 
 def make_head(

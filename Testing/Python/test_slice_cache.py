@@ -32,7 +32,7 @@ from CeVAEAnomalyLib.training.config import NO_AUGMENT, TrainConfig
 from CeVAEAnomalyLib.training.data import Subject, subject_slices
 from CeVAEAnomalyLib.training.sampler import EpochSampler, epoch_order
 from CeVAEAnomalyLib.training.trainer import Trainer
-from conftest import make_head
+from conftest import make_head, other_user_cannot_import
 
 PRE = PreprocessConfig()
 
@@ -554,6 +554,8 @@ def test_a_run_removes_no_file_of_another_users_folder_named_as_a_killed_runs_ca
     every run, though the folder stayed. Only this user's own folders are removed."""
     from CeVAEAnomalyLib.io.atomic import machine_tag
 
+    if other_user_cannot_import():
+        pytest.skip(other_user_cannot_import())
     shared = Path(tempfile.mkdtemp(prefix="cevae-shared-tmp-"))  # (pytest's own folder is private to this user)
     try:
         os.chmod(shared, 0o1777)
@@ -566,7 +568,8 @@ def test_a_run_removes_no_file_of_another_users_folder_named_as_a_killed_runs_ca
         os.chown(theirs / "kept.txt", 60002, 60002)
         os.chown(theirs, 60002, 60002)
         run = ("import logging, tempfile; logging.basicConfig(level=logging.INFO); "
-               f"tempfile.tempdir = {str(shared)!r}; from CeVAEAnomalyLib.training.cache import temporary_cache; temporary_cache('cevae-slices-')")
+               f"tempfile.tempdir = {str(shared)!r}; from CeVAEAnomalyLib.training.cache import temporary_cache; "
+               "temporary_cache('cevae-slices-')")
         proc = subprocess.run(["setpriv", "--reuid=60001", "--regid=60001", "--clear-groups", sys.executable, "-c",
                                run], capture_output=True, text=True, timeout=300,
                               env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))

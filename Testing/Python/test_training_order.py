@@ -14,22 +14,28 @@ from CeVAEAnomalyLib.engine.config import ModelConfig
 from CeVAEAnomalyLib.training.config import TrainConfig
 from CeVAEAnomalyLib.training.data import Subject
 from CeVAEAnomalyLib.training.trainer import Trainer
-from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+PACKAGE_DATA = Path(__file__).resolve().parents[2] / "CeVAEAnomaly" / "CeVAEAnomalyLib" / "data"
 
 
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory) -> List[Subject]:
-    """The shared healthy heads (Colin27, MNI152, ROBEX's template) at 4 mm, with their brain masks."""
+    """Three healthy heads at 4 mm with their brain masks, from the package's own 2 mm Colin27 (a fresh clone has no
+    shared data): as it is, mirrored left-right, and with another intensity curve (three files of other contents)."""
     d = tmp_path_factory.mktemp("heads")
+    t1 = sitk.ReadImage(str(PACKAGE_DATA / "colin27_t1_2mm.nii.gz"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(PACKAGE_DATA / "colin27_brainmask_2mm.nii.gz"))
+    variants = {"plain": (t1, mask), "mirrored": (sitk.Flip(t1, (True, False, False)), sitk.Flip(mask, (True, False,
+                                                                                                          False))),
+                "curved": (sitk.Pow(t1 / 100.0 + 1.0, 0.8), mask)}
     subjects = []
-    for name in ("colin27", "mni152", "robex"):
-        for kind, interpolator in (("t1", sitk.sitkLinear), ("brainmask", sitk.sitkNearestNeighbor)):
-            image = sitk.ReadImage(str(SHARED_DATA / f"{name}_{kind}.nii.gz"))
-            size = [int(round(n * s / 4.0)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-            sitk.WriteImage(sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), (4.0,) * 3,
-                                          image.GetDirection()), str(d / f"{name}_{kind}.nii.gz"))
+    for name, (image, brain) in variants.items():
+        size = [int(round(n * s / 4.0)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+        for kind, volume, interpolator in (("t1", image, sitk.sitkLinear), ("brainmask", brain,
+                                                                             sitk.sitkNearestNeighbor)):
+            sitk.WriteImage(sitk.Resample(volume, size, sitk.Transform(), interpolator, volume.GetOrigin(), (4.0,) * 3,
+                                          volume.GetDirection()), str(d / f"{name}_{kind}.nii.gz"))
         subjects.append(Subject(d / f"{name}_t1.nii.gz", d / f"{name}_brainmask.nii.gz"))
     return subjects
 
