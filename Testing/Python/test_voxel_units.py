@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from conftest import make_head, write_cohort
@@ -32,6 +33,17 @@ def test_a_head_a_few_millimetres_wide_is_refused_in_one_line(tiny_bundle, tmp_p
         "brain mask, and an MRI of a head spans several centimetres, so its header's voxel size may be wrong (or in "
         "other units). Fix the header, or give a brain mask with --mask (in Slicer: choose a brain mask).\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.nii.gz"]
+
+
+def test_every_automatic_mask_refuses_a_head_a_few_millimetres_wide():
+    """The refusal is the brain mask's own, so every caller of it says it: detect and calibrate, and training and
+    prepare without masks (given_or_computed_mask), where such a head ended in the same IndexError."""
+    from CeVAEAnomalyLib.engine.brainmask import given_or_computed_mask
+    from CeVAEAnomalyLib.errors import CeVAEError
+
+    image, _ = make_head(spacing=(0.02, 0.02, 0.02))
+    with pytest.raises(CeVAEError, match=r"^The image spans at most 0.88 mm \(44 voxels of 0.02 mm along its j axis\)"):
+        given_or_computed_mask(image, None, "tiny.nii.gz")
 
 
 def test_voxels_of_the_smallest_size_said_allowed_are_read(tmp_path: Path):

@@ -118,6 +118,7 @@ def compute_brain_mask(
             f"Brain masking needs a 3D scalar image; got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel."
         )
+    _check_span(image)
     order = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
     probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)  # the same axes: whether the reordering undoes itself exactly
     probe.SetDirection(image.GetDirection())
@@ -277,6 +278,23 @@ def _registration_size(image: sitk.Image) -> np.ndarray:
     """The voxels along each axis of :func:`_downsampled`'s 4 mm grid over ``image``'s extent."""
     extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
     return np.maximum(1, np.round(extent / _REGISTRATION_SPACING_MM)).astype(int)
+
+
+def _check_span(image: sitk.Image) -> None:
+    """Refuse, before anything, a volume under :data:`_MIN_SPAN_MM` along its longest axis (a head in voxels of
+    hundredths of a millimetre: a header in other units): its downsampled copy, whose background level both kinds of
+    mask take, is one voxel (it ended in an IndexError before :func:`_check_extent` could say so)."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    extent = [n * s for n, s in zip(size, spacing)]
+    i = int(np.argmax(extent))
+    if extent[i] < _MIN_SPAN_MM:
+        raise CeVAEError(f"The image spans at most {extent[i]:g} mm ({size[i]} voxels of {spacing[i]:g} mm along its "
+                         f"{'ijk'[i]} axis): too little for the automatic brain mask, and an MRI of a head spans "
+                         "several centimetres, so its header's voxel size may be wrong (or in other units). Fix the "
+                         "header, or give a brain mask with --mask (in Slicer: choose a brain mask).")
+
+
+_MIN_SPAN_MM = 14.0  # along the longest axis: 4 voxels of the registration's 4 mm grid (_check_extent: each axis)
 
 
 def _check_extent(image: sitk.Image) -> None:

@@ -21,7 +21,7 @@ from ..data import refuse_bundled_output
 from ..errors import (CALIBRATE_HIGHER_RATE, CALIBRATE_PER_ACQUISITION, CALIBRATE_UNLIKE_SCAN, COMMAND_LINE_SAME_PERSON,
                       COMMAND_LINE_UNKNOWN_PERSONS, CeVAEError)
 from ..io.checksum import refuse_changed, sha256_of
-from ..io.images import read_image, refuse_too_small_for_automatic_mask
+from ..io.images import read_image
 from ..options import SCORE_TYPES, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, check_calibratable
 from .detector import Detector, mask_warnings_held, software_versions
 from .modality import contrast_problem, scan_bright_tail, scan_depth_contrast
@@ -76,8 +76,6 @@ def _subject_scores(bundle: Bundle, subjects: Sequence[Subject], modes: Sequence
         with s.named_errors():  # in a list of healthy volumes: say which one
             image = read_image(s.image)
             largest.append(largest_side(image.GetSpacing()))
-            if s.mask is None:
-                refuse_too_small_for_automatic_mask(image)
             with mask_warnings_held():  # (said after the brain's size, as detection says them)
                 mask = given_or_computed_mask(image, s.mask, str(s.image), scaled(part, 0.0, 0.3), SCORED_MARGIN_MM,
                                               where=f"{s.image}: ")  # (its warnings name the scan as detection's do)

@@ -23,8 +23,7 @@ from .devices import resolve_device
 from .. import __version__
 from ..errors import CeVAEError
 from ..io.checksum import image_voxel_sha256
-from ..io.images import (MASK_IS_IMAGE, check_volume, grid_difference, refuse_too_small_for_automatic_mask, same_grid,
-                         warn_if_ct_range)
+from ..io.images import MASK_IS_IMAGE, check_volume, grid_difference, same_grid, warn_if_ct_range
 from ..io.labels import SAMPLED_VOXELS, refuse_label_image
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy, refuse_options_by_name)
@@ -301,7 +300,6 @@ class Detector:
             if mask is None:
                 from .brainmask import SCORED_MARGIN_MM, compute_brain_mask
 
-                refuse_too_small_for_automatic_mask(image)
                 mask = compute_brain_mask(image, progress=scaled(progress, 0.0, 0.2), where=where,
                                           margin_mm=SCORED_MARGIN_MM)
             brain = brain_array(image, mask, where)

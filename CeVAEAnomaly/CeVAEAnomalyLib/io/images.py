@@ -678,22 +678,3 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     """Same size, spacing, origin and direction (within ``tol``, plus numpy's default relative 1e-5): whether
     detection takes a mask on ``b``'s grid as on ``a``'s, or resamples it."""
     return grid_difference(a, b, atol=tol, rtol=1e-5) is None
-
-
-def refuse_too_small_for_automatic_mask(image: sitk.Image, what: str = "image") -> None:
-    """Refuse, before an automatic brain mask is made, a volume under :data:`_MIN_AUTOMATIC_MM` along its longest axis
-    (a head in voxels of hundredths of a millimetre: a header in other units), whose mask ended in an IndexError
-    (its 4 mm registration grid was one voxel). With a given mask such a volume is scored."""
-    size, spacing = image.GetSize(), image.GetSpacing()
-    extent = [n * s for n, s in zip(size, spacing)]
-    i = int(np.argmax(extent))
-    if extent[i] < _MIN_AUTOMATIC_MM:
-        raise CeVAEError(f"The {what} spans at most {extent[i]:g} mm ({size[i]} voxels of {spacing[i]:g} mm along its "
-                         f"{'ijk'[i]} axis): too little for the automatic brain mask, and an MRI of a head spans "
-                         "several centimetres, so its header's voxel size may be wrong (or in other units). Fix the "
-                         "header, or give a brain mask with --mask (in Slicer: choose a brain mask).")
-
-
-# the automatic brain mask's registration needs 4 voxels of 4 mm along each axis (it says so per axis); a volume
-# under this along its longest one failed before that check, in its background level
-_MIN_AUTOMATIC_MM = 14.0
