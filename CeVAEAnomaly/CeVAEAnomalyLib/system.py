@@ -16,9 +16,13 @@ def usable_cores() -> int:
 
 def command_word(text: str, windows: Optional[bool] = None) -> str:
     """``text`` (a path) as one word of a command line to paste into this platform's shell (``windows``: Windows'
-    cmd.exe, which takes double quotes and not POSIX single quotes; None: whether this machine runs Windows)."""
+    cmd.exe, which takes double quotes and not POSIX single quotes; None: whether this machine runs Windows). A
+    relative path that starts with "-" is led by the current folder, so that the command does not take it for an
+    option."""
     if windows is None:
         windows = os.name == "nt"
+    if text.startswith("-"):
+        text = (".\\" if windows else "./") + text
     return subprocess.list2cmdline([text]) if windows else shlex.quote(text)
 
 

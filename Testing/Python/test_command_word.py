@@ -3,6 +3,7 @@ shells take shlex's single quotes, Windows' cmd.exe does not (it passed the quot
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from CeVAEAnomalyLib.system import command_word
 
@@ -29,3 +30,15 @@ def test_the_platform_is_this_machines_by_default():
     import os
 
     assert command_word(SPACED) == command_word(SPACED, windows=os.name == "nt")
+
+
+def test_a_relative_path_that_starts_with_a_dash_pastes_as_the_path_not_as_an_option():
+    """``--out=-site.cevae`` (or ``./-site.cevae``, which Path shortens) printed as ``--model -site.cevae``: the
+    pasted command was refused ("argument --model: expected one argument")."""
+    from CeVAEAnomalyLib.cli.main import build_parser
+
+    for path in ("-site.cevae", "-site model.cevae", "--model"):
+        words = shlex.split(f"detect scan.nii.gz --model {command_word(path, windows=False)} --score s.nii.gz")
+        assert Path(build_parser().parse_args(words).model) == Path(path)
+        assert command_word(path, windows=True).lstrip('"').startswith(".\\")
+
