@@ -14,16 +14,25 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+CMD_OPERATORS = frozenset("&|<>^()")  # what cmd.exe reads outside double quotes as a command separator, pipe,
+# redirection, escape or block (list2cmdline quotes only around a space)
+
+
 def command_word(text: str, windows: Optional[bool] = None) -> str:
     """``text`` (a path) as one word of a command line to paste into this platform's shell (``windows``: Windows'
-    cmd.exe, which takes double quotes and not POSIX single quotes; None: whether this machine runs Windows). A
-    relative path that starts with "-" is led by the current folder, so that the command does not take it for an
-    option."""
+    cmd.exe, which takes double quotes and not POSIX single quotes, around a path that holds a space or one of
+    :data:`CMD_OPERATORS`; None: whether this machine runs Windows). A relative path that starts with "-" is led by
+    the current folder, so that the command does not take it for an option."""
     if windows is None:
         windows = os.name == "nt"
     if text.startswith("-"):
         text = (".\\" if windows else "./") + text
-    return subprocess.list2cmdline([text]) if windows else shlex.quote(text)
+    if not windows:
+        return shlex.quote(text)
+    word = subprocess.list2cmdline([text])  # (double-quoted where it holds a space)
+    if word.startswith('"') or not CMD_OPERATORS.intersection(text):
+        return word
+    return f'"{word}' + "\\" * (len(word) - len(word.rstrip("\\"))) + '"'  # a closing backslash must not escape it
 
 
 def process_exists(pid: int) -> bool:

@@ -42,3 +42,29 @@ def test_a_relative_path_that_starts_with_a_dash_pastes_as_the_path_not_as_an_op
         assert Path(build_parser().parse_args(words).model) == Path(path)
         assert command_word(path, windows=True).lstrip('"').startswith(".\\")
 
+
+CMD_OPERATORS = "&|<>^()"  # what cmd.exe takes for a command separator, pipe, redirection or escape outside quotes
+
+
+def _outside_double_quotes(word: str) -> str:
+    """The characters of ``word`` that cmd.exe reads outside double quotes."""
+    outside, quoted = [], False
+    for c in word:
+        if c == '"':
+            quoted = not quoted
+        elif not quoted:
+            outside.append(c)
+    return "".join(outside)
+
+
+def test_a_windows_path_with_cmd_operators_is_double_quoted():
+    """``C:\\R&D\\site.cevae`` was printed bare: pasted into cmd.exe, it ran ``... --model C:\\R`` and then a command
+    ``D\\site.cevae``; ``^`` was dropped and ``( )`` could end a block."""
+    for path in (r"C:\R&D\site.cevae", r"C:\scans (old)\site.cevae", r"C:\a^b\site.cevae", r"\\srv\x|y\m.cevae",
+                 "C:\\R&D\\models\\"):
+        word = command_word(path, windows=True)
+        assert not set(_outside_double_quotes(word)) & set(CMD_OPERATORS), word
+        assert word.startswith('"') and word.endswith('"')
+        inner = word[1:-1]
+        assert inner.rstrip("\\") == path.rstrip("\\")  # a closing backslash doubled, so that it escapes no quote
+        assert len(inner) - len(inner.rstrip("\\")) == 2 * (len(path) - len(path.rstrip("\\")))
