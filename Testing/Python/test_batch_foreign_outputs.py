@@ -128,3 +128,33 @@ def test_another_lists_volume_of_the_same_name_is_refused_and_kept(tiny_bundle, 
                    "--overwrite.")
     assert contents(out) == before
     assert batch(tmp_path / "A.csv", out, tiny_bundle) == 0 and statuses(out) == ["skipped"]
+
+
+@pytest.mark.parametrize("first, second, alike", [
+    ("Head", "head", "one file on a case-insensitive file system (macOS, Windows)"),
+    ("caf\u00e9", "cafe\u0301", "one name in two Unicode forms (an accent as one character, or as a letter and a "
+                               "combining mark), one file on macOS")])
+def test_another_lists_volume_of_a_twin_name_is_refused_and_kept(tiny_bundle, tmp_path, capsys, first, second, alike):
+    """Two lists sharing one --out-dir name their scans 'Head' and 'head' (or 'café' in two Unicode forms): on Linux
+    the second run wrote head_* beside Head_*; on macOS and Windows those are the first list's files, which it
+    replaced with another scan's outputs (unknown to its summary: scored again 'to be safe'), and a rerun of the
+    first list replaced them back."""
+    for sub, seed, name in (("A", 21, first), ("B", 22, second)):
+        (tmp_path / sub).mkdir()
+        image, mask = make_head(size=(36, 40, 30), seed=seed)
+        sitk.WriteImage(image, str(tmp_path / sub / "t1.nii.gz"))
+        sitk.WriteImage(mask, str(tmp_path / sub / "t1_mask.nii.gz"))
+        (tmp_path / f"{sub}.csv").write_text(f"image,mask,name\n{sub}/t1.nii.gz,{sub}/t1_mask.nii.gz,{name}\n",
+                                             encoding="utf-8")
+    out = tmp_path / "res"
+    assert batch(tmp_path / "A.csv", out, tiny_bundle) == 0
+    before = contents(out)
+    capsys.readouterr()
+    assert batch(tmp_path / "B.csv", out, tiny_bundle) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {out} holds outputs of '{first}' that a batch summary there records as made from "
+                   f"{tmp_path / 'A' / 't1.nii.gz'}, another scan than {tmp_path / 'B' / 't1.nii.gz'} (another "
+                   f"list sharing this --out-dir?), and '{first}_*' and '{second}_*' are {alike}; they are kept. Give "
+                   "each list its own --out-dir, or its volumes other names (a 'name' column in the CSV); to replace "
+                   f"them, remove them ({first}_*) or pass --overwrite.")
+    assert contents(out) == before

@@ -922,26 +922,39 @@ def refuse_unrecorded_outputs(items: Sequence[BatchItem], out_dir: Path, record:
 
 def refuse_other_volumes_outputs(items: Sequence[BatchItem], described: Mapping[str, Tuple[Dict[str, str], float]],
                                  out_dir: Path) -> None:
-    """Refuse, before any work, outputs in ``out_dir`` of a volume of an item's name that a batch summary there
-    (``described``: :func:`_described_rows`) records as made from another image file, which still exists, and other
-    content than the item's image and mask: another list's volume of the same name (``A/head.nii.gz`` and
-    ``B/head.nii.gz``, both 'head'), which scoring would replace. A scan changed in place, or moved (its recorded
-    path gone), is scored again as before."""
+    """Refuse, before any work, outputs in ``out_dir`` of a volume of an item's name, in any case and Unicode form
+    (one file on macOS and Windows), that a batch summary there (``described``: :func:`_described_rows`) records as
+    made from another image file, which still exists, and other content than the item's image and mask: another
+    list's volume of the same name (``A/head.nii.gz`` and ``B/head.nii.gz``, both 'head'; 'Head' and 'head'),
+    which scoring would replace. A scan changed in place, or moved (its recorded path gone), is scored again as
+    before."""
+    twins: Dict[str, List[str]] = {}
+    for name in described:
+        twins.setdefault(one_form(name).casefold(), []).append(name)
     for item in items:
-        row = described.get(item.name, (None,))[0]
-        theirs = Path(row["image"]) if row and row.get("image") else None
-        if theirs is None or not os.path.exists(theirs) or not any(
-                p.exists() for p in volume_files(out_dir, item.name).values()):
-            continue
-        try:
-            if os.path.samefile(theirs, item.image) or all(v == row.get(k) for k, v in made_from(item).items()):
-                continue
-        except OSError:  # a missing or unreadable image: scoring it says what is wrong
-            continue
-        raise CeVAEError(f"{out_dir} holds outputs of '{item.name}' that a batch summary there records as made from "
-                         f"{theirs}, another scan than {item.image} (another list sharing this --out-dir?); they are "
-                         "kept. Give each list its own --out-dir, or its volumes other names (a 'name' column in the "
-                         f"CSV); to replace them, remove them ({item.name}_*) or pass --overwrite.")
+        for name in sorted(twins.get(one_form(item.name).casefold(), ()), key=lambda n: n != item.name):
+            _refuse_other_volumes(item, name, described[name][0], out_dir)
+
+
+def _refuse_other_volumes(item: BatchItem, name: str, row: Dict[str, str], out_dir: Path) -> None:
+    """Refuse outputs of the volume ``name`` (``item``'s name, or one that is the same file on macOS or Windows) in
+    ``out_dir`` where ``row``, its summary row, records them as made from another scan than ``item``'s."""
+    theirs = Path(row["image"]) if row.get("image") else None
+    if theirs is None or not os.path.exists(theirs) or not any(
+            p.exists() for p in volume_files(out_dir, name).values()):
+        return
+    try:
+        if os.path.samefile(theirs, item.image) or all(v == row.get(k) for k, v in made_from(item).items()):
+            return
+    except OSError:  # a missing or unreadable image: scoring it says what is wrong
+        return
+    alike = "" if name == item.name else f", and '{name}_*' and '{item.name}_*' are " + (
+        f"{UNICODE_TWINS}, one file on macOS" if one_form(name) == one_form(item.name) else
+        "one file on a case-insensitive file system (macOS, Windows)")
+    raise CeVAEError(f"{out_dir} holds outputs of '{name}' that a batch summary there records as made from "
+                     f"{theirs}, another scan than {item.image} (another list sharing this --out-dir?){alike}; they "
+                     "are kept. Give each list its own --out-dir, or its volumes other names (a 'name' column in the "
+                     f"CSV); to replace them, remove them ({name}_*) or pass --overwrite.")
 
 
 def _described_rows(out_dir: Path, record: Dict[str, object],
