@@ -207,9 +207,25 @@ def test_batch_given_the_folder_of_one_series_says_how_to_score_it(head, tmp_pat
     assert main(["batch", str(series), "--out-dir", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {series} holds no images (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .hdr); it is the folder of one "
-        f"DICOM series: score it with cevae-anomaly detect {series}, or list series folders in a CSV (column "
-        "'image') for batch.")
+        f"DICOM series: score it with cevae-anomaly detect {series} --score SCORE.nii.gz, or list series folders in a "
+        "CSV (column 'image') for batch.")
     assert not out.exists()
+
+
+def test_the_command_batch_suggests_for_one_series_pastes_as_it_is(head, tmp_path, capsys):
+    """A series folder named 'Series 3 (T1)' was printed bare in 'score it with cevae-anomaly detect FOLDER', and
+    without the --score detect requires: pasted, the shell split it at its spaces (and at its parentheses), and
+    detect refused it."""
+    import shlex
+
+    from CeVAEAnomalyLib.cli.main import build_parser, main
+
+    series = write_series(head, tmp_path / "Series 3 (T1)")
+    assert main(["batch", str(series), "--out-dir", str(tmp_path / "out")]) == 2
+    said = capsys.readouterr().err.strip()
+    command = said[said.index("cevae-anomaly detect"): said.index(", or list series")]
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.command, args.image, args.score) == ("detect", series, Path("SCORE.nii.gz"))
 
 
 def test_one_slice_file_of_a_series_points_to_its_folder(head, tmp_path):

@@ -41,7 +41,7 @@ from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, PANEL_RESULT, RESULT_TAG
 from ..io.spreadsheet import read_row, written_cell
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
-from ..system import usable_cores
+from ..system import command_word, usable_cores
 from ..interrupts import pool_worker_signals
 
 if TYPE_CHECKING:
@@ -302,8 +302,9 @@ def collect_inputs(source: Path) -> List[BatchItem]:
         if source.is_dir() and not hint:
             from ..io.dicom import holds_dicom_series
 
-            hint = (f"; it is the folder of one DICOM series: score it with cevae-anomaly detect {source}, or list "
-                    "series folders in a CSV (column 'image') for batch") if holds_dicom_series(source) else ""
+            hint = (f"; it is the folder of one DICOM series: score it with cevae-anomaly detect "
+                    f"{command_word(str(source))} --score SCORE.nii.gz, or list series folders in a CSV (column "
+                    "'image') for batch") if holds_dicom_series(source) else ""
         raise CeVAEError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}.")
     seen: Dict[str, BatchItem] = {}  # by the name in any case and Unicode form: S1 and s1 share their outputs on
     for item in items:  # macOS and Windows, café as é and as e + U+0301 on macOS
