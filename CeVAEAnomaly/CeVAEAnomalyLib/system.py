@@ -4,14 +4,66 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Tuple
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks such as Slurm's)."""
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """CPU cores this process may run on: its affinity mask (Slurm's, taskset's), or fewer where a CPU quota of its
+    cgroup or of one above it allows fewer whole cores (docker --cpus, Kubernetes' CPU limits; the mask does not show
+    them). ``cgroup_root``: where the cgroup file system is mounted; ``self_cgroup``: the process's memberships."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        cores = max(1, len(os.sched_getaffinity(0)))
+    else:
+        cores = max(1, os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota(cgroup_root, self_cgroup)
+    if quota is not None:  # whole cores: an OpenMP thread throttled for its share stalls its siblings at each barrier
+        cores = min(cores, max(1, int(quota)))
+    return cores
+
+
+def _cgroup_cpu_quota(root: Path, self_cgroup: Path) -> Optional[float]:
+    """The smallest CPU quota, in CPUs, of the process's cgroup and those above it (None: none, or not Linux). cgroup
+    v2 keeps it in ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD"), v1 in ``cpu.cfs_quota_us`` (-1: none) and
+    ``cpu.cfs_period_us`` of the cpu controller's hierarchy. A path the mount lacks (a container's, which names its
+    cgroup as the host does) is walked up to the mount's root, the container's own cgroup."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    quotas = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers = parts[1].split(",")
+        if parts[0] == "0" and parts[1] == "":
+            mount, files = root, ("cpu.max",)
+        elif "cpu" in controllers:
+            mount = next((root / name for name in (parts[1], "cpu,cpuacct", "cpu") if (root / name).is_dir()), None)
+            if mount is None:
+                continue
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        path = Path(parts[2].strip() or "/")
+        for directory in [path, *path.parents]:
+            quota = _quota_in(mount / str(directory).lstrip("/"), files)
+            if quota is not None:
+                quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _quota_in(directory: Path, files: Tuple[str, ...]) -> Optional[float]:
+    """The CPU quota, in CPUs, that ``files`` in ``directory`` set (None: none, or unreadable)."""
+    try:
+        words = " ".join((directory / name).read_text() for name in files).split()
+        if len(words) != 2 or words[0] in ("max", "-1"):
+            return None
+        quota, period = int(words[0]), int(words[1])
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 CMD_OPERATORS = frozenset("&|<>^()")  # what cmd.exe reads outside double quotes as a command separator, pipe,

@@ -1,0 +1,56 @@
+"""The cores a process may use under the limits of containers and schedulers: a cgroup CPU quota (docker --cpus,
+Kubernetes' CPU limits), which the affinity mask does not show, and the user's OMP_NUM_THREADS."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from CeVAEAnomalyLib.system import usable_cores
+
+
+def _tree(tmp_path: Path, membership: str, files: dict) -> tuple:
+    """A cgroup file system under ``tmp_path``: /proc/self/cgroup's ``membership`` and the ``files`` (path: text)."""
+    tmp_path.mkdir(exist_ok=True)
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self_cgroup").write_text(membership)
+    return root, tmp_path / "self_cgroup"
+
+
+def _cores(tmp_path: Path, membership: str, files: dict) -> int:
+    root, self_cgroup = _tree(tmp_path, membership, files)
+    return usable_cores(cgroup_root=root, self_cgroup=self_cgroup)
+
+
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_a_cgroup_v2_quota_of_one_cpu_is_one_core(tmp_path):
+    """docker --cpus=1 (cpu.max "100000 100000") on a machine of many cores: torch and the batch's workers took one
+    thread per core of the host, throttled to one core's time."""
+    assert _cores(tmp_path, "0::/\n", {"cpu.max": "100000 100000\n"}) == 1
+
+
+def test_a_v2_quota_is_taken_from_the_process_cgroup_and_its_parents(tmp_path):
+    files = {"cpu.max": "max 100000\n", "user.slice/cpu.max": "150000 100000\n",
+             "user.slice/job.scope/cpu.max": "max 100000\n"}
+    assert _cores(tmp_path, "0::/user.slice/job.scope\n", files) == 1  # 1.5 CPUs: one whole core
+    assert _cores(tmp_path / "none", "0::/user.slice/job.scope\n", {"cpu.max": "max 100000\n"}) == _affinity()
+
+
+def test_a_cgroup_v1_quota(tmp_path):
+    """cgroup v1 (cpu.cfs_quota_us / cpu.cfs_period_us; -1: none). In a container the membership names the host's
+    path (/docker/ID), which the container's mount has not: its root is the container's cgroup."""
+    membership = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n"
+    files = {"cpu,cpuacct/cpu.cfs_quota_us": "100000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+    assert _cores(tmp_path, membership, files) == 1
+    files["cpu,cpuacct/cpu.cfs_quota_us"] = "-1\n"
+    assert _cores(tmp_path, membership, files) == _affinity()
+
+
+def test_no_quota_or_unreadable_files_leave_the_affinity(tmp_path):
+    assert usable_cores(cgroup_root=tmp_path / "none", self_cgroup=tmp_path / "none") == _affinity()
+    assert _cores(tmp_path / "garbage", "0::/\n", {"cpu.max": "garbage\n"}) == _affinity()
+    assert _cores(tmp_path / "zero", "0::/\n", {"cpu.max": "0 100000\n"}) == _affinity()
