@@ -5,7 +5,7 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int:
@@ -64,6 +64,16 @@ def _quota_in(directory: Path, files: Tuple[str, ...]) -> Optional[float]:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
+
+
+def threads_per_process(processes: int, environ: Mapping[str, str] = os.environ) -> int:
+    """Threads each of ``processes`` processes that share this job's cores should run: the user's OMP_NUM_THREADS
+    where it is a positive whole number (its outer level where it lists nested ones), else an equal share of
+    :func:`usable_cores` (at least one)."""
+    given = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, usable_cores() // processes)
 
 
 CMD_OPERATORS = frozenset("&|<>^()")  # what cmd.exe reads outside double quotes as a command separator, pipe,

@@ -54,3 +54,16 @@ def test_no_quota_or_unreadable_files_leave_the_affinity(tmp_path):
     assert usable_cores(cgroup_root=tmp_path / "none", self_cgroup=tmp_path / "none") == _affinity()
     assert _cores(tmp_path / "garbage", "0::/\n", {"cpu.max": "garbage\n"}) == _affinity()
     assert _cores(tmp_path / "zero", "0::/\n", {"cpu.max": "0 100000\n"}) == _affinity()
+
+
+def test_the_users_omp_num_threads_wins_in_the_batch_workers():
+    """batch set each worker's torch and ITK threads to cores/K whatever OMP_NUM_THREADS said: a Slurm job that
+    asked for OMP_NUM_THREADS=1 per worker (or shares its node) got every core of its allocation in each worker."""
+    from CeVAEAnomalyLib.system import threads_per_process
+
+    assert threads_per_process(1, {"OMP_NUM_THREADS": "1"}) == 1
+    assert threads_per_process(4, {"OMP_NUM_THREADS": "3"}) == 3
+    cores = usable_cores()
+    assert threads_per_process(1, {}) == cores and threads_per_process(cores + 1, {}) == 1
+    assert threads_per_process(1, {"OMP_NUM_THREADS": "4,2"}) == 4  # nested levels: the outer one
+    assert threads_per_process(1, {"OMP_NUM_THREADS": "none"}) == cores  # what OpenMP ignores too

@@ -41,7 +41,7 @@ from ..io.naming import (BATCH_ROLES, IMAGE_EXTENSIONS, PANEL_RESULT, RESULT_TAG
 from ..io.spreadsheet import read_row, written_cell
 from ..options import DetectionRequest
 from ..progress import Cancelled, ProgressCallback, report
-from ..system import command_word, usable_cores
+from ..system import command_word, threads_per_process
 from ..interrupts import pool_worker_signals
 
 if TYPE_CHECKING:
@@ -1196,7 +1196,7 @@ def _run_pool(todo: Sequence[Tuple[BatchItem, bool]], settings: DetectSettings, 
     next step unless already writing, and ``keep`` gets the row of every volume that finished meanwhile."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    threads = max(1, usable_cores() // workers)
+    threads = threads_per_process(workers)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                initargs=(settings, threads, logging.getLogger().getEffectiveLevel(), stop))
     futures: List[Future] = []
