@@ -3,7 +3,10 @@ Kubernetes' CPU limits), which the affinity mask does not show, and the user's O
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Optional
 from CeVAEAnomalyLib.system import usable_cores
 
 
@@ -67,3 +70,24 @@ def test_the_users_omp_num_threads_wins_in_the_batch_workers():
     assert threads_per_process(1, {}) == cores and threads_per_process(cores + 1, {}) == 1
     assert threads_per_process(1, {"OMP_NUM_THREADS": "4,2"}) == 4  # nested levels: the outer one
     assert threads_per_process(1, {"OMP_NUM_THREADS": "none"}) == cores  # what OpenMP ignores too
+
+
+def _threads_after_fit(cores: int, omp: Optional[str]) -> str:
+    """torch's and ITK's threads in a fresh process after the command line fitted them to ``cores``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
+    code = ("import torch, SimpleITK as sitk\nfrom CeVAEAnomalyLib.cli.main import fit_threads\n"
+            f"fit_threads({cores})\n"
+            "print(torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_commands_run_torch_and_itk_on_the_cores_this_process_may_use():
+    """detect, train, calibrate, adapt, demo and batch (one worker: in its own process) left torch's and ITK's
+    defaults, one thread per core of the CPU set: under docker --cpus=1 on a 64-core host, 64 threads throttled to
+    one CPU's time. The user's OMP_NUM_THREADS still decides torch's threads."""
+    assert _threads_after_fit(1, None) == "1 1"
+    assert _threads_after_fit(1, "2").split()[0] == "2"

@@ -18,6 +18,7 @@ from ..errors import CeVAEError, one_line, out_of_memory
 from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
                        output_path_value, path_value, switch)
 from ..interrupts import Terminated, sigterm_as_interrupt
+from ..system import usable_cores
 
 log = logging.getLogger("cevae_anomaly")
 
@@ -441,6 +442,24 @@ def command_line_wording(exc: CeVAEError, command: str) -> str:
         else one_line(exc)
 
 
+# the commands that run the network or ITK's filters on volumes in this process
+_COMPUTING = ("train", "adapt", "prepare", "detect", "calibrate", "demo", "batch")
+
+
+def fit_threads(cores: int) -> None:
+    """Run torch and ITK on at most ``cores`` threads: by default each runs one per core of the CPU set, which a
+    container's CPU quota does not narrow. The user's OMP_NUM_THREADS (torch) and
+    ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS (ITK) win."""
+    import SimpleITK as sitk
+    import torch
+
+    if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
+    itk = sitk.ProcessObject
+    if not os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS") and itk.GetGlobalDefaultNumberOfThreads() > cores:
+        itk.SetGlobalDefaultNumberOfThreads(cores)
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
     started = time.time()  # (a checkpoint written since is this run's)
     reconfigure = getattr(sys.stdout, "reconfigure", None)
@@ -464,6 +483,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
     try:
         from . import commands
 
+        if args.command in _COMPUTING:
+            fit_threads(usable_cores())
         with sigterm_as_interrupt():
             getattr(commands, f"run_{args.command}")(args)
         return EXIT_DONE
