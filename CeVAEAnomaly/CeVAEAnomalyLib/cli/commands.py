@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from ..errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError
 from ..io.naming import file_stem, refuse_misnamed
 from ..system import command_word
+from .console import print_result
 
 if TYPE_CHECKING:
     from ..engine.header import BundleHeader
@@ -400,16 +400,13 @@ def run_evaluate(args: argparse.Namespace) -> None:
     cases, pooled = evaluate_files(rows)
     if args.out:  # before the console lines, which a reader that stops early (`| head`) cuts short
         write_metrics_csv(args.out, cases, pooled, args.overwrite)
-    try:  # each figure named as its column in the --out table
-        for c in cases:
-            print(f"{c.name}: auroc {figure(c.auroc)}  auprc {figure(c.auprc)}  best_dice {figure(c.best_dice)}"
-                  + (f"  dice_at_threshold {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
-                  + (f"  slice_auroc {figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
-                  + (f"  flagged_ml {flagged_text(c.flagged_ml)}" if c.flagged_ml is not None else ""))
-        print(f"pooled: auroc {figure(pooled['auroc'])}  auprc {figure(pooled['auprc'])}  "
-              f"best_dice {figure(pooled['best_dice'])}", flush=True)
-    except BrokenPipeError:  # the reader stopped: the lines it did not take are dropped (no second error at exit)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print_result("\n".join(  # each figure named as its column in the --out table
+        [f"{c.name}: auroc {figure(c.auroc)}  auprc {figure(c.auprc)}  best_dice {figure(c.best_dice)}"
+         + (f"  dice_at_threshold {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
+         + (f"  slice_auroc {figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
+         + (f"  flagged_ml {flagged_text(c.flagged_ml)}" if c.flagged_ml is not None else "") for c in cases]
+        + [f"pooled: auroc {figure(pooled['auroc'])}  auprc {figure(pooled['auprc'])}  "
+           f"best_dice {figure(pooled['best_dice'])}"]))
     if args.out:
         log.info("Metrics written to %s.", args.out)
 
@@ -442,10 +439,7 @@ def run_info(args: argparse.Namespace) -> None:
     from ..io.strict_json import dumps
 
     info = model_info(args.model or default_model_path())
-    try:
-        print(dumps(info, indent=2) if args.json else describe_model(info), flush=True)
-    except BrokenPipeError:  # the reader stopped (`| head`): no second error at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print_result(dumps(info, indent=2) if args.json else describe_model(info))
 
 
 def run_share(args: argparse.Namespace) -> Path:
@@ -470,13 +464,10 @@ def run_demo(args: argparse.Namespace) -> None:
 
     report = demo(args.out_dir, args.model, args.seed, auto_mask=args.auto_mask, device=args.device,
                   overwrite=args.overwrite, progress=ConsoleProgress("demo"))
-    for key, value in report.metrics.items():
-        print(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
-    if report.note:
-        print(report.note)
-    print(f"Done in {report.seconds:.1f} s. Outputs in {report.out_dir}/:")
-    for f in report.files:
-        print(f"  {f}")
+    print_result("\n".join([f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}"
+                            for key, value in report.metrics.items()] + ([report.note] if report.note else [])
+                           + [f"Done in {report.seconds:.1f} s. Outputs in {report.out_dir}/:"]
+                           + [f"  {f}" for f in report.files]))
 
 
 def run_batch(args: argparse.Namespace) -> None:

@@ -1,13 +1,32 @@
-"""Progress on the terminal for long commands."""
+"""Progress on the terminal for long commands, and the command's results on its standard output."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
 import time
 from typing import Optional, TextIO
 
+from ..errors import CeVAEError
+
 ELLIPSIS = "..."
+
+
+def print_result(text: str) -> None:
+    """Print ``text`` (a command's result: a report, JSON, metrics) and a newline on the standard output, at once. A
+    reader that stopped (`| head`) ends it quietly, the rest dropped; a closed standard output (`>&-`), or one that
+    cannot take it (a full disk), is a one-line error, not a result said to be done."""
+    if sys.stdout is None:
+        raise CeVAEError("the standard output is closed (>&-): the result could not be printed; send it to a file or "
+                         "a pipe instead.")
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except OSError as exc:  # what is left in the buffer goes nowhere: no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(exc, BrokenPipeError):
+            raise CeVAEError(f"could not write to the standard output: {exc.strerror or exc}.") from None
 
 
 class ConsoleProgress:

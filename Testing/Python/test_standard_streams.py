@@ -1,0 +1,38 @@
+"""The command in scripts and pipelines: its standard output full or closed, its standard error closed, the
+environment of a job scheduler (cevae-anomaly as a process, as a shell runs it)."""
+import os
+import subprocess
+import sys
+from typing import Callable, List, Optional
+
+import pytest
+
+from CeVAEAnomalyLib.cli.main import EXIT_REFUSED
+
+
+def cevae(args: List[str], stdout=subprocess.PIPE, stderr=subprocess.PIPE, closing: Optional[int] = None,
+          **env: str) -> subprocess.CompletedProcess:
+    """``cevae-anomaly ARGS`` in a process, its file descriptor ``closing`` closed (`>&-`, `2>&-`)."""
+    before: Optional[Callable[[], None]] = (lambda: os.close(closing)) if closing is not None else None
+    return subprocess.run([sys.executable, "-m", "CeVAEAnomalyLib.cli", *args], stdout=stdout, stderr=stderr,
+                          preexec_fn=before, env=dict(os.environ, OMP_NUM_THREADS="1", **env), timeout=120)
+
+
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"]], ids=["text", "json"])
+def test_a_full_standard_output_is_said_in_one_line_not_as_a_bug(args: List[str]) -> None:
+    """`info --json > /dev/full` (a full disk under the file a script sends it to) said "error: unexpected OSError:
+    [Errno 28] No space left on device (... report it)", exit 1, as if it were a bug of the program."""
+    with open("/dev/full", "w") as full:
+        proc = cevae(args, stdout=full)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_REFUSED, err
+    assert err.startswith("error: could not write to the standard output: No space left on device"), err
+    assert "unexpected" not in err and "Exception ignored" not in err and len(err.splitlines()) == 1, err
+
+
+def test_a_closed_standard_output_is_an_error_not_a_silent_success() -> None:
+    """`info --json >&-`: nothing was printed, and the exit status said done (0)."""
+    proc = cevae(["info", "--json"], stdout=None, closing=1)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_REFUSED, err
+    assert err.startswith("error: the standard output is closed"), err
