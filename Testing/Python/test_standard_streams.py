@@ -3,6 +3,7 @@ environment of a job scheduler (cevae-anomaly as a process, as a shell runs it).
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import pytest
@@ -36,3 +37,13 @@ def test_a_closed_standard_output_is_an_error_not_a_silent_success() -> None:
     err = proc.stderr.decode()
     assert proc.returncode == EXIT_REFUSED, err
     assert err.startswith("error: the standard output is closed"), err
+
+
+def test_a_closed_standard_error_keeps_the_documented_exit_status(tmp_path: Path) -> None:
+    """`cevae-anomaly info missing.cevae 2>&-` (a cron line that drops messages but checks the status): the error line
+    could not be said, and the AttributeError that followed made the exit status 1 (unexpected failure) instead of 2
+    (refused input)."""
+    proc = cevae(["info", str(tmp_path / "missing.cevae")], stderr=None, closing=2)
+    assert proc.returncode == EXIT_REFUSED
+    proc = cevae(["info", "--json"], stderr=None, closing=2)  # the result still printed, done
+    assert proc.returncode == 0 and proc.stdout.startswith(b"{")

@@ -344,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    _standard_streams()
     rc = _main(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, once the process group is gone, a rank could still abort in C++ static
@@ -354,6 +355,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def _standard_streams() -> None:
+    """Where the command was started with its standard output or error closed (`>&-`, `2>&-`: cron lines, daemons),
+    the null device takes its file number, so that no file the command opens gets it, and messages to a closed
+    standard error go nowhere instead of failing (an error line that could not be said turned the exit status into
+    1). A closed standard output stays None in Python: :func:`.console.print_result` refuses to print a result there."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)
 
 
 def _peer_gone(exc: BaseException) -> bool:
