@@ -47,3 +47,15 @@ def test_a_closed_standard_error_keeps_the_documented_exit_status(tmp_path: Path
     assert proc.returncode == EXIT_REFUSED
     proc = cevae(["info", "--json"], stderr=None, closing=2)  # the result still printed, done
     assert proc.returncode == 0 and proc.stdout.startswith(b"{")
+
+
+@pytest.mark.parametrize("value", ["", "two", "0x2"])
+def test_a_world_size_that_is_no_number_is_one_line(value: str) -> None:
+    """WORLD_SIZE (torchrun's) exported empty or as a word by a job template: every command, even `--version`, ended
+    in a ValueError traceback. --version still answers; a command says what is wrong."""
+    proc = cevae(["--version"], WORLD_SIZE=value)
+    assert proc.returncode == 0 and proc.stdout.startswith(b"cevae-anomaly "), proc.stderr
+    proc = cevae(["info", "--json"], WORLD_SIZE=value)
+    assert proc.returncode == EXIT_REFUSED and not proc.stdout, proc.stderr
+    assert proc.stderr.decode() == f"error: the environment variable WORLD_SIZE must be a whole number (torchrun " \
+                                   f"sets it), got {value!r}; unset it to run as one process.\n"

@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     _standard_streams()
     rc = _main(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if (_world_size() or 1) > 1:
         # Under torchrun, once the process group is gone, a rank could still abort in C++ static
         # destructors at interpreter exit ("terminate called without an active exception", seen
         # with gloo). Every file is closed and renamed by now, so leave without running them.
@@ -355,6 +355,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def _world_size() -> Optional[int]:
+    """torchrun's WORLD_SIZE: 1 where it is unset, None where it is no whole number."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return None
 
 
 def _standard_streams() -> None:
@@ -490,7 +498,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version or a usage error (already printed)
         return int(exc.code or EXIT_DONE)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: say which rank speaks
+    world = _world_size()
+    if world is None:
+        _say(f"error: the environment variable WORLD_SIZE must be a whole number (torchrun sets it), got "
+             f"{os.environ['WORLD_SIZE']!r}; unset it to run as one process.")
+        return EXIT_REFUSED
+    distributed = world > 1  # under torchrun: say which rank speaks
     rank = f"[rank {os.environ.get('RANK', '?')}] " if distributed else ""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=rank + "%(levelname)s: %(message)s")
     if distributed and args.command != "train":  # every rank would do the whole work, racing for the same outputs
