@@ -101,6 +101,24 @@ def test_a_byte_order_mark_is_read_like_any_csv(cohort, tiny_bundle, tmp_path):
     assert main(["evaluate", "--cases", str(cases)]) == 0
 
 
+@pytest.mark.skipif(os.sep != "/", reason="backslashes separate folders on Windows already")
+def test_a_list_written_on_windows_with_backslashes_is_read_on_macos_and_linux(cohort):
+    """A manifest or batch list made on Windows (scans\\h1.nii.gz) was refused on macOS and Linux: "the image
+    .../scans\\h1.nii.gz does not exist", beside the file it names."""
+    (cohort / "scans").mkdir()
+    for name in ("h1.nii.gz", "h1_mask.nii.gz"):
+        os.replace(cohort / name, cohort / "scans" / name)
+    csv = manifest(cohort, "scans\\h1.nii.gz,scans\\h1_mask.nii.gz")
+    assert read_manifest(csv) == [Subject(cohort / "scans" / "h1.nii.gz", cohort / "scans" / "h1_mask.nii.gz")]
+    assert [(i.image, i.mask) for i in read_list(csv)] == [(cohort / "scans" / "h1.nii.gz",
+                                                             cohort / "scans" / "h1_mask.nii.gz")]
+    weird = cohort / "a\\b.nii.gz"  # a file whose name holds a backslash (POSIX allows it) is still that file
+    weird.write_bytes((cohort / "scans" / "h1.nii.gz").read_bytes())
+    assert read_manifest(manifest(cohort, "a\\b.nii.gz,"))[0].image == weird
+    with pytest.raises(CeVAEError, match=r"line 2: the image .*nowhere\\h9\.nii\.gz does not exist"):
+        read_manifest(manifest(cohort, "nowhere\\h9.nii.gz,"))
+
+
 def test_a_latin1_list_is_refused_naming_its_line_and_how_to_save_it(cohort):
     """Excel's plain "CSV" is saved in the system's code page (Latin-1 / Windows-1252 in Western Europe): a list naming
     résultats/ was refused with Python's words, "'utf-8' codec can't decode byte 0xe9 in position 45", naming

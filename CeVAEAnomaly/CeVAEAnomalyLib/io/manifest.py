@@ -1,7 +1,8 @@
 """The one reader of CSV lists of files (train and calibrate manifests, batch lists, evaluation cases).
 
 A list is UTF-8 (with or without the byte-order mark Excel writes; UTF-16 with its mark) and has a header row; file
-columns hold paths relative to the CSV's folder (or absolute); cells are stripped; empty rows are
+columns hold paths relative to the CSV's folder (or absolute; backslashes, as Windows writes them, separate folders
+on macOS and Linux too where only that names a file); cells are stripped; empty rows are
 skipped; a row with cells but no key cell, or with more cells than the header, is refused; a column
 named twice or a known column in other case is refused, other columns are reported as not read.
 """
@@ -173,7 +174,7 @@ def read_rows(path: Path, key: str, files: Sequence[str], what: str, others: Seq
                 if any(row.values()):  # not an empty line: a row that lost its key cell
                     raise CeVAEError(f"{path}, line {line}: the row has no {key!r}; fill it in or remove the row.")
                 continue
-            rows.append(Row(line, {c: (path.parent / row[c]) if row.get(c) else None for c in files},
+            rows.append(Row(line, {c: _cell_path(path.parent, row[c]) if row.get(c) else None for c in files},
                             {c: row.get(c, "") for c in others}))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CeVAEError(f"The {what} {path} is not a readable CSV file ({exc}).") from None
@@ -240,6 +241,17 @@ def _check_columns(header: Sequence[str], known: Sequence[str], path: Path, what
     if unread:
         log.warning("The %s %s has column(s) %s that are not read (it reads %s).", what, path,
                     ", ".join(repr(c) for c in unread), ", ".join(repr(c) for c in known))
+
+
+def _cell_path(folder: Path, cell: str) -> Path:
+    """A path cell of a list in ``folder``. On macOS and Linux, one written on Windows (``scans\\h1.nii.gz``) names
+    the file with its backslashes taken for folder separators where only that names one."""
+    path = folder / cell
+    if os.sep == "/" and "\\" in cell and not os.path.lexists(path):
+        slashed = folder / cell.replace("\\", "/")
+        if os.path.lexists(slashed):
+            return slashed
+    return path
 
 
 def read_manifest(path: Path) -> List[Subject]:
