@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import other_user_cannot_import
+from conftest import REPO, other_user_cannot_import
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.lock import hold_output, hold_outputs, lock_path
 
@@ -198,3 +198,42 @@ def test_a_folder_shared_by_a_group_is_locked_for_its_users_alike():
         assert not lock_path(target).exists()
     finally:
         shutil.rmtree(root)
+
+
+# Windows' msvcrt.locking (a byte range of an open file, refused at once when another process holds it, let go when
+# the holder ends), stood in for on POSIX by record locks (fcntl.lockf), which behave so; and no fcntl, as on Windows
+_AS_ON_WINDOWS = """
+import errno, fcntl, os, sys, types
+LK_UNLCK, LK_NBLCK = 0, 2
+
+def locking(fd, mode, nbytes):
+    how = fcntl.LOCK_UN if mode == LK_UNLCK else fcntl.LOCK_EX + fcntl.LOCK_NB
+    try:
+        fcntl.lockf(fd, how, nbytes, 0, os.SEEK_CUR)
+    except BlockingIOError:
+        raise OSError(errno.EACCES, "Permission denied") from None
+
+sys.modules["msvcrt"] = types.SimpleNamespace(LK_UNLCK=LK_UNLCK, LK_NBLCK=LK_NBLCK, locking=locking)
+sys.modules["fcntl"] = None
+"""
+
+
+def _windows_like(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _AS_ON_WINDOWS + script, *args], cwd=REPO / "CeVAEAnomaly",
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_an_output_is_locked_where_there_is_no_flock_as_on_windows(tmp_path):
+    """Without fcntl (Windows) nothing was locked: two runs with one --out both wrote it. A second run is now
+    refused while the first holds the output, naming it, and may write it once the first has ended."""
+    target = tmp_path / "m.cevae"
+    first = _windows_like(_HOLD_AS, str(target), "hold")
+    assert first.stdout.readline().split() == ["held", str(first.pid)], first.stderr.read()
+    second = _windows_like(_HOLD_AS, str(target), "kill")
+    out, err = second.communicate(timeout=60)
+    assert out.startswith(f"refused A train (process {first.pid}) is writing {target}"), err
+    first.communicate("", timeout=60)
+    assert first.returncode == 0 and not os.path.lexists(lock_path(target))
+    third = _windows_like(_HOLD_AS, str(target), "hold")
+    out, err = third.communicate("", timeout=60)
+    assert out.split() == ["held", str(third.pid)], err

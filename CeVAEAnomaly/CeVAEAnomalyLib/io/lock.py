@@ -6,7 +6,9 @@ locked by the next (made 0666 minus the umask; another user's that this one may 
 is removed once no process holds it). A write that may run
 inside a command's longer hold of the same output (a command holding its outputs, then writing them) asks
 for the lock as ``reentrant``. Folders made for a lock file go again if nothing was written in them. Where
-``flock`` does not exist (Windows), nothing is locked.
+``flock`` does not exist (Windows), one byte of the lock file, past its holder's line, is locked with
+``msvcrt.locking`` instead (also let go when its holder ends); the file is removed once closed (Windows removes no
+open file), unless another run has opened it meanwhile.
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ try:
     _EXCLUSIVE_NOW |= fcntl.LOCK_NB  # not written "A | B", which the Python-version check takes for a type union
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None  # type: ignore[assignment]
+_HELD_ERRNOS = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK)  # another process holds the lock
+_WINDOWS_LOCK_BYTE = 0x7FFFFFFE  # the byte msvcrt locks: past the holder's line, which the refused run reads
 
 
 class OutputHeld(CeVAEError):
@@ -50,7 +58,7 @@ def hold_output(target: Path, command: str, reentrant: bool = False) -> Iterator
     this process holds already is held on (otherwise it is refused too)."""
     path = lock_path(target)
     key = _lock_key(target)
-    if fcntl is None or (reentrant and _held.get(key) == os.getpid()):  # (a second flock would be refused)
+    if (fcntl is None and msvcrt is None) or (reentrant and _held.get(key) == os.getpid()):  # (a 2nd lock: refused)
         yield
         return
     made = _missing_folders(target.parent)  # made for the lock file: removed again unless something was written
@@ -86,9 +94,9 @@ def _locked(target: Path, path: Path, command: str) -> BinaryIO:
                 continue  # another user's, left by a run that was killed: made anew, this process's
             raise cannot_write_into(target.parent, exc) from None
         try:
-            fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
+            _lock_now(fh.fileno())
         except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: no locks there
+            if exc.errno not in _HELD_ERRNOS:  # e.g. ENOLCK: no locks there
                 if path.parent not in _unlockable:  # said once per folder, not for every file a batch writes
                     log.warning("%s cannot be locked (%s): the file system offers no locks. Make sure no other "
                                 "command writes %s meanwhile.", path, exc.strerror or exc, target)
@@ -120,7 +128,9 @@ def _removed_if_abandoned(target: Path, path: Path, command: str) -> bool:
     """Remove the lock file ``path`` that this user may not open for writing (another user's, in a folder they share:
     its mode is of that user's umask) if no process holds it (its run was killed); refuse ``target`` as held
     (:class:`OutputHeld`) while one does. False where it cannot be told (the file is gone or unreadable, or the file
-    system locks no file open read-only) or not removed."""
+    system locks no file open read-only; Windows) or not removed."""
+    if fcntl is None:
+        return False
     try:
         flags = os.O_RDONLY
         flags |= os.O_NOFOLLOW  # (not "A | B", which the Python-version check takes for a type union)
@@ -131,7 +141,7 @@ def _removed_if_abandoned(target: Path, path: Path, command: str) -> bool:
         try:
             fcntl.flock(fh.fileno(), _EXCLUSIVE_NOW)
         except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if exc.errno in _HELD_ERRNOS:
                 raise _held_by(target, path, command) from None
             return False
         try:  # locked: nobody holds it, and nobody removes or replaces it while this process holds it
@@ -146,13 +156,27 @@ def _removed_if_abandoned(target: Path, path: Path, command: str) -> bool:
     return True
 
 
+def _lock_now(fd: int) -> None:
+    """Lock the open lock file ``fd`` for this process, or raise OSError (errno in _HELD_ERRNOS: another process
+    holds it): ``flock``, else (Windows) ``msvcrt.locking`` of one byte past the holder's line."""
+    if fcntl is not None:
+        fcntl.flock(fd, _EXCLUSIVE_NOW)
+        return
+    os.lseek(fd, _WINDOWS_LOCK_BYTE, os.SEEK_SET)  # (the holder's line is appended: O_APPEND)
+    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
 def _let_go(fh: BinaryIO, path: Path) -> None:
-    """Remove the lock file ``path`` that ``fh`` holds locked, and close it."""
+    """Remove the lock file ``path`` that ``fh`` holds locked, and close it (Windows: close it, then remove it, which
+    fails, leaving it to be locked again, where another run has opened it meanwhile)."""
+    if fcntl is None:
+        fh.close()
     try:
         os.unlink(path)
     except OSError:
         pass
-    fh.close()
+    if fcntl is not None:  # (POSIX: removed while still locked, so that no run locks it just before it goes)
+        fh.close()
 
 
 def _missing_folders(folder: Path) -> List[Path]:
@@ -196,8 +220,8 @@ def _open_lock(path: Path) -> BinaryIO:
     its users all may lock it), never truncated, and never opened through a symbolic link (that would write into the
     link's target)."""
     flags = os.O_WRONLY
-    for flag in (os.O_CREAT, os.O_APPEND, os.O_NOFOLLOW):  # (not "A | B", which the Python-version check takes
-        flags |= flag  # for a type union)
+    for flag in (os.O_CREAT, os.O_APPEND, getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_BINARY", 0)):  # (not "A | B",
+        flags |= flag  # which the Python-version check takes for a type union; Windows has no O_NOFOLLOW)
     return os.fdopen(os.open(path, flags, 0o666), "ab")
 
 
