@@ -170,7 +170,14 @@ def evaluate_case(
     axis of the axial slices, :func:`axial_axis`, in any voxel order; None skips it), slice score = max score in the
     slice's mask voxels.
     """
-    axis = axial_axis(score) if slice_axis == "axial" else slice_axis
+    if slice_axis == "axial":
+        axis: Optional[int] = axial_axis(score)
+    elif slice_axis is None or (isinstance(slice_axis, int) and -score.GetDimension() <= slice_axis
+                                < score.GetDimension()):
+        axis = slice_axis
+    else:
+        raise CeVAEError(f"slice_axis {slice_axis!r} names no axis of the {score.GetDimension()}D score map: give "
+                         "'axial', a numpy axis (0 to 2, or -3 to -1, for a volume) or None.")
     return _evaluate(score, gt, mask, labelmap, axis, name)[0]
 
 

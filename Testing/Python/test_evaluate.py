@@ -193,6 +193,16 @@ def test_a_map_evaluated_without_its_mask_warns_that_its_zero_background_lifts_t
     assert "without a mask" not in caplog.text
 
 
+@pytest.mark.parametrize("axis", ["Axial", "coronal", 3, -4])
+def test_a_slice_axis_that_names_no_axis_is_refused(small_case: dict, axis) -> None:
+    """slice_axis="coronal" crashed in a modulo ('not all arguments converted during string formatting'), and 3 on a
+    3D map was taken for axis 0 (3 % 3): a slice AUROC over other slices than asked, with nothing said."""
+    with pytest.raises(CeVAEError, match=f"slice_axis {axis!r}"):
+        evaluate_case(**small_case, slice_axis=axis)
+    first = evaluate_case(**small_case, slice_axis=0).slice_auroc
+    assert evaluate_case(**small_case, slice_axis=-3).slice_auroc == first
+
+
 def test_evaluate_healthy_case(small_case: dict) -> None:
     metrics = evaluate_case(small_case["score"], mask=small_case["mask"], labelmap=small_case["labelmap"])
     assert math.isnan(metrics.auroc) and math.isnan(metrics.best_dice)
