@@ -346,6 +346,31 @@ def run_identity(options: Mapping[str, Any], train: Sequence[Subject], validatio
     return {"options": _plain(dict(options)), "train": volumes(train), "validation": volumes(validation)}
 
 
+# a field every checkpoint of the versions that sliced as training.cache.SLICING_VERSION 5 but did not record it wrote
+# (since 2026-12-06 16:26 UTC); a checkpoint recording neither is of an earlier version, whose slices may differ
+_SINCE_SLICING_5 = "replaces"
+
+
+def with_slicing(state: Mapping[str, Any], slicing: int, path: Path,
+                 wording: Wording = COMMAND_LINE_TRAIN) -> Optional[Mapping[str, Any]]:
+    """The run identity of the checkpoint ``state`` (at ``path``) with the slicing version of the slices it trained on
+    (``options.slicing``, inferred for versions since 5 that did not record it); refused where that is not
+    ``slicing``, this version's: the rest of the run would train on slices of another kind."""
+    run = state.get("run")
+    if not isinstance(run, Mapping) or not isinstance(run.get("options"), Mapping):
+        return run  # (check_same_run names it)
+    options = run["options"]
+    was = options.get("slicing", 5 if _SINCE_SLICING_5 in state else None)
+    if was == slicing:
+        return dict(run, options=dict(options, slicing=slicing))
+    said = (f"slicing version {_show(was)}; this version's is {slicing}" if was is not None else
+            "it does not record how its slices were prepared, as earlier versions did not")
+    raise CeVAEError(f"{wording.resume_request} refused: the checkpoint {path} was trained on slices that another "
+                     f"version of CeVAEAnomaly may have prepared otherwise ({said}), so the rest of the run would "
+                     f"train on slices of another kind; {wording.start_anew}, or resume it with the version that "
+                     f"wrote it.")
+
+
 def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], path: Path,
                    wording: Wording = COMMAND_LINE_TRAIN) -> None:
     """Refuse to resume from the checkpoint at ``path`` a run whose identity differs; name what differs, and say what

@@ -37,9 +37,11 @@ from ..io.targets import write_remedy
 from ..progress import ProgressCallback, checked, report
 from ..system import usable_cores
 from .augment import augment
-from .cache import Entry, SliceCache, SliceSet, UnreadVolumes, refuse_cache_among_inputs, temporary_cache
+from .cache import (SLICING_VERSION, Entry, SliceCache, SliceSet, UnreadVolumes, refuse_cache_among_inputs,
+                    temporary_cache)
 from .checkpoint import (CHECKPOINT_VERSION, check_same_run, damaged, optimizer_problem, read_checkpoint,
-                         run_differences, run_identity, truncate_log, weights_problem, write_checkpoint)
+                         run_differences, run_identity, truncate_log, weights_problem, with_slicing,
+                         write_checkpoint)
 from .config import LOG_HEADER, TrainConfig
 from .data import Subject, person_groups, persons_to_hold_out, split_subjects, unique_subjects, voxel_checksums
 from .distributed import (DistInfo, any_rank, barrier, check_replicas, file_checksums, gather_objects, mean_over_ranks,
@@ -466,7 +468,7 @@ class Trainer:
         return self._identity
 
     def _identity_with(self, train: Sequence[Subject], val: Sequence[Subject]) -> Dict[str, object]:
-        options = dict(self.cfg.run_options(self.start_sha256), preprocess=self.pre.to_dict())
+        options = dict(self.cfg.run_options(self.start_sha256), preprocess=self.pre.to_dict(), slicing=SLICING_VERSION)
         return run_identity(options, train, val, self.checksums)
 
     def check_resume(self) -> Dict[str, object]:
@@ -476,8 +478,9 @@ class Trainer:
         if self._resume_state is None:
             path = self.cfg.checkpoint_path
             state = self.resume_checkpoint()
-            self._follow_checkpoint_order(state.get("run"))
-            check_same_run(state.get("run"), self.run_identity(), path, self.wording)
+            saved = with_slicing(state, SLICING_VERSION, path, self.wording)
+            self._follow_checkpoint_order(saved)
+            check_same_run(saved, self.run_identity(), path, self.wording)
             step = state.get("step")
             if isinstance(step, int) and step > self.cfg.max_steps:  # the run would end at the checkpoint's step
                 raise CeVAEError(f"{self.wording.resume_request} refused: the checkpoint {path} is at step {step}, "
