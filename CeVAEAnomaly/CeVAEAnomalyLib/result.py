@@ -410,8 +410,8 @@ SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_so
 SUMMARY_VERSION = 4  # 2: with the detection's record (components gained peak_lps later; one without reads as None);
 # 3: the record with batch_size, mask and software (a version that reads 2 only refuses it by its version, not as
 # damaged; 2 still reads, those fields as not said); 4: with image_voxels_sha256 and mask_voxels_sha256 (likewise: 3
-# and 2 still read, those as None)
-READ_SUMMARY_VERSIONS = (2, 3, SUMMARY_VERSION)
+# and 2 still read, those as None); 1 (2026-12-05 to 12-06) still reads, without a record
+READ_SUMMARY_VERSIONS = (1, 2, 3, SUMMARY_VERSION)
 
 
 def save_result(result: DetectionResult, folder: PathLike, overwrite: bool = False) -> None:
@@ -451,9 +451,9 @@ def load_result(folder: PathLike) -> DetectionResult:
         components = [_typed(Component, c, f"component {n}", _LATER_COMPONENT_FIELDS)
                       for n, c in enumerate(_listed(summary, "components"), 1)]
         rows = [_typed(SliceScoreRow, r, f"slice row {n}") for n, r in enumerate(_listed(summary, "slices"), 1)]
-        if "record" not in summary:
+        if "record" not in summary and summary["format_version"] != 1:
             raise ValueError("it holds no 'record'")
-        record = None if summary["record"] is None else DetectionRecord.from_dict(summary["record"])
+        record = None if summary.get("record") is None else DetectionRecord.from_dict(summary["record"])
         images = {key: _read_image(folder / name) for key, name in RESULT_FILES.items()}
         _same_grid(images)
         return DetectionResult(images["score"], images["labelmap"], images["brain_mask"], float(threshold), source,

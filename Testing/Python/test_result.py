@@ -303,3 +303,27 @@ def test_a_result_saved_before_the_record_held_the_voxel_digests_reads_back_and_
     (tmp_path / "detection.json").write_text(json.dumps(summary))
     with pytest.raises(CeVAEError, match=r"image_voxels_sha256 'not a digest' is not a SHA-256 digest"):
         load_result(tmp_path)
+
+
+def test_a_result_saved_before_results_held_a_record_reads_back_without_one(tmp_path):
+    """A result folder of format 1 (save_result from 2026-12-05 to 2026-12-06, e.g. 9bbcbbb: no record, components
+    without peak_lps) reads as written, without a record, as it did then; it used to be refused as 'could not be read
+    (format version 1, not 4)', saying nothing of what to do."""
+    import dataclasses
+    import json
+
+    result = small_result()
+    save_result(result, tmp_path)
+    summary = json.loads((tmp_path / "detection.json").read_text())
+    del summary["record"]
+    for component in summary["components"]:
+        del component["peak_lps"]
+    summary["format_version"] = 1  # as 9bbcbbb wrote it
+    (tmp_path / "detection.json").write_text(json.dumps(summary))
+    back = load_result(tmp_path)
+    assert back.record is None and (back.threshold, back.threshold_source) == (1.5, "absolute")
+    assert back.slices == result.slices
+    assert back.components == [dataclasses.replace(c, peak_lps=None) for c in result.components]
+    for name in ("score", "labelmap", "brain_mask"):
+        assert np.array_equal(sitk.GetArrayFromImage(getattr(back, name)),
+                              sitk.GetArrayFromImage(getattr(result, name)))
