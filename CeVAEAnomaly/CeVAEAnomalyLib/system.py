@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
+from .errors import CeVAEError
+
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int:
     """CPU cores this process may run on: its affinity mask (Slurm's, taskset's), or fewer where a CPU quota of its
@@ -64,6 +66,19 @@ def _quota_in(directory: Path, files: Tuple[str, ...]) -> Optional[float]:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
+
+
+def torchrun_number(name: str, default: int, environ: Mapping[str, str] = os.environ) -> int:
+    """torchrun's whole-number variable ``name`` (WORLD_SIZE, RANK, LOCAL_RANK); ``default`` where it is unset. One
+    that is no whole number (exported empty or as a word by a job template) is refused in words."""
+    value = environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise CeVAEError(f"The environment variable {name} must be a whole number (torchrun sets it), got {value!r}; "
+                         "unset it to run as one process.") from None
 
 
 def threads_per_process(processes: int, environ: Mapping[str, str] = os.environ) -> int:

@@ -192,3 +192,35 @@ def test_a_run_that_halved_its_batch_mid_epoch_resumes_at_the_slice_where_it_sto
     assert trained == uninterrupted
     for key, value in whole.model.state_dict().items():
         torch.testing.assert_close(parts.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "two"), ("LOCAL_RANK", ""), ("RANK", "0x1")])
+def test_a_torchrun_variable_that_is_no_number_is_refused_in_words_by_the_library(name, value, monkeypatch, tmp_path,
+                                                                              capsys):
+    """The command line refused a WORLD_SIZE that is no whole number in one line, but a Trainer of the Python API
+    ended in "ValueError: invalid literal for int()" (WORLD_SIZE, LOCAL_RANK); and under torchrun a RANK that is no
+    number made the command line's error line itself fail (a traceback). Each is now the same CeVAEError."""
+    from CeVAEAnomalyLib.engine.config import ModelConfig
+    from CeVAEAnomalyLib.training.data import Subject
+    from CeVAEAnomalyLib.training.distributed import rank_device
+    from CeVAEAnomalyLib.training.trainer import Trainer
+
+    message = (f"The environment variable {name} must be a whole number (torchrun sets it), got {value!r}; unset it "
+               "to run as one process.")
+    if name == "WORLD_SIZE":
+        write_cohort(tmp_path)
+        cfg = TrainConfig(out=tmp_path / "m.cevae", model=ModelConfig(channels=(8, 8, 16, 16), z_dim=8), device="cpu")
+        monkeypatch.setenv(name, value)
+        with pytest.raises(CeVAEError) as caught:
+            Trainer(cfg, [Subject(tmp_path / "h1.nii.gz", tmp_path / "h1_mask.nii.gz")])
+        assert str(caught.value) == message
+        monkeypatch.delenv(name)
+    if name == "LOCAL_RANK":  # (read where the device is CUDA, or under torchrun)
+        monkeypatch.setenv(name, value)
+        with pytest.raises(CeVAEError) as caught:
+            rank_device(torch.device("cuda"))
+        assert str(caught.value) == message
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(name, value)
+    assert _main(["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(tmp_path / "m.cevae")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: " + message

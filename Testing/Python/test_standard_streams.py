@@ -57,5 +57,5 @@ def test_a_world_size_that_is_no_number_is_one_line(value: str) -> None:
     assert proc.returncode == 0 and proc.stdout.startswith(b"cevae-anomaly "), proc.stderr
     proc = cevae(["info", "--json"], WORLD_SIZE=value)
     assert proc.returncode == EXIT_REFUSED and not proc.stdout, proc.stderr
-    assert proc.stderr.decode() == f"error: the environment variable WORLD_SIZE must be a whole number (torchrun " \
+    assert proc.stderr.decode() == f"error: The environment variable WORLD_SIZE must be a whole number (torchrun " \
                                    f"sets it), got {value!r}; unset it to run as one process.\n"

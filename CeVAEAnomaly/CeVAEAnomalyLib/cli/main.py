@@ -18,7 +18,7 @@ from ..errors import CeVAEError, one_line, out_of_memory
 from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
                        output_path_value, path_value, switch)
 from ..interrupts import Terminated, sigterm_as_interrupt
-from ..system import usable_cores
+from ..system import torchrun_number, usable_cores
 
 log = logging.getLogger("cevae_anomaly")
 
@@ -360,8 +360,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _world_size() -> Optional[int]:
     """torchrun's WORLD_SIZE: 1 where it is unset, None where it is no whole number."""
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
+        return torchrun_number("WORLD_SIZE", 1)
+    except CeVAEError:
         return None
 
 
@@ -416,7 +416,7 @@ def _say_failure(rank: str, line: str) -> None:
     if rank:
         from ..training.distributed import claim_failure
 
-        first = claim_failure(int(os.environ.get("RANK", "-1")), line)
+        first = claim_failure(torchrun_number("RANK", -1), line)
         if first is not None and first[1] == line:
             line = f"error: the same as rank {first[0]}'s."
     _say(rank + line)
@@ -434,7 +434,7 @@ def _failed_rank() -> Optional[int]:
     from ..training.distributed import failed_rank
 
     failed = failed_rank()
-    return None if failed == int(os.environ.get("RANK", "-1")) else failed
+    return None if failed == torchrun_number("RANK", -1) else failed
 
 
 def _stopped(word: str, args: argparse.Namespace, started: float) -> str:
@@ -498,12 +498,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version or a usage error (already printed)
         return int(exc.code or EXIT_DONE)
-    world = _world_size()
-    if world is None:
-        _say(f"error: the environment variable WORLD_SIZE must be a whole number (torchrun sets it), got "
-             f"{os.environ['WORLD_SIZE']!r}; unset it to run as one process.")
+    try:
+        distributed = torchrun_number("WORLD_SIZE", 1) > 1  # under torchrun: say which rank speaks
+        for name in ("RANK", "LOCAL_RANK") if distributed else ():  # (read as numbers where it fails)
+            torchrun_number(name, 0)
+    except CeVAEError as exc:
+        _say(f"error: {exc}")
         return EXIT_REFUSED
-    distributed = world > 1  # under torchrun: say which rank speaks
     rank = f"[rank {os.environ.get('RANK', '?')}] " if distributed else ""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=rank + "%(levelname)s: %(message)s")
     if distributed and args.command != "train":  # every rank would do the whole work, racing for the same outputs

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..errors import CeVAEError
 from ..io.checksum import FileMemo, sha256_by
+from ..system import torchrun_number
 from .data import Subject
 
 log = logging.getLogger(__name__)
@@ -43,35 +44,36 @@ def rank_device(device: torch.device) -> torch.device:
     ``device`` otherwise. More ranks on a machine than its visible GPUs are refused in words (torch raised "invalid
     device ordinal", said as a bug), and so is a GPU named by its index (it was replaced by the rank's without a
     word): under torchrun the GPUs are chosen with ``CUDA_VISIBLE_DEVICES``."""
-    local = os.environ.get("LOCAL_RANK")
-    if device.type != "cuda" or local is None:
+    if device.type != "cuda" or "LOCAL_RANK" not in os.environ:
         return device
     if device.index is not None:
         raise CeVAEError(f"--device {device} names one GPU, but under torchrun each rank uses the GPU of its "
                          "LOCAL_RANK; pass --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES (e.g. "
                          f"CUDA_VISIBLE_DEVICES={device.index} torchrun ...).")
+    local = torchrun_number("LOCAL_RANK", 0)
     count = torch.cuda.device_count()
-    if int(local) >= count:
+    if local >= count:
         raise CeVAEError(f"This process is rank {local} of its machine (LOCAL_RANK) and would use GPU cuda:{local}, "
                          f"but the machine has {count} visible GPU(s): start at most {count} process(es) per machine "
                          "(torchrun --nproc_per_node gpu), or train with --device cpu.")
-    return torch.device("cuda", int(local))
+    return torch.device("cuda", local)
 
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group when started by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = torchrun_number("WORLD_SIZE", 1)
     if world <= 1:
         return DistInfo()
     if device.type not in ("cuda", "cpu"):
         raise CeVAEError(f"Distributed training runs on CUDA or the CPU, not on {device.type}; "
                          "pass --device cuda or --device cpu.")
+    local = torchrun_number("LOCAL_RANK", 0)
     owns = not dist.is_initialized()
     if owns:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, owns)
 
 
 FAILURE_KEY = "cevae-anomaly/failed"
