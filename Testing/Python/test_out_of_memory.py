@@ -51,3 +51,19 @@ def test_a_detection_that_runs_out_of_memory_says_so_in_one_line(tmp_path):
         "error: out of memory; close other programs, give a smaller --batch-size or use a machine with more "
         "memory."], proc.stderr
     assert not (tmp_path / "score.nii.gz").exists()
+
+
+def test_itk_and_onednn_allocation_failures_are_out_of_memory():
+    """A detection of a 256³ head capped at 340 to 420 MB more than the command line takes once imported ended in
+    "unexpected RuntimeError: Failed to allocate memory for image. ... report it" (ITK's buffer of a resample or
+    filter) or "unexpected RuntimeError: could not create a primitive ... report it" (oneDNN, whose CPU convolutions
+    allocate their own work space): both are said as out of memory now (the command line, batch, the Slicer panel)."""
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.errors import out_of_memory
+
+    with pytest.raises(RuntimeError) as itk:
+        sitk.Image([2**16, 2**16, 2**14], sitk.sitkFloat32)  # 256 TiB
+    assert out_of_memory(itk.value), str(itk.value)
+    assert out_of_memory(RuntimeError("could not create a primitive"))  # (oneDNN's whole message)
+    assert not out_of_memory(RuntimeError("could not create a primitive descriptor for a matmul primitive"))
+    assert not out_of_memory(RuntimeError("Failed to read image"))
