@@ -562,3 +562,27 @@ def test_train_and_adapt_where_no_temporary_folder_can_be_written_say_so(inputs,
                                 r"temporary directory found in \[.*\] \(a full disk or a used-up quota\?\)\. "
                                 r"Free space there, or give --cache-dir a folder on a disk with room\.$")
     assert tree(tmp_path) == before and not out.parent.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX limits")
+def test_a_write_refused_for_too_many_open_files_says_to_raise_the_limit(tmp_path):
+    """batch under `ulimit -n 8` (a job template's or a container's low limit) failed every volume with "Cannot write
+    into OUT (Too many open files). Make sure OUT can be written (EMFILE)": the folder was fine, the process's limit
+    on open files was not. It says which limit now, and how to raise it."""
+    import resource
+
+    from CeVAEAnomalyLib.io.targets import cannot_write_into
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = os.open(os.devnull, os.O_RDONLY)  # the lowest free file number: with this limit, no file opens
+    os.close(limit)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        with pytest.raises(OSError) as caught:
+            open(tmp_path / "out.nii.gz", "wb")
+        message = str(cannot_write_into(tmp_path, caught.value))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert caught.value.errno == errno.EMFILE
+    assert message == (f"Cannot write into {tmp_path} (Too many open files). This process may hold {limit} files "
+                       "open at once: raise that limit (ulimit -n), or choose another folder.")

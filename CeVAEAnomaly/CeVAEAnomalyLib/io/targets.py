@@ -290,8 +290,8 @@ def write_remedy(exc: BaseException, folder: Path, room: str = "Free some space"
     cause: ``room`` for a full disk or quota, or a failed write that says no cause (torch's, whose cause reads "disk
     full or a file-size limit?"); a read-only disk or permissions each named; the disk checked for an I/O error or a
     file that did not read back as written (an OSError without errno); the file named that stands where ``folder``
-    or a folder above it should be (ENOTDIR, or EEXIST from making it); shorter names for a name too long; any other
-    error named by its errno."""
+    or a folder above it should be (ENOTDIR, or EEXIST from making it); shorter names for a name too long; the limit
+    on open files of the process (EMFILE) or of the system (ENFILE); any other error named by its errno."""
     if not isinstance(exc, OSError) or full_disk(exc):
         return room
     if exc.errno is None or exc.errno == errno.EIO:
@@ -302,10 +302,24 @@ def write_remedy(exc: BaseException, folder: Path, room: str = "Free some space"
         return f"Make sure you may write in {folder} (its permissions)"
     if exc.errno == errno.ENAMETOOLONG:
         return f"Give {folder} and its files shorter names"
+    if exc.errno == errno.EMFILE:
+        return f"This process may hold {_open_file_limit()} files open at once: raise that limit (ulimit -n)"
+    if exc.errno == errno.ENFILE:
+        return "The system holds as many open files as it may: close other programs"
     blocker = file_in_the_way(folder) if exc.errno in (errno.ENOTDIR, errno.EEXIST) else None
     if blocker is not None:
         return f"{blocker} is a file, not a folder: rename or move it"
     return f"Make sure {folder} can be written ({errno.errorcode.get(exc.errno, exc.errno)})"
+
+
+def _open_file_limit() -> str:
+    """The number of files this process may hold open (its soft RLIMIT_NOFILE), or "few" where it is not known."""
+    try:
+        import resource  # (POSIX only)
+    except ImportError:
+        return "few"
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return "few" if soft == resource.RLIM_INFINITY else str(soft)
 
 
 def cannot_write_into(folder: Path, exc: OSError) -> CeVAEError:
