@@ -367,6 +367,24 @@ def test_out_of_memory_error_type_is_recognised(manifest, tmp_path):
     assert calls == [8, 4, 2]
 
 
+def test_the_cpu_allocators_out_of_memory_halves_the_batch_too(manifest, tmp_path, caplog):
+    """On the CPU (a laptop's training) torch's allocator says "can't allocate memory" in a plain RuntimeError, not
+    CUDA's "out of memory": that step ended the run instead of retrying with half the batch as on a GPU."""
+    trainer = tiny_trainer(tmp_path, manifest)
+    sizes: List[int] = []
+
+    def step_fn(idx: torch.Tensor):
+        sizes.append(len(idx))
+        if len(idx) > 2:  # a real allocation the CPU cannot make (1 PiB per slice)
+            torch.empty(len(idx) << 50, dtype=torch.uint8)
+        return {"loss": 1.0}
+
+    with caplog.at_level(logging.WARNING):
+        assert trainer.step_with_oom_retry(torch.arange(8), step_fn) == {"loss": 1.0}
+    assert sizes == [8, 4, 2] and trainer.batch_size == 2
+    assert "Out of memory; retrying with batch size 2." in caplog.text
+
+
 def test_other_errors_and_oom_at_batch_one(manifest, tmp_path):
     trainer = tiny_trainer(tmp_path, manifest)
     with pytest.raises(RuntimeError, match="shape mismatch"):

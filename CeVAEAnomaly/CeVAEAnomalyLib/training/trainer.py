@@ -28,7 +28,7 @@ from ..engine.corruption import random_rectangles
 from ..engine.devices import mixed_precision, resolve_device
 from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
-from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, out_of_memory
 from ..io.atomic import remove_stale_temporaries, write_all
 from ..io.checksum import FileMemo, content_checksums, sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
@@ -172,10 +172,6 @@ def _set_device_rng(device: torch.device, saved: object) -> None:
         torch.cuda.set_rng_state(saved["state"], device)
     elif device.type == "mps":
         torch.mps.set_rng_state(saved["state"])
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _grad_scaler(enabled: bool):
@@ -374,7 +370,7 @@ class Trainer:
             try:
                 return step_fn(batch[: self.batch_size])
             except RuntimeError as exc:
-                if not _is_oom(exc):
+                if not out_of_memory(exc):  # CUDA's, MPS's, or the CPU allocator's words
                     raise
                 if self.batch_size <= 1:
                     raise CeVAEError(f"Out of memory even with batch size 1 on {self.device}; "
