@@ -135,6 +135,23 @@ def test_a_gpu_named_by_its_index_under_torchrun_is_refused_in_words(monkeypatch
     assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # (no torchrun: the GPU asked for)
 
 
+def test_training_on_a_gpu_named_by_its_index_makes_it_the_current_one(monkeypatch):
+    """--device cuda:1 (no torchrun) put the model on GPU 1, but the current CUDA device stayed cuda:0, where torch
+    does its own work: the loader's memory-pinning thread pins on the current device, so every training on cuda:1 also
+    made a CUDA context on GPU 0 (its memory taken there; refused where GPU 0 is another process's in exclusive mode).
+    Logic only: this machine has no GPU, so torch's set_device is recorded, not run (not run on a GPU)."""
+    from CeVAEAnomalyLib.training.distributed import init_distributed
+
+    made_current: List[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed(torch.device("cuda", 1)).world == 1
+    assert made_current == [torch.device("cuda", 1)]
+    for other in (torch.device("cuda"), torch.device("cpu")):  # cuda: torch's current GPU is the one used
+        init_distributed(other)
+    assert made_current == [torch.device("cuda", 1)]
+
+
 def test_a_stopped_rank_says_which_it_is(monkeypatch, capsys, tmp_path):
     """SIGTERM to one rank of a torchrun: rank 0 said "another rank stopped (see its own error)", and the stopped
     rank's line, "terminated; ...", did not say which rank it was (every rank's Ctrl-C line was the same too)."""

@@ -60,7 +60,11 @@ def rank_device(device: torch.device) -> torch.device:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU. A GPU named by
+    its index (cuda:N, or a rank's) is made the current one first: NCCL needs it so, and torch does its own work there
+    (the loader pins memory on the current GPU, which made a CUDA context on cuda:0 for a run on cuda:1)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     world = torchrun_number("WORLD_SIZE", 1)
     if world <= 1:
         return DistInfo()
@@ -70,8 +74,6 @@ def init_distributed(device: torch.device) -> DistInfo:
     local = torchrun_number("LOCAL_RANK", 0)
     owns = not dist.is_initialized()
     if owns:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, owns)
 
