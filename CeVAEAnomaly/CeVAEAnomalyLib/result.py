@@ -53,6 +53,9 @@ class Component:
     peak_lps: Optional[Tuple[float, float, float]] = None  # the centre of its highest-scoring voxel (of equal ones,
     # the first in array order): a point in the component, which the centroid need not be (a ring's lies in its hole);
     # None where it is not known (a result saved before components recorded it)
+    side: str = ""  # the patient's side of the brain's mid-sagittal plane it lies on: "left", "right" or "both"
+    # (crossing the midline; engine.postprocess.component_sides); "" where not known (components made without a
+    # plane, a result saved before components recorded it)
 
     @property
     def summed_score(self) -> float:
@@ -285,21 +288,23 @@ def slice_scores_csv(result: DetectionResult, delimiter: str = ",") -> str:
 
 
 PEAK_FIELDS = ["peak_r", "peak_a", "peak_s"]  # a component's highest-scoring voxel (tables written before lack them)
+SIDE_FIELD = "side"  # the patient's side of the midline (Component.side; tables written before lack it)
 COMPONENT_FIELDS = ["component", "voxels", "volume_ml", "summed_score", "max_score", "mean_score", "r", "a", "s",
-                    *PEAK_FIELDS]
+                    *PEAK_FIELDS, SIDE_FIELD]
 
 
 def components_csv(result: DetectionResult, delimiter: str = ",") -> str:
     """The anomaly components in the result's order (``component`` 1 first: the highest summed score), with
-    centroids and highest-scoring voxels in the input's RAS (mm; a peak not known is left empty). The labelmap marks
-    every component 1; ``component`` is their rank."""
+    centroids and highest-scoring voxels in the input's RAS (mm; a peak not known is left empty) and the patient's
+    side of the midline they lie on (left, right, both; empty where not known). The labelmap marks every component 1;
+    ``component`` is their rank."""
     buf = io.StringIO()
     w = csv.writer(buf, delimiter=delimiter)
     w.writerow(COMPONENT_FIELDS)
     for c in result.components:
         peak = ("", "", "") if c.peak_ras is None else map(_mm, c.peak_ras)
         w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.summed_score:.6g}", f"{c.max_score:.6g}",
-                    f"{c.mean_score:.6g}", *map(_mm, c.centroid_ras), *peak])
+                    f"{c.mean_score:.6g}", *map(_mm, c.centroid_ras), *peak, c.side])
     return buf.getvalue()
 
 
@@ -407,11 +412,12 @@ def write_result(result: DetectionResult, *, score: Optional[PathLike] = None, l
 RESULT_FILES = {"score": "score.nrrd", "labelmap": "labelmap.nrrd", "brain_mask": "brain_mask.nrrd"}
 SUMMARY_FILE = "detection.json"  # {"format_version", "threshold", "threshold_source", "slices", "components",
 # "record"}
-SUMMARY_VERSION = 4  # 2: with the detection's record (components gained peak_lps later; one without reads as None);
+SUMMARY_VERSION = 5  # 2: with the detection's record (components gained peak_lps later; one without reads as None);
 # 3: the record with batch_size, mask and software (a version that reads 2 only refuses it by its version, not as
 # damaged; 2 still reads, those fields as not said); 4: with image_voxels_sha256 and mask_voxels_sha256 (likewise: 3
-# and 2 still read, those as None); 1 (2026-12-05 to 12-06) still reads, without a record
-READ_SUMMARY_VERSIONS = (1, 2, 3, SUMMARY_VERSION)
+# and 2 still read, those as None); 5: components with their side (likewise: 4 and before read it as ""); 1
+# (2026-12-05 to 12-06) still reads, without a record
+READ_SUMMARY_VERSIONS = (1, 2, 3, 4, SUMMARY_VERSION)
 
 
 def save_result(result: DetectionResult, folder: PathLike, overwrite: bool = False) -> None:
@@ -491,7 +497,9 @@ def _listed(summary: dict, key: str) -> list:
     return value
 
 
-_LATER_COMPONENT_FIELDS = frozenset({"peak_lps"})  # a Component's fields that results saved before lack (its default)
+_LATER_COMPONENT_FIELDS = frozenset({"peak_lps", "side"})  # a Component's fields that results saved before lack
+# (their default)
+SIDES = ("left", "right", "both", "")  # Component.side
 
 
 def _typed(cls: type, data: object, where: str, later: AbstractSet[str] = frozenset()):
@@ -506,7 +514,7 @@ def _typed(cls: type, data: object, where: str, later: AbstractSet[str] = frozen
         value = strict_json.number(data[name]) if kind is float else data[name]
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = {int: isinstance(value, int) and not isinstance(value, bool), float: number,
-              bool: isinstance(value, bool)}.get(kind)
+              bool: isinstance(value, bool), str: value in SIDES}.get(kind)  # (a str: a component's side)
         if ok is None:  # the centroid or peak: three numbers
             value = [strict_json.number(v) for v in value] if isinstance(value, list) else value
             ok = isinstance(value, list) and len(value) == 3 and all(

@@ -562,17 +562,20 @@ def test_each_volume_gets_the_component_table_detect_writes(cohort, two, tiny_bu
     assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["skipped", "skipped"]
 
 
-def test_a_component_table_without_the_peak_columns_reads_back_whole(cohort, two, tiny_bundle, tmp_path):
-    """The component table gained the peak columns (peak_r, peak_a, peak_s): a table of an earlier version, without
-    them, is still a whole table (not "incomplete (no component header)") where batch reads outputs back."""
+@pytest.mark.parametrize("dropped", [1, 4], ids=["without side", "without peaks and side"])
+def test_a_component_table_of_an_earlier_version_reads_back_whole(cohort, two, tiny_bundle, tmp_path, dropped):
+    """The component table gained the peak columns (peak_r, peak_a, peak_s), then the side column: a table of an
+    earlier version, without them, is still a whole table (not "incomplete (no component header)") where batch reads
+    outputs back."""
     from CeVAEAnomalyLib.cli.batch import incomplete_outputs, read_back
 
     out = tmp_path / "out"
     assert batch(two, out, tiny_bundle, "--threshold", "0.3") == 0
     table = out / "a1_components.csv"
     lines = table.read_bytes().decode().splitlines(keepends=True)
-    assert lines[0].rstrip().endswith(",r,a,s,peak_r,peak_a,peak_s") and len(lines) > 1
-    older = "".join(line.rstrip("\r\n").rsplit(",", 3)[0] + line[len(line.rstrip("\r\n")):] for line in lines)
+    assert lines[0].rstrip().endswith(",r,a,s,peak_r,peak_a,peak_s,side") and len(lines) > 1
+    assert all(line.rstrip().rsplit(",", 1)[1] in ("left", "right", "both") for line in lines[1:])
+    older = "".join(line.rstrip("\r\n").rsplit(",", dropped)[0] + line[len(line.rstrip("\r\n")):] for line in lines)
     table.write_bytes(older.encode())
     assert incomplete_outputs(output_paths(out, "a1")) == ""
     row = read_back(BatchItem("a1", cohort / "a1.nii.gz", cohort / "a1_mask.nii.gz"), out, {})

@@ -92,8 +92,9 @@ def test_tables_list_the_most_anomalous_slice_first(tmp_path):
     rows = table.splitlines()
     assert rows[0] == "axis,index,anomaly,kl,rec,neg_elbo,map_max,flagged" and rows[1].startswith("2,3,1,")
     header, first = components_csv(result).splitlines()[:2]
-    assert header == "component,voxels,volume_ml,summed_score,max_score,mean_score,r,a,s,peak_r,peak_a,peak_s"
-    assert first == "1,20,0.0600,35,2,1.75,-1.00,2.00,3.50,-2.00,-2.50,5.00"  # summed score: mean 1.75 x 20 voxels
+    assert header == "component,voxels,volume_ml,summed_score,max_score,mean_score,r,a,s,peak_r,peak_a,peak_s,side"
+    assert first == "1,20,0.0600,35,2,1.75,-1.00,2.00,3.50,-2.00,-2.50,5.00,"  # summed score: mean 1.75 x 20 voxels
+    # (its side not known: made without a plane)
     files = result_files(result, {"slices": tmp_path / "s.csv", "components": None, "score": tmp_path / "a.nrrd"})
     assert set(files) == {tmp_path / "s.csv", tmp_path / "a.nrrd"} and files[tmp_path / "s.csv"] == table
 
@@ -282,8 +283,8 @@ def test_a_result_saved_before_the_record_held_batch_size_mask_and_software_read
 
 def test_a_result_saved_before_the_record_held_the_voxel_digests_reads_back_and_a_new_one_says_its_version(tmp_path):
     """The record gained image_voxels_sha256 and mask_voxels_sha256 (the digests of the images scored, also where
-    they were given in memory): a result folder is format 4 now, which a version that reads 3 refuses by its version,
-    not as damaged; a format-3 folder (a Slicer worker's hand-over, save_result) still reads, those as None."""
+    they were given in memory): a result folder is format 4 (or later) now, which a version that reads 3 refuses by
+    its version, not as damaged; a format-3 folder (a Slicer worker's hand-over, save_result) still reads, those as None."""
     import dataclasses
     import json
 
@@ -291,7 +292,7 @@ def test_a_result_saved_before_the_record_held_the_voxel_digests_reads_back_and_
     result.record = dataclasses.replace(result.record, image_voxels_sha256="a" * 64, mask_voxels_sha256=None)
     save_result(result, tmp_path)
     summary = json.loads((tmp_path / "detection.json").read_text())
-    assert summary["format_version"] == 4 and summary["record"]["image_voxels_sha256"] == "a" * 64
+    assert summary["format_version"] >= 4 and summary["record"]["image_voxels_sha256"] == "a" * 64
     assert load_result(tmp_path).record == result.record
     for key in ("image_voxels_sha256", "mask_voxels_sha256"):
         del summary["record"][key]

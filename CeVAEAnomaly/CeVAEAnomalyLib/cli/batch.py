@@ -593,10 +593,12 @@ def incomplete_outputs(paths: Dict[str, Path]) -> str:
     component table its rows against the labelmap's components, and for the slice table its rows against the slices
     the score map scores."""
     from ..io.verify import incomplete_reason
-    from ..result import COMPONENT_FIELDS, PEAK_FIELDS, SLICE_FIELDS
+    from ..result import COMPONENT_FIELDS, PEAK_FIELDS, SIDE_FIELD, SLICE_FIELDS
 
-    before_peaks = [f for f in COMPONENT_FIELDS if f not in PEAK_FIELDS]  # a table of a version without peak columns
-    headers = {"slices": ("slice-score", [SLICE_FIELDS]), "components": ("component", [COMPONENT_FIELDS, before_peaks])}
+    before_side = [f for f in COMPONENT_FIELDS if f != SIDE_FIELD]  # tables of versions without the side column,
+    before_peaks = [f for f in before_side if f not in PEAK_FIELDS]  # and without the peak columns too
+    headers = {"slices": ("slice-score", [SLICE_FIELDS]),
+               "components": ("component", [COMPONENT_FIELDS, before_side, before_peaks])}
     for role, path in paths.items():
         if not path.is_file():
             return f"{path.name} is missing"

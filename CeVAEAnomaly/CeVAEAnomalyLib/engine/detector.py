@@ -36,7 +36,7 @@ from .scan_adaptation import adapted_copy
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map, scoring_copy
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
 from .modality import bright_tail, scan_contrast_warning
-from .symmetry import BoxAsymmetry, box_asymmetry, fuse_with_asymmetry
+from .symmetry import BoxAsymmetry, box_asymmetry, box_midplane, fuse_with_asymmetry
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +166,19 @@ class Detector:
         inside = brain[region].copy()
         del stack, raw, passes, brain  # the full-size mask is freed before the full-size outputs are made
         report(progress, 0.9, "Post-processing")
-        score = self._refine(score, inside, image, region, self._asymmetry(image, inside, region))
+        asym = self._asymmetry(image, inside, region)
+        score = self._refine(score, inside, image, region, asym)
+        plane = None if asym is None else asym.plane  # (the mid-sagittal plane: the side of each component)
+        del asym
         labelled = score if thr > 0 else np.where(inside, score, np.float32(np.nan))  # a threshold <= 0: brain only
         labelmap = threshold_labelmap(labelled, spacing, thr, self.post.min_volume_mm3, self.post.hysteresis,
                                       self.post.min_peak)
         del labelled
         _add_slice_anomaly(rows, score, inside, labelmap, region, slice_map_weight(len(self.score.orientation_list)))
         score, labelmap = region_image(score, image, region), region_image(labelmap, image, region)
-        comps = components(labelmap, score, COMPONENT_ORDER)
+        if plane is None and sitk.GetArrayViewFromImage(labelmap).any():  # scored without the asymmetry: found here
+            plane = box_midplane(image, inside, region)
+        comps = components(labelmap, score, COMPONENT_ORDER, plane)
         brain_img = region_image(inside.view(np.uint8), image, region)
         labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
         report(progress, 1.0, "Detection done")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,6 +16,9 @@ from ..errors import CeVAEError
 from ..io.images import in_voxels, voxel_volume_ml
 from ..options import SPREADS, PostprocessOptions
 from ..result import Component
+
+if TYPE_CHECKING:
+    from .symmetry import MidPlane
 
 
 def _radius_vox(spacing: Sequence[float], mm: float) -> List[int]:
@@ -222,9 +225,16 @@ COMPONENT_ORDERS = {
 }
 
 
-def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -> List[Component]:
+# A component is on one side of the mid-sagittal plane when more than this share of its voxels (their centres) lie
+# on that side; otherwise it crosses the midline ("both": at least 10 % of it lies on the other side or on the plane).
+SIDE_SHARE = 0.9
+
+
+def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume",
+               plane: Optional["MidPlane"] = None) -> List[Component]:
     """Connected components (26-connectivity) with size and score statistics and their highest-scoring voxel,
-    ranked by ``order`` (a key of :data:`COMPONENT_ORDERS`, highest first) and labelled 1, 2, ... in that order."""
+    ranked by ``order`` (a key of :data:`COMPONENT_ORDERS`, highest first) and labelled 1, 2, ... in that order;
+    with the brain's mid-sagittal ``plane``, the patient's side each lies on (:func:`component_sides`; None: "")."""
     if not sitk.GetArrayViewFromImage(labelmap).any():  # nothing flagged, as in most scans: no ITK passes
         return []
     cc = sitk.RelabelComponent(sitk.ConnectedComponent(labelmap, True))
@@ -233,6 +243,7 @@ def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -
     voxel_ml = voxel_volume_ml(score)
     labels = [int(lab) for lab in stats.GetLabels()]
     peaks = _peak_voxels(cc, score, {lab: stats.GetMaximum(lab) for lab in labels})
+    sides = {} if plane is None else component_sides(cc, plane)
     out = []
     for lab in labels:
         n = int(stats.GetNumberOfPixels(lab))
@@ -246,12 +257,34 @@ def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume") -
                 mean_score=float(stats.GetMean(lab)),
                 centroid_lps=tuple(float(v) for v in stats.GetCentroid(lab)),
                 peak_lps=None if peak is None else tuple(float(v) for v in score.TransformIndexToPhysicalPoint(peak)),
+                side=sides.get(lab, ""),
             )
         )
     out.sort(key=lambda c: (-COMPONENT_ORDERS[order](c), -c.voxels, c.label))
     for rank, c in enumerate(out, 1):
         c.label = rank
     return out
+
+
+def component_sides(labels: sitk.Image, plane: "MidPlane") -> Dict[int, str]:
+    """The patient's side of ``plane`` (the brain's mid-sagittal plane, LPS mm) each label > 0 of ``labels`` lies on:
+    "left" (+x in LPS: the patient's left) or "right" where more than :data:`SIDE_SHARE` of its voxel centres lie on
+    that side, "both" (crossing the midline) otherwise. Physical positions, so the same in any voxel order or tilt of
+    the grid."""
+    flat = sitk.GetArrayViewFromImage(labels).ravel()
+    inside = np.flatnonzero(flat)
+    label_of = flat[inside]
+    k, j, i = np.unravel_index(inside, labels.GetSize()[::-1])
+    sign = 1.0 if plane.normal[0] >= 0 else -1.0  # so that the normal points to +x, the patient's left
+    normal = sign * np.asarray(plane.normal, float)
+    ci, cj, ck = normal @ (np.array(labels.GetDirection()).reshape(3, 3) @ np.diag(labels.GetSpacing()))
+    distance = float(normal @ np.asarray(labels.GetOrigin(), float)) - sign * plane.offset + ci * i + cj * j + ck * k
+    n = int(label_of.max()) + 1 if len(label_of) else 1
+    total = np.bincount(label_of, minlength=n)
+    left = np.bincount(label_of[distance > 0], minlength=n)
+    right = np.bincount(label_of[distance < 0], minlength=n)
+    return {lab: "left" if left[lab] > SIDE_SHARE * total[lab] else "right" if right[lab] > SIDE_SHARE * total[lab]
+            else "both" for lab in map(int, np.flatnonzero(total[1:]) + 1)}
 
 
 def _peak_voxels(labels: sitk.Image, score: sitk.Image, maxima: Dict[int, float]) -> Dict[int, Tuple[int, int, int]]:

@@ -193,7 +193,8 @@ class BoxAsymmetry:
     """
 
     asymmetry: np.ndarray  # float32 (k, j, i) on the box
-    reflection: sitk.Transform  # about the estimated mid-sagittal plane
+    reflection: sitk.Transform  # about ``plane``
+    plane: MidPlane  # the estimated mid-sagittal plane
     image: sitk.Image  # the volume whose grid holds the box (its voxels are not used)
     region: Region  # the box
 
@@ -206,11 +207,9 @@ def box_asymmetry(image: sitk.Image, brain: np.ndarray, region: Region, sigma_mm
     estimated mid-sagittal plane; voxels whose mirror is not brain get asymmetry 0. Everything is
     computed on the box only (a mirror outside it is outside the brain).
     """
-    scaled = np.zeros(brain.shape, np.float32)
-    scaled[brain] = _unit_scaled(sitk.GetArrayViewFromImage(image)[region][brain])
-    norm = region_image(scaled, image, region)
-    del scaled  # (large volumes: ``norm`` holds it, and the plane search makes copies of its own)
-    reflection = _search(norm).reflection()
+    norm = _scaled_box(image, brain, region)
+    plane = _search(norm)
+    reflection = plane.reflection()
     mirrored = sitk.Resample(norm, norm, reflection, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     mask = region_image(brain.view(np.uint8), image, region)
     mask = sitk.Resample(mask, mask, reflection, sitk.sitkNearestNeighbor, 0)
@@ -220,7 +219,20 @@ def box_asymmetry(image: sitk.Image, brain: np.ndarray, region: Region, sigma_mm
     del norm, mirrored
     np.abs(diff, out=diff)
     a = _smooth_within(diff, both, image.GetSpacing(), sigma_mm)
-    return BoxAsymmetry(a, reflection, image, region)
+    return BoxAsymmetry(a, reflection, plane, image, region)
+
+
+def box_midplane(image: sitk.Image, brain: np.ndarray, region: Region) -> MidPlane:
+    """The mid-sagittal plane :func:`box_asymmetry` estimates, without the asymmetry (``brain``: bool (k, j, i) on
+    ``region`` of ``image``'s grid, a box that holds the whole brain)."""
+    return _search(_scaled_box(image, brain, region))
+
+
+def _scaled_box(image: sitk.Image, brain: np.ndarray, region: Region) -> sitk.Image:
+    """``region`` of ``image`` with its ``brain`` intensities scaled by :func:`_unit_scaled`, 0 elsewhere."""
+    scaled = np.zeros(brain.shape, np.float32)
+    scaled[brain] = _unit_scaled(sitk.GetArrayViewFromImage(image)[region][brain])
+    return region_image(scaled, image, region)  # (large volumes: the plane search makes copies of its own)
 
 
 def fuse_with_asymmetry(score: np.ndarray, box: BoxAsymmetry, floor: float = 0.0, power: float = 1.0,

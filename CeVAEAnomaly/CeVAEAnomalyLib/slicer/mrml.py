@@ -13,7 +13,7 @@ import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,6 +36,7 @@ from .nodes import (
     IMAGE_SHA256_ATTRIBUTE,
     MASK_SHA256_ATTRIBUTE,
     PEAK_COLUMNS,
+    SIDE_COLUMN,
     PROVENANCE_ATTRIBUTES,
     ROLE_ATTRIBUTE,
     RUN_ATTRIBUTE,
@@ -970,7 +971,7 @@ def _set_columns(table_node: slicer.vtkMRMLTableNode, columns: Sequence[Tuple[st
     table_node.EndModify(wasModifying)
 
 
-def _array(kind, values: Sequence[float]) -> vtk.vtkDataArray:
+def _array(kind, values: Sequence[Union[float, str]]) -> vtk.vtkAbstractArray:
     array = kind()
     for v in values:
         array.InsertNextValue(v)
@@ -988,9 +989,9 @@ def peak_ras(volume_node: slicer.vtkMRMLVolumeNode, result: "DetectionResult") -
 
 
 def _fill_components(table_node, volume_node, result: "DetectionResult") -> None:
-    """One row per component; its centroid in the input's own RAS, as the command line writes it, and its
+    """One row per component; its centroid in the input's own RAS, as the command line writes it, its
     highest-scoring voxel, where its row jumps to (nodes.component_position maps both through the transform the
-    input is under then)."""
+    input is under then), and the patient's side of the midline it lies on."""
     components = result.components
     centroids = [c.centroid_ras for c in components]
     peaks = peak_ras(volume_node, result)
@@ -1006,6 +1007,7 @@ def _fill_components(table_node, volume_node, result: "DetectionResult") -> None
         ("A", _array(vtk.vtkDoubleArray, [p[1] for p in centroids]), "mm"),
         ("S", _array(vtk.vtkDoubleArray, [p[2] for p in centroids]), "mm"),
         *((name, _array(vtk.vtkDoubleArray, [p[n] for p in peaks]), "mm") for n, name in enumerate(PEAK_COLUMNS)),
+        (SIDE_COLUMN, _array(vtk.vtkStringArray, [c.side for c in components]), ""),
     ])
 
 

@@ -852,6 +852,7 @@ def table_column(table_node: slicer.vtkMRMLTableNode, name: str) -> np.ndarray:
 
 
 PEAK_COLUMNS = ("Peak R", "Peak A", "Peak S")  # a component's highest-scoring voxel, where its row jumps to
+SIDE_COLUMN = "Side"  # the patient's side of the midline a component lies on: left, right, both ("": not known)
 
 
 def component_position(table_node: slicer.vtkMRMLTableNode, row: int) -> Tuple[float, float, float]:
