@@ -797,8 +797,13 @@ def _work(item: BatchItem, overwrite: bool) -> Dict[str, object]:
 
 
 # ---- the batch ----------------------------------------------------------------------------
+REWRITE_SHARE = 50  # a summary is rewritten at most once per this many times its last rewrite took (2 %)
+
+
 class Summary:
-    """Rows by volume name, written to the CSV atomically: at most every ``interval`` s, and on flush.
+    """Rows by volume name, written to the CSV atomically: at most every ``interval`` s, and on flush. Each write
+    rewrites every row, so a large one waits :data:`REWRITE_SHARE` times as long as its last write took: rewriting
+    20000 rows every 2 s kept a batch writing its summary most of the time.
 
     ``carried``: an earlier run's rows of volumes this run has not reached yet. They stay in the file until this
     run gives the volume a row of its own, so a run stopped early (Ctrl-C while it checks what is done) never
@@ -812,12 +817,13 @@ class Summary:
         self.carried: Dict[str, Dict[str, str]] = dict(carried or {})
         self.kept: Dict[str, Dict[str, str]] = dict(kept or {})
         self._written = -math.inf
+        self._wait = 0.0  # REWRITE_SHARE times the last write's seconds
 
     def add(self, row: Dict[str, object]) -> None:
         self.rows[str(row["name"])] = row
         self.carried.pop(str(row["name"]), None)
         self.kept.pop(str(row["name"]), None)
-        if time.monotonic() - self._written >= self.interval:
+        if time.monotonic() - self._written >= max(self.interval, self._wait):
             self.flush()
 
     def finish(self) -> None:
@@ -830,6 +836,7 @@ class Summary:
         rows describe outputs of other settings)."""
         if not replace and not self.rows and not self.carried and self.path.exists():
             return  # stopped before anything was recorded: the summary there stays as it was
+        start = time.monotonic()
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -838,6 +845,7 @@ class Summary:
             writer.writerow({k: written_cell(v) for k, v in rows[name].items()})
         atomic_write_text(self.path, buf.getvalue())
         self._written = time.monotonic() if rows else -math.inf  # the first row is written at once
+        self._wait = REWRITE_SHARE * (self._written - start) if rows else 0.0
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows.values())
