@@ -232,3 +232,26 @@ def test_calibrate_warns_of_scans_of_different_acquisitions_pooled(tmp_path: Pat
         recalibrate(bundle, [subjects["plain"], subjects["noisy"]], tmp_path / "same.cevae",
                     bundle.header.score_options, bundle.header.postprocess)
     assert "different acquisitions" not in caplog.text
+
+
+def test_leave_one_out_of_many_scans_sorts_their_pool_once(monkeypatch) -> None:
+    """Each volume's leave-one-out threshold sorted the pooled top values of all the others again: with a 200 k
+    voxel score each, 25 volumes took 0.13 s, 50 took 0.74 s, 100 took 2.6 s (the square of the volumes; a site
+    calibrating on hundreds of 1 mm scans waited minutes after scoring them). The pool is now sorted once, and each
+    threshold is still the one a calibration on the others gives."""
+    rng = np.random.default_rng(1)
+    scores = [rng.gamma(2.0, size=int(n)).astype(np.float32) for n in rng.integers(200, 2000, 40)]
+    persons = [f"p{i // 2}" for i in range(len(scores) - 1)] + ["alone"]  # two scans each, and one of a person alone
+    sorted_values = []
+    for name in ("sort", "argsort", "quantile"):
+        real = getattr(np, name)
+        monkeypatch.setattr(np, name, lambda a, *args, _real=real, **kw: (sorted_values.append(np.size(a)),
+                                                                           _real(a, *args, **kw))[1])
+    record = leave_one_out(scores, 0.01, persons)
+    pooled = sum(sorted_values)
+    monkeypatch.undo()
+    keep = int(np.ceil(0.01 * sum(s.size for s in scores))) + 2
+    assert pooled <= 2 * sum(min(keep, s.size) for s in scores)  # the pool (and its owners), not once per person
+    for i, threshold in enumerate(record["threshold"]):
+        others = [s for s, p in zip(scores, persons) if p != persons[i]]
+        assert threshold == pytest.approx(threshold_for_fpr(calibrate(others, ""), 0.01), rel=1e-9)

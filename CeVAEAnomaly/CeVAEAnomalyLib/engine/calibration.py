@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections import Counter
 from dataclasses import Field, fields
 from typing import Any, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -161,12 +162,38 @@ def leave_one_out(scores: Sequence[np.ndarray], fpr: float, persons: Sequence[Ha
     rates = FPR_GRID[max(at - 1, 0):at + 1] if fpr not in FPR_GRID else np.array([fpr])  # the grid rates around it
     keep = min(max(sizes), int(math.ceil(rates[-1] * sum(sizes))) + 2)  # every top rank those quantiles read
     tops = [np.partition(s, s.size - min(keep, s.size))[s.size - min(keep, s.size):] for s in scores]
+    # every volume's top values in one pool, highest first, sorted once: a person's others' pool is it without the
+    # person's own values (sorting the others' pool for each person grew with the square of the volumes). The
+    # others' values a threshold reads lie in the pool's top (keep, and the person's own tops above them)
+    need = keep * (1 + max(Counter(groups).values()))
+    pooled = np.concatenate(tops)
+    if need < pooled.size:
+        pooled.partition(pooled.size - need)
+        tops = [t[t >= pooled[pooled.size - need]] for t in tops]
+    del pooled
+    person = {g: k for k, g in enumerate(dict.fromkeys(groups))}
+    owners = np.repeat([person[g] for g in groups], [t.size for t in tops])
+    order = np.argsort(np.concatenate(tops), kind="stable")[::-1]
+    pool, owners = np.concatenate(tops)[order], owners[order]
+    counts = np.bincount(owners, minlength=len(person))
+    by_person = np.split(np.argsort(owners, kind="stable"), np.cumsum(counts)[:-1])  # each one's places in the pool
+    voxels = dict.fromkeys(person, 0)
+    for g, n in zip(groups, sizes):
+        voxels[g] += n
     thresholds, shares = [], []
     for i, own in enumerate(scores):
-        others = [j for j in range(len(scores)) if groups[j] != groups[i]]
-        top = np.sort(np.concatenate([tops[j] for j in others]))
-        ranks = (sum(sizes[j] for j in others) - 1) * rates  # from the top of the others' pool, as np.quantile
-        grid = np.quantile(top, 1.0 - ranks / (top.size - 1)) if top.size > 1 else np.full(rates.size, top[0])
+        places = by_person[person[groups[i]]]
+        passed = places - np.arange(places.size)  # the others' values above each own value
+        n_top = pool.size - places.size
+
+        def value(rank: np.ndarray) -> np.ndarray:
+            """The others' values at these ranks (0: their highest)."""
+            return pool[rank + np.searchsorted(passed, rank, side="right")].astype(np.float64)
+
+        ranks = (sum(voxels.values()) - voxels[groups[i]] - 1) * rates  # from the others' highest, as np.quantile's
+        above = np.floor(ranks).astype(np.int64)  # (between two ranks: linear)
+        upper, lower = value(above), value(np.minimum(above + 1, n_top - 1))
+        grid = upper + (ranks - above) * (lower - upper)
         threshold = _at_rate(rates, grid, fpr)
         thresholds.append(threshold)
         shares.append(float(np.count_nonzero(own >= threshold) / own.size))
