@@ -12,6 +12,7 @@ keeps the rows of volumes the run does not list (another list's sharing the --ou
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -85,6 +86,56 @@ UNTRUSTED_WITHOUT = frozenset(SUMMARY_FIELDS) - {"components", "warnings", RECOR
 WARNINGS_APART = " | "  # between a volume's warnings in its summary row
 RERUN_AFTER_OTHER = ("Run the batch again once the other run is done: it skips this volume if that run scored this "
                      "image and mask, refuses to replace another scan's outputs, and scores it again otherwise.")
+
+
+class SaidForAVolume(logging.Filter):
+    """On the console's handlers during a batch: drops a warning about the volume being scored (led by its name)
+    that an earlier volume got in the same words, their name aside. 800 scans of one protocol logged the same
+    400-character warnings 800 times each (1067 of a run's 1911 lines); each volume's stay in its summary row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: Set[str] = set()
+        self.volume: Optional[str] = None  # the name of the volume being scored
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lead = f"{self.volume}: "
+        if record.levelno != logging.WARNING or self.volume is None or not record.getMessage().startswith(lead):
+            return True
+        if not hasattr(record, "said_before"):  # (decided once for all the handlers)
+            words = record.getMessage()[len(lead):]
+            record.said_before = words in self.said
+            self.said.add(words)
+        return not record.said_before
+
+
+_said = SaidForAVolume()  # this process's: the command's, or a worker's
+
+
+@contextlib.contextmanager
+def each_volume_warning_once() -> Iterator[None]:
+    """A batch during which the console says a warning about a volume only for the first volume that gets it."""
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(_said)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_said)
+        _said.said.clear()
+        _said.volume = None
+
+
+def repeated_warnings(rows: Iterable[Mapping[str, object]]) -> int:
+    """How many warnings of ``rows`` (their summary cells) another volume's row holds in the same words before."""
+    seen: Set[str] = set()
+    again = 0
+    for row in rows:
+        for words in filter(None, str(row.get("warnings") or "").split(WARNINGS_APART)):
+            again += words in seen
+            seen.add(words)
+    return again
 
 
 def owner(key: str) -> str:
@@ -696,6 +747,7 @@ class VolumeDetector:
             done = None if overwrite else self.done_by_another_run(item, source)
             if done is not None:
                 return done
+            _said.volume = item.name
             with warnings_logged() as read:  # (a DICOM series that may lack slices), kept with the detection's
                 image = read_image(item.image)
                 mask = read_image(item.mask, "brain mask") if item.mask else None
@@ -782,6 +834,8 @@ def _init_worker(settings: DetectSettings, threads: int, log_level: int, stop: E
     logging.basicConfig(level=log_level, format=f"%(levelname)s: [worker {os.getpid()}] %(message)s")
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_said)
     try:
         _worker = VolumeDetector(settings, stop.is_set)
     except ModelChanged as exc:  # raised in the initializer, it would break the pool ("a worker process died")
@@ -1174,11 +1228,17 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
             summary.flush(replace=True)  # first: an earlier summary's rows, of other settings, would be trusted
             atomic_write_text(record_path, strict_json.dumps(made_with, indent=2) + "\n", inputs=(settings.model,))
             wrote_record = True
-        if detector is not None:
-            for item, overwrite in todo:
-                record(detector(item, overwrite))
-        elif todo:
-            _run_pool(todo, settings, min(workers, len(todo)), record, summary.add)
+        with each_volume_warning_once():
+            if detector is not None:
+                for item, overwrite in todo:
+                    record(detector(item, overwrite))
+            elif todo:
+                _run_pool(todo, settings, min(workers, len(todo)), record, summary.add)
+        again = repeated_warnings(r for r in summary.rows.values() if r["status"] == "ok")
+        if again:
+            log.info("%d of the volumes' warnings repeated an earlier volume's in the same words: each was said "
+                     "once%s; every volume's warnings are in the warnings column of %s.", again,
+                     "" if detector is not None else " per worker", summary_path.name)
         summary.finish()
         if recorded and not summary.count("ok") and not summary.count("skipped"):  # no outputs to describe (all
             record_path.unlink(missing_ok=True)  # failed, e.g. a full disk): a later run may use other settings
