@@ -70,11 +70,20 @@ class _Split:
         return sum(part.size for part in self.negatives)
 
     def negatives_below(self, values: np.ndarray, side: str) -> np.ndarray:
-        """How many negative scores are below each of ``values`` (``side`` "right": below or equal)."""
-        counts = np.zeros(np.shape(values), np.int64)
+        """How many negative scores are below each of ``values`` (sorted ascending; ``side`` "right": below or
+        equal). Where there are more values than negatives in all (the pooled positives, once searched in every
+        case's negatives: the square of the cases), each negative is placed among the values instead."""
+        if values.size * len(self.negatives) <= self.n_negative:
+            counts = np.zeros(np.shape(values), np.int64)
+            for part in self.negatives:
+                counts += np.searchsorted(part, values, side=side)
+            return counts
+        starts = np.zeros(values.size + 1, np.int64)  # how many negatives lie below values from each place on
         for part in self.negatives:
-            counts += np.searchsorted(part, values, side=side)
-        return counts
+            at = np.searchsorted(values, part, side="right" if side == "left" else "left")  # (ascending: part is)
+            first = np.flatnonzero(np.diff(at, prepend=-1))  # the first negative at each place
+            starts[at[first]] += np.diff(first, append=at.size)
+        return np.cumsum(starts)[:-1]
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:

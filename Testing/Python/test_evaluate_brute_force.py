@@ -109,6 +109,33 @@ def test_pooled_metrics_are_those_of_every_voxel_together() -> None:
     assert (pooled["n_voxels"], pooled["n_positive"], pooled["n_cases"]) == (scores.size, lesion.sum(), 5)
 
 
+def test_pooled_metrics_of_many_cases_search_each_voxel_once(monkeypatch) -> None:
+    """The pooled metrics searched every case's negatives for all the pooled positives: the square of the cases
+    (800 small cases: searchsorted 1.6 s of the run, 23 times that of 200 cases). Where the positives outnumber the
+    negatives of a search, each negative is placed among them instead; the figures stay those of every voxel
+    together."""
+    rng = np.random.default_rng(6)
+    cases = [(rng.integers(0, 50, 40).astype(np.float32), rng.random(40) < 0.3) for _ in range(60)]
+    searched: List[int] = []
+    real = np.searchsorted
+    monkeypatch.setattr(np, "searchsorted", lambda a, v, *args, **kw: (searched.append(np.size(v)),
+                                                                        real(a, v, *args, **kw))[1])
+    pooled = pooled_metrics(cases)
+    monkeypatch.undo()
+    voxels = sum(s.size for s, _ in cases)
+    assert sum(searched) <= 8 * voxels  # each voxel a few times, not the positives once per case
+    scores = np.concatenate([s for s, _ in cases])
+    lesion = np.concatenate([y for _, y in cases])
+    expected = (auroc(scores, lesion), auprc(scores, lesion), *best_dice(scores, lesion))
+    got = (pooled["auroc"], pooled["auprc"], pooled["best_dice"], pooled["best_threshold"])
+    assert all(same(a, b) for a, b in zip(got, expected)), (got, expected)
+    small = [(s[:8], y[:8]) for s, y in cases[:20]]  # and those of the pair count
+    scores, lesion = np.concatenate([s for s, _ in small]), np.concatenate([y for _, y in small])
+    pooled = pooled_metrics(small)
+    got = (pooled["auroc"], pooled["auprc"], pooled["best_dice"], pooled["best_threshold"])
+    assert all(same(a, b) for a, b in zip(got, by_hand(scores.tolist(), lesion.tolist())))
+
+
 def test_slice_auroc_is_the_pair_count_over_slices() -> None:
     slice_scores, has_lesion = [0.4, 0.9, 0.4, 0.1, 0.9], [True, False, False, False, True]
     assert slice_auroc(np.array(slice_scores), np.array(has_lesion)) == by_hand(slice_scores, has_lesion)[0]
