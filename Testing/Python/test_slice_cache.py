@@ -664,7 +664,7 @@ def test_a_full_disk_under_the_cache_is_said_in_those_words(tmp_path):
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert proc.returncode == 2, proc.stderr
-    assert re.search(r"^error: Could not write the slice cache entry \S+/small/cache/\w+\.npy: the disk holding "
+    assert re.search(r"^error: Could not write the slice cache entry \S+/small/cache/s\d+-\w+\.npy: the disk holding "
                      r"\S+/small/cache is full \([\d.]+ MB free, the entry needs [\d.]+ MB\)\. Free space there, or "
                      r"give --cache-dir a folder on a disk with room\.$", proc.stderr.strip(), re.M), proc.stderr
 
@@ -719,7 +719,8 @@ def test_a_slice_file_write_refused_by_the_system_says_why(tmp_path):
                           timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert proc.returncode == 2, proc.stderr
     folder = re.escape(str(cache))
-    assert re.search(rf"^error: Could not write the slice cache entry {folder}/\w+\.npy: {os.strerror(errno.EFBIG)}\. "
+    assert re.search(rf"^error: Could not write the slice cache entry {folder}/s\d+-\w+\.npy: "
+                     rf"{os.strerror(errno.EFBIG)}\. "
                      rf"Make sure {folder} can be written \(EFBIG\), or give --cache-dir another folder\.$",
                      proc.stderr.strip(), re.M), proc.stderr
     assert list(cache.iterdir()) == []  # nothing of the entry left
@@ -753,9 +754,9 @@ def test_prepare_in_a_folder_that_refuses_new_files_says_to_see_to_its_permissio
     with pytest.raises(CeVAEError) as caught:
         SliceCache(Path("/sys/fs"), PRE).prepare(subjects[:1], checksums(subjects[0]), ("axial",))
     message = str(caught.value)
-    assert re.fullmatch(r"Could not write the slice cache entry /sys/fs/\w+\.npy: Permission denied\. Make sure you "
-                        r"may write in /sys/fs \(its permissions\), or give --cache-dir another folder\.", message), \
-        message
+    assert re.fullmatch(r"Could not write the slice cache entry /sys/fs/s\d+-\w+\.npy: Permission denied\. Make sure "
+                        r"you may write in /sys/fs \(its permissions\), or give --cache-dir another folder\.",
+                        message), message
 
 
 def test_an_entry_whose_npy_header_has_an_unclosed_bracket_is_made_again(subjects, tmp_path, caplog):

@@ -2,9 +2,13 @@
 
 An entry is one subject in one orientation: ``<key>.npy`` (float32 [N,S,S], plain NumPy) and
 ``<key>.json`` (what it was made from, and the sha256 of the slices), written in that order,
-each atomically, so an entry whose JSON exists is complete. The key is a hash of the cache
-format, the preprocessing settings, the orientation and the sha256 of the image and mask files:
-a changed file or setting gets a new key, and a stale entry is never read. The first time a run
+each atomically, so an entry whose JSON exists is complete. The key is ``s<SLICING_VERSION>-<hash>``, the hash of
+the cache format, the slicing version, the preprocessing settings, the orientation and the sha256 of the image and
+mask files: a changed file or setting gets a new key, and a stale entry is never read. Entries of slicing versions up
+to 5 were named by the hash alone; those of the current version are still read under that name. Entries of another
+slicing version (known by name, no file read) are never used: a run says once how many there are, how much space
+they take and how to remove them. It does not remove them itself: a run of an older version may share the folder
+and read them at any time (a training reads its entries for hours). The first time a run
 uses an entry, its JSON must describe that key and its slices must match their checksum, so an
 entry damaged in place (same size, other bytes) or swapped with another subject's is made again.
 Runs that share a memo (an adaptation's folds) check an entry once while its files stay unchanged
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -34,7 +39,7 @@ import tokenize
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -59,10 +64,14 @@ CACHE_FORMAT = 2  # 2: the JSON holds the slices' sha256
 # 5: the crop box's side in voxels is rounded through io.images.in_voxels (a voxel size one bit off, as Slicer's
 #    IJK-to-RAS matrix gives, no longer crosses a rounding tie: at 3.2 or 0.64 mm it moved the box by a voxel).
 SLICING_VERSION = 5
+_UNNAMED_UP_TO = 5  # entries of slicing versions up to this one were named by their hash alone, without "s<V>-"
+_NAMED = re.compile(r"s([0-9]{1,9})-[0-9a-f]{32}\.(?:npy|json)")  # an entry's file, of slicing version \1
+_UNNAMED = re.compile(r"[0-9a-f]{32}\.(?:npy|json)")  # an entry's file of a slicing version up to _UNNAMED_UP_TO
+_OTHER_VERSIONS_SAID: Set[str] = set()  # cache folders whose entries of other slicing versions this process named
 _OPEN_FILES = 64  # open .npy files kept per process (least recently used are closed)
 # an entry's temporary, as io.atomic.temp_beside names it: .KEY.npy.xxxxxxxx-MACHINE-PID.npy (or .json; older
-# versions named no machine and process)
-_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.(npy|json)\.[0-9a-f]{8}(?:-[0-9a-f]{8}-[0-9]{1,10})?\.\1")
+# versions named no machine and process, nor the slicing version in KEY)
+_ORPHAN = re.compile(r"\.(?:s[0-9]{1,9}-)?[0-9a-f]{32}\.(npy|json)\.[0-9a-f]{8}(?:-[0-9a-f]{8}-[0-9]{1,10})?\.\1")
 _ORPHAN_AGE_S = 3600.0
 _UNREAD_SAID = 10  # volumes that could not be read, named in one error (a missing template fails them all)
 
@@ -78,9 +87,10 @@ class Entry:
 
 
 def entry_key(pre: PreprocessConfig, orientation: str, image_sha256: str, mask_sha256: Optional[str]) -> str:
-    """Hash of everything the cached slices depend on."""
-    return _key_of({"format": CACHE_FORMAT, "slicing": SLICING_VERSION, "preprocess": pre.to_dict(),
-                    "orientation": orientation, "image_sha256": image_sha256, "mask_sha256": mask_sha256})
+    """``s<SLICING_VERSION>-`` and the hash of everything the cached slices depend on."""
+    ident = {"format": CACHE_FORMAT, "slicing": SLICING_VERSION, "preprocess": pre.to_dict(),
+             "orientation": orientation, "image_sha256": image_sha256, "mask_sha256": mask_sha256}
+    return f"s{SLICING_VERSION}-{_key_of(ident)}"
 
 
 def _key_of(ident: Dict[str, object]) -> str:
@@ -243,14 +253,54 @@ class SliceCache:
                      removed, freed / 2**20)
         return removed
 
+    def say_other_versions(self) -> None:
+        """Say once per process and folder how many entries of other slicing versions it holds (known by name: the
+        folder is listed, no entry read), the space they take and how to remove them. Only this user's plain files
+        are counted (not symbolic links); nothing is removed (an older version's run may read them)."""
+        said = str(self.root.absolute())
+        if said in _OTHER_VERSIONS_SAID:
+            return
+        files: Dict[str, int] = {}
+        versions: Set[str] = set()
+        try:
+            with os.scandir(self.root) as listing:
+                for item in listing:
+                    named = _NAMED.fullmatch(item.name)
+                    if named is not None and int(named.group(1)) != SLICING_VERSION:
+                        version = named.group(1)
+                    elif named is None and SLICING_VERSION > _UNNAMED_UP_TO and _UNNAMED.fullmatch(item.name):
+                        version = ""
+                    else:
+                        continue
+                    st = item.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid()):
+                        files[item.name] = st.st_size
+                        versions.add(version)
+        except OSError:  # no folder yet, or unreadable, or a file removed meanwhile: nothing to say
+            return
+        entries = len({name.rsplit(".", 1)[0] for name in files})
+        if entries:
+            _OTHER_VERSIONS_SAID.add(said)
+            folder = shlex.quote(str(self.root))
+            stems = sorted(f"s{v}-*" if v else "?" * 32 for v in versions)
+            log.warning("Slice cache %s: %d entries (%.1f MB) were prepared by another version of CeVAEAnomaly "
+                        "(slicing version %s) and are not used by this one. Once no run of that version uses the "
+                        "folder, remove them with: rm %s", self.root, entries, sum(files.values()) / 1e6,
+                        ", ".join(sorted(f"{v}" if v else f"{_UNNAMED_UP_TO} or earlier" for v in versions)),
+                        " ".join(f"{folder}/{stem}.{ext}" for stem in stems for ext in ("npy", "json")))
+
     def lookup(self, key: str) -> Optional[Entry]:
         """The complete entry stored under ``key``, or None (missing or damaged: it is made again).
 
         The entry's content is checked against the checksum in its JSON unless the memo checked it with its files
-        unchanged since.
+        unchanged since. An entry named by its hash alone (as versions up to slicing version 5 named them) is read
+        where the named one is missing.
         """
-        meta_path, npy = self.root / f"{key}.json", self.root / f"{key}.npy"
-        if not meta_path.is_file() or not npy.is_file():  # missing, or not a plain file (a FIFO is never opened)
+        for stem in (key, _hash_of(key)):
+            meta_path, npy = self.root / f"{stem}.json", self.root / f"{stem}.npy"
+            if meta_path.is_file() and npy.is_file():  # else missing, or not a plain file (a FIFO is never opened)
+                break
+        else:
             return None
         stamp = self.memo.stamp((meta_path, npy))  # before either is read
         try:
@@ -281,7 +331,7 @@ class SliceCache:
         slices must match the checksum the JSON holds."""
         ident = {k: meta[k] for k in ("format", "slicing", "preprocess", "orientation", "image_sha256",
                                       "mask_sha256")}
-        if _key_of(ident) != key:
+        if _key_of(ident) != _hash_of(key):
             return "describes another subject or setting"
         if _data_sha256(fh, offset) != meta["slices_sha256"]:
             return "does not match its checksum"
@@ -293,6 +343,7 @@ class SliceCache:
         be read are refused together (:class:`UnreadVolumes`) once the others are prepared."""
         self.refuse_inside_inputs(subjects)
         self.remove_orphans()
+        self.say_other_versions()
         out: List[List[Entry]] = []
         made = 0
         unread: List[str] = []
@@ -368,6 +419,11 @@ class SliceCache:
         if entry is None:
             raise CeVAEError(f"The slice cache entry {npy} could not be read back after writing it.")
         return entry
+
+
+def _hash_of(key: str) -> str:
+    """The hash of an entry's key (without its ``s<SLICING_VERSION>-``), the name of the entry up to version 5."""
+    return key.rsplit("-", 1)[-1]
 
 
 class Unreadable(CeVAEError):

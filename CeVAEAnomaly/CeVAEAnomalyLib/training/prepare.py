@@ -39,6 +39,7 @@ def prepare_cohort(subjects: Sequence[Subject], root: Path, pre: PreprocessConfi
         raise CeVAEError(f"Cannot make the slice cache folder {root} ({exc.strerror or exc}); choose a --cache-dir "
                          "you can write to.") from None
     cache.remove_orphans()
+    cache.say_other_versions()
     t = time.perf_counter()
     jobs = [(s, root, pre, wanted) for s in subjects]
     workers, why = process_count(workers, len(jobs), usable_cores())
