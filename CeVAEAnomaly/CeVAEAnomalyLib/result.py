@@ -324,6 +324,7 @@ def record_json(result: DetectionResult) -> str:
 IMAGE_OUTPUTS = {"score": "score map", "labelmap": "labelmap", "brain_mask": "brain mask"}
 TABLE_OUTPUTS = {"slices": "slice table", "components": "component table"}
 RECORD_OUTPUT = "record"  # the JSON record of how the other outputs were made
+PICTURE_OUTPUT = "picture"  # a PNG key picture (detect --picture; drawn by the research extra, not result_files)
 
 
 def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
@@ -346,6 +347,8 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
             refuse_misnamed(Path(path), f"{TABLE_OUTPUTS[role]} output", "CSV text", ".csv")
         if role == RECORD_OUTPUT:
             refuse_misnamed(Path(path), "record output", "JSON text", ".json")
+        if role == PICTURE_OUTPUT and not name.endswith(".png"):
+            raise CeVAEError(f"The picture output {path} is written as a PNG image; give it a name ending in .png.")
 
 
 def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
@@ -12,6 +13,8 @@ from CeVAEAnomalyLib.engine.axes import canonical_axes, to_canonical
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from CeVAEAnomalyLib.result import Component, DetectionResult
 
 LETTERS = ("RL", "AP", "IS")  # per LPS axis: the letter of its negative and of its positive direction
 OBLIQUE = float(np.sin(np.radians(10.0)))  # a component this large (a tilt over 10 degrees) adds its letter
@@ -55,6 +58,59 @@ def file_slice(image: sitk.Image, k: int) -> Tuple[str, int]:
     return "ijk"[axis], image.GetSize()[axis] - 1 - k if flips[0] else k
 
 
+def canonical_slice(image: sitk.Image, axis: int, index: int) -> Optional[int]:
+    """The canonical axial slice that is the file's voxel slice ``index`` along voxel ``axis`` (0, 1, 2: i, j, k);
+    None where that axis is not the one the canonical axial slices are taken along (:func:`file_slice`'s inverse)."""
+    perm, flips = canonical_axes(np.array(image.GetDirection()))
+    if axis != 2 - perm[0]:
+        return None
+    index = min(max(int(index), 0), image.GetSize()[axis] - 1)
+    return image.GetSize()[axis] - 1 - index if flips[0] else index
+
+
+def slice_through(image: sitk.Image, point_lps: Sequence[float]) -> int:
+    """The canonical axial slice nearest to an LPS point (mm; one outside the volume: its nearest edge slice)."""
+    perm, flips = canonical_axes(np.array(image.GetDirection()))
+    axis, size = 2 - perm[0], image.GetSize()[2 - perm[0]]
+    index = min(max(round(image.TransformPhysicalPointToContinuousIndex(tuple(map(float, point_lps)))[axis]), 0),
+                size - 1)
+    return size - 1 - index if flips[0] else index
+
+
+SIDE_WORDS = {"left": "the patient's left", "right": "the patient's right", "both": "crossing the midline",
+              "": "side not known"}
+
+
+def key_picture_png(image: sitk.Image, score: sitk.Image, labelmap: Optional[sitk.Image], threshold: float,
+                    components: Sequence[Component], top_slice: Optional[Tuple[int, int]], name: str) -> bytes:
+    """A detection's key picture as a PNG (800 x 400 pixels): :func:`overlay_figure` of the canonical axial slice
+    through the peak (its centroid where the peak is not known) of ``components[0]``, the top-ranked component, or
+    without components through ``top_slice`` (the slice table's first row: IJK axis, index; :func:`best_slice` of
+    the score where it is None or along another axis). Heat: the score above half of ``threshold`` (where that is a
+    positive finite number). The title names ``name``, the slice in the file and the component's volume and side."""
+    floor = threshold / 2 if math.isfinite(threshold) and threshold > 0 else None
+    if components:
+        top = components[0]
+        k = slice_through(image, top.peak_lps if top.peak_lps is not None else top.centroid_lps)
+        where = "peak" if top.peak_lps is not None else "centroid"
+        what = (f"through the {where} of component 1 of {len(components)}: {top.volume_ml:.2f} ml, "
+                f"{SIDE_WORDS.get(top.side, top.side)}")
+    else:
+        k = canonical_slice(image, *top_slice) if top_slice is not None else None
+        k = best_slice(score) if k is None else k
+        what = "no component: the most anomalous slice"
+    axis, index = file_slice(image, k)
+    title = f"{name}: axial slice {axis}={index} of the file\n{what}"
+    return overlay_png_bytes(image, score, labelmap, slices=[k], title=title, floor=floor)
+
+
+def result_picture_png(image: sitk.Image, result: DetectionResult, name: str) -> bytes:
+    """:func:`key_picture_png` of a detection ``result`` of ``image`` (detect --picture, batch --pictures)."""
+    top = result.top_slice
+    return key_picture_png(image, result.score, result.labelmap, result.threshold, result.components,
+                           None if top is None else (top.axis, top.index), name)
+
+
 def overlay_figure(
     image: sitk.Image,
     score: sitk.Image,
@@ -62,10 +118,12 @@ def overlay_figure(
     truth: Optional[sitk.Image] = None,
     slices: Optional[Sequence[int]] = None,
     title: str = "",
+    floor: Optional[float] = None,
 ) -> Figure:
     """A matplotlib Figure: per chosen canonical axial slice (default: the one with most truth, else most score),
     the image and the score overlay with contours, radiologically, orientation letters at the edges; each row's
-    title gives the slice's voxel index in ``image``'s file."""
+    title gives the slice's voxel index in ``image``'s file. Heat where the score exceeds ``floor`` (said in the
+    panel's title; None: 2 % of the score's 99.9th percentile)."""
     try:
         import matplotlib
 
@@ -80,6 +138,10 @@ def overlay_figure(
     if slices is None:
         slices = [best_slice(truth if truth is not None else score)]
     vmax = float(np.percentile(sc[sc > 0], 99.9)) if (sc > 0).any() else 1.0
+    vmax = vmax if floor is None else max(vmax, 2 * floor)
+    heat_floor = 0.02 * vmax if floor is None else floor
+    legend = ("score (heat)" if floor is None else f"score > {floor:.3g} (heat)") + ", labelmap (cyan)" + (
+        ", truth (green dashed)" if truth is not None else "")
     left, right, top, bottom = edge_letters(image)
     places = ((left, 0.02, 0.5, "left", "center"), (right, 0.98, 0.5, "right", "center"),
               (top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom"))
@@ -92,13 +154,13 @@ def overlay_figure(
         axis, index = file_slice(image, k)
         row[0].set_title(f"image, axial slice {axis}={index} of the file")
         row[1].imshow(base, cmap="gray", vmin=lo, vmax=hi)
-        heat = np.ma.masked_less_equal(np.asarray(sc[k], float), 0.02 * vmax)
+        heat = np.ma.masked_less_equal(np.asarray(sc[k], float), heat_floor)
         im = row[1].imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=0.75)
         if lab is not None and lab[k].any():
             row[1].contour(np.asarray(lab[k]), levels=[0.5], colors="cyan", linewidths=1.2)
         if gt is not None and gt[k].any():
             row[1].contour(np.asarray(gt[k]), levels=[0.5], colors="lime", linewidths=1.2, linestyles="--")
-        row[1].set_title("score (heat), labelmap (cyan), truth (green dashed)", fontsize=9)
+        row[1].set_title(legend, fontsize=9)
         fig.colorbar(im, ax=row[1], fraction=0.046)
         for ax in row:
             ax.axis("off")
@@ -119,11 +181,12 @@ def overlay_png_bytes(
     truth: Optional[sitk.Image] = None,
     slices: Optional[Sequence[int]] = None,
     title: str = "",
+    floor: Optional[float] = None,
 ) -> bytes:
     """``overlay_figure`` as a PNG."""
+    fig = overlay_figure(image, score, labelmap, truth, slices, title, floor)
     import matplotlib.pyplot as plt
 
-    fig = overlay_figure(image, score, labelmap, truth, slices, title)
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)

@@ -73,6 +73,8 @@ MEASURES = ("flagged_ml", "components", "max_score", "top_slice_axis", "top_slic
 SOURCE_FIELDS = ("image_sha256", "mask_sha256")  # what a row's outputs were made from (older summaries lack them)
 OUTPUT_FIELDS = tuple(f"{role}_sha256" for role in BATCH_ROLES)  # its outputs (output_paths' roles)
 RECORD_ROLE = "record"  # NAME_record.json: how a volume's outputs were made (detect --record's), written with them
+PICTURE_ROLE, PICTURE_NAME = "picture", "_picture.png"  # NAME_picture.png (--pictures): the key picture, written
+# with them
 RECORD_FIELD = "record_sha256"  # that record's; "": the volume has none (made by a version that wrote none, or the
 # file is missing or not the one written with its outputs). Not what says a volume is done: it is not scored again
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", "warnings", *MEASURES, "seconds", *SOURCE_FIELDS,
@@ -174,6 +176,7 @@ class DetectSettings:
     out_dir: Path
     overwrite: bool = False
     model_sha256: str = ""  # the model file the batch records (settings_record); "": not checked
+    pictures: bool = False  # also NAME_picture.png, the key picture (needs the research extra)
 
 
 class ModelChanged(CeVAEError):
@@ -425,9 +428,10 @@ def select_shard(items: Sequence[BatchItem], i: int, n: int) -> List[BatchItem]:
 
 
 def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], source: Path, model: Path,
-                        out_dir: Path, summary: Path) -> None:
-    """Refuse before any work an --out-dir under a file, or an output (summary and settings file included) that
-    would replace an input of the batch, is a folder, a device, FIFO or socket, or too long a name."""
+                        out_dir: Path, summary: Path, pictures: bool = False) -> None:
+    """Refuse before any work an --out-dir under a file, or an output (summary and settings file included; the
+    pictures where ``pictures``) that would replace an input of the batch, is a folder, a device, FIFO or socket, or
+    too long a name."""
     from ..io.targets import Inputs, file_in_the_way, refuse_overlong_name, refuse_special_output
 
     blocker = file_in_the_way(out_dir)
@@ -437,7 +441,7 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
         raise CeVAEError(f"--out-dir {out_dir} is under {blocker}, which is a file, not a folder.")
     inputs = Inputs([source if source.is_file() else None, model, *(i.image for i in every),
                      *(i.mask for i in every)])
-    outputs = (p for item in items for p in volume_files(out_dir, item.name).values())
+    outputs = (p for item in items for p in volume_files(out_dir, item.name, pictures).values())
     for target in [summary, settings_path(summary), *outputs]:
         src = inputs.which(target)
         if src is not None:
@@ -460,10 +464,43 @@ def settings_path(summary: Path) -> Path:
     return summary.with_name(summary.stem.replace("summary", "batch_settings", 1) + ".json")
 
 
-def volume_files(out_dir: Path, name: str) -> Dict[str, Path]:
+def volume_files(out_dir: Path, name: str, pictures: bool = False) -> Dict[str, Path]:
     """Every file batch writes for volume ``name`` in ``out_dir``, by role: its outputs (:func:`output_paths`, which
-    say whether it is done) and its record (:data:`RECORD_ROLE`)."""
-    return output_paths(out_dir, name, (*BATCH_ROLES, RECORD_ROLE))
+    say whether it is done), its record (:data:`RECORD_ROLE`) and, with ``pictures``, its key picture
+    (:data:`PICTURE_ROLE`, which does not say whether it is done either)."""
+    files = output_paths(out_dir, name, (*BATCH_ROLES, RECORD_ROLE))
+    if pictures:  # (not among naming.OUTPUT_NAMES, every one of which the Slicer script writes)
+        files[PICTURE_ROLE] = Path(out_dir) / f"{name}{PICTURE_NAME}"
+    return files
+
+
+def picture_of_outputs(item: BatchItem, out_dir: Path, threshold: float) -> bytes:
+    """The key picture of a done volume drawn from its scan and saved outputs (score map, labelmap, component and
+    slice tables), without scoring it again: what ``--pictures`` makes for a volume done without one."""
+    import SimpleITK as sitk
+    from CeVAEAnomalyResearch.figures import key_picture_png
+
+    from ..io.images import read_image
+
+    paths = output_paths(out_dir, item.name)
+    table = list(csv.DictReader(io.StringIO(paths["components"].read_text())))
+    top = top_of_table(paths["slices"].read_text())
+    return key_picture_png(read_image(item.image), sitk.ReadImage(str(paths["score"])),
+                           sitk.ReadImage(str(paths["labelmap"])), threshold, [_component(r) for r in table], top,
+                           item.name)
+
+
+def _component(row: Dict[str, str]):
+    """A component table's row as a :class:`~..result.Component` (RAS back to LPS; no peak or side in the tables
+    of versions before them)."""
+    from ..result import Component
+
+    def lps(r: str, a: str, s: str) -> Tuple[float, float, float]:
+        return -float(row[r]) + 0.0, -float(row[a]) + 0.0, float(row[s])
+
+    peak = lps("peak_r", "peak_a", "peak_s") if row.get("peak_r") else None
+    return Component(int(row["component"]), int(row["voxels"]), float(row["volume_ml"]), float(row["max_score"]),
+                     float(row["mean_score"]), lps("r", "a", "s"), peak, row.get("side") or "")
 
 
 def kept_record(out_dir: Path, name: str, recorded: str) -> str:
@@ -757,11 +794,16 @@ class VolumeDetector:
             result.record = dataclasses.replace(result.record, warnings=warnings, inputs=inputs_of(item, source))
             self.go_on()  # past here the outputs are written and their row returned
             paths = output_paths(self.s.out_dir, item.name)
-            files = volume_files(self.s.out_dir, item.name)  # the outputs and their record: all or none
+            files = volume_files(self.s.out_dir, item.name, self.s.pictures)  # outputs, record, picture: all or none
+            contents = result_files(result, {r: p for r, p in files.items() if r != PICTURE_ROLE},
+                                    nifti_codes(item.image))
+            if self.s.pictures:
+                from CeVAEAnomalyResearch.figures import result_picture_png
+
+                contents[files[PICTURE_ROLE]] = result_picture_png(image, result, item.name)
             try:
                 with hold_outputs(files.values(), "batch"):  # the checksums are of the files this run wrote
-                    write_all(result_files(result, files, nifti_codes(item.image)), overwrite, (item.image, item.mask),
-                              command="batch")
+                    write_all(contents, overwrite, (item.image, item.mask), command="batch")
                     written = {**output_checksums(paths), RECORD_FIELD: sha256_of(files[RECORD_ROLE])}
             except CeVAEError as exc:
                 done = None if overwrite else self.done_by_another_run(item, source)
@@ -1099,6 +1141,23 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
     return skipped
 
 
+def _add_missing_picture(item: BatchItem, out_dir: Path, threshold: float) -> None:
+    """Draw the key picture of a done (skipped) volume that has none from its saved outputs (one there is kept); a
+    picture that cannot be drawn is warned of, and the volume stays done."""
+    from ..io.atomic import write_all
+
+    path = volume_files(out_dir, item.name, True)[PICTURE_ROLE]
+    if os.path.lexists(path):
+        return
+    try:
+        write_all({path: picture_of_outputs(item, out_dir, threshold)}, False, (item.image, item.mask),
+                  command="batch")
+        log.info("%s: done before; its picture %s drawn from its saved outputs.", item.name, path.name)
+    except (CeVAEError, RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
+        log.warning("%s: its picture could not be drawn from its saved outputs (%s); its outputs are kept.",
+                    item.name, one_line(exc))
+
+
 def _before_component_tables(paths: Dict[str, Path], earlier: Optional[Dict[str, str]]) -> bool:
     """Whether a volume's outputs are those of a version that wrote no component table: every one there but that
     table, which the summary row describing them (``earlier``, if any) does not record."""
@@ -1156,7 +1215,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     kept = _rows_not_listed(summary_path, {item.name for item in items}, there) if known else {}
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temporaries([summary_path, record_path, *(p for item in items for p in volume_files(
-        settings.out_dir, item.name).values())], started)  # what killed runs left, skipped volumes' too
+        settings.out_dir, item.name, settings.pictures).values())], started)  # what killed runs left (skipped
+    # volumes' too)
     summary = Summary(summary_path, carried=earlier, kept=kept)
     total = len(items)
     t0 = time.perf_counter()
@@ -1190,6 +1250,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                         RECORD_FIELD) or "")
                     if not row[RECORD_FIELD]:
                         (said if (described_by or {}).get(RECORD_FIELD) == "" else unrecorded).append(item.name)
+                    if settings.pictures:
+                        _add_missing_picture(item, settings.out_dir, strict_json.number(made_with["threshold"]))
                     summary.add(row)
                     continue
             elif _before_component_tables(paths, described_by) and not settings.overwrite:
@@ -1198,8 +1260,9 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                 log.warning("The outputs of %s are incomplete (%s missing); scoring it again, replacing %s.", item.name,
                             ", ".join(p.name for p, there in zip(paths.values(), present) if not there),
                             ", ".join(p.name for p, there in zip(paths.values(), present) if there))
-            todo.append((item, settings.overwrite or any(present) or os.path.lexists(
-                volume_files(settings.out_dir, item.name)[RECORD_ROLE])))
+            written = volume_files(settings.out_dir, item.name, settings.pictures)
+            todo.append((item, settings.overwrite or any(present) or any(os.path.lexists(written[role]) for role in (
+                RECORD_ROLE, PICTURE_ROLE) if role in written)))
         if unknown:
             log.warning("Nothing records the input and settings that made the outputs of %d volume(s) (no row with "
                         "input and output checksums in a summary in %s beside a settings record like %s); "

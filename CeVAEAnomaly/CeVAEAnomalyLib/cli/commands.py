@@ -28,11 +28,20 @@ RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
 def _require_research(command: str, modules: Sequence[str]) -> None:
     """Refuse ``command`` in one line, before any work, where the research code or what it needs is missing
     (the Slicer extension ships the runtime library only; a plain ``pip install`` lacks the research extra)."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if not _findable(m)]
     if missing:
         raise CeVAEError(f"`cevae-anomaly {command}` needs {', '.join(missing)}, which this installation lacks "
                          f"(research code, not part of the runtime): {RESEARCH_EXTRA} in a Python environment "
                          "of its own, or run it from a source checkout set up with scripts/setup.sh.")
+
+
+def _findable(module: str) -> bool:
+    """Whether ``module`` can be imported as far as the import system says without importing it (a finder that
+    refuses it, as a blocked or broken installation does, raises ImportError: not findable)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
@@ -240,14 +249,16 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..options import DetectionRequest
     from ..io.images import refuse_image_as_mask
     from ..io.nifti_codes import nifti_codes
-    from ..result import flagged_text, input_files, refuse_unwritable_names, result_files
+    from ..result import PICTURE_OUTPUT, flagged_text, input_files, refuse_unwritable_names, result_files
 
     started = time.time()
+    if args.picture:  # before anything is read: the picture is drawn by the research extra (matplotlib)
+        _require_research("detect --picture", ("CeVAEAnomalyResearch", "matplotlib"))
     refuse_image_as_mask(args.image, args.mask)
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before the scan is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
-               "components": args.components, "record": args.record}
+               "components": args.components, "record": args.record, PICTURE_OUTPUT: args.picture}
     model, header = _model(args)
     inputs = (args.image, args.mask, model)
     wanted = [p for p in targets.values() if p is not None]
@@ -264,7 +275,12 @@ def run_detect(args: argparse.Namespace) -> None:
         result = detector(image, mask, progress=ConsoleProgress("detect"))
         result.record = dataclasses.replace(result.record, inputs=sources,
                                             warnings=tuple(read) + result.record.warnings)
-        files = result_files(result, targets, nifti_codes(args.image))
+        files = result_files(result, {r: p for r, p in targets.items() if r != PICTURE_OUTPUT},
+                             nifti_codes(args.image))
+        if args.picture:
+            from CeVAEAnomalyResearch.figures import result_picture_png
+
+            files[args.picture] = result_picture_png(image, result, file_stem(args.image))
         write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice
     log.info("Threshold %.4g (%s); %d component(s), %s ml flagged; most anomalous slice: %s.",
@@ -480,6 +496,8 @@ def run_batch(args: argparse.Namespace) -> None:
     from ..engine.devices import resolve_device
     from ..options import DetectionRequest
 
+    if args.pictures:  # before anything is read: the pictures are drawn by the research extra (matplotlib)
+        _require_research("batch --pictures", ("CeVAEAnomalyResearch", "matplotlib"))
     request = DetectionRequest.from_args(args)
     if args.workers < 1:  # as every impossible value: before any file is read
         raise CeVAEError(f"--workers must be 1 or more, got {args.workers}.")
@@ -496,11 +514,13 @@ def run_batch(args: argparse.Namespace) -> None:
         log.info("Shard %d of %d: %d of %d volumes.", shard[0], shard[1], len(items), len(every))
     model, header = _model(args)  # torch-free: a missing calibration is refused before any volume
     # (a repeat left out is still an input: no output may replace it)
-    check_outputs_apart(items, listed, args.inputs, model, args.out_dir, args.out_dir / summary_name(shard))
+    check_outputs_apart(items, listed, args.inputs, model, args.out_dir, args.out_dir / summary_name(shard),
+                        args.pictures)
     score, post = request.checked_options(header.score_options, header.postprocess)
     threshold, source = header.threshold(score, post, request.policy)
     log.info("Score %s; threshold %.4g (%s).", score.score_type, threshold, source)
-    settings = DetectSettings(model=model, request=request, out_dir=args.out_dir, overwrite=args.overwrite)
+    settings = DetectSettings(model=model, request=request, out_dir=args.out_dir, overwrite=args.overwrite,
+                              pictures=args.pictures)
     summary = process(items, settings, args.out_dir / summary_name(shard), args.workers, ConsoleProgress("batch"))
     failed = summary.count("error")
     if failed:

@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "model file and its sha256, the threshold and its source, the options, the input files and their "
                    "sha256 and the digests of their voxels and grid, the warnings of reading them and those the "
                    "detection itself logged")
+    d.add_argument("--picture", type=output_path_value, help="output PNG key picture: the axial slice through the "
+                   "top-ranked component's peak (without components: the most anomalous slice), scan, score heat "
+                   "above half the threshold and labelmap contour, radiological view with orientation letters (needs "
+                   "the research extra: matplotlib)")
     _add_scoring(d)
     _add_threshold(d)
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -277,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard", help="i/n: only the i-th of n parts of the sorted list (i = 1..n), for array jobs "
                    "(default: the whole list)")
     b.add_argument("--workers", type=int, default=1, help="volumes scored in parallel processes")
+    b.add_argument("--pictures", action="store_true", help="also write NAME_picture.png, each volume's key picture "
+                   "as detect --picture draws it (needs the research extra: matplotlib); a rerun draws the missing "
+                   "pictures of volumes already done from their saved outputs, without scoring them again")
     b.add_argument("--overwrite", action="store_true",
                    help="score every volume again, also with settings other than those of the outputs there")
     _add_device(b)

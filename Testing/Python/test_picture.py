@@ -1,0 +1,153 @@
+"""detect --picture and batch --pictures: one PNG key picture of a detection (scan, score heat, labelmap contour,
+orientation letters, the slice and the top component's volume and side in its title), for readers outside Slicer;
+a rerun of batch --pictures draws the missing pictures of volumes already done from their saved outputs."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.cli.main import EXIT_DONE, EXIT_REFUSED, main
+from CeVAEAnomalyLib.data import data_path
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def lesioned(tmp_path_factory) -> Tuple[Path, Path, int]:
+    """The bundled Colin27 (2 mm) with one bright 9 mm lesion 24 mm into the patient's right, written with its brain
+    mask; and the lesion centre's k index (its file's slice axis is the axial one)."""
+    folder = tmp_path_factory.mktemp("scans")
+    image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
+    pixels, brain = sitk.GetArrayFromImage(image), sitk.GetArrayViewFromImage(mask) > 0
+    centre = np.argwhere(brain).mean(0) + [5, 0, 12]  # (k, j, i); +i is the patient's right (the file is RAS)
+    kji = np.indices(pixels.shape).reshape(3, -1).T
+    ball = (np.linalg.norm((kji - centre) * 2.0, axis=1) <= 9.0).reshape(pixels.shape)
+    pixels[ball] = 1.6 * float(np.percentile(pixels[brain], 99.5))
+    scan = sitk.GetImageFromArray(pixels)
+    scan.CopyInformation(image)
+    sitk.WriteImage(scan, str(folder / "lesioned.nii.gz"))
+    sitk.WriteImage(mask, str(folder / "lesioned_mask.nii.gz"))
+    return folder / "lesioned.nii.gz", folder / "lesioned_mask.nii.gz", int(round(centre[0]))
+
+
+def detect(scan: Path, mask: Path, out: Path, *extra: str) -> int:
+    return main(["detect", str(scan), "--mask", str(mask), "--score", str(out / "score.nii.gz"), "--device", "cpu",
+                 *extra])
+
+
+def test_detect_writes_the_picture_of_the_lesions_slice(lesioned, tmp_path):
+    scan, mask, _ = lesioned
+    picture = tmp_path / "key.png"
+    assert detect(scan, mask, tmp_path, "--picture", str(picture)) == EXIT_DONE
+    png = sitk.ReadImage(str(picture))  # a PNG that decodes
+    assert png.GetSize() == (800, 400)
+    rgb = sitk.GetArrayFromImage(png)[..., :3].astype(int)
+    left, right = rgb[:, :400], rgb[:, 400:720]  # the scan panel; the overlay panel (without its colour bar)
+    grey = lambda part: (part[..., 0] == part[..., 1]) & (part[..., 1] == part[..., 2])  # noqa: E731
+    assert grey(left).all()  # the scan alone is grey
+    dark = left[..., 0] < 10  # the scan panel's box: the rows and columns of its black background (not of text)
+    (top, bottom), (first, last) = ((np.flatnonzero(dark.sum(a) > 100)[[0, -1]]) for a in (1, 0))
+    inside = left[top:bottom, first:last]
+    white = np.argwhere(grey(inside) & (inside[..., 0] >= 250)) + [top, first]  # the saturated lesion there
+    hot = np.argwhere((right[..., 0] - right[..., 2] > 80))  # the heat over it: red, not grey
+    assert len(white) > 50 and len(hot) > 50
+    assert abs(white[:, 0].mean() - hot[:, 0].mean()) < 4  # on the same rows: the lesion's slice and place
+    assert white[:, 1].mean() < (first + last) / 2  # the patient's right on the viewer's left (radiological)
+
+
+def test_the_picture_is_drawn_through_the_top_components_peak(lesioned):
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.detector import detect as run
+    from CeVAEAnomalyResearch.figures import file_slice, slice_through
+
+    scan, mask, k = lesioned
+    image = sitk.ReadImage(str(scan))
+    result = run(image, str(default_model_path()), sitk.ReadImage(str(mask)), device="cpu")
+    top = result.components[0]
+    assert top.side == "right"
+    assert abs(file_slice(image, slice_through(image, top.peak_lps))[1] - k) <= 2
+    assert file_slice(image, slice_through(image, top.peak_lps))[0] == "k"
+
+
+def test_an_existing_picture_is_kept_without_overwrite(lesioned, tmp_path, capsys):
+    scan, mask, _ = lesioned
+    picture = tmp_path / "key.png"
+    picture.write_bytes(b"mine")
+    assert detect(scan, mask, tmp_path, "--picture", str(picture)) == EXIT_REFUSED
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert picture.read_bytes() == b"mine" and not (tmp_path / "score.nii.gz").exists()  # nothing written
+    assert detect(scan, mask, tmp_path, "--picture", str(picture), "--overwrite") == EXIT_DONE
+    assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_picture_not_named_png_is_refused_before_scoring(lesioned, tmp_path, capsys):
+    scan, mask, _ = lesioned
+    assert detect(scan, mask, tmp_path, "--picture", str(tmp_path / "key.jpg")) == EXIT_REFUSED
+    assert "name ending in .png" in capsys.readouterr().err
+
+
+BLOCKED = """
+import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError("No module named 'matplotlib'", name=name)
+sys.meta_path.insert(0, Blocked())
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["detect", "batch"])
+def test_without_matplotlib_the_picture_is_refused_up_front_naming_the_extra(lesioned, tmp_path, command):
+    scan, mask, _ = lesioned
+    args = (["detect", str(scan), "--mask", str(mask), "--score", str(tmp_path / "s.nii.gz"), "--picture",
+             str(tmp_path / "p.png")] if command == "detect" else
+            ["batch", str(scan.parent), "--out-dir", str(tmp_path / "out"), "--pictures"])
+    done = subprocess.run([sys.executable, "-c", BLOCKED, *args, "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == EXIT_REFUSED, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs matplotlib" in lines[0] and "cevae-anomaly[research]" in lines[0], lines
+    assert not any(tmp_path.rglob("*.nii.gz")) and not (tmp_path / "out").exists()  # nothing scored
+
+
+def test_batch_pictures_and_a_rerun_that_draws_the_missing_ones_without_scoring(lesioned, tmp_path):
+    scan, mask, _ = lesioned
+    out = tmp_path / "out"
+    assert main(["batch", str(scan.parent), "--out-dir", str(out), "--device", "cpu"]) == EXIT_DONE
+    assert not (out / "lesioned_picture.png").exists()
+    scored = (out / "lesioned_score.nii.gz").stat().st_mtime_ns
+    assert main(["batch", str(scan.parent), "--out-dir", str(out), "--device", "cpu", "--pictures"]) == EXIT_DONE
+    with open(out / "summary.csv", newline="") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["skipped"]
+    assert (out / "lesioned_score.nii.gz").stat().st_mtime_ns == scored  # not scored again
+    drawn = (out / "lesioned_picture.png").read_bytes()
+    assert sitk.ReadImage(str(out / "lesioned_picture.png")).GetSize() == (800, 400)
+    fresh = tmp_path / "fresh"  # the picture of a scoring, as batch and detect draw it: the same
+    assert main(["batch", str(scan.parent), "--out-dir", str(fresh), "--device", "cpu", "--pictures"]) == EXIT_DONE
+    assert (fresh / "lesioned_picture.png").read_bytes() == drawn
+
+
+def test_batch_refuses_a_picture_that_would_replace_an_input(lesioned, tmp_path, capsys):
+    scan, mask, _ = lesioned
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in (scan, mask):
+        (folder / p.name).write_bytes(p.read_bytes())
+    rows = f"image,mask,name\n{folder / scan.name},{folder / mask.name},lesioned\n"
+    (folder / "list.csv").write_text(rows)
+    (folder / "lesioned_picture.png").write_bytes(b"x")
+    listed = tmp_path / "list.csv"
+    listed.write_text(f"image,mask,name\n{folder / 'lesioned_picture.png'},{folder / mask.name},other\n"
+                      f"{folder / scan.name},{folder / mask.name},lesioned\n")
+    assert main(["batch", str(listed), "--out-dir", str(folder), "--device", "cpu", "--pictures"]) == EXIT_REFUSED
+    assert "would replace the input" in capsys.readouterr().err
