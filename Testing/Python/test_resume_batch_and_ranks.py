@@ -241,3 +241,29 @@ def test_a_torchrun_variable_that_is_no_number_is_refused_in_words_by_the_librar
     monkeypatch.setenv(name, value)
     assert _main(["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(tmp_path / "m.cevae")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "error: " + message
+
+
+@pytest.mark.parametrize("world, rank, first", [("2", "00", True), ("2", " 0", True), (None, "1", True),
+                                                 ("2", "1", False)])
+def test_train_knows_rank_0_by_its_number_not_its_text(world, rank, first, monkeypatch, tmp_path):
+    """train took the process for rank 0 where RANK was the text "0": under torchrun a RANK of "00" or " 0" (read as
+    0 everywhere else) held no lock on --out and showed no progress, and a lone run (no WORLD_SIZE) with a stale RANK
+    of "1" in its environment, which trains as rank 0, did neither. Rank 0 is now the number, and a lone run's."""
+    from CeVAEAnomalyLib.interrupts import Terminated
+    from CeVAEAnomalyLib.io.lock import lock_path
+    from CeVAEAnomalyLib.training.trainer import Trainer
+
+    out, seen = tmp_path / "m.cevae", []
+
+    def started(self: Trainer, cfg: TrainConfig, subjects: list, progress: Optional[object] = None,
+                **kwargs: object) -> None:
+        seen.append((progress is not None, lock_path(out).exists()))
+        raise Terminated()
+
+    monkeypatch.setattr(Trainer, "__init__", started)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", rank)
+    assert _main(["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(out)]) == 143
+    assert seen == [(first, first)]

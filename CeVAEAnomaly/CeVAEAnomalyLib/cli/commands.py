@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError
 from ..io.naming import file_stem, refuse_misnamed
-from ..system import command_word
+from ..system import command_word, torchrun_number
 from .console import print_result
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def run_train(args: argparse.Namespace) -> Path:
     cfg.check_outputs(_inputs(args, subjects), args.overwrite, COMMAND_LINE_TRAIN)
     check_free_space("This training", [cfg.checkpoint_path], cfg.out, cfg.model, cfg.half_bundle,
                      [s.image for s in subjects], len(cfg.orientations), cfg.cache_dir, COMMAND_LINE_TRAIN)
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = torchrun_number("WORLD_SIZE", 1) <= 1 or torchrun_number("RANK", 0) == 0  # (a lone run is rank 0)
     with hold_output(cfg.out, "train") if rank0 else contextlib.nullcontext():  # one run per --out at a time
         trainer = Trainer(cfg, subjects, progress=ConsoleProgress("train") if rank0 else None,
                           wording=COMMAND_LINE_TRAIN)
