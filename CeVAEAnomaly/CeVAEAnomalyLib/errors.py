@@ -14,6 +14,11 @@ class CeVAEError(Exception):
     """
 
 
+class RunFailed(CeVAEError):
+    """A failure that is not the input's or options' (out of memory, a process lost): the command line exits 1, as for
+    an unexpected error, not 2 (refused), so that a script can tell a run that may finish with more memory."""
+
+
 class WriteFailed(CeVAEError):
     """A file that could not be written. ``cause``: the error its write failed with -- an OSError with its errno where
     the system said why -- so that a caller can add what to do about it (:func:`~.io.targets.write_remedy`)."""

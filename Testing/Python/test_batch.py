@@ -946,7 +946,7 @@ def test_a_volume_whose_detection_runs_out_of_memory_gets_a_row_that_says_so(two
 
     monkeypatch.setattr(detector_mod.Detector, "__call__", allocator_fails)
     out = tmp_path / "out"
-    assert batch(two, out, tiny_bundle) == 2  # (volumes failed)
+    assert batch(two, out, tiny_bundle) == 1  # (volumes out of memory: as detect, not refused)
     rows = read_summary(out / "summary.csv").values()
     assert [r["error"] for r in rows] == ["out of memory; give a smaller --batch-size or fewer --workers"] * 2
 
@@ -993,8 +993,9 @@ def test_batch_help_says_the_exit_status_a_failed_volume_gives(cohort, tiny_bund
     status means what (a failed volume: 2, as a refusal)."""
     assert main(["batch", "--help"]) == 0
     shown = " ".join(capsys.readouterr().out.split())
-    assert ("exit status: 0 every volume done (scored or skipped); 2 one or more volumes failed (the summary's "
-            "error column says why; a rerun retries them) or the run was refused before any work") in shown
+    assert ("exit status: 0 every volume done (scored or skipped); 1 a volume ran out of memory or failed "
+            "unexpectedly, or a worker process died (the summary's error column says why; a rerun retries the failed "
+            "volumes); 2 the failed volumes were all refused, or the run was refused before any work") in shown
     (tmp_path / "in").mkdir()
     for name in ("a1.nii.gz", "a1_mask.nii.gz", "bad.nii.gz"):
         (tmp_path / "in" / name).write_bytes((cohort / name).read_bytes())

@@ -45,7 +45,7 @@ def test_the_exit_statuses_the_help_states_are_those_the_command_returns(tmp_pat
     said = " ".join(epilogs()["detect"].split()).split("exit status:")[1]
     stated = {int(code): words.strip() for code, words in re.findall(r"(\d+) ([a-z][a-z ]*)", said)}
     assert stated == {EXIT_DONE: "done", EXIT_REFUSED: "refused input or option",
-                      EXIT_FAILED: "unexpected failure", EXIT_INTERRUPTED: "interrupted",
+                      EXIT_FAILED: "out of memory or an unexpected failure", EXIT_INTERRUPTED: "interrupted",
                       EXIT_TERMINATED: "terminated"}, said
     assert main(["detect", str(tmp_path / "scan.nii.gz"), "--score", str(tmp_path / "s.nii.gz"),
                      "--no-such-option"]) == EXIT_REFUSED

@@ -67,3 +67,37 @@ def test_itk_and_onednn_allocation_failures_are_out_of_memory():
     assert out_of_memory(RuntimeError("could not create a primitive"))  # (oneDNN's whole message)
     assert not out_of_memory(RuntimeError("could not create a primitive descriptor for a matmul primitive"))
     assert not out_of_memory(RuntimeError("Failed to read image"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="caps the address space as Linux counts it")
+def test_a_batch_whose_volume_runs_out_of_memory_exits_as_detect_does(tmp_path):
+    """detect out of memory exits 1, as the exit statuses say (1: out of memory or unexpected; 2: refused input, a
+    rerun of which cannot help), but batch with a volume out of memory exited 2, as if its input were refused: a
+    script that reruns with more memory on status 1 gave up on it. batch now exits 1 where a volume ran out of memory
+    (its row says so) and 2 where every failed volume was refused."""
+    import shutil
+    import torch
+    from CeVAEAnomalyLib.data import default_model_path
+    from CeVAEAnomalyLib.engine.bundle import read_header, save_bundle
+    from CeVAEAnomalyLib.engine.config import ModelConfig
+    from CeVAEAnomalyLib.engine.model import CeVAE
+
+    data, cohort = default_model_path().parent, tmp_path / "cohort"
+    cohort.mkdir()
+    shutil.copy(data / "colin27_t1_2mm.nii.gz", cohort / "a.nii.gz")
+    shutil.copy(data / "colin27_brainmask_2mm.nii.gz", cohort / "a_mask.nii.gz")
+    (cohort / "b.nii.gz").write_text("not an image")
+    header = read_header(default_model_path())
+    header = replace(header, preprocess=replace(header.preprocess, input_size=128))
+    model = tmp_path / "wide.cevae"
+    torch.manual_seed(0)
+    save_bundle(model, CeVAE(ModelConfig(input_size=128, channels=(256, 1), z_dim=1)), header)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-c", CHILD, "batch", str(cohort), "--out-dir", str(tmp_path / "out"), "--model",
+               str(model), "--device", "cpu", "--orientations", "axial", "--threshold", "1", "--batch-size", "4096"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert "a: error (out of memory; give a smaller --batch-size" in proc.stderr and "b: error (" in proc.stderr
+    assert proc.returncode == 1 and "2 of 2 volume(s) failed" in proc.stderr, proc.stderr
+    (cohort / "a.nii.gz").unlink()  # the refused volume's failure alone
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "1 of 1 volume(s) failed" in proc.stderr, proc.stderr

@@ -26,7 +26,7 @@ from CeVAEAnomalyLib.training.checkpoint import check_same_run, write_checkpoint
 from CeVAEAnomalyLib.training.config import NO_AUGMENT
 from CeVAEAnomalyLib.training.data import Subject, split_subjects
 from CeVAEAnomalyLib.io.checksum import sha256_of
-from CeVAEAnomalyLib.errors import CeVAEError
+from CeVAEAnomalyLib.errors import CeVAEError, RunFailed
 from CeVAEAnomalyLib.training.trainer import TrainConfig, Trainer
 from conftest import full_disk_after_step, make_head
 
@@ -395,7 +395,7 @@ def test_other_errors_and_oom_at_batch_one(manifest, tmp_path):
     def always_oom(idx):
         raise RuntimeError("CUDA out of memory")
 
-    with pytest.raises(CeVAEError, match=r"Out of memory even with batch size 1"):
+    with pytest.raises(RunFailed, match=r"Out of memory even with batch size 1"):  # (exit 1, not 2: refused)
         trainer.step_with_oom_retry(torch.arange(8), always_oom)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import (TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Set, Tuple)
 
-from ..errors import CeVAEError, one_line, out_of_memory
+from ..errors import CeVAEError, RunFailed, one_line, out_of_memory
 from ..io.atomic import atomic_write_text, remove_abandoned_temporaries
 from ..io.checksum import FileMemo, hashed_files, sha256_of
 from ..io.lock import OutputHeld, hold_output, hold_outputs
@@ -79,6 +79,7 @@ RECORD_FIELD = "record_sha256"  # that record's; "": the volume has none (made b
 # file is missing or not the one written with its outputs). Not what says a volume is done: it is not scored again
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", "warnings", *MEASURES, "seconds", *SOURCE_FIELDS,
                   *OUTPUT_FIELDS, RECORD_FIELD)
+REFUSED = "refused"  # a failed row's key (not a column): whether its volume was refused, not out of memory or a bug
 LATER_FIELDS = ("components", "warnings", *SOURCE_FIELDS, *OUTPUT_FIELDS, RECORD_FIELD)  # columns older summaries
 # lack (rows without components, warnings or record_sha256 keep ""; rows without checksums are not trusted: their
 # volumes are scored again, and so are those without components_sha256, of versions that wrote no component table, so
@@ -825,7 +826,8 @@ class VolumeDetector:
             message = (one_line(exc) if isinstance(exc, CeVAEError) else
                        "out of memory; give a smaller --batch-size or fewer --workers" if out_of_memory(exc) else
                        f"unexpected {type(exc).__name__}: {one_line(exc)}")
-            return _row(item, "error", time.perf_counter() - t0, error=message)
+            refused = {REFUSED: isinstance(exc, CeVAEError)}
+            return _row(item, "error", time.perf_counter() - t0, error=message, **refused)
 
     def go_on(self, fraction: float = 0.0, message: str = "") -> None:
         """Raise :class:`Cancelled` once the batch is stopping (also the detector's progress callback)."""
@@ -945,6 +947,10 @@ class Summary:
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows.values())
+
+    def refused_only(self) -> bool:
+        """Whether every volume of this run that failed was refused (not out of memory, not an unexpected error)."""
+        return all(r.get(REFUSED, True) for r in self.rows.values() if r["status"] == "error")
 
 
 Summaries = Dict[str, Tuple[Optional[List[Dict[str, str]]], float]]  # by file name: rows (None: not one), mtime
@@ -1340,7 +1346,7 @@ def _run_pool(todo: Sequence[Tuple[BatchItem, bool]], settings: DetectSettings, 
             try:
                 row = fut.result()
             except BrokenProcessPool:
-                raise CeVAEError("A worker process died (out of memory, or killed). Finished volumes are in the "
+                raise RunFailed("A worker process died (out of memory, or killed). Finished volumes are in the "
                                  "summary and a rerun skips them; try fewer --workers.") from None
             record(row)
     except BaseException:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError
+from ..errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError, RunFailed
 from ..io.naming import file_stem, refuse_misnamed
 from ..system import command_word, torchrun_number
 from .console import print_result
@@ -524,5 +524,6 @@ def run_batch(args: argparse.Namespace) -> None:
     summary = process(items, settings, args.out_dir / summary_name(shard), args.workers, ConsoleProgress("batch"))
     failed = summary.count("error")
     if failed:
-        raise CeVAEError(f"{failed} of {len(items)} volume(s) failed; the reasons are in the 'error' column of "
-                         f"{summary.path}. The others are done, and a rerun retries only the failed ones.")
+        failure = CeVAEError if summary.refused_only() else RunFailed  # (exit 2, or 1: out of memory, a bug)
+        raise failure(f"{failed} of {len(items)} volume(s) failed; the reasons are in the 'error' column of "
+                      f"{summary.path}. The others are done, and a rerun retries only the failed ones.")

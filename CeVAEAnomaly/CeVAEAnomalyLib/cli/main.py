@@ -14,7 +14,7 @@ from typing import List, NoReturn, Optional, Sequence
 
 from .. import __version__
 from ..data import BundledModelMissing, BundledOutputError
-from ..errors import CeVAEError, one_line, out_of_memory
+from ..errors import CeVAEError, RunFailed, one_line, out_of_memory
 from ..options import (HelpWithDefaults, PostprocessOptions, RunOptions, ScoreOptions, ThresholdPolicy, add_flags,
                        output_path_value, path_value, switch)
 from ..interrupts import Terminated, sigterm_as_interrupt
@@ -22,11 +22,11 @@ from ..system import torchrun_number, usable_cores
 
 log = logging.getLogger("cevae_anomaly")
 
-# the exit statuses of the command (batch: EXIT_REFUSED also when a volume failed)
+# the exit statuses of the command (batch: as its failed volumes' worst)
 EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 EXIT_STATUS = (f"exit status: {EXIT_DONE} done, {EXIT_REFUSED} refused input or option (the error line says why), "
-               f"{EXIT_FAILED} unexpected failure, {EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_TERMINATED} "
-               "terminated (SIGTERM).")
+               f"{EXIT_FAILED} out of memory or an unexpected failure, {EXIT_INTERRUPTED} interrupted (Ctrl-C), "
+               f"{EXIT_TERMINATED} terminated (SIGTERM).")
 
 
 def _epilog(examples: Sequence[str], status: str = EXIT_STATUS) -> str:
@@ -263,10 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "scores every volume again); failures are recorded.",
                        epilog=_epilog(["batch cohort/ --out-dir results/",
                                        "batch cohort.csv --out-dir results/ --workers 2 --shard 1/4"],
-                                      f"exit status: {EXIT_DONE} every volume done (scored or skipped); {EXIT_REFUSED} "
-                                      "one or more volumes failed (the summary's error column says why; a rerun "
-                                      f"retries them) or the run was refused before any work; {EXIT_FAILED} an "
-                                      f"unexpected error; {EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_TERMINATED} "
+                                      f"exit status: {EXIT_DONE} every volume done (scored or skipped); {EXIT_FAILED} "
+                                      "a volume ran out of memory or failed unexpectedly, or a worker process died "
+                                      "(the summary's error column says why; a rerun retries the failed volumes); "
+                                      f"{EXIT_REFUSED} the failed volumes were all refused, or the run was refused "
+                                      f"before any work; {EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_TERMINATED} "
                                       "terminated (SIGTERM): the volumes finished are in the summary and a rerun skips "
                                       "them."))
     b.add_argument("inputs", type=path_value, help="folder of images (NAME_mask.* / NAME_brainmask.* / "
@@ -531,7 +532,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             raise
         _say_failure(rank, f"error: {command_line_wording(exc, args.command)}")
-        return EXIT_REFUSED
+        return EXIT_FAILED if isinstance(exc, RunFailed) else EXIT_REFUSED
     except Terminated:  # (under torchrun each rank says it, so its line names it, as its errors do)
         failed = _failed_rank() if distributed else None
         if failed is not None:  # torchrun's stop of the others: the advice is the failed rank's error

@@ -28,7 +28,7 @@ from ..engine.corruption import random_rectangles
 from ..engine.devices import mixed_precision, resolve_device
 from ..engine.modality import TOLERANCE, depth_contrast, unlike
 from ..engine.model import CeVAE, cevae_loss
-from ..errors import COMMAND_LINE_TRAIN, CeVAEError, Wording, out_of_memory
+from ..errors import COMMAND_LINE_TRAIN, CeVAEError, RunFailed, Wording, out_of_memory
 from ..io.atomic import remove_stale_temporaries, write_all
 from ..io.checksum import FileMemo, content_checksums, sha256_of
 from ..io.manifest import distinct_names, unknown_persons_note
@@ -373,11 +373,11 @@ class Trainer:
                 if not out_of_memory(exc):  # CUDA's, MPS's, or the CPU allocator's words
                     raise
                 if self.batch_size <= 1:
-                    raise CeVAEError(f"Out of memory even with batch size 1 on {self.device}; "
+                    raise RunFailed(f"Out of memory even with batch size 1 on {self.device}; "
                                      f"{self.wording.less_memory}.") from None
                 if self.dist.world > 1:  # ranks cannot shrink their batches independently
                     resume = "" if self.saved_step is None else " and --resume"
-                    raise CeVAEError(f"Out of memory on rank {self.dist.rank} with batch size {self.batch_size} "
+                    raise RunFailed(f"Out of memory on rank {self.dist.rank} with batch size {self.batch_size} "
                                      f"per rank; rerun with a smaller --batch-size{resume}.") from None
                 self.opt.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
