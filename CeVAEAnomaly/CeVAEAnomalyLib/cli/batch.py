@@ -1347,7 +1347,7 @@ def _run_pool(todo: Sequence[Tuple[BatchItem, bool]], settings: DetectSettings, 
                 row = fut.result()
             except BrokenProcessPool:
                 raise RunFailed("A worker process died (out of memory, or killed). Finished volumes are in the "
-                                 "summary and a rerun skips them; try fewer --workers.") from None
+                                "summary and a rerun skips them; try fewer --workers.") from None
             record(row)
     except BaseException:
         stop.set()

@@ -374,11 +374,11 @@ class Trainer:
                     raise
                 if self.batch_size <= 1:
                     raise RunFailed(f"Out of memory even with batch size 1 on {self.device}; "
-                                     f"{self.wording.less_memory}.") from None
+                                    f"{self.wording.less_memory}.") from None
                 if self.dist.world > 1:  # ranks cannot shrink their batches independently
                     resume = "" if self.saved_step is None else " and --resume"
                     raise RunFailed(f"Out of memory on rank {self.dist.rank} with batch size {self.batch_size} "
-                                     f"per rank; rerun with a smaller --batch-size{resume}.") from None
+                                    f"per rank; rerun with a smaller --batch-size{resume}.") from None
                 self.opt.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
