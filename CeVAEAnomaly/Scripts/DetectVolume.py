@@ -18,8 +18,9 @@ which writes all but the segmentation of them), with ``<name>_record.json``, the
 is writing one of its outputs. Relative paths are taken
 from the working directory (Slicer itself would read them from its scene folder).
 Exit status, as ``cevae-anomaly detect``'s: 0 on success; 2 for an input, argument or option refused (a missing or
-unreadable volume, outputs that exist without ``--overwrite``, a bad value); 1 for an unexpected failure, and when
-the library cannot be imported; 130 when interrupted; each with a one-line message. Whatever ends it, a headless
+unreadable volume, outputs that exist without ``--overwrite``, a bad value); 1 for an unexpected failure, out of
+memory, and when the library cannot be imported; 130 when interrupted; each with a one-line message (an unexpected
+failure with its traceback too). Whatever ends it, a headless
 Slicer quits with a status.
 """
 from __future__ import annotations
@@ -45,8 +46,8 @@ if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
     sys.path.insert(0, str(_HERE.parent))
 
 try:  # after the path set-up above; a failure must still end in an exit status (see the end)
-    from CeVAEAnomalyLib.cli.main import command_line_wording
-    from CeVAEAnomalyLib.errors import CeVAEError, one_line
+    from CeVAEAnomalyLib.cli.main import command_line_wording, out_of_memory_advice
+    from CeVAEAnomalyLib.errors import CeVAEError, one_line, out_of_memory
     from CeVAEAnomalyLib.io import naming
     from CeVAEAnomalyLib.io.naming import file_stem
     from CeVAEAnomalyLib.options import (DetectionRequest, HelpWithDefaults, RunOptions, ScoreOptions,
@@ -390,8 +391,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: still an exit status, so that a headless Slicer quits
         print(interrupted_message(written), file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug, not a user error: keep the traceback for the report
-        traceback.print_exc()
+    except Exception as exc:
+        if out_of_memory(exc):  # not a bug: one line, as detect says it
+            print(f"DetectVolume: error: {out_of_memory_advice(batch_size=True)}", file=sys.stderr)
+            return 1
+        traceback.print_exc()  # a bug, not a user error: keep the traceback for the report
         print(f"DetectVolume: unexpected error ({type(exc).__name__}): {one_line(exc)}", file=sys.stderr)
         return 1
     return 0

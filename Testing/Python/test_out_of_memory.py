@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -22,24 +23,44 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="caps the address space as Linux counts it")
-def test_a_detection_that_runs_out_of_memory_says_so_in_one_line(tmp_path):
-    """A model within the cost limits (0.1 MB, 2.1 million values per slice at 128 px) with every axial slice of
-    the 2 mm sample in one batch, in a process capped at 1 GB more than it starts with: the CPU allocator's failure
-    was reported as an unexpected internal error to report ("unexpected RuntimeError: ... DefaultCPUAllocator:
-    can't allocate memory")."""
+# DetectVolume.py (Scripts/) run as Slicer runs it, capped as CHILD is once slicer-core and the logic are imported
+SCRIPT_CHILD = r"""
+import resource, runpy, sys
+import torch, slicer
+from CeVAEAnomalyLib.engine import detector
+from CeVAEAnomalyLib.slicer import logic
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def wide_model(tmp_path: Path) -> Path:
+    """A model within the cost limits (0.1 MB, 2.1 million values per slice at 128 px)."""
     import torch
     from CeVAEAnomalyLib.data import default_model_path
     from CeVAEAnomalyLib.engine.bundle import read_header, save_bundle
     from CeVAEAnomalyLib.engine.config import ModelConfig
     from CeVAEAnomalyLib.engine.model import CeVAE
 
-    data = default_model_path().parent
     header = read_header(default_model_path())
     header = replace(header, preprocess=replace(header.preprocess, input_size=128))
     model = tmp_path / "wide.cevae"
     torch.manual_seed(0)
     save_bundle(model, CeVAE(ModelConfig(input_size=128, channels=(256, 1), z_dim=1)), header)
+    return model
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="caps the address space as Linux counts it")
+def test_a_detection_that_runs_out_of_memory_says_so_in_one_line(tmp_path):
+    """A model within the cost limits with every axial slice of the 2 mm sample in one batch, in a process capped
+    at 1 GB more than it starts with: the CPU allocator's failure was reported as an unexpected internal error to
+    report ("unexpected RuntimeError: ... DefaultCPUAllocator: can't allocate memory")."""
+    from CeVAEAnomalyLib.data import default_model_path
+
+    data = default_model_path().parent
+    model = wide_model(tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", CHILD, "detect", str(data / "colin27_t1_2mm.nii.gz"), "--mask",
                            str(data / "colin27_brainmask_2mm.nii.gz"), "--model", str(model), "--score",
@@ -51,6 +72,29 @@ def test_a_detection_that_runs_out_of_memory_says_so_in_one_line(tmp_path):
         "error: out of memory; close other programs, give a smaller --batch-size or use a machine with more "
         "memory."], proc.stderr
     assert not (tmp_path / "score.nii.gz").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="caps the address space as Linux counts it")
+def test_detect_volume_that_runs_out_of_memory_says_so_in_one_line(tmp_path):
+    """Scripts/DetectVolume.py, the same detection and cap: it printed the allocator's whole traceback and
+    "DetectVolume: unexpected error (RuntimeError): ... can't allocate memory"; now the command line's line."""
+    pytest.importorskip("slicer")
+    from CeVAEAnomalyLib.data import default_model_path
+    from conftest import REPO
+
+    data = default_model_path().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    script = REPO / "CeVAEAnomaly" / "Scripts" / "DetectVolume.py"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT_CHILD, str(script), "--input",
+                           str(data / "colin27_t1_2mm.nii.gz"), "--mask", str(data / "colin27_brainmask_2mm.nii.gz"),
+                           "--model", str(wide_model(tmp_path)), "--output-dir", str(tmp_path / "out"), "--device",
+                           "cpu", "--threshold", "1", "--batch-size", "4096"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("INFO", "WARNING"))]
+    assert proc.returncode == 1 and lines == [
+        "DetectVolume: error: out of memory; close other programs, give a smaller --batch-size or use a machine "
+        "with more memory."], proc.stderr
+    assert not list((tmp_path / "out").glob("colin27*"))  # no result
 
 
 def test_itk_and_onednn_allocation_failures_are_out_of_memory():

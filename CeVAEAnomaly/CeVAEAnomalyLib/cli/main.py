@@ -480,6 +480,12 @@ def command_line_wording(exc: CeVAEError, command: str) -> str:
 _COMPUTING = ("train", "adapt", "prepare", "detect", "calibrate", "demo", "batch")
 
 
+def out_of_memory_advice(batch_size: bool) -> str:
+    """What a run that ran out of memory says, for a command with a ``--batch-size`` option or without one."""
+    smaller = ", give a smaller --batch-size" if batch_size else ""
+    return f"out of memory; close other programs{smaller} or use a machine with more memory."
+
+
 def fit_threads(cores: int) -> None:
     """Run torch and ITK on at most ``cores`` threads: by default each runs one per core of the CPU set, which a
     container's CPU quota does not narrow. The user's OMP_NUM_THREADS (torch) and
@@ -547,9 +553,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             raise
         if out_of_memory(exc):
-            smaller = ", give a smaller --batch-size" if hasattr(args, "batch_size") else ""
-            _say_failure(rank, f"error: out of memory; close other programs{smaller} or use a machine with more "
-                               "memory.")
+            _say_failure(rank, f"error: {out_of_memory_advice(hasattr(args, 'batch_size'))}")
             return EXIT_FAILED
         if distributed and (_peer_gone(exc) or _timed_out(exc)):
             _say_failure(rank, _left_behind(exc, args, started))
