@@ -19,9 +19,9 @@ is writing one of its outputs. Relative paths are taken
 from the working directory (Slicer itself would read them from its scene folder).
 Exit status, as ``cevae-anomaly detect``'s: 0 on success; 2 for an input, argument or option refused (a missing or
 unreadable volume, outputs that exist without ``--overwrite``, a bad value); 1 for an unexpected failure, out of
-memory, and when the library cannot be imported; 130 when interrupted; each with a one-line message (an unexpected
-failure with its traceback too). Whatever ends it, a headless
-Slicer quits with a status.
+memory, and when the library cannot be imported; 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM:
+``kill``, a job scheduler's time limit; its temporary files removed, as on Ctrl-C); each with a one-line message
+(an unexpected failure with its traceback too). Whatever ends it, a headless Slicer quits with a status.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ if not (_HERE / "CeVAEAnomalyLib").is_dir():  # Scripts/ beside the library
 try:  # after the path set-up above; a failure must still end in an exit status (see the end)
     from CeVAEAnomalyLib.cli.main import command_line_wording, out_of_memory_advice
     from CeVAEAnomalyLib.errors import CeVAEError, one_line, out_of_memory
+    from CeVAEAnomalyLib.interrupts import Terminated, sigterm_as_interrupt
     from CeVAEAnomalyLib.io import naming
     from CeVAEAnomalyLib.io.naming import file_stem
     from CeVAEAnomalyLib.options import (DetectionRequest, HelpWithDefaults, RunOptions, ScoreOptions,
@@ -340,15 +341,15 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     return written
 
 
-def interrupted_message(written: Sequence[Path]) -> str:
-    """What a stop left: the result files renamed into place before it (the renames are held together, so all
-    or none where the stop can be held)."""
+def interrupted_message(written: Sequence[Path], stop: str = "interrupted") -> str:
+    """What a stop (``stop``: "interrupted", Ctrl-C, or "terminated", SIGTERM) left: the result files renamed into
+    place before it (the renames are held together, so all or none where the stop can be held)."""
     if not written:
-        return "DetectVolume: interrupted; nothing was written."
+        return f"DetectVolume: {stop}; nothing was written."
     files, left = ", ".join(map(str, written)), len(naming.OUTPUT_NAMES) - len(written)
     if not left:
-        return f"DetectVolume: interrupted after every result was written ({files})."
-    return f"DetectVolume: interrupted; only {files} {'was' if len(written) == 1 else 'were'} written, " \
+        return f"DetectVolume: {stop} after every result was written ({files})."
+    return f"DetectVolume: {stop}; only {files} {'was' if len(written) == 1 else 'were'} written, " \
            f"not the other {left} result{'s' * (left > 1)}."
 
 
@@ -384,10 +385,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     scene = slicer.mrmlScene if inside_slicer else plain_scene()
     written: List[Path] = []
     try:
-        run(args, scene, written)
+        with sigterm_as_interrupt():  # a scheduler's kill stops the run as Ctrl-C does: its temporary files removed
+            run(args, scene, written)
     except CeVAEError as exc:  # refused, as detect refuses it
         print(f"DetectVolume: error: {command_line_wording(exc, 'detect')}", file=sys.stderr)
         return 2
+    except Terminated:  # SIGTERM, as detect says it
+        print(interrupted_message(written, "terminated"), file=sys.stderr)
+        return 143
     except KeyboardInterrupt:  # Ctrl-C: still an exit status, so that a headless Slicer quits
         print(interrupted_message(written), file=sys.stderr)
         return 130

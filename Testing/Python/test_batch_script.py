@@ -287,6 +287,54 @@ def test_a_stop_during_the_renames_says_which_results_were_written(oblique_head,
         assert len(written) == 2 and message.endswith(" were written, not the other 4 results."), message
 
 
+TERMINATED_WRITES = """\
+import os, runpy, signal, sys
+sys.path.insert(0, {lib!r})
+import CeVAEAnomalyLib.io.atomic as atomic
+real, written = atomic.check_complete, []
+def check_complete(tmp, target, expected_bytes=None):
+    real(tmp, target, expected_bytes)
+    written.append(tmp)
+    if len(written) == 2:  # a scheduler's kill (SIGTERM) once two temporary results are written
+        os.kill(os.getpid(), signal.SIGTERM)
+atomic.check_complete = check_complete
+{setup}
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+SLICER_APP = """\
+import slicer, types
+class App:  # a headless Slicer's application, which quits with the status given
+    def commandOptions(self):
+        return types.SimpleNamespace(runPythonAndExit=True)
+    def exit(self, status):
+        print("APPLICATION EXIT STATUS", status)
+        sys.exit(status)
+slicer.app = App()
+slicer.mrmlScene = slicer.vtkMRMLScene()
+"""
+
+
+@pytest.mark.parametrize("slicer_app", [False, True])
+def test_a_terminated_run_removes_its_temporary_files_and_says_so(oblique_head, tiny_bundle, tmp_path, slicer_app):
+    """SIGTERM (kill, a job scheduler's time limit) while the results were written: Python's default action ended
+    the process (status -15) without a word, its two temporary results left in the output folder; it stops as
+    detect stops, with "terminated" and status 143 (that of a headless Slicer too), and no temporary file."""
+    image_path, mask_path = oblique_head
+    out = tmp_path / "results"
+    runner = tmp_path / "terminated_writes.py"
+    runner.write_text(TERMINATED_WRITES.format(lib=str(REPO / "CeVAEAnomaly"), setup=SLICER_APP if slicer_app else ""))
+    proc = subprocess.run([sys.executable, str(runner), str(SCRIPT), "--input", str(image_path), "--mask",
+                           str(mask_path), "--model", str(tiny_bundle), "--output-dir", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "DetectVolume: terminated; nothing was written.", proc.stderr
+    assert not out.exists() or not list(out.iterdir()), list(out.iterdir())  # no result, no temporary file
+    if slicer_app:
+        assert proc.stdout.strip().splitlines()[-1] == "APPLICATION EXIT STATUS 143"
+
+
 def test_a_library_that_fails_to_import_quits_headless_slicer_with_an_error(tmp_path):
     proc = run_in_headless_slicer(tmp_path, "--input", "x.nii.gz", "--output-dir", tmp_path,
                                   setup='sys.modules["CeVAEAnomalyLib"] = None  # a missing or broken library')
