@@ -1005,6 +1005,26 @@ def test_batch_help_says_the_exit_status_a_failed_volume_gives(cohort, tiny_bund
     assert batch(tmp_path / "in", tmp_path / "out", tiny_bundle) == 0
 
 
+def test_a_batch_whose_every_volume_failed_says_none_is_done(cohort, tiny_bundle, tmp_path, capsys):
+    """Two truncated volumes (and, alone, one): the last line said "2 of 2 volume(s) failed ... The others are done,
+    and a rerun retries only the failed ones", of others there were none."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.nii.gz").write_bytes((cohort / "bad.nii.gz").read_bytes())
+    whole = (cohort / "b2.nii.gz").read_bytes()
+    (tmp_path / "in" / "bad2.nii.gz").write_bytes(whole[: len(whole) // 2])  # (another volume: not a repeat)
+    out = tmp_path / "out"
+    assert batch(tmp_path / "in", out, tiny_bundle) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: All 2 volumes failed; the reasons are in the 'error' column of {out / 'summary.csv'}. None is "
+        "done, and a rerun retries them all.")
+    assert [r["status"] for r in read_summary(out / "summary.csv").values()] == ["error", "error"]
+    (tmp_path / "in" / "bad2.nii.gz").unlink()
+    assert batch(tmp_path / "in", out, tiny_bundle) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: The volume failed; the reason is in the 'error' column of {out / 'summary.csv'}. Nothing is done, "
+        "and a rerun retries it.")
+
+
 def test_a_list_whose_paths_are_relative_to_the_current_folder_is_refused_saying_so(cohort, tiny_bundle, tmp_path,
                                                                                     monkeypatch, capsys):
     """Paths in a list are read relative to the list's folder: a list in a subfolder written with paths relative to
