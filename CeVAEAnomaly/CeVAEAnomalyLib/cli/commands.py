@@ -523,13 +523,13 @@ def run_batch(args: argparse.Namespace) -> None:
                               pictures=args.pictures)
     summary = process(items, settings, args.out_dir / summary_name(shard), args.workers, ConsoleProgress("batch"))
     failed = summary.count("error")
+    failure = CeVAEError if summary.refused_only() else RunFailed  # (exit 2, or 1: out of memory, a bug)
     if failed == 1 == len(items):
-        raise CeVAEError(f"The volume failed; the reason is in the 'error' column of {summary.path}. Nothing is done, "
-                         "and a rerun retries it.")
+        raise failure(f"The volume failed; the reason is in the 'error' column of {summary.path}. Nothing is done, "
+                      "and a rerun retries it.")
     if failed == len(items):
-        raise CeVAEError(f"All {failed} volumes failed; the reasons are in the 'error' column of {summary.path}. "
-                         "None is done, and a rerun retries them all.")
+        raise failure(f"All {failed} volumes failed; the reasons are in the 'error' column of {summary.path}. "
+                      "None is done, and a rerun retries them all.")
     if failed:
-        failure = CeVAEError if summary.refused_only() else RunFailed  # (exit 2, or 1: out of memory, a bug)
         raise failure(f"{failed} of {len(items)} volume(s) failed; the reasons are in the 'error' column of "
                       f"{summary.path}. The others are done, and a rerun retries only the failed ones.")
