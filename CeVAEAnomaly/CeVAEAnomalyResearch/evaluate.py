@@ -14,6 +14,7 @@ import hashlib
 import io
 import logging
 import math
+import numbers
 import os
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
@@ -181,9 +182,11 @@ def evaluate_case(
     """
     if slice_axis == "axial":
         axis: Optional[int] = axial_axis(score)
-    elif slice_axis is None or (isinstance(slice_axis, int) and -score.GetDimension() <= slice_axis
-                                < score.GetDimension()):
-        axis = slice_axis
+    elif slice_axis is None:
+        axis = None
+    elif isinstance(slice_axis, numbers.Integral) and not isinstance(slice_axis, bool) and (
+            -score.GetDimension() <= slice_axis < score.GetDimension()):  # (NumPy's integers too)
+        axis = int(slice_axis)
     else:
         raise CeVAEError(f"slice_axis {slice_axis!r} names no axis of the {score.GetDimension()}D score map: give "
                          "'axial', a numpy axis (0 to 2, or -3 to -1, for a volume) or None.")

@@ -203,6 +203,17 @@ def test_a_slice_axis_that_names_no_axis_is_refused(small_case: dict, axis) -> N
     assert evaluate_case(**small_case, slice_axis=-3).slice_auroc == first
 
 
+def test_a_numpy_integer_slice_axis_is_an_axis_and_a_bool_is_not(small_case: dict) -> None:
+    """The check that refuses an axis beyond the map took only Python ints: np.int64(0) (an axis from np.argmax, or
+    read from an array), which every numpy function takes and evaluate_case took before, was refused as naming 'no
+    axis of the 3D score map', and True was taken for axis 1."""
+    first = evaluate_case(**small_case, slice_axis=0).slice_auroc
+    assert evaluate_case(**small_case, slice_axis=np.int64(0)).slice_auroc == first
+    assert evaluate_case(**small_case, slice_axis=np.intp(-3)).slice_auroc == first
+    with pytest.raises(CeVAEError, match="slice_axis True"):
+        evaluate_case(**small_case, slice_axis=True)
+
+
 def test_evaluate_healthy_case(small_case: dict) -> None:
     metrics = evaluate_case(small_case["score"], mask=small_case["mask"], labelmap=small_case["labelmap"])
     assert math.isnan(metrics.auroc) and math.isnan(metrics.best_dice)
