@@ -91,3 +91,28 @@ def test_the_commands_run_torch_and_itk_on_the_cores_this_process_may_use():
     one CPU's time. The user's OMP_NUM_THREADS still decides torch's threads."""
     assert _threads_after_fit(1, None) == "1 1"
     assert _threads_after_fit(1, "2").split()[0] == "2"
+
+
+def _worker_threads(model: Path, out: Path, threads: int, **env: str) -> str:
+    """torch's and ITK's threads in a fresh process after batch's pool initializer set it up for ``threads``."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
+    code = ("import logging, multiprocessing, torch, SimpleITK as sitk\n"
+            "from pathlib import Path\n"
+            "from CeVAEAnomalyLib.cli.batch import DetectSettings, _init_worker\n"
+            "from CeVAEAnomalyLib.options import DetectionRequest\n"
+            f"settings = DetectSettings(model=Path({str(model)!r}), request=DetectionRequest.of(device='cpu'), "
+            f"out_dir=Path({str(out)!r}))\n"
+            f"_init_worker(settings, {threads}, logging.WARNING, multiprocessing.get_context('spawn').Event())\n"
+            "print(torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(clean, **env), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_users_itk_threads_win_in_the_batch_workers(tiny_bundle, tmp_path: Path) -> None:
+    """batch --workers K set each worker's ITK threads to its share (cores/K, or OMP_NUM_THREADS) even where the user
+    had set ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, which the command itself (and batch with one worker) leaves to win."""
+    assert _worker_threads(tiny_bundle, tmp_path, 2) == "2 2"
+    assert _worker_threads(tiny_bundle, tmp_path, 2, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS="1") == "2 1"

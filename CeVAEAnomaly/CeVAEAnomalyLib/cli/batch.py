@@ -877,7 +877,8 @@ def _init_worker(settings: DetectSettings, threads: int, log_level: int, stop: E
     pool_worker_signals()
     logging.basicConfig(level=log_level, format=f"%(levelname)s: [worker {os.getpid()}] %(message)s")
     torch.set_num_threads(threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    if not os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):  # the user's wins, as in cli.main.fit_threads
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_said)
     try:
