@@ -49,10 +49,12 @@ def one_line(exc: BaseException) -> str:
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is a failed allocation: Python's MemoryError (NumPy's "Unable to allocate"), PyTorch's (an
-    OutOfMemoryError on a CUDA GPU, a RuntimeError "can't allocate memory" from its CPU allocator or "MPS backend out
-    of memory" on a Mac's GPU, "could not create a primitive" where oneDNN could not allocate a CPU convolution's work
-    space), or ITK's RuntimeError "Failed to allocate memory for image"."""
-    failed = ("can't allocate memory", "out of memory", "Failed to allocate memory")
+    OutOfMemoryError on a CUDA GPU, a RuntimeError "can't allocate memory" from its CPU allocator, "not enough
+    memory" from it on Windows, "MPS backend out of memory" on a Mac's GPU, "could not create a primitive" where
+    oneDNN could not allocate a CPU convolution's work space), or ITK's RuntimeError "Failed to allocate memory for
+    image"."""
+    failed = ("can't allocate memory", "DefaultCPUAllocator: not enough memory", "out of memory",
+              "Failed to allocate memory")
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
         isinstance(exc, RuntimeError) and (any(words in str(exc) for words in failed)
                                            or str(exc) == "could not create a primitive"))

@@ -145,3 +145,18 @@ def test_a_batch_whose_volume_runs_out_of_memory_exits_as_detect_does(tmp_path):
     (cohort / "a.nii.gz").unlink()  # the refused volume's failure alone
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "The volume failed" in proc.stderr, proc.stderr
+
+
+def test_the_cpu_allocators_words_on_windows_are_out_of_memory():
+    """torch's CPU allocator fails in other words on Windows (_aligned_malloc) than on Linux and macOS
+    (posix_memalign's "can't allocate memory"): "DefaultCPUAllocator: not enough memory: you tried to allocate N
+    bytes." There a training step on the CPU that could not allocate ended the run instead of halving the batch, and
+    the command line said "unexpected RuntimeError ... report it" (exit 1 as a bug) instead of out of memory."""
+    from CeVAEAnomalyLib.errors import out_of_memory
+
+    windows = RuntimeError(r"[enforce fail at ..\c10\core\impl\alloc_cpu.cpp:72] data. DefaultCPUAllocator: not enough "
+                           "memory: you tried to allocate 26214400 bytes.")
+    assert out_of_memory(windows)
+    assert out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:75] err == 0. DefaultCPUAllocator: can't "
+                                      "allocate memory: you tried to allocate 2 bytes. Error code 12"))
+    assert not out_of_memory(RuntimeError("not enough values to unpack"))
