@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 from typing import Any, List
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {  # name -> the module that defines it
     "detect": "engine.detector",
