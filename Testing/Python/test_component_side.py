@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from CeVAEAnomalyLib.data import data_path
-from CeVAEAnomalyLib.engine.postprocess import components
+from CeVAEAnomalyLib.engine.postprocess import SIDE_MIN_MATCH, components
 from CeVAEAnomalyLib.engine.symmetry import estimate_midplane
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.result import DetectionResult, SliceScoreRow, components_csv, load_result, save_result
@@ -193,3 +193,41 @@ def test_the_slicer_lesion_table_has_a_side_column(lesioned):
     assert last == nodes.SIDE_COLUMN == "Side"
     column = table.GetTable().GetColumnByName("Side")
     assert [column.GetValue(row) for row in range(table.GetNumberOfRows())] == ["left", "both", "right"]
+
+
+def one_sided(head: Head, how: str) -> Head:
+    """The lesioned head with its brain made asymmetric: "cut" removes the patient's left beyond 5 mm past the midline
+    (a field of view cut there), "resected" fills a 45 mm ball of the left hemisphere (37 % of it) with CSF-dark
+    values; the scores and labels of the lesions that remain are kept."""
+    image, mask, score, labelmap = head
+    brain = sitk.GetArrayViewFromImage(mask) > 0
+    points = physical_points(image)
+    plane = estimate_midplane(image, mask)
+    distance = points @ np.asarray(plane.normal) - plane.offset  # + toward the patient's left
+    pixels, masked = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask)
+    scores, labels = sitk.GetArrayFromImage(score), sitk.GetArrayFromImage(labelmap)
+    if how == "cut":
+        gone = distance > 5.0
+        pixels[gone], masked[gone], scores[gone], labels[gone] = 0, 0, 0, 0
+    else:
+        centre = points[brain].mean(0) + 30.0 * np.asarray(plane.normal)
+        cavity = (np.linalg.norm(points - centre, axis=-1) <= 45.0) & (distance > 3.0) & brain & (labels == 0)
+        pixels[cavity] = np.percentile(pixels[brain], 2)
+    return on_grid(pixels, image), on_grid(masked, mask), on_grid(scores, score), on_grid(labels, labelmap)
+
+
+@pytest.mark.parametrize("how", ["cut", "resected"])
+def test_no_side_is_said_where_the_brain_does_not_match_its_mirror_image(lesioned, how):
+    """A hemisphere cut off by the field of view or mostly resected: the plane search, which keeps the plane within
+    10 mm of the brain's centre, found a plane 20-30 mm or 24 degrees off: the lesion 25 mm into the right hemisphere
+    was said to cross the midline, the one on the midline to lie left. Its match (the brain's correlation with its
+    mirror image, 0.84 whole) is 0.46 and 0.19 here: no side is said."""
+    image, mask, score, labelmap = one_sided(lesioned, how)
+    plane = estimate_midplane(image, mask)
+    assert plane.match is not None and plane.match < SIDE_MIN_MATCH
+    found = components(labelmap, score, "summed", plane)
+    assert found and [c.side for c in found] == [""] * len(found)
+
+
+def test_the_whole_heads_plane_matches_well_enough_to_say_sides(lesioned):
+    assert estimate_midplane(*lesioned[:2]).match > SIDE_MIN_MATCH

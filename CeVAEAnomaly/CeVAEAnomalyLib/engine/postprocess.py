@@ -228,6 +228,13 @@ COMPONENT_ORDERS = {
 # A component is on one side of the mid-sagittal plane when more than this share of its voxels (their centres) lie
 # on that side; otherwise it crosses the midline ("both": at least 10 % of it lies on the other side or on the plane).
 SIDE_SHARE = 0.9
+# No side is said where the estimated plane's match (the brain's correlation with its mirror image) is below this.
+# Five heads (1-2 mm): whole 0.84-0.995; with a mass pushing the midline 6-10 mm 0.73-0.95, 6.5 mm slices, 40 % of
+# the brain cut off at the top or bottom, turned or rolled 22° 0.81 or more (plane within 3.2° and 3.5 mm). A
+# hemisphere largely resected or cut at the midline by the field of view left the plane 14-30 mm or up to 28° off at
+# 0.19-0.66, but on the most symmetric head (0.945 whole) a field of view cut at the midline matched 0.76-0.77;
+# resections whose plane was right matched 0.29-0.62 as well (a poor match cannot tell them apart).
+SIDE_MIN_MATCH = 0.7
 
 
 def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume",
@@ -269,8 +276,9 @@ def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume",
 def component_sides(labels: sitk.Image, plane: "MidPlane") -> Dict[int, str]:
     """The patient's side of ``plane`` (the brain's mid-sagittal plane, LPS mm) each label > 0 of ``labels`` lies on:
     "left" (+x in LPS: the patient's left) or "right" where more than :data:`SIDE_SHARE` of its voxel centres lie on
-    that side, "both" (crossing the midline) otherwise. Physical positions, so the same in any voxel order or tilt of
-    the grid."""
+    that side, "both" (crossing the midline) otherwise; "" for each where the brain matches its mirror image about
+    ``plane`` poorly (:func:`sides_known`: the plane may be far off). Physical positions, so the same in any voxel
+    order or tilt of the grid."""
     flat = sitk.GetArrayViewFromImage(labels).ravel()
     inside = np.flatnonzero(flat)
     label_of = flat[inside]
@@ -283,8 +291,15 @@ def component_sides(labels: sitk.Image, plane: "MidPlane") -> Dict[int, str]:
     total = np.bincount(label_of, minlength=n)
     left = np.bincount(label_of[distance > 0], minlength=n)
     right = np.bincount(label_of[distance < 0], minlength=n)
+    if not sides_known(plane):
+        return {lab: "" for lab in map(int, np.flatnonzero(total[1:]) + 1)}
     return {lab: "left" if left[lab] > SIDE_SHARE * total[lab] else "right" if right[lab] > SIDE_SHARE * total[lab]
             else "both" for lab in map(int, np.flatnonzero(total[1:]) + 1)}
+
+
+def sides_known(plane: "MidPlane") -> bool:
+    """Whether sides are said about ``plane``: its match is not measured or at least :data:`SIDE_MIN_MATCH`."""
+    return plane.match is None or plane.match >= SIDE_MIN_MATCH
 
 
 def _peak_voxels(labels: sitk.Image, score: sitk.Image, maxima: Dict[int, float]) -> Dict[int, Tuple[int, int, int]]:

@@ -7,8 +7,8 @@ mirror image. A voxel's asymmetry is its intensity difference to the voxel at it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,10 +25,13 @@ _TILTS_DEG = (np.arange(-20.0, 20.01, 2.0), np.arange(-4.0, 4.01, 1.0), np.arang
 
 @dataclass(frozen=True)
 class MidPlane:
-    """The plane {p : normal · p = offset} in physical (LPS) millimetres; ``normal`` has unit length."""
+    """The plane {p : normal · p = offset} in physical (LPS) millimetres; ``normal`` has unit length. ``match``: for
+    an estimated plane, the correlation of the brain's coarse image with its mirror image about it (the search's
+    score; not compared); None for a plane not estimated."""
 
     normal: Tuple[float, float, float]
     offset: float
+    match: Optional[float] = field(default=None, compare=False)
 
     def reflection(self) -> sitk.AffineTransform:
         """The affine map p -> p - 2 (n·p - d) n (its own inverse)."""
@@ -132,7 +135,8 @@ def _search(scaled: sitk.Image) -> MidPlane:
                 trial[k] = float(v)
                 values.append(score(trial))
             best[k] = float(grid[int(np.argmax(values))])
-    return plane_from(centre, *best)
+    plane = plane_from(centre, *best)
+    return MidPlane(plane.normal, plane.offset, scores[tuple(best)])
 
 
 def asymmetry(image: np.ndarray, mirrored: np.ndarray, both: np.ndarray, spacing: Tuple[float, float, float],
