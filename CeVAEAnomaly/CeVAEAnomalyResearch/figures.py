@@ -123,7 +123,7 @@ def overlay_figure(
     """A matplotlib Figure: per chosen canonical axial slice (default: the one with most truth, else most score),
     the image and the score overlay with contours, radiologically, orientation letters at the edges; each row's
     title gives the slice's voxel index in ``image``'s file. Heat where the score exceeds ``floor`` (said in the
-    panel's title; None: 2 % of the score's 99.9th percentile)."""
+    panel's title; None: 2 % of the score's 99.9th percentile). ``title`` is drawn as written (no mathtext)."""
     try:
         import matplotlib
 
@@ -168,7 +168,7 @@ def overlay_figure(
                 ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=11,
                         fontweight="bold", path_effects=outline)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, parse_math=False)  # plain text: a file named 'a$b$.nii' is no mathtext
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.text(0.5, 0.01, CONVENTION, ha="center", va="bottom", fontsize=9)
     return fig

@@ -151,3 +151,22 @@ def test_batch_refuses_a_picture_that_would_replace_an_input(lesioned, tmp_path,
                       f"{folder / scan.name},{folder / mask.name},lesioned\n")
     assert main(["batch", str(listed), "--out-dir", str(folder), "--device", "cpu", "--pictures"]) == EXIT_REFUSED
     assert "would replace the input" in capsys.readouterr().err
+
+
+def test_a_scan_named_with_dollar_signs_gets_its_picture_titled_as_named(lesioned, tmp_path):
+    scan, mask, _ = lesioned
+    named = tmp_path / "cost$\\frac$x.nii.gz"  # '$...$' is matplotlib's mathtext: '\\frac' without arguments failed
+    named.write_bytes(scan.read_bytes())
+    assert detect(named, mask, tmp_path, "--picture", str(tmp_path / "key.png")) == EXIT_DONE
+    assert sitk.ReadImage(str(tmp_path / "key.png")).GetSize() == (800, 400)
+
+
+def test_dollar_signs_in_a_title_are_drawn_as_written():
+    from CeVAEAnomalyResearch.figures import overlay_figure
+
+    image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    fig = overlay_figure(image, image, title="a$b$c_50%: axial slice")
+    fig.canvas.draw()
+    drawn = fig._suptitle.get_window_extent().width
+    plain = fig.text(0.5, 0.5, "a$b$c_50%: axial slice", fontsize=fig._suptitle.get_fontsize(), parse_math=False)
+    assert drawn == pytest.approx(plain.get_window_extent().width)  # as math: 'abc' with an italic b, no '$'
