@@ -28,6 +28,14 @@ def _axial(image: sitk.Image) -> np.ndarray:
     return to_canonical(sitk.GetArrayViewFromImage(image), perm, flips)
 
 
+def pixel_aspect(image: sitk.Image) -> float:
+    """The height over the width (mm) of a pixel of ``image``'s canonical axial slices: ``imshow``'s aspect that
+    draws them to scale (a sagittal-acquired volume's axial reformat has pixels as wide as its slices are thick)."""
+    perm, _ = canonical_axes(np.array(image.GetDirection()))
+    spacing = image.GetSpacing()
+    return float(spacing[2 - perm[1]] / spacing[2 - perm[2]])
+
+
 def best_slice(volume: sitk.Image) -> int:
     """Canonical axial slice with the largest sum of ``volume``."""
     axial = _axial(volume)
@@ -121,9 +129,9 @@ def overlay_figure(
     floor: Optional[float] = None,
 ) -> Figure:
     """A matplotlib Figure: per chosen canonical axial slice (default: the one with most truth, else most score),
-    the image and the score overlay with contours, radiologically, orientation letters at the edges; each row's
-    title gives the slice's voxel index in ``image``'s file. Heat where the score exceeds ``floor`` (said in the
-    panel's title; None: 2 % of the score's 99.9th percentile). ``title`` is drawn as written (no mathtext)."""
+    the image and the score overlay with contours, radiologically and to scale, orientation letters at the edges;
+    each row's title gives the slice's voxel index in ``image``'s file. Heat where the score exceeds ``floor`` (said
+    in the panel's title; None: 2 % of the score's 99.9th percentile). ``title`` is drawn as written (no mathtext)."""
     try:
         import matplotlib
 
@@ -147,15 +155,16 @@ def overlay_figure(
               (top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom"))
     outline = [effects.withStroke(linewidth=2.5, foreground="black")]
     fig, axes = plt.subplots(len(slices), 2, figsize=(8, 4 * len(slices)), squeeze=False)
+    aspect = pixel_aspect(image)
     for row, k in zip(axes, slices):
         base = np.asarray(img[k], float)
         lo, hi = np.percentile(base, [1, 99.5])
-        row[0].imshow(base, cmap="gray", vmin=lo, vmax=hi)
+        row[0].imshow(base, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
         axis, index = file_slice(image, k)
         row[0].set_title(f"image, axial slice {axis}={index} of the file")
-        row[1].imshow(base, cmap="gray", vmin=lo, vmax=hi)
+        row[1].imshow(base, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
         heat = np.ma.masked_less_equal(np.asarray(sc[k], float), heat_floor)
-        im = row[1].imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=0.75)
+        im = row[1].imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=0.75, aspect=aspect)
         if lab is not None and lab[k].any():
             row[1].contour(np.asarray(lab[k]), levels=[0.5], colors="cyan", linewidths=1.2)
         if gt is not None and gt[k].any():

@@ -170,3 +170,20 @@ def test_dollar_signs_in_a_title_are_drawn_as_written():
     drawn = fig._suptitle.get_window_extent().width
     plain = fig.text(0.5, 0.5, "a$b$c_50%: axial slice", fontsize=fig._suptitle.get_fontsize(), parse_math=False)
     assert drawn == pytest.approx(plain.get_window_extent().width)  # as math: 'abc' with an italic b, no '$'
+
+
+@pytest.mark.parametrize("order", ["LPS", "RIP"])
+def test_thick_slices_across_the_pictured_plane_are_drawn_to_scale(order):
+    from CeVAEAnomalyResearch.figures import overlay_figure
+
+    colin = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    spacing = (6.5, 2.0, 2.0)  # sagittal 6.5 mm slices: the axial picture is a reformat, 6.5 mm wide pixels
+    size = [int(round(n * s / t)) for n, s, t in zip(colin.GetSize(), colin.GetSpacing(), spacing)]
+    thick = sitk.DICOMOrient(sitk.Resample(colin, size, sitk.Transform(), sitk.sitkLinear, colin.GetOrigin(), spacing,
+                                           colin.GetDirection()), order)
+    fig = overlay_figure(thick, thick)
+    fig.canvas.draw()
+    width_mm, height_mm = size[0] * spacing[0], size[1] * spacing[1]  # patient right-left, anterior-posterior
+    for ax in fig.axes[:2]:  # the scan panel, the overlay panel
+        box = ax.get_window_extent()
+        assert box.width / box.height == pytest.approx(width_mm / height_mm, rel=0.03)
