@@ -131,7 +131,8 @@ def overlay_figure(
     """A matplotlib Figure: per chosen canonical axial slice (default: the one with most truth, else most score),
     the image and the score overlay with contours, radiologically and to scale, orientation letters at the edges;
     each row's title gives the slice's voxel index in ``image``'s file. Heat where the score exceeds ``floor`` (said
-    in the panel's title; None: 2 % of the score's 99.9th percentile). ``title`` is drawn as written (no mathtext)."""
+    in the panel's title; None: 2 % of the score's 99.9th percentile). ``title`` is drawn as written (no mathtext),
+    smaller where it is wider than the figure."""
     try:
         import matplotlib
 
@@ -177,7 +178,10 @@ def overlay_figure(
                 ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=11,
                         fontweight="bold", path_effects=outline)
     if title:
-        fig.suptitle(title, parse_math=False)  # plain text: a file named 'a$b$.nii' is no mathtext
+        text = fig.suptitle(title, parse_math=False)  # plain text: a file named 'a$b$.nii' is no mathtext
+        wide = text.get_window_extent(fig.canvas.get_renderer()).width / (0.95 * fig.bbox.width)
+        if wide > 1:  # a long name (a DICOM series folder named by its 64-character UID) smaller, not cut off
+            text.set_fontsize(text.get_fontsize() / wide)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.text(0.5, 0.01, CONVENTION, ha="center", va="bottom", fontsize=9)
     return fig

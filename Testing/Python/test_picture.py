@@ -187,3 +187,16 @@ def test_thick_slices_across_the_pictured_plane_are_drawn_to_scale(order):
     for ax in fig.axes[:2]:  # the scan panel, the overlay panel
         box = ax.get_window_extent()
         assert box.width / box.height == pytest.approx(width_mm / height_mm, rel=0.03)
+
+
+@pytest.mark.parametrize("length", [64, 150])  # 64: a DICOM series folder named by its UID, as long as they come
+def test_a_long_name_in_the_title_is_drawn_whole_within_the_picture(length):
+    from CeVAEAnomalyResearch.figures import overlay_figure
+
+    image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    name = ("1.3.12.2.1107.5.2.43.66012." + "1234567890" * 15)[:length]
+    fig = overlay_figure(image, image, title=f"{name}: axial slice k=47 of the file\nno component: the most ...")
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width  # not cut at both edges
+    assert box.y1 <= fig.bbox.height and all(box.y0 > ax.get_window_extent().y1 for ax in fig.axes[:2])
