@@ -55,7 +55,8 @@ class Component:
     # None where it is not known (a result saved before components recorded it)
     side: str = ""  # the patient's side of the brain's mid-sagittal plane it lies on: "left", "right" or "both"
     # (crossing the midline; engine.postprocess.component_sides); "" where not known (components made without a
-    # plane, a result saved before components recorded it)
+    # plane, a brain that matches its mirror image poorly or goes on past the image's left or right face, a result
+    # saved before components recorded it)
 
     @property
     def summed_score(self) -> float:

@@ -164,6 +164,7 @@ class Detector:
         score = _mean_map(passes, self.score, region)
         rows = _slice_rows(stack.record, raw.slices)
         inside = brain[region].copy()
+        across = _cut_across(brain, image)  # (the sides: the brain's midline cannot be placed where it goes on past)
         del stack, raw, passes, brain  # the full-size mask is freed before the full-size outputs are made
         report(progress, 0.9, "Post-processing")
         asym = self._asymmetry(image, inside, region)
@@ -176,9 +177,9 @@ class Detector:
         del labelled
         _add_slice_anomaly(rows, score, inside, labelmap, region, slice_map_weight(len(self.score.orientation_list)))
         score, labelmap = region_image(score, image, region), region_image(labelmap, image, region)
-        if plane is None and sitk.GetArrayViewFromImage(labelmap).any():  # scored without the asymmetry: found here
-            plane = box_midplane(image, inside, region)
-        comps = components(labelmap, score, COMPONENT_ORDER, plane)
+        if plane is None and not across and sitk.GetArrayViewFromImage(labelmap).any():  # scored without the
+            plane = box_midplane(image, inside, region)  # asymmetry: found here
+        comps = components(labelmap, score, COMPONENT_ORDER, None if across else plane)
         brain_img = region_image(inside.view(np.uint8), image, region)
         labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
         report(progress, 1.0, "Detection done")
@@ -583,13 +584,14 @@ def _warn_of_partial_coverage(brain: np.ndarray, spacing: Sequence[float], where
                     "compare with those of whole scans; check the scan's coverage.", where, 100 * cut)
 
 
-def _cut_face_share(brain: np.ndarray, spacing: Sequence[float]) -> float:
-    """The largest share of one of the array's six faces that is in ``brain`` where the brain goes on past it (its
-    section on the face holds at least :data:`_CUT_SECTION_RATIO` of its largest one within :data:`_INWARD_MM`
-    inside); 0 where it goes on past none. A brain's own end, on the face of a box cropped to it, is a cap that
-    widens inwards: in thick slices its outermost slab fills up to 10 % of the face."""
+def _cut_face_share(brain: np.ndarray, spacing: Sequence[float], axes: Sequence[int] = (0, 1, 2)) -> float:
+    """The largest share of one of the array's faces across ``axes`` (all six by default) that is in ``brain`` where
+    the brain goes on past it (its section on the face holds at least :data:`_CUT_SECTION_RATIO` of its largest one
+    within :data:`_INWARD_MM` inside); 0 where it goes on past none. A brain's own end, on the face of a box cropped
+    to it, is a cap that widens inwards: in thick slices its outermost slab fills up to 10 % of the face."""
     shares = [0.0]
-    for axis, step in enumerate(spacing):
+    for axis in axes:
+        step = spacing[axis]
         sections = np.count_nonzero(brain, axis=tuple(a for a in range(3) if a != axis))
         reach = max(2, int(round(_INWARD_MM / step)))
         for seq in (sections, sections[::-1]):
@@ -597,6 +599,19 @@ def _cut_face_share(brain: np.ndarray, spacing: Sequence[float]) -> float:
                 shares.append(float(seq[0]) * brain.shape[axis] / brain.size)
     return max(shares)
 
+
+def _cut_across(brain: np.ndarray, image: sitk.Image) -> bool:
+    """Whether ``brain`` (bool, ``image``'s array order) goes on past the image's left or right face (those across
+    the array axis nearest the patient's left-right, LPS x): the field of view cuts the brain across, so that the
+    mid-sagittal plane search (kept within 10 mm of the brain's centre, which a cut moves) can miss the midline."""
+    nearest_x = int(np.argmax(np.abs(np.array(image.GetDirection()).reshape(3, 3))[0]))  # the image axis (i, j, k)
+    return _cut_face_share(brain, image.GetSpacing()[::-1], (2 - nearest_x,)) > _ACROSS_FACE_SHARE
+
+
+# the share of the left or right face of the image above which the brain is cut across there: on seven heads, FOV
+# cuts 15 mm short of the midline to 30 mm past it fill 22 to 45 % of it (0 to 50 % of the brain on the wrong side of
+# the plane found), slivers of 0-3 % of the brain 4 to 17 %; whole heads 0 (given and automatic masks)
+_ACROSS_FACE_SHARE = 0.02
 
 # the share of a face of the image above which the brain is cut off there: a brain cut by the field of view fills
 # 8 to 48 % of the cut face (six heads, from a 14 mm cap to a half); one cropped to its bounding box up to 10 %
