@@ -276,3 +276,38 @@ def test_no_side_is_said_where_the_field_of_view_cuts_the_brain_across(cut, give
     image, mask = robex_scan(-25.0, cut)
     found = detect(image, str(default_model_path()), mask if given else None, device="cpu", threshold=4.0).components
     assert found and found[0].side == side, [(c.voxels, c.side) for c in found]
+
+
+def colin_half(dx: float) -> Tuple[sitk.Image, sitk.Image]:
+    """The bundled Colin27 with a bright lesion ``dx`` mm along the patient's left of its brain's centre and all of
+    the patient's left beyond 5 mm past the midline made background (image and mask on their grid: a brain that
+    matches its mirror image at 0.46 and does not reach the image's edge)."""
+    image, mask = lesioned_scan("RAS", dx)
+    points = physical_points(image)
+    plane = estimate_midplane(image, mask)
+    sign = 1.0 if plane.normal[0] >= 0 else -1.0
+    gone = points @ (sign * np.asarray(plane.normal)) - sign * plane.offset > 5.0
+    pixels, masked = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask)
+    pixels[gone], masked[gone] = 0, 0
+    return on_grid(pixels, image), on_grid(masked, mask)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "robex_t1.nii.gz").exists(), reason="needs the healthy sample volumes")
+@pytest.mark.parametrize("scan, threshold, why", [
+    ("robex cut", 4.0, "the brain reaches the image's left or right edge"),
+    ("colin half", 4.0, "the brain matches its mirror image poorly (0."),
+    ("robex whole", 4.0, None), ("robex cut", 1000.0, None)])
+def test_a_warning_says_why_no_side_is_said(scan, threshold, why):
+    """One warning, in the detection's record, says why the components have no side; none where they have one or
+    where there are none."""
+    from CeVAEAnomalyLib.engine.detector import detect
+    from CeVAEAnomalyLib.data import default_model_path
+
+    image, mask = colin_half(-25.0) if scan == "colin half" else robex_scan(-25.0, scan == "robex cut")
+    result = detect(image, str(default_model_path()), mask, device="cpu", threshold=threshold)
+    said = [w for w in result.record.warnings if "no side" in w]
+    assert bool(result.components) == (threshold < 100)
+    if why is None:
+        assert said == [] and all(c.side for c in result.components), said
+    else:
+        assert len(said) == 1 and why in said[0] and [c.side for c in result.components] == [""], said

@@ -27,7 +27,8 @@ from ..io.images import MASK_IS_IMAGE, check_volume, grid_difference, same_grid,
 from ..io.labels import SAMPLED_VOXELS, refuse_label_image
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy, refuse_options_by_name)
-from .postprocess import components, normalised, refine_reach, refine_scores, threshold_labelmap
+from .postprocess import (SIDE_MIN_MATCH, components, normalised, refine_reach, refine_scores, sides_known,
+                          threshold_labelmap)
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
                          prepare, region_image, warn_unlike_a_brain)
 from ..progress import ProgressCallback, checked, report, scaled
@@ -36,7 +37,7 @@ from .scan_adaptation import adapted_copy
 from .scoring import NetworkMaps, SliceScores, network_maps, pixel_map, scoring_copy
 from .slicescores import fused_slice_rank, slice_flags, slice_quantile
 from .modality import bright_tail, scan_contrast_warning
-from .symmetry import BoxAsymmetry, box_asymmetry, box_midplane, fuse_with_asymmetry
+from .symmetry import BoxAsymmetry, MidPlane, box_asymmetry, box_midplane, fuse_with_asymmetry
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ class Detector:
         if plane is None and not across and sitk.GetArrayViewFromImage(labelmap).any():  # scored without the
             plane = box_midplane(image, inside, region)  # asymmetry: found here
         comps = components(labelmap, score, COMPONENT_ORDER, None if across else plane)
+        if comps:
+            _warn_of_unknown_sides(None if across else plane, where)
         brain_img = region_image(inside.view(np.uint8), image, region)
         labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
         report(progress, 1.0, "Detection done")
@@ -606,6 +609,20 @@ def _cut_across(brain: np.ndarray, image: sitk.Image) -> bool:
     mid-sagittal plane search (kept within 10 mm of the brain's centre, which a cut moves) can miss the midline."""
     nearest_x = int(np.argmax(np.abs(np.array(image.GetDirection()).reshape(3, 3))[0]))  # the image axis (i, j, k)
     return _cut_face_share(brain, image.GetSpacing()[::-1], (2 - nearest_x,)) > _ACROSS_FACE_SHARE
+
+
+def _warn_of_unknown_sides(plane: Optional[MidPlane], where: str) -> None:
+    """Say why the components have no side where they have none: the brain goes on past the image's left or right
+    face (``plane`` None) or matches its mirror image poorly about ``plane``."""
+    if plane is None:
+        why = "the brain reaches the image's left or right edge (the scan covers part of the head across)"
+    elif not sides_known(plane):
+        why = (f"the brain matches its mirror image poorly ({plane.match:.2f}, under {SIDE_MIN_MATCH:g}: a hemisphere "
+               "cut off or largely resected)")
+    else:
+        return
+    log.warning("%sThe lesion table gives no side (left, right, both) for the components: %s, so the brain's "
+                "midline cannot be placed reliably.", where, why)
 
 
 # the share of the left or right face of the image above which the brain is cut across there: on seven heads, FOV
