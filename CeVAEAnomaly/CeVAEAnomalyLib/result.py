@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple, get_args, get_type_hints
+from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Sequence, Tuple, get_args, get_type_hints
 
 import numpy as np
 import SimpleITK as sitk
@@ -254,6 +254,22 @@ def flagged_text(ml: float) -> str:
     if ml == 0 or round(ml, 2) > 0:
         return f"{ml:.2f}"
     return f"{ml:.{max(2, -math.floor(math.log10(ml)))}f}"
+
+
+SIDE_WORDS = {"left": "the patient's left", "right": "the patient's right", "both": "crossing the midline", "": ""}
+
+
+def components_summary(components: Sequence[Component]) -> str:
+    """What the one-line summaries (the Slicer panel's status line, detect's and batch's log lines) say of a
+    detection's components, ranked first to last as the component table lists them: how many, the volume flagged and
+    the first (top-ranked) one's volume and side, e.g. "3 component(s), 5.20 ml flagged; the first: 4.07 ml, the
+    patient's left" (a side not known or withheld: none said)."""
+    text = f"{len(components)} component(s), {flagged_text(sum((c.volume_ml for c in components), 0.0))} ml flagged"
+    if not components:
+        return text
+    first = components[0]
+    side = SIDE_WORDS.get(first.side, "")
+    return f"{text}; the first: {flagged_text(first.volume_ml)} ml{', ' + side if side else ''}"
 
 
 @dataclass(frozen=True, repr=False)

@@ -80,6 +80,7 @@ RECORD_FIELD = "record_sha256"  # that record's; "": the volume has none (made b
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", "warnings", *MEASURES, "seconds", *SOURCE_FIELDS,
                   *OUTPUT_FIELDS, RECORD_FIELD)
 REFUSED = "refused"  # a failed row's key (not a column): whether its volume was refused, not out of memory or a bug
+FOUND = "found"  # a scored row's key (not a column): its components as the log line says them (components_summary)
 LATER_FIELDS = ("components", "warnings", *SOURCE_FIELDS, *OUTPUT_FIELDS, RECORD_FIELD)  # columns older summaries
 # lack (rows without components, warnings or record_sha256 keep ""; rows without checksums are not trusted: their
 # volumes are scored again, and so are those without components_sha256, of versions that wrote no component table, so
@@ -773,7 +774,7 @@ class VolumeDetector:
         from ..io.images import read_image
         from ..io.nifti_codes import nifti_codes
         from ..io.atomic import write_all
-        from ..result import result_files
+        from ..result import components_summary, result_files
 
         t0 = time.perf_counter()
         try:
@@ -818,7 +819,7 @@ class VolumeDetector:
             top = result.top_slice
             return _row(item, "ok", time.perf_counter() - t0, warnings=WARNINGS_APART.join(warnings),
                         **measure(result.score, result.labelmap, (top.axis, top.index) if top else None), **source,
-                        **written)
+                        **written, **{FOUND: components_summary(result.components)})
         except Cancelled:
             raise
         except Exception as exc:  # one bad volume must not stop the cohort
@@ -1232,8 +1233,7 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
         summary.add(row)
         done = len(summary.rows)
         if row["status"] == "ok":
-            detail = (f"{row['flagged_ml']} ml flagged in {row['components']} component(s), max score "
-                      f"{row['max_score']}, {row['seconds']} s")
+            detail = f"{row[FOUND]}; max score {row['max_score']}, {row['seconds']} s"
         else:
             detail = str(row["error"])
         log.info("[%d/%d] %s: %s (%s).", done, total, row["name"], row["status"], detail)

@@ -249,7 +249,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..options import DetectionRequest
     from ..io.images import refuse_image_as_mask
     from ..io.nifti_codes import nifti_codes
-    from ..result import PICTURE_OUTPUT, flagged_text, input_files, refuse_unwritable_names, result_files
+    from ..result import PICTURE_OUTPUT, components_summary, input_files, refuse_unwritable_names, result_files
 
     started = time.time()
     if args.picture:  # before anything is read: the picture is drawn by the research extra (matplotlib)
@@ -283,8 +283,8 @@ def run_detect(args: argparse.Namespace) -> None:
             files[args.picture] = result_picture_png(image, result, file_stem(args.image))
         write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice
-    log.info("Threshold %.4g (%s); %d component(s), %s ml flagged; most anomalous slice: %s.",
-             result.threshold, result.threshold_source, len(result.components), flagged_text(result.flagged_ml),
+    log.info("Threshold %.4g (%s); %s; most anomalous slice: %s.", result.threshold, result.threshold_source,
+             components_summary(result.components),
              f"index {top.index} on axis {top.axis} ({'IJK'[top.axis]})" if top else "none")
     log.info("Wrote %s.", ", ".join(str(p) for p in files))
 

@@ -109,13 +109,13 @@ class CeVAEAnomalyResult:
 
     @property
     def summary(self) -> str:
-        """One line: components, flagged volume and the threshold with its source; the sequence frame scored."""
-        from ..result import flagged_text
+        """One line: components, flagged volume, the first component's volume and side (result.components_summary),
+        and the threshold with its source; the sequence frame scored."""
+        from ..result import components_summary
 
         d = self.detection
         scored = f" Scored {self.frame.label}." if self.frame is not None else ""
-        return (f"{len(d.components)} component(s), {flagged_text(d.flagged_ml)} ml flagged; threshold "
-                f"{d.threshold:.4g} ({d.threshold_source}).{scored}")
+        return f"{components_summary(d.components)}; threshold {d.threshold:.4g} ({d.threshold_source}).{scored}"
 
     @property
     def message(self) -> str:
