@@ -133,12 +133,10 @@ def overlay_figure(
     each row's title gives the slice's voxel index in ``image``'s file. Heat where the score exceeds ``floor`` (said
     in the panel's title; None: 2 % of the score's 99.9th percentile). ``title`` is drawn as written (no mathtext),
     smaller where it is wider than the figure."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
+    try:  # a Figure of its own on an Agg canvas: no pyplot, so the caller's backend and figures are left alone
         import matplotlib.patheffects as effects
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise CeVAEError("Figures need matplotlib: pip install 'cevae-anomaly[research]'.") from None
     img, sc = _axial(image), _axial(score)
@@ -155,7 +153,9 @@ def overlay_figure(
     places = ((left, 0.02, 0.5, "left", "center"), (right, 0.98, 0.5, "right", "center"),
               (top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom"))
     outline = [effects.withStroke(linewidth=2.5, foreground="black")]
-    fig, axes = plt.subplots(len(slices), 2, figsize=(8, 4 * len(slices)), squeeze=False)
+    fig = Figure(figsize=(8, 4 * len(slices)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(slices), 2, squeeze=False)
     aspect = pixel_aspect(image)
     for row, k in zip(axes, slices):
         base = np.asarray(img[k], float)
@@ -197,10 +197,6 @@ def overlay_png_bytes(
     floor: Optional[float] = None,
 ) -> bytes:
     """``overlay_figure`` as a PNG."""
-    fig = overlay_figure(image, score, labelmap, truth, slices, title, floor)
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=100, format="png")
-    plt.close(fig)
+    overlay_figure(image, score, labelmap, truth, slices, title, floor).savefig(buffer, dpi=100, format="png")
     return buffer.getvalue()

@@ -200,3 +200,28 @@ def test_a_long_name_in_the_title_is_drawn_whole_within_the_picture(length):
     box = fig._suptitle.get_window_extent()
     assert 0 <= box.x0 and box.x1 <= fig.bbox.width  # not cut at both edges
     assert box.y1 <= fig.bbox.height and all(box.y0 > ax.get_window_extent().y1 for ax in fig.axes[:2])
+
+
+KEEPS_BACKEND = """
+import matplotlib
+matplotlib.use(sys.argv[1])
+import matplotlib.pyplot as plt
+import SimpleITK as sitk
+from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyResearch.figures import key_picture_png, overlay_figure
+
+image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+png = key_picture_png(image, image, None, 300.0, [], None, "colin")
+overlay_figure(image, image, title="kept by the caller")
+print(png[:4] == b"\\x89PNG", matplotlib.get_backend(), plt.get_fignums())
+"""
+
+
+@pytest.mark.parametrize("backend", ["svg", "pdf"])
+def test_drawing_a_picture_keeps_the_callers_backend_and_leaves_no_pyplot_figures(backend):
+    """A researcher's session (Jupyter inline, an interactive window) lost its backend to Agg on the first picture,
+    and every overlay_figure stayed registered with pyplot (memory over a loop of pictures)."""
+    done = subprocess.run([sys.executable, "-c", "import sys\n" + KEEPS_BACKEND, backend], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", backend, "[]"]
