@@ -37,9 +37,9 @@ def pixel_aspect(image: sitk.Image) -> float:
 
 
 def best_slice(volume: sitk.Image) -> int:
-    """Canonical axial slice with the largest sum of ``volume``."""
+    """Canonical axial slice with the largest sum of ``volume``'s finite values (a NaN or inf voxel does not win)."""
     axial = _axial(volume)
-    return int(np.argmax(axial.reshape(axial.shape[0], -1).sum(1)))
+    return int(np.argmax(np.where(np.isfinite(axial), axial, 0).reshape(axial.shape[0], -1).sum(1)))
 
 
 def letters(vector: Sequence[float]) -> str:
@@ -131,8 +131,8 @@ def overlay_figure(
     """A matplotlib Figure: per chosen canonical axial slice (default: the one with most truth, else most score),
     the image and the score overlay with contours, radiologically and to scale, orientation letters at the edges;
     each row's title gives the slice's voxel index in ``image``'s file. Heat where the score exceeds ``floor`` (said
-    in the panel's title; None: 2 % of the score's 99.9th percentile). ``title`` is drawn as written (no mathtext),
-    smaller where it is wider than the figure."""
+    in the panel's title; None: 2 % of the 99.9th percentile of its finite positive values). ``title`` is drawn as
+    written (no mathtext), smaller where it is wider than the figure."""
     try:  # a Figure of its own on an Agg canvas: no pyplot, so the caller's backend and figures are left alone
         import matplotlib.patheffects as effects
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -144,7 +144,8 @@ def overlay_figure(
     gt = _axial(truth) if truth is not None else None
     if slices is None:
         slices = [best_slice(truth if truth is not None else score)]
-    vmax = float(np.percentile(sc[sc > 0], 99.9)) if (sc > 0).any() else 1.0
+    positive = sc[np.isfinite(sc) & (sc > 0)]  # the colour scale of the finite scores (NaN, inf: drawn, not scaled)
+    vmax = float(np.percentile(positive, 99.9)) if positive.size else 1.0
     vmax = vmax if floor is None else max(vmax, 2 * floor)
     heat_floor = 0.02 * vmax if floor is None else floor
     legend = ("score (heat)" if floor is None else f"score > {floor:.3g} (heat)") + ", labelmap (cyan)" + (

@@ -225,3 +225,29 @@ def test_drawing_a_picture_keeps_the_callers_backend_and_leaves_no_pyplot_figure
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", backend, "[]"]
+
+
+def test_nan_and_inf_in_a_score_map_are_left_out_of_the_slice_choice_and_the_colour_scale(tmp_path):
+    """A score map with a NaN voxel (research API: overlay_png_bytes, key_picture_png of a score read from NRRD or
+    MetaImage; ITK reads NaN and inf in NIfTI as 0) had the picture drawn through the NaN's slice (NaN won the
+    slices' argmax), and a patch of inf made the colour scale's top NaN (a scale of 0 to 0.1 drawn)."""
+    from CeVAEAnomalyResearch.figures import best_slice, canonical_slice, key_picture_png, overlay_figure
+
+    image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)  # its k axis is the axial one
+    kji = np.indices(sitk.GetArrayViewFromImage(image).shape, dtype=np.float32)
+    blob = 10 * np.exp(-((kji[0] - 30) ** 2 + (kji[1] - 50) ** 2 + (kji[2] - 45) ** 2) / (2 * 8.0 ** 2))
+    edited = blob.copy()
+    edited[60, 50, 45] = np.nan
+    edited[70, 20:60, 20:70] = np.inf  # 2000 voxels: more than the top 0.1 % of the positive ones
+    files = []
+    for name, values in (("clean", np.where(np.isfinite(edited), edited, 0)), ("edited", edited)):
+        score = sitk.GetImageFromArray(values)
+        score.CopyInformation(image)
+        sitk.WriteImage(score, str(tmp_path / f"{name}.nrrd"))
+        files.append(sitk.ReadImage(str(tmp_path / f"{name}.nrrd")))
+    clean, edited_score = files
+    assert best_slice(edited_score) == best_slice(clean) == canonical_slice(image, 2, 30)  # the blob's slice
+    tops = [overlay_figure(image, s).axes[1].images[1].norm.vmax for s in (clean, edited_score)]
+    assert np.isfinite(tops[1]) and tops[1] == pytest.approx(tops[0])  # the scale of the finite scores
+    (tmp_path / "key.png").write_bytes(key_picture_png(image, edited_score, None, 4.0, [], None, "edited"))
+    assert sitk.ReadImage(str(tmp_path / "key.png")).GetSize() == (800, 400)
