@@ -135,57 +135,59 @@ def overlay_figure(
     written (no mathtext), smaller where it is wider than the figure."""
     try:  # a Figure of its own on an Agg canvas: no pyplot, so the caller's backend and figures are left alone
         import matplotlib.patheffects as effects
+        from matplotlib import rc_context
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise CeVAEError("Figures need matplotlib: pip install 'cevae-anomaly[research]'.") from None
-    img, sc = _axial(image), _axial(score)
-    lab = _axial(labelmap) if labelmap is not None else None
-    gt = _axial(truth) if truth is not None else None
-    if slices is None:
-        slices = [best_slice(truth if truth is not None else score)]
-    positive = sc[np.isfinite(sc) & (sc > 0)]  # the colour scale of the finite scores (NaN, inf: drawn, not scaled)
-    vmax = float(np.percentile(positive, 99.9)) if positive.size else 1.0
-    vmax = vmax if floor is None else max(vmax, 2 * floor)
-    heat_floor = 0.02 * vmax if floor is None else floor
-    legend = ("score (heat)" if floor is None else f"score > {floor:.3g} (heat)") + ", labelmap (cyan)" + (
-        ", truth (green dashed)" if truth is not None else "")
-    left, right, top, bottom = edge_letters(image)
-    places = ((left, 0.02, 0.5, "left", "center"), (right, 0.98, 0.5, "right", "center"),
-              (top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom"))
-    outline = [effects.withStroke(linewidth=2.5, foreground="black")]
-    fig = Figure(figsize=(8, 4 * len(slices)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(slices), 2, squeeze=False)
-    aspect = pixel_aspect(image)
-    for row, k in zip(axes, slices):
-        base = np.asarray(img[k], float)
-        lo, hi = np.percentile(base, [1, 99.5])
-        row[0].imshow(base, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
-        axis, index = file_slice(image, k)
-        row[0].set_title(f"image, axial slice {axis}={index} of the file")
-        row[1].imshow(base, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
-        heat = np.ma.masked_less_equal(np.asarray(sc[k], float), heat_floor)
-        im = row[1].imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=0.75, aspect=aspect)
-        if lab is not None and lab[k].any():
-            row[1].contour(np.asarray(lab[k]), levels=[0.5], colors="cyan", linewidths=1.2)
-        if gt is not None and gt[k].any():
-            row[1].contour(np.asarray(gt[k]), levels=[0.5], colors="lime", linewidths=1.2, linestyles="--")
-        row[1].set_title(legend, fontsize=9)
-        fig.colorbar(im, ax=row[1], fraction=0.046)
-        for ax in row:
-            ax.axis("off")
-            for text, x, y, ha, va in places:
-                ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=11,
-                        fontweight="bold", path_effects=outline)
-    if title:
-        text = fig.suptitle(title, parse_math=False)  # plain text: a file named 'a$b$.nii' is no mathtext
-        wide = text.get_window_extent(fig.canvas.get_renderer()).width / (0.95 * fig.bbox.width)
-        if wide > 1:  # a long name (a DICOM series folder named by its 64-character UID) smaller, not cut off
-            text.set_fontsize(text.get_fontsize() / wide)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.text(0.5, 0.01, CONVENTION, ha="center", va="bottom", fontsize=9)
-    return fig
+    with rc_context({"text.usetex": False}):  # plain texts: a user's usetex sent "_" and "%" to LaTeX
+        img, sc = _axial(image), _axial(score)
+        lab = _axial(labelmap) if labelmap is not None else None
+        gt = _axial(truth) if truth is not None else None
+        if slices is None:
+            slices = [best_slice(truth if truth is not None else score)]
+        positive = sc[np.isfinite(sc) & (sc > 0)]  # the colour scale of the finite scores (NaN, inf: drawn, not scaled)
+        vmax = float(np.percentile(positive, 99.9)) if positive.size else 1.0
+        vmax = vmax if floor is None else max(vmax, 2 * floor)
+        heat_floor = 0.02 * vmax if floor is None else floor
+        legend = ("score (heat)" if floor is None else f"score > {floor:.3g} (heat)") + ", labelmap (cyan)" + (
+            ", truth (green dashed)" if truth is not None else "")
+        left, right, top, bottom = edge_letters(image)
+        places = ((left, 0.02, 0.5, "left", "center"), (right, 0.98, 0.5, "right", "center"),
+                  (top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom"))
+        outline = [effects.withStroke(linewidth=2.5, foreground="black")]
+        fig = Figure(figsize=(8, 4 * len(slices)))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(slices), 2, squeeze=False)
+        aspect = pixel_aspect(image)
+        for row, k in zip(axes, slices):
+            base = np.asarray(img[k], float)
+            lo, hi = np.percentile(base, [1, 99.5])
+            row[0].imshow(base, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
+            axis, index = file_slice(image, k)
+            row[0].set_title(f"image, axial slice {axis}={index} of the file")
+            row[1].imshow(base, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
+            heat = np.ma.masked_less_equal(np.asarray(sc[k], float), heat_floor)
+            im = row[1].imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=0.75, aspect=aspect)
+            if lab is not None and lab[k].any():
+                row[1].contour(np.asarray(lab[k]), levels=[0.5], colors="cyan", linewidths=1.2)
+            if gt is not None and gt[k].any():
+                row[1].contour(np.asarray(gt[k]), levels=[0.5], colors="lime", linewidths=1.2, linestyles="--")
+            row[1].set_title(legend, fontsize=9)
+            fig.colorbar(im, ax=row[1], fraction=0.046)
+            for ax in row:
+                ax.axis("off")
+                for text, x, y, ha, va in places:
+                    ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=11,
+                            fontweight="bold", path_effects=outline)
+        if title:
+            text = fig.suptitle(title, parse_math=False)  # plain text: a file named 'a$b$.nii' is no mathtext
+            wide = text.get_window_extent(fig.canvas.get_renderer()).width / (0.95 * fig.bbox.width)
+            if wide > 1:  # a long name (a DICOM series folder named by its 64-character UID) smaller, not cut off
+                text.set_fontsize(text.get_fontsize() / wide)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.text(0.5, 0.01, CONVENTION, ha="center", va="bottom", fontsize=9)
+        return fig
 
 
 def overlay_png_bytes(

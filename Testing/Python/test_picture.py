@@ -4,6 +4,7 @@ a rerun of batch --pictures draws the missing pictures of volumes already done f
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -250,4 +251,23 @@ def test_nan_and_inf_in_a_score_map_are_left_out_of_the_slice_choice_and_the_col
     tops = [overlay_figure(image, s).axes[1].images[1].norm.vmax for s in (clean, edited_score)]
     assert np.isfinite(tops[1]) and tops[1] == pytest.approx(tops[0])  # the scale of the finite scores
     (tmp_path / "key.png").write_bytes(key_picture_png(image, edited_score, None, 4.0, [], None, "edited"))
+    assert sitk.ReadImage(str(tmp_path / "key.png")).GetSize() == (800, 400)
+
+
+def test_a_users_usetex_setting_does_not_send_the_titles_through_latex(tmp_path):
+    """A user's matplotlibrc with ``text.usetex: True`` sent the picture's texts through LaTeX: without a TeX
+    install the picture failed (latex could not be found), with one a name's '_', '%' and '$' were LaTeX syntax.
+    The texts are plain: the picture is drawn without TeX, whatever the user's setting."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "matplotlibrc").write_text("text.usetex: True\n")
+    (tmp_path / "bin").mkdir()  # the PATH: no latex, dvipng or ghostscript
+    script = ("import sys\nimport matplotlib\nimport SimpleITK as sitk\nfrom pathlib import Path\n"
+              "from CeVAEAnomalyLib.data import data_path\nfrom CeVAEAnomalyResearch.figures import key_picture_png\n"
+              "assert matplotlib.rcParams['text.usetex']\n"
+              "image = sitk.ReadImage(str(data_path('colin27_t1_2mm.nii.gz')), sitk.sitkFloat32)\n"
+              "Path(sys.argv[1]).write_bytes(key_picture_png(image, image, None, 30.0, [], None, 'sub_01 50% $x$'))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "key.png")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "MPLCONFIGDIR": str(tmp_path / "config"),
+                                            "PATH": str(tmp_path / "bin")})
+    assert done.returncode == 0, done.stderr[-2000:]
     assert sitk.ReadImage(str(tmp_path / "key.png")).GetSize() == (800, 400)
