@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.engine.axes import canonical_axes, to_canonical
+from CeVAEAnomalyLib.result import SIDE_WORDS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -85,10 +86,6 @@ def slice_through(image: sitk.Image, point_lps: Sequence[float]) -> int:
     return size - 1 - index if flips[0] else index
 
 
-SIDE_WORDS = {"left": "the patient's left", "right": "the patient's right", "both": "crossing the midline",
-              "": "side not known"}
-
-
 def key_picture_png(image: sitk.Image, score: sitk.Image, labelmap: Optional[sitk.Image], threshold: float,
                     components: Sequence[Component], top_slice: Optional[Tuple[int, int]], name: str) -> bytes:
     """A detection's key picture as a PNG (800 x 400 pixels): :func:`overlay_figure` of the canonical axial slice
@@ -102,7 +99,7 @@ def key_picture_png(image: sitk.Image, score: sitk.Image, labelmap: Optional[sit
         k = slice_through(image, top.peak_lps if top.peak_lps is not None else top.centroid_lps)
         where = "peak" if top.peak_lps is not None else "centroid"
         what = (f"through the {where} of component 1 of {len(components)}: {top.volume_ml:.2f} ml, "
-                f"{SIDE_WORDS.get(top.side, top.side)}")
+                f"{SIDE_WORDS.get(top.side) or 'side not known'}")
     else:
         k = canonical_slice(image, *top_slice) if top_slice is not None else None
         k = best_slice(score) if k is None else k
