@@ -287,6 +287,15 @@ def settings_for(bundle_path, out):
     return DetectSettings(model=bundle_path, request=DetectionRequest.of(device="cpu"), out_dir=out)
 
 
+def test_a_shard_left_empty_by_a_short_list_is_done_not_failed(two, tiny_bundle, tmp_path, capsys):
+    """More shards than volumes (a Slurm array of 16 over a short list): a shard with no volume has nothing to do,
+    so it ends with status 0 and an empty summary, not 'All 0 volumes failed' and status 2."""
+    out = tmp_path / "out"
+    assert batch(two, out, tiny_bundle, "--shard", "3/3") == 0
+    assert "failed" not in capsys.readouterr().err
+    assert read_summary(out / "summary_shard-3-of-3.csv") == {}
+
+
 def test_a_truncated_output_is_scored_again_not_skipped(two, tiny_bundle, tmp_path, caplog):
     out = tmp_path / "out"
     assert batch(two, out, tiny_bundle) == 0

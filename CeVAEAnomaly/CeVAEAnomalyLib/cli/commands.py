@@ -527,7 +527,7 @@ def run_batch(args: argparse.Namespace) -> None:
     if failed == 1 == len(items):
         raise failure(f"The volume failed; the reason is in the 'error' column of {summary.path}. Nothing is done, "
                       "and a rerun retries it.")
-    if failed == len(items):
+    if failed and failed == len(items):
         raise failure(f"All {failed} volumes failed; the reasons are in the 'error' column of {summary.path}. "
                       "None is done, and a rerun retries them all.")
     if failed:
