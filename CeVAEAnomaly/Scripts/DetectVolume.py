@@ -35,7 +35,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
-import slicer
+try:
+    import slicer
+except ImportError as _exc:  # plain Python without slicer-core: one line, as every other error of the script
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"DetectVolume: error: {type(_exc).__name__}: {_exc}; in plain Python the script needs slicer-core "
+             "(pip install slicer-core), or run it inside Slicer (Slicer --python-script DetectVolume.py ...).")
 
 if TYPE_CHECKING:
     import SimpleITK as sitk

@@ -342,6 +342,19 @@ def test_a_library_that_fails_to_import_quits_headless_slicer_with_an_error(tmp_
     assert proc.stderr.strip().splitlines()[-1].startswith("DetectVolume: error: the CeVAEAnomaly library could not")
 
 
+def test_plain_python_without_slicer_core_says_so_in_one_line(tmp_path):
+    """README's `python CeVAEAnomaly/Scripts/DetectVolume.py ...` in a Python without slicer-core ended in a
+    traceback (ModuleNotFoundError: No module named 'slicer'); it says in one line what to install, status 1."""
+    code = ("import runpy, sys; sys.modules['slicer'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(SCRIPT), "--input", "x.nii.gz", "--output-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("DetectVolume: error: ") and "pip install slicer-core" in line, line
+
+
 def test_usage_inside_slicer_which_takes_help_for_itself(tmp_path):
     proc = run_in_headless_slicer(tmp_path, "--usage")
     assert proc.stdout.strip().splitlines()[-1] == "APPLICATION EXIT STATUS 0", proc.stderr
