@@ -9,9 +9,9 @@ from typing import Dict, List
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import SHARED_DATA
 from CeVAEAnomalyLib.cli import batch
 from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.data import default_model_path
 from CeVAEAnomalyLib.cli.batch import SUMMARY_FIELDS, Summary
 
 KEPT = 3000  # rows already in the summary (an archive's batch, part done)
@@ -56,8 +56,9 @@ def test_a_warning_every_volume_gets_is_said_once(tmp_path: Path, tiny_bundle, c
     every volume's row keeps its warnings."""
     folder = tmp_path / "cohort"
     folder.mkdir()
-    image = sitk.ReadImage(str(SHARED_DATA / "colin27_t1.nii.gz"), sitk.sitkFloat32)
-    mask = sitk.ReadImage(str(SHARED_DATA / "colin27_brainmask.nii.gz"))
+    data = default_model_path().parent  # (the package's own 2 mm Colin27: a fresh clone has no shared data)
+    image = sitk.ReadImage(str(data / "colin27_t1_2mm.nii.gz"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(data / "colin27_brainmask_2mm.nii.gz"))
     size = [int(round(n * s / 6.0)) for n, s in zip(image.GetSize(), image.GetSpacing())]
     image, mask = (sitk.Resample(v, size, sitk.Transform(), how, v.GetOrigin(), (6.0,) * 3, v.GetDirection(), 0,
                                  v.GetPixelID())
