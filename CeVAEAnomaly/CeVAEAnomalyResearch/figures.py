@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.engine.axes import canonical_axes, to_canonical
-from CeVAEAnomalyLib.result import SIDE_WORDS
+from CeVAEAnomalyLib.result import SIDE_WORDS, flagged_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -98,7 +98,7 @@ def key_picture_png(image: sitk.Image, score: sitk.Image, labelmap: Optional[sit
         top = components[0]
         k = slice_through(image, top.peak_lps if top.peak_lps is not None else top.centroid_lps)
         where = "peak" if top.peak_lps is not None else "centroid"
-        what = (f"through the {where} of component 1 of {len(components)}: {top.volume_ml:.2f} ml, "
+        what = (f"through the {where} of component 1 of {len(components)}: {flagged_text(top.volume_ml)} ml, "
                 f"{SIDE_WORDS.get(top.side) or 'side not known'}")
     else:
         k = canonical_slice(image, *top_slice) if top_slice is not None else None

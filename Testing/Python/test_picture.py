@@ -271,3 +271,21 @@ def test_a_users_usetex_setting_does_not_send_the_titles_through_latex(tmp_path)
                                             "PATH": str(tmp_path / "bin")})
     assert done.returncode == 0, done.stderr[-2000:]
     assert sitk.ReadImage(str(tmp_path / "key.png")).GetSize() == (800, 400)
+
+
+def test_a_component_under_5_cubic_mm_is_titled_with_its_volume_as_the_summary_line_says_it():
+    """A component that a lower --min-volume keeps (under 5 mm³) was titled '0.00 ml' while the summary line says
+    its volume (result.flagged_text: 0.003 ml); the picture's title says it as the summary line does."""
+    from CeVAEAnomalyLib.result import Component, components_summary
+    from CeVAEAnomalyResearch.figures import file_slice, key_picture_png, overlay_png_bytes, slice_through
+
+    image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    peak = image.TransformIndexToPhysicalPoint((45, 50, 30))
+    tiny = Component(1, 1, 0.003, 5.0, 5.0, peak, peak, "left")
+    assert components_summary([tiny]).endswith("the first: 0.003 ml, the patient's left")
+    k = slice_through(image, peak)
+    axis, index = file_slice(image, k)
+    title = (f"tiny: axial slice {axis}={index} of the file\nthrough the peak of component 1 of 1: 0.003 ml, the "
+             "patient's left")
+    assert key_picture_png(image, image, None, 300.0, [tiny], None, "tiny") == overlay_png_bytes(
+        image, image, None, slices=[k], title=title, floor=150.0)
