@@ -47,6 +47,7 @@ from ..interrupts import pool_worker_signals
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
+    from ..result import Component
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +493,7 @@ def picture_of_outputs(item: BatchItem, out_dir: Path, threshold: float) -> byte
                            item.name)
 
 
-def _component(row: Dict[str, str]):
+def _component(row: Dict[str, str]) -> "Component":
     """A component table's row as a :class:`~..result.Component` (RAS back to LPS; no peak or side in the tables
     of versions before them)."""
     from ..result import Component
