@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 import SimpleITK as sitk
@@ -105,28 +106,42 @@ def test_a_batch_killed_while_writing_its_first_outputs_is_still_resumed(folder,
     assert statuses(out) == ["ok"]
 
 
+def two_lists(folder: Path, stem: str, names=None) -> None:
+    """Lists A.csv and B.csv in ``folder``, each naming one head of its own, A/STEM.nii.gz and B/STEM.nii.gz (two
+    scans; with a mask each), under ``names`` (a 'name' column; None: none, the volumes named by their files)."""
+    for n, sub in enumerate(("A", "B")):
+        (folder / sub).mkdir()
+        image, mask = make_head(size=(36, 40, 30), seed=21 + n)
+        sitk.WriteImage(image, str(folder / sub / f"{stem}.nii.gz"))
+        sitk.WriteImage(mask, str(folder / sub / f"{stem}_mask.nii.gz"))
+        row = f"{sub}/{stem}.nii.gz,{sub}/{stem}_mask.nii.gz" + ("" if names is None else f",{names[n]}")
+        (folder / f"{sub}.csv").write_text(f"image,mask{'' if names is None else ',name'}\n{row}\n", encoding="utf-8")
+
+
+def second_list_refused(folder: Path, model: Path, capsys) -> Tuple[Path, str]:
+    """Batch A.csv, then B.csv (:func:`two_lists`) into one --out-dir, ``folder``/res: the second run is refused
+    (exit 2) and leaves the first's outputs as they were. The folder and the refusal's line."""
+    out = folder / "res"
+    assert batch(folder / "A.csv", out, model) == 0
+    before = contents(out)
+    capsys.readouterr()
+    assert batch(folder / "B.csv", out, model) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert contents(out) == before
+    return out, err
+
+
 def test_another_lists_volume_of_the_same_name_is_refused_and_kept(tiny_bundle, tmp_path, capsys):
     """Two lists sharing one --out-dir, each with a head.nii.gz of its own folder (both named 'head'): the second
     list's run took the first's outputs for its own scan's, "changed", and replaced them without --overwrite (and
     a rerun of the first replaced them back)."""
-    for sub, seed in (("A", 21), ("B", 22)):
-        (tmp_path / sub).mkdir()
-        image, mask = make_head(size=(36, 40, 30), seed=seed)
-        sitk.WriteImage(image, str(tmp_path / sub / "head.nii.gz"))
-        sitk.WriteImage(mask, str(tmp_path / sub / "head_mask.nii.gz"))
-        (tmp_path / f"{sub}.csv").write_text(f"image,mask\n{sub}/head.nii.gz,{sub}/head_mask.nii.gz\n")
-    out = tmp_path / "res"
-    assert batch(tmp_path / "A.csv", out, tiny_bundle) == 0
-    before = contents(out)
-    capsys.readouterr()
-    assert batch(tmp_path / "B.csv", out, tiny_bundle) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    two_lists(tmp_path, "head")
+    out, err = second_list_refused(tmp_path, tiny_bundle, capsys)
     assert err == (f"error: {out} holds outputs of 'head' that a batch summary there records as made from "
                    f"{tmp_path / 'A' / 'head.nii.gz'}, another scan than {tmp_path / 'B' / 'head.nii.gz'} (another "
                    "list sharing this --out-dir?); they are kept. Give each list its own --out-dir, or its volumes "
                    "other names (a 'name' column in the CSV); to replace them, remove them (head_*) or pass "
                    "--overwrite.")
-    assert contents(out) == before
     assert batch(tmp_path / "A.csv", out, tiny_bundle) == 0 and statuses(out) == ["skipped"]
 
 
@@ -139,22 +154,10 @@ def test_another_lists_volume_of_a_twin_name_is_refused_and_kept(tiny_bundle, tm
     the second run wrote head_* beside Head_*; on macOS and Windows those are the first list's files, which it
     replaced with another scan's outputs (unknown to its summary: scored again 'to be safe'), and a rerun of the
     first list replaced them back."""
-    for sub, seed, name in (("A", 21, first), ("B", 22, second)):
-        (tmp_path / sub).mkdir()
-        image, mask = make_head(size=(36, 40, 30), seed=seed)
-        sitk.WriteImage(image, str(tmp_path / sub / "t1.nii.gz"))
-        sitk.WriteImage(mask, str(tmp_path / sub / "t1_mask.nii.gz"))
-        (tmp_path / f"{sub}.csv").write_text(f"image,mask,name\n{sub}/t1.nii.gz,{sub}/t1_mask.nii.gz,{name}\n",
-                                             encoding="utf-8")
-    out = tmp_path / "res"
-    assert batch(tmp_path / "A.csv", out, tiny_bundle) == 0
-    before = contents(out)
-    capsys.readouterr()
-    assert batch(tmp_path / "B.csv", out, tiny_bundle) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    two_lists(tmp_path, "t1", (first, second))
+    out, err = second_list_refused(tmp_path, tiny_bundle, capsys)
     assert err == (f"error: {out} holds outputs of '{first}' that a batch summary there records as made from "
                    f"{tmp_path / 'A' / 't1.nii.gz'}, another scan than {tmp_path / 'B' / 't1.nii.gz'} (another "
                    f"list sharing this --out-dir?), and '{first}_*' and '{second}_*' are {alike}; they are kept. Give "
                    "each list its own --out-dir, or its volumes other names (a 'name' column in the CSV); to replace "
                    f"them, remove them ({first}_*) or pass --overwrite.")
-    assert contents(out) == before

@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 from typing import List
 
-import SimpleITK as sitk
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.io.atomic import temp_beside
 from CeVAEAnomalyLib.training.cache import SLICING_VERSION
-from conftest import make_head
+from conftest import write_cohort
 
 # `prepare` (argv[2:]) run as a version whose SLICING_VERSION is argv[1] (an older or a later release)
 AS_VERSION = ("import sys; from CeVAEAnomalyLib.training import cache; cache.SLICING_VERSION = int(sys.argv[1]); "
@@ -27,14 +26,7 @@ SAID = re.compile(r"Slice cache (\S+): (\d+) entries \(([0-9.]+) MB\) were prepa
 
 def cohort(tmp_path: Path) -> Path:
     """A manifest of three small heads with their masks."""
-    rows = ["image,mask"]
-    for i in (1, 2, 3):
-        image, mask = make_head(size=(32, 36, 28), seed=i)
-        sitk.WriteImage(image, str(tmp_path / f"s{i}.nii.gz"))
-        sitk.WriteImage(mask, str(tmp_path / f"s{i}_mask.nii.gz"))
-        rows.append(f"s{i}.nii.gz,s{i}_mask.nii.gz")
-    (tmp_path / "cohort.csv").write_text("\n".join(rows) + "\n")
-    return tmp_path / "cohort.csv"
+    return write_cohort(tmp_path, (1, 2, 3), size=(32, 36, 28))
 
 
 def prepare_as(version: int, manifest: Path, cache: Path) -> str:

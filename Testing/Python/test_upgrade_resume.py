@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import List
 
 import pytest
-import SimpleITK as sitk
 import torch
 from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.training.cache import SLICING_VERSION
 from CeVAEAnomalyLib.training.checkpoint import write_checkpoint
-from conftest import make_head
+from conftest import write_cohort
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["--channels", "8,16", "--z-dim", "8", "--batch-size", "4", "--checkpoint-every", "2", "--device", "cpu",
@@ -23,13 +22,7 @@ LATER_FIELDS = ("replaces", "log_first_row", "log_row")
 @pytest.fixture()
 def trained(tmp_path) -> Path:
     """A finished two-step run of two small synthetic heads, its checkpoint kept beside the model."""
-    rows = ["image,mask"]
-    for seed in (1, 2):
-        image, mask = make_head(size=(32, 36, 28), seed=seed)
-        sitk.WriteImage(image, str(tmp_path / f"s{seed}.nii.gz"))
-        sitk.WriteImage(mask, str(tmp_path / f"s{seed}_mask.nii.gz"))
-        rows.append(f"s{seed}.nii.gz,s{seed}_mask.nii.gz")
-    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    write_cohort(tmp_path, (1, 2), size=(32, 36, 28))
     assert main(argv(tmp_path, 2)) == 0
     return tmp_path
 
