@@ -178,11 +178,13 @@ class Detector:
         del labelled
         _add_slice_anomaly(rows, score, inside, labelmap, region, slice_map_weight(len(self.score.orientation_list)))
         score, labelmap = region_image(score, image, region), region_image(labelmap, image, region)
-        if plane is None and not across and sitk.GetArrayViewFromImage(labelmap).any():  # scored without the
-            plane = box_midplane(image, inside, region)  # asymmetry: found here
-        comps = components(labelmap, score, COMPONENT_ORDER, None if across else plane)
-        if comps:
-            _warn_of_unknown_sides(None if across else plane, where)
+        if across:  # no side is said about any plane
+            plane = None
+        elif plane is None and sitk.GetArrayViewFromImage(labelmap).any():  # scored without the asymmetry: found here
+            plane = box_midplane(image, inside, region)
+        comps = components(labelmap, score, COMPONENT_ORDER, plane)
+        if comps:  # (without a plane here: the brain goes on past the image's left or right face)
+            _warn_of_unknown_sides(plane, where)
         brain_img = region_image(inside.view(np.uint8), image, region)
         labelmap, brain_img, score = (_full_image(im, image, region) for im in (labelmap, brain_img, score))
         report(progress, 1.0, "Detection done")

@@ -282,17 +282,17 @@ def component_sides(labels: sitk.Image, plane: "MidPlane") -> Dict[int, str]:
     flat = sitk.GetArrayViewFromImage(labels).ravel()
     inside = np.flatnonzero(flat)
     label_of = flat[inside]
+    n = int(label_of.max()) + 1 if len(label_of) else 1
+    total = np.bincount(label_of, minlength=n)
+    if not sides_known(plane):
+        return {lab: "" for lab in map(int, np.flatnonzero(total[1:]) + 1)}
     k, j, i = np.unravel_index(inside, labels.GetSize()[::-1])
     sign = 1.0 if plane.normal[0] >= 0 else -1.0  # so that the normal points to +x, the patient's left
     normal = sign * np.asarray(plane.normal, float)
     ci, cj, ck = normal @ (np.array(labels.GetDirection()).reshape(3, 3) @ np.diag(labels.GetSpacing()))
     distance = float(normal @ np.asarray(labels.GetOrigin(), float)) - sign * plane.offset + ci * i + cj * j + ck * k
-    n = int(label_of.max()) + 1 if len(label_of) else 1
-    total = np.bincount(label_of, minlength=n)
     left = np.bincount(label_of[distance > 0], minlength=n)
     right = np.bincount(label_of[distance < 0], minlength=n)
-    if not sides_known(plane):
-        return {lab: "" for lab in map(int, np.flatnonzero(total[1:]) + 1)}
     return {lab: "left" if left[lab] > SIDE_SHARE * total[lab] else "right" if right[lab] > SIDE_SHARE * total[lab]
             else "both" for lab in map(int, np.flatnonzero(total[1:]) + 1)}
 

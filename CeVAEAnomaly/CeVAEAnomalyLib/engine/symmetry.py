@@ -191,16 +191,20 @@ def _smooth(img: sitk.Image, spacing: Tuple[float, float, float], sigma_mm: floa
 
 @dataclass(frozen=True)
 class BoxAsymmetry:
-    """The smoothed intensity asymmetry of a volume on a box of its grid, with the reflection it used.
+    """The smoothed intensity asymmetry of a volume on a box of its grid, with the plane it mirrored about.
 
     It depends on the image and its brain only, so one serves every score map of that volume.
     """
 
     asymmetry: np.ndarray  # float32 (k, j, i) on the box
-    reflection: sitk.Transform  # about ``plane``
     plane: MidPlane  # the estimated mid-sagittal plane
     image: sitk.Image  # the volume whose grid holds the box (its voxels are not used)
     region: Region  # the box
+
+    @property
+    def reflection(self) -> sitk.AffineTransform:
+        """The reflection about :attr:`plane`."""
+        return self.plane.reflection()
 
 
 def box_asymmetry(image: sitk.Image, brain: np.ndarray, region: Region, sigma_mm: float) -> BoxAsymmetry:
@@ -223,7 +227,7 @@ def box_asymmetry(image: sitk.Image, brain: np.ndarray, region: Region, sigma_mm
     del norm, mirrored
     np.abs(diff, out=diff)
     a = _smooth_within(diff, both, image.GetSpacing(), sigma_mm)
-    return BoxAsymmetry(a, reflection, plane, image, region)
+    return BoxAsymmetry(a, plane, image, region)
 
 
 def box_midplane(image: sitk.Image, brain: np.ndarray, region: Region) -> MidPlane:
