@@ -325,6 +325,21 @@ def components_csv(result: DetectionResult, delimiter: str = ",") -> str:
     return buf.getvalue()
 
 
+def read_components_csv(text: str) -> List[Component]:
+    """The components of a table :func:`components_csv` wrote (RAS back to LPS; tables of versions before the peak
+    and side columns: peak None, side "")."""
+    def point(r: str, a: str, s: str) -> Tuple[float, float, float]:
+        return _ras((float(row[r]), float(row[a]), float(row[s])))  # (its own inverse)
+
+    out = []
+    for row in csv.DictReader(io.StringIO(text)):
+        peak = point(*PEAK_FIELDS) if row.get(PEAK_FIELDS[0]) else None
+        out.append(Component(int(row["component"]), int(row["voxels"]), float(row["volume_ml"]),
+                             float(row["max_score"]), float(row["mean_score"]), point("r", "a", "s"), peak,
+                             row.get(SIDE_FIELD) or ""))
+    return out
+
+
 def _mm(value: float) -> str:
     """A coordinate in mm as the component table writes it: 2 decimals, one that rounds to 0 as "0.00" (not
     "-0.00")."""

@@ -47,7 +47,6 @@ from ..interrupts import pool_worker_signals
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
-    from ..result import Component
 
 log = logging.getLogger(__name__)
 
@@ -484,26 +483,13 @@ def picture_of_outputs(item: BatchItem, out_dir: Path, threshold: float) -> byte
     from CeVAEAnomalyResearch.figures import key_picture_png
 
     from ..io.images import read_image
+    from ..result import read_components_csv
 
     paths = output_paths(out_dir, item.name)
-    table = list(csv.DictReader(io.StringIO(paths["components"].read_text())))
     top = top_of_table(paths["slices"].read_text())
     return key_picture_png(read_image(item.image), sitk.ReadImage(str(paths["score"])),
-                           sitk.ReadImage(str(paths["labelmap"])), threshold, [_component(r) for r in table], top,
-                           item.name)
-
-
-def _component(row: Dict[str, str]) -> "Component":
-    """A component table's row as a :class:`~..result.Component` (RAS back to LPS; no peak or side in the tables
-    of versions before them)."""
-    from ..result import Component
-
-    def lps(r: str, a: str, s: str) -> Tuple[float, float, float]:
-        return -float(row[r]) + 0.0, -float(row[a]) + 0.0, float(row[s])
-
-    peak = lps("peak_r", "peak_a", "peak_s") if row.get("peak_r") else None
-    return Component(int(row["component"]), int(row["voxels"]), float(row["volume_ml"]), float(row["max_score"]),
-                     float(row["mean_score"]), lps("r", "a", "s"), peak, row.get("side") or "")
+                           sitk.ReadImage(str(paths["labelmap"])), threshold,
+                           read_components_csv(paths["components"].read_text()), top, item.name)
 
 
 def kept_record(out_dir: Path, name: str, recorded: str) -> str:
