@@ -145,7 +145,12 @@ def _own_folder(folder: Path) -> bool:
         st = os.lstat(folder)
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
+    return stat.S_ISDIR(st.st_mode) and _this_users(st)
+
+
+def _this_users(st: os.stat_result) -> bool:
+    """Whether the file of ``st`` belongs to this user (on systems without user ids: yes)."""
+    return not hasattr(os, "getuid") or st.st_uid == os.getuid()
 
 
 class UnreadVolumes(CeVAEError):
@@ -273,7 +278,7 @@ class SliceCache:
                     else:
                         continue
                     st = item.stat(follow_symlinks=False)
-                    if stat.S_ISREG(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid()):
+                    if stat.S_ISREG(st.st_mode) and _this_users(st):
                         files[item.name] = st.st_size
                         versions.add(version)
         except OSError:  # no folder yet, or unreadable, or a file removed meanwhile: nothing to say
