@@ -284,7 +284,8 @@ def test_a_result_saved_before_the_record_held_batch_size_mask_and_software_read
 def test_a_result_saved_before_the_record_held_the_voxel_digests_reads_back_and_a_new_one_says_its_version(tmp_path):
     """The record gained image_voxels_sha256 and mask_voxels_sha256 (the digests of the images scored, also where
     they were given in memory): a result folder is format 4 (or later) now, which a version that reads 3 refuses by
-    its version, not as damaged; a format-3 folder (a Slicer worker's hand-over, save_result) still reads, those as None."""
+    its version, not as damaged; a format-3 folder (a Slicer worker's hand-over, save_result) still reads, those as
+    None."""
     import dataclasses
     import json
 
