@@ -1637,3 +1637,48 @@ def test_the_status_line_summary_shows_a_tiny_flagged_volume_as_the_table_does(s
     detection = DetectionResult(score, labelmap, mask, 1.0, "absolute", rows, components(labelmap, score, "summed"))
     result = CeVAEAnomalyLogic(scene).publish(add_volume(scene, image), detection)
     assert result.summary.startswith("1 component(s), 0.003 ml flagged;")
+
+
+# The entry Slicer's own list has for it, spelled out here (not read from mrml) so that a wrong constant fails.
+ANOMALY_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list"
+                       "~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^"
+                       "~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^")
+
+
+def terminology(segment) -> str:
+    entry = vtk.reference("")
+    assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
+    return str(entry)
+
+
+def test_the_anomaly_segment_carries_a_standard_terminology_kept_by_reruns_and_a_save(scene, tmp_path):
+    """The segment carried only a name and colour, and so vtkSegment's default terminology "Tissue / Tissue": what
+    Slicer's Terminology selector showed and a DICOM SEG export wrote as its coded meaning. It is a morphologically
+    altered structure in the brain now, on every run (an empty segment too), in a .seg.nrrd read back; a user's own
+    segment in the same segmentation keeps the terminology the user gave it."""
+    image, mask = make_head()
+    volume = add_volume(scene, image)
+    brain = add_volume(scene, mask, "brain", "vtkMRMLLabelMapVolumeNode")
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my findings")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(brain, mine)
+    own = mine.GetSegmentation().GetSegment(nodes.user_segment_ids(mine)[0])
+    users = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered "
+             "Structure~SCT^50960005^Hemorrhage~^^~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^")
+    own.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), users)
+    for threshold in (1.1, 1.05, 1e9):  # a first run, a rerun replacing the segment, a run that finds nothing
+        out = mrml.publish(scene, volume, fake_detection(image, mask, threshold), mrml.OutputNodes(segmentation=mine))
+        anomaly = mine.GetSegmentation().GetSegment(nodes.anomaly_segment_id(out.segmentation))
+        assert terminology(anomaly) == ANOMALY_TERMINOLOGY, threshold
+        assert terminology(own) == users
+    assert mine.GetSegmentation().GetNumberOfSegments() == 2
+    path = tmp_path / "findings.seg.nrrd"
+    writer = slicer.vtkMRMLSegmentationStorageNode()
+    writer.SetFileName(str(path))
+    assert writer.WriteData(mine)
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read back")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(path))
+    assert reader.ReadData(loaded)
+    read = {loaded.GetSegmentation().GetNthSegment(i).GetName(): terminology(loaded.GetSegmentation().GetNthSegment(i))
+            for i in range(loaded.GetSegmentation().GetNumberOfSegments())}
+    assert read == {mrml.SEGMENT_NAME: ANOMALY_TERMINOLOGY, own.GetName(): users}

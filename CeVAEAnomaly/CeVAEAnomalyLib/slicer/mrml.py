@@ -90,6 +90,20 @@ DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the 
 # not the map's black (which reads as a hole in the scan beneath).
 THRESHOLD_COLOUR = 0.35
 SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map
+# The anomaly segment's standard terminology: what Slicer's Terminology selector shows and a DICOM SEG export
+# (QuantitativeReporting, dcmqi) writes as the segment's coded meaning. Slicer's default lists have no "lesion" or
+# "abnormal" type; their generic morphologic abnormality, "Mass", in the brain is the nearest. Stored, as Slicer
+# 5.6-5.10 do, in the segment's tag vtkSegment.GetTerminologyEntryTagName(): 7 parts joined by "~", each code as
+# scheme^value^meaning ("^^": none).
+SEGMENT_TERMINOLOGY = "~".join((
+    "Segmentation category and type - 3D Slicer General Anatomy list",  # terminology context: Slicer's default list
+    "SCT^49755003^Morphologically Altered Structure",  # category
+    "SCT^4147007^Mass",  # type
+    "^^",  # type modifier
+    "Anatomic codes - DICOM master list",  # anatomic context
+    "SCT^12738006^Brain",  # anatomic region
+    "^^",  # anatomic region modifier
+))
 HEAT_COLOR_NAME = "CeVAEAnomaly heat"
 # Samples of the Inferno colour map at 0, 1/8, ..., 1.
 _INFERNO_ANCHORS = np.array([
@@ -896,6 +910,7 @@ def _fill_segmentation(scene, undo: Undo, node, volume_node, grid, labelmap: sit
     segment = segmentation.GetSegment(added[0])
     segment.SetName(SEGMENT_NAME)
     segment.SetColor(*SEGMENT_COLOR)
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), SEGMENT_TERMINOLOGY)
     segment.SetTag(SEGMENT_TAG, "anomaly")
     segment.SetTag(WRITTEN_KEY, segment_signature(segment))
     _keep_conversion_colours(node, colours)
