@@ -1639,9 +1639,9 @@ def test_the_status_line_summary_shows_a_tiny_flagged_volume_as_the_table_does(s
     assert result.summary.startswith("1 component(s), 0.003 ml flagged;")
 
 
-# The entry Slicer's own list has for it, spelled out here (not read from mrml) so that a wrong constant fails.
+# The entry in Slicer's 7-part form, spelled out here (not read from mrml) so that a wrong constant fails.
 ANOMALY_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list"
-                       "~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^"
+                       "~SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion~^^"
                        "~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^")
 
 

@@ -91,14 +91,15 @@ DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the 
 THRESHOLD_COLOUR = 0.35
 SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map
 # The anomaly segment's standard terminology: what Slicer's Terminology selector shows and a DICOM SEG export
-# (QuantitativeReporting, dcmqi) writes as the segment's coded meaning. Slicer's default lists have no "lesion" or
-# "abnormal" type; their generic morphologic abnormality, "Mass", in the brain is the nearest. Stored, as Slicer
+# (QuantitativeReporting, dcmqi) writes as the segment's coded meaning. The type is SNOMED CT's "Lesion", which says
+# no more than the detector knows (an anomaly of unknown kind); Slicer's default lists' types of this category (mass,
+# cyst, oedema, neoplasm, ...) each name a kind, so this one code is not in them. Stored, as Slicer
 # 5.6-5.10 do, in the segment's tag vtkSegment.GetTerminologyEntryTagName(): 7 parts joined by "~", each code as
 # scheme^value^meaning ("^^": none).
 SEGMENT_TERMINOLOGY = "~".join((
     "Segmentation category and type - 3D Slicer General Anatomy list",  # terminology context: Slicer's default list
     "SCT^49755003^Morphologically Altered Structure",  # category
-    "SCT^4147007^Mass",  # type
+    "SCT^52988006^Lesion",  # type (SNOMED CT: lesion, a morphologic abnormality)
     "^^",  # type modifier
     "Anatomic codes - DICOM master list",  # anatomic context
     "SCT^12738006^Brain",  # anatomic region
