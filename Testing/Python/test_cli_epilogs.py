@@ -10,7 +10,7 @@ import pytest
 from CeVAEAnomalyLib.cli.main import (EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_TERMINATED,
                                       build_parser, main)
 
-COMMANDS = ("detect", "train", "adapt", "calibrate", "batch")
+COMMANDS = tuple(build_parser().commands)  # every command: train, prepare, adapt, detect, ..., demo
 
 
 def epilogs() -> Dict[str, str]:
@@ -37,6 +37,22 @@ def test_every_help_ends_with_examples_that_parse_and_the_exit_statuses(name: st
         args = build_parser().parse_args(argv)  # (refused: SystemExit)
         assert not name or args.command == name, argv
     assert " ".join(text.split()).count("exit status:") == 1, text
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_commands_examples_are_its_own_and_its_own_parser_takes_them(name: str) -> None:
+    """prepare, evaluate, info, share and demo's --help had no example; every command's --help now has, and each of
+    its example lines is that command run with arguments its own parser takes (parsed, not run: paths need not
+    exist), so that an option renamed or removed cannot leave an example behind."""
+    lines = examples(epilogs()[name])
+    assert lines, f"{name} --help has no example"
+    parser = build_parser().commands[name]
+    for argv in lines:
+        assert argv[0] == name, argv
+        try:
+            parser.parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"{name} --help's example {shlex.join(['cevae-anomaly', *argv])!r} is refused by its parser")
 
 
 def test_the_exit_statuses_the_help_states_are_those_the_command_returns(tmp_path, capsys) -> None:

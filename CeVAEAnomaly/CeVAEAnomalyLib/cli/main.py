@@ -130,7 +130,9 @@ def _add_prepare(sub) -> None:
                        description="Preprocess every volume into --cache-dir (one .npy per subject and "
                        "orientation, keyed by the settings and file checksums). `train --cache-dir` with "
                        "the same settings then reads slices from there; changed files or settings are "
-                       "preprocessed again, nothing stale is used.")
+                       "preprocessed again, nothing stale is used.",
+                       epilog=_epilog(["prepare --manifest cohort.csv --cache-dir /scratch/cevae-slices --workers 8",
+                                       "prepare healthy_scans/ --cache-dir slices/ --orientations axial,coronal"]))
     _add_subjects(p, "healthy")
     _add_slices(p, cfg, cache_required=True)
     p.add_argument("--workers", type=int, default=1, help="volumes preprocessed in parallel processes (fewer for a "
@@ -306,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = _command(sub, "evaluate", help="metrics of score maps against ground truth",
                        description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
-                       "flagged volume, per case and pooled. Cases without ground truth count as healthy.")
+                       "flagged volume, per case and pooled. Cases without ground truth count as healthy.",
+                       epilog=_epilog(["evaluate --cases cases.csv --out metrics.csv",
+                                       "evaluate --score score.nii.gz --gt lesion.nii.gz --mask brain.nii.gz"]))
     e.add_argument("--cases", type=path_value, help="CSV (tab-separated if named .tsv) with columns "
                    "score,gt[,mask][,labelmap][,name] (paths relative to the CSV), or --score instead for one case")
     e.add_argument("--score", type=path_value, help="one score map (instead of --cases)")
@@ -324,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "whether it was adapted to a site and from which model (its sha256), whether it is a calibrated "
                  "copy of another model (which, when, on which scans), on how many healthy scans of "
                  "which voxel sizes its threshold is calibrated, its thresholds at the default and other healthy "
-                 "false-positive rates, its default scoring, preprocessing and format, and the file's sha256.")
+                 "false-positive rates, its default scoring, preprocessing and format, and the file's sha256.",
+                 epilog=_epilog(["info", "info site.cevae --json"]))
     i.add_argument("model", nargs="?", type=path_value, help="model bundle (default: the bundled default model)")
     i.add_argument("--json", action="store_true", help="print the facts as JSON, for programs")
 
@@ -334,12 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
                  "instead of by their file names, which often hold a patient's ID or name. The scans' sha256, the "
                  "weights and the calibration are kept as they are: the copy detects exactly as the model does, and "
                  "info on it says that the names were removed. The checkpoints beside a trained or adapted model hold "
-                 "the scans' paths: share the copy alone.")
+                 "the scans' paths: share the copy alone.",
+                 epilog=_epilog(["share site.cevae --out site_shared.cevae",
+                                 "share site.cevae --out site_shared.cevae --overwrite"]))
     s.add_argument("model", type=path_value, help="model bundle to share (.cevae)")
     s.add_argument("--out", type=output_path_value, required=True, help="shareable copy to write (.cevae)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    m = _command(sub, "demo", help="insert synthetic lesions into a healthy scan, detect, write a picture")
+    m = _command(sub, "demo", help="insert synthetic lesions into a healthy scan, detect, write a picture",
+                 epilog=_epilog(["demo", "demo --out-dir demo-output --auto-mask --seed 3 --overwrite"]))
     m.add_argument("--out-dir", type=path_value, default=Path("demo-output"),
                    help="folder for the outputs and the picture")
     m.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
