@@ -357,6 +357,7 @@ IMAGE_OUTPUTS = {"score": "score map", "labelmap": "labelmap", "brain_mask": "br
 TABLE_OUTPUTS = {"slices": "slice table", "components": "component table"}
 RECORD_OUTPUT = "record"  # the JSON record of how the other outputs were made
 PICTURE_OUTPUT = "picture"  # a PNG key picture (detect --picture; drawn by the research extra, not result_files)
+PICTURE_MODULES = ("CeVAEAnomalyResearch", "matplotlib")  # what drawing it needs (see system.require_research)
 
 
 def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:

@@ -1,13 +1,36 @@
-"""What the machine offers this process (torch-free)."""
+"""What the machine and this installation offer this process (torch-free)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 from .errors import CeVAEError
+
+RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
+
+
+def require_research(command: str, modules: Sequence[str]) -> None:
+    """Refuse ``command`` (as the user typed it: "cevae-anomaly demo") in one line, before any work, where the research
+    code or what it needs is missing (the Slicer extension ships the runtime library only; a plain ``pip install``
+    lacks the research extra)."""
+    missing = [m for m in modules if not _findable(m)]
+    if missing:
+        raise CeVAEError(f"`{command}` needs {', '.join(missing)}, which this installation lacks "
+                         f"(research code, not part of the runtime): {RESEARCH_EXTRA} in a Python environment "
+                         "of its own, or run it from a source checkout set up with scripts/setup.sh.")
+
+
+def _findable(module: str) -> bool:
+    """Whether ``module`` can be imported as far as the import system says without importing it (a finder that
+    refuses it, as a blocked or broken installation does, raises ImportError: not findable)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import os
 import time
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import COMMAND_LINE_ADAPT, COMMAND_LINE_TRAIN, CeVAEError, RunFailed
 from ..io.naming import file_stem, refuse_misnamed
-from ..system import command_word, torchrun_number
+from ..system import command_word, require_research, torchrun_number
 from .console import print_result
 
 if TYPE_CHECKING:
@@ -21,28 +20,6 @@ if TYPE_CHECKING:
     from ..io.manifest import Row
 
 log = logging.getLogger("cevae_anomaly")
-
-RESEARCH_EXTRA = "pip install 'cevae-anomaly[research]'"
-
-
-def _require_research(command: str, modules: Sequence[str]) -> None:
-    """Refuse ``command`` in one line, before any work, where the research code or what it needs is missing
-    (the Slicer extension ships the runtime library only; a plain ``pip install`` lacks the research extra)."""
-    missing = [m for m in modules if not _findable(m)]
-    if missing:
-        raise CeVAEError(f"`cevae-anomaly {command}` needs {', '.join(missing)}, which this installation lacks "
-                         f"(research code, not part of the runtime): {RESEARCH_EXTRA} in a Python environment "
-                         "of its own, or run it from a source checkout set up with scripts/setup.sh.")
-
-
-def _findable(module: str) -> bool:
-    """Whether ``module`` can be imported as far as the import system says without importing it (a finder that
-    refuses it, as a blocked or broken installation does, raises ImportError: not findable)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
-
 
 def _healthy_subjects(args: argparse.Namespace, use: str = "training") -> list:
     """The volumes of --manifest and the image arguments, every one checked before any is read. As ``batch``
@@ -249,11 +226,12 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..options import DetectionRequest
     from ..io.images import refuse_image_as_mask
     from ..io.nifti_codes import nifti_codes
-    from ..result import PICTURE_OUTPUT, components_summary, input_files, refuse_unwritable_names, result_files
+    from ..result import (PICTURE_MODULES, PICTURE_OUTPUT, components_summary, input_files, refuse_unwritable_names,
+                          result_files)
 
     started = time.time()
     if args.picture:  # before anything is read: the picture is drawn by the research extra (matplotlib)
-        _require_research("detect --picture", ("CeVAEAnomalyResearch", "matplotlib"))
+        require_research("cevae-anomaly detect --picture", PICTURE_MODULES)
     refuse_image_as_mask(args.image, args.mask)
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before the scan is read
@@ -390,7 +368,7 @@ def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path, before: 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     """Print (and optionally write) metrics of score maps against ground truth."""
-    _require_research("evaluate", ("CeVAEAnomalyResearch",))
+    require_research("cevae-anomaly evaluate", ("CeVAEAnomalyResearch",))
     from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, figure, write_metrics_csv
     from ..io.manifest import read_rows
     from ..io.targets import check_paths
@@ -474,7 +452,7 @@ def run_share(args: argparse.Namespace) -> Path:
 
 def run_demo(args: argparse.Namespace) -> None:
     """The README's first command: detection on a healthy sample scan with synthetic lesions."""
-    _require_research("demo", ("CeVAEAnomalyResearch", "scipy", "matplotlib"))
+    require_research("cevae-anomaly demo", ("CeVAEAnomalyResearch", "scipy", "matplotlib"))
     from .console import ConsoleProgress
     from CeVAEAnomalyResearch.demo import run_demo as demo
 
@@ -497,7 +475,9 @@ def run_batch(args: argparse.Namespace) -> None:
     from ..options import DetectionRequest
 
     if args.pictures:  # before anything is read: the pictures are drawn by the research extra (matplotlib)
-        _require_research("batch --pictures", ("CeVAEAnomalyResearch", "matplotlib"))
+        from ..result import PICTURE_MODULES
+
+        require_research("cevae-anomaly batch --pictures", PICTURE_MODULES)
     request = DetectionRequest.from_args(args)
     if args.workers < 1:  # as every impossible value: before any file is read
         raise CeVAEError(f"--workers must be 1 or more, got {args.workers}.")
