@@ -14,8 +14,9 @@ images with a NIfTI input's qform and sform codes, as ``detect`` writes them):
 ``<name>_score.<ext>``, ``<name>_labelmap.<ext>``, ``<name>_segmentation.seg.nrrd``,
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the ``NAME_<role>`` names of ``cevae-anomaly batch``,
 which writes all but the segmentation of them), with ``<name>_record.json``, the record of how they were made
-(``detect --record``). All files are written or none; as with ``detect``, a run is refused at once while another
-is writing one of its outputs. Relative paths are taken
+(``detect --record``); with ``--picture FILE.png`` also the key picture ``detect --picture`` draws (it needs
+the research extra: matplotlib; refused before any work without it). All files are written or none; as with
+``detect``, a run is refused at once while another is writing one of its outputs. Relative paths are taken
 from the working directory (Slicer itself would read them from its scene folder).
 Exit status, as ``cevae-anomaly detect``'s: 0 on success; 2 for an input, argument or option refused (a missing or
 unreadable volume, outputs that exist without ``--overwrite``, a bad value); 1 for an unexpected failure, out of
@@ -58,8 +59,10 @@ try:  # after the path set-up above; a failure must still end in an exit status 
     from CeVAEAnomalyLib.io import naming
     from CeVAEAnomalyLib.io.naming import file_stem
     from CeVAEAnomalyLib.options import (DetectionRequest, HelpWithDefaults, RunOptions, ScoreOptions,
-                                         ThresholdPolicy, add_flags, path_value)
+                                         ThresholdPolicy, add_flags, output_path_value, path_value)
+    from CeVAEAnomalyLib.result import PICTURE_MODULES, PICTURE_OUTPUT, refuse_unwritable_names
     from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
+    from CeVAEAnomalyLib.system import require_research
 except Exception as exc:  # noqa: BLE001 - missing or broken library, a dependency that fails to import
     _IMPORT_ERROR: Optional[BaseException] = exc
 else:
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, RunOptions, only=("device", "batch_size"))
     p.add_argument("--format", dest="volume_format", default="nrrd", choices=VOLUME_FORMATS,
                    help="file format of the score volume and labelmap")
+    p.add_argument("--picture", type=output_path_value, help="also write this PNG key picture, as `cevae-anomaly "
+                   "detect --picture` draws it (needs the research extra: matplotlib; absent: no picture)")
     p.add_argument("--overwrite", action="store_true", help="replace existing result files")
     return p
 
@@ -258,10 +263,12 @@ def _axis_on(grid: "sitk.Image", image: "sitk.Image", axis: int) -> int:
 
 def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite: bool,
                   inputs: Sequence[Optional[Path]] = (), source: Optional[Path] = None,
-                  published: Optional[List[Path]] = None) -> List[Path]:
+                  published: Optional[List[Path]] = None, scan: Optional["sitk.Image"] = None) -> List[Path]:
     """Write every result to a temporary name beside its target, then rename all into place (``published`` gets
     each as it is renamed); the score, the labelmap and the slice table on the voxel grid of the ``source`` volume
-    file, if given, the images in NIfTI with that file's qform and sform codes (an MNI-space scan's stay MNI)."""
+    file, if given, the images in NIfTI with that file's qform and sform codes (an MNI-space scan's stay MNI); where
+    ``paths`` has a picture, the key picture of ``scan``, the ``source`` file as detect reads it, as detect draws it
+    (needs both)."""
     from CeVAEAnomalyLib.io.atomic import write_all
     from CeVAEAnomalyLib.io.nifti_codes import nifti_codes, write_image
     from CeVAEAnomalyLib.result import components_csv, record_json, slice_scores_csv
@@ -269,22 +276,27 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
     detection = result.detection
     grid = file_grid(detection.score, source) if source else None
     codes = nifti_codes(source) if source else None
+    on_file = detection if grid is None else replace(slices_on_grid(detection, grid), score=on_grid(
+        detection.score, grid), labelmap=on_grid(detection.labelmap, grid))  # the same voxels in the file's order
 
     def image(volume: "sitk.Image", node, target: Path) -> object:
         """The volume as the file's grid holds it (the detection's image when no voxel moves), else the node."""
         if source is None:
             return _node_writer(node)
-        placed = on_grid(volume, grid) if grid is not None else volume
-        return placed if codes is None else (lambda tmp: write_image(placed, tmp, codes, target))
+        return volume if codes is None else (lambda tmp: write_image(volume, tmp, codes, target))
 
     writers: Dict[Path, object] = {
-        paths["score"]: image(detection.score, result.nodes.score, paths["score"]),
-        paths["labelmap"]: image(detection.labelmap, result.nodes.labelmap, paths["labelmap"]),
+        paths["score"]: image(on_file.score, result.nodes.score, paths["score"]),
+        paths["labelmap"]: image(on_file.labelmap, result.nodes.labelmap, paths["labelmap"]),
         paths["segmentation"]: _node_writer(result.nodes.segmentation),
         paths["components"]: components_csv(detection),  # centroids and peaks in RAS: the same on either grid
-        paths["slices"]: slice_scores_csv(slices_on_grid(detection, grid) if grid else detection),
+        paths["slices"]: slice_scores_csv(on_file),
         paths["record"]: record_json(detection),
     }
+    if PICTURE_OUTPUT in paths:
+        from CeVAEAnomalyResearch.figures import result_picture_png
+
+        writers[paths[PICTURE_OUTPUT]] = result_picture_png(scan, on_file, file_stem(source))
     return write_all(writers, overwrite, inputs, published, command=COMMAND)
 
 
@@ -306,7 +318,7 @@ def absolute_paths(args: argparse.Namespace) -> None:
     """The path arguments made absolute from the working directory: a storage node in Slicer's scene reads a
     relative file name from the scene's root folder (Documents by default), not from where the command ran.
     (``abspath``, not ``resolve``: a link's own name still names the outputs.)"""
-    for name in ("input", "mask", "model", "output_dir"):
+    for name in ("input", "mask", "model", "output_dir", "picture"):
         if getattr(args, name) is not None:
             setattr(args, name, Path(os.path.abspath(getattr(args, name))))
 
@@ -314,9 +326,13 @@ def absolute_paths(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optional[List[Path]] = None) -> List[Path]:
     """Detect and write the results; ``published`` gets each result file as it is renamed into place."""
     started = time.time()
+    if args.picture:  # before anything is read: the picture is drawn by the research extra (matplotlib), as detect's
+        require_research("DetectVolume.py --picture", PICTURE_MODULES)
     absolute_paths(args)
     request = DetectionRequest.from_args(args)  # refuses bad values before any file is read
     paths = output_paths(args.input, args.output_dir, args.volume_format)
+    if args.picture:
+        paths[PICTURE_OUTPUT] = args.picture
     from CeVAEAnomalyLib.data import default_model_path
     from CeVAEAnomalyLib.engine.devices import resolve_device
     from CeVAEAnomalyLib.engine.header import read_header
@@ -329,6 +345,7 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before any file is read
     request = replace(request, run=replace(request.run, device=str(device)))  # as detect: said once, not again
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
+    refuse_unwritable_names(paths)  # (a picture not named .png)
     with hold_outputs(paths.values(), COMMAND):  # another run writing one of them is refused now, not after its work
         remove_abandoned_temporaries(paths.values(), started)  # what killed runs left
         read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
@@ -342,17 +359,17 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
         record = result.detection.record  # with the warnings of reading the files and resampling the mask, as detect's
         result.detection.record = replace(record, inputs=sources, warnings=(*read, *said, *record.warnings))
         written = write_results(result, paths, args.overwrite, (args.input, args.mask, args.model),
-                                source=args.input, published=published)
+                                source=args.input, published=published, scan=image)
     log.info("Wrote %s.", ", ".join(str(p) for p in written))
     return written
 
 
-def interrupted_message(written: Sequence[Path], stop: str = "interrupted") -> str:
+def interrupted_message(written: Sequence[Path], results: int, stop: str = "interrupted") -> str:
     """What a stop (``stop``: "interrupted", Ctrl-C, or "terminated", SIGTERM) left: the result files renamed into
-    place before it (the renames are held together, so all or none where the stop can be held)."""
+    place before it, of ``results`` (the renames are held together, so all or none where the stop can be held)."""
     if not written:
         return f"DetectVolume: {stop}; nothing was written."
-    files, left = ", ".join(map(str, written)), len(naming.OUTPUT_NAMES) - len(written)
+    files, left = ", ".join(map(str, written)), results - len(written)
     if not left:
         return f"DetectVolume: {stop} after every result was written ({files})."
     return f"DetectVolume: {stop}; only {files} {'was' if len(written) == 1 else 'were'} written, " \
@@ -390,6 +407,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     scene = slicer.mrmlScene if inside_slicer else plain_scene()
     written: List[Path] = []
+    results = len(naming.OUTPUT_NAMES) + (args.picture is not None)
     try:
         with sigterm_as_interrupt():  # a scheduler's kill stops the run as Ctrl-C does: its temporary files removed
             run(args, scene, written)
@@ -397,10 +415,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"DetectVolume: error: {command_line_wording(exc, 'detect')}", file=sys.stderr)
         return 2
     except Terminated:  # SIGTERM, as detect says it
-        print(interrupted_message(written, "terminated"), file=sys.stderr)
+        print(interrupted_message(written, results, "terminated"), file=sys.stderr)
         return 143
     except KeyboardInterrupt:  # Ctrl-C: still an exit status, so that a headless Slicer quits
-        print(interrupted_message(written), file=sys.stderr)
+        print(interrupted_message(written, results), file=sys.stderr)
         return 130
     except Exception as exc:
         if out_of_memory(exc):  # not a bug: one line, as detect says it

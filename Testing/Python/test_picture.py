@@ -154,6 +154,57 @@ def test_batch_refuses_a_picture_that_would_replace_an_input(lesioned, tmp_path,
     assert "would replace the input" in capsys.readouterr().err
 
 
+@pytest.fixture
+def detect_volume(request):
+    """Scripts/DetectVolume.py loaded as a module (conftest's ``script``), where slicer-core is installed."""
+    pytest.importorskip("slicer")
+    return request.getfixturevalue("script")
+
+
+@pytest.mark.parametrize("handed", ["right", "left"])
+def test_detect_volume_draws_the_picture_detect_draws(lesioned, tmp_path, detect_volume, handed):
+    """Slicer's headless script had no --picture, which detect has: it draws the same picture now, byte for byte,
+    also of a left-handed file (which Slicer holds with its slice axis reversed: the title names the file's slice)."""
+    scan, mask, _ = lesioned
+    if handed == "left":  # the same head, its first voxel axis reversed: an LAS file
+        for path in (scan, mask):
+            sitk.WriteImage(sitk.Flip(sitk.ReadImage(str(path)), [True, False, False]), str(tmp_path / path.name))
+        scan, mask = tmp_path / scan.name, tmp_path / mask.name
+        assert np.linalg.det(np.reshape(sitk.ReadImage(str(scan)).GetDirection(), (3, 3))) < 0
+    assert detect(scan, mask, tmp_path, "--picture", str(tmp_path / "detect.png")) == EXIT_DONE
+    out = tmp_path / "results"
+    assert detect_volume.main(["--input", str(scan), "--mask", str(mask), "--output-dir", str(out), "--device", "cpu",
+                               "--picture", str(tmp_path / "script.png")]) == 0
+    assert (tmp_path / "script.png").read_bytes() == (tmp_path / "detect.png").read_bytes()
+    assert len(list(out.iterdir())) == 6  # and its other results, as without a picture
+
+
+def test_detect_volume_refuses_a_picture_without_matplotlib_before_any_work(lesioned, tmp_path, detect_volume,
+                                                                           capsys, monkeypatch):
+    scan, mask, _ = lesioned
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: the import machinery finds nothing
+    out = tmp_path / "results"
+    assert detect_volume.main(["--input", str(scan), "--mask", str(mask), "--output-dir", str(out), "--device", "cpu",
+                               "--picture", str(tmp_path / "key.png")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("DetectVolume: error: `DetectVolume.py --picture` needs "
+                                                   "matplotlib") and "cevae-anomaly[research]" in lines[0], lines
+    assert not out.exists() and not (tmp_path / "key.png").exists()
+
+
+def test_detect_volume_refuses_a_picture_misnamed_or_existing_before_scoring(lesioned, tmp_path, detect_volume,
+                                                                            capsys):
+    scan, mask, _ = lesioned
+    out = tmp_path / "results"
+    args = ["--input", str(scan), "--mask", str(mask), "--output-dir", str(out), "--device", "cpu", "--picture"]
+    assert detect_volume.main([*args, str(tmp_path / "key.jpg")]) == 2
+    assert "name ending in .png" in capsys.readouterr().err
+    (tmp_path / "key.png").write_bytes(b"mine")
+    assert detect_volume.main([*args, str(tmp_path / "key.png")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "key.png").read_bytes() == b"mine" and not out.exists()  # nothing scored or written
+
+
 def test_a_scan_named_with_dollar_signs_gets_its_picture_titled_as_named(lesioned, tmp_path):
     scan, mask, _ = lesioned
     named = tmp_path / "cost$\\frac$x.nii.gz"  # '$...$' is matplotlib's mathtext: '\\frac' without arguments failed
