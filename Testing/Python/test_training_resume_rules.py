@@ -161,3 +161,27 @@ def test_a_refused_resume_names_the_callers_options_not_the_checkpoints_fields(t
             "32 now); --val-fraction (0.2 in the checkpoint, 0.5 now).") in said, said
     said = refusal(adaptation(steps=20), adaptation(steps=30), PANEL_WORDING)
     assert PANEL_WORDING.other_settings in said and "steps" not in said.split(": ", 1)[1], said
+
+
+def test_a_resume_of_a_finished_training_is_refused_and_its_model_kept(tmp_path, capsys):
+    """`train --resume` with the --max-steps a finished run ended at ran no step and wrote its model file again (its
+    calibration and record redone) without a word; adapt refuses the same. A run stopped after its last checkpoint,
+    before its model was written, still resumes to write it; a higher --max-steps goes on training."""
+    from conftest import write_cohort
+
+    out = tmp_path / "m.cevae"
+    common = ["train", "--manifest", str(write_cohort(tmp_path)), "--out", str(out), "--checkpoint-every", "2",
+              "--batch-size", "8", "--channels", "8,8,16,16", "--z-dim", "8", "--device", "cpu", "--max-steps", "2"]
+    assert main(common) == 0
+    before, written = out.read_bytes(), out.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*common, "--resume"]) == 2
+    assert (f"error: The training to {out} is complete (its model file is written, at step 2); there is nothing to "
+            "resume at --max-steps 2: give a higher --max-steps to train it further, or pass --overwrite to train "
+            "again and replace it, or choose another --out.") in capsys.readouterr().err
+    assert out.read_bytes() == before and out.stat().st_mtime_ns == written
+    assert main([*common, "--overwrite"]) == 0
+    out.write_bytes(before)  # as if stopped after its last checkpoint: the earlier model stays until it writes its own
+    assert main([*common, "--resume"]) == 0 and out.read_bytes() != before
+    out.unlink()  # stopped after its last checkpoint, before the model was written
+    assert main([*common, "--resume"]) == 0 and out.is_file()

@@ -593,7 +593,17 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> Optional[Path]:
-        """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache."""
+        """Train, then (rank 0) write the bundle; leave the process group and remove a temporary cache. A resume of
+        a run that wrote its model at its last step is refused: it would write that model again without a step."""
+        with self._session(), each_warning_once():  # a held-out scan is masked for its slices and its scores
+            if self.cfg.resume:
+                self._refuse_finished()
+            self._say_before()
+            elapsed = self._train()
+            return self._write_bundle(elapsed) if self.dist.main else None
+
+    def _say_before(self) -> None:
+        """What rank 0 says of the volumes and the earlier model before training."""
         note = unknown_persons_note([*self.train_subjects, *self.val_subjects], self.wording.unknown_persons,
                                     self.wording.same_person)
         if note and self.dist.main:
@@ -616,9 +626,21 @@ class Trainer:
         if self.dist.main and not self.cfg.resume and self.cfg.out.is_file():
             log.info("The earlier model %s stays in place, usable, until this run writes the new one (an earlier "
                      "checkpoint and log are replaced at this run's first checkpoint).", self.cfg.out)
-        with self._session(), each_warning_once():  # a held-out scan is masked for its slices and its scores
-            elapsed = self._train()
-            return self._write_bundle(elapsed) if self.dist.main else None
+
+    def _refuse_finished(self) -> None:
+        """Refuse a resume whose checkpoint is at --max-steps beside the model its run wrote (not the earlier model
+        that run replaces, which stays until it writes its own: a run stopped before that still resumes to write
+        it), in the words adapt refuses a finished adaptation's."""
+        state = self.check_resume()
+        step, out = state.get("step"), self.cfg.out
+        if step != self.cfg.max_steps or not out.is_file():
+            return
+        replaces = state.get("replaces")
+        if isinstance(replaces, str) and sha256_of(out) == replaces:
+            return
+        raise CeVAEError(f"The training to {out} is complete (its model file is written, at step {step}); there is "
+                         f"nothing to resume at --max-steps {step}: give a higher --max-steps to train it further, or "
+                         f"{self.wording.replace_model}.")
 
     def fit(self) -> float:
         """Train without writing a bundle (the caller packages ``self.model``); the seconds it took."""
