@@ -138,6 +138,28 @@ def test_batch_pictures_and_a_rerun_that_draws_the_missing_ones_without_scoring(
     assert (fresh / "lesioned_picture.png").read_bytes() == drawn
 
 
+def test_a_volume_scored_again_without_pictures_loses_its_old_picture(lesioned, tmp_path):
+    """A batch rerun without --pictures that scored a volume again (its scan changed, or --overwrite) left the picture
+    an earlier run with --pictures drew, which then showed another result than the outputs beside it."""
+    scan, mask, _ = lesioned
+    folder, out = tmp_path / "scans", tmp_path / "out"
+    folder.mkdir()
+    for path in (scan, mask):
+        (folder / path.name).write_bytes(path.read_bytes())
+    assert main(["batch", str(folder), "--out-dir", str(out), "--device", "cpu", "--pictures"]) == EXIT_DONE
+    picture = out / "lesioned_picture.png"
+    assert picture.is_file()
+    image = sitk.ReadImage(str(scan))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) * 0.9, str(folder / scan.name))  # the scan changed
+    assert main(["batch", str(folder), "--out-dir", str(out), "--device", "cpu"]) == EXIT_DONE
+    with open(out / "summary.csv", newline="") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["ok"]  # scored again
+    assert not picture.exists()
+    picture.write_bytes(b"an old picture")
+    assert main(["batch", str(folder), "--out-dir", str(out), "--device", "cpu", "--overwrite"]) == EXIT_DONE
+    assert not picture.exists()
+
+
 def test_batch_refuses_a_picture_that_would_replace_an_input(lesioned, tmp_path, capsys):
     scan, mask, _ = lesioned
     folder = tmp_path / "in"

@@ -790,10 +790,13 @@ class VolumeDetector:
                 from CeVAEAnomalyResearch.figures import result_picture_png
 
                 contents[files[PICTURE_ROLE]] = result_picture_png(image, result, item.name)
+            stale = volume_files(self.s.out_dir, item.name, True)[PICTURE_ROLE]  # an earlier run's, without pictures
             try:
-                with hold_outputs(files.values(), "batch"):  # the checksums are of the files this run wrote
+                with hold_outputs({*files.values(), stale}, "batch"):  # the checksums are of the files this run wrote
                     write_all(contents, overwrite, (item.image, item.mask), command="batch")
                     written = {**output_checksums(paths), RECORD_FIELD: sha256_of(files[RECORD_ROLE])}
+                    if not self.s.pictures:
+                        _remove_stale_picture(stale, item.name)
             except CeVAEError as exc:
                 done = None if overwrite else self.done_by_another_run(item, source)
                 if done is not None:
@@ -1134,6 +1137,20 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
                    **outputs)
     skipped["seconds"] = earlier["seconds"]  # the time the earlier run took
     return skipped
+
+
+def _remove_stale_picture(path: Path, name: str) -> None:
+    """Remove the key picture an earlier run with --pictures drew of volume ``name``, scored again now without: it
+    showed the earlier result beside the new outputs. One that cannot be removed is warned of."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("%s: its picture %s shows the earlier result and could not be removed (%s); remove it, or run "
+                    "again with --pictures to draw it anew.", name, path, exc.strerror or exc)
+        return
+    log.info("%s: its picture %s showed the earlier result; removed (--pictures draws it anew).", name, path.name)
 
 
 def _add_missing_picture(item: BatchItem, out_dir: Path, threshold: float) -> None:
