@@ -99,3 +99,24 @@ def test_temporaries_of_killed_writes_of_named_entries_are_removed(tmp_path):
     os.utime(old, (1.0, 1.0))
     assert main(["prepare", "--manifest", str(manifest), "--cache-dir", str(cache)]) == 0
     assert not old.exists() and len(names(cache)) == 6
+
+
+def test_a_damaged_entry_named_by_its_hash_alone_is_removed_once_made_again_under_its_name(tmp_path, caplog):
+    """An entry of this slicing version named by its hash alone (as versions up to 5 named them) that was damaged was
+    made again under its s<V>- name, and the damaged files stayed behind for ever (never read again, never said)."""
+    manifest, cache = cohort(tmp_path), tmp_path / "cache"
+    assert main(["prepare", "--manifest", str(manifest), "--cache-dir", str(cache)]) == 0
+    for path in cache.iterdir():  # as the version before this one named them
+        path.rename(cache / path.name.split("-", 1)[1])
+    unnamed = names(cache)
+    damaged = cache / unnamed[1]  # an .npy: its last bytes (slices) changed in place
+    data = bytearray(damaged.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"
+    damaged.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO):
+        assert main(["prepare", "--manifest", str(manifest), "--cache-dir", str(cache)]) == 0
+    assert "1 preprocessed now and 2 found ready" in caplog.text
+    stem = damaged.name[:-len(".npy")]
+    assert names(cache) == sorted([*(n for n in unnamed if not n.startswith(stem)),
+                                   f"s{SLICING_VERSION}-{stem}.json", f"s{SLICING_VERSION}-{stem}.npy"])
+

@@ -5,7 +5,8 @@ An entry is one subject in one orientation: ``<key>.npy`` (float32 [N,S,S], plai
 each atomically, so an entry whose JSON exists is complete. The key is ``s<SLICING_VERSION>-<hash>``, the hash of
 the cache format, the slicing version, the preprocessing settings, the orientation and the sha256 of the image and
 mask files: a changed file or setting gets a new key, and a stale entry is never read. Entries of slicing versions up
-to 5 were named by the hash alone; those of the current version are still read under that name. Entries of another
+to 5 were named by the hash alone; those of the current version are still read under that name (one found damaged
+is made again under the new name and removed). Entries of another
 slicing version (known by name, no file read) are never used: a run says once how many there are, how much space
 they take and how to remove them. It does not remove them itself: a run of an older version may share the folder
 and read them at any time (a training reads its entries for hours). The first time a run
@@ -232,6 +233,7 @@ class SliceCache:
         self.pre = pre
         self.wording = wording
         self.memo = memo if memo is not None else FileMemo()
+        self._damaged: Set[str] = set()  # entries named by their hash alone found damaged: removed once made again
 
     def refuse_inside_inputs(self, subjects: Sequence[Subject]) -> None:
         """:func:`refuse_cache_among_inputs` for this folder."""
@@ -307,6 +309,13 @@ class SliceCache:
                 break
         else:
             return None
+        entry = self._checked(key, meta_path, npy)
+        if entry is None and stem != key:
+            self._damaged.add(stem)
+        return entry
+
+    def _checked(self, key: str, meta_path: Path, npy: Path) -> Optional[Entry]:
+        """The entry of ``key`` in ``meta_path`` and ``npy`` (:meth:`lookup`), or None where incomplete or damaged."""
         stamp = self.memo.stamp((meta_path, npy))  # before either is read
         try:
             meta = json.loads(meta_path.read_text())
@@ -423,7 +432,26 @@ class SliceCache:
         entry = self.lookup(key)
         if entry is None:
             raise CeVAEError(f"The slice cache entry {npy} could not be read back after writing it.")
+        self._remove_damaged(_hash_of(key), npy)
         return entry
+
+    def _remove_damaged(self, stem: str, made: Path) -> None:
+        """Remove the entry named by its hash alone ``stem`` where :meth:`lookup` found it damaged: it is ``made``
+        again under its named key, which is read first, so it would stay on disk for ever (its JSON goes first: an
+        .npy alone is no entry)."""
+        if stem not in self._damaged:
+            return
+        self._damaged.discard(stem)
+        for ext in ("json", "npy"):
+            try:
+                (self.root / f"{stem}.{ext}").unlink()
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            except OSError as exc:
+                log.warning("The damaged cache entry %s could not be removed (%s); remove it (it is made again as "
+                            "%s).", self.root / f"{stem}.npy", exc.strerror or exc, made)
+                return
+        log.info("The damaged cache entry %s is removed (made again as %s).", self.root / f"{stem}.npy", made.name)
 
 
 def _hash_of(key: str) -> str:
