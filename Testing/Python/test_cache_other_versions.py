@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import List
 
 from CeVAEAnomalyLib.cli.main import main
+from CeVAEAnomalyLib.engine.config import PreprocessConfig
 from CeVAEAnomalyLib.io.atomic import temp_beside
-from CeVAEAnomalyLib.training.cache import SLICING_VERSION
+from CeVAEAnomalyLib.training.cache import SLICING_VERSION, SliceCache
 from conftest import write_cohort
 
 # `prepare` (argv[2:]) run as a version whose SLICING_VERSION is argv[1] (an older or a later release)
@@ -120,3 +121,16 @@ def test_a_damaged_entry_named_by_its_hash_alone_is_removed_once_made_again_unde
     assert names(cache) == sorted([*(n for n in unnamed if not n.startswith(stem)),
                                    f"s{SLICING_VERSION}-{stem}.json", f"s{SLICING_VERSION}-{stem}.npy"])
 
+
+def test_other_versions_are_named_in_numeric_order(tmp_path, caplog):
+    """Slicing versions 9 and 10 were said as "10, 9" (sorted as text)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for version in (10, 9, 11):
+        for ext in ("npy", "json"):
+            (cache / f"s{version}-{'a' * 32}.{ext}").write_bytes(b"x" * 1000)
+    with caplog.at_level(logging.WARNING):
+        SliceCache(cache, PreprocessConfig()).say_other_versions()
+    said = SAID.findall(caplog.text)
+    assert said[0][3] == "9, 10, 11"
+    assert said[0][4] == "rm " + " ".join(f"{cache}/s{v}-*.{ext}" for v in (9, 10, 11) for ext in ("npy", "json"))

@@ -289,11 +289,12 @@ class SliceCache:
         if entries:
             _OTHER_VERSIONS_SAID.add(said)
             folder = shlex.quote(str(self.root))
-            stems = sorted(f"s{v}-*" if v else "?" * 32 for v in versions)
+            ordered = sorted(versions, key=lambda v: (int(v), 1) if v else (_UNNAMED_UP_TO, 0))  # 9 before 10
+            stems = [f"s{v}-*" if v else "?" * 32 for v in ordered]
             log.warning("Slice cache %s: %d entries (%.1f MB) were prepared by another version of CeVAEAnomaly "
                         "(slicing version %s) and are not used by this one. Once no run of that version uses the "
                         "folder, remove them with: rm %s", self.root, entries, sum(files.values()) / 1e6,
-                        ", ".join(sorted(f"{v}" if v else f"{_UNNAMED_UP_TO} or earlier" for v in versions)),
+                        ", ".join(v or f"{_UNNAMED_UP_TO} or earlier" for v in ordered),
                         " ".join(f"{folder}/{stem}.{ext}" for stem in stems for ext in ("npy", "json")))
 
     def lookup(self, key: str) -> Optional[Entry]:
