@@ -128,7 +128,8 @@ def overlay_figure(
     """A matplotlib Figure: per chosen canonical axial slice (default: the one with most truth, else most score),
     the image and the score overlay with contours, radiologically and to scale, orientation letters at the edges;
     each row's title gives the slice's voxel index in ``image``'s file. Heat where the score exceeds ``floor`` (said
-    in the panel's title; None: 2 % of the 99.9th percentile of its finite positive values). ``title`` is drawn as
+    in the panel's title, which names the labelmap and truth where their contours are drawn on its slice; None: 2 %
+    of the 99.9th percentile of its finite positive values). ``title`` is drawn as
     written (no mathtext), smaller where it is wider than the figure."""
     try:  # a Figure of its own on an Agg canvas: no pyplot, so the caller's backend and figures are left alone
         import matplotlib.patheffects as effects
@@ -147,8 +148,7 @@ def overlay_figure(
         vmax = float(np.percentile(positive, 99.9)) if positive.size else 1.0
         vmax = vmax if floor is None else max(vmax, 2 * floor)
         heat_floor = 0.02 * vmax if floor is None else floor
-        legend = ("score (heat)" if floor is None else f"score > {floor:.3g} (heat)") + ", labelmap (cyan)" + (
-            ", truth (green dashed)" if truth is not None else "")
+        scored = "score (heat)" if floor is None else f"score > {floor:.3g} (heat)"
         left, right, top, bottom = edge_letters(image)
         places = ((left, 0.02, 0.5, "left", "center"), (right, 0.98, 0.5, "right", "center"),
                   (top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom"))
@@ -166,11 +166,14 @@ def overlay_figure(
             row[1].imshow(base, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
             heat = np.ma.masked_less_equal(np.asarray(sc[k], float), heat_floor)
             im = row[1].imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=0.75, aspect=aspect)
+            legend = [scored]  # what this slice's panel draws
             if lab is not None and lab[k].any():
                 row[1].contour(np.asarray(lab[k]), levels=[0.5], colors="cyan", linewidths=1.2)
+                legend.append("labelmap (cyan)")
             if gt is not None and gt[k].any():
                 row[1].contour(np.asarray(gt[k]), levels=[0.5], colors="lime", linewidths=1.2, linestyles="--")
-            row[1].set_title(legend, fontsize=9)
+                legend.append("truth (green dashed)")
+            row[1].set_title(", ".join(legend), fontsize=9)
             fig.colorbar(im, ax=row[1], fraction=0.046)
             for ax in row:
                 ax.axis("off")

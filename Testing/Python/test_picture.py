@@ -263,6 +263,24 @@ def test_thick_slices_across_the_pictured_plane_are_drawn_to_scale(order):
         assert box.width / box.height == pytest.approx(width_mm / height_mm, rel=0.03)
 
 
+def test_the_overlay_legend_names_only_what_is_drawn():
+    """The overlay panel's title named the labelmap (cyan) where none was given or it was empty, and the truth where
+    none of it lay on the slice drawn."""
+    from CeVAEAnomalyResearch.figures import overlay_figure
+
+    image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    bright = image > float(np.percentile(sitk.GetArrayViewFromImage(image), 99.5))  # a labelmap on the slice drawn
+    empty = bright * 0
+    score = sitk.Cast(bright, sitk.sitkFloat32)  # the slice drawn is the one with most score: the labelmap's
+
+    def legend(labelmap, truth=None) -> str:
+        return overlay_figure(image, score, labelmap, truth).axes[1].get_title()
+
+    assert legend(bright, bright) == "score (heat), labelmap (cyan), truth (green dashed)"
+    assert legend(None) == legend(empty) == legend(empty, empty) == "score (heat)"
+    assert legend(empty, bright) == "score (heat), truth (green dashed)"
+
+
 @pytest.mark.parametrize("length", [64, 150])  # 64: a DICOM series folder named by its UID, as long as they come
 def test_a_long_name_in_the_title_is_drawn_whole_within_the_picture(length):
     from CeVAEAnomalyResearch.figures import overlay_figure
