@@ -40,6 +40,7 @@ from CeVAEAnomalyLib.options import DEVICES, PostprocessOptions, RunOptions, Thr
 from CeVAEAnomalyLib.slicer.gui_binding import GuiBinding, takes_path_now, typed_path
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult, InputRemovedError
 from CeVAEAnomalyLib.slicer.resources import resource_dir
+from CeVAEAnomalyLib.slicer.sample_data import sample_sources
 from CeVAEAnomalyLib.slicer.settings import (
     MODEL_SCORE_TYPE,
     SCORE_TYPE_CHOICES,
@@ -140,6 +141,18 @@ This module is an independent implementation built on 3D Slicer and PyTorch.
             self.parent.icon = qt.QIcon(str(resource_dir() / "Icons" / "CeVAEAnomaly.png"))
         except CeVAEError as exc:
             logging.warning("CeVAE Anomaly: %s", exc)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Offer the packaged sample scans in the Sample Data module (category CeVAEAnomaly), where Slicer has it."""
+    try:
+        import SampleData
+    except ImportError:
+        logging.info("CeVAE Anomaly: no Sample Data module; its sample scans are not offered there.")
+        return
+    for source in sample_sources():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 #
@@ -1158,6 +1171,8 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         try:
             self.setUp()
             self.test_PanelChoicesAndStates()
+            self.setUp()
+            self.test_SampleData()
             message = self._missingDependenciesMessage()
             if message:
                 logging.warning(message)
@@ -1168,6 +1183,20 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
                 getattr(self, name)()
         finally:
             self.doCleanups()  # (unittest runs them after each test; "Reload and Test" calls runTest alone)
+
+    def test_SampleData(self):
+        """Each sample loads from the package through the Sample Data module's logic under its node name (no
+        torch needed; skipped in a Slicer without that module)."""
+        try:
+            import SampleData
+        except ImportError:
+            self.skipTest("no Sample Data module in this Slicer")
+        registerSampleData()
+        for source in sample_sources():
+            node = SampleData.SampleDataLogic().downloadSample(source["sampleName"])
+            self.assertTrue(node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"))
+            self.assertEqual(node.GetName(), source["nodeNames"])
+            self.assertIsNone(node.GetStorageNode())
 
     @staticmethod
     def _syntheticHead():

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Render the Sample Data thumbnails of the module's sample scans (Resources/Icons, deterministic).
+
+One axial slice of each sample, in the radiological view (the patient's right on the viewer's left, anterior up),
+grey levels from 0 to the healthy scan's 99.5th percentile stretched to 0..255, 2.5 times enlarged (225x270 pixels, about the size
+Slicer's extension template asks for). The slice is the same for all samples: the one where the lesioned scan
+differs most from the healthy one.
+
+Usage: python scripts/make_sample_thumbnails.py [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "CeVAEAnomaly"))
+
+from CeVAEAnomalyLib.slicer.sample_data import SAMPLES  # noqa: E402
+
+SCALE = 2.5
+WHITE_PERCENTILE = 99.5
+
+
+def axial_slices(path: Path) -> np.ndarray:
+    """The scan's voxels as (superior slice, anterior-to-posterior row, right-to-left column)."""
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")).astype(np.float32)
+
+
+def thumbnail(slice_: np.ndarray, white: float) -> Image.Image:
+    """A grey image of one axial slice (``white`` and above white), enlarged."""
+    grey = np.rint(np.clip(slice_ * 255.0 / white, 0, 255)).astype(np.uint8)
+    image = Image.fromarray(grey)
+    return image.resize((round(image.width * SCALE), round(image.height * SCALE)), Image.LANCZOS)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=REPO / "Resources" / "Icons")
+    args = parser.parse_args(argv)
+    volumes = [axial_slices(sample.path()) for sample in SAMPLES]
+    differs = np.abs(volumes[0] - volumes[1]).sum(axis=(1, 2))
+    k = int(np.argmax(differs))
+    white = float(np.percentile(volumes[1], WHITE_PERCENTILE))
+    for sample, volume in zip(SAMPLES, volumes):
+        out = args.out_dir / sample.thumbnail
+        thumbnail(volume[k], white).save(out, optimize=True)
+        print(f"wrote {out} (axial slice {k}, {out.stat().st_size // 1024} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
