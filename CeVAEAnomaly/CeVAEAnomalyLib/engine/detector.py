@@ -27,8 +27,8 @@ from ..io.images import MASK_IS_IMAGE, check_volume, grid_difference, same_grid,
 from ..io.labels import SAMPLED_VOXELS, refuse_label_image
 from ..options import (DEFAULT_BATCH_SIZE, DetectionRequest, PostprocessOptions, RunOptions, ScoreOptions,
                        ThresholdPolicy, refuse_options_by_name)
-from .postprocess import (SIDE_MIN_MATCH, components, normalised, refine_reach, refine_scores, sides_known,
-                          threshold_labelmap)
+from .postprocess import (COMPONENT_ORDER, SIDE_MIN_MATCH, components, normalised, refine_reach, refine_scores,
+                          sides_known, threshold_labelmap)
 from .preprocess import (Region, SliceRecord, SliceStack, brain_array, brain_region, invert_region, label_image,
                          prepare, region_image, warn_unlike_a_brain)
 from ..progress import ProgressCallback, checked, report, scaled
@@ -50,8 +50,6 @@ SLICE_QUANTILE = 1.0
 # chosen on held-out subjects of the acquisition benchmark; docs/benchmark.md).
 SLICE_MAP_WEIGHT = 0.7
 SLICE_MAP_WEIGHT_FUSED = 0.8
-# Order of the lesion table (its first row is where "jump" goes when there is a component).
-COMPONENT_ORDER = "summed"
 
 
 def slice_map_weight(orientations: int) -> float:

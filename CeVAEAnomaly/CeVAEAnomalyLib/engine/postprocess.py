@@ -223,6 +223,8 @@ COMPONENT_ORDERS = {
     "mean": lambda c: c.mean_score,
     "summed": lambda c: c.summed_score,
 }
+# Order of the lesion table (its first row is where "jump" goes when there is a component).
+COMPONENT_ORDER = "summed"
 
 
 # A component is on one side of the mid-sagittal plane when more than this share of its voxels (their centres) lie
@@ -244,32 +246,37 @@ def components(labelmap: sitk.Image, score: sitk.Image, order: str = "volume",
     with the brain's mid-sagittal ``plane``, the patient's side each lies on (:func:`component_sides`; None: "")."""
     if not sitk.GetArrayViewFromImage(labelmap).any():  # nothing flagged, as in most scans: no ITK passes
         return []
-    cc = sitk.RelabelComponent(sitk.ConnectedComponent(labelmap, True))
+    cc = connected_components(labelmap)
+    out = ranked_components(cc, score, order)
+    peaks = _peak_voxels(cc, score, {c.label: c.max_score for c in out})
+    sides = {} if plane is None else component_sides(cc, plane)
+    for rank, c in enumerate(out, 1):
+        peak = peaks.get(c.label)
+        c.peak_lps = None if peak is None else tuple(float(v) for v in score.TransformIndexToPhysicalPoint(peak))
+        c.side = sides.get(c.label, "")
+        c.label = rank
+    return out
+
+
+def connected_components(labelmap: sitk.Image) -> sitk.Image:
+    """The 26-connected components (8 in 2D) of a labelmap's non-zero voxels, labelled 1, 2, ... by size."""
+    return sitk.RelabelComponent(sitk.ConnectedComponent(labelmap, True))
+
+
+def ranked_components(cc: sitk.Image, score: sitk.Image, order: str = "volume") -> List[Component]:
+    """The components of ``cc`` (labels 1, 2, ...: :func:`connected_components`) with their size and score
+    statistics, each keeping its label in ``cc``, in the order :func:`components` lists them: by ``order`` highest
+    first, then the larger, then the lower label (no peak voxel or side)."""
     stats = sitk.LabelIntensityStatisticsImageFilter()
     stats.Execute(cc, score)
     voxel_ml = voxel_volume_ml(score)
-    labels = [int(lab) for lab in stats.GetLabels()]
-    peaks = _peak_voxels(cc, score, {lab: stats.GetMaximum(lab) for lab in labels})
-    sides = {} if plane is None else component_sides(cc, plane)
     out = []
-    for lab in labels:
+    for lab in (int(lab) for lab in stats.GetLabels()):
         n = int(stats.GetNumberOfPixels(lab))
-        peak = peaks.get(lab)
-        out.append(
-            Component(
-                label=int(lab),
-                voxels=n,
-                volume_ml=n * voxel_ml,
-                max_score=float(stats.GetMaximum(lab)),
-                mean_score=float(stats.GetMean(lab)),
-                centroid_lps=tuple(float(v) for v in stats.GetCentroid(lab)),
-                peak_lps=None if peak is None else tuple(float(v) for v in score.TransformIndexToPhysicalPoint(peak)),
-                side=sides.get(lab, ""),
-            )
-        )
+        out.append(Component(label=lab, voxels=n, volume_ml=n * voxel_ml, max_score=float(stats.GetMaximum(lab)),
+                             mean_score=float(stats.GetMean(lab)),
+                             centroid_lps=tuple(float(v) for v in stats.GetCentroid(lab))))
     out.sort(key=lambda c: (-COMPONENT_ORDERS[order](c), -c.voxels, c.label))
-    for rank, c in enumerate(out, 1):
-        c.label = rank
     return out
 
 
