@@ -1,4 +1,5 @@
-"""Detection metrics for anomaly score maps: pixel AUROC / AUPRC / Dice, slice AUROC, flagged volume.
+"""Detection metrics for anomaly score maps: pixel AUROC / AUPRC / Dice, slice AUROC, flagged volume and, with a
+labelmap, lesion-wise counts (:mod:`CeVAEAnomalyResearch.lesionwise`).
 
 All pixel metrics come from the positive and negative scores sorted separately: AUROC counts,
 by binary search, the negatives below each positive; average precision and Dice only change at
@@ -18,7 +19,7 @@ import numbers
 import os
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,6 +34,7 @@ from CeVAEAnomalyLib.io.images import (
 from CeVAEAnomalyLib.io.manifest import distinct_names
 from CeVAEAnomalyLib.io.naming import UNICODE_TWINS, one_form, table_delimiter
 from CeVAEAnomalyLib.io.spreadsheet import written_row
+from CeVAEAnomalyResearch.lesionwise import LesionCounts, lesion_counts, pooled_lesion_figures
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,14 @@ class CaseMetrics:
     flagged_ml: Optional[float]  # label map volume
     n_voxels: int  # evaluated voxels (inside the mask if given)
     n_positive: int  # ground-truth voxels among them
+    # lesion-wise, with a label map (CeVAEAnomalyResearch.lesionwise); the pooled row: sums, means and shares
+    n_lesions: Optional[int] = None  # ground-truth lesions (26-connected components inside the evaluated voxels)
+    lesions_detected: Optional[int] = None  # lesions at least one label-map voxel overlaps
+    lesion_sensitivity: Optional[float] = None  # lesions_detected / n_lesions (a lesion case)
+    false_components: Optional[float] = None  # label-map components overlapping no lesion (pooled: mean per case)
+    healthy_false_components: Optional[float] = None  # a healthy case's components (pooled: mean per healthy case)
+    first_is_lesion: Optional[float] = None  # a lesion case: 1 if the lesion table's first component overlaps a
+    # lesion, else 0 (no component: 0); pooled: the share of lesion cases
 
 
 @dataclass(frozen=True)
@@ -175,10 +185,12 @@ def evaluate_case(
     ``mask``, ``gt`` and ``labelmap`` count their voxels above 0 (NaN and negative values are background).
     ``gt`` None (or one without lesion voxels inside the mask) means a healthy case: ranking metrics are NaN. NaN or
     infinite scores inside the mask are refused.
-    ``labelmap`` (the thresholded detection) gives ``flagged_ml`` (all its voxels above 0) and, for a lesion case,
-    ``dice_at_threshold`` (inside the mask). Slice AUROC uses slices along numpy axis ``slice_axis`` ("axial": the
-    axis of the axial slices, :func:`axial_axis`, in any voxel order; None skips it), slice score = max score in the
-    slice's mask voxels.
+    ``labelmap`` (the thresholded detection) gives ``flagged_ml`` (all its voxels above 0), for a lesion case
+    ``dice_at_threshold`` (inside the mask), and the lesion-wise counts (:mod:`CeVAEAnomalyResearch.lesionwise`: a
+    lesion is detected where at least one labelmap voxel overlaps it); the score map must then be finite at every
+    labelmap voxel (it ranks the labelmap's components as detect's lesion table). Slice AUROC uses slices along numpy
+    axis ``slice_axis`` ("axial": the axis of the axial slices, :func:`axial_axis`, in any voxel order; None skips
+    it), slice score = max score in the slice's mask voxels.
     """
     if slice_axis == "axial":
         axis: Optional[int] = axial_axis(score)
@@ -212,8 +224,10 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     a warning, so that it does not weigh twice in the pooled metrics. A healthy case's voxels count as healthy ones in
     the pooled metrics (its false alarms lower the pooled AUPRC); one without a mask is warned about where its zero
     background lifts the pooled AUROC. Cases without a lesion voxel alone are warned of: every figure is undefined.
+    The pooled lesion-wise figures (:func:`~CeVAEAnomalyResearch.lesionwise.pooled_lesion_figures`) are over the
+    cases with a labelmap.
     """
-    cases, splits, unmasked_healthy = [], [], []
+    cases, splits, unmasked_healthy, counts = [], [], [], []
     unique = _unique_cases(rows)
     evaluated: dict[tuple, str] = {}  # (score, mask, labelmap content, lesion voxels) -> the case's name
     named = list(zip(unique, _case_names([row for row, _ in unique])))
@@ -223,7 +237,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
         try:
             images = {key: read_image(row[key], role) if row.get(key) else None for key, role in ROLES.items()}
             _warn_of_a_scan(images["score"], row["score"])
-            metrics, split, labels = _evaluate(
+            metrics, split, labels, lesionwise = _evaluate(
                 images["score"], images["gt"], images["mask"], images["labelmap"], axial_axis(images["score"]), name,
                 row.get("gt") or ""
             )
@@ -238,10 +252,11 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
             continue
         cases.append(metrics)
         splits.append(split)
+        counts.append(lesionwise)
         if metrics.n_positive == 0 and images["mask"] is None:  # no truth, or one without lesion voxels
             unmasked_healthy.append((split.negatives[0], name))  # (all its scores)
         log.info("Evaluated %s: AUROC %s, AUPRC %s", name, *(figure(v) for v in (metrics.auroc, metrics.auprc)))
-    pooled = _pooled(splits)
+    pooled = dict(_pooled(splits), **pooled_lesion_figures(counts))
     if pooled["n_positive"] == 0:
         log.warning("None of the %d case%s has a lesion voxel (a ground truth marking one inside the mask): every case "
                     "counts as healthy, so AUROC, AUPRC and best Dice are undefined (n/a, nan in the table).",
@@ -504,9 +519,10 @@ def _evaluate(
     slice_axis: Optional[int],
     name: str,
     gt_file: str = "",
-) -> tuple[CaseMetrics, _Split, np.ndarray]:
-    """The case's metrics, its evaluated scores split by the labels (for pooling) and the boolean labels; ``gt_file``:
-    the ground truth's file, named where its values are warned of."""
+) -> tuple[CaseMetrics, _Split, np.ndarray, Optional[LesionCounts]]:
+    """The case's metrics, its evaluated scores split by the labels (for pooling), the boolean labels and its
+    lesion-wise counts (None without a labelmap); ``gt_file``: the ground truth's file, named where its values are
+    warned of."""
     if score.GetNumberOfComponentsPerPixel() != 1:
         raise CeVAEError(f"The score map of {name or 'the case'} must have one value per voxel.")
     for image, key in ((gt, "gt"), (mask, "mask"), (labelmap, "labelmap")):
@@ -553,12 +569,17 @@ def _evaluate(
     split = _split(scores, labels)
     dice_value, threshold = _best_dice(split)
 
-    flagged_ml = dice_at_threshold = None
+    flagged_ml = dice_at_threshold = counts = None
     if labelmap is not None:
         flagged = _above_zero(labelmap)
         flagged_ml = int(flagged.sum()) * voxel_volume_ml(score)
         if lesion_case:
             dice_at_threshold = dice(flagged[inside], labels)
+        if not np.isfinite(score_array[flagged]).all():  # (the ITK statistics that rank components hang on NaN)
+            raise CeVAEError(f"The score map of {name or 'the case'} is NaN or infinite at voxels of the labelmap "
+                             "(outside the evaluated voxels): it cannot rank the labelmap's components as detect's "
+                             "lesion table does; a labelmap thresholded from the map holds no such voxel.")
+        counts = lesion_counts(truth & inside, flagged, score)
     case_slice_auroc = None
     if slice_axis is not None and lesion_case:
         case_slice_auroc = slice_auroc(*_slice_arrays(score_array, truth, inside, slice_axis))
@@ -574,8 +595,24 @@ def _evaluate(
         flagged_ml=flagged_ml,
         n_voxels=int(scores.size),
         n_positive=int(labels.sum()),
+        **_lesion_columns(counts),
     )
-    return metrics, split, labels
+    return metrics, split, labels, counts
+
+
+def _lesion_columns(counts: Optional[LesionCounts]) -> dict:
+    """A case's lesion-wise columns of :class:`CaseMetrics` (none without a labelmap)."""
+    if counts is None:
+        return {}
+    healthy = counts.n_lesions == 0
+    return {
+        "n_lesions": counts.n_lesions,
+        "lesions_detected": counts.lesions_detected,
+        "lesion_sensitivity": None if healthy else counts.lesions_detected / counts.n_lesions,
+        "false_components": counts.false_components,
+        "healthy_false_components": counts.false_components if healthy else None,
+        "first_is_lesion": None if healthy else int(bool(counts.first_is_lesion)),
+    }
 
 
 def _slice_arrays(
@@ -595,6 +632,18 @@ def figure(value: float) -> str:
     """A metric as the console and the log show it: 4 decimals, or n/a where it is undefined (no lesion, or no
     healthy voxel)."""
     return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+LESION_COLUMNS = ("n_lesions", "lesions_detected", "lesion_sensitivity", "false_components",
+                  "healthy_false_components", "first_is_lesion")
+
+
+def lesion_text(figures: Mapping[str, object]) -> str:
+    """The lesion-wise figures of a case (its :class:`CaseMetrics` fields) or of the pooled metrics, as the console
+    says them after the others: each given one (not None) under its column's name, a count whole, a figure as
+    :func:`figure` shows it."""
+    given = [(column, figures.get(column)) for column in LESION_COLUMNS if figures.get(column) is not None]
+    return "".join(f"  {column} {value if isinstance(value, int) else figure(value)}" for column, value in given)
 
 
 def threshold_text(value: Optional[float]) -> str:

@@ -369,7 +369,7 @@ def _say_what_changed(old: BundleHeader, new: BundleHeader, path: Path, before: 
 def run_evaluate(args: argparse.Namespace) -> None:
     """Print (and optionally write) metrics of score maps against ground truth."""
     require_research("cevae-anomaly evaluate", ("CeVAEAnomalyResearch",))
-    from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, figure, write_metrics_csv
+    from CeVAEAnomalyResearch.evaluate import ROLES, evaluate_files, figure, lesion_text, write_metrics_csv
     from ..io.manifest import read_rows
     from ..io.targets import check_paths
     from ..result import flagged_text
@@ -398,9 +398,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
         [f"{c.name}: auroc {figure(c.auroc)}  auprc {figure(c.auprc)}  best_dice {figure(c.best_dice)}"
          + (f"  dice_at_threshold {c.dice_at_threshold:.4f}" if c.dice_at_threshold is not None else "")
          + (f"  slice_auroc {figure(c.slice_auroc)}" if c.slice_auroc is not None else "")
-         + (f"  flagged_ml {flagged_text(c.flagged_ml)}" if c.flagged_ml is not None else "") for c in cases]
+         + (f"  flagged_ml {flagged_text(c.flagged_ml)}" if c.flagged_ml is not None else "")
+         + lesion_text(vars(c)) for c in cases]
         + [f"pooled: auroc {figure(pooled['auroc'])}  auprc {figure(pooled['auprc'])}  "
-           f"best_dice {figure(pooled['best_dice'])}"]))
+           f"best_dice {figure(pooled['best_dice'])}" + lesion_text(pooled)]))
     if args.out:
         log.info("Metrics written to %s.", args.out)
 

@@ -308,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = _command(sub, "evaluate", help="metrics of score maps against ground truth",
                        description="Pixel AUROC, AUPRC, best Dice, Dice at the labelmap, slice AUROC and "
-                       "flagged volume, per case and pooled. Cases without ground truth count as healthy.",
+                       "flagged volume, and with a labelmap lesion-wise counts (lesions found, false components, "
+                       "whether the first component is a lesion), per case and pooled. Cases without ground truth "
+                       "count as healthy.",
                        epilog=_epilog(["evaluate --cases cases.csv --out metrics.csv",
                                        "evaluate --score score.nii.gz --gt lesion.nii.gz --mask brain.nii.gz"]))
     e.add_argument("--cases", type=path_value, help="CSV (tab-separated if named .tsv) with columns "
@@ -317,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gt", type=path_value, help="its ground-truth lesion mask, every voxel > 0 is lesion whatever its "
                    "label value (absent: healthy)")
     e.add_argument("--mask", type=path_value, help="its brain mask (metrics inside it; absent: every voxel)")
-    e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml; absent: "
-                   "not measured)")
+    e.add_argument("--labelmap", type=path_value, help="its labelmap (Dice at threshold, flagged ml, lesion-wise "
+                   "counts; absent: not measured)")
     e.add_argument("--out", type=output_path_value, help="write the metrics CSV here (tab-separated if named .tsv; "
                    "absent: printed only)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
