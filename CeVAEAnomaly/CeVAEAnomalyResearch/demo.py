@@ -9,12 +9,17 @@ from typing import Optional
 
 import SimpleITK as sitk
 
+from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyLib.io.atomic import write_all
 from CeVAEAnomalyLib.io.targets import check_paths
 from CeVAEAnomalyLib.result import components_csv, slice_scores_csv
 
 log = logging.getLogger(__name__)
 DEMO_SUBJECT = "robex"
+SAMPLES = ("auto", "bundled")  # the 1 mm DEMO_SUBJECT (found, else fetched), or the 2 mm Colin27 the package ships
+BUNDLED_NOTE = ("Note: these figures are of the bundled 2 mm Colin27 sample, a scan the bundled model was trained on "
+                "(at 1 mm): a smoke check that the install works, not a measure of detection; held-out figures are in "
+                "docs/benchmark.md.")
 OUTPUT_FILES = ("image_with_lesions.nii.gz", "ground_truth.nii.gz", "score.nii.gz", "labelmap.nii.gz",
                 "slice_scores.csv", "components.csv", "overlay.png")
 
@@ -37,10 +42,13 @@ def run_demo(
     device: str = "auto",
     overwrite: bool = False,
     progress=None,
+    sample: str = "auto",
 ) -> DemoReport:
     """Insert lesions into the healthy sample subject, detect with the default model, write outputs.
 
-    Existing outputs in ``out_dir`` are refused before any work unless ``overwrite``.
+    ``sample`` (:data:`SAMPLES`): ``auto`` the 1 mm :data:`DEMO_SUBJECT` (found, else fetched), ``bundled`` the
+    2 mm Colin27 scan and brain mask of the package. Existing outputs in ``out_dir`` are refused before any work unless
+    ``overwrite``.
     """
     from CeVAEAnomalyLib.engine.bundle import load_bundle
     from CeVAEAnomalyLib.engine.devices import resolve_device
@@ -51,13 +59,13 @@ def run_demo(
     from CeVAEAnomalyLib.engine.detector import detect
     from CeVAEAnomalyLib.data import default_model_path
     from CeVAEAnomalyLib.io.checksum import sha256_of
-    from .sampledata import ensure_healthy_data
 
+    if sample not in SAMPLES:
+        raise CeVAEError(f"Unknown demo sample {sample!r}; choose one of {', '.join(SAMPLES)}.")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     check_paths([out_dir / name for name in OUTPUT_FILES], overwrite, (model,))
-    data = ensure_healthy_data(names=(DEMO_SUBJECT,))
-    inputs = (data / f"{DEMO_SUBJECT}_t1.nii.gz", data / f"{DEMO_SUBJECT}_brainmask.nii.gz", model)
+    inputs = (*sample_files(sample), model)
     image = read_image(inputs[0])
     mask = read_image(inputs[1], "brain mask")
     lesioned, truth, lesions = insert_lesions(image, mask, seed, n=len(kinds), kinds=tuple(kinds),
@@ -76,7 +84,7 @@ def run_demo(
         "lesion ml (truth)": float(sitk.GetArrayViewFromImage(truth).sum() * _voxel_ml(truth)),
         "threshold": result.threshold,
     }
-    notes = []
+    notes = [BUNDLED_NOTE] if inputs[0] == bundled_sample()[0] else []
     if bundle.header.trained_scans([inputs[0]], {inputs[0]: sha256_of(inputs[0])}):  # as calibrate and adapt do
         notes.append(f"Note: {DEMO_SUBJECT} is one of this model's training subjects, so these figures are optimistic; "
                      "held-out figures are in docs/benchmark.md.")
@@ -85,6 +93,23 @@ def run_demo(
                      "the labelmap's post-processing (minimum volume, peak filter) drops false positives that no plain "
                      "threshold can.")
     return DemoReport(out_dir, list(files), metrics, time.perf_counter() - t0, "\n".join(notes))
+
+
+def bundled_sample() -> tuple[Path, Path]:
+    """The 2 mm Colin27 T1 and brain mask the package ships (the brain-mask template)."""
+    from CeVAEAnomalyLib.data import template_dir
+    from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1
+
+    return template_dir() / TEMPLATE_T1, template_dir() / TEMPLATE_MASK
+
+
+def sample_files(sample: str) -> tuple[Path, Path]:
+    """The T1 and brain mask of the demo's ``sample`` (:data:`SAMPLES`)."""
+    from .sampledata import ensure_healthy_data, subject_files
+
+    if sample == "bundled":
+        return bundled_sample()
+    return subject_files(ensure_healthy_data(names=(DEMO_SUBJECT,)), DEMO_SUBJECT)
 
 
 def _voxel_ml(image: sitk.Image) -> float:

@@ -593,3 +593,29 @@ def test_the_demo_calls_its_figures_optimistic_by_the_content_the_model_was_trai
         argv = ["demo", "--out-dir", str(tmp_path / name), "--model", str(model), "--device", "cpu"]
         assert main(argv) == 0
         assert (note in capsys.readouterr().out) is said, name
+
+
+def test_demo_on_the_bundled_sample_writes_its_outputs_and_metrics(tmp_path, capsys, monkeypatch, one_thread):
+    """``demo --sample bundled`` runs on the 2 mm Colin27 scan and brain mask the package ships (no sample data found
+    or fetched: none is here), with the bundled model, and says after the metrics what they are then."""
+    from CeVAEAnomalyLib.data import template_dir
+    from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_T1
+    from CeVAEAnomalyResearch import sampledata
+
+    monkeypatch.delenv(sampledata.DATA_ENV_VAR, raising=False)
+    for elsewhere in ("repo_data_dir", "default_fetch_dir"):
+        monkeypatch.setattr(sampledata, elsewhere, lambda: tmp_path / "none")
+    out = tmp_path / "demo"
+    assert main(["demo", "--sample", "bundled", "--out-dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    figures = {line[:32].strip(): float(line[32:]) for line in printed.splitlines() if line.startswith("  ")
+               and line[32:].strip().replace(".", "", 1).isdigit()}
+    assert 0.5 < figures["pixel AUROC"] <= 1 and figures["lesion ml (truth)"] > 0
+    assert "the bundled 2 mm Colin27 sample" in printed and "smoke check" in printed
+    ref = sitk.ReadImage(str(template_dir() / TEMPLATE_T1))
+    for name in ("score.nii.gz", "labelmap.nii.gz", "ground_truth.nii.gz", "image_with_lesions.nii.gz"):
+        img = sitk.ReadImage(str(out / name))
+        assert img.GetSize() == ref.GetSize() and img.GetSpacing() == ref.GetSpacing()
+    assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "components.csv").is_file() and (out / "slice_scores.csv").is_file()
+    assert not (tmp_path / "none").exists()  # nothing looked for there, nothing fetched

@@ -458,7 +458,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from CeVAEAnomalyResearch.demo import run_demo as demo
 
     report = demo(args.out_dir, args.model, args.seed, auto_mask=args.auto_mask, device=args.device,
-                  overwrite=args.overwrite, progress=ConsoleProgress("demo"))
+                  overwrite=args.overwrite, progress=ConsoleProgress("demo"), sample=args.sample)
     print_result("\n".join([f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}"
                             for key, value in report.metrics.items()] + ([report.note] if report.note else [])
                            + [f"Done in {report.seconds:.1f} s. Outputs in {report.out_dir}/:"]
