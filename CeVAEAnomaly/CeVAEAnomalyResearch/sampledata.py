@@ -20,6 +20,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,28 @@ SOURCE_SHA256 = {
     _BRAINBROWSER + "structural2.mnc.header.gz": "12d41fe2320c3c90bd743f122940759261641e604b74c455b0baef57b01d77ce",
     _BRAINBROWSER + "structural2.mnc.raw.gz": "f0e0e6ba18741a3ee4e4c534940d24e3a9540bb9841c0f542a60badd55a80da6",
 }
+
+
+class SourceUnreachable(CeVAEError):
+    """A source package could not be downloaded for want of network or index (no connection, an index or proxy that
+    does not answer, a mirror without the package); ``reason`` says so in a few words. A package that downloads but is
+    not the pinned one is a plain CeVAEError (:func:`verify_checksum`)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_UNREACHABLE = (  # (words of pip's, apt's or npm's output, the reason they mean); the first one found is given
+    (("Connection refused", "ECONNREFUSED"), "connection refused"),
+    (("timed out", "ETIMEDOUT"), "no answer"),
+    (("RemoteDisconnected", "Connection reset", "ECONNRESET"), "the connection was dropped"),
+    (("Name or service not known", "name resolution", "NameResolutionError", "Temporary failure resolving",
+      "ENOTFOUND", "EAI_AGAIN"), "the host name cannot be resolved"),
+    (("Network is unreachable", "ENETUNREACH"), "the network is unreachable"),
+    (("ProxyError",), "the proxy refused"),
+    (("No matching distribution found",), "not on the package index pip uses"),
+)
 
 
 @dataclass(frozen=True)
@@ -270,8 +293,21 @@ def _run(command: list[str], cwd: Path, hint: str) -> None:
     except FileNotFoundError as exc:
         raise CeVAEError(f"Cannot run {command[0]!r}: {exc.strerror}. {hint}") from exc
     if result.returncode != 0:
-        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-        raise CeVAEError(f"'{' '.join(command)}' failed (exit {result.returncode}): {tail}. {hint}")
+        output = result.stderr or result.stdout
+        tail = " | ".join(output.strip().splitlines()[-3:])
+        message = f"'{' '.join(command)}' failed (exit {result.returncode}): {tail}. {hint}"
+        reason = _unreachable_reason(output)
+        if reason:
+            raise SourceUnreachable(message, f"{command[-1]}: {reason}")
+        raise CeVAEError(message)
+
+
+def _unreachable_reason(output: str) -> str:
+    """What a download tool's ``output`` says kept it from its source, in a few words (with pip's host:port where it
+    names one), or "" where it says nothing of the kind."""
+    reason = next((said for words, said in _UNREACHABLE if any(w in output for w in words)), "")
+    host = re.search(r"host='([^']+)', port=(\d+)", output)
+    return f"{reason} ({host.group(1)}:{host.group(2)})" if reason and host else reason
 
 
 def _pip_download(requirement: str, folder: Path, source: bool = False) -> Path:

