@@ -299,9 +299,21 @@ def slice_scores_csv(result: DetectionResult, delimiter: str = ",") -> str:
     w = csv.writer(buf, delimiter=delimiter)
     w.writerow(SLICE_FIELDS)
     for r in result.ranked_slices():
-        w.writerow([r.axis, r.index, f"{r.anomaly:.6g}", f"{r.kl:.6g}", f"{r.rec:.6g}", f"{r.neg_elbo:.6g}",
-                    f"{r.map_max:.6g}", int(r.flagged)])
+        w.writerow(slice_cells(r))
     return buf.getvalue()
+
+
+def slice_cells(row: SliceScoreRow) -> List[str]:
+    """A slice's row of the slice table (:data:`SLICE_FIELDS`), each value as the table writes it."""
+    return [str(row.axis), str(row.index), f"{row.anomaly:.6g}", f"{row.kl:.6g}", f"{row.rec:.6g}",
+            f"{row.neg_elbo:.6g}", f"{row.map_max:.6g}", str(int(row.flagged))]
+
+
+def read_slices_csv(text: str) -> List[SliceScoreRow]:
+    """The rows of a table :func:`slice_scores_csv` wrote, in its order (the most anomalous slice first)."""
+    return [SliceScoreRow(int(row["axis"]), int(row["index"]), float(row["kl"]), float(row["rec"]),
+                          float(row["neg_elbo"]), float(row["anomaly"]), float(row["map_max"]), row["flagged"] == "1")
+            for row in csv.DictReader(io.StringIO(text))]
 
 
 PEAK_FIELDS = ["peak_r", "peak_a", "peak_s"]  # a component's highest-scoring voxel (tables written before lack them)
@@ -319,10 +331,15 @@ def components_csv(result: DetectionResult, delimiter: str = ",") -> str:
     w = csv.writer(buf, delimiter=delimiter)
     w.writerow(COMPONENT_FIELDS)
     for c in result.components:
-        peak = ("", "", "") if c.peak_ras is None else map(_mm, c.peak_ras)
-        w.writerow([c.label, c.voxels, f"{c.volume_ml:.4f}", f"{c.summed_score:.6g}", f"{c.max_score:.6g}",
-                    f"{c.mean_score:.6g}", *map(_mm, c.centroid_ras), *peak, c.side])
+        w.writerow(component_cells(c))
     return buf.getvalue()
+
+
+def component_cells(c: Component) -> List[str]:
+    """A component's row of the component table (:data:`COMPONENT_FIELDS`), each value as the table writes it."""
+    peak = ["", "", ""] if c.peak_ras is None else [_mm(v) for v in c.peak_ras]
+    return [str(c.label), str(c.voxels), f"{c.volume_ml:.4f}", f"{c.summed_score:.6g}", f"{c.max_score:.6g}",
+            f"{c.mean_score:.6g}", *(_mm(v) for v in c.centroid_ras), *peak, c.side]
 
 
 def read_components_csv(text: str) -> List[Component]:
@@ -358,6 +375,8 @@ TABLE_OUTPUTS = {"slices": "slice table", "components": "component table"}
 RECORD_OUTPUT = "record"  # the JSON record of how the other outputs were made
 PICTURE_OUTPUT = "picture"  # a PNG key picture (detect --picture; drawn by the research extra, not result_files)
 PICTURE_MODULES = ("CeVAEAnomalyResearch", "matplotlib")  # what drawing it needs (see system.require_research)
+REPORT_OUTPUT = "report"  # a one-file HTML report (detect --report; report.py, not result_files)
+REPORT_EXTENSIONS = (".html", ".htm")  # the names it may have (any case)
 
 
 def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
@@ -382,6 +401,9 @@ def refuse_unwritable_names(targets: Mapping[str, Optional[Path]]) -> None:
             refuse_misnamed(Path(path), "record output", "JSON text", ".json")
         if role == PICTURE_OUTPUT and not name.endswith(".png"):
             raise CeVAEError(f"The picture output {path} is written as a PNG image; give it a name ending in .png.")
+        if role == REPORT_OUTPUT and not name.endswith(REPORT_EXTENSIONS):
+            raise CeVAEError(f"The report output {path} is written as an HTML page; give it a name ending in .html "
+                             "(or .htm).")
 
 
 def result_files(result: DetectionResult, targets: Mapping[str, Optional[Path]],

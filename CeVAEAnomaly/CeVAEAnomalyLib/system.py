@@ -6,7 +6,7 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from .errors import CeVAEError
 
@@ -17,11 +17,16 @@ def require_research(command: str, modules: Sequence[str]) -> None:
     """Refuse ``command`` (as the user typed it: "cevae-anomaly demo") in one line, before any work, where the research
     code or what it needs is missing (the Slicer extension ships the runtime library only; a plain ``pip install``
     lacks the research extra)."""
-    missing = [m for m in modules if not _findable(m)]
+    missing = missing_modules(modules)
     if missing:
         raise CeVAEError(f"`{command}` needs {', '.join(missing)}, which this installation lacks "
                          f"(research code, not part of the runtime): {RESEARCH_EXTRA} in a Python environment "
                          "of its own, or run it from a source checkout set up with scripts/setup.sh.")
+
+
+def missing_modules(modules: Sequence[str]) -> List[str]:
+    """Those of ``modules`` this installation cannot import (as far as the import system says, importing none)."""
+    return [m for m in modules if not _findable(m)]
 
 
 def _findable(module: str) -> bool:

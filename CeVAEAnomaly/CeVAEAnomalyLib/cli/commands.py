@@ -226,8 +226,9 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..options import DetectionRequest
     from ..io.images import refuse_image_as_mask
     from ..io.nifti_codes import nifti_codes
-    from ..result import (PICTURE_MODULES, PICTURE_OUTPUT, components_summary, input_files, refuse_unwritable_names,
-                          result_files)
+    from ..result import (PICTURE_MODULES, PICTURE_OUTPUT, REPORT_OUTPUT, components_summary, input_files,
+                          refuse_unwritable_names, result_files)
+    from ..system import missing_modules
 
     started = time.time()
     if args.picture:  # before anything is read: the picture is drawn by the research extra (matplotlib)
@@ -236,7 +237,8 @@ def run_detect(args: argparse.Namespace) -> None:
     request = DetectionRequest.from_args(args)  # refuses impossible values before any file is read
     device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before the scan is read
     targets = {"score": args.score, "labelmap": args.labelmap, "slices": args.slice_scores,
-               "components": args.components, "record": args.record, PICTURE_OUTPUT: args.picture}
+               "components": args.components, "record": args.record, PICTURE_OUTPUT: args.picture,
+               REPORT_OUTPUT: args.report}
     model, header = _model(args)
     inputs = (args.image, args.mask, model)
     wanted = [p for p in targets.values() if p is not None]
@@ -248,17 +250,25 @@ def run_detect(args: argparse.Namespace) -> None:
         with warnings_logged() as read:  # (a DICOM series that may lack slices), recorded with the detection's
             image = read_image(args.image)
             mask = read_image(args.mask, "brain mask") if args.mask else None
-        sources = input_files(image=args.image, mask=args.mask) if args.record else {}  # the files just read
+        sources = input_files(image=args.image, mask=args.mask) if args.record or args.report else {}  # just read
         detector = Detector.from_request(load_bundle(model, device), request)
         result = detector(image, mask, progress=ConsoleProgress("detect"))
         result.record = dataclasses.replace(result.record, inputs=sources,
                                             warnings=tuple(read) + result.record.warnings)
-        files = result_files(result, {r: p for r, p in targets.items() if r != PICTURE_OUTPUT},
+        files = result_files(result, {r: p for r, p in targets.items() if r not in (PICTURE_OUTPUT, REPORT_OUTPUT)},
                              nifti_codes(args.image))
-        if args.picture:
+        picture = None  # the report embeds the picture where the research extra can draw it, and says so otherwise
+        if args.picture or (args.report and not missing_modules(PICTURE_MODULES)):
             from CeVAEAnomalyResearch.figures import result_picture_png
 
-            files[args.picture] = result_picture_png(image, result, file_stem(args.image))
+            picture = result_picture_png(image, result, file_stem(args.image))
+        if args.picture:
+            files[args.picture] = picture
+        if args.report:
+            from ..report import report_html
+
+            files[args.report] = report_html(args.image.name, result.record, result.components,
+                                             result.ranked_slices(), picture)
         write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice
     log.info("Threshold %.4g (%s); %s; most anomalous slice: %s.", result.threshold, result.threshold_source,

@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = _command(sub, "detect", help="score a volume: anomaly map, labelmap, slice scores",
                  epilog=_epilog(["detect scan.nii.gz --score score.nii.gz --labelmap anomaly.nii.gz",
                                  "detect scan.nii.gz --mask brain.nii.gz --score score.nii.gz --record record.json",
+                                 "detect scan.nii.gz --score score.nii.gz --components lesions.csv --report "
+                                 "report.html",
                                  "detect scan.nii.gz --model site.cevae --score score.nii.gz --fpr 0.001"]))
     d.add_argument("image", type=path_value, help="image file or DICOM folder")
     d.add_argument("--mask", type=path_value, help="brain mask (>0 is brain); computed automatically if absent")
@@ -249,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "top-ranked component's peak (without components: the most anomalous slice), scan, score heat "
                    "above half the threshold and labelmap contour, radiological view with orientation letters (needs "
                    "the research extra: matplotlib)")
+    d.add_argument("--report", type=output_path_value, help="output HTML report to open, print or file without "
+                   "Slicer or Python: one self-contained page (no outside files) with the input, the time, the "
+                   "software, model and threshold, the summary line, the warnings, the component table and the most "
+                   "anomalous slices, and the key picture where the research extra (matplotlib) is installed "
+                   "(without it the report says so)")
     _add_scoring(d)
     _add_threshold(d)
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -1,0 +1,217 @@
+"""detect --report: one self-contained HTML page of a detection (input, time, software, model and threshold, summary
+line, warnings, component table, top slices, key picture) that a person opens, prints and files without Slicer or
+Python; every text from outside escaped; the picture embedded where the research extra draws it, and said otherwise."""
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import SimpleITK as sitk
+
+from CeVAEAnomalyLib.cli.main import EXIT_DONE, EXIT_REFUSED, main
+from CeVAEAnomalyLib.data import data_path
+from CeVAEAnomalyLib.result import DetectionRecord, components_summary, read_components_csv
+
+HOSTILE = "x<script>alert(1)<\\script>&\"q\" 'café' 日本"  # a scan's name with markup, quotes and non-ASCII
+VOID = {"meta", "img", "br"}  # the elements the report writes without an end tag (as <meta ... />)
+
+
+class Page(HTMLParser):
+    """A report parsed: its text, tables (rows of cell texts), images' sources and every tag, with each end tag
+    matched against the element open (a mismatch or an element left open is recorded in ``errors``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.open: List[str] = []
+        self.errors: List[str] = []
+        self.tags: List[Tuple[str, Dict[str, Optional[str]]]] = []
+        self.tables: List[List[List[str]]] = []
+        self.cell: Optional[List[str]] = None
+        self.chunks: List[str] = []
+        self.feed(text)
+        self.close()
+        if self.open:
+            self.errors.append(f"left open: {self.open}")
+        self.text = " ".join(" ".join(self.chunks).split())
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag in VOID:
+            self.errors.append(f"<{tag}> without its closing slash")
+            return
+        self.open.append(tag)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = []
+
+    def handle_startendtag(self, tag: str, attrs) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag not in VOID:
+            self.errors.append(f"<{tag} /> is not a void element")
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.open or self.open[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.open[-1:] or 'nothing'}")
+            return
+        self.open.pop()
+        if tag in ("td", "th") and self.cell is not None:
+            self.tables[-1][-1].append(" ".join("".join(self.cell).split()))
+            self.cell = None
+
+    def handle_data(self, data: str) -> None:
+        self.chunks.append(data)
+        if self.cell is not None:
+            self.cell.append(data)
+
+    def table_headed(self, first: str) -> List[List[str]]:
+        return next(t for t in self.tables if t and t[0] and t[0][0] == first)
+
+
+def facts(page: Page) -> Dict[str, str]:
+    return {row[0]: row[1] for row in page.table_headed("Input")}
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> Tuple[Path, Path]:
+    """The bundled Colin27 (2 mm) with a lesion inserted (CeVAEAnomalyResearch.lesions), written under a name with
+    markup, quotes and non-ASCII, with its brain mask."""
+    from CeVAEAnomalyResearch.lesions import insert_lesions
+
+    folder = tmp_path_factory.mktemp("scans")
+    image = sitk.ReadImage(str(data_path("colin27_t1_2mm.nii.gz")), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(data_path("colin27_brainmask_2mm.nii.gz")))
+    lesioned, _, _ = insert_lesions(image, mask, 3, n=1, kinds=("hyper",), radius_mm=(10.0, 10.0),
+                                    contrast_sd=(3.0, 3.0))
+    path = folder / f"{HOSTILE}.nii.gz"
+    sitk.WriteImage(lesioned, str(path))
+    sitk.WriteImage(mask, str(folder / "brain.nii.gz"))
+    return path, folder / "brain.nii.gz"
+
+
+def detect(scan: Tuple[Path, Path], out: Path, *extra: str) -> int:
+    image, mask = scan
+    return main(["detect", str(image), "--mask", str(mask), "--score", str(out / "score.nii.gz"), "--device", "cpu",
+                 *extra])
+
+
+@pytest.fixture(scope="module")
+def detected(scan, tmp_path_factory) -> Path:
+    """A folder with detect's report and, beside it, its component and slice tables, record and picture."""
+    out = tmp_path_factory.mktemp("detected")
+    extra = ["--components", str(out / "c.csv"), "--slice-scores", str(out / "s.csv"), "--record",
+             str(out / "r.json"), "--report", str(out / "report.html")]
+    has_pictures = subprocess.run([sys.executable, "-c", "import matplotlib"]).returncode == 0
+    assert detect(scan, out, *extra, *(["--picture", str(out / "p.png")] if has_pictures else [])) == EXIT_DONE
+    return out
+
+
+def test_the_report_holds_the_summary_every_component_the_top_slices_and_the_model(detected):
+    page = Page((detected / "report.html").read_text(encoding="utf-8"))
+    assert page.errors == []
+    components = read_components_csv((detected / "c.csv").read_text())
+    assert components, "the inserted lesion was found"
+    assert components_summary(components) in page.text
+    with open(detected / "c.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    rows = page.table_headed("Rank")
+    assert rows[0] == ["Rank", "Volume (ml)", "Side", "Peak score", "Centroid R (mm)", "Centroid A (mm)",
+                       "Centroid S (mm)"]
+    assert rows[1:] == [[r["component"], r["volume_ml"], r["side"], r["max_score"], r["r"], r["a"], r["s"]]
+                        for r in table]  # one row per component, with the CSV's values
+    with open(detected / "s.csv", newline="") as f:
+        slices = list(csv.reader(f))
+    assert page.table_headed("axis") == slices[:6]  # the header and the 5 most anomalous slices
+    record = DetectionRecord.from_dict(json.loads((detected / "r.json").read_text()))
+    said = facts(page)
+    assert said["Input"] == f"{HOSTILE}.nii.gz"
+    assert said["Made (UTC)"] == record.created_utc
+    assert said["Model SHA-256"] == record.model.sha256
+    assert said["Threshold"] == f"{record.threshold:.4g}" and said["Threshold from"] == record.threshold_source
+    assert said["Software"].startswith(f"cevae-anomaly {record.version}")
+    assert "Research software, not a medical device. Scores and labelmaps are not a diagnosis." in page.text
+
+
+def test_the_report_escapes_the_scans_name_and_refers_to_nothing_outside(detected):
+    text = (detected / "report.html").read_text(encoding="utf-8")
+    page = Page(text)
+    assert "<script" not in text.lower() and "café" in text and "日本" in text
+    assert "&lt;script&gt;" in text and "&amp;" in text and "&quot;q&quot;" in text
+    assert f"Anomaly detection report: {HOSTILE}.nii.gz" in page.text
+    assert not any(tag in ("link", "script", "iframe", "object") for tag, _ in page.tags)
+    references = [value for _, attrs in page.tags for key, value in attrs.items() if key in ("src", "href")]
+    assert all(value.startswith("data:image/png;base64,") for value in references), references
+    assert "url(" not in text and "@import" not in text
+
+
+def test_the_report_embeds_the_picture_detect_draws(detected):
+    pytest.importorskip("matplotlib")
+    page = Page((detected / "report.html").read_text(encoding="utf-8"))
+    images = [attrs["src"] for tag, attrs in page.tags if tag == "img"]
+    assert len(images) == 1
+    assert base64.b64decode(images[0].split(",", 1)[1]) == (detected / "p.png").read_bytes()
+
+
+def test_the_report_lists_the_records_warnings_escaped(detected):
+    from CeVAEAnomalyLib.report import report_html
+    from CeVAEAnomalyLib.result import read_slices_csv
+
+    record = DetectionRecord.from_dict(json.loads((detected / "r.json").read_text()))
+    warned = dataclasses.replace(record, warnings=("The scan <b>café</b> & \"its\" DICOM 日本", "second"))
+    text = report_html("n", warned, read_components_csv((detected / "c.csv").read_text()),
+                       read_slices_csv((detected / "s.csv").read_text()))
+    page = Page(text)
+    assert page.errors == [] and "<b>" not in text
+    assert "Warnings (2) The scan <b>café</b> & \"its\" DICOM 日本 second" in page.text
+
+
+BLOCKED = """
+import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError("No module named 'matplotlib'", name=name)
+sys.meta_path.insert(0, Blocked())
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_matplotlib_the_report_is_written_and_says_the_picture_needs_the_extra(scan, tmp_path):
+    image, mask = scan
+    report = tmp_path / "report.HTM"
+    done = subprocess.run([sys.executable, "-c", BLOCKED, "detect", str(image), "--mask", str(mask), "--score",
+                           str(tmp_path / "s.nii.gz"), "--report", str(report), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == EXIT_DONE, done.stderr
+    page = Page(report.read_text(encoding="utf-8"))
+    assert page.errors == []
+    assert not any(tag == "img" for tag, _ in page.tags)
+    assert ("The key picture needs the research extra (matplotlib: pip install 'cevae-anomaly[research]'), which "
+            "this installation lacks" in page.text)
+    assert "component(s)" in page.text
+
+
+def test_a_report_not_named_html_is_refused_before_scoring(scan, tmp_path, capsys):
+    assert detect(scan, tmp_path, "--report", str(tmp_path / "report.pdf")) == EXIT_REFUSED
+    assert "name ending in .html" in capsys.readouterr().err
+    assert not (tmp_path / "score.nii.gz").exists()
+
+
+def test_an_existing_report_is_kept_without_overwrite_and_nothing_is_written(scan, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    report.write_text("mine")
+    assert detect(scan, tmp_path, "--report", str(report)) == EXIT_REFUSED
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert report.read_text() == "mine" and not (tmp_path / "score.nii.gz").exists()
+
