@@ -215,3 +215,62 @@ def test_an_existing_report_is_kept_without_overwrite_and_nothing_is_written(sca
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert report.read_text() == "mine" and not (tmp_path / "score.nii.gz").exists()
 
+
+
+@pytest.fixture(scope="module")
+def cohort(scan, tmp_path_factory) -> Path:
+    """A folder with the lesioned scan (named ``lesioned``) and its brain mask."""
+    folder = tmp_path_factory.mktemp("cohort")
+    (folder / "lesioned.nii.gz").write_bytes(scan[0].read_bytes())
+    (folder / "lesioned_mask.nii.gz").write_bytes(scan[1].read_bytes())
+    return folder
+
+
+def batch(folder: Path, out: Path, *extra: str) -> int:
+    return main(["batch", str(folder), "--out-dir", str(out), "--device", "cpu", *extra])
+
+
+def statuses(out: Path) -> List[str]:
+    with open(out / "summary.csv", newline="") as f:
+        return [row["status"] for row in csv.DictReader(f)]
+
+
+def test_batch_reports_and_a_rerun_that_makes_the_missing_ones_from_saved_outputs_without_scoring(cohort, tmp_path):
+    fresh = tmp_path / "fresh"
+    assert batch(cohort, fresh, "--reports") == EXIT_DONE
+    report = fresh / "lesioned_report.html"
+    page = Page(report.read_text(encoding="utf-8"))
+    assert page.errors == [] and facts(page)["Input"] == "lesioned"
+    with open(fresh / "lesioned_components.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert table and page.table_headed("Rank")[1:] == [
+        [r["component"], r["volume_ml"], r["side"], r["max_score"], r["r"], r["a"], r["s"]] for r in table]
+    out = tmp_path / "out"
+    assert batch(cohort, out) == EXIT_DONE
+    assert not (out / "lesioned_report.html").exists()
+    scored = (out / "lesioned_score.nii.gz").stat().st_mtime_ns
+    assert batch(cohort, out, "--reports") == EXIT_DONE
+    assert statuses(out) == ["skipped"] and (out / "lesioned_score.nii.gz").stat().st_mtime_ns == scored
+    made = (out / "lesioned_report.html").read_text(encoding="utf-8")
+    record = json.loads((out / "lesioned_record.json").read_text())
+    assert facts(Page(made))["Made (UTC)"] == record["created_utc"]  # the scoring's time, not the rerun's
+    later = json.loads((fresh / "lesioned_record.json").read_text())["created_utc"]
+    assert made == report.read_text(encoding="utf-8").replace(later, record["created_utc"])  # as a scoring makes it
+
+
+def test_a_volume_scored_again_without_reports_loses_its_old_report(cohort, tmp_path):
+    out = tmp_path / "out"
+    assert batch(cohort, out, "--reports") == EXIT_DONE
+    report = out / "lesioned_report.html"
+    assert report.is_file()
+    assert batch(cohort, out, "--overwrite") == EXIT_DONE
+    assert statuses(out) == ["ok"] and not report.exists()  # it described the earlier result
+
+
+def test_batch_reports_without_matplotlib_are_written_without_the_picture(cohort, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", BLOCKED, "batch", str(cohort), "--out-dir", str(out), "--reports",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == EXIT_DONE, done.stderr
+    page = Page((out / "lesioned_report.html").read_text(encoding="utf-8"))
+    assert not any(tag == "img" for tag, _ in page.tags) and "needs the research extra" in page.text

@@ -75,6 +75,7 @@ OUTPUT_FIELDS = tuple(f"{role}_sha256" for role in BATCH_ROLES)  # its outputs (
 RECORD_ROLE = "record"  # NAME_record.json: how a volume's outputs were made (detect --record's), written with them
 PICTURE_ROLE, PICTURE_NAME = "picture", "_picture.png"  # NAME_picture.png (--pictures): the key picture, written
 # with them
+REPORT_ROLE, REPORT_NAME = "report", "_report.html"  # NAME_report.html (--reports): the HTML report, written with them
 RECORD_FIELD = "record_sha256"  # that record's; "": the volume has none (made by a version that wrote none, or the
 # file is missing or not the one written with its outputs). Not what says a volume is done: it is not scored again
 SUMMARY_FIELDS = ("name", "image", "mask", "status", "error", "warnings", *MEASURES, "seconds", *SOURCE_FIELDS,
@@ -179,6 +180,7 @@ class DetectSettings:
     overwrite: bool = False
     model_sha256: str = ""  # the model file the batch records (settings_record); "": not checked
     pictures: bool = False  # also NAME_picture.png, the key picture (needs the research extra)
+    reports: bool = False  # also NAME_report.html, the HTML report (with the key picture where the extra is there)
 
 
 class ModelChanged(CeVAEError):
@@ -430,10 +432,10 @@ def select_shard(items: Sequence[BatchItem], i: int, n: int) -> List[BatchItem]:
 
 
 def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], source: Path, model: Path,
-                        out_dir: Path, summary: Path, pictures: bool = False) -> None:
+                        out_dir: Path, summary: Path, pictures: bool = False, reports: bool = False) -> None:
     """Refuse before any work an --out-dir under a file, or an output (summary and settings file included; the
-    pictures where ``pictures``) that would replace an input of the batch, is a folder, a device, FIFO or socket, or
-    too long a name."""
+    pictures where ``pictures``, the reports where ``reports``) that would replace an input of the batch, is a
+    folder, a device, FIFO or socket, or too long a name."""
     from ..io.targets import Inputs, file_in_the_way, refuse_overlong_name, refuse_special_output
 
     blocker = file_in_the_way(out_dir)
@@ -443,7 +445,7 @@ def check_outputs_apart(items: Sequence[BatchItem], every: Sequence[BatchItem], 
         raise CeVAEError(f"--out-dir {out_dir} is under {blocker}, which is a file, not a folder.")
     inputs = Inputs([source if source.is_file() else None, model, *(i.image for i in every),
                      *(i.mask for i in every)])
-    outputs = (p for item in items for p in volume_files(out_dir, item.name, pictures).values())
+    outputs = (p for item in items for p in volume_files(out_dir, item.name, pictures, reports).values())
     for target in [summary, settings_path(summary), *outputs]:
         src = inputs.which(target)
         if src is not None:
@@ -466,13 +468,15 @@ def settings_path(summary: Path) -> Path:
     return summary.with_name(summary.stem.replace("summary", "batch_settings", 1) + ".json")
 
 
-def volume_files(out_dir: Path, name: str, pictures: bool = False) -> Dict[str, Path]:
+def volume_files(out_dir: Path, name: str, pictures: bool = False, reports: bool = False) -> Dict[str, Path]:
     """Every file batch writes for volume ``name`` in ``out_dir``, by role: its outputs (:func:`output_paths`, which
-    say whether it is done), its record (:data:`RECORD_ROLE`) and, with ``pictures``, its key picture
-    (:data:`PICTURE_ROLE`, which does not say whether it is done either)."""
+    say whether it is done), its record (:data:`RECORD_ROLE`), with ``pictures`` its key picture
+    (:data:`PICTURE_ROLE`) and with ``reports`` its report (:data:`REPORT_ROLE`; neither says whether it is done)."""
     files = output_paths(out_dir, name, (*BATCH_ROLES, RECORD_ROLE))
     if pictures:  # (not among naming.OUTPUT_NAMES, every one of which the Slicer script writes)
         files[PICTURE_ROLE] = Path(out_dir) / f"{name}{PICTURE_NAME}"
+    if reports:
+        files[REPORT_ROLE] = Path(out_dir) / f"{name}{REPORT_NAME}"
     return files
 
 
@@ -490,6 +494,21 @@ def picture_of_outputs(item: BatchItem, out_dir: Path, threshold: float) -> byte
     return key_picture_png(read_image(item.image), sitk.ReadImage(str(paths["score"])),
                            sitk.ReadImage(str(paths["labelmap"])), threshold,
                            read_components_csv(paths["components"].read_text()), top, item.name)
+
+
+def report_of_outputs(item: BatchItem, out_dir: Path) -> str:
+    """The report of a done volume made from its saved outputs (record, component and slice tables; the key picture
+    drawn from them where the research extra is installed), without scoring it again: what ``--reports`` makes for a
+    volume done without one."""
+    from ..report import report_html
+    from ..result import PICTURE_MODULES, DetectionRecord, read_components_csv, read_slices_csv
+    from ..system import missing_modules
+
+    paths = volume_files(out_dir, item.name)
+    record = DetectionRecord.from_dict(json.loads(paths[RECORD_ROLE].read_text(encoding="utf-8")))
+    picture = None if missing_modules(PICTURE_MODULES) else picture_of_outputs(item, out_dir, record.threshold)
+    return report_html(item.name, record, read_components_csv(paths["components"].read_text()),
+                       read_slices_csv(paths["slices"].read_text()), picture)
 
 
 def kept_record(out_dir: Path, name: str, recorded: str) -> str:
@@ -761,7 +780,8 @@ class VolumeDetector:
         from ..io.images import read_image
         from ..io.nifti_codes import nifti_codes
         from ..io.atomic import write_all
-        from ..result import components_summary, result_files
+        from ..result import PICTURE_MODULES, components_summary, result_files
+        from ..system import missing_modules
 
         t0 = time.perf_counter()
         try:
@@ -783,20 +803,31 @@ class VolumeDetector:
             result.record = dataclasses.replace(result.record, warnings=warnings, inputs=inputs_of(item, source))
             self.go_on()  # past here the outputs are written and their row returned
             paths = output_paths(self.s.out_dir, item.name)
-            files = volume_files(self.s.out_dir, item.name, self.s.pictures)  # outputs, record, picture: all or none
-            contents = result_files(result, {r: p for r, p in files.items() if r != PICTURE_ROLE},
+            # outputs, record, picture, report: all or none
+            files = volume_files(self.s.out_dir, item.name, self.s.pictures, self.s.reports)
+            contents = result_files(result, {r: p for r, p in files.items() if r not in (PICTURE_ROLE, REPORT_ROLE)},
                                     nifti_codes(item.image))
-            if self.s.pictures:
+            picture = None  # a report embeds it where the research extra can draw it
+            if self.s.pictures or (self.s.reports and not missing_modules(PICTURE_MODULES)):
                 from CeVAEAnomalyResearch.figures import result_picture_png
 
-                contents[files[PICTURE_ROLE]] = result_picture_png(image, result, item.name)
-            stale = volume_files(self.s.out_dir, item.name, True)[PICTURE_ROLE]  # an earlier run's, without pictures
-            try:
-                with hold_outputs({*files.values(), stale}, "batch"):  # the checksums are of the files this run wrote
+                picture = result_picture_png(image, result, item.name)
+            if self.s.pictures:
+                contents[files[PICTURE_ROLE]] = picture
+            if self.s.reports:
+                from ..report import report_html
+
+                contents[files[REPORT_ROLE]] = report_html(item.name, result.record, result.components,
+                                                           result.ranked_slices(), picture)
+            every = volume_files(self.s.out_dir, item.name, True, True)  # an earlier run's picture and report
+            stale = {role: every[role] for role, wanted in ((PICTURE_ROLE, self.s.pictures),
+                                                            (REPORT_ROLE, self.s.reports)) if not wanted}
+            try:  # the checksums are of the files this run wrote
+                with hold_outputs({*files.values(), *stale.values()}, "batch"):
                     write_all(contents, overwrite, (item.image, item.mask), command="batch")
                     written = {**output_checksums(paths), RECORD_FIELD: sha256_of(files[RECORD_ROLE])}
-                    if not self.s.pictures:
-                        _remove_stale_picture(stale, item.name)
+                    for role, path in stale.items():
+                        _remove_stale(path, item.name, role)
             except CeVAEError as exc:
                 done = None if overwrite else self.done_by_another_run(item, source)
                 if done is not None:
@@ -1139,35 +1170,44 @@ def _skipped_row(item: BatchItem, paths: Dict[str, Path], earlier: Optional[Dict
     return skipped
 
 
-def _remove_stale_picture(path: Path, name: str) -> None:
-    """Remove the key picture an earlier run with --pictures drew of volume ``name``, scored again now without: it
-    showed the earlier result beside the new outputs. One that cannot be removed is warned of."""
+EXTRAS = {PICTURE_ROLE: ("picture", "--pictures", "draw", "drawn"), REPORT_ROLE: ("report", "--reports", "make",
+                                                                               "made")}
+# role -> its name, its flag, and what the flag does to it (to do it, done)
+
+
+def _remove_stale(path: Path, name: str, role: str) -> None:
+    """Remove the key picture or report (``role``) an earlier run with --pictures or --reports made of volume
+    ``name``, scored again now without: it showed the earlier result beside the new outputs. One that cannot be
+    removed is warned of."""
+    what, flag, do, _ = EXTRAS[role]
     try:
         path.unlink()
     except FileNotFoundError:
         return
     except OSError as exc:
-        log.warning("%s: its picture %s shows the earlier result and could not be removed (%s); remove it, or run "
-                    "again with --pictures to draw it anew.", name, path, exc.strerror or exc)
+        log.warning("%s: its %s %s shows the earlier result and could not be removed (%s); remove it, or run "
+                    "again with %s to %s it anew.", name, what, path, exc.strerror or exc, flag, do)
         return
-    log.info("%s: its picture %s showed the earlier result; removed (--pictures draws it anew).", name, path.name)
+    log.info("%s: its %s %s showed the earlier result; removed (%s %ss it anew).", name, what, path.name, flag, do)
 
 
-def _add_missing_picture(item: BatchItem, out_dir: Path, threshold: float) -> None:
-    """Draw the key picture of a done (skipped) volume that has none from its saved outputs (one there is kept); a
-    picture that cannot be drawn is warned of, and the volume stays done."""
+def _add_missing(item: BatchItem, out_dir: Path, role: str, threshold: float) -> None:
+    """Make the key picture or report (``role``) of a done (skipped) volume that has none from its saved outputs
+    (one there is kept); one that cannot be made is warned of, and the volume stays done."""
     from ..io.atomic import write_all
 
-    path = volume_files(out_dir, item.name, True)[PICTURE_ROLE]
+    path = volume_files(out_dir, item.name, True, True)[role]
     if os.path.lexists(path):
         return
+    what, _, _, made = EXTRAS[role]
     try:
-        write_all({path: picture_of_outputs(item, out_dir, threshold)}, False, (item.image, item.mask),
-                  command="batch")
-        log.info("%s: done before; its picture %s drawn from its saved outputs.", item.name, path.name)
+        content = (picture_of_outputs(item, out_dir, threshold) if role == PICTURE_ROLE
+                   else report_of_outputs(item, out_dir))
+        write_all({path: content}, False, (item.image, item.mask), command="batch")
+        log.info("%s: done before; its %s %s %s from its saved outputs.", item.name, what, path.name, made)
     except (CeVAEError, RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
-        log.warning("%s: its picture could not be drawn from its saved outputs (%s); its outputs are kept.",
-                    item.name, one_line(exc))
+        log.warning("%s: its %s could not be %s from its saved outputs (%s); its outputs are kept.",
+                    item.name, what, made, one_line(exc))
 
 
 def _before_component_tables(paths: Dict[str, Path], earlier: Optional[Dict[str, str]]) -> bool:
@@ -1227,8 +1267,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
     kept = _rows_not_listed(summary_path, {item.name for item in items}, there) if known else {}
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temporaries([summary_path, record_path, *(p for item in items for p in volume_files(
-        settings.out_dir, item.name, settings.pictures).values())], started)  # what killed runs left (skipped
-    # volumes' too)
+        settings.out_dir, item.name, settings.pictures, settings.reports).values())], started)  # what killed runs
+    # left (skipped volumes' too)
     summary = Summary(summary_path, carried=earlier, kept=kept)
     total = len(items)
     t0 = time.perf_counter()
@@ -1261,8 +1301,9 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                         RECORD_FIELD) or "")
                     if not row[RECORD_FIELD]:
                         (said if (described_by or {}).get(RECORD_FIELD) == "" else unrecorded).append(item.name)
-                    if settings.pictures:
-                        _add_missing_picture(item, settings.out_dir, strict_json.number(made_with["threshold"]))
+                    for role, wanted in ((PICTURE_ROLE, settings.pictures), (REPORT_ROLE, settings.reports)):
+                        if wanted:
+                            _add_missing(item, settings.out_dir, role, strict_json.number(made_with["threshold"]))
                     summary.add(row)
                     continue
             elif _before_component_tables(paths, described_by) and not settings.overwrite:
@@ -1271,9 +1312,9 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                 log.warning("The outputs of %s are incomplete (%s missing); scoring it again, replacing %s.", item.name,
                             ", ".join(p.name for p, there in zip(paths.values(), present) if not there),
                             ", ".join(p.name for p, there in zip(paths.values(), present) if there))
-            written = volume_files(settings.out_dir, item.name, settings.pictures)
+            written = volume_files(settings.out_dir, item.name, settings.pictures, settings.reports)
             todo.append((item, settings.overwrite or any(present) or any(os.path.lexists(written[role]) for role in (
-                RECORD_ROLE, PICTURE_ROLE) if role in written)))
+                RECORD_ROLE, PICTURE_ROLE, REPORT_ROLE) if role in written)))
         if unknown:
             log.warning("Nothing records the input and settings that made the outputs of %d volume(s) (no row with "
                         "input and output checksums in a summary in %s beside a settings record like %s); "

@@ -506,12 +506,12 @@ def run_batch(args: argparse.Namespace) -> None:
     model, header = _model(args)  # torch-free: a missing calibration is refused before any volume
     # (a repeat left out is still an input: no output may replace it)
     check_outputs_apart(items, listed, args.inputs, model, args.out_dir, args.out_dir / summary_name(shard),
-                        args.pictures)
+                        args.pictures, args.reports)
     score, post = request.checked_options(header.score_options, header.postprocess)
     threshold, source = header.threshold(score, post, request.policy)
     log.info("Score %s; threshold %.4g (%s).", score.score_type, threshold, source)
     settings = DetectSettings(model=model, request=request, out_dir=args.out_dir, overwrite=args.overwrite,
-                              pictures=args.pictures)
+                              pictures=args.pictures, reports=args.reports)
     summary = process(items, settings, args.out_dir / summary_name(shard), args.workers, ConsoleProgress("batch"))
     failed = summary.count("error")
     failure = CeVAEError if summary.refused_only() else RunFailed  # (exit 2, or 1: out of memory, a bug)

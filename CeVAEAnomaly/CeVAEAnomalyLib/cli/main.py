@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "summary recorded (sha256), made from the same input, and refuses other settings (--overwrite "
                        "scores every volume again); failures are recorded.",
                        epilog=_epilog(["batch cohort/ --out-dir results/",
-                                       "batch cohort.csv --out-dir results/ --workers 2 --shard 1/4"],
+                                       "batch cohort.csv --out-dir results/ --workers 2 --shard 1/4",
+                                       "batch cohort/ --out-dir results/ --reports"],
                                       f"exit status: {EXIT_DONE} every volume done (scored or skipped); {EXIT_FAILED} "
                                       "a volume ran out of memory or failed unexpectedly, or a worker process died "
                                       "(the summary's error column says why; a rerun retries the failed volumes); "
@@ -294,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pictures", action="store_true", help="also write NAME_picture.png, each volume's key picture "
                    "as detect --picture draws it (needs the research extra: matplotlib); a rerun draws the missing "
                    "pictures of volumes already done from their saved outputs, without scoring them again")
+    b.add_argument("--reports", action="store_true", help="also write NAME_report.html, each volume's HTML report "
+                   "as detect --report writes it (the key picture embedded where the research extra is installed); a "
+                   "rerun makes the missing reports of volumes already done from their saved outputs (their record "
+                   "and tables), without scoring them again")
     b.add_argument("--overwrite", action="store_true",
                    help="score every volume again, also with settings other than those of the outputs there")
     _add_device(b)
