@@ -143,6 +143,7 @@ def test_a_validation_loss_that_overflows_is_not_recorded(heads, tmp_path):
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     state["model"]["decoder.8.bias"].fill_(1e38)  # the output layer: every reconstruction error is about 1e38
     write_checkpoint(state, ckpt)
+    out.unlink()  # as a run stopped after its last checkpoint, before writing its model (a finished one is refused)
     assert main([*argv, "--resume"]) == 0  # at --max-steps already: validated, calibrated and written
     assert read_header(out).training["val_loss"] is None
 
