@@ -155,6 +155,7 @@ SIGNALS: Dict[str, set] = {
     "qMRMLTableView": {"clicked(QModelIndex)", "doubleClicked(QModelIndex)", "selectionChanged()"},
     "QTimer": {"timeout()"},
     "QCoreApplication": {"aboutToQuit()"},
+    "qSlicerApplication": {"startupCompleted()"},  # (slicer.app: the module's sample data registers on it)
 }
 MODULE_FILE = REPO / "CeVAEAnomaly" / "CeVAEAnomaly.py"
 
