@@ -32,6 +32,13 @@ def test_two_samples_a_lesioned_and_a_healthy_scan_of_the_package_under_one_cate
             sample.name, sample.file_name, sample.node_name)
 
 
+def test_sample_names_are_the_extensions_own_and_short():
+    """``downloadSample(name)`` takes the first sample of that name in any category (Slicer's built-in ones and other
+    extensions' included), so each name carries the extension's name; the name is also the button's text."""
+    for sample in SAMPLES:
+        assert sample.name.startswith(f"{CATEGORY} ") and len(sample.name) <= 30
+
+
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s.file_name)
 def test_the_packaged_files_match_their_checksums(sample):
     assert hashlib.sha256(sample.path().read_bytes()).hexdigest() == sample.sha256

@@ -4,7 +4,8 @@ Each sample is a file of the installed package (``CeVAEAnomalyLib/data``), offer
 Sample Data module (5.6, 5.8 and 5.10 alike) copies it into its cache with ``urllib.request.urlretrieve``, checks
 the SHA256 checksum, loads it with the reader of its extension under the given node name and drops the node's storage
 node, so that saving the scene never writes into the package folder. No network is used, and
-``SampleData.downloadSample(name)`` loads it as a click does. The file type is left out: 5.6 takes ``loadFileType``,
+``SampleData.downloadSample(name)`` loads it as a click does. That call takes the first sample of the name in any
+category, so each name starts with the extension's name. The file type is left out: 5.6 takes ``loadFileType``,
 5.8 and later ``loadFileTypes``; both default to the volume reader for ``.nii.gz``.
 """
 from __future__ import annotations
@@ -43,9 +44,9 @@ class Sample:
 
 
 SAMPLES = (
-    Sample("Colin27 with lesions", "colin27_lesions_t1_2mm.nii.gz", "Colin27 T1 2mm synthetic lesions",
+    Sample("CeVAEAnomaly lesions", "colin27_lesions_t1_2mm.nii.gz", "Colin27 T1 2mm synthetic lesions",
            "7aad9d670713e497eede9d8fe9aacec8e0db092b55db11db98642090b3d7335f", "CeVAEAnomalyLesionsSample.png"),
-    Sample("Colin27 healthy", "colin27_t1_2mm.nii.gz", "Colin27 T1 2mm healthy",
+    Sample("CeVAEAnomaly healthy", "colin27_t1_2mm.nii.gz", "Colin27 T1 2mm healthy",
            "fa5852c341e629f7410fe7ed736382eb4e2127b208fb9835bd6f35d24e1236b1", "CeVAEAnomalyHealthySample.png"),
 )
 
