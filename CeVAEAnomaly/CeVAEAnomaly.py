@@ -1185,18 +1185,26 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
             self.doCleanups()  # (unittest runs them after each test; "Reload and Test" calls runTest alone)
 
     def test_SampleData(self):
-        """Each sample loads from the package through the Sample Data module's logic under its node name (no
-        torch needed; skipped in a Slicer without that module)."""
+        """Each sample loads from the package through the Sample Data module's logic under its node name, the
+        lesions' truth as a labelmap on the lesioned scan's grid (no torch needed; skipped in a Slicer without that
+        module)."""
         try:
             import SampleData
         except ImportError:
             self.skipTest("no Sample Data module in this Slicer")
         registerSampleData()
+        nodes = []
         for source in sample_sources():
             node = SampleData.SampleDataLogic().downloadSample(source["sampleName"])
-            self.assertTrue(node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"))
+            labelmap = source.get("loadFileProperties", {}).get("labelmap", False)
+            self.assertTrue(node.IsA("vtkMRMLScalarVolumeNode"))
+            self.assertEqual(node.IsA("vtkMRMLLabelMapVolumeNode"), labelmap)
             self.assertEqual(node.GetName(), source["nodeNames"])
             self.assertIsNone(node.GetStorageNode())
+            nodes.append(node)
+        scan, truth = nodes[:2]
+        self.assertEqual(truth.GetImageData().GetDimensions(), scan.GetImageData().GetDimensions())
+        self.assertEqual(slicer.util.arrayFromVolume(truth).max(), 1)
 
     @staticmethod
     def _syntheticHead():

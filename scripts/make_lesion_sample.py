@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Build the bundled lesioned sample scan from the 2 mm Colin27 template (deterministic).
+"""Build the bundled lesioned sample scan and its truth from the 2 mm Colin27 template (deterministic).
 
 Reads ``colin27_t1_2mm.nii.gz`` and ``colin27_brainmask_2mm.nii.gz`` from the package data, inserts two
 synthetic lesions of different kinds with ``CeVAEAnomalyResearch.lesions.insert_lesions`` (fixed seed) and writes
-``colin27_lesions_t1_2mm.nii.gz`` (uint8, the template's grid and grey levels) beside them; with ``--truth FILE``
-also the lesions' ground truth (uint8 {0,1}), which is not shipped. Slicer's Sample Data module offers the scan
-(category CeVAEAnomaly).
+``colin27_lesions_t1_2mm.nii.gz`` (uint8, the template's grid and grey levels) and the lesions' ground truth
+``colin27_lesions_truth_2mm.nii.gz`` (uint8 {0,1}, the same grid) beside them. Slicer's Sample Data module offers
+both (category CeVAEAnomaly; the truth as a labelmap).
 
-Usage: python scripts/make_lesion_sample.py [--out-dir DIR] [--truth FILE]
+Usage: python scripts/make_lesion_sample.py [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1  # noqa:
 from CeVAEAnomalyResearch.lesions import Lesion, insert_lesions  # noqa: E402
 
 LESION_SAMPLE = "colin27_lesions_t1_2mm.nii.gz"
+LESION_TRUTH = "colin27_lesions_truth_2mm.nii.gz"
 SEED = 3  # of seeds 0-3, the first two that draw both kinds both gave a finding; 3 the more even sizes
 KINDS = ("hypo", "hyper")
 RADIUS_MM = (8.0, 12.0)
@@ -47,20 +48,17 @@ def make_lesion_sample(t1: sitk.Image, mask: sitk.Image) -> Tuple[sitk.Image, si
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=template_dir())
-    parser.add_argument("--truth", type=Path, help="also write the lesions' ground truth here")
     args = parser.parse_args(argv)
     t1 = sitk.ReadImage(str(template_dir() / TEMPLATE_T1))
     mask = sitk.ReadImage(str(template_dir() / TEMPLATE_MASK))
     sample, truth, lesions = make_lesion_sample(t1, mask)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / LESION_SAMPLE
-    sitk.WriteImage(sample, str(out), True)
-    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
+    for name, image in ((LESION_SAMPLE, sample), (LESION_TRUTH, truth)):
+        out = args.out_dir / name
+        sitk.WriteImage(image, str(out), True)
+        print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
     for lesion in lesions:
         print(f"  {lesion}")
-    if args.truth:
-        sitk.WriteImage(truth, str(args.truth), True)
-        print(f"wrote {args.truth}")
     return 0
 
 

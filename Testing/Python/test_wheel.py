@@ -30,7 +30,8 @@ from conftest import REPO, SHARED_DATA
 pytestmark = pytest.mark.slow
 
 PACKAGE_DATA = ("cevae_t1_default.cevae", "colin27_t1_2mm.nii.gz", "colin27_brainmask_2mm.nii.gz",
-                "colin27_lesions_t1_2mm.nii.gz", "NOTICE.md", "README.md")  # the notices travel with the data
+                "colin27_lesions_t1_2mm.nii.gz", "colin27_lesions_truth_2mm.nii.gz",
+                "NOTICE.md", "README.md")  # the notices travel with the data
 SAMPLE = SHARED_DATA / "robex_t1.nii.gz"
 SAMPLE_MASK = SHARED_DATA / "robex_brainmask.nii.gz"
 

@@ -7,6 +7,12 @@ node, so that saving the scene never writes into the package folder. No network 
 ``SampleData.downloadSample(name)`` loads it as a click does. That call takes the first sample of the name in any
 category, so each name starts with the extension's name. The file type is left out: 5.6 takes ``loadFileType``,
 5.8 and later ``loadFileTypes``; both default to the volume reader for ``.nii.gz``.
+
+The lesions' ground truth is a sample of its own, loaded as a labelmap by ``loadFileProperties={"labelmap": True}``
+(the volume reader's option in all three versions). One source's ``loadFileProperties`` apply to each of its files
+(5.6.2, 5.8.1 and 5.10.0 alike; there is no per-file property), so the truth cannot share the lesioned scan's
+source without making the scan a labelmap too; a per-file type (a segmentation) would need ``loadFileType`` in 5.6
+and loads no labelmap; a ``customDownloader`` runs on a click only, not in ``downloadSample(name)``.
 """
 from __future__ import annotations
 
@@ -23,13 +29,15 @@ CATEGORY = "CeVAEAnomaly"
 
 @dataclass(frozen=True)
 class Sample:
-    """One entry of the Sample Data module: its button text, packaged file, node name, checksum and thumbnail."""
+    """One entry of the Sample Data module: its button text, packaged file, node name, checksum, thumbnail and
+    whether it loads as a labelmap."""
 
     name: str
     file_name: str
     node_name: str
     sha256: str
     thumbnail: str  # a PNG in Resources/Icons
+    labelmap: bool = False
 
     def path(self) -> Path:
         """The packaged file."""
@@ -38,14 +46,20 @@ class Sample:
     def source(self, icons: Optional[Path]) -> Dict[str, Any]:
         """The keyword arguments of ``SampleDataLogic.registerCustomSampleDataSource`` (no thumbnail without
         ``icons``)."""
-        return {"category": CATEGORY, "sampleName": self.name, "uris": self.path().as_uri(),
-                "fileNames": self.file_name, "nodeNames": self.node_name, "checksums": f"SHA256:{self.sha256}",
-                "thumbnailFileName": str(icons / self.thumbnail) if icons else None}
+        source = {"category": CATEGORY, "sampleName": self.name, "uris": self.path().as_uri(),
+                  "fileNames": self.file_name, "nodeNames": self.node_name, "checksums": f"SHA256:{self.sha256}",
+                  "thumbnailFileName": str(icons / self.thumbnail) if icons else None}
+        if self.labelmap:
+            source["loadFileProperties"] = {"labelmap": True}
+        return source
 
 
 SAMPLES = (
     Sample("CeVAEAnomaly lesions", "colin27_lesions_t1_2mm.nii.gz", "Colin27 T1 2mm synthetic lesions",
            "7aad9d670713e497eede9d8fe9aacec8e0db092b55db11db98642090b3d7335f", "CeVAEAnomalyLesionsSample.png"),
+    Sample("CeVAEAnomaly lesion truth", "colin27_lesions_truth_2mm.nii.gz", "Colin27 T1 2mm synthetic lesions truth",
+           "8da2cf4b19f0d4ebc04a12d257cb221b29a00977a7379257faa518cca3676101", "CeVAEAnomalyLesionTruthSample.png",
+           labelmap=True),
     Sample("CeVAEAnomaly healthy", "colin27_t1_2mm.nii.gz", "Colin27 T1 2mm healthy",
            "fa5852c341e629f7410fe7ed736382eb4e2127b208fb9835bd6f35d24e1236b1", "CeVAEAnomalyHealthySample.png"),
 )
