@@ -15,7 +15,8 @@ acquisition figure was measured at (docs/benchmark.md). The tail spread (the def
 calibrated, and with the default spread the thorough mode (test-time adaptation) and the axial map alone, and the
 published map (the paper's score alone). ``--calibrate-only --modes published`` adds or renews one mode's tables and
 keeps the others.
-Finally writes Resources/Models/MODEL_CARD.md.
+Finally writes Resources/Models/MODEL_CARD.md. A new bundled model's sha256 (printed in the card's File line) goes
+into ``SHA256`` of CeVAEAnomaly/CeVAEAnomalyLib/data/__init__.py, which Testing/Python/test_package_data.py checks.
 """
 from __future__ import annotations
 

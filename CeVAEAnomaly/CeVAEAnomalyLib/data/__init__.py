@@ -1,4 +1,4 @@
-"""Package data: the default model bundle and the brain-mask template.
+"""Package data: the default model bundle, the brain-mask template and the sample scans.
 
 They ship inside the package (wheel and Slicer extension alike) and are found with
 :mod:`importlib.resources`, so a plain ``pip install`` can detect with the default model.
@@ -7,10 +7,24 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from typing import Dict
 
 from ..errors import CeVAEError
 
 DEFAULT_MODEL_NAME = "cevae_t1_default.cevae"
+
+# SHA-256 of each packaged data file (Testing/Python/test_package_data.py checks them; Slicer's Sample Data checks
+# the samples' copies). A deliberate rebuild records its new digest here. Files and the scripts that write them:
+# the model: scripts/train_default_model.py (training, or --calibrate-only), which also writes
+# Resources/Models/MODEL_CARD.md naming this digest; the template: scripts/make_template.py; the lesioned scan and
+# its truth: scripts/make_lesion_sample.py.
+SHA256: Dict[str, str] = {
+    DEFAULT_MODEL_NAME: "05043e3da229b60eccedcb215c139cd89e6c3d8575ffd01fa7c10788f31a2053",
+    "colin27_t1_2mm.nii.gz": "fa5852c341e629f7410fe7ed736382eb4e2127b208fb9835bd6f35d24e1236b1",
+    "colin27_brainmask_2mm.nii.gz": "b0a75c7e04cd62eb157d27fbf44d4c6c946af0e12df4265477c40900c7fbd358",
+    "colin27_lesions_t1_2mm.nii.gz": "7aad9d670713e497eede9d8fe9aacec8e0db092b55db11db98642090b3d7335f",
+    "colin27_lesions_truth_2mm.nii.gz": "8da2cf4b19f0d4ebc04a12d257cb221b29a00977a7379257faa518cca3676101",
+}
 
 
 def data_path(name: str) -> Path:

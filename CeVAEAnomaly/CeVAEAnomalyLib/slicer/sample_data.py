@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..data import data_path
+from ..data import SHA256, data_path
 from ..errors import CeVAEError
 from .resources import resource_dir
 
@@ -29,15 +29,19 @@ CATEGORY = "CeVAEAnomaly"
 
 @dataclass(frozen=True)
 class Sample:
-    """One entry of the Sample Data module: its button text, packaged file, node name, checksum, thumbnail and
-    whether it loads as a labelmap."""
+    """One entry of the Sample Data module: its button text, packaged file, node name, thumbnail and whether it
+    loads as a labelmap; its checksum is the file's in ``data.SHA256``."""
 
     name: str
     file_name: str
     node_name: str
-    sha256: str
     thumbnail: str  # a PNG in Resources/Icons
     labelmap: bool = False
+
+    @property
+    def sha256(self) -> str:
+        """The packaged file's recorded SHA-256 (``data.SHA256``)."""
+        return SHA256[self.file_name]
 
     def path(self) -> Path:
         """The packaged file."""
@@ -56,12 +60,11 @@ class Sample:
 
 SAMPLES = (
     Sample("CeVAEAnomaly lesions", "colin27_lesions_t1_2mm.nii.gz", "Colin27 T1 2mm synthetic lesions",
-           "7aad9d670713e497eede9d8fe9aacec8e0db092b55db11db98642090b3d7335f", "CeVAEAnomalyLesionsSample.png"),
+           "CeVAEAnomalyLesionsSample.png"),
     Sample("CeVAEAnomaly lesion truth", "colin27_lesions_truth_2mm.nii.gz", "Colin27 T1 2mm synthetic lesions truth",
-           "8da2cf4b19f0d4ebc04a12d257cb221b29a00977a7379257faa518cca3676101", "CeVAEAnomalyLesionTruthSample.png",
-           labelmap=True),
+           "CeVAEAnomalyLesionTruthSample.png", labelmap=True),
     Sample("CeVAEAnomaly healthy", "colin27_t1_2mm.nii.gz", "Colin27 T1 2mm healthy",
-           "fa5852c341e629f7410fe7ed736382eb4e2127b208fb9835bd6f35d24e1236b1", "CeVAEAnomalyHealthySample.png"),
+           "CeVAEAnomalyHealthySample.png"),
 )
 
 
