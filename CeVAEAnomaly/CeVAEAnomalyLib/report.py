@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence
 
-from .result import (COMPONENT_FIELDS, SLICE_FIELDS, Component, DetectionRecord, SliceScoreRow, component_cells,
-                     components_summary, slice_cells)
-from .system import RESEARCH_EXTRA
+from .result import (COMPONENT_FIELDS, PICTURE_MODULES, SLICE_FIELDS, Component, DetectionRecord, SliceScoreRow,
+                     component_cells, components_summary, slice_cells)
+from .system import RESEARCH_EXTRA, missing_modules
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from .result import DetectionResult
 
 DISCLAIMER = "Research software, not a medical device. Scores and labelmaps are not a diagnosis."
 TOP_SLICES = 5  # the slice table's rows the report shows (the most anomalous first)
@@ -79,6 +84,23 @@ def report_html(name: str, record: DetectionRecord, components: Sequence[Compone
         f"<h2>Components ({len(components)})</h2>", _components(components),
         f"<h2>Most anomalous slices (the first {len(shown)} of {len(ranked_slices)})</h2>", _slices(shown),
         f'<p class="note">{e(DISCLAIMER)}</p>', "</body>", "</html>", ""])
+
+
+def report_picture(image: "sitk.Image", result: "DetectionResult", name: str) -> Optional[bytes]:
+    """The key picture a report of ``result`` (a detection of ``image``, ``name`` its title) embeds: the PNG
+    ``detect --picture`` draws where the research extra (matplotlib) is installed; None where it is not (the report
+    says so)."""
+    if missing_modules(PICTURE_MODULES):
+        return None
+    from CeVAEAnomalyResearch.figures import result_picture_png
+
+    return result_picture_png(image, result, name)
+
+
+def result_report_html(name: str, result: "DetectionResult", picture: Optional[bytes]) -> str:
+    """:func:`report_html` of the detection ``result`` of the input ``name``, with ``picture`` (:func:`report_picture`;
+    None: not drawn)."""
+    return report_html(name, result.record, result.components, result.ranked_slices(), picture)
 
 
 def _components(components: Sequence[Component]) -> str:

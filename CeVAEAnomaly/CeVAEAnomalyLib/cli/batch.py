@@ -780,8 +780,8 @@ class VolumeDetector:
         from ..io.images import read_image
         from ..io.nifti_codes import nifti_codes
         from ..io.atomic import write_all
-        from ..result import PICTURE_MODULES, components_summary, result_files
-        from ..system import missing_modules
+        from ..report import report_picture, result_report_html
+        from ..result import components_summary, result_files
 
         t0 = time.perf_counter()
         try:
@@ -807,18 +807,12 @@ class VolumeDetector:
             files = volume_files(self.s.out_dir, item.name, self.s.pictures, self.s.reports)
             contents = result_files(result, {r: p for r, p in files.items() if r not in (PICTURE_ROLE, REPORT_ROLE)},
                                     nifti_codes(item.image))
-            picture = None  # a report embeds it where the research extra can draw it
-            if self.s.pictures or (self.s.reports and not missing_modules(PICTURE_MODULES)):
-                from CeVAEAnomalyResearch.figures import result_picture_png
-
-                picture = result_picture_png(image, result, item.name)
+            # a report embeds the picture where the research extra can draw it
+            picture = report_picture(image, result, item.name) if self.s.pictures or self.s.reports else None
             if self.s.pictures:
                 contents[files[PICTURE_ROLE]] = picture
             if self.s.reports:
-                from ..report import report_html
-
-                contents[files[REPORT_ROLE]] = report_html(item.name, result.record, result.components,
-                                                           result.ranked_slices(), picture)
+                contents[files[REPORT_ROLE]] = result_report_html(item.name, result, picture)
             every = volume_files(self.s.out_dir, item.name, True, True)  # an earlier run's picture and report
             stale = {role: every[role] for role, wanted in ((PICTURE_ROLE, self.s.pictures),
                                                             (REPORT_ROLE, self.s.reports)) if not wanted}

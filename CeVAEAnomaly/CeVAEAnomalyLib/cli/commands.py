@@ -228,7 +228,7 @@ def run_detect(args: argparse.Namespace) -> None:
     from ..io.nifti_codes import nifti_codes
     from ..result import (PICTURE_MODULES, PICTURE_OUTPUT, REPORT_OUTPUT, components_summary, input_files,
                           refuse_unwritable_names, result_files)
-    from ..system import missing_modules
+    from ..report import report_picture, result_report_html
 
     started = time.time()
     if args.picture:  # before anything is read: the picture is drawn by the research extra (matplotlib)
@@ -257,18 +257,12 @@ def run_detect(args: argparse.Namespace) -> None:
                                             warnings=tuple(read) + result.record.warnings)
         files = result_files(result, {r: p for r, p in targets.items() if r not in (PICTURE_OUTPUT, REPORT_OUTPUT)},
                              nifti_codes(args.image))
-        picture = None  # the report embeds the picture where the research extra can draw it, and says so otherwise
-        if args.picture or (args.report and not missing_modules(PICTURE_MODULES)):
-            from CeVAEAnomalyResearch.figures import result_picture_png
-
-            picture = result_picture_png(image, result, file_stem(args.image))
+        # the report embeds the picture where the research extra can draw it, and says so otherwise
+        picture = report_picture(image, result, file_stem(args.image)) if args.picture or args.report else None
         if args.picture:
             files[args.picture] = picture
         if args.report:
-            from ..report import report_html
-
-            files[args.report] = report_html(args.image.name, result.record, result.components,
-                                             result.ranked_slices(), picture)
+            files[args.report] = result_report_html(args.image.name, result, picture)
         write_all(files, args.overwrite, inputs, command="detect")
     top = result.top_slice
     log.info("Threshold %.4g (%s); %s; most anomalous slice: %s.", result.threshold, result.threshold_source,
