@@ -15,7 +15,8 @@ Two ways to run a detection:
   poll it (the module does, from a timer), then :meth:`finishDetection` loads its results into
   the scene. :meth:`startCalibration` recalibrates a model on healthy volumes the same way, and
   :meth:`startAdaptation` fine-tunes one on them (adapting it to a scanner). :meth:`shareModel` writes a copy of a
-  model without the names of the scans it was made from, to share it. :meth:`stopAllJobs` stops every worker
+  model without the names of the scans it was made from, to share it. :meth:`saveReport` writes a result's HTML
+  report (the page of ``detect --report``). :meth:`stopAllJobs` stops every worker
   job still running, whichever logic started it (Slicer calls it as it quits).
 
 Each checks first that torch and safetensors are installed and recent enough
@@ -433,6 +434,66 @@ class CeVAEAnomalyLogic(_LogicBase):
         result = CeVAEAnomalyResult(volumeNode, made, detection, frame=frame)
         log.info("CeVAEAnomaly: %s", result.summary)
         return result
+
+    # --- reports -----------------------------------------------------------------------------------
+
+    def saveReport(self, result: CeVAEAnomalyResult, path: Union[str, "os.PathLike[str]"],
+                   overwrite: bool = False) -> Path:
+        """Write the HTML report of ``result`` (what :meth:`process` or :meth:`finishDetection` returned) to ``path``
+        (``~`` expanded; a name ending .html or .htm) and return it: the page ``cevae-anomaly detect --report``
+        writes (report.py), one file to open, print and file. The input is named by its volume node's name (as the
+        scene, the panel and the views show it: a volume from DICOM or made in Slicer has no file of its own, and a
+        file's node is named by the file's name without its extension). The warnings are those the module said of
+        the run (``result.warnings``; the record's where it holds none). The key picture is embedded where the
+        research extra (matplotlib) is installed, drawn from the input volume as ``detect --picture`` draws it; the
+        page says otherwise. Written whole or not at all (io.atomic). Refused in one line, with nothing written: a
+        name of another ending, an existing file without ``overwrite``, a result whose input or score volume was
+        removed from the scene (or whose scene closed), a result with no record of how it was made (a run of a
+        version before records), and, where the picture is drawn, an input volume whose voxels changed since the
+        detection (another sequence frame shown, the volume edited): the picture would show another scan."""
+        from ..io.atomic import write_all
+        from ..report import result_report_html
+        from ..result import REPORT_OUTPUT, refuse_unwritable_names
+
+        _refuseNotResult(result)
+        _refuseNonBoolean(overwrite=overwrite)
+        output = _typedPath(path)
+        refuse_unwritable_names({REPORT_OUTPUT: output})
+        volume, score, detection = result.volume, result.nodes.score, result.detection
+        if volume.GetScene() is None:
+            raise CeVAEError(f"The input volume '{volume.GetName()}' of this result was removed from the scene (or its "
+                             "scene closed); its report cannot be saved. Run the detection again.")
+        if score is None or score.GetScene() is None:
+            raise CeVAEError(f"The results of '{volume.GetName()}' were removed from the scene (its score volume); "
+                             "their report cannot be saved. Run the detection again.")
+        if detection.record is None:
+            raise CeVAEError(f"This result of '{volume.GetName()}' holds no record of how it was made (the model, "
+                             "threshold and time a report names): it comes from an earlier version's run. Run the "
+                             "detection again to save its report.")
+        said = tuple(dict.fromkeys(result.warnings)) or detection.record.warnings
+        detection = dataclasses.replace(detection, record=dataclasses.replace(detection.record, warnings=said))
+        page = result_report_html(volume.GetName(), detection, self._reportPicture(result))
+        return write_all({output: page}, overwrite, command="saveReport")[0]
+
+    def _reportPicture(self, result: CeVAEAnomalyResult) -> Optional[bytes]:
+        """The key picture of ``result``'s report (report.report_picture: None without the research extra), drawn
+        from its input volume, refused where that holds other voxels than the detection scored."""
+        from ..io.checksum import image_voxel_sha256
+        from ..io.images import same_grid
+        from ..report import report_picture
+        from ..result import PICTURE_MODULES
+        from ..system import missing_modules
+
+        if missing_modules(PICTURE_MODULES):
+            return None
+        name, detection = result.volume.GetName(), result.detection
+        image = self._inputImages(result.volume, None, None)[0]
+        digest = detection.record.image_voxels_sha256
+        if not same_grid(image, detection.score) or (digest is not None and image_voxel_sha256(image) != digest):
+            raise CeVAEError(f"The input volume '{name}' holds other voxels than this detection scored (another "
+                             "sequence frame is shown, or the volume was changed since): the report's picture would "
+                             "show another scan. Show the frame scored, or run the detection again.")
+        return report_picture(image, detection, name)
 
     # --- in a worker process -------------------------------------------------------------------
 
@@ -908,6 +969,13 @@ def _refuseNotDetection(detection: Any) -> None:
         own = "; give its .detection" if isinstance(detection, CeVAEAnomalyResult) else ""
         raise CeVAEError(f"detection must be a DetectionResult (CeVAEAnomalyLib.result), not "
                          f"{_described(detection)}{own}.")
+
+
+def _refuseNotResult(result: Any) -> None:
+    """Refuse, in one line, a ``result`` argument that is not a CeVAEAnomalyResult (its ``.detection``, say)."""
+    if not isinstance(result, CeVAEAnomalyResult):
+        raise CeVAEError(f"result must be the CeVAEAnomalyResult that process() or finishDetection() returned, got "
+                         f"{_described(result)}.")
 
 
 def _refuseNotScoreVolume(scoreVolume: Any) -> None:
