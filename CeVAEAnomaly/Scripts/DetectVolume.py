@@ -15,7 +15,9 @@ images with a NIfTI input's qform and sform codes, as ``detect`` writes them):
 ``<name>_components.csv`` and ``<name>_slices.csv`` (the ``NAME_<role>`` names of ``cevae-anomaly batch``,
 which writes all but the segmentation of them), with ``<name>_record.json``, the record of how they were made
 (``detect --record``); with ``--picture FILE.png`` also the key picture ``detect --picture`` draws (it needs
-the research extra: matplotlib; refused before any work without it). All files are written or none; as with
+the research extra: matplotlib; refused before any work without it); with ``--report FILE.html`` also the HTML
+report ``detect --report`` writes (the input named by its file's name; the key picture embedded where matplotlib is
+installed, the page says otherwise). All files are written or none; as with
 ``detect``, a run is refused at once while another is writing one of its outputs. Relative paths are taken
 from the working directory (Slicer itself would read them from its scene folder).
 Exit status, as ``cevae-anomaly detect``'s: 0 on success; 2 for an input, argument or option refused (a missing or
@@ -60,7 +62,7 @@ try:  # after the path set-up above; a failure must still end in an exit status 
     from CeVAEAnomalyLib.io.naming import file_stem
     from CeVAEAnomalyLib.options import (DetectionRequest, HelpWithDefaults, RunOptions, ScoreOptions,
                                          ThresholdPolicy, add_flags, output_path_value, path_value)
-    from CeVAEAnomalyLib.result import PICTURE_MODULES, PICTURE_OUTPUT, refuse_unwritable_names
+    from CeVAEAnomalyLib.result import PICTURE_MODULES, PICTURE_OUTPUT, REPORT_OUTPUT, refuse_unwritable_names
     from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic, CeVAEAnomalyResult
     from CeVAEAnomalyLib.system import require_research
 except Exception as exc:  # noqa: BLE001 - missing or broken library, a dependency that fails to import
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file format of the score volume and labelmap")
     p.add_argument("--picture", type=output_path_value, help="also write this PNG key picture, as `cevae-anomaly "
                    "detect --picture` draws it (needs the research extra: matplotlib; absent: no picture)")
+    p.add_argument("--report", type=output_path_value, help="also write this HTML report, as `cevae-anomaly detect "
+                   "--report` writes it (the key picture embedded where matplotlib is installed)")
     p.add_argument("--overwrite", action="store_true", help="replace existing result files")
     return p
 
@@ -268,9 +272,11 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
     each as it is renamed); the score, the labelmap and the slice table on the voxel grid of the ``source`` volume
     file, if given, the images in NIfTI with that file's qform and sform codes (an MNI-space scan's stay MNI); where
     ``paths`` has a picture, the key picture of ``scan``, the ``source`` file as detect reads it, as detect draws it
-    (needs both)."""
+    (needs both); where it has a report, the report detect writes of them (its picture where matplotlib is
+    installed)."""
     from CeVAEAnomalyLib.io.atomic import write_all
     from CeVAEAnomalyLib.io.nifti_codes import nifti_codes, write_image
+    from CeVAEAnomalyLib.report import report_picture, result_report_html
     from CeVAEAnomalyLib.result import components_csv, record_json, slice_scores_csv
 
     detection = result.detection
@@ -293,10 +299,12 @@ def write_results(result: CeVAEAnomalyResult, paths: Dict[str, Path], overwrite:
         paths["slices"]: slice_scores_csv(on_file),
         paths["record"]: record_json(detection),
     }
+    wanted = {PICTURE_OUTPUT, REPORT_OUTPUT} & set(paths)  # the report embeds the picture where it can be drawn
+    picture = report_picture(scan, on_file, file_stem(source)) if wanted else None
     if PICTURE_OUTPUT in paths:
-        from CeVAEAnomalyResearch.figures import result_picture_png
-
-        writers[paths[PICTURE_OUTPUT]] = result_picture_png(scan, on_file, file_stem(source))
+        writers[paths[PICTURE_OUTPUT]] = picture
+    if REPORT_OUTPUT in paths:
+        writers[paths[REPORT_OUTPUT]] = result_report_html(source.name, on_file, picture)
     return write_all(writers, overwrite, inputs, published, command=COMMAND)
 
 
@@ -318,7 +326,7 @@ def absolute_paths(args: argparse.Namespace) -> None:
     """The path arguments made absolute from the working directory: a storage node in Slicer's scene reads a
     relative file name from the scene's root folder (Documents by default), not from where the command ran.
     (``abspath``, not ``resolve``: a link's own name still names the outputs.)"""
-    for name in ("input", "mask", "model", "output_dir", "picture"):
+    for name in ("input", "mask", "model", "output_dir", "picture", "report"):
         if getattr(args, name) is not None:
             setattr(args, name, Path(os.path.abspath(getattr(args, name))))
 
@@ -333,6 +341,8 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     paths = output_paths(args.input, args.output_dir, args.volume_format)
     if args.picture:
         paths[PICTURE_OUTPUT] = args.picture
+    if args.report:
+        paths[REPORT_OUTPUT] = args.report
     from CeVAEAnomalyLib.data import default_model_path
     from CeVAEAnomalyLib.engine.devices import resolve_device
     from CeVAEAnomalyLib.engine.header import read_header
@@ -345,7 +355,7 @@ def run(args: argparse.Namespace, scene: slicer.vtkMRMLScene, published: Optiona
     device = resolve_device(request.run.device)  # a missing GPU said (or its index refused) before any file is read
     request = replace(request, run=replace(request.run, device=str(device)))  # as detect: said once, not again
     check_paths(paths.values(), args.overwrite, (args.input, args.mask, args.model))  # fail before the slow part
-    refuse_unwritable_names(paths)  # (a picture not named .png)
+    refuse_unwritable_names(paths)  # (a picture not named .png, a report not named .html)
     with hold_outputs(paths.values(), COMMAND):  # another run writing one of them is refused now, not after its work
         remove_abandoned_temporaries(paths.values(), started)  # what killed runs left
         read_header(args.model or default_model_path()).threshold_of(request)  # e.g. --fpr without calibration
@@ -407,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     scene = slicer.mrmlScene if inside_slicer else plain_scene()
     written: List[Path] = []
-    results = len(naming.OUTPUT_NAMES) + (args.picture is not None)
+    results = len(naming.OUTPUT_NAMES) + (args.picture is not None) + (args.report is not None)
     try:
         with sigterm_as_interrupt():  # a scheduler's kill stops the run as Ctrl-C does: its temporary files removed
             run(args, scene, written)

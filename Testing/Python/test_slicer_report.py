@@ -141,3 +141,44 @@ def test_without_matplotlib_the_report_is_saved_and_says_the_picture_needs_the_e
     page = Page(report.read_text(encoding="utf-8"))
     assert page.errors == [] and not any(tag == "img" for tag, _ in page.tags)
     assert "needs the research extra" in page.text and facts(page)["Input"] == "head"
+
+
+def test_detect_volume_writes_the_report_detect_writes(script, tiny_bundle, tmp_path):
+    """Slicer's headless script (Scripts/DetectVolume.py) had no --report, which detect has: it writes the same page,
+    the scoring's time apart, with its other results."""
+    import json
+
+    import SimpleITK as sitk
+    from CeVAEAnomalyLib.cli.main import main
+
+    image, mask = make_head(seed=7)
+    sitk.WriteImage(image, str(tmp_path / "scan.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "brain.nii.gz"))
+    given = ["--mask", str(tmp_path / "brain.nii.gz"), "--model", str(tiny_bundle), "--device", "cpu", "--threshold",
+             "0.5"]
+    assert main(["detect", str(tmp_path / "scan.nii.gz"), *given, "--score", str(tmp_path / "score.nii.gz"),
+                 "--record", str(tmp_path / "detect.json"), "--report", str(tmp_path / "detect.html")]) == 0
+    out = tmp_path / "results"
+    assert script.main(["--input", str(tmp_path / "scan.nii.gz"), *given, "--output-dir", str(out), "--report",
+                        str(tmp_path / "script.html")]) == 0
+    made = json.loads((out / "scan_record.json").read_text())["created_utc"]
+    detected = json.loads((tmp_path / "detect.json").read_text())["created_utc"]
+    text = (tmp_path / "script.html").read_text(encoding="utf-8")
+    assert facts(Page(text))["Input"] == "scan.nii.gz"
+    assert text == (tmp_path / "detect.html").read_text(encoding="utf-8").replace(detected, made)
+    assert len(list(out.iterdir())) == 6  # and its other results, as without a report
+
+
+def test_detect_volume_refuses_a_report_misnamed_or_existing_before_scoring(script, tiny_bundle, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(make_head(seed=7)[0], str(tmp_path / "scan.nii.gz"))
+    out = tmp_path / "results"
+    args = ["--input", str(tmp_path / "scan.nii.gz"), "--model", str(tiny_bundle), "--output-dir", str(out),
+            "--device", "cpu", "--report"]
+    assert script.main([*args, str(tmp_path / "report.pdf")]) == 2
+    assert "name ending in .html" in capsys.readouterr().err
+    (tmp_path / "report.html").write_text("mine")
+    assert script.main([*args, str(tmp_path / "report.html")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "report.html").read_text() == "mine" and not out.exists()  # nothing scored or written
