@@ -10,6 +10,7 @@ import contextlib
 import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Dict, Iterator, Optional, Union
 
@@ -54,7 +55,7 @@ from CeVAEAnomalyLib.slicer.settings import (
     plain_tooltip,
 )
 from CeVAEAnomalyLib.slicer.widget_state import (ADAPT, CALIBRATE, DETECT, Action, Phase, WidgetState,
-                                                  progress_format, with_warnings)
+                                                  progress_format, report_default_path, report_output, with_warnings)
 
 __all__ = ["CeVAEAnomaly", "CeVAEAnomalyLogic", "CeVAEAnomalyParameterNode", "CeVAEAnomalyTest",
            "CeVAEAnomalyWidget"]
@@ -121,7 +122,8 @@ recommended false-positive rate on healthy brains, another rate, or an absolute 
 </ol>
 Results: the score volume as a heat overlay (scores under the threshold are transparent) with a
 colour legend, the segment "Anomaly" outlined in all views, and a table of connected anomalies
-(volume, scores, centroid, highest-scoring voxel); click a row to jump to that voxel.
+(volume, scores, centroid, highest-scoring voxel); click a row to jump to that voxel. <b>Save report...</b> writes
+the result's HTML report (summary, model, threshold, warnings, tables, key picture) to open, print and file.
 <b>Calibrate on healthy scans</b> adapts the threshold to your site; <b>Adapt to this scanner</b> fine-tunes
 the model itself on them; <b>Share model...</b> writes a copy of your model without the names of its scans, to give
 to another site;
@@ -218,6 +220,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._modelSettingsCache = ModelSettingsCache()
         self._sharing = None  # the Share model... action of the last refresh (share_panel.ModelSharing)
+        self._loadedResult: Optional[CeVAEAnomalyResult] = None  # the last detection loaded (Save report... writes it)
+        self._reportFolder: Optional[Path] = None  # where the last report went (the next one is offered there)
         self._modelValuesShownFor: Optional[tuple] = None
         self._pendingDisplay: Optional[tuple] = None  # (score volume, input volume) to show on return
         self._modelStandingIn = ""  # the remembered model out of reach at the start (model_memory.StartModel)
@@ -260,6 +264,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpToTopSliceButton.connect("clicked(bool)", self.onJumpToTopSlice)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
         self.ui.shareModelButton.connect("clicked(bool)", self.onShareModel)
+        self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.componentTableView.connect("clicked(QModelIndex)", self.onComponentClicked)
         self.ui.brainMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onBrainMaskSegmentChanged)
@@ -310,6 +315,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """A detection stops; a calibration or adaptation goes on (WidgetState.scene_closing): the next scene's panel
         shows it running and, at its end, takes its model (:meth:`_useNewModel`)."""
         self._interrupt(sceneClosing=True)
+        self._loadedResult = None  # its nodes go with the scene (WidgetState.scene_closing forgets it too)
         self._frames.follow(None)
         self.setParameterNode(None)
 
@@ -970,6 +976,8 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._frames.release()  # a move of the browser while it ran: said below
         self._frames.follow(result.nodes.score)  # first (also while the panel is hidden): these are the results shown
+        self._loadedResult = result
+        self.state.result_loaded(result.volume.GetID(), result.nodes.score.GetID())
         p.scoreVolume = result.nodes.score
         p.anomalySegmentation = result.nodes.segmentation
         p.componentTable = result.nodes.components
@@ -1090,6 +1098,48 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpToTopSliceButton.enabled = bool(stored and stored.jump_ras)
         self.ui.showPlotButton.enabled = bool(stored and stored.slice_chart)
         self.ui.opacitySliderWidget.enabled = bool(p and p.scoreVolume)
+        problem = self._reportProblem()
+        self.ui.saveReportButton.enabled = problem is None
+        self.ui.saveReportButton.toolTip = plain_tooltip(problem or _(
+            "Save the report of these results as one HTML page (summary, model, threshold, warnings, lesion and "
+            "slice tables, key picture) to open in a browser, print and file."))
+
+    def _reportProblem(self) -> Optional[str]:
+        """Why Save report... is disabled now, or None (WidgetState.report_problem)."""
+        p, result = self._parameterNode, self._loadedResult
+        removed = result is not None and (result.volume.GetScene() is None or result.nodes.score is None
+                                          or result.nodes.score.GetScene() is None)
+        shown = (p.inputVolume, p.scoreVolume) if p is not None else (None, None)
+        return self.state.report_problem(*(node.GetID() if node is not None else None for node in shown),
+                                         removed=removed)
+
+    def onSaveReport(self) -> None:
+        """Save report...: the HTML report of the results shown (the logic's saveReport: the page of detect --report)
+        where the user chooses, NAME_report.html in the last folder used by default; written here, in the GUI thread
+        (one page and its picture, done in a moment)."""
+        if self._reportProblem() is not None:
+            return  # (the button is disabled, and its tooltip says why)
+        result = self._loadedResult
+        folder = self._reportFolder or Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
+        chosen = self._askReportPath(report_default_path(folder, result.volume.GetName()))
+        if not chosen:
+            return  # the dialog was cancelled
+        with slicer.util.tryWithErrorDisplay(_("Saving the report failed."), waitCursor=True):
+            path, replace = report_output(chosen)
+            self._reportFolder = path.parent
+            # the save dialog asked before it returned an existing file; testing mode never asks, so never replaces
+            written = self.logic.saveReport(result, path, overwrite=replace and not slicer.app.testingEnabled())
+            self.ui.statusLabel.text = _("Report saved as {path}.").format(path=written)
+
+    @staticmethod
+    def _askReportPath(default: Path) -> str:
+        """Where to save the report: a save dialog that starts at ``default`` and asks before it returns an existing
+        file; "" if cancelled. Testing mode asks nothing: ``default``."""
+        if slicer.app.testingEnabled():
+            return str(default)
+        with CeVAEAnomalyWidget._normalCursor():
+            return qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save report"), str(default),
+                                                  _("HTML report (*.html *.htm)"))
 
     def _showRunOf(self, output) -> None:
         """Before a jump into a result: the slice views show its run's score volume over its input, unless one does
@@ -1335,4 +1385,9 @@ class CeVAEAnomalyTest(ScriptedLoadableModuleTest):
         widget.enter()
         self.assertIsNotNone(p.scoreVolume)
         self.assertTrue(widget.ui.jumpToTopSliceButton.enabled)
+        self.assertTrue(widget.ui.saveReportButton.enabled)
+        widget._reportFolder = Path(tempfile.mkdtemp())
+        widget.ui.saveReportButton.click()  # testing mode: NAME_report.html there, no dialog
+        self.assertEqual([f.suffix for f in widget._reportFolder.iterdir()], [".html"])
+        shutil.rmtree(widget._reportFolder)
         self.delayDisplay("Worker test passed")

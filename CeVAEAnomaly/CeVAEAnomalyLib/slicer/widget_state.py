@@ -13,9 +13,13 @@ quitting the application stop any run.
 from __future__ import annotations
 
 import enum
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
+
+from .gui_binding import typed_path
 
 DETECT = "detect"
 CALIBRATE = "calibrate"
@@ -23,6 +27,8 @@ ADAPT = "adapt"
 TASKS = (DETECT, CALIBRATE, ADAPT)
 ON_COPIES = (CALIBRATE, ADAPT)  # tasks that run on copies of the scans, made before they start, and write a model file
 LATE_CLICK_S = 0.5  # a click on a run's button this soon after the run started or ended belongs to a double-click
+REPORT_TAG = "_report.html"  # Save report... offers NAME_report.html (as batch --reports names a volume's report)
+_NOT_IN_FILE_NAMES = re.compile(r'[\\/:*?"<>|\x00-\x1f]')  # what a file name cannot hold on Windows, macOS or Linux
 
 
 class Phase(enum.Enum):
@@ -74,6 +80,7 @@ class WidgetState:
         self._result_pending = False
         self.install_interrupted = False  # the scene closed (or the module reloaded) during an install
         self._close_words = ""  # why the last scene close stopped a run, for the next scene's status line
+        self._loaded: Optional[Tuple[str, str]] = None  # (input, score volume) IDs of the last result loaded
 
     @property
     def busy(self) -> bool:
@@ -133,6 +140,7 @@ class WidgetState:
         :meth:`interrupt` says, except for a calibration or an adaptation under way (:data:`ON_COPIES`): its copies of
         the scans were written before it started and it writes a model file, not the scene, so it goes on (its
         button still cancels it) and its model becomes the one the next scene's panel uses."""
+        self._loaded = None  # its nodes go with the scene (and a new scene may reuse their IDs)
         if self.phase is Phase.RUNNING and self.task in ON_COPIES:
             return False
         return self.interrupt()
@@ -186,6 +194,28 @@ class WidgetState:
         if stale:
             self._summary_for = None
         return stale
+
+    def result_loaded(self, input_id: str, score_id: str) -> None:
+        """A detection's result was loaded into the scene: its input volume is ``input_id``, its score volume
+        ``score_id`` (the panel keeps the result itself, which Save report... writes)."""
+        self._loaded = (input_id, score_id)
+
+    def report_problem(self, input_id: Optional[str], score_id: Optional[str], removed: bool = False) -> Optional[str]:
+        """Why "Save report..." is disabled now (its tooltip says it), or None: the panel's input volume and score
+        volume are ``input_id`` and ``score_id``; ``removed``: the result loaded last lost its input or score volume
+        since. A report is of the result the panel loaded (it holds the detection's record), while the panel shows
+        it: not of results it shows of another scan, run or sequence frame, nor of results loaded with a scene."""
+        if self.busy and self.task == DETECT:
+            return "A detection is running; its results can be reported once they are loaded."
+        if self._loaded is None:
+            return ("Run the detection (Apply) first: a report is saved of the result the panel loaded, while it "
+                    "shows it (results loaded with a scene hold no record of how they were made).")
+        if removed:
+            return "The last detection's input or score volume was removed from the scene; run the detection again."
+        if (input_id, score_id) != self._loaded:
+            return ("The panel shows other results than those of its last detection (another input volume, score "
+                    "volume or sequence frame): choose them again, or run the detection on this scan.")
+        return None
 
     def model_problem(self, problem: Optional[str]) -> Optional[str]:
         """The status line's text for what is wrong with the chosen model (``problem``; None: it can be used): the
@@ -267,6 +297,21 @@ def with_warnings(text: str, warnings: Sequence[str]) -> str:
     on it shows the worker's warnings as they come (an adaptation's, such as scans of different acquisitions, come
     before its first step, when stopping costs nothing); its end repeats them after its own words."""
     return " ".join([*([text] if text else []), *(f"Warning: {w}" for w in dict.fromkeys(warnings))])
+
+
+def report_default_path(folder: Path, volume_name: str) -> Path:
+    """The file Save report... offers: NAME_report.html in ``folder`` (the last folder a report went to), NAME the
+    input volume's name with each character a file name cannot hold (on any system) as "_"."""
+    return folder / ((_NOT_IN_FILE_NAMES.sub("_", volume_name).strip() or "volume") + REPORT_TAG)
+
+
+def report_output(chosen: str) -> Tuple[Path, bool]:
+    """The file a save dialog's answer ``chosen`` names (``~`` expanded; ".html" added to a name of no suffix, as a
+    dialog with a default suffix adds it) and whether to replace it where it exists: the dialog asked before it
+    returned an existing file, never for a name the suffix was added to."""
+    added = not Path(chosen).suffix
+    path = typed_path(chosen + ".html" if added else chosen)
+    return path, not added and path.exists()
 
 
 def _check(task: str) -> str:
