@@ -2,9 +2,10 @@
 Python (``detect --report``, ``batch --reports``; torch-free, and without matplotlib: the key picture is embedded
 where the caller could draw it).
 
-The page holds no reference to anything outside it (its style inline, the picture a ``data:`` URI), prints on A4,
-and every text from outside (file names, warnings, the model's name) is HTML-escaped. Its numbers are the tables'
-and the summary line's (result.py's formatters).
+The page holds no reference to anything outside it (its style inline, the picture a ``data:`` URI), prints on A4 (a
+long name or path without spaces wraps rather than running off the page), and every text from outside (file names,
+warnings, the model's name) is HTML-escaped. Its numbers are the tables' and the summary line's (result.py's
+formatters).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ LESION_COLUMNS = (("component", "Rank"), ("volume_ml", "Volume (ml)"), ("side", 
 
 _STYLE = """
 @page { size: A4; margin: 15mm; }
-body { font-family: sans-serif; font-size: 10.5pt; color: #000; max-width: 180mm; margin: 1em auto; }
+body { font-family: sans-serif; font-size: 10.5pt; color: #000; max-width: 180mm; margin: 1em auto;
+       overflow-wrap: anywhere; }
 h1 { font-size: 15pt; margin: 0 0 0.3em 0; }
 h2 { font-size: 12pt; margin: 1.1em 0 0.3em 0; border-bottom: 1px solid #888; }
 .disclaimer { border: 2px solid #000; padding: 0.4em; font-weight: bold; }

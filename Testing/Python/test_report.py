@@ -7,6 +7,7 @@ import base64
 import csv
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -152,6 +153,21 @@ def test_the_report_escapes_the_scans_name_and_refers_to_nothing_outside(detecte
     references = [value for _, attrs in page.tags for key, value in attrs.items() if key in ("src", "href")]
     assert all(value.startswith("data:image/png;base64,") for value in references), references
     assert "url(" not in text and "@import" not in text
+
+
+def test_a_long_unbroken_name_or_path_wraps_inside_the_printed_page(detected):
+    """A scan's name, a path or a model name without spaces (a DICOM folder of IDs, a 200-character name) had no break
+    opportunity: the heading and the facts table grew past the page's 180 mm and were cut off when printed. Every text
+    of the page may now wrap anywhere (overflow-wrap: anywhere, inherited from body, which, unlike break-word, also
+    narrows a table's cells), and no rule takes that back."""
+    text = (detected / "report.html").read_text(encoding="utf-8")
+    style = text[text.index("<style>") + len("<style>"):text.index("</style>")]
+    rules = [([s.strip() for s in selectors.split(",")], dict(tuple(p.strip() for p in d.split(":", 1))
+                                                               for d in body.split(";") if ":" in d))
+             for selectors, body in re.findall(r"([^{}]+)\{([^}]*)\}", style)]
+    assert any("body" in selectors and declared.get("overflow-wrap") == "anywhere" for selectors, declared in rules)
+    assert all(declared.get("overflow-wrap", "anywhere") == "anywhere" and declared.get("white-space") != "nowrap"
+               for _, declared in rules)
 
 
 def test_the_report_embeds_the_picture_detect_draws(detected):
