@@ -225,7 +225,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     the pooled metrics (its false alarms lower the pooled AUPRC); one without a mask is warned about where its zero
     background lifts the pooled AUROC. Cases without a lesion voxel alone are warned of: every figure is undefined.
     The pooled lesion-wise figures (:func:`~CeVAEAnomalyResearch.lesionwise.pooled_lesion_figures`) are over the
-    cases with a labelmap.
+    cases with a labelmap (the cases without one are warned of where others have one).
     """
     cases, splits, unmasked_healthy, counts = [], [], [], []
     unique = _unique_cases(rows)
@@ -261,6 +261,11 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
         log.warning("None of the %d case%s has a lesion voxel (a ground truth marking one inside the mask): every case "
                     "counts as healthy, so AUROC, AUPRC and best Dice are undefined (n/a, nan in the table).",
                     len(cases), "" if len(cases) == 1 else "s")
+    without = [case.name for case, lesionwise in zip(cases, counts) if lesionwise is None]
+    if 0 < len(without) < len(cases):  # (the pooled row's other figures are of every case)
+        log.warning("The pooled lesion-wise figures (n_lesions to first_is_lesion) are of the %d of %d cases with a "
+                    "labelmap; %s, without one, %s not counted in them.", len(cases) - len(without), len(cases),
+                    ", ".join(without), "is" if len(without) == 1 else "are")
     if not math.isnan(pooled["auroc"]):  # a healthy case's voxels count in the pooled figures only
         for scores, name in unmasked_healthy:
             _warn_of_easy_negatives(scores, name, "the pooled AUROC comes out")

@@ -170,3 +170,28 @@ def test_the_table_and_the_console_give_the_lesion_wise_figures(tmp_path: Path, 
                              "healthy_false_components 2.0000  first_is_lesion 0.0000")
     _, pooled = evaluate_files([{"score": files["lesion", "score"], "gt": files["lesion", "gt"]}])
     assert "n_lesions" not in pooled  # no labelmap: no lesion-wise figure
+
+
+def test_pooled_lesion_figures_over_some_cases_say_which_are_left_out(tmp_path: Path, caplog) -> None:
+    """Where some cases lack a labelmap, the pooled row's pixel figures are of every case and its lesion-wise ones of
+    those with a labelmap alone (2 lesions pooled where the cases hold 4), with nothing saying so: a warning now names
+    how many cases the lesion-wise figures are of and the cases left out."""
+    rows = []
+    for case in ("with", "without"):
+        files = {}
+        for role, value in two_lesions().items():
+            files[role] = tmp_path / f"{case}_{role}.nii.gz"
+            sitk.WriteImage(value, str(files[role]))
+        if case == "without":
+            del files["labelmap"]
+        rows.append({**files, "name": case})
+    with caplog.at_level("WARNING"):
+        cases, pooled = evaluate_files(rows)
+    assert pooled["n_lesions"] == 2 and sum(case.n_positive > 0 for case in cases) == 2
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "lesion-wise" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "of the 1 of 2 cases with a labelmap" in said[0] and "without" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate_files(rows[:1])  # every case with a labelmap: nothing to say
+    assert not [r for r in caplog.records if "lesion-wise" in r.getMessage()]
