@@ -274,6 +274,23 @@ def test_batch_reports_and_a_rerun_that_makes_the_missing_ones_from_saved_output
     assert made == report.read_text(encoding="utf-8").replace(later, record["created_utc"])  # as a scoring makes it
 
 
+def test_a_rerun_makes_no_report_from_a_record_that_is_not_the_one_written_with_the_outputs(cohort, tmp_path, caplog):
+    """A done volume whose NAME_record.json was edited (or replaced) since its outputs were written: batch knows it is
+    not their record (record_sha256 empty, warned of), yet --reports made the report from it, stating the edited
+    threshold and its source beside the components the real one made. No report is made from it now, with a warning
+    why; the outputs are kept."""
+    out = tmp_path / "out"
+    assert batch(cohort, out) == EXIT_DONE
+    path = out / "lesioned_record.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, threshold=99.0, threshold_source="edited by hand")))
+    with caplog.at_level("WARNING"):
+        assert batch(cohort, out, "--reports") == EXIT_DONE
+    assert statuses(out) == ["skipped"] and not (out / "lesioned_report.html").exists()
+    said = [r.getMessage() for r in caplog.records if "report" in r.getMessage()]
+    assert len(said) == 1 and "lesioned: its report cannot be made" in said[0] and "--overwrite" in said[0], said
+
+
 def test_a_volume_scored_again_without_reports_loses_its_old_report(cohort, tmp_path):
     out = tmp_path / "out"
     assert batch(cohort, out, "--reports") == EXIT_DONE

@@ -1185,15 +1185,21 @@ def _remove_stale(path: Path, name: str, role: str) -> None:
     log.info("%s: its %s %s showed the earlier result; removed (%s %ss it anew).", name, what, path.name, flag, do)
 
 
-def _add_missing(item: BatchItem, out_dir: Path, role: str, threshold: float) -> None:
+def _add_missing(item: BatchItem, out_dir: Path, role: str, threshold: float, recorded: bool) -> None:
     """Make the key picture or report (``role``) of a done (skipped) volume that has none from its saved outputs
-    (one there is kept); one that cannot be made is warned of, and the volume stays done."""
+    (one there is kept); one that cannot be made is warned of, and the volume stays done. A report needs the record
+    written with the outputs (``recorded``: its file is that one)."""
     from ..io.atomic import write_all
 
     path = volume_files(out_dir, item.name, True, True)[role]
     if os.path.lexists(path):
         return
     what, _, _, made = EXTRAS[role]
+    if role == REPORT_ROLE and not recorded:
+        log.warning("%s: its report cannot be made from its saved outputs: its record %s is missing or not the file "
+                    "written with them; its outputs are kept (--overwrite scores it again, with its record and "
+                    "report).", item.name, volume_files(out_dir, item.name)[RECORD_ROLE].name)
+        return
     try:
         content = (picture_of_outputs(item, out_dir, threshold) if role == PICTURE_ROLE
                    else report_of_outputs(item, out_dir))
@@ -1297,7 +1303,8 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                         (said if (described_by or {}).get(RECORD_FIELD) == "" else unrecorded).append(item.name)
                     for role, wanted in ((PICTURE_ROLE, settings.pictures), (REPORT_ROLE, settings.reports)):
                         if wanted:
-                            _add_missing(item, settings.out_dir, role, strict_json.number(made_with["threshold"]))
+                            _add_missing(item, settings.out_dir, role, strict_json.number(made_with["threshold"]),
+                                         bool(row[RECORD_FIELD]))
                     summary.add(row)
                     continue
             elif _before_component_tables(paths, described_by) and not settings.overwrite:
