@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Render the Sample Data thumbnails of the module's sample scans (Resources/Icons, deterministic).
 
-One axial slice of each sample, in the radiological view (the patient's right on the viewer's left, anterior up),
-grey levels from 0 to the healthy scan's 99.5th percentile stretched to 0..255, 2.5 times enlarged (225x270 pixels, about the size
-Slicer's extension template asks for). The slice is the same for all samples: the one where the lesioned scan
+One axial slice of each sample, in the radiological view (the patient's right on the viewer's left, anterior up), grey
+levels from 0 to the healthy scan's 99.5th percentile stretched to 0..255, 2.5 times enlarged (225x270 pixels, about the
+size Slicer's extension template asks for). The slice is the same for all samples: the one where the lesioned scan
 differs most from the healthy one. A labelmap sample (the lesions' truth) is drawn as its label 1 in Slicer's colour
 for it (GenericAnatomyColors "tissue", 60 % opaque) over the lesioned scan's slice.
 

