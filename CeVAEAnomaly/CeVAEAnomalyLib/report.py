@@ -14,7 +14,7 @@ import html
 from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence
 
 from .result import (COMPONENT_FIELDS, PICTURE_MODULES, SLICE_FIELDS, Component, DetectionRecord, SliceScoreRow,
-                     component_cells, components_summary, slice_cells)
+                     component_cells, components_summary, slice_cells, threshold_text)
 from .system import RESEARCH_EXTRA, missing_modules
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def report_html(name: str, record: DetectionRecord, components: Sequence[Compone
              ("Model", e(f"{model.name} ({model.modality})")),
              ("Model file", e(model.path) if model.path else "not loaded from a file"),
              ("Model SHA-256", f'<span class="digest">{e(model.sha256)}</span>' if model.sha256 else "not known"),
-             ("Threshold", e(f"{record.threshold:.4g}")), ("Threshold from", e(record.threshold_source)),
+             ("Threshold", e(_threshold(record.threshold))), ("Threshold from", e(record.threshold_source)),
              *([("Calibrated on", e(model.calibrated_on))] if model.calibrated_on else []),
              ("Brain mask", e(record.mask) if record.mask else "not said"), ("Device", e(record.device))]
     facts += [(f"{role.capitalize()} file", f'{e(source["path"])}<br /><span class="digest">SHA-256 '
@@ -103,6 +103,13 @@ def result_report_html(name: str, result: "DetectionResult", picture: Optional[b
     """:func:`report_html` of the detection ``result`` of the input ``name``, with ``picture`` (:func:`report_picture`;
     None: not drawn)."""
     return report_html(name, result.record, result.components, result.ranked_slices(), picture)
+
+
+def _threshold(value: float) -> str:
+    """The threshold to 4 significant figures and, where those do not read back as it, exactly (as evaluate writes
+    it), so that ``--threshold`` with the last number gives the same labelmap."""
+    rounded, exact = f"{value:.4g}", threshold_text(value)
+    return exact if float(rounded) == value else f"{rounded} (exactly {exact})"
 
 
 def _components(components: Sequence[Component]) -> str:

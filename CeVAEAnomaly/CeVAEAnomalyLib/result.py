@@ -247,6 +247,15 @@ class DetectionResult:
                 f"{self.threshold:.4g} ({self.threshold_source})>")
 
 
+def threshold_text(value: Optional[float]) -> str:
+    """A threshold as written for reuse as ``--threshold`` (evaluate's table, the report): the shortest text that reads
+    back as the same float (Python's repr), so the same float32 score too; 7 significant digits can name the next
+    float32 above the score and drop the voxel at it. Empty for None, nan where undefined."""
+    if value is None:
+        return ""
+    return "nan" if math.isnan(value) else repr(float(value))
+
+
 def flagged_text(ml: float) -> str:
     """A flagged volume in ml as the one-line summaries say it: 2 decimals, or, for a volume that would read 0.00 (a
     component under 5 mm³, which a lower --min-volume keeps), as many as its first digit needs (0.003, 0.00003; never

@@ -34,6 +34,7 @@ from CeVAEAnomalyLib.io.images import (
 from CeVAEAnomalyLib.io.manifest import distinct_names
 from CeVAEAnomalyLib.io.naming import UNICODE_TWINS, one_form, table_delimiter
 from CeVAEAnomalyLib.io.spreadsheet import written_row
+from CeVAEAnomalyLib.result import threshold_text
 from CeVAEAnomalyResearch.lesionwise import LesionCounts, lesion_counts, pooled_lesion_figures
 
 log = logging.getLogger(__name__)
@@ -649,13 +650,6 @@ def lesion_text(figures: Mapping[str, object]) -> str:
     :func:`figure` shows it."""
     given = [(column, figures.get(column)) for column in LESION_COLUMNS if figures.get(column) is not None]
     return "".join(f"  {column} {value if isinstance(value, int) else figure(value)}" for column, value in given)
-
-
-def threshold_text(value: Optional[float]) -> str:
-    """A threshold as written for reuse as ``--threshold``: the shortest text that reads back as the same float
-    (Python's repr), so the same float32 score too; 7 significant digits can name the next float32 above the score
-    and drop the voxel at it. Empty for None, nan where undefined."""
-    return _cell(value) if value is None or math.isnan(value) else repr(float(value))
 
 
 def _cell(value: object) -> str:

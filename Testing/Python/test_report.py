@@ -138,9 +138,26 @@ def test_the_report_holds_the_summary_every_component_the_top_slices_and_the_mod
     assert said["Input"] == f"{HOSTILE}.nii.gz"
     assert said["Made (UTC)"] == record.created_utc
     assert said["Model SHA-256"] == record.model.sha256
-    assert said["Threshold"] == f"{record.threshold:.4g}" and said["Threshold from"] == record.threshold_source
+    assert said["Threshold from"] == record.threshold_source
     assert said["Software"].startswith(f"cevae-anomaly {record.version}")
     assert "Research software, not a medical device. Scores and labelmaps are not a diagnosis." in page.text
+
+
+def test_the_report_gives_the_threshold_so_that_it_reads_back_as_the_records(detected):
+    """The report showed the threshold to 4 significant figures (4.878 where the record holds 4.878498...), so a reader
+    re-running detect --threshold with it got another labelmap. The number it ends with now reads back as the record's
+    threshold (the text evaluate writes, repr), after the rounded one where that differs."""
+    from CeVAEAnomalyLib.report import report_html
+    from CeVAEAnomalyLib.result import read_slices_csv
+
+    record = DetectionRecord.from_dict(json.loads((detected / "r.json").read_text()))
+    said = facts(Page((detected / "report.html").read_text(encoding="utf-8")))["Threshold"]
+    assert float(re.findall(r"[-+0-9.e]+", said)[-1]) == record.threshold, said
+    components = read_components_csv((detected / "c.csv").read_text())
+    slices = read_slices_csv((detected / "s.csv").read_text())
+    for threshold, shown in ((4.878498458862305, "4.878 (exactly 4.878498458862305)"), (2.5, "2.5")):
+        text = report_html("n", dataclasses.replace(record, threshold=threshold), components, slices)
+        assert facts(Page(text))["Threshold"] == shown
 
 
 def test_the_report_escapes_the_scans_name_and_refers_to_nothing_outside(detected):
