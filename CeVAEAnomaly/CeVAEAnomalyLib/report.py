@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence
 
 from .result import (COMPONENT_FIELDS, PICTURE_MODULES, SLICE_FIELDS, Component, DetectionRecord, SliceScoreRow,
@@ -29,6 +30,7 @@ NO_PICTURE = (f"The key picture needs the research extra (matplotlib: {RESEARCH_
 LESION_COLUMNS = (("component", "Rank"), ("volume_ml", "Volume (ml)"), ("side", "Side"),
                   ("max_score", "Peak score"), ("r", "Centroid R (mm)"), ("a", "Centroid A (mm)"),
                   ("s", "Centroid S (mm)"))  # (the component table's column, its heading here)
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # the controls a page may not hold as they are
 
 _STYLE = """
 @page { size: A4; margin: 15mm; }
@@ -146,4 +148,6 @@ def _table(headings: Iterable[str], rows: List[List[str]], kind: str = "") -> st
 
 
 def _escape(text: str) -> str:
-    return html.escape(text, quote=True)
+    """``text`` HTML-escaped, each control character the HTML spec makes a parse error (C0 but tab, newline, form
+    feed and carriage return; DEL; C1) shown as a visible escape (\\x07)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", html.escape(text, quote=True))

@@ -208,6 +208,24 @@ def test_the_report_lists_the_records_warnings_escaped(detected):
     assert "Warnings (2) The scan <b>café</b> & \"its\" DICOM 日本 second" in page.text
 
 
+def test_control_characters_in_a_name_or_warning_are_shown_escaped_not_written_into_the_page(detected):
+    """A control character (BEL, ESC, NUL, DEL, C1; a file name may hold them) went into the page as it was, a parse
+    error by the HTML spec. The report now shows each as a visible escape (\\x07); tab and newline stay as they were."""
+    from CeVAEAnomalyLib.report import report_html
+    from CeVAEAnomalyLib.result import read_slices_csv
+
+    record = DetectionRecord.from_dict(json.loads((detected / "r.json").read_text()))
+    warned = dataclasses.replace(record, warnings=("bell\x07 escape\x1b[31m nul\x00 del\x7f c1\x9b\ttab\nline",))
+    text = report_html("scan\x07\x1b.nii", warned, read_components_csv((detected / "c.csv").read_text()),
+                       read_slices_csv((detected / "s.csv").read_text()))
+    assert not re.findall(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]", text)
+    page = Page(text)
+    assert page.errors == []
+    assert "Anomaly detection report: scan\\x07\\x1b.nii" in page.text
+    assert "bell\\x07 escape\\x1b[31m nul\\x00 del\\x7f c1\\x9b tab line" in page.text
+    assert "\\x9b\ttab\nline</li>" in text
+
+
 BLOCKED = """
 import sys
 class Blocked:
