@@ -58,7 +58,7 @@ def _cgroup_cpu_quota(root: Path, self_cgroup: Path) -> Optional[float]:
     ``cpu.cfs_period_us`` of the cpu controller's hierarchy. A path the mount lacks (a container's, which names its
     cgroup as the host does) is walked up to the mount's root, the container's own cgroup."""
     try:
-        lines = self_cgroup.read_text().splitlines()
+        lines = self_cgroup.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
     quotas = []
@@ -87,7 +87,7 @@ def _cgroup_cpu_quota(root: Path, self_cgroup: Path) -> Optional[float]:
 def _quota_in(directory: Path, files: Tuple[str, ...]) -> Optional[float]:
     """The CPU quota, in CPUs, that ``files`` in ``directory`` set (None: none, or unreadable)."""
     try:
-        words = " ".join((directory / name).read_text() for name in files).split()
+        words = " ".join((directory / name).read_text(encoding="utf-8") for name in files).split()
         if len(words) != 2 or words[0] in ("max", "-1"):
             return None
         quota, period = int(words[0]), int(words[1])

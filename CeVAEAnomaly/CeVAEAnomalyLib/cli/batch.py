@@ -490,10 +490,10 @@ def picture_of_outputs(item: BatchItem, out_dir: Path, threshold: float) -> byte
     from ..result import read_components_csv
 
     paths = output_paths(out_dir, item.name)
-    top = top_of_table(paths["slices"].read_text())
+    top = top_of_table(paths["slices"].read_text(encoding="utf-8"))
     return key_picture_png(read_image(item.image), sitk.ReadImage(str(paths["score"])),
                            sitk.ReadImage(str(paths["labelmap"])), threshold,
-                           read_components_csv(paths["components"].read_text()), top, item.name)
+                           read_components_csv(paths["components"].read_text(encoding="utf-8")), top, item.name)
 
 
 def report_of_outputs(item: BatchItem, out_dir: Path) -> str:
@@ -507,8 +507,8 @@ def report_of_outputs(item: BatchItem, out_dir: Path) -> str:
     paths = volume_files(out_dir, item.name)
     record = DetectionRecord.from_dict(json.loads(paths[RECORD_ROLE].read_text(encoding="utf-8")))
     picture = None if missing_modules(PICTURE_MODULES) else picture_of_outputs(item, out_dir, record.threshold)
-    return report_html(item.name, record, read_components_csv(paths["components"].read_text()),
-                       read_slices_csv(paths["slices"].read_text()), picture)
+    return report_html(item.name, record, read_components_csv(paths["components"].read_text(encoding="utf-8")),
+                       read_slices_csv(paths["slices"].read_text(encoding="utf-8")), picture)
 
 
 def kept_record(out_dir: Path, name: str, recorded: str) -> str:
@@ -664,7 +664,7 @@ def read_back(item: BatchItem, out_dir: Path, source: Dict[str, str]) -> Dict[st
     if problem:
         raise ValueError(problem)
     values = measure(sitk.ReadImage(str(paths["score"])), sitk.ReadImage(str(paths["labelmap"])),
-                     top_of_table(paths["slices"].read_text()))
+                     top_of_table(paths["slices"].read_text(encoding="utf-8")))
     return _row(item, "skipped", None, **values, **source, **output_checksums(paths))
 
 
@@ -700,7 +700,7 @@ def incomplete_outputs(paths: Dict[str, Path]) -> str:
             return f"{path.name} is missing"
         reason = incomplete_reason(path, path)
         if reason is None and role in headers:
-            reason = _table_reason(path.read_text(), *headers[role])
+            reason = _table_reason(path.read_text(encoding="utf-8"), *headers[role])
         if reason:
             return f"{path.name} is incomplete ({reason})"
     return _missing_components(paths) or _unlisted_slices(paths)
@@ -713,7 +713,7 @@ def _missing_components(paths: Dict[str, Path]) -> str:
 
     if "components" not in paths or "labelmap" not in paths:
         return ""
-    listed = len(list(csv.reader(io.StringIO(paths["components"].read_text())))) - 1
+    listed = len(list(csv.reader(io.StringIO(paths["components"].read_text(encoding="utf-8"))))) - 1
     held = labelmap_components(sitk.ReadImage(str(paths["labelmap"])))
     if listed != held:
         return (f"{paths['components'].name} is incomplete (it lists {listed} of the {held} components of "
@@ -732,7 +732,7 @@ def _unlisted_slices(paths: Dict[str, Path]) -> str:
     if "slices" not in paths or "score" not in paths:
         return ""
     table, score = paths["slices"], paths["score"]
-    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    rows = list(csv.DictReader(io.StringIO(table.read_text(encoding="utf-8"))))
     if not rows:
         return f"{table.name} is incomplete (it lists no slice)"
     axes = {row["axis"] for row in rows}

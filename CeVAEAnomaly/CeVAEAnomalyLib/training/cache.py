@@ -319,7 +319,7 @@ class SliceCache:
         """The entry of ``key`` in ``meta_path`` and ``npy`` (:meth:`lookup`), or None where incomplete or damaged."""
         stamp = self.memo.stamp((meta_path, npy))  # before either is read
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             with open(npy, "rb") as fh:
                 shape, offset = _npy_layout(fh)
                 expected = (meta["slices"], self.pre.input_size, self.pre.input_size)
@@ -427,7 +427,7 @@ class SliceCache:
                     fh.write(data)
             target, size = self.root / f"{key}.json", len(text.encode())
             with atomic_path(target) as tmp:
-                Path(tmp).write_text(text)
+                Path(tmp).write_text(text, encoding="utf-8")
         except OSError as exc:
             raise CeVAEError(write_failure(target, exc, size, self.wording)) from None
         entry = self.lookup(key)

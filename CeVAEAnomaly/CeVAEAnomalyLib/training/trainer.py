@@ -143,7 +143,7 @@ def _log_file(path: Path, mode: str) -> TextIO:
             path.unlink()
         else:
             write_all({path: path.read_bytes()}, overwrite=True)  # a copy under its name: a new file, the same rows
-    return open(path, mode, newline="")
+    return open(path, mode, newline="", encoding="utf-8")
 
 
 def _hard_linked(path: Path) -> bool:
