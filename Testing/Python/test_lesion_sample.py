@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 
 import numpy as np
 import SimpleITK as sitk
@@ -66,15 +67,20 @@ def test_the_script_writes_the_scan_and_its_truth_as_shipped(tmp_path):
         assert np.array_equal(sitk.GetArrayViewFromImage(made), sitk.GetArrayViewFromImage(shipped))
 
 
-def test_evaluate_with_the_shipped_truth_counts_both_lesions_of_a_detection_of_the_sample_found(tmp_path, capsys):
-    """What a user does to compare the finding with the true lesions: detect on the sample, evaluate its score map
-    and labelmap against the shipped truth."""
-    sample, truth = (str(data_path(name)) for name in ("colin27_lesions_t1_2mm.nii.gz",
-                                                       "colin27_lesions_truth_2mm.nii.gz"))
+def test_evaluate_with_the_shipped_truth_counts_both_lesions_of_a_detection_of_the_sample_found(tmp_path, capsys,
+                                                                                                 caplog):
+    """What a user does to compare the finding with the true lesions (data/README.md): detect on the sample, evaluate
+    its score map and labelmap against the shipped truth, over the shipped brain mask (without it the AUROCs count
+    the background and evaluate warns)."""
+    sample, truth, mask = (str(data_path(name)) for name in ("colin27_lesions_t1_2mm.nii.gz",
+                                                             "colin27_lesions_truth_2mm.nii.gz",
+                                                             "colin27_brainmask_2mm.nii.gz"))
     score, labelmap, metrics = (tmp_path / name for name in ("score.nii.gz", "labelmap.nii.gz", "metrics.csv"))
     assert main(["detect", sample, "--score", str(score), "--labelmap", str(labelmap), "--device", "cpu"]) == 0
-    assert main(["evaluate", "--score", str(score), "--gt", truth, "--labelmap", str(labelmap),
-                 "--out", str(metrics)]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", "--score", str(score), "--gt", truth, "--mask", mask, "--labelmap", str(labelmap),
+                     "--out", str(metrics)]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     case, pooled = list(csv.DictReader(metrics.open()))
     for row in (case, pooled):
         assert [row[k] for k in ("n_lesions", "lesions_detected", "lesion_sensitivity", "false_components",
