@@ -1121,7 +1121,7 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return  # (the button is disabled, and its tooltip says why)
         result = self._loadedResult
         folder = self._reportFolder or Path(getattr(slicer.app, "defaultScenePath", "") or Path.home())
-        chosen = self._askReportPath(report_default_path(folder, result.volume.GetName()))
+        chosen = self._askReportPath(report_default_path(folder, result.title))
         if not chosen:
             return  # the dialog was cancelled
         with slicer.util.tryWithErrorDisplay(_("Saving the report failed."), waitCursor=True):

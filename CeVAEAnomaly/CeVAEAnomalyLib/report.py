@@ -52,14 +52,17 @@ tr, img { page-break-inside: avoid; break-inside: avoid; }
 
 
 def report_html(name: str, record: DetectionRecord, components: Sequence[Component],
-                ranked_slices: Sequence[SliceScoreRow], picture: Optional[bytes] = None) -> str:
+                ranked_slices: Sequence[SliceScoreRow], picture: Optional[bytes] = None,
+                frame: Optional[str] = None) -> str:
     """The report of the detection of the input ``name`` that ``record`` describes: its components (ranked as the
     component table lists them), its slices from most to least anomalous (the first :data:`TOP_SLICES` are shown)
-    and ``picture``, the key picture's PNG (None: not drawn, which the report says needs the research extra)."""
+    and ``picture``, the key picture's PNG (None: not drawn, which the report says needs the research extra);
+    ``frame``: the sequence frame scored, in words (None: the input is no sequence's frame)."""
     e = _escape
     model = record.model
     software = ", ".join(f"{k} {v}" for k, v in sorted(record.software.items()))
-    facts = [("Input", e(name)), ("Made (UTC)", e(record.created_utc)),
+    facts = [("Input", e(name)), *([("Sequence frame", e(frame))] if frame else []),
+             ("Made (UTC)", e(record.created_utc)),
              ("Software", e(f"{record.tool} {record.version}") + (f" ({e(software)})" if software else "")),
              ("Model", e(f"{model.name} ({model.modality})")),
              ("Model file", e(model.path) if model.path else "not loaded from a file"),
@@ -101,10 +104,11 @@ def report_picture(image: "sitk.Image", result: "DetectionResult", name: str) ->
     return result_picture_png(image, result, name)
 
 
-def result_report_html(name: str, result: "DetectionResult", picture: Optional[bytes]) -> str:
+def result_report_html(name: str, result: "DetectionResult", picture: Optional[bytes],
+                       frame: Optional[str] = None) -> str:
     """:func:`report_html` of the detection ``result`` of the input ``name``, with ``picture`` (:func:`report_picture`;
-    None: not drawn)."""
-    return report_html(name, result.record, result.components, result.ranked_slices(), picture)
+    None: not drawn) and the sequence ``frame`` scored (None: none)."""
+    return report_html(name, result.record, result.components, result.ranked_slices(), picture, frame)
 
 
 def _threshold(value: float) -> str:

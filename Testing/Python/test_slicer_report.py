@@ -182,3 +182,27 @@ def test_detect_volume_refuses_a_report_misnamed_or_existing_before_scoring(scri
     assert script.main([*args, str(tmp_path / "report.html")]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "report.html").read_text() == "mine" and not out.exists()  # nothing scored or written
+
+
+def test_the_report_of_a_sequence_frame_names_the_frame_scored(tiny_bundle, tmp_path):
+    """A detection of one frame of a 4D sequence: the report named the proxy volume alone ('cine'), so the reports of
+    two frames' results said the same of different scans and the panel offered the same file name for both. It names
+    the frame scored (heading, facts), as the result's nodes and summary do."""
+    from test_slicer_worker import sequence_scene
+
+    scene, sequences, browser, proxy = sequence_scene()
+    logic = CeVAEAnomalyLogic()
+    first = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.5)
+    browser.SetSelectedItemNumber(2)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    third = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.5)
+    assert first.title == "cine (frame 1)" and third.title == "cine (frame 3)"
+    said = facts(Page(logic.saveReport(third, tmp_path / "third.html").read_text(encoding="utf-8")))
+    assert said["Input"] == "cine (frame 3)"
+    assert said["Sequence frame"] == "frame 3 of 3 (time = 4 s) of 'cine browser'"
+    browser.SetSelectedItemNumber(0)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    page = Page(logic.saveReport(first, tmp_path / "first.html").read_text(encoding="utf-8"))
+    assert facts(page)["Sequence frame"] == "frame 1 of 3 (time = 0 s) of 'cine browser'"
+    assert "Anomaly detection report: cine (frame 1)" in page.text
+    scene.Clear(1)

@@ -109,6 +109,12 @@ class CeVAEAnomalyResult:
         return to_world(frame, (ijk_to_ras(frame) @ np.array([*peak, 1.0]))[:3])
 
     @property
+    def title(self) -> str:
+        """The input as the report names it: its volume node's name, with the sequence frame scored as the result's
+        nodes name it (e.g. "cine (frame 3)")."""
+        return self.volume.GetName() + (f" (frame {self.frame.item + 1})" if self.frame is not None else "")
+
+    @property
     def summary(self) -> str:
         """One line: components, flagged volume, the first component's volume and side (result.components_summary),
         and the threshold with its source; the sequence frame scored."""
@@ -440,17 +446,18 @@ class CeVAEAnomalyLogic(_LogicBase):
     def saveReport(self, result: CeVAEAnomalyResult, path: Union[str, "os.PathLike[str]"],
                    overwrite: bool = False) -> Path:
         """Write the HTML report of ``result`` (what :meth:`process` or :meth:`finishDetection` returned) to ``path``
-        (``~`` expanded; a name ending .html or .htm) and return it: the page ``cevae-anomaly detect --report``
-        writes (report.py), one file to open, print and file. The input is named by its volume node's name (as the
-        scene, the panel and the views show it: a volume from DICOM or made in Slicer has no file of its own, and a
-        file's node is named by the file's name without its extension). The warnings are those the module said of
-        the run (``result.warnings``; the record's where it holds none). The key picture is embedded where the
-        research extra (matplotlib) is installed, drawn from the input volume as ``detect --picture`` draws it; the
-        page says otherwise. Written whole or not at all (io.atomic). Refused in one line, with nothing written: a
-        name of another ending, an existing file without ``overwrite``, a result whose input or score volume was
-        removed from the scene (or whose scene closed), a result with no record of how it was made (a run of a
-        version before records), and, where the picture is drawn, an input volume whose voxels changed since the
-        detection (another sequence frame shown, the volume edited): the picture would show another scan."""
+        (``~`` expanded; a name ending .html or .htm) and return it: the page ``cevae-anomaly detect --report`` writes
+        (report.py), one file to open, print and file. The input is named by its volume node's name (as the scene, the
+        panel and the views show it: a volume from DICOM or made in Slicer has no file of its own, and a file's node is
+        named by the file's name without its extension), with the sequence frame scored where a sequence browser drives
+        it (:attr:`CeVAEAnomalyResult.title`; the frame in words among the facts). The warnings are those the module
+        said of the run (``result.warnings``; the record's where it holds none). The key picture is embedded where the
+        research extra (matplotlib) is installed, drawn from the input volume as ``detect --picture`` draws it; the page
+        says otherwise. Written whole or not at all (io.atomic). Refused in one line, with nothing written: a name of
+        another ending, an existing file without ``overwrite``, a result whose input or score volume was removed from
+        the scene (or whose scene closed), a result with no record of how it was made (a run of a version before
+        records), and, where the picture is drawn, an input volume whose voxels changed since the detection (another
+        sequence frame shown, the volume edited): the picture would show another scan."""
         from ..io.atomic import write_all
         from ..report import result_report_html
         from ..result import REPORT_OUTPUT, refuse_unwritable_names
@@ -472,7 +479,8 @@ class CeVAEAnomalyLogic(_LogicBase):
                              "detection again to save its report.")
         said = tuple(dict.fromkeys(result.warnings)) or detection.record.warnings
         detection = dataclasses.replace(detection, record=dataclasses.replace(detection.record, warnings=said))
-        page = result_report_html(volume.GetName(), detection, self._reportPicture(result))
+        page = result_report_html(result.title, detection, self._reportPicture(result),
+                                  result.frame.label if result.frame is not None else None)
         return write_all({output: page}, overwrite, command="saveReport")[0]
 
     def _reportPicture(self, result: CeVAEAnomalyResult) -> Optional[bytes]:
@@ -486,14 +494,14 @@ class CeVAEAnomalyLogic(_LogicBase):
 
         if missing_modules(PICTURE_MODULES):
             return None
-        name, detection = result.volume.GetName(), result.detection
+        detection = result.detection
         image = self._inputImages(result.volume, None, None)[0]
         digest = detection.record.image_voxels_sha256
         if not same_grid(image, detection.score) or (digest is not None and image_voxel_sha256(image) != digest):
-            raise CeVAEError(f"The input volume '{name}' holds other voxels than this detection scored (another "
-                             "sequence frame is shown, or the volume was changed since): the report's picture would "
-                             "show another scan. Show the frame scored, or run the detection again.")
-        return report_picture(image, detection, name)
+            raise CeVAEError(f"The input volume '{result.volume.GetName()}' holds other voxels than this detection "
+                             "scored (another sequence frame is shown, or the volume was changed since): the report's "
+                             "picture would show another scan. Show the frame scored, or run the detection again.")
+        return report_picture(image, detection, result.title)
 
     # --- in a worker process -------------------------------------------------------------------
 
