@@ -56,6 +56,15 @@ def test_the_default_file_is_name_report_html_in_the_last_folder(tmp_path):
     assert report_default_path(tmp_path, "") == tmp_path / "volume_report.html"
 
 
+def test_the_default_file_is_not_hidden_for_a_name_that_starts_with_dots(tmp_path):
+    """A volume named ".." or ".scan" was offered ".._report.html", "._report.html" (".": macOS's name for a file's
+    resource fork) or ".scan_report.html": hidden in the file browsers of Linux and macOS once saved."""
+    assert report_default_path(tmp_path, "..") == tmp_path / "volume_report.html"
+    assert report_default_path(tmp_path, " . ") == tmp_path / "volume_report.html"
+    assert report_default_path(tmp_path, ".scan") == tmp_path / "scan_report.html"
+    assert report_default_path(tmp_path, "scan.") == tmp_path / "scan._report.html"
+
+
 def test_the_chosen_name_gets_html_added_and_is_replaced_only_where_the_dialog_asked(tmp_path):
     (tmp_path / "mine.html").write_text("x")
     assert report_output(str(tmp_path / "mine.html")) == (tmp_path / "mine.html", True)  # the dialog asked

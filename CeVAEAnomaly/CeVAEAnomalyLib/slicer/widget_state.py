@@ -301,8 +301,10 @@ def with_warnings(text: str, warnings: Sequence[str]) -> str:
 
 def report_default_path(folder: Path, volume_name: str) -> Path:
     """The file Save report... offers: NAME_report.html in ``folder`` (the last folder a report went to), NAME the
-    input volume's name with each character a file name cannot hold (on any system) as "_"."""
-    return folder / ((_NOT_IN_FILE_NAMES.sub("_", volume_name).strip() or "volume") + REPORT_TAG)
+    input volume's name with each character a file name cannot hold (on any system) as "_", without leading dots
+    (a hidden file on Linux and macOS)."""
+    name = _NOT_IN_FILE_NAMES.sub("_", volume_name).strip().lstrip(".").strip()
+    return folder / ((name or "volume") + REPORT_TAG)
 
 
 def report_output(chosen: str) -> Tuple[Path, bool]:
