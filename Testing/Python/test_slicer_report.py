@@ -206,3 +206,25 @@ def test_the_report_of_a_sequence_frame_names_the_frame_scored(tiny_bundle, tmp_
     assert facts(page)["Sequence frame"] == "frame 1 of 3 (time = 0 s) of 'cine browser'"
     assert "Anomaly detection report: cine (frame 1)" in page.text
     scene.Clear(1)
+
+
+def test_the_report_of_a_frame_draws_that_frame_while_the_browser_shows_another(tiny_bundle, tmp_path):
+    """The panel keeps a frame's results (and its Save report... enabled) while the browser shows a frame without
+    results of its own; saving them was refused where matplotlib draws the picture ("another sequence frame is
+    shown"), though the sequence keeps the frame scored. The picture is drawn from that frame, as detect draws it."""
+    pytest.importorskip("matplotlib")
+    from CeVAEAnomalyLib.slicer.mrml import image_from_volume
+    from CeVAEAnomalyResearch.figures import result_picture_png
+    from test_slicer_worker import sequence_scene
+
+    scene, sequences, browser, proxy = sequence_scene()
+    logic = CeVAEAnomalyLogic()
+    browser.SetSelectedItemNumber(2)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    third = logic.process(proxy, modelPath=tiny_bundle, device="cpu", threshold=0.5)
+    drawn = result_picture_png(image_from_volume(proxy), third.detection, "cine (frame 3)")
+    browser.SetSelectedItemNumber(0)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    page = Page(logic.saveReport(third, tmp_path / "third.html").read_text(encoding="utf-8"))
+    assert [base64.b64decode(attrs["src"].split(",", 1)[1]) for tag, attrs in page.tags if tag == "img"] == [drawn]
+    scene.Clear(1)

@@ -456,8 +456,9 @@ class CeVAEAnomalyLogic(_LogicBase):
         says otherwise. Written whole or not at all (io.atomic). Refused in one line, with nothing written: a name of
         another ending, an existing file without ``overwrite``, a result whose input or score volume was removed from
         the scene (or whose scene closed), a result with no record of how it was made (a run of a version before
-        records), and, where the picture is drawn, an input volume whose voxels changed since the detection (another
-        sequence frame shown, the volume edited): the picture would show another scan."""
+        records), and, where the picture is drawn, an input volume whose voxels changed since the detection (the volume
+        edited; on a sequence the frame scored is drawn, whichever frame is shown): the picture would show another
+        scan."""
         from ..io.atomic import write_all
         from ..report import result_report_html
         from ..result import REPORT_OUTPUT, refuse_unwritable_names
@@ -485,22 +486,25 @@ class CeVAEAnomalyLogic(_LogicBase):
 
     def _reportPicture(self, result: CeVAEAnomalyResult) -> Optional[bytes]:
         """The key picture of ``result``'s report (report.report_picture: None without the research extra), drawn
-        from its input volume, refused where that holds other voxels than the detection scored."""
+        from its input volume (on a sequence, the frame scored, which the sequence keeps while another is shown),
+        refused where that holds other voxels than the detection scored."""
         from ..io.checksum import image_voxel_sha256
         from ..io.images import same_grid
         from ..report import report_picture
         from ..result import PICTURE_MODULES
         from ..system import missing_modules
+        from .nodes import read_frame_node
 
         if missing_modules(PICTURE_MODULES):
             return None
         detection = result.detection
-        image = self._inputImages(result.volume, None, None)[0]
+        image = self._inputImages(read_frame_node(result.volume, result.frame), None, None,
+                                  shown=result.volume.GetName())[0]
         digest = detection.record.image_voxels_sha256
         if not same_grid(image, detection.score) or (digest is not None and image_voxel_sha256(image) != digest):
             raise CeVAEError(f"The input volume '{result.volume.GetName()}' holds other voxels than this detection "
-                             "scored (another sequence frame is shown, or the volume was changed since): the report's "
-                             "picture would show another scan. Show the frame scored, or run the detection again.")
+                             "scored (it was changed since, or the frame scored was removed from its sequence): the "
+                             "report's picture would show another scan. Run the detection again.")
         return report_picture(image, detection, result.title)
 
     # --- in a worker process -------------------------------------------------------------------
