@@ -266,7 +266,7 @@ def evaluate_files(rows: list[dict]) -> tuple[list[CaseMetrics], dict]:
     if 0 < len(without) < len(cases):  # (the pooled row's other figures are of every case)
         log.warning("The pooled lesion-wise figures (n_lesions to first_is_lesion) are of the %d of %d cases with a "
                     "labelmap; %s, without one, %s not counted in them.", len(cases) - len(without), len(cases),
-                    ", ".join(without), "is" if len(without) == 1 else "are")
+                    ", ".join(f"'{name}'" for name in without), "is" if len(without) == 1 else "are")
     if not math.isnan(pooled["auroc"]):  # a healthy case's voxels count in the pooled figures only
         for scores, name in unmasked_healthy:
             _warn_of_easy_negatives(scores, name, "the pooled AUROC comes out")

@@ -195,3 +195,23 @@ def test_pooled_lesion_figures_over_some_cases_say_which_are_left_out(tmp_path: 
     with caplog.at_level("WARNING"):
         evaluate_files(rows[:1])  # every case with a labelmap: nothing to say
     assert not [r for r in caplog.records if "lesion-wise" in r.getMessage()]
+
+
+def test_the_cases_left_out_of_the_pooled_lesion_figures_are_told_apart_where_names_hold_commas(tmp_path: Path,
+                                                                                                caplog) -> None:
+    """Names joined by ", " ran together where a name held a comma (a CSV cell such as "Smith, J"): "a, b, c, without
+    one, are not counted" named three cases or two. Each name is quoted now."""
+    rows = []
+    for case, false_score in (("with", 0.7), ("Smith, J", 0.8), ("Doe, A", 0.9)):  # three score maps
+        files = {}
+        for role, value in two_lesions(false_score).items():
+            files[role] = tmp_path / f"{case[:3]}_{role}.nii.gz"
+            sitk.WriteImage(value, str(files[role]))
+        if case != "with":
+            del files["labelmap"]
+        rows.append({**files, "name": case})
+    with caplog.at_level("WARNING"):
+        evaluate_files(rows)
+    said = [r.getMessage() for r in caplog.records if "lesion-wise" in r.getMessage()]
+    assert len(said) == 1 and "of the 1 of 3 cases with a labelmap" in said[0]
+    assert "'Smith, J', 'Doe, A'" in said[0], said[0]
