@@ -1127,8 +1127,12 @@ class CeVAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Saving the report failed."), waitCursor=True):
             path, replace = report_output(chosen)
             self._reportFolder = path.parent
+            if replace is None and not slicer.app.testingEnabled():  # ".html" added: the dialog asked of another name
+                replace = self._confirm(_("{path} already exists. Replace it?").format(path=path), _("Save report"))
+                if not replace:
+                    return
             # the save dialog asked before it returned an existing file; testing mode never asks, so never replaces
-            written = self.logic.saveReport(result, path, overwrite=replace and not slicer.app.testingEnabled())
+            written = self.logic.saveReport(result, path, overwrite=bool(replace) and not slicer.app.testingEnabled())
             self.ui.statusLabel.text = _("Report saved as {path}.").format(path=written)
 
     @staticmethod

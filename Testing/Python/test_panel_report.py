@@ -69,6 +69,15 @@ def test_the_chosen_name_gets_html_added_and_is_replaced_only_where_the_dialog_a
     (tmp_path / "mine.html").write_text("x")
     assert report_output(str(tmp_path / "mine.html")) == (tmp_path / "mine.html", True)  # the dialog asked
     assert report_output(str(tmp_path / "new.htm")) == (tmp_path / "new.htm", False)
-    assert report_output(str(tmp_path / "mine")) == (tmp_path / "mine.html", False)  # not asked for mine.html
+    assert report_output(str(tmp_path / "mine")) == (tmp_path / "mine.html", None)  # not asked for mine.html
     assert report_output(str(tmp_path / "mine.pdf")) == (tmp_path / "mine.pdf", False)  # the logic refuses it
     assert report_output("~/r.html")[0] == Path.home() / "r.html"
+
+
+def test_an_existing_file_the_dialog_did_not_ask_of_is_to_be_asked_of(tmp_path):
+    """"mine" typed in the save dialog, mine.html there: the dialog asked of "mine", not of mine.html, and the panel
+    then showed the library's refusal, "pass --overwrite (overwrite=True in Python) to replace it", which a panel user
+    cannot do. report_output says None (ask before replacing it), as it does for no other answer."""
+    (tmp_path / "mine.html").write_text("x")
+    assert report_output(str(tmp_path / "mine"))[1] is None
+    assert report_output(str(tmp_path / "yours"))[1] is False

@@ -307,13 +307,14 @@ def report_default_path(folder: Path, volume_name: str) -> Path:
     return folder / ((name or "volume") + REPORT_TAG)
 
 
-def report_output(chosen: str) -> Tuple[Path, bool]:
+def report_output(chosen: str) -> Tuple[Path, Optional[bool]]:
     """The file a save dialog's answer ``chosen`` names (``~`` expanded; ".html" added to a name of no suffix, as a
-    dialog with a default suffix adds it) and whether to replace it where it exists: the dialog asked before it
-    returned an existing file, never for a name the suffix was added to."""
+    dialog with a default suffix adds it) and whether to replace it: True where it exists (the dialog asked before it
+    returned an existing file), False where it does not, None where the suffix was added to the name and that file
+    exists (the dialog did not ask of it: ask before replacing it)."""
     added = not Path(chosen).suffix
     path = typed_path(chosen + ".html" if added else chosen)
-    return path, not added and path.exists()
+    return path, (None if added else True) if path.exists() else False
 
 
 def _check(task: str) -> str:
