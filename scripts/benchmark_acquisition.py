@@ -48,6 +48,7 @@ from CeVAEAnomalyLib.engine.symmetry import asymmetry, fuse, side_weight
 from CeVAEAnomalyLib.options import RECOMMENDED_POSTPROCESS, PostprocessOptions
 from CeVAEAnomalyResearch.acquisition import VARIANTS
 from CeVAEAnomalyResearch.evaluate import dice, pooled_metrics
+from CeVAEAnomalyResearch.lesionwise import lesion_counts, lesion_hits
 from acquisition_cases import case_files
 
 SHIPPED = read_header(default_model_path())
@@ -341,6 +342,24 @@ LEVERS: List[Tuple[str, str, str]] = [
 ]
 
 
+# the levers whose lesions are also counted one by one (evaluate's lesion-wise figures: CeVAEAnomalyResearch.lesionwise)
+LESIONWISE = (f"default | clean | {DEFAULT_LABELS}", f"default | clean | {MIN50}")
+LESION_SIZES_ML = (0.5, 4.0)  # lesions by volume: below 0.5 ml, 0.5-4 ml, above 4 ml
+
+
+def count_lesions(fig: Dict[str, list], z: np.ndarray, c: Case, labelmap: np.ndarray) -> None:
+    """Add to ``fig`` each lesion of lesion case ``c`` (its ml, whether ``labelmap`` overlaps it) and the labelmap's
+    components on no lesion, as ``evaluate`` counts them."""
+    if not np.isfinite(z[labelmap]).all():
+        raise ValueError(f"{c['case']}: the map is not finite on the labelmap")
+    like = sitk.GetImageFromArray(z.astype(np.float32))
+    truth = c["gt"].astype(bool)
+    hits = lesion_hits(truth, labelmap, like)
+    fig["lesion_ml"] += [voxels * c["voxel_ml"] for voxels, _ in hits]
+    fig["lesion_found"] += [found for _, found in hits]
+    fig["false_components"].append(lesion_counts(truth, labelmap, like).false_components)
+
+
 def label_case(z: np.ndarray, c: Case, t: float, rule: str, mass: Optional[float] = None
                ) -> Tuple[np.ndarray, int, Optional[bool]]:
     """:func:`labelled` by the labelmap rule ``rule`` of :data:`LABELS` at threshold ``t`` (``mass``: see
@@ -577,6 +596,8 @@ def main() -> None:
                             if first is not None:
                                 per_lever[key]["first_row_when_marked"].append(bool(first))
                             per_lever[key]["jump_lesion"].append(top if first is None else first)
+                            if key in LESIONWISE:
+                                count_lesions(per_lever[key], z, c, labelmap)
                             per_lever[key]["recipe"].append(c["recipe"])
                             per_lever[key]["subject"].append(s)
                         per_lever[key]["thresholds"].append(t)
@@ -599,6 +620,7 @@ def main() -> None:
                 "jump_lesion": float(np.mean(fig["jump_lesion"])),
                 "top_slice": float(np.mean(per_lever[m]["top_slice"])), "top_slice_per_case": per_lever[m]["top_slice"],
                 "thresholds": fig["thresholds"],
+                **({k: fig[k] for k in ("lesion_ml", "lesion_found", "false_components")} if key in LESIONWISE else {}),
             }
         print(f"{v} ({time.time() - t0:.0f} s)", flush=True)
     moved = {v: {name: {k: pm[k] for k in ("auprc", "best_dice", "n_cases")}
@@ -692,6 +714,32 @@ def _merit(per_v: Dict[str, dict]) -> Tuple[float, float]:
     return float(np.mean(ok)), float(np.mean([r["dice"] for r in per_v.values()]))
 
 
+def _lesionwise_tables(result: dict) -> List[str]:
+    """Per labelmap rule of :data:`LESIONWISE` in ``result``: the lesions found (pooled, and by size) and the false
+    components per lesion case and per healthy scan, by variant and over all."""
+    low, high = LESION_SIZES_ML
+    sizes = ((f"< {low:g} ml", lambda ml: ml < low), (f"{low:g}-{high:g} ml", lambda ml: (low <= ml) & (ml <= high)),
+             (f"> {high:g} ml", lambda ml: ml > high))
+    lines: List[str] = []
+    for key in LESIONWISE:
+        per_v = {v: r for v, r in result["rows"].get(key, {}).items() if "lesion_found" in r}
+        if not per_v:
+            continue
+        lines += ["", f"Lesion-wise, {key} (a lesion is found where one labelmap voxel overlaps it; a false component "
+                  "overlaps no lesion):", "", "| variant | lesions | found | " + " | ".join(
+                      f"found, {name}" for name, _ in sizes) + " | false components per lesion case (mean / max) "
+                  "| components per healthy scan (mean / max) |", "|---|---|---|" + "---|" * len(sizes) + "---|---|"]
+        for v, r in [*per_v.items(), ("all variants", {k: [x for r in per_v.values() for x in r[k]] for k in (
+                "lesion_ml", "lesion_found", "false_components", "healthy_components")})]:
+            found, ml = np.array(r["lesion_found"], bool), np.array(r["lesion_ml"])
+            cells = [f"{found[pick(ml)].mean():.2f} (n={int(pick(ml).sum())})" if pick(ml).any() else "–"
+                     for _, pick in sizes]
+            lines.append(f"| {v} | {len(found)} | {found.mean():.2f} | " + " | ".join(cells) +
+                         f" | {np.mean(r['false_components']):.2f} / {np.max(r['false_components'])} | "
+                         f"{np.mean(r['healthy_components']):.2f} / {np.max(r['healthy_components'])} |")
+    return lines
+
+
 def render(result: dict) -> str:
     default = f"default | clean | {DEFAULT_LABELS}"
     rows = result["rows"]
@@ -744,6 +792,7 @@ def render(result: dict) -> str:
             cells = [f"{moved[v][name]['auprc']:.3f} / {moved[v][name]['best_dice']:.3f}" for v in moved]
             lines.append(f"| {name} | " + " | ".join(cells) +
                          f" | {np.mean([moved[v][name]['auprc'] for v in moved]):.3f} |")
+    lines += _lesionwise_tables(result)
     sw = result["slice_weights"]
     lines += ["", "Top slice on a lesion by slice-score fusion weight (all variants): " +
               ", ".join(f"w {w}: {v:.3f}" for w, v in sw["by_weight"].items()) +

@@ -9,7 +9,7 @@ detect's lesion table lists first (engine.postprocess.COMPONENT_ORDER of the sco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,19 +32,28 @@ def lesion_counts(truth: np.ndarray, flagged: np.ndarray, score: sitk.Image) -> 
     """The counts of the labelmap voxels ``flagged`` against the lesion voxels ``truth`` (bool arrays on the grid of
     ``score``, ``truth`` already cut to the evaluated voxels); ``score`` (finite at every flagged voxel) ranks the
     labelmap's components as detect's lesion table does."""
-    lesions = _labels(truth, score)
-    n_lesions = int(lesions.max(initial=0))
-    detected = np.unique(lesions[flagged & truth])
+    hits = lesion_hits(truth, flagged, score)
     components = connected_components(_image(flagged, score))
     parts = sitk.GetArrayViewFromImage(components)
     n_components = int(parts.max(initial=0))
-    hits = np.unique(parts[flagged & truth])
+    touched = np.unique(parts[flagged & truth])
     first_is_lesion = None
-    if n_lesions:
+    if hits:
         first = ranked_components(components, score, COMPONENT_ORDER)[0].label if n_components else 0
-        first_is_lesion = first != 0 and bool(np.isin(first, hits))
-    return LesionCounts(n_lesions, int(np.count_nonzero(detected)), n_components - int(np.count_nonzero(hits)),
+        first_is_lesion = first != 0 and bool(np.isin(first, touched))
+    return LesionCounts(len(hits), sum(hit for _, hit in hits), n_components - int(np.count_nonzero(touched)),
                         first_is_lesion)
+
+
+def lesion_hits(truth: np.ndarray, flagged: np.ndarray, like: sitk.Image) -> List[Tuple[int, bool]]:
+    """Each ground-truth lesion of ``truth`` (as :func:`lesion_counts` counts them; bool arrays on the grid of
+    ``like``): its number of voxels and whether a voxel of ``flagged`` overlaps it."""
+    lesions = _labels(truth, like)
+    n = int(lesions.max(initial=0))
+    sizes = np.bincount(lesions.ravel(), minlength=n + 1)[1:]
+    hit = np.zeros(n + 1, bool)
+    hit[lesions[flagged & truth]] = True
+    return [(int(size), bool(found)) for size, found in zip(sizes, hit[1:])]
 
 
 def pooled_lesion_figures(cases: Sequence[Optional[LesionCounts]]) -> dict:

@@ -326,3 +326,23 @@ def test_runs_that_overlap_or_differ_in_calibration_are_not_merged(scripts):
     other = {**_run(ba, ["gamma 0.7"], hits), "calibration_subjects": ["a"]}
     with pytest.raises(ValueError, match="calibration_subjects"):
         ba.merge_results([_run(ba, ["clean"], hits), other])
+
+
+def test_lesions_are_counted_one_by_one_with_the_false_components_beside_them(scripts):
+    """count_lesions (the lesion-wise table): blob A is the lesion (0.036 ml) and is found; blob B is a false
+    component; the table pools them by size."""
+    ba, _ = scripts
+    c = blobs_case()
+    labelmap = ba.components(c["z"], c, 3.5, 0.0)[1] > 0  # both blobs
+    fig = {"lesion_ml": [], "lesion_found": [], "false_components": []}
+    ba.count_lesions(fig, c["z"], c, labelmap)
+    assert fig["lesion_found"] == [True] and fig["false_components"] == [1]
+    assert fig["lesion_ml"] == pytest.approx([4 * 4 * 9 * 0.001])
+    missed = {"lesion_ml": [], "lesion_found": [], "false_components": []}
+    ba.count_lesions(missed, c["z"], c, np.zeros(c["z"].shape, bool))
+    assert missed == {"lesion_ml": fig["lesion_ml"], "lesion_found": [False], "false_components": [0]}
+    key = ba.LESIONWISE[0]
+    rows = {key: {"clean": {**fig, "healthy_components": [0, 2]}, "thick 6.5 mm": {**missed, "healthy_components": [1]}}}
+    table = ba._lesionwise_tables({"rows": rows})
+    assert "| clean | 1 | 1.00 | 1.00 (n=1) | – | – | 1.00 / 1 | 1.00 / 2 |" in table
+    assert "| all variants | 2 | 0.50 | 0.50 (n=2) | – | – | 0.50 / 1 | 1.00 / 2 |" in table

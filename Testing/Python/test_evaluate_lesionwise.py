@@ -13,7 +13,7 @@ from CeVAEAnomalyLib.cli.main import main
 from CeVAEAnomalyLib.engine.postprocess import COMPONENT_ORDER, components
 from CeVAEAnomalyLib.errors import CeVAEError
 from CeVAEAnomalyResearch.evaluate import evaluate_case, evaluate_files, write_metrics_csv
-from CeVAEAnomalyResearch.lesionwise import LesionCounts, pooled_lesion_figures
+from CeVAEAnomalyResearch.lesionwise import LesionCounts, lesion_hits, pooled_lesion_figures
 
 SHAPE = (10, 12, 12)  # (z, y, x)
 LESION_COLUMNS = ["n_lesions", "lesions_detected", "lesion_sensitivity", "false_components",
@@ -215,3 +215,14 @@ def test_the_cases_left_out_of_the_pooled_lesion_figures_are_told_apart_where_na
     said = [r.getMessage() for r in caplog.records if "lesion-wise" in r.getMessage()]
     assert len(said) == 1 and "of the 1 of 3 cases with a labelmap" in said[0]
     assert "'Smith, J', 'Doe, A'" in said[0], said[0]
+
+
+def test_each_lesion_is_listed_with_its_size_and_whether_it_was_found() -> None:
+    """lesion_hits (the acquisition benchmark's lesions by size): lesion A (4 voxels) found, lesion B (4) missed, a
+    lesion of one voxel touching A at a corner is A's (26-connected, as the counts)."""
+    case = two_lesions()
+    truth = sitk.GetArrayFromImage(case["gt"]).astype(bool)
+    truth[3, 4, 4] = True  # diagonal to A's corner voxel (2, 3, 3)
+    flagged = sitk.GetArrayFromImage(case["labelmap"]).astype(bool)
+    assert sorted(lesion_hits(truth, flagged, case["score"])) == [(4, False), (5, True)]
+    assert lesion_hits(np.zeros(SHAPE, bool), flagged, case["score"]) == []
