@@ -291,3 +291,18 @@ def scan_slices(tiny_bundle):
     brain = finite_brain(sitk.GetArrayViewFromImage(image), mask_array(mask, image))
     stack = prepare(image, brain, bundle.preprocess)
     return bundle, torch.from_numpy(stack.slices), torch.from_numpy(stack.brain), image, mask
+
+
+# A script preamble (python -c) that makes matplotlib unimportable, as in an installation without the research extra.
+WITHOUT_MATPLOTLIB = """
+import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError("No module named 'matplotlib'", name=name)
+sys.meta_path.insert(0, Blocked())
+"""
+# ... then the command line's main on the script's arguments
+CLI_WITHOUT_MATPLOTLIB = WITHOUT_MATPLOTLIB + """from CeVAEAnomalyLib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import CLI_WITHOUT_MATPLOTLIB
 from CeVAEAnomalyLib.cli.main import EXIT_DONE, EXIT_REFUSED, main
 from CeVAEAnomalyLib.data import data_path
 
@@ -95,26 +96,14 @@ def test_a_picture_not_named_png_is_refused_before_scoring(lesioned, tmp_path, c
     assert "name ending in .png" in capsys.readouterr().err
 
 
-BLOCKED = """
-import sys
-class Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "matplotlib":
-            raise ModuleNotFoundError("No module named 'matplotlib'", name=name)
-sys.meta_path.insert(0, Blocked())
-from CeVAEAnomalyLib.cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.parametrize("command", ["detect", "batch"])
 def test_without_matplotlib_the_picture_is_refused_up_front_naming_the_extra(lesioned, tmp_path, command):
     scan, mask, _ = lesioned
     args = (["detect", str(scan), "--mask", str(mask), "--score", str(tmp_path / "s.nii.gz"), "--picture",
              str(tmp_path / "p.png")] if command == "detect" else
             ["batch", str(scan.parent), "--out-dir", str(tmp_path / "out"), "--pictures"])
-    done = subprocess.run([sys.executable, "-c", BLOCKED, *args, "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", CLI_WITHOUT_MATPLOTLIB, *args, "--device", "cpu"], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == EXIT_REFUSED, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs matplotlib" in lines[0] and "cevae-anomaly[research]" in lines[0], lines

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import SimpleITK as sitk
 
+from conftest import CLI_WITHOUT_MATPLOTLIB
 from CeVAEAnomalyLib.cli.main import EXIT_DONE, EXIT_REFUSED, main
 from CeVAEAnomalyLib.data import data_path
 from CeVAEAnomalyLib.result import DetectionRecord, components_summary, read_components_csv
@@ -226,23 +227,11 @@ def test_control_characters_in_a_name_or_warning_are_shown_escaped_not_written_i
     assert "\\x9b\ttab\nline</li>" in text
 
 
-BLOCKED = """
-import sys
-class Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "matplotlib":
-            raise ModuleNotFoundError("No module named 'matplotlib'", name=name)
-sys.meta_path.insert(0, Blocked())
-from CeVAEAnomalyLib.cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_without_matplotlib_the_report_is_written_and_says_the_picture_needs_the_extra(scan, tmp_path):
     image, mask = scan
     report = tmp_path / "report.HTM"
-    done = subprocess.run([sys.executable, "-c", BLOCKED, "detect", str(image), "--mask", str(mask), "--score",
-                           str(tmp_path / "s.nii.gz"), "--report", str(report), "--device", "cpu"],
+    done = subprocess.run([sys.executable, "-c", CLI_WITHOUT_MATPLOTLIB, "detect", str(image), "--mask", str(mask),
+                           "--score", str(tmp_path / "s.nii.gz"), "--report", str(report), "--device", "cpu"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == EXIT_DONE, done.stderr
     page = Page(report.read_text(encoding="utf-8"))
@@ -337,8 +326,8 @@ def test_a_volume_scored_again_without_reports_loses_its_old_report(cohort, tmp_
 
 def test_batch_reports_without_matplotlib_are_written_without_the_picture(cohort, tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-c", BLOCKED, "batch", str(cohort), "--out-dir", str(out), "--reports",
-                           "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", CLI_WITHOUT_MATPLOTLIB, "batch", str(cohort), "--out-dir", str(out),
+                           "--reports", "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert done.returncode == EXIT_DONE, done.stderr
     page = Page((out / "lesioned_report.html").read_text(encoding="utf-8"))
     assert not any(tag == "img" for tag, _ in page.tags) and "needs the research extra" in page.text

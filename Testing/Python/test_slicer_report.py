@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import add_volume, make_head
+from conftest import WITHOUT_MATPLOTLIB, add_volume, make_head
 from test_report import Page, facts
 
 slicer = pytest.importorskip("slicer")
@@ -113,14 +113,7 @@ def test_a_volume_changed_since_the_detection_is_refused_where_the_picture_is_dr
     assert list(tmp_path.iterdir()) == []
 
 
-WITHOUT_MATPLOTLIB = """
-import sys
-class Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "matplotlib":
-            raise ModuleNotFoundError("No module named 'matplotlib'", name=name)
-sys.meta_path.insert(0, Blocked())
-import slicer
+SAVE_WITHOUT_MATPLOTLIB = WITHOUT_MATPLOTLIB + """import slicer
 sys.path.insert(0, sys.argv[3])
 from conftest import add_volume, make_head
 from CeVAEAnomalyLib.slicer.logic import CeVAEAnomalyLogic
@@ -135,7 +128,7 @@ def test_without_matplotlib_the_report_is_saved_and_says_the_picture_needs_the_e
     from pathlib import Path
 
     report = tmp_path / "report.html"
-    done = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB, str(tiny_bundle), str(report),
+    done = subprocess.run([sys.executable, "-c", SAVE_WITHOUT_MATPLOTLIB, str(tiny_bundle), str(report),
                            str(Path(__file__).parent)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     page = Page(report.read_text(encoding="utf-8"))
