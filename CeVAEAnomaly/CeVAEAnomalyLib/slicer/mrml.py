@@ -90,8 +90,8 @@ DISPLAY_PERCENTILE = 99.0  # the colour map saturates at this percentile of the 
 # not the map's black (which reads as a hole in the scan beneath).
 THRESHOLD_COLOUR = 0.35
 SEGMENT_COLOR = (0.0, 0.85, 1.0)  # cyan: stands out against the warm heat map
-# The anomaly segment's standard terminology: what Slicer's Terminology selector shows and a DICOM SEG export
-# (QuantitativeReporting, dcmqi) writes as the segment's coded meaning. The type is SNOMED CT's "Lesion", which says
+# The anomaly segment's standard terminology: Slicer's terminology tag, which a DICOM SEG export (QuantitativeReporting,
+# dcmqi) writes as the segment's coded meaning. The type is SNOMED CT's "Lesion", which says
 # no more than the detector knows (an anomaly of unknown kind); Slicer's default lists' types of this category (mass,
 # cyst, oedema, neoplasm, ...) each name a kind, so this one code is not in them. Stored, as Slicer
 # 5.6-5.10 do, in the segment's tag vtkSegment.GetTerminologyEntryTagName(): 7 parts joined by "~", each code as
