@@ -331,3 +331,32 @@ def test_batch_reports_without_matplotlib_are_written_without_the_picture(cohort
     assert done.returncode == EXIT_DONE, done.stderr
     page = Page((out / "lesioned_report.html").read_text(encoding="utf-8"))
     assert not any(tag == "img" for tag, _ in page.tags) and "needs the research extra" in page.text
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_batch_pictures_and_reports_draw_the_key_picture_once_and_embed_the_png_file(cohort, tmp_path, monkeypatch,
+                                                                                     rerun):
+    """With --pictures --reports, a rerun that made a done volume's missing picture and report from its saved outputs
+    drew the key picture twice, once for each; it is drawn once now, in a first run as in a rerun, and the report
+    embeds the very bytes of the PNG file."""
+    pytest.importorskip("matplotlib")
+    from CeVAEAnomalyResearch import figures
+
+    out = tmp_path / "out"
+    if rerun:
+        assert batch(cohort, out) == EXIT_DONE
+    drawn: List[bytes] = []
+    real = figures.key_picture_png
+
+    def counted(*args, **kwargs) -> bytes:
+        drawn.append(real(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(figures, "key_picture_png", counted)
+    assert batch(cohort, out, "--pictures", "--reports") == EXIT_DONE
+    assert statuses(out) == ["skipped" if rerun else "ok"]
+    assert len(drawn) == 1
+    png = (out / "lesioned_picture.png").read_bytes()
+    images = [attrs["src"] for tag, attrs in Page((out / "lesioned_report.html").read_text("utf-8")).tags
+              if tag == "img"]
+    assert png == drawn[0] and len(images) == 1 and base64.b64decode(images[0].split(",", 1)[1]) == png

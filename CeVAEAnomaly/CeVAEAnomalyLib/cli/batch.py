@@ -496,17 +496,18 @@ def picture_of_outputs(item: BatchItem, out_dir: Path, threshold: float) -> byte
                            read_components_csv(paths["components"].read_text(encoding="utf-8")), top, item.name)
 
 
-def report_of_outputs(item: BatchItem, out_dir: Path) -> str:
+def report_of_outputs(item: BatchItem, out_dir: Path, picture: Optional[bytes] = None) -> str:
     """The report of a done volume made from its saved outputs (record, component and slice tables; the key picture
-    drawn from them where the research extra is installed), without scoring it again: what ``--reports`` makes for a
-    volume done without one."""
+    ``picture``, else drawn from them where the research extra is installed), without scoring it again: what
+    ``--reports`` makes for a volume done without one."""
     from ..report import report_html
     from ..result import PICTURE_MODULES, DetectionRecord, read_components_csv, read_slices_csv
     from ..system import missing_modules
 
     paths = volume_files(out_dir, item.name)
     record = DetectionRecord.from_dict(json.loads(paths[RECORD_ROLE].read_text(encoding="utf-8")))
-    picture = None if missing_modules(PICTURE_MODULES) else picture_of_outputs(item, out_dir, record.threshold)
+    if picture is None and not missing_modules(PICTURE_MODULES):
+        picture = picture_of_outputs(item, out_dir, record.threshold)
     return report_html(item.name, record, read_components_csv(paths["components"].read_text(encoding="utf-8")),
                        read_slices_csv(paths["slices"].read_text(encoding="utf-8")), picture)
 
@@ -1185,29 +1186,33 @@ def _remove_stale(path: Path, name: str, role: str) -> None:
     log.info("%s: its %s %s showed the earlier result; removed (%s %ss it anew).", name, what, path.name, flag, do)
 
 
-def _add_missing(item: BatchItem, out_dir: Path, role: str, threshold: float, recorded: bool) -> None:
-    """Make the key picture or report (``role``) of a done (skipped) volume that has none from its saved outputs
+def _add_missing(item: BatchItem, out_dir: Path, roles: Sequence[str], threshold: float, recorded: bool) -> None:
+    """Make the key picture and report (``roles``) of a done (skipped) volume that has none from its saved outputs
     (one there is kept); one that cannot be made is warned of, and the volume stays done. A report needs the record
-    written with the outputs (``recorded``: its file is that one)."""
+    written with the outputs (``recorded``: its file is that one). The picture is drawn once, for both."""
     from ..io.atomic import write_all
 
-    path = volume_files(out_dir, item.name, True, True)[role]
-    if os.path.lexists(path):
-        return
-    what, _, _, made = EXTRAS[role]
-    if role == REPORT_ROLE and not recorded:
-        log.warning("%s: its report cannot be made from its saved outputs: its record %s is missing or not the file "
-                    "written with them; its outputs are kept (--overwrite scores it again, with its record and "
-                    "report).", item.name, volume_files(out_dir, item.name)[RECORD_ROLE].name)
-        return
-    try:
-        content = (picture_of_outputs(item, out_dir, threshold) if role == PICTURE_ROLE
-                   else report_of_outputs(item, out_dir))
-        write_all({path: content}, False, (item.image, item.mask), command="batch")
-        log.info("%s: done before; its %s %s %s from its saved outputs.", item.name, what, path.name, made)
-    except (CeVAEError, RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
-        log.warning("%s: its %s could not be %s from its saved outputs (%s); its outputs are kept.",
-                    item.name, what, made, one_line(exc))
+    picture: Optional[bytes] = None  # the key picture drawn for the picture file, which the report embeds
+    for role in roles:
+        path = volume_files(out_dir, item.name, True, True)[role]
+        if os.path.lexists(path):
+            continue
+        what, _, _, made = EXTRAS[role]
+        if role == REPORT_ROLE and not recorded:
+            log.warning("%s: its report cannot be made from its saved outputs: its record %s is missing or not the "
+                        "file written with them; its outputs are kept (--overwrite scores it again, with its record "
+                        "and report).", item.name, volume_files(out_dir, item.name)[RECORD_ROLE].name)
+            continue
+        try:
+            if role == PICTURE_ROLE:
+                picture = content = picture_of_outputs(item, out_dir, threshold)
+            else:
+                content = report_of_outputs(item, out_dir, picture)
+            write_all({path: content}, False, (item.image, item.mask), command="batch")
+            log.info("%s: done before; its %s %s %s from its saved outputs.", item.name, what, path.name, made)
+        except (CeVAEError, RuntimeError, OSError, ValueError, KeyError, csv.Error) as exc:
+            log.warning("%s: its %s could not be %s from its saved outputs (%s); its outputs are kept.",
+                        item.name, what, made, one_line(exc))
 
 
 def _before_component_tables(paths: Dict[str, Path], earlier: Optional[Dict[str, str]]) -> bool:
@@ -1301,10 +1306,9 @@ def _run_batch(items: Sequence[BatchItem], settings: DetectSettings, summary_pat
                         RECORD_FIELD) or "")
                     if not row[RECORD_FIELD]:
                         (said if (described_by or {}).get(RECORD_FIELD) == "" else unrecorded).append(item.name)
-                    for role, wanted in ((PICTURE_ROLE, settings.pictures), (REPORT_ROLE, settings.reports)):
-                        if wanted:
-                            _add_missing(item, settings.out_dir, role, strict_json.number(made_with["threshold"]),
-                                         bool(row[RECORD_FIELD]))
+                    _add_missing(item, settings.out_dir, [role for role, wanted in (
+                        (PICTURE_ROLE, settings.pictures), (REPORT_ROLE, settings.reports)) if wanted],
+                        strict_json.number(made_with["threshold"]), bool(row[RECORD_FIELD]))
                     summary.add(row)
                     continue
             elif _before_component_tables(paths, described_by) and not settings.overwrite:
