@@ -7,6 +7,9 @@ synthetic lesions of different kinds with ``CeVAEAnomalyResearch.lesions.insert_
 ``colin27_lesions_truth_2mm.nii.gz`` (uint8 {0,1}, the same grid) beside them. Slicer's Sample Data module offers
 both (category CeVAEAnomaly; the truth as a labelmap).
 
+Needs the research code (CeVAEAnomalyResearch, in a source checkout) and scipy: pip install 'cevae-anomaly[research]'
+(scripts/setup.sh sets it up); without them it refuses in one line naming what is missing.
+
 Usage: python scripts/make_lesion_sample.py [--out-dir DIR]
 """
 
@@ -22,6 +25,15 @@ import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CeVAEAnomaly"))
+
+from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
+from CeVAEAnomalyLib.system import require_research  # noqa: E402
+
+if __name__ == "__main__":  # before the imports below, which need the research extra
+    try:
+        require_research("python scripts/make_lesion_sample.py", ("CeVAEAnomalyResearch", "scipy"))
+    except CeVAEError as exc:
+        sys.exit(f"error: {exc}")
 
 from CeVAEAnomalyLib.data import template_dir  # noqa: E402
 from CeVAEAnomalyLib.engine.brainmask import TEMPLATE_MASK, TEMPLATE_T1  # noqa: E402

@@ -7,6 +7,9 @@ size Slicer's extension template asks for). The slice is the same for all sample
 differs most from the healthy one. A labelmap sample (the lesions' truth) is drawn as its label 1 in Slicer's colour
 for it (GenericAnatomyColors "tissue", 60 % opaque) over the lesioned scan's slice.
 
+Needs Pillow (PIL), which the research extra brings with matplotlib: pip install 'cevae-anomaly[research]'
+(scripts/setup.sh sets it up); without it the script refuses in one line naming what is missing.
+
 Usage: python scripts/make_sample_thumbnails.py [--out-dir DIR]
 """
 
@@ -19,10 +22,20 @@ from typing import List, Optional
 
 import numpy as np
 import SimpleITK as sitk
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CeVAEAnomaly"))
+
+from CeVAEAnomalyLib.errors import CeVAEError  # noqa: E402
+from CeVAEAnomalyLib.system import require_research  # noqa: E402
+
+if __name__ == "__main__":  # before the import below, which needs the research extra
+    try:
+        require_research("python scripts/make_sample_thumbnails.py", ("PIL",))
+    except CeVAEError as exc:
+        sys.exit(f"error: {exc}")
+
+from PIL import Image  # noqa: E402
 
 from CeVAEAnomalyLib.slicer.sample_data import SAMPLES  # noqa: E402
 
