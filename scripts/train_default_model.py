@@ -1,6 +1,6 @@
 """Recipe of the bundled default model: train on the healthy sample subjects, calibrate on held-out scores, write the card.
 
-    python scripts/train_default_model.py [--steps N] [--out CeVAEAnomaly/CeVAEAnomalyLib/data/cevae_t1_default.cevae]
+    python scripts/train_default_model.py [--steps N] [--out MODEL.cevae (default: the bundled model)]
         [--runs runs/benchmark-3o/cevae] [--calibrate-only [--modes published,...]]
 
 Trains the MICCAI-19 ceVAE (64 px, axial, coronal and sagittal slices, seed 0, augmentation on) on all three
@@ -15,8 +15,10 @@ acquisition figure was measured at (docs/benchmark.md). The tail spread (the def
 calibrated, and with the default spread the thorough mode (test-time adaptation) and the axial map alone, and the
 published map (the paper's score alone). ``--calibrate-only --modes published`` adds or renews one mode's tables and
 keeps the others.
-Finally writes Resources/Models/MODEL_CARD.md. A new bundled model's sha256 (printed in the card's File line) goes
-into ``SHA256`` of CeVAEAnomaly/CeVAEAnomalyLib/data/__init__.py, which Testing/Python/test_package_data.py checks.
+Finally writes the model card: Resources/Models/MODEL_CARD.md of this checkout (wherever the script is run from)
+for the bundled model, the default --out; for another --out, OUT_STEM_MODEL_CARD.md beside it, leaving the bundled
+model's card and sha256 as they are. After rewriting the bundled model it prints the line for ``SHA256`` of
+CeVAEAnomaly/CeVAEAnomalyLib/data/__init__.py with the new sha256, which Testing/Python/test_package_data.py checks.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from CeVAEAnomalyLib.data import DEFAULT_MODEL_NAME, SHA256
 from CeVAEAnomalyLib.engine.bundle import load_bundle, save_bundle
 from CeVAEAnomalyLib.engine.calibrate import calibrate_model
 from CeVAEAnomalyLib.options import PAPER, RECOMMENDED_POSTPROCESS, THOROUGH_STEPS, ScoreOptions
@@ -55,7 +58,10 @@ AXIAL = SCORING.replace(orientations="axial")
 # and the published map (`--paper --no-normalise --asymmetry-mm 0 --orientations axial`: the ceVAE's rec × |dKL/dx|
 # alone, as the paper scores), as such a request asks for it
 PUBLISHED = AXIAL.replace(**PAPER), POSTPROCESS.replace(normalise=False, asymmetry_mm=0.0)
-CARD = Path("Resources/Models/MODEL_CARD.md")
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "CeVAEAnomaly" / "CeVAEAnomalyLib" / "data" / DEFAULT_MODEL_NAME  # the default --out
+CARD = REPO / "Resources" / "Models" / "MODEL_CARD.md"  # the bundled model's card
+BENCHMARK = REPO / "docs" / "benchmark.md"  # the report the card holds
 # the calibrated modes by name (--modes): scoring and post-processing options
 MODES = {"default": (SCORING, POSTPROCESS), "mad": (SCORING, MAD), "thorough": (THOROUGH, POSTPROCESS),
          "axial": (AXIAL, POSTPROCESS), "published": PUBLISHED}
@@ -75,10 +81,35 @@ def fold_models(subjects, runs: Path):
     return models
 
 
+def is_bundled(out: Path) -> bool:
+    """Whether ``out`` is the bundled model of this checkout (relative: to the current folder)."""
+    return out.resolve() == BUNDLED.resolve()
+
+
+def card_path(out: Path) -> Path:
+    """Where the card of the model at ``out`` goes: the checkout's MODEL_CARD.md for the bundled model, else beside
+    ``out`` (OUT_STEM_MODEL_CARD.md), so that another model's card does not replace the bundled one's."""
+    return CARD if is_bundled(out) else out.with_name(f"{out.stem}_MODEL_CARD.md")
+
+
+def closing_words(out: Path, sha256: str, card: Path) -> str:
+    """What the run says at its end: the model's sha256 and card and, for the bundled model, the line ``SHA256`` of
+    CeVAEAnomalyLib/data/__init__.py needs (test_package_data fails until it is there)."""
+    said = f"Wrote {out} (sha256 {sha256}) and its card {card}."
+    if not is_bundled(out):
+        return (f"{said} {CARD.relative_to(REPO)} and SHA256 in CeVAEAnomalyLib/data/__init__.py describe the bundled "
+                "model only and are left as they are.")
+    if SHA256.get(DEFAULT_MODEL_NAME) == sha256:
+        return f"{said} SHA256 in CeVAEAnomalyLib/data/__init__.py names it already."
+    return (f"{said} Put its sha256 into SHA256 of CeVAEAnomaly/CeVAEAnomalyLib/data/__init__.py "
+            f"(Testing/Python/test_package_data.py fails until then):\n    DEFAULT_MODEL_NAME: \"{sha256}\",")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=5083)  # the shipped model: 5083 steps
-    p.add_argument("--out", type=Path, default=Path("CeVAEAnomaly/CeVAEAnomalyLib/data/cevae_t1_default.cevae"))
+    p.add_argument("--out", type=Path, default=BUNDLED, help="the model file (default: the bundled model of this "
+                   "checkout; another's card is written beside it)")
     p.add_argument("--runs", type=Path, default=Path("runs/benchmark-3o/cevae"), help="leave-one-subject-out models")
     p.add_argument("--data", type=Path, help="folder with <name>_t1/_brainmask.nii.gz (default: find or fetch)")
     p.add_argument("--calibrate-only", action="store_true", help="recalibrate an existing --out")
@@ -108,7 +139,9 @@ def main() -> None:
                      default_fpr=OPERATING_FPR,
                      extra=dict(bundle.header.extra, calibration_subjects=[s.name for s in subjects]))
     save_bundle(args.out, bundle.model, header, half=True)
-    write_model_card(load_bundle(args.out), CARD, Path("docs/benchmark.md"))
+    saved = load_bundle(args.out)
+    card = write_model_card(saved, card_path(args.out), BENCHMARK)
+    print(closing_words(args.out, str(saved.sha256), card))
 
 
 if __name__ == "__main__":
