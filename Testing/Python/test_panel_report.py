@@ -44,6 +44,22 @@ def test_no_report_while_a_detection_runs_but_during_a_calibration(state):
     assert state.report_problem("input1", "score1") is None
 
 
+def test_the_tooltip_says_what_the_detection_is_doing_while_installing_or_cancelling(state):
+    """While the dependencies a detection needs were installed (before it ran), and while one was being cancelled, the
+    tooltip said "A detection is running"; it says what is happening now."""
+    state.result_loaded("input1", "score1")
+    state.begin_install(DETECT)
+    said = state.report_problem("input1", "score1")
+    assert "being installed" in said and "running" not in said
+    state.started(DETECT)
+    assert "A detection is running" in state.report_problem("input1", "score1")
+    assert state.interrupt()  # (as a module reload cancels it; a Cancel click does the same)
+    said = state.report_problem("input1", "score1")
+    assert "being cancelled" in said and "running" not in said
+    state.finished()
+    assert state.report_problem("input1", "score1") is None  # the result loaded before it
+
+
 def test_a_scene_close_forgets_the_result(state):
     state.result_loaded("input1", "score1")
     state.scene_closing()

@@ -205,6 +205,11 @@ class WidgetState:
         volume are ``input_id`` and ``score_id``; ``removed``: the result loaded last lost its input or score volume
         since. A report is of the result the panel loaded (it holds the detection's record), while the panel shows
         it: not of results it shows of another scan, run or sequence frame, nor of results loaded with a scene."""
+        if self.phase is Phase.INSTALLING and self.task == DETECT:
+            return ("The dependencies a detection needs are being installed; its results can be reported once it "
+                    "has run and they are loaded.")
+        if self.phase is Phase.CANCELLING and self.task == DETECT:
+            return "A detection is being cancelled; a report can be saved once it has stopped."
         if self.busy and self.task == DETECT:
             return "A detection is running; its results can be reported once they are loaded."
         if self._loaded is None:
