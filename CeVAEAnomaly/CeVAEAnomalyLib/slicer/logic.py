@@ -453,12 +453,12 @@ class CeVAEAnomalyLogic(_LogicBase):
         it (:attr:`CeVAEAnomalyResult.title`; the frame in words among the facts). The warnings are those the module
         said of the run (``result.warnings``; the record's where it holds none). The key picture is embedded where the
         research extra (matplotlib) is installed, drawn from the input volume as ``detect --picture`` draws it; the page
-        says otherwise. Written whole or not at all (io.atomic). Refused in one line, with nothing written: a name of
-        another ending, an existing file without ``overwrite``, a result whose input or score volume was removed from
-        the scene (or whose scene closed), a result with no record of how it was made (a run of a version before
-        records), and, where the picture is drawn, an input volume whose voxels changed since the detection (the volume
-        edited; on a sequence the frame scored is drawn, whichever frame is shown): the picture would show another
-        scan."""
+        says otherwise. Written whole or not at all (io.atomic), its folder (and any above it) made if missing.
+        Refused in one line, with nothing written: a name of another ending, an existing file without ``overwrite``, a
+        result whose input or score volume was removed from the scene (or whose scene closed), a result with no record
+        of how it was made (a run of a version before records), and, where the picture is drawn, an input volume whose
+        voxels changed since the detection (the volume edited; on a sequence the frame scored is drawn, whichever frame
+        is shown): the picture would show another scan."""
         from ..io.atomic import write_all
         from ..report import result_report_html
         from ..result import REPORT_OUTPUT, refuse_unwritable_names
