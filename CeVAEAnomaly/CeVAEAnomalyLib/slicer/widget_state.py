@@ -13,12 +13,12 @@ quitting the application stop any run.
 from __future__ import annotations
 
 import enum
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
+from ..io.naming import WINDOWS_FORBIDDEN
 from .gui_binding import typed_path
 
 DETECT = "detect"
@@ -28,7 +28,6 @@ TASKS = (DETECT, CALIBRATE, ADAPT)
 ON_COPIES = (CALIBRATE, ADAPT)  # tasks that run on copies of the scans, made before they start, and write a model file
 LATE_CLICK_S = 0.5  # a click on a run's button this soon after the run started or ended belongs to a double-click
 REPORT_TAG = "_report.html"  # Save report... offers NAME_report.html (as batch --reports names a volume's report)
-_NOT_IN_FILE_NAMES = re.compile(r'[\\/:*?"<>|\x00-\x1f]')  # what a file name cannot hold on Windows, macOS or Linux
 
 
 class Phase(enum.Enum):
@@ -308,7 +307,7 @@ def report_default_path(folder: Path, volume_name: str) -> Path:
     """The file Save report... offers: NAME_report.html in ``folder`` (the last folder a report went to), NAME the
     input volume's name with each character a file name cannot hold (on any system) as "_", without leading dots
     (a hidden file on Linux and macOS)."""
-    name = _NOT_IN_FILE_NAMES.sub("_", volume_name).strip().lstrip(".").strip()
+    name = "".join("_" if c in WINDOWS_FORBIDDEN else c for c in volume_name).strip().lstrip(".").strip()
     return folder / ((name or "volume") + REPORT_TAG)
 
 
